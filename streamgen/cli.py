@@ -1,0 +1,67 @@
+"""The `streamgen` command.
+
+Each subcommand lives in its own module and is imported only when it runs, so
+`streamgen --help` stays fast and a missing optional dependency of one command
+never breaks another. A subcommand module exposes `add_arguments(parser)` and
+`run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("streamgen.commands.generate", "generate an avatar video from speech audio and a face image"),
+    "bench": ("streamgen.commands.bench", "run a benchmark and print JSON"),
+    "serve": ("server.cli", "serve avatars over WebRTC and WebSocket"),
+    "data": ("streamgen.data.cli", "make and preview the avatar-world dataset"),
+    "eval": ("streamgen.eval.cli", "evaluate a model on the avatar world"),
+    "distill": ("distill.cli", "run a training / distillation stage"),
+}
+
+
+class UserError(Exception):
+    """An error the user caused (bad file, bad argument): printed as one line, exit code 2."""
+
+
+def _available(module: str) -> bool:
+    return importlib.util.find_spec(module.rsplit(".", 1)[0]) is not None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamgen", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version="streamgen 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_text) in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            # only hide commands whose own module is absent, never a broken import inside one
+            if e.name and module.startswith(e.name):
+                continue
+            raise
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:
+        print(f"streamgen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
