@@ -1,0 +1,56 @@
+"""Write the bundled sample assets used by `streamgen generate` by default.
+
+    python -m streamgen.data.make_assets [--out streamgen/assets]
+
+sample_speech.wav: ~4 s of espeak-ng speech, 16 kHz mono int16.
+sample_face.png:   a 128x128 reference face from the avatar-world renderer.
+Both are deterministic, so re-running this reproduces the committed files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import wave
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_SENTENCE = "Hello, I am a streaming avatar. I move my lips in time with what you say."
+SAMPLE_IDENTITY = 9
+
+
+def write_wav(path: Path, audio: np.ndarray, rate: int = 16000) -> None:
+    """float32 mono in [-1, 1] -> 16-bit PCM WAV."""
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(pcm.tobytes())
+
+
+def make_assets(out: Path) -> list[Path]:
+    from PIL import Image
+
+    from .render import Identity, render_reference
+    from .speech import Voice, synthesize
+
+    out.mkdir(parents=True, exist_ok=True)
+    speech = synthesize(SAMPLE_SENTENCE, Voice("en-us", "m3", pitch=45, rate=175))
+    wav_path, png_path = out / "sample_speech.wav", out / "sample_face.png"
+    write_wav(wav_path, speech.audio)
+    face = render_reference(Identity.from_id(SAMPLE_IDENTITY), 128, 128)
+    Image.fromarray(face).save(png_path, optimize=True)
+    return [wav_path, png_path]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets")
+    args = parser.parse_args()
+    for path in make_assets(args.out):
+        print(path, path.stat().st_size, "bytes")
+
+
+if __name__ == "__main__":
+    main()

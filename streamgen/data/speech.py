@@ -1,0 +1,280 @@
+"""Speech for the avatar world: espeak-ng through its C library, with exact phoneme timing.
+
+We call libespeak-ng directly (ctypes) in synchronous mode. Its synthesis
+callback hands us PCM blocks together with events; phoneme and word events carry
+the exact output sample at which they start (`espeak_EVENT.sample`), so every
+clip knows precisely when each phoneme sounds. espeak-ng synthesises at 22050 Hz;
+we resample to 16 kHz mono float32 in [-1, 1] (the project's audio format) and
+convert the event positions with the same ratio.
+
+The library is found through the PyPI package `espeakng-loader` (it ships the
+shared library and its data); Debian's `libespeak-ng1` is the fallback. The
+library keeps global state, so all synthesis in a process goes through one lock.
+
+A voice is a `Voice(language, variant, pitch, rate, pitch_range)`; `language` is
+one of `LANGUAGES` (espeak voice names), `variant` one of `VARIANTS`
+(espeak's `+variant` files, e.g. "f3", "m2", "klatt").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+
+# espeak voice names of the languages the world speaks (sentence banks exist for these)
+LANGUAGES = ("en-us", "en", "de", "fr", "es", "it")
+VARIANTS = (
+    "m1", "m2", "m3", "m4", "m5", "m6", "m7",
+    "f1", "f2", "f3", "f4", "f5",
+    "klatt", "klatt2", "klatt3", "croak", "whisper",
+)  # fmt: skip
+
+# espeak_EVENT_TYPE values (speak_lib.h)
+_EVENT_WORD = 1
+_EVENT_SENTENCE = 2
+_EVENT_END = 5
+_EVENT_MSG_TERMINATED = 6
+_EVENT_PHONEME = 7
+_EVENT_LIST_TERMINATED = 0
+
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_INIT_PHONEME_EVENTS = 0x0001
+_INIT_PHONEME_IPA = 0x0002
+_INIT_DONT_EXIT = 0x8000
+_CHARS_UTF8 = 1
+_PARAM_RATE, _PARAM_VOLUME, _PARAM_PITCH, _PARAM_RANGE = 1, 2, 3, 4
+
+
+class SpeechError(ValueError):
+    """Bad speech input (unknown voice or language, empty or non-UTF-8 text) or a synthesis failure."""
+
+
+class _EventId(ctypes.Union):
+    _fields_ = [("number", ctypes.c_int), ("name", ctypes.c_char_p), ("string", ctypes.c_char * 8)]
+
+
+class _Event(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("unique_identifier", ctypes.c_uint),
+        ("text_position", ctypes.c_int),
+        ("length", ctypes.c_int),
+        ("audio_position", ctypes.c_int),
+        ("sample", ctypes.c_int),
+        ("user_data", ctypes.c_void_p),
+        ("id", _EventId),
+    ]
+
+
+_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event))
+
+
+@dataclass(frozen=True)
+class Voice:
+    language: str = "en-us"
+    variant: str | None = None
+    pitch: int = 50  # 0..100, espeak's base pitch
+    rate: int = 165  # words per minute, 80..450
+    pitch_range: int = 50  # 0..100, intonation range
+
+    def espeak_name(self) -> str:
+        return self.language if not self.variant else f"{self.language}+{self.variant}"
+
+    def validate(self) -> None:
+        if self.language not in LANGUAGES:
+            raise SpeechError(f"unknown language {self.language!r}; choose one of {', '.join(LANGUAGES)}")
+        if self.variant is not None and self.variant not in VARIANTS:
+            raise SpeechError(f"unknown voice variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        for name, value, lo, hi in (
+            ("pitch", self.pitch, 0, 100),
+            ("rate", self.rate, 80, 450),
+            ("pitch_range", self.pitch_range, 0, 100),
+        ):
+            if not lo <= value <= hi:
+                raise SpeechError(f"voice {name} {value} is outside [{lo}, {hi}]")
+
+
+@dataclass
+class Phoneme:
+    symbol: str  # IPA, as espeak-ng writes it (may carry stress marks)
+    start: float  # seconds
+    end: float
+
+
+@dataclass
+class Word:
+    text: str
+    start: float
+
+
+@dataclass
+class Utterance:
+    """Synthesised speech: 16 kHz mono float32 PCM plus timed phonemes and words."""
+
+    text: str
+    voice: Voice
+    audio: np.ndarray
+    phonemes: list[Phoneme] = field(default_factory=list)
+    words: list[Word] = field(default_factory=list)
+
+    @property
+    def duration(self) -> float:
+        return len(self.audio) / SAMPLE_RATE
+
+
+_lock = threading.Lock()
+_engine: _Engine | None = None
+
+
+class _Engine:
+    """The loaded library, initialised once per process."""
+
+    def __init__(self) -> None:
+        lib_path, data_path = _find_library()
+        self.lib = ctypes.CDLL(lib_path)
+        self.lib.espeak_Initialize.restype = ctypes.c_int
+        self.lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        self.lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        self.lib.espeak_SetVoiceByName.restype = ctypes.c_int
+        self.lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self.lib.espeak_Synth.argtypes = [
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+            ctypes.c_uint, ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p,
+        ]  # fmt: skip
+        self.lib.espeak_Synth.restype = ctypes.c_int
+        options = _INIT_PHONEME_EVENTS | _INIT_PHONEME_IPA | _INIT_DONT_EXIT
+        path = data_path.encode() if data_path else None
+        self.native_rate = self.lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, path, options)
+        if self.native_rate <= 0:
+            raise SpeechError(f"espeak-ng failed to initialise (data path {data_path})")
+        self._chunks: list[np.ndarray] = []
+        self._events: list[tuple[int, int, int, bytes]] = []
+        self._callback = _CALLBACK(self._on_synth)  # keep a reference: the library holds the pointer
+        self.lib.espeak_SetSynthCallback(self._callback)
+
+    def _on_synth(self, wav, num_samples, events) -> int:
+        if num_samples > 0 and wav:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
+        i = 0
+        while events[i].type != _EVENT_LIST_TERMINATED:
+            e = events[i]
+            if e.type == _EVENT_PHONEME:
+                self._events.append((e.type, e.sample, e.text_position, bytes(e.id.string)))
+            elif e.type == _EVENT_WORD:
+                self._events.append((e.type, e.sample, e.text_position, e.length.to_bytes(4, "little")))
+            i += 1
+        return 0  # 0 = continue synthesis
+
+    def synthesize(self, text: str, voice: Voice) -> tuple[np.ndarray, list]:
+        if self.lib.espeak_SetVoiceByName(voice.espeak_name().encode()) != 0:
+            raise SpeechError(f"espeak-ng has no voice {voice.espeak_name()!r}")
+        self.lib.espeak_SetParameter(_PARAM_RATE, voice.rate, 0)
+        self.lib.espeak_SetParameter(_PARAM_PITCH, voice.pitch, 0)
+        self.lib.espeak_SetParameter(_PARAM_RANGE, voice.pitch_range, 0)
+        self.lib.espeak_SetParameter(_PARAM_VOLUME, 100, 0)
+        self._chunks, self._events = [], []
+        data = text.encode("utf-8") + b"\0"
+        status = self.lib.espeak_Synth(data, len(data), 0, 1, 0, _CHARS_UTF8, None, None)
+        if status != 0:
+            raise SpeechError(f"espeak-ng synthesis failed (status {status}) for text {text[:40]!r}")
+        pcm = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
+        return pcm, self._events
+
+
+def _find_library() -> tuple[str, str | None]:
+    try:
+        import espeakng_loader
+
+        return espeakng_loader.get_library_path(), espeakng_loader.get_data_path()
+    except (ImportError, RuntimeError):
+        pass
+    name = ctypes.util.find_library("espeak-ng")
+    if name is None:
+        raise SpeechError("espeak-ng library not found: pip install espeakng-loader (or apt install libespeak-ng1)")
+    return name, os.environ.get("ESPEAK_DATA_PATH")
+
+
+def _engine_instance() -> _Engine:
+    global _engine
+    if _engine is None or _engine_pid != os.getpid():
+        _set_engine(_Engine())
+    return _engine
+
+
+_engine_pid = -1
+
+
+def _set_engine(engine: _Engine) -> None:
+    global _engine, _engine_pid
+    _engine, _engine_pid = engine, os.getpid()
+
+
+def check_text(text: str | bytes) -> str:
+    """Return the text as str, or raise SpeechError for empty or non-UTF-8 input."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SpeechError(f"text is not valid UTF-8 (byte {e.start})") from None
+    if not isinstance(text, str):
+        raise SpeechError(f"text must be str, got {type(text).__name__}")
+    if any("\ud800" <= c <= "\udfff" for c in text):
+        raise SpeechError("text is not valid UTF-8 (contains surrogate characters)")
+    if not text.strip():
+        raise SpeechError("text is empty")
+    return text
+
+
+def resample_to_16k(pcm: np.ndarray, rate: int) -> np.ndarray:
+    """int16 or float PCM at `rate` -> float32 at 16 kHz in [-1, 1]."""
+    from math import gcd
+
+    from scipy.signal import resample_poly
+
+    x = pcm.astype(np.float32)
+    if pcm.dtype == np.int16:
+        x /= 32768.0
+    if rate != SAMPLE_RATE and len(x):
+        g = gcd(SAMPLE_RATE, rate)
+        x = resample_poly(x, SAMPLE_RATE // g, rate // g).astype(np.float32)
+    return np.clip(x, -1.0, 1.0)
+
+
+def synthesize(text: str | bytes, voice: Voice | None = None) -> Utterance:
+    """Speak `text` with `voice`; returns 16 kHz audio with phoneme and word timings in seconds."""
+    voice = voice or Voice()
+    voice.validate()
+    text = check_text(text)
+    with _lock:
+        engine = _engine_instance()
+        pcm, events = engine.synthesize(text, voice)
+        native = engine.native_rate
+    audio = resample_to_16k(pcm, native)
+    duration = len(audio) / SAMPLE_RATE
+    encoded = text.encode("utf-8")
+    phonemes: list[Phoneme] = []
+    words: list[Word] = []
+    for kind, sample, text_pos, payload in events:
+        t = min(sample / native, duration)
+        if kind == _EVENT_PHONEME:
+            symbol = payload.split(b"\0", 1)[0].decode("utf-8", "replace")
+            if phonemes:
+                phonemes[-1].end = t
+            phonemes.append(Phoneme(symbol, t, duration))
+        else:
+            length = int.from_bytes(payload, "little")
+            # text_position counts characters from 1 (espeak); the slice is best effort for display
+            start = max(text_pos - 1, 0)
+            words.append(Word(encoded.decode("utf-8")[start : start + length], t))
+    # espeak reports an empty phoneme name for pauses; keep them as silence "_"
+    for p in phonemes:
+        if not p.symbol.strip():
+            p.symbol = "_"
+    return Utterance(text, voice, audio, phonemes, words)
