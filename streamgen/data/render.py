@@ -24,10 +24,12 @@ import numpy as np
 
 HAIR_STYLES = ("bald", "short", "long", "bob", "fringe", "curly", "bun")
 
-_SKIN = np.array([[255, 224, 196], [241, 194, 160], [224, 172, 130], [198, 134, 96], [141, 85, 52], [92, 58, 38]])
+_SKIN = np.array(
+    [[255, 224, 196], [241, 194, 160], [224, 172, 130], [198, 134, 96], [141, 85, 52], [92, 58, 38]]
+)
 _HAIR = np.array(
-    [[20, 17, 15], [60, 40, 28], [110, 70, 40], [180, 130, 70], [230, 200, 130], [160, 60, 30], [150, 150, 155],
-     [235, 235, 235], [40, 60, 140], [150, 40, 120]]
+    [[20, 17, 15], [60, 40, 28], [110, 70, 40], [180, 130, 70], [230, 200, 130],
+     [160, 60, 30], [150, 150, 155], [235, 235, 235], [40, 60, 140], [150, 40, 120]]
 )  # fmt: skip
 _EYES = np.array([[60, 40, 25], [110, 75, 40], [70, 120, 170], [80, 130, 80], [120, 120, 130], [30, 25, 20]])
 
@@ -226,7 +228,14 @@ def render_frame(ident: Identity, params: dict, height: int, width: int) -> np.n
     # hair on top: the head shape, a little larger, above a hairline curve
     if style != "bald":
         cap_x, cap_y = place(0, -0.05, 0.25)
-        hairline = {"fringe": -0.25, "short": -0.5, "curly": -0.45, "long": -0.45, "bob": -0.35, "bun": -0.55}[style]
+        hairline = {
+            "fringe": -0.25,
+            "short": -0.5,
+            "curly": -0.45,
+            "long": -0.45,
+            "bob": -0.35,
+            "bun": -0.55,
+        }[style]
         bend_line = 0.9 if style != "fringe" else 0.2
 
         def above_hairline(lx, ly, hairline=hairline, bend_line=bend_line):
@@ -267,7 +276,9 @@ def render_frame(ident: Identity, params: dict, height: int, width: int) -> np.n
         brow = params["brow"]
         bx, by = place(side * ident.eye_spacing, ident.eye_height - 0.22 - 0.08 * brow)
         tilt = side * (0.12 * min(brow, 0) - 0.05)
-        _ellipse(cv, bx, by, hw * 0.2, hh * 0.022 * ident.brow_thickness, roll + tilt, ident.brow_color, bend=-2.0)
+        _ellipse(
+            cv, bx, by, hw * 0.2, hh * 0.022 * ident.brow_thickness, roll + tilt, ident.brow_color, bend=-2.0
+        )
     if ident.glasses:
         for side in (-1, 1):
             ex, ey = place(side * ident.eye_spacing, ident.eye_height)
@@ -299,8 +310,17 @@ def render_frame(ident: Identity, params: dict, height: int, width: int) -> np.n
         teeth_top = lambda lx, ly, r=inner_ry: ly - bend * lx * lx + r * 0.35
         _ellipse(cv, mx, my, mrx * 0.8, inner_ry * 0.9, roll, (240, 238, 230), bend=bend, clip=teeth_top)
         tongue_ry = inner_ry * 0.45
-        _ellipse(cv, mx, my + inner_ry * 0.6, mrx * 0.5, tongue_ry, roll, (190, 80, 90), bend=bend,
-                 clip=lambda lx, ly, r=inner_ry: _ellipse_distance(lx, ly + r * 0.6, mrx * 0.9, r, bend))
+        _ellipse(
+            cv,
+            mx,
+            my + inner_ry * 0.6,
+            mrx * 0.5,
+            tongue_ry,
+            roll,
+            (190, 80, 90),
+            bend=bend,
+            clip=lambda lx, ly, r=inner_ry: _ellipse_distance(lx, ly + r * 0.6, mrx * 0.9, r, bend),
+        )
     else:
         # closed lips: a thin dark seam, curved with the smile
         _ellipse(cv, mx, my, mrx * 0.95, 0.006, roll, _shade(ident.lip_color, 0.45), bend=bend)

@@ -73,7 +73,9 @@ class _Event(ctypes.Structure):
     ]
 
 
-_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event))
+_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event)
+)
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,9 @@ def _find_library() -> tuple[str, str | None]:
         pass
     name = ctypes.util.find_library("espeak-ng")
     if name is None:
-        raise SpeechError("espeak-ng library not found: pip install espeakng-loader (or apt install libespeak-ng1)")
+        raise SpeechError(
+            "espeak-ng library not found: pip install espeakng-loader (or apt install libespeak-ng1)"
+        )
     return name, os.environ.get("ESPEAK_DATA_PATH")
 
 
