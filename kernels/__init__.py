@@ -1,0 +1,101 @@
+"""Hot-path ops of the DiT, each with one dispatch function.
+
+The model calls only these functions. On CUDA tensors (when Triton is
+importable and not disabled) they run the fused Triton kernels; everywhere else
+the PyTorch references in `kernels.reference`. So CPU and GPU run the same
+model code. `STREAMGEN_KERNELS=reference` forces the references everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels import reference
+from kernels.reference import apply_rope, rope_angles, rope_inv_freq, rope_split  # noqa: F401
+
+_FORCE_REFERENCE = os.environ.get("STREAMGEN_KERNELS", "").lower() == "reference"
+_triton = None
+
+
+def _triton_ops():
+    """The Triton module, imported on first CUDA use (None when unavailable)."""
+    global _triton
+    if _triton is None:
+        try:
+            from kernels import triton_ops as mod
+        except Exception:  # no triton, or no GPU toolchain: the references serve
+            mod = False
+        _triton = mod
+    return _triton or None
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and not _FORCE_REFERENCE and _triton_ops() is not None
+
+
+def layernorm_modulate(x, shift, scale, eps: float = 1e-6):
+    if _use_triton(x):
+        return _triton_ops().layernorm_modulate(x, shift, scale, eps)
+    return reference.layernorm_modulate(x, shift, scale, eps)
+
+
+def gated_residual(x, y, gate):
+    if _use_triton(x):
+        return _triton_ops().gated_residual(x, y, gate)
+    return reference.gated_residual(x, y, gate)
+
+
+def gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps: float = 1e-6):
+    if _use_triton(x):
+        return _triton_ops().gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps)
+    return reference.gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps)
+
+
+def layernorm_affine(x, weight, bias, eps: float = 1e-6):
+    return reference.layernorm_affine(x, weight, bias, eps)
+
+
+def rmsnorm_rope(x, weight, num_heads: int, angles, eps: float = 1e-6):
+    if _use_triton(x):
+        return _triton_ops().rmsnorm_rope(x, weight, num_heads, angles, eps)
+    return reference.rmsnorm_rope(x, weight, num_heads, angles, eps)
+
+
+def rmsnorm_rope_positions(x, weight, num_heads: int, frame_pos, grid_hw, eps: float = 1e-6, theta=10000.0):
+    """`rmsnorm_rope` with the RoPE angles computed from positions (in the kernel on CUDA).
+
+    frame_pos: int tensor [F] of frame positions, or an int start frame;
+    grid_hw: (Hp, Wp). Equal to `rmsnorm_rope(x, ..., rope_angles(frame_pos, grid_hw, Dh))`
+    but builds no [L, Dh/2] angle table and never recompiles for a new chunk.
+    """
+    if _use_triton(x):
+        return _triton_ops().rmsnorm_rope_positions(x, weight, num_heads, frame_pos, grid_hw, eps, theta)
+    return reference.rmsnorm_rope_positions(x, weight, num_heads, frame_pos, grid_hw, eps, theta)
+
+
+def gelu_tanh(x):
+    if _use_triton(x):
+        return _triton_ops().gelu_tanh(x)
+    return reference.gelu_tanh(x)
+
+
+ATTENTION_BACKENDS = ("sdpa", "flex", "triton", "flash")
+
+
+def attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa"):
+    """q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
+
+    block_mask_frames=(q_block [Fq], k_block [Fk]) selects block-causal
+    attention over frames (see `reference.attention`); None is full attention.
+    `backend` is the model config's switch; backends that are unavailable on
+    this device fall back to SDPA.
+    """
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+    if backend == "sdpa" or not q.is_cuda and backend in ("triton", "flash"):
+        return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
+    from kernels import attention_backends
+
+    return attention_backends.attention(q, k, v, block_mask_frames, tokens_per_frame, backend)

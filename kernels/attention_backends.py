@@ -1,0 +1,175 @@
+"""Attention backends behind one switch (`backend=` of `kernels.attention`).
+
+- "sdpa": `torch.nn.functional.scaled_dot_product_attention` (the reference,
+  the default; a boolean mask for the block-causal variant).
+- "flex": FlexAttention with a block mask built from the frame block ids
+  (compiled on CUDA, where whole masked key blocks are skipped; eager on CPU,
+  which torch supports with an unfused implementation). Meant for training.
+- "triton": our kernel (`kernels.triton_ops.attention`), CUDA only.
+- "flash": flash-attn 3 (`flash_attn_interface`, Hopper: H100/H200) or 2
+  (`flash_attn`) when installed. They take no block mask, nor fp32, so those
+  calls fall back to the Triton kernel (or SDPA).
+
+All take and return the layout q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
+A backend that cannot serve a call falls back instead of failing, so the
+config switch is always safe; `available_backends` says which run natively.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections import OrderedDict
+
+import torch
+
+from kernels import reference
+
+BACKENDS = ("sdpa", "flex", "triton", "flash")
+
+
+def attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa"):
+    if backend == "sdpa":
+        return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
+    if backend == "flex":
+        return flex_attention(q, k, v, block_mask_frames, tokens_per_frame)
+    if backend == "triton":
+        return triton_attention(q, k, v, block_mask_frames, tokens_per_frame)
+    if backend == "flash":
+        return flash_attention(q, k, v, block_mask_frames, tokens_per_frame)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+def available_backends(device) -> list[str]:
+    """Backends that run natively (without falling back) on `device`."""
+    device = torch.device(device)
+    names = ["sdpa"]
+    if _flex_module() is not None:
+        names.append("flex")
+    if device.type == "cuda":
+        if _triton_ops() is not None:
+            names.append("triton")
+        if _flash_func(device) is not None:
+            names.append("flash")
+    return names
+
+
+# ---------------------------------------------------------------------------
+# Triton
+
+
+def _triton_ops():
+    from kernels import _triton_ops as load
+
+    return load()
+
+
+def triton_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
+    ops = _triton_ops() if q.is_cuda else None
+    if ops is None:
+        return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
+    return ops.attention(q, k, v, block_mask_frames, tokens_per_frame)
+
+
+# ---------------------------------------------------------------------------
+# FlexAttention
+
+
+@functools.cache
+def _flex_module():
+    try:
+        from torch.nn.attention import flex_attention as mod
+    except ImportError:
+        return None
+    return mod
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(_flex_module().flex_attention, dynamic=False)
+
+
+_BLOCK_MASKS: OrderedDict = OrderedDict()
+_BLOCK_MASK_CACHE_SIZE = 32
+
+
+def flex_block_mask(q_block, k_block, tokens_per_frame: int, device):
+    """FlexAttention BlockMask for the block-causal frame mask, cached by its block ids.
+
+    Key block ids may be any order (e.g. a ring cache's physical slots), so the
+    mask reads them from a table rather than assuming causal token order.
+    """
+    key = (tuple(q_block.tolist()), tuple(k_block.tolist()), tokens_per_frame, str(device))
+    if key in _BLOCK_MASKS:
+        _BLOCK_MASKS.move_to_end(key)
+        return _BLOCK_MASKS[key]
+    q_ids = q_block.to(device=device, dtype=torch.int32)
+    k_ids = k_block.to(device=device, dtype=torch.int32)
+    s = tokens_per_frame
+
+    def block_causal(b, h, q_idx, kv_idx):
+        return k_ids[kv_idx // s] <= q_ids[q_idx // s]
+
+    mask = _flex_module().create_block_mask(
+        block_causal, None, None, q_ids.numel() * s, k_ids.numel() * s, device=str(device)
+    )
+    _BLOCK_MASKS[key] = mask
+    if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
+        _BLOCK_MASKS.popitem(last=False)
+    return mask
+
+
+def flex_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
+    mod = _flex_module()
+    if mod is None:
+        return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
+    block_mask = None
+    if block_mask_frames is not None:
+        block_mask = flex_block_mask(*block_mask_frames, tokens_per_frame, q.device)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if q.is_cuda:
+        out = _compiled_flex()(qt, kt, vt, block_mask=block_mask)
+    else:
+        with warnings.catch_warnings():  # eager flex warns that it is unfused; on CPU that is the point
+            warnings.simplefilter("ignore")
+            out = mod.flex_attention(qt, kt, vt, block_mask=block_mask)
+    return out.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------
+# flash-attn 2 / 3
+
+
+@functools.cache
+def _flash_func_for(capability_major: int):
+    """flash_attn_func of FA3 on Hopper (sm90) when installed, else FA2, else None."""
+    if capability_major == 9:
+        try:
+            from flash_attn_interface import flash_attn_func
+
+            return flash_attn_func
+        except ImportError:
+            pass
+    try:
+        from flash_attn import flash_attn_func
+
+        return flash_attn_func
+    except ImportError:
+        return None
+
+
+def _flash_func(device):
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return _flash_func_for(torch.cuda.get_device_capability(device)[0])
+
+
+def flash_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
+    func = _flash_func(q.device) if q.is_cuda else None
+    if func is None or block_mask_frames is not None or q.dtype not in (torch.float16, torch.bfloat16):
+        # flash-attn has no frame-block mask and no fp32: our kernel does both
+        return triton_attention(q, k, v, block_mask_frames, tokens_per_frame)
+    out = func(q, k, v)
+    # FA2 returns out; FA3 returned (out, softmax_lse) before it returned only out
+    return out[0] if isinstance(out, tuple) else out

@@ -1,0 +1,184 @@
+"""PyTorch reference implementations of the DiT hot path.
+
+These are the semantics every backend must reproduce. They compute in fp32 and
+return the input dtype, like Wan's FP32LayerNorm blocks do.
+
+Shapes used throughout: a video token sequence is laid out frame-major,
+`x [B, F, S, D]` = batch, latent frames, tokens per frame, width. Modulation
+tensors are per frame, `[B, F, D]`, so different frames (chunks) can sit at
+different noise levels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
+    """LayerNorm without affine, then adaLN modulation `n * (1 + scale) + shift`.
+
+    x: [B, F, S, D]; shift, scale: [B, F, D].
+    """
+    n = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    return (n * (1 + scale.float().unsqueeze(2)) + shift.float().unsqueeze(2)).to(x.dtype)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor):
+    """`x + y * gate` with a per-frame gate. x, y: [B, F, S, D]; gate: [B, F, D]."""
+    return (x.float() + y.float() * gate.float().unsqueeze(2)).to(x.dtype)
+
+
+def gated_residual_layernorm_modulate(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+):
+    """Gated residual fused with the next norm: returns (h, layernorm_modulate(h, shift, scale))."""
+    h = gated_residual(x, y, gate)
+    return h, layernorm_modulate(h, shift, scale, eps)
+
+
+def layernorm_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6):
+    """Wan's cross-attention norm (norm2): LayerNorm with affine, computed in fp32."""
+    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# 3D RoPE. Wan splits each head's dim into (t, h, w) parts and rotates
+# interleaved pairs (x[2i], x[2i+1]). Angles are computed from integer
+# positions at call time, so the frame offset is a runtime value (a new chunk
+# never needs a new table) and positions can be anything the cache asks for.
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Wan's split of a head into (t, h, w) rotary dims."""
+    h = w = 2 * (head_dim // 6)
+    return head_dim - h - w, h, w
+
+
+def rope_inv_freq(head_dim: int, theta: float = 10000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per rotary pair: inverse frequency [head_dim/2] and which axis (0=t, 1=h, 2=w) it rotates with."""
+    freqs, axes = [], []
+    for axis, d in enumerate(rope_split(head_dim)):
+        k = torch.arange(0, d, 2, dtype=torch.float64, device=device)[: d // 2]
+        freqs.append(1.0 / theta ** (k / d))
+        axes.append(torch.full((d // 2,), axis, dtype=torch.long, device=device))
+    # float64 only here, once, for the table of frequencies (matches Wan's table)
+    return torch.cat(freqs).float(), torch.cat(axes)
+
+
+def rope_angles(frame_pos: torch.Tensor, grid_hw: tuple[int, int], head_dim: int, theta: float = 10000.0):
+    """Rotation angles [F * Hp * Wp, head_dim/2] for tokens laid out frame-major.
+
+    frame_pos: [F] integer frame positions (need not be contiguous: the ring
+    cache passes the position of each physical slot).
+    """
+    hp, wp = grid_hw
+    inv_freq, axes = rope_inv_freq(head_dim, theta, frame_pos.device)
+    hh = torch.arange(hp, device=frame_pos.device)
+    ww = torch.arange(wp, device=frame_pos.device)
+    pos = torch.stack(
+        torch.broadcast_tensors(frame_pos[:, None, None], hh[None, :, None], ww[None, None, :]), dim=-1
+    ).reshape(-1, 3)  # [L, 3]
+    return pos.float().gather(1, axes[None, :].expand(pos.shape[0], -1)) * inv_freq
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [B, L, H, Dh] by angles [L, Dh/2] (fp32 math)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x1, x2 = xf[..., 0], xf[..., 1]
+    cos = angles.cos()[None, :, None, :]
+    sin = angles.sin()[None, :, None, :]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dim with a weight (Wan's qk-norm is over the full width)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def rmsnorm_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    num_heads: int,
+    angles: torch.Tensor | None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """q/k RMSNorm over the full width [B, L, H*Dh], split into heads, then RoPE.
+
+    angles=None skips the rotation (keys stored un-rotated in the KV cache).
+    Returns [B, L, H, Dh].
+    """
+    y = rmsnorm(x, weight, eps).unflatten(-1, (num_heads, -1))
+    return apply_rope(y, angles) if angles is not None else y
+
+
+def rmsnorm_rope_positions(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    num_heads: int,
+    frame_pos: torch.Tensor | int,
+    grid_hw: tuple[int, int],
+    eps: float = 1e-6,
+    theta: float = 10000.0,
+) -> torch.Tensor:
+    """`rmsnorm_rope` with the angles given by positions instead of a table.
+
+    frame_pos: [F] integer frame positions, or an int start frame for F
+    contiguous frames; x holds F * Hp * Wp tokens, frame-major.
+    """
+    tokens_per_frame = grid_hw[0] * grid_hw[1]
+    if isinstance(frame_pos, int):
+        frames = x.shape[1] // tokens_per_frame
+        frame_pos = torch.arange(frame_pos, frame_pos + frames, device=x.device)
+    angles = rope_angles(frame_pos.to(x.device), grid_hw, x.shape[-1] // num_heads, theta)
+    return rmsnorm_rope(x, weight, num_heads, angles, eps)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# ---------------------------------------------------------------------------
+# Attention
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask_frames: tuple[torch.Tensor, torch.Tensor] | None = None,
+    tokens_per_frame: int = 1,
+) -> torch.Tensor:
+    """Scaled dot-product attention, q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
+
+    block_mask_frames=(q_block [Fq], k_block [Fk]): optional per-frame block ids;
+    a query frame attends to key frames whose block id is <= its own
+    (block-causal over chunks, full attention inside a chunk). Lq may be
+    smaller than Lk (a chunk of queries against sink + window + itself).
+    """
+    mask = None
+    if block_mask_frames is not None:
+        qb, kb = block_mask_frames
+        allowed = kb[None, :] <= qb[:, None]  # [Fq, Fk]
+        mask = allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    )
+    return out.transpose(1, 2)
+
+
+def attention_reference_math(q, k, v, mask=None):
+    """Plain softmax(QK^T/sqrt(d))V in fp32, for testing other backends."""
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v.float()).to(q.dtype)

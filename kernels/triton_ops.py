@@ -1,0 +1,432 @@
+"""Triton kernels for the DiT hot path.
+
+Each kernel reproduces a function of `kernels.reference` (the semantics) and
+is called through the dispatch in `kernels/__init__.py`, which uses this module
+on CUDA tensors only. Everything computes in fp32 registers and rounds to the
+input dtype exactly where the reference does, so bf16 results match bitwise up
+to the order of the reductions.
+
+Under `TRITON_INTERPRET=1` (read when this module is imported, because
+`triton.jit` decides at decoration time) the same kernels run on CPU tensors
+with numpy: then every autotuned kernel has a single config, and `tl.dot`
+operands are cast to fp32 (the interpreter's bf16 dot is wrong).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reference import rope_inv_freq, rope_split
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+
+
+def _row_block(d: int) -> tuple[int, int]:
+    """Block width (a power of two covering one row) and warps for a row of d elements."""
+    block = triton.next_power_of_2(d)
+    warps = 1 if INTERPRET else (4 if block <= 2048 else 8 if block <= 8192 else 16)
+    return block, warps
+
+
+def _per_frame(t: torch.Tensor, b: int, f: int, d: int) -> torch.Tensor:
+    """A modulation tensor broadcast to [B, F, D] (stride 0 where it broadcasts), last dim unit-stride."""
+    t = t.expand(b, f, d)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ---------------------------------------------------------------------------
+# (a) LayerNorm (no affine) + adaLN modulation, (b) gated residual, and (b)
+# fused with the next norm. One program per token row of width D; the
+# modulation row is the token's frame row, found as row // S.
+
+
+@triton.jit
+def _layernorm_modulate_row(h, cols, col_ok, D, shift_row_ptr, scale_row_ptr, eps):
+    """n = LayerNorm(h) over the valid columns, then n * (1 + scale) + shift (fp32)."""
+    mean = tl.sum(h, axis=0) / D
+    centered = tl.where(col_ok, h - mean, 0.0)
+    var = tl.sum(centered * centered, axis=0) / D
+    normed = centered * tl.rsqrt(var + eps)
+    shift = tl.load(shift_row_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    scale = tl.load(scale_row_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return normed * (1.0 + scale) + shift
+
+
+@triton.jit
+def _layernorm_modulate_kernel(
+    x_ptr, shift_ptr, scale_ptr, out_ptr,
+    F, S, D, stride_mod_b, stride_mod_f, eps,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    frame = row // S
+    mod_off = (frame // F) * stride_mod_b + (frame % F) * stride_mod_f
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    x = tl.load(x_ptr + row * D + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = _layernorm_modulate_row(x, cols, col_ok, D, shift_ptr + mod_off, scale_ptr + mod_off, eps)
+    tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _gated_residual_kernel(
+    x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, h_ptr, out_ptr,
+    F, S, D, stride_gate_b, stride_gate_f, stride_mod_b, stride_mod_f, eps,
+    BLOCK_D: tl.constexpr, WITH_NORM: tl.constexpr,
+):  # fmt: skip
+    """h = x + y * gate; with WITH_NORM also out = layernorm_modulate(h)."""
+    row = tl.program_id(0).to(tl.int64)
+    frame = row // S
+    b = frame // F
+    f = frame % F
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    x = tl.load(x_ptr + row * D + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row * D + cols, mask=col_ok, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + b * stride_gate_b + f * stride_gate_f + cols, mask=col_ok, other=0.0)
+    h = (x + y * gate.to(tl.float32)).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + row * D + cols, h, mask=col_ok)
+    if WITH_NORM:
+        # the reference normalises h after rounding it to the storage dtype
+        mod_off = b * stride_mod_b + f * stride_mod_f
+        n = _layernorm_modulate_row(
+            h.to(tl.float32), cols, col_ok, D, shift_ptr + mod_off, scale_ptr + mod_off, eps
+        )
+        tl.store(out_ptr + row * D + cols, n.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def layernorm_modulate(x, shift, scale, eps: float = 1e-6):
+    """Triton `reference.layernorm_modulate`: x [B, F, S, D], shift/scale [B, F, D]."""
+    b, f, s, d = x.shape
+    x = x.contiguous()
+    shift, scale = _per_frame(shift, b, f, d), _per_frame(scale, b, f, d)
+    if shift.stride() != scale.stride():
+        shift, scale = shift.contiguous(), scale.contiguous()
+    out = torch.empty_like(x)
+    block, warps = _row_block(d)
+    _layernorm_modulate_kernel[(b * f * s,)](
+        x, shift, scale, out, f, s, d, shift.stride(0), shift.stride(1), eps,
+        BLOCK_D=block, num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+def _gated_residual(x, y, gate, shift, scale, eps, with_norm):
+    b, f, s, d = x.shape
+    x, y = x.contiguous(), y.contiguous()  # y may have its own dtype: loaded as-is, summed in fp32
+    gate = _per_frame(gate, b, f, d)
+    h = torch.empty_like(x)
+    if with_norm:
+        shift, scale = _per_frame(shift, b, f, d), _per_frame(scale, b, f, d)
+        if shift.stride() != scale.stride():
+            shift, scale = shift.contiguous(), scale.contiguous()
+        out = torch.empty_like(x)
+    else:
+        shift = scale = out = h  # unused pointers
+    block, warps = _row_block(d)
+    _gated_residual_kernel[(b * f * s,)](
+        x, y, gate, shift, scale, h, out,
+        f, s, d, gate.stride(0), gate.stride(1), shift.stride(0), shift.stride(1), eps,
+        BLOCK_D=block, WITH_NORM=with_norm, num_warps=warps,
+    )  # fmt: skip
+    return h, out
+
+
+def gated_residual(x, y, gate):
+    """Triton `reference.gated_residual`: x + y * gate, gate per frame [B, F, D]."""
+    return _gated_residual(x, y, gate, None, None, 0.0, with_norm=False)[0]
+
+
+def gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps: float = 1e-6):
+    """Triton `reference.gated_residual_layernorm_modulate`: returns (h, modulated LayerNorm of h)."""
+    return _gated_residual(x, y, gate, shift, scale, eps, with_norm=True)
+
+
+# ---------------------------------------------------------------------------
+# (c) q/k RMSNorm over the full width, fused with 3D RoPE. One program per
+# token. The row is loaded as [D/2, 2] so the interleaved rotary pairs are the
+# two columns. The angle either comes from a table [L, Dh/2] (the dispatch's
+# `angles` argument) or is computed here from the token's (frame, h, w)
+# position and the fp32 inverse-frequency table: frame positions are a small
+# int tensor, a runtime value, so a new chunk never recompiles.
+
+ROPE_NONE, ROPE_TABLE, ROPE_POSITIONS = 0, 1, 2
+
+
+@triton.jit
+def _rmsnorm_rope_kernel(
+    x_ptr, w_ptr, out_ptr, angles_ptr, frame_pos_ptr, inv_freq_ptr,
+    L, D, stride_xb, stride_xl, eps,
+    HALF_HEAD, TOKENS_PER_FRAME, GRID_W, T_PAIRS, TH_PAIRS,
+    BLOCK_HALF: tl.constexpr, ROPE_MODE: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    b = row // L
+    tok = row % L
+    pair = tl.arange(0, BLOCK_HALF)
+    pair_ok = pair < D // 2
+    offs = 2 * pair[:, None] + tl.arange(0, 2)[None, :]  # [BLOCK_HALF, 2]
+    ok = pair_ok[:, None]
+    x = tl.load(x_ptr + b * stride_xb + tok * stride_xl + offs, mask=ok, other=0.0).to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / D + eps)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    # the reference rounds the normed values to the storage dtype before rotating
+    y = (x * inv_rms * w).to(out_ptr.dtype.element_ty).to(tl.float32)
+    if ROPE_MODE != 0:
+        even, odd = tl.split(y)
+        j = pair % HALF_HEAD  # rotary pair index inside the head
+        if ROPE_MODE == 1:
+            angle = tl.load(angles_ptr + tok * HALF_HEAD + j, mask=pair_ok, other=0.0)
+        else:
+            frame = tok // TOKENS_PER_FRAME
+            in_frame = tok % TOKENS_PER_FRAME
+            t_pos = tl.load(frame_pos_ptr + frame).to(tl.float32)
+            h_pos = (in_frame // GRID_W).to(tl.float32)
+            w_pos = (in_frame % GRID_W).to(tl.float32)
+            pos = tl.where(j < T_PAIRS, t_pos, tl.where(j < TH_PAIRS, h_pos, w_pos))
+            angle = pos * tl.load(inv_freq_ptr + j, mask=pair_ok, other=0.0)
+        cos = tl.cos(angle)
+        sin = tl.sin(angle)
+        y = tl.join(even * cos - odd * sin, even * sin + odd * cos)
+    tl.store(out_ptr + row * D + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+_INV_FREQ_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _inv_freq(head_dim: int, theta: float, device) -> torch.Tensor:
+    """The fp32 inverse-frequency table of one head, computed once per device."""
+    key = (head_dim, theta, str(device))
+    if key not in _INV_FREQ_CACHE:
+        _INV_FREQ_CACHE[key] = rope_inv_freq(head_dim, theta, device)[0].float().contiguous()
+    return _INV_FREQ_CACHE[key]
+
+
+def _rmsnorm_rope_launch(
+    x, weight, num_heads, eps, mode, angles=None, frame_pos=None, grid_hw=(1, 1), theta=1e4
+):
+    bsz, length, d = x.shape
+    head_dim = d // num_heads
+    assert head_dim * num_heads == d and head_dim % 2 == 0, (d, num_heads)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(bsz, length, num_heads, head_dim, device=x.device, dtype=x.dtype)
+    t_dim, h_dim, _ = rope_split(head_dim)
+    dummy = out
+    inv_freq = _inv_freq(head_dim, theta, x.device) if mode == ROPE_POSITIONS else dummy
+    if mode == ROPE_TABLE:
+        angles = angles.float().contiguous()
+        assert angles.shape == (length, head_dim // 2), (angles.shape, length, head_dim)
+    block_half, warps = _row_block(d // 2)
+    _rmsnorm_rope_kernel[(bsz * length,)](
+        x, weight, out, angles if angles is not None else dummy,
+        frame_pos if frame_pos is not None else dummy, inv_freq,
+        length, d, x.stride(0), x.stride(1), eps,
+        head_dim // 2, grid_hw[0] * grid_hw[1], grid_hw[1], t_dim // 2, (t_dim + h_dim) // 2,
+        BLOCK_HALF=block_half, ROPE_MODE=mode, num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+def rmsnorm_rope(x, weight, num_heads: int, angles, eps: float = 1e-6):
+    """Triton `reference.rmsnorm_rope`: x [B, L, H*Dh], angles [L, Dh/2] or None -> [B, L, H, Dh]."""
+    mode = ROPE_NONE if angles is None else ROPE_TABLE
+    return _rmsnorm_rope_launch(x, weight, num_heads, eps, mode, angles=angles)
+
+
+def rmsnorm_rope_positions(x, weight, num_heads: int, frame_pos, grid_hw, eps: float = 1e-6, theta=1e4):
+    """Triton `reference.rmsnorm_rope_positions`: angles computed in the kernel.
+
+    frame_pos: int tensor [F] of frame positions, or an int start frame for
+    contiguous frames; tokens are frame-major over the (Hp, Wp) grid.
+    """
+    tokens_per_frame = grid_hw[0] * grid_hw[1]
+    frames = x.shape[1] // tokens_per_frame
+    assert frames * tokens_per_frame == x.shape[1], (x.shape, grid_hw)
+    if isinstance(frame_pos, int):
+        frame_pos = torch.arange(frame_pos, frame_pos + frames, device=x.device, dtype=torch.int32)
+    else:
+        frame_pos = frame_pos.to(device=x.device, dtype=torch.int32).contiguous()
+        assert frame_pos.numel() == frames, (frame_pos.shape, frames)
+    return _rmsnorm_rope_launch(
+        x, weight, num_heads, eps, ROPE_POSITIONS, frame_pos=frame_pos, grid_hw=grid_hw, theta=theta
+    )
+
+
+# ---------------------------------------------------------------------------
+# (e) GELU-tanh, elementwise. 0.5 * x * (1 + tanh(u)) == x * sigmoid(2u), which
+# needs one exp and no libdevice tanh.
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@triton.jit
+def _gelu_tanh_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    # clamped so the interpreter (numpy) does not warn on overflow; exp(80) is already inf-like
+    y = x / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def gelu_tanh(x):
+    """Triton `reference.gelu_tanh` (any shape)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    n = x.numel()
+    block = 1024
+    _gelu_tanh_kernel[(triton.cdiv(n, block),)](x, out, n, BLOCK=block, num_warps=1 if INTERPRET else 4)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# (d) Attention: flash-attention style forward, one program per (query block,
+# batch * head), online softmax over key blocks in fp32. Lq and Lk are
+# independent (a chunk of queries against sink + window + itself) and need not
+# be multiples of the blocks. With BLOCK_CAUSAL, token i's frame is i // S and
+# a query attends to keys whose frame block id is <= its own; key blocks that
+# no query of the tile may see are skipped.
+
+if INTERPRET:
+    _ATTN_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=1)]
+else:
+    _ATTN_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        # (BLOCK_M, BLOCK_N, warps, stages); the last ones fit fp32 operands at head dim 128
+        for bm, bn, w, s in (
+            (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)
+        )
+    ]
+
+
+@triton.jit
+def _attend_key_block(
+    q, k_base, v_base, cols, col_ok, dims, dim_ok, allowed, stride_kl, stride_vl,
+    qk_scale, m_i, l_i, acc, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax step: fold the key block `cols` into (running max, sum, acc)."""
+    k = tl.load(
+        k_base + cols[None, :] * stride_kl + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None], other=0.0
+    )  # [BLOCK_D, BLOCK_N]
+    v = tl.load(
+        v_base + cols[:, None] * stride_vl + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0
+    )  # [BLOCK_N, BLOCK_D]
+    if DOT_FP32:
+        scores = tl.dot(q, k.to(tl.float32), input_precision="ieee")
+    else:
+        scores = tl.dot(q, k)
+    scores = tl.where(allowed, scores * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    p = tl.exp2(scores - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if DOT_FP32:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.autotune(configs=_ATTN_CONFIGS, key=["HEAD_DIM", "BLOCK_CAUSAL", "DOT_FP32"])
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, q_block_ptr, k_block_ptr,
+    stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
+    H, Lq, Lk, S, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    cols0 = tl.arange(0, BLOCK_N)
+    row_ok = rows < Lq
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(
+        q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql + dims[None, :],
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+
+    # a finite start for the running max keeps exp2(m_old - m_new) finite when a
+    # whole key block is masked for some row
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BLOCK_CAUSAL:
+        q_block = tl.load(q_block_ptr + rows // S, mask=row_ok, other=-(2**30))
+        q_block_max = tl.max(q_block, axis=0)
+
+    for start_n in range(0, Lk, BLOCK_N):
+        cols = start_n + cols0
+        col_ok = cols < Lk
+        if BLOCK_CAUSAL:
+            k_block = tl.load(k_block_ptr + cols // S, mask=col_ok, other=2**30)
+            if tl.min(k_block, axis=0) <= q_block_max:  # else no query of this tile sees the block
+                allowed = (k_block[None, :] <= q_block[:, None]) & col_ok[None, :]
+                m_i, l_i, acc = _attend_key_block(
+                    q, k_base, v_base, cols, col_ok, dims, dim_ok, allowed, stride_kl, stride_vl,
+                    qk_scale, m_i, l_i, acc, DOT_FP32,
+                )  # fmt: skip
+        else:
+            # no branch in the unmasked loop, so the compiler can pipeline the loads
+            m_i, l_i, acc = _attend_key_block(
+                q, k_base, v_base, cols, col_ok, dims, dim_ok, col_ok[None, :], stride_kl, stride_vl,
+                qk_scale, m_i, l_i, acc, DOT_FP32,
+            )  # fmt: skip
+
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(
+        o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + dims[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & dim_ok[None, :],
+    )
+
+
+def attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
+    """Triton `reference.attention`: q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
+
+    Inputs may be strided views (e.g. slices of a KV cache) as long as the head
+    dim is unit-stride. block_mask_frames=(q_block [Fq], k_block [Fk]) selects
+    the block-causal mask over frames of `tokens_per_frame` tokens.
+    """
+    bsz, lq, heads, head_dim = q.shape
+    lk = k.shape[1]
+    assert k.shape == v.shape == (bsz, lk, heads, head_dim), (q.shape, k.shape, v.shape)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty(bsz, lq, heads, head_dim, device=q.device, dtype=q.dtype)
+    if block_mask_frames is not None:
+        q_block, k_block = (t.to(device=q.device, dtype=torch.int32).contiguous() for t in block_mask_frames)
+        assert q_block.numel() * tokens_per_frame == lq and k_block.numel() * tokens_per_frame == lk
+    else:
+        q_block = k_block = torch.zeros(1, device=q.device, dtype=torch.int32)
+    dot_fp32 = INTERPRET or q.dtype == torch.float32
+
+    def grid(meta):
+        return (triton.cdiv(lq, meta["BLOCK_M"]), bsz * heads)
+
+    _attention_kernel[grid](
+        q, k, v, out, q_block, k_block,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        heads, lq, lk, max(tokens_per_frame, 1), LOG2E / math.sqrt(head_dim),
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_CAUSAL=block_mask_frames is not None, DOT_FP32=dot_fp32,
+    )  # fmt: skip
+    return out
