@@ -1,0 +1,166 @@
+"""The KV cache of the streaming student: a permanent sink plus a ring window.
+
+Per layer, keys and values live in one preallocated buffer laid out as
+
+    [ sink | chunk | ring ]      tokens = (sink_frames + frames_per_chunk + window_frames) * S
+
+- sink:  the reference latent, encoded once at t = 0; never evicted.
+- chunk: the chunk being generated; rewritten by every denoising step.
+- ring:  the last `window_frames` clean frames (each written once by the clean
+         re-encode of its chunk); the oldest frames are overwritten in place.
+
+Attention is permutation-invariant once keys carry their rotary position, so
+the three regions can sit in any physical order; this one keeps the valid keys
+a contiguous prefix while the ring fills (it fills from slot 0 upward).
+
+Endless streams: ring keys are stored *un-rotated* (`k_ring_raw`). Positions
+are assigned by age inside the window, so the newest chunk always sits at
+`sink + filled`, the positions ever used are bounded by
+`sink_frames + window_frames + frames_per_chunk`, and hour 10 looks exactly
+like minute 1. After each ring write the rotated copy of the ring is rebuilt
+once (per layer, per chunk), so the denoising steps pay nothing extra.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import apply_rope, rope_angles
+
+
+class KVCache(nn.Module):
+    """One layer's preallocated keys and values."""
+
+    def __init__(self, batch, sink_tokens, chunk_tokens, ring_tokens, heads, head_dim, dtype, device):
+        super().__init__()
+        total = sink_tokens + chunk_tokens + ring_tokens
+        shape = (batch, total, heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        raw = (batch, ring_tokens, heads, head_dim)
+        self.register_buffer("k_ring_raw", torch.zeros(raw, dtype=dtype, device=device), persistent=False)
+        self.sink_end = sink_tokens
+        self.chunk_end = sink_tokens + chunk_tokens
+        # cross-attention keys/values of the (constant) text context, computed once per stream
+        self.context_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def write_sink(self, k_rot: torch.Tensor, v: torch.Tensor):
+        """Store the reference frame's keys (rotated at their fixed positions 0..sink-1)."""
+        n = k_rot.shape[1]
+        if n != self.sink_end:
+            raise ValueError(f"sink holds {self.sink_end} tokens, got {n}")
+        self.k[:, :n] = k_rot
+        self.v[:, :n] = v
+        return self.k[:, :n], self.v[:, :n]
+
+    def update(self, k_rot: torch.Tensor, v: torch.Tensor, ring_tokens_filled: int):
+        """Place the current chunk's keys/values and return all keys it attends to."""
+        n = k_rot.shape[1]
+        if n != self.chunk_end - self.sink_end:
+            raise ValueError(f"chunk region holds {self.chunk_end - self.sink_end} tokens, got {n}")
+        self.k[:, self.sink_end : self.chunk_end] = k_rot
+        self.v[:, self.sink_end : self.chunk_end] = v
+        end = self.chunk_end + ring_tokens_filled
+        return self.k[:, :end], self.v[:, :end]
+
+    def write_ring(self, k_raw: torch.Tensor, v: torch.Tensor, token_index: torch.Tensor):
+        """Clean re-encode: keep the finished chunk (un-rotated keys) in its ring slots."""
+        self.k_ring_raw.index_copy_(1, token_index, k_raw)
+        self.v.index_copy_(1, token_index + self.chunk_end, v)
+
+    def rotate_ring(self, ring_angles: torch.Tensor):
+        """Rebuild the rotated ring keys for the positions the slots have now."""
+        self.k[:, self.chunk_end :] = apply_rope(self.k_ring_raw, ring_angles)
+
+
+class StreamCache(nn.Module):
+    """All layers' KV caches plus the bookkeeping they share (fill level, ring head).
+
+    Usage per chunk (see `streamgen.sampling.generate_chunk`): the denoising
+    steps call the model with `cache` (read-only for the ring), then one clean
+    re-encode call with `write=True` stores the chunk, then `advance()`.
+    """
+
+    def __init__(self, cfg, batch: int, grid_hw: tuple[int, int], dtype=torch.float32, device="cpu"):
+        super().__init__()
+        self.cfg = cfg
+        self.grid_hw = tuple(grid_hw)
+        self.tokens_per_frame = grid_hw[0] * grid_hw[1]
+        s = self.tokens_per_frame
+        self.sink_frames, self.chunk_frames, self.window_frames = (
+            cfg.sink_frames,
+            cfg.frames_per_chunk,
+            cfg.window_frames,
+        )
+        self.layers = nn.ModuleList(
+            KVCache(
+                batch,
+                self.sink_frames * s,
+                self.chunk_frames * s,
+                self.window_frames * s,
+                cfg.num_heads,
+                cfg.head_dim,
+                dtype,
+                device,
+            )
+            for _ in range(cfg.num_layers)
+        )
+        self.device = torch.device(device)
+        self.reset()
+
+    def reset(self):
+        self.frames_written = 0  # ring frames ever written (grows; only used modulo the window)
+        self.sink_ready = False
+        for layer in self.layers:
+            layer.context_kv = None
+
+    # --- positions ----------------------------------------------------------
+    @property
+    def filled(self) -> int:
+        return min(self.frames_written, self.window_frames)
+
+    def chunk_frame_positions(self) -> torch.Tensor:
+        """Rotary frame positions of the chunk being generated."""
+        start = self.sink_frames + self.filled
+        return torch.arange(start, start + self.chunk_frames, device=self.device)
+
+    def sink_frame_positions(self) -> torch.Tensor:
+        return torch.arange(self.sink_frames, device=self.device)
+
+    def ring_frame_positions(self) -> torch.Tensor:
+        """Position of each physical ring slot: sink + its age rank (oldest first)."""
+        slots = torch.arange(self.window_frames, device=self.device)
+        if self.frames_written >= self.window_frames:
+            oldest = self.frames_written % self.window_frames
+            slots = (slots - oldest) % self.window_frames
+        return self.sink_frames + slots
+
+    def positions_in_use(self) -> dict[str, list[int]]:
+        """For tests and debugging: every rotary frame position the next chunk will see."""
+        ring = self.ring_frame_positions()[: self.filled]
+        return {
+            "sink": self.sink_frame_positions().tolist(),
+            "ring": sorted(ring.tolist()),
+            "chunk": self.chunk_frame_positions().tolist(),
+        }
+
+    # --- writes ---------------------------------------------------------------
+    def ring_tokens_filled(self) -> int:
+        return self.filled * self.tokens_per_frame
+
+    def ring_token_index(self) -> torch.Tensor:
+        """Token slots in the ring that the current chunk's frames will occupy."""
+        frames = (self.frames_written + torch.arange(self.chunk_frames, device=self.device)) % self.window_frames
+        s = self.tokens_per_frame
+        return (frames[:, None] * s + torch.arange(s, device=self.device)[None, :]).reshape(-1)
+
+    def advance(self):
+        """After the clean re-encode wrote the chunk: move the ring on and re-rotate it."""
+        self.frames_written += self.chunk_frames
+        angles = rope_angles(self.ring_frame_positions(), self.grid_hw, self.cfg.head_dim, self.cfg.rope_theta)
+        for layer in self.layers:
+            layer.rotate_ring(angles)
+
+    def memory_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())

@@ -1,0 +1,282 @@
+"""The Wan2.1-architecture diffusion transformer, with avatar conditioning.
+
+patch embed (Conv3d 1x2x2) -> N x [adaLN(shift, scale, gate from the timestep)
+-> self-attention (RMS qk-norm, 3D RoPE) -> text cross-attention -> per-frame
+audio cross-attention -> GELU-tanh MLP] -> adaLN head -> unpatchify.
+
+Tokens are kept frame-major, `[B, F, S, D]` (S = tokens per latent frame), so
+every frame can carry its own timestep: a chunk being denoised and the clean
+frames before it can share one forward pass (block-causal training), and the
+streaming path sees one chunk at a time against the KV cache.
+
+One forward, three attention modes:
+  "bidirectional"  every frame sees every frame (the teacher)
+  "block_causal"   full attention inside a chunk, causal across chunks; the
+                   first `sink_frames` frames (the reference) form block 0
+  "cached"         the frames are one chunk; keys/values come from the
+                   StreamCache (sink + ring) plus the chunk itself
+
+All hot-path math goes through `kernels`, which picks Triton on CUDA and the
+PyTorch references elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import kernels
+from streamgen.model.audio import AudioEncoder
+from streamgen.model.cache import StreamCache
+from streamgen.model.config import ModelConfig
+
+MODES = ("bidirectional", "block_causal", "cached")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps in [0, 1000], cos first (diffusers' flip_sin_to_cos)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.dim
+        self.num_heads, self.eps = cfg.num_heads, cfg.eps
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q = nn.RMSNorm(d, eps=cfg.eps)
+        self.norm_k = nn.RMSNorm(d, eps=cfg.eps)
+        self.backend = cfg.attn_backend
+
+    def forward(self, x, angles, mask, tokens_per_frame, cache=None, cache_op=None, ring_filled=0, ring_index=None):
+        """x [B, L, D]; angles [L, Dh/2] for x's tokens; mask = per-frame block ids or None."""
+        q = kernels.rmsnorm_rope(self.q(x), self.norm_q.weight, self.num_heads, angles, self.eps)
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        if cache_op == "write_ring":
+            # the ring keeps keys un-rotated (positions are assigned at read time)
+            k_raw = kernels.rmsnorm_rope(self.k(x), self.norm_k.weight, self.num_heads, None, self.eps)
+            k = kernels.apply_rope(k_raw, angles)
+        else:
+            k = kernels.rmsnorm_rope(self.k(x), self.norm_k.weight, self.num_heads, angles, self.eps)
+        if cache is not None:
+            if cache_op == "write_sink":
+                k, v = cache.write_sink(k, v)
+            else:
+                if cache_op == "write_ring":
+                    cache.write_ring(k_raw, v, ring_index)
+                k, v = cache.update(k, v, ring_filled)
+        out = kernels.attention(q, k, v, mask, tokens_per_frame, self.backend)
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to a context (text tokens, or audio windows)."""
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, eps: float, backend: str = "sdpa"):
+        super().__init__()
+        self.num_heads, self.eps, self.backend = num_heads, eps, backend
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(context_dim, dim)
+        self.v = nn.Linear(context_dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def context_kv(self, context):
+        k = kernels.rmsnorm_rope(self.k(context), self.norm_k.weight, self.num_heads, None, self.eps)
+        return k, self.v(context).unflatten(-1, (self.num_heads, -1))
+
+    def forward(self, x, context=None, kv=None):
+        q = kernels.rmsnorm_rope(self.q(x), self.norm_q.weight, self.num_heads, None, self.eps)
+        k, v = kv if kv is not None else self.context_kv(context)
+        out = kernels.attention(q, k, v, backend=self.backend)
+        return self.o(out.flatten(2))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.down(kernels.gelu_tanh(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.dim
+        self.eps = cfg.eps
+        # 6-way adaLN: shift/scale/gate for self-attention, then for the MLP
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+        self.self_attn = SelfAttention(cfg)
+        self.cross_norm = nn.LayerNorm(d, eps=cfg.eps) if cfg.cross_attn_norm else None
+        self.cross_attn = CrossAttention(d, d, cfg.num_heads, cfg.eps, cfg.attn_backend)
+        self.audio_attn = None
+        if cfg.audio:
+            self.audio_norm = nn.LayerNorm(d, eps=cfg.eps)
+            self.audio_attn = CrossAttention(d, cfg.audio_dim, cfg.num_heads, cfg.eps, cfg.attn_backend)
+            # zero output: a loaded Wan checkpoint behaves exactly as before fine-tuning
+            nn.init.zeros_(self.audio_attn.o.weight)
+            nn.init.zeros_(self.audio_attn.o.bias)
+        self.ffn = FeedForward(d, cfg.ffn_dim)
+
+    def forward(self, x, h, e, next_mod, ctx, audio, audio_mask, attn_kwargs, cache=None):
+        """x: residual stream [B, F, S, D]; h: x already normed+modulated for this block.
+
+        e: timestep projection [B, F, 6, D]. next_mod: (shift, scale) of whatever
+        norm comes after this block (the next block's, or the head's), so the
+        last residual add is fused with it. Returns (x, h_next).
+        """
+        b, f, s, d = x.shape
+        _, _, gate, c_shift, c_scale, c_gate = (self.modulation + e.float()).unbind(2)
+
+        y = self.self_attn(h.reshape(b, f * s, d), cache=cache, **attn_kwargs).view(b, f, s, d)
+        x = kernels.gated_residual(x, y, gate)
+
+        hn = x if self.cross_norm is None else kernels.layernorm_affine(x, self.cross_norm.weight, self.cross_norm.bias, self.eps)
+        kv = cache.context_kv if cache is not None else None
+        if kv is None:
+            kv = self.cross_attn.context_kv(ctx)
+            if cache is not None:
+                cache.context_kv = kv
+        x = x + self.cross_attn(hn.reshape(b, f * s, d), kv=kv).view(b, f, s, d)
+
+        if self.audio_attn is not None and audio is not None:
+            # each latent frame attends only to the audio tokens of its own time window
+            ha = kernels.layernorm_affine(x, self.audio_norm.weight, self.audio_norm.bias, self.eps)
+            ya = self.audio_attn(ha.reshape(b * f, s, d), audio.flatten(0, 1)).view(b, f, s, d)
+            x = x + ya * audio_mask[:, :, None, None].to(ya.dtype)
+
+        h = kernels.layernorm_modulate(x, c_shift, c_scale, self.eps)
+        return kernels.gated_residual_layernorm_modulate(x, self.ffn(h), c_gate, *next_mod, self.eps)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+        self.proj = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_embed = nn.Conv3d(cfg.in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.time_embed = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.text_embed = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.audio_encoder = AudioEncoder(cfg) if cfg.audio else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+
+    # --- helpers ----------------------------------------------------------------
+    def grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        _, ph, pw = self.cfg.patch_size
+        return latent_hw[0] // ph, latent_hw[1] // pw
+
+    def new_cache(self, batch: int, latent_hw: tuple[int, int], dtype=None, device=None) -> StreamCache:
+        p = next(self.parameters())
+        return StreamCache(self.cfg, batch, self.grid(latent_hw), dtype or p.dtype, device or p.device)
+
+    def block_ids(self, num_frames: int, device) -> torch.Tensor:
+        """Per-frame chunk ids for block-causal attention: the sink is block 0."""
+        f = torch.arange(num_frames, device=device)
+        sink, c = self.cfg.sink_frames, self.cfg.frames_per_chunk
+        return torch.where(f < sink, 0, 1 + (f - sink).clamp(min=0) // c)
+
+    def unpatchify(self, y: torch.Tensor, grid_hw) -> torch.Tensor:
+        b, f = y.shape[:2]
+        hp, wp = grid_hw
+        pt, ph, pw = self.cfg.patch_size
+        y = y.reshape(b, f, hp, wp, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return y.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    # --- forward ----------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        audio: torch.Tensor | None = None,
+        audio_mask: torch.Tensor | None = None,
+        mode: str = "bidirectional",
+        cache: StreamCache | None = None,
+        cache_write: str | None = None,
+        frame_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow velocity.
+
+        x: latents [B, C, F, h, w]; t: timesteps in [0, 1000], per frame [B, F] (or [B]);
+        context: text tokens [B, Lt, text_dim]; audio: per-frame windows of audio
+        features [B, F, audio_window, audio_dim] (see `audio.frame_windows`);
+        audio_mask: [B, F] (or [B]) 1 where audio conditions the frame, 0 to drop it.
+        mode "cached": x is one chunk (or the sink when cache_write="sink"),
+        cache_write in (None, "sink", "ring"). frame_pos overrides the rotary
+        frame positions (default 0..F-1 outside the cache).
+        Returns velocity [B, C_out, F, h, w].
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if (mode == "cached") != (cache is not None):
+            raise ValueError("a cache is used exactly in mode 'cached'")
+        cfg = self.cfg
+        b, _, f, lh, lw = x.shape
+        grid = self.grid((lh, lw))
+        s = grid[0] * grid[1]
+
+        h0 = self.patch_embed(x)  # [B, D, F, hp, wp]
+        xs = h0.flatten(3).permute(0, 2, 3, 1).contiguous()  # [B, F, S, D]
+
+        if t.ndim == 1:
+            t = t[:, None].expand(b, f)
+        temb = self.time_embed(timestep_embedding(t, cfg.freq_dim).to(xs.dtype))  # [B, F, D]
+        e = self.time_proj(temb).unflatten(-1, (6, -1))  # [B, F, 6, D]
+        ctx = self.text_embed(context)
+        if audio is not None and audio_mask is None:
+            audio_mask = torch.ones(b, f, device=x.device)
+        elif audio_mask is not None and audio_mask.ndim == 1:
+            audio_mask = audio_mask[:, None].expand(b, f)
+
+        # rotary positions and attention pattern
+        attn_kwargs = {"tokens_per_frame": s, "mask": None}
+        if mode == "cached":
+            if cache_write == "sink":
+                frame_pos = cache.sink_frame_positions()
+                attn_kwargs["cache_op"] = "write_sink"
+            else:
+                frame_pos = cache.chunk_frame_positions()
+                attn_kwargs["ring_filled"] = cache.ring_tokens_filled()
+                if cache_write == "ring":
+                    attn_kwargs["cache_op"] = "write_ring"
+                    attn_kwargs["ring_index"] = cache.ring_token_index()
+        else:
+            if frame_pos is None:
+                frame_pos = torch.arange(f, device=x.device)
+            if mode == "block_causal":
+                ids = self.block_ids(f, x.device)
+                attn_kwargs["mask"] = (ids, ids)
+        attn_kwargs["angles"] = kernels.rope_angles(frame_pos, grid, cfg.head_dim, cfg.rope_theta)
+
+        mods = [blk.modulation[:, :2] for blk in self.blocks] + [self.head.modulation]
+        temb_f = temb.float()
+        shift0, scale0 = (mods[0] + e[:, :, :2].float()).unbind(2)
+        h = kernels.layernorm_modulate(xs, shift0, scale0, cfg.eps)
+        for i, blk in enumerate(self.blocks):
+            if i + 1 < len(self.blocks):
+                nxt = (mods[i + 1] + e[:, :, :2].float()).unbind(2)
+            else:  # the head's adaLN is driven by temb itself (as in Wan)
+                nxt = (mods[-1] + temb_f[:, :, None]).unbind(2)
+            layer_cache = cache.layers[i] if cache is not None else None
+            xs, h = blk(xs, h, e, nxt, ctx, audio, audio_mask, attn_kwargs, layer_cache)
+
+        # after a ring write the caller calls cache.advance() (once, for all layers)
+        return self.unpatchify(self.head.proj(h), grid)

@@ -1,0 +1,194 @@
+"""Video autoencoders behind one streaming interface.
+
+    encode(video [B, 3, T, H, W] in [-1, 1]) -> latents [B, C, F, h, w] (normalized)
+    encode_reference(image [B, 3, H, W])     -> one latent frame [B, C, 1, h, w]
+    init_state(batch)                        -> decoder state for a new stream
+    decode_stream(latents, state)            -> (frames [B, 3, T, H, W] in [-1, 1], state)
+    decode(latents)                          -> frames (the whole clip at once)
+
+Both implementations are causal in time, so decoding chunk by chunk equals
+decoding the whole clip:
+- `TinyCausalVAE`: small and fast, trained here for `tiny-avatar`. Each latent
+  frame holds `temporal_factor` video frames (stacked into channels) and sees
+  the previous latent frame's features (a kernel-2 causal temporal mix).
+- `WanVAE`: diffusers' `AutoencoderKLWan` (real Wan2.1 weights load unchanged);
+  its per-frame feature cache already makes chunked decoding exact, so the
+  stream state is that cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class VideoAutoencoder(nn.Module):
+    latent_channels: int
+    spatial_factor: int
+    temporal_factor: int
+
+    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        f = self.spatial_factor
+        if height % f or width % f:
+            raise ValueError(f"frame size {height}x{width} must be a multiple of {f}")
+        return height // f, width // f
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        frames, _ = self.decode_stream(latents, self.init_state(latents.shape[0]))
+        return frames
+
+
+class ResBlock2d(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+
+
+class TinyCausalVAE(VideoAutoencoder):
+    """Spatial /8, temporal /4 causal autoencoder with a kernel-2 temporal mix."""
+
+    def __init__(self, latent_channels: int = 16, widths=(32, 64, 96, 128), temporal_factor: int = 4):
+        super().__init__()
+        self.latent_channels = latent_channels
+        self.temporal_factor = tf = temporal_factor
+        self.spatial_factor = 2 ** (len(widths) - 1)
+        self.config = {"latent_channels": latent_channels, "widths": list(widths), "temporal_factor": tf}
+        w = list(widths)
+        enc = [nn.Conv2d(3 * tf, w[0], 3, padding=1)]
+        for a, b in zip(w[:-1], w[1:]):
+            enc += [nn.SiLU(), nn.Conv2d(a, b, 4, stride=2, padding=1), ResBlock2d(b)]
+        self.enc = nn.Sequential(*enc)
+        self.enc_mix = nn.Conv2d(2 * w[-1], w[-1], 1)  # [this frame, previous frame] -> this frame
+        self.enc_out = nn.Conv2d(w[-1], latent_channels, 1)
+
+        self.dec_in = nn.Conv2d(latent_channels, w[-1], 3, padding=1)
+        self.dec_mix = nn.Conv2d(2 * w[-1], w[-1], 1)
+        dec = [ResBlock2d(w[-1])]
+        for a, b in zip(w[::-1][:-1], w[::-1][1:]):
+            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(a, b, 3, padding=1), nn.SiLU()]
+        dec += [nn.Conv2d(w[0], 3 * tf, 3, padding=1)]
+        self.dec = nn.Sequential(*dec)
+        # per-channel latent normalization, measured on data after training
+        self.register_buffer("latent_mean", torch.zeros(latent_channels))
+        self.register_buffer("latent_std", torch.ones(latent_channels))
+
+    def _norm(self, z):
+        return (z - self.latent_mean[:, None, None]) / self.latent_std[:, None, None]
+
+    def _denorm(self, z):
+        return z * self.latent_std[:, None, None] + self.latent_mean[:, None, None]
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = video.shape
+        tf = self.temporal_factor
+        if t % tf:
+            raise ValueError(f"clip length {t} must be a multiple of {tf} frames")
+        groups = video.reshape(b, c, t // tf, tf, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, t // tf, tf * c, h, w)
+        feats = self.enc(groups.flatten(0, 1)).unflatten(0, (b, t // tf))  # [B, F, Wd, h, w]
+        prev = torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], dim=1)
+        mixed = feats + self.enc_mix(torch.cat([feats, prev], 2).flatten(0, 1)).unflatten(0, (b, t // tf))
+        z = self.enc_out(mixed.flatten(0, 1))
+        return self._norm(z).unflatten(0, (b, t // tf)).transpose(1, 2)
+
+    def encode_reference(self, image: torch.Tensor) -> torch.Tensor:
+        """A still image encodes as a latent frame of identical video frames."""
+        return self.encode(image[:, :, None].expand(-1, -1, self.temporal_factor, -1, -1))
+
+    def init_state(self, batch: int):
+        return None  # the previous latent frame's decoder features; none before the first
+
+    def decode_stream(self, latents: torch.Tensor, state):
+        b, _, f, h, w = latents.shape
+        z = self._denorm(latents.transpose(1, 2).flatten(0, 1))
+        feats = self.dec_in(z).unflatten(0, (b, f))  # [B, F, Wd, h, w]
+        prev_first = state if state is not None else torch.zeros_like(feats[:, :1])
+        prev = torch.cat([prev_first, feats[:, :-1]], dim=1)
+        mixed = feats + self.dec_mix(torch.cat([feats, prev], 2).flatten(0, 1)).unflatten(0, (b, f))
+        out = self.dec(mixed.flatten(0, 1))  # [B*F, 3*tf, H, W]
+        tf = self.temporal_factor
+        hh, ww = out.shape[-2:]
+        frames = out.reshape(b, f, tf, 3, hh, ww).permute(0, 3, 1, 2, 4, 5).reshape(b, 3, f * tf, hh, ww)
+        return frames.clamp(-1, 1), feats[:, -1:]
+
+    # --- persistence -----------------------------------------------------------
+    def save(self, directory) -> None:
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "vae_config.json").write_text(json.dumps(self.config, indent=2))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(d / "vae.safetensors"))
+
+    @classmethod
+    def load(cls, directory) -> TinyCausalVAE:
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        vae = cls(**json.loads((d / "vae_config.json").read_text()))
+        vae.load_state_dict(load_file(str(d / "vae.safetensors")))
+        return vae
+
+
+class WanVAE(VideoAutoencoder):
+    """diffusers' AutoencoderKLWan behind the streaming interface.
+
+    Latents are normalized with the checkpoint's per-channel mean/std (as the
+    Wan pipelines do). The first latent frame decodes to 1 video frame, every
+    later one to 4 (Wan's causal 1 + 4k layout).
+    """
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        cfg = vae.config
+        self.latent_channels = cfg.z_dim
+        self.temporal_factor = 2 ** sum(cfg.temperal_downsample)
+        self.spatial_factor = 2 ** (len(cfg.dim_mult) - 1)
+        self.register_buffer("latent_mean", torch.tensor(cfg.latents_mean).float())
+        self.register_buffer("latent_std", torch.tensor(cfg.latents_std).float())
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> WanVAE:
+        from diffusers import AutoencoderKLWan
+
+        return cls(AutoencoderKLWan.from_pretrained(path, **kwargs))
+
+    def _stats(self, z):
+        shape = (1, -1, 1, 1, 1)
+        return self.latent_mean.view(shape).to(z), self.latent_std.view(shape).to(z)
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        z = self.vae.encode(video).latent_dist.mode()
+        mean, std = self._stats(z)
+        return (z - mean) / std
+
+    def encode_reference(self, image: torch.Tensor) -> torch.Tensor:
+        return self.encode(image[:, :, None])
+
+    def init_state(self, batch: int):
+        self.vae.clear_cache()
+        return {"feat_map": self.vae._feat_map, "first": True}
+
+    def decode_stream(self, latents: torch.Tensor, state):
+        mean, std = self._stats(latents)
+        x = self.vae.post_quant_conv(latents * std + mean)
+        outs = []
+        self.vae._feat_map = state["feat_map"]  # the cache is per stream, not per model
+        for i in range(x.shape[2]):
+            self.vae._conv_idx = [0]
+            outs.append(
+                self.vae.decoder(
+                    x[:, :, i : i + 1], feat_cache=state["feat_map"], feat_idx=self.vae._conv_idx, first_chunk=state["first"]
+                )
+            )
+            state["first"] = False
+        # diffusers clamps inside decode(); decoding frame by frame we clamp ourselves
+        return torch.cat(outs, 2).clamp(-1, 1), state

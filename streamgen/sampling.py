@@ -1,0 +1,136 @@
+"""Rectified-flow sampling: schedules, the teacher's Euler loop with CFG, the
+student's few-step loop, and one streaming chunk against the KV cache.
+
+Conventions: sigma in [0, 1] (the model sees t = 1000 * sigma);
+x_sigma = (1 - sigma) * x0 + sigma * noise; the model predicts the velocity
+v = noise - x0, so x0 = x_sigma - sigma * v.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_sigma, sigma [B]) -> v
+
+
+def shift_sigma(sigma, shift: float):
+    """Timestep shift: sigma' = s*sigma / (1 + (s - 1)*sigma); pushes steps towards high noise."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def euler_sigmas(num_steps: int, shift: float = 5.0) -> torch.Tensor:
+    """num_steps + 1 shifted sigmas from 1 down to 0 (teacher schedule)."""
+    return shift_sigma(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift).float()
+
+
+def student_sigmas(num_steps: int, shift: float = 5.0) -> torch.Tensor:
+    """The student's few-step list: [1000, 750, 500, 250] / 1000 for 4 steps, warped by shift.
+
+    1, 2 and 4 steps give [1.0], [1.0, 0.833], [1.0, 0.938, 0.833, 0.625] at shift 5.
+    """
+    if num_steps < 1:
+        raise ValueError("num_steps must be >= 1")
+    base = torch.arange(num_steps, 0, -1, dtype=torch.float64) / num_steps
+    return shift_sigma(base, shift).float()
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    sigma = _bcast(sigma, x0)
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def x0_from_velocity(x: torch.Tensor, v: torch.Tensor, sigma) -> torch.Tensor:
+    return x - _bcast(sigma, x) * v
+
+
+def _bcast(sigma, like: torch.Tensor) -> torch.Tensor:
+    sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    if sigma.ndim == 0:
+        return sigma
+    return sigma.reshape(sigma.shape + (1,) * (like.ndim - sigma.ndim))
+
+
+def guided(cond: Velocity, uncond: Velocity, scale: float) -> Velocity:
+    """Classifier-free guidance: v_u + scale * (v_c - v_u)."""
+    if scale == 1.0:
+        return cond
+
+    def velocity(x, sigma):
+        vu = uncond(x, sigma)
+        return vu + scale * (cond(x, sigma) - vu)
+
+    return velocity
+
+
+@torch.no_grad()
+def sample_euler(velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, progress=None) -> torch.Tensor:
+    """Teacher sampling: Euler steps of dx/dsigma = v along the schedule."""
+    x = noise
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        v = velocity(x, s.expand(x.shape[0]).to(x.device))
+        x = x + (s_next - s).to(x.dtype) * v
+        if progress is not None:
+            progress(i + 1, len(sigmas) - 1)
+    return x
+
+
+def sample_few_step(
+    velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Student sampling: predict x0 at each level, re-noise with fresh noise to the next level."""
+    x = noise
+    x0 = noise
+    for i, s in enumerate(sigmas):
+        sigma = s.expand(x.shape[0]).to(x.device)
+        x0 = x0_from_velocity(x, velocity(x, sigma), sigma)
+        if i + 1 < len(sigmas):
+            fresh = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+            x = add_noise(x0, fresh, sigmas[i + 1])
+    return x0
+
+
+# --- streaming ---------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_sink(model, cache, reference_latent: torch.Tensor, context: torch.Tensor) -> None:
+    """Write the reference latent frame(s) into the cache's permanent sink at t = 0."""
+    b, f = reference_latent.shape[0], reference_latent.shape[2]
+    t = torch.zeros(b, f, device=reference_latent.device)
+    model(reference_latent, t, context, mode="cached", cache=cache, cache_write="sink")
+    cache.sink_ready = True
+
+
+@torch.no_grad()
+def generate_chunk(
+    model,
+    cache,
+    noise: torch.Tensor,
+    context: torch.Tensor,
+    audio: torch.Tensor | None,
+    sigmas: torch.Tensor,
+    generator: torch.Generator | None = None,
+    reencode: bool = True,
+) -> torch.Tensor:
+    """One chunk of the stream: few-step denoise against the cache (read-only),
+    then the clean re-encode at t = 0 writes the chunk into the ring.
+
+    noise: [B, C, frames_per_chunk, h, w]; audio: windows [B, F, W, Da] or None.
+    Returns the clean latents of the chunk.
+    """
+    if not cache.sink_ready:
+        raise RuntimeError("encode the reference into the cache first (encode_sink)")
+
+    def velocity(x, sigma):
+        t = (sigma * 1000)[:, None].expand(x.shape[0], x.shape[2])
+        return model(x, t, context, audio, mode="cached", cache=cache)
+
+    x0 = sample_few_step(velocity, noise, sigmas, generator)
+    if reencode:
+        t0 = torch.zeros(x0.shape[0], x0.shape[2], device=x0.device)
+        model(x0, t0, context, audio, mode="cached", cache=cache, cache_write="ring")
+        cache.advance()
+    return x0
