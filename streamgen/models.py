@@ -1,0 +1,134 @@
+"""Models by name or path.
+
+A model directory holds `model.json` (flavor config, native resolution,
+sampling defaults), `dit.safetensors` and the autoencoder (`vae_config.json` +
+`vae.safetensors`). Names resolve to the directories shipped in
+`streamgen/assets/models/`; a flavor name with no shipped weights gives a
+randomly initialised (seeded) model, flagged `trained=False`, so every path can
+run before training has produced weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from streamgen.model.config import FLAVORS, ModelConfig, get_config
+from streamgen.model.model import DiT
+from streamgen.model.vae import TinyCausalVAE, VideoAutoencoder
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).parent / "assets"
+MODELS_DIR = ASSETS / "models"
+DEFAULT_MODEL = "tiny-avatar"
+
+
+@dataclass
+class AvatarModel:
+    name: str
+    dit: DiT
+    vae: VideoAutoencoder
+    height: int = 128
+    width: int = 128
+    shift: float = 5.0
+    steps: int = 4
+    trained: bool = False
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.dit.cfg
+
+
+def model_search_path() -> list[Path]:
+    extra = [Path(p) for p in os.environ.get("STREAMGEN_MODELS", "").split(os.pathsep) if p]
+    return extra + [MODELS_DIR]
+
+
+def resolve_model_dir(name_or_path: str) -> Path | None:
+    p = Path(name_or_path)
+    if (p / "model.json").exists():
+        return p
+    for root in model_search_path():
+        if (root / name_or_path / "model.json").exists():
+            return root / name_or_path
+    return None
+
+
+def available_models() -> list[str]:
+    names = {d.name for root in model_search_path() if root.exists() for d in root.iterdir() if (d / "model.json").exists()}
+    return sorted(names | {n for n in FLAVORS if n != "debug"})
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL, device="cpu", dtype=torch.float32, seed: int = 0, **cfg_overrides
+) -> AvatarModel:
+    """Load a trained model directory, or build a seeded random model of a flavor."""
+    directory = resolve_model_dir(name_or_path)
+    if directory is not None:
+        return _load_dir(directory, device, dtype, **cfg_overrides)
+    flavor = name_or_path.removesuffix("-teacher")
+    if flavor in FLAVORS:
+        log.warning("no trained weights for %r; using randomly initialised weights (seed %d)", name_or_path, seed)
+        torch.manual_seed(seed)
+        cfg = get_config(flavor, **cfg_overrides)
+        dit = DiT(cfg)
+        vae = TinyCausalVAE(latent_channels=cfg.in_channels, temporal_factor=cfg.temporal_compression)
+        size = 64 if flavor == "debug" else 128
+        return AvatarModel(name_or_path, dit.to(device, dtype).eval(), vae.to(device).eval(), size, size)
+    raise FileNotFoundError(
+        f"unknown model {name_or_path!r}: not a model directory and not one of {', '.join(available_models())}"
+    )
+
+
+def _load_dir(d: Path, device, dtype, **cfg_overrides) -> AvatarModel:
+    from safetensors.torch import load_file
+
+    meta = json.loads((d / "model.json").read_text())
+    cfg = ModelConfig.from_dict({**meta["config"], **cfg_overrides})
+    dit = DiT(cfg)
+    sd = load_file(str(d / "dit.safetensors"))
+    try:
+        dit.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ValueError(f"{d}: weights do not match the model config in model.json: {e}") from e
+    vae = TinyCausalVAE.load(d)
+    return AvatarModel(
+        name=meta.get("name", d.name),
+        dit=dit.to(device, dtype).eval(),
+        vae=vae.to(device).eval(),
+        height=meta.get("height", 128),
+        width=meta.get("width", 128),
+        shift=meta.get("shift", 5.0),
+        steps=meta.get("steps", 4),
+        trained=True,
+        meta=meta,
+    )
+
+
+def save_model(model: AvatarModel, directory, extra_meta: dict | None = None) -> None:
+    """Write a model directory atomically enough for readers: weights first, model.json last."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.dit.state_dict().items()}, str(d / "dit.safetensors"))
+    model.vae.save(d)
+    meta = {
+        "name": model.name,
+        "config": model.cfg.to_dict(),
+        "height": model.height,
+        "width": model.width,
+        "shift": model.shift,
+        "steps": model.steps,
+        **(extra_meta or {}),
+    }
+    tmp = d / "model.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(d / "model.json")

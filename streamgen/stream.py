@@ -1,0 +1,217 @@
+"""StreamSession: the one object the server talks to.
+
+    session = StreamSession("tiny-avatar")
+    session.start(reference_rgb_uint8, text="smiling", seed=0)
+    session.push_audio(pcm_16k)                 # any time, any amount
+    frames, pts = session.next_chunk()          # uint8 [T, H, W, 3], seconds
+    session.close()
+
+It owns the KV cache (sink + ring), the audio timeline and the decoder state;
+none of them grows with the length of the stream. Audio is placed on the
+stream's own timeline: sample n belongs to video time n / 16000 s. A chunk that
+needs audio which has not arrived treats it as silence (the avatar idles), and
+audio arriving after its time has passed starts at the current position
+instead, so lateness never accumulates into latency.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from streamgen.model.audio import SAMPLE_RATE, SAMPLES_PER_FRAME, VIDEO_FPS, frame_windows, needed_video_frames
+from streamgen.model.text import text_context
+from streamgen.models import AvatarModel, load_model
+from streamgen.sampling import encode_sink, generate_chunk, student_sigmas
+
+
+def prepare_reference(image, height: int, width: int) -> np.ndarray:
+    """Any RGB/RGBA/grey uint8 image -> [height, width, 3] uint8, centre-cropped to the aspect."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"reference image must be uint8, got {arr.dtype}")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or min(arr.shape[:2]) < 8:
+        raise ValueError(f"reference image must be [H, W, 3] (or RGBA / grey) and at least 8x8, got {arr.shape}")
+    arr = arr[..., :3]
+    h, w = arr.shape[:2]
+    target = width / height
+    if abs(w / h - target) > 1e-3:  # centre crop to the output aspect
+        if w / h > target:
+            cw = round(h * target)
+            arr = arr[:, (w - cw) // 2 : (w - cw) // 2 + cw]
+        else:
+            ch = round(w / target)
+            arr = arr[(h - ch) // 2 : (h - ch) // 2 + ch]
+    if arr.shape[:2] != (height, width):
+        arr = np.asarray(Image.fromarray(np.ascontiguousarray(arr)).resize((width, height), Image.BICUBIC))
+    return np.ascontiguousarray(arr)
+
+
+def to_pcm_float(pcm) -> np.ndarray:
+    """int16 or float PCM (mono, 16 kHz) -> float32 in [-1, 1]."""
+    a = np.asarray(pcm)
+    if a.ndim != 1:
+        raise ValueError(f"audio must be mono 1-D samples at {SAMPLE_RATE} Hz, got shape {a.shape}")
+    if a.dtype == np.int16:
+        return a.astype(np.float32) / 32768.0
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"audio must be int16 or float samples, got {a.dtype}")
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError("audio contains NaN or infinite samples")
+    return np.clip(a, -1.0, 1.0)
+
+
+class StreamSession:
+    def __init__(
+        self,
+        model: str | AvatarModel = "tiny-avatar",
+        height: int | None = None,
+        width: int | None = None,
+        steps: int | None = None,
+        device="cpu",
+        dtype=torch.float32,
+        max_audio_ahead_s: float = 600.0,
+    ):
+        self.model = model if isinstance(model, AvatarModel) else load_model(model, device=device, dtype=dtype)
+        self.dit, self.vae, self.cfg = self.model.dit, self.model.vae, self.model.cfg
+        self.height = height or self.model.height
+        self.width = width or self.model.width
+        unit = self.vae.spatial_factor * self.cfg.patch_size[1]
+        if self.height % unit or self.width % unit:
+            raise ValueError(f"height and width must be multiples of {unit}, got {self.height}x{self.width}")
+        self.latent_hw = self.vae.latent_hw(self.height, self.width)
+        self.steps = steps or self.model.steps
+        self.sigmas = student_sigmas(self.steps, self.model.shift)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_audio_ahead = int(max_audio_ahead_s * SAMPLE_RATE)
+        self.cache = None
+        self.started = False
+
+    # --- timing ---------------------------------------------------------------
+    @property
+    def frames_per_chunk(self) -> int:
+        """Video frames produced by one next_chunk()."""
+        return self.cfg.frames_per_chunk * self.vae.temporal_factor
+
+    @property
+    def chunk_seconds(self) -> float:
+        return self.frames_per_chunk / VIDEO_FPS
+
+    @property
+    def audio_lookahead_seconds(self) -> float:
+        return self.cfg.audio_lookahead_frames / VIDEO_FPS
+
+    @property
+    def video_time(self) -> float:
+        """Presentation time of the next chunk's first frame."""
+        return self.chunk_index * self.chunk_seconds if self.started else 0.0
+
+    # --- lifecycle --------------------------------------------------------------
+    def start(self, reference, text: str | None = None, seed: int | None = None) -> None:
+        ref = prepare_reference(reference, self.height, self.width)
+        self.seed = seed if seed is not None else random.randrange(2**31)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.context = text_context(text, self.cfg.text_dim).to(self.device, self.dtype)
+        img = torch.from_numpy(ref).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            self.reference_latent = self.vae.encode_reference(img).to(self.dtype)
+        if self.cache is None:
+            self.cache = self.dit.new_cache(1, self.latent_hw, self.dtype, self.device)
+        else:
+            self.cache.reset()
+        encode_sink(self.dit, self.cache, self.reference_latent, self.context)
+        self.decoder_state = self.vae.init_state(1)
+        self.chunk_index = 0
+        self._pcm = np.zeros(0, np.float32)
+        self._pcm_origin = 0  # absolute sample index of _pcm[0]
+        self._write_pos = 0  # where the next pushed sample goes
+        self._consumed = 0  # samples up to here have been used (or taken as silence)
+        self.started = True
+
+    def close(self) -> None:
+        self.cache = None
+        self.decoder_state = None
+        self._pcm = np.zeros(0, np.float32)
+        self.started = False
+
+    # --- audio --------------------------------------------------------------------
+    def push_audio(self, pcm) -> None:
+        """Append mono 16 kHz PCM (int16 or float) to the stream's audio timeline."""
+        self._require_started()
+        a = to_pcm_float(pcm)
+        if a.size == 0:
+            return
+        start = max(self._write_pos, self._consumed)  # late audio starts now, never in the past
+        if start + a.size - self._consumed > self.max_audio_ahead:
+            raise BufferError(
+                f"audio buffer full: more than {self.max_audio_ahead / SAMPLE_RATE:.0f} s ahead of the video"
+            )
+        end_rel = start + a.size - self._pcm_origin
+        if end_rel > self._pcm.size:
+            self._pcm = np.concatenate([self._pcm, np.zeros(end_rel - self._pcm.size, np.float32)])
+        self._pcm[start - self._pcm_origin : end_rel] = a
+        self._write_pos = start + a.size
+
+    @property
+    def audio_buffered_seconds(self) -> float:
+        """Audio received but not yet used by a chunk."""
+        return max(0, self._write_pos - self._consumed) / SAMPLE_RATE if self.started else 0.0
+
+    def _audio_samples(self, start: int, end: int) -> np.ndarray:
+        """Absolute samples [start, end); anything not received is silence."""
+        out = np.zeros(end - start, np.float32)
+        lo, hi = max(start, self._pcm_origin), min(end, self._pcm_origin + self._pcm.size)
+        if hi > lo:
+            out[lo - start : hi - start] = self._pcm[lo - self._pcm_origin : hi - self._pcm_origin]
+        return out
+
+    def _audio_windows(self, latent_start: int):
+        if self.dit.audio_encoder is None:
+            return None
+        cfg, enc = self.cfg, self.dit.audio_encoder
+        first_needed = latent_start * cfg.temporal_compression - cfg.audio_context_frames
+        end_frame = needed_video_frames(latent_start + cfg.frames_per_chunk, cfg)
+        # recompute the causal encoder over its receptive field: equal to encoding the whole stream
+        first = max(0, first_needed - enc.receptive_field_frames)
+        pcm = self._audio_samples(first * SAMPLES_PER_FRAME, end_frame * SAMPLES_PER_FRAME)
+        with torch.no_grad():
+            tokens = enc(torch.from_numpy(pcm)[None].to(self.device))
+        self._consumed = max(self._consumed, end_frame * SAMPLES_PER_FRAME)
+        # keep only what the next chunk's receptive field can still reach
+        keep_from = max(0, (first_needed + cfg.frames_per_chunk * cfg.temporal_compression - enc.receptive_field_frames))
+        drop = keep_from * SAMPLES_PER_FRAME - self._pcm_origin
+        if drop > 0:
+            self._pcm = self._pcm[drop:].copy()
+            self._pcm_origin += drop
+        return frame_windows(tokens, first, latent_start, cfg.frames_per_chunk, cfg).to(self.dtype)
+
+    # --- generation ---------------------------------------------------------------
+    def next_chunk(self) -> tuple[np.ndarray, float]:
+        """Generate the next chunk: (frames uint8 [T, H, W, 3], pts of its first frame in seconds)."""
+        self._require_started()
+        c = self.cfg.frames_per_chunk
+        latent_start = self.chunk_index * c
+        audio = self._audio_windows(latent_start)
+        shape = (1, self.cfg.in_channels, c, *self.latent_hw)
+        noise = torch.randn(shape, generator=self.generator).to(self.device, self.dtype)
+        with torch.no_grad():
+            latents = generate_chunk(self.dit, self.cache, noise, self.context, audio, self.sigmas, self.generator)
+            frames, self.decoder_state = self.vae.decode_stream(latents.float(), self.decoder_state)
+        pts = self.chunk_index * self.chunk_seconds
+        self.chunk_index += 1
+        out = ((frames[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return out.cpu().numpy(), pts
+
+    def _require_started(self):
+        if not self.started:
+            raise RuntimeError("call start(reference) first")
