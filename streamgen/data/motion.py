@@ -150,11 +150,15 @@ def mouth_curves(phonemes, n_frames: int, fps: int = FPS) -> tuple[np.ndarray, n
     for start, end, target, strength in segments:
         centre = 0.5 * (start + end)
         half = max(0.5 * (end - start), 0.02)
+        # only frames within 0.6 s matter (exp(-15) beyond), which keeps long streams linear in time
+        lo, hi = max(int((start - 0.6) * fps), 0), min(int((end + 0.6) * fps) + 1, n_frames)
+        if lo >= hi:
+            continue
         # dominance: flat over the segment, exponential fall-off outside it (~ 40 ms scale)
-        dist = np.maximum(np.abs(t - centre) - half * 0.5, 0.0)
+        dist = np.maximum(np.abs(t[lo:hi] - centre) - half * 0.5, 0.0)
         dominance = strength * np.exp(-dist / 0.04)
-        num += np.array(target)[:, None] * dominance
-        den += dominance
+        num[:, lo:hi] += np.array(target)[:, None] * dominance
+        den[lo:hi] += dominance
     out = num / den
     return out[0].astype(np.float32), out[1].astype(np.float32), out[2].astype(np.float32)
 

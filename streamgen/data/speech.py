@@ -21,8 +21,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import tempfile
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -87,7 +89,8 @@ class Voice:
     pitch_range: int = 50  # 0..100, intonation range
 
     def espeak_name(self) -> str:
-        return self.language if not self.variant else f"{self.language}+{self.variant}"
+        # our copies of the variants (see _steady_data_dir), "sg_default" when none is asked for
+        return f"{self.language}+sg_{self.variant or 'default'}"
 
     def validate(self) -> None:
         if self.language not in LANGUAGES:
@@ -141,6 +144,9 @@ class _Engine:
     def __init__(self) -> None:
         lib_path, data_path = _find_library()
         self.lib = ctypes.CDLL(lib_path)
+        self.libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        if not hasattr(self.lib, "espeak_ng_SetRandSeed"):  # older libraries: libc's rand() only
+            self.lib.espeak_ng_SetRandSeed = lambda seed: None
         self.lib.espeak_Initialize.restype = ctypes.c_int
         self.lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         self.lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
@@ -152,7 +158,8 @@ class _Engine:
         ]  # fmt: skip
         self.lib.espeak_Synth.restype = ctypes.c_int
         options = _INIT_PHONEME_EVENTS | _INIT_PHONEME_IPA | _INIT_DONT_EXIT
-        path = data_path.encode() if data_path else None
+        self._data_dir = _steady_data_dir(data_path)
+        path = self._data_dir.name.encode()
         self.native_rate = self.lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, path, options)
         if self.native_rate <= 0:
             raise SpeechError(f"espeak-ng failed to initialise (data path {data_path})")
@@ -182,6 +189,10 @@ class _Engine:
         self.lib.espeak_SetParameter(_PARAM_RANGE, voice.pitch_range, 0)
         self.lib.espeak_SetParameter(_PARAM_VOLUME, 100, 0)
         self._chunks, self._events = [], []
+        # espeak-ng adds random jitter and noise; reseeding before every sentence makes synthesis
+        # a pure function of (text, voice), which per-seed determinism of the dataset needs
+        self.lib.espeak_ng_SetRandSeed(ctypes.c_long(0x5EED))
+        self.libc.srand(0x5EED)
         data = text.encode("utf-8") + b"\0"
         status = self.lib.espeak_Synth(data, len(data), 0, 1, 0, _CHARS_UTF8, None, None)
         if status != 0:
@@ -203,6 +214,47 @@ def _find_library() -> tuple[str, str | None]:
             "espeak-ng library not found: pip install espeakng-loader (or apt install libespeak-ng1)"
         )
     return name, os.environ.get("ESPEAK_DATA_PATH")
+
+
+# appended to every variant: no pitch flutter, no roughness modulation (both read static counters)
+_STEADY = "\nflutter 0\nroughness 8\n"
+
+
+def _steady_data_dir(data_path: str | None) -> tempfile.TemporaryDirectory:
+    """A view of espeak-ng's data directory whose voice variants have no pitch flutter.
+
+    espeak-ng modulates pitch with a "flutter" table whose read position is a static
+    variable that carries over from one sentence to the next (and survives
+    re-initialisation), so the same text would sound slightly different depending on
+    what was spoken before. Variants with `flutter 0` make synthesis a pure function of
+    (text, voice), which the dataset's per-seed determinism needs. The view is a
+    temporary folder of symlinks plus our variant files "sg_<variant>".
+    """
+    src = Path(data_path) if data_path else None
+    if src is None or not (src / "phontab").exists():
+        debian = ("/usr/lib/x86_64-linux-gnu/espeak-ng-data", "/usr/share/espeak-ng-data")
+        candidates = [Path(p) for p in debian]
+        src = next((p for p in candidates if (p / "phontab").exists()), None)
+        if src is None:
+            raise SpeechError("espeak-ng data directory not found (set ESPEAK_DATA_PATH)")
+    view = tempfile.TemporaryDirectory(prefix="streamgen-espeak-")
+    root = Path(view.name)
+    for entry in src.iterdir():
+        if entry.name != "voices":
+            (root / entry.name).symlink_to(entry.resolve())
+    (root / "voices").mkdir()
+    for entry in (src / "voices").iterdir():
+        if entry.name != "!v":
+            (root / "voices" / entry.name).symlink_to(entry.resolve())
+    variants = root / "voices" / "!v"
+    variants.mkdir()
+    for entry in (src / "voices" / "!v").iterdir():
+        (variants / entry.name).symlink_to(entry.resolve())
+    for name in VARIANTS:
+        original = (src / "voices" / "!v" / name).read_text(encoding="utf-8", errors="replace")
+        (variants / f"sg_{name}").write_text(original + _STEADY, encoding="utf-8")
+    (variants / "sg_default").write_text("language variant\nname default\n" + _STEADY, encoding="utf-8")
+    return view
 
 
 def _engine_instance() -> _Engine:
