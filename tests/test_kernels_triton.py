@@ -1,0 +1,223 @@
+"""Every Triton kernel against its PyTorch reference, on CPU under the Triton interpreter.
+
+Triton picks the interpreter when it is imported (its own library functions,
+`tl.sum` and friends, are jitted at that moment), so TRITON_INTERPRET=1 must
+be set before anything imports triton, and must not leak into other tests.
+Hence two layers in this file:
+- `test_*` launchers, collected normally, run this same file in a fresh
+  Python process with TRITON_INTERPRET=1 and `python_functions=check_*`;
+- `check_*` cases, collected only there, call `kernels.triton_ops` directly
+  on CPU tensors (the dispatch would pick the references on CPU).
+Shapes are tiny and odd on purpose: row widths, token counts and sequence
+lengths that are not multiples of any block, so every masked tail runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels import reference  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_cases(marker: str = "not gpu"):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "python_functions=check_*"]
+    cmd += ["-m", marker, str(Path(__file__).resolve())]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    assert " passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_triton_kernels_match_references_under_interpreter():
+    _run_cases()
+
+
+@pytest.fixture(scope="module")
+def ops():
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through the test_* launchers"
+    from kernels import triton_ops
+
+    assert triton_ops.INTERPRET and len(triton_ops._ATTN_CONFIGS) == 1
+    return triton_ops
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# bf16/fp16 outputs may differ by one rounding step of the output (the order of fp32 reductions differs)
+TOL = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    torch.float16: dict(atol=3e-3, rtol=3e-3),
+}
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape) * scale).to(dtype)
+
+
+def close(actual, expected, dtype):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype])
+
+
+# --- (a) LayerNorm + modulation, (b) gated residual and its fusion with the next norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 40), (1, 2, 3, 33)])
+def check_layernorm_modulate(ops, dtype, shape):
+    torch.manual_seed(0)
+    b, f, s, d = shape
+    x = rand(b, f, s, d, dtype=dtype, scale=3.0) + 1.5  # a non-zero mean, so centring matters
+    shift, scale = rand(b, f, d, dtype=dtype), rand(b, f, d, dtype=dtype)
+    close(ops.layernorm_modulate(x, shift, scale), reference.layernorm_modulate(x, shift, scale), dtype)
+
+
+def check_layernorm_modulate_broadcast_modulation(ops):
+    """One modulation row for all frames ([B, 1, D]) broadcasts like the reference."""
+    torch.manual_seed(1)
+    x = rand(2, 3, 4, 24)
+    shift, scale = rand(2, 1, 24), rand(2, 1, 24)
+    close(
+        ops.layernorm_modulate(x, shift, scale), reference.layernorm_modulate(x, shift, scale), torch.float32
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def check_gated_residual(ops, dtype):
+    torch.manual_seed(2)
+    x, y = rand(2, 3, 5, 40, dtype=dtype), rand(2, 3, 5, 40, dtype=dtype)
+    gate = rand(2, 3, 40, dtype=dtype)
+    close(ops.gated_residual(x, y, gate), reference.gated_residual(x, y, gate), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def check_gated_residual_layernorm_modulate(ops, dtype):
+    torch.manual_seed(3)
+    x, y = rand(2, 2, 7, 36, dtype=dtype), rand(2, 2, 7, 36, dtype=dtype)
+    gate, shift, scale = (rand(2, 2, 36, dtype=dtype) for _ in range(3))
+    h, n = ops.gated_residual_layernorm_modulate(x, y, gate, shift, scale)
+    h_ref, n_ref = reference.gated_residual_layernorm_modulate(x, y, gate, shift, scale)
+    close(h, h_ref, dtype)
+    close(n, n_ref, dtype)
+
+
+def check_gated_residual_fp32_branch_into_bf16_stream(ops):
+    """y (an fp32 branch output) may differ in dtype from the residual stream x."""
+    torch.manual_seed(4)
+    x, y, gate = rand(1, 2, 3, 20, dtype=torch.bfloat16), rand(1, 2, 3, 20), rand(1, 2, 20)
+    close(ops.gated_residual(x, y, gate), reference.gated_residual(x, y, gate), torch.bfloat16)
+
+
+# --- (c) RMSNorm over the full width + 3D RoPE
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,heads,grid", [(24, 2, (2, 3)), (16, 3, (3, 1))])
+def check_rmsnorm_rope_table_and_positions(ops, dtype, head_dim, heads, grid):
+    torch.manual_seed(5)
+    frame_pos = torch.tensor([0, 9, 4])  # not contiguous: ring-cache slots
+    length = len(frame_pos) * grid[0] * grid[1]
+    x = rand(2, length, heads * head_dim, dtype=dtype, scale=2.0)
+    weight = rand(heads * head_dim, dtype=dtype) + 1.0
+    angles = reference.rope_angles(frame_pos, grid, head_dim)
+    expected = reference.rmsnorm_rope(x, weight, heads, angles)
+    close(ops.rmsnorm_rope(x, weight, heads, angles), expected, dtype)
+    close(ops.rmsnorm_rope_positions(x, weight, heads, frame_pos, grid), expected, dtype)
+    close(ops.rmsnorm_rope(x, weight, heads, None), reference.rmsnorm_rope(x, weight, heads, None), dtype)
+
+
+def check_rmsnorm_rope_start_frame_and_strided_input(ops):
+    """An int start frame equals explicit positions; q sliced out of a fused qkv buffer (strided) works."""
+    torch.manual_seed(6)
+    heads, head_dim, grid = 2, 24, (2, 2)
+    qkv = rand(2, 2 * 4, 3 * heads * head_dim)
+    q = qkv[..., : heads * head_dim]  # row stride 3 * width
+    weight = rand(heads * head_dim)
+    expected = reference.rmsnorm_rope_positions(q, weight, heads, torch.tensor([7, 8]), grid)
+    close(ops.rmsnorm_rope_positions(q, weight, heads, 7, grid), expected, torch.float32)
+    close(reference.rmsnorm_rope_positions(q, weight, heads, 7, grid), expected, torch.float32)
+
+
+# --- (e) GELU-tanh
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def check_gelu_tanh(ops, dtype):
+    torch.manual_seed(7)
+    x = rand(3, 1000 + 7, dtype=dtype, scale=4.0)  # not a multiple of the block
+    x[0, :4] = torch.tensor([-60.0, 60.0, 0.0, -3.0]).to(dtype)  # saturated both ways
+    close(ops.gelu_tanh(x), reference.gelu_tanh(x), dtype)
+
+
+# --- (d) attention
+
+
+def _qkv(b, lq, lk, heads, head_dim, dtype):
+    return (
+        rand(b, lq, heads, head_dim, dtype=dtype),
+        rand(b, lk, heads, head_dim, dtype=dtype),
+        rand(b, lk, heads, head_dim, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lq,lk,head_dim", [(14, 37, 16), (33, 33, 32), (5, 70, 64)])
+def check_attention_full(ops, dtype, lq, lk, head_dim):
+    torch.manual_seed(8)
+    q, k, v = _qkv(2, lq, lk, 2, head_dim, dtype)
+    close(ops.attention(q, k, v), reference.attention(q, k, v), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def check_attention_block_causal(ops, dtype):
+    """Training layout: Lq == Lk, chunks of 2 frames of 7 tokens, causal across chunks."""
+    torch.manual_seed(9)
+    s = 7
+    blocks = torch.tensor([0, 0, 1, 1, 2])  # 5 frames, 3 chunks; tokens 35: a ragged last tile
+    q, k, v = _qkv(1, 5 * s, 5 * s, 2, 16, dtype)
+    close(
+        ops.attention(q, k, v, (blocks, blocks), s), reference.attention(q, k, v, (blocks, blocks), s), dtype
+    )
+
+
+def check_attention_streaming_chunk_against_strided_cache(ops):
+    """A chunk of queries against sink + ring-window K/V read straight out of a cache buffer.
+
+    The ring slots' block ids are out of order, and one slot is in the future
+    (masked), so block ids are honoured per frame rather than by position.
+    """
+    torch.manual_seed(10)
+    s, heads, head_dim = 5, 2, 32
+    cache_k = rand(1, 8 * s, heads + 1, head_dim)  # an extra head: the views below are strided
+    cache_v = rand(1, 8 * s, heads + 1, head_dim)
+    k, v = cache_k[:, :, :heads], cache_v[:, :, :heads]
+    q = rand(1, 2 * s, heads, head_dim)
+    k_block = torch.tensor([0, 4, 2, 3, 9, 5, 5, 1])
+    q_block = torch.tensor([5, 5])
+    mask = (k_block[None, :] <= q_block[:, None]).repeat_interleave(s, 0).repeat_interleave(s, 1)
+    expected = reference.attention_reference_math(q, k, v, mask[None, None])
+    close(ops.attention(q, k, v, (q_block, k_block), s), expected, torch.float32)
+    close(reference.attention(q, k, v, (q_block, k_block), s), expected, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def check_attention_head_dim_128(ops, dtype):
+    torch.manual_seed(11)
+    q, k, v = _qkv(1, 10, 45, 2, 128, dtype)
+    blocks_q, blocks_k = torch.tensor([3, 4]), torch.tensor([0, 1, 2, 3, 4, 4, 5, 0, 2])
+    close(ops.attention(q, k, v), reference.attention(q, k, v), dtype)
+    close(
+        ops.attention(q, k, v, (blocks_q, blocks_k), 5),
+        reference.attention(q, k, v, (blocks_q, blocks_k), 5),
+        dtype,
+    )
