@@ -1,0 +1,132 @@
+"""The kernel dispatch and the attention backends on CPU.
+
+The Triton kernels themselves are checked under the interpreter in
+test_kernels_triton.py and at real shapes on a GPU in test_kernels_gpu.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import attention_backends, reference
+
+
+def test_layernorm_modulate_semantics():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 16) * 2 + 1
+    shift, scale = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    mean = x.mean(-1, keepdim=True)
+    var = x.var(-1, unbiased=False, keepdim=True)
+    expected = (x - mean) / torch.sqrt(var + 1e-6) * (1 + scale[:, :, None]) + shift[:, :, None]
+    torch.testing.assert_close(kernels.layernorm_modulate(x, shift, scale), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gated_residual_layernorm_modulate_is_the_composition():
+    torch.manual_seed(1)
+    x, y = torch.randn(1, 2, 3, 8, dtype=torch.bfloat16), torch.randn(1, 2, 3, 8, dtype=torch.bfloat16)
+    gate, shift, scale = (torch.randn(1, 2, 8) for _ in range(3))
+    h, n = kernels.gated_residual_layernorm_modulate(x, y, gate, shift, scale)
+    assert h.dtype == n.dtype == torch.bfloat16
+    assert torch.equal(h, kernels.gated_residual(x, y, gate))
+    assert torch.equal(n, kernels.layernorm_modulate(h, shift, scale))
+
+
+def test_rmsnorm_rope_positions_equals_angle_table():
+    torch.manual_seed(2)
+    heads, head_dim, grid = 2, 24, (2, 3)
+    frame_pos = torch.tensor([4, 1, 9])
+    x = torch.randn(2, 3 * 6, heads * head_dim)
+    w = torch.randn(heads * head_dim)
+    angles = kernels.rope_angles(frame_pos, grid, head_dim)
+    expected = kernels.rmsnorm_rope(x, w, heads, angles)
+    assert expected.shape == (2, 18, heads, head_dim)
+    torch.testing.assert_close(kernels.rmsnorm_rope_positions(x, w, heads, frame_pos, grid), expected)
+    contiguous = kernels.rmsnorm_rope(x, w, heads, kernels.rope_angles(torch.arange(5, 8), grid, head_dim))
+    torch.testing.assert_close(kernels.rmsnorm_rope_positions(x, w, heads, 5, grid), contiguous)
+
+
+def test_rope_scores_depend_only_on_relative_frame_position():
+    """Why keys can be stored un-rotated and rotated at read time relative to the window."""
+    torch.manual_seed(3)
+    heads, head_dim, grid = 1, 24, (1, 1)
+    q, k = torch.randn(1, 1, head_dim), torch.randn(1, 1, head_dim)
+    ones = torch.ones(head_dim)
+
+    def score(q_frame, k_frame):
+        rq = kernels.rmsnorm_rope_positions(q, ones, heads, q_frame, grid)
+        rk = kernels.rmsnorm_rope_positions(k, ones, heads, k_frame, grid)
+        return (rq * rk).sum()
+
+    torch.testing.assert_close(score(7, 3), score(1007, 1003), atol=1e-3, rtol=1e-4)
+    assert not torch.allclose(score(7, 3), score(7, 4), atol=1e-3)
+
+
+# --- attention backends
+
+
+def _qkv(lq, lk, heads=2, head_dim=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(2, n, heads, head_dim, generator=g).to(dtype) for n in (lq, lk, lk))
+
+
+def _frame_mask(q_block, k_block, s):
+    allowed = k_block[None, :] <= q_block[:, None]
+    return allowed.repeat_interleave(s, 0).repeat_interleave(s, 1)[None, None]
+
+
+@pytest.mark.parametrize("backend", kernels.ATTENTION_BACKENDS)
+def test_attention_backends_agree_full(backend):
+    q, k, v = _qkv(10, 23)  # a chunk of queries against a longer K/V
+    expected = reference.attention_reference_math(q, k, v)
+    torch.testing.assert_close(kernels.attention(q, k, v, backend=backend), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", kernels.ATTENTION_BACKENDS)
+def test_attention_backends_agree_block_causal(backend):
+    s = 5
+    blocks = torch.tensor([0, 0, 1, 1, 2, 2])  # 3 chunks of 2 frames
+    q, k, v = _qkv(6 * s, 6 * s, seed=1)
+    expected = reference.attention_reference_math(q, k, v, _frame_mask(blocks, blocks, s))
+    out = kernels.attention(q, k, v, (blocks, blocks), s, backend=backend)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", kernels.ATTENTION_BACKENDS)
+def test_cached_chunk_equals_rows_of_block_causal(backend):
+    """The streaming call (one chunk of queries against the K/V it may see) gives
+    the same rows as block-causal attention over the whole sequence."""
+    s = 4
+    blocks = torch.tensor([0, 1, 1, 2, 2])  # sink frame, then chunks of 2 frames
+    q, k, v = _qkv(5 * s, 5 * s, seed=2)
+    full = kernels.attention(q, k, v, (blocks, blocks), s, backend=backend)
+    last_chunk = slice(3 * s, 5 * s)
+    streamed = kernels.attention(q[:, last_chunk], k, v, backend=backend)
+    torch.testing.assert_close(streamed, full[:, last_chunk], atol=1e-5, rtol=1e-5)
+    middle = slice(1 * s, 3 * s)
+    streamed = kernels.attention(q[:, middle], k[:, : 3 * s], v[:, : 3 * s], backend=backend)
+    torch.testing.assert_close(streamed, full[:, middle], atol=1e-5, rtol=1e-5)
+
+
+def test_flex_bf16_and_out_of_order_ring_blocks():
+    s = 3
+    q_block, k_block = torch.tensor([6, 6]), torch.tensor([0, 5, 3, 7, 4, 6, 6])
+    q, k, v = _qkv(2 * s, 7 * s, dtype=torch.bfloat16, seed=3)
+    expected = reference.attention(q, k, v, (q_block, k_block), s)
+    out = kernels.attention(q, k, v, (q_block, k_block), s, backend="flex")
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_flex_block_mask_is_cached_by_block_ids():
+    a = attention_backends.flex_block_mask(torch.tensor([0, 1]), torch.tensor([0, 1]), 4, "cpu")
+    b = attention_backends.flex_block_mask(torch.tensor([0, 1]), torch.tensor([0, 1]), 4, "cpu")
+    c = attention_backends.flex_block_mask(torch.tensor([1, 1]), torch.tensor([0, 1]), 4, "cpu")
+    assert a is b and c is not a
+
+
+def test_attention_backend_switch_validates_and_reports():
+    q, k, v = _qkv(4, 4)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        kernels.attention(q, k, v, backend="xformers")
+    assert attention_backends.available_backends("cpu")[:2] == ["sdpa", "flex"]
