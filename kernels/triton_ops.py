@@ -302,7 +302,11 @@ else:
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         # (BLOCK_M, BLOCK_N, warps, stages); the last ones fit fp32 operands at head dim 128
         for bm, bn, w, s in (
-            (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)
+            (128, 64, 4, 3),
+            (128, 64, 8, 3),
+            (128, 128, 8, 3),
+            (64, 64, 4, 3),
+            (64, 32, 4, 2),
         )
     ]
 

@@ -1,0 +1,146 @@
+"""Triton kernels and attention backends on a CUDA device at Wan2.1-1.3B shapes.
+
+Wan2.1-1.3B: width 1536 = 12 heads x 128; at 832x480 one latent frame is
+30 x 52 = 1560 tokens; a streaming chunk is 3 latent frames. Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import attention_backends, reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+WIDTH, HEADS, HEAD_DIM, GRID, FRAMES = 1536, 12, 128, (30, 52), 3
+TOKENS = GRID[0] * GRID[1]
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
+
+
+@pytest.fixture(scope="module")
+def ops():
+    mod = kernels._triton_ops()
+    assert mod is not None, "triton must import on a CUDA machine"
+    return mod
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+
+
+def close(actual, expected, dtype):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype])
+
+
+def test_dispatch_picks_triton_on_cuda(ops, monkeypatch):
+    x = randn(1, 1, 4, 64)
+    calls = []
+    monkeypatch.setattr(ops, "gelu_tanh", lambda t: calls.append(t) or reference.gelu_tanh(t))
+    kernels.gelu_tanh(x)
+    assert calls, "the dispatch should route CUDA tensors to kernels.triton_ops"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_kernels(ops, dtype):
+    torch.manual_seed(0)
+    x, y = (
+        randn(2, FRAMES, TOKENS, WIDTH, dtype=dtype, scale=2.0),
+        randn(2, FRAMES, TOKENS, WIDTH, dtype=dtype),
+    )
+    gate, shift, scale = (randn(2, FRAMES, WIDTH, dtype=dtype) for _ in range(3))
+    close(ops.layernorm_modulate(x, shift, scale), reference.layernorm_modulate(x, shift, scale), dtype)
+    close(ops.gated_residual(x, y, gate), reference.gated_residual(x, y, gate), dtype)
+    h, n = ops.gated_residual_layernorm_modulate(x, y, gate, shift, scale)
+    h_ref, n_ref = reference.gated_residual_layernorm_modulate(x, y, gate, shift, scale)
+    close(h, h_ref, dtype)
+    close(n, n_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_rope(ops, dtype):
+    torch.manual_seed(1)
+    frame_pos = torch.tensor([0, 17, 18], device="cuda")  # a sink and two window slots
+    x = randn(2, FRAMES * TOKENS, WIDTH, dtype=dtype)
+    w = randn(WIDTH, dtype=dtype) + 1
+    angles = reference.rope_angles(frame_pos, GRID, HEAD_DIM)
+    expected = reference.rmsnorm_rope(x, w, HEADS, angles)
+    close(ops.rmsnorm_rope(x, w, HEADS, angles), expected, dtype)
+    close(ops.rmsnorm_rope_positions(x, w, HEADS, frame_pos, GRID), expected, dtype)
+    close(ops.rmsnorm_rope(x, w, HEADS, None), reference.rmsnorm_rope(x, w, HEADS, None), dtype)
+
+
+def test_rmsnorm_rope_new_chunk_does_not_recompile(ops):
+    x = randn(1, FRAMES * TOKENS, WIDTH, dtype=torch.bfloat16)
+    w = randn(WIDTH, dtype=torch.bfloat16)
+    ops.rmsnorm_rope_positions(x, w, HEADS, 0, GRID)
+    caches = getattr(ops._rmsnorm_rope_kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton has no JITFunction.device_caches")
+    before = sum(len(c[0]) for c in caches.values())
+    for start in (3, 6, 1001):
+        ops.rmsnorm_rope_positions(x, w, HEADS, start, GRID)
+    assert sum(len(c[0]) for c in caches.values()) == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_tanh(ops, dtype):
+    x = randn(FRAMES * TOKENS, 8960 + 3, dtype=dtype, scale=3.0)
+    close(ops.gelu_tanh(x), reference.gelu_tanh(x), dtype)
+
+
+def _qkv(lq, lk, dtype, head_dim=HEAD_DIM, heads=HEADS):
+    return (randn(1, n, heads, head_dim, dtype=dtype) for n in (lq, lk, lk))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_triton_attention_streaming_chunk(ops, dtype, head_dim):
+    """A 3-frame chunk against sink + 5 window frames + itself (Lq < Lk, ragged lengths)."""
+    torch.manual_seed(2)
+    q, k, v = _qkv(FRAMES * TOKENS, 9 * TOKENS, dtype, head_dim)
+    expected = reference.attention_reference_math(q.float(), k.float(), v.float()).to(dtype)
+    close(ops.attention(q, k, v), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_attention_block_causal(ops, dtype):
+    torch.manual_seed(3)
+    s = 390  # a quarter frame keeps the fp32 reference small; not a multiple of any block
+    blocks = torch.tensor([0, 1, 1, 1, 2, 2, 2], device="cuda")
+    q, k, v = _qkv(7 * s, 7 * s, dtype)
+    mask = (blocks[None, :] <= blocks[:, None]).repeat_interleave(s, 0).repeat_interleave(s, 1)
+    expected = reference.attention_reference_math(q.float(), k.float(), v.float(), mask).to(dtype)
+    close(ops.attention(q, k, v, (blocks, blocks), s), expected, dtype)
+
+
+def test_triton_attention_reads_strided_cache(ops):
+    torch.manual_seed(4)
+    cache = randn(2, 6 * TOKENS, 2, HEADS, HEAD_DIM, dtype=torch.bfloat16)  # [B, L, (k, v), H, D]
+    k, v = cache[:, :, 0], cache[:, :, 1]
+    q = randn(2, 2 * TOKENS, HEADS, HEAD_DIM, dtype=torch.bfloat16)
+    close(ops.attention(q, k, v), reference.attention(q, k.contiguous(), v.contiguous()), torch.bfloat16)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_all_available_backends_agree(masked):
+    torch.manual_seed(5)
+    names = attention_backends.available_backends("cuda")
+    assert {"sdpa", "flex", "triton"} <= set(names), names
+    s = TOKENS
+    q_block = torch.tensor([2, 2, 2], device="cuda")
+    k_block = torch.tensor([0, 1, 1, 3, 2, 2, 2], device="cuda")  # sink, window, a future slot, the chunk
+    q, k, v = _qkv(3 * s, 7 * s, torch.bfloat16)
+    frames = (q_block, k_block) if masked else None
+    mask = None
+    if masked:
+        mask = (k_block[None, :] <= q_block[:, None]).repeat_interleave(s, 0).repeat_interleave(s, 1)
+    expected = reference.attention_reference_math(q.float(), k.float(), v.float(), mask)
+    for name in names:
+        out = kernels.attention(q, k, v, frames, s, backend=name)
+        torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=2e-2, msg=f"backend {name}")
