@@ -1,0 +1,112 @@
+"""A torch Dataset over the avatar-world shards (see shards.py for the format), with a latent cache.
+
+ds = AvatarWorldDataset("data/world", "train")
+ds.cache_latents(vae_encode, "tiny-vae")       # once: encode every clip, store next to shards
+ds = AvatarWorldDataset("data/world", "train", latents="tiny-vae")
+item = ds[0]   # video, audio, reference, caption, motion, meta, latents
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch.utils.data
+
+from .shards import DataError, ShardReader, load_manifest
+
+
+def _latent_path(root: Path, name: str, shard_file: str) -> Path:
+    return Path(root) / "latents" / name / shard_file
+
+
+class AvatarWorldDataset(torch.utils.data.Dataset):
+    """A torch-compatible Dataset of avatar-world clips (map-style: __len__ and __getitem__).
+
+    Items are dicts: video uint8 [T, H, W, 3], audio float32 [N], reference uint8 [H, W, 3],
+    caption str, motion float32 [T, K] (columns `motion_names`), meta dict, and `latents`
+    (whatever the encoder returned, as a numpy array) when built with `latents=NAME` after
+    `cache_latents(encode_fn, NAME)`. Returned arrays are numpy; torch's default collate
+    turns them into tensors; use `collate_clips` for batches with captions and metadata.
+    Shard readers are opened lazily per process, so the dataset works with DataLoader workers.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", latents: str | None = None):
+        self.root = Path(root)
+        self.manifest = load_manifest(self.root)
+        if split not in self.manifest["splits"]:
+            raise DataError(f"unknown split {split!r}; the dataset has {', '.join(self.manifest['splits'])}")
+        self.split = split
+        self.motion_names = self.manifest["motion_names"]
+        self.shards = self.manifest["splits"][split]["shards"]
+        self.index = [(s, i) for s, shard in enumerate(self.shards) for i in range(shard["clips"])]
+        self.latents = latents
+        if latents is not None:
+            for shard in self.shards:
+                if not _latent_path(self.root, latents, shard["file"]).exists():
+                    raise DataError(f"latent cache {latents!r} is missing {shard['file']}; run cache_latents")
+        self._readers: dict[int, ShardReader] = {}
+        self._latent_readers: dict[int, ShardReader] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _reader(self, s: int) -> ShardReader:
+        if s not in self._readers:
+            shard = self.shards[s]
+            self._readers[s] = ShardReader(self.root / shard["file"], shard.get("bytes"))
+        return self._readers[s]
+
+    def __getitem__(self, k: int) -> dict:
+        s, i = self.index[k]
+        item = self._reader(s).clip(i)
+        if self.latents is not None:
+            if s not in self._latent_readers:
+                self._latent_readers[s] = ShardReader(
+                    _latent_path(self.root, self.latents, self.shards[s]["file"])
+                )
+            item["latents"] = self._latent_readers[s]._get(f"{i:04d}.latents")
+        return item
+
+    def cache_latents(self, encode_fn: Callable, name: str, overwrite: bool = False) -> Path:
+        """Apply `encode_fn(video uint8 [T,H,W,3]) -> array-like` once per clip and store the results.
+
+        The cache sits next to the shards in latents/NAME/<split>/, one file per shard,
+        written atomically; shards already cached are skipped unless `overwrite`.
+        Returns the cache folder. Reopen with `AvatarWorldDataset(root, split, latents=NAME)`.
+        """
+        for s, shard in enumerate(self.shards):
+            path = _latent_path(self.root, name, shard["file"])
+            if path.exists() and not overwrite:
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            reader = self._reader(s)
+            arrays = {}
+            for i in range(shard["clips"]):
+                latent = encode_fn(reader._get(f"{i:04d}.video"))
+                if hasattr(latent, "detach"):
+                    latent = latent.detach().cpu().numpy()
+                arrays[f"{i:04d}.latents"] = np.asarray(latent)
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
+            tmp = path.with_suffix(".npz.tmp")
+            tmp.write_bytes(buffer.getvalue())
+            os.replace(tmp, path)
+        return self.root / "latents" / name
+
+
+def collate_clips(items: list[dict]) -> dict:
+    """DataLoader collate_fn: stacks arrays into tensors, keeps captions and metadata as lists."""
+    import torch
+
+    batch = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if isinstance(values[0], np.ndarray):
+            batch[key] = torch.from_numpy(np.stack(values))
+        else:
+            batch[key] = values
+    return batch

@@ -1,0 +1,242 @@
+"""The avatar-world dataset on disk: sharded clips, written and read with numpy only.
+
+Layout written by `streamgen data make --out DIR`:
+
+    DIR/manifest.json          written last: a folder without it is incomplete
+    DIR/train/shard-00000.npz  (and val/, test/)
+    DIR/latents/NAME/train/shard-00000.npz   optional latent cache (see cache_latents)
+
+Each shard is an uncompressed-index, zlib-compressed `.npz` holding, for every clip i
+of the shard, the members
+
+    {i:04d}.video      uint8  [T, H, W, 3]   RGB, 25 fps
+    {i:04d}.audio      float32 [T * 640]      16 kHz mono in [-1, 1], aligned with frame 0
+    {i:04d}.reference  uint8  [H, W, 3]       the identity, frontal and neutral
+    {i:04d}.motion     float32 [T, K]         per-frame ground truth, columns = manifest
+                                              "motion_names" (mouth_open, mouth_width,
+                                              mouth_round, yaw, pitch, roll, blink, brow,
+                                              smile, gaze_x, gaze_y; see motion.py)
+    {i:04d}.meta       JSON bytes             caption, text, voice, identity id, split,
+                                              phonemes [(ipa, start_s, end_s)], ...
+
+Members load lazily, so random access reads one clip. manifest.json records the format,
+seed, sizes, motion names and, per split, each shard's file, clip count, size and
+sha256. Splits are disjoint by identity and by sentence (see world.py).
+
+Generation is deterministic per seed: clip i is `world.make_clip(seed, i)` whatever
+the number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .motion import FPS, Motion
+from .world import clip_split, make_clip
+
+FORMAT = "streamgen-avatar-world/1"
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """A dataset on disk is missing, incomplete or corrupted."""
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_shard(path: Path, clips) -> None:
+    """Write clips to `path` atomically (a .tmp file renamed into place)."""
+    tmp = path.with_suffix(".npz.tmp")
+    arrays = {}
+    for i, clip in enumerate(clips):
+        meta = dict(clip.meta, caption=clip.caption)
+        arrays[f"{i:04d}.video"] = clip.video
+        arrays[f"{i:04d}.audio"] = clip.audio.astype(np.float32)
+        arrays[f"{i:04d}.reference"] = clip.reference
+        arrays[f"{i:04d}.motion"] = clip.motion.as_array()
+        arrays[f"{i:04d}.meta"] = np.frombuffer(json.dumps(meta, ensure_ascii=False).encode(), np.uint8)
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+
+
+def _make_shard(job) -> dict:
+    seed, indices, split, path, height, width, seconds, n_identities = job
+    clips = [make_clip(seed, i, split, height, width, seconds, n_identities) for i in indices]
+    _write_shard(Path(path), clips)
+    return {"file": f"{split}/{Path(path).name}", "clips": len(indices), "indices": list(indices)}
+
+
+def plan_shards(n_clips: int, shard_size: int) -> dict[str, list[list[int]]]:
+    """Clip indices of each split, cut into shards."""
+    by_split: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for i in range(n_clips):
+        by_split[clip_split(i)].append(i)
+    return {
+        s: [ids[k : k + shard_size] for k in range(0, len(ids), shard_size)] for s, ids in by_split.items()
+    }
+
+
+def make_dataset(
+    out: Path,
+    n_clips: int,
+    seed: int = 0,
+    height: int = 64,
+    width: int = 64,
+    seconds: float = 4.0,
+    shard_size: int = 32,
+    n_identities: int = 500,
+    workers: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Generate `n_clips` clips into `out`; returns the manifest. Cleans up after itself on failure."""
+    out = Path(out)
+    if (out / "manifest.json").exists():
+        raise DataError(f"{out} already holds a dataset (manifest.json); choose another --out or delete it")
+    if n_clips < 1:
+        raise DataError("--clips must be at least 1")
+    if n_identities < 10:
+        raise DataError("need at least 10 identities so every split has some")
+    plan = plan_shards(n_clips, shard_size)
+    jobs = []
+    for split, shards in plan.items():
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for k, indices in enumerate(shards):
+            path = out / split / f"shard-{k:05d}.npz"
+            jobs.append((seed, indices, split, str(path), height, width, seconds, n_identities))
+    written: list[dict] = []
+    try:
+        if workers <= 1:
+            for job in jobs:
+                written.append(_make_shard(job))
+                progress and progress(written[-1]["clips"])
+        else:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(workers) as pool:
+                for info in pool.imap_unordered(_make_shard, jobs):
+                    written.append(info)
+                    progress and progress(info["clips"])
+    except BaseException:
+        for job in jobs:  # leave nothing that could pass for a finished shard
+            for p in (Path(job[3]), Path(job[3]).with_suffix(".npz.tmp")):
+                p.unlink(missing_ok=True)
+        raise
+    manifest = {
+        "format": FORMAT,
+        "seed": seed,
+        "clips": n_clips,
+        "height": height,
+        "width": width,
+        "fps": FPS,
+        "seconds": seconds,
+        "frames": int(round(seconds * FPS)),
+        "sample_rate": 16000,
+        "identities": n_identities,
+        "motion_names": Motion.names(),
+        "splits": {},
+    }
+    for split in SPLITS:
+        shards = sorted((w for w in written if w["file"].startswith(split + "/")), key=lambda w: w["file"])
+        for w in shards:
+            w["bytes"] = (out / w["file"]).stat().st_size
+            w["sha256"] = _sha256(out / w["file"])
+        manifest["splits"][split] = {"clips": sum(w["clips"] for w in shards), "shards": shards}
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / "manifest.json")
+    return manifest
+
+
+# ---------------------------------------------------------------- reading
+
+
+def load_manifest(root: Path) -> dict:
+    root = Path(root)
+    path = root / "manifest.json"
+    if not path.exists():
+        raise DataError(f"{root} is not a finished dataset (no manifest.json); run `streamgen data make`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"corrupted manifest {path}: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT}")
+    return manifest
+
+
+class ShardReader:
+    """Random access to the clips of one shard; every failure names the shard."""
+
+    def __init__(self, path: Path, expected_bytes: int | None = None, sha256: str | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DataError(f"missing shard {self.path}")
+        size = self.path.stat().st_size
+        if expected_bytes is not None and size != expected_bytes:
+            raise DataError(f"corrupted shard {self.path}: {size} bytes, manifest says {expected_bytes}")
+        if sha256 is not None and _sha256(self.path) != sha256:
+            raise DataError(f"corrupted shard {self.path}: checksum mismatch")
+        try:
+            self._npz = np.load(self.path, allow_pickle=False)
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+            raise DataError(f"corrupted shard {self.path}: {e}") from None
+
+    def _get(self, key: str) -> np.ndarray:
+        try:
+            return self._npz[key]
+        except KeyError:
+            raise DataError(f"corrupted shard {self.path}: member {key} is missing") from None
+        except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError) as e:
+            raise DataError(f"corrupted shard {self.path}: {key}: {e}") from None
+
+    def clip(self, i: int) -> dict:
+        meta_bytes = self._get(f"{i:04d}.meta").tobytes()
+        try:
+            meta = json.loads(meta_bytes.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"corrupted shard {self.path}: clip {i} metadata: {e}") from None
+        return {
+            "video": self._get(f"{i:04d}.video"),
+            "audio": self._get(f"{i:04d}.audio"),
+            "reference": self._get(f"{i:04d}.reference"),
+            "motion": self._get(f"{i:04d}.motion"),
+            "caption": meta.get("caption", ""),
+            "meta": meta,
+        }
+
+    def close(self) -> None:
+        self._npz.close()
+
+
+def iter_clips(root: Path, split: str, limit: int | None = None):
+    """Yield clip dicts of a split in order (plain numpy, no torch)."""
+    manifest = load_manifest(root)
+    if split not in manifest["splits"]:
+        raise DataError(f"unknown split {split!r}; the dataset has {', '.join(manifest['splits'])}")
+    n = 0
+    for shard in manifest["splits"][split]["shards"]:
+        reader = ShardReader(Path(root) / shard["file"], shard.get("bytes"))
+        for i in range(shard["clips"]):
+            if limit is not None and n >= limit:
+                return
+            yield reader.clip(i)
+            n += 1
+        reader.close()

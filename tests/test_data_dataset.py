@@ -1,0 +1,106 @@
+import json
+
+import numpy as np
+import pytest
+
+from streamgen.cli import main
+from streamgen.data.dataset import AvatarWorldDataset, collate_clips
+from streamgen.data.shards import DataError, ShardReader, iter_clips, load_manifest, make_dataset
+from streamgen.data.world import identity_split, make_clip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    make_dataset(root, 20, seed=3, height=32, width=32, seconds=1.0, shard_size=8, n_identities=40)
+    return root
+
+
+def test_manifest_and_splits_disjoint_by_identity_and_sentence(world):
+    manifest = load_manifest(world)
+    assert manifest["clips"] == 20 and manifest["frames"] == 25
+    assert {s: v["clips"] for s, v in manifest["splits"].items()} == {"train": 16, "val": 2, "test": 2}
+    seen = {}
+    for split in ("train", "val", "test"):
+        metas = [c["meta"] for c in iter_clips(world, split)]
+        assert all(identity_split(m["identity_id"]) == split for m in metas)
+        seen[split] = ({m["identity_id"] for m in metas}, {m["text"] for m in metas})
+    assert not seen["train"][0] & seen["test"][0] and not seen["train"][1] & seen["test"][1]
+    assert not seen["val"][1] & seen["test"][1]
+
+
+def test_torch_dataset_items_and_ground_truth(world):
+    import torch
+
+    ds = AvatarWorldDataset(world, "train")
+    assert isinstance(ds, torch.utils.data.Dataset) and len(ds) == 16
+    item = ds[5]
+    assert item["video"].shape == (25, 32, 32, 3) and item["video"].dtype == np.uint8
+    assert item["audio"].shape == (16000,) and item["audio"].dtype == np.float32
+    assert item["reference"].shape == (32, 32, 3)
+    assert item["motion"].shape == (25, len(ds.motion_names))
+    assert isinstance(item["caption"], str) and item["meta"]["phonemes"]
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_clips)))
+    assert batch["video"].shape == (4, 25, 32, 32, 3) and len(batch["caption"]) == 4
+
+
+def test_dataset_is_deterministic_per_seed(world):
+    first = next(iter_clips(world, "train"))
+    again = make_clip(3, first["meta"]["index"], "train", 32, 32, 1.0, 40)
+    assert np.array_equal(first["video"], again.video) and np.array_equal(first["audio"], again.audio)
+    other = make_clip(4, first["meta"]["index"], "train", 32, 32, 1.0, 40)
+    assert not np.array_equal(first["video"], other.video)
+
+
+def test_latent_cache_hook(world):
+    calls = []
+
+    def encode(video):
+        calls.append(1)
+        return video.astype(np.float32).mean(axis=(1, 2))  # [T, 3]
+
+    ds = AvatarWorldDataset(world, "test")
+    ds.cache_latents(encode, "mean-colour")
+    assert len(calls) == len(ds)
+    ds.cache_latents(encode, "mean-colour")  # cached: not encoded again
+    assert len(calls) == len(ds)
+    cached = AvatarWorldDataset(world, "test", latents="mean-colour")
+    item = cached[1]
+    assert np.allclose(item["latents"], item["video"].astype(np.float32).mean(axis=(1, 2)))
+    with pytest.raises(DataError, match="latent cache"):
+        AvatarWorldDataset(world, "test", latents="never-made")
+
+
+def test_corrupted_shard_is_one_clear_error(world, tmp_path):
+    manifest = load_manifest(world)
+    shard = world / manifest["splits"]["train"]["shards"][0]["file"]
+    broken = tmp_path / "broken.npz"
+    data = bytearray(shard.read_bytes())
+    broken.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(DataError, match="corrupted shard .*broken.npz"):
+        ShardReader(broken).clip(0)
+    flipped = tmp_path / "flipped.npz"
+    data[len(data) // 3 : len(data) // 3 + 64] = bytes(64)
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="corrupted shard .*flipped.npz"):
+        reader = ShardReader(flipped)
+        for i in range(8):
+            reader.clip(i)
+    with pytest.raises(DataError, match="checksum"):
+        ShardReader(flipped, sha256=manifest["splits"]["train"]["shards"][0]["sha256"])
+
+
+def test_cli_make_preview_and_errors(tmp_path, capsys):
+    out = tmp_path / "ds"
+    assert main(["data", "make", "--out", str(out), "--clips", "3", "--size", "32", "--seconds", "0.4",
+                 "--workers", "1", "--identities", "20"]) == 0  # fmt: skip
+    assert json.loads((out / "manifest.json").read_text())["clips"] == 3
+    assert main(["data", "make", "--out", str(out), "--clips", "3"]) == 2  # refuses to overwrite
+    assert "already holds a dataset" in capsys.readouterr().err
+    assert (
+        main(["data", "preview", "--data", str(out), "--split", "train", "--out", str(tmp_path / "p")]) == 0
+    )
+    assert (tmp_path / "p" / "contact_sheet.png").stat().st_size > 1000
+    assert (tmp_path / "p" / "preview.mp4").stat().st_size > 1000
+    assert main(["data", "preview", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "q")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err

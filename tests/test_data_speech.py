@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from streamgen.data.speech import SAMPLE_RATE, SpeechError, Voice, synthesize
+
+
+@pytest.mark.parametrize("language", ["en-us", "de", "fr", "es", "it"])
+def test_languages_give_16k_audio_with_ordered_phonemes(language):
+    u = synthesize("Hello, this is a small test of speech.", Voice(language, "f2", pitch=60, rate=170))
+    assert u.audio.dtype == np.float32 and u.audio.ndim == 1
+    assert 0.5 < u.duration < 5 and np.abs(u.audio).max() <= 1.0
+    assert len(u.phonemes) > 10 and u.words
+    starts = [p.start for p in u.phonemes]
+    assert starts == sorted(starts) and starts[-1] < u.duration
+    assert all(p.end >= p.start for p in u.phonemes)
+
+
+def test_phoneme_timing_matches_the_sound():
+    u = synthesize("Mama papa mama papa.", Voice("en-us", "m3"))
+    rms = lambda p: float(
+        np.sqrt(np.mean(u.audio[int(p.start * SAMPLE_RATE) : int(p.end * SAMPLE_RATE)] ** 2))
+    )
+    open_vowels = [rms(p) for p in u.phonemes if "ɑ" in p.symbol]
+    stops = [rms(p) for p in u.phonemes if p.symbol == "p"]
+    # the stop's closure is nearly silent, the open vowel is the loudest sound: timings line up
+    assert len(open_vowels) == 4 and len(stops) == 4
+    assert min(open_vowels) > 3 * max(stops)
+
+
+def test_synthesis_is_a_function_of_text_and_voice():
+    voice = Voice("en-us", "m1", pitch=40, rate=150)
+    a = synthesize("The captain found a blue box.", voice)
+    synthesize("Something else in between.", Voice("de", "f4"))
+    b = synthesize("The captain found a blue box.", voice)
+    assert np.array_equal(a.audio, b.audio)
+    c = synthesize("The captain found a blue box.", Voice("en-us", "m1", pitch=70, rate=150))
+    assert not np.array_equal(a.audio[: len(c.audio)], c.audio[: len(a.audio)])
+
+
+@pytest.mark.parametrize(
+    "text, voice, message",
+    [
+        ("hi", Voice("xx-yy"), "unknown language"),
+        ("hi", Voice("en-us", "robot9"), "unknown voice variant"),
+        ("", Voice(), "empty"),
+        ("   \n", Voice(), "empty"),
+        (b"\xff\xfe bad", Voice(), "UTF-8"),
+        ("hi", Voice(rate=5), "rate"),
+    ],
+)
+def test_bad_input_is_one_clear_error(text, voice, message):
+    with pytest.raises(SpeechError, match=message):
+        synthesize(text, voice)
