@@ -62,7 +62,19 @@ class SelfAttention(nn.Module):
             k_raw = kernels.rmsnorm_rope(self.k(x), self.norm_k.weight, self.num_heads, None, self.eps)
             k = kernels.apply_rope(k_raw, angles)
         else:
+            k_raw = None
             k = kernels.rmsnorm_rope(self.k(x), self.norm_k.weight, self.num_heads, angles, self.eps)
+        out = self.attend(q, k, v, k_raw, mask, tokens_per_frame, cache, cache_op, ring_filled, ring_index)
+        return self.o(out.flatten(2))
+
+    def attend(self, q, k, v, k_raw, mask, tokens_per_frame, cache, cache_op, ring_filled, ring_index,
+               attention=kernels.attention):
+        """Cache read/write, then attention; q/k/v/k_raw [B, L, H, Dh] -> [B, L, H, Dh].
+
+        A seam for sequence parallelism: `streamgen.parallel` replaces `attend`
+        on the instance with a wrapper that reshards q/k/v and calls this
+        method with its own shapes and `attention` function.
+        """
         if cache is not None:
             if cache_op == "write_sink":
                 k, v = cache.write_sink(k, v)
@@ -70,8 +82,7 @@ class SelfAttention(nn.Module):
                 if cache_op == "write_ring":
                     cache.write_ring(k_raw, v, ring_index)
                 k, v = cache.update(k, v, ring_filled)
-        out = kernels.attention(q, k, v, mask, tokens_per_frame, self.backend)
-        return self.o(out.flatten(2))
+        return attention(q, k, v, mask, tokens_per_frame, self.backend)
 
 
 class CrossAttention(nn.Module):
@@ -200,6 +211,16 @@ class DiT(nn.Module):
         y = y.reshape(b, f, hp, wp, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return y.flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
+    # Seams for sequence parallelism: identities here. `streamgen.parallel`
+    # replaces them on the instance to shard the tokens of every frame after the
+    # patch embedding ([B, F, S, D] -> [B, F, S_local, D], with their RoPE
+    # angles [F*S, Dh/2] -> [F*S_local, Dh/2]) and to gather them before unpatchify.
+    def shard_tokens(self, xs: torch.Tensor, angles: torch.Tensor):
+        return xs, angles
+
+    def gather_tokens(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
     # --- forward ----------------------------------------------------------------
     def forward(
         self,
@@ -265,6 +286,9 @@ class DiT(nn.Module):
                 ids = self.block_ids(f, x.device)
                 attn_kwargs["mask"] = (ids, ids)
         attn_kwargs["angles"] = kernels.rope_angles(frame_pos, grid, cfg.head_dim, cfg.rope_theta)
+        # sequence parallelism keeps only this process's tokens of every frame from here on
+        xs, attn_kwargs["angles"] = self.shard_tokens(xs, attn_kwargs["angles"])
+        attn_kwargs["tokens_per_frame"] = xs.shape[2]
 
         mods = [blk.modulation[:, :2] for blk in self.blocks] + [self.head.modulation]
         temb_f = temb.float()
@@ -279,4 +303,4 @@ class DiT(nn.Module):
             xs, h = blk(xs, h, e, nxt, ctx, audio, audio_mask, attn_kwargs, layer_cache)
 
         # after a ring write the caller calls cache.advance() (once, for all layers)
-        return self.unpatchify(self.head.proj(h), grid)
+        return self.unpatchify(self.gather_tokens(self.head.proj(h)), grid)
