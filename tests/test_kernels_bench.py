@@ -1,0 +1,88 @@
+"""bench/kernels.py at tiny sizes on CPU: complete, JSON, and failures reported rather than raised."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kernels import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = {
+    "layernorm_modulate",
+    "gated_residual",
+    "gated_residual_layernorm_modulate",
+    "rmsnorm_rope",
+    "rmsnorm_rope_positions",
+    "gelu_tanh",
+    "attention_stream",
+    "attention_block_causal",
+}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cpu_quick_run_covers_every_kernel(bench):
+    result = bench.run(device="cpu", quick=True, compile=False)
+    json.dumps(result)
+    assert set(result["kernels"]) == CASES
+    for name, entry in result["kernels"].items():
+        assert entry["eager"]["ms"] > 0 and entry["bytes"] > 0, name
+        assert "skipped" in entry["triton"] and "skipped" in entry["compile"], name
+    for name in ("attention_stream", "attention_block_causal"):
+        entry = result["kernels"][name]
+        assert entry["gflop"] >= 0 and entry["eager"]["gflop_per_s"] > 0
+        assert entry["backends"]["flex"]["max_abs_err_vs_eager"] < 1e-4  # eager flex on CPU
+    assert result["copy"]["gb_per_s"] > 0
+
+
+def test_a_failing_kernel_is_reported_not_raised(bench, monkeypatch):
+    def broken(x):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(reference, "gelu_tanh", broken)
+    result = bench.run(device="cpu", quick=True, compile=False, only=["gelu_tanh", "gated_residual"])
+    assert set(result["kernels"]) == {"gelu_tanh", "gated_residual"}
+    assert "kernel exploded" in result["kernels"]["gelu_tanh"]["eager"]["error"]
+    assert result["kernels"]["gated_residual"]["eager"]["ms"] > 0
+
+
+def test_cuda_requested_without_cuda_is_an_error_entry(bench):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    assert "error" in bench.run(device="cuda", quick=True)
+
+
+def test_command_line_prints_json():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "bench/kernels.py",
+            "--device",
+            "cpu",
+            "--quick",
+            "--no-compile",
+            "--only",
+            "gelu_tanh",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert list(result["kernels"]) == ["gelu_tanh"] and result["device"] == "cpu"
