@@ -14,7 +14,10 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("streamgen.commands.generate", "generate an avatar video from speech audio and a face image"),
+    "generate": (
+        "streamgen.commands.generate",
+        "generate an avatar video from speech audio and a face image",
+    ),
     "bench": ("streamgen.commands.bench", "run a benchmark and print JSON"),
     "serve": ("server.cli", "serve avatars over WebRTC and WebSocket"),
     "data": ("streamgen.data.cli", "make and preview the avatar-world dataset"),

@@ -62,7 +62,13 @@ def resolve_model_dir(name_or_path: str) -> Path | None:
 
 
 def available_models() -> list[str]:
-    names = {d.name for root in model_search_path() if root.exists() for d in root.iterdir() if (d / "model.json").exists()}
+    names = {
+        d.name
+        for root in model_search_path()
+        if root.exists()
+        for d in root.iterdir()
+        if (d / "model.json").exists()
+    }
     return sorted(names | {n for n in FLAVORS if n != "debug"})
 
 
@@ -75,10 +81,17 @@ def load_model(
         return _load_dir(directory, device, dtype, **cfg_overrides)
     flavor = name_or_path.removesuffix("-teacher")
     if flavor in FLAVORS:
-        log.warning("no trained weights for %r; using randomly initialised weights (seed %d)", name_or_path, seed)
+        log.warning(
+            "no trained weights for %r; using randomly initialised weights (seed %d)", name_or_path, seed
+        )
         torch.manual_seed(seed)
         cfg = get_config(flavor, **cfg_overrides)
         dit = DiT(cfg)
+        # The audio branch starts at zero so that loaded Wan weights are unchanged;
+        # an untrained stand-in model gets a live one so the audio path is exercised.
+        for blk in dit.blocks:
+            if blk.audio_attn is not None:
+                torch.nn.init.normal_(blk.audio_attn.o.weight, std=0.5 / cfg.dim**0.5)
         vae = TinyCausalVAE(latent_channels=cfg.in_channels, temporal_factor=cfg.temporal_compression)
         size = 64 if flavor == "debug" else 128
         return AvatarModel(name_or_path, dit.to(device, dtype).eval(), vae.to(device).eval(), size, size)

@@ -65,7 +65,9 @@ def guided(cond: Velocity, uncond: Velocity, scale: float) -> Velocity:
 
 
 @torch.no_grad()
-def sample_euler(velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, progress=None) -> torch.Tensor:
+def sample_euler(
+    velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, progress=None
+) -> torch.Tensor:
     """Teacher sampling: Euler steps of dx/dsigma = v along the schedule."""
     x = noise
     for i in range(len(sigmas) - 1):

@@ -21,7 +21,13 @@ import random
 import numpy as np
 import torch
 
-from streamgen.model.audio import SAMPLE_RATE, SAMPLES_PER_FRAME, VIDEO_FPS, frame_windows, needed_video_frames
+from streamgen.model.audio import (
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+    VIDEO_FPS,
+    frame_windows,
+    needed_video_frames,
+)
 from streamgen.model.text import text_context
 from streamgen.models import AvatarModel, load_model
 from streamgen.sampling import encode_sink, generate_chunk, student_sigmas
@@ -39,7 +45,9 @@ def prepare_reference(image, height: int, width: int) -> np.ndarray:
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4) or min(arr.shape[:2]) < 8:
-        raise ValueError(f"reference image must be [H, W, 3] (or RGBA / grey) and at least 8x8, got {arr.shape}")
+        raise ValueError(
+            f"reference image must be [H, W, 3] (or RGBA / grey) and at least 8x8, got {arr.shape}"
+        )
     arr = arr[..., :3]
     h, w = arr.shape[:2]
     target = width / height
@@ -81,7 +89,9 @@ class StreamSession:
         dtype=torch.float32,
         max_audio_ahead_s: float = 600.0,
     ):
-        self.model = model if isinstance(model, AvatarModel) else load_model(model, device=device, dtype=dtype)
+        self.model = (
+            model if isinstance(model, AvatarModel) else load_model(model, device=device, dtype=dtype)
+        )
         self.dit, self.vae, self.cfg = self.model.dit, self.model.vae, self.model.cfg
         self.height = height or self.model.height
         self.width = width or self.model.width
@@ -188,7 +198,9 @@ class StreamSession:
             tokens = enc(torch.from_numpy(pcm)[None].to(self.device))
         self._consumed = max(self._consumed, end_frame * SAMPLES_PER_FRAME)
         # keep only what the next chunk's receptive field can still reach
-        keep_from = max(0, (first_needed + cfg.frames_per_chunk * cfg.temporal_compression - enc.receptive_field_frames))
+        keep_from = max(
+            0, (first_needed + cfg.frames_per_chunk * cfg.temporal_compression - enc.receptive_field_frames)
+        )
         drop = keep_from * SAMPLES_PER_FRAME - self._pcm_origin
         if drop > 0:
             self._pcm = self._pcm[drop:].copy()
@@ -205,7 +217,9 @@ class StreamSession:
         shape = (1, self.cfg.in_channels, c, *self.latent_hw)
         noise = torch.randn(shape, generator=self.generator).to(self.device, self.dtype)
         with torch.no_grad():
-            latents = generate_chunk(self.dit, self.cache, noise, self.context, audio, self.sigmas, self.generator)
+            latents = generate_chunk(
+                self.dit, self.cache, noise, self.context, audio, self.sigmas, self.generator
+            )
             frames, self.decoder_state = self.vae.decode_stream(latents.float(), self.decoder_state)
         pts = self.chunk_index * self.chunk_seconds
         self.chunk_index += 1

@@ -93,6 +93,10 @@ class StreamCache(nn.Module):
             cfg.frames_per_chunk,
             cfg.window_frames,
         )
+        if self.chunk_frames > self.window_frames:
+            raise ValueError(
+                f"frames_per_chunk ({self.chunk_frames}) must not exceed window_frames ({self.window_frames})"
+            )
         self.layers = nn.ModuleList(
             KVCache(
                 batch,
@@ -151,14 +155,18 @@ class StreamCache(nn.Module):
 
     def ring_token_index(self) -> torch.Tensor:
         """Token slots in the ring that the current chunk's frames will occupy."""
-        frames = (self.frames_written + torch.arange(self.chunk_frames, device=self.device)) % self.window_frames
+        frames = (
+            self.frames_written + torch.arange(self.chunk_frames, device=self.device)
+        ) % self.window_frames
         s = self.tokens_per_frame
         return (frames[:, None] * s + torch.arange(s, device=self.device)[None, :]).reshape(-1)
 
     def advance(self):
         """After the clean re-encode wrote the chunk: move the ring on and re-rotate it."""
         self.frames_written += self.chunk_frames
-        angles = rope_angles(self.ring_frame_positions(), self.grid_hw, self.cfg.head_dim, self.cfg.rope_theta)
+        angles = rope_angles(
+            self.ring_frame_positions(), self.grid_hw, self.cfg.head_dim, self.cfg.rope_theta
+        )
         for layer in self.layers:
             layer.rotate_ring(angles)
 

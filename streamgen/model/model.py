@@ -53,7 +53,9 @@ class SelfAttention(nn.Module):
         self.norm_k = nn.RMSNorm(d, eps=cfg.eps)
         self.backend = cfg.attn_backend
 
-    def forward(self, x, angles, mask, tokens_per_frame, cache=None, cache_op=None, ring_filled=0, ring_index=None):
+    def forward(
+        self, x, angles, mask, tokens_per_frame, cache=None, cache_op=None, ring_filled=0, ring_index=None
+    ):
         """x [B, L, D]; angles [L, Dh/2] for x's tokens; mask = per-frame block ids or None."""
         q = kernels.rmsnorm_rope(self.q(x), self.norm_q.weight, self.num_heads, angles, self.eps)
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
@@ -67,8 +69,20 @@ class SelfAttention(nn.Module):
         out = self.attend(q, k, v, k_raw, mask, tokens_per_frame, cache, cache_op, ring_filled, ring_index)
         return self.o(out.flatten(2))
 
-    def attend(self, q, k, v, k_raw, mask, tokens_per_frame, cache, cache_op, ring_filled, ring_index,
-               attention=kernels.attention):
+    def attend(
+        self,
+        q,
+        k,
+        v,
+        k_raw,
+        mask,
+        tokens_per_frame,
+        cache,
+        cache_op,
+        ring_filled,
+        ring_index,
+        attention=kernels.attention,
+    ):
         """Cache read/write, then attention; q/k/v/k_raw [B, L, H, Dh] -> [B, L, H, Dh].
 
         A seam for sequence parallelism: `streamgen.parallel` replaces `attend`
@@ -151,7 +165,11 @@ class Block(nn.Module):
         y = self.self_attn(h.reshape(b, f * s, d), cache=cache, **attn_kwargs).view(b, f, s, d)
         x = kernels.gated_residual(x, y, gate)
 
-        hn = x if self.cross_norm is None else kernels.layernorm_affine(x, self.cross_norm.weight, self.cross_norm.bias, self.eps)
+        hn = (
+            x
+            if self.cross_norm is None
+            else kernels.layernorm_affine(x, self.cross_norm.weight, self.cross_norm.bias, self.eps)
+        )
         kv = cache.context_kv if cache is not None else None
         if kv is None:
             kv = self.cross_attn.context_kv(ctx)
@@ -184,7 +202,9 @@ class DiT(nn.Module):
         self.patch_embed = nn.Conv3d(cfg.in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.time_embed = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
-        self.text_embed = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.text_embed = nn.Sequential(
+            nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)
+        )
         self.audio_encoder = AudioEncoder(cfg) if cfg.audio else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)

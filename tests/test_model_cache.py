@@ -1,0 +1,121 @@
+"""The KV cache: cached streaming equals block-causal attention; memory and positions stay bounded."""
+
+import pytest
+import torch
+
+from streamgen.model import DiT, get_config
+from streamgen.sampling import encode_sink, generate_chunk, student_sigmas
+
+HW = (8, 8)
+
+
+def make(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = get_config("debug", **overrides)
+    return DiT(cfg).eval(), cfg
+
+
+def rand_audio(cfg, frames):
+    return torch.randn(1, frames, cfg.audio_window, cfg.audio_dim)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("steps", [1, 2])
+def test_cached_chunks_equal_one_block_causal_forward(steps):
+    model, cfg = make()
+    c = cfg.frames_per_chunk
+    ctx = torch.randn(1, 2, cfg.text_dim)
+    ref = torch.randn(1, cfg.in_channels, cfg.sink_frames, *HW)
+    cache = model.new_cache(1, HW)
+    encode_sink(model, cache, ref, ctx)
+    clean, audios = [], []
+    n_chunks = cfg.window_frames // c  # stays within the window
+    for k in range(n_chunks + 1):
+        # the velocity the stream sees for a noisy chunk k ...
+        noisy, audio, sigma = torch.randn(1, cfg.in_channels, c, *HW), rand_audio(cfg, c), 0.3 + 0.1 * k
+        v_cached = model(noisy, torch.full((1, c), sigma * 1000), ctx, audio, mode="cached", cache=cache)
+        # ... equals one block-causal pass over [reference, clean chunks 0..k-1, noisy chunk k]
+        x = torch.cat([ref, *clean, noisy], dim=2)
+        t = torch.cat([torch.zeros(1, x.shape[2] - c), torch.full((1, c), sigma * 1000)], dim=1)
+        a = torch.cat(
+            [torch.zeros(1, cfg.sink_frames, cfg.audio_window, cfg.audio_dim), *audios, audio], dim=1
+        )
+        mask = torch.ones(1, a.shape[1])
+        mask[:, : cfg.sink_frames] = 0
+        v_full = model(x, t, ctx, a, mask, mode="block_causal")
+        assert (v_full[:, :, -c:] - v_cached).abs().max().item() <= 1e-4
+        if k < n_chunks:
+            audios.append(audio)
+            clean.append(
+                generate_chunk(model, cache, torch.randn_like(noisy), ctx, audio, student_sigmas(steps))
+            )
+
+
+@torch.no_grad()
+def test_block_causal_differs_from_bidirectional_only_by_the_mask():
+    model, cfg = make(num_layers=1)  # one layer: keys depend on the inputs alone
+    x = torch.randn(1, cfg.in_channels, 1 + 2 * cfg.frames_per_chunk, *HW)
+    t, ctx = torch.rand(1, x.shape[2]) * 1000, torch.randn(1, 1, cfg.text_dim)
+    bc = model(x, t, ctx, mode="block_causal")
+    bi = model(x, t, ctx, mode="bidirectional")
+    last = -cfg.frames_per_chunk
+    # the last chunk sees every frame in both modes; earlier chunks do not
+    assert torch.allclose(bc[:, :, last:], bi[:, :, last:], atol=1e-5)
+    assert not torch.allclose(bc[:, :, :last], bi[:, :, :last], atol=1e-3)
+
+
+@torch.no_grad()
+def test_memory_constant_and_outputs_finite_over_1000_chunks():
+    model, cfg = make(window_frames=4, frames_per_chunk=2)
+    hw = (4, 4)
+    ctx = torch.zeros(1, 1, cfg.text_dim)
+    cache = model.new_cache(1, hw)
+    encode_sink(model, cache, torch.randn(1, cfg.in_channels, 1, *hw), ctx)
+    buffers = {name: (b.data_ptr(), b.shape) for name, b in cache.named_buffers()}
+    mem = cache.memory_bytes()
+    gen = torch.Generator().manual_seed(0)
+    for i in range(1000):
+        noise = torch.randn(1, cfg.in_channels, 2, *hw, generator=gen)
+        x0 = generate_chunk(model, cache, noise, ctx, rand_audio(cfg, 2), student_sigmas(1), gen)
+        assert torch.isfinite(x0).all(), f"non-finite output at chunk {i}"
+    assert cache.memory_bytes() == mem
+    assert {name: (b.data_ptr(), b.shape) for name, b in cache.named_buffers()} == buffers
+    assert cache.frames_written == 2000
+
+
+@torch.no_grad()
+def test_positions_after_ten_hours_equal_those_after_one_minute():
+    model, cfg = make(window_frames=6, frames_per_chunk=2)
+    hw = (4, 4)
+    ctx = torch.zeros(1, 1, cfg.text_dim)
+    latent_fps = 25 / cfg.temporal_compression
+
+    def stream_at(latent_frames_done):
+        """A cache whose ring holds the same content, after a given amount of streaming."""
+        torch.manual_seed(1)
+        cache = model.new_cache(1, hw)
+        encode_sink(model, cache, torch.randn(1, cfg.in_channels, 1, *hw), ctx)
+        # fast-forward the bookkeeping to just before the last window, then stream it for real
+        cache.frames_written = latent_frames_done - cfg.window_frames
+        for _ in range(cfg.window_frames // 2):
+            generate_chunk(
+                model, cache, torch.randn(1, cfg.in_channels, 2, *hw), ctx, None, student_sigmas(1)
+            )
+        return cache
+
+    minute = stream_at(int(60 * latent_fps) // 6 * 6)
+    hours = stream_at(int(10 * 3600 * latent_fps) // 6 * 6)
+    assert hours.positions_in_use() == minute.positions_in_use()
+    bound = cfg.sink_frames + cfg.window_frames + cfg.frames_per_chunk
+    assert max(max(v) for v in hours.positions_in_use().values()) < bound
+    x = torch.randn(1, cfg.in_channels, 2, *hw)
+    t = torch.full((1, 2), 500.0)
+    assert torch.equal(
+        model(x, t, ctx, mode="cached", cache=minute), model(x, t, ctx, mode="cached", cache=hours)
+    )
+
+
+def test_chunk_must_fit_in_ring():
+    model, cfg = make(window_frames=1, frames_per_chunk=2)
+    with pytest.raises(ValueError, match="window"):
+        model.new_cache(1, HW)

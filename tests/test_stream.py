@@ -1,0 +1,119 @@
+"""StreamSession: reproducible, bounded, audio-driven, and strict about bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from streamgen.model.audio import SAMPLES_PER_FRAME, AudioEncoder
+from streamgen.model.config import get_config
+from streamgen.models import load_model
+from streamgen.stream import StreamSession
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("debug")
+
+
+def face(seed=0, h=64, w=64):
+    return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+
+
+def speech(seconds, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (0.3 * np.sin(2 * np.pi * 220 * t) * (rng.random(t.size) > 0.3)).astype(np.float32)
+
+
+def run(model, audio_pushes, chunks, seed=0):
+    s = StreamSession(model)
+    s.start(face(), seed=seed)
+    out = []
+    for i in range(chunks):
+        if i < len(audio_pushes):
+            s.push_audio(audio_pushes[i])
+        out.append(s.next_chunk())
+    return s, out
+
+
+def test_frames_shape_pts_and_reproducibility(model):
+    s, a = run(model, [speech(2.0)], 3, seed=7)
+    _, b = run(model, [speech(2.0)], 3, seed=7)
+    _, c = run(model, [speech(2.0)], 3, seed=8)
+    frames, pts = a[1]
+    assert frames.dtype == np.uint8 and frames.shape == (s.frames_per_chunk, 64, 64, 3)
+    assert pts == pytest.approx(s.chunk_seconds)
+    assert all(np.array_equal(x[0], y[0]) for x, y in zip(a, b))
+    assert not np.array_equal(a[2][0], c[2][0])
+
+
+def test_audio_in_one_piece_or_in_pieces_gives_the_same_video(model):
+    audio = speech(2.0)
+    _, whole = run(model, [audio], 4)
+    pieces = np.array_split(audio, 4)
+    _, streamed = run(model, pieces, 4)
+    # pieces arrive ahead of when they are needed, so the timeline is the same
+    s = StreamSession(model)
+    assert len(pieces[0]) / 16000 > s.chunk_seconds + s.audio_lookahead_seconds
+    assert all(np.array_equal(x[0], y[0]) for x, y in zip(whole, streamed))
+
+
+def test_audio_changes_the_video(model):
+    _, silent = run(model, [], 2)
+    _, spoken = run(model, [speech(2.0, seed=3) * 3], 2)
+    assert not np.array_equal(silent[1][0], spoken[1][0])
+
+
+def test_audio_encoder_streaming_equals_whole_clip():
+    torch.manual_seed(0)
+    enc = AudioEncoder(get_config("debug")).eval()
+    pcm = torch.randn(1, 40 * SAMPLES_PER_FRAME)
+    with torch.no_grad():
+        whole = enc(pcm)
+        rf = enc.receptive_field_frames
+        start = 25  # recompute frames >= 25 from only rf frames of left context
+        part = enc(pcm[:, (start - rf) * SAMPLES_PER_FRAME :])[:, rf:]
+    assert torch.allclose(part, whole[:, start:], atol=1e-5)
+
+
+def test_memory_is_bounded_over_a_long_stream(model):
+    s = StreamSession(model)
+    s.start(face())
+    sizes = []
+    for i in range(60):
+        s.push_audio(speech(s.chunk_seconds, seed=i))
+        s.next_chunk()
+        sizes.append(s._pcm.size)
+    assert max(sizes[20:]) <= max(sizes[:20])
+    assert s.cache.memory_bytes() == s.dit.new_cache(1, s.latent_hw).memory_bytes()
+
+
+def test_late_audio_never_accumulates_latency(model):
+    s = StreamSession(model)
+    s.start(face())
+    for _ in range(5):
+        s.next_chunk()  # no audio arrived: silence
+    s.push_audio(speech(0.5))
+    # the late audio starts at the current position, not in the past
+    assert s.audio_buffered_seconds == pytest.approx(0.5, abs=1e-3)
+
+
+def test_bad_input_is_rejected_clearly(model):
+    s = StreamSession(model)
+    with pytest.raises(RuntimeError, match="start"):
+        s.next_chunk()
+    with pytest.raises(ValueError, match="uint8"):
+        s.start(np.zeros((64, 64, 3), np.float32))
+    with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
+        s.start(np.zeros((64, 64, 5), np.uint8))
+    s.start(face(h=100, w=80))  # other sizes are cropped and resized
+    with pytest.raises(ValueError, match="mono"):
+        s.push_audio(np.zeros((2, 100), np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        s.push_audio(np.array([np.nan], np.float32))
+    small = StreamSession(model, max_audio_ahead_s=1.0)
+    small.start(face())
+    with pytest.raises(BufferError, match="full"):
+        small.push_audio(np.zeros(20000, np.int16))
+    with pytest.raises(ValueError, match="multiples"):
+        StreamSession(model, height=60, width=64)
