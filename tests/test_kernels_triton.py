@@ -221,3 +221,66 @@ def check_attention_head_dim_128(ops, dtype):
         reference.attention(q, k, v, (blocks_q, blocks_k), 5),
         dtype,
     )
+
+
+# --- the compiled (non-interpreted) path: every kernel compiles to a Hopper cubin.
+# Triton's NVIDIA backend (and ptxas) ship in the wheel and need no GPU, so type
+# and lowering errors that the interpreter cannot see are caught here too.
+
+_FLOAT_ARGS = {"eps", "qk_scale"}
+_INT_POINTERS = {"frame_pos_ptr": "*i32", "q_block_ptr": "*i32", "k_block_ptr": "*i32"}
+_FP32_POINTERS = {"angles_ptr", "inv_freq_ptr"}
+
+
+def _compile_for_hopper(kernel, dtype: str, constexprs: dict, **options):
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    fn = kernel
+    while not isinstance(fn, JITFunction):  # the autotuner wraps the JITFunction
+        fn = fn.fn
+    signature = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = _INT_POINTERS.get(name, "*fp32" if name in _FP32_POINTERS else f"*{dtype}")
+        else:
+            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles, does not interpret")
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernels_compile_for_hopper(dtype):
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no NVIDIA backend")
+    from kernels import triton_ops as ops
+
+    assert not ops.INTERPRET
+    _compile_for_hopper(ops._layernorm_modulate_kernel, dtype, dict(BLOCK_D=2048), num_warps=4)
+    for with_norm in (False, True):
+        _compile_for_hopper(ops._gated_residual_kernel, dtype, dict(BLOCK_D=2048, WITH_NORM=with_norm))
+    for mode in (ops.ROPE_NONE, ops.ROPE_TABLE, ops.ROPE_POSITIONS):
+        _compile_for_hopper(ops._rmsnorm_rope_kernel, dtype, dict(BLOCK_HALF=1024, ROPE_MODE=mode))  # width 1536
+    _compile_for_hopper(ops._gelu_tanh_kernel, dtype, dict(BLOCK=1024))
+    for causal in (False, True):
+        meta = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_CAUSAL=causal, DOT_FP32=dtype == "fp32")
+        compiled = _compile_for_hopper(ops._attention_kernel, dtype, dict(meta, BLOCK_M=64, BLOCK_N=32))
+        if dtype == "bf16":
+            assert "wgmma" in compiled.asm["ptx"], "bf16 attention should use Hopper tensor cores"
+    # at least one autotune config must fit Hopper's shared memory (227 KiB) for fp32 operands
+    meta = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_CAUSAL=False, DOT_FP32=dtype == "fp32")
+    smallest = ops._ATTN_CONFIGS[-1]
+    compiled = _compile_for_hopper(
+        ops._attention_kernel, dtype, dict(meta, **smallest.kwargs), num_warps=smallest.num_warps,
+        num_stages=smallest.num_stages,
+    )  # fmt: skip
+    assert compiled.metadata.shared <= 227 * 1024
