@@ -1,0 +1,188 @@
+"""The FastAPI app: sessions, avatars, health, metrics and the web client.
+
+    app = create_app(ServerConfig(...))      # uvicorn.run(app) or TestClient(app)
+
+The lifespan starts the inference worker, loads and warms the model in the
+background (/readyz turns 200 when done) and, at shutdown, closes every session
+with its peer connection or socket before stopping the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import statistics
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from .avatars import ReferenceImageError, avatar_image, avatar_png, decode_reference, list_avatars
+from .config import ServerConfig
+from .metrics import ServerMetrics
+from .registry import AdmissionError, SessionRegistry
+from .scheduler import InferenceWorker, WorkerBusy
+from .session import Session
+
+log = logging.getLogger("streamgen.server")
+MAX_SDP_BYTES = 64 * 1024
+
+
+class ApiError(Exception):
+    """An error the client caused or must handle: JSON body {"error", "message"}, logged once."""
+
+    def __init__(self, status: int, error: str, message: str, headers: dict | None = None, **extra):
+        super().__init__(message)
+        self.status, self.error, self.message, self.headers, self.extra = status, error, message, headers, extra
+
+
+def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
+    """Build the app; `model` (an AvatarModel) skips loading, e.g. when tests share one."""
+    config = config or ServerConfig()
+    metrics = ServerMetrics()
+    worker = InferenceWorker(metrics, stamp_frames=config.stamp_frames)
+    registry = SessionRegistry(config, worker, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if config.loopback:
+            from .loopback import use_loopback_ice
+
+            use_loopback_ice()
+        worker.start()
+        loading = asyncio.create_task(load_and_warm(app, registry, model))
+        limits = asyncio.create_task(registry.enforce_limits_forever())
+        try:
+            yield
+        finally:
+            limits.cancel()
+            loading.cancel()
+            await registry.close_all("server shutting down")
+            await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(
+        title="streamgen",
+        version="0.1.0",
+        summary="Real-time talking-avatar video over WebRTC (WHEP) and WebSocket.",
+        lifespan=lifespan,
+    )
+    app.state.config, app.state.registry, app.state.metrics = config, registry, metrics
+    app.state.load_error = None
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        log.info("%s %s -> %d %s: %s", request.method, request.url.path, e.status, e.error, e.message)
+        body = {"error": e.error, "message": e.message, **e.extra}
+        return JSONResponse(body, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(AdmissionError)
+    async def refused(request: Request, e: AdmissionError):
+        log.info("%s %s -> 503: %s", request.method, request.url.path, e.reason)
+        body = {"error": "unavailable", "message": e.reason, "reason": e.reason, **e.details}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(e.retry_after)})
+
+    from . import routes, websocket
+
+    app.include_router(routes.router)
+    app.include_router(websocket.router)
+    if config.web_dir.is_dir():
+        app.mount("/", StaticFiles(directory=config.web_dir, html=True), name="web")
+    return app
+
+
+async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
+    """Load the model on the worker, run a few chunks to measure capacity, then report ready."""
+    config = registry.config
+
+    def load():
+        from streamgen.models import load_model
+
+        return load_model(config.model, device=config.device)
+
+    def warm():
+        from streamgen.stream import StreamSession
+
+        stream = StreamSession(registry.model, config.height, config.width, config.steps, device=config.device)
+        stream.start(avatar_image("sample"), seed=0)
+        times = []
+        for _ in range(max(1, config.warmup_chunks)):
+            t = time.perf_counter()
+            stream.next_chunk()
+            times.append(time.perf_counter() - t)
+        if config.warm_text_encoder and stream.cfg.text_dim == 384:
+            from streamgen.model.text import text_context
+
+            text_context("warm up", stream.cfg.text_dim)
+        stream.close()
+        return stream.chunk_seconds, times
+
+    try:
+        registry.model = model or await asyncio.wrap_future(registry.worker.submit(load))
+        chunk_seconds, times = await asyncio.wrap_future(registry.worker.submit(warm))
+    except (WorkerBusy, asyncio.CancelledError):
+        return
+    except Exception as e:
+        app.state.load_error = f"{type(e).__name__}: {e}"
+        log.exception("model failed to load")
+        return
+    registry.chunk_seconds = chunk_seconds
+    warm_times = times[1:] or times  # the first chunk pays one-off costs
+    registry.worker.chunk_time_ema = statistics.median(warm_times)
+    registry.ready = True
+    registry.metrics.capacity.set(registry.capacity())
+    log.info(
+        "model %s ready: %.0f ms per %.2f s chunk, capacity %d sessions",
+        config.model, 1000 * registry.worker.chunk_time_ema, chunk_seconds, registry.capacity(),
+    )  # fmt: skip
+
+
+# --- helpers shared by the route modules ------------------------------------------------------------
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return request.query_params.get("token")
+
+
+def require_session(request: Request, session_id: str) -> Session:
+    """The session, if the request carries its token: 404 / 401 / 403 otherwise."""
+    session = request.app.state.registry.get(session_id)
+    if session is None:
+        raise ApiError(404, "not_found", f"unknown session {session_id[:40]!r}")
+    token = bearer_token(request)
+    if not token:
+        raise ApiError(401, "unauthorized", "missing session token: send 'Authorization: Bearer <token>'",
+                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+    if not secrets.compare_digest(token.encode(), session.token.encode()):
+        raise ApiError(403, "forbidden", "wrong session token")
+    return session
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) more than `limit` bytes before reading them where possible."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "bad_request", "invalid Content-Length")
+        if int(declared) > limit:
+            raise ApiError(413, "too_large", f"request body of {declared} bytes; the limit is {limit}")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise ApiError(413, "too_large", f"request body larger than the limit of {limit} bytes")
+    request._body = bytes(body)  # starlette re-reads this for form parsing
+    return request._body
+
+
+def decode_upload(data: bytes, config: ServerConfig):
+    try:
+        return decode_reference(data, config.max_image_pixels)
+    except ReferenceImageError as e:
+        raise ApiError(e.status, "bad_image", str(e)) from None
+
+
+__all__ = ["ApiError", "create_app", "require_session", "read_body", "avatar_png", "list_avatars"]

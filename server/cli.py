@@ -1,0 +1,50 @@
+"""`streamgen serve`: run the server with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny-avatar", help="model name or directory (default tiny-avatar)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-sessions", type=int, default=8, help="upper bound on concurrent sessions")
+    parser.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' to create sessions")
+    parser.add_argument("--size", type=int, default=None, help="output height and width (default: the model's)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--idle-timeout", type=float, default=60.0, help="seconds without input or viewer")
+    parser.add_argument("--max-duration", type=float, default=3600.0, help="seconds a session may last")
+    parser.add_argument("--loopback", action="store_true", help="offer 127.0.0.1 for WebRTC (same machine)")
+    parser.add_argument("--log-level", default="info")
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from streamgen.cli import UserError
+
+    from .app import create_app
+    from .config import ServerConfig
+
+    if args.max_sessions < 1:
+        raise UserError("--max-sessions must be at least 1")
+    if args.size is not None and (args.size < 16 or args.size % 16):
+        raise UserError("--size must be a multiple of 16")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port} is not a TCP port")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(
+        model=args.model, height=args.size, width=args.size, steps=args.steps, device=args.device,
+        max_sessions=args.max_sessions, token=args.token, loopback=args.loopback or args.host == "127.0.0.1",
+        idle_timeout_s=args.idle_timeout, max_duration_s=args.max_duration,
+    )  # fmt: skip
+    app = create_app(config)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {e}") from None
+    return 0

@@ -1,0 +1,32 @@
+"""Server settings: one dataclass, filled from the command line or by tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+@dataclass
+class ServerConfig:
+    model: str = "tiny-avatar"
+    height: int | None = None  # None: the model's native resolution
+    width: int | None = None
+    steps: int | None = None
+    device: str = "cpu"
+    max_sessions: int = 8  # upper bound; measured capacity may admit fewer
+    measure_capacity: bool = True  # False: admit exactly max_sessions (tests on a busy machine)
+    token: str | None = None  # when set, creating a session needs "Authorization: Bearer <token>"
+    loopback: bool = False  # make aioice offer 127.0.0.1 (tests, benchmarks, same-machine use)
+    idle_timeout_s: float = 60.0  # a session with no transport / no input for this long is closed
+    max_duration_s: float = 3600.0
+    max_upload_bytes: int = 4 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096  # refuse larger references before decoding them
+    max_audio_ahead_s: float = 30.0  # audio queued beyond the video position (speech, fast clients)
+    playout_delay_s: float | None = None  # None: from the measured chunk time
+    warmup_chunks: int = 3
+    warm_text_encoder: bool = True  # load the caption encoder at startup instead of on first use
+    stamp_frames: bool = False  # benchmark: write the input cut-off time into each picture
+    ws_send_timeout_s: float = 5.0  # a WebSocket client that does not read for this long is dropped
+    web_dir: Path = field(default_factory=lambda: WEB_DIR)

@@ -1,0 +1,50 @@
+"""Prometheus metrics, in a registry of their own so several apps (tests) can live in one process."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CHUNK_BUCKETS = (0.01, 0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.sessions_active = Gauge("streamgen_sessions_active", "sessions open now", registry=r)
+        self.sessions_streaming = Gauge("streamgen_sessions_streaming", "sessions generating video", registry=r)
+        self.sessions_created = Counter("streamgen_sessions_created", "sessions created", registry=r)
+        self.sessions_rejected = Counter(
+            "streamgen_sessions_rejected", "session requests refused", ["reason"], registry=r
+        )
+        self.sessions_closed = Counter("streamgen_sessions_closed", "sessions ended", ["reason"], registry=r)
+        self.chunk_latency = Histogram(
+            "streamgen_chunk_latency_seconds", "time to generate one chunk", buckets=CHUNK_BUCKETS, registry=r
+        )
+        self.fps = Gauge("streamgen_generated_fps", "video frames generated per second (last 5 s)", registry=r)
+        self.dropped_chunks = Counter(
+            "streamgen_dropped_chunks", "chunks replaced before a client took them", registry=r
+        )
+        self.late_chunks = Counter("streamgen_late_chunks", "chunks generated after their play time", registry=r)
+        self.queue_depth = Gauge(
+            "streamgen_queue_depth", "chunks and jobs waiting for the inference worker", registry=r
+        )
+        self.capacity = Gauge("streamgen_capacity_sessions", "sessions the server admits now", registry=r)
+        self._frames = deque(maxlen=4096)  # (time, frames) of recent chunks, for the fps gauge
+        self._lock = threading.Lock()
+
+    def chunk_done(self, seconds: float, frames: int) -> None:
+        self.chunk_latency.observe(seconds)
+        now = time.monotonic()
+        with self._lock:
+            self._frames.append((now, frames))
+            while self._frames and self._frames[0][0] < now - 5.0:
+                self._frames.popleft()
+            total = sum(n for _, n in self._frames)
+        self.fps.set(total / 5.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,166 @@
+"""The WebSocket wire format (documented in docs/api.md).
+
+Binary messages: a 16-byte little-endian header, then the payload.
+
+    offset  size  field
+    0       1     type     1 audio in (PCM16 16 kHz mono), 2 video JPEG, 3 video RGB24, 4 audio out (PCM16)
+    1       1     flags    0 (reserved)
+    2       2     reserved 0
+    4       4     sequence number (uint32, per direction and type)
+    8       8     presentation time, microseconds on the stream timeline (int64)
+
+Text messages are JSON objects with a "type". Everything here is pure (no
+I/O), so the parser can be fuzzed on its own; a violation raises
+ProtocolError with the close code and reason the connection ends with.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+HEADER = struct.Struct("<BBHIq")
+SAMPLE_RATE = 16000
+MAX_AUDIO_MESSAGE_BYTES = SAMPLE_RATE * 2 * 2  # two seconds of PCM16 per message
+MAX_TEXT_MESSAGE_CHARS = 8192
+MAX_SPEAK_CHARS = 1000
+MAX_CREDIT = 10_000
+
+
+class MsgType(IntEnum):
+    AUDIO_IN = 1
+    VIDEO_JPEG = 2
+    VIDEO_RGB = 3
+    AUDIO_OUT = 4
+
+
+class CloseCode(IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001  # server shutting down
+    BAD_MESSAGE = 4400  # malformed header, JSON, unknown type, odd byte count
+    UNAUTHORIZED = 4401  # token missing
+    FORBIDDEN = 4403  # token wrong
+    NOT_FOUND = 4404  # unknown session
+    IDLE = 4408  # idle limit
+    CONFLICT = 4409  # the session already streams on another transport
+    GONE = 4410  # maximum duration reached / session ended
+    TOO_BIG = 4413  # message larger than allowed
+    UNSUPPORTED = 4415  # sample rate or format the server does not take
+    TOO_FAST = 4429  # audio sent too far ahead of the video
+    SLOW_CONSUMER = 4430  # the client stopped reading
+    INTERNAL = 4500
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: CloseCode, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason[:120]  # close reasons are limited to 123 bytes
+
+
+def pack(kind: MsgType, seq: int, pts_seconds: float, payload: bytes) -> bytes:
+    return HEADER.pack(int(kind), 0, 0, seq & 0xFFFFFFFF, round(pts_seconds * 1e6)) + payload
+
+
+@dataclass
+class AudioMessage:
+    seq: int
+    pts_us: int
+    pcm: np.ndarray  # int16
+
+
+def parse_binary(data: bytes) -> AudioMessage:
+    """A client binary message -> AudioMessage; the only binary type clients send is audio in."""
+    if len(data) < HEADER.size:
+        raise ProtocolError(CloseCode.BAD_MESSAGE, f"binary message of {len(data)} bytes is shorter than the header")
+    kind, flags, reserved, seq, pts_us = HEADER.unpack_from(data)
+    if kind != MsgType.AUDIO_IN:
+        raise ProtocolError(CloseCode.BAD_MESSAGE, f"binary message type {kind} is not audio in (1)")
+    if flags or reserved:
+        raise ProtocolError(CloseCode.BAD_MESSAGE, "header flags and reserved bytes must be 0")
+    payload = data[HEADER.size :]
+    if len(payload) > MAX_AUDIO_MESSAGE_BYTES:
+        raise ProtocolError(CloseCode.TOO_BIG, f"audio message of {len(payload)} bytes; at most 2 s per message")
+    if len(payload) % 2:
+        raise ProtocolError(CloseCode.BAD_MESSAGE, f"audio payload has an odd byte count ({len(payload)}): PCM16")
+    return AudioMessage(seq, pts_us, np.frombuffer(payload, "<i2"))
+
+
+# control messages: type -> {field: (types, required)}
+_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "start": {
+        "format": ((str,), False),
+        "flow": ((str,), False),
+        "credit": ((int,), False),
+        "sample_rate": ((int,), False),
+        "jpeg_quality": ((int,), False),
+    },
+    "speak": {"text": ((str,), True), "language": ((str,), False), "variant": ((str,), False)},
+    "caption": {"text": ((str,), True)},
+    "interrupt": {},
+    "clear": {},
+    "credit": {"frames": ((int,), True)},
+    "ping": {"id": ((int, str), False)},
+    "stop": {},
+}
+
+
+def parse_control(text: str) -> dict:
+    """A client text message -> validated dict with defaults filled in."""
+    if len(text) > MAX_TEXT_MESSAGE_CHARS:
+        raise ProtocolError(CloseCode.TOO_BIG, f"text message of {len(text)} characters; at most 8192")
+    try:
+        msg = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError(CloseCode.BAD_MESSAGE, "text message is not valid JSON") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError(CloseCode.BAD_MESSAGE, "control message must be a JSON object")
+    kind = msg.get("type")
+    if not isinstance(kind, str) or kind not in _FIELDS:
+        raise ProtocolError(CloseCode.BAD_MESSAGE, f"unknown control message type {str(kind)[:40]!r}")
+    fields = _FIELDS[kind]
+    for name, value in msg.items():
+        if name == "type":
+            continue
+        if name not in fields:
+            raise ProtocolError(CloseCode.BAD_MESSAGE, f"{kind}: unknown field {name[:40]!r}")
+        types, _ = fields[name]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise ProtocolError(CloseCode.BAD_MESSAGE, f"{kind}: field {name!r} has the wrong type")
+    for name, (_, required) in fields.items():
+        if required and name not in msg:
+            raise ProtocolError(CloseCode.BAD_MESSAGE, f"{kind}: missing field {name!r}")
+    return _check_values(kind, msg)
+
+
+def _check_values(kind: str, msg: dict) -> dict:
+    if kind == "start":
+        msg.setdefault("format", "jpeg")
+        msg.setdefault("flow", "latest")
+        msg.setdefault("credit", 0)
+        msg.setdefault("sample_rate", SAMPLE_RATE)
+        msg.setdefault("jpeg_quality", 80)
+        if msg["format"] not in ("jpeg", "rgb"):
+            raise ProtocolError(CloseCode.UNSUPPORTED, f"start: format must be 'jpeg' or 'rgb', not {msg['format'][:20]!r}")
+        if msg["flow"] not in ("latest", "credit"):
+            raise ProtocolError(CloseCode.BAD_MESSAGE, "start: flow must be 'latest' or 'credit'")
+        if msg["sample_rate"] != SAMPLE_RATE:
+            raise ProtocolError(
+                CloseCode.UNSUPPORTED, f"start: audio must be 16000 Hz PCM16 mono, not {msg['sample_rate']} Hz"
+            )
+        if not 0 <= msg["credit"] <= MAX_CREDIT:
+            raise ProtocolError(CloseCode.BAD_MESSAGE, f"start: credit must be in [0, {MAX_CREDIT}]")
+        if not 10 <= msg["jpeg_quality"] <= 95:
+            raise ProtocolError(CloseCode.BAD_MESSAGE, "start: jpeg_quality must be in [10, 95]")
+    elif kind == "credit" and not 0 <= msg["frames"] <= MAX_CREDIT:
+        raise ProtocolError(CloseCode.BAD_MESSAGE, f"credit: frames must be in [0, {MAX_CREDIT}]")
+    elif kind in ("speak", "caption"):
+        if len(msg["text"]) > MAX_SPEAK_CHARS:
+            raise ProtocolError(CloseCode.TOO_BIG, f"{kind}: text longer than {MAX_SPEAK_CHARS} characters")
+        if kind == "speak" and not msg["text"].strip():
+            raise ProtocolError(CloseCode.BAD_MESSAGE, "speak: text is empty")
+    return msg

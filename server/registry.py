@@ -1,0 +1,145 @@
+"""The set of live sessions: admission control, creation, limits and teardown."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import secrets
+import time
+
+import numpy as np
+
+from .config import ServerConfig
+from .metrics import ServerMetrics
+from .scheduler import InferenceWorker, WorkerBusy
+from .session import Session
+
+log = logging.getLogger("streamgen.server")
+
+
+class AdmissionError(Exception):
+    """Refused with 503: `reason` goes into the JSON body, `retry_after` into the header."""
+
+    def __init__(self, reason: str, retry_after: int, **details):
+        super().__init__(reason)
+        self.reason, self.retry_after, self.details = reason, retry_after, details
+
+
+class SessionRegistry:
+    def __init__(self, config: ServerConfig, worker: InferenceWorker, metrics: ServerMetrics):
+        self.config = config
+        self.worker = worker
+        self.metrics = metrics
+        self.sessions: dict[str, Session] = {}
+        self.model = None  # AvatarModel, set when loaded
+        self.chunk_seconds = 0.32
+        self.ready = False
+        self._creating = 0
+
+    # --- admission -------------------------------------------------------------------------------
+    def capacity(self) -> int:
+        if not self.config.measure_capacity:
+            return self.config.max_sessions
+        return self.worker.capacity(self.chunk_seconds, self.config.max_sessions)
+
+    def admit(self) -> None:
+        if not self.ready:
+            self._refuse("model is still loading", 5, "loading")
+        capacity = self.capacity()
+        self.metrics.capacity.set(capacity)
+        active = len(self.sessions) + self._creating
+        if active >= capacity:
+            self._refuse(
+                f"server is at capacity ({active} of {capacity} real-time sessions)",
+                max(1, round(self.chunk_seconds * 10)),
+                "capacity",
+                active=active,
+                capacity=capacity,
+            )
+
+    def _refuse(self, reason: str, retry_after: int, label: str, **details):
+        self.metrics.sessions_rejected.labels(label).inc()
+        raise AdmissionError(reason, retry_after, **details)
+
+    def playout_delay(self) -> float:
+        """How far playout trails generation: room for one round of every streaming session's chunk."""
+        if self.config.playout_delay_s is not None:
+            return self.config.playout_delay_s
+        chunk = self.worker.chunk_time_ema or 0.15
+        return min(1.0, max(0.1, 1.3 * chunk * (self.worker.streaming + 1) + 0.02))
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    async def create(self, reference: np.ndarray, caption: str | None, seed: int | None) -> Session:
+        self.admit()
+        self._creating += 1
+        try:
+            future = self.worker.submit(self._new_stream, reference, caption, seed)
+            stream = await asyncio.wrap_future(future)
+        except WorkerBusy as e:
+            self._refuse(str(e), 1, "busy")
+        finally:
+            self._creating -= 1
+        session = Session(secrets.token_hex(8), stream, asyncio.get_running_loop(), self.config.max_audio_ahead_s)
+        session.fail_handler = lambda s, reason: asyncio.ensure_future(self.close(s, reason))
+        self.sessions[session.id] = session
+        self.metrics.sessions_created.inc()
+        self.metrics.sessions_active.set(len(self.sessions))
+        log.info("session %s created (%dx%d)", session.id, session.width, session.height)
+        return session
+
+    def _new_stream(self, reference, caption, seed):  # worker thread
+        from streamgen.stream import StreamSession
+
+        c = self.config
+        stream = StreamSession(self.model, height=c.height, width=c.width, steps=c.steps, device=c.device)
+        stream.start(reference, text=caption, seed=seed)
+        return stream
+
+    def get(self, session_id: str) -> Session | None:
+        return self.sessions.get(session_id)
+
+    def start_streaming(self, session: Session, transport: str) -> None:
+        session.attach(transport, self.playout_delay())
+        self.worker.add(session)
+        self.metrics.sessions_streaming.set(self.worker.streaming)
+
+    async def close(self, session: Session, reason: str) -> None:
+        """End a session (idempotent): stop generation, close its transport, free the model state."""
+        if session.teardown is None:
+            session.closed, session.streaming, session.close_reason = True, False, reason
+            self.worker.remove(session.id)
+            self.sessions.pop(session.id, None)
+            self.metrics.sessions_active.set(len(self.sessions))
+            self.metrics.sessions_streaming.set(self.worker.streaming)
+            self.metrics.sessions_closed.labels(reason.split(":")[0][:32]).inc()
+            log.info("session %s closed: %s", session.id, reason)
+            session.teardown = asyncio.ensure_future(self._teardown(session))
+        # shielded: a caller being cancelled (its own transport task) must not cut the teardown short
+        await asyncio.shield(session.teardown)
+
+    async def _teardown(self, session: Session) -> None:
+        await session.run_closers()
+        try:  # on the worker, after any chunk of this session it may still be generating
+            await asyncio.wrap_future(self.worker.submit(session.stream.close))
+        except (WorkerBusy, RuntimeError, concurrent.futures.CancelledError, asyncio.CancelledError):
+            # the worker stopped (shutdown): dropping the reference frees the cache all the same
+            pass
+        session.stream = None
+
+    async def close_all(self, reason: str) -> None:
+        await asyncio.gather(*(self.close(s, reason) for s in list(self.sessions.values())))
+
+    async def enforce_limits_forever(self, period: float = 1.0) -> None:
+        """Close sessions past the idle or the maximum-duration limit."""
+        while True:
+            await asyncio.sleep(period)
+            await self.enforce_limits()
+
+    async def enforce_limits(self) -> None:
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            if now - session.created > self.config.max_duration_s:
+                await self.close(session, f"max_duration: session reached {self.config.max_duration_s:.0f} s")
+            elif now - session.last_input > self.config.idle_timeout_s:
+                await self.close(session, f"idle: no input for {self.config.idle_timeout_s:.0f} s")

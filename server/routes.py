@@ -1,0 +1,243 @@
+"""HTTP routes: sessions (create, inspect, end), WHEP signalling, avatars, health and metrics."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from .app import ApiError, bearer_token, decode_upload, read_body, require_session
+from .avatars import avatar_image, avatar_png, list_avatars
+from .registry import SessionRegistry
+
+router = APIRouter()
+MAX_SDP_BYTES = 64 * 1024
+MAX_CAPTION_CHARS = 500
+
+_CREATE_BODY = {
+    "requestBody": {
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "avatar": {"type": "string", "description": "id from GET /v1/avatars (default 'sample')"},
+                        "caption": {"type": "string", "description": "optional text conditioning, e.g. 'smiling'"},
+                        "seed": {"type": "integer"},
+                    },
+                }
+            },
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "reference": {"type": "string", "format": "binary", "description": "PNG/JPEG face"},
+                        "avatar": {"type": "string"},
+                        "caption": {"type": "string"},
+                        "seed": {"type": "integer"},
+                    },
+                }
+            },
+        }
+    }
+}
+
+
+@router.post("/v1/sessions", status_code=201, openapi_extra=_CREATE_BODY, tags=["sessions"])
+async def create_session(request: Request):
+    """Create a session from a built-in avatar or an uploaded reference image -> id and session token.
+
+    503 with Retry-After and a JSON reason when the server is at capacity or still loading.
+    """
+    registry: SessionRegistry = request.app.state.registry
+    config = registry.config
+    if config.token is not None:
+        given = bearer_token(request)
+        if not given:
+            raise ApiError(401, "unauthorized", "this server needs 'Authorization: Bearer <server token>'")
+        if not secrets.compare_digest(given.encode(), config.token.encode()):
+            raise ApiError(403, "forbidden", "wrong server token")
+    registry.admit()  # before reading an upload: refuse cheaply when full
+    fields, upload = await _session_fields(request, config)
+    avatar = fields.get("avatar") or "sample"
+    caption = fields.get("caption") or None
+    if caption is not None and len(caption) > MAX_CAPTION_CHARS:
+        raise ApiError(422, "bad_caption", f"caption longer than {MAX_CAPTION_CHARS} characters")
+    seed = fields.get("seed")
+    if seed is not None:
+        try:
+            seed = int(seed)
+        except (TypeError, ValueError):
+            raise ApiError(422, "bad_seed", "seed must be an integer") from None
+        if not 0 <= seed < 2**31:
+            raise ApiError(422, "bad_seed", "seed must be in [0, 2**31)")
+    if upload is not None:
+        reference = decode_upload(upload, config)
+    else:
+        try:
+            reference = avatar_image(str(avatar))
+        except KeyError:
+            raise ApiError(404, "unknown_avatar", f"unknown avatar {str(avatar)[:40]!r}; see GET /v1/avatars") from None
+    try:
+        session = await registry.create(reference, caption, seed)
+    except ValueError as e:  # e.g. a caption the model cannot take
+        raise ApiError(422, "bad_request", str(e)) from None
+    base = f"/v1/sessions/{session.id}"
+    body = {
+        "id": session.id, "token": session.token, "width": session.width, "height": session.height,
+        "fps": session.fps, "resource": base, "whep": f"{base}/whep", "stream": f"{base}/stream",
+    }  # fmt: skip
+    return JSONResponse(body, status_code=201, headers={"Location": base})
+
+
+async def _session_fields(request: Request, config) -> tuple[dict, bytes | None]:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await read_body(request, config.max_upload_bytes)
+    if not body:
+        return {}, None
+    if content_type == "application/json":
+        try:
+            fields = json.loads(body)
+        except ValueError:
+            raise ApiError(400, "bad_json", "request body is not valid JSON") from None
+        if not isinstance(fields, dict):
+            raise ApiError(400, "bad_json", "request body must be a JSON object")
+        return fields, None
+    if content_type == "multipart/form-data":
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except Exception as e:  # starlette raises its own parse errors
+            raise ApiError(400, "bad_form", f"multipart body could not be parsed: {e}") from None
+        fields, upload = {}, None
+        for key, value in form.multi_items():
+            if hasattr(value, "read"):
+                if key != "reference":
+                    raise ApiError(400, "bad_form", f"unexpected file field {key[:40]!r}; use 'reference'")
+                upload = await value.read()
+            else:
+                fields[key] = value
+        return fields, upload
+    raise ApiError(415, "unsupported_media_type", "send application/json or multipart/form-data")
+
+
+@router.get("/v1/sessions/{session_id}", tags=["sessions"])
+async def session_status(session_id: str, request: Request):
+    s = require_session(request, session_id)
+    return {
+        "id": s.id, "transport": s.transport, "streaming": s.streaming, "width": s.width, "height": s.height,
+        "fps": s.fps, "chunks": s.chunk_index, "audio_queued_s": round(s.timeline.queued_seconds, 3),
+    }  # fmt: skip
+
+
+@router.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"])
+async def end_session(session_id: str, request: Request):
+    """End the session: closes its peer connection or socket and frees its model state."""
+    session = require_session(request, session_id)
+    await request.app.state.registry.close(session, "deleted by client")
+    return Response(status_code=204)
+
+
+@router.post(
+    "/v1/sessions/{session_id}/whep",
+    status_code=201,
+    tags=["webrtc"],
+    openapi_extra={"requestBody": {"content": {"application/sdp": {"schema": {"type": "string"}}}}},
+    responses={201: {"content": {"application/sdp": {}}, "description": "SDP answer; Location = session"}},
+)
+async def whep(session_id: str, request: Request):
+    """WHEP: post an SDP offer (ICE candidates included) -> 201 with the SDP answer."""
+    from .webrtc import OfferError, answer_offer
+
+    registry: SessionRegistry = request.app.state.registry
+    session = require_session(request, session_id)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/sdp":
+        raise ApiError(415, "unsupported_media_type", "the offer must be sent as application/sdp")
+    body = await read_body(request, MAX_SDP_BYTES)
+    try:
+        sdp = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "bad_sdp", "malformed SDP: not UTF-8 text") from None
+    if session.transport is not None:
+        raise ApiError(409, "conflict", f"session is already streaming over {session.transport}")
+    session.transport = "whep"  # claimed before the first await: a second offer gets 409
+    try:
+        answer = await answer_offer(session, registry, sdp)
+    except OfferError as e:
+        await registry.close(session, f"bad offer: {e}")
+        raise ApiError(400, "bad_sdp", str(e)) from None
+    location = f"/v1/sessions/{session.id}"
+    return Response(answer, status_code=201, media_type="application/sdp", headers={"Location": location})
+
+
+@router.post("/v1/sessions/{session_id}/control", tags=["sessions"])
+async def control(session_id: str, request: Request):
+    """Control a streaming session over HTTP (WebRTC clients): the WebSocket's JSON messages
+    `speak`, `caption`, `interrupt` / `clear`."""
+    from .protocol import ProtocolError, parse_control
+    from .speech import SpeechError, set_caption, speak
+
+    registry: SessionRegistry = request.app.state.registry
+    session = require_session(request, session_id)
+    body = await read_body(request, 16 * 1024)
+    try:
+        msg = parse_control(body.decode("utf-8", "replace"))
+    except ProtocolError as e:
+        raise ApiError(413 if e.code == 4413 else 400, "bad_message", e.reason) from None
+    kind = msg["type"]
+    session.touch()
+    if kind == "speak":
+        try:
+            duration = await speak(session, msg["text"], msg.get("language", "en-us"), msg.get("variant"))
+        except SpeechError as e:
+            raise ApiError(422, "bad_speech", str(e)) from None
+        return {"type": "speaking", "duration": round(duration, 3)}
+    if kind == "caption":
+        try:
+            await set_caption(registry, session, msg["text"])
+        except ValueError as e:
+            raise ApiError(422, "bad_caption", str(e)) from None
+        return {"type": "caption", "text": msg["text"]}
+    if kind in ("interrupt", "clear"):
+        session.timeline.clear_ahead()
+        return {"type": kind}
+    raise ApiError(400, "bad_message", f"{kind!r} is a WebSocket message; use speak, caption or interrupt here")
+
+
+@router.get("/v1/avatars", tags=["avatars"])
+async def avatars():
+    return {"avatars": list_avatars()}
+
+
+@router.get("/v1/avatars/{avatar_id}.png", tags=["avatars"], response_class=Response)
+async def avatar_picture(avatar_id: str):
+    try:
+        return Response(avatar_png(avatar_id), media_type="image/png")
+    except KeyError:
+        raise ApiError(404, "unknown_avatar", f"unknown avatar {avatar_id[:40]!r}") from None
+
+
+@router.get("/healthz", tags=["health"])
+async def healthz():
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"])
+async def readyz(request: Request):
+    registry: SessionRegistry = request.app.state.registry
+    error = request.app.state.load_error
+    body = {
+        "ready": registry.ready, "model": registry.config.model, "sessions": len(registry.sessions),
+        "capacity": registry.capacity() if registry.ready else 0,
+        "chunk_ms": round(1000 * (registry.worker.chunk_time_ema or 0), 1),
+    }  # fmt: skip
+    if error:
+        body["error"] = error
+    return JSONResponse(body, status_code=200 if registry.ready else 503)
+
+
+@router.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+async def metrics(request: Request):
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")

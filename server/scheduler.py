@@ -1,0 +1,160 @@
+"""The inference worker: the one thread that owns the model.
+
+All model work goes through it: session setup (encoding the reference into the
+KV cache), chunk generation and teardown. Streaming sessions are served
+earliest-deadline-first, which is round-robin when they run at the same rate:
+each has a `next_due` time (see session.py), and the worker sleeps until the
+earliest one is due or a job arrives. Chunks are handed to the event loop with
+`call_soon_threadsafe`, never awaited, so a slow client cannot stall the worker.
+
+Batching: the model batches streams only when their KV caches are in lockstep
+(same fill level); sessions start at different times, so batching them needs
+per-row cache positions in streamgen/model/cache.py. Until then chunks of
+different sessions run one after another in this thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import threading
+import time
+from collections import deque
+
+from .metrics import ServerMetrics
+from .session import Session
+
+log = logging.getLogger("streamgen.server")
+
+
+class WorkerBusy(Exception):
+    """The job queue is full."""
+
+
+class InferenceWorker:
+    def __init__(self, metrics: ServerMetrics, stamp_frames: bool = False, max_jobs: int = 64):
+        self.metrics = metrics
+        self.stamp_frames = stamp_frames
+        self.max_jobs = max_jobs
+        self._cond = threading.Condition()
+        self._jobs: deque = deque()
+        self._sessions: dict[str, Session] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
+        self.chunk_time_ema: float | None = None  # seconds per chunk of one session, measured
+
+    # --- control ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        """Run `fn(*args)` on the worker thread; the result arrives in the returned future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise WorkerBusy("server is shutting down")
+            if len(self._jobs) >= self.max_jobs:
+                raise WorkerBusy("inference queue is full")
+            self._jobs.append((future, fn, args))
+            self.metrics.queue_depth.set(len(self._jobs))
+            self._cond.notify_all()
+        return future
+
+    def add(self, session: Session) -> None:
+        with self._cond:
+            self._sessions[session.id] = session
+            self._cond.notify_all()
+
+    def remove(self, session_id: str) -> None:
+        with self._cond:
+            self._sessions.pop(session_id, None)
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def streaming(self) -> int:
+        return len(self._sessions)
+
+    def capacity(self, chunk_seconds: float, limit: int) -> int:
+        """Sessions that fit in real time: chunk period / measured chunk time, with 15% headroom."""
+        if not self.chunk_time_ema:
+            return limit
+        return max(1, min(limit, math.floor(0.85 * chunk_seconds / self.chunk_time_ema)))
+
+    # --- the thread ------------------------------------------------------------------------------------
+    def _next(self):
+        """Under the lock: a job, a due session, or how long to sleep."""
+        if self._jobs:
+            return self._jobs.popleft(), None, 0.0
+        now = time.monotonic()
+        live = [s for s in self._sessions.values() if s.streaming and not s.closed]
+        if not live:
+            self.metrics.queue_depth.set(0)
+            return None, None, None
+        first = min(live, key=lambda s: s.next_due)
+        self.metrics.queue_depth.set(sum(1 for s in live if s.next_due <= now))
+        if first.next_due <= now:
+            return None, first, 0.0
+        return None, None, first.next_due - now
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopping:
+                        self._cancel_jobs()
+                        return
+                    job, session, wait = self._next()
+                    if job is not None or session is not None:
+                        break
+                    self._cond.wait(wait)
+            if job is not None:
+                self._run_job(*job)
+            else:
+                self._generate(session)
+
+    def _run_job(self, future, fn, args) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # delivered to whoever awaits the job
+            future.set_exception(e)
+
+    def _generate(self, session: Session) -> None:
+        t = time.perf_counter()
+        try:
+            chunk = session.generate(self.stamp_frames)
+        except Exception as e:  # one broken session must not take the worker down
+            log.exception("session %s: generation failed", session.id)
+            self.remove(session.id)
+            session.streaming = False
+            _call_soon(session, session.fail_from_worker, f"generation failed: {e}")
+            return
+        dt = time.perf_counter() - t
+        self.chunk_time_ema = dt if self.chunk_time_ema is None else 0.9 * self.chunk_time_ema + 0.1 * dt
+        self.metrics.chunk_done(dt, len(chunk.frames))
+        _call_soon(session, session.publish, chunk)
+
+    def _cancel_jobs(self) -> None:
+        while self._jobs:
+            future, _, _ = self._jobs.popleft()
+            future.cancel()
+
+
+def _call_soon(session: Session, fn, *args) -> None:
+    try:
+        session.loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the event loop is closed: the server is gone
+        pass

@@ -1,0 +1,294 @@
+"""Sessions: one avatar stream each, its audio timeline, its playout clock and its output slots.
+
+A session is created by `POST /v1/sessions` (the reference is encoded into the
+KV cache then), starts streaming when a transport attaches (WHEP offer or the
+WebSocket "start" message) and ends when that transport goes away, on
+`DELETE`, on the idle or maximum-duration limit, or at shutdown. Ending it
+removes it from the inference worker, frees its StreamSession (cache, decoder
+state) and runs the transport's close callbacks, so nothing outlives it.
+
+Timing. Everything lives on the stream's own timeline (seconds since the first
+chunk). `base` maps it to the wall clock (`time.monotonic()`): stream time `p`
+plays at `base + p`. The worker generates chunk k at `base - delay + k *
+chunk_seconds` and the tracks play it `delay` later; when anything runs late
+(the transport connects slowly, the worker is overloaded) `base` moves forward
+instead of letting a backlog build, and audio and video move together because
+both read the same `base`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger("streamgen.server")
+
+SAMPLE_RATE = 16000
+
+
+class AudioTimeline:
+    """The session's 16 kHz mono audio placed on the stream timeline; bounded both ways.
+
+    Several sources write into it and are mixed: "mic" and "client" are live
+    (real-time) sources, "speech" is queued text-to-speech. Each source has its
+    own cursor, so speech does not push the microphone back and vice versa.
+    Audio that arrives after the model has taken its position is placed at the
+    present, never in the past; a live source that falls behind restarts a
+    small jitter margin ahead, so the model's per-chunk reads do not chop it.
+    The worker takes samples up to the end of the next chunk's audio window
+    (`take_until`); the outgoing audio reads the samples the video was
+    generated from (`read`), kept for `history_s`.
+    """
+
+    LIVE_MARGIN = int(0.1 * SAMPLE_RATE)
+
+    def __init__(self, max_ahead_s: float = 30.0, history_s: float = 4.0):
+        self.max_ahead = int(max_ahead_s * SAMPLE_RATE)
+        self.history = int(history_s * SAMPLE_RATE)
+        self._buf = np.zeros(0, np.float32)
+        self._origin = 0  # absolute sample index of _buf[0]
+        self._cursors: dict[str, int] = {}  # source -> where its next sample goes
+        self.taken = 0  # samples before this have been handed to the model
+        self._lock = threading.Lock()
+
+    def append(self, pcm: np.ndarray, source: str = "client", live: bool = False) -> int:
+        """Mix float32 samples in after `source`'s previous ones; returns how many did not fit."""
+        with self._lock:
+            start = self._cursors.get(source, 0)
+            if start < self.taken:
+                start = self.taken + (self.LIVE_MARGIN if live else 0)
+            room = self.taken + self.max_ahead - start
+            keep = max(0, min(len(pcm), room))
+            if keep:
+                self._ensure(start + keep)
+                self._buf[start - self._origin : start + keep - self._origin] += pcm[:keep]
+            self._cursors[source] = start + keep
+            return len(pcm) - keep
+
+    def clear_ahead(self) -> None:
+        """Forget audio not yet handed to the model (interrupt)."""
+        with self._lock:
+            self._cursors.clear()
+            end = max(0, self.taken - self._origin)
+            self._buf = self._buf[:end].copy()
+
+    @property
+    def queued_seconds(self) -> float:
+        with self._lock:
+            end = max(self._cursors.values(), default=0)
+        return max(0, end - self.taken) / SAMPLE_RATE
+
+    def take_until(self, end: int) -> np.ndarray:
+        """Samples [taken, end) for the model (silence where nothing arrived); advances `taken`."""
+        with self._lock:
+            out = self._slice(self.taken, end)
+            self.taken = max(self.taken, end)
+            # keep `history` behind the model for the audio track, drop older samples
+            drop = self.taken - self.history - self._origin
+            if drop > 0:
+                self._buf = self._buf[drop:].copy()
+                self._origin += drop
+            return out
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        """Samples [start, start + n) as the model saw them; silence where unknown."""
+        with self._lock:
+            return self._slice(start, start + n)
+
+    def _ensure(self, end: int) -> None:
+        need = end - self._origin
+        if need > len(self._buf):
+            self._buf = np.concatenate([self._buf, np.zeros(need - len(self._buf), np.float32)])
+
+    def _slice(self, start: int, end: int) -> np.ndarray:
+        out = np.zeros(max(0, end - start), np.float32)
+        lo, hi = max(start, self._origin), min(end, self._origin + len(self._buf))
+        if hi > lo:
+            out[lo - start : hi - start] = self._buf[lo - self._origin : hi - self._origin]
+        return np.clip(out, -1.0, 1.0)
+
+
+@dataclass
+class Chunk:
+    frames: np.ndarray  # uint8 [T, H, W, 3]
+    pts: float  # stream time of frames[0], seconds
+    audio: np.ndarray  # int16 16 kHz mono samples of [pts, pts + T / fps): what the lips were made from
+    fps: float
+    index: int
+    input_time: float  # time.time() when the chunk's input audio was cut off (glass-to-glass origin)
+
+
+class ChunkSlot:
+    """Latest-chunk slot between the worker and one consumer: holds at most one chunk.
+
+    A new chunk replaces one the consumer has not taken yet (counted as dropped),
+    so a slow consumer skips ahead instead of building up latency.
+    """
+
+    def __init__(self, on_drop: Callable[[], None] | None = None):
+        self._chunk: Chunk | None = None
+        self._ready = asyncio.Event()
+        self._on_drop = on_drop
+        self.closed = False
+
+    def put(self, chunk: Chunk) -> None:  # event-loop thread only
+        if self._chunk is not None and self._on_drop:
+            self._on_drop()
+        self._chunk = chunk
+        self._ready.set()
+
+    def take_nowait(self) -> Chunk | None:
+        chunk, self._chunk = self._chunk, None
+        self._ready.clear()
+        return chunk
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for a chunk (or the close); True when one is there."""
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            pass
+        return self._chunk is not None
+
+    async def take(self) -> Chunk | None:
+        """The next chunk, or None once the slot is closed."""
+        while self._chunk is None and not self.closed:
+            await self._ready.wait()
+        return self.take_nowait()
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+
+
+class Session:
+    def __init__(self, session_id: str, stream, loop: asyncio.AbstractEventLoop, max_audio_ahead_s: float):
+        self.id = session_id
+        self.token = secrets.token_urlsafe(24)
+        self.stream = stream  # streamgen.stream.StreamSession, touched only by the worker thread
+        self.loop = loop
+        self.timeline = AudioTimeline(max_audio_ahead_s)
+        self.width, self.height = stream.width, stream.height
+        self.frames_per_chunk = stream.frames_per_chunk
+        self.chunk_seconds = stream.chunk_seconds
+        self.fps = self.frames_per_chunk / self.chunk_seconds
+        self.lookahead_samples = round(stream.audio_lookahead_seconds * SAMPLE_RATE)
+        self.created = time.monotonic()
+        self.last_input = self.created
+        self.transport: str | None = None  # "whep" or "websocket" once attached
+        self.streaming = False
+        self.closed = False
+        self.close_reason = ""
+        self.slots: list[ChunkSlot] = []
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+        self.teardown: asyncio.Future | None = None  # set by SessionRegistry.close
+        self.fail_handler: Callable[[Session, str], None] | None = None  # set by the registry
+        # clock (see module docstring); written by the event loop, read by the worker
+        self.delay = 0.2
+        self.base = 0.0
+        self.chunk_index = 0  # next chunk the worker generates
+        self.next_due = float("inf")
+        self.generated_until = 0  # samples of the timeline covered by generated chunks
+
+    # --- transport side (event loop) ----------------------------------------------------------
+    def attach(self, transport: str, delay: float) -> None:
+        self.transport = transport
+        self.delay = delay
+        self.base = time.monotonic() + delay
+        self.next_due = self.base - delay
+        self.streaming = True
+        self.touch()
+
+    def touch(self) -> None:
+        self.last_input = time.monotonic()
+
+    def add_slot(self, on_drop=None) -> ChunkSlot:
+        slot = ChunkSlot(on_drop)
+        self.slots.append(slot)
+        return slot
+
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        self._closers.append(closer)
+
+    def late_by(self, seconds: float) -> None:
+        """A consumer found itself `seconds` behind the schedule: move the clock, never queue up."""
+        if seconds > 0:
+            self.base += seconds
+            self.next_due += seconds
+
+    def publish(self, chunk: Chunk) -> None:  # event-loop thread
+        for slot in self.slots:
+            slot.put(chunk)
+
+    def fail_from_worker(self, reason: str) -> None:  # event-loop thread
+        if self.fail_handler is not None:
+            self.fail_handler(self, reason)
+
+    async def run_closers(self) -> None:
+        for slot in self.slots:
+            slot.close()
+        closers, self._closers = self._closers, []
+        for closer in closers:
+            try:
+                await closer()
+            except Exception as e:  # a transport that fails to close must not keep the others open
+                log.warning("session %s: closing transport failed: %r", self.id, e)
+
+    # --- worker side --------------------------------------------------------------------------
+    def generate(self, stamp_frames: bool) -> Chunk:
+        """Generate the next chunk on the worker thread (the only thread that touches the model)."""
+        k = self.chunk_index
+        chunk_samples = round(self.chunk_seconds * SAMPLE_RATE)
+        input_time = time.time()
+        pcm = self.timeline.take_until((k + 1) * chunk_samples + self.lookahead_samples)
+        self.stream.push_audio(pcm)
+        frames, pts = self.stream.next_chunk()
+        start = round(pts * SAMPLE_RATE)
+        audio = self.timeline.read(start, chunk_samples)
+        self.generated_until = start + chunk_samples
+        self.chunk_index = k + 1
+        self.next_due = self.base - self.delay + self.chunk_index * self.chunk_seconds
+        if stamp_frames:
+            frames = frames.copy()
+            stamp_picture(frames, input_time)
+        pcm16 = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+        return Chunk(frames, pts, pcm16, self.fps, k, input_time)
+
+
+# --- picture time stamps (benchmark) ------------------------------------------------------------
+STAMP_BITS = 32
+
+
+def stamp_picture(frames: np.ndarray, wall_time: float) -> None:
+    """Write the low 32 bits of `wall_time` in ms as black/white blocks across the top of each frame."""
+    value = int(wall_time * 1000) & 0xFFFFFFFF
+    w = frames.shape[2]
+    block = w // 16
+    for bit in range(STAMP_BITS):
+        row, col = divmod(bit, 16)
+        on = (value >> (STAMP_BITS - 1 - bit)) & 1
+        frames[:, row * block : (row + 1) * block, col * block : (col + 1) * block] = 255 if on else 0
+
+
+def read_stamp(frame: np.ndarray, now: float) -> float:
+    """The wall time written by `stamp_picture` (the high bits taken from `now`)."""
+    w = frame.shape[1]
+    block = w // 16
+    value = 0
+    for bit in range(STAMP_BITS):
+        row, col = divmod(bit, 16)
+        patch = frame[row * block + block // 4 : (row + 1) * block - block // 4,
+                      col * block + block // 4 : (col + 1) * block - block // 4]  # fmt: skip
+        value = (value << 1) | int(patch.mean() > 127)
+    now_ms = int(now * 1000)
+    ms = (now_ms & ~0xFFFFFFFF) | value
+    if ms > now_ms + 2**31:
+        ms -= 2**32
+    return ms / 1000.0

@@ -1,0 +1,48 @@
+"""Speak mode: text -> espeak-ng speech (the avatar world's speech module) -> the session's audio.
+
+The speech goes onto the session's audio timeline like microphone audio does,
+so it drives the lips, and the outgoing audio (WebRTC track or WebSocket audio
+messages) plays exactly the samples the lips were generated from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from streamgen.data.speech import SpeechError, Voice, synthesize
+
+from .session import Session
+
+
+async def speak(session: Session, text: str, language: str = "en-us", variant: str | None = None) -> float:
+    """Queue `text` as speech on the session; returns its duration in seconds. SpeechError for bad input."""
+    voice = Voice(language=language, variant=variant)
+    voice.validate()
+    # in a thread: synthesis takes ~0.1-1 s; the speech module serialises calls with its own lock
+    utterance = await asyncio.to_thread(synthesize, text, voice)
+    if session.closed:
+        return 0.0
+    dropped = session.timeline.append(utterance.audio, source="speech")
+    if dropped:
+        raise SpeechError(
+            f"speech queue is full: {dropped / 16000:.1f} s of speech did not fit (interrupt to clear it)"
+        )
+    session.touch()
+    return utterance.duration
+
+
+async def set_caption(registry, session: Session, text: str) -> None:
+    """Change the caption (text conditioning) of a running session, on the worker thread."""
+
+    def apply():
+        from streamgen.model.text import text_context
+
+        stream = session.stream
+        if stream is not None:
+            # the caption is read per chunk through stream.context; the identity sink stays as encoded
+            stream.context = text_context(text or None, stream.cfg.text_dim).to(stream.device, stream.dtype)
+
+    await asyncio.wrap_future(registry.worker.submit(apply))
+
+
+__all__ = ["SpeechError", "speak", "set_caption"]

@@ -1,0 +1,228 @@
+"""WebRTC in the WHEP style: POST an SDP offer, get the answer; DELETE the session resource to end.
+
+Signalling is one round trip without trickle ICE (the offer carries its
+candidates). The browser's microphone track drives the avatar; the server
+sends back a video track of generated frames and an audio track with the speech
+the lips were made from, both paced on the session's playout clock so they
+leave together (the browser lines them up from the senders' RTCP reports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+import time
+
+import av
+import numpy as np
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from aiortc.sdp import SessionDescription
+
+from .session import SAMPLE_RATE, Chunk, ChunkSlot, Session
+
+log = logging.getLogger("streamgen.server")
+
+VIDEO_CLOCK = 90000
+AUDIO_FRAME_SAMPLES = 320  # 20 ms at 16 kHz
+SUPPORTED_VIDEO = {"vp8", "h264"}
+SUPPORTED_AUDIO = {"opus", "pcmu", "pcma"}
+
+
+class OfferError(ValueError):
+    """The offer cannot be answered: malformed, or no media the server can use (-> 400)."""
+
+
+def check_offer(sdp: str) -> set[str]:
+    """Validate an offer before touching a peer connection; returns the media kinds it carries."""
+    if not sdp.lstrip().startswith("v=0"):
+        raise OfferError("malformed SDP: an offer starts with 'v=0'")
+    try:
+        parsed = SessionDescription.parse(sdp)
+    except Exception as e:  # the SDP parser raises whatever the bad line provokes
+        raise OfferError(f"malformed SDP: {type(e).__name__}: {e}"[:200]) from None
+    video = [m for m in parsed.media if m.kind == "video"]
+    if not video:
+        raise OfferError("offer has no usable media: it needs a video m-line the server can send on")
+    if not any(m.direction in ("recvonly", "sendrecv") and m.port != 0 for m in video):
+        raise OfferError("offer has no usable media: the video m-line does not receive (recvonly/sendrecv)")
+    codecs = {c.name.lower() for m in video for c in m.rtp.codecs}
+    if not codecs & SUPPORTED_VIDEO:
+        raise OfferError(f"offer has no usable media: no VP8 or H264 video codec (got {sorted(codecs)})")
+    return {m.kind for m in parsed.media}
+
+
+async def answer_offer(session: Session, registry, sdp: str) -> str:
+    """Create the peer connection for `session`, answer `sdp`, start streaming. OfferError on bad offers."""
+    kinds = check_offer(sdp)
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    slot = session.add_slot(on_drop=registry.metrics.dropped_chunks.inc)
+    mic_tasks: list[asyncio.Task] = []
+
+    async def close_peer() -> None:
+        for task in mic_tasks:
+            task.cancel()
+        await pc.close()
+
+    session.on_close(close_peer)
+
+    @pc.on("track")
+    def on_track(track: MediaStreamTrack) -> None:
+        if track.kind == "audio":
+            mic_tasks.append(asyncio.ensure_future(consume_microphone(track, session)))
+
+    @pc.on("connectionstatechange")
+    async def on_state() -> None:
+        log.debug("session %s: peer connection %s", session.id, pc.connectionState)
+        if pc.connectionState in ("failed", "closed"):
+            await registry.close(session, f"peer connection {pc.connectionState}")
+
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        pc.addTrack(AvatarVideoTrack(session, slot))
+        if "audio" in kinds:
+            pc.addTrack(SpeechAudioTrack(session))
+        await pc.setLocalDescription(await pc.createAnswer())
+    except Exception as e:  # aiortc rejects offers it cannot negotiate with assorted exceptions
+        raise OfferError(f"offer could not be negotiated: {type(e).__name__}: {e}"[:200]) from None
+    registry.start_streaming(session, "whep")
+    return pc.localDescription.sdp
+
+
+async def consume_microphone(track: MediaStreamTrack, session: Session) -> None:
+    """Browser mic (Opus -> s16 48 kHz stereo, 20 ms frames) -> 16 kHz mono on the session timeline."""
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)  # once per session
+    while not session.closed:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        for out in resampler.resample(frame):
+            pcm = out.to_ndarray().reshape(-1).astype(np.float32) / 32768.0
+            session.timeline.append(pcm, source="mic", live=True)
+        session.touch()
+
+
+class AvatarVideoTrack(MediaStreamTrack):
+    """Generated frames, frame n at `session.base + n / fps`, taken from the latest-chunk slot.
+
+    When the chunk for frame n is not there at its play time (the transport
+    connected late, the worker is behind) the last picture is shown again and
+    the session clock moves by one frame: latency never accumulates. recv()
+    never raises: aiortc ends a track for good on the first exception, so any
+    failure repeats the last picture instead (and is logged once).
+    """
+
+    kind = "video"
+
+    def __init__(self, session: Session, slot: ChunkSlot):
+        super().__init__()
+        self.session = session
+        self.slot = slot
+        self.chunk: Chunk | None = None
+        self.n = 0  # next frame index on the stream
+        self.sent = 0  # frames returned so far: their pts, always increasing
+        self.last: np.ndarray | None = None
+        self.failed = False
+
+    async def recv(self) -> av.VideoFrame:
+        try:
+            picture = await self._next_picture()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if not self.failed:
+                log.exception("session %s: video track failed; repeating the last frame", self.session.id)
+                self.failed = True
+            await asyncio.sleep(1 / self.session.fps)
+            picture = self._last_picture()
+        self.last = picture
+        frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+        frame.pts = round(self.sent * VIDEO_CLOCK / self.session.fps)
+        frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
+        self.sent += 1
+        return frame
+
+    def _last_picture(self) -> np.ndarray:
+        if self.last is None:
+            return np.zeros((self.session.height, self.session.width, 3), np.uint8)
+        return self.last
+
+    def _covers(self, n: int) -> bool:
+        per_chunk = self.session.frames_per_chunk
+        return self.chunk is not None and n < (self.chunk.index + 1) * per_chunk
+
+    async def _next_picture(self) -> np.ndarray:
+        s = self.session
+        period = 1 / s.fps
+        while not self._covers(self.n):
+            newer = self.slot.take_nowait()
+            if newer is not None:
+                self.chunk = newer
+                self.n = max(self.n, newer.index * s.frames_per_chunk)  # chunks dropped in the slot
+                continue
+            if self.slot.closed:  # the session is ending; the peer connection closes next
+                await asyncio.sleep(period)
+                return self._last_picture()
+            wait = s.base + self.n / s.fps - time.monotonic()
+            if wait > 0 or self.last is None:
+                await self.slot.wait(wait if wait > 0 else 1.0)
+                continue
+            await asyncio.sleep(period)  # late: repeat the last picture for one frame period
+            s.late_by(period)
+            return self.last
+        late = time.monotonic() - (s.base + self.n / s.fps)
+        if self.last is None and late > 0:  # first frame: the transport connected after its play time
+            s.late_by(late)
+        delay = s.base + self.n / s.fps - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        picture = self.chunk.frames[self.n - self.chunk.index * s.frames_per_chunk]
+        self.n += 1
+        s.touch()  # a connected viewer keeps the session alive
+        return picture
+
+
+class SpeechAudioTrack(MediaStreamTrack):
+    """The audio the lips were generated from, 20 ms at a time, sample m at `session.base + m / 16000`."""
+
+    kind = "audio"
+
+    def __init__(self, session: Session):
+        super().__init__()
+        self.session = session
+        self.m: int | None = None  # next sample index on the stream
+        self.failed = False
+
+    async def recv(self) -> av.AudioFrame:
+        try:
+            pcm = await self._next_samples()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if not self.failed:
+                log.exception("session %s: audio track failed; sending silence", self.session.id)
+                self.failed = True
+            await asyncio.sleep(AUDIO_FRAME_SAMPLES / SAMPLE_RATE)
+            pcm = np.zeros(AUDIO_FRAME_SAMPLES, np.int16)
+        frame = av.AudioFrame(format="s16", layout="mono", samples=AUDIO_FRAME_SAMPLES)
+        frame.planes[0].update(pcm.tobytes())
+        frame.sample_rate = SAMPLE_RATE
+        frame.pts = self.m
+        frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
+        return frame
+
+    async def _next_samples(self) -> np.ndarray:
+        s = self.session
+        if self.m is None:  # start at the present, not at stream time 0
+            now_samples = (time.monotonic() - s.base) * SAMPLE_RATE
+            self.m = max(0, int(now_samples // AUDIO_FRAME_SAMPLES) * AUDIO_FRAME_SAMPLES)
+        delay = s.base + self.m / SAMPLE_RATE - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        start, self.m = self.m, self.m + AUDIO_FRAME_SAMPLES
+        if start + AUDIO_FRAME_SAMPLES > s.generated_until:
+            return np.zeros(AUDIO_FRAME_SAMPLES, np.int16)  # no video for this time yet: no sound either
+        pcm = s.timeline.read(start, AUDIO_FRAME_SAMPLES)
+        return (pcm * 32767).astype(np.int16)

@@ -1,0 +1,227 @@
+"""The WebSocket API: /v1/sessions/{id}/stream (wire format in protocol.py, docs in docs/api.md).
+
+One connection drives one session. The receive loop takes audio and control
+messages; a sender task takes chunks from the session's latest-chunk slot and
+writes one audio-out message and the chunk's frames. Every send has a
+deadline, so a client that stops reading is dropped (4430) instead of holding
+memory; any protocol violation closes the socket with a 44xx code and a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import secrets
+
+import numpy as np
+from fastapi import APIRouter, WebSocket
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from .protocol import CloseCode, MsgType, ProtocolError, pack, parse_binary, parse_control
+from .registry import SessionRegistry
+from .session import Session
+from .speech import SpeechError, set_caption, speak
+
+log = logging.getLogger("streamgen.server")
+router = APIRouter()
+
+
+def close_code_for(reason: str) -> CloseCode:
+    if reason.startswith("idle"):
+        return CloseCode.IDLE
+    if reason.startswith("server shutting down"):
+        return CloseCode.GOING_AWAY
+    return CloseCode.GONE
+
+
+@router.websocket("/v1/sessions/{session_id}/stream")
+async def stream_socket(ws: WebSocket, session_id: str):
+    """Drive a session from a program: PCM16 audio in, encoded frames + audio out, JSON control."""
+    registry: SessionRegistry = ws.app.state.registry
+    await ws.accept()  # accept first: a close code with a reason is only possible on an open socket
+    session = registry.get(session_id)
+    token = ws.query_params.get("token") or _bearer(ws.headers.get("authorization"))
+    if session is None:
+        return await _refuse(ws, CloseCode.NOT_FOUND, f"unknown session {session_id[:40]!r}")
+    if not token:
+        return await _refuse(ws, CloseCode.UNAUTHORIZED, "missing session token (?token= or Authorization)")
+    if not secrets.compare_digest(token.encode(), session.token.encode()):
+        return await _refuse(ws, CloseCode.FORBIDDEN, "wrong session token")
+    if session.transport is not None:
+        return await _refuse(ws, CloseCode.CONFLICT, f"session is already streaming over {session.transport}")
+    await SocketConnection(ws, session, registry).run()
+
+
+def _bearer(header: str | None) -> str | None:
+    if header and header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return None
+
+
+async def _refuse(ws: WebSocket, code: CloseCode, reason: str) -> None:
+    log.info("websocket refused: %d %s", code, reason)
+    await ws.close(int(code), reason)
+
+
+class SocketConnection:
+    def __init__(self, ws: WebSocket, session: Session, registry: SessionRegistry):
+        self.ws = ws
+        self.session = session
+        self.registry = registry
+        self.config = registry.config
+        self.options: dict = {}
+        self.credit = 0
+        self.credit_changed = asyncio.Event()
+        self.sender: asyncio.Task | None = None
+        self.close_sent = False
+
+    async def run(self) -> None:
+        reason = "websocket closed by client"
+        try:
+            reason = await self.receive_loop()
+        except ProtocolError as e:
+            log.info("session %s: websocket protocol error %d: %s", self.session.id, e.code, e.reason)
+            await self.close(e.code, e.reason)
+            reason = f"protocol error: {e.reason}"
+        except WebSocketDisconnect:
+            pass
+        finally:
+            if self.sender is not None:
+                self.sender.cancel()
+            await self.registry.close(self.session, reason)
+
+    async def receive_loop(self) -> str:
+        idle = self.config.idle_timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(self.ws.receive(), timeout=idle)
+            except TimeoutError:
+                await self.close(CloseCode.IDLE, f"no message for {idle:.0f} s")
+                return "idle: websocket"
+            if message["type"] == "websocket.disconnect":
+                return "websocket closed by client"
+            self.session.touch()
+            if message.get("bytes") is not None:
+                self.on_audio(message["bytes"])
+            elif message.get("text") is not None:
+                if await self.on_control(parse_control(message["text"])):
+                    return "stopped by client"
+
+    def on_audio(self, data: bytes) -> None:
+        audio = parse_binary(data)
+        if not self.session.streaming:
+            raise ProtocolError(CloseCode.BAD_MESSAGE, "send a start message before audio")
+        dropped = self.session.timeline.append(audio.pcm.astype(np.float32) / 32768.0, source="client", live=True)
+        if dropped:
+            ahead = self.config.max_audio_ahead_s
+            raise ProtocolError(CloseCode.TOO_FAST, f"audio is more than {ahead:.0f} s ahead of the video")
+
+    async def on_control(self, msg: dict) -> bool:
+        """Handle one control message; True when the client asked to stop."""
+        kind = msg["type"]
+        if kind == "ping":
+            await self.send_json({"type": "pong", "id": msg.get("id"), "video_time": self.video_time()})
+        elif kind == "start":
+            if self.session.streaming:
+                raise ProtocolError(CloseCode.BAD_MESSAGE, "start was already sent")
+            self.start(msg)
+        elif not self.session.streaming:
+            raise ProtocolError(CloseCode.BAD_MESSAGE, f"send a start message before {kind}")
+        elif kind == "stop":
+            await self.close(CloseCode.NORMAL, "stopped")
+            return True
+        elif kind == "credit":
+            self.credit = min(self.credit + msg["frames"], 10_000)
+            self.credit_changed.set()
+        elif kind in ("interrupt", "clear"):
+            self.session.timeline.clear_ahead()
+        elif kind == "speak":
+            try:
+                duration = await speak(self.session, msg["text"], msg.get("language", "en-us"), msg.get("variant"))
+            except SpeechError as e:
+                await self.send_json({"type": "error", "for": "speak", "message": str(e)})
+            else:
+                await self.send_json({"type": "speaking", "duration": round(duration, 3)})
+        elif kind == "caption":
+            try:
+                await set_caption(self.registry, self.session, msg["text"])
+            except ValueError as e:
+                await self.send_json({"type": "error", "for": "caption", "message": str(e)})
+        return False
+
+    def start(self, msg: dict) -> None:
+        self.options = msg
+        self.credit = msg["credit"]
+        slot = self.session.add_slot(on_drop=self.registry.metrics.dropped_chunks.inc)
+        self.session.on_close(self.close_for_session)
+        self.registry.start_streaming(self.session, "websocket")
+        s = self.session
+        ready = {
+            "type": "ready", "session": s.id, "width": s.width, "height": s.height, "fps": s.fps,
+            "frames_per_chunk": s.frames_per_chunk, "format": msg["format"], "flow": msg["flow"],
+            "sample_rate": 16000, "playout_delay": round(s.delay, 3),
+        }  # fmt: skip
+        self.sender = asyncio.create_task(self.send_chunks(slot, json.dumps(ready)))
+
+    def video_time(self) -> float:
+        return self.session.chunk_index * self.session.chunk_seconds
+
+    async def send_chunks(self, slot, ready: str) -> None:
+        """Sender task: ready message, then per chunk one audio-out message and its frames."""
+        fmt, quality = self.options["format"], self.options["jpeg_quality"]
+        seq_audio = seq_video = 0
+        try:
+            await self.send(ready)
+            while (chunk := await slot.take()) is not None:
+                await self.send(pack(MsgType.AUDIO_OUT, seq_audio, chunk.pts, chunk.audio.tobytes()))
+                seq_audio += 1
+                for i, frame in enumerate(chunk.frames):
+                    if self.options["flow"] == "credit":
+                        if self.credit <= 0:
+                            self.registry.metrics.dropped_chunks.inc()
+                            break  # no credit: skip the rest of this chunk, the next one is newer
+                        self.credit -= 1
+                    kind, payload = _encode(frame, fmt, quality)
+                    await self.send(pack(kind, seq_video, chunk.pts + i / chunk.fps, payload))
+                    seq_video += 1
+        except TimeoutError:
+            timeout = self.config.ws_send_timeout_s
+            log.info("session %s: websocket client stopped reading", self.session.id)
+            await self.close(CloseCode.SLOW_CONSUMER, f"client did not read for {timeout:.0f} s")
+            await self.registry.close(self.session, "slow consumer")
+        except (WebSocketDisconnect, RuntimeError, ConnectionError):
+            pass  # the receive loop sees the disconnect and ends the session
+
+    async def send(self, data: bytes | str) -> None:
+        send = self.ws.send_bytes(data) if isinstance(data, bytes) else self.ws.send_text(data)
+        await asyncio.wait_for(send, timeout=self.config.ws_send_timeout_s)
+
+    async def send_json(self, obj: dict) -> None:
+        try:
+            await self.send(json.dumps(obj))
+        except (TimeoutError, RuntimeError, ConnectionError, WebSocketDisconnect):
+            pass
+
+    async def close_for_session(self) -> None:
+        await self.close(close_code_for(self.session.close_reason), self.session.close_reason)
+
+    async def close(self, code: int, reason: str) -> None:
+        if self.close_sent or self.ws.application_state != WebSocketState.CONNECTED:
+            return
+        self.close_sent = True
+        try:
+            await asyncio.wait_for(self.ws.close(int(code), reason[:120]), timeout=2.0)
+        except (TimeoutError, RuntimeError, ConnectionError, WebSocketDisconnect):
+            pass
+
+
+def _encode(frame: np.ndarray, fmt: str, quality: int) -> tuple[MsgType, bytes]:
+    if fmt == "rgb":
+        return MsgType.VIDEO_RGB, np.ascontiguousarray(frame).tobytes()
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
+    return MsgType.VIDEO_JPEG, buf.getvalue()

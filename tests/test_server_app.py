@@ -1,0 +1,229 @@
+"""HTTP API: sessions, avatars, health, metrics, auth and bad input."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from server_helpers import make_app, wait_ready
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with TestClient(make_app(max_sessions=3)) as c:
+        wait_ready(c)
+        yield c
+
+
+def png_bytes(w=96, h=96, color=(200, 150, 120)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((h, w, 3), color, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def new_session(client, **json):
+    r = client.post("/v1/sessions", json=json or {"avatar": "sample", "seed": 0})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def auth(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_health_ready_docs_and_avatars(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["ready"] is True and ready["capacity"] >= 1
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/v1/sessions" in paths and "/v1/sessions/{session_id}/whep" in paths
+    assert client.get("/docs").status_code == 200
+    avatars = client.get("/v1/avatars").json()["avatars"]
+    assert {"sample", "ada"} <= {a["id"] for a in avatars}
+    png = client.get(avatars[1]["image"])
+    assert png.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(png.content)).size == (256, 256)
+    assert client.get("/v1/avatars/nobody.png").status_code == 404
+
+
+def test_web_client_is_served(client):
+    r = client.get("/")
+    assert r.status_code == 200 and "<video" in r.text
+
+
+def test_create_inspect_delete(client):
+    s = new_session(client, avatar="ada", seed=3)
+    assert s["width"] == 64 and s["fps"] == 25.0 and s["whep"].endswith("/whep")
+    status = client.get(s["resource"], headers=auth(s["token"]))
+    assert status.status_code == 200 and status.json()["streaming"] is False
+    assert client.delete(s["resource"], headers=auth(s["token"])).status_code == 204
+    assert client.get(s["resource"], headers=auth(s["token"])).status_code == 404
+
+
+def test_upload_reference(client):
+    r = client.post("/v1/sessions", files={"reference": ("face.png", png_bytes(), "image/png")},
+                    data={"seed": "5"})  # fmt: skip
+    assert r.status_code == 201, r.text
+    client.delete(r.json()["resource"], headers=auth(r.json()["token"]))
+
+
+@pytest.mark.parametrize(
+    "payload, status, error",
+    [
+        (b"this is not an image", 415, "bad_image"),
+        (png_bytes()[:60], 422, "bad_image"),  # truncated PNG
+        (png_bytes(4, 4), 422, "bad_image"),  # too small
+    ],
+)
+def test_bad_reference_images(client, payload, status, error):
+    r = client.post("/v1/sessions", files={"reference": ("x.png", payload, "image/png")})
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == error and r.json()["message"]
+
+
+def test_decompression_bomb_is_refused_before_decoding(client):
+    # a 20000x20000 grey PNG compresses to a few hundred KB; the header alone must refuse it
+    import zlib
+
+    w = h = 20000
+    raw = zlib.compress(b"\x00" * (w + 1) * 200, 9)  # only 200 rows of data: the header is what counts
+    def chunk(kind, data):
+        import struct
+
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    import struct
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+    png += chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+    r = client.post("/v1/sessions", files={"reference": ("bomb.png", png, "image/png")})
+    assert r.status_code == 413 and "pixels" in r.json()["message"]
+
+
+def test_oversized_upload(client):
+    big = b"\x00" * (4 * 1024 * 1024 + 10)
+    r = client.post("/v1/sessions", files={"reference": ("big.png", big, "image/png")})
+    assert r.status_code == 413 and r.json()["error"] == "too_large"
+
+
+@pytest.mark.parametrize(
+    "kwargs, status",
+    [
+        ({"json": {"avatar": "nobody"}}, 404),
+        ({"json": {"seed": "x"}}, 422),
+        ({"json": {"seed": -1}}, 422),
+        ({"json": [1, 2]}, 400),
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400),
+        ({"content": b"avatar=ada", "headers": {"content-type": "text/plain"}}, 415),
+    ],
+)
+def test_bad_session_requests(client, kwargs, status):
+    r = client.post("/v1/sessions", **kwargs)
+    assert r.status_code == status, r.text
+    assert "message" in r.json()
+
+
+def test_session_tokens(client):
+    s = new_session(client)
+    url = s["resource"]
+    assert client.get(url).status_code == 401
+    assert client.get(url, headers=auth("wrong")).status_code == 403
+    assert client.delete(url, headers=auth("wrong")).status_code == 403
+    assert client.get("/v1/sessions/nope", headers=auth(s["token"])).status_code == 404
+    assert client.post(s["whep"], content=b"v=0", headers={"content-type": "application/sdp"}).status_code == 401
+    client.delete(url, headers=auth(s["token"]))
+
+
+def test_server_token():
+    with TestClient(make_app(token="sekrit")) as c:
+        wait_ready(c)
+        assert c.post("/v1/sessions", json={}).status_code == 401
+        assert c.post("/v1/sessions", json={}, headers=auth("nope")).status_code == 403
+        r = c.post("/v1/sessions", json={}, headers=auth("sekrit"))
+        assert r.status_code == 201
+
+
+@pytest.mark.parametrize(
+    "sdp, content_type, status",
+    [
+        ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=video", "application/sdp", 400),  # truncated
+        ("hello", "application/sdp", 400),
+        ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n", "application/sdp", 400),  # no media
+        ("v=0\r\n", "text/plain", 415),
+    ],
+)
+def test_bad_offers(client, sdp, content_type, status):
+    s = new_session(client)
+    r = client.post(s["whep"], content=sdp.encode(), headers={"content-type": content_type, **auth(s["token"])})
+    assert r.status_code == status, r.text
+    assert r.json()["error"] in ("bad_sdp", "unsupported_media_type")
+    client.delete(s["resource"], headers=auth(s["token"]))
+
+
+def test_offer_without_usable_video(client):
+    audio_only = (
+        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\n"
+        "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 127.0.0.1\r\na=mid:0\r\na=sendrecv\r\n"
+        "a=rtpmap:111 opus/48000/2\r\na=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\n"
+        "a=fingerprint:sha-256 " + ":".join(["AB"] * 32) + "\r\na=setup:actpass\r\n"
+    )
+    s = new_session(client)
+    r = client.post(s["whep"], content=audio_only.encode(), headers={"content-type": "application/sdp", **auth(s["token"])})
+    assert r.status_code == 400 and "no usable media" in r.json()["message"]
+
+
+def test_admission_control_503(client):
+    sessions = []
+    for _ in range(10):
+        r = client.post("/v1/sessions", json={})
+        if r.status_code == 503:
+            break
+        assert r.status_code == 201
+        sessions.append(r.json())
+    assert len(sessions) == 3  # max_sessions of this app
+    assert r.headers["retry-after"].isdigit()
+    assert "capacity" in r.json()["reason"]
+    metrics = client.get("/metrics").text
+    assert 'streamgen_sessions_rejected_total{reason="capacity"}' in metrics
+    for s in sessions:
+        client.delete(s["resource"], headers=auth(s["token"]))
+    assert client.post("/v1/sessions", json={}).status_code == 201
+
+
+def test_metrics_names(client):
+    text = client.get("/metrics").text
+    for name in ("streamgen_sessions_active", "streamgen_chunk_latency_seconds_bucket", "streamgen_generated_fps",
+                 "streamgen_dropped_chunks_total", "streamgen_queue_depth"):  # fmt: skip
+        assert name in text
+
+
+def test_control_endpoint(client):
+    s = new_session(client)
+    h = auth(s["token"])
+    r = client.post(s["resource"] + "/control", json={"type": "speak", "text": "Hello there."}, headers=h)
+    assert r.status_code == 200 and r.json()["duration"] > 0.3
+    assert client.get(s["resource"], headers=h).json()["audio_queued_s"] > 0.3
+    assert client.post(s["resource"] + "/control", json={"type": "interrupt"}, headers=h).status_code == 200
+    assert client.get(s["resource"], headers=h).json()["audio_queued_s"] == 0
+    bad = client.post(s["resource"] + "/control", json={"type": "speak", "text": "hi", "language": "xx"}, headers=h)
+    assert bad.status_code == 422 and "language" in bad.json()["message"]
+    assert client.post(s["resource"] + "/control", content=b"\xff\x00", headers=h).status_code == 400
+    client.delete(s["resource"], headers=h)
+
+
+def test_capacity_from_measured_chunk_time():
+    from server.metrics import ServerMetrics
+    from server.scheduler import InferenceWorker
+
+    worker = InferenceWorker(ServerMetrics())
+    assert worker.capacity(0.32, limit=8) == 8  # nothing measured yet: the limit
+    worker.chunk_time_ema = 0.1
+    assert worker.capacity(0.32, limit=8) == 2  # 0.85 * 0.32 / 0.1 = 2.7
+    worker.chunk_time_ema = 1.0
+    assert worker.capacity(0.32, limit=8) == 1  # never below one
+    worker.chunk_time_ema = 0.01
+    assert worker.capacity(0.32, limit=8) == 8
