@@ -1,0 +1,105 @@
+"""`streamgen eval` (score a model on the avatar world) and `streamgen eval train-evaluators`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action", nargs="?", default="run", choices=["run", "train-evaluators"],
+        help="run (default): evaluate --model; train-evaluators: train the SyncNet and identity encoder",
+    )  # fmt: skip
+    parser.add_argument("--model", help="model name or path, or 'ground-truth' for the renderer itself")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument("--clips", type=int, help="number of clips (eval default 8, training default 400)")
+    parser.add_argument("--size", type=int, default=64, help="frame size for generation")
+    parser.add_argument(
+        "--minutes", type=float, help="also run one long stream of this many minutes for drift"
+    )
+    parser.add_argument("--evaluators", type=Path, help="evaluator checkpoint folder (default: bundled)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, help="denoising steps for the model (default: the model's)")
+    parser.add_argument("--json", action="store_true", help="print report.json's object as the last line")
+    training = parser.add_argument_group("train-evaluators")
+    training.add_argument(
+        "--data", type=Path, help="train on this dataset's train split (default: make clips)"
+    )
+    training.add_argument("--sync-steps", type=int, default=2500)
+    training.add_argument("--identity-steps", type=int, default=1500)
+    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--workers", type=int, default=2)
+
+
+def run(args: argparse.Namespace) -> int:
+    from streamgen.cli import UserError
+
+    if args.out is None:
+        raise UserError("--out is required")
+    if args.clips is not None and args.clips < 1:
+        raise UserError("--clips must be at least 1")
+    if args.minutes is not None and args.minutes <= 0:
+        raise UserError("--minutes must be positive")
+    if args.action == "train-evaluators":
+        return _train(args)
+    if not args.model:
+        raise UserError("--model is required (a model name or path, or 'ground-truth')")
+    return _evaluate(args)
+
+
+def _train(args) -> int:
+    import torch
+
+    from streamgen.cli import UserError
+    from streamgen.data.shards import DataError
+
+    from .train import train_evaluators
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        info = train_evaluators(
+            args.out,
+            args.clips or 400,
+            args.sync_steps,
+            args.identity_steps,
+            args.seed,
+            args.workers,
+            args.data,
+        )
+    except DataError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {args.out / 'syncnet.safetensors'} and {args.out / 'identity.safetensors'} ({info})")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from tqdm import tqdm
+
+    from streamgen.cli import UserError
+
+    from .evaluators import EvaluatorError
+    from .report import evaluate
+
+    clips = args.clips or 8
+    try:
+        with tqdm(total=clips, desc=f"eval {args.model}", unit="clip") as bar:
+            report = evaluate(
+                args.model, args.out, args.split, clips, args.size, args.minutes,
+                args.evaluators, args.device, args.steps, progress=bar.update,
+            )  # fmt: skip
+    except EvaluatorError as e:
+        raise UserError(str(e)) from None
+    except (FileNotFoundError, KeyError) as e:
+        # an unknown model name or path surfaces here from the model loader
+        raise UserError(f"cannot load model {args.model!r}: {e}") from None
+    keys = ["sync_c", "sync_d", "av_offset_frames", "csim", "fid", "fvd", "drift_slope", "black_frames"]
+    summary = "  ".join(
+        f"{k}={report[k]:.3f}" if isinstance(report[k], float) else f"{k}={report[k]}" for k in keys
+    )
+    print(f"wrote {args.out / 'report.json'}: {summary}")
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items()}))
+    return 0

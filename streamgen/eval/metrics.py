@@ -1,0 +1,109 @@
+"""Metrics on evaluator outputs and raw frames (numpy / torch, no training here).
+
+Sync (as in the SyncNet evaluation protocol): for every offset o in [-15, 15] frames,
+the mean over video windows t of dist(video_t, audio_{t+o}); Sync-D is the minimum of
+that curve, Sync-C its median minus its minimum, and the A/V offset is the o at the
+minimum. Sign: o = +k means the audio runs k frames late (the sound of frame t is
+heard at frame t + k); ground truth is 0.
+
+CSIM: mean cosine similarity of each generated frame's identity embedding to the
+reference image's.
+
+Frechet distance between Gaussians fitted to two feature sets (FID on per-frame
+identity features; FVD on clip-level features).
+
+Drift: a least-squares slope per minute of a per-frame series (CSIM, mean colour).
+Detectors: black frames (mean luma < 16/255 with little texture), frozen frames (no
+pixel moved by more than 1 level from the previous frame), flicker (the frame's mean
+luma jumps away from both neighbours in opposite directions by > 12 levels).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import linalg
+
+from .evaluators import MAX_OFFSET
+
+
+def sync_scores(video_emb: torch.Tensor, audio_emb: torch.Tensor) -> dict:
+    """video_emb [N, D], audio_emb [2*MAX_OFFSET+1, N, D] -> Sync-D, Sync-C, offset, curve."""
+    dists = (audio_emb - video_emb[None]).norm(dim=-1).mean(dim=1).numpy()
+    best = int(np.argmin(dists))
+    return {
+        "sync_d": float(dists[best]),
+        "sync_c": float(np.median(dists) - dists[best]),
+        "av_offset_frames": best - MAX_OFFSET,
+        "curve": dists.tolist(),
+    }
+
+
+def csim(frame_emb: torch.Tensor, reference_emb: torch.Tensor) -> np.ndarray:
+    """Per-frame cosine similarity to the reference, [T]."""
+    return (frame_emb @ reference_emb.reshape(-1)).numpy()
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
+    """Frechet distance between Gaussians fitted to feature sets a [N, F] and b [M, F]."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("Frechet distance needs at least 2 samples per set")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    eye = np.eye(len(mu_a)) * eps
+    covmean = np.real(linalg.sqrtm((cov_a + eye) @ (cov_b + eye)))
+    value = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean)
+    return float(max(value, 0.0))
+
+
+def clip_features(frame_features: np.ndarray, sync_video_emb: np.ndarray) -> np.ndarray:
+    """One vector per clip for the FVD analogue: appearance (mean identity features) and
+    motion (temporal std of identity features and of mouth-window embeddings)."""
+    return np.concatenate(
+        [frame_features.mean(0), frame_features.std(0), np.asarray(sync_video_emb).std(0) * 4]
+    )
+
+
+def slope_per_minute(values: np.ndarray, fps: int = 25) -> float:
+    values = np.asarray(values, np.float64)
+    if len(values) < 2:
+        return 0.0
+    t = np.arange(len(values)) / fps / 60.0
+    return float(np.polyfit(t, values, 1)[0])
+
+
+def luma(frames: np.ndarray) -> np.ndarray:
+    """[T, H, W, 3] uint8 -> [T, H, W] float luma in 0..255."""
+    return frames[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def black_frames(frames: np.ndarray) -> np.ndarray:
+    y = luma(frames)
+    return (y.mean(axis=(1, 2)) < 16) & (y.std(axis=(1, 2)) < 8)
+
+
+def frozen_frames(frames: np.ndarray) -> np.ndarray:
+    """True for frames identical (within 1 level) to the previous frame; frame 0 is never frozen."""
+    out = np.zeros(len(frames), bool)
+    if len(frames) > 1:
+        diff = np.abs(frames[1:].astype(np.int16) - frames[:-1].astype(np.int16)).max(axis=(1, 2, 3))
+        out[1:] = diff <= 1
+    return out
+
+
+def flicker_frames(frames: np.ndarray, threshold: float = 12.0) -> np.ndarray:
+    m = luma(frames).mean(axis=(1, 2))
+    out = np.zeros(len(frames), bool)
+    if len(frames) > 2:
+        before, after = m[1:-1] - m[:-2], m[1:-1] - m[2:]
+        out[1:-1] = (
+            (np.abs(before) > threshold) & (np.abs(after) > threshold) & (np.sign(before) == np.sign(after))
+        )
+    return out
+
+
+def colour_stats(frames: np.ndarray) -> np.ndarray:
+    """Per-frame mean R, G, B and luma std, [T, 4], in 0..255."""
+    means = frames.reshape(len(frames), -1, 3).mean(1)
+    return np.concatenate([means, luma(frames).std(axis=(1, 2))[:, None]], axis=1)

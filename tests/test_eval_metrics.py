@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+
+from streamgen.eval.evaluators import EvaluatorError, Evaluators, log_mel, mel_windows
+from streamgen.eval.metrics import (
+    black_frames,
+    flicker_frames,
+    frechet_distance,
+    frozen_frames,
+    slope_per_minute,
+    sync_scores,
+)
+
+
+def test_frechet_distance_of_gaussians():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4000, 4)), rng.normal(size=(4000, 4))
+    assert frechet_distance(a, b) < 0.05
+    shifted = b + np.array([2.0, 0, 0, 0])
+    assert frechet_distance(a, shifted) == pytest.approx(4.0, rel=0.05)
+    wide = b * 3  # per dimension (3 - 1)^2 = 4
+    assert frechet_distance(a, wide) == pytest.approx(16.0, rel=0.1)
+
+
+def test_sync_scores_find_the_offset_of_synthetic_embeddings():
+    torch.manual_seed(0)
+    n, d, k = 60, 16, 4
+    stream = torch.nn.functional.normalize(torch.randn(n + 40, d), dim=-1)
+    video = stream[20 : 20 + n]
+    # audio embeddings for offsets -15..15: audio window t+o shows stream[20 + t + o - k]
+    audio = torch.stack([stream[20 + o - k : 20 + o - k + n] for o in range(-15, 16)])
+    scores = sync_scores(video, audio)
+    assert scores["av_offset_frames"] == k and scores["sync_d"] < 1e-5 and scores["sync_c"] > 1.0
+
+
+def test_detectors_on_made_up_frames():
+    rng = np.random.default_rng(1)
+    frames = rng.integers(60, 200, size=(10, 16, 16, 3), dtype=np.uint8)
+    frames[3] = 0  # black
+    frames[6] = frames[5]  # frozen
+    frames[8] = np.clip(frames[8].astype(int) + 60, 0, 255)  # one bright flash
+    assert np.flatnonzero(black_frames(frames)).tolist() == [3]
+    assert np.flatnonzero(frozen_frames(frames)).tolist() == [6]
+    flicker = np.flatnonzero(flicker_frames(frames)).tolist()
+    assert 8 in flicker and 3 in flicker and 5 not in flicker
+
+
+def test_slope_per_minute():
+    values = 0.9 - 0.1 * np.arange(1500) / 1500  # loses 0.1 over one minute at 25 fps
+    assert slope_per_minute(values) == pytest.approx(-0.1, rel=0.01)
+
+
+def test_audio_windows_are_silent_outside_the_clip():
+    audio = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
+    mel = log_mel(audio, 25)
+    assert mel.shape == (40, 100)
+    windows = mel_windows(mel, torch.tensor([0, -10, 30]))
+    assert windows.shape == (3, 1, 40, 20)
+    assert windows[1].max() == windows[1].min()  # entirely before the clip: silence
+    assert windows[0].std() > 0.1
+
+
+def test_missing_evaluator_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(EvaluatorError, match="missing evaluator checkpoint .*syncnet.safetensors"):
+        Evaluators(tmp_path)
+    (tmp_path / "syncnet.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(EvaluatorError, match="unreadable evaluator checkpoint"):
+        Evaluators(tmp_path)
