@@ -31,24 +31,38 @@ def _triton_ops():
     return _triton or None
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda and not _FORCE_REFERENCE and _triton_ops() is not None
+def needs_autograd(*tensors) -> bool:
+    """True when autograd would record through these inputs.
+
+    The Triton kernels are forward-only (inference and the no-grad parts of
+    training), so such calls take the references, which differentiate.
+    """
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _use_triton(x: torch.Tensor, *others) -> bool:
+    return (
+        x.is_cuda
+        and not _FORCE_REFERENCE
+        and not needs_autograd(x, *others)
+        and _triton_ops() is not None
+    )
 
 
 def layernorm_modulate(x, shift, scale, eps: float = 1e-6):
-    if _use_triton(x):
+    if _use_triton(x, shift, scale):
         return _triton_ops().layernorm_modulate(x, shift, scale, eps)
     return reference.layernorm_modulate(x, shift, scale, eps)
 
 
 def gated_residual(x, y, gate):
-    if _use_triton(x):
+    if _use_triton(x, y, gate):
         return _triton_ops().gated_residual(x, y, gate)
     return reference.gated_residual(x, y, gate)
 
 
 def gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps: float = 1e-6):
-    if _use_triton(x):
+    if _use_triton(x, y, gate, shift, scale):
         return _triton_ops().gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps)
     return reference.gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps)
 
@@ -58,7 +72,7 @@ def layernorm_affine(x, weight, bias, eps: float = 1e-6):
 
 
 def rmsnorm_rope(x, weight, num_heads: int, angles, eps: float = 1e-6):
-    if _use_triton(x):
+    if _use_triton(x, weight):
         return _triton_ops().rmsnorm_rope(x, weight, num_heads, angles, eps)
     return reference.rmsnorm_rope(x, weight, num_heads, angles, eps)
 
@@ -70,7 +84,7 @@ def rmsnorm_rope_positions(x, weight, num_heads: int, frame_pos, grid_hw, eps: f
     grid_hw: (Hp, Wp). Equal to `rmsnorm_rope(x, ..., rope_angles(frame_pos, grid_hw, Dh))`
     but builds no [L, Dh/2] angle table and never recompiles for a new chunk.
     """
-    if _use_triton(x):
+    if _use_triton(x, weight):
         return _triton_ops().rmsnorm_rope_positions(x, weight, num_heads, frame_pos, grid_hw, eps, theta)
     return reference.rmsnorm_rope_positions(x, weight, num_heads, frame_pos, grid_hw, eps, theta)
 

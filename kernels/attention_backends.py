@@ -5,7 +5,8 @@
 - "flex": FlexAttention with a block mask built from the frame block ids
   (compiled on CUDA, where whole masked key blocks are skipped; eager on CPU,
   which torch supports with an unfused implementation). Meant for training.
-- "triton": our kernel (`kernels.triton_ops.attention`), CUDA only.
+- "triton": our kernel (`kernels.triton_ops.attention`), CUDA only, forward
+  only (calls that need gradients use SDPA).
 - "flash": flash-attn 3 (`flash_attn_interface`, Hopper: H100/H200) or 2
   (`flash_attn`) when installed. They take no block mask, nor fp32, so those
   calls fall back to the Triton kernel (or SDPA).
@@ -65,7 +66,10 @@ def _triton_ops():
 
 
 def triton_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
-    ops = _triton_ops() if q.is_cuda else None
+    from kernels import needs_autograd
+
+    # the kernel is forward-only: calls that need gradients take SDPA, which differentiates
+    ops = _triton_ops() if q.is_cuda and not needs_autograd(q, k, v) else None
     if ops is None:
         return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
     return ops.attention(q, k, v, block_mask_frames, tokens_per_frame)

@@ -130,3 +130,11 @@ def test_attention_backend_switch_validates_and_reports():
     with pytest.raises(ValueError, match="unknown attention backend"):
         kernels.attention(q, k, v, backend="xformers")
     assert attention_backends.available_backends("cpu")[:2] == ["sdpa", "flex"]
+
+
+def test_needs_autograd_decides_between_kernel_and_reference():
+    x = torch.randn(2, requires_grad=True)
+    assert kernels.needs_autograd(torch.randn(2), x, None)
+    assert not kernels.needs_autograd(torch.randn(2), None)
+    with torch.no_grad():
+        assert not kernels.needs_autograd(x)
