@@ -118,7 +118,10 @@ def resolve_groups(mesh_or_group, mode: str) -> SequenceParallelGroups:
     ring, uly = mesh.get_group("ring"), mesh.get_group("ulysses")
     if mode == "ulysses" and dist.get_world_size(ring) > 1 or mode == "ring" and dist.get_world_size(uly) > 1:
         raise ValueError(f"mode {mode!r} with a 2D mesh of ring x ulysses = {mesh.shape}; use mode 'hybrid'")
-    return SequenceParallelGroups(uly, ring)
+    # a dimension of size 1 is no dimension: plain attention instead of a ring of one
+    return SequenceParallelGroups(
+        uly if dist.get_world_size(uly) > 1 else None, ring if dist.get_world_size(ring) > 1 else None
+    )
 
 
 def _all_gather_tokens(y: torch.Tensor, group) -> torch.Tensor:
@@ -171,9 +174,9 @@ def _check_tokens(tokens_per_frame: int, degree: int) -> None:
         )
 
 
-def _ring_attend(attn, ring_attention_fn, *attend_args):
-    """Replacement for `SelfAttention.attend` under pure Ring: the local cache shard, ring attention."""
-    return SelfAttention.attend(attn, *attend_args, attention=ring_attention_fn)
+def _local_attend(attn, attention_fn, *attend_args):
+    """Replacement for `SelfAttention.attend` without Ulysses: the local cache shard, `attention_fn`."""
+    return SelfAttention.attend(attn, *attend_args, attention=attention_fn)
 
 
 def apply_sequence_parallel(model, mesh_or_group=None, mode: str = "ulysses"):
@@ -205,15 +208,17 @@ def apply_sequence_parallel(model, mesh_or_group=None, mode: str = "ulysses"):
             cfg, batch, model.grid(latent_hw), groups, dtype or p.dtype, device or p.device
         )
 
-    ring_fn = functools.partial(ring_attention, group=groups.ring) if groups.ring is not None else None
+    # the attention over the whole sequence of this process's heads: a ring over the
+    # ring dimension, or plain attention when there is none
+    inner = (
+        functools.partial(ring_attention, group=groups.ring) if groups.ring is not None else kernels.attention
+    )
     for blk in model.blocks:
         attn = blk.self_attn
         if groups.ulysses is not None:
-            attn.attend = functools.partial(
-                ulysses_attend, attn, groups.ulysses, ring_fn or kernels.attention
-            )
+            attn.attend = functools.partial(ulysses_attend, attn, groups.ulysses, inner)
         else:
-            attn.attend = functools.partial(_ring_attend, attn, ring_fn)
+            attn.attend = functools.partial(_local_attend, attn, inner)
     model.shard_tokens = shard_tokens
     model.gather_tokens = gather_tokens
     model.new_cache = new_cache

@@ -1,0 +1,104 @@
+"""Start a `streamgen` command on N processes (`--sp N`), and set up the
+processes once they run.
+
+    # in a command's run(args), before anything heavy:
+    relaunch_under_torchrun(args.sp)          # returns at once when sp <= 1 or already a worker
+    mesh, mode = init_sequence_parallel(args.sp, model.cfg.num_heads)
+    apply_sequence_parallel(model, mesh, mode)
+    if is_main_process(): write the output
+
+`relaunch_under_torchrun` replaces the current process by
+`python -m torch.distributed.run --standalone --nproc-per-node N -m streamgen.cli <same arguments>`;
+the workers parse the same arguments, see that they are torchrun workers and
+carry on. One machine only (--standalone); NCCL when CUDA is available (one
+GPU per worker, by LOCAL_RANK), gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def is_torchrun_worker() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def torchrun_command(nproc: int, argv: list[str] | None = None, module: str = "streamgen.cli") -> list[str]:
+    """The command line that runs `python -m module argv...` on `nproc` local processes."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        module,
+        *argv,
+    ]
+
+
+def relaunch_under_torchrun(nproc: int, argv: list[str] | None = None, module: str = "streamgen.cli") -> None:
+    """Re-execute the current `streamgen` command under torchrun with `nproc` processes.
+
+    Does not return when it relaunches (the process is replaced; the exit code
+    is torchrun's). Returns immediately when nproc <= 1 or when this process is
+    already a torchrun worker. argv defaults to this process's arguments.
+    """
+    if nproc <= 1 or is_torchrun_worker():
+        return
+    if torch.cuda.is_available() and torch.cuda.device_count() < nproc:
+        raise ValueError(f"--sp {nproc} needs {nproc} GPUs, this machine has {torch.cuda.device_count()}")
+    cmd = torchrun_command(nproc, argv, module)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)
+
+
+def choose_degrees(num_heads: int, world: int) -> tuple[int, int]:
+    """(ulysses_degree, ring_degree) for `world` processes: as much Ulysses as the heads allow.
+
+    Ulysses moves less data (two all-to-alls) than Ring (world - 1 rotations of
+    K/V), so it takes the largest degree dividing both; Ring takes the rest.
+    E.g. 12 heads on 8 GPUs -> 4 x 2.
+    """
+    ulysses = math.gcd(num_heads, world)
+    return ulysses, world // ulysses
+
+
+def init_sequence_parallel(sp: int, num_heads: int, mode: str = "auto"):
+    """In a torchrun worker: init the process group and build the mesh for `mode`.
+
+    Returns (mesh_or_group, mode) for `apply_sequence_parallel`; mode "auto"
+    picks ulysses, ring or hybrid by `choose_degrees`.
+    """
+    from streamgen.parallel.apply import sequence_parallel_mesh
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    if world != sp:
+        raise ValueError(f"--sp {sp} but torchrun started {world} processes")
+    if mode == "auto":
+        ulysses, ring = choose_degrees(num_heads, world)
+        mode = "hybrid" if ulysses > 1 and ring > 1 else ("ulysses" if ulysses > 1 else "ring")
+    elif mode == "ulysses":
+        ulysses, ring = world, 1
+    elif mode == "ring":
+        ulysses, ring = 1, world
+    else:
+        ulysses, ring = choose_degrees(num_heads, world)
+    return sequence_parallel_mesh(ulysses, ring), mode
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0

@@ -1,0 +1,46 @@
+"""`--sp N`: re-executing a streamgen command under torchrun, and choosing the mesh."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from streamgen.parallel.launch import choose_degrees, relaunch_under_torchrun, torchrun_command
+
+
+def test_torchrun_command_reruns_the_same_arguments_as_a_module():
+    cmd = torchrun_command(4, ["generate", "--sp", "4", "--out", "a.mp4"])
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc-per-node=4" in cmd and "--standalone" in cmd
+    assert cmd[-7:] == ["-m", "streamgen.cli", "generate", "--sp", "4", "--out", "a.mp4"]
+
+
+@pytest.mark.parametrize(
+    "heads, world, expected",
+    [(12, 8, (4, 2)), (12, 4, (4, 1)), (3, 2, (1, 2)), (40, 8, (8, 1)), (2, 4, (2, 2))],
+)
+def test_choose_degrees_prefers_ulysses_within_the_heads(heads, world, expected):
+    assert choose_degrees(heads, world) == expected
+
+
+def test_relaunch_returns_for_one_process_and_inside_a_worker(monkeypatch):
+    relaunch_under_torchrun(1, ["--version"])  # would not return if it re-executed
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    relaunch_under_torchrun(2, ["--version"])
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_relaunch_runs_the_command_on_n_processes():
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE")
+    }
+    env["OMP_NUM_THREADS"] = "1"
+    code = "from streamgen.parallel.launch import relaunch_under_torchrun; relaunch_under_torchrun(2, ['--version'])"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=110, check=True
+    )
+    assert out.stdout.count("streamgen 0.1.0") == 2, out.stdout + out.stderr
