@@ -13,7 +13,7 @@ import os
 import torch
 
 from kernels import reference
-from kernels.reference import apply_rope, rope_angles, rope_inv_freq, rope_split  # noqa: F401
+from kernels.reference import rope_angles, rope_inv_freq, rope_split  # noqa: F401
 
 _FORCE_REFERENCE = os.environ.get("STREAMGEN_KERNELS", "").lower() == "reference"
 _triton = None
@@ -75,6 +75,13 @@ def rmsnorm_rope(x, weight, num_heads: int, angles, eps: float = 1e-6):
     if _use_triton(x, weight):
         return _triton_ops().rmsnorm_rope(x, weight, num_heads, angles, eps)
     return reference.rmsnorm_rope(x, weight, num_heads, angles, eps)
+
+
+def apply_rope(x, angles):
+    """Rotate interleaved pairs of x [B, L, H, Dh] by angles [L, Dh/2] (see `reference.apply_rope`)."""
+    if _use_triton(x, angles):
+        return _triton_ops().apply_rope(x, angles)
+    return reference.apply_rope(x, angles)
 
 
 def rmsnorm_rope_positions(x, weight, num_heads: int, frame_pos, grid_hw, eps: float = 1e-6, theta=10000.0):

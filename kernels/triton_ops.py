@@ -164,7 +164,7 @@ def _rmsnorm_rope_kernel(
     x_ptr, w_ptr, out_ptr, angles_ptr, frame_pos_ptr, inv_freq_ptr,
     L, D, stride_xb, stride_xl, eps,
     HALF_HEAD, TOKENS_PER_FRAME, GRID_W, T_PAIRS, TH_PAIRS,
-    BLOCK_HALF: tl.constexpr, ROPE_MODE: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, ROPE_MODE: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     b = row // L
@@ -173,11 +173,12 @@ def _rmsnorm_rope_kernel(
     pair_ok = pair < D // 2
     offs = 2 * pair[:, None] + tl.arange(0, 2)[None, :]  # [BLOCK_HALF, 2]
     ok = pair_ok[:, None]
-    x = tl.load(x_ptr + b * stride_xb + tok * stride_xl + offs, mask=ok, other=0.0).to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / D + eps)
-    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    # the reference rounds the normed values to the storage dtype before rotating
-    y = (x * inv_rms * w).to(out_ptr.dtype.element_ty).to(tl.float32)
+    y = tl.load(x_ptr + b * stride_xb + tok * stride_xl + offs, mask=ok, other=0.0).to(tl.float32)
+    if NORM:
+        inv_rms = tl.rsqrt(tl.sum(tl.sum(y * y, axis=1), axis=0) / D + eps)
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        # the reference rounds the normed values to the storage dtype before rotating
+        y = (y * inv_rms * w).to(out_ptr.dtype.element_ty).to(tl.float32)
     if ROPE_MODE != 0:
         even, odd = tl.split(y)
         j = pair % HALF_HEAD  # rotary pair index inside the head
@@ -209,7 +210,7 @@ def _inv_freq(head_dim: int, theta: float, device) -> torch.Tensor:
 
 
 def _rmsnorm_rope_launch(
-    x, weight, num_heads, eps, mode, angles=None, frame_pos=None, grid_hw=(1, 1), theta=1e4
+    x, weight, num_heads, eps, mode, angles=None, frame_pos=None, grid_hw=(1, 1), theta=1e4, norm=True
 ):
     bsz, length, d = x.shape
     head_dim = d // num_heads
@@ -225,11 +226,11 @@ def _rmsnorm_rope_launch(
         assert angles.shape == (length, head_dim // 2), (angles.shape, length, head_dim)
     block_half, warps = _row_block(d // 2)
     _rmsnorm_rope_kernel[(bsz * length,)](
-        x, weight, out, angles if angles is not None else dummy,
+        x, weight if norm else dummy, out, angles if angles is not None else dummy,
         frame_pos if frame_pos is not None else dummy, inv_freq,
         length, d, x.stride(0), x.stride(1), eps,
         head_dim // 2, grid_hw[0] * grid_hw[1], grid_hw[1], t_dim // 2, (t_dim + h_dim) // 2,
-        BLOCK_HALF=block_half, ROPE_MODE=mode, num_warps=warps,
+        BLOCK_HALF=block_half, ROPE_MODE=mode, NORM=norm, num_warps=warps,
     )  # fmt: skip
     return out
 
@@ -238,6 +239,16 @@ def rmsnorm_rope(x, weight, num_heads: int, angles, eps: float = 1e-6):
     """Triton `reference.rmsnorm_rope`: x [B, L, H*Dh], angles [L, Dh/2] or None -> [B, L, H, Dh]."""
     mode = ROPE_NONE if angles is None else ROPE_TABLE
     return _rmsnorm_rope_launch(x, weight, num_heads, eps, mode, angles=angles)
+
+
+def apply_rope(x, angles):
+    """Triton `reference.apply_rope`: rotate x [B, L, H, Dh] by angles [L, Dh/2] (no norm).
+
+    The KV cache re-rotates its un-rotated ring keys with this at read time.
+    """
+    bsz, length, heads, head_dim = x.shape
+    flat = x.reshape(bsz, length, heads * head_dim)  # a view when heads are packed, as in the cache
+    return _rmsnorm_rope_launch(flat, None, heads, 0.0, ROPE_TABLE, angles=angles, norm=False)
 
 
 def rmsnorm_rope_positions(x, weight, num_heads: int, frame_pos, grid_hw, eps: float = 1e-6, theta=1e4):

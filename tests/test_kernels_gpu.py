@@ -75,6 +75,13 @@ def test_rmsnorm_rope(ops, dtype):
     close(ops.rmsnorm_rope(x, w, HEADS, None), reference.rmsnorm_rope(x, w, HEADS, None), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rope_on_ring_keys(ops, dtype):
+    keys = randn(1, 21 * TOKENS, HEADS, HEAD_DIM, dtype=dtype)
+    angles = reference.rope_angles(torch.arange(1, 22, device="cuda"), GRID, HEAD_DIM)
+    close(ops.apply_rope(keys, angles), reference.apply_rope(keys, angles), dtype)
+
+
 def test_rmsnorm_rope_new_chunk_does_not_recompile(ops):
     x = randn(1, FRAMES * TOKENS, WIDTH, dtype=torch.bfloat16)
     w = randn(WIDTH, dtype=torch.bfloat16)

@@ -148,6 +148,16 @@ def check_rmsnorm_rope_start_frame_and_strided_input(ops):
     close(reference.rmsnorm_rope_positions(q, weight, heads, 7, grid), expected, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def check_apply_rope(ops, dtype):
+    """RoPE alone: the cache rotates its un-rotated ring keys [B, L, H, Dh] at read time."""
+    torch.manual_seed(12)
+    heads, head_dim, grid = 3, 24, (2, 2)
+    keys = rand(2, 3 * 4, heads, head_dim, dtype=dtype)
+    angles = reference.rope_angles(torch.tensor([2, 0, 1]), grid, head_dim)
+    close(ops.apply_rope(keys, angles), reference.apply_rope(keys, angles), dtype)
+
+
 # --- (e) GELU-tanh
 
 
@@ -269,7 +279,8 @@ def test_kernels_compile_for_hopper(dtype):
     for with_norm in (False, True):
         _compile_for_hopper(ops._gated_residual_kernel, dtype, dict(BLOCK_D=2048, WITH_NORM=with_norm))
     for mode in (ops.ROPE_NONE, ops.ROPE_TABLE, ops.ROPE_POSITIONS):
-        _compile_for_hopper(ops._rmsnorm_rope_kernel, dtype, dict(BLOCK_HALF=1024, ROPE_MODE=mode))  # width 1536
+        _compile_for_hopper(ops._rmsnorm_rope_kernel, dtype, dict(BLOCK_HALF=1024, ROPE_MODE=mode, NORM=True))
+    _compile_for_hopper(ops._rmsnorm_rope_kernel, dtype, dict(BLOCK_HALF=1024, ROPE_MODE=ops.ROPE_TABLE, NORM=False))
     _compile_for_hopper(ops._gelu_tanh_kernel, dtype, dict(BLOCK=1024))
     for causal in (False, True):
         meta = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_CAUSAL=causal, DOT_FP32=dtype == "fp32")
