@@ -94,6 +94,9 @@ def _cases(shapes: dict, device, dtype) -> dict:
     frame_pos = torch.arange(f, device=device, dtype=torch.int32) + 7
     angles = reference.rope_angles(frame_pos, (hp, wp), head_dim)
     hidden = rnd(b, f * s, shapes["mlp"])
+    # the cache re-rotates its whole ring of un-rotated keys at read time
+    ring_keys = rnd(b, shapes["k_frames"] * s, heads, head_dim)
+    ring_angles = reference.rope_angles(torch.arange(shapes["k_frames"], device=device), (hp, wp), head_dim)
     cases = {
         "layernorm_modulate": (reference.layernorm_modulate, (x, shift, scale), 2 * _nbytes(x) + 2 * mod),
         "gated_residual": (reference.gated_residual, (x, y, gate), 3 * _nbytes(x) + mod),
@@ -112,9 +115,11 @@ def _cases(shapes: dict, device, dtype) -> dict:
             (tokens, weight, heads, frame_pos, (hp, wp)),
             2 * _nbytes(tokens) + _nbytes(weight),
         ),
+        "apply_rope_ring_keys": (reference.apply_rope, (ring_keys, ring_angles), 2 * _nbytes(ring_keys)),
         "gelu_tanh": (reference.gelu_tanh, (hidden,), 2 * _nbytes(hidden)),
     }
-    cases = {name: (fn, name, args, nbytes, None) for name, (fn, args, nbytes) in cases.items()}
+    op_names = {"apply_rope_ring_keys": "apply_rope"}
+    cases = {name: (fn, op_names.get(name, name), args, nbytes, None) for name, (fn, args, nbytes) in cases.items()}
 
     # attention: one streaming chunk against the visible K/V, and block-causal training
     lq, lk = f * s, shapes["k_frames"] * s

@@ -19,6 +19,7 @@ CASES = {
     "gated_residual_layernorm_modulate",
     "rmsnorm_rope",
     "rmsnorm_rope_positions",
+    "apply_rope_ring_keys",
     "gelu_tanh",
     "attention_stream",
     "attention_block_causal",
