@@ -1,10 +1,13 @@
-"""Sequence parallelism on gloo CPU processes equals the single-process model.
+"""Sequence parallelism and tiled VAE decoding on gloo CPU processes equal the
+single-process model.
 
 The parent computes the single-process outputs of a tiny DiT in all three
 attention modes (bidirectional, block-causal, cached over several chunks that
-wrap the ring) and saves them with the weights and inputs; 2 or 4 spawned
-processes run the same calls sequence-parallel (Ulysses, Ring, hybrid) and
-report their largest deviation, which must be <= 1e-5 in fp32.
+wrap the ring) and of a tiny VAE decode (whole clip and chunk by chunk), and
+saves them with the weights and inputs; 2 or 4 spawned processes run the same
+calls in parallel (Ulysses, Ring, hybrid; tiled decode) and report their
+largest deviation, which must be <= 1e-5 in fp32. One spawn per world size
+serves all tests (process start-up dominates on 2 cores).
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from streamgen.model import DiT, get_config
+from streamgen.model.vae import TinyCausalVAE
+from streamgen.parallel.vae import decoder_receptive_radius
 from streamgen.sampling import encode_sink, generate_chunk, student_sigmas
 
 HW = (4, 8)  # latent 4x8 -> 2x4 patches = 8 tokens per frame, divisible by 4 processes
 CHUNKS = 4  # window 6 frames = 3 chunks of 2: the 4th chunk overwrites the oldest ring slots
 TOL = 1e-5
+SP_MODES = ("ulysses", "ring", "hybrid")
+VAE_WIDTHS = (8, 16, 16, 24)
+VAE_CHUNK = 2
 
 
 def tiny_config():
@@ -78,7 +86,40 @@ def run_all_modes(model, inp) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank, world, port, case_path, result_dir, sp_modes):
+def make_vae():
+    torch.manual_seed(0)
+    return TinyCausalVAE(latent_channels=4, widths=VAE_WIDTHS).eval()
+
+
+@torch.no_grad()
+def decode_all(decoder, latents):
+    """Whole clip at once, and the same clip chunk by chunk through the stream state."""
+    whole = decoder.decode(latents)
+    state, parts = decoder.init_state(latents.shape[0]), []
+    for i in range(0, latents.shape[2], VAE_CHUNK):
+        frames, state = decoder.decode_stream(latents[:, :, i : i + VAE_CHUNK], state)
+        parts.append(frames)
+    return whole, torch.cat(parts, dim=2)
+
+
+def tiled_decode_errors(case) -> dict[str, float]:
+    from streamgen.parallel.vae import TiledParallelDecoder
+
+    vae = make_vae()
+    vae.load_state_dict(case["vae_state"])
+    exact = TiledParallelDecoder(vae)
+    whole, streamed = decode_all(exact, case["latents"])
+    # one row less than the receptive field is visibly wrong: the halo is what makes tiles exact
+    short, _ = decode_all(TiledParallelDecoder(vae, halo=exact.halo - 1), case["latents"])
+    return {
+        "whole": (whole - case["decoded"]).abs().max().item(),
+        "streamed": (streamed - case["decoded"]).abs().max().item(),
+        "short_halo": (short - case["decoded"]).abs().max().item(),
+        "halo": exact.halo,
+    }
+
+
+def _worker(rank, world, port, case_path, result_dir):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -87,7 +128,7 @@ def _worker(rank, world, port, case_path, result_dir, sp_modes):
 
         case = torch.load(case_path)
         errors = {}
-        for sp in sp_modes:
+        for sp in SP_MODES:
             model = DiT(tiny_config()).eval()
             model.load_state_dict(case["state"])
             if sp == "hybrid":
@@ -111,13 +152,14 @@ def _worker(rank, world, port, case_path, result_dir, sp_modes):
             errors[f"{sp}/cache_shape_ok"] = 0.0 if tuple(k.shape) == expected else float("inf")
             for name, ref in case["reference"].items():
                 errors[f"{sp}/{name}"] = (got[name] - ref).abs().max().item()
+        result = {"dit": errors, "vae": tiled_decode_errors(case)}
         with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(errors, f)
+            json.dump(result, f)
     finally:
         dist.destroy_process_group()
 
 
-def run_parallel(tmp_path, world, sp_modes):
+def run_parallel(tmp_path, world) -> list[dict]:
     cfg = tiny_config()
     torch.manual_seed(0)
     model = DiT(cfg).eval()
@@ -125,30 +167,49 @@ def run_parallel(tmp_path, world, sp_modes):
     reference = run_all_modes(model, inputs)
     # the cached chunks really differ (the test compares something that moves)
     assert (reference["cached_chunk0"] - reference["cached_chunk3"]).abs().max() > 1e-2
+    vae = make_vae()
+    latents = torch.randn(2, 4, 3, 8, 6, generator=torch.Generator().manual_seed(2))  # 8 rows: 4 or 2 each
+    decoded, streamed = decode_all(vae, latents)
+    assert (decoded - streamed).abs().max() <= TOL  # the decoder is causal single-process too
     case_path = str(tmp_path / "case.pt")
-    torch.save({"state": model.state_dict(), "inputs": inputs, "reference": reference}, case_path)
-    mp.spawn(_worker, args=(world, free_port(), case_path, str(tmp_path), sp_modes), nprocs=world)
-    errors = {}
+    case = {"state": model.state_dict(), "inputs": inputs, "reference": reference}
+    case.update(vae_state=vae.state_dict(), latents=latents, decoded=decoded)
+    torch.save(case, case_path)
+    mp.spawn(_worker, args=(world, free_port(), case_path, str(tmp_path)), nprocs=world)
+    results = []
     for rank in range(world):
         with open(tmp_path / f"rank{rank}.json") as f:
-            errors.update({f"rank{rank}/{k}": v for k, v in json.load(f).items()})
-    assert len(errors) == world * len(sp_modes) * (len(reference) + 1)
-    return errors
+            results.append(json.load(f))
+    for r in results:
+        assert len(r["dit"]) == len(SP_MODES) * (len(reference) + 1)
+    return results
 
 
-@pytest.mark.timeout(120)
-def test_two_processes_equal_single_process(tmp_path):
-    errors = run_parallel(tmp_path, 2, ("ulysses", "ring", "hybrid"))
-    bad = {k: v for k, v in errors.items() if not v <= TOL}
-    assert not bad, bad
+@pytest.fixture(
+    scope="module", params=[2, pytest.param(4, marks=pytest.mark.distributed)], ids=lambda w: f"{w}proc"
+)
+def parallel_results(request, tmp_path_factory):
+    return run_parallel(tmp_path_factory.mktemp(f"parallel{request.param}"), request.param)
 
 
-@pytest.mark.distributed
-@pytest.mark.timeout(180)
-def test_four_processes_equal_single_process(tmp_path):
-    errors = run_parallel(tmp_path, 4, ("ulysses", "ring", "hybrid"))
-    bad = {k: v for k, v in errors.items() if not v <= TOL}
-    assert not bad, bad
+@pytest.mark.timeout(240)
+def test_sequence_parallel_equals_single_process(parallel_results):
+    for rank, r in enumerate(parallel_results):
+        bad = {k: v for k, v in r["dit"].items() if not v <= TOL}
+        assert not bad, (rank, bad)
+
+
+@pytest.mark.timeout(240)
+def test_tiled_vae_decode_equals_single_process(parallel_results):
+    for r in parallel_results:
+        assert r["vae"]["halo"] == 4
+        assert r["vae"]["whole"] <= TOL and r["vae"]["streamed"] <= TOL, r["vae"]
+        assert r["vae"]["short_halo"] > 1e-4, r["vae"]
+
+
+def test_receptive_radius_of_tiny_vae():
+    # dec_in 1 + resblock 2 at latent scale, then 1/2 + 1/4 + 1/8 + 1/8 after the upsamples
+    assert decoder_receptive_radius(make_vae()) == 4.0
 
 
 def test_ulysses_rejects_heads_not_divisible_by_degree():
