@@ -73,6 +73,10 @@ class SequenceParallelGroups:
         return self.ulysses_degree * self.ring_degree
 
     @property
+    def ring_rank(self) -> int:
+        return self._rank(self.ring)
+
+    @property
     def shard_index(self) -> int:
         """Which of the `degree` token shards of every frame this process holds."""
         return self._rank(self.ring) * self.ulysses_degree + self._rank(self.ulysses)
@@ -152,7 +156,7 @@ class ShardedStreamCache(StreamCache):
         _check_tokens(s, groups.degree)
         local_cfg = dataclasses.replace(cfg, num_heads=cfg.num_heads // u, dim=cfg.dim // u)
         super().__init__(local_cfg, batch, (1, s // r), dtype, device)
-        shard = groups._rank(groups.ring)
+        shard = groups.ring_rank
         self.full_grid_hw = tuple(grid_hw)
         self.token_slice = slice(shard * (s // r), (shard + 1) * (s // r))
 
