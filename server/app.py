@@ -98,7 +98,12 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
     config = registry.config
 
     def load():
+        import torch
+
         from streamgen.models import load_model
+
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
 
         return load_model(config.model, device=config.device)
 
@@ -120,6 +125,10 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         return stream.chunk_seconds, times
 
     try:
+        if model is not None and config.torch_threads:
+            import torch
+
+            torch.set_num_threads(config.torch_threads)
         registry.model = model or await asyncio.wrap_future(registry.worker.submit(load))
         chunk_seconds, times = await asyncio.wrap_future(registry.worker.submit(warm))
     except (WorkerBusy, asyncio.CancelledError):

@@ -37,7 +37,7 @@ def small_model():
 def server_config(**overrides) -> ServerConfig:
     settings = dict(
         model="debug", warm_text_encoder=False, warmup_chunks=2, max_sessions=4, playout_delay_s=0.3,
-        loopback=True, idle_timeout_s=30.0, measure_capacity=False,
+        loopback=True, idle_timeout_s=30.0, measure_capacity=False, torch_threads=1,
     )  # fmt: skip
     settings.update(overrides)
     return ServerConfig(**settings)
