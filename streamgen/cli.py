@@ -1,9 +1,8 @@
 """The `streamgen` command.
 
-Each subcommand lives in its own module and is imported only when it runs, so
-`streamgen --help` stays fast and a missing optional dependency of one command
-never breaks another. A subcommand module exposes `add_arguments(parser)` and
-`run(args) -> int`.
+Each subcommand lives in its own module, which keeps its heavy imports (torch,
+aiortc, ...) inside `run`, so `streamgen --help` stays fast. A subcommand module
+exposes `add_arguments(parser)` and `run(args) -> int`.
 """
 
 from __future__ import annotations
@@ -67,4 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run through the package module so `UserError` is the same class everywhere
+    from streamgen.cli import main as _main
+
+    sys.exit(_main())

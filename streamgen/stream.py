@@ -60,7 +60,7 @@ def prepare_reference(image, height: int, width: int) -> np.ndarray:
             arr = arr[(h - ch) // 2 : (h - ch) // 2 + ch]
     if arr.shape[:2] != (height, width):
         arr = np.asarray(Image.fromarray(np.ascontiguousarray(arr)).resize((width, height), Image.BICUBIC))
-    return np.ascontiguousarray(arr)
+    return np.array(arr, dtype=np.uint8, copy=True)  # writable and contiguous
 
 
 def to_pcm_float(pcm) -> np.ndarray:

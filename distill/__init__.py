@@ -1,0 +1,1 @@
+"""Offline training and distillation jobs (teacher, ODE init, Self-Forcing, chunk distillation)."""

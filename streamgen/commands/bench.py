@@ -1,0 +1,48 @@
+"""`streamgen bench NAME [options]`: run a benchmark from bench/ and print its JSON object.
+
+Each benchmark module has `add_arguments(parser)` and `main(args) -> dict`; it
+is imported only when it runs (they import torch, triton, aiortc...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+BENCHMARKS = {
+    "engine": ("bench.engine", "StreamSession fps/latency, cache and teacher speedups on this machine"),
+    "server": ("bench.server", "WebRTC first frame, glass-to-glass, fps, A/V offset, sessions"),
+    "kernels": ("bench.kernels", "fused kernels vs eager and torch.compile"),
+    "gpu": ("bench.gpu", "wan2.1-1.3b streaming on one GPU (832x480, 4 steps)"),
+}
+
+
+def add_arguments(p) -> None:
+    p.add_argument(
+        "benchmark", choices=list(BENCHMARKS), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items())
+    )
+    p.add_argument(
+        "options", nargs=argparse.REMAINDER, help="the benchmark's own options (--help lists them)"
+    )
+
+
+def run(args) -> int:
+    import logging
+
+    from streamgen.cli import UserError
+
+    module, help_text = BENCHMARKS[args.benchmark]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise UserError(f"benchmark {args.benchmark!r} is not available: {e}") from None
+    parser = argparse.ArgumentParser(prog=f"streamgen bench {args.benchmark}", description=help_text)
+    parser.add_argument("--json", action="store_true", help="print the JSON object on one line, no logs")
+    mod.add_arguments(parser)
+    opts = parser.parse_args(args.options)
+    if opts.json:
+        logging.disable(logging.WARNING)
+    result = mod.main(opts)
+    print(json.dumps(result) if opts.json else json.dumps(result, indent=2))
+    return 0

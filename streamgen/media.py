@@ -1,0 +1,130 @@
+"""Reading user media (any audio file, any image) and writing MP4 incrementally.
+
+Errors a user can cause raise `MediaError` with one line that names the file
+and the problem; callers turn it into a clean CLI error or a 4xx.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs long before they hurt
+
+
+class MediaError(ValueError):
+    pass
+
+
+def read_audio(path, rate: int = SAMPLE_RATE, max_seconds: float = 3600.0) -> np.ndarray:
+    """Decode any audio file PyAV reads, resampled once to `rate` Hz mono float32 in [-1, 1]."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"audio file not found: {path}")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise MediaError(f"{path} has no audio stream")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            parts, total = [], 0
+            for frame in container.decode(audio=0):
+                for out in resampler.resample(frame):
+                    a = out.to_ndarray().reshape(-1)
+                    parts.append(a)
+                    total += a.size
+                if total > max_seconds * rate:
+                    raise MediaError(f"{path} is longer than {max_seconds:.0f} s")
+            for out in resampler.resample(None):
+                parts.append(out.to_ndarray().reshape(-1))
+    except MediaError:
+        raise
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as e:
+        raise MediaError(f"cannot read audio from {path}: {e}") from None
+    pcm = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+    if pcm.size == 0:
+        raise MediaError(f"{path} contains no audio samples")
+    return np.clip(pcm, -1.0, 1.0)
+
+
+def read_image(path_or_bytes) -> np.ndarray:
+    """Decode an image file (or bytes) to uint8 RGB [H, W, 3]."""
+    import io
+
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    name = "image" if isinstance(path_or_bytes, bytes | bytearray) else str(path_or_bytes)
+    src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes | bytearray) else path_or_bytes
+    if not isinstance(src, io.BytesIO) and not Path(src).is_file():
+        raise MediaError(f"image file not found: {name}")
+    try:
+        with Image.open(src) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise MediaError(f"{name} is too large ({im.width}x{im.height} pixels)")
+            return np.asarray(im.convert("RGB"))
+    except MediaError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise MediaError(f"{name} is too large to decode safely: {e}") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise MediaError(f"cannot read image {name}: {e}") from None
+
+
+class Mp4Writer:
+    """H.264 (yuv420p) + AAC, written to `path.part` and renamed on close, so a
+    crashed or interrupted run never leaves a file that looks complete."""
+
+    def __init__(self, path, width: int, height: int, fps: int = 25, audio_rate: int | None = SAMPLE_RATE):
+        import av
+
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".part")
+        self.container = av.open(str(self.tmp), mode="w", format="mp4")
+        self.video = self.container.add_stream("libx264", rate=fps)
+        self.video.width, self.video.height = width + width % 2, height + height % 2
+        self.video.pix_fmt = "yuv420p"
+        self.video.options = {"crf": "18", "preset": "veryfast"}
+        self.audio = None
+        self.audio_rate = audio_rate
+        self.audio_pts = 0
+        if audio_rate:
+            self.audio = self.container.add_stream("aac", rate=audio_rate)
+            self.audio.layout = "mono"
+
+    def write_frames(self, frames: np.ndarray) -> None:
+        import av
+
+        for frame in frames:
+            if frame.shape[0] % 2 or frame.shape[1] % 2:  # yuv420p needs even sizes
+                frame = np.pad(frame, ((0, frame.shape[0] % 2), (0, frame.shape[1] % 2), (0, 0)), mode="edge")
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            self.container.mux(self.video.encode(vf))
+
+    def write_audio(self, pcm: np.ndarray) -> None:
+        import av
+
+        s16 = (np.clip(pcm, -1, 1) * 32767).astype(np.int16)
+        for k in range(0, len(s16), 1024):
+            af = av.AudioFrame.from_ndarray(s16[None, k : k + 1024], format="s16", layout="mono")
+            af.sample_rate = self.audio_rate
+            af.pts = self.audio_pts
+            self.audio_pts += af.samples
+            self.container.mux(self.audio.encode(af))
+
+    def close(self) -> Path:
+        self.container.mux(self.video.encode())
+        if self.audio is not None:
+            self.container.mux(self.audio.encode())
+        self.container.close()
+        self.tmp.replace(self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self.container.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,76 @@
+"""`streamgen generate` and `streamgen bench engine` from the command line."""
+
+import json
+import subprocess
+import sys
+import wave
+
+import av
+import numpy as np
+import pytest
+
+from streamgen.cli import main
+
+
+def streamgen(*args):
+    return subprocess.run([sys.executable, "-m", "streamgen", *args], capture_output=True, text=True, timeout=600)
+
+
+def write_wav(path, rate, seconds, channels=1):
+    t = np.arange(int(rate * seconds)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 200 * t) * 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.repeat(tone[:, None], channels, axis=1).tobytes())
+
+
+def test_generate_writes_h264_and_aac_at_any_input_rate(tmp_path):
+    wav = tmp_path / "speech_44k.wav"
+    write_wav(wav, 44100, 1.0, channels=2)  # resampled to 16 kHz mono
+    out = tmp_path / "avatar.mp4"
+    assert main(["generate", "--model", "debug", "--audio", str(wav), "--out", str(out), "--quiet"]) == 0
+    with av.open(str(out)) as c:
+        names = sorted(s.codec_context.name for s in c.streams)
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert names == ["aac", "h264"]
+    assert len(frames) >= 25 and frames[0].shape == (64, 64, 3)
+    assert not (tmp_path / "avatar.mp4.part").exists()
+
+
+@pytest.mark.parametrize(
+    "make_bad, flag, message",
+    [
+        (lambda p: p.write_bytes(b"not audio at all"), "--audio", "cannot read audio"),
+        (lambda p: None, "--audio", "not found"),
+        (lambda p: p.write_bytes(b"\x89PNG\r\n garbage"), "--reference", "cannot read image"),
+    ],
+)
+def test_bad_files_give_one_clear_line_and_nonzero_exit(tmp_path, make_bad, flag, message):
+    bad = tmp_path / "bad.bin"
+    make_bad(bad)
+    out = tmp_path / "x.mp4"
+    r = streamgen("generate", "--model", "debug", flag, str(bad), "--out", str(out), "--quiet")
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_empty_audio_is_an_error(tmp_path):
+    wav = tmp_path / "empty.wav"
+    write_wav(wav, 16000, 0.0)
+    r = streamgen("generate", "--model", "debug", "--audio", str(wav), "--out", str(tmp_path / "x.mp4"))
+    assert r.returncode == 2 and "no audio" in r.stderr
+
+
+def test_bench_engine_prints_one_json_object():
+    r = streamgen("bench", "engine", "--json", "--model", "debug", "--height", "32", "--width", "32",
+                  "--chunks", "2", "--context", "4", "--teacher-frames", "2")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("flavor", "height", "width", "fps", "first_chunk_ms", "chunk_ms_p50", "chunk_ms_p95",
+                "cache_speedup", "teacher_speedup"):
+        assert key in result
+    assert result["fps"] > 0 and result["cache_max_abs_diff"] <= 1e-4
