@@ -1,0 +1,316 @@
+"""The WebSocket API: wire format, control messages, flow control, bad input (with fuzzing)."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from server_helpers import make_app, wait_ready
+from starlette.websockets import WebSocketDisconnect
+
+from server.protocol import HEADER, CloseCode, MsgType, ProtocolError, pack, parse_binary, parse_control
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# --- the pure parser ----------------------------------------------------------------------------------
+def test_pack_and_parse_audio_roundtrip():
+    pcm = (np.sin(np.arange(320) / 5) * 8000).astype(np.int16)
+    msg = parse_binary(pack(MsgType.AUDIO_IN, 7, 1.25, pcm.tobytes()))
+    assert msg.seq == 7 and msg.pts_us == 1_250_000 and np.array_equal(msg.pcm, pcm)
+
+
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (b"", CloseCode.BAD_MESSAGE),
+        (b"\x01\x00", CloseCode.BAD_MESSAGE),  # shorter than the header
+        (pack(MsgType.VIDEO_JPEG, 0, 0, b"xx"), CloseCode.BAD_MESSAGE),  # not a client type
+        (pack(MsgType.AUDIO_IN, 0, 0, b"\x00\x01\x02"), CloseCode.BAD_MESSAGE),  # odd byte count
+        (pack(MsgType.AUDIO_IN, 0, 0, b"\x00" * 70000), CloseCode.TOO_BIG),
+        (struct.pack("<BBHIq", 1, 1, 0, 0, 0), CloseCode.BAD_MESSAGE),  # flags set
+    ],
+)
+def test_bad_binary_messages(data, code):
+    with pytest.raises(ProtocolError) as e:
+        parse_binary(data)
+    assert e.value.code == code and e.value.reason
+
+
+@pytest.mark.parametrize(
+    "text, code",
+    [
+        ("{", CloseCode.BAD_MESSAGE),
+        ("[]", CloseCode.BAD_MESSAGE),
+        ('{"type": "dance"}', CloseCode.BAD_MESSAGE),
+        ('{"type": "start", "sample_rate": 48000}', CloseCode.UNSUPPORTED),
+        ('{"type": "start", "format": "png"}', CloseCode.UNSUPPORTED),
+        ('{"type": "start", "credit": -1}', CloseCode.BAD_MESSAGE),
+        ('{"type": "start", "extra": 1}', CloseCode.BAD_MESSAGE),
+        ('{"type": "speak"}', CloseCode.BAD_MESSAGE),
+        ('{"type": "speak", "text": 5}', CloseCode.BAD_MESSAGE),
+        ('{"type": "speak", "text": "   "}', CloseCode.BAD_MESSAGE),
+        ('{"type": "credit", "frames": true}', CloseCode.BAD_MESSAGE),
+        ("x" * 9000, CloseCode.TOO_BIG),
+    ],
+)
+def test_bad_control_messages(text, code):
+    with pytest.raises(ProtocolError) as e:
+        parse_control(text)
+    assert e.value.code == code
+
+
+def test_start_defaults():
+    msg = parse_control('{"type": "start"}')
+    assert msg["format"] == "jpeg" and msg["flow"] == "latest" and msg["sample_rate"] == 16000
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzz_binary_parser(data):
+    try:
+        msg = parse_binary(data)
+    except ProtocolError as e:
+        assert 4000 <= e.code < 5000 and e.reason
+    else:
+        assert len(data) >= HEADER.size and len(msg.pcm) * 2 == len(data) - HEADER.size
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=10,
+)
+control_like = st.fixed_dictionaries(
+    {"type": st.sampled_from(["start", "speak", "caption", "interrupt", "credit", "ping", "stop", "x"])},
+    optional={"text": json_values, "frames": json_values, "format": json_values, "sample_rate": json_values,
+              "flow": json_values, "credit": json_values, "id": json_values},  # fmt: skip
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=100), json_values.map(json.dumps), control_like.map(json.dumps)))
+def test_fuzz_control_parser(text):
+    try:
+        msg = parse_control(text)
+    except ProtocolError as e:
+        assert 4000 <= e.code < 5000 and e.reason
+    else:
+        assert msg["type"] in ("start", "speak", "caption", "interrupt", "credit", "ping", "stop")
+
+
+# --- over a socket --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def client():
+    with TestClient(make_app(max_sessions=6)) as c:
+        wait_ready(c)
+        yield c
+
+
+def new_session(client, seed=11):
+    r = client.post("/v1/sessions", json={"avatar": "bo", "seed": seed})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def stream_url(s, token=None):
+    return f"{s['stream']}?token={token if token is not None else s['token']}"
+
+
+def expect_close(ws, max_messages=200) -> tuple[int, str]:
+    for _ in range(max_messages):
+        try:
+            message = ws.receive()
+        except WebSocketDisconnect as e:
+            return e.code, e.reason
+        if message["type"] == "websocket.close":
+            return message["code"], message.get("reason", "")
+    raise AssertionError("socket was not closed")
+
+
+def read_frames(ws, n_frames: int):
+    """(header, payload) of binary messages until `n_frames` video frames arrived; also the audio."""
+    frames, audio = [], []
+    while len(frames) < n_frames:
+        message = ws.receive()
+        assert message["type"] == "websocket.send", message
+        if message.get("bytes") is None:
+            continue  # a JSON reply (speaking, pong)
+        data = message["bytes"]
+        kind, _, _, seq, pts_us = HEADER.unpack_from(data)
+        (audio if kind == MsgType.AUDIO_OUT else frames).append((kind, seq, pts_us, data[HEADER.size :]))
+    return frames, audio
+
+
+def test_stream_jpeg_frames_with_headers(client):
+    s = new_session(client)
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start"}))
+        ready = json.loads(ws.receive_text())
+        assert ready["type"] == "ready" and ready["width"] == 64 and ready["fps"] == 25.0
+        frames, audio = read_frames(ws, 16)
+        assert [f[1] for f in frames] == list(range(16))  # sequence numbers
+        assert [f[2] for f in frames] == [i * 40_000 for i in range(16)]  # pts in microseconds, 25 fps
+        assert all(f[0] == MsgType.VIDEO_JPEG for f in frames)
+        img = np.asarray(Image.open(io.BytesIO(frames[0][3])))
+        assert img.shape == (64, 64, 3) and img.mean() > 20
+        assert audio[0][0] == MsgType.AUDIO_OUT and len(audio[0][3]) == 2 * 5120  # one chunk of PCM16
+        ws.send_text(json.dumps({"type": "ping", "id": 3}))
+        for _ in range(40):
+            msg = ws.receive()
+            if msg.get("text"):
+                pong = json.loads(msg["text"])
+                break
+        assert pong["type"] == "pong" and pong["id"] == 3
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+    assert s["id"] not in client.app.state.registry.sessions
+
+
+def rgb_frames(client, seed, speak=None, n=24, audio_in=None):
+    s = new_session(client, seed)
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start", "format": "rgb"}))
+        ws.receive_text()
+        if speak:
+            ws.send_text(json.dumps({"type": "speak", "text": speak}))
+        if audio_in is not None:
+            ws.send_bytes(pack(MsgType.AUDIO_IN, 0, 0, audio_in.tobytes()))
+        frames, audio = read_frames(ws, n)
+        ws.send_text(json.dumps({"type": "stop"}))
+    pcm = np.concatenate([np.frombuffer(a[3], np.int16) for a in audio])
+    return np.stack([np.frombuffer(f[3], np.uint8).reshape(64, 64, 3) for f in frames]), pcm
+
+
+def test_frames_react_to_audio_exactly(client):
+    """Same avatar and seed: silence twice gives identical frames, speech changes them."""
+    from streamgen.data.speech import synthesize
+
+    silent_a, pcm_a = rgb_frames(client, seed=5)
+    silent_b, _ = rgb_frames(client, seed=5)
+    assert np.array_equal(silent_a, silent_b)
+    assert not pcm_a.any()
+    speech = (synthesize("Hello there, nice to meet you.").audio * 32767).astype(np.int16)
+    spoken, pcm = rgb_frames(client, seed=5, audio_in=speech[:32000])
+    assert not np.array_equal(spoken, silent_a)
+    assert np.abs(pcm.astype(np.float32)).mean() > 300  # the audio out carries what drove the lips
+    said, pcm_said = rgb_frames(client, seed=5, speak="Good morning to you.")
+    assert not np.array_equal(said, silent_a) and np.abs(pcm_said.astype(np.float32)).mean() > 300
+
+
+def test_credit_flow_control(client):
+    s = new_session(client)
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start", "flow": "credit", "credit": 3}))
+        ws.receive_text()
+        kinds = [HEADER.unpack_from(ws.receive_bytes())[0] for _ in range(8)]
+        assert kinds.count(MsgType.VIDEO_JPEG) == 3  # then audio only, one message per chunk
+        ws.send_text(json.dumps({"type": "credit", "frames": 2}))
+        more = []
+        while len(more) < 2:
+            data = ws.receive_bytes()
+            if data[0] == MsgType.VIDEO_JPEG:
+                more.append(HEADER.unpack_from(data)[3])
+        assert more == [3, 4]  # video sequence numbers continue
+        ws.send_text(json.dumps({"type": "stop"}))
+
+
+@pytest.mark.parametrize(
+    "messages, code",
+    [
+        ([("text", '{"type":"start"}'), ("bytes", pack(MsgType.AUDIO_IN, 0, 0, b"\x01\x02\x03"))], 4400),
+        ([("text", '{"type":"start","sample_rate":44100}')], 4415),
+        ([("bytes", b"\xde\xad\xbe\xef" * 9)], 4400),
+        ([("text", "not json at all")], 4400),
+        ([("bytes", pack(MsgType.AUDIO_IN, 0, 0, b"\x00\x00"))], 4400),  # audio before start
+        ([("text", '{"type":"speak","text":"hi"}')], 4400),  # control before start
+        ([("text", '{"type":"start"}'), ("text", '{"type":"start"}')], 4400),
+        ([("text", "{" * 10000)], 4413),
+    ],
+)
+def test_bad_messages_close_with_a_code(client, messages, code):
+    s = new_session(client)
+    with client.websocket_connect(stream_url(s)) as ws:
+        for kind, data in messages:
+            ws.send_bytes(data) if kind == "bytes" else ws.send_text(data)
+        got, reason = expect_close(ws)
+    assert got == code and reason
+    assert s["id"] not in client.app.state.registry.sessions
+
+
+@pytest.mark.parametrize("which, code", [("unknown", 4404), ("missing", 4401), ("wrong", 4403)])
+def test_refused_connections(client, which, code):
+    s = new_session(client)
+    url = {"unknown": "/v1/sessions/nope/stream?token=x", "missing": s["stream"],
+           "wrong": stream_url(s, "wrong")}[which]  # fmt: skip
+    with client.websocket_connect(url) as ws:
+        assert expect_close(ws)[0] == code
+    client.delete(s["resource"], headers={"Authorization": f"Bearer {s['token']}"})
+
+
+def test_second_socket_on_a_session_is_refused(client):
+    s = new_session(client)
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start"}))
+        ws.receive_text()
+        with client.websocket_connect(stream_url(s)) as ws2:
+            assert expect_close(ws2)[0] == CloseCode.CONFLICT
+        ws.send_text(json.dumps({"type": "stop"}))
+
+
+def test_speak_errors_are_reported_not_fatal(client):
+    s = new_session(client)
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
+        ws.receive_text()
+        ws.send_text(json.dumps({"type": "speak", "text": "hi", "language": "klingon"}))
+        for _ in range(50):
+            msg = ws.receive()
+            if msg.get("text"):
+                break
+        err = json.loads(msg["text"])
+        assert err["type"] == "error" and "language" in err["message"]
+        ws.send_text(json.dumps({"type": "caption", "text": "smiling"}))  # the debug model takes no captions
+        for _ in range(50):
+            msg = ws.receive()
+            if msg.get("text"):
+                break
+        assert json.loads(msg["text"])["for"] == "caption"
+        ws.send_text(json.dumps({"type": "stop"}))
+
+
+garbage = st.one_of(
+    st.binary(max_size=64).map(lambda b: ("bytes", b)),
+    st.text(max_size=64).map(lambda t: ("text", t)),
+    control_like.map(lambda d: ("text", json.dumps(d))),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(garbage, min_size=1, max_size=4))
+def test_fuzz_socket_other_session_unaffected(client, messages):
+    """Malformed traffic on one socket gets a close code; a healthy session on the side keeps streaming."""
+    healthy = new_session(client, seed=1)
+    victim = new_session(client, seed=2)
+    with client.websocket_connect(stream_url(healthy)) as good:
+        good.send_text(json.dumps({"type": "start", "format": "rgb"}))
+        good.receive_text()
+        with client.websocket_connect(stream_url(victim)) as ws:
+            ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
+            ws.receive_text()
+            for kind, data in messages:
+                ws.send_bytes(data) if kind == "bytes" else ws.send_text(data)
+            ws.send_bytes(b"\xff")  # always ends with garbage: every example must close
+            code, reason = expect_close(ws, max_messages=1000)
+            assert code in (1000, 4400, 4413, 4415, 4429) and reason
+        frames, _ = read_frames(good, 3)
+        assert len(frames) == 3
+        good.send_text(json.dumps({"type": "stop"}))
+    assert client.get("/healthz").status_code == 200
