@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Browser tests of the web client (tests/test_server_browser.py) in Debian's headless chromium.
+# Installs chromium with apt where it is missing and apt is usable; otherwise the test
+# skips itself with a message saying why. Usage: scripts/ci_browser.sh [extra pytest args]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+
+if [ ! -x /usr/bin/chromium ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+        echo "ci_browser: installing chromium (apt-get install -y chromium)"
+        (apt-get install -y chromium || (apt-get update && apt-get install -y chromium)) >/tmp/ci_browser_apt.log 2>&1 \
+            || echo "ci_browser: apt could not install chromium (see /tmp/ci_browser_apt.log); the browser test will skip"
+    else
+        echo "ci_browser: /usr/bin/chromium missing and apt-get unavailable (or not root); the browser test will skip"
+    fi
+fi
+
+exec "$PY" -m pytest tests/test_server_browser.py -m browser -q -rs "$@"

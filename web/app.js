@@ -1,0 +1,331 @@
+// streamgen browser client: WHEP (WebRTC) first, the WebSocket API as the fallback.
+// Plain modern JS, no build step. Query parameters for automation:
+//   ?autostart=1  connect on load      ?avatar=ada   preselect an avatar
+//   ?mic=0        start without mic    ?transport=ws skip WebRTC
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const SAMPLE_RATE = 16000;
+const HEADER_BYTES = 16;
+
+// what the overlay shows; tests read it as window.streamgenStats
+const stats = { transport: null, firstFrameMs: null, framesDecoded: 0, fps: 0, avOffsetMs: null,
+  rttMs: null, state: "idle", error: null };
+window.streamgenStats = stats;
+
+let avatar = params.get("avatar") || "sample";
+let session = null;        // {id, token, resource, whep, stream}
+let pc = null;             // RTCPeerConnection (WebRTC)
+let ws = null;             // WebSocket (fallback)
+let mic = null;            // MediaStream from getUserMedia
+let audioSender = null;    // RTCRtpSender carrying the mic
+let statsTimer = null;
+let offerPostedAt = 0;
+
+function setStatus(text) {
+  stats.state = text;
+  $("status").textContent = text;
+}
+
+function showOverlay() {
+  const f = (v, unit) => (v === null || v === undefined ? "–" : `${Math.round(v)} ${unit}`);
+  $("overlay").textContent = [
+    `transport  ${stats.transport || "–"}`,
+    `startup    ${f(stats.firstFrameMs, "ms")}`,
+    `fps        ${stats.fps ? stats.fps.toFixed(1) : "–"}`,
+    `A/V offset ${f(stats.avOffsetMs, "ms")}`,
+    `RTT        ${f(stats.rttMs, "ms")}`,
+    `frames     ${stats.framesDecoded}`,
+  ].join("\n");
+}
+
+function authHeaders(extra = {}) {
+  return { Authorization: `Bearer ${session.token}`, ...extra };
+}
+
+async function loadAvatars() {
+  const res = await fetch("/v1/avatars");
+  const { avatars } = await res.json();
+  const box = $("avatars");
+  box.replaceChildren();
+  for (const a of avatars) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.title = a.name;
+    b.setAttribute("aria-pressed", String(a.id === avatar));
+    b.innerHTML = `<img alt="${a.name}" src="${a.image}">`;
+    b.onclick = () => {
+      avatar = a.id;
+      for (const other of box.children) other.setAttribute("aria-pressed", String(other === b));
+    };
+    box.append(b);
+  }
+}
+
+async function createSession() {
+  const caption = $("caption").value.trim();
+  const file = $("upload").files[0];
+  let body, headers = {};
+  if (file) {
+    body = new FormData();
+    body.append("reference", file);
+    if (caption) body.append("caption", caption);
+  } else {
+    body = JSON.stringify({ avatar, caption: caption || undefined });
+    headers["Content-Type"] = "application/json";
+  }
+  const res = await fetch("/v1/sessions", { method: "POST", body, headers });
+  const json = await res.json();
+  if (!res.ok) throw new Error(`${res.status}: ${json.message || json.error}`);
+  return json;
+}
+
+async function getMic() {
+  if (!$("mic").checked || !navigator.mediaDevices) return null;
+  try {
+    return await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: true } });
+  } catch (e) {
+    console.warn("no microphone:", e);
+    return null;
+  }
+}
+
+// --- WebRTC (WHEP) ------------------------------------------------------------------------------
+function iceGathered(peer, timeoutMs = 2000) {
+  if (peer.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { peer.removeEventListener("icegatheringstatechange", check); resolve(); };
+    const check = () => peer.iceGatheringState === "complete" && done();
+    peer.addEventListener("icegatheringstatechange", check);
+    setTimeout(done, timeoutMs);  // answer with whatever candidates we have
+  });
+}
+
+async function connectWebRTC() {
+  pc = new RTCPeerConnection({ iceServers: [] });
+  const media = new MediaStream();
+  pc.ontrack = (e) => {
+    media.addTrack(e.track);
+    $("video").srcObject = media;
+  };
+  pc.addTransceiver("video", { direction: "recvonly" });
+  const audio = pc.addTransceiver("audio", { direction: "sendrecv" });
+  audioSender = audio.sender;
+  if (mic) await audioSender.replaceTrack(mic.getAudioTracks()[0]);
+  await pc.setLocalDescription(await pc.createOffer());
+  await iceGathered(pc);
+  offerPostedAt = performance.now();
+  const res = await fetch(session.whep, {
+    method: "POST", body: pc.localDescription.sdp, headers: authHeaders({ "Content-Type": "application/sdp" }),
+  });
+  if (res.status !== 201) throw new Error(`WHEP ${res.status}: ${await res.text()}`);
+  await pc.setRemoteDescription({ type: "answer", sdp: await res.text() });
+  await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("WebRTC did not connect within 5 s")), 5000);
+    pc.onconnectionstatechange = () => {
+      if (pc.connectionState === "connected") { clearTimeout(timer); resolve(); }
+      if (pc.connectionState === "failed") { clearTimeout(timer); reject(new Error("WebRTC failed")); }
+    };
+  });
+  stats.transport = "webrtc";
+  $("video").hidden = false;
+  $("canvas").hidden = true;
+  const video = $("video");
+  if (video.requestVideoFrameCallback) {
+    video.requestVideoFrameCallback(() => {
+      stats.firstFrameMs ??= performance.now() - offerPostedAt;
+    });
+  }
+  video.muted = false;  // the avatar's voice; autoplay policies may keep it muted until a click
+  video.play().catch(() => { video.muted = true; video.play(); });
+  statsTimer = setInterval(readRtcStats, 500);
+}
+
+async function readRtcStats() {
+  if (!pc) return;
+  const report = await pc.getStats();
+  let video = null, audio = null, pair = null;
+  report.forEach((s) => {
+    if (s.type === "inbound-rtp" && s.kind === "video") video = s;
+    if (s.type === "inbound-rtp" && s.kind === "audio") audio = s;
+    if (s.type === "candidate-pair" && s.nominated && s.state === "succeeded") pair = s;
+  });
+  if (video) {
+    stats.framesDecoded = video.framesDecoded || 0;
+    stats.fps = video.framesPerSecond || 0;
+    if (stats.framesDecoded > 0 && stats.firstFrameMs === null) stats.firstFrameMs = performance.now() - offerPostedAt;
+  }
+  if (video && audio) {
+    if (video.estimatedPlayoutTimestamp && audio.estimatedPlayoutTimestamp) {
+      // NTP time of what each track is playing now: equal when lips and sound line up
+      stats.avOffsetMs = video.estimatedPlayoutTimestamp - audio.estimatedPlayoutTimestamp;
+    } else if (video.jitterBufferEmittedCount && audio.jitterBufferEmittedCount) {
+      stats.avOffsetMs = 1000 * (video.jitterBufferDelay / video.jitterBufferEmittedCount
+        - audio.jitterBufferDelay / audio.jitterBufferEmittedCount);
+    }
+  }
+  if (pair && pair.currentRoundTripTime !== undefined) stats.rttMs = 1000 * pair.currentRoundTripTime;
+  showOverlay();
+}
+
+// --- WebSocket fallback -------------------------------------------------------------------------
+let audioCtx = null, playStart = null, seqOut = 0, micNode = null, frameTimes = [];
+
+function packAudio(pcm16) {
+  const buf = new ArrayBuffer(HEADER_BYTES + pcm16.byteLength);
+  const view = new DataView(buf);
+  view.setUint8(0, 1);  // audio in
+  view.setUint32(4, seqOut++, true);
+  view.setBigInt64(8, 0n, true);
+  new Int16Array(buf, HEADER_BYTES).set(pcm16);
+  return buf;
+}
+
+async function connectWebSocket() {
+  // a session is bound to the transport that first used it: start a fresh one
+  session = await createSession();
+  audioCtx = new AudioContext({ sampleRate: SAMPLE_RATE });
+  const url = new URL(`${session.stream}?token=${encodeURIComponent(session.token)}`, location.href);
+  url.protocol = url.protocol.replace("http", "ws");
+  ws = new WebSocket(url);
+  ws.binaryType = "arraybuffer";
+  const canvas = $("canvas");
+  const ctx2d = canvas.getContext("2d");
+  $("video").hidden = true;
+  canvas.hidden = false;
+  const openedAt = performance.now();
+  await new Promise((resolve, reject) => {
+    ws.onopen = resolve;
+    ws.onerror = () => reject(new Error("WebSocket failed"));
+  });
+  ws.send(JSON.stringify({ type: "start", format: "jpeg", flow: "latest" }));
+  stats.transport = "websocket";
+  ws.onmessage = async (e) => {
+    if (typeof e.data === "string") {
+      const msg = JSON.parse(e.data);
+      if (msg.type === "ready") { canvas.width = msg.width; canvas.height = msg.height; }
+      if (msg.type === "error") setStatus(`error: ${msg.message}`);
+      return;
+    }
+    const view = new DataView(e.data);
+    const kind = view.getUint8(0);
+    const pts = Number(view.getBigInt64(8, true)) / 1e6;
+    playStart ??= audioCtx.currentTime + 0.15;  // a small playout buffer
+    const at = playStart + pts;
+    if (kind === 4) {  // audio out: schedule it on the audio clock
+      const pcm = new Int16Array(e.data, HEADER_BYTES);
+      const buffer = audioCtx.createBuffer(1, pcm.length, SAMPLE_RATE);
+      const ch = buffer.getChannelData(0);
+      for (let i = 0; i < pcm.length; i++) ch[i] = pcm[i] / 32768;
+      const src = audioCtx.createBufferSource();
+      src.buffer = buffer;
+      src.connect(audioCtx.destination);
+      src.start(Math.max(at, audioCtx.currentTime));
+    } else if (kind === 2) {  // JPEG frame: draw it when its audio plays
+      const bitmap = await createImageBitmap(new Blob([new Uint8Array(e.data, HEADER_BYTES)], { type: "image/jpeg" }));
+      setTimeout(() => {
+        ctx2d.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+        stats.framesDecoded++;
+        stats.firstFrameMs ??= performance.now() - openedAt;
+        const now = performance.now();
+        frameTimes.push(now);
+        while (frameTimes.length && frameTimes[0] < now - 2000) frameTimes.shift();
+        stats.fps = frameTimes.length / 2;
+        stats.avOffsetMs = 0;  // both scheduled on the same clock
+      }, Math.max(0, (at - audioCtx.currentTime) * 1000));
+    }
+  };
+  ws.onclose = (e) => { setStatus(`closed: ${e.code} ${e.reason}`); cleanup(false); };
+  statsTimer = setInterval(() => {
+    if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "ping", id: Date.now() }));
+    showOverlay();
+  }, 1000);
+  if (mic) startWsMic();
+}
+
+function startWsMic() {
+  const source = audioCtx.createMediaStreamSource(mic);  // the context runs at 16 kHz: resampled here
+  micNode = audioCtx.createScriptProcessor(1024, 1, 1);
+  micNode.onaudioprocess = (e) => {
+    if (!ws || ws.readyState !== WebSocket.OPEN || !$("mic").checked) return;
+    const x = e.inputBuffer.getChannelData(0);
+    const pcm = new Int16Array(x.length);
+    for (let i = 0; i < x.length; i++) pcm[i] = Math.max(-1, Math.min(1, x[i])) * 32767;
+    ws.send(packAudio(pcm));
+  };
+  source.connect(micNode);
+  micNode.connect(audioCtx.destination);
+}
+
+// --- controls -------------------------------------------------------------------------------------
+async function connect() {
+  $("connect").disabled = true;
+  setStatus("connecting");
+  try {
+    mic = await getMic();
+    session = await createSession();
+    if (params.get("transport") === "ws") throw new Error("WebSocket requested");
+    await connectWebRTC();
+  } catch (e) {
+    console.warn("WebRTC unavailable, using the WebSocket API:", e);
+    if (pc) { pc.close(); pc = null; }
+    if (session) fetch(session.resource, { method: "DELETE", headers: authHeaders() }).catch(() => {});
+    try {
+      await connectWebSocket();
+    } catch (e2) {
+      stats.error = String(e2);
+      setStatus(`failed: ${e2.message}`);
+      $("connect").disabled = false;
+      return;
+    }
+  }
+  setStatus(`streaming (${stats.transport})`);
+  $("hangup").disabled = false;
+  $("speak").disabled = false;
+}
+
+function cleanup(sendDelete = true) {
+  clearInterval(statsTimer);
+  if (sendDelete && session) fetch(session.resource, { method: "DELETE", headers: authHeaders() }).catch(() => {});
+  if (pc) pc.close();
+  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "stop" }));
+  if (micNode) micNode.disconnect();
+  if (mic) mic.getTracks().forEach((t) => t.stop());
+  pc = ws = mic = micNode = null;
+  playStart = null;
+  $("connect").disabled = false;
+  $("hangup").disabled = true;
+  $("speak").disabled = true;
+}
+
+async function speak(e) {
+  e.preventDefault();
+  const text = $("speak-text").value.trim();
+  if (!text || !session) return;
+  const msg = { type: "speak", text };
+  if (ws) {
+    ws.send(JSON.stringify(msg));
+  } else {
+    const res = await fetch(`${session.resource}/control`, {
+      method: "POST", body: JSON.stringify(msg), headers: authHeaders({ "Content-Type": "application/json" }),
+    });
+    if (!res.ok) setStatus(`speak: ${(await res.json()).message}`);
+  }
+  $("speak-text").value = "";
+}
+
+$("connect").onclick = connect;
+$("hangup").onclick = () => { cleanup(true); setStatus("idle"); };
+$("speak-form").onsubmit = speak;
+$("mic").onchange = async () => {
+  if (!audioSender) return;
+  if ($("mic").checked) {
+    mic = mic || (await getMic());
+    await audioSender.replaceTrack(mic ? mic.getAudioTracks()[0] : null);
+  } else {
+    await audioSender.replaceTrack(null);
+  }
+};
+window.addEventListener("pagehide", () => cleanup(true));
+if (params.get("mic") === "0") $("mic").checked = false;
+showOverlay();
+loadAvatars().then(() => { if (params.get("autostart") === "1") connect(); });
