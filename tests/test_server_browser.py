@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from server_helpers import live_server
 
 CHROMIUM = os.environ.get("STREAMGEN_CHROMIUM", "/usr/bin/chromium")
