@@ -132,7 +132,8 @@ class StreamSession:
         self.seed = seed if seed is not None else random.randrange(2**31)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.context = text_context(text, self.cfg.text_dim).to(self.device, self.dtype)
-        img = torch.from_numpy(ref).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1
+        self.vae_dtype = next(self.vae.parameters()).dtype
+        img = torch.from_numpy(ref).to(self.device).permute(2, 0, 1)[None].to(self.vae_dtype) / 127.5 - 1
         with torch.no_grad():
             self.reference_latent = self.vae.encode_reference(img).to(self.dtype)
         if self.cache is None:
@@ -220,10 +221,12 @@ class StreamSession:
             latents = generate_chunk(
                 self.dit, self.cache, noise, self.context, audio, self.sigmas, self.generator
             )
-            frames, self.decoder_state = self.vae.decode_stream(latents.float(), self.decoder_state)
+            frames, self.decoder_state = self.vae.decode_stream(
+                latents.to(self.vae_dtype), self.decoder_state
+            )
         pts = self.chunk_index * self.chunk_seconds
         self.chunk_index += 1
-        out = ((frames[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        out = ((frames[0].permute(1, 2, 3, 0).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         return out.cpu().numpy(), pts
 
     def _require_started(self):

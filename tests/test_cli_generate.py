@@ -13,7 +13,9 @@ from streamgen.cli import main
 
 
 def streamgen(*args):
-    return subprocess.run([sys.executable, "-m", "streamgen", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "streamgen", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def write_wav(path, rate, seconds, channels=1):
@@ -66,11 +68,58 @@ def test_empty_audio_is_an_error(tmp_path):
 
 
 def test_bench_engine_prints_one_json_object():
-    r = streamgen("bench", "engine", "--json", "--model", "debug", "--height", "32", "--width", "32",
-                  "--chunks", "2", "--context", "4", "--teacher-frames", "2")
+    r = streamgen(
+        "bench",
+        "engine",
+        "--json",
+        "--model",
+        "debug",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--chunks",
+        "2",
+        "--context",
+        "4",
+        "--teacher-frames",
+        "2",
+    )
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    for key in ("flavor", "height", "width", "fps", "first_chunk_ms", "chunk_ms_p50", "chunk_ms_p95",
-                "cache_speedup", "teacher_speedup"):
+    for key in (
+        "flavor",
+        "height",
+        "width",
+        "fps",
+        "first_chunk_ms",
+        "chunk_ms_p50",
+        "chunk_ms_p95",
+        "cache_speedup",
+        "teacher_speedup",
+    ):
         assert key in result
     assert result["fps"] > 0 and result["cache_max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.slow
+def test_bench_gpu_script_runs_its_cpu_path():
+    r = streamgen(
+        "bench",
+        "gpu",
+        "--json",
+        "--device",
+        "cpu",
+        "--quick",
+        "--no-compile",
+        "--no-kernels",
+        "--backends",
+        "sdpa",
+        "--chunks",
+        "2",
+    )
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    variant = result["variants"]["sdpa+fused_kernels"]
+    assert variant["fps"] > 0 and variant["first_chunk_frames"] == 9  # Wan VAE: 1 + 4k frames
+    assert result["best_variant"] in result["variants"]
