@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument(
         "--data", type=Path, help="train on this dataset's train split (default: make clips)"
     )
-    training.add_argument("--sync-steps", type=int, default=2500)
+    training.add_argument("--sync-steps", type=int, default=4000)
     training.add_argument("--identity-steps", type=int, default=1500)
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--workers", type=int, default=2)
@@ -81,7 +81,7 @@ def _evaluate(args) -> int:
     from streamgen.cli import UserError
 
     from .evaluators import EvaluatorError
-    from .report import evaluate
+    from .report import ModelLoadError, evaluate
 
     clips = args.clips or 8
     try:
@@ -90,11 +90,8 @@ def _evaluate(args) -> int:
                 args.model, args.out, args.split, clips, args.size, args.minutes,
                 args.evaluators, args.device, args.steps, progress=bar.update,
             )  # fmt: skip
-    except EvaluatorError as e:
+    except (EvaluatorError, ModelLoadError) as e:
         raise UserError(str(e)) from None
-    except (FileNotFoundError, KeyError) as e:
-        # an unknown model name or path surfaces here from the model loader
-        raise UserError(f"cannot load model {args.model!r}: {e}") from None
     keys = ["sync_c", "sync_d", "av_offset_frames", "csim", "fid", "fvd", "drift_slope", "black_frames"]
     summary = "  ".join(
         f"{k}={report[k]:.3f}" if isinstance(report[k], float) else f"{k}={report[k]}" for k in keys

@@ -46,10 +46,17 @@ def generate_with_stream_session(session, reference, audio, caption, n_frames, s
     return np.concatenate(frames)[:n_frames]
 
 
+class ModelLoadError(ValueError):
+    """The model to evaluate cannot be loaded or cannot run at the requested size."""
+
+
 def _open_session(model: str, height: int, width: int, device: str, steps: int | None):
     from streamgen.stream import StreamSession
 
-    return StreamSession(model, height=height, width=width, device=device, steps=steps)
+    try:
+        return StreamSession(model, height=height, width=width, device=device, steps=steps)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot load model {model!r}: {e}") from None
 
 
 def evaluate(

@@ -73,7 +73,9 @@ def _jitter(x: torch.Tensor, gen: torch.Generator, pixels: int = 2) -> torch.Ten
     return x * gain
 
 
-def train_syncnet(clips, steps: int, batch: int = 32, hard: int = 4, seed: int = 0, bar=None) -> SyncNet:
+def train_syncnet(
+    clips, steps: int, batch: int = 32, hard: int = 8, seed: int = 0, temperature: float = 0.05, bar=None
+) -> SyncNet:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = SyncNet()
@@ -99,7 +101,7 @@ def train_syncnet(clips, steps: int, batch: int = 32, hard: int = 4, seed: int =
         v = model.embed_video(torch.cat(v_list))
         a = model.embed_audio(torch.cat(a_list))
         neg = model.embed_audio(torch.cat(n_list)).view(batch, hard, -1)
-        logits = torch.cat([v @ a.T, (v[:, None] * neg).sum(-1)], dim=1) / 0.07
+        logits = torch.cat([v @ a.T, (v[:, None] * neg).sum(-1)], dim=1) / temperature
         loss = F.cross_entropy(logits, torch.arange(batch))
         opt.zero_grad()
         loss.backward()
@@ -148,7 +150,7 @@ def train_identity(clips, steps: int, batch: int = 32, seed: int = 0, bar=None) 
 def train_evaluators(
     out: Path,
     n_clips: int = 300,
-    sync_steps: int = 1500,
+    sync_steps: int = 4000,
     identity_steps: int = 800,
     seed: int = 0,
     workers: int = 1,

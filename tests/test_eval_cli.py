@@ -1,0 +1,34 @@
+import json
+
+from streamgen.cli import main
+
+
+def test_eval_ground_truth_writes_a_complete_report(tmp_path, capsys):
+    out = tmp_path / "gt"
+    assert main(["eval", "--model", "ground-truth", "--clips", "1", "--out", str(out), "--json"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    report = json.loads(last)
+    assert report == json.loads((out / "report.json").read_text())
+    for key in ["sync_c", "sync_d", "av_offset_frames", "csim", "fid", "fvd", "drift_slope",
+                "black_frames", "frozen_frames", "clips", "seconds"]:  # fmt: skip
+        assert key in report
+    assert report["clips"] == 1 and report["seconds"] == 4.0
+    assert abs(report["av_offset_frames"]) <= 1 and report["csim"] > 0.8
+    assert report["black_frames"] == 0 and report["frozen_frames"] < 5
+    for name in ["report.md", "drift.png", "sync.png", "samples.png"]:
+        assert (out / name).stat().st_size > 100
+
+
+def test_eval_errors_leave_no_report(tmp_path, capsys):
+    out = tmp_path / "bad"
+    code = main(
+        ["eval", "--model", "ground-truth", "--clips", "1", "--out", str(out), "--evaluators", str(tmp_path)]
+    )
+    assert code == 2
+    assert "missing evaluator checkpoint" in capsys.readouterr().err
+    assert not (out / "report.json").exists()
+    assert main(["eval", "--out", str(out)]) == 2
+    assert "--model is required" in capsys.readouterr().err
+    assert main(["eval", "--model", "no-such-model", "--clips", "1", "--out", str(out)]) == 2
+    assert "cannot load model 'no-such-model'" in capsys.readouterr().err
+    assert not (out / "report.json").exists()
