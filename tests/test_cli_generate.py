@@ -123,3 +123,18 @@ def test_bench_gpu_script_runs_its_cpu_path():
     variant = result["variants"]["sdpa+fused_kernels"]
     assert variant["fps"] > 0 and variant["first_chunk_frames"] == 9  # Wan VAE: 1 + 4k frames
     assert result["best_variant"] in result["variants"]
+
+
+@pytest.mark.distributed
+def test_generate_with_sequence_parallel_gives_the_same_video(tmp_path):
+    outs = []
+    for sp in (1, 2):
+        out = tmp_path / f"sp{sp}.mp4"
+        r = streamgen(
+            "generate", "--model", "debug", "--sp", str(sp), "--seed", "3", "--quiet", "--out", str(out)
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        with av.open(str(out)) as c:
+            outs.append(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]))
+    assert outs[0].shape == outs[1].shape
+    assert np.array_equal(outs[0], outs[1])

@@ -19,11 +19,17 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=None, choices=[1, 2, 4], help="denoising steps per chunk")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--sp", type=int, default=1, help="sequence-parallel processes (restarts under torchrun)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
     import time
+
+    if args.sp > 1:
+        from streamgen.parallel.launch import relaunch_under_torchrun
+
+        relaunch_under_torchrun(args.sp)  # does not return in the launching process
 
     from tqdm import tqdm
 
@@ -44,28 +50,37 @@ def run(args) -> int:
         session = StreamSession(
             args.model, height=args.height, width=args.width, steps=args.steps, device=args.device
         )
+        main_process = _apply_sequence_parallel(session, args.sp)
         session.start(face, text=args.text, seed=args.seed)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise UserError(str(e)) from None
 
     n_chunks = math.ceil(len(pcm) / SAMPLE_RATE / session.chunk_seconds)
     per_chunk = int(round(session.chunk_seconds * SAMPLE_RATE))
-    writer = Mp4Writer(out, session.width, session.height)
+    # every process runs the same stream on its shard of the tokens; one writes the file
+    writer = Mp4Writer(out, session.width, session.height) if main_process else None
     t0 = time.perf_counter()
     try:
         # feed audio one chunk ahead of generation, as a live stream would
         session.push_audio(pcm[: 2 * per_chunk])
-        for k in tqdm(range(n_chunks), desc="generating", unit="chunk", disable=args.quiet):
+        for k in tqdm(
+            range(n_chunks), desc="generating", unit="chunk", disable=args.quiet or not main_process
+        ):
             session.push_audio(pcm[(k + 2) * per_chunk : (k + 3) * per_chunk])
             frames, _ = session.next_chunk()
-            writer.write_frames(frames)
-        writer.write_audio(pcm)
-        writer.close()
+            if writer:
+                writer.write_frames(frames)
+        if writer:
+            writer.write_audio(pcm)
+            writer.close()
     except BaseException:
-        writer.abort()
+        if writer:
+            writer.abort()
         raise
     finally:
         session.close()
+    if not main_process:
+        return 0
     seconds = n_chunks * session.chunk_seconds
     elapsed = time.perf_counter() - t0
     print(
@@ -73,3 +88,15 @@ def run(args) -> int:
         f"{n_chunks * session.frames_per_chunk / elapsed:.1f} frames/s)"
     )
     return 0
+
+
+def _apply_sequence_parallel(session, sp: int) -> bool:
+    """Shard the session's model over the torchrun processes; True on the process that writes."""
+    if sp <= 1:
+        return True
+    from streamgen.parallel.apply import apply_sequence_parallel
+    from streamgen.parallel.launch import init_sequence_parallel, is_main_process
+
+    mesh, mode = init_sequence_parallel(sp, session.cfg.num_heads)
+    apply_sequence_parallel(session.dit, mesh, mode)
+    return is_main_process()
