@@ -59,9 +59,16 @@ class KVCache(nn.Module):
         n = k_rot.shape[1]
         if n != self.chunk_end - self.sink_end:
             raise ValueError(f"chunk region holds {self.chunk_end - self.sink_end} tokens, got {n}")
+        end = self.chunk_end + ring_tokens_filled
+        if k_rot.requires_grad or v.requires_grad:
+            # training (Self-Forcing): the step that carries gradient must not write into the
+            # buffer, which later steps overwrite; attend to a fresh concatenation instead
+            def joined(buf, new):
+                return torch.cat([buf[:, : self.sink_end], new, buf[:, self.chunk_end : end]], dim=1)
+
+            return joined(self.k, k_rot), joined(self.v, v)
         self.k[:, self.sink_end : self.chunk_end] = k_rot
         self.v[:, self.sink_end : self.chunk_end] = v
-        end = self.chunk_end + ring_tokens_filled
         return self.k[:, :end], self.v[:, :end]
 
     def write_ring(self, k_raw: torch.Tensor, v: torch.Tensor, token_index: torch.Tensor):
