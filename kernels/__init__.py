@@ -13,7 +13,7 @@ import os
 import torch
 
 from kernels import reference
-from kernels.reference import rope_angles, rope_inv_freq, rope_split  # noqa: F401
+from kernels.reference import Rope, rope_angles, rope_inv_freq, rope_split  # noqa: F401
 
 _FORCE_REFERENCE = os.environ.get("STREAMGEN_KERNELS", "").lower() == "reference"
 _triton = None
@@ -41,12 +41,7 @@ def needs_autograd(*tensors) -> bool:
 
 
 def _use_triton(x: torch.Tensor, *others) -> bool:
-    return (
-        x.is_cuda
-        and not _FORCE_REFERENCE
-        and not needs_autograd(x, *others)
-        and _triton_ops() is not None
-    )
+    return x.is_cuda and not _FORCE_REFERENCE and not needs_autograd(x, *others) and _triton_ops() is not None
 
 
 def layernorm_modulate(x, shift, scale, eps: float = 1e-6):
@@ -73,14 +68,14 @@ def layernorm_affine(x, weight, bias, eps: float = 1e-6):
 
 def rmsnorm_rope(x, weight, num_heads: int, angles, eps: float = 1e-6):
     if _use_triton(x, weight):
-        return _triton_ops().rmsnorm_rope(x, weight, num_heads, angles, eps)
+        return _triton_ops().rmsnorm_rope(x, weight, num_heads, reference.rope_angle_tensor(angles), eps)
     return reference.rmsnorm_rope(x, weight, num_heads, angles, eps)
 
 
 def apply_rope(x, angles):
     """Rotate interleaved pairs of x [B, L, H, Dh] by angles [L, Dh/2] (see `reference.apply_rope`)."""
-    if _use_triton(x, angles):
-        return _triton_ops().apply_rope(x, angles)
+    if _use_triton(x, reference.rope_angle_tensor(angles)):
+        return _triton_ops().apply_rope(x, reference.rope_angle_tensor(angles))
     return reference.apply_rope(x, angles)
 
 

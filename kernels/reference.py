@@ -12,6 +12,7 @@ different noise levels.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -89,12 +90,38 @@ def rope_angles(frame_pos: torch.Tensor, grid_hw: tuple[int, int], head_dim: int
     return pos.float().gather(1, axes[None, :].expand(pos.shape[0], -1)) * inv_freq
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+class Rope(NamedTuple):
+    """Rotary angles [L, Dh/2] with their cos and sin, computed once per forward.
+
+    Every layer rotates q and k with the same table; on the CPU the cos/sin
+    would otherwise be recomputed for each of them. Anything that takes
+    `angles` accepts either a plain angle tensor or a Rope.
+    """
+
+    angles: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def of(cls, angles: torch.Tensor) -> Rope:
+        return cls(angles, angles.cos(), angles.sin())
+
+    def map(self, fn) -> Rope:
+        """Apply the same token selection to all three tables (e.g. a sequence shard)."""
+        return Rope(fn(self.angles), fn(self.cos), fn(self.sin))
+
+
+def rope_angle_tensor(angles) -> torch.Tensor:
+    return angles.angles if isinstance(angles, Rope) else angles
+
+
+def apply_rope(x: torch.Tensor, angles) -> torch.Tensor:
     """Rotate interleaved pairs of x [B, L, H, Dh] by angles [L, Dh/2] (fp32 math)."""
     xf = x.float().unflatten(-1, (-1, 2))
     x1, x2 = xf[..., 0], xf[..., 1]
-    cos = angles.cos()[None, :, None, :]
-    sin = angles.sin()[None, :, None, :]
+    rope = angles if isinstance(angles, Rope) else Rope.of(angles)
+    cos = rope.cos[None, :, None, :]
+    sin = rope.sin[None, :, None, :]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.flatten(-2).to(x.dtype)
 

@@ -305,7 +305,9 @@ class DiT(nn.Module):
             if mode == "block_causal":
                 ids = self.block_ids(f, x.device)
                 attn_kwargs["mask"] = (ids, ids)
-        attn_kwargs["angles"] = kernels.rope_angles(frame_pos, grid, cfg.head_dim, cfg.rope_theta)
+        attn_kwargs["angles"] = kernels.Rope.of(
+            kernels.rope_angles(frame_pos, grid, cfg.head_dim, cfg.rope_theta)
+        )
         # sequence parallelism keeps only this process's tokens of every frame from here on
         xs, attn_kwargs["angles"] = self.shard_tokens(xs, attn_kwargs["angles"])
         attn_kwargs["tokens_per_frame"] = xs.shape[2]

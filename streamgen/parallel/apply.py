@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from kernels import rope_angles
+from kernels import Rope, rope_angles
 from streamgen.model.cache import StreamCache
 from streamgen.model.model import SelfAttention
 from streamgen.parallel.ring import ring_attention
@@ -200,7 +200,10 @@ def apply_sequence_parallel(model, mesh_or_group=None, mode: str = "ulysses"):
         f, s = xs.shape[1], xs.shape[2]
         _check_tokens(s, degree)
         part = slice(index * (s // degree), (index + 1) * (s // degree))
-        return xs[:, :, part].contiguous(), angles.unflatten(0, (f, s))[:, part].flatten(0, 1)
+        own_tokens = lambda t: t.unflatten(0, (f, s))[:, part].flatten(0, 1)  # noqa: E731
+        return xs[:, :, part].contiguous(), angles.map(own_tokens) if isinstance(
+            angles, Rope
+        ) else own_tokens(angles)
 
     def gather_tokens(y):
         # the shard index is ring-major, so gather inside each Ulysses group first
