@@ -52,6 +52,7 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
             from .loopback import use_loopback_ice
 
             use_loopback_ice()
+        app.state.loop = asyncio.get_running_loop()  # for diagnostics and tests (task counts)
         worker.start()
         loading = asyncio.create_task(load_and_warm(app, registry, model))
         limits = asyncio.create_task(registry.enforce_limits_forever())

@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-duration", type=float, default=3600.0, help="seconds a session may last")
     parser.add_argument("--loopback", action="store_true", help="offer 127.0.0.1 for WebRTC (same machine)")
     parser.add_argument("--log-level", default="info")
+    # benchmark switches (bench/server.py)
+    parser.add_argument("--stamp-frames", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--admit-max", action="store_true", help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-sessions must be at least 1")
     if args.size is not None and (args.size < 16 or args.size % 16):
         raise UserError("--size must be a multiple of 16")
+    if not _model_exists(args.model):
+        raise UserError(f"unknown model {args.model!r}: not a model directory or a known flavor")
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a TCP port")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -42,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, height=args.size, width=args.size, steps=args.steps, device=args.device,
         max_sessions=args.max_sessions, token=args.token, torch_threads=args.threads, loopback=args.loopback or args.host == "127.0.0.1",
         idle_timeout_s=args.idle_timeout, max_duration_s=args.max_duration,
+        stamp_frames=args.stamp_frames, measure_capacity=not args.admit_max,
     )  # fmt: skip
     app = create_app(config)
     try:
@@ -49,3 +55,10 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e}") from None
     return 0
+
+
+def _model_exists(name: str) -> bool:
+    from streamgen.model.config import FLAVORS
+    from streamgen.models import resolve_model_dir
+
+    return resolve_model_dir(name) is not None or name.removesuffix("-teacher") in FLAVORS

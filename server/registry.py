@@ -100,7 +100,8 @@ class SessionRegistry:
         return self.sessions.get(session_id)
 
     def start_streaming(self, session: Session, transport: str) -> None:
-        session.attach(transport, self.playout_delay())
+        first = 1.1 * (self.worker.chunk_time_ema or 0.15) + 0.01  # the first chunk's own generation
+        session.attach(transport, self.playout_delay(), first)
         self.worker.add(session)
         self.metrics.sessions_streaming.set(self.worker.streaming)
 

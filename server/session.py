@@ -97,6 +97,13 @@ class AudioTimeline:
                 self._origin += drop
             return out
 
+    def overwrite(self, start: int, pcm: np.ndarray) -> None:
+        """Replace samples the model has already taken (benchmark markers on the outgoing audio)."""
+        with self._lock:
+            self._ensure(start + len(pcm))
+            lo = max(start, self._origin)
+            self._buf[lo - self._origin : start + len(pcm) - self._origin] = pcm[lo - start :]
+
     def read(self, start: int, n: int) -> np.ndarray:
         """Samples [start, start + n) as the model saw them; silence where unknown."""
         with self._lock:
@@ -198,11 +205,14 @@ class Session:
         self.generated_until = 0  # samples of the timeline covered by generated chunks
 
     # --- transport side (event loop) ----------------------------------------------------------
-    def attach(self, transport: str, delay: float) -> None:
+    def attach(self, transport: str, delay: float, first_delay: float) -> None:
+        """Start the clock. Every chunk is generated `delay` before it plays; the first one can
+        only start now, so the stream starts as soon as it can be ready (`first_delay`)."""
         self.transport = transport
         self.delay = delay
-        self.base = time.monotonic() + delay
-        self.next_due = self.base - delay
+        now = time.monotonic()
+        self.base = now + min(first_delay, delay)
+        self.next_due = now
         self.streaming = True
         self.touch()
 
@@ -251,6 +261,8 @@ class Session:
         self.stream.push_audio(pcm)
         frames, pts = self.stream.next_chunk()
         start = round(pts * SAMPLE_RATE)
+        if stamp_frames:  # benchmark: a 20 ms tone at the chunk's start marks its audio for A/V offset
+            self.timeline.overwrite(start, MARKER_TONE)
         audio = self.timeline.read(start, chunk_samples)
         self.generated_until = start + chunk_samples
         self.chunk_index = k + 1
@@ -262,8 +274,9 @@ class Session:
         return Chunk(frames, pts, pcm16, self.fps, k, input_time)
 
 
-# --- picture time stamps (benchmark) ------------------------------------------------------------
+# --- picture time stamps and audio markers (benchmark) ------------------------------------------
 STAMP_BITS = 32
+MARKER_TONE = (0.5 * np.sin(2 * np.pi * 1000 * np.arange(320) / SAMPLE_RATE)).astype(np.float32)
 
 
 def stamp_picture(frames: np.ndarray, wall_time: float) -> None:

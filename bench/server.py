@@ -1,0 +1,208 @@
+"""Serving benchmark: `streamgen bench server --json` (entry point: `run(args)`; options: `add_arguments`).
+
+Starts `streamgen serve` in a subprocess on 127.0.0.1 with benchmark stamps
+(each picture carries the wall time its chunk's input was cut off, each chunk's
+audio starts with a 20 ms tone) and connects pure-Python aiortc clients:
+
+- first_frame_ms: offer posted -> first decoded video frame in the client
+- glass_to_glass_ms: chunk input cut-off -> its first frame decoded in the client (median)
+- fps: decoded frames per second in the client (one session)
+- av_offset_ms: arrival of a chunk's first frame minus arrival of its audio marker (median; > 0: video late)
+- max_realtime_sessions: most concurrent sessions that all generate >= 24 fps (server-side count)
+
+Numbers are printed as one JSON object; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny-avatar")
+    parser.add_argument("--size", type=int, default=None, help="output size (default: the model's)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds to watch per measurement")
+    parser.add_argument("--max-probe", type=int, default=6, help="most concurrent sessions to try")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
+    parser.add_argument("--json", action="store_true", help="print JSON (always on)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(args, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "streamgen.cli", "serve", "--port", str(port), "--loopback", "--stamp-frames",
+           "--admit-max", "--max-sessions", str(args.max_probe + 1), "--model", args.model, "--log-level", "warning"]  # fmt: skip
+    if args.size:
+        cmd += ["--size", str(args.size)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+async def _wait_ready(http, proc, timeout=300.0) -> dict:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited: " + proc.stderr.read().decode(errors="replace")[-2000:])
+        try:
+            r = await http.get("/readyz")
+            if r.status_code == 200:
+                return r.json()
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError("server did not become ready")
+
+
+async def _watch(http, seconds: float, seed: int) -> dict:
+    """One WHEP session: per-frame arrival times and stamps, audio marker arrival times."""
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+    from server.session import read_stamp
+
+    created = (await http.post("/v1/sessions", json={"avatar": "ada", "seed": seed})).json()
+    if "id" not in created:
+        raise RuntimeError(f"session refused: {created}")
+    auth = {"Authorization": f"Bearer {created['token']}"}
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    loop = asyncio.get_running_loop()
+    tracks = {"video": loop.create_future(), "audio": loop.create_future()}
+    pc.on("track", lambda t: tracks[t.kind].set_result(t))
+    await pc.setLocalDescription(await pc.createOffer())
+    posted = time.monotonic()
+    r = await http.post(created["whep"], content=pc.localDescription.sdp,
+                        headers={"content-type": "application/sdp", **auth})  # fmt: skip
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
+    video, audio = await asyncio.wait_for(asyncio.gather(tracks["video"], tracks["audio"]), 20)
+    result = {"first_frame": None, "frames": [], "markers": [], "session": created}
+
+    async def read_video():
+        end = None
+        while end is None or time.monotonic() < end:
+            frame = await video.recv()
+            now_m, now_w = time.monotonic(), time.time()
+            if result["first_frame"] is None:
+                result["first_frame"] = now_m - posted
+                end = now_m + seconds
+            stamp = read_stamp(frame.to_ndarray(format="rgb24"), now_w)
+            result["frames"].append((now_m, now_w, stamp))
+
+    async def read_audio():
+        loud = False
+        while True:
+            frame = await audio.recv()
+            pcm = frame.to_ndarray().astype(np.float32)
+            level = float(np.sqrt((pcm**2).mean()))
+            if level > 2000 and not loud:
+                result["markers"].append(time.monotonic())
+            loud = level > 2000
+
+    audio_task = asyncio.ensure_future(read_audio())
+    try:
+        await asyncio.wait_for(read_video(), seconds + 30)
+    finally:
+        audio_task.cancel()
+    status = (await http.get(created["resource"], headers=auth)).json()
+    result["chunks"] = status.get("chunks", 0)
+    await http.delete(created["resource"], headers=auth)
+    await pc.close()
+    return result
+
+
+def _chunk_starts(frames):
+    """Frames where the stamp changes: the first frame of each chunk."""
+    starts, last = [], None
+    for mono, wall, stamp in frames:
+        if stamp != last:
+            starts.append((mono, wall, stamp))
+            last = stamp
+    return starts[1:]  # the first one may be a repeat of a late start
+
+
+def _av_offset(starts, markers) -> float | None:
+    offsets = []
+    for mono, _, _ in starts:
+        near = [m for m in markers if abs(m - mono) < 0.16]
+        if near:
+            offsets.append(mono - min(near, key=lambda m: abs(m - mono)))
+    return 1000 * statistics.median(offsets) if offsets else None
+
+
+async def _bench(args) -> dict:
+    import httpx
+
+    port = _free_port()
+    proc = _start_server(args, port)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            ready = await _wait_ready(http, proc)
+            one = await _watch(http, args.seconds, seed=1)
+            starts = _chunk_starts(one["frames"])
+            duration = one["frames"][-1][0] - one["frames"][0][0]
+            out = {
+                "model": args.model,
+                "chunk_ms": ready.get("chunk_ms"),
+                "first_frame_ms": round(1000 * one["first_frame"], 1),
+                "glass_to_glass_ms": round(1000 * statistics.median(w - s for _, w, s in starts), 1) if starts else None,
+                "fps": round((len(one["frames"]) - 1) / duration, 2) if duration > 0 else None,
+                "av_offset_ms": _av_offset(starts, one["markers"]),
+            }
+            if out["av_offset_ms"] is not None:
+                out["av_offset_ms"] = round(out["av_offset_ms"], 1)
+            out["max_realtime_sessions"], out["sessions_fps"] = await _max_sessions(http, args)
+            return out
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def _max_sessions(http, args) -> tuple[int, dict]:
+    """Add sessions until one of them generates fewer than 24 frames per second."""
+    best, per_n = 0, {}
+    for n in range(1, args.max_probe + 1):
+        started = time.monotonic()
+        results = await asyncio.gather(*(_watch(http, args.seconds, seed=i) for i in range(n)))
+        elapsed = time.monotonic() - started
+        # generated frames per second per session, from the server's chunk count over the watch
+        fps = [r["chunks"] * 8 / max(1e-6, r["frames"][-1][0] - r["frames"][0][0] + 0.32) for r in results]
+        per_n[n] = round(min(fps), 1)
+        if min(fps) < 24 or elapsed > args.seconds + 60:
+            break
+        best = n
+    return best, per_n
+
+
+def run(args: argparse.Namespace) -> int:
+    result = asyncio.run(_bench(args))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    # run as a file, this folder would shadow the `server` package with this module
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

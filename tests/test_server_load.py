@@ -1,0 +1,237 @@
+"""Capacity, limits, leaks and shutdown against a real uvicorn server on 127.0.0.1.
+
+Loops are bounded in count and time; nothing here asserts wall-clock latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import threading
+
+import httpx
+import pytest
+import websockets
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from server_helpers import live_server
+
+from server.protocol import HEADER, MsgType
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def server_tasks(app) -> int:
+    async def count():
+        return len(asyncio.all_tasks())
+
+    return asyncio.run_coroutine_threadsafe(count(), app.state.loop).result(10)
+
+
+async def create(http, seed=0) -> dict:
+    r = await http.post("/v1/sessions", json={"seed": seed})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def ws_url(base: str, s: dict) -> str:
+    return base.replace("http", "ws", 1) + f"{s['stream']}?token={s['token']}"
+
+
+async def first_frame(ws) -> bytes:
+    while True:
+        message = await asyncio.wait_for(ws.recv(), 20)
+        if isinstance(message, bytes) and message[0] in (MsgType.VIDEO_JPEG, MsgType.VIDEO_RGB):
+            return message
+
+
+async def test_full_server_refuses_one_more_and_keeps_streaming():
+    capacity = 3
+    with live_server(max_sessions=capacity) as (url, app):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            sessions = [await create(http, i) for i in range(capacity)]
+            sockets = [await websockets.connect(ws_url(url, s)) for s in sessions]
+            for ws in sockets:
+                await ws.send(json.dumps({"type": "start"}))
+            for ws in sockets:
+                await first_frame(ws)
+            r = await http.post("/v1/sessions", json={})
+            assert r.status_code == 503
+            assert int(r.headers["retry-after"]) >= 1 and r.json()["capacity"] == capacity
+            # the refused request did not disturb the running sessions
+            seqs = []
+            for ws in sockets:
+                frame = await first_frame(ws)
+                seqs.append(HEADER.unpack_from(frame)[3])
+            assert all(seq > 0 for seq in seqs)
+            for ws in sockets:
+                await ws.close()
+            for _ in range(100):
+                if not app.state.registry.sessions:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await http.post("/v1/sessions", json={})).status_code == 201
+
+
+@pytest.mark.slow
+async def test_connect_disconnect_cycles_do_not_leak():
+    """200 WebSocket sessions (half closed cleanly, half dropped like a killed tab) + 10 WebRTC ones."""
+    with live_server(max_sessions=4) as (url, app):
+        registry = app.state.registry
+        samples = {}
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            for cycle in range(200):
+                s = await create(http, cycle)
+                ws = await websockets.connect(ws_url(url, s))
+                await ws.send(json.dumps({"type": "start"}))
+                await first_frame(ws)
+                if cycle % 2:
+                    await ws.close()
+                else:
+                    ws.transport.abort()  # no close frame: a killed tab
+                if cycle in (49, 199):
+                    for _ in range(100):  # let the last teardown finish
+                        if not registry.sessions:
+                            break
+                        await asyncio.sleep(0.05)
+                    gc.collect()
+                    samples[cycle] = (server_tasks(app), threading.active_count(), rss_mb())
+            for _ in range(10):
+                s = await create(http)
+                pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+                pc.addTransceiver("video", direction="recvonly")
+                got = asyncio.get_running_loop().create_future()
+                pc.on("track", lambda t, got=got: got.set_result(t))
+                await pc.setLocalDescription(await pc.createOffer())
+                r = await http.post(s["whep"], content=pc.localDescription.sdp,
+                                    headers={"content-type": "application/sdp", "Authorization": f"Bearer {s['token']}"})  # fmt: skip
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
+                await (await asyncio.wait_for(got, 10)).recv()
+                await pc.close()
+            for _ in range(100):
+                if not registry.sessions:
+                    break
+                await asyncio.sleep(0.05)
+        assert registry.sessions == {} and registry.worker.streaming == 0
+        (tasks_50, threads_50, rss_50), (tasks_200, threads_200, rss_200) = samples[49], samples[199]
+        print(f"tasks {tasks_50}->{tasks_200}, threads {threads_50}->{threads_200}, RSS {rss_50:.0f}->{rss_200:.0f} MB")
+        assert tasks_200 <= tasks_50 + 2
+        assert threads_200 <= threads_50 + 2
+        assert rss_200 - rss_50 < 60, "resident memory keeps growing with sessions"
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "streamgen_sessions_active 0.0" in metrics
+
+
+async def test_idle_limits():
+    with live_server(idle_timeout_s=1.0) as (url, app):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            never_attached = await create(http)
+            s = await create(http, 1)
+            async with websockets.connect(ws_url(url, s)) as ws:
+                await ws.send(json.dumps({"type": "start"}))
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    for _ in range(500):  # read frames, send nothing: idle after 1 s
+                        await asyncio.wait_for(ws.recv(), 10)
+                assert closed.value.rcvd.code == 4408
+            for _ in range(60):
+                if never_attached["id"] not in app.state.registry.sessions:
+                    break
+                await asyncio.sleep(0.1)
+            assert never_attached["id"] not in app.state.registry.sessions
+
+
+async def test_max_duration():
+    with live_server(max_duration_s=1.0) as (url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            s = await create(http)
+            async with websockets.connect(ws_url(url, s)) as ws:
+                await ws.send(json.dumps({"type": "start"}))
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    for _ in range(500):
+                        await asyncio.wait_for(ws.recv(), 10)
+                assert closed.value.rcvd.code == 4410 and "max_duration" in closed.value.rcvd.reason
+
+
+def lazy_socket(url: str, path: str):
+    """A WebSocket client that sends `start` and then never reads (raw TCP, small receive window)."""
+    import base64
+    import os
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())  # fmt: skip
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += sock.recv(1)
+    assert b" 101 " in response.split(b"\r\n")[0], response
+    payload = json.dumps({"type": "start", "format": "rgb"}).encode()
+    mask = os.urandom(4)
+    frame = bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    sock.sendall(frame)
+    return sock
+
+
+@pytest.mark.slow
+async def test_client_that_never_reads_is_dropped():
+    # 128x128 raw frames (1.2 MB/s) fill the kernel's socket buffers within seconds
+    with live_server(ws_send_timeout_s=1.0, height=128, width=128) as (url, app):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            s = await create(http)
+            other = await create(http, 1)
+            lazy = lazy_socket(url, f"{s['stream']}?token={s['token']}")
+            async with websockets.connect(ws_url(url, other)) as good:
+                await good.send(json.dumps({"type": "start"}))
+                for _ in range(300):  # bounded: about 30 s
+                    if s["id"] not in app.state.registry.sessions:
+                        break
+                    await first_frame(good)  # the other session keeps streaming meanwhile
+                    await asyncio.sleep(0.1)
+                assert s["id"] not in app.state.registry.sessions, "a client that never reads was kept"
+                await first_frame(good)
+            lazy.close()
+            metrics = (await http.get("/metrics")).text
+            assert 'streamgen_sessions_closed_total{reason="slow consumer"} 1.0' in metrics
+
+
+async def test_graceful_shutdown_closes_sockets_and_peers():
+    closed_codes = []
+    with live_server() as (url, app):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            s = await create(http)
+            w = await create(http, 1)
+            ws = await websockets.connect(ws_url(url, s))
+            await ws.send(json.dumps({"type": "start"}))
+            await first_frame(ws)
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pc.addTransceiver("video", direction="recvonly")
+            got = asyncio.get_running_loop().create_future()
+            pc.on("track", lambda t: got.set_result(t))
+            await pc.setLocalDescription(await pc.createOffer())
+            r = await http.post(w["whep"], content=pc.localDescription.sdp,
+                                headers={"content-type": "application/sdp", "Authorization": f"Bearer {w['token']}"})  # fmt: skip
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
+            await (await asyncio.wait_for(got, 10)).recv()
+        # leaving the block stops the server (in its own thread)
+        stopper = asyncio.get_running_loop().run_in_executor(None, lambda: None)
+        await stopper
+    try:
+        while True:
+            await asyncio.wait_for(ws.recv(), 10)
+    except websockets.ConnectionClosed as e:
+        closed_codes.append(e.rcvd.code if e.rcvd else None)
+    assert closed_codes and closed_codes[0] in (1001, 1012)
+    assert app.state.registry.sessions == {}
+    await pc.close()
