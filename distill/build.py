@@ -1,0 +1,126 @@
+"""Building the networks a stage trains or reads, and writing model directories.
+
+`model.init` (and the `teacher:` paths of the distillation stages) name either a
+model directory (what every stage exports to OUT/model; also the shipped models
+by name, e.g. `tiny-avatar-teacher`) or `wan:DIR`, a Wan2.1 diffusers checkpoint
+loaded through the state-dict adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from streamgen.model.config import ModelConfig, get_config
+
+
+class ModelSourceError(FileNotFoundError):
+    """A model path in the config does not name a model directory or Wan checkpoint."""
+
+
+def _model_dir(path: str) -> Path:
+    from streamgen.models import resolve_model_dir
+
+    d = resolve_model_dir(path)
+    if d is None:
+        raise ModelSourceError(
+            f"{path!r} is not a model directory (no model.json); train the stage that makes it first"
+        )
+    return d
+
+
+def load_dit(source: str, **overrides):
+    """A DiT from a model directory or `wan:DIR`, with config overrides."""
+    if source.startswith("wan:"):
+        from streamgen.model.wan import load_pretrained
+
+        try:
+            return load_pretrained(source[4:], **overrides)
+        except (OSError, ValueError) as e:
+            raise ModelSourceError(f"cannot load the Wan checkpoint {source[4:]}: {e}") from None
+    from safetensors.torch import load_file
+
+    from streamgen.model.model import DiT
+
+    d = _model_dir(source)
+    import json
+
+    meta = json.loads((d / "model.json").read_text())
+    cfg = ModelConfig.from_dict({**meta["config"], **overrides})
+    dit = DiT(cfg)
+    sd = {k: v.float() for k, v in load_file(str(d / "dit.safetensors")).items()}
+    dit.load_state_dict(sd)
+    return dit
+
+
+def load_frozen(source: str):
+    dit = load_dit(source)
+    return dit.eval().requires_grad_(False)
+
+
+def new_dit(section, seed: int):
+    """The stage's main network: from model.init if given, else a fresh seeded flavor."""
+    from streamgen.model.model import DiT
+
+    overrides = dict(section.overrides)
+    if section.init:
+        return load_dit(section.init, **overrides)
+    try:
+        cfg = get_config(section.flavor, **overrides)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"model: {e}") from None
+    torch.manual_seed(seed)
+    return DiT(cfg)
+
+
+def load_vae(section, latent_channels: int, temporal: int, seed: int):
+    from streamgen.model.vae import TinyCausalVAE
+
+    source = section.vae
+    if source is None and section.init and not section.init.startswith("wan:"):
+        d = _model_dir(section.init)
+        if (d / "vae_config.json").exists():
+            source = str(d)
+    if source is not None:
+        p = Path(source)
+        if not (p / "vae_config.json").exists():
+            p = _model_dir(source)
+        vae = TinyCausalVAE.load(p)
+    else:
+        torch.manual_seed(seed + 1)
+        vae = TinyCausalVAE(latent_channels, tuple(section.vae_widths), temporal)
+    if vae.latent_channels != latent_channels:
+        raise ValueError(
+            f"the autoencoder has {vae.latent_channels} latent channels, the model {latent_channels}"
+        )
+    return vae.eval().requires_grad_(False)
+
+
+def export_model(
+    dit,
+    vae,
+    directory,
+    name: str | None,
+    height: int,
+    width: int,
+    shift: float,
+    steps: int,
+    extra: dict | None = None,
+    compact: bool = False,
+) -> Path:
+    """Write a model directory that `streamgen.models.load_model` (and so every command) reads.
+
+    compact: store the DiT weights as float16 (the shipped models stay a few MB);
+    loading upcasts them to the model's dtype.
+    """
+    from streamgen.models import AvatarModel, save_model
+
+    d = Path(directory)
+    out_dit = copy.deepcopy(dit).cpu().eval()
+    if compact:
+        out_dit = out_dit.half()
+    model = AvatarModel(name or d.name, out_dit, copy.deepcopy(vae).cpu(), height, width, shift, steps, True)
+    save_model(model, d, extra)
+    return d

@@ -1,0 +1,50 @@
+"""`streamgen distill STAGE --config YAML [--resume]`: run one training stage.
+
+Stages, in pipeline order: autoencoder, latents, teacher, ode, self_forcing,
+chunk. `--config` takes a YAML path or a name from distill/configs
+(`debug` -> configs/<stage>-debug.yaml, `tiny-avatar` -> configs/<stage>-tiny-avatar.yaml).
+Under torchrun every rank runs this same command (data parallel).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+STAGES = ("autoencoder", "latents", "teacher", "ode", "self_forcing", "chunk")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("stage", choices=STAGES, help="the stage to run")
+    parser.add_argument("--config", required=True, help="YAML file, or a config name (debug, tiny-avatar)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in run.out"
+    )
+    parser.add_argument("--out", help="override run.out")
+    parser.add_argument("--steps", type=int, help="override run.steps")
+
+
+def run(args: argparse.Namespace) -> int:
+    from distill.build import ModelSourceError
+    from distill.checkpoint import CheckpointError
+    from distill.config import ConfigError, find_config, load_config
+    from distill.data import DataMissing
+    from distill.trainer import Trainer, TrainingError
+    from streamgen.cli import UserError
+
+    try:
+        cfg = load_config(find_config(args.config, args.stage), args.stage)
+        if args.out:
+            cfg.run.out = args.out
+        if args.steps:
+            cfg.run.steps = args.steps
+        if args.stage == "latents":
+            from distill.latents import build_latents
+
+            build_latents(cfg)
+            return 0
+        last = Trainer(cfg, resume=args.resume).run()
+    except (ConfigError, DataMissing, CheckpointError, TrainingError, ModelSourceError) as e:
+        raise UserError(str(e)) from None
+    shown = "  ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith("loss"))
+    print(f"{args.stage}: finished {cfg.run.steps} steps in {cfg.run.out}  {shown}")
+    return 0

@@ -1,0 +1,296 @@
+"""YAML configs for the training stages, checked strictly.
+
+A config file is the sections below; every stage reads `run`, `data`, `model`
+and `optim`, plus the section named after itself (`teacher:`, `ode:`, ...).
+Unknown keys are errors that name the key, its section and the closest valid
+spelling, so a typo never silently trains with a default.
+
+    stage: teacher
+    run:   {out: runs/teacher, steps: 2000, seed: 0, checkpoint_every: 500}
+    data:  {source: world, root: data/world, latents: tiny-vae, batch_size: 8, latent_frames: 6}
+    model: {flavor: tiny-avatar, overrides: {num_layers: 4}}
+    optim: {lr: 2.0e-4, warmup: 100, grad_clip: 1.0, ema: 0.999}
+    teacher: {p_drop_audio: 0.1}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STAGES = ("autoencoder", "latents", "teacher", "ode", "self_forcing", "chunk")
+
+
+class ConfigError(ValueError):
+    """The YAML file is unreadable, or holds an unknown key or a bad value."""
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/run"  # checkpoints, TensorBoard events, loss curves
+    steps: int = 100  # optimizer steps of the main model in total
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    threads: int = 0  # torch.set_num_threads; 0 leaves the default
+    device: str = "auto"  # auto | cpu | cuda
+    export: str | None = None  # model directory written at the end (EMA weights)
+    export_name: str | None = None  # the model's name in model.json (default: the directory's)
+    progress: bool = True
+
+
+@dataclass
+class DataConfig:
+    source: str = "world"  # world (a `streamgen data make` folder) | synthetic (random tensors, tests)
+    root: str = "data/world"
+    latents: str = "tiny-vae"  # latent cache name (see the `latents` stage)
+    split: str = "train"
+    batch_size: int = 8  # global: divided over the data-parallel ranks
+    latent_frames: int = 6  # generated latent frames per sample (after the reference frame)
+    video_frames: int = 8  # autoencoder stage: video frames per training crop
+    synthetic_clips: int = 8
+    synthetic_clip_latents: int = 10  # latent frames per synthetic clip
+
+
+@dataclass
+class ModelConfigSection:
+    flavor: str = "tiny-avatar"
+    overrides: dict = field(default_factory=dict)  # ModelConfig fields to change
+    init: str | None = None  # checkpoint (.safetensors), model directory, or wan:DIR
+    vae: str | None = None  # trained autoencoder directory; None: a random TinyCausalVAE
+    vae_widths: list = field(default_factory=lambda: [32, 64, 96, 128])
+    height: int = 64
+    width: int = 64
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup: int = 0  # linear warm-up steps
+    grad_clip: float = 1.0  # max grad norm; 0 disables
+    ema: float = 0.0  # EMA decay of the weights; 0 disables
+
+
+@dataclass
+class AutoencoderOptions:
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    latent_penalty: float = 1e-4  # keeps latents small and well-conditioned for diffusion
+    stats_clips: int = 64  # clips used to measure latent_mean / latent_std at the end
+
+
+@dataclass
+class LatentsOptions:
+    splits: list = field(default_factory=lambda: ["train", "val", "test"])
+    captions: bool = True  # embed captions with MiniLM (needs text_dim 384); else zero context
+
+
+@dataclass
+class TeacherOptions:
+    shift: float = 5.0  # timestep shift (as at sampling)
+    logit_normal: bool = True  # sample training sigmas from a logit-normal before the shift
+    p_drop_audio: float = 0.1
+    p_drop_reference: float = 0.1
+    p_drop_text: float = 0.1
+    p_drop_all: float = 0.1  # the unconditional branch of CFG
+    p_motion_prefix: float = 0.3  # train with clean leading frames (motion frames of the chunk stage)
+    max_motion_frames: int = 2
+    sample_steps: int = 50  # exported into model.json
+    cfg_scale: float = 3.0
+
+
+@dataclass
+class OdeOptions:
+    teacher: str = "runs/teacher/model"  # model directory (or checkpoint) of the teacher
+    trajectories: int = 64  # teacher trajectories sampled once
+    teacher_steps: int = 48  # Euler steps per trajectory
+    cfg_scale: float = 3.0
+    student_steps: int = 4
+    shift: float = 5.0
+    trajectory_batch: int = 8
+
+
+@dataclass
+class DmdOptions:
+    """Shared by Self-Forcing and chunk distillation."""
+
+    teacher: str = "runs/teacher/model"
+    critic_init: str | None = None  # default: the teacher's weights
+    cfg_scale: float = 3.0
+    student_steps: int = 4
+    shift: float = 5.0
+    score_t_min: float = 0.02
+    score_t_max: float = 0.98
+    critic_updates: int = 5  # critic updates per generator update
+    critic_optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class SelfForcingOptions(DmdOptions):
+    pass
+
+
+@dataclass
+class ChunkOptions(DmdOptions):
+    motion_frames: int = 2  # clean frames of the previous chunk the student conditions on
+    p_self_correct: float = 0.5  # contexts from the student's own rollout (else from the data)
+    max_chunks_back: int = 3  # the own rollout runs up to this many chunks before the trained one
+
+
+STAGE_OPTIONS = {
+    "autoencoder": AutoencoderOptions,
+    "latents": LatentsOptions,
+    "teacher": TeacherOptions,
+    "ode": OdeOptions,
+    "self_forcing": SelfForcingOptions,
+    "chunk": ChunkOptions,
+}
+
+
+@dataclass
+class TrainConfig:
+    stage: str
+    run: RunConfig
+    data: DataConfig
+    model: ModelConfigSection
+    optim: OptimConfig
+    options: typing.Any  # the stage's own section
+    source: str = ""  # the YAML text, stored in checkpoints
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d[self.stage] = d.pop("options")
+        d.pop("source")
+        return d
+
+
+def _build(cls, values, where: str):
+    """Instantiate dataclass `cls` from a dict, naming unknown keys and wrong types."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            hints.append(f"{where}.{k}" + (f" (did you mean {where}.{close[0]}?)" if close else ""))
+        raise ConfigError(f"unknown config key(s): {', '.join(hints)}")
+    hints_by_name = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints_by_name[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{where}.{name}")
+        else:
+            kwargs[name] = _check_type(value, hint, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _check_type(value, hint, where: str):
+    origin = typing.get_origin(hint)
+    allowed = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{where}: must not be empty")
+    for t in allowed:
+        base = typing.get_origin(t) or t
+        if base is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base in (str, bool, list, dict) and isinstance(value, base):
+            return value
+    names = "/".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"{where}: expected {names}, got {value!r}")
+
+
+def load_config(path: str | Path, stage: str) -> TrainConfig:
+    import yaml
+
+    path = Path(path)
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    file_stage = raw.pop("stage", stage)
+    if file_stage != stage:
+        raise ConfigError(f"{path} is a config for stage {file_stage!r}, not {stage!r}")
+    sections = {"run", "data", "model", "optim", stage}
+    unknown = [k for k in raw if k not in sections]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), sorted(sections), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            if k in STAGE_OPTIONS:
+                hint = f" (a section of stage {k!r}, not {stage!r})"
+            hints.append(f"{k}{hint}")
+        raise ConfigError(f"{path}: unknown config section(s): {', '.join(hints)}")
+    try:
+        cfg = TrainConfig(
+            stage=stage,
+            run=_build(RunConfig, raw.get("run"), "run"),
+            data=_build(DataConfig, raw.get("data"), "data"),
+            model=_build(ModelConfigSection, raw.get("model"), "model"),
+            optim=_build(OptimConfig, raw.get("optim"), "optim"),
+            options=_build(STAGE_OPTIONS[stage], raw.get(stage), stage),
+            source=text,
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    _validate(cfg, path)
+    return cfg
+
+
+def _validate(cfg: TrainConfig, path) -> None:
+    problems = []
+    if cfg.run.steps < 1:
+        problems.append("run.steps must be >= 1")
+    if cfg.run.checkpoint_every < 1:
+        problems.append("run.checkpoint_every must be >= 1")
+    if cfg.data.batch_size < 1:
+        problems.append("data.batch_size must be >= 1")
+    if cfg.data.source not in ("world", "synthetic"):
+        problems.append(f"data.source must be 'world' or 'synthetic', got {cfg.data.source!r}")
+    if cfg.run.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"run.device must be auto, cpu or cuda, got {cfg.run.device!r}")
+    if len(cfg.optim.betas) != 2:
+        problems.append("optim.betas must be two numbers")
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+
+
+def find_config(name_or_path: str, stage: str) -> Path:
+    """A path, or a config name from distill/configs (e.g. 'debug' -> configs/<stage>-debug.yaml)."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    here = Path(__file__).parent / "configs"
+    for candidate in (
+        here / name_or_path,
+        here / f"{name_or_path}.yaml",
+        here / f"{stage}-{name_or_path}.yaml",
+    ):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"config {name_or_path!r} not found (not a file, nor a name in {here})")

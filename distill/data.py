@@ -1,0 +1,124 @@
+"""Training data for the diffusion stages: a bank of encoded clips held in memory.
+
+A bank is one safetensors file per split, built once by the `latents` stage
+from an avatar-world dataset and its latent cache (`AvatarWorldDataset.cache_latents`):
+
+    latents    [N, C, F, h, w]   the clip's video latents (normalised)
+    reference  [N, C, 1, h, w]   the reference image's latent frame
+    audio      [N, F * 4 * 640]  16 kHz PCM of the clip
+    context    [N, 1, text_dim]  the caption's sentence embedding (zeros: no caption)
+
+Batches are a pure function of (seed, step): sample i of the global batch picks
+its clip and crop from generator(seed, step, i), and each rank takes its own
+contiguous slice of the global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distill.rng import generator
+
+
+class DataMissing(FileNotFoundError):
+    """The data directory or its latent bank is absent."""
+
+
+def bank_path(root, latents: str, split: str) -> Path:
+    return Path(root) / "latents" / latents / f"bank-{split}.safetensors"
+
+
+@dataclass
+class Batch:
+    ids: list[int]  # positions in the global batch (keys of the per-sample randomness)
+    x0: torch.Tensor  # [b, C, F, h, w] clean latents of the crop
+    reference: torch.Tensor  # [b, C, 1, h, w]
+    audio: torch.Tensor  # [b, N] the whole clip's PCM
+    latent_start: list[int]  # absolute latent frame where the crop starts
+    context: torch.Tensor  # [b, Lt, text_dim]
+
+    def to(self, device) -> Batch:
+        return Batch(
+            self.ids,
+            self.x0.to(device),
+            self.reference.to(device),
+            self.audio.to(device),
+            self.latent_start,
+            self.context.to(device),
+        )
+
+
+class LatentBank:
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.latents = tensors["latents"].float()
+        self.reference = tensors["reference"].float()
+        self.audio = tensors["audio"].float()
+        self.context = tensors["context"].float()
+        self.num_clips, self.channels, self.frames = self.latents.shape[:3]
+        self.latent_hw = tuple(self.latents.shape[3:])
+
+    @classmethod
+    def load(cls, root, latents: str, split: str) -> LatentBank:
+        from safetensors.torch import load_file
+
+        root = Path(root)
+        if not root.is_dir():
+            raise DataMissing(f"data directory {root} does not exist (make it with `streamgen data make`)")
+        path = bank_path(root, latents, split)
+        if not path.exists():
+            raise DataMissing(
+                f"{path} is missing: run `streamgen distill latents` to encode {root} with the autoencoder"
+            )
+        return cls(load_file(str(path)))
+
+    @classmethod
+    def synthetic(cls, model_cfg, clips: int, frames: int, latent_hw, seed: int = 0) -> LatentBank:
+        """Random but learnable clips for tests: a per-clip pattern drifting slowly over time."""
+        g = generator(seed, "synthetic-bank")
+        c, (h, w) = model_cfg.in_channels, latent_hw
+        base = torch.randn(clips, c, 1, h, w, generator=g)
+        drift = torch.randn(clips, c, 1, h, w, generator=g) * 0.3
+        steps = torch.linspace(0, 1, frames).view(1, 1, frames, 1, 1)
+        latents = base + drift * steps + 0.1 * torch.randn(clips, c, frames, h, w, generator=g)
+        samples = frames * model_cfg.temporal_compression * 640
+        t = torch.arange(samples) / 16000.0
+        freq = 200 + 300 * torch.rand(clips, 1, generator=g)
+        audio = 0.3 * torch.sin(2 * torch.pi * freq * t) * (torch.sin(3 * t) > 0)
+        context = torch.randn(clips, 1, model_cfg.text_dim, generator=g) * 0.5
+        return cls({"latents": latents, "reference": base, "audio": audio, "context": context})
+
+    def batch(
+        self, seed: int, step: int, global_batch: int, crop_frames: int, rank: int, world: int
+    ) -> Batch:
+        if global_batch % world:
+            raise ValueError(f"data.batch_size {global_batch} is not divisible by {world} ranks")
+        if crop_frames > self.frames:
+            raise ValueError(f"crops of {crop_frames} latent frames do not fit clips of {self.frames}")
+        per_rank = global_batch // world
+        ids = list(range(rank * per_rank, (rank + 1) * per_rank))
+        clips, starts = [], []
+        for i in ids:
+            g = generator(seed, step, i, "clip")
+            clips.append(int(torch.randint(self.num_clips, (), generator=g)))
+            starts.append(int(torch.randint(self.frames - crop_frames + 1, (), generator=g)))
+        x0 = torch.stack([self.latents[c, :, s : s + crop_frames] for c, s in zip(clips, starts)])
+        return Batch(
+            ids,
+            x0,
+            self.reference[clips],
+            self.audio[clips],
+            starts,
+            self.context[clips],
+        )
+
+
+def load_bank(cfg, model_cfg, latent_hw) -> LatentBank:
+    d = cfg.data
+    if d.source == "synthetic":
+        return LatentBank.synthetic(
+            model_cfg, d.synthetic_clips, d.synthetic_clip_latents, latent_hw, cfg.run.seed
+        )
+    return LatentBank.load(d.root, d.latents, d.split)

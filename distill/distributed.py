@@ -1,0 +1,99 @@
+"""Data parallelism under torchrun: gloo on CPU, NCCL on GPU.
+
+Gradients are averaged by an explicit all-reduce after each backward rather
+than by wrapping modules in DDP: the distillation stages call the same module
+many times before one backward (rollouts, critic and generator passes), which
+DDP's per-forward hooks do not allow, and an explicit average is the same
+arithmetic. Each rank computes its loss as a mean over its own slice of the
+global batch, so the averaged gradient equals the gradient of the mean over the
+whole batch (a 1-process run with the whole batch takes the same step).
+
+Large flavors would shard parameters with FSDP2 (`fully_shard`) at this seam;
+the tiny flavors trained here replicate.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_world(device: str = "auto") -> World:
+    """Join the torchrun process group if there is one; choose the device."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("run.device is cuda but no CUDA device is available")
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return World(rank, size, local_rank, dev)
+
+
+def close_world(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_module(module: torch.nn.Module, world: World) -> None:
+    """Make every rank start from rank 0's weights."""
+    if not world.distributed:
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def average_gradients(params, world: World) -> None:
+    """All-reduce the gradients as one flat bucket and divide by the world size."""
+    if not world.distributed:
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world.size
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
+
+
+def mean_across(value: torch.Tensor, world: World) -> torch.Tensor:
+    """Mean of a (detached) tensor over ranks, for logging and the NaN check."""
+    value = value.detach().clone()
+    if world.distributed:
+        dist.all_reduce(value)
+        value /= world.size
+    return value
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()

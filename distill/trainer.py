@@ -1,0 +1,210 @@
+"""The training loop shared by every stage.
+
+A stage (teacher, ode, self_forcing, chunk, autoencoder) is an object with
+  updaters      {name: Updater}: the trainable modules, each with its optimizer and EMA
+  model_configs() -> {name: dict}: checked against a checkpoint on resume
+  train_step(step) -> {scalar name: value}: one step (it calls updater.update(loss, step))
+  export(directory): write the trained model (EMA weights) as a model directory
+and the Trainer owns everything else: process group, threads, resume, the loop,
+logging, atomic checkpoints, the NaN stop and the final export.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+from pathlib import Path
+
+import torch
+
+from distill import checkpoint as ckpt
+from distill.config import OptimConfig, TrainConfig
+from distill.distributed import World, average_gradients, barrier, close_world, init_world, mean_across
+
+STAGE_MODULES = {
+    "autoencoder": "distill.autoencoder",
+    "teacher": "distill.teacher",
+    "ode": "distill.ode",
+    "self_forcing": "distill.self_forcing",
+    "chunk": "distill.chunk",
+}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, a checkpoint that does not fit, ...)."""
+
+
+class NonFiniteLoss(ArithmeticError):
+    def __init__(self, name: str, value: float):
+        super().__init__(f"{name} loss is {value}")
+        self.name, self.value = name, value
+
+
+class Updater:
+    """One trainable module: AdamW, linear warm-up, grad-norm clipping, EMA, gradient all-reduce."""
+
+    def __init__(self, name: str, module: torch.nn.Module, cfg: OptimConfig, world: World):
+        self.name, self.module, self.cfg, self.world = name, module, cfg, world
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(
+            self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps
+        )
+        self.updates = 0
+        self.ema = None
+        if cfg.ema > 0:
+            self.ema = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def update(self, loss: torch.Tensor) -> dict[str, float]:
+        """backward, average over ranks, clip, step, EMA. Stops on a non-finite loss before stepping."""
+        value = float(mean_across(loss, self.world))
+        if not math.isfinite(value):
+            raise NonFiniteLoss(self.name, value)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(self.params, self.world)
+        norm = 0.0
+        if self.cfg.grad_clip > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+            if not math.isfinite(norm):
+                raise NonFiniteLoss(f"{self.name} gradient", norm)
+        lr = self.cfg.lr * min(1.0, (self.updates + 1) / self.cfg.warmup) if self.cfg.warmup else self.cfg.lr
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        self.updates += 1
+        if self.ema is not None:
+            with torch.no_grad():
+                for k, v in self.module.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        self.ema[k].lerp_(v, 1 - self.cfg.ema)
+                    else:
+                        self.ema[k].copy_(v)
+        return {f"loss_{self.name}": value, f"grad_norm_{self.name}": norm, f"lr_{self.name}": lr}
+
+    def averaged_module(self) -> torch.nn.Module:
+        """A copy of the module holding the EMA weights (or the weights when there is no EMA)."""
+        m = copy.deepcopy(self.module)
+        if self.ema is not None:
+            m.load_state_dict(self.ema)
+        return m.eval().requires_grad_(False)
+
+    # --- checkpoint state ----------------------------------------------------------
+    def state(self) -> tuple[dict, dict]:
+        tensors = ckpt.module_tensors(f"module/{self.name}", self.module)
+        if self.ema is not None:
+            tensors.update({f"ema/{self.name}/{k}": v for k, v in self.ema.items()})
+        opt_tensors, opt_meta = ckpt.optimizer_tensors(self.name, self.opt)
+        tensors.update(opt_tensors)
+        return tensors, {"updates": self.updates, "optimizer": opt_meta}
+
+    def load_state(self, tensors: dict, meta: dict, path) -> None:
+        ckpt.load_module(f"module/{self.name}", self.module, tensors, path)
+        if self.ema is not None:
+            prefix = f"ema/{self.name}/"
+            ema = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if set(ema) != set(self.ema):
+                raise ckpt.CheckpointError(f"checkpoint {path} has no EMA weights for {self.name}")
+            self.ema = {k: v.clone() for k, v in ema.items()}
+        ckpt.load_optimizer(self.name, self.opt, tensors, meta["optimizer"])
+        self.updates = meta["updates"]
+
+
+def build_stage(cfg: TrainConfig, world: World):
+    module = importlib.import_module(STAGE_MODULES[cfg.stage])
+    return module.Stage(cfg, world)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, stop_after: int | None = None):
+        """stop_after: leave the loop after this many steps, as if killed there (for tests)."""
+        self.cfg, self.resume, self.stop_after = cfg, resume, stop_after
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        if cfg.run.threads > 0:
+            torch.set_num_threads(cfg.run.threads)
+        world = init_world(cfg.run.device)
+        try:
+            return self._run(world)
+        finally:
+            close_world(world)
+
+    def _run(self, world: World) -> dict:
+        cfg, out = self.cfg, Path(self.cfg.run.out)
+        stage = build_stage(cfg, world)
+        start = self._restore(stage, out)
+        from distill.monitor import Monitor
+
+        monitor = Monitor(out, cfg.run.steps, start, world.is_main, cfg.run.progress, cfg.stage)
+        last = {}
+        try:
+            for step in range(start, cfg.run.steps):
+                try:
+                    last = stage.train_step(step)
+                except NonFiniteLoss as e:
+                    good = ckpt.latest_checkpoint(out)
+                    raise TrainingError(
+                        f"{e} at step {step}; stopped. Last good checkpoint: "
+                        + (f"{good} (resume with --resume)" if good else "none (no checkpoint was saved yet)")
+                    ) from None
+                done = step + 1
+                if step % cfg.run.log_every == 0 or done == cfg.run.steps:
+                    monitor.log(step, last)
+                monitor.advance()
+                if done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps:
+                    self._save(stage, world, out, done)
+                    if world.is_main:
+                        monitor.plot()
+                if self.stop_after is not None and done >= self.stop_after:
+                    return last
+            if world.is_main:
+                stage.export(out / "model")
+                if cfg.run.export:
+                    stage.export(Path(cfg.run.export), name=cfg.run.export_name, compact=True)
+            barrier(world)
+        finally:
+            monitor.close()
+        return last
+
+    def _save(self, stage, world: World, out: Path, step: int) -> None:
+        if world.is_main:
+            tensors, meta = ckpt.rng_state()
+            meta = {"rng": meta, "stage": self.cfg.stage, "world_size": world.size}
+            meta["model_configs"] = stage.model_configs()
+            meta["updaters"] = {}
+            for name, up in stage.updaters.items():
+                t, m = up.state()
+                tensors.update(t)
+                meta["updaters"][name] = m
+            meta["config"] = self.cfg.source
+            ckpt.save_checkpoint(out, step, tensors, meta, self.cfg.run.keep_checkpoints)
+        barrier(world)
+
+    def _restore(self, stage, out: Path) -> int:
+        latest = ckpt.latest_checkpoint(out)
+        if not self.resume:
+            if latest is not None:
+                raise TrainingError(
+                    f"{out} already holds checkpoints (newest {latest.name}); "
+                    "pass --resume to continue it, or set run.out to a new folder"
+                )
+            return 0
+        if latest is None:
+            return 0  # nothing to resume: a fresh start
+        tensors, meta = ckpt.load_checkpoint(latest)
+        if meta.get("stage") != self.cfg.stage:
+            raise ckpt.CheckpointError(
+                f"{latest} was written by stage {meta.get('stage')!r}, not {self.cfg.stage!r}"
+            )
+        diffs = ckpt.config_mismatch(meta.get("model_configs", {}), stage.model_configs())
+        if diffs:
+            raise ckpt.CheckpointError(
+                f"checkpoint {latest} does not match the config's model: " + "; ".join(diffs[:6])
+            )
+        for name, up in stage.updaters.items():
+            if name not in meta["updaters"]:
+                raise ckpt.CheckpointError(f"checkpoint {latest} has no state for {name}")
+            up.load_state(tensors, meta["updaters"][name], latest)
+        ckpt.set_rng_state(tensors, meta["rng"])
+        return int(meta["step"])
