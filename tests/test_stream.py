@@ -117,3 +117,16 @@ def test_bad_input_is_rejected_clearly(model):
         small.push_audio(np.zeros(20000, np.int16))
     with pytest.raises(ValueError, match="multiples"):
         StreamSession(model, height=60, width=64)
+
+
+def test_silence_never_gives_black_or_frozen_frames(model):
+    s = StreamSession(model)
+    s.start(face(), seed=0)
+    previous = None
+    for _ in range(4):  # no audio at all
+        frames, _ = s.next_chunk()
+        assert frames.reshape(len(frames), -1).max(axis=1).min() > 16  # no black frame
+        if previous is not None:
+            assert not np.array_equal(frames[0], previous[-1])  # the stream moves on
+        assert all(not np.array_equal(a, b) for a, b in zip(frames[:-1], frames[1:]))
+        previous = frames
