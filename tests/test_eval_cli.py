@@ -1,8 +1,11 @@
 import json
 
+import pytest
+
 from streamgen.cli import main
 
 
+@pytest.mark.slow  # about 7 s: generates and scores a full clip end to end
 def test_eval_ground_truth_writes_a_complete_report(tmp_path, capsys):
     out = tmp_path / "gt"
     assert main(["eval", "--model", "ground-truth", "--clips", "1", "--out", str(out), "--json"]) == 0
