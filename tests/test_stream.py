@@ -130,3 +130,19 @@ def test_silence_never_gives_black_or_frozen_frames(model):
             assert not np.array_equal(frames[0], previous[-1])  # the stream moves on
         assert all(not np.array_equal(a, b) for a, b in zip(frames[:-1], frames[1:]))
         previous = frames
+
+
+def test_caption_conditions_through_minilm():
+    from streamgen.model.text import TEXT_DIM, embed_sentences, text_context
+
+    e = embed_sentences(["a smiling person", "a smiling face", "quarterly tax report"])
+    assert e.shape == (3, TEXT_DIM)
+    assert (e[0] @ e[1]) > (e[0] @ e[2]) + 0.2  # real sentence embeddings, not noise
+    assert torch.equal(text_context(None, TEXT_DIM), torch.zeros(1, 1, TEXT_DIM))
+    tiny = load_model("tiny-avatar")
+    s = StreamSession(tiny, height=64, width=64)
+    s.start(face(), text="smiling", seed=0)
+    with_text, _ = s.next_chunk()
+    s.start(face(), seed=0)
+    without, _ = s.next_chunk()
+    assert not np.array_equal(with_text, without)
