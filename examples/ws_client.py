@@ -44,7 +44,8 @@ async def send_audio(ws, pcm: np.ndarray) -> None:
 async def main(args) -> None:
     async with httpx.AsyncClient(base_url=args.server) as http:
         r = await http.post("/v1/sessions", json={"avatar": args.avatar, "seed": 0})
-        r.raise_for_status()
+        if r.status_code != 201:  # e.g. 503 at capacity: retry after r.headers["Retry-After"] seconds
+            raise SystemExit(f"session refused: {r.status_code} {r.json().get('message')}")
         session = r.json()
     url = args.server.replace("http", "ws", 1) + f"{session['stream']}?token={session['token']}"
     out = Path(args.out)
