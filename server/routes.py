@@ -148,7 +148,7 @@ async def end_session(session_id: str, request: Request):
 )
 async def whep(session_id: str, request: Request):
     """WHEP: post an SDP offer (ICE candidates included) -> 201 with the SDP answer."""
-    from .webrtc import OfferError, answer_offer
+    from .webrtc import OfferError, answer_offer, check_offer
 
     registry: SessionRegistry = request.app.state.registry
     session = require_session(request, session_id)
@@ -162,6 +162,10 @@ async def whep(session_id: str, request: Request):
         raise ApiError(400, "bad_sdp", "malformed SDP: not UTF-8 text") from None
     if session.transport is not None:
         raise ApiError(409, "conflict", f"session is already streaming over {session.transport}")
+    try:
+        check_offer(sdp)  # a bad offer leaves the session as it was: the client may try again
+    except OfferError as e:
+        raise ApiError(400, "bad_sdp", str(e)) from None
     session.transport = "whep"  # claimed before the first await: a second offer gets 409
     try:
         answer = await answer_offer(session, registry, sdp)

@@ -161,7 +161,8 @@ def test_bad_offers(client, sdp, content_type, status):
     r = client.post(s["whep"], content=sdp.encode(), headers={"content-type": content_type, **auth(s["token"])})
     assert r.status_code == status, r.text
     assert r.json()["error"] in ("bad_sdp", "unsupported_media_type")
-    client.delete(s["resource"], headers=auth(s["token"]))
+    # the session survives a bad offer: the client can send a good one
+    assert client.delete(s["resource"], headers=auth(s["token"])).status_code == 204
 
 
 def test_offer_without_usable_video(client):
@@ -174,6 +175,7 @@ def test_offer_without_usable_video(client):
     s = new_session(client)
     r = client.post(s["whep"], content=audio_only.encode(), headers={"content-type": "application/sdp", **auth(s["token"])})
     assert r.status_code == 400 and "no usable media" in r.json()["message"]
+    client.delete(s["resource"], headers=auth(s["token"]))
 
 
 def test_admission_control_503(client):
