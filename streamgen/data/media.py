@@ -18,41 +18,17 @@ def write_mp4(
     path: Path, frames: np.ndarray, audio: np.ndarray | None, fps: int = 25, rate: int = 16000
 ) -> None:
     """H.264 video (+ AAC audio when given) to `path`, written to a temporary name first."""
-    import av
+    from streamgen.media import Mp4Writer
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    t, h, w, _ = frames.shape
-    if h % 2 or w % 2:  # yuv420p needs even sizes
-        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    with av.open(str(tmp), mode="w", format="mp4") as container:
-        video = container.add_stream("libx264", rate=fps)
-        video.width, video.height = frames.shape[2], frames.shape[1]
-        video.pix_fmt = "yuv420p"
-        video.options = {"crf": "18", "preset": "veryfast"}
-        sound = None
+    writer = Mp4Writer(path, frames.shape[2], frames.shape[1], fps=fps, audio_rate=rate if audio is not None else None)
+    try:
+        writer.write_frames(frames)
         if audio is not None:
-            sound = container.add_stream("aac", rate=rate)
-            sound.layout = "mono"
-        for frame in frames:
-            for packet in video.encode(
-                av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            ):
-                container.mux(packet)
-        for packet in video.encode():
-            container.mux(packet)
-        if sound is not None:
-            pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
-            step = 1024
-            for k in range(0, len(pcm), step):
-                chunk = av.AudioFrame.from_ndarray(pcm[None, k : k + step], format="s16", layout="mono")
-                chunk.sample_rate = rate
-                chunk.pts = k
-                for packet in sound.encode(chunk):
-                    container.mux(packet)
-            for packet in sound.encode():
-                container.mux(packet)
-    tmp.replace(path)
+            writer.write_audio(audio)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def contact_sheet(rows: list[np.ndarray], columns: int = 8, gap: int = 2) -> np.ndarray:
