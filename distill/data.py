@@ -39,6 +39,7 @@ class Batch:
     audio: torch.Tensor  # [b, N] the whole clip's PCM
     latent_start: list[int]  # absolute latent frame where the crop starts
     context: torch.Tensor  # [b, Lt, text_dim]
+    clips: list[int]  # bank indices
 
     def to(self, device) -> Batch:
         return Batch(
@@ -48,6 +49,7 @@ class Batch:
             self.audio.to(device),
             self.latent_start,
             self.context.to(device),
+            self.clips,
         )
 
 
@@ -112,7 +114,13 @@ class LatentBank:
             self.audio[clips],
             starts,
             self.context[clips],
+            clips,
         )
+
+    def select(self, ids: list[int], clips: list[int], starts: list[int], crop_frames: int) -> Batch:
+        """A batch of given clips and crop starts (e.g. those stored with ODE trajectories)."""
+        x0 = torch.stack([self.latents[c, :, s : s + crop_frames] for c, s in zip(clips, starts)])
+        return Batch(ids, x0, self.reference[clips], self.audio[clips], starts, self.context[clips], clips)
 
 
 def load_bank(cfg, model_cfg, latent_hw) -> LatentBank:

@@ -1,0 +1,47 @@
+# Reproduce the shipped tiny-avatar models from scratch:  make model
+# Every stage resumes from its newest checkpoint, so an interrupted `make model` continues.
+PY ?= .venv/bin/python
+RUNS ?= runs/tiny-avatar
+DATA ?= data/world
+CLIPS ?= 600
+DISTILL = $(PY) -m streamgen distill
+
+.PHONY: model data autoencoder latents teacher ode self_forcing chunk results clean-runs
+
+model: chunk self_forcing
+	@echo "shipped: streamgen/assets/models/tiny-avatar (Self-Forcing), tiny-avatar-chunk, tiny-avatar-teacher"
+
+data: $(DATA)/manifest.json
+$(DATA)/manifest.json:
+	$(PY) -m streamgen data make --out $(DATA) --clips $(CLIPS) --seed 0 --size 64 --seconds 4 --workers 2
+
+autoencoder: $(RUNS)/autoencoder/model/vae.safetensors
+$(RUNS)/autoencoder/model/vae.safetensors: $(DATA)/manifest.json
+	$(DISTILL) autoencoder --config tiny-avatar --resume
+
+latents: $(DATA)/latents/tiny-vae/bank-test.safetensors
+$(DATA)/latents/tiny-vae/bank-test.safetensors: $(RUNS)/autoencoder/model/vae.safetensors
+	$(DISTILL) latents --config tiny-avatar
+
+teacher: $(RUNS)/teacher/model/model.json
+$(RUNS)/teacher/model/model.json: $(DATA)/latents/tiny-vae/bank-test.safetensors
+	$(DISTILL) teacher --config tiny-avatar --resume
+
+ode: $(RUNS)/ode/model/model.json
+$(RUNS)/ode/model/model.json: $(RUNS)/teacher/model/model.json
+	$(DISTILL) ode --config tiny-avatar --resume
+
+self_forcing: $(RUNS)/self_forcing/model/model.json
+$(RUNS)/self_forcing/model/model.json: $(RUNS)/ode/model/model.json
+	$(DISTILL) self_forcing --config tiny-avatar --resume
+
+chunk: $(RUNS)/chunk/model/model.json
+$(RUNS)/chunk/model/model.json: $(RUNS)/ode/model/model.json
+	$(DISTILL) chunk --config tiny-avatar --resume
+
+# docs/results.md from `streamgen eval` of every row
+results:
+	$(PY) -m distill.results --runs $(RUNS) --out runs/results --doc docs/results.md
+
+clean-runs:
+	rm -rf $(RUNS)

@@ -1,0 +1,127 @@
+"""Stage `autoencoder`: train the TinyCausalVAE of `tiny-avatar` on avatar-world video.
+
+Crops of `data.video_frames` frames (a multiple of the temporal factor, so the
+causal temporal mix between latent frames is trained too) are encoded and
+decoded; loss = L1 + MSE of the reconstruction plus a small penalty on the
+latents' magnitude. At export the per-channel latent mean and std are measured
+over `stats_clips` clips and stored in the VAE's normalisation buffers, so the
+diffusion stages see roughly unit-variance latents.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distill.distributed import broadcast_module
+from distill.rng import generator
+from distill.trainer import Updater
+
+
+def video_to_input(video_uint8: torch.Tensor) -> torch.Tensor:
+    """[B, T, H, W, 3] uint8 -> [B, 3, T, H, W] in [-1, 1]."""
+    return video_uint8.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+class VideoSource:
+    """Uniform access to training video: the avatar world's clips, or synthetic moving blobs."""
+
+    def __init__(self, cfg):
+        d = cfg.data
+        self.synthetic = d.source == "synthetic"
+        if self.synthetic:
+            self.num = d.synthetic_clips
+            self.size = cfg.model.height
+            self.frames = d.synthetic_clip_latents * 4
+        else:
+            from pathlib import Path
+
+            from distill.data import DataMissing
+            from streamgen.data.dataset import AvatarWorldDataset
+            from streamgen.data.shards import DataError
+
+            if not Path(d.root).is_dir():
+                raise DataMissing(
+                    f"data directory {d.root} does not exist (make it with `streamgen data make`)"
+                )
+            try:
+                self.ds = AvatarWorldDataset(d.root, d.split)
+            except DataError as e:
+                raise DataMissing(str(e)) from None
+            self.num = len(self.ds)
+
+    def clip(self, index: int) -> torch.Tensor:
+        """uint8 [T, H, W, 3]."""
+        if not self.synthetic:
+            return torch.from_numpy(self.ds[index]["video"])
+        g = generator(index, "synthetic-video")
+        t = torch.arange(self.frames).float()[:, None, None]
+        yy, xx = torch.meshgrid(
+            torch.arange(self.size).float(), torch.arange(self.size).float(), indexing="ij"
+        )
+        cx = self.size * (0.3 + 0.4 * torch.rand((), generator=g)) + 2 * torch.sin(t / 5)
+        cy = self.size * (0.3 + 0.4 * torch.rand((), generator=g))
+        colour = torch.rand(3, generator=g) * 255
+        blob = ((xx - cx) ** 2 + (yy - cy) ** 2 < (self.size / 4) ** 2).float()
+        return (blob[..., None] * colour + (1 - blob[..., None]) * 40).to(torch.uint8)
+
+
+class Stage:
+    def __init__(self, cfg, world):
+        from streamgen.model.config import get_config
+        from streamgen.model.vae import TinyCausalVAE
+
+        self.cfg, self.world, self.opts = cfg, world, cfg.options
+        mcfg = get_config(cfg.model.flavor, **cfg.model.overrides)
+        if cfg.data.video_frames % mcfg.temporal_compression:
+            raise ValueError(f"data.video_frames must be a multiple of {mcfg.temporal_compression}")
+        torch.manual_seed(cfg.run.seed)
+        self.vae = TinyCausalVAE(mcfg.in_channels, tuple(cfg.model.vae_widths), mcfg.temporal_compression)
+        self.vae.to(world.device).train()
+        broadcast_module(self.vae, world)
+        self.source = VideoSource(cfg)
+        self.updaters = {"vae": Updater("vae", self.vae, cfg.optim, world)}
+
+    def model_configs(self) -> dict:
+        return {"vae": dict(self.vae.config)}
+
+    def _batch(self, step: int) -> torch.Tensor:
+        d, w = self.cfg.data, self.world
+        per_rank = d.batch_size // w.size
+        crops = []
+        for i in range(w.rank * per_rank, (w.rank + 1) * per_rank):
+            g = generator(self.cfg.run.seed, step, i, "clip")
+            video = self.source.clip(int(torch.randint(self.source.num, (), generator=g)))
+            # crops start on latent-frame boundaries, as the stream's chunks do
+            tf = self.vae.temporal_factor
+            start = tf * int(torch.randint((len(video) - d.video_frames) // tf + 1, (), generator=g))
+            crops.append(video[start : start + d.video_frames])
+        return video_to_input(torch.stack(crops)).to(w.device)
+
+    def train_step(self, step: int) -> dict:
+        if self.cfg.data.batch_size % self.world.size:
+            raise ValueError(f"data.batch_size is not divisible by {self.world.size} ranks")
+        x = self._batch(step)
+        o = self.opts
+        z = self.vae.encode(x)
+        recon, _ = self.vae.decode_stream(z, None)
+        err = recon - x
+        loss = o.l1_weight * err.abs().mean() + o.mse_weight * err.square().mean()
+        loss = loss + o.latent_penalty * z.square().mean()
+        out = self.updaters["vae"].update(loss)
+        out["psnr"] = float(10 * torch.log10(4 / err.detach().square().mean().clamp(min=1e-10)))
+        return out
+
+    @torch.no_grad()
+    def export(self, directory, name=None, compact=False):
+        vae = self.updaters["vae"].averaged_module()
+        vae.latent_mean.zero_()
+        vae.latent_std.fill_(1)
+        zs = []
+        for i in range(min(self.opts.stats_clips, self.source.num)):
+            video = self.source.clip(i)
+            usable = len(video) - len(video) % vae.temporal_factor
+            zs.append(vae.encode(video_to_input(video[None, :usable]).to(vae.latent_mean.device)))
+        z = torch.cat([t.transpose(1, 2).flatten(0, 1) for t in zs])  # [N, C, h, w]
+        vae.latent_mean.copy_(z.mean(dim=(0, 2, 3)))
+        vae.latent_std.copy_(z.std(dim=(0, 2, 3)).clamp(min=1e-4))
+        vae.cpu().save(directory)

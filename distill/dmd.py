@@ -1,0 +1,116 @@
+"""Distribution matching distillation (DMD), shared by Self-Forcing and chunk distillation.
+
+Generator loss: noise the student's sample x0 to a random level sigma, ask
+the frozen teacher (with CFG: the "real" score) and the critic (the "fake"
+score, trained on student samples) for their x0 predictions, and push x0
+along (fake - real), normalised per sample by mean |x0 - real| (DMD's
+weighting). Implemented as 0.5 * ||x0 - stopgrad(x0 - grad)||^2, whose
+gradient with respect to x0 is exactly `grad`.
+
+Critic loss: plain flow matching on detached student samples, so the critic
+tracks the student's current distribution; it is updated `critic_updates`
+times per generator update.
+
+The networks: generator (the student, from `model.init`), critic (from
+`critic_init`, default the teacher), teacher (frozen, `teacher:`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distill.build import export_model, load_dit, load_frozen, load_vae, new_dit
+from distill.data import load_bank
+from distill.distributed import broadcast_module
+from distill.flow import Conditions, audio_windows, flow_loss, guided_velocity, sequence_velocity
+from distill.rng import SampleRandom
+from distill.trainer import Updater
+from streamgen.sampling import shift_sigma, student_sigmas
+
+
+def score_sigmas(rnd: SampleRandom, tag: str, opts) -> torch.Tensor:
+    u = opts.score_t_min + (opts.score_t_max - opts.score_t_min) * rnd.rand(f"{tag}/sigma")
+    return shift_sigma(u, opts.shift)
+
+
+def _noised(x0, prefix, sigma, noise):
+    s = sigma.view(-1, 1, 1, 1, 1)
+    xt = (1 - s) * x0 + s * noise
+    b, f = x0.shape[0], x0.shape[2]
+    t = (sigma * 1000)[:, None].expand(b, f)
+    if prefix is not None:
+        xt = torch.cat([prefix, xt], dim=2)
+        t = torch.cat([torch.zeros(b, prefix.shape[2], device=t.device), t], dim=1)
+    return xt, t
+
+
+def generator_loss(teacher, critic, x0, cond_teacher, cond_critic, rnd, tag, opts, prefix=None):
+    """DMD loss of the student's sample x0 [B, C, F, h, w] (with gradient); cond covers prefix + frames."""
+    sigma = score_sigmas(rnd, tag, opts)
+    noise = rnd.randn(f"{tag}/noise", *x0.shape[1:])
+    p = 0 if prefix is None else prefix.shape[2]
+    with torch.no_grad():
+        xt, t = _noised(x0.detach(), prefix, sigma, noise)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        real = xt[:, :, p:] - s * guided_velocity(teacher, xt, t, cond_teacher, opts.cfg_scale)[:, :, p:]
+        fake = xt[:, :, p:] - s * sequence_velocity(critic, xt, t, cond_critic)[:, :, p:]
+        weight = 1.0 / (x0.detach() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp(min=1e-4)
+        grad = (fake - real) * weight
+        target = x0.detach() - grad
+    loss = 0.5 * (x0 - target).square().flatten(1).mean(1).mean()
+    return loss, {"dmd_grad_norm": float(grad.square().mean().sqrt())}
+
+
+def critic_loss(critic, x0, cond_critic, rnd, tag, opts, prefix=None):
+    sigma = score_sigmas(rnd, tag, opts)
+    noise = rnd.randn(f"{tag}/noise", *x0.shape[1:])
+    return flow_loss(critic, x0.detach(), noise, sigma, cond_critic, prefix).mean()
+
+
+class DmdStage:
+    """What Self-Forcing and chunk distillation share: networks, data, updaters, export."""
+
+    kind = "student"
+
+    def __init__(self, cfg, world):
+        self.cfg, self.world, self.opts = cfg, world, cfg.options
+        dev = world.device
+        self.student = new_dit(cfg.model, cfg.run.seed).to(dev).train()
+        self.teacher = load_frozen(self.opts.teacher).to(dev)
+        self.critic = load_dit(self.opts.critic_init or self.opts.teacher).to(dev).train()
+        for name, net in (("teacher", self.teacher), ("critic", self.critic)):
+            for key in ("in_channels", "out_channels", "patch_size", "text_dim", "temporal_compression"):
+                if getattr(net.cfg, key) != getattr(self.student.cfg, key):
+                    raise ValueError(f"the {name} and the student differ in {key}")
+        broadcast_module(self.student, world)
+        broadcast_module(self.critic, world)
+        mcfg = self.student.cfg
+        self.vae = load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
+        self.latent_hw = self.vae.latent_hw(cfg.model.height, cfg.model.width)
+        self.bank = load_bank(cfg, mcfg, self.latent_hw)
+        self.sigmas = student_sigmas(self.opts.student_steps, self.opts.shift).to(dev)
+        self.updaters = {
+            "generator": Updater("generator", self.student, cfg.optim, world),
+            "critic": Updater("critic", self.critic, self.opts.critic_optim, world),
+        }
+
+    def model_configs(self) -> dict:
+        return {"generator": self.student.cfg.to_dict(), "critic": self.critic.cfg.to_dict()}
+
+    def batch(self, step: int, frames: int):
+        cfg = self.cfg
+        batch = self.bank.batch(
+            cfg.run.seed, step, cfg.data.batch_size, frames, self.world.rank, self.world.size
+        )
+        return batch.to(self.world.device), SampleRandom(cfg.run.seed, step, batch.ids, self.world.device)
+
+    def conditions(self, net, batch, frames: int) -> Conditions:
+        audio = audio_windows(net, batch.audio, batch.latent_start, frames)
+        return Conditions.full(batch.reference, audio, batch.context)
+
+    def export(self, directory, name=None, compact=False):
+        export_model(
+            self.updaters["generator"].averaged_module(), self.vae, directory, name,
+            self.cfg.model.height, self.cfg.model.width, self.opts.shift, self.opts.student_steps,
+            {"kind": self.kind, "stage": self.cfg.stage}, compact,
+        )  # fmt: skip

@@ -1,0 +1,99 @@
+"""Stage `latents`: encode the dataset once with the trained autoencoder.
+
+Video latents go through the dataset's own cache (`AvatarWorldDataset.cache_latents`,
+stored next to the shards in DIR/latents/NAME/); then one bank file per split
+(`distill.data.bank_path`) gathers what the diffusion stages read every step:
+latents, the reference image's latent frame, the clip's audio and the caption's
+sentence embedding. Re-running skips what is already cached.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.autoencoder import video_to_input
+from distill.build import load_vae
+from distill.data import DataMissing, bank_path
+
+
+def build_latents(cfg) -> list[Path]:
+    from safetensors.torch import save_file
+
+    from streamgen.data.dataset import AvatarWorldDataset
+    from streamgen.data.shards import DataError
+    from streamgen.model.config import get_config
+
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    root = Path(cfg.data.root)
+    if not root.is_dir():
+        raise DataMissing(f"data directory {root} does not exist (make it with `streamgen data make`)")
+    if cfg.model.vae is None:
+        raise DataMissing("model.vae must name the trained autoencoder (the autoencoder stage's OUT/model)")
+    mcfg = get_config(cfg.model.flavor, **cfg.model.overrides)
+    vae = load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
+
+    @torch.no_grad()
+    def encode(video: np.ndarray) -> np.ndarray:
+        usable = len(video) - len(video) % vae.temporal_factor
+        x = video_to_input(torch.from_numpy(np.ascontiguousarray(video[:usable]))[None])
+        return vae.encode(x)[0].numpy()
+
+    written = []
+    for split in cfg.options.splits:
+        try:
+            ds = AvatarWorldDataset(root, split)
+            ds.cache_latents(encode, cfg.data.latents)
+            ds = AvatarWorldDataset(root, split, latents=cfg.data.latents)
+        except DataError as e:
+            raise DataMissing(str(e)) from None
+        path = bank_path(root, cfg.data.latents, split)
+        if path.exists():
+            written.append(path)
+            continue
+        items = [ds[i] for i in range(len(ds))]
+        frames = min(it["latents"].shape[1] for it in items)
+        samples = frames * vae.temporal_factor * 640
+        with torch.no_grad():
+            refs = torch.cat(
+                [vae.encode_reference(video_to_input(torch.from_numpy(it["reference"])[None, None])[:, :, 0])
+                 for it in items]
+            )  # fmt: skip
+        tensors = {
+            "latents": torch.from_numpy(np.stack([it["latents"][:, :frames] for it in items])).float(),
+            "reference": refs.float(),
+            "audio": torch.from_numpy(np.stack([_fit(it["audio"], samples) for it in items])),
+            "context": _captions([it["caption"] for it in items], mcfg.text_dim, cfg.options.captions),
+        }
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+        written.append(path)
+        print(f"latents: {split}: {len(items)} clips, {frames} latent frames each -> {path}")
+    return written
+
+
+def _fit(audio: np.ndarray, samples: int) -> np.ndarray:
+    out = np.zeros(samples, np.float32)
+    n = min(samples, len(audio))
+    out[:n] = audio[:n]
+    return out
+
+
+def _captions(captions: list[str], text_dim: int, enabled: bool) -> torch.Tensor:
+    from streamgen.model.text import TEXT_DIM, embed_sentences
+
+    context = torch.zeros(len(captions), 1, text_dim)
+    if not enabled or text_dim != TEXT_DIM:
+        return context
+    unique = sorted({c for c in captions if c and c.strip()})
+    if unique:
+        table = dict(zip(unique, embed_sentences(unique)))
+        for i, c in enumerate(captions):
+            if c in table:
+                context[i, 0] = table[c]
+    return context
