@@ -6,9 +6,12 @@ audio starts with a 20 ms tone) and connects pure-Python aiortc clients:
 
 - first_frame_ms: offer posted -> first decoded video frame in the client
 - glass_to_glass_ms: chunk input cut-off -> its first frame decoded in the client (median)
-- fps: decoded frames per second in the client (one session)
+- fps: frames generated per second for one session (decoded_fps: frames the client decoded,
+  which include repeats of the last picture when generation is late)
 - av_offset_ms: arrival of a chunk's first frame minus arrival of its audio marker (median; > 0: video late)
 - max_realtime_sessions: most concurrent sessions that all generate >= 24 fps (server-side count)
+- browser_*: the web client in headless chromium (when /usr/bin/chromium exists): first frame,
+  fps, A/V offset (estimatedPlayoutTimestamp of the two tracks) and RTT from getStats()
 
 Numbers are printed as one JSON object; nothing is asserted.
 """
@@ -34,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds to watch per measurement")
     parser.add_argument("--max-probe", type=int, default=6, help="most concurrent sessions to try")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
+    parser.add_argument("--browser", default="/usr/bin/chromium", help="chromium for the browser figures ('' skips)")
     parser.add_argument("--json", action="store_true", help="print JSON (always on)")
 
 
@@ -128,6 +132,12 @@ async def _watch(http, seconds: float, seed: int) -> dict:
     return result
 
 
+def _generated_fps(watch: dict) -> float:
+    """Frames the server generated for the session per second of watching (its chunk count)."""
+    duration = watch["frames"][-1][0] - watch["frames"][0][0]
+    return max(0, watch["chunks"] - 1) * 8 / max(duration, 1e-6)
+
+
 def _chunk_starts(frames):
     """Frames where the stamp changes: the first frame of each chunk."""
     starts, last = [], None
@@ -163,11 +173,15 @@ async def _bench(args) -> dict:
                 "chunk_ms": ready.get("chunk_ms"),
                 "first_frame_ms": round(1000 * one["first_frame"], 1),
                 "glass_to_glass_ms": round(1000 * statistics.median(w - s for _, w, s in starts), 1) if starts else None,
-                "fps": round((len(one["frames"]) - 1) / duration, 2) if duration > 0 else None,
+                # generated frames per second (the client also counts repeats of a late frame)
+                "fps": round(_generated_fps(one), 2),
+                "decoded_fps": round((len(one["frames"]) - 1) / duration, 2) if duration > 0 else None,
                 "av_offset_ms": _av_offset(starts, one["markers"]),
             }
             if out["av_offset_ms"] is not None:
                 out["av_offset_ms"] = round(out["av_offset_ms"], 1)
+            if args.browser and os.path.exists(args.browser):
+                out.update(await asyncio.to_thread(_browser_figures, f"http://127.0.0.1:{port}", args))
             out["max_realtime_sessions"], out["sessions_fps"] = await _max_sessions(http, args)
             return out
     finally:
@@ -178,6 +192,43 @@ async def _bench(args) -> dict:
             proc.kill()
 
 
+def _browser_figures(url: str, args) -> dict:
+    """The web client in headless chromium: startup, fps, A/V offset and RTT from its getStats() overlay."""
+    import shutil
+    import tempfile
+
+    from playwright.sync_api import sync_playwright
+
+    wav = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "streamgen", "assets",
+                       "sample_speech.wav")  # fmt: skip
+    flags = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+             f"--use-file-for-fake-audio-capture={wav}", "--allow-loopback-in-peer-connection",
+             "--disable-features=WebRtcHideLocalIpsWithMdns", "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--autoplay-policy=no-user-gesture-required"]  # fmt: skip
+    profile = tempfile.mkdtemp(prefix="streamgen-bench-chromium-")
+    try:
+        with sync_playwright() as p:
+            context = p.chromium.launch_persistent_context(profile, executable_path=args.browser, args=flags)
+            page = context.new_page()
+            page.goto(f"{url}/?autostart=1&avatar=ada")
+            page.wait_for_function("window.streamgenStats && window.streamgenStats.framesDecoded > 0", timeout=60_000)
+            page.wait_for_timeout(int(args.seconds * 1000))
+            stats = page.evaluate("window.streamgenStats")
+            page.click("#hangup")
+            page.wait_for_timeout(300)
+            context.close()
+    except Exception as e:  # a benchmark figure, not a test: report why it is missing
+        return {"browser_error": f"{type(e).__name__}: {e}"[:300]}
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    r = lambda v: None if v is None else round(v, 1)  # noqa: E731
+    return {
+        "browser_first_frame_ms": r(stats.get("firstFrameMs")), "browser_fps": r(stats.get("fps")),
+        "browser_av_offset_ms": r(stats.get("avOffsetMs")), "browser_rtt_ms": r(stats.get("rttMs")),
+    }  # fmt: skip
+
+
 async def _max_sessions(http, args) -> tuple[int, dict]:
     """Add sessions until one of them generates fewer than 24 frames per second."""
     best, per_n = 0, {}
@@ -185,8 +236,7 @@ async def _max_sessions(http, args) -> tuple[int, dict]:
         started = time.monotonic()
         results = await asyncio.gather(*(_watch(http, args.seconds, seed=i) for i in range(n)))
         elapsed = time.monotonic() - started
-        # generated frames per second per session, from the server's chunk count over the watch
-        fps = [r["chunks"] * 8 / max(1e-6, r["frames"][-1][0] - r["frames"][0][0] + 0.32) for r in results]
+        fps = [_generated_fps(r) for r in results]
         per_n[n] = round(min(fps), 1)
         if min(fps) < 24 or elapsed > args.seconds + 60:
             break

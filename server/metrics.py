@@ -32,6 +32,10 @@ class ServerMetrics:
         self.queue_depth = Gauge(
             "streamgen_queue_depth", "chunks and jobs waiting for the inference worker", registry=r
         )
+        self.audio_received = Counter(
+            "streamgen_audio_received_seconds", "audio received, by source (mic, client, speech)", ["source"],
+            registry=r,
+        )
         self.capacity = Gauge("streamgen_capacity_sessions", "sessions the server admits now", registry=r)
         self._frames = deque(maxlen=4096)  # (time, frames) of recent chunks, for the fps gauge
         self._lock = threading.Lock()

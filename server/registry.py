@@ -82,6 +82,8 @@ class SessionRegistry:
             self._creating -= 1
         session = Session(secrets.token_hex(8), stream, asyncio.get_running_loop(), self.config.max_audio_ahead_s)
         session.fail_handler = lambda s, reason: asyncio.ensure_future(self.close(s, reason))
+        received = self.metrics.audio_received
+        session.timeline.on_receive = lambda source, n: received.labels(source).inc(n / 16000)
         self.sessions[session.id] = session
         self.metrics.sessions_created.inc()
         self.metrics.sessions_active.set(len(self.sessions))

@@ -49,7 +49,8 @@ class AudioTimeline:
 
     LIVE_MARGIN = int(0.1 * SAMPLE_RATE)
 
-    def __init__(self, max_ahead_s: float = 30.0, history_s: float = 4.0):
+    def __init__(self, max_ahead_s: float = 30.0, history_s: float = 4.0, on_receive=None):
+        self.on_receive = on_receive  # (source, samples) -> None: metrics
         self.max_ahead = int(max_ahead_s * SAMPLE_RATE)
         self.history = int(history_s * SAMPLE_RATE)
         self._buf = np.zeros(0, np.float32)
@@ -70,7 +71,9 @@ class AudioTimeline:
                 self._ensure(start + keep)
                 self._buf[start - self._origin : start + keep - self._origin] += pcm[:keep]
             self._cursors[source] = start + keep
-            return len(pcm) - keep
+        if self.on_receive is not None:
+            self.on_receive(source, len(pcm))
+        return len(pcm) - keep
 
     def clear_ahead(self) -> None:
         """Forget audio not yet handed to the model (interrupt)."""

@@ -185,14 +185,22 @@ class AvatarVideoTrack(MediaStreamTrack):
 
 
 class SpeechAudioTrack(MediaStreamTrack):
-    """The audio the lips were generated from, 20 ms at a time, sample m at `session.base + m / 16000`."""
+    """The audio the lips were generated from, 20 ms per frame, stream sample m at `session.base + m / 16000`.
+
+    Frames leave on the wall clock without gaps, like the video (whose late frames are
+    repeats): when the session clock moves forward the track sends silence until the
+    stream catches up, so both tracks' RTP clocks follow the wall clock and the
+    browser's A/V sync (from the RTCP sender reports) stays put.
+    """
 
     kind = "audio"
 
     def __init__(self, session: Session):
         super().__init__()
         self.session = session
-        self.m: int | None = None  # next sample index on the stream
+        self.start: float | None = None  # wall time of the first frame
+        self.sent = 0  # frames returned: their pts, always increasing
+        self.m = 0  # next stream sample to play
         self.failed = False
 
     async def recv(self) -> av.AudioFrame:
@@ -209,20 +217,27 @@ class SpeechAudioTrack(MediaStreamTrack):
         frame = av.AudioFrame(format="s16", layout="mono", samples=AUDIO_FRAME_SAMPLES)
         frame.planes[0].update(pcm.tobytes())
         frame.sample_rate = SAMPLE_RATE
-        frame.pts = self.m
+        frame.pts = self.sent * AUDIO_FRAME_SAMPLES
         frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
+        self.sent += 1
         return frame
 
     async def _next_samples(self) -> np.ndarray:
         s = self.session
-        if self.m is None:  # start at the present, not at stream time 0
-            now_samples = (time.monotonic() - s.base) * SAMPLE_RATE
+        if self.start is None:  # start at the present stream position, not at stream time 0
+            self.start = time.monotonic()
+            now_samples = (self.start - s.base) * SAMPLE_RATE
             self.m = max(0, int(now_samples // AUDIO_FRAME_SAMPLES) * AUDIO_FRAME_SAMPLES)
-        delay = s.base + self.m / SAMPLE_RATE - time.monotonic()
+        at = self.start + self.sent * AUDIO_FRAME_SAMPLES / SAMPLE_RATE
+        delay = at - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+        silence = np.zeros(AUDIO_FRAME_SAMPLES, np.int16)
+        position = (at - s.base) * SAMPLE_RATE  # the stream sample that should be playing now
+        if position < self.m - AUDIO_FRAME_SAMPLES / 2:
+            return silence  # the clock moved forward (late video): fill the gap
         start, self.m = self.m, self.m + AUDIO_FRAME_SAMPLES
         if start + AUDIO_FRAME_SAMPLES > s.generated_until:
-            return np.zeros(AUDIO_FRAME_SAMPLES, np.int16)  # no video for this time yet: no sound either
+            return silence  # no video for this time yet: no sound either
         pcm = s.timeline.read(start, AUDIO_FRAME_SAMPLES)
         return (pcm * 32767).astype(np.int16)

@@ -80,6 +80,12 @@ def test_browser_webrtc(browser_page):
         assert stats["framesDecoded"] >= 50
         assert stats["firstFrameMs"] is not None and stats["firstFrameMs"] > 0
         assert stats["fps"] > 0
+        # the fake microphone (a WAV file) reached the avatar through Opus and the resampler
+        import httpx
+
+        metrics = httpx.get(f"{url}/metrics").text
+        mic = [line for line in metrics.splitlines() if line.startswith('streamgen_audio_received_seconds_total{source="mic"}')]
+        assert mic and float(mic[0].split()[-1]) > 1.0, metrics
         for _ in range(50):
             if not app.state.registry.sessions:
                 break

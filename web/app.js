@@ -158,9 +158,11 @@ async function readRtcStats() {
     if (video.estimatedPlayoutTimestamp && audio.estimatedPlayoutTimestamp) {
       // NTP time of what each track is playing now: equal when lips and sound line up
       stats.avOffsetMs = video.estimatedPlayoutTimestamp - audio.estimatedPlayoutTimestamp;
+      stats.avMethod = "estimatedPlayoutTimestamp";
     } else if (video.jitterBufferEmittedCount && audio.jitterBufferEmittedCount) {
       stats.avOffsetMs = 1000 * (video.jitterBufferDelay / video.jitterBufferEmittedCount
         - audio.jitterBufferDelay / audio.jitterBufferEmittedCount);
+      stats.avMethod = "jitterBufferDelay";
     }
   }
   if (pair && pair.currentRoundTripTime !== undefined) stats.rttMs = 1000 * pair.currentRoundTripTime;
