@@ -1,0 +1,210 @@
+"""Trainer infrastructure: configs, checkpoints, resume, bad input (debug configs, seconds each)."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+from test_distill_helpers import debug_config, final_tensors, max_difference, run
+
+from distill import checkpoint as ckpt
+from distill.config import ConfigError, load_config
+from distill.data import DataMissing
+from distill.trainer import TrainingError
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+# --- configs -------------------------------------------------------------------------
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    import distill
+
+    configs = sorted((Path(distill.__file__).parent / "configs").glob("*.yaml"))
+    names = {p.stem for p in configs}
+    for stage in ("autoencoder", "teacher", "ode", "self_forcing", "chunk"):
+        assert {f"{stage}-debug", f"{stage}-tiny-avatar"} <= names
+    for p in configs:
+        stage = p.name.split("-")[0]
+        cfg = load_config(p, stage)
+        assert cfg.stage == stage
+
+
+def test_unknown_keys_are_named_with_a_suggestion(tmp_path):
+    p = write(tmp_path, "stage: teacher\noptim: {lr: 1.0e-3, warmpu: 10}\n")
+    with pytest.raises(ConfigError, match=r"optim\.warmpu \(did you mean optim\.warmup\?\)"):
+        load_config(p, "teacher")
+    p = write(tmp_path, "teacher: {p_drop_audoi: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"teacher\.p_drop_audoi"):
+        load_config(p, "teacher")
+    p = write(tmp_path, "self_forcing: {critic_optim: {lrr: 1.0}}\n")
+    with pytest.raises(ConfigError, match=r"self_forcing\.critic_optim\.lrr"):
+        load_config(p, "self_forcing")
+
+
+def test_unknown_section_wrong_type_and_wrong_stage(tmp_path):
+    with pytest.raises(ConfigError, match=r"ode \(a section of stage 'ode', not 'teacher'\)"):
+        load_config(write(tmp_path, "ode: {trajectories: 3}\n"), "teacher")
+    with pytest.raises(ConfigError, match=r"run\.steps: expected int"):
+        load_config(write(tmp_path, "run: {steps: many}\n"), "teacher")
+    with pytest.raises(ConfigError, match="config for stage 'ode'"):
+        load_config(write(tmp_path, "stage: ode\n"), "teacher")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "run: {steps: [\n"), "teacher")
+
+
+# --- a run's outputs -----------------------------------------------------------------------
+
+
+def test_a_teacher_run_writes_checkpoints_logs_curves_and_a_loadable_model(tmp_path):
+    from streamgen.models import load_model
+
+    out = tmp_path / "teacher"
+    last = run(debug_config("teacher", out))
+    assert set(last) >= {"loss_teacher", "grad_norm_teacher", "lr_teacher"}
+    assert [p.name for p in ckpt.list_checkpoints(out)] == [
+        "step-00000002.safetensors",
+        "step-00000004.safetensors",
+    ]
+    records = [json.loads(line) for line in (out / "scalars.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3] and all(r["steps_per_s"] > 0 for r in records)
+    assert (out / "loss_curves.png").stat().st_size > 1000
+    assert any((out / "tensorboard").iterdir())
+    tensors, meta = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))
+    assert meta["step"] == 4 and meta["stage"] == "teacher"
+    assert any(k.startswith("ema/teacher/") for k in tensors) and any(
+        k.startswith("optim/teacher/") for k in tensors
+    )
+    assert "rng/torch" in tensors and "python" in meta["rng"]
+    model = load_model(str(out / "model"))
+    assert model.trained and model.meta["kind"] == "teacher" and model.cfg.num_layers == 2
+    # the exported model holds the EMA weights, not the last raw weights
+    ema = {k[len("ema/teacher/") :]: v for k, v in tensors.items() if k.startswith("ema/teacher/")}
+    assert torch.equal(model.dit.state_dict()["head.proj.weight"], ema["head.proj.weight"])
+
+
+def test_a_rerun_without_resume_refuses_to_overwrite(tmp_path):
+    cfg = debug_config("teacher", tmp_path / "t", **{"run.steps": 2})
+    run(cfg)
+    with pytest.raises(TrainingError, match="already holds checkpoints.*--resume"):
+        run(cfg)
+
+
+# --- exact resume ---------------------------------------------------------------------------
+
+
+def test_teacher_killed_and_resumed_equals_uninterrupted(tmp_path):
+    run(debug_config("teacher", tmp_path / "whole"))
+    # "killed" after step 3: the step-2 checkpoint is the newest; step 3 is recomputed on resume
+    run(debug_config("teacher", tmp_path / "split"), stop_after=3)
+    assert ckpt.latest_checkpoint(tmp_path / "split").name == "step-00000002.safetensors"
+    run(debug_config("teacher", tmp_path / "split"), resume=True)
+    assert max_difference(final_tensors(tmp_path / "whole"), final_tensors(tmp_path / "split")) <= 1e-6
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "split" / "scalars.jsonl").read_text().splitlines()
+    ]
+    assert steps == [0, 1, 2, 3]  # the log of the resumed run is the log of one run
+
+
+def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
+    last = run(debug_config("teacher", tmp_path / "t", **{"run.steps": 1}), resume=True)
+    assert (
+        "loss_teacher" in last and ckpt.latest_checkpoint(tmp_path / "t").name == "step-00000001.safetensors"
+    )
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def test_mismatched_checkpoint_and_config_names_the_difference(tmp_path):
+    run(debug_config("teacher", tmp_path / "t", **{"run.steps": 2}))
+    cfg = debug_config("teacher", tmp_path / "t", **{"model.overrides": {"num_layers": 3}})
+    with pytest.raises(ckpt.CheckpointError, match=r"teacher\.num_layers: checkpoint 2, config 3"):
+        run(cfg, resume=True)
+
+
+def test_missing_data_directory(tmp_path):
+    cfg = debug_config(
+        "teacher", tmp_path / "t", **{"data.source": "world", "data.root": str(tmp_path / "nope")}
+    )
+    with pytest.raises(DataMissing, match="nope does not exist"):
+        run(cfg)
+    (tmp_path / "empty").mkdir()
+    cfg = debug_config(
+        "teacher", tmp_path / "t", **{"data.source": "world", "data.root": str(tmp_path / "empty")}
+    )
+    with pytest.raises(DataMissing, match="bank-train.safetensors is missing"):
+        run(cfg)
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    from streamgen.cli import main
+
+    p = write(tmp_path, f"run: {{out: {tmp_path / 'o'}, stepz: 3}}\n")
+    assert main(["distill", "teacher", "--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "run.stepz" in err and "did you mean run.steps" in err and "Traceback" not in err
+    p = write(tmp_path, f"run: {{out: {tmp_path / 'o'}}}\ndata: {{root: {tmp_path / 'missing'}}}\n")
+    assert main(["distill", "teacher", "--config", str(p)]) == 2
+    assert "missing does not exist" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import distill.teacher
+
+    real = distill.teacher._per_frame_flow_loss
+    calls = []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss * float("nan") if len(calls) == 4 else loss  # step 3 (0-based)
+
+    monkeypatch.setattr(distill.teacher, "_per_frame_flow_loss", poisoned)
+    out = tmp_path / "t"
+    with pytest.raises(
+        TrainingError, match=r"loss is nan at step 3; stopped\. Last good checkpoint: .*step-00000002"
+    ):
+        run(debug_config("teacher", out))
+    assert ckpt.latest_checkpoint(out).name == "step-00000002.safetensors"
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "t"
+    run(debug_config("teacher", out), stop_after=2)
+    good = ckpt.latest_checkpoint(out)
+    before = good.read_bytes()
+
+    def full(path, data):
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 3])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_write_bytes", full)
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"step 4 \(No space left on device\).*step-00000002.*intact"
+    ):
+        run(debug_config("teacher", out), resume=True)
+    assert ckpt.list_checkpoints(out) == [good] and good.read_bytes() == before
+    assert not list((out / "checkpoints").glob(".*tmp"))  # no half-written file left behind
+    monkeypatch.undo()
+    run(debug_config("teacher", out), resume=True)  # and training continues from it
+    assert ckpt.latest_checkpoint(out).name == "step-00000004.safetensors"
+
+
+def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
+    out = tmp_path / "t"
+    run(debug_config("teacher", out, **{"run.steps": 2}))
+    path = ckpt.latest_checkpoint(out)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match="cannot read checkpoint"):
+        run(debug_config("teacher", out, **{"run.steps": 4}), resume=True)

@@ -1,0 +1,165 @@
+"""The distillation stages on their debug configs: exact resume, rollouts equal inference, DMD, export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_distill_helpers import debug_config, final_tensors, max_difference, run
+
+from distill import checkpoint as ckpt
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A debug teacher and its ODE-initialised student (each a few steps), shared by the tests."""
+    root = tmp_path_factory.mktemp("pipeline")
+    run(debug_config("teacher", root / "teacher"))
+    teacher = root / "teacher" / "model"
+    run(debug_config("ode", root / "ode", teacher=teacher, init=teacher))
+    return {"teacher": teacher, "student": root / "ode" / "model", "root": root}
+
+
+def stage_config(stage, out, pipeline, **edits):
+    init = pipeline["teacher"] if stage == "ode" else pipeline["student"]
+    return debug_config(stage, out, teacher=pipeline["teacher"], init=init, **edits)
+
+
+@pytest.mark.parametrize("stage", ["ode", "self_forcing", "chunk"])
+def test_killed_and_resumed_equals_uninterrupted(stage, tmp_path, pipeline):
+    run(stage_config(stage, tmp_path / "whole", pipeline))
+    run(stage_config(stage, tmp_path / "split", pipeline), stop_after=3)
+    run(stage_config(stage, tmp_path / "split", pipeline), resume=True)
+    whole, split = final_tensors(tmp_path / "whole"), final_tensors(tmp_path / "split")
+    assert max_difference(whole, split) <= 1e-6
+    # and training did change the weights (the comparison is not of two untouched copies)
+    first, _ = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "whole")[0])
+    name = next(k for k in whole if k.startswith("module/") and "blocks.0.self_attn.q.weight" in k)
+    assert not torch.equal(first[name], whole[name])
+
+
+def test_the_distilled_students_stream_through_the_inference_session(tmp_path, pipeline):
+    from streamgen.models import load_model
+    from streamgen.stream import StreamSession
+
+    for stage in ("self_forcing", "chunk"):
+        out = tmp_path / stage
+        last = run(stage_config(stage, out, pipeline, **{"run.steps": 2}))
+        assert {"loss_generator", "loss_critic", "dmd_grad_norm"} <= set(last)
+        model = load_model(str(out / "model"))
+        assert model.steps == 2 and model.meta["stage"] == stage
+        session = StreamSession(model, height=16, width=16)
+        session.start(torch.randint(0, 255, (16, 16, 3), dtype=torch.uint8).numpy(), seed=0)
+        session.push_audio(torch.zeros(16000).numpy())
+        frames, _ = session.next_chunk()
+        assert frames.shape == (8, 16, 16, 3)
+    assert load_model(str(tmp_path / "chunk" / "model")).cfg.window_frames == 2
+
+
+def _student_and_conditions(pipeline, batch=2, frames=6):
+    from distill.build import load_dit
+    from distill.flow import Conditions
+
+    torch.manual_seed(0)
+    student = load_dit(str(pipeline["student"])).eval()
+    cfg = student.cfg
+    cond = Conditions.full(
+        torch.randn(batch, cfg.in_channels, 1, 8, 8),
+        torch.randn(batch, frames, cfg.audio_window, cfg.audio_dim),
+        torch.randn(batch, 1, cfg.text_dim),
+    )
+    return student, cond
+
+
+def test_rollout_equals_the_inference_path(pipeline):
+    """The training rollout (sink, cached steps, clean re-encode) is `generate_chunk`, chunk for chunk."""
+    from distill.rng import SampleRandom
+    from distill.rollout import rollout
+    from streamgen.sampling import encode_sink, generate_chunk, student_sigmas
+
+    student, cond = _student_and_conditions(pipeline)
+    sigmas = student_sigmas(1)  # one step: no re-noising, so both paths see the same noise
+    rnd = SampleRandom(0, 0, [0, 1])
+    with torch.no_grad():
+        video, _ = rollout(student, cond, (8, 8), 3, sigmas, rnd, "r", exit_step=None)
+        cache = student.new_cache(2, (8, 8))
+        encode_sink(student, cache, cond.reference, cond.context)
+        chunks = []
+        for j in range(3):
+            noise = rnd.randn(f"r/noise{j}", student.cfg.in_channels, 2, 8, 8)
+            chunks.append(
+                generate_chunk(student, cache, noise, cond.context, cond.audio[:, 2 * j : 2 * j + 2], sigmas)
+            )
+    assert torch.allclose(video, torch.cat(chunks, 2), atol=1e-5)
+
+
+def test_gradient_truncation_same_values_gradient_only_through_the_exit_step(pipeline):
+    from distill.rng import SampleRandom
+    from distill.rollout import rollout
+    from streamgen.sampling import student_sigmas
+
+    student, cond = _student_and_conditions(pipeline)
+    sigmas = student_sigmas(2)
+    rnd = SampleRandom(0, 0, [0, 1])
+    with torch.no_grad():
+        plain, _ = rollout(student, cond, (8, 8), 3, sigmas, rnd, "r", exit_step=1)
+        full, _ = rollout(student, cond, (8, 8), 3, sigmas, rnd, "r", exit_step=None)
+    graded, _ = rollout(student, cond, (8, 8), 3, sigmas, rnd, "r", exit_step=1, grad=True)
+    assert torch.allclose(plain, graded.detach(), atol=1e-5) and torch.allclose(plain, full, atol=1e-5)
+    assert graded.requires_grad
+    graded.square().mean().backward()
+    g = student.blocks[0].self_attn.q.weight.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_trajectory_schedule_holds_the_student_sigmas():
+    from distill.ode import trajectory_schedule
+    from streamgen.sampling import student_sigmas
+
+    for steps in (1, 2, 4):
+        s = student_sigmas(steps, 5.0)
+        grid = trajectory_schedule(10, s, 5.0)
+        assert grid[0] == 1 and grid[-1] == 0 and bool((grid[:-1] > grid[1:]).all())
+        assert all(bool((grid == v).any()) for v in s)
+
+
+def test_ode_trajectories_are_sampled_once(pipeline, tmp_path):
+    from safetensors.torch import load_file
+
+    path = pipeline["root"] / "ode" / "trajectories.safetensors"
+    t = load_file(str(path))
+    assert t["states"].shape[:2] == (4, 2) and t["clean"].shape == t["states"][:, 0].shape
+    # the first kept state is the pure noise the trajectory starts from (sigma = 1)
+    assert abs(float(t["states"][:, 0].std()) - 1) < 0.2
+    mtime = path.stat().st_mtime_ns
+    run(stage_config("ode", pipeline["root"] / "ode", pipeline, **{"run.steps": 5}), resume=True)
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_dmd_generator_loss_pushes_along_fake_minus_real():
+    """d loss / d x0 = (fake - real) * weight / numel per sample (DMD's update direction)."""
+    from types import SimpleNamespace
+
+    from distill import dmd
+    from distill.flow import Conditions
+    from distill.rng import SampleRandom
+
+    class Const(torch.nn.Module):  # velocity = a constant field -> x0 prediction known in closed form
+        def __init__(self, value):
+            super().__init__()
+            self.value = value
+            self.cfg = SimpleNamespace(sink_frames=1)
+
+        def forward(self, x, t, context, audio, mask, mode, frame_pos=None):
+            return torch.full_like(x, self.value)
+
+    opts = SimpleNamespace(score_t_min=0.5, score_t_max=0.5, shift=1.0, cfg_scale=1.0)
+    x0 = torch.randn(1, 2, 2, 4, 4, requires_grad=True)
+    cond = Conditions.full(torch.zeros(1, 2, 1, 4, 4), None, torch.zeros(1, 1, 3))
+    loss, _ = dmd.generator_loss(Const(1.0), Const(3.0), x0, cond, cond, SampleRandom(0, 0, [0]), "t", opts)
+    loss.backward()
+    sigma = 0.5
+    noise = SampleRandom(0, 0, [0]).randn("t/noise", *x0.shape[1:])
+    xt = (1 - sigma) * x0.detach() + sigma * noise
+    real, fake = xt - sigma * 1.0, xt - sigma * 3.0
+    weight = 1 / (x0.detach() - real).abs().mean()
+    assert torch.allclose(x0.grad, (fake - real) * weight / x0.numel(), atol=1e-6)
