@@ -38,10 +38,11 @@ def _percentile(xs, q):
 
 
 def session_speed(model, height, width, steps, chunks, seed=0) -> dict:
+    dtype = next(model.dit.parameters()).dtype
     rng = np.random.default_rng(seed)
     face = (rng.random((height, width, 3)) * 255).astype(np.uint8)
     speech = (rng.standard_normal(16000 * 60) * 0.1).astype(np.float32)
-    session = StreamSession(model, height=height, width=width, steps=steps)
+    session = StreamSession(model, height=height, width=width, steps=steps, dtype=dtype)
     # warm-up session: first-call allocations and kernel selection, as a warmed server has done
     session.start(face, seed=seed)
     session.push_audio(speech[:16000])
@@ -85,13 +86,14 @@ def cache_speedup(model, latent_hw, steps, chunks, context) -> dict:
     try:
         sink = cfg.sink_frames
         gen = torch.Generator().manual_seed(0)
-        ctx = torch.zeros(1, 1, cfg.text_dim)
-        ref = torch.randn(1, cfg.in_channels, sink, *latent_hw, generator=gen)
+        dt = next(dit.parameters()).dtype
+        ctx = torch.zeros(1, 1, cfg.text_dim, dtype=dt)
+        ref = torch.randn(1, cfg.in_channels, sink, *latent_hw, generator=gen).to(dt)
         sigmas = student_sigmas(steps, model.shift)
         cache = dit.new_cache(1, latent_hw)
         encode_sink(dit, cache, ref, ctx)
         noises = [
-            torch.randn(1, cfg.in_channels, c, *latent_hw, generator=gen)
+            torch.randn(1, cfg.in_channels, c, *latent_hw, generator=gen).to(dt)
             for _ in range(context // c + chunks)
         ]
         history = []
@@ -137,10 +139,13 @@ def teacher_speedup(model, latent_hw, latent_frames, steps_list, teacher_steps=5
     c = cfg.frames_per_chunk
     latent_frames = -(-latent_frames // c) * c
     gen = torch.Generator().manual_seed(0)
-    ref = torch.randn(1, cfg.in_channels, cfg.sink_frames, *latent_hw, generator=gen)
-    ctx = torch.zeros(1, 1, cfg.text_dim)
-    audio = torch.randn(1, cfg.sink_frames + latent_frames, cfg.audio_window, cfg.audio_dim, generator=gen)
-    noise = torch.randn(1, cfg.in_channels, latent_frames, *latent_hw, generator=gen)
+    dt = next(dit.parameters()).dtype
+    ref = torch.randn(1, cfg.in_channels, cfg.sink_frames, *latent_hw, generator=gen).to(dt)
+    ctx = torch.zeros(1, 1, cfg.text_dim, dtype=dt)
+    audio = torch.randn(
+        1, cfg.sink_frames + latent_frames, cfg.audio_window, cfg.audio_dim, generator=gen
+    ).to(dt)
+    noise = torch.randn(1, cfg.in_channels, latent_frames, *latent_hw, generator=gen).to(dt)
     sink = cfg.sink_frames
 
     def make_velocity(with_conditions):
@@ -178,12 +183,30 @@ def teacher_speedup(model, latent_hw, latent_frames, steps_list, teacher_steps=5
 
 
 def run(
-    flavor="tiny-avatar", height=128, width=128, steps=4, chunks=20, context=21, teacher_frames=12, sweep=()
+    flavor="tiny-avatar",
+    height=128,
+    width=128,
+    steps=4,
+    chunks=20,
+    context=21,
+    teacher_frames=12,
+    sweep=(),
+    threads=None,
+    dtype="float32",
 ) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = load_model(flavor)
+    model = load_model(flavor, dtype=getattr(torch, dtype))
     latent_hw = model.vae.latent_hw(height, width)
-    result = {"flavor": flavor, "height": height, "width": width, "steps": steps, "trained": model.trained}
+    result = {
+        "flavor": flavor,
+        "height": height,
+        "width": width,
+        "steps": steps,
+        "dtype": dtype,
+        "trained": model.trained,
+    }
     result.update(session_speed(model, height, width, steps, chunks))
     result.update(cache_speedup(model, latent_hw, steps, max(3, chunks // 4), context))
     result.update(teacher_speedup(model, latent_hw, teacher_frames, [4, 2, 1]))
@@ -204,6 +227,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=21, help="latent frames of context for cache_speedup")
     p.add_argument("--teacher-frames", type=int, default=12, help="latent frames of the teacher clip")
     p.add_argument("--sweep", type=int, nargs="*", default=(), help="also measure fps at these square sizes")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="DiT weights and cache"
+    )
 
 
 def main(args) -> dict:
@@ -216,6 +243,8 @@ def main(args) -> dict:
         args.context,
         args.teacher_frames,
         args.sweep,
+        args.threads,
+        args.dtype,
     )
 
 
