@@ -14,7 +14,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=None, help="output height and width (default: the model's)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default on CPU: 1, leaving the other cores to encoding and networking; "
+        "torch's spinning thread pool is many times slower on a shared CPU)",
+    )  # fmt: skip
     parser.add_argument("--idle-timeout", type=float, default=60.0, help="seconds without input or viewer")
     parser.add_argument("--max-duration", type=float, default=3600.0, help="seconds a session may last")
     parser.add_argument("--loopback", action="store_true", help="offer 127.0.0.1 for WebRTC (same machine)")
@@ -45,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(
         model=args.model, height=args.size, width=args.size, steps=args.steps, device=args.device,
-        max_sessions=args.max_sessions, token=args.token, torch_threads=args.threads, loopback=args.loopback or args.host == "127.0.0.1",
+        max_sessions=args.max_sessions, token=args.token,
+        torch_threads=args.threads or (1 if args.device == "cpu" else None), loopback=args.loopback or args.host == "127.0.0.1",
         idle_timeout_s=args.idle_timeout, max_duration_s=args.max_duration,
         stamp_frames=args.stamp_frames, measure_capacity=not args.admit_max,
     )  # fmt: skip
