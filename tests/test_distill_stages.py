@@ -163,3 +163,21 @@ def test_dmd_generator_loss_pushes_along_fake_minus_real():
     real, fake = xt - sigma * 1.0, xt - sigma * 3.0
     weight = 1 / (x0.detach() - real).abs().mean()
     assert torch.allclose(x0.grad, (fake - real) * weight / x0.numel(), atol=1e-6)
+
+
+def test_the_teacher_streams_for_the_results_table(pipeline):
+    """TeacherSession: windows of Euler + CFG samples, each continuing the last one's motion frames."""
+    from distill.results import TeacherSession, markdown
+    from streamgen.eval.report import generate_with_stream_session
+
+    session = TeacherSession(str(pipeline["teacher"]), 16, 16, steps=3, window=4, motion=2)
+    ref = torch.randint(0, 255, (16, 16, 3), dtype=torch.uint8).numpy()
+    audio = (0.1 * torch.randn(16000 * 2)).numpy()
+    frames = generate_with_stream_session(session, ref, audio, "smiling", 40, seed=1)
+    assert frames.shape == (40, 16, 16, 3) and frames.dtype.name == "uint8"
+    assert session.position == 12  # three windows of 4 latent frames
+    row = {"row": "teacher", "nfe": 100, "sync_c": 1.0, "sync_d": 0.5, "av_offset_frames": 0, "csim": 0.9,
+           "fid": 1.0, "fvd": None, "drift_slope": 0.0, "drift_source": "x", "black_frames": 0,
+           "frozen_frames": 0, "fps": 12.0}  # fmt: skip
+    table = markdown([row], 8, 5.0, 1)
+    assert "| teacher | 1.000 | 0.500 | 0 | 0.900 | 1.00 | — |" in table and "| 625.0 |" in table

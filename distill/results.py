@@ -1,0 +1,264 @@
+"""The results table (docs/results.md): every model of the pipeline scored by `streamgen eval`.
+
+    python -m distill.results --runs runs/tiny-avatar --out runs/results --doc docs/results.md
+
+Rows: the renderer's ground truth, the teacher (50 Euler steps + CFG), the
+ODE-init student, the Self-Forcing student at 4/2/1 steps and the
+chunk-distilled student, all on the held-out test split (identities and
+sentences never trained on). Students stream through `StreamSession`; the
+bidirectional teacher cannot, so `TeacherSession` gives it the same interface:
+it samples windows of latent frames, each conditioned on the previous window's
+last frames as clean motion frames (which the teacher was trained with).
+
+NFE per frame counts the network evaluations a latent frame goes through:
+teacher steps x 2 (CFG), student steps + 1 (the clean re-encode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LATENT_FPS = 25 / 4
+
+
+class TeacherSession:
+    """The teacher behind StreamSession's interface (start, push_audio, next_chunk, close)."""
+
+    def __init__(self, model, height, width, steps=50, cfg_scale=None, window=6, motion=2, device="cpu"):
+        from streamgen.models import load_model
+
+        self.model = load_model(model, device=device) if isinstance(model, str) else model
+        self.dit, self.vae, self.cfg = self.model.dit, self.model.vae, self.model.cfg
+        self.height, self.width = height, width
+        self.latent_hw = self.vae.latent_hw(height, width)
+        self.steps, self.window, self.motion = steps, window, motion
+        self.cfg_scale = cfg_scale if cfg_scale is not None else self.model.meta.get("cfg_scale", 3.0)
+        self.device = torch.device(device)
+
+    def start(self, reference, text=None, seed=0):
+        from streamgen.model.text import text_context
+        from streamgen.stream import prepare_reference
+
+        ref = prepare_reference(reference, self.height, self.width)
+        img = torch.from_numpy(ref).permute(2, 0, 1)[None].float().to(self.device) / 127.5 - 1
+        with torch.no_grad():
+            self.reference = self.vae.encode_reference(img)
+        from streamgen.model.text import TEXT_DIM
+
+        # a model without sentence-embedding width (the debug flavor) runs uncaptioned
+        self.context = text_context(text if self.cfg.text_dim == TEXT_DIM else None, self.cfg.text_dim)
+        self.context = self.context.to(self.device)
+        self.generator = torch.Generator().manual_seed(seed or 0)
+        self.pcm = np.zeros(0, np.float32)
+        self.position, self.previous, self.state = 0, None, self.vae.init_state(1)
+
+    def push_audio(self, pcm):
+        from streamgen.stream import to_pcm_float
+
+        self.pcm = np.concatenate([self.pcm, to_pcm_float(pcm)])
+
+    def close(self):
+        self.previous = None
+
+    @torch.no_grad()
+    def next_chunk(self):
+        from distill.flow import Conditions, guided_velocity
+        from streamgen.model.audio import SAMPLES_PER_FRAME, frame_windows, needed_video_frames
+        from streamgen.sampling import euler_sigmas, sample_euler
+
+        cfg, w = self.cfg, self.window
+        m = 0 if self.previous is None else self.motion
+        first = self.position - m
+        end_frame = needed_video_frames(self.position + w, cfg)
+        pcm = np.zeros(end_frame * SAMPLES_PER_FRAME, np.float32)
+        n = min(len(pcm), len(self.pcm))
+        pcm[:n] = self.pcm[:n]
+        tokens = self.dit.audio_encoder(torch.from_numpy(pcm)[None].to(self.device))
+        audio = frame_windows(tokens, 0, first, m + w, cfg)
+        cond = Conditions.full(self.reference, audio, self.context)
+        prefix = None if m == 0 else self.previous[:, :, -m:]
+
+        def velocity(x, sigma):
+            t = (sigma * 1000)[:, None].expand(1, w)
+            if prefix is not None:
+                x = torch.cat([prefix, x], 2)
+                t = torch.cat([torch.zeros(1, m), t], 1)
+            return guided_velocity(self.dit, x, t, cond, self.cfg_scale)[:, :, m:]
+
+        shape = (1, cfg.in_channels, w, *self.latent_hw)
+        noise = torch.randn(shape, generator=self.generator).to(self.device)
+        latents = sample_euler(velocity, noise, euler_sigmas(self.steps, self.model.shift))
+        frames, self.state = self.vae.decode_stream(latents, self.state)
+        self.previous, self.position = latents, self.position + w
+        out = ((frames[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return out.cpu().numpy(), 0.0
+
+
+@contextmanager
+def teacher_sessions(steps: int):
+    """Let `streamgen eval` open a TeacherSession for models whose model.json says kind: teacher."""
+    from streamgen.eval import report
+
+    original = report._open_session
+
+    def open_session(model, height, width, device, steps_arg):
+        from streamgen.models import resolve_model_dir
+
+        d = resolve_model_dir(model)
+        if d is not None and json.loads((d / "model.json").read_text()).get("kind") == "teacher":
+            return TeacherSession(str(d), height, width, steps=steps_arg or steps, device=device)
+        return original(model, height, width, device, steps_arg)
+
+    report._open_session = open_session
+    try:
+        yield
+    finally:
+        report._open_session = original
+
+
+def frames_per_second(session, seconds: float = 4.0) -> float:
+    """Generation speed on this machine: frames of one test clip per wall second."""
+    from streamgen.data.world import make_clip
+    from streamgen.eval.report import EVAL_SEED, generate_with_stream_session
+
+    clip = make_clip(EVAL_SEED, 0, "test", session.height, session.width)
+    n = int(seconds * 25)
+    start = time.perf_counter()
+    generate_with_stream_session(session, clip.reference, clip.audio, clip.caption, n, EVAL_SEED)
+    return n / (time.perf_counter() - start)
+
+
+def rows_for(runs: Path) -> list[dict]:
+    return [
+        {"row": "ground truth (renderer)", "model": "ground-truth", "nfe": None},
+        {"row": "teacher, 50 steps + CFG", "model": str(runs / "teacher" / "model"), "steps": 50, "nfe": 100},
+        {"row": "ODE-init student, 4 steps", "model": str(runs / "ode" / "model"), "steps": 4, "nfe": 5},
+        {
+            "row": "Self-Forcing student, 4 steps",
+            "model": str(runs / "self_forcing" / "model"),
+            "steps": 4,
+            "nfe": 5,
+        },
+        {
+            "row": "Self-Forcing student, 2 steps",
+            "model": str(runs / "self_forcing" / "model"),
+            "steps": 2,
+            "nfe": 3,
+        },
+        {
+            "row": "Self-Forcing student, 1 step",
+            "model": str(runs / "self_forcing" / "model"),
+            "steps": 1,
+            "nfe": 2,
+        },
+        {
+            "row": "chunk-distilled student, 4 steps",
+            "model": str(runs / "chunk" / "model"),
+            "steps": 4,
+            "nfe": 5,
+        },
+    ]
+
+
+def evaluate_rows(runs: Path, out: Path, clips: int, minutes: float | None, size: int) -> list[dict]:
+    from streamgen.eval import report as report_module
+    from streamgen.eval.report import evaluate
+
+    results = []
+    for spec in rows_for(runs):
+        name = spec["row"]
+        slug = name.split(",")[0].split(" (")[0].replace(" ", "-")
+        folder = out / f"{slug}-{spec.get('steps', 0)}"
+        is_teacher = spec.get("nfe") == 100
+        started = time.perf_counter()
+        with teacher_sessions(50):
+            report = evaluate(
+                spec["model"], folder, "test", clips, size,
+                None if is_teacher or spec["model"] == "ground-truth" else minutes,
+                None, "cpu", spec.get("steps"),
+            )  # fmt: skip
+            fps = None
+            if spec["model"] != "ground-truth":
+                session = report_module._open_session(spec["model"], size, size, "cpu", spec.get("steps"))
+                fps = frames_per_second(session)
+        row = {**spec, **{k: report.get(k) for k in REPORT_KEYS}, "fps": fps}
+        row["eval_seconds"] = round(time.perf_counter() - started, 1)
+        results.append(row)
+        print(
+            json.dumps({k: row[k] for k in ("row", "sync_c", "csim", "fvd", "drift_slope", "fps")}),
+            flush=True,
+        )
+    return results
+
+
+REPORT_KEYS = ("sync_c", "sync_d", "av_offset_frames", "csim", "fid", "fvd", "drift_slope", "drift_source",
+               "black_frames", "frozen_frames", "clips", "seconds")  # fmt: skip
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown(rows: list[dict], clips: int, minutes: float | None, threads: int) -> str:
+    head = (
+        "| model | Sync-C ↑ | Sync-D ↓ | A/V offset (frames) | CSIM ↑ | FID ↓ | FVD ↓ | drift slope (CSIM/min) "
+        "| black / frozen frames | NFE per frame | NFE per s of video | frames/s (this CPU) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        nfe = r.get("nfe")
+        lines.append(
+            f"| {r['row']} | {_fmt(r['sync_c'])} | {_fmt(r['sync_d'])} | {_fmt(r['av_offset_frames'])} "
+            f"| {_fmt(r['csim'])} | {_fmt(r['fid'], 2)} | {_fmt(r['fvd'], 2)} "
+            f"| {_fmt(r['drift_slope'], 4)} ({r.get('drift_source') or '—'}) "
+            f"| {r['black_frames']} / {r['frozen_frames']} | {_fmt(nfe)} "
+            f"| {_fmt(None if nfe is None else nfe * LATENT_FPS, 1)} | {_fmt(r.get('fps'), 1)} |"
+        )
+    note = (
+        f"\n{clips} test clips per row (4 s each, 64x64); drift from a {minutes}-minute stream for the students "
+        f"(the teacher and ground truth: mean CSIM curve over the clips); frames/s: one 4 s clip, "
+        f"{threads} torch thread(s), on a shared 2-core CPU.\n"
+    )
+    return head + "\n".join(lines) + "\n" + note
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=Path, default=Path("runs/tiny-avatar"))
+    p.add_argument("--out", type=Path, default=Path("runs/results"))
+    p.add_argument("--doc", type=Path, default=Path("docs/results.md"))
+    p.add_argument("--clips", type=int, default=8)
+    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = evaluate_rows(args.runs, args.out, args.clips, args.minutes, args.size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    table = markdown(rows, args.clips, args.minutes, args.threads)
+    doc = args.doc.read_text() if args.doc.exists() else ""
+    start, end = "<!-- results:begin -->", "<!-- results:end -->"
+    if start in doc and end in doc:
+        doc = doc[: doc.index(start) + len(start)] + "\n" + table + doc[doc.index(end) :]
+    else:
+        doc = f"# Results\n\n{start}\n{table}{end}\n"
+    args.doc.write_text(doc)
+    print(f"wrote {args.doc} and {args.out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
