@@ -95,9 +95,18 @@ async def _watch(http, seconds: float, seed: int) -> dict:
     posted = time.monotonic()
     r = await http.post(created["whep"], content=pc.localDescription.sdp,
                         headers={"content-type": "application/sdp", **auth})  # fmt: skip
+    answered = time.monotonic() - posted
+    connected = loop.create_future()
+
+    @pc.on("connectionstatechange")
+    def on_state():
+        if pc.connectionState == "connected" and not connected.done():
+            connected.set_result(time.monotonic() - posted)
+
     await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
     video, audio = await asyncio.wait_for(asyncio.gather(tracks["video"], tracks["audio"]), 20)
-    result = {"first_frame": None, "frames": [], "markers": [], "session": created}
+    result = {"first_frame": None, "frames": [], "markers": [], "session": created, "answer": answered,
+              "connected": connected}  # fmt: skip
 
     async def read_video():
         end = None
@@ -160,6 +169,10 @@ def _av_offset(starts, markers) -> float | None:
 async def _bench(args) -> dict:
     import httpx
 
+    from server.loopback import use_loopback_ice
+
+    use_loopback_ice()  # the clients, too, talk over 127.0.0.1 only
+
     port = _free_port()
     proc = _start_server(args, port)
     try:
@@ -172,6 +185,8 @@ async def _bench(args) -> dict:
                 "model": args.model,
                 "chunk_ms": ready.get("chunk_ms"),
                 "first_frame_ms": round(1000 * one["first_frame"], 1),
+                "answer_ms": round(1000 * one["answer"], 1),
+                "connected_ms": round(1000 * one["connected"].result(), 1) if one["connected"].done() else None,
                 "glass_to_glass_ms": round(1000 * statistics.median(w - s for _, w, s in starts), 1) if starts else None,
                 # generated frames per second (the client also counts repeats of a late frame)
                 "fps": round(_generated_fps(one), 2),

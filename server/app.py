@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from .avatars import ReferenceImageError, avatar_image, avatar_png, decode_reference, list_avatars
+from .avatars import ReferenceImageError, avatar_image, decode_reference
 from .config import ServerConfig
 from .metrics import ServerMetrics
 from .registry import AdmissionError, SessionRegistry
@@ -28,7 +28,6 @@ from .scheduler import InferenceWorker, WorkerBusy
 from .session import Session
 
 log = logging.getLogger("streamgen.server")
-MAX_SDP_BYTES = 64 * 1024
 
 
 class ApiError(Exception):
@@ -195,4 +194,4 @@ def decode_upload(data: bytes, config: ServerConfig):
         raise ApiError(e.status, "bad_image", str(e)) from None
 
 
-__all__ = ["ApiError", "create_app", "require_session", "read_body", "avatar_png", "list_avatars"]
+__all__ = ["ApiError", "create_app", "require_session", "read_body", "decode_upload", "bearer_token"]
