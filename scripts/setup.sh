@@ -13,13 +13,28 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip="$VENV/bin/python -m pip --disable-pip-version-check -q"
-$pip install -U pip wheel setuptools >/dev/null
+echo "setting up $VENV (log: $VENV/setup.log)" >&2
+log="$VENV/setup.log"
+: > "$log"
+pip_install() {
+  # pip's chatter goes to the log; on failure its tail is shown
+  if ! "$VENV/bin/python" -m pip --disable-pip-version-check -q install "$@" >>"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    echo "setup failed: pip install $*" >&2
+    exit 1
+  fi
+}
+pip_install -U pip wheel setuptools
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  # On this project's machines the CPU wheel of this exact version lies on disk
-  # (pip's find-links); naming the version keeps pip from resolving a CUDA build.
-  $pip install "torch==$TORCH_VERSION"
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    pip_install "torch==$TORCH_VERSION"  # PyPI's default Linux build is the CUDA one
+  elif "$VENV/bin/python" -m pip -q install --no-index --no-deps "torch==$TORCH_VERSION" >>"$log" 2>&1; then
+    :  # the CPU wheel from a local wheelhouse (find-links), as on this project's machines; its deps come below
+  else
+    # elsewhere: PyTorch's CPU index, so no multi-GB CUDA build is pulled
+    pip_install --timeout 60 "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+  fi
 fi
 # The installed torch satisfies the project's range, so pip keeps it.
-$pip install -e ".[dev,text]"
+pip_install -e ".[dev,text]"
 echo "$want" > "$stamp"
