@@ -38,7 +38,7 @@ def load_dit(source: str, **overrides):
 
         try:
             return load_pretrained(source[4:], **overrides)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, KeyError) as e:
             raise ModelSourceError(f"cannot load the Wan checkpoint {source[4:]}: {e}") from None
     from safetensors.torch import load_file
 
@@ -65,13 +65,13 @@ def new_dit(section, seed: int):
     from streamgen.model.model import DiT
 
     overrides = dict(section.overrides)
+    torch.manual_seed(seed)  # also initialises the avatar branches a Wan checkpoint lacks
     if section.init:
         return load_dit(section.init, **overrides)
     try:
         cfg = get_config(section.flavor, **overrides)
     except (KeyError, TypeError) as e:
         raise ValueError(f"model: {e}") from None
-    torch.manual_seed(seed)
     return DiT(cfg)
 
 

@@ -208,3 +208,28 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ckpt.CheckpointError, match="cannot read checkpoint"):
         run(debug_config("teacher", out, **{"run.steps": 4}), resume=True)
+
+
+def test_the_teacher_starts_from_a_wan_checkpoint_through_the_adapter(tmp_path):
+    from streamgen.model.config import get_config
+    from streamgen.model.model import DiT
+    from streamgen.model.wan import save_pretrained
+    from streamgen.models import load_model
+
+    torch.manual_seed(5)
+    wan = DiT(get_config("debug"))
+    save_pretrained(wan, tmp_path / "wan")
+    avatar = {"audio_dim": 16, "audio_mels": 16, "frames_per_chunk": 2, "window_frames": 6}
+    cfg = debug_config(
+        "teacher", tmp_path / "t", **{"model.init": f"wan:{tmp_path / 'wan'}", "model.overrides": avatar,
+                                      "optim.lr": 0.0, "optim.ema": 0.0, "run.steps": 1},
+    )  # fmt: skip
+    run(cfg)
+    trained = load_model(str(tmp_path / "t" / "model")).dit.state_dict()
+    assert torch.equal(trained["blocks.1.ffn.up.weight"], wan.state_dict()["blocks.1.ffn.up.weight"])
+    cfg.model.init = f"wan:{tmp_path / 'nowhere'}"
+    cfg.run.out = str(tmp_path / "t2")
+    from distill.build import ModelSourceError
+
+    with pytest.raises(ModelSourceError, match="cannot load the Wan checkpoint"):
+        run(cfg)
