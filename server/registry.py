@@ -88,7 +88,21 @@ class SessionRegistry:
         self.metrics.sessions_created.inc()
         self.metrics.sessions_active.set(len(self.sessions))
         log.info("session %s created (%dx%d)", session.id, session.width, session.height)
+        # start the first chunk now: it is ready (or nearly) by the time a transport attaches
+        session.preroll = asyncio.ensure_future(self._first_chunk(session))
         return session
+
+    async def _first_chunk(self, session: Session) -> None:
+        try:
+            chunk = await asyncio.wrap_future(self.worker.submit(self.worker.run_chunk, session))
+        except (WorkerBusy, RuntimeError, concurrent.futures.CancelledError, asyncio.CancelledError):
+            return  # shutting down, or the queue is full: the worker makes it on its schedule instead
+        except Exception as e:
+            log.exception("session %s: first chunk failed", session.id)
+            await self.close(session, f"generation failed: {e}")
+            return
+        session.first_chunk = chunk
+        session.publish_first_chunk()
 
     def _new_stream(self, reference, caption, seed):  # worker thread
         from streamgen.stream import StreamSession
@@ -105,6 +119,7 @@ class SessionRegistry:
         first = 1.1 * (self.worker.chunk_time_ema or 0.15) + 0.01  # the first chunk's own generation
         session.attach(transport, self.playout_delay(), first)
         self.worker.add(session)
+        session.publish_first_chunk()
         self.metrics.sessions_streaming.set(self.worker.streaming)
 
     async def close(self, session: Session, reason: str) -> None:

@@ -132,19 +132,24 @@ class InferenceWorker:
         except BaseException as e:  # delivered to whoever awaits the job
             future.set_exception(e)
 
-    def _generate(self, session: Session) -> None:
+    def run_chunk(self, session: Session):
+        """Generate `session`'s next chunk and record its time (worker thread)."""
         t = time.perf_counter()
+        chunk = session.generate(self.stamp_frames)
+        dt = time.perf_counter() - t
+        self.chunk_time_ema = dt if self.chunk_time_ema is None else 0.9 * self.chunk_time_ema + 0.1 * dt
+        self.metrics.chunk_done(dt, len(chunk.frames))
+        return chunk
+
+    def _generate(self, session: Session) -> None:
         try:
-            chunk = session.generate(self.stamp_frames)
+            chunk = self.run_chunk(session)
         except Exception as e:  # one broken session must not take the worker down
             log.exception("session %s: generation failed", session.id)
             self.remove(session.id)
             session.streaming = False
             _call_soon(session, session.fail_from_worker, f"generation failed: {e}")
             return
-        dt = time.perf_counter() - t
-        self.chunk_time_ema = dt if self.chunk_time_ema is None else 0.9 * self.chunk_time_ema + 0.1 * dt
-        self.metrics.chunk_done(dt, len(chunk.frames))
         _call_soon(session, session.publish, chunk)
 
     def _cancel_jobs(self) -> None:

@@ -197,8 +197,10 @@ class Session:
         self.closed = False
         self.close_reason = ""
         self.slots: list[ChunkSlot] = []
+        self.first_chunk: Chunk | None = None  # generated at creation, played when a transport attaches
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self.teardown: asyncio.Future | None = None  # set by SessionRegistry.close
+        self.preroll: asyncio.Future | None = None  # the first chunk, started at creation
         self.fail_handler: Callable[[Session, str], None] | None = None  # set by the registry
         # clock (see module docstring); written by the event loop, read by the worker
         self.delay = 0.2
@@ -209,15 +211,22 @@ class Session:
 
     # --- transport side (event loop) ----------------------------------------------------------
     def attach(self, transport: str, delay: float, first_delay: float) -> None:
-        """Start the clock. Every chunk is generated `delay` before it plays; the first one can
-        only start now, so the stream starts as soon as it can be ready (`first_delay`)."""
+        """Start the clock. Every chunk is generated `delay` before it plays. The first chunk
+        was started when the session was created (silence: no input can have arrived), so
+        the stream starts as soon as that one is ready: now, or `first_delay` from now."""
         self.transport = transport
         self.delay = delay
         now = time.monotonic()
-        self.base = now + min(first_delay, delay)
-        self.next_due = now
+        self.base = now + (0.0 if self.first_chunk is not None else min(first_delay, delay))
+        self.next_due = self.base - delay + self.chunk_index * self.chunk_seconds
         self.streaming = True
         self.touch()
+
+    def publish_first_chunk(self) -> None:
+        """Hand the pre-generated first chunk to the transport once both exist."""
+        if self.first_chunk is not None and self.streaming and not self.closed:
+            chunk, self.first_chunk = self.first_chunk, None
+            self.publish(chunk)
 
     def touch(self) -> None:
         self.last_input = time.monotonic()
