@@ -181,3 +181,39 @@ def test_the_teacher_streams_for_the_results_table(pipeline):
            "frozen_frames": 0, "fps": 12.0}  # fmt: skip
     table = markdown([row], 8, 5.0, 1)
     assert "| teacher | 1.000 | 0.500 | 0 | 0.900 | 1.00 | — |" in table and "| 625.0 |" in table
+
+
+def test_autoencoder_latents_and_teacher_on_a_small_avatar_world(tmp_path):
+    """The real data path: `streamgen data make` -> autoencoder -> latent bank -> teacher."""
+    from distill.config import find_config, load_config
+    from distill.latents import build_latents
+    from streamgen.data.shards import make_dataset
+
+    world = tmp_path / "world"
+    make_dataset(world, 4, 0, 32, 32, 1.0, 4, 50, 1)  # 4 clips of 1 s at 32x32
+    ae = debug_config("autoencoder", tmp_path / "ae", **{"data.source": "world", "data.root": str(world),
+                                                         "model.height": 32, "model.width": 32})  # fmt: skip
+    last = run(ae)
+    assert "psnr" in last
+    vae_dir = tmp_path / "ae" / "model"
+    cfg = load_config(find_config("tiny-avatar", "latents"), "latents")
+    cfg.data.root, cfg.data.latents, cfg.model.flavor, cfg.model.vae = (
+        str(world),
+        "dbg",
+        "debug",
+        str(vae_dir),
+    )
+    cfg.options.splits = ["train", "test"]
+    banks = build_latents(cfg)
+    from safetensors.torch import load_file
+
+    bank = load_file(str(banks[0]))
+    assert bank["latents"].shape[:3] == (2, 4, 6) and bank["audio"].shape == (2, 6 * 4 * 640)
+    assert bank["reference"].shape == (2, 4, 1, 16, 16)
+    # normalised by the statistics measured at export: roughly zero-mean, unit-variance latents
+    assert abs(float(bank["latents"].mean())) < 0.5 and 0.3 < float(bank["latents"].std()) < 3
+    assert build_latents(cfg) == banks  # cached: a second run reuses the banks
+    teacher = debug_config("teacher", tmp_path / "t", **{
+        "data.source": "world", "data.root": str(world), "data.latents": "dbg", "model.vae": str(vae_dir),
+        "model.height": 32, "model.width": 32, "run.steps": 2})  # fmt: skip
+    assert "loss_teacher" in run(teacher)
