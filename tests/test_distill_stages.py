@@ -183,6 +183,7 @@ def test_the_teacher_streams_for_the_results_table(pipeline):
     assert "| teacher | 1.000 | 0.500 | 0 | 0.900 | 1.00 | — |" in table and "| 625.0 |" in table
 
 
+@pytest.mark.slow
 def test_autoencoder_latents_and_teacher_on_a_small_avatar_world(tmp_path):
     """The real data path: `streamgen data make` -> autoencoder -> latent bank -> teacher."""
     from distill.config import find_config, load_config
