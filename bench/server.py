@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds to watch per measurement")
     parser.add_argument("--max-probe", type=int, default=6, help="most concurrent sessions to try")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
+    parser.add_argument("--model-process", action="store_true", help="serve with the model in a child process")
     parser.add_argument("--browser", default="/usr/bin/chromium", help="chromium for the browser figures ('' skips)")
     parser.add_argument("--json", action="store_true", help="print JSON (always on)")
 
@@ -54,6 +55,8 @@ def _start_server(args, port: int) -> subprocess.Popen:
         cmd += ["--size", str(args.size)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.model_process:
+        cmd += ["--model-process"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

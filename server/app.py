@@ -62,6 +62,8 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
             loading.cancel()
             await registry.close_all("server shutting down")
             await asyncio.to_thread(worker.stop)
+            if registry.host is not None:
+                await asyncio.to_thread(registry.host.stop)
 
     app = FastAPI(
         title="streamgen",
@@ -107,20 +109,25 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
 
         return load_model(config.model, device=config.device)
 
-    def warm():
-        from streamgen.stream import StreamSession
+    def start_host():
+        from .model_host import ModelHost
 
-        stream = StreamSession(registry.model, config.height, config.width, config.steps, device=config.device)
-        stream.start(avatar_image("sample"), seed=0)
+        return ModelHost(config.model, config.device, config.torch_threads)
+
+    def warm():
+        stream = registry._new_stream(avatar_image("sample"), None, 0)
         times = []
         for _ in range(max(1, config.warmup_chunks)):
             t = time.perf_counter()
             stream.next_chunk()
             times.append(time.perf_counter() - t)
-        if config.warm_text_encoder and stream.cfg.text_dim == 384:
-            from streamgen.model.text import text_context
+        if config.warm_text_encoder:
+            if registry.host is not None:
+                registry.host.call("warm_text")
+            elif stream.cfg.text_dim == 384:
+                from streamgen.model.text import text_context
 
-            text_context("warm up", stream.cfg.text_dim)
+                text_context("warm up", stream.cfg.text_dim)
         stream.close()
         return stream.chunk_seconds, times
 
@@ -129,7 +136,10 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
             import torch
 
             torch.set_num_threads(config.torch_threads)
-        registry.model = model or await asyncio.wrap_future(registry.worker.submit(load))
+        if model is None and config.inference_process:
+            registry.host = await asyncio.wrap_future(registry.worker.submit(start_host))
+        else:
+            registry.model = model or await asyncio.wrap_future(registry.worker.submit(load))
         chunk_seconds, times = await asyncio.wrap_future(registry.worker.submit(warm))
     except (WorkerBusy, asyncio.CancelledError):
         return

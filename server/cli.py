@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-timeout", type=float, default=60.0, help="seconds without input or viewer")
     parser.add_argument("--max-duration", type=float, default=3600.0, help="seconds a session may last")
     parser.add_argument("--loopback", action="store_true", help="offer 127.0.0.1 for WebRTC (same machine)")
+    parser.add_argument("--model-process", action="store_true",
+                        help="run the model in a child process instead of a thread of the server")
     parser.add_argument("--log-level", default="info")
     # benchmark switches (bench/server.py)
     parser.add_argument("--stamp-frames", action="store_true", help=argparse.SUPPRESS)
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions, token=args.token,
         torch_threads=args.threads or (1 if args.device == "cpu" else None), loopback=args.loopback or args.host == "127.0.0.1",
         idle_timeout_s=args.idle_timeout, max_duration_s=args.max_duration,
-        stamp_frames=args.stamp_frames, measure_capacity=not args.admit_max,
+        stamp_frames=args.stamp_frames, measure_capacity=not args.admit_max, inference_process=args.model_process,
     )  # fmt: skip
     app = create_app(config)
     try:

@@ -32,7 +32,8 @@ class SessionRegistry:
         self.worker = worker
         self.metrics = metrics
         self.sessions: dict[str, Session] = {}
-        self.model = None  # AvatarModel, set when loaded
+        self.model = None  # AvatarModel, set when loaded in this process
+        self.host = None  # ModelHost, when the model runs in a child process
         self.chunk_seconds = 0.32
         self.ready = False
         self._creating = 0
@@ -108,6 +109,10 @@ class SessionRegistry:
         from streamgen.stream import StreamSession
 
         c = self.config
+        if self.host is not None:
+            from .model_host import RemoteStream
+
+            return RemoteStream(self.host, reference, caption, seed, c.height, c.width, c.steps)
         stream = StreamSession(self.model, height=c.height, width=c.width, steps=c.steps, device=c.device)
         stream.start(reference, text=caption, seed=seed)
         return stream

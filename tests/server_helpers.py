@@ -44,7 +44,9 @@ def server_config(**overrides) -> ServerConfig:
 
 
 def make_app(**overrides):
-    return create_app(server_config(**overrides), model=small_model())
+    config = server_config(**overrides)
+    # a model in a child process loads there (the plain `debug` flavor); otherwise share one
+    return create_app(config, model=None if config.inference_process else small_model())
 
 
 def wait_ready(client, timeout: float = 60.0) -> dict:

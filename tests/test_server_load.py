@@ -233,3 +233,27 @@ async def test_graceful_shutdown_closes_sockets_and_peers():
     assert closed_codes and closed_codes[0] in (1001, 1012)
     assert app.state.registry.sessions == {}
     await pc.close()
+
+
+async def test_model_in_a_child_process():
+    """`streamgen serve --model-process`: sessions, speech, captions and teardown work the same."""
+    with live_server(inference_process=True) as (url, app):
+        host = app.state.registry.host
+        assert host is not None and host.process.is_alive()
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            s = await create(http, 3)
+            async with websockets.connect(ws_url(url, s)) as ws:
+                await ws.send(json.dumps({"type": "start", "format": "rgb"}))
+                await ws.send(json.dumps({"type": "speak", "text": "Hello."}))
+                frames = [await first_frame(ws) for _ in range(10)]
+                assert len(frames[-1]) == HEADER.size + 64 * 64 * 3
+                await ws.send(json.dumps({"type": "caption", "text": "smiling"}))  # debug model: an error reply
+                await ws.send(json.dumps({"type": "stop"}))
+            for _ in range(100):
+                if not app.state.registry.sessions:
+                    break
+                await asyncio.sleep(0.05)
+            assert app.state.registry.sessions == {}
+            bad = await http.post("/v1/sessions", json={"caption": "smiling"})  # debug model takes no captions
+            assert bad.status_code == 422
+    assert not host.process.is_alive()  # shutdown stopped the child
