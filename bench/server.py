@@ -39,7 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
     parser.add_argument("--model-process", action="store_true", help="serve with the model in a child process")
     parser.add_argument("--browser", default="/usr/bin/chromium", help="chromium for the browser figures ('' skips)")
-    parser.add_argument("--json", action="store_true", help="print JSON (always on)")
 
 
 def _free_port() -> int:
@@ -262,9 +261,13 @@ async def _max_sessions(http, args) -> tuple[int, dict]:
     return best, per_n
 
 
+def main(args: argparse.Namespace) -> dict:
+    """`streamgen bench server`: the measured figures as one dict."""
+    return asyncio.run(_bench(args))
+
+
 def run(args: argparse.Namespace) -> int:
-    result = asyncio.run(_bench(args))
-    print(json.dumps(result))
+    print(json.dumps(main(args)))
     return 0
 
 

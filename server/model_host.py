@@ -121,10 +121,7 @@ def _child_main(conn, model_name: str, device: str, threads: int | None) -> None
                 result = stream.next_chunk()
             elif op == "caption":
                 sid, text = args
-                from streamgen.model.text import text_context
-
-                stream = streams[sid]
-                stream.context = text_context(text or None, stream.cfg.text_dim).to(stream.device, stream.dtype)
+                streams[sid].set_text(text or None)
                 result = None
             elif op == "close":
                 stream = streams.pop(args[0], None)

@@ -35,14 +35,11 @@ async def set_caption(registry, session: Session, text: str) -> None:
     """Change the caption (text conditioning) of a running session, on the worker thread."""
 
     def apply():
-        from streamgen.model.text import text_context
-
         stream = session.stream
         if hasattr(stream, "set_caption"):  # the model runs in a child process
             stream.set_caption(text)
         elif stream is not None:
-            # the caption is read per chunk through stream.context; the identity sink stays as encoded
-            stream.context = text_context(text or None, stream.cfg.text_dim).to(stream.device, stream.dtype)
+            stream.set_text(text or None)
 
     await asyncio.wrap_future(registry.worker.submit(apply))
 

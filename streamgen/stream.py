@@ -149,6 +149,13 @@ class StreamSession:
         self._consumed = 0  # samples up to here have been used (or taken as silence)
         self.started = True
 
+    def set_text(self, text: str | None) -> None:
+        """Change the caption mid-stream (the identity sink stays as encoded)."""
+        self._require_started()
+        self.context = text_context(text, self.cfg.text_dim).to(self.device, self.dtype)
+        for layer in self.cache.layers:
+            layer.context_kv = None  # the cross-attention keys were computed from the old caption
+
     def close(self) -> None:
         self.cache = None
         self.decoder_state = None

@@ -146,3 +146,17 @@ def test_caption_conditions_through_minilm():
     s.start(face(), seed=0)
     without, _ = s.next_chunk()
     assert not np.array_equal(with_text, without)
+
+
+def test_changing_the_caption_mid_stream_takes_effect():
+    tiny = load_model("tiny-avatar")
+
+    def second_chunk(caption_after_first):
+        s = StreamSession(tiny, height=64, width=64)
+        s.start(face(), seed=0)
+        s.next_chunk()
+        if caption_after_first:
+            s.set_text(caption_after_first)
+        return s.next_chunk()[0]
+
+    assert not np.array_equal(second_chunk(None), second_chunk("surprised"))
