@@ -95,7 +95,8 @@ class LatentsOptions:
 
 @dataclass
 class TeacherOptions:
-    shift: float = 5.0  # timestep shift (as at sampling)
+    shift: float = 5.0  # timestep shift at sampling (exported into model.json)
+    train_shift: float = 1.0  # shift of the training noise levels (small latents need low-noise training)
     logit_normal: bool = True  # sample training sigmas from a logit-normal before the shift
     p_drop_audio: float = 0.1
     p_drop_reference: float = 0.1

@@ -56,7 +56,7 @@ class Stage:
         rnd = SampleRandom(cfg.run.seed, step, batch.ids, dev)
         b = len(batch.ids)
         noise = rnd.randn("noise", *batch.x0.shape[1:])
-        sigma = training_sigmas(rnd.rand("sigma"), opts.shift, opts.logit_normal)
+        sigma = training_sigmas(rnd.rand("sigma"), opts.train_shift, opts.logit_normal)
         # motion prefix: the first p frames clean and unscored (p = 0 for most samples)
         use_prefix = rnd.rand("prefix") < opts.p_motion_prefix
         p_len = 1 + rnd.randint("prefix_len", max(1, min(opts.max_motion_frames, f - 1)))
