@@ -91,24 +91,23 @@ def rope_angles(frame_pos: torch.Tensor, grid_hw: tuple[int, int], head_dim: int
 
 
 class Rope(NamedTuple):
-    """Rotary angles [L, Dh/2] with their cos and sin, computed once per forward.
+    """Rotary angles [L, Dh/2] with their rotation as complex numbers, made once per forward.
 
-    Every layer rotates q and k with the same table; on the CPU the cos/sin
-    would otherwise be recomputed for each of them. Anything that takes
+    Every layer rotates q and k with the same table; on the CPU, recomputing
+    cos/sin for each of them cost more than the rotation. Anything that takes
     `angles` accepts either a plain angle tensor or a Rope.
     """
 
     angles: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
+    cis: torch.Tensor  # exp(i * angles), complex64
 
     @classmethod
     def of(cls, angles: torch.Tensor) -> Rope:
-        return cls(angles, angles.cos(), angles.sin())
+        return cls(angles, torch.polar(torch.ones_like(angles), angles))
 
     def map(self, fn) -> Rope:
-        """Apply the same token selection to all three tables (e.g. a sequence shard)."""
-        return Rope(fn(self.angles), fn(self.cos), fn(self.sin))
+        """Apply the same token selection to both tables (e.g. a sequence shard)."""
+        return Rope(fn(self.angles), fn(self.cis))
 
 
 def rope_angle_tensor(angles) -> torch.Tensor:
@@ -116,14 +115,14 @@ def rope_angle_tensor(angles) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, angles) -> torch.Tensor:
-    """Rotate interleaved pairs of x [B, L, H, Dh] by angles [L, Dh/2] (fp32 math)."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x1, x2 = xf[..., 0], xf[..., 1]
+    """Rotate interleaved pairs of x [B, L, H, Dh] by angles [L, Dh/2] (fp32 math).
+
+    The pair (x[2i], x[2i+1]) is the complex number x[2i] + i x[2i+1]; the
+    rotation is one complex multiplication.
+    """
     rope = angles if isinstance(angles, Rope) else Rope.of(angles)
-    cos = rope.cos[None, :, None, :]
-    sin = rope.sin[None, :, None, :]
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(xc * rope.cis[None, :, None, :]).flatten(-2).to(x.dtype)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
