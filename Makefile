@@ -6,10 +6,17 @@ DATA ?= data/world
 CLIPS ?= 600
 DISTILL = $(PY) -m streamgen distill
 
-.PHONY: model data autoencoder latents teacher ode self_forcing chunk results clean-runs
+.PHONY: model train ship data autoencoder latents teacher ode self_forcing chunk results clean-runs
 
-model: chunk self_forcing
-	@echo "shipped: streamgen/assets/models/tiny-avatar (Self-Forcing), tiny-avatar-chunk, tiny-avatar-teacher"
+model: train ship
+
+train: chunk self_forcing
+
+# copy the trained models into streamgen/assets/models (float16 DiT weights)
+ship:
+	$(PY) -m distill.ship $(RUNS)/self_forcing/model tiny-avatar
+	$(PY) -m distill.ship $(RUNS)/chunk/model tiny-avatar-chunk
+	$(PY) -m distill.ship $(RUNS)/teacher/model tiny-avatar-teacher
 
 data: $(DATA)/manifest.json
 $(DATA)/manifest.json:

@@ -218,3 +218,20 @@ def test_autoencoder_latents_and_teacher_on_a_small_avatar_world(tmp_path):
         "data.source": "world", "data.root": str(world), "data.latents": "dbg", "model.vae": str(vae_dir),
         "model.height": 32, "model.width": 32, "run.steps": 2})  # fmt: skip
     assert "loss_teacher" in run(teacher)
+
+
+def test_ship_writes_a_compact_model_found_by_name(tmp_path, pipeline, monkeypatch):
+    from distill.ship import ship
+    from streamgen.models import load_model
+
+    dst = ship(str(pipeline["student"]), "tiny-test", assets=tmp_path)
+    monkeypatch.setenv("STREAMGEN_MODELS", str(tmp_path))
+    model = load_model("tiny-test")
+    assert (
+        model.trained
+        and model.meta["kind"] == "student-ode"
+        and model.dit.blocks[0].ffn.up.weight.dtype == torch.float32
+    )
+    from safetensors.torch import load_file
+
+    assert load_file(str(dst / "dit.safetensors"))["head.proj.weight"].dtype == torch.float16
