@@ -176,6 +176,7 @@ def teacher_speedup(model, latent_hw, latent_frames, steps_list, teacher_steps=5
 
     # the student is timed before and after the (long) teacher run and averaged,
     # so a change in the machine's load during the run biases neither side
+    student_seconds(steps_list[0])  # warm-up: first-use allocations for every cache fill level
     before = {steps: student_seconds(steps) for steps in steps_list}
     t = time.perf_counter()
     sample_euler(teacher, noise, euler_sigmas(teacher_steps, model.shift))

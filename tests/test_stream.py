@@ -160,3 +160,11 @@ def test_changing_the_caption_mid_stream_takes_effect():
         return s.next_chunk()[0]
 
     assert not np.array_equal(second_chunk(None), second_chunk("surprised"))
+
+
+def test_a_teacher_model_refuses_to_stream(model):
+    import dataclasses
+
+    teacher = dataclasses.replace(model, meta={"kind": "teacher"})
+    with pytest.raises(ValueError, match="teacher"):
+        StreamSession(teacher)
