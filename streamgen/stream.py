@@ -92,6 +92,11 @@ class StreamSession:
         self.model = (
             model if isinstance(model, AvatarModel) else load_model(model, device=device, dtype=dtype)
         )
+        if self.model.meta.get("kind") == "teacher":
+            raise ValueError(
+                f"{self.model.name} is a bidirectional teacher: it generates whole clips and cannot stream; "
+                "use a distilled student"
+            )
         self.dit, self.vae, self.cfg = self.model.dit, self.model.vae, self.model.cfg
         self.height = height or self.model.height
         self.width = width or self.model.width
