@@ -79,8 +79,22 @@ def sample_euler(
     return x
 
 
+def fresh_noise(like: torch.Tensor, generator=None) -> torch.Tensor:
+    """Noise shaped like `like`, drawn on the CPU so a seed gives the same stream on any device.
+
+    generator may be a list with one generator per batch row: streams batched
+    together then draw exactly the noise they would have drawn alone.
+    """
+    if isinstance(generator, list | tuple):
+        rows = [
+            torch.randn((1, *like.shape[1:]), generator=g, dtype=like.dtype, device="cpu") for g in generator
+        ]
+        return torch.cat(rows).to(like.device)
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device="cpu").to(like.device)
+
+
 def sample_few_step(
-    velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, generator: torch.Generator | None = None
+    velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, generator=None
 ) -> torch.Tensor:
     """Student sampling: predict x0 at each level, re-noise with fresh noise to the next level."""
     x = noise
@@ -89,8 +103,7 @@ def sample_few_step(
         sigma = s.expand(x.shape[0]).to(x.device)
         x0 = x0_from_velocity(x, velocity(x, sigma), sigma)
         if i + 1 < len(sigmas):
-            fresh = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
-            x = add_noise(x0, fresh, sigmas[i + 1])
+            x = add_noise(x0, fresh_noise(x, generator), sigmas[i + 1])
     return x0
 
 
@@ -107,6 +120,14 @@ def encode_sink(model, cache, reference_latent: torch.Tensor, context: torch.Ten
 
 
 @torch.no_grad()
+def reencode_chunk(model, cache, x0: torch.Tensor, context: torch.Tensor, audio: torch.Tensor | None) -> None:
+    """The clean re-encode: run the finished chunk at t = 0 and keep its keys/values in the ring."""
+    t0 = torch.zeros(x0.shape[0], x0.shape[2], device=x0.device)
+    model(x0, t0, context, audio, mode="cached", cache=cache, cache_write="ring")
+    cache.advance()
+
+
+@torch.no_grad()
 def generate_chunk(
     model,
     cache,
@@ -114,7 +135,7 @@ def generate_chunk(
     context: torch.Tensor,
     audio: torch.Tensor | None,
     sigmas: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator=None,
     reencode: bool = True,
 ) -> torch.Tensor:
     """One chunk of the stream: few-step denoise against the cache (read-only),
@@ -132,7 +153,5 @@ def generate_chunk(
 
     x0 = sample_few_step(velocity, noise, sigmas, generator)
     if reencode:
-        t0 = torch.zeros(x0.shape[0], x0.shape[2], device=x0.device)
-        model(x0, t0, context, audio, mode="cached", cache=cache, cache_write="ring")
-        cache.advance()
+        reencode_chunk(model, cache, x0, context, audio)
     return x0

@@ -28,9 +28,10 @@ from streamgen.model.audio import (
     frame_windows,
     needed_video_frames,
 )
+from streamgen.model.cache import StreamCache
 from streamgen.model.text import text_context
 from streamgen.models import AvatarModel, load_model
-from streamgen.sampling import encode_sink, generate_chunk, student_sigmas
+from streamgen.sampling import encode_sink, generate_chunk, reencode_chunk, sample_few_step, student_sigmas
 
 
 def prepare_reference(image, height: int, width: int) -> np.ndarray:
@@ -223,19 +224,26 @@ class StreamSession:
     # --- generation ---------------------------------------------------------------
     def next_chunk(self) -> tuple[np.ndarray, float]:
         """Generate the next chunk: (frames uint8 [T, H, W, 3], pts of its first frame in seconds)."""
-        self._require_started()
-        c = self.cfg.frames_per_chunk
-        latent_start = self.chunk_index * c
-        audio = self._audio_windows(latent_start)
-        shape = (1, self.cfg.in_channels, c, *self.latent_hw)
-        noise = torch.randn(shape, generator=self.generator).to(self.device, self.dtype)
+        audio, noise = self._prepare_chunk()
         with torch.no_grad():
             latents = generate_chunk(
                 self.dit, self.cache, noise, self.context, audio, self.sigmas, self.generator
             )
-            frames, self.decoder_state = self.vae.decode_stream(
-                latents.to(self.vae_dtype), self.decoder_state
-            )
+        return self._finish_chunk(latents)
+
+    def _prepare_chunk(self):
+        """This chunk's audio windows and starting noise (advances the audio timeline and the RNG)."""
+        self._require_started()
+        c = self.cfg.frames_per_chunk
+        audio = self._audio_windows(self.chunk_index * c)
+        shape = (1, self.cfg.in_channels, c, *self.latent_hw)
+        noise = torch.randn(shape, generator=self.generator).to(self.device, self.dtype)
+        return audio, noise
+
+    @torch.no_grad()
+    def _finish_chunk(self, latents: torch.Tensor) -> tuple[np.ndarray, float]:
+        """Decode the chunk's clean latents (the cache already holds them) to uint8 frames."""
+        frames, self.decoder_state = self.vae.decode_stream(latents.to(self.vae_dtype), self.decoder_state)
         pts = self.chunk_index * self.chunk_seconds
         self.chunk_index += 1
         out = ((frames[0].permute(1, 2, 3, 0).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -244,3 +252,58 @@ class StreamSession:
     def _require_started(self):
         if not self.started:
             raise RuntimeError("call start(reference) first")
+
+
+def _batch_key(s: StreamSession):
+    """Sessions with equal keys can share one forward pass per denoising step."""
+    return (
+        id(s.dit),
+        s.latent_hw,
+        tuple(s.sigmas.tolist()),
+        s.dtype,
+        str(s.device),
+        s.cache.filled,
+        s.context.shape,
+    )
+
+
+def next_chunks(sessions: list[StreamSession]) -> list[tuple[np.ndarray, float]]:
+    """The next chunk of several sessions, batched where they can be.
+
+    Sessions of the same model, size, steps and cache fill level (every
+    session that has streamed for more than a window is at the full level)
+    run each denoising step as one forward pass over the batch; the clean
+    re-encode and the decode stay per session. Each session draws its noise
+    from its own generator, so its frames are those it would have made alone
+    (up to float rounding). Returns one (frames, pts) per session, in order.
+    """
+    for s in sessions:
+        s._require_started()
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(sessions):
+        groups.setdefault(_batch_key(s), []).append(i)
+    results: list = [None] * len(sessions)
+    for members in groups.values():
+        if len(members) == 1:
+            results[members[0]] = sessions[members[0]].next_chunk()
+            continue
+        group = [sessions[i] for i in members]
+        prepared = [s._prepare_chunk() for s in group]
+        audios = [a for a, _ in prepared]
+        audio = None if any(a is None for a in audios) else torch.cat(audios)
+        noise = torch.cat([n for _, n in prepared])
+        context = torch.cat([s.context for s in group])
+        lead = group[0]
+        with torch.no_grad():
+            batch_cache = StreamCache.stack([s.cache for s in group])
+
+            def velocity(x, sigma, context=context, audio=audio, batch_cache=batch_cache, lead=lead):
+                t = (sigma * 1000)[:, None].expand(x.shape[0], x.shape[2])
+                return lead.dit(x, t, context, audio, mode="cached", cache=batch_cache)
+
+            x0 = sample_few_step(velocity, noise, lead.sigmas, [s.generator for s in group])
+            for j, (i, s) in enumerate(zip(members, group)):
+                row = slice(j, j + 1)
+                reencode_chunk(s.dit, s.cache, x0[row], s.context, None if audio is None else audio[row])
+                results[i] = s._finish_chunk(x0[row])
+    return results

@@ -168,3 +168,30 @@ def test_a_teacher_model_refuses_to_stream(model):
     teacher = dataclasses.replace(model, meta={"kind": "teacher"})
     with pytest.raises(ValueError, match="teacher"):
         StreamSession(teacher)
+
+
+def test_batched_sessions_make_the_frames_they_would_make_alone(model):
+    from streamgen.stream import next_chunks
+
+    def started(seed, **kw):
+        s = StreamSession(model, **kw)
+        s.start(face(seed), seed=seed)
+        s.push_audio(speech(4.0, seed=seed))
+        return s
+
+    alone = [started(1), started(2), started(3)]
+    batched = [started(1), started(2), started(3)]
+    n_fill = alone[0].cfg.window_frames // alone[0].cfg.frames_per_chunk + 1
+    for _ in range(n_fill):  # past the window: every session at the full fill level
+        for a, b in zip(alone, batched):
+            a.next_chunk()
+            b.next_chunk()
+    late = started(4)  # still filling its window: served on its own
+    for _ in range(2):
+        got = next_chunks([*batched, late])
+        want = [a.next_chunk() for a in alone]
+        for (frames, pts), (ref, ref_pts) in zip(got, want):
+            assert pts == ref_pts
+            assert np.abs(frames.astype(int) - ref.astype(int)).max() <= 1
+        assert got[3][1] < got[0][1]  # the late session's own timeline
+    assert not np.array_equal(got[0][0], got[1][0])  # rows are not mixed up

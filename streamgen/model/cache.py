@@ -177,5 +177,26 @@ class StreamCache(nn.Module):
         for layer in self.layers:
             layer.rotate_ring(angles)
 
+    @classmethod
+    def stack(cls, caches: list[StreamCache]) -> StreamCache:
+        """A batch of several streams' caches, for reading: one row per stream (a copy).
+
+        The streams must be at the same fill level, so that their chunks sit at
+        the same rotary positions; their ring keys are already rotated, each
+        with its own slot positions, so the rows may differ in ring layout.
+        Writes (the clean re-encode) go to each stream's own cache.
+        """
+        first = caches[0]
+        if any(c.filled != first.filled or c.grid_hw != first.grid_hw for c in caches):
+            raise ValueError("only caches at the same fill level and grid can be stacked")
+        k0 = first.layers[0].k
+        out = cls(first.cfg, len(caches), first.grid_hw, k0.dtype, k0.device)
+        for i, layer in enumerate(out.layers):
+            layer.k.copy_(torch.cat([c.layers[i].k for c in caches]))
+            layer.v.copy_(torch.cat([c.layers[i].v for c in caches]))
+        out.frames_written = first.filled  # positions depend on the fill level only
+        out.sink_ready = all(c.sink_ready for c in caches)
+        return out
+
     def memory_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
