@@ -7,10 +7,11 @@ each has a `next_due` time (see session.py), and the worker sleeps until the
 earliest one is due or a job arrives. Chunks are handed to the event loop with
 `call_soon_threadsafe`, never awaited, so a slow client cannot stall the worker.
 
-Batching: the model batches streams only when their KV caches are in lockstep
-(same fill level); sessions start at different times, so batching them needs
-per-row cache positions in streamgen/model/cache.py. Until then chunks of
-different sessions run one after another in this thread.
+Batching: every session that is due when the worker picks one is generated
+with it (`streamgen.stream.next_chunks`): those at the same KV-cache fill level
+(all that have streamed longer than the window) share one forward pass per
+denoising step. Sessions that are not yet due are never generated early: their
+audio up to the cut-off may still be on its way.
 """
 
 from __future__ import annotations
@@ -103,9 +104,10 @@ class InferenceWorker:
             self.metrics.queue_depth.set(0)
             return None, None, None
         first = min(live, key=lambda s: s.next_due)
-        self.metrics.queue_depth.set(sum(1 for s in live if s.next_due <= now))
-        if first.next_due <= now:
-            return None, first, 0.0
+        due = [s for s in live if s.next_due <= now]
+        self.metrics.queue_depth.set(len(due))
+        if due:
+            return None, sorted(due, key=lambda s: s.next_due), 0.0
         return None, None, first.next_due - now
 
     def _run(self) -> None:
@@ -115,14 +117,14 @@ class InferenceWorker:
                     if self._stopping:
                         self._cancel_jobs()
                         return
-                    job, session, wait = self._next()
-                    if job is not None or session is not None:
+                    job, due, wait = self._next()
+                    if job is not None or due is not None:
                         break
                     self._cond.wait(wait)
             if job is not None:
                 self._run_job(*job)
             else:
-                self._generate(session)
+                self._generate(due)
 
     def _run_job(self, future, fn, args) -> None:
         if not future.set_running_or_notify_cancel():
@@ -134,23 +136,44 @@ class InferenceWorker:
 
     def run_chunk(self, session: Session):
         """Generate `session`'s next chunk and record its time (worker thread)."""
-        t = time.perf_counter()
-        chunk = session.generate(self.stamp_frames)
-        dt = time.perf_counter() - t
-        self.chunk_time_ema = dt if self.chunk_time_ema is None else 0.9 * self.chunk_time_ema + 0.1 * dt
-        self.metrics.chunk_done(dt, len(chunk.frames))
-        return chunk
+        return self.run_chunks([session])[0]
 
-    def _generate(self, session: Session) -> None:
+    def run_chunks(self, sessions: list[Session]):
+        """Generate the next chunk of each session, batched where the model can (worker thread)."""
+        from streamgen.stream import StreamSession, next_chunks
+
+        t = time.perf_counter()
+        local = [s for s in sessions if isinstance(s.stream, StreamSession)]
+        chunks = {}
+        if len(local) > 1:
+            inputs = [s.take_input() for s in local]  # the timelines are validated and bounded on arrival
+            outputs = next_chunks([s.stream for s in local])
+            for s, t_in, (frames, pts) in zip(local, inputs, outputs):
+                chunks[s.id] = s.finish_chunk(frames, pts, t_in, self.stamp_frames)
+        for s in sessions:  # alone, or a stream in a model child process
+            if s.id not in chunks:
+                chunks[s.id] = s.generate(self.stamp_frames)
+        dt = time.perf_counter() - t
+        per_session = dt / len(sessions)  # what one session's chunk costs the worker (capacity)
+        self.chunk_time_ema = (
+            per_session if self.chunk_time_ema is None else 0.9 * self.chunk_time_ema + 0.1 * per_session
+        )
+        for s in sessions:
+            self.metrics.chunk_done(dt, len(chunks[s.id].frames))
+        return [chunks[s.id] for s in sessions]
+
+    def _generate(self, sessions: list[Session]) -> None:
         try:
-            chunk = self.run_chunk(session)
-        except Exception as e:  # one broken session must not take the worker down
-            log.exception("session %s: generation failed", session.id)
-            self.remove(session.id)
-            session.streaming = False
-            _call_soon(session, session.fail_from_worker, f"generation failed: {e}")
+            chunks = self.run_chunks(sessions)
+        except Exception as e:  # one broken batch must not take the worker down
+            log.exception("sessions %s: generation failed", [s.id for s in sessions])
+            for session in sessions:
+                self.remove(session.id)
+                session.streaming = False
+                _call_soon(session, session.fail_from_worker, f"generation failed: {e}")
             return
-        _call_soon(session, session.publish, chunk)
+        for session, chunk in zip(sessions, chunks):
+            _call_soon(session, session.publish, chunk)
 
     def _cancel_jobs(self) -> None:
         while self._jobs:

@@ -266,12 +266,22 @@ class Session:
     # --- worker side --------------------------------------------------------------------------
     def generate(self, stamp_frames: bool) -> Chunk:
         """Generate the next chunk on the worker thread (the only thread that touches the model)."""
-        k = self.chunk_index
+        input_time = self.take_input()
+        frames, pts = self.stream.next_chunk()
+        return self.finish_chunk(frames, pts, input_time, stamp_frames)
+
+    def take_input(self) -> float:
+        """Hand the chunk's audio (up to its cut-off plus look-ahead) to the stream; returns the cut-off time."""
         chunk_samples = round(self.chunk_seconds * SAMPLE_RATE)
         input_time = time.time()
-        pcm = self.timeline.take_until((k + 1) * chunk_samples + self.lookahead_samples)
+        pcm = self.timeline.take_until((self.chunk_index + 1) * chunk_samples + self.lookahead_samples)
         self.stream.push_audio(pcm)
-        frames, pts = self.stream.next_chunk()
+        return input_time
+
+    def finish_chunk(self, frames: np.ndarray, pts: float, input_time: float, stamp_frames: bool) -> Chunk:
+        """Pair the generated frames with their audio and move the playout clock on."""
+        k = self.chunk_index
+        chunk_samples = round(self.chunk_seconds * SAMPLE_RATE)
         start = round(pts * SAMPLE_RATE)
         if stamp_frames:  # benchmark: a 20 ms tone at the chunk's start marks its audio for A/V offset
             self.timeline.overwrite(start, MARKER_TONE)
