@@ -3,12 +3,12 @@
 import asyncio
 
 import numpy as np
+from server_helpers import small_model
 
 from server.metrics import ServerMetrics
 from server.scheduler import InferenceWorker
 from server.session import Session
 from streamgen.stream import StreamSession
-from tests.server_helpers import small_model
 
 
 def make_sessions(loop, seeds):
