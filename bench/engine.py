@@ -67,6 +67,44 @@ def session_speed(model, height, width, steps, chunks, seed=0) -> dict:
     }
 
 
+def batch_throughput(model, height, width, steps, sessions=3, chunks=6) -> dict:
+    """Aggregate frames/s of several streams at full windows: one batched forward per step
+    (`next_chunks`) vs the same streams one after another."""
+    from streamgen.stream import next_chunks
+
+    dtype = next(model.dit.parameters()).dtype
+    rng = np.random.default_rng(1)
+
+    def started():
+        out = []
+        for i in range(sessions):
+            s = StreamSession(model, height=height, width=width, steps=steps, dtype=dtype)
+            s.start((rng.random((height, width, 3)) * 255).astype(np.uint8), seed=i)
+            s.push_audio((rng.standard_normal(16000 * 60) * 0.1).astype(np.float32))
+            for _ in range(s.cfg.window_frames // s.cfg.frames_per_chunk + 1):
+                s.next_chunk()
+            out.append(s)
+        return out
+
+    batched, alone = started(), started()
+    t_batched = t_alone = 0.0
+    for _ in range(chunks):  # interleaved, so load changes hit both alike
+        t = time.perf_counter()
+        next_chunks(batched)
+        t_batched += time.perf_counter() - t
+        t = time.perf_counter()
+        for s in alone:
+            s.next_chunk()
+        t_alone += time.perf_counter() - t
+    frames = chunks * sessions * batched[0].frames_per_chunk
+    return {
+        "batch_sessions": sessions,
+        "batched_fps_total": round(frames / t_batched, 2),
+        "sequential_fps_total": round(frames / t_alone, 2),
+        "batch_speedup": round(t_alone / t_batched, 2),
+    }
+
+
 @torch.no_grad()
 def cache_speedup(model, latent_hw, steps, chunks, context) -> dict:
     """Cached streaming vs recomputing the whole context at every denoising step.
@@ -220,6 +258,7 @@ def run(
         "trained": model.trained,
     }
     result.update(session_speed(model, height, width, steps, chunks))
+    result.update(batch_throughput(model, height, width, steps))
     result.update(cache_speedup(model, latent_hw, steps, max(3, chunks // 4), context))
     result.update(teacher_speedup(model, latent_hw, teacher_frames, [4, 2, 1]))
     result["threads"] = torch.get_num_threads()
