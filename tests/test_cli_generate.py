@@ -140,3 +140,10 @@ def test_generate_with_sequence_parallel_gives_the_same_video(tmp_path):
     # the same stream up to float rounding (a 1e-7 difference can flip a pixel's rounding before H.264)
     diff = np.abs(outs[0].astype(int) - outs[1].astype(int))
     assert diff.max() <= 3 and diff.mean() < 0.05
+
+
+def test_generate_in_bfloat16(tmp_path):
+    out = tmp_path / "bf16.mp4"
+    assert main(["generate", "--model", "debug", "--dtype", "bfloat16", "--out", str(out), "--quiet"]) == 0
+    with av.open(str(out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) >= 25

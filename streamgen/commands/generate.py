@@ -19,6 +19,9 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=None, choices=[1, 2, 4], help="denoising steps per chunk")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="model weights and cache (bf16: AMX CPUs, GPUs)"
+    )
     p.add_argument("--sp", type=int, default=1, help="sequence-parallel processes (restarts under torchrun)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -31,6 +34,7 @@ def run(args) -> int:
 
         relaunch_under_torchrun(args.sp)  # does not return in the launching process
 
+    import torch
     from tqdm import tqdm
 
     from streamgen.cli import UserError
@@ -48,7 +52,12 @@ def run(args) -> int:
         raise UserError(f"output directory does not exist: {out.parent}")
     try:
         session = StreamSession(
-            args.model, height=args.height, width=args.width, steps=args.steps, device=args.device
+            args.model,
+            height=args.height,
+            width=args.width,
+            steps=args.steps,
+            device=args.device,
+            dtype=getattr(torch, args.dtype),
         )
         main_process = _apply_sequence_parallel(session, args.sp)
         session.start(face, text=args.text, seed=args.seed)
