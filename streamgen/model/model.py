@@ -117,8 +117,12 @@ class CrossAttention(nn.Module):
         return k, self.v(context).unflatten(-1, (self.num_heads, -1))
 
     def forward(self, x, context=None, kv=None):
-        q = kernels.rmsnorm_rope(self.q(x), self.norm_q.weight, self.num_heads, None, self.eps)
         k, v = kv if kv is not None else self.context_kv(context)
+        if k.shape[1] == 1:
+            # one context token (no caption, or one sentence embedding): every query puts all
+            # its weight on it, so the output is that token's value; no query or attention needed
+            return self.o(v.flatten(2)).expand(x.shape[0], x.shape[1], -1)
+        q = kernels.rmsnorm_rope(self.q(x), self.norm_q.weight, self.num_heads, None, self.eps)
         out = kernels.attention(q, k, v, backend=self.backend)
         return self.o(out.flatten(2))
 
