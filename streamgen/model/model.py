@@ -118,9 +118,11 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, context=None, kv=None):
         k, v = kv if kv is not None else self.context_kv(context)
-        if k.shape[1] == 1:
+        if k.shape[1] == 1 and not torch.is_grad_enabled():
             # one context token (no caption, or one sentence embedding): every query puts all
-            # its weight on it, so the output is that token's value; no query or attention needed
+            # its weight on it, so the output is that token's value; no query or attention needed.
+            # (Training keeps the full path, so every parameter gets its (zero) gradient and the
+            # optimizer state is the same whatever the captions of a batch.)
             return self.o(v.flatten(2)).expand(x.shape[0], x.shape[1], -1)
         q = kernels.rmsnorm_rope(self.q(x), self.norm_q.weight, self.num_heads, None, self.eps)
         out = kernels.attention(q, k, v, backend=self.backend)
@@ -155,6 +157,10 @@ class Block(nn.Module):
             nn.init.zeros_(self.audio_attn.o.weight)
             nn.init.zeros_(self.audio_attn.o.bias)
         self.ffn = FeedForward(d, cfg.ffn_dim)
+
+    def attention_shift_scale(self, e):
+        """(shift, scale) [B, F, D] of the norm before self-attention, from the timestep projection."""
+        return (self.modulation[:, :2] + e[:, :, :2].float()).unbind(2)
 
     def forward(self, x, h, e, next_mod, ctx, audio, audio_mask, attn_kwargs, cache=None):
         """x: residual stream [B, F, S, D]; h: x already normed+modulated for this block.
@@ -196,6 +202,10 @@ class Head(nn.Module):
         super().__init__()
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
         self.proj = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+
+    def shift_scale(self, temb):
+        """The head's adaLN is driven by the timestep embedding itself (as in Wan)."""
+        return (self.modulation + temb.float()[:, :, None]).unbind(2)
 
 
 class DiT(nn.Module):
@@ -316,15 +326,10 @@ class DiT(nn.Module):
         xs, attn_kwargs["angles"] = self.shard_tokens(xs, attn_kwargs["angles"])
         attn_kwargs["tokens_per_frame"] = xs.shape[2]
 
-        mods = [blk.modulation[:, :2] for blk in self.blocks] + [self.head.modulation]
-        temb_f = temb.float()
-        shift0, scale0 = (mods[0] + e[:, :, :2].float()).unbind(2)
-        h = kernels.layernorm_modulate(xs, shift0, scale0, cfg.eps)
+        h = kernels.layernorm_modulate(xs, *self.blocks[0].attention_shift_scale(e), cfg.eps)
         for i, blk in enumerate(self.blocks):
-            if i + 1 < len(self.blocks):
-                nxt = (mods[i + 1] + e[:, :, :2].float()).unbind(2)
-            else:  # the head's adaLN is driven by temb itself (as in Wan)
-                nxt = (mods[-1] + temb_f[:, :, None]).unbind(2)
+            last = i + 1 == len(self.blocks)
+            nxt = self.head.shift_scale(temb) if last else self.blocks[i + 1].attention_shift_scale(e)
             layer_cache = cache.layers[i] if cache is not None else None
             xs, h = blk(xs, h, e, nxt, ctx, audio, audio_mask, attn_kwargs, layer_cache)
 
