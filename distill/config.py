@@ -136,7 +136,12 @@ class DmdOptions:
 
 @dataclass
 class SelfForcingOptions(DmdOptions):
-    pass
+    # Roll out up to this many latent frames (0: data.latent_frames) and score only the last
+    # data.latent_frames of them: the teacher saw crops of that length, while drift happens over
+    # longer streams, so the chunks in front run as plain inference (no gradient) and put the
+    # scored window where the student's cache is already full of its own output. The length is
+    # drawn per step, a whole number of chunks from data.latent_frames up to this.
+    rollout_frames: int = 0
 
 
 @dataclass

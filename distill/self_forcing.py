@@ -8,6 +8,12 @@ train/test gap behind drift. One denoising step index per rollout carries
 gradient (stochastic truncation, see `rollout`). The critic takes
 `critic_updates` flow-matching updates on fresh no-gradient rollouts, then the
 generator one DMD update on a rollout with gradient.
+
+Long streams (`rollout_frames`): the rollout may run further than the window
+the score networks judge (`data.latent_frames`, the teacher's training
+length); the chunks in front of that window run as plain inference, so the
+scored chunks see a cache full of the student's own, possibly drifted,
+output, as they will minutes into a stream.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from distill.dmd import DmdStage, critic_loss, generator_loss
+from distill.rng import generator
 from distill.rollout import rollout
 
 
@@ -24,36 +31,51 @@ class Stage(DmdStage):
     def __init__(self, cfg, world):
         super().__init__(cfg, world)
         c = self.student.cfg.frames_per_chunk
-        if cfg.data.latent_frames % c:
-            raise ValueError(f"data.latent_frames must be a multiple of frames_per_chunk ({c})")
-        self.num_chunks = cfg.data.latent_frames // c
+        f, longest = cfg.data.latent_frames, self.opts.rollout_frames or cfg.data.latent_frames
+        if f % c or longest % c:
+            raise ValueError(
+                f"data.latent_frames and self_forcing.rollout_frames must be multiples of frames_per_chunk ({c})"
+            )
+        if longest < f:
+            raise ValueError("self_forcing.rollout_frames must be 0 or at least data.latent_frames")
+        self.window_chunks, self.max_chunks = f // c, longest // c
 
     def train_step(self, step: int) -> dict:
-        f = self.cfg.data.latent_frames
-        batch, rnd = self.batch(step, f)
-        cond_student = self.conditions(self.student, batch, f)
-        cond_teacher = self.conditions(self.teacher, batch, f)
+        c = self.student.cfg.frames_per_chunk
+        # drawn before the batch (whose crop length it sets), the same on every rank
+        g = generator(self.cfg.run.seed, step, "shared", "rollout_chunks")
+        chunks = self.window_chunks + int(
+            torch.randint(self.max_chunks - self.window_chunks + 1, (), generator=g)
+        )
+        frames = chunks * c
+        batch, rnd = self.batch(step, frames)
+        lead = chunks - self.window_chunks  # chunks in front of the scored window, plain inference
+        scored = slice(lead * c, frames)
+        cond_student = self.conditions(self.student, batch, frames)
+        cond_teacher = self.conditions(self.teacher, batch, frames).frames(scored.start, scored.stop)
         out = {}
         for k in range(self.opts.critic_updates):
             exit_k = rnd.shared_randint(f"critic{k}/exit", len(self.sigmas))
             with torch.no_grad():
                 video, _ = rollout(
-                    self.student, cond_student, self.latent_hw, self.num_chunks, self.sigmas,
-                    rnd, f"critic{k}", exit_step=exit_k,
+                    self.student, cond_student, self.latent_hw, chunks, self.sigmas,
+                    rnd, f"critic{k}", exit_step=exit_k, first_free_chunk=lead,
                 )  # fmt: skip
-            cond_critic = self.conditions(self.critic, batch, f)
-            loss = critic_loss(self.critic, video, cond_critic, rnd, f"critic{k}/score", self.opts)
+            cond_critic = self.conditions(self.critic, batch, frames).frames(scored.start, scored.stop)
+            loss = critic_loss(
+                self.critic, video[:, :, scored], cond_critic, rnd, f"critic{k}/score", self.opts
+            )
             out.update(self.updaters["critic"].update(loss))
         exit_step = rnd.shared_randint("generator/exit", len(self.sigmas))
         video, _ = rollout(
-            self.student, cond_student, self.latent_hw, self.num_chunks, self.sigmas,
-            rnd, "generator", exit_step=exit_step, grad=True,
+            self.student, cond_student, self.latent_hw, chunks, self.sigmas,
+            rnd, "generator", exit_step=exit_step, grad=True, first_free_chunk=lead,
         )  # fmt: skip
         with torch.no_grad():
-            cond_critic = self.conditions(self.critic, batch, f)
+            cond_critic = self.conditions(self.critic, batch, frames).frames(scored.start, scored.stop)
         loss, extra = generator_loss(
-            self.teacher, self.critic, video, cond_teacher, cond_critic, rnd, "dmd", self.opts
+            self.teacher, self.critic, video[:, :, scored], cond_teacher, cond_critic, rnd, "dmd", self.opts
         )
         out.update(self.updaters["generator"].update(loss))
-        out.update(extra, exit_step=exit_step)
+        out.update(extra, exit_step=exit_step, rollout_frames=frames)
         return out

@@ -111,6 +111,38 @@ def test_gradient_truncation_same_values_gradient_only_through_the_exit_step(pip
     assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
 
 
+def test_long_rollout_scores_only_the_last_window(pipeline):
+    """Lead chunks run as plain inference (no gradient, all steps); the scored chunks carry the gradient."""
+    from distill.rng import SampleRandom
+    from distill.rollout import rollout
+    from streamgen.sampling import student_sigmas
+
+    student, cond = _student_and_conditions(pipeline)
+    sigmas = student_sigmas(2)
+    rnd = SampleRandom(0, 0, [0, 1])
+    with torch.no_grad():
+        plain, _ = rollout(student, cond, (8, 8), 3, sigmas, rnd, "r", exit_step=None)
+    video, _ = rollout(student, cond, (8, 8), 3, sigmas, rnd, "r", exit_step=0, grad=True, first_free_chunk=2)
+    assert torch.allclose(video[:, :, :4].detach(), plain[:, :, :4], atol=1e-5)  # the lead: inference
+    q = student.blocks[0].self_attn.q.weight
+    video[:, :, :4].square().sum().backward(retain_graph=True)
+    assert q.grad is None or q.grad.abs().sum() == 0
+    video[:, :, 4:].square().sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+
+
+def test_self_forcing_rollout_length_is_drawn_per_step(tmp_path, pipeline):
+    import json
+
+    from distill.config import ConfigError
+
+    run(stage_config("self_forcing", tmp_path / "sf", pipeline, **{"run.steps": 6}))
+    lengths = {json.loads(line)["rollout_frames"] for line in (tmp_path / "sf" / "scalars.jsonl").open()}
+    assert lengths <= {4, 6, 8} and len(lengths) > 1
+    with pytest.raises((ValueError, ConfigError), match="rollout_frames"):
+        run(stage_config("self_forcing", tmp_path / "bad", pipeline, **{"self_forcing.rollout_frames": 5}))
+
+
 def test_trajectory_schedule_holds_the_student_sigmas():
     from distill.ode import trajectory_schedule
     from streamgen.sampling import student_sigmas
