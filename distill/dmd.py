@@ -22,9 +22,10 @@ import torch
 from distill.build import export_model, load_dit, load_frozen, load_vae, new_dit
 from distill.data import load_bank
 from distill.distributed import broadcast_module
-from distill.flow import Conditions, audio_windows, flow_loss, guided_velocity, sequence_velocity
+from distill.flow import Conditions, audio_windows, flow_loss
 from distill.rng import SampleRandom
 from distill.trainer import Updater
+from streamgen.conditioning import guided_velocity, sequence_velocity
 from streamgen.sampling import shift_sigma, student_sigmas
 
 

@@ -22,10 +22,11 @@ import torch
 from distill.build import export_model, load_frozen, load_vae, new_dit
 from distill.data import load_bank
 from distill.distributed import barrier, broadcast_module
-from distill.flow import Conditions, audio_windows, guided_velocity
+from distill.flow import Conditions, audio_windows
 from distill.rng import SampleRandom, generator
 from distill.rollout import reencode, start_stream
 from distill.trainer import Updater
+from streamgen.conditioning import guided_velocity
 from streamgen.sampling import euler_sigmas, student_sigmas
 
 

@@ -6,9 +6,9 @@ Rows: the renderer's ground truth, the teacher (50 Euler steps + CFG), the
 ODE-init student, the Self-Forcing student at 4/2/1 steps and the
 chunk-distilled student, all on the held-out test split (identities and
 sentences never trained on). Students stream through `StreamSession`; the
-bidirectional teacher cannot, so `TeacherSession` gives it the same interface:
-it samples windows of latent frames, each conditioned on the previous window's
-last frames as clean motion frames (which the teacher was trained with).
+bidirectional teacher cannot, so `streamgen eval` runs it through
+`streamgen.teacher.TeacherSession` (windows of latent frames, each continuing
+the previous window's last frames as clean motion frames).
 
 NFE per frame counts the network evaluations a latent frame goes through:
 teacher steps x 2 (CFG), student steps + 1 (the clean re-encode).
@@ -19,108 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 
 LATENT_FPS = 25 / 4
-
-
-class TeacherSession:
-    """The teacher behind StreamSession's interface (start, push_audio, next_chunk, close)."""
-
-    def __init__(self, model, height, width, steps=50, cfg_scale=None, window=6, motion=2, device="cpu"):
-        from streamgen.models import load_model
-
-        self.model = load_model(model, device=device) if isinstance(model, str) else model
-        self.dit, self.vae, self.cfg = self.model.dit, self.model.vae, self.model.cfg
-        self.height, self.width = height, width
-        self.latent_hw = self.vae.latent_hw(height, width)
-        self.steps, self.window, self.motion = steps, window, motion
-        self.cfg_scale = cfg_scale if cfg_scale is not None else self.model.meta.get("cfg_scale", 3.0)
-        self.device = torch.device(device)
-
-    def start(self, reference, text=None, seed=0):
-        from streamgen.model.text import text_context
-        from streamgen.stream import prepare_reference
-
-        ref = prepare_reference(reference, self.height, self.width)
-        img = torch.from_numpy(ref).permute(2, 0, 1)[None].float().to(self.device) / 127.5 - 1
-        with torch.no_grad():
-            self.reference = self.vae.encode_reference(img)
-        from streamgen.model.text import TEXT_DIM
-
-        # a model without sentence-embedding width (the debug flavor) runs uncaptioned
-        self.context = text_context(text if self.cfg.text_dim == TEXT_DIM else None, self.cfg.text_dim)
-        self.context = self.context.to(self.device)
-        self.generator = torch.Generator().manual_seed(seed or 0)
-        self.pcm = np.zeros(0, np.float32)
-        self.position, self.previous, self.state = 0, None, self.vae.init_state(1)
-
-    def push_audio(self, pcm):
-        from streamgen.stream import to_pcm_float
-
-        self.pcm = np.concatenate([self.pcm, to_pcm_float(pcm)])
-
-    def close(self):
-        self.previous = None
-
-    @torch.no_grad()
-    def next_chunk(self):
-        from distill.flow import Conditions, guided_velocity
-        from streamgen.model.audio import SAMPLES_PER_FRAME, frame_windows, needed_video_frames
-        from streamgen.sampling import euler_sigmas, sample_euler
-
-        cfg, w = self.cfg, self.window
-        m = 0 if self.previous is None else self.motion
-        first = self.position - m
-        end_frame = needed_video_frames(self.position + w, cfg)
-        pcm = np.zeros(end_frame * SAMPLES_PER_FRAME, np.float32)
-        n = min(len(pcm), len(self.pcm))
-        pcm[:n] = self.pcm[:n]
-        tokens = self.dit.audio_encoder(torch.from_numpy(pcm)[None].to(self.device))
-        audio = frame_windows(tokens, 0, first, m + w, cfg)
-        cond = Conditions.full(self.reference, audio, self.context)
-        prefix = None if m == 0 else self.previous[:, :, -m:]
-
-        def velocity(x, sigma):
-            t = (sigma * 1000)[:, None].expand(1, w)
-            if prefix is not None:
-                x = torch.cat([prefix, x], 2)
-                t = torch.cat([torch.zeros(1, m), t], 1)
-            return guided_velocity(self.dit, x, t, cond, self.cfg_scale)[:, :, m:]
-
-        shape = (1, cfg.in_channels, w, *self.latent_hw)
-        noise = torch.randn(shape, generator=self.generator).to(self.device)
-        latents = sample_euler(velocity, noise, euler_sigmas(self.steps, self.model.shift))
-        frames, self.state = self.vae.decode_stream(latents, self.state)
-        self.previous, self.position = latents, self.position + w
-        out = ((frames[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        return out.cpu().numpy(), 0.0
-
-
-@contextmanager
-def teacher_sessions(steps: int):
-    """Let `streamgen eval` open a TeacherSession for models whose model.json says kind: teacher."""
-    from streamgen.eval import report
-
-    original = report._open_session
-
-    def open_session(model, height, width, device, steps_arg):
-        from streamgen.models import resolve_model_dir
-
-        d = resolve_model_dir(model)
-        if d is not None and json.loads((d / "model.json").read_text()).get("kind") == "teacher":
-            return TeacherSession(str(d), height, width, steps=steps_arg or steps, device=device)
-        return original(model, height, width, device, steps_arg)
-
-    report._open_session = open_session
-    try:
-        yield
-    finally:
-        report._open_session = original
 
 
 def frames_per_second(session, seconds: float = 4.0) -> float:
@@ -168,8 +71,7 @@ def rows_for(runs: Path) -> list[dict]:
 
 
 def evaluate_rows(runs: Path, out: Path, clips: int, minutes: float | None, size: int) -> list[dict]:
-    from streamgen.eval import report as report_module
-    from streamgen.eval.report import evaluate
+    from streamgen.eval.report import evaluate, open_session
 
     results = []
     for spec in rows_for(runs):
@@ -178,16 +80,14 @@ def evaluate_rows(runs: Path, out: Path, clips: int, minutes: float | None, size
         folder = out / f"{slug}-{spec.get('steps', 0)}"
         is_teacher = spec.get("nfe") == 100
         started = time.perf_counter()
-        with teacher_sessions(50):
-            report = evaluate(
-                spec["model"], folder, "test", clips, size,
-                None if is_teacher or spec["model"] == "ground-truth" else minutes,
-                None, "cpu", spec.get("steps"),
-            )  # fmt: skip
-            fps = None
-            if spec["model"] != "ground-truth":
-                session = report_module._open_session(spec["model"], size, size, "cpu", spec.get("steps"))
-                fps = frames_per_second(session)
+        report = evaluate(
+            spec["model"], folder, "test", clips, size,
+            None if is_teacher or spec["model"] == "ground-truth" else minutes,
+            None, "cpu", spec.get("steps"),
+        )  # fmt: skip
+        fps = None
+        if spec["model"] != "ground-truth":
+            fps = frames_per_second(open_session(spec["model"], size, size, "cpu", spec.get("steps")))
         row = {**spec, **{k: report.get(k) for k in REPORT_KEYS}, "fps": fps}
         row["eval_seconds"] = round(time.perf_counter() - started, 1)
         results.append(row)

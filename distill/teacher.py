@@ -83,7 +83,7 @@ class Stage:
 
 def _per_frame_flow_loss(model, x0, noise, sigma, cond):
     """Flow loss per frame [B, F] (sigma per frame; clean frames act as context)."""
-    from distill.flow import sequence_velocity
+    from streamgen.conditioning import sequence_velocity
 
     s = sigma[:, None, :, None, None]
     xt = (1 - s) * x0 + s * noise

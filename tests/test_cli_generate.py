@@ -147,3 +147,24 @@ def test_generate_in_bfloat16(tmp_path):
     assert main(["generate", "--model", "debug", "--dtype", "bfloat16", "--out", str(out), "--quiet"]) == 0
     with av.open(str(out)) as c:
         assert sum(1 for _ in c.decode(video=0)) >= 25
+
+
+def test_the_shipped_models_answer_to_their_names(tmp_path):
+    """tiny-avatar (the default) streams; tiny-avatar-teacher generates offline through TeacherSession."""
+    from streamgen.models import load_model
+    from streamgen.stream import StreamSession
+    from streamgen.teacher import TeacherSession, open_session
+
+    student = load_model("tiny-avatar")
+    assert student.trained and student.meta["kind"] == "student" and (student.height, student.width) == (64, 64)
+    assert isinstance(open_session("tiny-avatar"), StreamSession)
+    assert isinstance(open_session("tiny-avatar-teacher", steps=2), TeacherSession)
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, 16000, 1.0)
+    out = tmp_path / "teacher.mp4"
+    args = ["generate", "--model", "tiny-avatar-teacher", "--steps", "2", "--audio", str(wav)]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    with av.open(str(out)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) >= 24 and frames[0].shape == (64, 64, 3)
+    assert main([*args, "--dtype", "bfloat16", "--out", str(tmp_path / "x.mp4"), "--quiet"]) == 2

@@ -199,8 +199,9 @@ def test_dmd_generator_loss_pushes_along_fake_minus_real():
 
 def test_the_teacher_streams_for_the_results_table(pipeline):
     """TeacherSession: windows of Euler + CFG samples, each continuing the last one's motion frames."""
-    from distill.results import TeacherSession, markdown
+    from distill.results import markdown
     from streamgen.eval.report import generate_with_stream_session
+    from streamgen.teacher import TeacherSession
 
     session = TeacherSession(str(pipeline["teacher"]), 16, 16, steps=3, window=4, motion=2)
     ref = torch.randint(0, 255, (16, 16, 3), dtype=torch.uint8).numpy()

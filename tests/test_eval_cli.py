@@ -35,3 +35,12 @@ def test_eval_errors_leave_no_report(tmp_path, capsys):
     assert main(["eval", "--model", "no-such-model", "--clips", "1", "--out", str(out)]) == 2
     assert "cannot load model 'no-such-model'" in capsys.readouterr().err
     assert not (out / "report.json").exists()
+
+
+def test_eval_scores_the_teacher_by_name(tmp_path, capsys):
+    """A teacher cannot stream; `streamgen eval` runs it through TeacherSession instead of refusing it."""
+    out = tmp_path / "teacher"
+    args = ["eval", "--model", "tiny-avatar-teacher", "--steps", "2", "--clips", "1", "--out", str(out), "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["clips"] == 1 and 0 < report["csim"] <= 1 and report["black_frames"] == 0

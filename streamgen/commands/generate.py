@@ -20,7 +20,10 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument(
-        "--dtype", choices=["float32", "bfloat16"], default="float32", help="model weights and cache (bf16: AMX CPUs, GPUs)"
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="model weights and cache (bf16: AMX CPUs, GPUs)",
     )
     p.add_argument("--sp", type=int, default=1, help="sequence-parallel processes (restarts under torchrun)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -40,7 +43,7 @@ def run(args) -> int:
     from streamgen.cli import UserError
     from streamgen.media import MediaError, Mp4Writer, read_audio, read_image
     from streamgen.model.audio import SAMPLE_RATE
-    from streamgen.stream import StreamSession
+    from streamgen.teacher import TeacherSession, open_session
 
     try:
         pcm = read_audio(args.audio)
@@ -51,14 +54,11 @@ def run(args) -> int:
     if not out.parent.exists():
         raise UserError(f"output directory does not exist: {out.parent}")
     try:
-        session = StreamSession(
-            args.model,
-            height=args.height,
-            width=args.width,
-            steps=args.steps,
-            device=args.device,
-            dtype=getattr(torch, args.dtype),
+        session = open_session(
+            args.model, args.height, args.width, args.steps, args.device, getattr(torch, args.dtype)
         )
+        if isinstance(session, TeacherSession) and args.sp > 1:
+            raise ValueError("--sp applies to streaming students; a teacher runs in one process")
         main_process = _apply_sequence_parallel(session, args.sp)
         session.start(face, text=args.text, seed=args.seed)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

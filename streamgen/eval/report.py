@@ -50,11 +50,12 @@ class ModelLoadError(ValueError):
     """The model to evaluate cannot be loaded or cannot run at the requested size."""
 
 
-def _open_session(model: str, height: int, width: int, device: str, steps: int | None):
-    from streamgen.stream import StreamSession
+def open_session(model: str, height: int, width: int, device: str, steps: int | None):
+    """A student's StreamSession, or a teacher's TeacherSession (offline windows, 50 steps + CFG)."""
+    from streamgen.teacher import open_session as open_any
 
     try:
-        return StreamSession(model, height=height, width=width, device=device, steps=steps)
+        return open_any(model, height, width, steps, device)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ModelLoadError(f"cannot load model {model!r}: {e}") from None
 
@@ -88,7 +89,7 @@ def evaluate(
 
     start_time = time.perf_counter()
     ev = Evaluators(evaluators_dir)  # fails first, with a clear message, if a checkpoint is missing
-    session = None if model == GROUND_TRUTH else _open_session(model, size, size, device, steps)
+    session = None if model == GROUND_TRUTH else open_session(model, size, size, device, steps)
 
     def produce(clip, seed):
         if session is None:

@@ -1,0 +1,121 @@
+"""TeacherSession: a bidirectional teacher behind StreamSession's interface.
+
+    session = TeacherSession("tiny-avatar-teacher")
+    session.start(reference_rgb_uint8, text="smiling", seed=0)
+    session.push_audio(pcm_16k)
+    frames, pts = session.next_chunk()          # one window of video frames
+
+A teacher denoises whole windows of latent frames at once (Euler steps with
+classifier-free guidance), so it cannot stream with a KV cache; this samples
+one window per `next_chunk()`, each conditioned on the previous window's last
+`motion` latent frames as clean motion frames (the teacher was trained with
+such prefixes). It needs the audio of the whole window before it starts. It is
+offline generation for `streamgen generate` and `streamgen eval`, not for the
+server: a window of 50 steps with CFG is about 100 network evaluations per
+latent frame.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from streamgen.conditioning import Conditions, guided_velocity
+from streamgen.model.audio import SAMPLES_PER_FRAME, VIDEO_FPS, frame_windows, needed_video_frames
+from streamgen.model.text import TEXT_DIM, text_context
+from streamgen.models import AvatarModel, load_model
+from streamgen.sampling import euler_sigmas, sample_euler
+from streamgen.stream import prepare_reference, to_pcm_float
+
+
+class TeacherSession:
+    def __init__(
+        self,
+        model: str | AvatarModel = "tiny-avatar-teacher",
+        height: int | None = None,
+        width: int | None = None,
+        steps: int = 50,
+        cfg_scale: float | None = None,
+        window: int = 6,
+        motion: int = 2,
+        device="cpu",
+    ):
+        self.model = model if isinstance(model, AvatarModel) else load_model(model, device=device)
+        self.dit, self.vae, self.cfg = self.model.dit, self.model.vae, self.model.cfg
+        self.height = height or self.model.height
+        self.width = width or self.model.width
+        self.latent_hw = self.vae.latent_hw(self.height, self.width)
+        if window <= motion:
+            raise ValueError(f"window ({window}) must be longer than the motion frames ({motion})")
+        self.steps, self.window, self.motion = steps, window, motion
+        self.cfg_scale = cfg_scale if cfg_scale is not None else self.model.meta.get("cfg_scale", 3.0)
+        self.device = torch.device(device)
+
+    @property
+    def frames_per_chunk(self) -> int:
+        """Video frames produced by one next_chunk()."""
+        return self.window * self.vae.temporal_factor
+
+    @property
+    def chunk_seconds(self) -> float:
+        return self.frames_per_chunk / VIDEO_FPS
+
+    def start(self, reference, text=None, seed=0):
+        ref = prepare_reference(reference, self.height, self.width)
+        img = torch.from_numpy(ref).permute(2, 0, 1)[None].float().to(self.device) / 127.5 - 1
+        with torch.no_grad():
+            self.reference = self.vae.encode_reference(img)
+        # a model without sentence-embedding width (the debug flavor) runs uncaptioned
+        self.context = text_context(text if self.cfg.text_dim == TEXT_DIM else None, self.cfg.text_dim)
+        self.context = self.context.to(self.device)
+        self.generator = torch.Generator().manual_seed(seed or 0)
+        self.pcm = np.zeros(0, np.float32)
+        self.position, self.previous, self.state = 0, None, self.vae.init_state(1)
+
+    def push_audio(self, pcm):
+        self.pcm = np.concatenate([self.pcm, to_pcm_float(pcm)])
+
+    def close(self):
+        self.previous = None
+
+    @torch.no_grad()
+    def next_chunk(self):
+        cfg, w = self.cfg, self.window
+        m = 0 if self.previous is None else self.motion
+        first = self.position - m
+        end_frame = needed_video_frames(self.position + w, cfg)
+        pcm = np.zeros(end_frame * SAMPLES_PER_FRAME, np.float32)
+        n = min(len(pcm), len(self.pcm))
+        pcm[:n] = self.pcm[:n]  # audio not pushed yet is silence
+        tokens = self.dit.audio_encoder(torch.from_numpy(pcm)[None].to(self.device))
+        audio = frame_windows(tokens, 0, first, m + w, cfg)
+        cond = Conditions.full(self.reference, audio, self.context)
+        prefix = None if m == 0 else self.previous[:, :, -m:]
+
+        def velocity(x, sigma):
+            t = (sigma * 1000)[:, None].expand(1, w)
+            if prefix is not None:
+                x = torch.cat([prefix, x], 2)
+                t = torch.cat([torch.zeros(1, m, device=t.device), t], 1)
+            return guided_velocity(self.dit, x, t, cond, self.cfg_scale)[:, :, m:]
+
+        shape = (1, cfg.in_channels, w, *self.latent_hw)
+        noise = torch.randn(shape, generator=self.generator).to(self.device)
+        latents = sample_euler(velocity, noise, euler_sigmas(self.steps, self.model.shift))
+        frames, self.state = self.vae.decode_stream(latents, self.state)
+        pts = self.position * self.vae.temporal_factor / VIDEO_FPS
+        self.previous, self.position = latents, self.position + w
+        out = ((frames[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return out.cpu().numpy(), pts
+
+
+def open_session(model, height=None, width=None, steps=None, device="cpu", dtype=torch.float32):
+    """StreamSession for a student, TeacherSession for a model whose model.json says kind: teacher."""
+    from streamgen.stream import StreamSession
+
+    loaded = load_model(model, device=device, dtype=dtype) if isinstance(model, str) else model
+    if loaded.meta.get("kind") == "teacher":
+        if dtype != torch.float32:
+            raise ValueError("a teacher runs in float32 only")
+        return TeacherSession(loaded, height, width, steps=steps or 50, device=device)
+    return StreamSession(loaded, height=height, width=width, steps=steps, device=device, dtype=dtype)
