@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=Path, default=Path("runs/tiny-avatar"))
     p.add_argument("--out", type=Path, default=Path("runs/results"))
     p.add_argument("--doc", type=Path, default=Path("docs/results.md"))
-    p.add_argument("--clips", type=int, default=8)
+    p.add_argument("--clips", type=int, default=24)
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
