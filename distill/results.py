@@ -110,6 +110,11 @@ def _fmt(v, digits=3):
     return str(v)
 
 
+def _slope(v) -> str:
+    # slopes of a flat stream are 1e-5 or less: a fixed number of decimals would print them as 0
+    return "—" if v is None else f"{v:+.1e}"
+
+
 def markdown(rows: list[dict], clips: int, minutes: float | None, threads: int) -> str:
     head = (
         "| model | Sync-C ↑ | Sync-D ↓ | A/V offset (frames) | CSIM ↑ | FID ↓ | FVD ↓ | drift slope (CSIM/min) "
@@ -122,7 +127,7 @@ def markdown(rows: list[dict], clips: int, minutes: float | None, threads: int) 
         lines.append(
             f"| {r['row']} | {_fmt(r['sync_c'])} | {_fmt(r['sync_d'])} | {_fmt(r['av_offset_frames'])} "
             f"| {_fmt(r['csim'])} | {_fmt(r['fid'], 2)} | {_fmt(r['fvd'], 2)} "
-            f"| {_fmt(r['drift_slope'], 4)} ({r.get('drift_source') or '—'}) "
+            f"| {_slope(r['drift_slope'])} ({r.get('drift_source') or '—'}) "
             f"| {r['black_frames']} / {r['frozen_frames']} | {_fmt(nfe)} "
             f"| {_fmt(None if nfe is None else nfe * LATENT_FPS, 1)} | {_fmt(r.get('fps'), 1)} |"
         )
@@ -143,11 +148,17 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--render-only", action="store_true", help="rewrite the table from OUT/results.json, evaluating nothing"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = evaluate_rows(args.runs, args.out, args.clips, args.minutes, args.size)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    if args.render_only:
+        rows = json.loads((args.out / "results.json").read_text())
+    else:
+        rows = evaluate_rows(args.runs, args.out, args.clips, args.minutes, args.size)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     table = markdown(rows, args.clips, args.minutes, args.threads)
     doc = args.doc.read_text() if args.doc.exists() else ""
     start, end = "<!-- results:begin -->", "<!-- results:end -->"
@@ -156,7 +167,7 @@ def main(argv=None) -> int:
     else:
         doc = f"# Results\n\n{start}\n{table}{end}\n"
     args.doc.write_text(doc)
-    print(f"wrote {args.doc} and {args.out / 'results.json'}")
+    print(f"wrote {args.doc}" + ("" if args.render_only else f" and {args.out / 'results.json'}"))
     return 0
 
 
