@@ -34,7 +34,10 @@ import numpy as np
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-avatar")
     parser.add_argument("--size", type=int, default=None, help="output size (default: the model's)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="seconds to watch per measurement")
+    parser.add_argument(
+        "--seconds", type=float, default=20.0,
+        help="seconds to watch per measurement (fps counts 8-frame chunks: 5 s would be quantized to 1.6 fps)",
+    )
     parser.add_argument("--max-probe", type=int, default=6, help="most concurrent sessions to try")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
     parser.add_argument("--model-process", action="store_true", help="serve with the model in a child process")
