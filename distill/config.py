@@ -42,6 +42,7 @@ class RunConfig:
     export: str | None = None  # model directory written at the end (EMA weights)
     export_name: str | None = None  # the model's name in model.json (default: the directory's)
     progress: bool = True
+    fsdp: bool = False  # under torchrun: shard the trainable modules with FSDP2 (large flavors)
 
 
 @dataclass

@@ -8,8 +8,8 @@ arithmetic. Each rank computes its loss as a mean over its own slice of the
 global batch, so the averaged gradient equals the gradient of the mean over the
 whole batch (a 1-process run with the whole batch takes the same step).
 
-Large flavors would shard parameters with FSDP2 (`fully_shard`) at this seam;
-the tiny flavors trained here replicate.
+Large flavors shard their transformers with FSDP2 instead (`run.fsdp`, see
+`distill/fsdp.py`); the tiny flavors trained here replicate.
 """
 
 from __future__ import annotations

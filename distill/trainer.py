@@ -54,6 +54,22 @@ class Updater:
         self.ema = None
         if cfg.ema > 0:
             self.ema = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        self.sharded, self.template, self.gathered = False, None, None
+
+    def shard(self) -> None:
+        """FSDP2 (`run.fsdp`): shard the module, then build its optimizer and EMA on the shards.
+
+        Called before any step or restore. An unsharded copy is kept as the template
+        the gathered EMA weights are loaded into at export.
+        """
+        from distill import fsdp
+
+        if not fsdp.can_shard(self.module):
+            return
+        template = copy.deepcopy(self.module).cpu()
+        fsdp.shard(self.module)
+        self.__init__(self.name, self.module, self.cfg, self.world)  # optimizer and EMA on the shards
+        self.sharded, self.template = True, template
 
     def update(self, loss: torch.Tensor) -> dict[str, float]:
         """backward, average over ranks, clip, step, EMA. Stops on a non-finite loss before stepping."""
@@ -62,10 +78,12 @@ class Updater:
             raise NonFiniteLoss(self.name, value)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients(self.params, self.world)
+        if not self.sharded:  # FSDP2 has averaged them already (reduce-scatter)
+            average_gradients(self.params, self.world)
         norm = 0.0
         if self.cfg.grad_clip > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            norm = float(norm.full_tensor() if self.sharded else norm)
             if not math.isfinite(norm):
                 raise NonFiniteLoss(f"{self.name} gradient", norm)
         lr = self.cfg.lr * min(1.0, (self.updates + 1) / self.cfg.warmup) if self.cfg.warmup else self.cfg.lr
@@ -83,30 +101,70 @@ class Updater:
         return {f"loss_{self.name}": value, f"grad_norm_{self.name}": norm, f"lr_{self.name}": lr}
 
     def averaged_module(self) -> torch.nn.Module:
-        """A copy of the module holding the EMA weights (or the weights when there is no EMA)."""
+        """A copy of the module holding the EMA weights (or the weights when there is no EMA).
+
+        Sharded: the copy `gather()` made (every rank calls that; rank 0 then exports).
+        """
+        if self.sharded:
+            if self.gathered is None:
+                raise RuntimeError("a sharded module is gathered (on every rank) before export")
+            return self.gathered
         m = copy.deepcopy(self.module)
         if self.ema is not None:
             m.load_state_dict(self.ema)
         return m.eval().requires_grad_(False)
 
+    def gather(self) -> None:
+        """Sharded: assemble the full EMA (or current) weights into the template (collective)."""
+        from distill import fsdp
+
+        if not self.sharded:
+            return
+        if self.ema is not None:
+            full = {k: fsdp.full_tensor(v).cpu() for k, v in self.ema.items()}
+        else:
+            full = fsdp.full_model_state(self.module)
+        m = copy.deepcopy(self.template)
+        m.load_state_dict(full)
+        self.gathered = m.eval().requires_grad_(False)
+
     # --- checkpoint state ----------------------------------------------------------
     def state(self) -> tuple[dict, dict]:
-        tensors = ckpt.module_tensors(f"module/{self.name}", self.module)
+        """Checkpoint tensors and metadata; sharded modules are gathered (every rank calls this)."""
+        from distill import fsdp
+
+        if self.sharded:
+            full = fsdp.full_model_state(self.module)
+            tensors = {f"module/{self.name}/{k}": v for k, v in full.items()}
+            opt_tensors, opt_meta = fsdp.full_optimizer_state(self.name, self.module, self.opt)
+        else:
+            tensors = ckpt.module_tensors(f"module/{self.name}", self.module)
+            opt_tensors, opt_meta = ckpt.optimizer_tensors(self.name, self.opt)
         if self.ema is not None:
-            tensors.update({f"ema/{self.name}/{k}": v for k, v in self.ema.items()})
-        opt_tensors, opt_meta = ckpt.optimizer_tensors(self.name, self.opt)
+            tensors.update({f"ema/{self.name}/{k}": fsdp.full_tensor(v).cpu() for k, v in self.ema.items()})
         tensors.update(opt_tensors)
         return tensors, {"updates": self.updates, "optimizer": opt_meta}
 
     def load_state(self, tensors: dict, meta: dict, path) -> None:
-        ckpt.load_module(f"module/{self.name}", self.module, tensors, path)
+        from distill import fsdp
+
+        if self.sharded:
+            prefix = f"module/{self.name}/"
+            fsdp.load_full_model_state(
+                self.module, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            )
+        else:
+            ckpt.load_module(f"module/{self.name}", self.module, tensors, path)
         if self.ema is not None:
             prefix = f"ema/{self.name}/"
             ema = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             if set(ema) != set(self.ema):
                 raise ckpt.CheckpointError(f"checkpoint {path} has no EMA weights for {self.name}")
-            self.ema = {k: v.clone() for k, v in ema.items()}
-        ckpt.load_optimizer(self.name, self.opt, tensors, meta["optimizer"])
+            self.ema = {k: fsdp.shard_like(v.clone(), self.ema[k]) for k, v in ema.items()}
+        if self.sharded:
+            fsdp.load_full_optimizer_state(self.name, self.module, self.opt, tensors, meta["optimizer"])
+        else:
+            ckpt.load_optimizer(self.name, self.opt, tensors, meta["optimizer"])
         self.updates = meta["updates"]
 
 
@@ -133,6 +191,9 @@ class Trainer:
     def _run(self, world: World) -> dict:
         cfg, out = self.cfg, Path(self.cfg.run.out)
         stage = build_stage(cfg, world)
+        if cfg.run.fsdp and world.distributed:
+            for up in stage.updaters.values():
+                up.shard()  # transformers only; the autoencoder replicates
         start = self._restore(stage, out)
         from distill.monitor import Monitor
 
@@ -158,6 +219,8 @@ class Trainer:
                         monitor.plot()
                 if self.stop_after is not None and done >= self.stop_after:
                     return last
+            for up in stage.updaters.values():
+                up.gather()  # sharded modules: a collective, before rank 0 exports
             if world.is_main:
                 stage.export(out / "model")
                 if cfg.run.export:
@@ -168,13 +231,13 @@ class Trainer:
         return last
 
     def _save(self, stage, world: World, out: Path, step: int) -> None:
+        states = {name: up.state() for name, up in stage.updaters.items()}  # gathers shards: every rank
         if world.is_main:
             tensors, meta = ckpt.rng_state()
             meta = {"rng": meta, "stage": self.cfg.stage, "world_size": world.size}
             meta["model_configs"] = stage.model_configs()
             meta["updaters"] = {}
-            for name, up in stage.updaters.items():
-                t, m = up.state()
+            for name, (t, m) in states.items():
                 tensors.update(t)
                 meta["updaters"][name] = m
             meta["config"] = self.cfg.source
