@@ -46,15 +46,19 @@ class Updater:
 
     def __init__(self, name: str, module: torch.nn.Module, cfg: OptimConfig, world: World):
         self.name, self.module, self.cfg, self.world = name, module, cfg, world
-        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.updates = 0
+        self.sharded, self.template, self.gathered = False, None, None
+        self._build_optimizer_and_ema()
+
+    def _build_optimizer_and_ema(self) -> None:
+        cfg = self.cfg
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(
             self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps
         )
-        self.updates = 0
         self.ema = None
         if cfg.ema > 0:
-            self.ema = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        self.sharded, self.template, self.gathered = False, None, None
+            self.ema = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
     def shard(self) -> None:
         """FSDP2 (`run.fsdp`): shard the module, then build its optimizer and EMA on the shards.
@@ -66,10 +70,10 @@ class Updater:
 
         if not fsdp.can_shard(self.module):
             return
-        template = copy.deepcopy(self.module).cpu()
+        self.template = copy.deepcopy(self.module).cpu()
         fsdp.shard(self.module)
-        self.__init__(self.name, self.module, self.cfg, self.world)  # optimizer and EMA on the shards
-        self.sharded, self.template = True, template
+        self.sharded = True
+        self._build_optimizer_and_ema()  # on the shards
 
     def update(self, loss: torch.Tensor) -> dict[str, float]:
         """backward, average over ranks, clip, step, EMA. Stops on a non-finite loss before stepping."""
@@ -231,7 +235,9 @@ class Trainer:
         return last
 
     def _save(self, stage, world: World, out: Path, step: int) -> None:
-        states = {name: up.state() for name, up in stage.updaters.items()}  # gathers shards: every rank
+        # gathering shards is a collective (every rank); replicated state is rank 0's alone
+        if world.is_main or any(up.sharded for up in stage.updaters.values()):
+            states = {name: up.state() for name, up in stage.updaters.items()}
         if world.is_main:
             tensors, meta = ckpt.rng_state()
             meta = {"rng": meta, "stage": self.cfg.stage, "world_size": world.size}

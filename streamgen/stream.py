@@ -79,6 +79,14 @@ def to_pcm_float(pcm) -> np.ndarray:
     return np.clip(a, -1.0, 1.0)
 
 
+@torch.no_grad()
+def encode_reference(vae, ref: np.ndarray, device) -> torch.Tensor:
+    """A prepared reference image (uint8 [H, W, 3]) -> its latent frame [1, C, 1, h, w]."""
+    dtype = next(vae.parameters()).dtype
+    img = torch.from_numpy(ref).to(device).permute(2, 0, 1)[None].to(dtype) / 127.5 - 1
+    return vae.encode_reference(img)
+
+
 class StreamSession:
     def __init__(
         self,
@@ -139,9 +147,7 @@ class StreamSession:
         self.generator = torch.Generator().manual_seed(self.seed)
         self.context = text_context(text, self.cfg.text_dim).to(self.device, self.dtype)
         self.vae_dtype = next(self.vae.parameters()).dtype
-        img = torch.from_numpy(ref).to(self.device).permute(2, 0, 1)[None].to(self.vae_dtype) / 127.5 - 1
-        with torch.no_grad():
-            self.reference_latent = self.vae.encode_reference(img).to(self.dtype)
+        self.reference_latent = encode_reference(self.vae, ref, self.device).to(self.dtype)
         if self.cache is None:
             self.cache = self.dit.new_cache(1, self.latent_hw, self.dtype, self.device)
         else:

@@ -25,7 +25,7 @@ from streamgen.model.audio import SAMPLES_PER_FRAME, VIDEO_FPS, frame_windows, n
 from streamgen.model.text import TEXT_DIM, text_context
 from streamgen.models import AvatarModel, load_model
 from streamgen.sampling import euler_sigmas, sample_euler
-from streamgen.stream import prepare_reference, to_pcm_float
+from streamgen.stream import encode_reference, prepare_reference, to_pcm_float
 
 
 class TeacherSession:
@@ -62,9 +62,7 @@ class TeacherSession:
 
     def start(self, reference, text=None, seed=0):
         ref = prepare_reference(reference, self.height, self.width)
-        img = torch.from_numpy(ref).permute(2, 0, 1)[None].float().to(self.device) / 127.5 - 1
-        with torch.no_grad():
-            self.reference = self.vae.encode_reference(img)
+        self.reference = encode_reference(self.vae, ref, self.device)
         # a model without sentence-embedding width (the debug flavor) runs uncaptioned
         self.context = text_context(text if self.cfg.text_dim == TEXT_DIM else None, self.cfg.text_dim)
         self.context = self.context.to(self.device)
