@@ -10,6 +10,15 @@ shared machine:
 - teacher_speedup: the same architecture run bidirectionally over the same
   clip with 50 Euler steps and CFG (100 evaluations) vs the cached student
   generating the same number of frames, at 4 (and 2, 1) steps.
+
+`--sweep 64 192 256 ...` measures all of these again at each size, and
+`largest_realtime` names the largest measured size that streams at >= 25
+frames/s: on a small CPU the ratios depend on the size (the student's small
+per-chunk matrices are dominated by per-op overhead; the teacher's attention
+grows with the square of the clip's tokens). `--compile` adds `compile`: the
+session with every transformer block under `torch.compile` (static shapes)
+against the same session eager, in alternating rounds; `compile_seconds` is
+the warm-up that compiled them. Everything else is measured eager.
 """
 
 from __future__ import annotations
@@ -215,6 +224,7 @@ def teacher_speedup(model, latent_hw, latent_frames, steps_list, teacher_steps=5
     # the student is timed before and after the (long) teacher run and averaged,
     # so a change in the machine's load during the run biases neither side
     student_seconds(steps_list[0])  # warm-up: first-use allocations for every cache fill level
+    teacher(noise, torch.ones(1))  # and one teacher evaluation (first use of its shapes)
     before = {steps: student_seconds(steps) for steps in steps_list}
     t = time.perf_counter()
     sample_euler(teacher, noise, euler_sigmas(teacher_steps, model.shift))
@@ -232,6 +242,56 @@ def teacher_speedup(model, latent_hw, latent_frames, steps_list, teacher_steps=5
     return out
 
 
+REALTIME_FPS = 25.0
+
+
+def measure_size(model, height, width, steps, chunks, context, teacher_frames) -> dict:
+    """Every per-size figure: the session end to end, cache_speedup and teacher_speedup."""
+    latent_hw = model.vae.latent_hw(height, width)
+    out = {"height": height, "width": width}
+    out.update(session_speed(model, height, width, steps, chunks))
+    out.update(cache_speedup(model, latent_hw, steps, max(3, chunks // 4), context))
+    out.update(teacher_speedup(model, latent_hw, teacher_frames, [4, 2, 1]))
+    return out
+
+
+def compile_speedup(model, height, width, steps, chunks, rounds=3) -> dict:
+    """StreamSession with each transformer block under torch.compile vs eager.
+
+    The two run in alternating rounds in this process (the machine's load hits
+    both alike); the compiled blocks share the eager blocks' weights.
+    """
+    from torch import nn
+
+    eager = model.dit.blocks
+    compiled = nn.ModuleList(torch.compile(blk, dynamic=False) for blk in eager)
+    runs = {"eager": [], "compiled": []}
+    try:
+        model.dit.blocks = compiled
+        t = time.perf_counter()
+        session_speed(model, height, width, steps, 2)  # compiles every shape of the session
+        compile_seconds = time.perf_counter() - t
+        for _ in range(rounds):
+            for name, blocks in (("eager", eager), ("compiled", compiled)):
+                model.dit.blocks = blocks
+                runs[name].append(session_speed(model, height, width, steps, chunks))
+    finally:
+        model.dit.blocks = eager
+
+    def median(name, key):
+        return float(np.median([r[key] for r in runs[name]]))
+
+    return {
+        "compile_seconds": round(compile_seconds, 1),
+        "rounds": rounds,
+        "eager_fps": round(median("eager", "fps"), 2),
+        "compiled_fps": round(median("compiled", "fps"), 2),
+        "speedup": round(median("compiled", "fps") / median("eager", "fps"), 3),
+        "eager_first_chunk_ms": round(median("eager", "first_chunk_ms"), 1),
+        "compiled_first_chunk_ms": round(median("compiled", "first_chunk_ms"), 1),
+    }
+
+
 def run(
     flavor="tiny-avatar",
     height=128,
@@ -243,12 +303,12 @@ def run(
     sweep=(),
     threads=None,
     dtype="float32",
+    compile=False,
 ) -> dict:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = load_model(flavor, dtype=getattr(torch, dtype))
-    latent_hw = model.vae.latent_hw(height, width)
     result = {
         "flavor": flavor,
         "height": height,
@@ -257,15 +317,24 @@ def run(
         "dtype": dtype,
         "trained": model.trained,
     }
-    result.update(session_speed(model, height, width, steps, chunks))
+    main_size = measure_size(model, height, width, steps, chunks, context, teacher_frames)
+    result.update({k: v for k, v in main_size.items() if k not in ("height", "width")})
     result.update(batch_throughput(model, height, width, steps))
-    result.update(cache_speedup(model, latent_hw, steps, max(3, chunks // 4), context))
-    result.update(teacher_speedup(model, latent_hw, teacher_frames, [4, 2, 1]))
     result["threads"] = torch.get_num_threads()
+    if compile:
+        result["compile"] = compile_speedup(model, height, width, steps, max(5, chunks // 2))
     if sweep:
         result["resolution_sweep"] = [
-            {"height": s, "width": s, **session_speed(model, s, s, steps, max(5, chunks // 2))} for s in sweep
+            measure_size(model, s, s, steps, max(5, chunks // 2), context, teacher_frames) for s in sweep
         ]
+        measured = [main_size, *result["resolution_sweep"]]
+        realtime = [m for m in measured if m["fps"] >= REALTIME_FPS]
+        if realtime:
+            best = max(realtime, key=lambda m: m["height"] * m["width"])
+            result["largest_realtime"] = {
+                k: best[k]
+                for k in ("height", "width", "fps", "first_chunk_ms", "cache_speedup", "teacher_speedup")
+            }
     return result
 
 
@@ -282,10 +351,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=21,
         help="latent frames of the clip (Wan: 81 frames = 21 latent)",
     )
-    p.add_argument("--sweep", type=int, nargs="*", default=(), help="also measure fps at these square sizes")
+    p.add_argument(
+        "--sweep", type=int, nargs="*", default=(), help="also measure everything at these square sizes"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default="float32", help="DiT weights and cache"
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="also time the session with torch.compile'd blocks against eager"
     )
 
 
@@ -301,6 +375,7 @@ def main(args) -> dict:
         args.sweep,
         args.threads,
         args.dtype,
+        args.compile,
     )
 
 

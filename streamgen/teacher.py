@@ -22,7 +22,7 @@ import torch
 
 from streamgen.conditioning import Conditions, guided_velocity
 from streamgen.model.audio import SAMPLES_PER_FRAME, VIDEO_FPS, frame_windows, needed_video_frames
-from streamgen.model.text import TEXT_DIM, text_context
+from streamgen.model.text import text_context
 from streamgen.models import AvatarModel, load_model
 from streamgen.sampling import euler_sigmas, sample_euler
 from streamgen.stream import encode_reference, prepare_reference, to_pcm_float
@@ -63,9 +63,8 @@ class TeacherSession:
     def start(self, reference, text=None, seed=0):
         ref = prepare_reference(reference, self.height, self.width)
         self.reference = encode_reference(self.vae, ref, self.device)
-        # a model without sentence-embedding width (the debug flavor) runs uncaptioned
-        self.context = text_context(text if self.cfg.text_dim == TEXT_DIM else None, self.cfg.text_dim)
-        self.context = self.context.to(self.device)
+        # as StreamSession: a caption for a model without sentence-embedding width is an error
+        self.context = text_context(text, self.cfg.text_dim).to(self.device)
         self.generator = torch.Generator().manual_seed(seed or 0)
         self.pcm = np.zeros(0, np.float32)
         self.position, self.previous, self.state = 0, None, self.vae.init_state(1)

@@ -84,22 +84,36 @@ def test_bench_engine_prints_one_json_object():
         "4",
         "--teacher-frames",
         "2",
+        "--sweep",
+        "48",
     )
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    for key in (
-        "flavor",
-        "height",
-        "width",
-        "fps",
-        "first_chunk_ms",
-        "chunk_ms_p50",
-        "chunk_ms_p95",
-        "cache_speedup",
-        "teacher_speedup",
-    ):
+    per_size = ("fps", "first_chunk_ms", "chunk_ms_p50", "chunk_ms_p95", "cache_speedup", "teacher_speedup")
+    for key in ("flavor", "height", "width", *per_size):
         assert key in result
     assert result["fps"] > 0 and result["cache_max_abs_diff"] <= 1e-4
+    (entry,) = result["resolution_sweep"]
+    assert entry["height"] == entry["width"] == 48 and all(key in entry for key in per_size)
+    assert entry["cache_max_abs_diff"] <= 1e-4
+    realtime = [m for m in (result, entry) if m["fps"] >= 25]
+    if realtime:  # the largest size that streams in real time, whichever it is on this machine
+        assert result["largest_realtime"]["height"] == max(m["height"] for m in realtime)
+    else:
+        assert "largest_realtime" not in result
+
+
+@pytest.mark.slow
+def test_bench_engine_compile_times_compiled_against_eager():
+    r = streamgen(
+        "bench", "engine", "--json", "--model", "debug", "--height", "32", "--width", "32",
+        "--chunks", "2", "--context", "4", "--teacher-frames", "2", "--compile",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    compiled = result["compile"]
+    assert compiled["compile_seconds"] > 0 and compiled["rounds"] == 3
+    assert compiled["eager_fps"] > 0 and compiled["compiled_fps"] > 0
 
 
 @pytest.mark.slow

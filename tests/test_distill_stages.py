@@ -206,7 +206,9 @@ def test_the_teacher_streams_for_the_results_table(pipeline):
     session = TeacherSession(str(pipeline["teacher"]), 16, 16, steps=3, window=4, motion=2)
     ref = torch.randint(0, 255, (16, 16, 3), dtype=torch.uint8).numpy()
     audio = (0.1 * torch.randn(16000 * 2)).numpy()
-    frames = generate_with_stream_session(session, ref, audio, "smiling", 40, seed=1)
+    with pytest.raises(ValueError, match="text features"):  # as StreamSession: no silent drop
+        session.start(ref, text="smiling")
+    frames = generate_with_stream_session(session, ref, audio, "smiling", 40, seed=1)  # scored uncaptioned
     assert frames.shape == (40, 16, 16, 3) and frames.dtype.name == "uint8"
     assert session.position == 12  # three windows of 4 latent frames
     row = {"row": "teacher", "nfe": 100, "sync_c": 1.0, "sync_d": 0.5, "av_offset_frames": 0, "csim": 0.9,

@@ -25,8 +25,15 @@ GROUND_TRUTH = "ground-truth"
 
 
 def generate_with_stream_session(session, reference, audio, caption, n_frames, seed) -> np.ndarray:
-    """Frames a StreamSession makes for one clip: push audio ahead of the video, pull chunks."""
-    session.start(reference, text=caption or None, seed=seed)
+    """Frames a StreamSession makes for one clip: push audio ahead of the video, pull chunks.
+
+    The clip's caption conditions models that take sentence embeddings; models
+    without that width (the debug flavor) are scored uncaptioned.
+    """
+    from streamgen.model.text import TEXT_DIM
+
+    text = caption if caption and session.cfg.text_dim == TEXT_DIM else None
+    session.start(reference, text=text, seed=seed)
     pushed, frames, got = 0, [], 0
     samples_per_frame = 640
     try:
