@@ -338,6 +338,37 @@ def run(
     return result
 
 
+def plot_sizes(result: dict, path) -> None:
+    """The size trade-off as a PNG: frames/s (with the real-time line) and the speedups."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted([result, *result.get("resolution_sweep", [])], key=lambda r: r["height"])
+    sizes = [f"{r['height']}x{r['width']}" for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.plot(sizes, [r["fps"] for r in rows], "o-", label="StreamSession fps")
+    left.axhline(REALTIME_FPS, color="grey", ls="--", label=f"{REALTIME_FPS:g} fps")
+    left.set_ylabel("frames/s")
+    left.set_title(f"{result['flavor']}, {result['steps']} steps, {result['threads']} threads")
+    left.legend()
+    for key, label in (
+        ("teacher_speedup", "vs teacher, 4 steps"),
+        ("teacher_speedup_2step", "vs teacher, 2 steps"),
+        ("teacher_speedup_1step", "vs teacher, 1 step"),
+        ("cache_speedup", "cache vs recompute"),
+    ):
+        right.plot(sizes, [r[key] for r in rows], "o-", label=label)
+    right.axhline(20, color="grey", ls="--", lw=0.8)
+    right.set_yscale("log")
+    right.set_ylabel("speedup (wall time, same run)")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-avatar")
     p.add_argument("--height", type=int, default=128)
@@ -358,13 +389,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default="float32", help="DiT weights and cache"
     )
+    p.add_argument("--plot", default=None, help="write the size trade-off (main size + sweep) to this PNG")
     p.add_argument(
         "--compile", action="store_true", help="also time the session with torch.compile'd blocks against eager"
     )
 
 
 def main(args) -> dict:
-    return run(
+    result = run(
         args.model,
         args.height,
         args.width,
@@ -377,6 +409,9 @@ def main(args) -> dict:
         args.dtype,
         args.compile,
     )
+    if args.plot:
+        plot_sizes(result, args.plot)
+    return result
 
 
 if __name__ == "__main__":

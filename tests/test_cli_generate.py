@@ -67,7 +67,7 @@ def test_empty_audio_is_an_error(tmp_path):
     assert r.returncode == 2 and "no audio" in r.stderr
 
 
-def test_bench_engine_prints_one_json_object():
+def test_bench_engine_prints_one_json_object(tmp_path):
     r = streamgen(
         "bench",
         "engine",
@@ -86,6 +86,8 @@ def test_bench_engine_prints_one_json_object():
         "2",
         "--sweep",
         "48",
+        "--plot",
+        str(tmp_path / "sizes.png"),
     )
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
@@ -101,6 +103,7 @@ def test_bench_engine_prints_one_json_object():
         assert result["largest_realtime"]["height"] == max(m["height"] for m in realtime)
     else:
         assert "largest_realtime" not in result
+    assert (tmp_path / "sizes.png").stat().st_size > 0
 
 
 @pytest.mark.slow
