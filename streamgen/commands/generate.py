@@ -108,4 +108,8 @@ def _apply_sequence_parallel(session, sp: int) -> bool:
 
     mesh, mode = init_sequence_parallel(sp, session.cfg.num_heads)
     apply_sequence_parallel(session.dit, mesh, mode)
+    if session.latent_hw[0] % sp == 0:  # each process decodes a band of rows; all get the frames
+        from streamgen.parallel.vae import parallel_decoder
+
+        session.vae = parallel_decoder(session.vae)
     return is_main_process()

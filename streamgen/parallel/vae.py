@@ -1,19 +1,25 @@
 """Parallel VAE decode: each process decodes a horizontal band of the latent
-frame plus a halo of neighbouring rows, crops the halo off its output and the
-bands are gathered at the end.
+frame and the bands are gathered at the end. Two ways to make bands exact:
 
-Exactness. A convolutional decoder's output pixel depends on latents within a
-finite radius (its receptive field); with a halo at least that radius, a
-band's cropped output equals the same rows of the whole-frame decode exactly
-(zero padding at the band's cut edges only reaches into the halo). The
-decoder state of a stream (TinyCausalVAE: the previous latent frame's
-features at the band's rows) is per band, and since the temporal mix is
-per pixel it never carries halo errors sideways, so chunk-by-chunk decoding
-stays exact too.
+`TiledParallelDecoder` (convolutional decoders, TinyCausalVAE): each band is
+decoded with a halo of neighbouring latent rows and the halo is cropped off
+its output. A decoded pixel depends on latents within a finite radius (the
+receptive field); with a halo at least that radius, a band's cropped output
+equals the same rows of the whole-frame decode exactly (zero padding at the
+band's cut edges only reaches into the halo). The decoder state of a stream
+(the previous latent frame's features at the band's rows) is per band, and
+since the temporal mix is per pixel it never carries halo errors sideways.
 
-WanVAE is not supported: its decoder's mid block runs spatial self-attention
-over the whole frame, so its receptive field is the frame and no halo short of
-the frame makes tiles exact (diffusers' own tiling blends overlaps instead).
+`WanBandParallelDecoder` (diffusers' AutoencoderKLWan): its mid block runs
+self-attention over the whole frame, so no halo short of the frame would do.
+Instead every spatial layer of the decoder works on the band itself: a 3x3
+convolution first takes one row from each neighbouring band (zeros at the
+frame's top and bottom, as its own padding would), the attention block
+gathers the whole (lowest-resolution) frame and keeps its band's rows, and
+everything else (RMS norms over channels, nearest upsampling, 1x1 and
+temporal convolutions) is local to a pixel. The feature caches of the causal
+convolutions hold the band's rows, and their halos are exchanged too, so
+chunk-by-chunk decoding stays exact.
 """
 
 from __future__ import annotations
@@ -52,7 +58,23 @@ def decoder_receptive_radius(vae) -> float:
     return radius
 
 
-class TiledParallelDecoder:
+class _ParallelDecoder:
+    """Common to the parallel decoders: they stand in for the autoencoder they wrap
+    (encoding, sizes, parameters come from it) and decode whole clips as one stream."""
+
+    vae: nn.Module
+
+    def __getattr__(self, name):
+        if name == "vae":  # not set yet: no recursion
+            raise AttributeError(name)
+        return getattr(self.vae, name)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        frames, _ = self.decode_stream(latents, self.init_state(latents.shape[0]))
+        return frames
+
+
+class TiledParallelDecoder(_ParallelDecoder):
     """Decode latents across the processes of `group`, one band of latent rows each.
 
     Same streaming interface as the autoencoder (`init_state`, `decode_stream`,
@@ -86,10 +108,124 @@ class TiledParallelDecoder:
         frames, state = self.vae.decode_stream(latents[..., lo:hi, :], state)
         sf = self.vae.spatial_factor
         band = frames[..., (start - lo) * sf : (stop - lo) * sf, :].contiguous()
-        parts = [torch.empty_like(band) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(parts, band, group=self.group)
-        return torch.cat(parts, dim=-2), state
+        return gather_rows(band, self.group), state
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        frames, _ = self.decode_stream(latents, self.init_state(latents.shape[0]))
-        return frames
+
+# --- AutoencoderKLWan: bands with per-layer halo exchange -----------------------
+
+
+def exchange_halo(x: torch.Tensor, rows: int, group) -> torch.Tensor:
+    """This band [..., h, W] -> [..., rows + h + rows, W]: the neighbouring bands' edge rows
+    above and below (zeros at the frame's top and bottom)."""
+    p, i = dist.get_world_size(group), dist.get_rank(group)
+    if x.shape[-2] < rows:
+        raise ValueError(f"a band of {x.shape[-2]} rows cannot lend a halo of {rows}")
+    edges = torch.cat([x[..., :rows, :], x[..., -rows:, :]], dim=-2).contiguous()
+    parts = [torch.empty_like(edges) for _ in range(p)]
+    dist.all_gather(parts, edges, group=group)
+    zeros = torch.zeros_like(x[..., :rows, :])
+    top = parts[i - 1][..., rows:, :] if i > 0 else zeros
+    bottom = parts[i + 1][..., :rows, :] if i + 1 < p else zeros
+    return torch.cat([top, x, bottom], dim=-2)
+
+
+def gather_rows(band: torch.Tensor, group) -> torch.Tensor:
+    """Equal bands [..., h, W] from every process -> the whole frame [..., p * h, W]."""
+    parts = [torch.empty_like(band) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, band.contiguous(), group=group)
+    return torch.cat(parts, dim=-2)
+
+
+def _band_causal_conv3d(conv, group) -> None:
+    """WanCausalConv3d: rows come from the neighbours instead of zero padding."""
+    pw, _, ph, _, pt, _ = conv._padding
+    conv._padding = (pw, pw, 0, 0, pt, 0)
+    forward = conv.forward
+
+    def band_forward(x, cache_x=None):
+        x = exchange_halo(x, ph, group)
+        if cache_x is not None:  # the previous frames' rows of the same layer input
+            cache_x = exchange_halo(cache_x, ph, group)
+        return forward(x, cache_x)
+
+    conv.forward = band_forward
+
+
+def _band_conv2d(conv: nn.Conv2d, group) -> None:
+    """The 3x3 convolution after each upsampling."""
+    ph, pw = conv.padding
+    conv.padding = (0, pw)
+    forward = conv.forward
+    conv.forward = lambda x: forward(exchange_halo(x, ph, group))
+
+
+def _band_attention(block, group) -> None:
+    """Whole-frame attention: gather the frame, keep this band's rows of the output."""
+    forward = block.forward
+
+    def band_forward(x):
+        h, i = x.shape[-2], dist.get_rank(group)
+        return forward(gather_rows(x, group))[..., i * h : (i + 1) * h, :]
+
+    block.forward = band_forward
+
+
+def _make_wan_decoder_band_parallel(decoder: nn.Module, group) -> None:
+    """Patch every spatial layer of the decoder; refuse layers not known to be band-safe.
+
+    The containers (decoder, mid/up blocks, residual blocks, resamplers)
+    only reshape, add and call their children; the leaves decide.
+    """
+    from diffusers.models.autoencoders import autoencoder_kl_wan as wan
+
+    pointwise = (wan.WanRMS_norm, wan.WanUpsample, nn.SiLU, nn.Dropout, nn.Identity)
+    whole_frame = [m for m in decoder.modules() if isinstance(m, wan.WanAttentionBlock)]
+    inside_attention = {id(c) for m in whole_frame for c in m.modules() if c is not m}
+    for name, m in decoder.named_modules():
+        if id(m) in inside_attention or list(m.children()) and not isinstance(m, wan.WanAttentionBlock):
+            continue
+        if isinstance(m, wan.WanAttentionBlock):
+            _band_attention(m, group)
+        elif isinstance(m, wan.WanCausalConv3d | nn.Conv2d):
+            k, pad = m.kernel_size[-2], (m._padding[2] if isinstance(m, wan.WanCausalConv3d) else m.padding[0])
+            if k == 1:
+                continue
+            if k != 2 * pad + 1 or m.stride[-2] != 1:
+                raise TypeError(f"{name}: only same-size spatial convolutions split into bands")
+            (_band_causal_conv3d if isinstance(m, wan.WanCausalConv3d) else _band_conv2d)(m, group)
+        elif not isinstance(m, pointwise):
+            raise TypeError(f"{name}: {type(m).__name__} is not known to be local to a pixel")
+
+
+class WanBandParallelDecoder(_ParallelDecoder):
+    """Decode WanVAE latents across the processes of `group`, one band of latent rows each.
+
+    Same streaming interface as the autoencoder; every process passes the same
+    full latents and gets the full frames back. Changes this process's decoder
+    in place: from then on it only decodes bands, as part of the group. The
+    latent height must be divisible by the group size.
+    """
+
+    def __init__(self, vae, group=None):
+        self.vae = vae
+        self.group = group or dist.group.WORLD
+        _make_wan_decoder_band_parallel(vae.vae.decoder, self.group)
+
+    def init_state(self, batch: int):
+        return self.vae.init_state(batch)
+
+    def decode_stream(self, latents: torch.Tensor, state):
+        p, i = dist.get_world_size(self.group), dist.get_rank(self.group)
+        height = latents.shape[-2]
+        if height % p:
+            raise ValueError(f"latent height {height} must be divisible by the number of decode processes {p}")
+        rows = height // p
+        band, state = self.vae.decode_stream(latents[..., i * rows : (i + 1) * rows, :], state)
+        return gather_rows(band, self.group), state
+
+
+def parallel_decoder(vae, group=None):
+    """The parallel decoder for this autoencoder: banded for WanVAE, tiled with a halo otherwise."""
+    from streamgen.model.vae import WanVAE
+
+    return WanBandParallelDecoder(vae, group) if isinstance(vae, WanVAE) else TiledParallelDecoder(vae, group)
