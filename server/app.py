@@ -110,6 +110,10 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         return load_model(config.model, device=config.device)
 
     def start_host():
+        if config.sp > 1:
+            from .sp_host import SequenceParallelHost
+
+            return SequenceParallelHost(config.model, config.device, config.torch_threads, config.sp, config.height)
         from .model_host import ModelHost
 
         return ModelHost(config.model, config.device, config.torch_threads)
@@ -136,7 +140,7 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
             import torch
 
             torch.set_num_threads(config.torch_threads)
-        if model is None and config.inference_process:
+        if model is None and (config.inference_process or config.sp > 1):
             registry.host = await asyncio.wrap_future(registry.worker.submit(start_host))
         else:
             registry.model = model or await asyncio.wrap_future(registry.worker.submit(load))

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loopback", action="store_true", help="offer 127.0.0.1 for WebRTC (same machine)")
     parser.add_argument("--model-process", action="store_true",
                         help="run the model in a child process instead of a thread of the server")
+    parser.add_argument("--sp", type=int, default=1,
+                        help="shard the model over N processes (sequence parallelism; restarts under torchrun)")
     parser.add_argument("--log-level", default="info")
     # benchmark switches (bench/server.py)
     parser.add_argument("--stamp-frames", action="store_true", help=argparse.SUPPRESS)
@@ -32,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    import os
 
     import uvicorn
 
@@ -48,11 +51,22 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"unknown model {args.model!r}: not a model directory or a known flavor")
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a TCP port")
+    if args.sp < 1:
+        raise UserError("--sp must be at least 1")
+    if args.sp > 1:
+        from streamgen.parallel.launch import relaunch_under_torchrun
+
+        relaunch_under_torchrun(args.sp)  # does not return in the launching process
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    threads = args.threads or (1 if args.device == "cpu" else None)
+    if args.sp > 1 and int(os.environ.get("RANK", 0)) > 0:
+        from .sp_host import follow
+
+        return follow(args.model, args.device, threads, args.sp, args.size)  # no server on this rank
     config = ServerConfig(
         model=args.model, height=args.size, width=args.size, steps=args.steps, device=args.device,
         max_sessions=args.max_sessions, token=args.token,
-        torch_threads=args.threads or (1 if args.device == "cpu" else None), loopback=args.loopback or args.host == "127.0.0.1",
+        torch_threads=threads, loopback=args.loopback or args.host == "127.0.0.1", sp=args.sp,
         idle_timeout_s=args.idle_timeout, max_duration_s=args.max_duration,
         stamp_frames=args.stamp_frames, measure_capacity=not args.admit_max, inference_process=args.model_process,
     )  # fmt: skip

@@ -16,6 +16,7 @@ class ServerConfig:
     steps: int | None = None
     device: str = "cpu"
     inference_process: bool = False  # the model in a child process (serve --model-process)
+    sp: int = 1  # > 1: this is rank 0 of `serve --sp N` under torchrun (server/sp_host.py)
     torch_threads: int | None = None  # None: torch's default; 1 is far faster on an oversubscribed CPU
     max_sessions: int = 8  # upper bound; measured capacity may admit fewer
     measure_capacity: bool = True  # False: admit exactly max_sessions (tests on a busy machine)

@@ -37,8 +37,7 @@ class ModelHost:
         ok, result = self._conn.recv()
         if ok:
             return result
-        kind, message = result
-        raise _ERRORS.get(kind, RuntimeError)(message)
+        raise_reported(result)
 
     def stop(self) -> None:
         try:
@@ -79,11 +78,66 @@ class RemoteStream:
         self.host.call("close", self.id)
 
 
+class ModelOps:
+    """The operations a host runs for RemoteStreams: one StreamSession per stream id."""
+
+    def __init__(self, model, device: str):
+        self.model, self.device = model, device
+        self.streams = {}
+
+    def handle(self, op: str, args: tuple):
+        from streamgen.stream import StreamSession
+
+        if op == "ping":
+            return True
+        if op == "create":
+            sid, reference, caption, seed, height, width, steps = args
+            stream = StreamSession(self.model, height, width, steps, device=self.device)
+            stream.start(reference, text=caption, seed=seed)
+            self.streams[sid] = stream
+            return {
+                "width": stream.width, "height": stream.height, "frames_per_chunk": stream.frames_per_chunk,
+                "chunk_seconds": stream.chunk_seconds, "audio_lookahead_seconds": stream.audio_lookahead_seconds,
+            }  # fmt: skip
+        if op == "chunk":
+            sid, pcm = args
+            stream = self.streams[sid]
+            if len(pcm):
+                stream.push_audio(pcm)
+            return stream.next_chunk()
+        if op == "caption":
+            sid, text = args
+            self.streams[sid].set_text(text or None)
+            return None
+        if op == "close":
+            stream = self.streams.pop(args[0], None)
+            if stream is not None:
+                stream.close()
+            return None
+        if op == "warm_text":
+            from streamgen.model.text import TEXT_DIM, text_context
+
+            if self.model.cfg.text_dim == TEXT_DIM:
+                text_context("warm up", self.model.cfg.text_dim)
+            return None
+        raise ValueError(f"unknown operation {op!r}")
+
+    def close_all(self) -> None:
+        for stream in self.streams.values():
+            stream.close()
+        self.streams.clear()
+
+
+def raise_reported(result) -> None:
+    """Re-raise an error reported as (type name, message) with the type the server handles."""
+    kind, message = result
+    raise _ERRORS.get(kind, RuntimeError)(message)
+
+
 def _child_main(conn, model_name: str, device: str, threads: int | None) -> None:
     import torch
 
     from streamgen.models import load_model
-    from streamgen.stream import StreamSession
 
     if threads:
         torch.set_num_threads(threads)
@@ -93,7 +147,7 @@ def _child_main(conn, model_name: str, device: str, threads: int | None) -> None
         conn.recv()
         conn.send((False, (type(e).__name__, str(e))))
         return
-    streams: dict[str, StreamSession] = {}
+    ops = ModelOps(model, device)
     while True:
         try:
             op, args = conn.recv()
@@ -102,40 +156,6 @@ def _child_main(conn, model_name: str, device: str, threads: int | None) -> None
         if op == "exit":
             return
         try:
-            if op == "ping":
-                result = True
-            elif op == "create":
-                sid, reference, caption, seed, height, width, steps = args
-                stream = StreamSession(model, height, width, steps, device=device)
-                stream.start(reference, text=caption, seed=seed)
-                streams[sid] = stream
-                result = {
-                    "width": stream.width, "height": stream.height, "frames_per_chunk": stream.frames_per_chunk,
-                    "chunk_seconds": stream.chunk_seconds, "audio_lookahead_seconds": stream.audio_lookahead_seconds,
-                }  # fmt: skip
-            elif op == "chunk":
-                sid, pcm = args
-                stream = streams[sid]
-                if len(pcm):
-                    stream.push_audio(pcm)
-                result = stream.next_chunk()
-            elif op == "caption":
-                sid, text = args
-                streams[sid].set_text(text or None)
-                result = None
-            elif op == "close":
-                stream = streams.pop(args[0], None)
-                if stream is not None:
-                    stream.close()
-                result = None
-            elif op == "warm_text":
-                from streamgen.model.text import text_context
-
-                if model.cfg.text_dim == 384:
-                    text_context("warm up", model.cfg.text_dim)
-                result = None
-            else:
-                raise ValueError(f"unknown operation {op!r}")
-            conn.send((True, result))
+            conn.send((True, ops.handle(op, args)))
         except Exception as e:  # reported to the caller in the server, which decides
             conn.send((False, (type(e).__name__, str(e))))

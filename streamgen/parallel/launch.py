@@ -71,6 +71,18 @@ def choose_degrees(num_heads: int, world: int) -> tuple[int, int]:
     return ulysses, world // ulysses
 
 
+def init_process_group() -> None:
+    """In a torchrun worker: join the group (env:// rendezvous) unless joined already.
+    NCCL with one GPU per LOCAL_RANK when CUDA is available, gloo otherwise."""
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
 def init_sequence_parallel(sp: int, num_heads: int, mode: str = "auto"):
     """In a torchrun worker: init the process group and build the mesh for `mode`.
 
@@ -79,12 +91,7 @@ def init_sequence_parallel(sp: int, num_heads: int, mode: str = "auto"):
     """
     from streamgen.parallel.apply import sequence_parallel_mesh
 
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
+    init_process_group()
     world = dist.get_world_size()
     if world != sp:
         raise ValueError(f"--sp {sp} but torchrun started {world} processes")

@@ -42,7 +42,7 @@ def decoder_receptive_radius(vae) -> float:
     if any(s is None for s in stages):
         raise TypeError(
             f"{type(vae).__name__}: tiled decoding needs a convolutional decoder (dec_in, dec_mix, dec) "
-            "with a finite receptive field; WanVAE's mid-block attention sees the whole frame"
+            "with a finite receptive field (WanVAE: use WanBandParallelDecoder or parallel_decoder)"
         )
     scale, radius = 1.0, 0.0
     for stage in stages:

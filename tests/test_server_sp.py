@@ -1,0 +1,142 @@
+"""`streamgen serve --sp N`: rank 0's model operations replayed on the followers.
+
+Two gloo processes: rank 0 drives a stream through `SequenceParallelHost` (as
+the server's inference worker does), rank 1 follows. The frames must be the
+single-process stream's, a client error must leave both ranks in step, and
+`stop()` must end the follower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.server_helpers import free_port
+
+SEED, CHUNKS = 7, 3
+
+
+def inputs():
+    rng = np.random.default_rng(0)
+    face = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    speech = (rng.standard_normal(16000 * 4) * 0.1).astype(np.float32)
+    return face, speech
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from server.model_host import RemoteStream
+    from server.sp_host import SequenceParallelHost, follow
+
+    if rank > 0:
+        follow("debug", "cpu", 1, world)
+        with open(os.path.join(out_dir, f"follower{rank}.json"), "w") as f:
+            json.dump({"exited": True}, f)
+        return
+    host = SequenceParallelHost("debug", "cpu", 1, world)
+    face, speech = inputs()
+    errors = []
+    try:
+        RemoteStream(host, face.astype(np.float32), None, None, None, None, None)  # refused on every rank
+    except ValueError as e:
+        errors.append(str(e))
+    stream = RemoteStream(host, face, None, SEED, None, None, None)
+    stream.push_audio(speech)
+    frames = [stream.next_chunk()[0] for _ in range(CHUNKS)]
+    stream.close()
+    host.stop()
+    np.save(os.path.join(out_dir, "frames.npy"), np.concatenate(frames))
+    with open(os.path.join(out_dir, "errors.json"), "w") as f:
+        json.dump(errors, f)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+def test_followers_replay_the_stream_of_rank_0(tmp_path):
+    from streamgen.models import load_model
+    from streamgen.stream import StreamSession
+
+    face, speech = inputs()
+    alone = StreamSession(load_model("debug"))
+    alone.start(face, seed=SEED)
+    alone.push_audio(speech)
+    expected = np.concatenate([alone.next_chunk()[0] for _ in range(CHUNKS)])
+
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    got = np.load(tmp_path / "frames.npy")
+    assert got.shape == expected.shape
+    diff = np.abs(got.astype(int) - expected.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01  # fp32 reassociation can flip a rounding
+    assert len(json.loads((tmp_path / "errors.json").read_text())) == 1
+    assert json.loads((tmp_path / "follower1.json").read_text()) == {"exited": True}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_serve_with_sp_streams_and_shuts_down(tmp_path):
+    """`streamgen serve --sp 2` under torchrun: ready, a WebSocket session streams, SIGINT ends all ranks."""
+    import asyncio
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import websockets
+
+    from tests.test_server_load import HEADER, create, first_frame, ws_url
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamgen.cli", "serve", "--sp", "2", "--model", "debug", "--port", str(port),
+         "--threads", "1", "--admit-max", "--log-level", "warning"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    if (await http.get("/readyz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                await asyncio.sleep(0.2)
+            s = await create(http, 3)
+            async with websockets.connect(ws_url(url, s)) as ws:
+                await ws.send(json.dumps({"type": "start", "format": "rgb"}))
+                frames = [await first_frame(ws) for _ in range(10)]
+                assert len(frames[-1]) == HEADER.size + 64 * 64 * 3
+                await ws.send(json.dumps({"type": "stop"}))
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: torchrun passes it on to both ranks
+        try:
+            rc = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            log.close()
+    # torchrun exits 1 on a signal, by design; what matters is that no rank is left behind
+    assert rc in (0, 1), (tmp_path / "serve.log").read_text()[-3000:]
+    deadline = time.monotonic() + 30
+    while _group_alive(proc.pid):
+        assert time.monotonic() < deadline, "a rank outlived torchrun"
+        await asyncio.sleep(0.2)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
