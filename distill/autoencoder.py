@@ -2,8 +2,8 @@
 
 Crops of `data.video_frames` frames (a multiple of the temporal factor, so the
 causal temporal mix between latent frames is trained too) are encoded and
-decoded; loss = L1 + MSE of the reconstruction plus a small penalty on the
-latents' magnitude. At export the per-channel latent mean and std are measured
+decoded; loss = L1 + MSE of the reconstruction (optionally weighted up inside
+the mouth box, `mouth_weight`) plus a small penalty on the latents' magnitude. At export the per-channel latent mean and std are measured
 over `stats_clips` clips and stored in the VAE's normalisation buffers, so the
 diffusion stages see roughly unit-variance latents.
 """
@@ -75,11 +75,18 @@ class Stage:
         if cfg.data.video_frames % mcfg.temporal_compression:
             raise ValueError(f"data.video_frames must be a multiple of {mcfg.temporal_compression}")
         torch.manual_seed(cfg.run.seed)
-        self.vae = TinyCausalVAE(mcfg.in_channels, tuple(cfg.model.vae_widths), mcfg.temporal_compression)
+        self.vae = TinyCausalVAE(
+            mcfg.in_channels, tuple(cfg.model.vae_widths), mcfg.temporal_compression, cfg.model.vae_res_blocks
+        )
         self.vae.to(world.device).train()
         broadcast_module(self.vae, world)
         self.source = VideoSource(cfg)
         self.updaters = {"vae": Updater("vae", self.vae, cfg.optim, world)}
+        from streamgen.eval.evaluators import MOUTH_BOX
+
+        r0, r1, c0, c1 = MOUTH_BOX  # fractions of the frame: the renderer's mouth is always there
+        h, w = cfg.model.height, cfg.model.width
+        self.mouth_rows, self.mouth_cols = slice(round(r0 * h), round(r1 * h)), slice(round(c0 * w), round(c1 * w))
 
     def model_configs(self) -> dict:
         return {"vae": dict(self.vae.config)}
@@ -106,6 +113,9 @@ class Stage:
         recon, _ = self.vae.decode_stream(z, None)
         err = recon - x
         loss = o.l1_weight * err.abs().mean() + o.mse_weight * err.square().mean()
+        if o.mouth_weight:
+            mouth = err[..., self.mouth_rows, self.mouth_cols]
+            loss = loss + o.mouth_weight * (o.l1_weight * mouth.abs().mean() + o.mse_weight * mouth.square().mean())
         loss = loss + o.latent_penalty * z.square().mean()
         out = self.updaters["vae"].update(loss)
         out["psnr"] = float(10 * torch.log10(4 / err.detach().square().mean().clamp(min=1e-10)))

@@ -90,7 +90,7 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int):
         vae = TinyCausalVAE.load(p)
     else:
         torch.manual_seed(seed + 1)
-        vae = TinyCausalVAE(latent_channels, tuple(section.vae_widths), temporal)
+        vae = TinyCausalVAE(latent_channels, tuple(section.vae_widths), temporal, section.vae_res_blocks)
     if vae.latent_channels != latent_channels:
         raise ValueError(
             f"the autoencoder has {vae.latent_channels} latent channels, the model {latent_channels}"

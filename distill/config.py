@@ -65,6 +65,7 @@ class ModelConfigSection:
     init: str | None = None  # checkpoint (.safetensors), model directory, or wan:DIR
     vae: str | None = None  # trained autoencoder directory; None: a random TinyCausalVAE
     vae_widths: list = field(default_factory=lambda: [32, 64, 96, 128])
+    vae_res_blocks: int = 0  # extra residual blocks per scale of the TinyCausalVAE
     height: int = 64
     width: int = 64
 
@@ -76,6 +77,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     eps: float = 1e-8
     warmup: int = 0  # linear warm-up steps
+    decay_steps: int = 0  # > 0: cosine decay from lr to min_lr over this many updates after warm-up
+    min_lr: float = 0.0
     grad_clip: float = 1.0  # max grad norm; 0 disables
     ema: float = 0.0  # EMA decay of the weights; 0 disables
 
@@ -86,6 +89,9 @@ class AutoencoderOptions:
     mse_weight: float = 1.0
     latent_penalty: float = 1e-4  # keeps latents small and well-conditioned for diffusion
     stats_clips: int = 64  # clips used to measure latent_mean / latent_std at the end
+    # extra weight of the reconstruction error inside the mouth box (the evaluators' MOUTH_BOX):
+    # the mouth is ~15% of the frame but carries all of the lip sync
+    mouth_weight: float = 0.0
 
 
 @dataclass

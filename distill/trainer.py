@@ -41,6 +41,16 @@ class NonFiniteLoss(ArithmeticError):
         self.name, self.value = name, value
 
 
+def learning_rate(cfg: OptimConfig, updates: int) -> float:
+    """Linear warm-up to cfg.lr, then constant, or a cosine down to cfg.min_lr over cfg.decay_steps."""
+    if cfg.warmup and updates < cfg.warmup:
+        return cfg.lr * (updates + 1) / cfg.warmup
+    if not cfg.decay_steps:
+        return cfg.lr
+    done = min(1.0, (updates - cfg.warmup) / cfg.decay_steps)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * done))
+
+
 class Updater:
     """One trainable module: AdamW, linear warm-up, grad-norm clipping, EMA, gradient all-reduce."""
 
@@ -90,7 +100,7 @@ class Updater:
             norm = float(norm.full_tensor() if self.sharded else norm)
             if not math.isfinite(norm):
                 raise NonFiniteLoss(f"{self.name} gradient", norm)
-        lr = self.cfg.lr * min(1.0, (self.updates + 1) / self.cfg.warmup) if self.cfg.warmup else self.cfg.lr
+        lr = learning_rate(self.cfg, self.updates)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()

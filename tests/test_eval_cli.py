@@ -44,3 +44,24 @@ def test_eval_scores_the_teacher_by_name(tmp_path, capsys):
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["clips"] == 1 and 0 < report["csim"] <= 1 and report["black_frames"] == 0
+
+
+def test_eval_autoencoder_roundtrip(tmp_path, capsys):
+    """`roundtrip:MODEL` scores the clips through MODEL's autoencoder and back: the ceiling of its students."""
+    out = tmp_path / "roundtrip"
+    assert main(["eval", "--model", "roundtrip:tiny-avatar", "--clips", "1", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["model"] == "roundtrip:tiny-avatar" and report["seconds"] == 4.0
+    assert 0.5 < report["csim"] <= 1 and report["black_frames"] == 0
+    assert main(["eval", "--model", "roundtrip:no-such-model", "--clips", "1", "--out", str(out)]) == 2
+    assert "cannot load the autoencoder of 'no-such-model'" in capsys.readouterr().err
+
+
+def test_autoencoder_roundtrip_keeps_length_and_range():
+    import numpy as np
+
+    from streamgen.eval.report import autoencoder_roundtrip
+
+    video = (np.random.default_rng(0).random((10, 64, 64, 3)) * 255).astype(np.uint8)  # not a multiple of 4
+    out = autoencoder_roundtrip("tiny-avatar")(video)
+    assert out.shape == video.shape and out.dtype == np.uint8

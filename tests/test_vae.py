@@ -1,5 +1,6 @@
 """Both autoencoders decode a stream chunk by chunk exactly as the whole clip."""
 
+import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
@@ -15,10 +16,11 @@ def decode_in_chunks(vae, z, sizes):
     return torch.cat(parts, dim=2)
 
 
+@pytest.mark.parametrize("res_blocks", [0, 1])
 @torch.no_grad()
-def test_tiny_vae_chunked_decode_equals_full_decode():
+def test_tiny_vae_chunked_decode_equals_full_decode(res_blocks):
     torch.manual_seed(0)
-    vae = TinyCausalVAE(latent_channels=8, widths=(8, 16, 16, 24)).eval()
+    vae = TinyCausalVAE(latent_channels=8, widths=(8, 16, 16, 24), res_blocks=res_blocks).eval()
     video = torch.rand(1, 3, 24, 32, 32) * 2 - 1
     z = vae.encode(video)
     assert z.shape == (1, 8, 6, 4, 4)
@@ -32,14 +34,16 @@ def test_tiny_vae_chunked_decode_equals_full_decode():
     assert not torch.equal(vae.decode(z2)[:, :, -4:], full[:, :, -4:])
 
 
+@pytest.mark.parametrize("res_blocks", [0, 2])
 @torch.no_grad()
-def test_tiny_vae_save_load(tmp_path):
-    vae = TinyCausalVAE(latent_channels=4, widths=(8, 8, 8, 8)).eval()
+def test_tiny_vae_save_load(tmp_path, res_blocks):
+    vae = TinyCausalVAE(latent_channels=4, widths=(8, 8, 8, 8), res_blocks=res_blocks).eval()
     vae.latent_std.fill_(2.0)
     vae.save(tmp_path)
     again = TinyCausalVAE.load(tmp_path).eval()
     z = torch.randn(1, 4, 2, 4, 4)
     assert torch.equal(vae.decode(z), again.decode(z))
+    assert ("res_blocks" in vae.config) == bool(res_blocks)  # configs saved before the option load as before
 
 
 @torch.no_grad()

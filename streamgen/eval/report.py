@@ -22,6 +22,9 @@ import numpy as np
 
 EVAL_SEED = 20240
 GROUND_TRUTH = "ground-truth"
+# "roundtrip:MODEL": the clips through MODEL's autoencoder and back, the ceiling of any
+# generator that decodes with it (MODEL: a model name or directory, or an autoencoder directory)
+ROUNDTRIP = "roundtrip:"
 
 
 def generate_with_stream_session(session, reference, audio, caption, n_frames, seed) -> np.ndarray:
@@ -96,9 +99,13 @@ def evaluate(
 
     start_time = time.perf_counter()
     ev = Evaluators(evaluators_dir)  # fails first, with a clear message, if a checkpoint is missing
-    session = None if model == GROUND_TRUTH else open_session(model, size, size, device, steps)
+    roundtrip = autoencoder_roundtrip(model.removeprefix(ROUNDTRIP)) if model.startswith(ROUNDTRIP) else None
+    plain = model == GROUND_TRUTH or roundtrip is not None
+    session = None if plain else open_session(model, size, size, device, steps)
 
     def produce(clip, seed):
+        if roundtrip is not None:
+            return roundtrip(clip.video)
         if session is None:
             return clip.video
         return generate_with_stream_session(
@@ -171,6 +178,31 @@ def evaluate(
     }
     _write_outputs(Path(out), report, mean_curve, stream, samples, sync_curves)
     return report
+
+
+def autoencoder_roundtrip(name: str):
+    """A function: uint8 video [T, H, W, 3] -> the same video encoded and decoded by `name`'s autoencoder."""
+    import torch
+
+    from streamgen.model.vae import TinyCausalVAE
+    from streamgen.models import load_model
+
+    path = Path(name)
+    try:
+        vae = TinyCausalVAE.load(path) if (path / "vae_config.json").exists() else load_model(name).vae
+    except (FileNotFoundError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the autoencoder of {name!r}: {e}") from None
+    vae.eval()
+
+    @torch.no_grad()
+    def roundtrip(video: np.ndarray) -> np.ndarray:
+        tf = vae.temporal_factor
+        padded = np.concatenate([video, np.repeat(video[-1:], -len(video) % tf, axis=0)])
+        x = torch.from_numpy(padded).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        y = vae.decode(vae.encode(x))[0, :, : len(video)]
+        return ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+
+    return roundtrip
 
 
 def _first_identity(split: str) -> int:

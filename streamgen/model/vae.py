@@ -55,25 +55,33 @@ class ResBlock2d(nn.Module):
 class TinyCausalVAE(VideoAutoencoder):
     """Spatial /8, temporal /4 causal autoencoder with a kernel-2 temporal mix."""
 
-    def __init__(self, latent_channels: int = 16, widths=(32, 64, 96, 128), temporal_factor: int = 4):
+    def __init__(
+        self, latent_channels: int = 16, widths=(32, 64, 96, 128), temporal_factor: int = 4, res_blocks: int = 0
+    ):
+        """res_blocks: extra residual blocks at every scale of the encoder and the decoder."""
         super().__init__()
         self.latent_channels = latent_channels
         self.temporal_factor = tf = temporal_factor
         self.spatial_factor = 2 ** (len(widths) - 1)
         self.config = {"latent_channels": latent_channels, "widths": list(widths), "temporal_factor": tf}
+        if res_blocks:
+            self.config["res_blocks"] = res_blocks
         w = list(widths)
         enc = [nn.Conv2d(3 * tf, w[0], 3, padding=1)]
+        enc += [ResBlock2d(w[0]) for _ in range(res_blocks)]
         for a, b in zip(w[:-1], w[1:]):
             enc += [nn.SiLU(), nn.Conv2d(a, b, 4, stride=2, padding=1), ResBlock2d(b)]
+            enc += [ResBlock2d(b) for _ in range(res_blocks)]
         self.enc = nn.Sequential(*enc)
         self.enc_mix = nn.Conv2d(2 * w[-1], w[-1], 1)  # [this frame, previous frame] -> this frame
         self.enc_out = nn.Conv2d(w[-1], latent_channels, 1)
 
         self.dec_in = nn.Conv2d(latent_channels, w[-1], 3, padding=1)
         self.dec_mix = nn.Conv2d(2 * w[-1], w[-1], 1)
-        dec = [ResBlock2d(w[-1])]
+        dec = [ResBlock2d(w[-1]) for _ in range(1 + res_blocks)]
         for a, b in zip(w[::-1][:-1], w[::-1][1:]):
             dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(a, b, 3, padding=1), nn.SiLU()]
+            dec += [ResBlock2d(b) for _ in range(res_blocks)]
         dec += [nn.Conv2d(w[0], 3 * tf, 3, padding=1)]
         self.dec = nn.Sequential(*dec)
         # per-channel latent normalization, measured on data after training
