@@ -2,7 +2,8 @@
 
     python -m distill.results --runs runs/tiny-avatar --out runs/results --doc docs/results.md
 
-Rows: the renderer's ground truth, the teacher (50 Euler steps + CFG), the
+Rows: the renderer's ground truth, the clips through the autoencoder and back
+(what any student that decodes with it can reach), the teacher (50 Euler steps + CFG), the
 ODE-init student, the Self-Forcing student at 4/2/1 steps and the
 chunk-distilled student, all on the held-out test split (identities and
 sentences never trained on). Students stream through `StreamSession`; the
@@ -41,6 +42,11 @@ def frames_per_second(session, seconds: float = 4.0) -> float:
 def rows_for(runs: Path) -> list[dict]:
     return [
         {"row": "ground truth (renderer)", "model": "ground-truth", "nfe": None},
+        {
+            "row": "autoencoder round trip (the students' ceiling)",
+            "model": "roundtrip:" + str(runs / "autoencoder" / "model"),
+            "nfe": None,
+        },
         {"row": "teacher, 50 steps + CFG", "model": str(runs / "teacher" / "model"), "steps": 50, "nfe": 100},
         {"row": "ODE-init student, 4 steps", "model": str(runs / "ode" / "model"), "steps": 4, "nfe": 5},
         {
@@ -70,23 +76,29 @@ def rows_for(runs: Path) -> list[dict]:
     ]
 
 
-def evaluate_rows(runs: Path, out: Path, clips: int, minutes: float | None, size: int) -> list[dict]:
-    from streamgen.eval.report import evaluate, open_session
+def evaluate_rows(
+    runs: Path, out: Path, clips: int, minutes: float | None, size: int, skip=frozenset()
+) -> list[dict]:
+    """Evaluate every row of the table but those named in `skip`."""
+    from streamgen.eval.report import ROUNDTRIP, evaluate, open_session
 
     results = []
     for spec in rows_for(runs):
         name = spec["row"]
+        if name in skip:
+            continue
+        generated = spec["model"] != "ground-truth" and not spec["model"].startswith(ROUNDTRIP)
         slug = name.split(",")[0].split(" (")[0].replace(" ", "-")
         folder = out / f"{slug}-{spec.get('steps', 0)}"
         is_teacher = spec.get("nfe") == 100
         started = time.perf_counter()
         report = evaluate(
             spec["model"], folder, "test", clips, size,
-            None if is_teacher or spec["model"] == "ground-truth" else minutes,
+            minutes if generated and not is_teacher else None,
             None, "cpu", spec.get("steps"),
         )  # fmt: skip
         fps = None
-        if spec["model"] != "ground-truth":
+        if generated:
             fps = frames_per_second(open_session(spec["model"], size, size, "cpu", spec.get("steps")))
         row = {**spec, **{k: report.get(k) for k in REPORT_KEYS}, "fps": fps}
         row["eval_seconds"] = round(time.perf_counter() - started, 1)
@@ -151,14 +163,21 @@ def main(argv=None) -> int:
     p.add_argument(
         "--render-only", action="store_true", help="rewrite the table from OUT/results.json, evaluating nothing"
     )
+    p.add_argument(
+        "--missing-only", action="store_true", help="evaluate only the rows OUT/results.json does not have yet"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    stored = args.out / "results.json"
     if args.render_only:
-        rows = json.loads((args.out / "results.json").read_text())
+        rows = json.loads(stored.read_text())
     else:
-        rows = evaluate_rows(args.runs, args.out, args.clips, args.minutes, args.size)
+        kept = json.loads(stored.read_text()) if args.missing_only and stored.exists() else []
+        new = evaluate_rows(args.runs, args.out, args.clips, args.minutes, args.size, {r["row"] for r in kept})
+        order = [spec["row"] for spec in rows_for(args.runs)]
+        rows = sorted(kept + new, key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+        stored.write_text(json.dumps(rows, indent=2))
     table = markdown(rows, args.clips, args.minutes, args.threads)
     doc = args.doc.read_text() if args.doc.exists() else ""
     start, end = "<!-- results:begin -->", "<!-- results:end -->"
