@@ -391,7 +391,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--plot", default=None, help="write the size trade-off (main size + sweep) to this PNG")
     p.add_argument(
-        "--compile", action="store_true", help="also time the session with torch.compile'd blocks against eager"
+        "--compile",
+        action="store_true",
+        help="also time the session with torch.compile'd blocks against eager",
     )
 
 

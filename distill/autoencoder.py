@@ -86,7 +86,10 @@ class Stage:
 
         r0, r1, c0, c1 = MOUTH_BOX  # fractions of the frame: the renderer's mouth is always there
         h, w = cfg.model.height, cfg.model.width
-        self.mouth_rows, self.mouth_cols = slice(round(r0 * h), round(r1 * h)), slice(round(c0 * w), round(c1 * w))
+        self.mouth_rows, self.mouth_cols = (
+            slice(round(r0 * h), round(r1 * h)),
+            slice(round(c0 * w), round(c1 * w)),
+        )
 
     def model_configs(self) -> dict:
         return {"vae": dict(self.vae.config)}
@@ -115,7 +118,9 @@ class Stage:
         loss = o.l1_weight * err.abs().mean() + o.mse_weight * err.square().mean()
         if o.mouth_weight:
             mouth = err[..., self.mouth_rows, self.mouth_cols]
-            loss = loss + o.mouth_weight * (o.l1_weight * mouth.abs().mean() + o.mse_weight * mouth.square().mean())
+            loss = loss + o.mouth_weight * (
+                o.l1_weight * mouth.abs().mean() + o.mse_weight * mouth.square().mean()
+            )
         loss = loss + o.latent_penalty * z.square().mean()
         out = self.updaters["vae"].update(loss)
         out["psnr"] = float(10 * torch.log10(4 / err.detach().square().mean().clamp(min=1e-10)))

@@ -245,6 +245,8 @@ def test_learning_rate_warms_up_then_decays_on_a_cosine():
     cosine = OptimConfig(lr=1e-3, warmup=10, decay_steps=100, min_lr=1e-5)
     assert learning_rate(cosine, 10) == pytest.approx(1e-3)
     assert learning_rate(cosine, 60) == pytest.approx((1e-3 + 1e-5) / 2)  # half way down
-    assert learning_rate(cosine, 110) == pytest.approx(1e-5) and learning_rate(cosine, 500) == pytest.approx(1e-5)
+    assert learning_rate(cosine, 110) == pytest.approx(1e-5) and learning_rate(cosine, 500) == pytest.approx(
+        1e-5
+    )
     rates = [learning_rate(cosine, u) for u in range(10, 111)]
     assert all(a >= b for a, b in zip(rates, rates[1:]))

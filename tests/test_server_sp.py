@@ -110,7 +110,9 @@ async def test_serve_with_sp_streams_and_shuts_down(tmp_path):
                         break
                 except httpx.TransportError:
                     pass
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    tmp_path / "serve.log"
+                ).read_text()
                 await asyncio.sleep(0.2)
             s = await create(http, 3)
             async with websockets.connect(ws_url(url, s)) as ws:

@@ -56,7 +56,11 @@ class TinyCausalVAE(VideoAutoencoder):
     """Spatial /8, temporal /4 causal autoencoder with a kernel-2 temporal mix."""
 
     def __init__(
-        self, latent_channels: int = 16, widths=(32, 64, 96, 128), temporal_factor: int = 4, res_blocks: int = 0
+        self,
+        latent_channels: int = 16,
+        widths=(32, 64, 96, 128),
+        temporal_factor: int = 4,
+        res_blocks: int = 0,
     ):
         """res_blocks: extra residual blocks at every scale of the encoder and the decoder."""
         super().__init__()

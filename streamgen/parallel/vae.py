@@ -187,7 +187,10 @@ def _make_wan_decoder_band_parallel(decoder: nn.Module, group) -> None:
         if isinstance(m, wan.WanAttentionBlock):
             _band_attention(m, group)
         elif isinstance(m, wan.WanCausalConv3d | nn.Conv2d):
-            k, pad = m.kernel_size[-2], (m._padding[2] if isinstance(m, wan.WanCausalConv3d) else m.padding[0])
+            k, pad = (
+                m.kernel_size[-2],
+                (m._padding[2] if isinstance(m, wan.WanCausalConv3d) else m.padding[0]),
+            )
             if k == 1:
                 continue
             if k != 2 * pad + 1 or m.stride[-2] != 1:
@@ -218,7 +221,9 @@ class WanBandParallelDecoder(_ParallelDecoder):
         p, i = dist.get_world_size(self.group), dist.get_rank(self.group)
         height = latents.shape[-2]
         if height % p:
-            raise ValueError(f"latent height {height} must be divisible by the number of decode processes {p}")
+            raise ValueError(
+                f"latent height {height} must be divisible by the number of decode processes {p}"
+            )
         rows = height // p
         band, state = self.vae.decode_stream(latents[..., i * rows : (i + 1) * rows, :], state)
         return gather_rows(band, self.group), state
