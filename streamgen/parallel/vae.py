@@ -187,10 +187,8 @@ def _make_wan_decoder_band_parallel(decoder: nn.Module, group) -> None:
         if isinstance(m, wan.WanAttentionBlock):
             _band_attention(m, group)
         elif isinstance(m, wan.WanCausalConv3d | nn.Conv2d):
-            k, pad = (
-                m.kernel_size[-2],
-                (m._padding[2] if isinstance(m, wan.WanCausalConv3d) else m.padding[0]),
-            )
+            k = m.kernel_size[-2]
+            pad = m._padding[2] if isinstance(m, wan.WanCausalConv3d) else m.padding[0]
             if k == 1:
                 continue
             if k != 2 * pad + 1 or m.stride[-2] != 1:
