@@ -192,6 +192,10 @@ def autoencoder_roundtrip(name: str):
         vae = TinyCausalVAE.load(path) if (path / "vae_config.json").exists() else load_model(name).vae
     except (FileNotFoundError, ValueError) as e:
         raise ModelLoadError(f"cannot load the autoencoder of {name!r}: {e}") from None
+    if not isinstance(vae, TinyCausalVAE):  # WanVAE's 1 + 4k frame layout would need its own padding
+        raise ModelLoadError(
+            f"roundtrip scores TinyCausalVAE autoencoders; {name!r} has a {type(vae).__name__}"
+        )
     vae.eval()
 
     @torch.no_grad()
