@@ -38,7 +38,7 @@ log = logging.getLogger("streamgen.server")
 
 def load_sharded(model_name: str, device: str, threads: int | None, sp: int, height: int | None):
     """The same on every process, in the same order (the mesh and groups are collective):
-    load the model, shard the DiT, decode in bands when the latent height divides."""
+    load the model, shard the DiT, decode in bands (when the latent height divides)."""
     from streamgen.models import load_model
     from streamgen.parallel.apply import apply_sequence_parallel
     from streamgen.parallel.launch import init_process_group, init_sequence_parallel
@@ -52,9 +52,8 @@ def load_sharded(model_name: str, device: str, threads: int | None, sp: int, hei
     model = load_model(model_name, device=device)
     mesh, mode = init_sequence_parallel(sp, model.cfg.num_heads)
     apply_sequence_parallel(model.dit, mesh, mode)
-    h = height or model.height
-    if model.vae.latent_hw(h, h)[0] % sp == 0:
-        model.vae = parallel_decoder(model.vae)
+    latent_height, _ = model.vae.latent_hw(height or model.height, height or model.width)
+    model.vae = parallel_decoder(model.vae, latent_height)
     log.info("rank %d of %d: %s sharded (%s)", dist.get_rank(), sp, model_name, mode)
     return model, device
 

@@ -108,8 +108,7 @@ def _apply_sequence_parallel(session, sp: int) -> bool:
 
     mesh, mode = init_sequence_parallel(sp, session.cfg.num_heads)
     apply_sequence_parallel(session.dit, mesh, mode)
-    if session.latent_hw[0] % sp == 0:  # each process decodes a band of rows; all get the frames
-        from streamgen.parallel.vae import parallel_decoder
+    from streamgen.parallel.vae import parallel_decoder
 
-        session.vae = parallel_decoder(session.vae)
+    session.vae = parallel_decoder(session.vae, session.latent_hw[0])  # a band of rows per process
     return is_main_process()

@@ -63,11 +63,25 @@ class _ParallelDecoder:
     (encoding, sizes, parameters come from it) and decode whole clips as one stream."""
 
     vae: nn.Module
+    group: dist.ProcessGroup
 
     def __getattr__(self, name):
         if name == "vae":  # not set yet: no recursion
             raise AttributeError(name)
         return getattr(self.vae, name)
+
+    def band_rows(self, height: int) -> tuple[int, int]:
+        """(start, stop): the latent rows this process decodes (and keeps)."""
+        p, i = dist.get_world_size(self.group), dist.get_rank(self.group)
+        if height % p:
+            raise ValueError(
+                f"latent height {height} must be divisible by the number of decode processes {p}"
+            )
+        rows = height // p
+        return i * rows, (i + 1) * rows
+
+    def init_state(self, batch: int):
+        return self.vae.init_state(batch)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         frames, _ = self.decode_stream(latents, self.init_state(latents.shape[0]))
@@ -88,23 +102,11 @@ class TiledParallelDecoder(_ParallelDecoder):
         self.group = group or dist.group.WORLD
         self.halo = math.ceil(decoder_receptive_radius(vae)) if halo is None else halo
 
-    def _band(self, height: int) -> tuple[int, int, int, int]:
-        """(lo, hi) latent rows decoded with halo, and (start, stop) rows kept, for this process."""
-        p, i = dist.get_world_size(self.group), dist.get_rank(self.group)
-        if height % p:
-            raise ValueError(
-                f"latent height {height} must be divisible by the number of decode processes {p}"
-            )
-        rows = height // p
-        start, stop = i * rows, (i + 1) * rows
-        return max(0, start - self.halo), min(height, stop + self.halo), start, stop
-
-    def init_state(self, batch: int):
-        return self.vae.init_state(batch)
-
     def decode_stream(self, latents: torch.Tensor, state):
         """latents [B, C, F, h, w] (the same on every process) -> (frames [B, 3, T, H, W], this band's state)."""
-        lo, hi, start, stop = self._band(latents.shape[-2])
+        height = latents.shape[-2]
+        start, stop = self.band_rows(height)
+        lo, hi = max(0, start - self.halo), min(height, stop + self.halo)
         frames, state = self.vae.decode_stream(latents[..., lo:hi, :], state)
         sf = self.vae.spatial_factor
         band = frames[..., (start - lo) * sf : (stop - lo) * sf, :].contiguous()
@@ -212,23 +214,19 @@ class WanBandParallelDecoder(_ParallelDecoder):
         self.group = group or dist.group.WORLD
         _make_wan_decoder_band_parallel(vae.vae.decoder, self.group)
 
-    def init_state(self, batch: int):
-        return self.vae.init_state(batch)
-
     def decode_stream(self, latents: torch.Tensor, state):
-        p, i = dist.get_world_size(self.group), dist.get_rank(self.group)
-        height = latents.shape[-2]
-        if height % p:
-            raise ValueError(
-                f"latent height {height} must be divisible by the number of decode processes {p}"
-            )
-        rows = height // p
-        band, state = self.vae.decode_stream(latents[..., i * rows : (i + 1) * rows, :], state)
+        start, stop = self.band_rows(latents.shape[-2])
+        band, state = self.vae.decode_stream(latents[..., start:stop, :], state)
         return gather_rows(band, self.group), state
 
 
-def parallel_decoder(vae, group=None):
-    """The parallel decoder for this autoencoder: banded for WanVAE, tiled with a halo otherwise."""
+def parallel_decoder(vae, latent_height: int, group=None):
+    """The parallel decoder for this autoencoder (banded for WanVAE, tiled with a halo otherwise),
+    or `vae` itself, decoding whole frames on every process, when `latent_height` does not
+    divide into the group's bands."""
     from streamgen.model.vae import WanVAE
 
+    group = group or dist.group.WORLD
+    if latent_height % dist.get_world_size(group):
+        return vae
     return WanBandParallelDecoder(vae, group) if isinstance(vae, WanVAE) else TiledParallelDecoder(vae, group)
