@@ -270,3 +270,9 @@ def test_ship_writes_a_compact_model_found_by_name(tmp_path, pipeline, monkeypat
     from safetensors.torch import load_file
 
     assert load_file(str(dst / "dit.safetensors"))["head.proj.weight"].dtype == torch.float16
+    shipped_vae = load_file(str(dst / "vae.safetensors"))
+    assert shipped_vae["dec_in.weight"].dtype == torch.float16 and shipped_vae["latent_std"].dtype == torch.float32
+    trained = load_model(str(pipeline["student"])).vae
+    assert model.vae.dec_in.weight.dtype == torch.float32  # upcast on load
+    assert torch.allclose(model.vae.dec_in.weight, trained.dec_in.weight, rtol=1e-3, atol=1e-4)
+    assert torch.equal(model.vae.latent_std, trained.latent_std)
