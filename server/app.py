@@ -113,7 +113,7 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         if config.sp > 1:
             from .sp_host import SequenceParallelHost
 
-            return SequenceParallelHost(config.model, config.device, config.torch_threads, config.sp, config.height)
+            return SequenceParallelHost.start(config.model, config.device, config.torch_threads, config.sp, config.height)
         from .model_host import ModelHost
 
         return ModelHost(config.model, config.device, config.torch_threads)

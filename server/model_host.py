@@ -19,7 +19,12 @@ import uuid
 
 import numpy as np
 
-_ERRORS = {"ValueError": ValueError, "BufferError": BufferError, "KeyError": KeyError}
+# errors a client causes (bad reference, unknown stream): reported to that client; the host carries on
+CLIENT_ERRORS = {"ValueError": ValueError, "BufferError": BufferError, "KeyError": KeyError}
+
+
+class HostDown(RuntimeError):
+    """The model host can no longer run operations (its process died, or the ranks fell out of step)."""
 
 
 class ModelHost:
@@ -30,11 +35,19 @@ class ModelHost:
                                    name="streamgen-model")  # fmt: skip
         self.process.start()
         child.close()
+        self.down: str | None = None  # why the host can run nothing more (the server reports it unhealthy)
         self.call("ping")  # waits until the model is loaded; raises what loading raised
 
     def call(self, op: str, *args):
-        self._conn.send((op, args))
-        ok, result = self._conn.recv()
+        if self.down:
+            raise HostDown(self.down)
+        try:
+            self._conn.send((op, args))
+            ok, result = self._conn.recv()
+        except (EOFError, OSError):
+            self.process.join(1)
+            self.down = f"the model process exited (code {self.process.exitcode})"
+            raise HostDown(self.down) from None
         if ok:
             return result
         raise_reported(result)
@@ -131,7 +144,7 @@ class ModelOps:
 def raise_reported(result) -> None:
     """Re-raise an error reported as (type name, message) with the type the server handles."""
     kind, message = result
-    raise _ERRORS.get(kind, RuntimeError)(message)
+    raise CLIENT_ERRORS.get(kind, RuntimeError)(message)
 
 
 def _child_main(conn, model_name: str, device: str, threads: int | None) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 
 from .config import ServerConfig
 from .metrics import ServerMetrics
+from .model_host import HostDown
 from .scheduler import InferenceWorker, WorkerBusy
 from .session import Session
 
@@ -44,7 +45,14 @@ class SessionRegistry:
             return self.config.max_sessions
         return self.worker.capacity(self.chunk_seconds, self.config.max_sessions)
 
+    @property
+    def host_down(self) -> str | None:
+        """Why the model host can run nothing more (then the server is unhealthy), or None."""
+        return getattr(self.host, "down", None)
+
     def admit(self) -> None:
+        if self.host_down:
+            self._refuse(f"the model is unavailable: {self.host_down}", 30, "host_down")
         if not self.ready:
             self._refuse("model is still loading", 5, "loading")
         capacity = self.capacity()
@@ -79,6 +87,8 @@ class SessionRegistry:
             stream = await asyncio.wrap_future(future)
         except WorkerBusy as e:
             self._refuse(str(e), 1, "busy")
+        except HostDown:  # it died just now; admit() refuses every later request
+            self._refuse(f"the model is unavailable: {self.host_down}", 30, "host_down")
         finally:
             self._creating -= 1
         session = Session(secrets.token_hex(8), stream, asyncio.get_running_loop(), self.config.max_audio_ahead_s)

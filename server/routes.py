@@ -224,22 +224,26 @@ async def avatar_picture(avatar_id: str):
 
 
 @router.get("/healthz", tags=["health"])
-async def healthz():
+async def healthz(request: Request):
+    down = request.app.state.registry.host_down  # the model can never run again here: restart me
+    if down:
+        return JSONResponse({"status": "down", "error": down}, status_code=503)
     return {"status": "ok"}
 
 
 @router.get("/readyz", tags=["health"])
 async def readyz(request: Request):
     registry: SessionRegistry = request.app.state.registry
-    error = request.app.state.load_error
+    error = request.app.state.load_error or registry.host_down
+    ready = registry.ready and not registry.host_down
     body = {
-        "ready": registry.ready, "model": registry.config.model, "sessions": len(registry.sessions),
-        "capacity": registry.capacity() if registry.ready else 0,
+        "ready": ready, "model": registry.config.model, "sessions": len(registry.sessions),
+        "capacity": registry.capacity() if ready else 0,
         "chunk_ms": round(1000 * (registry.worker.chunk_time_ema or 0), 1),
     }  # fmt: skip
     if error:
         body["error"] = error
-    return JSONResponse(body, status_code=200 if registry.ready else 503)
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get("/metrics", tags=["health"], response_class=PlainTextResponse)

@@ -17,8 +17,17 @@ Commands travel on plain local connections, not on the process group: a
 follower waits for its next command for as long as the server is idle, which
 a collective's timeout would not allow, and it sees EOF when rank 0 is gone.
 Stream seeds are drawn on rank 0 before a command is sent, so every replica
-draws the same noise. Errors a client causes (a bad reference) are raised on
-every process alike; rank 0 reports them, the followers carry on.
+draws the same noise.
+
+Each follower answers every command with its outcome. Errors a client causes
+(a bad reference, an unknown stream) are raised on every process alike, before
+any collective; rank 0 reports them to the client and everyone carries on. Any
+other failure (out of memory on one GPU, say) leaves the ranks out of step, so
+it stops the service instead of risking a hang or wrong frames: a follower
+that fails exits, so torchrun ends the whole group, and rank 0 marks the host
+down when its own operation fails or a follower's outcome differs from its
+own; from then on every call raises `HostDown` and /healthz answers 503, for
+the supervisor to restart the service.
 """
 
 from __future__ import annotations
@@ -27,11 +36,12 @@ import logging
 import random
 import secrets
 from multiprocessing.connection import Client, Listener
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
-from .model_host import ModelOps
+from .model_host import CLIENT_ERRORS, HostDown, ModelOps
 
 log = logging.getLogger("streamgen.server")
 
@@ -61,21 +71,55 @@ def load_sharded(model_name: str, device: str, threads: int | None, sp: int, hei
 class SequenceParallelHost:
     """ModelHost's interface, on rank 0: each operation is sent to the followers, then run here."""
 
-    def __init__(self, model: str, device: str, threads: int | None, sp: int, height: int | None = None):
-        self.model, device = load_sharded(model, device, threads, sp, height)
-        self.ops = ModelOps(self.model, device)
+    def __init__(self, ops: ModelOps, followers: list):
+        self.ops = ops
+        self.followers = followers  # one connection per follower rank, in rank order
+        self.down: str | None = None  # why the ranks can run nothing more together
+
+    @classmethod
+    def start(cls, model: str, device: str, threads: int | None, sp: int, height: int | None = None):
+        """Load and shard the model (every rank does the same), then connect to the followers."""
+        loaded, device = load_sharded(model, device, threads, sp, height)
         authkey = secrets.token_bytes(16)
         listener = Listener(("127.0.0.1", 0), authkey=authkey)
         dist.broadcast_object_list([listener.address, authkey], src=0)
-        self.followers = [listener.accept() for _ in range(sp - 1)]
+        followers = [listener.accept() for _ in range(sp - 1)]
         listener.close()
+        return cls(ModelOps(loaded, device), followers)
 
     def call(self, op: str, *args):
+        if self.down:
+            raise HostDown(self.down)
         if op == "create" and args[3] is None:  # seed: one draw, shared by every replica
             args = (*args[:3], random.randrange(2**31), *args[4:])
-        for conn in self.followers:
-            conn.send((op, args))
-        return self.ops.handle(op, args)
+        try:
+            for conn in self.followers:
+                conn.send((op, args))
+        except OSError:
+            self._fail(f"{op}: a follower rank is gone")
+        error = None
+        try:
+            result = self.ops.handle(op, args)
+        except Exception as e:
+            error = e
+        mine = outcome(error)
+        for rank, conn in enumerate(self.followers, start=1):
+            try:
+                theirs = conn.recv()
+            except (EOFError, OSError):
+                self._fail(f"{op}: rank {rank} is gone")
+            if theirs != mine:
+                self._fail(f"{op}: rank 0 {describe(mine)}, rank {rank} {describe(theirs)}")
+        if error is None:
+            return result
+        if mine not in CLIENT_ERRORS:
+            self._fail(f"{op} failed on every rank: {type(error).__name__}: {error}")
+        raise error
+
+    def _fail(self, reason: str) -> NoReturn:
+        self.down = f"the sequence-parallel ranks are out of step ({reason})"
+        log.critical("%s; no more model operations will run", self.down)
+        raise HostDown(self.down)
 
     def stop(self) -> None:
         for conn in self.followers:
@@ -98,17 +142,41 @@ def follow(model: str, device: str, threads: int | None, sp: int, height: int | 
     dist.broadcast_object_list(box, src=0)
     address, authkey = box
     with Client(address, authkey=authkey) as conn:
-        while True:
-            try:
-                op, args = conn.recv()
-            except (EOFError, OSError):
-                break
-            if op == "exit":
-                break
-            try:
-                ops.handle(op, args)
-            except Exception:  # rank 0 raised the same and reports it to the client
-                log.debug("rank %d: %s failed", dist.get_rank(), op, exc_info=True)
+        code = replay(conn, ops, dist.get_rank())
     ops.close_all()
     dist.destroy_process_group()
-    return 0
+    return code
+
+
+def replay(conn, ops: ModelOps, rank: int) -> int:
+    """Run each command from rank 0 and answer with its outcome; the exit code (1: out of step)."""
+    while True:
+        try:
+            op, args = conn.recv()
+        except (EOFError, OSError):  # rank 0 is gone
+            return 0
+        if op == "exit":
+            return 0
+        error = None
+        try:
+            ops.handle(op, args)
+        except Exception as e:
+            error = e
+        try:
+            conn.send(outcome(error))
+        except OSError:
+            return 0
+        if error is not None and outcome(error) not in CLIENT_ERRORS:  # exiting makes torchrun end the group
+            log.critical("rank %d: %s failed; leaving the group", rank, op, exc_info=error)
+            return 1
+        if error is not None:  # a client's error: rank 0 raised the same and reports it
+            log.debug("rank %d: %s refused: %s", rank, op, error)
+
+
+def outcome(error: Exception | None) -> str | None:
+    """What a rank reports after an operation: None, or the error's type name."""
+    return None if error is None else type(error).__name__
+
+
+def describe(outcome: str | None) -> str:
+    return "succeeded" if outcome is None else f"raised {outcome}"

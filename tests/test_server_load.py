@@ -256,4 +256,15 @@ async def test_model_in_a_child_process():
             assert app.state.registry.sessions == {}
             bad = await http.post("/v1/sessions", json={"caption": "smiling"})  # debug model takes no captions
             assert bad.status_code == 422
-    assert not host.process.is_alive()  # shutdown stopped the child
+            assert (await http.get("/healthz")).status_code == 200
+
+            host.process.kill()  # the model process dies: refuse clearly, and tell the supervisor
+            host.process.join(10)
+            r = await http.post("/v1/sessions", json={})
+            assert r.status_code == 503 and "model process exited" in r.json()["message"]
+            assert (await http.post("/v1/sessions", json={})).status_code == 503
+            health = await http.get("/healthz")
+            assert health.status_code == 503 and health.json()["status"] == "down"
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503 and "model process exited" in ready.json()["error"]
+    assert not host.process.is_alive()

@@ -39,7 +39,7 @@ def _worker(rank, world, port, out_dir):
         with open(os.path.join(out_dir, f"follower{rank}.json"), "w") as f:
             json.dump({"exited": True}, f)
         return
-    host = SequenceParallelHost("debug", "cpu", 1, world)
+    host = SequenceParallelHost.start("debug", "cpu", 1, world)
     face, speech = inputs()
     errors = []
     try:
@@ -142,3 +142,95 @@ def _group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+# --- lockstep: the ranks' outcomes are compared after every operation (no model, no process group) ---
+
+
+class ScriptedOps:
+    """ModelOps' interface; raises what `fails` says for an operation, returns the op's name otherwise."""
+
+    def __init__(self, fails: dict | None = None):
+        self.fails = fails or {}
+        self.ran = []
+
+    def handle(self, op, args):
+        self.ran.append(op)
+        if op in self.fails:
+            raise self.fails[op]
+        return op
+
+    def close_all(self):
+        pass
+
+
+def lockstep(rank0: ScriptedOps, *followers: ScriptedOps):
+    """A SequenceParallelHost on rank0's ops, each follower replaying in a thread over a pipe."""
+    import threading
+    from multiprocessing import Pipe
+
+    from server.sp_host import SequenceParallelHost, replay
+
+    conns, threads, codes = [], [], {}
+    for rank, ops in enumerate(followers, start=1):
+        here, there = Pipe()
+        t = threading.Thread(
+            target=lambda c=there, o=ops, r=rank: codes.__setitem__(r, replay(c, o, r)), daemon=True
+        )
+        t.start()
+        conns.append(here)
+        threads.append(t)
+    return SequenceParallelHost(rank0, conns), threads, codes
+
+
+def test_a_client_error_on_every_rank_keeps_them_in_step():
+    host, threads, codes = lockstep(
+        ScriptedOps({"create": ValueError("not a face")}), ScriptedOps({"create": ValueError("x")})
+    )
+    with pytest.raises(ValueError, match="not a face"):
+        host.call("create", "id", None, None, 1)
+    assert host.call("chunk", "id", None) == "chunk"
+    assert host.down is None
+    host.stop()
+    threads[0].join(5)
+    assert codes == {1: 0}
+
+
+def test_a_failure_on_one_follower_takes_the_host_down():
+    from server.model_host import HostDown
+
+    follower = ScriptedOps({"chunk": RuntimeError("CUDA out of memory")})
+    host, threads, codes = lockstep(ScriptedOps(), ScriptedOps(), follower)
+    with pytest.raises(HostDown, match="rank 0 succeeded, rank 2 raised RuntimeError"):
+        host.call("chunk", "id", None)
+    threads[1].join(5)
+    assert codes[2] == 1  # the failed follower left (under torchrun that ends the group)
+    with pytest.raises(HostDown):  # nothing more runs, on any rank
+        host.call("chunk", "id", None)
+    assert follower.ran == ["chunk"]
+    host.stop()
+
+
+def test_a_failure_on_rank_0_alone_or_on_all_takes_the_host_down():
+    from server.model_host import HostDown
+
+    host, _, _ = lockstep(ScriptedOps({"chunk": RuntimeError("oom")}), ScriptedOps())
+    with pytest.raises(HostDown, match="rank 0 raised RuntimeError, rank 1 succeeded"):
+        host.call("chunk", "id", None)
+    host.stop()
+    host, _, codes = lockstep(
+        ScriptedOps({"chunk": RuntimeError("oom")}), ScriptedOps({"chunk": RuntimeError("oom")})
+    )
+    with pytest.raises(HostDown, match="failed on every rank: RuntimeError: oom"):
+        host.call("chunk", "id", None)
+    host.stop()
+
+
+def test_a_follower_that_vanished_takes_the_host_down():
+    from server.model_host import HostDown
+
+    host, threads, _ = lockstep(ScriptedOps(), ScriptedOps())
+    host.followers[0].close()  # as if that rank's process were gone
+    with pytest.raises(HostDown, match="gone"):
+        host.call("chunk", "id", None)
+    host.stop()
