@@ -13,7 +13,7 @@ from streamgen.parallel.launch import choose_degrees, relaunch_under_torchrun, t
 
 def test_torchrun_command_reruns_the_same_arguments_as_a_module():
     cmd = torchrun_command(4, ["generate", "--sp", "4", "--out", "a.mp4"])
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:3] == [sys.executable, "-m", "streamgen.parallel.torchrun"]
     assert "--nproc-per-node=4" in cmd and "--standalone" in cmd
     assert cmd[-7:] == ["-m", "streamgen.cli", "generate", "--sp", "4", "--out", "a.mp4"]
 

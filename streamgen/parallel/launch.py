@@ -8,7 +8,8 @@ processes once they run.
     if is_main_process(): write the output
 
 `relaunch_under_torchrun` replaces the current process by
-`python -m torch.distributed.run --standalone --nproc-per-node N -m streamgen.cli <same arguments>`;
+`python -m streamgen.parallel.torchrun --standalone --nproc-per-node N -m streamgen.cli <same arguments>`
+(torchrun, ending quietly on Ctrl-C);
 the workers parse the same arguments, see that they are torchrun workers and
 carry on. One machine only (--standalone); NCCL when CUDA is available (one
 GPU per worker, by LOCAL_RANK), gloo on CPU.
@@ -34,7 +35,7 @@ def torchrun_command(nproc: int, argv: list[str] | None = None, module: str = "s
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "streamgen.parallel.torchrun",
         "--standalone",
         f"--nproc-per-node={nproc}",
         "-m",
