@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port {args.port} is not a TCP port")
     if args.sp < 1:
         raise UserError("--sp must be at least 1")
+    if args.sp > 1 and args.model_process:
+        raise UserError("--model-process and --sp cannot be combined: with --sp the model runs in its own ranks")
     if args.sp > 1:
         from streamgen.parallel.launch import relaunch_under_torchrun
 

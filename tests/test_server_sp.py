@@ -234,3 +234,14 @@ def test_a_follower_that_vanished_takes_the_host_down():
     with pytest.raises(HostDown, match="gone"):
         host.call("chunk", "id", None)
     host.stop()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--sp", "0"], "--sp must be at least 1"), (["--sp", "2", "--model-process"], "cannot be combined")],
+)
+def test_serve_refuses_bad_parallel_options(extra, message, capsys):
+    from streamgen.cli import main
+
+    assert main(["serve", "--model", "debug", *extra]) == 2  # before anything is launched or loaded
+    assert message in capsys.readouterr().err
