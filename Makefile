@@ -26,12 +26,12 @@ autoencoder: $(RUNS)/autoencoder/model/vae.safetensors
 $(RUNS)/autoencoder/model/vae.safetensors: $(DATA)/manifest.json
 	$(DISTILL) autoencoder --config tiny-avatar --resume
 
-latents: $(DATA)/latents/tiny-vae/bank-test.safetensors
-$(DATA)/latents/tiny-vae/bank-test.safetensors: $(RUNS)/autoencoder/model/vae.safetensors
+latents: $(DATA)/latents/tiny-vae-deep/bank-test.safetensors
+$(DATA)/latents/tiny-vae-deep/bank-test.safetensors: $(RUNS)/autoencoder/model/vae.safetensors
 	$(DISTILL) latents --config tiny-avatar
 
 teacher: $(RUNS)/teacher/model/model.json
-$(RUNS)/teacher/model/model.json: $(DATA)/latents/tiny-vae/bank-test.safetensors
+$(RUNS)/teacher/model/model.json: $(DATA)/latents/tiny-vae-deep/bank-test.safetensors
 	$(DISTILL) teacher --config tiny-avatar --resume
 
 ode: $(RUNS)/ode/model/model.json
