@@ -91,6 +91,10 @@ class TinyCausalVAE(VideoAutoencoder):
         # per-channel latent normalization, measured on data after training
         self.register_buffer("latent_mean", torch.zeros(latent_channels))
         self.register_buffer("latent_std", torch.ones(latent_channels))
+        # NHWC convolution weights make every activation NHWC too, where oneDNN's CPU convolutions
+        # are fastest: the shipped decoder's chunk at 256x256 took 252 ms in NCHW, 132 ms so (same
+        # values to 1e-6). Loading copies into these weights and keeps their layout.
+        self.to(memory_format=torch.channels_last)
 
     def _norm(self, z):
         return (z - self.latent_mean[:, None, None]) / self.latent_std[:, None, None]
