@@ -117,7 +117,7 @@ class SequenceParallelHost:
         raise error
 
     def _fail(self, reason: str) -> NoReturn:
-        self.down = f"the sequence-parallel ranks are out of step ({reason})"
+        self.down = f"the sequence-parallel ranks cannot go on together ({reason})"
         log.critical("%s; no more model operations will run", self.down)
         raise HostDown(self.down)
 
