@@ -3,8 +3,8 @@
 Crops of `data.video_frames` frames (a multiple of the temporal factor, so the
 causal temporal mix between latent frames is trained too) are encoded and
 decoded; loss = L1 + MSE of the reconstruction (optionally weighted up inside
-the mouth box, `mouth_weight`) plus a small penalty on the latents' magnitude. At export the per-channel latent mean and std are measured
-over `stats_clips` clips and stored in the VAE's normalisation buffers, so the
+the mouth box, `mouth_weight`) plus a small penalty on the latents' magnitude.
+At export the per-channel latent mean and std are measured over `stats_clips` clips and stored in the VAE's normalisation buffers, so the
 diffusion stages see roughly unit-variance latents.
 """
 

@@ -227,12 +227,20 @@ def test_a_failure_on_rank_0_alone_or_on_all_takes_the_host_down():
 
 
 def test_a_follower_that_vanished_takes_the_host_down():
-    from server.model_host import HostDown
+    from multiprocessing import Pipe
 
-    host, threads, _ = lockstep(ScriptedOps(), ScriptedOps())
-    host.followers[0].close()  # as if that rank's process were gone
+    from server.model_host import HostDown
+    from server.sp_host import SequenceParallelHost
+
+    here, there = Pipe()
+    there.close()  # as if that rank's process had died
+    rank0 = ScriptedOps()
+    host = SequenceParallelHost(rank0, [here])
     with pytest.raises(HostDown, match="gone"):
         host.call("chunk", "id", None)
+    with pytest.raises(HostDown):
+        host.call("chunk", "id", None)
+    assert rank0.ran in ([], ["chunk"])  # at most the one operation that found the follower gone
     host.stop()
 
 
