@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from streamgen.model.vae import TinyCausalVAE, WanVAE
+from streamgen.model.vae import ResBlock2d, TinyCausalVAE, UpsampleConv2d, WanVAE
 
 
 def decode_in_chunks(vae, z, sizes):
@@ -44,6 +44,56 @@ def test_tiny_vae_save_load(tmp_path, res_blocks):
     z = torch.randn(1, 4, 2, 4, 4)
     assert torch.equal(vae.decode(z), again.decode(z))
     assert ("res_blocks" in vae.config) == bool(res_blocks)  # configs saved before the option load as before
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_upsample_conv_equals_upsample_then_conv(channels_last, bias):
+    """The low-resolution phase computation is nearest 2x upsampling then the 3x3 conv, values and grads."""
+    torch.manual_seed(0)
+    fused = UpsampleConv2d(5, 7)
+    if not bias:
+        fused.bias = None
+    plain = torch.nn.Conv2d(5, 7, 3, padding=1, bias=bias)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 5, 7, 4)  # odd height, non-square
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1 = fused(x1)
+    y2 = plain(torch.nn.functional.interpolate(x2, scale_factor=2, mode="nearest"))
+    assert y1.shape == (2, 7, 14, 8)
+    assert torch.allclose(y1, y2, atol=1e-5)
+    g = torch.randn_like(y2)
+    y1.backward(g)
+    y2.backward(g)
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-5)
+    assert torch.allclose(fused.weight.grad, plain.weight.grad, atol=1e-4)
+    if bias:
+        assert torch.allclose(fused.bias.grad, plain.bias.grad, atol=1e-4)
+
+
+@torch.no_grad()
+def test_tiny_vae_loads_checkpoints_of_the_upsample_layer_layout():
+    """Checkpoints with an nn.Upsample before each upsampling conv (the shipped autoencoder's) load unchanged."""
+    torch.manual_seed(0)
+    vae = TinyCausalVAE(latent_channels=4, widths=(8, 12, 16), res_blocks=1).eval()
+    # the decoder as it was built before UpsampleConv2d, with its own random weights
+    legacy = [ResBlock2d(16), ResBlock2d(16)]
+    for a, b in [(16, 12), (12, 8)]:
+        legacy += [torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(a, b, 3, padding=1), torch.nn.SiLU()]
+        legacy += [ResBlock2d(b)]
+    legacy += [torch.nn.Conv2d(8, 12, 3, padding=1)]
+    legacy = torch.nn.Sequential(*legacy)
+    state = {k: v for k, v in vae.state_dict().items() if not k.startswith("dec.")}
+    state.update({f"dec.{k}": v for k, v in legacy.state_dict().items()})
+    vae.load_state_dict(state)  # strict: every key finds its layer
+    x = torch.randn(2, 16, 5, 6)
+    assert torch.allclose(vae.dec(x), legacy(x), atol=1e-5)
+    # and our own layout round-trips untouched
+    again = TinyCausalVAE(latent_channels=4, widths=(8, 12, 16), res_blocks=1)
+    again.load_state_dict(vae.state_dict())
+    assert torch.equal(again.dec(x), vae.dec(x))
 
 
 @torch.no_grad()

@@ -52,6 +52,61 @@ class ResBlock2d(nn.Module):
         return x + self.conv2(F.silu(self.conv1(F.silu(x))))
 
 
+class UpsampleConv2d(nn.Conv2d):
+    """A nearest 2x upsample followed by this 3x3 convolution (padding 1), computed at the low resolution.
+
+    Each of the four output phases (row parity a, column parity b) of conv3x3(upsample(x)) is a
+    2x2 convolution of x whose taps are sums of the 3x3 taps; one 2x2 convolution with 4x the
+    output channels computes all four, then a strided view interleaves them. That is 16 instead
+    of 36 multiply-adds per low-resolution pixel and channel pair, and no upsampled copy of x:
+    on this CPU the decoder's upsampling layers run about 1.5x faster, same values to ~1e-6
+    (float sums reassociated). Parameters are those of the plain Conv2d, so checkpoints load.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 3, padding=1)
+
+    def phase_weights(self) -> torch.Tensor:
+        """[4*out, in, 2, 2], phases in (a, b) order. Phase 0 of an axis reads low-res taps (i-1, i)
+        with kernel taps (w0, w1+w2); phase 1 reads (i, i+1) with (w0+w1, w2)."""
+        w = self.weight
+
+        def fold(t, dim):  # the 3 taps along `dim` -> the two phases' 2 taps each
+            t0, t1, t2 = t.unbind(dim)
+            return torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)
+
+        return torch.cat([col for row in fold(w, 2) for col in fold(row, 3)], 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        o = self.out_channels
+        bias = None if self.bias is None else self.bias.repeat(4)
+        # output (p, q) of the 2x2 convolution over x padded by 1 reads x rows p-1, p and cols q-1, q
+        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), self.phase_weights(), bias)  # [N, 4*O, h+1, w+1]
+        y = y.contiguous(memory_format=torch.channels_last)
+        # out[n, 2i+a, 2j+b, o] = y[n, i+a, j+b, (a, b, o)]: one strided view of y's NHWC storage
+        sw = 4 * o
+        sh = (w + 1) * sw
+        phases = y.as_strided((n, h, 2, w, 2, o), (y.stride(0), sh, sh + 2 * o, sw, sw + o, 1))
+        return phases.reshape(n, 2 * h, 2 * w, o).permute(0, 3, 1, 2)  # NCHW shape, NHWC memory
+
+
+def _renumber_legacy_decoder(vae, state_dict, prefix, *_):
+    """Load-time key adapter for TinyCausalVAE checkpoints of the layout with nn.Upsample layers."""
+    index = vae._legacy_dec_index
+    if max(index) == len(vae.dec) - 1 or f"{prefix}dec.{max(index)}.weight" not in state_dict:
+        return  # no upsampling stages, or already our layout
+    head = prefix + "dec."
+    old_keys = [k for k in state_dict if k.startswith(head)]
+    renamed = {}
+    for key in old_keys:
+        i, rest = key[len(head) :].split(".", 1)
+        renamed[f"{head}{index.get(int(i), i)}.{rest}"] = state_dict[key]
+    for key in old_keys:
+        del state_dict[key]
+    state_dict.update(renamed)
+
+
 class TinyCausalVAE(VideoAutoencoder):
     """Spatial /8, temporal /4 causal autoencoder with a kernel-2 temporal mix."""
 
@@ -84,10 +139,17 @@ class TinyCausalVAE(VideoAutoencoder):
         self.dec_mix = nn.Conv2d(2 * w[-1], w[-1], 1)
         dec = [ResBlock2d(w[-1]) for _ in range(1 + res_blocks)]
         for a, b in zip(w[::-1][:-1], w[::-1][1:]):
-            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(a, b, 3, padding=1), nn.SiLU()]
+            dec += [UpsampleConv2d(a, b), nn.SiLU()]
             dec += [ResBlock2d(b) for _ in range(res_blocks)]
         dec += [nn.Conv2d(w[0], 3 * tf, 3, padding=1)]
         self.dec = nn.Sequential(*dec)
+        # Checkpoints written before UpsampleConv2d (the shipped autoencoder among them) have a
+        # parameterless nn.Upsample in front of each upsampling conv: their `dec` index -> ours.
+        self._legacy_dec_index, stages = {}, 0
+        for i, layer in enumerate(dec):
+            stages += isinstance(layer, UpsampleConv2d)
+            self._legacy_dec_index[i + stages] = i
+        self.register_load_state_dict_pre_hook(_renumber_legacy_decoder)
         # per-channel latent normalization, measured on data after training
         self.register_buffer("latent_mean", torch.zeros(latent_channels))
         self.register_buffer("latent_std", torch.ones(latent_channels))

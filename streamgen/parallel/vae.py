@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from streamgen.model.vae import UpsampleConv2d
+
 
 def decoder_receptive_radius(vae) -> float:
     """How far (in latent pixels) a decoded pixel can see, for TinyCausalVAE-style decoders.
@@ -47,6 +49,8 @@ def decoder_receptive_radius(vae) -> float:
     scale, radius = 1.0, 0.0
     for stage in stages:
         for m in stage.modules():
+            if isinstance(m, UpsampleConv2d):  # a 2x upsample, then its 3x3 conv at the new scale
+                scale *= 2
             if isinstance(m, nn.Conv2d):
                 radius += (m.kernel_size[0] // 2) * m.dilation[0] / scale
             elif isinstance(m, nn.Upsample):
