@@ -1,0 +1,139 @@
+"""`streamgen bench decoder --json`: ways to run the tiny autoencoder's decoder, per chunk.
+
+The decoder is about half of a chunk's time at 192x192 and up on the 2-core
+CPU. Every variant decodes the same latents (the sample face encoded at each
+size, plus noise, `--latent-frames` per chunk as a stream would) with the same
+weights, in alternating rounds in this process, so the ratios compare like
+with like on a noisy machine:
+
+- `upsample_then_conv`: nn.Upsample + 3x3 Conv2d, how the decoder ran before
+  `UpsampleConv2d` (the reference for speed and for values);
+- `phase_conv`: the shipped decoder (`UpsampleConv2d`: the conv at low
+  resolution, four 2x2 phase kernels);
+- `compiled`: `phase_conv` under `torch.compile` (static shapes);
+  `compile_seconds` is its warm-up;
+- `bfloat16`: `phase_conv` under CPU autocast to bfloat16 (AMX where present).
+
+Per variant: ms per chunk (median, min), speedup against `upsample_then_conv`,
+and how far its frames are from the reference's in 8-bit levels (max, mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from streamgen.media import read_image
+from streamgen.model.vae import TinyCausalVAE, UpsampleConv2d
+from streamgen.models import load_model
+from streamgen.stream import encode_reference, prepare_reference
+
+SAMPLE_FACE = Path(__file__).resolve().parent.parent / "streamgen" / "assets" / "sample_face.png"
+
+
+def upsample_then_conv(vae: TinyCausalVAE) -> TinyCausalVAE:
+    """A copy of `vae` whose upsampling layers upsample first and convolve at the high resolution."""
+    ref = copy.deepcopy(vae)
+    for i, layer in enumerate(ref.dec):
+        if isinstance(layer, UpsampleConv2d):
+            conv = nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=1, bias=layer.bias is not None)
+            conv.load_state_dict(layer.state_dict())
+            ref.dec[i] = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), conv)
+    return ref.to(memory_format=torch.channels_last)
+
+
+def chunk_latents(vae: TinyCausalVAE, size: int, latent_frames: int, seed: int = 0) -> torch.Tensor:
+    face = prepare_reference(read_image(SAMPLE_FACE), size, size)
+    z = encode_reference(vae, face, "cpu").expand(-1, -1, latent_frames, -1, -1)
+    g = torch.Generator().manual_seed(seed)
+    return z + 0.3 * torch.randn(z.shape, generator=g)  # frames that differ, as a talking face's do
+
+
+def _levels(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    d = (a.float() - b.float()).abs() * 127.5  # [-1, 1] -> 8-bit levels
+    return float(f"{d.max().item():.3g}"), float(f"{d.mean().item():.3g}")
+
+
+@torch.no_grad()
+def measure_size(vae: TinyCausalVAE, size: int, latent_frames: int, rounds: int, compile: bool) -> dict:
+    z = chunk_latents(vae, size, latent_frames)
+    reference = upsample_then_conv(vae).eval()
+
+    def bf16(latents):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return vae.decode(latents)
+
+    variants = {"upsample_then_conv": reference.decode, "phase_conv": vae.decode, "bfloat16": bf16}
+    out = {"size": size, "latent_frames": latent_frames, "frames": latent_frames * vae.temporal_factor}
+    if compile:
+        eager_dec = vae.dec
+        compiled_dec = torch.compile(eager_dec, dynamic=False)
+
+        def compiled(latents):
+            vae.dec = compiled_dec
+            try:
+                return vae.decode(latents)
+            finally:
+                vae.dec = eager_dec
+
+        t = time.perf_counter()
+        compiled(z)
+        out["compile_seconds"] = round(time.perf_counter() - t, 1)
+        variants["compiled"] = compiled
+
+    frames = {name: fn(z) for name, fn in variants.items()}  # also the warm-up
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            t = time.perf_counter()
+            fn(z)
+            times[name].append(time.perf_counter() - t)
+    base = float(np.median(times["upsample_then_conv"]))
+    for name in variants:
+        med = float(np.median(times[name]))
+        max_levels, mean_levels = _levels(frames[name], frames["upsample_then_conv"])
+        out[name] = {
+            "ms_median": round(med * 1000, 1),
+            "ms_min": round(min(times[name]) * 1000, 1),
+            "speedup": round(base / med, 3),
+            "max_levels": max_levels,
+            "mean_levels": mean_levels,
+        }
+    return out
+
+
+def run(
+    model="tiny-avatar", sizes=(128, 192, 256), latent_frames=None, rounds=7, threads=None, compile=False
+):
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    m = load_model(model)
+    if not isinstance(m.vae, TinyCausalVAE):
+        raise SystemExit(f"{model}: this benchmark is for TinyCausalVAE decoders, not {type(m.vae).__name__}")
+    latent_frames = latent_frames or m.cfg.frames_per_chunk
+    return {
+        "model": model,
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "sizes": [measure_size(m.vae, s, latent_frames, rounds, compile) for s in sizes],
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny-avatar")
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 192, 256], help="square frame sizes")
+    p.add_argument("--latent-frames", type=int, default=None, help="per chunk (default: the model's)")
+    p.add_argument("--rounds", type=int, default=7, help="timed decodes per variant, alternating")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--compile", action="store_true", help="also time the decoder under torch.compile")
+
+
+def main(args) -> dict:
+    return run(args.model, args.sizes, args.latent_frames, args.rounds, args.threads, args.compile)
