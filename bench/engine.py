@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from streamgen.models import load_model
+from streamgen.models import decode_dtype_arg, default_decode_dtype, load_model
 from streamgen.sampling import (
     encode_sink,
     euler_sigmas,
@@ -46,12 +46,14 @@ def _percentile(xs, q):
     return float(np.percentile(np.asarray(xs), q))
 
 
-def session_speed(model, height, width, steps, chunks, seed=0) -> dict:
+def session_speed(model, height, width, steps, chunks, seed=0, decode_dtype="auto") -> dict:
     dtype = next(model.dit.parameters()).dtype
     rng = np.random.default_rng(seed)
     face = (rng.random((height, width, 3)) * 255).astype(np.uint8)
     speech = (rng.standard_normal(16000 * 60) * 0.1).astype(np.float32)
-    session = StreamSession(model, height=height, width=width, steps=steps, dtype=dtype)
+    session = StreamSession(
+        model, height=height, width=width, steps=steps, dtype=dtype, decode_dtype=decode_dtype
+    )
     # warm-up session: first-call allocations and kernel selection, as a warmed server has done
     session.start(face, seed=seed)
     session.push_audio(speech[:16000])
@@ -76,7 +78,7 @@ def session_speed(model, height, width, steps, chunks, seed=0) -> dict:
     }
 
 
-def batch_throughput(model, height, width, steps, sessions=3, chunks=6) -> dict:
+def batch_throughput(model, height, width, steps, sessions=3, chunks=6, decode_dtype="auto") -> dict:
     """Aggregate frames/s of several streams at full windows: one batched forward per step
     (`next_chunks`) vs the same streams one after another."""
     from streamgen.stream import next_chunks
@@ -87,7 +89,9 @@ def batch_throughput(model, height, width, steps, sessions=3, chunks=6) -> dict:
     def started():
         out = []
         for i in range(sessions):
-            s = StreamSession(model, height=height, width=width, steps=steps, dtype=dtype)
+            s = StreamSession(
+                model, height=height, width=width, steps=steps, dtype=dtype, decode_dtype=decode_dtype
+            )
             s.start((rng.random((height, width, 3)) * 255).astype(np.uint8), seed=i)
             s.push_audio((rng.standard_normal(16000 * 60) * 0.1).astype(np.float32))
             for _ in range(s.cfg.window_frames // s.cfg.frames_per_chunk + 1):
@@ -245,17 +249,40 @@ def teacher_speedup(model, latent_hw, latent_frames, steps_list, teacher_steps=5
 REALTIME_FPS = 25.0
 
 
-def measure_size(model, height, width, steps, chunks, context, teacher_frames) -> dict:
-    """Every per-size figure: the session end to end, cache_speedup and teacher_speedup."""
+def measure_size(model, height, width, steps, chunks, context, teacher_frames, decode_dtype="auto") -> dict:
+    """Every per-size figure: the session end to end, cache_speedup and teacher_speedup; when the
+    decoder runs in bfloat16, the session against the same with a float32 decoder too."""
     latent_hw = model.vae.latent_hw(height, width)
     out = {"height": height, "width": width}
-    out.update(session_speed(model, height, width, steps, chunks))
+    out.update(session_speed(model, height, width, steps, chunks, decode_dtype=decode_dtype))
+    if _resolved(model, decode_dtype) == torch.bfloat16:
+        out["decode_float32"] = decode_dtype_speedup(
+            model, height, width, steps, max(5, chunks // 2), decode_dtype
+        )
     out.update(cache_speedup(model, latent_hw, steps, max(3, chunks // 4), context))
     out.update(teacher_speedup(model, latent_hw, teacher_frames, [4, 2, 1]))
     return out
 
 
-def compile_speedup(model, height, width, steps, chunks, rounds=3) -> dict:
+def _resolved(model, decode_dtype):
+    return default_decode_dtype(model.vae, "cpu") if decode_dtype == "auto" else decode_dtype
+
+
+def decode_dtype_speedup(model, height, width, steps, chunks, decode_dtype, rounds=2) -> dict:
+    """The session with its bfloat16 decoder against the same with a float32 one, alternating rounds."""
+    runs = {"float32": [], "bfloat16": []}
+    for _ in range(rounds):
+        for name, dt in (("float32", torch.float32), ("bfloat16", decode_dtype)):
+            runs[name].append(session_speed(model, height, width, steps, chunks, decode_dtype=dt)["fps"])
+    fps = {name: float(np.median(v)) for name, v in runs.items()}
+    return {
+        "fps": round(fps["float32"], 2),
+        "bfloat16_fps": round(fps["bfloat16"], 2),
+        "bfloat16_speedup": round(fps["bfloat16"] / fps["float32"], 3),
+    }
+
+
+def compile_speedup(model, height, width, steps, chunks, rounds=3, decode_dtype="auto") -> dict:
     """StreamSession with each transformer block under torch.compile vs eager.
 
     The two run in alternating rounds in this process (the machine's load hits
@@ -269,12 +296,14 @@ def compile_speedup(model, height, width, steps, chunks, rounds=3) -> dict:
     try:
         model.dit.blocks = compiled
         t = time.perf_counter()
-        session_speed(model, height, width, steps, 2)  # compiles every shape of the session
+        session_speed(model, height, width, steps, 2, decode_dtype=decode_dtype)  # compiles every shape
         compile_seconds = time.perf_counter() - t
         for _ in range(rounds):
             for name, blocks in (("eager", eager), ("compiled", compiled)):
                 model.dit.blocks = blocks
-                runs[name].append(session_speed(model, height, width, steps, chunks))
+                runs[name].append(
+                    session_speed(model, height, width, steps, chunks, decode_dtype=decode_dtype)
+                )
     finally:
         model.dit.blocks = eager
 
@@ -304,6 +333,7 @@ def run(
     threads=None,
     dtype="float32",
     compile=False,
+    decode_dtype="auto",
 ) -> dict:
     if threads:
         torch.set_num_threads(threads)
@@ -317,15 +347,21 @@ def run(
         "dtype": dtype,
         "trained": model.trained,
     }
-    main_size = measure_size(model, height, width, steps, chunks, context, teacher_frames)
+    decode_dtype = decode_dtype_arg(decode_dtype)
+    resolved = _resolved(model, decode_dtype)
+    result["decode_dtype"] = str(resolved or next(model.vae.parameters()).dtype).removeprefix("torch.")
+    main_size = measure_size(model, height, width, steps, chunks, context, teacher_frames, decode_dtype)
     result.update({k: v for k, v in main_size.items() if k not in ("height", "width")})
-    result.update(batch_throughput(model, height, width, steps))
+    result.update(batch_throughput(model, height, width, steps, decode_dtype=decode_dtype))
     result["threads"] = torch.get_num_threads()
     if compile:
-        result["compile"] = compile_speedup(model, height, width, steps, max(5, chunks // 2))
+        result["compile"] = compile_speedup(
+            model, height, width, steps, max(5, chunks // 2), decode_dtype=decode_dtype
+        )
     if sweep:
         result["resolution_sweep"] = [
-            measure_size(model, s, s, steps, max(5, chunks // 2), context, teacher_frames) for s in sweep
+            measure_size(model, s, s, steps, max(5, chunks // 2), context, teacher_frames, decode_dtype)
+            for s in sweep
         ]
         measured = [main_size, *result["resolution_sweep"]]
         realtime = [m for m in measured if m["fps"] >= REALTIME_FPS]
@@ -389,6 +425,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default="float32", help="DiT weights and cache"
     )
+    p.add_argument(
+        "--decode-dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="the autoencoder's decoder (auto: bfloat16 on CPUs with AMX); a bfloat16 decoder is also timed against float32",
+    )
     p.add_argument("--plot", default=None, help="write the size trade-off (main size + sweep) to this PNG")
     p.add_argument(
         "--compile",
@@ -410,6 +452,7 @@ def main(args) -> dict:
         args.threads,
         args.dtype,
         args.compile,
+        args.decode_dtype,
     )
     if args.plot:
         plot_sizes(result, args.plot)

@@ -113,10 +113,11 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         if config.sp > 1:
             from .sp_host import SequenceParallelHost
 
-            return SequenceParallelHost.start(config.model, config.device, config.torch_threads, config.sp, config.height)
+            return SequenceParallelHost.start(config.model, config.device, config.torch_threads, config.sp, config.height,
+                                              config.decode_dtype)  # fmt: skip
         from .model_host import ModelHost
 
-        return ModelHost(config.model, config.device, config.torch_threads)
+        return ModelHost(config.model, config.device, config.torch_threads, config.decode_dtype)
 
     def warm():
         stream = registry._new_stream(avatar_image("sample"), None, 0)

@@ -14,6 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=None, help="output height and width (default: the model's)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--decode-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="the autoencoder's decoder (auto: bfloat16 on CPUs with AMX, 2-4x faster)")  # fmt: skip
     parser.add_argument(
         "--threads", type=int, default=None,
         help="torch CPU threads (default on CPU: 1, leaving the other cores to encoding and networking; "
@@ -64,9 +66,10 @@ def run(args: argparse.Namespace) -> int:
     if args.sp > 1 and int(os.environ.get("RANK", 0)) > 0:
         from .sp_host import follow
 
-        return follow(args.model, args.device, threads, args.sp, args.size)  # no server on this rank
+        return follow(args.model, args.device, threads, args.sp, args.size, args.decode_dtype)  # no server here
     config = ServerConfig(
         model=args.model, height=args.size, width=args.size, steps=args.steps, device=args.device,
+        decode_dtype=args.decode_dtype,
         max_sessions=args.max_sessions, token=args.token,
         torch_threads=threads, loopback=args.loopback or args.host == "127.0.0.1", sp=args.sp,
         idle_timeout_s=args.idle_timeout, max_duration_s=args.max_duration,

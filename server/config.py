@@ -14,6 +14,7 @@ class ServerConfig:
     height: int | None = None  # None: the model's native resolution
     width: int | None = None
     steps: int | None = None
+    decode_dtype: str = "auto"  # the autoencoder's decoder: auto (bfloat16 on CPUs with AMX), float32, bfloat16
     device: str = "cpu"
     inference_process: bool = False  # the model in a child process (serve --model-process)
     sp: int = 1  # > 1: this is rank 0 of `serve --sp N` under torchrun (server/sp_host.py)

@@ -28,10 +28,10 @@ class HostDown(RuntimeError):
 
 
 class ModelHost:
-    def __init__(self, model: str, device: str, threads: int | None):
+    def __init__(self, model: str, device: str, threads: int | None, decode_dtype: str = "auto"):
         ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no copied threads or locks
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_child_main, args=(child, model, device, threads), daemon=True,
+        self.process = ctx.Process(target=_child_main, args=(child, model, device, threads, decode_dtype), daemon=True,
                                    name="streamgen-model")  # fmt: skip
         self.process.start()
         child.close()
@@ -94,18 +94,22 @@ class RemoteStream:
 class ModelOps:
     """The operations a host runs for RemoteStreams: one StreamSession per stream id."""
 
-    def __init__(self, model, device: str):
+    def __init__(self, model, device: str, decode_dtype: str | None = "auto"):
+        """decode_dtype: a DECODE_DTYPES name, or None to decode as the model's autoencoder was loaded."""
         self.model, self.device = model, device
+        self.decode_dtype = decode_dtype
         self.streams = {}
 
     def handle(self, op: str, args: tuple):
+        from streamgen.models import decode_dtype_arg
         from streamgen.stream import StreamSession
 
         if op == "ping":
             return True
         if op == "create":
             sid, reference, caption, seed, height, width, steps = args
-            stream = StreamSession(self.model, height, width, steps, device=self.device)
+            decode = None if self.decode_dtype is None else decode_dtype_arg(self.decode_dtype)
+            stream = StreamSession(self.model, height, width, steps, device=self.device, decode_dtype=decode)
             stream.start(reference, text=caption, seed=seed)
             self.streams[sid] = stream
             return {
@@ -147,7 +151,7 @@ def raise_reported(result) -> None:
     raise CLIENT_ERRORS.get(kind, RuntimeError)(message)
 
 
-def _child_main(conn, model_name: str, device: str, threads: int | None) -> None:
+def _child_main(conn, model_name: str, device: str, threads: int | None, decode_dtype: str) -> None:
     import torch
 
     from streamgen.models import load_model
@@ -160,7 +164,7 @@ def _child_main(conn, model_name: str, device: str, threads: int | None) -> None
         conn.recv()
         conn.send((False, (type(e).__name__, str(e))))
         return
-    ops = ModelOps(model, device)
+    ops = ModelOps(model, device, decode_dtype)
     while True:
         try:
             op, args = conn.recv()

@@ -46,10 +46,11 @@ from .model_host import CLIENT_ERRORS, HostDown, ModelOps
 log = logging.getLogger("streamgen.server")
 
 
-def load_sharded(model_name: str, device: str, threads: int | None, sp: int, height: int | None):
+def load_sharded(model_name: str, device: str, threads: int | None, sp: int, height: int | None,
+                 decode_dtype: str = "auto"):  # fmt: skip
     """The same on every process, in the same order (the mesh and groups are collective):
-    load the model, shard the DiT, decode in bands (when the latent height divides)."""
-    from streamgen.models import load_model
+    load the model, shard the DiT, decode in bands (when the latent height divides) in `decode_dtype`."""
+    from streamgen.models import decode_dtype_arg, default_decode_dtype, load_model
     from streamgen.parallel.apply import apply_sequence_parallel
     from streamgen.parallel.launch import init_process_group, init_sequence_parallel
     from streamgen.parallel.vae import parallel_decoder
@@ -63,7 +64,9 @@ def load_sharded(model_name: str, device: str, threads: int | None, sp: int, hei
     mesh, mode = init_sequence_parallel(sp, model.cfg.num_heads)
     apply_sequence_parallel(model.dit, mesh, mode)
     latent_height, _ = model.vae.latent_hw(height or model.height, height or model.width)
-    model.vae = parallel_decoder(model.vae, latent_height)
+    dtype = decode_dtype_arg(decode_dtype)
+    dtype = default_decode_dtype(model.vae, device) if dtype == "auto" else dtype
+    model.vae = parallel_decoder(model.decoding_vae(dtype), latent_height)  # sessions decode as set here
     log.info("rank %d of %d: %s sharded (%s)", dist.get_rank(), sp, model_name, mode)
     return model, device
 
@@ -77,15 +80,16 @@ class SequenceParallelHost:
         self.down: str | None = None  # why the ranks can run nothing more together
 
     @classmethod
-    def start(cls, model: str, device: str, threads: int | None, sp: int, height: int | None = None):
+    def start(cls, model: str, device: str, threads: int | None, sp: int, height: int | None = None,
+              decode_dtype: str = "auto"):  # fmt: skip
         """Load and shard the model (every rank does the same), then connect to the followers."""
-        loaded, device = load_sharded(model, device, threads, sp, height)
+        loaded, device = load_sharded(model, device, threads, sp, height, decode_dtype)
         authkey = secrets.token_bytes(16)
         listener = Listener(("127.0.0.1", 0), authkey=authkey)
         dist.broadcast_object_list([listener.address, authkey], src=0)
         followers = [listener.accept() for _ in range(sp - 1)]
         listener.close()
-        return cls(ModelOps(loaded, device), followers)
+        return cls(ModelOps(loaded, device, None), followers)
 
     def call(self, op: str, *args):
         if self.down:
@@ -134,10 +138,11 @@ class SequenceParallelHost:
             dist.destroy_process_group()
 
 
-def follow(model: str, device: str, threads: int | None, sp: int, height: int | None = None) -> int:
+def follow(model: str, device: str, threads: int | None, sp: int, height: int | None = None,
+           decode_dtype: str = "auto") -> int:  # fmt: skip
     """Ranks 1..N-1: replay rank 0's operations until it says exit or goes away."""
-    loaded, device = load_sharded(model, device, threads, sp, height)
-    ops = ModelOps(loaded, device)
+    loaded, device = load_sharded(model, device, threads, sp, height, decode_dtype)
+    ops = ModelOps(loaded, device, None)
     box = [None, None]
     dist.broadcast_object_list(box, src=0)
     address, authkey = box

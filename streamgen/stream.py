@@ -30,7 +30,8 @@ from streamgen.model.audio import (
 )
 from streamgen.model.cache import StreamCache
 from streamgen.model.text import text_context
-from streamgen.models import AvatarModel, load_model
+from streamgen.model.vae import TinyCausalVAE
+from streamgen.models import AvatarModel, default_decode_dtype, load_model
 from streamgen.sampling import encode_sink, generate_chunk, reencode_chunk, sample_few_step, student_sigmas
 
 
@@ -97,7 +98,10 @@ class StreamSession:
         device="cpu",
         dtype=torch.float32,
         max_audio_ahead_s: float = 600.0,
+        decode_dtype: torch.dtype | str | None = "auto",
     ):
+        """dtype: the DiT's weights and cache. decode_dtype: the autoencoder's decoder ("auto":
+        `default_decode_dtype`, bfloat16 on CPUs with AMX; None: as loaded)."""
         self.model = (
             model if isinstance(model, AvatarModel) else load_model(model, device=device, dtype=dtype)
         )
@@ -106,7 +110,14 @@ class StreamSession:
                 f"{self.model.name} is a bidirectional teacher: it generates whole clips and cannot stream; "
                 "use a distilled student"
             )
-        self.dit, self.vae, self.cfg = self.model.dit, self.model.vae, self.model.cfg
+        if decode_dtype == "auto":
+            decode_dtype = default_decode_dtype(self.model.vae, device)
+        elif decode_dtype is not None and not isinstance(self.model.vae, TinyCausalVAE):
+            raise ValueError(
+                f"a decode dtype applies to TinyCausalVAE decoders, not {type(self.model.vae).__name__}"
+            )
+        self.dit, self.cfg = self.model.dit, self.model.cfg
+        self.vae = self.model.decoding_vae(decode_dtype)
         self.height = height or self.model.height
         self.width = width or self.model.width
         unit = self.vae.spatial_factor * self.cfg.patch_size[1]
@@ -146,7 +157,7 @@ class StreamSession:
         self.seed = seed if seed is not None else random.randrange(2**31)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.context = text_context(text, self.cfg.text_dim).to(self.device, self.dtype)
-        self.vae_dtype = next(self.vae.parameters()).dtype
+        self.vae_dtype = next(self.vae.parameters()).dtype  # the encoder's: latents in, frames out
         self.reference_latent = encode_reference(self.vae, ref, self.device).to(self.dtype)
         if self.cache is None:
             self.cache = self.dit.new_cache(1, self.latent_hw, self.dtype, self.device)

@@ -106,8 +106,11 @@ class TeacherSession:
         return out.cpu().numpy(), pts
 
 
-def open_session(model, height=None, width=None, steps=None, device="cpu", dtype=torch.float32):
-    """StreamSession for a student, TeacherSession for a model whose model.json says kind: teacher."""
+def open_session(
+    model, height=None, width=None, steps=None, device="cpu", dtype=torch.float32, decode_dtype="auto"
+):
+    """StreamSession for a student, TeacherSession for a model whose model.json says kind: teacher
+    (which decodes as loaded: its 100 evaluations per window dwarf the decode)."""
     from streamgen.stream import StreamSession
 
     loaded = load_model(model, device=device, dtype=dtype) if isinstance(model, str) else model
@@ -115,4 +118,6 @@ def open_session(model, height=None, width=None, steps=None, device="cpu", dtype
         if dtype != torch.float32:
             raise ValueError("a teacher runs in float32 only")
         return TeacherSession(loaded, height, width, steps=steps or 50, device=device)
-    return StreamSession(loaded, height=height, width=width, steps=steps, device=device, dtype=dtype)
+    return StreamSession(
+        loaded, height=height, width=width, steps=steps, device=device, dtype=dtype, decode_dtype=decode_dtype
+    )

@@ -253,3 +253,19 @@ def test_serve_refuses_bad_parallel_options(extra, message, capsys):
 
     assert main(["serve", "--model", "debug", *extra]) == 2  # before anything is launched or loaded
     assert message in capsys.readouterr().err
+
+
+def test_model_ops_decode_in_the_server_s_decode_dtype():
+    """`serve --decode-dtype` reaches the sessions the model host creates (and a bad name is refused)."""
+    from server.model_host import ModelOps
+    from streamgen.models import load_model
+
+    model = load_model("debug")
+    face, _ = inputs()
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        ops = ModelOps(model, "cpu", name)
+        ops.handle("create", ("s", face, None, 0, None, None, None))
+        assert ops.streams["s"].vae.dec_in.weight.dtype == dtype
+        ops.close_all()
+    with pytest.raises(ValueError, match="decode dtype"):
+        ModelOps(model, "cpu", "float16").handle("create", ("s", face, None, 0, None, None, None))

@@ -195,3 +195,27 @@ def test_batched_sessions_make_the_frames_they_would_make_alone(model):
             assert np.abs(frames.astype(int) - ref.astype(int)).max() <= 1
         assert got[3][1] < got[0][1]  # the late session's own timeline
     assert not np.array_equal(got[0][0], got[1][0])  # rows are not mixed up
+
+
+def test_decode_dtype_auto_follows_the_cpu_and_sessions_share_one_decoder(monkeypatch):
+    """auto: bf16 decoder where the CPU has native bf16, float32 elsewhere; one copy per model."""
+    model = load_model("debug")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert StreamSession(model).vae is model.vae
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    a, b = StreamSession(model), StreamSession(model, decode_dtype=torch.bfloat16)
+    assert a.vae is b.vae and a.vae.dec_in.weight.dtype == torch.bfloat16
+    assert StreamSession(model, decode_dtype=torch.float32).vae is model.vae
+    assert StreamSession(model, decode_dtype=None).vae is model.vae
+
+
+def test_bfloat16_decoder_frames_are_within_two_levels(model):
+    frames = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        s = StreamSession(model, decode_dtype=dtype)
+        s.start(face(), seed=3)
+        s.push_audio(speech(1.0))
+        frames[dtype] = np.concatenate([s.next_chunk()[0] for _ in range(2)])
+    diff = np.abs(frames[torch.float32].astype(int) - frames[torch.bfloat16].astype(int))
+    assert frames[torch.bfloat16].dtype == np.uint8 and 0 < diff.max() <= 2

@@ -119,3 +119,20 @@ def test_wan_vae_chunked_decode_equals_full_decode():
     assert torch.allclose(full, wan.decode(z * std + mean).sample, atol=1e-5)
     assert torch.allclose(decode_in_chunks(vae, z, [1, 2]), full, atol=1e-5)
     assert full.abs().max() <= 1.0
+
+
+@torch.no_grad()
+def test_bfloat16_decoder_shares_the_encoder_and_stays_close():
+    """A bf16 decoder copy: the encoder is the same modules, frames come back fp32, near the fp32 decode."""
+    torch.manual_seed(0)
+    vae = TinyCausalVAE(latent_channels=4, widths=(8, 12, 16), res_blocks=1).eval()
+    assert vae.with_decoder_dtype(torch.float32) is vae
+    half = vae.with_decoder_dtype(torch.bfloat16)
+    assert half.enc is vae.enc and half.enc_out is vae.enc_out
+    assert half.dec_in.weight.dtype == torch.bfloat16 and vae.dec_in.weight.dtype == torch.float32
+    assert half.dec[-1].weight.is_contiguous(memory_format=torch.channels_last)
+    z = vae.encode(torch.rand(1, 3, 12, 16, 16) * 2 - 1)
+    full, half_full = vae.decode(z), half.decode(z)
+    assert half_full.dtype == torch.float32
+    assert 0 < (half_full - full).abs().max() < 0.05  # bf16 rounding, a few 8-bit levels at most
+    assert torch.equal(decode_in_chunks(half, z, [1, 2]), half_full)  # the stream state is bf16 too

@@ -13,7 +13,10 @@ import json
 
 BENCHMARKS = {
     "engine": ("bench.engine", "StreamSession fps/latency, cache and teacher speedups on this machine"),
-    "decoder": ("bench.decoder", "the tiny autoencoder's decoder: phase conv, compiled, bf16 vs the reference"),
+    "decoder": (
+        "bench.decoder",
+        "the tiny autoencoder's decoder: phase conv, compiled, bf16 vs the reference",
+    ),
     "server": ("bench.server", "WebRTC first frame, glass-to-glass, fps, A/V offset, sessions"),
     "kernels": ("bench.kernels", "fused kernels vs eager and torch.compile"),
     "gpu": ("bench.gpu", "wan2.1-1.3b streaming on one GPU (832x480, 4 steps)"),

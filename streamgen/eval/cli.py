@@ -23,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evaluators", type=Path, help="evaluator checkpoint folder (default: bundled)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, help="denoising steps for the model (default: the model's)")
+    parser.add_argument(
+        "--decode-dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="a student's decoder (auto: bfloat16 on CPUs with AMX)",
+    )
     parser.add_argument("--json", action="store_true", help="print report.json's object as the last line")
     training = parser.add_argument_group("train-evaluators")
     training.add_argument(
@@ -79,6 +85,7 @@ def _evaluate(args) -> int:
     from tqdm import tqdm
 
     from streamgen.cli import UserError
+    from streamgen.models import decode_dtype_arg
 
     from .evaluators import EvaluatorError
     from .report import ModelLoadError, evaluate
@@ -89,6 +96,7 @@ def _evaluate(args) -> int:
             report = evaluate(
                 args.model, args.out, args.split, clips, args.size, args.minutes,
                 args.evaluators, args.device, args.steps, progress=bar.update,
+                decode_dtype=decode_dtype_arg(args.decode_dtype),
             )  # fmt: skip
     except (EvaluatorError, ModelLoadError) as e:
         raise UserError(str(e)) from None

@@ -60,12 +60,12 @@ class ModelLoadError(ValueError):
     """The model to evaluate cannot be loaded or cannot run at the requested size."""
 
 
-def open_session(model: str, height: int, width: int, device: str, steps: int | None):
+def open_session(model: str, height: int, width: int, device: str, steps: int | None, decode_dtype="auto"):
     """A student's StreamSession, or a teacher's TeacherSession (offline windows, 50 steps + CFG)."""
     from streamgen.teacher import open_session as open_any
 
     try:
-        return open_any(model, height, width, steps, device)
+        return open_any(model, height, width, steps, device, decode_dtype=decode_dtype)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ModelLoadError(f"cannot load model {model!r}: {e}") from None
 
@@ -81,6 +81,7 @@ def evaluate(
     device: str = "cpu",
     steps: int | None = None,
     progress=None,
+    decode_dtype="auto",
 ) -> dict:
     from streamgen.data.world import make_clip, make_stream
 
@@ -101,7 +102,7 @@ def evaluate(
     ev = Evaluators(evaluators_dir)  # fails first, with a clear message, if a checkpoint is missing
     roundtrip = autoencoder_roundtrip(model.removeprefix(ROUNDTRIP)) if model.startswith(ROUNDTRIP) else None
     plain = model == GROUND_TRUTH or roundtrip is not None
-    session = None if plain else open_session(model, size, size, device, steps)
+    session = None if plain else open_session(model, size, size, device, steps, decode_dtype)
 
     def produce(clip, seed):
         if roundtrip is not None:

@@ -18,6 +18,7 @@ decoding the whole clip:
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -188,7 +189,7 @@ class TinyCausalVAE(VideoAutoencoder):
     def decode_stream(self, latents: torch.Tensor, state):
         b, _, f, h, w = latents.shape
         z = self._denorm(latents.transpose(1, 2).flatten(0, 1))
-        feats = self.dec_in(z).unflatten(0, (b, f))  # [B, F, Wd, h, w]
+        feats = self.dec_in(z.to(self.dec_in.weight.dtype)).unflatten(0, (b, f))  # [B, F, Wd, h, w]
         prev_first = state if state is not None else torch.zeros_like(feats[:, :1])
         prev = torch.cat([prev_first, feats[:, :-1]], dim=1)
         mixed = feats + self.dec_mix(torch.cat([feats, prev], 2).flatten(0, 1)).unflatten(0, (b, f))
@@ -196,7 +197,24 @@ class TinyCausalVAE(VideoAutoencoder):
         tf = self.temporal_factor
         hh, ww = out.shape[-2:]
         frames = out.reshape(b, f, tf, 3, hh, ww).permute(0, 3, 1, 2, 4, 5).reshape(b, 3, f * tf, hh, ww)
-        return frames.clamp(-1, 1), feats[:, -1:]
+        return frames.clamp(-1, 1).to(latents.dtype), feats[:, -1:]
+
+    DECODER = ("dec_in", "dec_mix", "dec")
+
+    def with_decoder_dtype(self, dtype: torch.dtype) -> TinyCausalVAE:
+        """This autoencoder with its decoder's weights in `dtype`; self when they already are.
+
+        A copy whose encoder modules are this one's (shared, unchanged). Latents go in and frames
+        come out in the caller's dtype, as before. On CPUs with AMX, bfloat16 decoding is 2-4x
+        faster and moves the uint8 frames by at most 2 levels (`streamgen bench decoder`).
+        """
+        if self.dec_in.weight.dtype == dtype:
+            return self
+        shared = {name: m for name, m in self.named_children() if name not in self.DECODER}
+        other = copy.deepcopy(self, memo={id(m): m for m in shared.values()})
+        for name in self.DECODER:
+            getattr(other, name).to(dtype)
+        return other
 
     # --- persistence -----------------------------------------------------------
     def save(self, directory) -> None:
