@@ -12,10 +12,14 @@ with like on a noisy machine:
   resolution, four 2x2 phase kernels);
 - `compiled`: `phase_conv` under `torch.compile` (static shapes);
   `compile_seconds` is its warm-up;
-- `bfloat16`: `phase_conv` under CPU autocast to bfloat16 (AMX where present).
+- `bfloat16`: `phase_conv` with its weights in bfloat16 (`with_decoder_dtype`, what
+  StreamSession decodes with on CPUs with AMX or AVX512-BF16);
+- `autocast_bfloat16`: `phase_conv` under CPU autocast to bfloat16, for comparison.
 
 Per variant: ms per chunk (median, min), speedup against `upsample_then_conv`,
-and how far its frames are from the reference's in 8-bit levels (max, mean).
+and how far its frames are from the reference's in 8-bit levels (max, mean,
+before rounding to uint8; `uint8_changed` is the fraction of uint8 values that
+rounding to uint8 then sets differently).
 """
 
 from __future__ import annotations
@@ -55,9 +59,17 @@ def chunk_latents(vae: TinyCausalVAE, size: int, latent_frames: int, seed: int =
     return z + 0.3 * torch.randn(z.shape, generator=g)  # frames that differ, as a talking face's do
 
 
-def _levels(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+def _levels(a: torch.Tensor, b: torch.Tensor) -> dict:
     d = (a.float() - b.float()).abs() * 127.5  # [-1, 1] -> 8-bit levels
-    return float(f"{d.max().item():.3g}"), float(f"{d.mean().item():.3g}")
+
+    def u8(x):
+        return ((x.float() + 1) * 127.5).round().clamp(0, 255)
+
+    return {
+        "max_levels": float(f"{d.max().item():.3g}"),
+        "mean_levels": float(f"{d.mean().item():.3g}"),
+        "uint8_changed": float(f"{(u8(a) != u8(b)).float().mean().item():.3g}"),
+    }
 
 
 @torch.no_grad()
@@ -65,11 +77,16 @@ def measure_size(vae: TinyCausalVAE, size: int, latent_frames: int, rounds: int,
     z = chunk_latents(vae, size, latent_frames)
     reference = upsample_then_conv(vae).eval()
 
-    def bf16(latents):
+    def autocast(latents):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return vae.decode(latents)
 
-    variants = {"upsample_then_conv": reference.decode, "phase_conv": vae.decode, "bfloat16": bf16}
+    variants = {
+        "upsample_then_conv": reference.decode,
+        "phase_conv": vae.decode,
+        "bfloat16": vae.with_decoder_dtype(torch.bfloat16).decode,
+        "autocast_bfloat16": autocast,
+    }
     out = {"size": size, "latent_frames": latent_frames, "frames": latent_frames * vae.temporal_factor}
     if compile:
         eager_dec = vae.dec
@@ -97,13 +114,11 @@ def measure_size(vae: TinyCausalVAE, size: int, latent_frames: int, rounds: int,
     base = float(np.median(times["upsample_then_conv"]))
     for name in variants:
         med = float(np.median(times[name]))
-        max_levels, mean_levels = _levels(frames[name], frames["upsample_then_conv"])
         out[name] = {
             "ms_median": round(med * 1000, 1),
             "ms_min": round(min(times[name]) * 1000, 1),
             "speedup": round(base / med, 3),
-            "max_levels": max_levels,
-            "mean_levels": mean_levels,
+            **_levels(frames[name], frames["upsample_then_conv"]),
         }
     return out
 
@@ -120,6 +135,7 @@ def run(
     latent_frames = latent_frames or m.cfg.frames_per_chunk
     return {
         "model": model,
+        "native_bfloat16": torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported(),
         "threads": torch.get_num_threads(),
         "rounds": rounds,
         "sizes": [measure_size(m.vae, s, latent_frames, rounds, compile) for s in sizes],

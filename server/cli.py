@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--decode-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="the autoencoder's decoder (auto: bfloat16 on CPUs with AMX, 2-4x faster)")  # fmt: skip
+                        help="the autoencoder's decoder (auto: bfloat16 on CPUs with AMX, 2-3x faster)")  # fmt: skip
     parser.add_argument(
         "--threads", type=int, default=None,
         help="torch CPU threads (default on CPU: 1, leaving the other cores to encoding and networking; "

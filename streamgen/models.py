@@ -68,7 +68,7 @@ def decode_dtype_arg(name: str) -> torch.dtype | str:
 
 def default_decode_dtype(vae: VideoAutoencoder, device) -> torch.dtype | None:
     """bfloat16 for TinyCausalVAE decoders on CPUs with native bfloat16 (AMX or AVX512-BF16):
-    2-4x faster decoding from 128x128 up, frames within 2 uint8 levels of float32 (measured by
+    2-3x faster decoding from 128x128 up, frames within 2 uint8 levels of float32 (measured by
     `streamgen bench decoder`); None (the loaded dtype) everywhere else."""
     if not isinstance(vae, TinyCausalVAE) or torch.device(device).type != "cpu":
         return None

@@ -104,6 +104,21 @@ def test_bench_engine_prints_one_json_object(tmp_path):
     else:
         assert "largest_realtime" not in result
     assert (tmp_path / "sizes.png").stat().st_size > 0
+    if result["decode_dtype"] == "bfloat16":  # auto on a CPU with native bf16: timed against float32 too
+        for m in (result, entry):
+            assert m["decode_float32"]["fps"] > 0 and m["decode_float32"]["bfloat16_speedup"] > 0
+
+
+def test_bench_decoder_times_every_variant_and_measures_its_distance():
+    r = streamgen("bench", "decoder", "--json", "--model", "debug", "--sizes", "32", "--rounds", "1")
+    assert r.returncode == 0, r.stderr
+    (size,) = json.loads(r.stdout.strip().splitlines()[-1])["sizes"]
+    assert size["size"] == 32 and size["frames"] == size["latent_frames"] * 4
+    for name in ("upsample_then_conv", "phase_conv", "bfloat16", "autocast_bfloat16"):
+        assert size[name]["ms_median"] > 0
+    assert size["upsample_then_conv"]["speedup"] == 1.0 and size["upsample_then_conv"]["max_levels"] == 0
+    assert size["phase_conv"]["max_levels"] < 0.01  # the same function, sums reassociated
+    assert 0 < size["bfloat16"]["max_levels"] < 10 and size["bfloat16"]["uint8_changed"] < 0.5
 
 
 @pytest.mark.slow

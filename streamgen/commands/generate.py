@@ -29,7 +29,7 @@ def add_arguments(p) -> None:
         "--decode-dtype",
         choices=["auto", "float32", "bfloat16"],
         default="auto",
-        help="the autoencoder's decoder (auto: bfloat16 on CPUs with AMX, 2-4x faster, frames within 2 levels)",
+        help="the autoencoder's decoder (auto: bfloat16 on CPUs with AMX, 2-3x faster, frames within 2 levels)",
     )
     p.add_argument("--sp", type=int, default=1, help="sequence-parallel processes (restarts under torchrun)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
