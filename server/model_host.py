@@ -101,15 +101,14 @@ class ModelOps:
         self.streams = {}
 
     def handle(self, op: str, args: tuple):
-        from streamgen.models import decode_dtype_arg
         from streamgen.stream import StreamSession
 
         if op == "ping":
             return True
         if op == "create":
             sid, reference, caption, seed, height, width, steps = args
-            decode = None if self.decode_dtype is None else decode_dtype_arg(self.decode_dtype)
-            stream = StreamSession(self.model, height, width, steps, device=self.device, decode_dtype=decode)
+            stream = StreamSession(self.model, height, width, steps, device=self.device,
+                                   decode_dtype=self.decode_dtype)  # fmt: skip
             stream.start(reference, text=caption, seed=seed)
             self.streams[sid] = stream
             return {

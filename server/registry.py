@@ -116,7 +116,6 @@ class SessionRegistry:
         session.publish_first_chunk()
 
     def _new_stream(self, reference, caption, seed):  # worker thread
-        from streamgen.models import decode_dtype_arg
         from streamgen.stream import StreamSession
 
         c = self.config
@@ -125,7 +124,7 @@ class SessionRegistry:
 
             return RemoteStream(self.host, reference, caption, seed, c.height, c.width, c.steps)
         stream = StreamSession(self.model, height=c.height, width=c.width, steps=c.steps, device=c.device,
-                               decode_dtype=decode_dtype_arg(c.decode_dtype))  # fmt: skip
+                               decode_dtype=c.decode_dtype)  # fmt: skip
         stream.start(reference, text=caption, seed=seed)
         return stream
 

@@ -31,7 +31,7 @@ from streamgen.model.audio import (
 from streamgen.model.cache import StreamCache
 from streamgen.model.text import text_context
 from streamgen.model.vae import TinyCausalVAE
-from streamgen.models import AvatarModel, default_decode_dtype, load_model
+from streamgen.models import AvatarModel, decode_dtype_arg, default_decode_dtype, load_model
 from streamgen.sampling import encode_sink, generate_chunk, reencode_chunk, sample_few_step, student_sigmas
 
 
@@ -100,8 +100,8 @@ class StreamSession:
         max_audio_ahead_s: float = 600.0,
         decode_dtype: torch.dtype | str | None = "auto",
     ):
-        """dtype: the DiT's weights and cache. decode_dtype: the autoencoder's decoder ("auto":
-        `default_decode_dtype`, bfloat16 on CPUs with AMX; None: as loaded)."""
+        """dtype: the DiT's weights and cache. decode_dtype: the autoencoder's decoder, a dtype or
+        its name ("auto": `default_decode_dtype`, bfloat16 on CPUs with AMX; None: as loaded)."""
         self.model = (
             model if isinstance(model, AvatarModel) else load_model(model, device=device, dtype=dtype)
         )
@@ -110,6 +110,8 @@ class StreamSession:
                 f"{self.model.name} is a bidirectional teacher: it generates whole clips and cannot stream; "
                 "use a distilled student"
             )
+        if isinstance(decode_dtype, str):
+            decode_dtype = decode_dtype_arg(decode_dtype)
         if decode_dtype == "auto":
             decode_dtype = default_decode_dtype(self.model.vae, device)
         elif decode_dtype is not None and not isinstance(self.model.vae, TinyCausalVAE):

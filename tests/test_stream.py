@@ -208,6 +208,10 @@ def test_decode_dtype_auto_follows_the_cpu_and_sessions_share_one_decoder(monkey
     assert a.vae is b.vae and a.vae.dec_in.weight.dtype == torch.bfloat16
     assert StreamSession(model, decode_dtype=torch.float32).vae is model.vae
     assert StreamSession(model, decode_dtype=None).vae is model.vae
+    assert StreamSession(model, decode_dtype="float32").vae is model.vae  # the command-line names
+    assert StreamSession(model, decode_dtype="bfloat16").vae is a.vae
+    with pytest.raises(ValueError, match="decode dtype must be one of"):
+        StreamSession(model, decode_dtype="float16")
 
 
 def test_bfloat16_decoder_frames_are_within_two_levels(model):

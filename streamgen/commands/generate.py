@@ -49,7 +49,6 @@ def run(args) -> int:
     from streamgen.cli import UserError
     from streamgen.media import MediaError, Mp4Writer, read_audio, read_image
     from streamgen.model.audio import SAMPLE_RATE
-    from streamgen.models import decode_dtype_arg
     from streamgen.teacher import TeacherSession, open_session
 
     try:
@@ -68,7 +67,7 @@ def run(args) -> int:
             args.steps,
             args.device,
             getattr(torch, args.dtype),
-            decode_dtype_arg(args.decode_dtype),
+            args.decode_dtype,
         )
         if isinstance(session, TeacherSession) and args.sp > 1:
             raise ValueError("--sp applies to streaming students; a teacher runs in one process")

@@ -85,7 +85,6 @@ def _evaluate(args) -> int:
     from tqdm import tqdm
 
     from streamgen.cli import UserError
-    from streamgen.models import decode_dtype_arg
 
     from .evaluators import EvaluatorError
     from .report import ModelLoadError, evaluate
@@ -96,7 +95,7 @@ def _evaluate(args) -> int:
             report = evaluate(
                 args.model, args.out, args.split, clips, args.size, args.minutes,
                 args.evaluators, args.device, args.steps, progress=bar.update,
-                decode_dtype=decode_dtype_arg(args.decode_dtype),
+                decode_dtype=args.decode_dtype,
             )  # fmt: skip
     except (EvaluatorError, ModelLoadError) as e:
         raise UserError(str(e)) from None
