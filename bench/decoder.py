@@ -35,7 +35,7 @@ from torch import nn
 
 from streamgen.media import read_image
 from streamgen.model.vae import TinyCausalVAE, UpsampleConv2d
-from streamgen.models import load_model
+from streamgen.models import cpu_has_native_bfloat16, load_model
 from streamgen.stream import encode_reference, prepare_reference
 
 SAMPLE_FACE = Path(__file__).resolve().parent.parent / "streamgen" / "assets" / "sample_face.png"
@@ -135,7 +135,7 @@ def run(
     latent_frames = latent_frames or m.cfg.frames_per_chunk
     return {
         "model": model,
-        "native_bfloat16": torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported(),
+        "native_bfloat16": cpu_has_native_bfloat16(),
         "threads": torch.get_num_threads(),
         "rounds": rounds,
         "sizes": [measure_size(m.vae, s, latent_frames, rounds, compile) for s in sizes],

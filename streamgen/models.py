@@ -72,8 +72,13 @@ def default_decode_dtype(vae: VideoAutoencoder, device) -> torch.dtype | None:
     `streamgen bench decoder`); None (the loaded dtype) everywhere else."""
     if not isinstance(vae, TinyCausalVAE) or torch.device(device).type != "cpu":
         return None
-    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    return torch.bfloat16 if native else None
+    return torch.bfloat16 if cpu_has_native_bfloat16() else None
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """AMX tiles or AVX512-BF16 (private torch probes: absent ones count as no)."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def model_search_path() -> list[Path]:
