@@ -19,6 +19,10 @@ grows with the square of the clip's tokens). `--compile` adds `compile`: the
 session with every transformer block under `torch.compile` (static shapes)
 against the same session eager, in alternating rounds; `compile_seconds` is
 the warm-up that compiled them. Everything else is measured eager.
+
+The decoder runs as a session's does (`--decode-dtype`, default auto: bf16 on
+CPUs with AMX); when that is bf16, every size also gets `decode_float32`: the
+session with an fp32 decoder against the bf16 one, in alternating rounds.
 """
 
 from __future__ import annotations
