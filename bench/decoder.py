@@ -142,6 +142,38 @@ def run(
     }
 
 
+def plot(result: dict, path) -> None:
+    """ms per chunk of every variant per size (log scale), and the bf16 variants' distance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["sizes"]
+    names = [k for k, v in rows[0].items() if isinstance(v, dict)]
+    labels = [f"{r['size']}x{r['size']}" for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    width = 0.8 / len(names)
+    colours = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(rows))]
+        left.bar(xs, [r[name]["ms_median"] for r in rows], width, label=name, color=colours[name])
+    left.set_xticks(range(len(rows)), labels)
+    left.set_yscale("log")
+    left.set_ylabel(f"ms per chunk ({rows[0]['frames']} frames), median")
+    left.set_title(f"{result['model']} decoder, {result['threads']} threads")
+    left.legend(fontsize=7)
+    for name in (n for n in names if "bfloat16" in n):
+        c = colours[name]
+        right.plot(labels, [r[name]["mean_levels"] for r in rows], "o-", color=c, label=f"{name}: mean")
+        right.plot(labels, [r[name]["max_levels"] for r in rows], "o--", color=c, label=f"{name}: max")
+    right.set_ylabel("|difference| to fp32, levels of 255")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-avatar")
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 192, 256], help="square frame sizes")
@@ -149,7 +181,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=7, help="timed decodes per variant, alternating")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="also time the decoder under torch.compile")
+    p.add_argument("--plot", default=None, help="write the times and distances to this PNG")
 
 
 def main(args) -> dict:
-    return run(args.model, args.sizes, args.latent_frames, args.rounds, args.threads, args.compile)
+    result = run(args.model, args.sizes, args.latent_frames, args.rounds, args.threads, args.compile)
+    if args.plot:
+        plot(result, args.plot)
+    return result

@@ -109,8 +109,11 @@ def test_bench_engine_prints_one_json_object(tmp_path):
             assert m["decode_float32"]["fps"] > 0 and m["decode_float32"]["bfloat16_speedup"] > 0
 
 
-def test_bench_decoder_times_every_variant_and_measures_its_distance():
-    r = streamgen("bench", "decoder", "--json", "--model", "debug", "--sizes", "32", "--rounds", "1")
+def test_bench_decoder_times_every_variant_and_measures_its_distance(tmp_path):
+    png = tmp_path / "decoder.png"
+    r = streamgen(
+        "bench", "decoder", "--json", "--model", "debug", "--sizes", "32", "--rounds", "1", "--plot", str(png)
+    )
     assert r.returncode == 0, r.stderr
     (size,) = json.loads(r.stdout.strip().splitlines()[-1])["sizes"]
     assert size["size"] == 32 and size["frames"] == size["latent_frames"] * 4
@@ -119,6 +122,7 @@ def test_bench_decoder_times_every_variant_and_measures_its_distance():
     assert size["upsample_then_conv"]["speedup"] == 1.0 and size["upsample_then_conv"]["max_levels"] == 0
     assert size["phase_conv"]["max_levels"] < 0.01  # the same function, sums reassociated
     assert 0 < size["bfloat16"]["max_levels"] < 10 and size["bfloat16"]["uint8_changed"] < 0.5
+    assert png.stat().st_size > 0
 
 
 @pytest.mark.slow
