@@ -10,8 +10,9 @@ with like on a noisy machine:
   `UpsampleConv2d` (the reference for speed and for values);
 - `phase_conv`: the shipped decoder (`UpsampleConv2d`: the conv at low
   resolution, four 2x2 phase kernels);
-- `compiled`: `phase_conv` under `torch.compile` (static shapes);
-  `compile_seconds` is its warm-up;
+- `compiled`, `compiled_bfloat16` (`--compile`): `phase_conv` and `bfloat16`
+  with the decoder's layers under `torch.compile` (static shapes);
+  `compile_seconds` is their warm-up;
 - `bfloat16`: `phase_conv` with its weights in bfloat16 (`with_decoder_dtype`, what
   StreamSession decodes with on CPUs with AMX or AVX512-BF16);
 - `autocast_bfloat16`: `phase_conv` under CPU autocast to bfloat16, for comparison.
@@ -72,6 +73,20 @@ def _levels(a: torch.Tensor, b: torch.Tensor) -> dict:
     }
 
 
+def compiled_decode(vae: TinyCausalVAE):
+    """vae.decode with its `dec` layers under torch.compile (static shapes); compiles on first call."""
+    eager_dec, compiled_dec = vae.dec, torch.compile(vae.dec, dynamic=False)
+
+    def decode(latents):
+        vae.dec = compiled_dec
+        try:
+            return vae.decode(latents)
+        finally:
+            vae.dec = eager_dec
+
+    return decode
+
+
 @torch.no_grad()
 def measure_size(vae: TinyCausalVAE, size: int, latent_frames: int, rounds: int, compile: bool) -> dict:
     z = chunk_latents(vae, size, latent_frames)
@@ -81,28 +96,21 @@ def measure_size(vae: TinyCausalVAE, size: int, latent_frames: int, rounds: int,
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return vae.decode(latents)
 
+    bf16 = vae.with_decoder_dtype(torch.bfloat16)
     variants = {
         "upsample_then_conv": reference.decode,
         "phase_conv": vae.decode,
-        "bfloat16": vae.with_decoder_dtype(torch.bfloat16).decode,
+        "bfloat16": bf16.decode,
         "autocast_bfloat16": autocast,
     }
     out = {"size": size, "latent_frames": latent_frames, "frames": latent_frames * vae.temporal_factor}
     if compile:
-        eager_dec = vae.dec
-        compiled_dec = torch.compile(eager_dec, dynamic=False)
-
-        def compiled(latents):
-            vae.dec = compiled_dec
-            try:
-                return vae.decode(latents)
-            finally:
-                vae.dec = eager_dec
-
-        t = time.perf_counter()
-        compiled(z)
-        out["compile_seconds"] = round(time.perf_counter() - t, 1)
-        variants["compiled"] = compiled
+        out["compile_seconds"] = {}
+        for name, v in (("compiled", vae), ("compiled_bfloat16", bf16)):
+            variants[name] = compiled_decode(v)
+            t = time.perf_counter()
+            variants[name](z)
+            out["compile_seconds"][name] = round(time.perf_counter() - t, 1)
 
     frames = {name: fn(z) for name, fn in variants.items()}  # also the warm-up
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -150,7 +158,7 @@ def plot(result: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["sizes"]
-    names = [k for k, v in rows[0].items() if isinstance(v, dict)]
+    names = [k for k, v in rows[0].items() if isinstance(v, dict) and "ms_median" in v]
     labels = [f"{r['size']}x{r['size']}" for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     width = 0.8 / len(names)
@@ -180,7 +188,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-frames", type=int, default=None, help="per chunk (default: the model's)")
     p.add_argument("--rounds", type=int, default=7, help="timed decodes per variant, alternating")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--compile", action="store_true", help="also time the decoder under torch.compile")
+    p.add_argument(
+        "--compile", action="store_true", help="also time the fp32 and bf16 decoders under torch.compile"
+    )
     p.add_argument("--plot", default=None, help="write the times and distances to this PNG")
 
 

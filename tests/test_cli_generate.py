@@ -126,6 +126,19 @@ def test_bench_decoder_times_every_variant_and_measures_its_distance(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_decoder_compile_times_both_compiled_decoders(tmp_path):
+    r = streamgen(
+        "bench", "decoder", "--json", "--model", "debug", "--sizes", "32", "--rounds", "1", "--compile",
+        "--plot", str(tmp_path / "decoder.png"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (size,) = json.loads(r.stdout.strip().splitlines()[-1])["sizes"]
+    assert set(size["compile_seconds"]) == {"compiled", "compiled_bfloat16"}
+    assert size["compiled"]["max_levels"] < 0.01  # the fp32 decoder, fused by inductor
+    assert 0 < size["compiled_bfloat16"]["max_levels"] < 10
+
+
+@pytest.mark.slow
 def test_bench_engine_compile_times_compiled_against_eager():
     r = streamgen(
         "bench", "engine", "--json", "--model", "debug", "--height", "32", "--width", "32",
