@@ -50,8 +50,12 @@ class AvatarModel:
     def decoding_vae(self, dtype: torch.dtype | None) -> VideoAutoencoder:
         """The autoencoder with its decoder in `dtype` (None: as loaded), made once per dtype and
         shared by every session of this model; the encoder is always the loaded one."""
-        if dtype is None or not isinstance(self.vae, TinyCausalVAE):
+        if dtype is None:
             return self.vae
+        if not isinstance(self.vae, TinyCausalVAE):
+            raise ValueError(
+                f"a decode dtype applies to TinyCausalVAE decoders, not {type(self.vae).__name__}"
+            )
         if dtype not in self._decoding_vaes:
             self._decoding_vaes[dtype] = self.vae.with_decoder_dtype(dtype)
         return self._decoding_vaes[dtype]

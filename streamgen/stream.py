@@ -30,7 +30,6 @@ from streamgen.model.audio import (
 )
 from streamgen.model.cache import StreamCache
 from streamgen.model.text import text_context
-from streamgen.model.vae import TinyCausalVAE
 from streamgen.models import AvatarModel, decode_dtype_arg, default_decode_dtype, load_model
 from streamgen.sampling import encode_sink, generate_chunk, reencode_chunk, sample_few_step, student_sigmas
 
@@ -114,10 +113,6 @@ class StreamSession:
             decode_dtype = decode_dtype_arg(decode_dtype)
         if decode_dtype == "auto":
             decode_dtype = default_decode_dtype(self.model.vae, device)
-        elif decode_dtype is not None and not isinstance(self.model.vae, TinyCausalVAE):
-            raise ValueError(
-                f"a decode dtype applies to TinyCausalVAE decoders, not {type(self.model.vae).__name__}"
-            )
         self.dit, self.cfg = self.model.dit, self.model.cfg
         self.vae = self.model.decoding_vae(decode_dtype)
         self.height = height or self.model.height

@@ -1,5 +1,7 @@
 """StreamSession: reproducible, bounded, audio-driven, and strict about bad input."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -212,6 +214,10 @@ def test_decode_dtype_auto_follows_the_cpu_and_sessions_share_one_decoder(monkey
     assert StreamSession(model, decode_dtype="bfloat16").vae is a.vae
     with pytest.raises(ValueError, match="decode dtype must be one of"):
         StreamSession(model, decode_dtype="float16")
+    other = dataclasses.replace(model, vae=torch.nn.Identity())  # an autoencoder without a separable decoder
+    assert other.decoding_vae(None) is other.vae
+    with pytest.raises(ValueError, match="applies to TinyCausalVAE"):
+        other.decoding_vae(torch.bfloat16)
 
 
 def test_bfloat16_decoder_frames_are_within_two_levels(model):
