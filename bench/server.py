@@ -9,7 +9,9 @@ audio starts with a 20 ms tone) and connects pure-Python aiortc clients:
 - fps: frames generated per second for one session (decoded_fps: frames the client decoded,
   which include repeats of the last picture when generation is late)
 - av_offset_ms: arrival of a chunk's first frame minus arrival of its audio marker (median; > 0: video late)
-- max_realtime_sessions: most concurrent sessions that all generate >= 24 fps (server-side count)
+- max_realtime_sessions: most concurrent sessions that all generate >= 24 fps (server-side count);
+  sessions_fps / sessions_glass_to_glass_ms / sessions_av_offset_ms: per number of concurrent
+  sessions, the slowest one's fps and each one's latency and A/V offset
 - browser_*: the web client in headless chromium (when /usr/bin/chromium exists): first frame,
   fps, A/V offset (estimatedPlayoutTimestamp of the two tracks) and RTT from getStats()
 
@@ -162,6 +164,10 @@ def _chunk_starts(frames):
     return starts[1:]  # the first one may be a repeat of a late start
 
 
+def _glass_to_glass_ms(starts) -> float | None:
+    return round(1000 * statistics.median(w - s for _, w, s in starts), 1) if starts else None
+
+
 def _av_offset(starts, markers) -> float | None:
     offsets = []
     for mono, _, _ in starts:
@@ -192,7 +198,7 @@ async def _bench(args) -> dict:
                 "first_frame_ms": round(1000 * one["first_frame"], 1),
                 "answer_ms": round(1000 * one["answer"], 1),
                 "connected_ms": round(1000 * one["connected"].result(), 1) if one["connected"].done() else None,
-                "glass_to_glass_ms": round(1000 * statistics.median(w - s for _, w, s in starts), 1) if starts else None,
+                "glass_to_glass_ms": _glass_to_glass_ms(starts),
                 # generated frames per second (the client also counts repeats of a late frame)
                 "fps": round(_generated_fps(one), 2),
                 "decoded_fps": round((len(one["frames"]) - 1) / duration, 2) if duration > 0 else None,
@@ -202,7 +208,9 @@ async def _bench(args) -> dict:
                 out["av_offset_ms"] = round(out["av_offset_ms"], 1)
             if args.browser and os.path.exists(args.browser):
                 out.update(await asyncio.to_thread(_browser_figures, f"http://127.0.0.1:{port}", args))
-            out["max_realtime_sessions"], out["sessions_fps"] = await _max_sessions(http, args)
+            out["max_realtime_sessions"], per_n = await _max_sessions(http, args)
+            for key in ("fps", "glass_to_glass_ms", "av_offset_ms"):
+                out[f"sessions_{key}"] = {n: figures[key] for n, figures in per_n.items()}
             return out
     finally:
         proc.terminate()
@@ -250,14 +258,23 @@ def _browser_figures(url: str, args) -> dict:
 
 
 async def _max_sessions(http, args) -> tuple[int, dict]:
-    """Add sessions until one of them generates fewer than 24 frames per second."""
+    """Add sessions until one of them generates fewer than 24 frames per second.
+
+    Per number of sessions: the slowest session's fps, each session's glass-to-glass
+    latency and A/V offset (ms; the playout delay grows with the load)."""
     best, per_n = 0, {}
     for n in range(1, args.max_probe + 1):
         started = time.monotonic()
         results = await asyncio.gather(*(_watch(http, args.seconds, seed=i) for i in range(n)))
         elapsed = time.monotonic() - started
         fps = [_generated_fps(r) for r in results]
-        per_n[n] = round(min(fps), 1)
+        starts = [_chunk_starts(r["frames"]) for r in results]
+        offsets = [_av_offset(st, r["markers"]) for st, r in zip(starts, results)]
+        per_n[n] = {
+            "fps": round(min(fps), 1),
+            "glass_to_glass_ms": [_glass_to_glass_ms(st) for st in starts],
+            "av_offset_ms": [None if o is None else round(o, 1) for o in offsets],
+        }
         if min(fps) < 24 or elapsed > args.seconds + 60:
             break
         best = n

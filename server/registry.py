@@ -93,6 +93,7 @@ class SessionRegistry:
             self._creating -= 1
         session = Session(secrets.token_hex(8), stream, asyncio.get_running_loop(), self.config.max_audio_ahead_s)
         session.fail_handler = lambda s, reason: asyncio.ensure_future(self.close(s, reason))
+        session.on_late = self.metrics.late_chunks.inc
         received = self.metrics.audio_received
         session.timeline.on_receive = lambda source, n: received.labels(source).inc(n / 16000)
         self.sessions[session.id] = session

@@ -13,13 +13,19 @@ plays at `base + p`. The worker generates chunk k at `base - delay + k *
 chunk_seconds` and the tracks play it `delay` later; when anything runs late
 (the transport connects slowly, the worker is overloaded) `base` moves forward
 instead of letting a backlog build, and audio and video move together because
-both read the same `base`.
+both read the same `base`. The delay adapts to the load: a chunk that misses its
+play time grows it by as much as it was late (so the next chunks are on time:
+one pause instead of a stutter every chunk), up to `MAX_DELAY`; when every chunk
+of the last few seconds arrived with time to spare, it comes back down towards
+the delay the session started with, `base` moving back and the tracks skipping
+what it jumped over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import threading
 import time
@@ -179,6 +185,10 @@ class ChunkSlot:
 
 
 class Session:
+    MAX_DELAY = 1.0  # seconds; the delay grows no further (the stream skips ahead instead)
+    SLACK_WINDOW = 16  # chunks (5 s at 0.32 s) that must all arrive early before the delay comes down
+    SLACK_KEEP = 0.06  # seconds of their smallest head start kept when it does
+
     def __init__(self, session_id: str, stream, loop: asyncio.AbstractEventLoop, max_audio_ahead_s: float):
         self.id = session_id
         self.token = secrets.token_urlsafe(24)
@@ -204,7 +214,11 @@ class Session:
         self.fail_handler: Callable[[Session, str], None] | None = None  # set by the registry
         # clock (see module docstring); written by the event loop, read by the worker
         self.delay = 0.2
+        self.start_delay = 0.2  # the delay it attached with: the floor that a grown delay returns to
         self.base = 0.0
+        self.rewound = 0.0  # seconds the clock has moved back in all (the video track skips as many frames)
+        self._slack: list[float] = []  # head start of the recent chunks: play time - arrival, seconds
+        self.on_late: Callable[[], None] | None = None  # a chunk arrived after its play time (metrics)
         self.chunk_index = 0  # next chunk the worker generates
         self.next_due = float("inf")
         self.generated_until = 0  # samples of the timeline covered by generated chunks
@@ -215,7 +229,7 @@ class Session:
         was started when the session was created (silence: no input can have arrived), so
         the stream starts as soon as that one is ready: now, or `first_delay` from now."""
         self.transport = transport
-        self.delay = delay
+        self.delay = self.start_delay = delay
         now = time.monotonic()
         self.base = now + (0.0 if self.first_chunk is not None else min(first_delay, delay))
         self.next_due = self.base - delay + self.chunk_index * self.chunk_seconds
@@ -239,15 +253,46 @@ class Session:
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
         self._closers.append(closer)
 
-    def late_by(self, seconds: float) -> None:
-        """A consumer found itself `seconds` behind the schedule: move the clock, never queue up."""
+    def move_clock(self, seconds: float) -> None:
+        """The stream starts `seconds` later than planned (its transport came late): move the clock."""
         if seconds > 0:
             self.base += seconds
             self.next_due += seconds
 
+    def late_by(self, seconds: float) -> None:
+        """A chunk missed its play time by `seconds`: move the clock, never queue up, and play
+        that much later from now on (up to MAX_DELAY) while generation keeps its schedule, so
+        that the next chunks arrive in time instead of each missing its turn again."""
+        if seconds <= 0:
+            return
+        grow = min(seconds, max(0.0, self.MAX_DELAY - self.delay))
+        self.delay += grow
+        self.base += seconds
+        self.next_due += seconds - grow
+        self._slack.clear()
+
     def publish(self, chunk: Chunk) -> None:  # event-loop thread
+        if chunk.index > 0:  # the first chunk plays as soon as it is ready, by design
+            head_start = self.base + chunk.pts - time.monotonic()
+            if head_start < 0 and self.on_late is not None:
+                self.on_late()
+            self._lower_delay_when_early(head_start)
         for slot in self.slots:
             slot.put(chunk)
+
+    def _lower_delay_when_early(self, head_start: float) -> None:
+        """Bring a grown delay back down once every chunk for SLACK_WINDOW chunks had time to spare:
+        by half the spare time, in whole frames (the video track skips that many)."""
+        self._slack.append(head_start)
+        if len(self._slack) < self.SLACK_WINDOW:
+            return
+        spare = min(min(self._slack) - self.SLACK_KEEP, self.delay - self.start_delay)
+        self._slack.clear()
+        step = math.floor(spare / 2 * self.fps) / self.fps
+        if step > 0:
+            self.delay -= step
+            self.base -= step  # next_due (base - delay + k * chunk_seconds) stays: generation keeps its pace
+            self.rewound += step
 
     def fail_from_worker(self, reason: str) -> None:  # event-loop thread
         if self.fail_handler is not None:

@@ -124,6 +124,7 @@ class AvatarVideoTrack(MediaStreamTrack):
         self.n = 0  # next frame index on the stream
         self.sent = 0  # frames returned so far: their pts, always increasing
         self.last: np.ndarray | None = None
+        self.rewound = 0.0  # the session's `rewound` when the track last looked
         self.failed = False
 
     async def recv(self) -> av.VideoFrame:
@@ -156,6 +157,9 @@ class AvatarVideoTrack(MediaStreamTrack):
     async def _next_picture(self) -> np.ndarray:
         s = self.session
         period = 1 / s.fps
+        if s.rewound > self.rewound:  # the clock moved back (the delay came down): skip what it jumped over
+            self.n += round((s.rewound - self.rewound) * s.fps)
+            self.rewound = s.rewound
         while not self._covers(self.n):
             newer = self.slot.take_nowait()
             if newer is not None:
@@ -174,7 +178,7 @@ class AvatarVideoTrack(MediaStreamTrack):
             return self.last
         late = time.monotonic() - (s.base + self.n / s.fps)
         if self.last is None and late > 0:  # first frame: the transport connected after its play time
-            s.late_by(late)
+            s.move_clock(late)
         delay = s.base + self.n / s.fps - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -227,7 +231,7 @@ class SpeechAudioTrack(MediaStreamTrack):
         if self.start is None:  # start at the present stream position, not at stream time 0
             self.start = time.monotonic()
             now_samples = (self.start - s.base) * SAMPLE_RATE
-            self.m = max(0, int(now_samples // AUDIO_FRAME_SAMPLES) * AUDIO_FRAME_SAMPLES)
+            self.m = max(0, round(now_samples / AUDIO_FRAME_SAMPLES) * AUDIO_FRAME_SAMPLES)
         at = self.start + self.sent * AUDIO_FRAME_SAMPLES / SAMPLE_RATE
         delay = at - time.monotonic()
         if delay > 0:
@@ -236,6 +240,8 @@ class SpeechAudioTrack(MediaStreamTrack):
         position = (at - s.base) * SAMPLE_RATE  # the stream sample that should be playing now
         if position < self.m - AUDIO_FRAME_SAMPLES / 2:
             return silence  # the clock moved forward (late video): fill the gap
+        if position >= self.m + AUDIO_FRAME_SAMPLES / 2:  # it moved back (the delay came down): skip ahead
+            self.m += round((position - self.m) / AUDIO_FRAME_SAMPLES) * AUDIO_FRAME_SAMPLES
         start, self.m = self.m, self.m + AUDIO_FRAME_SAMPLES
         if start + AUDIO_FRAME_SAMPLES > s.generated_until:
             return silence  # no video for this time yet: no sound either
