@@ -10,8 +10,10 @@ audio starts with a 20 ms tone) and connects pure-Python aiortc clients:
   which include repeats of the last picture when generation is late)
 - av_offset_ms: arrival of a chunk's first frame minus arrival of its audio marker (median; > 0: video late)
 - max_realtime_sessions: most concurrent sessions that all generate >= 24 fps (server-side count);
-  sessions_fps / sessions_glass_to_glass_ms / sessions_av_offset_ms: per number of concurrent
-  sessions, the slowest one's fps and each one's latency and A/V offset
+  sessions_fps / _glass_to_glass_ms / _av_offset_ms / _repeated_frames: per number of concurrent
+  sessions, the slowest one's fps and each one's latency, A/V offset and repeated frames
+- repeated_frames / skipped_frames: stutter over the watch: frames shown twice because their
+  chunk came late, frames never shown because the clock jumped back (the playout delay came down)
 - browser_*: the web client in headless chromium (when /usr/bin/chromium exists): first frame,
   fps, A/V offset (estimatedPlayoutTimestamp of the two tracks) and RTT from getStats()
 
@@ -154,6 +156,21 @@ def _generated_fps(watch: dict) -> float:
     return max(0, watch["chunks"] - 1) * 8 / max(duration, 1e-6)
 
 
+def _stutter(frames, per_chunk: int = 8) -> dict:
+    """Frames shown twice (a chunk came late) and frames never shown (the clock jumped back), from
+    the run lengths of the chunk stamps; the first and last runs are cut by the watch and skipped."""
+    runs, last = [], None
+    for _, _, stamp in frames:
+        if stamp == last:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+            last = stamp
+    inner = runs[1:-1]
+    return {"repeated": sum(max(0, n - per_chunk) for n in inner),
+            "skipped": sum(max(0, per_chunk - n) for n in inner)}  # fmt: skip
+
+
 def _chunk_starts(frames):
     """Frames where the stamp changes: the first frame of each chunk."""
     starts, last = [], None
@@ -203,13 +220,14 @@ async def _bench(args) -> dict:
                 "fps": round(_generated_fps(one), 2),
                 "decoded_fps": round((len(one["frames"]) - 1) / duration, 2) if duration > 0 else None,
                 "av_offset_ms": _av_offset(starts, one["markers"]),
+                **{f"{k}_frames": v for k, v in _stutter(one["frames"]).items()},
             }
             if out["av_offset_ms"] is not None:
                 out["av_offset_ms"] = round(out["av_offset_ms"], 1)
             if args.browser and os.path.exists(args.browser):
                 out.update(await asyncio.to_thread(_browser_figures, f"http://127.0.0.1:{port}", args))
             out["max_realtime_sessions"], per_n = await _max_sessions(http, args)
-            for key in ("fps", "glass_to_glass_ms", "av_offset_ms"):
+            for key in ("fps", "glass_to_glass_ms", "av_offset_ms", "repeated_frames"):
                 out[f"sessions_{key}"] = {n: figures[key] for n, figures in per_n.items()}
             return out
     finally:
@@ -274,6 +292,7 @@ async def _max_sessions(http, args) -> tuple[int, dict]:
             "fps": round(min(fps), 1),
             "glass_to_glass_ms": [_glass_to_glass_ms(st) for st in starts],
             "av_offset_ms": [None if o is None else round(o, 1) for o in offsets],
+            "repeated_frames": [_stutter(r["frames"])["repeated"] for r in results],
         }
         if min(fps) < 24 or elapsed > args.seconds + 60:
             break

@@ -13,12 +13,13 @@ plays at `base + p`. The worker generates chunk k at `base - delay + k *
 chunk_seconds` and the tracks play it `delay` later; when anything runs late
 (the transport connects slowly, the worker is overloaded) `base` moves forward
 instead of letting a backlog build, and audio and video move together because
-both read the same `base`. The delay adapts to the load: a chunk that misses its
-play time grows it by as much as it was late (so the next chunks are on time:
-one pause instead of a stutter every chunk), up to `MAX_DELAY`; when every chunk
-of the last few seconds arrived with time to spare, it comes back down towards
-the delay the session started with, `base` moving back and the tracks skipping
-what it jumped over.
+both read the same `base`. The delay adapts to the load: when chunks keep missing
+their play time (a second late chunk within `SLACK_WINDOW` chunks of the last), it
+grows by as much as that chunk was late, up to `MAX_DELAY`, so that the next ones
+are on time instead of each stuttering; a one-off late chunk only moves the clock.
+When every chunk of the last few seconds arrived with time to spare, the delay
+comes back down towards the one the session started with, `base` moving back and
+the tracks skipping what it jumped over.
 """
 
 from __future__ import annotations
@@ -186,8 +187,8 @@ class ChunkSlot:
 
 class Session:
     MAX_DELAY = 1.0  # seconds; the delay grows no further (the stream skips ahead instead)
-    SLACK_WINDOW = 16  # chunks (5 s at 0.32 s) that must all arrive early before the delay comes down
-    SLACK_KEEP = 0.06  # seconds of their smallest head start kept when it does
+    SLACK_WINDOW = 16  # chunks (5 s at 0.32 s): late twice within it grows the delay, all early lowers it
+    SLACK_KEEP = 0.02  # seconds of their smallest head start kept when it does
 
     def __init__(self, session_id: str, stream, loop: asyncio.AbstractEventLoop, max_audio_ahead_s: float):
         self.id = session_id
@@ -218,6 +219,8 @@ class Session:
         self.base = 0.0
         self.rewound = 0.0  # seconds the clock has moved back in all (the video track skips as many frames)
         self._slack: list[float] = []  # head start of the recent chunks: play time - arrival, seconds
+        self._waited = 0.0  # seconds the clock moved while the video waited for the next chunk
+        self._last_late: int | None = None  # index of the last chunk that came late
         self.on_late: Callable[[], None] | None = None  # a chunk arrived after its play time (metrics)
         self.chunk_index = 0  # next chunk the worker generates
         self.next_due = float("inf")
@@ -254,41 +257,51 @@ class Session:
         self._closers.append(closer)
 
     def move_clock(self, seconds: float) -> None:
-        """The stream starts `seconds` later than planned (its transport came late): move the clock."""
+        """The stream plays `seconds` later than planned: move the clock, never queue up."""
         if seconds > 0:
             self.base += seconds
             self.next_due += seconds
 
     def late_by(self, seconds: float) -> None:
-        """A chunk missed its play time by `seconds`: move the clock, never queue up, and play
-        that much later from now on (up to MAX_DELAY) while generation keeps its schedule, so
-        that the next chunks arrive in time instead of each missing its turn again."""
-        if seconds <= 0:
-            return
-        grow = min(seconds, max(0.0, self.MAX_DELAY - self.delay))
-        self.delay += grow
-        self.base += seconds
-        self.next_due += seconds - grow
-        self._slack.clear()
+        """The video's next chunk is `seconds` late so far: move the clock (the chunk's lateness
+        is weighed when it arrives, in `publish`)."""
+        self.move_clock(seconds)
+        self._waited += max(0.0, seconds)
 
     def publish(self, chunk: Chunk) -> None:  # event-loop thread
         if chunk.index > 0:  # the first chunk plays as soon as it is ready, by design
             head_start = self.base + chunk.pts - time.monotonic()
-            if head_start < 0 and self.on_late is not None:
-                self.on_late()
-            self._lower_delay_when_early(head_start)
+            lateness, self._waited = self._waited + max(0.0, -head_start), 0.0
+            if lateness > 0:
+                self._chunk_was_late(chunk.index, lateness)
+            else:
+                self._lower_delay_when_early(head_start)
         for slot in self.slots:
             slot.put(chunk)
 
+    def _chunk_was_late(self, index: int, lateness: float) -> None:
+        """A chunk arrived `lateness` s after its play time. Twice within SLACK_WINDOW chunks is the
+        load, not a hiccup: play that much later from now on (up to MAX_DELAY) while generation
+        keeps its pace, so that the next chunks arrive in time."""
+        if self.on_late is not None:
+            self.on_late()
+        self._slack.clear()
+        recurring = self._last_late is not None and index - self._last_late <= self.SLACK_WINDOW
+        self._last_late = index
+        if recurring:
+            grow = min(lateness, max(0.0, self.MAX_DELAY - self.delay))
+            self.delay += grow
+            self.next_due -= grow  # base - delay + k * chunk_seconds: the worker sees it when it next wakes
+
     def _lower_delay_when_early(self, head_start: float) -> None:
         """Bring a grown delay back down once every chunk for SLACK_WINDOW chunks had time to spare:
-        by half the spare time, in whole frames (the video track skips that many)."""
+        by the spare time beyond SLACK_KEEP, in whole frames (the video track skips that many)."""
         self._slack.append(head_start)
         if len(self._slack) < self.SLACK_WINDOW:
             return
         spare = min(min(self._slack) - self.SLACK_KEEP, self.delay - self.start_delay)
         self._slack.clear()
-        step = math.floor(spare / 2 * self.fps) / self.fps
+        step = math.floor(spare * self.fps) / self.fps
         if step > 0:
             self.delay -= step
             self.base -= step  # next_due (base - delay + k * chunk_seconds) stays: generation keeps its pace
