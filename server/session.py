@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import secrets
 import threading
 import time
@@ -220,6 +219,7 @@ class Session:
         self.rewound = 0.0  # seconds the clock has moved back in all (the video track skips as many frames)
         self._slack: list[float] = []  # head start of the recent chunks: play time - arrival, seconds
         self._waited = 0.0  # seconds the clock moved while the video waited for the next chunk
+        self._published = -1  # index of the last chunk handed to the transports
         self._last_late: int | None = None  # index of the last chunk that came late
         self.on_late: Callable[[], None] | None = None  # a chunk arrived after its play time (metrics)
         self.chunk_index = 0  # next chunk the worker generates
@@ -262,13 +262,16 @@ class Session:
             self.base += seconds
             self.next_due += seconds
 
-    def late_by(self, seconds: float) -> None:
-        """The video's next chunk is `seconds` late so far: move the clock (the chunk's lateness
-        is weighed when it arrives, in `publish`)."""
+    def late_by(self, seconds: float, chunk_index: int) -> None:
+        """The video repeated `seconds` of picture waiting for chunk `chunk_index`: move the clock.
+        The chunk's lateness is weighed when it arrives (`publish`); a wait that ends after it
+        arrived (the video was sleeping out its repeated frame) is already in it."""
         self.move_clock(seconds)
-        self._waited += max(0.0, seconds)
+        if chunk_index > self._published:
+            self._waited += max(0.0, seconds)
 
     def publish(self, chunk: Chunk) -> None:  # event-loop thread
+        self._published = max(self._published, chunk.index)
         if chunk.index > 0:  # the first chunk plays as soon as it is ready, by design
             head_start = self.base + chunk.pts - time.monotonic()
             lateness, self._waited = self._waited + max(0.0, -head_start), 0.0
@@ -292,17 +295,20 @@ class Session:
             grow = min(lateness, max(0.0, self.MAX_DELAY - self.delay))
             self.delay += grow
             self.next_due -= grow  # base - delay + k * chunk_seconds: the worker sees it when it next wakes
+        log.debug("session %s: chunk %d came %.0f ms late; playout delay %.0f ms",
+                  self.id, index, 1000 * lateness, 1000 * self.delay)  # fmt: skip
 
     def _lower_delay_when_early(self, head_start: float) -> None:
         """Bring a grown delay back down once every chunk for SLACK_WINDOW chunks had time to spare:
-        by the spare time beyond SLACK_KEEP, in whole frames (the video track skips that many)."""
+        by their smallest head start beyond SLACK_KEEP (the tracks skip what the clock jumps over)."""
         self._slack.append(head_start)
         if len(self._slack) < self.SLACK_WINDOW:
             return
         spare = min(min(self._slack) - self.SLACK_KEEP, self.delay - self.start_delay)
         self._slack.clear()
-        step = math.floor(spare * self.fps) / self.fps
-        if step > 0:
+        step = round(spare, 3)
+        if step >= 0.005:
+            log.debug("session %s: playout delay %.0f -> %.0f ms", self.id, 1000 * self.delay, 1000 * (self.delay - step))
             self.delay -= step
             self.base -= step  # next_due (base - delay + k * chunk_seconds) stays: generation keeps its pace
             self.rewound += step

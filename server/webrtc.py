@@ -157,9 +157,10 @@ class AvatarVideoTrack(MediaStreamTrack):
     async def _next_picture(self) -> np.ndarray:
         s = self.session
         period = 1 / s.fps
-        if s.rewound > self.rewound:  # the clock moved back (the delay came down): skip what it jumped over
-            self.n += round((s.rewound - self.rewound) * s.fps)
-            self.rewound = s.rewound
+        skip = int((s.rewound - self.rewound) * s.fps + 1e-6)
+        if skip > 0:  # the clock moved back (the delay came down) by whole frames: skip them
+            self.n += skip
+            self.rewound += skip / s.fps  # a part of a frame stays: those frames just play that much sooner
         while not self._covers(self.n):
             newer = self.slot.take_nowait()
             if newer is not None:
@@ -174,7 +175,7 @@ class AvatarVideoTrack(MediaStreamTrack):
                 await self.slot.wait(wait if wait > 0 else 1.0)
                 continue
             await asyncio.sleep(period)  # late: repeat the last picture for one frame period
-            s.late_by(period)
+            s.late_by(period, self.n // s.frames_per_chunk)
             return self.last
         late = time.monotonic() - (s.base + self.n / s.fps)
         if self.last is None and late > 0:  # first frame: the transport connected after its play time
