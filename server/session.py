@@ -308,7 +308,8 @@ class Session:
         self._slack.clear()
         step = round(spare, 3)
         if step >= 0.005:
-            log.debug("session %s: playout delay %.0f -> %.0f ms", self.id, 1000 * self.delay, 1000 * (self.delay - step))
+            log.debug("session %s: playout delay %.0f -> %.0f ms",
+                      self.id, 1000 * self.delay, 1000 * (self.delay - step))  # fmt: skip
             self.delay -= step
             self.base -= step  # next_due (base - delay + k * chunk_seconds) stays: generation keeps its pace
             self.rewound += step
