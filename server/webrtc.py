@@ -124,7 +124,7 @@ class AvatarVideoTrack(MediaStreamTrack):
         self.n = 0  # next frame index on the stream
         self.sent = 0  # frames returned so far: their pts, always increasing
         self.last: np.ndarray | None = None
-        self.rewound = 0.0  # the session's `rewound` when the track last looked
+        self.rewound = session.rewound  # the session's `rewound` when the track last looked
         self.failed = False
 
     async def recv(self) -> av.VideoFrame:
