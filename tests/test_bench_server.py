@@ -1,0 +1,15 @@
+"""The serving benchmark's stutter count, from the run lengths of the chunk stamps."""
+
+from bench.server import _stutter
+
+
+def frames(*runs):
+    """One (monotonic, wall, stamp) entry per frame; chunk i's frames carry the stamp i."""
+    return [(0.0, 0.0, float(i)) for i, n in enumerate(runs) for _ in range(n)]
+
+
+def test_stutter_counts_repeats_and_skips_but_not_the_runs_cut_by_the_watch():
+    assert _stutter(frames(3, 8, 8, 8, 5)) == {"repeated": 0, "skipped": 0}
+    # chunk 1 shown 2 frames too long (chunk 2 came late); chunk 3 lost 3 frames (the clock jumped back)
+    assert _stutter(frames(1, 10, 8, 5, 8, 30)) == {"repeated": 2, "skipped": 3}
+    assert _stutter(frames(12)) == {"repeated": 0, "skipped": 0}
