@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the model in a child process instead of a thread of the server")
     parser.add_argument("--sp", type=int, default=1,
                         help="shard the model over N processes (sequence parallelism; restarts under torchrun)")
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default="info",
+                        help="debug adds late chunks and playout-delay changes (aiortc and aioice stay at info)")
     # benchmark switches (bench/server.py)
     parser.add_argument("--stamp-frames", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--admit-max", action="store_true", help=argparse.SUPPRESS)
@@ -62,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
         relaunch_under_torchrun(args.sp)  # does not return in the launching process
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("aiortc", "aioice", "PIL"):  # at debug they log every packet: enough to make streams late
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
     threads = args.threads or (1 if args.device == "cpu" else None)
     if args.sp > 1 and int(os.environ.get("RANK", 0)) > 0:
         from .sp_host import follow
