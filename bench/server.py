@@ -279,7 +279,7 @@ async def _max_sessions(http, args) -> tuple[int, dict]:
     """Add sessions until one of them generates fewer than 24 frames per second.
 
     Per number of sessions: the slowest session's fps, each session's glass-to-glass
-    latency and A/V offset (ms; the playout delay grows with the load)."""
+    latency and A/V offset (ms; the playout delay grows with the load) and repeated frames."""
     best, per_n = 0, {}
     for n in range(1, args.max_probe + 1):
         started = time.monotonic()
