@@ -182,7 +182,8 @@ def test_generate_with_sequence_parallel_gives_the_same_video(tmp_path):
         r = streamgen(
             "generate", "--model", "debug", "--sp", str(sp), "--seed", "3", "--quiet", "--out", str(out)
         )
-        assert r.returncode == 0, r.stderr[-2000:]
+        # a rank's own error comes before torchrun's long report of it
+        assert r.returncode == 0, r.stderr[:3000] + "\n...\n" + r.stderr[-1500:]
         with av.open(str(out)) as c:
             outs.append(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]))
     assert outs[0].shape == outs[1].shape

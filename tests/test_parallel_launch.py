@@ -44,3 +44,34 @@ def test_relaunch_runs_the_command_on_n_processes():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=110, check=True
     )
     assert out.stdout.count("streamgen 0.1.0") == 2, out.stdout + out.stderr
+
+
+def _streamgen(*args: str) -> subprocess.CompletedProcess:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE")
+    }
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "streamgen", *args], env=env, capture_output=True, text=True, timeout=110
+    )
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_a_failing_rank_ends_the_launcher_with_its_code_and_one_line(tmp_path):
+    r = _streamgen(
+        "generate", "--sp", "2", "--model", "no-such-model", "--quiet", "--out", str(tmp_path / "a.mp4")
+    )
+    assert r.returncode == 2, r.stderr  # a usage error, as with --sp 1
+    assert "unknown model 'no-such-model'" in r.stderr
+    assert "failed (exit code 2); the other ranks were stopped" in r.stderr
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_bad_input_file_fails_before_any_process_starts(tmp_path):
+    r = _streamgen(
+        "generate", "--sp", "2", "--audio", str(tmp_path / "none.wav"), "--out", str(tmp_path / "a.mp4")
+    )
+    assert r.returncode == 2
+    assert r.stderr.count("audio file not found") == 1 and "OMP_NUM_THREADS" not in r.stderr, r.stderr

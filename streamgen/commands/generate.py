@@ -38,19 +38,10 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import time
 
-    if args.sp > 1:
-        from streamgen.parallel.launch import relaunch_under_torchrun
-
-        relaunch_under_torchrun(args.sp)  # does not return in the launching process
-
-    import torch
-    from tqdm import tqdm
-
     from streamgen.cli import UserError
     from streamgen.media import MediaError, Mp4Writer, read_audio, read_image
-    from streamgen.model.audio import SAMPLE_RATE
-    from streamgen.teacher import TeacherSession, open_session
 
+    # before any relaunch: a bad file is one clear error, not one per process
     try:
         pcm = read_audio(args.audio)
         face = read_image(args.reference)
@@ -59,6 +50,17 @@ def run(args) -> int:
     out = Path(args.out)
     if not out.parent.exists():
         raise UserError(f"output directory does not exist: {out.parent}")
+    if args.sp > 1:
+        from streamgen.parallel.launch import relaunch_under_torchrun
+
+        relaunch_under_torchrun(args.sp)  # does not return in the launching process
+
+    import torch
+    from tqdm import tqdm
+
+    from streamgen.model.audio import SAMPLE_RATE
+    from streamgen.teacher import TeacherSession, open_session
+
     try:
         session = open_session(
             args.model,
@@ -74,6 +76,7 @@ def run(args) -> int:
         main_process = _apply_sequence_parallel(session, args.sp)
         session.start(face, text=args.text, seed=args.seed)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
+        _leave_sequence_parallel(args.sp, finished=False)
         raise UserError(str(e)) from None
 
     n_chunks = math.ceil(len(pcm) / SAMPLE_RATE / session.chunk_seconds)
@@ -97,9 +100,11 @@ def run(args) -> int:
     except BaseException:
         if writer:
             writer.abort()
-        raise
-    finally:
         session.close()
+        _leave_sequence_parallel(args.sp, finished=False)
+        raise
+    session.close()
+    _leave_sequence_parallel(args.sp, finished=True)
     if not main_process:
         return 0
     seconds = n_chunks * session.chunk_seconds
@@ -109,6 +114,13 @@ def run(args) -> int:
         f"{n_chunks * session.frames_per_chunk / elapsed:.1f} frames/s)"
     )
     return 0
+
+
+def _leave_sequence_parallel(sp: int, finished: bool) -> None:
+    if sp > 1:
+        from streamgen.parallel.launch import leave_process_group
+
+        leave_process_group(finished)
 
 
 def _apply_sequence_parallel(session, sp: int) -> bool:

@@ -6,6 +6,7 @@ processes once they run.
     mesh, mode = init_sequence_parallel(args.sp, model.cfg.num_heads)
     apply_sequence_parallel(model, mesh, mode)
     if is_main_process(): write the output
+    leave_process_group(finished=True)        # every rank, before it exits
 
 `relaunch_under_torchrun` replaces the current process by
 `python -m streamgen.parallel.torchrun --standalone --nproc-per-node N -m streamgen.cli <same arguments>`
@@ -110,3 +111,20 @@ def init_sequence_parallel(sp: int, num_heads: int, mode: str = "auto"):
 
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def leave_process_group(finished: bool) -> None:
+    """Tear the process group down before the interpreter does.
+
+    A gloo worker that exits with its group alive can die of SIGABRT while
+    Python shuts down (its C++ threads still hold tensors whose release
+    needs the GIL), which fails the whole torchrun job after the work was
+    done. When every rank `finished`, they meet at a barrier first, so no
+    rank closes its sockets while another still talks; after an error the
+    others may be gone, so no barrier.
+    """
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
