@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
+import torch.distributed.run
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
+from streamgen.parallel import torchrun
 from streamgen.parallel.launch import choose_degrees, relaunch_under_torchrun, torchrun_command
 
 
@@ -75,3 +80,44 @@ def test_a_bad_input_file_fails_before_any_process_starts(tmp_path):
     )
     assert r.returncode == 2
     assert r.stderr.count("audio file not found") == 1 and "OMP_NUM_THREADS" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    "raised, code, line",
+    [
+        (SignalException("got signal: 15", sigval=signal.SIGTERM), 143, "stopped by SIGTERM"),
+        (
+            ChildFailedError("streamgen.cli", {1: ProcessFailure(1, 42, 2, "<N/A>")}),
+            2,
+            "rank 1 failed (exit code 2)",
+        ),
+        (
+            ChildFailedError("streamgen.cli", {0: ProcessFailure(0, 42, -6, "<N/A>")}),
+            1,
+            "rank 0 failed (signal 6)",
+        ),
+    ],
+)
+def test_the_launcher_ends_with_the_signal_or_the_failed_rank_code(monkeypatch, capsys, raised, code, line):
+    def fake_main(argv):
+        raise raised
+
+    monkeypatch.setattr(torch.distributed.run, "main", fake_main)
+    assert torchrun.main([]) == code
+    assert line in capsys.readouterr().err
+
+
+def test_a_signal_behind_another_error_is_still_a_stop(monkeypatch, capsys):
+    def fake_main(argv):
+        # what torchrun's metrics wrapper raises when SIGINT lands before it has read the clock
+        try:
+            raise SignalException("got signal: 2", sigval=signal.SIGINT)
+        except SignalException:
+            raise UnboundLocalError("cannot access local variable 'start'")  # noqa: B904
+
+    monkeypatch.setattr(torch.distributed.run, "main", fake_main)
+    assert torchrun.main([]) == 130
+    assert "stopped by SIGINT" in capsys.readouterr().err
+    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        torchrun.main([])
