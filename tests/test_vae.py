@@ -73,6 +73,32 @@ def test_upsample_conv_equals_upsample_then_conv(channels_last, bias):
         assert torch.allclose(fused.bias.grad, plain.bias.grad, atol=1e-4)
 
 
+def test_upsample_conv_keeps_its_folded_weights_only_while_the_weight_is_unchanged():
+    torch.manual_seed(0)
+    conv = UpsampleConv2d(3, 4)
+    plain = torch.nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(1, 3, 5, 6)
+
+    def check():
+        plain.load_state_dict(conv.state_dict())
+        with torch.no_grad():
+            want = plain(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+            assert torch.allclose(conv(x), want, atol=1e-5)
+
+    with torch.no_grad():
+        assert conv.phase_weights() is conv.phase_weights()  # folded once while nothing changes
+        check()
+        conv.weight.mul_(-2)  # in place (an optimizer step, load_state_dict): folded again
+    check()
+    conv.load_state_dict({"weight": torch.randn(4, 3, 3, 3), "bias": torch.zeros(4)})
+    check()
+    conv.double()  # a new tensor
+    x = x.double()
+    plain.double()
+    check()
+    assert conv.phase_weights().requires_grad  # with autograd: folded per call, gradients flow
+
+
 @torch.no_grad()
 def test_tiny_vae_loads_checkpoints_of_the_upsample_layer_layout():
     """Checkpoints with an nn.Upsample before each upsampling conv (the shipped autoencoder's) load unchanged."""

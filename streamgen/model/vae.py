@@ -67,12 +67,27 @@ class UpsampleConv2d(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 3, padding=1)
+        self._folded: tuple[tuple, torch.Tensor] | None = None  # (key of the weight, its phase weights)
 
     def phase_weights(self) -> torch.Tensor:
         """[4*out, in, 2, 2], phases in (a, b) order. Phase 0 of an axis reads low-res taps (i-1, i)
-        with kernel taps (w0, w1+w2); phase 1 reads (i, i+1) with (w0+w1, w2)."""
-        w = self.weight
+        with kernel taps (w0, w1+w2); phase 1 reads (i, i+1) with (w0+w1, w2).
 
+        Without autograd (streaming) they are folded once per weight and kept: refolding cost
+        ~1 ms of a 64x64 chunk's decode. An in-place change of the weight (optimizer step,
+        load_state_dict) bumps its version, a new tensor (`.to`) has a new address: either
+        folds again. With autograd on they are folded every call, so gradients reach the 3x3 taps.
+        """
+        w = self.weight
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or w.is_inference():
+            return self._fold(w)  # (a compiled graph folds them itself; inference tensors have no version)
+        key = (w._version, w.data_ptr(), w.dtype, w.device, w.shape)
+        if self._folded is None or self._folded[0] != key:
+            self._folded = (key, self._fold(w))
+        return self._folded[1]
+
+    @staticmethod
+    def _fold(w: torch.Tensor) -> torch.Tensor:
         def fold(t, dim):  # the 3 taps along `dim` -> the two phases' 2 taps each
             t0, t1, t2 = t.unbind(dim)
             return torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)
