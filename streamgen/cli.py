@@ -53,13 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args._run(args) or 0)
-    except UserError as e:
-        print(f"streamgen {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    try:  # a Ctrl-C while the subcommands load is a stop too, not a traceback
+        args = build_parser().parse_args(argv)
+        try:
+            return int(args._run(args) or 0)
+        except UserError as e:
+            print(f"streamgen {args.command}: error: {e}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

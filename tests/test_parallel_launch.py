@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import signal
 import subprocess
@@ -121,3 +122,105 @@ def test_a_signal_behind_another_error_is_still_a_stop(monkeypatch, capsys):
     monkeypatch.setattr(torch.distributed.run, "main", lambda argv: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         torchrun.main([])
+
+
+def test_a_signal_while_torchrun_loads_is_honoured_once_it_has(monkeypatch, capsys):
+    real_import = builtins.__import__
+
+    def importing(name, *args, **kwargs):
+        if name == "torch.distributed.run":
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while torchrun loads
+        return real_import(name, *args, **kwargs)
+
+    def must_not_start(argv):
+        raise AssertionError("torchrun started after a Ctrl-C")
+
+    monkeypatch.setattr(torch.distributed.run, "main", must_not_start)
+    monkeypatch.setattr(builtins, "__import__", importing)
+    assert torchrun.main([]) == 130
+    assert "stopped by SIGINT before any rank started" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own again
+
+
+def test_while_joining_the_group_a_signal_ends_the_process_at_once():
+    # the join waits in C++, where a Python handler never runs: only the default action ends it
+    code = (
+        "import os, signal, time\n"
+        "from streamgen.parallel.launch import signals_end_the_process\n"
+        "with signals_end_the_process():\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(30)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGINT, r.stderr
+    from streamgen.parallel.launch import signals_end_the_process
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with signals_end_the_process():
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_ctrl_c_with_the_ranks_running_ends_every_one(tmp_path):
+    import threading
+    import time
+    import wave
+
+    speech = tmp_path / "long.wav"
+    with wave.open(str(speech), "wb") as w:  # long enough that the run cannot end before its Ctrl-C
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"\x00\x00" * 16000 * 120)
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE")
+    }
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [
+        "generate",
+        "--sp",
+        "2",
+        "--model",
+        "debug",
+        "--audio",
+        str(speech),
+        "--out",
+        str(tmp_path / "a.mp4"),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamgen", *cmd, "--quiet"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while sum("no trained weights" in line for line in lines) < 2:  # each rank has loaded its model
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(10)
+    err = "".join(lines)
+    assert proc.returncode == 130 and "stopped by SIGINT" in err and "Traceback" not in err, err[-3000:]
+    # no rank had to be killed (one waiting to join the group for a peer that had stopped used to be)
+    assert "forcefully exiting" not in err, err[-3000:]
+    assert not (tmp_path / "a.mp4").exists()  # no partial output
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "a rank outlived the launcher"
+        time.sleep(0.2)

@@ -18,9 +18,12 @@ GPU per worker, by LOCAL_RANK), gloo on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -73,16 +76,38 @@ def choose_degrees(num_heads: int, world: int) -> tuple[int, int]:
     return ulysses, world // ulysses
 
 
+@contextlib.contextmanager
+def signals_end_the_process():
+    """Within: SIGINT and SIGTERM end this process at once, as if Python had no handler.
+
+    Joining a group (and making the mesh's subgroups) waits in C++ until every rank
+    has joined, where Python cannot act on a signal: after a Ctrl-C, a rank whose
+    peer had already stopped would wait there until torchrun kills it (30 s). Nothing
+    needs cleaning up yet at that point. Outside the main thread this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stops = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, signal.SIG_DFL) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def init_process_group() -> None:
     """In a torchrun worker: join the group (env:// rendezvous) unless joined already.
     NCCL with one GPU per LOCAL_RANK when CUDA is available, gloo otherwise."""
     if dist.is_initialized():
         return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
+    with signals_end_the_process():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
 
 
 def init_sequence_parallel(sp: int, num_heads: int, mode: str = "auto"):
@@ -106,7 +131,8 @@ def init_sequence_parallel(sp: int, num_heads: int, mode: str = "auto"):
         ulysses, ring = 1, world
     else:
         ulysses, ring = choose_degrees(num_heads, world)
-    return sequence_parallel_mesh(ulysses, ring), mode
+    with signals_end_the_process():  # the subgroups are made collectively too
+        return sequence_parallel_mesh(ulysses, ring), mode
 
 
 def is_main_process() -> bool:

@@ -15,14 +15,28 @@ does (2 for a usage error). Anything else is raised as usual.
 
 from __future__ import annotations
 
+import signal
 import sys
-
-from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from torch.distributed.run import main as torchrun_main
+    # Loading torchrun takes seconds. A Ctrl-C meanwhile would interrupt some import
+    # with a long traceback (or be swallowed by one that catches everything), so
+    # signals are noted while it loads and honoured once it has.
+    noted: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in stops}
+    try:
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.run import main as torchrun_main
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    if noted:
+        sig = signal.Signals(noted[0])
+        print(f"streamgen: stopped by {sig.name} before any rank started", file=sys.stderr)
+        return 128 + int(sig)
 
     try:
         torchrun_main(argv)
@@ -32,16 +46,19 @@ def main(argv: list[str] | None = None) -> int:
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
         print(f"streamgen: rank {rank} failed ({how}); the other ranks were stopped", file=sys.stderr)
         return code if code > 0 else 1
+    except KeyboardInterrupt:  # Ctrl-C before the agent had its own handlers; it stops the ranks it started
+        print("streamgen: stopped by SIGINT; every rank has ended", file=sys.stderr)
+        return 128 + int(signal.SIGINT)
     except Exception as e:
-        signal = _signal_behind(e)
-        if signal is None:
+        stop = _signal_behind(e, SignalException)
+        if stop is None:
             raise
-        print(f"streamgen: stopped by {signal.sigval.name}; every rank has ended", file=sys.stderr)
-        return 128 + int(signal.sigval)
+        print(f"streamgen: stopped by {stop.sigval.name}; every rank has ended", file=sys.stderr)
+        return 128 + int(stop.sigval)
     return 0
 
 
-def _signal_behind(e: BaseException | None) -> SignalException | None:
+def _signal_behind(e: BaseException | None, signal_exception: type) -> BaseException | None:
     """The SignalException that `e` is, or that was being handled when `e` was raised.
 
     A signal that lands inside torchrun's metrics wrapper before it has read
@@ -50,7 +67,7 @@ def _signal_behind(e: BaseException | None) -> SignalException | None:
     """
     seen = set()
     while e is not None and id(e) not in seen:
-        if isinstance(e, SignalException):
+        if isinstance(e, signal_exception):
             return e
         seen.add(id(e))
         e = e.__cause__ or e.__context__
