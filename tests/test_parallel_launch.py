@@ -224,3 +224,34 @@ def test_ctrl_c_with_the_ranks_running_ends_every_one(tmp_path):
             break
         assert time.monotonic() < deadline, "a rank outlived the launcher"
         time.sleep(0.2)
+
+
+def _leave_when_the_peer_is_gone(rank, port, result_dir):
+    import torch.distributed as dist
+
+    from streamgen.parallel.launch import leave_process_group
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    if rank == 1:
+        dist.destroy_process_group()  # leaves without the final barrier, as after its own error
+        return
+    leave_process_group(finished=True)  # returns, with one line, instead of a traceback or a hang
+    with open(os.path.join(result_dir, "rank0"), "w") as f:
+        f.write(str(dist.is_initialized()))
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_leaving_after_a_peer_has_gone_is_one_line(tmp_path, capfd):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_leave_when_the_peer_is_gone, args=(port, str(tmp_path)), nprocs=2)
+    assert (tmp_path / "rank0").read_text() == "False"  # the group was destroyed
+    err = capfd.readouterr().err
+    assert "rank 0: a peer left before the end" in err and "Traceback" not in err, err

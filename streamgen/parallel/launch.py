@@ -147,10 +147,16 @@ def leave_process_group(finished: bool) -> None:
     needs the GIL), which fails the whole torchrun job after the work was
     done. When every rank `finished`, they meet at a barrier first, so no
     rank closes its sockets while another still talks; after an error the
-    others may be gone, so no barrier.
+    others may be gone, so no barrier. The barrier waits in C++ with nothing
+    left to clean up, so a signal ends the process there at once, and a peer
+    that ended meanwhile is one line here (torchrun reports why it ended).
     """
     if not dist.is_initialized():
         return
     if finished:
-        dist.barrier()
+        try:
+            with signals_end_the_process():
+                dist.barrier()
+        except RuntimeError as e:
+            print(f"streamgen: rank {dist.get_rank()}: a peer left before the end ({e})", file=sys.stderr)
     dist.destroy_process_group()
