@@ -38,13 +38,19 @@ def test_relaunch_returns_for_one_process_and_inside_a_worker(monkeypatch):
     relaunch_under_torchrun(2, ["--version"])
 
 
-@pytest.mark.distributed
-@pytest.mark.timeout(120)
-def test_relaunch_runs_the_command_on_n_processes():
+def _launcher_env() -> dict[str, str]:
+    """This environment as a user's shell has it: not inside a torchrun worker, one thread per rank."""
     env = {
         k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE")
     }
     env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_relaunch_runs_the_command_on_n_processes():
+    env = _launcher_env()
     code = "from streamgen.parallel.launch import relaunch_under_torchrun; relaunch_under_torchrun(2, ['--version'])"
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=110, check=True
@@ -53,10 +59,7 @@ def test_relaunch_runs_the_command_on_n_processes():
 
 
 def _streamgen(*args: str) -> subprocess.CompletedProcess:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE")
-    }
-    env["OMP_NUM_THREADS"] = "1"
+    env = _launcher_env()
     return subprocess.run(
         [sys.executable, "-m", "streamgen", *args], env=env, capture_output=True, text=True, timeout=110
     )
@@ -174,10 +177,7 @@ def test_ctrl_c_with_the_ranks_running_ends_every_one(tmp_path):
         w.setsampwidth(2)
         w.setframerate(16000)
         w.writeframes(b"\x00\x00" * 16000 * 120)
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE")
-    }
-    env["OMP_NUM_THREADS"] = "1"
+    env = _launcher_env()
     cmd = [
         "generate",
         "--sp",

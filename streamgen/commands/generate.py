@@ -84,6 +84,7 @@ def run(args) -> int:
     # every process runs the same stream on its shard of the tokens; one writes the file
     writer = Mp4Writer(out, session.width, session.height) if main_process else None
     t0 = time.perf_counter()
+    finished = False  # every rank meets the others at the end only when none of them failed
     try:
         # feed audio one chunk ahead of generation, as a live stream would
         session.push_audio(pcm[: 2 * per_chunk])
@@ -97,14 +98,14 @@ def run(args) -> int:
         if writer:
             writer.write_audio(pcm)
             writer.close()
+        finished = True
     except BaseException:
         if writer:
             writer.abort()
-        session.close()
-        _leave_sequence_parallel(args.sp, finished=False)
         raise
-    session.close()
-    _leave_sequence_parallel(args.sp, finished=True)
+    finally:
+        session.close()
+        _leave_sequence_parallel(args.sp, finished)
     if not main_process:
         return 0
     seconds = n_chunks * session.chunk_seconds

@@ -67,7 +67,7 @@ class UpsampleConv2d(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 3, padding=1)
-        self._folded: tuple[tuple, torch.Tensor] | None = None  # (key of the weight, its phase weights)
+        self._folded: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (weight, its version, folded)
 
     def phase_weights(self) -> torch.Tensor:
         """[4*out, in, 2, 2], phases in (a, b) order. Phase 0 of an axis reads low-res taps (i-1, i)
@@ -75,16 +75,17 @@ class UpsampleConv2d(nn.Conv2d):
 
         Without autograd (streaming) they are folded once per weight and kept: refolding cost
         ~1 ms of a 64x64 chunk's decode. An in-place change of the weight (optimizer step,
-        load_state_dict) bumps its version, a new tensor (`.to`) has a new address: either
-        folds again. With autograd on they are folded every call, so gradients reach the 3x3 taps.
+        load_state_dict) bumps its version, new data (`.to`) has another address: either folds
+        again. The kept weight holds its storage, so no new tensor can reuse that address.
+        With autograd on they are folded every call, so gradients reach the 3x3 taps.
         """
         w = self.weight
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or w.is_inference():
             return self._fold(w)  # (a compiled graph folds them itself; inference tensors have no version)
-        key = (w._version, w.data_ptr(), w.dtype, w.device, w.shape)
-        if self._folded is None or self._folded[0] != key:
-            self._folded = (key, self._fold(w))
-        return self._folded[1]
+        kept = self._folded
+        if kept is None or kept[1] != w._version or not _same_tensor(kept[0], w):
+            self._folded = kept = (w.detach(), w._version, self._fold(w))
+        return kept[2]
 
     @staticmethod
     def _fold(w: torch.Tensor) -> torch.Tensor:
@@ -106,6 +107,10 @@ class UpsampleConv2d(nn.Conv2d):
         sh = (w + 1) * sw
         phases = y.as_strided((n, h, 2, w, 2, o), (y.stride(0), sh, sh + 2 * o, sw, sw + o, 1))
         return phases.reshape(n, 2 * h, 2 * w, o).permute(0, 3, 1, 2)  # NCHW shape, NHWC memory
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
 
 
 def _renumber_legacy_decoder(vae, state_dict, prefix, *_):
