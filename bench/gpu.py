@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import os
 import time
 import traceback
 
@@ -117,10 +119,21 @@ def stream_speed(model, steps, chunks, warmup_chunks, device, dtype, text_tokens
     }
 
 
-def _variant(name, fn, budget_s, started, result):
+def write_partial(result: dict, path: str | None) -> None:
+    """Write what has been measured so far (atomically), so that a run killed by an outer
+    timeout still leaves every finished variant on disk."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f)
+        os.replace(path + ".tmp", path)
+
+
+def _variant(name, fn, budget_s, started, result, out=None):
     if time.perf_counter() - started > budget_s:
         result["variants"][name] = {"skipped": f"time budget of {budget_s:.0f} s spent"}
         return
+    result["variants"][name] = {"running": True}  # what a killed run was doing
+    write_partial(result, out)
     try:
         result["variants"][name] = fn()
     except Exception as e:  # report and go on: one failing variant must not lose the others
@@ -131,6 +144,43 @@ def _variant(name, fn, budget_s, started, result):
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        write_partial(result, out)
+
+
+def stream_variants(model, measure, variant, backends, compile_blocks) -> None:
+    """Each attention backend with the fused kernels, the PyTorch references, compiled blocks."""
+
+    def with_backend(backend, fused=True):
+        def fn():
+            saved = kernels._FORCE_REFERENCE
+            kernels._FORCE_REFERENCE = not fused
+            for blk in model.dit.blocks:
+                for attn in (blk.self_attn, blk.cross_attn, blk.audio_attn):
+                    if attn is not None:
+                        attn.backend = backend
+            try:
+                return measure()
+            finally:
+                kernels._FORCE_REFERENCE = saved
+
+        return fn
+
+    for backend in backends:
+        variant(f"{backend}+fused_kernels", with_backend(backend))
+    variant("sdpa+reference_ops", with_backend("sdpa", fused=False))
+    if compile_blocks:
+
+        def compiled():
+            for blk in model.dit.blocks:
+                blk.compile(dynamic=False)
+            try:
+                return with_backend("sdpa")()
+            finally:
+                for blk in model.dit.blocks:
+                    blk._compiled_call_impl = None
+
+        variant("sdpa+compiled_blocks", compiled)
 
 
 def run(
@@ -143,6 +193,7 @@ def run(
     compile_blocks=True,
     kernel_bench=True,
     backends=("sdpa", "triton", "flex"),
+    out=None,
 ) -> dict:
     started = time.perf_counter()
     dev = torch.device(device)
@@ -170,40 +221,15 @@ def run(
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = build_model("wan2.1-1.3b", height, width, device, dtype, quick, "sdpa")
-    measure = lambda: stream_speed(model, steps, chunks, warmup_chunks, device, dtype, text_tokens)  # noqa: E731
-
-    def with_backend(backend, fused=True):
-        def fn():
-            saved = kernels._FORCE_REFERENCE
-            kernels._FORCE_REFERENCE = not fused
-            for blk in model.dit.blocks:
-                for attn in (blk.self_attn, blk.cross_attn, blk.audio_attn):
-                    if attn is not None:
-                        attn.backend = backend
-            try:
-                return measure()
-            finally:
-                kernels._FORCE_REFERENCE = saved
-
-        return fn
-
-    for backend in backends:
-        _variant(f"{backend}+fused_kernels", with_backend(backend), budget_s, started, result)
-    _variant("sdpa+reference_ops", with_backend("sdpa", fused=False), budget_s, started, result)
-    if compile_blocks:
-
-        def compiled():
-            for blk in model.dit.blocks:
-                blk.compile(dynamic=False)
-            try:
-                return with_backend("sdpa")()
-            finally:
-                for blk in model.dit.blocks:
-                    blk._compiled_call_impl = None
-
-        _variant("sdpa+compiled_blocks", compiled, budget_s, started, result)
-
+    variant = lambda name, fn, budget=budget_s: _variant(name, fn, budget, started, result, out)  # noqa: E731
+    try:
+        model = build_model("wan2.1-1.3b", height, width, device, dtype, quick, "sdpa")
+    except Exception as e:  # e.g. diffusers missing on a bare GPU image: say so, and still time the kernels
+        model, result["error"] = None, f"building the model failed: {type(e).__name__}: {e}"[:400]
+        write_partial(result, out)
+    if model is not None:
+        measure = lambda: stream_speed(model, steps, chunks, warmup_chunks, device, dtype, text_tokens)  # noqa: E731
+        stream_variants(model, measure, variant, backends, compile_blocks)
     ok = {k: v for k, v in result["variants"].items() if "fps" in v}
     if ok:
         best = max(ok, key=lambda k: ok[k]["fps_steady"])
@@ -219,9 +245,10 @@ def run(
 
             return kernel_bench_module.run(device, quick=quick, compile=not quick and dev.type == "cuda")
 
-        _variant("kernels", kernel_numbers, budget_s + 120, started, result)
+        variant("kernels", kernel_numbers, budget_s + 60)
         result["kernels"] = result["variants"].pop("kernels")
     result["seconds"] = round(time.perf_counter() - started, 1)
+    write_partial(result, out)
     return result
 
 
@@ -234,6 +261,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel micro-benchmarks")
     p.add_argument("--backends", nargs="*", default=["sdpa", "triton", "flex"])
+    p.add_argument("--out", help="also write the JSON here, rewritten after each variant (survives a kill)")
 
 
 def main(args) -> dict:
@@ -246,12 +274,11 @@ def main(args) -> dict:
         compile_blocks=not args.no_compile,
         kernel_bench=not args.no_kernels,
         backends=tuple(args.backends),
+        out=args.out,
     )
 
 
 if __name__ == "__main__":
-    import json
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     print(json.dumps(main(parser.parse_args())))

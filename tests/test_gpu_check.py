@@ -1,0 +1,131 @@
+"""scripts/gpu_check.sh, the one prepared GPU run, rehearsed on the CPU.
+
+A device session is short and rare: an import error found there costs the whole
+run. So the script runs here in a virtual environment that holds only what the
+GPU image holds (scripts/gpu_image_packages.txt, linked from this environment)
+plus what is carried as wheels (scripts/gpu_wheels.txt), with the benchmark's
+CPU options.
+"""
+
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import gpu
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _listed(name: str) -> set[str]:
+    lines = (line.strip() for line in (ROOT / "scripts" / name).read_text().splitlines())
+    return {_normalized(line) for line in lines if line and not line.startswith("#")}
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def with_requirements(names: set[str]) -> set[str]:
+    """The names and, transitively, what their installed versions here require (newer
+    versions here may need packages the image's older ones do not)."""
+    from packaging.requirements import Requirement
+
+    installed = {_normalized(d.metadata["Name"]): d for d in importlib.metadata.distributions()}
+    todo, seen = list(names), set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in installed:
+            continue
+        seen.add(name)
+        for line in installed[name].requires or ():
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(_normalized(req.name))
+    return seen | names
+
+
+def image_like_venv(path: Path, allowed: set[str]) -> Path:
+    """A venv whose site-packages links only the allowed distributions of this one."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    (site,) = path.glob("lib/python*/site-packages")
+    linked = set()
+    for dist in importlib.metadata.distributions():
+        if _normalized(dist.metadata["Name"]) not in allowed or not dist.files:
+            continue
+        for file in dist.files:
+            top = file.parts[0]
+            source = Path(dist.locate_file(top)).resolve()
+            if top in linked or top == ".." or top.endswith(".pth") or not source.exists():
+                continue
+            (site / top).symlink_to(source)
+            linked.add(top)
+    return path / "bin" / "python"
+
+
+def test_image_like_venv_holds_only_the_listed_distributions(tmp_path):
+    python = image_like_venv(tmp_path / "venv", {"numpy", "pyyaml"})
+    probe = "import numpy, yaml\ntry:\n    import av\nexcept ModuleNotFoundError:\n    print('no av')"
+    r = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "no av", r.stderr
+
+
+def test_a_killed_run_leaves_the_finished_variants_on_disk(tmp_path):
+    out = str(tmp_path / "partial.json")
+    result = {"variants": {}}
+    on_disk = []
+
+    def second():
+        on_disk.append(json.loads(Path(out).read_text()))
+        raise RuntimeError("out of memory")
+
+    started = time.perf_counter()
+    gpu._variant("first", lambda: {"fps": 1.0}, 60, started, result, out)
+    gpu._variant("second", second, 60, started, result, out)
+    # while the second ran, the file held the first's numbers and named the one in progress
+    assert on_disk[0]["variants"] == {"first": {"fps": 1.0}, "second": {"running": True}}
+    final = json.loads(Path(out).read_text())
+    assert final["variants"]["second"]["error"] == "RuntimeError: out of memory"
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_with_only_what_the_gpu_image_has(tmp_path):
+    allowed = with_requirements(_listed("gpu_image_packages.txt")) | _listed("gpu_wheels.txt")
+    python = image_like_venv(tmp_path / "venv", allowed)
+    out = tmp_path / "out"
+    env = dict(
+        os.environ,
+        OUT=str(out),
+        PYTHON=str(python),
+        GPU_CHECK_BENCH_ARGS="--device cpu --quick --no-compile --backends sdpa --chunks 2",
+    )
+    env.pop("PYTHONPATH", None)
+    r = subprocess.run(
+        ["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert r.returncode == 0, r.stderr
+    assert "diffusers is missing" not in r.stderr
+
+    # every test file with GPU tests imports on the image; only files without any may fail to collect
+    log = (out / "gpu-tests.log").read_text()
+    uncollected = set(re.findall(r"^ERROR (tests/\S+\.py)", log, re.M))
+    with_gpu_tests = {
+        f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in p.read_text()
+    }
+    assert with_gpu_tests and not uncollected & with_gpu_tests, log[-3000:]
+    assert re.search(r"\d+ skipped", log), log[-3000:]  # the GPU tests skip themselves on the CPU
+
+    (bench_json,) = out.glob("h200-*.json")
+    result = json.loads(bench_json.read_text())
+    assert "error" not in result, result["error"]
+    variant = result["variants"]["sdpa+fused_kernels"]
+    assert variant["fps"] > 0 and variant["first_chunk_frames"] == 9  # Wan VAE: 1 + 4k frames
+    assert result["best_variant"] in result["variants"]
+    assert "error" not in result["kernels"] and result["kernels"]["copy"]["gb_per_s"] > 0
+    assert "bench gpu: exit code 0" in (out / "bench-gpu.log").read_text()
