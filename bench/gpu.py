@@ -265,6 +265,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> dict:
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        from streamgen.cli import UserError
+
+        raise UserError("no CUDA device here; `--device cpu --quick` runs the same code at tiny sizes")
     return run(
         args.device,
         args.quick,

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import gpu
 
@@ -129,3 +130,17 @@ def test_gpu_check_runs_with_only_what_the_gpu_image_has(tmp_path):
     assert result["best_variant"] in result["variants"]
     assert "error" not in result["kernels"] and result["kernels"]["copy"]["gb_per_s"] > 0
     assert "bench gpu: exit code 0" in (out / "bench-gpu.log").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_bench_gpu_without_a_gpu_is_one_line_and_exit_code_2():
+    r = subprocess.run(
+        [sys.executable, "-m", "streamgen", "bench", "gpu", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        "streamgen bench: error: no CUDA device here; `--device cpu --quick` runs the same code at tiny sizes"
+    ]
