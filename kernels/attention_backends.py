@@ -8,8 +8,8 @@
 - "triton": our kernel (`kernels.triton_ops.attention`), CUDA only, forward
   only (calls that need gradients use SDPA).
 - "flash": flash-attn 3 (`flash_attn_interface`, Hopper: H100/H200) or 2
-  (`flash_attn`) when installed. They take no block mask, nor fp32, so those
-  calls fall back to the Triton kernel (or SDPA).
+  (`flash_attn`) when installed. They take no block mask, nor fp32: masked
+  bf16/fp16 calls fall back to the Triton kernel, fp32 calls to SDPA.
 
 All take and return the layout q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
 A backend that cannot serve a call falls back instead of failing, so the
@@ -170,9 +170,13 @@ def _flash_func(device):
 
 
 def flash_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
-    func = _flash_func(q.device) if q.is_cuda else None
-    if func is None or block_mask_frames is not None or q.dtype not in (torch.float16, torch.bfloat16):
-        # flash-attn has no frame-block mask and no fp32: our kernel does both
+    func = _flash_func(q.device)  # None off CUDA
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        # flash-attn has no fp32, and our kernel's exact fp32 dots spill registers on
+        # Hopper (docs/kernels.md, `streamgen bench resources`): SDPA serves fp32
+        return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
+    if func is None or block_mask_frames is not None:
+        # flash-attn has no frame-block mask: our kernel has
         return triton_attention(q, k, v, block_mask_frames, tokens_per_frame)
     out = func(q, k, v)
     # FA2 returns out; FA3 returned (out, softmax_lse) before it returned only out

@@ -138,3 +138,27 @@ def test_needs_autograd_decides_between_kernel_and_reference():
     assert not kernels.needs_autograd(torch.randn(2), None)
     with torch.no_grad():
         assert not kernels.needs_autograd(x)
+
+
+def test_flash_backend_takes_what_flash_attn_can_serve_and_routes_the_rest(monkeypatch):
+    calls = []
+
+    def fake_flash_attn(q, k, v):
+        calls.append(q.dtype)
+        return reference.attention(q, k, v), None  # older FA3 returned (out, lse)
+
+    monkeypatch.setattr(attention_backends, "_flash_func", lambda device: fake_flash_attn)
+    routed = []
+    monkeypatch.setattr(attention_backends, "triton_attention", lambda *a: routed.append("triton") or a[0])
+    q = torch.randn(1, 6, 2, 16)
+    k = torch.randn(1, 9, 2, 16)
+    bf16 = [t.bfloat16() for t in (q, k, k)]
+    out = attention_backends.flash_attention(*bf16)
+    assert calls == [torch.bfloat16] and out.shape == q.shape and not routed  # the tuple was unpacked
+    # fp32: flash-attn has none, and our kernel's exact fp32 path spills on Hopper: SDPA
+    torch.testing.assert_close(attention_backends.flash_attention(q, k, k), reference.attention(q, k, k))
+    assert calls == [torch.bfloat16] and not routed
+    # a frame-block mask: our kernel
+    blocks = (torch.tensor([1, 1, 1, 2, 2, 2]), torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2]))
+    attention_backends.flash_attention(*bf16, block_mask_frames=blocks, tokens_per_frame=1)
+    assert routed == ["triton"] and calls == [torch.bfloat16]

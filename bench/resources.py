@@ -1,0 +1,167 @@
+"""`streamgen bench resources --json`: the Triton kernels compiled for a GPU that need not be here.
+
+Triton's own compiler, with the ptxas it ships, compiles every kernel and every
+autotune config at the Wan2.1-1.3B shapes of `bench/kernels.py` for a target
+architecture (Hopper, sm_90, by default), into an empty cache so that each is
+really built; ptxas's report gives the registers, stack frame and spills, and
+Triton's metadata the shared memory. Nothing is launched, so this runs on a
+CPU-only machine. It finds, before a GPU is lent:
+- kernels the compiler rejects where the interpreter (the CPU tests) does not;
+- configs asking for more shared memory than the chip gives one block (they
+  cannot launch: the autotuner drops them, after paying for their compile);
+- configs that spill registers to local memory (slow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import shutil
+import tempfile
+import time
+
+import torch
+
+# shared memory one block may use (the opt-in maximum Triton checks at launch), by compute capability
+SHARED_BYTES_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+# the constexprs and launch options that tell one compiled variant from another
+VARIANT_KEYS = tuple(
+    "BLOCK_M BLOCK_N BLOCK_D BLOCK BLOCK_CAUSAL DOT_FP32 WITH_NORM num_warps num_stages".split()
+)
+
+
+@contextlib.contextmanager
+def compile_only(arch: int):
+    """Within: a Triton launch compiles for `arch` and returns without running; an autotuned
+    launch compiles every config instead of timing them. Yields the list of (kernel name,
+    variant, compiled kernel, seconds, ptxas report) it fills."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    class OfflineDriver:  # what JITFunction.run asks of a driver before it would launch
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+    compiled, touched = [], set()
+    jit_run, tuner_run = JITFunction.run, Autotuner.run
+    # restored as it was: `reset_active` would create the default driver, which needs a GPU
+    active = driver._active
+    env = {name: os.environ.get(name) for name in ("TRITON_CACHE_DIR", "TRITON_DUMP_PTXAS_LOG")}
+    cache = tempfile.mkdtemp(prefix="triton-offline-")
+    os.environ.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")  # Triton prints ptxas -v
+
+    def run(self, *args, grid, warmup, **kwargs):
+        touched.add(self)
+        t0, report = time.perf_counter(), io.StringIO()
+        with contextlib.redirect_stdout(report):
+            kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+        variant = {k: kwargs[k] for k in VARIANT_KEYS if k in kwargs}
+        compiled.append((self.fn.__name__, variant, kernel, time.perf_counter() - t0, report.getvalue()))
+        return kernel
+
+    def tune(self, *args, **kwargs):
+        kwargs.pop("warmup", None)
+        return self.warmup(*args, **kwargs)
+
+    driver.set_active(OfflineDriver())
+    JITFunction.run, Autotuner.run = run, tune
+    try:
+        yield compiled
+    finally:
+        JITFunction.run, Autotuner.run = jit_run, tuner_run
+        driver._active = active
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(cache, ignore_errors=True)
+        for fn in touched:  # binaries for another chip must not serve a real device 0 later
+            fn.device_caches.clear()
+
+
+def ptxas_usage(report: str) -> dict:
+    """Registers, stack frame and spills from ptxas's verbose report of one kernel."""
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    registers = re.search(r"Used (\d+) registers", report)
+    if frame is None or registers is None:
+        return {}
+    stack, stores, loads = map(int, frame.groups())
+    return {
+        "registers": int(registers.group(1)),
+        "stack_frame_bytes": stack,
+        "spill_stores": stores,
+        "spill_loads": loads,
+    }
+
+
+def run(arch: int = 90, dtype: str = "bfloat16", only: tuple[str, ...] = ()) -> dict:
+    import triton
+
+    from bench.kernels import _cases, _shapes
+    from kernels import triton_ops
+
+    if triton_ops.INTERPRET:
+        raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels would be interpreted, not compiled")
+    limit = SHARED_BYTES_PER_BLOCK.get(arch)
+    torch.manual_seed(0)
+    cases = _cases(_shapes(quick=False), torch.device("cpu"), getattr(torch, dtype))
+    rows, started = [], time.perf_counter()
+    for name, (_eager, op_name, args, _nbytes, _flops) in cases.items():
+        if only and name not in only:
+            continue
+        with compile_only(arch) as compiled:
+            getattr(triton_ops, op_name)(*args)
+        for kernel_name, variant, kernel, seconds, report in compiled:
+            row = {"case": name, "kernel": kernel_name, **variant, "compile_s": round(seconds, 2)}
+            row.update(ptxas_usage(report), shared_bytes=int(kernel.metadata.shared))
+            row["tensor_cores"] = _tensor_core_instruction(kernel.asm.get("ptx", ""))
+            if limit is not None:
+                row["fits_shared"] = row["shared_bytes"] <= limit
+            row["spills"] = row.get("spill_stores", 0) + row.get("spill_loads", 0) > 0
+            rows.append(row)
+    return {
+        "target": f"sm_{arch}",
+        "triton": triton.__version__,
+        "dtype": dtype,
+        "shapes": "wan2.1-1.3b at 832x480 (bench/kernels.py)",
+        "shared_bytes_per_block": limit,
+        "ptxas_reports": sum("registers" in r for r in rows),
+        "compiled": len(rows),
+        "spilling": [f"{r['case']} {r['kernel']} {_variant_text(r)}" for r in rows if r["spills"]],
+        "over_shared_memory": [
+            f"{r['case']} {r['kernel']} {_variant_text(r)}" for r in rows if r.get("fits_shared") is False
+        ],
+        "seconds": round(time.perf_counter() - started, 1),
+        "kernels": rows,
+    }
+
+
+def _tensor_core_instruction(ptx: str) -> str | None:
+    """Hopper's warpgroup MMA, the older warp-level MMA, or none (a dot lowered to FMAs)."""
+    return "wgmma" if "wgmma." in ptx else "mma" if "mma.sync" in ptx else None
+
+
+def _variant_text(row: dict) -> str:
+    return " ".join(f"{k}={row[k]}" for k in VARIANT_KEYS if k in row)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--only", nargs="*", default=[], help="case names of bench/kernels.py")
+
+
+def main(args) -> dict:
+    return run(args.arch, args.dtype, tuple(args.only))

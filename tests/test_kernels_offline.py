@@ -1,0 +1,67 @@
+"""The Triton kernels compiled for Hopper (sm_90) by Triton's own compiler, on a CPU-only machine.
+
+The CPU tests run the kernels under the interpreter, which accepts code the
+compiler rejects and says nothing of registers or shared memory. Here each
+kernel and autotune config is built at the Wan2.1-1.3B shapes, as the GPU run
+will build it, and its resource usage is read from the binary
+(`streamgen bench resources`). Nothing is launched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from test_kernels_bench import CASES  # noqa: E402
+
+from bench import resources  # noqa: E402
+from kernels import triton_ops  # noqa: E402
+
+
+def test_compile_only_builds_without_launching_and_restores_triton():
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    before = (JITFunction.run, Autotuner.run, driver._active)
+    cache_dir = os.environ.get("TRITON_CACHE_DIR")
+    x = torch.full((3000,), 2.0)
+    with resources.compile_only(90) as compiled:
+        out = triton_ops.gelu_tanh(x)
+    ((name, variant, kernel, _seconds, report),) = compiled
+    assert name == "_gelu_tanh_kernel" and variant["BLOCK"] == 1024
+    assert resources.ptxas_usage(report)["registers"] > 0
+    assert kernel.metadata.target.arch == 90 and kernel.asm["cubin"]
+    assert out.shape == x.shape  # and nothing launched, which would have failed without a GPU
+    assert (JITFunction.run, Autotuner.run, driver._active) == before
+    assert "TRITON_DUMP_PTXAS_LOG" not in os.environ and os.environ.get("TRITON_CACHE_DIR") == cache_dir
+    assert not triton_ops._gelu_tanh_kernel.device_caches  # no sm_90 binary left to serve a real device
+
+
+@pytest.mark.slow
+def test_every_kernel_builds_for_hopper_without_spills_within_shared_memory():
+    r = subprocess.run(
+        [sys.executable, "-m", "streamgen", "bench", "resources", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["target"] == "sm_90" and result["dtype"] == "bfloat16"
+    assert result["ptxas_reports"] == result["compiled"]  # every kernel was really built and reported
+    rows = result["kernels"]
+    assert {row["case"] for row in rows} == CASES
+    for case in ("attention_stream", "attention_block_causal"):  # every autotune config is built
+        assert sum(row["case"] == case for row in rows) == len(triton_ops._ATTN_CONFIGS)
+    assert result["spilling"] == [] and result["over_shared_memory"] == [], result
+    assert all(0 < row["registers"] <= 255 for row in rows)
+    # the bf16 attention runs on Hopper's tensor cores in every config
+    assert {row["tensor_cores"] for row in rows if row["kernel"] == "_attention_kernel"} == {"wgmma"}
