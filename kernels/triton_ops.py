@@ -357,7 +357,17 @@ def _attend_key_block(
     return m_new, l_i, acc * alpha[:, None] + pv
 
 
-@triton.autotune(configs=_ATTN_CONFIGS, key=["HEAD_DIM", "BLOCK_CAUSAL", "DOT_FP32"])
+def _one_config_for_fp32(configs, named_args, **kwargs):
+    """The exact fp32 dots (DOT_FP32) spill registers in every config on Hopper (docs/kernels.md):
+    that path is for exactness, not speed, so it takes the smallest tile and is not autotuned."""
+    return configs[-1:] if kwargs.get("DOT_FP32") else configs
+
+
+@triton.autotune(
+    configs=_ATTN_CONFIGS,
+    key=["HEAD_DIM", "BLOCK_CAUSAL", "DOT_FP32"],
+    prune_configs_by={"early_config_prune": _one_config_for_fp32},
+)
 @triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, q_block_ptr, k_block_ptr,

@@ -65,3 +65,16 @@ def test_every_kernel_builds_for_hopper_without_spills_within_shared_memory():
     assert all(0 < row["registers"] <= 255 for row in rows)
     # the bf16 attention runs on Hopper's tensor cores in every config
     assert {row["tensor_cores"] for row in rows if row["kernel"] == "_attention_kernel"} == {"wgmma"}
+
+
+@pytest.mark.slow
+def test_exact_fp32_attention_builds_one_config_instead_of_autotuning():
+    q, k = torch.randn(1, 40, 2, 128), torch.randn(1, 70, 2, 128)
+    with resources.compile_only(90) as compiled:
+        triton_ops.attention(q, k, k)
+    ((_name, variant, kernel, _seconds, _report),) = compiled
+    smallest = triton_ops._ATTN_CONFIGS[-1]
+    assert variant["DOT_FP32"] and (variant["BLOCK_M"], variant["BLOCK_N"]) == (64, 32) == tuple(
+        smallest.kwargs.values()
+    )
+    assert kernel.metadata.shared <= resources.SHARED_BYTES_PER_BLOCK[90]
