@@ -144,3 +144,22 @@ def test_bench_gpu_without_a_gpu_is_one_line_and_exit_code_2():
     assert r.stderr.strip().splitlines() == [
         "streamgen bench: error: no CUDA device here; `--device cpu --quick` runs the same code at tiny sizes"
     ]
+
+
+@pytest.mark.slow
+def test_compiled_blocks_variant_reports_its_graphs_and_undoes_itself():
+    import torch._dynamo as dynamo
+
+    model = gpu.build_model("wan2.1-1.3b", 64, 96, "cpu", torch.float32, quick=True, backend="sdpa")
+    limit = dynamo.config.recompile_limit
+
+    def measure():
+        assert dynamo.config.recompile_limit == 64  # every ring fill level gets its own graph
+        assert all(blk._compiled_call_impl is not None for blk in model.dit.blocks)
+        return gpu.stream_speed(model, 4, 1, 3, "cpu", torch.float32, 8)
+
+    result = gpu.compiled_blocks(model, measure, backend="cudagraphs")()
+    assert result["fps"] > 0 and result["graphs_compiled"] >= 3
+    assert result["cudagraph_skips"] == result["graphs_compiled"]  # CPU tensors: no CUDA graph anywhere
+    assert dynamo.config.recompile_limit == limit
+    assert all(blk._compiled_call_impl is None for blk in model.dit.blocks)
