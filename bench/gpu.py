@@ -73,7 +73,8 @@ def build_model(flavor, height, width, device, dtype, quick, backend) -> AvatarM
     return AvatarModel(flavor, dit, vae, height, width, shift=5.0, steps=4)
 
 
-def stream_speed(model, steps, chunks, warmup_chunks, device, dtype, text_tokens) -> dict:
+def stream_speed(model, steps, chunks, warmup_chunks, device, dtype, text_tokens, prepare=None) -> dict:
+    """Time one stream; `prepare(session)` runs after each (re)start, before any chunk."""
     cfg = model.cfg
     rng = np.random.default_rng(0)
     face = (rng.random((model.height, model.width, 3)) * 255).astype(np.uint8)
@@ -91,6 +92,8 @@ def stream_speed(model, steps, chunks, warmup_chunks, device, dtype, text_tokens
 
         encode_sink(session.dit, session.cache, session.reference_latent, context)
         session.push_audio(speech)
+        if prepare is not None:
+            prepare(session)
 
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
@@ -168,7 +171,7 @@ def stream_variants(model, measure, backends, compile_blocks) -> tuple[dict, dic
     graphs, FlexAttention and Inductor, which take longest to prepare (after them)."""
 
     def with_backend(backend, fused=True):
-        def fn():
+        def fn(prepare=None):
             saved = kernels._FORCE_REFERENCE
             kernels._FORCE_REFERENCE = not fused
             for blk in model.dit.blocks:
@@ -176,7 +179,7 @@ def stream_variants(model, measure, backends, compile_blocks) -> tuple[dict, dic
                     if attn is not None:
                         attn.backend = backend
             try:
-                return measure()
+                return measure(prepare)
             finally:
                 kernels._FORCE_REFERENCE = saved
 
@@ -198,6 +201,11 @@ def stream_variants(model, measure, backends, compile_blocks) -> tuple[dict, dic
     return first, last
 
 
+def _cache_at_static_addresses(session) -> None:
+    for buffer in session.cache.buffers():
+        torch._dynamo.mark_static_address(buffer)
+
+
 def compiled_blocks(model, measure, backend: str):
     """`measure` with every transformer block under torch.compile(backend), undone afterwards."""
 
@@ -206,14 +214,20 @@ def compiled_blocks(model, measure, backend: str):
         from torch._dynamo.utils import counters
 
         limit_name = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
-        saved_limit = getattr(dynamo.config, limit_name)
+        saved = {
+            name: getattr(dynamo.config, name)
+            for name in (limit_name, "cudagraph_backend_support_input_mutation")
+        }
         # one entry per ring fill level, denoising vs re-encode, and the sink: above the default 8
         setattr(dynamo.config, limit_name, 64)
+        # the blocks write the KV cache in place: allowed in a CUDA graph when the cache's
+        # buffers keep their addresses (marked static below), so nothing is copied per replay
+        dynamo.config.cudagraph_backend_support_input_mutation = True
         graphs, skips = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
         for blk in model.dit.blocks:
             blk.compile(backend=backend, dynamic=False if backend == "cudagraphs" else None)
         try:
-            result = measure()
+            result = measure(prepare=_cache_at_static_addresses if backend == "cudagraphs" else None)
             result["graphs_compiled"] = counters["stats"]["unique_graphs"] - graphs
             if backend == "cudagraphs":
                 result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
@@ -221,7 +235,8 @@ def compiled_blocks(model, measure, backend: str):
         finally:
             for blk in model.dit.blocks:
                 blk._compiled_call_impl = None
-            setattr(dynamo.config, limit_name, saved_limit)
+            for name, value in saved.items():
+                setattr(dynamo.config, name, value)
             dynamo.reset()
 
     return fn
@@ -275,7 +290,10 @@ def run(
     if model is not None:
         cfg = model.cfg
         warmup = warmup_chunks if warmup_chunks is not None else cfg.window_frames // cfg.frames_per_chunk + 2
-        measure = lambda: stream_speed(model, steps, chunks, warmup, device, dtype, text_tokens)  # noqa: E731
+
+        def measure(prepare=None):
+            return stream_speed(model, steps, chunks, warmup, device, dtype, text_tokens, prepare)
+
         before_kernels, after_kernels = stream_variants(model, measure, backends, compile_blocks)
     for name, fn in before_kernels.items():
         variant(name, fn)
