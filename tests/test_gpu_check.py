@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli_generate import streamgen
 
 from bench import gpu
 
@@ -134,12 +135,7 @@ def test_gpu_check_runs_with_only_what_the_gpu_image_has(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_bench_gpu_without_a_gpu_is_one_line_and_exit_code_2():
-    r = subprocess.run(
-        [sys.executable, "-m", "streamgen", "bench", "gpu", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = streamgen("bench", "gpu", "--json")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [
         "streamgen bench: error: no CUDA device here; `--device cpu --quick` runs the same code at tiny sizes"

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+from test_cli_generate import streamgen  # noqa: E402
 from test_kernels_bench import CASES  # noqa: E402
 
 from bench import resources  # noqa: E402
@@ -47,12 +46,7 @@ def test_compile_only_builds_without_launching_and_restores_triton():
 
 @pytest.mark.slow
 def test_every_kernel_builds_for_hopper_without_spills_within_shared_memory():
-    r = subprocess.run(
-        [sys.executable, "-m", "streamgen", "bench", "resources", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    r = streamgen("bench", "resources", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["target"] == "sm_90" and result["dtype"] == "bfloat16"
