@@ -196,7 +196,8 @@ def stream_variants(model, measure, backends, compile_blocks) -> tuple[dict, dic
         last["flex+fused_kernels"] = with_backend("flex")
     if compile_blocks:
         # Inductor, shapes dynamic after the first change: the ring's fill level would
-        # otherwise make ~17 static graphs per block, minutes of compiling
+        # otherwise make ~17 static graphs (8 fill levels x denoise/re-encode, and the sink),
+        # minutes of compiling
         last["sdpa+compiled_blocks"] = compiled_blocks(model, with_backend("sdpa"), backend="inductor")
     return first, last
 
