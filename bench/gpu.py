@@ -124,6 +124,7 @@ def stream_speed(model, steps, chunks, warmup_chunks, device, dtype, text_tokens
         "fps_steady": round(steady_frames / sum(steady), 2),
         "first_chunk_ms": round(first_ms, 1),
         "first_chunk_frames": first_frames,
+        "chunk_ms": [round(t * 1000, 1) for t in times],
         "chunk_ms_p50": round(float(np.percentile(times, 50)) * 1000, 1),
         "chunk_ms_p95": round(float(np.percentile(times, 95)) * 1000, 1),
         "frames_per_chunk": int(round(n_frames / len(times))),
@@ -321,6 +322,37 @@ def run(
     return result
 
 
+SELF_FORCING_H100_FPS = 17  # the published figure this benchmark's target doubles
+
+
+def plot(result: dict, path) -> None:
+    """Frames/s of each variant against the targets, and each variant's chunk times."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = {k: v for k, v in result["variants"].items() if "fps" in v}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(timed)
+    left.barh(names, [timed[n]["fps_steady"] for n in names], color="tab:blue")
+    left.axvline(result.get("target_fps", 34), color="tab:green", ls="--", label="target")
+    left.axvline(SELF_FORCING_H100_FPS, color="grey", ls=":", label="Self-Forcing, H100")
+    left.set_xlabel("frames/s, steady state (ring full)")
+    left.set_title(
+        f"{result['flavor']} {result['width']}x{result['height']}, {result['steps']} steps, {result['device']}"
+    )
+    left.legend(fontsize=8)
+    for name in names:
+        right.plot(timed[name]["chunk_ms"], "o-", ms=3, label=name)
+    right.set_xlabel("chunk after restart (first one not shown: see first_chunk_ms)")
+    right.set_ylabel("ms per chunk")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="tiny sizes on any device (tests)")
@@ -331,6 +363,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel micro-benchmarks")
     p.add_argument("--backends", nargs="*", default=["sdpa", "triton", "flex"])
     p.add_argument("--out", help="also write the JSON here, rewritten after each variant (survives a kill)")
+    p.add_argument("--plot", help="write fps per variant and chunk times to this PNG")
 
 
 def main(args) -> dict:
@@ -338,7 +371,7 @@ def main(args) -> dict:
         from streamgen.cli import UserError
 
         raise UserError("no CUDA device here; `--device cpu --quick` runs the same code at tiny sizes")
-    return run(
+    result = run(
         args.device,
         args.quick,
         args.steps,
@@ -349,6 +382,9 @@ def main(args) -> dict:
         backends=tuple(args.backends),
         out=args.out,
     )
+    if args.plot and any("fps" in v for v in result["variants"].values()):
+        plot(result, args.plot)
+    return result
 
 
 if __name__ == "__main__":

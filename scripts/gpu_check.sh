@@ -33,6 +33,9 @@ echo "gpu tests: exit code $?" >> "$OUT/gpu-tests.log"
 timeout 440 "$PY" -m bench.gpu --budget 300 --out "$OUT/h200-$stamp.json" ${GPU_CHECK_BENCH_ARGS:-} \
   > /dev/null 2> "$OUT/bench-gpu.log"
 echo "bench gpu: exit code $?" >> "$OUT/bench-gpu.log"
+# the plot from whatever the JSON holds, so a run cut short still gets one
+"$PY" -c "import json, sys; from bench.gpu import plot; plot(json.load(open(sys.argv[1])), sys.argv[2])" \
+  "$OUT/h200-$stamp.json" "$OUT/h200-$stamp.png" 2>> "$OUT/bench-gpu.log"
 rm -rf "$site"
 tail -c 3000 "$OUT/h200-$stamp.json"
 echo

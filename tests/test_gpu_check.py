@@ -131,6 +131,7 @@ def test_gpu_check_runs_with_only_what_the_gpu_image_has(tmp_path):
     assert result["best_variant"] in result["variants"]
     assert "error" not in result["kernels"] and result["kernels"]["copy"]["gb_per_s"] > 0
     assert "bench gpu: exit code 0" in (out / "bench-gpu.log").read_text()
+    assert bench_json.with_suffix(".png").stat().st_size > 10_000  # fps per variant, chunk times
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
