@@ -326,31 +326,59 @@ SELF_FORCING_H100_FPS = 17  # the published figure this benchmark's target doubl
 
 
 def plot(result: dict, path) -> None:
-    """Frames/s of each variant against the targets, and each variant's chunk times."""
+    """Frames/s of each variant against the targets and each variant's chunk times; below, the
+    kernel micro-benchmarks: GB/s of the memory-bound kernels, TFLOP/s of attention."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     timed = {k: v for k, v in result["variants"].items() if "fps" in v}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    kernel_cases = (result.get("kernels") or {}).get("kernels") or {}
+    fig, axes = plt.subplots(
+        2 if kernel_cases else 1, 2, figsize=(12, 8 if kernel_cases else 4), squeeze=False
+    )
+    (fps_ax, chunks_ax) = axes[0]
     names = list(timed)
-    left.barh(names, [timed[n]["fps_steady"] for n in names], color="tab:blue")
-    left.axvline(result.get("target_fps", 34), color="tab:green", ls="--", label="target")
-    left.axvline(SELF_FORCING_H100_FPS, color="grey", ls=":", label="Self-Forcing, H100")
-    left.set_xlabel("frames/s, steady state (ring full)")
-    left.set_title(
+    fps_ax.barh(names, [timed[n]["fps_steady"] for n in names], color="tab:blue")
+    fps_ax.axvline(result.get("target_fps", 34), color="tab:green", ls="--", label="target")
+    fps_ax.axvline(SELF_FORCING_H100_FPS, color="grey", ls=":", label="Self-Forcing, H100")
+    fps_ax.set_xlabel("frames/s, steady state (ring full)")
+    fps_ax.set_title(
         f"{result['flavor']} {result['width']}x{result['height']}, {result['steps']} steps, {result['device']}"
     )
-    left.legend(fontsize=8)
+    fps_ax.legend(fontsize=8)
     for name in names:
-        right.plot(timed[name]["chunk_ms"], "o-", ms=3, label=name)
-    right.set_xlabel("chunk after restart (first one not shown: see first_chunk_ms)")
-    right.set_ylabel("ms per chunk")
-    right.legend(fontsize=7)
+        chunks_ax.plot(timed[name]["chunk_ms"], "o-", ms=3, label=name)
+    chunks_ax.set_xlabel("chunk after the restart's first")
+    chunks_ax.set_ylabel("ms per chunk")
+    chunks_ax.legend(fontsize=7)
+    if kernel_cases:
+        _plot_kernels(axes[1], kernel_cases, (result["kernels"].get("copy") or {}).get("gb_per_s"))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _plot_kernels(axes, cases: dict, copy_gb_per_s) -> None:
+    bandwidth_ax, attention_ax = axes
+    variants = ("eager", "compile", "triton")
+    for ax, attention, unit in ((bandwidth_ax, False, "GB/s"), (attention_ax, True, "TFLOP/s")):
+        names = [n for n in cases if n.startswith("attention") == attention]
+        for i, variant in enumerate(variants):
+            values = []
+            for n in names:
+                timing = cases[n].get(variant) or {}
+                value = timing.get("gflop_per_s" if attention else "gb_per_s", 0.0)
+                values.append(value / 1000 if attention else value)
+            ax.barh([y + i * 0.27 for y in range(len(names))], values, height=0.27, label=variant)
+        ax.set_yticks([y + 0.27 for y in range(len(names))], names, fontsize=8)
+        ax.set_xlabel(unit)
+        ax.legend(fontsize=8)
+    if copy_gb_per_s:
+        bandwidth_ax.axvline(copy_gb_per_s, color="grey", ls="--", label="copy")
+    bandwidth_ax.set_title("memory-bound kernels (dashed: this device's copy rate)")
+    attention_ax.set_title("attention")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
