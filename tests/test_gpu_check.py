@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,26 @@ def test_compiled_blocks_variant_reports_its_graphs_and_undoes_itself():
         dynamo.config.recompile_limit == limit and not dynamo.config.cudagraph_backend_support_input_mutation
     )
     assert all(blk._compiled_call_impl is None for blk in model.dit.blocks)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_gpu_quick_on_cuda_runs_every_stream_variant():
+    # the full benchmark's code at tiny sizes: a failure shows here even if the long run is cut short
+    result = gpu.run("cuda", quick=True, chunks=2, compile_blocks=False, kernel_bench=False)
+    errors = {k: v["error"] for k, v in result["variants"].items() if "error" in v}
+    assert not errors, errors
+    assert set(result["variants"]) == {f"{b}+fused_kernels" for b in ("sdpa", "triton", "flex")} | {
+        "sdpa+reference_ops"
+    }
+    assert all(v["fps"] > 0 for v in result["variants"].values())
+    # CUDA graphs of the blocks (Inductor's compile is left to the long run: minutes)
+    model = gpu.build_model("wan2.1-1.3b", 64, 96, "cuda", torch.bfloat16, quick=True, backend="sdpa")
+    measure = lambda prepare: gpu.stream_speed(model, 4, 2, 4, "cuda", torch.bfloat16, 8, prepare)  # noqa: E731
+    graphs = gpu.compiled_blocks(model, measure, backend="cudagraphs")()
+    assert graphs["fps"] > 0 and graphs["graphs_compiled"] > 0
+    if graphs["cudagraph_skips"]:
+        warnings.warn(
+            f"{graphs['cudagraph_skips']} of {graphs['graphs_compiled']} block graphs ran without CUDA graphs",
+            stacklevel=1,
+        )
