@@ -145,6 +145,8 @@ def test_bench_gpu_without_a_gpu_is_one_line_and_exit_code_2():
 
 
 @pytest.mark.slow
+# torch's own cudagraphs backend still calls torch.jit.script_method, which torch 2.13 deprecates
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_blocks_variant_reports_its_graphs_and_undoes_itself():
     import torch._dynamo as dynamo
 
