@@ -16,6 +16,9 @@ from kernels import reference
 from kernels.reference import Rope, rope_angles, rope_inv_freq, rope_split  # noqa: F401
 
 _FORCE_REFERENCE = os.environ.get("STREAMGEN_KERNELS", "").lower() == "reference"
+# Tests only: route CPU tensors to the Triton kernels too, which then run under the Triton
+# interpreter (TRITON_INTERPRET=1), so the whole model can be checked through them on CPU.
+_TRITON_ON_CPU = False
 _triton = None
 
 
@@ -41,7 +44,12 @@ def needs_autograd(*tensors) -> bool:
 
 
 def _use_triton(x: torch.Tensor, *others) -> bool:
-    return x.is_cuda and not _FORCE_REFERENCE and not needs_autograd(x, *others) and _triton_ops() is not None
+    return (
+        (x.is_cuda or _TRITON_ON_CPU)
+        and not _FORCE_REFERENCE
+        and not needs_autograd(x, *others)
+        and _triton_ops() is not None
+    )
 
 
 def layernorm_modulate(x, shift, scale, eps: float = 1e-6):
@@ -110,7 +118,7 @@ def attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backen
     """
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
-    if backend == "sdpa" or not q.is_cuda and backend in ("triton", "flash"):
+    if backend == "sdpa" or not (q.is_cuda or _TRITON_ON_CPU) and backend in ("triton", "flash"):
         return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
     from kernels import attention_backends
 

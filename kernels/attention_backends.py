@@ -66,13 +66,12 @@ def _triton_ops():
 
 
 def triton_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
-    from kernels import needs_autograd
+    from kernels import _use_triton
 
     # the kernel is forward-only: calls that need gradients take SDPA, which differentiates
-    ops = _triton_ops() if q.is_cuda and not needs_autograd(q, k, v) else None
-    if ops is None:
+    if not _use_triton(q, k, v):
         return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
-    return ops.attention(q, k, v, block_mask_frames, tokens_per_frame)
+    return _triton_ops().attention(q, k, v, block_mask_frames, tokens_per_frame)
 
 
 # ---------------------------------------------------------------------------

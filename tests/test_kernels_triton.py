@@ -233,6 +233,70 @@ def check_attention_head_dim_128(ops, dtype):
     )
 
 
+# --- the whole model through the kernels: what the GPU runs, checked op by op above, together
+
+
+def stream_then_block_causal(flavor: str, hw, device, dtype, **overrides):
+    """A model of `flavor` (seeded, attention on our kernel) streams one chunk past a full ring,
+    so the cache overwrites and re-rotates its oldest slot; then one block-causal forward over
+    the sink and every chunk (training's mask). Returns (chunks, block-causal output)."""
+    from streamgen.model import DiT, get_config
+    from streamgen.sampling import encode_sink, generate_chunk, student_sigmas
+
+    torch.manual_seed(0)
+    cfg = get_config(flavor, attn_backend="triton", **overrides)
+    model, c = DiT(cfg).to(device, dtype).eval(), cfg.frames_per_chunk
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=device).to(dtype)
+
+    ctx, ref = rnd(1, 2, cfg.text_dim), rnd(1, cfg.in_channels, cfg.sink_frames, *hw)
+    audio = rnd(1, c, cfg.audio_window, cfg.audio_dim)
+    cache = model.new_cache(1, hw, dtype, device)
+    with torch.no_grad():
+        encode_sink(model, cache, ref, ctx)
+        chunks = [
+            generate_chunk(model, cache, rnd(1, cfg.in_channels, c, *hw), ctx, audio, student_sigmas(1))
+            for _ in range(cfg.window_frames // c + 1)
+        ]
+        x = torch.cat([ref, *chunks], dim=2)
+        block_causal = model(x, torch.rand(1, x.shape[2], device=device) * 1000, ctx, mode="block_causal")
+    return torch.cat(chunks, dim=2), block_causal
+
+
+def check_dit_streams_the_same_through_the_kernels(ops, monkeypatch):
+    """A debug DiT streams past a full ring (the cache re-rotates its keys), then one
+    block-causal forward (training's mask), with every op on the Triton kernels and again on
+    the references: the model's views, strides and dtypes reach the kernels as they expect."""
+    import kernels
+
+    used_by_the_model = ("layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate",
+                         "rmsnorm_rope", "apply_rope", "gelu_tanh", "attention")  # fmt: skip
+    calls = {}
+
+    def counted(name, real):
+        def call(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in used_by_the_model:
+        monkeypatch.setattr(ops, name, counted(name, getattr(ops, name)))
+
+    def run(through_kernels: bool):
+        monkeypatch.setattr(kernels, "_TRITON_ON_CPU", through_kernels)
+        return stream_then_block_causal("debug", (8, 8), "cpu", torch.float32)
+
+    streamed, block_causal = run(through_kernels=True)
+    used = dict(calls)
+    streamed_ref, block_causal_ref = run(through_kernels=False)
+    assert calls == used, "the reference run must not touch the kernels"
+    assert set(used) == set(used_by_the_model), used
+    torch.testing.assert_close(streamed, streamed_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(block_causal, block_causal_ref, atol=1e-4, rtol=1e-4)
+
+
 # --- the compiled (non-interpreted) path: every kernel compiles to a Hopper cubin.
 # Triton's NVIDIA backend (and ptxas) ship in the wheel and need no GPU, so type
 # and lowering errors that the interpreter cannot see are caught here too.
