@@ -27,7 +27,7 @@ stamp=$(date +%Y-%m-%d)
 # only the files that hold GPU tests (the server's import packages the image lacks), the
 # kernels' and parallel ones before the benchmark's smoke test (reverse name order)
 # shellcheck disable=SC2046  # one word per file
-timeout 200 "$PY" -m pytest -m gpu -q -rsw -p no:cacheprovider --continue-on-collection-errors \
+timeout 200 "$PY" -m pytest -m gpu -q -rfEsw -p no:cacheprovider --continue-on-collection-errors \
   $(grep -l "mark.gpu" tests/test_*.py | sort -r) > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests: exit code $?" >> "$OUT/gpu-tests.log"
 # --out rewrites the JSON after each variant, so the outer timeout loses only the variant it cut short

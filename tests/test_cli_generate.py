@@ -1,21 +1,14 @@
 """`streamgen generate` and `streamgen bench engine` from the command line."""
 
 import json
-import subprocess
-import sys
 import wave
 
 import av
 import numpy as np
 import pytest
+from cli_helpers import streamgen
 
 from streamgen.cli import main
-
-
-def streamgen(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "streamgen", *args], capture_output=True, text=True, timeout=600
-    )
 
 
 def write_wav(path, rate, seconds, channels=1):

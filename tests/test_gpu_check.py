@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli_generate import streamgen
+from cli_helpers import streamgen
 
 from bench import gpu
 
@@ -117,12 +117,13 @@ def test_gpu_check_runs_with_only_what_the_gpu_image_has(tmp_path):
 
     # every test file with GPU tests imports on the image; only files without any may fail to collect
     log = (out / "gpu-tests.log").read_text()
-    uncollected = set(re.findall(r"^ERROR (tests/\S+\.py)", log, re.M))
+    uncollected = set(re.findall(r"ERROR (?:collecting )?(tests/\S+\.py)", log))
     with_gpu_tests = {
         f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in p.read_text()
     }
     assert with_gpu_tests and not uncollected & with_gpu_tests, log[-3000:]
     assert re.search(r"\d+ skipped", log), log[-3000:]  # the GPU tests skip themselves on the CPU
+    assert not re.search(r"\d+ errors?\b", log), log[-3000:]
 
     (bench_json,) = out.glob("h200-*.json")
     result = json.loads(bench_json.read_text())

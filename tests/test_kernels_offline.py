@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_cli_generate import streamgen  # noqa: E402
+from cli_helpers import streamgen  # noqa: E402
 from test_kernels_bench import CASES  # noqa: E402
 
 from bench import resources  # noqa: E402
