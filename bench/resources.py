@@ -107,7 +107,13 @@ def ptxas_usage(report: str) -> dict:
 
 
 def run(arch: int = 90, dtype: str = "bfloat16", only: tuple[str, ...] = ()) -> dict:
-    import triton
+    try:
+        import triton
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError as e:
+        from streamgen.cli import UserError
+
+        raise UserError(f"needs Triton with its NVIDIA backend ({e})") from None
 
     from bench.kernels import _cases, _shapes
     from kernels import triton_ops
