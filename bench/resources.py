@@ -123,6 +123,10 @@ def run(arch: int = 90, dtype: str = "bfloat16", only: tuple[str, ...] = ()) -> 
     limit = SHARED_BYTES_PER_BLOCK.get(arch)
     torch.manual_seed(0)
     cases = _cases(_shapes(quick=False), torch.device("cpu"), getattr(torch, dtype))
+    if unknown := set(only) - set(cases):
+        from streamgen.cli import UserError
+
+        raise UserError(f"unknown case(s) {sorted(unknown)}; the cases are {list(cases)}")
     rows, started = [], time.perf_counter()
     for name, (_eager, op_name, args, _nbytes, _flops) in cases.items():
         if only and name not in only:
