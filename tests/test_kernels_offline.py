@@ -72,3 +72,9 @@ def test_exact_fp32_attention_builds_one_config_instead_of_autotuning():
         smallest.kwargs.values()
     )
     assert kernel.metadata.shared <= resources.SHARED_BYTES_PER_BLOCK[90]
+
+
+def test_an_unknown_case_is_one_line_and_exit_code_2():
+    r = streamgen("bench", "resources", "--only", "layernorm", "--json")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("streamgen bench: error: unknown case(s) ['layernorm']; the cases are [")
