@@ -215,6 +215,7 @@ def compiled_blocks(model, measure, backend: str):
         import torch._dynamo as dynamo
         from torch._dynamo.utils import counters
 
+        cudagraphs = backend == "cudagraphs"
         limit_name = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
         saved = {
             name: getattr(dynamo.config, name)
@@ -224,14 +225,14 @@ def compiled_blocks(model, measure, backend: str):
         setattr(dynamo.config, limit_name, 64)
         # the blocks write the KV cache in place: allowed in a CUDA graph when the cache's
         # buffers keep their addresses (marked static below), so nothing is copied per replay
-        dynamo.config.cudagraph_backend_support_input_mutation = True
+        dynamo.config.cudagraph_backend_support_input_mutation = cudagraphs
         graphs, skips = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
         for blk in model.dit.blocks:
-            blk.compile(backend=backend, dynamic=False if backend == "cudagraphs" else None)
+            blk.compile(backend=backend, dynamic=False if cudagraphs else None)
         try:
-            result = measure(prepare=_cache_at_static_addresses if backend == "cudagraphs" else None)
+            result = measure(prepare=_cache_at_static_addresses if cudagraphs else None)
             result["graphs_compiled"] = counters["stats"]["unique_graphs"] - graphs
-            if backend == "cudagraphs":
+            if cudagraphs:
                 result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
             return result
         finally:
@@ -376,7 +377,7 @@ def _plot_kernels(axes, cases: dict, copy_gb_per_s) -> None:
         ax.set_xlabel(unit)
         ax.legend(fontsize=8)
     if copy_gb_per_s:
-        bandwidth_ax.axvline(copy_gb_per_s, color="grey", ls="--", label="copy")
+        bandwidth_ax.axvline(copy_gb_per_s, color="grey", ls="--")
     bandwidth_ax.set_title("memory-bound kernels (dashed: this device's copy rate)")
     attention_ax.set_title("attention")
 

@@ -19,9 +19,9 @@ import contextlib
 import io
 import os
 import re
-import shutil
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
@@ -57,9 +57,6 @@ def compile_only(arch: int):
     jit_run, tuner_run = JITFunction.run, Autotuner.run
     # restored as it was: `reset_active` would create the default driver, which needs a GPU
     active = driver._active
-    env = {name: os.environ.get(name) for name in ("TRITON_CACHE_DIR", "TRITON_DUMP_PTXAS_LOG")}
-    cache = tempfile.mkdtemp(prefix="triton-offline-")
-    os.environ.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")  # Triton prints ptxas -v
 
     def run(self, *args, grid, warmup, **kwargs):
         touched.add(self)
@@ -74,21 +71,20 @@ def compile_only(arch: int):
         kwargs.pop("warmup", None)
         return self.warmup(*args, **kwargs)
 
-    driver.set_active(OfflineDriver())
-    JITFunction.run, Autotuner.run = run, tune
-    try:
-        yield compiled
-    finally:
-        JITFunction.run, Autotuner.run = jit_run, tuner_run
-        driver._active = active
-        for name, value in env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        shutil.rmtree(cache, ignore_errors=True)
-        for fn in touched:  # binaries for another chip must not serve a real device 0 later
-            fn.device_caches.clear()
+    # an empty cache, so every kernel is really built, and Triton prints ptxas -v for each
+    with (
+        tempfile.TemporaryDirectory(prefix="triton-offline-") as cache,
+        mock.patch.dict(os.environ, TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1"),
+    ):
+        try:
+            driver.set_active(OfflineDriver())
+            JITFunction.run, Autotuner.run = run, tune
+            yield compiled
+        finally:
+            JITFunction.run, Autotuner.run = jit_run, tuner_run
+            driver._active = active
+            for fn in touched:  # binaries for another chip must not serve a real device 0 later
+                fn.device_caches.clear()
 
 
 def ptxas_usage(report: str) -> dict:
@@ -107,12 +103,12 @@ def ptxas_usage(report: str) -> dict:
 
 
 def run(arch: int = 90, dtype: str = "bfloat16", only: tuple[str, ...] = ()) -> dict:
+    from streamgen.cli import UserError
+
     try:
         import triton
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except ImportError as e:
-        from streamgen.cli import UserError
-
         raise UserError(f"needs Triton with its NVIDIA backend ({e})") from None
 
     from bench.kernels import _cases, _shapes
@@ -124,8 +120,6 @@ def run(arch: int = 90, dtype: str = "bfloat16", only: tuple[str, ...] = ()) -> 
     torch.manual_seed(0)
     cases = _cases(_shapes(quick=False), torch.device("cpu"), getattr(torch, dtype))
     if unknown := set(only) - set(cases):
-        from streamgen.cli import UserError
-
         raise UserError(f"unknown case(s) {sorted(unknown)}; the cases are {list(cases)}")
     rows, started = [], time.perf_counter()
     for name, (_eager, op_name, args, _nbytes, _flops) in cases.items():
