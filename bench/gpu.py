@@ -40,10 +40,11 @@ import numpy as np
 import torch
 
 import kernels
+from bench import floor
 from streamgen.model.config import get_config
 from streamgen.model.model import DiT
 from streamgen.models import AvatarModel
-from streamgen.stream import StreamSession
+from streamgen.stream import CHUNK_STAGES, StreamSession
 
 
 def build_model(flavor, height, width, device, dtype, quick, backend) -> AvatarModel:
@@ -73,25 +74,23 @@ def build_model(flavor, height, width, device, dtype, quick, backend) -> AvatarM
     return AvatarModel(flavor, dit, vae, height, width, shift=5.0, steps=4)
 
 
+def start_stream(session: StreamSession, context: torch.Tensor | None = None, speech_s: float = 30.0) -> None:
+    """(Re)start `session` on a seeded random face and `speech_s` of noise for speech, with `context` as
+    its text tokens (a long one, as T5's 512 in Wan: its cross-attention K/V are cached per stream)."""
+    rng = np.random.default_rng(0)
+    face = (rng.random((session.height, session.width, 3)) * 255).astype(np.uint8)
+    session.start(face, seed=0, context=context)
+    session.push_audio((rng.standard_normal(int(16000 * speech_s)) * 0.1).astype(np.float32))
+
+
 def stream_speed(model, steps, chunks, warmup_chunks, device, dtype, text_tokens, prepare=None) -> dict:
     """Time one stream; `prepare(session)` runs after each (re)start, before any chunk."""
     cfg = model.cfg
-    rng = np.random.default_rng(0)
-    face = (rng.random((model.height, model.width, 3)) * 255).astype(np.uint8)
-    speech = (rng.standard_normal(16000 * 30) * 0.1).astype(np.float32)
     session = StreamSession(model, steps=steps, device=device, dtype=dtype)
     context = torch.randn(1, text_tokens, cfg.text_dim, device=device, dtype=dtype)
 
     def start():
-        session.start(face, seed=0)
-        # a long text context (T5 length in Wan); its cross-attention K/V are cached per stream
-        session.context = context
-        session.cache.reset()
-        session.cache.sink_ready = False
-        from streamgen.sampling import encode_sink
-
-        encode_sink(session.dit, session.cache, session.reference_latent, context)
-        session.push_audio(speech)
+        start_stream(session, context)
         if prepare is not None:
             prepare(session)
 
@@ -137,6 +136,46 @@ def stream_speed(model, steps, chunks, warmup_chunks, device, dtype, text_tokens
     }
 
 
+def stage_breakdown(model, steps, chunks, device, dtype, text_tokens, ceilings) -> dict:
+    """Where a chunk's time goes: each stage's work counted (bench/floor.py) once the ring is
+    full, then timed over `chunks` chunks (synchronised around each stage), against its floor
+    under the ceilings measured in this run."""
+    session = StreamSession(model, steps=steps, device=device, dtype=dtype)
+    context = torch.randn(1, text_tokens, model.cfg.text_dim, device=device, dtype=dtype)
+    work = floor.chunk_work(session, lambda: start_stream(session, context), steps)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    times = {stage: [] for stage in CHUNK_STAGES}
+
+    def timed(stage, fn):
+        sync()
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        times[stage].append(time.perf_counter() - t)
+        return out
+
+    for _ in range(chunks):
+        session.next_chunk(observe=timed)
+    session.close()
+    report = floor.report(work, ceilings)
+    stages = {}
+    for stage, seconds in times.items():
+        ms = float(np.median(seconds)) * 1000
+        entry = {"ms_p50": ms}
+        w = work["steady_chunk"]["stages"].get(stage)
+        if w is not None:  # the copy to the host is timed, not counted
+            stage_floor = report["floor"]["steady_chunk"]["stages"][stage]["floor_ms"]
+            entry.update(
+                tflop=w["tflop"],
+                tflop_per_s=w["tflop"] / (ms / 1000),
+                floor_ms=stage_floor,
+                of_floor=stage_floor / ms,
+            )
+        stages[stage] = entry
+    chunk_ms = sum(s["ms_p50"] for s in stages.values())
+    return {"stages": floor.rounded(stages), "chunk_ms_p50_sum": round(chunk_ms, 1), **report}
+
+
 def write_partial(result: dict, path: str | None) -> None:
     """Write what has been measured so far (atomically), so that a run killed by an outer
     timeout still leaves every finished variant on disk."""
@@ -166,12 +205,12 @@ def _variant(name, fn, budget_s, started, result, out=None):
         write_partial(result, out)
 
 
-def stream_variants(model, measure, backends, compile_blocks) -> tuple[dict, dict]:
+def stream_variants(model, measure, backends, compile_blocks, stages=None) -> tuple[dict, dict]:
     """name -> measurement, two groups in the order they run: each attention backend with the
-    fused kernels and the PyTorch references (before the kernel micro-benchmarks), then CUDA
-    graphs, FlexAttention and Inductor, which take longest to prepare (after them)."""
+    fused kernels, the PyTorch references and `stages()` (before the kernel micro-benchmarks),
+    then CUDA graphs, FlexAttention and Inductor, which take longest to prepare (after them)."""
 
-    def with_backend(backend, fused=True):
+    def with_backend(backend, fused=True, measurement=measure):
         def fn(prepare=None):
             saved = kernels._FORCE_REFERENCE
             kernels._FORCE_REFERENCE = not fused
@@ -180,7 +219,7 @@ def stream_variants(model, measure, backends, compile_blocks) -> tuple[dict, dic
                     if attn is not None:
                         attn.backend = backend
             try:
-                return measure(prepare)
+                return measurement(prepare)
             finally:
                 kernels._FORCE_REFERENCE = saved
 
@@ -188,6 +227,8 @@ def stream_variants(model, measure, backends, compile_blocks) -> tuple[dict, dic
 
     first = {f"{b}+fused_kernels": with_backend(b) for b in backends if b != "flex"}
     first["sdpa+reference_ops"] = with_backend("sdpa", fused=False)
+    if stages is not None:  # the default configuration, stage by stage against its floor
+        first["stages"] = with_backend("sdpa", measurement=lambda _prepare: stages())
     last = {}
     if compile_blocks:
         # CUDA graphs without Inductor: dynamo captures each block per shape (cheap) and
@@ -284,6 +325,8 @@ def run(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     variant = lambda name, fn, budget=budget_s: _variant(name, fn, budget, started, result, out)  # noqa: E731
+    # this device's matrix rate and copy bandwidth: the ceilings of the floor below
+    result["ceilings"] = floor.rounded(floor.measure_ceilings(device, dtype))
     try:
         model = build_model("wan2.1-1.3b", height, width, device, dtype, quick, "sdpa")
     except Exception as e:  # e.g. diffusers missing on a bare GPU image: say so, and still time the kernels
@@ -297,9 +340,16 @@ def run(
         def measure(prepare=None):
             return stream_speed(model, steps, chunks, warmup, device, dtype, text_tokens, prepare)
 
-        before_kernels, after_kernels = stream_variants(model, measure, backends, compile_blocks)
+        def stages():
+            return stage_breakdown(
+                model, steps, min(chunks, 6), device, dtype, text_tokens, result["ceilings"]
+            )
+
+        before_kernels, after_kernels = stream_variants(model, measure, backends, compile_blocks, stages)
     for name, fn in before_kernels.items():
         variant(name, fn)
+    if "stages" in result["variants"]:
+        result["stages"] = result["variants"].pop("stages")
     if kernel_bench:  # the model stays loaded: 3 GB of 141
 
         def kernel_numbers():
@@ -317,7 +367,14 @@ def run(
         result["best_variant"] = best
         for key in ("fps", "fps_steady", "first_chunk_ms", "chunk_ms_p50", "chunk_ms_p95"):
             result[key] = ok[best][key]
-        result["target_fps"], result["target_first_chunk_ms"] = 34, 350
+        result["target_fps"], result["target_first_chunk_ms"] = floor.TARGET_FPS, 350
+    steady_floor_ms = (
+        ((result.get("stages") or {}).get("floor") or {}).get("steady_chunk", {}).get("floor_ms")
+    )
+    if steady_floor_ms:  # how close each variant's steady chunks come to the floor
+        result["fps_ceiling"] = result["stages"]["fps_ceiling"]
+        for v in ok.values():
+            v["of_floor"] = floor.rounded(steady_floor_ms / (v["frames_per_chunk"] / v["fps_steady"] * 1000))
     result["seconds"] = round(time.perf_counter() - started, 1)
     write_partial(result, out)
     return result
@@ -344,6 +401,8 @@ def plot(result: dict, path) -> None:
     fps_ax.barh(names, [timed[n]["fps_steady"] for n in names], color="tab:blue")
     fps_ax.axvline(result.get("target_fps", 34), color="tab:green", ls="--", label="target")
     fps_ax.axvline(SELF_FORCING_H100_FPS, color="grey", ls=":", label="Self-Forcing, H100")
+    if result.get("fps_ceiling"):
+        fps_ax.axvline(result["fps_ceiling"], color="tab:red", ls="-", label="floor (measured matrix rate)")
     fps_ax.set_xlabel("frames/s, steady state (ring full)")
     fps_ax.set_title(
         f"{result['flavor']} {result['width']}x{result['height']}, {result['steps']} steps, {result['device']}"

@@ -87,6 +87,13 @@ def encode_reference(vae, ref: np.ndarray, device) -> torch.Tensor:
     return vae.encode_reference(img)
 
 
+CHUNK_STAGES = ("audio", "denoise", "reencode", "decode", "to_host")  # what next_chunk does, in order
+
+
+def _run_stage(_stage: str, fn):
+    return fn()
+
+
 class StreamSession:
     def __init__(
         self,
@@ -149,11 +156,19 @@ class StreamSession:
         return self.chunk_index * self.chunk_seconds if self.started else 0.0
 
     # --- lifecycle --------------------------------------------------------------
-    def start(self, reference, text: str | None = None, seed: int | None = None) -> None:
+    def start(
+        self, reference, text: str | None = None, seed: int | None = None, context: torch.Tensor | None = None
+    ) -> None:
+        """context: the text tokens [1, L, text_dim] themselves instead of `text` (e.g. Wan's T5
+        embeddings, made elsewhere)."""
         ref = prepare_reference(reference, self.height, self.width)
         self.seed = seed if seed is not None else random.randrange(2**31)
         self.generator = torch.Generator().manual_seed(self.seed)
-        self.context = text_context(text, self.cfg.text_dim).to(self.device, self.dtype)
+        if context is None:
+            context = text_context(text, self.cfg.text_dim)
+        elif text is not None:
+            raise ValueError("give a text or a context, not both")
+        self.context = context.to(self.device, self.dtype)
         self.vae_dtype = next(self.vae.parameters()).dtype  # the encoder's: latents in, frames out
         self.reference_latent = encode_reference(self.vae, ref, self.device).to(self.dtype)
         if self.cache is None:
@@ -236,14 +251,25 @@ class StreamSession:
         return frame_windows(tokens, first, latent_start, cfg.frames_per_chunk, cfg).to(self.dtype)
 
     # --- generation ---------------------------------------------------------------
-    def next_chunk(self) -> tuple[np.ndarray, float]:
-        """Generate the next chunk: (frames uint8 [T, H, W, 3], pts of its first frame in seconds)."""
-        audio, noise = self._prepare_chunk()
-        with torch.no_grad():
-            latents = generate_chunk(
-                self.dit, self.cache, noise, self.context, audio, self.sigmas, self.generator
+    def next_chunk(self, observe=None) -> tuple[np.ndarray, float]:
+        """Generate the next chunk: (frames uint8 [T, H, W, 3], pts of its first frame in seconds).
+
+        observe(stage, fn) -> fn(), if given, runs each stage of the chunk (one of
+        `CHUNK_STAGES`) so that a benchmark can time or count it (bench/floor.py); one that
+        does not run "to_host" (a model on the meta device has no values) gets None frames.
+        """
+        run = observe or _run_stage
+        audio, noise = run("audio", self._prepare_chunk)
+
+        def denoise():  # the steps read the cache; the re-encode then writes the chunk into it
+            return generate_chunk(
+                self.dit, self.cache, noise, self.context, audio, self.sigmas, self.generator, reencode=False
             )
-        return self._finish_chunk(latents)
+
+        with torch.no_grad():
+            latents = run("denoise", denoise)
+            run("reencode", lambda: reencode_chunk(self.dit, self.cache, latents, self.context, audio))
+        return self._finish_chunk(latents, run)
 
     def _prepare_chunk(self):
         """This chunk's audio windows and starting noise (advances the audio timeline and the RNG)."""
@@ -255,13 +281,17 @@ class StreamSession:
         return audio, noise
 
     @torch.no_grad()
-    def _finish_chunk(self, latents: torch.Tensor) -> tuple[np.ndarray, float]:
+    def _finish_chunk(self, latents: torch.Tensor, run=None) -> tuple[np.ndarray, float]:
         """Decode the chunk's clean latents (the cache already holds them) to uint8 frames."""
-        frames, self.decoder_state = self.vae.decode_stream(latents.to(self.vae_dtype), self.decoder_state)
+        run = run or _run_stage
+        out = run("decode", lambda: self._decode(latents))
         pts = self.chunk_index * self.chunk_seconds
         self.chunk_index += 1
-        out = ((frames[0].permute(1, 2, 3, 0).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        return out.cpu().numpy(), pts
+        return run("to_host", lambda: out.cpu().numpy()), pts
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        frames, self.decoder_state = self.vae.decode_stream(latents.to(self.vae_dtype), self.decoder_state)
+        return ((frames[0].permute(1, 2, 3, 0).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
     def _require_started(self):
         if not self.started:

@@ -22,6 +22,7 @@ import torch
 from cli_helpers import streamgen
 
 from bench import gpu
+from streamgen.stream import CHUNK_STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,8 +133,28 @@ def test_gpu_check_runs_with_only_what_the_gpu_image_has(tmp_path):
     assert variant["fps"] > 0 and variant["first_chunk_frames"] == 9  # Wan VAE: 1 + 4k frames
     assert result["best_variant"] in result["variants"]
     assert "error" not in result["kernels"] and result["kernels"]["copy"]["gb_per_s"] > 0
+    assert "error" not in result["stages"] and result["fps_ceiling"] > 0
     assert "bench gpu: exit code 0" in (out / "bench-gpu.log").read_text()
     assert bench_json.with_suffix(".png").stat().st_size > 10_000  # fps per variant, chunk times
+
+
+def test_bench_gpu_sets_each_stage_against_its_floor():
+    result = gpu.run(
+        "cpu", quick=True, chunks=2, compile_blocks=False, kernel_bench=False, backends=("sdpa",)
+    )
+    assert result["ceilings"]["matmul_tflop_per_s"] > 0 and result["ceilings"]["copy_gb_per_s"] > 0
+    stages = result["stages"]
+    assert list(stages["stages"]) == list(CHUNK_STAGES), stages.get("error")
+    for name, stage in stages["stages"].items():
+        assert stage["ms_p50"] > 0
+        if name != "to_host":  # the copy is timed, not counted
+            assert stage["tflop"] > 0 and stage["tflop_per_s"] > 0 and stage["of_floor"] > 0
+    assert result["fps_ceiling"] == stages["fps_ceiling"] > 0
+    variant = result["variants"]["sdpa+fused_kernels"]
+    steady_ms = variant["frames_per_chunk"] / variant["fps_steady"] * 1000
+    assert variant["of_floor"] == pytest.approx(
+        stages["floor"]["steady_chunk"]["floor_ms"] / steady_ms, rel=1e-2
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -179,6 +200,8 @@ def test_bench_gpu_quick_on_cuda_runs_every_stream_variant():
         "sdpa+reference_ops"
     }
     assert all(v["fps"] > 0 for v in result["variants"].values())
+    assert "error" not in result["stages"], result["stages"]
+    assert all(v["of_floor"] > 0 for v in result["variants"].values())
     # CUDA graphs of the blocks (Inductor's compile is left to the long run: minutes)
     model = gpu.build_model("wan2.1-1.3b", 64, 96, "cuda", torch.bfloat16, quick=True, backend="sdpa")
     measure = lambda prepare: gpu.stream_speed(model, 4, 2, 4, "cuda", torch.bfloat16, 8, prepare)  # noqa: E731

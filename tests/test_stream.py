@@ -9,7 +9,7 @@ import torch
 from streamgen.model.audio import SAMPLES_PER_FRAME, AudioEncoder
 from streamgen.model.config import get_config
 from streamgen.models import load_model
-from streamgen.stream import StreamSession
+from streamgen.stream import CHUNK_STAGES, StreamSession
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +229,30 @@ def test_bfloat16_decoder_frames_are_within_two_levels(model):
         frames[dtype] = np.concatenate([s.next_chunk()[0] for _ in range(2)])
     diff = np.abs(frames[torch.float32].astype(int) - frames[torch.bfloat16].astype(int))
     assert frames[torch.bfloat16].dtype == np.uint8 and 0 < diff.max() <= 2
+
+
+def test_an_observer_sees_every_stage_in_order_and_changes_nothing(model):
+    _, plain = run(model, [speech(2.0)], 2)
+    s = StreamSession(model)
+    s.start(face(), seed=0)
+    s.push_audio(speech(2.0))
+    seen = []
+
+    def observe(stage, fn):
+        seen.append(stage)
+        return fn()
+
+    observed = [s.next_chunk(observe=observe) for _ in range(2)]
+    assert seen == list(CHUNK_STAGES) * 2
+    assert all(np.array_equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(plain, observed))
+
+
+def test_a_context_tensor_stands_for_the_text(model):
+    s = StreamSession(model)
+    context = torch.randn(1, 5, model.cfg.text_dim)
+    s.start(face(), seed=0, context=context)
+    assert torch.equal(s.context, context)
+    frames, _ = s.next_chunk()
+    assert frames.shape[0] == s.frames_per_chunk
+    with pytest.raises(ValueError, match="a text or a context, not both"):
+        s.start(face(), text="smiling", context=context)

@@ -1,0 +1,305 @@
+"""`streamgen bench floor --json`: the least time a chunk can take, counted rather than timed.
+
+For each stage of a chunk (`streamgen.stream.CHUNK_STAGES`: audio encoder, the
+denoising steps, the clean re-encode, decoding, the copy to the host) and for
+starting a stream (reference encode and sink), this counts
+
+- `tflop`: the floating-point operations of every matrix product, attention and
+  convolution (`torch.utils.flop_counter`, a multiply-add counting two), and
+  how they split between linear layers, attention and convolutions;
+- `weights_gb` + `kv_gb`: the fewest bytes the stage must move through device
+  memory: every weight it uses read once, and in the transformer's stages the
+  KV cache each cached forward attends to read once;
+
+Over the device's matrix rate and copy bandwidth the FLOPs and the fewest bytes
+give two times; the larger is the stage's floor, and no implementation of the
+same model runs much faster. The counts come from running the real
+`StreamSession`, on the meta device for models too large for this machine
+(`wan2.1-1.3b`: no values, only shapes, in about a minute on a CPU), so they
+follow the model code as it is. The first chunk is counted on a fresh stream,
+the steady chunk once the ring holds `window_frames`.
+
+The default ceilings are an H200's as measured on the lent machines (KINDS.md
+of the device tool: a bf16 8192^3 matrix product at ~790 TFLOP/s on random data,
+a device-to-device copy at ~4.3 TB/s counting read and write); `--measure`
+measures this device's instead. `bench/gpu.py` measures them on the GPU in the
+same run and sets its timings against this floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from streamgen.model.audio import VIDEO_FPS
+from streamgen.stream import CHUNK_STAGES, StreamSession
+
+H200_MATMUL_TFLOPS = 790.0  # KINDS.md: bf16 8192^3 on random data, two machines, 2026-10-28 and 11-04
+H200_COPY_GBPS = 4300.0  # KINDS.md: device-to-device copy, bytes read + written
+TARGET_FPS = 34  # issue 6: wan2.1-1.3b, 832x480, 4 steps on one H200
+
+
+class WeightReads(TorchDispatchMode):
+    """The weights (parameters) the ops under it use, each counted once."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_leaves(args):
+            if isinstance(t, nn.Parameter):
+                self.bytes[id(t)] = t.numel() * t.element_size()
+        return func(*args, **(kwargs or {}))
+
+
+def _cpu_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# PyTorch counts SDPA's CUDA kernels but not its CPU one: the same formula, so CPU counts match
+_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flop}
+
+
+def kv_read_bytes(cache) -> int:
+    """Bytes of keys and values one cached forward attends to (sink, chunk and the filled ring)."""
+    tokens = cache.layers[0].chunk_end + cache.ring_tokens_filled()
+    return sum(2 * tokens * layer.k[0, 0].numel() * layer.k.element_size() for layer in cache.layers)
+
+
+def count(fn, forwards_reading_cache: int = 0, cache=None):
+    """(fn(), its work): FLOPs by operator, the weights it reads, the KV cache its forwards read."""
+    # read before fn runs: a re-encode advances the ring it attended to
+    kv = forwards_reading_cache * kv_read_bytes(cache) if forwards_reading_cache else 0
+    flops, weights = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION), WeightReads()
+    with flops, weights:
+        result = fn()
+    by_kind = dict.fromkeys(_KINDS, 0.0)
+    for op, n in flops.get_flop_counts().get("Global", {}).items():
+        by_kind[_kind(str(op))] += n / 1e12
+    work = {
+        "tflop": flops.get_total_flops() / 1e12,
+        "weights_gb": sum(weights.bytes.values()) / 1e9,
+        "kv_gb": kv / 1e9,
+        "tflop_by_kind": by_kind,
+    }
+    return result, work
+
+
+_KINDS = ("linear", "attention", "convolution")
+
+
+def _kind(op: str) -> str:
+    if "convolution" in op:
+        return "convolution"
+    # SDPA's own kernels, or on meta its math decomposition (batched products)
+    return "attention" if "attention" in op or "bmm" in op else "linear"
+
+
+def chunk_work(session: StreamSession, start, steps: int) -> dict:
+    """The work of starting `session` (start() prepares it), its first chunk and a chunk at the full ring."""
+    _, start_work = count(start)
+    first = _counted_chunk(session, steps)
+    while session.cache.filled < session.cache.window_frames:  # fill the ring as a stream does
+        session.next_chunk(observe=_skip_host)
+    steady = _counted_chunk(session, steps)
+    return {"start": start_work, "first_chunk": first, "steady_chunk": steady}
+
+
+def _skip_host(stage, fn):
+    # meta tensors have no values to copy; elsewhere the copy is timed, never counted
+    return None if stage == "to_host" else fn()
+
+
+def _counted_chunk(session, steps) -> dict:
+    stages = {}
+    frames_per_chunk = session.frames_per_chunk
+
+    def observe(stage, fn):
+        if stage == "to_host":
+            return None
+        reads = {"denoise": steps, "reencode": 1}.get(stage, 0)  # cached forwards in the stage
+        result, stages[stage] = count(fn, reads, session.cache)
+        if stage == "decode":
+            nonlocal frames_per_chunk
+            frames_per_chunk = result.shape[0]
+        return result
+
+    session.next_chunk(observe=observe)
+    return {"frames": frames_per_chunk, "stages": stages}
+
+
+def floor(work: dict, matmul_tflops: float, copy_gbps: float, target_fps: float = TARGET_FPS) -> dict:
+    """Each stage's floor (ms) and what bounds it; the chunk's floor, frames/s ceiling, first-chunk floor."""
+
+    def stage_floor(w):
+        arithmetic_ms = w["tflop"] / matmul_tflops * 1e3
+        memory_ms = (w["weights_gb"] + w["kv_gb"]) / copy_gbps * 1e3
+        return {
+            "floor_ms": max(arithmetic_ms, memory_ms),
+            "bound": "arithmetic" if arithmetic_ms >= memory_ms else "memory",
+            "flop_per_byte": w["tflop"] * 1e3 / max(w["weights_gb"] + w["kv_gb"], 1e-12),
+        }
+
+    out = {"start": stage_floor(work["start"])}
+    for chunk in ("first_chunk", "steady_chunk"):
+        stages = {name: stage_floor(w) for name, w in work[chunk]["stages"].items()}
+        total = sum(s["floor_ms"] for s in stages.values())
+        out[chunk] = {
+            "stages": stages,
+            "floor_ms": total,
+            "tflop": sum(w["tflop"] for w in work[chunk]["stages"].values()),
+        }
+    out["first_chunk"]["floor_ms_from_start"] = out["start"]["floor_ms"] + out["first_chunk"]["floor_ms"]
+    steady = out["steady_chunk"]
+    steady["fps_ceiling"] = work["steady_chunk"]["frames"] / (steady["floor_ms"] / 1e3)
+    # the share of the matrix rate a whole chunk would have to sustain for the target
+    steady["matmul_rate_needed_for_target"] = target_fps / steady["fps_ceiling"]
+    return out
+
+
+def flops_by_kind(stages: dict) -> dict:
+    """TFLOP per chunk in matrix products (linear layers), attention and convolutions."""
+    return {kind: sum(w["tflop_by_kind"][kind] for w in stages.values()) for kind in _KINDS}
+
+
+def measure_ceilings(device, dtype, repeats: int = 10) -> dict:
+    """This device's matrix rate (one large product, random data) and copy bandwidth (read + write)."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    n = 8192 if cuda else 1024
+    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
+
+    def best_seconds(fn):
+        for _ in range(3):
+            fn()
+        sync()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    matmul_s = best_seconds(lambda: a @ b)
+    src = torch.empty((2 << 30) if cuda else (256 << 20), dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    copy_s = best_seconds(lambda: dst.copy_(src))
+    return {
+        "matmul_tflop_per_s": 2 * n**3 / matmul_s / 1e12,
+        "copy_gb_per_s": 2 * src.numel() / copy_s / 1e9,
+        "source": f"measured: {n}^3 {str(dtype).removeprefix('torch.')} product, "
+        f"{src.numel() >> 20} MiB copy, medians of {repeats}",
+    }
+
+
+def rounded(x, digits=3):
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, float):
+        return float(f"{x:.{digits + 1}g}")
+    return x
+
+
+def report(work: dict, ceilings: dict, target_fps: float = TARGET_FPS) -> dict:
+    """work + floor under these ceilings, rounded for reading."""
+    fl = floor(work, ceilings["matmul_tflop_per_s"], ceilings["copy_gb_per_s"], target_fps)
+    return rounded(
+        {
+            "ceilings": ceilings,
+            "work": work,
+            "floor": fl,
+            "steady_chunk_tflop_by_kind": flops_by_kind(work["steady_chunk"]["stages"]),
+            "fps_ceiling": fl["steady_chunk"]["fps_ceiling"],
+            "first_chunk_floor_ms": fl["first_chunk"]["floor_ms_from_start"],
+        }
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="wan2.1-1.3b", help="wan2.1-1.3b (random weights) or a streamgen model")
+    p.add_argument("--height", type=int, help="default: 480 for wan2.1-1.3b, else the model's own")
+    p.add_argument("--width", type=int, help="default: 832 for wan2.1-1.3b, else the model's own")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--text-tokens", type=int, default=512, help="wan2.1-1.3b: text context length (T5's)")
+    p.add_argument("--device", help="where to count: default meta for wan2.1-1.3b (shapes only), else cpu")
+    p.add_argument("--measure", action="store_true", help="measure this machine's ceilings (else an H200's)")
+    p.add_argument("--matmul-tflops", type=float, default=H200_MATMUL_TFLOPS)
+    p.add_argument("--copy-gbps", type=float, default=H200_COPY_GBPS)
+    p.add_argument(
+        "--target-fps", type=float, help=f"default: {TARGET_FPS} for wan2.1-1.3b (issue 6), else 25"
+    )
+
+
+def main(args) -> dict:
+    from bench.gpu import build_model, start_stream  # here: bench.gpu imports this module
+    from streamgen.cli import UserError
+    from streamgen.models import load_model
+
+    started = time.perf_counter()
+    wan = args.model == "wan2.1-1.3b"
+    device = args.device or ("meta" if wan else "cpu")
+    if args.measure and device == "meta":
+        raise UserError("--measure needs a real device (--device cuda or cpu), not meta")
+    context = None
+    if wan:
+        dtype = torch.bfloat16
+        height, width = args.height or 480, args.width or 832
+        model = build_model("wan2.1-1.3b", height, width, device, dtype, quick=False, backend="sdpa")
+        context = torch.zeros(1, args.text_tokens, model.cfg.text_dim, device=device, dtype=dtype)
+    else:
+        dtype = torch.float32
+        try:
+            model = load_model(args.model, device=device, dtype=dtype)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(str(e)) from None
+        height, width = args.height or model.height, args.width or model.width
+    try:
+        session = StreamSession(model, height, width, steps=args.steps, device=device, dtype=dtype)
+    except ValueError as e:  # a teacher, or a size the model cannot take
+        raise UserError(str(e)) from None
+    # enough speech for every chunk up to the full ring, so no chunk is silent
+    speech_s = (model.cfg.window_frames // model.cfg.frames_per_chunk + 3) * session.chunk_seconds
+    work = chunk_work(session, lambda: start_stream(session, context, speech_s), session.steps)
+    target_fps = args.target_fps or (TARGET_FPS if wan else VIDEO_FPS)
+    if args.measure:
+        ceilings = measure_ceilings(device, dtype)
+    else:
+        given = (args.matmul_tflops, args.copy_gbps) != (H200_MATMUL_TFLOPS, H200_COPY_GBPS)
+        ceilings = {
+            "matmul_tflop_per_s": args.matmul_tflops,
+            "copy_gb_per_s": args.copy_gbps,
+            "source": "given"
+            if given
+            else "an H200 as measured on the lent machines (device tool, KINDS.md)",
+        }
+    result = {
+        "model": args.model,
+        "height": height,
+        "width": width,
+        "steps": session.steps,
+        "dtype": str(dtype).removeprefix("torch."),
+        "counted_on": device,
+        "stages": list(CHUNK_STAGES),
+        **report(work, ceilings, target_fps),
+        "target_fps": target_fps,
+    }
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+if __name__ == "__main__":
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    print(json.dumps(main(parser.parse_args())))

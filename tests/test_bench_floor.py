@@ -1,0 +1,137 @@
+"""bench/floor.py: the work of each stage of a chunk, counted, and the floor it sets."""
+
+import json
+
+import pytest
+import torch
+from cli_helpers import streamgen
+from torch import nn
+
+from bench import floor, gpu
+from streamgen.stream import CHUNK_STAGES, StreamSession
+
+STEPS = 4
+
+
+def counted(device):
+    model = gpu.build_model("wan2.1-1.3b", 64, 96, device, torch.float32, quick=True, backend="sdpa")
+    session = StreamSession(model, steps=STEPS, device=device, dtype=torch.float32)
+    context = torch.zeros(1, 8, model.cfg.text_dim, device=device)
+    return model, floor.chunk_work(session, lambda: gpu.start_stream(session, context, 10.0), STEPS)
+
+
+@pytest.fixture(scope="module")
+def on_cpu():
+    return counted("cpu")
+
+
+def test_counting_on_the_meta_device_gives_what_running_gives(on_cpu):
+    # the wan2.1-1.3b floor is counted on meta (no values); here both run the same small model
+    _, on_meta = counted("meta")
+    _, real = on_cpu
+    assert on_meta == real
+
+
+def test_attention_is_counted_over_the_sink_the_chunk_and_the_filled_ring(on_cpu):
+    model, work = on_cpu
+    cfg = model.cfg
+    tokens_per_frame = (64 // 8 // cfg.patch_size[1]) * (96 // 8 // cfg.patch_size[2])
+    q = cfg.frames_per_chunk * tokens_per_frame
+    dim = cfg.num_heads * cfg.head_dim
+
+    def self_attention_tflop(key_frames):  # QK^T and PV, a multiply-add counting two
+        return 4 * q * key_frames * tokens_per_frame * dim * cfg.num_layers / 1e12
+
+    def attention(stage):
+        return stage["tflop_by_kind"]["attention"]
+
+    def cross_attention(chunk):  # text and audio: the same in every chunk
+        return attention(work[chunk]["stages"]["reencode"]) - self_attention_tflop(
+            cfg.sink_frames + cfg.frames_per_chunk + (cfg.window_frames if chunk == "steady_chunk" else 0)
+        )
+
+    first, steady = work["first_chunk"]["stages"], work["steady_chunk"]["stages"]
+    assert cross_attention("first_chunk") == pytest.approx(cross_attention("steady_chunk"))
+    ring_tflop = self_attention_tflop(cfg.window_frames)
+    assert attention(steady["denoise"]) - attention(first["denoise"]) == pytest.approx(STEPS * ring_tflop)
+    assert attention(steady["reencode"]) - attention(first["reencode"]) == pytest.approx(ring_tflop)
+    # the steps and the re-encode are the same forward: one re-encode is a quarter of 4 steps
+    assert steady["denoise"]["tflop"] == pytest.approx(STEPS * steady["reencode"]["tflop"])
+    # the Wan VAE decodes 1 frame from the first latent frame and 4 from each after it
+    assert (work["first_chunk"]["frames"], work["steady_chunk"]["frames"]) == (9, 12)
+    assert set(steady) == set(CHUNK_STAGES) - {"to_host"}
+
+
+def test_the_cache_reads_follow_the_ring(on_cpu):
+    model, work = on_cpu
+    first, steady = work["first_chunk"]["stages"], work["steady_chunk"]["stages"]
+    cfg = model.cfg
+    key_frames = cfg.sink_frames + cfg.frames_per_chunk
+    ratio = (key_frames + cfg.window_frames) / key_frames
+    assert steady["reencode"]["kv_gb"] == pytest.approx(ratio * first["reencode"]["kv_gb"])
+    assert steady["denoise"]["kv_gb"] == pytest.approx(STEPS * steady["reencode"]["kv_gb"])
+    assert steady["decode"]["kv_gb"] == 0 and steady["decode"]["weights_gb"] > 0
+
+
+def test_weights_are_counted_once_however_often_they_are_used():
+    used, unused = nn.Linear(8, 8), nn.Linear(8, 1000)
+    _, work = floor.count(lambda: used(used(torch.randn(2, 8))))
+    assert work["weights_gb"] * 1e9 == pytest.approx((64 + 8) * 4)
+    assert work["tflop"] * 1e12 == 2 * (2 * 2 * 8 * 8)
+    del unused
+
+
+def synthetic_work(tflop, weights_gb, frames=12):
+    stage = {"tflop": tflop, "weights_gb": weights_gb, "kv_gb": 0.0, "tflop_by_kind": {}}
+    return {
+        "start": stage,
+        "first_chunk": {"frames": frames, "stages": {"denoise": stage}},
+        "steady_chunk": {"frames": frames, "stages": {"denoise": stage, "decode": stage}},
+    }
+
+
+def test_the_floor_is_the_larger_of_the_arithmetic_and_the_memory_time():
+    # 1 TFLOP per stage at 100 TFLOP/s: 10 ms; 10 GB at 1000 GB/s: 10 ms; either may bound
+    arithmetic = floor.floor(synthetic_work(1.0, 5.0), 100.0, 1000.0, target_fps=300)
+    assert arithmetic["steady_chunk"]["stages"]["denoise"] == {
+        "floor_ms": pytest.approx(10.0),
+        "bound": "arithmetic",
+        "flop_per_byte": pytest.approx(200.0),
+    }
+    assert arithmetic["steady_chunk"]["floor_ms"] == pytest.approx(20.0)
+    assert arithmetic["steady_chunk"]["fps_ceiling"] == pytest.approx(600.0)  # 12 frames in 20 ms
+    assert arithmetic["steady_chunk"]["matmul_rate_needed_for_target"] == pytest.approx(0.5)
+    assert arithmetic["first_chunk"]["floor_ms_from_start"] == pytest.approx(20.0)
+    memory = floor.floor(synthetic_work(1.0, 20.0), 100.0, 1000.0)
+    assert memory["steady_chunk"]["stages"]["decode"]["bound"] == "memory"
+    assert memory["steady_chunk"]["floor_ms"] == pytest.approx(40.0)
+
+
+def test_measured_ceilings_are_positive_rates():
+    ceilings = floor.measure_ceilings("cpu", torch.float32, repeats=2)
+    assert ceilings["matmul_tflop_per_s"] > 0 and ceilings["copy_gb_per_s"] > 0
+
+
+def test_command_line_for_the_shipped_model():
+    r = streamgen("bench", "floor", "--model", "tiny-avatar", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["counted_on"] == "cpu" and result["target_fps"] == 25
+    assert result["fps_ceiling"] > 0 and set(result["work"]["steady_chunk"]["stages"]) == set(
+        CHUNK_STAGES
+    ) - {"to_host"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--measure"], "--measure needs a real device (--device cuda or cpu), not meta"),
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--model", "tiny-avatar-teacher"], "is a bidirectional teacher"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_and_exit_code_2(args, message):
+    r = streamgen("bench", "floor", "--json", *args)
+    assert r.returncode == 2 and r.stdout == ""
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("streamgen bench: error: ") and message in line
