@@ -8,8 +8,9 @@ starting a stream (reference encode and sink), this counts
   convolution (`torch.utils.flop_counter`, a multiply-add counting two), and
   how they split between linear layers, attention and convolutions;
 - `weights_gb` + `kv_gb`: the fewest bytes the stage must move through device
-  memory: every weight it uses read once, and in the transformer's stages the
-  KV cache each cached forward attends to read once;
+  memory: every weight it uses read once per forward (the denoising steps run
+  one after the other), and in the transformer's stages the KV cache each
+  forward attends to read once;
 
 Over the device's matrix rate and copy bandwidth the FLOPs and the fewest bytes
 give two times; the larger is the stage's floor, and no implementation of the
@@ -74,10 +75,14 @@ def kv_read_bytes(cache) -> int:
     return sum(2 * tokens * layer.k[0, 0].numel() * layer.k.element_size() for layer in cache.layers)
 
 
-def count(fn, forwards_reading_cache: int = 0, cache=None):
-    """(fn(), its work): FLOPs by operator, the weights it reads, the KV cache its forwards read."""
+def count(fn, forwards: int = 1, cache=None):
+    """(fn(), its work): FLOPs by kind, the weights it reads, the KV cache its forwards read.
+
+    `forwards`: how many times fn runs the model one after the other (the denoising steps), each
+    reading every weight again (a 1.3B model's weights do not stay in a GPU's cache);
+    `cache`: the KV cache each of them attends to."""
     # read before fn runs: a re-encode advances the ring it attended to
-    kv = forwards_reading_cache * kv_read_bytes(cache) if forwards_reading_cache else 0
+    kv = forwards * kv_read_bytes(cache) if cache is not None else 0
     flops, weights = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION), WeightReads()
     with flops, weights:
         result = fn()
@@ -86,7 +91,7 @@ def count(fn, forwards_reading_cache: int = 0, cache=None):
         by_kind[_kind(str(op))] += n / 1e12
     work = {
         "tflop": flops.get_total_flops() / 1e12,
-        "weights_gb": sum(weights.bytes.values()) / 1e9,
+        "weights_gb": forwards * sum(weights.bytes.values()) / 1e9,
         "kv_gb": kv / 1e9,
         "tflop_by_kind": by_kind,
     }
@@ -125,8 +130,10 @@ def _counted_chunk(session, steps) -> dict:
     def observe(stage, fn):
         if stage == "to_host":
             return None
-        reads = {"denoise": steps, "reencode": 1}.get(stage, 0)  # cached forwards in the stage
-        result, stages[stage] = count(fn, reads, session.cache)
+        if stage in ("denoise", "reencode"):  # forwards of the transformer against the cache
+            result, stages[stage] = count(fn, steps if stage == "denoise" else 1, session.cache)
+        else:
+            result, stages[stage] = count(fn)
         if stage == "decode":
             nonlocal frames_per_chunk
             frames_per_chunk = result.shape[0]
@@ -225,16 +232,60 @@ def report(work: dict, ceilings: dict, target_fps: float = TARGET_FPS) -> dict:
     )
 
 
+def plot(results: list[dict], path) -> None:
+    """One bar per result: its steady chunk's floor stacked by stage, against the time a chunk
+    may take at the target frame rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.6 * len(results)), layout="constrained")
+    labels = [
+        f"{r['model']} {r['width']}x{r['height']}, {r['steps']} steps, window {r['window_frames']}"
+        for r in results
+    ]
+    counted = [stage for stage in CHUNK_STAGES if stage != "to_host"]  # the copy is timed, not counted
+    steady = [r["floor"]["steady_chunk"]["stages"] for r in results]
+    left = [0.0] * len(results)
+    for stage, color in zip(counted, ("tab:purple", "tab:blue", "tab:cyan", "tab:orange")):
+        widths = [stages.get(stage, {}).get("floor_ms", 0.0) for stages in steady]
+        ax.barh(labels, widths, left=left, color=color, label=stage)
+        left = [a + b for a, b in zip(left, widths)]
+    for y, r in enumerate(results):
+        budget_ms = r["work"]["steady_chunk"]["frames"] / r["target_fps"] * 1000
+        ax.plot([budget_ms] * 2, [y - 0.4, y + 0.4], color="tab:red")
+        ax.text(
+            r["floor"]["steady_chunk"]["floor_ms"],
+            y,
+            f" {r['fps_ceiling']:.0f} FPS at best",
+            va="center",
+            fontsize=8,
+        )
+    ax.plot([], [], color="tab:red", label="a chunk's time at the target fps")
+    rates = {(r["ceilings"]["matmul_tflop_per_s"], r["ceilings"]["copy_gb_per_s"]) for r in results}
+    ax.set_xlabel(
+        "floor of one steady chunk, ms (" + "; ".join(f"{m:g} TFLOP/s, {c:g} GB/s" for m, c in rates) + ")"
+    )
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.2 * max(ax.get_xlim()[1], *(r["floor"]["steady_chunk"]["floor_ms"] for r in results)))
+    fig.legend(fontsize=8, loc="outside lower center", ncol=6)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="wan2.1-1.3b", help="wan2.1-1.3b (random weights) or a streamgen model")
     p.add_argument("--height", type=int, help="default: 480 for wan2.1-1.3b, else the model's own")
     p.add_argument("--width", type=int, help="default: 832 for wan2.1-1.3b, else the model's own")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--text-tokens", type=int, default=512, help="wan2.1-1.3b: text context length (T5's)")
+    p.add_argument("--window", type=int, default=21, help="wan2.1-1.3b: latent frames in the ring")
     p.add_argument("--device", help="where to count: default meta for wan2.1-1.3b (shapes only), else cpu")
     p.add_argument("--measure", action="store_true", help="measure this machine's ceilings (else an H200's)")
     p.add_argument("--matmul-tflops", type=float, default=H200_MATMUL_TFLOPS)
     p.add_argument("--copy-gbps", type=float, default=H200_COPY_GBPS)
+    p.add_argument("--plot", help="write the steady chunk's floor by stage to this PNG")
     p.add_argument(
         "--target-fps", type=float, help=f"default: {TARGET_FPS} for wan2.1-1.3b (issue 6), else 25"
     )
@@ -254,7 +305,7 @@ def main(args) -> dict:
     if wan:
         dtype = torch.bfloat16
         height, width = args.height or 480, args.width or 832
-        model = build_model("wan2.1-1.3b", height, width, device, dtype, quick=False, backend="sdpa")
+        model = build_model("wan2.1-1.3b", height, width, device, dtype, False, "sdpa", args.window)
         context = torch.zeros(1, args.text_tokens, model.cfg.text_dim, device=device, dtype=dtype)
     else:
         dtype = torch.float32
@@ -287,6 +338,7 @@ def main(args) -> dict:
         "height": height,
         "width": width,
         "steps": session.steps,
+        "window_frames": model.cfg.window_frames,
         "dtype": str(dtype).removeprefix("torch."),
         "counted_on": device,
         "stages": list(CHUNK_STAGES),
@@ -294,6 +346,8 @@ def main(args) -> dict:
         "target_fps": target_fps,
     }
     result["seconds"] = round(time.perf_counter() - started, 1)
+    if args.plot:
+        plot([result], args.plot)
     return result
 
 

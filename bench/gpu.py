@@ -14,10 +14,15 @@ frames to the host. Each variant warms up past the first chunk that sees a
 full ring (every attention length compiled or autotuned), then restarts the
 stream and times it.
 
-In the order they run (`--budget` skips what would start after it; `--out`
-keeps what finished if the run is killed): the fused Triton kernels with SDPA
-and with our attention kernel, the PyTorch references (same model code,
-`kernels` dispatch); the kernel micro-benchmarks (`bench/kernels.py`); then
+First it measures this device's ceilings (a large bf16 matrix product, a
+device-to-device copy). In the order they run (`--budget` skips what would
+start after it; `--out` keeps what finished if the run is killed): the fused
+Triton kernels with SDPA and with our attention kernel, the PyTorch references
+(same model code, `kernels` dispatch); `stages`, the default configuration
+stage by stage (audio, denoise, re-encode, decode, copy to the host), each
+against the floor its counted work sets under those ceilings (bench/floor.py;
+every variant also gets `of_floor`, its steady chunk's floor over its time);
+the kernel micro-benchmarks (`bench/kernels.py`); then
 the variants slowest to prepare: CUDA graphs of each block (dynamo capture,
 no Inductor; `cudagraph_skips` counts the graphs it could not capture),
 FlexAttention, and Inductor-compiled blocks (dynamic shapes after the first
@@ -47,13 +52,13 @@ from streamgen.models import AvatarModel
 from streamgen.stream import CHUNK_STAGES, StreamSession
 
 
-def build_model(flavor, height, width, device, dtype, quick, backend) -> AvatarModel:
+def build_model(flavor, height, width, device, dtype, quick, backend, window_frames=21) -> AvatarModel:
     from diffusers import AutoencoderKLWan
 
     from streamgen.model.vae import WanVAE
 
     torch.manual_seed(0)
-    cfg = get_config(flavor, frames_per_chunk=3, window_frames=21, attn_backend=backend)
+    cfg = get_config(flavor, frames_per_chunk=3, window_frames=window_frames, attn_backend=backend)
     if quick:
         cfg = get_config("debug", frames_per_chunk=3, window_frames=6, attn_backend=backend, in_channels=4)
     with torch.device(device):

@@ -70,6 +70,8 @@ def test_the_cache_reads_follow_the_ring(on_cpu):
     ratio = (key_frames + cfg.window_frames) / key_frames
     assert steady["reencode"]["kv_gb"] == pytest.approx(ratio * first["reencode"]["kv_gb"])
     assert steady["denoise"]["kv_gb"] == pytest.approx(STEPS * steady["reencode"]["kv_gb"])
+    # every step reads every weight again, the re-encode's too
+    assert steady["denoise"]["weights_gb"] == pytest.approx(STEPS * steady["reencode"]["weights_gb"])
     assert steady["decode"]["kv_gb"] == 0 and steady["decode"]["weights_gb"] > 0
 
 
