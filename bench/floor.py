@@ -10,7 +10,7 @@ starting a stream (reference encode and sink), this counts
 - `weights_gb` + `kv_gb`: the fewest bytes the stage must move through device
   memory: every weight it uses read once per forward (the denoising steps run
   one after the other), and in the transformer's stages the KV cache each
-  forward attends to read once;
+  forward attends to read once.
 
 Over the device's matrix rate and copy bandwidth the FLOPs and the fewest bytes
 give two times; the larger is the stage's floor, and no implementation of the
@@ -185,7 +185,7 @@ def measure_ceilings(device, dtype, repeats: int = 10) -> dict:
     n = 8192 if cuda else 1024
     a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
 
-    def best_seconds(fn):
+    def median_seconds(fn):
         for _ in range(3):
             fn()
         sync()
@@ -197,10 +197,10 @@ def measure_ceilings(device, dtype, repeats: int = 10) -> dict:
             times.append(time.perf_counter() - t)
         return float(np.median(times))
 
-    matmul_s = best_seconds(lambda: a @ b)
+    matmul_s = median_seconds(lambda: a @ b)
     src = torch.empty((2 << 30) if cuda else (256 << 20), dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    copy_s = best_seconds(lambda: dst.copy_(src))
+    copy_s = median_seconds(lambda: dst.copy_(src))
     return {
         "matmul_tflop_per_s": 2 * n**3 / matmul_s / 1e12,
         "copy_gb_per_s": 2 * src.numel() / copy_s / 1e9,
@@ -210,6 +210,7 @@ def measure_ceilings(device, dtype, repeats: int = 10) -> dict:
 
 
 def rounded(x, digits=3):
+    """Floats (in nested dicts too) to digits + 1 significant digits, for reading."""
     if isinstance(x, dict):
         return {k: rounded(v, digits) for k, v in x.items()}
     if isinstance(x, float):
