@@ -45,10 +45,12 @@ from streamgen.stream import CHUNK_STAGES, StreamSession
 H200_MATMUL_TFLOPS = 790.0  # KINDS.md: bf16 8192^3 on random data, two machines, 2026-10-28 and 11-04
 H200_COPY_GBPS = 4300.0  # KINDS.md: device-to-device copy, bytes read + written
 TARGET_FPS = 34  # issue 6: wan2.1-1.3b, 832x480, 4 steps on one H200
+WAN_FLAVORS = ("wan2.1-1.3b", "wan2.1-14b")  # random weights, counted on the meta device
 
 
 class WeightReads(TorchDispatchMode):
-    """The weights (parameters) the ops under it use, each counted once."""
+    """The weights (parameters) the ops under it use, each counted once. A weight that only a
+    Triton kernel reads is not seen (on a GPU: the q/k RMSNorm scales, 0.01% of the bytes)."""
 
     def __init__(self):
         super().__init__()
@@ -276,19 +278,21 @@ def plot(results: list[dict], path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="wan2.1-1.3b", help="wan2.1-1.3b (random weights) or a streamgen model")
-    p.add_argument("--height", type=int, help="default: 480 for wan2.1-1.3b, else the model's own")
-    p.add_argument("--width", type=int, help="default: 832 for wan2.1-1.3b, else the model's own")
+    p.add_argument("--model", default="wan2.1-1.3b", help=f"{' or '.join(WAN_FLAVORS)}, or a streamgen model")
+    p.add_argument("--height", type=int, help="default: 480 for the Wan flavors, else the model's own")
+    p.add_argument("--width", type=int, help="default: 832 for the Wan flavors, else the model's own")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--text-tokens", type=int, default=512, help="wan2.1-1.3b: text context length (T5's)")
-    p.add_argument("--window", type=int, default=21, help="wan2.1-1.3b: latent frames in the ring")
-    p.add_argument("--device", help="where to count: default meta for wan2.1-1.3b (shapes only), else cpu")
+    p.add_argument("--text-tokens", type=int, default=512, help="Wan: text context length (T5's)")
+    p.add_argument("--window", type=int, default=21, help="Wan: latent frames in the ring")
+    p.add_argument(
+        "--device", help="where to count: default meta for the Wan flavors (shapes only), else cpu"
+    )
     p.add_argument("--measure", action="store_true", help="measure this machine's ceilings (else an H200's)")
     p.add_argument("--matmul-tflops", type=float, default=H200_MATMUL_TFLOPS)
     p.add_argument("--copy-gbps", type=float, default=H200_COPY_GBPS)
     p.add_argument("--plot", help="write the steady chunk's floor by stage to this PNG")
     p.add_argument(
-        "--target-fps", type=float, help=f"default: {TARGET_FPS} for wan2.1-1.3b (issue 6), else 25"
+        "--target-fps", type=float, help=f"default: {TARGET_FPS} for the Wan flavors (issue 6), else 25"
     )
 
 
@@ -298,7 +302,7 @@ def main(args) -> dict:
     from streamgen.models import load_model
 
     started = time.perf_counter()
-    wan = args.model == "wan2.1-1.3b"
+    wan = args.model in WAN_FLAVORS
     device = args.device or ("meta" if wan else "cpu")
     if args.measure and device == "meta":
         raise UserError("--measure needs a real device (--device cuda or cpu), not meta")
@@ -306,7 +310,7 @@ def main(args) -> dict:
     if wan:
         dtype = torch.bfloat16
         height, width = args.height or 480, args.width or 832
-        model = build_model("wan2.1-1.3b", height, width, device, dtype, False, "sdpa", args.window)
+        model = build_model(args.model, height, width, device, dtype, False, "sdpa", args.window)
         context = torch.zeros(1, args.text_tokens, model.cfg.text_dim, device=device, dtype=dtype)
     else:
         dtype = torch.float32

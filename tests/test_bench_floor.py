@@ -137,3 +137,17 @@ def test_command_line_mistakes_are_one_line_and_exit_code_2(args, message):
     assert r.returncode == 2 and r.stdout == ""
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("streamgen bench: error: ") and message in line
+
+
+@pytest.mark.slow
+def test_command_line_for_wan_counts_on_the_meta_device():
+    # the real flavor at a small size and a one-chunk ring, so it runs in seconds
+    args = ("--height", "64", "--width", "96", "--window", "3", "--text-tokens", "8")
+    r = streamgen("bench", "floor", "--json", *args)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert (result["model"], result["counted_on"], result["dtype"]) == ("wan2.1-1.3b", "meta", "bfloat16")
+    assert result["window_frames"] == 3 and result["target_fps"] == floor.TARGET_FPS
+    assert result["ceilings"]["matmul_tflop_per_s"] == floor.H200_MATMUL_TFLOPS
+    steady = result["work"]["steady_chunk"]
+    assert steady["frames"] == 12 and steady["stages"]["denoise"]["tflop_by_kind"]["attention"] > 0
