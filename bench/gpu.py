@@ -406,9 +406,9 @@ def plot(result: dict, path) -> None:
 
     timed = {k: v for k, v in result["variants"].items() if "fps" in v}
     kernel_cases = (result.get("kernels") or {}).get("kernels") or {}
-    fig, axes = plt.subplots(
-        2 if kernel_cases else 1, 2, figsize=(12, 8 if kernel_cases else 4), squeeze=False
-    )
+    stages = (result.get("stages") or {}).get("stages") or {}
+    rows = 1 + bool(kernel_cases) + bool(stages)
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 4 * rows), squeeze=False)
     (fps_ax, chunks_ax) = axes[0]
     names = list(timed)
     fps_ax.barh(names, [timed[n]["fps_steady"] for n in names], color="tab:blue")
@@ -428,6 +428,8 @@ def plot(result: dict, path) -> None:
     chunks_ax.legend(fontsize=7)
     if kernel_cases:
         _plot_kernels(axes[1], kernel_cases, (result["kernels"].get("copy") or {}).get("gb_per_s"))
+    if stages:
+        _plot_stages(axes[-1], stages, result.get("ceilings") or {})
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -452,6 +454,26 @@ def _plot_kernels(axes, cases: dict, copy_gb_per_s) -> None:
         bandwidth_ax.axvline(copy_gb_per_s, color="grey", ls="--")
     bandwidth_ax.set_title("memory-bound kernels (dashed: this device's copy rate)")
     attention_ax.set_title("attention")
+
+
+def _plot_stages(axes, stages: dict, ceilings: dict) -> None:
+    """Each stage of a steady chunk: measured time against its floor, and the matrix rate it achieved."""
+    time_ax, rate_ax = axes
+    names = list(stages)
+    y = np.arange(len(names))
+    time_ax.barh(y - 0.2, [stages[n]["ms_p50"] for n in names], height=0.4, label="measured (p50)")
+    time_ax.barh(y + 0.2, [stages[n].get("floor_ms", 0.0) for n in names], height=0.4, label="floor")
+    time_ax.set_yticks(y, names)
+    time_ax.invert_yaxis()
+    time_ax.set_xlabel("ms per steady chunk")
+    time_ax.set_title("where a chunk's time goes (sdpa + fused kernels)")
+    time_ax.legend(fontsize=8)
+    counted = [n for n in names if "tflop_per_s" in stages[n]]
+    rate_ax.barh(counted, [stages[n]["tflop_per_s"] for n in counted], color="tab:green")
+    if ceilings.get("matmul_tflop_per_s"):
+        rate_ax.axvline(ceilings["matmul_tflop_per_s"], color="grey", ls="--")
+    rate_ax.invert_yaxis()
+    rate_ax.set_xlabel("TFLOP/s achieved (dashed: this device's matrix rate)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
