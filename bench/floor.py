@@ -179,13 +179,13 @@ def flops_by_kind(stages: dict) -> dict:
     return {kind: sum(w["tflop_by_kind"][kind] for w in stages.values()) for kind in _KINDS}
 
 
-def measure_ceilings(device, dtype, repeats: int = 10) -> dict:
-    """This device's matrix rate (one large product, random data) and copy bandwidth (read + write)."""
+def measure_ceilings(device, dtypes, repeats: int = 10) -> dict:
+    """This device's matrix rate (one large product on random data, in the fastest of `dtypes`:
+    the floor is a bound for any of them) and copy bandwidth (bytes read + written)."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     n = 8192 if cuda else 1024
-    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
 
     def median_seconds(fn):
         for _ in range(3):
@@ -199,15 +199,18 @@ def measure_ceilings(device, dtype, repeats: int = 10) -> dict:
             times.append(time.perf_counter() - t)
         return float(np.median(times))
 
-    matmul_s = median_seconds(lambda: a @ b)
+    rates = {}
+    for dtype in dict.fromkeys(dtypes):
+        a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
+        rates[str(dtype).removeprefix("torch.")] = 2 * n**3 / median_seconds(lambda a=a, b=b: a @ b) / 1e12
     src = torch.empty((2 << 30) if cuda else (256 << 20), dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
     copy_s = median_seconds(lambda: dst.copy_(src))
     return {
-        "matmul_tflop_per_s": 2 * n**3 / matmul_s / 1e12,
+        "matmul_tflop_per_s": max(rates.values()),
+        "matmul_tflop_per_s_by_dtype": rates,
         "copy_gb_per_s": 2 * src.numel() / copy_s / 1e9,
-        "source": f"measured: {n}^3 {str(dtype).removeprefix('torch.')} product, "
-        f"{src.numel() >> 20} MiB copy, medians of {repeats}",
+        "source": f"measured: {n}^3 products, {src.numel() >> 20} MiB copy, medians of {repeats}",
     }
 
 
@@ -233,6 +236,41 @@ def report(work: dict, ceilings: dict, target_fps: float = TARGET_FPS) -> dict:
             "first_chunk_floor_ms": fl["first_chunk"]["floor_ms_from_start"],
         }
     )
+
+
+def timed_report(session: StreamSession, work: dict, ceilings: dict, chunks: int, target_fps=TARGET_FPS):
+    """`report`, plus each stage of `chunks` more chunks of `session` (its ring full, as
+    `chunk_work` leaves it) timed, synchronised around each stage, against its floor:
+    `of_floor` is the floor over the measured time, `tflop_per_s` the rate achieved."""
+    sync = torch.cuda.synchronize if session.device.type == "cuda" else (lambda: None)
+    times = {stage: [] for stage in CHUNK_STAGES}
+
+    def timed(stage, fn):
+        sync()
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        times[stage].append(time.perf_counter() - t)
+        return out
+
+    for _ in range(chunks):
+        session.next_chunk(observe=timed)
+    result = report(work, ceilings, target_fps)
+    stages = {}
+    for stage, seconds in times.items():
+        ms = float(np.median(seconds)) * 1000
+        stages[stage] = {"ms_p50": ms}
+        w = work["steady_chunk"]["stages"].get(stage)
+        if w is not None:  # the copy to the host is timed, not counted
+            stage_floor = result["floor"]["steady_chunk"]["stages"][stage]["floor_ms"]
+            stages[stage].update(
+                tflop=w["tflop"],
+                tflop_per_s=w["tflop"] / (ms / 1000),
+                floor_ms=stage_floor,
+                of_floor=stage_floor / ms,
+            )
+    chunk_ms = sum(s["ms_p50"] for s in stages.values())
+    return {"stages": rounded(stages), "chunk_ms_p50_sum": round(chunk_ms, 1), **result}
 
 
 def plot(results: list[dict], path) -> None:
@@ -292,6 +330,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--copy-gbps", type=float, default=H200_COPY_GBPS)
     p.add_argument("--plot", help="write the steady chunk's floor by stage to this PNG")
     p.add_argument(
+        "--time",
+        type=int,
+        default=0,
+        metavar="CHUNKS",
+        help="also time each stage over CHUNKS chunks against this device's measured floor",
+    )
+    p.add_argument(
         "--target-fps", type=float, help=f"default: {TARGET_FPS} for the Wan flavors (issue 6), else 25"
     )
 
@@ -304,8 +349,9 @@ def main(args) -> dict:
     started = time.perf_counter()
     wan = args.model in WAN_FLAVORS
     device = args.device or ("meta" if wan else "cpu")
-    if args.measure and device == "meta":
-        raise UserError("--measure needs a real device (--device cuda or cpu), not meta")
+    for flag, given in (("--measure", args.measure), ("--time", args.time)):
+        if given and device == "meta":
+            raise UserError(f"{flag} needs a real device (--device cuda or cpu), not meta")
     context = None
     if wan:
         dtype = torch.bfloat16
@@ -327,8 +373,10 @@ def main(args) -> dict:
     speech_s = (model.cfg.window_frames // model.cfg.frames_per_chunk + 3) * session.chunk_seconds
     work = chunk_work(session, lambda: start_stream(session, context, speech_s), session.steps)
     target_fps = args.target_fps or (TARGET_FPS if wan else VIDEO_FPS)
-    if args.measure:
-        ceilings = measure_ceilings(device, dtype)
+    if args.measure or args.time:  # times on this device go against this device's floor
+        # every dtype the session computes in (the tiny models decode in bf16 on CPUs with AMX)
+        used = {p.dtype for module in (session.dit, session.vae) for p in module.parameters()}
+        ceilings = measure_ceilings(device, sorted(used, key=str))
     else:
         given = (args.matmul_tflops, args.copy_gbps) != (H200_MATMUL_TFLOPS, H200_COPY_GBPS)
         ceilings = {
@@ -347,7 +395,11 @@ def main(args) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "counted_on": device,
         "stages": list(CHUNK_STAGES),
-        **report(work, ceilings, target_fps),
+        **(
+            timed_report(session, work, ceilings, args.time, target_fps)
+            if args.time
+            else report(work, ceilings, target_fps)
+        ),
         "target_fps": target_fps,
     }
     result["seconds"] = round(time.perf_counter() - started, 1)

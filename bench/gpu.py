@@ -50,7 +50,7 @@ from bench import floor
 from streamgen.model.config import get_config
 from streamgen.model.model import DiT
 from streamgen.models import AvatarModel
-from streamgen.stream import CHUNK_STAGES, StreamSession
+from streamgen.stream import StreamSession
 
 
 def build_model(flavor, height, width, device, dtype, quick, backend, window_frames=21) -> AvatarModel:
@@ -143,43 +143,15 @@ def stream_speed(model, steps, chunks, warmup_chunks, device, dtype, text_tokens
 
 
 def stage_breakdown(model, steps, chunks, device, dtype, text_tokens, ceilings) -> dict:
-    """Where a chunk's time goes: each stage's work counted (bench/floor.py) once the ring is
-    full, then timed over `chunks` chunks (synchronised around each stage), against its floor
-    under the ceilings measured in this run."""
+    """Where a chunk's time goes: each stage's work counted once the ring is full, then timed over
+    `chunks` chunks against its floor under the ceilings measured in this run (bench/floor.py)."""
     session = StreamSession(model, steps=steps, device=device, dtype=dtype)
     context = torch.randn(1, text_tokens, model.cfg.text_dim, device=device, dtype=dtype)
     work = floor.chunk_work(session, lambda: start_stream(session, context), steps)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    times = {stage: [] for stage in CHUNK_STAGES}
-
-    def timed(stage, fn):
-        sync()
-        t = time.perf_counter()
-        out = fn()
-        sync()
-        times[stage].append(time.perf_counter() - t)
-        return out
-
-    for _ in range(chunks):
-        session.next_chunk(observe=timed)
-    session.close()
-    report = floor.report(work, ceilings)
-    stages = {}
-    for stage, seconds in times.items():
-        ms = float(np.median(seconds)) * 1000
-        entry = {"ms_p50": ms}
-        w = work["steady_chunk"]["stages"].get(stage)
-        if w is not None:  # the copy to the host is timed, not counted
-            stage_floor = report["floor"]["steady_chunk"]["stages"][stage]["floor_ms"]
-            entry.update(
-                tflop=w["tflop"],
-                tflop_per_s=w["tflop"] / (ms / 1000),
-                floor_ms=stage_floor,
-                of_floor=stage_floor / ms,
-            )
-        stages[stage] = entry
-    chunk_ms = sum(s["ms_p50"] for s in stages.values())
-    return {"stages": floor.rounded(stages), "chunk_ms_p50_sum": round(chunk_ms, 1), **report}
+    try:
+        return floor.timed_report(session, work, ceilings, chunks)
+    finally:
+        session.close()
 
 
 def write_partial(result: dict, path: str | None) -> None:
@@ -333,7 +305,7 @@ def run(
         torch.backends.cudnn.allow_tf32 = True
     variant = lambda name, fn, budget=budget_s: _variant(name, fn, budget, started, result, out)  # noqa: E731
     # this device's matrix rate and copy bandwidth: the ceilings of the floor below
-    result["ceilings"] = floor.rounded(floor.measure_ceilings(device, dtype))
+    result["ceilings"] = floor.rounded(floor.measure_ceilings(device, [dtype]))
     try:
         model = build_model("wan2.1-1.3b", height, width, device, dtype, quick, "sdpa")
     except Exception as e:  # e.g. diffusers missing on a bare GPU image: say so, and still time the kernels

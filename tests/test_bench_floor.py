@@ -110,15 +110,22 @@ def test_the_floor_is_the_larger_of_the_arithmetic_and_the_memory_time():
 
 
 def test_measured_ceilings_are_positive_rates():
-    ceilings = floor.measure_ceilings("cpu", torch.float32, repeats=2)
-    assert ceilings["matmul_tflop_per_s"] > 0 and ceilings["copy_gb_per_s"] > 0
+    ceilings = floor.measure_ceilings("cpu", [torch.float32, torch.bfloat16], repeats=2)
+    by_dtype = ceilings["matmul_tflop_per_s_by_dtype"]
+    assert set(by_dtype) == {"float32", "bfloat16"} and min(by_dtype.values()) > 0
+    assert ceilings["matmul_tflop_per_s"] == max(by_dtype.values()) and ceilings["copy_gb_per_s"] > 0
 
 
-def test_command_line_for_the_shipped_model():
-    r = streamgen("bench", "floor", "--model", "tiny-avatar", "--json")
+def test_command_line_for_the_shipped_model_counts_and_times_each_stage():
+    r = streamgen("bench", "floor", "--model", "tiny-avatar", "--time", "2", "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["counted_on"] == "cpu" and result["target_fps"] == 25
+    # timed here, so against this machine's ceilings, in every dtype the session computes in
+    assert result["ceilings"]["source"].startswith("measured")
+    assert "float32" in result["ceilings"]["matmul_tflop_per_s_by_dtype"]
+    assert list(result["stages"]) == list(CHUNK_STAGES)
+    assert all(s["of_floor"] > 0 for name, s in result["stages"].items() if name != "to_host")
     assert result["fps_ceiling"] > 0 and set(result["work"]["steady_chunk"]["stages"]) == set(
         CHUNK_STAGES
     ) - {"to_host"}
@@ -128,6 +135,7 @@ def test_command_line_for_the_shipped_model():
     "args, message",
     [
         (["--measure"], "--measure needs a real device (--device cuda or cpu), not meta"),
+        (["--time", "3"], "--time needs a real device (--device cuda or cpu), not meta"),
         (["--model", "no-such-model"], "unknown model 'no-such-model'"),
         (["--model", "tiny-avatar-teacher"], "is a bidirectional teacher"),
     ],
