@@ -349,6 +349,8 @@ def main(args) -> dict:
     started = time.perf_counter()
     wan = args.model in WAN_FLAVORS
     device = args.device or ("meta" if wan else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise UserError("no CUDA device here (the default counts on meta, or --device cpu)")
     for flag, given in (("--measure", args.measure), ("--time", args.time)):
         if given and device == "meta":
             raise UserError(f"{flag} needs a real device (--device cuda or cpu), not meta")
@@ -394,7 +396,6 @@ def main(args) -> dict:
         "window_frames": model.cfg.window_frames,
         "dtype": str(dtype).removeprefix("torch."),
         "counted_on": device,
-        "stages": list(CHUNK_STAGES),
         **(
             timed_report(session, work, ceilings, args.time, target_fps)
             if args.time

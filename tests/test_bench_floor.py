@@ -136,6 +136,11 @@ def test_command_line_for_the_shipped_model_counts_and_times_each_stage():
     [
         (["--measure"], "--measure needs a real device (--device cuda or cpu), not meta"),
         (["--time", "3"], "--time needs a real device (--device cuda or cpu), not meta"),
+        pytest.param(
+            ["--device", "cuda"],
+            "no CUDA device here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA"),
+        ),
         (["--model", "no-such-model"], "unknown model 'no-such-model'"),
         (["--model", "tiny-avatar-teacher"], "is a bidirectional teacher"),
     ],
