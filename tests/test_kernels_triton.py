@@ -264,14 +264,12 @@ def stream_then_block_causal(flavor: str, hw, device, dtype, **overrides):
     return torch.cat(chunks, dim=2), block_causal
 
 
-def check_dit_streams_the_same_through_the_kernels(ops, monkeypatch):
-    """A debug DiT streams past a full ring (the cache re-rotates its keys), then one
-    block-causal forward (training's mask), with every op on the Triton kernels and again on
-    the references: the model's views, strides and dtypes reach the kernels as they expect."""
-    import kernels
+USED_BY_THE_MODEL = ("layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate",
+                     "rmsnorm_rope", "apply_rope", "gelu_tanh", "attention")  # fmt: skip
 
-    used_by_the_model = ("layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate",
-                         "rmsnorm_rope", "apply_rope", "gelu_tanh", "attention")  # fmt: skip
+
+def count_kernel_calls(ops, monkeypatch) -> dict:
+    """name -> launches of each kernel the model uses, from now on."""
     calls = {}
 
     def counted(name, real):
@@ -281,8 +279,18 @@ def check_dit_streams_the_same_through_the_kernels(ops, monkeypatch):
 
         return call
 
-    for name in used_by_the_model:
+    for name in USED_BY_THE_MODEL:
         monkeypatch.setattr(ops, name, counted(name, getattr(ops, name)))
+    return calls
+
+
+def check_dit_streams_the_same_through_the_kernels(ops, monkeypatch):
+    """A debug DiT streams past a full ring (the cache re-rotates its keys), then one
+    block-causal forward (training's mask), with every op on the Triton kernels and again on
+    the references: the model's views, strides and dtypes reach the kernels as they expect."""
+    import kernels
+
+    calls = count_kernel_calls(ops, monkeypatch)
 
     def run(through_kernels: bool):
         monkeypatch.setattr(kernels, "_TRITON_ON_CPU", through_kernels)
@@ -292,9 +300,31 @@ def check_dit_streams_the_same_through_the_kernels(ops, monkeypatch):
     used = dict(calls)
     streamed_ref, block_causal_ref = run(through_kernels=False)
     assert calls == used, "the reference run must not touch the kernels"
-    assert set(used) == set(used_by_the_model), used
+    assert set(used) == set(USED_BY_THE_MODEL), used
     torch.testing.assert_close(streamed, streamed_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(block_causal, block_causal_ref, atol=1e-4, rtol=1e-4)
+
+
+def check_a_stream_through_the_kernels_is_counted_as_through_the_references(ops, monkeypatch):
+    """bench gpu's `stages` counts a stream's work (bench/floor.py: PyTorch's FLOP counter and a
+    dispatch mode) with the Triton kernels on: they run under the counting modes, and the
+    count is the references' (the kernels fuse what the counter does not count)."""
+    import kernels
+    from bench import floor, gpu
+    from streamgen.stream import StreamSession
+
+    calls = count_kernel_calls(ops, monkeypatch)
+    model = gpu.build_model("wan2.1-1.3b", 32, 48, "cpu", torch.float32, quick=True, backend="sdpa")
+    context = torch.zeros(1, 8, model.cfg.text_dim)
+
+    def work(through_kernels: bool):
+        monkeypatch.setattr(kernels, "_TRITON_ON_CPU", through_kernels)
+        session = StreamSession(model, steps=4, dtype=torch.float32)
+        return floor.chunk_work(session, lambda: gpu.start_stream(session, context, 10.0), 4)
+
+    through_kernels = work(True)
+    assert set(calls) == set(USED_BY_THE_MODEL) - {"attention"}, calls  # attention: SDPA, as in `stages`
+    assert through_kernels == work(False)
 
 
 # --- the compiled (non-interpreted) path: every kernel compiles to a Hopper cubin.
