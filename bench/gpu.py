@@ -314,6 +314,7 @@ def run(
     before_kernels, after_kernels = {}, {}
     if model is not None:
         cfg = model.cfg
+        result["window_frames"] = cfg.window_frames  # --quick: the debug model's
         warmup = warmup_chunks if warmup_chunks is not None else cfg.window_frames // cfg.frames_per_chunk + 2
 
         def measure(prepare=None):
@@ -353,11 +354,10 @@ def run(
         for key in ("fps", "fps_steady", "first_chunk_ms", "chunk_ms_p50", "chunk_ms_p95"):
             result[key] = ok[best][key]
         result["target_fps"], result["target_first_chunk_ms"] = floor.TARGET_FPS, 350
-    steady_floor_ms = (
-        ((result.get("stages") or {}).get("floor") or {}).get("steady_chunk", {}).get("floor_ms")
-    )
-    if steady_floor_ms:  # how close each variant's steady chunks come to the floor
-        result["fps_ceiling"] = result["stages"]["fps_ceiling"]
+    stages = result.get("stages") or {}
+    if "floor" in stages:  # how close each variant's steady chunks come to the floor
+        result["fps_ceiling"] = stages["fps_ceiling"]
+        steady_floor_ms = stages["floor"]["steady_chunk"]["floor_ms"]
         for v in ok.values():
             v["of_floor"] = floor.rounded(steady_floor_ms / (v["frames_per_chunk"] / v["fps_steady"] * 1000))
     result["seconds"] = round(time.perf_counter() - started, 1)
