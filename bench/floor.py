@@ -18,7 +18,8 @@ same model runs much faster. The counts come from running the real
 `StreamSession`, on the meta device for models too large for this machine
 (`wan2.1-1.3b`: no values, only shapes, in about a minute on a CPU), so they
 follow the model code as it is. The first chunk is counted on a fresh stream,
-the steady chunk once the ring holds `window_frames`.
+the steady chunk once the ring holds `window_frames`, and every chunk of a fresh
+81-frame clip: the setting of Self-Forcing's published rate (`clip`, below).
 
 The default ceilings are an H200's as measured on the lent machines (KINDS.md
 of the device tool: a bf16 8192^3 matrix product at ~790 TFLOP/s on random data,
@@ -45,6 +46,10 @@ from streamgen.stream import CHUNK_STAGES, StreamSession
 H200_MATMUL_TFLOPS = 790.0  # KINDS.md: bf16 8192^3 on random data, two machines, 2026-10-28 and 11-04
 H200_COPY_GBPS = 4300.0  # KINDS.md: device-to-device copy, bytes read + written
 TARGET_FPS = 34  # issue 6: wan2.1-1.3b, 832x480, 4 steps on one H200
+# Self-Forcing's published 17 FPS is the rate of a fresh 81-frame clip (21 latent frames, Wan's
+# length): its cache grows from nothing and never evicts, so its chunks attend to 12 latent
+# frames on average where a stream's steady chunks attend to the sink, the chunk and a full ring
+CLIP_FRAMES = 81
 WAN_FLAVORS = ("wan2.1-1.3b", "wan2.1-14b")  # random weights, counted on the meta device
 
 
@@ -110,14 +115,18 @@ def _kind(op: str) -> str:
     return "attention" if "attention" in op or "bmm" in op else "linear"
 
 
-def chunk_work(session: StreamSession, start, steps: int) -> dict:
-    """The work of starting `session` (start() prepares it), its first chunk and a chunk at the full ring."""
+def chunk_work(session: StreamSession, start, steps: int, clip_frames: int = CLIP_FRAMES) -> dict:
+    """The work of starting `session` (start() prepares it), of each chunk of a fresh clip of
+    `clip_frames` video frames (its first chunk first), and of a chunk at the full ring."""
     _, start_work = count(start)
-    first = _counted_chunk(session, steps)
+    clip, frames = [], 0
+    while frames < clip_frames:
+        clip.append(_counted_chunk(session, steps))
+        frames += clip[-1]["frames"]
     while session.cache.filled < session.cache.window_frames:  # fill the ring as a stream does
         session.next_chunk(observe=_skip_host)
     steady = _counted_chunk(session, steps)
-    return {"start": start_work, "first_chunk": first, "steady_chunk": steady}
+    return {"start": start_work, "first_chunk": clip[0], "steady_chunk": steady, "clip": clip}
 
 
 def _skip_host(stage, fn):
@@ -157,20 +166,33 @@ def floor(work: dict, matmul_tflops: float, copy_gbps: float, target_fps: float 
             "flop_per_byte": w["tflop"] * 1e3 / max(w["weights_gb"] + w["kv_gb"], 1e-12),
         }
 
+    def chunk_floor(chunk):
+        stages = {name: stage_floor(w) for name, w in chunk["stages"].items()}
+        tflop = sum(w["tflop"] for w in chunk["stages"].values())
+        return {"stages": stages, "floor_ms": sum(s["floor_ms"] for s in stages.values()), "tflop": tflop}
+
+    def rates(frames, floor_ms):
+        fps = frames / (floor_ms / 1e3)
+        # the share of the matrix rate the whole would have to sustain for the target
+        return {"fps_ceiling": fps, "matmul_rate_needed_for_target": target_fps / fps}
+
     out = {"start": stage_floor(work["start"])}
-    for chunk in ("first_chunk", "steady_chunk"):
-        stages = {name: stage_floor(w) for name, w in work[chunk]["stages"].items()}
-        total = sum(s["floor_ms"] for s in stages.values())
-        out[chunk] = {
-            "stages": stages,
-            "floor_ms": total,
-            "tflop": sum(w["tflop"] for w in work[chunk]["stages"].values()),
-        }
+    out["first_chunk"] = chunk_floor(work["first_chunk"])
     out["first_chunk"]["floor_ms_from_start"] = out["start"]["floor_ms"] + out["first_chunk"]["floor_ms"]
-    steady = out["steady_chunk"]
-    steady["fps_ceiling"] = work["steady_chunk"]["frames"] / (steady["floor_ms"] / 1e3)
-    # the share of the matrix rate a whole chunk would have to sustain for the target
-    steady["matmul_rate_needed_for_target"] = target_fps / steady["fps_ceiling"]
+    out["steady_chunk"] = chunk_floor(work["steady_chunk"])
+    out["steady_chunk"].update(rates(work["steady_chunk"]["frames"], out["steady_chunk"]["floor_ms"]))
+    if "clip" in work:  # from the first chunk on, as the published rate (start not included)
+        clip = [chunk_floor(chunk) for chunk in work["clip"]]
+        frames = sum(chunk["frames"] for chunk in work["clip"])
+        floor_ms = sum(c["floor_ms"] for c in clip)
+        out["clip"] = {
+            "frames": frames,
+            "chunks": len(clip),
+            "floor_ms": floor_ms,
+            "chunk_floor_ms": [c["floor_ms"] for c in clip],
+            "tflop": sum(c["tflop"] for c in clip),
+            **rates(frames, floor_ms),
+        }
     return out
 
 
@@ -215,9 +237,11 @@ def measure_ceilings(device, dtypes, repeats: int = 10) -> dict:
 
 
 def rounded(x, digits=3):
-    """Floats (in nested dicts too) to digits + 1 significant digits, for reading."""
+    """Floats (in nested dicts and lists too) to digits + 1 significant digits, for reading."""
     if isinstance(x, dict):
         return {k: rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, list):
+        return [rounded(v, digits) for v in x]
     if isinstance(x, float):
         return float(f"{x:.{digits + 1}g}")
     return x
@@ -233,6 +257,7 @@ def report(work: dict, ceilings: dict, target_fps: float = TARGET_FPS) -> dict:
             "floor": fl,
             "steady_chunk_tflop_by_kind": flops_by_kind(work["steady_chunk"]["stages"]),
             "fps_ceiling": fl["steady_chunk"]["fps_ceiling"],
+            "clip_fps_ceiling": fl.get("clip", {}).get("fps_ceiling"),
             "first_chunk_floor_ms": fl["first_chunk"]["floor_ms_from_start"],
         }
     )
@@ -299,7 +324,8 @@ def plot(results: list[dict], path) -> None:
         ax.text(
             r["floor"]["steady_chunk"]["floor_ms"],
             y,
-            f" {r['fps_ceiling']:.0f} FPS at best",
+            f" {r['fps_ceiling']:.0f} FPS at best"
+            + (f" ({r['clip_fps_ceiling']:.0f} over a fresh clip)" if r.get("clip_fps_ceiling") else ""),
             va="center",
             fontsize=8,
         )
@@ -328,6 +354,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--measure", action="store_true", help="measure this machine's ceilings (else an H200's)")
     p.add_argument("--matmul-tflops", type=float, default=H200_MATMUL_TFLOPS)
     p.add_argument("--copy-gbps", type=float, default=H200_COPY_GBPS)
+    p.add_argument(
+        "--clip-frames",
+        type=int,
+        default=CLIP_FRAMES,
+        help="also count a fresh clip this long (video frames), from its first chunk on",
+    )
     p.add_argument("--plot", help="write the steady chunk's floor by stage to this PNG")
     p.add_argument(
         "--time",
@@ -371,9 +403,14 @@ def main(args) -> dict:
         session = StreamSession(model, height, width, steps=args.steps, device=device, dtype=dtype)
     except ValueError as e:  # a teacher, or a size the model cannot take
         raise UserError(str(e)) from None
-    # enough speech for every chunk up to the full ring, so no chunk is silent
-    speech_s = (model.cfg.window_frames // model.cfg.frames_per_chunk + 3) * session.chunk_seconds
-    work = chunk_work(session, lambda: start_stream(session, context, speech_s), session.steps)
+    # enough speech for every chunk of the clip and up to the full ring, so no chunk is silent
+    chunks = max(
+        model.cfg.window_frames // model.cfg.frames_per_chunk,
+        -(-args.clip_frames // session.frames_per_chunk),
+    )
+    speech_s = (chunks + 3) * session.chunk_seconds
+    start = lambda: start_stream(session, context, speech_s)  # noqa: E731
+    work = chunk_work(session, start, session.steps, args.clip_frames)
     target_fps = args.target_fps or (TARGET_FPS if wan else VIDEO_FPS)
     if args.measure or args.time:  # times on this device go against this device's floor
         # every dtype the session computes in (the tiny models decode in bf16 on CPUs with AMX)

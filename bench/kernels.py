@@ -7,8 +7,9 @@ measured too). For attention it reports GFLOP/s (4 * Lq * Lk * D per head,
 counting only the query/key pairs the mask allows).
 
 Shapes are those of Wan2.1-1.3B streaming at 832x480: a chunk of 3 latent
-frames of 30 x 52 = 1560 tokens, width 1536 = 12 heads x 128, MLP 8960, and a
-visible K/V of 21 latent frames. `--quick` uses tiny shapes (CPU tests).
+frames of 30 x 52 = 1560 tokens, width 1536 = 12 heads x 128, MLP 8960, a
+ring of 21 latent frames, so a steady chunk attends to 25 (the sink, the ring
+and itself). `--quick` uses tiny shapes (CPU tests).
 Every variant is timed in its own try block: a failure is reported in the
 JSON, never raised.
 
@@ -38,9 +39,9 @@ H200_COPY_RATE_GBPS = 4300.0
 
 def _shapes(quick: bool) -> dict:
     if quick:
-        return dict(batch=1, frames=2, grid=(2, 3), width=64, heads=4, mlp=96, k_frames=5, train_frames=6)
+        return dict(batch=1, frames=2, grid=(2, 3), width=64, heads=4, mlp=96, ring_frames=5, train_frames=6)
     return dict(
-        batch=1, frames=3, grid=(30, 52), width=1536, heads=12, mlp=8960, k_frames=21, train_frames=21
+        batch=1, frames=3, grid=(30, 52), width=1536, heads=12, mlp=8960, ring_frames=21, train_frames=21
     )
 
 
@@ -95,8 +96,10 @@ def _cases(shapes: dict, device, dtype) -> dict:
     angles = reference.rope_angles(frame_pos, (hp, wp), head_dim)
     hidden = rnd(b, f * s, shapes["mlp"])
     # the cache re-rotates its whole ring of un-rotated keys at read time
-    ring_keys = rnd(b, shapes["k_frames"] * s, heads, head_dim)
-    ring_angles = reference.rope_angles(torch.arange(shapes["k_frames"], device=device), (hp, wp), head_dim)
+    ring_keys = rnd(b, shapes["ring_frames"] * s, heads, head_dim)
+    ring_angles = reference.rope_angles(
+        torch.arange(shapes["ring_frames"], device=device), (hp, wp), head_dim
+    )
     cases = {
         "layernorm_modulate": (reference.layernorm_modulate, (x, shift, scale), 2 * _nbytes(x) + 2 * mod),
         "gated_residual": (reference.gated_residual, (x, y, gate), 3 * _nbytes(x) + mod),
@@ -122,7 +125,7 @@ def _cases(shapes: dict, device, dtype) -> dict:
     cases = {name: (fn, op_names.get(name, name), args, nbytes, None) for name, (fn, args, nbytes) in cases.items()}
 
     # attention: one streaming chunk against the visible K/V, and block-causal training
-    lq, lk = f * s, shapes["k_frames"] * s
+    lq, lk = f * s, (1 + shapes["ring_frames"] + f) * s  # the sink, a full ring, the chunk itself
     q, k, v = rnd(b, lq, heads, head_dim), rnd(b, lk, heads, head_dim), rnd(b, lk, heads, head_dim)
     flops = 4 * b * heads * lq * lk * head_dim
     cases["attention_stream"] = (reference.attention, "attention", (q, k, v), _nbytes(q, k, v, q), flops)
@@ -249,14 +252,32 @@ def run(
 
 
 def _attention_backends(args, nbytes, flops, device, quick) -> dict:
-    """Every attention backend that runs natively here (sdpa is `eager`, triton is `triton`)."""
-    out = {}
+    """Every attention backend that runs natively here (sdpa is `eager`, triton is `triton`), and
+    SDPA's own kernels one at a time (`sdpa:NAME`: which one `eager` picked, and the fastest; an
+    `error` where that kernel cannot serve the call)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def only(kernel):
+        def fn(*a):
+            with sdpa_kernel(kernel):
+                return reference.attention(*a)
+
+        return fn
+
+    fns = {}
     for backend in attention_backends.available_backends(device):
-        if backend in ("sdpa", "triton"):
-            continue
-        fn = lambda *a, backend=backend: attention_backends.attention(*a, backend=backend)  # noqa: E731
-        out[backend] = _measure(fn, args, nbytes, flops, device, quick)
-        out[backend]["max_abs_err_vs_eager"] = _max_err(fn, reference.attention, args)
+        if backend not in ("sdpa", "triton"):
+            fns[backend] = lambda *a, backend=backend: attention_backends.attention(*a, backend=backend)
+    kernels = ("FLASH_ATTENTION", "MATH")  # on a CPU, SDPA's fused kernel and the math
+    if device.type == "cuda":
+        kernels = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
+    for kernel in kernels:
+        fns["sdpa:" + kernel.removesuffix("_ATTENTION").lower()] = only(getattr(SDPBackend, kernel))
+    out = {}
+    for name, fn in fns.items():
+        out[name] = _measure(fn, args, nbytes, flops, device, quick)
+        if "error" not in out[name]:
+            out[name]["max_abs_err_vs_eager"] = _max_err(fn, reference.attention, args)
     return out
 
 

@@ -105,7 +105,7 @@ def gelu_tanh(x):
     return reference.gelu_tanh(x)
 
 
-ATTENTION_BACKENDS = ("sdpa", "flex", "triton", "flash")
+ATTENTION_BACKENDS = ("sdpa", "flex", "triton", "flash", "cudnn")
 
 
 def attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa"):

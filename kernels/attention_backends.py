@@ -10,6 +10,11 @@
 - "flash": flash-attn 3 (`flash_attn_interface`, Hopper: H100/H200) or 2
   (`flash_attn`) when installed. They take no block mask, nor fp32: masked
   bf16/fp16 calls fall back to the Triton kernel, fp32 calls to SDPA.
+- "cudnn": SDPA with cuDNN's fused attention first in its priority order
+  (CUDA, sm80 and newer). Which of SDPA's own kernels is fastest for a chunk
+  of queries against a long cache depends on the GPU and the PyTorch build;
+  `bench kernels` times each. A call cuDNN cannot serve goes to SDPA's next
+  kernel, in SDPA's usual order.
 
 All take and return the layout q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
 A backend that cannot serve a call falls back instead of failing, so the
@@ -26,7 +31,7 @@ import torch
 
 from kernels import reference
 
-BACKENDS = ("sdpa", "flex", "triton", "flash")
+BACKENDS = ("sdpa", "flex", "triton", "flash", "cudnn")
 
 
 def attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa"):
@@ -38,6 +43,8 @@ def attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backen
         return triton_attention(q, k, v, block_mask_frames, tokens_per_frame)
     if backend == "flash":
         return flash_attention(q, k, v, block_mask_frames, tokens_per_frame)
+    if backend == "cudnn":
+        return cudnn_attention(q, k, v, block_mask_frames, tokens_per_frame)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
 
 
@@ -52,6 +59,8 @@ def available_backends(device) -> list[str]:
             names.append("triton")
         if _flash_func(device) is not None:
             names.append("flash")
+        if _cudnn_attention_supported(device):
+            names.append("cudnn")
     return names
 
 
@@ -180,3 +189,25 @@ def flash_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
     out = func(q, k, v)
     # FA2 returns out; FA3 returned (out, softmax_lse) before it returned only out
     return out[0] if isinstance(out, tuple) else out
+
+
+# ---------------------------------------------------------------------------
+# cuDNN (through SDPA)
+
+
+def _cudnn_attention_supported(device) -> bool:
+    return torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def cudnn_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # SDPA's own order puts cuDNN last (torch 2.11-2.13); off CUDA the order changes nothing
+    order = [
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.MATH,
+    ]
+    with sdpa_kernel(order, set_priority=True):
+        return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)

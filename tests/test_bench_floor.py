@@ -62,6 +62,29 @@ def test_attention_is_counted_over_the_sink_the_chunk_and_the_filled_ring(on_cpu
     assert set(steady) == set(CHUNK_STAGES) - {"to_host"}
 
 
+def test_a_fresh_clip_is_counted_chunk_by_chunk_as_its_cache_grows(on_cpu):
+    model, work = on_cpu
+    cfg = model.cfg
+    clip = work["clip"]
+    assert clip[0] == work["first_chunk"]
+    assert [c["frames"] for c in clip] == [9] + [12] * 6  # the first 81 frames, as Self-Forcing's
+    attention = [c["stages"]["denoise"]["tflop_by_kind"]["attention"] for c in clip]
+    growth = [b - a for a, b in zip(attention, attention[1:])]
+    # each chunk attends to one more chunk of the ring until the ring is full, then no more
+    fills = cfg.window_frames // cfg.frames_per_chunk
+    assert growth[:fills] == pytest.approx([growth[0]] * fills) and growth[0] > 0
+    assert growth[fills:] == pytest.approx([0.0] * (len(growth) - fills), abs=1e-12)
+    assert clip[-1]["stages"] == work["steady_chunk"]["stages"]  # this ring fills before 81 frames
+
+    fl = floor.floor(work, 100.0, 1000.0)
+    assert fl["clip"]["frames"] == 81 and fl["clip"]["chunks"] == len(clip)
+    assert fl["clip"]["chunk_floor_ms"][0] == pytest.approx(fl["first_chunk"]["floor_ms"])
+    assert fl["clip"]["fps_ceiling"] == pytest.approx(81 / (sum(fl["clip"]["chunk_floor_ms"]) / 1e3))
+    # until the ring is full a chunk attends to less than the steady chunk does
+    steady_ms = fl["steady_chunk"]["floor_ms"]
+    assert all(ms < steady_ms for ms in fl["clip"]["chunk_floor_ms"][:fills])
+
+
 def test_the_cache_reads_follow_the_ring(on_cpu):
     model, work = on_cpu
     first, steady = work["first_chunk"]["stages"], work["steady_chunk"]["stages"]

@@ -155,6 +155,14 @@ def test_bench_gpu_sets_each_stage_against_its_floor():
     assert variant["of_floor"] == pytest.approx(
         stages["floor"]["steady_chunk"]["floor_ms"] / steady_ms, rel=1e-2
     )
+    # the clip (--quick: 33 frames, 3 chunks) from the first chunk on, without the start
+    clip_ms = variant["first_chunk_ms"] - variant["start_ms"] + sum(variant["chunk_ms"][:2])
+    assert variant["fps_clip"] == pytest.approx(33 / (clip_ms / 1000), rel=1e-2)
+    assert stages["floor"]["clip"]["frames"] == result["clip_frames"] == 33
+    assert variant["of_clip_floor"] == pytest.approx(
+        variant["fps_clip"] / result["clip_fps_ceiling"], rel=1e-3
+    )
+    assert result["fps_clip"] == result["variants"][result["best_variant"]]["fps_clip"]
     # 2 steps is measured too, but the headline figures are the benchmark's 4 steps
     two_steps = result["variants"]["sdpa+fused_kernels, 2 steps"]
     assert two_steps["steps"] == 2 and two_steps["fps"] > 0 and "of_floor" not in two_steps
@@ -201,13 +209,14 @@ def test_bench_gpu_quick_on_cuda_runs_every_stream_variant():
     errors = {k: v["error"] for k, v in result["variants"].items() if "error" in v}
     assert not errors, errors
     two_steps = "sdpa+fused_kernels, 2 steps"
-    assert set(result["variants"]) == {f"{b}+fused_kernels" for b in ("sdpa", "triton", "flex")} | {
+    assert set(result["variants"]) == {f"{b}+fused_kernels" for b in ("sdpa", "cudnn", "triton", "flex")} | {
         "sdpa+reference_ops",
         two_steps,
     }
     assert all(v["fps"] > 0 for v in result["variants"].values())
     assert "error" not in result["stages"], result["stages"]
     assert all(v["of_floor"] > 0 for k, v in result["variants"].items() if k != two_steps)
+    assert all(v["fps_clip"] > 0 for v in result["variants"].values())
     # CUDA graphs of the blocks (Inductor's compile is left to the long run: minutes)
     model = gpu.build_model("wan2.1-1.3b", 64, 96, "cuda", torch.bfloat16, quick=True, backend="sdpa")
     measure = lambda prepare: gpu.stream_speed(model, 4, 2, 4, "cuda", torch.bfloat16, 8, prepare)  # noqa: E731

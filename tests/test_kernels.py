@@ -132,6 +132,25 @@ def test_attention_backend_switch_validates_and_reports():
     assert attention_backends.available_backends("cpu")[:2] == ["sdpa", "flex"]
 
 
+def test_cudnn_backend_puts_cudnn_first_in_sdpa_for_the_call_only(monkeypatch):
+    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
+
+    before = _cur_sdpa_kernel_backends(with_priority=True)
+    seen = []
+    sdpa = reference.attention
+
+    def spy(*args):
+        seen.append(_cur_sdpa_kernel_backends(with_priority=True))
+        return sdpa(*args)
+
+    monkeypatch.setattr(reference, "attention", spy)
+    q, k, v = _qkv(4, 9)
+    kernels.attention(q, k, v, backend="cudnn")
+    assert seen[0][0] == SDPBackend.CUDNN_ATTENTION and SDPBackend.MATH in seen[0]  # falls back, never fails
+    assert _cur_sdpa_kernel_backends(with_priority=True) == before
+    assert "cudnn" not in attention_backends.available_backends("cpu")
+
+
 def test_needs_autograd_decides_between_kernel_and_reference():
     x = torch.randn(2, requires_grad=True)
     assert kernels.needs_autograd(torch.randn(2), x, None)

@@ -45,6 +45,9 @@ def test_cpu_quick_run_covers_every_kernel(bench):
         entry = result["kernels"][name]
         assert entry["gflop"] >= 0 and entry["eager"]["gflop_per_s"] > 0
         assert entry["backends"]["flex"]["max_abs_err_vs_eager"] < 1e-4  # eager flex on CPU
+        for kernel in ("sdpa:flash", "sdpa:math"):  # SDPA's own kernels, one at a time
+            assert entry["backends"][kernel]["gflop_per_s"] > 0
+            assert entry["backends"][kernel]["max_abs_err_vs_eager"] < 1e-4
     assert result["copy"]["gb_per_s"] > 0
 
 
