@@ -21,13 +21,13 @@ the start: reference encode and sink).
 First it measures this device's ceilings (a large bf16 matrix product, a
 device-to-device copy). In the order they run (`--budget` skips what would
 start after it; `--out` keeps what finished if the run is killed): the fused
-Triton kernels with SDPA, with SDPA's cuDNN kernel first (`cudnn`) and with our
-attention kernel, the PyTorch references
+Triton kernels with SDPA and with our attention kernel, the PyTorch references
 (same model code, `kernels` dispatch); `stages`, the default configuration
 stage by stage (audio, denoise, re-encode, decode, copy to the host), each
 against the floor its counted work sets under those ceilings (bench/floor.py;
 every variant also gets `of_floor` and `of_clip_floor`, its rate over the floor's);
-the default configuration with 2 steps (reported, never the headline);
+the default configuration with 2 steps (reported, never the headline); SDPA
+with its cuDNN kernel first (`cudnn`);
 the kernel micro-benchmarks (`bench/kernels.py`); then
 the variants slowest to prepare: CUDA graphs of each block (dynamo capture,
 no Inductor; `cudagraph_skips` counts the graphs it could not capture),
@@ -230,10 +230,12 @@ def stream_variants(model, measure, backends, compile_blocks, extras=None) -> tu
 
         return fn
 
-    first = {f"{b}+fused_kernels": with_backend(b) for b in backends if b != "flex"}
+    first = {f"{b}+fused_kernels": with_backend(b) for b in backends if b not in ("flex", "cudnn")}
     first["sdpa+reference_ops"] = with_backend("sdpa", fused=False)
     for name, measurement in (extras or {}).items():
         first[name] = with_backend("sdpa", measurement=measurement)
+    if "cudnn" in backends:  # after the default's figures: a fault in a newer kernel must not cost them
+        first["cudnn+fused_kernels"] = with_backend("cudnn")
     last = {}
     if compile_blocks:
         # CUDA graphs without Inductor: dynamo captures each block per shape (cheap) and

@@ -169,6 +169,21 @@ def test_bench_gpu_sets_each_stage_against_its_floor():
     assert result["best_variant"] != "sdpa+fused_kernels, 2 steps"
 
 
+def test_the_variants_run_the_defaults_figures_before_newer_kernels_and_compiling():
+    # a fault in cuDNN's attention or a compiler (a sticky CUDA error) must not cost the default's figures
+    first, last = gpu.stream_variants(
+        None, None, ("sdpa", "cudnn", "triton", "flex"), compile_blocks=True, extras={"stages": None}
+    )
+    assert list(first) == [
+        "sdpa+fused_kernels",
+        "triton+fused_kernels",
+        "sdpa+reference_ops",
+        "stages",
+        "cudnn+fused_kernels",
+    ]
+    assert list(last) == ["sdpa+cudagraph_blocks", "flex+fused_kernels", "sdpa+compiled_blocks"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_bench_gpu_without_a_gpu_is_one_line_and_exit_code_2():
     r = streamgen("bench", "gpu", "--json")
