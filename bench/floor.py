@@ -325,7 +325,11 @@ def plot(results: list[dict], path) -> None:
             r["floor"]["steady_chunk"]["floor_ms"],
             y,
             f" {r['fps_ceiling']:.0f} FPS at best"
-            + (f" ({r['clip_fps_ceiling']:.0f} over a fresh clip)" if r.get("clip_fps_ceiling") else ""),
+            + (
+                f" ({r['clip_fps_ceiling']:.0f} over a fresh {r['floor']['clip']['frames']}-frame clip)"
+                if r.get("clip_fps_ceiling")
+                else ""
+            ),
             va="center",
             fontsize=8,
         )
