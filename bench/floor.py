@@ -266,7 +266,9 @@ def report(work: dict, ceilings: dict, target_fps: float = TARGET_FPS) -> dict:
 def timed_report(session: StreamSession, work: dict, ceilings: dict, chunks: int, target_fps=TARGET_FPS):
     """`report`, plus each stage of `chunks` more chunks of `session` (its ring full, as
     `chunk_work` leaves it) timed, synchronised around each stage, against its floor:
-    `of_floor` is the floor over the measured time, `tflop_per_s` the rate achieved."""
+    `of_floor` is the floor over the measured time, `tflop_per_s` the rate achieved. Then one
+    more chunk under the profiler (`profile_chunk`): `ops` per stage, and on CUDA `kernels`,
+    `gpu_busy_ms` and `gpu_busy_share` (of the unprofiled time)."""
     sync = torch.cuda.synchronize if session.device.type == "cuda" else (lambda: None)
     times = {stage: [] for stage in CHUNK_STAGES}
 
@@ -280,11 +282,17 @@ def timed_report(session: StreamSession, work: dict, ceilings: dict, chunks: int
 
     for _ in range(chunks):
         session.next_chunk(observe=timed)
+    try:
+        activity = profile_chunk(session)
+    except Exception as e:  # the profiler is a diagnosis: the timings stand without it
+        activity = {"error": f"{type(e).__name__}: {e}"[:300]}
     result = report(work, ceilings, target_fps)
     stages = {}
     for stage, seconds in times.items():
         ms = float(np.median(seconds)) * 1000
-        stages[stage] = {"ms_p50": ms}
+        stages[stage] = {"ms_p50": ms, **activity.get(stage, {})}
+        if stages[stage].get("gpu_busy_ms") is not None:  # the profile's busy time over the unprofiled time
+            stages[stage]["gpu_busy_share"] = stages[stage]["gpu_busy_ms"] / ms
         w = work["steady_chunk"]["stages"].get(stage)
         if w is not None:  # the copy to the host is timed, not counted
             stage_floor = result["floor"]["steady_chunk"]["stages"][stage]["floor_ms"]
@@ -295,7 +303,64 @@ def timed_report(session: StreamSession, work: dict, ceilings: dict, chunks: int
                 of_floor=stage_floor / ms,
             )
     chunk_ms = sum(s["ms_p50"] for s in stages.values())
-    return {"stages": rounded(stages), "chunk_ms_p50_sum": round(chunk_ms, 1), **result}
+    out = {"stages": rounded(stages), "chunk_ms_p50_sum": round(chunk_ms, 1), **result}
+    if "error" in activity:
+        out["profile_error"] = activity["error"]
+    return out
+
+
+def profile_chunk(session: StreamSession) -> dict:
+    """One more chunk under torch.profiler, each stage in its own range and synchronised at its
+    end: per stage, the operators the host dispatched and, on CUDA, the kernels the GPU ran and
+    the time it was busy with them (`stage_activity`)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = session.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def observe(stage, fn):
+        with record_function(STAGE_RANGE + stage):
+            out = fn()
+            sync()  # the stage's kernels end inside its range
+        return out
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        session.next_chunk(observe=observe)
+    return stage_activity(prof.events(), cuda)
+
+
+STAGE_RANGE = "streamgen.stage:"
+
+
+def stage_activity(events, device_kernels: bool) -> dict:
+    """Per stage range in a profile: `ops`, the operators the host dispatched (aten calls not made
+    by another aten call; each costs host time, so many small ones bound a chunk by the host);
+    with `device_kernels`, `kernels`, the device's kernels and copies inside the range, and
+    `gpu_busy_ms`, the time at least one of them ran. A GPU busy for much less than the stage
+    took waited on the host: launch overhead, what CUDA graphs remove."""
+    cpu, device = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    out = {}
+    for rng in (e for e in events if e.name.startswith(STAGE_RANGE)):
+        lo, hi = rng.time_range.start, rng.time_range.end
+        inside = [e for e in events if e is not rng and lo <= e.time_range.start and e.time_range.end <= hi]
+        ops = [
+            e
+            for e in inside
+            if e.device_type == cpu
+            and e.name.startswith("aten::")
+            and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))
+        ]
+        stage = {"ops": len(ops), "profiled_ms": (hi - lo) / 1000}
+        if device_kernels:
+            spans = sorted((e.time_range.start, e.time_range.end) for e in inside if e.device_type == device)
+            busy, end = 0.0, -float("inf")
+            for start, stop in spans:  # the union of the spans: kernels on two streams may overlap
+                busy += max(0.0, stop - max(start, end))
+                end = max(end, stop)
+            stage.update(kernels=len(spans), gpu_busy_ms=busy / 1000)
+        out[rng.name.removeprefix(STAGE_RANGE)] = stage
+    return out
 
 
 def plot(results: list[dict], path) -> None:

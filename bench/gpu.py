@@ -476,6 +476,10 @@ def _plot_stages(axes, stages: dict, ceilings: dict) -> None:
     time_ax.barh(y - 0.2, [stages[n]["ms_p50"] for n in names], height=0.4, label="measured (p50)")
     time_ax.barh(y + 0.2, [stages[n].get("floor_ms", 0.0) for n in names], height=0.4, label="floor")
     time_ax.set_yticks(y, names)
+    for i, name in enumerate(names):  # from the profiled chunk: was the GPU kept busy?
+        if stages[name].get("kernels") is not None:
+            label = f" {stages[name]['kernels']} kernels, GPU busy {stages[name]['gpu_busy_share']:.0%}"
+            time_ax.text(stages[name]["ms_p50"], i - 0.2, label, va="center", fontsize=7)
     time_ax.invert_yaxis()
     time_ax.set_xlabel("ms per steady chunk")
     time_ax.set_title("where a chunk's time goes (sdpa + fused kernels)")

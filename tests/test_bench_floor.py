@@ -1,6 +1,7 @@
 """bench/floor.py: the work of each stage of a chunk, counted, and the floor it sets."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -148,9 +149,42 @@ def test_command_line_for_the_shipped_model_counts_and_times_each_stage():
     assert "float32" in result["ceilings"]["matmul_tflop_per_s_by_dtype"]
     assert list(result["stages"]) == list(CHUNK_STAGES)
     assert all(s["of_floor"] > 0 for name, s in result["stages"].items() if name != "to_host")
+    # one more chunk under the profiler: the operators each stage dispatched (no kernels on a CPU)
+    assert "profile_error" not in result, result.get("profile_error")
+    assert all(
+        s["ops"] > 0 and "kernels" not in s for name, s in result["stages"].items() if name != "to_host"
+    )
     assert result["fps_ceiling"] > 0 and set(result["work"]["steady_chunk"]["stages"]) == set(
         CHUNK_STAGES
     ) - {"to_host"}
+
+
+def test_stage_activity_counts_the_host_operators_and_the_gpu_busy_time_in_each_stage():
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(name, start, end, device=cpu, parent=None):
+        return SimpleNamespace(
+            name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device, cpu_parent=parent
+        )
+
+    denoise = event(floor.STAGE_RANGE + "denoise", 0, 10_000)
+    linear = event("aten::linear", 100, 900, parent=denoise)
+    events = [
+        denoise,
+        linear,
+        event("aten::addmm", 200, 800, parent=linear),  # called by linear: not dispatched by the model
+        event("aten::add", 1000, 1100, parent=denoise),
+        event("triton_fused_kernel", 1200, 4200, cuda),  # kernels overlapping: busy is their union
+        event("ampere_bf16_gemm", 4000, 6000, cuda),
+        event("Memcpy DtoD", 7000, 8000, cuda),
+        decode := event(floor.STAGE_RANGE + "decode", 10_500, 12_000),
+        event("aten::conv2d", 10_600, 10_700, parent=decode),
+        event("late_kernel", 11_000, 13_000, cuda),  # ends after the range: not the stage's
+    ]
+    activity = floor.stage_activity(events, device_kernels=True)
+    assert activity["denoise"] == {"ops": 2, "profiled_ms": 10.0, "kernels": 3, "gpu_busy_ms": 5.8}
+    assert activity["decode"] == {"ops": 1, "profiled_ms": 1.5, "kernels": 0, "gpu_busy_ms": 0.0}
+    assert floor.stage_activity(events, device_kernels=False)["denoise"] == {"ops": 2, "profiled_ms": 10.0}
 
 
 @pytest.mark.parametrize(

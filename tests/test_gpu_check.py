@@ -230,6 +230,10 @@ def test_bench_gpu_quick_on_cuda_runs_every_stream_variant():
     }
     assert all(v["fps"] > 0 for v in result["variants"].values())
     assert "error" not in result["stages"], result["stages"]
+    assert "profile_error" not in result["stages"], result["stages"]["profile_error"]
+    for name in ("denoise", "reencode", "decode"):  # the profiled chunk: kernels and busy time
+        stage = result["stages"]["stages"][name]
+        assert stage["ops"] > 0 and stage["kernels"] > 0 and stage["gpu_busy_share"] > 0, stage
     assert all(v["of_floor"] > 0 for k, v in result["variants"].items() if k != two_steps)
     assert all(v["fps_clip"] > 0 for v in result["variants"].values())
     # CUDA graphs of the blocks (Inductor's compile is left to the long run: minutes)
