@@ -210,13 +210,14 @@ def test_command_line_mistakes_are_one_line_and_exit_code_2(args, message):
 
 @pytest.mark.slow
 def test_command_line_for_wan_counts_on_the_meta_device():
-    # the real flavor at a small size and a one-chunk ring, so it runs in seconds
-    args = ("--height", "64", "--width", "96", "--window", "3", "--text-tokens", "8")
+    # the real flavor at a small size, a one-chunk ring and a one-chunk clip, so it runs in seconds
+    args = ("--height", "64", "--width", "96", "--window", "3", "--text-tokens", "8", "--clip-frames", "9")
     r = streamgen("bench", "floor", "--json", *args)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert (result["model"], result["counted_on"], result["dtype"]) == ("wan2.1-1.3b", "meta", "bfloat16")
     assert result["window_frames"] == 3 and result["target_fps"] == floor.TARGET_FPS
     assert result["ceilings"]["matmul_tflop_per_s"] == floor.H200_MATMUL_TFLOPS
+    assert result["floor"]["clip"]["frames"] == 9 and result["floor"]["clip"]["chunks"] == 1
     steady = result["work"]["steady_chunk"]
     assert steady["frames"] == 12 and steady["stages"]["denoise"]["tflop_by_kind"]["attention"] > 0
