@@ -202,7 +202,7 @@ def _cudnn_attention_supported(device) -> bool:
 def cudnn_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    # SDPA's own order puts cuDNN last (torch 2.13); off CUDA the order changes nothing
+    # SDPA's own order puts cuDNN last (torch 2.11, 2.13); off CUDA the order changes nothing
     order = [
         SDPBackend.CUDNN_ATTENTION,
         SDPBackend.FLASH_ATTENTION,
