@@ -14,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=None, help="output height and width (default: the model's)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--attention", default=None, metavar="BACKEND",
+                        help="attention backend: sdpa (the default), flex, triton, flash or cudnn; "
+                        "on a CPU all run as sdpa (`streamgen bench gpu` times them)")  # fmt: skip
     parser.add_argument("--decode-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="the autoencoder's decoder (auto: bfloat16 on CPUs with AMX, 2-3x faster)")  # fmt: skip
     parser.add_argument(
@@ -58,6 +61,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--sp must be at least 1")
     if args.sp > 1 and args.model_process:
         raise UserError("--model-process and --sp cannot be combined: with --sp the model runs in its own ranks")
+    from streamgen.models import use_attention_backend
+
+    try:
+        use_attention_backend(args.attention)  # in the environment: the model process and ranks inherit it
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if args.sp > 1:
         from streamgen.parallel.launch import relaunch_under_torchrun
 

@@ -27,6 +27,22 @@ log = logging.getLogger(__name__)
 ASSETS = Path(__file__).parent / "assets"
 MODELS_DIR = ASSETS / "models"
 DEFAULT_MODEL = "tiny-avatar"
+# the attention backend of every model this process and its children load, unless the caller
+# names one (`--attention` of generate and serve sets it, so model processes and torchrun ranks
+# inherit it with the environment)
+ATTENTION_ENV = "STREAMGEN_ATTENTION"
+
+
+def use_attention_backend(name: str | None) -> None:
+    """Make `name` (a `kernels.ATTENTION_BACKENDS` entry; None leaves the models' own) the
+    attention backend of the models loaded from now on, here and in processes started from here."""
+    from kernels import ATTENTION_BACKENDS
+
+    if name is None:
+        return
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    os.environ[ATTENTION_ENV] = name
 
 
 @dataclass
@@ -114,7 +130,10 @@ def available_models() -> list[str]:
 def load_model(
     name_or_path: str = DEFAULT_MODEL, device="cpu", dtype=torch.float32, seed: int = 0, **cfg_overrides
 ) -> AvatarModel:
-    """Load a trained model directory, or build a seeded random model of a flavor."""
+    """Load a trained model directory, or build a seeded random model of a flavor. Its attention
+    backend is `attn_backend` when given, else $STREAMGEN_ATTENTION when set, else its config's."""
+    if os.environ.get(ATTENTION_ENV) and "attn_backend" not in cfg_overrides:
+        cfg_overrides["attn_backend"] = os.environ[ATTENTION_ENV]
     directory = resolve_model_dir(name_or_path)
     if directory is not None:
         return _load_dir(directory, device, dtype, **cfg_overrides)

@@ -162,6 +162,50 @@ def test_generate_with_sequence_parallel_gives_the_same_video(tmp_path):
     assert diff.max() <= 3 and diff.mean() < 0.05
 
 
+def test_an_attention_backend_is_chosen_for_every_model_loaded(monkeypatch):
+    from streamgen.models import ATTENTION_ENV, load_model, use_attention_backend
+
+    def backends(model):
+        return {a.backend for b in model.dit.blocks for a in (b.self_attn, b.cross_attn, b.audio_attn) if a}
+
+    monkeypatch.setenv(ATTENTION_ENV, "sdpa")  # restored afterwards, whatever the test sets
+    use_attention_backend("flex")
+    assert backends(load_model("debug")) == {"flex"} and backends(load_model("tiny-avatar")) == {"flex"}
+    assert backends(load_model("debug", attn_backend="triton")) == {"triton"}  # the caller's choice wins
+    with pytest.raises(ValueError, match="unknown attention backend 'xformers'; choose one of sdpa, flex"):
+        use_attention_backend("xformers")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        load_model("debug", attn_backend="xformers")
+
+
+def test_generate_with_another_attention_backend(tmp_path):
+    # in a subprocess: the choice lives in the environment, which must not leak into other tests
+    outs = []
+    for backend in ("sdpa", "flex"):
+        out = tmp_path / f"{backend}.mp4"
+        r = streamgen(
+            "generate",
+            "--model",
+            "debug",
+            "--attention",
+            backend,
+            "--seed",
+            "3",
+            "--quiet",
+            "--out",
+            str(out),
+        )
+        assert r.returncode == 0, r.stderr
+        with av.open(str(out)) as c:
+            outs.append(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]))
+    diff = np.abs(outs[0].astype(int) - outs[1].astype(int))  # the same attention, computed another way
+    assert outs[0].shape == outs[1].shape and diff.max() <= 3 and diff.mean() < 0.05
+    r = streamgen("generate", "--model", "debug", "--attention", "xformers", "--out", str(tmp_path / "x.mp4"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "streamgen generate: error: unknown attention backend 'xformers'; choose one of sdpa, flex, triton, flash, cudnn"
+    ]
+
+
 def test_generate_in_bfloat16(tmp_path):
     out = tmp_path / "bf16.mp4"
     assert main(["generate", "--model", "debug", "--dtype", "bfloat16", "--out", str(out), "--quiet"]) == 0
@@ -176,7 +220,9 @@ def test_the_shipped_models_answer_to_their_names(tmp_path):
     from streamgen.teacher import TeacherSession, open_session
 
     student = load_model("tiny-avatar")
-    assert student.trained and student.meta["kind"] == "student" and (student.height, student.width) == (64, 64)
+    assert (
+        student.trained and student.meta["kind"] == "student" and (student.height, student.width) == (64, 64)
+    )
     assert isinstance(open_session("tiny-avatar"), StreamSession)
     assert isinstance(open_session("tiny-avatar-teacher", steps=2), TeacherSession)
     wav = tmp_path / "speech.wav"

@@ -246,9 +246,13 @@ def test_a_follower_that_vanished_takes_the_host_down():
 
 @pytest.mark.parametrize(
     "extra, message",
-    [(["--sp", "0"], "--sp must be at least 1"), (["--sp", "2", "--model-process"], "cannot be combined")],
+    [
+        (["--sp", "0"], "--sp must be at least 1"),
+        (["--sp", "2", "--model-process"], "cannot be combined"),
+        (["--attention", "xformers"], "unknown attention backend 'xformers'; choose one of sdpa, flex"),
+    ],
 )
-def test_serve_refuses_bad_parallel_options(extra, message, capsys):
+def test_serve_refuses_bad_options_before_launching_anything(extra, message, capsys):
     from streamgen.cli import main
 
     assert main(["serve", "--model", "debug", *extra]) == 2  # before anything is launched or loaded

@@ -31,6 +31,12 @@ def add_arguments(p) -> None:
         default="auto",
         help="the autoencoder's decoder (auto: bfloat16 on CPUs with AMX, 2-3x faster, frames within 2 levels)",
     )
+    p.add_argument(
+        "--attention",
+        default=None,
+        metavar="BACKEND",
+        help="attention backend: sdpa (the default), flex, triton, flash or cudnn; on a CPU all run as sdpa",
+    )
     p.add_argument("--sp", type=int, default=1, help="sequence-parallel processes (restarts under torchrun)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -50,6 +56,12 @@ def run(args) -> int:
     out = Path(args.out)
     if not out.parent.exists():
         raise UserError(f"output directory does not exist: {out.parent}")
+    from streamgen.models import use_attention_backend
+
+    try:
+        use_attention_backend(args.attention)  # in the environment: torchrun's ranks inherit it
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if args.sp > 1:
         from streamgen.parallel.launch import relaunch_under_torchrun
 

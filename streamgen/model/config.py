@@ -12,6 +12,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from kernels import ATTENTION_BACKENDS
+
 
 @dataclass
 class ModelConfig:
@@ -62,6 +64,10 @@ class ModelConfig:
             raise ValueError(f"head_dim {self.head_dim} must be even and >= 6 for 3D RoPE")
         if self.patch_size[0] != 1:
             raise ValueError("temporal patch size must be 1 (one latent frame per token frame)")
+        if self.attn_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"unknown attention backend {self.attn_backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
