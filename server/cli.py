@@ -15,8 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--attention", default=None, metavar="BACKEND",
-                        help="attention backend: sdpa (the default), flex, triton, flash or cudnn; "
-                        "on a CPU all run as sdpa (`streamgen bench gpu` times them)")  # fmt: skip
+                        help="attention backend: sdpa (the default), flex, triton, flash or cudnn "
+                        "(GPU; on a CPU these three are sdpa; `streamgen bench gpu` times them)")  # fmt: skip
     parser.add_argument("--decode-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="the autoencoder's decoder (auto: bfloat16 on CPUs with AMX, 2-3x faster)")  # fmt: skip
     parser.add_argument(
