@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--attention", default=None, metavar="BACKEND",
                         help="attention backend: sdpa (the default), flex, triton, flash or cudnn "
-                        "(GPU; on a CPU these three are sdpa; `streamgen bench gpu` times them)")  # fmt: skip
+                        "(on a CPU triton, flash and cudnn run as sdpa; `streamgen bench gpu` times them)")  # fmt: skip
     parser.add_argument("--decode-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="the autoencoder's decoder (auto: bfloat16 on CPUs with AMX, 2-3x faster)")  # fmt: skip
     parser.add_argument(

@@ -35,7 +35,7 @@ def add_arguments(p) -> None:
         "--attention",
         default=None,
         metavar="BACKEND",
-        help="attention backend: sdpa (the default), flex, triton, flash or cudnn (GPU; on a CPU these three are sdpa)",
+        help="attention backend: sdpa (the default), flex, triton, flash or cudnn (on a CPU triton, flash and cudnn run as sdpa)",
     )
     p.add_argument("--sp", type=int, default=1, help="sequence-parallel processes (restarts under torchrun)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
