@@ -108,6 +108,14 @@ def gelu_tanh(x):
 ATTENTION_BACKENDS = ("sdpa", "flex", "triton", "flash", "cudnn")
 
 
+def check_attention_backend(name: str) -> str:
+    """`name`, or a ValueError naming the backends there are (the config, the command line and
+    the dispatch all refuse an unknown one with this message)."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    return name
+
+
 def attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa"):
     """q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
 
@@ -116,8 +124,7 @@ def attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backen
     `backend` is the model config's switch; backends that are unavailable on
     this device fall back to SDPA.
     """
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+    check_attention_backend(backend)
     if backend == "sdpa" or not (q.is_cuda or _TRITON_ON_CPU) and backend in ("triton", "flash"):
         return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
     from kernels import attention_backends

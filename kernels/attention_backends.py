@@ -29,9 +29,7 @@ from collections import OrderedDict
 
 import torch
 
-from kernels import reference
-
-BACKENDS = ("sdpa", "flex", "triton", "flash", "cudnn")
+from kernels import check_attention_backend, reference
 
 
 def attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa"):
@@ -45,7 +43,8 @@ def attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backen
         return flash_attention(q, k, v, block_mask_frames, tokens_per_frame)
     if backend == "cudnn":
         return cudnn_attention(q, k, v, block_mask_frames, tokens_per_frame)
-    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    check_attention_backend(backend)  # an unknown name: the one message for it
+    raise NotImplementedError(f"attention backend {backend!r} is listed but has no implementation here")
 
 
 def available_backends(device) -> list[str]:

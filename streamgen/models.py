@@ -36,13 +36,10 @@ ATTENTION_ENV = "STREAMGEN_ATTENTION"
 def use_attention_backend(name: str | None) -> None:
     """Make `name` (a `kernels.ATTENTION_BACKENDS` entry; None leaves the models' own) the
     attention backend of the models loaded from now on, here and in processes started from here."""
-    from kernels import ATTENTION_BACKENDS
+    from kernels import check_attention_backend
 
-    if name is None:
-        return
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
-    os.environ[ATTENTION_ENV] = name
+    if name is not None:
+        os.environ[ATTENTION_ENV] = check_attention_backend(name)
 
 
 @dataclass

@@ -178,30 +178,35 @@ def test_an_attention_backend_is_chosen_for_every_model_loaded(monkeypatch):
         load_model("debug", attn_backend="xformers")
 
 
-def test_generate_with_another_attention_backend(tmp_path):
-    # in a subprocess: the choice lives in the environment, which must not leak into other tests
+def test_generate_with_another_attention_backend(tmp_path, monkeypatch, capsys):
+    from kernels import attention_backends
+    from streamgen.models import ATTENTION_ENV
+
+    monkeypatch.setenv(ATTENTION_ENV, "sdpa")  # the choice lives in the environment: restored afterwards
+    flex_calls = []
+    flex = attention_backends.flex_attention
+
+    def counted_flex(*args):
+        flex_calls.append(1)
+        return flex(*args)
+
+    monkeypatch.setattr(attention_backends, "flex_attention", counted_flex)
     outs = []
     for backend in ("sdpa", "flex"):
         out = tmp_path / f"{backend}.mp4"
-        r = streamgen(
-            "generate",
-            "--model",
-            "debug",
-            "--attention",
-            backend,
-            "--seed",
-            "3",
-            "--quiet",
-            "--out",
-            str(out),
-        )
-        assert r.returncode == 0, r.stderr
+        args = ["generate", "--model", "debug", "--attention", backend, "--seed", "3", "--quiet"]
+        assert main([*args, "--out", str(out)]) == 0
         with av.open(str(out)) as c:
             outs.append(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]))
+        assert bool(flex_calls) == (backend == "flex")  # the stream ran on the backend it was given
     diff = np.abs(outs[0].astype(int) - outs[1].astype(int))  # the same attention, computed another way
     assert outs[0].shape == outs[1].shape and diff.max() <= 3 and diff.mean() < 0.05
-    r = streamgen("generate", "--model", "debug", "--attention", "xformers", "--out", str(tmp_path / "x.mp4"))
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+    capsys.readouterr()
+    assert (
+        main(["generate", "--model", "debug", "--attention", "xformers", "--out", str(tmp_path / "x.mp4")])
+        == 2
+    )
+    assert capsys.readouterr().err.strip().splitlines() == [
         "streamgen generate: error: unknown attention backend 'xformers'; choose one of sdpa, flex, triton, flash, cudnn"
     ]
 

@@ -12,7 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from kernels import ATTENTION_BACKENDS
+from kernels import check_attention_backend
 
 
 @dataclass
@@ -64,10 +64,7 @@ class ModelConfig:
             raise ValueError(f"head_dim {self.head_dim} must be even and >= 6 for 3D RoPE")
         if self.patch_size[0] != 1:
             raise ValueError("temporal patch size must be 1 (one latent frame per token frame)")
-        if self.attn_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"unknown attention backend {self.attn_backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
-            )
+        check_attention_backend(self.attn_backend)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
