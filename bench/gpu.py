@@ -347,7 +347,7 @@ def run(
         result["window_frames"] = cfg.window_frames  # --quick: the debug model's
         warmup = warmup_chunks if warmup_chunks is not None else cfg.window_frames // cfg.frames_per_chunk + 2
 
-        def measure(prepare=None):
+        def measure(prepare=None, steps=steps):
             return stream_speed(
                 model, steps, chunks, warmup, device, dtype, text_tokens, prepare, clip_frames
             )
@@ -358,10 +358,7 @@ def run(
             )
         }
         if steps > 2:  # what the 2-step student would stream at (docs/results.md: it loses little)
-            extras["sdpa+fused_kernels, 2 steps"] = lambda prepare: {
-                **stream_speed(model, 2, chunks, warmup, device, dtype, text_tokens, prepare, clip_frames),
-                "steps": 2,
-            }
+            extras["sdpa+fused_kernels, 2 steps"] = lambda prepare: {**measure(prepare, steps=2), "steps": 2}
         before_kernels, after_kernels = stream_variants(model, measure, backends, compile_blocks, extras)
     for name, fn in before_kernels.items():
         variant(name, fn)
