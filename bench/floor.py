@@ -331,6 +331,7 @@ def profile_chunk(session: StreamSession) -> dict:
 
 
 STAGE_RANGE = "streamgen.stage:"
+TOP_KERNELS, TOP_KERNEL_NAME = 6, 100  # kernel names (templates) can run to thousands of characters
 
 
 def stage_activity(events, device_kernels: bool) -> dict:
@@ -358,9 +359,24 @@ def stage_activity(events, device_kernels: bool) -> dict:
             for start, stop in spans:  # the union of the spans: kernels on two streams may overlap
                 busy += max(0.0, stop - max(start, end))
                 end = max(end, stop)
-            stage.update(kernels=len(spans), gpu_busy_ms=busy / 1000)
+            stage.update(
+                kernels=len(spans), gpu_busy_ms=busy / 1000, top_kernels=_top_kernels(inside, device)
+            )
         out[rng.name.removeprefix(STAGE_RANGE)] = stage
     return out
+
+
+def _top_kernels(events, device_type, n: int = TOP_KERNELS) -> dict:
+    """The `n` kernels (by name) that ran longest in total among `events`, with their ms and calls:
+    where to look first when a stage is far from its floor."""
+    total, calls = {}, {}
+    for e in events:
+        if e.device_type == device_type:
+            name = e.name[:TOP_KERNEL_NAME]
+            total[name] = total.get(name, 0.0) + (e.time_range.end - e.time_range.start) / 1000
+            calls[name] = calls.get(name, 0) + 1
+    top = sorted(total, key=total.get, reverse=True)[:n]
+    return {name: {"ms": round(total[name], 3), "calls": calls[name]} for name in top}
 
 
 def plot(results: list[dict], path) -> None:

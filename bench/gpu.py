@@ -117,7 +117,7 @@ def stream_speed(
         if prepare is not None:
             prepare(session)
 
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync = _synchronize(device)
     t0 = time.perf_counter()
     start()
     # past the chunk that first sees a full ring: every attention length has run (and been
@@ -180,6 +180,57 @@ def stage_breakdown(model, steps, chunks, device, dtype, text_tokens, ceilings, 
         session.close()
 
 
+def decoder_variants(model, device, dtype, chunks: int = 5) -> dict:
+    """The Wan decoder on a stream's steady chunks (3 latent frames each, after its first chunk),
+    each way it can run: one latent frame per decoder call (diffusers') or the whole chunk in one
+    (`WanVAE.frames_per_call`), with cuDNN's per-shape algorithm search off or on. Per way: ms per
+    chunk (median) and how far its last chunk's frames are from the first way's."""
+    vae, sync = model.vae, _synchronize(device)
+    z = torch.randn(1, vae.latent_channels, 3 * (chunks + 2), model.height // vae.spatial_factor,
+                    model.width // vae.spatial_factor, device=device, dtype=dtype)  # fmt: skip
+    ways = {"frame_per_call": (1, False), "frame_per_call+cudnn_benchmark": (1, True),
+            "chunk_per_call": (None, False), "chunk_per_call+cudnn_benchmark": (None, True)}  # fmt: skip
+
+    @torch.no_grad()
+    def decode_chunks():
+        state, times = vae.init_state(1), []
+        for i in range(chunks + 2):  # the first chunk and one more: shapes searched, untimed
+            sync()
+            t = time.perf_counter()
+            frames, state = vae.decode_stream(z[:, :, 3 * i : 3 * i + 3], state)
+            sync()
+            times.append(time.perf_counter() - t)
+        return frames, times
+
+    result, reference = {}, None
+    for name, (frames_per_call, benchmark) in ways.items():
+        way = {"frames_per_call": frames_per_call, "cudnn_benchmark": benchmark}
+        frames, times = with_attributes(vae, way, decode_chunks)
+        reference = frames if reference is None else reference
+        result[name] = {
+            "ms_p50": round(float(np.median(times[2:])) * 1000, 2),
+            "first_chunk_ms": round(times[0] * 1000, 1),
+            "max_abs_diff": float(f"{(frames.float() - reference.float()).abs().max().item():.3g}"),
+        }
+    return result
+
+
+def with_attributes(obj, values: dict, fn):
+    """fn() with obj's attributes set to `values`, restored afterwards."""
+    saved = {name: getattr(obj, name) for name in values}
+    for name, value in values.items():
+        setattr(obj, name, value)
+    try:
+        return fn()
+    finally:
+        for name, value in saved.items():
+            setattr(obj, name, value)
+
+
+def _synchronize(device):
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
 def write_partial(result: dict, path: str | None) -> None:
     """Write what has been measured so far (atomically), so that a run killed by an outer
     timeout still leaves every finished variant on disk."""
@@ -239,8 +290,11 @@ def stream_variants(model, measure, backends, compile_blocks, extras=None) -> tu
     last = {}
     if compile_blocks:
         # CUDA graphs without Inductor: dynamo captures each block per shape (cheap) and
-        # replays it as one graph launch; `cudagraph_skips` says where it could not
-        last["sdpa+cudagraph_blocks"] = compiled_blocks(model, with_backend("sdpa"), backend="cudagraphs")
+        # replays it as one graph launch; `cudagraph_skips` says where it could not. With the
+        # PyTorch references (compiled_blocks): compare it with "sdpa+reference_ops"
+        last["sdpa+reference_ops+cudagraph_blocks"] = compiled_blocks(
+            model, with_backend("sdpa", fused=False), backend="cudagraphs"
+        )
     if "flex" in backends:
         last["flex+fused_kernels"] = with_backend("flex")
     if compile_blocks:
@@ -275,6 +329,11 @@ def compiled_blocks(model, measure, backend: str):
         # buffers keep their addresses (marked static below), so nothing is copied per replay
         dynamo.config.cudagraph_backend_support_input_mutation = cudagraphs
         graphs, skips = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
+        saved_reference = kernels._FORCE_REFERENCE
+        # torch 2.11's cudagraphs backend fails on a graph that holds a user Triton kernel (it cannot
+        # read the kernel node's outputs: bench/results/h200-2026-11-30.json), so its blocks run the
+        # PyTorch references; Inductor compiles the Triton kernels into its own code
+        kernels._FORCE_REFERENCE = saved_reference or cudagraphs
         for blk in model.dit.blocks:
             blk.compile(backend=backend, dynamic=False if cudagraphs else None)
         try:
@@ -284,6 +343,7 @@ def compiled_blocks(model, measure, backend: str):
                 result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
             return result
         finally:
+            kernels._FORCE_REFERENCE = saved_reference
             for blk in model.dit.blocks:
                 blk._compiled_call_impl = None
             for name, value in saved.items():
@@ -304,7 +364,9 @@ def run(
     kernel_bench=True,
     backends=("sdpa", "cudnn", "triton", "flex"),
     out=None,
+    only=None,
 ) -> dict:
+    """`only`: the names of the parts to run (variants, "stages", "decoder", "kernels"); None: all."""
     started = time.perf_counter()
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -333,7 +395,11 @@ def run(
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    variant = lambda name, fn, budget=budget_s: _variant(name, fn, budget, started, result, out)  # noqa: E731
+
+    def variant(name, fn, budget=budget_s):
+        if only is None or name in only:
+            _variant(name, fn, budget, started, result, out)
+
     # this device's matrix rate and copy bandwidth: the ceilings of the floor below
     result["ceilings"] = floor.rounded(floor.measure_ceilings(device, [dtype]))
     try:
@@ -359,11 +425,18 @@ def run(
         }
         if steps > 2:  # what the 2-step student would stream at (docs/results.md: it loses little)
             extras["sdpa+fused_kernels, 2 steps"] = lambda prepare: {**measure(prepare, steps=2), "steps": 2}
+        # the Wan decoder with a chunk's latent frames in one call (WanVAE.frames_per_call)
+        extras["sdpa+fused_kernels, decoder chunk_per_call"] = lambda prepare: with_attributes(
+            model.vae, {"frames_per_call": None}, lambda: measure(prepare)
+        )
         before_kernels, after_kernels = stream_variants(model, measure, backends, compile_blocks, extras)
     for name, fn in before_kernels.items():
         variant(name, fn)
-    if "stages" in result["variants"]:
-        result["stages"] = result["variants"].pop("stages")
+    if model is not None:
+        variant("decoder", lambda: decoder_variants(model, device, dtype))
+    for part in ("stages", "decoder"):
+        if part in result["variants"]:
+            result[part] = result["variants"].pop(part)
     if kernel_bench:  # the model stays loaded: 3 GB of 141
 
         def kernel_numbers():
@@ -372,7 +445,8 @@ def run(
             return kernel_bench_module.run(device, quick=quick, compile=not quick and dev.type == "cuda")
 
         variant("kernels", kernel_numbers, budget_s + 60)
-        result["kernels"] = result["variants"].pop("kernels")
+        if "kernels" in result["variants"]:
+            result["kernels"] = result["variants"].pop("kernels")
     for name, fn in after_kernels.items():  # the slowest to prepare: the budget cuts these first
         variant(name, fn)
     # the variants at the benchmark's step count (a variant with fewer says so in "steps")
@@ -498,6 +572,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel micro-benchmarks")
     p.add_argument("--backends", nargs="*", default=["sdpa", "cudnn", "triton", "flex"])
+    p.add_argument("--only", nargs="*", help="run only these parts: variant names, stages, decoder, kernels")
     p.add_argument("--out", help="also write the JSON here, rewritten after each variant (survives a kill)")
     p.add_argument("--plot", help="write fps per variant and chunk times to this PNG")
 
@@ -517,6 +592,7 @@ def main(args) -> dict:
         kernel_bench=not args.no_kernels,
         backends=tuple(args.backends),
         out=args.out,
+        only=None if args.only is None else set(args.only),
     )
     if args.plot and any("fps" in v for v in result["variants"].values()):
         plot(result, args.plot)

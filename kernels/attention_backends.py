@@ -100,6 +100,20 @@ def _compiled_flex():
     return torch.compile(_flex_module().flex_attention, dynamic=False)
 
 
+# One compiled kernel per attention shape: a stream's self-attention sees every ring fill level,
+# and there are the sink, the cross- and the audio attention too, well past dynamo's default of
+# 8 recompiles per function, after which flex would run unfused (the scores materialised: 6x
+# slower per chunk on an H200, bench/results/h200-2026-11-30.json). Raised for these calls only.
+_FLEX_RECOMPILE_LIMIT = 64
+
+
+def _flex_compile_limits():
+    import torch._dynamo as dynamo
+
+    name = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
+    return dynamo.config.patch({name: max(getattr(dynamo.config, name), _FLEX_RECOMPILE_LIMIT)})
+
+
 _BLOCK_MASKS: OrderedDict = OrderedDict()
 _BLOCK_MASK_CACHE_SIZE = 32
 
@@ -139,7 +153,8 @@ def flex_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
         block_mask = flex_block_mask(*block_mask_frames, tokens_per_frame, q.device)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     if q.is_cuda:
-        out = _compiled_flex()(qt, kt, vt, block_mask=block_mask)
+        with _flex_compile_limits():
+            out = _compiled_flex()(qt, kt, vt, block_mask=block_mask)
     else:
         with warnings.catch_warnings():  # eager flex warns that it is unfused; on CPU that is the point
             warnings.simplefilter("ignore")

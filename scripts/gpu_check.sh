@@ -8,6 +8,10 @@
 #   run(command="bash scripts/gpu_check.sh", timeout_s=590, carry=[".whl"])
 # tests/test_gpu_check.py rehearses this script on the CPU with only the
 # image's packages importable (GPU_CHECK_BENCH_ARGS gives the CPU options).
+# A shorter second run, when a first one leaves questions and little device time:
+#   GPU_CHECK_TESTS="tests/test_gpu_check.py" GPU_CHECK_TEST_TIMEOUT=90 GPU_CHECK_BENCH_TIMEOUT=200 \
+#   GPU_CHECK_BENCH_ARGS="--no-kernels --budget 150 --only sdpa+fused_kernels stages decoder" bash scripts/gpu_check.sh
+# (GPU_CHECK_BENCH_ARGS is split as the shell splits words: quote a name with spaces in it.)
 set -uo pipefail
 OUT=${OUT:-bench/results}
 PY=${PYTHON:-python3}
@@ -27,13 +31,13 @@ stamp=$(date +%Y-%m-%d)
 # only the files that hold GPU tests (the server's import packages the image lacks), the
 # kernels' and parallel ones before the benchmark's smoke test (reverse name order)
 # shellcheck disable=SC2046  # one word per file
-timeout 200 "$PY" -m pytest -m gpu -q -rfEsw -p no:cacheprovider --continue-on-collection-errors \
-  $(grep -l "mark.gpu" tests/test_*.py | sort -r) > "$OUT/gpu-tests.log" 2>&1
+timeout "${GPU_CHECK_TEST_TIMEOUT:-200}" "$PY" -m pytest -m gpu -q -rfEsw -p no:cacheprovider --continue-on-collection-errors \
+  ${GPU_CHECK_TESTS:-$(grep -l "mark.gpu" tests/test_*.py | sort -r)} > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests: exit code $?" >> "$OUT/gpu-tests.log"
 # --out rewrites the JSON after each variant, so the outer timeout loses only the variant it cut short
-# shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of options
-timeout 360 "$PY" -m bench.gpu --budget 240 --out "$OUT/h200-$stamp.json" ${GPU_CHECK_BENCH_ARGS:-} \
-  > /dev/null 2> "$OUT/bench-gpu.log"
+eval "bench_args=(${GPU_CHECK_BENCH_ARGS:-})"  # a list of options, quoted as on a command line
+timeout "${GPU_CHECK_BENCH_TIMEOUT:-360}" "$PY" -m bench.gpu --budget 240 --out "$OUT/h200-$stamp.json" \
+  "${bench_args[@]}" > /dev/null 2> "$OUT/bench-gpu.log"
 echo "bench gpu: exit code $?" >> "$OUT/bench-gpu.log"
 # the plot from whatever the JSON holds, so a run cut short still gets one
 "$PY" -c "import json, sys; from bench.gpu import plot; plot(json.load(open(sys.argv[1])), sys.argv[2])" \

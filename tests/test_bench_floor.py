@@ -177,13 +177,30 @@ def test_stage_activity_counts_the_host_operators_and_the_gpu_busy_time_in_each_
         event("triton_fused_kernel", 1200, 4200, cuda),  # kernels overlapping: busy is their union
         event("ampere_bf16_gemm", 4000, 6000, cuda),
         event("Memcpy DtoD", 7000, 8000, cuda),
+        event("triton_fused_kernel", 8000, 9000, cuda),
         decode := event(floor.STAGE_RANGE + "decode", 10_500, 12_000),
         event("aten::conv2d", 10_600, 10_700, parent=decode),
         event("late_kernel", 11_000, 13_000, cuda),  # ends after the range: not the stage's
     ]
     activity = floor.stage_activity(events, device_kernels=True)
-    assert activity["denoise"] == {"ops": 2, "profiled_ms": 10.0, "kernels": 3, "gpu_busy_ms": 5.8}
-    assert activity["decode"] == {"ops": 1, "profiled_ms": 1.5, "kernels": 0, "gpu_busy_ms": 0.0}
+    # the kernels that took longest, summed by name
+    top = {"triton_fused_kernel": {"ms": 4.0, "calls": 2}, "ampere_bf16_gemm": {"ms": 2.0, "calls": 1},
+           "Memcpy DtoD": {"ms": 1.0, "calls": 1}}  # fmt: skip
+    assert activity["denoise"] == {
+        "ops": 2,
+        "profiled_ms": 10.0,
+        "kernels": 4,
+        "gpu_busy_ms": 6.8,
+        "top_kernels": top,
+    }
+    assert list(activity["denoise"]["top_kernels"]) == list(top)
+    assert activity["decode"] == {
+        "ops": 1,
+        "profiled_ms": 1.5,
+        "kernels": 0,
+        "gpu_busy_ms": 0.0,
+        "top_kernels": {},
+    }
     assert floor.stage_activity(events, device_kernels=False)["denoise"] == {"ops": 2, "profiled_ms": 10.0}
 
 

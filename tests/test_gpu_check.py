@@ -21,6 +21,7 @@ import pytest
 import torch
 from cli_helpers import streamgen
 
+import kernels
 from bench import gpu
 from streamgen.stream import CHUNK_STAGES
 
@@ -167,6 +168,18 @@ def test_bench_gpu_sets_each_stage_against_its_floor():
     two_steps = result["variants"]["sdpa+fused_kernels, 2 steps"]
     assert two_steps["steps"] == 2 and two_steps["fps"] > 0 and "of_floor" not in two_steps
     assert result["best_variant"] != "sdpa+fused_kernels, 2 steps"
+    # the Wan decoder each way it can run: the same frames (to float rounding), each timed
+    decoder = result["decoder"]
+    assert list(decoder) == [f"{calls}{tuned}" for calls in ("frame_per_call", "chunk_per_call")
+                             for tuned in ("", "+cudnn_benchmark")]  # fmt: skip
+    assert all(way["ms_p50"] > 0 and way["max_abs_diff"] < 1e-4 for way in decoder.values())
+    assert result["variants"]["sdpa+fused_kernels, decoder chunk_per_call"]["fps_steady"] > 0
+
+
+def test_bench_gpu_only_runs_the_parts_it_is_given():
+    result = gpu.run("cpu", quick=True, chunks=1, kernel_bench=False, backends=("sdpa",), only={"decoder"})
+    assert result["variants"] == {} and "stages" not in result and "fps" not in result
+    assert set(result["decoder"]) >= {"frame_per_call", "chunk_per_call"}
 
 
 def test_the_variants_run_the_defaults_figures_before_newer_kernels_and_compiling():
@@ -181,7 +194,7 @@ def test_the_variants_run_the_defaults_figures_before_newer_kernels_and_compilin
         "stages",
         "cudnn+fused_kernels",
     ]
-    assert list(last) == ["sdpa+cudagraph_blocks", "flex+fused_kernels", "sdpa+compiled_blocks"]
+    assert list(last) == ["sdpa+reference_ops+cudagraph_blocks", "flex+fused_kernels", "sdpa+compiled_blocks"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -205,6 +218,7 @@ def test_compiled_blocks_variant_reports_its_graphs_and_undoes_itself():
     def measure(prepare):
         assert dynamo.config.recompile_limit == 64  # every ring fill level gets its own graph
         assert all(blk._compiled_call_impl is not None for blk in model.dit.blocks)
+        assert kernels._FORCE_REFERENCE  # torch's cudagraphs backend cannot hold our Triton kernels
         return gpu.stream_speed(model, 4, 1, 3, "cpu", torch.float32, 8, prepare)
 
     result = gpu.compiled_blocks(model, measure, backend="cudagraphs")()
@@ -214,6 +228,7 @@ def test_compiled_blocks_variant_reports_its_graphs_and_undoes_itself():
         dynamo.config.recompile_limit == limit and not dynamo.config.cudagraph_backend_support_input_mutation
     )
     assert all(blk._compiled_call_impl is None for blk in model.dit.blocks)
+    assert not kernels._FORCE_REFERENCE
 
 
 @pytest.mark.gpu
@@ -227,7 +242,9 @@ def test_bench_gpu_quick_on_cuda_runs_every_stream_variant():
     assert set(result["variants"]) == {f"{b}+fused_kernels" for b in ("sdpa", "cudnn", "triton", "flex")} | {
         "sdpa+reference_ops",
         two_steps,
+        "sdpa+fused_kernels, decoder chunk_per_call",
     }
+    assert all(way["max_abs_diff"] < 0.05 for way in result["decoder"].values()), result["decoder"]  # bf16
     assert all(v["fps"] > 0 for v in result["variants"].values())
     assert "error" not in result["stages"], result["stages"]
     assert "profile_error" not in result["stages"], result["stages"]["profile_error"]

@@ -122,8 +122,11 @@ def test_tiny_vae_loads_checkpoints_of_the_upsample_layer_layout():
     assert torch.equal(again.dec(x), vae.dec(x))
 
 
+@pytest.mark.parametrize("frames_per_call", [None, 1])
 @torch.no_grad()
-def test_wan_vae_chunked_decode_equals_full_decode():
+def test_wan_vae_chunked_decode_equals_full_decode(frames_per_call):
+    """Whole chunks through the decoder in one call (the default) or one latent frame per call
+    (diffusers' way): the same frames as diffusers' own decode."""
     torch.manual_seed(0)
     wan = AutoencoderKLWan(
         base_dim=8,
@@ -133,17 +136,19 @@ def test_wan_vae_chunked_decode_equals_full_decode():
         latents_mean=[0.1, -0.2, 0.0, 0.3],
         latents_std=[1.5, 0.5, 1.0, 2.0],
     ).eval()
-    vae = WanVAE(wan)
+    vae = WanVAE(wan, frames_per_call=frames_per_call)
     assert (vae.temporal_factor, vae.spatial_factor) == (4, 8)
-    video = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    video = torch.rand(1, 3, 21, 32, 32) * 2 - 1
     z = vae.encode(video)
-    assert z.shape == (1, 4, 3, 4, 4)
+    assert z.shape == (1, 4, 6, 4, 4)
     full = vae.decode(z)
     # diffusers' own decode of the de-normalised latents is the reference
     mean = torch.tensor(wan.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(wan.config.latents_std).view(1, -1, 1, 1, 1)
     assert torch.allclose(full, wan.decode(z * std + mean).sample, atol=1e-5)
-    assert torch.allclose(decode_in_chunks(vae, z, [1, 2]), full, atol=1e-5)
+    assert full.shape[2] == 21
+    for sizes in ([1, 2, 3], [3, 3], [2, 1, 3]):  # a stream's first chunk starts with the 1-frame latent
+        assert torch.allclose(decode_in_chunks(vae, z, sizes), full, atol=1e-5), sizes
     assert full.abs().max() <= 1.0
 
 

@@ -18,6 +18,7 @@ decoding the whole clip:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -264,9 +265,18 @@ class WanVAE(VideoAutoencoder):
     later one to 4 (Wan's causal 1 + 4k layout).
     """
 
-    def __init__(self, vae):
+    def __init__(self, vae, frames_per_call: int | None = 1, cudnn_benchmark: bool = True):
         super().__init__()
         self.vae = vae
+        # Latent frames per decoder call; None: a chunk's in one call. diffusers decodes one per
+        # call (bounded memory on long clips); a chunk in one call gives each convolution several
+        # frames of work per launch and copies each conv's 2-frame causal cache once per chunk, not
+        # once per frame. The caches make both exact; which is faster depends on the device (on
+        # this project's CPU at 64x96, one per call): `bench gpu`'s `decoder` times both.
+        self.frames_per_call = frames_per_call
+        # cuDNN times its 3D convolution algorithms once per shape and keeps the fastest: a
+        # stream's decoder shapes never change after its first chunk (bench gpu's `decoder`)
+        self.cudnn_benchmark = cudnn_benchmark
         cfg = vae.config
         self.latent_channels = cfg.z_dim
         self.temporal_factor = 2 ** sum(cfg.temperal_downsample)
@@ -298,19 +308,33 @@ class WanVAE(VideoAutoencoder):
 
     def decode_stream(self, latents: torch.Tensor, state):
         mean, std = self._stats(latents)
-        x = self.vae.post_quant_conv(latents * std + mean)
-        outs = []
-        self.vae._feat_map = state["feat_map"]  # the cache is per stream, not per model
-        for i in range(x.shape[2]):
-            self.vae._conv_idx = [0]
-            outs.append(
-                self.vae.decoder(
-                    x[:, :, i : i + 1],
-                    feat_cache=state["feat_map"],
-                    feat_idx=self.vae._conv_idx,
-                    first_chunk=state["first"],
+        with _cudnn_benchmark(self.cudnn_benchmark and latents.is_cuda):
+            x = self.vae.post_quant_conv(latents * std + mean)
+            self.vae._feat_map = state["feat_map"]  # the cache is per stream, not per model
+            outs, i = [], 0
+            while i < x.shape[2]:
+                # the stream's first latent frame decodes alone, to one video frame (Wan's 1 + 4k)
+                n = 1 if state["first"] else (self.frames_per_call or x.shape[2] - i)
+                self.vae._conv_idx = [0]
+                outs.append(
+                    self.vae.decoder(
+                        x[:, :, i : i + n],
+                        feat_cache=state["feat_map"],
+                        feat_idx=self.vae._conv_idx,
+                        first_chunk=state["first"],
+                    )
                 )
-            )
-            state["first"] = False
-        # diffusers clamps inside decode(); decoding frame by frame we clamp ourselves
+                state["first"] = False
+                i += n
+        # diffusers clamps inside decode(); decoding through its decoder we clamp ourselves
         return torch.cat(outs, 2).clamp(-1, 1), state
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(enabled: bool):
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = saved or enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
