@@ -268,7 +268,7 @@ def timed_report(session: StreamSession, work: dict, ceilings: dict, chunks: int
     `chunk_work` leaves it) timed, synchronised around each stage, against its floor:
     `of_floor` is the floor over the measured time, `tflop_per_s` the rate achieved. Then one
     more chunk under the profiler (`profile_chunk`): `ops` per stage, and on CUDA `kernels`,
-    `gpu_busy_ms` and `gpu_busy_share` (of the unprofiled time)."""
+    `gpu_busy_ms` and `gpu_busy_share` (of the profiled stage's time)."""
     sync = torch.cuda.synchronize if session.device.type == "cuda" else (lambda: None)
     times = {stage: [] for stage in CHUNK_STAGES}
 
@@ -291,8 +291,11 @@ def timed_report(session: StreamSession, work: dict, ceilings: dict, chunks: int
     for stage, seconds in times.items():
         ms = float(np.median(seconds)) * 1000
         stages[stage] = {"ms_p50": ms, **activity.get(stage, {})}
-        if stages[stage].get("gpu_busy_ms") is not None:  # the profile's busy time over the unprofiled time
-            stages[stage]["gpu_busy_share"] = stages[stage]["gpu_busy_ms"] / ms
+        if stages[stage].get("gpu_busy_ms") is not None:
+            # of the profiled stage's time: the same chunk's. Over the unprofiled time the copy to
+            # the host came out 7x "busy" on an H200 (the profiler slowed the copy itself); the
+            # profiler's host overhead makes this share a little low, never above 1
+            stages[stage]["gpu_busy_share"] = stages[stage]["gpu_busy_ms"] / stages[stage]["profiled_ms"]
         w = work["steady_chunk"]["stages"].get(stage)
         if w is not None:  # the copy to the host is timed, not counted
             stage_floor = result["floor"]["steady_chunk"]["stages"][stage]["floor_ms"]

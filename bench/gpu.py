@@ -26,13 +26,14 @@ Triton kernels with SDPA and with our attention kernel, the PyTorch references
 stage by stage (audio, denoise, re-encode, decode, copy to the host), each
 against the floor its counted work sets under those ceilings (bench/floor.py;
 every variant also gets `of_floor` and `of_clip_floor`, its rate over the floor's);
-the default configuration with 2 steps (reported, never the headline); SDPA
-with its cuDNN kernel first (`cudnn`);
-the kernel micro-benchmarks (`bench/kernels.py`); then
-the variants slowest to prepare: CUDA graphs of each block (dynamo capture,
-no Inductor; `cudagraph_skips` counts the graphs it could not capture),
-FlexAttention, and Inductor-compiled blocks (dynamic shapes after the first
-change of the ring's fill level).
+the default configuration with 2 steps (reported, never the headline) and with
+the Wan decoder one latent frame per call (diffusers' way); SDPA with its cuDNN
+kernel first (`cudnn`);
+the Wan decoder each way it can run (`decoder`); the kernel micro-benchmarks
+(`bench/kernels.py`); then the variants slowest to prepare: FlexAttention and
+Inductor-compiled blocks (dynamic shapes after the first change of the ring's
+fill level). No CUDA graphs: the profile of the stages says why
+(`compiled_blocks`).
 
 Built to finish within ~8 minutes on one H200 with only PyTorch and Triton;
 `--quick` runs the same code on CPU at tiny sizes (tests).
@@ -264,7 +265,7 @@ def stream_variants(model, measure, backends, compile_blocks, extras=None) -> tu
     """name -> measurement, two groups in the order they run: each attention backend with the
     fused kernels, the PyTorch references and the `extras` (name -> measurement(prepare) of
     the default configuration: SDPA, fused kernels) before the kernel micro-benchmarks, then
-    CUDA graphs, FlexAttention and Inductor, which take longest to prepare (after them)."""
+    FlexAttention and Inductor, which take longest to prepare (after them)."""
 
     def with_backend(backend, fused=True, measurement=measure):
         def fn(prepare=None):
@@ -288,66 +289,43 @@ def stream_variants(model, measure, backends, compile_blocks, extras=None) -> tu
     if "cudnn" in backends:  # after the default's figures: a fault in a newer kernel must not cost them
         first["cudnn+fused_kernels"] = with_backend("cudnn")
     last = {}
-    if compile_blocks:
-        # CUDA graphs without Inductor: dynamo captures each block per shape (cheap) and
-        # replays it as one graph launch; `cudagraph_skips` says where it could not. With the
-        # PyTorch references (compiled_blocks): compare it with "sdpa+reference_ops"
-        last["sdpa+reference_ops+cudagraph_blocks"] = compiled_blocks(
-            model, with_backend("sdpa", fused=False), backend="cudagraphs"
-        )
     if "flex" in backends:
         last["flex+fused_kernels"] = with_backend("flex")
     if compile_blocks:
         # Inductor, shapes dynamic after the first change: the ring's fill level would
         # otherwise make ~17 static graphs (8 fill levels x denoise/re-encode, and the sink),
         # minutes of compiling
-        last["sdpa+compiled_blocks"] = compiled_blocks(model, with_backend("sdpa"), backend="inductor")
+        last["sdpa+compiled_blocks"] = compiled_blocks(model, with_backend("sdpa"))
     return first, last
 
 
-def _cache_at_static_addresses(session) -> None:
-    for buffer in session.cache.buffers():
-        torch._dynamo.mark_static_address(buffer)
+def compiled_blocks(model, measure, backend: str = "inductor"):
+    """`measure` with every transformer block under torch.compile(backend), undone afterwards.
 
-
-def compiled_blocks(model, measure, backend: str):
-    """`measure` with every transformer block under torch.compile(backend), undone afterwards."""
+    No CUDA graphs: the profile (`stages`) finds the GPU busy 95% of the denoising and 96% of
+    the re-encode on an H200, so graphs could win back ~3% of a chunk; and graphs of each block
+    do not survive CUDA graph trees, which hand every replay of one block's graph the same output
+    memory, overwriting the block before's (bench/results/h200-2026-11-30-followup.json)."""
 
     def fn():
         import torch._dynamo as dynamo
         from torch._dynamo.utils import counters
 
-        cudagraphs = backend == "cudagraphs"
         limit_name = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
-        saved = {
-            name: getattr(dynamo.config, name)
-            for name in (limit_name, "cudagraph_backend_support_input_mutation")
-        }
+        saved_limit = getattr(dynamo.config, limit_name)
         # one entry per ring fill level, denoising vs re-encode, and the sink: above the default 8
         setattr(dynamo.config, limit_name, 64)
-        # the blocks write the KV cache in place: allowed in a CUDA graph when the cache's
-        # buffers keep their addresses (marked static below), so nothing is copied per replay
-        dynamo.config.cudagraph_backend_support_input_mutation = cudagraphs
-        graphs, skips = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
-        saved_reference = kernels._FORCE_REFERENCE
-        # torch 2.11's cudagraphs backend fails on a graph that holds a user Triton kernel (it cannot
-        # read the kernel node's outputs: bench/results/h200-2026-11-30.json), so its blocks run the
-        # PyTorch references; Inductor compiles the Triton kernels into its own code
-        kernels._FORCE_REFERENCE = saved_reference or cudagraphs
+        graphs = counters["stats"]["unique_graphs"]
         for blk in model.dit.blocks:
-            blk.compile(backend=backend, dynamic=False if cudagraphs else None)
+            blk.compile(backend=backend)
         try:
-            result = measure(prepare=_cache_at_static_addresses if cudagraphs else None)
+            result = measure(prepare=None)
             result["graphs_compiled"] = counters["stats"]["unique_graphs"] - graphs
-            if cudagraphs:
-                result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
             return result
         finally:
-            kernels._FORCE_REFERENCE = saved_reference
             for blk in model.dit.blocks:
                 blk._compiled_call_impl = None
-            for name, value in saved.items():
-                setattr(dynamo.config, name, value)
+            setattr(dynamo.config, limit_name, saved_limit)
             dynamo.reset()
 
     return fn
@@ -425,9 +403,10 @@ def run(
         }
         if steps > 2:  # what the 2-step student would stream at (docs/results.md: it loses little)
             extras["sdpa+fused_kernels, 2 steps"] = lambda prepare: {**measure(prepare, steps=2), "steps": 2}
-        # the Wan decoder with a chunk's latent frames in one call (WanVAE.frames_per_call)
-        extras["sdpa+fused_kernels, decoder chunk_per_call"] = lambda prepare: with_attributes(
-            model.vae, {"frames_per_call": None}, lambda: measure(prepare)
+        # the Wan decoder one latent frame per call, diffusers' way (WanVAE.frames_per_call; on
+        # a GPU the default decodes a chunk per call)
+        extras["sdpa+fused_kernels, decoder frame_per_call"] = lambda prepare: with_attributes(
+            model.vae, {"frames_per_call": 1}, lambda: measure(prepare)
         )
         before_kernels, after_kernels = stream_variants(model, measure, backends, compile_blocks, extras)
     for name, fn in before_kernels.items():

@@ -14,14 +14,12 @@ import re
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from cli_helpers import streamgen
 
-import kernels
 from bench import gpu
 from streamgen.stream import CHUNK_STAGES
 
@@ -173,7 +171,7 @@ def test_bench_gpu_sets_each_stage_against_its_floor():
     assert list(decoder) == [f"{calls}{tuned}" for calls in ("frame_per_call", "chunk_per_call")
                              for tuned in ("", "+cudnn_benchmark")]  # fmt: skip
     assert all(way["ms_p50"] > 0 and way["max_abs_diff"] < 1e-4 for way in decoder.values())
-    assert result["variants"]["sdpa+fused_kernels, decoder chunk_per_call"]["fps_steady"] > 0
+    assert result["variants"]["sdpa+fused_kernels, decoder frame_per_call"]["fps_steady"] > 0
 
 
 def test_bench_gpu_only_runs_the_parts_it_is_given():
@@ -194,7 +192,7 @@ def test_the_variants_run_the_defaults_figures_before_newer_kernels_and_compilin
         "stages",
         "cudnn+fused_kernels",
     ]
-    assert list(last) == ["sdpa+reference_ops+cudagraph_blocks", "flex+fused_kernels", "sdpa+compiled_blocks"]
+    assert list(last) == ["flex+fused_kernels", "sdpa+compiled_blocks"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -206,9 +204,6 @@ def test_bench_gpu_without_a_gpu_is_one_line_and_exit_code_2():
     ]
 
 
-@pytest.mark.slow
-# torch's own cudagraphs backend still calls torch.jit.script_method, which torch 2.13 deprecates
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_blocks_variant_reports_its_graphs_and_undoes_itself():
     import torch._dynamo as dynamo
 
@@ -218,17 +213,13 @@ def test_compiled_blocks_variant_reports_its_graphs_and_undoes_itself():
     def measure(prepare):
         assert dynamo.config.recompile_limit == 64  # every ring fill level gets its own graph
         assert all(blk._compiled_call_impl is not None for blk in model.dit.blocks)
-        assert kernels._FORCE_REFERENCE  # torch's cudagraphs backend cannot hold our Triton kernels
         return gpu.stream_speed(model, 4, 1, 3, "cpu", torch.float32, 8, prepare)
 
-    result = gpu.compiled_blocks(model, measure, backend="cudagraphs")()
+    # dynamo's capture without a compiler: the wrapping and its undoing, in seconds
+    result = gpu.compiled_blocks(model, measure, backend="aot_eager")()
     assert result["fps"] > 0 and result["graphs_compiled"] >= 3
-    assert result["cudagraph_skips"] == result["graphs_compiled"]  # CPU tensors: no CUDA graph anywhere
-    assert (
-        dynamo.config.recompile_limit == limit and not dynamo.config.cudagraph_backend_support_input_mutation
-    )
+    assert dynamo.config.recompile_limit == limit
     assert all(blk._compiled_call_impl is None for blk in model.dit.blocks)
-    assert not kernels._FORCE_REFERENCE
 
 
 @pytest.mark.gpu
@@ -242,7 +233,7 @@ def test_bench_gpu_quick_on_cuda_runs_every_stream_variant():
     assert set(result["variants"]) == {f"{b}+fused_kernels" for b in ("sdpa", "cudnn", "triton", "flex")} | {
         "sdpa+reference_ops",
         two_steps,
-        "sdpa+fused_kernels, decoder chunk_per_call",
+        "sdpa+fused_kernels, decoder frame_per_call",
     }
     assert all(way["max_abs_diff"] < 0.05 for way in result["decoder"].values()), result["decoder"]  # bf16
     assert all(v["fps"] > 0 for v in result["variants"].values())
@@ -253,13 +244,3 @@ def test_bench_gpu_quick_on_cuda_runs_every_stream_variant():
         assert stage["ops"] > 0 and stage["kernels"] > 0 and stage["gpu_busy_share"] > 0, stage
     assert all(v["of_floor"] > 0 for k, v in result["variants"].items() if k != two_steps)
     assert all(v["fps_clip"] > 0 for v in result["variants"].values())
-    # CUDA graphs of the blocks (Inductor's compile is left to the long run: minutes)
-    model = gpu.build_model("wan2.1-1.3b", 64, 96, "cuda", torch.bfloat16, quick=True, backend="sdpa")
-    measure = lambda prepare: gpu.stream_speed(model, 4, 2, 4, "cuda", torch.bfloat16, 8, prepare)  # noqa: E731
-    graphs = gpu.compiled_blocks(model, measure, backend="cudagraphs")()
-    assert graphs["fps"] > 0 and graphs["graphs_compiled"] > 0
-    if graphs["cudagraph_skips"]:
-        warnings.warn(
-            f"{graphs['cudagraph_skips']} of {graphs['graphs_compiled']} block graphs ran without CUDA graphs",
-            stacklevel=1,
-        )

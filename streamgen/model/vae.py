@@ -265,17 +265,19 @@ class WanVAE(VideoAutoencoder):
     later one to 4 (Wan's causal 1 + 4k layout).
     """
 
-    def __init__(self, vae, frames_per_call: int | None = 1, cudnn_benchmark: bool = True):
+    def __init__(self, vae, frames_per_call: int | None | str = "auto", cudnn_benchmark: bool = False):
         super().__init__()
         self.vae = vae
-        # Latent frames per decoder call; None: a chunk's in one call. diffusers decodes one per
-        # call (bounded memory on long clips); a chunk in one call gives each convolution several
-        # frames of work per launch and copies each conv's 2-frame causal cache once per chunk, not
-        # once per frame. The caches make both exact; which is faster depends on the device (on
-        # this project's CPU at 64x96, one per call): `bench gpu`'s `decoder` times both.
+        # Latent frames per decoder call; None: a chunk's in one call; "auto": None on a GPU, 1 on a
+        # CPU, the faster of the two on each as measured (bench gpu's `decoder`). diffusers decodes
+        # one per call (bounded memory on long clips); a chunk in one call gives each convolution
+        # 3 frames of work per launch and copies each conv's 2-frame causal cache once per chunk.
+        # The caches make both exact. On an H200 at 832x480 a steady chunk decodes in 232 ms
+        # instead of 256 (+4 GB), bench/results/h200-2026-11-30-followup.json; on this project's
+        # CPU at 64x96, in 256 ms instead of 221.
         self.frames_per_call = frames_per_call
-        # cuDNN times its 3D convolution algorithms once per shape and keeps the fastest: a
-        # stream's decoder shapes never change after its first chunk (bench gpu's `decoder`)
+        # cuDNN's per-shape algorithm search for the decoder's convolutions (`torch.backends.cudnn.
+        # benchmark`, for its calls only): measured no faster on the H200 (256 ms either way)
         self.cudnn_benchmark = cudnn_benchmark
         cfg = vae.config
         self.latent_channels = cfg.z_dim
@@ -306,6 +308,11 @@ class WanVAE(VideoAutoencoder):
         self.vae.clear_cache()
         return {"feat_map": self.vae._feat_map, "first": True}
 
+    def _frames_per_call(self, x: torch.Tensor) -> int | None:
+        if self.frames_per_call == "auto":
+            return None if x.is_cuda else 1
+        return self.frames_per_call
+
     def decode_stream(self, latents: torch.Tensor, state):
         mean, std = self._stats(latents)
         with _cudnn_benchmark(self.cudnn_benchmark and latents.is_cuda):
@@ -314,7 +321,7 @@ class WanVAE(VideoAutoencoder):
             outs, i = [], 0
             while i < x.shape[2]:
                 # the stream's first latent frame decodes alone, to one video frame (Wan's 1 + 4k)
-                n = 1 if state["first"] else (self.frames_per_call or x.shape[2] - i)
+                n = 1 if state["first"] else (self._frames_per_call(x) or x.shape[2] - i)
                 self.vae._conv_idx = [0]
                 outs.append(
                     self.vae.decoder(
