@@ -183,14 +183,20 @@ def stage_breakdown(model, steps, chunks, device, dtype, text_tokens, ceilings, 
 
 def decoder_variants(model, device, dtype, chunks: int = 5) -> dict:
     """The Wan decoder on a stream's steady chunks (3 latent frames each, after its first chunk),
-    each way it can run: one latent frame per decoder call (diffusers') or the whole chunk in one
-    (`WanVAE.frames_per_call`), with cuDNN's per-shape algorithm search off or on. Per way: ms per
-    chunk (median) and how far its last chunk's frames are from the first way's."""
+    each way it can run (`WanVAE`'s switches): one latent frame per decoder call (diffusers') or
+    the whole chunk in one; then with cuDNN's per-shape algorithm search, and with its RMSNorms
+    fused (`kernels.rmsnorm_channels`). Per way: ms per chunk (median) and how far its last
+    chunk's frames are from the first way's; or the error that stopped it."""
     vae, sync = model.vae, _synchronize(device)
     z = torch.randn(1, vae.latent_channels, 3 * (chunks + 2), model.height // vae.spatial_factor,
                     model.width // vae.spatial_factor, device=device, dtype=dtype)  # fmt: skip
-    ways = {"frame_per_call": (1, False), "frame_per_call+cudnn_benchmark": (1, True),
-            "chunk_per_call": (None, False), "chunk_per_call+cudnn_benchmark": (None, True)}  # fmt: skip
+    plain = {"frames_per_call": 1, "cudnn_benchmark": False, "fused_norms": False}
+    ways = {
+        "frame_per_call": plain,
+        "chunk_per_call": {**plain, "frames_per_call": None},
+        "chunk_per_call+cudnn_benchmark": {**plain, "frames_per_call": None, "cudnn_benchmark": True},
+        "chunk_per_call+fused_norms": {**plain, "frames_per_call": None, "fused_norms": True},
+    }
 
     @torch.no_grad()
     def decode_chunks():
@@ -204,9 +210,12 @@ def decoder_variants(model, device, dtype, chunks: int = 5) -> dict:
         return frames, times
 
     result, reference = {}, None
-    for name, (frames_per_call, benchmark) in ways.items():
-        way = {"frames_per_call": frames_per_call, "cudnn_benchmark": benchmark}
-        frames, times = with_attributes(vae, way, decode_chunks)
+    for name, way in ways.items():
+        try:
+            frames, times = with_attributes(vae, way, decode_chunks)
+        except Exception as e:  # a new kernel's fault must not cost the other ways
+            result[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
+            continue
         reference = frames if reference is None else reference
         result[name] = {
             "ms_p50": round(float(np.median(times[2:])) * 1000, 2),

@@ -39,10 +39,15 @@ H200_COPY_RATE_GBPS = 4300.0
 
 def _shapes(quick: bool) -> dict:
     if quick:
-        return dict(batch=1, frames=2, grid=(2, 3), width=64, heads=4, mlp=96, ring_frames=5, train_frames=6)
+        return dict(
+            batch=1, frames=2, grid=(2, 3), width=64, heads=4, mlp=96, ring_frames=5, train_frames=6,
+            vae_channels=8, vae_frames=4, vae_hw=(16, 24),
+        )  # fmt: skip
+    # the Wan VAE decoder's widest stage: 96 channels at 832x480, one latent frame's 4 frames
     return dict(
-        batch=1, frames=3, grid=(30, 52), width=1536, heads=12, mlp=8960, ring_frames=21, train_frames=21
-    )
+        batch=1, frames=3, grid=(30, 52), width=1536, heads=12, mlp=8960, ring_frames=21, train_frames=21,
+        vae_channels=96, vae_frames=4, vae_hw=(480, 832),
+    )  # fmt: skip
 
 
 def _time_ms(fn, device: torch.device, quick: bool) -> float:
@@ -100,6 +105,8 @@ def _cases(shapes: dict, device, dtype) -> dict:
     ring_angles = reference.rope_angles(
         torch.arange(shapes["ring_frames"], device=device), (hp, wp), head_dim
     )
+    vae_x = rnd(b, shapes["vae_channels"], shapes["vae_frames"], *shapes["vae_hw"])
+    vae_gamma = rnd(shapes["vae_channels"], 1, 1, 1)
     cases = {
         "layernorm_modulate": (reference.layernorm_modulate, (x, shift, scale), 2 * _nbytes(x) + 2 * mod),
         "gated_residual": (reference.gated_residual, (x, y, gate), 3 * _nbytes(x) + mod),
@@ -120,8 +127,9 @@ def _cases(shapes: dict, device, dtype) -> dict:
         ),
         "apply_rope_ring_keys": (reference.apply_rope, (ring_keys, ring_angles), 2 * _nbytes(ring_keys)),
         "gelu_tanh": (reference.gelu_tanh, (hidden,), 2 * _nbytes(hidden)),
+        "rmsnorm_channels_vae": (reference.rmsnorm_channels, (vae_x, vae_gamma), 2 * _nbytes(vae_x)),
     }
-    op_names = {"apply_rope_ring_keys": "apply_rope"}
+    op_names = {"apply_rope_ring_keys": "apply_rope", "rmsnorm_channels_vae": "rmsnorm_channels"}
     cases = {name: (fn, op_names.get(name, name), args, nbytes, None) for name, (fn, args, nbytes) in cases.items()}
 
     # attention: one streaming chunk against the visible K/V, and block-causal training

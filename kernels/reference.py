@@ -52,6 +52,17 @@ def layernorm_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
 
 
+def rmsnorm_channels(
+    x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None = None, eps: float = 1e-12
+):
+    """diffusers' `WanRMS_norm` (channel first), the Wan VAE's norm: x [B, C, ...] normalised over
+    C in fp32 (`F.normalize`: x / max(||x||, eps)), rounded to x's dtype, then `* sqrt(C) * gamma
+    (+ bias)` in x's dtype. gamma, bias: C values (any shape that flattens to C)."""
+    view = (x.shape[1],) + (1,) * (x.dim() - 2)
+    out = F.normalize(x.float(), dim=1, eps=eps).to(x.dtype) * x.shape[1] ** 0.5 * gamma.reshape(view)
+    return out if bias is None else out + bias.reshape(view)
+
+
 # ---------------------------------------------------------------------------
 # 3D RoPE. Wan splits each head's dim into (t, h, w) parts and rotates
 # interleaved pairs (x[2i], x[2i+1]). Angles are computed from integer

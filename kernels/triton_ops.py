@@ -305,6 +305,66 @@ def gelu_tanh(x):
 
 
 # ---------------------------------------------------------------------------
+# The Wan VAE's RMSNorm over channels: x viewed as [B, C, P] (P = the positions
+# T*H*W, contiguous). One program per (block of positions, batch): a first pass
+# over the channels sums squares per position, a second normalises and writes
+# (its loads of the same tile come from L2). Rounded to x's dtype after the
+# normalisation and after each multiply, as diffusers' module is.
+
+
+@triton.jit
+def _round(v, like_ptr):
+    return v.to(like_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _rmsnorm_channels_kernel(
+    x_ptr, gamma_ptr, bias_ptr, out_ptr, C, P, scale, eps,
+    HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pos_ok = pos < P
+    base = tl.program_id(1).to(tl.int64) * C * P
+    squares = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        ch = c0 + tl.arange(0, BLOCK_C)
+        ok = (ch[:, None] < C) & pos_ok[None, :]
+        offs = base + ch[:, None].to(tl.int64) * P + pos[None, :]
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        squares += tl.sum(x * x, axis=0)
+    denom = tl.maximum(tl.sqrt(squares), eps)[None, :]
+    for c0 in range(0, C, BLOCK_C):
+        ch = c0 + tl.arange(0, BLOCK_C)
+        ch_ok = ch < C
+        ok = ch_ok[:, None] & pos_ok[None, :]
+        offs = base + ch[:, None].to(tl.int64) * P + pos[None, :]
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        y = _round(_round(x / denom, out_ptr) * scale, out_ptr)
+        gamma = tl.load(gamma_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)[:, None]
+        y = y * gamma
+        if HAS_BIAS:
+            y = _round(y, out_ptr) + tl.load(bias_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def rmsnorm_channels(x, gamma, bias=None, eps: float = 1e-12):
+    """Triton `reference.rmsnorm_channels`: x [B, C, ...], gamma/bias C values."""
+    x = x.contiguous()
+    b, c = x.shape[:2]
+    p = x[0, 0].numel()
+    out = torch.empty_like(x)
+    gamma = gamma.reshape(c).contiguous()
+    bias_c = gamma if bias is None else bias.reshape(c).contiguous()  # unused pointer without bias
+    block_p = 16 if INTERPRET else 64
+    block_c = 8 if INTERPRET else 32
+    _rmsnorm_channels_kernel[(triton.cdiv(p, block_p), b)](
+        x, gamma, bias_c, out, c, p, c**0.5, eps,
+        HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=1 if INTERPRET else 4,
+    )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------
 # (d) Attention: flash-attention style forward, one program per (query block,
 # batch * head), online softmax over key blocks in fp32. Lq and Lk are
 # independent (a chunk of queries against sink + window + itself) and need not

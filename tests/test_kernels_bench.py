@@ -21,6 +21,7 @@ CASES = {
     "rmsnorm_rope_positions",
     "apply_rope_ring_keys",
     "gelu_tanh",
+    "rmsnorm_channels_vae",
     "attention_stream",
     "attention_block_causal",
 }

@@ -169,6 +169,28 @@ def check_gelu_tanh(ops, dtype):
     close(ops.gelu_tanh(x), reference.gelu_tanh(x), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def check_rmsnorm_channels(ops, dtype, with_bias):
+    """The Wan VAE's channel RMSNorm: 5D (conv layers) and 4D (its attention), channel counts and
+    position counts that are not multiples of the blocks."""
+    torch.manual_seed(8)
+    for shape in [(2, 19, 3, 5, 7), (3, 12, 9, 11)]:
+        x = rand(*shape, dtype=dtype, scale=3.0)
+        x[0, :, 0] = 0.0  # a position of zeros: the eps clamp, no division by zero
+        gamma = rand(shape[1], 1, 1, dtype=dtype) + 1.0
+        bias = rand(shape[1], dtype=dtype) if with_bias else None
+        actual, expected = ops.rmsnorm_channels(x, gamma, bias), reference.rmsnorm_channels(x, gamma, bias)
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape
+        # It rounds to the dtype 3-4 times, as diffusers does, and the interpreter's casts truncate
+        # where the GPU's round to nearest: up to a unit in the last place each, relative to the
+        # product before the bias (which survives where the bias nearly cancels it)
+        before_bias = reference.rmsnorm_channels(x, gamma).float().abs()
+        rtol = max(TOL[dtype]["rtol"], 4 * torch.finfo(dtype).eps)
+        error = (actual.float() - expected.float()).abs()
+        assert (error <= TOL[dtype]["atol"] + rtol * before_bias).all(), error.max()
+
+
 # --- (d) attention
 
 
@@ -331,7 +353,7 @@ def check_a_stream_through_the_kernels_is_counted_as_through_the_references(ops,
 # Triton's NVIDIA backend (and ptxas) ship in the wheel and need no GPU, so type
 # and lowering errors that the interpreter cannot see are caught here too.
 
-_FLOAT_ARGS = {"eps", "qk_scale"}
+_FLOAT_ARGS = {"eps", "qk_scale", "scale"}
 _INT_POINTERS = {"frame_pos_ptr": "*i32", "q_block_ptr": "*i32", "k_block_ptr": "*i32"}
 _FP32_POINTERS = {"angles_ptr", "inv_freq_ptr"}
 
@@ -377,6 +399,10 @@ def test_kernels_compile_for_hopper_in_fp32():
         _compile_for_hopper(ops._rmsnorm_rope_kernel, dtype, dict(BLOCK_HALF=1024, ROPE_MODE=mode, NORM=True))
     _compile_for_hopper(ops._rmsnorm_rope_kernel, dtype, dict(BLOCK_HALF=1024, ROPE_MODE=ops.ROPE_TABLE, NORM=False))
     _compile_for_hopper(ops._gelu_tanh_kernel, dtype, dict(BLOCK=1024))
+    for with_bias in (False, True):
+        _compile_for_hopper(
+            ops._rmsnorm_channels_kernel, dtype, dict(HAS_BIAS=with_bias, BLOCK_C=32, BLOCK_P=64), num_warps=4
+        )
     for causal in (False, True):
         meta = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_CAUSAL=causal, DOT_FP32=True)
         _compile_for_hopper(ops._attention_kernel, dtype, dict(meta, BLOCK_M=64, BLOCK_N=32))

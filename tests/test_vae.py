@@ -153,6 +153,29 @@ def test_wan_vae_chunked_decode_equals_full_decode(frames_per_call):
 
 
 @torch.no_grad()
+def test_wan_vae_fused_norms_take_the_decoders_norms_through_the_kernel_dispatch(monkeypatch):
+    import kernels
+
+    torch.manual_seed(0)
+    wan = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()  # fmt: skip
+    vae, z = WanVAE(wan), torch.randn(1, 4, 3, 4, 4)
+    keys, plain = set(vae.state_dict()), vae.decode(z)
+    calls, fused = [], kernels.rmsnorm_channels
+    monkeypatch.setattr(kernels, "rmsnorm_channels", lambda *a: calls.append(a[0].shape) or fused(*a))
+    vae.fused_norms = True
+    # on a CPU the dispatch runs diffusers' arithmetic: the same frames, bit for bit
+    assert torch.equal(vae.decode(z), plain)
+    assert calls and {len(shape) for shape in calls} == {4, 5}  # its attention's norm is 4D
+    n = len(calls)
+    vae.encode(torch.rand(1, 3, 5, 32, 32))
+    assert len(calls) == n and set(vae.state_dict()) == keys  # the encoder keeps diffusers' norms
+    vae.fused_norms = False
+    vae.decode(z)
+    assert len(calls) == n
+
+
+@torch.no_grad()
 def test_bfloat16_decoder_shares_the_encoder_and_stays_close():
     """A bf16 decoder copy: the encoder is the same modules, frames come back fp32, near the fp32 decode."""
     torch.manual_seed(0)

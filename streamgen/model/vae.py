@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import kernels
 
 
 class VideoAutoencoder(nn.Module):
@@ -265,7 +268,13 @@ class WanVAE(VideoAutoencoder):
     later one to 4 (Wan's causal 1 + 4k layout).
     """
 
-    def __init__(self, vae, frames_per_call: int | None | str = "auto", cudnn_benchmark: bool = False):
+    def __init__(
+        self,
+        vae,
+        frames_per_call: int | None | str = "auto",
+        cudnn_benchmark: bool = False,
+        fused_norms=False,
+    ):
         super().__init__()
         self.vae = vae
         # Latent frames per decoder call; None: a chunk's in one call; "auto": None on a GPU, 1 on a
@@ -279,12 +288,33 @@ class WanVAE(VideoAutoencoder):
         # cuDNN's per-shape algorithm search for the decoder's convolutions (`torch.backends.cudnn.
         # benchmark`, for its calls only): measured no faster on the H200 (256 ms either way)
         self.cudnn_benchmark = cudnn_benchmark
+        self.fused_norms = fused_norms
         cfg = vae.config
         self.latent_channels = cfg.z_dim
         self.temporal_factor = 2 ** sum(cfg.temperal_downsample)
         self.spatial_factor = 2 ** (len(cfg.dim_mult) - 1)
         self.register_buffer("latent_mean", torch.tensor(cfg.latents_mean).float())
         self.register_buffer("latent_std", torch.tensor(cfg.latents_std).float())
+
+    @property
+    def fused_norms(self) -> bool:
+        """The decoder's RMSNorms through `kernels.rmsnorm_channels` (one Triton kernel on CUDA,
+        the same arithmetic as diffusers' module elsewhere). Off by default until a GPU run times
+        it (bench gpu's `decoder`): on the H200 the decoder spends most of its time in such
+        memory-bound glue (README, "On one H200")."""
+        return self._fused_norms
+
+    @fused_norms.setter
+    def fused_norms(self, enabled: bool) -> None:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+        self._fused_norms = bool(enabled)
+        for norm in self.vae.decoder.modules():
+            if isinstance(norm, WanRMS_norm) and norm.channel_first:
+                if enabled:  # an instance attribute: nn.Module.__call__ finds it before the class's
+                    norm.forward = functools.partial(_fused_rms_norm, norm)
+                else:
+                    norm.__dict__.pop("forward", None)
 
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> WanVAE:
@@ -335,6 +365,11 @@ class WanVAE(VideoAutoencoder):
                 i += n
         # diffusers clamps inside decode(); decoding through its decoder we clamp ourselves
         return torch.cat(outs, 2).clamp(-1, 1), state
+
+
+def _fused_rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    bias = norm.bias if isinstance(norm.bias, torch.Tensor) else None  # diffusers' default bias is 0.0
+    return kernels.rmsnorm_channels(x, norm.gamma, bias)
 
 
 @contextlib.contextmanager
