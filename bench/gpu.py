@@ -184,18 +184,20 @@ def stage_breakdown(model, steps, chunks, device, dtype, text_tokens, ceilings, 
 def decoder_variants(model, device, dtype, chunks: int = 5) -> dict:
     """The Wan decoder on a stream's steady chunks (3 latent frames each, after its first chunk),
     each way it can run (`WanVAE`'s switches): one latent frame per decoder call (diffusers') or
-    the whole chunk in one; then with cuDNN's per-shape algorithm search, and with its RMSNorms
-    fused (`kernels.rmsnorm_channels`). Per way: ms per chunk (median) and how far its last
+    the whole chunk in one; then with cuDNN's per-shape algorithm search, with its RMSNorms fused
+    (`kernels.rmsnorm_channels`), and with those and its convolutions padding inside. Per way: ms per chunk (median) and how far its last
     chunk's frames are from the first way's; or the error that stopped it."""
     vae, sync = model.vae, _synchronize(device)
     z = torch.randn(1, vae.latent_channels, 3 * (chunks + 2), model.height // vae.spatial_factor,
                     model.width // vae.spatial_factor, device=device, dtype=dtype)  # fmt: skip
-    plain = {"frames_per_call": 1, "cudnn_benchmark": False, "fused_norms": False}
+    plain = {"frames_per_call": 1, "cudnn_benchmark": False, "fused_norms": False, "pad_in_conv": False}
+    chunk = {**plain, "frames_per_call": None}
     ways = {
         "frame_per_call": plain,
-        "chunk_per_call": {**plain, "frames_per_call": None},
-        "chunk_per_call+cudnn_benchmark": {**plain, "frames_per_call": None, "cudnn_benchmark": True},
-        "chunk_per_call+fused_norms": {**plain, "frames_per_call": None, "fused_norms": True},
+        "chunk_per_call": chunk,
+        "chunk_per_call+cudnn_benchmark": {**chunk, "cudnn_benchmark": True},
+        "chunk_per_call+fused_norms": {**chunk, "fused_norms": True},
+        "chunk_per_call+fused_norms+pad_in_conv": {**chunk, "fused_norms": True, "pad_in_conv": True},
     }
 
     @torch.no_grad()

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
+from torch.nn.functional import pad as F_pad
 
 from streamgen.model.vae import ResBlock2d, TinyCausalVAE, UpsampleConv2d, WanVAE
 
@@ -173,6 +174,27 @@ def test_wan_vae_fused_norms_take_the_decoders_norms_through_the_kernel_dispatch
     vae.fused_norms = False
     vae.decode(z)
     assert len(calls) == n
+
+
+@torch.no_grad()
+def test_wan_vae_pads_inside_its_convolutions_with_the_same_frames(monkeypatch):
+    torch.manual_seed(0)
+    wan = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()  # fmt: skip
+    vae, z = WanVAE(wan), torch.randn(1, 4, 5, 4, 4)
+    plain = decode_in_chunks(vae, z, [1, 2, 2])
+    pads = []
+    monkeypatch.setattr(
+        torch.nn.functional, "pad", lambda x, p, *a, **k: pads.append(tuple(p)) or F_pad(x, p, *a, **k)
+    )
+    vae.pad_in_conv = True
+    inside = decode_in_chunks(vae, z, [1, 2, 2])
+    assert torch.allclose(inside, plain, atol=1e-5) and inside.shape == plain.shape
+    assert all(p[:4] == (0, 0, 0, 0) for p in pads)  # only the causal zeros before a stream's first frame
+    vae.pad_in_conv = False
+    pads.clear()
+    assert torch.equal(decode_in_chunks(vae, z, [1, 2, 2]), plain)
+    assert any(p[:4] != (0, 0, 0, 0) for p in pads)  # diffusers' own forward again: it pads every side
 
 
 @torch.no_grad()

@@ -274,6 +274,7 @@ class WanVAE(VideoAutoencoder):
         frames_per_call: int | None | str = "auto",
         cudnn_benchmark: bool = False,
         fused_norms=False,
+        pad_in_conv=False,
     ):
         super().__init__()
         self.vae = vae
@@ -289,6 +290,7 @@ class WanVAE(VideoAutoencoder):
         # benchmark`, for its calls only): measured no faster on the H200 (256 ms either way)
         self.cudnn_benchmark = cudnn_benchmark
         self.fused_norms = fused_norms
+        self.pad_in_conv = pad_in_conv
         cfg = vae.config
         self.latent_channels = cfg.z_dim
         self.temporal_factor = 2 ** sum(cfg.temperal_downsample)
@@ -309,12 +311,23 @@ class WanVAE(VideoAutoencoder):
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
 
         self._fused_norms = bool(enabled)
-        for norm in self.vae.decoder.modules():
-            if isinstance(norm, WanRMS_norm) and norm.channel_first:
-                if enabled:  # an instance attribute: nn.Module.__call__ finds it before the class's
-                    norm.forward = functools.partial(_fused_rms_norm, norm)
-                else:
-                    norm.__dict__.pop("forward", None)
+        norms = [m for m in self.vae.decoder.modules() if isinstance(m, WanRMS_norm) and m.channel_first]
+        _replace_forward(norms, _fused_rms_norm if enabled else None)
+
+    @property
+    def pad_in_conv(self) -> bool:
+        """The decoder's causal 3D convolutions pad in height and width inside the convolution,
+        where diffusers' pads a copy of every input first (`F.pad`). Off until a GPU run times it."""
+        return self._pad_in_conv
+
+    @pad_in_conv.setter
+    def pad_in_conv(self, enabled: bool) -> None:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+        self._pad_in_conv = bool(enabled)
+        decoding = [self.vae.post_quant_conv, *self.vae.decoder.modules()]
+        convs = [m for m in decoding if isinstance(m, WanCausalConv3d)]
+        _replace_forward(convs, _causal_conv3d_padding_inside if enabled else None)
 
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> WanVAE:
@@ -365,6 +378,30 @@ class WanVAE(VideoAutoencoder):
                 i += n
         # diffusers clamps inside decode(); decoding through its decoder we clamp ourselves
         return torch.cat(outs, 2).clamp(-1, 1), state
+
+
+def _replace_forward(modules, forward) -> None:
+    """Each module's forward replaced by forward(module, ...), or restored where forward is None.
+    An instance attribute: nn.Module.__call__ finds it before the class's; the weights, and so the
+    state dict, are the module's own."""
+    for module in modules:
+        if forward is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = functools.partial(forward, module)
+
+
+def _causal_conv3d_padding_inside(conv, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+    """diffusers' `WanCausalConv3d.forward` (earlier frames from `cache_x`, zeros before the first),
+    the height and width padding left to the convolution. `conv._padding` is F.pad's order:
+    (w, w, h, h, 2 * t, 0)."""
+    pad_w, pad_h, pad_t = conv._padding[0], conv._padding[2], conv._padding[4]
+    if cache_x is not None and pad_t > 0:
+        x = torch.cat([cache_x.to(x.device), x], dim=2)
+        pad_t -= cache_x.shape[2]
+    if pad_t > 0:
+        x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
+    return F.conv3d(x, conv.weight, conv.bias, conv.stride, (0, pad_h, pad_w), conv.dilation, conv.groups)
 
 
 def _fused_rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
