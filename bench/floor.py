@@ -1,7 +1,8 @@
 """`streamgen bench floor --json`: the least time a chunk can take, counted rather than timed.
 
-For each stage of a chunk (`streamgen.stream.CHUNK_STAGES`: audio encoder, the
-denoising steps, the clean re-encode, decoding, the copy to the host) and for
+For each stage of a chunk (`streamgen.stream.CHUNK_STAGES`: the clean re-encode
+of the chunk before, audio encoder, the denoising steps, decoding, the copy to
+the host; a fresh stream's first chunk has no re-encode to do) and for
 starting a stream (reference encode and sink), this counts
 
 - `tflop`: the floating-point operations of every matrix product, attention and
@@ -141,8 +142,10 @@ def _counted_chunk(session, steps) -> dict:
     def observe(stage, fn):
         if stage == "to_host":
             return None
-        if stage in ("denoise", "reencode"):  # forwards of the transformer against the cache
-            result, stages[stage] = count(fn, steps if stage == "denoise" else 1, session.cache)
+        if stage == "denoise":  # forwards of the transformer against the cache
+            result, stages[stage] = count(fn, steps, session.cache)
+        elif stage == "reencode":  # the previous chunk's, if any: the first chunk's call has none
+            result, stages[stage] = count(fn, 1, session.cache if session.chunk_pending else None)
         else:
             result, stages[stage] = count(fn)
         if stage == "decode":

@@ -138,6 +138,16 @@ class ModelOps:
             return None
         raise ValueError(f"unknown operation {op!r}")
 
+    def after_reply(self, op: str, args: tuple) -> None:
+        """After a chunk's frames went back: its clean re-encode into the stream's cache, so the
+        next chunk starts with its denoising (as the server's worker does for its own streams). A
+        failure here stays pending and comes back in band with that next chunk."""
+        if op == "chunk" and args[0] in self.streams:
+            try:
+                self.streams[args[0]].write_pending_chunk()
+            except Exception:  # reported by the next chunk, which retries the write
+                pass
+
     def close_all(self) -> None:
         for stream in self.streams.values():
             stream.close()
@@ -175,3 +185,5 @@ def _child_main(conn, model_name: str, device: str, threads: int | None, decode_
             conn.send((True, ops.handle(op, args)))
         except Exception as e:  # reported to the caller in the server, which decides
             conn.send((False, (type(e).__name__, str(e))))
+            continue
+        ops.after_reply(op, args)

@@ -46,16 +46,23 @@ def test_attention_is_counted_over_the_sink_the_chunk_and_the_filled_ring(on_cpu
     def attention(stage):
         return stage["tflop_by_kind"]["attention"]
 
-    def cross_attention(chunk):  # text and audio: the same in every chunk
-        return attention(work[chunk]["stages"]["reencode"]) - self_attention_tflop(
-            cfg.sink_frames + cfg.frames_per_chunk + (cfg.window_frames if chunk == "steady_chunk" else 0)
+    # a chunk's call re-encodes the chunk before it: the first chunk's frames come before any
+    # re-encode, and the second chunk's call re-encodes the first (attending to the sink and itself)
+    first, steady = work["first_chunk"]["stages"], work["steady_chunk"]["stages"]
+    first_reencode = work["clip"][1]["stages"]["reencode"]
+    assert first["reencode"]["tflop"] == first["reencode"]["kv_gb"] == first["reencode"]["weights_gb"] == 0
+
+    def cross_attention(reencode, ring_frames):  # text and audio: the same in every chunk
+        return attention(reencode) - self_attention_tflop(
+            cfg.sink_frames + cfg.frames_per_chunk + ring_frames
         )
 
-    first, steady = work["first_chunk"]["stages"], work["steady_chunk"]["stages"]
-    assert cross_attention("first_chunk") == pytest.approx(cross_attention("steady_chunk"))
+    assert cross_attention(first_reencode, 0) == pytest.approx(
+        cross_attention(steady["reencode"], cfg.window_frames)
+    )
     ring_tflop = self_attention_tflop(cfg.window_frames)
     assert attention(steady["denoise"]) - attention(first["denoise"]) == pytest.approx(STEPS * ring_tflop)
-    assert attention(steady["reencode"]) - attention(first["reencode"]) == pytest.approx(ring_tflop)
+    assert attention(steady["reencode"]) - attention(first_reencode) == pytest.approx(ring_tflop)
     # the steps and the re-encode are the same forward: one re-encode is a quarter of 4 steps
     assert steady["denoise"]["tflop"] == pytest.approx(STEPS * steady["reencode"]["tflop"])
     # the Wan VAE decodes 1 frame from the first latent frame and 4 from each after it
@@ -88,7 +95,7 @@ def test_a_fresh_clip_is_counted_chunk_by_chunk_as_its_cache_grows(on_cpu):
 
 def test_the_cache_reads_follow_the_ring(on_cpu):
     model, work = on_cpu
-    first, steady = work["first_chunk"]["stages"], work["steady_chunk"]["stages"]
+    first, steady = work["clip"][1]["stages"], work["steady_chunk"]["stages"]  # the first re-encode
     cfg = model.cfg
     key_frames = cfg.sink_frames + cfg.frames_per_chunk
     ratio = (key_frames + cfg.window_frames) / key_frames

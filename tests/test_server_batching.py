@@ -41,3 +41,23 @@ def test_due_sessions_share_forward_passes_and_get_their_own_chunks():
         assert worker.chunk_time_ema > 0
     finally:
         loop.close()
+
+
+def test_the_worker_publishes_each_chunk_before_writing_it_into_the_cache():
+    """The clean re-encode of a chunk runs once its frames are on their way, not on the next
+    chunk's latency; the worker's time per chunk (capacity) still counts it."""
+    loop = asyncio.new_event_loop()
+    try:
+        worker = InferenceWorker(ServerMetrics())
+        for group in (make_sessions(loop, [1]), make_sessions(loop, [2, 3])):  # alone and batched
+            pending_at_publish = []
+
+            def publish(session, chunk, seen=pending_at_publish):
+                seen.append(session.stream.chunk_pending)
+
+            worker.run_chunks(group, publish=publish)
+            assert pending_at_publish == [True] * len(group)
+            assert not any(s.stream.chunk_pending for s in group)
+            assert all(s.stream.cache.filled == s.stream.cfg.frames_per_chunk for s in group)
+    finally:
+        loop.close()

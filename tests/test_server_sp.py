@@ -273,3 +273,18 @@ def test_model_ops_decode_in_the_server_s_decode_dtype():
         ops.close_all()
     with pytest.raises(ValueError, match="decode dtype"):
         ModelOps(model, "cpu", "float16").handle("create", ("s", face, None, 0, None, None, None))
+
+
+def test_model_ops_write_a_chunk_into_the_cache_after_replying_with_its_frames():
+    from server.model_host import ModelOps
+    from streamgen.models import load_model
+
+    face, _ = inputs()
+    ops = ModelOps(load_model("debug"), "cpu", "float32")
+    ops.handle("create", ("s", face, None, 0, None, None, None))
+    ops.handle("chunk", ("s", np.zeros(0, np.float32)))
+    assert ops.streams["s"].chunk_pending  # the frames went back first
+    ops.after_reply("chunk", ("s", np.zeros(0, np.float32)))
+    assert not ops.streams["s"].chunk_pending
+    ops.handle("close", ("s",))
+    ops.after_reply("chunk", ("s", np.zeros(0, np.float32)))  # a stream closed in between: nothing to do

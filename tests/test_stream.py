@@ -256,3 +256,38 @@ def test_a_context_tensor_stands_for_the_text(model):
     assert frames.shape[0] == s.frames_per_chunk
     with pytest.raises(ValueError, match="a text or a context, not both"):
         s.start(face(), text="smiling", context=context)
+
+
+def test_a_chunk_is_written_into_the_cache_by_the_next_one_with_the_same_frames(model):
+    """next_chunk returns its frames before its clean re-encode, which the next chunk runs first."""
+    _, lazy = run(model, [speech(3.0)], 4)
+    s = StreamSession(model)
+    s.start(face(), seed=0)
+    s.push_audio(speech(3.0))
+    assert not s.chunk_pending
+    eager = []
+    for _ in range(4):  # the chunk written as soon as its frames are out, as before
+        filled = s.cache.filled
+        eager.append(s.next_chunk())
+        assert s.chunk_pending and s.cache.filled == filled
+        s.write_pending_chunk()
+        assert not s.chunk_pending and s.cache.filled == min(
+            filled + s.cfg.frames_per_chunk, s.cfg.window_frames
+        )
+    assert all(np.array_equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(lazy, eager))
+
+
+def test_a_new_caption_finds_the_last_chunk_written_with_the_old_one():
+    tiny = load_model("tiny-avatar")
+
+    def second_chunk(write_first: bool):
+        s = StreamSession(tiny, height=64, width=64)
+        s.start(face(), seed=0)
+        s.next_chunk()
+        if write_first:
+            s.write_pending_chunk()
+        s.set_text("surprised")
+        assert not s.chunk_pending
+        return s.next_chunk()[0]
+
+    assert np.array_equal(second_chunk(False), second_chunk(True))
