@@ -153,14 +153,18 @@ def test_wan_vae_chunked_decode_equals_full_decode(frames_per_call):
     assert full.abs().max() <= 1.0
 
 
+def tiny_wan_vae() -> WanVAE:
+    torch.manual_seed(0)
+    wan = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4)  # fmt: skip
+    return WanVAE(wan.eval())
+
+
 @torch.no_grad()
 def test_wan_vae_fused_norms_take_the_decoders_norms_through_the_kernel_dispatch(monkeypatch):
     import kernels
 
-    torch.manual_seed(0)
-    wan = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()  # fmt: skip
-    vae, z = WanVAE(wan), torch.randn(1, 4, 3, 4, 4)
+    vae, z = tiny_wan_vae(), torch.randn(1, 4, 3, 4, 4)
     keys, plain = set(vae.state_dict()), vae.decode(z)
     calls, fused = [], kernels.rmsnorm_channels
     monkeypatch.setattr(kernels, "rmsnorm_channels", lambda *a: calls.append(a[0].shape) or fused(*a))
@@ -178,10 +182,7 @@ def test_wan_vae_fused_norms_take_the_decoders_norms_through_the_kernel_dispatch
 
 @torch.no_grad()
 def test_wan_vae_pads_inside_its_convolutions_with_the_same_frames(monkeypatch):
-    torch.manual_seed(0)
-    wan = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()  # fmt: skip
-    vae, z = WanVAE(wan), torch.randn(1, 4, 5, 4, 4)
+    vae, z = tiny_wan_vae(), torch.randn(1, 4, 5, 4, 4)
     plain = decode_in_chunks(vae, z, [1, 2, 2])
     pads = []
     monkeypatch.setattr(
