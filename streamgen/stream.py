@@ -265,10 +265,11 @@ class StreamSession:
         """
         run = observe or _run_stage
         self._require_started()
-        # The previous chunk's clean re-encode writes its K/V into the cache now, not before its
-        # frames were returned: only this chunk's denoising reads them, and so every chunk's frames
-        # leave one re-encode sooner (15% of a chunk on the H200 and on this CPU), the first
-        # chunk's too. The frames are the same.
+        # A chunk returns its frames before its clean re-encode writes its K/V into the cache
+        # (15% of a chunk, on the H200 and on this CPU): only the next chunk's denoising reads
+        # them. A caller writes them while the frames travel (`write_pending_chunk`, as the
+        # server's worker does), or the next chunk does it here, first. The frames are the same;
+        # a stream's first frames come that much sooner either way.
         run("reencode", self.write_pending_chunk)
         audio, noise = run("audio", self._prepare_chunk)
 
