@@ -30,9 +30,9 @@ the default configuration with 2 steps (reported, never the headline) and with
 the Wan decoder one latent frame per call (diffusers' way); SDPA with its cuDNN
 kernel first (`cudnn`);
 the Wan decoder each way it can run (`decoder`); the kernel micro-benchmarks
-(`bench/kernels.py`); then the variants slowest to prepare: FlexAttention and
+(`bench/kernels.py`); then the variants slowest to prepare: FlexAttention,
 Inductor-compiled blocks (dynamic shapes after the first change of the ring's
-fill level). No CUDA graphs: the profile of the stages says why
+fill level) and the Wan decoder under Inductor (`decoder_compiled`). No CUDA graphs: the profile of the stages says why
 (`compiled_blocks`).
 
 Built to finish within ~8 minutes on one H200 with only PyTorch and Triton;
@@ -182,29 +182,41 @@ def stage_breakdown(model, steps, chunks, device, dtype, text_tokens, ceilings, 
         session.close()
 
 
-def decoder_variants(model, device, dtype, chunks: int = 5) -> dict:
+_PLAIN_DECODER = {
+    "frames_per_call": 1, "cudnn_benchmark": False, "fused_norms": False, "pad_in_conv": False,
+    "compiled_decoder": None,
+}  # fmt: skip
+_CHUNK = {**_PLAIN_DECODER, "frames_per_call": None}
+DECODER_WAYS = {  # WanVAE's switches; the first is diffusers' way, the reference of the others
+    "frame_per_call": _PLAIN_DECODER,
+    "chunk_per_call": _CHUNK,
+    "chunk_per_call+cudnn_benchmark": {**_CHUNK, "cudnn_benchmark": True},
+    "chunk_per_call+fused_norms": {**_CHUNK, "fused_norms": True},
+    "chunk_per_call+fused_norms+pad_in_conv": {**_CHUNK, "fused_norms": True, "pad_in_conv": True},
+    "chunk_per_call+compiled": {**_CHUNK, "compiled_decoder": "inductor"},
+}
+# compiling takes longest: timed with the variants slowest to prepare (`decoder_compiled`)
+SLOW_DECODER_WAYS = ("chunk_per_call+compiled",)
+
+
+def decoder_variants(model, device, dtype, names=None, chunks: int = 5) -> dict:
     """The Wan decoder on a stream's steady chunks (3 latent frames each, after its first chunk),
-    each way it can run (`WanVAE`'s switches): one latent frame per decoder call (diffusers') or
-    the whole chunk in one; then with cuDNN's per-shape algorithm search, with its RMSNorms fused
-    (`kernels.rmsnorm_channels`), and with those and its convolutions padding inside. Per way: ms per chunk (median) and how far its last
-    chunk's frames are from the first way's; or the error that stopped it."""
+    each way it can run (`DECODER_WAYS`, or `names` of them): one latent frame per decoder call
+    (diffusers') or the whole chunk in one; then with cuDNN's per-shape algorithm search, with its
+    RMSNorms fused (`kernels.rmsnorm_channels`), with those and its convolutions padding inside,
+    and under torch.compile. Per way: ms per chunk (median; the first two chunks, untimed, search
+    or compile), `first_chunk_ms`, and how far its last chunk's frames are from diffusers' way's;
+    or the error that stopped it."""
     vae, sync = model.vae, _synchronize(device)
     z = torch.randn(1, vae.latent_channels, 3 * (chunks + 2), model.height // vae.spatial_factor,
                     model.width // vae.spatial_factor, device=device, dtype=dtype)  # fmt: skip
-    plain = {"frames_per_call": 1, "cudnn_benchmark": False, "fused_norms": False, "pad_in_conv": False}
-    chunk = {**plain, "frames_per_call": None}
-    ways = {
-        "frame_per_call": plain,
-        "chunk_per_call": chunk,
-        "chunk_per_call+cudnn_benchmark": {**chunk, "cudnn_benchmark": True},
-        "chunk_per_call+fused_norms": {**chunk, "fused_norms": True},
-        "chunk_per_call+fused_norms+pad_in_conv": {**chunk, "fused_norms": True, "pad_in_conv": True},
-    }
+    reference_way = next(iter(DECODER_WAYS))
+    names = [reference_way] + [n for n in (names or DECODER_WAYS) if n != reference_way]
 
     @torch.no_grad()
     def decode_chunks():
         state, times = vae.init_state(1), []
-        for i in range(chunks + 2):  # the first chunk and one more: shapes searched, untimed
+        for i in range(chunks + 2):
             sync()
             t = time.perf_counter()
             frames, state = vae.decode_stream(z[:, :, 3 * i : 3 * i + 3], state)
@@ -213,9 +225,9 @@ def decoder_variants(model, device, dtype, chunks: int = 5) -> dict:
         return frames, times
 
     result, reference = {}, None
-    for name, way in ways.items():
+    for name in names:
         try:
-            frames, times = with_attributes(vae, way, decode_chunks)
+            frames, times = with_attributes(vae, DECODER_WAYS[name], decode_chunks)
         except Exception as e:  # a new kernel's fault must not cost the other ways
             result[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
             continue
@@ -356,7 +368,8 @@ def run(
     out=None,
     only=None,
 ) -> dict:
-    """`only`: the names of the parts to run (variants, "stages", "decoder", "kernels"); None: all."""
+    """`only`: the names of the parts to run (variants, "stages", "decoder", "kernels",
+    "decoder_compiled"); None: all."""
     started = time.perf_counter()
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -424,7 +437,8 @@ def run(
     for name, fn in before_kernels.items():
         variant(name, fn)
     if model is not None:
-        variant("decoder", lambda: decoder_variants(model, device, dtype))
+        fast_ways = [name for name in DECODER_WAYS if name not in SLOW_DECODER_WAYS]
+        variant("decoder", lambda: decoder_variants(model, device, dtype, fast_ways))
     for part in ("stages", "decoder"):
         if part in result["variants"]:
             result[part] = result["variants"].pop(part)
@@ -440,6 +454,10 @@ def run(
             result["kernels"] = result["variants"].pop("kernels")
     for name, fn in after_kernels.items():  # the slowest to prepare: the budget cuts these first
         variant(name, fn)
+    if model is not None and compile_blocks:
+        variant("decoder_compiled", lambda: decoder_variants(model, device, dtype, SLOW_DECODER_WAYS))
+        if "decoder_compiled" in result["variants"]:
+            result["decoder_compiled"] = result["variants"].pop("decoder_compiled")
     # the variants at the benchmark's step count (a variant with fewer says so in "steps")
     ok = {k: v for k, v in result["variants"].items() if "fps" in v and v.get("steps", steps) == steps}
     if ok:
@@ -469,7 +487,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel micro-benchmarks")
     p.add_argument("--backends", nargs="*", default=["sdpa", "cudnn", "triton", "flex"])
-    p.add_argument("--only", nargs="*", help="run only these parts: variant names, stages, decoder, kernels")
+    p.add_argument(
+        "--only",
+        nargs="*",
+        help="run only these parts: variant names, stages, decoder, kernels, decoder_compiled",
+    )
     p.add_argument("--out", help="also write the JSON here, rewritten after each variant (survives a kill)")
     p.add_argument("--plot", help="write fps per variant and chunk times to this PNG")
 

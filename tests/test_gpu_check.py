@@ -178,6 +178,10 @@ def test_bench_gpu_only_runs_the_parts_it_is_given():
     result = gpu.run("cpu", quick=True, chunks=1, kernel_bench=False, backends=("sdpa",), only={"decoder"})
     assert result["variants"] == {} and "stages" not in result and "fps" not in result
     assert set(result["decoder"]) >= {"frame_per_call", "chunk_per_call"}
+    # any ways asked for, after diffusers' way, which the others are compared with
+    model = gpu.build_model("wan2.1-1.3b", 64, 96, "cpu", torch.float32, quick=True, backend="sdpa")
+    ways = gpu.decoder_variants(model, "cpu", torch.float32, ["chunk_per_call"], chunks=1)
+    assert list(ways) == ["frame_per_call", "chunk_per_call"] and ways["frame_per_call"]["max_abs_diff"] == 0
 
 
 def test_the_variants_run_the_defaults_figures_before_newer_kernels_and_compiling():

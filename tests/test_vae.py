@@ -199,6 +199,27 @@ def test_wan_vae_pads_inside_its_convolutions_with_the_same_frames(monkeypatch):
 
 
 @torch.no_grad()
+def test_wan_vae_compiled_decoder_is_captured_whole_and_undone():
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    dynamo.reset()  # no graphs of an earlier test's decoder to reuse
+    vae, z = tiny_wan_vae(), torch.randn(1, 4, 7, 4, 4)
+    vae.frames_per_call = None
+    plain = decode_in_chunks(vae, z, [1, 3, 3])
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    vae.compiled_decoder = "aot_eager"  # dynamo's capture without Inductor's compile: seconds on a CPU
+    assert torch.equal(decode_in_chunks(vae, z, [1, 3, 3]), plain)
+    # the first latent frame, the rest of the first chunk, a steady chunk; the caches go through
+    assert (
+        counters["stats"]["unique_graphs"] - graphs == 3 and sum(counters["graph_break"].values()) == breaks
+    )
+    vae.compiled_decoder = None
+    assert vae.vae.decoder._compiled_call_impl is None
+    assert torch.equal(decode_in_chunks(vae, z, [1, 3, 3]), plain)
+
+
+@torch.no_grad()
 def test_bfloat16_decoder_shares_the_encoder_and_stays_close():
     """A bf16 decoder copy: the encoder is the same modules, frames come back fp32, near the fp32 decode."""
     torch.manual_seed(0)

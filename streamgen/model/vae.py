@@ -275,6 +275,7 @@ class WanVAE(VideoAutoencoder):
         cudnn_benchmark: bool = False,
         fused_norms=False,
         pad_in_conv=False,
+        compiled_decoder: str | None = None,
     ):
         super().__init__()
         self.vae = vae
@@ -291,6 +292,7 @@ class WanVAE(VideoAutoencoder):
         self.cudnn_benchmark = cudnn_benchmark
         self.fused_norms = fused_norms
         self.pad_in_conv = pad_in_conv
+        self.compiled_decoder = compiled_decoder
         cfg = vae.config
         self.latent_channels = cfg.z_dim
         self.temporal_factor = 2 ** sum(cfg.temperal_downsample)
@@ -328,6 +330,23 @@ class WanVAE(VideoAutoencoder):
         decoding = [self.vae.post_quant_conv, *self.vae.decoder.modules()]
         convs = [m for m in decoding if isinstance(m, WanCausalConv3d)]
         _replace_forward(convs, _causal_conv3d_padding_inside if enabled else None)
+
+    @property
+    def compiled_decoder(self) -> str | None:
+        """The torch.compile backend the decoder runs under ("inductor": its norms, activations,
+        pads and cache copies fused around the convolutions), or None. Dynamo captures diffusers'
+        decoder whole, its causal caches included: three graphs per stream (the first latent
+        frame, the rest of the first chunk, a steady chunk), then no recompiles. Off until a GPU
+        run times it (bench gpu's `decoder_compiled`)."""
+        return self._compiled_decoder
+
+    @compiled_decoder.setter
+    def compiled_decoder(self, backend: str | None) -> None:
+        self._compiled_decoder = backend
+        if backend is None:
+            self.vae.decoder._compiled_call_impl = None
+        else:
+            self.vae.decoder.compile(backend=backend, dynamic=False)
 
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> WanVAE:
