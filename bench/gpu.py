@@ -183,14 +183,12 @@ def stage_breakdown(model, steps, chunks, device, dtype, text_tokens, ceilings, 
 
 
 _PLAIN_DECODER = {
-    "frames_per_call": 1, "cudnn_benchmark": False, "fused_norms": False, "pad_in_conv": False,
-    "compiled_decoder": None,
+    "frames_per_call": 1, "fused_norms": False, "pad_in_conv": False, "compiled_decoder": None,
 }  # fmt: skip
 _CHUNK = {**_PLAIN_DECODER, "frames_per_call": None}
 DECODER_WAYS = {  # WanVAE's switches; the first is diffusers' way, the reference of the others
     "frame_per_call": _PLAIN_DECODER,
     "chunk_per_call": _CHUNK,
-    "chunk_per_call+cudnn_benchmark": {**_CHUNK, "cudnn_benchmark": True},
     "chunk_per_call+fused_norms": {**_CHUNK, "fused_norms": True},
     "chunk_per_call+fused_norms+pad_in_conv": {**_CHUNK, "fused_norms": True, "pad_in_conv": True},
     "chunk_per_call+compiled": {**_CHUNK, "compiled_decoder": "inductor"},
@@ -202,8 +200,7 @@ SLOW_DECODER_WAYS = ("chunk_per_call+compiled",)
 def decoder_variants(model, device, dtype, names=None, chunks: int = 5) -> dict:
     """The Wan decoder on a stream's steady chunks (3 latent frames each, after its first chunk),
     each way it can run (`DECODER_WAYS`, or `names` of them): one latent frame per decoder call
-    (diffusers') or the whole chunk in one; then with cuDNN's per-shape algorithm search, with its
-    RMSNorms fused (`kernels.rmsnorm_channels`), with those and its convolutions padding inside,
+    (diffusers') or the whole chunk in one; then with its RMSNorms fused (`kernels.rmsnorm_channels`), with those and its convolutions padding inside,
     and under torch.compile. Per way: ms per chunk (median; the first two chunks, untimed, search
     or compile), `first_chunk_ms`, and how far its last chunk's frames are from diffusers' way's;
     or the error that stopped it."""

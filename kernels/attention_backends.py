@@ -33,18 +33,7 @@ from kernels import check_attention_backend, reference
 
 
 def attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa"):
-    if backend == "sdpa":
-        return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
-    if backend == "flex":
-        return flex_attention(q, k, v, block_mask_frames, tokens_per_frame)
-    if backend == "triton":
-        return triton_attention(q, k, v, block_mask_frames, tokens_per_frame)
-    if backend == "flash":
-        return flash_attention(q, k, v, block_mask_frames, tokens_per_frame)
-    if backend == "cudnn":
-        return cudnn_attention(q, k, v, block_mask_frames, tokens_per_frame)
-    check_attention_backend(backend)  # an unknown name: the one message for it
-    raise NotImplementedError(f"attention backend {backend!r} is listed but has no implementation here")
+    return _BY_NAME[check_attention_backend(backend)](q, k, v, block_mask_frames, tokens_per_frame)
 
 
 def available_backends(device) -> list[str]:
@@ -225,3 +214,13 @@ def cudnn_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
     ]
     with sdpa_kernel(order, set_priority=True):
         return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
+
+
+# every name in kernels.ATTENTION_BACKENDS (a test checks that none is missing)
+_BY_NAME = {
+    "sdpa": reference.attention,
+    "flex": flex_attention,
+    "triton": triton_attention,
+    "flash": flash_attention,
+    "cudnn": cudnn_attention,
+}

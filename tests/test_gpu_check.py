@@ -168,7 +168,7 @@ def test_bench_gpu_sets_each_stage_against_its_floor():
     assert result["best_variant"] != "sdpa+fused_kernels, 2 steps"
     # the Wan decoder each way it can run: the same frames (to float rounding), each timed
     decoder = result["decoder"]
-    assert list(decoder) == ["frame_per_call", "chunk_per_call", "chunk_per_call+cudnn_benchmark",
+    assert list(decoder) == ["frame_per_call", "chunk_per_call",
                              "chunk_per_call+fused_norms", "chunk_per_call+fused_norms+pad_in_conv"]  # fmt: skip
     assert all(way["ms_p50"] > 0 and way["max_abs_diff"] < 1e-4 for way in decoder.values())
     assert result["variants"]["sdpa+fused_kernels, decoder frame_per_call"]["fps_steady"] > 0

@@ -130,6 +130,9 @@ def test_attention_backend_switch_validates_and_reports():
     with pytest.raises(ValueError, match="unknown attention backend"):
         kernels.attention(q, k, v, backend="xformers")
     assert attention_backends.available_backends("cpu")[:2] == ["sdpa", "flex"]
+    assert set(attention_backends._BY_NAME) == set(kernels.ATTENTION_BACKENDS)  # each listed one runs
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attention_backends.attention(q, k, v, backend="xformers")
 
 
 def test_cudnn_backend_puts_cudnn_first_in_sdpa_for_the_call_only(monkeypatch):

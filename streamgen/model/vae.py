@@ -18,7 +18,6 @@ decoding the whole clip:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import json
@@ -272,7 +271,6 @@ class WanVAE(VideoAutoencoder):
         self,
         vae,
         frames_per_call: int | None | str = "auto",
-        cudnn_benchmark: bool = False,
         fused_norms=False,
         pad_in_conv=False,
         compiled_decoder: str | None = None,
@@ -287,9 +285,6 @@ class WanVAE(VideoAutoencoder):
         # instead of 256 (+4 GB), bench/results/h200-2026-11-30-followup.json; on this project's
         # CPU at 64x96, in 256 ms instead of 221.
         self.frames_per_call = frames_per_call
-        # cuDNN's per-shape algorithm search for the decoder's convolutions (`torch.backends.cudnn.
-        # benchmark`, for its calls only): measured no faster on the H200 (256 ms either way)
-        self.cudnn_benchmark = cudnn_benchmark
         self.fused_norms = fused_norms
         self.pad_in_conv = pad_in_conv
         self.compiled_decoder = compiled_decoder
@@ -377,24 +372,23 @@ class WanVAE(VideoAutoencoder):
 
     def decode_stream(self, latents: torch.Tensor, state):
         mean, std = self._stats(latents)
-        with _cudnn_benchmark(self.cudnn_benchmark and latents.is_cuda):
-            x = self.vae.post_quant_conv(latents * std + mean)
-            self.vae._feat_map = state["feat_map"]  # the cache is per stream, not per model
-            outs, i = [], 0
-            while i < x.shape[2]:
-                # the stream's first latent frame decodes alone, to one video frame (Wan's 1 + 4k)
-                n = 1 if state["first"] else (self._frames_per_call(x) or x.shape[2] - i)
-                self.vae._conv_idx = [0]
-                outs.append(
-                    self.vae.decoder(
-                        x[:, :, i : i + n],
-                        feat_cache=state["feat_map"],
-                        feat_idx=self.vae._conv_idx,
-                        first_chunk=state["first"],
-                    )
+        x = self.vae.post_quant_conv(latents * std + mean)
+        self.vae._feat_map = state["feat_map"]  # the cache is per stream, not per model
+        outs, i = [], 0
+        while i < x.shape[2]:
+            # the stream's first latent frame decodes alone, to one video frame (Wan's 1 + 4k)
+            n = 1 if state["first"] else (self._frames_per_call(x) or x.shape[2] - i)
+            self.vae._conv_idx = [0]
+            outs.append(
+                self.vae.decoder(
+                    x[:, :, i : i + n],
+                    feat_cache=state["feat_map"],
+                    feat_idx=self.vae._conv_idx,
+                    first_chunk=state["first"],
                 )
-                state["first"] = False
-                i += n
+            )
+            state["first"] = False
+            i += n
         # diffusers clamps inside decode(); decoding through its decoder we clamp ourselves
         return torch.cat(outs, 2).clamp(-1, 1), state
 
@@ -426,13 +420,3 @@ def _causal_conv3d_padding_inside(conv, x: torch.Tensor, cache_x: torch.Tensor |
 def _fused_rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     bias = norm.bias if isinstance(norm.bias, torch.Tensor) else None  # diffusers' default bias is 0.0
     return kernels.rmsnorm_channels(x, norm.gamma, bias)
-
-
-@contextlib.contextmanager
-def _cudnn_benchmark(enabled: bool):
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = saved or enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = saved
