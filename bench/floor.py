@@ -77,20 +77,22 @@ def _cpu_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=No
 _CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flop}
 
 
-def kv_read_bytes(cache) -> int:
-    """Bytes of keys and values one cached forward attends to (sink, chunk and the filled ring)."""
+def kv_read_bytes(cache, layers: int | None = None) -> int:
+    """Bytes of keys and values one cached forward attends to (sink, chunk and the filled ring),
+    in its first `layers` layers (None: all)."""
     tokens = cache.layers[0].chunk_end + cache.ring_tokens_filled()
-    return sum(2 * tokens * layer.k[0, 0].numel() * layer.k.element_size() for layer in cache.layers)
+    attending = cache.layers[:layers]
+    return sum(2 * tokens * layer.k[0, 0].numel() * layer.k.element_size() for layer in attending)
 
 
-def count(fn, forwards: int = 1, cache=None):
+def count(fn, forwards: int = 1, cache=None, kv_layers: int | None = None):
     """(fn(), its work): FLOPs by kind, the weights it reads, the KV cache its forwards read.
 
     `forwards`: how many times fn runs the model one after the other (the denoising steps), each
     reading every weight again (a 1.3B model's weights do not stay in a GPU's cache);
-    `cache`: the KV cache each of them attends to."""
+    `cache`: the KV cache each of them attends to, in its first `kv_layers` layers (None: all)."""
     # read before fn runs: a re-encode advances the ring it attended to
-    kv = forwards * kv_read_bytes(cache) if cache is not None else 0
+    kv = forwards * kv_read_bytes(cache, kv_layers) if cache is not None else 0
     flops, weights = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION), WeightReads()
     with flops, weights:
         result = fn()
@@ -145,7 +147,9 @@ def _counted_chunk(session, steps) -> dict:
         if stage == "denoise":  # forwards of the transformer against the cache
             result, stages[stage] = count(fn, steps, session.cache)
         elif stage == "reencode":  # the previous chunk's, if any: the first chunk's call has none
-            result, stages[stage] = count(fn, 1, session.cache if session.chunk_pending else None)
+            # a cache write's last layer stores keys and values and attends to none
+            cache = session.cache if session.chunk_pending else None
+            result, stages[stage] = count(fn, 1, cache, kv_layers=len(session.cache.layers) - 1)
         else:
             result, stages[stage] = count(fn)
         if stage == "decode":

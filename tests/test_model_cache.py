@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from streamgen.model import DiT, get_config
+from streamgen.model.cache import KVCache
 from streamgen.sampling import encode_sink, generate_chunk, student_sigmas
 
 HW = (8, 8)
@@ -139,3 +140,24 @@ def test_a_denoising_step_with_gradient_through_the_cache():
     with torch.no_grad():  # and the gradient path computes the same values as the buffer path
         v_again = model(x, torch.full((1, 2), 500.0), ctx, mode="cached", cache=cache)
     assert torch.allclose(v.detach(), v_again, atol=1e-6) and not torch.allclose(v2, v_again)
+
+
+@torch.no_grad()
+def test_a_cache_write_keeps_keys_and_values_only(monkeypatch):
+    # a write's last layer stores its keys/values and reads none back to attend with, and the
+    # write returns no velocity (the stream equals block-causal attention with it: above)
+    model, cfg = make()
+    ctx, ref = torch.randn(1, 2, cfg.text_dim), torch.randn(1, cfg.in_channels, cfg.sink_frames, *HW)
+    cache = model.new_cache(1, HW)
+    encode_sink(model, cache, ref, ctx)
+    reads, writes = [], []
+    for name, seen in (("update", reads), ("write_ring", writes)):
+        method = getattr(KVCache, name)
+        monkeypatch.setattr(KVCache, name, lambda self, *a, m=method, s=seen: s.append(self) or m(self, *a))
+    x, t = torch.randn(1, cfg.in_channels, cfg.frames_per_chunk, *HW), torch.zeros(1, cfg.frames_per_chunk)
+    assert model(x, t, ctx, mode="cached", cache=cache, cache_write="ring") is None
+    assert writes == list(cache.layers) and reads == list(cache.layers[:-1])
+    with pytest.raises(ValueError, match="cache write"):
+        model.blocks[0].self_attn(
+            torch.zeros(1, 4, cfg.dim), None, None, 4, cache=cache.layers[0], write_only=True
+        )

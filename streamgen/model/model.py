@@ -54,10 +54,23 @@ class SelfAttention(nn.Module):
         self.backend = cfg.attn_backend
 
     def forward(
-        self, x, angles, mask, tokens_per_frame, cache=None, cache_op=None, ring_filled=0, ring_index=None
+        self,
+        x,
+        angles,
+        mask,
+        tokens_per_frame,
+        cache=None,
+        cache_op=None,
+        ring_filled=0,
+        ring_index=None,
+        write_only=False,
     ):
-        """x [B, L, D]; angles [L, Dh/2] for x's tokens; mask = per-frame block ids or None."""
-        q = kernels.rmsnorm_rope(self.q(x), self.norm_q.weight, self.num_heads, angles, self.eps)
+        """x [B, L, D]; angles [L, Dh/2] for x's tokens; mask = per-frame block ids or None.
+
+        write_only (with a cache_op): store x's keys/values and return None, attending to nothing;
+        the last layer of a cache write, whose output nothing reads."""
+        if write_only and (cache is None or cache_op not in ("write_sink", "write_ring")):
+            raise ValueError("write_only stores keys/values: it needs a cache and a cache write")
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         if cache_op == "write_ring":
             # the ring keeps keys un-rotated (positions are assigned at read time)
@@ -66,8 +79,15 @@ class SelfAttention(nn.Module):
         else:
             k_raw = None
             k = kernels.rmsnorm_rope(self.k(x), self.norm_k.weight, self.num_heads, angles, self.eps)
-        out = self.attend(q, k, v, k_raw, mask, tokens_per_frame, cache, cache_op, ring_filled, ring_index)
-        return self.o(out.flatten(2))
+        # a write-only call has no queries; k stands in where the attend seam moves q's shape around
+        q = (
+            k
+            if write_only
+            else kernels.rmsnorm_rope(self.q(x), self.norm_q.weight, self.num_heads, angles, self.eps)
+        )
+        cache_args = (cache, cache_op, ring_filled, ring_index, write_only)
+        out = self.attend(q, k, v, k_raw, mask, tokens_per_frame, *cache_args)
+        return None if write_only else self.o(out.flatten(2))
 
     def attend(
         self,
@@ -81,9 +101,11 @@ class SelfAttention(nn.Module):
         cache_op,
         ring_filled,
         ring_index,
+        write_only=False,
         attention=kernels.attention,
     ):
         """Cache read/write, then attention; q/k/v/k_raw [B, L, H, Dh] -> [B, L, H, Dh].
+        write_only: the write and no attention (returns q as it came, for the seam's shapes).
 
         A seam for sequence parallelism: `streamgen.parallel` replaces `attend`
         on the instance with a wrapper that reshards q/k/v and calls this
@@ -95,7 +117,11 @@ class SelfAttention(nn.Module):
             else:
                 if cache_op == "write_ring":
                     cache.write_ring(k_raw, v, ring_index)
+                if write_only:
+                    return q
                 k, v = cache.update(k, v, ring_filled)
+        if write_only:
+            return q
         return attention(q, k, v, mask, tokens_per_frame, self.backend)
 
 
@@ -277,7 +303,7 @@ class DiT(nn.Module):
         mode "cached": x is one chunk (or the sink when cache_write="sink"),
         cache_write in (None, "sink", "ring"). frame_pos overrides the rotary
         frame positions (default 0..F-1 outside the cache).
-        Returns velocity [B, C_out, F, h, w].
+        Returns velocity [B, C_out, F, h, w]; None after a cache write, which keeps only keys and values.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -329,8 +355,13 @@ class DiT(nn.Module):
         h = kernels.layernorm_modulate(xs, *self.blocks[0].attention_shift_scale(e), cfg.eps)
         for i, blk in enumerate(self.blocks):
             last = i + 1 == len(self.blocks)
-            nxt = self.head.shift_scale(temb) if last else self.blocks[i + 1].attention_shift_scale(e)
             layer_cache = cache.layers[i] if cache is not None else None
+            if last and cache_write is not None:
+                # a cache write keeps only keys/values: the last layer's attention, cross-attention,
+                # MLP and the head would compute a velocity nobody reads (1/num_layers of the work)
+                blk.self_attn(h.flatten(1, 2), cache=layer_cache, write_only=True, **attn_kwargs)
+                return None
+            nxt = self.head.shift_scale(temb) if last else self.blocks[i + 1].attention_shift_scale(e)
             xs, h = blk(xs, h, e, nxt, ctx, audio, audio_mask, attn_kwargs, layer_cache)
 
         # after a ring write the caller calls cache.advance() (once, for all layers)

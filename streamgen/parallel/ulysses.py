@@ -61,7 +61,7 @@ def ulysses_attend(attn, group, inner_attention, q, k, v, k_raw, mask, tokens_pe
     the head dim; the cache (H/P heads) and the attention run on the full
     sequence of this process's heads; `inner_attention` is `kernels.attention`
     (pure Ulysses) or ring attention over the other mesh dimension (hybrid).
-    cache_args: (cache, cache_op, ring_filled, ring_index), passed through.
+    cache_args: (cache, cache_op, ring_filled, ring_index, write_only), passed through.
     """
     p = dist.get_world_size(group)
     parts = [q, k, v] + ([k_raw] if k_raw is not None else [])
