@@ -128,8 +128,18 @@ def _cases(shapes: dict, device, dtype) -> dict:
         "apply_rope_ring_keys": (reference.apply_rope, (ring_keys, ring_angles), 2 * _nbytes(ring_keys)),
         "gelu_tanh": (reference.gelu_tanh, (hidden,), 2 * _nbytes(hidden)),
         "rmsnorm_channels_vae": (reference.rmsnorm_channels, (vae_x, vae_gamma), 2 * _nbytes(vae_x)),
+        # the decoder's residual blocks: the norm and the SiLU after it
+        "rmsnorm_silu_channels_vae": (
+            reference.rmsnorm_channels,
+            (vae_x, vae_gamma, None, 1e-12, True),
+            2 * _nbytes(vae_x),
+        ),
     }
-    op_names = {"apply_rope_ring_keys": "apply_rope", "rmsnorm_channels_vae": "rmsnorm_channels"}
+    op_names = {
+        "apply_rope_ring_keys": "apply_rope",
+        "rmsnorm_channels_vae": "rmsnorm_channels",
+        "rmsnorm_silu_channels_vae": "rmsnorm_channels",
+    }
     cases = {name: (fn, op_names.get(name, name), args, nbytes, None) for name, (fn, args, nbytes) in cases.items()}
 
     # attention: one streaming chunk against the visible K/V, and block-causal training

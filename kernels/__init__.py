@@ -105,15 +105,17 @@ def gelu_tanh(x):
     return reference.gelu_tanh(x)
 
 
-def rmsnorm_channels(x, gamma, bias=None, eps: float = 1e-12):
-    """The Wan VAE's RMSNorm over channels, x [B, C, ...] (see `reference.rmsnorm_channels`).
+def rmsnorm_channels(x, gamma, bias=None, eps: float = 1e-12, silu: bool = False):
+    """The Wan VAE's RMSNorm over channels, x [B, C, ...], and the SiLU after it where `silu`
+    (see `reference.rmsnorm_channels`).
 
     On CUDA one kernel reads x twice (its tile's second read from L2) and writes once; diffusers'
-    module makes six passes, three of them in fp32 (the decoder's glue: bench gpu's `decoder`)."""
+    module makes six passes, three of them in fp32, and its SiLU two more (the decoder's glue:
+    bench gpu's `decoder`)."""
     same_dtype = gamma.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)  # else torch promotes
     if same_dtype and _use_triton(x, gamma, bias):
-        return _triton_ops().rmsnorm_channels(x, gamma, bias, eps)
-    return reference.rmsnorm_channels(x, gamma, bias, eps)
+        return _triton_ops().rmsnorm_channels(x, gamma, bias, eps, silu)
+    return reference.rmsnorm_channels(x, gamma, bias, eps, silu)
 
 
 ATTENTION_BACKENDS = ("sdpa", "flex", "triton", "flash", "cudnn")

@@ -53,14 +53,20 @@ def layernorm_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
 
 
 def rmsnorm_channels(
-    x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None = None, eps: float = 1e-12
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-12,
+    silu: bool = False,
 ):
     """diffusers' `WanRMS_norm` (channel first), the Wan VAE's norm: x [B, C, ...] normalised over
     C in fp32 (`F.normalize`: x / max(||x||, eps)), rounded to x's dtype, then `* sqrt(C) * gamma
-    (+ bias)` in x's dtype. gamma, bias: C values (any shape that flattens to C)."""
+    (+ bias)` in x's dtype. gamma, bias: C values (any shape that flattens to C). silu: then the
+    SiLU that follows the norm in the decoder's residual blocks and head."""
     view = (x.shape[1],) + (1,) * (x.dim() - 2)
     out = F.normalize(x.float(), dim=1, eps=eps).to(x.dtype) * x.shape[1] ** 0.5 * gamma.reshape(view)
-    return out if bias is None else out + bias.reshape(view)
+    out = out if bias is None else out + bias.reshape(view)
+    return F.silu(out) if silu else out
 
 
 # ---------------------------------------------------------------------------

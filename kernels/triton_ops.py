@@ -320,7 +320,7 @@ def _round(v, like_ptr):
 @triton.jit
 def _rmsnorm_channels_kernel(
     x_ptr, gamma_ptr, bias_ptr, out_ptr, C, P, scale, eps,
-    HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pos_ok = pos < P
@@ -344,10 +344,13 @@ def _rmsnorm_channels_kernel(
         y = y * gamma
         if HAS_BIAS:
             y = _round(y, out_ptr) + tl.load(bias_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)[:, None]
+        if SILU:  # on the norm's output as stored, in fp32 (as torch computes SiLU), rounded once
+            y = _round(y, out_ptr)
+            y = y / (1.0 + tl.exp(-y))
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def rmsnorm_channels(x, gamma, bias=None, eps: float = 1e-12):
+def rmsnorm_channels(x, gamma, bias=None, eps: float = 1e-12, silu: bool = False):
     """Triton `reference.rmsnorm_channels`: x [B, C, ...], gamma/bias C values."""
     x = x.contiguous()
     b, c = x.shape[:2]
@@ -359,7 +362,8 @@ def rmsnorm_channels(x, gamma, bias=None, eps: float = 1e-12):
     block_c = 8 if INTERPRET else 32
     _rmsnorm_channels_kernel[(triton.cdiv(p, block_p), b)](
         x, gamma, bias_c, out, c, p, c**0.5, eps,
-        HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=1 if INTERPRET else 4,
+        HAS_BIAS=bias is not None, SILU=silu, BLOCK_C=block_c, BLOCK_P=block_p,
+        num_warps=1 if INTERPRET else 4,
     )  # fmt: skip
     return out
 

@@ -22,6 +22,7 @@ CASES = {
     "apply_rope_ring_keys",
     "gelu_tanh",
     "rmsnorm_channels_vae",
+    "rmsnorm_silu_channels_vae",
     "attention_stream",
     "attention_block_causal",
 }

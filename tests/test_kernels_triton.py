@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
@@ -170,18 +171,27 @@ def check_gelu_tanh(ops, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("with_bias", [False, True])
-def check_rmsnorm_channels(ops, dtype, with_bias):
-    """The Wan VAE's channel RMSNorm: 5D (conv layers) and 4D (its attention), channel counts and
-    position counts that are not multiples of the blocks."""
+@pytest.mark.parametrize("with_bias, silu", [(False, False), (True, False), (False, True), (True, True)])
+def check_rmsnorm_channels(ops, dtype, with_bias, silu):
+    """The Wan VAE's channel RMSNorm (and the SiLU after it): 5D (conv layers) and 4D (its
+    attention), channel counts and position counts that are not multiples of the blocks."""
     torch.manual_seed(8)
     for shape in [(2, 19, 3, 5, 7), (3, 12, 9, 11)]:
         x = rand(*shape, dtype=dtype, scale=3.0)
         x[0, :, 0] = 0.0  # a position of zeros: the eps clamp, no division by zero
         gamma = rand(shape[1], 1, 1, dtype=dtype) + 1.0
         bias = rand(shape[1], dtype=dtype) if with_bias else None
-        actual, expected = ops.rmsnorm_channels(x, gamma, bias), reference.rmsnorm_channels(x, gamma, bias)
+        actual = ops.rmsnorm_channels(x, gamma, bias, silu=silu)
+        expected = reference.rmsnorm_channels(x, gamma, bias, silu=silu)
         assert actual.dtype == expected.dtype and actual.shape == expected.shape
+        if silu:
+            # the SiLU of the kernel's own norm, to one rounding of the output (the norm's own
+            # error is bounded in the cases without SiLU, below; SiLU's slope is at most 1.1)
+            expected = F.silu(ops.rmsnorm_channels(x, gamma, bias))
+            error = (actual.float() - expected.float()).abs()
+            ulp = 2 * torch.finfo(dtype).eps * expected.float().abs() + torch.finfo(dtype).tiny
+            assert (error <= ulp).all(), error.max()
+            continue
         # It rounds to the dtype 3-4 times, as diffusers does, and the interpreter's casts truncate
         # where the GPU's round to nearest: up to a unit in the last place each, relative to the
         # product before the bias (which survives where the bias nearly cancels it)
@@ -399,10 +409,9 @@ def test_kernels_compile_for_hopper_in_fp32():
         _compile_for_hopper(ops._rmsnorm_rope_kernel, dtype, dict(BLOCK_HALF=1024, ROPE_MODE=mode, NORM=True))
     _compile_for_hopper(ops._rmsnorm_rope_kernel, dtype, dict(BLOCK_HALF=1024, ROPE_MODE=ops.ROPE_TABLE, NORM=False))
     _compile_for_hopper(ops._gelu_tanh_kernel, dtype, dict(BLOCK=1024))
-    for with_bias in (False, True):
-        _compile_for_hopper(
-            ops._rmsnorm_channels_kernel, dtype, dict(HAS_BIAS=with_bias, BLOCK_C=32, BLOCK_P=64), num_warps=4
-        )
+    for with_bias, silu in ((False, False), (True, False), (False, True)):
+        meta = dict(HAS_BIAS=with_bias, SILU=silu, BLOCK_C=32, BLOCK_P=64)
+        _compile_for_hopper(ops._rmsnorm_channels_kernel, dtype, meta, num_warps=4)
     for causal in (False, True):
         meta = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_CAUSAL=causal, DOT_FP32=True)
         _compile_for_hopper(ops._attention_kernel, dtype, dict(meta, BLOCK_M=64, BLOCK_N=32))

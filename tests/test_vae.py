@@ -167,11 +167,15 @@ def test_wan_vae_fused_norms_take_the_decoders_norms_through_the_kernel_dispatch
     vae, z = tiny_wan_vae(), torch.randn(1, 4, 3, 4, 4)
     keys, plain = set(vae.state_dict()), vae.decode(z)
     calls, fused = [], kernels.rmsnorm_channels
-    monkeypatch.setattr(kernels, "rmsnorm_channels", lambda *a: calls.append(a[0].shape) or fused(*a))
+    monkeypatch.setattr(
+        kernels, "rmsnorm_channels", lambda *a, **k: calls.append((a[0].dim(), k["silu"])) or fused(*a, **k)
+    )
     vae.fused_norms = True
-    # on a CPU the dispatch runs diffusers' arithmetic: the same frames, bit for bit
+    # on a CPU the dispatch runs diffusers' arithmetic: the same frames, bit for bit (a SiLU
+    # applied twice, or lost, would change them)
     assert torch.equal(vae.decode(z), plain)
-    assert calls and {len(shape) for shape in calls} == {4, 5}  # its attention's norm is 4D
+    # its attention's norm is 4D and feeds no SiLU; the residual blocks' and the head's do
+    assert calls and set(calls) == {(4, False), (5, True)}
     n = len(calls)
     vae.encode(torch.rand(1, 3, 5, 32, 32))
     assert len(calls) == n and set(vae.state_dict()) == keys  # the encoder keeps diffusers' norms

@@ -298,18 +298,31 @@ class WanVAE(VideoAutoencoder):
     @property
     def fused_norms(self) -> bool:
         """The decoder's RMSNorms through `kernels.rmsnorm_channels` (one Triton kernel on CUDA,
-        the same arithmetic as diffusers' module elsewhere). Off by default until a GPU run times
-        it (bench gpu's `decoder`): on the H200 the decoder spends most of its time in such
-        memory-bound glue (README, "On one H200")."""
+        the same arithmetic as diffusers' module elsewhere), each with the SiLU that follows it
+        in the residual blocks and the head. Off by default until a GPU run times it (bench
+        gpu's `decoder`): on the H200 the decoder spends most of its time in such memory-bound
+        glue (README, "On one H200")."""
         return self._fused_norms
 
     @fused_norms.setter
     def fused_norms(self, enabled: bool) -> None:
-        from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+        from diffusers.models.autoencoders.autoencoder_kl_wan import (
+            WanDecoder3d,
+            WanResidualBlock,
+            WanRMS_norm,
+        )
 
         self._fused_norms = bool(enabled)
-        norms = [m for m in self.vae.decoder.modules() if isinstance(m, WanRMS_norm) and m.channel_first]
+        decoder = self.vae.decoder
+        norms = [m for m in decoder.modules() if isinstance(m, WanRMS_norm) and m.channel_first]
         _replace_forward(norms, _fused_rms_norm if enabled else None)
+        # diffusers' residual blocks apply their SiLU right after norm1 and norm2, the decoder
+        # after norm_out, and nowhere else: that SiLU moves into the norm's kernel
+        for m in decoder.modules():
+            if isinstance(m, (WanResidualBlock, WanDecoder3d)) and isinstance(m.nonlinearity, nn.SiLU):
+                fed = [m.norm1, m.norm2] if isinstance(m, WanResidualBlock) else [m.norm_out]
+                _replace_forward(fed, _fused_rms_norm_silu if enabled else None)
+                _replace_forward([m.nonlinearity], _identity if enabled else None)
 
     @property
     def pad_in_conv(self) -> bool:
@@ -417,6 +430,14 @@ def _causal_conv3d_padding_inside(conv, x: torch.Tensor, cache_x: torch.Tensor |
     return F.conv3d(x, conv.weight, conv.bias, conv.stride, (0, pad_h, pad_w), conv.dilation, conv.groups)
 
 
-def _fused_rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+def _fused_rms_norm(norm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
     bias = norm.bias if isinstance(norm.bias, torch.Tensor) else None  # diffusers' default bias is 0.0
-    return kernels.rmsnorm_channels(x, norm.gamma, bias)
+    return kernels.rmsnorm_channels(x, norm.gamma, bias, silu=silu)
+
+
+def _fused_rms_norm_silu(norm, x: torch.Tensor) -> torch.Tensor:
+    return _fused_rms_norm(norm, x, silu=True)
+
+
+def _identity(_module, x: torch.Tensor) -> torch.Tensor:
+    return x
