@@ -191,6 +191,13 @@ DECODER_WAYS = {  # WanVAE's switches; the first is diffusers' way, the referenc
     "chunk_per_call": _CHUNK,
     "chunk_per_call+fused_norms": {**_CHUNK, "fused_norms": True},
     "chunk_per_call+fused_norms+pad_in_conv": {**_CHUNK, "fused_norms": True, "pad_in_conv": True},
+    "chunk_per_call+channels_last": {**_CHUNK, "channels_last": True},
+    "chunk_per_call+fused_norms+pad_in_conv+channels_last": {
+        **_CHUNK,
+        "fused_norms": True,
+        "pad_in_conv": True,
+        "channels_last": True,
+    },
     "chunk_per_call+compiled": {**_CHUNK, "compiled_decoder": "inductor"},
 }
 # compiling takes longest: timed with the variants slowest to prepare (`decoder_compiled`)
@@ -200,8 +207,9 @@ SLOW_DECODER_WAYS = ("chunk_per_call+compiled",)
 def decoder_variants(model, device, dtype, names=None, chunks: int = 5) -> dict:
     """The Wan decoder on a stream's steady chunks (3 latent frames each, after its first chunk),
     each way it can run (`DECODER_WAYS`, or `names` of them): one latent frame per decoder call
-    (diffusers') or the whole chunk in one; then with its RMSNorms fused (`kernels.rmsnorm_channels`), with those and its convolutions padding inside,
-    and under torch.compile. Per way: ms per chunk (median; the first two chunks, untimed, search
+    (diffusers') or the whole chunk in one; then with its RMSNorms (and their SiLUs) fused
+    (`kernels.rmsnorm_channels`), with those and its convolutions padding inside, channels-last,
+    all three, and under torch.compile. Per way: ms per chunk (median; the first two chunks, untimed, search
     or compile), `first_chunk_ms`, and how far its last chunk's frames are from diffusers' way's;
     or the error that stopped it."""
     vae, sync = model.vae, _synchronize(device)

@@ -319,9 +319,11 @@ def _round(v, like_ptr):
 
 @triton.jit
 def _rmsnorm_channels_kernel(
-    x_ptr, gamma_ptr, bias_ptr, out_ptr, C, P, scale, eps,
+    x_ptr, gamma_ptr, bias_ptr, out_ptr, C, P, stride_c, stride_p, scale, eps,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
+    # element (c, p) of batch row b sits at b * C * P + c * stride_c + p * stride_p: (P, 1) for
+    # NC... tensors, (1, C) for channels-last ones
     pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pos_ok = pos < P
     base = tl.program_id(1).to(tl.int64) * C * P
@@ -329,7 +331,7 @@ def _rmsnorm_channels_kernel(
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
         ok = (ch[:, None] < C) & pos_ok[None, :]
-        offs = base + ch[:, None].to(tl.int64) * P + pos[None, :]
+        offs = base + ch[:, None].to(tl.int64) * stride_c + pos[None, :].to(tl.int64) * stride_p
         x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         squares += tl.sum(x * x, axis=0)
     denom = tl.maximum(tl.sqrt(squares), eps)[None, :]
@@ -337,7 +339,7 @@ def _rmsnorm_channels_kernel(
         ch = c0 + tl.arange(0, BLOCK_C)
         ch_ok = ch < C
         ok = ch_ok[:, None] & pos_ok[None, :]
-        offs = base + ch[:, None].to(tl.int64) * P + pos[None, :]
+        offs = base + ch[:, None].to(tl.int64) * stride_c + pos[None, :].to(tl.int64) * stride_p
         x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         y = _round(_round(x / denom, out_ptr) * scale, out_ptr)
         gamma = tl.load(gamma_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)[:, None]
@@ -350,18 +352,33 @@ def _rmsnorm_channels_kernel(
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def _channel_strides(x) -> tuple[int, int] | None:
+    """(stride of a channel, stride of a position) where x [B, C, ...] is NC... or channels-last
+    dense, else None."""
+    if x.is_contiguous():
+        return x[0, 0].numel(), 1
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if layout is not None and x.is_contiguous(memory_format=layout):
+        return 1, x.shape[1]
+    return None
+
+
 def rmsnorm_channels(x, gamma, bias=None, eps: float = 1e-12, silu: bool = False):
-    """Triton `reference.rmsnorm_channels`: x [B, C, ...], gamma/bias C values."""
-    x = x.contiguous()
+    """Triton `reference.rmsnorm_channels`: x [B, C, ...], gamma/bias C values. The output keeps
+    x's layout, NC... or channels-last."""
+    strides = _channel_strides(x)
+    if strides is None:
+        x = x.contiguous()
+        strides = _channel_strides(x)
     b, c = x.shape[:2]
     p = x[0, 0].numel()
-    out = torch.empty_like(x)
+    out = torch.empty_like(x)  # the same strides as x (dense)
     gamma = gamma.reshape(c).contiguous()
     bias_c = gamma if bias is None else bias.reshape(c).contiguous()  # unused pointer without bias
     block_p = 16 if INTERPRET else 64
     block_c = 8 if INTERPRET else 32
     _rmsnorm_channels_kernel[(triton.cdiv(p, block_p), b)](
-        x, gamma, bias_c, out, c, p, c**0.5, eps,
+        x, gamma, bias_c, out, c, p, *strides, c**0.5, eps,
         HAS_BIAS=bias is not None, SILU=silu, BLOCK_C=block_c, BLOCK_P=block_p,
         num_warps=1 if INTERPRET else 4,
     )  # fmt: skip

@@ -176,9 +176,13 @@ def check_rmsnorm_channels(ops, dtype, with_bias, silu):
     """The Wan VAE's channel RMSNorm (and the SiLU after it): 5D (conv layers) and 4D (its
     attention), channel counts and position counts that are not multiples of the blocks."""
     torch.manual_seed(8)
-    for shape in [(2, 19, 3, 5, 7), (3, 12, 9, 11)]:
+    layouts = {5: torch.channels_last_3d, 4: torch.channels_last}
+    for shape, layout in [(s, f) for s in [(2, 19, 3, 5, 7), (3, 12, 9, 11)] for f in ("nc", "channels_last")]:
         x = rand(*shape, dtype=dtype, scale=3.0)
         x[0, :, 0] = 0.0  # a position of zeros: the eps clamp, no division by zero
+        if layout == "channels_last":  # the decoder's channels-last convolutions feed it NDHWC
+            x = x.contiguous(memory_format=layouts[x.dim()])
+            assert ops.rmsnorm_channels(x, rand(shape[1], dtype=dtype)).stride() == x.stride()
         gamma = rand(shape[1], 1, 1, dtype=dtype) + 1.0
         bias = rand(shape[1], dtype=dtype) if with_bias else None
         actual = ops.rmsnorm_channels(x, gamma, bias, silu=silu)

@@ -203,6 +203,43 @@ def test_wan_vae_pads_inside_its_convolutions_with_the_same_frames(monkeypatch):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wan_vae_channels_last_convolutions_give_the_same_frames(monkeypatch, dtype):
+    # in bf16 this CPU's convolutions compute channels-last, as cuDNN's do on a GPU: the layout
+    # then carries from layer to layer; in fp32 the CPU converts back, and only the values matter
+    vae, z = tiny_wan_vae(), torch.randn(1, 4, 5, 4, 4)
+    vae.vae.to(dtype)
+    vae.frames_per_call = None
+    plain = decode_in_chunks(vae, z.to(dtype), [1, 2, 2])
+    seen, conv3d = [], torch.nn.functional.conv3d
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "conv3d",
+        lambda x, w, *a: (
+            seen.append((x.is_contiguous(memory_format=torch.channels_last_3d), w.dim())) or conv3d(x, w, *a)
+        ),
+    )
+    for pad_in_conv in (False, True):
+        vae.channels_last, vae.pad_in_conv = True, pad_in_conv
+        fast = decode_in_chunks(vae, z.to(dtype), [1, 2, 2])
+        assert fast.shape == plain.shape and fast.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 0.05  # bf16: other kernels, other roundings
+        assert (fast.float() - plain.float()).abs().max() <= tol
+        assert seen and all(cl for cl, _ in seen)  # every 3D convolution's input channels-last
+        seen.clear()
+    weights = [
+        m.weight for m in vae.vae.decoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))
+    ]
+    assert all(
+        w.is_contiguous(memory_format=torch.channels_last_3d if w.dim() == 5 else torch.channels_last)
+        for w in weights
+    )
+    vae.channels_last = vae.pad_in_conv = False
+    assert all(w.is_contiguous() for w in weights)
+    assert torch.equal(decode_in_chunks(vae, z.to(dtype), [1, 2, 2]), plain)  # diffusers' forward again
+
+
+@torch.no_grad()
 def test_wan_vae_compiled_decoder_is_captured_whole_and_undone():
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters

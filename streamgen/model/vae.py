@@ -273,6 +273,7 @@ class WanVAE(VideoAutoencoder):
         frames_per_call: int | None | str = "auto",
         fused_norms=False,
         pad_in_conv=False,
+        channels_last=False,
         compiled_decoder: str | None = None,
     ):
         super().__init__()
@@ -286,7 +287,8 @@ class WanVAE(VideoAutoencoder):
         # CPU at 64x96, in 256 ms instead of 221.
         self.frames_per_call = frames_per_call
         self.fused_norms = fused_norms
-        self.pad_in_conv = pad_in_conv
+        self._pad_in_conv = bool(pad_in_conv)
+        self.channels_last = channels_last
         self.compiled_decoder = compiled_decoder
         cfg = vae.config
         self.latent_channels = cfg.z_dim
@@ -332,12 +334,39 @@ class WanVAE(VideoAutoencoder):
 
     @pad_in_conv.setter
     def pad_in_conv(self, enabled: bool) -> None:
+        self._pad_in_conv = bool(enabled)
+        self._patch_convs()
+
+    @property
+    def channels_last(self) -> bool:
+        """The decoder's convolutions run channels-last (NDHWC; its 2D ones NHWC): weights stored
+        so once, inputs made so where diffusers' reshapes lost it. cuDNN's bf16 kernels compute in
+        that layout and otherwise transpose every input and output (the H200 profile: 207
+        NCHW-to-NHWC transposes, 18 ms a chunk). On this CPU it helps in bf16 (a 96-channel
+        3D convolution at 60x104: 24 ms against 40) and costs in fp32, where the CPU converts
+        back. Off until a GPU run times it (bench gpu's `decoder`)."""
+        return self._channels_last
+
+    @channels_last.setter
+    def channels_last(self, enabled: bool) -> None:
+        self._channels_last = bool(enabled)
+        convs = [self.vae.post_quant_conv, *self.vae.decoder.modules()]
+        for conv in convs:
+            if isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+                layout = _channels_last_format(conv.weight) if enabled else torch.contiguous_format
+                conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+        self._patch_convs()
+
+    def _patch_convs(self) -> None:
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
-        self._pad_in_conv = bool(enabled)
         decoding = [self.vae.post_quant_conv, *self.vae.decoder.modules()]
         convs = [m for m in decoding if isinstance(m, WanCausalConv3d)]
-        _replace_forward(convs, _causal_conv3d_padding_inside if enabled else None)
+        patched = self._pad_in_conv or self._channels_last
+        forward = functools.partial(
+            _causal_conv3d, pad_inside=self._pad_in_conv, channels_last=self._channels_last
+        )
+        _replace_forward(convs, forward if patched else None)
 
     @property
     def compiled_decoder(self) -> str | None:
@@ -417,17 +446,32 @@ def _replace_forward(modules, forward) -> None:
             module.forward = functools.partial(forward, module)
 
 
-def _causal_conv3d_padding_inside(conv, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+def _channels_last_format(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last_3d if t.dim() == 5 else torch.channels_last
+
+
+def _causal_conv3d(
+    conv, x: torch.Tensor, cache_x: torch.Tensor | None = None, *, pad_inside: bool, channels_last: bool
+) -> torch.Tensor:
     """diffusers' `WanCausalConv3d.forward` (earlier frames from `cache_x`, zeros before the first),
-    the height and width padding left to the convolution. `conv._padding` is F.pad's order:
-    (w, w, h, h, 2 * t, 0)."""
+    where `pad_inside`, the height and width padding left to the convolution; where
+    `channels_last`, on an NDHWC input. `conv._padding` is F.pad's order: (w, w, h, h, 2 * t, 0)."""
     pad_w, pad_h, pad_t = conv._padding[0], conv._padding[2], conv._padding[4]
+    if channels_last:  # a no-op where the layer before kept the layout
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     if cache_x is not None and pad_t > 0:
-        x = torch.cat([cache_x.to(x.device), x], dim=2)
+        cache_x = cache_x.to(x.device)
+        if channels_last:
+            cache_x = cache_x.contiguous(memory_format=torch.channels_last_3d)
+        x = torch.cat([cache_x, x], dim=2)
         pad_t -= cache_x.shape[2]
-    if pad_t > 0:
-        x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
-    return F.conv3d(x, conv.weight, conv.bias, conv.stride, (0, pad_h, pad_w), conv.dilation, conv.groups)
+    spatial = (pad_w, pad_w, pad_h, pad_h) if not pad_inside else (0, 0, 0, 0)
+    if pad_t > 0 or not pad_inside:
+        x = F.pad(x, (*spatial, pad_t, 0))
+    if channels_last:  # F.pad of a channels-last tensor may not keep the layout
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    inside = (0, pad_h, pad_w) if pad_inside else 0
+    return F.conv3d(x, conv.weight, conv.bias, conv.stride, inside, conv.dilation, conv.groups)
 
 
 def _fused_rms_norm(norm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
