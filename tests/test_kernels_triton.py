@@ -177,10 +177,11 @@ def check_rmsnorm_channels(ops, dtype, with_bias, silu):
     attention), channel counts and position counts that are not multiples of the blocks."""
     torch.manual_seed(8)
     layouts = {5: torch.channels_last_3d, 4: torch.channels_last}
-    for shape, layout in [(s, f) for s in [(2, 19, 3, 5, 7), (3, 12, 9, 11)] for f in ("nc", "channels_last")]:
+    cases = [(shape, layout) for shape in [(2, 19, 3, 5, 7), (3, 12, 9, 11)] for layout in ("nc", "nhwc")]
+    for shape, layout in cases:
         x = rand(*shape, dtype=dtype, scale=3.0)
         x[0, :, 0] = 0.0  # a position of zeros: the eps clamp, no division by zero
-        if layout == "channels_last":  # the decoder's channels-last convolutions feed it NDHWC
+        if layout == "nhwc":  # the decoder's channels-last convolutions feed it NDHWC
             x = x.contiguous(memory_format=layouts[x.dim()])
             assert ops.rmsnorm_channels(x, rand(shape[1], dtype=dtype)).stride() == x.stride()
         gamma = rand(shape[1], 1, 1, dtype=dtype) + 1.0
