@@ -54,6 +54,14 @@ import torch
 import kernels
 from bench import floor
 from bench.gpu_plot import plot
+from bench.wan_decoder import (  # noqa: F401 (bench gpu's decoder ways; tests use them through here)
+    DECODER_WAYS,
+    SLOW_DECODER_WAYS,
+    decoder_variants,
+    fastest_decoder_way,
+    synchronize,
+    with_attributes,
+)
 from streamgen.model.config import get_config
 from streamgen.model.model import DiT
 from streamgen.models import AvatarModel
@@ -119,7 +127,7 @@ def stream_speed(
         if prepare is not None:
             prepare(session)
 
-    sync = _synchronize(device)
+    sync = synchronize(device)
     t0 = time.perf_counter()
     start()
     # past the chunk that first sees a full ring: every attention length has run (and been
@@ -180,85 +188,6 @@ def stage_breakdown(model, steps, chunks, device, dtype, text_tokens, ceilings, 
         return floor.timed_report(session, work, ceilings, chunks)
     finally:
         session.close()
-
-
-_PLAIN_DECODER = {
-    "frames_per_call": 1, "fused_norms": False, "pad_in_conv": False, "compiled_decoder": None,
-}  # fmt: skip
-_CHUNK = {**_PLAIN_DECODER, "frames_per_call": None}
-DECODER_WAYS = {  # WanVAE's switches; the first is diffusers' way, the reference of the others
-    "frame_per_call": _PLAIN_DECODER,
-    "chunk_per_call": _CHUNK,
-    "chunk_per_call+fused_norms": {**_CHUNK, "fused_norms": True},
-    "chunk_per_call+fused_norms+pad_in_conv": {**_CHUNK, "fused_norms": True, "pad_in_conv": True},
-    "chunk_per_call+channels_last": {**_CHUNK, "channels_last": True},
-    "chunk_per_call+fused_norms+pad_in_conv+channels_last": {
-        **_CHUNK,
-        "fused_norms": True,
-        "pad_in_conv": True,
-        "channels_last": True,
-    },
-    "chunk_per_call+compiled": {**_CHUNK, "compiled_decoder": "inductor"},
-}
-# compiling takes longest: timed with the variants slowest to prepare (`decoder_compiled`)
-SLOW_DECODER_WAYS = ("chunk_per_call+compiled",)
-
-
-def decoder_variants(model, device, dtype, names=None, chunks: int = 5) -> dict:
-    """The Wan decoder on a stream's steady chunks (3 latent frames each, after its first chunk),
-    each way it can run (`DECODER_WAYS`, or `names` of them): one latent frame per decoder call
-    (diffusers') or the whole chunk in one; then with its RMSNorms (and their SiLUs) fused
-    (`kernels.rmsnorm_channels`), with those and its convolutions padding inside, channels-last,
-    all three, and under torch.compile. Per way: ms per chunk (median; the first two chunks, untimed, search
-    or compile), `first_chunk_ms`, and how far its last chunk's frames are from diffusers' way's;
-    or the error that stopped it."""
-    vae, sync = model.vae, _synchronize(device)
-    z = torch.randn(1, vae.latent_channels, 3 * (chunks + 2), model.height // vae.spatial_factor,
-                    model.width // vae.spatial_factor, device=device, dtype=dtype)  # fmt: skip
-    reference_way = next(iter(DECODER_WAYS))
-    names = [reference_way] + [n for n in (names or DECODER_WAYS) if n != reference_way]
-
-    @torch.no_grad()
-    def decode_chunks():
-        state, times = vae.init_state(1), []
-        for i in range(chunks + 2):
-            sync()
-            t = time.perf_counter()
-            frames, state = vae.decode_stream(z[:, :, 3 * i : 3 * i + 3], state)
-            sync()
-            times.append(time.perf_counter() - t)
-        return frames, times
-
-    result, reference = {}, None
-    for name in names:
-        try:
-            frames, times = with_attributes(vae, DECODER_WAYS[name], decode_chunks)
-        except Exception as e:  # a new kernel's fault must not cost the other ways
-            result[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
-            continue
-        reference = frames if reference is None else reference
-        result[name] = {
-            "ms_p50": round(float(np.median(times[2:])) * 1000, 2),
-            "first_chunk_ms": round(times[0] * 1000, 1),
-            "max_abs_diff": float(f"{(frames.float() - reference.float()).abs().max().item():.3g}"),
-        }
-    return result
-
-
-def with_attributes(obj, values: dict, fn):
-    """fn() with obj's attributes set to `values`, restored afterwards."""
-    saved = {name: getattr(obj, name) for name in values}
-    for name, value in values.items():
-        setattr(obj, name, value)
-    try:
-        return fn()
-    finally:
-        for name, value in saved.items():
-            setattr(obj, name, value)
-
-
-def _synchronize(device):
-    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
 
 def write_partial(result: dict, path: str | None) -> None:
@@ -438,12 +367,24 @@ def run(
         extras["sdpa+fused_kernels, decoder frame_per_call"] = lambda prepare: with_attributes(
             model.vae, {"frames_per_call": 1}, lambda: measure(prepare)
         )
+        # the decoder's ways, after the default's figures (a new kernel's fault must not cost
+        # them), then the stream with the fastest of them
+        fast_ways = [name for name in DECODER_WAYS if name not in SLOW_DECODER_WAYS]
+        extras["decoder"] = lambda _prepare: decoder_variants(model, device, dtype, fast_ways)
+
+        def fastest_decoder_stream(prepare):
+            best = fastest_decoder_way(result["variants"].get("decoder", {}))
+            if best is None:
+                return {"skipped": "no decoder way was timed"}
+            return {
+                **with_attributes(model.vae, DECODER_WAYS[best], lambda: measure(prepare)),
+                "decoder_way": best,
+            }
+
+        extras["sdpa+fused_kernels, fastest decoder way"] = fastest_decoder_stream
         before_kernels, after_kernels = stream_variants(model, measure, backends, compile_blocks, extras)
     for name, fn in before_kernels.items():
         variant(name, fn)
-    if model is not None:
-        fast_ways = [name for name in DECODER_WAYS if name not in SLOW_DECODER_WAYS]
-        variant("decoder", lambda: decoder_variants(model, device, dtype, fast_ways))
     for part in ("stages", "decoder"):
         if part in result["variants"]:
             result[part] = result["variants"].pop(part)

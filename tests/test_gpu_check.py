@@ -168,10 +168,42 @@ def test_bench_gpu_sets_each_stage_against_its_floor():
     assert result["best_variant"] != "sdpa+fused_kernels, 2 steps"
     # the Wan decoder each way it can run: the same frames (to float rounding), each timed
     decoder = result["decoder"]
-    assert list(decoder) == ["frame_per_call", "chunk_per_call",
-                             "chunk_per_call+fused_norms", "chunk_per_call+fused_norms+pad_in_conv"]  # fmt: skip
+    assert list(decoder) == [n for n in gpu.DECODER_WAYS if n not in gpu.SLOW_DECODER_WAYS]
     assert all(way["ms_p50"] > 0 and way["max_abs_diff"] < 1e-4 for way in decoder.values())
     assert result["variants"]["sdpa+fused_kernels, decoder frame_per_call"]["fps_steady"] > 0
+    # then the stream with the fastest of them
+    fastest = result["variants"]["sdpa+fused_kernels, fastest decoder way"]
+    assert (
+        fastest["decoder_way"] == min(decoder, key=lambda n: decoder[n]["ms_p50"])
+        and fastest["fps_steady"] > 0
+    )
+
+
+def test_the_fastest_decoder_way_is_one_that_gives_the_same_frames():
+    ways = {
+        "frame_per_call": {"ms_p50": 9.0, "max_abs_diff": 0.0},
+        "chunk_per_call": {"ms_p50": 7.0, "max_abs_diff": 0.03},
+        "broken": {"ms_p50": 1.0, "max_abs_diff": 2.0},  # fast and wrong
+        "failed": {"error": "RuntimeError: ..."},
+    }
+    assert gpu.fastest_decoder_way(ways) == "chunk_per_call"
+    assert gpu.fastest_decoder_way({"failed": {"error": "x"}}) is None
+
+
+def test_bench_wan_decoder_runs_the_real_decoder_each_way_on_this_cpu():
+    # the Wan2.1 VAE's own architecture (random weights) at a tiny size: every way gives
+    # diffusers' frames, each timed
+    r = streamgen("bench", "wan-decoder", "--json", "--device", "cpu", "--height", "16", "--width", "16",
+                  "--chunks", "1", "--ways", "chunk_per_call+fused_norms+pad_in_conv+channels_last")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout)
+    assert (result["height"], result["width"], result["dtype"]) == (16, 16, "float32")
+    ways = result["ways"]
+    assert list(ways) == ["frame_per_call", "chunk_per_call+fused_norms+pad_in_conv+channels_last"]
+    assert all(way["ms_p50"] > 0 and way["max_abs_diff"] < 1e-4 for way in ways.values())
+    bad = streamgen("bench", "wan-decoder", "--json", "--device", "cpu", "--height", "60", "--width", "96")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip() == "streamgen bench: error: frame size 60x96 must be a multiple of 8"
 
 
 def test_bench_gpu_only_runs_the_parts_it_is_given():

@@ -20,6 +20,7 @@ BENCHMARKS = {
     "server": ("bench.server", "WebRTC first frame, glass-to-glass, fps, A/V offset, sessions"),
     "kernels": ("bench.kernels", "fused kernels vs eager and torch.compile"),
     "gpu": ("bench.gpu", "wan2.1-1.3b streaming on one GPU (832x480, 4 steps)"),
+    "wan-decoder": ("bench.wan_decoder", "the Wan VAE decoder each way WanVAE can run it, on any device"),
     "floor": (
         "bench.floor",
         "the least time a chunk can take: FLOPs and bytes per stage over a device's ceilings",

@@ -1,0 +1,152 @@
+"""`streamgen bench wan-decoder --json`: the Wan VAE decoder (its real architecture, random
+weights) decoding a stream's chunks each way `WanVAE` can run it, on any device.
+
+`bench gpu` times these ways at 832x480 on the GPU inside its run (`decoder`, and the stream
+with the fastest of them); this runs them alone, at any size and dtype, e.g. on this CPU:
+
+    streamgen bench wan-decoder --json --device cpu --height 64 --width 96 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+_PLAIN_DECODER = {
+    "frames_per_call": 1, "fused_norms": False, "pad_in_conv": False, "channels_last": False,
+    "compiled_decoder": None,
+}  # fmt: skip
+_CHUNK = {**_PLAIN_DECODER, "frames_per_call": None}
+DECODER_WAYS = {  # WanVAE's switches; the first is diffusers' way, the reference of the others
+    "frame_per_call": _PLAIN_DECODER,
+    "chunk_per_call": _CHUNK,
+    "chunk_per_call+fused_norms": {**_CHUNK, "fused_norms": True},
+    "chunk_per_call+fused_norms+pad_in_conv": {**_CHUNK, "fused_norms": True, "pad_in_conv": True},
+    "chunk_per_call+channels_last": {**_CHUNK, "channels_last": True},
+    "chunk_per_call+fused_norms+pad_in_conv+channels_last": {
+        **_CHUNK,
+        "fused_norms": True,
+        "pad_in_conv": True,
+        "channels_last": True,
+    },
+    "chunk_per_call+compiled": {**_CHUNK, "compiled_decoder": "inductor"},
+}
+# compiling takes longest: timed with the variants slowest to prepare (`decoder_compiled`)
+SLOW_DECODER_WAYS = ("chunk_per_call+compiled",)
+
+
+def decoder_variants(model, device, dtype, names=None, chunks: int = 5) -> dict:
+    """The Wan decoder on a stream's steady chunks (3 latent frames each, after its first chunk),
+    each way it can run (`DECODER_WAYS`, or `names` of them): one latent frame per decoder call
+    (diffusers') or the whole chunk in one; then with its RMSNorms (and their SiLUs) fused
+    (`kernels.rmsnorm_channels`), with those and its convolutions padding inside, channels-last,
+    all three, and under torch.compile. Per way: ms per chunk (median; the first two chunks, untimed, search
+    or compile), `first_chunk_ms`, and how far its last chunk's frames are from diffusers' way's;
+    or the error that stopped it."""
+    vae, sync = model.vae, synchronize(device)
+    z = torch.randn(1, vae.latent_channels, 3 * (chunks + 2), model.height // vae.spatial_factor,
+                    model.width // vae.spatial_factor, device=device, dtype=dtype)  # fmt: skip
+    reference_way = next(iter(DECODER_WAYS))
+    names = [reference_way] + [n for n in (names or DECODER_WAYS) if n != reference_way]
+
+    @torch.no_grad()
+    def decode_chunks():
+        state, times = vae.init_state(1), []
+        for i in range(chunks + 2):
+            sync()
+            t = time.perf_counter()
+            frames, state = vae.decode_stream(z[:, :, 3 * i : 3 * i + 3], state)
+            sync()
+            times.append(time.perf_counter() - t)
+        return frames, times
+
+    result, reference = {}, None
+    for name in names:
+        try:
+            frames, times = with_attributes(vae, DECODER_WAYS[name], decode_chunks)
+        except Exception as e:  # a new kernel's fault must not cost the other ways
+            result[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
+            continue
+        reference = frames if reference is None else reference
+        result[name] = {
+            "ms_p50": round(float(np.median(times[2:])) * 1000, 2),
+            "first_chunk_ms": round(times[0] * 1000, 1),
+            "max_abs_diff": float(f"{(frames.float() - reference.float()).abs().max().item():.3g}"),
+        }
+    return result
+
+
+def fastest_decoder_way(ways: dict, max_abs_diff: float = 0.1) -> str | None:
+    """The fastest of `decoder_variants`' ways whose frames stay within `max_abs_diff` of
+    diffusers' way (frames in [-1, 1]; bf16 kernels differ by a few hundredths), or None."""
+    timed = {n: w["ms_p50"] for n, w in ways.items() if "ms_p50" in w and w["max_abs_diff"] <= max_abs_diff}
+    return min(timed, key=timed.get) if timed else None
+
+
+def with_attributes(obj, values: dict, fn):
+    """fn() with obj's attributes set to `values`, restored afterwards."""
+    saved = {name: getattr(obj, name) for name in values}
+    for name, value in values.items():
+        setattr(obj, name, value)
+    try:
+        return fn()
+    finally:
+        for name, value in saved.items():
+            setattr(obj, name, value)
+
+
+def synchronize(device):
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
+def build_wan_vae(device, dtype):
+    """The Wan2.1 VAE's architecture (diffusers' defaults), seeded random weights."""
+    from diffusers import AutoencoderKLWan
+
+    from streamgen.model.vae import WanVAE
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return WanVAE(AutoencoderKLWan().to(dtype).eval())
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on CUDA, else fp32"
+    )
+    p.add_argument("--chunks", type=int, default=5, help="timed chunks of 3 latent frames (after 2 untimed)")
+    p.add_argument("--ways", nargs="*", choices=list(DECODER_WAYS), help="default: all but the compiled one")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+
+
+def main(args) -> dict:
+    from streamgen.cli import UserError
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("no CUDA device here; `--device cpu` runs it on this CPU")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    vae = build_wan_vae(device, dtype)
+    try:
+        vae.latent_hw(args.height, args.width)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    model = SimpleNamespace(vae=vae, height=args.height, width=args.width)
+    ways = args.ways or [name for name in DECODER_WAYS if name not in SLOW_DECODER_WAYS]
+    return {
+        "device": str(device),
+        "height": args.height,
+        "width": args.width,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "ways": decoder_variants(model, device, dtype, ways, chunks=args.chunks),
+    }
