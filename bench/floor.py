@@ -270,30 +270,49 @@ def report(work: dict, ceilings: dict, target_fps: float = TARGET_FPS) -> dict:
     )
 
 
-def timed_report(session: StreamSession, work: dict, ceilings: dict, chunks: int, target_fps=TARGET_FPS):
-    """`report`, plus each stage of `chunks` more chunks of `session` (its ring full, as
-    `chunk_work` leaves it) timed, synchronised around each stage, against its floor:
-    `of_floor` is the floor over the measured time, `tflop_per_s` the rate achieved. Then one
-    more chunk under the profiler (`profile_chunk`): `ops` per stage, and on CUDA `kernels`,
-    `gpu_busy_ms` and `gpu_busy_share` (of the profiled stage's time)."""
-    sync = torch.cuda.synchronize if session.device.type == "cuda" else (lambda: None)
-    times = {stage: [] for stage in CHUNK_STAGES}
+def _stage_timer(times: dict, sync):
+    """An `observe` hook for `next_chunk` that appends each stage's seconds to times[stage],
+    synchronised around the stage."""
 
     def timed(stage, fn):
         sync()
         t = time.perf_counter()
         out = fn()
         sync()
-        times[stage].append(time.perf_counter() - t)
+        times.setdefault(stage, []).append(time.perf_counter() - t)
         return out
 
+    return timed
+
+
+def timed_report(
+    session: StreamSession,
+    work: dict,
+    ceilings: dict,
+    chunks: int,
+    target_fps=TARGET_FPS,
+    restart=None,
+    first_chunks: int = 3,
+):
+    """`report`, plus each stage of `chunks` more chunks of `session` (its ring full, as
+    `chunk_work` leaves it) timed, synchronised around each stage, against its floor:
+    `of_floor` is the floor over the measured time, `tflop_per_s` the rate achieved. Then one
+    more chunk under the profiler (`profile_chunk`): `ops` per stage, and on CUDA `kernels`,
+    `gpu_busy_ms` and `gpu_busy_share` (of the profiled stage's time). With `restart` (a fresh
+    stream: reference encode and sink), `first_chunk`: the start and each stage of a fresh
+    stream's first chunk, medians of `first_chunks` restarts, against their floors."""
+    sync = torch.cuda.synchronize if session.device.type == "cuda" else (lambda: None)
+    times = {stage: [] for stage in CHUNK_STAGES}
     for _ in range(chunks):
-        session.next_chunk(observe=timed)
+        session.next_chunk(observe=_stage_timer(times, sync))
     try:
         activity = profile_chunk(session)
     except Exception as e:  # the profiler is a diagnosis: the timings stand without it
         activity = {"error": f"{type(e).__name__}: {e}"[:300]}
     result = report(work, ceilings, target_fps)
+    first = None
+    if restart is not None:  # last: a restart empties the ring the steady chunks need
+        first = _timed_first_chunk(session, restart, first_chunks, sync, result["floor"]["first_chunk"])
     stages = {}
     for stage, seconds in times.items():
         ms = float(np.median(seconds)) * 1000
@@ -314,9 +333,41 @@ def timed_report(session: StreamSession, work: dict, ceilings: dict, chunks: int
             )
     chunk_ms = sum(s["ms_p50"] for s in stages.values())
     out = {"stages": rounded(stages), "chunk_ms_p50_sum": round(chunk_ms, 1), **result}
+    if first is not None:
+        out["first_chunk"] = first
     if "error" in activity:
         out["profile_error"] = activity["error"]
     return out
+
+
+def _timed_first_chunk(session, restart, repeats: int, sync, first_floor: dict) -> dict:
+    """Where a fresh stream's first chunk goes: `restart()` (reference encode and sink) and each
+    stage of the chunk after it, medians over `repeats` restarts, each against its floor."""
+    starts, times = [], {}
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        restart()
+        sync()
+        starts.append(time.perf_counter() - t)
+        session.next_chunk(observe=_stage_timer(times, sync))
+    start_ms = float(np.median(starts)) * 1000
+    stages = {}
+    for stage, seconds in times.items():
+        stages[stage] = {"ms_p50": float(np.median(seconds)) * 1000}
+        stage_floor = first_floor["stages"].get(stage, {}).get("floor_ms")
+        if stage_floor is not None:
+            stages[stage]["floor_ms"] = stage_floor
+    start_floor = first_floor["floor_ms_from_start"] - first_floor["floor_ms"]
+    return rounded(
+        {
+            "start": {"ms_p50": start_ms, "floor_ms": start_floor},
+            "stages": stages,
+            "ms_p50_sum": start_ms + sum(s["ms_p50"] for s in stages.values()),
+            "floor_ms_from_start": first_floor["floor_ms_from_start"],
+            "restarts": repeats,
+        }
+    )
 
 
 def profile_chunk(session: StreamSession) -> dict:
@@ -529,7 +580,7 @@ def main(args) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "counted_on": device,
         **(
-            timed_report(session, work, ceilings, args.time, target_fps)
+            timed_report(session, work, ceilings, args.time, target_fps, restart=start)
             if args.time
             else report(work, ceilings, target_fps)
         ),

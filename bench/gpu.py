@@ -180,12 +180,14 @@ def stream_speed(
 
 def stage_breakdown(model, steps, chunks, device, dtype, text_tokens, ceilings, clip_frames) -> dict:
     """Where a chunk's time goes: each stage's work counted once the ring is full, then timed over
-    `chunks` chunks against its floor under the ceilings measured in this run (bench/floor.py)."""
+    `chunks` chunks against its floor under the ceilings measured in this run (bench/floor.py);
+    and where a fresh stream's first chunk goes (`first_chunk`: the start, then each stage)."""
     session = StreamSession(model, steps=steps, device=device, dtype=dtype)
     context = torch.randn(1, text_tokens, model.cfg.text_dim, device=device, dtype=dtype)
-    work = floor.chunk_work(session, lambda: start_stream(session, context), steps, clip_frames)
+    restart = lambda: start_stream(session, context)  # noqa: E731
+    work = floor.chunk_work(session, restart, steps, clip_frames)
     try:
-        return floor.timed_report(session, work, ceilings, chunks)
+        return floor.timed_report(session, work, ceilings, chunks, restart=restart)
     finally:
         session.close()
 

@@ -149,6 +149,14 @@ def test_bench_gpu_sets_each_stage_against_its_floor():
         if name != "to_host":  # the copy is timed, not counted
             assert stage["tflop"] > 0 and stage["tflop_per_s"] > 0 and stage["of_floor"] > 0
     assert result["fps_ceiling"] == stages["fps_ceiling"] > 0
+    # a fresh stream's first chunk: the start, then its stages (nothing pending to re-encode)
+    first = stages["first_chunk"]
+    assert first["start"]["ms_p50"] > 0 and first["start"]["floor_ms"] > 0
+    assert list(first["stages"]) == list(CHUNK_STAGES)
+    assert first["stages"]["denoise"]["floor_ms"] > 0 and first["stages"]["reencode"]["floor_ms"] == 0
+    total = first["start"]["ms_p50"] + sum(stage["ms_p50"] for stage in first["stages"].values())
+    assert first["ms_p50_sum"] == pytest.approx(total, rel=1e-3)
+    assert first["floor_ms_from_start"] == stages["first_chunk_floor_ms"]
     variant = result["variants"]["sdpa+fused_kernels"]
     steady_ms = variant["frames_per_chunk"] / variant["fps_steady"] * 1000
     assert variant["of_floor"] == pytest.approx(
