@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 import kernels
-from bench import floor
+from bench import floor, stage_timing
 from bench.gpu_plot import plot
 from bench.wan_decoder import (  # noqa: F401 (bench gpu's decoder ways; tests use them through here)
     DECODER_WAYS,
@@ -187,7 +187,7 @@ def stage_breakdown(model, steps, chunks, device, dtype, text_tokens, ceilings, 
     restart = lambda: start_stream(session, context)  # noqa: E731
     work = floor.chunk_work(session, restart, steps, clip_frames)
     try:
-        return floor.timed_report(session, work, ceilings, chunks, restart=restart)
+        return stage_timing.timed_report(session, work, ceilings, chunks, restart=restart)
     finally:
         session.close()
 

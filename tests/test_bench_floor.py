@@ -8,7 +8,7 @@ import torch
 from cli_helpers import streamgen
 from torch import nn
 
-from bench import floor, gpu
+from bench import floor, gpu, stage_timing
 from streamgen.stream import CHUNK_STAGES, StreamSession
 
 STEPS = 4
@@ -194,7 +194,7 @@ def test_stage_activity_counts_the_host_operators_and_the_gpu_busy_time_in_each_
             name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device, cpu_parent=parent
         )
 
-    denoise = event(floor.STAGE_RANGE + "denoise", 0, 10_000)
+    denoise = event(stage_timing.STAGE_RANGE + "denoise", 0, 10_000)
     linear = event("aten::linear", 100, 900, parent=denoise)
     events = [
         denoise,
@@ -205,11 +205,11 @@ def test_stage_activity_counts_the_host_operators_and_the_gpu_busy_time_in_each_
         event("ampere_bf16_gemm", 4000, 6000, cuda),
         event("Memcpy DtoD", 7000, 8000, cuda),
         event("triton_fused_kernel", 8000, 9000, cuda),
-        decode := event(floor.STAGE_RANGE + "decode", 10_500, 12_000),
+        decode := event(stage_timing.STAGE_RANGE + "decode", 10_500, 12_000),
         event("aten::conv2d", 10_600, 10_700, parent=decode),
         event("late_kernel", 11_000, 13_000, cuda),  # ends after the range: not the stage's
     ]
-    activity = floor.stage_activity(events, device_kernels=True)
+    activity = stage_timing.stage_activity(events, device_kernels=True)
     # the kernels that took longest, summed by name
     top = {"triton_fused_kernel": {"ms": 4.0, "calls": 2}, "ampere_bf16_gemm": {"ms": 2.0, "calls": 1},
            "Memcpy DtoD": {"ms": 1.0, "calls": 1}}  # fmt: skip
@@ -228,7 +228,10 @@ def test_stage_activity_counts_the_host_operators_and_the_gpu_busy_time_in_each_
         "gpu_busy_ms": 0.0,
         "top_kernels": {},
     }
-    assert floor.stage_activity(events, device_kernels=False)["denoise"] == {"ops": 2, "profiled_ms": 10.0}
+    assert stage_timing.stage_activity(events, device_kernels=False)["denoise"] == {
+        "ops": 2,
+        "profiled_ms": 10.0,
+    }
 
 
 @pytest.mark.parametrize(
