@@ -28,6 +28,10 @@ class HostDown(RuntimeError):
 
 
 class ModelHost:
+    # the child process writes each chunk into its stream's cache right after replying with its
+    # frames (ModelOps.after_reply), while the server publishes them
+    writes_chunks_itself = True
+
     def __init__(self, model: str, device: str, threads: int | None, decode_dtype: str = "auto"):
         ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no copied threads or locks
         self._conn, child = ctx.Pipe()
@@ -84,6 +88,12 @@ class RemoteStream:
         self._pcm = []
         return self.host.call("chunk", self.id, pcm)
 
+    def write_pending_chunk(self) -> None:
+        """The last chunk's clean re-encode, once its frames are published (the scheduler): a host
+        that does not write it itself after replying runs it as one more operation."""
+        if not self.host.writes_chunks_itself:
+            self.host.call("write_pending", self.id)
+
     def set_caption(self, text: str | None) -> None:
         self.host.call("caption", self.id, text)
 
@@ -121,6 +131,11 @@ class ModelOps:
             if len(pcm):
                 stream.push_audio(pcm)
             return stream.next_chunk()
+        if op == "write_pending":  # a stream closed since its chunk has nothing to write
+            stream = self.streams.get(args[0])
+            if stream is not None:
+                stream.write_pending_chunk()
+            return None
         if op == "caption":
             sid, text = args
             self.streams[sid].set_text(text or None)

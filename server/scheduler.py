@@ -24,6 +24,7 @@ import time
 from collections import deque
 
 from .metrics import ServerMetrics
+from .model_host import HostDown
 from .session import Session
 
 log = logging.getLogger("streamgen.server")
@@ -163,8 +164,8 @@ class InferenceWorker:
         # Each chunk's clean re-encode into its stream's cache once its frames are on their way
         # (a stream would otherwise run it at the start of its next chunk, before that chunk's
         # denoising, on the chunk's latency: 15% of it). A stream in a model child process does
-        # the same there (model_host).
-        for s in local:
+        # the same there, on its own; the sequence-parallel ranks do it in step (model_host).
+        for s in sessions:
             s.stream.write_pending_chunk()
         # what one session's chunk costs the worker, its re-encode included (capacity)
         per_session = (time.perf_counter() - t) / len(sessions)
@@ -179,7 +180,10 @@ class InferenceWorker:
                 sessions, publish=lambda session, chunk: _call_soon(session, session.publish, chunk)
             )
         except Exception as e:  # one broken batch must not take the worker down
-            log.exception("sessions %s: generation failed", [s.id for s in sessions])
+            if isinstance(e, HostDown):  # the model host said why when it went down: no traceback
+                log.error("sessions %s: generation stopped: %s", [s.id for s in sessions], e)
+            else:
+                log.exception("sessions %s: generation failed", [s.id for s in sessions])
             for session in sessions:
                 self.remove(session.id)
                 session.streaming = False

@@ -11,8 +11,11 @@ order, so the followers replay rank 0's model operations:
         -> ModelOps.handle(op, args)                    (collectives meet here)
         <- result (RemoteStream, as with --model-process)
 
-The operations are ModelHost's (create, chunk, caption, close, ...), so the
-registry and scheduler use `RemoteStream` exactly as for `--model-process`.
+The operations are ModelHost's (create, chunk, write_pending, caption, close,
+...), so the registry and scheduler use `RemoteStream` exactly as for
+`--model-process`. A chunk's clean re-encode is its own operation, which the
+scheduler calls once it has published the chunk's frames, so the frames do not
+wait for it (a model child process runs it after replying instead).
 Commands travel on plain local connections, not on the process group: a
 follower waits for its next command for as long as the server is idle, which
 a collective's timeout would not allow, and it sees EOF when rank 0 is gone.
@@ -73,6 +76,11 @@ def load_sharded(model_name: str, device: str, threads: int | None, sp: int, hei
 
 class SequenceParallelHost:
     """ModelHost's interface, on rank 0: each operation is sent to the followers, then run here."""
+
+    # a chunk's clean re-encode runs collectives too, so it is one more operation in step
+    # ("write_pending", after the scheduler has published the chunk's frames), not work a rank
+    # may do on its own after replying
+    writes_chunks_itself = False
 
     def __init__(self, ops: ModelOps, followers: list):
         self.ops = ops

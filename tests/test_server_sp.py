@@ -48,7 +48,13 @@ def _worker(rank, world, port, out_dir):
         errors.append(str(e))
     stream = RemoteStream(host, face, None, SEED, None, None, None)
     stream.push_audio(speech)
-    frames = [stream.next_chunk()[0] for _ in range(CHUNKS)]
+    frames, pending = [], []
+    for _ in range(CHUNKS):  # as the scheduler does: the frames, then (published) the re-encode
+        frames.append(stream.next_chunk()[0])
+        pending.append(host.ops.streams[stream.id].chunk_pending)
+        stream.write_pending_chunk()  # in step on every rank
+        pending.append(host.ops.streams[stream.id].chunk_pending)
+    assert pending == [True, False] * CHUNKS, pending
     stream.close()
     host.stop()
     np.save(os.path.join(out_dir, "frames.npy"), np.concatenate(frames))
@@ -288,3 +294,31 @@ def test_model_ops_write_a_chunk_into_the_cache_after_replying_with_its_frames()
     assert not ops.streams["s"].chunk_pending
     ops.handle("close", ("s",))
     ops.after_reply("chunk", ("s", np.zeros(0, np.float32)))  # a stream closed in between: nothing to do
+
+
+def test_a_stream_on_the_sp_ranks_writes_its_chunk_as_one_more_operation():
+    # the sequence-parallel ranks run a re-encode's collectives together: the scheduler's
+    # write after publishing becomes an operation; a model child process writes on its own
+    from types import SimpleNamespace
+
+    from server.model_host import ModelHost, ModelOps, RemoteStream
+    from server.sp_host import SequenceParallelHost
+    from streamgen.models import load_model
+
+    face, _ = inputs()
+    ops = ModelOps(load_model("debug"), "cpu", "float32")
+    calls = []
+
+    def call(op, *args):
+        calls.append(op)
+        return ops.handle(op, args)
+
+    for host_type, writes in ((SequenceParallelHost, ["write_pending"]), (ModelHost, [])):
+        host = SimpleNamespace(call=call, writes_chunks_itself=host_type.writes_chunks_itself)
+        stream = RemoteStream(host, face, None, 0, None, None, None)
+        stream.next_chunk()
+        calls.clear()
+        stream.write_pending_chunk()
+        assert calls == writes and ops.streams[stream.id].chunk_pending == (not writes)
+        stream.close()
+    ops.handle("write_pending", ("closed meanwhile",))  # nothing to write
