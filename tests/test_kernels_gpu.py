@@ -105,12 +105,17 @@ def test_gelu_tanh(ops, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 96, 4, 480, 832), (1, 384, 3, 60, 104), (3, 384, 60, 104)])
 @pytest.mark.parametrize("silu", [False, True])
-def test_rmsnorm_channels_at_the_wan_decoders_shapes(ops, dtype, shape, silu):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rmsnorm_channels_at_the_wan_decoders_shapes(ops, dtype, shape, silu, channels_last):
     """Its widest stage, its deepest, and its attention's norm (frames as the batch, 4D); with the
-    SiLU of its residual blocks."""
+    SiLU of its residual blocks; NC... and channels-last (WanVAE.channels_last)."""
     x = randn(*shape, dtype=dtype, scale=3.0)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
     gamma = randn(shape[1], 1, 1, dtype=dtype) + 1.0
-    close(ops.rmsnorm_channels(x, gamma, silu=silu), reference.rmsnorm_channels(x, gamma, silu=silu), dtype)
+    out = ops.rmsnorm_channels(x, gamma, silu=silu)
+    assert out.stride() == x.stride()
+    close(out, reference.rmsnorm_channels(x, gamma, silu=silu), dtype)
 
 
 def _qkv(lq, lk, dtype, head_dim=HEAD_DIM, heads=HEADS):
