@@ -384,6 +384,17 @@ def run(
             }
 
         extras["sdpa+fused_kernels, fastest decoder way"] = fastest_decoder_stream
+        if dev.type == "cuda":  # the decode on a second CUDA stream beside the re-encode
+
+            def beside(prepare):
+                def both(session):
+                    if prepare is not None:
+                        prepare(session)
+                    session.decode_beside_reencode = True
+
+                return measure(both)
+
+            extras["sdpa+fused_kernels, decode beside re-encode"] = beside
         before_kernels, after_kernels = stream_variants(model, measure, backends, compile_blocks, extras)
     for name, fn in before_kernels.items():
         variant(name, fn)

@@ -291,3 +291,64 @@ def test_a_new_caption_finds_the_last_chunk_written_with_the_old_one():
         return s.next_chunk()[0]
 
     assert np.array_equal(second_chunk(False), second_chunk(True))
+
+
+def test_decoding_beside_the_reencode_needs_cuda(model):
+    # two CUDA streams; on a GPU the frames are those of the sequential chunk (test_gpu_check.py)
+    s = StreamSession(model)
+    assert not s.decode_beside_reencode
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        s.decode_beside_reencode = True
+    s.decode_beside_reencode = False
+    assert not s.decode_beside_reencode
+
+
+def test_decoding_beside_the_reencode_orders_its_work_by_stream(model, monkeypatch):
+    # its CUDA calls stood in for on the CPU: the decode and the copy to the host go to the
+    # second stream, after it waits for the denoising; the re-encode to the first, in between
+    import contextlib
+
+    events, current = [], ["main"]
+
+    class FakeStream:
+        def wait_stream(self, other):
+            events.append(("side waits for", other))
+
+    @contextlib.contextmanager
+    def on_stream(stream):
+        current.append("side")
+        yield
+        current.pop()
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "main")
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(
+        torch.Tensor, "record_stream", lambda t, stream: events.append(("record", t.shape[0]))
+    )
+    monkeypatch.setattr(
+        StreamSession,
+        "_decode",
+        lambda self, x, f=StreamSession._decode: events.append(("decode", current[-1])) or f(self, x),
+    )
+    monkeypatch.setattr(
+        StreamSession,
+        "write_pending_chunk",
+        lambda self, f=StreamSession.write_pending_chunk: (
+            (self._pending is not None and events.append(("reencode", current[-1]))) or f(self)
+        ),
+    )
+
+    _, expected = run(model, [speech(2.0)], 3)
+    s = StreamSession(model)
+    s._decode_stream = FakeStream()  # what the switch makes on CUDA
+    s.start(face(), seed=0)
+    s.push_audio(speech(2.0))
+    for frames, pts in expected:
+        events.clear()
+        got, got_pts = s.next_chunk()
+        assert np.array_equal(got, frames) and got_pts == pts and not s.chunk_pending
+        assert events[0] == ("side waits for", "main") and events[1][0] == "record"
+        assert [e for e in events if e[0] in ("decode", "reencode")] == [
+            ("decode", "side"),
+            ("reencode", "main"),
+        ]
