@@ -27,9 +27,11 @@ stage by stage (audio, denoise, re-encode, decode, copy to the host), each
 against the floor its counted work sets under those ceilings (bench/floor.py;
 every variant also gets `of_floor` and `of_clip_floor`, its rate over the floor's);
 the default configuration with 2 steps (reported, never the headline) and with
-the Wan decoder one latent frame per call (diffusers' way); SDPA with its cuDNN
-kernel first (`cudnn`);
-the Wan decoder each way it can run (`decoder`); the kernel micro-benchmarks
+the Wan decoder one latent frame per call (diffusers' way); the Wan decoder each
+way it can run (`decoder`, bench/wan_decoder.py), then the stream with the
+fastest of them; on CUDA the stream decoding on a second CUDA stream beside the
+re-encode (`StreamSession.decode_beside_reencode`); SDPA with its cuDNN kernel
+first (`cudnn`); the kernel micro-benchmarks
 (`bench/kernels.py`); then what is slowest to prepare: the Wan decoder under
 Inductor (`decoder_compiled`), FlexAttention, and Inductor-compiled blocks
 (dynamic shapes after the first change of the ring's fill level). No CUDA graphs: the profile of the stages says why
