@@ -47,6 +47,7 @@ import argparse
 import datetime
 import json
 import os
+import sys
 import time
 import traceback
 
@@ -337,7 +338,10 @@ def run(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    offered = set()  # every part this run could have run: `only` names outside it are typos
+
     def variant(name, fn, budget=budget_s):
+        offered.add(name)
         if only is None or name in only:
             _variant(name, fn, budget, started, result, out)
 
@@ -436,6 +440,8 @@ def run(
             v["of_floor"] = floor.rounded(v["fps_steady"] / stages["fps_ceiling"])
             if v["fps_clip"] is not None:
                 v["of_clip_floor"] = floor.rounded(v["fps_clip"] / stages["clip_fps_ceiling"])
+    if only is not None and only - offered:
+        result["only_unknown"] = sorted(only - offered)
     result["seconds"] = round(time.perf_counter() - started, 1)
     write_partial(result, out)
     return result
@@ -476,6 +482,8 @@ def main(args) -> dict:
         out=args.out,
         only=None if args.only is None else set(args.only),
     )
+    if result.get("only_unknown"):
+        print(f"bench gpu: --only names no part of this run: {result['only_unknown']}", file=sys.stderr)
     if args.plot and any("fps" in v for v in result["variants"].values()):
         plot(result, args.plot)
     return result

@@ -216,8 +216,10 @@ def test_bench_wan_decoder_runs_the_real_decoder_each_way_on_this_cpu():
 
 
 def test_bench_gpu_only_runs_the_parts_it_is_given():
-    result = gpu.run("cpu", quick=True, chunks=1, kernel_bench=False, backends=("sdpa",), only={"decoder"})
+    only = {"decoder", "sdpa+fused_kernel"}  # a name off by a letter runs nothing, and says so
+    result = gpu.run("cpu", quick=True, chunks=1, kernel_bench=False, backends=("sdpa",), only=only)
     assert result["variants"] == {} and "stages" not in result and "fps" not in result
+    assert result["only_unknown"] == ["sdpa+fused_kernel"]
     assert set(result["decoder"]) >= {"frame_per_call", "chunk_per_call"}
     # any ways asked for, after diffusers' way, which the others are compared with
     model = gpu.build_model("wan2.1-1.3b", 64, 96, "cpu", torch.float32, quick=True, backend="sdpa")
