@@ -170,6 +170,25 @@ def test_all_available_backends_agree(masked):
         torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=2e-2, msg=f"backend {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_block_causal_gradients_match_the_masked_reference(dtype):
+    """Training's block-causal attention through FlexAttention (2.4x SDPA's masked kernel on the
+    H200, bench kernels): its backward too, before training may use it."""
+    torch.manual_seed(6)
+    s = 390  # a quarter frame: not a multiple of flex's 128-token blocks
+    blocks = torch.tensor([0, 1, 1, 1, 2, 2, 2], device="cuda")
+    mask = (blocks[None, :] <= blocks[:, None]).repeat_interleave(s, 0).repeat_interleave(s, 1)
+    q, k, v = (t.requires_grad_() for t in _qkv(7 * s, 7 * s, dtype))
+    grad_out = randn(1, 7 * s, HEADS, HEAD_DIM, dtype=dtype)
+    kernels.attention(q, k, v, (blocks, blocks), s, backend="flex").backward(grad_out)
+    flex_grads = [t.grad.float() for t in (q, k, v)]
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    reference.attention_reference_math(q32, k32, v32, mask).backward(grad_out.float())
+    for got, want, name in zip(flex_grads, (q32.grad, k32.grad, v32.grad), "qkv"):
+        error = (got - want).norm() / want.norm()
+        assert error < (5e-3 if dtype == torch.float32 else 3e-2), (name, error.item())  # (TF32 if on)
+
+
 def test_calls_that_need_gradients_take_the_differentiable_path():
     """The Triton kernels are forward-only; training through the dispatch must still get gradients."""
     x = randn(1, 2, 8, 64, dtype=torch.float32).requires_grad_()
