@@ -31,12 +31,12 @@ stamp=$(date +%Y-%m-%d)
 # only the files that hold GPU tests (the server's import packages the image lacks), the
 # kernels' and parallel ones before the benchmark's smoke test (reverse name order)
 # shellcheck disable=SC2046  # one word per file
-timeout "${GPU_CHECK_TEST_TIMEOUT:-190}" "$PY" -m pytest -m gpu -q -rfEsw -p no:cacheprovider --continue-on-collection-errors \
+timeout "${GPU_CHECK_TEST_TIMEOUT:-220}" "$PY" -m pytest -m gpu -q -rfEsw -p no:cacheprovider --continue-on-collection-errors \
   ${GPU_CHECK_TESTS:-$(grep -l "mark.gpu" tests/test_*.py | sort -r)} > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests: exit code $?" >> "$OUT/gpu-tests.log"
 # --out rewrites the JSON after each variant, so the outer timeout loses only the variant it cut short
 eval "bench_args=(${GPU_CHECK_BENCH_ARGS:-})"  # a list of options, quoted as on a command line
-timeout "${GPU_CHECK_BENCH_TIMEOUT:-370}" "$PY" -m bench.gpu --budget 290 --out "$OUT/h200-$stamp.json" \
+timeout "${GPU_CHECK_BENCH_TIMEOUT:-340}" "$PY" -m bench.gpu --budget 260 --out "$OUT/h200-$stamp.json" \
   "${bench_args[@]}" > /dev/null 2> "$OUT/bench-gpu.log"
 echo "bench gpu: exit code $?" >> "$OUT/bench-gpu.log"
 # the plot from whatever the JSON holds, so a run cut short still gets one
