@@ -20,22 +20,23 @@ the start: reference encode and sink).
 
 First it measures this device's ceilings (a large bf16 matrix product, a
 device-to-device copy). In the order they run (`--budget` skips what would
-start after it; `--out` keeps what finished if the run is killed): the fused
-Triton kernels with SDPA and with our attention kernel, the PyTorch references
-(same model code, `kernels` dispatch); `stages`, the default configuration
-stage by stage (audio, denoise, re-encode, decode, copy to the host), each
-against the floor its counted work sets under those ceilings (bench/floor.py;
-every variant also gets `of_floor` and `of_clip_floor`, its rate over the floor's);
-the default configuration with 2 steps (reported, never the headline) and with
-the Wan decoder one latent frame per call (diffusers' way); the Wan decoder each
-way it can run (`decoder`, bench/wan_decoder.py), then the stream with the
-fastest of them; on CUDA the stream decoding on a second CUDA stream beside the
-re-encode (`StreamSession.decode_beside_reencode`); SDPA with its cuDNN kernel
-first (`cudnn`); the Wan decoder under Inductor (`decoder_compiled`); the kernel
+start after it; `--out` keeps what finished if the run is killed): the default,
+SDPA with the fused Triton kernels; `stages`, the default configuration stage by
+stage (audio, denoise, re-encode, decode, copy to the host; and a fresh stream's
+first chunk), each against the floor its counted work sets under those ceilings
+(bench/floor.py; every variant also gets `of_floor` and `of_clip_floor`, its rate
+over the floor's); the Wan decoder each way it can run (`decoder`,
+bench/wan_decoder.py), then the stream with the fastest of them; on CUDA the
+stream decoding on a second CUDA stream beside the re-encode
+(`StreamSession.decode_beside_reencode`); the Wan decoder under Inductor
+(`decoder_compiled`); then what earlier runs measured: 2 steps (reported, never
+the headline), the decoder one latent frame per call (diffusers' way), our
+Triton attention kernel, the PyTorch references (same model code, `kernels`
+dispatch), SDPA with its cuDNN kernel first (`cudnn`); the kernel
 micro-benchmarks (`bench/kernels.py`); then what is slowest to prepare:
-FlexAttention and Inductor-compiled blocks
-(dynamic shapes after the first change of the ring's fill level). No CUDA graphs: the profile of the stages says why
-(`compiled_blocks`).
+FlexAttention and Inductor-compiled blocks (dynamic shapes after the first
+change of the ring's fill level). No CUDA graphs: the profile of the stages
+says why (`compiled_blocks`).
 
 Built to finish within ~8 minutes on one H200 with only PyTorch and Triton;
 `--quick` runs the same code on CPU at tiny sizes (tests).
@@ -225,10 +226,11 @@ def _variant(name, fn, budget_s, started, result, out=None):
 
 
 def stream_variants(model, measure, backends, compile_blocks, extras=None) -> tuple[dict, dict]:
-    """name -> measurement, two groups in the order they run: each attention backend with the
-    fused kernels, the PyTorch references and the `extras` (name -> measurement(prepare) of
-    the default configuration: SDPA, fused kernels) before the kernel micro-benchmarks, then
-    FlexAttention and Inductor, which take longest to prepare (after them)."""
+    """name -> measurement, two groups in the order they run. Before the kernel micro-benchmarks:
+    the default (SDPA, fused kernels), the `extras` (name -> measurement(prepare) of the default
+    configuration, in their order: what this run is for comes first), the other attention
+    backends with the fused kernels, the PyTorch references. After them: FlexAttention and
+    Inductor, which take longest to prepare."""
 
     def with_backend(backend, fused=True, measurement=measure):
         def fn(prepare=None):
@@ -245,10 +247,13 @@ def stream_variants(model, measure, backends, compile_blocks, extras=None) -> tu
 
         return fn
 
-    first = {f"{b}+fused_kernels": with_backend(b) for b in backends if b not in ("flex", "cudnn")}
-    first["sdpa+reference_ops"] = with_backend("sdpa", fused=False)
+    first = {"sdpa+fused_kernels": with_backend("sdpa")}
     for name, measurement in (extras or {}).items():
         first[name] = with_backend("sdpa", measurement=measurement)
+    first.update(
+        {f"{b}+fused_kernels": with_backend(b) for b in backends if b not in ("sdpa", "flex", "cudnn")}
+    )
+    first["sdpa+reference_ops"] = with_backend("sdpa", fused=False)
     if "cudnn" in backends:  # after the default's figures: a fault in a newer kernel must not cost them
         first["cudnn+fused_kernels"] = with_backend("cudnn")
     last = {}
@@ -363,20 +368,14 @@ def run(
                 model, steps, chunks, warmup, device, dtype, text_tokens, prepare, clip_frames
             )
 
-        extras = {  # the default configuration stage by stage against its floor, and with fewer steps
+        # in the order they run, after the default's own figures: what is new first (a new
+        # kernel's fault must not cost the default's figures), then what earlier runs measured
+        extras = {  # the default configuration stage by stage against its floor
             "stages": lambda _prepare: stage_breakdown(
                 model, steps, min(chunks, 6), device, dtype, text_tokens, result["ceilings"], clip_frames
             )
         }
-        if steps > 2:  # what the 2-step student would stream at (docs/results.md: it loses little)
-            extras["sdpa+fused_kernels, 2 steps"] = lambda prepare: {**measure(prepare, steps=2), "steps": 2}
-        # the Wan decoder one latent frame per call, diffusers' way (WanVAE.frames_per_call; on
-        # a GPU the default decodes a chunk per call)
-        extras["sdpa+fused_kernels, decoder frame_per_call"] = lambda prepare: with_attributes(
-            model.vae, {"frames_per_call": 1}, lambda: measure(prepare)
-        )
-        # the decoder's ways, after the default's figures (a new kernel's fault must not cost
-        # them), then the stream with the fastest of them
+        # the decoder's ways, then the stream with the fastest of them
         fast_ways = [name for name in DECODER_WAYS if name not in SLOW_DECODER_WAYS]
         extras["decoder"] = lambda _prepare: decoder_variants(model, device, dtype, fast_ways)
 
@@ -401,18 +400,23 @@ def run(
                 return measure(both)
 
             extras["sdpa+fused_kernels, decode beside re-encode"] = beside
+        if compile_blocks:  # the decoder under Inductor: a minute of compiling
+            extras["decoder_compiled"] = lambda _prepare: decoder_variants(
+                model, device, dtype, SLOW_DECODER_WAYS
+            )
+        if steps > 2:  # what the 2-step student would stream at (docs/results.md: it loses little)
+            extras["sdpa+fused_kernels, 2 steps"] = lambda prepare: {**measure(prepare, steps=2), "steps": 2}
+        # the Wan decoder one latent frame per call, diffusers' way (WanVAE.frames_per_call; on
+        # a GPU the default decodes a chunk per call)
+        extras["sdpa+fused_kernels, decoder frame_per_call"] = lambda prepare: with_attributes(
+            model.vae, {"frames_per_call": 1}, lambda: measure(prepare)
+        )
         before_kernels, after_kernels = stream_variants(model, measure, backends, compile_blocks, extras)
     for name, fn in before_kernels.items():
         variant(name, fn)
-    for part in ("stages", "decoder"):
+    for part in ("stages", "decoder", "decoder_compiled"):
         if part in result["variants"]:
             result[part] = result["variants"].pop(part)
-    # the decoder under Inductor (the decoder is the stage furthest from its floor; compiling
-    # takes a minute) before the kernel micro-benchmarks, measured in full on 2026-11-30
-    if model is not None and compile_blocks:
-        variant("decoder_compiled", lambda: decoder_variants(model, device, dtype, SLOW_DECODER_WAYS))
-        if "decoder_compiled" in result["variants"]:
-            result["decoder_compiled"] = result["variants"].pop("decoder_compiled")
     if kernel_bench:  # the model stays loaded: 3 GB of 141
 
         def kernel_numbers():

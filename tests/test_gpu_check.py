@@ -234,9 +234,9 @@ def test_the_variants_run_the_defaults_figures_before_newer_kernels_and_compilin
     )
     assert list(first) == [
         "sdpa+fused_kernels",
+        "stages",
         "triton+fused_kernels",
         "sdpa+reference_ops",
-        "stages",
         "cudnn+fused_kernels",
     ]
     assert list(last) == ["flex+fused_kernels", "sdpa+compiled_blocks"]
