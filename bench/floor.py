@@ -208,12 +208,17 @@ def flops_by_kind(stages: dict) -> dict:
     return {kind: sum(w["tflop_by_kind"][kind] for w in stages.values()) for kind in _KINDS}
 
 
+def synchronize(device):
+    """A function that waits for `device`'s queued work (nothing to wait for off CUDA)."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
 def measure_ceilings(device, dtypes, repeats: int = 10) -> dict:
     """This device's matrix rate (one large product on random data, in the fastest of `dtypes`:
     the floor is a bound for any of them) and copy bandwidth (bytes read + written)."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = synchronize(device)
     n = 8192 if cuda else 1024
 
     def median_seconds(fn):

@@ -58,12 +58,11 @@ import torch
 import kernels
 from bench import floor, stage_timing
 from bench.gpu_plot import plot
-from bench.wan_decoder import (  # noqa: F401 (bench gpu's decoder ways; tests use them through here)
+from bench.wan_decoder import (
     DECODER_WAYS,
     SLOW_DECODER_WAYS,
     decoder_variants,
     fastest_decoder_way,
-    synchronize,
     with_attributes,
 )
 from streamgen.model.config import get_config
@@ -131,7 +130,7 @@ def stream_speed(
         if prepare is not None:
             prepare(session)
 
-    sync = synchronize(device)
+    sync = floor.synchronize(device)
     t0 = time.perf_counter()
     start()
     # past the chunk that first sees a full ring: every attention length has run (and been

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from bench.floor import TARGET_FPS, report, rounded
+from bench.floor import TARGET_FPS, report, rounded, synchronize
 from streamgen.stream import CHUNK_STAGES, StreamSession
 
 
@@ -45,7 +45,7 @@ def timed_report(
     `gpu_busy_ms` and `gpu_busy_share` (of the profiled stage's time). With `restart` (a fresh
     stream: reference encode and sink), `first_chunk`: the start and each stage of a fresh
     stream's first chunk, medians of `first_chunks` restarts, against their floors."""
-    sync = torch.cuda.synchronize if session.device.type == "cuda" else (lambda: None)
+    sync = synchronize(session.device)
     times = {stage: [] for stage in CHUNK_STAGES}
     for _ in range(chunks):
         session.next_chunk(observe=_stage_timer(times, sync))
@@ -121,7 +121,7 @@ def profile_chunk(session: StreamSession) -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     cuda = session.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = synchronize(session.device)
 
     def observe(stage, fn):
         with record_function(STAGE_RANGE + stage):

@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from bench.floor import synchronize
+
 _PLAIN_DECODER = {
     "frames_per_call": 1, "fused_norms": False, "pad_in_conv": False, "channels_last": False,
     "compiled_decoder": None,
@@ -97,10 +99,6 @@ def with_attributes(obj, values: dict, fn):
     finally:
         for name, value in saved.items():
             setattr(obj, name, value)
-
-
-def synchronize(device):
-    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
 
 def build_wan_vae(device, dtype):

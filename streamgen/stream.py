@@ -330,9 +330,14 @@ class StreamSession:
         """Decode the chunk's clean latents (the cache already holds them) to uint8 frames."""
         run = run or _run_stage
         out = run("decode", lambda: self._decode(latents))
+        pts = self._next_pts()
+        return run("to_host", lambda: out.cpu().numpy()), pts
+
+    def _next_pts(self) -> float:
+        """The pts of the chunk just made (its first frame's), and the chunk counted."""
         pts = self.chunk_index * self.chunk_seconds
         self.chunk_index += 1
-        return run("to_host", lambda: out.cpu().numpy()), pts
+        return pts
 
     @torch.no_grad()
     def _finish_chunk_beside_reencode(self, latents: torch.Tensor) -> tuple[np.ndarray, float]:
@@ -350,9 +355,7 @@ class StreamSession:
         self.write_pending_chunk()  # queued on the first stream: the GPU runs both
         with torch.cuda.stream(side):
             frames = out.cpu().numpy()  # waits for the decode only
-        pts = self.chunk_index * self.chunk_seconds
-        self.chunk_index += 1
-        return frames, pts
+        return frames, self._next_pts()
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         frames, self.decoder_state = self.vae.decode_stream(latents.to(self.vae_dtype), self.decoder_state)

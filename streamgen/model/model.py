@@ -117,9 +117,8 @@ class SelfAttention(nn.Module):
             else:
                 if cache_op == "write_ring":
                     cache.write_ring(k_raw, v, ring_index)
-                if write_only:
-                    return q
-                k, v = cache.update(k, v, ring_filled)
+                if not write_only:
+                    k, v = cache.update(k, v, ring_filled)
         if write_only:
             return q
         return attention(q, k, v, mask, tokens_per_frame, self.backend)
