@@ -134,11 +134,24 @@ def _cases(shapes: dict, device, dtype) -> dict:
             (vae_x, vae_gamma, None, 1e-12, True),
             2 * _nbytes(vae_x),
         ),
+        # FP8 linears: a block's input, and the MLP's hidden activation through its GELU (bytes:
+        # read once, one byte out per element, a scale per row)
+        "quantize_fp8_rows": (
+            reference.quantize_fp8_rows,
+            (tokens,),
+            _nbytes(tokens) + tokens.numel() + 4 * b * f * s,
+        ),
+        "gelu_quantize_fp8_rows": (
+            reference.quantize_fp8_rows,
+            (hidden, True),
+            _nbytes(hidden) + hidden.numel() + 4 * b * f * s,
+        ),
     }
     op_names = {
         "apply_rope_ring_keys": "apply_rope",
         "rmsnorm_channels_vae": "rmsnorm_channels",
         "rmsnorm_silu_channels_vae": "rmsnorm_channels",
+        "gelu_quantize_fp8_rows": "quantize_fp8_rows",
     }
     cases = {name: (fn, op_names.get(name, name), args, nbytes, None) for name, (fn, args, nbytes) in cases.items()}
 

@@ -105,6 +105,24 @@ def gelu_tanh(x):
     return reference.gelu_tanh(x)
 
 
+def quantize_fp8_rows(x, gelu: bool = False):
+    """x [..., K] -> (float8_e4m3fn [M, K], fp32 scales [M, 1]), one scale per row, of
+    gelu_tanh(x) where `gelu` (see `reference.quantize_fp8_rows`)."""
+    if _use_triton(x):
+        return _triton_ops().quantize_fp8_rows(x, gelu)
+    return reference.quantize_fp8_rows(x, gelu)
+
+
+def fp8_linear(x, weight_q, weight_scale, bias=None, gelu: bool = False):
+    """A linear layer in FP8: x [..., K] quantized row by row (after gelu_tanh where `gelu`),
+    times the e4m3 weight [N, K] with its per-output-channel scales [1, N], plus bias [N]; out
+    [..., N] in x's dtype. One scaled matrix product (`reference.fp8_matmul`): on CUDA it needs
+    sm_89 or later and bf16, on CPUs it runs at any float dtype (tests, accuracy)."""
+    q, scale = quantize_fp8_rows(x, gelu)
+    out = reference.fp8_matmul(q, scale, weight_q, weight_scale, bias, x.dtype)
+    return out.view(*x.shape[:-1], weight_q.shape[0])
+
+
 def rmsnorm_channels(x, gamma, bias=None, eps: float = 1e-12, silu: bool = False):
     """The Wan VAE's RMSNorm over channels, x [B, C, ...], and the SiLU after it where `silu`
     (see `reference.rmsnorm_channels`).

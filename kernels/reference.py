@@ -202,6 +202,54 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------
+# FP8 (e4m3) linear layers: each row of activations and each row of a weight
+# (an output channel) gets its own fp32 scale, so one outlier token or channel
+# costs only its own row's precision. Hopper's tensor cores multiply e4m3 at
+# twice the bf16 rate; torch._scaled_mm applies both scales in its epilogue.
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3fn value
+FP8_MIN_SCALE = 1e-12 / FP8_MAX  # an all-zero row quantizes to zeros, not to NaN
+
+
+def quantize_fp8_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (q [M, K] float8_e4m3fn, scale [M, 1] fp32), x ~ q * scale row by row.
+
+    Each row is divided by max|row| / 448, so its largest element lands on e4m3's largest
+    value. gelu: quantize gelu_tanh(x), computed in fp32 (the MLP's hidden activation on its
+    way into the second linear, never rounded to x's dtype).
+    """
+    v = x.reshape(-1, x.shape[-1]).float()
+    if gelu:
+        v = gelu_tanh(v)
+    scale = (v.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(FP8_MIN_SCALE)
+    return (v / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def fp8_steps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many e4m3 values lie between a and b, elementwise, plus one (0: equal; 1: adjacent,
+    one rounding apart). e4m3fn codes are sign + magnitude, and the magnitude's order is the
+    value's order, so the signed magnitudes are consecutive integers along the real line."""
+
+    def position(t):
+        code = t.view(torch.uint8).int()
+        return torch.where(code >= 128, -(code - 128), code)
+
+    return (position(a) - position(b)).abs()
+
+
+def fp8_matmul(q, scale, weight_q, weight_scale, bias, out_dtype) -> torch.Tensor:
+    """(q * scale) @ (weight_q * weight_scale).T + bias in out_dtype, one scaled matrix product.
+
+    q [M, K], scale [M, 1]; weight_q [N, K] (row-major, so its transpose is the column-major
+    operand the tensor cores read), weight_scale [1, N]; bias [N] in out_dtype or None. The same
+    op on CPUs (exact products of the e4m3 values) and on CUDA (bf16 out on sm_89 and later)."""
+    return torch._scaled_mm(
+        q, weight_q.t(), scale_a=scale, scale_b=weight_scale, bias=bias, out_dtype=out_dtype
+    )
+
+
+# ---------------------------------------------------------------------------
 # Attention
 
 

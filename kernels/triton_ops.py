@@ -284,13 +284,17 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 
 @triton.jit
+def _gelu_tanh_f32(x):
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    # clamped so the interpreter (numpy) does not warn on overflow; exp(80) is already inf-like
+    return x / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))
+
+
+@triton.jit
 def _gelu_tanh_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
-    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    # clamped so the interpreter (numpy) does not warn on overflow; exp(80) is already inf-like
-    y = x / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))
+    y = _gelu_tanh_f32(tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32))
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -302,6 +306,58 @@ def gelu_tanh(x):
     block = 1024
     _gelu_tanh_kernel[(triton.cdiv(n, block),)](x, out, n, BLOCK=block, num_warps=1 if INTERPRET else 4)
     return out
+
+
+# ---------------------------------------------------------------------------
+# Row-wise FP8 quantization (`reference.quantize_fp8_rows`), of x or of
+# GELU-tanh(x). One program per row: a first pass finds max|v|, a second (its
+# loads from L2) scales and casts. With the GELU it stands in for the MLP's gelu
+# kernel: the hidden activation is read once more, and half its bytes written.
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """v (fp32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, kept in fp32, so the
+    cast after it is exact (the interpreter's own fp8 cast can be off by a binade)."""
+    exponent = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # -6: subnormals
+    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits
+    return ((v / step + 12582912.0) - 12582912.0) * step  # + 1.5 * 2^23: rounds to an integer
+
+
+@triton.jit
+def _quantize_fp8_rows_kernel(
+    x_ptr, fp8_ptr, row_scale_ptr, K, stride_row, GELU: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        v = tl.load(x_ptr + row * stride_row + start + cols, mask=start + cols < K, other=0.0).to(tl.float32)
+        if GELU:
+            v = _gelu_tanh_f32(v)  # gelu(0) = 0: the masked tail adds nothing to the max
+        amax = tl.maximum(amax, tl.abs(v))
+    scale = tl.maximum(tl.max(amax, 0) / 448.0, 1e-12 / 448.0)  # reference.FP8_MAX, FP8_MIN_SCALE
+    tl.store(row_scale_ptr + row, scale)
+    for start in range(0, K, BLOCK_K):
+        ok = start + cols < K
+        v = tl.load(x_ptr + row * stride_row + start + cols, mask=ok, other=0.0).to(tl.float32)
+        if GELU:
+            v = _gelu_tanh_f32(v)
+        q = _round_to_e4m3(tl.minimum(tl.maximum(v / scale, -448.0), 448.0))
+        tl.store(fp8_ptr + row * K + start + cols, q.to(fp8_ptr.dtype.element_ty), mask=ok)
+
+
+def quantize_fp8_rows(x, gelu: bool = False):
+    """Triton `reference.quantize_fp8_rows`: x [..., K] -> (e4m3 [M, K], fp32 scales [M, 1])."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, k = x2.shape
+    q = torch.empty((m, k), device=x.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    block, warps = _row_block(min(k, 2048))
+    _quantize_fp8_rows_kernel[(m,)](x2, q, scale, k, x2.stride(0), GELU=gelu, BLOCK_K=block, num_warps=warps)
+    return q, scale
 
 
 # ---------------------------------------------------------------------------

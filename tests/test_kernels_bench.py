@@ -22,6 +22,8 @@ CASES = {
     "apply_rope_ring_keys",
     "gelu_tanh",
     "rmsnorm_channels_vae",
+    "quantize_fp8_rows",
+    "gelu_quantize_fp8_rows",
     "rmsnorm_silu_channels_vae",
     "attention_stream",
     "attention_block_causal",

@@ -103,6 +103,47 @@ def test_gelu_tanh(ops, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gelu, width", [(False, WIDTH), (True, 8960)])
+def test_quantize_fp8_rows(ops, dtype, gelu, width):
+    """A block's input, and the MLP's hidden activation through its GELU: the kernel's e4m3 values
+    are torch's, or (fp32 division on the GPU, the GELU's exp) one rounding apart, rarely."""
+    x = randn(FRAMES * TOKENS, width, dtype=dtype, scale=3.0)
+    q, scale = ops.quantize_fp8_rows(x, gelu)
+    q_ref, scale_ref = reference.quantize_fp8_rows(x, gelu)
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+    steps = reference.fp8_steps_apart(q, q_ref)
+    assert steps.max() <= 1 and steps.float().mean() < 1e-3
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs sm_89+"
+)
+@pytest.mark.parametrize("gelu, k, n", [(False, WIDTH, WIDTH), (False, WIDTH, 8960), (True, 8960, WIDTH)])
+def test_fp8_linear_at_the_dits_shapes(gelu, k, n):
+    """Rowwise-scaled e4m3 products with a bias (torch._scaled_mm) against bf16's: within e4m3's
+    precision, and equal to the same products done on the CPU."""
+    x = randn(FRAMES * TOKENS, k, dtype=torch.bfloat16, scale=2.0)
+    weight = randn(n, k, dtype=torch.bfloat16, scale=k**-0.5)
+    bias = randn(n, dtype=torch.bfloat16)
+    weight_q, weight_scale = reference.quantize_fp8_rows(weight)
+    out = kernels.fp8_linear(x, weight_q, weight_scale.t().contiguous(), bias, gelu=gelu)
+    h = reference.gelu_tanh(x) if gelu else x
+    expected = torch.nn.functional.linear(h.float(), weight.float(), bias.float())
+    assert out.dtype == torch.bfloat16 and out.shape == expected.shape
+    assert ((out.float() - expected).norm() / expected.norm()) < 0.04
+    q, scale = kernels.quantize_fp8_rows(x, gelu)
+    on_cpu = reference.fp8_matmul(
+        q.cpu(),
+        scale.cpu(),
+        weight_q.cpu(),
+        weight_scale.t().contiguous().cpu(),
+        bias.float().cpu(),
+        torch.float32,
+    )
+    torch.testing.assert_close(out.float().cpu(), on_cpu, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 96, 4, 480, 832), (1, 384, 3, 60, 104), (3, 384, 60, 104)])
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -171,6 +171,27 @@ def check_gelu_tanh(ops, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("width", [37, 2048 + 300])  # one partial block; a full one and a tail
+def check_quantize_fp8_rows(ops, dtype, gelu, width):
+    torch.manual_seed(8)
+    x = rand(2, 5, width + 8, dtype=dtype, scale=3.0)[..., :width]  # rows 8 elements apart
+    x[0, 0] = 0  # an all-zero row: zeros, not NaN
+    x[0, 1, 3] = 1e4  # an outlier takes only its own row's precision
+    x[1, 2, :4] = torch.tensor([448.0, 100.0, -100.0, 1e-3])  # scale 1: a tie each way, a subnormal
+    q, scale = ops.quantize_fp8_rows(x, gelu)
+    q_ref, scale_ref = reference.quantize_fp8_rows(x, gelu)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (10, width) and scale.shape == (10, 1)
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+    # the same values (the kernel rounds to e4m3 itself); through the GELU one rounding apart at
+    # most, and rarely (numpy's exp is not torch's)
+    steps = reference.fp8_steps_apart(q, q_ref)
+    assert steps.max() <= int(gelu) and steps.float().mean() < 0.01
+    assert (q[0].float() == 0).all() and not q.float().isnan().any()
+    assert (q[1:].float().abs().amax(1) == reference.FP8_MAX).all()  # each row spans e4m3's range
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias, silu", [(False, False), (True, False), (False, True), (True, True)])
 def check_rmsnorm_channels(ops, dtype, with_bias, silu):
     """The Wan VAE's channel RMSNorm (and the SiLU after it): 5D (conv layers) and 4D (its
@@ -369,8 +390,8 @@ def check_a_stream_through_the_kernels_is_counted_as_through_the_references(ops,
 # and lowering errors that the interpreter cannot see are caught here too.
 
 _FLOAT_ARGS = {"eps", "qk_scale", "scale"}
-_INT_POINTERS = {"frame_pos_ptr": "*i32", "q_block_ptr": "*i32", "k_block_ptr": "*i32"}
-_FP32_POINTERS = {"angles_ptr", "inv_freq_ptr"}
+_TYPED_POINTERS = {"frame_pos_ptr": "*i32", "q_block_ptr": "*i32", "k_block_ptr": "*i32", "fp8_ptr": "*fp8e4nv"}
+_FP32_POINTERS = {"angles_ptr", "inv_freq_ptr", "row_scale_ptr"}
 
 
 def _compile_for_hopper(kernel, dtype: str, constexprs: dict, **options):
@@ -389,7 +410,7 @@ def _compile_for_hopper(kernel, dtype: str, constexprs: dict, **options):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = _INT_POINTERS.get(name, "*fp32" if name in _FP32_POINTERS else f"*{dtype}")
+            signature[name] = _TYPED_POINTERS.get(name, "*fp32" if name in _FP32_POINTERS else f"*{dtype}")
         else:
             signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
@@ -414,6 +435,8 @@ def test_kernels_compile_for_hopper_in_fp32():
         _compile_for_hopper(ops._rmsnorm_rope_kernel, dtype, dict(BLOCK_HALF=1024, ROPE_MODE=mode, NORM=True))
     _compile_for_hopper(ops._rmsnorm_rope_kernel, dtype, dict(BLOCK_HALF=1024, ROPE_MODE=ops.ROPE_TABLE, NORM=False))
     _compile_for_hopper(ops._gelu_tanh_kernel, dtype, dict(BLOCK=1024))
+    for gelu in (False, True):
+        _compile_for_hopper(ops._quantize_fp8_rows_kernel, dtype, dict(GELU=gelu, BLOCK_K=2048), num_warps=4)
     for with_bias, silu in ((False, False), (True, False), (False, True)):
         meta = dict(HAS_BIAS=with_bias, SILU=silu, BLOCK_C=32, BLOCK_P=64)
         _compile_for_hopper(ops._rmsnorm_channels_kernel, dtype, meta, num_warps=4)

@@ -21,6 +21,7 @@ BENCHMARKS = {
     "kernels": ("bench.kernels", "fused kernels vs eager and torch.compile"),
     "gpu": ("bench.gpu", "wan2.1-1.3b streaming on one GPU (832x480, 4 steps)"),
     "wan-decoder": ("bench.wan_decoder", "the Wan VAE decoder each way WanVAE can run it, on any device"),
+    "fp8": ("bench.fp8", "a stream's frames with the DiT's linears in FP8 (and bf16) against float32"),
     "floor": (
         "bench.floor",
         "the least time a chunk can take: FLOPs and bytes per stage over a device's ceilings",
