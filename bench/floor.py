@@ -108,12 +108,14 @@ def count(fn, forwards: int = 1, cache=None, kv_layers: int | None = None):
     return result, work
 
 
-_KINDS = ("linear", "attention", "convolution")
+_KINDS = ("linear", "fp8_linear", "attention", "convolution")
 
 
 def _kind(op: str) -> str:
     if "convolution" in op:
         return "convolution"
+    if "_scaled_mm" in op:  # FP8 products (streamgen.model.float8), at their own rate
+        return "fp8_linear"
     # SDPA's own kernels, or on meta its math decomposition (batched products)
     return "attention" if "attention" in op or "bmm" in op else "linear"
 
@@ -161,11 +163,15 @@ def _counted_chunk(session, steps) -> dict:
     return {"frames": frames_per_chunk, "stages": stages}
 
 
-def floor(work: dict, matmul_tflops: float, copy_gbps: float, target_fps: float = TARGET_FPS) -> dict:
-    """Each stage's floor (ms) and what bounds it; the chunk's floor, frames/s ceiling, first-chunk floor."""
+def floor(
+    work: dict, matmul_tflops: float, copy_gbps: float, target_fps: float = TARGET_FPS, fp8_tflops=None
+) -> dict:
+    """Each stage's floor (ms) and what bounds it; the chunk's floor, frames/s ceiling, first-chunk
+    floor. FP8 products run at `fp8_tflops` (None: at the matrix rate, as everything else)."""
 
     def stage_floor(w):
-        arithmetic_ms = w["tflop"] / matmul_tflops * 1e3
+        fp8 = w["tflop_by_kind"].get("fp8_linear", 0.0)
+        arithmetic_ms = ((w["tflop"] - fp8) / matmul_tflops + fp8 / (fp8_tflops or matmul_tflops)) * 1e3
         memory_ms = (w["weights_gb"] + w["kv_gb"]) / copy_gbps * 1e3
         return {
             "floor_ms": max(arithmetic_ms, memory_ms),
@@ -213,9 +219,10 @@ def synchronize(device):
     return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
 
-def measure_ceilings(device, dtypes, repeats: int = 10) -> dict:
+def measure_ceilings(device, dtypes, repeats: int = 10, float8: bool = False) -> dict:
     """This device's matrix rate (one large product on random data, in the fastest of `dtypes`:
-    the floor is a bound for any of them) and copy bandwidth (bytes read + written)."""
+    the floor is a bound for any of them) and copy bandwidth (bytes read + written); with
+    `float8`, also the rate of e4m3 products with row-wise scales (`reference.fp8_matmul`)."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     sync = synchronize(device)
@@ -240,12 +247,21 @@ def measure_ceilings(device, dtypes, repeats: int = 10) -> dict:
     src = torch.empty((2 << 30) if cuda else (256 << 20), dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
     copy_s = median_seconds(lambda: dst.copy_(src))
-    return {
+    ceilings = {
         "matmul_tflop_per_s": max(rates.values()),
         "matmul_tflop_per_s_by_dtype": rates,
         "copy_gb_per_s": 2 * src.numel() / copy_s / 1e9,
         "source": f"measured: {n}^3 products, {src.numel() >> 20} MiB copy, medians of {repeats}",
     }
+    if float8:
+        from kernels.reference import FP8_DTYPE, fp8_matmul
+
+        a, b = (torch.randn(n, n, device=dev).to(FP8_DTYPE) for _ in range(2))
+        sa, sb = torch.ones(n, 1, device=dev), torch.ones(1, n, device=dev)
+        out = torch.bfloat16 if cuda else torch.float32
+        seconds = median_seconds(lambda: fp8_matmul(a, sa, b, sb, None, out))
+        ceilings["matmul_tflop_per_s_float8"] = 2 * n**3 / seconds / 1e12
+    return ceilings
 
 
 def rounded(x, digits=3):
@@ -261,7 +277,8 @@ def rounded(x, digits=3):
 
 def report(work: dict, ceilings: dict, target_fps: float = TARGET_FPS) -> dict:
     """work + floor under these ceilings, rounded for reading."""
-    fl = floor(work, ceilings["matmul_tflop_per_s"], ceilings["copy_gb_per_s"], target_fps)
+    rates = ceilings["matmul_tflop_per_s"], ceilings["copy_gb_per_s"]
+    fl = floor(work, *rates, target_fps, ceilings.get("matmul_tflop_per_s_float8"))
     return rounded(
         {
             "ceilings": ceilings,
@@ -336,6 +353,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--matmul-tflops", type=float, default=H200_MATMUL_TFLOPS)
     p.add_argument("--copy-gbps", type=float, default=H200_COPY_GBPS)
     p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="count the DiT with its block linears in FP8 (streamgen.model.float8), their products at "
+        "the FP8 rate",
+    )
+    p.add_argument(
+        "--fp8-tflops",
+        type=float,
+        default=2 * H200_MATMUL_TFLOPS,
+        help="the FP8 products' rate (default: twice the bf16 rate, Hopper's nominal ratio)",
+    )
+    p.add_argument(
         "--clip-frames",
         type=int,
         default=CLIP_FRAMES,
@@ -382,8 +411,12 @@ def main(args) -> dict:
             raise UserError(str(e)) from None
         height, width = args.height or model.height, args.width or model.width
     try:
+        if args.fp8:
+            from streamgen.model.float8 import float8_linears
+
+            float8_linears(model.dit)
         session = StreamSession(model, height, width, steps=args.steps, device=device, dtype=dtype)
-    except ValueError as e:  # a teacher, or a size the model cannot take
+    except ValueError as e:  # a teacher, a size the model cannot take, a device without FP8
         raise UserError(str(e)) from None
     # enough speech for every chunk of the clip and up to the full ring, so no chunk is silent
     chunks = max(
@@ -397,7 +430,8 @@ def main(args) -> dict:
     if args.measure or args.time:  # times on this device go against this device's floor
         # every dtype the session computes in (the tiny models decode in bf16 on CPUs with AMX)
         used = {p.dtype for module in (session.dit, session.vae) for p in module.parameters()}
-        ceilings = measure_ceilings(device, sorted(used, key=str))
+        used.discard(torch.float8_e4m3fn)  # FP8 products have their own rate
+        ceilings = measure_ceilings(device, sorted(used, key=str), float8=args.fp8)
     else:
         given = (args.matmul_tflops, args.copy_gbps) != (H200_MATMUL_TFLOPS, H200_COPY_GBPS)
         ceilings = {
@@ -407,6 +441,8 @@ def main(args) -> dict:
             if given
             else "an H200 as measured on the lent machines (device tool, KINDS.md)",
         }
+        if args.fp8:  # not yet measured on a lent machine: bench gpu measures it
+            ceilings["matmul_tflop_per_s_float8"] = args.fp8_tflops
     result = {
         "model": args.model,
         "height": height,
@@ -414,6 +450,7 @@ def main(args) -> dict:
         "steps": session.steps,
         "window_frames": model.cfg.window_frames,
         "dtype": str(dtype).removeprefix("torch."),
+        "fp8_linears": args.fp8,
         "counted_on": device,
         **(
             stage_timing.timed_report(session, work, ceilings, args.time, target_fps, restart=start)

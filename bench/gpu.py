@@ -45,6 +45,7 @@ Built to finish within ~8 minutes on one H200 with only PyTorch and Triton;
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -66,6 +67,7 @@ from bench.wan_decoder import (
     with_attributes,
 )
 from streamgen.model.config import get_config
+from streamgen.model.float8 import float8_layers, float8_linears
 from streamgen.model.model import DiT
 from streamgen.models import AvatarModel
 from streamgen.stream import StreamSession
@@ -349,8 +351,10 @@ def run(
         if only is None or name in only:
             _variant(name, fn, budget, started, result, out)
 
-    # this device's matrix rate and copy bandwidth: the ceilings of the floor below
-    result["ceilings"] = floor.rounded(floor.measure_ceilings(device, [dtype]))
+    # this device's matrix rates (its dtype's, FP8's where it has them) and copy bandwidth: the
+    # ceilings of the floor below
+    fp8 = dev.type == "cpu" or torch.cuda.get_device_capability(dev) >= (8, 9)
+    result["ceilings"] = floor.rounded(floor.measure_ceilings(device, [dtype], float8=fp8))
     try:
         model = build_model("wan2.1-1.3b", height, width, device, dtype, quick, "sdpa")
     except Exception as e:  # e.g. diffusers missing on a bare GPU image: say so, and still time the kernels
@@ -374,31 +378,52 @@ def run(
                 model, steps, min(chunks, 6), device, dtype, text_tokens, result["ceilings"], clip_frames
             )
         }
+
+        def with_fp8_linears(prepare):  # on a copy of the DiT: the other variants keep theirs
+            dit = float8_linears(copy.deepcopy(model.dit))
+            return {
+                **with_attributes(model, {"dit": dit}, lambda: measure(prepare)),
+                "fp8_layers": float8_layers(dit),
+            }
+
+        if fp8:  # the block linears in FP8 (streamgen.model.float8)
+            extras["sdpa+fused_kernels, fp8 linears"] = with_fp8_linears
         # the decoder's ways, then the stream with the fastest of them
         fast_ways = [name for name in DECODER_WAYS if name not in SLOW_DECODER_WAYS]
         extras["decoder"] = lambda _prepare: decoder_variants(model, device, dtype, fast_ways)
 
-        def fastest_decoder_stream(prepare):
-            best = fastest_decoder_way(result["variants"].get("decoder", {}))
-            if best is None:
-                return {"skipped": "no decoder way was timed"}
-            return {
-                **with_attributes(model.vae, DECODER_WAYS[best], lambda: measure(prepare)),
-                "decoder_way": best,
-            }
+        def with_fastest_decoder(measurement):
+            def fn(prepare):
+                best = fastest_decoder_way(result["variants"].get("decoder", {}))
+                if best is None:
+                    return {"skipped": "no decoder way was timed"}
+                attributes = DECODER_WAYS[best]
+                return {
+                    **with_attributes(model.vae, attributes, lambda: measurement(prepare)),
+                    "decoder_way": best,
+                }
 
-        extras["sdpa+fused_kernels, fastest decoder way"] = fastest_decoder_stream
-        if dev.type == "cuda":  # the decode on a second CUDA stream beside the re-encode
+            return fn
 
-            def beside(prepare):
+        extras["sdpa+fused_kernels, fastest decoder way"] = with_fastest_decoder(measure)
+
+        def beside_reencode(measurement):  # the decode on a second CUDA stream beside the re-encode
+            def fn(prepare):
                 def both(session):
                     if prepare is not None:
                         prepare(session)
                     session.decode_beside_reencode = True
 
-                return measure(both)
+                return measurement(both)
 
-            extras["sdpa+fused_kernels, decode beside re-encode"] = beside
+            return fn
+
+        if dev.type == "cuda":
+            extras["sdpa+fused_kernels, decode beside re-encode"] = beside_reencode(measure)
+        # every lever at once: FP8 linears, the fastest decoder way, the decode beside the re-encode
+        levers = with_fp8_linears if fp8 else measure
+        levers = beside_reencode(levers) if dev.type == "cuda" else levers
+        extras["sdpa+fused_kernels, every lever"] = with_fastest_decoder(levers)
         if compile_blocks:  # the decoder under Inductor: a minute of compiling
             extras["decoder_compiled"] = lambda _prepare: decoder_variants(
                 model, device, dtype, SLOW_DECODER_WAYS

@@ -133,6 +133,31 @@ def test_weights_are_counted_once_however_often_they_are_used():
     assert work["tflop"] * 1e12 == 2 * (2 * 2 * 8 * 8)
 
 
+def test_fp8_products_are_counted_apart_with_their_weights():
+    from streamgen.model.float8 import Float8Linear
+
+    layer = Float8Linear(nn.Linear(64, 32))
+    with torch.no_grad():
+        _, work = floor.count(lambda: layer(torch.randn(5, 64)))
+    assert work["tflop_by_kind"]["fp8_linear"] * 1e12 == 2 * 5 * 64 * 32
+    assert work["tflop_by_kind"]["linear"] == 0
+    assert work["weights_gb"] * 1e9 == pytest.approx(64 * 32 + 4 * 32 + 4 * 32)  # e4m3, scales, bias
+
+
+def test_fp8_products_take_their_own_rate():
+    stage = {"tflop": 1.0, "weights_gb": 0.0, "kv_gb": 0.0, "tflop_by_kind": {"fp8_linear": 0.6}}
+    work = {
+        "start": stage,
+        "first_chunk": {"frames": 12, "stages": {}},
+        "steady_chunk": {"frames": 12, "stages": {"denoise": stage}},
+    }
+    # 0.4 TFLOP at 100 TFLOP/s and 0.6 at 200: 4 + 3 ms; without an FP8 rate all at 100: 10 ms
+    assert floor.floor(work, 100.0, 1000.0, fp8_tflops=200.0)["steady_chunk"]["floor_ms"] == pytest.approx(
+        7.0
+    )
+    assert floor.floor(work, 100.0, 1000.0)["steady_chunk"]["floor_ms"] == pytest.approx(10.0)
+
+
 def synthetic_work(tflop, weights_gb, frames=12):
     stage = {"tflop": tflop, "weights_gb": weights_gb, "kv_gb": 0.0, "tflop_by_kind": {}}
     return {
@@ -268,3 +293,13 @@ def test_command_line_for_wan_counts_on_the_meta_device():
     assert result["floor"]["clip"]["frames"] == 9 and result["floor"]["clip"]["chunks"] == 1
     steady = result["work"]["steady_chunk"]
     assert steady["frames"] == 12 and steady["stages"]["denoise"]["tflop_by_kind"]["attention"] > 0
+    assert steady["stages"]["denoise"]["tflop_by_kind"]["fp8_linear"] == 0 and not result["fp8_linears"]
+    # with the block linears in FP8: most of the linear work moves to the FP8 products, whose
+    # rate (Hopper's nominal ratio unless measured) lowers the floor
+    fp8 = json.loads(streamgen("bench", "floor", "--json", "--fp8", *args).stdout)
+    kinds, fp8_kinds = (
+        r["work"]["steady_chunk"]["stages"]["denoise"]["tflop_by_kind"] for r in (result, fp8)
+    )
+    assert fp8_kinds["fp8_linear"] > 0.8 * kinds["linear"] and fp8_kinds["attention"] == kinds["attention"]
+    assert fp8["ceilings"]["matmul_tflop_per_s_float8"] == 2 * floor.H200_MATMUL_TFLOPS
+    assert fp8["fps_ceiling"] > result["fps_ceiling"]

@@ -247,3 +247,16 @@ def test_the_shipped_models_answer_to_their_names(tmp_path):
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     assert len(frames) >= 24 and frames[0].shape == (64, 64, 3)
     assert main([*args, "--dtype", "bfloat16", "--out", str(tmp_path / "x.mp4"), "--quiet"]) == 2
+
+
+def test_generate_with_fp8_linears(tmp_path, monkeypatch):
+    from streamgen.model import float8
+
+    converted = []
+    real = float8.float8_linears
+    monkeypatch.setattr(float8, "float8_linears", lambda dit: converted.append(real(dit)) or dit)
+    out = tmp_path / "fp8.mp4"
+    assert main(["generate", "--model", "debug", "--fp8", "--out", str(out), "--quiet"]) == 0
+    assert len(converted) == 1 and float8.float8_layers(converted[0]) > 0
+    with av.open(str(out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) >= 25

@@ -186,6 +186,13 @@ def test_bench_gpu_sets_each_stage_against_its_floor():
         fastest["decoder_way"] == min(decoder, key=lambda n: decoder[n]["ms_p50"])
         and fastest["fps_steady"] > 0
     )
+    # the block linears in FP8, on a copy of the DiT, and every lever at once
+    assert result["ceilings"]["matmul_tflop_per_s_float8"] > 0
+    fp8 = result["variants"]["sdpa+fused_kernels, fp8 linears"]
+    assert fp8["fps_steady"] > 0 and fp8["fp8_layers"] == 2 * 12  # the debug model's 2 blocks
+    every = result["variants"]["sdpa+fused_kernels, every lever"]
+    assert every["fps_steady"] > 0 and every["fp8_layers"] == fp8["fp8_layers"]
+    assert every["decoder_way"] == fastest["decoder_way"]
 
 
 def test_the_fastest_decoder_way_is_one_that_gives_the_same_frames():
@@ -283,6 +290,8 @@ def test_bench_gpu_quick_on_cuda_runs_every_stream_variant():
         "sdpa+fused_kernels, decoder frame_per_call",
         "sdpa+fused_kernels, fastest decoder way",
         "sdpa+fused_kernels, decode beside re-encode",
+        "sdpa+fused_kernels, fp8 linears",
+        "sdpa+fused_kernels, every lever",
     }
     assert all(way["max_abs_diff"] < 0.05 for way in result["decoder"].values()), result["decoder"]  # bf16
     assert all(v["fps"] > 0 for v in result["variants"].values())

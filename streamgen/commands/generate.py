@@ -37,6 +37,12 @@ def add_arguments(p) -> None:
         metavar="BACKEND",
         help="attention backend: sdpa (the default), flex, triton, flash or cudnn (on a CPU triton, flash and cudnn run as sdpa)",
     )
+    p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="the DiT's block linears in FP8 (streamgen.model.float8): for sm_89+ GPUs with --dtype bfloat16 "
+        "(on CPUs it runs, slower than float32)",
+    )
     p.add_argument("--sp", type=int, default=1, help="sequence-parallel processes (restarts under torchrun)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -74,8 +80,15 @@ def run(args) -> int:
     from streamgen.teacher import TeacherSession, open_session
 
     try:
+        model = args.model
+        if args.fp8:
+            from streamgen.model.float8 import float8_linears
+            from streamgen.models import load_model
+
+            model = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+            float8_linears(model.dit)
         session = open_session(
-            args.model,
+            model,
             args.height,
             args.width,
             args.steps,

@@ -25,6 +25,10 @@ import kernels
 from streamgen.model.model import DiT, FeedForward
 
 
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
 class Float8Linear(nn.Module):
     """An nn.Linear's product in FP8: weight [N, K] in e4m3 with per-row scales, inputs
     quantized per row. `gelu_input`: the layer applies GELU-tanh to its input first (fused)."""
@@ -34,10 +38,11 @@ class Float8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.gelu_input = gelu_input
         weight_q, weight_scale = kernels.reference.quantize_fp8_rows(linear.weight.detach())
-        self.register_buffer("weight_q", weight_q)
-        self.register_buffer("weight_scale", weight_scale.t().contiguous())  # [1, N]
-        bias = linear.bias
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        # parameters that take no gradient: weights to whoever counts them (bench/floor.py);
+        # like any module's, a later .to(dtype) would cast them, so convert after it
+        self.weight_q = _frozen(weight_q)
+        self.weight_scale = _frozen(weight_scale.t().contiguous())  # [1, N]
+        self.bias = None if linear.bias is None else _frozen(linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
