@@ -18,17 +18,19 @@ Self-Forcing's 17 FPS was measured (its cache grows from empty over a clip of
 Wan's length, so its chunks attend to fewer frames; `first_chunk_ms` includes
 the start: reference encode and sink).
 
-First it measures this device's ceilings (a large bf16 matrix product, a
-device-to-device copy). In the order they run (`--budget` skips what would
+First it measures this device's ceilings (a large bf16 matrix product, the same
+in FP8 with row-wise scales where the device has it, a device-to-device copy). In the order they run (`--budget` skips what would
 start after it; `--out` keeps what finished if the run is killed): the default,
 SDPA with the fused Triton kernels; `stages`, the default configuration stage by
 stage (audio, denoise, re-encode, decode, copy to the host; and a fresh stream's
 first chunk), each against the floor its counted work sets under those ceilings
 (bench/floor.py; every variant also gets `of_floor` and `of_clip_floor`, its rate
-over the floor's); the Wan decoder each way it can run (`decoder`,
+over the floor's); the DiT's block linears in FP8 (`streamgen.model.float8`, on
+sm_89+, on a copy of the DiT); the Wan decoder each way it can run (`decoder`,
 bench/wan_decoder.py), then the stream with the fastest of them; on CUDA the
 stream decoding on a second CUDA stream beside the re-encode
-(`StreamSession.decode_beside_reencode`); the Wan decoder under Inductor
+(`StreamSession.decode_beside_reencode`); every lever at once (FP8 linears, the
+fastest decoder way, the decode beside the re-encode); the Wan decoder under Inductor
 (`decoder_compiled`); then what earlier runs measured: 2 steps (reported, never
 the headline), the decoder one latent frame per call (diffusers' way), our
 Triton attention kernel, the PyTorch references (same model code, `kernels`
