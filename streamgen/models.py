@@ -21,6 +21,7 @@ import torch
 from streamgen.model.config import FLAVORS, ModelConfig, get_config
 from streamgen.model.model import DiT
 from streamgen.model.vae import TinyCausalVAE, VideoAutoencoder
+from streamgen.start_memo import StartMemo
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ class AvatarModel:
     meta: dict = field(default_factory=dict)
 
     _decoding_vaes: dict = field(default_factory=dict, repr=False, compare=False)
+    # the last few streams' starts (reference latent, sink), for the next start of the same
+    # reference and text (streamgen/start_memo.py); capacity 0 turns it off
+    start_memo: StartMemo = field(default_factory=StartMemo, repr=False, compare=False)
 
     @property
     def cfg(self) -> ModelConfig:

@@ -33,6 +33,7 @@ from streamgen.model.cache import StreamCache
 from streamgen.model.text import text_context
 from streamgen.models import AvatarModel, decode_dtype_arg, default_decode_dtype, load_model
 from streamgen.sampling import encode_sink, generate_chunk, reencode_chunk, sample_few_step, student_sigmas
+from streamgen.start_memo import StartState
 
 
 def prepare_reference(image, height: int, width: int) -> np.ndarray:
@@ -190,13 +191,24 @@ class StreamSession:
             raise ValueError("give a text or a context, not both")
         self.context = context.to(self.device, self.dtype)
         self.vae_dtype = next(self.vae.parameters()).dtype  # the encoder's: latents in, frames out
-        self.reference_latent = encode_reference(self.vae, ref, self.device).to(self.dtype)
         self._pending = None
         if self.cache is None:
             self.cache = self.dit.new_cache(1, self.latent_hw, self.dtype, self.device)
         else:
             self.cache.reset()
-        encode_sink(self.dit, self.cache, self.reference_latent, self.context)
+        # the reference's latent and sink as a start of the same reference and text made them
+        # (streamgen/start_memo.py); every sequence-parallel rank must run the sink's forward
+        memo = None if hasattr(self.dit, "sequence_parallel_groups") else self.model.start_memo
+        key = memo.key(ref, self.context, self.dit, self.vae) if memo is not None else None
+        state = memo.lookup(key, self.dit, self.vae) if memo is not None else None
+        if state is not None:
+            self.reference_latent = state.reference_latent
+            state.restore(self.cache)
+        else:
+            self.reference_latent = encode_reference(self.vae, ref, self.device).to(self.dtype)
+            encode_sink(self.dit, self.cache, self.reference_latent, self.context)
+            if memo is not None:
+                memo.store(key, self.dit, self.vae, StartState.capture(self.reference_latent, self.cache))
         self.decoder_state = self.vae.init_state(1)
         self.chunk_index = 0
         self._pcm = np.zeros(0, np.float32)

@@ -87,6 +87,7 @@ def test_bench_engine_prints_one_json_object(tmp_path):
     per_size = (
         "fps",
         "first_chunk_ms",
+        "first_chunk_ms_known_avatar",
         "chunk_ms_p50",
         "chunk_ms_p95",
         "frames_ms_p50",

@@ -159,6 +159,7 @@ def test_bench_gpu_sets_each_stage_against_its_floor():
     assert first["ms_p50_sum"] == pytest.approx(total, rel=1e-3)
     assert first["floor_ms_from_start"] == stages["first_chunk_floor_ms"]
     variant = result["variants"]["sdpa+fused_kernels"]
+    assert variant["first_chunk_ms_known_avatar"] > 0  # its start as the model kept it
     steady_ms = variant["frames_per_chunk"] / variant["fps_steady"] * 1000
     assert variant["of_floor"] == pytest.approx(
         stages["floor"]["steady_chunk"]["floor_ms"] / steady_ms, rel=1e-2
