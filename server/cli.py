@@ -17,6 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", default=None, metavar="BACKEND",
                         help="attention backend: sdpa (the default), flex, triton, flash or cudnn "
                         "(on a CPU triton, flash and cudnn run as sdpa; `streamgen bench gpu` times them)")  # fmt: skip
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="the DiT's weights and cache (default float32; bfloat16 on GPUs)")  # fmt: skip
+    parser.add_argument("--fp8", action="store_true",
+                        help="the DiT's block linears in FP8 (sm_89+ GPUs with --dtype bfloat16; on a CPU it runs, "
+                        "slower than float32)")  # fmt: skip
     parser.add_argument("--decode-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="the autoencoder's decoder (auto: bfloat16 on CPUs with AMX, 2-3x faster)")  # fmt: skip
     parser.add_argument(
@@ -61,10 +66,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--sp must be at least 1")
     if args.sp > 1 and args.model_process:
         raise UserError("--model-process and --sp cannot be combined: with --sp the model runs in its own ranks")
-    from streamgen.models import use_attention_backend
+    if args.fp8 and args.device.startswith("cuda") and args.dtype != "bfloat16":
+        raise UserError("--fp8 on a GPU needs --dtype bfloat16 (its FP8 products give bfloat16)")
+    from streamgen.models import use_attention_backend, use_precision
 
     try:
         use_attention_backend(args.attention)  # in the environment: the model process and ranks inherit it
+        use_precision(args.dtype, args.fp8)  # likewise
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.sp > 1:

@@ -32,6 +32,10 @@ DEFAULT_MODEL = "tiny-avatar"
 # names one (`--attention` of generate and serve sets it, so model processes and torchrun ranks
 # inherit it with the environment)
 ATTENTION_ENV = "STREAMGEN_ATTENTION"
+# likewise the DiT's dtype and FP8 linears (`--dtype`, `--fp8`), for load_model calls that do not
+# name a dtype: the server's model process and torchrun ranks load that way
+DTYPE_ENV, FP8_ENV = "STREAMGEN_DTYPE", "STREAMGEN_FP8"
+DTYPES = ("float32", "bfloat16")
 
 
 def use_attention_backend(name: str | None) -> None:
@@ -41,6 +45,18 @@ def use_attention_backend(name: str | None) -> None:
 
     if name is not None:
         os.environ[ATTENTION_ENV] = check_attention_backend(name)
+
+
+def use_precision(dtype: str | None = None, fp8: bool = False) -> None:
+    """Make `dtype` (a DTYPES name; None leaves the default, float32) and FP8 block linears
+    (streamgen.model.float8) the precision of the models loaded from now on without a dtype of
+    their own, here and in processes started from here."""
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        os.environ[DTYPE_ENV] = dtype
+    if fp8:
+        os.environ[FP8_ENV] = "1"
 
 
 @dataclass
@@ -129,12 +145,25 @@ def available_models() -> list[str]:
 
 
 def load_model(
-    name_or_path: str = DEFAULT_MODEL, device="cpu", dtype=torch.float32, seed: int = 0, **cfg_overrides
+    name_or_path: str = DEFAULT_MODEL, device="cpu", dtype=None, seed: int = 0, **cfg_overrides
 ) -> AvatarModel:
     """Load a trained model directory, or build a seeded random model of a flavor. Its attention
-    backend is `attn_backend` when given, else $STREAMGEN_ATTENTION when set, else its config's."""
+    backend is `attn_backend` when given, else $STREAMGEN_ATTENTION when set, else its config's.
+    Its DiT is in `dtype` when given, else in $STREAMGEN_DTYPE (float32 when unset); its block
+    linears are in FP8 when $STREAMGEN_FP8 is set (`use_precision`)."""
     if os.environ.get(ATTENTION_ENV) and "attn_backend" not in cfg_overrides:
         cfg_overrides["attn_backend"] = os.environ[ATTENTION_ENV]
+    if dtype is None:
+        dtype = getattr(torch, os.environ.get(DTYPE_ENV) or "float32")
+    model = _load(name_or_path, device, dtype, seed, **cfg_overrides)
+    if os.environ.get(FP8_ENV):
+        from streamgen.model.float8 import float8_linears
+
+        float8_linears(model.dit)
+    return model
+
+
+def _load(name_or_path: str, device, dtype, seed: int, **cfg_overrides) -> AvatarModel:
     directory = resolve_model_dir(name_or_path)
     if directory is not None:
         return _load_dir(directory, device, dtype, **cfg_overrides)

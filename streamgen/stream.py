@@ -105,15 +105,18 @@ class StreamSession:
         width: int | None = None,
         steps: int | None = None,
         device="cpu",
-        dtype=torch.float32,
+        dtype: torch.dtype | None = None,
         max_audio_ahead_s: float = 600.0,
         decode_dtype: torch.dtype | str | None = "auto",
     ):
-        """dtype: the DiT's weights and cache. decode_dtype: the autoencoder's decoder, a dtype or
-        its name ("auto": `default_decode_dtype`, bfloat16 on CPUs with AMX; None: as loaded)."""
+        """dtype: the DiT's weights and cache (None: a loaded model's own, else load_model's
+        default). decode_dtype: the autoencoder's decoder, a dtype or its name ("auto":
+        `default_decode_dtype`, bfloat16 on CPUs with AMX; None: as loaded)."""
         self.model = (
             model if isinstance(model, AvatarModel) else load_model(model, device=device, dtype=dtype)
         )
+        if dtype is None:  # the first parameter is the patch embedding's: never FP8
+            dtype = next(self.model.dit.parameters()).dtype
         if self.model.meta.get("kind") == "teacher":
             raise ValueError(
                 f"{self.model.name} is a bidirectional teacher: it generates whole clips and cannot stream; "

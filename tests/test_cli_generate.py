@@ -252,7 +252,9 @@ def test_the_shipped_models_answer_to_their_names(tmp_path):
 
 def test_generate_with_fp8_linears(tmp_path, monkeypatch):
     from streamgen.model import float8
+    from streamgen.models import FP8_ENV
 
+    monkeypatch.delenv(FP8_ENV, raising=False)  # the choice lives in the environment: restored afterwards
     converted = []
     real = float8.float8_linears
     monkeypatch.setattr(float8, "float8_linears", lambda dit: converted.append(real(dit)) or dit)
@@ -261,3 +263,23 @@ def test_generate_with_fp8_linears(tmp_path, monkeypatch):
     assert len(converted) == 1 and float8.float8_layers(converted[0]) > 0
     with av.open(str(out)) as c:
         assert sum(1 for _ in c.decode(video=0)) >= 25
+
+
+def test_a_precision_is_chosen_for_every_model_loaded_without_one(monkeypatch):
+    import torch
+
+    from streamgen.model.float8 import float8_layers
+    from streamgen.models import DTYPE_ENV, FP8_ENV, load_model, use_precision
+    from streamgen.stream import StreamSession
+
+    monkeypatch.delenv(DTYPE_ENV, raising=False)
+    monkeypatch.delenv(FP8_ENV, raising=False)
+    plain = load_model("debug")
+    assert next(plain.dit.parameters()).dtype == torch.float32 and float8_layers(plain.dit) == 0
+    use_precision("bfloat16", fp8=True)
+    model = load_model("debug")
+    assert next(model.dit.parameters()).dtype == torch.bfloat16 and float8_layers(model.dit) > 0
+    assert next(load_model("debug", dtype=torch.float32).dit.parameters()).dtype == torch.float32
+    assert StreamSession(model).dtype == torch.bfloat16  # a session computes in its model's dtype
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
+        use_precision("float16")

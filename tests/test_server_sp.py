@@ -256,6 +256,7 @@ def test_a_follower_that_vanished_takes_the_host_down():
         (["--sp", "0"], "--sp must be at least 1"),
         (["--sp", "2", "--model-process"], "cannot be combined"),
         (["--attention", "xformers"], "unknown attention backend 'xformers'; choose one of sdpa, flex"),
+        (["--fp8", "--device", "cuda"], "--fp8 on a GPU needs --dtype bfloat16"),
     ],
 )
 def test_serve_refuses_bad_options_before_launching_anything(extra, message, capsys):
@@ -279,6 +280,25 @@ def test_model_ops_decode_in_the_server_s_decode_dtype():
         ops.close_all()
     with pytest.raises(ValueError, match="decode dtype"):
         ModelOps(model, "cpu", "float16").handle("create", ("s", face, None, 0, None, None, None))
+
+
+def test_model_ops_run_in_the_precision_the_model_was_loaded_in(monkeypatch):
+    """`serve --dtype bfloat16 --fp8` loads every model that way (the model process and the ranks
+    read it from the environment); the sessions follow the loaded DiT."""
+    from server.model_host import ModelOps
+    from streamgen.model.float8 import float8_layers
+    from streamgen.models import DTYPE_ENV, FP8_ENV, load_model
+
+    monkeypatch.setenv(DTYPE_ENV, "bfloat16")
+    monkeypatch.setenv(FP8_ENV, "1")
+    model = load_model("debug")
+    assert float8_layers(model.dit) > 0
+    face, speech = inputs()
+    ops = ModelOps(model, "cpu", "float32")
+    ops.handle("create", ("s", face, None, 0, None, None, None))
+    frames, _ = ops.handle("chunk", ("s", speech[:16000]))
+    assert ops.streams["s"].dtype == torch.bfloat16 and frames.dtype == np.uint8 and len(frames) > 0
+    ops.close_all()
 
 
 def test_model_ops_write_a_chunk_into_the_cache_after_replying_with_its_frames():

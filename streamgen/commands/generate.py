@@ -62,10 +62,11 @@ def run(args) -> int:
     out = Path(args.out)
     if not out.parent.exists():
         raise UserError(f"output directory does not exist: {out.parent}")
-    from streamgen.models import use_attention_backend
+    from streamgen.models import use_attention_backend, use_precision
 
     try:
         use_attention_backend(args.attention)  # in the environment: torchrun's ranks inherit it
+        use_precision(fp8=args.fp8)
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.sp > 1:
@@ -80,15 +81,8 @@ def run(args) -> int:
     from streamgen.teacher import TeacherSession, open_session
 
     try:
-        model = args.model
-        if args.fp8:
-            from streamgen.model.float8 import float8_linears
-            from streamgen.models import load_model
-
-            model = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
-            float8_linears(model.dit)
         session = open_session(
-            model,
+            args.model,
             args.height,
             args.width,
             args.steps,
