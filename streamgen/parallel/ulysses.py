@@ -61,16 +61,22 @@ def ulysses_attend(attn, group, inner_attention, q, k, v, k_raw, mask, tokens_pe
     the head dim; the cache (H/P heads) and the attention run on the full
     sequence of this process's heads; `inner_attention` is `kernels.attention`
     (pure Ulysses) or ring attention over the other mesh dimension (hybrid).
-    cache_args: (cache, cache_op, ring_filled, ring_index, write_only), passed through.
+    cache_args: (cache, cache_op, ring_filled, ring_index, write_only), passed through. A
+    write-only call (the last layer of a cache write) sends no queries and gets no output back:
+    it only stores its heads' keys and values.
     """
     p = dist.get_world_size(group)
-    parts = [q, k, v] + ([k_raw] if k_raw is not None else [])
-    d = q.shape[-1]
+    write_only = len(cache_args) > 4 and bool(cache_args[4])
+    parts = ([] if write_only else [q]) + [k, v] + ([k_raw] if k_raw is not None else [])
     full = sequence_to_heads(torch.cat(parts, dim=-1), tokens_per_frame, group)
-    q, k, v, *rest = full.split(d, dim=-1)
-    k_raw = rest[0].contiguous() if rest else None
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    pieces = [t.contiguous() for t in full.split(k.shape[-1], dim=-1)]
+    if write_only:  # k stands in for the queries, as SelfAttention.forward does
+        pieces.insert(0, pieces[0])
+    q_heads, k, v, *rest = pieces
+    k_raw = rest[0] if rest else None
     out = type(attn).attend(
-        attn, q, k, v, k_raw, mask, tokens_per_frame * p, *cache_args, attention=inner_attention
+        attn, q_heads, k, v, k_raw, mask, tokens_per_frame * p, *cache_args, attention=inner_attention
     )
+    if write_only:  # nothing reads a cache write's output
+        return q
     return heads_to_sequence(out, tokens_per_frame, group)
