@@ -288,6 +288,8 @@ def report(work: dict, ceilings: dict, target_fps: float = TARGET_FPS) -> dict:
             "fps_ceiling": fl["steady_chunk"]["fps_ceiling"],
             "clip_fps_ceiling": fl.get("clip", {}).get("fps_ceiling"),
             "first_chunk_floor_ms": fl["first_chunk"]["floor_ms_from_start"],
+            # a known avatar's start is a copy of its kept sink (streamgen/start_memo.py)
+            "first_chunk_floor_ms_known_avatar": fl["first_chunk"]["floor_ms"],
         }
     )
 

@@ -200,8 +200,10 @@ class StreamSession:
         else:
             self.cache.reset()
         # the reference's latent and sink as a start of the same reference and text made them
-        # (streamgen/start_memo.py); every sequence-parallel rank must run the sink's forward
-        memo = None if hasattr(self.dit, "sequence_parallel_groups") else self.model.start_memo
+        # (streamgen/start_memo.py); every sequence-parallel rank must run the sink's forward,
+        # and the meta device (bench/floor.py counts on it) has no values to tell starts apart
+        kept = not hasattr(self.dit, "sequence_parallel_groups") and self.device.type != "meta"
+        memo = self.model.start_memo if kept else None
         key = memo.key(ref, self.context, self.dit, self.vae) if memo is not None else None
         state = memo.lookup(key, self.dit, self.vae) if memo is not None else None
         if state is not None:
