@@ -199,21 +199,7 @@ class StreamSession:
             self.cache = self.dit.new_cache(1, self.latent_hw, self.dtype, self.device)
         else:
             self.cache.reset()
-        # the reference's latent and sink as a start of the same reference and text made them
-        # (streamgen/start_memo.py); every sequence-parallel rank must run the sink's forward,
-        # and the meta device (bench/floor.py counts on it) has no values to tell starts apart
-        kept = not hasattr(self.dit, "sequence_parallel_groups") and self.device.type != "meta"
-        memo = self.model.start_memo if kept else None
-        key = memo.key(ref, self.context, self.dit, self.vae) if memo is not None else None
-        state = memo.lookup(key, self.dit, self.vae) if memo is not None else None
-        if state is not None:
-            self.reference_latent = state.reference_latent
-            state.restore(self.cache)
-        else:
-            self.reference_latent = encode_reference(self.vae, ref, self.device).to(self.dtype)
-            encode_sink(self.dit, self.cache, self.reference_latent, self.context)
-            if memo is not None:
-                memo.store(key, self.dit, self.vae, StartState.capture(self.reference_latent, self.cache))
+        self._start_sink(ref)
         self.decoder_state = self.vae.init_state(1)
         self.chunk_index = 0
         self._pcm = np.zeros(0, np.float32)
@@ -221,6 +207,27 @@ class StreamSession:
         self._write_pos = 0  # where the next pushed sample goes
         self._consumed = 0  # samples up to here have been used (or taken as silence)
         self.started = True
+
+    def _start_sink(self, ref: np.ndarray) -> None:
+        """The reference latent and the cache's sink: as a start of the same reference and text
+        made them (streamgen/start_memo.py), or computed and kept."""
+        memo = self.model.start_memo
+        # every sequence-parallel rank must run the sink's forward together, and the meta device
+        # (bench/floor.py counts on it) has no values to tell starts apart
+        if memo.capacity <= 0 or hasattr(self.dit, "sequence_parallel_groups") or self.device.type == "meta":
+            return self._compute_sink(ref)
+        key = memo.key(ref, self.context, self.dit, self.vae)
+        state = memo.lookup(key, self.dit, self.vae)
+        if state is None:
+            self._compute_sink(ref)
+            memo.store(key, self.dit, self.vae, StartState.capture(self.reference_latent, self.cache))
+        else:
+            self.reference_latent = state.reference_latent
+            state.restore(self.cache)
+
+    def _compute_sink(self, ref: np.ndarray) -> None:
+        self.reference_latent = encode_reference(self.vae, ref, self.device).to(self.dtype)
+        encode_sink(self.dit, self.cache, self.reference_latent, self.context)
 
     def set_text(self, text: str | None) -> None:
         """Change the caption mid-stream (the identity sink stays as encoded)."""
