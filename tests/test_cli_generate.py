@@ -252,9 +252,6 @@ def test_the_shipped_models_answer_to_their_names(tmp_path):
 
 def test_generate_with_fp8_linears(tmp_path, monkeypatch):
     from streamgen.model import float8
-    from streamgen.models import FP8_ENV
-
-    monkeypatch.delenv(FP8_ENV, raising=False)  # the choice lives in the environment: restored afterwards
     converted = []
     real = float8.float8_linears
     monkeypatch.setattr(float8, "float8_linears", lambda dit: converted.append(real(dit)) or dit)
@@ -265,15 +262,14 @@ def test_generate_with_fp8_linears(tmp_path, monkeypatch):
         assert sum(1 for _ in c.decode(video=0)) >= 25
 
 
-def test_a_precision_is_chosen_for_every_model_loaded_without_one(monkeypatch):
+def test_a_precision_is_chosen_for_every_model_loaded_without_one():
     import torch
 
     from streamgen.model.float8 import float8_layers
-    from streamgen.models import DTYPE_ENV, FP8_ENV, load_model, use_precision
+    from streamgen.models import load_model, use_precision
     from streamgen.stream import StreamSession
 
-    monkeypatch.delenv(DTYPE_ENV, raising=False)
-    monkeypatch.delenv(FP8_ENV, raising=False)
+    # (conftest.py undoes the choice after the test)
     plain = load_model("debug")
     assert next(plain.dit.parameters()).dtype == torch.float32 and float8_layers(plain.dit) == 0
     use_precision("bfloat16", fp8=True)
