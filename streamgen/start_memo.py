@@ -56,11 +56,6 @@ class StartState:
             layer.context_kv = kv
         cache.sink_ready = True
 
-    def nbytes(self) -> int:
-        tensors = [self.reference_latent, *(t for pair in self.sink for t in pair)]
-        tensors += [t for kv in self.context_kv if kv is not None for t in kv]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
 
 def _digest(array: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(array).view(np.uint8).tobytes()).hexdigest()
