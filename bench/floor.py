@@ -108,7 +108,10 @@ def count(fn, forwards: int = 1, cache=None, kv_layers: int | None = None):
     return result, work
 
 
-_KINDS = ("linear", "fp8_linear", "attention", "convolution")
+_KINDS = ("linear", "fp8_linear", "attention", "fp8_attention", "convolution")
+_FP8_KINDS = ("fp8_linear", "fp8_attention")  # products at the FP8 rate
+# the share of attention's products in e4m3 with each FP8 backend (kernels.attention): QK^T, or both
+FP8_ATTENTION_SHARE = {"fp8_qk": 0.5, "fp8": 1.0}
 
 
 def _kind(op: str) -> str:
@@ -132,6 +135,21 @@ def chunk_work(session: StreamSession, start, steps: int, clip_frames: int = CLI
         session.next_chunk(observe=_skip_host)
     steady = _counted_chunk(session, steps)
     return {"start": start_work, "first_chunk": clip[0], "steady_chunk": steady, "clip": clip}
+
+
+def attention_in_fp8(work: dict, backend: str) -> dict:
+    """`work` with the DiT's attention (the denoising and the re-encode) in FP8 with `backend`: its
+    share of their attention FLOPs counted as `fp8_attention`. The count itself runs SDPA (the FP8
+    kernel's products are the same); the start's attention stays in the model's dtype (its sink
+    forward is small beside the encoder's)."""
+    share = FP8_ATTENTION_SHARE[backend]
+    for chunk in (work["first_chunk"], work["steady_chunk"], *work.get("clip", [])):
+        for stage in ("denoise", "reencode"):
+            kinds = chunk["stages"][stage]["tflop_by_kind"]
+            moved = share * kinds["attention"]
+            kinds["attention"] -= moved
+            kinds["fp8_attention"] += moved
+    return work
 
 
 def _skip_host(stage, fn):
@@ -170,7 +188,7 @@ def floor(
     floor. FP8 products run at `fp8_tflops` (None: at the matrix rate, as everything else)."""
 
     def stage_floor(w):
-        fp8 = w["tflop_by_kind"].get("fp8_linear", 0.0)
+        fp8 = sum(w["tflop_by_kind"].get(kind, 0.0) for kind in _FP8_KINDS)
         arithmetic_ms = ((w["tflop"] - fp8) / matmul_tflops + fp8 / (fp8_tflops or matmul_tflops)) * 1e3
         memory_ms = (w["weights_gb"] + w["kv_gb"]) / copy_gbps * 1e3
         return {
@@ -361,6 +379,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the FP8 rate",
     )
     p.add_argument(
+        "--fp8-attention",
+        choices=sorted(FP8_ATTENTION_SHARE),
+        help="count the DiT's attention with QK^T (fp8_qk) or both products (fp8) at the FP8 rate",
+    )
+    p.add_argument(
         "--fp8-tflops",
         type=float,
         default=2 * H200_MATMUL_TFLOPS,
@@ -400,15 +423,16 @@ def main(args) -> dict:
         if given and device == "meta":
             raise UserError(f"{flag} needs a real device (--device cuda or cpu), not meta")
     context = None
+    attention = args.fp8_attention or "sdpa"  # what --time runs; the count is the same for both
     if wan:
         dtype = torch.bfloat16
         height, width = args.height or 480, args.width or 832
-        model = build_model(args.model, height, width, device, dtype, False, "sdpa", args.window)
+        model = build_model(args.model, height, width, device, dtype, False, attention, args.window)
         context = torch.zeros(1, args.text_tokens, model.cfg.text_dim, device=device, dtype=dtype)
     else:
         dtype = torch.float32
         try:
-            model = load_model(args.model, device=device, dtype=dtype)
+            model = load_model(args.model, device=device, dtype=dtype, attn_backend=attention)
         except (FileNotFoundError, ValueError) as e:
             raise UserError(str(e)) from None
         height, width = args.height or model.height, args.width or model.width
@@ -428,12 +452,15 @@ def main(args) -> dict:
     speech_s = (chunks + 3) * session.chunk_seconds
     start = lambda: start_stream(session, context, speech_s)  # noqa: E731
     work = chunk_work(session, start, session.steps, args.clip_frames)
+    if args.fp8_attention:
+        attention_in_fp8(work, args.fp8_attention)
     target_fps = args.target_fps or (TARGET_FPS if wan else VIDEO_FPS)
+    fp8 = args.fp8 or args.fp8_attention is not None
     if args.measure or args.time:  # times on this device go against this device's floor
         # every dtype the session computes in (the tiny models decode in bf16 on CPUs with AMX)
         used = {p.dtype for module in (session.dit, session.vae) for p in module.parameters()}
         used.discard(torch.float8_e4m3fn)  # FP8 products have their own rate
-        ceilings = measure_ceilings(device, sorted(used, key=str), float8=args.fp8)
+        ceilings = measure_ceilings(device, sorted(used, key=str), float8=fp8)
     else:
         given = (args.matmul_tflops, args.copy_gbps) != (H200_MATMUL_TFLOPS, H200_COPY_GBPS)
         ceilings = {
@@ -443,7 +470,7 @@ def main(args) -> dict:
             if given
             else "an H200 as measured on the lent machines (device tool, KINDS.md)",
         }
-        if args.fp8:  # not yet measured on a lent machine: bench gpu measures it
+        if fp8:  # not yet measured on a lent machine: bench gpu measures it
             ceilings["matmul_tflop_per_s_float8"] = args.fp8_tflops
     result = {
         "model": args.model,
@@ -453,6 +480,7 @@ def main(args) -> dict:
         "window_frames": model.cfg.window_frames,
         "dtype": str(dtype).removeprefix("torch."),
         "fp8_linears": args.fp8,
+        "attention": attention,
         "counted_on": device,
         **(
             stage_timing.timed_report(session, work, ceilings, args.time, target_fps, restart=start)

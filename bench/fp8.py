@@ -28,13 +28,16 @@ from streamgen.model.float8 import KEEP_IN_DTYPE, float8_layers, float8_linears
 from streamgen.models import load_model
 from streamgen.stream import StreamSession
 
-VARIANTS = {  # name -> (DiT dtype, the layers FP8 keeps in that dtype, or None: no FP8)
-    "float32": (torch.float32, None),
-    "bfloat16": (torch.bfloat16, None),
-    "float32+fp8_linears": (torch.float32, KEEP_IN_DTYPE),
-    "bfloat16+fp8_linears": (torch.bfloat16, KEEP_IN_DTYPE),
+VARIANTS = {  # name -> (DiT dtype, the layers FP8 keeps in that dtype or None: no FP8 linears, attention)
+    "float32": (torch.float32, None, "sdpa"),
+    "bfloat16": (torch.bfloat16, None, "sdpa"),
+    "float32+fp8_linears": (torch.float32, KEEP_IN_DTYPE, "sdpa"),
+    "bfloat16+fp8_linears": (torch.bfloat16, KEEP_IN_DTYPE, "sdpa"),
     # every block linear, the self-attention's values and output too: why they are kept
-    "float32+fp8_every_linear": (torch.float32, ()),
+    "float32+fp8_every_linear": (torch.float32, (), "sdpa"),
+    "float32+fp8_attention": (torch.float32, None, "fp8"),
+    "bfloat16+fp8_attention": (torch.bfloat16, None, "fp8"),
+    "bfloat16+fp8_linears+fp8_attention": (torch.bfloat16, KEEP_IN_DTYPE, "fp8"),
 }
 
 
@@ -80,12 +83,16 @@ def run(model_name: str = "tiny-avatar", chunks: int = 12, variants=tuple(VARIAN
     result = {"model": model_name, "chunks": chunks, "device": "cpu", "variants": {}}
     reference = None
     for name in ("float32", *[v for v in variants if v != "float32"]):
-        dtype, keep = VARIANTS[name]
-        model = load_model(model_name, dtype=dtype)
+        dtype, keep, attention = VARIANTS[name]
+        model = load_model(model_name, dtype=dtype, attn_backend=attention)
         if keep is not None:
             float8_linears(model.dit, keep)
         frames, chunk_s = stream_frames(model, dtype, chunks)
-        entry = {"chunk_ms_p50": round(chunk_s * 1e3, 1), "fp8_layers": float8_layers(model.dit)}
+        entry = {
+            "chunk_ms_p50": round(chunk_s * 1e3, 1),
+            "fp8_layers": float8_layers(model.dit),
+            "attention": attention,
+        }
         if reference is None:
             reference = frames
             result["frames_per_chunk"] = len(frames[0])

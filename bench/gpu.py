@@ -26,11 +26,12 @@ stage (audio, denoise, re-encode, decode, copy to the host; and a fresh stream's
 first chunk), each against the floor its counted work sets under those ceilings
 (bench/floor.py; every variant also gets `of_floor` and `of_clip_floor`, its rate
 over the floor's); the DiT's block linears in FP8 (`streamgen.model.float8`, on
-sm_89+, on a copy of the DiT); the Wan decoder each way it can run (`decoder`,
+sm_89+, on a copy of the DiT); attention with QK^T in FP8 (`fp8_qk`), then with
+PV too (`fp8`: our Triton kernel, `kernels.attention`); the Wan decoder each way it can run (`decoder`,
 bench/wan_decoder.py), then the stream with the fastest of them; on CUDA the
 stream decoding on a second CUDA stream beside the re-encode
 (`StreamSession.decode_beside_reencode`); every lever at once (FP8 linears, the
-fastest decoder way, the decode beside the re-encode); the Wan decoder under Inductor
+fastest attention and decoder way, the decode beside the re-encode); the Wan decoder under Inductor
 (`decoder_compiled`); then what earlier runs measured: 2 steps (reported, never
 the headline), the decoder one latent frame per call (diffusers' way), our
 Triton attention kernel, the PyTorch references (same model code, `kernels`
@@ -252,10 +253,8 @@ def stream_variants(model, measure, backends, compile_blocks, extras=None) -> tu
         def fn(prepare=None):
             saved = kernels._FORCE_REFERENCE
             kernels._FORCE_REFERENCE = not fused
-            for blk in model.dit.blocks:
-                for attn in (blk.self_attn, blk.cross_attn, blk.audio_attn):
-                    if attn is not None:
-                        attn.backend = backend
+            for attn in attention_modules(model.dit):
+                attn.backend = backend
             try:
                 return measurement(prepare)
             finally:
@@ -281,6 +280,41 @@ def stream_variants(model, measure, backends, compile_blocks, extras=None) -> tu
         # minutes of compiling
         last["sdpa+compiled_blocks"] = compiled_blocks(model, with_backend("sdpa"))
     return first, last
+
+
+def attention_modules(dit) -> list:
+    """Every attention of the DiT's blocks (each has its own `backend`)."""
+    return [a for blk in dit.blocks for a in (blk.self_attn, blk.cross_attn, blk.audio_attn) if a is not None]
+
+
+# the attention variants of the stream, by backend (`fastest_attention` picks among those timed)
+ATTENTION_VARIANTS = {
+    "sdpa": "sdpa+fused_kernels",
+    "fp8_qk": "sdpa+fused_kernels, fp8_qk attention",
+    "fp8": "sdpa+fused_kernels, fp8 attention",
+}
+
+
+def fastest_attention(variants: dict) -> str:
+    """The backend of the attention variant with the highest steady rate (sdpa when none ran)."""
+    timed = {
+        b: variants[n]["fps_steady"]
+        for b, n in ATTENTION_VARIANTS.items()
+        if "fps_steady" in variants.get(n, {})
+    }
+    return max(timed, key=timed.get) if timed else "sdpa"
+
+
+def with_attention(model, backend, fn):
+    """fn() with every attention of the DiT on `backend`, restored afterwards."""
+    saved = [(attn, attn.backend) for attn in attention_modules(model.dit)]
+    for attn, _ in saved:
+        attn.backend = backend
+    try:
+        return fn()
+    finally:
+        for attn, previous in saved:
+            attn.backend = previous
 
 
 def compiled_blocks(model, measure, backend: str = "inductor"):
@@ -401,8 +435,13 @@ def run(
                 "fp8_layers": float8_layers(dit),
             }
 
-        if fp8:  # the block linears in FP8 (streamgen.model.float8)
+        if fp8:  # the block linears in FP8 (streamgen.model.float8); attention in FP8 (kernels)
             extras["sdpa+fused_kernels, fp8 linears"] = with_fp8_linears
+            for backend in ("fp8_qk", "fp8"):
+                extras[ATTENTION_VARIANTS[backend]] = lambda prepare, backend=backend: {
+                    **with_attention(model, backend, lambda: measure(prepare)),
+                    "attention": backend,
+                }
         # the decoder's ways, then the stream with the fastest of them
         fast_ways = [name for name in DECODER_WAYS if name not in SLOW_DECODER_WAYS]
         extras["decoder"] = lambda _prepare: decoder_variants(model, device, dtype, fast_ways)
@@ -435,11 +474,22 @@ def run(
 
         if dev.type == "cuda":
             extras["sdpa+fused_kernels, decode beside re-encode"] = beside_reencode(measure)
-        # every lever at once: FP8 linears, the fastest decoder way, the decode beside the re-encode
+        # every lever at once: FP8 linears, the fastest attention and decoder way, the decode
+        # beside the re-encode
         levers = with_fp8_linears if fp8 else measure
         levers = beside_reencode(levers) if dev.type == "cuda" else levers
+
+        def with_fastest_attention(measurement):
+            def fn(prepare):
+                backend = fastest_attention(result["variants"])
+                return {**with_attention(model, backend, lambda: measurement(prepare)), "attention": backend}
+
+            return fn
+
         # (without a timed decoder way, the others: a short run may leave `decoder` out)
-        extras["sdpa+fused_kernels, every lever"] = with_fastest_decoder(levers, required=False)
+        extras["sdpa+fused_kernels, every lever"] = with_fastest_decoder(
+            with_fastest_attention(levers), required=False
+        )
         if compile_blocks:  # the decoder under Inductor: a minute of compiling
             extras["decoder_compiled"] = lambda _prepare: decoder_variants(
                 model, device, dtype, SLOW_DECODER_WAYS

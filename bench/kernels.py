@@ -160,6 +160,11 @@ def _cases(shapes: dict, device, dtype) -> dict:
     q, k, v = rnd(b, lq, heads, head_dim), rnd(b, lk, heads, head_dim), rnd(b, lk, heads, head_dim)
     flops = 4 * b * heads * lq * lk * head_dim
     cases["attention_stream"] = (reference.attention, "attention", (q, k, v), _nbytes(q, k, v, q), flops)
+    # the same call with QK^T in FP8, and PV too; against `eager`, the attention in `dtype` they
+    # replace (bytes: what the kernel reads and writes, the quantization passes aside)
+    fp8_bytes = q.numel() + k.numel() + _nbytes(v, q)
+    for name, pv in (("attention_stream_fp8_qk", False), ("attention_stream_fp8", True)):
+        cases[name] = (_attention_in_dtype, "fp8_attention", (q, k, v, None, 1, pv), fp8_bytes, flops)
     n_train = shapes["train_frames"]
     blocks = torch.arange(n_train, device=device) // f  # chunks of `f` frames
     allowed = float((blocks[None, :] <= blocks[:, None]).float().mean())
@@ -173,6 +178,11 @@ def _cases(shapes: dict, device, dtype) -> dict:
         train_flops,
     )
     return cases
+
+
+def _attention_in_dtype(q, k, v, block_mask_frames, tokens_per_frame, _pv):
+    """The eager counterpart of `triton_ops.fp8_attention`: SDPA in the inputs' dtype."""
+    return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
 
 
 def _measure(fn, args, nbytes, flops, device, quick) -> dict:

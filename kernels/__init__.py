@@ -136,7 +136,7 @@ def rmsnorm_channels(x, gamma, bias=None, eps: float = 1e-12, silu: bool = False
     return reference.rmsnorm_channels(x, gamma, bias, eps, silu)
 
 
-ATTENTION_BACKENDS = ("sdpa", "flex", "triton", "flash", "cudnn")
+ATTENTION_BACKENDS = ("sdpa", "flex", "triton", "flash", "cudnn", "fp8_qk", "fp8")
 
 
 def check_attention_backend(name: str) -> str:

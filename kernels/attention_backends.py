@@ -10,6 +10,10 @@
 - "flash": flash-attn 3 (`flash_attn_interface`, Hopper: H100/H200) or 2
   (`flash_attn`) when installed. They take no block mask, nor fp32: masked
   bf16/fp16 calls fall back to the Triton kernel, fp32 calls to SDPA.
+- "fp8_qk" and "fp8": QK^T in e4m3, and with "fp8" PV too
+  (`reference.fp8_attention`), for inference: our Triton kernel on sm_89 and
+  newer; on CPUs the same numerics emulated, to measure their accuracy; calls
+  that need gradients use SDPA.
 - "cudnn": SDPA with cuDNN's fused attention first in its priority order
   (CUDA, sm80 and newer). Which of SDPA's own kernels is fastest for a chunk
   of queries against a long cache depends on the GPU and the PyTorch build;
@@ -29,7 +33,8 @@ from collections import OrderedDict
 
 import torch
 
-from kernels import check_attention_backend, reference
+import kernels
+from kernels import check_attention_backend, needs_autograd, reference
 
 
 def attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa"):
@@ -49,6 +54,8 @@ def available_backends(device) -> list[str]:
             names.append("flash")
         if _cudnn_attention_supported(device):
             names.append("cudnn")
+        if _triton_ops() is not None and torch.cuda.get_device_capability(device) >= (8, 9):
+            names += ["fp8_qk", "fp8"]  # on CPUs they are emulations, for accuracy only
     return names
 
 
@@ -216,6 +223,37 @@ def cudnn_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
         return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
 
 
+# ---------------------------------------------------------------------------
+# FP8 (inference)
+
+
+@functools.cache
+def _warn_no_fp8_attention(why: str) -> None:
+    warnings.warn(f"fp8 attention: {why}; SDPA serves instead", stacklevel=3)
+
+
+def fp8_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv: bool = True):
+    if needs_autograd(q, k, v):  # inference only: training differentiates through SDPA
+        return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
+    ops = _triton_ops()
+    if q.is_cuda:
+        if ops is None:
+            _warn_no_fp8_attention("Triton is not available")
+        elif torch.cuda.get_device_capability(q.device) < (8, 9):
+            _warn_no_fp8_attention("FP8 tensor cores need sm_89 (Ada) or later")
+        else:
+            return ops.fp8_attention(q, k, v, block_mask_frames, tokens_per_frame, pv)
+        return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
+    if kernels._TRITON_ON_CPU and ops is not None:  # tests: the kernel under the interpreter
+        return ops.fp8_attention(q, k, v, block_mask_frames, tokens_per_frame, pv)
+    # CPUs: the same numerics, emulated (exact products of the e4m3 values), for accuracy
+    return reference.fp8_attention(q, k, v, block_mask_frames, tokens_per_frame, pv)
+
+
+def fp8_qk_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
+    return fp8_attention(q, k, v, block_mask_frames, tokens_per_frame, pv=False)
+
+
 # every name in kernels.ATTENTION_BACKENDS (a test checks that none is missing)
 _BY_NAME = {
     "sdpa": reference.attention,
@@ -223,4 +261,6 @@ _BY_NAME = {
     "triton": triton_attention,
     "flash": flash_attention,
     "cudnn": cudnn_attention,
+    "fp8_qk": fp8_qk_attention,
+    "fp8": fp8_attention,
 }

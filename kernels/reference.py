@@ -250,6 +250,59 @@ def fp8_matmul(q, scale, weight_q, weight_scale, bias, out_dtype) -> torch.Tenso
 
 
 # ---------------------------------------------------------------------------
+# FP8 attention (inference): both matrix products of attention in e4m3, at
+# twice Hopper's bf16 rate. Each scale sits on an axis the product does not sum
+# over, so it comes out of the sum exactly: q and k get one per token and head
+# (the rows of QK^T), v one per head and channel (the columns of PV). The
+# probabilities P (at most 1 after the running max) are multiplied by 2^8 before
+# they are rounded, so the small ones of a long window land on e4m3's normal
+# range instead of flushing to zero; the sum of P that divides the output is
+# taken before the rounding, in fp32.
+
+FP8_P_SCALE = 256.0
+
+
+def quantize_fp8_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q or k [B, L, H, D] -> (e4m3 [B, L, H, D], fp32 scales [B, L, H]): one scale per token
+    and head (`quantize_fp8_rows` over the head dim)."""
+    q8, scale = quantize_fp8_rows(x)
+    return q8.view(x.shape), scale.view(x.shape[:-1])
+
+
+def quantize_fp8_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """v [B, L, H, D] -> (e4m3 [B, H, D, L], fp32 scales [B, H, D]): one scale per head and
+    channel, over every token. Transposed so that the keys' axis, the one PV sums over, is
+    contiguous: the layout Hopper's FP8 tensor cores read their second operand in."""
+    vf = v.float()
+    scale = (vf.abs().amax(dim=1) / FP8_MAX).clamp_min(FP8_MIN_SCALE)  # [B, H, D]
+    v8 = (vf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return v8.permute(0, 2, 3, 1).contiguous(), scale
+
+
+def fp8_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv: bool = True) -> torch.Tensor:
+    """`attention` with QK^T made of e4m3 values, and PV too where `pv` (scales above; else P and
+    v in fp32), the softmax in fp32; out in q's dtype. What the Triton kernel computes, up to its
+    online softmax: it rounds P against the running max of the key blocks seen so far, this
+    against the row's final max."""
+    q8, sq = quantize_fp8_heads(q)
+    k8, sk = quantize_fp8_heads(k)
+    s = torch.einsum("bqhd,bkhd->bhqk", q8.float(), k8.float())
+    s = s * (sq.transpose(1, 2)[..., :, None] * sk.transpose(1, 2)[..., None, :] / math.sqrt(q.shape[-1]))
+    if block_mask_frames is not None:
+        qb, kb = block_mask_frames
+        allowed = (kb[None, :] <= qb[:, None]).repeat_interleave(tokens_per_frame, 0)
+        s = s.masked_fill(~allowed.repeat_interleave(tokens_per_frame, 1), float("-inf"))
+    p = (s - s.amax(-1, keepdim=True)).exp_()
+    total = p.sum(-1, keepdim=True)  # [B, H, Lq, 1]
+    if pv:
+        v8, sv = quantize_fp8_values(v)
+        p8 = (p * FP8_P_SCALE).to(FP8_DTYPE)
+        out = torch.einsum("bhqk,bhdk->bhqd", p8.float(), v8.float()) * (sv[:, :, None, :] / FP8_P_SCALE)
+    else:
+        out = torch.einsum("bhqk,bkhd->bhqd", p, v.float())
+    return (out / total).transpose(1, 2).to(q.dtype)
+
+# ---------------------------------------------------------------------------
 # Attention
 
 

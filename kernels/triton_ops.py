@@ -27,6 +27,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from kernels import reference
 from kernels.reference import rope_inv_freq, rope_split
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -326,29 +327,35 @@ def _round_to_e4m3(v):
 
 @triton.jit
 def _quantize_fp8_rows_kernel(
-    x_ptr, fp8_ptr, row_scale_ptr, K, stride_row, GELU: tl.constexpr, BLOCK_K: tl.constexpr
-):
-    row = tl.program_id(0).to(tl.int64)
+    x_ptr, fp8_ptr, row_scale_ptr, M, K, stride_row, GELU: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < M
     cols = tl.arange(0, BLOCK_K)
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    offsets = rows[:, None] * stride_row + cols[None, :]
+    amax = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
-        v = tl.load(x_ptr + row * stride_row + start + cols, mask=start + cols < K, other=0.0).to(tl.float32)
+        ok = row_ok[:, None] & (start + cols < K)[None, :]
+        v = tl.load(x_ptr + offsets + start, mask=ok, other=0.0).to(tl.float32)
         if GELU:
             v = _gelu_tanh_f32(v)  # gelu(0) = 0: the masked tail adds nothing to the max
         amax = tl.maximum(amax, tl.abs(v))
-    scale = tl.maximum(tl.max(amax, 0) / 448.0, 1e-12 / 448.0)  # reference.FP8_MAX, FP8_MIN_SCALE
-    tl.store(row_scale_ptr + row, scale)
+    scale = tl.maximum(tl.max(amax, 1) / 448.0, 1e-12 / 448.0)  # reference.FP8_MAX, FP8_MIN_SCALE
+    tl.store(row_scale_ptr + rows, scale, mask=row_ok)
     for start in range(0, K, BLOCK_K):
-        ok = start + cols < K
-        v = tl.load(x_ptr + row * stride_row + start + cols, mask=ok, other=0.0).to(tl.float32)
+        ok = row_ok[:, None] & (start + cols < K)[None, :]
+        v = tl.load(x_ptr + offsets + start, mask=ok, other=0.0).to(tl.float32)
         if GELU:
             v = _gelu_tanh_f32(v)
-        q = _round_to_e4m3(tl.minimum(tl.maximum(v / scale, -448.0), 448.0))
-        tl.store(fp8_ptr + row * K + start + cols, q.to(fp8_ptr.dtype.element_ty), mask=ok)
+        q = _round_to_e4m3(tl.minimum(tl.maximum(v / scale[:, None], -448.0), 448.0))
+        tl.store(fp8_ptr + rows[:, None] * K + start + cols[None, :], q.to(fp8_ptr.dtype.element_ty), mask=ok)
 
 
 def quantize_fp8_rows(x, gelu: bool = False):
-    """Triton `reference.quantize_fp8_rows`: x [..., K] -> (e4m3 [M, K], fp32 scales [M, 1])."""
+    """Triton `reference.quantize_fp8_rows`: x [..., K] -> (e4m3 [M, K], fp32 scales [M, 1]).
+    A program takes one row of a linear layer's input, or several short rows (attention's heads:
+    `fp8_attention`), so that each moves a few KiB."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -356,7 +363,11 @@ def quantize_fp8_rows(x, gelu: bool = False):
     q = torch.empty((m, k), device=x.device, dtype=torch.float8_e4m3fn)
     scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
     block, warps = _row_block(min(k, 2048))
-    _quantize_fp8_rows_kernel[(m,)](x2, q, scale, k, x2.stride(0), GELU=gelu, BLOCK_K=block, num_warps=warps)
+    rows = max(1, 2048 // block)
+    grid = (triton.cdiv(m, rows),)
+    _quantize_fp8_rows_kernel[grid](
+        x2, q, scale, m, k, x2.stride(0), GELU=gelu, ROWS=rows, BLOCK_K=block, num_warps=warps
+    )
     return q, scale
 
 
@@ -468,51 +479,66 @@ else:
 
 @triton.jit
 def _attend_key_block(
-    q, k_base, v_base, cols, col_ok, dims, dim_ok, allowed, stride_kl, stride_vl,
-    qk_scale, m_i, l_i, acc, DOT_FP32: tl.constexpr,
+    q, k_base, v_base, k_scales, cols, col_ok, dims, dim_ok, allowed, stride_kl, stride_vl, stride_vd,
+    q_factor, m_i, l_i, acc, DOT_FP32: tl.constexpr, FP8_QK: tl.constexpr, FP8_PV: tl.constexpr,
 ):  # fmt: skip
     """One online-softmax step: fold the key block `cols` into (running max, sum, acc)."""
     k = tl.load(
         k_base + cols[None, :] * stride_kl + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None], other=0.0
     )  # [BLOCK_D, BLOCK_N]
     v = tl.load(
-        v_base + cols[:, None] * stride_vl + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0
-    )  # [BLOCK_N, BLOCK_D]
+        v_base + cols[:, None] * stride_vl + dims[None, :] * stride_vd,
+        mask=col_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_N, BLOCK_D]; with FP8_PV from v transposed, the keys' axis contiguous
     if DOT_FP32:
         scores = tl.dot(q, k.to(tl.float32), input_precision="ieee")
     else:
         scores = tl.dot(q, k)
-    scores = tl.where(allowed, scores * qk_scale, float("-inf"))
+    if FP8_QK:  # each key's scale, then the query's with the softmax's
+        scores = scores * tl.load(k_scales, mask=col_ok, other=0.0)[None, :]
+    scores = tl.where(allowed, scores * q_factor, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     p = tl.exp2(scores - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if DOT_FP32:
+    if FP8_PV:
+        p = p * 256.0  # reference.FP8_P_SCALE: the small probabilities stay normal numbers
+        if DOT_FP32:  # the interpreter's fp8 cast is wrong: round to e4m3 in fp32, as the GPU's cast
+            pv = tl.dot(_round_to_e4m3(p), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+    elif DOT_FP32:
         pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
         pv = tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc * alpha[:, None] + pv
 
 
-def _one_config_for_fp32(configs, named_args, **kwargs):
+def _prune_attention_configs(configs, named_args, **kwargs):
     """The exact fp32 dots (DOT_FP32) spill registers in every config on Hopper (docs/kernels.md):
-    that path is for exactness, not speed, so it takes the smallest tile and is not autotuned."""
-    return configs[-1:] if kwargs.get("DOT_FP32") else configs
+    that path is for exactness, not speed, so it takes the smallest tile and is not autotuned.
+    With QK^T alone in FP8, (128, 128) spills (`streamgen bench resources`): not offered."""
+    if kwargs.get("DOT_FP32"):
+        return configs[-1:]
+    if kwargs.get("FP8_QK") and not kwargs.get("FP8_PV"):
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (128, 128)]
+    return configs
 
 
 @triton.autotune(
     configs=_ATTN_CONFIGS,
-    key=["HEAD_DIM", "BLOCK_CAUSAL", "DOT_FP32"],
-    prune_configs_by={"early_config_prune": _one_config_for_fp32},
+    key=["HEAD_DIM", "BLOCK_CAUSAL", "DOT_FP32", "FP8_QK", "FP8_PV"],
+    prune_configs_by={"early_config_prune": _prune_attention_configs},
 )
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, q_block_ptr, k_block_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, q_block_ptr, k_block_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
-    stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
+    stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh,
     H, Lq, Lk, S, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FP8_QK: tl.constexpr, FP8_PV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -532,6 +558,13 @@ def _attention_kernel(
         q = q.to(tl.float32)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
+    # FP8: the scales of q and k, one per (batch, token, head), are [B, L, H] contiguous
+    k_scale_base = k_scale_ptr + b * Lk * H + h
+    if FP8_QK:
+        q_scale = tl.load(q_scale_ptr + (b * Lq + rows) * H + h, mask=row_ok, other=0.0)
+        q_factor = (q_scale * qk_scale)[:, None]
+    else:
+        q_factor = qk_scale
 
     # a finite start for the running max keeps exp2(m_old - m_new) finite when a
     # whole key block is masked for some row
@@ -550,17 +583,19 @@ def _attention_kernel(
             if tl.min(k_block, axis=0) <= q_block_max:  # else no query of this tile sees the block
                 allowed = (k_block[None, :] <= q_block[:, None]) & col_ok[None, :]
                 m_i, l_i, acc = _attend_key_block(
-                    q, k_base, v_base, cols, col_ok, dims, dim_ok, allowed, stride_kl, stride_vl,
-                    qk_scale, m_i, l_i, acc, DOT_FP32,
+                    q, k_base, v_base, k_scale_base + cols * H, cols, col_ok, dims, dim_ok, allowed,
+                    stride_kl, stride_vl, stride_vd, q_factor, m_i, l_i, acc, DOT_FP32, FP8_QK, FP8_PV,
                 )  # fmt: skip
         else:
             # no branch in the unmasked loop, so the compiler can pipeline the loads
             m_i, l_i, acc = _attend_key_block(
-                q, k_base, v_base, cols, col_ok, dims, dim_ok, col_ok[None, :], stride_kl, stride_vl,
-                qk_scale, m_i, l_i, acc, DOT_FP32,
+                q, k_base, v_base, k_scale_base + cols * H, cols, col_ok, dims, dim_ok, col_ok[None, :],
+                stride_kl, stride_vl, stride_vd, q_factor, m_i, l_i, acc, DOT_FP32, FP8_QK, FP8_PV,
             )  # fmt: skip
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if FP8_PV:  # v's scale per channel, and the probabilities' 2^8
+        out = out * (tl.load(v_scale_ptr + bh * HEAD_DIM + dims, mask=dim_ok, other=0.0) / 256.0)[None, :]
     tl.store(
         o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + dims[None, :],
         out.to(o_ptr.dtype.element_ty),
@@ -575,27 +610,52 @@ def attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
     dim is unit-stride. block_mask_frames=(q_block [Fq], k_block [Fk]) selects
     the block-causal mask over frames of `tokens_per_frame` tokens.
     """
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    v_strides = (v.stride(0), v.stride(1), v.stride(2), 1)
+    return _launch_attention(q, k, v, v_strides, None, block_mask_frames, tokens_per_frame, q.dtype)
+
+
+def fp8_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv: bool = False):
+    """Triton `reference.fp8_attention` (pv=True), or with QK^T alone in e4m3 and PV in v's dtype:
+    q and k quantized per token and head (`quantize_fp8_rows`), v per head and channel and
+    transposed, the keys' axis contiguous, as Hopper's FP8 tensor cores read it."""
+    q8, q_scale = quantize_fp8_rows(q)
+    k8, k_scale = quantize_fp8_rows(k)
+    q8, k8 = q8.view(q.shape), k8.view(k.shape)
+    if pv:
+        v, v_scale = reference.quantize_fp8_values(v)  # [B, H, D, Lk], [B, H, D]
+        v_strides = (v.stride(0), v.stride(3), v.stride(1), v.stride(2))  # as [B, Lk, H, D]
+    else:
+        v = v if v.stride(-1) == 1 else v.contiguous()
+        v_strides, v_scale = (v.stride(0), v.stride(1), v.stride(2), 1), None
+    scales = (q_scale, k_scale, v_scale)
+    return _launch_attention(q8, k8, v, v_strides, scales, block_mask_frames, tokens_per_frame, q.dtype)
+
+
+def _launch_attention(q, k, v, v_strides, fp8_scales, block_mask_frames, tokens_per_frame, out_dtype):
     bsz, lq, heads, head_dim = q.shape
     lk = k.shape[1]
-    assert k.shape == v.shape == (bsz, lk, heads, head_dim), (q.shape, k.shape, v.shape)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = torch.empty(bsz, lq, heads, head_dim, device=q.device, dtype=q.dtype)
+    assert k.shape == (bsz, lk, heads, head_dim) and v.numel() == k.numel(), (q.shape, k.shape, v.shape)
+    out = torch.empty(bsz, lq, heads, head_dim, device=q.device, dtype=out_dtype)
     if block_mask_frames is not None:
         q_block, k_block = (t.to(device=q.device, dtype=torch.int32).contiguous() for t in block_mask_frames)
         assert q_block.numel() * tokens_per_frame == lq and k_block.numel() * tokens_per_frame == lk
     else:
         q_block = k_block = torch.zeros(1, device=q.device, dtype=torch.int32)
-    dot_fp32 = INTERPRET or q.dtype == torch.float32
+    unused = torch.zeros(1, device=q.device, dtype=torch.float32)  # the scales' pointers without FP8
+    q_scale, k_scale, v_scale = (unused if t is None else t for t in (fp8_scales or (None,) * 3))
+    dot_fp32 = INTERPRET or out_dtype == torch.float32
 
     def grid(meta):
         return (triton.cdiv(lq, meta["BLOCK_M"]), bsz * heads)
 
     _attention_kernel[grid](
-        q, k, v, out, q_block, k_block,
+        q, k, v, out, q_block, k_block, q_scale, k_scale, v_scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        *v_strides, out.stride(0), out.stride(1), out.stride(2),
         heads, lq, lk, max(tokens_per_frame, 1), LOG2E / math.sqrt(head_dim),
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_CAUSAL=block_mask_frames is not None, DOT_FP32=dot_fp32,
+        FP8_QK=fp8_scales is not None, FP8_PV=v_scale is not unused,
     )  # fmt: skip
     return out

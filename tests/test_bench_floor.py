@@ -308,3 +308,42 @@ def test_command_line_with_fp8_linears_counts_their_products_at_their_own_rate()
     assert fp8_kinds["fp8_linear"] > 0.5 * kinds["linear"] and fp8_kinds["attention"] == kinds["attention"]
     assert fp8["ceilings"]["matmul_tflop_per_s_float8"] == 2 * floor.H200_MATMUL_TFLOPS
     assert fp8["fps_ceiling"] > plain["fps_ceiling"]
+
+
+def test_fp8_attention_moves_its_share_of_the_dits_attention_to_the_fp8_rate():
+    def stage(attention):
+        return {"tflop_by_kind": {"attention": attention, "fp8_attention": 0.0}}
+
+    def chunk():
+        return {"stages": {"denoise": stage(8.0), "reencode": stage(2.0), "decode": stage(1.0)}}
+
+    work = {"first_chunk": chunk(), "steady_chunk": chunk(), "clip": [chunk()]}
+    floor.attention_in_fp8(work, "fp8_qk")  # QK^T: half the products
+    for c in (work["first_chunk"], work["steady_chunk"], work["clip"][0]):
+        kinds = {name: s["tflop_by_kind"] for name, s in c["stages"].items()}
+        assert kinds["denoise"] == {"attention": 4.0, "fp8_attention": 4.0}
+        assert kinds["reencode"] == {"attention": 1.0, "fp8_attention": 1.0}
+        assert kinds["decode"] == {"attention": 1.0, "fp8_attention": 0.0}  # the VAE's: not the DiT's
+    work = {"first_chunk": chunk(), "steady_chunk": chunk()}
+    floor.attention_in_fp8(work, "fp8")  # both products
+    assert work["steady_chunk"]["stages"]["denoise"]["tflop_by_kind"] == {
+        "attention": 0.0,
+        "fp8_attention": 8.0,
+    }
+    stage_work = {"tflop": 1.0, "weights_gb": 0.0, "kv_gb": 0.0, "tflop_by_kind": {"fp8_attention": 0.6}}
+    work = {"start": stage_work, "first_chunk": {"frames": 12, "stages": {}}}
+    work["steady_chunk"] = {"frames": 12, "stages": {"denoise": stage_work}}
+    assert floor.floor(work, 100.0, 1000.0, fp8_tflops=200.0)["steady_chunk"]["floor_ms"] == pytest.approx(
+        7.0
+    )
+
+
+def test_command_line_with_fp8_attention_runs_it_and_counts_it_at_the_fp8_rate():
+    args = ("--json", "--model", "debug", "--clip-frames", "9", "--fp8-attention", "fp8_qk")
+    r = streamgen("bench", "floor", *args, "--time", "1")  # on the CPU: the kernel's numerics, emulated
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    kinds = result["work"]["steady_chunk"]["stages"]["denoise"]["tflop_by_kind"]
+    assert result["attention"] == "fp8_qk" and kinds["fp8_attention"] == kinds["attention"] > 0
+    assert result["ceilings"]["matmul_tflop_per_s_float8"] > 0  # measured here, with --time
+    assert streamgen("bench", "floor", *args[:-1], "fp16").returncode == 2

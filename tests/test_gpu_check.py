@@ -138,12 +138,25 @@ def test_gpu_check_runs_with_only_what_the_gpu_image_has(tmp_path):
     assert result["ceilings"]["matmul_tflop_per_s_float8"] > 0
     fp8 = result["variants"]["sdpa+fused_kernels, fp8 linears"]
     assert fp8["fps_steady"] > 0 and fp8["fp8_layers"] == 2 * 12  # the debug model's 2 blocks
+    for backend in ("fp8_qk", "fp8"):  # attention in FP8 (on the CPU: the kernel's numerics, emulated)
+        attention = result["variants"][gpu.ATTENTION_VARIANTS[backend]]
+        assert attention["fps_steady"] > 0 and attention["attention"] == backend
     every = result["variants"]["sdpa+fused_kernels, every lever"]
     assert every["fps_steady"] > 0 and every["fp8_layers"] == fp8["fp8_layers"]
+    assert every["attention"] == gpu.fastest_attention(result["variants"])
     fastest = result["variants"]["sdpa+fused_kernels, fastest decoder way"]["decoder_way"]
     assert every["decoder_way"] == fastest
     assert "bench gpu: exit code 0" in (out / "bench-gpu.log").read_text()
     assert bench_json.with_suffix(".png").stat().st_size > 10_000  # fps per variant, chunk times
+
+
+def test_the_fastest_attention_is_the_highest_steady_rate_timed():
+    assert gpu.fastest_attention({}) == "sdpa"
+    variants = {gpu.ATTENTION_VARIANTS["sdpa"]: {"fps_steady": 10.0}, "other": {"fps_steady": 99.0}}
+    assert gpu.fastest_attention(variants) == "sdpa"
+    variants[gpu.ATTENTION_VARIANTS["fp8"]] = {"fps_steady": 12.0}
+    variants[gpu.ATTENTION_VARIANTS["fp8_qk"]] = {"error": "RuntimeError"}  # not timed
+    assert gpu.fastest_attention(variants) == "fp8"
 
 
 def test_bench_gpu_sets_each_stage_against_its_floor():
@@ -297,6 +310,8 @@ def test_bench_gpu_quick_on_cuda_runs_every_stream_variant():
         "sdpa+fused_kernels, fastest decoder way",
         "sdpa+fused_kernels, decode beside re-encode",
         "sdpa+fused_kernels, fp8 linears",
+        "sdpa+fused_kernels, fp8_qk attention",
+        "sdpa+fused_kernels, fp8 attention",
         "sdpa+fused_kernels, every lever",
     }
     assert all(way["max_abs_diff"] < 0.05 for way in result["decoder"].values()), result["decoder"]  # bf16

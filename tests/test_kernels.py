@@ -76,14 +76,18 @@ def _frame_mask(q_block, k_block, s):
     return allowed.repeat_interleave(s, 0).repeat_interleave(s, 1)[None, None]
 
 
-@pytest.mark.parametrize("backend", kernels.ATTENTION_BACKENDS)
+# the backends that compute attention in the inputs' precision (the FP8 ones: below)
+EXACT_BACKENDS = [b for b in kernels.ATTENTION_BACKENDS if not b.startswith("fp8")]
+
+
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
 def test_attention_backends_agree_full(backend):
     q, k, v = _qkv(10, 23)  # a chunk of queries against a longer K/V
     expected = reference.attention_reference_math(q, k, v)
     torch.testing.assert_close(kernels.attention(q, k, v, backend=backend), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", kernels.ATTENTION_BACKENDS)
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
 def test_attention_backends_agree_block_causal(backend):
     s = 5
     blocks = torch.tensor([0, 0, 1, 1, 2, 2])  # 3 chunks of 2 frames
@@ -93,7 +97,7 @@ def test_attention_backends_agree_block_causal(backend):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", kernels.ATTENTION_BACKENDS)
+@pytest.mark.parametrize("backend", [*EXACT_BACKENDS, "fp8_qk"])
 def test_cached_chunk_equals_rows_of_block_causal(backend):
     """The streaming call (one chunk of queries against the K/V it may see) gives
     the same rows as block-causal attention over the whole sequence."""
@@ -107,6 +111,32 @@ def test_cached_chunk_equals_rows_of_block_causal(backend):
     middle = slice(1 * s, 3 * s)
     streamed = kernels.attention(q[:, middle], k[:, : 3 * s], v[:, : 3 * s], backend=backend)
     torch.testing.assert_close(streamed, full[:, middle], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["fp8_qk", "fp8"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fp8_attention_is_within_e4m3_precision(backend, masked):
+    """On a CPU the FP8 backends emulate the kernel's numerics: near the exact attention, not
+    equal to it; PV in e4m3 too costs more."""
+    s = 5
+    blocks = torch.tensor([0, 0, 1, 1, 2, 2])
+    q, k, v = _qkv(6 * s, 6 * s, head_dim=64, seed=4)
+    mask = _frame_mask(blocks, blocks, s) if masked else None
+    exact = reference.attention_reference_math(q, k, v, mask)
+    out = kernels.attention(q, k, v, (blocks, blocks) if masked else None, s, backend=backend)
+    error = float((out - exact).norm() / exact.norm())
+    assert out.dtype == q.dtype and 1e-3 < error < 0.06
+    qk_only = kernels.attention(q, k, v, (blocks, blocks) if masked else None, s, backend="fp8_qk")
+    if backend == "fp8":
+        assert error > float((qk_only - exact).norm() / exact.norm())
+
+
+def test_fp8_attention_differentiates_through_sdpa():
+    q, k, v = (t.requires_grad_() for t in _qkv(6, 9))
+    out = kernels.attention(q, k, v, backend="fp8")
+    torch.testing.assert_close(out, reference.attention(q, k, v))  # inference only: training is exact
+    out.sum().backward()
+    assert q.grad is not None and v.grad is not None
 
 
 def test_flex_bf16_and_out_of_order_ring_blocks():

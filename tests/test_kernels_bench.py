@@ -26,6 +26,8 @@ CASES = {
     "gelu_quantize_fp8_rows",
     "rmsnorm_silu_channels_vae",
     "attention_stream",
+    "attention_stream_fp8_qk",
+    "attention_stream_fp8",
     "attention_block_causal",
 }
 

@@ -207,8 +207,38 @@ def test_all_available_backends_agree(masked):
         mask = (k_block[None, :] <= q_block[:, None]).repeat_interleave(s, 0).repeat_interleave(s, 1)
     expected = reference.attention_reference_math(q.float(), k.float(), v.float(), mask)
     for name in names:
+        if name.startswith("fp8"):  # e4m3's precision: test_fp8_attention_at_the_dits_shapes
+            continue
         out = kernels.attention(q, k, v, frames, s, backend=name)
         torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=2e-2, msg=f"backend {name}")
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs sm_89+"
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_fp8_attention_at_the_dits_shapes(ops, masked):
+    """A 3-frame chunk against sink, window and itself in bf16, QK^T in e4m3, then PV too:
+    the kernel near the CPU's emulation of its numerics (the same e4m3 values; the GPU's sums in
+    another order, and P rounded against the running max), and both as near the exact attention."""
+    torch.manual_seed(6)
+    s = 390  # a quarter frame keeps the CPU's emulation small; not a multiple of any block
+    q_block = torch.tensor([2, 2, 2], device="cuda")
+    k_block = torch.tensor([0, 1, 1, 3, 2, 2, 2], device="cuda")
+    q, k, v = _qkv(3 * s, 7 * s, torch.bfloat16)
+    frames = (q_block, k_block) if masked else None
+    mask = None
+    if masked:
+        mask = (k_block[None, :] <= q_block[:, None]).repeat_interleave(s, 0).repeat_interleave(s, 1)
+    exact = reference.attention_reference_math(q.float(), k.float(), v.float(), mask)
+    for backend, pv in (("fp8_qk", False), ("fp8", True)):
+        out = kernels.attention(q, k, v, frames, s, backend=backend)
+        cpu_frames = None if frames is None else tuple(t.cpu() for t in frames)
+        emulated = reference.fp8_attention(q.cpu(), k.cpu(), v.cpu(), cpu_frames, s, pv=pv).cuda()
+        assert out.dtype == torch.bfloat16 and out.shape == q.shape
+        error, emulated_error = ((t.float() - exact).norm() / exact.norm() for t in (out, emulated))
+        assert error < 0.06 and error < 1.5 * emulated_error + 0.005, (backend, error, emulated_error)
+        assert (out.float() - emulated.float()).norm() / exact.norm() < 0.03, backend
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

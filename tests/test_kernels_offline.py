@@ -53,12 +53,20 @@ def test_every_kernel_builds_for_hopper_without_spills_within_shared_memory():
     assert result["ptxas_reports"] == result["compiled"]  # every kernel was really built and reported
     rows = result["kernels"]
     assert {row["case"] for row in rows} == CASES
-    for case in ("attention_stream", "attention_block_causal"):  # every autotune config is built
-        assert sum(row["case"] == case for row in rows) == len(triton_ops._ATTN_CONFIGS)
+
+    def attention_configs(case):
+        return sum(row["case"] == case and row["kernel"] == "_attention_kernel" for row in rows)
+
+    configs = len(triton_ops._ATTN_CONFIGS)
+    for case in ("attention_stream", "attention_block_causal", "attention_stream_fp8"):
+        assert attention_configs(case) == configs  # every autotune config is built
+    assert attention_configs("attention_stream_fp8_qk") == configs - 1  # (128, 128) spills: pruned
     assert result["spilling"] == [] and result["over_shared_memory"] == [], result
     assert all(0 < row["registers"] <= 255 for row in rows)
-    # the bf16 attention runs on Hopper's tensor cores in every config
+    # the attention runs on Hopper's tensor cores in every config, in bf16 and in FP8
     assert {row["tensor_cores"] for row in rows if row["kernel"] == "_attention_kernel"} == {"wgmma"}
+    # q and k quantized by one kernel, built once per case
+    assert sum(row["kernel"] == "_quantize_fp8_rows_kernel" for row in rows) == 4
 
 
 @pytest.mark.slow

@@ -291,6 +291,50 @@ def check_attention_head_dim_128(ops, dtype):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lq,lk,head_dim", [(14, 37, 16), (10, 45, 128)])
+def check_fp8_qk_attention(ops, dtype, lq, lk, head_dim):
+    """QK^T of e4m3 values: the kernel's scores are the reference's (the same products, in fp32),
+    so its output is too, up to one rounding of P to the output dtype; both are e4m3's precision
+    from the exact attention."""
+    torch.manual_seed(12)
+    q, k, v = _qkv(2, lq, lk, 2, head_dim, dtype)
+    out = ops.fp8_attention(q, k, v, pv=False)
+    assert out.dtype == dtype and out.shape == q.shape
+    close(out, reference.fp8_attention(q, k, v, pv=False), dtype)
+    exact = reference.attention_reference_math(q.float(), k.float(), v.float())
+    assert 0 < (out.float() - exact).norm() / exact.norm() < 0.06
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def check_fp8_attention_one_key_block(ops, dtype):
+    """QK^T and PV of e4m3 values, keys within one block (the interpreter's BLOCK_N, 16): the
+    online softmax's running max is the row's max, so P rounds to the same e4m3 values as in the
+    reference, which the kernel rounds itself (the interpreter's fp8 cast is wrong)."""
+    torch.manual_seed(13)
+    q, k, v = _qkv(2, 21, 13, 3, 32, dtype)
+    close(ops.fp8_attention(q, k, v, pv=True), reference.fp8_attention(q, k, v, pv=True), dtype)
+
+
+def check_fp8_attention_streaming_chunk_against_strided_cache(ops):
+    """Both products in e4m3 over many key blocks, some masked, from strided cache views: the
+    kernel rounds P against the running max, the reference against the row's max, so they agree
+    to e4m3's precision, and each is as near the exact attention as the other."""
+    torch.manual_seed(14)
+    s, heads, head_dim = 5, 2, 32
+    cache_k, cache_v = rand(1, 12 * s, heads + 1, head_dim), rand(1, 12 * s, heads + 1, head_dim)
+    k, v = cache_k[:, :, :heads], cache_v[:, :, :heads]
+    q = rand(1, 2 * s, heads, head_dim)
+    q_block, k_block = torch.tensor([5, 5]), torch.tensor([0, 4, 2, 3, 9, 5, 5, 1, 2, 3, 4, 0])
+    out = ops.fp8_attention(q, k, v, (q_block, k_block), s, pv=True)
+    ref = reference.fp8_attention(q, k, v, (q_block, k_block), s, pv=True)
+    mask = (k_block[None, :] <= q_block[:, None]).repeat_interleave(s, 0).repeat_interleave(s, 1)
+    exact = reference.attention_reference_math(q, k, v, mask[None, None])
+    err, err_ref = (out - exact).abs().max(), (ref - exact).abs().max()
+    assert 0 < err < 0.05 and 0 < err_ref < 0.05 and err < 2 * err_ref and err_ref < 2 * err
+    assert (out - ref).abs().max() < 0.03
+
+
 # --- the whole model through the kernels: what the GPU runs, checked op by op above, together
 
 
@@ -391,7 +435,7 @@ def check_a_stream_through_the_kernels_is_counted_as_through_the_references(ops,
 
 _FLOAT_ARGS = {"eps", "qk_scale", "scale"}
 _TYPED_POINTERS = {"frame_pos_ptr": "*i32", "q_block_ptr": "*i32", "k_block_ptr": "*i32", "fp8_ptr": "*fp8e4nv"}
-_FP32_POINTERS = {"angles_ptr", "inv_freq_ptr", "row_scale_ptr"}
+_FP32_POINTERS = {"angles_ptr", "inv_freq_ptr", "row_scale_ptr", "q_scale_ptr", "k_scale_ptr", "v_scale_ptr"}
 
 
 def _compile_for_hopper(kernel, dtype: str, constexprs: dict, **options):
@@ -436,15 +480,17 @@ def test_kernels_compile_for_hopper_in_fp32():
     _compile_for_hopper(ops._rmsnorm_rope_kernel, dtype, dict(BLOCK_HALF=1024, ROPE_MODE=ops.ROPE_TABLE, NORM=False))
     _compile_for_hopper(ops._gelu_tanh_kernel, dtype, dict(BLOCK=1024))
     for gelu in (False, True):
-        _compile_for_hopper(ops._quantize_fp8_rows_kernel, dtype, dict(GELU=gelu, BLOCK_K=2048), num_warps=4)
+        for rows, block in ((1, 2048), (16, 128)):  # a linear layer's row; attention's heads
+            meta = dict(GELU=gelu, ROWS=rows, BLOCK_K=block)
+            _compile_for_hopper(ops._quantize_fp8_rows_kernel, dtype, meta, num_warps=4)
     for with_bias, silu in ((False, False), (True, False), (False, True)):
         meta = dict(HAS_BIAS=with_bias, SILU=silu, BLOCK_C=32, BLOCK_P=64)
         _compile_for_hopper(ops._rmsnorm_channels_kernel, dtype, meta, num_warps=4)
     for causal in (False, True):
-        meta = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_CAUSAL=causal, DOT_FP32=True)
+        meta = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_CAUSAL=causal, DOT_FP32=True, FP8_QK=False, FP8_PV=False)
         _compile_for_hopper(ops._attention_kernel, dtype, dict(meta, BLOCK_M=64, BLOCK_N=32))
     # at least one autotune config must fit Hopper's shared memory (227 KiB) for fp32 operands
-    meta = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_CAUSAL=False, DOT_FP32=True)
+    meta = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_CAUSAL=False, DOT_FP32=True, FP8_QK=False, FP8_PV=False)
     smallest = ops._ATTN_CONFIGS[-1]
     compiled = _compile_for_hopper(
         ops._attention_kernel, dtype, dict(meta, **smallest.kwargs), num_warps=smallest.num_warps,

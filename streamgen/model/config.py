@@ -44,7 +44,7 @@ class ModelConfig:
     sink_frames: int = 1  # permanent identity anchor (the reference latent)
     window_frames: int = 21  # ring of past latent frames in the KV cache
 
-    attn_backend: str = "sdpa"  # sdpa | flex | triton | flash | cudnn (kernels.attention)
+    attn_backend: str = "sdpa"  # sdpa | flex | triton | flash | cudnn | fp8_qk | fp8 (kernels.attention)
     name: str = field(default="custom", compare=False)
 
     @property
