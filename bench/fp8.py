@@ -1,19 +1,21 @@
-"""`streamgen bench fp8 --json`: what FP8 linear layers do to a stream's frames.
+"""`streamgen bench fp8 --json`: what FP8 linear layers and attention do to a stream's frames.
 
 The same stream (the sample face and speech, one seed) is generated with the
 DiT in float32 (the reference), in bfloat16, and with its block linears in FP8
 (`streamgen.model.float8`, as it converts by default) over float32 and over
-bfloat16, and with every block linear in FP8. Each variant's frames
-are compared with the reference's chunk by chunk, in 8-bit levels (mean, 99th
-percentile, max) and PSNR: a stream feeds its own output back through the KV
+bfloat16, and with every block linear in FP8; with attention's QK^T in FP8 (the
+`fp8_qk` backend), and its PV too (`fp8`), alone and with the FP8 linears.
+Each variant's frames are compared with the reference's chunk by chunk, in 8-bit
+levels (mean, 99th percentile, max) and PSNR: a stream feeds its own output back through the KV
 cache, so what matters is whether the difference grows along the stream, not
 only its size after one layer. The decoder is float32 in every variant, so the
 differences are the DiT's.
 
 On a CPU the FP8 products are exact products of the e4m3 values (torch's CPU
-`_scaled_mm`), as a GPU's are up to the order of the sums: the accuracy measured
-here is the accuracy the GPU path has. (The speed is the GPU's: `bench gpu`'s
-`fp8 linears` variant; on a CPU float32 products are faster.)
+`_scaled_mm`; the attention backends' emulation of the kernel,
+`reference.fp8_attention`), as a GPU's are up to the order of the sums: the
+accuracy measured here is the accuracy the GPU path has. (The speed is the GPU's:
+`bench gpu`'s FP8 variants; on a CPU float32 products are faster.)
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ VARIANTS = {  # name -> (DiT dtype, the layers FP8 keeps in that dtype or None: 
     "bfloat16+fp8_linears": (torch.bfloat16, KEEP_IN_DTYPE, "sdpa"),
     # every block linear, the self-attention's values and output too: why they are kept
     "float32+fp8_every_linear": (torch.float32, (), "sdpa"),
+    # attention with QK^T in FP8 (the `fp8_qk` backend), and with PV too (`fp8`)
+    "float32+fp8_qk_attention": (torch.float32, None, "fp8_qk"),
+    "bfloat16+fp8_qk_attention": (torch.bfloat16, None, "fp8_qk"),
     "float32+fp8_attention": (torch.float32, None, "fp8"),
     "bfloat16+fp8_attention": (torch.bfloat16, None, "fp8"),
+    "bfloat16+fp8_linears+fp8_qk_attention": (torch.bfloat16, KEEP_IN_DTYPE, "fp8_qk"),
     "bfloat16+fp8_linears+fp8_attention": (torch.bfloat16, KEEP_IN_DTYPE, "fp8"),
 }
 

@@ -1,0 +1,37 @@
+"""`streamgen bench fp8` on the debug model: each variant's frames against float32's."""
+
+from __future__ import annotations
+
+import json
+
+from cli_helpers import streamgen
+
+from bench import fp8
+
+
+def test_each_variant_is_compared_with_float32_chunk_by_chunk(tmp_path):
+    variants = ("bfloat16", "float32+fp8_qk_attention", "float32+fp8_attention", "float32+fp8_linears")
+    result = fp8.run("debug", chunks=2, variants=variants)
+    assert list(result["variants"]) == ["float32", *variants]
+    assert "psnr_db" not in result["variants"]["float32"]  # the reference
+    for name in variants:
+        entry = result["variants"][name]
+        assert entry["attention"] == fp8.VARIANTS[name][2] and len(entry["mean_levels_by_chunk"]) == 2
+        assert 0 < entry["mean_levels"] <= entry["max_levels"] and entry["psnr_db"] > 20, (name, entry)
+    assert result["variants"]["float32+fp8_linears"]["fp8_layers"] > 0
+    assert result["variants"]["float32+fp8_qk_attention"]["fp8_layers"] == 0
+    fp8.plot(result, tmp_path / "fp8.png")
+    assert (tmp_path / "fp8.png").stat().st_size > 10_000
+
+
+def test_command_line_refuses_no_chunks_and_unknown_variants():
+    r = streamgen("bench", "fp8", "--json", "--model", "debug", "--chunks", "0")
+    assert r.returncode == 2 and "--chunks must be at least 1" in r.stderr and r.stdout == ""
+    r = streamgen("bench", "fp8", "--json", "--model", "debug", "--variants", "float16")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_command_line_prints_json():
+    r = streamgen("bench", "fp8", "--json", "--model", "debug", "--chunks", "1", "--variants", "float32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["variants"]["float32"]["chunk_ms_p50"] > 0
