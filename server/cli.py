@@ -15,8 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--attention", default=None, metavar="BACKEND",
-                        help="attention backend: sdpa (the default), flex, triton, flash or cudnn "
-                        "(on a CPU triton, flash and cudnn run as sdpa; `streamgen bench gpu` times them)")  # fmt: skip
+                        help="attention backend: sdpa (the default), flex, triton, flash, cudnn, or in FP8 "
+                        "fp8_qk and fp8 (on a CPU triton, flash and cudnn run as sdpa, and the FP8 ones are "
+                        "emulated; `streamgen bench gpu` times them)")  # fmt: skip
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="the DiT's weights and cache (default float32; bfloat16 on GPUs)")  # fmt: skip
     parser.add_argument("--fp8", action="store_true",

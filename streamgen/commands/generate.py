@@ -35,7 +35,8 @@ def add_arguments(p) -> None:
         "--attention",
         default=None,
         metavar="BACKEND",
-        help="attention backend: sdpa (the default), flex, triton, flash or cudnn (on a CPU triton, flash and cudnn run as sdpa)",
+        help="attention backend: sdpa (the default), flex, triton, flash, cudnn, or in FP8 fp8_qk (QK^T) and "
+        "fp8 (both products; sm_89+) (on a CPU triton, flash and cudnn run as sdpa, fp8_qk and fp8 are emulated)",
     )
     p.add_argument(
         "--fp8",
