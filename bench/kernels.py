@@ -165,6 +165,9 @@ def _cases(shapes: dict, device, dtype) -> dict:
     fp8_bytes = q.numel() + k.numel() + _nbytes(v, q)
     for name, pv in (("attention_stream_fp8_qk", False), ("attention_stream_fp8", True)):
         cases[name] = (_attention_in_dtype, "fp8_attention", (q, k, v, None, 1, pv), fp8_bytes, flops)
+    # the values' quantization for `fp8` (read twice: the scales, then the e4m3 values out)
+    values = (reference.quantize_fp8_values, "quantize_fp8_values", (v,), 2 * _nbytes(v) + v.numel(), None)
+    cases["quantize_fp8_values"] = values
     n_train = shapes["train_frames"]
     blocks = torch.arange(n_train, device=device) // f  # chunks of `f` frames
     allowed = float((blocks[None, :] <= blocks[:, None]).float().mean())

@@ -371,6 +371,46 @@ def quantize_fp8_rows(x, gelu: bool = False):
     return q, scale
 
 
+@triton.jit
+def _quantize_fp8_values_kernel(
+    v_ptr, channel_scale_ptr, fp8_ptr, L, H, stride_vb, stride_vl, stride_vh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):  # fmt: skip
+    """One program per (block of keys, batch * head): v [B, L, H, D] / its channel's scale, rounded
+    to e4m3 and stored transposed, [B, H, D, L] (the keys' axis contiguous)."""
+    keys = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    dims = tl.arange(0, BLOCK_D)
+    ok = (keys < L)[:, None] & (dims < HEAD_DIM)[None, :]
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    v = tl.load(v_base + keys[:, None] * stride_vl + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+    scale = tl.load(channel_scale_ptr + bh * HEAD_DIM + dims, mask=dims < HEAD_DIM, other=1.0)
+    q = _round_to_e4m3(tl.minimum(tl.maximum(v / scale[None, :], -448.0), 448.0))
+    out = fp8_ptr + bh * HEAD_DIM * L + dims[None, :] * L + keys[:, None]
+    tl.store(out, q.to(fp8_ptr.dtype.element_ty), mask=ok)
+
+
+def quantize_fp8_values(v):
+    """Triton `reference.quantize_fp8_values`: v [B, L, H, D] -> (e4m3 [B, H, D, L], fp32 scales
+    [B, H, D]). The scales are one reduction over the keys (torch's max-norm reads v once, with no
+    temporary), then one kernel reads v again and writes it transposed at a byte per element."""
+    bsz, lk, heads, head_dim = v.shape
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    amax = torch.linalg.vector_norm(v, float("inf"), dim=1, dtype=torch.float32)  # [B, H, D]
+    scale = (amax / reference.FP8_MAX).clamp_min_(reference.FP8_MIN_SCALE)
+    v8 = torch.empty(bsz, heads, head_dim, lk, device=v.device, dtype=reference.FP8_DTYPE)
+    block_l = 16 if INTERPRET else 64
+    grid = (triton.cdiv(lk, block_l), bsz * heads)
+    _quantize_fp8_values_kernel[grid](
+        v, scale, v8, lk, heads, v.stride(0), v.stride(1), v.stride(2),
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_L=block_l,
+        num_warps=1 if INTERPRET else 4,
+    )  # fmt: skip
+    return v8, scale
+
+
 # ---------------------------------------------------------------------------
 # The Wan VAE's RMSNorm over channels: x viewed as [B, C, P] (P = the positions
 # T*H*W, contiguous). One program per (block of positions, batch): a first pass
@@ -626,7 +666,7 @@ def fp8_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv
     k8, k_scale = quantize_fp8_rows(k)
     q8, k8 = q8.view(q.shape), k8.view(k.shape)
     if pv:
-        v, v_scale = reference.quantize_fp8_values(v)  # [B, H, D, Lk], [B, H, D]
+        v, v_scale = quantize_fp8_values(v)  # [B, H, D, Lk], [B, H, D]
         v_strides = (v.stride(0), v.stride(3), v.stride(1), v.stride(2))  # as [B, Lk, H, D]
     else:
         v = v if v.stride(-1) == 1 else v.contiguous()

@@ -28,6 +28,7 @@ CASES = {
     "attention_stream",
     "attention_stream_fp8_qk",
     "attention_stream_fp8",
+    "quantize_fp8_values",
     "attention_block_causal",
 }
 

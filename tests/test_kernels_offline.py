@@ -66,8 +66,12 @@ def test_every_kernel_builds_for_hopper_without_spills_within_shared_memory():
     assert all(0 < row["registers"] <= 255 for row in rows)
     # the attention runs on Hopper's tensor cores in every config, in bf16 and in FP8
     assert {row["tensor_cores"] for row in rows if row["kernel"] == "_attention_kernel"} == {"wgmma"}
-    # q and k quantized by one kernel, built once per case
+    # q and k quantized by one kernel, built once per case; v by another (`fp8`)
     assert sum(row["kernel"] == "_quantize_fp8_rows_kernel" for row in rows) == 4
+    assert [row["case"] for row in rows if row["kernel"] == "_quantize_fp8_values_kernel"] == [
+        "attention_stream_fp8",
+        "quantize_fp8_values",
+    ]
 
 
 @pytest.mark.slow

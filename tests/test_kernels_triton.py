@@ -191,6 +191,21 @@ def check_quantize_fp8_rows(ops, dtype, gelu, width):
     assert (q[1:].float().abs().amax(1) == reference.FP8_MAX).all()  # each row spans e4m3's range
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def check_quantize_fp8_values(ops, dtype):
+    """v [B, L, H, D] strided (a cache's view), to e4m3 per head and channel, transposed: the
+    reference's scales and values (the kernel rounds to e4m3 itself)."""
+    torch.manual_seed(9)
+    v = rand(2, 37, 4, 24, dtype=dtype, scale=3.0)[:, :, 1:]  # keys not a multiple of the block
+    v[0, 5, 1, 2] = 1e3  # an outlier takes only its own channel's precision
+    v[1, :, 2, :] = 0  # an all-zero head: zeros, not NaN
+    q, scale = ops.quantize_fp8_values(v)
+    q_ref, scale_ref = reference.quantize_fp8_values(v)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (2, 3, 24, 37) and q.is_contiguous()
+    torch.testing.assert_close(scale, scale_ref, rtol=0, atol=0)
+    assert reference.fp8_steps_apart(q, q_ref).max() == 0 and not q.float().isnan().any()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias, silu", [(False, False), (True, False), (False, True), (True, True)])
 def check_rmsnorm_channels(ops, dtype, with_bias, silu):
@@ -435,7 +450,9 @@ def check_a_stream_through_the_kernels_is_counted_as_through_the_references(ops,
 
 _FLOAT_ARGS = {"eps", "qk_scale", "scale"}
 _TYPED_POINTERS = {"frame_pos_ptr": "*i32", "q_block_ptr": "*i32", "k_block_ptr": "*i32", "fp8_ptr": "*fp8e4nv"}
-_FP32_POINTERS = {"angles_ptr", "inv_freq_ptr", "row_scale_ptr", "q_scale_ptr", "k_scale_ptr", "v_scale_ptr"}
+_FP32_POINTERS = {"angles_ptr", "inv_freq_ptr", "row_scale_ptr", "channel_scale_ptr"} | {
+    f"{t}_scale_ptr" for t in "qkv"
+}
 
 
 def _compile_for_hopper(kernel, dtype: str, constexprs: dict, **options):
@@ -483,6 +500,8 @@ def test_kernels_compile_for_hopper_in_fp32():
         for rows, block in ((1, 2048), (16, 128)):  # a linear layer's row; attention's heads
             meta = dict(GELU=gelu, ROWS=rows, BLOCK_K=block)
             _compile_for_hopper(ops._quantize_fp8_rows_kernel, dtype, meta, num_warps=4)
+    meta = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_L=64)
+    _compile_for_hopper(ops._quantize_fp8_values_kernel, dtype, meta, num_warps=4)
     for with_bias, silu in ((False, False), (True, False), (False, True)):
         meta = dict(HAS_BIAS=with_bias, SILU=silu, BLOCK_C=32, BLOCK_P=64)
         _compile_for_hopper(ops._rmsnorm_channels_kernel, dtype, meta, num_warps=4)
