@@ -521,8 +521,11 @@ else:
 def _attend_key_block(
     q, k_base, v_base, k_scales, cols, col_ok, dims, dim_ok, allowed, stride_kl, stride_vl, stride_vd,
     q_factor, m_i, l_i, acc, DOT_FP32: tl.constexpr, FP8_QK: tl.constexpr, FP8_PV: tl.constexpr,
+    MASKED: tl.constexpr,
 ):  # fmt: skip
-    """One online-softmax step: fold the key block `cols` into (running max, sum, acc)."""
+    """One online-softmax step: fold the key block `cols` into (running max, sum, acc). Without
+    MASKED every key of the block is allowed (a full block of the unmasked loop): the scores
+    skip the select, one operation per score less beside the exp2."""
     k = tl.load(
         k_base + cols[None, :] * stride_kl + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None], other=0.0
     )  # [BLOCK_D, BLOCK_N]
@@ -537,7 +540,9 @@ def _attend_key_block(
         scores = tl.dot(q, k)
     if FP8_QK:  # each key's scale, then the query's with the softmax's
         scores = scores * tl.load(k_scales, mask=col_ok, other=0.0)[None, :]
-    scores = tl.where(allowed, scores * q_factor, float("-inf"))
+    scores = scores * q_factor
+    if MASKED:
+        scores = tl.where(allowed, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     p = tl.exp2(scores - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
@@ -618,22 +623,36 @@ def _attention_kernel(
         q_block = tl.load(q_block_ptr + rows // S, mask=row_ok, other=-(2**30))
         q_block_max = tl.max(q_block, axis=0)
 
-    for start_n in range(0, Lk, BLOCK_N):
-        cols = start_n + cols0
-        col_ok = cols < Lk
-        if BLOCK_CAUSAL:
+    if BLOCK_CAUSAL:
+        for start_n in range(0, Lk, BLOCK_N):
+            cols = start_n + cols0
+            col_ok = cols < Lk
             k_block = tl.load(k_block_ptr + cols // S, mask=col_ok, other=2**30)
             if tl.min(k_block, axis=0) <= q_block_max:  # else no query of this tile sees the block
                 allowed = (k_block[None, :] <= q_block[:, None]) & col_ok[None, :]
                 m_i, l_i, acc = _attend_key_block(
                     q, k_base, v_base, k_scale_base + cols * H, cols, col_ok, dims, dim_ok, allowed,
                     stride_kl, stride_vl, stride_vd, q_factor, m_i, l_i, acc, DOT_FP32, FP8_QK, FP8_PV,
+                    True,
                 )  # fmt: skip
-        else:
-            # no branch in the unmasked loop, so the compiler can pipeline the loads
+    else:
+        # full key blocks with no branch and no select, so the compiler can pipeline the loads;
+        # then the partial block at the end, if any, masked
+        full_end = Lk - Lk % BLOCK_N
+        for start_n in range(0, full_end, BLOCK_N):
+            cols = start_n + cols0
+            m_i, l_i, acc = _attend_key_block(
+                q, k_base, v_base, k_scale_base + cols * H, cols, cols < Lk, dims, dim_ok, None,
+                stride_kl, stride_vl, stride_vd, q_factor, m_i, l_i, acc, DOT_FP32, FP8_QK, FP8_PV,
+                False,
+            )  # fmt: skip
+        if full_end < Lk:
+            cols = full_end + cols0
+            col_ok = cols < Lk
             m_i, l_i, acc = _attend_key_block(
                 q, k_base, v_base, k_scale_base + cols * H, cols, col_ok, dims, dim_ok, col_ok[None, :],
                 stride_kl, stride_vl, stride_vd, q_factor, m_i, l_i, acc, DOT_FP32, FP8_QK, FP8_PV,
+                True,
             )  # fmt: skip
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
