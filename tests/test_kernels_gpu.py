@@ -192,20 +192,26 @@ def test_triton_attention_reads_strided_cache(ops):
     close(ops.attention(q, k, v), reference.attention(q, k.contiguous(), v.contiguous()), torch.bfloat16)
 
 
+def _chunk_against_cache(s: int, masked: bool):
+    """A 3-frame chunk of `s` tokens a frame against 7 frames in bf16 (sink, window, a future slot,
+    the chunk), the frames' block ids where `masked`, and the exact attention in fp32."""
+    q_block = torch.tensor([2, 2, 2], device="cuda")
+    k_block = torch.tensor([0, 1, 1, 3, 2, 2, 2], device="cuda")
+    q, k, v = _qkv(3 * s, 7 * s, torch.bfloat16)
+    mask = None
+    if masked:
+        mask = (k_block[None, :] <= q_block[:, None]).repeat_interleave(s, 0).repeat_interleave(s, 1)
+    exact = reference.attention_reference_math(q.float(), k.float(), v.float(), mask)
+    return (q, k, v), (q_block, k_block) if masked else None, exact
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_all_available_backends_agree(masked):
     torch.manual_seed(5)
     names = attention_backends.available_backends("cuda")
     assert {"sdpa", "flex", "triton"} <= set(names), names
     s = TOKENS
-    q_block = torch.tensor([2, 2, 2], device="cuda")
-    k_block = torch.tensor([0, 1, 1, 3, 2, 2, 2], device="cuda")  # sink, window, a future slot, the chunk
-    q, k, v = _qkv(3 * s, 7 * s, torch.bfloat16)
-    frames = (q_block, k_block) if masked else None
-    mask = None
-    if masked:
-        mask = (k_block[None, :] <= q_block[:, None]).repeat_interleave(s, 0).repeat_interleave(s, 1)
-    expected = reference.attention_reference_math(q.float(), k.float(), v.float(), mask)
+    (q, k, v), frames, expected = _chunk_against_cache(s, masked)
     for name in names:
         if name.startswith("fp8"):  # e4m3's precision: test_fp8_attention_at_the_dits_shapes
             continue
@@ -223,22 +229,17 @@ def test_fp8_attention_at_the_dits_shapes(ops, masked):
     another order, and P rounded against the running max), and both as near the exact attention."""
     torch.manual_seed(6)
     s = 390  # a quarter frame keeps the CPU's emulation small; not a multiple of any block
-    q_block = torch.tensor([2, 2, 2], device="cuda")
-    k_block = torch.tensor([0, 1, 1, 3, 2, 2, 2], device="cuda")
-    q, k, v = _qkv(3 * s, 7 * s, torch.bfloat16)
-    frames = (q_block, k_block) if masked else None
-    mask = None
-    if masked:
-        mask = (k_block[None, :] <= q_block[:, None]).repeat_interleave(s, 0).repeat_interleave(s, 1)
-    exact = reference.attention_reference_math(q.float(), k.float(), v.float(), mask)
+    (q, k, v), frames, exact = _chunk_against_cache(s, masked)
     for backend, pv in (("fp8_qk", False), ("fp8", True)):
         out = kernels.attention(q, k, v, frames, s, backend=backend)
         cpu_frames = None if frames is None else tuple(t.cpu() for t in frames)
         emulated = reference.fp8_attention(q.cpu(), k.cpu(), v.cpu(), cpu_frames, s, pv=pv).cuda()
         assert out.dtype == torch.bfloat16 and out.shape == q.shape
         error, emulated_error = ((t.float() - exact).norm() / exact.norm() for t in (out, emulated))
-        assert error < 0.06 and error < 1.5 * emulated_error + 0.005, (backend, error, emulated_error)
-        assert (out.float() - emulated.float()).norm() / exact.norm() < 0.03, backend
+        # under the interpreter, at these shapes with 2 heads: errors 0.038 (fp8_qk) and 0.053 (fp8),
+        # the kernel 0.004 and 0.025 from the emulation (P's rounding against the running max)
+        assert error < 0.08 and error < 1.5 * emulated_error + 0.005, (backend, error, emulated_error)
+        assert (out.float() - emulated.float()).norm() / exact.norm() < 0.04, backend
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
