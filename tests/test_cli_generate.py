@@ -216,7 +216,8 @@ def test_generate_with_another_attention_backend(tmp_path, monkeypatch, capsys):
         == 2
     )
     assert capsys.readouterr().err.strip().splitlines() == [
-        "streamgen generate: error: unknown attention backend 'xformers'; choose one of sdpa, flex, triton, flash, cudnn"
+        "streamgen generate: error: unknown attention backend 'xformers'; "
+        "choose one of sdpa, flex, triton, flash, cudnn, fp8_qk, fp8"
     ]
 
 
