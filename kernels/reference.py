@@ -250,8 +250,8 @@ def fp8_matmul(q, scale, weight_q, weight_scale, bias, out_dtype) -> torch.Tenso
 
 
 # ---------------------------------------------------------------------------
-# FP8 attention (inference): both matrix products of attention in e4m3, at
-# twice Hopper's bf16 rate. Each scale sits on an axis the product does not sum
+# FP8 attention (inference): QK^T in e4m3, and PV too with `pv`, at twice
+# Hopper's bf16 rate. Each scale sits on an axis the product does not sum
 # over, so it comes out of the sum exactly: q and k get one per token and head
 # (the rows of QK^T), v one per head and channel (the columns of PV). The
 # probabilities P (at most 1 after the running max) are multiplied by 2^8 before
@@ -279,7 +279,9 @@ def quantize_fp8_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return v8.permute(0, 2, 3, 1).contiguous(), scale
 
 
-def fp8_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv: bool = True) -> torch.Tensor:
+def fp8_attention(
+    q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv: bool = True
+) -> torch.Tensor:
     """`attention` with QK^T made of e4m3 values, and PV too where `pv` (scales above; else P and
     v in fp32), the softmax in fp32; out in q's dtype. What the Triton kernel computes, up to its
     online softmax: it rounds P against the running max of the key blocks seen so far, this
@@ -301,6 +303,7 @@ def fp8_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv
     else:
         out = torch.einsum("bhqk,bkhd->bhqd", p, v.float())
     return (out / total).transpose(1, 2).to(q.dtype)
+
 
 # ---------------------------------------------------------------------------
 # Attention
