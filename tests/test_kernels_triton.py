@@ -437,7 +437,8 @@ def check_a_stream_through_the_kernels_is_counted_as_through_the_references(ops,
     def work(through_kernels: bool):
         monkeypatch.setattr(kernels, "_TRITON_ON_CPU", through_kernels)
         session = StreamSession(model, steps=4, dtype=torch.float32)
-        return floor.chunk_work(session, lambda: gpu.start_stream(session, context, 10.0), 4)
+        # a one-chunk clip (the default, 81 frames, is 7 chunks): the start, one chunk, the steady one
+        return floor.chunk_work(session, lambda: gpu.start_stream(session, context, 10.0), 4, clip_frames=9)
 
     through_kernels = work(True)
     assert set(calls) == set(USED_BY_THE_MODEL) - {"attention"}, calls  # attention: SDPA, as in `stages`
