@@ -114,7 +114,7 @@ def plot(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for name, v in result["variants"].items():
         if "mean_levels_by_chunk" in v:
             ax.plot(range(1, len(v["mean_levels_by_chunk"]) + 1), v["mean_levels_by_chunk"], "o-", label=name)
@@ -122,7 +122,7 @@ def plot(result: dict, path) -> None:
     ax.set_ylabel("mean |difference| to float32, levels of 255")
     ax.set_title(f"{result['model']}: the DiT's precision along a stream")
     ax.set_ylim(bottom=0)
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, not on them
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
