@@ -305,16 +305,22 @@ def fastest_attention(variants: dict) -> str:
     return max(timed, key=timed.get) if timed else "sdpa"
 
 
-def with_attention(model, backend, fn):
-    """fn() with every attention of the DiT on `backend`, restored afterwards."""
-    saved = [(attn, attn.backend) for attn in attention_modules(model.dit)]
-    for attn, _ in saved:
-        attn.backend = backend
-    try:
-        return fn()
-    finally:
-        for attn, previous in saved:
-            attn.backend = previous
+def on_attention(model, backend, measurement):
+    """A variant: `measurement(prepare)` with every attention of the DiT on `backend()` (asked when
+    the variant runs, so it may depend on what ran before), restored afterwards."""
+
+    def fn(prepare):
+        name = backend()
+        saved = [(attn, attn.backend) for attn in attention_modules(model.dit)]
+        for attn, _ in saved:
+            attn.backend = name
+        try:
+            return {**measurement(prepare), "attention": name}
+        finally:
+            for attn, previous in saved:
+                attn.backend = previous
+
+    return fn
 
 
 def compiled_blocks(model, measure, backend: str = "inductor"):
@@ -438,10 +444,7 @@ def run(
         if fp8:  # the block linears in FP8 (streamgen.model.float8); attention in FP8 (kernels)
             extras["sdpa+fused_kernels, fp8 linears"] = with_fp8_linears
             for backend in ("fp8_qk", "fp8"):
-                extras[ATTENTION_VARIANTS[backend]] = lambda prepare, backend=backend: {
-                    **with_attention(model, backend, lambda: measure(prepare)),
-                    "attention": backend,
-                }
+                extras[ATTENTION_VARIANTS[backend]] = on_attention(model, lambda b=backend: b, measure)
         # the decoder's ways, then the stream with the fastest of them
         fast_ways = [name for name in DECODER_WAYS if name not in SLOW_DECODER_WAYS]
         extras["decoder"] = lambda _prepare: decoder_variants(model, device, dtype, fast_ways)
@@ -478,18 +481,9 @@ def run(
         # beside the re-encode
         levers = with_fp8_linears if fp8 else measure
         levers = beside_reencode(levers) if dev.type == "cuda" else levers
-
-        def with_fastest_attention(measurement):
-            def fn(prepare):
-                backend = fastest_attention(result["variants"])
-                return {**with_attention(model, backend, lambda: measurement(prepare)), "attention": backend}
-
-            return fn
-
+        fastest = on_attention(model, lambda: fastest_attention(result["variants"]), levers)
         # (without a timed decoder way, the others: a short run may leave `decoder` out)
-        extras["sdpa+fused_kernels, every lever"] = with_fastest_decoder(
-            with_fastest_attention(levers), required=False
-        )
+        extras["sdpa+fused_kernels, every lever"] = with_fastest_decoder(fastest, required=False)
         if compile_blocks:  # the decoder under Inductor: a minute of compiling
             extras["decoder_compiled"] = lambda _prepare: decoder_variants(
                 model, device, dtype, SLOW_DECODER_WAYS

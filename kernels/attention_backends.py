@@ -54,7 +54,7 @@ def available_backends(device) -> list[str]:
             names.append("flash")
         if _cudnn_attention_supported(device):
             names.append("cudnn")
-        if _triton_ops() is not None and torch.cuda.get_device_capability(device) >= (8, 9):
+        if _triton_ops() is not None and _has_fp8_tensor_cores(device):
             names += ["fp8_qk", "fp8"]  # on CPUs they are emulations, for accuracy only
     return names
 
@@ -228,6 +228,11 @@ def cudnn_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
 
 
 @functools.cache
+def _has_fp8_tensor_cores(device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@functools.cache
 def _warn_no_fp8_attention(why: str) -> None:
     warnings.warn(f"fp8 attention: {why}; SDPA serves instead", stacklevel=3)
 
@@ -239,7 +244,7 @@ def fp8_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv
     if q.is_cuda:
         if ops is None:
             _warn_no_fp8_attention("Triton is not available")
-        elif torch.cuda.get_device_capability(q.device) < (8, 9):
+        elif not _has_fp8_tensor_cores(q.device):
             _warn_no_fp8_attention("FP8 tensor cores need sm_89 (Ada) or later")
         else:
             return ops.fp8_attention(q, k, v, block_mask_frames, tokens_per_frame, pv)

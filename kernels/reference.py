@@ -291,9 +291,7 @@ def fp8_attention(
     s = torch.einsum("bqhd,bkhd->bhqk", q8.float(), k8.float())
     s = s * (sq.transpose(1, 2)[..., :, None] * sk.transpose(1, 2)[..., None, :] / math.sqrt(q.shape[-1]))
     if block_mask_frames is not None:
-        qb, kb = block_mask_frames
-        allowed = (kb[None, :] <= qb[:, None]).repeat_interleave(tokens_per_frame, 0)
-        s = s.masked_fill(~allowed.repeat_interleave(tokens_per_frame, 1), float("-inf"))
+        s = s.masked_fill(~frame_mask(*block_mask_frames, tokens_per_frame), float("-inf"))
     p = (s - s.amax(-1, keepdim=True)).exp_()
     total = p.sum(-1, keepdim=True)  # [B, H, Lq, 1]
     if pv:
@@ -323,15 +321,17 @@ def attention(
     (block-causal over chunks, full attention inside a chunk). Lq may be
     smaller than Lk (a chunk of queries against sink + window + itself).
     """
-    mask = None
-    if block_mask_frames is not None:
-        qb, kb = block_mask_frames
-        allowed = kb[None, :] <= qb[:, None]  # [Fq, Fk]
-        mask = allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+    mask = None if block_mask_frames is None else frame_mask(*block_mask_frames, tokens_per_frame)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
     )
     return out.transpose(1, 2)
+
+
+def frame_mask(q_block: torch.Tensor, k_block: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """[Lq, Lk] booleans: a query may see a key whose frame's block id is <= its frame's."""
+    allowed = k_block[None, :] <= q_block[:, None]  # [Fq, Fk]
+    return allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
 def attention_reference_math(q, k, v, mask=None):

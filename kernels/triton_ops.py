@@ -703,9 +703,9 @@ def _launch_attention(q, k, v, v_strides, fp8_scales, block_mask_frames, tokens_
         q_block, k_block = (t.to(device=q.device, dtype=torch.int32).contiguous() for t in block_mask_frames)
         assert q_block.numel() * tokens_per_frame == lq and k_block.numel() * tokens_per_frame == lk
     else:
-        q_block = k_block = torch.zeros(1, device=q.device, dtype=torch.int32)
-    unused = torch.zeros(1, device=q.device, dtype=torch.float32)  # the scales' pointers without FP8
-    q_scale, k_scale, v_scale = (unused if t is None else t for t in (fp8_scales or (None,) * 3))
+        q_block = k_block = out  # unused pointers without the mask (nothing allocated per call)
+    # unused pointers without FP8 (v's scale: without FP8 products for PV)
+    q_scale, k_scale, v_scale = (out if t is None else t for t in (fp8_scales or (None,) * 3))
     dot_fp32 = INTERPRET or out_dtype == torch.float32
 
     def grid(meta):
@@ -718,6 +718,6 @@ def _launch_attention(q, k, v, v_strides, fp8_scales, block_mask_frames, tokens_
         heads, lq, lk, max(tokens_per_frame, 1), LOG2E / math.sqrt(head_dim),
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_CAUSAL=block_mask_frames is not None, DOT_FP32=dot_fp32,
-        FP8_QK=fp8_scales is not None, FP8_PV=v_scale is not unused,
+        FP8_QK=fp8_scales is not None, FP8_PV=v_scale is not out,
     )  # fmt: skip
     return out

@@ -159,6 +159,30 @@ def test_the_fastest_attention_is_the_highest_steady_rate_timed():
     assert gpu.fastest_attention(variants) == "fp8"
 
 
+def test_a_variant_on_an_attention_sets_every_attention_and_restores_it():
+    from types import SimpleNamespace
+
+    blocks = [
+        SimpleNamespace(
+            **{n: SimpleNamespace(backend="sdpa") for n in ("self_attn", "cross_attn")}, audio_attn=None
+        )
+    ]
+    model = SimpleNamespace(dit=SimpleNamespace(blocks=blocks))
+    seen = []
+
+    def measurement(prepare):
+        seen.append([a.backend for a in gpu.attention_modules(model.dit)])
+        if prepare == "fail":
+            raise RuntimeError("variant failed")
+        return {"fps": 1.0}
+
+    assert gpu.on_attention(model, lambda: "fp8", measurement)(None) == {"fps": 1.0, "attention": "fp8"}
+    with pytest.raises(RuntimeError):
+        gpu.on_attention(model, lambda: "fp8_qk", measurement)("fail")
+    assert seen == [["fp8", "fp8"], ["fp8_qk", "fp8_qk"]]
+    assert [a.backend for a in gpu.attention_modules(model.dit)] == ["sdpa", "sdpa"]  # restored each time
+
+
 def test_bench_gpu_sets_each_stage_against_its_floor():
     # every variant runs in test_gpu_check_runs_with_only_what_the_gpu_image_has; these are the
     # ones whose figures are checked here
