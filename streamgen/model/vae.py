@@ -35,6 +35,11 @@ class VideoAutoencoder(nn.Module):
     spatial_factor: int
     temporal_factor: int
 
+    @property
+    def first_latent_frames(self) -> int:
+        """Video frames in a stream's first latent frame (Wan's causal layout: 1; else all)."""
+        return self.temporal_factor
+
     def latent_hw(self, height: int, width: int) -> tuple[int, int]:
         f = self.spatial_factor
         if height % f or width % f:
@@ -68,8 +73,8 @@ class UpsampleConv2d(nn.Conv2d):
     Parameters are those of the plain Conv2d, so checkpoints load.
     """
 
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(in_channels, out_channels, 3, padding=1)
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)
         self._folded: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (weight, its version, folded)
 
     def phase_weights(self) -> torch.Tensor:
@@ -390,6 +395,8 @@ class WanVAE(VideoAutoencoder):
         from diffusers import AutoencoderKLWan
 
         return cls(AutoencoderKLWan.from_pretrained(path, **kwargs))
+
+    first_latent_frames = 1  # Wan's 1 + 4k: the first latent frame holds one video frame
 
     def _stats(self, z):
         shape = (1, -1, 1, 1, 1)
