@@ -392,6 +392,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the FP8 products' rate (default: twice the bf16 rate, Hopper's nominal ratio)",
     )
     p.add_argument(
+        "--tiny-decoder",
+        action="store_true",
+        help="Wan: count TAEHV's tiny decoder (streamgen/model/tiny_decoder.py) in place of the Wan VAE's",
+    )
+    p.add_argument(
         "--clip-frames",
         type=int,
         default=CLIP_FRAMES,
@@ -431,7 +436,13 @@ def main(args) -> dict:
         height, width = args.height or 480, args.width or 832
         model = build_model(args.model, height, width, device, dtype, False, attention, args.window)
         context = torch.zeros(1, args.text_tokens, model.cfg.text_dim, device=device, dtype=dtype)
+        if args.tiny_decoder:
+            from bench.wan_decoder import tiny_decoder_vae
+
+            model.vae = tiny_decoder_vae(model.vae)
     else:
+        if args.tiny_decoder:
+            raise UserError("--tiny-decoder decodes Wan's latents: it needs a Wan flavor as --model")
         dtype = torch.float32
         try:
             model = load_model(args.model, device=device, dtype=dtype, attn_backend=attention)
@@ -483,6 +494,7 @@ def main(args) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "fp8_linears": args.fp8,
         "attention": attention,
+        "decoder": "tiny" if args.tiny_decoder else "wan" if wan else "model's",
         "counted_on": device,
         **(
             stage_timing.timed_report(session, work, ceilings, args.time, target_fps, restart=start)

@@ -27,11 +27,14 @@ first chunk), each against the floor its counted work sets under those ceilings
 (bench/floor.py; every variant also gets `of_floor` and `of_clip_floor`, its rate
 over the floor's); the DiT's block linears in FP8 (`streamgen.model.float8`, on
 sm_89+, on a copy of the DiT); attention with QK^T in FP8 (`fp8_qk`), then with
-PV too (`fp8`: our Triton kernel, `kernels.attention`); the Wan decoder each way it can run (`decoder`,
-bench/wan_decoder.py), then the stream with the fastest of them; on CUDA the
+PV too (`fp8`: our Triton kernel, `kernels.attention`); the stream decoding with TAEHV's tiny
+decoder (streamgen/model/tiny_decoder.py; random weights: its speed, not its frames); the Wan decoder each way it can run (`decoder`,
+bench/wan_decoder.py; and TAEHV's tiny decoder of the same latents beside them), then the
+stream with the fastest of them; on CUDA the
 stream decoding on a second CUDA stream beside the re-encode
 (`StreamSession.decode_beside_reencode`); every lever at once (FP8 linears, the
-fastest attention and decoder way, the decode beside the re-encode); the Wan decoder under Inductor
+fastest attention and decoder way, the decode beside the re-encode), then the same with the tiny
+decoder; the Wan decoder under Inductor
 (`decoder_compiled`); then what earlier runs measured: 2 steps (reported, never
 the headline), the decoder one latent frame per call (diffusers' way), our
 Triton attention kernel, the PyTorch references (same model code, `kernels`
@@ -65,8 +68,10 @@ from bench.gpu_plot import plot
 from bench.wan_decoder import (
     DECODER_WAYS,
     SLOW_DECODER_WAYS,
+    TINY_DECODER,
     decoder_variants,
     fastest_decoder_way,
+    tiny_decoder_vae,
     with_attributes,
 )
 from streamgen.model.config import get_config
@@ -445,8 +450,16 @@ def run(
             extras["sdpa+fused_kernels, fp8 linears"] = with_fp8_linears
             for backend in ("fp8_qk", "fp8"):
                 extras[ATTENTION_VARIANTS[backend]] = on_attention(model, lambda b=backend: b, measure)
-        # the decoder's ways, then the stream with the fastest of them
-        fast_ways = [name for name in DECODER_WAYS if name not in SLOW_DECODER_WAYS]
+        # TAEHV's tiny decoder in place of the Wan decoder (streamgen/model/tiny_decoder.py; random
+        # weights, so its frames say nothing: only its speed). A third of a steady chunk was decoding.
+        tiny_vae = tiny_decoder_vae(model.vae)
+
+        def with_tiny_decoder(measurement):
+            return lambda prepare: with_attributes(model, {"vae": tiny_vae}, lambda: measurement(prepare))
+
+        extras["sdpa+fused_kernels, tiny decoder"] = with_tiny_decoder(measure)
+        # the decoder's ways (and the tiny decoder beside them), then the stream with the fastest way
+        fast_ways = [name for name in DECODER_WAYS if name not in SLOW_DECODER_WAYS] + [TINY_DECODER]
         extras["decoder"] = lambda _prepare: decoder_variants(model, device, dtype, fast_ways)
 
         def with_fastest_decoder(measurement, required=True):
@@ -484,6 +497,8 @@ def run(
         fastest = on_attention(model, lambda: fastest_attention(result["variants"]), levers)
         # (without a timed decoder way, the others: a short run may leave `decoder` out)
         extras["sdpa+fused_kernels, every lever"] = with_fastest_decoder(fastest, required=False)
+        # and with the tiny decoder in place of the fastest way
+        extras["sdpa+fused_kernels, every lever, tiny decoder"] = with_tiny_decoder(fastest)
         if compile_blocks:  # the decoder under Inductor: a minute of compiling
             extras["decoder_compiled"] = lambda _prepare: decoder_variants(
                 model, device, dtype, SLOW_DECODER_WAYS

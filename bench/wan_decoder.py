@@ -1,5 +1,6 @@
 """`streamgen bench wan-decoder --json`: the Wan VAE decoder (its real architecture, random
-weights) decoding a stream's chunks each way `WanVAE` can run it, on any device.
+weights) decoding a stream's chunks each way `WanVAE` can run it, on any device; and TAEHV's
+tiny decoder of the same latents (streamgen/model/tiny_decoder.py, random weights).
 
 `bench gpu` times these ways at 832x480 on the GPU inside its run (`decoder`, and the stream
 with the fastest of them); this runs them alone, at any size and dtype, e.g. on this CPU:
@@ -39,6 +40,24 @@ DECODER_WAYS = {  # WanVAE's switches; the first is diffusers' way, the referenc
 }
 # compiling takes longest: timed with the variants slowest to prepare (`decoder_compiled`)
 SLOW_DECODER_WAYS = ("chunk_per_call+compiled",)
+# not a way of the Wan decoder but another decoder of its latents (streamgen/model/tiny_decoder.py):
+# timed beside the ways, never picked as the fastest of them (its frames are not the Wan decoder's)
+TINY_DECODER = "tiny_decoder"
+
+
+def tiny_decoder_vae(vae, checkpoint=None):
+    """`vae` decoding through TAEHV's decoder: `checkpoint`'s weights (taew2_1.pth), else seeded
+    random ones of its shape for these latents, on the autoencoder's device and in its dtype."""
+    from streamgen.model.tiny_decoder import TinyDecoder, TinyDecoderConfig, TinyDecoderVAE
+
+    weight = next(vae.parameters())
+    if checkpoint is not None:
+        decoder = TinyDecoder.from_checkpoint(checkpoint)
+    else:
+        torch.manual_seed(0)
+        with torch.device(weight.device):
+            decoder = TinyDecoder(TinyDecoderConfig(latent_channels=vae.latent_channels))
+    return TinyDecoderVAE(vae, decoder.to(weight.device, weight.dtype).eval())
 
 
 def decoder_variants(model, device, dtype, names=None, chunks: int = 5) -> dict:
@@ -48,15 +67,16 @@ def decoder_variants(model, device, dtype, names=None, chunks: int = 5) -> dict:
     (`kernels.rmsnorm_channels`), with those and its convolutions padding inside, channels-last,
     all three, and under torch.compile. Per way: ms per chunk (median; the first two chunks, untimed, search
     or compile), `first_chunk_ms`, and how far its last chunk's frames are from diffusers' way's;
-    or the error that stopped it."""
-    vae, sync = model.vae, synchronize(device)
-    z = torch.randn(1, vae.latent_channels, 3 * (chunks + 2), model.height // vae.spatial_factor,
-                    model.width // vae.spatial_factor, device=device, dtype=dtype)  # fmt: skip
+    or the error that stopped it. `TINY_DECODER` among `names` times TAEHV's decoder (random
+    weights) on the same latents; its `max_abs_diff` is None."""
+    wan, sync = model.vae, synchronize(device)
+    z = torch.randn(1, wan.latent_channels, 3 * (chunks + 2), model.height // wan.spatial_factor,
+                    model.width // wan.spatial_factor, device=device, dtype=dtype)  # fmt: skip
     reference_way = next(iter(DECODER_WAYS))
     names = [reference_way] + [n for n in (names or DECODER_WAYS) if n != reference_way]
 
     @torch.no_grad()
-    def decode_chunks():
+    def decode_chunks(vae=wan):
         state, times = vae.init_state(1), []
         for i in range(chunks + 2):
             sync()
@@ -69,23 +89,34 @@ def decoder_variants(model, device, dtype, names=None, chunks: int = 5) -> dict:
     result, reference = {}, None
     for name in names:
         try:
-            frames, times = with_attributes(vae, DECODER_WAYS[name], decode_chunks)
+            if name == TINY_DECODER:
+                frames, times = decode_chunks(tiny_decoder_vae(wan))
+            else:
+                frames, times = with_attributes(wan, DECODER_WAYS[name], decode_chunks)
         except Exception as e:  # a new kernel's fault must not cost the other ways
             result[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
             continue
-        reference = frames if reference is None else reference
+        if name != TINY_DECODER:
+            reference = frames if reference is None else reference
         result[name] = {
             "ms_p50": round(float(np.median(times[2:])) * 1000, 2),
             "first_chunk_ms": round(times[0] * 1000, 1),
-            "max_abs_diff": float(f"{(frames.float() - reference.float()).abs().max().item():.3g}"),
+            "max_abs_diff": None
+            if name == TINY_DECODER
+            else float(f"{(frames.float() - reference.float()).abs().max().item():.3g}"),
         }
     return result
 
 
 def fastest_decoder_way(ways: dict, max_abs_diff: float = 0.1) -> str | None:
-    """The fastest of `decoder_variants`' ways whose frames stay within `max_abs_diff` of
-    diffusers' way (frames in [-1, 1]; bf16 kernels differ by a few hundredths), or None."""
-    timed = {n: w["ms_p50"] for n, w in ways.items() if "ms_p50" in w and w["max_abs_diff"] <= max_abs_diff}
+    """The fastest of `decoder_variants`' ways of the Wan decoder whose frames stay within
+    `max_abs_diff` of diffusers' way (frames in [-1, 1]; bf16 kernels differ by a few hundredths),
+    or None."""
+    timed = {
+        n: w["ms_p50"]
+        for n, w in ways.items()
+        if "ms_p50" in w and w["max_abs_diff"] is not None and w["max_abs_diff"] <= max_abs_diff
+    }
     return min(timed, key=timed.get) if timed else None
 
 
@@ -120,7 +151,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on CUDA, else fp32"
     )
     p.add_argument("--chunks", type=int, default=5, help="timed chunks of 3 latent frames (after 2 untimed)")
-    p.add_argument("--ways", nargs="*", choices=list(DECODER_WAYS), help="default: all but the compiled one")
+    p.add_argument(
+        "--ways",
+        nargs="*",
+        choices=[*DECODER_WAYS, TINY_DECODER],
+        help=f"default: all but the compiled one, and {TINY_DECODER} (TAEHV's decoder, random weights)",
+    )
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
 
 
@@ -139,7 +175,7 @@ def main(args) -> dict:
     except ValueError as e:
         raise UserError(str(e)) from None
     model = SimpleNamespace(vae=vae, height=args.height, width=args.width)
-    ways = args.ways or [name for name in DECODER_WAYS if name not in SLOW_DECODER_WAYS]
+    ways = args.ways or [*(name for name in DECODER_WAYS if name not in SLOW_DECODER_WAYS), TINY_DECODER]
     return {
         "device": str(device),
         "height": args.height,

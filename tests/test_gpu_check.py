@@ -146,6 +146,11 @@ def test_gpu_check_runs_with_only_what_the_gpu_image_has(tmp_path):
     assert every["attention"] == gpu.fastest_attention(result["variants"])
     fastest = result["variants"]["sdpa+fused_kernels, fastest decoder way"]["decoder_way"]
     assert every["decoder_way"] == fastest
+    # TAEHV's tiny decoder in place of the Wan decoder: alone, and with every other lever
+    assert result["variants"]["sdpa+fused_kernels, tiny decoder"]["first_chunk_frames"] == 9  # 1 + 4k
+    tiny_every = result["variants"]["sdpa+fused_kernels, every lever, tiny decoder"]
+    assert tiny_every["fps_steady"] > 0 and tiny_every["attention"] == every["attention"]
+    assert result["decoder"][gpu.TINY_DECODER]["ms_p50"] > 0
     assert "bench gpu: exit code 0" in (out / "bench-gpu.log").read_text()
     assert bench_json.with_suffix(".png").stat().st_size > 10_000  # fps per variant, chunk times
 
@@ -227,6 +232,8 @@ def test_bench_gpu_sets_each_stage_against_its_floor():
     assert result["best_variant"] != "sdpa+fused_kernels, 2 steps"
     # the Wan decoder each way it can run: the same frames (to float rounding), each timed
     decoder = result["decoder"]
+    tiny = decoder.pop(gpu.TINY_DECODER)  # TAEHV's decoder beside them: timed, its frames another's
+    assert tiny["ms_p50"] > 0 and tiny["max_abs_diff"] is None
     assert list(decoder) == [n for n in gpu.DECODER_WAYS if n not in gpu.SLOW_DECODER_WAYS]
     assert all(way["ms_p50"] > 0 and way["max_abs_diff"] < 1e-4 for way in decoder.values())
     assert result["variants"]["sdpa+fused_kernels, decoder frame_per_call"]["fps_steady"] > 0
@@ -244,6 +251,7 @@ def test_the_fastest_decoder_way_is_one_that_gives_the_same_frames():
         "chunk_per_call": {"ms_p50": 7.0, "max_abs_diff": 0.03},
         "broken": {"ms_p50": 1.0, "max_abs_diff": 2.0},  # fast and wrong
         "failed": {"error": "RuntimeError: ..."},
+        gpu.TINY_DECODER: {"ms_p50": 0.5, "max_abs_diff": None},  # another decoder: never a way
     }
     assert gpu.fastest_decoder_way(ways) == "chunk_per_call"
     assert gpu.fastest_decoder_way({"failed": {"error": "x"}}) is None
@@ -253,11 +261,14 @@ def test_bench_wan_decoder_runs_the_real_decoder_each_way_on_this_cpu():
     # the Wan2.1 VAE's own architecture (random weights) at a tiny size: every way gives
     # diffusers' frames, each timed
     r = streamgen("bench", "wan-decoder", "--json", "--device", "cpu", "--height", "16", "--width", "16",
-                  "--chunks", "1", "--ways", "chunk_per_call+fused_norms+pad_in_conv+channels_last")  # fmt: skip
+                  "--chunks", "1", "--ways", "chunk_per_call+fused_norms+pad_in_conv+channels_last",
+                  "tiny_decoder")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout)
     assert (result["height"], result["width"], result["dtype"]) == (16, 16, "float32")
     ways = result["ways"]
+    tiny = ways.pop("tiny_decoder")
+    assert tiny["ms_p50"] > 0 and tiny["max_abs_diff"] is None
     assert list(ways) == ["frame_per_call", "chunk_per_call+fused_norms+pad_in_conv+channels_last"]
     assert all(way["ms_p50"] > 0 and way["max_abs_diff"] < 1e-4 for way in ways.values())
     bad = streamgen("bench", "wan-decoder", "--json", "--device", "cpu", "--height", "60", "--width", "96")
@@ -337,8 +348,11 @@ def test_bench_gpu_quick_on_cuda_runs_every_stream_variant():
         "sdpa+fused_kernels, fp8_qk attention",
         "sdpa+fused_kernels, fp8 attention",
         "sdpa+fused_kernels, every lever",
+        "sdpa+fused_kernels, tiny decoder",
+        "sdpa+fused_kernels, every lever, tiny decoder",
     }
-    assert all(way["max_abs_diff"] < 0.05 for way in result["decoder"].values()), result["decoder"]  # bf16
+    ways = {k: v for k, v in result["decoder"].items() if k != gpu.TINY_DECODER}
+    assert all(way["max_abs_diff"] < 0.05 for way in ways.values()), result["decoder"]  # bf16
     assert all(v["fps"] > 0 for v in result["variants"].values())
     assert "error" not in result["stages"], result["stages"]
     assert "profile_error" not in result["stages"], result["stages"]["profile_error"]
