@@ -1,8 +1,8 @@
 """Sequence parallelism and parallel VAE decoding (tiled TinyCausalVAE, banded
 AutoencoderKLWan) on gloo CPU processes equal the single-process model.
 
-The parent computes the single-process outputs of a tiny DiT in all three
-attention modes (bidirectional, block-causal, cached over several chunks that
+The parent computes the single-process outputs of a tiny DiT (its attention
+in SDPA, and in FP8 for Ulysses) in all three attention modes (bidirectional, block-causal, cached over several chunks that
 wrap the ring) and of a tiny VAE decode (whole clip and chunk by chunk), and
 saves them with the weights and inputs; 2 or 4 spawned processes run the same
 calls in parallel (Ulysses, Ring, hybrid; tiled decode) and report their
@@ -30,12 +30,16 @@ HW = (4, 8)  # latent 4x8 -> 2x4 patches = 8 tokens per frame, divisible by 4 pr
 CHUNKS = 4  # window 6 frames = 3 chunks of 2: the 4th chunk overwrites the oldest ring slots
 TOL = 1e-5
 SP_MODES = ("ulysses", "ring", "hybrid")
+# attention in FP8 (kernels' fp8 backend; on a CPU its numerics, emulated): Ulysses serves it, each
+# process attending over whole heads, so every per-token and per-channel scale is the single
+# process's. Ring does not (its processes hold a part of the keys: docs/parallel.md).
+FP8_SP_MODES = ("ulysses",)
 VAE_WIDTHS = (8, 16, 16, 24)
 VAE_CHUNK = 2
 
 
-def tiny_config():
-    return get_config("debug", num_heads=4, dim=64)
+def tiny_config(**overrides):
+    return get_config("debug", num_heads=4, dim=64, **overrides)
 
 
 def free_port() -> int:
@@ -156,8 +160,8 @@ def _worker(rank, world, port, case_path, result_dir):
 
         case = torch.load(case_path)
         errors = {}
-        for sp in SP_MODES:
-            model = DiT(tiny_config()).eval()
+        for sp, attention in [(sp, "sdpa") for sp in SP_MODES] + [(sp, "fp8") for sp in FP8_SP_MODES]:
+            model = DiT(tiny_config(attn_backend=attention)).eval()
             model.load_state_dict(case["state"])
             if sp == "hybrid":
                 target = sequence_parallel_mesh(ulysses_degree=2, ring_degree=world // 2)
@@ -177,9 +181,10 @@ def _worker(rank, world, port, case_path, result_dir):
                 cfg.num_heads // groups.ulysses_degree,
                 cfg.head_dim,
             )
-            errors[f"{sp}/cache_shape_ok"] = 0.0 if tuple(k.shape) == expected else float("inf")
-            for name, ref in case["reference"].items():
-                errors[f"{sp}/{name}"] = (got[name] - ref).abs().max().item()
+            name = sp if attention == "sdpa" else f"{sp}+{attention}"
+            errors[f"{name}/cache_shape_ok"] = 0.0 if tuple(k.shape) == expected else float("inf")
+            for output, ref in case["reference" if attention == "sdpa" else f"reference_{attention}"].items():
+                errors[f"{name}/{output}"] = (got[output] - ref).abs().max().item()
         result = {"dit": errors, "vae": tiled_decode_errors(case), "wan_vae": wan_band_decode_errors(case)}
         with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
@@ -195,6 +200,12 @@ def run_parallel(tmp_path, world) -> list[dict]:
     reference = run_all_modes(model, inputs)
     # the cached chunks really differ (the test compares something that moves)
     assert (reference["cached_chunk0"] - reference["cached_chunk3"]).abs().max() > 1e-2
+    fp8 = DiT(tiny_config(attn_backend="fp8")).eval()
+    fp8.load_state_dict(model.state_dict())
+    reference_fp8 = run_all_modes(fp8, inputs)
+    # e4m3 attention moves the outputs far more than the tolerance: the FP8 processes cannot pass
+    # by running SDPA
+    assert max((reference_fp8[k] - reference[k]).abs().max() for k in reference) > 100 * TOL
     vae = make_vae()
     latents = torch.randn(2, 4, 3, 8, 6, generator=torch.Generator().manual_seed(2))  # 8 rows: 4 or 2 each
     decoded, streamed = decode_all(vae, latents)
@@ -204,7 +215,12 @@ def run_parallel(tmp_path, world) -> list[dict]:
     assert (wan_decoded - wan_streamed).abs().max() <= TOL
     assert (wan_decoded.abs() < 0.99).float().mean() > 0.9  # not saturated by the clamp: a real comparison
     case_path = str(tmp_path / "case.pt")
-    case = {"state": model.state_dict(), "inputs": inputs, "reference": reference}
+    case = {
+        "state": model.state_dict(),
+        "inputs": inputs,
+        "reference": reference,
+        "reference_fp8": reference_fp8,
+    }
     case.update(vae_state=vae.state_dict(), latents=latents, decoded=decoded)
     case.update(wan_latents=wan_latents, wan_decoded=wan_decoded)
     torch.save(case, case_path)
@@ -214,7 +230,7 @@ def run_parallel(tmp_path, world) -> list[dict]:
         with open(tmp_path / f"rank{rank}.json") as f:
             results.append(json.load(f))
     for r in results:
-        assert len(r["dit"]) == len(SP_MODES) * (len(reference) + 1)
+        assert len(r["dit"]) == (len(SP_MODES) + len(FP8_SP_MODES)) * (len(reference) + 1)
     return results
 
 
