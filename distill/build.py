@@ -76,9 +76,18 @@ def new_dit(section, seed: int):
 
 
 def load_vae(section, latent_channels: int, temporal: int, seed: int):
-    from streamgen.model.vae import TinyCausalVAE
+    """`model.vae`: an autoencoder directory, a model directory (its autoencoder), or `wan:DIR`
+    (diffusers' AutoencoderKLWan folder); none: the `model.init` model's, else a seeded random
+    TinyCausalVAE. Frozen."""
+    from streamgen.model.vae import TinyCausalVAE, WanVAE
 
     source = section.vae
+    if source is not None and source.startswith("wan:"):
+        try:
+            vae = WanVAE.from_pretrained(source[4:])
+        except (OSError, ValueError) as e:
+            raise ModelSourceError(f"cannot load the Wan VAE {source[4:]}: {e}") from None
+        return vae.eval().requires_grad_(False)
     if source is None and section.init and not section.init.startswith("wan:"):
         d = _model_dir(section.init)
         if (d / "vae_config.json").exists():

@@ -1,7 +1,7 @@
 """`streamgen distill STAGE --config YAML [--resume]`: run one training stage.
 
 Stages, in pipeline order: autoencoder, latents, teacher, ode, self_forcing,
-chunk. `--config` takes a YAML path or a name from distill/configs
+chunk; and tiny_decoder (a fast decoder distilled from an autoencoder's). `--config` takes a YAML path or a name from distill/configs
 (`debug` -> configs/<stage>-debug.yaml, `tiny-avatar` -> configs/<stage>-tiny-avatar.yaml).
 Under torchrun every rank runs this same command (data parallel).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-STAGES = ("autoencoder", "latents", "teacher", "ode", "self_forcing", "chunk")
+STAGES = ("autoencoder", "latents", "teacher", "ode", "self_forcing", "chunk", "tiny_decoder")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STAGES = ("autoencoder", "latents", "teacher", "ode", "self_forcing", "chunk")
+STAGES = ("autoencoder", "latents", "teacher", "ode", "self_forcing", "chunk", "tiny_decoder")
 
 
 class ConfigError(ValueError):
@@ -158,6 +158,20 @@ class ChunkOptions(DmdOptions):
     max_chunks_back: int = 3  # the own rollout runs up to this many chunks before the trained one
 
 
+@dataclass
+class TinyDecoderOptions:
+    """TAEHV's decoder distilled from `model.vae`'s (distill/tiny_decoder.py)."""
+
+    widths: list = field(default_factory=lambda: [256, 128, 64, 64])  # TAEHV's (taew2_1)
+    blocks_per_stage: int = 3
+    init: str | None = None  # a TAEHV checkpoint (taew2_1.pth) or ours to start from
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    video_weight: float = 0.0  # the same distance to the training video, beside the teacher's frames
+    eval_split: str = "val"
+    eval_clips: int = 8
+
+
 STAGE_OPTIONS = {
     "autoencoder": AutoencoderOptions,
     "latents": LatentsOptions,
@@ -165,6 +179,7 @@ STAGE_OPTIONS = {
     "ode": OdeOptions,
     "self_forcing": SelfForcingOptions,
     "chunk": ChunkOptions,
+    "tiny_decoder": TinyDecoderOptions,
 }
 
 

@@ -1,6 +1,6 @@
 """The training loop shared by every stage.
 
-A stage (teacher, ode, self_forcing, chunk, autoencoder) is an object with
+A stage (teacher, ode, self_forcing, chunk, autoencoder, tiny_decoder) is an object with
   updaters      {name: Updater}: the trainable modules, each with its optimizer and EMA
   model_configs() -> {name: dict}: checked against a checkpoint on resume
   train_step(step) -> {scalar name: value}: one step (it calls updater.update(loss, step))
@@ -28,6 +28,7 @@ STAGE_MODULES = {
     "ode": "distill.ode",
     "self_forcing": "distill.self_forcing",
     "chunk": "distill.chunk",
+    "tiny_decoder": "distill.tiny_decoder",
 }
 
 

@@ -221,3 +221,36 @@ def test_a_stream_session_streams_through_it():
     second, _ = session.next_chunk()
     assert first.shape == (9, 64, 96, 3) and second.shape == (12, 64, 96, 3)  # 1 + 4 + 4, then 3 x 4
     assert first.std() > 0
+
+
+def test_generate_decodes_through_a_tiny_decoder_and_refuses_a_wrong_one(tmp_path):
+    import av
+    from cli_helpers import streamgen
+
+    from streamgen.cli import main
+
+    torch.manual_seed(0)
+    TinyDecoder(SMALL).save(tmp_path / "tiny.safetensors")  # the debug model's 4 latent channels
+    TinyDecoder(TinyDecoderConfig(widths=(8, 8, 8, 8), blocks_per_stage=1)).save(tmp_path / "wan.safetensors")
+    videos = {}
+    for name, extra in (("plain", []), ("tiny", ["--tiny-decoder", str(tmp_path / "tiny.safetensors")])):
+        out = tmp_path / f"{name}.mp4"
+        assert main(["generate", "--model", "debug", "--out", str(out), "--quiet", *extra]) == 0
+        with av.open(str(out)) as c:
+            videos[name] = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(videos["tiny"]) == len(videos["plain"]) >= 25
+    assert videos["tiny"][0].shape == (64, 64, 3)
+    assert any(abs(a.astype(int) - b).mean() > 5 for a, b in zip(videos["tiny"], videos["plain"]))
+    for checkpoint, extra, message in (
+        (tmp_path / "missing.pth", [], "no tiny decoder checkpoint"),
+        (
+            tmp_path / "wan.safetensors",
+            [],
+            "this tiny decoder does not fit the autoencoder's latents: latent channels 16 != 4",
+        ),
+        (tmp_path / "tiny.safetensors", ["--sp", "2"], "--tiny-decoder decodes in one process"),
+    ):
+        r = streamgen("generate", "--model", "debug", "--tiny-decoder", str(checkpoint), *extra,
+                      "--out", str(tmp_path / "x.mp4"), "--quiet")  # fmt: skip
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith(f"streamgen generate: error: {message}"), r.stderr

@@ -44,6 +44,12 @@ def add_arguments(p) -> None:
         help="the DiT's block linears in FP8 (streamgen.model.float8): for sm_89+ GPUs with --dtype bfloat16 "
         "(on CPUs it runs, slower than float32)",
     )
+    p.add_argument(
+        "--tiny-decoder",
+        metavar="CHECKPOINT",
+        help="decode with a tiny decoder (TAEHV's architecture, streamgen/model/tiny_decoder.py): one "
+        "`streamgen distill tiny_decoder` made for this model's autoencoder, or TAEHV's own for Wan latents",
+    )
     p.add_argument("--sp", type=int, default=1, help="sequence-parallel processes (restarts under torchrun)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -70,6 +76,8 @@ def run(args) -> int:
         use_precision(fp8=args.fp8)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if args.tiny_decoder and args.sp > 1:
+        raise UserError("--tiny-decoder decodes in one process: leave out --sp")
     if args.sp > 1:
         from streamgen.parallel.launch import relaunch_under_torchrun
 
@@ -83,7 +91,7 @@ def run(args) -> int:
 
     try:
         session = open_session(
-            args.model,
+            _with_tiny_decoder(args) if args.tiny_decoder else args.model,
             args.height,
             args.width,
             args.steps,
@@ -135,6 +143,19 @@ def run(args) -> int:
         f"{n_chunks * session.frames_per_chunk / elapsed:.1f} frames/s)"
     )
     return 0
+
+
+def _with_tiny_decoder(args):
+    """The model, its autoencoder decoding through the tiny decoder at `args.tiny_decoder`."""
+    import torch
+
+    from streamgen.model.tiny_decoder import TinyDecoder, TinyDecoderVAE
+    from streamgen.models import load_model
+
+    decoder = TinyDecoder.from_checkpoint(args.tiny_decoder).to(args.device).eval()  # a bad file first
+    model = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    model.vae = TinyDecoderVAE(model.vae, decoder)
+    return model
 
 
 def _leave_sequence_parallel(sp: int, finished: bool) -> None:

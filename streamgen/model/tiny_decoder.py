@@ -132,10 +132,13 @@ class TinyDecoder(nn.Module):
         # compute in; loading copies into them and keeps it
         self.to(memory_format=torch.channels_last)
 
-    def forward(self, latents: torch.Tensor, memory: list | None = None) -> tuple[torch.Tensor, list]:
+    def forward(
+        self, latents: torch.Tensor, memory: list | None = None, clamp: bool = True
+    ) -> tuple[torch.Tensor, list]:
         """Decode a chunk of latent frames after `memory` (the state a previous chunk returned;
         None: a stream's start). Returns the frames and the state for the next chunk: the last
-        frame each memory block saw. Chunk by chunk equals the whole clip at once."""
+        frame each memory block saw. Chunk by chunk equals the whole clip at once. Training
+        takes the frames unclamped (`clamp=False`), so that every pixel has a gradient."""
         n, t = latents.shape[:2]
         memory, new_memory = list(memory or []), []
         z = latents.flatten(0, 1).contiguous(memory_format=torch.channels_last)
@@ -145,7 +148,7 @@ class TinyDecoder(nn.Module):
         x = self.out(F.relu(x))
         if self.cfg.patch_size > 1:
             x = F.pixel_shuffle(x, self.cfg.patch_size)
-        return x.clamp(0, 1).unflatten(0, (n, -1)), new_memory
+        return (x.clamp(0, 1) if clamp else x).unflatten(0, (n, -1)), new_memory
 
     @classmethod
     def from_checkpoint(cls, path, **overrides) -> TinyDecoder:

@@ -1,0 +1,196 @@
+"""Stage `tiny_decoder`: distill an autoencoder's decoder into TAEHV's tiny decoder.
+
+The teacher is a frozen autoencoder (`model.vae`: a TinyCausalVAE directory, a model directory,
+or `wan:DIR` for the Wan2.1 VAE). Each step encodes crops of training video with it, decodes
+them with the teacher, and trains a `TinyDecoder` (streamgen/model/tiny_decoder.py) to give the
+teacher's frames from the same latents: L1 + MSE against the teacher's frames, plus, weighted by
+`video_weight`, against the video itself. A crop starts a stream (the memory blocks see zeros
+before it), as the first chunk of a stream does; `tiny_decoder.init` may start from a published
+TAEHV checkpoint (fine-tuning `taew2_1.pth` on avatars).
+
+At export the directory gets `tiny_decoder.safetensors` (EMA weights; `TinyDecoder.from_checkpoint`
+and `--tiny-decoder` load it) and `tiny_decoder.json`: over `eval_clips` clips of `eval_split`,
+the PSNR of the student's frames against the teacher's and against the video, the teacher's own
+against the video, and both decoders' time per clip on this machine (the same run). Beside it,
+`tiny_decoder.png`: frames of the video, the teacher and the student.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from distill.autoencoder import VideoSource, video_to_input
+from distill.distributed import broadcast_module
+from distill.rng import generator
+from distill.trainer import Updater
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frames in [-1, 1]: the peak-to-peak range is 2."""
+    return float(10 * torch.log10(4 / (a.float() - b.float()).square().mean().clamp(min=1e-10)))
+
+
+class Stage:
+    def __init__(self, cfg, world):
+        from distill.build import load_vae
+        from streamgen.model.config import get_config
+        from streamgen.model.tiny_decoder import TinyDecoder, TinyDecoderConfig, TinyDecoderVAE
+
+        self.cfg, self.world, self.opts = cfg, world, cfg.options
+        mcfg = get_config(cfg.model.flavor, **cfg.model.overrides)
+        self.teacher = load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
+        self.teacher.to(world.device)
+        torch.manual_seed(cfg.run.seed)
+        if self.opts.init:
+            decoder = TinyDecoder.from_checkpoint(self.opts.init)
+        else:
+            space_stages = len(self.opts.widths) - 1
+            decoder = TinyDecoder(
+                TinyDecoderConfig(
+                    latent_channels=self.teacher.latent_channels,
+                    widths=tuple(self.opts.widths),
+                    blocks_per_stage=self.opts.blocks_per_stage,
+                    time_upscale=(False,) * (space_stages - 2) + (True, True),
+                    space_upscale=(True,) * space_stages,
+                )
+            )
+        # checks the decoder fits the teacher's latents, and how many first frames Wan's layout drops
+        self.trim_first = TinyDecoderVAE(self.teacher, decoder).trim_first
+        self.decoder = decoder.to(world.device).train()
+        broadcast_module(self.decoder, world)
+        tf = self.teacher.temporal_factor
+        if cfg.data.video_frames % tf:
+            raise ValueError(f"data.video_frames must be a multiple of {tf}")
+        # a crop of n latent frames: the first holds first_latent_frames video frames (Wan: 1)
+        self.crop = self.teacher.first_latent_frames + tf * (cfg.data.video_frames // tf - 1)
+        self.source = VideoSource(cfg)
+        self.updaters = {"decoder": Updater("decoder", self.decoder, cfg.optim, world)}
+
+    def model_configs(self) -> dict:
+        return {"decoder": dataclasses.asdict(self.decoder.cfg)}
+
+    def _batch(self, step: int) -> torch.Tensor:
+        d, w = self.cfg.data, self.world
+        per_rank = d.batch_size // w.size
+        crops = []
+        for i in range(w.rank * per_rank, (w.rank + 1) * per_rank):
+            g = generator(self.cfg.run.seed, step, i, "clip")
+            video = self.source.clip(int(torch.randint(self.source.num, (), generator=g)))
+            if len(video) < self.crop:
+                raise ValueError(f"clips of {len(video)} frames are shorter than a crop of {self.crop}")
+            start = int(torch.randint(len(video) - self.crop + 1, (), generator=g))
+            crops.append(video[start : start + self.crop])
+        return video_to_input(torch.stack(crops)).to(w.device)
+
+    def _student(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """A stream's frames from its start, in [-1, 1] (unclamped while training)."""
+        frames, _ = self.decoder(latents.transpose(1, 2), clamp=clamp)
+        return (frames[:, self.trim_first :] * 2 - 1).transpose(1, 2)
+
+    def train_step(self, step: int) -> dict:
+        if self.cfg.data.batch_size % self.world.size:
+            raise ValueError(f"data.batch_size is not divisible by {self.world.size} ranks")
+        video = self._batch(step)
+        with torch.no_grad():
+            latents = self.teacher.encode(video)
+            target = self.teacher.decode(latents)
+        frames = self._student(latents, clamp=False)
+        o = self.opts
+
+        def distance(err):
+            return o.l1_weight * err.abs().mean() + o.mse_weight * err.square().mean()
+
+        loss = distance(frames - target)
+        if o.video_weight:
+            loss = loss + o.video_weight * distance(frames - video)
+        out = self.updaters["decoder"].update(loss)
+        out["psnr_vs_teacher"] = psnr(frames.detach().clamp(-1, 1), target)
+        return out
+
+    @torch.no_grad()
+    def export(self, directory, name=None, compact=False):
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        student = self.updaters["decoder"].averaged_module().eval()
+        student.save(d / "tiny_decoder.safetensors")
+        saved, self.decoder = self.decoder, student
+        try:
+            report, sample = self.evaluate()
+        finally:
+            self.decoder = saved
+        (d / "tiny_decoder.json").write_text(json.dumps(report, indent=2))
+        _plot_sample(sample, d / "tiny_decoder.png")
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[dict, tuple]:
+        """Whole clips of `eval_split`, from their first frame (the frames a stream would show)."""
+        cfg = dataclasses.replace(
+            self.cfg, data=dataclasses.replace(self.cfg.data, split=self.opts.eval_split)
+        )
+        source = VideoSource(cfg)
+        tf, first = self.teacher.temporal_factor, self.teacher.first_latent_frames
+        sums = {"student_vs_teacher": 0.0, "student_vs_video": 0.0, "teacher_vs_video": 0.0}
+        seconds = {"teacher": 0.0, "student": 0.0}
+        clips = min(self.opts.eval_clips, source.num)
+        sample = None
+        for i in range(clips):
+            raw = source.clip(i)
+            usable = first + tf * ((len(raw) - first) // tf)
+            video = video_to_input(raw[None, :usable]).to(self.world.device)
+            latents = self.teacher.encode(video)
+            started = time.perf_counter()
+            teacher = self.teacher.decode(latents)
+            seconds["teacher"] += time.perf_counter() - started
+            started = time.perf_counter()
+            student = self._student(latents)
+            seconds["student"] += time.perf_counter() - started
+            sums["student_vs_teacher"] += psnr(student, teacher)
+            sums["student_vs_video"] += psnr(student, video)
+            sums["teacher_vs_video"] += psnr(teacher, video)
+            if sample is None:
+                sample = (video[0], teacher[0], student[0])
+        return {
+            "eval_split": self.opts.eval_split,
+            "clips": clips,
+            "frames_per_clip": int(video.shape[2]) if clips else 0,
+            **{f"psnr_db_{k}": round(v / max(clips, 1), 2) for k, v in sums.items()},
+            "decode_ms_per_clip": {k: round(v / max(clips, 1) * 1000, 1) for k, v in seconds.items()},
+            "decoder": dataclasses.asdict(self.decoder.cfg),
+            "parameters": {
+                "student": sum(p.numel() for p in self.decoder.parameters()),
+                "teacher": sum(p.numel() for p in self.teacher.parameters()),
+            },
+        }, sample
+
+
+def _plot_sample(sample, path: Path, frames: int = 6) -> None:
+    if sample is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = ("video", "teacher", "student")
+    count = sample[0].shape[1]
+    picks = sorted({round(i * (count - 1) / max(frames - 1, 1)) for i in range(frames)})
+    fig, axes = plt.subplots(3, len(picks), figsize=(1.6 * len(picks), 5.0), squeeze=False)
+    for r, clip in enumerate(sample):
+        for c, t in enumerate(picks):
+            image = ((clip[:, t].permute(1, 2, 0).float().cpu() + 1) / 2).clamp(0, 1).numpy()
+            ax = axes[r][c]
+            ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(rows[r])
+            if r == 0:
+                ax.set_title(f"frame {t}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,57 @@
+"""Stage `tiny_decoder`: TAEHV's decoder distilled from an autoencoder's, on the debug config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_distill_helpers import debug_config, final_tensors, max_difference, run
+
+from distill.autoencoder import VideoSource, video_to_input
+from distill.tiny_decoder import psnr
+from streamgen.model.tiny_decoder import TinyDecoder, TinyDecoderVAE
+
+
+def test_killed_and_resumed_equals_uninterrupted(tmp_path):
+    run(debug_config("tiny_decoder", tmp_path / "whole"))
+    run(debug_config("tiny_decoder", tmp_path / "split"), stop_after=3)
+    run(debug_config("tiny_decoder", tmp_path / "split"), resume=True)
+    assert max_difference(final_tensors(tmp_path / "whole"), final_tensors(tmp_path / "split")) <= 1e-6
+
+
+def test_it_learns_the_teachers_frames_and_exports_what_streams(tmp_path):
+    from distill.build import load_vae
+    from streamgen.model.config import get_config
+
+    cfg = debug_config("tiny_decoder", tmp_path / "run", **{"run.steps": 40, "run.checkpoint_every": 40})
+    steps = []
+    run(cfg)
+    for line in (tmp_path / "run" / "scalars.jsonl").read_text().splitlines():
+        steps.append(json.loads(line))
+    # the student comes closer to the teacher's frames than it started
+    assert steps[-1]["psnr_vs_teacher"] > steps[0]["psnr_vs_teacher"] + 3, (steps[0], steps[-1])
+
+    model = tmp_path / "run" / "model"
+    report = json.loads((model / "tiny_decoder.json").read_text())
+    assert (model / "tiny_decoder.png").stat().st_size > 5_000  # video, teacher, student
+    assert report["clips"] == 2 and report["frames_per_clip"] == 12
+    assert report["decode_ms_per_clip"]["student"] > 0
+    # the exported weights load as a decoder of the teacher's latents and give the reported frames
+    mcfg = get_config(cfg.model.flavor)
+    teacher = load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
+    vae = TinyDecoderVAE(teacher, TinyDecoder.from_checkpoint(model / "tiny_decoder.safetensors").eval())
+    source = VideoSource(cfg)
+    with torch.no_grad():
+        scores = []
+        for i in range(2):
+            latents = teacher.encode(video_to_input(source.clip(i)[None]))
+            scores.append(psnr(vae.decode(latents), teacher.decode(latents)))
+    assert sum(scores) / 2 == pytest.approx(report["psnr_db_student_vs_teacher"], abs=0.01)
+    assert report["psnr_db_student_vs_teacher"] > steps[0]["psnr_vs_teacher"]
+
+
+def test_a_decoder_that_does_not_fit_the_teachers_latents_is_refused(tmp_path):
+    cfg = debug_config("tiny_decoder", tmp_path / "run", **{"tiny_decoder.widths": [16, 8, 8]})  # /4, not /8
+    with pytest.raises(ValueError, match="spatial factor 4 != 8"):
+        run(cfg)
