@@ -22,6 +22,21 @@ def video_to_input(video_uint8: torch.Tensor) -> torch.Tensor:
     return video_uint8.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
 
 
+def video_crops(source, cfg, world, step: int, frames: int, stride: int) -> torch.Tensor:
+    """This rank's share of step `step`'s batch: a clip drawn per sample, cut to `frames` frames
+    from a start on a multiple of `stride`, as [B, 3, T, H, W] in [-1, 1]."""
+    per_rank = cfg.data.batch_size // world.size
+    crops = []
+    for i in range(world.rank * per_rank, (world.rank + 1) * per_rank):
+        g = generator(cfg.run.seed, step, i, "clip")
+        video = source.clip(int(torch.randint(source.num, (), generator=g)))
+        if len(video) < frames:
+            raise ValueError(f"clips of {len(video)} frames are shorter than a crop of {frames}")
+        start = stride * int(torch.randint((len(video) - frames) // stride + 1, (), generator=g))
+        crops.append(video[start : start + frames])
+    return video_to_input(torch.stack(crops)).to(world.device)
+
+
 class VideoSource:
     """Uniform access to training video: the avatar world's clips, or synthetic moving blobs."""
 
@@ -94,23 +109,13 @@ class Stage:
     def model_configs(self) -> dict:
         return {"vae": dict(self.vae.config)}
 
-    def _batch(self, step: int) -> torch.Tensor:
-        d, w = self.cfg.data, self.world
-        per_rank = d.batch_size // w.size
-        crops = []
-        for i in range(w.rank * per_rank, (w.rank + 1) * per_rank):
-            g = generator(self.cfg.run.seed, step, i, "clip")
-            video = self.source.clip(int(torch.randint(self.source.num, (), generator=g)))
-            # crops start on latent-frame boundaries, as the stream's chunks do
-            tf = self.vae.temporal_factor
-            start = tf * int(torch.randint((len(video) - d.video_frames) // tf + 1, (), generator=g))
-            crops.append(video[start : start + d.video_frames])
-        return video_to_input(torch.stack(crops)).to(w.device)
-
     def train_step(self, step: int) -> dict:
         if self.cfg.data.batch_size % self.world.size:
             raise ValueError(f"data.batch_size is not divisible by {self.world.size} ranks")
-        x = self._batch(step)
+        # crops start on latent-frame boundaries, as the stream's chunks do
+        x = video_crops(
+            self.source, self.cfg, self.world, step, self.cfg.data.video_frames, self.vae.temporal_factor
+        )
         o = self.opts
         z = self.vae.encode(x)
         recon, _ = self.vae.decode_stream(z, None)

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-from distill.autoencoder import VideoSource, video_to_input
+from distill.autoencoder import VideoSource, video_crops, video_to_input
 from distill.distributed import broadcast_module
-from distill.rng import generator
 from distill.trainer import Updater
 
 
@@ -74,19 +73,6 @@ class Stage:
     def model_configs(self) -> dict:
         return {"decoder": dataclasses.asdict(self.decoder.cfg)}
 
-    def _batch(self, step: int) -> torch.Tensor:
-        d, w = self.cfg.data, self.world
-        per_rank = d.batch_size // w.size
-        crops = []
-        for i in range(w.rank * per_rank, (w.rank + 1) * per_rank):
-            g = generator(self.cfg.run.seed, step, i, "clip")
-            video = self.source.clip(int(torch.randint(self.source.num, (), generator=g)))
-            if len(video) < self.crop:
-                raise ValueError(f"clips of {len(video)} frames are shorter than a crop of {self.crop}")
-            start = int(torch.randint(len(video) - self.crop + 1, (), generator=g))
-            crops.append(video[start : start + self.crop])
-        return video_to_input(torch.stack(crops)).to(w.device)
-
     def _student(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """A stream's frames from its start, in [-1, 1] (unclamped while training)."""
         frames, _ = self.decoder(latents.transpose(1, 2), clamp=clamp)
@@ -95,7 +81,7 @@ class Stage:
     def train_step(self, step: int) -> dict:
         if self.cfg.data.batch_size % self.world.size:
             raise ValueError(f"data.batch_size is not divisible by {self.world.size} ranks")
-        video = self._batch(step)
+        video = video_crops(self.source, self.cfg, self.world, step, self.crop, 1)
         with torch.no_grad():
             latents = self.teacher.encode(video)
             target = self.teacher.decode(latents)
