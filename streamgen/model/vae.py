@@ -108,7 +108,8 @@ class UpsampleConv2d(nn.Conv2d):
         o = self.out_channels
         bias = None if self.bias is None else self.bias.repeat(4)
         # output (p, q) of the 2x2 convolution over x padded by 1 reads x rows p-1, p and cols q-1, q
-        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), self.phase_weights(), bias)  # [N, 4*O, h+1, w+1]
+        # (the convolution pads: no padded copy of x)
+        y = F.conv2d(x, self.phase_weights(), bias, padding=1)  # [N, 4*O, h+1, w+1]
         y = y.contiguous(memory_format=torch.channels_last)
         # out[n, 2i+a, 2j+b, o] = y[n, i+a, j+b, (a, b, o)]: one strided view of y's NHWC storage
         sw = 4 * o
