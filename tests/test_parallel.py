@@ -1,8 +1,8 @@
 """Sequence parallelism and parallel VAE decoding (tiled TinyCausalVAE, banded
 AutoencoderKLWan) on gloo CPU processes equal the single-process model.
 
-The parent computes the single-process outputs of a tiny DiT (its attention
-in SDPA, and in FP8 for Ulysses) in all three attention modes (bidirectional, block-causal, cached over several chunks that
+The parent computes the single-process outputs of a tiny DiT (in its dtype, with
+attention in FP8, and with its block linears in FP8) in all three attention modes (bidirectional, block-causal, cached over several chunks that
 wrap the ring) and of a tiny VAE decode (whole clip and chunk by chunk), and
 saves them with the weights and inputs; 2 or 4 spawned processes run the same
 calls in parallel (Ulysses, Ring, hybrid; tiled decode) and report their
@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from streamgen.model import DiT, get_config
+from streamgen.model.float8 import float8_linears
 from streamgen.model.vae import TinyCausalVAE, WanVAE
 from streamgen.parallel.vae import decoder_receptive_radius
 from streamgen.sampling import encode_sink, generate_chunk, student_sigmas
@@ -30,10 +31,29 @@ HW = (4, 8)  # latent 4x8 -> 2x4 patches = 8 tokens per frame, divisible by 4 pr
 CHUNKS = 4  # window 6 frames = 3 chunks of 2: the 4th chunk overwrites the oldest ring slots
 TOL = 1e-5
 SP_MODES = ("ulysses", "ring", "hybrid")
-# attention in FP8 (kernels' fp8 backend; on a CPU its numerics, emulated): Ulysses serves it, each
-# process attending over whole heads, so every per-token and per-channel scale is the single
-# process's. Ring does not (its processes hold a part of the keys: docs/parallel.md).
-FP8_SP_MODES = ("ulysses",)
+# (mode, attention backend, FP8 block linears): each mode with SDPA; attention in FP8 (kernels'
+# fp8 backend; on a CPU its numerics, emulated) under Ulysses, whose processes attend over whole
+# heads, so every per-token and per-channel scale is the single process's (ring does not serve
+# it: docs/parallel.md); the block linears in FP8 (streamgen.model.float8) under Ulysses and
+# Ring, whose processes quantize their own tokens' rows, as the single process does
+SP_VARIANTS = [(sp, "sdpa", False) for sp in SP_MODES]
+SP_VARIANTS += [("ulysses", "fp8", False), ("ulysses", "sdpa", True), ("ring", "sdpa", True)]
+
+
+def variant_name(sp: str, attention: str, fp8_linears: bool) -> str:
+    return sp + (f"+{attention}" if attention != "sdpa" else "") + ("+fp8_linears" if fp8_linears else "")
+
+
+def reference_key(attention: str, fp8_linears: bool) -> str:
+    return variant_name("reference", attention, fp8_linears)
+
+
+def precision_model(state, attention: str, fp8_linears: bool) -> DiT:
+    model = DiT(tiny_config(attn_backend=attention)).eval()
+    model.load_state_dict(state)
+    return float8_linears(model) if fp8_linears else model
+
+
 VAE_WIDTHS = (8, 16, 16, 24)
 VAE_CHUNK = 2
 
@@ -160,9 +180,8 @@ def _worker(rank, world, port, case_path, result_dir):
 
         case = torch.load(case_path)
         errors = {}
-        for sp, attention in [(sp, "sdpa") for sp in SP_MODES] + [(sp, "fp8") for sp in FP8_SP_MODES]:
-            model = DiT(tiny_config(attn_backend=attention)).eval()
-            model.load_state_dict(case["state"])
+        for sp, attention, fp8_linears in SP_VARIANTS:
+            model = precision_model(case["state"], attention, fp8_linears)
             if sp == "hybrid":
                 target = sequence_parallel_mesh(ulysses_degree=2, ring_degree=world // 2)
             else:
@@ -181,9 +200,9 @@ def _worker(rank, world, port, case_path, result_dir):
                 cfg.num_heads // groups.ulysses_degree,
                 cfg.head_dim,
             )
-            name = sp if attention == "sdpa" else f"{sp}+{attention}"
+            name = variant_name(sp, attention, fp8_linears)
             errors[f"{name}/cache_shape_ok"] = 0.0 if tuple(k.shape) == expected else float("inf")
-            for output, ref in case["reference" if attention == "sdpa" else f"reference_{attention}"].items():
+            for output, ref in case[reference_key(attention, fp8_linears)].items():
                 errors[f"{name}/{output}"] = (got[output] - ref).abs().max().item()
         result = {"dit": errors, "vae": tiled_decode_errors(case), "wan_vae": wan_band_decode_errors(case)}
         with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
@@ -200,12 +219,15 @@ def run_parallel(tmp_path, world) -> list[dict]:
     reference = run_all_modes(model, inputs)
     # the cached chunks really differ (the test compares something that moves)
     assert (reference["cached_chunk0"] - reference["cached_chunk3"]).abs().max() > 1e-2
-    fp8 = DiT(tiny_config(attn_backend="fp8")).eval()
-    fp8.load_state_dict(model.state_dict())
-    reference_fp8 = run_all_modes(fp8, inputs)
-    # e4m3 attention moves the outputs far more than the tolerance: the FP8 processes cannot pass
-    # by running SDPA
-    assert max((reference_fp8[k] - reference[k]).abs().max() for k in reference) > 100 * TOL
+    references = {reference_key("sdpa", False): reference}
+    for _, attention, fp8_linears in SP_VARIANTS:
+        key = reference_key(attention, fp8_linears)
+        if key not in references:
+            other = run_all_modes(precision_model(model.state_dict(), attention, fp8_linears), inputs)
+            # e4m3 moves the outputs far more than the tolerance: the FP8 processes cannot pass
+            # by running in the model's dtype
+            assert max((other[k] - reference[k]).abs().max() for k in reference) > 100 * TOL, key
+            references[key] = other
     vae = make_vae()
     latents = torch.randn(2, 4, 3, 8, 6, generator=torch.Generator().manual_seed(2))  # 8 rows: 4 or 2 each
     decoded, streamed = decode_all(vae, latents)
@@ -215,12 +237,7 @@ def run_parallel(tmp_path, world) -> list[dict]:
     assert (wan_decoded - wan_streamed).abs().max() <= TOL
     assert (wan_decoded.abs() < 0.99).float().mean() > 0.9  # not saturated by the clamp: a real comparison
     case_path = str(tmp_path / "case.pt")
-    case = {
-        "state": model.state_dict(),
-        "inputs": inputs,
-        "reference": reference,
-        "reference_fp8": reference_fp8,
-    }
+    case = {"state": model.state_dict(), "inputs": inputs, **references}
     case.update(vae_state=vae.state_dict(), latents=latents, decoded=decoded)
     case.update(wan_latents=wan_latents, wan_decoded=wan_decoded)
     torch.save(case, case_path)
@@ -230,7 +247,7 @@ def run_parallel(tmp_path, world) -> list[dict]:
         with open(tmp_path / f"rank{rank}.json") as f:
             results.append(json.load(f))
     for r in results:
-        assert len(r["dit"]) == (len(SP_MODES) + len(FP8_SP_MODES)) * (len(reference) + 1)
+        assert len(r["dit"]) == len(SP_VARIANTS) * (len(reference) + 1)
     return results
 
 
