@@ -28,13 +28,13 @@ first chunk), each against the floor its counted work sets under those ceilings
 over the floor's); the DiT's block linears in FP8 (`streamgen.model.float8`, on
 sm_89+, on a copy of the DiT); attention with QK^T in FP8 (`fp8_qk`), then with
 PV too (`fp8`: our Triton kernel, `kernels.attention`); the stream decoding with TAEHV's tiny
-decoder (streamgen/model/tiny_decoder.py; random weights: its speed, not its frames); the Wan decoder each way it can run (`decoder`,
+decoder (streamgen/model/tiny_decoder.py; random weights: its speed, not its frames), alone and
+with every other lever (FP8 linears, the fastest attention, the decode beside the re-encode); the Wan decoder each way it can run (`decoder`,
 bench/wan_decoder.py; and TAEHV's tiny decoder of the same latents beside them), then the
 stream with the fastest of them; on CUDA the
 stream decoding on a second CUDA stream beside the re-encode
 (`StreamSession.decode_beside_reencode`); every lever at once (FP8 linears, the
-fastest attention and decoder way, the decode beside the re-encode), then the same with the tiny
-decoder; the Wan decoder under Inductor
+fastest attention and decoder way, the decode beside the re-encode); the Wan decoder under Inductor
 (`decoder_compiled`); then what earlier runs measured: 2 steps (reported, never
 the headline), the decoder one latent frame per call (diffusers' way), our
 Triton attention kernel, the PyTorch references (same model code, `kernels`
@@ -450,6 +450,23 @@ def run(
             extras["sdpa+fused_kernels, fp8 linears"] = with_fp8_linears
             for backend in ("fp8_qk", "fp8"):
                 extras[ATTENTION_VARIANTS[backend]] = on_attention(model, lambda b=backend: b, measure)
+
+        def beside_reencode(measurement):  # the decode on a second CUDA stream beside the re-encode
+            def fn(prepare):
+                def both(session):
+                    if prepare is not None:
+                        prepare(session)
+                    session.decode_beside_reencode = True
+
+                return measurement(both)
+
+            return fn
+
+        # the levers beside the decoder: FP8 linears, the fastest attention timed, on CUDA the decode
+        # beside the re-encode
+        levers = with_fp8_linears if fp8 else measure
+        levers = beside_reencode(levers) if dev.type == "cuda" else levers
+        fastest = on_attention(model, lambda: fastest_attention(result["variants"]), levers)
         # TAEHV's tiny decoder in place of the Wan decoder (streamgen/model/tiny_decoder.py; random
         # weights, so its frames say nothing: only its speed). A third of a steady chunk was decoding.
         tiny_vae = tiny_decoder_vae(model.vae)
@@ -458,6 +475,8 @@ def run(
             return lambda prepare: with_attributes(model, {"vae": tiny_vae}, lambda: measurement(prepare))
 
         extras["sdpa+fused_kernels, tiny decoder"] = with_tiny_decoder(measure)
+        # and with the other levers (early: the likeliest to reach the target, a cut run keeps it)
+        extras["sdpa+fused_kernels, every lever, tiny decoder"] = with_tiny_decoder(fastest)
         # the decoder's ways (and the tiny decoder beside them), then the stream with the fastest way
         fast_ways = [name for name in DECODER_WAYS if name not in SLOW_DECODER_WAYS] + [TINY_DECODER]
         extras["decoder"] = lambda _prepare: decoder_variants(model, device, dtype, fast_ways)
@@ -476,29 +495,11 @@ def run(
             return fn
 
         extras["sdpa+fused_kernels, fastest decoder way"] = with_fastest_decoder(measure)
-
-        def beside_reencode(measurement):  # the decode on a second CUDA stream beside the re-encode
-            def fn(prepare):
-                def both(session):
-                    if prepare is not None:
-                        prepare(session)
-                    session.decode_beside_reencode = True
-
-                return measurement(both)
-
-            return fn
-
         if dev.type == "cuda":
             extras["sdpa+fused_kernels, decode beside re-encode"] = beside_reencode(measure)
-        # every lever at once: FP8 linears, the fastest attention and decoder way, the decode
-        # beside the re-encode
-        levers = with_fp8_linears if fp8 else measure
-        levers = beside_reencode(levers) if dev.type == "cuda" else levers
-        fastest = on_attention(model, lambda: fastest_attention(result["variants"]), levers)
-        # (without a timed decoder way, the others: a short run may leave `decoder` out)
+        # every lever at once, with the Wan decoder its fastest way (without a timed way, the
+        # others: a short run may leave `decoder` out)
         extras["sdpa+fused_kernels, every lever"] = with_fastest_decoder(fastest, required=False)
-        # and with the tiny decoder in place of the fastest way
-        extras["sdpa+fused_kernels, every lever, tiny decoder"] = with_tiny_decoder(fastest)
         if compile_blocks:  # the decoder under Inductor: a minute of compiling
             extras["decoder_compiled"] = lambda _prepare: decoder_variants(
                 model, device, dtype, SLOW_DECODER_WAYS

@@ -150,6 +150,10 @@ def test_gpu_check_runs_with_only_what_the_gpu_image_has(tmp_path):
     assert result["variants"]["sdpa+fused_kernels, tiny decoder"]["first_chunk_frames"] == 9  # 1 + 4k
     tiny_every = result["variants"]["sdpa+fused_kernels, every lever, tiny decoder"]
     assert tiny_every["fps_steady"] > 0 and tiny_every["attention"] == every["attention"]
+    order = list(result["variants"])  # the likeliest to reach the target runs early: a cut run keeps it
+    assert order.index("sdpa+fused_kernels, every lever, tiny decoder") < order.index(
+        "sdpa+fused_kernels, every lever"
+    )
     assert result["decoder"][gpu.TINY_DECODER]["ms_p50"] > 0
     assert "bench gpu: exit code 0" in (out / "bench-gpu.log").read_text()
     assert bench_json.with_suffix(".png").stat().st_size > 10_000  # fps per variant, chunk times
