@@ -2,8 +2,8 @@
 AutoencoderKLWan) on gloo CPU processes equal the single-process model.
 
 The parent computes the single-process outputs of a tiny DiT (in its dtype, with
-attention in FP8, and with its block linears in FP8) in all three attention modes (bidirectional, block-causal, cached over several chunks that
-wrap the ring) and of a tiny VAE decode (whole clip and chunk by chunk), and
+attention in FP8, and with its block linears in FP8) in all three attention
+modes (bidirectional, block-causal, cached over several chunks that wrap the ring) and of a tiny VAE decode (whole clip and chunk by chunk), and
 saves them with the weights and inputs; 2 or 4 spawned processes run the same
 calls in parallel (Ulysses, Ring, hybrid; tiled decode) and report their
 largest deviation, which must be <= 1e-5 in fp32. One spawn per world size
@@ -31,6 +31,8 @@ HW = (4, 8)  # latent 4x8 -> 2x4 patches = 8 tokens per frame, divisible by 4 pr
 CHUNKS = 4  # window 6 frames = 3 chunks of 2: the 4th chunk overwrites the oldest ring slots
 TOL = 1e-5
 SP_MODES = ("ulysses", "ring", "hybrid")
+VAE_WIDTHS = (8, 16, 16, 24)
+VAE_CHUNK = 2
 # (mode, attention backend, FP8 block linears): each mode with SDPA; attention in FP8 (kernels'
 # fp8 backend; on a CPU its numerics, emulated) under Ulysses, whose processes attend over whole
 # heads, so every per-token and per-channel scale is the single process's (ring does not serve
@@ -52,10 +54,6 @@ def precision_model(state, attention: str, fp8_linears: bool) -> DiT:
     model = DiT(tiny_config(attn_backend=attention)).eval()
     model.load_state_dict(state)
     return float8_linears(model) if fp8_linears else model
-
-
-VAE_WIDTHS = (8, 16, 16, 24)
-VAE_CHUNK = 2
 
 
 def tiny_config(**overrides):
