@@ -47,8 +47,8 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--tiny-decoder",
         metavar="CHECKPOINT",
-        help="decode with a tiny decoder (TAEHV's architecture, streamgen/model/tiny_decoder.py): one "
-        "`streamgen distill tiny_decoder` made for this model's autoencoder, or TAEHV's own for Wan latents",
+        help="decode with a tiny decoder (TAEHV's architecture, streamgen/model/tiny_decoder.py) that "
+        "`streamgen distill tiny_decoder` made for this model's autoencoder",
     )
     p.add_argument("--sp", type=int, default=1, help="sequence-parallel processes (restarts under torchrun)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
