@@ -58,10 +58,10 @@ class Stage:
                     space_upscale=(True,) * space_stages,
                 )
             )
-        # checks the decoder fits the teacher's latents, and how many first frames Wan's layout drops
-        self.trim_first = TinyDecoderVAE(self.teacher, decoder).trim_first
         self.decoder = decoder.to(world.device).train()
         broadcast_module(self.decoder, world)
+        # the student as the stream decodes: it also checks the decoder fits the teacher's latents
+        self.student = TinyDecoderVAE(self.teacher, self.decoder)
         tf = self.teacher.temporal_factor
         if cfg.data.video_frames % tf:
             raise ValueError(f"data.video_frames must be a multiple of {tf}")
@@ -73,11 +73,6 @@ class Stage:
     def model_configs(self) -> dict:
         return {"decoder": dataclasses.asdict(self.decoder.cfg)}
 
-    def _student(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-        """A stream's frames from its start, in [-1, 1] (unclamped while training)."""
-        frames, _ = self.decoder(latents.transpose(1, 2), clamp=clamp)
-        return (frames[:, self.trim_first :] * 2 - 1).transpose(1, 2)
-
     def train_step(self, step: int) -> dict:
         if self.cfg.data.batch_size % self.world.size:
             raise ValueError(f"data.batch_size is not divisible by {self.world.size} ranks")
@@ -85,7 +80,7 @@ class Stage:
         with torch.no_grad():
             latents = self.teacher.encode(video)
             target = self.teacher.decode(latents)
-        frames = self._student(latents, clamp=False)
+        frames, _ = self.student.decode_stream(latents, self.student.init_state(len(latents)), clamp=False)
         o = self.opts
 
         def distance(err):
@@ -102,13 +97,13 @@ class Stage:
     def export(self, directory, name=None, compact=False):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        student = self.updaters["decoder"].averaged_module().eval()
-        student.save(d / "tiny_decoder.safetensors")
-        saved, self.decoder = self.decoder, student
+        averaged = self.updaters["decoder"].averaged_module().eval()
+        averaged.save(d / "tiny_decoder.safetensors")
+        saved, self.student.decoder = self.student.decoder, averaged
         try:
             report, sample = self.evaluate()
         finally:
-            self.decoder = saved
+            self.student.decoder = saved
         (d / "tiny_decoder.json").write_text(json.dumps(report, indent=2))
         _plot_sample(sample, d / "tiny_decoder.png")
 
@@ -133,7 +128,7 @@ class Stage:
             teacher = self.teacher.decode(latents)
             seconds["teacher"] += time.perf_counter() - started
             started = time.perf_counter()
-            student = self._student(latents)
+            student = self.student.decode(latents)
             seconds["student"] += time.perf_counter() - started
             sums["student_vs_teacher"] += psnr(student, teacher)
             sums["student_vs_video"] += psnr(student, video)
@@ -146,9 +141,9 @@ class Stage:
             "frames_per_clip": int(video.shape[2]) if clips else 0,
             **{f"psnr_db_{k}": round(v / max(clips, 1), 2) for k, v in sums.items()},
             "decode_ms_per_clip": {k: round(v / max(clips, 1) * 1000, 1) for k, v in seconds.items()},
-            "decoder": dataclasses.asdict(self.decoder.cfg),
+            "decoder": dataclasses.asdict(self.student.decoder.cfg),
             "parameters": {
-                "student": sum(p.numel() for p in self.decoder.parameters()),
+                "student": sum(p.numel() for p in self.student.decoder.parameters()),
                 "teacher": sum(p.numel() for p in self.teacher.parameters()),
             },
         }, sample

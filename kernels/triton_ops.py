@@ -226,15 +226,15 @@ def _rmsnorm_rope_launch(
         x = x.contiguous()
     out = torch.empty(bsz, length, num_heads, head_dim, device=x.device, dtype=x.dtype)
     t_dim, h_dim, _ = rope_split(head_dim)
-    dummy = out
-    inv_freq = _inv_freq(head_dim, theta, x.device) if mode == ROPE_POSITIONS else dummy
+    not_read = out  # the pointer passed for the arguments this mode's kernel never reads
+    inv_freq = _inv_freq(head_dim, theta, x.device) if mode == ROPE_POSITIONS else not_read
     if mode == ROPE_TABLE:
         angles = angles.float().contiguous()
         assert angles.shape == (length, head_dim // 2), (angles.shape, length, head_dim)
     block_half, warps = _row_block(d // 2)
     _rmsnorm_rope_kernel[(bsz * length,)](
-        x, weight if norm else dummy, out, angles if angles is not None else dummy,
-        frame_pos if frame_pos is not None else dummy, inv_freq,
+        x, weight if norm else not_read, out, angles if angles is not None else not_read,
+        frame_pos if frame_pos is not None else not_read, inv_freq,
         length, d, x.stride(0), x.stride(1), eps,
         head_dim // 2, grid_hw[0] * grid_hw[1], grid_hw[1], t_dim // 2, (t_dim + h_dim) // 2,
         BLOCK_HALF=block_half, ROPE_MODE=mode, NORM=norm, num_warps=warps,

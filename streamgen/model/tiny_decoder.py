@@ -285,9 +285,11 @@ class TinyDecoderVAE(VideoAutoencoder):
     def init_state(self, batch: int):
         return {"memory": None, "first": True}
 
-    def decode_stream(self, latents: torch.Tensor, state):
+    def decode_stream(self, latents: torch.Tensor, state, clamp: bool = True):
+        """`clamp=False` (training, distill/tiny_decoder.py): frames not clamped to [-1, 1], so that
+        every pixel has a gradient."""
         dtype = self.decoder.inp.weight.dtype
-        frames, memory = self.decoder(latents.transpose(1, 2).to(dtype), state["memory"])
+        frames, memory = self.decoder(latents.transpose(1, 2).to(dtype), state["memory"], clamp=clamp)
         if state["first"]:
             frames = frames[:, self.trim_first :]
         state = {"memory": memory, "first": False}
