@@ -28,6 +28,7 @@ config switch is always safe; `available_backends` says which run natively.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections import OrderedDict
 
@@ -70,10 +71,8 @@ def _triton_ops():
 
 
 def triton_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
-    from kernels import _use_triton
-
     # the kernel is forward-only: calls that need gradients take SDPA, which differentiates
-    if not _use_triton(q, k, v):
+    if not kernels._use_triton(q, k, v):
         return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
     return _triton_ops().attention(q, k, v, block_mask_frames, tokens_per_frame)
 
@@ -237,9 +236,13 @@ def _warn_no_fp8_attention(why: str) -> None:
     warnings.warn(f"fp8 attention: {why}; SDPA serves instead", stacklevel=3)
 
 
-def fp8_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv: bool = True):
+def fp8_ops(q, k, v):
+    """Where FP8 attention of these inputs runs: the module whose `quantize_fp8_attention` and
+    `fp8_attention_quantized` serve it (`triton_ops` on sm_89+, and under the interpreter in
+    tests; `reference`, the numerics emulated, on CPUs), or None where SDPA serves instead
+    (calls that need gradients; GPUs without FP8 tensor cores or without Triton, with a warning)."""
     if needs_autograd(q, k, v):  # inference only: training differentiates through SDPA
-        return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
+        return None
     ops = _triton_ops()
     if q.is_cuda:
         if ops is None:
@@ -247,12 +250,18 @@ def fp8_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv
         elif not _has_fp8_tensor_cores(q.device):
             _warn_no_fp8_attention("FP8 tensor cores need sm_89 (Ada) or later")
         else:
-            return ops.fp8_attention(q, k, v, block_mask_frames, tokens_per_frame, pv)
-        return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
+            return ops
+        return None
     if kernels._TRITON_ON_CPU and ops is not None:  # tests: the kernel under the interpreter
-        return ops.fp8_attention(q, k, v, block_mask_frames, tokens_per_frame, pv)
-    # CPUs: the same numerics, emulated (exact products of the e4m3 values), for accuracy
-    return reference.fp8_attention(q, k, v, block_mask_frames, tokens_per_frame, pv)
+        return ops
+    return reference  # CPUs: the same numerics, emulated (exact products of the e4m3 values)
+
+
+def fp8_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv: bool = True):
+    ops = fp8_ops(q, k, v)
+    if ops is None:
+        return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
+    return ops.fp8_attention(q, k, v, block_mask_frames, tokens_per_frame, pv=pv)
 
 
 def fp8_qk_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
@@ -269,3 +278,33 @@ _BY_NAME = {
     "fp8_qk": fp8_qk_attention,
     "fp8": fp8_attention,
 }
+
+
+# ---------------------------------------------------------------------------
+# Partials with their log-sum-exp (the blocks of ring attention)
+
+
+def attention_with_lse(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa"):
+    """Softmax attention that also returns each query's log-sum-exp of its scores: q [B, Lq, H, D],
+    k/v [B, Lk, H, D] -> (out [B, Lq, H, D] fp32, lse [B, H, Lq] fp32).
+
+    "triton" runs our kernel (CUDA, forward; any mask). The other exact backends: on CUDA in
+    bf16/fp16 without a mask SDPA's flash kernel (which returns the log-sum-exp); otherwise
+    explicit fp32 math, one block of scores at a time (small: the ring splits the keys P ways).
+    The FP8 backends quantize once per ring instead (`fp8_ops`), so they are not served here.
+    """
+    if check_attention_backend(backend) == "triton" and kernels._use_triton(q, k, v):
+        return _triton_ops().attention(q, k, v, block_mask_frames, tokens_per_frame, return_lse=True)
+    if q.is_cuda and block_mask_frames is None and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        )[:2]
+        return out.transpose(1, 2).float(), lse.float()
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * (1.0 / math.sqrt(q.shape[-1]))
+    if block_mask_frames is not None:
+        scores = scores.masked_fill(
+            ~reference.frame_mask(*block_mask_frames, tokens_per_frame), float("-inf")
+        )
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()), lse

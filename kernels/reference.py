@@ -269,14 +269,33 @@ def quantize_fp8_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q8.view(x.shape), scale.view(x.shape[:-1])
 
 
-def quantize_fp8_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """v [B, L, H, D] -> (e4m3 [B, H, D, L], fp32 scales [B, H, D]): one scale per head and
-    channel, over every token. Transposed so that the keys' axis, the one PV sums over, is
-    contiguous: the layout Hopper's FP8 tensor cores read their second operand in."""
-    vf = v.float()
-    scale = (vf.abs().amax(dim=1) / FP8_MAX).clamp_min(FP8_MIN_SCALE)  # [B, H, D]
-    v8 = (vf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+def fp8_value_scales(v: torch.Tensor) -> torch.Tensor:
+    """v [B, L, H, D] -> fp32 [B, H, D]: one e4m3 scale per head and channel, over every token
+    (its max / FP8_MAX). Ring attention takes the max over every process's tokens first."""
+    amax = torch.linalg.vector_norm(v, float("inf"), dim=1, dtype=torch.float32)
+    return (amax / FP8_MAX).clamp_min_(FP8_MIN_SCALE)
+
+
+def quantize_fp8_values(
+    v: torch.Tensor, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """v [B, L, H, D] -> (e4m3 [B, H, D, L], fp32 scales [B, H, D]), the scales
+    `fp8_value_scales(v)` unless given. Transposed so that the keys' axis, the one PV sums over,
+    is contiguous: the layout Hopper's FP8 tensor cores read their second operand in."""
+    scale = fp8_value_scales(v) if scale is None else scale
+    v8 = (v.float() / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return v8.permute(0, 2, 3, 1).contiguous(), scale
+
+
+def quantize_fp8_attention(q, k, v, pv: bool, v_scale=None):
+    """The inputs of `fp8_attention_quantized`: (q8, q_scale, k8, k_scale, v8, v_scale) with
+    q and k per token and head (`quantize_fp8_heads`) and, where `pv`, v per head and channel
+    (`quantize_fp8_values`, with `v_scale` if given); else v as it is and v_scale None."""
+    q8, q_scale = quantize_fp8_heads(q)
+    k8, k_scale = quantize_fp8_heads(k)
+    if not pv:
+        return q8, q_scale, k8, k_scale, v, None
+    return q8, q_scale, k8, k_scale, *quantize_fp8_values(v, v_scale)
 
 
 def fp8_attention(
@@ -286,21 +305,33 @@ def fp8_attention(
     v in fp32), the softmax in fp32; out in q's dtype. What the Triton kernel computes, up to its
     online softmax: it rounds P against the running max of the key blocks seen so far, this
     against the row's final max."""
-    q8, sq = quantize_fp8_heads(q)
-    k8, sk = quantize_fp8_heads(k)
+    inputs = quantize_fp8_attention(q, k, v, pv)
+    return fp8_attention_quantized(*inputs, block_mask_frames, tokens_per_frame, q.dtype)
+
+
+def fp8_attention_quantized(
+    q8, q_scale, k8, k_scale, v, v_scale, block_mask_frames=None, tokens_per_frame: int = 1,
+    dtype=torch.float32, return_lse: bool = False,
+):  # fmt: skip
+    """`fp8_attention` of inputs from `quantize_fp8_attention`, out in `dtype`; with `return_lse`
+    (out in fp32, the rows' log-sum-exp [B, H, Lq] fp32), a partial that ring attention merges."""
     s = torch.einsum("bqhd,bkhd->bhqk", q8.float(), k8.float())
-    s = s * (sq.transpose(1, 2)[..., :, None] * sk.transpose(1, 2)[..., None, :] / math.sqrt(q.shape[-1]))
+    scale = q_scale.transpose(1, 2)[..., :, None] * k_scale.transpose(1, 2)[..., None, :]
+    s = s * (scale / math.sqrt(q8.shape[-1]))
     if block_mask_frames is not None:
         s = s.masked_fill(~frame_mask(*block_mask_frames, tokens_per_frame), float("-inf"))
-    p = (s - s.amax(-1, keepdim=True)).exp_()
+    row_max = s.amax(-1, keepdim=True)
+    p = (s - row_max).exp_()
     total = p.sum(-1, keepdim=True)  # [B, H, Lq, 1]
-    if pv:
-        v8, sv = quantize_fp8_values(v)
+    if v_scale is not None:
         p8 = (p * FP8_P_SCALE).to(FP8_DTYPE)
-        out = torch.einsum("bhqk,bhdk->bhqd", p8.float(), v8.float()) * (sv[:, :, None, :] / FP8_P_SCALE)
+        out = torch.einsum("bhqk,bhdk->bhqd", p8.float(), v.float()) * (v_scale[:, :, None, :] / FP8_P_SCALE)
     else:
         out = torch.einsum("bhqk,bkhd->bhqd", p, v.float())
-    return (out / total).transpose(1, 2).to(q.dtype)
+    out = (out / total).transpose(1, 2)
+    if return_lse:
+        return out, (row_max + total.log()).squeeze(-1)
+    return out.to(dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -391,15 +391,16 @@ def _quantize_fp8_values_kernel(
     tl.store(out, q.to(fp8_ptr.dtype.element_ty), mask=ok)
 
 
-def quantize_fp8_values(v):
+def quantize_fp8_values(v, scale=None):
     """Triton `reference.quantize_fp8_values`: v [B, L, H, D] -> (e4m3 [B, H, D, L], fp32 scales
-    [B, H, D]). The scales are one reduction over the keys (torch's max-norm reads v once, with no
-    temporary), then one kernel reads v again and writes it transposed at a byte per element."""
+    [B, H, D]). The scales are one reduction over the keys (`reference.fp8_value_scales`: torch's
+    max-norm reads v once, with no temporary), then one kernel reads v again and writes it
+    transposed at a byte per element."""
     bsz, lk, heads, head_dim = v.shape
     if v.stride(-1) != 1:
         v = v.contiguous()
-    amax = torch.linalg.vector_norm(v, float("inf"), dim=1, dtype=torch.float32)  # [B, H, D]
-    scale = (amax / reference.FP8_MAX).clamp_min_(reference.FP8_MIN_SCALE)
+    if scale is None:
+        scale = reference.fp8_value_scales(v)
     v8 = torch.empty(bsz, heads, head_dim, lk, device=v.device, dtype=reference.FP8_DTYPE)
     block_l = 16 if INTERPRET else 64
     grid = (triton.cdiv(lk, block_l), bsz * heads)
@@ -581,12 +582,13 @@ def _prune_attention_configs(configs, named_args, **kwargs):
 )
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, q_block_ptr, k_block_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_block_ptr, k_block_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh,
     H, Lq, Lk, S, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
-    FP8_QK: tl.constexpr, FP8_PV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FP8_QK: tl.constexpr, FP8_PV: tl.constexpr, RETURN_LSE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -656,6 +658,10 @@ def _attention_kernel(
             )  # fmt: skip
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if RETURN_LSE:  # each row's log-sum-exp of its scores, natural log (the scores are in log2 units);
+        # rows past Lq (not stored) may have seen no key: no log of 0 for them
+        lse = m_i + tl.log2(tl.where(row_ok, l_i, 1.0))
+        tl.store(lse_ptr + bh * Lq + rows, lse * 0.6931471805599453, mask=row_ok)
     if FP8_PV:  # v's scale per channel, and the probabilities' 2^8
         out = out * (tl.load(v_scale_ptr + bh * HEAD_DIM + dims, mask=dim_ok, other=0.0) / 256.0)[None, :]
     tl.store(
@@ -665,40 +671,69 @@ def _attention_kernel(
     )
 
 
-def attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
+def attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, return_lse: bool = False):
     """Triton `reference.attention`: q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
 
     Inputs may be strided views (e.g. slices of a KV cache) as long as the head
     dim is unit-stride. block_mask_frames=(q_block [Fq], k_block [Fk]) selects
-    the block-causal mask over frames of `tokens_per_frame` tokens.
+    the block-causal mask over frames of `tokens_per_frame` tokens. With
+    `return_lse`: (out in fp32, the rows' log-sum-exp [B, H, Lq] fp32), the
+    partial of one block of keys that ring attention merges.
     """
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     v_strides = (v.stride(0), v.stride(1), v.stride(2), 1)
-    return _launch_attention(q, k, v, v_strides, None, block_mask_frames, tokens_per_frame, q.dtype)
+    out_dtype = torch.float32 if return_lse else q.dtype
+    return _launch_attention(
+        q, k, v, v_strides, None, block_mask_frames, tokens_per_frame, out_dtype, q.dtype, return_lse
+    )
 
 
 def fp8_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv: bool = False):
     """Triton `reference.fp8_attention` (pv=True), or with QK^T alone in e4m3 and PV in v's dtype:
     q and k quantized per token and head (`quantize_fp8_rows`), v per head and channel and
     transposed, the keys' axis contiguous, as Hopper's FP8 tensor cores read it."""
+    inputs = quantize_fp8_attention(q, k, v, pv)
+    return fp8_attention_quantized(*inputs, block_mask_frames, tokens_per_frame, q.dtype)
+
+
+def quantize_fp8_attention(q, k, v, pv: bool, v_scale=None):
+    """`reference.quantize_fp8_attention`: (q8, q_scale, k8, k_scale, v8 or v, v_scale or None)."""
     q8, q_scale = quantize_fp8_rows(q)
     k8, k_scale = quantize_fp8_rows(k)
     q8, k8 = q8.view(q.shape), k8.view(k.shape)
-    if pv:
-        v, v_scale = quantize_fp8_values(v)  # [B, H, D, Lk], [B, H, D]
-        v_strides = (v.stride(0), v.stride(3), v.stride(1), v.stride(2))  # as [B, Lk, H, D]
-    else:
+    q_scale, k_scale = q_scale.view(q.shape[:-1]), k_scale.view(k.shape[:-1])
+    if not pv:
+        return q8, q_scale, k8, k_scale, v, None
+    return q8, q_scale, k8, k_scale, *quantize_fp8_values(v, v_scale)
+
+
+def fp8_attention_quantized(
+    q8, q_scale, k8, k_scale, v, v_scale, block_mask_frames=None, tokens_per_frame: int = 1,
+    dtype=torch.bfloat16, return_lse: bool = False,
+):  # fmt: skip
+    """Attention of inputs quantized by `quantize_fp8_attention`, out in `dtype` (the inputs' own:
+    fp32 takes the exact dots); with `return_lse`, as in `attention`."""
+    if v_scale is None:  # QK^T alone in FP8: v in its own dtype, [B, Lk, H, D]
         v = v if v.stride(-1) == 1 else v.contiguous()
-        v_strides, v_scale = (v.stride(0), v.stride(1), v.stride(2), 1), None
+        v_strides = (v.stride(0), v.stride(1), v.stride(2), 1)
+    else:  # [B, H, D, Lk], read as [B, Lk, H, D]
+        v_strides = (v.stride(0), v.stride(3), v.stride(1), v.stride(2))
+    out_dtype = torch.float32 if return_lse else dtype
     scales = (q_scale, k_scale, v_scale)
-    return _launch_attention(q8, k8, v, v_strides, scales, block_mask_frames, tokens_per_frame, q.dtype)
+    return _launch_attention(
+        q8, k8, v, v_strides, scales, block_mask_frames, tokens_per_frame, out_dtype, dtype, return_lse
+    )
 
 
-def _launch_attention(q, k, v, v_strides, fp8_scales, block_mask_frames, tokens_per_frame, out_dtype):
+def _launch_attention(
+    q, k, v, v_strides, fp8_scales, block_mask_frames, tokens_per_frame, out_dtype, dtype, return_lse
+):  # fmt: skip
+    """`dtype` is the model's: in fp32 (and in the interpreter) the dots are exact fp32 products."""
     bsz, lq, heads, head_dim = q.shape
     lk = k.shape[1]
     assert k.shape == (bsz, lk, heads, head_dim) and v.numel() == k.numel(), (q.shape, k.shape, v.shape)
     out = torch.empty(bsz, lq, heads, head_dim, device=q.device, dtype=out_dtype)
+    lse = torch.empty(bsz, heads, lq, device=q.device, dtype=torch.float32) if return_lse else out
     if block_mask_frames is not None:
         q_block, k_block = (t.to(device=q.device, dtype=torch.int32).contiguous() for t in block_mask_frames)
         assert q_block.numel() * tokens_per_frame == lq and k_block.numel() * tokens_per_frame == lk
@@ -706,18 +741,17 @@ def _launch_attention(q, k, v, v_strides, fp8_scales, block_mask_frames, tokens_
         q_block = k_block = out  # unused pointers without the mask (nothing allocated per call)
     # unused pointers without FP8 (v's scale: without FP8 products for PV)
     q_scale, k_scale, v_scale = (out if t is None else t for t in (fp8_scales or (None,) * 3))
-    dot_fp32 = INTERPRET or out_dtype == torch.float32
 
     def grid(meta):
         return (triton.cdiv(lq, meta["BLOCK_M"]), bsz * heads)
 
     _attention_kernel[grid](
-        q, k, v, out, q_block, k_block, q_scale, k_scale, v_scale,
+        q, k, v, out, lse, q_block, k_block, q_scale, k_scale, v_scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         *v_strides, out.stride(0), out.stride(1), out.stride(2),
         heads, lq, lk, max(tokens_per_frame, 1), LOG2E / math.sqrt(head_dim),
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_CAUSAL=block_mask_frames is not None, DOT_FP32=dot_fp32,
-        FP8_QK=fp8_scales is not None, FP8_PV=v_scale is not out,
+        BLOCK_CAUSAL=block_mask_frames is not None, DOT_FP32=INTERPRET or dtype == torch.float32,
+        FP8_QK=fp8_scales is not None, FP8_PV=v_scale is not out, RETURN_LSE=return_lse,
     )  # fmt: skip
-    return out
+    return (out, lse) if return_lse else out

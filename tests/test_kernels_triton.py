@@ -350,6 +350,42 @@ def check_fp8_attention_streaming_chunk_against_strided_cache(ops):
     assert (out - ref).abs().max() < 0.03
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def check_attention_log_sum_exp(ops, masked):
+    """The partial of one block of keys, as ring attention merges it: fp32 out and each row's
+    log-sum-exp of its scaled scores, over odd lengths, with and without the frame mask."""
+    torch.manual_seed(15)
+    s = 5
+    q, k, v = _qkv(2, 2 * s, 7 * s, 3, 32, torch.float32)
+    blocks = (torch.tensor([4, 4]), torch.tensor([0, 4, 2, 5, 9, 1, 4])) if masked else None
+    out, lse = ops.attention(q, k, v, blocks, s, return_lse=True)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / 32**0.5
+    if masked:
+        scores = scores.masked_fill(~reference.frame_mask(*blocks, s), float("-inf"))
+    assert out.dtype == lse.dtype == torch.float32 and lse.shape == (2, 3, 2 * s)
+    close(lse, torch.logsumexp(scores, -1), torch.float32)
+    close(out, reference.attention(q, k, v, blocks, s), torch.float32)
+
+
+@pytest.mark.parametrize("pv", [False, True])
+def check_fp8_attention_log_sum_exp(ops, pv):
+    """The same partial of e4m3 inputs quantized once (`quantize_fp8_attention`; v's scales given,
+    as a ring takes them over every process): the reference's, keys within one block (BLOCK_N,
+    16) so that P rounds against the same max."""
+    torch.manual_seed(16)
+    q, k, v = _qkv(2, 9, 13, 3, 32, torch.float32)
+    v_scale = reference.fp8_value_scales(v) * 1.5 if pv else None  # not v's own
+    inputs = ops.quantize_fp8_attention(q, k, v, pv, v_scale)
+    ref_inputs = reference.quantize_fp8_attention(q, k, v, pv, v_scale)
+    for got, expected in zip(inputs, ref_inputs):
+        if got is not None and got.dtype == reference.FP8_DTYPE:
+            assert reference.fp8_steps_apart(got, expected).max() == 0
+    out, lse = ops.fp8_attention_quantized(*inputs, dtype=torch.float32, return_lse=True)
+    ref_out, ref_lse = reference.fp8_attention_quantized(*ref_inputs, return_lse=True)
+    close(lse, ref_lse, torch.float32)
+    close(out, ref_out, torch.float32)
+
+
 # --- the whole model through the kernels: what the GPU runs, checked op by op above, together
 
 
@@ -506,11 +542,12 @@ def test_kernels_compile_for_hopper_in_fp32():
     for with_bias, silu in ((False, False), (True, False), (False, True)):
         meta = dict(HAS_BIAS=with_bias, SILU=silu, BLOCK_C=32, BLOCK_P=64)
         _compile_for_hopper(ops._rmsnorm_channels_kernel, dtype, meta, num_warps=4)
-    for causal in (False, True):
-        meta = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_CAUSAL=causal, DOT_FP32=True, FP8_QK=False, FP8_PV=False)
+    attention = dict(HEAD_DIM=128, BLOCK_D=128, DOT_FP32=True, FP8_QK=False, FP8_PV=False)
+    for causal in (False, True):  # ring attention's blocks return the log-sum-exp, masked or not
+        meta = dict(attention, BLOCK_CAUSAL=causal, RETURN_LSE=causal)
         _compile_for_hopper(ops._attention_kernel, dtype, dict(meta, BLOCK_M=64, BLOCK_N=32))
     # at least one autotune config must fit Hopper's shared memory (227 KiB) for fp32 operands
-    meta = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_CAUSAL=False, DOT_FP32=True, FP8_QK=False, FP8_PV=False)
+    meta = dict(attention, BLOCK_CAUSAL=False, RETURN_LSE=False)
     smallest = ops._ATTN_CONFIGS[-1]
     compiled = _compile_for_hopper(
         ops._attention_kernel, dtype, dict(meta, **smallest.kwargs), num_warps=smallest.num_warps,

@@ -3,11 +3,13 @@ AutoencoderKLWan) on gloo CPU processes equal the single-process model.
 
 The parent computes the single-process outputs of a tiny DiT (in its dtype, with
 attention in FP8, and with its block linears in FP8) in all three attention
-modes (bidirectional, block-causal, cached over several chunks that wrap the ring) and of a tiny VAE decode (whole clip and chunk by chunk), and
-saves them with the weights and inputs; 2 or 4 spawned processes run the same
-calls in parallel (Ulysses, Ring, hybrid; tiled decode) and report their
-largest deviation, which must be <= 1e-5 in fp32. One spawn per world size
-serves all tests (process start-up dominates on 2 cores).
+modes (bidirectional, block-causal, cached over several chunks that wrap the
+ring) and of a tiny VAE decode (whole clip and chunk by chunk), and saves them
+with the weights and inputs; 2 or 4 spawned processes run the same calls in
+parallel (Ulysses, Ring, hybrid; tiled decode) and report their largest
+deviation, which must be <= 1e-5 in fp32 (ring attention with both products in
+FP8: to FP8's precision). One spawn per world size serves all tests (process
+start-up dominates on 2 cores).
 """
 
 from __future__ import annotations
@@ -34,12 +36,17 @@ SP_MODES = ("ulysses", "ring", "hybrid")
 VAE_WIDTHS = (8, 16, 16, 24)
 VAE_CHUNK = 2
 # (mode, attention backend, FP8 block linears): each mode with SDPA; attention in FP8 (kernels'
-# fp8 backend; on a CPU its numerics, emulated) under Ulysses, whose processes attend over whole
-# heads, so every per-token and per-channel scale is the single process's (ring does not serve
-# it: docs/parallel.md); the block linears in FP8 (streamgen.model.float8) under Ulysses and
+# fp8 backends; on a CPU their numerics, emulated): under Ulysses, whose processes attend over
+# whole heads, and QK^T alone in FP8 under Ring, whose processes quantize their own tokens (per
+# token scales) and take v's per-channel scales over all (one all-reduce), so every e4m3 value
+# is the single process's; the block linears in FP8 (streamgen.model.float8) under Ulysses and
 # Ring, whose processes quantize their own tokens' rows, as the single process does
 SP_VARIANTS = [(sp, "sdpa", False) for sp in SP_MODES]
-SP_VARIANTS += [("ulysses", "fp8", False), ("ulysses", "sdpa", True), ("ring", "sdpa", True)]
+SP_VARIANTS += [("ulysses", "fp8", False), ("ring", "fp8_qk", False), ("ulysses", "sdpa", True)]
+SP_VARIANTS += [("ring", "sdpa", True), ("ring", "fp8", False)]
+# ...except P, rounded to e4m3 against the max of each ring block's scores where a single process
+# takes the row's max (as our kernel takes the running max): these match to FP8's precision (norms)
+APPROXIMATE = {("ring", "fp8", False)}
 
 
 def variant_name(sp: str, attention: str, fp8_linears: bool) -> str:
@@ -177,7 +184,7 @@ def _worker(rank, world, port, case_path, result_dir):
         from streamgen.parallel import apply_sequence_parallel, sequence_parallel_mesh
 
         case = torch.load(case_path)
-        errors = {}
+        errors, approximate_errors = {}, {}
         for sp, attention, fp8_linears in SP_VARIANTS:
             model = precision_model(case["state"], attention, fp8_linears)
             if sp == "hybrid":
@@ -200,9 +207,24 @@ def _worker(rank, world, port, case_path, result_dir):
             )
             name = variant_name(sp, attention, fp8_linears)
             errors[f"{name}/cache_shape_ok"] = 0.0 if tuple(k.shape) == expected else float("inf")
+            approximate = (sp, attention, fp8_linears) in APPROXIMATE
             for output, ref in case[reference_key(attention, fp8_linears)].items():
-                errors[f"{name}/{output}"] = (got[output] - ref).abs().max().item()
-        result = {"dit": errors, "vae": tiled_decode_errors(case), "wan_vae": wan_band_decode_errors(case)}
+                if not approximate:
+                    errors[f"{name}/{output}"] = (got[output] - ref).abs().max().item()
+                    continue
+                # the distances (norms) from the single process's outputs and from its outputs in
+                # the model's dtype
+                model_dtype = case[reference_key("sdpa", False)][output]
+                approximate_errors[f"{name}/{output}"] = {
+                    "from_fp8": (got[output] - ref).norm().item(),
+                    "from_model_dtype": (got[output] - model_dtype).norm().item(),
+                }
+        result = {
+            "dit": errors,
+            "dit_approximate": approximate_errors,
+            "vae": tiled_decode_errors(case),
+            "wan_vae": wan_band_decode_errors(case),
+        }
         with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     finally:
@@ -245,7 +267,14 @@ def run_parallel(tmp_path, world) -> list[dict]:
         with open(tmp_path / f"rank{rank}.json") as f:
             results.append(json.load(f))
     for r in results:
-        assert len(r["dit"]) == len(SP_VARIANTS) * (len(reference) + 1)
+        assert len(r["dit"]) + len(r["dit_approximate"]) == len(SP_VARIANTS) * (len(reference) + 1)
+        # how far each approximate variant's single-process outputs are from the model's dtype
+        r["fp8_distance"] = {}
+        for sp, attention, fp8_linears in APPROXIMATE:
+            fp8 = references[reference_key(attention, fp8_linears)]
+            for output, model_dtype in reference.items():
+                distance = (fp8[output] - model_dtype).norm().item()
+                r["fp8_distance"][f"{variant_name(sp, attention, fp8_linears)}/{output}"] = distance
     return results
 
 
@@ -261,6 +290,21 @@ def test_sequence_parallel_equals_single_process(parallel_results):
     for rank, r in enumerate(parallel_results):
         bad = {k: v for k, v in r["dit"].items() if not v <= TOL}
         assert not bad, (rank, bad)
+
+
+@pytest.mark.timeout(240)
+def test_ring_fp8_attention_is_as_accurate_as_a_single_process(parallel_results):
+    """Ring attention with both products in FP8 rounds P per ring block. In norm, against the
+    distance d between the single process's FP8 outputs and its outputs in the model's dtype
+    (observed: within 0.36 d of the first, 0.96-1.04 d from the second): its outputs lie within
+    d / 2 of the single process's FP8 ones, and 0.8-1.2 d from the model's dtype. A ring whose
+    blocks ran in the model's dtype would be d and 0 away."""
+    for rank, r in enumerate(parallel_results):
+        assert r["dit_approximate"] and r["dit_approximate"].keys() == r["fp8_distance"].keys()
+        for key, d in r["fp8_distance"].items():
+            got = r["dit_approximate"][key]
+            assert got["from_fp8"] <= 0.5 * d, (rank, key, got, d)
+            assert 0.8 * d <= got["from_model_dtype"] <= 1.2 * d, (rank, key, got, d)
 
 
 @pytest.mark.timeout(240)

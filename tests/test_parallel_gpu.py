@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from streamgen.parallel.ring import attention_with_lse, merge_partials
+from kernels.attention_backends import attention_with_lse
+from streamgen.parallel.ring import merge_partials
 
 pytestmark = [
     pytest.mark.gpu,
@@ -41,6 +42,49 @@ def test_flash_log_sum_exp_merges_like_full_attention(dtype):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     ).transpose(1, 2)
     assert torch.allclose(merged, full.float(), atol=3e-2), (merged - full.float()).abs().max()
+
+
+@pytest.mark.parametrize("backend", ["triton", "fp8_qk", "fp8"])
+def test_kernel_log_sum_exp_merges_like_full_attention(backend):
+    """Ring attention's blocks on our kernel, at Wan shapes in bf16: four key blocks (their own
+    frames, masked block-causally) merged by log-sum-exp equal one call over all keys, to bf16's
+    precision for `triton` and `fp8_qk`, and to FP8's for `fp8` (P rounded per block)."""
+    from kernels import attention_backends, triton_ops
+
+    if backend != "triton" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need sm_89")
+    torch.manual_seed(0)
+    s = 390  # 1560 tokens a frame / 4
+    # peaked scores (a few keys dominate), so the outputs are not the near-zero mean of v
+    q = 3 * torch.randn(1, 3 * s, 12, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 24 * s, 12, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q_block = torch.full((3,), 7)
+    k_block = torch.arange(24) % 9  # frames 8 of each 9 are in the query's future: masked
+    blocks = list(zip(k.chunk(4, dim=1), v.chunk(4, dim=1), k_block.chunk(4)))
+    merged = lse = None
+    if backend == "triton":
+        whole = attention_backends.attention(q, k, v, (q_block, k_block), s, "triton").float()
+        for kb, vb, ids in blocks:
+            part = attention_backends.attention_with_lse(q, kb, vb, (q_block, ids), s, "triton")
+            merged, lse = merge_partials(merged, lse, *part)
+        tol = 1e-2
+    else:
+        pv = backend == "fp8"
+        whole = attention_backends.attention(q, k, v, (q_block, k_block), s, backend).float()
+        q8, q_scale, k8, k_scale, v_q, v_scale = triton_ops.quantize_fp8_attention(q, k, v, pv)
+        for i, ids in enumerate(k_block.chunk(4)):
+            keys = slice(i * 6 * s, (i + 1) * 6 * s)
+            vb = v_q[..., keys] if pv else v_q[:, keys]
+            part = triton_ops.fp8_attention_quantized(
+                q8, q_scale, k8[:, keys], k_scale[:, keys], vb, v_scale, (q_block, ids), s, q.dtype,
+                return_lse=True,
+            )  # fmt: skip
+            merged, lse = merge_partials(merged, lse, *part)
+        tol = 5e-2 if pv else 1e-2
+    assert whole.abs().mean() > 0.1
+    error = ((merged - whole).norm() / whole.norm()).item()
+    assert error <= tol, error
 
 
 @pytest.fixture(scope="module")

@@ -11,41 +11,10 @@ finite.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
-
-def frame_mask(block_mask_frames, tokens_per_frame: int) -> torch.Tensor | None:
-    """Boolean [Lq, Lk] mask from per-frame block ids (True = may attend), as in `kernels.reference`."""
-    if block_mask_frames is None:
-        return None
-    qb, kb = block_mask_frames
-    allowed = kb[None, :] <= qb[:, None]
-    return allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
-
-
-def attention_with_lse(q, k, v, mask=None):
-    """Softmax attention that also returns the log-sum-exp of each query's scores.
-
-    q [B, Lq, H, D], k/v [B, Lk, H, D], mask [Lq, Lk] bool or None ->
-    (out [B, Lq, H, D] fp32, lse [B, H, Lq] fp32). On CUDA without a mask it
-    uses the fused flash kernel (which returns the log-sum-exp); otherwise it
-    computes in fp32 explicitly (one block of scores at a time is small: the
-    ring splits the keys P ways).
-    """
-    if q.is_cuda and mask is None and q.dtype in (torch.float16, torch.bfloat16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        )[:2]
-        return out.transpose(1, 2).float(), lse.float()
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * (1.0 / math.sqrt(q.shape[-1]))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None])
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()), lse
+from kernels import attention_backends, reference
 
 
 def merge_partials(out, lse, block_out, block_lse):
@@ -66,6 +35,58 @@ def _ring_peers(group):
     return nxt, prev
 
 
+def pack_bytes(parts: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
+    """One uint8 buffer holding `parts` (any dtypes), so that a rotation is one message, and the
+    layout `unpack_bytes` reads it back with. The parts lie in order of falling element size
+    (fp32 scales, then bf16, then e4m3), so that each starts aligned for its dtype's view."""
+    order = sorted(range(len(parts)), key=lambda i: -parts[i].element_size())
+    buffer = torch.cat([parts[i].contiguous().view(-1).view(torch.uint8) for i in order])
+    layout, start = [None] * len(parts), 0
+    for i in order:
+        nbytes = parts[i].numel() * parts[i].element_size()
+        layout[i] = (start, nbytes, parts[i].dtype, parts[i].shape)
+        start += nbytes
+    return buffer, layout
+
+
+def unpack_bytes(buffer: torch.Tensor, layout: list) -> list[torch.Tensor]:
+    """The parts of a `pack_bytes` buffer, in their order, as views of it."""
+    return [buffer[start : start + n].view(dtype).view(shape) for start, n, dtype, shape in layout]
+
+
+def block_attention(q, k, v, block_mask_frames, tokens_per_frame, backend, group):
+    """(this process's keys/values as the parts that rotate, attend(*parts) -> (out, lse)).
+
+    The FP8 backends quantize once here, not per block: q and k per token and head, as a single
+    process does, and v per head and channel with each channel's scale taken over every
+    process's tokens (one all-reduce of [B, H, D]), so every e4m3 value is the single process's.
+    The e4m3 keys and values rotate, half the bytes of bf16. Where FP8 cannot run (a GPU without
+    it, gradients) the blocks are exact, as `kernels.attention` falls back to SDPA.
+    """
+    ops = attention_backends.fp8_ops(q, k, v) if backend in ("fp8_qk", "fp8") else None
+    if ops is None:
+
+        def attend(k_block, v_block):
+            return attention_backends.attention_with_lse(
+                q, k_block, v_block, block_mask_frames, tokens_per_frame, backend
+            )
+
+        return [k, v], attend
+    v_scale = None
+    if backend == "fp8" and dist.get_world_size(group) > 1:
+        v_scale = reference.fp8_value_scales(v)  # monotone in the max: the largest is the max's
+        dist.all_reduce(v_scale, dist.ReduceOp.MAX, group=group)
+    q8, q_scale, k8, k_scale, v_q, v_scale = ops.quantize_fp8_attention(q, k, v, backend == "fp8", v_scale)
+
+    def attend_fp8(k_scale_block, k8_block, v_block):
+        return ops.fp8_attention_quantized(
+            q8, q_scale, k8_block, k_scale_block, v_block, v_scale, block_mask_frames, tokens_per_frame,
+            q.dtype, return_lse=True,
+        )  # fmt: skip
+
+    return [k_scale, k8, v_q], attend_fp8
+
+
 def ring_attention(
     q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa", *, group
 ):
@@ -73,27 +94,26 @@ def ring_attention(
 
     Same signature as `kernels.attention` (plus the group), so it drops into
     `SelfAttention.attend`. q [B, Lq, H, D]; k/v [B, Lk, H, D] this process's
-    shard (every process's shard has the same length and frame layout).
-    `backend` is accepted for the signature; the blocks use `attention_with_lse`.
+    shard (every process's shard has the same length and frame layout). Each
+    block runs `backend` (`block_attention`).
     """
     size = dist.get_world_size(group)
-    mask = frame_mask(block_mask_frames, tokens_per_frame)
+    parts, attend = block_attention(q, k, v, block_mask_frames, tokens_per_frame, backend, group)
     if size == 1:
-        out, _ = attention_with_lse(q, k, v, mask)
-        return out.to(q.dtype)
+        return attend(*parts)[0].to(q.dtype)
     nxt, prev = _ring_peers(group)
-    kv = torch.stack([k, v]).contiguous()  # one message per step instead of two
+    message, layout = pack_bytes(parts)  # one message per step
     out = lse = None
     for step in range(size):
         if step + 1 < size:
             # post the next rotation before computing, so the transfer overlaps the math
-            incoming = torch.empty_like(kv)
-            ops = [dist.P2POp(dist.isend, kv, nxt, group), dist.P2POp(dist.irecv, incoming, prev, group)]
+            incoming = torch.empty_like(message)
+            ops = [dist.P2POp(dist.isend, message, nxt, group), dist.P2POp(dist.irecv, incoming, prev, group)]
             requests = dist.batch_isend_irecv(ops)
-        block_out, block_lse = attention_with_lse(q, kv[0], kv[1], mask)
+        block_out, block_lse = attend(*unpack_bytes(message, layout))
         out, lse = merge_partials(out, lse, block_out, block_lse)
         if step + 1 < size:
             for r in requests:
                 r.wait()
-            kv = incoming
+            message = incoming
     return out.to(q.dtype)
