@@ -98,8 +98,11 @@ def test_a_killed_run_leaves_the_finished_variants_on_disk(tmp_path):
     assert final["variants"]["second"]["error"] == "RuntimeError: out of memory"
 
 
-@pytest.mark.slow
-def test_gpu_check_runs_with_only_what_the_gpu_image_has(tmp_path):
+@pytest.fixture(scope="module")
+def gpu_check_run(tmp_path_factory):
+    """`scripts/gpu_check.sh` on this CPU in a venv of only the GPU image's packages, with the
+    benchmark's --quick options: (its $OUT, the benchmark's JSON). Two tests read it."""
+    tmp_path = tmp_path_factory.mktemp("gpu_check")
     allowed = with_requirements(_listed("gpu_image_packages.txt")) | _listed("gpu_wheels.txt")
     python = image_like_venv(tmp_path / "venv", allowed)
     out = tmp_path / "out"
@@ -115,7 +118,13 @@ def test_gpu_check_runs_with_only_what_the_gpu_image_has(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "diffusers is missing" not in r.stderr
+    (bench_json,) = out.glob("h200-*.json")
+    return out, json.loads(bench_json.read_text())
 
+
+@pytest.mark.slow
+def test_gpu_check_runs_with_only_what_the_gpu_image_has(gpu_check_run):
+    out, result = gpu_check_run
     # every file with GPU tests (the script runs only those) imports with what the image has
     log = (out / "gpu-tests.log").read_text()
     uncollected = set(re.findall(r"ERROR (?:collecting )?(tests/\S+\.py)", log))
@@ -126,8 +135,6 @@ def test_gpu_check_runs_with_only_what_the_gpu_image_has(tmp_path):
     assert re.search(r"\d+ skipped", log), log[-3000:]  # the GPU tests skip themselves on the CPU
     assert not re.search(r"\d+ errors?\b", log), log[-3000:]
 
-    (bench_json,) = out.glob("h200-*.json")
-    result = json.loads(bench_json.read_text())
     assert "error" not in result, result["error"]
     variant = result["variants"]["sdpa+fused_kernels"]
     assert variant["fps"] > 0 and variant["first_chunk_frames"] == 9  # Wan VAE: 1 + 4k frames
@@ -156,7 +163,8 @@ def test_gpu_check_runs_with_only_what_the_gpu_image_has(tmp_path):
     )
     assert result["decoder"][gpu.TINY_DECODER]["ms_p50"] > 0
     assert "bench gpu: exit code 0" in (out / "bench-gpu.log").read_text()
-    assert bench_json.with_suffix(".png").stat().st_size > 10_000  # fps per variant, chunk times
+    (plot,) = out.glob("h200-*.png")
+    assert plot.stat().st_size > 10_000  # fps per variant, chunk times
 
 
 def test_the_fastest_attention_is_the_highest_steady_rate_timed():
@@ -192,14 +200,9 @@ def test_a_variant_on_an_attention_sets_every_attention_and_restores_it():
     assert [a.backend for a in gpu.attention_modules(model.dit)] == ["sdpa", "sdpa"]  # restored each time
 
 
-def test_bench_gpu_sets_each_stage_against_its_floor():
-    # every variant runs in test_gpu_check_runs_with_only_what_the_gpu_image_has; these are the
-    # ones whose figures are checked here
-    only = {"sdpa+fused_kernels", "stages", "decoder", "sdpa+fused_kernels, 2 steps"}
-    only |= {f"sdpa+fused_kernels, {way}" for way in ("decoder frame_per_call", "fastest decoder way")}
-    result = gpu.run(
-        "cpu", quick=True, chunks=2, compile_blocks=False, kernel_bench=False, backends=("sdpa",), only=only
-    )
+@pytest.mark.slow
+def test_bench_gpu_sets_each_stage_against_its_floor(gpu_check_run):
+    _, result = gpu_check_run  # --quick on this CPU, 2 chunks
     assert result["ceilings"]["matmul_tflop_per_s"] > 0 and result["ceilings"]["copy_gb_per_s"] > 0
     stages = result["stages"]
     assert list(stages["stages"]) == list(CHUNK_STAGES), stages.get("error")
