@@ -37,16 +37,19 @@ VAE_WIDTHS = (8, 16, 16, 24)
 VAE_CHUNK = 2
 # (mode, attention backend, FP8 block linears): each mode with SDPA; attention in FP8 (kernels'
 # fp8 backends; on a CPU their numerics, emulated): under Ulysses, whose processes attend over
-# whole heads, and QK^T alone in FP8 under Ring, whose processes quantize their own tokens (per
-# token scales) and take v's per-channel scales over all (one all-reduce), so every e4m3 value
-# is the single process's; the block linears in FP8 (streamgen.model.float8) under Ulysses and
-# Ring, whose processes quantize their own tokens' rows, as the single process does
+# whole heads, and QK^T alone in FP8 under Ring, whose processes quantize their own tokens with
+# per-token scales, so every e4m3 value is the single process's; the block linears in FP8
+# (streamgen.model.float8) under Ulysses and Ring, whose processes quantize their own tokens'
+# rows, as the single process does
 SP_VARIANTS = [(sp, "sdpa", False) for sp in SP_MODES]
 SP_VARIANTS += [("ulysses", "fp8", False), ("ring", "fp8_qk", False), ("ulysses", "sdpa", True)]
-SP_VARIANTS += [("ring", "sdpa", True), ("ring", "fp8", False)]
-# ...except P, rounded to e4m3 against the max of each ring block's scores where a single process
-# takes the row's max (as our kernel takes the running max): these match to FP8's precision (norms)
-APPROXIMATE = {("ring", "fp8", False)}
+SP_VARIANTS += [("ring", "sdpa", True)]
+# Ring and hybrid (whose ring is a subgroup: 2 x 2 on 4 processes) with PV in FP8 too: v's
+# per-channel scales are taken over every process of the ring (one all-reduce), but P is rounded to
+# e4m3 against the max of each ring block's scores where a single process takes the row's (as our
+# kernel takes the running max): these match to FP8's precision, in norm
+APPROXIMATE = [("ring", "fp8", False), ("hybrid", "fp8", False)]
+SP_VARIANTS += APPROXIMATE
 
 
 def variant_name(sp: str, attention: str, fp8_linears: bool) -> str:
