@@ -184,7 +184,7 @@ def _cases(shapes: dict, device, dtype) -> dict:
 
 
 def _attention_in_dtype(q, k, v, block_mask_frames, tokens_per_frame, _pv):
-    """The eager counterpart of `triton_ops.fp8_attention`: SDPA in the inputs' dtype."""
+    """The eager counterpart of `triton_attention.fp8_attention`: SDPA in the inputs' dtype."""
     return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
 
 
@@ -211,15 +211,23 @@ def _max_err(fn_a, fn_b, args) -> float | str:
         return f"error: {type(e).__name__}: {e}"[:300]
 
 
+def triton_function(op_name: str):
+    """The Triton implementation a case names: attention's in `kernels.triton_attention`, the
+    others' in `kernels.triton_ops`."""
+    from kernels import triton_attention, triton_ops
+
+    return getattr(triton_attention if hasattr(triton_attention, op_name) else triton_ops, op_name)
+
+
 def _triton_ops(device):
+    """(`triton_function`, None), or (None, why the Triton kernels cannot run here)."""
     if device.type != "cuda":
         return None, "Triton kernels run on CUDA only (CPU uses the references)"
     try:
-        from kernels import triton_ops
-
-        return triton_ops, None
+        import kernels.triton_attention  # noqa: F401
     except Exception as e:
-        return None, f"kernels.triton_ops did not import: {type(e).__name__}: {e}"
+        return None, f"the Triton kernels did not import: {type(e).__name__}: {e}"
+    return triton_function, None
 
 
 def _copy_rate(device, dtype, shapes, quick) -> dict:
@@ -286,7 +294,7 @@ def run(
         if ops is None:
             entry["triton"] = {"skipped": why_no_triton}
         else:
-            fused = getattr(ops, op_name)
+            fused = ops(op_name)
             entry["triton"] = _measure(fused, args, nbytes, flops, dev, quick)
             entry["triton"]["max_abs_err_vs_eager"] = _max_err(fused, eager, args)
         if op_name == "attention":

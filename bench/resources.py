@@ -111,7 +111,7 @@ def run(arch: int = 90, dtype: str = "bfloat16", only: tuple[str, ...] = ()) -> 
     except ImportError as e:
         raise UserError(f"needs Triton with its NVIDIA backend ({e})") from None
 
-    from bench.kernels import _cases, _shapes
+    from bench.kernels import _cases, _shapes, triton_function
     from kernels import triton_ops
 
     if triton_ops.INTERPRET:
@@ -126,7 +126,7 @@ def run(arch: int = 90, dtype: str = "bfloat16", only: tuple[str, ...] = ()) -> 
         if only and name not in only:
             continue
         with compile_only(arch) as compiled:
-            getattr(triton_ops, op_name)(*args)
+            triton_function(op_name)(*args)
         built = set()
         for kernel_name, variant, kernel, seconds, report in compiled:
             if id(kernel) in built:  # launched again in the case (fp8 attention quantizes q and k)

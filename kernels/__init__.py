@@ -22,16 +22,29 @@ _TRITON_ON_CPU = False
 _triton = None
 
 
-def _triton_ops():
-    """The Triton module, imported on first CUDA use (None when unavailable)."""
+def _triton_modules():
+    """(triton_ops, triton_attention), imported on first CUDA use (None when unavailable)."""
     global _triton
     if _triton is None:
         try:
-            from kernels import triton_ops as mod
+            from kernels import triton_attention, triton_ops
+
+            _triton = (triton_ops, triton_attention)
         except Exception:  # no triton, or no GPU toolchain: the references serve
-            mod = False
-        _triton = mod
+            _triton = False
     return _triton or None
+
+
+def _triton_ops():
+    """The Triton kernels of the hot path but attention (None when unavailable)."""
+    modules = _triton_modules()
+    return modules and modules[0]
+
+
+def _triton_attention():
+    """The Triton attention kernel's module (None when unavailable)."""
+    modules = _triton_modules()
+    return modules and modules[1]
 
 
 def needs_autograd(*tensors) -> bool:

@@ -5,7 +5,7 @@
 - "flex": FlexAttention with a block mask built from the frame block ids
   (compiled on CUDA, where whole masked key blocks are skipped; eager on CPU,
   which torch supports with an unfused implementation). Meant for training.
-- "triton": our kernel (`kernels.triton_ops.attention`), CUDA only, forward
+- "triton": our kernel (`kernels.triton_attention.attention`), CUDA only, forward
   only (calls that need gradients use SDPA).
 - "flash": flash-attn 3 (`flash_attn_interface`, Hopper: H100/H200) or 2
   (`flash_attn`) when installed. They take no block mask, nor fp32: masked
@@ -49,13 +49,13 @@ def available_backends(device) -> list[str]:
     if _flex_module() is not None:
         names.append("flex")
     if device.type == "cuda":
-        if _triton_ops() is not None:
+        if _triton_attention() is not None:
             names.append("triton")
         if _flash_func(device) is not None:
             names.append("flash")
         if _cudnn_attention_supported(device):
             names.append("cudnn")
-        if _triton_ops() is not None and _has_fp8_tensor_cores(device):
+        if _triton_attention() is not None and _has_fp8_tensor_cores(device):
             names += ["fp8_qk", "fp8"]  # on CPUs they are emulations, for accuracy only
     return names
 
@@ -64,8 +64,8 @@ def available_backends(device) -> list[str]:
 # Triton
 
 
-def _triton_ops():
-    from kernels import _triton_ops as load
+def _triton_attention():
+    from kernels import _triton_attention as load
 
     return load()
 
@@ -74,7 +74,7 @@ def triton_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1)
     # the kernel is forward-only: calls that need gradients take SDPA, which differentiates
     if not kernels._use_triton(q, k, v):
         return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
-    return _triton_ops().attention(q, k, v, block_mask_frames, tokens_per_frame)
+    return _triton_attention().attention(q, k, v, block_mask_frames, tokens_per_frame)
 
 
 # ---------------------------------------------------------------------------
@@ -238,12 +238,12 @@ def _warn_no_fp8_attention(why: str) -> None:
 
 def fp8_ops(q, k, v):
     """Where FP8 attention of these inputs runs: the module whose `quantize_fp8_attention` and
-    `fp8_attention_quantized` serve it (`triton_ops` on sm_89+, and under the interpreter in
+    `fp8_attention_quantized` serve it (`triton_attention` on sm_89+, and under the interpreter in
     tests; `reference`, the numerics emulated, on CPUs), or None where SDPA serves instead
     (calls that need gradients; GPUs without FP8 tensor cores or without Triton, with a warning)."""
     if needs_autograd(q, k, v):  # inference only: training differentiates through SDPA
         return None
-    ops = _triton_ops()
+    ops = _triton_attention()
     if q.is_cuda:
         if ops is None:
             _warn_no_fp8_attention("Triton is not available")
@@ -294,7 +294,7 @@ def attention_with_lse(q, k, v, block_mask_frames=None, tokens_per_frame: int = 
     The FP8 backends quantize once per ring instead (`fp8_ops`), so they are not served here.
     """
     if check_attention_backend(backend) == "triton" and kernels._use_triton(q, k, v):
-        return _triton_ops().attention(q, k, v, block_mask_frames, tokens_per_frame, return_lse=True)
+        return _triton_attention().attention(q, k, v, block_mask_frames, tokens_per_frame, return_lse=True)
     if q.is_cuda and block_mask_frames is None and q.dtype in (torch.float16, torch.bfloat16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -30,6 +30,11 @@ def ops():
     return mod
 
 
+@pytest.fixture(scope="module")
+def attn(ops):
+    return kernels._triton_attention()
+
+
 def randn(*shape, dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape, device="cuda") * scale).to(dtype)
 
@@ -165,31 +170,31 @@ def _qkv(lq, lk, dtype, head_dim=HEAD_DIM, heads=HEADS):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_triton_attention_streaming_chunk(ops, dtype, head_dim):
+def test_triton_attention_streaming_chunk(attn, dtype, head_dim):
     """A 3-frame chunk against sink + 5 window frames + itself (Lq < Lk, ragged lengths)."""
     torch.manual_seed(2)
     q, k, v = _qkv(FRAMES * TOKENS, 9 * TOKENS, dtype, head_dim)
     expected = reference.attention_reference_math(q.float(), k.float(), v.float()).to(dtype)
-    close(ops.attention(q, k, v), expected, dtype)
+    close(attn.attention(q, k, v), expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_attention_block_causal(ops, dtype):
+def test_triton_attention_block_causal(attn, dtype):
     torch.manual_seed(3)
     s = 390  # a quarter frame keeps the fp32 reference small; not a multiple of any block
     blocks = torch.tensor([0, 1, 1, 1, 2, 2, 2], device="cuda")
     q, k, v = _qkv(7 * s, 7 * s, dtype)
     mask = (blocks[None, :] <= blocks[:, None]).repeat_interleave(s, 0).repeat_interleave(s, 1)
     expected = reference.attention_reference_math(q.float(), k.float(), v.float(), mask).to(dtype)
-    close(ops.attention(q, k, v, (blocks, blocks), s), expected, dtype)
+    close(attn.attention(q, k, v, (blocks, blocks), s), expected, dtype)
 
 
-def test_triton_attention_reads_strided_cache(ops):
+def test_triton_attention_reads_strided_cache(attn):
     torch.manual_seed(4)
     cache = randn(2, 6 * TOKENS, 2, HEADS, HEAD_DIM, dtype=torch.bfloat16)  # [B, L, (k, v), H, D]
     k, v = cache[:, :, 0], cache[:, :, 1]
     q = randn(2, 2 * TOKENS, HEADS, HEAD_DIM, dtype=torch.bfloat16)
-    close(ops.attention(q, k, v), reference.attention(q, k.contiguous(), v.contiguous()), torch.bfloat16)
+    close(attn.attention(q, k, v), reference.attention(q, k.contiguous(), v.contiguous()), torch.bfloat16)
 
 
 def _chunk_against_cache(s: int, masked: bool):

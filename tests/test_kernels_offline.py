@@ -21,7 +21,7 @@ from cli_helpers import streamgen  # noqa: E402
 from test_kernels_bench import CASES  # noqa: E402
 
 from bench import resources  # noqa: E402
-from kernels import triton_ops  # noqa: E402
+from kernels import triton_attention, triton_ops  # noqa: E402
 
 
 def test_compile_only_builds_without_launching_and_restores_triton():
@@ -57,7 +57,7 @@ def test_every_kernel_builds_for_hopper_without_spills_within_shared_memory():
     def attention_configs(case):
         return sum(row["case"] == case and row["kernel"] == "_attention_kernel" for row in rows)
 
-    configs = len(triton_ops._ATTN_CONFIGS)
+    configs = len(triton_attention._ATTN_CONFIGS)
     for case in ("attention_stream", "attention_block_causal"):
         assert attention_configs(case) == configs  # every autotune config is built
     for case in ("attention_stream_fp8_qk", "attention_stream_fp8"):
@@ -78,9 +78,9 @@ def test_every_kernel_builds_for_hopper_without_spills_within_shared_memory():
 def test_exact_fp32_attention_builds_one_config_instead_of_autotuning():
     q, k = torch.randn(1, 40, 2, 128), torch.randn(1, 70, 2, 128)
     with resources.compile_only(90) as compiled:
-        triton_ops.attention(q, k, k)
+        triton_attention.attention(q, k, k)
     ((_name, variant, kernel, _seconds, _report),) = compiled
-    smallest = triton_ops._ATTN_CONFIGS[-1]
+    smallest = triton_attention._ATTN_CONFIGS[-1]
     assert variant["DOT_FP32"] and (variant["BLOCK_M"], variant["BLOCK_N"]) == (64, 32) == tuple(
         smallest.kwargs.values()
     )

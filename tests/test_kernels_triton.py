@@ -6,8 +6,8 @@ be set before anything imports triton, and must not leak into other tests.
 Hence two layers in this file:
 - `test_*` launchers, collected normally, run this same file in a fresh
   Python process with TRITON_INTERPRET=1 and `python_functions=check_*`;
-- `check_*` cases, collected only there, call `kernels.triton_ops` directly
-  on CPU tensors (the dispatch would pick the references on CPU).
+- `check_*` cases, collected only there, call `kernels.triton_ops` and
+  `kernels.triton_attention` directly on CPU tensors (the dispatch would pick the references on CPU).
 Shapes are tiny and odd on purpose: row widths, token counts and sequence
 lengths that are not multiples of any block, so every masked tail runs.
 """
@@ -48,8 +48,16 @@ def ops():
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through the test_* launchers"
     from kernels import triton_ops
 
-    assert triton_ops.INTERPRET and len(triton_ops._ATTN_CONFIGS) == 1
+    assert triton_ops.INTERPRET
     return triton_ops
+
+
+@pytest.fixture(scope="module")
+def attn(ops):
+    from kernels import triton_attention
+
+    assert len(triton_attention._ATTN_CONFIGS) == 1
+    return triton_attention
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -255,25 +263,25 @@ def _qkv(b, lq, lk, heads, head_dim, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lq,lk,head_dim", [(14, 37, 16), (33, 33, 32), (5, 70, 64)])
-def check_attention_full(ops, dtype, lq, lk, head_dim):
+def check_attention_full(attn, dtype, lq, lk, head_dim):
     torch.manual_seed(8)
     q, k, v = _qkv(2, lq, lk, 2, head_dim, dtype)
-    close(ops.attention(q, k, v), reference.attention(q, k, v), dtype)
+    close(attn.attention(q, k, v), reference.attention(q, k, v), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def check_attention_block_causal(ops, dtype):
+def check_attention_block_causal(attn, dtype):
     """Training layout: Lq == Lk, chunks of 2 frames of 7 tokens, causal across chunks."""
     torch.manual_seed(9)
     s = 7
     blocks = torch.tensor([0, 0, 1, 1, 2])  # 5 frames, 3 chunks; tokens 35: a ragged last tile
     q, k, v = _qkv(1, 5 * s, 5 * s, 2, 16, dtype)
     close(
-        ops.attention(q, k, v, (blocks, blocks), s), reference.attention(q, k, v, (blocks, blocks), s), dtype
+        attn.attention(q, k, v, (blocks, blocks), s), reference.attention(q, k, v, (blocks, blocks), s), dtype
     )
 
 
-def check_attention_streaming_chunk_against_strided_cache(ops):
+def check_attention_streaming_chunk_against_strided_cache(attn):
     """A chunk of queries against sink + ring-window K/V read straight out of a cache buffer.
 
     The ring slots' block ids are out of order, and one slot is in the future
@@ -289,18 +297,18 @@ def check_attention_streaming_chunk_against_strided_cache(ops):
     q_block = torch.tensor([5, 5])
     mask = (k_block[None, :] <= q_block[:, None]).repeat_interleave(s, 0).repeat_interleave(s, 1)
     expected = reference.attention_reference_math(q, k, v, mask[None, None])
-    close(ops.attention(q, k, v, (q_block, k_block), s), expected, torch.float32)
+    close(attn.attention(q, k, v, (q_block, k_block), s), expected, torch.float32)
     close(reference.attention(q, k, v, (q_block, k_block), s), expected, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def check_attention_head_dim_128(ops, dtype):
+def check_attention_head_dim_128(attn, dtype):
     torch.manual_seed(11)
     q, k, v = _qkv(1, 10, 45, 2, 128, dtype)
     blocks_q, blocks_k = torch.tensor([3, 4]), torch.tensor([0, 1, 2, 3, 4, 4, 5, 0, 2])
-    close(ops.attention(q, k, v), reference.attention(q, k, v), dtype)
+    close(attn.attention(q, k, v), reference.attention(q, k, v), dtype)
     close(
-        ops.attention(q, k, v, (blocks_q, blocks_k), 5),
+        attn.attention(q, k, v, (blocks_q, blocks_k), 5),
         reference.attention(q, k, v, (blocks_q, blocks_k), 5),
         dtype,
     )
@@ -308,13 +316,13 @@ def check_attention_head_dim_128(ops, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lq,lk,head_dim", [(14, 37, 16), (10, 45, 128)])
-def check_fp8_qk_attention(ops, dtype, lq, lk, head_dim):
+def check_fp8_qk_attention(attn, dtype, lq, lk, head_dim):
     """QK^T of e4m3 values: the kernel's scores are the reference's (the same products, in fp32),
     so its output is too, up to one rounding of P to the output dtype; both are e4m3's precision
     from the exact attention."""
     torch.manual_seed(12)
     q, k, v = _qkv(2, lq, lk, 2, head_dim, dtype)
-    out = ops.fp8_attention(q, k, v, pv=False)
+    out = attn.fp8_attention(q, k, v, pv=False)
     assert out.dtype == dtype and out.shape == q.shape
     close(out, reference.fp8_attention(q, k, v, pv=False), dtype)
     exact = reference.attention_reference_math(q.float(), k.float(), v.float())
@@ -322,16 +330,16 @@ def check_fp8_qk_attention(ops, dtype, lq, lk, head_dim):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def check_fp8_attention_one_key_block(ops, dtype):
+def check_fp8_attention_one_key_block(attn, dtype):
     """QK^T and PV of e4m3 values, keys within one block (the interpreter's BLOCK_N, 16): the
     online softmax's running max is the row's max, so P rounds to the same e4m3 values as in the
     reference, which the kernel rounds itself (the interpreter's fp8 cast is wrong)."""
     torch.manual_seed(13)
     q, k, v = _qkv(2, 21, 13, 3, 32, dtype)
-    close(ops.fp8_attention(q, k, v, pv=True), reference.fp8_attention(q, k, v, pv=True), dtype)
+    close(attn.fp8_attention(q, k, v, pv=True), reference.fp8_attention(q, k, v, pv=True), dtype)
 
 
-def check_fp8_attention_streaming_chunk_against_strided_cache(ops):
+def check_fp8_attention_streaming_chunk_against_strided_cache(attn):
     """Both products in e4m3 over many key blocks, some masked, from strided cache views: the
     kernel rounds P against the running max, the reference against the row's max, so they agree
     to e4m3's precision, and each is as near the exact attention as the other."""
@@ -341,7 +349,7 @@ def check_fp8_attention_streaming_chunk_against_strided_cache(ops):
     k, v = cache_k[:, :, :heads], cache_v[:, :, :heads]
     q = rand(1, 2 * s, heads, head_dim)
     q_block, k_block = torch.tensor([5, 5]), torch.tensor([0, 4, 2, 3, 9, 5, 5, 1, 2, 3, 4, 0])
-    out = ops.fp8_attention(q, k, v, (q_block, k_block), s, pv=True)
+    out = attn.fp8_attention(q, k, v, (q_block, k_block), s, pv=True)
     ref = reference.fp8_attention(q, k, v, (q_block, k_block), s, pv=True)
     mask = (k_block[None, :] <= q_block[:, None]).repeat_interleave(s, 0).repeat_interleave(s, 1)
     exact = reference.attention_reference_math(q, k, v, mask[None, None])
@@ -351,14 +359,14 @@ def check_fp8_attention_streaming_chunk_against_strided_cache(ops):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def check_attention_log_sum_exp(ops, masked):
+def check_attention_log_sum_exp(attn, masked):
     """The partial of one block of keys, as ring attention merges it: fp32 out and each row's
     log-sum-exp of its scaled scores, over odd lengths, with and without the frame mask."""
     torch.manual_seed(15)
     s = 5
     q, k, v = _qkv(2, 2 * s, 7 * s, 3, 32, torch.float32)
     blocks = (torch.tensor([4, 4]), torch.tensor([0, 4, 2, 5, 9, 1, 4])) if masked else None
-    out, lse = ops.attention(q, k, v, blocks, s, return_lse=True)
+    out, lse = attn.attention(q, k, v, blocks, s, return_lse=True)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / 32**0.5
     if masked:
         scores = scores.masked_fill(~reference.frame_mask(*blocks, s), float("-inf"))
@@ -368,19 +376,19 @@ def check_attention_log_sum_exp(ops, masked):
 
 
 @pytest.mark.parametrize("pv", [False, True])
-def check_fp8_attention_log_sum_exp(ops, pv):
+def check_fp8_attention_log_sum_exp(attn, pv):
     """The same partial of e4m3 inputs quantized once (`quantize_fp8_attention`; v's scales given,
     as a ring takes them over every process): the reference's, keys within one block (BLOCK_N,
     16) so that P rounds against the same max."""
     torch.manual_seed(16)
     q, k, v = _qkv(2, 9, 13, 3, 32, torch.float32)
     v_scale = reference.fp8_value_scales(v) * 1.5 if pv else None  # not v's own
-    inputs = ops.quantize_fp8_attention(q, k, v, pv, v_scale)
+    inputs = attn.quantize_fp8_attention(q, k, v, pv, v_scale)
     ref_inputs = reference.quantize_fp8_attention(q, k, v, pv, v_scale)
     for got, expected in zip(inputs, ref_inputs):
         if got is not None and got.dtype == reference.FP8_DTYPE:
             assert reference.fp8_steps_apart(got, expected).max() == 0
-    out, lse = ops.fp8_attention_quantized(*inputs, dtype=torch.float32, return_lse=True)
+    out, lse = attn.fp8_attention_quantized(*inputs, dtype=torch.float32, return_lse=True)
     ref_out, ref_lse = reference.fp8_attention_quantized(*ref_inputs, return_lse=True)
     close(lse, ref_lse, torch.float32)
     close(out, ref_out, torch.float32)
@@ -421,7 +429,7 @@ USED_BY_THE_MODEL = ("layernorm_modulate", "gated_residual", "gated_residual_lay
                      "rmsnorm_rope", "apply_rope", "gelu_tanh", "attention")  # fmt: skip
 
 
-def count_kernel_calls(ops, monkeypatch) -> dict:
+def count_kernel_calls(ops, attn, monkeypatch) -> dict:
     """name -> launches of each kernel the model uses, from now on."""
     calls = {}
 
@@ -433,17 +441,18 @@ def count_kernel_calls(ops, monkeypatch) -> dict:
         return call
 
     for name in USED_BY_THE_MODEL:
-        monkeypatch.setattr(ops, name, counted(name, getattr(ops, name)))
+        module = attn if name == "attention" else ops
+        monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
     return calls
 
 
-def check_dit_streams_the_same_through_the_kernels(ops, monkeypatch):
+def check_dit_streams_the_same_through_the_kernels(ops, attn, monkeypatch):
     """A debug DiT streams past a full ring (the cache re-rotates its keys), then one
     block-causal forward (training's mask), with every op on the Triton kernels and again on
     the references: the model's views, strides and dtypes reach the kernels as they expect."""
     import kernels
 
-    calls = count_kernel_calls(ops, monkeypatch)
+    calls = count_kernel_calls(ops, attn, monkeypatch)
 
     def run(through_kernels: bool):
         monkeypatch.setattr(kernels, "_TRITON_ON_CPU", through_kernels)
@@ -458,7 +467,7 @@ def check_dit_streams_the_same_through_the_kernels(ops, monkeypatch):
     torch.testing.assert_close(block_causal, block_causal_ref, atol=1e-4, rtol=1e-4)
 
 
-def check_a_stream_through_the_kernels_is_counted_as_through_the_references(ops, monkeypatch):
+def check_a_stream_through_the_kernels_is_counted_as_through_the_references(ops, attn, monkeypatch):
     """bench gpu's `stages` counts a stream's work (bench/floor.py: PyTorch's FLOP counter and a
     dispatch mode) with the Triton kernels on: they run under the counting modes, and the
     count is the references' (the kernels fuse what the counter does not count)."""
@@ -466,7 +475,7 @@ def check_a_stream_through_the_kernels_is_counted_as_through_the_references(ops,
     from bench import floor, gpu
     from streamgen.stream import StreamSession
 
-    calls = count_kernel_calls(ops, monkeypatch)
+    calls = count_kernel_calls(ops, attn, monkeypatch)
     # 16x32: 2 tokens a latent frame, the smallest size with a few (the interpreter is slow)
     model = gpu.build_model("wan2.1-1.3b", 16, 32, "cpu", torch.float32, quick=True, backend="sdpa")
     context = torch.zeros(1, 8, model.cfg.text_dim)
@@ -523,6 +532,7 @@ def test_kernels_compile_for_hopper_in_fp32():
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except ImportError:
         pytest.skip("this Triton has no NVIDIA backend")
+    from kernels import triton_attention as attn
     from kernels import triton_ops as ops
 
     assert not ops.INTERPRET
@@ -546,12 +556,12 @@ def test_kernels_compile_for_hopper_in_fp32():
     attention = dict(HEAD_DIM=128, BLOCK_D=128, DOT_FP32=True, FP8_QK=False, FP8_PV=False)
     for causal in (False, True):  # ring attention's blocks return the log-sum-exp, masked or not
         meta = dict(attention, BLOCK_CAUSAL=causal, RETURN_LSE=causal)
-        _compile_for_hopper(ops._attention_kernel, dtype, dict(meta, BLOCK_M=64, BLOCK_N=32))
+        _compile_for_hopper(attn._attention_kernel, dtype, dict(meta, BLOCK_M=64, BLOCK_N=32))
     # at least one autotune config must fit Hopper's shared memory (227 KiB) for fp32 operands
     meta = dict(attention, BLOCK_CAUSAL=False, RETURN_LSE=False)
-    smallest = ops._ATTN_CONFIGS[-1]
+    smallest = attn._ATTN_CONFIGS[-1]
     compiled = _compile_for_hopper(
-        ops._attention_kernel, dtype, dict(meta, **smallest.kwargs), num_warps=smallest.num_warps,
+        attn._attention_kernel, dtype, dict(meta, **smallest.kwargs), num_warps=smallest.num_warps,
         num_stages=smallest.num_stages,
     )  # fmt: skip
     assert compiled.metadata.shared <= 227 * 1024

@@ -49,7 +49,7 @@ def test_kernel_log_sum_exp_merges_like_full_attention(backend):
     """Ring attention's blocks on our kernel, at Wan shapes in bf16: four key blocks (their own
     frames, masked block-causally) merged by log-sum-exp equal one call over all keys, to bf16's
     precision for `triton` and `fp8_qk`, and to FP8's for `fp8` (P rounded per block)."""
-    from kernels import attention_backends, triton_ops
+    from kernels import attention_backends, triton_attention
 
     if backend != "triton" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 tensor cores need sm_89")
@@ -72,11 +72,11 @@ def test_kernel_log_sum_exp_merges_like_full_attention(backend):
     else:
         pv = backend == "fp8"
         whole = attention_backends.attention(q, k, v, (q_block, k_block), s, backend).float()
-        q8, q_scale, k8, k_scale, v_q, v_scale = triton_ops.quantize_fp8_attention(q, k, v, pv)
+        q8, q_scale, k8, k_scale, v_q, v_scale = triton_attention.quantize_fp8_attention(q, k, v, pv)
         for i, ids in enumerate(k_block.chunk(4)):
             keys = slice(i * 6 * s, (i + 1) * 6 * s)
             vb = v_q[..., keys] if pv else v_q[:, keys]
-            part = triton_ops.fp8_attention_quantized(
+            part = triton_attention.fp8_attention_quantized(
                 q8, q_scale, k8[:, keys], k_scale[:, keys], vb, v_scale, (q_block, ids), s, q.dtype,
                 return_lse=True,
             )  # fmt: skip

@@ -1,0 +1,282 @@
+"""Triton kernel (d): attention for streaming, on the GPU beside `kernels.triton_ops` (the
+other kernels of the DiT's hot path, whose conventions it shares: see there).
+
+A flash-attention style forward for a chunk of queries against sink + window + itself
+(`attention`), with the block-causal frame mask of training, QK^T and PV in e4m3
+(`fp8_attention`, `fp8_attention_quantized`), and each row's log-sum-exp for ring
+attention's partials (`return_lse`). Called through `kernels.attention_backends`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# (triton_ops also sets Triton's environment, read when a kernel compiles)
+from kernels.triton_ops import INTERPRET, LOG2E, _round_to_e4m3, quantize_fp8_rows, quantize_fp8_values
+
+# ---------------------------------------------------------------------------
+# (d) Attention: flash-attention style forward, one program per (query block,
+# batch * head), online softmax over key blocks in fp32. Lq and Lk are
+# independent (a chunk of queries against sink + window + itself) and need not
+# be multiples of the blocks. With BLOCK_CAUSAL, token i's frame is i // S and
+# a query attends to keys whose frame block id is <= its own; key blocks that
+# no query of the tile may see are skipped.
+
+if INTERPRET:
+    _ATTN_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=1)]
+else:
+    _ATTN_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        # (BLOCK_M, BLOCK_N, warps, stages). Compiled for sm_90 at head dim 128 in bf16
+        # (`streamgen bench resources`), none spills and all fit in shared memory; (128, 64)
+        # with 4 warps needed 255 registers and spilled, so it is not offered.
+        for bm, bn, w, s in (
+            (128, 64, 8, 3),
+            (128, 128, 8, 3),
+            (64, 64, 4, 3),
+            (64, 32, 4, 2),
+        )
+    ]
+
+
+@triton.jit
+def _attend_key_block(
+    q, k_base, v_base, k_scales, cols, col_ok, dims, dim_ok, allowed, stride_kl, stride_vl, stride_vd,
+    q_factor, m_i, l_i, acc, DOT_FP32: tl.constexpr, FP8_QK: tl.constexpr, FP8_PV: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax step: fold the key block `cols` into (running max, sum, acc). Without
+    MASKED every key of the block is allowed (a full block of the unmasked loop): the scores
+    skip the select, one operation per score less beside the exp2."""
+    k = tl.load(
+        k_base + cols[None, :] * stride_kl + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None], other=0.0
+    )  # [BLOCK_D, BLOCK_N]
+    v = tl.load(
+        v_base + cols[:, None] * stride_vl + dims[None, :] * stride_vd,
+        mask=col_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_N, BLOCK_D]; with FP8_PV from v transposed, the keys' axis contiguous
+    if DOT_FP32:
+        scores = tl.dot(q, k.to(tl.float32), input_precision="ieee")
+    else:
+        scores = tl.dot(q, k)
+    if FP8_QK:  # each key's scale, then the query's with the softmax's
+        scores = scores * tl.load(k_scales, mask=col_ok, other=0.0)[None, :]
+    scores = scores * q_factor
+    if MASKED:
+        scores = tl.where(allowed, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    p = tl.exp2(scores - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if FP8_PV:
+        p = p * 256.0  # reference.FP8_P_SCALE: the small probabilities stay normal numbers
+        if DOT_FP32:  # the interpreter's fp8 cast is wrong: round to e4m3 in fp32, as the GPU's cast
+            pv = tl.dot(_round_to_e4m3(p), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+    elif DOT_FP32:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+def _prune_attention_configs(configs, named_args, **kwargs):
+    """The exact fp32 dots (DOT_FP32) spill registers in every config on Hopper (docs/kernels.md):
+    that path is for exactness, not speed, so it takes the smallest tile and is not autotuned.
+    Tiles that spill in an FP8 mode on sm_90 (`streamgen bench resources`) are not offered:
+    (128, 128) with QK^T alone in FP8 (Triton 3.9), (64, 64) with PV too (Triton 3.6, the
+    H200 image's)."""
+    if kwargs.get("DOT_FP32"):
+        return configs[-1:]
+    spills = None
+    if kwargs.get("FP8_QK"):
+        spills = (64, 64) if kwargs.get("FP8_PV") else (128, 128)
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != spills]
+
+
+@triton.autotune(
+    configs=_ATTN_CONFIGS,
+    key=["HEAD_DIM", "BLOCK_CAUSAL", "DOT_FP32", "FP8_QK", "FP8_PV"],
+    prune_configs_by={"early_config_prune": _prune_attention_configs},
+)
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_block_ptr, k_block_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+    stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh,
+    H, Lq, Lk, S, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    FP8_QK: tl.constexpr, FP8_PV: tl.constexpr, RETURN_LSE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    cols0 = tl.arange(0, BLOCK_N)
+    row_ok = rows < Lq
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(
+        q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql + dims[None, :],
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    # FP8: the scales of q and k, one per (batch, token, head), are [B, L, H] contiguous
+    k_scale_base = k_scale_ptr + b * Lk * H + h
+    if FP8_QK:
+        q_scale = tl.load(q_scale_ptr + (b * Lq + rows) * H + h, mask=row_ok, other=0.0)
+        q_factor = (q_scale * qk_scale)[:, None]
+    else:
+        q_factor = qk_scale
+
+    # a finite start for the running max keeps exp2(m_old - m_new) finite when a
+    # whole key block is masked for some row
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BLOCK_CAUSAL:
+        q_block = tl.load(q_block_ptr + rows // S, mask=row_ok, other=-(2**30))
+        q_block_max = tl.max(q_block, axis=0)
+
+    if BLOCK_CAUSAL:
+        for start_n in range(0, Lk, BLOCK_N):
+            cols = start_n + cols0
+            col_ok = cols < Lk
+            k_block = tl.load(k_block_ptr + cols // S, mask=col_ok, other=2**30)
+            if tl.min(k_block, axis=0) <= q_block_max:  # else no query of this tile sees the block
+                allowed = (k_block[None, :] <= q_block[:, None]) & col_ok[None, :]
+                m_i, l_i, acc = _attend_key_block(
+                    q, k_base, v_base, k_scale_base + cols * H, cols, col_ok, dims, dim_ok, allowed,
+                    stride_kl, stride_vl, stride_vd, q_factor, m_i, l_i, acc, DOT_FP32, FP8_QK, FP8_PV,
+                    True,
+                )  # fmt: skip
+    else:
+        # full key blocks with no branch and no select, so the compiler can pipeline the loads;
+        # then the partial block at the end, if any, masked
+        full_end = Lk - Lk % BLOCK_N
+        for start_n in range(0, full_end, BLOCK_N):
+            cols = start_n + cols0
+            m_i, l_i, acc = _attend_key_block(
+                q, k_base, v_base, k_scale_base + cols * H, cols, cols < Lk, dims, dim_ok, None,
+                stride_kl, stride_vl, stride_vd, q_factor, m_i, l_i, acc, DOT_FP32, FP8_QK, FP8_PV,
+                False,
+            )  # fmt: skip
+        if full_end < Lk:
+            cols = full_end + cols0
+            col_ok = cols < Lk
+            m_i, l_i, acc = _attend_key_block(
+                q, k_base, v_base, k_scale_base + cols * H, cols, col_ok, dims, dim_ok, col_ok[None, :],
+                stride_kl, stride_vl, stride_vd, q_factor, m_i, l_i, acc, DOT_FP32, FP8_QK, FP8_PV,
+                True,
+            )  # fmt: skip
+
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if RETURN_LSE:  # each row's log-sum-exp of its scores, natural log (the scores are in log2 units);
+        # rows past Lq (not stored) may have seen no key: no log of 0 for them
+        lse = m_i + tl.log2(tl.where(row_ok, l_i, 1.0))
+        tl.store(lse_ptr + bh * Lq + rows, lse * 0.6931471805599453, mask=row_ok)
+    if FP8_PV:  # v's scale per channel, and the probabilities' 2^8
+        out = out * (tl.load(v_scale_ptr + bh * HEAD_DIM + dims, mask=dim_ok, other=0.0) / 256.0)[None, :]
+    tl.store(
+        o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + dims[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & dim_ok[None, :],
+    )
+
+
+def attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, return_lse: bool = False):
+    """Triton `reference.attention`: q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
+
+    Inputs may be strided views (e.g. slices of a KV cache) as long as the head
+    dim is unit-stride. block_mask_frames=(q_block [Fq], k_block [Fk]) selects
+    the block-causal mask over frames of `tokens_per_frame` tokens. With
+    `return_lse`: (out in fp32, the rows' log-sum-exp [B, H, Lq] fp32), the
+    partial of one block of keys that ring attention merges.
+    """
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    v_strides = (v.stride(0), v.stride(1), v.stride(2), 1)
+    out_dtype = torch.float32 if return_lse else q.dtype
+    return _launch_attention(
+        q, k, v, v_strides, None, block_mask_frames, tokens_per_frame, out_dtype, q.dtype, return_lse
+    )
+
+
+def fp8_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv: bool = False):
+    """Triton `reference.fp8_attention` (pv=True), or with QK^T alone in e4m3 and PV in v's dtype:
+    q and k quantized per token and head (`quantize_fp8_rows`), v per head and channel and
+    transposed, the keys' axis contiguous, as Hopper's FP8 tensor cores read it."""
+    inputs = quantize_fp8_attention(q, k, v, pv)
+    return fp8_attention_quantized(*inputs, block_mask_frames, tokens_per_frame, q.dtype)
+
+
+def quantize_fp8_attention(q, k, v, pv: bool, v_scale=None):
+    """`reference.quantize_fp8_attention`: (q8, q_scale, k8, k_scale, v8 or v, v_scale or None)."""
+    q8, q_scale = quantize_fp8_rows(q)
+    k8, k_scale = quantize_fp8_rows(k)
+    q8, k8 = q8.view(q.shape), k8.view(k.shape)
+    q_scale, k_scale = q_scale.view(q.shape[:-1]), k_scale.view(k.shape[:-1])
+    if not pv:
+        return q8, q_scale, k8, k_scale, v, None
+    return q8, q_scale, k8, k_scale, *quantize_fp8_values(v, v_scale)
+
+
+def fp8_attention_quantized(
+    q8, q_scale, k8, k_scale, v, v_scale, block_mask_frames=None, tokens_per_frame: int = 1,
+    dtype=torch.bfloat16, return_lse: bool = False,
+):  # fmt: skip
+    """Attention of inputs quantized by `quantize_fp8_attention`, out in `dtype` (the inputs' own:
+    fp32 takes the exact dots); with `return_lse`, as in `attention`."""
+    if v_scale is None:  # QK^T alone in FP8: v in its own dtype, [B, Lk, H, D]
+        v = v if v.stride(-1) == 1 else v.contiguous()
+        v_strides = (v.stride(0), v.stride(1), v.stride(2), 1)
+    else:  # [B, H, D, Lk], read as [B, Lk, H, D]
+        v_strides = (v.stride(0), v.stride(3), v.stride(1), v.stride(2))
+    out_dtype = torch.float32 if return_lse else dtype
+    scales = (q_scale, k_scale, v_scale)
+    return _launch_attention(
+        q8, k8, v, v_strides, scales, block_mask_frames, tokens_per_frame, out_dtype, dtype, return_lse
+    )
+
+
+def _launch_attention(
+    q, k, v, v_strides, fp8_scales, block_mask_frames, tokens_per_frame, out_dtype, dtype, return_lse
+):  # fmt: skip
+    """`dtype` is the model's: in fp32 (and in the interpreter) the dots are exact fp32 products."""
+    bsz, lq, heads, head_dim = q.shape
+    lk = k.shape[1]
+    assert k.shape == (bsz, lk, heads, head_dim) and v.numel() == k.numel(), (q.shape, k.shape, v.shape)
+    out = torch.empty(bsz, lq, heads, head_dim, device=q.device, dtype=out_dtype)
+    lse = torch.empty(bsz, heads, lq, device=q.device, dtype=torch.float32) if return_lse else out
+    if block_mask_frames is not None:
+        q_block, k_block = (t.to(device=q.device, dtype=torch.int32).contiguous() for t in block_mask_frames)
+        assert q_block.numel() * tokens_per_frame == lq and k_block.numel() * tokens_per_frame == lk
+    else:
+        q_block = k_block = out  # unused pointers without the mask (nothing allocated per call)
+    # unused pointers without FP8 (v's scale: without FP8 products for PV)
+    q_scale, k_scale, v_scale = (out if t is None else t for t in (fp8_scales or (None,) * 3))
+
+    def grid(meta):
+        return (triton.cdiv(lq, meta["BLOCK_M"]), bsz * heads)
+
+    _attention_kernel[grid](
+        q, k, v, out, lse, q_block, k_block, q_scale, k_scale, v_scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        *v_strides, out.stride(0), out.stride(1), out.stride(2),
+        heads, lq, lk, max(tokens_per_frame, 1), LOG2E / math.sqrt(head_dim),
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_CAUSAL=block_mask_frames is not None, DOT_FP32=INTERPRET or dtype == torch.float32,
+        FP8_QK=fp8_scales is not None, FP8_PV=v_scale is not out, RETURN_LSE=return_lse,
+    )  # fmt: skip
+    return (out, lse) if return_lse else out
