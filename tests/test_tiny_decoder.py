@@ -9,6 +9,7 @@ same frames.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -223,7 +224,7 @@ def test_a_stream_session_streams_through_it():
     assert first.std() > 0
 
 
-def test_generate_decodes_through_a_tiny_decoder_and_refuses_a_wrong_one(tmp_path):
+def test_generate_decodes_through_a_tiny_decoder_in_one_process_or_several_and_refuses_a_wrong_one(tmp_path):
     import av
     from cli_helpers import streamgen
 
@@ -233,27 +234,62 @@ def test_generate_decodes_through_a_tiny_decoder_and_refuses_a_wrong_one(tmp_pat
     TinyDecoder(SMALL).save(tmp_path / "tiny.safetensors")  # the debug model's 4 latent channels
     TinyDecoder(TinyDecoderConfig(widths=(8, 8, 8, 8), blocks_per_stage=1)).save(tmp_path / "wan.safetensors")
     videos = {}
-    for name, extra in (("plain", []), ("tiny", ["--tiny-decoder", str(tmp_path / "tiny.safetensors")])):
+    tiny = ["--tiny-decoder", str(tmp_path / "tiny.safetensors")]
+    for name, extra in (("plain", []), ("tiny", tiny)):
         out = tmp_path / f"{name}.mp4"
         assert main(["generate", "--model", "debug", "--out", str(out), "--quiet", *extra]) == 0
         with av.open(str(out)) as c:
-            videos[name] = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+            videos[name] = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
     assert len(videos["tiny"]) == len(videos["plain"]) >= 25
     assert videos["tiny"][0].shape == (64, 64, 3)
     assert any(abs(a.astype(int) - b).mean() > 5 for a, b in zip(videos["tiny"], videos["plain"]))
-    for checkpoint, extra, message in (
-        (tmp_path / "missing.pth", [], "no tiny decoder checkpoint"),
+    # sequence-parallel, every process decoding whole frames with it: the same video (up to
+    # float rounding, which can flip a pixel's rounding before H.264)
+    r = streamgen(
+        "generate", "--model", "debug", "--sp", "2", *tiny, "--out", str(tmp_path / "sp.mp4"), "--quiet"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    with av.open(str(tmp_path / "sp.mp4")) as c:
+        sp = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    assert sp.shape == videos["tiny"].shape
+    diff = np.abs(sp.astype(int) - videos["tiny"])
+    assert diff.max() <= 3 and diff.mean() < 0.05
+    for checkpoint, message in (
+        (tmp_path / "missing.pth", "no tiny decoder checkpoint"),
         (
             tmp_path / "wan.safetensors",
-            [],
             "this tiny decoder does not fit the autoencoder's latents: latent channels 16 != 4",
         ),
-        (tmp_path / "tiny.safetensors", ["--sp", "2"], "--tiny-decoder decodes in one process"),
     ):
-        r = streamgen("generate", "--model", "debug", "--tiny-decoder", str(checkpoint), *extra,
+        r = streamgen("generate", "--model", "debug", "--tiny-decoder", str(checkpoint),
                       "--out", str(tmp_path / "x.mp4"), "--quiet")  # fmt: skip
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.strip().splitlines()[-1].startswith(f"streamgen generate: error: {message}"), r.stderr
+
+
+@torch.no_grad()
+def test_receptive_radius_bounds_how_far_a_latent_row_reaches():
+    """`decoder_receptive_radius` of TAEHV's layout (3 stages of 3 memory blocks): 17.75 latent
+    rows, which is why sequence-parallel decoding does not cut it into bands (a halo would be
+    most of a frame). Changing one latent row changes output rows up to that far and no further
+    (observed 16.25 up, 15.5 down: nearest upsampling makes the reach discrete)."""
+    from streamgen.parallel.vae import decoder_receptive_radius, parallel_decoder
+
+    torch.manual_seed(0)
+    decoder = TinyDecoder(TinyDecoderConfig(latent_channels=4, widths=(8, 8, 8, 8))).eval()  # TAEHV's depth
+    vae = TinyDecoderVAE(_tiny_wan_vae(), decoder)
+    radius = decoder_receptive_radius(vae)
+    assert radius == 17.75
+    z = torch.randn(1, 2, 4, 48, 3)
+    moved = z.clone()
+    moved[:, :, :, 24] += 1.0  # latent row 24: output rows 192-199
+    a, _ = decoder(z, clamp=False)
+    b, _ = decoder(moved, clamp=False)
+    rows = ((a - b).abs().amax(dim=(0, 1, 2, 4)) > 0).nonzero().flatten()
+    reach = max(192 - rows.min().item(), rows.max().item() - 199) / 8
+    assert radius - 2 <= reach <= radius
+    # so every process decodes whole frames (the group is not consulted for it)
+    assert parallel_decoder(vae, 60, group=object()) is vae
 
 
 @pytest.mark.gpu

@@ -76,8 +76,6 @@ def run(args) -> int:
         use_precision(fp8=args.fp8)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if args.tiny_decoder and args.sp > 1:
-        raise UserError("--tiny-decoder decodes in one process: leave out --sp")
     if args.sp > 1:
         from streamgen.parallel.launch import relaunch_under_torchrun
 

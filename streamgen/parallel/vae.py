@@ -34,13 +34,20 @@ from streamgen.model.vae import UpsampleConv2d
 
 
 def decoder_receptive_radius(vae) -> float:
-    """How far (in latent pixels) a decoded pixel can see, for TinyCausalVAE-style decoders.
+    """How far (in latent pixels) a decoded pixel can see, for TinyCausalVAE-style decoders and
+    TAEHV's (`TinyDecoderVAE`).
 
-    Walks the decoder's modules in forward order (dec_in, dec_mix, dec): a
-    convolution reaches kernel//2 * dilation pixels at the current scale, an
-    upsample multiplies the scale. Raises for layers whose reach is not local.
+    Walks the decoder's modules in forward order (dec_in, dec_mix, dec; or the tiny decoder's):
+    a convolution reaches kernel//2 * dilation pixels at the current scale, an upsample
+    multiplies the scale. A memory block's past is the same pixels one frame earlier, which see
+    as far. Raises for layers whose reach is not local.
     """
-    stages = [getattr(vae, name, None) for name in ("dec_in", "dec_mix", "dec")]
+    from streamgen.model.tiny_decoder import TinyDecoderVAE
+
+    if isinstance(vae, TinyDecoderVAE):
+        stages = [vae.decoder]
+    else:
+        stages = [getattr(vae, name, None) for name in ("dec_in", "dec_mix", "dec")]
     if any(s is None for s in stages):
         raise TypeError(
             f"{type(vae).__name__}: tiled decoding needs a convolutional decoder (dec_in, dec_mix, dec) "
@@ -55,8 +62,16 @@ def decoder_receptive_radius(vae) -> float:
                 radius += (m.kernel_size[0] // 2) * m.dilation[0] / scale
             elif isinstance(m, nn.Upsample):
                 scale *= m.scale_factor if isinstance(m.scale_factor, (int, float)) else m.scale_factor[0]
-            elif isinstance(m, (nn.Sequential, nn.SiLU, nn.Identity)) or type(m).__name__ == "ResBlock2d":
+            elif isinstance(m, (nn.Sequential, nn.ModuleList, nn.SiLU, nn.ReLU, nn.Identity)):
                 continue
+            elif type(m).__name__ in (
+                "ResBlock2d",
+                "TinyDecoder",
+                "DecoderStage",
+                "MemoryBlock",
+                "TimeUpsample",
+            ):
+                continue  # containers: their convolutions are counted one by one
             else:
                 raise TypeError(f"cannot bound the receptive field of {type(m).__name__}")
     return radius
@@ -226,11 +241,14 @@ class WanBandParallelDecoder(_ParallelDecoder):
 
 def parallel_decoder(vae, latent_height: int, group=None):
     """The parallel decoder for this autoencoder (banded for WanVAE, tiled with a halo otherwise),
-    or `vae` itself, decoding whole frames on every process, when `latent_height` does not
-    divide into the group's bands."""
+    or `vae` itself, decoding whole frames on every process: when `latent_height` does not divide
+    into the group's bands, and for TAEHV's tiny decoder (`TinyDecoderVAE`), whose receptive
+    radius (`decoder_receptive_radius`: 17.75 latent rows with TAEHV's layout) would give each
+    band a halo of most of the frame (at 480p, 60 latent rows: 2 bands would each decode 48)."""
+    from streamgen.model.tiny_decoder import TinyDecoderVAE
     from streamgen.model.vae import WanVAE
 
     group = group or dist.group.WORLD
-    if latent_height % dist.get_world_size(group):
+    if isinstance(vae, TinyDecoderVAE) or latent_height % dist.get_world_size(group):
         return vae
     return WanBandParallelDecoder(vae, group) if isinstance(vae, WanVAE) else TiledParallelDecoder(vae, group)
