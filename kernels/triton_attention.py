@@ -91,18 +91,21 @@ def _prune_attention_configs(configs, named_args, **kwargs):
     that path is for exactness, not speed, so it takes the smallest tile and is not autotuned.
     Tiles that spill in an FP8 mode on sm_90 (`streamgen bench resources`) are not offered:
     (128, 128) with QK^T alone in FP8 (Triton 3.9), (64, 64) with PV too (Triton 3.6, the
-    H200 image's)."""
+    H200 image's), and (128, 64) with PV too and the log-sum-exp (ring attention's blocks;
+    Triton 3.9: 12 bytes, tests/test_kernels_offline.py)."""
     if kwargs.get("DOT_FP32"):
         return configs[-1:]
-    spills = None
+    spills = set()
     if kwargs.get("FP8_QK"):
-        spills = (64, 64) if kwargs.get("FP8_PV") else (128, 128)
-    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != spills]
+        spills.add((64, 64) if kwargs.get("FP8_PV") else (128, 128))
+    if kwargs.get("FP8_PV") and kwargs.get("RETURN_LSE"):
+        spills.add((128, 64))
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) not in spills]
 
 
 @triton.autotune(
     configs=_ATTN_CONFIGS,
-    key=["HEAD_DIM", "BLOCK_CAUSAL", "DOT_FP32", "FP8_QK", "FP8_PV"],
+    key=["HEAD_DIM", "BLOCK_CAUSAL", "DOT_FP32", "FP8_QK", "FP8_PV", "RETURN_LSE"],
     prune_configs_by={"early_config_prune": _prune_attention_configs},
 )
 @triton.jit

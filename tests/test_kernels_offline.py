@@ -87,6 +87,30 @@ def test_exact_fp32_attention_builds_one_config_instead_of_autotuning():
     assert kernel.metadata.shared <= resources.SHARED_BYTES_PER_BLOCK[90]
 
 
+@pytest.mark.slow
+def test_ring_attention_blocks_build_for_hopper_without_spills():
+    """Ring attention's blocks return each row's log-sum-exp (`return_lse`). With PV in FP8 as
+    well, the kernel is at 255 registers: at a Wan ring block's shapes, the configs it offers build
+    without spilling ((128, 64) spilled 12 bytes, and is not offered). In bf16 and with QK^T alone
+    in FP8 the log-sum-exp builds at 245 and 190 registers at most (Triton 3.9), far from it."""
+    from kernels import reference
+
+    torch.manual_seed(0)
+    s = 390  # a quarter of a 1560-token frame: a 4-process ring's block
+    q = torch.randn(1, 3 * s, 12, 128, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 25 * s, 12, 128, dtype=torch.bfloat16) for _ in range(2))
+    inputs = reference.quantize_fp8_attention(q, k, v, pv=True)
+    with resources.compile_only(90) as compiled:
+        triton_attention.fp8_attention_quantized(*inputs, None, 1, torch.bfloat16, return_lse=True)
+    tiles = []
+    for _name, variant, kernel, _seconds, report in compiled:
+        usage = resources.ptxas_usage(report)
+        assert usage["spill_stores"] == usage["spill_loads"] == 0, (variant, usage)
+        assert kernel.metadata.shared <= resources.SHARED_BYTES_PER_BLOCK[90]
+        tiles.append((variant["BLOCK_M"], variant["BLOCK_N"]))
+    assert sorted(tiles) == [(64, 32), (128, 128)]
+
+
 def test_an_unknown_case_is_one_line_and_exit_code_2():
     r = streamgen("bench", "resources", "--only", "layernorm", "--json")
     assert r.returncode == 2 and r.stdout == ""
