@@ -80,6 +80,10 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int):
     (diffusers' AutoencoderKLWan folder); none: the `model.init` model's, else a seeded random
     TinyCausalVAE. Frozen."""
     from streamgen.model.vae import TinyCausalVAE, WanVAE
+    from streamgen.models import load_autoencoder
+
+    def has_autoencoder(d: Path) -> bool:
+        return (d / "vae_config.json").exists() or (d / WanVAE.DIRECTORY).is_dir()
 
     source = section.vae
     if source is not None and source.startswith("wan:"):
@@ -90,13 +94,11 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int):
         return vae.eval().requires_grad_(False)
     if source is None and section.init and not section.init.startswith("wan:"):
         d = _model_dir(section.init)
-        if (d / "vae_config.json").exists():
+        if has_autoencoder(d):
             source = str(d)
     if source is not None:
         p = Path(source)
-        if not (p / "vae_config.json").exists():
-            p = _model_dir(source)
-        vae = TinyCausalVAE.load(p)
+        vae = load_autoencoder(p if has_autoencoder(p) else _model_dir(source))
     else:
         torch.manual_seed(seed + 1)
         vae = TinyCausalVAE(latent_channels, tuple(section.vae_widths), temporal, section.vae_res_blocks)

@@ -199,7 +199,7 @@ def _load_dir(d: Path, device, dtype, **cfg_overrides) -> AvatarModel:
         dit.load_state_dict(sd)
     except RuntimeError as e:
         raise ValueError(f"{d}: weights do not match the model config in model.json: {e}") from e
-    vae = TinyCausalVAE.load(d)
+    vae = load_autoencoder(d)
     return AvatarModel(
         name=meta.get("name", d.name),
         dit=dit.to(device, dtype).eval(),
@@ -211,6 +211,25 @@ def _load_dir(d: Path, device, dtype, **cfg_overrides) -> AvatarModel:
         trained=True,
         meta=meta,
     )
+
+
+def load_autoencoder(directory) -> VideoAutoencoder:
+    """A model (or autoencoder) directory's autoencoder, as its `save` wrote it: TinyCausalVAE
+    (vae_config.json) or the Wan VAE (wan_vae/, a diffusers folder); behind TAEHV's tiny decoder
+    where tiny_decoder.safetensors lies beside them."""
+    from streamgen.model.tiny_decoder import TINY_DECODER_FILE, TinyDecoder, TinyDecoderVAE
+    from streamgen.model.vae import WanVAE
+
+    d = Path(directory)
+    if (d / WanVAE.DIRECTORY).is_dir():
+        vae = WanVAE.load(d)
+    elif (d / "vae_config.json").exists():
+        vae = TinyCausalVAE.load(d)
+    else:
+        raise FileNotFoundError(f"{d}: no autoencoder (vae_config.json, or {WanVAE.DIRECTORY}/)")
+    if (d / TINY_DECODER_FILE).exists():
+        vae = TinyDecoderVAE(vae, TinyDecoder.from_checkpoint(d / TINY_DECODER_FILE).eval())
+    return vae.eval()
 
 
 def save_model(model: AvatarModel, directory, extra_meta: dict | None = None) -> None:

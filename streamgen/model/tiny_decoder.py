@@ -25,6 +25,8 @@ drops the others.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,23 +160,35 @@ class TinyDecoder(nn.Module):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no tiny decoder checkpoint at {path}")
+        saved = None  # the config `save` wrote beside the weights
         if path.suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
             state = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                saved = (f.metadata() or {}).get("tiny_decoder_config")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
         if any(k.startswith("decoder.") for k in state):
             state = from_taehv(state)
-        cfg = config_from_state_dict(state, **overrides)
+        if saved is not None:
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(saved).items()}
+            cfg = TinyDecoderConfig(**{**fields, **overrides})
+        else:
+            cfg = config_from_state_dict(state, **overrides)
         decoder = cls(cfg)
         decoder.load_state_dict(_keep_last_frames(state, decoder.state_dict()))
         return decoder
 
     def save(self, path) -> None:
+        """The weights as safetensors, the config in its metadata: the shapes do not say which
+        stages upsample in space."""
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path))
+        config = json.dumps(dataclasses.asdict(self.cfg))
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path), metadata={"tiny_decoder_config": config})
 
 
 def config_from_state_dict(state: dict[str, torch.Tensor], **overrides) -> TinyDecoderConfig:
@@ -247,6 +261,9 @@ def from_taehv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+TINY_DECODER_FILE = "tiny_decoder.safetensors"  # in a model directory, beside its autoencoder's files
+
+
 class TinyDecoderVAE(VideoAutoencoder):
     """`vae` (its encoder, its latent layout) whose decoding runs through a `TinyDecoder`."""
 
@@ -284,6 +301,12 @@ class TinyDecoderVAE(VideoAutoencoder):
 
     def init_state(self, batch: int):
         return {"memory": None, "first": True}
+
+    def save(self, directory) -> None:
+        """The wrapped autoencoder's files, and `tiny_decoder.safetensors` beside them (a model
+        directory decodes through it when loaded: `streamgen.models.load_autoencoder`)."""
+        self.vae.save(directory)
+        self.decoder.save(Path(directory) / TINY_DECODER_FILE)
 
     def decode_stream(self, latents: torch.Tensor, state, clamp: bool = True):
         """`clamp=False` (training, distill/tiny_decoder.py): frames not clamped to [-1, 1], so that

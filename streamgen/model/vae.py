@@ -397,6 +397,17 @@ class WanVAE(VideoAutoencoder):
 
         return cls(AutoencoderKLWan.from_pretrained(path, **kwargs))
 
+    # --- persistence: a diffusers folder inside a model directory --------------------------------
+    DIRECTORY = "wan_vae"
+
+    def save(self, directory) -> None:
+        self.vae.save_pretrained(Path(directory) / self.DIRECTORY)
+
+    @classmethod
+    def load(cls, directory) -> WanVAE:
+        """The folder `save` wrote, in float32 (an export may have stored float16)."""
+        return cls.from_pretrained(Path(directory) / cls.DIRECTORY, torch_dtype=torch.float32)
+
     first_latent_frames = 1  # Wan's 1 + 4k: the first latent frame holds one video frame
 
     def _stats(self, z):
