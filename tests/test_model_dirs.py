@@ -94,3 +94,32 @@ def test_distillation_takes_the_autoencoder_of_a_wan_based_model_directory(tmp_p
     d = export(wan_based_model(tiny_decoder=True), tmp_path / "model")
     vae = load_vae(ModelConfigSection(vae=str(d)), latent_channels=4, temporal=4, seed=0)
     assert isinstance(vae, TinyDecoderVAE) and not any(p.requires_grad for p in vae.parameters())
+
+
+def test_the_server_streams_a_wan_based_model_directory(tmp_path):
+    """`serve --model DIR` loads it as every command does: a session streams its frames."""
+    import json
+
+    from fastapi.testclient import TestClient
+    from server_helpers import server_config, wait_ready
+
+    from server.app import create_app
+    from server.protocol import HEADER, MsgType
+
+    d = str(export(wan_based_model(tiny_decoder=True), tmp_path / "model"))
+    with TestClient(create_app(server_config(model=d), model=load_model(d))) as client:
+        wait_ready(client)
+        r = client.post("/v1/sessions", json={"avatar": "bo", "seed": 1})
+        assert r.status_code == 201, r.text
+        s = r.json()
+        with client.websocket_connect(f"{s['stream']}?token={s['token']}") as ws:
+            ws.send_text(json.dumps({"type": "start", "format": "rgb"}))
+            ready = json.loads(ws.receive_text())
+            assert (ready["width"], ready["height"]) == (WIDTH, HEIGHT), ready
+            frames = []
+            while len(frames) < 12:  # the first chunk (9 frames: Wan's 1 + 4k) and more
+                data = ws.receive().get("bytes")
+                if data is not None and data[0] == MsgType.VIDEO_RGB:
+                    frames.append(np.frombuffer(data[HEADER.size :], np.uint8).reshape(HEIGHT, WIDTH, 3))
+            ws.send_text(json.dumps({"type": "stop"}))
+    assert np.stack(frames).std() > 1  # pictures, not a constant
