@@ -557,6 +557,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes on any device (tests)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--chunks", type=int, default=12)
+    p.add_argument("--warmup-chunks", type=int, default=None,
+                   help="chunks before each variant's timing (default: past the first with a full ring)")  # fmt: skip
     p.add_argument("--budget", type=float, default=420.0, help="seconds after which variants are skipped")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel micro-benchmarks")
@@ -575,6 +577,10 @@ def main(args) -> dict:
         from streamgen.cli import UserError
 
         raise UserError("no CUDA device here; `--device cpu --quick` runs the same code at tiny sizes")
+    if args.warmup_chunks is not None and args.warmup_chunks < 0:
+        from streamgen.cli import UserError
+
+        raise UserError("--warmup-chunks must be 0 or more")
     result = run(
         args.device,
         args.quick,
@@ -586,6 +592,7 @@ def main(args) -> dict:
         backends=tuple(args.backends),
         out=args.out,
         only=None if args.only is None else set(args.only),
+        warmup_chunks=args.warmup_chunks,
     )
     if result.get("only_unknown"):
         print(f"bench gpu: --only names no part of this run: {result['only_unknown']}", file=sys.stderr)
