@@ -573,13 +573,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> dict:
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        from streamgen.cli import UserError
+    from streamgen.cli import UserError
 
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise UserError("no CUDA device here; `--device cpu --quick` runs the same code at tiny sizes")
     if args.warmup_chunks is not None and args.warmup_chunks < 0:
-        from streamgen.cli import UserError
-
         raise UserError("--warmup-chunks must be 0 or more")
     result = run(
         args.device,

@@ -219,7 +219,7 @@ def triton_function(op_name: str):
     return getattr(triton_attention if hasattr(triton_attention, op_name) else triton_ops, op_name)
 
 
-def _triton_ops(device):
+def _triton_functions(device):
     """(`triton_function`, None), or (None, why the Triton kernels cannot run here)."""
     if device.type != "cuda":
         return None, "Triton kernels run on CUDA only (CPU uses the references)"
@@ -268,7 +268,7 @@ def run(
     except ImportError:
         result["triton"] = None
     result["copy"] = _copy_rate(dev, dtype, shapes, quick)
-    ops, why_no_triton = _triton_ops(dev)
+    triton_fn, why_no_triton = _triton_functions(dev)
     try:
         cases = _cases(shapes, dev, dtype)
     except Exception as e:
@@ -291,10 +291,10 @@ def run(
                 entry["compile"] = _measure(compiled, args, nbytes, flops, dev, quick)
         else:
             entry["compile"] = {"skipped": "compile disabled"}
-        if ops is None:
+        if triton_fn is None:
             entry["triton"] = {"skipped": why_no_triton}
         else:
-            fused = ops(op_name)
+            fused = triton_fn(op_name)
             entry["triton"] = _measure(fused, args, nbytes, flops, dev, quick)
             entry["triton"]["max_abs_err_vs_eager"] = _max_err(fused, eager, args)
         if op_name == "attention":

@@ -42,8 +42,15 @@ def decoder_receptive_radius(vae) -> float:
     multiplies the scale. A memory block's past is the same pixels one frame earlier, which see
     as far. Raises for layers whose reach is not local.
     """
-    from streamgen.model.tiny_decoder import TinyDecoderVAE
+    from streamgen.model.tiny_decoder import (
+        DecoderStage,
+        MemoryBlock,
+        TimeUpsample,
+        TinyDecoder,
+        TinyDecoderVAE,
+    )
 
+    containers = (nn.Sequential, nn.ModuleList, DecoderStage, MemoryBlock, TimeUpsample, TinyDecoder)
     if isinstance(vae, TinyDecoderVAE):
         stages = [vae.decoder]
     else:
@@ -62,16 +69,10 @@ def decoder_receptive_radius(vae) -> float:
                 radius += (m.kernel_size[0] // 2) * m.dilation[0] / scale
             elif isinstance(m, nn.Upsample):
                 scale *= m.scale_factor if isinstance(m.scale_factor, (int, float)) else m.scale_factor[0]
-            elif isinstance(m, (nn.Sequential, nn.ModuleList, nn.SiLU, nn.ReLU, nn.Identity)):
-                continue
-            elif type(m).__name__ in (
-                "ResBlock2d",
-                "TinyDecoder",
-                "DecoderStage",
-                "MemoryBlock",
-                "TimeUpsample",
-            ):
+            elif isinstance(m, containers) or type(m).__name__ == "ResBlock2d":
                 continue  # containers: their convolutions are counted one by one
+            elif isinstance(m, (nn.SiLU, nn.ReLU, nn.Identity)):
+                continue
             else:
                 raise TypeError(f"cannot bound the receptive field of {type(m).__name__}")
     return radius
