@@ -161,6 +161,49 @@ def tiny_wan_vae() -> WanVAE:
 
 
 @torch.no_grad()
+def test_wan_vae_single_frame_convolutions_run_2d_with_the_same_latents_and_frames():
+    """A reference image, a clip's first frame and a stream's first latent frame meet zeros in
+    every earlier temporal tap: as 2D convolutions they give the same values for a third of the
+    3x3x3 convolutions' work, and turned off it is diffusers' forward again."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vae = tiny_wan_vae()
+    image, video = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    z = torch.randn(1, 4, 5, 4, 4)
+
+    def flops(fn):
+        with FlopCounterMode(display=False) as counter:
+            out = fn()
+        return out, counter.get_total_flops()
+
+    def run():
+        reference, encode_flops = flops(lambda: vae.encode_reference(image))
+        first, decode_flops = flops(lambda: vae.decode_stream(z[:, :, :1], vae.init_state(1))[0])
+        return (
+            reference,
+            first,
+            vae.encode(video),
+            decode_in_chunks(vae, z, [1, 2, 2]),
+            encode_flops,
+            decode_flops,
+        )
+
+    assert vae.single_frame_2d  # the default
+    fast = run()
+    vae.single_frame_2d = False
+    convs = [m for m in vae.modules() if isinstance(m, WanCausalConv3d)]
+    assert not any("forward" in m.__dict__ for m in convs)  # diffusers' own forward
+    plain = run()
+    for a, b in zip(fast[:4], plain[:4]):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-5
+    # the 2D path was taken: the convolutions' work falls by almost 3x where they are 3x3x3
+    assert fast[4] < 0.45 * plain[4] and fast[5] < 0.6 * plain[5]
+    vae.single_frame_2d = True
+    assert all("forward" in m.__dict__ for m in convs)
+
+
+@torch.no_grad()
 def test_wan_vae_fused_norms_take_the_decoders_norms_through_the_kernel_dispatch(monkeypatch):
     import kernels
 
@@ -199,7 +242,7 @@ def test_wan_vae_pads_inside_its_convolutions_with_the_same_frames(monkeypatch):
     vae.pad_in_conv = False
     pads.clear()
     assert torch.equal(decode_in_chunks(vae, z, [1, 2, 2]), plain)
-    assert any(p[:4] != (0, 0, 0, 0) for p in pads)  # diffusers' own forward again: it pads every side
+    assert any(p[:4] != (0, 0, 0, 0) for p in pads)  # padding every side again, as diffusers does
 
 
 @torch.no_grad()

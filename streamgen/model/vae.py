@@ -281,9 +281,11 @@ class WanVAE(VideoAutoencoder):
         pad_in_conv=False,
         channels_last=False,
         compiled_decoder: str | None = None,
+        single_frame_2d=True,
     ):
         super().__init__()
         self.vae = vae
+        self._single_frame_2d = bool(single_frame_2d)
         # Latent frames per decoder call; None: a chunk's in one call; "auto": None on a GPU, 1 on a
         # CPU, the faster of the two on each as measured (bench gpu's `decoder`). diffusers decodes
         # one per call (bounded memory on long clips); a chunk in one call gives each convolution
@@ -344,6 +346,21 @@ class WanVAE(VideoAutoencoder):
         self._patch_convs()
 
     @property
+    def single_frame_2d(self) -> bool:
+        """A causal convolution, encoder's or decoder's, whose input is one frame with zeros
+        before it (nothing cached: a stream's first frame, the reference image) runs as a 2D
+        convolution with its kernel's last temporal slice: the other slices meet only the zero
+        padding. The same sums without the zero terms, a third of the multiply-adds of the
+        3x3x3 convolutions: the reference encode and the first latent frame's decode. On by
+        default; off is diffusers' arithmetic, exactly."""
+        return self._single_frame_2d
+
+    @single_frame_2d.setter
+    def single_frame_2d(self, enabled: bool) -> None:
+        self._single_frame_2d = bool(enabled)
+        self._patch_convs()
+
+    @property
     def channels_last(self) -> bool:
         """The decoder's convolutions run channels-last (NDHWC; its 2D ones NHWC): weights stored
         so once, inputs made so where diffusers' reshapes lost it. cuDNN's bf16 kernels compute in
@@ -364,15 +381,22 @@ class WanVAE(VideoAutoencoder):
         self._patch_convs()
 
     def _patch_convs(self) -> None:
+        """The causal convolutions' forward: diffusers' own where no switch changes it."""
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
-        decoding = [self.vae.post_quant_conv, *self.vae.decoder.modules()]
-        convs = [m for m in decoding if isinstance(m, WanCausalConv3d)]
-        patched = self._pad_in_conv or self._channels_last
-        forward = functools.partial(
-            _causal_conv3d, pad_inside=self._pad_in_conv, channels_last=self._channels_last
-        )
-        _replace_forward(convs, forward if patched else None)
+        def patch(modules, pad_inside: bool, channels_last: bool) -> None:
+            convs = [m for m in modules if isinstance(m, WanCausalConv3d)]
+            patched = pad_inside or channels_last or self._single_frame_2d
+            forward = functools.partial(
+                _causal_conv3d,
+                pad_inside=pad_inside,
+                channels_last=channels_last,
+                single_frame_2d=self._single_frame_2d,
+            )
+            _replace_forward(convs, forward if patched else None)
+
+        patch([self.vae.post_quant_conv, *self.vae.decoder.modules()], self._pad_in_conv, self._channels_last)
+        patch([*self.vae.encoder.modules(), self.vae.quant_conv], False, False)
 
     @property
     def compiled_decoder(self) -> str | None:
@@ -470,11 +494,19 @@ def _channels_last_format(t: torch.Tensor) -> torch.memory_format:
 
 
 def _causal_conv3d(
-    conv, x: torch.Tensor, cache_x: torch.Tensor | None = None, *, pad_inside: bool, channels_last: bool
+    conv,
+    x: torch.Tensor,
+    cache_x: torch.Tensor | None = None,
+    *,
+    pad_inside: bool,
+    channels_last: bool,
+    single_frame_2d: bool = False,
 ) -> torch.Tensor:
     """diffusers' `WanCausalConv3d.forward` (earlier frames from `cache_x`, zeros before the first),
     where `pad_inside`, the height and width padding left to the convolution; where
-    `channels_last`, on an NDHWC input. `conv._padding` is F.pad's order: (w, w, h, h, 2 * t, 0)."""
+    `channels_last`, on an NDHWC input; where `single_frame_2d`, one frame with only zeros before
+    it as a 2D convolution (`WanVAE.single_frame_2d`). `conv._padding` is F.pad's order:
+    (w, w, h, h, 2 * t, 0)."""
     pad_w, pad_h, pad_t = conv._padding[0], conv._padding[2], conv._padding[4]
     if channels_last:  # a no-op where the layer before kept the layout
         x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -484,6 +516,16 @@ def _causal_conv3d(
             cache_x = cache_x.contiguous(memory_format=torch.channels_last_3d)
         x = torch.cat([cache_x, x], dim=2)
         pad_t -= cache_x.shape[2]
+    if single_frame_2d and x.shape[2] == 1 and pad_t == conv.dilation[0] * (conv.kernel_size[0] - 1):
+        # the output's one frame sees the input's through the last temporal tap, zeros through
+        # the others (its conv2d zero-pads height and width as F.pad would). Dense operands, in
+        # the layout asked for: a strided one gave other roundings eager than compiled.
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        frame, weight = (t[:, :, -1].contiguous(memory_format=layout) for t in (x, conv.weight))
+        out = F.conv2d(
+            frame, weight, conv.bias, conv.stride[1:], (pad_h, pad_w), conv.dilation[1:], conv.groups
+        )
+        return out.unsqueeze(2)
     spatial = (pad_w, pad_w, pad_h, pad_h) if not pad_inside else (0, 0, 0, 0)
     if pad_t > 0 or not pad_inside:
         x = F.pad(x, (*spatial, pad_t, 0))
