@@ -71,6 +71,7 @@ from bench.wan_decoder import (
     TINY_DECODER,
     decoder_variants,
     fastest_decoder_way,
+    reference_encode_ways,
     tiny_decoder_vae,
     with_attributes,
 )
@@ -373,8 +374,8 @@ def run(
     out=None,
     only=None,
 ) -> dict:
-    """`only`: the names of the parts to run (variants, "stages", "decoder", "kernels",
-    "decoder_compiled"); None: all."""
+    """`only`: the names of the parts to run (variants, "stages", "decoder", "reference_encode",
+    "kernels", "decoder_compiled"); None: all."""
     started = time.perf_counter()
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -480,6 +481,10 @@ def run(
         # the decoder's ways (and the tiny decoder beside them), then the stream with the fastest way
         fast_ways = [name for name in DECODER_WAYS if name not in SLOW_DECODER_WAYS] + [TINY_DECODER]
         extras["decoder"] = lambda _prepare: decoder_variants(model, device, dtype, fast_ways)
+        # the start's reference encode, 3D as diffusers' or 2D (WanVAE.single_frame_2d, the default)
+        extras["reference_encode"] = lambda _prepare: reference_encode_ways(
+            model.vae, height, width, device, dtype
+        )
 
         def with_fastest_decoder(measurement, required=True):
             def fn(prepare):
@@ -514,7 +519,7 @@ def run(
         before_kernels, after_kernels = stream_variants(model, measure, backends, compile_blocks, extras)
     for name, fn in before_kernels.items():
         variant(name, fn)
-    for part in ("stages", "decoder", "decoder_compiled"):
+    for part in ("stages", "decoder", "reference_encode", "decoder_compiled"):
         if part in result["variants"]:
             result[part] = result["variants"].pop(part)
     if kernel_bench:  # the model stays loaded: 3 GB of 141

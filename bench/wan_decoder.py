@@ -1,6 +1,7 @@
 """`streamgen bench wan-decoder --json`: the Wan VAE decoder (its real architecture, random
-weights) decoding a stream's chunks each way `WanVAE` can run it, on any device; and TAEHV's
-tiny decoder of the same latents (streamgen/model/tiny_decoder.py, random weights).
+weights) decoding a stream's chunks each way `WanVAE` can run it, on any device; TAEHV's
+tiny decoder of the same latents (streamgen/model/tiny_decoder.py, random weights); and the
+Wan encoder's reference encode (a stream's start) with and without `WanVAE.single_frame_2d`.
 
 `bench gpu` times these ways at 832x480 on the GPU inside its run (`decoder`, and the stream
 with the fastest of them); this runs them alone, at any size and dtype, e.g. on this CPU:
@@ -21,9 +22,10 @@ from bench.floor import synchronize
 
 _PLAIN_DECODER = {
     "frames_per_call": 1, "fused_norms": False, "pad_in_conv": False, "channels_last": False,
-    "compiled_decoder": None,
+    "compiled_decoder": None, "single_frame_2d": False,
 }  # fmt: skip
-_CHUNK = {**_PLAIN_DECODER, "frames_per_call": None}
+# the other ways run a stream's first latent frame as the default does (WanVAE.single_frame_2d)
+_CHUNK = {**_PLAIN_DECODER, "frames_per_call": None, "single_frame_2d": True}
 DECODER_WAYS = {  # WanVAE's switches; the first is diffusers' way, the reference of the others
     "frame_per_call": _PLAIN_DECODER,
     "chunk_per_call": _CHUNK,
@@ -108,6 +110,45 @@ def decoder_variants(model, device, dtype, names=None, chunks: int = 5) -> dict:
     return result
 
 
+def reference_encode_ways(vae, height: int, width: int, device, dtype, rounds: int = 3) -> dict:
+    """A stream's start encodes its reference image with the Wan encoder: diffusers' way (3D
+    convolutions over the image and the zeros before it) and as `WanVAE.single_frame_2d` does
+    it, in alternating rounds after one untimed each. Per way: ms (median), TFLOP counted, and
+    for the 2D way how far its latents are from diffusers'."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, height, width, device=device, dtype=dtype) * 2 - 1
+    sync, ways = synchronize(device), {"diffusers": False, "single_frame_2d": True}
+    times, latents, flops = {name: [] for name in ways}, {}, {}
+
+    @torch.no_grad()
+    def encode(name):
+        return with_attributes(vae, {"single_frame_2d": ways[name]}, lambda: vae.encode_reference(image))
+
+    for name in ways:
+        with FlopCounterMode(display=False) as counter:
+            latents[name] = encode(name)
+        flops[name] = counter.get_total_flops()
+    for _ in range(rounds):
+        for name in ways:
+            sync()
+            t = time.perf_counter()
+            encode(name)
+            sync()
+            times[name].append(time.perf_counter() - t)
+    result = {
+        name: {
+            "ms_p50": round(float(np.median(times[name])) * 1000, 2),
+            "tflop": float(f"{flops[name] / 1e12:.4g}"),
+        }
+        for name in ways
+    }
+    diff = (latents["single_frame_2d"].float() - latents["diffusers"].float()).abs().max().item()
+    result["single_frame_2d"]["max_abs_diff"] = float(f"{diff:.3g}")
+    return result
+
+
 def fastest_decoder_way(ways: dict, max_abs_diff: float = 0.1) -> str | None:
     """The fastest of `decoder_variants`' ways of the Wan decoder whose frames stay within
     `max_abs_diff` of diffusers' way (frames in [-1, 1]; bf16 kernels differ by a few hundredths),
@@ -183,4 +224,5 @@ def main(args) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "ways": decoder_variants(model, device, dtype, ways, chunks=args.chunks),
+        "reference_encode": reference_encode_ways(vae, args.height, args.width, device, dtype),
     }

@@ -162,6 +162,8 @@ def test_gpu_check_runs_with_only_what_the_gpu_image_has(gpu_check_run):
         "sdpa+fused_kernels, every lever"
     )
     assert result["decoder"][gpu.TINY_DECODER]["ms_p50"] > 0
+    encode = result["reference_encode"]  # the start's, 3D as diffusers' and 2D as ours
+    assert encode["single_frame_2d"]["tflop"] < 0.5 * encode["diffusers"]["tflop"]
     assert "bench gpu: exit code 0" in (out / "bench-gpu.log").read_text()
     (plot,) = out.glob("h200-*.png")
     assert plot.stat().st_size > 10_000  # fps per variant, chunk times
@@ -280,6 +282,10 @@ def test_bench_wan_decoder_runs_the_real_decoder_each_way_on_this_cpu():
     assert tiny["ms_p50"] > 0 and tiny["max_abs_diff"] is None
     assert list(ways) == ["frame_per_call", "chunk_per_call+fused_norms+pad_in_conv+channels_last"]
     assert all(way["ms_p50"] > 0 and way["max_abs_diff"] < 1e-4 for way in ways.values())
+    # the start's reference encode: the 2D way counts under half the work, for the same latents
+    encode = result["reference_encode"]
+    assert encode["single_frame_2d"]["tflop"] < 0.5 * encode["diffusers"]["tflop"]
+    assert encode["single_frame_2d"]["max_abs_diff"] < 1e-4 and encode["diffusers"]["ms_p50"] > 0
     bad = streamgen("bench", "wan-decoder", "--json", "--device", "cpu", "--height", "60", "--width", "96")
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip() == "streamgen bench: error: frame size 60x96 must be a multiple of 8"
