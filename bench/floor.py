@@ -463,7 +463,7 @@ def main(args) -> dict:
         -(-args.clip_frames // session.frames_per_chunk),
     )
     speech_s = (chunks + 3) * session.chunk_seconds
-    start = lambda: start_stream(session, context, speech_s)  # noqa: E731
+    start = lambda observe=None: start_stream(session, context, speech_s, observe=observe)  # noqa: E731
     work = chunk_work(session, start, session.steps, args.clip_frames)
     if args.fp8_attention:
         attention_in_fp8(work, args.fp8_attention)

@@ -110,17 +110,22 @@ def build_model(flavor, height, width, device, dtype, quick, backend, window_fra
 
 
 def start_stream(
-    session: StreamSession, context: torch.Tensor | None = None, speech_s: float = 30.0, known_avatar=False
+    session: StreamSession,
+    context: torch.Tensor | None = None,
+    speech_s: float = 30.0,
+    known_avatar=False,
+    observe=None,
 ) -> None:
     """(Re)start `session` on a seeded random face and `speech_s` of noise for speech, with `context` as
     its text tokens (a long one, as T5's 512 in Wan: its cross-attention K/V are cached per stream).
     A new avatar each time (its start computed, as counted and timed), unless `known_avatar`: then
-    the start the model kept from the last one (streamgen/start_memo.py)."""
+    the start the model kept from the last one (streamgen/start_memo.py). `observe`: as
+    StreamSession.start's."""
     rng = np.random.default_rng(0)
     face = (rng.random((session.height, session.width, 3)) * 255).astype(np.uint8)
     if not known_avatar:
         session.model.start_memo.clear()
-    session.start(face, seed=0, context=context)
+    session.start(face, seed=0, context=context, observe=observe)
     session.push_audio((rng.standard_normal(int(16000 * speech_s)) * 0.1).astype(np.float32))
 
 
@@ -211,7 +216,7 @@ def stage_breakdown(model, steps, chunks, device, dtype, text_tokens, ceilings, 
     and where a fresh stream's first chunk goes (`first_chunk`: the start, then each stage)."""
     session = StreamSession(model, steps=steps, device=device, dtype=dtype)
     context = torch.randn(1, text_tokens, model.cfg.text_dim, device=device, dtype=dtype)
-    restart = lambda: start_stream(session, context)  # noqa: E731
+    restart = lambda observe=None: start_stream(session, context, observe=observe)  # noqa: E731
     work = floor.chunk_work(session, restart, steps, clip_frames)
     try:
         return stage_timing.timed_report(session, work, ceilings, chunks, restart=restart)

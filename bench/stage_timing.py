@@ -43,8 +43,9 @@ def timed_report(
     `of_floor` is the floor over the measured time, `tflop_per_s` the rate achieved. Then one
     more chunk under the profiler (`profile_chunk`): `ops` per stage, and on CUDA `kernels`,
     `gpu_busy_ms` and `gpu_busy_share` (of the profiled stage's time). With `restart` (a fresh
-    stream: reference encode and sink), `first_chunk`: the start and each stage of a fresh
-    stream's first chunk, medians of `first_chunks` restarts, against their floors."""
+    stream: reference encode and sink; it takes an `observe` as next_chunk does), `first_chunk`:
+    the start (and its stages) and each stage of a fresh stream's first chunk, medians of
+    `first_chunks` restarts, against their floors."""
     sync = synchronize(session.device)
     times = {stage: [] for stage in CHUNK_STAGES}
     for _ in range(chunks):
@@ -85,17 +86,19 @@ def timed_report(
 
 
 def _timed_first_chunk(session, restart, repeats: int, sync, first_floor: dict) -> dict:
-    """Where a fresh stream's first chunk goes: `restart()` (reference encode and sink) and each
-    stage of the chunk after it, medians over `repeats` restarts, each against its floor."""
-    starts, times = [], {}
+    """Where a fresh stream's first chunk goes: `restart(observe)` (the start: its `START_STAGES`
+    timed, the rest is bookkeeping) and each stage of the chunk after it, medians over `repeats`
+    restarts, each against its floor."""
+    starts, start_times, times = [], {}, {}
     for _ in range(repeats):
         sync()
         t = time.perf_counter()
-        restart()
+        restart(observe=_stage_timer(start_times, sync))
         sync()
         starts.append(time.perf_counter() - t)
         session.next_chunk(observe=_stage_timer(times, sync))
     start_ms = float(np.median(starts)) * 1000
+    start_stages = {stage: {"ms_p50": float(np.median(s)) * 1000} for stage, s in start_times.items()}
     stages = {}
     for stage, seconds in times.items():
         stages[stage] = {"ms_p50": float(np.median(seconds)) * 1000}
@@ -105,7 +108,7 @@ def _timed_first_chunk(session, restart, repeats: int, sync, first_floor: dict) 
     start_floor = first_floor["floor_ms_from_start"] - first_floor["floor_ms"]
     return rounded(
         {
-            "start": {"ms_p50": start_ms, "floor_ms": start_floor},
+            "start": {"ms_p50": start_ms, "floor_ms": start_floor, "stages": start_stages},
             "stages": stages,
             "ms_p50_sum": start_ms + sum(s["ms_p50"] for s in stages.values()),
             "floor_ms_from_start": first_floor["floor_ms_from_start"],

@@ -91,6 +91,9 @@ def encode_reference(vae, ref: np.ndarray, device) -> torch.Tensor:
 
 # what next_chunk does, in order; "reencode" writes the previous chunk's clean K/V (StreamSession.next_chunk)
 CHUNK_STAGES = ("reencode", "audio", "denoise", "decode", "to_host")
+# what start does besides bookkeeping: the reference image resized, its latent, the sink's K/V
+# (a known avatar's start skips "reference_encode" and its "sink" copies the kept one)
+START_STAGES = ("prepare", "reference_encode", "sink")
 
 
 def _run_stage(_stage: str, fn):
@@ -181,11 +184,18 @@ class StreamSession:
 
     # --- lifecycle --------------------------------------------------------------
     def start(
-        self, reference, text: str | None = None, seed: int | None = None, context: torch.Tensor | None = None
+        self,
+        reference,
+        text: str | None = None,
+        seed: int | None = None,
+        context: torch.Tensor | None = None,
+        observe=None,
     ) -> None:
         """context: the text tokens [1, L, text_dim] themselves instead of `text` (e.g. Wan's T5
-        embeddings, made elsewhere)."""
-        ref = prepare_reference(reference, self.height, self.width)
+        embeddings, made elsewhere). observe(stage, fn) -> fn(), if given, runs each of
+        `START_STAGES` (as next_chunk's `observe`)."""
+        run = observe or _run_stage
+        ref = run("prepare", lambda: prepare_reference(reference, self.height, self.width))
         self.seed = seed if seed is not None else random.randrange(2**31)
         self.generator = torch.Generator().manual_seed(self.seed)
         if context is None:
@@ -199,7 +209,7 @@ class StreamSession:
             self.cache = self.dit.new_cache(1, self.latent_hw, self.dtype, self.device)
         else:
             self.cache.reset()
-        self._start_sink(ref)
+        self._start_sink(ref, run)
         self.decoder_state = self.vae.init_state(1)
         self.chunk_index = 0
         self._pcm = np.zeros(0, np.float32)
@@ -208,26 +218,27 @@ class StreamSession:
         self._consumed = 0  # samples up to here have been used (or taken as silence)
         self.started = True
 
-    def _start_sink(self, ref: np.ndarray) -> None:
+    def _start_sink(self, ref: np.ndarray, run=_run_stage) -> None:
         """The reference latent and the cache's sink: as a start of the same reference and text
         made them (streamgen/start_memo.py), or computed and kept."""
         memo = self.model.start_memo
         # every sequence-parallel rank must run the sink's forward together, and the meta device
         # (bench/floor.py counts on it) has no values to tell starts apart
         if memo.capacity <= 0 or hasattr(self.dit, "sequence_parallel_groups") or self.device.type == "meta":
-            return self._compute_sink(ref)
+            return self._compute_sink(ref, run)
         key = memo.key(ref, self.context, self.dit, self.vae)
         state = memo.lookup(key, self.dit, self.vae)
         if state is None:
-            self._compute_sink(ref)
+            self._compute_sink(ref, run)
             memo.store(key, self.dit, self.vae, StartState.capture(self.reference_latent, self.cache))
         else:
             self.reference_latent = state.reference_latent
-            state.restore(self.cache)
+            run("sink", lambda: state.restore(self.cache))
 
-    def _compute_sink(self, ref: np.ndarray) -> None:
-        self.reference_latent = encode_reference(self.vae, ref, self.device).to(self.dtype)
-        encode_sink(self.dit, self.cache, self.reference_latent, self.context)
+    def _compute_sink(self, ref: np.ndarray, run=_run_stage) -> None:
+        encoded = run("reference_encode", lambda: encode_reference(self.vae, ref, self.device))
+        self.reference_latent = encoded.to(self.dtype)
+        run("sink", lambda: encode_sink(self.dit, self.cache, self.reference_latent, self.context))
 
     def set_text(self, text: str | None) -> None:
         """Change the caption mid-stream (the identity sink stays as encoded)."""

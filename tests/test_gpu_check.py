@@ -22,7 +22,7 @@ import torch
 from cli_helpers import streamgen
 
 from bench import gpu
-from streamgen.stream import CHUNK_STAGES, StreamSession
+from streamgen.stream import CHUNK_STAGES, START_STAGES, StreamSession
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,6 +216,10 @@ def test_bench_gpu_sets_each_stage_against_its_floor(gpu_check_run):
     # a fresh stream's first chunk: the start, then its stages (nothing pending to re-encode)
     first = stages["first_chunk"]
     assert first["start"]["ms_p50"] > 0 and first["start"]["floor_ms"] > 0
+    # a new avatar's start: its reference resized, encoded, and the sink's forward, each timed
+    start_stages = first["start"]["stages"]
+    assert list(start_stages) == list(START_STAGES) and all(s["ms_p50"] > 0 for s in start_stages.values())
+    assert sum(s["ms_p50"] for s in start_stages.values()) <= first["start"]["ms_p50"]
     assert list(first["stages"]) == list(CHUNK_STAGES)
     assert first["stages"]["denoise"]["floor_ms"] > 0 and first["stages"]["reencode"]["floor_ms"] == 0
     total = first["start"]["ms_p50"] + sum(stage["ms_p50"] for stage in first["stages"].values())

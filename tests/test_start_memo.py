@@ -95,3 +95,19 @@ def test_a_sequence_parallel_dit_computes_every_start(model, sink_forwards):
     frames(model, chunks=1)
     frames(model, chunks=1)
     assert len(sink_forwards) == 2 and len(model.start_memo) == 0
+
+
+def test_a_start_shows_its_stages_to_an_observer(model, sink_forwards):
+    """bench's first-chunk timing splits the start (stream.START_STAGES): a new avatar's runs all
+    three, a known one's copies its kept sink instead of encoding."""
+    session, seen = StreamSession(model), []
+
+    def observe(stage, fn):
+        seen.append(stage)
+        return fn()
+
+    session.start(face(), seed=0, observe=observe)
+    assert seen == list(stream_module.START_STAGES) and len(sink_forwards) == 1
+    seen.clear()
+    session.start(face(), seed=0, observe=observe)
+    assert seen == ["prepare", "sink"] and len(sink_forwards) == 1
