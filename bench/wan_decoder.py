@@ -70,12 +70,15 @@ def decoder_variants(model, device, dtype, names=None, chunks: int = 5) -> dict:
     all three, and under torch.compile. Per way: ms per chunk (median; the first two chunks, untimed, search
     or compile), `first_chunk_ms`, and how far its last chunk's frames are from diffusers' way's;
     or the error that stopped it. `TINY_DECODER` among `names` times TAEHV's decoder (random
-    weights) on the same latents; its `max_abs_diff` is None."""
+    weights) on the same latents; its `max_abs_diff` is None (asked alone, diffusers' way is not
+    run: nothing to compare with it)."""
     wan, sync = model.vae, synchronize(device)
     z = torch.randn(1, wan.latent_channels, 3 * (chunks + 2), model.height // wan.spatial_factor,
                     model.width // wan.spatial_factor, device=device, dtype=dtype)  # fmt: skip
     reference_way = next(iter(DECODER_WAYS))
-    names = [reference_way] + [n for n in (names or DECODER_WAYS) if n != reference_way]
+    names = list(names or DECODER_WAYS)
+    if any(n != TINY_DECODER for n in names):  # the Wan ways' frames are compared with diffusers'
+        names = [reference_way] + [n for n in names if n != reference_way]
 
     @torch.no_grad()
     def decode_chunks(vae=wan):

@@ -272,6 +272,14 @@ def test_the_fastest_decoder_way_is_one_that_gives_the_same_frames():
     assert gpu.fastest_decoder_way({"failed": {"error": "x"}}) is None
 
 
+def test_the_tiny_decoder_asked_alone_is_timed_without_diffusers_way():
+    # diffusers' way is the reference of the Wan decoder's ways; without them it is not run
+    # (at 832x480 on this CPU it takes minutes a chunk)
+    model = gpu.build_model("wan2.1-1.3b", 16, 16, "cpu", torch.float32, True, "sdpa")  # --quick's Wan VAE
+    ways = gpu.decoder_variants(model, "cpu", torch.float32, [gpu.TINY_DECODER], chunks=1)
+    assert list(ways) == [gpu.TINY_DECODER] and ways[gpu.TINY_DECODER]["ms_p50"] > 0
+
+
 def test_bench_wan_decoder_runs_the_real_decoder_each_way_on_this_cpu():
     # the Wan2.1 VAE's own architecture (random weights) at a tiny size: every way gives
     # diffusers' frames, each timed
