@@ -219,7 +219,8 @@ def test_bench_gpu_sets_each_stage_against_its_floor(gpu_check_run):
     # a new avatar's start: its reference resized, encoded, and the sink's forward, each timed
     start_stages = first["start"]["stages"]
     assert list(start_stages) == list(START_STAGES) and all(s["ms_p50"] > 0 for s in start_stages.values())
-    assert sum(s["ms_p50"] for s in start_stages.values()) <= first["start"]["ms_p50"]
+    # each inside every start it was timed in, so its median within the start's median
+    assert all(s["ms_p50"] <= first["start"]["ms_p50"] for s in start_stages.values())
     assert list(first["stages"]) == list(CHUNK_STAGES)
     assert first["stages"]["denoise"]["floor_ms"] > 0 and first["stages"]["reencode"]["floor_ms"] == 0
     total = first["start"]["ms_p50"] + sum(stage["ms_p50"] for stage in first["stages"].values())
