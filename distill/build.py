@@ -80,10 +80,7 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int):
     (diffusers' AutoencoderKLWan folder); none: the `model.init` model's, else a seeded random
     TinyCausalVAE. Frozen."""
     from streamgen.model.vae import TinyCausalVAE, WanVAE
-    from streamgen.models import load_autoencoder
-
-    def has_autoencoder(d: Path) -> bool:
-        return (d / "vae_config.json").exists() or (d / WanVAE.DIRECTORY).is_dir()
+    from streamgen.models import has_autoencoder, load_autoencoder
 
     source = section.vae
     if source is not None and source.startswith("wan:"):

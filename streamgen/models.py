@@ -213,6 +213,14 @@ def _load_dir(d: Path, device, dtype, **cfg_overrides) -> AvatarModel:
     )
 
 
+def has_autoencoder(directory) -> bool:
+    """Whether `directory` holds an autoencoder `load_autoencoder` reads."""
+    from streamgen.model.vae import WanVAE
+
+    d = Path(directory)
+    return (d / "vae_config.json").exists() or (d / WanVAE.DIRECTORY).is_dir()
+
+
 def load_autoencoder(directory) -> VideoAutoencoder:
     """A model (or autoencoder) directory's autoencoder, as its `save` wrote it: TinyCausalVAE
     (vae_config.json) or the Wan VAE (wan_vae/, a diffusers folder); behind TAEHV's tiny decoder

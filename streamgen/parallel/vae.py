@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from streamgen.model.vae import UpsampleConv2d
+from streamgen.model.vae import ResBlock2d, UpsampleConv2d
 
 
 def decoder_receptive_radius(vae) -> float:
@@ -50,7 +50,15 @@ def decoder_receptive_radius(vae) -> float:
         TinyDecoderVAE,
     )
 
-    containers = (nn.Sequential, nn.ModuleList, DecoderStage, MemoryBlock, TimeUpsample, TinyDecoder)
+    containers = (
+        nn.Sequential,
+        nn.ModuleList,
+        ResBlock2d,
+        DecoderStage,
+        MemoryBlock,
+        TimeUpsample,
+        TinyDecoder,
+    )
     if isinstance(vae, TinyDecoderVAE):
         stages = [vae.decoder]
     else:
@@ -69,8 +77,8 @@ def decoder_receptive_radius(vae) -> float:
                 radius += (m.kernel_size[0] // 2) * m.dilation[0] / scale
             elif isinstance(m, nn.Upsample):
                 scale *= m.scale_factor if isinstance(m.scale_factor, (int, float)) else m.scale_factor[0]
-            elif isinstance(m, containers) or type(m).__name__ == "ResBlock2d":
-                continue  # containers: their convolutions are counted one by one
+            elif isinstance(m, containers):
+                continue  # their convolutions are counted one by one
             elif isinstance(m, (nn.SiLU, nn.ReLU, nn.Identity)):
                 continue
             else:
