@@ -161,3 +161,33 @@ def test_a_cache_write_keeps_keys_and_values_only(monkeypatch):
         model.blocks[0].self_attn(
             torch.zeros(1, 4, cfg.dim), None, None, 4, cache=cache.layers[0], write_only=True
         )
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("window", [2, 4])  # a ring of one chunk (the shipped student's) and of two
+def test_a_clean_reencode_sees_the_ring_its_chunk_was_denoised_against(monkeypatch, window):
+    # Once the ring is full the re-encode overwrites its oldest chunk's slots. Every layer's
+    # attention in that forward must still read the ring as the denoising steps read it: the
+    # keys and values it writes are then those of a read-only forward of the same clean chunk.
+    model, cfg = make(window_frames=window, frames_per_chunk=2)
+    ctx = torch.randn(1, 2, cfg.text_dim)
+    cache = model.new_cache(1, HW)
+    encode_sink(model, cache, torch.randn(1, cfg.in_channels, cfg.sink_frames, *HW), ctx)
+    for _ in range(window // 2 + 1):  # the ring full, and wrapped once
+        generate_chunk(model, cache, torch.randn(1, cfg.in_channels, 2, *HW), ctx, None, student_sigmas(1))
+    assert cache.filled == window
+    seen = {"update": [], "write_ring": []}
+    for name in seen:
+        method = getattr(KVCache, name)
+        record = seen[name].append
+        monkeypatch.setattr(
+            KVCache, name, lambda self, *a, m=method, r=record: r(a[1].clone()) or m(self, *a)
+        )
+    x0, t0 = torch.randn(1, cfg.in_channels, 2, *HW), torch.zeros(1, 2)
+    model(x0, t0, ctx, mode="cached", cache=cache)  # reads only: the values each layer computes
+    read_values = list(seen["update"])
+    model(x0, t0, ctx, mode="cached", cache=cache, cache_write="ring")
+    written = seen["write_ring"]
+    assert len(written) == len(read_values) == cfg.num_layers
+    for layer, (w, r) in enumerate(zip(written, read_values)):
+        assert (w - r).abs().max().item() <= 1e-6, f"layer {layer}"

@@ -7,7 +7,9 @@ Per layer, keys and values live in one preallocated buffer laid out as
 - sink:  the reference latent, encoded once at t = 0; never evicted.
 - chunk: the chunk being generated; rewritten by every denoising step.
 - ring:  the last `window_frames` clean frames (each written once by the clean
-         re-encode of its chunk); the oldest frames are overwritten in place.
+         re-encode of its chunk); the oldest frames are overwritten in place, after
+         the re-encode's attention has read them (it sees the ring its chunk's
+         denoising steps saw).
 
 Attention is permutation-invariant once keys carry their rotary position, so
 the three regions can sit in any physical order; this one keeps the valid keys
@@ -72,7 +74,8 @@ class KVCache(nn.Module):
         return self.k[:, :end], self.v[:, :end]
 
     def write_ring(self, k_raw: torch.Tensor, v: torch.Tensor, token_index: torch.Tensor):
-        """Clean re-encode: keep the finished chunk (un-rotated keys) in its ring slots."""
+        """Clean re-encode: keep the finished chunk (un-rotated keys) in its ring slots (once the
+        layer's attention is done: the slots may hold the oldest chunk, which it attends to)."""
         self.k_ring_raw.index_copy_(1, token_index, k_raw)
         self.v.index_copy_(1, token_index + self.chunk_end, v)
 

@@ -111,17 +111,17 @@ class SelfAttention(nn.Module):
         on the instance with a wrapper that reshards q/k/v and calls this
         method with its own shapes and `attention` function.
         """
-        if cache is not None:
-            if cache_op == "write_sink":
-                k, v = cache.write_sink(k, v)
-            else:
-                if cache_op == "write_ring":
-                    cache.write_ring(k_raw, v, ring_index)
-                if not write_only:
-                    k, v = cache.update(k, v, ring_filled)
-        if write_only:
-            return q
-        return attention(q, k, v, mask, tokens_per_frame, self.backend)
+        chunk_v = v
+        if cache is not None and cache_op == "write_sink":
+            k, v = cache.write_sink(k, v)
+        elif cache is not None and not write_only:
+            k, v = cache.update(k, v, ring_filled)
+        out = q if write_only else attention(q, k, v, mask, tokens_per_frame, self.backend)
+        if cache is not None and cache_op == "write_ring":
+            # after attending: once the ring is full, this chunk's slots still hold the oldest
+            # chunk, which the chunk attends to here as its denoising steps did
+            cache.write_ring(k_raw, chunk_v, ring_index)
+        return out
 
 
 class CrossAttention(nn.Module):
