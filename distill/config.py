@@ -149,6 +149,9 @@ class SelfForcingOptions(DmdOptions):
     # scored window where the student's cache is already full of its own output. The length is
     # drawn per step, a whole number of chunks from data.latent_frames up to this.
     rollout_frames: int = 0
+    # where the rollouts' (and the exported student's) ring keys/values come from:
+    # `streamgen.sampling.CACHE_FROM`; "last_step" drops the clean re-encode at inference
+    cache_from: str = "reencode"
 
 
 @dataclass

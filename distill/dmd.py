@@ -109,9 +109,13 @@ class DmdStage:
         audio = audio_windows(net, batch.audio, batch.latent_start, frames)
         return Conditions.full(batch.reference, audio, batch.context)
 
+    def export_meta(self) -> dict:
+        """What the exported student's model.json says of how it streams."""
+        return {"kind": self.kind, "stage": self.cfg.stage}
+
     def export(self, directory, name=None, compact=False):
         export_model(
             self.updaters["generator"].averaged_module(), self.vae, directory, name,
             self.cfg.model.height, self.cfg.model.width, self.opts.shift, self.opts.student_steps,
-            {"kind": self.kind, "stage": self.cfg.stage}, compact,
+            self.export_meta(), compact,
         )  # fmt: skip

@@ -23,6 +23,7 @@ import torch
 from distill.dmd import DmdStage, critic_loss, generator_loss
 from distill.rng import generator
 from distill.rollout import rollout
+from streamgen.sampling import check_cache_from
 
 
 class Stage(DmdStage):
@@ -39,6 +40,11 @@ class Stage(DmdStage):
         if longest < f:
             raise ValueError("self_forcing.rollout_frames must be 0 or at least data.latent_frames")
         self.window_chunks, self.max_chunks = f // c, longest // c
+        check_cache_from(self.opts.cache_from)
+
+    def export_meta(self) -> dict:
+        # a student trained to keep its last step's keys/values streams that way by default
+        return {**super().export_meta(), "cache_from": self.opts.cache_from}
 
     def train_step(self, step: int) -> dict:
         c = self.student.cfg.frames_per_chunk
@@ -60,6 +66,7 @@ class Stage(DmdStage):
                 video, _ = rollout(
                     self.student, cond_student, self.latent_hw, chunks, self.sigmas,
                     rnd, f"critic{k}", exit_step=exit_k, first_free_chunk=lead,
+                    cache_from=self.opts.cache_from,
                 )  # fmt: skip
             cond_critic = self.conditions(self.critic, batch, frames).frames(scored.start, scored.stop)
             loss = critic_loss(
@@ -70,6 +77,7 @@ class Stage(DmdStage):
         video, _ = rollout(
             self.student, cond_student, self.latent_hw, chunks, self.sigmas,
             rnd, "generator", exit_step=exit_step, grad=True, first_free_chunk=lead,
+            cache_from=self.opts.cache_from,
         )  # fmt: skip
         with torch.no_grad():
             cond_critic = self.conditions(self.critic, batch, frames).frames(scored.start, scored.stop)

@@ -94,14 +94,20 @@ def fresh_noise(like: torch.Tensor, generator=None) -> torch.Tensor:
 
 
 def sample_few_step(
-    velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, generator=None
+    velocity: Velocity,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    generator=None,
+    last_velocity: Velocity | None = None,
 ) -> torch.Tensor:
-    """Student sampling: predict x0 at each level, re-noise with fresh noise to the next level."""
+    """Student sampling: predict x0 at each level, re-noise with fresh noise to the next level.
+    last_velocity, if given, runs the last step instead of `velocity`."""
     x = noise
     x0 = noise
     for i, s in enumerate(sigmas):
         sigma = s.expand(x.shape[0]).to(x.device)
-        x0 = x0_from_velocity(x, velocity(x, sigma), sigma)
+        step = last_velocity if last_velocity is not None and i + 1 == len(sigmas) else velocity
+        x0 = x0_from_velocity(x, step(x, sigma), sigma)
         if i + 1 < len(sigmas):
             x = add_noise(x0, fresh_noise(x, generator), sigmas[i + 1])
     return x0
@@ -127,6 +133,33 @@ def reencode_chunk(model, cache, x0: torch.Tensor, context: torch.Tensor, audio:
     cache.advance()
 
 
+# where a chunk's keys/values in the ring come from: its clean re-encode at t = 0 (Self-Forcing's
+# way, one more forward per chunk), or the forward of its last denoising step (at that step's
+# noise level; no re-encode). Measured on the shipped student in docs/results.md.
+CACHE_FROM = ("reencode", "last_step")
+
+
+def check_cache_from(cache_from: str) -> str:
+    if cache_from not in CACHE_FROM:
+        raise ValueError(f"cache_from must be one of {CACHE_FROM}, got {cache_from!r}")
+    return cache_from
+
+
+def cached_velocity(model, cache, context, audio, write: bool = False) -> Velocity:
+    """The velocity of a chunk against the cache; write: the step also writes the chunk's K/V
+    into the ring (and moves the ring on), as the last step does under cache_from="last_step"."""
+
+    def velocity(x, sigma):
+        t = (sigma * 1000)[:, None].expand(x.shape[0], x.shape[2])
+        if not write:
+            return model(x, t, context, audio, mode="cached", cache=cache)
+        v = model(x, t, context, audio, mode="cached", cache=cache, cache_write="ring", with_velocity=True)
+        cache.advance()
+        return v
+
+    return velocity
+
+
 @torch.no_grad()
 def generate_chunk(
     model,
@@ -137,21 +170,22 @@ def generate_chunk(
     sigmas: torch.Tensor,
     generator=None,
     reencode: bool = True,
+    cache_from: str = "reencode",
 ) -> torch.Tensor:
-    """One chunk of the stream: few-step denoise against the cache (read-only),
-    then the clean re-encode at t = 0 writes the chunk into the ring.
+    """One chunk of the stream: few-step denoise against the cache, then the clean re-encode at
+    t = 0 writes the chunk into the ring (reencode=False: the caller runs it later). With
+    cache_from="last_step" the last step's forward writes the chunk instead and nothing is left
+    to re-encode.
 
     noise: [B, C, frames_per_chunk, h, w]; audio: windows [B, F, W, Da] or None.
     Returns the clean latents of the chunk.
     """
     if not cache.sink_ready:
         raise RuntimeError("encode the reference into the cache first (encode_sink)")
-
-    def velocity(x, sigma):
-        t = (sigma * 1000)[:, None].expand(x.shape[0], x.shape[2])
-        return model(x, t, context, audio, mode="cached", cache=cache)
-
-    x0 = sample_few_step(velocity, noise, sigmas, generator)
-    if reencode:
+    last_step = check_cache_from(cache_from) == "last_step"
+    velocity = cached_velocity(model, cache, context, audio)
+    last = cached_velocity(model, cache, context, audio, write=True) if last_step else None
+    x0 = sample_few_step(velocity, noise, sigmas, generator, last)
+    if reencode and not last_step:
         reencode_chunk(model, cache, x0, context, audio)
     return x0

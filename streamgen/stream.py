@@ -32,7 +32,15 @@ from streamgen.model.audio import (
 from streamgen.model.cache import StreamCache
 from streamgen.model.text import text_context
 from streamgen.models import AvatarModel, decode_dtype_arg, default_decode_dtype, load_model
-from streamgen.sampling import encode_sink, generate_chunk, reencode_chunk, sample_few_step, student_sigmas
+from streamgen.sampling import (
+    cached_velocity,
+    check_cache_from,
+    encode_sink,
+    generate_chunk,
+    reencode_chunk,
+    sample_few_step,
+    student_sigmas,
+)
 from streamgen.start_memo import StartState
 
 
@@ -111,10 +119,13 @@ class StreamSession:
         dtype: torch.dtype | None = None,
         max_audio_ahead_s: float = 600.0,
         decode_dtype: torch.dtype | str | None = "auto",
+        cache_from: str | None = None,
     ):
         """dtype: the DiT's weights and cache (None: a loaded model's own, else load_model's
         default). decode_dtype: the autoencoder's decoder, a dtype or its name ("auto":
-        `default_decode_dtype`, bfloat16 on CPUs with AMX; None: as loaded)."""
+        `default_decode_dtype`, bfloat16 on CPUs with AMX; None: as loaded). cache_from: where
+        each chunk's keys/values in the ring come from (`streamgen.sampling.CACHE_FROM`; None:
+        the model's own, "reencode" unless it was trained otherwise)."""
         self.model = (
             model if isinstance(model, AvatarModel) else load_model(model, device=device, dtype=dtype)
         )
@@ -138,6 +149,7 @@ class StreamSession:
             raise ValueError(f"height and width must be multiples of {unit}, got {self.height}x{self.width}")
         self.latent_hw = self.vae.latent_hw(self.height, self.width)
         self.steps = steps or self.model.steps
+        self.cache_from = check_cache_from(cache_from or self.model.meta.get("cache_from", "reencode"))
         self.sigmas = student_sigmas(self.steps, self.model.shift)
         self.device = torch.device(device)
         self.dtype = dtype
@@ -326,14 +338,16 @@ class StreamSession:
         run("reencode", self.write_pending_chunk)
         audio, noise = run("audio", self._prepare_chunk)
 
-        def denoise():  # the steps read the cache
+        def denoise():  # the steps read the cache (under "last_step" the last one writes it too)
             return generate_chunk(
-                self.dit, self.cache, noise, self.context, audio, self.sigmas, self.generator, reencode=False
-            )
+                self.dit, self.cache, noise, self.context, audio, self.sigmas, self.generator,
+                reencode=False, cache_from=self.cache_from,
+            )  # fmt: skip
 
         with torch.no_grad():
             latents = run("denoise", denoise)
-        self._pending = (latents, audio, self.context)
+        if self.cache_from == "reencode":
+            self._pending = (latents, audio, self.context)
         if self._decode_stream is not None and observe is None:  # (a timed stage runs alone)
             return self._finish_chunk_beside_reencode(latents)
         return self._finish_chunk(latents, run)
@@ -407,6 +421,7 @@ def _batch_key(s: StreamSession):
         id(s.dit),
         s.latent_hw,
         tuple(s.sigmas.tolist()),
+        s.cache_from,
         s.dtype,
         str(s.device),
         s.cache.filled,
@@ -421,7 +436,8 @@ def next_chunks(sessions: list[StreamSession]) -> list[tuple[np.ndarray, float]]
     session that has streamed for more than a window is at the full level)
     run each denoising step as one forward pass over the batch; the clean
     re-encode (of each session's previous chunk, as in `next_chunk`) and the
-    decode stay per session. Each session draws its noise
+    decode stay per session (under cache_from "last_step" the batch's last step
+    writes every session's chunk, copied into each session's own ring). Each session draws its noise
     from its own generator, so its frames are those it would have made alone
     (up to float rounding). Returns one (frames, pts) per session, in order.
     """
@@ -445,14 +461,16 @@ def next_chunks(sessions: list[StreamSession]) -> list[tuple[np.ndarray, float]]
         lead = group[0]
         with torch.no_grad():
             batch_cache = StreamCache.stack([s.cache for s in group])
-
-            def velocity(x, sigma, context=context, audio=audio, batch_cache=batch_cache, lead=lead):
-                t = (sigma * 1000)[:, None].expand(x.shape[0], x.shape[2])
-                return lead.dit(x, t, context, audio, mode="cached", cache=batch_cache)
-
-            x0 = sample_few_step(velocity, noise, lead.sigmas, [s.generator for s in group])
+            written = batch_cache.ring_token_index()  # the slots a writing last step fills
+            velocity = cached_velocity(lead.dit, batch_cache, context, audio)
+            last_step = lead.cache_from == "last_step"
+            last = cached_velocity(lead.dit, batch_cache, context, audio, write=True) if last_step else None
+            x0 = sample_few_step(velocity, noise, lead.sigmas, [s.generator for s in group], last)
             for j, (i, s) in enumerate(zip(members, group)):
                 row = slice(j, j + 1)
-                s._pending = (x0[row], None if audio is None else audio[row], s.context)
+                if last_step:
+                    s.cache.take_chunk_from(batch_cache, j, written)
+                else:
+                    s._pending = (x0[row], None if audio is None else audio[row], s.context)
                 results[i] = s._finish_chunk(x0[row])
     return results

@@ -70,8 +70,9 @@ def _student_and_conditions(pipeline, batch=2, frames=6):
     return student, cond
 
 
-def test_rollout_equals_the_inference_path(pipeline):
-    """The training rollout (sink, cached steps, clean re-encode) is `generate_chunk`, chunk for chunk."""
+@pytest.mark.parametrize("cache_from", ["reencode", "last_step"])
+def test_rollout_equals_the_inference_path(pipeline, cache_from):
+    """The training rollout (sink, cached steps, the chunk's cache write) is `generate_chunk`, chunk for chunk."""
     from distill.rng import SampleRandom
     from distill.rollout import rollout
     from streamgen.sampling import encode_sink, generate_chunk, student_sigmas
@@ -80,14 +81,15 @@ def test_rollout_equals_the_inference_path(pipeline):
     sigmas = student_sigmas(1)  # one step: no re-noising, so both paths see the same noise
     rnd = SampleRandom(0, 0, [0, 1])
     with torch.no_grad():
-        video, _ = rollout(student, cond, (8, 8), 3, sigmas, rnd, "r", exit_step=None)
+        video, _ = rollout(student, cond, (8, 8), 3, sigmas, rnd, "r", exit_step=None, cache_from=cache_from)
         cache = student.new_cache(2, (8, 8))
         encode_sink(student, cache, cond.reference, cond.context)
         chunks = []
         for j in range(3):
             noise = rnd.randn(f"r/noise{j}", student.cfg.in_channels, 2, 8, 8)
+            audio = cond.audio[:, 2 * j : 2 * j + 2]
             chunks.append(
-                generate_chunk(student, cache, noise, cond.context, cond.audio[:, 2 * j : 2 * j + 2], sigmas)
+                generate_chunk(student, cache, noise, cond.context, audio, sigmas, cache_from=cache_from)
             )
     assert torch.allclose(video, torch.cat(chunks, 2), atol=1e-5)
 
@@ -111,7 +113,8 @@ def test_gradient_truncation_same_values_gradient_only_through_the_exit_step(pip
     assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
 
 
-def test_long_rollout_scores_only_the_last_window(pipeline):
+@pytest.mark.parametrize("cache_from", ["reencode", "last_step"])
+def test_long_rollout_scores_only_the_last_window(pipeline, cache_from):
     """Lead chunks run as plain inference (no gradient, all steps); the scored chunks carry the gradient."""
     from distill.rng import SampleRandom
     from distill.rollout import rollout
@@ -121,8 +124,20 @@ def test_long_rollout_scores_only_the_last_window(pipeline):
     sigmas = student_sigmas(2)
     rnd = SampleRandom(0, 0, [0, 1])
     with torch.no_grad():
-        plain, _ = rollout(student, cond, (8, 8), 3, sigmas, rnd, "r", exit_step=None)
-    video, _ = rollout(student, cond, (8, 8), 3, sigmas, rnd, "r", exit_step=0, grad=True, first_free_chunk=2)
+        plain, _ = rollout(student, cond, (8, 8), 3, sigmas, rnd, "r", exit_step=None, cache_from=cache_from)
+    video, _ = rollout(
+        student,
+        cond,
+        (8, 8),
+        3,
+        sigmas,
+        rnd,
+        "r",
+        exit_step=0,
+        grad=True,
+        first_free_chunk=2,
+        cache_from=cache_from,
+    )
     assert torch.allclose(video[:, :, :4].detach(), plain[:, :, :4], atol=1e-5)  # the lead: inference
     q = student.blocks[0].self_attn.q.weight
     video[:, :, :4].square().sum().backward(retain_graph=True)
@@ -141,6 +156,18 @@ def test_self_forcing_rollout_length_is_drawn_per_step(tmp_path, pipeline):
     assert lengths <= {4, 6, 8} and len(lengths) > 1
     with pytest.raises((ValueError, ConfigError), match="rollout_frames"):
         run(stage_config("self_forcing", tmp_path / "bad", pipeline, **{"self_forcing.rollout_frames": 5}))
+
+
+def test_a_student_trained_to_keep_its_last_step_streams_that_way(tmp_path, pipeline):
+    from distill.config import ConfigError
+    from streamgen.stream import StreamSession
+
+    edits = {"run.steps": 2, "self_forcing.cache_from": "last_step"}
+    run(stage_config("self_forcing", tmp_path / "sf", pipeline, **edits))
+    session = StreamSession(str(tmp_path / "sf" / "model"))
+    assert session.model.meta["cache_from"] == session.cache_from == "last_step"
+    with pytest.raises((ValueError, ConfigError), match="cache_from"):
+        run(stage_config("self_forcing", tmp_path / "bad", pipeline, **{"self_forcing.cache_from": "never"}))
 
 
 def test_trajectory_schedule_holds_the_student_sigmas():
@@ -271,7 +298,10 @@ def test_ship_writes_a_compact_model_found_by_name(tmp_path, pipeline, monkeypat
 
     assert load_file(str(dst / "dit.safetensors"))["head.proj.weight"].dtype == torch.float16
     shipped_vae = load_file(str(dst / "vae.safetensors"))
-    assert shipped_vae["dec_in.weight"].dtype == torch.float16 and shipped_vae["latent_std"].dtype == torch.float32
+    assert (
+        shipped_vae["dec_in.weight"].dtype == torch.float16
+        and shipped_vae["latent_std"].dtype == torch.float32
+    )
     trained = load_model(str(pipeline["student"])).vae
     assert model.vae.dec_in.weight.dtype == torch.float32  # upcast on load
     assert torch.allclose(model.vae.dec_in.weight, trained.dec_in.weight, rtol=1e-3, atol=1e-4)

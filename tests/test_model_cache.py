@@ -5,7 +5,7 @@ import torch
 
 from streamgen.model import DiT, get_config
 from streamgen.model.cache import KVCache
-from streamgen.sampling import encode_sink, generate_chunk, student_sigmas
+from streamgen.sampling import encode_sink, generate_chunk, sample_few_step, student_sigmas
 
 HW = (8, 8)
 
@@ -191,3 +191,50 @@ def test_a_clean_reencode_sees_the_ring_its_chunk_was_denoised_against(monkeypat
     assert len(written) == len(read_values) == cfg.num_layers
     for layer, (w, r) in enumerate(zip(written, read_values)):
         assert (w - r).abs().max().item() <= 1e-6, f"layer {layer}"
+
+
+@torch.no_grad()
+def test_cache_from_the_last_step_keeps_the_keys_and_values_that_step_computed():
+    # cache_from="last_step": no re-encode; the ring holds the last denoising step's own keys
+    # and values. Built by hand: the same steps reading the cache, then a write-only forward of
+    # the last step's input at its timestep. Three chunks: the ring of 4 frames wraps.
+    model, cfg = make(window_frames=4, frames_per_chunk=2)
+    ctx, audio = torch.randn(1, 2, cfg.text_dim), rand_audio(cfg, 2)
+    ref = torch.randn(1, cfg.in_channels, cfg.sink_frames, *HW)
+    sigmas = student_sigmas(3, shift=1.0)
+    noises = [torch.randn(1, cfg.in_channels, 2, *HW) for _ in range(3)]
+
+    def streamed(cache_from):
+        cache = model.new_cache(1, HW)
+        encode_sink(model, cache, ref, ctx)
+        gen = torch.Generator().manual_seed(0)
+        chunks = [
+            generate_chunk(model, cache, n, ctx, audio, sigmas, gen, cache_from=cache_from) for n in noises
+        ]
+        return chunks, cache
+
+    chunks, cache = streamed("last_step")
+    by_hand = model.new_cache(1, HW)
+    encode_sink(model, by_hand, ref, ctx)
+    gen = torch.Generator().manual_seed(0)
+    for noise, chunk in zip(noises, chunks):
+        inputs = []
+
+        def velocity(x, sigma, inputs=inputs):
+            inputs.append(x)
+            t = (sigma * 1000)[:, None].expand(1, 2)
+            return model(x, t, ctx, audio, mode="cached", cache=by_hand)
+
+        assert torch.allclose(sample_few_step(velocity, noise, sigmas, gen), chunk, atol=1e-6)
+        t_last = torch.full((1, 2), sigmas[-1].item() * 1000)
+        model(inputs[-1], t_last, ctx, audio, mode="cached", cache=by_hand, cache_write="ring")
+        by_hand.advance()
+    assert cache.frames_written == by_hand.frames_written == 6
+    for mine, theirs in zip(cache.layers, by_hand.layers):
+        for name in ("k", "v", "k_ring_raw"):
+            assert torch.allclose(getattr(mine, name), getattr(theirs, name), atol=1e-6), name
+    reencoded, _ = streamed("reencode")
+    assert torch.equal(reencoded[0], chunks[0])  # the same first chunk: only the cache differs ...
+    assert not torch.allclose(reencoded[1], chunks[1], atol=1e-3)  # ... which the next one reads
+    with pytest.raises(ValueError, match="cache_from"):
+        generate_chunk(model, cache, noises[0], ctx, audio, sigmas, cache_from="last")

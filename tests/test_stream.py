@@ -172,11 +172,12 @@ def test_a_teacher_model_refuses_to_stream(model):
         StreamSession(teacher)
 
 
-def test_batched_sessions_make_the_frames_they_would_make_alone(model):
+@pytest.mark.parametrize("cache_from", ["reencode", "last_step"])
+def test_batched_sessions_make_the_frames_they_would_make_alone(model, cache_from):
     from streamgen.stream import next_chunks
 
     def started(seed, **kw):
-        s = StreamSession(model, **kw)
+        s = StreamSession(model, cache_from=cache_from, **kw)
         s.start(face(seed), seed=seed)
         s.push_audio(speech(4.0, seed=seed))
         return s
@@ -275,6 +276,34 @@ def test_a_chunk_is_written_into_the_cache_by_the_next_one_with_the_same_frames(
             filled + s.cfg.frames_per_chunk, s.cfg.window_frames
         )
     assert all(np.array_equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(lazy, eager))
+
+
+def test_a_session_may_keep_each_chunk_from_its_last_step_instead_of_a_reencode(model):
+    _, reencoded = run(model, [speech(3.0)], 3)
+    s = StreamSession(model, cache_from="last_step")
+    s.start(face(), seed=0)
+    s.push_audio(speech(3.0))
+    seen = []
+
+    def observe(stage, fn):
+        seen.append(stage)
+        return fn()
+
+    frames = []
+    for _ in range(3):
+        filled = s.cache.filled
+        frames.append(s.next_chunk(observe=observe))  # written by its last step, nothing pending
+        assert not s.chunk_pending and s.cache.filled == min(
+            filled + s.cfg.frames_per_chunk, s.cfg.window_frames
+        )
+    assert seen == list(CHUNK_STAGES) * 3  # the "reencode" stage runs and has nothing to do
+    assert np.array_equal(frames[0][0], reencoded[0][0])  # the same first chunk; the later ones
+    assert not np.array_equal(frames[2][0], reencoded[2][0])  # read a cache made another way
+    trained = dataclasses.replace(model, meta={**model.meta, "cache_from": "last_step"})
+    assert StreamSession(trained).cache_from == "last_step"  # a model trained so streams so
+    assert StreamSession(trained, cache_from="reencode").cache_from == "reencode"
+    with pytest.raises(ValueError, match="cache_from must be one of"):
+        StreamSession(model, cache_from="sometimes")
 
 
 def test_a_new_caption_finds_the_last_chunk_written_with_the_old_one():

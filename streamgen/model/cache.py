@@ -180,6 +180,15 @@ class StreamCache(nn.Module):
         for layer in self.layers:
             layer.rotate_ring(angles)
 
+    def take_chunk_from(self, batch: StreamCache, row: int, batch_slots: torch.Tensor) -> None:
+        """Keep the chunk that a stacked batch's forward wrote into its ring slots `batch_slots`
+        (row `row` of it) in this stream's own slots, then move the ring on."""
+        slots = self.ring_token_index()
+        for mine, theirs in zip(self.layers, batch.layers):
+            v = theirs.v[row : row + 1, batch_slots + theirs.chunk_end]
+            mine.write_ring(theirs.k_ring_raw[row : row + 1, batch_slots], v, slots)
+        self.advance()
+
     @classmethod
     def stack(cls, caches: list[StreamCache]) -> StreamCache:
         """A batch of several streams' caches, for reading: one row per stream (a copy).

@@ -292,6 +292,7 @@ class DiT(nn.Module):
         cache: StreamCache | None = None,
         cache_write: str | None = None,
         frame_pos: torch.Tensor | None = None,
+        with_velocity: bool = False,
     ) -> torch.Tensor:
         """Predict the flow velocity.
 
@@ -302,7 +303,8 @@ class DiT(nn.Module):
         mode "cached": x is one chunk (or the sink when cache_write="sink"),
         cache_write in (None, "sink", "ring"). frame_pos overrides the rotary
         frame positions (default 0..F-1 outside the cache).
-        Returns velocity [B, C_out, F, h, w]; None after a cache write, which keeps only keys and values.
+        Returns velocity [B, C_out, F, h, w]; None after a cache write, which keeps only keys and
+        values, unless with_velocity (a denoising step that also writes its chunk into the ring).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -355,7 +357,7 @@ class DiT(nn.Module):
         for i, blk in enumerate(self.blocks):
             last = i + 1 == len(self.blocks)
             layer_cache = cache.layers[i] if cache is not None else None
-            if last and cache_write is not None:
+            if last and cache_write is not None and not with_velocity:
                 # a cache write keeps only keys/values: the last layer's attention, cross-attention,
                 # MLP and the head would compute a velocity nobody reads (1/num_layers of the work)
                 blk.self_attn(h.flatten(1, 2), cache=layer_cache, write_only=True, **attn_kwargs)
