@@ -397,6 +397,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Wan: count TAEHV's tiny decoder (streamgen/model/tiny_decoder.py) in place of the Wan VAE's",
     )
     p.add_argument(
+        "--cache-from",
+        choices=["reencode", "last_step"],
+        default=None,
+        help="each chunk's keys/values from a clean re-encode or from its last denoising step "
+        "(streamgen.sampling.CACHE_FROM; default: the model's own, a re-encode for the Wan flavors)",
+    )
+    p.add_argument(
         "--clip-frames",
         type=int,
         default=CLIP_FRAMES,
@@ -454,7 +461,9 @@ def main(args) -> dict:
             from streamgen.model.float8 import float8_linears
 
             float8_linears(model.dit)
-        session = StreamSession(model, height, width, steps=args.steps, device=device, dtype=dtype)
+        session = StreamSession(
+            model, height, width, steps=args.steps, device=device, dtype=dtype, cache_from=args.cache_from
+        )
     except ValueError as e:  # a teacher, a size the model cannot take, a device without FP8
         raise UserError(str(e)) from None
     # enough speech for every chunk of the clip and up to the full ring, so no chunk is silent
@@ -495,6 +504,7 @@ def main(args) -> dict:
         "fp8_linears": args.fp8,
         "attention": attention,
         "decoder": "tiny" if args.tiny_decoder else "wan" if wan else "model's",
+        "cache_from": session.cache_from,
         "counted_on": device,
         **(
             stage_timing.timed_report(session, work, ceilings, args.time, target_fps, restart=start)

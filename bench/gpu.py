@@ -29,7 +29,9 @@ over the floor's); the DiT's block linears in FP8 (`streamgen.model.float8`, on
 sm_89+, on a copy of the DiT); attention with QK^T in FP8 (`fp8_qk`), then with
 PV too (`fp8`: our Triton kernel, `kernels.attention`); the stream decoding with TAEHV's tiny
 decoder (streamgen/model/tiny_decoder.py; random weights: its speed, not its frames), alone and
-with every other lever (FP8 linears, the fastest attention, the decode beside the re-encode); the Wan decoder each way it can run (`decoder`,
+with every other lever (FP8 linears, the fastest attention, the decode beside the re-encode); each
+chunk's keys/values kept from its last denoising step instead of a clean re-encode
+(`StreamSession.cache_from`), alone and with every lever (reported, never the headline); the Wan decoder each way it can run (`decoder`,
 bench/wan_decoder.py; and TAEHV's tiny decoder of the same latents beside them), then the
 stream with the fastest of them; on CUDA the
 stream decoding on a second CUDA stream beside the re-encode
@@ -457,16 +459,20 @@ def run(
             for backend in ("fp8_qk", "fp8"):
                 extras[ATTENTION_VARIANTS[backend]] = on_attention(model, lambda b=backend: b, measure)
 
-        def beside_reencode(measurement):  # the decode on a second CUDA stream beside the re-encode
+        def on_session(measurement, **attributes):  # set on the session after each (re)start
             def fn(prepare):
                 def both(session):
                     if prepare is not None:
                         prepare(session)
-                    session.decode_beside_reencode = True
+                    for name, value in attributes.items():
+                        setattr(session, name, value)
 
-                return measurement(both)
+                return {**measurement(both), **attributes}
 
             return fn
+
+        def beside_reencode(measurement):  # the decode on a second CUDA stream beside the re-encode
+            return on_session(measurement, decode_beside_reencode=True)
 
         # the levers beside the decoder: FP8 linears, the fastest attention timed, on CUDA the decode
         # beside the re-encode
@@ -483,6 +489,13 @@ def run(
         extras["sdpa+fused_kernels, tiny decoder"] = with_tiny_decoder(measure)
         # and with the other levers (early: the likeliest to reach the target, a cut run keeps it)
         extras["sdpa+fused_kernels, every lever, tiny decoder"] = with_tiny_decoder(fastest)
+        # each chunk's keys/values from its last denoising step, no clean re-encode (one forward
+        # of five fewer; docs/results.md measures what it costs the shipped student): reported,
+        # never the headline, which stays Self-Forcing's way
+        extras["sdpa+fused_kernels, cache from last step"] = on_session(measure, cache_from="last_step")
+        extras["sdpa+fused_kernels, every lever, cache from last step"] = on_session(
+            fastest, cache_from="last_step"
+        )
         # the decoder's ways (and the tiny decoder beside them), then the stream with the fastest way
         fast_ways = [name for name in DECODER_WAYS if name not in SLOW_DECODER_WAYS] + [TINY_DECODER]
         extras["decoder"] = lambda _prepare: decoder_variants(model, device, dtype, fast_ways)
@@ -541,7 +554,11 @@ def run(
     for name, fn in after_kernels.items():
         variant(name, fn)
     # the variants at the benchmark's step count (a variant with fewer says so in "steps")
-    ok = {k: v for k, v in result["variants"].items() if "fps" in v and v.get("steps", steps) == steps}
+    ok = {
+        k: v
+        for k, v in result["variants"].items()
+        if "fps" in v and v.get("steps", steps) == steps and v.get("cache_from", "reencode") == "reencode"
+    }
     if ok:
         best = max(ok, key=lambda k: ok[k]["fps_steady"])
         result["best_variant"] = best

@@ -107,17 +107,30 @@ class TeacherSession:
 
 
 def open_session(
-    model, height=None, width=None, steps=None, device="cpu", dtype=torch.float32, decode_dtype="auto"
+    model,
+    height=None,
+    width=None,
+    steps=None,
+    device="cpu",
+    dtype=torch.float32,
+    decode_dtype="auto",
+    cache_from=None,
 ):
     """StreamSession for a student, TeacherSession for a model whose model.json says kind: teacher
-    (which decodes as loaded: its 100 evaluations per window dwarf the decode)."""
+    (which decodes as loaded: its 100 evaluations per window dwarf the decode; it has no cache,
+    so no cache_from)."""
     from streamgen.stream import StreamSession
 
     loaded = load_model(model, device=device, dtype=dtype) if isinstance(model, str) else model
     if loaded.meta.get("kind") == "teacher":
         if dtype != torch.float32:
             raise ValueError("a teacher runs in float32 only")
+        if cache_from is not None:
+            raise ValueError(
+                "a teacher samples whole windows without a KV cache: cache_from applies to students"
+            )
         return TeacherSession(loaded, height, width, steps=steps or 50, device=device)
     return StreamSession(
-        loaded, height=height, width=width, steps=steps, device=device, dtype=dtype, decode_dtype=decode_dtype
-    )
+        loaded, height=height, width=width, steps=steps, device=device, dtype=dtype,
+        decode_dtype=decode_dtype, cache_from=cache_from,
+    )  # fmt: skip

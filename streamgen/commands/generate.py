@@ -18,6 +18,13 @@ def add_arguments(p) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, choices=[1, 2, 4], help="denoising steps per chunk")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cache-from",
+        choices=["reencode", "last_step"],
+        default=None,
+        help="each chunk's keys/values in the KV cache: from a clean re-encode (Self-Forcing's way) or from "
+        "its last denoising step (one forward fewer per chunk); default: the model's own",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--dtype",
@@ -96,6 +103,7 @@ def run(args) -> int:
             args.device,
             getattr(torch, args.dtype),
             args.decode_dtype,
+            args.cache_from,
         )
         if isinstance(session, TeacherSession) and args.sp > 1:
             raise ValueError("--sp applies to streaming students; a teacher runs in one process")

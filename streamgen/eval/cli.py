@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="a student's decoder (auto: bfloat16 on CPUs with AMX)",
     )
+    parser.add_argument(
+        "--cache-from",
+        choices=["reencode", "last_step"],
+        help="a student's KV cache: each chunk from a clean re-encode or from its last step (default: the model's)",
+    )
     parser.add_argument("--json", action="store_true", help="print report.json's object as the last line")
     training = parser.add_argument_group("train-evaluators")
     training.add_argument(
@@ -95,7 +100,7 @@ def _evaluate(args) -> int:
             report = evaluate(
                 args.model, args.out, args.split, clips, args.size, args.minutes,
                 args.evaluators, args.device, args.steps, progress=bar.update,
-                decode_dtype=args.decode_dtype,
+                decode_dtype=args.decode_dtype, cache_from=args.cache_from,
             )  # fmt: skip
     except (EvaluatorError, ModelLoadError) as e:
         raise UserError(str(e)) from None

@@ -60,12 +60,14 @@ class ModelLoadError(ValueError):
     """The model to evaluate cannot be loaded or cannot run at the requested size."""
 
 
-def open_session(model: str, height: int, width: int, device: str, steps: int | None, decode_dtype="auto"):
+def open_session(
+    model: str, height: int, width: int, device: str, steps: int | None, decode_dtype="auto", cache_from=None
+):
     """A student's StreamSession, or a teacher's TeacherSession (offline windows, 50 steps + CFG)."""
     from streamgen.teacher import open_session as open_any
 
     try:
-        return open_any(model, height, width, steps, device, decode_dtype=decode_dtype)
+        return open_any(model, height, width, steps, device, decode_dtype=decode_dtype, cache_from=cache_from)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ModelLoadError(f"cannot load model {model!r}: {e}") from None
 
@@ -82,6 +84,7 @@ def evaluate(
     steps: int | None = None,
     progress=None,
     decode_dtype="auto",
+    cache_from=None,
 ) -> dict:
     from streamgen.data.world import make_clip, make_stream
 
@@ -102,7 +105,7 @@ def evaluate(
     ev = Evaluators(evaluators_dir)  # fails first, with a clear message, if a checkpoint is missing
     roundtrip = autoencoder_roundtrip(model.removeprefix(ROUNDTRIP)) if model.startswith(ROUNDTRIP) else None
     plain = model == GROUND_TRUTH or roundtrip is not None
-    session = None if plain else open_session(model, size, size, device, steps, decode_dtype)
+    session = None if plain else open_session(model, size, size, device, steps, decode_dtype, cache_from)
 
     def produce(clip, seed):
         if roundtrip is not None:
@@ -160,6 +163,7 @@ def evaluate(
         "clips": n_clips,
         "seconds": round(n_frames / 25, 2),
         "size": size,
+        "cache_from": getattr(session, "cache_from", None),  # a student's; None for the others
         "sync_c": float(np.mean([c["sync_c"] for c in per_clip])),
         "sync_d": float(np.mean([c["sync_d"] for c in per_clip])),
         "av_offset_frames": int(np.median([c["av_offset_frames"] for c in per_clip])),
