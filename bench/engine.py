@@ -9,6 +9,9 @@ shared machine:
   (streamgen/start_memo.py), as a server's built-in avatars start.
   frames_ms_p50: of those, the time to a chunk's frames, its clean re-encode
   left until they are out (as the server runs it).
+- cache_from_last_step: the session keeping each chunk's keys/values from its
+  last denoising step (no clean re-encode, `StreamSession.cache_from`) against
+  the same with the re-encode, in alternating rounds.
 - cache_speedup: per chunk, cached streaming vs recomputing the whole context
   (block-causal forward over sink + context + chunk at every step) with >= 21
   latent frames of context; the two produce the same latents (reported).
@@ -55,14 +58,15 @@ def _percentile(xs, q):
     return float(np.percentile(np.asarray(xs), q))
 
 
-def session_speed(model, height, width, steps, chunks, seed=0, decode_dtype="auto") -> dict:
+def session_speed(model, height, width, steps, chunks, seed=0, decode_dtype="auto", cache_from=None) -> dict:
     dtype = next(model.dit.parameters()).dtype
     rng = np.random.default_rng(seed)
     face = (rng.random((height, width, 3)) * 255).astype(np.uint8)
     speech = (rng.standard_normal(16000 * 60) * 0.1).astype(np.float32)
     session = StreamSession(
-        model, height=height, width=width, steps=steps, dtype=dtype, decode_dtype=decode_dtype
-    )
+        model, height=height, width=width, steps=steps, dtype=dtype, decode_dtype=decode_dtype,
+        cache_from=cache_from,
+    )  # fmt: skip
     # warm-up session: first-call allocations and kernel selection, as a warmed server has done
     session.start(face, seed=seed)
     session.push_audio(speech[:16000])
@@ -282,6 +286,9 @@ def measure_size(model, height, width, steps, chunks, context, teacher_frames, d
         out["decode_float32"] = decode_dtype_speedup(
             model, height, width, steps, max(5, chunks // 2), decode_dtype
         )
+    out["cache_from_last_step"] = cache_from_speedup(
+        model, height, width, steps, max(5, chunks // 2), decode_dtype
+    )
     out.update(cache_speedup(model, latent_hw, steps, max(3, chunks // 4), context))
     out.update(teacher_speedup(model, latent_hw, teacher_frames, [4, 2, 1]))
     return out
@@ -291,17 +298,36 @@ def _resolved(model, decode_dtype):
     return default_decode_dtype(model.vae, "cpu") if decode_dtype == "auto" else decode_dtype
 
 
+def alternating_fps(model, height, width, steps, chunks, variants: dict, rounds=2) -> dict:
+    """name -> the session's fps with those `session_speed` keyword arguments, the median over
+    rounds that run every variant in turn (the machine's load hits them alike)."""
+    runs = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, kwargs in variants.items():
+            runs[name].append(session_speed(model, height, width, steps, chunks, **kwargs)["fps"])
+    return {name: float(np.median(v)) for name, v in runs.items()}
+
+
 def decode_dtype_speedup(model, height, width, steps, chunks, decode_dtype, rounds=2) -> dict:
     """The session with its bfloat16 decoder against the same with a float32 one, alternating rounds."""
-    runs = {"float32": [], "bfloat16": []}
-    for _ in range(rounds):
-        for name, dt in (("float32", torch.float32), ("bfloat16", decode_dtype)):
-            runs[name].append(session_speed(model, height, width, steps, chunks, decode_dtype=dt)["fps"])
-    fps = {name: float(np.median(v)) for name, v in runs.items()}
+    variants = {"float32": {"decode_dtype": torch.float32}, "bfloat16": {"decode_dtype": decode_dtype}}
+    fps = alternating_fps(model, height, width, steps, chunks, variants, rounds)
     return {
         "fps": round(fps["float32"], 2),
         "bfloat16_fps": round(fps["bfloat16"], 2),
         "bfloat16_speedup": round(fps["bfloat16"] / fps["float32"], 3),
+    }
+
+
+def cache_from_speedup(model, height, width, steps, chunks, decode_dtype="auto", rounds=2) -> dict:
+    """The session keeping each chunk's keys/values from its last denoising step against the same
+    with the clean re-encode (`StreamSession.cache_from`), alternating rounds."""
+    variants = {way: {"decode_dtype": decode_dtype, "cache_from": way} for way in ("reencode", "last_step")}
+    fps = alternating_fps(model, height, width, steps, chunks, variants, rounds)
+    return {
+        "reencode_fps": round(fps["reencode"], 2),
+        "last_step_fps": round(fps["last_step"], 2),
+        "last_step_speedup": round(fps["last_step"] / fps["reencode"], 3),
     }
 
 

@@ -67,6 +67,13 @@ def rows_for(runs: Path) -> list[dict]:
             "steps": 1,
             "nfe": 2,
         },
+        {  # the same weights, each chunk's keys/values kept from its last step: no re-encode
+            "row": "Self-Forcing student, 4 steps, cache from last step",
+            "model": str(runs / "self_forcing" / "model"),
+            "steps": 4,
+            "nfe": 4,
+            "cache_from": "last_step",
+        },
         {
             "row": "chunk-distilled student, 4 steps",
             "model": str(runs / "chunk" / "model"),
@@ -89,17 +96,20 @@ def evaluate_rows(
             continue
         generated = spec["model"] != "ground-truth" and not spec["model"].startswith(ROUNDTRIP)
         slug = name.split(",")[0].split(" (")[0].replace(" ", "-")
-        folder = out / f"{slug}-{spec.get('steps', 0)}"
+        folder = out / "-".join([slug, str(spec.get("steps", 0)), *filter(None, [spec.get("cache_from")])])
         is_teacher = spec.get("nfe") == 100
         started = time.perf_counter()
         report = evaluate(
             spec["model"], folder, "test", clips, size,
             minutes if generated and not is_teacher else None,
-            None, "cpu", spec.get("steps"),
+            None, "cpu", spec.get("steps"), cache_from=spec.get("cache_from"),
         )  # fmt: skip
         fps = None
         if generated:
-            fps = frames_per_second(open_session(spec["model"], size, size, "cpu", spec.get("steps")))
+            session = open_session(
+                spec["model"], size, size, "cpu", spec.get("steps"), cache_from=spec.get("cache_from")
+            )
+            fps = frames_per_second(session)
         row = {**spec, **{k: report.get(k) for k in REPORT_KEYS}, "fps": fps}
         row["eval_seconds"] = round(time.perf_counter() - started, 1)
         results.append(row)
@@ -161,10 +171,14 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
-        "--render-only", action="store_true", help="rewrite the table from OUT/results.json, evaluating nothing"
+        "--render-only",
+        action="store_true",
+        help="rewrite the table from OUT/results.json, evaluating nothing",
     )
     p.add_argument(
-        "--missing-only", action="store_true", help="evaluate only the rows OUT/results.json does not have yet"
+        "--missing-only",
+        action="store_true",
+        help="evaluate only the rows OUT/results.json does not have yet",
     )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -173,7 +187,9 @@ def main(argv=None) -> int:
         rows = json.loads(stored.read_text())
     else:
         kept = json.loads(stored.read_text()) if args.missing_only and stored.exists() else []
-        new = evaluate_rows(args.runs, args.out, args.clips, args.minutes, args.size, {r["row"] for r in kept})
+        new = evaluate_rows(
+            args.runs, args.out, args.clips, args.minutes, args.size, {r["row"] for r in kept}
+        )
         order = [spec["row"] for spec in rows_for(args.runs)]
         rows = sorted(kept + new, key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
         args.out.mkdir(parents=True, exist_ok=True)

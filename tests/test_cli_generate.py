@@ -106,6 +106,9 @@ def test_bench_engine_prints_one_json_object(tmp_path):
     else:
         assert "largest_realtime" not in result
     assert (tmp_path / "sizes.png").stat().st_size > 0
+    for m in (result, entry):  # each chunk's cache from its last step, against the re-encode
+        ways = m["cache_from_last_step"]
+        assert ways["reencode_fps"] > 0 and ways["last_step_fps"] > 0 and ways["last_step_speedup"] > 0
     if result["decode_dtype"] == "bfloat16":  # auto on a CPU with native bf16: timed against float32 too
         for m in (result, entry):
             assert m["decode_float32"]["fps"] > 0 and m["decode_float32"]["bfloat16_speedup"] > 0
@@ -253,6 +256,7 @@ def test_the_shipped_models_answer_to_their_names(tmp_path):
 
 def test_generate_with_fp8_linears(tmp_path, monkeypatch):
     from streamgen.model import float8
+
     converted = []
     real = float8.float8_linears
     monkeypatch.setattr(float8, "float8_linears", lambda dit: converted.append(real(dit)) or dit)
