@@ -40,38 +40,15 @@ def test_eval_errors_leave_no_report(tmp_path, capsys):
 def test_eval_scores_the_teacher_by_name(tmp_path, capsys):
     """A teacher cannot stream; `streamgen eval` runs it through TeacherSession instead of refusing it."""
     out = tmp_path / "teacher"
-    args = [
-        "eval",
-        "--model",
-        "tiny-avatar-teacher",
-        "--steps",
-        "2",
-        "--clips",
-        "1",
-        "--out",
-        str(out),
-        "--json",
-    ]
+    args = ["eval", "--model", "tiny-avatar-teacher", "--steps", "2", "--clips", "1", "--out", str(out), "--json"]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["clips"] == 1 and 0 < report["csim"] <= 1 and report["black_frames"] == 0
 
 
 def test_eval_of_a_student_says_where_its_cache_came_from(tmp_path, capsys):
-    out = tmp_path / "last-step"
-    args = [
-        "eval",
-        "--model",
-        "tiny-avatar",
-        "--cache-from",
-        "last_step",
-        "--clips",
-        "1",
-        "--out",
-        str(out),
-        "--json",
-    ]
-    assert main(args) == 0
+    student = ["eval", "--model", "tiny-avatar", "--cache-from", "last_step", "--clips", "1", "--json"]
+    assert main([*student, "--out", str(tmp_path / "student")]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["cache_from"] == "last_step" and report["black_frames"] == 0
     teacher = ["eval", "--model", "tiny-avatar-teacher", "--cache-from", "last_step", "--clips", "1"]
@@ -82,9 +59,7 @@ def test_eval_of_a_student_says_where_its_cache_came_from(tmp_path, capsys):
 def test_eval_autoencoder_roundtrip(tmp_path, capsys):
     """`roundtrip:MODEL` scores the clips through MODEL's autoencoder and back: the ceiling of its students."""
     out = tmp_path / "roundtrip"
-    assert (
-        main(["eval", "--model", "roundtrip:tiny-avatar", "--clips", "1", "--out", str(out), "--json"]) == 0
-    )
+    assert main(["eval", "--model", "roundtrip:tiny-avatar", "--clips", "1", "--out", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["model"] == "roundtrip:tiny-avatar" and report["seconds"] == 4.0
     assert 0.5 < report["csim"] <= 1 and report["black_frames"] == 0
