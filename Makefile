@@ -6,11 +6,11 @@ DATA ?= data/world
 CLIPS ?= 600
 DISTILL = $(PY) -m streamgen distill
 
-.PHONY: model train ship data autoencoder latents teacher ode self_forcing chunk results clean-runs
+.PHONY: model train ship data autoencoder latents teacher ode self_forcing self_forcing_last_step chunk results clean-runs
 
 model: train ship
 
-train: chunk self_forcing
+train: chunk self_forcing self_forcing_last_step
 
 # copy the trained models into streamgen/assets/models (float16 DiT weights)
 ship:
@@ -41,6 +41,11 @@ $(RUNS)/ode/model/model.json: $(RUNS)/teacher/model/model.json
 self_forcing: $(RUNS)/self_forcing/model/model.json
 $(RUNS)/self_forcing/model/model.json: $(RUNS)/ode/model/model.json
 	$(DISTILL) self_forcing --config tiny-avatar --resume
+
+# the same student fine-tuned to keep each chunk's cache from its last step (a results row, not shipped)
+self_forcing_last_step: $(RUNS)/self_forcing_last_step/model/model.json
+$(RUNS)/self_forcing_last_step/model/model.json: $(RUNS)/self_forcing/model/model.json
+	$(DISTILL) self_forcing --config tiny-avatar-last-step --resume
 
 chunk: $(RUNS)/chunk/model/model.json
 $(RUNS)/chunk/model/model.json: $(RUNS)/ode/model/model.json

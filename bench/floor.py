@@ -323,6 +323,7 @@ def plot(results: list[dict], path) -> None:
     fig, ax = plt.subplots(figsize=(10, 1.6 + 0.6 * len(results)), layout="constrained")
     labels = [
         f"{r['model']} {r['width']}x{r['height']}, {r['steps']} steps, window {r['window_frames']}"
+        + (", cache from last step" if r.get("cache_from") == "last_step" else "")
         + (", FP8 linears" if r.get("fp8_linears") else "")
         + (f", {r['attention']} attention" if r.get("attention", "sdpa") != "sdpa" else "")
         for r in results

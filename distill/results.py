@@ -74,6 +74,12 @@ def rows_for(runs: Path) -> list[dict]:
             "nfe": 4,
             "cache_from": "last_step",
         },
+        {  # those weights fine-tuned to keep their last step (self_forcing-tiny-avatar-last-step.yaml)
+            "row": "Self-Forcing student fine-tuned to keep its last step, 4 steps",
+            "model": str(runs / "self_forcing_last_step" / "model"),
+            "steps": 4,
+            "nfe": 4,
+        },
         {
             "row": "chunk-distilled student, 4 steps",
             "model": str(runs / "chunk" / "model"),
