@@ -115,6 +115,19 @@ def run_all_modes(model, inp) -> dict[str, torch.Tensor]:
     out["cached_velocity"] = model(
         inp["noise"][0], t, inp["ctx"], inp["chunk_audio"][0], mode="cached", cache=cache
     )
+    # the same stream keeping each chunk's cache from its last step (the write inside a denoising
+    # forward, on the sharded cache), then a read of the ring it wrote
+    cache = model.new_cache(inp["x"].shape[0], HW)
+    encode_sink(model, cache, inp["ref"], inp["ctx"])
+    for k in range(CHUNKS):
+        gen = torch.Generator().manual_seed(100 + k)
+        out[f"last_step_chunk{k}"] = generate_chunk(
+            model, cache, inp["noise"][k], inp["ctx"], inp["chunk_audio"][k], student_sigmas(2), gen,
+            cache_from="last_step",
+        )  # fmt: skip
+    out["last_step_velocity"] = model(
+        inp["noise"][0], t, inp["ctx"], inp["chunk_audio"][0], mode="cached", cache=cache
+    )
     return out
 
 
