@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp8", action="store_true",
                         help="the DiT's block linears in FP8 (sm_89+ GPUs with --dtype bfloat16; on a CPU it runs, "
                         "slower than float32)")  # fmt: skip
+    parser.add_argument("--cache-from", choices=["reencode", "last_step"], default=None,
+                        help="each chunk's keys/values in the KV cache: from a clean re-encode or from its last "
+                        "denoising step (one forward fewer per chunk; default: the model's own)")  # fmt: skip
     parser.add_argument("--decode-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="the autoencoder's decoder (auto: bfloat16 on CPUs with AMX, 2-3x faster)")  # fmt: skip
     parser.add_argument(
@@ -69,11 +72,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--model-process and --sp cannot be combined: with --sp the model runs in its own ranks")
     if args.fp8 and args.device.startswith("cuda") and args.dtype != "bfloat16":
         raise UserError("--fp8 on a GPU needs --dtype bfloat16 (its FP8 products give bfloat16)")
-    from streamgen.models import use_attention_backend, use_precision
+    from streamgen.models import use_attention_backend, use_cache_from, use_precision
 
     try:
         use_attention_backend(args.attention)  # in the environment: the model process and ranks inherit it
         use_precision(args.dtype, args.fp8)  # likewise
+        use_cache_from(args.cache_from)
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.sp > 1:

@@ -36,6 +36,9 @@ ATTENTION_ENV = "STREAMGEN_ATTENTION"
 # name a dtype: the server's model process and torchrun ranks load that way
 DTYPE_ENV, FP8_ENV = "STREAMGEN_DTYPE", "STREAMGEN_FP8"
 DTYPES = ("float32", "bfloat16")
+# and where a student's KV cache comes from (`--cache-from`, streamgen.sampling.CACHE_FROM), in
+# place of what its model.json says
+CACHE_FROM_ENV = "STREAMGEN_CACHE_FROM"
 
 
 def use_attention_backend(name: str | None) -> None:
@@ -57,6 +60,15 @@ def use_precision(dtype: str | None = None, fp8: bool = False) -> None:
         os.environ[DTYPE_ENV] = dtype
     if fp8:
         os.environ[FP8_ENV] = "1"
+
+
+def use_cache_from(cache_from: str | None) -> None:
+    """Make `cache_from` (None leaves each model's own) where the KV cache of every student loaded
+    from now on comes from, here and in processes started from here."""
+    from streamgen.sampling import check_cache_from
+
+    if cache_from is not None:
+        os.environ[CACHE_FROM_ENV] = check_cache_from(cache_from)
 
 
 @dataclass
@@ -150,7 +162,8 @@ def load_model(
     """Load a trained model directory, or build a seeded random model of a flavor. Its attention
     backend is `attn_backend` when given, else $STREAMGEN_ATTENTION when set, else its config's.
     Its DiT is in `dtype` when given, else in $STREAMGEN_DTYPE (float32 when unset); its block
-    linears are in FP8 when $STREAMGEN_FP8 is set (`use_precision`)."""
+    linears are in FP8 when $STREAMGEN_FP8 is set (`use_precision`); its sessions keep their KV
+    cache as $STREAMGEN_CACHE_FROM says when it is set (`use_cache_from`), else as it was trained."""
     if os.environ.get(ATTENTION_ENV) and "attn_backend" not in cfg_overrides:
         cfg_overrides["attn_backend"] = os.environ[ATTENTION_ENV]
     if dtype is None:
@@ -160,6 +173,8 @@ def load_model(
         from streamgen.model.float8 import float8_linears
 
         float8_linears(model.dit)
+    if os.environ.get(CACHE_FROM_ENV):
+        model.meta = {**model.meta, "cache_from": os.environ[CACHE_FROM_ENV]}
     return model
 
 

@@ -282,6 +282,23 @@ def test_model_ops_decode_in_the_server_s_decode_dtype():
         ModelOps(model, "cpu", "float16").handle("create", ("s", face, None, 0, None, None, None))
 
 
+def test_serve_cache_from_reaches_every_session_of_the_models_it_loads(monkeypatch):
+    """`serve --cache-from` goes through the environment, as the precision does: every model this
+    process, its model process or its ranks load keeps its sessions' KV cache that way."""
+    from server.model_host import ModelOps
+    from streamgen.models import CACHE_FROM_ENV, load_model, use_cache_from
+
+    monkeypatch.setenv(CACHE_FROM_ENV, "")  # unset for load_model; restored after the test
+    assert load_model("debug").meta.get("cache_from") is None
+    use_cache_from("last_step")
+    assert os.environ[CACHE_FROM_ENV] == "last_step"
+    ops = ModelOps(load_model("debug"), "cpu", "float32")
+    ops.handle("create", ("s", inputs()[0], None, 0, None, None, None))
+    assert ops.streams["s"].cache_from == "last_step"
+    with pytest.raises(ValueError, match="cache_from must be one of"):
+        use_cache_from("always")
+
+
 def test_model_ops_run_in_the_precision_the_model_was_loaded_in(monkeypatch):
     """`serve --dtype bfloat16 --fp8` loads every model that way (the model process and the ranks
     read it from the environment); the sessions follow the loaded DiT."""
