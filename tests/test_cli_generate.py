@@ -232,6 +232,25 @@ def test_generate_in_bfloat16(tmp_path):
         assert sum(1 for _ in c.decode(video=0)) >= 25
 
 
+def test_generate_keeping_the_cache_from_the_last_step(tmp_path, monkeypatch):
+    from streamgen import stream
+
+    ways = []
+    start = stream.StreamSession.start
+    monkeypatch.setattr(
+        stream.StreamSession,
+        "start",
+        lambda self, *a, **k: ways.append(self.cache_from) or start(self, *a, **k),
+    )
+    out = tmp_path / "last-step.mp4"
+    assert (
+        main(["generate", "--model", "debug", "--cache-from", "last_step", "--out", str(out), "--quiet"]) == 0
+    )
+    assert ways == ["last_step"]
+    with av.open(str(out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) >= 25
+
+
 def test_the_shipped_models_answer_to_their_names(tmp_path):
     """tiny-avatar (the default) streams; tiny-avatar-teacher generates offline through TeacherSession."""
     from streamgen.models import load_model
