@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from cli_helpers import streamgen
 
 from bench import fp8
@@ -24,11 +25,15 @@ def test_each_variant_is_compared_with_float32_chunk_by_chunk(tmp_path):
     assert (tmp_path / "fp8.png").stat().st_size > 10_000
 
 
-def test_command_line_refuses_no_chunks_and_unknown_variants():
-    r = streamgen("bench", "fp8", "--json", "--model", "debug", "--chunks", "0")
-    assert r.returncode == 2 and "--chunks must be at least 1" in r.stderr and r.stdout == ""
-    r = streamgen("bench", "fp8", "--json", "--model", "debug", "--variants", "float16")
-    assert r.returncode == 2 and "invalid choice" in r.stderr
+def test_command_line_refuses_no_chunks_and_unknown_variants(capsys):
+    from streamgen.cli import main  # in this process (the JSON below comes from a fresh one)
+
+    assert main(["bench", "fp8", "--json", "--model", "debug", "--chunks", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert "--chunks must be at least 1" in err and out == ""
+    with pytest.raises(SystemExit) as exited:  # argparse's own refusal
+        main(["bench", "fp8", "--json", "--model", "debug", "--variants", "float16"])
+    assert exited.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
 def test_command_line_prints_json():
