@@ -147,15 +147,15 @@ def check_cache_from(cache_from: str) -> str:
 
 def cached_velocity(model, cache, context, audio, write: bool = False) -> Velocity:
     """The velocity of a chunk against the cache; write: the step also writes the chunk's K/V
-    into the ring (and moves the ring on), as the last step does under cache_from="last_step"."""
+    into the ring, as the last step does under cache_from="last_step" (the caller then moves the
+    ring on: `cache.advance()`)."""
 
     def velocity(x, sigma):
         t = (sigma * 1000)[:, None].expand(x.shape[0], x.shape[2])
-        if not write:
-            return model(x, t, context, audio, mode="cached", cache=cache)
-        v = model(x, t, context, audio, mode="cached", cache=cache, cache_write="ring", with_velocity=True)
-        cache.advance()
-        return v
+        return model(
+            x, t, context, audio, mode="cached", cache=cache,
+            cache_write="ring" if write else None, with_velocity=write,
+        )  # fmt: skip
 
     return velocity
 
@@ -186,6 +186,8 @@ def generate_chunk(
     velocity = cached_velocity(model, cache, context, audio)
     last = cached_velocity(model, cache, context, audio, write=True) if last_step else None
     x0 = sample_few_step(velocity, noise, sigmas, generator, last)
-    if reencode and not last_step:
+    if last_step:
+        cache.advance()  # the last step wrote the chunk
+    elif reencode:
         reencode_chunk(model, cache, x0, context, audio)
     return x0

@@ -461,10 +461,12 @@ def next_chunks(sessions: list[StreamSession]) -> list[tuple[np.ndarray, float]]
         lead = group[0]
         with torch.no_grad():
             batch_cache = StreamCache.stack([s.cache for s in group])
-            written = batch_cache.ring_token_index()  # the slots a writing last step fills
             velocity = cached_velocity(lead.dit, batch_cache, context, audio)
             last_step = lead.cache_from == "last_step"
-            last = cached_velocity(lead.dit, batch_cache, context, audio, write=True) if last_step else None
+            last = None
+            if last_step:  # it writes into the stacked copy, at these slots; each session keeps its row
+                written = batch_cache.ring_token_index()
+                last = cached_velocity(lead.dit, batch_cache, context, audio, write=True)
             x0 = sample_few_step(velocity, noise, lead.sigmas, [s.generator for s in group], last)
             for j, (i, s) in enumerate(zip(members, group)):
                 row = slice(j, j + 1)

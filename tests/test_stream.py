@@ -27,6 +27,17 @@ def speech(seconds, seed=0):
     return (0.3 * np.sin(2 * np.pi * 220 * t) * (rng.random(t.size) > 0.3)).astype(np.float32)
 
 
+def recorder():
+    """(the stages seen, an `observe` hook that records each and runs it)."""
+    seen = []
+
+    def observe(stage, fn):
+        seen.append(stage)
+        return fn()
+
+    return seen, observe
+
+
 def run(model, audio_pushes, chunks, seed=0):
     s = StreamSession(model)
     s.start(face(), seed=seed)
@@ -237,12 +248,7 @@ def test_an_observer_sees_every_stage_in_order_and_changes_nothing(model):
     s = StreamSession(model)
     s.start(face(), seed=0)
     s.push_audio(speech(2.0))
-    seen = []
-
-    def observe(stage, fn):
-        seen.append(stage)
-        return fn()
-
+    seen, observe = recorder()
     observed = [s.next_chunk(observe=observe) for _ in range(2)]
     assert seen == list(CHUNK_STAGES) * 2
     assert all(np.array_equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(plain, observed))
@@ -283,12 +289,7 @@ def test_a_session_may_keep_each_chunk_from_its_last_step_instead_of_a_reencode(
     s = StreamSession(model, cache_from="last_step")
     s.start(face(), seed=0)
     s.push_audio(speech(3.0))
-    seen = []
-
-    def observe(stage, fn):
-        seen.append(stage)
-        return fn()
-
+    seen, observe = recorder()
     frames = []
     for _ in range(3):
         filled = s.cache.filled
