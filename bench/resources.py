@@ -9,7 +9,10 @@ CPU-only machine. It finds, before a GPU is lent:
 - kernels the compiler rejects where the interpreter (the CPU tests) does not;
 - configs asking for more shared memory than the chip gives one block (they
   cannot launch: the autotuner drops them, after paying for their compile);
-- configs that spill registers to local memory (slow).
+- configs that spill registers to local memory (slow);
+- how many fp32 instructions of each kind the PTX holds beside the tensor-core products
+  (`float_ops`: a static count, each loop body once), which the softmax of the attention
+  kernel issues per score.
 """
 
 from __future__ import annotations
@@ -135,6 +138,7 @@ def run(arch: int = 90, dtype: str = "bfloat16", only: tuple[str, ...] = ()) -> 
             row = {"case": name, "kernel": kernel_name, **variant, "compile_s": round(seconds, 2)}
             row.update(ptxas_usage(report), shared_bytes=int(kernel.metadata.shared))
             row["tensor_cores"] = _tensor_core_instruction(kernel.asm.get("ptx", ""))
+            row["float_ops"] = float_ops(kernel.asm.get("ptx", ""))
             if limit is not None:
                 row["fits_shared"] = row["shared_bytes"] <= limit
             row["spills"] = row.get("spill_stores", 0) + row.get("spill_loads", 0) > 0
@@ -159,6 +163,15 @@ def run(arch: int = 90, dtype: str = "bfloat16", only: tuple[str, ...] = ()) -> 
 def _tensor_core_instruction(ptx: str) -> str | None:
     """Hopper's warpgroup MMA, the older warp-level MMA, or none (a dot lowered to FMAs)."""
     return "wgmma" if "wgmma." in ptx else "mma" if "mma.sync" in ptx else None
+
+
+FLOAT_OPS = ("fma", "mul", "add", "sub", "max", "ex2")
+
+
+def float_ops(ptx: str) -> dict:
+    """Static counts of the fp32 arithmetic instructions in `ptx`, by kind (fma.rn.f32 -> fma)."""
+    found = re.findall(r"^\s*(?:@%p\d+\s+)?(" + "|".join(FLOAT_OPS) + r")(?:\.[a-z0-9]+)*\.f32\b", ptx, re.M)
+    return {op: found.count(op) for op in FLOAT_OPS}
 
 
 def _variant_text(row: dict) -> str:

@@ -31,9 +31,9 @@ if INTERPRET:
 else:
     _ATTN_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        # (BLOCK_M, BLOCK_N, warps, stages). Compiled for sm_90 at head dim 128 in bf16
-        # (`streamgen bench resources`), none spills and all fit in shared memory; (128, 64)
-        # with 4 warps needed 255 registers and spilled, so it is not offered.
+        # (BLOCK_M, BLOCK_N, warps, stages). Compiled for sm_90 at head dim 128 in bf16 and in
+        # both FP8 modes (`streamgen bench resources`), none spills and all fit in shared
+        # memory; (128, 64) with 4 warps needed 255 registers and spilled, so it is not offered.
         for bm, bn, w, s in (
             (128, 64, 8, 3),
             (128, 128, 8, 3),
@@ -51,7 +51,13 @@ def _attend_key_block(
 ):  # fmt: skip
     """One online-softmax step: fold the key block `cols` into (running max, sum, acc). Without
     MASKED every key of the block is allowed (a full block of the unmasked loop): the scores
-    skip the select, one operation per score less beside the exp2."""
+    skip the select, one operation per score less beside the exp2.
+
+    The softmax's scale (q_factor, > 0: a scalar, or each row's with FP8_QK) is applied inside
+    the exponent, scores * q_factor - max as one fused multiply-add, and the block's maximum is
+    taken before scaling (a positive factor keeps the order). PV accumulates into `acc` through
+    tl.dot's third operand, the tensor cores' own accumulator (Triton folded a later add into it
+    for bf16 tiles, but not with PV in FP8, where a second tile of registers was live)."""
     k = tl.load(
         k_base + cols[None, :] * stride_kl + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None], other=0.0
     )  # [BLOCK_D, BLOCK_N]
@@ -64,43 +70,40 @@ def _attend_key_block(
         scores = tl.dot(q, k.to(tl.float32), input_precision="ieee")
     else:
         scores = tl.dot(q, k)
-    if FP8_QK:  # each key's scale, then the query's with the softmax's
+    if FP8_QK:  # each key's scale; the query's, with the softmax's, is q_factor
         scores = scores * tl.load(k_scales, mask=col_ok, other=0.0)[None, :]
-    scores = scores * q_factor
     if MASKED:
         scores = tl.where(allowed, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    p = tl.exp2(scores - m_new[:, None])
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1) * q_factor)
+    # with FP8_PV the probabilities come out times 2^8 = reference.FP8_P_SCALE (exactly: a power
+    # of two in the exponent), so the small ones stay normal e4m3 numbers; l_i sums them so
+    # scaled, and acc / l_i cancels the factor
+    exponent_max = m_new - 8.0 if FP8_PV else m_new
+    if FP8_QK:
+        p = tl.exp2(scores * q_factor[:, None] - exponent_max[:, None])
+    else:
+        p = tl.exp2(scores * q_factor - exponent_max[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
     if FP8_PV:
-        p = p * 256.0  # reference.FP8_P_SCALE: the small probabilities stay normal numbers
         if DOT_FP32:  # the interpreter's fp8 cast is wrong: round to e4m3 in fp32, as the GPU's cast
-            pv = tl.dot(_round_to_e4m3(p), v.to(tl.float32), input_precision="ieee")
+            acc = tl.dot(_round_to_e4m3(p), v.to(tl.float32), acc, input_precision="ieee")
         else:
-            pv = tl.dot(p.to(v.dtype), v)
+            acc = tl.dot(p.to(v.dtype), v, acc)
     elif DOT_FP32:
-        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
     else:
-        pv = tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc * alpha[:, None] + pv
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return m_new, l_i, acc
 
 
 def _prune_attention_configs(configs, named_args, **kwargs):
     """The exact fp32 dots (DOT_FP32) spill registers in every config on Hopper (docs/kernels.md):
     that path is for exactness, not speed, so it takes the smallest tile and is not autotuned.
-    Tiles that spill in an FP8 mode on sm_90 (`streamgen bench resources`) are not offered:
-    (128, 128) with QK^T alone in FP8 (Triton 3.9), (64, 64) with PV too (Triton 3.6, the
-    H200 image's), and (128, 64) with PV too and the log-sum-exp (ring attention's blocks;
-    Triton 3.9: 12 bytes, tests/test_kernels_offline.py)."""
-    if kwargs.get("DOT_FP32"):
-        return configs[-1:]
-    spills = set()
-    if kwargs.get("FP8_QK"):
-        spills.add((64, 64) if kwargs.get("FP8_PV") else (128, 128))
-    if kwargs.get("FP8_PV") and kwargs.get("RETURN_LSE"):
-        spills.add((128, 64))
-    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) not in spills]
+    Every other mode builds every tile for sm_90 without spilling, with the log-sum-exp too
+    (Triton 3.9 and the H200 image's 3.6; `streamgen bench resources`)."""
+    return configs[-1:] if kwargs.get("DOT_FP32") else configs
 
 
 @triton.autotune(
@@ -139,8 +142,9 @@ def _attention_kernel(
     # FP8: the scales of q and k, one per (batch, token, head), are [B, L, H] contiguous
     k_scale_base = k_scale_ptr + b * Lk * H + h
     if FP8_QK:
-        q_scale = tl.load(q_scale_ptr + (b * Lq + rows) * H + h, mask=row_ok, other=0.0)
-        q_factor = (q_scale * qk_scale)[:, None]
+        # (rows past Lq get a factor of 1: a 0 would make the masked scores' -inf NaN)
+        q_scale = tl.load(q_scale_ptr + (b * Lq + rows) * H + h, mask=row_ok, other=1.0)
+        q_factor = q_scale * qk_scale
     else:
         q_factor = qk_scale
 
@@ -189,9 +193,11 @@ def _attention_kernel(
     if RETURN_LSE:  # each row's log-sum-exp of its scores, natural log (the scores are in log2 units);
         # rows past Lq (not stored) may have seen no key: no log of 0 for them
         lse = m_i + tl.log2(tl.where(row_ok, l_i, 1.0))
+        if FP8_PV:  # l_i summed the probabilities times 2^8
+            lse = lse - 8.0
         tl.store(lse_ptr + bh * Lq + rows, lse * 0.6931471805599453, mask=row_ok)
-    if FP8_PV:  # v's scale per channel, and the probabilities' 2^8
-        out = out * (tl.load(v_scale_ptr + bh * HEAD_DIM + dims, mask=dim_ok, other=0.0) / 256.0)[None, :]
+    if FP8_PV:  # v's scale per channel
+        out = out * tl.load(v_scale_ptr + bh * HEAD_DIM + dims, mask=dim_ok, other=0.0)[None, :]
     tl.store(
         o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + dims[None, :],
         out.to(o_ptr.dtype.element_ty),
