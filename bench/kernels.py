@@ -219,6 +219,35 @@ def triton_function(op_name: str):
     return getattr(triton_attention if hasattr(triton_attention, op_name) else triton_ops, op_name)
 
 
+def _autotuner(op_name: str):
+    """The autotuned Triton kernel behind a case's op (the attention kernel), or None."""
+    if op_name not in ("attention", "fp8_attention"):
+        return None
+    from kernels import triton_attention
+
+    return triton_attention._attention_kernel
+
+
+def tile_name(config) -> str:
+    """A Triton config as 'BLOCK_MxBLOCK_N wWARPS sSTAGES'."""
+    kw = config.kwargs
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
+
+
+def autotune_report(tuner, timings_before) -> dict:
+    """The tile the autotuner ran the call just timed with ("tile"), and each tile's median ms
+    ("tile_ms") where it tuned for this call (its timings are then new: a shape it had tuned
+    before, earlier in the process, reuses that choice)."""
+    out = {"tile": tile_name(tuner.best_config)}
+    timings = getattr(tuner, "configs_timings", None)
+    if timings and timings is not timings_before:
+        # each config's timing: do_bench's quantiles (median first) or one number; a config that
+        # could not run (out of resources) is timed as infinity: null
+        medians = {tile_name(c): t[0] if isinstance(t, (list, tuple)) else t for c, t in timings.items()}
+        out["tile_ms"] = {k: None if math.isinf(v) else _sig(v) for k, v in medians.items()}
+    return out
+
+
 def _triton_functions(device):
     """(`triton_function`, None), or (None, why the Triton kernels cannot run here)."""
     if device.type != "cuda":
@@ -295,7 +324,11 @@ def run(
             entry["triton"] = {"skipped": why_no_triton}
         else:
             fused = triton_fn(op_name)
+            tuner = _autotuner(op_name)
+            timings_before = getattr(tuner, "configs_timings", None)
             entry["triton"] = _measure(fused, args, nbytes, flops, dev, quick)
+            if tuner is not None and "error" not in entry["triton"]:
+                entry["triton"].update(autotune_report(tuner, timings_before))
             entry["triton"]["max_abs_err_vs_eager"] = _max_err(fused, eager, args)
         if op_name == "attention":
             entry["backends"] = _attention_backends(args, nbytes, flops, dev, quick)

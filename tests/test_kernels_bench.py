@@ -97,3 +97,21 @@ def test_command_line_prints_json():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert list(result["kernels"]) == ["gelu_tanh"] and result["device"] == "cpu"
+
+
+def test_autotune_report_names_the_chosen_tile_and_times_only_a_fresh_tuning(bench):
+    """What the GPU run reports of the attention kernel's autotuner: the tile it ran with, and
+    each tile's median where this call tuned (a tile that could not run: null)."""
+    triton = pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+    small = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+    timings = {big: [0.5, 0.45, 0.6], small: [float("inf")] * 3}
+    tuner = SimpleNamespace(best_config=big, configs_timings=timings)
+    report = bench.autotune_report(tuner, timings_before=None)
+    assert report == {"tile": "128x64 w8 s3", "tile_ms": {"128x64 w8 s3": 0.5, "64x32 w4 s2": None}}
+    json.dumps(report, allow_nan=False)
+    # the same timings as before the call: it reused an earlier choice, so no times of its own
+    assert bench.autotune_report(tuner, timings_before=timings) == {"tile": "128x64 w8 s3"}
+    assert bench._autotuner("gelu_tanh") is None
