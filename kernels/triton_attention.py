@@ -108,7 +108,9 @@ def _prune_attention_configs(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_ATTN_CONFIGS,
-    key=["HEAD_DIM", "BLOCK_CAUSAL", "DOT_FP32", "FP8_QK", "FP8_PV", "RETURN_LSE"],
+    # the lengths by powers of two: one tile for every call would be the one tuned on the first
+    # (a stream's sink, 1560 keys at 832x480), for the steady chunk's 39,000 keys too
+    key=["HEAD_DIM", "BLOCK_CAUSAL", "DOT_FP32", "FP8_QK", "FP8_PV", "RETURN_LSE", "LQ_BUCKET", "LK_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_attention_configs},
 )
 @triton.jit
@@ -116,7 +118,7 @@ def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_block_ptr, k_block_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh,
-    H, Lq, Lk, S, qk_scale,
+    H, Lq, Lk, S, qk_scale, LQ_BUCKET, LK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
     FP8_QK: tl.constexpr, FP8_PV: tl.constexpr, RETURN_LSE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -284,6 +286,7 @@ def _launch_attention(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         *v_strides, out.stride(0), out.stride(1), out.stride(2),
         heads, lq, lk, max(tokens_per_frame, 1), LOG2E / math.sqrt(head_dim),
+        triton.next_power_of_2(lq), triton.next_power_of_2(lk),  # for the autotuner's key only
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_CAUSAL=block_mask_frames is not None, DOT_FP32=INTERPRET or dtype == torch.float32,
         FP8_QK=fp8_scales is not None, FP8_PV=v_scale is not out, RETURN_LSE=return_lse,

@@ -118,6 +118,28 @@ def test_ring_attention_blocks_build_for_hopper_without_spills():
     )
 
 
+def test_the_attention_tile_is_tuned_per_power_of_two_of_the_lengths(monkeypatch):
+    """The autotuner keys on the query and key lengths rounded up to powers of two, so a stream's
+    first call (the sink: 1560 keys at 832x480) does not choose the tile of its steady chunks
+    (39,000 keys), nor a cross-attention's (512 text tokens) that of the self-attention."""
+    tuner = triton_attention._attention_kernel
+    assert {"LQ_BUCKET", "LK_BUCKET"} <= set(tuner.keys)
+    launches = []
+
+    class Launcher:  # the launch's arguments, by the kernel's parameter names; nothing runs
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append({**dict(zip(tuner.arg_names, args)), **kwargs})
+
+    monkeypatch.setattr(triton_attention, "_attention_kernel", Launcher())
+    q, k = torch.randn(1, 40, 2, 16), torch.randn(1, 1000, 2, 16)
+    triton_attention.attention(q, k, k)
+    triton_attention.attention(k, q, q)
+    assert [(a["Lq"], a["Lk"], a["LQ_BUCKET"], a["LK_BUCKET"]) for a in launches] == [
+        (40, 1000, 64, 1024),
+        (1000, 40, 1024, 64),
+    ]
+
+
 def test_an_unknown_case_is_one_line_and_exit_code_2():
     r = streamgen("bench", "resources", "--only", "layernorm", "--json")
     assert r.returncode == 2 and r.stdout == ""
