@@ -328,7 +328,14 @@ def on_attention(model, backend, measurement):
         for attn, _ in saved:
             attn.backend = name
         try:
-            return {**measurement(prepare), "attention": name}
+            result = {**measurement(prepare), "attention": name}
+            if name in ("triton", "fp8_qk", "fp8") and next(model.dit.parameters()).is_cuda:
+                from bench.kernels import attention_tiles
+                from kernels import triton_attention
+
+                # the tiles the autotuner chose at each length this stream met (and any before it)
+                result["attention_tiles"] = attention_tiles(triton_attention._attention_kernel)
+            return result
         finally:
             for attn, previous in saved:
                 attn.backend = previous

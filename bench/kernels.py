@@ -248,6 +248,17 @@ def autotune_report(tuner, timings_before) -> dict:
     return out
 
 
+def attention_tiles(tuner) -> dict:
+    """Each tile the attention kernel's autotuner has chosen in this process, by what it keyed on:
+    e.g. {"FP8_QK q8192 k65536": "128x64 w8 s3"} (the flags that are on, the length buckets)."""
+    out = {}
+    for key, config in tuner.cache.items():
+        named = dict(zip(tuner.keys, key))  # the dtypes the autotuner appends come after: dropped
+        flags = [k for k in ("BLOCK_CAUSAL", "DOT_FP32", "FP8_QK", "FP8_PV", "RETURN_LSE") if named.get(k)]
+        out[" ".join([*flags, f"q{named['LQ_BUCKET']}", f"k{named['LK_BUCKET']}"])] = tile_name(config)
+    return out
+
+
 def _triton_functions(device):
     """(`triton_function`, None), or (None, why the Triton kernels cannot run here)."""
     if device.type != "cuda":

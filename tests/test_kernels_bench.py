@@ -115,3 +115,26 @@ def test_autotune_report_names_the_chosen_tile_and_times_only_a_fresh_tuning(ben
     # the same timings as before the call: it reused an earlier choice, so no times of its own
     assert bench.autotune_report(tuner, timings_before=timings) == {"tile": "128x64 w8 s3"}
     assert bench._autotuner("gelu_tanh") is None
+
+
+def test_attention_tiles_name_each_choice_by_its_flags_and_length_buckets(bench):
+    triton = pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from kernels import triton_attention
+
+    keys = triton_attention._attention_kernel.keys
+    big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3)
+    small = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+
+    def key(**on):  # the autotuner's key: its keys' values in order, then the tensors' dtypes
+        values = {"HEAD_DIM": 128, "LQ_BUCKET": 8192, "LK_BUCKET": 65536, **on}
+        return (*(values.get(k, False) for k in keys), "torch.bfloat16", "torch.float32")
+
+    tuner = SimpleNamespace(
+        keys=keys, cache={key(): big, key(FP8_QK=True, FP8_PV=True, LK_BUCKET=2048): small}
+    )
+    assert bench.attention_tiles(tuner) == {
+        "q8192 k65536": "128x128 w8 s3",
+        "FP8_QK FP8_PV q8192 k2048": "64x32 w4 s2",
+    }
