@@ -21,7 +21,7 @@ import pytest
 import torch
 from cli_helpers import streamgen
 
-from bench import gpu
+from bench import gpu, gpu_variants, wan_decoder
 from streamgen.stream import CHUNK_STAGES, START_STAGES, StreamSession
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,11 +146,11 @@ def test_gpu_check_runs_with_only_what_the_gpu_image_has(gpu_check_run):
     fp8 = result["variants"]["sdpa+fused_kernels, fp8 linears"]
     assert fp8["fps_steady"] > 0 and fp8["fp8_layers"] == 2 * 12  # the debug model's 2 blocks
     for backend in ("fp8_qk", "fp8"):  # attention in FP8 (on the CPU: the kernel's numerics, emulated)
-        attention = result["variants"][gpu.ATTENTION_VARIANTS[backend]]
+        attention = result["variants"][gpu_variants.ATTENTION_VARIANTS[backend]]
         assert attention["fps_steady"] > 0 and attention["attention"] == backend
     every = result["variants"]["sdpa+fused_kernels, every lever"]
     assert every["fps_steady"] > 0 and every["fp8_layers"] == fp8["fp8_layers"]
-    assert every["attention"] == gpu.fastest_attention(result["variants"])
+    assert every["attention"] == gpu_variants.fastest_attention(result["variants"])
     fastest = result["variants"]["sdpa+fused_kernels, fastest decoder way"]["decoder_way"]
     assert every["decoder_way"] == fastest
     # TAEHV's tiny decoder in place of the Wan decoder: alone, and with every other lever
@@ -161,7 +161,7 @@ def test_gpu_check_runs_with_only_what_the_gpu_image_has(gpu_check_run):
     assert order.index("sdpa+fused_kernels, every lever, tiny decoder") < order.index(
         "sdpa+fused_kernels, every lever"
     )
-    assert result["decoder"][gpu.TINY_DECODER]["ms_p50"] > 0
+    assert result["decoder"][wan_decoder.TINY_DECODER]["ms_p50"] > 0
     encode = result["reference_encode"]  # the start's, 3D as diffusers' and 2D as ours
     assert encode["single_frame_2d"]["tflop"] < 0.5 * encode["diffusers"]["tflop"]
     assert "bench gpu: exit code 0" in (out / "bench-gpu.log").read_text()
@@ -170,12 +170,12 @@ def test_gpu_check_runs_with_only_what_the_gpu_image_has(gpu_check_run):
 
 
 def test_the_fastest_attention_is_the_highest_steady_rate_timed():
-    assert gpu.fastest_attention({}) == "sdpa"
-    variants = {gpu.ATTENTION_VARIANTS["sdpa"]: {"fps_steady": 10.0}, "other": {"fps_steady": 99.0}}
-    assert gpu.fastest_attention(variants) == "sdpa"
-    variants[gpu.ATTENTION_VARIANTS["fp8"]] = {"fps_steady": 12.0}
-    variants[gpu.ATTENTION_VARIANTS["fp8_qk"]] = {"error": "RuntimeError"}  # not timed
-    assert gpu.fastest_attention(variants) == "fp8"
+    assert gpu_variants.fastest_attention({}) == "sdpa"
+    variants = {gpu_variants.ATTENTION_VARIANTS["sdpa"]: {"fps_steady": 10.0}, "other": {"fps_steady": 99.0}}
+    assert gpu_variants.fastest_attention(variants) == "sdpa"
+    variants[gpu_variants.ATTENTION_VARIANTS["fp8"]] = {"fps_steady": 12.0}
+    variants[gpu_variants.ATTENTION_VARIANTS["fp8_qk"]] = {"error": "RuntimeError"}  # not timed
+    assert gpu_variants.fastest_attention(variants) == "fp8"
 
 
 def test_a_variant_on_an_attention_sets_every_attention_and_restores_it():
@@ -190,16 +190,18 @@ def test_a_variant_on_an_attention_sets_every_attention_and_restores_it():
     seen = []
 
     def measurement(prepare):
-        seen.append([a.backend for a in gpu.attention_modules(model.dit)])
+        seen.append([a.backend for a in gpu_variants.attention_modules(model.dit)])
         if prepare == "fail":
             raise RuntimeError("variant failed")
         return {"fps": 1.0}
 
-    assert gpu.on_attention(model, lambda: "fp8", measurement)(None) == {"fps": 1.0, "attention": "fp8"}
+    on_fp8 = gpu_variants.on_attention(model, lambda: "fp8", measurement)
+    assert on_fp8(None) == {"fps": 1.0, "attention": "fp8"}
     with pytest.raises(RuntimeError):
-        gpu.on_attention(model, lambda: "fp8_qk", measurement)("fail")
+        gpu_variants.on_attention(model, lambda: "fp8_qk", measurement)("fail")
     assert seen == [["fp8", "fp8"], ["fp8_qk", "fp8_qk"]]
-    assert [a.backend for a in gpu.attention_modules(model.dit)] == ["sdpa", "sdpa"]  # restored each time
+    backends = [a.backend for a in gpu_variants.attention_modules(model.dit)]
+    assert backends == ["sdpa", "sdpa"]  # restored each time
 
 
 @pytest.mark.slow
@@ -254,10 +256,10 @@ def test_bench_gpu_sets_each_stage_against_its_floor(gpu_check_run):
         assert "of_floor" not in last_step and result["best_variant"] != name
     # the Wan decoder each way it can run: the same frames (to float rounding), each timed
     decoder = dict(result["decoder"])
-    tiny = decoder.pop(gpu.TINY_DECODER)  # TAEHV's decoder beside them: timed, its frames another's
+    tiny = decoder.pop(wan_decoder.TINY_DECODER)  # TAEHV's decoder beside them: timed, its frames another's
     assert tiny["ms_p50"] > 0 and tiny["max_abs_diff"] is None
     # diffusers' way first, which the others are compared with
-    assert list(decoder) == [n for n in gpu.DECODER_WAYS if n not in gpu.SLOW_DECODER_WAYS]
+    assert list(decoder) == [n for n in wan_decoder.DECODER_WAYS if n not in wan_decoder.SLOW_DECODER_WAYS]
     assert list(decoder)[0] == "frame_per_call" and decoder["frame_per_call"]["max_abs_diff"] == 0
     assert all(way["ms_p50"] > 0 and way["max_abs_diff"] < 1e-4 for way in decoder.values())
     assert result["variants"]["sdpa+fused_kernels, decoder frame_per_call"]["fps_steady"] > 0
@@ -275,18 +277,18 @@ def test_the_fastest_decoder_way_is_one_that_gives_the_same_frames():
         "chunk_per_call": {"ms_p50": 7.0, "max_abs_diff": 0.03},
         "broken": {"ms_p50": 1.0, "max_abs_diff": 2.0},  # fast and wrong
         "failed": {"error": "RuntimeError: ..."},
-        gpu.TINY_DECODER: {"ms_p50": 0.5, "max_abs_diff": None},  # another decoder: never a way
+        wan_decoder.TINY_DECODER: {"ms_p50": 0.5, "max_abs_diff": None},  # another decoder: never a way
     }
-    assert gpu.fastest_decoder_way(ways) == "chunk_per_call"
-    assert gpu.fastest_decoder_way({"failed": {"error": "x"}}) is None
+    assert wan_decoder.fastest_decoder_way(ways) == "chunk_per_call"
+    assert wan_decoder.fastest_decoder_way({"failed": {"error": "x"}}) is None
 
 
 def test_the_tiny_decoder_asked_alone_is_timed_without_diffusers_way():
     # diffusers' way is the reference of the Wan decoder's ways; without them it is not run
     # (at 832x480 on this CPU it takes minutes a chunk)
     model = gpu.build_model("wan2.1-1.3b", 16, 16, "cpu", torch.float32, True, "sdpa")  # --quick's Wan VAE
-    ways = gpu.decoder_variants(model, "cpu", torch.float32, [gpu.TINY_DECODER], chunks=1)
-    assert list(ways) == [gpu.TINY_DECODER] and ways[gpu.TINY_DECODER]["ms_p50"] > 0
+    ways = wan_decoder.decoder_variants(model, "cpu", torch.float32, [wan_decoder.TINY_DECODER], chunks=1)
+    assert list(ways) == [wan_decoder.TINY_DECODER] and ways[wan_decoder.TINY_DECODER]["ms_p50"] > 0
 
 
 def test_bench_wan_decoder_runs_the_real_decoder_each_way_on_this_cpu():
@@ -322,7 +324,7 @@ def test_bench_gpu_only_runs_the_parts_it_is_given():
 
 def test_the_variants_run_the_defaults_figures_before_newer_kernels_and_compiling():
     # a fault in cuDNN's attention or a compiler (a sticky CUDA error) must not cost the default's figures
-    first, last = gpu.stream_variants(
+    first, last = gpu_variants.stream_variants(
         None, None, ("sdpa", "cudnn", "triton", "flex"), compile_blocks=True, extras={"stages": None}
     )
     assert list(first) == [
@@ -356,7 +358,7 @@ def test_compiled_blocks_variant_reports_its_graphs_and_undoes_itself():
         return gpu.stream_speed(model, 4, 1, 3, "cpu", torch.float32, 8, prepare)
 
     # dynamo's capture without a compiler: the wrapping and its undoing, in seconds
-    result = gpu.compiled_blocks(model, measure, backend="aot_eager")()
+    result = gpu_variants.compiled_blocks(model, measure, backend="aot_eager")()
     assert result["fps"] > 0 and result["graphs_compiled"] >= 3
     assert dynamo.config.recompile_limit == limit
     assert all(blk._compiled_call_impl is None for blk in model.dit.blocks)
@@ -385,7 +387,7 @@ def test_bench_gpu_quick_on_cuda_runs_every_stream_variant():
         "sdpa+fused_kernels, cache from last step",
         "sdpa+fused_kernels, every lever, cache from last step",
     }
-    ways = {k: v for k, v in result["decoder"].items() if k != gpu.TINY_DECODER}
+    ways = {k: v for k, v in result["decoder"].items() if k != wan_decoder.TINY_DECODER}
     assert all(way["max_abs_diff"] < 0.05 for way in ways.values()), result["decoder"]  # bf16
     assert all(v["fps"] > 0 for v in result["variants"].values())
     assert "error" not in result["stages"], result["stages"]

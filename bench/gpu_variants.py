@@ -1,0 +1,248 @@
+"""The streams `streamgen bench gpu` times, each a measurement(prepare) -> dict: the attention
+backends and the fused kernels or their references (`stream_variants`), and the levers on the
+default configuration (`lever_variants`): FP8 linears and attention, TAEHV's tiny decoder, the
+cache kept from the last step, the Wan decoder's ways, the decode beside the re-encode, and
+every lever at once. Each undoes what it changed, so the variants run one after another on one
+model (bench/gpu.py runs them, in order, within its time budget)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import kernels
+from bench.wan_decoder import (
+    DECODER_WAYS,
+    SLOW_DECODER_WAYS,
+    TINY_DECODER,
+    decoder_variants,
+    fastest_decoder_way,
+    reference_encode_ways,
+    tiny_decoder_vae,
+    with_attributes,
+)
+from streamgen.model.float8 import float8_layers, float8_linears
+
+
+def stream_variants(model, measure, backends, compile_blocks, extras=None) -> tuple[dict, dict]:
+    """name -> measurement, two groups in the order they run. Before the kernel micro-benchmarks:
+    the default (SDPA, fused kernels), the `extras` (name -> measurement(prepare) of the default
+    configuration, in their order: what this run is for comes first), the other attention
+    backends with the fused kernels, the PyTorch references. After them: FlexAttention and
+    Inductor, which take longest to prepare."""
+
+    def with_backend(backend, fused=True, measurement=measure):
+        def fn(prepare=None):
+            saved = kernels._FORCE_REFERENCE
+            kernels._FORCE_REFERENCE = not fused
+            for attn in attention_modules(model.dit):
+                attn.backend = backend
+            try:
+                return measurement(prepare)
+            finally:
+                kernels._FORCE_REFERENCE = saved
+
+        return fn
+
+    first = {"sdpa+fused_kernels": with_backend("sdpa")}
+    for name, measurement in (extras or {}).items():
+        first[name] = with_backend("sdpa", measurement=measurement)
+    first.update(
+        {f"{b}+fused_kernels": with_backend(b) for b in backends if b not in ("sdpa", "flex", "cudnn")}
+    )
+    first["sdpa+reference_ops"] = with_backend("sdpa", fused=False)
+    if "cudnn" in backends:  # after the default's figures: a fault in a newer kernel must not cost them
+        first["cudnn+fused_kernels"] = with_backend("cudnn")
+    last = {}
+    if "flex" in backends:
+        last["flex+fused_kernels"] = with_backend("flex")
+    if compile_blocks:
+        # Inductor, shapes dynamic after the first change: the ring's fill level would
+        # otherwise make ~17 static graphs (8 fill levels x denoise/re-encode, and the sink),
+        # minutes of compiling
+        last["sdpa+compiled_blocks"] = compiled_blocks(model, with_backend("sdpa"))
+    return first, last
+
+
+def attention_modules(dit) -> list:
+    """Every attention of the DiT's blocks (each has its own `backend`)."""
+    return [a for blk in dit.blocks for a in (blk.self_attn, blk.cross_attn, blk.audio_attn) if a is not None]
+
+
+# the attention variants of the stream, by backend (`fastest_attention` picks among those timed)
+ATTENTION_VARIANTS = {
+    "sdpa": "sdpa+fused_kernels",
+    "fp8_qk": "sdpa+fused_kernels, fp8_qk attention",
+    "fp8": "sdpa+fused_kernels, fp8 attention",
+}
+
+
+def fastest_attention(variants: dict) -> str:
+    """The backend of the attention variant with the highest steady rate (sdpa when none ran)."""
+    timed = {
+        b: variants[n]["fps_steady"]
+        for b, n in ATTENTION_VARIANTS.items()
+        if "fps_steady" in variants.get(n, {})
+    }
+    return max(timed, key=timed.get) if timed else "sdpa"
+
+
+def on_attention(model, backend, measurement):
+    """A variant: `measurement(prepare)` with every attention of the DiT on `backend()` (asked when
+    the variant runs, so it may depend on what ran before), restored afterwards."""
+
+    def fn(prepare):
+        name = backend()
+        saved = [(attn, attn.backend) for attn in attention_modules(model.dit)]
+        for attn, _ in saved:
+            attn.backend = name
+        try:
+            result = {**measurement(prepare), "attention": name}
+            if name in ("triton", "fp8_qk", "fp8") and torch.cuda.is_available():
+                # the tiles the autotuner chose at each length this stream met (and any before it);
+                # a report that fails must not cost the measurement
+                try:
+                    from bench.kernels import attention_tiles
+                    from kernels import triton_attention
+
+                    result["attention_tiles"] = attention_tiles(triton_attention._attention_kernel)
+                except Exception as e:
+                    result["attention_tiles"] = {"error": f"{type(e).__name__}: {e}"[:200]}
+            return result
+        finally:
+            for attn, previous in saved:
+                attn.backend = previous
+
+    return fn
+
+
+def compiled_blocks(model, measure, backend: str = "inductor"):
+    """`measure` with every transformer block under torch.compile(backend), undone afterwards.
+
+    No CUDA graphs: the profile (`stages`) finds the GPU busy 95% of the denoising and 96% of
+    the re-encode on an H200, so graphs could win back ~3% of a chunk; and graphs of each block
+    do not survive CUDA graph trees, which hand every replay of one block's graph the same output
+    memory, overwriting the block before's (bench/results/h200-2026-11-30-followup.json)."""
+
+    def fn():
+        import torch._dynamo as dynamo
+        from torch._dynamo.utils import counters
+
+        limit_name = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
+        saved_limit = getattr(dynamo.config, limit_name)
+        # one entry per ring fill level, denoising vs re-encode, and the sink: above the default 8
+        setattr(dynamo.config, limit_name, 64)
+        graphs = counters["stats"]["unique_graphs"]
+        for blk in model.dit.blocks:
+            blk.compile(backend=backend)
+        try:
+            result = measure(prepare=None)
+            result["graphs_compiled"] = counters["stats"]["unique_graphs"] - graphs
+            return result
+        finally:
+            for blk in model.dit.blocks:
+                blk._compiled_call_impl = None
+            setattr(dynamo.config, limit_name, saved_limit)
+            dynamo.reset()
+
+    return fn
+
+
+def lever_variants(
+    model, measure, variants, device, dtype, steps, height, width, fp8, compile_blocks
+) -> dict:
+    """name -> measurement(prepare), in the order they run: the levers one by one on the default
+    configuration, then together. `variants` is the run's result so far, read as they run (the
+    fastest attention and decoder way are those timed before)."""
+    dev = torch.device(device)
+    extras = {}
+
+    def with_fp8_linears(prepare):  # on a copy of the DiT: the other variants keep theirs
+        dit = float8_linears(copy.deepcopy(model.dit))
+        return {
+            **with_attributes(model, {"dit": dit}, lambda: measure(prepare)),
+            "fp8_layers": float8_layers(dit),
+        }
+
+    if fp8:  # the block linears in FP8 (streamgen.model.float8); attention in FP8 (kernels)
+        extras["sdpa+fused_kernels, fp8 linears"] = with_fp8_linears
+        for backend in ("fp8_qk", "fp8"):
+            extras[ATTENTION_VARIANTS[backend]] = on_attention(model, lambda b=backend: b, measure)
+
+    def on_session(measurement, **attributes):  # set on the session after each (re)start
+        def fn(prepare):
+            def both(session):
+                if prepare is not None:
+                    prepare(session)
+                for name, value in attributes.items():
+                    setattr(session, name, value)
+
+            return {**measurement(both), **attributes}
+
+        return fn
+
+    def beside_reencode(measurement):  # the decode on a second CUDA stream beside the re-encode
+        return on_session(measurement, decode_beside_reencode=True)
+
+    # the levers beside the decoder: FP8 linears, the fastest attention timed, on CUDA the decode
+    # beside the re-encode
+    levers = with_fp8_linears if fp8 else measure
+    levers = beside_reencode(levers) if dev.type == "cuda" else levers
+    fastest = on_attention(model, lambda: fastest_attention(variants), levers)
+    # TAEHV's tiny decoder in place of the Wan decoder (streamgen/model/tiny_decoder.py; random
+    # weights, so its frames say nothing: only its speed). A third of a steady chunk was decoding.
+    tiny_vae = tiny_decoder_vae(model.vae)
+
+    def with_tiny_decoder(measurement):
+        return lambda prepare: with_attributes(model, {"vae": tiny_vae}, lambda: measurement(prepare))
+
+    extras["sdpa+fused_kernels, tiny decoder"] = with_tiny_decoder(measure)
+    # and with the other levers (early: the likeliest to reach the target, a cut run keeps it)
+    extras["sdpa+fused_kernels, every lever, tiny decoder"] = with_tiny_decoder(fastest)
+    # each chunk's keys/values from its last denoising step, no clean re-encode (one forward
+    # of five fewer; docs/results.md measures what it costs the shipped student): reported,
+    # never the headline, which stays Self-Forcing's way
+    extras["sdpa+fused_kernels, cache from last step"] = on_session(measure, cache_from="last_step")
+    extras["sdpa+fused_kernels, every lever, cache from last step"] = on_session(
+        fastest, cache_from="last_step"
+    )
+    # the decoder's ways (and the tiny decoder beside them), then the stream with the fastest way
+    fast_ways = [name for name in DECODER_WAYS if name not in SLOW_DECODER_WAYS] + [TINY_DECODER]
+    extras["decoder"] = lambda _prepare: decoder_variants(model, device, dtype, fast_ways)
+    # the start's reference encode, 3D as diffusers' or 2D (WanVAE.single_frame_2d, the default)
+    extras["reference_encode"] = lambda _prepare: reference_encode_ways(
+        model.vae, height, width, device, dtype
+    )
+
+    def with_fastest_decoder(measurement, required=True):
+        def fn(prepare):
+            best = fastest_decoder_way(variants.get("decoder", {}))
+            if best is None and required:
+                return {"skipped": "no decoder way was timed"}
+            attributes = DECODER_WAYS[best] if best is not None else {}
+            return {
+                **with_attributes(model.vae, attributes, lambda: measurement(prepare)),
+                "decoder_way": best,
+            }
+
+        return fn
+
+    extras["sdpa+fused_kernels, fastest decoder way"] = with_fastest_decoder(measure)
+    if dev.type == "cuda":
+        extras["sdpa+fused_kernels, decode beside re-encode"] = beside_reencode(measure)
+    # every lever at once, with the Wan decoder its fastest way (without a timed way, the
+    # others: a short run may leave `decoder` out)
+    extras["sdpa+fused_kernels, every lever"] = with_fastest_decoder(fastest, required=False)
+    if compile_blocks:  # the decoder under Inductor: a minute of compiling
+        extras["decoder_compiled"] = lambda _prepare: decoder_variants(
+            model, device, dtype, SLOW_DECODER_WAYS
+        )
+    if steps > 2:  # what the 2-step student would stream at (docs/results.md: it loses little)
+        extras["sdpa+fused_kernels, 2 steps"] = lambda prepare: {**measure(prepare, steps=2), "steps": 2}
+    # the Wan decoder one latent frame per call, diffusers' way (WanVAE.frames_per_call; on
+    # a GPU the default decodes a chunk per call)
+    extras["sdpa+fused_kernels, decoder frame_per_call"] = lambda prepare: with_attributes(
+        model.vae, {"frames_per_call": 1}, lambda: measure(prepare)
+    )
+    return extras
