@@ -109,6 +109,8 @@ def _cases(shapes: dict, device, dtype) -> dict:
     vae_gamma = rnd(shapes["vae_channels"], 1, 1, 1)
     cases = {
         "layernorm_modulate": (reference.layernorm_modulate, (x, shift, scale), 2 * _nbytes(x) + 2 * mod),
+        # the cross-attention's and the audio cross-attention's norm: a weight and bias per channel
+        "layernorm_affine": (reference.layernorm_affine, (x, weight, rnd(d)), 2 * _nbytes(x) + 2 * _nbytes(weight)),
         "gated_residual": (reference.gated_residual, (x, y, gate), 3 * _nbytes(x) + mod),
         "gated_residual_layernorm_modulate": (
             reference.gated_residual_layernorm_modulate,

@@ -84,6 +84,8 @@ def gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps: float = 1e-
 
 
 def layernorm_affine(x, weight, bias, eps: float = 1e-6):
+    if _use_triton(x, weight, bias):
+        return _triton_ops().layernorm_affine(x, weight, bias, eps)
     return reference.layernorm_affine(x, weight, bias, eps)
 
 

@@ -54,22 +54,27 @@ def _per_frame(t: torch.Tensor, b: int, f: int, d: int) -> torch.Tensor:
 
 
 @triton.jit
-def _layernorm_modulate_row(h, cols, col_ok, D, shift_row_ptr, scale_row_ptr, eps):
-    """n = LayerNorm(h) over the valid columns, then n * (1 + scale) + shift (fp32)."""
+def _layernorm_modulate_row(h, cols, col_ok, D, shift_row_ptr, scale_row_ptr, eps, AFFINE: tl.constexpr):
+    """n = LayerNorm(h) over the valid columns, then n * (1 + scale) + shift (fp32); with AFFINE,
+    n * scale + shift (a LayerNorm's own weight and bias)."""
     mean = tl.sum(h, axis=0) / D
     centered = tl.where(col_ok, h - mean, 0.0)
     var = tl.sum(centered * centered, axis=0) / D
     normed = centered * tl.rsqrt(var + eps)
     shift = tl.load(shift_row_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     scale = tl.load(scale_row_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    return normed * (1.0 + scale) + shift
+    if AFFINE:
+        factor = scale
+    else:
+        factor = 1.0 + scale
+    return normed * factor + shift
 
 
 @triton.jit
 def _layernorm_modulate_kernel(
     x_ptr, shift_ptr, scale_ptr, out_ptr,
     F, S, D, stride_mod_b, stride_mod_f, eps,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, AFFINE: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     frame = row // S
@@ -77,7 +82,7 @@ def _layernorm_modulate_kernel(
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
     x = tl.load(x_ptr + row * D + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = _layernorm_modulate_row(x, cols, col_ok, D, shift_ptr + mod_off, scale_ptr + mod_off, eps)
+    y = _layernorm_modulate_row(x, cols, col_ok, D, shift_ptr + mod_off, scale_ptr + mod_off, eps, AFFINE)
     tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
@@ -103,12 +108,12 @@ def _gated_residual_kernel(
         # the reference normalises h after rounding it to the storage dtype
         mod_off = b * stride_mod_b + f * stride_mod_f
         n = _layernorm_modulate_row(
-            h.to(tl.float32), cols, col_ok, D, shift_ptr + mod_off, scale_ptr + mod_off, eps
+            h.to(tl.float32), cols, col_ok, D, shift_ptr + mod_off, scale_ptr + mod_off, eps, False
         )
         tl.store(out_ptr + row * D + cols, n.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
-def layernorm_modulate(x, shift, scale, eps: float = 1e-6):
+def layernorm_modulate(x, shift, scale, eps: float = 1e-6, affine: bool = False):
     """Triton `reference.layernorm_modulate`: x [B, F, S, D], shift/scale [B, F, D]."""
     b, f, s, d = x.shape
     x = x.contiguous()
@@ -119,9 +124,16 @@ def layernorm_modulate(x, shift, scale, eps: float = 1e-6):
     block, warps = _row_block(d)
     _layernorm_modulate_kernel[(b * f * s,)](
         x, shift, scale, out, f, s, d, shift.stride(0), shift.stride(1), eps,
-        BLOCK_D=block, num_warps=warps,
+        BLOCK_D=block, AFFINE=affine, num_warps=warps,
     )  # fmt: skip
     return out
+
+
+def layernorm_affine(x, weight, bias, eps: float = 1e-6):
+    """Triton `reference.layernorm_affine`: x [B, F, S, D], weight/bias [D] (the cross-attention's
+    norm). One pass in bf16 where the reference makes an fp32 copy of x, normalises it and
+    rounds it back: the same kernel, with the weight and bias as every frame's scale and shift."""
+    return layernorm_modulate(x, bias, weight, eps, affine=True)
 
 
 def _gated_residual(x, y, gate, shift, scale, eps, with_norm):

@@ -15,6 +15,7 @@ from kernels import reference
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {
     "layernorm_modulate",
+    "layernorm_affine",
     "gated_residual",
     "gated_residual_layernorm_modulate",
     "rmsnorm_rope",

@@ -61,6 +61,8 @@ def test_norm_kernels(ops, dtype):
     )
     gate, shift, scale = (randn(2, FRAMES, WIDTH, dtype=dtype) for _ in range(3))
     close(ops.layernorm_modulate(x, shift, scale), reference.layernorm_modulate(x, shift, scale), dtype)
+    weight, bias = randn(WIDTH, dtype=dtype) + 1.0, randn(WIDTH, dtype=dtype)
+    close(ops.layernorm_affine(x, weight, bias), reference.layernorm_affine(x, weight, bias), dtype)
     close(ops.gated_residual(x, y, gate), reference.gated_residual(x, y, gate), dtype)
     h, n = ops.gated_residual_layernorm_modulate(x, y, gate, shift, scale)
     h_ref, n_ref = reference.gated_residual_layernorm_modulate(x, y, gate, shift, scale)

@@ -91,6 +91,17 @@ def check_layernorm_modulate(ops, dtype, shape):
     close(ops.layernorm_modulate(x, shift, scale), reference.layernorm_modulate(x, shift, scale), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 40), (1, 2, 3, 33)])
+def check_layernorm_affine(ops, dtype, shape):
+    """The cross-attention's norm: its own weight and bias (in the model's dtype), per channel."""
+    torch.manual_seed(1)
+    b, f, s, d = shape
+    x = rand(b, f, s, d, dtype=dtype, scale=3.0) + 1.5
+    weight, bias = rand(d, dtype=dtype) + 1.0, rand(d, dtype=dtype)
+    close(ops.layernorm_affine(x, weight, bias), reference.layernorm_affine(x, weight, bias), dtype)
+
+
 def check_layernorm_modulate_broadcast_modulation(ops):
     """One modulation row for all frames ([B, 1, D]) broadcasts like the reference."""
     torch.manual_seed(1)
@@ -429,8 +440,9 @@ def stream_then_block_causal(flavor: str, hw, device, dtype, **overrides):
     return torch.cat(chunks, dim=2), block_causal
 
 
-USED_BY_THE_MODEL = ("layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate",
-                     "rmsnorm_rope", "apply_rope", "gelu_tanh", "attention")  # fmt: skip
+USED_BY_THE_MODEL = ("layernorm_modulate", "layernorm_affine", "gated_residual",
+                     "gated_residual_layernorm_modulate", "rmsnorm_rope", "apply_rope", "gelu_tanh",
+                     "attention")  # fmt: skip
 
 
 def count_kernel_calls(ops, attn, monkeypatch) -> dict:
