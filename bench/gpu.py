@@ -31,7 +31,8 @@ PV too (`fp8`: our Triton kernel, `kernels.attention`); the stream decoding with
 decoder (streamgen/model/tiny_decoder.py; random weights: its speed, not its frames), alone and
 with every other lever (FP8 linears, the fastest attention, the decode beside the re-encode); each
 chunk's keys/values kept from its last denoising step instead of a clean re-encode
-(`StreamSession.cache_from`), alone and with every lever (reported, never the headline); the Wan decoder each way it can run (`decoder`,
+(`StreamSession.cache_from`), alone, with every lever, and with every lever and the tiny
+decoder (reported, never the headline); the Wan decoder each way it can run (`decoder`,
 bench/wan_decoder.py; and TAEHV's tiny decoder of the same latents beside them), then the
 stream with the fastest of them; on CUDA the
 stream decoding on a second CUDA stream beside the re-encode

@@ -250,6 +250,7 @@ def test_bench_gpu_sets_each_stage_against_its_floor(gpu_check_run):
     for name in (
         "sdpa+fused_kernels, cache from last step",
         "sdpa+fused_kernels, every lever, cache from last step",
+        "sdpa+fused_kernels, every lever, tiny decoder, cache from last step",
     ):
         last_step = result["variants"][name]
         assert last_step["cache_from"] == "last_step" and last_step["fps_steady"] > 0
@@ -386,6 +387,7 @@ def test_bench_gpu_quick_on_cuda_runs_every_stream_variant():
         "sdpa+fused_kernels, every lever, tiny decoder",
         "sdpa+fused_kernels, cache from last step",
         "sdpa+fused_kernels, every lever, cache from last step",
+        "sdpa+fused_kernels, every lever, tiny decoder, cache from last step",
     }
     ways = {k: v for k, v in result["decoder"].items() if k != wan_decoder.TINY_DECODER}
     assert all(way["max_abs_diff"] < 0.05 for way in ways.values()), result["decoder"]  # bf16
