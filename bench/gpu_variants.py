@@ -98,23 +98,33 @@ def on_attention(model, backend, measurement):
         for attn, _ in saved:
             attn.backend = name
         try:
-            result = {**measurement(prepare), "attention": name}
             if name in ("triton", "fp8_qk", "fp8") and torch.cuda.is_available():
-                # the tiles the autotuner chose at each length this stream met (and any before it);
-                # a report that fails must not cost the measurement
-                try:
-                    from bench.kernels import attention_tiles
-                    from kernels import triton_attention
-
-                    result["attention_tiles"] = attention_tiles(triton_attention._attention_kernel)
-                except Exception as e:
-                    result["attention_tiles"] = {"error": f"{type(e).__name__}: {e}"[:200]}
-            return result
+                return {**_with_attention_tiles(measurement, prepare), "attention": name}
+            return {**measurement(prepare), "attention": name}
         finally:
             for attn, previous in saved:
                 attn.backend = previous
 
     return fn
+
+
+def _with_attention_tiles(measurement, prepare) -> dict:
+    """`measurement(prepare)` on our attention kernel, with the tile its autotuner chose at each
+    length the stream met (and any before it), and each tile's time where it tuned meanwhile."""
+    from bench.kernels import attention_tiles, recording_tunings
+
+    try:
+        from kernels import triton_attention
+    except Exception:  # no Triton: the backend falls back, nothing is tuned
+        return measurement(prepare)
+    tuner = triton_attention._attention_kernel
+    with recording_tunings(tuner) as tunings:
+        result = measurement(prepare)
+    try:  # a report that fails must not cost the measurement
+        result["attention_tiles"] = attention_tiles(tuner, tunings)
+    except Exception as e:
+        result["attention_tiles"] = {"error": f"{type(e).__name__}: {e}"[:200]}
+    return result
 
 
 def compiled_blocks(model, measure, backend: str = "inductor"):

@@ -19,6 +19,7 @@ JSON, never raised.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -236,6 +237,13 @@ def tile_name(config) -> str:
     return f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
 
 
+def _tile_medians(timings: dict) -> dict:
+    """Each config's median ms by tile name: do_bench's quantiles (median first) or one number; a
+    config that could not run (out of resources) is timed as infinity: null."""
+    medians = {tile_name(c): t[0] if isinstance(t, (list, tuple)) else t for c, t in timings.items()}
+    return {k: None if math.isinf(v) else _sig(v) for k, v in medians.items()}
+
+
 def autotune_report(tuner, timings_before) -> dict:
     """The tile the autotuner ran the call just timed with ("tile"), and each tile's median ms
     ("tile_ms") where it tuned for this call (its timings are then new: a shape it had tuned
@@ -243,21 +251,46 @@ def autotune_report(tuner, timings_before) -> dict:
     out = {"tile": tile_name(tuner.best_config)}
     timings = getattr(tuner, "configs_timings", None)
     if timings and timings is not timings_before:
-        # each config's timing: do_bench's quantiles (median first) or one number; a config that
-        # could not run (out of resources) is timed as infinity: null
-        medians = {tile_name(c): t[0] if isinstance(t, (list, tuple)) else t for c, t in timings.items()}
-        out["tile_ms"] = {k: None if math.isinf(v) else _sig(v) for k, v in medians.items()}
+        out["tile_ms"] = _tile_medians(timings)
     return out
 
 
-def attention_tiles(tuner) -> dict:
-    """Each tile the attention kernel's autotuner has chosen in this process, by what it keyed on:
-    e.g. {"FP8_QK q8192 k65536": "128x64 w8 s3"} (the flags that are on, the length buckets)."""
+@contextlib.contextmanager
+def recording_tunings(tuner):
+    """Within: each tuning the autotuner `tuner` does (a key it had not seen) is recorded, key ->
+    its configs' timings (Triton keeps only the last tuning's)."""
+    recorded = {}
+    run = tuner.run
+
+    def run_and_record(*args, **kwargs):
+        keys, timings = set(tuner.cache), getattr(tuner, "configs_timings", None)
+        out = run(*args, **kwargs)
+        new_timings = getattr(tuner, "configs_timings", None)
+        if new_timings is not timings:  # it benchmarked (a single config is chosen untimed)
+            for key in set(tuner.cache) - keys:
+                recorded[key] = dict(new_timings)
+        return out
+
+    tuner.run = run_and_record  # the launch (`kernel[grid](...)`) calls the instance's run
+    try:
+        yield recorded
+    finally:
+        del tuner.run
+
+
+def attention_tiles(tuner, timings_by_key=None) -> dict:
+    """Each tile the attention kernel's autotuner has chosen in this process, by what it keyed on
+    (the flags that are on, the length buckets): e.g. {"FP8_QK q8192 k65536": {"tile": "128x64
+    w8 s3", "tile_ms": {...}}}, each tile's median where `timings_by_key` (`recording_tunings`)
+    holds that key's tuning."""
     out = {}
     for key, config in tuner.cache.items():
         named = dict(zip(tuner.keys, key))  # the dtypes the autotuner appends come after: dropped
         flags = [k for k in ("BLOCK_CAUSAL", "DOT_FP32", "FP8_QK", "FP8_PV", "RETURN_LSE") if named.get(k)]
-        out[" ".join([*flags, f"q{named['LQ_BUCKET']}", f"k{named['LK_BUCKET']}"])] = tile_name(config)
+        entry = {"tile": tile_name(config)}
+        if timings_by_key and key in timings_by_key:
+            entry["tile_ms"] = _tile_medians(timings_by_key[key])
+        out[" ".join([*flags, f"q{named['LQ_BUCKET']}", f"k{named['LK_BUCKET']}"])] = entry
     return out
 
 

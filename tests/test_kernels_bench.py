@@ -132,10 +132,36 @@ def test_attention_tiles_name_each_choice_by_its_flags_and_length_buckets(bench)
         values = {"HEAD_DIM": 128, "LQ_BUCKET": 8192, "LK_BUCKET": 65536, **on}
         return (*(values.get(k, False) for k in keys), "torch.bfloat16", "torch.float32")
 
-    tuner = SimpleNamespace(
-        keys=keys, cache={key(): big, key(FP8_QK=True, FP8_PV=True, LK_BUCKET=2048): small}
-    )
-    assert bench.attention_tiles(tuner) == {
-        "q8192 k65536": "128x128 w8 s3",
-        "FP8_QK FP8_PV q8192 k2048": "64x32 w4 s2",
+    fp8_key = key(FP8_QK=True, FP8_PV=True, LK_BUCKET=2048)
+    tuner = SimpleNamespace(keys=keys, cache={key(): big, fp8_key: small})
+    timings = {fp8_key: {big: [0.9, 0.8, 1.0], small: [0.4, 0.3, 0.5]}}  # tuned while recorded
+    assert bench.attention_tiles(tuner, timings) == {
+        "q8192 k65536": {"tile": "128x128 w8 s3"},
+        "FP8_QK FP8_PV q8192 k2048": {
+            "tile": "64x32 w4 s2",
+            "tile_ms": {"128x128 w8 s3": 0.9, "64x32 w4 s2": 0.4},
+        },
     }
+
+
+def test_recording_tunings_keeps_each_tuning_and_restores_the_launch(bench):
+    """Triton keeps only the last tuning's timings: bench gpu's streams record each, by key."""
+
+    class Tuner:  # as triton's Autotuner: a cache of key -> config, the last tuning's timings
+        def __init__(self):
+            self.cache, self.configs_timings = {}, None
+
+        def run(self, key, benchmarks=True):
+            if key not in self.cache:
+                self.cache[key] = "config"
+                if benchmarks:  # one config offered: chosen without timing (old timings stay)
+                    self.configs_timings = {"config": [float(len(self.cache))]}
+            return key
+
+    tuner = Tuner()
+    tuner.run("before")  # tuned before the recording: not in it
+    with bench.recording_tunings(tuner) as recorded:
+        assert [tuner.run(k) for k in ("a", "a", "b")] == ["a", "a", "b"]
+        tuner.run("single", benchmarks=False)
+    assert recorded == {"a": {"config": [2.0]}, "b": {"config": [3.0]}}
+    assert "run" not in vars(tuner)  # the class's run again
