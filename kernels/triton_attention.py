@@ -113,7 +113,7 @@ def _prune_attention_configs(configs, named_args, **kwargs):
     key=["HEAD_DIM", "BLOCK_CAUSAL", "DOT_FP32", "FP8_QK", "FP8_PV", "RETURN_LSE", "LQ_BUCKET", "LK_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_attention_configs},
 )
-@triton.jit
+@triton.jit(do_not_specialize=["LQ_BUCKET", "LK_BUCKET"])  # read by the autotuner only: no new build
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_block_ptr, k_block_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,

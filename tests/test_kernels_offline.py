@@ -140,6 +140,17 @@ def test_the_attention_tile_is_tuned_per_power_of_two_of_the_lengths(monkeypatch
     ]
 
 
+@pytest.mark.slow
+def test_a_new_length_bucket_builds_nothing_new():
+    """The buckets are for the autotuner's key only: query lengths of 5 and 40 (buckets 8 and 64)
+    run one binary (fp32 inputs: one config, built once)."""
+    k = torch.randn(1, 70, 2, 128)
+    with resources.compile_only(90) as compiled:
+        for lq in (5, 40):
+            triton_attention.attention(torch.randn(1, lq, 2, 128), k, k)
+    assert len(compiled) == 2 and compiled[0][2] is compiled[1][2]
+
+
 def test_an_unknown_case_is_one_line_and_exit_code_2():
     r = streamgen("bench", "resources", "--only", "layernorm", "--json")
     assert r.returncode == 2 and r.stdout == ""
