@@ -99,12 +99,13 @@ def _cases(shapes: dict, device, dtype) -> dict:
     tokens = rnd(b, f * s, d)
     weight = rnd(d)
     frame_pos = torch.arange(f, device=device, dtype=torch.int32) + 7
-    angles = reference.rope_angles(frame_pos, (hp, wp), head_dim)
+    # the rotations as the model passes them: a Rope, its (cos, sin) made once per forward
+    angles = reference.Rope.of(reference.rope_angles(frame_pos, (hp, wp), head_dim))
     hidden = rnd(b, f * s, shapes["mlp"])
     # the cache re-rotates its whole ring of un-rotated keys at read time
     ring_keys = rnd(b, shapes["ring_frames"] * s, heads, head_dim)
-    ring_angles = reference.rope_angles(
-        torch.arange(shapes["ring_frames"], device=device), (hp, wp), head_dim
+    ring_angles = reference.Rope.of(
+        reference.rope_angles(torch.arange(shapes["ring_frames"], device=device), (hp, wp), head_dim)
     )
     vae_x = rnd(b, shapes["vae_channels"], shapes["vae_frames"], *shapes["vae_hw"])
     vae_gamma = rnd(shapes["vae_channels"], 1, 1, 1)
@@ -121,14 +122,18 @@ def _cases(shapes: dict, device, dtype) -> dict:
         "rmsnorm_rope": (
             reference.rmsnorm_rope,
             (tokens, weight, heads, angles),
-            2 * _nbytes(tokens) + _nbytes(weight, angles),
+            2 * _nbytes(tokens) + _nbytes(weight, angles.cis),
         ),
         "rmsnorm_rope_positions": (
             reference.rmsnorm_rope_positions,
             (tokens, weight, heads, frame_pos, (hp, wp)),
             2 * _nbytes(tokens) + _nbytes(weight),
         ),
-        "apply_rope_ring_keys": (reference.apply_rope, (ring_keys, ring_angles), 2 * _nbytes(ring_keys)),
+        "apply_rope_ring_keys": (
+            reference.apply_rope,
+            (ring_keys, ring_angles),
+            2 * _nbytes(ring_keys) + _nbytes(ring_angles.cis),
+        ),
         "gelu_tanh": (reference.gelu_tanh, (hidden,), 2 * _nbytes(hidden)),
         "rmsnorm_channels_vae": (reference.rmsnorm_channels, (vae_x, vae_gamma), 2 * _nbytes(vae_x)),
         # the decoder's residual blocks: the norm and the SiLU after it

@@ -91,14 +91,14 @@ def layernorm_affine(x, weight, bias, eps: float = 1e-6):
 
 def rmsnorm_rope(x, weight, num_heads: int, angles, eps: float = 1e-6):
     if _use_triton(x, weight):
-        return _triton_ops().rmsnorm_rope(x, weight, num_heads, reference.rope_angle_tensor(angles), eps)
+        return _triton_ops().rmsnorm_rope(x, weight, num_heads, angles, eps)
     return reference.rmsnorm_rope(x, weight, num_heads, angles, eps)
 
 
 def apply_rope(x, angles):
     """Rotate interleaved pairs of x [B, L, H, Dh] by angles [L, Dh/2] (see `reference.apply_rope`)."""
     if _use_triton(x, reference.rope_angle_tensor(angles)):
-        return _triton_ops().apply_rope(x, reference.rope_angle_tensor(angles))
+        return _triton_ops().apply_rope(x, angles)
     return reference.apply_rope(x, angles)
 
 

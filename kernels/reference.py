@@ -124,6 +124,11 @@ class Rope(NamedTuple):
     def of(cls, angles: torch.Tensor) -> Rope:
         return cls(angles, torch.polar(torch.ones_like(angles), angles))
 
+    @classmethod
+    def of_any(cls, angles) -> Rope:
+        """`angles` as a Rope: itself if it is one (its rotations made once), else made now."""
+        return angles if isinstance(angles, Rope) else cls.of(angles)
+
     def map(self, fn) -> Rope:
         """Apply the same token selection to both tables (e.g. a sequence shard)."""
         return Rope(fn(self.angles), fn(self.cis))
@@ -139,7 +144,7 @@ def apply_rope(x: torch.Tensor, angles) -> torch.Tensor:
     The pair (x[2i], x[2i+1]) is the complex number x[2i] + i x[2i+1]; the
     rotation is one complex multiplication.
     """
-    rope = angles if isinstance(angles, Rope) else Rope.of(angles)
+    rope = Rope.of_any(angles)
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
     return torch.view_as_real(xc * rope.cis[None, :, None, :]).flatten(-2).to(x.dtype)
 

@@ -170,17 +170,19 @@ def gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps: float = 1e-
 # ---------------------------------------------------------------------------
 # (c) q/k RMSNorm over the full width, fused with 3D RoPE. One program per
 # token. The row is loaded as [D/2, 2] so the interleaved rotary pairs are the
-# two columns. The angle either comes from a table [L, Dh/2] (the dispatch's
-# `angles` argument) or is computed here from the token's (frame, h, w)
-# position and the fp32 inverse-frequency table: frame positions are a small
-# int tensor, a runtime value, so a new chunk never recompiles.
+# two columns. The rotation either comes from a table of (cos, sin) [L, Dh/2, 2]
+# (`reference.Rope`'s, made once per forward: a sine and a cosine per pair of
+# every head made the kernel compute-bound, 578 GB/s on the H200) or is
+# computed here from the token's (frame, h, w) position and the fp32
+# inverse-frequency table: frame positions are a small int tensor, a runtime
+# value, so a new chunk never recompiles.
 
 ROPE_NONE, ROPE_TABLE, ROPE_POSITIONS = 0, 1, 2
 
 
 @triton.jit
 def _rmsnorm_rope_kernel(
-    x_ptr, w_ptr, out_ptr, angles_ptr, frame_pos_ptr, inv_freq_ptr,
+    x_ptr, w_ptr, out_ptr, cos_sin_ptr, frame_pos_ptr, inv_freq_ptr,
     L, D, stride_xb, stride_xl, eps,
     HALF_HEAD, TOKENS_PER_FRAME, GRID_W, T_PAIRS, TH_PAIRS,
     BLOCK_HALF: tl.constexpr, ROPE_MODE: tl.constexpr, NORM: tl.constexpr,
@@ -201,8 +203,9 @@ def _rmsnorm_rope_kernel(
     if ROPE_MODE != 0:
         even, odd = tl.split(y)
         j = pair % HALF_HEAD  # rotary pair index inside the head
-        if ROPE_MODE == 1:
-            angle = tl.load(angles_ptr + tok * HALF_HEAD + j, mask=pair_ok, other=0.0)
+        if ROPE_MODE == 1:  # the (cos, sin) of pair j, shared by the heads (from L1 after the first)
+            cos_sin = tl.load(cos_sin_ptr + 2 * (tok * HALF_HEAD + j)[:, None] + offs % 2, mask=ok, other=0.0)
+            cos, sin = tl.split(cos_sin)
         else:
             frame = tok // TOKENS_PER_FRAME
             in_frame = tok % TOKENS_PER_FRAME
@@ -211,8 +214,8 @@ def _rmsnorm_rope_kernel(
             w_pos = (in_frame % GRID_W).to(tl.float32)
             pos = tl.where(j < T_PAIRS, t_pos, tl.where(j < TH_PAIRS, h_pos, w_pos))
             angle = pos * tl.load(inv_freq_ptr + j, mask=pair_ok, other=0.0)
-        cos = tl.cos(angle)
-        sin = tl.sin(angle)
+            cos = tl.cos(angle)
+            sin = tl.sin(angle)
         y = tl.join(even * cos - odd * sin, even * sin + odd * cos)
     tl.store(out_ptr + row * D + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -240,12 +243,13 @@ def _rmsnorm_rope_launch(
     t_dim, h_dim, _ = rope_split(head_dim)
     not_read = out  # the pointer passed for the arguments this mode's kernel never reads
     inv_freq = _inv_freq(head_dim, theta, x.device) if mode == ROPE_POSITIONS else not_read
-    if mode == ROPE_TABLE:
-        angles = angles.float().contiguous()
-        assert angles.shape == (length, head_dim // 2), (angles.shape, length, head_dim)
+    cos_sin = None
+    if mode == ROPE_TABLE:  # a Rope's rotations as (cos, sin) pairs: a view of its complex table
+        cos_sin = torch.view_as_real(reference.Rope.of_any(angles).cis).contiguous()
+        assert cos_sin.shape == (length, head_dim // 2, 2), (cos_sin.shape, length, head_dim)
     block_half, warps = _row_block(d // 2)
     _rmsnorm_rope_kernel[(bsz * length,)](
-        x, weight if norm else not_read, out, angles if angles is not None else not_read,
+        x, weight if norm else not_read, out, cos_sin if cos_sin is not None else not_read,
         frame_pos if frame_pos is not None else not_read, inv_freq,
         length, d, x.stride(0), x.stride(1), eps,
         head_dim // 2, grid_hw[0] * grid_hw[1], grid_hw[1], t_dim // 2, (t_dim + h_dim) // 2,
@@ -255,13 +259,15 @@ def _rmsnorm_rope_launch(
 
 
 def rmsnorm_rope(x, weight, num_heads: int, angles, eps: float = 1e-6):
-    """Triton `reference.rmsnorm_rope`: x [B, L, H*Dh], angles [L, Dh/2] or None -> [B, L, H, Dh]."""
+    """Triton `reference.rmsnorm_rope`: x [B, L, H*Dh], angles (a `reference.Rope`, or its angle
+    table [L, Dh/2]) or None -> [B, L, H, Dh]."""
     mode = ROPE_NONE if angles is None else ROPE_TABLE
     return _rmsnorm_rope_launch(x, weight, num_heads, eps, mode, angles=angles)
 
 
 def apply_rope(x, angles):
-    """Triton `reference.apply_rope`: rotate x [B, L, H, Dh] by angles [L, Dh/2] (no norm).
+    """Triton `reference.apply_rope`: rotate x [B, L, H, Dh] by angles (a `reference.Rope`, or
+    [L, Dh/2]; no norm).
 
     The KV cache re-rotates its un-rotated ring keys with this at read time.
     """

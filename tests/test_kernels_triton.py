@@ -513,7 +513,7 @@ def check_a_stream_through_the_kernels_is_counted_as_through_the_references(ops,
 
 _FLOAT_ARGS = {"eps", "qk_scale", "scale"}
 _TYPED_POINTERS = {"frame_pos_ptr": "*i32", "q_block_ptr": "*i32", "k_block_ptr": "*i32", "fp8_ptr": "*fp8e4nv"}
-_FP32_POINTERS = {"angles_ptr", "inv_freq_ptr", "row_scale_ptr", "channel_scale_ptr"} | {
+_FP32_POINTERS = {"cos_sin_ptr", "inv_freq_ptr", "row_scale_ptr", "channel_scale_ptr"} | {
     f"{t}_scale_ptr" for t in "qkv"
 }
 
@@ -553,7 +553,9 @@ def test_kernels_compile_for_hopper_in_fp32():
 
     assert not ops.INTERPRET
     dtype = "fp32"
-    _compile_for_hopper(ops._layernorm_modulate_kernel, dtype, dict(BLOCK_D=2048), num_warps=4)
+    for affine in (False, True):
+        meta = dict(BLOCK_D=2048, AFFINE=affine)
+        _compile_for_hopper(ops._layernorm_modulate_kernel, dtype, meta, num_warps=4)
     for with_norm in (False, True):
         _compile_for_hopper(ops._gated_residual_kernel, dtype, dict(BLOCK_D=2048, WITH_NORM=with_norm))
     for mode in (ops.ROPE_NONE, ops.ROPE_TABLE, ops.ROPE_POSITIONS):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import apply_rope, rope_angles
+from kernels import Rope, apply_rope, rope_angles
 
 
 class KVCache(nn.Module):
@@ -174,8 +174,9 @@ class StreamCache(nn.Module):
     def advance(self):
         """After the clean re-encode wrote the chunk: move the ring on and re-rotate it."""
         self.frames_written += self.chunk_frames
-        angles = rope_angles(
-            self.ring_frame_positions(), self.grid_hw, self.cfg.head_dim, self.cfg.rope_theta
+        # the rotations made once for every layer (`Rope`), not once per layer
+        angles = Rope.of(
+            rope_angles(self.ring_frame_positions(), self.grid_hw, self.cfg.head_dim, self.cfg.rope_theta)
         )
         for layer in self.layers:
             layer.rotate_ring(angles)
