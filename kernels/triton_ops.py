@@ -171,8 +171,9 @@ def gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps: float = 1e-
 # (c) q/k RMSNorm over the full width, fused with 3D RoPE. One program per
 # token. The row is loaded as [D/2, 2] so the interleaved rotary pairs are the
 # two columns. The rotation either comes from a table of (cos, sin) [L, Dh/2, 2]
-# (`reference.Rope`'s, made once per forward: a sine and a cosine per pair of
-# every head made the kernel compute-bound, 578 GB/s on the H200) or is
+# (`reference.Rope`'s, made once per forward: a sine and a cosine for each pair
+# of every head was 4.5x the instructions, likely why it ran at 578 GB/s on the
+# H200) or is
 # computed here from the token's (frame, h, w) position and the fp32
 # inverse-frequency table: frame positions are a small int tensor, a runtime
 # value, so a new chunk never recompiles.

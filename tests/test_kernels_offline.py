@@ -69,6 +69,11 @@ def test_every_kernel_builds_for_hopper_without_spills_within_shared_memory():
         if row["kernel"] == "_attention_kernel":
             ops = row["float_ops"]
             assert ops["ex2"] >= 16 and ops["fma"] >= ops["ex2"] - 4 and ops["sub"] <= ops["ex2"] // 8, row
+    # RoPE from a table loads each pair's (cos, sin): no sine and cosine polynomials per pair of
+    # every head (they were 136-144 fma per thread, the positions mode's still are)
+    rope = {row["case"]: row["float_ops"]["fma"] for row in rows if "rope" in row["case"]}
+    assert rope["rmsnorm_rope"] < 60 and rope["apply_rope_ring_keys"] < 60, rope
+    assert rope["rmsnorm_rope_positions"] > 100, rope
     # the attention runs on Hopper's tensor cores in every config, in bf16 and in FP8
     assert {row["tensor_cores"] for row in rows if row["kernel"] == "_attention_kernel"} == {"wgmma"}
     # q and k quantized by one kernel, built once per case; v by another (`fp8`)
