@@ -112,7 +112,11 @@ def _cases(shapes: dict, device, dtype) -> dict:
     cases = {
         "layernorm_modulate": (reference.layernorm_modulate, (x, shift, scale), 2 * _nbytes(x) + 2 * mod),
         # the cross-attention's and the audio cross-attention's norm: a weight and bias per channel
-        "layernorm_affine": (reference.layernorm_affine, (x, weight, rnd(d)), 2 * _nbytes(x) + 2 * _nbytes(weight)),
+        "layernorm_affine": (
+            reference.layernorm_affine,
+            (x, weight, rnd(d)),
+            2 * _nbytes(x) + 2 * _nbytes(weight),
+        ),
         "gated_residual": (reference.gated_residual, (x, y, gate), 3 * _nbytes(x) + mod),
         "gated_residual_layernorm_modulate": (
             reference.gated_residual_layernorm_modulate,
@@ -249,14 +253,13 @@ def _tile_medians(timings: dict) -> dict:
     return {k: None if math.isinf(v) else _sig(v) for k, v in medians.items()}
 
 
-def autotune_report(tuner, timings_before) -> dict:
+def autotune_report(tuner, tunings: dict) -> dict:
     """The tile the autotuner ran the call just timed with ("tile"), and each tile's median ms
-    ("tile_ms") where it tuned for this call (its timings are then new: a shape it had tuned
-    before, earlier in the process, reuses that choice)."""
+    ("tile_ms") where it tuned for that call (`tunings`, from `recording_tunings`: empty when it
+    reused a choice made earlier in the process)."""
     out = {"tile": tile_name(tuner.best_config)}
-    timings = getattr(tuner, "configs_timings", None)
-    if timings and timings is not timings_before:
-        out["tile_ms"] = _tile_medians(timings)
+    if tunings:
+        out["tile_ms"] = _tile_medians(list(tunings.values())[-1])
     return out
 
 
@@ -376,10 +379,10 @@ def run(
         else:
             fused = triton_fn(op_name)
             tuner = _autotuner(op_name)
-            timings_before = getattr(tuner, "configs_timings", None)
-            entry["triton"] = _measure(fused, args, nbytes, flops, dev, quick)
+            with recording_tunings(tuner) if tuner is not None else contextlib.nullcontext({}) as tunings:
+                entry["triton"] = _measure(fused, args, nbytes, flops, dev, quick)
             if tuner is not None and "error" not in entry["triton"]:
-                entry["triton"].update(autotune_report(tuner, timings_before))
+                entry["triton"].update(autotune_report(tuner, tunings))
             entry["triton"]["max_abs_err_vs_eager"] = _max_err(fused, eager, args)
         if op_name == "attention":
             entry["backends"] = _attention_backends(args, nbytes, flops, dev, quick)

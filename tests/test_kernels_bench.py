@@ -100,21 +100,39 @@ def test_command_line_prints_json():
     assert list(result["kernels"]) == ["gelu_tanh"] and result["device"] == "cpu"
 
 
+class StandInTuner:
+    """As triton's Autotuner: a cache of key -> config, the last tuning's timings, the choice."""
+
+    def __init__(self, timings=None):
+        self.cache, self.configs_timings, self.best_config = {}, None, None
+        self.timings = timings or {"config": [1.0]}
+
+    def run(self, key, benchmarks=True):
+        if key not in self.cache:
+            self.cache[key] = next(iter(self.timings))
+            if benchmarks:  # one config offered: chosen without timing (old timings stay)
+                self.configs_timings = {c: [t[0] * len(self.cache), *t[1:]] for c, t in self.timings.items()}
+        self.best_config = self.cache[key]
+        return key
+
+
 def test_autotune_report_names_the_chosen_tile_and_times_only_a_fresh_tuning(bench):
     """What the GPU run reports of the attention kernel's autotuner: the tile it ran with, and
     each tile's median where this call tuned (a tile that could not run: null)."""
     triton = pytest.importorskip("triton")
-    from types import SimpleNamespace
 
     big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
     small = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
-    timings = {big: [0.5, 0.45, 0.6], small: [float("inf")] * 3}
-    tuner = SimpleNamespace(best_config=big, configs_timings=timings)
-    report = bench.autotune_report(tuner, timings_before=None)
+    tuner = StandInTuner({big: [0.5, 0.45, 0.6], small: [float("inf")] * 3})
+    with bench.recording_tunings(tuner) as tunings:
+        tuner.run("shape")
+    report = bench.autotune_report(tuner, tunings)
     assert report == {"tile": "128x64 w8 s3", "tile_ms": {"128x64 w8 s3": 0.5, "64x32 w4 s2": None}}
     json.dumps(report, allow_nan=False)
-    # the same timings as before the call: it reused an earlier choice, so no times of its own
-    assert bench.autotune_report(tuner, timings_before=timings) == {"tile": "128x64 w8 s3"}
+    # the same shape again: it reused the earlier choice, so no times of its own
+    with bench.recording_tunings(tuner) as tunings:
+        tuner.run("shape")
+    assert bench.autotune_report(tuner, tunings) == {"tile": "128x64 w8 s3"}
     assert bench._autotuner("gelu_tanh") is None
 
 
@@ -146,19 +164,7 @@ def test_attention_tiles_name_each_choice_by_its_flags_and_length_buckets(bench)
 
 def test_recording_tunings_keeps_each_tuning_and_restores_the_launch(bench):
     """Triton keeps only the last tuning's timings: bench gpu's streams record each, by key."""
-
-    class Tuner:  # as triton's Autotuner: a cache of key -> config, the last tuning's timings
-        def __init__(self):
-            self.cache, self.configs_timings = {}, None
-
-        def run(self, key, benchmarks=True):
-            if key not in self.cache:
-                self.cache[key] = "config"
-                if benchmarks:  # one config offered: chosen without timing (old timings stay)
-                    self.configs_timings = {"config": [float(len(self.cache))]}
-            return key
-
-    tuner = Tuner()
+    tuner = StandInTuner()
     tuner.run("before")  # tuned before the recording: not in it
     with bench.recording_tunings(tuner) as recorded:
         assert [tuner.run(k) for k in ("a", "a", "b")] == ["a", "a", "b"]
