@@ -398,6 +398,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Wan: count TAEHV's tiny decoder (streamgen/model/tiny_decoder.py) in place of the Wan VAE's",
     )
     p.add_argument(
+        "--upsample-phases",
+        action="store_true",
+        help="Wan: count the Wan decoder's upsamplers at low resolution (WanVAE.upsample_phases)",
+    )
+    p.add_argument(
         "--cache-from",
         choices=["reencode", "last_step"],
         default=None,
@@ -444,13 +449,20 @@ def main(args) -> dict:
         height, width = args.height or 480, args.width or 832
         model = build_model(args.model, height, width, device, dtype, False, attention, args.window)
         context = torch.zeros(1, args.text_tokens, model.cfg.text_dim, device=device, dtype=dtype)
+        if args.tiny_decoder and args.upsample_phases:
+            raise UserError("--upsample-phases is a way of the Wan decoder, not of --tiny-decoder")
+        model.vae.upsample_phases = args.upsample_phases
         if args.tiny_decoder:
             from bench.wan_decoder import tiny_decoder_vae
 
             model.vae = tiny_decoder_vae(model.vae)
     else:
-        if args.tiny_decoder:
-            raise UserError("--tiny-decoder decodes Wan's latents: it needs a Wan flavor as --model")
+        for flag, given in (
+            ("--tiny-decoder", args.tiny_decoder),
+            ("--upsample-phases", args.upsample_phases),
+        ):
+            if given:
+                raise UserError(f"{flag} is about Wan's latents: it needs a Wan flavor as --model")
         dtype = torch.float32
         try:
             model = load_model(args.model, device=device, dtype=dtype, attn_backend=attention)
@@ -504,7 +516,11 @@ def main(args) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "fp8_linears": args.fp8,
         "attention": attention,
-        "decoder": "tiny" if args.tiny_decoder else "wan" if wan else "model's",
+        "decoder": "tiny"
+        if args.tiny_decoder
+        else ("wan, upsample_phases" if args.upsample_phases else "wan")
+        if wan
+        else "model's",
         "cache_from": session.cache_from,
         "counted_on": device,
         **(

@@ -22,7 +22,7 @@ from bench.floor import synchronize
 
 _PLAIN_DECODER = {
     "frames_per_call": 1, "fused_norms": False, "pad_in_conv": False, "channels_last": False,
-    "compiled_decoder": None, "single_frame_2d": False,
+    "compiled_decoder": None, "single_frame_2d": False, "upsample_phases": False,
 }  # fmt: skip
 # the other ways run a stream's first latent frame as the default does (WanVAE.single_frame_2d)
 _CHUNK = {**_PLAIN_DECODER, "frames_per_call": None, "single_frame_2d": True}
@@ -37,6 +37,14 @@ DECODER_WAYS = {  # WanVAE's switches; the first is diffusers' way, the referenc
         "fused_norms": True,
         "pad_in_conv": True,
         "channels_last": True,
+    },
+    "chunk_per_call+upsample_phases": {**_CHUNK, "upsample_phases": True},
+    "chunk_per_call+fused_norms+pad_in_conv+channels_last+upsample_phases": {
+        **_CHUNK,
+        "fused_norms": True,
+        "pad_in_conv": True,
+        "channels_last": True,
+        "upsample_phases": True,
     },
     "chunk_per_call+compiled": {**_CHUNK, "compiled_decoder": "inductor"},
 }
@@ -67,7 +75,8 @@ def decoder_variants(model, device, dtype, names=None, chunks: int = 5) -> dict:
     each way it can run (`DECODER_WAYS`, or `names` of them): one latent frame per decoder call
     (diffusers') or the whole chunk in one; then with its RMSNorms (and their SiLUs) fused
     (`kernels.rmsnorm_channels`), with those and its convolutions padding inside, channels-last,
-    all three, and under torch.compile. Per way: ms per chunk (median; the first two chunks, untimed, search
+    all three, its upsamplers at low resolution (`WanVAE.upsample_phases`), all four, and under
+    torch.compile. Per way: ms per chunk (median; the first two chunks, untimed, search
     or compile), `first_chunk_ms`, and how far its last chunk's frames are from diffusers' way's;
     or the error that stopped it. `TINY_DECODER` among `names` times TAEHV's decoder (random
     weights) on the same latents; its `max_abs_diff` is None (asked alone, diffusers' way is not

@@ -271,6 +271,8 @@ def test_stage_activity_counts_the_host_operators_and_the_gpu_busy_time_in_each_
         ),
         (["--model", "no-such-model"], "unknown model 'no-such-model'"),
         (["--model", "tiny-avatar-teacher"], "is a bidirectional teacher"),
+        (["--model", "tiny-avatar", "--upsample-phases"], "--upsample-phases is about Wan's latents"),
+        (["--tiny-decoder", "--upsample-phases"], "a way of the Wan decoder, not of --tiny-decoder"),
     ],
 )
 def test_command_line_mistakes_are_one_line_and_exit_code_2(args, message, capsys):
@@ -298,6 +300,12 @@ def test_command_line_for_wan_counts_on_the_meta_device():
     assert steady["stages"]["denoise"]["tflop_by_kind"]["fp8_linear"] == 0 and not result["fp8_linears"]
     # a known avatar's first chunk starts from its kept sink: no reference encode, no sink forward
     assert 0 < result["first_chunk_floor_ms_known_avatar"] < result["first_chunk_floor_ms"]
+    # the decoder's upsamplers at low resolution: fewer decoder FLOPs, the rest the same
+    phases = json.loads(streamgen("bench", "floor", "--json", *args, "--upsample-phases").stdout)
+    assert (result["decoder"], phases["decoder"]) == ("wan", "wan, upsample_phases")
+    stages, fewer = steady["stages"], phases["work"]["steady_chunk"]["stages"]
+    assert fewer["decode"]["tflop"] < 0.97 * stages["decode"]["tflop"]
+    assert fewer["denoise"] == stages["denoise"]
 
 
 def test_command_line_with_fp8_linears_or_attention_counts_their_products_at_their_own_rate():

@@ -283,6 +283,65 @@ def test_wan_vae_channels_last_convolutions_give_the_same_frames(monkeypatch, dt
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wan_vae_upsamples_at_low_resolution_with_the_same_frames_and_fewer_flops(monkeypatch, dtype):
+    """diffusers' upsamplers (nearest 2x in fp32, then a 3x3 convolution) as one 2x2 convolution
+    per output phase: the same frames for 16/36 of those convolutions' work, in either layout,
+    the state dict unchanged, and turned off diffusers' forward again."""
+    import copy
+
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanResample
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vae, z = tiny_wan_vae(), torch.randn(1, 4, 5, 4, 4, dtype=dtype)
+    vae.vae.to(dtype)
+    keys = set(vae.state_dict())
+    upsamplers = [m for m in vae.vae.decoder.modules() if isinstance(m, WanResample) and "up" in m.mode]
+    assert len(upsamplers) == 3
+
+    inputs = []  # the upsamplers' input shapes, decoding the chunks
+    for m in upsamplers:
+        m.resample.register_forward_pre_hook(
+            lambda m, args: inputs.append((m[1].out_channels, *args[0].shape))
+        )
+
+    def decode():
+        inputs.clear()
+        with FlopCounterMode(display=False) as counter:
+            frames = decode_in_chunks(vae, z, [1, 2, 2])
+        return frames, counter.get_total_flops()
+
+    plain, plain_flops = decode()
+    interpolations = []
+    interpolate = torch.nn.functional.interpolate
+    monkeypatch.setattr(
+        torch.nn.functional, "interpolate", lambda *a, **k: interpolations.append(1) or interpolate(*a, **k)
+    )
+    tol = 1e-5 if dtype == torch.float32 else 0.05  # bf16: other products, other roundings
+    for channels_last in (False, True):
+        vae.channels_last, vae.upsample_phases = channels_last, True
+        fast, fast_flops = decode()
+        assert fast.shape == plain.shape and fast.dtype == dtype
+        assert (fast.float() - plain.float()).abs().max() <= tol
+        assert not interpolations  # no upsampled copy
+        # the upsamplers' convolutions: 4 phases of 2x2 taps over (h+1)x(w+1) (the border row and
+        # column that the interleaving drops) where there were 3x3 taps over 2h x 2w
+        saved = sum(2 * n * o * c * (9 * 4 * h * w - 4 * 4 * (h + 1) * (w + 1)) for o, n, c, h, w in inputs)
+        assert saved > 0 and fast_flops == plain_flops - saved
+        assert set(vae.state_dict()) == keys
+    twin = copy.deepcopy(vae)  # a copy's upsamplers use its own weights
+    with torch.no_grad():
+        for m in twin.vae.decoder.modules():
+            if isinstance(m, WanResample) and "up" in m.mode:
+                m.resample[1].weight.zero_()
+    assert torch.equal(decode_in_chunks(vae, z, [1, 2, 2]), fast)
+    assert not torch.equal(decode_in_chunks(twin, z, [1, 2, 2]), fast)
+    vae.channels_last = vae.upsample_phases = False
+    again, again_flops = decode()
+    assert torch.equal(again, plain) and again_flops == plain_flops and interpolations
+
+
+@torch.no_grad()
 def test_wan_vae_compiled_decoder_is_captured_whole_and_undone():
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters

@@ -62,60 +62,85 @@ class ResBlock2d(nn.Module):
 
 
 class UpsampleConv2d(nn.Conv2d):
-    """A nearest 2x upsample followed by this 3x3 convolution (padding 1), computed at the low resolution.
-
-    Each of the four output phases (row parity a, column parity b) of conv3x3(upsample(x)) is a
-    2x2 convolution of x whose taps are sums of the 3x3 taps; one 2x2 convolution with 4x the
-    output channels computes all four, then a strided view interleaves them. That is 16 instead
-    of 36 multiply-adds per low-resolution pixel and channel pair, and no upsampled copy of x:
-    on the 2-core CPU these layers run ~1.5x faster and the shipped decoder 1.07-1.18x from
-    128x128 up (`streamgen bench decoder`), same values to ~1e-6 (float sums reassociated).
-    Parameters are those of the plain Conv2d, so checkpoints load.
+    """A nearest 2x upsample followed by this 3x3 convolution (padding 1), computed at the low
+    resolution (`upsample_conv3x3`): on the 2-core CPU these layers run ~1.5x faster and the
+    shipped decoder 1.07-1.18x from 128x128 up (`streamgen bench decoder`), same values to ~1e-6
+    (float sums reassociated). Parameters are those of the plain Conv2d, so checkpoints load.
     """
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
         super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)
-        self._folded: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (weight, its version, folded)
+        self._taps = FoldedTaps()
 
     def phase_weights(self) -> torch.Tensor:
-        """[4*out, in, 2, 2], phases in (a, b) order. Phase 0 of an axis reads low-res taps (i-1, i)
-        with kernel taps (w0, w1+w2); phase 1 reads (i, i+1) with (w0+w1, w2).
-
-        Without autograd (streaming) they are folded once per weight and kept: refolding cost
-        ~1 ms of a 64x64 chunk's decode. An in-place change of the weight (optimizer step,
-        load_state_dict) bumps its version, new data (`.to`) has another address: either folds
-        again. The kept weight holds its storage, so no new tensor can reuse that address.
-        With autograd on they are folded every call, so gradients reach the 3x3 taps.
-        """
-        w = self.weight
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or w.is_inference():
-            return self._fold(w)  # (a compiled graph folds them itself; inference tensors have no version)
-        kept = self._folded
-        if kept is None or kept[1] != w._version or not _same_tensor(kept[0], w):
-            self._folded = kept = (w.detach(), w._version, self._fold(w))
-        return kept[2]
-
-    @staticmethod
-    def _fold(w: torch.Tensor) -> torch.Tensor:
-        def fold(t, dim):  # the 3 taps along `dim` -> the two phases' 2 taps each
-            t0, t1, t2 = t.unbind(dim)
-            return torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)
-
-        return torch.cat([col for row in fold(w, 2) for col in fold(row, 3)], 0)
+        return self._taps(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
-        o = self.out_channels
-        bias = None if self.bias is None else self.bias.repeat(4)
-        # output (p, q) of the 2x2 convolution over x padded by 1 reads x rows p-1, p and cols q-1, q
-        # (the convolution pads: no padded copy of x)
-        y = F.conv2d(x, self.phase_weights(), bias, padding=1)  # [N, 4*O, h+1, w+1]
+        return upsample_conv3x3(x, self.phase_weights(), self.bias, channels_last=True)
+
+
+def fold_upsample_taps(w: torch.Tensor) -> torch.Tensor:
+    """3x3 taps [O, C, 3, 3] -> [4*O, C, 2, 2], the four output phases (a, b) of a nearest 2x
+    upsample then the 3x3 convolution. Phase 0 of an axis reads low-res taps (i-1, i) with kernel
+    taps (w0, w1+w2); phase 1 reads (i, i+1) with (w0+w1, w2). The sums are taken in fp32 and
+    rounded once to w's dtype (in bf16, the rounding of the products' fp32 sums they replace)."""
+
+    def fold(t, dim):  # the 3 taps along `dim` -> the two phases' 2 taps each
+        t0, t1, t2 = t.unbind(dim)
+        return torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)
+
+    wide = w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
+    return torch.cat([col for row in fold(wide, 2) for col in fold(row, 3)], 0).to(w.dtype)
+
+
+class FoldedTaps:
+    """One 3x3 weight's phase taps (`fold_upsample_taps`), folded once while it is unchanged.
+
+    Without autograd (streaming) they are kept: refolding cost ~1 ms of a 64x64 chunk's decode.
+    An in-place change of the weight (optimizer step, load_state_dict) bumps its version, new
+    data (`.to`) has another address: either folds again. The kept weight holds its storage, so
+    no new tensor can reuse that address. With autograd on they are folded every call, so
+    gradients reach the 3x3 taps."""
+
+    def __init__(self):
+        self._kept: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (weight, its version, taps)
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or w.is_inference():
+            # (a compiled graph folds them itself; inference tensors have no version)
+            return fold_upsample_taps(w)
+        kept = self._kept
+        if kept is None or kept[1] != w._version or not _same_tensor(kept[0], w):
+            self._kept = kept = (w.detach(), w._version, fold_upsample_taps(w))
+        return kept[2]
+
+
+def upsample_conv3x3(
+    x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, channels_last: bool
+) -> torch.Tensor:
+    """conv3x3(nearest_upsample_2x(x)) with padding 1, from the phase taps `fold_upsample_taps`
+    gives: one 2x2 convolution of x with 4x the output channels computes the four output phases,
+    then one strided view interleaves them. 16 instead of 36 multiply-adds per low-resolution
+    pixel and channel pair, and no upsampled copy of x. x [N, C, h, w] -> [N, O, 2h, 2w], NHWC in
+    memory where `channels_last`, else contiguous: the interleaving copy writes either layout."""
+    n, _, h, w = x.shape
+    o = taps.shape[0] // 4
+    bias = None if bias is None else bias.repeat(4)
+    # output (p, q) of the 2x2 convolution over x padded by 1 reads x rows p-1, p and cols q-1, q
+    # (the convolution pads: no padded copy of x)
+    y = F.conv2d(x, taps, bias, padding=1)  # [N, 4*O, h+1, w+1]
+    # out[n, o, 2i+a, 2j+b] = y[n, (a, b, o), i+a, j+b]: a strided view of y's storage, shaped
+    # (n, h, a, w, b, o) in NHWC or (n, o, h, a, w, b) in NCHW, then one copy of it
+    if channels_last:
         y = y.contiguous(memory_format=torch.channels_last)
-        # out[n, 2i+a, 2j+b, o] = y[n, i+a, j+b, (a, b, o)]: one strided view of y's NHWC storage
         sw = 4 * o
         sh = (w + 1) * sw
         phases = y.as_strided((n, h, 2, w, 2, o), (y.stride(0), sh, sh + 2 * o, sw, sw + o, 1))
         return phases.reshape(n, 2 * h, 2 * w, o).permute(0, 3, 1, 2)  # NCHW shape, NHWC memory
+    y = y.contiguous()
+    so = (h + 1) * (w + 1)
+    phases = y.as_strided((n, o, h, 2, w, 2), (y.stride(0), so, w + 1, 2 * o * so + w + 1, 1, o * so + 1))
+    return phases.reshape(n, o, 2 * h, 2 * w)
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -282,10 +307,12 @@ class WanVAE(VideoAutoencoder):
         channels_last=False,
         compiled_decoder: str | None = None,
         single_frame_2d=True,
+        upsample_phases=False,
     ):
         super().__init__()
         self.vae = vae
         self._single_frame_2d = bool(single_frame_2d)
+        self._upsample_phases = bool(upsample_phases)
         # Latent frames per decoder call; None: a chunk's in one call; "auto": None on a GPU, 1 on a
         # CPU, the faster of the two on each as measured (bench gpu's `decoder`). diffusers decodes
         # one per call (bounded memory on long clips); a chunk in one call gives each convolution
@@ -361,6 +388,22 @@ class WanVAE(VideoAutoencoder):
         self._patch_convs()
 
     @property
+    def upsample_phases(self) -> bool:
+        """The decoder's upsamplers (a nearest 2x upsample, in fp32, then a 3x3 convolution) as
+        one 2x2 convolution of the low-resolution input per output phase (`upsample_conv3x3`):
+        16 instead of 36 multiply-adds per input pixel and channel pair, and neither the fp32
+        upsampled copy nor its cast back. At 832x480 they are 3.9 of a steady chunk's 45 decoder
+        TFLOP (`bench floor`). The same values up to rounding: the folded taps are sums of the
+        3x3 taps, rounded once to the weights' dtype. Off until a GPU run times it (bench gpu's
+        `decoder`)."""
+        return self._upsample_phases
+
+    @upsample_phases.setter
+    def upsample_phases(self, enabled: bool) -> None:
+        self._upsample_phases = bool(enabled)
+        self._patch_convs()
+
+    @property
     def channels_last(self) -> bool:
         """The decoder's convolutions run channels-last (NDHWC; its 2D ones NHWC): weights stored
         so once, inputs made so where diffusers' reshapes lost it. cuDNN's bf16 kernels compute in
@@ -381,8 +424,9 @@ class WanVAE(VideoAutoencoder):
         self._patch_convs()
 
     def _patch_convs(self) -> None:
-        """The causal convolutions' forward: diffusers' own where no switch changes it."""
-        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+        """The causal convolutions' and the upsamplers' forward: diffusers' own where no switch
+        changes it."""
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample, WanUpsample
 
         def patch(modules, pad_inside: bool, channels_last: bool) -> None:
             convs = [m for m in modules if isinstance(m, WanCausalConv3d)]
@@ -397,6 +441,20 @@ class WanVAE(VideoAutoencoder):
 
         patch([self.vae.post_quant_conv, *self.vae.decoder.modules()], self._pad_in_conv, self._channels_last)
         patch([*self.vae.encoder.modules(), self.vae.quant_conv], False, False)
+        for m in self.vae.decoder.modules():
+            if isinstance(m, WanResample) and m.mode in ("upsample2d", "upsample3d"):
+                upsample, conv = m.resample
+                assert (
+                    isinstance(upsample, WanUpsample)
+                    and conv.kernel_size == (3, 3)
+                    and conv.padding == (1, 1)
+                )
+                if self._upsample_phases:  # (a partial of modules: a deep copy holds its own)
+                    m.resample.forward = functools.partial(
+                        _upsample_phases, conv, FoldedTaps(), channels_last=self._channels_last
+                    )
+                else:
+                    m.resample.__dict__.pop("forward", None)
 
     @property
     def compiled_decoder(self) -> str | None:
@@ -533,6 +591,13 @@ def _causal_conv3d(
         x = x.contiguous(memory_format=torch.channels_last_3d)
     inside = (0, pad_h, pad_w) if pad_inside else 0
     return F.conv3d(x, conv.weight, conv.bias, conv.stride, inside, conv.dilation, conv.groups)
+
+
+def _upsample_phases(
+    conv: nn.Conv2d, taps: FoldedTaps, x: torch.Tensor, *, channels_last: bool
+) -> torch.Tensor:
+    """diffusers' upsampler, `nn.Sequential(WanUpsample, conv)`, as `WanVAE.upsample_phases` runs it."""
+    return upsample_conv3x3(x, taps(conv.weight), conv.bias, channels_last)
 
 
 def _fused_rms_norm(norm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
