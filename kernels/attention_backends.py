@@ -38,7 +38,11 @@ import kernels
 from kernels import check_attention_backend, needs_autograd, reference
 
 
-def attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa"):
+def attention(
+    q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa", fp8_keys=None
+):  # fmt: skip
+    if fp8_keys is not None and backend in FP8_BACKENDS:
+        return _BY_NAME[backend](q, k, v, block_mask_frames, tokens_per_frame, fp8_keys=fp8_keys)
     return _BY_NAME[check_attention_backend(backend)](q, k, v, block_mask_frames, tokens_per_frame)
 
 
@@ -257,15 +261,29 @@ def fp8_ops(q, k, v):
     return reference  # CPUs: the same numerics, emulated (exact products of the e4m3 values)
 
 
-def fp8_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv: bool = True):
+FP8_BACKENDS = ("fp8_qk", "fp8")
+
+
+def fp8_attention(
+    q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv: bool = True, fp8_keys=None
+):  # fmt: skip
+    """`fp8_keys(ops, k.shape[1])`, where given, returns k already quantized by
+    `ops.quantize_fp8_heads` (a KV cache keeps its keys so: `KVCache.fp8_keys`)."""
     ops = fp8_ops(q, k, v)
     if ops is None:
         return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
-    return ops.fp8_attention(q, k, v, block_mask_frames, tokens_per_frame, pv=pv)
+    if fp8_keys is None:
+        return ops.fp8_attention(q, k, v, block_mask_frames, tokens_per_frame, pv=pv)
+    q8, q_scale = ops.quantize_fp8_heads(q)
+    k8, k_scale = fp8_keys(ops, k.shape[1])
+    v, v_scale = ops.quantize_fp8_values(v) if pv else (v, None)
+    return ops.fp8_attention_quantized(
+        q8, q_scale, k8, k_scale, v, v_scale, block_mask_frames, tokens_per_frame, q.dtype
+    )
 
 
-def fp8_qk_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
-    return fp8_attention(q, k, v, block_mask_frames, tokens_per_frame, pv=False)
+def fp8_qk_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, fp8_keys=None):
+    return fp8_attention(q, k, v, block_mask_frames, tokens_per_frame, pv=False, fp8_keys=fp8_keys)
 
 
 # every name in kernels.ATTENTION_BACKENDS (a test checks that none is missing)

@@ -117,7 +117,7 @@ def _prune_attention_configs(configs, named_args, **kwargs):
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_block_ptr, k_block_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
-    stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh,
+    stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_ksb,
     H, Lq, Lk, S, qk_scale, LQ_BUCKET, LK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
     FP8_QK: tl.constexpr, FP8_PV: tl.constexpr, RETURN_LSE: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -141,8 +141,9 @@ def _attention_kernel(
         q = q.to(tl.float32)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
-    # FP8: the scales of q and k, one per (batch, token, head), are [B, L, H] contiguous
-    k_scale_base = k_scale_ptr + b * Lk * H + h
+    # FP8: the scales of q and k, one per (batch, token, head), are [B, L, H], q's contiguous, k's
+    # a view (a KV cache keeps its keys' scales for more tokens than a call attends to)
+    k_scale_base = k_scale_ptr + b * stride_ksb + h
     if FP8_QK:
         # (rows past Lq get a factor of 1: a 0 would make the masked scores' -inf NaN)
         q_scale = tl.load(q_scale_ptr + (b * Lq + rows) * H + h, mask=row_ok, other=1.0)
@@ -232,12 +233,16 @@ def fp8_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv
     return fp8_attention_quantized(*inputs, block_mask_frames, tokens_per_frame, q.dtype)
 
 
+def quantize_fp8_heads(x):
+    """`reference.quantize_fp8_heads`: q or k [B, L, H, D] -> (e4m3 [B, L, H, D], fp32 [B, L, H])."""
+    x8, scale = quantize_fp8_rows(x)
+    return x8.view(x.shape), scale.view(x.shape[:-1])
+
+
 def quantize_fp8_attention(q, k, v, pv: bool, v_scale=None):
     """`reference.quantize_fp8_attention`: (q8, q_scale, k8, k_scale, v8 or v, v_scale or None)."""
-    q8, q_scale = quantize_fp8_rows(q)
-    k8, k_scale = quantize_fp8_rows(k)
-    q8, k8 = q8.view(q.shape), k8.view(k.shape)
-    q_scale, k_scale = q_scale.view(q.shape[:-1]), k_scale.view(k.shape[:-1])
+    q8, q_scale = quantize_fp8_heads(q)
+    k8, k_scale = quantize_fp8_heads(k)
     if not pv:
         return q8, q_scale, k8, k_scale, v, None
     return q8, q_scale, k8, k_scale, *quantize_fp8_values(v, v_scale)
@@ -277,6 +282,8 @@ def _launch_attention(
         q_block = k_block = out  # unused pointers without the mask (nothing allocated per call)
     # unused pointers without FP8 (v's scale: without FP8 products for PV)
     q_scale, k_scale, v_scale = (out if t is None else t for t in (fp8_scales or (None,) * 3))
+    if fp8_scales is not None:  # [B, L, H]: the keys' may be a view of a cache's longer buffer
+        assert q_scale.is_contiguous() and k_scale.stride()[1:] == (heads, 1), k_scale.stride()
 
     def grid(meta):
         return (triton.cdiv(lq, meta["BLOCK_M"]), bsz * heads)
@@ -284,7 +291,7 @@ def _launch_attention(
     _attention_kernel[grid](
         q, k, v, out, lse, q_block, k_block, q_scale, k_scale, v_scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        *v_strides, out.stride(0), out.stride(1), out.stride(2),
+        *v_strides, out.stride(0), out.stride(1), out.stride(2), k_scale.stride(0),
         heads, lq, lk, max(tokens_per_frame, 1), LOG2E / math.sqrt(head_dim),
         triton.next_power_of_2(lq), triton.next_power_of_2(lk),  # for the autotuner's key only
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),

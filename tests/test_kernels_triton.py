@@ -373,6 +373,27 @@ def check_fp8_attention_streaming_chunk_against_strided_cache(attn):
     assert (out - ref).abs().max() < 0.03
 
 
+@pytest.mark.parametrize("pv", [False, True])
+def check_fp8_attention_of_a_caches_kept_keys(attn, pv):
+    """Keys a KV cache keeps in e4m3 (`KVCache.fp8_keys`, with this module's quantization): views
+    of its buffers, longer than the keys attended to and two streams deep, so that the scales'
+    batch stride is the buffer's. Keys within one block (BLOCK_N, 16), as above."""
+    from streamgen.model.cache import KVCache
+
+    torch.manual_seed(17)
+    cache = KVCache(2, 3, 4, 9, heads=3, head_dim=32, dtype=torch.float32, device="cpu")
+    cache.k.normal_()
+    cache.v.normal_()
+    q = rand(2, 4, 3, 32)
+    k, v = cache.k[:, :12], cache.v[:, :12]
+    q8, q_scale = attn.quantize_fp8_heads(q)
+    k8, k_scale = cache.fp8_keys(attn, 12)
+    assert k_scale.stride(0) == 16 * 3 and k8.stride(0) == 16 * 3 * 32
+    v_q, v_scale = attn.quantize_fp8_values(v) if pv else (v, None)
+    out = attn.fp8_attention_quantized(q8, q_scale, k8, k_scale, v_q, v_scale, dtype=torch.float32)
+    close(out, reference.fp8_attention(q, k, v, pv=pv), torch.float32)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def check_attention_log_sum_exp(attn, masked):
     """The partial of one block of keys, as ring attention merges it: fp32 out and each row's

@@ -1,5 +1,7 @@
 """The KV cache: cached streaming equals block-causal attention; memory and positions stay bounded."""
 
+import collections
+
 import pytest
 import torch
 
@@ -238,3 +240,79 @@ def test_cache_from_the_last_step_keeps_the_keys_and_values_that_step_computed()
     assert not torch.allclose(reencoded[1], chunks[1], atol=1e-3)  # ... which the next one reads
     with pytest.raises(ValueError, match="cache_from"):
         generate_chunk(model, cache, noises[0], ctx, audio, sigmas, cache_from="last")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", ["fp8_qk", "fp8"])
+@pytest.mark.parametrize("cache_from", ["reencode", "last_step"])
+def test_fp8_attention_reads_the_caches_keys_quantized_once_each_time_they_change(
+    backend, cache_from, monkeypatch
+):
+    """The FP8 backends read the cache's keys in e4m3: the sink's and the ring's quantized again
+    once per chunk (after the ring moved on), the chunk's at every call. The chunks are exactly
+    those of quantizing every key at every call."""
+    from kernels import attention_backends, reference
+
+    quantize = reference.quantize_fp8_heads
+    tokens = []  # the length of each (q or k) quantized per token and head
+    monkeypatch.setattr(reference, "quantize_fp8_heads", lambda x: tokens.append(x.shape[1]) or quantize(x))
+    attention = attention_backends.attention
+
+    def stream(keep_keys: bool):
+        if not keep_keys:  # every call quantizes every key, as without a cache
+            monkeypatch.setattr(attention_backends, "attention", lambda *a: attention(*a[:6]))
+        model, cfg = make(attn_backend=backend)
+        gen = torch.Generator().manual_seed(1)
+        ctx = torch.randn(1, 2, cfg.text_dim, generator=gen)
+        cache = model.new_cache(1, HW)
+        encode_sink(model, cache, torch.randn(1, cfg.in_channels, cfg.sink_frames, *HW, generator=gen), ctx)
+        tokens.clear()
+        chunks = []
+        for _ in range(cfg.window_frames // cfg.frames_per_chunk + 3):  # past the ring's wrap
+            noise = torch.randn(1, cfg.in_channels, cfg.frames_per_chunk, *HW, generator=gen)
+            audio = torch.randn(1, cfg.frames_per_chunk, cfg.audio_window, cfg.audio_dim, generator=gen)
+            chunks.append(
+                generate_chunk(model, cache, noise, ctx, audio, student_sigmas(2), gen, cache_from=cache_from)
+            )
+        monkeypatch.setattr(attention_backends, "attention", attention)
+        return torch.cat(chunks, 2), list(tokens), cfg, cache.tokens_per_frame
+
+    kept, kept_tokens, cfg, s = stream(keep_keys=True)
+    every_call, every_call_tokens, *_ = stream(keep_keys=False)
+    assert torch.equal(kept, every_call)
+    sink, chunk, ring = (n * s for n in (cfg.sink_frames, cfg.frames_per_chunk, cfg.window_frames))
+    kept_n, every_n = collections.Counter(kept_tokens), collections.Counter(every_call_tokens)
+    # every call quantized the sink, the chunk and the filled ring (the cross-attentions: fewer)
+    self_attention_calls = sum(n for size, n in every_n.items() if size >= sink + chunk)
+    rebuilds = cfg.num_layers * kept.shape[2] // cfg.frames_per_chunk  # layers x chunks
+    # with the kept keys: each layer its sink and whole ring once per chunk, after the ring moved
+    # on, and the chunk's keys at every call; no call quantizes the whole cache
+    assert kept_n[ring] == kept_n[sink] - every_n[sink] == rebuilds > 0
+    assert kept_n[chunk] - every_n[chunk] == self_attention_calls > rebuilds
+    assert max(kept_n) == ring < max(every_n)
+
+
+def test_a_caches_fp8_keys_follow_every_write_into_its_keys():
+    """Whatever writes the keys (a restored start, a stacked batch, the ring's rotation, a chunk),
+    the e4m3 keys read next are those of the keys as they are."""
+    from kernels import reference
+
+    torch.manual_seed(0)
+    cache = KVCache(2, 2, 3, 4, heads=2, head_dim=8, dtype=torch.float32, device="cpu")
+
+    def check(end=9):
+        k8, scale = cache.fp8_keys(reference, end)
+        want8, want_scale = reference.quantize_fp8_heads(cache.k[:, :end])
+        assert torch.equal(k8.view(torch.uint8), want8.view(torch.uint8)) and torch.equal(scale, want_scale)
+
+    cache.k.normal_()
+    check()
+    cache.update(torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8), 4)  # the chunk's keys
+    check()
+    cache.k[:, :2].copy_(torch.randn(2, 2, 2, 8))  # the sink (a restored start)
+    check(end=5)
+    cache.k_ring_raw.normal_()
+    cache.rotate_ring(torch.zeros(4, 4))  # the ring's rotation
+    check()
+    cache.k.mul_(2)  # anything else
+    check()
