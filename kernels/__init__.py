@@ -163,19 +163,19 @@ def check_attention_backend(name: str) -> str:
 
 
 def attention(
-    q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa", fp8_keys=None
+    q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa", kv_cache=None
 ):  # fmt: skip
     """q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
 
     block_mask_frames=(q_block [Fq], k_block [Fk]) selects block-causal
     attention over frames (see `reference.attention`); None is full attention.
     `backend` is the model config's switch; backends that are unavailable on
-    this device fall back to SDPA. `fp8_keys(ops, Lk)`: k already in e4m3 for the
-    FP8 backends, as a KV cache keeps it (`KVCache.fp8_keys`); the others ignore it.
+    this device fall back to SDPA. `kv_cache`: the KVCache that k and v are views of, which
+    keeps them in e4m3 for the FP8 backends (`KVCache.fp8_keys`); the others ignore it.
     """
     check_attention_backend(backend)
     if backend == "sdpa" or not (q.is_cuda or _TRITON_ON_CPU) and backend in ("triton", "flash"):
         return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
     from kernels import attention_backends
 
-    return attention_backends.attention(q, k, v, block_mask_frames, tokens_per_frame, backend, fp8_keys)
+    return attention_backends.attention(q, k, v, block_mask_frames, tokens_per_frame, backend, kv_cache)

@@ -39,10 +39,10 @@ from kernels import check_attention_backend, needs_autograd, reference
 
 
 def attention(
-    q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa", fp8_keys=None
+    q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa", kv_cache=None
 ):  # fmt: skip
-    if fp8_keys is not None and backend in FP8_BACKENDS:
-        return _BY_NAME[backend](q, k, v, block_mask_frames, tokens_per_frame, fp8_keys=fp8_keys)
+    if kv_cache is not None and backend in FP8_BACKENDS:
+        return _BY_NAME[backend](q, k, v, block_mask_frames, tokens_per_frame, kv_cache=kv_cache)
     return _BY_NAME[check_attention_backend(backend)](q, k, v, block_mask_frames, tokens_per_frame)
 
 
@@ -265,25 +265,25 @@ FP8_BACKENDS = ("fp8_qk", "fp8")
 
 
 def fp8_attention(
-    q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv: bool = True, fp8_keys=None
+    q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv: bool = True, kv_cache=None
 ):  # fmt: skip
-    """`fp8_keys(ops, k.shape[1])`, where given, returns k already quantized by
-    `ops.quantize_fp8_heads` (a KV cache keeps its keys so: `KVCache.fp8_keys`)."""
+    """`kv_cache`, where given, holds k and v (its prefix) and keeps them in e4m3, as
+    `ops.quantize_fp8_attention` would make them (`KVCache.fp8_keys`, `KVCache.fp8_values`)."""
     ops = fp8_ops(q, k, v)
     if ops is None:
         return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
-    if fp8_keys is None:
+    if kv_cache is None:
         return ops.fp8_attention(q, k, v, block_mask_frames, tokens_per_frame, pv=pv)
     q8, q_scale = ops.quantize_fp8_heads(q)
-    k8, k_scale = fp8_keys(ops, k.shape[1])
-    v, v_scale = ops.quantize_fp8_values(v) if pv else (v, None)
+    k8, k_scale = kv_cache.fp8_keys(ops, k.shape[1])
+    v, v_scale = kv_cache.fp8_values(ops, v.shape[1]) if pv else (v, None)
     return ops.fp8_attention_quantized(
         q8, q_scale, k8, k_scale, v, v_scale, block_mask_frames, tokens_per_frame, q.dtype
     )
 
 
-def fp8_qk_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, fp8_keys=None):
-    return fp8_attention(q, k, v, block_mask_frames, tokens_per_frame, pv=False, fp8_keys=fp8_keys)
+def fp8_qk_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, kv_cache=None):
+    return fp8_attention(q, k, v, block_mask_frames, tokens_per_frame, pv=False, kv_cache=kv_cache)
 
 
 # every name in kernels.ATTENTION_BACKENDS (a test checks that none is missing)

@@ -282,14 +282,24 @@ def fp8_value_scales(v: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_fp8_values(
-    v: torch.Tensor, scale: torch.Tensor | None = None
+    v: torch.Tensor, scale: torch.Tensor | None = None, out: torch.Tensor | None = None, applied=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """v [B, L, H, D] -> (e4m3 [B, H, D, L], fp32 scales [B, H, D]), the scales
     `fp8_value_scales(v)` unless given. Transposed so that the keys' axis, the one PV sums over,
-    is contiguous: the layout Hopper's FP8 tensor cores read their second operand in."""
+    is contiguous: the layout Hopper's FP8 tensor cores read their second operand in.
+
+    Into `out` (a [B, H, D, L] view of a KV cache's buffer, the keys' axis unit-stride) where
+    given, and then with `applied` ([B, H, D], the scales `out` holds values of) only the
+    channels whose scale is not that one (`KVCache.fp8_values`)."""
     scale = fp8_value_scales(v) if scale is None else scale
-    v8 = (v.float() / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return v8.permute(0, 2, 3, 1).contiguous(), scale
+    v8 = (v.float() / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).permute(0, 2, 3, 1)
+    if out is None:
+        return v8.contiguous(), scale
+    if applied is not None:  # (on bytes: torch.where has no e4m3 kernel)
+        kept = (scale == applied)[..., None]
+        v8 = torch.where(kept, out.view(torch.uint8), v8.view(torch.uint8)).view(FP8_DTYPE)
+    out.copy_(v8)
+    return out, scale
 
 
 def quantize_fp8_attention(q, k, v, pv: bool, v_scale=None):

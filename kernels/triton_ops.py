@@ -392,43 +392,53 @@ def quantize_fp8_rows(x, gelu: bool = False):
 
 @triton.jit
 def _quantize_fp8_values_kernel(
-    v_ptr, channel_scale_ptr, fp8_ptr, L, H, stride_vb, stride_vl, stride_vh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    v_ptr, channel_scale_ptr, applied_scale_ptr, fp8_ptr, L, H, stride_vb, stride_vl, stride_vh,
+    stride_vd, stride_out, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    CHANGED_ONLY: tl.constexpr,
 ):  # fmt: skip
-    """One program per (block of keys, batch * head): v [B, L, H, D] / its channel's scale, rounded
-    to e4m3 and stored transposed, [B, H, D, L] (the keys' axis contiguous)."""
+    """One program per (block of keys, batch * head): v [B, L, H, D] (any strides) / its channel's
+    scale, rounded to e4m3 and stored transposed, [B, H, D, L] with rows `stride_out` apart (the
+    keys' axis contiguous). CHANGED_ONLY: only the channels whose scale is not the applied one,
+    and nothing, not even a load, where no channel of the head changed."""
     keys = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     dims = tl.arange(0, BLOCK_D)
-    ok = (keys < L)[:, None] & (dims < HEAD_DIM)[None, :]
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    v = tl.load(v_base + keys[:, None] * stride_vl + dims[None, :], mask=ok, other=0.0).to(tl.float32)
-    scale = tl.load(channel_scale_ptr + bh * HEAD_DIM + dims, mask=dims < HEAD_DIM, other=1.0)
-    q = _round_to_e4m3(tl.minimum(tl.maximum(v / scale[None, :], -448.0), 448.0))
-    out = fp8_ptr + bh * HEAD_DIM * L + dims[None, :] * L + keys[:, None]
-    tl.store(out, q.to(fp8_ptr.dtype.element_ty), mask=ok)
+    dim_ok = dims < HEAD_DIM
+    scale = tl.load(channel_scale_ptr + bh * HEAD_DIM + dims, mask=dim_ok, other=1.0)
+    if CHANGED_ONLY:
+        dim_ok = dim_ok & (tl.load(applied_scale_ptr + bh * HEAD_DIM + dims, mask=dim_ok, other=1.0) != scale)
+    if tl.max(dim_ok.to(tl.int32), axis=0) > 0:
+        ok = (keys < L)[:, None] & dim_ok[None, :]
+        v_base = v_ptr + b * stride_vb + h * stride_vh
+        v = tl.load(v_base + keys[:, None] * stride_vl + dims[None, :] * stride_vd, mask=ok, other=0.0)
+        q = _round_to_e4m3(tl.minimum(tl.maximum(v.to(tl.float32) / scale[None, :], -448.0), 448.0))
+        out = fp8_ptr + bh * HEAD_DIM * stride_out + dims[None, :] * stride_out + keys[:, None]
+        tl.store(out, q.to(fp8_ptr.dtype.element_ty), mask=ok)
 
 
-def quantize_fp8_values(v, scale=None):
+def quantize_fp8_values(v, scale=None, out=None, applied=None):
     """Triton `reference.quantize_fp8_values`: v [B, L, H, D] -> (e4m3 [B, H, D, L], fp32 scales
-    [B, H, D]). The scales are one reduction over the keys (`reference.fp8_value_scales`: torch's
-    max-norm reads v once, with no temporary), then one kernel reads v again and writes it
-    transposed at a byte per element."""
+    [B, H, D]), into `out` where given, and with `applied` only the channels whose scale changed.
+    The scales are one reduction over the keys (`reference.fp8_value_scales`: torch's max-norm
+    reads v once, with no temporary), then one kernel reads v again and writes it transposed at a
+    byte per element."""
     bsz, lk, heads, head_dim = v.shape
-    if v.stride(-1) != 1:
-        v = v.contiguous()
     if scale is None:
         scale = reference.fp8_value_scales(v)
-    v8 = torch.empty(bsz, heads, head_dim, lk, device=v.device, dtype=reference.FP8_DTYPE)
+    if out is None:
+        out = torch.empty(bsz, heads, head_dim, lk, device=v.device, dtype=reference.FP8_DTYPE)
+    assert out.shape == (bsz, heads, head_dim, lk) and out.stride(3) == 1, out.stride()
+    assert out.stride(1) == head_dim * out.stride(2) and out.stride(0) == heads * out.stride(1), out.stride()
     block_l = 16 if INTERPRET else 64
     grid = (triton.cdiv(lk, block_l), bsz * heads)
     _quantize_fp8_values_kernel[grid](
-        v, scale, v8, lk, heads, v.stride(0), v.stride(1), v.stride(2),
+        v, scale, scale if applied is None else applied, out, lk, heads,
+        v.stride(0), v.stride(1), v.stride(2), v.stride(3), out.stride(2),
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_L=block_l,
-        num_warps=1 if INTERPRET else 4,
+        CHANGED_ONLY=applied is not None, num_warps=1 if INTERPRET else 4,
     )  # fmt: skip
-    return v8, scale
+    return out, scale
 
 
 # ---------------------------------------------------------------------------

@@ -394,6 +394,14 @@ def check_fp8_attention_of_a_caches_kept_keys(attn, pv):
     close(out, reference.fp8_attention(q, k, v, pv=pv), torch.float32)
 
 
+def check_fp8_cache_follows_every_write_through_the_kernels(attn):
+    """tests/test_model_cache.py's check with this module's quantization kernels: the moved
+    channels alone (CHANGED_ONLY), into views of the cache's buffers, from its transposed rows."""
+    from test_model_cache import check_fp8_cache_follows_every_write as follows  # (not collected here)
+
+    follows(attn)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def check_attention_log_sum_exp(attn, masked):
     """The partial of one block of keys, as ring attention merges it: fp32 out and each row's
@@ -534,7 +542,7 @@ def check_a_stream_through_the_kernels_is_counted_as_through_the_references(ops,
 
 _FLOAT_ARGS = {"eps", "qk_scale", "scale"}
 _TYPED_POINTERS = {"frame_pos_ptr": "*i32", "q_block_ptr": "*i32", "k_block_ptr": "*i32", "fp8_ptr": "*fp8e4nv"}
-_FP32_POINTERS = {"cos_sin_ptr", "inv_freq_ptr", "row_scale_ptr", "channel_scale_ptr"} | {
+_FP32_POINTERS = {"cos_sin_ptr", "inv_freq_ptr", "row_scale_ptr", "channel_scale_ptr", "applied_scale_ptr"} | {
     f"{t}_scale_ptr" for t in "qkv"
 }
 
@@ -587,8 +595,9 @@ def test_kernels_compile_for_hopper_in_fp32():
         for rows, block in ((1, 2048), (16, 128)):  # a linear layer's row; attention's heads
             meta = dict(GELU=gelu, ROWS=rows, BLOCK_K=block)
             _compile_for_hopper(ops._quantize_fp8_rows_kernel, dtype, meta, num_warps=4)
-    meta = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_L=64)
-    _compile_for_hopper(ops._quantize_fp8_values_kernel, dtype, meta, num_warps=4)
+    for changed_only in (False, True):  # a whole call's values; a KV cache's moved channels
+        meta = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_L=64, CHANGED_ONLY=changed_only)
+        _compile_for_hopper(ops._quantize_fp8_values_kernel, dtype, meta, num_warps=4)
     for with_bias, silu in ((False, False), (True, False), (False, True)):
         meta = dict(HAS_BIAS=with_bias, SILU=silu, BLOCK_C=32, BLOCK_P=64)
         _compile_for_hopper(ops._rmsnorm_channels_kernel, dtype, meta, num_warps=4)

@@ -245,21 +245,30 @@ def test_cache_from_the_last_step_keeps_the_keys_and_values_that_step_computed()
 @torch.no_grad()
 @pytest.mark.parametrize("backend", ["fp8_qk", "fp8"])
 @pytest.mark.parametrize("cache_from", ["reencode", "last_step"])
-def test_fp8_attention_reads_the_caches_keys_quantized_once_each_time_they_change(
+def test_fp8_attention_reads_the_caches_keys_and_values_quantized_once_each_time_they_change(
     backend, cache_from, monkeypatch
 ):
     """The FP8 backends read the cache's keys in e4m3: the sink's and the ring's quantized again
-    once per chunk (after the ring moved on), the chunk's at every call. The chunks are exactly
-    those of quantizing every key at every call."""
+    once per chunk (after the ring moved on), the chunk's at every call; with `fp8` its values
+    too, of which a call quantizes again only the channels whose scale moved. The chunks are
+    exactly those of quantizing every key and value at every call."""
     from kernels import attention_backends, reference
 
     quantize = reference.quantize_fp8_heads
     tokens = []  # the length of each (q or k) quantized per token and head
     monkeypatch.setattr(reference, "quantize_fp8_heads", lambda x: tokens.append(x.shape[1]) or quantize(x))
+    quantize_values, values = reference.quantize_fp8_values, []
+
+    def count_values(v, scale=None, out=None, applied=None):  # how many values each call quantizes
+        channels = v[0, 0].numel() if applied is None else int((scale != applied).sum())
+        values.append(v.shape[1] * channels)
+        return quantize_values(v, scale, out, applied)
+
+    monkeypatch.setattr(reference, "quantize_fp8_values", count_values)
     attention = attention_backends.attention
 
-    def stream(keep_keys: bool):
-        if not keep_keys:  # every call quantizes every key, as without a cache
+    def stream(keep: bool):
+        if not keep:  # every call quantizes every key and value, as without a cache
             monkeypatch.setattr(attention_backends, "attention", lambda *a: attention(*a[:6]))
         model, cfg = make(attn_backend=backend)
         gen = torch.Generator().manual_seed(1)
@@ -267,6 +276,7 @@ def test_fp8_attention_reads_the_caches_keys_quantized_once_each_time_they_chang
         cache = model.new_cache(1, HW)
         encode_sink(model, cache, torch.randn(1, cfg.in_channels, cfg.sink_frames, *HW, generator=gen), ctx)
         tokens.clear()
+        values.clear()
         chunks = []
         for _ in range(cfg.window_frames // cfg.frames_per_chunk + 3):  # past the ring's wrap
             noise = torch.randn(1, cfg.in_channels, cfg.frames_per_chunk, *HW, generator=gen)
@@ -275,11 +285,14 @@ def test_fp8_attention_reads_the_caches_keys_quantized_once_each_time_they_chang
                 generate_chunk(model, cache, noise, ctx, audio, student_sigmas(2), gen, cache_from=cache_from)
             )
         monkeypatch.setattr(attention_backends, "attention", attention)
-        return torch.cat(chunks, 2), list(tokens), cfg, cache.tokens_per_frame
+        return torch.cat(chunks, 2), list(tokens), sum(values), cfg, cache.tokens_per_frame
 
-    kept, kept_tokens, cfg, s = stream(keep_keys=True)
-    every_call, every_call_tokens, *_ = stream(keep_keys=False)
+    kept, kept_tokens, kept_values, cfg, s = stream(keep=True)
+    every_call, every_call_tokens, every_call_values, *_ = stream(keep=False)
     assert torch.equal(kept, every_call)
+    # (fp8: this random model moves the scales of ~40% of the channels at each call: ~30% fewer
+    # values quantized; and the kept ones' scales read them once per chunk, not at every call)
+    assert 0 < kept_values < every_call_values if backend == "fp8" else kept_values == every_call_values == 0
     sink, chunk, ring = (n * s for n in (cfg.sink_frames, cfg.frames_per_chunk, cfg.window_frames))
     kept_n, every_n = collections.Counter(kept_tokens), collections.Counter(every_call_tokens)
     # every call quantized the sink, the chunk and the filled ring (the cross-attentions: fewer)
@@ -292,27 +305,51 @@ def test_fp8_attention_reads_the_caches_keys_quantized_once_each_time_they_chang
     assert max(kept_n) == ring < max(every_n)
 
 
-def test_a_caches_fp8_keys_follow_every_write_into_its_keys():
-    """Whatever writes the keys (a restored start, a stacked batch, the ring's rotation, a chunk),
-    the e4m3 keys read next are those of the keys as they are."""
-    from kernels import reference
-
+def check_fp8_cache_follows_every_write(ops):
+    """Whatever writes the keys or values (a restored start, a stacked batch, the ring's rotation
+    or a ring write, a chunk, the ring filling), the e4m3 keys and values a KV cache gives next
+    are those of quantizing them as they are (`ops`: the module whose quantization it uses)."""
     torch.manual_seed(0)
     cache = KVCache(2, 2, 3, 4, heads=2, head_dim=8, dtype=torch.float32, device="cpu")
 
-    def check(end=9):
-        k8, scale = cache.fp8_keys(reference, end)
-        want8, want_scale = reference.quantize_fp8_heads(cache.k[:, :end])
-        assert torch.equal(k8.view(torch.uint8), want8.view(torch.uint8)) and torch.equal(scale, want_scale)
+    def check(end):
+        k8, k_scale = cache.fp8_keys(ops, end)
+        v8, v_scale = cache.fp8_values(ops, end)
+        want_k8, want_k_scale = ops.quantize_fp8_heads(cache.k[:, :end])
+        want_v8, want_v_scale = ops.quantize_fp8_values(cache.v[:, :end])
+        for got, want in ((k8, want_k8), (v8, want_v8)):
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        assert torch.equal(k_scale, want_k_scale) and torch.equal(v_scale, want_v_scale)
+
+    def chunk(scale=1.0):
+        return cache.update(torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8) * scale, 4)
 
     cache.k.normal_()
-    check()
-    cache.update(torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8), 4)  # the chunk's keys
-    check()
+    cache.v.normal_()
+    check(5)  # sink and chunk
+    chunk(scale=3.0)  # a chunk that moves every channel's value scale up
+    check(5)
+    chunk(scale=0.1)  # ... and back down
+    check(5)
+    cache.write_ring(torch.randn(2, 2, 2, 8), torch.randn(2, 2, 2, 8) * 2, torch.tensor([0, 1]))
+    check(7)  # the ring filling: the new slots
+    cache.write_ring(torch.randn(2, 2, 2, 8), torch.randn(2, 2, 2, 8), torch.tensor([3, 2]))
+    check(9)  # the ring full
+    cache.write_ring(torch.randn(2, 2, 2, 8), torch.randn(2, 2, 2, 8) * 0.5, torch.tensor([0, 1]))
+    chunk()
+    check(9)  # the oldest slots overwritten: their values' maxima gone
     cache.k[:, :2].copy_(torch.randn(2, 2, 2, 8))  # the sink (a restored start)
-    check(end=5)
+    cache.v[:, :2].copy_(torch.randn(2, 2, 2, 8))
+    check(9)
     cache.k_ring_raw.normal_()
     cache.rotate_ring(torch.zeros(4, 4))  # the ring's rotation
-    check()
+    check(9)
     cache.k.mul_(2)  # anything else
-    check()
+    cache.v.mul_(2)
+    check(9)
+
+
+def test_a_caches_fp8_keys_and_values_follow_every_write_into_them():
+    from kernels import reference
+
+    check_fp8_cache_follows_every_write(reference)

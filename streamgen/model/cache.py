@@ -25,10 +25,12 @@ once (per layer, per chunk), so the denoising steps pay nothing extra.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-from kernels import Rope, apply_rope, rope_angles
+from kernels import Rope, apply_rope, reference, rope_angles
 
 
 class KVCache(nn.Module):
@@ -46,10 +48,14 @@ class KVCache(nn.Module):
         self.chunk_end = sink_tokens + chunk_tokens
         # cross-attention keys/values of the (constant) text context, computed once per stream
         self.context_kv: tuple[torch.Tensor, torch.Tensor] | None = None
-        # the keys in e4m3 for the FP8 attention backends (`fp8_keys`), made on their first read
-        self.k8: torch.Tensor | None = None
-        self.k8_scale: torch.Tensor | None = None
-        self._k8_version = -1  # self.k's version when the sink's and ring's e4m3 keys were made
+        # keys and values in e4m3 for the FP8 attention backends (`fp8_keys`, `fp8_values`), made
+        # on their first read; each remembers the version of k or v its sink's and ring's are of
+        for name in ("k8", "k8_scale", "v8", "v_rows", "v8_applied"):
+            self.register_buffer(name, None, persistent=False)
+        self.v_fixed_scale = None
+        self._k8_version = self._v8_version = -1
+        self._v8_end = 0
+        self._v8_fresh: list[torch.Tensor] = []  # ring slots written since the last FP8 read
 
     def write_sink(self, k_rot: torch.Tensor, v: torch.Tensor):
         """Store the reference frame's keys (rotated at their fixed positions 0..sink-1)."""
@@ -73,11 +79,14 @@ class KVCache(nn.Module):
                 return torch.cat([buf[:, : self.sink_end], new, buf[:, self.chunk_end : end]], dim=1)
 
             return joined(self.k, k_rot), joined(self.v, v)
-        before = self.k._version
+        k_before, v_before = self.k._version, self.v._version
         self.k[:, self.sink_end : self.chunk_end] = k_rot
         self.v[:, self.sink_end : self.chunk_end] = v
-        if self._k8_version == before:  # only the chunk's keys changed: the rest stay quantized
+        # only the chunk's changed: the sink's and ring's e4m3 keys and values stay
+        if self._k8_version == k_before:
             self._k8_version = self.k._version
+        if self._v8_version == v_before:
+            self._v8_version = self.v._version
         return self.k[:, :end], self.v[:, :end]
 
     def fp8_keys(self, ops, end: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,11 +112,61 @@ class KVCache(nn.Module):
             self.k8_scale[:, part] = scale
         return self.k8[:, :end], self.k8_scale[:, :end]
 
+    def fp8_values(self, ops, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The values [:end] in e4m3, transposed [B, H, D, end], with their scales [B, H, D], as
+        `ops.quantize_fp8_values` makes them: one scale per head and channel over every value,
+        the chunk's included, so that a chunk can move the scale of the sink's and ring's values.
+
+        Where a channel's scale stays, its e4m3 values stay. A call quantizes the chunk's values,
+        those a ring write brought (`write_ring`), and the moved channels' values again, from a
+        transposed copy of the sink's and ring's (`v_rows`: each channel's row contiguous);
+        everything only after some other write (the sink, a restored start, `stack`). The same
+        values as quantizing them all at every call. At 832x480 a steady chunk's 149
+        layer-forwards that attend each read its 39,000 values twice and wrote them once
+        (~300 MB a call, ~45 GB a chunk); now a call reads them once per layer and chunk for
+        their scales, and writes the chunk's and the moved channels'."""
+        if self.v8 is None:
+            b, total, h, d = self.v.shape
+            self.v8 = torch.empty(b, h, d, total, dtype=torch.float8_e4m3fn, device=self.v.device)
+            self.v_rows = torch.zeros(b, h, d, total, dtype=self.v.dtype, device=self.v.device)
+            self.v8_applied = torch.empty(b, h, d, dtype=torch.float32, device=self.v.device)
+        chunk = slice(self.sink_end, self.chunk_end)
+        fixed = [slice(0, self.sink_end)] + ([slice(self.chunk_end, end)] if end > self.chunk_end else [])
+        if self._v8_version != self.v._version or end != self._v8_end and not self._v8_fresh:
+            for part in fixed:  # written by something else: every value again
+                self.v_rows[..., part] = self.v[:, part].permute(0, 2, 3, 1)
+            self.v8_applied.fill_(float("nan"))  # (no scale equals NaN)
+            self._v8_fresh.clear()
+            self.v_fixed_scale = None
+            self._v8_version = self.v._version
+        fresh, self._v8_fresh = self._v8_fresh, []
+        for index in fresh:
+            self.v_rows.index_copy_(3, index, self.v.index_select(1, index).permute(0, 2, 3, 1))
+        if fresh or self.v_fixed_scale is None or end != self._v8_end:
+            # the max of the parts' scales is the scale of their max (both steps are monotone)
+            scales = [reference.fp8_value_scales(self.v[:, part]) for part in fixed]
+            self.v_fixed_scale, self._v8_end = functools.reduce(torch.maximum, scales), end
+        scale = torch.maximum(self.v_fixed_scale, reference.fp8_value_scales(self.v[:, chunk]))
+        # the moved channels of the sink's and ring's values, then every channel of new ring slots
+        for part in fixed:
+            rows = self.v_rows[..., part].permute(0, 3, 1, 2)
+            ops.quantize_fp8_values(rows, scale, out=self.v8[..., part], applied=self.v8_applied)
+        for index in fresh:
+            v8, _ = ops.quantize_fp8_values(self.v.index_select(1, index), scale)
+            self.v8.view(torch.uint8).index_copy_(3, index, v8.view(torch.uint8))
+        ops.quantize_fp8_values(self.v[:, chunk], scale, out=self.v8[..., chunk])
+        self.v8_applied.copy_(scale)
+        return self.v8[..., :end], scale
+
     def write_ring(self, k_raw: torch.Tensor, v: torch.Tensor, token_index: torch.Tensor):
         """Clean re-encode: keep the finished chunk (un-rotated keys) in its ring slots (once the
         layer's attention is done: the slots may hold the oldest chunk, which it attends to)."""
+        v_before = self.v._version
         self.k_ring_raw.index_copy_(1, token_index, k_raw)
         self.v.index_copy_(1, token_index + self.chunk_end, v)
+        if self._v8_version == v_before:  # the e4m3 values stay, but for these slots' (`fp8_values`)
+            self._v8_fresh.append(token_index + self.chunk_end)
+            self._v8_version = self.v._version
 
     def rotate_ring(self, ring_angles: torch.Tensor):
         """Rebuild the rotated ring keys for the positions the slots have now."""

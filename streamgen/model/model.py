@@ -112,18 +112,18 @@ class SelfAttention(nn.Module):
         method with its own shapes and `attention` function.
         """
         chunk_v = v
-        fp8_keys = None
+        kv_cache = None
         if cache is not None and cache_op == "write_sink":
             k, v = cache.write_sink(k, v)
         elif cache is not None and not write_only:
             k, v = cache.update(k, v, ring_filled)
             # a cache that attention reads as it is (one process, Ulysses' heads; not a ring's
-            # shards) keeps its keys in e4m3 for the FP8 backends
-            fp8_keys = cache.fp8_keys if attention is kernels.attention else None
+            # shards) keeps its keys and values in e4m3 for the FP8 backends
+            kv_cache = cache if attention is kernels.attention else None
         if write_only:
             out = q
-        elif fp8_keys is not None:
-            out = attention(q, k, v, mask, tokens_per_frame, self.backend, fp8_keys=fp8_keys)
+        elif kv_cache is not None:
+            out = attention(q, k, v, mask, tokens_per_frame, self.backend, kv_cache=kv_cache)
         else:
             out = attention(q, k, v, mask, tokens_per_frame, self.backend)
         if cache is not None and cache_op == "write_ring":
