@@ -249,6 +249,17 @@ def test_fp8_attention_at_the_dits_shapes(ops, masked):
         assert (out.float() - emulated.float()).norm() / exact.norm() < 0.04, backend
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs sm_89+"
+)
+def test_a_caches_fp8_keys_and_values_follow_every_write_on_the_gpu(attn):
+    """tests/test_model_cache.py's check with the kernels on the GPU: the e4m3 keys and values a
+    KV cache keeps are those of quantizing them as they are, bit for bit, after every write."""
+    from test_model_cache import check_fp8_cache_follows_every_write
+
+    check_fp8_cache_follows_every_write(attn, device="cuda")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_flex_block_causal_gradients_match_the_masked_reference(dtype):
     """Training's block-causal attention through FlexAttention (2.4x SDPA's masked kernel on the

@@ -541,10 +541,19 @@ def check_a_stream_through_the_kernels_is_counted_as_through_the_references(ops,
 # and lowering errors that the interpreter cannot see are caught here too.
 
 _FLOAT_ARGS = {"eps", "qk_scale", "scale"}
-_TYPED_POINTERS = {"frame_pos_ptr": "*i32", "q_block_ptr": "*i32", "k_block_ptr": "*i32", "fp8_ptr": "*fp8e4nv"}
-_FP32_POINTERS = {"cos_sin_ptr", "inv_freq_ptr", "row_scale_ptr", "channel_scale_ptr", "applied_scale_ptr"} | {
-    f"{t}_scale_ptr" for t in "qkv"
+_TYPED_POINTERS = {
+    "frame_pos_ptr": "*i32",
+    "q_block_ptr": "*i32",
+    "k_block_ptr": "*i32",
+    "fp8_ptr": "*fp8e4nv",
 }
+_FP32_POINTERS = {
+    "cos_sin_ptr",
+    "inv_freq_ptr",
+    "row_scale_ptr",
+    "channel_scale_ptr",
+    "applied_scale_ptr",
+} | {f"{t}_scale_ptr" for t in "qkv"}
 
 
 def _compile_for_hopper(kernel, dtype: str, constexprs: dict, **options):
@@ -589,7 +598,9 @@ def test_kernels_compile_for_hopper_in_fp32():
         _compile_for_hopper(ops._gated_residual_kernel, dtype, dict(BLOCK_D=2048, WITH_NORM=with_norm))
     for mode in (ops.ROPE_NONE, ops.ROPE_TABLE, ops.ROPE_POSITIONS):
         _compile_for_hopper(ops._rmsnorm_rope_kernel, dtype, dict(BLOCK_HALF=1024, ROPE_MODE=mode, NORM=True))
-    _compile_for_hopper(ops._rmsnorm_rope_kernel, dtype, dict(BLOCK_HALF=1024, ROPE_MODE=ops.ROPE_TABLE, NORM=False))
+    _compile_for_hopper(
+        ops._rmsnorm_rope_kernel, dtype, dict(BLOCK_HALF=1024, ROPE_MODE=ops.ROPE_TABLE, NORM=False)
+    )
     _compile_for_hopper(ops._gelu_tanh_kernel, dtype, dict(BLOCK=1024))
     for gelu in (False, True):
         for rows, block in ((1, 2048), (16, 128)):  # a linear layer's row; attention's heads

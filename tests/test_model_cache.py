@@ -5,6 +5,7 @@ import collections
 import pytest
 import torch
 
+from kernels import Rope
 from streamgen.model import DiT, get_config
 from streamgen.model.cache import KVCache
 from streamgen.sampling import encode_sink, generate_chunk, sample_few_step, student_sigmas
@@ -305,12 +306,12 @@ def test_fp8_attention_reads_the_caches_keys_and_values_quantized_once_each_time
     assert max(kept_n) == ring < max(every_n)
 
 
-def check_fp8_cache_follows_every_write(ops):
+def check_fp8_cache_follows_every_write(ops, device="cpu"):
     """Whatever writes the keys or values (a restored start, a stacked batch, the ring's rotation
     or a ring write, a chunk, the ring filling), the e4m3 keys and values a KV cache gives next
     are those of quantizing them as they are (`ops`: the module whose quantization it uses)."""
     torch.manual_seed(0)
-    cache = KVCache(2, 2, 3, 4, heads=2, head_dim=8, dtype=torch.float32, device="cpu")
+    cache = KVCache(2, 2, 3, 4, heads=2, head_dim=8, dtype=torch.float32, device=device)
 
     def check(end):
         k8, k_scale = cache.fp8_keys(ops, end)
@@ -321,8 +322,14 @@ def check_fp8_cache_follows_every_write(ops):
             assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
         assert torch.equal(k_scale, want_k_scale) and torch.equal(v_scale, want_v_scale)
 
+    def randn(tokens):
+        return torch.randn(2, tokens, 2, 8, device=device)
+
+    def index(*slots):
+        return torch.tensor(slots, device=device)
+
     def chunk(scale=1.0):
-        return cache.update(torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8) * scale, 4)
+        return cache.update(randn(3), randn(3) * scale, 4)
 
     cache.k.normal_()
     cache.v.normal_()
@@ -331,18 +338,18 @@ def check_fp8_cache_follows_every_write(ops):
     check(5)
     chunk(scale=0.1)  # ... and back down
     check(5)
-    cache.write_ring(torch.randn(2, 2, 2, 8), torch.randn(2, 2, 2, 8) * 2, torch.tensor([0, 1]))
+    cache.write_ring(randn(2), randn(2) * 2, index(0, 1))
     check(7)  # the ring filling: the new slots
-    cache.write_ring(torch.randn(2, 2, 2, 8), torch.randn(2, 2, 2, 8), torch.tensor([3, 2]))
+    cache.write_ring(randn(2), randn(2), index(3, 2))
     check(9)  # the ring full
-    cache.write_ring(torch.randn(2, 2, 2, 8), torch.randn(2, 2, 2, 8) * 0.5, torch.tensor([0, 1]))
+    cache.write_ring(randn(2), randn(2) * 0.5, index(0, 1))
     chunk()
     check(9)  # the oldest slots overwritten: their values' maxima gone
-    cache.k[:, :2].copy_(torch.randn(2, 2, 2, 8))  # the sink (a restored start)
-    cache.v[:, :2].copy_(torch.randn(2, 2, 2, 8))
+    cache.k[:, :2].copy_(randn(2))  # the sink (a restored start)
+    cache.v[:, :2].copy_(randn(2))
     check(9)
     cache.k_ring_raw.normal_()
-    cache.rotate_ring(torch.zeros(4, 4))  # the ring's rotation
+    cache.rotate_ring(Rope.of(torch.zeros(4, 4, device=device)))  # the ring's rotation
     check(9)
     cache.k.mul_(2)  # anything else
     cache.v.mul_(2)
