@@ -267,11 +267,16 @@ def fp8_matmul(q, scale, weight_q, weight_scale, bias, out_dtype) -> torch.Tenso
 FP8_P_SCALE = 256.0
 
 
-def quantize_fp8_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_heads(x: torch.Tensor, out=None) -> tuple[torch.Tensor, torch.Tensor]:
     """q or k [B, L, H, D] -> (e4m3 [B, L, H, D], fp32 scales [B, L, H]): one scale per token
-    and head (`quantize_fp8_rows` over the head dim)."""
+    and head (`quantize_fp8_rows` over the head dim); into `out` = (e4m3, scales) where given."""
     q8, scale = quantize_fp8_rows(x)
-    return q8.view(x.shape), scale.view(x.shape[:-1])
+    q8, scale = q8.view(x.shape), scale.view(x.shape[:-1])
+    if out is None:
+        return q8, scale
+    for t, new in zip(out, (q8, scale)):
+        t.copy_(new)
+    return out
 
 
 def fp8_value_scales(v: torch.Tensor) -> torch.Tensor:

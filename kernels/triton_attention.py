@@ -233,9 +233,14 @@ def fp8_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, pv
     return fp8_attention_quantized(*inputs, block_mask_frames, tokens_per_frame, q.dtype)
 
 
-def quantize_fp8_heads(x):
-    """`reference.quantize_fp8_heads`: q or k [B, L, H, D] -> (e4m3 [B, L, H, D], fp32 [B, L, H])."""
-    x8, scale = quantize_fp8_rows(x)
+def quantize_fp8_heads(x, out=None):
+    """`reference.quantize_fp8_heads`: q or k [B, L, H, D] -> (e4m3 [B, L, H, D], fp32 [B, L, H]),
+    written into `out` = (e4m3, scales) where given (a KV cache's, `KVCache.fp8_keys`)."""
+    if out is not None and not all(t.is_contiguous() for t in out):  # (a slice of a batch)
+        for t, new in zip(out, quantize_fp8_heads(x)):
+            t.copy_(new)
+        return out
+    x8, scale = quantize_fp8_rows(x, out=out)
     return x8.view(x.shape), scale.view(x.shape[:-1])
 
 

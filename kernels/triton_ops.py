@@ -371,16 +371,20 @@ def _quantize_fp8_rows_kernel(
         tl.store(fp8_ptr + rows[:, None] * K + start + cols[None, :], q.to(fp8_ptr.dtype.element_ty), mask=ok)
 
 
-def quantize_fp8_rows(x, gelu: bool = False):
-    """Triton `reference.quantize_fp8_rows`: x [..., K] -> (e4m3 [M, K], fp32 scales [M, 1]).
-    A program takes one row of a linear layer's input, or several short rows (attention's heads:
-    `fp8_attention`), so that each moves a few KiB."""
+def quantize_fp8_rows(x, gelu: bool = False, out=None):
+    """Triton `reference.quantize_fp8_rows`: x [..., K] -> (e4m3 [M, K], fp32 scales [M, 1]),
+    into `out` = (e4m3, scales) where given (contiguous, of those shapes' sizes). A program takes
+    one row of a linear layer's input, or several short rows (attention's heads: `fp8_attention`),
+    so that each moves a few KiB."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, k = x2.shape
-    q = torch.empty((m, k), device=x.device, dtype=torch.float8_e4m3fn)
-    scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    if out is not None:
+        q, scale = out[0].view(m, k), out[1].view(m, 1)
+    else:
+        q = torch.empty((m, k), device=x.device, dtype=torch.float8_e4m3fn)
+        scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
     block, warps = _row_block(min(k, 2048))
     rows = max(1, 2048 // block)
     grid = (triton.cdiv(m, rows),)

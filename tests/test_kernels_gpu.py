@@ -257,7 +257,8 @@ def test_a_caches_fp8_keys_and_values_follow_every_write_on_the_gpu(attn):
     KV cache keeps are those of quantizing them as they are, bit for bit, after every write."""
     from test_model_cache import check_fp8_cache_follows_every_write
 
-    check_fp8_cache_follows_every_write(attn, device="cuda")
+    for batch in (1, 2):
+        check_fp8_cache_follows_every_write(attn, device="cuda", batch=batch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

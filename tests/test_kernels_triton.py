@@ -399,7 +399,8 @@ def check_fp8_cache_follows_every_write_through_the_kernels(attn):
     channels alone (CHANGED_ONLY), into views of the cache's buffers, from its transposed rows."""
     from test_model_cache import check_fp8_cache_follows_every_write as follows  # (not collected here)
 
-    follows(attn)
+    for batch in (1, 2):
+        follows(attn, batch=batch)
 
 
 @pytest.mark.parametrize("masked", [False, True])

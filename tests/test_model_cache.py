@@ -257,7 +257,9 @@ def test_fp8_attention_reads_the_caches_keys_and_values_quantized_once_each_time
 
     quantize = reference.quantize_fp8_heads
     tokens = []  # the length of each (q or k) quantized per token and head
-    monkeypatch.setattr(reference, "quantize_fp8_heads", lambda x: tokens.append(x.shape[1]) or quantize(x))
+    monkeypatch.setattr(
+        reference, "quantize_fp8_heads", lambda x, out=None: tokens.append(x.shape[1]) or quantize(x, out)
+    )
     quantize_values, values = reference.quantize_fp8_values, []
 
     def count_values(v, scale=None, out=None, applied=None):  # how many values each call quantizes
@@ -306,12 +308,13 @@ def test_fp8_attention_reads_the_caches_keys_and_values_quantized_once_each_time
     assert max(kept_n) == ring < max(every_n)
 
 
-def check_fp8_cache_follows_every_write(ops, device="cpu"):
+def check_fp8_cache_follows_every_write(ops, device="cpu", batch=2):
     """Whatever writes the keys or values (a restored start, a stacked batch, the ring's rotation
     or a ring write, a chunk, the ring filling), the e4m3 keys and values a KV cache gives next
-    are those of quantizing them as they are (`ops`: the module whose quantization it uses)."""
+    are those of quantizing them as they are (`ops`: the module whose quantization it uses). One
+    stream's cache writes its e4m3 keys in place; a batch's slices are not contiguous."""
     torch.manual_seed(0)
-    cache = KVCache(2, 2, 3, 4, heads=2, head_dim=8, dtype=torch.float32, device=device)
+    cache = KVCache(batch, 2, 3, 4, heads=2, head_dim=8, dtype=torch.float32, device=device)
 
     def check(end):
         k8, k_scale = cache.fp8_keys(ops, end)
@@ -323,7 +326,7 @@ def check_fp8_cache_follows_every_write(ops, device="cpu"):
         assert torch.equal(k_scale, want_k_scale) and torch.equal(v_scale, want_v_scale)
 
     def randn(tokens):
-        return torch.randn(2, tokens, 2, 8, device=device)
+        return torch.randn(batch, tokens, 2, 8, device=device)
 
     def index(*slots):
         return torch.tensor(slots, device=device)
@@ -356,7 +359,8 @@ def check_fp8_cache_follows_every_write(ops, device="cpu"):
     check(9)
 
 
-def test_a_caches_fp8_keys_and_values_follow_every_write_into_them():
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_caches_fp8_keys_and_values_follow_every_write_into_them(batch):
     from kernels import reference
 
-    check_fp8_cache_follows_every_write(reference)
+    check_fp8_cache_follows_every_write(reference, batch=batch)

@@ -107,9 +107,7 @@ class KVCache(nn.Module):
             parts += [slice(0, self.sink_end), slice(self.chunk_end, None)]
             self._k8_version = self.k._version
         for part in parts:
-            k8, scale = ops.quantize_fp8_heads(self.k[:, part])
-            self.k8[:, part] = k8
-            self.k8_scale[:, part] = scale
+            ops.quantize_fp8_heads(self.k[:, part], out=(self.k8[:, part], self.k8_scale[:, part]))
         return self.k8[:, :end], self.k8_scale[:, :end]
 
     def fp8_values(self, ops, end: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +133,7 @@ class KVCache(nn.Module):
         if self._v8_version != self.v._version or end != self._v8_end and not self._v8_fresh:
             for part in fixed:  # written by something else: every value again
                 self.v_rows[..., part] = self.v[:, part].permute(0, 2, 3, 1)
-            self.v8_applied.fill_(float("nan"))  # (no scale equals NaN)
+            self.v8_applied = torch.full_like(self.v8_applied, float("nan"))  # (no scale equals NaN)
             self._v8_fresh.clear()
             self.v_fixed_scale = None
             self._v8_version = self.v._version
@@ -155,7 +153,7 @@ class KVCache(nn.Module):
             v8, _ = ops.quantize_fp8_values(self.v.index_select(1, index), scale)
             self.v8.view(torch.uint8).index_copy_(3, index, v8.view(torch.uint8))
         ops.quantize_fp8_values(self.v[:, chunk], scale, out=self.v8[..., chunk])
-        self.v8_applied.copy_(scale)
+        self.v8_applied = scale  # (a new tensor at every call: kept, not copied)
         return self.v8[..., :end], scale
 
     def write_ring(self, k_raw: torch.Tensor, v: torch.Tensor, token_index: torch.Tensor):
