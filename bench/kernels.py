@@ -165,7 +165,9 @@ def _cases(shapes: dict, device, dtype) -> dict:
         "rmsnorm_silu_channels_vae": "rmsnorm_channels",
         "gelu_quantize_fp8_rows": "quantize_fp8_rows",
     }
-    cases = {name: (fn, op_names.get(name, name), args, nbytes, None) for name, (fn, args, nbytes) in cases.items()}
+    cases = {
+        name: (fn, op_names.get(name, name), args, nbytes, None) for name, (fn, args, nbytes) in cases.items()
+    }
 
     # attention: one streaming chunk against the visible K/V, and block-causal training
     lq, lk = f * s, (1 + shapes["ring_frames"] + f) * s  # the sink, a full ring, the chunk itself
@@ -384,10 +386,37 @@ def run(
             if tuner is not None and "error" not in entry["triton"]:
                 entry["triton"].update(autotune_report(tuner, tunings))
             entry["triton"]["max_abs_err_vs_eager"] = _max_err(fused, eager, args)
+            if op_name == "fp8_attention":
+                entry["triton"]["from_kv_cache"] = fp8_from_kv_cache(args, shapes, nbytes, flops, dev, quick)
         if op_name == "attention":
             entry["backends"] = _attention_backends(args, nbytes, flops, dev, quick)
         result["kernels"][name] = entry
     return result
+
+
+def fp8_from_kv_cache(args, shapes, nbytes, flops, device, quick) -> dict:
+    """An FP8 attention case's call reading a KV cache that keeps its keys and values in e4m3
+    (`KVCache.fp8_keys`, `fp8_values`): the chunk's quantized at each call, the sink's and ring's
+    kept. The chunk does not change between the timed calls, so no channel's value scale moves:
+    the least such a call costs (a stream's calls also requantize the channels a chunk moved).
+    Its output is that of quantizing everything at every call (`max_abs_diff_vs_every_call`)."""
+    from streamgen.model.cache import KVCache
+
+    q, k, v, _mask, _tokens_per_frame, pv = args
+    b, lk, heads, head_dim = k.shape
+    s, f = shapes["grid"][0] * shapes["grid"][1], shapes["frames"]
+    cache = KVCache(b, s, f * s, lk - (1 + f) * s, heads, head_dim, k.dtype, k.device)
+    cache.k.copy_(k)
+    cache.v.copy_(v)
+
+    def from_cache():
+        return attention_backends.fp8_attention(q, cache.k, cache.v, pv=pv, kv_cache=cache)
+
+    out = _measure(from_cache, (), nbytes, flops, device, quick)
+    if "error" not in out:
+        every_call = lambda: attention_backends.fp8_attention(q, cache.k, cache.v, pv=pv)  # noqa: E731
+        out["max_abs_diff_vs_every_call"] = _max_err(from_cache, every_call, ())
+    return out
 
 
 def _attention_backends(args, nbytes, flops, device, quick) -> dict:

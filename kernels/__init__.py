@@ -171,7 +171,8 @@ def attention(
     attention over frames (see `reference.attention`); None is full attention.
     `backend` is the model config's switch; backends that are unavailable on
     this device fall back to SDPA. `kv_cache`: the KVCache that k and v are views of, which
-    keeps them in e4m3 for the FP8 backends (`KVCache.fp8_keys`); the others ignore it.
+    keeps them in e4m3 for the FP8 backends (`KVCache.fp8_keys`, `fp8_values`); the others
+    ignore it.
     """
     check_attention_backend(backend)
     if backend == "sdpa" or not (q.is_cuda or _TRITON_ON_CPU) and backend in ("triton", "flash"):

@@ -171,3 +171,15 @@ def test_recording_tunings_keeps_each_tuning_and_restores_the_launch(bench):
         tuner.run("single", benchmarks=False)
     assert recorded == {"a": {"config": [2.0]}, "b": {"config": [3.0]}}
     assert "run" not in vars(tuner)  # the class's run again
+
+
+@pytest.mark.parametrize("case", ["attention_stream_fp8_qk", "attention_stream_fp8"])
+def test_fp8_attention_from_a_kv_cache_is_timed_and_gives_the_same_output(bench, case):
+    """(On a GPU `run` adds it to the FP8 cases' `triton` entry; here the CPU's emulation.)"""
+    import torch
+
+    shapes, device = bench._shapes(True), torch.device("cpu")
+    _eager, _op, args, nbytes, flops = bench._cases(shapes, device, torch.float32)[case]
+    out = bench.fp8_from_kv_cache(args, shapes, nbytes, flops, device, True)
+    assert out["ms"] > 0 and out["gflop_per_s"] > 0
+    assert out["max_abs_diff_vs_every_call"] == 0
