@@ -442,19 +442,17 @@ class WanVAE(VideoAutoencoder):
         patch([self.vae.post_quant_conv, *self.vae.decoder.modules()], self._pad_in_conv, self._channels_last)
         patch([*self.vae.encoder.modules(), self.vae.quant_conv], False, False)
         for m in self.vae.decoder.modules():
-            if isinstance(m, WanResample) and m.mode in ("upsample2d", "upsample3d"):
-                upsample, conv = m.resample
-                assert (
-                    isinstance(upsample, WanUpsample)
-                    and conv.kernel_size == (3, 3)
-                    and conv.padding == (1, 1)
-                )
-                if self._upsample_phases:  # (a partial of modules: a deep copy holds its own)
-                    m.resample.forward = functools.partial(
-                        _upsample_phases, conv, FoldedTaps(), channels_last=self._channels_last
-                    )
-                else:
-                    m.resample.__dict__.pop("forward", None)
+            if not (isinstance(m, WanResample) and m.mode in ("upsample2d", "upsample3d")):
+                continue
+            if not self._upsample_phases:
+                m.resample.__dict__.pop("forward", None)
+                continue
+            upsample, conv = m.resample  # diffusers' nn.Sequential(WanUpsample, Conv2d(3, padding=1))
+            assert isinstance(upsample, WanUpsample) and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+            # (a partial of modules: a deep copy holds its own)
+            m.resample.forward = functools.partial(
+                _upsample_phases, conv, FoldedTaps(), channels_last=self._channels_last
+            )
 
     @property
     def compiled_decoder(self) -> str | None:
