@@ -29,15 +29,15 @@ over the floor's); the DiT's block linears in FP8 (`streamgen.model.float8`, on
 sm_89+, on a copy of the DiT); attention with QK^T in FP8 (`fp8_qk`), then with
 PV too (`fp8`: our Triton kernel, `kernels.attention`); the stream decoding with TAEHV's tiny
 decoder (streamgen/model/tiny_decoder.py; random weights: its speed, not its frames), alone and
-with every other lever (FP8 linears, the fastest attention, the decode beside the re-encode); each
-chunk's keys/values kept from its last denoising step instead of a clean re-encode
-(`StreamSession.cache_from`), alone, with every lever, and with every lever and the tiny
-decoder (reported, never the headline); the Wan decoder each way it can run (`decoder`,
-bench/wan_decoder.py; and TAEHV's tiny decoder of the same latents beside them), then the
-stream with the fastest of them; on CUDA the
-stream decoding on a second CUDA stream beside the re-encode
-(`StreamSession.decode_beside_reencode`); every lever at once (FP8 linears, the
-fastest attention and decoder way, the decode beside the re-encode); the Wan decoder under Inductor
+with every other lever (FP8 linears, the fastest attention, the decode beside the re-encode); the
+Wan decoder each way it can run (`decoder`, bench/wan_decoder.py; and TAEHV's tiny decoder of the
+same latents beside them); every lever at once with the Wan decoder (FP8 linears, the fastest
+attention and decoder way, the decode beside the re-encode): the likeliest to reach the target
+run before the budget can cut them; each chunk's keys/values kept from its last denoising step
+instead of a clean re-encode (`StreamSession.cache_from`), alone, with every lever, and with every
+lever and the tiny decoder (reported, never the headline); the reference encode each way; the
+stream with the fastest decoder way alone; on CUDA the stream decoding on a second CUDA stream
+beside the re-encode (`StreamSession.decode_beside_reencode`); the Wan decoder under Inductor
 (`decoder_compiled`); then what earlier runs measured: 2 steps (reported, never
 the headline), the decoder one latent frame per call (diffusers' way), our
 Triton attention kernel, the PyTorch references (same model code, `kernels`
