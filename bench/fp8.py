@@ -21,11 +21,13 @@ accuracy measured here is the accuracy the GPU path has. (The speed is the GPU's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import numpy as np
 import torch
 
+from kernels import reference as kernel_references
 from streamgen.model.float8 import KEEP_IN_DTYPE, float8_layers, float8_linears
 from streamgen.models import load_model
 from streamgen.stream import StreamSession
@@ -66,6 +68,25 @@ def stream_frames(model, dtype, chunks: int, seed: int = 0) -> tuple[list[np.nda
     return frames, float(np.median(seconds))
 
 
+@contextlib.contextmanager
+def requantized_value_channels():
+    """Within: at each read of the KV cache's e4m3 values (`KVCache.fp8_values`, the `fp8`
+    backend; the CPU's emulation), the share of the sink's and ring's value channels quantized
+    again: those whose scale the chunk moved, every one after a full rebuild."""
+    shares, quantize = [], kernel_references.quantize_fp8_values
+
+    def counted(v, scale=None, out=None, applied=None):
+        if applied is not None:
+            shares.append(float((scale != applied).float().mean()))
+        return quantize(v, scale, out, applied)
+
+    kernel_references.quantize_fp8_values = counted
+    try:
+        yield shares
+    finally:
+        kernel_references.quantize_fp8_values = quantize
+
+
 def difference(frames: list[np.ndarray], reference: list[np.ndarray]) -> dict:
     """Per chunk and overall: |difference| in levels of 255, and PSNR (dB)."""
 
@@ -93,12 +114,15 @@ def run(model_name: str = "tiny-avatar", chunks: int = 12, variants=tuple(VARIAN
         model = load_model(model_name, dtype=dtype, attn_backend=attention)
         if keep is not None:
             float8_linears(model.dit, keep)
-        frames, chunk_s = stream_frames(model, dtype, chunks)
+        with requantized_value_channels() as shares:
+            frames, chunk_s = stream_frames(model, dtype, chunks)
         entry = {
             "chunk_ms_p50": round(chunk_s * 1e3, 1),
             "fp8_layers": float8_layers(model.dit),
             "attention": attention,
         }
+        if shares:  # how much the cache's kept e4m3 values spare a call (docs/kernels.md)
+            entry["value_channels_requantized_per_read"] = round(float(np.mean(shares)), 3)
         if reference is None:
             reference = frames
             result["frames_per_chunk"] = len(frames[0])
