@@ -185,10 +185,16 @@ def wan_band_decode_errors(case) -> dict[str, float]:
     rows = latents.shape[-2] // p
     naive = gather_rows(make_wan_vae().decode(latents[..., i * rows : (i + 1) * rows, :]), dist.group.WORLD)
     whole, streamed = decode_all(WanBandParallelDecoder(make_wan_vae()), latents)
+    # the upsamplers at low resolution (WanVAE.upsample_phases) take their halo rows there
+    phases_vae = make_wan_vae()
+    phases_vae.upsample_phases = True
+    phases_whole, phases_streamed = decode_all(WanBandParallelDecoder(phases_vae), latents)
     return {
         "whole": (whole - case["wan_decoded"]).abs().max().item(),
         "streamed": (streamed - case["wan_decoded"]).abs().max().item(),
         "bands_alone": (naive - case["wan_decoded"]).abs().max().item(),
+        "upsample_phases_whole": (phases_whole - case["wan_decoded"]).abs().max().item(),
+        "upsample_phases_streamed": (phases_streamed - case["wan_decoded"]).abs().max().item(),
     }
 
 
@@ -337,6 +343,8 @@ def test_wan_vae_band_decode_equals_single_process(parallel_results):
     for r in parallel_results:
         assert r["wan_vae"]["whole"] <= TOL and r["wan_vae"]["streamed"] <= TOL, r["wan_vae"]
         assert r["wan_vae"]["bands_alone"] > 1e-3, r["wan_vae"]  # the exchange is what makes it exact
+        assert r["wan_vae"]["upsample_phases_whole"] <= TOL, r["wan_vae"]
+        assert r["wan_vae"]["upsample_phases_streamed"] <= TOL, r["wan_vae"]
 
 
 def test_receptive_radius_of_tiny_vae():

@@ -116,19 +116,20 @@ class FoldedTaps:
 
 
 def upsample_conv3x3(
-    x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, channels_last: bool
+    x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, channels_last: bool, pad_rows: bool = True
 ) -> torch.Tensor:
     """conv3x3(nearest_upsample_2x(x)) with padding 1, from the phase taps `fold_upsample_taps`
     gives: one 2x2 convolution of x with 4x the output channels computes the four output phases,
     then one strided view interleaves them. 16 instead of 36 multiply-adds per low-resolution
     pixel and channel pair, and no upsampled copy of x. x [N, C, h, w] -> [N, O, 2h, 2w], NHWC in
-    memory where `channels_last`, else contiguous: the interleaving copy writes either layout."""
-    n, _, h, w = x.shape
+    memory where `channels_last`, else contiguous: the interleaving copy writes either layout.
+    Without `pad_rows`, x brings its own row above and below (a band of a frame: h + 2 rows in)."""
     o = taps.shape[0] // 4
     bias = None if bias is None else bias.repeat(4)
     # output (p, q) of the 2x2 convolution over x padded by 1 reads x rows p-1, p and cols q-1, q
     # (the convolution pads: no padded copy of x)
-    y = F.conv2d(x, taps, bias, padding=1)  # [N, 4*O, h+1, w+1]
+    y = F.conv2d(x, taps, bias, padding=(1 if pad_rows else 0, 1))  # [N, 4*O, h+1, w+1]
+    n, h, w = y.shape[0], y.shape[2] - 1, y.shape[3] - 1
     # out[n, o, 2i+a, 2j+b] = y[n, (a, b, o), i+a, j+b]: a strided view of y's storage, shaped
     # (n, h, a, w, b, o) in NHWC or (n, o, h, a, w, b) in NCHW, then one copy of it
     if channels_last:
@@ -594,8 +595,13 @@ def _causal_conv3d(
 def _upsample_phases(
     conv: nn.Conv2d, taps: FoldedTaps, x: torch.Tensor, *, channels_last: bool
 ) -> torch.Tensor:
-    """diffusers' upsampler, `nn.Sequential(WanUpsample, conv)`, as `WanVAE.upsample_phases` runs it."""
-    return upsample_conv3x3(x, taps(conv.weight), conv.bias, channels_last)
+    """diffusers' upsampler, `nn.Sequential(WanUpsample, conv)`, as `WanVAE.upsample_phases` runs
+    it. Where the conv has a `row_halo` (a band of the frame, streamgen.parallel.vae: x with the
+    neighbouring bands' edge rows), those rows stand in for its zero padding above and below."""
+    row_halo = getattr(conv, "row_halo", None)
+    if row_halo is not None:
+        x = row_halo(x, 1)
+    return upsample_conv3x3(x, taps(conv.weight), conv.bias, channels_last, pad_rows=row_halo is None)
 
 
 def _fused_rms_norm(norm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:

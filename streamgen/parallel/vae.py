@@ -182,11 +182,14 @@ def _band_causal_conv3d(conv, group) -> None:
 
 
 def _band_conv2d(conv: nn.Conv2d, group) -> None:
-    """The 3x3 convolution after each upsampling."""
+    """The 3x3 convolution after each upsampling; and where `WanVAE.upsample_phases` runs it at
+    the low resolution instead (not through its forward), the rows it takes from the
+    neighbours there (`row_halo`)."""
     ph, pw = conv.padding
     conv.padding = (0, pw)
     forward = conv.forward
     conv.forward = lambda x: forward(exchange_halo(x, ph, group))
+    conv.row_halo = lambda x, rows: exchange_halo(x, rows, group)
 
 
 def _band_attention(block, group) -> None:
