@@ -63,7 +63,7 @@ def block_attention(q, k, v, block_mask_frames, tokens_per_frame, backend, group
     The e4m3 keys and values rotate, half the bytes of bf16. Where FP8 cannot run (a GPU without
     it, gradients) the blocks are exact, as `kernels.attention` falls back to SDPA.
     """
-    ops = attention_backends.fp8_ops(q, k, v) if backend in ("fp8_qk", "fp8") else None
+    ops = attention_backends.fp8_ops(q, k, v) if backend in attention_backends.FP8_BACKENDS else None
     if ops is None:
 
         def attend(k_block, v_block):
