@@ -32,16 +32,25 @@ the warm-up that compiled them. Everything else is measured eager.
 The decoder runs as a session's does (`--decode-dtype`, default auto: bf16 on
 CPUs with AMX); when that is bf16, every size also gets `decode_float32`: the
 session with an fp32 decoder against the bf16 one, in alternating rounds.
+
+Each stage runs on the threads a session gives it (`--cpu-threads`, default auto:
+one thread unless its work gains from all, streamgen/cpu_threads.py; the DiT
+forwards of cache_speedup and teacher_speedup by the same rule, each side by the
+size of its own forward). Under auto every size also gets `cpu_threads_all`: the
+session with every stage on all threads (as before auto) against auto, in
+alternating rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import numpy as np
 import torch
 
+from streamgen.cpu_threads import dit_threads
 from streamgen.models import decode_dtype_arg, default_decode_dtype, load_model
 from streamgen.sampling import (
     encode_sink,
@@ -59,14 +68,21 @@ def _percentile(xs, q):
     return float(np.percentile(np.asarray(xs), q))
 
 
-def session_speed(model, height, width, steps, chunks, seed=0, decode_dtype="auto", cache_from=None) -> dict:
+def _dit_threads(dit, cpu_threads: str, frames: int, latent_hw):
+    """The threads a DiT forward over `frames` latent frames runs on, as a session would run it."""
+    return contextlib.nullcontext() if cpu_threads == "all" else dit_threads(dit, latent_hw, frames)
+
+
+def session_speed(
+    model, height, width, steps, chunks, seed=0, decode_dtype="auto", cache_from=None, cpu_threads="auto"
+) -> dict:
     dtype = next(model.dit.parameters()).dtype
     rng = np.random.default_rng(seed)
     face = (rng.random((height, width, 3)) * 255).astype(np.uint8)
     speech = (rng.standard_normal(16000 * 60) * 0.1).astype(np.float32)
     session = StreamSession(
         model, height=height, width=width, steps=steps, dtype=dtype, decode_dtype=decode_dtype,
-        cache_from=cache_from,
+        cache_from=cache_from, cpu_threads=cpu_threads,
     )  # fmt: skip
     # warm-up session: first-call allocations and kernel selection, as a warmed server has done
     session.start(face, seed=seed)
@@ -106,7 +122,9 @@ def session_speed(model, height, width, steps, chunks, seed=0, decode_dtype="aut
     }
 
 
-def batch_throughput(model, height, width, steps, sessions=3, chunks=6, decode_dtype="auto") -> dict:
+def batch_throughput(
+    model, height, width, steps, sessions=3, chunks=6, decode_dtype="auto", cpu_threads="auto"
+) -> dict:
     """Aggregate frames/s of several streams at full windows: one batched forward per step
     (`next_chunks`) vs the same streams one after another."""
     from streamgen.stream import next_chunks
@@ -118,8 +136,9 @@ def batch_throughput(model, height, width, steps, sessions=3, chunks=6, decode_d
         out = []
         for i in range(sessions):
             s = StreamSession(
-                model, height=height, width=width, steps=steps, dtype=dtype, decode_dtype=decode_dtype
-            )
+                model, height=height, width=width, steps=steps, dtype=dtype, decode_dtype=decode_dtype,
+                cpu_threads=cpu_threads,
+            )  # fmt: skip
             s.start((rng.random((height, width, 3)) * 255).astype(np.uint8), seed=i)
             s.push_audio((rng.standard_normal(16000 * 60) * 0.1).astype(np.float32))
             for _ in range(s.cfg.window_frames // s.cfg.frames_per_chunk + 1):
@@ -147,7 +166,7 @@ def batch_throughput(model, height, width, steps, sessions=3, chunks=6, decode_d
 
 
 @torch.no_grad()
-def cache_speedup(model, latent_hw, steps, chunks, context) -> dict:
+def cache_speedup(model, latent_hw, steps, chunks, context, cpu_threads="auto") -> dict:
     """Cached streaming vs recomputing the whole context at every denoising step.
 
     The timed chunks see at least `context` clean frames. The ring is sized so
@@ -184,9 +203,10 @@ def cache_speedup(model, latent_hw, steps, chunks, context) -> dict:
         t_cached, t_full, max_diff = 0.0, 0.0, 0.0
         for k in range(context // c, len(noises)):
             t = time.perf_counter()
-            x_cached = generate_chunk(
-                dit, cache, noises[k], ctx, None, sigmas, torch.Generator().manual_seed(k)
-            )
+            with _dit_threads(dit, cpu_threads, c, latent_hw):
+                x_cached = generate_chunk(
+                    dit, cache, noises[k], ctx, None, sigmas, torch.Generator().manual_seed(k)
+                )
             t_cached += time.perf_counter() - t
 
             prefix = torch.cat([ref, *history], dim=2)
@@ -198,7 +218,8 @@ def cache_speedup(model, latent_hw, steps, chunks, context) -> dict:
                 return dit(seq, tt, ctx, mode="block_causal")[:, :, n_prefix:]
 
             t = time.perf_counter()
-            x_full = sample_few_step(velocity, noises[k], sigmas, torch.Generator().manual_seed(k))
+            with _dit_threads(dit, cpu_threads, n_prefix + c, latent_hw):
+                x_full = sample_few_step(velocity, noises[k], sigmas, torch.Generator().manual_seed(k))
             t_full += time.perf_counter() - t
             max_diff = max(max_diff, (x_full - x_cached).abs().max().item())
             history.append(x_cached)
@@ -212,7 +233,9 @@ def cache_speedup(model, latent_hw, steps, chunks, context) -> dict:
 
 
 @torch.no_grad()
-def teacher_speedup(model, latent_hw, latent_frames, steps_list, teacher_steps=50, cfg_scale=5.0) -> dict:
+def teacher_speedup(
+    model, latent_hw, latent_frames, steps_list, teacher_steps=50, cfg_scale=5.0, cpu_threads="auto"
+) -> dict:
     """Teacher: bidirectional over the clip, Euler + CFG. Student: cached chunks, few steps."""
     dit, cfg = model.dit, model.dit.cfg
     c = cfg.frames_per_chunk
@@ -246,11 +269,13 @@ def teacher_speedup(model, latent_hw, latent_frames, steps_list, teacher_steps=5
     def student_seconds(steps):
         cache = dit.new_cache(1, latent_hw)
         t = time.perf_counter()
-        encode_sink(dit, cache, ref, ctx)
-        for k in range(latent_frames // c):
-            a = audio[:, sink + k * c : sink + (k + 1) * c]
-            chunk_noise = noise[:, :, k * c : (k + 1) * c]
-            generate_chunk(dit, cache, chunk_noise, ctx, a, student_sigmas(steps, model.shift))
+        with _dit_threads(dit, cpu_threads, sink, latent_hw):
+            encode_sink(dit, cache, ref, ctx)
+        with _dit_threads(dit, cpu_threads, c, latent_hw):
+            for k in range(latent_frames // c):
+                a = audio[:, sink + k * c : sink + (k + 1) * c]
+                chunk_noise = noise[:, :, k * c : (k + 1) * c]
+                generate_chunk(dit, cache, chunk_noise, ctx, a, student_sigmas(steps, model.shift))
         return time.perf_counter() - t
 
     # the student is timed before and after the (long) teacher run and averaged,
@@ -259,7 +284,8 @@ def teacher_speedup(model, latent_hw, latent_frames, steps_list, teacher_steps=5
     teacher(noise, torch.ones(1))  # and one teacher evaluation (first use of its shapes)
     before = {steps: student_seconds(steps) for steps in steps_list}
     t = time.perf_counter()
-    sample_euler(teacher, noise, euler_sigmas(teacher_steps, model.shift))
+    with _dit_threads(dit, cpu_threads, sink + latent_frames, latent_hw):
+        sample_euler(teacher, noise, euler_sigmas(teacher_steps, model.shift))
     t_teacher = time.perf_counter() - t
     out = {
         "teacher_evals": 2 * teacher_steps,
@@ -277,21 +303,29 @@ def teacher_speedup(model, latent_hw, latent_frames, steps_list, teacher_steps=5
 REALTIME_FPS = 25.0
 
 
-def measure_size(model, height, width, steps, chunks, context, teacher_frames, decode_dtype="auto") -> dict:
+def measure_size(
+    model, height, width, steps, chunks, context, teacher_frames, decode_dtype="auto", cpu_threads="auto"
+) -> dict:
     """Every per-size figure: the session end to end, cache_speedup and teacher_speedup; when the
-    decoder runs in bfloat16, the session against the same with a float32 decoder too."""
+    decoder runs in bfloat16, the session against the same with a float32 decoder too; under
+    cpu_threads "auto", the session against the same with every stage on all threads."""
     latent_hw = model.vae.latent_hw(height, width)
+    few = max(5, chunks // 2)
     out = {"height": height, "width": width}
-    out.update(session_speed(model, height, width, steps, chunks, decode_dtype=decode_dtype))
+    out.update(
+        session_speed(model, height, width, steps, chunks, decode_dtype=decode_dtype, cpu_threads=cpu_threads)
+    )
+    if cpu_threads == "auto":
+        out["cpu_threads_all"] = cpu_threads_speedup(model, height, width, steps, few, decode_dtype)
     if _resolved(model, decode_dtype) == torch.bfloat16:
         out["decode_float32"] = decode_dtype_speedup(
-            model, height, width, steps, max(5, chunks // 2), decode_dtype
+            model, height, width, steps, few, decode_dtype, cpu_threads=cpu_threads
         )
     out["cache_from_last_step"] = cache_from_speedup(
-        model, height, width, steps, max(5, chunks // 2), decode_dtype
+        model, height, width, steps, few, decode_dtype, cpu_threads=cpu_threads
     )
-    out.update(cache_speedup(model, latent_hw, steps, max(3, chunks // 4), context))
-    out.update(teacher_speedup(model, latent_hw, teacher_frames, [4, 2, 1]))
+    out.update(cache_speedup(model, latent_hw, steps, max(3, chunks // 4), context, cpu_threads))
+    out.update(teacher_speedup(model, latent_hw, teacher_frames, [4, 2, 1], cpu_threads=cpu_threads))
     return out
 
 
@@ -309,9 +343,28 @@ def alternating_fps(model, height, width, steps, chunks, variants: dict, rounds=
     return {name: float(np.median(v)) for name, v in runs.items()}
 
 
-def decode_dtype_speedup(model, height, width, steps, chunks, decode_dtype, rounds=2) -> dict:
+def cpu_threads_speedup(model, height, width, steps, chunks, decode_dtype, rounds=2) -> dict:
+    """The session with each stage on its threads (cpu_threads "auto") against the same with every
+    stage on all of them ("all", as sessions ran before "auto"), alternating rounds."""
+    ways = ("all", "auto")
+    variants = {way: {"decode_dtype": decode_dtype, "cpu_threads": way} for way in ways}
+    fps = alternating_fps(model, height, width, steps, chunks, variants, rounds)
+    return {
+        "fps": round(fps["all"], 2),
+        "auto_fps": round(fps["auto"], 2),
+        "auto_speedup": round(fps["auto"] / fps["all"], 3),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def decode_dtype_speedup(
+    model, height, width, steps, chunks, decode_dtype, rounds=2, cpu_threads="auto"
+) -> dict:
     """The session with its bfloat16 decoder against the same with a float32 one, alternating rounds."""
-    variants = {"float32": {"decode_dtype": torch.float32}, "bfloat16": {"decode_dtype": decode_dtype}}
+    variants = {
+        "float32": {"decode_dtype": torch.float32, "cpu_threads": cpu_threads},
+        "bfloat16": {"decode_dtype": decode_dtype, "cpu_threads": cpu_threads},
+    }
     fps = alternating_fps(model, height, width, steps, chunks, variants, rounds)
     return {
         "fps": round(fps["float32"], 2),
@@ -320,14 +373,18 @@ def decode_dtype_speedup(model, height, width, steps, chunks, decode_dtype, roun
     }
 
 
-def cache_from_speedup(model, height, width, steps, chunks, decode_dtype="auto", rounds=2, reps=20) -> dict:
+def cache_from_speedup(
+    model, height, width, steps, chunks, decode_dtype="auto", rounds=2, reps=20, cpu_threads="auto"
+) -> dict:
     """Each chunk's keys/values from its last denoising step against the clean re-encode
     (`StreamSession.cache_from`): the session end to end in alternating rounds, and the part
     that differs alone, a chunk's denoising and cache write (`generate_chunk`), the two ways
     interleaved `reps` times (the decode and the audio encoder, the same both ways, are much of
     a small model's chunk on a CPU, and of its noise)."""
     ways = ("reencode", "last_step")
-    variants = {way: {"decode_dtype": decode_dtype, "cache_from": way} for way in ways}
+    variants = {
+        way: {"decode_dtype": decode_dtype, "cache_from": way, "cpu_threads": cpu_threads} for way in ways
+    }
     fps = alternating_fps(model, height, width, steps, chunks, variants, rounds)
     dit, cfg = model.dit, model.cfg
     hw = model.vae.latent_hw(height, width)
@@ -351,7 +408,8 @@ def cache_from_speedup(model, height, width, steps, chunks, decode_dtype="auto",
         noise = torch.randn(1, cfg.in_channels, cfg.frames_per_chunk, *hw, generator=gen).to(dtype)
         for way, cache in caches.items():
             t = time.perf_counter()
-            generate_chunk(dit, cache, noise, context, audio, sigmas, cache_from=way)
+            with _dit_threads(dit, cpu_threads, cfg.frames_per_chunk, hw):
+                generate_chunk(dit, cache, noise, context, audio, sigmas, cache_from=way)
             times[way].append(time.perf_counter() - t)
     # the medians past the first quarter: the ring filled, as in a stream
     dit_ms = {way: _percentile(t[reps // 4 :], 50) * 1000 for way, t in times.items()}
@@ -365,7 +423,9 @@ def cache_from_speedup(model, height, width, steps, chunks, decode_dtype="auto",
     }
 
 
-def compile_speedup(model, height, width, steps, chunks, rounds=3, decode_dtype="auto") -> dict:
+def compile_speedup(
+    model, height, width, steps, chunks, rounds=3, decode_dtype="auto", cpu_threads="auto"
+) -> dict:
     """StreamSession with each transformer block under torch.compile vs eager.
 
     The two run in alternating rounds in this process (the machine's load hits
@@ -379,14 +439,13 @@ def compile_speedup(model, height, width, steps, chunks, rounds=3, decode_dtype=
     try:
         model.dit.blocks = compiled
         t = time.perf_counter()
-        session_speed(model, height, width, steps, 2, decode_dtype=decode_dtype)  # compiles every shape
+        kwargs = {"decode_dtype": decode_dtype, "cpu_threads": cpu_threads}
+        session_speed(model, height, width, steps, 2, **kwargs)  # compiles every shape
         compile_seconds = time.perf_counter() - t
         for _ in range(rounds):
             for name, blocks in (("eager", eager), ("compiled", compiled)):
                 model.dit.blocks = blocks
-                runs[name].append(
-                    session_speed(model, height, width, steps, chunks, decode_dtype=decode_dtype)
-                )
+                runs[name].append(session_speed(model, height, width, steps, chunks, **kwargs))
     finally:
         model.dit.blocks = eager
 
@@ -417,6 +476,7 @@ def run(
     dtype="float32",
     compile=False,
     decode_dtype="auto",
+    cpu_threads="auto",
 ) -> dict:
     if threads:
         torch.set_num_threads(threads)
@@ -429,21 +489,21 @@ def run(
         "steps": steps,
         "dtype": dtype,
         "trained": model.trained,
+        "cpu_threads": cpu_threads,
     }
     decode_dtype = decode_dtype_arg(decode_dtype)
     resolved = _resolved(model, decode_dtype)
     result["decode_dtype"] = str(resolved or next(model.vae.parameters()).dtype).removeprefix("torch.")
-    main_size = measure_size(model, height, width, steps, chunks, context, teacher_frames, decode_dtype)
+    per_size = {"decode_dtype": decode_dtype, "cpu_threads": cpu_threads}
+    main_size = measure_size(model, height, width, steps, chunks, context, teacher_frames, **per_size)
     result.update({k: v for k, v in main_size.items() if k not in ("height", "width")})
-    result.update(batch_throughput(model, height, width, steps, decode_dtype=decode_dtype))
+    result.update(batch_throughput(model, height, width, steps, **per_size))
     result["threads"] = torch.get_num_threads()
     if compile:
-        result["compile"] = compile_speedup(
-            model, height, width, steps, max(5, chunks // 2), decode_dtype=decode_dtype
-        )
+        result["compile"] = compile_speedup(model, height, width, steps, max(5, chunks // 2), **per_size)
     if sweep:
         result["resolution_sweep"] = [
-            measure_size(model, s, s, steps, max(5, chunks // 2), context, teacher_frames, decode_dtype)
+            measure_size(model, s, s, steps, max(5, chunks // 2), context, teacher_frames, **per_size)
             for s in sweep
         ]
         measured = [main_size, *result["resolution_sweep"]]
@@ -514,6 +574,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="the autoencoder's decoder (auto: bfloat16 on CPUs with AMX); a bfloat16 decoder is also timed against float32",
     )
+    p.add_argument(
+        "--cpu-threads",
+        choices=["auto", "all"],
+        default="auto",
+        help="threads per stage (auto: one unless the stage's work gains from all, also timed against all; "
+        "all: every stage on all threads)",
+    )
     p.add_argument("--plot", default=None, help="write the size trade-off (main size + sweep) to this PNG")
     p.add_argument(
         "--compile",
@@ -536,6 +603,7 @@ def main(args) -> dict:
         args.dtype,
         args.compile,
         args.decode_dtype,
+        args.cpu_threads,
     )
     if args.plot:
         plot_sizes(result, args.plot)

@@ -17,11 +17,13 @@ instead, so lateness never accumulates into latency.
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 from torch.utils._pytree import tree_leaves
 
+from streamgen.cpu_threads import check_cpu_threads, codec_threads, dit_threads, intra_op_threads
 from streamgen.model.audio import (
     SAMPLE_RATE,
     SAMPLES_PER_FRAME,
@@ -120,12 +122,15 @@ class StreamSession:
         max_audio_ahead_s: float = 600.0,
         decode_dtype: torch.dtype | str | None = "auto",
         cache_from: str | None = None,
+        cpu_threads: str = "auto",
     ):
         """dtype: the DiT's weights and cache (None: a loaded model's own, else load_model's
         default). decode_dtype: the autoencoder's decoder, a dtype or its name ("auto":
         `default_decode_dtype`, bfloat16 on CPUs with AMX; None: as loaded). cache_from: where
         each chunk's keys/values in the ring come from (`streamgen.sampling.CACHE_FROM`; None:
-        the model's own, "reencode" unless it was trained otherwise)."""
+        the model's own, "reencode" unless it was trained otherwise). cpu_threads: on a CPU,
+        "auto" runs each stage on one thread unless its work gains from all of them
+        (streamgen/cpu_threads.py), "all" every stage on all."""
         self.model = (
             model if isinstance(model, AvatarModel) else load_model(model, device=device, dtype=dtype)
         )
@@ -153,6 +158,7 @@ class StreamSession:
         self.sigmas = student_sigmas(self.steps, self.model.shift)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.cpu_threads = check_cpu_threads(cpu_threads)
         self.max_audio_ahead = int(max_audio_ahead_s * SAMPLE_RATE)
         self.cache = None
         self._pending = None  # the last chunk's (latents, audio, context), re-encoded by the next
@@ -194,6 +200,32 @@ class StreamSession:
         """Presentation time of the next chunk's first frame."""
         return self.chunk_index * self.chunk_seconds if self.started else 0.0
 
+    # --- CPU threads ----------------------------------------------------------------
+    def stage_threads(self, stage: str, batch: int = 1):
+        """A context that runs `stage` (of `CHUNK_STAGES` or `START_STAGES`) for `batch` streams on
+        the threads its work gains from (streamgen/cpu_threads.py); a no-op off the CPU, under
+        cpu_threads="all", and for the stages that run no model."""
+        if self.cpu_threads == "all" or self.device.type != "cpu":
+            return nullcontext()
+        if stage in ("reencode", "denoise", "sink"):
+            frames = self.cfg.sink_frames if stage == "sink" else self.cfg.frames_per_chunk
+            return dit_threads(self.dit, self.latent_hw, frames, batch)
+        if stage in ("decode", "reference_encode"):
+            frames = self.frames_per_chunk if stage == "decode" else 1
+            return codec_threads(frames, self.height, self.width, batch)
+        if stage == "audio":  # the audio encoder's few small convolutions, whatever the video's size
+            return intra_op_threads(False)
+        return nullcontext()
+
+    def _threaded(self, run):
+        """`run(stage, fn)` with each stage on its threads (`stage_threads`)."""
+
+        def threaded(stage, fn):
+            with self.stage_threads(stage):
+                return run(stage, fn)
+
+        return threaded
+
     # --- lifecycle --------------------------------------------------------------
     def start(
         self,
@@ -206,7 +238,7 @@ class StreamSession:
         """context: the text tokens [1, L, text_dim] themselves instead of `text` (e.g. Wan's T5
         embeddings, made elsewhere). observe(stage, fn) -> fn(), if given, runs each of
         `START_STAGES` (as next_chunk's `observe`)."""
-        run = observe or _run_stage
+        run = self._threaded(observe or _run_stage)
         ref = run("prepare", lambda: prepare_reference(reference, self.height, self.width))
         self.seed = seed if seed is not None else random.randrange(2**31)
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -328,7 +360,7 @@ class StreamSession:
         `CHUNK_STAGES`) so that a benchmark can time or count it (bench/floor.py); one that
         does not run "to_host" (a model on the meta device has no values) gets None frames.
         """
-        run = observe or _run_stage
+        run = self._threaded(observe or _run_stage)
         self._require_started()
         # A chunk returns its frames before its clean re-encode writes its K/V into the cache
         # (15% of a chunk, on the H200 and on this CPU): only the next chunk's denoising reads
@@ -362,7 +394,8 @@ class StreamSession:
         """Write the last chunk into the cache (its clean re-encode) if that is still to do."""
         if self._pending is not None:
             latents, audio, context = self._pending
-            reencode_chunk(self.dit, self.cache, latents, context, audio)
+            with self.stage_threads("reencode"):
+                reencode_chunk(self.dit, self.cache, latents, context, audio)
             self._pending = None
 
     def _prepare_chunk(self):
@@ -377,7 +410,7 @@ class StreamSession:
     @torch.no_grad()
     def _finish_chunk(self, latents: torch.Tensor, run=None) -> tuple[np.ndarray, float]:
         """Decode the chunk's clean latents (the cache already holds them) to uint8 frames."""
-        run = run or _run_stage
+        run = run or self._threaded(_run_stage)
         out = run("decode", lambda: self._decode(latents))
         pts = self._next_pts()
         return run("to_host", lambda: out.cpu().numpy()), pts
@@ -453,13 +486,14 @@ def next_chunks(sessions: list[StreamSession]) -> list[tuple[np.ndarray, float]]
             results[members[0]] = sessions[members[0]].next_chunk()
             continue
         group = [sessions[i] for i in members]
-        prepared = [s._prepare_chunk() for s in group]
+        lead = group[0]
+        with lead.stage_threads("audio"):
+            prepared = [s._prepare_chunk() for s in group]
         audios = [a for a, _ in prepared]
         audio = None if any(a is None for a in audios) else torch.cat(audios)
         noise = torch.cat([n for _, n in prepared])
         context = torch.cat([s.context for s in group])
-        lead = group[0]
-        with torch.no_grad():
+        with torch.no_grad(), lead.stage_threads("denoise", len(group)):
             batch_cache = StreamCache.stack([s.cache for s in group])
             velocity = cached_velocity(lead.dit, batch_cache, context, audio)
             last_step = lead.cache_from == "last_step"

@@ -110,6 +110,9 @@ def test_bench_engine_prints_one_json_object(tmp_path):
         ways = m["cache_from_last_step"]
         assert ways["reencode_fps"] > 0 and ways["last_step_fps"] > 0 and ways["last_step_speedup"] > 0
         assert ways["reencode_dit_ms"] > 0 and ways["last_step_dit_ms"] > 0
+    assert result["cpu_threads"] == "auto"
+    for m in (result, entry):  # each stage on its threads, against every stage on all of them
+        assert m["cpu_threads_all"]["fps"] > 0 and m["cpu_threads_all"]["auto_speedup"] > 0
     if result["decode_dtype"] == "bfloat16":  # auto on a CPU with native bf16: timed against float32 too
         for m in (result, entry):
             assert m["decode_float32"]["fps"] > 0 and m["decode_float32"]["bfloat16_speedup"] > 0

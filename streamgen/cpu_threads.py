@@ -1,0 +1,80 @@
+"""How many threads each stage of a chunk runs its operators on, on a CPU.
+
+PyTorch runs an operator on several threads (an OpenMP parallel region) once its
+tensors are large enough. streamgen's OpenMP threads sleep while they wait
+(`OMP_WAIT_POLICY=PASSIVE`, streamgen/__init__.py: spinning ones collapse as soon
+as anything else wants a core), so every parallel region first wakes a sleeping
+thread. On the 2-core machine that costs more than a small operator gains by
+sharing it: the tiny-avatar's DiT makes ~700 operators per forward, most of them
+on tensors of a few hundred tokens, and ran 3x faster on one thread than on two
+at 64x64 (its denoising: 17 ms against 52 ms a chunk), 2.2x at 128x128, 1.3x at
+256x256, and 5% slower at 320x320. Its decoder's convolutions are larger: one
+thread won at 64x64 (1.8x) and 96x96, two from 160x160 up (1.5-2x at 256x256).
+
+So a stage runs on one thread unless its work reaches a size measured to gain
+from more (`DIT_PARALLEL_ELEMENTS`, `CODEC_PARALLEL_PIXELS`); then on all the
+threads the process allows (`torch.get_num_threads()` as it stands outside
+every stage: `streamgen serve --threads N` caps them). One thread for the small
+stages also leaves the other core to whatever else runs: the server's video
+encoder, a second process. `StreamSession(cpu_threads="all")` runs every stage
+on all of them, as before (bench/engine.py times the two against each other).
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import torch
+
+CPU_THREADS = ("auto", "all")
+
+# A DiT forward (a denoising step, a re-encode, the sink) runs in parallel from this many
+# activation elements: batch x tokens x width. Measured with tiny-avatar (width 128) on the
+# 2-core machine: one thread won up to 648 tokens (288x288, 83k elements, 1.08x), two from 800
+# (320x320, 102k elements, 1.05x).
+DIT_PARALLEL_ELEMENTS = 90_000
+# The autoencoder (a chunk's decode, the reference's encode) from this many frame pixels:
+# batch x frames x height x width. One thread won at 96x96 (8 frames, 74k pixels, 1.3x), the
+# two tied at 128x128 (131k), two won from 160x160 (205k, 1.12x).
+CODEC_PARALLEL_PIXELS = 150_000
+
+_outermost = threading.local()  # torch's threads outside every stage, per OS thread
+
+
+@contextmanager
+def intra_op_threads(parallel: bool):
+    """Run the block on all the threads the process allows (parallel) or on one.
+
+    torch's thread count is per OS thread (OpenMP's), so each thread that runs stages keeps
+    its own; nested blocks read the count outside the outermost one, not their parent's."""
+    outer = getattr(_outermost, "threads", None)
+    allowed = outer if outer is not None else torch.get_num_threads()
+    before = torch.get_num_threads()
+    wanted = allowed if parallel else 1
+    _outermost.threads = allowed
+    if wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield wanted
+    finally:
+        if wanted != before:
+            torch.set_num_threads(before)
+        _outermost.threads = outer
+
+
+def dit_threads(dit, latent_hw: tuple[int, int], frames: int, batch: int = 1):
+    """The threads of a DiT forward over `frames` latent frames of `batch` streams."""
+    hp, wp = dit.grid(latent_hw)
+    return intra_op_threads(batch * frames * hp * wp * dit.cfg.dim >= DIT_PARALLEL_ELEMENTS)
+
+
+def codec_threads(frames: int, height: int, width: int, batch: int = 1):
+    """The threads of the autoencoder decoding (or encoding) `frames` frames of `batch` streams."""
+    return intra_op_threads(batch * frames * height * width >= CODEC_PARALLEL_PIXELS)
+
+
+def check_cpu_threads(value: str) -> str:
+    if value not in CPU_THREADS:
+        raise ValueError(f"cpu_threads must be one of {CPU_THREADS}, got {value!r}")
+    return value

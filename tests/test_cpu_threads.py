@@ -1,0 +1,151 @@
+"""Each stage of a chunk on the CPU threads its work gains from (streamgen/cpu_threads.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+import streamgen.cpu_threads as cpu_threads
+import streamgen.stream as stream
+from streamgen.cpu_threads import intra_op_threads
+from streamgen.models import load_model
+from streamgen.stream import StreamSession, next_chunks
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("debug")
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads for the test (whatever this machine's default), restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def face(seed=0, size=64):
+    return (np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8)
+
+
+def speech(seconds=3.0):
+    return (np.random.default_rng(0).standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32)
+
+
+def thread_recorder():
+    """(stage -> the threads it ran on, an `observe` hook that records them)."""
+    seen = {}
+
+    def observe(stage, fn):
+        seen.setdefault(stage, set()).add(torch.get_num_threads())
+        return fn()
+
+    return seen, observe
+
+
+def test_a_block_runs_on_one_thread_or_all_and_restores_them(two_threads):
+    with intra_op_threads(False) as n:
+        assert n == 1 and torch.get_num_threads() == 1
+        # nested: all means the threads outside the outermost block, not the parent's one
+        with intra_op_threads(True) as inner:
+            assert inner == 2 and torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with intra_op_threads(True):
+        assert torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError), intra_op_threads(False):
+        raise RuntimeError("a stage that fails")
+    assert torch.get_num_threads() == 2  # restored all the same
+
+
+def test_small_stages_run_on_one_thread_large_ones_on_all(model, two_threads, monkeypatch):
+    s = StreamSession(model)
+    seen, observe = thread_recorder()
+    s.start(face(), seed=1, observe=observe)
+    s.push_audio(speech())
+    for _ in range(3):
+        s.next_chunk(observe=observe)
+    assert seen["reference_encode"] == seen["sink"] == {1}
+    for stage in ("reencode", "audio", "denoise", "decode"):
+        assert seen[stage] == {1}, stage
+    assert seen["to_host"] == {2}  # a copy: left as it is
+    assert torch.get_num_threads() == 2
+
+    # work past the thresholds: the model's stages on all threads (the audio encoder stays on one)
+    monkeypatch.setattr(cpu_threads, "DIT_PARALLEL_ELEMENTS", 1)
+    monkeypatch.setattr(cpu_threads, "CODEC_PARALLEL_PIXELS", 1)
+    seen.clear()
+    s.next_chunk(observe=observe)
+    for stage in ("reencode", "denoise", "decode"):
+        assert seen[stage] == {2}, stage
+    assert seen["audio"] == {1}
+
+
+def test_the_thresholds_count_the_stages_work(model, two_threads, monkeypatch):
+    s = StreamSession(model)
+    hp, wp = model.dit.grid(s.latent_hw)
+    chunk_elements = model.cfg.frames_per_chunk * hp * wp * model.cfg.dim
+    monkeypatch.setattr(cpu_threads, "DIT_PARALLEL_ELEMENTS", chunk_elements)
+    with s.stage_threads("denoise"):
+        assert torch.get_num_threads() == 2
+    with s.stage_threads("sink"):  # one latent frame of tokens: under the threshold
+        assert model.cfg.sink_frames < model.cfg.frames_per_chunk and torch.get_num_threads() == 1
+    monkeypatch.setattr(cpu_threads, "DIT_PARALLEL_ELEMENTS", chunk_elements + 1)
+    with s.stage_threads("denoise"):
+        assert torch.get_num_threads() == 1
+    with s.stage_threads("denoise", batch=2):  # a batch of streams in one forward
+        assert torch.get_num_threads() == 2
+    monkeypatch.setattr(cpu_threads, "CODEC_PARALLEL_PIXELS", s.frames_per_chunk * s.height * s.width)
+    with s.stage_threads("decode"):
+        assert torch.get_num_threads() == 2
+    with s.stage_threads("reference_encode"):  # one frame
+        assert torch.get_num_threads() == 1
+
+
+def test_all_leaves_every_stage_on_all_threads_with_the_same_frames(model, two_threads):
+    frames = {}
+    for way in ("auto", "all"):
+        s = StreamSession(model, cpu_threads=way)
+        seen, observe = thread_recorder()
+        s.start(face(), seed=3)
+        s.push_audio(speech())
+        frames[way] = np.concatenate([s.next_chunk(observe=observe)[0] for _ in range(3)])
+        if way == "all":
+            assert set().union(*seen.values()) == {2}
+    # the same stream: a thread count changes at most how a product's sums are split
+    diff = np.abs(frames["auto"].astype(int) - frames["all"].astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01
+
+
+def test_a_batch_of_streams_runs_its_forward_on_the_batchs_threads(model, two_threads, monkeypatch):
+    sessions = []
+    for i in range(2):
+        s = StreamSession(model)
+        s.start(face(i), seed=i)
+        s.push_audio(speech())
+        sessions.append(s)
+    hp, wp = model.dit.grid(sessions[0].latent_hw)
+    one_stream = model.cfg.frames_per_chunk * hp * wp * model.cfg.dim
+    monkeypatch.setattr(cpu_threads, "DIT_PARALLEL_ELEMENTS", one_stream + 1)  # two streams reach it
+    seen = []
+    forward = stream.cached_velocity
+
+    def recording(*args, **kwargs):
+        velocity = forward(*args, **kwargs)
+
+        def step(*a, **k):
+            seen.append(torch.get_num_threads())
+            return velocity(*a, **k)
+
+        return step
+
+    monkeypatch.setattr(stream, "cached_velocity", recording)
+    next_chunks(sessions)
+    assert seen and set(seen) == {2}
+    assert torch.get_num_threads() == 2
+
+
+def test_an_unknown_cpu_threads_is_an_error(model):
+    with pytest.raises(ValueError, match="cpu_threads"):
+        StreamSession(model, cpu_threads="many")
