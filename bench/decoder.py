@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from streamgen.media import read_image
-from streamgen.model.vae import TinyCausalVAE, UpsampleConv2d
+from streamgen.model.upsample import UpsampleConv2d
+from streamgen.model.vae import TinyCausalVAE
 from streamgen.models import cpu_has_native_bfloat16, load_model
 from streamgen.stream import encode_reference, prepare_reference
 

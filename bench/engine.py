@@ -68,9 +68,15 @@ def _percentile(xs, q):
     return float(np.percentile(np.asarray(xs), q))
 
 
-def _dit_threads(dit, cpu_threads: str, frames: int, latent_hw):
-    """The threads a DiT forward over `frames` latent frames runs on, as a session would run it."""
-    return contextlib.nullcontext() if cpu_threads == "all" else dit_threads(dit, latent_hw, frames)
+def _dit_threads(dit, cpu_threads: str, latent_hw, frames: int, key_frames: int | None = None):
+    """The threads a DiT forward over `frames` latent frames runs on, as a session would run it;
+    key_frames: the latent frames it attends to (default: a chunk's in a stream, the sink, the
+    full ring and itself)."""
+    if cpu_threads == "all":
+        return contextlib.nullcontext()
+    cfg = dit.cfg
+    keys = key_frames or cfg.sink_frames + cfg.window_frames + cfg.frames_per_chunk
+    return dit_threads(dit, latent_hw, frames, keys)
 
 
 def session_speed(
@@ -202,15 +208,14 @@ def cache_speedup(model, latent_hw, steps, chunks, context, cpu_threads="auto") 
 
         t_cached, t_full, max_diff = 0.0, 0.0, 0.0
         for k in range(context // c, len(noises)):
+            prefix = torch.cat([ref, *history], dim=2)
+            n_prefix = prefix.shape[2]
             t = time.perf_counter()
-            with _dit_threads(dit, cpu_threads, c, latent_hw):
+            with _dit_threads(dit, cpu_threads, latent_hw, c, n_prefix + c):
                 x_cached = generate_chunk(
                     dit, cache, noises[k], ctx, None, sigmas, torch.Generator().manual_seed(k)
                 )
             t_cached += time.perf_counter() - t
-
-            prefix = torch.cat([ref, *history], dim=2)
-            n_prefix = prefix.shape[2]
 
             def velocity(x, sigma, prefix=prefix, n_prefix=n_prefix):
                 seq = torch.cat([prefix, x], dim=2)
@@ -218,7 +223,7 @@ def cache_speedup(model, latent_hw, steps, chunks, context, cpu_threads="auto") 
                 return dit(seq, tt, ctx, mode="block_causal")[:, :, n_prefix:]
 
             t = time.perf_counter()
-            with _dit_threads(dit, cpu_threads, n_prefix + c, latent_hw):
+            with _dit_threads(dit, cpu_threads, latent_hw, n_prefix + c, n_prefix + c):
                 x_full = sample_few_step(velocity, noises[k], sigmas, torch.Generator().manual_seed(k))
             t_full += time.perf_counter() - t
             max_diff = max(max_diff, (x_full - x_cached).abs().max().item())
@@ -269,9 +274,9 @@ def teacher_speedup(
     def student_seconds(steps):
         cache = dit.new_cache(1, latent_hw)
         t = time.perf_counter()
-        with _dit_threads(dit, cpu_threads, sink, latent_hw):
+        with _dit_threads(dit, cpu_threads, latent_hw, sink, sink):
             encode_sink(dit, cache, ref, ctx)
-        with _dit_threads(dit, cpu_threads, c, latent_hw):
+        with _dit_threads(dit, cpu_threads, latent_hw, c):
             for k in range(latent_frames // c):
                 a = audio[:, sink + k * c : sink + (k + 1) * c]
                 chunk_noise = noise[:, :, k * c : (k + 1) * c]
@@ -284,7 +289,7 @@ def teacher_speedup(
     teacher(noise, torch.ones(1))  # and one teacher evaluation (first use of its shapes)
     before = {steps: student_seconds(steps) for steps in steps_list}
     t = time.perf_counter()
-    with _dit_threads(dit, cpu_threads, sink + latent_frames, latent_hw):
+    with _dit_threads(dit, cpu_threads, latent_hw, sink + latent_frames, sink + latent_frames):
         sample_euler(teacher, noise, euler_sigmas(teacher_steps, model.shift))
     t_teacher = time.perf_counter() - t
     out = {
@@ -408,7 +413,7 @@ def cache_from_speedup(
         noise = torch.randn(1, cfg.in_channels, cfg.frames_per_chunk, *hw, generator=gen).to(dtype)
         for way, cache in caches.items():
             t = time.perf_counter()
-            with _dit_threads(dit, cpu_threads, cfg.frames_per_chunk, hw):
+            with _dit_threads(dit, cpu_threads, hw, cfg.frames_per_chunk):
                 generate_chunk(dit, cache, noise, context, audio, sigmas, cache_from=way)
             times[way].append(time.perf_counter() - t)
     # the medians past the first quarter: the ring filled, as in a stream

@@ -4,36 +4,40 @@ PyTorch runs an operator on several threads (an OpenMP parallel region) once its
 tensors are large enough. streamgen's OpenMP threads sleep while they wait
 (`OMP_WAIT_POLICY=PASSIVE`, streamgen/__init__.py: spinning ones collapse as soon
 as anything else wants a core), so every parallel region first wakes a sleeping
-thread. On the 2-core machine that costs more than a small operator gains by
-sharing it: the tiny-avatar's DiT makes ~700 operators per forward, most of them
-on tensors of a few hundred tokens, and ran 3x faster on one thread than on two
-at 64x64 (its denoising: 17 ms against 52 ms a chunk), 2.2x at 128x128, 1.3x at
-256x256, and 5% slower at 320x320. Its decoder's convolutions are larger: one
-thread won at 64x64 (1.8x) and 96x96, two from 160x160 up (1.5-2x at 256x256).
+thread, tens of microseconds on the 2-core machine. A DiT forward makes a few
+hundred such regions whatever its size, so two threads pay only once its
+arithmetic is large enough. The tiny-avatar's (window of 2 latent frames) ran its
+denoising 3x faster on one thread than on two at 64x64 (17 ms against 52 ms a
+chunk), 2.2x at 128x128, 1.3x at 256x256, and 1.05x slower at 320x320; with a
+ring of 32 latent frames, whose attention is 7x its linears at 256x256, two
+threads won there by 1.5x. Its decoder's convolutions: one thread won at 64x64
+(1.8x) and 96x96, two from 160x160 up (1.5-2x at 256x256).
 
 So a stage runs on one thread unless its work reaches a size measured to gain
-from more (`DIT_PARALLEL_ELEMENTS`, `CODEC_PARALLEL_PIXELS`); then on all the
-threads the process allows (`torch.get_num_threads()` as it stands outside
-every stage: `streamgen serve --threads N` caps them). One thread for the small
-stages also leaves the other core to whatever else runs: the server's video
-encoder, a second process. `StreamSession(cpu_threads="all")` runs every stage
-on all of them, as before (bench/engine.py times the two against each other).
+from more (`DIT_PARALLEL_FLOP`, `CODEC_PARALLEL_PIXELS`); then on all the threads
+the process allows (`torch.get_num_threads()` as it stands outside every stage:
+`streamgen serve --threads N` caps them). One thread for the small stages also
+leaves the other core to whatever else runs: the server's video encoder, a second
+process. `StreamSession(cpu_threads="all")` runs every stage on all of them, as
+before (bench/engine.py times the two against each other).
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from contextlib import contextmanager
 
 import torch
 
 CPU_THREADS = ("auto", "all")
 
-# A DiT forward (a denoising step, a re-encode, the sink) runs in parallel from this many
-# activation elements: batch x tokens x width. Measured with tiny-avatar (width 128) on the
-# 2-core machine: one thread won up to 648 tokens (288x288, 83k elements, 1.08x), two from 800
-# (320x320, 102k elements, 1.05x).
-DIT_PARALLEL_ELEMENTS = 90_000
+# A DiT forward (a denoising step, a re-encode, the sink) runs in parallel from this much
+# arithmetic (`dit_forward_flop`). Measured with tiny-avatar on the 2-core machine: one thread won
+# at 3.9 GFLOP (288x288, 1.08x) and 2.7 (256x256, 1.15x; 0.9 with a ring of 32 frames at
+# 128x128, 1.4x), two from 5.4 (320x320, 1.05x; 9.9 at 384x384, 1.33x; 10.8 with the ring of
+# 32 frames at 256x256, 1.5x).
+DIT_PARALLEL_FLOP = 4.5e9
 # The autoencoder (a chunk's decode, the reference's encode) from this many frame pixels:
 # batch x frames x height x width. One thread won at 96x96 (8 frames, 74k pixels, 1.3x), the
 # two tied at 128x128 (131k), two won from 160x160 (205k, 1.12x).
@@ -63,10 +67,26 @@ def intra_op_threads(parallel: bool):
         _outermost.threads = outer
 
 
-def dit_threads(dit, latent_hw: tuple[int, int], frames: int, batch: int = 1):
-    """The threads of a DiT forward over `frames` latent frames of `batch` streams."""
+def dit_threads(dit, latent_hw: tuple[int, int], frames: int, key_frames: int, batch: int = 1):
+    """The threads of a DiT forward over `frames` latent frames of `batch` streams, attending to
+    `key_frames` latent frames of keys."""
     hp, wp = dit.grid(latent_hw)
-    return intra_op_threads(batch * frames * hp * wp * dit.cfg.dim >= DIT_PARALLEL_ELEMENTS)
+    flop = batch * dit_forward_flop(dit, frames * hp * wp, key_frames * hp * wp)
+    return intra_op_threads(flop >= DIT_PARALLEL_FLOP)
+
+
+def dit_forward_flop(dit, tokens: int, keys: int) -> float:
+    """One forward's matrix arithmetic (a multiply-add is two): every block's weights over the
+    tokens (the cross-attentions' keys and values over the context counted as over the tokens: a
+    bound) and the self-attention of the tokens to `keys` keys."""
+    cfg = dit.cfg
+    weights = _block_weights.get(dit)
+    if weights is None:
+        weights = _block_weights[dit] = sum(p.numel() for p in dit.blocks.parameters())
+    return 2 * tokens * weights + 4 * tokens * keys * cfg.dim * cfg.num_layers
+
+
+_block_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # dit -> its blocks' weights
 
 
 def codec_threads(frames: int, height: int, width: int, batch: int = 1):

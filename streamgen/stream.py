@@ -207,9 +207,12 @@ class StreamSession:
         cpu_threads="all", and for the stages that run no model."""
         if self.cpu_threads == "all" or self.device.type != "cpu":
             return nullcontext()
-        if stage in ("reencode", "denoise", "sink"):
-            frames = self.cfg.sink_frames if stage == "sink" else self.cfg.frames_per_chunk
-            return dit_threads(self.dit, self.latent_hw, frames, batch)
+        cfg = self.cfg
+        if stage == "sink":
+            return dit_threads(self.dit, self.latent_hw, cfg.sink_frames, cfg.sink_frames)
+        if stage in ("reencode", "denoise"):  # the chunk against the sink, the full ring and itself
+            keys = cfg.sink_frames + cfg.window_frames + cfg.frames_per_chunk
+            return dit_threads(self.dit, self.latent_hw, cfg.frames_per_chunk, keys, batch)
         if stage in ("decode", "reference_encode"):
             frames = self.frames_per_chunk if stage == "decode" else 1
             return codec_threads(frames, self.height, self.width, batch)

@@ -73,7 +73,7 @@ def test_small_stages_run_on_one_thread_large_ones_on_all(model, two_threads, mo
     assert torch.get_num_threads() == 2
 
     # work past the thresholds: the model's stages on all threads (the audio encoder stays on one)
-    monkeypatch.setattr(cpu_threads, "DIT_PARALLEL_ELEMENTS", 1)
+    monkeypatch.setattr(cpu_threads, "DIT_PARALLEL_FLOP", 1)
     monkeypatch.setattr(cpu_threads, "CODEC_PARALLEL_PIXELS", 1)
     seen.clear()
     s.next_chunk(observe=observe)
@@ -84,17 +84,28 @@ def test_small_stages_run_on_one_thread_large_ones_on_all(model, two_threads, mo
 
 def test_the_thresholds_count_the_stages_work(model, two_threads, monkeypatch):
     s = StreamSession(model)
+    cfg = model.cfg
     hp, wp = model.dit.grid(s.latent_hw)
-    chunk_elements = model.cfg.frames_per_chunk * hp * wp * model.cfg.dim
-    monkeypatch.setattr(cpu_threads, "DIT_PARALLEL_ELEMENTS", chunk_elements)
+    chunk, keys = (
+        cfg.frames_per_chunk * hp * wp,
+        (cfg.sink_frames + cfg.window_frames + cfg.frames_per_chunk) * hp * wp,
+    )
+    weights = sum(p.numel() for p in model.dit.blocks.parameters())
+    chunk_flop = 2 * chunk * weights + 4 * chunk * keys * cfg.dim * cfg.num_layers
+    assert cpu_threads.dit_forward_flop(model.dit, chunk, keys) == chunk_flop
+    monkeypatch.setattr(cpu_threads, "DIT_PARALLEL_FLOP", chunk_flop)
     with s.stage_threads("denoise"):
         assert torch.get_num_threads() == 2
-    with s.stage_threads("sink"):  # one latent frame of tokens: under the threshold
-        assert model.cfg.sink_frames < model.cfg.frames_per_chunk and torch.get_num_threads() == 1
-    monkeypatch.setattr(cpu_threads, "DIT_PARALLEL_ELEMENTS", chunk_elements + 1)
+    with s.stage_threads("sink"):  # one latent frame of tokens and keys: under the threshold
+        assert cfg.sink_frames < cfg.frames_per_chunk and torch.get_num_threads() == 1
+    monkeypatch.setattr(cpu_threads, "DIT_PARALLEL_FLOP", chunk_flop + 1)
     with s.stage_threads("denoise"):
         assert torch.get_num_threads() == 1
     with s.stage_threads("denoise", batch=2):  # a batch of streams in one forward
+        assert torch.get_num_threads() == 2
+    # a longer ring: more keys for the same tokens
+    monkeypatch.setattr(cfg, "window_frames", cfg.window_frames + 1)
+    with s.stage_threads("denoise"):
         assert torch.get_num_threads() == 2
     monkeypatch.setattr(cpu_threads, "CODEC_PARALLEL_PIXELS", s.frames_per_chunk * s.height * s.width)
     with s.stage_threads("decode"):
@@ -125,9 +136,11 @@ def test_a_batch_of_streams_runs_its_forward_on_the_batchs_threads(model, two_th
         s.start(face(i), seed=i)
         s.push_audio(speech())
         sessions.append(s)
+    cfg = model.cfg
     hp, wp = model.dit.grid(sessions[0].latent_hw)
-    one_stream = model.cfg.frames_per_chunk * hp * wp * model.cfg.dim
-    monkeypatch.setattr(cpu_threads, "DIT_PARALLEL_ELEMENTS", one_stream + 1)  # two streams reach it
+    keys = (cfg.sink_frames + cfg.window_frames + cfg.frames_per_chunk) * hp * wp
+    one_stream = cpu_threads.dit_forward_flop(model.dit, cfg.frames_per_chunk * hp * wp, keys)
+    monkeypatch.setattr(cpu_threads, "DIT_PARALLEL_FLOP", one_stream + 1)  # two streams reach it
     seen = []
     forward = stream.cached_velocity
 

@@ -5,7 +5,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from torch.nn.functional import pad as F_pad
 
-from streamgen.model.vae import ResBlock2d, TinyCausalVAE, UpsampleConv2d, WanVAE
+from streamgen.model.upsample import UpsampleConv2d
+from streamgen.model.vae import ResBlock2d, TinyCausalVAE, WanVAE
 
 
 def decode_in_chunks(vae, z, sizes):

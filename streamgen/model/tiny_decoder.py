@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamgen.model.vae import UpsampleConv2d, VideoAutoencoder
+from streamgen.model.upsample import UpsampleConv2d
+from streamgen.model.vae import VideoAutoencoder
 
 
 @dataclass(frozen=True)

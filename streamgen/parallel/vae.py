@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from streamgen.model.vae import ResBlock2d, UpsampleConv2d
+from streamgen.model.upsample import UpsampleConv2d
+from streamgen.model.vae import ResBlock2d
 
 
 def decoder_receptive_radius(vae) -> float:
