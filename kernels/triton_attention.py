@@ -33,10 +33,15 @@ else:
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         # (BLOCK_M, BLOCK_N, warps, stages). Compiled for sm_90 at head dim 128 in bf16 and in
         # both FP8 modes (`streamgen bench resources`), none spills and all fit in shared
-        # memory; (128, 64) with 4 warps needed 255 registers and spilled, so it is not offered.
+        # memory; (128, 64) with 4 warps needed 255 registers and spilled, so it is not offered,
+        # nor (256, 64), which spilled 168-204 bytes. (256, 32) reads each key block for twice
+        # the queries of a 128-row tile: a steady chunk's 39,000 keys and values are read once
+        # per query tile, 8.9 GB a call in bf16 for 1.1 TFLOP, 126 FLOP a byte, under the H200's
+        # balance point (~184) unless its L2 serves the tiles of one head together.
         for bm, bn, w, s in (
             (128, 64, 8, 3),
             (128, 128, 8, 3),
+            (256, 32, 8, 3),
             (64, 64, 4, 3),
             (64, 32, 4, 2),
         )
