@@ -347,6 +347,22 @@ def test_wan_vae_band_decode_equals_single_process(parallel_results):
         assert r["wan_vae"]["upsample_phases_streamed"] <= TOL, r["wan_vae"]
 
 
+def test_a_band_parallel_wan_decoder_refuses_new_convolution_switches():
+    """Switching the decoder's convolutions re-patches their forwards, which would drop the band's
+    halo exchange (silently: zeros at the cuts); once split into bands, WanVAE refuses."""
+    from streamgen.parallel.vae import WanBandParallelDecoder
+
+    vae = make_wan_vae()
+    vae.channels_last = True  # before: fine
+    WanBandParallelDecoder(vae, group=object())  # (the group is only used when decoding)
+    for switch in ("channels_last", "pad_in_conv", "single_frame_2d", "upsample_phases"):
+        was = getattr(vae, switch)
+        with pytest.raises(RuntimeError, match="band"):
+            setattr(vae, switch, not was)
+        assert getattr(vae, switch) == was  # refused before changing anything
+    assert vae.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def test_receptive_radius_of_tiny_vae():
     # dec_in 1 + resblock 2 at latent scale, then 1/2 + 1/4 + 1/8 + 1/8 after the upsamples
     assert decoder_receptive_radius(make_vae()) == 4.0

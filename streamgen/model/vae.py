@@ -284,6 +284,7 @@ class WanVAE(VideoAutoencoder):
 
     @pad_in_conv.setter
     def pad_in_conv(self, enabled: bool) -> None:
+        self._check_not_banded()
         self._pad_in_conv = bool(enabled)
         self._patch_convs()
 
@@ -299,6 +300,7 @@ class WanVAE(VideoAutoencoder):
 
     @single_frame_2d.setter
     def single_frame_2d(self, enabled: bool) -> None:
+        self._check_not_banded()
         self._single_frame_2d = bool(enabled)
         self._patch_convs()
 
@@ -315,6 +317,7 @@ class WanVAE(VideoAutoencoder):
 
     @upsample_phases.setter
     def upsample_phases(self, enabled: bool) -> None:
+        self._check_not_banded()
         self._upsample_phases = bool(enabled)
         self._patch_convs()
 
@@ -330,6 +333,7 @@ class WanVAE(VideoAutoencoder):
 
     @channels_last.setter
     def channels_last(self, enabled: bool) -> None:
+        self._check_not_banded()
         self._channels_last = bool(enabled)
         convs = [self.vae.post_quant_conv, *self.vae.decoder.modules()]
         for conv in convs:
@@ -337,6 +341,16 @@ class WanVAE(VideoAutoencoder):
                 layout = _channels_last_format(conv.weight) if enabled else torch.contiguous_format
                 conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
         self._patch_convs()
+
+    def _check_not_banded(self) -> None:
+        """A convolution switch re-patches the convolutions' forwards. Once the decoder is split
+        into bands they are wrapped to take rows from the neighbouring bands, and re-patching would
+        drop that: the bands would decode with zeros at the cuts, silently."""
+        if getattr(self.vae.decoder, "band_parallel_group", None) is not None:
+            raise RuntimeError(
+                "this WanVAE's decoder is split into bands (streamgen.parallel.vae): set its "
+                "convolution switches before making it band-parallel"
+            )
 
     def _patch_convs(self) -> None:
         """The causal convolutions' and the upsamplers' forward: diffusers' own where no switch

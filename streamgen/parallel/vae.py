@@ -212,6 +212,7 @@ def _make_wan_decoder_band_parallel(decoder: nn.Module, group) -> None:
     """
     from diffusers.models.autoencoders import autoencoder_kl_wan as wan
 
+    decoder.band_parallel_group = group  # WanVAE's convolution switches refuse to re-patch it
     pointwise = (wan.WanRMS_norm, wan.WanUpsample, nn.SiLU, nn.Dropout, nn.Identity)
     whole_frame = [m for m in decoder.modules() if isinstance(m, wan.WanAttentionBlock)]
     inside_attention = {id(c) for m in whole_frame for c in m.modules() if c is not m}
