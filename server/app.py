@@ -122,7 +122,11 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
     def warm():
         stream = registry._new_stream(avatar_image("sample"), None, 0)
         times = []
-        for _ in range(max(1, config.warmup_chunks)):
+        # past the first chunk with a full ring (every attention length has run) and two more,
+        # which measure the capacity at the stream's steady length without one-off costs
+        full = stream.chunks_to_full_ring
+        chunks = config.warmup_chunks or full + 2
+        for _ in range(max(1, chunks)):
             t = time.perf_counter()
             stream.next_chunk()
             times.append(time.perf_counter() - t)
@@ -134,7 +138,7 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
 
                 text_context("warm up", stream.cfg.text_dim)
         stream.close()
-        return stream.chunk_seconds, times
+        return stream.chunk_seconds, times[full:] or times[1:] or times  # (the first pays one-off costs)
 
     try:
         if model is not None and config.torch_threads:
@@ -145,7 +149,7 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
             registry.host = await asyncio.wrap_future(registry.worker.submit(start_host))
         else:
             registry.model = model or await asyncio.wrap_future(registry.worker.submit(load))
-        chunk_seconds, times = await asyncio.wrap_future(registry.worker.submit(warm))
+        chunk_seconds, steady_times = await asyncio.wrap_future(registry.worker.submit(warm))
     except (WorkerBusy, asyncio.CancelledError):
         return
     except Exception as e:
@@ -153,8 +157,7 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         log.exception("model failed to load")
         return
     registry.chunk_seconds = chunk_seconds
-    warm_times = times[1:] or times  # the first chunk pays one-off costs
-    registry.worker.chunk_time_ema = statistics.median(warm_times)
+    registry.worker.chunk_time_ema = statistics.median(steady_times)
     registry.ready = True
     registry.metrics.capacity.set(registry.capacity())
     log.info(

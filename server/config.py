@@ -14,7 +14,9 @@ class ServerConfig:
     height: int | None = None  # None: the model's native resolution
     width: int | None = None
     steps: int | None = None
-    decode_dtype: str = "auto"  # the autoencoder's decoder: auto (bfloat16 on CPUs with AMX), float32, bfloat16
+    decode_dtype: str = (
+        "auto"  # the autoencoder's decoder: auto (bfloat16 on CPUs with AMX), float32, bfloat16
+    )
     device: str = "cpu"
     inference_process: bool = False  # the model in a child process (serve --model-process)
     sp: int = 1  # > 1: this is rank 0 of `serve --sp N` under torchrun (server/sp_host.py)
@@ -29,7 +31,11 @@ class ServerConfig:
     max_image_pixels: int = 4096 * 4096  # refuse larger references before decoding them
     max_audio_ahead_s: float = 30.0  # audio queued beyond the video position (speech, fast clients)
     playout_delay_s: float | None = None  # None: from the measured chunk time
-    warmup_chunks: int = 3
+    # chunks the model makes before the server is ready; None: up to the first chunk that attends
+    # to a full ring (StreamSession.chunks_to_full_ring: 8 for Wan's 21-frame ring in 3-frame
+    # chunks), so that no served stream meets a new attention length first, and two more, whose
+    # times measure the capacity
+    warmup_chunks: int | None = None
     warm_text_encoder: bool = True  # load the caption encoder at startup instead of on first use
     stamp_frames: bool = False  # benchmark: write the input cut-off time into each picture
     ws_send_timeout_s: float = 5.0  # a WebSocket client that does not read for this long is dropped

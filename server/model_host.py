@@ -78,6 +78,7 @@ class RemoteStream:
         self.frames_per_chunk = info["frames_per_chunk"]
         self.chunk_seconds = info["chunk_seconds"]
         self.audio_lookahead_seconds = info["audio_lookahead_seconds"]
+        self.chunks_to_full_ring = info["chunks_to_full_ring"]
         self._pcm: list[np.ndarray] = []
 
     def push_audio(self, pcm) -> None:
@@ -124,6 +125,7 @@ class ModelOps:
             return {
                 "width": stream.width, "height": stream.height, "frames_per_chunk": stream.frames_per_chunk,
                 "chunk_seconds": stream.chunk_seconds, "audio_lookahead_seconds": stream.audio_lookahead_seconds,
+                "chunks_to_full_ring": stream.chunks_to_full_ring,
             }  # fmt: skip
         if op == "chunk":
             sid, pcm = args

@@ -188,6 +188,14 @@ class StreamSession:
         return self.cfg.frames_per_chunk * self.vae.temporal_factor
 
     @property
+    def chunks_to_full_ring(self) -> int:
+        """Chunks a fresh stream makes up to the first that attends to a full ring, that one
+        included: by then every attention length of a stream has run once (a warm-up that stops
+        short leaves a GPU's per-shape work, cuDNN's plans or an autotuner's timings, to the first
+        stream that reaches the longer lengths)."""
+        return -(-self.cfg.window_frames // self.cfg.frames_per_chunk) + 1
+
+    @property
     def chunk_seconds(self) -> float:
         return self.frames_per_chunk / VIDEO_FPS
 

@@ -229,3 +229,35 @@ def test_capacity_from_measured_chunk_time():
     assert worker.capacity(0.32, limit=8) == 1  # never below one
     worker.chunk_time_ema = 0.01
     assert worker.capacity(0.32, limit=8) == 8
+
+
+def test_the_warm_up_runs_past_the_first_chunk_that_attends_to_a_full_ring(monkeypatch):
+    """Every attention length of a stream runs before the server is ready, so that no served
+    stream meets one first (on a GPU: cuDNN's plans, the autotuner's timings)."""
+    from streamgen.stream import StreamSession
+
+    made, ring_seen = [], []
+    next_chunk = StreamSession.next_chunk
+
+    def counting(self, observe=None):
+        made.append(self)
+
+        def seeing(stage, fn):
+            if stage == "denoise":  # after the last chunk's re-encode: what this chunk attends to
+                ring_seen.append(self.cache.ring_tokens_filled())
+            return fn()
+
+        return next_chunk(self, seeing)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", counting)
+    with TestClient(make_app(warmup_chunks=None)) as c:
+        wait_ready(c)
+    (stream,) = set(made)
+    cfg = stream.cfg
+    first_full = stream.chunks_to_full_ring
+    assert first_full == -(-cfg.window_frames // cfg.frames_per_chunk) + 1 > 1
+    assert len(made) == first_full + 2  # and two more at the steady length: the capacity's chunks
+    hp, wp = stream.dit.grid(stream.latent_hw)
+    full = cfg.window_frames * hp * wp
+    assert ring_seen[first_full - 1] == full and ring_seen[first_full - 2] < full
+    assert ring_seen[first_full:] == [full, full]

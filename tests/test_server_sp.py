@@ -359,3 +359,20 @@ def test_a_stream_on_the_sp_ranks_writes_its_chunk_as_one_more_operation():
         assert calls == writes and ops.streams[stream.id].chunk_pending == (not writes)
         stream.close()
     ops.handle("write_pending", ("closed meanwhile",))  # nothing to write
+
+
+def test_a_remote_stream_knows_how_many_chunks_fill_its_ring():
+    """The server's warm-up runs past a full ring in a model process too (RemoteStream)."""
+    from server.model_host import ModelOps, RemoteStream
+    from streamgen.models import load_model
+
+    ops = ModelOps(load_model("debug"), "cpu", "float32")
+
+    class Host:  # the child's side, called in this process
+        writes_chunks_itself = False
+
+        def call(self, op, *args):
+            return ops.handle(op, args)
+
+    remote = RemoteStream(Host(), inputs()[0], None, 0, None, None, None)
+    assert remote.chunks_to_full_ring == ops.streams[remote.id].chunks_to_full_ring == 4
