@@ -44,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-probe", type=int, default=6, help="most concurrent sessions to try")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
+    parser.add_argument("--lanes", type=int, default=1, help="the server's generating threads (serve --lanes)")
     parser.add_argument("--model-process", action="store_true", help="serve with the model in a child process")
     parser.add_argument("--browser", default="/usr/bin/chromium", help="chromium for the browser figures ('' skips)")
 
@@ -59,6 +60,8 @@ def _start_server(args, port: int) -> subprocess.Popen:
            "--admit-max", "--max-sessions", str(args.max_probe + 1), "--model", args.model, "--log-level", "warning"]  # fmt: skip
     if args.size:
         cmd += ["--size", str(args.size)]
+    if args.lanes > 1:
+        cmd += ["--lanes", str(args.lanes)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.model_process:

@@ -42,7 +42,8 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
     """Build the app; `model` (an AvatarModel) skips loading, e.g. when tests share one."""
     config = config or ServerConfig()
     metrics = ServerMetrics()
-    worker = InferenceWorker(metrics, stamp_frames=config.stamp_frames)
+    lanes = config.lanes if config.host_in_process else 1  # a model process or ranks: one pipe, one lane
+    worker = InferenceWorker(metrics, stamp_frames=config.stamp_frames, lanes=lanes, torch_threads=config.torch_threads)
     registry = SessionRegistry(config, worker, metrics)
 
     @asynccontextmanager

@@ -21,6 +21,7 @@ class ServerConfig:
     inference_process: bool = False  # the model in a child process (serve --model-process)
     sp: int = 1  # > 1: this is rank 0 of `serve --sp N` under torchrun (server/sp_host.py)
     torch_threads: int | None = None  # None: torch's default; 1 is far faster on an oversubscribed CPU
+    lanes: int = 1  # threads that generate, each for its own sessions (server/scheduler.py; in process only)
     max_sessions: int = 8  # upper bound; measured capacity may admit fewer
     measure_capacity: bool = True  # False: admit exactly max_sessions (tests on a busy machine)
     token: str | None = None  # when set, creating a session needs "Authorization: Bearer <token>"
@@ -40,3 +41,8 @@ class ServerConfig:
     stamp_frames: bool = False  # benchmark: write the input cut-off time into each picture
     ws_send_timeout_s: float = 5.0  # a WebSocket client that does not read for this long is dropped
     web_dir: Path = field(default_factory=lambda: WEB_DIR)
+
+    @property
+    def host_in_process(self) -> bool:
+        """The model runs in this process (not a model process, not sequence-parallel ranks)."""
+        return not self.inference_process and self.sp == 1

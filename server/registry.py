@@ -82,16 +82,21 @@ class SessionRegistry:
     async def create(self, reference: np.ndarray, caption: str | None, seed: int | None) -> Session:
         self.admit()
         self._creating += 1
+        lane = self.worker.take_lane()
         try:
-            future = self.worker.submit(self._new_stream, reference, caption, seed)
+            future = self.worker.submit(self._new_stream, reference, caption, seed, lane=lane)
             stream = await asyncio.wrap_future(future)
-        except WorkerBusy as e:
-            self._refuse(str(e), 1, "busy")
-        except HostDown:  # it died just now; admit() refuses every later request
-            self._refuse(f"the model is unavailable: {self.host_down}", 30, "host_down")
+        except BaseException as e:
+            self.worker.release_lane(lane)
+            if isinstance(e, WorkerBusy):
+                self._refuse(str(e), 1, "busy")
+            if isinstance(e, HostDown):  # it died just now; admit() refuses every later request
+                self._refuse(f"the model is unavailable: {self.host_down}", 30, "host_down")
+            raise
         finally:
             self._creating -= 1
         session = Session(secrets.token_hex(8), stream, asyncio.get_running_loop(), self.config.max_audio_ahead_s)
+        session.lane = lane
         session.fail_handler = lambda s, reason: asyncio.ensure_future(self.close(s, reason))
         session.on_late = self.metrics.late_chunks.inc
         received = self.metrics.audio_received
@@ -106,7 +111,8 @@ class SessionRegistry:
 
     async def _first_chunk(self, session: Session) -> None:
         try:
-            chunk = await asyncio.wrap_future(self.worker.submit(self.worker.run_chunk, session))
+            job = self.worker.submit(self.worker.run_chunk, session, lane=session.lane)
+            chunk = await asyncio.wrap_future(job)
         except (WorkerBusy, RuntimeError, concurrent.futures.CancelledError, asyncio.CancelledError):
             return  # shutting down, or the queue is full: the worker makes it on its schedule instead
         except Exception as e:
@@ -155,11 +161,13 @@ class SessionRegistry:
 
     async def _teardown(self, session: Session) -> None:
         await session.run_closers()
-        try:  # on the worker, after any chunk of this session it may still be generating
-            await asyncio.wrap_future(self.worker.submit(session.stream.close))
+        try:  # on its lane, after any chunk of this session it may still be generating
+            await asyncio.wrap_future(self.worker.submit(session.stream.close, lane=session.lane))
         except (WorkerBusy, RuntimeError, concurrent.futures.CancelledError, asyncio.CancelledError):
             # the worker stopped (shutdown): dropping the reference frees the cache all the same
             pass
+        finally:
+            self.worker.release_lane(session.lane)
         session.stream = None
 
     async def close_all(self, reason: str) -> None:

@@ -12,6 +12,17 @@ with it (`streamgen.stream.next_chunks`): those at the same KV-cache fill level
 (all that have streamed longer than the window) share one forward pass per
 denoising step. Sessions that are not yet due are never generated early: their
 audio up to the cut-off may still be on its way.
+
+Lanes (`serve --lanes N`, default 1): N threads share the model, each serving
+its own sessions. A session belongs to one lane from its creation to its
+teardown, and every job that touches its stream runs there (`submit(...,
+lane=session.lane)`), so a stream is never used by two threads at once; jobs of
+no session run on lane 0. PyTorch releases the GIL inside its operators, so two
+lanes run two sessions' forwards on two cores at once: on the 2-core machine,
+two sessions made 1.6-1.8x the frames of one lane at 192x192 and 256x256, where
+each stage runs on one thread (streamgen/cpu_threads.py), and 0.95x at 64x64,
+where the small forward is bound by Python and the GIL (server/README numbers:
+docs/serving.md).
 """
 
 from __future__ import annotations
@@ -35,40 +46,70 @@ class WorkerBusy(Exception):
 
 
 class InferenceWorker:
-    def __init__(self, metrics: ServerMetrics, stamp_frames: bool = False, max_jobs: int = 64):
+    def __init__(
+        self, metrics: ServerMetrics, stamp_frames: bool = False, max_jobs: int = 64, lanes: int = 1,
+        torch_threads: int | None = None,
+    ):  # fmt: skip
+        """lanes: threads that generate, each for its own sessions; torch_threads: torch's
+        intra-op threads in each (None: torch's default)."""
+        if lanes < 1:
+            raise ValueError("an inference worker needs at least one lane")
         self.metrics = metrics
         self.stamp_frames = stamp_frames
         self.max_jobs = max_jobs
+        self.torch_threads = torch_threads
         self._cond = threading.Condition()
-        self._jobs: deque = deque()
+        self._jobs: list[deque] = [deque() for _ in range(lanes)]
         self._sessions: dict[str, Session] = {}
+        self._lane_load = [0] * lanes  # sessions created on each lane and not yet torn down
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
-        self.chunk_time_ema: float | None = None  # seconds per chunk of one session, measured
+        self._threads = [
+            threading.Thread(target=self._run, args=(lane,), name=f"inference-worker-{lane}", daemon=True)
+            for lane in range(lanes)
+        ]
+        self.chunk_time_ema: float | None = None  # seconds per chunk of one session on one lane, measured
+
+    @property
+    def lanes(self) -> int:
+        return len(self._threads)
 
     # --- control ------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout)
 
-    def submit(self, fn, *args) -> concurrent.futures.Future:
-        """Run `fn(*args)` on the worker thread; the result arrives in the returned future."""
+    def submit(self, fn, *args, lane: int = 0) -> concurrent.futures.Future:
+        """Run `fn(*args)` on a worker thread, `lane`'s (a session's jobs on the session's lane);
+        the result arrives in the returned future."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             if self._stopping:
                 raise WorkerBusy("server is shutting down")
-            if len(self._jobs) >= self.max_jobs:
+            if sum(len(q) for q in self._jobs) >= self.max_jobs:
                 raise WorkerBusy("inference queue is full")
-            self._jobs.append((future, fn, args))
-            self.metrics.queue_depth.set(len(self._jobs))
+            self._jobs[lane].append((future, fn, args))
+            self.metrics.queue_depth.set(sum(len(q) for q in self._jobs))
             self._cond.notify_all()
         return future
+
+    def take_lane(self) -> int:
+        """The lane for a new session: the one with the fewest; `release_lane` after its teardown."""
+        with self._cond:
+            lane = min(range(self.lanes), key=lambda i: self._lane_load[i])
+            self._lane_load[lane] += 1
+            return lane
+
+    def release_lane(self, lane: int) -> None:
+        with self._cond:
+            self._lane_load[lane] -= 1
 
     def add(self, session: Session) -> None:
         with self._cond:
@@ -89,18 +130,19 @@ class InferenceWorker:
         return len(self._sessions)
 
     def capacity(self, chunk_seconds: float, limit: int) -> int:
-        """Sessions that fit in real time: chunk period / measured chunk time, with 15% headroom."""
+        """Sessions that fit in real time: chunk period / measured chunk time, with 15% headroom,
+        on every lane (lanes share the cores: the measured time grows once they compete)."""
         if not self.chunk_time_ema:
             return limit
-        return max(1, min(limit, math.floor(0.85 * chunk_seconds / self.chunk_time_ema)))
+        return max(1, min(limit, self.lanes * math.floor(0.85 * chunk_seconds / self.chunk_time_ema)))
 
     # --- the thread ------------------------------------------------------------------------------------
-    def _next(self):
-        """Under the lock: a job, a due session, or how long to sleep."""
-        if self._jobs:
-            return self._jobs.popleft(), None, 0.0
+    def _next(self, lane: int):
+        """Under the lock: a job, a due session of `lane`, or how long to sleep."""
+        if self._jobs[lane]:
+            return self._jobs[lane].popleft(), None, 0.0
         now = time.monotonic()
-        live = [s for s in self._sessions.values() if s.streaming and not s.closed]
+        live = [s for s in self._sessions.values() if s.streaming and not s.closed and s.lane == lane]
         if not live:
             self.metrics.queue_depth.set(0)
             return None, None, None
@@ -111,14 +153,18 @@ class InferenceWorker:
             return None, sorted(due, key=lambda s: s.next_due), 0.0
         return None, None, first.next_due - now
 
-    def _run(self) -> None:
+    def _run(self, lane: int) -> None:
+        if self.torch_threads:  # torch's thread count is per OS thread
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
         while True:
             with self._cond:
                 while True:
                     if self._stopping:
-                        self._cancel_jobs()
+                        self._cancel_jobs(lane)
                         return
-                    job, due, wait = self._next()
+                    job, due, wait = self._next(lane)
                     if job is not None or due is not None:
                         break
                     self._cond.wait(wait)
@@ -190,9 +236,9 @@ class InferenceWorker:
                 _call_soon(session, session.fail_from_worker, f"generation failed: {e}")
             return
 
-    def _cancel_jobs(self) -> None:
-        while self._jobs:
-            future, _, _ = self._jobs.popleft()
+    def _cancel_jobs(self, lane: int) -> None:
+        while self._jobs[lane]:
+            future, _, _ = self._jobs[lane].popleft()
             future.cancel()
 
 

@@ -192,7 +192,8 @@ class Session:
     def __init__(self, session_id: str, stream, loop: asyncio.AbstractEventLoop, max_audio_ahead_s: float):
         self.id = session_id
         self.token = secrets.token_urlsafe(24)
-        self.stream = stream  # streamgen.stream.StreamSession, touched only by the worker thread
+        self.stream = stream  # streamgen.stream.StreamSession, touched only by its lane's worker thread
+        self.lane = 0  # the worker's lane that runs everything of this stream (server/scheduler.py)
         self.loop = loop
         self.timeline = AudioTimeline(max_audio_ahead_s)
         self.width, self.height = stream.width, stream.height

@@ -41,7 +41,7 @@ async def set_caption(registry, session: Session, text: str) -> None:
         elif stream is not None:
             stream.set_text(text or None)
 
-    await asyncio.wrap_future(registry.worker.submit(apply))
+    await asyncio.wrap_future(registry.worker.submit(apply, lane=session.lane))
 
 
 __all__ = ["SpeechError", "speak", "set_caption"]

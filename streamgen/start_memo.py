@@ -21,6 +21,7 @@ together.
 from __future__ import annotations
 
 import hashlib
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ class StartMemo:
         self.capacity = capacity
         self.hits = self.misses = 0
         self._entries: OrderedDict[tuple, tuple[weakref.ref, weakref.ref, StartState]] = OrderedDict()
+        self._lock = threading.Lock()  # streams of one model may start on several threads (server lanes)
 
     def key(self, reference: np.ndarray, context: torch.Tensor, dit: nn.Module, vae: nn.Module) -> tuple:
         """reference: the prepared image (uint8 [H, W, 3]); context: the text tokens as the DiT
@@ -92,26 +94,29 @@ class StartMemo:
         )
 
     def lookup(self, key: tuple, dit: nn.Module, vae: nn.Module) -> StartState | None:
-        entry = self._entries.get(key)
-        # the ids in the key could belong to modules since freed: the entry keeps weak
-        # references to its own, and only they match
-        if entry is None or entry[0]() is not dit or entry[1]() is not vae:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return entry[2]
+        with self._lock:
+            entry = self._entries.get(key)
+            # the ids in the key could belong to modules since freed: the entry keeps weak
+            # references to its own, and only they match
+            if entry is None or entry[0]() is not dit or entry[1]() is not vae:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[2]
 
     def store(self, key: tuple, dit: nn.Module, vae: nn.Module, state: StartState) -> None:
         if self.capacity <= 0:
             return
-        self._entries[key] = (weakref.ref(dit), weakref.ref(vae), state)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[key] = (weakref.ref(dit), weakref.ref(vae), state)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)

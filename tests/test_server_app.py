@@ -261,3 +261,23 @@ def test_the_warm_up_runs_past_the_first_chunk_that_attends_to_a_full_ring(monke
     full = cfg.window_frames * hp * wp
     assert ring_seen[first_full - 1] == full and ring_seen[first_full - 2] < full
     assert ring_seen[first_full:] == [full, full]
+
+
+def test_sessions_spread_over_the_lanes_and_give_theirs_back():
+    """`serve --lanes 2`: each new session on the lane with the fewest, and its lane free again
+    once it is torn down (its first chunk and its teardown ran there)."""
+    import time
+
+    app = make_app(lanes=2)
+    with TestClient(app) as c:
+        wait_ready(c)
+        registry = app.state.registry
+        assert registry.worker.lanes == 2
+        made = [new_session(c) for _ in range(3)]
+        assert sorted(registry.get(s["id"]).lane for s in made) == [0, 0, 1]
+        for s in made:
+            assert c.delete(s["resource"], headers=auth(s["token"])).status_code in (200, 204)
+        deadline = time.monotonic() + 10
+        while registry.worker._lane_load != [0, 0] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert registry.worker._lane_load == [0, 0]

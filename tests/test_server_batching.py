@@ -61,3 +61,50 @@ def test_the_worker_publishes_each_chunk_before_writing_it_into_the_cache():
             assert all(s.stream.cache.filled == s.stream.cfg.frames_per_chunk for s in group)
     finally:
         loop.close()
+
+
+def test_lanes_serve_their_own_sessions_on_their_own_threads():
+    """With two lanes, a session is generated, and its jobs run, only on its lane's thread; one
+    lane's work never waits for the other's (server --lanes)."""
+    import threading
+    import time
+
+    loop = asyncio.new_event_loop()
+    worker = InferenceWorker(ServerMetrics(), lanes=2, torch_threads=1)
+    try:
+        sessions = make_sessions(loop, [1, 2])
+        assert [worker.take_lane() for _ in sessions] == [0, 1]  # the least loaded lane each
+        threads = {s.id: set() for s in sessions}
+        for lane, s in enumerate(sessions):
+            s.lane = lane
+            generate = s.stream.next_chunk
+
+            def recording(*args, s=s, generate=generate):
+                threads[s.id].add(threading.current_thread().name)
+                return generate(*args)
+
+            s.stream.next_chunk = recording
+        worker.start()
+        # lane 1 busy with a job of its session: lane 0 keeps working meanwhile
+        release = threading.Event()
+        blocked = worker.submit(release.wait, 10, lane=1)
+        on_lane_0 = worker.submit(threading.current_thread, lane=0).result(timeout=10)
+        assert on_lane_0.name == "inference-worker-0" and not blocked.done()
+        release.set()
+        assert blocked.result(timeout=10) is True
+        on_lane_1 = worker.submit(threading.current_thread, lane=1).result(timeout=10)
+        assert on_lane_1.name == "inference-worker-1"
+        for s in sessions:  # stream: due now, every chunk period
+            s.attach("websocket", 0.2, 0.0)
+            worker.add(s)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(s.chunk_index >= 3 for s in sessions):
+            time.sleep(0.05)
+        assert all(s.chunk_index >= 3 for s in sessions)
+        assert threads == {"s1": {"inference-worker-0"}, "s2": {"inference-worker-1"}}
+        worker.stop()  # (its lanes would go on measuring chunk_time_ema)
+        worker.chunk_time_ema = 0.1  # 2 sessions a lane in real time at 0.32 s a chunk, with headroom
+        assert worker.capacity(0.32, limit=8) == 4 and worker.capacity(0.32, limit=3) == 3
+    finally:
+        worker.stop()
+        loop.close()

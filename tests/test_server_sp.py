@@ -255,6 +255,9 @@ def test_a_follower_that_vanished_takes_the_host_down():
     [
         (["--sp", "0"], "--sp must be at least 1"),
         (["--sp", "2", "--model-process"], "cannot be combined"),
+        (["--lanes", "0"], "--lanes must be at least 1"),
+        (["--lanes", "2", "--model-process"], "--lanes runs the model in this process"),
+        (["--lanes", "2", "--sp", "2"], "--lanes runs the model in this process"),
         (["--attention", "xformers"], "unknown attention backend 'xformers'; choose one of sdpa, flex"),
         (["--fp8", "--device", "cuda"], "--fp8 on a GPU needs --dtype bfloat16"),
     ],
