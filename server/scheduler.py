@@ -18,11 +18,11 @@ its own sessions. A session belongs to one lane from its creation to its
 teardown, and every job that touches its stream runs there (`submit(...,
 lane=session.lane)`), so a stream is never used by two threads at once; jobs of
 no session run on lane 0. PyTorch releases the GIL inside its operators, so two
-lanes run two sessions' forwards on two cores at once: on the 2-core machine,
-two sessions made 1.6-1.8x the frames of one lane at 192x192 and 256x256, where
-each stage runs on one thread (streamgen/cpu_threads.py), and 0.95x at 64x64,
-where the small forward is bound by Python and the GIL (server/README numbers:
-docs/serving.md).
+lanes run two sessions' forwards on two cores at once, where each stage runs on
+one thread (streamgen/cpu_threads.py) and leaves a core idle. On the 2-core
+machine, two streams on two threads made 1.6-1.8x the frames of one thread at
+192x192 and 256x256 and 0.95x at 64x64 (the small forward is bound by Python and
+the GIL); served, with the encoder on the same cores, less (docs/serving.md).
 """
 
 from __future__ import annotations

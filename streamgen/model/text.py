@@ -8,6 +8,7 @@ what condition dropout trains on.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -28,12 +29,18 @@ def _minilm():
     return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
 
 
+# a fast tokenizer sets its padding and truncation on each call, and refuses a second thread meanwhile
+# ("Already borrowed"): captions of streams on two server lanes take turns
+_MINILM_LOCK = threading.Lock()
+
+
 @torch.no_grad()
 def embed_sentences(texts: list[str]) -> torch.Tensor:
     """Mean-pooled, L2-normalised MiniLM embeddings [N, 384]."""
     tok, model = _minilm()
-    batch = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
-    hidden = model(**batch).last_hidden_state
+    with _MINILM_LOCK:
+        batch = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
     return torch.nn.functional.normalize(pooled, dim=-1)
