@@ -150,7 +150,12 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
             registry.host = await asyncio.wrap_future(registry.worker.submit(start_host))
         else:
             registry.model = model or await asyncio.wrap_future(registry.worker.submit(load))
-        chunk_seconds, steady_times = await asyncio.wrap_future(registry.worker.submit(warm))
+        # every lane warms a stream at once: the chunk times then count what the lanes take from
+        # each other (cores, the GIL), so the capacity does not assume they run as fast side by side
+        warming = [registry.worker.submit(warm, lane=lane) for lane in range(registry.worker.lanes)]
+        warmed = [await asyncio.wrap_future(job) for job in warming]
+        chunk_seconds = warmed[0][0]
+        steady_times = [t for _, times in warmed for t in times]
     except (WorkerBusy, asyncio.CancelledError):
         return
     except Exception as e:

@@ -131,10 +131,15 @@ class InferenceWorker:
 
     def capacity(self, chunk_seconds: float, limit: int) -> int:
         """Sessions that fit in real time: chunk period / measured chunk time, with 15% headroom,
-        on every lane (lanes share the cores: the measured time grows once they compete)."""
+        on every lane, at least one each (the time is measured with every lane at work: the
+        warm-up in server/app.py). With lanes the headroom is 30%: they also compete with the
+        video encoder and the network, which the warm-up does not run (at 192x192 on 2 cores,
+        2 lanes measured 132 ms a chunk, 4 sessions by 15%, and served 2 in real time)."""
         if not self.chunk_time_ema:
             return limit
-        return max(1, min(limit, self.lanes * math.floor(0.85 * chunk_seconds / self.chunk_time_ema)))
+        headroom = 0.85 if self.lanes == 1 else 0.7
+        per_lane = max(1, math.floor(headroom * chunk_seconds / self.chunk_time_ema))
+        return max(1, min(limit, self.lanes * per_lane))
 
     # --- the thread ------------------------------------------------------------------------------------
     def _next(self, lane: int):

@@ -263,14 +263,27 @@ def test_the_warm_up_runs_past_the_first_chunk_that_attends_to_a_full_ring(monke
     assert ring_seen[first_full:] == [full, full]
 
 
-def test_sessions_spread_over_the_lanes_and_give_theirs_back():
-    """`serve --lanes 2`: each new session on the lane with the fewest, and its lane free again
-    once it is torn down (its first chunk and its teardown ran there)."""
+def test_sessions_spread_over_the_lanes_and_give_theirs_back(monkeypatch):
+    """`serve --lanes 2`: the warm-up runs a stream on each lane at once (the capacity counts what
+    they take from each other), each new session goes on the lane with the fewest, and its lane
+    is free again once it is torn down (its first chunk and its teardown ran there)."""
+    import threading
     import time
 
+    from streamgen.stream import StreamSession
+
+    warmed_on = set()
+    next_chunk = StreamSession.next_chunk
+
+    def recording(self, observe=None):
+        warmed_on.add(threading.current_thread().name)
+        return next_chunk(self, observe)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", recording)
     app = make_app(lanes=2)
     with TestClient(app) as c:
         wait_ready(c)
+        assert warmed_on == {"inference-worker-0", "inference-worker-1"}
         registry = app.state.registry
         assert registry.worker.lanes == 2
         made = [new_session(c) for _ in range(3)]

@@ -105,6 +105,8 @@ def test_lanes_serve_their_own_sessions_on_their_own_threads():
         worker.stop()  # (its lanes would go on measuring chunk_time_ema)
         worker.chunk_time_ema = 0.1  # 2 sessions a lane in real time at 0.32 s a chunk, with headroom
         assert worker.capacity(0.32, limit=8) == 4 and worker.capacity(0.32, limit=3) == 3
+        worker.chunk_time_ema = 0.25  # 30% headroom with lanes: under one session a lane, one each
+        assert worker.capacity(0.32, limit=8) == 2
     finally:
         worker.stop()
         loop.close()

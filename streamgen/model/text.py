@@ -29,16 +29,17 @@ def _minilm():
     return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
 
 
-# a fast tokenizer sets its padding and truncation on each call, and refuses a second thread meanwhile
-# ("Already borrowed"): captions of streams on two server lanes take turns
+# captions of streams on two server lanes take turns: transformers' first import is not safe from
+# two threads at once (a name it has not set up yet fails to import), and a fast tokenizer sets
+# its padding and truncation on each call and refuses a second thread meanwhile ("Already borrowed")
 _MINILM_LOCK = threading.Lock()
 
 
 @torch.no_grad()
 def embed_sentences(texts: list[str]) -> torch.Tensor:
     """Mean-pooled, L2-normalised MiniLM embeddings [N, 384]."""
-    tok, model = _minilm()
     with _MINILM_LOCK:
+        tok, model = _minilm()
         batch = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
         hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()
