@@ -34,9 +34,7 @@ def session_dit_threads(dit, cpu_threads: str, latent_hw, frames: int, key_frame
     full ring and itself)."""
     if cpu_threads == "all":
         return contextlib.nullcontext()
-    cfg = dit.cfg
-    keys = key_frames or cfg.sink_frames + cfg.window_frames + cfg.frames_per_chunk
-    return dit_threads(dit, latent_hw, frames, keys)
+    return dit_threads(dit, latent_hw, frames, key_frames)
 
 
 @torch.no_grad()

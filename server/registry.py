@@ -82,19 +82,18 @@ class SessionRegistry:
     async def create(self, reference: np.ndarray, caption: str | None, seed: int | None) -> Session:
         self.admit()
         self._creating += 1
-        lane = self.worker.take_lane()
+        lane, stream = self.worker.take_lane(), None
         try:
             future = self.worker.submit(self._new_stream, reference, caption, seed, lane=lane)
             stream = await asyncio.wrap_future(future)
-        except BaseException as e:
-            self.worker.release_lane(lane)
-            if isinstance(e, WorkerBusy):
-                self._refuse(str(e), 1, "busy")
-            if isinstance(e, HostDown):  # it died just now; admit() refuses every later request
-                self._refuse(f"the model is unavailable: {self.host_down}", 30, "host_down")
-            raise
+        except WorkerBusy as e:
+            self._refuse(str(e), 1, "busy")
+        except HostDown:  # it died just now; admit() refuses every later request
+            self._refuse(f"the model is unavailable: {self.host_down}", 30, "host_down")
         finally:
             self._creating -= 1
+            if stream is None:  # no session holds the lane
+                self.worker.release_lane(lane)
         session = Session(secrets.token_hex(8), stream, asyncio.get_running_loop(), self.config.max_audio_ahead_s)
         session.lane = lane
         session.fail_handler = lambda s, reason: asyncio.ensure_future(self.close(s, reason))

@@ -67,9 +67,13 @@ def intra_op_threads(parallel: bool):
         _outermost.threads = outer
 
 
-def dit_threads(dit, latent_hw: tuple[int, int], frames: int, key_frames: int, batch: int = 1):
+def dit_threads(dit, latent_hw: tuple[int, int], frames: int, key_frames: int | None = None, batch: int = 1):
     """The threads of a DiT forward over `frames` latent frames of `batch` streams, attending to
-    `key_frames` latent frames of keys."""
+    `key_frames` latent frames of keys (None: a stream's chunk's, the sink, the full ring and
+    itself)."""
+    cfg = dit.cfg
+    if key_frames is None:
+        key_frames = cfg.sink_frames + cfg.window_frames + cfg.frames_per_chunk
     hp, wp = dit.grid(latent_hw)
     flop = batch * dit_forward_flop(dit, frames * hp * wp, key_frames * hp * wp)
     return intra_op_threads(flop >= DIT_PARALLEL_FLOP)

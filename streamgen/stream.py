@@ -219,8 +219,7 @@ class StreamSession:
         if stage == "sink":
             return dit_threads(self.dit, self.latent_hw, cfg.sink_frames, cfg.sink_frames)
         if stage in ("reencode", "denoise"):  # the chunk against the sink, the full ring and itself
-            keys = cfg.sink_frames + cfg.window_frames + cfg.frames_per_chunk
-            return dit_threads(self.dit, self.latent_hw, cfg.frames_per_chunk, keys, batch)
+            return dit_threads(self.dit, self.latent_hw, cfg.frames_per_chunk, batch=batch)
         if stage in ("decode", "reference_encode"):
             frames = self.frames_per_chunk if stage == "decode" else 1
             return codec_threads(frames, self.height, self.width, batch)

@@ -284,9 +284,7 @@ class WanVAE(VideoAutoencoder):
 
     @pad_in_conv.setter
     def pad_in_conv(self, enabled: bool) -> None:
-        self._check_not_banded()
-        self._pad_in_conv = bool(enabled)
-        self._patch_convs()
+        self._set_conv_switch("pad_in_conv", enabled)
 
     @property
     def single_frame_2d(self) -> bool:
@@ -300,9 +298,7 @@ class WanVAE(VideoAutoencoder):
 
     @single_frame_2d.setter
     def single_frame_2d(self, enabled: bool) -> None:
-        self._check_not_banded()
-        self._single_frame_2d = bool(enabled)
-        self._patch_convs()
+        self._set_conv_switch("single_frame_2d", enabled)
 
     @property
     def upsample_phases(self) -> bool:
@@ -317,9 +313,7 @@ class WanVAE(VideoAutoencoder):
 
     @upsample_phases.setter
     def upsample_phases(self, enabled: bool) -> None:
-        self._check_not_banded()
-        self._upsample_phases = bool(enabled)
-        self._patch_convs()
+        self._set_conv_switch("upsample_phases", enabled)
 
     @property
     def channels_last(self) -> bool:
@@ -340,6 +334,12 @@ class WanVAE(VideoAutoencoder):
             if isinstance(conv, (nn.Conv2d, nn.Conv3d)):
                 layout = _channels_last_format(conv.weight) if enabled else torch.contiguous_format
                 conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+        self._patch_convs()
+
+    def _set_conv_switch(self, name: str, enabled: bool) -> None:
+        """A switch that changes the convolutions' forwards: stored, then the forwards re-patched."""
+        self._check_not_banded()
+        setattr(self, "_" + name, bool(enabled))
         self._patch_convs()
 
     def _check_not_banded(self) -> None:
