@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from bench.engine_baselines import cache_speedup, session_dit_threads, teacher_speedup
-from streamgen.models import decode_dtype_arg, default_decode_dtype, load_model
+from streamgen.models import decode_dtype_arg, default_decode_dtype, default_dit_dtype, load_model
 from streamgen.sampling import (
     encode_sink,
     generate_chunk,
@@ -64,9 +64,17 @@ def _percentile(xs, q):
 
 
 def session_speed(
-    model, height, width, steps, chunks, seed=0, decode_dtype="auto", cache_from=None, cpu_threads="auto"
+    model,
+    height,
+    width,
+    steps,
+    chunks,
+    seed=0,
+    decode_dtype="auto",
+    cache_from=None,
+    cpu_threads="auto",
+    dtype="auto",
 ) -> dict:
-    dtype = next(model.dit.parameters()).dtype
     rng = np.random.default_rng(seed)
     face = (rng.random((height, width, 3)) * 255).astype(np.uint8)
     speech = (rng.standard_normal(16000 * 60) * 0.1).astype(np.float32)
@@ -113,13 +121,12 @@ def session_speed(
 
 
 def batch_throughput(
-    model, height, width, steps, sessions=3, chunks=6, decode_dtype="auto", cpu_threads="auto"
+    model, height, width, steps, sessions=3, chunks=6, decode_dtype="auto", cpu_threads="auto", dtype="auto"
 ) -> dict:
     """Aggregate frames/s of several streams at full windows: one batched forward per step
     (`next_chunks`) vs the same streams one after another."""
     from streamgen.stream import next_chunks
 
-    dtype = next(model.dit.parameters()).dtype
     rng = np.random.default_rng(1)
 
     def started():
@@ -161,49 +168,58 @@ REALTIME_FPS = 25.0
 def measure_size(
     model, height, width, steps, chunks, context, teacher_frames, decode_dtype="auto", cpu_threads="auto"
 ) -> dict:
-    """Every per-size figure: the session end to end, cache_speedup and teacher_speedup; when the
-    decoder runs in bfloat16, the session against the same with a float32 decoder too; under
-    cpu_threads "auto", the session against the same with every stage on all threads."""
+    """Every per-size figure: the session end to end, cache_speedup and teacher_speedup (on the DiT
+    the session runs); when the session's DiT runs in bfloat16, the session against the same with
+    its DiT in float32 too, and likewise for the decoder; under cpu_threads "auto", the session
+    against the same with every stage on all threads."""
     latent_hw = model.vae.latent_hw(height, width)
+    dit = session_dit(model, latent_hw)
     few = max(5, chunks // 2)
-    out = {"height": height, "width": width}
-    out.update(
-        session_speed(model, height, width, steps, chunks, decode_dtype=decode_dtype, cpu_threads=cpu_threads)
-    )
+    session = {"decode_dtype": decode_dtype, "cpu_threads": cpu_threads}
+    out = {"height": height, "width": width, "dit_dtype": _name(next(dit.parameters()).dtype)}
+    out.update(session_speed(model, height, width, steps, chunks, **session))
     if cpu_threads == "auto":
-        out["cpu_threads_all"] = cpu_threads_speedup(model, height, width, steps, few, decode_dtype)
+        out["cpu_threads_all"] = cpu_threads_speedup(model, height, width, steps, few, **session)
+    if dit is not model.dit:
+        out["dit_float32"] = float32_speedup(model, height, width, steps, few, "dtype", **session)
     if _resolved(model, decode_dtype) == torch.bfloat16:
-        out["decode_float32"] = decode_dtype_speedup(
-            model, height, width, steps, few, decode_dtype, cpu_threads=cpu_threads
-        )
-    out["cache_from_last_step"] = cache_from_speedup(
-        model, height, width, steps, few, decode_dtype, cpu_threads=cpu_threads
-    )
-    out.update(cache_speedup(model, latent_hw, steps, max(3, chunks // 4), context, cpu_threads))
-    out.update(teacher_speedup(model, latent_hw, teacher_frames, [4, 2, 1], cpu_threads=cpu_threads))
+        out["decode_float32"] = float32_speedup(model, height, width, steps, few, "decode_dtype", **session)
+    out["cache_from_last_step"] = cache_from_speedup(model, height, width, steps, few, dit=dit, **session)
+    out.update(cache_speedup(model, latent_hw, steps, max(3, chunks // 4), context, cpu_threads, dit=dit))
+    out.update(teacher_speedup(model, latent_hw, teacher_frames, [4, 2, 1], cpu_threads=cpu_threads, dit=dit))
     return out
+
+
+def session_dit(model, latent_hw):
+    """The DiT a session of `model` at `latent_hw` runs on this CPU (dtype "auto")."""
+    return model.dit_in(default_dit_dtype(model, "cpu", latent_hw))
 
 
 def _resolved(model, decode_dtype):
     return default_decode_dtype(model.vae, "cpu") if decode_dtype == "auto" else decode_dtype
 
 
-def alternating_fps(model, height, width, steps, chunks, variants: dict, rounds=2) -> dict:
-    """name -> the session's fps with those `session_speed` keyword arguments, the median over
-    rounds that run every variant in turn (the machine's load hits them alike)."""
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def alternating_fps(model, height, width, steps, chunks, variants: dict, rounds=2, **session) -> dict:
+    """name -> the session's fps with those `session_speed` keyword arguments (over `session`'s),
+    the median over rounds that run every variant in turn (the machine's load hits them alike)."""
     runs = {name: [] for name in variants}
     for _ in range(rounds):
         for name, kwargs in variants.items():
-            runs[name].append(session_speed(model, height, width, steps, chunks, **kwargs)["fps"])
+            runs[name].append(
+                session_speed(model, height, width, steps, chunks, **{**session, **kwargs})["fps"]
+            )
     return {name: float(np.median(v)) for name, v in runs.items()}
 
 
-def cpu_threads_speedup(model, height, width, steps, chunks, decode_dtype, rounds=2) -> dict:
+def cpu_threads_speedup(model, height, width, steps, chunks, rounds=2, **session) -> dict:
     """The session with each stage on its threads (cpu_threads "auto") against the same with every
     stage on all of them ("all", as sessions ran before "auto"), alternating rounds."""
-    ways = ("all", "auto")
-    variants = {way: {"decode_dtype": decode_dtype, "cpu_threads": way} for way in ways}
-    fps = alternating_fps(model, height, width, steps, chunks, variants, rounds)
+    variants = {way: {"cpu_threads": way} for way in ("all", "auto")}
+    fps = alternating_fps(model, height, width, steps, chunks, variants, rounds, **session)
     return {
         "fps": round(fps["all"], 2),
         "auto_fps": round(fps["auto"], 2),
@@ -212,15 +228,11 @@ def cpu_threads_speedup(model, height, width, steps, chunks, decode_dtype, round
     }
 
 
-def decode_dtype_speedup(
-    model, height, width, steps, chunks, decode_dtype, rounds=2, cpu_threads="auto"
-) -> dict:
-    """The session with its bfloat16 decoder against the same with a float32 one, alternating rounds."""
-    variants = {
-        "float32": {"decode_dtype": torch.float32, "cpu_threads": cpu_threads},
-        "bfloat16": {"decode_dtype": decode_dtype, "cpu_threads": cpu_threads},
-    }
-    fps = alternating_fps(model, height, width, steps, chunks, variants, rounds)
+def float32_speedup(model, height, width, steps, chunks, setting: str, rounds=2, **session) -> dict:
+    """The session as configured, whose DiT (`setting` "dtype") or decoder ("decode_dtype") runs in
+    bfloat16, against the same with that part in float32, alternating rounds."""
+    variants = {"float32": {setting: torch.float32}, "bfloat16": {}}
+    fps = alternating_fps(model, height, width, steps, chunks, variants, rounds, **session)
     return {
         "fps": round(fps["float32"], 2),
         "bfloat16_fps": round(fps["bfloat16"], 2),
@@ -228,20 +240,18 @@ def decode_dtype_speedup(
     }
 
 
-def cache_from_speedup(
-    model, height, width, steps, chunks, decode_dtype="auto", rounds=2, reps=20, cpu_threads="auto"
-) -> dict:
+def cache_from_speedup(model, height, width, steps, chunks, rounds=2, reps=20, dit=None, **session) -> dict:
     """Each chunk's keys/values from its last denoising step against the clean re-encode
     (`StreamSession.cache_from`): the session end to end in alternating rounds, and the part
-    that differs alone, a chunk's denoising and cache write (`generate_chunk`), the two ways
-    interleaved `reps` times (the decode and the audio encoder, the same both ways, are much of
-    a small model's chunk on a CPU, and of its noise)."""
+    that differs alone, a chunk's denoising and cache write (`generate_chunk`, on `dit`: the
+    session's), the two ways interleaved `reps` times (the decode and the audio encoder, the
+    same both ways, are much of a small model's chunk on a CPU, and of its noise)."""
     ways = ("reencode", "last_step")
-    variants = {
-        way: {"decode_dtype": decode_dtype, "cache_from": way, "cpu_threads": cpu_threads} for way in ways
-    }
-    fps = alternating_fps(model, height, width, steps, chunks, variants, rounds)
-    dit, cfg = model.dit, model.cfg
+    variants = {way: {"cache_from": way} for way in ways}
+    fps = alternating_fps(model, height, width, steps, chunks, variants, rounds, **session)
+    dit = dit or model.dit
+    cfg = dit.cfg
+    cpu_threads = session.get("cpu_threads", "auto")
     hw = model.vae.latent_hw(height, width)
     dtype = next(dit.parameters()).dtype
     gen = torch.Generator().manual_seed(0)
@@ -284,25 +294,27 @@ def compile_speedup(
     """StreamSession with each transformer block under torch.compile vs eager.
 
     The two run in alternating rounds in this process (the machine's load hits
-    both alike); the compiled blocks share the eager blocks' weights.
+    both alike); the compiled blocks share the eager blocks' weights (of the DiT
+    the sessions run, `session_dit`).
     """
     from torch import nn
 
-    eager = model.dit.blocks
+    dit = session_dit(model, model.vae.latent_hw(height, width))
+    eager = dit.blocks
     compiled = nn.ModuleList(torch.compile(blk, dynamic=False) for blk in eager)
     runs = {"eager": [], "compiled": []}
     try:
-        model.dit.blocks = compiled
+        dit.blocks = compiled
         t = time.perf_counter()
         kwargs = {"decode_dtype": decode_dtype, "cpu_threads": cpu_threads}
         session_speed(model, height, width, steps, 2, **kwargs)  # compiles every shape
         compile_seconds = time.perf_counter() - t
         for _ in range(rounds):
             for name, blocks in (("eager", eager), ("compiled", compiled)):
-                model.dit.blocks = blocks
+                dit.blocks = blocks
                 runs[name].append(session_speed(model, height, width, steps, chunks, **kwargs))
     finally:
-        model.dit.blocks = eager
+        dit.blocks = eager
 
     def median(name, key):
         return float(np.median([r[key] for r in runs[name]]))
@@ -328,7 +340,7 @@ def run(
     teacher_frames=21,
     sweep=(),
     threads=None,
-    dtype="float32",
+    dtype="auto",
     compile=False,
     decode_dtype="auto",
     cpu_threads="auto",
@@ -336,7 +348,8 @@ def run(
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = load_model(flavor, dtype=getattr(torch, dtype))
+    # "auto": loaded in float32, each size's sessions in bfloat16 where that is faster (default_dit_dtype)
+    model = load_model(flavor, dtype=None if dtype == "auto" else getattr(torch, dtype))
     result = {
         "flavor": flavor,
         "height": height,
@@ -348,7 +361,7 @@ def run(
     }
     decode_dtype = decode_dtype_arg(decode_dtype)
     resolved = _resolved(model, decode_dtype)
-    result["decode_dtype"] = str(resolved or next(model.vae.parameters()).dtype).removeprefix("torch.")
+    result["decode_dtype"] = _name(resolved or next(model.vae.parameters()).dtype)
     per_size = {"decode_dtype": decode_dtype, "cpu_threads": cpu_threads}
     main_size = measure_size(model, height, width, steps, chunks, context, teacher_frames, **per_size)
     result.update({k: v for k, v in main_size.items() if k not in ("height", "width")})
@@ -421,7 +434,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument(
-        "--dtype", choices=["float32", "bfloat16"], default="float32", help="DiT weights and cache"
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="DiT weights and cache (auto: a session's default, bfloat16 where faster on CPUs with AMX, "
+        "also timed against float32)",
     )
     p.add_argument(
         "--decode-dtype",

@@ -38,17 +38,18 @@ def session_dit_threads(dit, cpu_threads: str, latent_hw, frames: int, key_frame
 
 
 @torch.no_grad()
-def cache_speedup(model, latent_hw, steps, chunks, context, cpu_threads="auto") -> dict:
+def cache_speedup(model, latent_hw, steps, chunks, context, cpu_threads="auto", dit=None) -> dict:
     """Cached streaming vs recomputing the whole context at every denoising step.
 
     The timed chunks see at least `context` clean frames. The ring is sized so
     nothing is evicted while timing: then the two paths must agree exactly
     (after eviction a rolling cache keeps keys computed against frames that
-    have left the window, which no recomputation can reproduce).
+    have left the window, which no recomputation can reproduce). dit: the DiT both sides run
+    (default: the model's, as loaded).
     """
     import dataclasses
 
-    dit = model.dit
+    dit = dit or model.dit
     c = dit.cfg.frames_per_chunk
     context = -(-context // c) * c  # whole chunks
     cfg = dataclasses.replace(dit.cfg, window_frames=context + c * chunks)
@@ -105,10 +106,12 @@ def cache_speedup(model, latent_hw, steps, chunks, context, cpu_threads="auto") 
 
 @torch.no_grad()
 def teacher_speedup(
-    model, latent_hw, latent_frames, steps_list, teacher_steps=50, cfg_scale=5.0, cpu_threads="auto"
+    model, latent_hw, latent_frames, steps_list, teacher_steps=50, cfg_scale=5.0, cpu_threads="auto", dit=None
 ) -> dict:
-    """Teacher: bidirectional over the clip, Euler + CFG. Student: cached chunks, few steps."""
-    dit, cfg = model.dit, model.dit.cfg
+    """Teacher: bidirectional over the clip, Euler + CFG. Student: cached chunks, few steps.
+    dit: the DiT both sides run (default: the model's, as loaded)."""
+    dit = dit or model.dit
+    cfg = dit.cfg
     c = cfg.frames_per_chunk
     latent_frames = -(-latent_frames // c) * c
     gen = torch.Generator().manual_seed(0)

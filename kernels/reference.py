@@ -201,9 +201,10 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """
     if x.requires_grad and torch.is_grad_enabled():
         return F.gelu(x, approximate="tanh")
-    y = x.float() * x.float()
-    y.mul_(0.044715).add_(1.0).mul_(x).mul_(1.5957691216057308)  # 2u = 2*sqrt(2/pi)*(x + 0.044715 x^3)
-    return y.sigmoid_().mul_(x).to(x.dtype)
+    xf = x.float()  # one copy of a bfloat16 x (the MLP's widest tensor), none of a float32 one
+    y = xf * xf
+    y.mul_(0.044715).add_(1.0).mul_(xf).mul_(1.5957691216057308)  # 2u = 2*sqrt(2/pi)*(x + 0.044715 x^3)
+    return y.sigmoid_().mul_(xf).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------

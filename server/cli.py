@@ -18,8 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention backend: sdpa (the default), flex, triton, flash, cudnn, or in FP8 "
                         "fp8_qk and fp8 (on a CPU triton, flash and cudnn run as sdpa, and the FP8 ones are "
                         "emulated; `streamgen bench gpu` times them)")  # fmt: skip
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="the DiT's weights and cache (default float32; bfloat16 on GPUs)")  # fmt: skip
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="the DiT's weights and cache (auto: float32, and bfloat16 from 208x208 up on CPUs "
+                        "with AMX; bfloat16 on GPUs)")  # fmt: skip
     parser.add_argument("--fp8", action="store_true",
                         help="the DiT's block linears in FP8 (sm_89+ GPUs with --dtype bfloat16; on a CPU it runs, "
                         "slower than float32)")  # fmt: skip
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         use_attention_backend(args.attention)  # in the environment: the model process and ranks inherit it
-        use_precision(args.dtype, args.fp8)  # likewise
+        use_precision(None if args.dtype == "auto" else args.dtype, args.fp8)  # likewise
         use_cache_from(args.cache_from)
     except ValueError as e:
         raise UserError(str(e)) from None

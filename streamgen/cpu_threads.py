@@ -38,6 +38,10 @@ CPU_THREADS = ("auto", "all")
 # 128x128, 1.4x), two from 5.4 (320x320, 1.05x; 9.9 at 384x384, 1.33x; 10.8 with the ring of
 # 32 frames at 256x256, 1.5x).
 DIT_PARALLEL_FLOP = 4.5e9
+# The same for a DiT in bfloat16 (or float16), whose products (AMX tiles) are faster than float32's
+# while the per-operator cost stays: one thread won at 5.4 GFLOP (320x320, 1.5x), the two tied at
+# 16.8 (448x448), two won at 26.9 (512x512, 1.22x).
+DIT_PARALLEL_FLOP_HALF = 20e9
 # The autoencoder (a chunk's decode, the reference's encode) from this many frame pixels:
 # batch x frames x height x width. One thread won at 96x96 (8 frames, 74k pixels, 1.3x), the
 # two tied at 128x128 (131k), two won from 160x160 (205k, 1.12x).
@@ -71,12 +75,22 @@ def dit_threads(dit, latent_hw: tuple[int, int], frames: int, key_frames: int | 
     """The threads of a DiT forward over `frames` latent frames of `batch` streams, attending to
     `key_frames` latent frames of keys (None: a stream's chunk's, the sink, the full ring and
     itself)."""
+    half = next(dit.parameters()).dtype in (torch.bfloat16, torch.float16)
+    threshold = DIT_PARALLEL_FLOP_HALF if half else DIT_PARALLEL_FLOP
+    return intra_op_threads(chunk_forward_flop(dit, latent_hw, frames, key_frames, batch) >= threshold)
+
+
+def chunk_forward_flop(
+    dit, latent_hw: tuple[int, int], frames: int, key_frames: int | None = None, batch: int = 1
+) -> float:
+    """`dit_forward_flop` of a forward over `frames` latent frames of `batch` streams at `latent_hw`,
+    attending to `key_frames` latent frames (None: a stream's chunk's keys, the sink, the full
+    ring and itself)."""
     cfg = dit.cfg
     if key_frames is None:
         key_frames = cfg.sink_frames + cfg.window_frames + cfg.frames_per_chunk
     hp, wp = dit.grid(latent_hw)
-    flop = batch * dit_forward_flop(dit, frames * hp * wp, key_frames * hp * wp)
-    return intra_op_threads(flop >= DIT_PARALLEL_FLOP)
+    return batch * dit_forward_flop(dit, frames * hp * wp, key_frames * hp * wp)
 
 
 def dit_forward_flop(dit, tokens: int, keys: int) -> float:

@@ -10,6 +10,7 @@ run before training has produced weights.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from streamgen.cpu_threads import chunk_forward_flop
 from streamgen.model.config import FLAVORS, ModelConfig, get_config
+from streamgen.model.float8 import float8_layers
 from streamgen.model.model import DiT
 from streamgen.model.vae import TinyCausalVAE, VideoAutoencoder
 from streamgen.start_memo import StartMemo
@@ -82,8 +85,11 @@ class AvatarModel:
     steps: int = 4
     trained: bool = False
     meta: dict = field(default_factory=dict)
+    # the DiT's dtype was asked for (load_model's dtype, $STREAMGEN_DTYPE): sessions keep it
+    dtype_asked: bool = False
 
     _decoding_vaes: dict = field(default_factory=dict, repr=False, compare=False)
+    _dits: dict = field(default_factory=dict, repr=False, compare=False)
     # the last few streams' starts (reference latent, sink), for the next start of the same
     # reference and text (streamgen/start_memo.py); capacity 0 turns it off
     start_memo: StartMemo = field(default_factory=StartMemo, repr=False, compare=False)
@@ -91,6 +97,18 @@ class AvatarModel:
     @property
     def cfg(self) -> ModelConfig:
         return self.dit.cfg
+
+    def dit_in(self, dtype: torch.dtype | None) -> DiT:
+        """The DiT in `dtype` (None: as loaded): the loaded one, or a copy made once per dtype and
+        shared by every session of this model (sessions of one size batch together on it)."""
+        loaded = next(self.dit.parameters()).dtype  # the patch embedding's: never FP8
+        if dtype is None or dtype == loaded:
+            return self.dit
+        if hasattr(self.dit, "sequence_parallel_groups") or float8_layers(self.dit):
+            raise ValueError("a sequence-parallel or FP8 DiT runs in the dtype it was loaded in")
+        if dtype not in self._dits:
+            self._dits[dtype] = copy.deepcopy(self.dit).to(dtype)
+        return self._dits[dtype]
 
     def decoding_vae(self, dtype: torch.dtype | None) -> VideoAutoencoder:
         """The autoencoder with its decoder in `dtype` (None: as loaded), made once per dtype and
@@ -106,6 +124,12 @@ class AvatarModel:
         return self._decoding_vaes[dtype]
 
 
+# A float32 DiT runs a session in bfloat16 (`default_dit_dtype`) from this much arithmetic a
+# chunk's forward (streamgen.cpu_threads.chunk_forward_flop). tiny-avatar's denoising and re-encode
+# on the 2-core machine (bfloat16 on one thread against float32 on the threads it gains from):
+# 0.98x at 0.74 GFLOP (160x160), 1.05x at 1.19 (192x192), 1.16x at 1.83 (224x224), 1.27x at
+# 2.7 (256x256), 1.5x at 5.4 (320x320).
+DIT_BFLOAT16_FLOP = 1.5e9
 DECODE_DTYPES = ("auto", "float32", "bfloat16")  # the command-line spelling of StreamSession's decode_dtype
 
 
@@ -122,6 +146,31 @@ def default_decode_dtype(vae: VideoAutoencoder, device) -> torch.dtype | None:
     if not isinstance(vae, TinyCausalVAE) or torch.device(device).type != "cpu":
         return None
     return torch.bfloat16 if cpu_has_native_bfloat16() else None
+
+
+def dit_dtype_arg(name: str) -> torch.dtype:
+    """A DiT dtype's name (`DTYPES`) as a torch dtype."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return getattr(torch, name)
+
+
+def default_dit_dtype(model: AvatarModel, device, latent_hw: tuple[int, int]) -> torch.dtype | None:
+    """bfloat16 for a float32 DiT whose chunk forward at `latent_hw` reaches `DIT_BFLOAT16_FLOP`,
+    on CPUs with native bfloat16 (AMX or AVX512-BF16); None (as loaded) everywhere else, for
+    FP8 and sequence-parallel DiTs, and when the model's dtype was asked for."""
+    dit = model.dit
+    if (
+        model.dtype_asked
+        or torch.device(device).type != "cpu"
+        or next(dit.parameters()).dtype != torch.float32
+        or hasattr(dit, "sequence_parallel_groups")
+        or float8_layers(dit)
+        or not cpu_has_native_bfloat16()
+    ):
+        return None
+    flop = chunk_forward_flop(dit, latent_hw, dit.cfg.frames_per_chunk)
+    return torch.bfloat16 if flop >= DIT_BFLOAT16_FLOP else None
 
 
 def cpu_has_native_bfloat16() -> bool:
@@ -161,14 +210,17 @@ def load_model(
 ) -> AvatarModel:
     """Load a trained model directory, or build a seeded random model of a flavor. Its attention
     backend is `attn_backend` when given, else $STREAMGEN_ATTENTION when set, else its config's.
-    Its DiT is in `dtype` when given, else in $STREAMGEN_DTYPE (float32 when unset); its block
+    Its DiT is in `dtype` when given, else in $STREAMGEN_DTYPE (float32 when unset: then its
+    sessions may run a bfloat16 copy where that is faster, `default_dit_dtype`); its block
     linears are in FP8 when $STREAMGEN_FP8 is set (`use_precision`); its sessions keep their KV
     cache as $STREAMGEN_CACHE_FROM says when it is set (`use_cache_from`), else as it was trained."""
     if os.environ.get(ATTENTION_ENV) and "attn_backend" not in cfg_overrides:
         cfg_overrides["attn_backend"] = os.environ[ATTENTION_ENV]
+    asked = dtype is not None or bool(os.environ.get(DTYPE_ENV))
     if dtype is None:
         dtype = getattr(torch, os.environ.get(DTYPE_ENV) or "float32")
     model = _load(name_or_path, device, dtype, seed, **cfg_overrides)
+    model.dtype_asked = asked
     if os.environ.get(FP8_ENV):
         from streamgen.model.float8 import float8_linears
 

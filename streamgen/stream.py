@@ -33,7 +33,14 @@ from streamgen.model.audio import (
 )
 from streamgen.model.cache import StreamCache
 from streamgen.model.text import text_context
-from streamgen.models import AvatarModel, decode_dtype_arg, default_decode_dtype, load_model
+from streamgen.models import (
+    AvatarModel,
+    decode_dtype_arg,
+    default_decode_dtype,
+    default_dit_dtype,
+    dit_dtype_arg,
+    load_model,
+)
 from streamgen.sampling import (
     cached_velocity,
     check_cache_from,
@@ -118,24 +125,28 @@ class StreamSession:
         width: int | None = None,
         steps: int | None = None,
         device="cpu",
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = "auto",
         max_audio_ahead_s: float = 600.0,
         decode_dtype: torch.dtype | str | None = "auto",
         cache_from: str | None = None,
         cpu_threads: str = "auto",
     ):
-        """dtype: the DiT's weights and cache (None: a loaded model's own, else load_model's
-        default). decode_dtype: the autoencoder's decoder, a dtype or its name ("auto":
+        """dtype: the DiT's weights and cache, a dtype or its name (None: the model's own, as
+        loaded; "auto": `default_dit_dtype`, bfloat16 for the larger sizes on CPUs with AMX, unless
+        the model was loaded in a dtype asked for; a dtype other than the model's runs a copy of
+        its DiT, `AvatarModel.dit_in`). decode_dtype: the autoencoder's decoder, a dtype or its name ("auto":
         `default_decode_dtype`, bfloat16 on CPUs with AMX; None: as loaded). cache_from: where
         each chunk's keys/values in the ring come from (`streamgen.sampling.CACHE_FROM`; None:
         the model's own, "reencode" unless it was trained otherwise). cpu_threads: on a CPU,
         "auto" runs each stage on one thread unless its work gains from all of them
         (streamgen/cpu_threads.py), "all" every stage on all."""
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = dit_dtype_arg(dtype)
         self.model = (
-            model if isinstance(model, AvatarModel) else load_model(model, device=device, dtype=dtype)
+            model
+            if isinstance(model, AvatarModel)
+            else load_model(model, device=device, dtype=None if dtype == "auto" else dtype)
         )
-        if dtype is None:  # the first parameter is the patch embedding's: never FP8
-            dtype = next(self.model.dit.parameters()).dtype
         if self.model.meta.get("kind") == "teacher":
             raise ValueError(
                 f"{self.model.name} is a bidirectional teacher: it generates whole clips and cannot stream; "
@@ -145,7 +156,7 @@ class StreamSession:
             decode_dtype = decode_dtype_arg(decode_dtype)
         if decode_dtype == "auto":
             decode_dtype = default_decode_dtype(self.model.vae, device)
-        self.dit, self.cfg = self.model.dit, self.model.cfg
+        self.cfg = self.model.cfg
         self.vae = self.model.decoding_vae(decode_dtype)
         self.height = height or self.model.height
         self.width = width or self.model.width
@@ -153,11 +164,14 @@ class StreamSession:
         if self.height % unit or self.width % unit:
             raise ValueError(f"height and width must be multiples of {unit}, got {self.height}x{self.width}")
         self.latent_hw = self.vae.latent_hw(self.height, self.width)
+        if dtype == "auto":
+            dtype = default_dit_dtype(self.model, device, self.latent_hw)
+        self.dit = self.model.dit_in(dtype)
+        self.dtype = next(self.dit.parameters()).dtype  # the patch embedding's: never FP8
         self.steps = steps or self.model.steps
         self.cache_from = check_cache_from(cache_from or self.model.meta.get("cache_from", "reencode"))
         self.sigmas = student_sigmas(self.steps, self.model.shift)
         self.device = torch.device(device)
-        self.dtype = dtype
         self.cpu_threads = check_cpu_threads(cpu_threads)
         self.max_audio_ahead = int(max_audio_ahead_s * SAMPLE_RATE)
         self.cache = None

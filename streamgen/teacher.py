@@ -23,7 +23,7 @@ import torch
 from streamgen.conditioning import Conditions, guided_velocity
 from streamgen.model.audio import SAMPLES_PER_FRAME, VIDEO_FPS, frame_windows, needed_video_frames
 from streamgen.model.text import text_context
-from streamgen.models import AvatarModel, load_model
+from streamgen.models import AvatarModel, dit_dtype_arg, load_model
 from streamgen.sampling import euler_sigmas, sample_euler
 from streamgen.stream import encode_reference, prepare_reference, to_pcm_float
 
@@ -112,18 +112,23 @@ def open_session(
     width=None,
     steps=None,
     device="cpu",
-    dtype=torch.float32,
+    dtype="auto",
     decode_dtype="auto",
     cache_from=None,
 ):
     """StreamSession for a student, TeacherSession for a model whose model.json says kind: teacher
     (which decodes as loaded: its 100 evaluations per window dwarf the decode; it has no cache,
-    so no cache_from)."""
+    so no cache_from). dtype: the student's DiT, as StreamSession takes it (None: as loaded)."""
     from streamgen.stream import StreamSession
 
-    loaded = load_model(model, device=device, dtype=dtype) if isinstance(model, str) else model
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = dit_dtype_arg(dtype)
+    if isinstance(model, str):
+        loaded = load_model(model, device=device, dtype=None if dtype == "auto" else dtype)
+    else:
+        loaded = model
     if loaded.meta.get("kind") == "teacher":
-        if dtype != torch.float32:
+        if dtype not in ("auto", None, torch.float32):
             raise ValueError("a teacher runs in float32 only")
         if cache_from is not None:
             raise ValueError(

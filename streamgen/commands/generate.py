@@ -28,9 +28,10 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="model weights and cache (bf16: AMX CPUs, GPUs)",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="the DiT's weights and cache (auto: bfloat16 from 208x208 up on CPUs with AMX, else float32; "
+        "bfloat16: AMX CPUs, GPUs)",
     )
     p.add_argument(
         "--decode-dtype",
@@ -88,7 +89,6 @@ def run(args) -> int:
 
         relaunch_under_torchrun(args.sp)  # does not return in the launching process
 
-    import torch
     from tqdm import tqdm
 
     from streamgen.model.audio import SAMPLE_RATE
@@ -101,7 +101,8 @@ def run(args) -> int:
             args.width,
             args.steps,
             args.device,
-            getattr(torch, args.dtype),
+            # sequence-parallel ranks run the model as loaded (streamgen.parallel shards that DiT)
+            None if args.dtype == "auto" and args.sp > 1 else args.dtype,
             args.decode_dtype,
             args.cache_from,
         )

@@ -30,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a student's decoder (auto: bfloat16 on CPUs with AMX)",
     )
     parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="a student's DiT (auto: bfloat16 from 208x208 up on CPUs with AMX, else float32)",
+    )
+    parser.add_argument(
         "--cache-from",
         choices=["reencode", "last_step"],
         help="a student's KV cache: each chunk from a clean re-encode or from its last step (default: the model's)",
@@ -100,7 +106,7 @@ def _evaluate(args) -> int:
             report = evaluate(
                 args.model, args.out, args.split, clips, args.size, args.minutes,
                 args.evaluators, args.device, args.steps, progress=bar.update,
-                decode_dtype=args.decode_dtype, cache_from=args.cache_from,
+                decode_dtype=args.decode_dtype, cache_from=args.cache_from, dtype=args.dtype,
             )  # fmt: skip
     except (EvaluatorError, ModelLoadError) as e:
         raise UserError(str(e)) from None

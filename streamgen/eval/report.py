@@ -61,13 +61,20 @@ class ModelLoadError(ValueError):
 
 
 def open_session(
-    model: str, height: int, width: int, device: str, steps: int | None, decode_dtype="auto", cache_from=None
+    model: str,
+    height: int,
+    width: int,
+    device: str,
+    steps: int | None,
+    decode_dtype="auto",
+    cache_from=None,
+    dtype="auto",
 ):
     """A student's StreamSession, or a teacher's TeacherSession (offline windows, 50 steps + CFG)."""
     from streamgen.teacher import open_session as open_any
 
     try:
-        return open_any(model, height, width, steps, device, decode_dtype=decode_dtype, cache_from=cache_from)
+        return open_any(model, height, width, steps, device, dtype, decode_dtype, cache_from)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ModelLoadError(f"cannot load model {model!r}: {e}") from None
 
@@ -85,6 +92,7 @@ def evaluate(
     progress=None,
     decode_dtype="auto",
     cache_from=None,
+    dtype="auto",
 ) -> dict:
     from streamgen.data.world import make_clip, make_stream
 
@@ -105,7 +113,9 @@ def evaluate(
     ev = Evaluators(evaluators_dir)  # fails first, with a clear message, if a checkpoint is missing
     roundtrip = autoencoder_roundtrip(model.removeprefix(ROUNDTRIP)) if model.startswith(ROUNDTRIP) else None
     plain = model == GROUND_TRUTH or roundtrip is not None
-    session = None if plain else open_session(model, size, size, device, steps, decode_dtype, cache_from)
+    session = (
+        None if plain else open_session(model, size, size, device, steps, decode_dtype, cache_from, dtype)
+    )
 
     def produce(clip, seed):
         if roundtrip is not None:
@@ -164,6 +174,7 @@ def evaluate(
         "seconds": round(n_frames / 25, 2),
         "size": size,
         "cache_from": getattr(session, "cache_from", None),  # a student's; None for the others
+        "dtype": str(session.dtype).removeprefix("torch.") if hasattr(session, "dtype") else None,
         "sync_c": float(np.mean([c["sync_c"] for c in per_clip])),
         "sync_d": float(np.mean([c["sync_d"] for c in per_clip])),
         "av_offset_frames": int(np.median([c["av_offset_frames"] for c in per_clip])),

@@ -1,0 +1,148 @@
+"""A session's DiT dtype: "auto" runs a shared bfloat16 copy of a float32 DiT where that is faster
+on the CPU (streamgen.models.default_dit_dtype), and keeps a dtype that was asked for."""
+
+import numpy as np
+import pytest
+import torch
+
+import streamgen.cpu_threads as cpu_threads
+import streamgen.models as models
+from streamgen.cpu_threads import chunk_forward_flop
+from streamgen.model.float8 import float8_linears
+from streamgen.models import load_model
+from streamgen.stream import StreamSession, next_chunks
+
+BF16 = {"atol": 0.0, "rtol": 2**-8}  # bfloat16 rounding of the float32 weights
+
+
+def face(seed=0, size=64):
+    return (np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8)
+
+
+def speech(seconds=3.0):
+    return (np.random.default_rng(0).standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32)
+
+
+def native_bfloat16(monkeypatch, present: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: present)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: present)
+
+
+@pytest.fixture
+def model(monkeypatch):
+    monkeypatch.delenv(models.DTYPE_ENV, raising=False)
+    return load_model("debug")
+
+
+def chunk_flop(model, size=64):
+    return chunk_forward_flop(model.dit, model.vae.latent_hw(size, size), model.cfg.frames_per_chunk)
+
+
+def test_auto_runs_bfloat16_from_the_threshold_on_cpus_with_native_bfloat16(model, monkeypatch):
+    native_bfloat16(monkeypatch, True)
+    monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", chunk_flop(model))
+    a, b = StreamSession(model), StreamSession(model, dtype="auto")
+    assert a.dtype == torch.bfloat16 and a.dit is b.dit  # one copy, shared by the model's sessions
+    assert a.dit is not model.dit and next(model.dit.parameters()).dtype == torch.float32
+    assert a.dit.blocks[0].ffn.up.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        a.dit.blocks[0].ffn.up.weight.float(), model.dit.blocks[0].ffn.up.weight, **BF16
+    )
+    assert StreamSession(model, dtype="bfloat16").dit is a.dit  # the command-line names
+    for kept in (None, torch.float32, "float32"):  # the model's own, or float32 asked for
+        s = StreamSession(model, dtype=kept)
+        assert s.dit is model.dit and s.dtype == torch.float32
+    # below the threshold, or without native bfloat16: float32
+    assert StreamSession(model, height=32, width=32).dit is model.dit
+    monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", chunk_flop(model) + 1)
+    assert StreamSession(model).dit is model.dit
+    monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", 0)
+    native_bfloat16(monkeypatch, False)
+    assert StreamSession(model).dit is model.dit
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        StreamSession(model, dtype="float16")
+
+
+def test_auto_keeps_a_dtype_asked_for_and_an_fp8_dit(monkeypatch):
+    native_bfloat16(monkeypatch, True)
+    monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", 0)
+    monkeypatch.delenv(models.DTYPE_ENV, raising=False)
+    assert StreamSession(load_model("debug")).dtype == torch.bfloat16
+    asked = load_model("debug", dtype=torch.float32)  # `--dtype float32`, or a caller's choice
+    assert asked.dtype_asked and StreamSession(asked).dit is asked.dit
+    monkeypatch.setenv(models.DTYPE_ENV, "float32")  # what `serve --dtype float32` leaves its model process
+    assert StreamSession(load_model("debug")).dtype == torch.float32
+    monkeypatch.delenv(models.DTYPE_ENV)
+    fp8 = load_model("debug")
+    float8_linears(fp8.dit)
+    assert StreamSession(fp8).dit is fp8.dit
+    with pytest.raises(ValueError, match="FP8 DiT runs in the dtype it was loaded in"):
+        fp8.dit_in(torch.bfloat16)
+
+
+def test_a_bfloat16_session_streams_the_float32_frames_and_batches(model, monkeypatch):
+    native_bfloat16(monkeypatch, True)
+    monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", 0)
+    frames = {}
+    for dtype in ("float32", "auto"):
+        s = StreamSession(model, dtype=dtype, decode_dtype=torch.float32)
+        s.start(face(), seed=3)
+        s.push_audio(speech())
+        frames[dtype] = np.concatenate([s.next_chunk()[0] for _ in range(3)]).astype(int)
+    assert s.dtype == torch.bfloat16
+    diff = np.abs(frames["float32"] - frames["auto"])
+    assert diff.max() <= 4 and diff.mean() < 0.5
+    # two bfloat16 sessions of one size share the copy, so their steps run as one batch
+    sessions = []
+    for i in range(2):
+        s = StreamSession(model, decode_dtype=torch.float32)
+        s.start(face(i), seed=i)
+        s.push_audio(speech())
+        sessions.append(s)
+    forwards = []
+    forward = sessions[0].dit.forward
+    monkeypatch.setattr(
+        sessions[0].dit, "forward", lambda x, *a, **k: forwards.append(len(x)) or forward(x, *a, **k)
+    )
+    next_chunks(sessions)
+    assert 2 in forwards
+
+
+def test_a_bfloat16_dit_goes_parallel_at_its_own_threshold(model, monkeypatch):
+    """bfloat16's products are faster and its per-operator cost is not: two threads pay later."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        native_bfloat16(monkeypatch, True)
+        monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", 0)
+        s32, s16 = StreamSession(model, dtype="float32"), StreamSession(model)
+        flop = chunk_flop(model)
+        monkeypatch.setattr(cpu_threads, "DIT_PARALLEL_FLOP", flop)
+        monkeypatch.setattr(cpu_threads, "DIT_PARALLEL_FLOP_HALF", flop + 1)
+        with s32.stage_threads("denoise"):
+            assert torch.get_num_threads() == 2
+        with s16.stage_threads("denoise"):
+            assert torch.get_num_threads() == 1
+        monkeypatch.setattr(cpu_threads, "DIT_PARALLEL_FLOP_HALF", flop)
+        with s16.stage_threads("denoise"):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bench_engine_times_a_bfloat16_dit_against_float32(model, monkeypatch):
+    from bench.engine import measure_size
+
+    native_bfloat16(monkeypatch, True)
+    monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", 0)
+    m = measure_size(
+        model, 32, 32, steps=2, chunks=2, context=4, teacher_frames=2, decode_dtype=torch.float32
+    )
+    assert m["dit_dtype"] == "bfloat16"
+    assert m["dit_float32"]["fps"] > 0 and m["dit_float32"]["bfloat16_speedup"] > 0
+    assert m["cache_max_abs_diff"] <= 0.1  # both sides on the bfloat16 DiT: its rounding, not a mismatch
+    monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", float("inf"))
+    m = measure_size(
+        model, 32, 32, steps=2, chunks=2, context=4, teacher_frames=2, decode_dtype=torch.float32
+    )
+    assert m["dit_dtype"] == "float32" and "dit_float32" not in m
