@@ -14,6 +14,7 @@ import copy
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,8 @@ class AvatarModel:
 
     _decoding_vaes: dict = field(default_factory=dict, repr=False, compare=False)
     _dits: dict = field(default_factory=dict, repr=False, compare=False)
+    # sessions start on several threads at once (the server's lanes): one copy per dtype all the same
+    _copying: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     # the last few streams' starts (reference latent, sink), for the next start of the same
     # reference and text (streamgen/start_memo.py); capacity 0 turns it off
     start_memo: StartMemo = field(default_factory=StartMemo, repr=False, compare=False)
@@ -106,9 +109,10 @@ class AvatarModel:
             return self.dit
         if hasattr(self.dit, "sequence_parallel_groups") or float8_layers(self.dit):
             raise ValueError("a sequence-parallel or FP8 DiT runs in the dtype it was loaded in")
-        if dtype not in self._dits:
-            self._dits[dtype] = copy.deepcopy(self.dit).to(dtype)
-        return self._dits[dtype]
+        with self._copying:
+            if dtype not in self._dits:
+                self._dits[dtype] = copy.deepcopy(self.dit).to(dtype)
+            return self._dits[dtype]
 
     def decoding_vae(self, dtype: torch.dtype | None) -> VideoAutoencoder:
         """The autoencoder with its decoder in `dtype` (None: as loaded), made once per dtype and
@@ -119,9 +123,10 @@ class AvatarModel:
             raise ValueError(
                 f"a decode dtype applies to TinyCausalVAE decoders, not {type(self.vae).__name__}"
             )
-        if dtype not in self._decoding_vaes:
-            self._decoding_vaes[dtype] = self.vae.with_decoder_dtype(dtype)
-        return self._decoding_vaes[dtype]
+        with self._copying:
+            if dtype not in self._decoding_vaes:
+                self._decoding_vaes[dtype] = self.vae.with_decoder_dtype(dtype)
+            return self._decoding_vaes[dtype]
 
 
 # A float32 DiT runs a session in bfloat16 (`default_dit_dtype`) from this much arithmetic a
