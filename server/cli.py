@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "fp8_qk and fp8 (on a CPU triton, flash and cudnn run as sdpa, and the FP8 ones are "
                         "emulated; `streamgen bench gpu` times them)")  # fmt: skip
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="the DiT's weights and cache (auto: float32, and bfloat16 from 208x208 up on CPUs "
+                        help="the DiT's weights and cache (auto: float32, and bfloat16 from 224x224 up on CPUs "
                         "with AMX; bfloat16 on GPUs)")  # fmt: skip
     parser.add_argument("--fp8", action="store_true",
                         help="the DiT's block linears in FP8 (sm_89+ GPUs with --dtype bfloat16; on a CPU it runs, "

@@ -30,7 +30,7 @@ def add_arguments(p) -> None:
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
         default="auto",
-        help="the DiT's weights and cache (auto: bfloat16 from 208x208 up on CPUs with AMX, else float32; "
+        help="the DiT's weights and cache (auto: bfloat16 from 224x224 up on CPUs with AMX, else float32; "
         "bfloat16: AMX CPUs, GPUs)",
     )
     p.add_argument(

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
         default="auto",
-        help="a student's DiT (auto: bfloat16 from 208x208 up on CPUs with AMX, else float32)",
+        help="a student's DiT (auto: bfloat16 from 224x224 up on CPUs with AMX, else float32)",
     )
     parser.add_argument(
         "--cache-from",
