@@ -154,13 +154,12 @@ def run(args) -> int:
 
 def _with_tiny_decoder(args):
     """The model, its autoencoder decoding through the tiny decoder at `args.tiny_decoder`."""
-    import torch
-
     from streamgen.model.tiny_decoder import TinyDecoder, TinyDecoderVAE
-    from streamgen.models import load_model
+    from streamgen.models import dit_dtype_arg, load_model
 
     decoder = TinyDecoder.from_checkpoint(args.tiny_decoder).to(args.device).eval()  # a bad file first
-    model = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    dtype = None if args.dtype == "auto" else dit_dtype_arg(args.dtype)
+    model = load_model(args.model, device=args.device, dtype=dtype)
     model.vae = TinyDecoderVAE(model.vae, decoder)
     return model
 
