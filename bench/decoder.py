@@ -17,6 +17,13 @@ with like on a noisy machine:
   StreamSession decodes with on CPUs with AMX or AVX512-BF16);
 - `autocast_bfloat16`: `phase_conv` under CPU autocast to bfloat16, for comparison.
 
+Per size, `reference_encode` times a session's other use of the autoencoder, the
+reference image's encode at the start of a stream, with the encoder in float32 and in
+bfloat16 (`with_dtypes(encoder=)`, what StreamSession encodes with on such CPUs), each
+on one thread and on all, in alternating rounds; `session_threads` is what a session
+gives it (streamgen/cpu_threads.py), `bfloat16_speedup` the ratio there, and
+`latent_relative_difference` how far the bfloat16 latent is from the float32 one.
+
 Per variant: ms per chunk (median, min), speedup against `upsample_then_conv`,
 and how far its frames are from the reference's in 8-bit levels (max, mean,
 before rounding to uint8; `uint8_changed` is the fraction of uint8 values that
@@ -34,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from streamgen.cpu_threads import CODEC_PARALLEL_PIXELS, intra_op_threads
 from streamgen.media import read_image
 from streamgen.model.upsample import UpsampleConv2d
 from streamgen.model.vae import TinyCausalVAE
@@ -129,7 +137,34 @@ def measure_size(vae: TinyCausalVAE, size: int, latent_frames: int, rounds: int,
             "speedup": round(base / med, 3),
             **_levels(frames[name], frames["upsample_then_conv"]),
         }
+    out["reference_encode"] = reference_encode(vae, size, rounds)
     return out
+
+
+THREADS = {"one": "one_thread", "all": "all_threads"}
+
+
+def reference_encode(vae: TinyCausalVAE, size: int, rounds: int) -> dict:
+    face = prepare_reference(read_image(SAMPLE_FACE), size, size)
+    encoders = {"float32": vae, "bfloat16": vae.with_dtypes(encoder=torch.bfloat16)}
+    latents = {name: encode_reference(e, face, "cpu").float() for name, e in encoders.items()}  # + warm-up
+    ways = [(name, threads) for name in encoders for threads in ("one", "all")]
+    times: dict[tuple, list[float]] = {way: [] for way in ways}
+    for _ in range(rounds):
+        for name, threads in ways:
+            with intra_op_threads(threads == "all"):
+                t = time.perf_counter()
+                encode_reference(encoders[name], face, "cpu")
+                times[name, threads].append(time.perf_counter() - t)
+    ms = {way: float(np.median(t)) * 1000 for way, t in times.items()}
+    session = "all" if vae.first_latent_frames * size * size >= CODEC_PARALLEL_PIXELS else "one"
+    f32, bf16 = latents["float32"], latents["bfloat16"]
+    return {
+        **{f"{name}_ms_{THREADS[threads]}": round(ms[name, threads], 1) for name, threads in ways},
+        "session_threads": session,
+        "bfloat16_speedup": round(ms["float32", session] / ms["bfloat16", session], 3),
+        "latent_relative_difference": float(f"{((bf16 - f32).norm() / f32.norm()).item():.3g}"),
+    }
 
 
 def run(

@@ -69,7 +69,7 @@ def load_sharded(model_name: str, device: str, threads: int | None, sp: int, hei
     latent_height, _ = model.vae.latent_hw(height or model.height, height or model.width)
     dtype = decode_dtype_arg(decode_dtype)
     dtype = default_decode_dtype(model.vae, device) if dtype == "auto" else dtype
-    model.vae = parallel_decoder(model.decoding_vae(dtype), latent_height)  # sessions decode as set here
+    model.vae = parallel_decoder(model.session_vae(dtype), latent_height)  # sessions decode as set here
     log.info("rank %d of %d: %s sharded (%s)", dist.get_rank(), sp, model_name, mode)
     return model, device
 

@@ -89,7 +89,7 @@ class AvatarModel:
     # the DiT's dtype was asked for (load_model's dtype, $STREAMGEN_DTYPE): sessions keep it
     dtype_asked: bool = False
 
-    _decoding_vaes: dict = field(default_factory=dict, repr=False, compare=False)
+    _session_vaes: dict = field(default_factory=dict, repr=False, compare=False)
     _dits: dict = field(default_factory=dict, repr=False, compare=False)
     # sessions start on several threads at once (the server's lanes): one copy per dtype all the same
     _copying: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -114,19 +114,21 @@ class AvatarModel:
                 self._dits[dtype] = copy.deepcopy(self.dit).to(dtype)
             return self._dits[dtype]
 
-    def decoding_vae(self, dtype: torch.dtype | None) -> VideoAutoencoder:
-        """The autoencoder with its decoder in `dtype` (None: as loaded), made once per dtype and
-        shared by every session of this model; the encoder is always the loaded one."""
-        if dtype is None:
+    def session_vae(
+        self, decoder: torch.dtype | None = None, encoder: torch.dtype | None = None
+    ) -> VideoAutoencoder:
+        """The autoencoder with its decoder and encoder in these dtypes (None: as loaded), made
+        once per pair and shared by every session of this model."""
+        if decoder is None and encoder is None:
             return self.vae
         if not isinstance(self.vae, TinyCausalVAE):
             raise ValueError(
-                f"a decode dtype applies to TinyCausalVAE decoders, not {type(self.vae).__name__}"
+                f"a decode or encode dtype applies to TinyCausalVAE autoencoders, not {type(self.vae).__name__}"
             )
         with self._copying:
-            if dtype not in self._decoding_vaes:
-                self._decoding_vaes[dtype] = self.vae.with_decoder_dtype(dtype)
-            return self._decoding_vaes[dtype]
+            if (decoder, encoder) not in self._session_vaes:
+                self._session_vaes[decoder, encoder] = self.vae.with_dtypes(decoder, encoder)
+            return self._session_vaes[decoder, encoder]
 
 
 # A float32 DiT runs a session in bfloat16 (`default_dit_dtype`) from this much arithmetic a
@@ -138,16 +140,18 @@ DIT_BFLOAT16_FLOP = 1.5e9
 DECODE_DTYPES = ("auto", "float32", "bfloat16")  # the command-line spelling of StreamSession's decode_dtype
 
 
-def decode_dtype_arg(name: str) -> torch.dtype | str:
+def decode_dtype_arg(name: str, what: str = "decode dtype") -> torch.dtype | str:
     if name not in DECODE_DTYPES:
-        raise ValueError(f"decode dtype must be one of {', '.join(DECODE_DTYPES)}, got {name!r}")
+        raise ValueError(f"{what} must be one of {', '.join(DECODE_DTYPES)}, got {name!r}")
     return name if name == "auto" else getattr(torch, name)
 
 
 def default_decode_dtype(vae: VideoAutoencoder, device) -> torch.dtype | None:
     """bfloat16 for TinyCausalVAE decoders on CPUs with native bfloat16 (AMX or AVX512-BF16):
     2-3x faster decoding from 128x128 up, frames within 2 uint8 levels of float32 (measured by
-    `streamgen bench decoder`); None (the loaded dtype) everywhere else."""
+    `streamgen bench decoder`); None (the loaded dtype) everywhere else. The same for the
+    encoder of a session's reference image (`StreamSession(encode_dtype="auto")`): 2.5-4x
+    faster, the same scores (README, "Speed on this 2-core CPU")."""
     if not isinstance(vae, TinyCausalVAE) or torch.device(device).type != "cpu":
         return None
     return torch.bfloat16 if cpu_has_native_bfloat16() else None

@@ -113,6 +113,13 @@ CHUNK_STAGES = ("reencode", "audio", "denoise", "decode", "to_host")
 START_STAGES = ("prepare", "reference_encode", "sink")
 
 
+def _autoencoder_dtype(value, vae, device, what: str) -> torch.dtype | None:
+    """A session's decode_dtype or encode_dtype (a dtype, its name, "auto" or None) as a dtype or None."""
+    if isinstance(value, str):
+        value = decode_dtype_arg(value, what)
+    return default_decode_dtype(vae, device) if value == "auto" else value
+
+
 def _run_stage(_stage: str, fn):
     return fn()
 
@@ -130,12 +137,14 @@ class StreamSession:
         decode_dtype: torch.dtype | str | None = "auto",
         cache_from: str | None = None,
         cpu_threads: str = "auto",
+        encode_dtype: torch.dtype | str | None = "auto",
     ):
         """dtype: the DiT's weights and cache, a dtype or its name (None: the model's own, as
         loaded; "auto": `default_dit_dtype`, bfloat16 for the larger sizes on CPUs with AMX, unless
         the model was loaded in a dtype asked for; a dtype other than the model's runs a copy of
         its DiT, `AvatarModel.dit_in`). decode_dtype: the autoencoder's decoder, a dtype or its name ("auto":
-        `default_decode_dtype`, bfloat16 on CPUs with AMX; None: as loaded). cache_from: where
+        `default_decode_dtype`, bfloat16 on CPUs with AMX; None: as loaded); encode_dtype: its encoder,
+        which encodes the reference image at the start, likewise. cache_from: where
         each chunk's keys/values in the ring come from (`streamgen.sampling.CACHE_FROM`; None:
         the model's own, "reencode" unless it was trained otherwise). cpu_threads: on a CPU,
         "auto" runs each stage on one thread unless its work gains from all of them
@@ -152,12 +161,10 @@ class StreamSession:
                 f"{self.model.name} is a bidirectional teacher: it generates whole clips and cannot stream; "
                 "use a distilled student"
             )
-        if isinstance(decode_dtype, str):
-            decode_dtype = decode_dtype_arg(decode_dtype)
-        if decode_dtype == "auto":
-            decode_dtype = default_decode_dtype(self.model.vae, device)
+        decode_dtype = _autoencoder_dtype(decode_dtype, self.model.vae, device, "decode dtype")
+        encode_dtype = _autoencoder_dtype(encode_dtype, self.model.vae, device, "encode dtype")
         self.cfg = self.model.cfg
-        self.vae = self.model.decoding_vae(decode_dtype)
+        self.vae = self.model.session_vae(decode_dtype, encode_dtype)
         self.height = height or self.model.height
         self.width = width or self.model.width
         unit = self.vae.spatial_factor * self.cfg.patch_size[1]
@@ -235,7 +242,9 @@ class StreamSession:
         if stage in ("reencode", "denoise"):  # the chunk against the sink, the full ring and itself
             return dit_threads(self.dit, self.latent_hw, cfg.frames_per_chunk, batch=batch)
         if stage in ("decode", "reference_encode"):
-            frames = self.frames_per_chunk if stage == "decode" else 1
+            # the reference is one latent frame's video frames (the tiny autoencoder encodes the
+            # image as that many copies: at 320x320 two threads encode it 1.75x faster than one)
+            frames = self.frames_per_chunk if stage == "decode" else self.vae.first_latent_frames
             return codec_threads(frames, self.height, self.width, batch)
         if stage == "audio":  # the audio encoder's few small convolutions, whatever the video's size
             return intra_op_threads(False)
@@ -271,7 +280,8 @@ class StreamSession:
         elif text is not None:
             raise ValueError("give a text or a context, not both")
         self.context = context.to(self.device, self.dtype)
-        self.vae_dtype = next(self.vae.parameters()).dtype  # the encoder's: latents in, frames out
+        # the loaded autoencoder's: latents go into the decoder and frames come out in it
+        self.vae_dtype = next(self.model.vae.parameters()).dtype
         self._pending = None
         if self.cache is None:
             self.cache = self.dit.new_cache(1, self.latent_hw, self.dtype, self.device)

@@ -115,6 +115,7 @@ def open_session(
     dtype="auto",
     decode_dtype="auto",
     cache_from=None,
+    encode_dtype="auto",
 ):
     """StreamSession for a student, TeacherSession for a model whose model.json says kind: teacher
     (which decodes as loaded: its 100 evaluations per window dwarf the decode; it has no cache,
@@ -137,5 +138,5 @@ def open_session(
         return TeacherSession(loaded, height, width, steps=steps or 50, device=device)
     return StreamSession(
         loaded, height=height, width=width, steps=steps, device=device, dtype=dtype,
-        decode_dtype=decode_dtype, cache_from=cache_from,
+        decode_dtype=decode_dtype, cache_from=cache_from, encode_dtype=encode_dtype,
     )  # fmt: skip

@@ -131,6 +131,10 @@ def test_bench_decoder_times_every_variant_and_measures_its_distance(tmp_path):
     assert size["upsample_then_conv"]["speedup"] == 1.0 and size["upsample_then_conv"]["max_levels"] == 0
     assert size["phase_conv"]["max_levels"] < 0.01  # the same function, sums reassociated
     assert 0 < size["bfloat16"]["max_levels"] < 10 and size["bfloat16"]["uint8_changed"] < 0.5
+    encode = size["reference_encode"]  # the reference image's encode, float32 against bfloat16
+    assert encode["session_threads"] == "one"  # 4 x 32 x 32 pixels: far below two threads' threshold
+    assert encode["float32_ms_one_thread"] > 0 and encode["bfloat16_ms_all_threads"] > 0
+    assert encode["bfloat16_speedup"] > 0 and 0 < encode["latent_relative_difference"] < 0.02
     assert png.stat().st_size > 0
 
 

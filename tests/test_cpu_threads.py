@@ -110,8 +110,11 @@ def test_the_thresholds_count_the_stages_work(model, two_threads, monkeypatch):
     monkeypatch.setattr(cpu_threads, "CODEC_PARALLEL_PIXELS", s.frames_per_chunk * s.height * s.width)
     with s.stage_threads("decode"):
         assert torch.get_num_threads() == 2
-    with s.stage_threads("reference_encode"):  # one frame
-        assert torch.get_num_threads() == 1
+    with s.stage_threads("reference_encode"):  # one latent frame: fewer video frames than a chunk's
+        assert s.vae.first_latent_frames < s.frames_per_chunk and torch.get_num_threads() == 1
+    monkeypatch.setattr(cpu_threads, "CODEC_PARALLEL_PIXELS", s.vae.first_latent_frames * s.height * s.width)
+    with s.stage_threads("reference_encode"):
+        assert torch.get_num_threads() == 2
 
 
 def test_all_leaves_every_stage_on_all_threads_with_the_same_frames(model, two_threads):

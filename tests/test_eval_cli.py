@@ -51,6 +51,11 @@ def test_eval_of_a_student_says_where_its_cache_came_from(tmp_path, capsys):
     assert main([*student, "--out", str(tmp_path / "student")]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["cache_from"] == "last_step" and report["black_frames"] == 0
+    # and in what precision its DiT and its reference encoder ran
+    asked = ["--dtype", "bfloat16", "--encode-dtype", "float32", "--out", str(tmp_path / "bf16")]
+    assert main([*student, *asked]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["dtype"] == "bfloat16" and report["encode_dtype"] == "float32"
     teacher = ["eval", "--model", "tiny-avatar-teacher", "--cache-from", "last_step", "--clips", "1"]
     assert main([*teacher, "--out", str(tmp_path / "teacher")]) == 2
     assert "cache_from applies to students" in capsys.readouterr().err

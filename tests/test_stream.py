@@ -211,25 +211,49 @@ def test_batched_sessions_make_the_frames_they_would_make_alone(model, cache_fro
     assert not np.array_equal(got[0][0], got[1][0])  # rows are not mixed up
 
 
-def test_decode_dtype_auto_follows_the_cpu_and_sessions_share_one_decoder(monkeypatch):
-    """auto: bf16 decoder where the CPU has native bf16, float32 elsewhere; one copy per model."""
+def test_autoencoder_dtypes_auto_follow_the_cpu_and_sessions_share_one_copy(monkeypatch):
+    """auto: a bf16 decoder and reference encoder where the CPU has native bf16, float32 elsewhere;
+    one copy per pair of dtypes and model."""
     model = load_model("debug")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert StreamSession(model).vae is model.vae
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    a, b = StreamSession(model), StreamSession(model, decode_dtype=torch.bfloat16)
-    assert a.vae is b.vae and a.vae.dec_in.weight.dtype == torch.bfloat16
-    assert StreamSession(model, decode_dtype=torch.float32).vae is model.vae
-    assert StreamSession(model, decode_dtype=None).vae is model.vae
-    assert StreamSession(model, decode_dtype="float32").vae is model.vae  # the command-line names
-    assert StreamSession(model, decode_dtype="bfloat16").vae is a.vae
+    a = StreamSession(model)
+    assert a.vae is StreamSession(model, decode_dtype=torch.bfloat16, encode_dtype="bfloat16").vae
+    assert a.vae.dec_in.weight.dtype == torch.bfloat16 and a.vae.enc[0].weight.dtype == torch.bfloat16
+    assert model.vae.dec_in.weight.dtype == model.vae.enc[0].weight.dtype == torch.float32
+    for kept in (torch.float32, None, "float32"):  # the command-line names too
+        assert StreamSession(model, decode_dtype=kept, encode_dtype=kept).vae is model.vae
+    decoder_only = StreamSession(model, encode_dtype=torch.float32).vae
+    assert decoder_only.dec_in.weight.dtype == torch.bfloat16 and decoder_only.enc is model.vae.enc
+    encoder_only = StreamSession(model, decode_dtype=None).vae
+    assert encoder_only.enc[0].weight.dtype == torch.bfloat16 and encoder_only.dec is model.vae.dec
     with pytest.raises(ValueError, match="decode dtype must be one of"):
         StreamSession(model, decode_dtype="float16")
+    with pytest.raises(ValueError, match="encode dtype must be one of"):
+        StreamSession(model, encode_dtype="float16")
     other = dataclasses.replace(model, vae=torch.nn.Identity())  # an autoencoder without a separable decoder
-    assert other.decoding_vae(None) is other.vae
+    assert other.session_vae(None) is other.vae
     with pytest.raises(ValueError, match="applies to TinyCausalVAE"):
-        other.decoding_vae(torch.bfloat16)
+        other.session_vae(torch.bfloat16)
+
+
+def test_a_bfloat16_reference_encode_starts_the_stream_near_float32(model):
+    """The reference latent from the bf16 encoder: within bf16's rounding of the fp32 one, and the
+    frames of the stream it starts within a few levels."""
+    latents, frames = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        s = StreamSession(model, decode_dtype=torch.float32, encode_dtype=dtype)
+        s.start(face(), seed=3)
+        s.push_audio(speech(1.0))
+        latents[dtype] = s.reference_latent.float()
+        frames[dtype] = np.concatenate([s.next_chunk()[0] for _ in range(2)]).astype(int)
+    assert s.reference_latent.dtype == s.dtype  # the DiT's, whatever the encoder's
+    rel = (latents[torch.bfloat16] - latents[torch.float32]).norm() / latents[torch.float32].norm()
+    assert 0 < rel < 0.02
+    diff = np.abs(frames[torch.float32] - frames[torch.bfloat16])
+    assert diff.max() <= 4 and diff.mean() < 0.5
 
 
 def test_bfloat16_decoder_frames_are_within_two_levels(model):

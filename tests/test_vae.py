@@ -378,3 +378,20 @@ def test_bfloat16_decoder_shares_the_encoder_and_stays_close():
     assert half_full.dtype == torch.float32
     assert 0 < (half_full - full).abs().max() < 0.05  # bf16 rounding, a few 8-bit levels at most
     assert torch.equal(decode_in_chunks(half, z, [1, 2]), half_full)  # the stream state is bf16 too
+
+
+@torch.no_grad()
+def test_bfloat16_encoder_copy_shares_the_decoder_and_stays_close():
+    torch.manual_seed(0)
+    vae = TinyCausalVAE(latent_channels=4, widths=(8, 12, 16), res_blocks=1).eval()
+    assert vae.with_dtypes() is vae and vae.with_dtypes(torch.float32, torch.float32) is vae
+    enc = vae.with_dtypes(encoder=torch.bfloat16)
+    assert enc.dec is vae.dec and enc.dec_in is vae.dec_in and enc.dec_mix is vae.dec_mix
+    assert enc.enc[0].weight.dtype == enc.enc_mix.weight.dtype == enc.enc_out.weight.dtype == torch.bfloat16
+    assert vae.enc[0].weight.dtype == torch.float32
+    both = vae.with_dtypes(torch.bfloat16, torch.bfloat16)
+    assert both.dec_in.weight.dtype == both.enc_out.weight.dtype == torch.bfloat16
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    full, half = vae.encode_reference(image), enc.encode_reference(image.bfloat16())
+    assert half.dtype == torch.float32  # normalised by the fp32 latent statistics
+    assert 0 < (half - full).abs().max() < 0.05 * full.abs().max()

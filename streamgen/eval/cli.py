@@ -30,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a student's decoder (auto: bfloat16 on CPUs with AMX)",
     )
     parser.add_argument(
+        "--encode-dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="a student's encoder of the reference image (auto: bfloat16 on CPUs with AMX)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
         default="auto",
@@ -107,6 +113,7 @@ def _evaluate(args) -> int:
                 args.model, args.out, args.split, clips, args.size, args.minutes,
                 args.evaluators, args.device, args.steps, progress=bar.update,
                 decode_dtype=args.decode_dtype, cache_from=args.cache_from, dtype=args.dtype,
+                encode_dtype=args.encode_dtype,
             )  # fmt: skip
     except (EvaluatorError, ModelLoadError) as e:
         raise UserError(str(e)) from None

@@ -69,14 +69,25 @@ def open_session(
     decode_dtype="auto",
     cache_from=None,
     dtype="auto",
+    encode_dtype="auto",
 ):
     """A student's StreamSession, or a teacher's TeacherSession (offline windows, 50 steps + CFG)."""
     from streamgen.teacher import open_session as open_any
 
     try:
-        return open_any(model, height, width, steps, device, dtype, decode_dtype, cache_from)
+        return open_any(model, height, width, steps, device, dtype, decode_dtype, cache_from, encode_dtype)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ModelLoadError(f"cannot load model {model!r}: {e}") from None
+
+
+def _session_dtypes(session) -> dict:
+    """The dtypes a session's DiT and reference encoder ran in (None for the rows without a model)."""
+    if session is None:
+        return {"dtype": None, "encode_dtype": None}
+    return {
+        "dtype": str(next(session.dit.parameters()).dtype).removeprefix("torch."),
+        "encode_dtype": str(next(session.vae.parameters()).dtype).removeprefix("torch."),
+    }
 
 
 def evaluate(
@@ -93,6 +104,7 @@ def evaluate(
     decode_dtype="auto",
     cache_from=None,
     dtype="auto",
+    encode_dtype="auto",
 ) -> dict:
     from streamgen.data.world import make_clip, make_stream
 
@@ -113,9 +125,11 @@ def evaluate(
     ev = Evaluators(evaluators_dir)  # fails first, with a clear message, if a checkpoint is missing
     roundtrip = autoencoder_roundtrip(model.removeprefix(ROUNDTRIP)) if model.startswith(ROUNDTRIP) else None
     plain = model == GROUND_TRUTH or roundtrip is not None
-    session = (
-        None if plain else open_session(model, size, size, device, steps, decode_dtype, cache_from, dtype)
-    )
+    session = None
+    if not plain:
+        session = open_session(
+            model, size, size, device, steps, decode_dtype, cache_from, dtype, encode_dtype
+        )
 
     def produce(clip, seed):
         if roundtrip is not None:
@@ -174,7 +188,7 @@ def evaluate(
         "seconds": round(n_frames / 25, 2),
         "size": size,
         "cache_from": getattr(session, "cache_from", None),  # a student's; None for the others
-        "dtype": str(session.dtype).removeprefix("torch.") if hasattr(session, "dtype") else None,
+        **_session_dtypes(session),
         "sync_c": float(np.mean([c["sync_c"] for c in per_clip])),
         "sync_d": float(np.mean([c["sync_d"] for c in per_clip])),
         "av_offset_frames": int(np.median([c["av_offset_frames"] for c in per_clip])),
