@@ -31,7 +31,10 @@ the warm-up that compiled them. Everything else is measured eager.
 
 The decoder runs as a session's does (`--decode-dtype`, default auto: bf16 on
 CPUs with AMX); when that is bf16, every size also gets `decode_float32`: the
-session with an fp32 decoder against the bf16 one, in alternating rounds.
+session with an fp32 decoder against the bf16 one, in alternating rounds. Likewise
+the DiT (`--dtype`, default auto: bf16 on such CPUs where a chunk's forward reaches
+1.5 GFLOP; `dit_float32`, `dit_dtype`) and the reference image's encoder (auto: bf16
+on such CPUs; `encode_float32`, which compares a new avatar's first chunk).
 
 Each stage runs on the threads a session gives it (`--cpu-threads`, default auto:
 one thread unless its work gains from all, streamgen/cpu_threads.py; the DiT
@@ -74,13 +77,14 @@ def session_speed(
     cache_from=None,
     cpu_threads="auto",
     dtype="auto",
+    encode_dtype="auto",
 ) -> dict:
     rng = np.random.default_rng(seed)
     face = (rng.random((height, width, 3)) * 255).astype(np.uint8)
     speech = (rng.standard_normal(16000 * 60) * 0.1).astype(np.float32)
     session = StreamSession(
         model, height=height, width=width, steps=steps, dtype=dtype, decode_dtype=decode_dtype,
-        cache_from=cache_from, cpu_threads=cpu_threads,
+        cache_from=cache_from, cpu_threads=cpu_threads, encode_dtype=encode_dtype,
     )  # fmt: skip
     # warm-up session: first-call allocations and kernel selection, as a warmed server has done
     session.start(face, seed=seed)
@@ -170,7 +174,8 @@ def measure_size(
 ) -> dict:
     """Every per-size figure: the session end to end, cache_speedup and teacher_speedup (on the DiT
     the session runs); when the session's DiT runs in bfloat16, the session against the same with
-    its DiT in float32 too, and likewise for the decoder; under cpu_threads "auto", the session
+    its DiT in float32 too, and likewise for the decoder and (a new avatar's first chunk) the
+    reference image's encoder; under cpu_threads "auto", the session
     against the same with every stage on all threads."""
     latent_hw = model.vae.latent_hw(height, width)
     dit = session_dit(model, latent_hw)
@@ -184,6 +189,10 @@ def measure_size(
         out["dit_float32"] = float32_speedup(model, height, width, steps, few, "dtype", **session)
     if _resolved(model, decode_dtype) == torch.bfloat16:
         out["decode_float32"] = float32_speedup(model, height, width, steps, few, "decode_dtype", **session)
+    if _resolved(model, "auto") == torch.bfloat16:  # the reference encoder: a new avatar's first chunk
+        out["encode_float32"] = float32_speedup(
+            model, height, width, steps, few, "encode_dtype", key="first_chunk_ms", **session
+        )
     out["cache_from_last_step"] = cache_from_speedup(model, height, width, steps, few, dit=dit, **session)
     out.update(cache_speedup(model, latent_hw, steps, max(3, chunks // 4), context, cpu_threads, dit=dit))
     out.update(teacher_speedup(model, latent_hw, teacher_frames, [4, 2, 1], cpu_threads=cpu_threads, dit=dit))
@@ -203,14 +212,17 @@ def _name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def alternating_fps(model, height, width, steps, chunks, variants: dict, rounds=2, **session) -> dict:
-    """name -> the session's fps with those `session_speed` keyword arguments (over `session`'s),
-    the median over rounds that run every variant in turn (the machine's load hits them alike)."""
+def alternating_fps(
+    model, height, width, steps, chunks, variants: dict, rounds=2, key="fps", **session
+) -> dict:
+    """name -> the session's fps (or another `session_speed` figure, `key`) with those
+    `session_speed` keyword arguments (over `session`'s), the median over rounds that run every
+    variant in turn (the machine's load hits them alike)."""
     runs = {name: [] for name in variants}
     for _ in range(rounds):
         for name, kwargs in variants.items():
             runs[name].append(
-                session_speed(model, height, width, steps, chunks, **{**session, **kwargs})["fps"]
+                session_speed(model, height, width, steps, chunks, **{**session, **kwargs})[key]
             )
     return {name: float(np.median(v)) for name, v in runs.items()}
 
@@ -228,15 +240,19 @@ def cpu_threads_speedup(model, height, width, steps, chunks, rounds=2, **session
     }
 
 
-def float32_speedup(model, height, width, steps, chunks, setting: str, rounds=2, **session) -> dict:
-    """The session as configured, whose DiT (`setting` "dtype") or decoder ("decode_dtype") runs in
-    bfloat16, against the same with that part in float32, alternating rounds."""
+def float32_speedup(
+    model, height, width, steps, chunks, setting: str, rounds=2, key="fps", **session
+) -> dict:
+    """The session as configured, whose DiT (`setting` "dtype"), decoder ("decode_dtype") or
+    reference encoder ("encode_dtype") runs in bfloat16, against the same with that part in
+    float32, alternating rounds: their fps, or their `key` ("first_chunk_ms": a new avatar's)."""
     variants = {"float32": {setting: torch.float32}, "bfloat16": {}}
-    fps = alternating_fps(model, height, width, steps, chunks, variants, rounds, **session)
+    got = alternating_fps(model, height, width, steps, chunks, variants, rounds, key, **session)
+    speedup = got["bfloat16"] / got["float32"] if key == "fps" else got["float32"] / got["bfloat16"]
     return {
-        "fps": round(fps["float32"], 2),
-        "bfloat16_fps": round(fps["bfloat16"], 2),
-        "bfloat16_speedup": round(fps["bfloat16"] / fps["float32"], 3),
+        key: round(got["float32"], 2),
+        f"bfloat16_{key}": round(got["bfloat16"], 2),
+        "bfloat16_speedup": round(speedup, 3),
     }
 
 

@@ -116,6 +116,10 @@ def test_bench_engine_prints_one_json_object(tmp_path):
     if result["decode_dtype"] == "bfloat16":  # auto on a CPU with native bf16: timed against float32 too
         for m in (result, entry):
             assert m["decode_float32"]["fps"] > 0 and m["decode_float32"]["bfloat16_speedup"] > 0
+            encode = m["encode_float32"]  # the reference encoder: a new avatar's first chunk
+            assert encode["first_chunk_ms"] > 0 and encode["bfloat16_first_chunk_ms"] > 0
+    for m in (result, entry):  # 32x32, 48x48: far below the bf16 DiT's threshold
+        assert m["dit_dtype"] == "float32" and "dit_float32" not in m
 
 
 def test_bench_decoder_times_every_variant_and_measures_its_distance(tmp_path):
