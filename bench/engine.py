@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from bench.engine_baselines import cache_speedup, session_dit_threads, teacher_speedup
+from streamgen.cli import add_dtype_option
 from streamgen.models import decode_dtype_arg, default_decode_dtype, default_dit_dtype, load_model
 from streamgen.sampling import (
     encode_sink,
@@ -449,18 +450,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--sweep", type=int, nargs="*", default=(), help="also measure everything at these square sizes"
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument(
+    add_dtype_option(
+        p,
         "--dtype",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="DiT weights and cache (auto: a session's default, bfloat16 where faster on CPUs with AMX, "
+        "DiT weights and cache (auto: a session's default, bfloat16 where faster on CPUs with AMX, "
         "also timed against float32)",
     )
-    p.add_argument(
+    add_dtype_option(
+        p,
         "--decode-dtype",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="the autoencoder's decoder (auto: bfloat16 on CPUs with AMX); a bfloat16 decoder is also timed against float32",
+        "the autoencoder's decoder (auto: bfloat16 on CPUs with AMX); a bfloat16 decoder is also timed against float32",
     )
     p.add_argument(
         "--cpu-threads",

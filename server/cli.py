@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from streamgen.cli import add_dtype_option
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-avatar", help="model name or directory (default tiny-avatar)")
@@ -18,17 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention backend: sdpa (the default), flex, triton, flash, cudnn, or in FP8 "
                         "fp8_qk and fp8 (on a CPU triton, flash and cudnn run as sdpa, and the FP8 ones are "
                         "emulated; `streamgen bench gpu` times them)")  # fmt: skip
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="the DiT's weights and cache (auto: float32, and bfloat16 from 224x224 up on CPUs "
-                        "with AMX; bfloat16 on GPUs)")  # fmt: skip
+    add_dtype_option(parser, "--dtype", "the DiT's weights and cache (auto: float32, and bfloat16 from 224x224 up "
+                     "on CPUs with AMX; bfloat16 on GPUs)")  # fmt: skip
     parser.add_argument("--fp8", action="store_true",
                         help="the DiT's block linears in FP8 (sm_89+ GPUs with --dtype bfloat16; on a CPU it runs, "
                         "slower than float32)")  # fmt: skip
     parser.add_argument("--cache-from", choices=["reencode", "last_step"], default=None,
                         help="each chunk's keys/values in the KV cache: from a clean re-encode or from its last "
                         "denoising step (one forward fewer per chunk; default: the model's own)")  # fmt: skip
-    parser.add_argument("--decode-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="the autoencoder's decoder (auto: bfloat16 on CPUs with AMX, 2-3x faster)")  # fmt: skip
+    add_dtype_option(parser, "--decode-dtype", "the autoencoder's decoder (auto: bfloat16 on CPUs with AMX, "
+                     "2-3x faster)")  # fmt: skip
     parser.add_argument(
         "--threads", type=int, default=None,
         help="torch CPU threads (default on CPU: 1, leaving the other cores to encoding and networking; "

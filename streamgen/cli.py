@@ -25,6 +25,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# the command-line spelling of a session's dtypes (its DiT's, decoder's, reference encoder's):
+# "auto" is what a session picks on this machine (streamgen.models: default_dit_dtype,
+# default_decode_dtype)
+SESSION_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def add_dtype_option(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    parser.add_argument(flag, choices=SESSION_DTYPES, default="auto", help=help)
+
+
 class UserError(Exception):
     """An error the user caused (bad file, bad argument): printed as one line, exit code 2."""
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from streamgen.cli import SESSION_DTYPES
 from streamgen.cpu_threads import chunk_forward_flop
 from streamgen.model.config import FLAVORS, ModelConfig, get_config
 from streamgen.model.float8 import float8_layers
@@ -137,7 +138,7 @@ class AvatarModel:
 # 0.98x at 0.74 GFLOP (160x160), 1.05x at 1.19 (192x192), 1.16x at 1.83 (224x224), 1.27x at
 # 2.7 (256x256), 1.5x at 5.4 (320x320).
 DIT_BFLOAT16_FLOP = 1.5e9
-DECODE_DTYPES = ("auto", "float32", "bfloat16")  # the command-line spelling of StreamSession's decode_dtype
+DECODE_DTYPES = SESSION_DTYPES  # the command-line spelling of StreamSession's decode_dtype and encode_dtype
 
 
 def decode_dtype_arg(name: str, what: str = "decode dtype") -> torch.dtype | str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from streamgen.cli import add_dtype_option
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
@@ -26,18 +28,16 @@ def add_arguments(p) -> None:
         "its last denoising step (one forward fewer per chunk); default: the model's own",
     )
     p.add_argument("--device", default="cpu")
-    p.add_argument(
+    add_dtype_option(
+        p,
         "--dtype",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="the DiT's weights and cache (auto: bfloat16 from 224x224 up on CPUs with AMX, else float32; "
+        "the DiT's weights and cache (auto: bfloat16 from 224x224 up on CPUs with AMX, else float32; "
         "bfloat16: AMX CPUs, GPUs)",
     )
-    p.add_argument(
+    add_dtype_option(
+        p,
         "--decode-dtype",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="the autoencoder's decoder (auto: bfloat16 on CPUs with AMX, 2-3x faster, frames within 2 levels)",
+        "the autoencoder's decoder (auto: bfloat16 on CPUs with AMX, 2-3x faster, frames within 2 levels)",
     )
     p.add_argument(
         "--attention",

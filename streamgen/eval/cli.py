@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from streamgen.cli import add_dtype_option
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -23,23 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evaluators", type=Path, help="evaluator checkpoint folder (default: bundled)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, help="denoising steps for the model (default: the model's)")
-    parser.add_argument(
-        "--decode-dtype",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="a student's decoder (auto: bfloat16 on CPUs with AMX)",
-    )
-    parser.add_argument(
+    add_dtype_option(parser, "--decode-dtype", "a student's decoder (auto: bfloat16 on CPUs with AMX)")
+    add_dtype_option(
+        parser,
         "--encode-dtype",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="a student's encoder of the reference image (auto: bfloat16 on CPUs with AMX)",
+        "a student's encoder of the reference image (auto: bfloat16 on CPUs with AMX)",
     )
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="a student's DiT (auto: bfloat16 from 224x224 up on CPUs with AMX, else float32)",
+    add_dtype_option(
+        parser, "--dtype", "a student's DiT (auto: bfloat16 from 224x224 up on CPUs with AMX, else float32)"
     )
     parser.add_argument(
         "--cache-from",
