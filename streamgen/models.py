@@ -151,7 +151,7 @@ def default_decode_dtype(vae: VideoAutoencoder, device) -> torch.dtype | None:
     """bfloat16 for TinyCausalVAE decoders on CPUs with native bfloat16 (AMX or AVX512-BF16):
     2-3x faster decoding from 128x128 up, frames within 2 uint8 levels of float32 (measured by
     `streamgen bench decoder`); None (the loaded dtype) everywhere else. The same for the
-    encoder of a session's reference image (`StreamSession(encode_dtype="auto")`): 2.5-4x
+    encoder of a session's reference image (`StreamSession(encode_dtype="auto")`): 2.2-2.9x
     faster, the same scores (README, "Speed on this 2-core CPU")."""
     if not isinstance(vae, TinyCausalVAE) or torch.device(device).type != "cpu":
         return None

@@ -184,7 +184,7 @@ class TinyCausalVAE(VideoAutoencoder):
         """This autoencoder with its decoder's and encoder's weights in these dtypes (None: as
         they are); self when nothing changes. A copy that shares this one's unchanged modules.
         Latents go in and frames come out in the caller's dtype, as before; an encoder in
-        bfloat16 gives latents in bfloat16 (on CPUs with AMX a reference image encodes 2.5-4x
+        bfloat16 gives latents in bfloat16 (on CPUs with AMX a reference image encodes 2.2-2.9x
         faster, `streamgen bench decoder`'s `reference_encode`)."""
         changed = {}
         for names, dtype in ((self.DECODER, decoder), (self.ENCODER, encoder)):
