@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from streamgen.cpu_threads import CODEC_PARALLEL_PIXELS, intra_op_threads
+from streamgen.cpu_threads import codec_threads, intra_op_threads
 from streamgen.media import read_image
 from streamgen.model.upsample import UpsampleConv2d
 from streamgen.model.vae import TinyCausalVAE
@@ -157,7 +157,8 @@ def reference_encode(vae: TinyCausalVAE, size: int, rounds: int) -> dict:
                 encode_reference(encoders[name], face, "cpu")
                 times[name, threads].append(time.perf_counter() - t)
     ms = {way: float(np.median(t)) * 1000 for way, t in times.items()}
-    session = "all" if vae.first_latent_frames * size * size >= CODEC_PARALLEL_PIXELS else "one"
+    with codec_threads(vae.first_latent_frames, size, size) as n:  # as a session's start runs it
+        session = "one" if n == 1 else "all"
     f32, bf16 = latents["float32"], latents["bfloat16"]
     return {
         **{f"{name}_ms_{THREADS[threads]}": round(ms[name, threads], 1) for name, threads in ways},

@@ -54,7 +54,7 @@ import torch
 
 from bench.engine_baselines import cache_speedup, session_dit_threads, teacher_speedup
 from streamgen.cli import add_dtype_option
-from streamgen.models import decode_dtype_arg, default_decode_dtype, default_dit_dtype, load_model
+from streamgen.models import autoencoder_dtype, default_dit_dtype, load_model
 from streamgen.sampling import (
     encode_sink,
     generate_chunk,
@@ -188,9 +188,11 @@ def measure_size(
         out["cpu_threads_all"] = cpu_threads_speedup(model, height, width, steps, few, **session)
     if dit is not model.dit:
         out["dit_float32"] = float32_speedup(model, height, width, steps, few, "dtype", **session)
-    if _resolved(model, decode_dtype) == torch.bfloat16:
+    if autoencoder_dtype(decode_dtype, model.vae, "cpu") == torch.bfloat16:
         out["decode_float32"] = float32_speedup(model, height, width, steps, few, "decode_dtype", **session)
-    if _resolved(model, "auto") == torch.bfloat16:  # the reference encoder: a new avatar's first chunk
+    if (
+        autoencoder_dtype("auto", model.vae, "cpu") == torch.bfloat16
+    ):  # the reference encoder: a new avatar's first chunk
         out["encode_float32"] = float32_speedup(
             model, height, width, steps, few, "encode_dtype", key="first_chunk_ms", **session
         )
@@ -203,10 +205,6 @@ def measure_size(
 def session_dit(model, latent_hw):
     """The DiT a session of `model` at `latent_hw` runs on this CPU (dtype "auto")."""
     return model.dit_in(default_dit_dtype(model, "cpu", latent_hw))
-
-
-def _resolved(model, decode_dtype):
-    return default_decode_dtype(model.vae, "cpu") if decode_dtype == "auto" else decode_dtype
 
 
 def _name(dtype) -> str:
@@ -366,7 +364,7 @@ def run(
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     # "auto": loaded in float32, each size's sessions in bfloat16 where that is faster (default_dit_dtype)
-    model = load_model(flavor, dtype=None if dtype == "auto" else getattr(torch, dtype))
+    model = load_model(flavor, dtype=dtype)
     result = {
         "flavor": flavor,
         "height": height,
@@ -376,8 +374,7 @@ def run(
         "trained": model.trained,
         "cpu_threads": cpu_threads,
     }
-    decode_dtype = decode_dtype_arg(decode_dtype)
-    resolved = _resolved(model, decode_dtype)
+    resolved = autoencoder_dtype(decode_dtype, model.vae, "cpu")
     result["decode_dtype"] = _name(resolved or next(model.vae.parameters()).dtype)
     per_size = {"decode_dtype": decode_dtype, "cpu_threads": cpu_threads}
     main_size = measure_size(model, height, width, steps, chunks, context, teacher_frames, **per_size)

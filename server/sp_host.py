@@ -53,7 +53,7 @@ def load_sharded(model_name: str, device: str, threads: int | None, sp: int, hei
                  decode_dtype: str = "auto"):  # fmt: skip
     """The same on every process, in the same order (the mesh and groups are collective):
     load the model, shard the DiT, decode in bands (when the latent height divides) in `decode_dtype`."""
-    from streamgen.models import decode_dtype_arg, default_decode_dtype, load_model
+    from streamgen.models import autoencoder_dtype, load_model
     from streamgen.parallel.apply import apply_sequence_parallel
     from streamgen.parallel.launch import init_process_group, init_sequence_parallel
     from streamgen.parallel.vae import parallel_decoder
@@ -67,8 +67,7 @@ def load_sharded(model_name: str, device: str, threads: int | None, sp: int, hei
     mesh, mode = init_sequence_parallel(sp, model.cfg.num_heads)
     apply_sequence_parallel(model.dit, mesh, mode)
     latent_height, _ = model.vae.latent_hw(height or model.height, height or model.width)
-    dtype = decode_dtype_arg(decode_dtype)
-    dtype = default_decode_dtype(model.vae, device) if dtype == "auto" else dtype
+    dtype = autoencoder_dtype(decode_dtype, model.vae, device)
     model.vae = parallel_decoder(model.session_vae(dtype), latent_height)  # sessions decode as set here
     log.info("rank %d of %d: %s sharded (%s)", dist.get_rank(), sp, model_name, mode)
     return model, device

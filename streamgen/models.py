@@ -60,8 +60,7 @@ def use_precision(dtype: str | None = None, fp8: bool = False) -> None:
     (streamgen.model.float8) the precision of the models loaded from now on without a dtype of
     their own, here and in processes started from here."""
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dit_dtype_arg(dtype)  # a DTYPES name, or ValueError
         os.environ[DTYPE_ENV] = dtype
     if fp8:
         os.environ[FP8_ENV] = "1"
@@ -108,7 +107,7 @@ class AvatarModel:
         loaded = next(self.dit.parameters()).dtype  # the patch embedding's: never FP8
         if dtype is None or dtype == loaded:
             return self.dit
-        if hasattr(self.dit, "sequence_parallel_groups") or float8_layers(self.dit):
+        if _runs_as_loaded(self.dit):
             raise ValueError("a sequence-parallel or FP8 DiT runs in the dtype it was loaded in")
         with self._copying:
             if dtype not in self._dits:
@@ -147,6 +146,14 @@ def decode_dtype_arg(name: str, what: str = "decode dtype") -> torch.dtype | str
     return name if name == "auto" else getattr(torch, name)
 
 
+def autoencoder_dtype(value, vae: VideoAutoencoder, device, what: str = "decode dtype") -> torch.dtype | None:
+    """A session's decode_dtype or encode_dtype (`what`): a dtype, its name, None (as loaded) or
+    "auto" (`default_decode_dtype`), as a dtype or None."""
+    if isinstance(value, str):
+        value = decode_dtype_arg(value, what)
+    return default_decode_dtype(vae, device) if value == "auto" else value
+
+
 def default_decode_dtype(vae: VideoAutoencoder, device) -> torch.dtype | None:
     """bfloat16 for TinyCausalVAE decoders on CPUs with native bfloat16 (AMX or AVX512-BF16):
     2-3x faster decoding from 128x128 up, frames within 2 uint8 levels of float32 (measured by
@@ -158,11 +165,19 @@ def default_decode_dtype(vae: VideoAutoencoder, device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_native_bfloat16() else None
 
 
-def dit_dtype_arg(name: str) -> torch.dtype:
-    """A DiT dtype's name (`DTYPES`) as a torch dtype."""
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return getattr(torch, name)
+def dit_dtype_arg(value):
+    """A DiT dtype as load_model and StreamSession take it: a `DTYPES` name becomes its torch
+    dtype; a torch dtype, None and "auto" stay as they are."""
+    if not isinstance(value, str) or value == "auto":
+        return value
+    if value not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {value!r}")
+    return getattr(torch, value)
+
+
+def _runs_as_loaded(dit: DiT) -> bool:
+    """A sequence-parallel or FP8 DiT: its sessions cannot run a copy in another dtype."""
+    return hasattr(dit, "sequence_parallel_groups") or float8_layers(dit) > 0
 
 
 def default_dit_dtype(model: AvatarModel, device, latent_hw: tuple[int, int]) -> torch.dtype | None:
@@ -174,8 +189,7 @@ def default_dit_dtype(model: AvatarModel, device, latent_hw: tuple[int, int]) ->
         model.dtype_asked
         or torch.device(device).type != "cpu"
         or next(dit.parameters()).dtype != torch.float32
-        or hasattr(dit, "sequence_parallel_groups")
-        or float8_layers(dit)
+        or _runs_as_loaded(dit)
         or not cpu_has_native_bfloat16()
     ):
         return None
@@ -220,12 +234,14 @@ def load_model(
 ) -> AvatarModel:
     """Load a trained model directory, or build a seeded random model of a flavor. Its attention
     backend is `attn_backend` when given, else $STREAMGEN_ATTENTION when set, else its config's.
-    Its DiT is in `dtype` when given, else in $STREAMGEN_DTYPE (float32 when unset: then its
-    sessions may run a bfloat16 copy where that is faster, `default_dit_dtype`); its block
+    Its DiT is in `dtype` when given (a torch dtype or a `DTYPES` name), else (None, "auto") in
+    $STREAMGEN_DTYPE (float32 when unset: then its sessions may run a bfloat16 copy where that is
+    faster, `default_dit_dtype`); its block
     linears are in FP8 when $STREAMGEN_FP8 is set (`use_precision`); its sessions keep their KV
     cache as $STREAMGEN_CACHE_FROM says when it is set (`use_cache_from`), else as it was trained."""
     if os.environ.get(ATTENTION_ENV) and "attn_backend" not in cfg_overrides:
         cfg_overrides["attn_backend"] = os.environ[ATTENTION_ENV]
+    dtype = None if dtype == "auto" else dit_dtype_arg(dtype)
     asked = dtype is not None or bool(os.environ.get(DTYPE_ENV))
     if dtype is None:
         dtype = getattr(torch, os.environ.get(DTYPE_ENV) or "float32")

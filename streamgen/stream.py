@@ -35,8 +35,7 @@ from streamgen.model.cache import StreamCache
 from streamgen.model.text import text_context
 from streamgen.models import (
     AvatarModel,
-    decode_dtype_arg,
-    default_decode_dtype,
+    autoencoder_dtype,
     default_dit_dtype,
     dit_dtype_arg,
     load_model,
@@ -113,13 +112,6 @@ CHUNK_STAGES = ("reencode", "audio", "denoise", "decode", "to_host")
 START_STAGES = ("prepare", "reference_encode", "sink")
 
 
-def _autoencoder_dtype(value, vae, device, what: str) -> torch.dtype | None:
-    """A session's decode_dtype or encode_dtype (a dtype, its name, "auto" or None) as a dtype or None."""
-    if isinstance(value, str):
-        value = decode_dtype_arg(value, what)
-    return default_decode_dtype(vae, device) if value == "auto" else value
-
-
 def _run_stage(_stage: str, fn):
     return fn()
 
@@ -149,20 +141,17 @@ class StreamSession:
         the model's own, "reencode" unless it was trained otherwise). cpu_threads: on a CPU,
         "auto" runs each stage on one thread unless its work gains from all of them
         (streamgen/cpu_threads.py), "all" every stage on all."""
-        if isinstance(dtype, str) and dtype != "auto":
-            dtype = dit_dtype_arg(dtype)
+        dtype = dit_dtype_arg(dtype)
         self.model = (
-            model
-            if isinstance(model, AvatarModel)
-            else load_model(model, device=device, dtype=None if dtype == "auto" else dtype)
+            model if isinstance(model, AvatarModel) else load_model(model, device=device, dtype=dtype)
         )
         if self.model.meta.get("kind") == "teacher":
             raise ValueError(
                 f"{self.model.name} is a bidirectional teacher: it generates whole clips and cannot stream; "
                 "use a distilled student"
             )
-        decode_dtype = _autoencoder_dtype(decode_dtype, self.model.vae, device, "decode dtype")
-        encode_dtype = _autoencoder_dtype(encode_dtype, self.model.vae, device, "encode dtype")
+        decode_dtype = autoencoder_dtype(decode_dtype, self.model.vae, device, "decode dtype")
+        encode_dtype = autoencoder_dtype(encode_dtype, self.model.vae, device, "encode dtype")
         self.cfg = self.model.cfg
         self.vae = self.model.session_vae(decode_dtype, encode_dtype)
         self.height = height or self.model.height

@@ -122,12 +122,8 @@ def open_session(
     so no cache_from). dtype: the student's DiT, as StreamSession takes it (None: as loaded)."""
     from streamgen.stream import StreamSession
 
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = dit_dtype_arg(dtype)
-    if isinstance(model, str):
-        loaded = load_model(model, device=device, dtype=None if dtype == "auto" else dtype)
-    else:
-        loaded = model
+    dtype = dit_dtype_arg(dtype)
+    loaded = load_model(model, device=device, dtype=dtype) if isinstance(model, str) else model
     if loaded.meta.get("kind") == "teacher":
         if dtype not in ("auto", None, torch.float32):
             raise ValueError("a teacher runs in float32 only")

@@ -131,18 +131,31 @@ def test_a_bfloat16_dit_goes_parallel_at_its_own_threshold(model, monkeypatch):
 
 
 def test_bench_engine_times_a_bfloat16_dit_against_float32(model, monkeypatch):
-    from bench.engine import measure_size
+    import bench.engine as engine
 
     native_bfloat16(monkeypatch, True)
     monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", 0)
-    m = measure_size(
-        model, 32, 32, steps=2, chunks=2, context=4, teacher_frames=2, decode_dtype=torch.float32
-    )
+    baselines = {}  # the DiT each baseline ran on
+
+    def recording(name):
+        real = getattr(engine, name)
+
+        def run(*args, **kwargs):
+            baselines[name] = next(kwargs["dit"].parameters()).dtype
+            return real(*args, **kwargs)
+
+        return run
+
+    for name in ("cache_speedup", "teacher_speedup"):
+        monkeypatch.setattr(engine, name, recording(name))
+    sizes = dict(steps=2, chunks=2, context=4, teacher_frames=2, decode_dtype=torch.float32)
+    m = engine.measure_size(model, 32, 32, **sizes)
     assert m["dit_dtype"] == "bfloat16"
     assert m["dit_float32"]["fps"] > 0 and m["dit_float32"]["bfloat16_speedup"] > 0
-    assert m["cache_max_abs_diff"] <= 0.1  # both sides on the bfloat16 DiT: its rounding, not a mismatch
+    # the baselines run on the session's DiT: cached and recomputed agree to bf16's rounding
+    assert baselines == {"cache_speedup": torch.bfloat16, "teacher_speedup": torch.bfloat16}
+    assert m["cache_max_abs_diff"] <= 0.1
     monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", float("inf"))
-    m = measure_size(
-        model, 32, 32, steps=2, chunks=2, context=4, teacher_frames=2, decode_dtype=torch.float32
-    )
+    m = engine.measure_size(model, 32, 32, **sizes)
     assert m["dit_dtype"] == "float32" and "dit_float32" not in m
+    assert baselines == {"cache_speedup": torch.float32, "teacher_speedup": torch.float32}

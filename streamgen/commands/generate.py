@@ -155,11 +155,10 @@ def run(args) -> int:
 def _with_tiny_decoder(args):
     """The model, its autoencoder decoding through the tiny decoder at `args.tiny_decoder`."""
     from streamgen.model.tiny_decoder import TinyDecoder, TinyDecoderVAE
-    from streamgen.models import dit_dtype_arg, load_model
+    from streamgen.models import load_model
 
     decoder = TinyDecoder.from_checkpoint(args.tiny_decoder).to(args.device).eval()  # a bad file first
-    dtype = None if args.dtype == "auto" else dit_dtype_arg(args.dtype)
-    model = load_model(args.model, device=args.device, dtype=dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     model.vae = TinyDecoderVAE(model.vae, decoder)
     return model
 
