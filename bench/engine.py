@@ -25,9 +25,10 @@ shared machine:
 frames/s: on a small CPU the ratios depend on the size (the student's small
 per-chunk matrices are dominated by per-op overhead; the teacher's attention
 grows with the square of the clip's tokens). `--compile` adds `compile`: the
-session with every transformer block under `torch.compile` (static shapes)
-against the same session eager, in alternating rounds; `compile_seconds` is
-the warm-up that compiled them. Everything else is measured eager.
+session with its DiT's blocks compiled as `serve --compile` runs them
+(streamgen/model/compile.py) against the same session eager, in alternating
+rounds; `compile_seconds` is the warm-up that compiled them. Everything else
+is measured eager.
 
 The decoder runs as a session's does (`--decode-dtype`, default auto: bf16 on
 CPUs with AMX); when that is bf16, every size also gets `decode_float32`: the
@@ -306,36 +307,44 @@ def cache_from_speedup(model, height, width, steps, chunks, rounds=2, reps=20, d
 def compile_speedup(
     model, height, width, steps, chunks, rounds=3, decode_dtype="auto", cpu_threads="auto"
 ) -> dict:
-    """StreamSession with each transformer block under torch.compile vs eager.
+    """StreamSession with its DiT's blocks compiled as `serve --compile` runs them
+    (streamgen/model/compile.py) vs eager.
 
     The two run in alternating rounds in this process (the machine's load hits
-    both alike); the compiled blocks share the eager blocks' weights (of the DiT
-    the sessions run, `session_dit`).
+    both alike), on the DiT the sessions run (`session_dit`); `graphs` counts
+    what the warm-up compiled, and `graphs_after_warmup` what the timed rounds
+    did (0: no stream meets a shape first).
     """
-    from torch import nn
+    from torch._dynamo.utils import counters
+
+    from streamgen.model.compile import compile_blocks, compiled_backend
 
     dit = session_dit(model, model.vae.latent_hw(height, width))
-    eager = dit.blocks
-    compiled = nn.ModuleList(torch.compile(blk, dynamic=False) for blk in eager)
+    was = compiled_backend(dit)
     runs = {"eager": [], "compiled": []}
+    kwargs = {"decode_dtype": decode_dtype, "cpu_threads": cpu_threads}
     try:
-        dit.blocks = compiled
+        compile_blocks(dit)
+        graphs = counters["stats"]["unique_graphs"]
         t = time.perf_counter()
-        kwargs = {"decode_dtype": decode_dtype, "cpu_threads": cpu_threads}
-        session_speed(model, height, width, steps, 2, **kwargs)  # compiles every shape
+        session_speed(model, height, width, steps, 2, **kwargs)  # a stream's every shape
         compile_seconds = time.perf_counter() - t
+        warmed = counters["stats"]["unique_graphs"]
         for _ in range(rounds):
-            for name, blocks in (("eager", eager), ("compiled", compiled)):
-                dit.blocks = blocks
+            for name, backend in (("eager", None), ("compiled", "inductor")):
+                compile_blocks(dit, backend)
                 runs[name].append(session_speed(model, height, width, steps, chunks, **kwargs))
+        after_warmup = counters["stats"]["unique_graphs"] - warmed
     finally:
-        dit.blocks = eager
+        compile_blocks(dit, was)
 
     def median(name, key):
         return float(np.median([r[key] for r in runs[name]]))
 
     return {
         "compile_seconds": round(compile_seconds, 1),
+        "graphs": warmed - graphs,
+        "graphs_after_warmup": after_warmup,
         "rounds": rounds,
         "eager_fps": round(median("eager", "fps"), 2),
         "compiled_fps": round(median("compiled", "fps"), 2),

@@ -144,6 +144,14 @@ def apply_rope(x: torch.Tensor, angles) -> torch.Tensor:
     The pair (x[2i], x[2i+1]) is the complex number x[2i] + i x[2i+1]; the
     rotation is one complex multiplication.
     """
+    if torch.compiler.is_compiling():
+        # inductor generates no code for complex numbers (it would call eager kernels between its
+        # fused ones): the same rotation in real arithmetic, which it fuses with the norm before
+        a = rope_angle_tensor(angles)[None, :, None, :]
+        cos, sin = a.cos(), a.sin()
+        x_re, x_im = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        rotated = torch.stack((x_re * cos - x_im * sin, x_re * sin + x_im * cos), dim=-1)
+        return rotated.flatten(-2).to(x.dtype)
     rope = Rope.of_any(angles)
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
     return torch.view_as_real(xc * rope.cis[None, :, None, :]).flatten(-2).to(x.dtype)

@@ -141,6 +141,22 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         stream.close()
         return stream.chunk_seconds, times[full:] or times[1:] or times  # (the first pays one-off costs)
 
+    def warm_batches(per_lane: int) -> int:
+        """Compiled DiT blocks (`serve --compile`): compile the shapes of sessions batched together,
+        up to `per_lane` of them, now rather than on live streams. Returns the graphs compiled."""
+        from torch._dynamo.utils import counters
+
+        from streamgen.stream import next_chunks
+
+        graphs = counters["stats"]["unique_graphs"]
+        for batch in range(2, per_lane + 1):
+            streams = [registry._new_stream(avatar_image("sample"), None, seed) for seed in range(batch)]
+            for _ in range(2):  # a fresh batch's first chunk, then one after a ring write
+                next_chunks(streams)
+            for stream in streams:
+                stream.close()
+        return counters["stats"]["unique_graphs"] - graphs
+
     try:
         if model is not None and config.torch_threads:
             import torch
@@ -156,6 +172,14 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         warmed = [await asyncio.wrap_future(job) for job in warming]
         chunk_seconds = warmed[0][0]
         steady_times = [t for _, times in warmed for t in times]
+        if registry.host is None and registry.model.compile_backend:
+            registry.chunk_seconds = chunk_seconds
+            registry.worker.chunk_time_ema = statistics.median(steady_times)
+            per_lane = -(-registry.capacity() // registry.worker.lanes)
+            t = time.perf_counter()
+            graphs = await asyncio.wrap_future(registry.worker.submit(warm_batches, per_lane))
+            log.info("compiled the DiT blocks of batches of up to %d sessions: %d graphs in %.1f s",
+                     per_lane, graphs, time.perf_counter() - t)  # fmt: skip
     except (WorkerBusy, asyncio.CancelledError):
         return
     except Exception as e:

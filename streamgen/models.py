@@ -22,6 +22,7 @@ import torch
 
 from streamgen.cli import SESSION_DTYPES
 from streamgen.cpu_threads import chunk_forward_flop
+from streamgen.model.compile import compile_blocks
 from streamgen.model.config import FLAVORS, ModelConfig, get_config
 from streamgen.model.float8 import float8_layers
 from streamgen.model.model import DiT
@@ -44,6 +45,8 @@ DTYPES = ("float32", "bfloat16")
 # and where a student's KV cache comes from (`--cache-from`, streamgen.sampling.CACHE_FROM), in
 # place of what its model.json says
 CACHE_FROM_ENV = "STREAMGEN_CACHE_FROM"
+# and the torch.compile backend of their sessions' DiT blocks (`serve --compile`; `compile_dits`)
+COMPILE_ENV = "STREAMGEN_COMPILE"
 
 
 def use_attention_backend(name: str | None) -> None:
@@ -75,6 +78,13 @@ def use_cache_from(cache_from: str | None) -> None:
         os.environ[CACHE_FROM_ENV] = check_cache_from(cache_from)
 
 
+def use_compile(backend: str | None) -> None:
+    """Make the models loaded from now on, here and in processes started from here, run their
+    sessions' DiT blocks under torch.compile(backend) (None leaves them eager)."""
+    if backend is not None:
+        os.environ[COMPILE_ENV] = backend
+
+
 @dataclass
 class AvatarModel:
     name: str
@@ -88,6 +98,8 @@ class AvatarModel:
     meta: dict = field(default_factory=dict)
     # the DiT's dtype was asked for (load_model's dtype, $STREAMGEN_DTYPE): sessions keep it
     dtype_asked: bool = False
+    # the torch.compile backend the blocks of every DiT sessions run are under (`compile_dits`)
+    compile_backend: str | None = None
 
     _session_vaes: dict = field(default_factory=dict, repr=False, compare=False)
     _dits: dict = field(default_factory=dict, repr=False, compare=False)
@@ -111,8 +123,19 @@ class AvatarModel:
             raise ValueError("a sequence-parallel or FP8 DiT runs in the dtype it was loaded in")
         with self._copying:
             if dtype not in self._dits:
-                self._dits[dtype] = copy.deepcopy(self.dit).to(dtype)
+                dit = copy.deepcopy(self.dit).to(dtype)
+                # (a copy's compiled blocks would call the original's: compiled afresh, or eager)
+                self._dits[dtype] = compile_blocks(dit, self.compile_backend)
             return self._dits[dtype]
+
+    def compile_dits(self, backend: str | None = "inductor") -> None:
+        """Put the blocks of the DiTs this model's sessions run under torch.compile(backend) (None:
+        eager), those made later included (streamgen/model/compile.py). Each shape compiles on
+        its first call: a server's warm-up runs them."""
+        with self._copying:
+            self.compile_backend = backend
+            for dit in (self.dit, *self._dits.values()):
+                compile_blocks(dit, backend)
 
     def session_vae(
         self, decoder: torch.dtype | None = None, encoder: torch.dtype | None = None
@@ -238,7 +261,8 @@ def load_model(
     $STREAMGEN_DTYPE (float32 when unset: then its sessions may run a bfloat16 copy where that is
     faster, `default_dit_dtype`); its block
     linears are in FP8 when $STREAMGEN_FP8 is set (`use_precision`); its sessions keep their KV
-    cache as $STREAMGEN_CACHE_FROM says when it is set (`use_cache_from`), else as it was trained."""
+    cache as $STREAMGEN_CACHE_FROM says when it is set (`use_cache_from`), else as it was trained;
+    their DiT blocks run under torch.compile when $STREAMGEN_COMPILE names a backend (`use_compile`)."""
     if os.environ.get(ATTENTION_ENV) and "attn_backend" not in cfg_overrides:
         cfg_overrides["attn_backend"] = os.environ[ATTENTION_ENV]
     dtype = None if dtype == "auto" else dit_dtype_arg(dtype)
@@ -253,6 +277,8 @@ def load_model(
         float8_linears(model.dit)
     if os.environ.get(CACHE_FROM_ENV):
         model.meta = {**model.meta, "cache_from": os.environ[CACHE_FROM_ENV]}
+    if os.environ.get(COMPILE_ENV):
+        model.compile_dits(os.environ[COMPILE_ENV])
     return model
 
 
