@@ -3,13 +3,13 @@ import os
 import pytest
 
 import streamgen  # noqa: F401  (sets the OpenMP wait policy before any test imports torch)
-from streamgen.models import ATTENTION_ENV, DTYPE_ENV, FP8_ENV
+from streamgen.models import ATTENTION_ENV, COMPILE_ENV, DTYPE_ENV, FP8_ENV
 
 
 @pytest.fixture(autouse=True)
 def _model_choices_stay_in_their_test(monkeypatch):
-    """`use_attention_backend` and `use_precision` choose for every model loaded afterwards, through
+    """`use_attention_backend`, `use_precision` and `use_compile` choose for every model loaded afterwards, through
     the environment (so that model processes and torchrun ranks inherit them): what a test chooses
     is undone after it. (An empty value is no choice.)"""
-    for name in (ATTENTION_ENV, DTYPE_ENV, FP8_ENV):
+    for name in (ATTENTION_ENV, DTYPE_ENV, FP8_ENV, COMPILE_ENV):
         monkeypatch.setenv(name, os.environ.get(name, ""))

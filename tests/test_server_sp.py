@@ -260,6 +260,8 @@ def test_a_follower_that_vanished_takes_the_host_down():
         (["--lanes", "2", "--sp", "2"], "--lanes runs the model in this process"),
         (["--attention", "xformers"], "unknown attention backend 'xformers'; choose one of sdpa, flex"),
         (["--fp8", "--device", "cuda"], "--fp8 on a GPU needs --dtype bfloat16"),
+        (["--compile", "--sp", "2"], "--compile runs on the CPU in one process"),
+        (["--compile", "--device", "cuda"], "--compile runs on the CPU in one process"),
     ],
 )
 def test_serve_refuses_bad_options_before_launching_anything(extra, message, capsys):

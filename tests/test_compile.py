@@ -1,0 +1,135 @@
+"""`serve --compile`: a DiT's blocks under torch.compile (streamgen/model/compile.py).
+
+The compiled blocks give the eager frames, compile every shape of a stream once
+(none after the warm-up), compile afresh in a copy of the DiT, and come back
+eager; the server's warm-up compiles the shapes of batched sessions too."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from streamgen.model.compile import compile_blocks, compiled_backend
+from streamgen.models import load_model
+from streamgen.stream import StreamSession, next_chunks
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+SIZE = 32
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def started(model, seed=0, **session):
+    face = (np.random.default_rng(seed).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    stream = StreamSession(model, height=SIZE, width=SIZE, **session)
+    stream.start(face, seed=seed)
+    t = np.arange(16000 * 4) / 16000
+    stream.push_audio((0.3 * np.sin(2 * np.pi * (150 + 40 * seed) * t)).astype(np.float32))
+    return stream
+
+
+def frames(model, chunks, **session) -> np.ndarray:
+    stream = started(model, **session)
+    return np.stack([stream.next_chunk()[0] for _ in range(chunks)]).astype(int)
+
+
+def test_rope_in_real_arithmetic_under_compile_rotates_as_the_complex_one():
+    from kernels import Rope, reference
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 12, 3, 8, generator=gen)
+    angles = torch.rand(12, 4, generator=gen) * 6
+    eager = reference.apply_rope(x, Rope.of(angles))
+    compiled = torch.compile(reference.apply_rope, backend="aot_eager", fullgraph=True)
+    assert torch.allclose(compiled(x, Rope.of(angles)), eager, atol=1e-6)
+    assert torch.allclose(compiled(x.bfloat16(), angles).float(), eager, atol=0.05)
+
+
+def test_compiled_blocks_give_the_eager_frames_and_compile_a_stream_once():
+    model = load_model("debug")
+    dit = model.dit
+    chunks = started(model).chunks_to_full_ring + 2  # every attention length, then the steady one
+    eager = frames(model, chunks)
+    model.compile_dits()
+    assert compiled_backend(dit) == "inductor" and model.compile_backend == "inductor"
+    before = graphs()
+    compiled = frames(model, chunks)
+    warmed = graphs()
+    assert warmed > before  # it did compile
+    assert np.abs(compiled - eager).max() <= 2
+    frames(model, chunks + 3)  # a second stream, longer: nothing new
+    assert graphs() == warmed
+    model.compile_dits(None)
+    assert compiled_backend(dit) is None
+    for block in dit.blocks:
+        assert block._compiled_call_impl is None and "attend" not in vars(block.self_attn)
+    assert np.array_equal(frames(model, chunks), eager)
+
+
+def test_a_copy_in_another_dtype_compiles_its_own_blocks():
+    """The bf16 copy a session may run (`AvatarModel.dit_in`) is made from the compiled DiT: its
+    blocks must run its own weights, not call the original's."""
+    model = load_model("debug")
+    model.compile_dits()
+    bf16 = model.dit_in(torch.bfloat16)
+    assert compiled_backend(bf16) == "inductor"
+    for copied, original in zip(bf16.blocks, model.dit.blocks):
+        assert copied.self_attn.attend is not original.self_attn.attend
+    compiled = frames(model, 3, dtype="bfloat16")
+    model.compile_dits(None)
+    assert compiled_backend(bf16) is None
+    eager = frames(model, 3, dtype="bfloat16")
+    assert np.abs(compiled - eager).max() <= 4
+
+
+def test_an_instance_attend_is_kept_and_given_back():
+    """Sequence parallelism replaces `attend` on the instance: compiling wraps that one and
+    going eager restores it."""
+    model = load_model("debug")
+    attn = model.dit.blocks[0].self_attn
+    calls = []
+
+    def sharded_attend(*args, **kwargs):
+        calls.append(1)
+        return type(attn).attend(attn, *args, **kwargs)
+
+    attn.attend = sharded_attend
+    compile_blocks(model.dit)
+    frames(model, 2)
+    assert calls  # the instance's attend ran, under the compiled block
+    compile_blocks(model.dit, None)
+    assert attn.attend is sharded_attend
+
+
+def test_the_server_warm_up_compiles_batched_sessions_too():
+    from fastapi.testclient import TestClient
+    from server_helpers import server_config, wait_ready
+
+    from server.app import create_app
+
+    model = load_model("debug")
+    model.compile_dits()
+    with TestClient(create_app(server_config(max_sessions=3, height=SIZE, width=SIZE), model=model)) as c:
+        wait_ready(c, timeout=240)
+        warmed = graphs()
+        for batch in (2, 3):  # what the lane's batches of up to 3 sessions run
+            streams = [started(model, seed) for seed in range(batch)]
+            for _ in range(4):
+                next_chunks(streams)
+        assert graphs() == warmed
+
+
+def test_use_compile_reaches_the_models_loaded_afterwards():
+    """`serve --compile` chooses through the environment, so a model process inherits it."""
+    from streamgen.models import use_compile
+
+    use_compile(None)
+    assert load_model("debug").compile_backend is None
+    use_compile("inductor")
+    model = load_model("debug")
+    assert model.compile_backend == "inductor" and compiled_backend(model.dit) == "inductor"
