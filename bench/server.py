@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
     parser.add_argument("--lanes", type=int, default=1, help="the server's generating threads (serve --lanes)")
     parser.add_argument("--model-process", action="store_true", help="serve with the model in a child process")
+    parser.add_argument("--compile", action="store_true", help="serve with the DiT's blocks compiled (serve --compile)")
     parser.add_argument("--browser", default="/usr/bin/chromium", help="chromium for the browser figures ('' skips)")
 
 
@@ -66,6 +67,8 @@ def _start_server(args, port: int) -> subprocess.Popen:
         cmd += ["--threads", str(args.threads)]
     if args.model_process:
         cmd += ["--model-process"]
+    if args.compile:
+        cmd += ["--compile"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

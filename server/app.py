@@ -172,10 +172,10 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         warmed = [await asyncio.wrap_future(job) for job in warming]
         chunk_seconds = warmed[0][0]
         steady_times = [t for _, times in warmed for t in times]
-        if registry.host is None and registry.model.compile_backend:
-            registry.chunk_seconds = chunk_seconds
-            registry.worker.chunk_time_ema = statistics.median(steady_times)
-            per_lane = -(-registry.capacity() // registry.worker.lanes)
+        # every batch a lane can make, not only those the measured capacity admits now: it changes
+        # with the chunk times, and a live stream must not wait for a compile
+        per_lane = -(-config.max_sessions // registry.worker.lanes)
+        if registry.host is None and registry.model.compile_backend and per_lane > 1:
             t = time.perf_counter()
             graphs = await asyncio.wrap_future(registry.worker.submit(warm_batches, per_lane))
             log.info("compiled the DiT blocks of batches of up to %d sessions: %d graphs in %.1f s",
