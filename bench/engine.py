@@ -478,7 +478,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="also time the session with torch.compile'd blocks against eager",
+        help="also time the session with its DiT's blocks compiled as `serve --compile` runs them, against eager",
     )
 
 
