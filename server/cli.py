@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dtype_option(parser, "--decode-dtype", "the autoencoder's decoder (auto: bfloat16 on CPUs with AMX, "
                      "2-3x faster)")  # fmt: skip
     parser.add_argument("--compile", action="store_true",
-                        help="run the DiT's blocks under torch.compile, compiled in the warm-up (CPU; 1.2-1.3x the "
-                        "frames from 256x256 on 2 cores, none at 128x128; the warm-up takes 15-60 s longer)")  # fmt: skip
+                        help="run the DiT's blocks under torch.compile, compiled in the warm-up (CPU; 1.15-1.23x the "
+                        "frames at 256x256-320x320 on 2 cores, 1.08x at 128x128; the warm-up takes 15-60 s longer)")  # fmt: skip
     parser.add_argument(
         "--threads", type=int, default=None,
         help="torch CPU threads (default on CPU: 1, leaving the other cores to encoding and networking; "

@@ -14,12 +14,13 @@ own, compiled on a live stream. With the seam excluded a stream compiles about
 seven graphs, once, whatever the window, and sessions batched together add
 a few for each batch size.
 
-Where it pays: on this 2-core CPU, tiny-avatar's steady chunks at 256x256
-(bfloat16 DiT) ran 1.2-1.3x as fast with compiled blocks; at 64x64 and
-128x128 (float32, overhead of a few small operators) not at all (0.97x,
-1.04x). A cold compile takes 15-30 s (inductor's on-disk cache makes a
-restart's a few seconds), so it is for servers, which compile in their
-warm-up (`streamgen serve --compile`), and is off by default.
+Where it pays: on this 2-core CPU, tiny-avatar's sessions ran 1.15-1.23x as
+fast with compiled blocks at 256x256 and 320x320 (bfloat16 DiT: inductor fuses
+its blocks' conversions to float32 into their elementwise loops), 1.08x at
+128x128 and 1.10x at 192x192 (float32). A cold compile takes 10-30 s a stream
+(inductor's on-disk cache makes a restart's a few seconds), so it is for
+servers, which compile in their warm-up (`streamgen serve --compile`), and is
+off by default.
 
 Inductor's CPU kernels keep the thread count of the call that compiled them:
 a session runs each shape on the threads `streamgen.cpu_threads` gives that
