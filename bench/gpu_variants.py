@@ -57,10 +57,7 @@ def stream_variants(model, measure, backends, compile_blocks, extras=None) -> tu
     last = {}
     if "flex" in backends:
         last["flex+fused_kernels"] = with_backend("flex")
-    if compile_blocks:
-        # Inductor, shapes dynamic after the first change: the ring's fill level would
-        # otherwise make ~17 static graphs (8 fill levels x denoise/re-encode, and the sink),
-        # minutes of compiling
+    if compile_blocks:  # Inductor, as `serve --compile` runs it
         last["sdpa+compiled_blocks"] = compiled_blocks(model, with_backend("sdpa"))
     return first, last
 
@@ -128,7 +125,10 @@ def _with_attention_tiles(measurement, prepare) -> dict:
 
 
 def compiled_blocks(model, measure, backend: str = "inductor"):
-    """`measure` with every transformer block under torch.compile(backend), undone afterwards.
+    """`measure` with the DiT's blocks compiled as `serve --compile` runs them on a CPU
+    (streamgen/model/compile.py: static shapes, the self-attention's cache step and attention
+    eager, so a stream compiles a few graphs whatever the ring's fill level; under compile the
+    kernel dispatch hands inductor the references to fuse), undone afterwards.
 
     No CUDA graphs: the profile (`stages`) finds the GPU busy 95% of the denoising and 96% of
     the re-encode on an H200, so graphs could win back ~3% of a chunk; and graphs of each block
@@ -139,21 +139,18 @@ def compiled_blocks(model, measure, backend: str = "inductor"):
         import torch._dynamo as dynamo
         from torch._dynamo.utils import counters
 
-        limit_name = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
-        saved_limit = getattr(dynamo.config, limit_name)
-        # one entry per ring fill level, denoising vs re-encode, and the sink: above the default 8
-        setattr(dynamo.config, limit_name, 64)
+        from streamgen.model.compile import compile_blocks
+
+        saved_limit = dynamo.config.recompile_limit
         graphs = counters["stats"]["unique_graphs"]
-        for blk in model.dit.blocks:
-            blk.compile(backend=backend)
+        compile_blocks(model.dit, backend)
         try:
             result = measure(prepare=None)
             result["graphs_compiled"] = counters["stats"]["unique_graphs"] - graphs
             return result
         finally:
-            for blk in model.dit.blocks:
-                blk._compiled_call_impl = None
-            setattr(dynamo.config, limit_name, saved_limit)
+            compile_blocks(model.dit, None)
+            dynamo.config.recompile_limit = saved_limit
             dynamo.reset()
 
     return fn

@@ -57,9 +57,12 @@ def needs_autograd(*tensors) -> bool:
 
 
 def _use_triton(x: torch.Tensor, *others) -> bool:
+    # under torch.compile the references: inductor fuses them with their neighbours into kernels
+    # of its own, where ours would stand in its graph as opaque calls
     return (
         (x.is_cuda or _TRITON_ON_CPU)
         and not _FORCE_REFERENCE
+        and not torch.compiler.is_compiling()
         and not needs_autograd(x, *others)
         and _triton_ops() is not None
     )

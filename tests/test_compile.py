@@ -50,6 +50,25 @@ def test_rope_in_real_arithmetic_under_compile_rotates_as_the_complex_one():
     assert torch.allclose(compiled(x.bfloat16(), angles).float(), eager, atol=0.05)
 
 
+def test_under_compile_the_kernel_dispatch_takes_the_references(monkeypatch):
+    """On a GPU, inductor fuses the references into kernels of its own; our Triton kernels would
+    be opaque calls in its graph."""
+    import kernels
+
+    class NoTriton:
+        def __getattr__(self, name):
+            raise AssertionError(f"Triton's {name} called")
+
+    monkeypatch.setattr(kernels, "_TRITON_ON_CPU", True)  # as if on CUDA
+    monkeypatch.setattr(kernels, "_triton_ops", NoTriton)
+    gen = torch.Generator().manual_seed(0)
+    x, shift, scale = torch.randn(1, 2, 4, 8, generator=gen), *torch.randn(2, 1, 2, 8, generator=gen)
+    with pytest.raises(AssertionError, match="Triton's layernorm_modulate"):
+        kernels.layernorm_modulate(x, shift, scale)  # eager: the Triton kernel
+    compiled = torch.compile(kernels.layernorm_modulate, backend="eager", fullgraph=True)
+    assert torch.allclose(compiled(x, shift, scale), kernels.reference.layernorm_modulate(x, shift, scale))
+
+
 def test_compiled_blocks_give_the_eager_frames_and_compile_a_stream_once():
     model = load_model("debug")
     dit = model.dit

@@ -365,7 +365,7 @@ def test_compiled_blocks_variant_reports_its_graphs_and_undoes_itself():
     limit = dynamo.config.recompile_limit
 
     def measure(prepare):
-        assert dynamo.config.recompile_limit == 64  # every ring fill level gets its own graph
+        assert dynamo.config.recompile_limit >= 64  # a stream's shapes for each batch size
         assert all(blk._compiled_call_impl is not None for blk in model.dit.blocks)
         return gpu.stream_speed(model, 4, 1, 3, "cpu", torch.float32, 8, prepare)
 
@@ -374,6 +374,7 @@ def test_compiled_blocks_variant_reports_its_graphs_and_undoes_itself():
     assert result["fps"] > 0 and result["graphs_compiled"] >= 3
     assert dynamo.config.recompile_limit == limit
     assert all(blk._compiled_call_impl is None for blk in model.dit.blocks)
+    assert all("attend" not in vars(blk.self_attn) for blk in model.dit.blocks)  # the class's again
 
 
 @pytest.mark.gpu
