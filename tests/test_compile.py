@@ -69,6 +69,47 @@ def test_under_compile_the_kernel_dispatch_takes_the_references(monkeypatch):
     assert torch.allclose(compiled(x, shift, scale), kernels.reference.layernorm_modulate(x, shift, scale))
 
 
+def test_compiled_cpu_kernels_run_without_the_gil(monkeypatch):
+    """Inductor's bindings call a CPU kernel holding the GIL; ours release it around the call (the
+    server's lanes then run compiled blocks side by side), and the kernel computes the same."""
+    from torch._inductor import config
+    from torch._inductor.codecache import CppPythonBindingsCodeCache as bindings
+
+    from streamgen.model.compile import release_gil_in_cpu_kernels
+
+    assert release_gil_in_cpu_kernels() and release_gil_in_cpu_kernels()  # idempotent
+    sources = []
+    load_async = bindings.load_async.__func__
+
+    def recording(cls, source, *args, **kwargs):
+        sources.append(source)
+        return load_async(cls, source, *args, **kwargs)
+
+    monkeypatch.setattr(bindings, "load_async", classmethod(recording))
+    monkeypatch.setattr(config, "force_disable_caches", True)  # build it here, not from the cache
+
+    def fn(x):
+        return torch.nn.functional.layer_norm(x.float(), (x.shape[-1],)).mul(3).to(x.dtype)
+
+    x = torch.randn(3, 5, 64).bfloat16()
+    out = torch.compile(fn, backend="inductor", dynamic=False)(x)
+    torch._dynamo.reset()
+    assert torch.allclose(out.float(), fn(x).float(), atol=0.02)
+    kernels = [src for src in sources if "PyInit_kernel" in src]
+    assert kernels and all("call_without_gil(kernel, " in src for src in kernels)
+
+
+def test_bindings_of_another_torch_are_left_as_they_are(monkeypatch):
+    from torch._inductor.codecache import CppPythonBindingsCodeCache as bindings
+
+    from streamgen.model.compile import release_gil_in_cpu_kernels
+
+    monkeypatch.setattr(bindings, "call_entry_function", "return kernel({});")
+    monkeypatch.setattr(bindings, "extra_parse_arg", "")
+    assert not release_gil_in_cpu_kernels()
+    assert bindings.call_entry_function == "return kernel({});" and bindings.extra_parse_arg == ""
+
+
 def test_compiled_blocks_give_the_eager_frames_and_compile_a_stream_once():
     model = load_model("debug")
     dit = model.dit

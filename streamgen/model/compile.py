@@ -26,7 +26,11 @@ off by default.
 
 Inductor's CPU kernels keep the thread count of the call that compiled them:
 a session runs each shape on the threads `streamgen.cpu_threads` gives that
-shape, so a shape compiles and runs on the same ones.
+shape, so a shape compiles and runs on the same ones. And they run holding
+the GIL (torch 2.13's Python bindings for them call the kernel with it held),
+which eager operators release: two lanes of a server (`serve --lanes 2`) then
+take turns in every fused loop. `release_gil_in_cpu_kernels` makes the
+bindings release it around the call, as an operator does.
 """
 
 from __future__ import annotations
@@ -61,8 +65,42 @@ def compile_blocks(dit: nn.Module, backend: str | None = "inductor") -> nn.Modul
         block.compile(backend=backend, dynamic=False)
     if backend is not None:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        release_gil_in_cpu_kernels()
     dit.compiled_blocks = backend
     return dit
+
+
+# inductor's Python bindings for a CPU kernel, as torch 2.13 writes them (`kernel(args...)` with
+# the GIL held), and ours: the arguments are read from their Python objects with the GIL, then the
+# kernel, which touches only raw pointers, runs without it (restored however it returns)
+_BINDING_CALL = "kernel({}); Py_RETURN_NONE;"
+_BINDING_CALL_WITHOUT_GIL = "call_without_gil(kernel, {}); Py_RETURN_NONE;"
+_CALL_WITHOUT_GIL = """
+template <typename Kernel, typename... A> static inline void call_without_gil(Kernel kernel, A... args) {{
+    struct Released {{
+        PyThreadState* state = PyEval_SaveThread();
+        ~Released() {{ PyEval_RestoreThread(state); }}
+    }} released;
+    kernel(args...);
+}}
+"""
+
+
+def release_gil_in_cpu_kernels() -> bool:
+    """Make the CPU kernels inductor builds from now on release the GIL while they run, so that
+    threads running compiled code (the server's lanes) run side by side, as they do eager. Returns
+    whether they do; False where the bindings are not those this was written for (left as they are)."""
+    try:
+        from torch._inductor.codecache import CppPythonBindingsCodeCache as bindings
+    except ImportError:
+        return False
+    if bindings.call_entry_function == _BINDING_CALL_WITHOUT_GIL:
+        return True
+    if bindings.call_entry_function != _BINDING_CALL or bindings.extra_parse_arg != "":
+        return False
+    bindings.extra_parse_arg = _CALL_WITHOUT_GIL
+    bindings.call_entry_function = _BINDING_CALL_WITHOUT_GIL
+    return True
 
 
 def compiled_backend(dit: nn.Module) -> str | None:
