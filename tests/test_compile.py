@@ -86,13 +86,13 @@ def test_compiled_cpu_kernels_run_without_the_gil(monkeypatch):
         return load_async(cls, source, *args, **kwargs)
 
     monkeypatch.setattr(bindings, "load_async", classmethod(recording))
-    monkeypatch.setattr(config, "force_disable_caches", True)  # build it here, not from the cache
 
     def fn(x):
         return torch.nn.functional.layer_norm(x.float(), (x.shape[-1],)).mul(3).to(x.dtype)
 
     x = torch.randn(3, 5, 64).bfloat16()
-    out = torch.compile(fn, backend="inductor", dynamic=False)(x)
+    with config.patch(force_disable_caches=True):  # built here, not taken from the cache
+        out = torch.compile(fn, backend="inductor", dynamic=False)(x)
     torch._dynamo.reset()
     assert torch.allclose(out.float(), fn(x).float(), atol=0.02)
     kernels = [src for src in sources if "PyInit_kernel" in src]
