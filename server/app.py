@@ -10,6 +10,7 @@ with its peer connection or socket before stopping the worker.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import secrets
 import statistics
@@ -158,6 +159,9 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         return counters["stats"]["unique_graphs"] - graphs
 
     try:
+        # the WebRTC stack (aiortc, PyAV) takes a quarter of a second to import: here, not in the
+        # first viewer's offer
+        await asyncio.to_thread(importlib.import_module, f"{__package__}.webrtc")
         if model is not None and config.torch_threads:
             import torch
 
