@@ -187,7 +187,9 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
     except (WorkerBusy, asyncio.CancelledError):
         return
     except Exception as e:
-        app.state.load_error = f"{type(e).__name__}: {e}"
+        # its first line (a compiler's error runs to pages; the log has all of it)
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        app.state.load_error = f"{type(e).__name__}: {first_line}"[:300]
         log.exception("model failed to load")
         return
     registry.chunk_seconds = chunk_seconds

@@ -314,3 +314,21 @@ def test_the_warm_up_imports_the_webrtc_stack_before_the_server_is_ready(monkeyp
     with TestClient(make_app()) as c:
         wait_ready(c)
     assert "server.webrtc" in imported
+
+
+def test_a_failed_warm_up_reports_its_first_line(monkeypatch):
+    """/readyz says why the model is not ready in a line, however long the error (a compiler's
+    output runs to pages; the log keeps all of it)."""
+    import time
+
+    from streamgen.stream import StreamSession
+
+    def failing(self, observe=None):
+        raise RuntimeError("C++ compile error\n" + "g++: fatal error\n" * 500)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", failing)
+    with TestClient(make_app()) as c:
+        deadline = time.monotonic() + 30
+        while "error" not in (ready := c.get("/readyz")).json() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert ready.status_code == 503 and ready.json()["error"] == "RuntimeError: C++ compile error"
