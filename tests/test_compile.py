@@ -2,7 +2,9 @@
 
 The compiled blocks give the eager frames, compile every shape of a stream once
 (none after the warm-up), compile afresh in a copy of the DiT, and come back
-eager; the server's warm-up compiles the shapes of batched sessions too."""
+eager; the server's warm-up compiles the shapes of batched sessions too. Under
+compile, RoPE runs in real arithmetic and the kernel dispatch takes the
+references; inductor's CPU kernels run without the GIL."""
 
 from __future__ import annotations
 
