@@ -4,6 +4,7 @@ Starts `streamgen serve` in a subprocess on 127.0.0.1 with benchmark stamps
 (each picture carries the wall time its chunk's input was cut off, each chunk's
 audio starts with a 20 ms tone) and connects pure-Python aiortc clients:
 
+- ready_s: `streamgen serve` started -> /readyz answered 200 (loading, warm-up, `--compile`'s compiling)
 - first_frame_ms: offer posted -> first decoded video frame in the client
 - glass_to_glass_ms: chunk input cut-off -> its first frame decoded in the client (median)
 - fps: frames generated per second for one session (decoded_fps: frames the client decoded,
@@ -208,15 +209,18 @@ async def _bench(args) -> dict:
     use_loopback_ice()  # the clients, too, talk over 127.0.0.1 only
 
     port = _free_port()
+    started = time.monotonic()
     proc = _start_server(args, port)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             ready = await _wait_ready(http, proc)
+            ready_s = time.monotonic() - started
             one = await _watch(http, args.seconds, seed=1)
             starts = _chunk_starts(one["frames"])
             duration = one["frames"][-1][0] - one["frames"][0][0]
             out = {
                 "model": args.model,
+                "ready_s": round(ready_s, 1),  # the server's start: loading, warm-up, compiling
                 "chunk_ms": ready.get("chunk_ms"),
                 "first_frame_ms": round(1000 * one["first_frame"], 1),
                 "answer_ms": round(1000 * one["answer"], 1),

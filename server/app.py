@@ -10,6 +10,7 @@ with its peer connection or socket before stopping the worker.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import logging
 import secrets
@@ -66,6 +67,7 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
             await asyncio.to_thread(worker.stop)
             if registry.host is not None:
                 await asyncio.to_thread(registry.host.stop)
+            gc.unfreeze()  # what this app kept may be collected again (apps made one after another)
 
     app = FastAPI(
         title="streamgen",
@@ -194,6 +196,11 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         return
     registry.chunk_seconds = chunk_seconds
     registry.worker.chunk_time_ema = statistics.median(steady_times)
+    # what is loaded by now (torch, the model, the WebRTC stack: ~200k objects) lives as long as
+    # the server: out of the collector's sight. A full collection of it took 50-60 ms, holding the
+    # GIL (every thread waits, the generating lanes too); the first viewer's offer set one off.
+    gc.collect()
+    gc.freeze()
     registry.ready = True
     registry.metrics.capacity.set(registry.capacity())
     log.info(

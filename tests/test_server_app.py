@@ -332,3 +332,14 @@ def test_a_failed_warm_up_reports_its_first_line(monkeypatch):
         while "error" not in (ready := c.get("/readyz")).json() and time.monotonic() < deadline:
             time.sleep(0.05)
     assert ready.status_code == 503 and ready.json()["error"] == "RuntimeError: C++ compile error"
+
+
+def test_what_the_warm_up_loaded_is_kept_out_of_the_collector_while_serving():
+    """A full collection over torch, the model and the WebRTC stack took 50-60 ms with the GIL
+    held (every thread stalls): frozen at ready, given back at shutdown."""
+    import gc
+
+    with TestClient(make_app()) as c:
+        wait_ready(c)
+        assert gc.get_freeze_count() > 10_000
+    assert gc.get_freeze_count() == 0
