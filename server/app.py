@@ -77,6 +77,7 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
     )
     app.state.config, app.state.registry, app.state.metrics = config, registry, metrics
     app.state.load_error = None
+    app.state.warm_stage = "loading the model"  # what /readyz says while not ready
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -174,6 +175,8 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
             registry.model = model or await asyncio.wrap_future(registry.worker.submit(load))
         # every lane warms a stream at once: the chunk times then count what the lanes take from
         # each other (cores, the GIL), so the capacity does not assume they run as fast side by side
+        compiling = registry.host is None and registry.model.compile_backend
+        app.state.warm_stage = "compiling and warming up a stream" if compiling else "warming up a stream"
         warming = [registry.worker.submit(warm, lane=lane) for lane in range(registry.worker.lanes)]
         warmed = [await asyncio.wrap_future(job) for job in warming]
         chunk_seconds = warmed[0][0]
@@ -181,7 +184,8 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         # every batch a lane can make, not only those the measured capacity admits now: it changes
         # with the chunk times, and a live stream must not wait for a compile
         per_lane = -(-config.max_sessions // registry.worker.lanes)
-        if registry.host is None and registry.model.compile_backend and per_lane > 1:
+        if compiling and per_lane > 1:
+            app.state.warm_stage = f"compiling batches of up to {per_lane} sessions"
             t = time.perf_counter()
             graphs = await asyncio.wrap_future(registry.worker.submit(warm_batches, per_lane))
             log.info("compiled the DiT blocks of batches of up to %d sessions: %d graphs in %.1f s",

@@ -243,6 +243,8 @@ async def readyz(request: Request):
     }  # fmt: skip
     if error:
         body["error"] = error
+    elif not ready:
+        body["stage"] = request.app.state.warm_stage
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

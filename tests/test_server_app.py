@@ -343,3 +343,27 @@ def test_what_the_warm_up_loaded_is_kept_out_of_the_collector_while_serving():
         wait_ready(c)
         assert gc.get_freeze_count() > 10_000
     assert gc.get_freeze_count() == 0
+
+
+def test_readyz_says_what_the_warm_up_is_doing(monkeypatch):
+    import threading
+
+    from streamgen.stream import StreamSession
+
+    release = threading.Event()
+    next_chunk = StreamSession.next_chunk
+
+    def held(self, observe=None):
+        release.wait(30)
+        return next_chunk(self, observe)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", held)
+    with TestClient(make_app()) as c:
+        try:
+            ready = c.get("/readyz")
+            while ready.json().get("stage") == "loading the model":
+                ready = c.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["stage"] == "warming up a stream"
+        finally:
+            release.set()
+        assert "stage" not in wait_ready(c)
