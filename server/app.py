@@ -173,10 +173,10 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
             registry.host = await asyncio.wrap_future(registry.worker.submit(start_host))
         else:
             registry.model = model or await asyncio.wrap_future(registry.worker.submit(load))
-        # every lane warms a stream at once: the chunk times then count what the lanes take from
-        # each other (cores, the GIL), so the capacity does not assume they run as fast side by side
         compiling = registry.host is None and registry.model.compile_backend
         app.state.warm_stage = "compiling and warming up a stream" if compiling else "warming up a stream"
+        # every lane warms a stream at once: the chunk times then count what the lanes take from
+        # each other (cores, the GIL), so the capacity does not assume they run as fast side by side
         warming = [registry.worker.submit(warm, lane=lane) for lane in range(registry.worker.lanes)]
         warmed = [await asyncio.wrap_future(job) for job in warming]
         chunk_seconds = warmed[0][0]
