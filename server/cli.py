@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "2-3x faster)")  # fmt: skip
     parser.add_argument("--compile", action="store_true",
                         help="run the DiT's blocks under torch.compile, compiled in the warm-up (CPU; 1.15-1.23x the "
-                        "frames at 256x256-320x320 on 2 cores, 1.08x at 128x128; the warm-up takes 15-60 s longer)")  # fmt: skip
+                        "frames at 256x256-320x320 on 2 cores, 1.08x at 128x128; at 256x256 with 5 sessions the warm-up took "
+                        "13 s longer from inductor's cache, 63 s cold)")  # fmt: skip
     parser.add_argument(
         "--threads", type=int, default=None,
         help="torch CPU threads (default on CPU: 1, leaving the other cores to encoding and networking; "
