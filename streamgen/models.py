@@ -124,7 +124,7 @@ class AvatarModel:
         with self._copying:
             if dtype not in self._dits:
                 dit = copy.deepcopy(self.dit).to(dtype)
-                # (a copy's compiled blocks would call the original's: compiled afresh, or eager)
+                # (a copy's eager-attend wrappers would be the original's: wrapped afresh, or undone)
                 self._dits[dtype] = compile_blocks(dit, self.compile_backend)
             return self._dits[dtype]
 

@@ -135,13 +135,16 @@ def test_compiled_blocks_give_the_eager_frames_and_compile_a_stream_once():
 
 def test_a_copy_in_another_dtype_compiles_its_own_blocks():
     """The bf16 copy a session may run (`AvatarModel.dit_in`) is made from the compiled DiT: its
-    blocks must run its own weights, not call the original's."""
+    blocks must run its own weights, and its attend wrappers must be its own, not the original's."""
     model = load_model("debug")
     model.compile_dits()
     bf16 = model.dit_in(torch.bfloat16)
     assert compiled_backend(bf16) == "inductor"
     for copied, original in zip(bf16.blocks, model.dit.blocks):
         assert copied.self_attn.attend is not original.self_attn.attend
+    with torch.no_grad():  # the copy's own weights, changed: blocks that ran others' would not see it
+        for p in bf16.blocks.parameters():
+            p.zero_()
     compiled = frames(model, 3, dtype="bfloat16")
     model.compile_dits(None)
     assert compiled_backend(bf16) is None
