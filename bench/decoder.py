@@ -13,7 +13,7 @@ with like on a noisy machine:
 - `compiled`, `compiled_bfloat16` (`--compile`): `phase_conv` and `bfloat16`
   with the decoder's layers under `torch.compile` (static shapes);
   `compile_seconds` is their warm-up;
-- `bfloat16`: `phase_conv` with its weights in bfloat16 (`with_decoder_dtype`, what
+- `bfloat16`: `phase_conv` with its weights in bfloat16 (`with_dtypes`, what
   StreamSession decodes with on CPUs with AMX or AVX512-BF16);
 - `autocast_bfloat16`: `phase_conv` under CPU autocast to bfloat16, for comparison.
 
@@ -105,7 +105,7 @@ def measure_size(vae: TinyCausalVAE, size: int, latent_frames: int, rounds: int,
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return vae.decode(latents)
 
-    bf16 = vae.with_decoder_dtype(torch.bfloat16)
+    bf16 = vae.with_dtypes(decoder=torch.bfloat16)
     variants = {
         "upsample_then_conv": reference.decode,
         "phase_conv": vae.decode,

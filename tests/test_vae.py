@@ -368,8 +368,8 @@ def test_bfloat16_decoder_shares_the_encoder_and_stays_close():
     """A bf16 decoder copy: the encoder is the same modules, frames come back fp32, near the fp32 decode."""
     torch.manual_seed(0)
     vae = TinyCausalVAE(latent_channels=4, widths=(8, 12, 16), res_blocks=1).eval()
-    assert vae.with_decoder_dtype(torch.float32) is vae
-    half = vae.with_decoder_dtype(torch.bfloat16)
+    assert vae.with_dtypes(decoder=torch.float32) is vae
+    half = vae.with_dtypes(decoder=torch.bfloat16)
     assert half.enc is vae.enc and half.enc_out is vae.enc_out
     assert half.dec_in.weight.dtype == torch.bfloat16 and vae.dec_in.weight.dtype == torch.float32
     assert half.dec[-1].weight.is_contiguous(memory_format=torch.channels_last)

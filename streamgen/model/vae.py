@@ -172,18 +172,14 @@ class TinyCausalVAE(VideoAutoencoder):
     DECODER = ("dec_in", "dec_mix", "dec")
     ENCODER = ("enc", "enc_mix", "enc_out")
 
-    def with_decoder_dtype(self, dtype: torch.dtype) -> TinyCausalVAE:
-        """This autoencoder with its decoder's weights in `dtype` (`with_dtypes`). On CPUs with
-        AMX, bfloat16 decoding is 2-3x faster and moves the uint8 frames by at most 2 levels
-        (`streamgen bench decoder`)."""
-        return self.with_dtypes(decoder=dtype)
-
     def with_dtypes(
         self, decoder: torch.dtype | None = None, encoder: torch.dtype | None = None
     ) -> TinyCausalVAE:
         """This autoencoder with its decoder's and encoder's weights in these dtypes (None: as
         they are); self when nothing changes. A copy that shares this one's unchanged modules.
-        Latents go in and frames come out in the caller's dtype, as before; an encoder in
+        Latents go in and frames come out in the caller's dtype, as before (on CPUs with AMX,
+        bfloat16 decoding is 2-3x faster and moves the uint8 frames by at most 2 levels,
+        `streamgen bench decoder`); an encoder in
         bfloat16 gives latents in bfloat16 (on CPUs with AMX a reference image encodes 2.2-2.9x
         faster, `streamgen bench decoder`'s `reference_encode`)."""
         changed = {}
