@@ -25,6 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from .avatars import ReferenceImageError, avatar_image, decode_reference
 from .config import ServerConfig
 from .metrics import ServerMetrics
+from .model_host import freeze_loaded_heap
 from .registry import AdmissionError, SessionRegistry
 from .scheduler import InferenceWorker, WorkerBusy
 from .session import Session
@@ -201,10 +202,9 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
     registry.chunk_seconds = chunk_seconds
     registry.worker.chunk_time_ema = statistics.median(steady_times)
     # what is loaded by now (torch, the model, the WebRTC stack: ~200k objects) lives as long as
-    # the server: out of the collector's sight. A full collection of it took 50-60 ms, holding the
-    # GIL (every thread waits, the generating lanes too); the first viewer's offer set one off.
-    gc.collect()
-    gc.freeze()
+    # the server. A full collection of it holds the GIL (every thread waits, the generating lanes
+    # too); the first viewer's offer set one off.
+    freeze_loaded_heap()
     registry.ready = True
     registry.metrics.capacity.set(registry.capacity())
     log.info(

@@ -71,12 +71,14 @@ class SessionRegistry:
         self.metrics.sessions_rejected.labels(label).inc()
         raise AdmissionError(reason, retry_after, **details)
 
-    def playout_delay(self) -> float:
-        """How far playout trails generation: room for one round of every streaming session's chunk."""
+    def playout_delay(self, lane: int = 0) -> float:
+        """How far playout trails generation for a session joining `lane`: room for one round of
+        the chunks of that lane's streaming sessions and its own. The other lanes generate at the
+        same time on their own threads; what they take from this one is in the measured chunk time."""
         if self.config.playout_delay_s is not None:
             return self.config.playout_delay_s
         chunk = self.worker.chunk_time_ema or 0.15
-        return min(1.0, max(0.1, 1.3 * chunk * (self.worker.streaming + 1) + 0.02))
+        return min(1.0, max(0.1, 1.3 * chunk * (self.worker.streaming_on(lane) + 1) + 0.02))
 
     # --- lifecycle -------------------------------------------------------------------------------
     async def create(self, reference: np.ndarray, caption: str | None, seed: int | None) -> Session:
@@ -139,7 +141,7 @@ class SessionRegistry:
 
     def start_streaming(self, session: Session, transport: str) -> None:
         first = 1.1 * (self.worker.chunk_time_ema or 0.15) + 0.01  # the first chunk's own generation
-        session.attach(transport, self.playout_delay(), first)
+        session.attach(transport, self.playout_delay(session.lane), first)
         self.worker.add(session)
         session.publish_first_chunk()
         self.metrics.sessions_streaming.set(self.worker.streaming)

@@ -129,6 +129,11 @@ class InferenceWorker:
     def streaming(self) -> int:
         return len(self._sessions)
 
+    def streaming_on(self, lane: int) -> int:
+        """Sessions streaming on `lane`: the ones its thread generates for, in turn."""
+        with self._cond:
+            return sum(1 for s in self._sessions.values() if s.lane == lane)
+
     def capacity(self, chunk_seconds: float, limit: int) -> int:
         """Sessions that fit in real time: chunk period / measured chunk time, with 15% headroom,
         on every lane, at least one each (the time is measured with every lane at work: the

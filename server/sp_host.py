@@ -44,7 +44,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from .model_host import CLIENT_ERRORS, HostDown, ModelOps
+from .model_host import CLIENT_ERRORS, HostDown, ModelOps, freeze_loaded_heap
 
 log = logging.getLogger("streamgen.server")
 
@@ -150,6 +150,7 @@ def follow(model: str, device: str, threads: int | None, sp: int, height: int | 
     """Ranks 1..N-1: replay rank 0's operations until it says exit or goes away."""
     loaded, device = load_sharded(model, device, threads, sp, height, decode_dtype)
     ops = ModelOps(loaded, device, None)
+    freeze_loaded_heap()  # (rank 0 is the server, which freezes its heap when ready)
     box = [None, None]
     dist.broadcast_object_list(box, src=0)
     address, authkey = box

@@ -3,6 +3,7 @@
 import asyncio
 
 import numpy as np
+import pytest
 from server_helpers import small_model
 
 from server.metrics import ServerMetrics
@@ -107,6 +108,19 @@ def test_lanes_serve_their_own_sessions_on_their_own_threads():
         assert worker.capacity(0.32, limit=8) == 4 and worker.capacity(0.32, limit=3) == 3
         worker.chunk_time_ema = 0.25  # 30% headroom with lanes: under one session a lane, one each
         assert worker.capacity(0.32, limit=8) == 2
+        # a session joining a lane waits for that lane's round only: the other lane runs beside it
+        from server.config import ServerConfig
+        from server.registry import SessionRegistry
+
+        registry = SessionRegistry(ServerConfig(), worker, ServerMetrics())
+        worker.chunk_time_ema = 0.1
+        alone = registry.playout_delay(0)
+        s3 = make_sessions(loop, [3])[0]
+        s3.lane = 1
+        worker.add(s3)
+        assert [worker.streaming_on(lane) for lane in (0, 1)] == [1, 2]
+        assert registry.playout_delay(0) == alone == pytest.approx(1.3 * 0.1 * 2 + 0.02)
+        assert registry.playout_delay(1) == pytest.approx(1.3 * 0.1 * 3 + 0.02)
     finally:
         worker.stop()
         loop.close()

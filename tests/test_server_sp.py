@@ -35,9 +35,11 @@ def _worker(rank, world, port, out_dir):
     from server.sp_host import SequenceParallelHost, follow
 
     if rank > 0:
+        import gc
+
         follow("debug", "cpu", 1, world)
         with open(os.path.join(out_dir, f"follower{rank}.json"), "w") as f:
-            json.dump({"exited": True}, f)
+            json.dump({"exited": True, "frozen_objects": gc.get_freeze_count()}, f)
         return
     host = SequenceParallelHost.start("debug", "cpu", 1, world)
     face, speech = inputs()
@@ -80,7 +82,8 @@ def test_followers_replay_the_stream_of_rank_0(tmp_path):
     diff = np.abs(got.astype(int) - expected.astype(int))
     assert diff.max() <= 1 and diff.mean() < 0.01  # fp32 reassociation can flip a rounding
     assert len(json.loads((tmp_path / "errors.json").read_text())) == 1
-    assert json.loads((tmp_path / "follower1.json").read_text()) == {"exited": True}
+    follower = json.loads((tmp_path / "follower1.json").read_text())
+    assert follower["exited"] and follower["frozen_objects"] > 10_000  # its loaded heap (torch, the model)
 
 
 @pytest.mark.distributed
