@@ -182,7 +182,7 @@ def default_decode_dtype(vae: VideoAutoencoder, device) -> torch.dtype | None:
     2-3x faster decoding from 128x128 up, frames within 2 uint8 levels of float32 (measured by
     `streamgen bench decoder`); None (the loaded dtype) everywhere else. The same for the
     encoder of a session's reference image (`StreamSession(encode_dtype="auto")`): 2.2-2.9x
-    faster, the same scores (README, "Speed on this 2-core CPU")."""
+    faster, the same scores (docs/performance.md, "On this 2-core CPU")."""
     if not isinstance(vae, TinyCausalVAE) or torch.device(device).type != "cpu":
         return None
     return torch.bfloat16 if cpu_has_native_bfloat16() else None

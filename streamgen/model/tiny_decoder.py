@@ -1,7 +1,7 @@
 """A tiny streaming decoder for a video model's latents: TAEHV's decoder architecture.
 
-On the H200 the Wan2.1 VAE's decoder takes 232 ms of a 750 ms steady chunk (README, "On one
-H200"): 40.6 TFLOP of 3D convolutions over 12 frames of 832x480. TAEHV (madebyollin/taehv, "Tiny
+On the H200 the Wan2.1 VAE's decoder takes 232 ms of a 750 ms steady chunk (docs/performance.md,
+"On one H200"): 40.6 TFLOP of 3D convolutions over 12 frames of 832x480. TAEHV (madebyollin/taehv, "Tiny
 AutoEncoder for Hunyuan Video", with `taew2_1` weights for Wan2.1's latents; the decoder of
 Self-Forcing's real-time demo) decodes the same latents with ~1.3 TFLOP of 2D convolutions,
 at a cost in fidelity its authors document. This module is our implementation of its decoder,

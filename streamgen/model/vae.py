@@ -261,7 +261,7 @@ class WanVAE(VideoAutoencoder):
         the same arithmetic as diffusers' module elsewhere), each with the SiLU that follows it
         in the residual blocks and the head. Off by default until a GPU run times it (bench
         gpu's `decoder`): on the H200 the decoder spends most of its time in such memory-bound
-        glue (README, "On one H200")."""
+        glue (docs/performance.md, "On one H200")."""
         return self._fused_norms
 
     @fused_norms.setter
