@@ -13,3 +13,21 @@ def test_stutter_counts_repeats_and_skips_but_not_the_runs_cut_by_the_watch():
     # chunk 1 shown 2 frames too long (chunk 2 came late); chunk 3 lost 3 frames (the clock jumped back)
     assert _stutter(frames(1, 10, 8, 5, 8, 30)) == {"repeated": 2, "skipped": 3}
     assert _stutter(frames(12)) == {"repeated": 0, "skipped": 0}
+
+
+async def test_server_counters_read_the_servers_metrics():
+    """What `bench server` reads per probe exists under these names on a real server, and moves."""
+    import httpx
+    from server_helpers import live_server
+
+    from bench.server import _server_counters
+
+    with live_server() as (url, app):
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            before = await _server_counters(http)
+            assert set(before) == {"busy_s", "late", "capacity"}
+            assert before["capacity"] >= 1
+            app.state.metrics.chunk_done(0.25, 8)
+            app.state.metrics.late_chunks.inc()
+            after = await _server_counters(http)
+    assert after["busy_s"] - before["busy_s"] == 0.25 and after["late"] - before["late"] == 1
