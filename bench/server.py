@@ -291,7 +291,7 @@ def _browser_figures(url: str, args) -> dict:
 async def _server_counters(http) -> dict[str, float]:
     """The server's own view, from /metrics: seconds its worker spent generating, chunks that
     came after their play time, and how many sessions it would admit now."""
-    wanted = {"streamgen_chunk_latency_seconds_sum": "busy_s", "streamgen_late_chunks_total": "late",
+    wanted = {"streamgen_worker_busy_seconds_total": "busy_s", "streamgen_late_chunks_total": "late",
               "streamgen_capacity_sessions": "capacity"}  # fmt: skip
     found = {}
     for line in (await http.get("/metrics")).text.splitlines():

@@ -37,6 +37,11 @@ class ServerMetrics:
             registry=r,
         )
         self.capacity = Gauge("streamgen_capacity_sessions", "sessions the server admits now", registry=r)
+        self.worker_busy = Counter(
+            "streamgen_worker_busy_seconds",
+            "seconds the inference worker spent generating and writing chunks, summed over its lanes",
+            registry=r,
+        )
         self._frames = deque(maxlen=4096)  # (time, frames) of recent chunks, for the fps gauge
         self._lock = threading.Lock()
 

@@ -224,7 +224,9 @@ class InferenceWorker:
         for s in sessions:
             s.stream.write_pending_chunk()
         # what one session's chunk costs the worker, its re-encode included (capacity)
-        per_session = (time.perf_counter() - t) / len(sessions)
+        busy = time.perf_counter() - t
+        self.metrics.worker_busy.inc(busy)
+        per_session = busy / len(sessions)
         self.chunk_time_ema = (
             per_session if self.chunk_time_ema is None else 0.9 * self.chunk_time_ema + 0.1 * per_session
         )

@@ -27,7 +27,7 @@ async def test_server_counters_read_the_servers_metrics():
             before = await _server_counters(http)
             assert set(before) == {"busy_s", "late", "capacity"}
             assert before["capacity"] >= 1
-            app.state.metrics.chunk_done(0.25, 8)
+            app.state.metrics.worker_busy.inc(0.25)
             app.state.metrics.late_chunks.inc()
             after = await _server_counters(http)
     assert after["busy_s"] - before["busy_s"] == 0.25 and after["late"] - before["late"] == 1

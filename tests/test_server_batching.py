@@ -103,6 +103,7 @@ def test_lanes_serve_their_own_sessions_on_their_own_threads():
             time.sleep(0.05)
         assert all(s.chunk_index >= 3 for s in sessions)
         assert threads == {"s1": {"inference-worker-0"}, "s2": {"inference-worker-1"}}
+        assert worker.metrics.registry.get_sample_value("streamgen_worker_busy_seconds_total") > 0
         worker.stop()  # (its lanes would go on measuring chunk_time_ema)
         worker.chunk_time_ema = 0.1  # 2 sessions a lane in real time at 0.32 s a chunk, with headroom
         assert worker.capacity(0.32, limit=8) == 4 and worker.capacity(0.32, limit=3) == 3
