@@ -13,8 +13,9 @@ audio starts with a 20 ms tone) and connects pure-Python aiortc clients:
 - max_realtime_sessions: most concurrent sessions that all generate >= 24 fps (server-side count);
   sessions_fps / _glass_to_glass_ms / _av_offset_ms / _repeated_frames: per number of concurrent
   sessions, the slowest one's fps and each one's latency, A/V offset and repeated frames;
-  sessions_worker_busy / _late_chunks / _capacity: the server's side of each (from /metrics: the
-  share of the time it generated, chunks it published after their play time, what it would admit)
+  sessions_worker_busy / _late_chunks / _chunk_ms: the server's side of each (the share of the
+  time it generated, chunks it published after their play time, and after the probe the
+  per-session chunk time its capacity estimate rests on: the benchmark admits past the estimate)
 - repeated_frames / skipped_frames: stutter over the watch: frames shown twice because their
   chunk came late, frames never shown because the clock jumped back (the playout delay came down)
 - browser_*: the web client in headless chromium (when /usr/bin/chromium exists): first frame,
@@ -240,7 +241,7 @@ async def _bench(args) -> dict:
                 out.update(await asyncio.to_thread(_browser_figures, f"http://127.0.0.1:{port}", args))
             out["max_realtime_sessions"], per_n = await _max_sessions(http, args)
             for key in ("fps", "glass_to_glass_ms", "av_offset_ms", "repeated_frames", "worker_busy", "late_chunks",
-                        "capacity"):  # fmt: skip
+                        "chunk_ms"):  # fmt: skip
                 out[f"sessions_{key}"] = {n: figures[key] for n, figures in per_n.items()}
             return out
     finally:
@@ -289,16 +290,16 @@ def _browser_figures(url: str, args) -> dict:
 
 
 async def _server_counters(http) -> dict[str, float]:
-    """The server's own view, from /metrics: seconds its worker spent generating, chunks that
-    came after their play time, and how many sessions it would admit now."""
-    wanted = {"streamgen_worker_busy_seconds_total": "busy_s", "streamgen_late_chunks_total": "late",
-              "streamgen_capacity_sessions": "capacity"}  # fmt: skip
+    """The server's own view: seconds its worker spent generating and chunks that came after
+    their play time (/metrics), and the per-session chunk time its capacity estimate rests on
+    (/readyz)."""
+    wanted = {"streamgen_worker_busy_seconds_total": "busy_s", "streamgen_late_chunks_total": "late"}
     found = {}
     for line in (await http.get("/metrics")).text.splitlines():
         name, _, value = line.partition(" ")
         if name in wanted:
             found[wanted[name]] = float(value)
-    return found
+    return found | {"chunk_ms": (await http.get("/readyz")).json()["chunk_ms"]}
 
 
 async def _max_sessions(http, args) -> tuple[int, dict]:
@@ -307,9 +308,10 @@ async def _max_sessions(http, args) -> tuple[int, dict]:
     Per number of sessions: the slowest session's fps, each session's glass-to-glass
     latency and A/V offset (ms; the playout delay grows with the load) and repeated frames,
     and the server's side: the share of the time its worker was generating (summed over
-    lanes), the chunks it published after their play time, and the capacity it reported
-    (what it would admit) at the end. A slow session whose server was neither busy nor late
-    was held back elsewhere: the transport, or the clients, which share this machine."""
+    lanes), the chunks it published after their play time, and the per-session chunk time
+    it measured (its capacity estimate's basis) at the end. A slow session whose server was
+    neither busy nor late was held back elsewhere: the transport, or the clients, which share
+    this machine."""
     best, per_n = 0, {}
     for n in range(1, args.max_probe + 1):
         before = await _server_counters(http)
@@ -327,7 +329,7 @@ async def _max_sessions(http, args) -> tuple[int, dict]:
             "repeated_frames": [_stutter(r["frames"])["repeated"] for r in results],
             "worker_busy": round((after["busy_s"] - before["busy_s"]) / elapsed, 3),
             "late_chunks": int(after["late"] - before["late"]),
-            "capacity": int(after["capacity"]),
+            "chunk_ms": after["chunk_ms"],
         }
         if min(fps) < 24 or elapsed > args.seconds + 60:
             break
