@@ -25,8 +25,9 @@ _CREATE_BODY = {
                     "properties": {
                         "avatar": {"type": "string", "description": "id from GET /v1/avatars (default 'sample')"},
                         "caption": {"type": "string", "description": "optional text conditioning, e.g. 'smiling'"},
-                        "seed": {"type": "integer"},
+                        "seed": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
                     },
+                    "additionalProperties": False,
                 }
             },
             "multipart/form-data": {
@@ -34,10 +35,10 @@ _CREATE_BODY = {
                     "type": "object",
                     "properties": {
                         "reference": {"type": "string", "format": "binary", "description": "PNG/JPEG face"},
-                        "avatar": {"type": "string"},
                         "caption": {"type": "string"},
-                        "seed": {"type": "integer"},
+                        "seed": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
                     },
+                    "additionalProperties": False,
                 }
             },
         }
@@ -61,18 +62,7 @@ async def create_session(request: Request):
             raise ApiError(403, "forbidden", "wrong server token")
     registry.admit()  # before reading an upload: refuse cheaply when full
     fields, upload = await _session_fields(request, config)
-    avatar = fields.get("avatar") or "sample"
-    caption = fields.get("caption") or None
-    if caption is not None and len(caption) > MAX_CAPTION_CHARS:
-        raise ApiError(422, "bad_caption", f"caption longer than {MAX_CAPTION_CHARS} characters")
-    seed = fields.get("seed")
-    if seed is not None:
-        try:
-            seed = int(seed)
-        except (TypeError, ValueError):
-            raise ApiError(422, "bad_seed", "seed must be an integer") from None
-        if not 0 <= seed < 2**31:
-            raise ApiError(422, "bad_seed", "seed must be in [0, 2**31)")
+    avatar, caption, seed = _session_params(fields, upload is not None)
     if upload is not None:
         reference = decode_upload(upload, config)
     else:
@@ -90,6 +80,36 @@ async def create_session(request: Request):
         "fps": session.fps, "resource": base, "whep": f"{base}/whep", "stream": f"{base}/stream",
     }  # fmt: skip
     return JSONResponse(body, status_code=201, headers={"Location": base})
+
+
+SESSION_FIELDS = ("avatar", "caption", "seed")  # and, in a multipart body, the `reference` file
+
+
+def _session_params(fields: dict, has_reference: bool) -> tuple[str, str | None, int | None]:
+    """A session request's fields -> (avatar, caption, seed), or a 422 naming what is wrong: a
+    misspelt or misplaced field is refused rather than ignored (the stream would silently use the
+    sample avatar, or no caption)."""
+    for name in fields:
+        if name not in SESSION_FIELDS:
+            raise ApiError(422, "unknown_field", f"unknown field {str(name)[:40]!r}: a session takes avatar, caption "
+                           "and seed; a reference image goes as the 'reference' file of a multipart/form-data body")  # fmt: skip
+    avatar, caption, seed = (fields.get(name) for name in SESSION_FIELDS)
+    for name, value in (("avatar", avatar), ("caption", caption)):
+        if value is not None and not isinstance(value, str):
+            raise ApiError(422, f"bad_{name}", f"{name} must be a string")
+    if avatar and has_reference:
+        raise ApiError(422, "bad_avatar", "send either an avatar or a reference image, not both")
+    if caption is not None and len(caption) > MAX_CAPTION_CHARS:
+        raise ApiError(422, "bad_caption", f"caption longer than {MAX_CAPTION_CHARS} characters")
+    if seed is not None:
+        # an integer, or its decimal digits (form fields are text); not 1.5, not true
+        if isinstance(seed, str) and seed.strip().lstrip("-").isdigit():
+            seed = int(seed)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ApiError(422, "bad_seed", "seed must be an integer")
+        if not 0 <= seed < 2**31:
+            raise ApiError(422, "bad_seed", "seed must be in [0, 2**31)")
+    return avatar or "sample", caption or None, seed
 
 
 async def _session_fields(request: Request, config) -> tuple[dict, bytes | None]:

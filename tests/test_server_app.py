@@ -116,6 +116,15 @@ def test_oversized_upload(client):
         ({"json": {"avatar": "nobody"}}, 404),
         ({"json": {"seed": "x"}}, 422),
         ({"json": {"seed": -1}}, 422),
+        ({"json": {"seed": 1.5}}, 422),
+        ({"json": {"seed": True}}, 422),
+        ({"json": {"caption": 5}}, 422),  # was a 500 (len() of an int)
+        ({"json": {"caption": ["smiling"]}}, 422),
+        ({"json": {"avatar": {"id": "ada"}}}, 422),
+        ({"json": {"reference": "aGVsbG8="}}, 422),  # images go as multipart files: not silently ignored
+        ({"json": {"avatar": "ada", "sed": 3}}, 422),
+        ({"data": {"seed": "7.5"}, "files": {"reference": ("f.png", png_bytes(), "image/png")}}, 422),
+        ({"data": {"avatar": "ada"}, "files": {"reference": ("f.png", png_bytes(), "image/png")}}, 422),
         ({"json": [1, 2]}, 400),
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400),
         ({"content": b"avatar=ada", "headers": {"content-type": "text/plain"}}, 415),
@@ -125,6 +134,21 @@ def test_bad_session_requests(client, kwargs, status):
     r = client.post("/v1/sessions", **kwargs)
     assert r.status_code == status, r.text
     assert "message" in r.json()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"json": {"avatar": "ada", "caption": None, "seed": 7}},
+        {"json": {"seed": "7"}},
+        {"data": {"seed": "7", "caption": ""}, "files": {"reference": ("f.png", png_bytes(), "image/png")}},
+    ],
+)
+def test_session_fields_that_are_accepted(client, kwargs):
+    r = client.post("/v1/sessions", **kwargs)
+    assert r.status_code == 201, r.text
+    s = r.json()
+    client.delete(s["resource"], headers=auth(s["token"]))
 
 
 def test_session_tokens(client):
