@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 
 from .avatars import ReferenceImageError, avatar_image, decode_reference
 from .config import ServerConfig
+from .ice import warn_if_stun_is_silent
 from .metrics import ServerMetrics
 from .model_host import freeze_loaded_heap
 from .registry import AdmissionError, SessionRegistry
@@ -59,9 +60,11 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
         worker.start()
         loading = asyncio.create_task(load_and_warm(app, registry, model))
         limits = asyncio.create_task(registry.enforce_limits_forever())
+        checking_stun = asyncio.create_task(warn_if_stun_is_silent(config.ice_servers))
         try:
             yield
         finally:
+            checking_stun.cancel()
             limits.cancel()
             loading.cancel()
             await registry.close_all("server shutting down")

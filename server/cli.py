@@ -45,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-timeout", type=float, default=60.0, help="seconds without input or viewer")
     parser.add_argument("--max-duration", type=float, default=3600.0, help="seconds a session may last")
     parser.add_argument("--loopback", action="store_true", help="offer 127.0.0.1 for WebRTC (same machine)")
+    parser.add_argument("--ice-servers", default="", metavar="JSON|FILE|stun:URL",
+                        help="STUN/TURN servers for WebRTC behind NATs, as the browser's RTCIceServer list, e.g. "
+                        "'[{\"urls\": \"stun:stun.example.org:3478\"}, {\"urls\": \"turn:turn.example.org:3478\", "
+                        "\"username\": \"u\", \"credential\": \"p\"}]', a file holding it, or one stun: URL; "
+                        "clients get it too (docs/serving.md)")  # fmt: skip
     parser.add_argument("--model-process", action="store_true",
                         help="run the model in a child process instead of a thread of the server")
     parser.add_argument("--sp", type=int, default=1,
@@ -87,6 +92,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--fp8 on a GPU needs --dtype bfloat16 (its FP8 products give bfloat16)")
     if args.compile and (args.device != "cpu" or args.sp > 1):
         raise UserError("--compile runs on the CPU in one process: it cannot be combined with --sp or a GPU device")
+    from .ice import IceConfigError, parse_ice_servers
+
+    try:
+        ice_servers = parse_ice_servers(args.ice_servers)
+    except IceConfigError as e:
+        raise UserError(f"--ice-servers: {e}") from None
     from streamgen.models import use_attention_backend, use_cache_from, use_compile, use_precision
 
     try:
@@ -115,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         torch_threads=threads, lanes=args.lanes, loopback=args.loopback or args.host == "127.0.0.1", sp=args.sp,
         idle_timeout_s=args.idle_timeout, max_duration_s=args.max_duration,
         stamp_frames=args.stamp_frames, measure_capacity=not args.admit_max, inference_process=args.model_process,
+        ice_servers=ice_servers,
     )  # fmt: skip
     app = create_app(config)
     try:

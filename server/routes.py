@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .app import ApiError, bearer_token, decode_upload, read_body, require_session
 from .avatars import avatar_image, avatar_png, list_avatars
+from .ice import link_header
 from .registry import SessionRegistry
 
 router = APIRouter()
@@ -78,6 +79,7 @@ async def create_session(request: Request):
     body = {
         "id": session.id, "token": session.token, "width": session.width, "height": session.height,
         "fps": session.fps, "resource": base, "whep": f"{base}/whep", "stream": f"{base}/stream",
+        "ice_servers": config.ice_servers,  # for the client's RTCPeerConnection (serve --ice-servers)
     }  # fmt: skip
     return JSONResponse(body, status_code=201, headers={"Location": base})
 
@@ -192,8 +194,11 @@ async def whep(session_id: str, request: Request):
     except OfferError as e:
         await registry.close(session, f"bad offer: {e}")
         raise ApiError(400, "bad_sdp", str(e)) from None
-    location = f"/v1/sessions/{session.id}"
-    return Response(answer, status_code=201, media_type="application/sdp", headers={"Location": location})
+    headers = {"Location": f"/v1/sessions/{session.id}"}
+    links = link_header(registry.config.ice_servers)  # STUN/TURN for the player (RFC 9725, 4.6)
+    if links:
+        headers["Link"] = links
+    return Response(answer, status_code=201, media_type="application/sdp", headers=headers)
 
 
 @router.post("/v1/sessions/{session_id}/control", tags=["sessions"])

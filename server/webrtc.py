@@ -16,10 +16,11 @@ import time
 
 import av
 import numpy as np
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import SessionDescription
 
+from .ice import server_side
 from .session import SAMPLE_RATE, Chunk, ChunkSlot, Session
 
 log = logging.getLogger("streamgen.server")
@@ -56,7 +57,10 @@ def check_offer(sdp: str) -> set[str]:
 async def answer_offer(session: Session, registry, sdp: str) -> str:
     """Create the peer connection for `session`, answer `sdp`, start streaming. OfferError on bad offers."""
     kinds = check_offer(sdp)
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    # no STUN/TURN unless configured: aiortc's default (a public STUN server) would hold every
+    # answer up for seconds where it cannot be reached
+    ice = [RTCIceServer(**server) for server in server_side(registry.config.ice_servers)]
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
     slot = session.add_slot(on_drop=registry.metrics.dropped_chunks.inc)
     mic_tasks: list[asyncio.Task] = []
 

@@ -13,7 +13,7 @@ const stats = { transport: null, firstFrameMs: null, framesDecoded: 0, fps: 0, a
 window.streamgenStats = stats;
 
 let avatar = params.get("avatar") || "sample";
-let session = null;        // {id, token, resource, whep, stream}
+let session = null;        // {id, token, resource, whep, stream, ice_servers}
 let pc = null;             // RTCPeerConnection (WebRTC)
 let ws = null;             // WebSocket (fallback)
 let mic = null;            // MediaStream from getUserMedia
@@ -101,7 +101,8 @@ function iceGathered(peer, timeoutMs = 2000) {
 }
 
 async function connectWebRTC() {
-  pc = new RTCPeerConnection({ iceServers: [] });
+  // STUN/TURN as the server was told (serve --ice-servers); none on a LAN or the same machine
+  pc = new RTCPeerConnection({ iceServers: session.ice_servers || [] });
   const media = new MediaStream();
   pc.ontrack = (e) => {
     media.addTrack(e.track);

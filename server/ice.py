@@ -1,0 +1,165 @@
+"""ICE servers (STUN, TURN) for a server that browsers reach through NATs (`serve --ice-servers`).
+
+Without them the server offers only its interfaces' own addresses (host candidates). That
+serves a LAN, a machine with a public address on its interface, or 127.0.0.1. A server
+behind a NAT (most cloud machines: a private interface address, 1:1 NAT to a public one)
+needs a STUN server to learn its public address, and clients behind symmetric NATs or
+firewalls that drop UDP need a TURN server to relay through.
+
+The list is given in the browser's `RTCIceServer` form, so the same JSON configures both
+ends: the server's own peer connections (aiortc gathers with the first STUN and the first
+TURN URL, UDP or TCP, and `turns:` over TCP), and every client. Clients get it in the
+session's JSON (`ice_servers`) and, for any WHEP player, as `Link: <url>; rel="ice-server"`
+headers on the WHEP answer (RFC 9725, 4.6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from pathlib import Path
+
+log = logging.getLogger("streamgen.server")
+
+# what aiortc can gather with: stun:host[:port], turn:host[:port][?transport=udp|tcp],
+# turns:host[:port]?transport=tcp (aioice has no STUN over TLS)
+_URL = re.compile(
+    r"^(?P<scheme>stun|turns?):(?P<host>[^?:/\s]+)(?::(?P<port>\d{1,5}))?(?:\?transport=(?P<transport>udp|tcp))?$"
+)
+
+
+class IceConfigError(ValueError):
+    """The ICE server list cannot be used; the message says which entry and why."""
+
+
+def parse_ice_servers(text: str) -> list[dict]:
+    """`--ice-servers`: a JSON list of RTCIceServer objects (or one object), inline or in a
+    file, or a bare `stun:` URL. Returns the list, each entry with `urls` as a list."""
+    text = text.strip()
+    if not text:
+        return []
+    if text.startswith("stun:"):
+        raw = [{"urls": [text]}]
+    else:
+        if not text.startswith(("[", "{", '"')):
+            path = Path(text)
+            if not path.is_file():
+                raise IceConfigError(f"not JSON, a stun: URL or a file: {text[:80]!r}")
+            text = path.read_text()
+        try:
+            raw = json.loads(text)
+        except ValueError as e:
+            raise IceConfigError(f"not valid JSON: {e}") from None
+        raw = [raw] if isinstance(raw, dict) else raw
+        if not isinstance(raw, list):
+            raise IceConfigError('expected a JSON list of {"urls": ..., "username": ..., "credential": ...}')
+    return [_checked(i, entry) for i, entry in enumerate(raw)]
+
+
+def _checked(i: int, entry) -> dict:
+    where = f"ICE server {i + 1}"
+    if not isinstance(entry, dict) or "urls" not in entry:
+        raise IceConfigError(f"{where}: expected an object with 'urls'")
+    unknown = set(entry) - {"urls", "username", "credential"}
+    if unknown:
+        raise IceConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (urls, username, credential)")
+    urls = entry["urls"] if isinstance(entry["urls"], list) else [entry["urls"]]
+    if not urls or not all(isinstance(u, str) for u in urls):
+        raise IceConfigError(f"{where}: 'urls' must be a URL or a non-empty list of them")
+    for url in urls:
+        m = _URL.match(url)
+        if m is None:
+            raise IceConfigError(
+                f"{where}: {url[:80]!r} is not a stun:, turn: or turns: URL the server can use"
+            )
+        if m["scheme"] == "stun" and m["transport"]:
+            raise IceConfigError(f"{where}: {url!r}: a stun: URL takes no transport")
+        if m["scheme"] == "turns" and m["transport"] == "udp":
+            raise IceConfigError(f"{where}: {url!r}: turns: runs over TCP only")
+        if m["port"] and not 0 < int(m["port"]) < 65536:
+            raise IceConfigError(f"{where}: {url!r}: port out of range")
+    out = {"urls": list(urls)}
+    if any(u.startswith("turn") for u in urls):
+        for key in ("username", "credential"):
+            if not isinstance(entry.get(key), str) or not entry[key]:
+                raise IceConfigError(f"{where}: a TURN server needs a '{key}'")
+    for key in ("username", "credential"):
+        if key in entry:
+            out[key] = entry[key]
+    return out
+
+
+def server_side(servers: list[dict]) -> list[dict]:
+    """What the server's own peer connections gather with: aiortc uses one STUN and one TURN
+    URL, the first of each (the clients get the whole list)."""
+    picked, schemes = [], set()
+    for server in servers:
+        for url in server["urls"]:
+            kind = "stun" if url.startswith("stun") else "turn"
+            if kind not in schemes:
+                schemes.add(kind)
+                picked.append({**server, "urls": [url]})
+    return picked
+
+
+def link_header(servers: list[dict]) -> str | None:
+    """The WHEP answer's `Link` header value: one link-value per URL (RFC 9725, 4.6)."""
+
+    def quoted(value: str) -> str:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    links = []
+    for server in servers:
+        for url in server["urls"]:
+            link = f'<{url}>; rel="ice-server"'
+            if "username" in server:
+                link += f"; username={quoted(server['username'])}; credential={quoted(server['credential'])}"
+                link += '; credential-type="password"'
+            links.append(link)
+    return ", ".join(links) or None
+
+
+async def stun_answers(url: str, timeout: float = 2.0) -> bool:
+    """Whether the STUN server at `url` answers a binding request within `timeout` seconds."""
+    from aioice import stun
+
+    m = _URL.match(url)
+    loop = asyncio.get_running_loop()
+    reply: asyncio.Future = loop.create_future()
+
+    class Client(asyncio.DatagramProtocol):
+        def datagram_received(self, data, addr):
+            if not reply.done():
+                reply.set_result(data)
+
+        def error_received(self, exc):  # e.g. ICMP port unreachable
+            if not reply.done():
+                reply.set_exception(exc)
+
+    try:
+        transport, _ = await loop.create_datagram_endpoint(
+            Client, remote_addr=(m["host"], int(m["port"] or 3478))
+        )
+    except OSError:  # a name that does not resolve, no route
+        return False
+    try:
+        request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+        transport.sendto(bytes(request))
+        answer = stun.parse_message(await asyncio.wait_for(reply, timeout))
+        return answer.transaction_id == request.transaction_id
+    except (TimeoutError, OSError, ValueError):
+        return False
+    finally:
+        transport.close()
+
+
+async def warn_if_stun_is_silent(servers: list[dict]) -> None:
+    """At startup: a STUN server that does not answer holds every WebRTC answer up by 5 s
+    (aioice waits that long for it while gathering); say so once, in the log."""
+    for server in server_side(servers):
+        url = server["urls"][0]
+        if url.startswith("stun:") and not await stun_answers(url):
+            log.warning("STUN server %s did not answer: every WebRTC answer will wait 5 s for it "
+                        "(check --ice-servers)", url)  # fmt: skip
