@@ -27,7 +27,7 @@ CLIENT_ERRORS = {"ValueError": ValueError, "BufferError": BufferError, "KeyError
 def freeze_loaded_heap() -> None:
     """Keep what a process has loaded (torch, the model: ~170k objects) out of the collector's
     sight: it lives as long as the process. A full collection of it took 50-70 ms holding the
-    GIL, a stall in whatever chunk set it off (one in 120 chunks of a 64x64 stream)."""
+    GIL, a stall in whatever chunk set it off (one over 120 chunks of three 64x64 streams)."""
     gc.collect()
     gc.freeze()
 
