@@ -80,6 +80,17 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.config, app.state.registry, app.state.metrics = config, registry, metrics
+    if config.cors_origins:
+        # web apps on other origins (an app builder's page, a browser WHEP player): the API calls
+        # carry a bearer token, not cookies; the WHEP answer's Location and Link headers must be
+        # readable by the page. (WebSockets are not subject to CORS.)
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"], expose_headers=["Location", "Link", "Retry-After"],
+            max_age=600,
+        )  # fmt: skip
     app.state.load_error = None
     app.state.warm_stage = "loading the model"  # what /readyz says while not ready
 

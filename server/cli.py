@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "'[{\"urls\": \"stun:stun.example.org:3478\"}, {\"urls\": \"turn:turn.example.org:3478\", "
                         "\"username\": \"u\", \"credential\": \"p\"}]', a file holding it, or one stun: URL; "
                         "clients get it too (docs/serving.md)")  # fmt: skip
+    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="let web pages of ORIGIN (e.g. https://app.example.org; '*' for any) call the API: "
+                        "sessions, WHEP, control (repeatable; default: this server's own page only)")  # fmt: skip
     parser.add_argument("--model-process", action="store_true",
                         help="run the model in a child process instead of a thread of the server")
     parser.add_argument("--sp", type=int, default=1,
@@ -64,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
     import os
+    import re
 
     import uvicorn
 
@@ -92,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--fp8 on a GPU needs --dtype bfloat16 (its FP8 products give bfloat16)")
     if args.compile and (args.device != "cpu" or args.sp > 1):
         raise UserError("--compile runs on the CPU in one process: it cannot be combined with --sp or a GPU device")
+    for origin in args.cors_origin:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise UserError(f"--cors-origin {origin!r}: an origin is scheme://host[:port], e.g. https://app.example.org")
     from .ice import IceConfigError, parse_ice_servers
 
     try:
@@ -126,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         torch_threads=threads, lanes=args.lanes, loopback=args.loopback or args.host == "127.0.0.1", sp=args.sp,
         idle_timeout_s=args.idle_timeout, max_duration_s=args.max_duration,
         stamp_frames=args.stamp_frames, measure_capacity=not args.admit_max, inference_process=args.model_process,
-        ice_servers=ice_servers,
+        ice_servers=ice_servers, cors_origins=args.cors_origin,
     )  # fmt: skip
     app = create_app(config)
     try:

@@ -27,6 +27,7 @@ class ServerConfig:
     token: str | None = None  # when set, creating a session needs "Authorization: Bearer <token>"
     loopback: bool = False  # make aioice offer 127.0.0.1 (tests, benchmarks, same-machine use)
     ice_servers: list[dict] = field(default_factory=list)  # STUN/TURN, RTCIceServer dicts (server/ice.py)
+    cors_origins: list[str] = field(default_factory=list)  # other origins whose pages may call the API ("*": any)
     idle_timeout_s: float = 60.0  # a session with no transport / no input for this long is closed
     max_duration_s: float = 3600.0
     max_upload_bytes: int = 4 * 1024 * 1024

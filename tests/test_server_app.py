@@ -391,3 +391,36 @@ def test_readyz_says_what_the_warm_up_is_doing(monkeypatch):
         finally:
             release.set()
         assert "stage" not in wait_ready(c)
+
+
+def test_other_origins_may_call_the_api_only_when_allowed():
+    """`serve --cors-origin`: a page on another origin creates a session and posts its WHEP offer
+    (a preflighted request: bearer token, application/sdp), and can read the answer's Location."""
+    page = "https://app.example.org"
+    preflight = {"origin": page, "access-control-request-method": "POST",
+                 "access-control-request-headers": "authorization,content-type"}  # fmt: skip
+    with TestClient(make_app(cors_origins=[page])) as allowed, TestClient(make_app()) as same_origin_only:
+        wait_ready(allowed)
+        wait_ready(same_origin_only)
+        r = allowed.options("/v1/sessions/abc/whep", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        assert {"authorization", "content-type"} <= set(r.headers["access-control-allow-headers"].lower().split(", "))
+        r = allowed.post("/v1/sessions", json={}, headers={"origin": page})
+        assert r.status_code == 201 and r.headers["access-control-allow-origin"] == page
+        assert "location" in r.headers["access-control-expose-headers"].lower()
+        s = r.json()
+        allowed.delete(s["resource"], headers={**auth(s["token"]), "origin": page})
+        other = allowed.options("/v1/sessions", headers={**preflight, "origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+        r = same_origin_only.options("/v1/sessions/abc/whep", headers=preflight)
+        assert "access-control-allow-origin" not in r.headers
+        r = same_origin_only.post("/v1/sessions", json={}, headers={"origin": page})
+        assert "access-control-allow-origin" not in r.headers
+        s = r.json()
+        same_origin_only.delete(s["resource"], headers=auth(s["token"]))
+
+
+def test_cors_origin_must_be_an_origin():
+    from streamgen.cli import main
+
+    assert main(["serve", "--cors-origin", "app.example.org/path"]) == 2
