@@ -100,3 +100,72 @@ def test_browser_websocket_fallback(browser_page):
         stats = run_page(browser_page, f"{url}/?autostart=1&transport=ws", frames=25)
         print("browser WebSocket stats:", stats)
         assert stats["transport"] == "websocket" and stats["framesDecoded"] >= 25
+
+
+# A page of another origin (an app builder's site) that streams an avatar over WHEP, as any
+# browser WHEP player would: create a session, post the offer with the session's bearer token,
+# read the answer's Location, play. `api` is the streamgen server's base URL.
+PLAYER_PAGE = """<!doctype html><video id="v" autoplay muted playsinline></video><script>
+async function play(api) {
+  const created = await fetch(api + "/v1/sessions", {method: "POST", body: "{}",
+                              headers: {"Content-Type": "application/json"}});
+  const s = await created.json();
+  const pc = new RTCPeerConnection({iceServers: s.ice_servers});
+  pc.addTransceiver("video", {direction: "recvonly"});
+  pc.ontrack = (e) => { document.getElementById("v").srcObject = new MediaStream([e.track]); };
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((done) => {
+    if (pc.iceGatheringState === "complete") return done();
+    pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && done();
+  });
+  const r = await fetch(api + s.whep, {method: "POST", body: pc.localDescription.sdp,
+                        headers: {"Content-Type": "application/sdp", "Authorization": "Bearer " + s.token}});
+  if (r.status !== 201) throw new Error("WHEP " + r.status);
+  await pc.setRemoteDescription({type: "answer", sdp: await r.text()});
+  for (let i = 0; i < 200; i++) {
+    for (const st of (await pc.getStats()).values())
+      if (st.type === "inbound-rtp" && st.kind === "video" && st.framesDecoded >= 10) {
+        await fetch(api + r.headers.get("Location"), {method: "DELETE",
+                    headers: {"Authorization": "Bearer " + s.token}});
+        pc.close();
+        return {location: r.headers.get("Location"), frames: st.framesDecoded};
+      }
+    await new Promise((t) => setTimeout(t, 100));
+  }
+  throw new Error("no frames");
+}
+</script>"""
+
+
+def test_a_page_of_another_origin_plays_over_whep_when_allowed(browser_page):
+    """`serve --cors-origin`: the browser's own CORS checks (preflight for the bearer token and
+    application/sdp, the Location header read by the page) pass for an allowed origin, and
+    refuse the same page where the server allows none."""
+    import functools
+    import http.server
+    import threading
+
+    # the page's own server, on 127.0.0.1 too (a page of a public address would first need
+    # Chrome's permission to reach the loopback address space: not what is tested here)
+    site = tempfile.mkdtemp(prefix="streamgen-player-")
+    Path(site, "player.html").write_text(PLAYER_PAGE)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=site)
+    pages = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=pages.serve_forever, daemon=True).start()
+    origin = f"http://127.0.0.1:{pages.server_address[1]}"
+    page = browser_page.new_page()
+    try:
+        page.goto(f"{origin}/player.html")
+        with live_server(max_sessions=2, cors_origins=[origin]) as (url, app):
+            played = page.evaluate("(api) => play(api)", url)
+            assert played["frames"] >= 10 and played["location"].startswith("/v1/sessions/")
+        with live_server(max_sessions=2) as (url, app):
+            outcome = "(api) => play(api).then(() => 'played', (e) => e.name + ': ' + e.message)"
+            refused = page.evaluate(outcome, url)
+            assert refused.startswith("TypeError"), refused  # the browser's "Failed to fetch"
+            # a JSON POST needs the browser's preflight, which this server does not grant
+            assert app.state.registry.sessions == {}
+    finally:
+        page.close()
+        pages.shutdown()
+        shutil.rmtree(site, ignore_errors=True)
