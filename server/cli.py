@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from streamgen.cli import add_dtype_option
 
@@ -13,6 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-sessions", type=int, default=8, help="upper bound on concurrent sessions")
     parser.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' to create sessions")
+    parser.add_argument("--ssl-certfile", default=None, metavar="PEM",
+                        help="serve HTTPS/WSS with this certificate (chain); browsers give a page of another "
+                        "machine the microphone only over HTTPS")  # fmt: skip
+    parser.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="the certificate's private key")
     parser.add_argument("--size", type=int, default=None, help="output height and width (default: the model's)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--device", default="cpu")
@@ -99,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     for origin in args.cors_origin:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise UserError(f"--cors-origin {origin!r}: an origin is scheme://host[:port], e.g. https://app.example.org")
+    tls = _tls_files(args.ssl_certfile, args.ssl_keyfile)
     from .ice import IceConfigError, parse_ice_servers
 
     try:
@@ -137,10 +143,31 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     app = create_app(config)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5, **tls)
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e}") from None
     return 0
+
+
+def _tls_files(certfile: str | None, keyfile: str | None) -> dict:
+    """uvicorn's TLS arguments, checked now: a certificate that does not load, or a key that is
+    not its own, is a one-line error before anything starts (uvicorn would fail after loading)."""
+    import ssl
+
+    from streamgen.cli import UserError
+
+    if certfile is None and keyfile is None:
+        return {}
+    if certfile is None or keyfile is None:
+        raise UserError("--ssl-certfile and --ssl-keyfile go together")
+    for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if not Path(path).is_file():
+            raise UserError(f"{flag}: no such file: {path}")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, ValueError) as e:
+        raise UserError(f"cannot use {certfile} with {keyfile}: {e}") from None
+    return {"ssl_certfile": certfile, "ssl_keyfile": keyfile}
 
 
 def _model_exists(name: str) -> bool:

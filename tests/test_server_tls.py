@@ -1,0 +1,99 @@
+"""`streamgen serve --ssl-certfile/--ssl-keyfile`: HTTPS and WSS with the operator's certificate."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import signal
+import ssl
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import websockets
+from server_helpers import free_port
+
+from server.protocol import MsgType
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def self_signed(tmp_path, name: str = "127.0.0.1") -> tuple[str, str]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(name))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+def serve(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "streamgen.cli", "serve", "--model", "debug", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+async def test_https_and_wss_with_the_given_certificate(tmp_path):
+    cert, key = self_signed(tmp_path)
+    port = free_port()
+    proc = serve("--port", str(port), "--ssl-certfile", cert, "--ssl-keyfile", key)
+    trust = ssl.create_default_context(cafile=cert)
+    base = f"https://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base, verify=trust, timeout=10) as http:
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None, proc.stdout.read()
+                try:
+                    if (await http.get("/readyz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "server over HTTPS did not become ready"
+                time.sleep(0.2)
+            s = (await http.post("/v1/sessions", json={})).json()
+            url = f"wss://127.0.0.1:{port}{s['stream']}?token={s['token']}"
+            async with websockets.connect(url, ssl=trust) as ws:
+                await ws.send(json.dumps({"type": "start", "format": "rgb"}))
+                while not isinstance(frame := await ws.recv(), bytes) or frame[0] != MsgType.VIDEO_RGB:
+                    pass
+            with pytest.raises(httpx.TransportError):  # plain HTTP on the TLS port is not served
+                await httpx.AsyncClient(timeout=5).get(f"http://127.0.0.1:{port}/readyz")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+
+
+@pytest.mark.parametrize("case", ["key alone", "missing file", "key of another certificate"])
+def test_a_certificate_that_cannot_serve_is_refused_before_starting(tmp_path, case):
+    cert, key = self_signed(tmp_path)
+    other_cert, other_key = self_signed(tmp_path, "127.0.0.2")
+    args = {
+        "key alone": ["--ssl-keyfile", key],
+        "missing file": ["--ssl-certfile", str(tmp_path / "none.crt"), "--ssl-keyfile", key],
+        "key of another certificate": ["--ssl-certfile", cert, "--ssl-keyfile", other_key],
+    }[case]
+    proc = serve(*args)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out
+    assert out.strip().splitlines()[-1].startswith("streamgen serve: error: "), out
+    assert "Traceback" not in out
