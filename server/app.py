@@ -236,15 +236,23 @@ def bearer_token(request: Request) -> str | None:
 
 
 def require_session(request: Request, session_id: str) -> Session:
-    """The session, if the request carries its token: 404 / 401 / 403 otherwise."""
-    session = request.app.state.registry.get(session_id)
+    """The session, if the request carries its token: 404 / 401 / 403 otherwise.
+
+    The token may come as `Authorization: Bearer` or as `?token=` (WebSockets, and the Location
+    of `POST /v1/whep`, which a WHEP player DELETEs with the header it used to create it: on a
+    server with --token, that server token, which is accepted for any session too)."""
+    registry = request.app.state.registry
+    session = registry.get(session_id)
     if session is None:
         raise ApiError(404, "not_found", f"unknown session {session_id[:40]!r}")
-    token = bearer_token(request)
-    if not token:
+    header = request.headers.get("authorization", "")
+    offered = [header[7:].strip() if header.lower().startswith("bearer ") else "", request.query_params.get("token")]
+    offered = [t for t in offered if t]
+    if not offered:
         raise ApiError(401, "unauthorized", "missing session token: send 'Authorization: Bearer <token>'",
                        headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-    if not secrets.compare_digest(token.encode(), session.token.encode()):
+    accepted = [session.token] + ([registry.config.token] if registry.config.token else [])
+    if not any(secrets.compare_digest(t.encode(), a.encode()) for t in offered for a in accepted):
         raise ApiError(403, "forbidden", "wrong session token")
     return session
 

@@ -55,26 +55,12 @@ async def create_session(request: Request):
     """
     registry: SessionRegistry = request.app.state.registry
     config = registry.config
-    if config.token is not None:
-        given = bearer_token(request)
-        if not given:
-            raise ApiError(401, "unauthorized", "this server needs 'Authorization: Bearer <server token>'")
-        if not secrets.compare_digest(given.encode(), config.token.encode()):
-            raise ApiError(403, "forbidden", "wrong server token")
+    _require_server_token(request, config.token)
     registry.admit()  # before reading an upload: refuse cheaply when full
     fields, upload = await _session_fields(request, config)
     avatar, caption, seed = _session_params(fields, upload is not None)
-    if upload is not None:
-        reference = decode_upload(upload, config)
-    else:
-        try:
-            reference = avatar_image(str(avatar))
-        except KeyError:
-            raise ApiError(404, "unknown_avatar", f"unknown avatar {str(avatar)[:40]!r}; see GET /v1/avatars") from None
-    try:
-        session = await registry.create(reference, caption, seed)
-    except ValueError as e:  # e.g. a caption the model cannot take
-        raise ApiError(422, "bad_request", str(e)) from None
+    reference = decode_upload(upload, config) if upload is not None else _avatar_reference(avatar)
+    session = await _new_session(registry, reference, caption, seed)
     base = f"/v1/sessions/{session.id}"
     body = {
         "id": session.id, "token": session.token, "width": session.width, "height": session.height,
@@ -82,6 +68,17 @@ async def create_session(request: Request):
         "ice_servers": config.ice_servers,  # for the client's RTCPeerConnection (serve --ice-servers)
     }  # fmt: skip
     return JSONResponse(body, status_code=201, headers={"Location": base})
+
+
+def _require_server_token(request: Request, token: str | None) -> None:
+    """Creating a session on a server started with --token needs that token: 401 / 403."""
+    if token is None:
+        return
+    given = bearer_token(request)
+    if not given:
+        raise ApiError(401, "unauthorized", "this server needs 'Authorization: Bearer <server token>'")
+    if not secrets.compare_digest(given.encode(), token.encode()):
+        raise ApiError(403, "forbidden", "wrong server token")
 
 
 SESSION_FIELDS = ("avatar", "caption", "seed")  # and, in a multipart body, the `reference` file
@@ -112,6 +109,20 @@ def _session_params(fields: dict, has_reference: bool) -> tuple[str, str | None,
         if not 0 <= seed < 2**31:
             raise ApiError(422, "bad_seed", "seed must be in [0, 2**31)")
     return avatar or "sample", caption or None, seed
+
+
+def _avatar_reference(name: str):
+    try:
+        return avatar_image(name)
+    except KeyError:
+        raise ApiError(404, "unknown_avatar", f"unknown avatar {name[:40]!r}; see GET /v1/avatars") from None
+
+
+async def _new_session(registry: SessionRegistry, reference, caption: str | None, seed: int | None):
+    try:
+        return await registry.create(reference, caption, seed)
+    except ValueError as e:  # e.g. a caption the model cannot take
+        raise ApiError(422, "bad_request", str(e)) from None
 
 
 async def _session_fields(request: Request, config) -> tuple[dict, bytes | None]:
@@ -170,10 +181,42 @@ async def end_session(session_id: str, request: Request):
 )
 async def whep(session_id: str, request: Request):
     """WHEP: post an SDP offer (ICE candidates included) -> 201 with the SDP answer."""
-    from .webrtc import OfferError, answer_offer, check_offer
-
-    registry: SessionRegistry = request.app.state.registry
     session = require_session(request, session_id)
+    sdp = await _read_offer(request)  # a bad offer leaves the session as it was: the client may try again
+    if session.transport is not None:
+        raise ApiError(409, "conflict", f"session is already streaming over {session.transport}")
+    return await _answer(request.app.state.registry, session, sdp, f"/v1/sessions/{session.id}")
+
+
+@router.post(
+    "/v1/whep",
+    status_code=201,
+    tags=["webrtc"],
+    openapi_extra={"requestBody": {"content": {"application/sdp": {"schema": {"type": "string"}}}}},
+    responses={201: {"content": {"application/sdp": {}}, "description": "SDP answer; Location = the session"}},
+)
+async def whep_new_session(request: Request, avatar: str | None = None, caption: str | None = None,
+                           seed: str | None = None):  # fmt: skip
+    """WHEP for any player, from one URL: the offer creates a session (`?avatar=ada&caption=...&seed=7`,
+    all optional) and gets its answer. The answer's Location, the WHEP resource a player DELETEs to
+    hang up, carries the session's token, so a player that knows only this URL (and the server
+    token, on a server started with --token) can end what it started."""
+    # (the parameters above describe the query for OpenAPI; `_session_params` reads the query
+    # string itself, so that a misspelt parameter is refused rather than ignored)
+    registry: SessionRegistry = request.app.state.registry
+    _require_server_token(request, registry.config.token)
+    registry.admit()
+    sdp = await _read_offer(request)  # before a session exists: a bad offer leaves nothing behind
+    fields = {k: v for k, v in request.query_params.items() if k != "token"}
+    name, caption, seed = _session_params(fields, has_reference=False)
+    session = await _new_session(registry, _avatar_reference(name), caption, seed)
+    return await _answer(registry, session, sdp, f"/v1/sessions/{session.id}?token={session.token}")
+
+
+async def _read_offer(request: Request) -> str:
+    """A WHEP request's SDP offer, checked: 415 / 413 / 400."""
+    from .webrtc import OfferError, check_offer
+
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/sdp":
         raise ApiError(415, "unsupported_media_type", "the offer must be sent as application/sdp")
@@ -182,19 +225,24 @@ async def whep(session_id: str, request: Request):
         sdp = body.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "bad_sdp", "malformed SDP: not UTF-8 text") from None
-    if session.transport is not None:
-        raise ApiError(409, "conflict", f"session is already streaming over {session.transport}")
     try:
-        check_offer(sdp)  # a bad offer leaves the session as it was: the client may try again
+        check_offer(sdp)
     except OfferError as e:
         raise ApiError(400, "bad_sdp", str(e)) from None
+    return sdp
+
+
+async def _answer(registry: SessionRegistry, session, sdp: str, location: str) -> Response:
+    """Answer a checked offer for `session` and start it streaming: 201 with the SDP answer."""
+    from .webrtc import OfferError, answer_offer
+
     session.transport = "whep"  # claimed before the first await: a second offer gets 409
     try:
         answer = await answer_offer(session, registry, sdp)
     except OfferError as e:
         await registry.close(session, f"bad offer: {e}")
         raise ApiError(400, "bad_sdp", str(e)) from None
-    headers = {"Location": f"/v1/sessions/{session.id}"}
+    headers = {"Location": location}
     links = link_header(registry.config.ice_servers)  # STUN/TURN for the player (RFC 9725, 4.6)
     if links:
         headers["Link"] = links

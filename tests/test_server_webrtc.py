@@ -130,3 +130,64 @@ async def test_peer_that_vanishes_frees_its_session(server):
                 break
             await asyncio.sleep(0.1)
         assert created["id"] not in app.state.registry.sessions
+
+
+async def recvonly_offer() -> tuple[RTCPeerConnection, asyncio.Future, str]:
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    track: asyncio.Future = asyncio.get_running_loop().create_future()
+    pc.on("track", lambda t: t.kind == "video" and not track.done() and track.set_result(t))
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, track, pc.localDescription.sdp
+
+
+async def test_any_whep_player_streams_from_one_url(server):
+    """`POST /v1/whep?avatar=...`: no session to create first; the answer's Location is the WHEP
+    resource the player DELETEs to hang up, with no other credential than that URL."""
+    url, app = server
+    sdp_headers = {"content-type": "application/sdp"}
+    async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+        pc, track, offer = await recvonly_offer()
+        r = await http.post("/v1/whep?avatar=ada&seed=3", content=offer, headers=sdp_headers)
+        assert r.status_code == 201, r.text
+        location = r.headers["location"]
+        assert location.startswith("/v1/sessions/") and "?token=" in location
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
+        video = await asyncio.wait_for(track, 10)
+        frames = [(await asyncio.wait_for(video.recv(), 10)).to_ndarray(format="rgb24") for _ in range(5)]
+        assert frames[-1].shape == (64, 64, 3) and frames[-1].mean() > 20
+        status = (await http.get(location)).json()
+        assert status["transport"] == "whep" and status["streaming"]
+        assert (await http.delete(location)).status_code == 204
+        await pc.close()
+        assert app.state.registry.sessions == {}
+        # refused, and nothing left behind: a bad offer, an unknown avatar, a misspelt parameter
+        assert (await http.post("/v1/whep", content="v=0 garbage", headers=sdp_headers)).status_code == 400
+        pc, _, offer = await recvonly_offer()
+        r = await http.post("/v1/whep?avatar=nobody", content=offer, headers=sdp_headers)
+        assert r.status_code == 404
+        r = await http.post("/v1/whep?avatr=ada", content=offer, headers=sdp_headers)
+        assert r.status_code == 422 and r.json()["error"] == "unknown_field"
+        await pc.close()
+        assert app.state.registry.sessions == {}
+
+
+async def test_one_url_whep_on_a_server_with_a_token():
+    """With --token the player sends the server token, and hangs up with it too (the Location
+    without its session token, as a player that keeps only the path would)."""
+    with live_server(token="server-secret") as (url, app):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            pc, _, offer = await recvonly_offer()
+            sdp = {"content-type": "application/sdp"}
+            assert (await http.post("/v1/whep", content=offer, headers=sdp)).status_code == 401
+            wrong = {**sdp, "authorization": "Bearer nope"}
+            assert (await http.post("/v1/whep", content=offer, headers=wrong)).status_code == 403
+            auth = {"authorization": "Bearer server-secret"}
+            r = await http.post("/v1/whep", content=offer, headers={**sdp, **auth})
+            assert r.status_code == 201, r.text
+            resource = r.headers["location"].split("?")[0]
+            assert (await http.delete(resource)).status_code == 401
+            assert (await http.delete(resource, headers={"authorization": "Bearer nope"})).status_code == 403
+            assert (await http.delete(resource, headers=auth)).status_code == 204
+            await pc.close()
+        assert app.state.registry.sessions == {}
