@@ -94,3 +94,53 @@ def live_server(**overrides):
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+TURNSERVER = "/usr/bin/turnserver"  # Debian's coturn (.ci/run installs it where apt can)
+
+
+@contextmanager
+def turn_server():
+    """coturn on 127.0.0.1 with one user; yields its RTCIceServer entry (UDP). Skips the test
+    where coturn is not installed."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    import pytest
+
+    if not os.path.exists(TURNSERVER):
+        pytest.skip(f"coturn not found at {TURNSERVER}: apt-get install -y coturn")
+    port, state = free_port(), tempfile.mkdtemp(prefix="streamgen-turn-")
+    proc = subprocess.Popen(
+        [TURNSERVER, "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", f"--listening-port={port}",
+         "--lt-cred-mech", "--user=streamgen:turn-secret", "--realm=streamgen", "--no-tls", "--no-dtls", "--no-cli",
+         "--allow-loopback-peers", "--min-port=49152", "--max-port=65535", f"--userdb={state}/turndb",
+         f"--pidfile={state}/turn.pid", "--log-file=stdout", "--simple-log"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        from aioice import stun
+
+        deadline = time.monotonic() + 10
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.settimeout(0.2)
+            while True:  # ready once it answers a STUN binding request
+                probe.sendto(
+                    bytes(stun.Message(stun.Method.BINDING, stun.Class.REQUEST)), ("127.0.0.1", port)
+                )
+                try:
+                    probe.recvfrom(2048)
+                    break
+                except OSError:  # a timeout, or ICMP unreachable while it starts
+                    assert proc.poll() is None and time.monotonic() < deadline, "coturn did not start"
+        yield {
+            "urls": [f"turn:127.0.0.1:{port}?transport=udp"],
+            "username": "streamgen",
+            "credential": "turn-secret",
+        }
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(state, ignore_errors=True)

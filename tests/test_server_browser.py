@@ -106,11 +106,11 @@ def test_browser_websocket_fallback(browser_page):
 # browser WHEP player would: create a session, post the offer with the session's bearer token,
 # read the answer's Location, play. `api` is the streamgen server's base URL.
 PLAYER_PAGE = """<!doctype html><video id="v" autoplay muted playsinline></video><script>
-async function play(api) {
+async function play(api, policy = "all") {
   const created = await fetch(api + "/v1/sessions", {method: "POST", body: "{}",
                               headers: {"Content-Type": "application/json"}});
   const s = await created.json();
-  const pc = new RTCPeerConnection({iceServers: s.ice_servers});
+  const pc = new RTCPeerConnection({iceServers: s.ice_servers, iceTransportPolicy: policy});
   pc.addTransceiver("video", {direction: "recvonly"});
   pc.ontrack = (e) => { document.getElementById("v").srcObject = new MediaStream([e.track]); };
   await pc.setLocalDescription(await pc.createOffer());
@@ -125,10 +125,14 @@ async function play(api) {
   for (let i = 0; i < 200; i++) {
     for (const st of (await pc.getStats()).values())
       if (st.type === "inbound-rtp" && st.kind === "video" && st.framesDecoded >= 10) {
+        const stats = await pc.getStats();  // the path the media took: the selected pair's local end
+        const transport = [...stats.values()].find((x) => x.type === "transport");
+        const pair = transport && stats.get(transport.selectedCandidatePairId);
+        const local = pair && stats.get(pair.localCandidateId);
         await fetch(api + r.headers.get("Location"), {method: "DELETE",
                     headers: {"Authorization": "Bearer " + s.token}});
         pc.close();
-        return {location: r.headers.get("Location"), frames: st.framesDecoded};
+        return {location: r.headers.get("Location"), frames: st.framesDecoded, via: local && local.candidateType};
       }
     await new Promise((t) => setTimeout(t, 100));
   }
@@ -169,3 +173,19 @@ def test_a_page_of_another_origin_plays_over_whep_when_allowed(browser_page):
         page.close()
         pages.shutdown()
         shutil.rmtree(site, ignore_errors=True)
+
+
+def test_a_browser_behind_a_relay_streams_through_turn(browser_page):
+    """`serve --ice-servers` with a TURN server: a browser allowed no other path than the relay
+    (iceTransportPolicy "relay") gets the list from the session and streams through it."""
+    from server_helpers import turn_server
+
+    page = browser_page.new_page()
+    try:
+        with turn_server() as turn, live_server(max_sessions=2, ice_servers=[turn]) as (url, _):
+            page.goto(url + "/")  # the server's own origin
+            page.add_script_tag(content=PLAYER_PAGE.split("<script>")[1].split("</script>")[0])
+            played = page.evaluate("(api) => play(api, 'relay')", url)
+        assert played["frames"] >= 10 and played["via"] == "relay", played
+    finally:
+        page.close()

@@ -144,3 +144,21 @@ async def test_a_silent_stun_server_is_reported_at_startup(caplog):
     with caplog.at_level("WARNING", logger="streamgen.server"):
         await warn_if_stun_is_silent([{"urls": [f"stun:127.0.0.1:{port}"]}])
     assert "did not answer" in caplog.text
+
+
+async def test_the_server_relays_through_a_turn_server_with_its_credentials():
+    """With a TURN server in the list, the answer offers a relay candidate: the server allocated
+    one with the configured username and credential (coturn on 127.0.0.1)."""
+    from server_helpers import turn_server
+
+    with turn_server() as turn, live_server(ice_servers=[turn]) as (url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pc.addTransceiver("video", direction="recvonly")
+            await pc.setLocalDescription(await pc.createOffer())
+            r = await http.post(
+                "/v1/whep", content=pc.localDescription.sdp, headers={"content-type": "application/sdp"}
+            )
+            await pc.close()
+    assert r.status_code == 201, r.text
+    assert [line for line in r.text.splitlines() if "typ relay" in line], r.text
