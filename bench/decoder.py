@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from streamgen.cli import frame_size
 from streamgen.cpu_threads import codec_threads, intra_op_threads
 from streamgen.media import read_image
 from streamgen.model.upsample import UpsampleConv2d
@@ -221,7 +222,7 @@ def plot(result: dict, path) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-avatar")
-    p.add_argument("--sizes", type=int, nargs="+", default=[128, 192, 256], help="square frame sizes")
+    p.add_argument("--sizes", type=frame_size, nargs="+", default=[128, 192, 256], help="square frame sizes")
     p.add_argument("--latent-frames", type=int, default=None, help="per chunk (default: the model's)")
     p.add_argument("--rounds", type=int, default=7, help="timed decodes per variant, alternating")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from bench.engine_baselines import cache_speedup, session_dit_threads, teacher_speedup
-from streamgen.cli import add_dtype_option
+from streamgen.cli import add_dtype_option, frame_size
 from streamgen.models import autoencoder_dtype, default_dit_dtype, load_model
 from streamgen.sampling import (
     encode_sink,
@@ -441,8 +441,8 @@ def plot_sizes(result: dict, path) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-avatar")
-    p.add_argument("--height", type=int, default=128)
-    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--height", type=frame_size, default=128)
+    p.add_argument("--width", type=frame_size, default=128)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--chunks", type=int, default=20, help="timed chunks")
     p.add_argument("--context", type=int, default=21, help="latent frames of context for cache_speedup")
@@ -453,7 +453,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="latent frames of the clip (Wan: 81 frames = 21 latent)",
     )
     p.add_argument(
-        "--sweep", type=int, nargs="*", default=(), help="also measure everything at these square sizes"
+        "--sweep", type=frame_size, nargs="*", default=(), help="also measure everything at these square sizes"
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     add_dtype_option(

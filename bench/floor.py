@@ -41,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from streamgen.cli import frame_size
 from streamgen.model.audio import VIDEO_FPS
 from streamgen.stream import CHUNK_STAGES, StreamSession
 
@@ -364,8 +365,8 @@ def plot(results: list[dict], path) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="wan2.1-1.3b", help=f"{' or '.join(WAN_FLAVORS)}, or a streamgen model")
-    p.add_argument("--height", type=int, help="default: 480 for the Wan flavors, else the model's own")
-    p.add_argument("--width", type=int, help="default: 832 for the Wan flavors, else the model's own")
+    p.add_argument("--height", type=frame_size, help="default: 480 for the Wan flavors, else the model's own")
+    p.add_argument("--width", type=frame_size, help="default: 832 for the Wan flavors, else the model's own")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--text-tokens", type=int, default=512, help="Wan: text context length (T5's)")
     p.add_argument("--window", type=int, default=21, help="Wan: latent frames in the ring")

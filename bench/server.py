@@ -38,10 +38,12 @@ import time
 
 import numpy as np
 
+from streamgen.cli import frame_size
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-avatar")
-    parser.add_argument("--size", type=int, default=None, help="output size (default: the model's)")
+    parser.add_argument("--size", type=frame_size, default=None, help="output size (default: the model's)")
     parser.add_argument(
         "--seconds", type=float, default=20.0,
         help="seconds to watch per measurement (fps counts 8-frame chunks: 5 s would be quantized to 1.6 fps)",

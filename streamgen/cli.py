@@ -35,6 +35,18 @@ def add_dtype_option(parser: argparse.ArgumentParser, flag: str, help: str) -> N
     parser.add_argument(flag, choices=SESSION_DTYPES, default="auto", help=help)
 
 
+def frame_size(text: str) -> int:
+    """argparse type of a frame height, width or square size: a positive multiple of 16 (the
+    autoencoders' downsampling times the DiT's 2x2 patches)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
+    if value < 16 or value % 16:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive multiple of 16")
+    return value
+
+
 class UserError(Exception):
     """An error the user caused (bad file, bad argument): printed as one line, exit code 2."""
 

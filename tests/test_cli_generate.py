@@ -316,3 +316,24 @@ def test_a_precision_is_chosen_for_every_model_loaded_without_one():
     assert StreamSession(model).dtype == torch.bfloat16  # a session computes in its model's dtype
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
         use_precision("float16")
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["bench", "engine", "--height", "0"], "argument --height: 0 is not a positive multiple of 16"),
+        (["bench", "engine", "--sweep", "64", "33"], "argument --sweep: 33 is not a positive multiple of 16"),
+        (["bench", "decoder", "--sizes", "x"], "argument --sizes: 'x' is not a whole number of pixels"),
+        (["bench", "floor", "--width", "100"], "argument --width: 100 is not a positive multiple of 16"),
+        (["bench", "server", "--size", "8"], "argument --size: 8 is not a positive multiple of 16"),
+        (["eval", "--size", "20"], "argument --size: 20 is not a positive multiple of 16"),
+    ],
+)
+def test_a_frame_size_that_cannot_be_generated_is_refused_in_one_line(argv, says, capsys):
+    """Sizes the autoencoder and the DiT's patches cannot divide: argparse's one-line error, exit 2
+    (`bench engine --height 0` was a ValueError traceback from inside the session)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err

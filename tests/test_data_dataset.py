@@ -97,6 +97,8 @@ def test_cli_make_preview_and_errors(tmp_path, capsys):
     assert json.loads((out / "manifest.json").read_text())["clips"] == 3
     assert main(["data", "make", "--out", str(out), "--clips", "3"]) == 2  # refuses to overwrite
     assert "already holds a dataset" in capsys.readouterr().err
+    assert main(["data", "make", "--out", str(out / "manifest.json"), "--clips", "3"]) == 2  # a file
+    assert "is a file, not a folder" in capsys.readouterr().err
     assert (
         main(["data", "preview", "--data", str(out), "--split", "train", "--out", str(tmp_path / "p")]) == 0
     )

@@ -108,6 +108,8 @@ def make_dataset(
 ) -> dict:
     """Generate `n_clips` clips into `out`; returns the manifest. Cleans up after itself on failure."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file, not a folder; choose another --out")
     if (out / "manifest.json").exists():
         raise DataError(f"{out} already holds a dataset (manifest.json); choose another --out or delete it")
     if n_clips < 1:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from streamgen.cli import add_dtype_option
+from streamgen.cli import add_dtype_option, frame_size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--out", type=Path, help="output folder")
     parser.add_argument("--clips", type=int, help="number of clips (eval default 8, training default 400)")
-    parser.add_argument("--size", type=int, default=64, help="frame size for generation")
+    parser.add_argument("--size", type=frame_size, default=64, help="frame size for generation")
     parser.add_argument(
         "--minutes", type=float, help="also run one long stream of this many minutes for drift"
     )
