@@ -13,9 +13,10 @@ audio starts with a 20 ms tone) and connects pure-Python aiortc clients:
 - max_realtime_sessions: most concurrent sessions that all generate >= 24 fps (server-side count);
   sessions_fps / _glass_to_glass_ms / _av_offset_ms / _repeated_frames: per number of concurrent
   sessions, the slowest one's fps and each one's latency, A/V offset and repeated frames;
-  sessions_worker_busy / _late_chunks / _chunk_ms: the server's side of each (the share of the
-  time it generated, chunks it published after their play time, and after the probe the
-  per-session chunk time its capacity estimate rests on: the benchmark admits past the estimate)
+  sessions_worker_busy / _late_chunks / _chunk_ms / _server_cpu_cores: the server's side of each
+  (the share of the time it generated, chunks it published after their play time, after the
+  probe the per-session chunk time its capacity estimate rests on, the benchmark admitting past
+  the estimate, and the CPU cores its process used: the rest of the machine is the clients')
 - repeated_frames / skipped_frames: stutter over the watch: frames shown twice because their
   chunk came late, frames never shown because the clock jumped back (the playout delay came down)
 - browser_*: the web client in headless chromium (when /usr/bin/chromium exists): first frame,
@@ -243,7 +244,7 @@ async def _bench(args) -> dict:
                 out.update(await asyncio.to_thread(_browser_figures, f"http://127.0.0.1:{port}", args))
             out["max_realtime_sessions"], per_n = await _max_sessions(http, args)
             for key in ("fps", "glass_to_glass_ms", "av_offset_ms", "repeated_frames", "worker_busy", "late_chunks",
-                        "chunk_ms"):  # fmt: skip
+                        "chunk_ms", "server_cpu_cores"):  # fmt: skip
                 out[f"sessions_{key}"] = {n: figures[key] for n, figures in per_n.items()}
             return out
     finally:
@@ -292,10 +293,11 @@ def _browser_figures(url: str, args) -> dict:
 
 
 async def _server_counters(http) -> dict[str, float]:
-    """The server's own view: seconds its worker spent generating and chunks that came after
-    their play time (/metrics), and the per-session chunk time its capacity estimate rests on
-    (/readyz)."""
-    wanted = {"streamgen_worker_busy_seconds_total": "busy_s", "streamgen_late_chunks_total": "late"}
+    """The server's own view: seconds its worker spent generating, chunks that came after their
+    play time and its process's CPU seconds (/metrics), and the per-session chunk time its
+    capacity estimate rests on (/readyz)."""
+    wanted = {"streamgen_worker_busy_seconds_total": "busy_s", "streamgen_late_chunks_total": "late",
+              "process_cpu_seconds_total": "cpu_s"}  # fmt: skip
     found = {}
     for line in (await http.get("/metrics")).text.splitlines():
         name, _, value = line.partition(" ")
@@ -330,6 +332,7 @@ async def _max_sessions(http, args) -> tuple[int, dict]:
             "av_offset_ms": [None if o is None else round(o, 1) for o in offsets],
             "repeated_frames": [_stutter(r["frames"])["repeated"] for r in results],
             "worker_busy": round((after["busy_s"] - before["busy_s"]) / elapsed, 3),
+            "server_cpu_cores": round((after["cpu_s"] - before["cpu_s"]) / elapsed, 2),
             "late_chunks": int(after["late"] - before["late"]),
             "chunk_ms": after["chunk_ms"],
         }

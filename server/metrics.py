@@ -6,7 +6,15 @@ import threading
 import time
 from collections import deque
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 CHUNK_BUCKETS = (0.01, 0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 
@@ -42,6 +50,10 @@ class ServerMetrics:
             "seconds the inference worker spent generating and writing chunks, summed over its lanes",
             registry=r,
         )
+        # the process's CPU seconds, memory and open files (process_*), and Python's collections
+        # (python_gc_*): what an operator watches beside the streams
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
         self._frames = deque(maxlen=4096)  # (time, frames) of recent chunks, for the fps gauge
         self._lock = threading.Lock()
 
