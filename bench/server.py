@@ -2,7 +2,10 @@
 
 Starts `streamgen serve` in a subprocess on 127.0.0.1 with benchmark stamps
 (each picture carries the wall time its chunk's input was cut off, each chunk's
-audio starts with a 20 ms tone) and connects pure-Python aiortc clients:
+audio starts with a 20 ms tone) and connects pure-Python aiortc clients (`--transport ws`:
+WebSocket clients taking raw RGB frames instead, which cost next to nothing, so the session
+probe measures the server rather than the clients sharing its machine; their frames arrive a
+chunk at a time, so there is no A/V offset, answer, or stutter to read):
 
 - ready_s: `streamgen serve` started -> /readyz answered 200 (loading, warm-up, `--compile`'s compiling)
 - first_frame_ms: offer posted -> first decoded video frame in the client
@@ -55,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-process", action="store_true", help="serve with the model in a child process")
     parser.add_argument("--compile", action="store_true", help="serve with the DiT's blocks compiled (serve --compile)")
     parser.add_argument("--browser", default="/usr/bin/chromium", help="chromium for the browser figures ('' skips)")
+    parser.add_argument("--transport", choices=["webrtc", "ws"], default="webrtc",
+                        help="the clients: WebRTC (WHEP, decoding VP8), or the WebSocket API with raw RGB frames, "
+                        "which costs the clients next to nothing (a probe of the server alone)")  # fmt: skip
 
 
 def _free_port() -> int:
@@ -163,6 +169,46 @@ async def _watch(http, seconds: float, seed: int) -> dict:
     return result
 
 
+async def _watch_ws(http, seconds: float, seed: int) -> dict:
+    """One WebSocket session with raw RGB frames: a client that costs next to nothing (no video
+    decoding, no WebRTC stack), so the probe measures the server. The frames of a chunk arrive
+    together (the client plays them by their pts): `frames` holds their arrival and stamps."""
+    import websockets
+
+    from server.protocol import HEADER, MsgType
+    from server.session import read_stamp
+
+    created = (await http.post("/v1/sessions", json={"avatar": "ada", "seed": seed})).json()
+    if "id" not in created:
+        raise RuntimeError(f"session refused: {created}")
+    auth = {"Authorization": f"Bearer {created['token']}"}
+    url = str(http.base_url).replace("http", "ws", 1).rstrip("/") + f"{created['stream']}?token={created['token']}"
+    result = {"first_frame": None, "frames": [], "markers": [], "session": created, "answer": None, "connected": None}
+    async with websockets.connect(url, max_size=None) as ws:
+        started = time.monotonic()
+        await ws.send(json.dumps({"type": "start", "format": "rgb"}))
+        size = None
+        end = None
+        while end is None or time.monotonic() < end:
+            message = await asyncio.wait_for(ws.recv(), 30)
+            if isinstance(message, str):
+                ready = json.loads(message)
+                size = (ready["height"], ready["width"]) if ready.get("type") == "ready" else size
+                continue
+            if message[0] != MsgType.VIDEO_RGB:
+                continue
+            now_m, now_w = time.monotonic(), time.time()
+            if result["first_frame"] is None:
+                result["first_frame"] = now_m - started
+                end = now_m + seconds
+            frame = np.frombuffer(message, np.uint8, offset=HEADER.size).reshape(*size, 3)
+            result["frames"].append((now_m, now_w, read_stamp(frame, now_w)))
+        status = (await http.get(created["resource"], headers=auth)).json()
+    result["chunks"] = status.get("chunks", 0)
+    await http.delete(created["resource"], headers=auth)
+    return result
+
+
 def _generated_fps(watch: dict) -> float:
     """Frames the server generated for the session per second of watching (its chunk count)."""
     duration = watch["frames"][-1][0] - watch["frames"][0][0]
@@ -221,16 +267,18 @@ async def _bench(args) -> dict:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             ready = await _wait_ready(http, proc)
             ready_s = time.monotonic() - started
-            one = await _watch(http, args.seconds, seed=1)
+            webrtc = args.transport == "webrtc"
+            one = await (_watch if webrtc else _watch_ws)(http, args.seconds, seed=1)
             starts = _chunk_starts(one["frames"])
             duration = one["frames"][-1][0] - one["frames"][0][0]
             out = {
                 "model": args.model,
+                "transport": args.transport,
                 "ready_s": round(ready_s, 1),  # the server's start: loading, warm-up, compiling
                 "chunk_ms": ready.get("chunk_ms"),
                 "first_frame_ms": round(1000 * one["first_frame"], 1),
-                "answer_ms": round(1000 * one["answer"], 1),
-                "connected_ms": round(1000 * one["connected"].result(), 1) if one["connected"].done() else None,
+                "answer_ms": round(1000 * one["answer"], 1) if webrtc else None,
+                "connected_ms": round(1000 * one["connected"].result(), 1) if webrtc and one["connected"].done() else None,
                 "glass_to_glass_ms": _glass_to_glass_ms(starts),
                 # generated frames per second (the client also counts repeats of a late frame)
                 "fps": round(_generated_fps(one), 2),
@@ -320,7 +368,8 @@ async def _max_sessions(http, args) -> tuple[int, dict]:
     for n in range(1, args.max_probe + 1):
         before = await _server_counters(http)
         started = time.monotonic()
-        results = await asyncio.gather(*(_watch(http, args.seconds, seed=i) for i in range(n)))
+        watch = _watch_ws if args.transport == "ws" else _watch
+        results = await asyncio.gather(*(watch(http, args.seconds, seed=i) for i in range(n)))
         elapsed = time.monotonic() - started
         after = await _server_counters(http)
         fps = [_generated_fps(r) for r in results]
