@@ -1,6 +1,6 @@
 """The serving benchmark's stutter count, from the run lengths of the chunk stamps."""
 
-from bench.server import _stutter
+from bench.server import _on_time, _stutter
 
 
 def frames(*runs):
@@ -31,3 +31,10 @@ async def test_server_counters_read_the_servers_metrics():
             app.state.metrics.late_chunks.inc()
             after = await _server_counters(http)
     assert after["busy_s"] - before["busy_s"] == 0.25 and after["late"] - before["late"] == 1
+
+
+def test_on_time_sessions_need_the_frames_and_few_late_chunks():
+    per_n = {1: {"fps": 25.0, "late_chunks": 0}, 2: {"fps": 24.9, "late_chunks": 1},  # 1 of 125 chunks
+             3: {"fps": 24.8, "late_chunks": 1}, 4: {"fps": 24.6, "late_chunks": 9}}  # fmt: skip
+    assert _on_time(per_n, seconds=20) == 3  # 9 of 250 chunks late at 4: over 1%
+    assert _on_time({**per_n, 2: {"fps": 23.0, "late_chunks": 0}}, seconds=20) == 1
