@@ -17,6 +17,7 @@ router = APIRouter()
 MAX_SDP_BYTES = 64 * 1024
 MAX_CAPTION_CHARS = 500
 
+_SDP_OFFER = {"requestBody": {"content": {"application/sdp": {"schema": {"type": "string"}}}}}
 _CREATE_BODY = {
     "requestBody": {
         "content": {
@@ -176,7 +177,7 @@ async def end_session(session_id: str, request: Request):
     "/v1/sessions/{session_id}/whep",
     status_code=201,
     tags=["webrtc"],
-    openapi_extra={"requestBody": {"content": {"application/sdp": {"schema": {"type": "string"}}}}},
+    openapi_extra=_SDP_OFFER,
     responses={201: {"content": {"application/sdp": {}}, "description": "SDP answer; Location = session"}},
 )
 async def whep(session_id: str, request: Request):
@@ -192,7 +193,7 @@ async def whep(session_id: str, request: Request):
     "/v1/whep",
     status_code=201,
     tags=["webrtc"],
-    openapi_extra={"requestBody": {"content": {"application/sdp": {"schema": {"type": "string"}}}}},
+    openapi_extra=_SDP_OFFER,
     responses={201: {"content": {"application/sdp": {}}, "description": "SDP answer; Location = the session"}},
 )
 async def whep_new_session(request: Request, avatar: str | None = None, caption: str | None = None,

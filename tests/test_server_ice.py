@@ -66,6 +66,18 @@ def test_the_server_gathers_with_one_stun_and_one_turn_url_and_clients_get_them_
     assert link_header([]) is None
 
 
+async def post_offer(http: httpx.AsyncClient, path: str, token: str | None = None) -> httpx.Response:
+    """A receive-only WHEP offer from an aiortc client, posted to `path`: the server's answer."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    headers = {"content-type": "application/sdp"} | ({"authorization": f"Bearer {token}"} if token else {})
+    try:
+        return await http.post(path, content=pc.localDescription.sdp, headers=headers)
+    finally:
+        await pc.close()
+
+
 class StunServer(asyncio.DatagramProtocol):
     """Answers STUN binding requests on 127.0.0.1 with a public address, as a NAT's would be."""
 
@@ -94,13 +106,7 @@ async def test_the_answer_carries_the_servers_public_address_and_the_clients_get
             async with httpx.AsyncClient(base_url=url, timeout=20) as http:
                 created = (await http.post("/v1/sessions", json={})).json()
                 assert created["ice_servers"] == [stun]
-                pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-                pc.addTransceiver("video", direction="recvonly")
-                await pc.setLocalDescription(await pc.createOffer())
-                r = await http.post(created["whep"], content=pc.localDescription.sdp,
-                                    headers={"content-type": "application/sdp",
-                                             "authorization": f"Bearer {created['token']}"})  # fmt: skip
-                await pc.close()
+                r = await post_offer(http, created["whep"], created["token"])
         assert r.status_code == 201, r.text
         assert r.headers["link"] == f'<stun:127.0.0.1:{port}>; rel="ice-server"'
         assert stun_server.requests >= 1
@@ -115,13 +121,7 @@ async def test_without_ice_servers_nothing_changes():
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
             created = (await http.post("/v1/sessions", json={})).json()
             assert created["ice_servers"] == []
-            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-            pc.addTransceiver("video", direction="recvonly")
-            await pc.setLocalDescription(await pc.createOffer())
-            r = await http.post(created["whep"], content=pc.localDescription.sdp,
-                                headers={"content-type": "application/sdp",
-                                         "authorization": f"Bearer {created['token']}"})  # fmt: skip
-            await pc.close()
+            r = await post_offer(http, created["whep"], created["token"])
     assert r.status_code == 201 and "link" not in r.headers and "typ srflx" not in r.text
 
 
@@ -153,12 +153,6 @@ async def test_the_server_relays_through_a_turn_server_with_its_credentials():
 
     with turn_server() as turn, live_server(ice_servers=[turn]) as (url, _):
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-            pc.addTransceiver("video", direction="recvonly")
-            await pc.setLocalDescription(await pc.createOffer())
-            r = await http.post(
-                "/v1/whep", content=pc.localDescription.sdp, headers={"content-type": "application/sdp"}
-            )
-            await pc.close()
+            r = await post_offer(http, "/v1/whep")
     assert r.status_code == 201, r.text
     assert [line for line in r.text.splitlines() if "typ relay" in line], r.text
