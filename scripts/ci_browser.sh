@@ -16,4 +16,10 @@ if [ ! -x /usr/bin/chromium ]; then
     fi
 fi
 
+# the TURN test streams through Debian's coturn; without it that test skips
+if [ ! -x /usr/bin/turnserver ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    apt-get install -y coturn >/tmp/ci_browser_coturn_apt.log 2>&1 \
+        || echo "ci_browser: apt could not install coturn (see /tmp/ci_browser_coturn_apt.log); the TURN test will skip"
+fi
+
 exec "$PY" -m pytest tests/test_server_browser.py -m browser -q -rs "$@"
