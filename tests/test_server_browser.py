@@ -95,6 +95,13 @@ def test_browser_webrtc(browser_page):
         assert not app.state.registry.sessions, "hang up did not end the session"
 
 
+def test_browser_page_on_a_server_with_a_token(browser_page):
+    """`serve --token T`: the page takes the server token from its URL (`?token=T`)."""
+    with live_server(max_sessions=2, token="server-secret") as (url, _):
+        stats = run_page(browser_page, f"{url}/?autostart=1&mic=0&token=server-secret", frames=25)
+        assert stats["framesDecoded"] >= 25
+
+
 def test_browser_websocket_fallback(browser_page):
     with live_server(max_sessions=2) as (url, _):
         stats = run_page(browser_page, f"{url}/?autostart=1&transport=ws", frames=25)

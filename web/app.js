@@ -2,6 +2,7 @@
 // Plain modern JS, no build step. Query parameters for automation:
 //   ?autostart=1  connect on load      ?avatar=ada   preselect an avatar
 //   ?mic=0        start without mic    ?transport=ws skip WebRTC
+//   ?token=T      the server token, on a server started with --token
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const SAMPLE_RATE = 16000;
@@ -65,6 +66,7 @@ async function createSession() {
   const caption = $("caption").value.trim();
   const file = $("upload").files[0];
   let body, headers = {};
+  if (params.get("token")) headers.Authorization = `Bearer ${params.get("token")}`;
   if (file) {
     body = new FormData();
     body.append("reference", file);
