@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-process", action="store_true", help="serve with the model in a child process")
     parser.add_argument("--compile", action="store_true", help="serve with the DiT's blocks compiled (serve --compile)")
     parser.add_argument("--browser", default="/usr/bin/chromium", help="chromium for the browser figures ('' skips)")
-    parser.add_argument("--transport", choices=["webrtc", "ws"], default="webrtc",
+    parser.add_argument("--transport", choices=list(WATCH), default="webrtc",
                         help="the clients: WebRTC (WHEP, decoding VP8), or the WebSocket API with raw RGB frames, "
                         "which costs the clients next to nothing (a probe of the server alone)")  # fmt: skip
 
@@ -104,16 +104,30 @@ async def _wait_ready(http, proc, timeout=300.0) -> dict:
     raise RuntimeError("server did not become ready")
 
 
+FRAMES_PER_CHUNK, CHUNK_SECONDS = 8, 0.32  # tiny-avatar's chunks at 25 frames/s
+
+
+async def _create_session(http, seed: int) -> tuple[dict, dict]:
+    """A session of the `ada` avatar: its JSON and the header that carries its token."""
+    created = (await http.post("/v1/sessions", json={"avatar": "ada", "seed": seed})).json()
+    if "id" not in created:
+        raise RuntimeError(f"session refused: {created}")
+    return created, {"Authorization": f"Bearer {created['token']}"}
+
+
+async def _end_session(http, created: dict, auth: dict, result: dict) -> None:
+    """Record the chunks the server generated for the session (`_generated_fps`), then end it."""
+    result["chunks"] = (await http.get(created["resource"], headers=auth)).json().get("chunks", 0)
+    await http.delete(created["resource"], headers=auth)
+
+
 async def _watch(http, seconds: float, seed: int) -> dict:
     """One WHEP session: per-frame arrival times and stamps, audio marker arrival times."""
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
     from server.session import read_stamp
 
-    created = (await http.post("/v1/sessions", json={"avatar": "ada", "seed": seed})).json()
-    if "id" not in created:
-        raise RuntimeError(f"session refused: {created}")
-    auth = {"Authorization": f"Bearer {created['token']}"}
+    created, auth = await _create_session(http, seed)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc.addTransceiver("video", direction="recvonly")
     pc.addTransceiver("audio", direction="recvonly")
@@ -163,9 +177,7 @@ async def _watch(http, seconds: float, seed: int) -> dict:
         await asyncio.wait_for(read_video(), seconds + 30)
     finally:
         audio_task.cancel()
-    status = (await http.get(created["resource"], headers=auth)).json()
-    result["chunks"] = status.get("chunks", 0)
-    await http.delete(created["resource"], headers=auth)
+    await _end_session(http, created, auth, result)
     await pc.close()
     return result
 
@@ -179,10 +191,7 @@ async def _watch_ws(http, seconds: float, seed: int) -> dict:
     from server.protocol import HEADER, MsgType
     from server.session import read_stamp
 
-    created = (await http.post("/v1/sessions", json={"avatar": "ada", "seed": seed})).json()
-    if "id" not in created:
-        raise RuntimeError(f"session refused: {created}")
-    auth = {"Authorization": f"Bearer {created['token']}"}
+    created, auth = await _create_session(http, seed)
     url = str(http.base_url).replace("http", "ws", 1).rstrip("/") + f"{created['stream']}?token={created['token']}"
     result = {"first_frame": None, "frames": [], "markers": [], "session": created, "answer": None, "connected": None}
     async with websockets.connect(url, max_size=None) as ws:
@@ -204,11 +213,11 @@ async def _watch_ws(http, seconds: float, seed: int) -> dict:
                 end = now_m + seconds
             frame = np.frombuffer(message, np.uint8, offset=HEADER.size).reshape(*size, 3)
             result["frames"].append((now_m, now_w, read_stamp(frame, now_w)))
-        status = (await http.get(created["resource"], headers=auth)).json()
-    result["chunks"] = status.get("chunks", 0)
-    await http.delete(created["resource"], headers=auth)
+    await _end_session(http, created, auth, result)
     return result
 
+
+WATCH = {"webrtc": _watch, "ws": _watch_ws}  # --transport
 
 def _on_time(per_n: dict, seconds: float, late_share: float = 0.01) -> int:
     """Most concurrent sessions that all generated >= 24 frames/s while the server published no
@@ -216,7 +225,7 @@ def _on_time(per_n: dict, seconds: float, late_share: float = 0.01) -> int:
     lets a saturated server through whose chunks come late, now and then, to every session)."""
     best = 0
     for n, figures in sorted(per_n.items()):
-        chunks = n * seconds / 0.32
+        chunks = n * seconds / CHUNK_SECONDS
         if figures["fps"] < 24 or figures["late_chunks"] > late_share * chunks:
             break
         best = n
@@ -226,10 +235,10 @@ def _on_time(per_n: dict, seconds: float, late_share: float = 0.01) -> int:
 def _generated_fps(watch: dict) -> float:
     """Frames the server generated for the session per second of watching (its chunk count)."""
     duration = watch["frames"][-1][0] - watch["frames"][0][0]
-    return max(0, watch["chunks"] - 1) * 8 / max(duration, 1e-6)
+    return max(0, watch["chunks"] - 1) * FRAMES_PER_CHUNK / max(duration, 1e-6)
 
 
-def _stutter(frames, per_chunk: int = 8) -> dict:
+def _stutter(frames, per_chunk: int = FRAMES_PER_CHUNK) -> dict:
     """Frames shown twice (a chunk came late) and frames never shown (the clock jumped back), from
     the run lengths of the chunk stamps; the first and last runs are cut by the watch and skipped."""
     runs, last = [], None
@@ -282,7 +291,7 @@ async def _bench(args) -> dict:
             ready = await _wait_ready(http, proc)
             ready_s = time.monotonic() - started
             webrtc = args.transport == "webrtc"
-            one = await (_watch if webrtc else _watch_ws)(http, args.seconds, seed=1)
+            one = await WATCH[args.transport](http, args.seconds, seed=1)
             starts = _chunk_starts(one["frames"])
             duration = one["frames"][-1][0] - one["frames"][0][0]
             out = {
@@ -383,8 +392,7 @@ async def _max_sessions(http, args) -> tuple[int, dict]:
     for n in range(1, args.max_probe + 1):
         before = await _server_counters(http)
         started = time.monotonic()
-        watch = _watch_ws if args.transport == "ws" else _watch
-        results = await asyncio.gather(*(watch(http, args.seconds, seed=i) for i in range(n)))
+        results = await asyncio.gather(*(WATCH[args.transport](http, args.seconds, seed=i) for i in range(n)))
         elapsed = time.monotonic() - started
         after = await _server_counters(http)
         fps = [_generated_fps(r) for r in results]

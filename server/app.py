@@ -228,11 +228,16 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
 
 
 # --- helpers shared by the route modules ------------------------------------------------------------
-def bearer_token(request: Request) -> str | None:
+def offered_tokens(request: Request) -> list[str]:
+    """The tokens a request carries: `Authorization: Bearer`, then `?token=` (WebSockets, whose
+    browsers cannot set headers, and the Location of `POST /v1/whep`)."""
     header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip()
-    return request.query_params.get("token")
+    bearer = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    return [t for t in (bearer, request.query_params.get("token")) if t]
+
+
+def bearer_token(request: Request) -> str | None:
+    return next(iter(offered_tokens(request)), None)
 
 
 def require_session(request: Request, session_id: str) -> Session:
@@ -245,9 +250,7 @@ def require_session(request: Request, session_id: str) -> Session:
     session = registry.get(session_id)
     if session is None:
         raise ApiError(404, "not_found", f"unknown session {session_id[:40]!r}")
-    header = request.headers.get("authorization", "")
-    offered = [header[7:].strip() if header.lower().startswith("bearer ") else "", request.query_params.get("token")]
-    offered = [t for t in offered if t]
+    offered = offered_tokens(request)
     if not offered:
         raise ApiError(401, "unauthorized", "missing session token: send 'Authorization: Bearer <token>'",
                        headers={"WWW-Authenticate": "Bearer"})  # fmt: skip

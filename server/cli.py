@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from streamgen.cli import add_dtype_option
+from streamgen.cli import add_dtype_option, frame_size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve HTTPS/WSS with this certificate (chain); browsers give a page of another "
                         "machine the microphone only over HTTPS")  # fmt: skip
     parser.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="the certificate's private key")
-    parser.add_argument("--size", type=int, default=None, help="output height and width (default: the model's)")
+    parser.add_argument("--size", type=frame_size, default=None, help="output height and width (default: the model's)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--attention", default=None, metavar="BACKEND",
@@ -83,8 +83,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_sessions < 1:
         raise UserError("--max-sessions must be at least 1")
-    if args.size is not None and (args.size < 16 or args.size % 16):
-        raise UserError("--size must be a multiple of 16")
     if not _model_exists(args.model):
         raise UserError(f"unknown model {args.model!r}: not a model directory or a known flavor")
     if not 0 < args.port < 65536:

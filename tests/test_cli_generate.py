@@ -327,6 +327,7 @@ def test_a_precision_is_chosen_for_every_model_loaded_without_one():
         (["bench", "floor", "--width", "100"], "argument --width: 100 is not a positive multiple of 16"),
         (["bench", "server", "--size", "8"], "argument --size: 8 is not a positive multiple of 16"),
         (["eval", "--size", "20"], "argument --size: 20 is not a positive multiple of 16"),
+        (["serve", "--size", "24"], "argument --size: 24 is not a positive multiple of 16"),
     ],
 )
 def test_a_frame_size_that_cannot_be_generated_is_refused_in_one_line(argv, says, capsys):
