@@ -116,8 +116,12 @@ async def _create_session(http, seed: int) -> tuple[dict, dict]:
 
 
 async def _end_session(http, created: dict, auth: dict, result: dict) -> None:
-    """Record the chunks the server generated for the session (`_generated_fps`), then end it."""
-    result["chunks"] = (await http.get(created["resource"], headers=auth)).json().get("chunks", 0)
+    """Record the chunks the server generated for the session (`_generated_fps`), then end it.
+    Called while the client is still connected: a WebSocket client's hang-up ends the session."""
+    status = await http.get(created["resource"], headers=auth)
+    if status.status_code != 200:
+        raise RuntimeError(f"session {created['id']} ended before the watch did: {status.text[:200]}")
+    result["chunks"] = status.json()["chunks"]
     await http.delete(created["resource"], headers=auth)
 
 
@@ -213,7 +217,7 @@ async def _watch_ws(http, seconds: float, seed: int) -> dict:
                 end = now_m + seconds
             frame = np.frombuffer(message, np.uint8, offset=HEADER.size).reshape(*size, 3)
             result["frames"].append((now_m, now_w, read_stamp(frame, now_w)))
-    await _end_session(http, created, auth, result)
+        await _end_session(http, created, auth, result)
     return result
 
 

@@ -1,5 +1,7 @@
 """The serving benchmark's stutter count, from the run lengths of the chunk stamps."""
 
+import asyncio
+
 from bench.server import _on_time, _stutter
 
 
@@ -38,3 +40,25 @@ def test_on_time_sessions_need_the_frames_and_few_late_chunks():
              3: {"fps": 24.8, "late_chunks": 1}, 4: {"fps": 24.6, "late_chunks": 9}}  # fmt: skip
     assert _on_time(per_n, seconds=20) == 3  # 9 of 250 chunks late at 4: over 1%
     assert _on_time({**per_n, 2: {"fps": 23.0, "late_chunks": 0}}, seconds=20) == 1
+
+
+async def test_each_transports_watch_counts_the_chunks_its_session_got():
+    """A watch reads its session's chunk count before it hangs up: a WebSocket client's hang-up
+    ends the session, and a count read after it was 0 (every probe then said 0 frames/s)."""
+    import httpx
+    from server_helpers import live_server
+
+    from bench.server import WATCH, _generated_fps
+
+    async def unhurried(request):  # the hang-up's teardown wins any race with the count's request
+        if request.method == "GET":
+            await asyncio.sleep(0.5)
+
+    with live_server() as (url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=10, event_hooks={"request": [unhurried]}) as http:
+            for transport, watch in WATCH.items():
+                result = await watch(http, 1.0, seed=0)
+                assert result["chunks"] >= 2, transport
+                assert len(result["frames"]) > 1 and _generated_fps(result) > 0, transport
+                status = await http.get(result["session"]["resource"], headers={"Authorization": "Bearer x"})
+                assert status.status_code in (401, 404), transport  # ended
