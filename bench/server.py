@@ -20,7 +20,8 @@ chunk at a time, so there is no A/V offset, answer, or stutter to read):
   sessions_worker_busy / _late_chunks / _chunk_ms / _server_cpu_cores: the server's side of each
   (the share of the time it generated, chunks it published after their play time, after the
   probe the per-session chunk time its capacity estimate rests on, the benchmark admitting past
-  the estimate, and the CPU cores its process used: the rest of the machine is the clients')
+  the estimate, the CPU cores its process used: the rest of the machine is the clients', and the
+  mean number of sessions per batch it generated)
 - repeated_frames / skipped_frames: stutter over the watch: frames shown twice because their
   chunk came late, frames never shown because the clock jumped back (the playout delay came down)
 - browser_*: the web client in headless chromium (when /usr/bin/chromium exists): first frame,
@@ -58,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lanes", type=int, default=1, help="the server's generating threads (serve --lanes)")
     parser.add_argument("--model-process", action="store_true", help="serve with the model in a child process")
     parser.add_argument("--compile", action="store_true", help="serve with the DiT's blocks compiled (serve --compile)")
+    parser.add_argument("--no-align-batches", dest="align_batches", action="store_false",
+                        help="serve with --no-align-batches (each session's chunks when they fall due)")
     parser.add_argument("--browser", default="/usr/bin/chromium", help="chromium for the browser figures ('' skips)")
     parser.add_argument("--transport", choices=list(WATCH), default="webrtc",
                         help="the clients: WebRTC (WHEP, decoding VP8), or the WebSocket API with raw RGB frames, "
@@ -83,6 +86,8 @@ def _start_server(args, port: int) -> subprocess.Popen:
         cmd += ["--model-process"]
     if args.compile:
         cmd += ["--compile"]
+    if not args.align_batches:
+        cmd += ["--no-align-batches"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -198,7 +203,9 @@ async def _watch_ws(http, seconds: float, seed: int) -> dict:
     created, auth = await _create_session(http, seed)
     url = str(http.base_url).replace("http", "ws", 1).rstrip("/") + f"{created['stream']}?token={created['token']}"
     result = {"first_frame": None, "frames": [], "markers": [], "session": created, "answer": None, "connected": None}
-    async with websockets.connect(url, max_size=None) as ws:
+    # an unbounded queue: with a full one the client stops reading, and its close handshake at
+    # the end then waits out its 10 s timeout behind the frames the server still sends
+    async with websockets.connect(url, max_size=None, max_queue=None) as ws:
         started = time.monotonic()
         await ws.send(json.dumps({"type": "start", "format": "rgb"}))
         size = None
@@ -320,7 +327,7 @@ async def _bench(args) -> dict:
             out["max_realtime_sessions"], per_n = await _max_sessions(http, args)
             out["max_on_time_sessions"] = _on_time(per_n, args.seconds)
             for key in ("fps", "glass_to_glass_ms", "av_offset_ms", "repeated_frames", "worker_busy", "late_chunks",
-                        "chunk_ms", "server_cpu_cores"):  # fmt: skip
+                        "chunk_ms", "server_cpu_cores", "batch_mean"):  # fmt: skip
                 out[f"sessions_{key}"] = {n: figures[key] for n, figures in per_n.items()}
             return out
     finally:
@@ -370,10 +377,11 @@ def _browser_figures(url: str, args) -> dict:
 
 async def _server_counters(http) -> dict[str, float]:
     """The server's own view: seconds its worker spent generating, chunks that came after their
-    play time and its process's CPU seconds (/metrics), and the per-session chunk time its
+    play time, its process's CPU seconds and its batches (/metrics), and the per-session chunk time its
     capacity estimate rests on (/readyz)."""
     wanted = {"streamgen_worker_busy_seconds_total": "busy_s", "streamgen_late_chunks_total": "late",
-              "process_cpu_seconds_total": "cpu_s"}  # fmt: skip
+              "process_cpu_seconds_total": "cpu_s", "streamgen_batch_sessions_sum": "batched",
+              "streamgen_batch_sessions_count": "batches"}  # fmt: skip
     found = {}
     for line in (await http.get("/metrics")).text.splitlines():
         name, _, value = line.partition(" ")
@@ -388,8 +396,8 @@ async def _max_sessions(http, args) -> tuple[int, dict]:
     Per number of sessions: the slowest session's fps, each session's glass-to-glass
     latency and A/V offset (ms; the playout delay grows with the load) and repeated frames,
     and the server's side: the share of the time its worker was generating (summed over
-    lanes), the chunks it published after their play time, and the per-session chunk time
-    it measured (its capacity estimate's basis) at the end. A slow session whose server was
+    lanes), the chunks it published after their play time, the per-session chunk time it
+    measured (its capacity estimate's basis) at the end, and its mean batch. A slow session whose server was
     neither busy nor late was held back elsewhere: the transport, or the clients, which share
     this machine."""
     best, per_n = 0, {}
@@ -411,6 +419,7 @@ async def _max_sessions(http, args) -> tuple[int, dict]:
             "server_cpu_cores": round((after["cpu_s"] - before["cpu_s"]) / elapsed, 2),
             "late_chunks": int(after["late"] - before["late"]),
             "chunk_ms": after["chunk_ms"],
+            "batch_mean": round((after["batched"] - before["batched"]) / max(1, after["batches"] - before["batches"]), 2),
         }
         if min(fps) < 24 or elapsed > args.seconds + 60:
             break

@@ -47,7 +47,8 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
     config = config or ServerConfig()
     metrics = ServerMetrics()
     lanes = config.lanes if config.host_in_process else 1  # a model process or ranks: one pipe, one lane
-    worker = InferenceWorker(metrics, stamp_frames=config.stamp_frames, lanes=lanes, torch_threads=config.torch_threads)
+    worker = InferenceWorker(metrics, stamp_frames=config.stamp_frames, lanes=lanes, torch_threads=config.torch_threads,
+                             align_batches=config.align_batches and config.host_in_process)  # fmt: skip
     registry = SessionRegistry(config, worker, metrics)
 
     @asynccontextmanager
@@ -215,6 +216,7 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         return
     registry.chunk_seconds = chunk_seconds
     registry.worker.chunk_time_ema = statistics.median(steady_times)
+    registry.worker.batch_times.observe(1, registry.worker.chunk_time_ema)
     # what is loaded by now (torch, the model, the WebRTC stack: ~200k objects) lives as long as
     # the server. A full collection of it holds the GIL (every thread waits, the generating lanes
     # too); the first viewer's offer set one off.

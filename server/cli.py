@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lanes", type=int, default=1,
                         help="threads that generate, each for its own sessions: 2 made 1.6-1.8x the frames of 1 "
                         "at 192x192 and 256x256 on 2 cores, 0.95x at 64x64 (docs/serving.md)")  # fmt: skip
+    parser.add_argument("--no-align-batches", dest="align_batches", action="store_false",
+                        help="generate each session's chunks when they fall due, rather than lining sessions up to "
+                        "generate together (a session's first frame then waits for no schedule; docs/serving.md)")  # fmt: skip
     parser.add_argument("--idle-timeout", type=float, default=60.0, help="seconds without input or viewer")
     parser.add_argument("--max-duration", type=float, default=3600.0, help="seconds a session may last")
     parser.add_argument("--loopback", action="store_true", help="offer 127.0.0.1 for WebRTC (same machine)")
@@ -137,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         torch_threads=threads, lanes=args.lanes, loopback=args.loopback or args.host == "127.0.0.1", sp=args.sp,
         idle_timeout_s=args.idle_timeout, max_duration_s=args.max_duration,
         stamp_frames=args.stamp_frames, measure_capacity=not args.admit_max, inference_process=args.model_process,
-        ice_servers=ice_servers, cors_origins=args.cors_origin,
+        ice_servers=ice_servers, cors_origins=args.cors_origin, align_batches=args.align_batches,
     )  # fmt: skip
     app = create_app(config)
     try:

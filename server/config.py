@@ -34,6 +34,9 @@ class ServerConfig:
     max_image_pixels: int = 4096 * 4096  # refuse larger references before decoding them
     max_audio_ahead_s: float = 30.0  # audio queued beyond the video position (speech, fast clients)
     playout_delay_s: float | None = None  # None: from the measured chunk time
+    # sessions join their lane's chunk schedule, and the worker waits for chunks due soon, so that
+    # chunks are generated together (server/batching.py); False: each when it falls due
+    align_batches: bool = True
     # chunks the model makes before the server is ready; None: up to the first chunk that attends
     # to a full ring (StreamSession.chunks_to_full_ring: 8 for Wan's 21-frame ring in 3-frame
     # chunks), so that no served stream meets a new attention length first, and two more, whose

@@ -17,6 +17,7 @@ from prometheus_client import (
 )
 
 CHUNK_BUCKETS = (0.01, 0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
 class ServerMetrics:
@@ -49,6 +50,10 @@ class ServerMetrics:
             "streamgen_worker_busy_seconds",
             "seconds the inference worker spent generating and writing chunks, summed over its lanes",
             registry=r,
+        )
+        self.batch_sessions = Histogram(
+            "streamgen_batch_sessions", "sessions whose chunks the worker generated together, per batch",
+            buckets=BATCH_BUCKETS, registry=r,
         )
         # the process's CPU seconds, memory and open files (process_*), and Python's collections
         # (python_gc_*): what an operator watches beside the streams

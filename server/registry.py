@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from .batching import join_schedule
 from .config import ServerConfig
 from .metrics import ServerMetrics
 from .model_host import HostDown
@@ -142,6 +143,13 @@ class SessionRegistry:
     def start_streaming(self, session: Session, transport: str) -> None:
         first = 1.1 * (self.worker.chunk_time_ema or 0.15) + 0.01  # the first chunk's own generation
         session.attach(transport, self.playout_delay(session.lane), first)
+        if self.worker.align_batches:  # on the lane's schedule, so that its chunks batch with theirs
+            base, delay = join_schedule(
+                session.base, session.delay, session.chunk_index, session.chunk_seconds,
+                self.worker.lane_schedule(session.lane), self.worker.batch_times.estimate,
+                fixed_delay=self.config.playout_delay_s is not None,
+            )  # fmt: skip
+            session.reschedule(base, delay)
         self.worker.add(session)
         session.publish_first_chunk()
         self.metrics.sessions_streaming.set(self.worker.streaming)

@@ -11,7 +11,10 @@ Batching: every session that is due when the worker picks one is generated
 with it (`streamgen.stream.next_chunks`): those at the same KV-cache fill level
 (all that have streamed longer than the window) share one forward pass per
 denoising step. Sessions that are not yet due are never generated early: their
-audio up to the cut-off may still be on its way.
+audio up to the cut-off may still be on its way. So that they are due together,
+a session joins its lane's schedule when it starts streaming, and the worker
+waits for chunks due soon when every chunk of the batch still makes its play
+time (server/batching.py; `align_batches`).
 
 Lanes (`serve --lanes N`, default 1): N threads share the model, each serving
 its own sessions. A session belongs to one lane from its creation to its
@@ -34,6 +37,7 @@ import threading
 import time
 from collections import deque
 
+from .batching import BatchTimes, Due, plan_batch
 from .metrics import ServerMetrics
 from .model_host import HostDown
 from .session import Session
@@ -48,10 +52,11 @@ class WorkerBusy(Exception):
 class InferenceWorker:
     def __init__(
         self, metrics: ServerMetrics, stamp_frames: bool = False, max_jobs: int = 64, lanes: int = 1,
-        torch_threads: int | None = None,
+        torch_threads: int | None = None, align_batches: bool = True,
     ):  # fmt: skip
         """lanes: threads that generate, each for its own sessions; torch_threads: torch's
-        intra-op threads in each (None: torch's default)."""
+        intra-op threads in each (None: torch's default); align_batches: wait for chunks due soon
+        to generate them together (`plan_batch`), rather than each when it falls due."""
         if lanes < 1:
             raise ValueError("an inference worker needs at least one lane")
         self.metrics = metrics
@@ -68,6 +73,8 @@ class InferenceWorker:
             for lane in range(lanes)
         ]
         self.chunk_time_ema: float | None = None  # seconds per chunk of one session on one lane, measured
+        self.batch_times = BatchTimes()  # seconds per batch of k sessions' chunks, measured
+        self.align_batches = align_batches
 
     @property
     def lanes(self) -> int:
@@ -134,6 +141,11 @@ class InferenceWorker:
         with self._cond:
             return sum(1 for s in self._sessions.values() if s.lane == lane)
 
+    def lane_schedule(self, lane: int) -> list[float]:
+        """When the next chunk of each session streaming on `lane` falls due (monotonic seconds)."""
+        with self._cond:
+            return [s.next_due for s in self._sessions.values() if s.lane == lane and s.streaming]
+
     def capacity(self, chunk_seconds: float, limit: int) -> int:
         """Sessions that fit in real time: chunk period / measured chunk time, with 15% headroom,
         on every lane, at least one each (the time is measured with every lane at work: the
@@ -156,12 +168,17 @@ class InferenceWorker:
         if not live:
             self.metrics.queue_depth.set(0)
             return None, None, None
-        first = min(live, key=lambda s: s.next_due)
-        due = [s for s in live if s.next_due <= now]
-        self.metrics.queue_depth.set(len(due))
-        if due:
-            return None, sorted(due, key=lambda s: s.next_due), 0.0
-        return None, None, first.next_due - now
+        self.metrics.queue_depth.set(sum(1 for s in live if s.next_due <= now))
+        if not self.align_batches:
+            due = [s for s in live if s.next_due <= now]
+            if due:
+                return None, sorted(due, key=lambda s: s.next_due), 0.0
+            return None, None, min(s.next_due for s in live) - now
+        batch, wait = plan_batch(now, [Due(s.next_due, s.next_due + s.delay) for s in live],
+                                 self.batch_times.estimate)  # fmt: skip
+        if batch:
+            return None, [live[i] for i in batch], 0.0
+        return None, None, wait
 
     def _run(self, lane: int) -> None:
         if self.torch_threads:  # torch's thread count is per OS thread
@@ -226,6 +243,8 @@ class InferenceWorker:
         # what one session's chunk costs the worker, its re-encode included (capacity)
         busy = time.perf_counter() - t
         self.metrics.worker_busy.inc(busy)
+        self.metrics.batch_sessions.observe(len(sessions))
+        self.batch_times.observe(len(sessions), busy)
         per_session = busy / len(sessions)
         self.chunk_time_ema = (
             per_session if self.chunk_time_ema is None else 0.9 * self.chunk_time_ema + 0.1 * per_session

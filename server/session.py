@@ -233,12 +233,16 @@ class Session:
         was started when the session was created (silence: no input can have arrived), so
         the stream starts as soon as that one is ready: now, or `first_delay` from now."""
         self.transport = transport
-        self.delay = self.start_delay = delay
         now = time.monotonic()
-        self.base = now + (0.0 if self.first_chunk is not None else min(first_delay, delay))
-        self.next_due = self.base - delay + self.chunk_index * self.chunk_seconds
+        self.reschedule(now + (0.0 if self.first_chunk is not None else min(first_delay, delay)), delay)
         self.streaming = True
         self.touch()
+
+    def reschedule(self, base: float, delay: float) -> None:
+        """Before streaming: play chunk 0 at `base` and generate every chunk `delay` ahead."""
+        self.base, self.delay = base, delay
+        self.start_delay = delay
+        self.next_due = base - delay + self.chunk_index * self.chunk_seconds
 
     def publish_first_chunk(self) -> None:
         """Hand the pre-generated first chunk to the transport once both exist."""

@@ -27,7 +27,7 @@ async def test_server_counters_read_the_servers_metrics():
     with live_server() as (url, app):
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:
             before = await _server_counters(http)
-            assert set(before) == {"busy_s", "late", "chunk_ms", "cpu_s"}
+            assert set(before) == {"busy_s", "late", "chunk_ms", "cpu_s", "batched", "batches"}
             assert before["chunk_ms"] > 0  # measured in the warm-up
             app.state.metrics.worker_busy.inc(0.25)
             app.state.metrics.late_chunks.inc()

@@ -1,0 +1,138 @@
+"""Which sessions' chunks the worker generates together, and when a session's chunks fall due.
+
+Batching only happens among sessions whose chunks are due at the same time: a chunk
+is never generated before it is due (its audio up to the cut-off may still be on its
+way). Sessions start whenever their viewers connect, so left alone their chunk
+schedules are spread over the chunk period and almost never meet: at 64x64 on the
+2-core machine, 2 to 8 served sessions each cost the worker a single stream's
+34-35 ms a chunk, where 8 generated together cost 15 ms each. Two things line
+them up:
+
+- `join_schedule`: a session that starts streaming on a lane takes the schedule of
+  the lane's sessions, its start moved by less than one chunk period (its first
+  frame waits that long, once), and its playout delay sized for the batch it joins.
+- `plan_batch`: when chunks are due, the worker waits for the lane's chunks due
+  soon after them if every chunk of the batch still arrives before it plays. This
+  gathers sessions whose schedules drifted apart (a delay that grew under load moves
+  a session's schedule; its play times stay where they were).
+
+`BatchTimes` is what both go by: the worker's measured time for a batch of k sessions.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+HOLD_MARGIN = 1.2  # a held batch must fit 1.2x its expected time before the first of its play times
+DELAY_MARGIN, DELAY_SLACK = 1.3, 0.02  # a playout delay: room for 1.3x a batch's time, plus 20 ms
+SAME_SCHEDULE = 0.005  # seconds: sessions due this close together are one group (one batch)
+
+
+class BatchTimes:
+    """Seconds the worker takes for a batch of k sessions' chunks (their clean re-encodes
+    included), a moving average per k. A batch size not seen yet is estimated from its
+    neighbours: between two, linearly; above the largest, at that one's time per session
+    (generating together costs no more per session than apart); below the smallest, at that
+    one's time (a smaller batch takes no longer)."""
+
+    def __init__(self, weight: float = 0.2):
+        self.weight = weight
+        self._seconds: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, sessions: int, seconds: float) -> None:
+        with self._lock:
+            old = self._seconds.get(sessions)
+            self._seconds[sessions] = seconds if old is None else old + self.weight * (seconds - old)
+
+    def estimate(self, sessions: int) -> float | None:
+        """None until a batch has been timed."""
+        with self._lock:
+            known = dict(self._seconds)
+        if not known:
+            return None
+        if sessions in known:
+            return known[sessions]
+        below = [k for k in known if k < sessions]
+        above = [k for k in known if k > sessions]
+        if below and above:
+            lo, hi = max(below), min(above)
+            return known[lo] + (known[hi] - known[lo]) * (sessions - lo) / (hi - lo)
+        if below:
+            lo = max(below)
+            return known[lo] * sessions / lo
+        return known[min(above)]
+
+
+@dataclass(frozen=True)
+class Due:
+    """One session as the planning sees it: when its next chunk falls due and when that chunk plays."""
+
+    next_due: float
+    plays_at: float  # next_due + the session's playout delay
+
+
+def plan_batch(now: float, sessions: list[Due], batch_time) -> tuple[list[int], float | None]:
+    """The batch to generate now, as indices into `sessions`, or ([], seconds to wait).
+
+    Every session due by `now` is in it. Sessions due later join, in order, while the batch
+    generated when the last of them falls due still ends (by `batch_time(k)`, with
+    HOLD_MARGIN) before the first of their play times; if any joined, the answer is to
+    wait for them (then plan again). None: nothing to wait for."""
+    order = sorted(range(len(sessions)), key=lambda i: sessions[i].next_due)
+    due = [i for i in order if sessions[i].next_due <= now]
+    if not due:
+        return [], (sessions[order[0]].next_due - now if order else None)
+    plays_at = min(sessions[i].plays_at for i in due)
+    hold_until = now
+    for i in order[len(due) :]:
+        s = sessions[i]
+        expected = batch_time(len(due) + 1)
+        first_play = min(plays_at, s.plays_at)
+        if expected is None or s.next_due + HOLD_MARGIN * expected > first_play:
+            break
+        due.append(i)
+        plays_at, hold_until = first_play, s.next_due
+    if hold_until > now:
+        return [], hold_until - now
+    return due, None
+
+
+def playout_delay(batch_seconds: float) -> float:
+    """The delay a session needs when a batch of this many seconds generates its chunks."""
+    return DELAY_MARGIN * batch_seconds + DELAY_SLACK
+
+
+def join_schedule(
+    base: float, delay: float, chunk_index: int, chunk_seconds: float, lane: list[float], batch_time,
+    headroom: float = 0.85, fixed_delay: bool = False,
+) -> tuple[float, float]:  # fmt: skip
+    """(base, delay) for a session starting to stream on a lane whose sessions' next chunks fall
+    due at the times in `lane`: on the schedule of the group it can join soonest, or as given
+    (`base`, `delay`: the session's own, unaligned schedule) when the lane streams nothing or
+    every group's batch would outgrow `headroom` of the chunk period.
+
+    Joining moves `base` (when chunk 0 plays) later by less than one chunk period; the next
+    chunk (`chunk_index`) then falls due with the group's. The delay is the one the grown
+    batch needs, unless `fixed_delay` (the operator set it) or the given one is smaller."""
+    groups: list[list[float]] = []
+    for due in sorted(lane):
+        if groups and due - groups[-1][0] <= SAME_SCHEDULE:
+            groups[-1].append(due)
+        else:
+            groups.append([due])
+    best = None
+    for group in groups:
+        expected = batch_time(len(group) + 1)
+        if expected is None or expected > headroom * chunk_seconds:
+            continue
+        joined_delay = delay if fixed_delay else min(delay, playout_delay(expected))
+        own_due = base - joined_delay + chunk_index * chunk_seconds
+        shift = (group[0] - own_due) % chunk_seconds
+        if math.isclose(shift, chunk_seconds, abs_tol=1e-9):
+            shift = 0.0
+        if best is None or shift + joined_delay < best[0] + best[1] - base:
+            best = (base + shift, joined_delay)
+    return best or (base, delay)

@@ -1,0 +1,125 @@
+"""Lining sessions up so that the worker generates their chunks together (server/batching.py)."""
+
+import asyncio
+import json
+
+import pytest
+
+from server.batching import BatchTimes, Due, join_schedule, plan_batch, playout_delay
+
+CS = 0.32  # chunk period
+
+
+def times(**per_k):
+    """A batch-time function with these measured times (k1=0.03, k2=0.04, ...)."""
+    bt = BatchTimes()
+    for key, seconds in per_k.items():
+        bt.observe(int(key[1:]), seconds)
+    return bt.estimate
+
+
+def test_batch_times_average_per_size_and_estimate_the_sizes_not_seen():
+    bt = BatchTimes(weight=0.5)
+    assert bt.estimate(3) is None
+    bt.observe(1, 0.030)
+    assert bt.estimate(1) == 0.030
+    assert bt.estimate(4) == pytest.approx(0.120)  # above the largest seen: its time per session
+    bt.observe(1, 0.040)
+    assert bt.estimate(1) == pytest.approx(0.035)
+    bt.observe(4, 0.080)
+    assert bt.estimate(2) == pytest.approx(0.035 + (0.080 - 0.035) / 3)  # between two: linear
+    assert bt.estimate(8) == pytest.approx(0.160)
+    bt2 = BatchTimes()
+    bt2.observe(4, 0.080)
+    assert bt2.estimate(2) == 0.080  # below the smallest seen: no longer than it
+
+
+def test_plan_generates_what_is_due_and_waits_for_chunks_due_soon_that_fit_before_the_play_times():
+    estimate = times(k1=0.03, k2=0.04)
+    assert plan_batch(10.0, [], estimate) == ([], None)
+    # nothing due: sleep until the first is
+    assert plan_batch(10.0, [Due(10.05, 10.3), Due(10.02, 10.3)], estimate) == ([], pytest.approx(0.02))
+    # due, and another due 30 ms later whose batch (40 ms, x1.2) still ends before 10.2: wait for it
+    sessions = [Due(10.0, 10.2), Due(10.03, 10.5)]
+    batch, wait = plan_batch(10.0, sessions, estimate)
+    assert batch == [] and wait == pytest.approx(0.03)
+    assert plan_batch(10.03, sessions, estimate) == ([0, 1], None)
+    # the first plays too soon to wait for the second: it goes alone, now
+    assert plan_batch(10.0, [Due(10.0, 10.06), Due(10.03, 10.5)], estimate) == ([0], None)
+    # the later one's own play time is too close to the hold as well
+    assert plan_batch(10.0, [Due(10.0, 10.5), Due(10.03, 10.06)], estimate) == ([0], None)
+    # several due already go together, in the order they fell due; one far off is not waited for
+    assert plan_batch(10.0, [Due(9.99, 10.2), Due(9.95, 10.2), Due(10.25, 10.6)], estimate) == ([1, 0], None)
+    # no batch timed yet: nothing to go by, no waiting
+    assert plan_batch(10.0, [Due(10.0, 10.9), Due(10.01, 10.9)], BatchTimes().estimate) == ([0], None)
+
+
+def test_a_starting_session_takes_the_schedule_of_its_lanes_group():
+    estimate = times(k1=0.03, k2=0.04)
+    # alone on its lane: its own schedule
+    assert join_schedule(100.0, 0.2, 1, CS, [], estimate) == (100.0, 0.2)
+    base, delay = join_schedule(100.0, 0.2, 1, CS, [100.1], estimate)
+    assert delay == pytest.approx(playout_delay(0.04))  # sized for the batch of 2 it joins
+    assert 100.0 <= base < 100.0 + CS
+    next_due = base - delay + 1 * CS
+    assert (next_due - 100.1) % CS == pytest.approx(0.0, abs=1e-9) or (next_due - 100.1) % CS == pytest.approx(CS)
+    # a delay the operator fixed stays; the start still moves onto the schedule
+    base, delay = join_schedule(100.0, 0.3, 1, CS, [100.1], estimate, fixed_delay=True)
+    assert delay == 0.3 and (base - 0.3 + CS - 100.1) % CS == pytest.approx(0.0, abs=1e-9)
+    # a smaller delay than the batch would need is kept (it covers less, but was asked for)
+    assert join_schedule(100.0, 0.05, 1, CS, [100.1], estimate)[1] == 0.05
+
+
+def test_a_starting_session_joins_the_group_it_can_start_with_soonest_and_never_a_full_one():
+    estimate = times(k1=0.03, k2=0.04, k3=0.05)
+    # groups due at 100.10 (two sessions, 5 ms apart count as one) and at 100.25
+    lane = [100.10, 100.104, 100.25]
+    base, delay = join_schedule(100.0, 0.2, 1, CS, lane, estimate)
+    shifts = {}
+    for group_due, size in ((100.10, 2), (100.25, 1)):
+        d = playout_delay(estimate(size + 1))
+        shifts[group_due] = ((group_due - (100.0 - d + CS)) % CS) + d
+    chosen = min(shifts, key=shifts.get)
+    assert (base - delay + CS - chosen) % CS == pytest.approx(0.0, abs=1e-9)
+    # a group whose batch would outgrow 85% of the chunk period takes nobody more
+    slow = times(k1=0.2, k2=0.3)
+    assert join_schedule(100.0, 0.2, 1, CS, [100.1], slow) == (100.0, 0.2)
+
+
+async def test_sessions_streaming_together_have_their_chunks_generated_together():
+    """Two WebSocket sessions started 100 ms apart: with alignment the second takes the first's
+    schedule and the worker makes batches of both; without it, their chunks fall due apart."""
+    import httpx
+    import websockets
+    from server_helpers import live_server
+
+    async def stream_two(url) -> tuple[dict, list]:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            sockets = []
+            for seed in range(2):
+                created = (await http.post("/v1/sessions", json={"avatar": "ada", "seed": seed})).json()
+                ws_url = url.replace("http", "ws", 1) + f"{created['stream']}?token={created['token']}"
+                ws = await websockets.connect(ws_url, max_size=None, max_queue=None)
+                await ws.send(json.dumps({"type": "start", "format": "rgb"}))
+                sockets.append(ws)
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(2.0)
+            schedule = [s.next_due for s in app.state.registry.sessions.values()]
+            metrics = (await http.get("/metrics")).text
+            for ws in sockets:
+                await ws.close()
+        buckets = {}
+        for line in metrics.splitlines():
+            if line.startswith("streamgen_batch_sessions_bucket"):
+                buckets[line.split('le="')[1].split('"')[0]] = float(line.split()[-1])
+        return buckets, schedule
+
+    with live_server() as (url, app):
+        aligned, schedule = await stream_two(url)
+    assert len(schedule) == 2 and (schedule[0] - schedule[1]) % CS in (pytest.approx(0, abs=1e-6), pytest.approx(CS))
+    pairs = aligned["2.0"] - aligned["1.0"]
+    assert pairs >= 3, aligned  # ~6 chunk periods streamed together
+
+    with live_server(align_batches=False) as (url, app):
+        apart, _ = await stream_two(url)
+    assert apart["2.0"] - apart["1.0"] < pairs, apart
