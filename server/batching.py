@@ -101,29 +101,41 @@ def plan_batch(now: float, sessions: list[Due], batch_time) -> tuple[list[int], 
 
 
 def playout_delay(batch_seconds: float) -> float:
-    """The delay a session needs when a batch of this many seconds generates its chunks."""
-    return DELAY_MARGIN * batch_seconds + DELAY_SLACK
+    """The delay a session needs when a batch of this many seconds generates its chunks (0.1 s
+    at least, 1 s at most: beyond that a stream skips ahead instead)."""
+    return min(1.0, max(0.1, DELAY_MARGIN * batch_seconds + DELAY_SLACK))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When a starting session's chunk 0 plays (`base`), how far ahead of playing its chunks are
+    generated (`delay`), and the due time of the lane's group it joins (None: none)."""
+
+    base: float
+    delay: float
+    joins: float | None = None
 
 
 def join_schedule(
     base: float, delay: float, chunk_index: int, chunk_seconds: float, lane: list[float], batch_time,
     headroom: float = 0.85, fixed_delay: bool = False,
-) -> tuple[float, float]:  # fmt: skip
-    """(base, delay) for a session starting to stream on a lane whose sessions' next chunks fall
-    due at the times in `lane`: on the schedule of the group it can join soonest, or as given
-    (`base`, `delay`: the session's own, unaligned schedule) when the lane streams nothing or
-    every group's batch would outgrow `headroom` of the chunk period.
+) -> Schedule:  # fmt: skip
+    """The schedule of a session starting to stream on a lane whose sessions' next chunks fall
+    due at the times in `lane`: that of the group it can join soonest, or as given (`base`,
+    `delay`: the session's own, unaligned schedule) when the lane streams nothing or every
+    group's batch would outgrow `headroom` of the chunk period.
 
-    Joining moves `base` (when chunk 0 plays) later by less than one chunk period; the next
-    chunk (`chunk_index`) then falls due with the group's. The delay is the one the grown
-    batch needs, unless `fixed_delay` (the operator set it) or the given one is smaller."""
+    Joining moves `base` later by less than one chunk period; the next chunk (`chunk_index`)
+    then falls due with the group's. The delay is the one the grown batch needs, unless
+    `fixed_delay` (the operator set it) or the given one is smaller. The group's sessions need
+    it too (`Session.hold_back`)."""
     groups: list[list[float]] = []
     for due in sorted(lane):
         if groups and due - groups[-1][0] <= SAME_SCHEDULE:
             groups[-1].append(due)
         else:
             groups.append([due])
-    best = None
+    best = Schedule(base, delay)
     for group in groups:
         expected = batch_time(len(group) + 1)
         if expected is None or expected > headroom * chunk_seconds:
@@ -133,6 +145,12 @@ def join_schedule(
         shift = (group[0] - own_due) % chunk_seconds
         if math.isclose(shift, chunk_seconds, abs_tol=1e-9):
             shift = 0.0
-        if best is None or shift + joined_delay < best[0] + best[1] - base:
-            best = (base + shift, joined_delay)
-    return best or (base, delay)
+        if best.joins is None or shift + joined_delay < best.base - base + best.delay:
+            best = Schedule(base + shift, joined_delay, group[0])
+    return best
+
+
+def in_group(next_due: float, group_due: float, chunk_seconds: float) -> bool:
+    """Whether a chunk due at `next_due` falls due with a group due at `group_due` (this period or another)."""
+    off = (next_due - group_due) % chunk_seconds
+    return min(off, chunk_seconds - off) <= SAME_SCHEDULE

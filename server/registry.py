@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from .batching import join_schedule
+from .batching import in_group, join_schedule, playout_delay
 from .config import ServerConfig
 from .metrics import ServerMetrics
 from .model_host import HostDown
@@ -79,7 +79,7 @@ class SessionRegistry:
         if self.config.playout_delay_s is not None:
             return self.config.playout_delay_s
         chunk = self.worker.chunk_time_ema or 0.15
-        return min(1.0, max(0.1, 1.3 * chunk * (self.worker.streaming_on(lane) + 1) + 0.02))
+        return playout_delay(chunk * (self.worker.streaming_on(lane) + 1))
 
     # --- lifecycle -------------------------------------------------------------------------------
     async def create(self, reference: np.ndarray, caption: str | None, seed: int | None) -> Session:
@@ -143,16 +143,27 @@ class SessionRegistry:
     def start_streaming(self, session: Session, transport: str) -> None:
         first = 1.1 * (self.worker.chunk_time_ema or 0.15) + 0.01  # the first chunk's own generation
         session.attach(transport, self.playout_delay(session.lane), first)
-        if self.worker.align_batches:  # on the lane's schedule, so that its chunks batch with theirs
-            base, delay = join_schedule(
-                session.base, session.delay, session.chunk_index, session.chunk_seconds,
-                self.worker.lane_schedule(session.lane), self.worker.batch_times.estimate,
-                fixed_delay=self.config.playout_delay_s is not None,
-            )  # fmt: skip
-            session.reschedule(base, delay)
+        if self.worker.align_batches:
+            self._join_lane_schedule(session)
         self.worker.add(session)
         session.publish_first_chunk()
         self.metrics.sessions_streaming.set(self.worker.streaming)
+
+    def _join_lane_schedule(self, session: Session) -> None:
+        """Put a session that starts streaming on its lane's schedule, so that its chunks are
+        generated with theirs (server/batching.py). The group it joins then makes a bigger batch:
+        its sessions whose delay is shorter than that batch needs play that much later from now."""
+        lane = self.worker.lane_sessions(session.lane)
+        schedule = join_schedule(
+            session.base, session.delay, session.chunk_index, session.chunk_seconds, [s.next_due for s in lane],
+            self.worker.batch_times.estimate, fixed_delay=self.config.playout_delay_s is not None,
+        )  # fmt: skip
+        session.reschedule(schedule.base, schedule.delay)
+        if schedule.joins is None:
+            return
+        for other in lane:
+            if in_group(other.next_due, schedule.joins, session.chunk_seconds) and other.delay < schedule.delay:
+                other.hold_back(schedule.delay - other.delay)
 
     async def close(self, session: Session, reason: str) -> None:
         """End a session (idempotent): stop generation, close its transport, free the model state."""

@@ -141,10 +141,10 @@ class InferenceWorker:
         with self._cond:
             return sum(1 for s in self._sessions.values() if s.lane == lane)
 
-    def lane_schedule(self, lane: int) -> list[float]:
-        """When the next chunk of each session streaming on `lane` falls due (monotonic seconds)."""
+    def lane_sessions(self, lane: int) -> list[Session]:
+        """The sessions streaming on `lane`."""
         with self._cond:
-            return [s.next_due for s in self._sessions.values() if s.lane == lane and s.streaming]
+            return [s for s in self._sessions.values() if s.lane == lane and s.streaming]
 
     def capacity(self, chunk_seconds: float, limit: int) -> int:
         """Sessions that fit in real time: chunk period / measured chunk time, with 15% headroom,

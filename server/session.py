@@ -244,6 +244,13 @@ class Session:
         self.start_delay = delay
         self.next_due = base - delay + self.chunk_index * self.chunk_seconds
 
+    def hold_back(self, seconds: float) -> None:
+        """Play `seconds` later from now on, generating on the same schedule: a longer delay (and
+        the floor it comes back down to), the picture held and the audio silent for that long once."""
+        self.base += seconds
+        self.delay += seconds
+        self.start_delay = max(self.start_delay, self.delay)
+
     def publish_first_chunk(self) -> None:
         """Hand the pre-generated first chunk to the transport once both exist."""
         if self.first_chunk is not None and self.streaming and not self.closed:

@@ -4,8 +4,9 @@ import asyncio
 import json
 
 import pytest
+from server_helpers import server_config
 
-from server.batching import BatchTimes, Due, join_schedule, plan_batch, playout_delay
+from server.batching import BatchTimes, Due, Schedule, in_group, join_schedule, plan_batch, playout_delay
 
 CS = 0.32  # chunk period
 
@@ -57,33 +58,66 @@ def test_plan_generates_what_is_due_and_waits_for_chunks_due_soon_that_fit_befor
 def test_a_starting_session_takes_the_schedule_of_its_lanes_group():
     estimate = times(k1=0.03, k2=0.04)
     # alone on its lane: its own schedule
-    assert join_schedule(100.0, 0.2, 1, CS, [], estimate) == (100.0, 0.2)
-    base, delay = join_schedule(100.0, 0.2, 1, CS, [100.1], estimate)
-    assert delay == pytest.approx(playout_delay(0.04))  # sized for the batch of 2 it joins
-    assert 100.0 <= base < 100.0 + CS
-    next_due = base - delay + 1 * CS
-    assert (next_due - 100.1) % CS == pytest.approx(0.0, abs=1e-9) or (next_due - 100.1) % CS == pytest.approx(CS)
+    assert join_schedule(100.0, 0.2, 1, CS, [], estimate) == Schedule(100.0, 0.2)
+    joined = join_schedule(100.0, 0.2, 1, CS, [100.1], estimate)
+    assert joined.joins == 100.1
+    assert joined.delay == pytest.approx(playout_delay(0.04))  # sized for the batch of 2 it joins
+    assert 100.0 <= joined.base < 100.0 + CS
+    assert in_group(joined.base - joined.delay + 1 * CS, 100.1, CS)
     # a delay the operator fixed stays; the start still moves onto the schedule
-    base, delay = join_schedule(100.0, 0.3, 1, CS, [100.1], estimate, fixed_delay=True)
-    assert delay == 0.3 and (base - 0.3 + CS - 100.1) % CS == pytest.approx(0.0, abs=1e-9)
+    fixed = join_schedule(100.0, 0.3, 1, CS, [100.1], estimate, fixed_delay=True)
+    assert fixed.delay == 0.3 and in_group(fixed.base - 0.3 + CS, 100.1, CS)
     # a smaller delay than the batch would need is kept (it covers less, but was asked for)
-    assert join_schedule(100.0, 0.05, 1, CS, [100.1], estimate)[1] == 0.05
+    assert join_schedule(100.0, 0.05, 1, CS, [100.1], estimate).delay == 0.05
 
 
 def test_a_starting_session_joins_the_group_it_can_start_with_soonest_and_never_a_full_one():
     estimate = times(k1=0.03, k2=0.04, k3=0.05)
-    # groups due at 100.10 (two sessions, 5 ms apart count as one) and at 100.25
-    lane = [100.10, 100.104, 100.25]
-    base, delay = join_schedule(100.0, 0.2, 1, CS, lane, estimate)
-    shifts = {}
+    # groups due at 100.10 (two sessions, 3 ms apart count as one) and at 100.25
+    lane = [100.10, 100.103, 100.25]
+    joined = join_schedule(100.0, 0.2, 1, CS, lane, estimate)
+    starts = {}
     for group_due, size in ((100.10, 2), (100.25, 1)):
         d = playout_delay(estimate(size + 1))
-        shifts[group_due] = ((group_due - (100.0 - d + CS)) % CS) + d
-    chosen = min(shifts, key=shifts.get)
-    assert (base - delay + CS - chosen) % CS == pytest.approx(0.0, abs=1e-9)
+        starts[group_due] = ((group_due - (100.0 - d + CS)) % CS) + d
+    assert joined.joins == min(starts, key=starts.get)
+    assert in_group(joined.base - joined.delay + CS, joined.joins, CS)
     # a group whose batch would outgrow 85% of the chunk period takes nobody more
     slow = times(k1=0.2, k2=0.3)
-    assert join_schedule(100.0, 0.2, 1, CS, [100.1], slow) == (100.0, 0.2)
+    assert join_schedule(100.0, 0.2, 1, CS, [100.1], slow) == Schedule(100.0, 0.2)
+    assert in_group(100.1 + 3 * CS, 100.1, CS) and in_group(100.098, 100.1, CS) and not in_group(100.2, 100.1, CS)
+
+
+def test_joining_holds_back_the_group_sessions_whose_delay_the_bigger_batch_outgrows():
+    """They play later by the difference, once, and keep generating on the group's schedule."""
+    from server.metrics import ServerMetrics
+    from server.registry import SessionRegistry
+    from server.scheduler import InferenceWorker
+    from server.session import Session
+
+    class Stream:
+        width = height = 64
+        frames_per_chunk, chunk_seconds, audio_lookahead_seconds = 8, CS, 0.0
+
+    worker = InferenceWorker(ServerMetrics())
+    worker.chunk_time_ema = 0.06
+    worker.batch_times.observe(1, 0.06)
+    worker.batch_times.observe(2, 0.09)
+    registry = SessionRegistry(server_config(playout_delay_s=None), worker, worker.metrics)
+    loop = asyncio.new_event_loop()
+    try:
+        first, second = (Session(f"s{i}", Stream(), loop, 30.0) for i in range(2))
+        first.chunk_index = second.chunk_index = 1
+        registry.start_streaming(first, "websocket")
+        assert first.delay == pytest.approx(playout_delay(0.06)) == 0.1  # alone: a batch of one
+        due, base = first.next_due, first.base
+        registry.start_streaming(second, "websocket")
+        assert in_group(second.next_due, due, CS) and second.delay == pytest.approx(playout_delay(0.09))
+        assert first.next_due == due  # the same schedule ...
+        assert first.delay == pytest.approx(second.delay) and first.start_delay == first.delay
+        assert first.base == pytest.approx(base + playout_delay(0.09) - 0.1)  # ... played later
+    finally:
+        loop.close()
 
 
 async def test_sessions_streaming_together_have_their_chunks_generated_together():
