@@ -129,13 +129,8 @@ def join_schedule(
     then falls due with the group's. The delay is the one the grown batch needs, unless
     `fixed_delay` (the operator set it) or the given one is smaller. The group's sessions need
     it too (`Session.hold_back`)."""
-    groups: list[list[float]] = []
-    for due in sorted(lane):
-        if groups and due - groups[-1][0] <= SAME_SCHEDULE:
-            groups[-1].append(due)
-        else:
-            groups.append([due])
     best = Schedule(base, delay)
+    groups = phase_groups(lane, chunk_seconds)
     for group in groups:
         expected = batch_time(len(group) + 1)
         if expected is None or expected > headroom * chunk_seconds:
@@ -148,6 +143,20 @@ def join_schedule(
         if best.joins is None or shift + joined_delay < best.base - base + best.delay:
             best = Schedule(base + shift, joined_delay, group[0])
     return best
+
+
+def phase_groups(dues: list[float], chunk_seconds: float) -> list[list[float]]:
+    """Due times grouped by their phase in the chunk period: sessions that fall due together, this
+    period or another (one that joined a group falls due with it a period later, the first time)."""
+    groups: list[list[float]] = []
+    for due in sorted(dues, key=lambda d: d % chunk_seconds):
+        if groups and in_group(due, groups[-1][0], chunk_seconds):
+            groups[-1].append(due)
+        else:
+            groups.append([due])
+    if len(groups) > 1 and in_group(groups[-1][0], groups[0][0], chunk_seconds):  # across the period's end
+        groups[0] += groups.pop()
+    return groups
 
 
 def in_group(next_due: float, group_due: float, chunk_seconds: float) -> bool:

@@ -44,6 +44,8 @@ from .session import Session
 
 log = logging.getLogger("streamgen.server")
 
+JOB_PATIENCE = 1.0  # seconds a job waits at most for due chunks
+
 
 class WorkerBusy(Exception):
     """The job queue is full."""
@@ -102,7 +104,7 @@ class InferenceWorker:
                 raise WorkerBusy("server is shutting down")
             if sum(len(q) for q in self._jobs) >= self.max_jobs:
                 raise WorkerBusy("inference queue is full")
-            self._jobs[lane].append((future, fn, args))
+            self._jobs[lane].append((future, fn, args, time.monotonic()))
             self.metrics.queue_depth.set(sum(len(q) for q in self._jobs))
             self._cond.notify_all()
         return future
@@ -160,11 +162,15 @@ class InferenceWorker:
 
     # --- the thread ------------------------------------------------------------------------------------
     def _next(self, lane: int):
-        """Under the lock: a job, a due session of `lane`, or how long to sleep."""
-        if self._jobs[lane]:
-            return self._jobs[lane].popleft(), None, 0.0
+        """Under the lock: a job, a due session of `lane`, or how long to sleep. Chunks that are
+        due go first: a job (a new session's setup, its first chunk) waits for them, unless it has
+        waited JOB_PATIENCE already (a saturated lane still starts its sessions). Run first, the
+        setups of sessions created together made the chunks of those already streaming late."""
         now = time.monotonic()
         live = [s for s in self._sessions.values() if s.streaming and not s.closed and s.lane == lane]
+        jobs = self._jobs[lane]
+        if jobs and (jobs[0][3] < now - JOB_PATIENCE or all(s.next_due > now for s in live)):
+            return jobs.popleft()[:3], None, 0.0
         if not live:
             self.metrics.queue_depth.set(0)
             return None, None, None
@@ -269,7 +275,7 @@ class InferenceWorker:
 
     def _cancel_jobs(self, lane: int) -> None:
         while self._jobs[lane]:
-            future, _, _ = self._jobs[lane].popleft()
+            future = self._jobs[lane].popleft()[0]
             future.cancel()
 
 

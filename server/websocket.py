@@ -176,10 +176,12 @@ class SocketConnection:
         try:
             await self.send(ready)
             while (chunk := await slot.take()) is not None:
-                if chunk.index == 0:  # not before the session's clock starts: a client plays the
-                    # chunks by their pts from the first one's arrival (a session that joined its lane's
-                    # schedule starts up to a chunk period later, and so does its next chunk)
-                    await asyncio.sleep(max(0.0, self.session.base - time.monotonic()))
+                if chunk.index == 0:
+                    # a client plays the chunks by their pts from the first one's arrival. A session
+                    # that joined its lane's schedule starts up to a chunk period later, and its next
+                    # chunk comes that much later too: chunk 0 goes no sooner than one delay before it
+                    # plays, as every later chunk does
+                    await asyncio.sleep(max(0.0, self.session.base - self.session.delay - time.monotonic()))
                 await self.send(pack(MsgType.AUDIO_OUT, seq_audio, chunk.pts, chunk.audio.tobytes()))
                 seq_audio += 1
                 for i, frame in enumerate(chunk.frames):

@@ -6,7 +6,16 @@ import json
 import pytest
 from server_helpers import server_config
 
-from server.batching import BatchTimes, Due, Schedule, in_group, join_schedule, plan_batch, playout_delay
+from server.batching import (
+    BatchTimes,
+    Due,
+    Schedule,
+    in_group,
+    join_schedule,
+    phase_groups,
+    plan_batch,
+    playout_delay,
+)
 
 CS = 0.32  # chunk period
 
@@ -157,3 +166,35 @@ async def test_sessions_streaming_together_have_their_chunks_generated_together(
     with live_server(align_batches=False) as (url, app):
         apart, _ = await stream_two(url)
     assert apart["2.0"] - apart["1.0"] < pairs, apart
+
+
+def test_phase_groups_gather_sessions_due_together_in_any_period():
+    # 100.10 and 100.42 are one period apart (a joiner's first due time); 100.318 and 100.001
+    # sit 3 ms apart across the period's end
+    groups = phase_groups([100.10, 100.25, 100.42, 100.318, 100.001], CS)
+    assert sorted(sorted(g) for g in groups) == [[100.001, 100.318], [100.10, 100.42], [100.25]]
+    assert join_schedule(100.0, 0.3, 1, CS, [100.10, 100.42], times(k1=0.03)).joins in (100.10, 100.42)
+
+
+def test_due_chunks_go_before_jobs_that_have_not_waited_long():
+    """A new session's setup waits for the chunks that are due (its first chunk is not on any
+    client's clock yet; theirs are); a job that has waited JOB_PATIENCE goes first regardless."""
+    import time
+    from types import SimpleNamespace
+
+    from server.metrics import ServerMetrics
+    from server.scheduler import JOB_PATIENCE, InferenceWorker
+
+    worker = InferenceWorker(ServerMetrics())
+    worker.batch_times.observe(1, 0.03)
+    now = time.monotonic()
+    streaming = SimpleNamespace(id="s", lane=0, streaming=True, closed=False, next_due=now - 0.01, delay=0.2)
+    worker.add(streaming)
+    job = worker.submit(print)
+    assert worker._next(0)[1] == [streaming]  # the due chunk first
+    streaming.next_due = now + 0.2
+    assert worker._next(0)[0][0] is job  # nothing due: the job
+    streaming.next_due = now - 0.01
+    worker.submit(print)
+    worker._jobs[0][0] = (*worker._jobs[0][0][:3], now - JOB_PATIENCE - 0.1)
+    assert worker._next(0)[0] is not None  # waited long enough: before the due chunk
