@@ -8,8 +8,14 @@ probe measures the server rather than the clients sharing its machine; their fra
 chunk at a time, so there is no A/V offset, answer, or stutter to read):
 
 - ready_s: `streamgen serve` started -> /readyz answered 200 (loading, warm-up, `--compile`'s compiling)
-- first_frame_ms: offer posted -> first decoded video frame in the client
-- glass_to_glass_ms: chunk input cut-off -> its first frame decoded in the client (median)
+- first_frame_ms: offer posted (WebSocket: start sent) -> first video frame in the client
+- glass_to_glass_ms: chunk input cut-off -> its first frame decoded in the client (median). WebRTC
+  plays each chunk at its play time, so this includes the playout delay; a WebSocket client gets
+  a chunk as soon as it is made, so there it is the time to make it (a batch's, when batched)
+- first_frame_ms (per probe): each session's first frame, as above (sessions started together:
+  their setups queue on the worker)
+- playout_delay_ms (per probe): each session's playout delay at the end of its watch, how far
+  ahead of its play time each chunk is generated (the latency a viewer gets beyond the transport)
 - fps: frames generated per second for one session (decoded_fps: frames the client decoded,
   which include repeats of the last picture when generation is late)
 - av_offset_ms: arrival of a chunk's first frame minus arrival of its audio marker (median; > 0: video late)
@@ -126,7 +132,7 @@ async def _end_session(http, created: dict, auth: dict, result: dict) -> None:
     status = await http.get(created["resource"], headers=auth)
     if status.status_code != 200:
         raise RuntimeError(f"session {created['id']} ended before the watch did: {status.text[:200]}")
-    result["chunks"] = status.json()["chunks"]
+    result["chunks"], result["playout_delay"] = status.json()["chunks"], status.json()["playout_delay"]
     await http.delete(created["resource"], headers=auth)
 
 
@@ -326,8 +332,8 @@ async def _bench(args) -> dict:
                 out.update(await asyncio.to_thread(_browser_figures, f"http://127.0.0.1:{port}", args))
             out["max_realtime_sessions"], per_n = await _max_sessions(http, args)
             out["max_on_time_sessions"] = _on_time(per_n, args.seconds)
-            for key in ("fps", "glass_to_glass_ms", "av_offset_ms", "repeated_frames", "worker_busy", "late_chunks",
-                        "chunk_ms", "server_cpu_cores", "batch_mean"):  # fmt: skip
+            for key in ("fps", "first_frame_ms", "glass_to_glass_ms", "playout_delay_ms", "av_offset_ms", "repeated_frames",
+                        "worker_busy", "late_chunks", "chunk_ms", "server_cpu_cores", "batch_mean"):  # fmt: skip
                 out[f"sessions_{key}"] = {n: figures[key] for n, figures in per_n.items()}
             return out
     finally:
@@ -415,6 +421,8 @@ async def _max_sessions(http, args) -> tuple[int, dict]:
             "glass_to_glass_ms": [_glass_to_glass_ms(st) for st in starts],
             "av_offset_ms": [None if o is None else round(o, 1) for o in offsets],
             "repeated_frames": [_stutter(r["frames"])["repeated"] for r in results],
+            "playout_delay_ms": [round(1000 * r["playout_delay"]) for r in results],
+            "first_frame_ms": [round(1000 * r["first_frame"]) for r in results],
             "worker_busy": round((after["busy_s"] - before["busy_s"]) / elapsed, 3),
             "server_cpu_cores": round((after["cpu_s"] - before["cpu_s"]) / elapsed, 2),
             "late_chunks": int(after["late"] - before["late"]),

@@ -162,6 +162,7 @@ async def session_status(session_id: str, request: Request):
     return {
         "id": s.id, "transport": s.transport, "streaming": s.streaming, "width": s.width, "height": s.height,
         "fps": s.fps, "chunks": s.chunk_index, "audio_queued_s": round(s.timeline.queued_seconds, 3),
+        "playout_delay": round(s.delay, 3),
     }  # fmt: skip
 
 

@@ -58,7 +58,7 @@ async def test_each_transports_watch_counts_the_chunks_its_session_got():
         async with httpx.AsyncClient(base_url=url, timeout=10, event_hooks={"request": [unhurried]}) as http:
             for transport, watch in WATCH.items():
                 result = await watch(http, 1.0, seed=0)
-                assert result["chunks"] >= 2, transport
+                assert result["chunks"] >= 2 and result["playout_delay"] > 0, transport
                 assert len(result["frames"]) > 1 and _generated_fps(result) > 0, transport
                 status = await http.get(result["session"]["resource"], headers={"Authorization": "Bearer x"})
                 assert status.status_code in (401, 404), transport  # ended
