@@ -216,7 +216,9 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         return
     registry.chunk_seconds = chunk_seconds
     registry.worker.chunk_time_ema = statistics.median(steady_times)
+    # (a warm-up chunk re-encodes the one before it first: to publish, the batches soon say)
     registry.worker.batch_times.observe(1, registry.worker.chunk_time_ema)
+    registry.worker.ready_times.observe(1, registry.worker.chunk_time_ema)
     # what is loaded by now (torch, the model, the WebRTC stack: ~200k objects) lives as long as
     # the server. A full collection of it holds the GIL (every thread waits, the generating lanes
     # too); the first viewer's offer set one off.

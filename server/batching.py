@@ -16,7 +16,9 @@ them up:
   gathers sessions whose schedules drifted apart (a delay that grew under load moves
   a session's schedule; its play times stay where they were).
 
-`BatchTimes` is what both go by: the worker's measured time for a batch of k sessions.
+`BatchTimes` is what both go by: the worker's measured times for a batch of k sessions, to
+publish its chunks (what a play time waits for) and in all (their clean re-encodes after
+publishing too: what the lane's chunk period must hold).
 """
 
 from __future__ import annotations
@@ -31,8 +33,7 @@ SAME_SCHEDULE = 0.005  # seconds: sessions due this close together are one group
 
 
 class BatchTimes:
-    """Seconds the worker takes for a batch of k sessions' chunks (their clean re-encodes
-    included), a moving average per k. A batch size not seen yet is estimated from its
+    """Seconds the worker takes for a batch of k sessions' chunks, a moving average per k. A batch size not seen yet is estimated from its
     neighbours: between two, linearly; above the largest, at that one's time per session
     (generating together costs no more per session than apart); below the smallest, at that
     one's time (a smaller batch takes no longer)."""
@@ -74,11 +75,11 @@ class Due:
     plays_at: float  # next_due + the session's playout delay
 
 
-def plan_batch(now: float, sessions: list[Due], batch_time) -> tuple[list[int], float | None]:
+def plan_batch(now: float, sessions: list[Due], ready_time) -> tuple[list[int], float | None]:
     """The batch to generate now, as indices into `sessions`, or ([], seconds to wait).
 
     Every session due by `now` is in it. Sessions due later join, in order, while the batch
-    generated when the last of them falls due still ends (by `batch_time(k)`, with
+    generated when the last of them falls due is still published (by `ready_time(k)`, with
     HOLD_MARGIN) before the first of their play times; if any joined, the answer is to
     wait for them (then plan again). None: nothing to wait for."""
     order = sorted(range(len(sessions)), key=lambda i: sessions[i].next_due)
@@ -89,7 +90,7 @@ def plan_batch(now: float, sessions: list[Due], batch_time) -> tuple[list[int], 
     hold_until = now
     for i in order[len(due) :]:
         s = sessions[i]
-        expected = batch_time(len(due) + 1)
+        expected = ready_time(len(due) + 1)
         first_play = min(plays_at, s.plays_at)
         if expected is None or s.next_due + HOLD_MARGIN * expected > first_play:
             break
@@ -118,7 +119,7 @@ class Schedule:
 
 def join_schedule(
     base: float, delay: float, chunk_index: int, chunk_seconds: float, lane: list[float], batch_time,
-    headroom: float = 0.85, fixed_delay: bool = False,
+    ready_time=None, headroom: float = 0.85, fixed_delay: bool = False,
 ) -> Schedule:  # fmt: skip
     """The schedule of a session starting to stream on a lane whose sessions' next chunks fall
     due at the times in `lane`: that of the group it can join soonest, or as given (`base`,
@@ -126,16 +127,18 @@ def join_schedule(
     group's batch would outgrow `headroom` of the chunk period.
 
     Joining moves `base` later by less than one chunk period; the next chunk (`chunk_index`)
-    then falls due with the group's. The delay is the one the grown batch needs, unless
-    `fixed_delay` (the operator set it) or the given one is smaller. The group's sessions need
-    it too (`Session.hold_back`)."""
+    then falls due with the group's. The delay is the one the grown batch needs to be published
+    (`ready_time(k)`; default `batch_time`, which counts the whole of the worker's time for it),
+    unless `fixed_delay` (the operator set it) or the given one is smaller. The group's sessions
+    need it too (`Session.hold_back`)."""
+    ready_time = ready_time or batch_time
     best = Schedule(base, delay)
     groups = phase_groups(lane, chunk_seconds)
     for group in groups:
-        expected = batch_time(len(group) + 1)
-        if expected is None or expected > headroom * chunk_seconds:
+        expected, ready = batch_time(len(group) + 1), ready_time(len(group) + 1)
+        if expected is None or ready is None or expected > headroom * chunk_seconds:
             continue
-        joined_delay = delay if fixed_delay else min(delay, playout_delay(expected))
+        joined_delay = delay if fixed_delay else min(delay, playout_delay(ready))
         own_due = base - joined_delay + chunk_index * chunk_seconds
         shift = (group[0] - own_due) % chunk_seconds
         if math.isclose(shift, chunk_seconds, abs_tol=1e-9):

@@ -156,7 +156,8 @@ class SessionRegistry:
         lane = self.worker.lane_sessions(session.lane)
         schedule = join_schedule(
             session.base, session.delay, session.chunk_index, session.chunk_seconds, [s.next_due for s in lane],
-            self.worker.batch_times.estimate, fixed_delay=self.config.playout_delay_s is not None,
+            self.worker.batch_times.estimate, self.worker.ready_times.estimate,
+            fixed_delay=self.config.playout_delay_s is not None,
         )  # fmt: skip
         session.reschedule(schedule.base, schedule.delay)
         if schedule.joins is None:

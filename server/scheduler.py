@@ -75,7 +75,8 @@ class InferenceWorker:
             for lane in range(lanes)
         ]
         self.chunk_time_ema: float | None = None  # seconds per chunk of one session on one lane, measured
-        self.batch_times = BatchTimes()  # seconds per batch of k sessions' chunks, measured
+        # seconds per batch of k sessions' chunks, measured: in all (re-encodes too), and to publish
+        self.batch_times, self.ready_times = BatchTimes(), BatchTimes()
         self.align_batches = align_batches
 
     @property
@@ -181,7 +182,7 @@ class InferenceWorker:
                 return None, sorted(due, key=lambda s: s.next_due), 0.0
             return None, None, min(s.next_due for s in live) - now
         batch, wait = plan_batch(now, [Due(s.next_due, s.next_due + s.delay) for s in live],
-                                 self.batch_times.estimate)  # fmt: skip
+                                 self.ready_times.estimate)  # fmt: skip
         if batch:
             return None, [live[i] for i in batch], 0.0
         return None, None, wait
@@ -251,6 +252,7 @@ class InferenceWorker:
         self.metrics.worker_busy.inc(busy)
         self.metrics.batch_sessions.observe(len(sessions))
         self.batch_times.observe(len(sessions), busy)
+        self.ready_times.observe(len(sessions), dt)
         per_session = busy / len(sessions)
         self.chunk_time_ema = (
             per_session if self.chunk_time_ema is None else 0.9 * self.chunk_time_ema + 0.1 * per_session

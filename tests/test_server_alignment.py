@@ -78,6 +78,9 @@ def test_a_starting_session_takes_the_schedule_of_its_lanes_group():
     assert fixed.delay == 0.3 and in_group(fixed.base - 0.3 + CS, 100.1, CS)
     # a smaller delay than the batch would need is kept (it covers less, but was asked for)
     assert join_schedule(100.0, 0.05, 1, CS, [100.1], estimate).delay == 0.05
+    # the delay waits for the batch to be published; the group is full by the worker's whole time
+    assert join_schedule(100.0, 0.5, 1, CS, [100.1], times(k2=0.2), times(k2=0.15)).delay == playout_delay(0.15)
+    assert join_schedule(100.0, 0.5, 1, CS, [100.1], times(k2=0.3), times(k2=0.15)).joins is None
 
 
 def test_a_starting_session_joins_the_group_it_can_start_with_soonest_and_never_a_full_one():
@@ -110,8 +113,9 @@ def test_joining_holds_back_the_group_sessions_whose_delay_the_bigger_batch_outg
 
     worker = InferenceWorker(ServerMetrics())
     worker.chunk_time_ema = 0.06
-    worker.batch_times.observe(1, 0.06)
-    worker.batch_times.observe(2, 0.09)
+    for times_of in (worker.batch_times, worker.ready_times):
+        times_of.observe(1, 0.06)
+        times_of.observe(2, 0.09)
     registry = SessionRegistry(server_config(playout_delay_s=None), worker, worker.metrics)
     loop = asyncio.new_event_loop()
     try:
