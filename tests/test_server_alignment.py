@@ -202,3 +202,17 @@ def test_due_chunks_go_before_jobs_that_have_not_waited_long():
     worker.submit(print)
     worker._jobs[0][0] = (*worker._jobs[0][0][:3], now - JOB_PATIENCE - 0.1)
     assert worker._next(0)[0] is not None  # waited long enough: before the due chunk
+
+
+def test_serve_no_align_batches_reaches_the_server_config(monkeypatch):
+    import uvicorn
+
+    import server.app
+    from streamgen.cli import main
+
+    configs = []
+    monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    assert main(["serve", "--model", "debug"]) == 0
+    assert main(["serve", "--model", "debug", "--no-align-batches"]) == 0
+    assert [c.align_batches for c in configs] == [True, False]
