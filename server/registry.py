@@ -166,11 +166,26 @@ class SessionRegistry:
             if in_group(other.next_due, schedule.joins, session.chunk_seconds) and other.delay < schedule.delay:
                 other.hold_back(schedule.delay - other.delay)
 
+    def _leave_lane_group(self, session: Session) -> None:
+        """A session that stops streaming leaves a smaller batch behind: its group's sessions may
+        come back down to the delay that batch needs (a delay held back for a bigger batch comes
+        down when their chunks keep arriving early, `Session._lower_delay_when_early`)."""
+        group = [s for s in self.worker.lane_sessions(session.lane)
+                 if in_group(s.next_due, session.next_due, session.chunk_seconds)]  # fmt: skip
+        ready = self.worker.ready_times.estimate(len(group))
+        if not group or ready is None or self.config.playout_delay_s is not None:
+            return
+        for other in group:
+            other.start_delay = min(other.start_delay, playout_delay(ready))
+
     async def close(self, session: Session, reason: str) -> None:
         """End a session (idempotent): stop generation, close its transport, free the model state."""
         if session.teardown is None:
+            was_streaming = session.streaming
             session.closed, session.streaming, session.close_reason = True, False, reason
             self.worker.remove(session.id)
+            if was_streaming and self.worker.align_batches:
+                self._leave_lane_group(session)
             self.sessions.pop(session.id, None)
             self.metrics.sessions_active.set(len(self.sessions))
             self.metrics.sessions_streaming.set(self.worker.streaming)

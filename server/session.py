@@ -246,7 +246,8 @@ class Session:
 
     def hold_back(self, seconds: float) -> None:
         """Play `seconds` later from now on, generating on the same schedule: a longer delay (and
-        the floor it comes back down to), the picture held and the audio silent for that long once."""
+        the floor it comes back down to, until its group shrinks), the picture held and the audio
+        silent for that long once."""
         self.base += seconds
         self.delay += seconds
         self.start_delay = max(self.start_delay, self.delay)

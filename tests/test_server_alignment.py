@@ -1,6 +1,7 @@
 """Lining sessions up so that the worker generates their chunks together (server/batching.py)."""
 
 import asyncio
+import concurrent.futures
 import json
 
 import pytest
@@ -101,7 +102,8 @@ def test_a_starting_session_joins_the_group_it_can_start_with_soonest_and_never_
 
 
 def test_joining_holds_back_the_group_sessions_whose_delay_the_bigger_batch_outgrows():
-    """They play later by the difference, once, and keep generating on the group's schedule."""
+    """They play later by the difference, once, and keep generating on the group's schedule; when
+    the group shrinks again, they may come back down."""
     from server.metrics import ServerMetrics
     from server.registry import SessionRegistry
     from server.scheduler import InferenceWorker
@@ -110,6 +112,9 @@ def test_joining_holds_back_the_group_sessions_whose_delay_the_bigger_batch_outg
     class Stream:
         width = height = 64
         frames_per_chunk, chunk_seconds, audio_lookahead_seconds = 8, CS, 0.0
+
+        def close(self):
+            pass
 
     worker = InferenceWorker(ServerMetrics())
     worker.chunk_time_ema = 0.06
@@ -129,8 +134,23 @@ def test_joining_holds_back_the_group_sessions_whose_delay_the_bigger_batch_outg
         assert first.next_due == due  # the same schedule ...
         assert first.delay == pytest.approx(second.delay) and first.start_delay == first.delay
         assert first.base == pytest.approx(base + playout_delay(0.09) - 0.1)  # ... played later
+        # the second leaves: the first may come back down to what a batch of one needs, once its
+        # chunks keep arriving early (the floor moves; the delay itself comes down with them)
+        held = first.delay
+        worker.submit = lambda fn, *args, lane=0: done(fn(*args))
+        loop.run_until_complete(registry.close(second, "test"))
+        assert first.start_delay == pytest.approx(0.1) and first.delay == held
+        for _ in range(Session.SLACK_WINDOW):
+            first._lower_delay_when_early(0.2)
+        assert first.delay == pytest.approx(0.1) and first.next_due == due
     finally:
         loop.close()
+
+
+def done(result):
+    future = concurrent.futures.Future()
+    future.set_result(result)
+    return future
 
 
 async def test_sessions_streaming_together_have_their_chunks_generated_together():
