@@ -132,7 +132,8 @@ async def _end_session(http, created: dict, auth: dict, result: dict) -> None:
     status = await http.get(created["resource"], headers=auth)
     if status.status_code != 200:
         raise RuntimeError(f"session {created['id']} ended before the watch did: {status.text[:200]}")
-    result["chunks"], result["playout_delay"] = status.json()["chunks"], status.json()["playout_delay"]
+    figures = status.json()
+    result["chunks"], result["playout_delay"] = figures["chunks"], figures["playout_delay"]
     await http.delete(created["resource"], headers=auth)
 
 

@@ -4,17 +4,17 @@ Batching only happens among sessions whose chunks are due at the same time: a ch
 is never generated before it is due (its audio up to the cut-off may still be on its
 way). Sessions start whenever their viewers connect, so left alone their chunk
 schedules are spread over the chunk period and almost never meet: at 64x64 on the
-2-core machine, 2 to 8 served sessions each cost the worker a single stream's
-34-35 ms a chunk, where 8 generated together cost 15 ms each. Two things line
-them up:
+2-core machine, 2 to 12 served sessions each cost the worker about a single
+stream's 27-30 ms a chunk, where 8 generated together cost about 17 ms each. Two
+things line them up:
 
 - `join_schedule`: a session that starts streaming on a lane takes the schedule of
   the lane's sessions, its start moved by less than one chunk period (its first
   frame waits that long, once), and its playout delay sized for the batch it joins.
 - `plan_batch`: when chunks are due, the worker waits for the lane's chunks due
   soon after them if every chunk of the batch still arrives before it plays. This
-  gathers sessions whose schedules drifted apart (a delay that grew under load moves
-  a session's schedule; its play times stay where they were).
+  gathers sessions whose schedules drifted apart (a late transport moves a session's
+  clock, and its schedule with it).
 
 `BatchTimes` is what both go by: the worker's measured times for a batch of k sessions, to
 publish its chunks (what a play time waits for) and in all (their clean re-encodes after
@@ -33,10 +33,10 @@ SAME_SCHEDULE = 0.005  # seconds: sessions due this close together are one group
 
 
 class BatchTimes:
-    """Seconds the worker takes for a batch of k sessions' chunks, a moving average per k. A batch size not seen yet is estimated from its
-    neighbours: between two, linearly; above the largest, at that one's time per session
-    (generating together costs no more per session than apart); below the smallest, at that
-    one's time (a smaller batch takes no longer)."""
+    """Seconds the worker takes for a batch of k sessions' chunks, a moving average per k. A
+    batch size not seen yet is estimated from its neighbours: between two, linearly; above the
+    largest, at that one's time per session (generating together costs no more per session than
+    apart); below the smallest, at that one's time (a smaller batch takes no longer)."""
 
     def __init__(self, weight: float = 0.2):
         self.weight = weight
