@@ -131,7 +131,7 @@ def batch_throughput(
 ) -> dict:
     """Aggregate frames/s of several streams at full windows: one batched forward per step
     (`next_chunks`) vs the same streams one after another."""
-    from streamgen.stream import next_chunks
+    from streamgen.stream_batch import next_chunks
 
     rng = np.random.default_rng(1)
 

@@ -166,13 +166,14 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         up to `per_lane` of them, now rather than on live streams. Returns the graphs compiled."""
         from torch._dynamo.utils import counters
 
-        from streamgen.stream import next_chunks
+        from streamgen.stream_batch import next_chunks, write_pending_chunks
 
         graphs = counters["stats"]["unique_graphs"]
         for batch in range(2, per_lane + 1):
             streams = [registry._new_stream(avatar_image("sample"), None, seed) for seed in range(batch)]
             for _ in range(2):  # a fresh batch's first chunk, then one after a ring write
                 next_chunks(streams)
+            write_pending_chunks(streams)  # the batch's re-encode, as the worker runs it
             for stream in streams:
                 stream.close()
         return counters["stats"]["unique_graphs"] - graphs

@@ -8,7 +8,7 @@ earliest one is due or a job arrives. Chunks are handed to the event loop with
 `call_soon_threadsafe`, never awaited, so a slow client cannot stall the worker.
 
 Batching: every session that is due when the worker picks one is generated
-with it (`streamgen.stream.next_chunks`): those at the same KV-cache fill level
+with it (`streamgen.stream_batch.next_chunks`): those at the same KV-cache fill level
 (all that have streamed longer than the window) share one forward pass per
 denoising step. Sessions that are not yet due are never generated early: their
 audio up to the cut-off may still be on its way. So that they are due together,
@@ -222,7 +222,8 @@ class InferenceWorker:
     def run_chunks(self, sessions: list[Session], publish=None):
         """Generate the next chunk of each session, batched where the model can (worker thread);
         publish(session, chunk) each, then write the chunks into their streams' KV caches."""
-        from streamgen.stream import StreamSession, next_chunks
+        from streamgen.stream import StreamSession
+        from streamgen.stream_batch import next_chunks, write_pending_chunks
 
         t = time.perf_counter()
         local = [s for s in sessions if isinstance(s.stream, StreamSession)]
@@ -245,8 +246,10 @@ class InferenceWorker:
         # (a stream would otherwise run it at the start of its next chunk, before that chunk's
         # denoising, on the chunk's latency: 15% of it). A stream in a model child process does
         # the same there, on its own; the sequence-parallel ranks do it in step (model_host).
+        write_pending_chunks([s.stream for s in local])  # in one forward where they batch
         for s in sessions:
-            s.stream.write_pending_chunk()
+            if not isinstance(s.stream, StreamSession):
+                s.stream.write_pending_chunk()
         # what one session's chunk costs the worker, its re-encode included (capacity)
         busy = time.perf_counter() - t
         self.metrics.worker_busy.inc(busy)

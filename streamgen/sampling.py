@@ -126,11 +126,16 @@ def encode_sink(model, cache, reference_latent: torch.Tensor, context: torch.Ten
 
 
 @torch.no_grad()
-def reencode_chunk(model, cache, x0: torch.Tensor, context: torch.Tensor, audio: torch.Tensor | None) -> None:
-    """The clean re-encode: run the finished chunk at t = 0 and keep its keys/values in the ring."""
+def reencode_chunk(
+    model, cache, x0: torch.Tensor, context: torch.Tensor, audio: torch.Tensor | None, advance: bool = True
+) -> None:
+    """The clean re-encode: run the finished chunk at t = 0 and keep its keys/values in the ring.
+    advance=False leaves the ring where it was (a stacked batch's copy, whose rows each stream
+    takes into its own ring: `StreamCache.take_chunk_from`)."""
     t0 = torch.zeros(x0.shape[0], x0.shape[2], device=x0.device)
     model(x0, t0, context, audio, mode="cached", cache=cache, cache_write="ring")
-    cache.advance()
+    if advance:
+        cache.advance()
 
 
 # where a chunk's keys/values in the ring come from: its clean re-encode at t = 0 (Self-Forcing's

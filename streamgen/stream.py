@@ -31,7 +31,6 @@ from streamgen.model.audio import (
     frame_windows,
     needed_video_frames,
 )
-from streamgen.model.cache import StreamCache
 from streamgen.model.text import text_context
 from streamgen.models import (
     AvatarModel,
@@ -41,12 +40,10 @@ from streamgen.models import (
     load_model,
 )
 from streamgen.sampling import (
-    cached_velocity,
     check_cache_from,
     encode_sink,
     generate_chunk,
     reencode_chunk,
-    sample_few_step,
     student_sigmas,
 )
 from streamgen.start_memo import StartState
@@ -353,7 +350,9 @@ class StreamSession:
             out[lo - start : hi - start] = self._pcm[lo - self._pcm_origin : hi - self._pcm_origin]
         return out
 
-    def _audio_windows(self, latent_start: int):
+    def _audio_span(self, latent_start: int) -> tuple[np.ndarray, int] | None:
+        """The samples the audio encoder reads for the chunk from `latent_start`, and the video
+        frame of their first token (None without an audio encoder); advances the timeline."""
         if self.dit.audio_encoder is None:
             return None
         cfg, enc = self.cfg, self.dit.audio_encoder
@@ -362,8 +361,6 @@ class StreamSession:
         # recompute the causal encoder over its receptive field: equal to encoding the whole stream
         first = max(0, first_needed - enc.receptive_field_frames)
         pcm = self._audio_samples(first * SAMPLES_PER_FRAME, end_frame * SAMPLES_PER_FRAME)
-        with torch.no_grad():
-            tokens = enc(torch.from_numpy(pcm)[None].to(self.device))
         self._consumed = max(self._consumed, end_frame * SAMPLES_PER_FRAME)
         # keep only what the next chunk's receptive field can still reach
         keep_from = max(
@@ -373,7 +370,11 @@ class StreamSession:
         if drop > 0:
             self._pcm = self._pcm[drop:].copy()
             self._pcm_origin += drop
-        return frame_windows(tokens, first, latent_start, cfg.frames_per_chunk, cfg).to(self.dtype)
+        return pcm, first
+
+    def _prepare_chunk(self):
+        """This chunk's audio windows and starting noise (advances the audio timeline and the RNG)."""
+        return prepare_chunks([self])[0]
 
     # --- generation ---------------------------------------------------------------
     def next_chunk(self, observe=None) -> tuple[np.ndarray, float]:
@@ -421,15 +422,6 @@ class StreamSession:
                 reencode_chunk(self.dit, self.cache, latents, context, audio)
             self._pending = None
 
-    def _prepare_chunk(self):
-        """This chunk's audio windows and starting noise (advances the audio timeline and the RNG)."""
-        self._require_started()
-        c = self.cfg.frames_per_chunk
-        audio = self._audio_windows(self.chunk_index * c)
-        shape = (1, self.cfg.in_channels, c, *self.latent_hw)
-        noise = torch.randn(shape, generator=self.generator).to(self.device, self.dtype)
-        return audio, noise
-
     @torch.no_grad()
     def _finish_chunk(self, latents: torch.Tensor, run=None) -> tuple[np.ndarray, float]:
         """Decode the chunk's clean latents (the cache already holds them) to uint8 frames."""
@@ -464,72 +456,48 @@ class StreamSession:
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         frames, self.decoder_state = self.vae.decode_stream(latents.to(self.vae_dtype), self.decoder_state)
-        return ((frames[0].permute(1, 2, 3, 0).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return to_uint8(frames)[0]
 
     def _require_started(self):
         if not self.started:
             raise RuntimeError("call start(reference) first")
 
 
-def _batch_key(s: StreamSession):
-    """Sessions with equal keys can share one forward pass per denoising step."""
-    return (
-        id(s.dit),
-        s.latent_hw,
-        tuple(s.sigmas.tolist()),
-        s.cache_from,
-        s.dtype,
-        str(s.device),
-        s.cache.filled,
-        s.context.shape,
-    )
+def to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """Decoded frames [B, 3, T, H, W] in [-1, 1] as uint8 [B, T, H, W, 3]."""
+    return ((frames.permute(0, 2, 3, 4, 1).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def next_chunks(sessions: list[StreamSession]) -> list[tuple[np.ndarray, float]]:
-    """The next chunk of several sessions, batched where they can be.
+def group_indices(items: list, key) -> list[list[int]]:
+    """Indices of `items`, grouped by key(item), each group in order."""
+    groups: dict = {}
+    for i, item in enumerate(items):
+        groups.setdefault(key(item), []).append(i)
+    return list(groups.values())
 
-    Sessions of the same model, size, steps and cache fill level (every
-    session that has streamed for more than a window is at the full level)
-    run each denoising step as one forward pass over the batch; the clean
-    re-encode (of each session's previous chunk, as in `next_chunk`) and the
-    decode stay per session (under cache_from "last_step" the batch's last step
-    writes every session's chunk, copied into each session's own ring). Each session draws its noise
-    from its own generator, so its frames are those it would have made alone
-    (up to float rounding). Returns one (frames, pts) per session, in order.
-    """
-    for s in sessions:
+
+def prepare_chunks(group: list[StreamSession]) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+    """Each session's next chunk's audio windows and starting noise (advancing its audio timeline
+    and its RNG), for sessions of one DiT: the audio encoder runs once over the sessions whose
+    encoder inputs are as long (all but those near a stream's start)."""
+    lead = group[0]
+    cfg, enc = lead.cfg, lead.dit.audio_encoder
+    c = cfg.frames_per_chunk
+    for s in group:
         s._require_started()
-        s.write_pending_chunk()  # the fill level the batch key reads counts the last chunk
-    groups: dict[tuple, list[int]] = {}
-    for i, s in enumerate(sessions):
-        groups.setdefault(_batch_key(s), []).append(i)
-    results: list = [None] * len(sessions)
-    for members in groups.values():
-        if len(members) == 1:
-            results[members[0]] = sessions[members[0]].next_chunk()
-            continue
-        group = [sessions[i] for i in members]
-        lead = group[0]
-        with lead.stage_threads("audio"):
-            prepared = [s._prepare_chunk() for s in group]
-        audios = [a for a, _ in prepared]
-        audio = None if any(a is None for a in audios) else torch.cat(audios)
-        noise = torch.cat([n for _, n in prepared])
-        context = torch.cat([s.context for s in group])
-        with torch.no_grad(), lead.stage_threads("denoise", len(group)):
-            batch_cache = StreamCache.stack([s.cache for s in group])
-            velocity = cached_velocity(lead.dit, batch_cache, context, audio)
-            last_step = lead.cache_from == "last_step"
-            last = None
-            if last_step:  # it writes into the stacked copy, at these slots; each session keeps its row
-                written = batch_cache.ring_token_index()
-                last = cached_velocity(lead.dit, batch_cache, context, audio, write=True)
-            x0 = sample_few_step(velocity, noise, lead.sigmas, [s.generator for s in group], last)
-            for j, (i, s) in enumerate(zip(members, group)):
-                row = slice(j, j + 1)
-                if last_step:
-                    s.cache.take_chunk_from(batch_cache, j, written)
-                else:
-                    s._pending = (x0[row], None if audio is None else audio[row], s.context)
-                results[i] = s._finish_chunk(x0[row])
-    return results
+    spans = [s._audio_span(s.chunk_index * c) for s in group]
+    audio: list = [None] * len(group)
+    if enc is not None:
+        for members in group_indices(spans, lambda span: len(span[0])):
+            pcm = torch.from_numpy(np.stack([spans[i][0] for i in members])).to(lead.device)
+            with torch.no_grad(), lead.stage_threads("audio"):
+                tokens = enc(pcm)
+            for row, i in enumerate(members):
+                first = spans[i][1]
+                windows = frame_windows(tokens[row : row + 1], first, group[i].chunk_index * c, c, cfg)
+                audio[i] = windows.to(lead.dtype)
+    noise = [
+        torch.randn((1, cfg.in_channels, c, *s.latent_hw), generator=s.generator).to(s.device, s.dtype)
+        for s in group
+    ]
+    return list(zip(audio, noise))

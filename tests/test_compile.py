@@ -15,7 +15,8 @@ from torch._dynamo.utils import counters
 
 from streamgen.model.compile import compile_blocks, compiled_backend
 from streamgen.models import load_model
-from streamgen.stream import StreamSession, next_chunks
+from streamgen.stream import StreamSession
+from streamgen.stream_batch import next_chunks
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import streamgen.cpu_threads as cpu_threads
-import streamgen.stream as stream
+import streamgen.stream_batch as stream_batch
 from streamgen.cpu_threads import intra_op_threads
 from streamgen.models import load_model
-from streamgen.stream import StreamSession, next_chunks
+from streamgen.stream import StreamSession
+from streamgen.stream_batch import next_chunks
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def test_a_batch_of_streams_runs_its_forward_on_the_batchs_threads(model, two_th
     one_stream = cpu_threads.dit_forward_flop(model.dit, cfg.frames_per_chunk * hp * wp, keys)
     monkeypatch.setattr(cpu_threads, "DIT_PARALLEL_FLOP", one_stream + 1)  # two streams reach it
     seen = []
-    forward = stream.cached_velocity
+    forward = stream_batch.cached_velocity
 
     def recording(*args, **kwargs):
         velocity = forward(*args, **kwargs)
@@ -156,7 +157,7 @@ def test_a_batch_of_streams_runs_its_forward_on_the_batchs_threads(model, two_th
 
         return step
 
-    monkeypatch.setattr(stream, "cached_velocity", recording)
+    monkeypatch.setattr(stream_batch, "cached_velocity", recording)
     next_chunks(sessions)
     assert seen and set(seen) == {2}
     assert torch.get_num_threads() == 2

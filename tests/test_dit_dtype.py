@@ -10,7 +10,8 @@ import streamgen.models as models
 from streamgen.cpu_threads import chunk_forward_flop
 from streamgen.model.float8 import float8_linears
 from streamgen.models import load_model
-from streamgen.stream import StreamSession, next_chunks
+from streamgen.stream import StreamSession
+from streamgen.stream_batch import next_chunks
 
 BF16 = {"atol": 0.0, "rtol": 2**-8}  # bfloat16 rounding of the float32 weights
 

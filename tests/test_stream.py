@@ -185,7 +185,7 @@ def test_a_teacher_model_refuses_to_stream(model):
 
 @pytest.mark.parametrize("cache_from", ["reencode", "last_step"])
 def test_batched_sessions_make_the_frames_they_would_make_alone(model, cache_from):
-    from streamgen.stream import next_chunks
+    from streamgen.stream_batch import next_chunks
 
     def started(seed, **kw):
         s = StreamSession(model, cache_from=cache_from, **kw)

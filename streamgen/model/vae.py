@@ -51,6 +51,12 @@ class VideoAutoencoder(nn.Module):
         frames, _ = self.decode_stream(latents, self.init_state(latents.shape[0]))
         return frames
 
+    def decode_streams(self, latents: torch.Tensor, states: list) -> tuple[torch.Tensor, list]:
+        """`decode_stream` of several streams, a row of `latents` and a state each: here one by
+        one; an autoencoder whose states stack decodes them as one batch."""
+        decoded = [self.decode_stream(latents[i : i + 1], state) for i, state in enumerate(states)]
+        return torch.cat([frames for frames, _ in decoded]), [state for _, state in decoded]
+
 
 class ResBlock2d(nn.Module):
     def __init__(self, ch: int):
@@ -155,6 +161,17 @@ class TinyCausalVAE(VideoAutoencoder):
 
     def init_state(self, batch: int):
         return None  # the previous latent frame's decoder features; none before the first
+
+    def decode_streams(self, latents: torch.Tensor, states: list) -> tuple[torch.Tensor, list]:
+        """One batch, when every stream has decoded before or none has (a state is the previous
+        latent frame's features, [1, 1, Wd, h, w])."""
+        if all(state is None for state in states):
+            frames, last = self.decode_stream(latents, None)
+        elif any(state is None for state in states):
+            return super().decode_streams(latents, states)
+        else:
+            frames, last = self.decode_stream(latents, torch.cat(states))
+        return frames, list(last.split(1))
 
     def decode_stream(self, latents: torch.Tensor, state):
         b, _, f, h, w = latents.shape

@@ -1,0 +1,111 @@
+"""Batched sessions run each stage of a chunk once for the batch: the denoising steps, the
+audio encoder, the decoder and the clean re-encode, each giving what the sessions get alone."""
+
+import pytest
+import torch
+
+from streamgen.models import load_model
+from streamgen.stream import StreamSession, prepare_chunks
+from streamgen.stream_batch import write_pending_chunks
+from tests.test_stream import face, speech
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("debug")
+
+
+def started(model, seed):
+    s = StreamSession(model)
+    s.start(face(seed), seed=seed)
+    s.push_audio(speech(6.0, seed=seed))
+    return s
+
+
+def full_ring_chunks(s: StreamSession) -> int:
+    return s.cfg.window_frames // s.cfg.frames_per_chunk + 1
+
+
+def calls(module: torch.nn.Module) -> list:
+    """A list that grows by one at each forward of `module`."""
+    seen = []
+    module.register_forward_pre_hook(lambda *_: seen.append(1))
+    return seen
+
+
+def test_pending_chunks_are_reencoded_in_one_forward_with_the_keys_of_each_alone(model):
+    def sessions():
+        ready = [started(model, seed) for seed in (1, 2, 3)]
+        for s in ready:
+            for _ in range(full_ring_chunks(s) + 1):  # past the window, the last chunk pending
+                s.next_chunk()
+        late = started(model, 4)  # its first chunk pending, at another fill level
+        late.next_chunk()
+        return [*ready, late]
+
+    alone, batched = sessions(), sessions()
+    for s in alone:
+        s.write_pending_chunk()
+    forwards = calls(model.dit)
+    write_pending_chunks(batched)
+    assert len(forwards) == 2  # the three at the full level together, the late one alone
+    for a, b in zip(alone, batched):
+        assert not b.chunk_pending and b.cache.frames_written == a.cache.frames_written
+        for mine, theirs in zip(b.cache.layers, a.cache.layers):
+            kept = [*range(mine.sink_end), *range(mine.chunk_end, mine.k.shape[1])]  # not the chunk's scratch
+            for name in ("k", "v"):
+                torch.testing.assert_close(
+                    getattr(mine, name)[:, kept], getattr(theirs, name)[:, kept], atol=1e-5, rtol=1e-4
+                )
+            torch.testing.assert_close(mine.k_ring_raw, theirs.k_ring_raw, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(batched[0].cache.layers[0].k, batched[1].cache.layers[0].k)  # rows kept apart
+
+
+def test_an_autoencoder_decodes_streams_as_one_batch_with_the_frames_and_states_of_each(model):
+    vae = model.vae
+    torch.manual_seed(0)
+    first, second = torch.randn(2, 3, vae.latent_channels, model.cfg.frames_per_chunk, 8, 8)
+    decoded = calls(vae.dec_in)
+
+    def decode_streams(latents, states, forwards):
+        before = len(decoded)
+        out = vae.decode_streams(latents, states)
+        assert len(decoded) - before == forwards
+        return out
+
+    with torch.no_grad():
+        alone = [vae.decode_stream(first[i : i + 1], None) for i in range(3)]
+        frames, states = decode_streams(first, [None] * 3, forwards=1)  # the streams' first chunks
+        for i, (want, state) in enumerate(alone):
+            torch.testing.assert_close(frames[i : i + 1], want, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(states[i], state, atol=1e-5, rtol=1e-4)
+
+        again = [vae.decode_stream(second[i : i + 1], alone[i][1])[0] for i in range(3)]
+        frames, _ = decode_streams(second, states, forwards=1)  # every stream has decoded before
+        for i, want in enumerate(again):
+            torch.testing.assert_close(frames[i : i + 1], want, atol=1e-5, rtol=1e-4)
+
+        # a stream just started beside two that had not: one by one
+        frames, _ = decode_streams(second, [states[0], None, states[2]], forwards=3)
+        torch.testing.assert_close(frames[0:1], again[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(frames[1:2], vae.decode_stream(second[1:2], None)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_the_audio_encoder_runs_once_for_sessions_whose_inputs_are_as_long(model):
+    def sessions():
+        ready = [started(model, seed) for seed in (1, 2, 3)]
+        for s in ready:
+            for _ in range(3):
+                s.next_chunk()
+        return [*ready, started(model, 4)]  # at its start: a shorter encoder input
+
+    alone, batched = sessions(), sessions()
+    want = [s._prepare_chunk() for s in alone]
+    encoded = calls(model.dit.audio_encoder)
+    got = prepare_chunks(batched)
+    assert len(encoded) == 2
+    for (audio, noise), (want_audio, want_noise) in zip(got, want):
+        torch.testing.assert_close(audio, want_audio, atol=1e-5, rtol=1e-4)
+        assert torch.equal(noise, want_noise)
+    assert not torch.equal(got[0][0], got[1][0])  # each session's own speech
+    assert [s._consumed for s in batched] == [s._consumed for s in alone]  # timelines advanced alike
