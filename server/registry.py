@@ -154,6 +154,7 @@ class SessionRegistry:
         generated with theirs (server/batching.py). The group it joins then makes a bigger batch:
         its sessions whose delay is shorter than that batch needs play that much later from now."""
         lane = self.worker.lane_sessions(session.lane)
+        base = session.base
         schedule = join_schedule(
             session.base, session.delay, session.chunk_index, session.chunk_seconds, [s.next_due for s in lane],
             self.worker.batch_times.estimate, self.worker.ready_times.estimate,
@@ -161,9 +162,14 @@ class SessionRegistry:
         )  # fmt: skip
         session.reschedule(schedule.base, schedule.delay)
         if schedule.joins is None:
+            log.debug("session %s: a schedule of its own (%d streaming on lane %d); playout delay %.0f ms",
+                      session.id, len(lane), session.lane, 1000 * session.delay)  # fmt: skip
             return
-        for other in lane:
-            if in_group(other.next_due, schedule.joins, session.chunk_seconds) and other.delay < schedule.delay:
+        group = [other for other in lane if in_group(other.next_due, schedule.joins, session.chunk_seconds)]
+        log.debug("session %s: joins a group of %d on lane %d, first frame %.0f ms later; playout delay %.0f ms",
+                  session.id, len(group), session.lane, 1000 * (schedule.base - base), 1000 * session.delay)  # fmt: skip
+        for other in group:
+            if other.delay < schedule.delay:
                 other.hold_back(schedule.delay - other.delay)
 
     def _leave_lane_group(self, session: Session) -> None:
