@@ -15,6 +15,8 @@ things line them up:
   soon after them if every chunk of the batch still arrives before it plays. This
   gathers sessions whose schedules drifted apart (a late transport moves a session's
   clock, and its schedule with it).
+- `pull_into_batch`: where waiting does not fit, sessions due soon after the batch are
+  generated with it, and sooner from then on (their delay grows by as much).
 
 `BatchTimes` is what both go by: the worker's measured times for a batch of k sessions, to
 publish its chunks (what a play time waits for) and in all (their clean re-encodes after
@@ -30,6 +32,9 @@ from dataclasses import dataclass
 HOLD_MARGIN = 1.2  # a held batch must fit 1.2x its expected time before the first of its play times
 DELAY_MARGIN, DELAY_SLACK = 1.3, 0.02  # a playout delay: room for 1.3x a batch's time, plus 20 ms
 SAME_SCHEDULE = 0.005  # seconds: sessions due this close together are one group (one batch)
+# seconds: a session due this soon after a batch is generated with it, sooner from then on
+# (`pull_into_batch`): two frame periods and a little, for a clock moved by a repeated frame
+REGROUP_WINDOW = 0.09
 
 
 class BatchTimes:
@@ -99,6 +104,38 @@ def plan_batch(now: float, sessions: list[Due], ready_time) -> tuple[list[int], 
     if hold_until > now:
         return [], hold_until - now
     return due, None
+
+
+def pull_into_batch(
+    batch: list[int], sessions: list[Due], batch_time, chunk_seconds: float, max_delay: float,
+    headroom: float = 0.85,
+) -> list[tuple[int, float]]:  # fmt: skip
+    """The sessions not in `batch` (indices into `sessions`) to generate with it now although their
+    chunks fall due up to REGROUP_WINDOW after the batch's, each with how much sooner: from then on
+    it generates that much sooner (its delay grows by as much; it plays as before), on the schedule
+    of the sessions it is batched with.
+
+    A group falls apart when some of its sessions' clocks move and others' do not: a frame
+    repeated while a chunk came late (40 ms), a transport that connected after its first play
+    time. `plan_batch` holds a batch for them only while every play time allows, which a small
+    batch's delay does not for a repeated frame. In order of due time, while the grown batch takes
+    at most `headroom` of the chunk period (`batch_time`: the worker's whole time for it) and each
+    grown delay stays within `max_delay`."""
+    due = max(sessions[i].next_due for i in batch)
+    taken = set(batch)
+    pulled: list[tuple[int, float]] = []
+    for i in sorted(range(len(sessions)), key=lambda i: sessions[i].next_due):
+        s = sessions[i]
+        if i in taken:
+            continue
+        if s.next_due > due + REGROUP_WINDOW:
+            break
+        expected = batch_time(len(batch) + len(pulled) + 1)
+        if expected is None or expected > headroom * chunk_seconds:
+            break
+        if s.plays_at - due <= max_delay:
+            pulled.append((i, s.next_due - due))
+    return pulled
 
 
 def playout_delay(batch_seconds: float) -> float:

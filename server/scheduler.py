@@ -37,7 +37,7 @@ import threading
 import time
 from collections import deque
 
-from .batching import BatchTimes, Due, plan_batch
+from .batching import BatchTimes, Due, plan_batch, pull_into_batch
 from .metrics import ServerMetrics
 from .model_host import HostDown
 from .session import Session
@@ -181,11 +181,16 @@ class InferenceWorker:
             if due:
                 return None, sorted(due, key=lambda s: s.next_due), 0.0
             return None, None, min(s.next_due for s in live) - now
-        batch, wait = plan_batch(now, [Due(s.next_due, s.next_due + s.delay) for s in live],
-                                 self.ready_times.estimate)  # fmt: skip
-        if batch:
-            return None, [live[i] for i in batch], 0.0
-        return None, None, wait
+        dues = [Due(s.next_due, s.next_due + s.delay) for s in live]
+        batch, wait = plan_batch(now, dues, self.ready_times.estimate)
+        if not batch:
+            return None, None, wait
+        pulled = []
+        if len(batch) < len(live):
+            pulled = pull_into_batch(batch, dues, self.batch_times.estimate, live[0].chunk_seconds, Session.MAX_DELAY)
+        for i, sooner in pulled:
+            live[i].generate_sooner(sooner)
+        return None, [live[i] for i in batch + [i for i, _ in pulled]], 0.0
 
     def _run(self, lane: int) -> None:
         if self.torch_threads:  # torch's thread count is per OS thread

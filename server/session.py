@@ -252,6 +252,14 @@ class Session:
         self.delay += seconds
         self.start_delay = max(self.start_delay, self.delay)
 
+    def generate_sooner(self, seconds: float) -> None:
+        """Generate every chunk `seconds` sooner from now on, playing as before: a longer delay
+        (it comes back down as a grown one does, `_lower_delay_when_early`, and stays on the
+        schedule it moved to). The worker does this to keep a session in a batch its clock
+        moved it out of (server/batching.py, `pull_into_batch`)."""
+        self.delay += seconds
+        self.next_due -= seconds
+
     def publish_first_chunk(self) -> None:
         """Hand the pre-generated first chunk to the transport once both exist."""
         if self.first_chunk is not None and self.streaming and not self.closed:

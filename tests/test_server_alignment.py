@@ -16,6 +16,7 @@ from server.batching import (
     phase_groups,
     plan_batch,
     playout_delay,
+    pull_into_batch,
 )
 
 CS = 0.32  # chunk period
@@ -63,6 +64,60 @@ def test_plan_generates_what_is_due_and_waits_for_chunks_due_soon_that_fit_befor
     assert plan_batch(10.0, [Due(9.99, 10.2), Due(9.95, 10.2), Due(10.25, 10.6)], estimate) == ([1, 0], None)
     # no batch timed yet: nothing to go by, no waiting
     assert plan_batch(10.0, [Due(10.0, 10.9), Due(10.01, 10.9)], BatchTimes().estimate) == ([0], None)
+
+
+def test_sessions_due_soon_after_a_batch_are_pulled_into_it_while_the_batch_fits():
+    estimate = times(k1=0.03, k2=0.04, k3=0.05)
+
+    def pulled(sessions, estimate=estimate, batch=(0,)):
+        return [(i, round(sooner, 6)) for i, sooner in pull_into_batch(list(batch), sessions, estimate, CS, 1.0)]
+
+    # 40 ms after the batch's due time (a repeated frame): pulled; 150 ms after: left to its own time
+    assert pulled([Due(10.0, 10.1), Due(10.04, 10.14), Due(10.15, 10.25)]) == [(1, 0.04)]
+    # several, in the order they fall due; the batch's latest due time is the schedule they join
+    sessions = [Due(10.0, 10.1), Due(10.08, 10.2), Due(10.02, 10.12), Due(9.99, 10.09)]
+    assert pulled(sessions, batch=(0, 3)) == [(2, 0.02), (1, 0.08)]
+    # no bigger batch than 85% of the chunk period: a group that is full stays apart
+    assert pulled(sessions, times(k1=0.2, k2=0.28, k3=0.3), batch=(0, 3)) == []
+    assert pulled(sessions, times(k1=0.03, k2=0.04, k3=0.26), batch=(0, 3)) == [(2, 0.02)]
+    # a delay that would grow past its most (1 s) is left alone
+    assert pulled([Due(10.0, 10.1), Due(10.04, 11.2)]) == []
+
+
+def test_the_worker_generates_a_session_whose_clock_moved_with_its_group_and_sooner_from_then_on():
+    """A repeated frame moved one session's clock 40 ms: holding its group's batch for it does not
+    fit their 100 ms delay, so it is generated with them, 40 ms sooner from then on."""
+    import time
+
+    from server.metrics import ServerMetrics
+    from server.scheduler import InferenceWorker
+    from server.session import Session
+
+    class Stream:
+        width = height = 64
+        frames_per_chunk, chunk_seconds, audio_lookahead_seconds = 8, CS, 0.0
+
+    worker = InferenceWorker(ServerMetrics())
+    for times_of in (worker.batch_times, worker.ready_times):
+        times_of.observe(1, 0.06)
+        times_of.observe(2, 0.07)
+    loop = asyncio.new_event_loop()
+    try:
+        group = [Session(f"s{i}", Stream(), loop, 30.0) for i in range(2)]
+        base = time.monotonic() + 0.1 - 0.001  # chunk 0 due 1 ms ago, with a delay of 0.1 s
+        for s in group:
+            s.streaming = True
+            s.reschedule(base, 0.1)
+            worker.add(s)
+        moved = group[1]
+        moved.move_clock(0.04)
+        plays_at = moved.base
+        _, batch, _ = worker._next(0)
+        assert batch == group
+        assert moved.next_due == pytest.approx(group[0].next_due, abs=1e-9) and moved.delay == pytest.approx(0.14)
+        assert moved.base == plays_at  # its viewer sees nothing of it
+    finally:
+        loop.close()
 
 
 def test_a_starting_session_takes_the_schedule_of_its_lanes_group():
