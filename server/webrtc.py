@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import logging
+import math
 import time
 
 import av
@@ -111,9 +112,10 @@ async def consume_microphone(track: MediaStreamTrack, session: Session) -> None:
 class AvatarVideoTrack(MediaStreamTrack):
     """Generated frames, frame n at `session.base + n / fps`, taken from the latest-chunk slot.
 
-    When the chunk for frame n is not there at its play time (the transport
-    connected late, the worker is behind) the last picture is shown again and
-    the session clock moves by one frame: latency never accumulates. recv()
+    When the chunk for frame n is not there at its play time (the worker is
+    behind) the last picture is shown again and the session clock moves by one
+    frame: latency never accumulates. The first picture is the one due when the
+    transport asks for it (frames it connected too late for are skipped). recv()
     never raises: aiortc ends a track for good on the first exception, so any
     failure repeats the last picture instead (and is logged once).
     """
@@ -165,7 +167,16 @@ class AvatarVideoTrack(MediaStreamTrack):
         if skip > 0:  # the clock moved back (the delay came down) by whole frames: skip them
             self.n += skip
             self.rewound += skip / s.fps  # a part of a frame stays: those frames just play that much sooner
-        while not self._covers(self.n):
+        while True:
+            if self.last is None:
+                # the first picture is the one due now (or less than half a frame ago): a transport
+                # that connected after the stream's first play time skips what it missed (as the
+                # audio track starts at the present position) rather than moving the clock, which
+                # would move the session's chunks off the schedule of the sessions they are
+                # generated with (server/batching.py)
+                self.n = max(self.n, math.floor((time.monotonic() - s.base) * s.fps + 0.5))
+            if self._covers(self.n):
+                break
             newer = self.slot.take_nowait()
             if newer is not None:
                 self.chunk = newer
@@ -181,9 +192,6 @@ class AvatarVideoTrack(MediaStreamTrack):
             await asyncio.sleep(period)  # late: repeat the last picture for one frame period
             s.late_by(period, self.n // s.frames_per_chunk)
             return self.last
-        late = time.monotonic() - (s.base + self.n / s.fps)
-        if self.last is None and late > 0:  # first frame: the transport connected after its play time
-            s.move_clock(late)
         delay = s.base + self.n / s.fps - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)

@@ -113,6 +113,21 @@ def test_a_late_chunk_in_the_window_keeps_the_delay_up():
     assert s.delay > 0.5  # nothing given back
 
 
+async def test_a_video_track_that_connected_after_the_first_play_time_skips_to_the_frame_due_keeping_the_clock():
+    s = make_session()
+    slot = s.add_slot()
+    track = AvatarVideoTrack(s, slot)
+    s.base = time.monotonic() - 0.11  # frame 0 played 110 ms ago: frame 3 (at 120 ms) is the next due
+    base, due = s.base, s.next_due
+    slot.put(chunk(0))
+    first = await track.recv()
+    assert first.to_ndarray(format="rgb24")[0, 0, 0] == 3
+    assert time.monotonic() >= base + 3 / FPS  # shown at its own play time
+    assert (s.base, s.next_due) == (base, due)  # the session's schedule stays
+    second = await track.recv()
+    assert second.to_ndarray(format="rgb24")[0, 0, 0] == 4 and second.pts == round(90000 / FPS)
+
+
 async def test_video_track_skips_the_frames_the_clock_jumped_back_over():
     s = make_session()
     slot = s.add_slot()
