@@ -9,12 +9,13 @@ earliest one is due or a job arrives. Chunks are handed to the event loop with
 
 Batching: every session that is due when the worker picks one is generated
 with it (`streamgen.stream_batch.next_chunks`): those at the same KV-cache fill level
-(all that have streamed longer than the window) share one forward pass per
-denoising step. Sessions that are not yet due are never generated early: their
-audio up to the cut-off may still be on its way. So that they are due together,
-a session joins its lane's schedule when it starts streaming, and the worker
-waits for chunks due soon when every chunk of the batch still makes its play
-time (server/batching.py; `align_batches`).
+(all that have streamed longer than the window) share one pass of each stage of a
+chunk. Sessions that are not yet due are never generated early: their audio up to
+the cut-off may still be on its way. So that they are due together, a session
+joins its lane's schedule when it starts streaming, the worker waits for chunks
+due soon when every chunk of the batch still makes its play time, and a session
+due just after a batch moves its whole schedule sooner to join it (its delay
+grows by as much) (server/batching.py; `align_batches`).
 
 Lanes (`serve --lanes N`, default 1): N threads share the model, each serving
 its own sessions. A session belongs to one lane from its creation to its
