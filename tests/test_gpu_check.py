@@ -361,6 +361,10 @@ def test_bench_gpu_without_a_gpu_is_one_line_and_exit_code_2():
 def test_compiled_blocks_variant_reports_its_graphs_and_undoes_itself():
     import torch._dynamo as dynamo
 
+    # on the GPU the variant runs in a process of its own: start from no compiled code (after
+    # test_compile.py's batched streams, which compile the same blocks' code, dynamo captured no
+    # graph here and ran the blocks eagerly)
+    dynamo.reset()
     model = gpu.build_model("wan2.1-1.3b", 64, 96, "cpu", torch.float32, quick=True, backend="sdpa")
     limit = dynamo.config.recompile_limit
 
