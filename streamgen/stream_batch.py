@@ -46,8 +46,8 @@ def write_pending_chunks(sessions: list[StreamSession]) -> None:
     """`write_pending_chunk` of each session, in one forward for the sessions that can share it
     (`_pending_key`): their chunks are re-encoded together against a stacked copy of their caches,
     and each session takes its row into its own ring. The same keys and values as one by one, up
-    to float rounding. At 64x64 on one thread a session's re-encode took 3.4 ms alone, as much
-    in a batch of 16 written one by one: a batch's denoising steps cost 1.0 ms a session each."""
+    to float rounding. At 64x64 on one thread, written one by one in a batch of 16, a re-encode
+    cost 3.4 ms a session, where each of the batch's denoising forwards cost 1.0 ms a session."""
     pending = [s for s in sessions if s.chunk_pending]
     for members in group_indices(pending, _pending_key):
         group = [pending[i] for i in members]

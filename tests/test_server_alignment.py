@@ -30,6 +30,28 @@ def times(**per_k):
     return bt.estimate
 
 
+class Stream:
+    """What a Session reads of its stream, for sessions whose chunks are never generated."""
+
+    width = height = 64
+    frames_per_chunk, chunk_seconds, audio_lookahead_seconds = 8, CS, 0.0
+
+    def close(self):
+        pass
+
+
+def timed_worker(**per_k):
+    """A worker (not started) whose batch times, in all and to publish, are these (k1=0.06, ...)."""
+    from server.metrics import ServerMetrics
+    from server.scheduler import InferenceWorker
+
+    worker = InferenceWorker(ServerMetrics())
+    for times_of in (worker.batch_times, worker.ready_times):
+        for key, seconds in per_k.items():
+            times_of.observe(int(key[1:]), seconds)
+    return worker
+
+
 def test_batch_times_average_per_size_and_estimate_the_sizes_not_seen():
     bt = BatchTimes(weight=0.5)
     assert bt.estimate(3) is None
@@ -89,18 +111,9 @@ def test_the_worker_generates_a_session_whose_clock_moved_with_its_group_and_soo
     fit their 100 ms delay, so it is generated with them, 40 ms sooner from then on."""
     import time
 
-    from server.metrics import ServerMetrics
-    from server.scheduler import InferenceWorker
     from server.session import Session
 
-    class Stream:
-        width = height = 64
-        frames_per_chunk, chunk_seconds, audio_lookahead_seconds = 8, CS, 0.0
-
-    worker = InferenceWorker(ServerMetrics())
-    for times_of in (worker.batch_times, worker.ready_times):
-        times_of.observe(1, 0.06)
-        times_of.observe(2, 0.07)
+    worker = timed_worker(k1=0.06, k2=0.07)
     loop = asyncio.new_event_loop()
     try:
         group = [Session(f"s{i}", Stream(), loop, 30.0) for i in range(2)]
@@ -157,23 +170,11 @@ def test_a_starting_session_joins_the_group_it_can_start_with_soonest_and_never_
 def test_joining_holds_back_the_group_sessions_whose_delay_the_bigger_batch_outgrows():
     """They play later by the difference, once, and keep generating on the group's schedule; when
     the group shrinks again, they may come back down."""
-    from server.metrics import ServerMetrics
     from server.registry import SessionRegistry
-    from server.scheduler import InferenceWorker
     from server.session import Session
 
-    class Stream:
-        width = height = 64
-        frames_per_chunk, chunk_seconds, audio_lookahead_seconds = 8, CS, 0.0
-
-        def close(self):
-            pass
-
-    worker = InferenceWorker(ServerMetrics())
+    worker = timed_worker(k1=0.06, k2=0.09)
     worker.chunk_time_ema = 0.06
-    for times_of in (worker.batch_times, worker.ready_times):
-        times_of.observe(1, 0.06)
-        times_of.observe(2, 0.09)
     registry = SessionRegistry(server_config(playout_delay_s=None), worker, worker.metrics)
     loop = asyncio.new_event_loop()
     try:

@@ -1,6 +1,8 @@
 """Batched sessions run each stage of a chunk once for the batch: the denoising steps, the
 audio encoder, the decoder and the clean re-encode, each giving what the sessions get alone."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -26,11 +28,15 @@ def full_ring_chunks(s: StreamSession) -> int:
     return s.cfg.window_frames // s.cfg.frames_per_chunk + 1
 
 
-def calls(module: torch.nn.Module) -> list:
-    """A list that grows by one at each forward of `module`."""
+@contextmanager
+def calls(module: torch.nn.Module):
+    """A list that grows by one at each forward of `module` inside the block."""
     seen = []
-    module.register_forward_pre_hook(lambda *_: seen.append(1))
-    return seen
+    hook = module.register_forward_pre_hook(lambda *_: seen.append(1))
+    try:
+        yield seen
+    finally:
+        hook.remove()
 
 
 def test_pending_chunks_are_reencoded_in_one_forward_with_the_keys_of_each_alone(model):
@@ -46,8 +52,8 @@ def test_pending_chunks_are_reencoded_in_one_forward_with_the_keys_of_each_alone
     alone, batched = sessions(), sessions()
     for s in alone:
         s.write_pending_chunk()
-    forwards = calls(model.dit)
-    write_pending_chunks(batched)
+    with calls(model.dit) as forwards:
+        write_pending_chunks(batched)
     assert len(forwards) == 2  # the three at the full level together, the late one alone
     for a, b in zip(alone, batched):
         assert not b.chunk_pending and b.cache.frames_written == a.cache.frames_written
@@ -65,12 +71,11 @@ def test_an_autoencoder_decodes_streams_as_one_batch_with_the_frames_and_states_
     vae = model.vae
     torch.manual_seed(0)
     first, second = torch.randn(2, 3, vae.latent_channels, model.cfg.frames_per_chunk, 8, 8)
-    decoded = calls(vae.dec_in)
 
     def decode_streams(latents, states, forwards):
-        before = len(decoded)
-        out = vae.decode_streams(latents, states)
-        assert len(decoded) - before == forwards
+        with calls(vae.dec_in) as decoded:
+            out = vae.decode_streams(latents, states)
+        assert len(decoded) == forwards
         return out
 
     with torch.no_grad():
@@ -101,8 +106,8 @@ def test_the_audio_encoder_runs_once_for_sessions_whose_inputs_are_as_long(model
 
     alone, batched = sessions(), sessions()
     want = [s._prepare_chunk() for s in alone]
-    encoded = calls(model.dit.audio_encoder)
-    got = prepare_chunks(batched)
+    with calls(model.dit.audio_encoder) as encoded:
+        got = prepare_chunks(batched)
     assert len(encoded) == 2
     for (audio, noise), (want_audio, want_noise) in zip(got, want):
         torch.testing.assert_close(audio, want_audio, atol=1e-5, rtol=1e-4)
