@@ -162,18 +162,24 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         return stream.chunk_seconds, times[full:] or times[1:] or times  # (the first pays one-off costs)
 
     def warm_batches(per_lane: int) -> int:
-        """Compiled DiT blocks (`serve --compile`): compile the shapes of sessions batched together,
-        up to `per_lane` of them, now rather than on live streams. Returns the graphs compiled."""
+        """Compiled DiT blocks (`serve --compile`): compile the graphs of sessions batched together,
+        in batches of up to `per_lane`, now rather than on live streams. Returns the graphs compiled.
+
+        After a single session's, a batch's graphs are compiled with the batch size symbolic, for
+        the thread count the batch's forwards run on (streamgen/model/compile.py). That count only
+        grows with the batch, so the smallest batch and the largest compile every graph a batch
+        in between runs."""
         from torch._dynamo.utils import counters
 
         from streamgen.stream_batch import next_chunks, write_pending_chunks
 
         graphs = counters["stats"]["unique_graphs"]
-        for batch in range(2, per_lane + 1):
+        for batch in sorted({2, per_lane}):
             streams = [registry._new_stream(avatar_image("sample"), None, seed) for seed in range(batch)]
-            for _ in range(2):  # a fresh batch's first chunk, then one after a ring write
+            # a fresh batch's first chunk up to the first with a full ring, as a stream's warm-up
+            for _ in range(streams[0].chunks_to_full_ring):
                 next_chunks(streams)
-            write_pending_chunks(streams)  # the batch's re-encode, as the worker runs it
+                write_pending_chunks(streams)  # the batch's re-encode, as the worker runs it
             for stream in streams:
                 stream.close()
         return counters["stats"]["unique_graphs"] - graphs

@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 from streamgen.model.compile import compile_blocks, compiled_backend
 from streamgen.models import load_model
 from streamgen.stream import StreamSession
-from streamgen.stream_batch import next_chunks
+from streamgen.stream_batch import next_chunks, write_pending_chunks
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -172,22 +172,57 @@ def test_an_instance_attend_is_kept_and_given_back():
     assert attn.attend is sharded_attend
 
 
-def test_the_server_warm_up_compiles_batched_sessions_too():
+def batches_compile(model, sizes, chunks=3) -> list[int]:
+    """The graphs each batch of `sizes` sessions compiles, batch after batch."""
+    compiled = []
+    for batch in sizes:
+        before = graphs()
+        streams = [started(model, seed) for seed in range(batch)]
+        for _ in range(chunks):
+            next_chunks(streams)
+            write_pending_chunks(streams)
+        compiled.append(graphs() - before)
+        for stream in streams:
+            stream.close()
+    return compiled
+
+
+def test_a_batch_compiles_its_graphs_once_for_every_batch_size():
+    """After a single session's, the first batch compiles its graphs with the batch symbolic;
+    larger and smaller ones run them (static shapes compiled each batch size: a server's
+    warm-up compiled every one it could make, and past dynamo's limit a block ran eagerly)."""
+    model = load_model("debug")
+    model.compile_dits()
+    first, *others = batches_compile(model, (1, 3, 2, 5, 4))
+    assert first > 0 and others[0] > 0  # a stream's graphs, then a batch's
+    assert others[1:] == [0, 0, 0]
+
+
+def test_the_server_warm_up_compiles_batched_sessions_too(monkeypatch):
+    """Batches of 4 sessions and more run their forwards on two threads here: dynamo's guards
+    check the thread count, so they compile graphs of their own, which the warm-up compiles too
+    (with its largest batch, 5: a batch of 7 compiles nothing either)."""
     from fastapi.testclient import TestClient
     from server_helpers import server_config, wait_ready
 
+    import streamgen.cpu_threads
     from server.app import create_app
 
     model = load_model("debug")
     model.compile_dits()
-    with TestClient(create_app(server_config(max_sessions=3, height=SIZE, width=SIZE), model=model)) as c:
-        wait_ready(c, timeout=240)
-        warmed = graphs()
-        for batch in (2, 3):  # what the lane's batches of up to 3 sessions run
-            streams = [started(model, seed) for seed in range(batch)]
-            for _ in range(4):
-                next_chunks(streams)
-        assert graphs() == warmed
+    probe = started(model)
+    one = streamgen.cpu_threads.chunk_forward_flop(probe.dit, probe.latent_hw, model.cfg.frames_per_chunk)
+    probe.close()
+    monkeypatch.setattr(streamgen.cpu_threads, "DIT_PARALLEL_FLOP", 3.5 * one)
+    threads = torch.get_num_threads()
+    config = server_config(max_sessions=5, height=SIZE, width=SIZE, torch_threads=2)
+    try:
+        torch.set_num_threads(2)
+        with TestClient(create_app(config, model=model)) as c:
+            wait_ready(c, timeout=240)
+            assert batches_compile(model, (2, 3, 4, 7)) == [0, 0, 0, 0]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_use_compile_reaches_the_models_loaded_afterwards():

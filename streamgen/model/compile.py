@@ -1,7 +1,7 @@
 """torch.compile for a DiT's blocks, applied from outside the model.
 
-    compile_blocks(dit)        # each block's forward under inductor, static shapes
-    ...                        # the first call of each shape compiles it (a server's warm-up)
+    compile_blocks(dit)        # each block's forward under inductor
+    ...                        # the first calls compile (a server's warm-up)
     compile_blocks(dit, None)  # eager again
 
 What a block computes around its self-attention (adaLN, q/k norms and RoPE,
@@ -11,8 +11,17 @@ That keeps the shapes a compiled block sees to the batch and the tokens of
 its input (a chunk, or the sink at a stream's start): the attended keys grow
 while the ring fills, chunk by chunk, and each length would be a graph of its
 own, compiled on a live stream. With the seam excluded a stream compiles about
-seven graphs, once, whatever the window, and sessions batched together add
-a few for each batch size.
+seven graphs, once, whatever the window.
+
+Shapes start static and a dimension becomes symbolic once a second size of it
+comes (dynamo's automatic dynamic shapes). Batched sessions after a single
+one compile graphs with the batch symbolic, once, and every batch size runs
+them (when a batch comes first, the second batch size compiles them). On
+tiny-avatar at 256x256, batches of 4 and 6 sessions after 1 and 2 compiled
+no graph, against 7 each with static shapes (~20 s a batch size there), and
+their chunks took as long either way. With static shapes a server's warm-up
+compiled every batch size it could make, and past dynamo's limit of graphs
+per code a block ran eagerly.
 
 Where it pays: on this 2-core CPU, tiny-avatar's sessions ran 1.15-1.23x as
 fast with compiled blocks at 256x256 and 320x320 (bfloat16 DiT: inductor fuses
@@ -24,9 +33,10 @@ operators' time 520 ms 451), 1.08x at
 servers, which compile in their warm-up (`streamgen serve --compile`), and is
 off by default.
 
-Inductor's CPU kernels keep the thread count of the call that compiled them:
-a session runs each shape on the threads `streamgen.cpu_threads` gives that
-shape, so a shape compiles and runs on the same ones. And they run holding
+Inductor's CPU kernels keep the thread count of the call that compiled them,
+and dynamo's guards check it: a forward compiles its graphs for the threads
+`streamgen.cpu_threads` gives it, and a batch large enough to run on more
+compiles its own (once, batch symbolic). And they run holding
 the GIL (torch 2.13's Python bindings for them call the kernel with it held),
 which eager operators release: two lanes of a server (`serve --lanes 2`) then
 take turns in every fused loop. `release_gil_in_cpu_kernels` makes the
@@ -38,14 +48,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# graphs one block's forward may compile (dynamo's default is 8): a stream's shapes (about 7)
-# for each batch size the server makes, plus the first call of a fresh cache
+# graphs one block's forward may compile (dynamo's default is 8): a stream's shapes (about 7),
+# those of a batch's first size and those with the batch symbolic, and a fresh cache's first call
 RECOMPILE_LIMIT = 64
 
 
 def compile_blocks(dit: nn.Module, backend: str | None = "inductor") -> nn.Module:
-    """Run each of `dit`'s blocks under torch.compile(backend) with static shapes, its
-    self-attention's `attend` eager; backend None: all eager again. In place; returns dit."""
+    """Run each of `dit`'s blocks under torch.compile(backend), its self-attention's `attend`
+    eager; backend None: all eager again. In place; returns dit."""
     for block in dit.blocks:
         attn = block.self_attn
         if backend is None:
@@ -62,7 +72,8 @@ def compile_blocks(dit: nn.Module, backend: str | None = "inductor") -> nn.Modul
         eager = vars(attn).get("_eager_attend", vars(attn).get("attend"))
         attn._eager_attend = eager
         attn.attend = torch.compiler.disable(type(attn).attend.__get__(attn) if eager is None else eager)
-        block.compile(backend=backend, dynamic=False)
+        # dynamic=None: static until a dimension's size changes (a batch's, above)
+        block.compile(backend=backend, dynamic=None)
     if backend is not None:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         release_gil_in_cpu_kernels()
