@@ -191,6 +191,7 @@ def test_a_batch_compiles_its_graphs_once_for_every_batch_size():
     """After a single session's, the first batch compiles its graphs with the batch symbolic;
     larger and smaller ones run them (static shapes compiled each batch size: a server's
     warm-up compiled every one it could make, and past dynamo's limit a block ran eagerly)."""
+    torch._dynamo.reset()  # the tests before compiled a stream's graphs of the same code
     model = load_model("debug")
     model.compile_dits()
     first, *others = batches_compile(model, (1, 3, 2, 5, 4))
@@ -208,6 +209,7 @@ def test_the_server_warm_up_compiles_batched_sessions_too(monkeypatch):
     import streamgen.cpu_threads
     from server.app import create_app
 
+    torch._dynamo.reset()
     model = load_model("debug")
     model.compile_dits()
     probe = started(model)

@@ -369,7 +369,7 @@ def test_compiled_blocks_variant_reports_its_graphs_and_undoes_itself():
     limit = dynamo.config.recompile_limit
 
     def measure(prepare):
-        assert dynamo.config.recompile_limit >= 64  # a stream's shapes for each batch size
+        assert dynamo.config.recompile_limit >= 64  # compile_blocks raises it (compile.RECOMPILE_LIMIT)
         assert all(blk._compiled_call_impl is not None for blk in model.dit.blocks)
         return gpu.stream_speed(model, 4, 1, 3, "cpu", torch.float32, 8, prepare)
 
