@@ -53,9 +53,15 @@ from torch import nn
 RECOMPILE_LIMIT = 64
 
 
-def compile_blocks(dit: nn.Module, backend: str | None = "inductor") -> nn.Module:
-    """Run each of `dit`'s blocks under torch.compile(backend), its self-attention's `attend`
-    eager; backend None: all eager again. In place; returns dit."""
+def compile_blocks(
+    dit: nn.Module, backend: str | None = "inductor", dynamic: bool | None = None
+) -> nn.Module:
+    """Run each of `dit`'s blocks under torch.compile(backend, dynamic=dynamic), its
+    self-attention's `attend` eager; backend None: all eager again. In place; returns dit.
+
+    dynamic None: shapes static until a dimension's size changes (a batch's: above). False: every
+    shape static, for one stream (`bench gpu`'s variant: its chunk's frame count, 3 against the
+    sink's 1, would otherwise be symbolic in its graphs)."""
     for block in dit.blocks:
         attn = block.self_attn
         if backend is None:
@@ -72,8 +78,7 @@ def compile_blocks(dit: nn.Module, backend: str | None = "inductor") -> nn.Modul
         eager = vars(attn).get("_eager_attend", vars(attn).get("attend"))
         attn._eager_attend = eager
         attn.attend = torch.compiler.disable(type(attn).attend.__get__(attn) if eager is None else eager)
-        # dynamic=None: static until a dimension's size changes (a batch's, above)
-        block.compile(backend=backend, dynamic=None)
+        block.compile(backend=backend, dynamic=dynamic)
     if backend is not None:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         release_gil_in_cpu_kernels()
