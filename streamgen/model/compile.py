@@ -19,9 +19,11 @@ one compile graphs with the batch symbolic, once, and every batch size runs
 them (when a batch comes first, the second batch size compiles them). On
 tiny-avatar at 256x256, batches of 4 and 6 sessions after 1 and 2 compiled
 no graph, against 7 each with static shapes (~20 s a batch size there), and
-their chunks took as long either way. With static shapes a server's warm-up
-compiled every batch size it could make, and past dynamo's limit of graphs
-per code a block ran eagerly.
+their chunks took as long either way; at 128x128 (float32 blocks, where each
+call's own costs weigh more) a batch of 4 took ~10% longer (bench/results/
+cpu-2026-12-02-compile-symbolic-batch.json). With static shapes a server's
+warm-up compiled every batch size it could make, and past dynamo's limit of
+graphs per code a block ran eagerly.
 
 Where it pays: on this 2-core CPU, tiny-avatar's sessions ran 1.15-1.23x as
 fast with compiled blocks at 256x256 and 320x320 (bfloat16 DiT: inductor fuses
