@@ -43,8 +43,8 @@ the headline), the decoder one latent frame per call (diffusers' way), our
 Triton attention kernel, the PyTorch references (same model code, `kernels`
 dispatch), SDPA with its cuDNN kernel first (`cudnn`); the kernel
 micro-benchmarks (`bench/kernels.py`); then what is slowest to prepare:
-FlexAttention and Inductor-compiled blocks (as `serve --compile` runs them:
-static shapes, the self-attention's cache step and attention eager). No CUDA graphs: the profile of the stages
+FlexAttention and Inductor-compiled blocks (as `serve --compile` runs them,
+the self-attention's cache step and attention eager; static shapes, for one stream). No CUDA graphs: the profile of the stages
 says why (`bench.gpu_variants.compiled_blocks`).
 
 Built to finish within ~8 minutes on one H200 with only PyTorch and Triton;

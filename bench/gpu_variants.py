@@ -126,8 +126,8 @@ def _with_attention_tiles(measurement, prepare) -> dict:
 
 def compiled_blocks(model, measure, backend: str = "inductor"):
     """`measure` with the DiT's blocks compiled as `serve --compile` runs them on a CPU
-    (streamgen/model/compile.py: static shapes, the self-attention's cache step and attention
-    eager, so a stream compiles a few graphs whatever the ring's fill level; under compile the
+    (streamgen/model/compile.py: the self-attention's cache step and attention eager, so a stream
+    compiles a few graphs whatever the ring's fill level, here with static shapes; under compile the
     kernel dispatch hands inductor the references to fuse), undone afterwards.
 
     No CUDA graphs: the profile (`stages`) finds the GPU busy 95% of the denoising and 96% of
