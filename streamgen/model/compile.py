@@ -20,8 +20,8 @@ them (when a batch comes first, the second batch size compiles them). On
 tiny-avatar at 256x256, batches of 4 and 6 sessions after 1 and 2 compiled
 no graph, against 7 each with static shapes (~20 s a batch size there), and
 their chunks took as long either way; at 128x128 (float32 blocks, where each
-call's own costs weigh more) a batch of 4 took ~10% longer (bench/results/
-cpu-2026-12-02-compile-symbolic-batch.json). With static shapes a server's
+call's own costs weigh more) a batch of 4 took ~10% longer (the JSON:
+bench/results/cpu-2026-12-02-compile-symbolic-batch.json). With static shapes a server's
 warm-up compiled every batch size it could make, and past dynamo's limit of
 graphs per code a block ran eagerly.
 
