@@ -163,10 +163,13 @@ class ChunkOptions(DmdOptions):
 
 @dataclass
 class TinyDecoderOptions:
-    """TAEHV's decoder distilled from `model.vae`'s (distill/tiny_decoder.py)."""
+    """A fast decoder distilled from `model.vae`'s (distill/tiny_decoder.py)."""
 
+    # "taehv": TAEHV's decoder architecture; "causal_vae": the teacher's own (a TinyCausalVAE)
+    # with narrower `widths` (from full resolution down), started from the teacher's weights
+    architecture: str = "taehv"
     widths: list = field(default_factory=lambda: [256, 128, 64, 64])  # TAEHV's (taew2_1)
-    blocks_per_stage: int = 3
+    blocks_per_stage: int = 3  # taehv only: a causal_vae decoder has the teacher's res_blocks
     init: str | None = None  # a TAEHV checkpoint (taew2_1.pth) or ours to start from
     l1_weight: float = 1.0
     mse_weight: float = 1.0

@@ -1,15 +1,23 @@
-"""Stage `tiny_decoder`: distill an autoencoder's decoder into TAEHV's tiny decoder.
+"""Stage `tiny_decoder`: distill an autoencoder's decoder into a faster one.
 
 The teacher is a frozen autoencoder (`model.vae`: a TinyCausalVAE directory, a model directory,
 or `wan:DIR` for the Wan2.1 VAE). Each step encodes crops of training video with it, decodes
-them with the teacher, and trains a `TinyDecoder` (streamgen/model/tiny_decoder.py) to give the
-teacher's frames from the same latents: L1 + MSE against the teacher's frames, plus, weighted by
-`video_weight`, against the video itself. A crop starts a stream (the memory blocks see zeros
-before it), as the first chunk of a stream does; `tiny_decoder.init` may start from a published
-TAEHV checkpoint (fine-tuning `taew2_1.pth` on avatars).
+them with the teacher, and trains the student decoder to give the teacher's frames from the same
+latents: L1 + MSE against the teacher's frames, plus, weighted by `video_weight`, against the
+video itself. A crop starts a stream (the decoder sees zeros before it), as the first chunk of a
+stream does. The student (`tiny_decoder.architecture`) is either
 
-At export the directory gets `tiny_decoder.safetensors` (EMA weights; `TinyDecoder.from_checkpoint`
-and `--tiny-decoder` load it) and `tiny_decoder.json`: over `eval_clips` clips of `eval_split`,
+- `taehv`: a `TinyDecoder` (streamgen/model/tiny_decoder.py), TAEHV's architecture;
+  `tiny_decoder.init` may start from a published TAEHV checkpoint (fine-tuning `taew2_1.pth`);
+- `causal_vae`: the teacher's own TinyCausalVAE decoder with narrower `widths` (`decoder_widths`):
+  it starts from the teacher's weights, each narrowed layer from the teacher's leading channels,
+  and the encoder stays the teacher's, so the DiT's latents are unchanged.
+
+At export the directory gets, for `taehv`, `tiny_decoder.safetensors` (EMA weights;
+`TinyDecoder.from_checkpoint` and `--tiny-decoder` load it); for `causal_vae`, the whole
+autoencoder (`vae_config.json`, `vae.safetensors`) and, where the teacher came from a model
+directory, `model/`: that model with this autoencoder, for `--model`. Both get `tiny_decoder.json`:
+over `eval_clips` clips of `eval_split`,
 the PSNR of the student's frames against the teacher's and against the video, the teacher's own
 against the video, and both decoders' time per clip on this machine (the same run). Beside it,
 `tiny_decoder.png`: frames of the video, the teacher and the student.
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -45,7 +54,15 @@ class Stage:
         self.teacher = load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
         self.teacher.to(world.device)
         torch.manual_seed(cfg.run.seed)
-        if self.opts.init:
+        if self.opts.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"tiny_decoder.architecture must be one of {ARCHITECTURES}, not {self.opts.architecture!r}"
+            )
+        if self.opts.architecture == "causal_vae":
+            self.decoder = self.student = (
+                narrower_decoder(self.teacher, self.opts.widths).to(world.device).train()
+            )
+        elif self.opts.init:
             decoder = TinyDecoder.from_checkpoint(self.opts.init)
         else:
             space_stages = len(self.opts.widths) - 1
@@ -58,10 +75,11 @@ class Stage:
                     space_upscale=(True,) * space_stages,
                 )
             )
-        self.decoder = decoder.to(world.device).train()
+        if self.opts.architecture == "taehv":
+            self.decoder = decoder.to(world.device).train()
+            # the student as the stream decodes: it also checks the decoder fits the teacher's latents
+            self.student = TinyDecoderVAE(self.teacher, self.decoder)
         broadcast_module(self.decoder, world)
-        # the student as the stream decodes: it also checks the decoder fits the teacher's latents
-        self.student = TinyDecoderVAE(self.teacher, self.decoder)
         tf = self.teacher.temporal_factor
         if cfg.data.video_frames % tf:
             raise ValueError(f"data.video_frames must be a multiple of {tf}")
@@ -71,7 +89,7 @@ class Stage:
         self.updaters = {"decoder": Updater("decoder", self.decoder, cfg.optim, world)}
 
     def model_configs(self) -> dict:
-        return {"decoder": dataclasses.asdict(self.decoder.cfg)}
+        return {"decoder": _decoder_config(self.decoder)}
 
     def train_step(self, step: int) -> dict:
         if self.cfg.data.batch_size % self.world.size:
@@ -98,12 +116,20 @@ class Stage:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         averaged = self.updaters["decoder"].averaged_module().eval()
-        averaged.save(d / "tiny_decoder.safetensors")
-        saved, self.student.decoder = self.student.decoder, averaged
+        if self.opts.architecture == "causal_vae":
+            averaged.save(d)
+            self._export_model(averaged, d / "model")
+            saved, self.student = self.student, averaged
+        else:
+            averaged.save(d / "tiny_decoder.safetensors")
+            saved, self.student.decoder = self.student.decoder, averaged
         try:
             report, sample = self.evaluate()
         finally:
-            self.student.decoder = saved
+            if self.opts.architecture == "causal_vae":
+                self.student = saved
+            else:
+                self.student.decoder = saved
         (d / "tiny_decoder.json").write_text(json.dumps(report, indent=2))
         _plot_sample(sample, d / "tiny_decoder.png")
 
@@ -141,12 +167,74 @@ class Stage:
             "frames_per_clip": int(video.shape[2]) if clips else 0,
             **{f"psnr_db_{k}": round(v / max(clips, 1), 2) for k, v in sums.items()},
             "decode_ms_per_clip": {k: round(v / max(clips, 1) * 1000, 1) for k, v in seconds.items()},
-            "decoder": dataclasses.asdict(self.student.decoder.cfg),
+            "architecture": self.opts.architecture,
+            "decoder": _decoder_config(self.decoder),
             "parameters": {
-                "student": sum(p.numel() for p in self.student.decoder.parameters()),
-                "teacher": sum(p.numel() for p in self.teacher.parameters()),
+                "student": _decoder_parameters(self.student),
+                "teacher": _decoder_parameters(self.teacher),
             },
         }, sample
+
+    def _export_model(self, vae, directory: Path) -> None:
+        """The teacher's model directory (`model.vae`, else `model.init`), with `vae` as its autoencoder."""
+        from streamgen.models import resolve_model_dir
+
+        source = self.cfg.model.vae or self.cfg.model.init
+        model_dir = resolve_model_dir(source) if source and not source.startswith("wan:") else None
+        if model_dir is None or not (model_dir / "dit.safetensors").exists():
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        vae.save(directory)
+        shutil.copyfile(model_dir / "dit.safetensors", directory / "dit.safetensors")
+        meta = json.loads((model_dir / "model.json").read_text())
+        meta.update(name=f"{meta.get('name', model_dir.name)}-narrow-decoder", decoder_from=str(model_dir))
+        (directory / "model.json").write_text(json.dumps(meta, indent=2))
+
+
+ARCHITECTURES = ("taehv", "causal_vae")
+
+
+def narrower_decoder(teacher, widths) -> torch.nn.Module:
+    """A copy of the TinyCausalVAE `teacher` whose decoder has `widths` (full resolution first).
+    Its encoder and latent statistics are the teacher's, frozen; each decoder weight is the
+    teacher's, or the teacher's leading channels where this one is narrower (a pruned start,
+    nearer the teacher's frames than a random one). Only the decoder trains."""
+    from streamgen.model.vae import TinyCausalVAE
+
+    if not isinstance(teacher, TinyCausalVAE):
+        raise ValueError(
+            f"tiny_decoder.architecture causal_vae needs a TinyCausalVAE teacher, not {type(teacher).__name__}"
+        )
+    student = TinyCausalVAE(**{**teacher.config, "decoder_widths": list(widths)})
+    theirs = teacher.state_dict()
+    state = {}
+    for key, own in student.state_dict().items():
+        if key in theirs and all(a <= b for a, b in zip(own.shape, theirs[key].shape)):
+            own = theirs[key][tuple(slice(0, n) for n in own.shape)]
+        state[key] = own
+    student.load_state_dict(state)
+    student.requires_grad_(False)
+    for name in student.DECODER:
+        getattr(student, name).requires_grad_(True)
+    return student
+
+
+def _decoder_config(decoder) -> dict:
+    return (
+        dataclasses.asdict(decoder.cfg)
+        if dataclasses.is_dataclass(getattr(decoder, "cfg", None))
+        else dict(decoder.config)
+    )
+
+
+def _decoder_parameters(vae) -> int:
+    """The decoder's parameters: a TinyDecoderVAE's tiny decoder, or an autoencoder's decoder modules."""
+    decoder = getattr(vae, "decoder", None)
+    if decoder is not None:
+        return sum(p.numel() for p in decoder.parameters())
+    names = getattr(vae, "DECODER", None)
+    modules = [getattr(vae, n) for n in names] if names else [vae]
+    return sum(p.numel() for m in modules for p in m.parameters())
 
 
 def _plot_sample(sample, path: Path, frames: int = 6) -> None:

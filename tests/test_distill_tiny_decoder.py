@@ -55,3 +55,57 @@ def test_a_decoder_that_does_not_fit_the_teachers_latents_is_refused(tmp_path):
     cfg = debug_config("tiny_decoder", tmp_path / "run", **{"tiny_decoder.widths": [16, 8, 8]})  # /4, not /8
     with pytest.raises(ValueError, match="spatial factor 4 != 8"):
         run(cfg)
+
+
+def test_a_narrower_decoder_of_the_teachers_architecture_learns_and_exports_a_model_that_streams(tmp_path):
+    """architecture causal_vae: the teacher's TinyCausalVAE decoder with narrower widths, started
+    from the teacher's leading channels; exported as an autoencoder and, the teacher being a
+    model directory's, as that model with the narrower decoder."""
+    from distill.build import export_model
+    from streamgen.model import DiT, get_config
+    from streamgen.model.vae import TinyCausalVAE
+    from streamgen.models import load_model
+    from streamgen.stream import StreamSession
+
+    mcfg = get_config("debug")
+    torch.manual_seed(0)
+    teacher = TinyCausalVAE(mcfg.in_channels, (8, 8, 16, 16), mcfg.temporal_compression).eval()
+    export_model(DiT(mcfg).eval(), teacher, tmp_path / "teacher", "debug", 32, 32, 5.0, 2)
+    edits = {"tiny_decoder.architecture": "causal_vae", "tiny_decoder.widths": [4, 4, 8, 16]}
+    edits.update({"model.vae": str(tmp_path / "teacher"), "run.steps": 30, "run.checkpoint_every": 30})
+    cfg = debug_config("tiny_decoder", tmp_path / "run", **edits)
+    run(cfg)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "scalars.jsonl").read_text().splitlines()]
+    assert steps[-1]["psnr_vs_teacher"] > steps[0]["psnr_vs_teacher"] + 1, (steps[0], steps[-1])
+
+    out = tmp_path / "run" / "model"
+    report = json.loads((out / "tiny_decoder.json").read_text())
+    assert report["architecture"] == "causal_vae" and report["decoder"]["decoder_widths"] == [4, 4, 8, 16]
+    assert report["parameters"]["student"] < report["parameters"]["teacher"]
+    student = TinyCausalVAE.load(out).eval()
+    model = load_model(str(out / "model"))
+    assert model.name == "debug-narrow-decoder" and model.vae.config == student.config
+    # the encoder, its latent statistics and the DiT are the teacher's: the same latents
+    assert torch.equal(student.enc[0].weight, teacher.enc[0].weight)
+    dit = load_model(str(tmp_path / "teacher")).dit.state_dict()
+    assert all(torch.equal(v, dit[k]) for k, v in model.dit.state_dict().items())
+    source = VideoSource(cfg)
+    with torch.no_grad():
+        scores = []
+        for i in range(2):
+            latents = teacher.encode(video_to_input(source.clip(i)[None]))
+            assert torch.equal(student.encode(video_to_input(source.clip(i)[None])), latents)
+            scores.append(psnr(student.decode(latents), teacher.decode(latents)))
+    assert sum(scores) / 2 == pytest.approx(report["psnr_db_student_vs_teacher"], abs=0.01)
+    # and the model streams through it
+    session = StreamSession(model, steps=2, dtype=torch.float32)
+    session.start((torch.rand(32, 32, 3) * 255).to(torch.uint8).numpy(), seed=0)
+    session.push_audio(torch.randn(16000 * 2).mul(0.1).numpy())
+    frames = session.next_chunk()[0]
+    assert frames.shape[1:] == (32, 32, 3)
+
+
+def test_an_unknown_decoder_architecture_is_refused(tmp_path):
+    cfg = debug_config("tiny_decoder", tmp_path / "run", **{"tiny_decoder.architecture": "unet"})
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        run(cfg)

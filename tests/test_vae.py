@@ -18,11 +18,12 @@ def decode_in_chunks(vae, z, sizes):
     return torch.cat(parts, dim=2)
 
 
+@pytest.mark.parametrize("decoder_widths", [None, (4, 8, 16, 32)], ids=["decoder_as_encoder", "own_decoder_widths"])
 @pytest.mark.parametrize("res_blocks", [0, 1])
 @torch.no_grad()
-def test_tiny_vae_chunked_decode_equals_full_decode(res_blocks):
+def test_tiny_vae_chunked_decode_equals_full_decode(res_blocks, decoder_widths):
     torch.manual_seed(0)
-    vae = TinyCausalVAE(latent_channels=8, widths=(8, 16, 16, 24), res_blocks=res_blocks).eval()
+    vae = TinyCausalVAE(8, (8, 16, 16, 24), res_blocks=res_blocks, decoder_widths=decoder_widths).eval()
     video = torch.rand(1, 3, 24, 32, 32) * 2 - 1
     z = vae.encode(video)
     assert z.shape == (1, 8, 6, 4, 4)
@@ -46,6 +47,25 @@ def test_tiny_vae_save_load(tmp_path, res_blocks):
     z = torch.randn(1, 4, 2, 4, 4)
     assert torch.equal(vae.decode(z), again.decode(z))
     assert ("res_blocks" in vae.config) == bool(res_blocks)  # configs saved before the option load as before
+    assert "decoder_widths" not in vae.config
+
+
+@torch.no_grad()
+def test_tiny_vae_with_its_own_decoder_widths_saves_loads_and_decodes_batched_streams(tmp_path):
+    vae = TinyCausalVAE(4, (8, 8, 8, 8), res_blocks=1, decoder_widths=(4, 8, 12, 16)).eval()
+    assert vae.dec_in.out_channels == 16 and vae.dec[-1].in_channels == 4
+    vae.save(tmp_path)
+    again = TinyCausalVAE.load(tmp_path).eval()
+    assert again.config["decoder_widths"] == [4, 8, 12, 16]
+    z = torch.randn(2, 4, 3, 4, 4)
+    assert torch.equal(vae.decode(z), again.decode(z))
+    # two streams as one batch, with their states stacked, give each stream's own frames
+    first, states = vae.decode_streams(z[:, :, :2], [None, None])
+    frames, _ = vae.decode_streams(z[:, :, 2:], states)
+    alone = vae.decode(z[1:])
+    assert torch.allclose(torch.cat([first, frames], 2)[1:], alone, atol=1e-6)
+    with pytest.raises(ValueError, match="as many scales"):
+        TinyCausalVAE(4, (8, 8, 8, 8), decoder_widths=(4, 8, 8))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -93,8 +93,12 @@ class TinyCausalVAE(VideoAutoencoder):
         widths=(32, 64, 96, 128),
         temporal_factor: int = 4,
         res_blocks: int = 0,
+        decoder_widths=None,
     ):
-        """res_blocks: extra residual blocks at every scale of the encoder and the decoder."""
+        """res_blocks: extra residual blocks at every scale of the encoder and the decoder.
+        decoder_widths: the decoder's, from full resolution down (None: `widths`); a narrower
+        decoder distilled from this one's (`streamgen distill tiny_decoder` with
+        `architecture: causal_vae`) decodes the same latents with fewer products."""
         super().__init__()
         self.latent_channels = latent_channels
         self.temporal_factor = tf = temporal_factor
@@ -102,6 +106,12 @@ class TinyCausalVAE(VideoAutoencoder):
         self.config = {"latent_channels": latent_channels, "widths": list(widths), "temporal_factor": tf}
         if res_blocks:
             self.config["res_blocks"] = res_blocks
+        if decoder_widths is not None and list(decoder_widths) != list(widths):
+            if len(decoder_widths) != len(widths):
+                raise ValueError(
+                    f"decoder_widths {list(decoder_widths)} must have as many scales as widths {list(widths)}"
+                )
+            self.config["decoder_widths"] = list(decoder_widths)
         w = list(widths)
         enc = [nn.Conv2d(3 * tf, w[0], 3, padding=1)]
         enc += [ResBlock2d(w[0]) for _ in range(res_blocks)]
@@ -112,6 +122,7 @@ class TinyCausalVAE(VideoAutoencoder):
         self.enc_mix = nn.Conv2d(2 * w[-1], w[-1], 1)  # [this frame, previous frame] -> this frame
         self.enc_out = nn.Conv2d(w[-1], latent_channels, 1)
 
+        w = list(decoder_widths or widths)
         self.dec_in = nn.Conv2d(latent_channels, w[-1], 3, padding=1)
         self.dec_mix = nn.Conv2d(2 * w[-1], w[-1], 1)
         dec = [ResBlock2d(w[-1]) for _ in range(1 + res_blocks)]
@@ -173,7 +184,8 @@ class TinyCausalVAE(VideoAutoencoder):
             frames, last = self.decode_stream(latents, torch.cat(states))
         return frames, list(last.split(1))
 
-    def decode_stream(self, latents: torch.Tensor, state):
+    def decode_stream(self, latents: torch.Tensor, state, clamp: bool = True):
+        """clamp=False: the frames unclamped, so that training gives every pixel a gradient."""
         b, _, f, h, w = latents.shape
         z = self._denorm(latents.transpose(1, 2).flatten(0, 1))
         feats = self.dec_in(z.to(self.dec_in.weight.dtype)).unflatten(0, (b, f))  # [B, F, Wd, h, w]
@@ -184,7 +196,7 @@ class TinyCausalVAE(VideoAutoencoder):
         tf = self.temporal_factor
         hh, ww = out.shape[-2:]
         frames = out.reshape(b, f, tf, 3, hh, ww).permute(0, 3, 1, 2, 4, 5).reshape(b, 3, f * tf, hh, ww)
-        return frames.clamp(-1, 1).to(latents.dtype), feats[:, -1:]
+        return (frames.clamp(-1, 1) if clamp else frames).to(latents.dtype), feats[:, -1:]
 
     DECODER = ("dec_in", "dec_mix", "dec")
     ENCODER = ("enc", "enc_mix", "enc_out")
