@@ -15,7 +15,13 @@ with like on a noisy machine:
   `compile_seconds` is their warm-up;
 - `bfloat16`: `phase_conv` with its weights in bfloat16 (`with_dtypes`, what
   StreamSession decodes with on CPUs with AMX or AVX512-BF16);
-- `autocast_bfloat16`: `phase_conv` under CPU autocast to bfloat16, for comparison.
+- `autocast_bfloat16`: `phase_conv` under CPU autocast to bfloat16, for comparison;
+- `against`, `against_bfloat16` (`--against MODEL`): another model's decoder for the same
+  latents, in float32 and bfloat16, e.g. a narrower one distilled from this model's
+  (`streamgen distill tiny_decoder --config tiny-avatar-narrow`); its distances are to this
+  model's frames, and `against_speedup` is its speed over `phase_conv` / `bfloat16`.
+
+`--batch N` decodes N streams' chunks in one call, as a server's batch of N sessions does.
 
 Per size, `reference_encode` times a session's other use of the autoencoder, the
 reference image's encode at the start of a stream, with the encoder in float32 and in
@@ -63,9 +69,11 @@ def upsample_then_conv(vae: TinyCausalVAE) -> TinyCausalVAE:
     return ref.to(memory_format=torch.channels_last)
 
 
-def chunk_latents(vae: TinyCausalVAE, size: int, latent_frames: int, seed: int = 0) -> torch.Tensor:
+def chunk_latents(
+    vae: TinyCausalVAE, size: int, latent_frames: int, seed: int = 0, batch: int = 1
+) -> torch.Tensor:
     face = prepare_reference(read_image(SAMPLE_FACE), size, size)
-    z = encode_reference(vae, face, "cpu").expand(-1, -1, latent_frames, -1, -1)
+    z = encode_reference(vae, face, "cpu").expand(batch, -1, latent_frames, -1, -1)
     g = torch.Generator().manual_seed(seed)
     return z + 0.3 * torch.randn(z.shape, generator=g)  # frames that differ, as a talking face's do
 
@@ -98,8 +106,16 @@ def compiled_decode(vae: TinyCausalVAE):
 
 
 @torch.no_grad()
-def measure_size(vae: TinyCausalVAE, size: int, latent_frames: int, rounds: int, compile: bool) -> dict:
-    z = chunk_latents(vae, size, latent_frames)
+def measure_size(
+    vae: TinyCausalVAE,
+    size: int,
+    latent_frames: int,
+    rounds: int,
+    compile: bool,
+    against: TinyCausalVAE | None = None,
+    batch: int = 1,
+) -> dict:
+    z = chunk_latents(vae, size, latent_frames, batch=batch)
     reference = upsample_then_conv(vae).eval()
 
     def autocast(latents):
@@ -113,7 +129,15 @@ def measure_size(vae: TinyCausalVAE, size: int, latent_frames: int, rounds: int,
         "bfloat16": bf16.decode,
         "autocast_bfloat16": autocast,
     }
-    out = {"size": size, "latent_frames": latent_frames, "frames": latent_frames * vae.temporal_factor}
+    if against is not None:
+        variants["against"] = against.decode
+        variants["against_bfloat16"] = against.with_dtypes(decoder=torch.bfloat16).decode
+    out = {
+        "size": size,
+        "batch": batch,
+        "latent_frames": latent_frames,
+        "frames": latent_frames * vae.temporal_factor,
+    }
     if compile:
         out["compile_seconds"] = {}
         for name, v in (("compiled", vae), ("compiled_bfloat16", bf16)):
@@ -137,6 +161,14 @@ def measure_size(vae: TinyCausalVAE, size: int, latent_frames: int, rounds: int,
             "ms_min": round(min(times[name]) * 1000, 1),
             "speedup": round(base / med, 3),
             **_levels(frames[name], frames["upsample_then_conv"]),
+        }
+    if against is not None:
+        out["against_speedup"] = {
+            dtype: round(out[own]["ms_median"] / out[theirs]["ms_median"], 3)
+            for dtype, own, theirs in (
+                ("float32", "phase_conv", "against"),
+                ("bfloat16", "bfloat16", "against_bfloat16"),
+            )
         }
     out["reference_encode"] = reference_encode(vae, size, rounds)
     return out
@@ -169,22 +201,44 @@ def reference_encode(vae: TinyCausalVAE, size: int, rounds: int) -> dict:
     }
 
 
+def _tiny_vae(model: str) -> tuple:
+    m = load_model(model)
+    if not isinstance(m.vae, TinyCausalVAE):
+        raise SystemExit(f"{model}: this benchmark is for TinyCausalVAE decoders, not {type(m.vae).__name__}")
+    return m, m.vae
+
+
 def run(
-    model="tiny-avatar", sizes=(128, 192, 256), latent_frames=None, rounds=7, threads=None, compile=False
+    model="tiny-avatar",
+    sizes=(128, 192, 256),
+    latent_frames=None,
+    rounds=7,
+    threads=None,
+    compile=False,
+    against=None,
+    batch=1,
 ):
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    m = load_model(model)
-    if not isinstance(m.vae, TinyCausalVAE):
-        raise SystemExit(f"{model}: this benchmark is for TinyCausalVAE decoders, not {type(m.vae).__name__}")
+    m, vae = _tiny_vae(model)
+    other = _tiny_vae(against)[1] if against else None
+    if other is not None and (other.latent_channels, other.temporal_factor) != (
+        vae.latent_channels,
+        vae.temporal_factor,
+    ):
+        raise SystemExit(
+            f"--against {against}: its decoder takes {other.latent_channels} latent channels at "
+            f"{other.temporal_factor} frames each, {model}'s gives {vae.latent_channels} at {vae.temporal_factor}"
+        )
     latent_frames = latent_frames or m.cfg.frames_per_chunk
     return {
         "model": model,
+        **({"against": against} if against else {}),
         "native_bfloat16": cpu_has_native_bfloat16(),
         "threads": torch.get_num_threads(),
         "rounds": rounds,
-        "sizes": [measure_size(m.vae, s, latent_frames, rounds, compile) for s in sizes],
+        "sizes": [measure_size(vae, s, latent_frames, rounds, compile, other, batch) for s in sizes],
     }
 
 
@@ -206,8 +260,10 @@ def plot(result: dict, path) -> None:
         left.bar(xs, [r[name]["ms_median"] for r in rows], width, label=name, color=colours[name])
     left.set_xticks(range(len(rows)), labels)
     left.set_yscale("log")
-    left.set_ylabel(f"ms per chunk ({rows[0]['frames']} frames), median")
-    left.set_title(f"{result['model']} decoder, {result['threads']} threads")
+    streams = f" x {rows[0]['batch']} streams" if rows[0]["batch"] > 1 else ""
+    left.set_ylabel(f"ms per chunk ({rows[0]['frames']} frames{streams}), median")
+    against = f" (against: {result['against']})" if "against" in result else ""
+    left.set_title(f"{result['model']} decoder{against}, {result['threads']} threads", fontsize=9)
     left.legend(fontsize=7)
     for name in (n for n in names if "bfloat16" in n):
         c = colours[name]
@@ -230,10 +286,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--compile", action="store_true", help="also time the fp32 and bf16 decoders under torch.compile"
     )
     p.add_argument("--plot", default=None, help="write the times and distances to this PNG")
+    p.add_argument(
+        "--against", default=None, help="also time this model's decoder on the same latents (e.g. a narrower one)"
+    )
+    p.add_argument("--batch", type=int, default=1, help="streams decoded together (a server's batch)")
 
 
 def main(args) -> dict:
-    result = run(args.model, args.sizes, args.latent_frames, args.rounds, args.threads, args.compile)
+    if args.batch < 1:
+        raise SystemExit(f"--batch must be at least 1, not {args.batch}")
+    result = run(
+        args.model, args.sizes, args.latent_frames, args.rounds, args.threads, args.compile, args.against,
+        args.batch,
+    )  # fmt: skip
     if args.plot:
         plot(result, args.plot)
     return result

@@ -142,6 +142,43 @@ def test_bench_decoder_times_every_variant_and_measures_its_distance(tmp_path):
     assert png.stat().st_size > 0
 
 
+def test_bench_decoder_times_a_narrower_decoder_against_the_models_own_on_a_batch(tmp_path):
+    from distill.tiny_decoder import narrower_decoder
+    from streamgen.models import load_model, save_model
+
+    model = load_model("debug")
+    model.vae = narrower_decoder(model.vae, [16, 48, 96, 128]).eval()  # the model's: [32, 64, 96, 128]
+    save_model(model, tmp_path / "narrow")
+    r = streamgen(
+        "bench", "decoder", "--json", "--model", "debug", "--against", str(tmp_path / "narrow"),
+        "--sizes", "32", "--rounds", "1", "--batch", "3",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["against"] == str(tmp_path / "narrow")
+    (size,) = result["sizes"]
+    assert size["batch"] == 3
+    for name in ("against", "against_bfloat16"):
+        assert size[name]["ms_median"] > 0
+    # pruned, not distilled: its frames are not the model's
+    assert size["against"]["max_levels"] > size["phase_conv"]["max_levels"] + 1
+    assert set(size["against_speedup"]) == {"float32", "bfloat16"}
+    assert all(v > 0 for v in size["against_speedup"].values())
+
+
+def test_bench_decoder_refuses_a_decoder_for_other_latents(tmp_path):
+    from streamgen.model.vae import TinyCausalVAE
+    from streamgen.models import load_model, save_model
+
+    model = load_model("debug")
+    model.vae = TinyCausalVAE(latent_channels=model.vae.latent_channels + 4, temporal_factor=4)
+    save_model(model, tmp_path / "other")
+    r = streamgen("bench", "decoder", "--json", "--model", "debug", "--against", str(tmp_path / "other"),
+                  "--sizes", "32", "--rounds", "1")  # fmt: skip
+    assert r.returncode != 0 and "latent channels" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 @pytest.mark.slow
 def test_bench_decoder_compile_times_both_compiled_decoders(tmp_path):
     r = streamgen(
