@@ -287,7 +287,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--plot", default=None, help="write the times and distances to this PNG")
     p.add_argument(
-        "--against", default=None, help="also time this model's decoder on the same latents (e.g. a narrower one)"
+        "--against",
+        default=None,
+        help="also time this model's decoder on the same latents (e.g. a narrower one)",
     )
     p.add_argument("--batch", type=int, default=1, help="streams decoded together (a server's batch)")
 
