@@ -261,15 +261,15 @@ def plot(result: dict, path) -> None:
     left.set_xticks(range(len(rows)), labels)
     left.set_yscale("log")
     streams = f" x {rows[0]['batch']} streams" if rows[0]["batch"] > 1 else ""
-    left.set_ylabel(f"ms per chunk ({rows[0]['frames']} frames{streams}), median")
+    left.set_ylabel(f"ms per chunk ({rows[0]['frames']} frames{streams}), median", fontsize=8)
     against = f" (against: {result['against']})" if "against" in result else ""
-    left.set_title(f"{result['model']} decoder{against}, {result['threads']} threads", fontsize=9)
+    fig.suptitle(f"{result['model']} decoder{against}, {result['threads']} threads", fontsize=9)
     left.legend(fontsize=7)
     for name in (n for n in names if "bfloat16" in n):
         c = colours[name]
         right.plot(labels, [r[name]["mean_levels"] for r in rows], "o-", color=c, label=f"{name}: mean")
         right.plot(labels, [r[name]["max_levels"] for r in rows], "o--", color=c, label=f"{name}: max")
-    right.set_ylabel("|difference| to fp32, levels of 255")
+    right.set_ylabel("|difference| to the model's fp32, levels of 255", fontsize=8)
     right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
