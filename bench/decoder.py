@@ -201,11 +201,11 @@ def reference_encode(vae: TinyCausalVAE, size: int, rounds: int) -> dict:
     }
 
 
-def _tiny_vae(model: str) -> tuple:
+def _load_tiny_vae_model(model: str):
     m = load_model(model)
     if not isinstance(m.vae, TinyCausalVAE):
         raise SystemExit(f"{model}: this benchmark is for TinyCausalVAE decoders, not {type(m.vae).__name__}")
-    return m, m.vae
+    return m
 
 
 def run(
@@ -221,8 +221,8 @@ def run(
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    m, vae = _tiny_vae(model)
-    other = _tiny_vae(against)[1] if against else None
+    m = _load_tiny_vae_model(model)
+    vae, other = m.vae, _load_tiny_vae_model(against).vae if against else None
     if other is not None and (other.latent_channels, other.temporal_factor) != (
         vae.latent_channels,
         vae.temporal_factor,

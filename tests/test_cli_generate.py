@@ -143,6 +143,9 @@ def test_bench_decoder_times_every_variant_and_measures_its_distance(tmp_path):
 
 
 def test_bench_decoder_times_a_narrower_decoder_against_the_models_own_on_a_batch(tmp_path):
+    import torch
+
+    from bench.decoder import chunk_latents
     from distill.tiny_decoder import narrower_decoder
     from streamgen.models import load_model, save_model
 
@@ -158,6 +161,8 @@ def test_bench_decoder_times_a_narrower_decoder_against_the_models_own_on_a_batc
     assert result["against"] == str(tmp_path / "narrow")
     (size,) = result["sizes"]
     assert size["batch"] == 3
+    z = chunk_latents(model.vae, 32, 2, batch=3)  # what the batch decodes: 3 streams, each its own frames
+    assert z.shape[0] == 3 and not torch.equal(z[0], z[1])
     for name in ("against", "against_bfloat16"):
         assert size[name]["ms_median"] > 0
     # pruned, not distilled: its frames are not the model's
