@@ -28,6 +28,10 @@ chunk at a time, so there is no A/V offset, answer, or stutter to read):
   probe the per-session chunk time its capacity estimate rests on, the benchmark admitting past
   the estimate, the CPU cores its process used: the rest of the machine is the clients', and the
   mean number of sessions per batch it generated)
+- sessions_worker_ms_per_chunk: the worker's busy time over the chunks it generated in a probe
+  (its cost per session-chunk at that load, which batching lowers as sessions are added)
+- --against MODEL: two servers, the probes alternating between them (A B, B A, ...); per model the
+  probe figures above (model_figures, against_figures), and against_speedup: A's worker time per chunk over B's at each load
 - repeated_frames / skipped_frames: stutter over the watch: frames shown twice because their
   chunk came late, frames never shown because the clock jumped back (the playout delay came down)
 - browser_*: the web client in headless chromium (when /usr/bin/chromium exists): first frame,
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -68,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-align-batches", dest="align_batches", action="store_false",
                         help="serve with --no-align-batches (each session's chunks when they fall due)")
     parser.add_argument("--browser", default="/usr/bin/chromium", help="chromium for the browser figures ('' skips)")
+    parser.add_argument("--against", default=None, metavar="MODEL",
+                        help="a second model served beside the first, probed in alternation with it at each number "
+                        "of sessions (A B, then B A, ...), so both meet the same machine: each model's probe "
+                        "figures and the worker time per generated chunk, A's over B's (the single-session "
+                        "and browser figures are skipped)")  # fmt: skip
     parser.add_argument("--transport", choices=list(WATCH), default="webrtc",
                         help="the clients: WebRTC (WHEP, decoding VP8), or the WebSocket API with raw RGB frames, "
                         "which costs the clients next to nothing (a probe of the server alone)")  # fmt: skip
@@ -79,9 +89,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(args, port: int) -> subprocess.Popen:
+def _start_server(args, port: int, model: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "streamgen.cli", "serve", "--port", str(port), "--loopback", "--stamp-frames",
-           "--admit-max", "--max-sessions", str(args.max_probe + 1), "--model", args.model, "--log-level", "warning"]  # fmt: skip
+           "--admit-max", "--max-sessions", str(args.max_probe + 1), "--model", model, "--log-level", "warning"]  # fmt: skip
     if args.size:
         cmd += ["--size", str(args.size)]
     if args.lanes > 1:
@@ -294,55 +304,102 @@ def _av_offset(starts, markers) -> float | None:
     return 1000 * statistics.median(offsets) if offsets else None
 
 
-async def _bench(args) -> dict:
+@contextlib.asynccontextmanager
+async def _served(args, model: str):
+    """`streamgen serve --model MODEL` on a free 127.0.0.1 port until the block ends: an HTTP
+    client for it, its /readyz answer, and the seconds it took to become ready."""
     import httpx
-
-    from server.loopback import use_loopback_ice
-
-    use_loopback_ice()  # the clients, too, talk over 127.0.0.1 only
 
     port = _free_port()
     started = time.monotonic()
-    proc = _start_server(args, port)
+    proc = _start_server(args, port, model)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             ready = await _wait_ready(http, proc)
-            ready_s = time.monotonic() - started
-            webrtc = args.transport == "webrtc"
-            one = await WATCH[args.transport](http, args.seconds, seed=1)
-            starts = _chunk_starts(one["frames"])
-            duration = one["frames"][-1][0] - one["frames"][0][0]
-            out = {
-                "model": args.model,
-                "transport": args.transport,
-                "ready_s": round(ready_s, 1),  # the server's start: loading, warm-up, compiling
-                "chunk_ms": ready.get("chunk_ms"),
-                "first_frame_ms": round(1000 * one["first_frame"], 1),
-                "answer_ms": round(1000 * one["answer"], 1) if webrtc else None,
-                "connected_ms": round(1000 * one["connected"].result(), 1) if webrtc and one["connected"].done() else None,
-                "glass_to_glass_ms": _glass_to_glass_ms(starts),
-                # generated frames per second (the client also counts repeats of a late frame)
-                "fps": round(_generated_fps(one), 2),
-                "decoded_fps": round((len(one["frames"]) - 1) / duration, 2) if duration > 0 else None,
-                "av_offset_ms": _av_offset(starts, one["markers"]),
-                **{f"{k}_frames": v for k, v in _stutter(one["frames"]).items()},
-            }
-            if out["av_offset_ms"] is not None:
-                out["av_offset_ms"] = round(out["av_offset_ms"], 1)
-            if args.browser and os.path.exists(args.browser):
-                out.update(await asyncio.to_thread(_browser_figures, f"http://127.0.0.1:{port}", args))
-            out["max_realtime_sessions"], per_n = await _max_sessions(http, args)
-            out["max_on_time_sessions"] = _on_time(per_n, args.seconds)
-            for key in ("fps", "first_frame_ms", "glass_to_glass_ms", "playout_delay_ms", "av_offset_ms", "repeated_frames",
-                        "worker_busy", "late_chunks", "chunk_ms", "server_cpu_cores", "batch_mean"):  # fmt: skip
-                out[f"sessions_{key}"] = {n: figures[key] for n, figures in per_n.items()}
-            return out
+            yield http, ready, time.monotonic() - started
     finally:
         proc.terminate()
         try:
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+async def _bench(args) -> dict:
+    from server.loopback import use_loopback_ice
+
+    use_loopback_ice()  # the clients, too, talk over 127.0.0.1 only
+    if args.against:
+        return await _bench_against(args)
+    async with _served(args, args.model) as (http, ready, ready_s):
+        webrtc = args.transport == "webrtc"
+        one = await WATCH[args.transport](http, args.seconds, seed=1)
+        starts = _chunk_starts(one["frames"])
+        duration = one["frames"][-1][0] - one["frames"][0][0]
+        out = {
+            "model": args.model,
+            "transport": args.transport,
+            "ready_s": round(ready_s, 1),  # the server's start: loading, warm-up, compiling
+            "chunk_ms": ready.get("chunk_ms"),
+            "first_frame_ms": round(1000 * one["first_frame"], 1),
+            "answer_ms": round(1000 * one["answer"], 1) if webrtc else None,
+            "connected_ms": round(1000 * one["connected"].result(), 1) if webrtc and one["connected"].done() else None,
+            "glass_to_glass_ms": _glass_to_glass_ms(starts),
+            # generated frames per second (the client also counts repeats of a late frame)
+            "fps": round(_generated_fps(one), 2),
+            "decoded_fps": round((len(one["frames"]) - 1) / duration, 2) if duration > 0 else None,
+            "av_offset_ms": _av_offset(starts, one["markers"]),
+            **{f"{k}_frames": v for k, v in _stutter(one["frames"]).items()},
+        }
+        if out["av_offset_ms"] is not None:
+            out["av_offset_ms"] = round(out["av_offset_ms"], 1)
+        if args.browser and os.path.exists(args.browser):
+            out.update(await asyncio.to_thread(_browser_figures, f"http://127.0.0.1:{http.base_url.port}", args))
+        out["max_realtime_sessions"], per_n = await _max_sessions(http, args)
+        return out | _ladder_figures(per_n, args.seconds)
+
+
+async def _bench_against(args) -> dict:
+    """Both models served at once (the idle one waits without work), each number of sessions
+    probed on one and then the other, the order flipped at every step (A B, B A, A B, ...): the
+    machine's speed drifts by the hour here, and a ratio of figures taken a minute apart is what
+    survives it. A model's ladder stops where its sessions fall out of real time."""
+    names = {"model": args.model, "against": args.against}
+    async with contextlib.AsyncExitStack() as stack:
+        served = {side: await stack.enter_async_context(_served(args, model)) for side, model in names.items()}
+        per_n = {side: {} for side in names}
+        going = set(names)
+        for n in range(1, args.max_probe + 1):
+            order = ("model", "against") if n % 2 else ("against", "model")
+            for side in (s for s in order if s in going):
+                per_n[side][n] = await _probe(served[side][0], args, n)
+                if not _in_real_time(per_n[side][n], args.seconds):
+                    going.discard(side)
+            if not going:
+                break
+    out = {"model": args.model, "against": args.against, "transport": args.transport, "order": "alternating"}
+    for side in names:
+        ladder = per_n[side]
+        out[f"{side}_figures"] = {
+            "ready_s": round(served[side][2], 1),
+            "chunk_ms": served[side][1].get("chunk_ms"),
+            "max_realtime_sessions": _realtime(ladder, args.seconds),
+            **_ladder_figures(ladder, args.seconds),
+        }
+    own = out["model_figures"]["sessions_worker_ms_per_chunk"]
+    other = out["against_figures"]["sessions_worker_ms_per_chunk"]
+    # > 1: the second model costs the worker less per chunk at that load
+    out["against_speedup"] = {n: round(own[n] / other[n], 3) for n in own if own[n] and other.get(n)}
+    return out
+
+
+def _ladder_figures(per_n: dict, seconds: float) -> dict:
+    """The probe ladder's figures, one dict per figure keyed by the number of sessions."""
+    out = {"max_on_time_sessions": _on_time(per_n, seconds)}
+    for key in ("fps", "first_frame_ms", "glass_to_glass_ms", "playout_delay_ms", "av_offset_ms", "repeated_frames",
+                "worker_busy", "worker_ms_per_chunk", "late_chunks", "chunk_ms", "server_cpu_cores", "batch_mean"):  # fmt: skip
+        out[f"sessions_{key}"] = {n: figures[key] for n, figures in per_n.items()}
+    return out
 
 
 def _browser_figures(url: str, args) -> dict:
@@ -397,43 +454,66 @@ async def _server_counters(http) -> dict[str, float]:
     return found | {"chunk_ms": (await http.get("/readyz")).json()["chunk_ms"]}
 
 
-async def _max_sessions(http, args) -> tuple[int, dict]:
-    """Add sessions until one of them generates fewer than 24 frames per second.
+async def _probe(http, args, n: int) -> dict:
+    """n sessions watched at once: the slowest one's fps, each one's glass-to-glass latency,
+    A/V offset (ms; the playout delay grows with the load) and repeated frames, and the server's
+    side: the share of the time its worker was generating (summed over lanes), the worker's
+    seconds per chunk it generated (batching makes it fall with n), the chunks it published
+    after their play time, the per-session chunk time it measured (its capacity estimate's
+    basis) at the end, and its mean batch."""
+    before = await _server_counters(http)
+    started = time.monotonic()
+    results = await asyncio.gather(*(WATCH[args.transport](http, args.seconds, seed=i) for i in range(n)))
+    elapsed = time.monotonic() - started
+    after = await _server_counters(http)
+    fps = [_generated_fps(r) for r in results]
+    starts = [_chunk_starts(r["frames"]) for r in results]
+    offsets = [_av_offset(st, r["markers"]) for st, r in zip(starts, results)]
+    chunks = sum(r["chunks"] for r in results)  # each session lived inside the counters' window
+    busy = after["busy_s"] - before["busy_s"]
+    return {
+        "fps": round(min(fps), 1),
+        "elapsed_s": round(elapsed, 1),
+        "glass_to_glass_ms": [_glass_to_glass_ms(st) for st in starts],
+        "av_offset_ms": [None if o is None else round(o, 1) for o in offsets],
+        "repeated_frames": [_stutter(r["frames"])["repeated"] for r in results],
+        "playout_delay_ms": [round(1000 * r["playout_delay"]) for r in results],
+        "first_frame_ms": [round(1000 * r["first_frame"]) for r in results],
+        "worker_busy": round(busy / elapsed, 3),
+        "worker_ms_per_chunk": round(1000 * busy / chunks, 2) if chunks else None,
+        "server_cpu_cores": round((after["cpu_s"] - before["cpu_s"]) / elapsed, 2),
+        "late_chunks": int(after["late"] - before["late"]),
+        "chunk_ms": after["chunk_ms"],
+        "batch_mean": round((after["batched"] - before["batched"]) / max(1, after["batches"] - before["batches"]), 2),
+    }
 
-    Per number of sessions: the slowest session's fps, each session's glass-to-glass
-    latency and A/V offset (ms; the playout delay grows with the load) and repeated frames,
-    and the server's side: the share of the time its worker was generating (summed over
-    lanes), the chunks it published after their play time, the per-session chunk time it
-    measured (its capacity estimate's basis) at the end, and its mean batch. A slow session whose server was
-    neither busy nor late was held back elsewhere: the transport, or the clients, which share
-    this machine."""
-    best, per_n = 0, {}
+
+async def _max_sessions(http, args) -> tuple[int, dict]:
+    """Add sessions until one of them generates fewer than 24 frames per second (`_probe` at
+    each number). A slow session whose server was neither busy nor late was held back
+    elsewhere: the transport, or the clients, which share this machine."""
+    per_n = {}
     for n in range(1, args.max_probe + 1):
-        before = await _server_counters(http)
-        started = time.monotonic()
-        results = await asyncio.gather(*(WATCH[args.transport](http, args.seconds, seed=i) for i in range(n)))
-        elapsed = time.monotonic() - started
-        after = await _server_counters(http)
-        fps = [_generated_fps(r) for r in results]
-        starts = [_chunk_starts(r["frames"]) for r in results]
-        offsets = [_av_offset(st, r["markers"]) for st, r in zip(starts, results)]
-        per_n[n] = {
-            "fps": round(min(fps), 1),
-            "glass_to_glass_ms": [_glass_to_glass_ms(st) for st in starts],
-            "av_offset_ms": [None if o is None else round(o, 1) for o in offsets],
-            "repeated_frames": [_stutter(r["frames"])["repeated"] for r in results],
-            "playout_delay_ms": [round(1000 * r["playout_delay"]) for r in results],
-            "first_frame_ms": [round(1000 * r["first_frame"]) for r in results],
-            "worker_busy": round((after["busy_s"] - before["busy_s"]) / elapsed, 3),
-            "server_cpu_cores": round((after["cpu_s"] - before["cpu_s"]) / elapsed, 2),
-            "late_chunks": int(after["late"] - before["late"]),
-            "chunk_ms": after["chunk_ms"],
-            "batch_mean": round((after["batched"] - before["batched"]) / max(1, after["batches"] - before["batches"]), 2),
-        }
-        if min(fps) < 24 or elapsed > args.seconds + 60:
+        per_n[n] = await _probe(http, args, n)
+        if not _in_real_time(per_n[n], args.seconds):
+            break
+    return _realtime(per_n, args.seconds), per_n
+
+
+def _in_real_time(figures: dict, seconds: float) -> bool:
+    """Every session of a probe generated >= 24 frames/s, and the probe did not drag on (its
+    sessions' setups queued for a minute)."""
+    return figures["fps"] >= 24 and figures["elapsed_s"] <= seconds + 60
+
+
+def _realtime(per_n: dict, seconds: float) -> int:
+    """Most concurrent sessions in real time, and every smaller number too."""
+    best = 0
+    for n, figures in sorted(per_n.items()):
+        if not _in_real_time(figures, seconds):
             break
         best = n
-    return best, per_n
+    return best
 
 
 def main(args: argparse.Namespace) -> dict:

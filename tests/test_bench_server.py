@@ -62,3 +62,55 @@ async def test_each_transports_watch_counts_the_chunks_its_session_got():
                 assert len(result["frames"]) > 1 and _generated_fps(result) > 0, transport
                 status = await http.get(result["session"]["resource"], headers={"Authorization": "Bearer x"})
                 assert status.status_code in (401, 404), transport  # ended
+
+
+def test_realtime_sessions_stop_at_the_first_probe_out_of_real_time():
+    from bench.server import _realtime
+
+    ok, slow, dragged = {"fps": 25.0, "elapsed_s": 21}, {"fps": 23.9, "elapsed_s": 21}, {"fps": 25, "elapsed_s": 81}
+    assert _realtime({1: ok, 2: ok, 3: slow}, seconds=20) == 2
+    assert _realtime({1: ok, 2: dragged, 3: ok}, seconds=20) == 1  # setups queued for over a minute
+    assert _realtime({1: slow}, seconds=20) == 0
+
+
+async def test_against_probes_two_servers_in_alternation(monkeypatch):
+    """`bench server --against`: both servers up at once, each load probed on one and then the
+    other with the order flipped at each step, and the speedup is the ratio of the two worker
+    times per chunk at the same load."""
+    import argparse
+    import contextlib
+
+    import httpx
+    from server_helpers import live_server
+
+    import bench.server as bench
+
+    @contextlib.asynccontextmanager
+    async def served(args, model):
+        with live_server() as (url, _):
+            async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+                yield http, (await http.get("/readyz")).json(), 0.5
+
+    probed, probe = [], bench._probe
+
+    async def recording_probe(http, args, n):
+        figures = await probe(http, args, n)
+        probed.append((str(http.base_url), n))
+        return figures | {"fps": 25.0}  # the ladder's stop rule is tested above; here both go on
+
+    monkeypatch.setattr(bench, "_served", served)
+    monkeypatch.setattr(bench, "_probe", recording_probe)
+    args = argparse.Namespace(model="debug", against="debug-too", max_probe=3, seconds=1.0, transport="ws")
+    out = await bench._bench_against(args)
+
+    first, second = probed[0][0], probed[1][0]
+    assert first != second and [n for _, n in probed] == [1, 1, 2, 2, 3, 3]
+    assert [url for url, _ in probed] == [first, second, second, first, first, second]  # A B, B A, A B
+    assert out["model"] == "debug" and out["against"] == "debug-too"
+    for side in ("model", "against"):
+        figures = out[f"{side}_figures"]
+        assert figures["max_realtime_sessions"] == 3 and set(figures["sessions_worker_ms_per_chunk"]) == {1, 2, 3}
+        assert all(ms > 0 for ms in figures["sessions_worker_ms_per_chunk"].values())
+    own = out["model_figures"]["sessions_worker_ms_per_chunk"]
+    other = out["against_figures"]["sessions_worker_ms_per_chunk"]
+    assert out["against_speedup"] == {n: round(own[n] / other[n], 3) for n in (1, 2, 3)}
