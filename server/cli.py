@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="STUN/TURN servers for WebRTC behind NATs, as the browser's RTCIceServer list, e.g. "
                         "'[{\"urls\": \"stun:stun.example.org:3478\"}, {\"urls\": \"turn:turn.example.org:3478\", "
                         "\"username\": \"u\", \"credential\": \"p\"}]', a file holding it, or one stun: URL; "
-                        "clients get it too (docs/serving.md)")  # fmt: skip
+                        "clients get it too; a TURN entry with \"secret\" (coturn's static-auth-secret) in place of "
+                        "a username gives each session a credential of its own (docs/serving.md)")  # fmt: skip
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="let web pages of ORIGIN (e.g. https://app.example.org; '*' for any) call the API: "
                         "sessions, WHEP, control (repeatable; default: this server's own page only)")  # fmt: skip
@@ -112,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
         ice_servers = parse_ice_servers(args.ice_servers)
     except IceConfigError as e:
         raise UserError(f"--ice-servers: {e}") from None
+    for i, server in enumerate(ice_servers):  # a relay is refreshed with its credential while the session lasts
+        if "secret" in server and server["ttl"] < args.max_duration:
+            raise UserError(f"--ice-servers: ICE server {i + 1}: 'ttl' {server['ttl']} s is shorter than "
+                            f"--max-duration {args.max_duration:g} s: a session's relay would end with its credential")  # fmt: skip
     from streamgen.models import use_attention_backend, use_cache_from, use_compile, use_precision
 
     try:

@@ -11,14 +11,26 @@ ends: the server's own peer connections (aiortc gathers with the first STUN and 
 TURN URL, UDP or TCP, and `turns:` over TCP), and every client. Clients get it in the
 session's JSON (`ice_servers`) and, for any WHEP player, as `Link: <url>; rel="ice-server"`
 headers on the WHEP answer (RFC 9725, 4.6).
+
+A TURN entry may carry a shared `secret` instead of a username and credential (coturn's
+`--use-auth-secret --static-auth-secret`, the "TURN REST API" scheme): then nobody outside the
+server sees a lasting credential. Each session, and the server's own peer connection for it,
+gets its own, good for `ttl` seconds (a day by default): the username is the expiry's Unix
+time and a name, `"1733270400:s-3f2a"`, the credential the base64 of the HMAC-SHA1 of that
+username under the secret, which the TURN server recomputes. A static credential given to
+every client lets anyone who opens the page use the relay for as long as it stands.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import logging
 import re
+import time
 from pathlib import Path
 
 log = logging.getLogger("streamgen.server")
@@ -28,6 +40,10 @@ log = logging.getLogger("streamgen.server")
 _URL = re.compile(
     r"^(?P<scheme>stun|turns?):(?P<host>[^?:/\s]+)(?::(?P<port>\d{1,5}))?(?:\?transport=(?P<transport>udp|tcp))?$"
 )
+
+
+DEFAULT_TTL = 86400  # seconds an ephemeral TURN credential is good for; a session's allocation
+# is refreshed with it, so it must outlast the longest session
 
 
 class IceConfigError(ValueError):
@@ -62,9 +78,11 @@ def _checked(i: int, entry) -> dict:
     where = f"ICE server {i + 1}"
     if not isinstance(entry, dict) or "urls" not in entry:
         raise IceConfigError(f"{where}: expected an object with 'urls'")
-    unknown = set(entry) - {"urls", "username", "credential"}
+    unknown = set(entry) - {"urls", "username", "credential", "secret", "ttl"}
     if unknown:
-        raise IceConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (urls, username, credential)")
+        raise IceConfigError(
+            f"{where}: unknown key {sorted(unknown)[0]!r} (urls, username, credential, secret, ttl)"
+        )
     urls = entry["urls"] if isinstance(entry["urls"], list) else [entry["urls"]]
     if not urls or not all(isinstance(u, str) for u in urls):
         raise IceConfigError(f"{where}: 'urls' must be a URL or a non-empty list of them")
@@ -81,6 +99,8 @@ def _checked(i: int, entry) -> dict:
         if m["port"] and not 0 < int(m["port"]) < 65536:
             raise IceConfigError(f"{where}: {url!r}: port out of range")
     out = {"urls": list(urls)}
+    if "secret" in entry or "ttl" in entry:
+        return out | _checked_secret(where, entry, urls)
     if any(u.startswith("turn") for u in urls):
         for key in ("username", "credential"):
             if not isinstance(entry.get(key), str) or not entry[key]:
@@ -88,6 +108,48 @@ def _checked(i: int, entry) -> dict:
     for key in ("username", "credential"):
         if key in entry:
             out[key] = entry[key]
+    return out
+
+
+def _checked_secret(where: str, entry: dict, urls: list[str]) -> dict:
+    """A TURN entry with a shared secret: its `secret` and `ttl`, which stay in the server."""
+    if not isinstance(entry.get("secret"), str) or not entry["secret"]:
+        raise IceConfigError(
+            f"{where}: 'secret' must be a non-empty string (the TURN server's shared secret)"
+        )
+    if "username" in entry or "credential" in entry:
+        raise IceConfigError(
+            f"{where}: a 'secret' makes each session's username and credential: give one or the other"
+        )
+    if not all(u.startswith("turn") for u in urls):
+        raise IceConfigError(
+            f"{where}: a 'secret' is for TURN URLs only: give the STUN URLs an entry of their own"
+        )
+    ttl = entry.get("ttl", DEFAULT_TTL)
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0:
+        raise IceConfigError(f"{where}: 'ttl' must be a whole number of seconds > 0")
+    return {"secret": entry["secret"], "ttl": ttl}
+
+
+def turn_rest_credential(secret: str, name: str, ttl: int, now: float | None = None) -> tuple[str, str]:
+    """(username, credential) of the TURN REST API scheme: good until now + ttl for `name`."""
+    expires = int(time.time() if now is None else now) + ttl
+    username = f"{expires}:{name}"
+    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return username, base64.b64encode(digest).decode()
+
+
+def for_peer(servers: list[dict], name: str, now: float | None = None) -> list[dict]:
+    """The list as one peer gets it (a session's client, or the server's peer connection for
+    it): each entry with a secret in its place gets a credential of its own for `name`; no
+    secret is in what comes back."""
+    out = []
+    for server in servers:
+        if "secret" in server:
+            ttl = server.get("ttl", DEFAULT_TTL)  # a list not made by parse_ice_servers may lack it
+            username, credential = turn_rest_credential(server["secret"], name, ttl, now)
+            server = {"urls": server["urls"], "username": username, "credential": credential}
+        out.append(server)
     return out
 
 

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .app import ApiError, bearer_token, decode_upload, read_body, require_session
 from .avatars import avatar_image, avatar_png, list_avatars
-from .ice import link_header
+from .ice import for_peer, link_header
 from .registry import SessionRegistry
 
 router = APIRouter()
@@ -66,7 +66,8 @@ async def create_session(request: Request):
     body = {
         "id": session.id, "token": session.token, "width": session.width, "height": session.height,
         "fps": session.fps, "resource": base, "whep": f"{base}/whep", "stream": f"{base}/stream",
-        "ice_servers": config.ice_servers,  # for the client's RTCPeerConnection (serve --ice-servers)
+        # for the client's RTCPeerConnection (serve --ice-servers; a TURN secret: its own credential)
+        "ice_servers": for_peer(config.ice_servers, session.id),
     }  # fmt: skip
     return JSONResponse(body, status_code=201, headers={"Location": base})
 
@@ -245,7 +246,7 @@ async def _answer(registry: SessionRegistry, session, sdp: str, location: str) -
         await registry.close(session, f"bad offer: {e}")
         raise ApiError(400, "bad_sdp", str(e)) from None
     headers = {"Location": location}
-    links = link_header(registry.config.ice_servers)  # STUN/TURN for the player (RFC 9725, 4.6)
+    links = link_header(for_peer(registry.config.ice_servers, session.id))  # for the player (RFC 9725, 4.6)
     if links:
         headers["Link"] = links
     return Response(answer, status_code=201, media_type="application/sdp", headers=headers)

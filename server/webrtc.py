@@ -21,7 +21,7 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConn
 from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import SessionDescription
 
-from .ice import server_side
+from .ice import for_peer, server_side
 from .session import SAMPLE_RATE, Chunk, ChunkSlot, Session
 
 log = logging.getLogger("streamgen.server")
@@ -60,7 +60,8 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
     kinds = check_offer(sdp)
     # no STUN/TURN unless configured: aiortc's default (a public STUN server) would hold every
     # answer up for seconds where it cannot be reached
-    ice = [RTCIceServer(**server) for server in server_side(registry.config.ice_servers)]
+    servers = for_peer(registry.config.ice_servers, f"server-{session.id}")  # a TURN secret: a credential of its own
+    ice = [RTCIceServer(**server) for server in server_side(servers)]
     pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
     slot = session.add_slot(on_drop=registry.metrics.dropped_chunks.inc)
     mic_tasks: list[asyncio.Task] = []

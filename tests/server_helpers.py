@@ -100,8 +100,9 @@ TURNSERVER = "/usr/bin/turnserver"  # Debian's coturn (.ci/run installs it where
 
 
 @contextmanager
-def turn_server():
-    """coturn on 127.0.0.1 with one user; yields its RTCIceServer entry (UDP). Skips the test
+def turn_server(secret: str | None = None):
+    """coturn on 127.0.0.1 with one user, or with a shared secret (the TURN REST API scheme);
+    yields its RTCIceServer entry (UDP; with the `secret` in place of a user). Skips the test
     where coturn is not installed."""
     import os
     import shutil
@@ -113,9 +114,12 @@ def turn_server():
     if not os.path.exists(TURNSERVER):
         pytest.skip(f"coturn not found at {TURNSERVER}: apt-get install -y coturn")
     port, state = free_port(), tempfile.mkdtemp(prefix="streamgen-turn-")
+    auth = ["--lt-cred-mech", "--user=streamgen:turn-secret"]
+    if secret is not None:
+        auth = ["--use-auth-secret", f"--static-auth-secret={secret}"]
     proc = subprocess.Popen(
         [TURNSERVER, "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", f"--listening-port={port}",
-         "--lt-cred-mech", "--user=streamgen:turn-secret", "--realm=streamgen", "--no-tls", "--no-dtls", "--no-cli",
+         *auth, "--realm=streamgen", "--no-tls", "--no-dtls", "--no-cli",
          "--allow-loopback-peers", "--min-port=49152", "--max-port=65535", f"--userdb={state}/turndb",
          f"--pidfile={state}/turn.pid", "--log-file=stdout", "--simple-log"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -135,11 +139,11 @@ def turn_server():
                     break
                 except OSError:  # a timeout, or ICMP unreachable while it starts
                     assert proc.poll() is None and time.monotonic() < deadline, "coturn did not start"
-        yield {
-            "urls": [f"turn:127.0.0.1:{port}?transport=udp"],
-            "username": "streamgen",
-            "credential": "turn-secret",
-        }
+        url = f"turn:127.0.0.1:{port}?transport=udp"
+        if secret is not None:
+            yield {"urls": [url], "secret": secret}
+        else:
+            yield {"urls": [url], "username": "streamgen", "credential": "turn-secret"}
     finally:
         proc.terminate()
         proc.wait(10)

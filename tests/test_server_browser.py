@@ -182,14 +182,16 @@ def test_a_page_of_another_origin_plays_over_whep_when_allowed(browser_page):
         shutil.rmtree(site, ignore_errors=True)
 
 
-def test_a_browser_behind_a_relay_streams_through_turn(browser_page):
+@pytest.mark.parametrize("secret", [None, "north-wind"], ids=["static-credential", "turn-secret"])
+def test_a_browser_behind_a_relay_streams_through_turn(browser_page, secret):
     """`serve --ice-servers` with a TURN server: a browser allowed no other path than the relay
-    (iceTransportPolicy "relay") gets the list from the session and streams through it."""
+    (iceTransportPolicy "relay") gets the list from the session and streams through it, with
+    the static credential, or with the one the server made for its session from a secret."""
     from server_helpers import turn_server
 
     page = browser_page.new_page()
     try:
-        with turn_server() as turn, live_server(max_sessions=2, ice_servers=[turn]) as (url, _):
+        with turn_server(secret) as turn, live_server(max_sessions=2, ice_servers=[turn]) as (url, _):
             page.goto(url + "/")  # the server's own origin
             page.add_script_tag(content=PLAYER_PAGE.split("<script>")[1].split("</script>")[0])
             played = page.evaluate("(api) => play(api, 'relay')", url)

@@ -41,6 +41,12 @@ def test_the_forms_an_operator_can_give(tmp_path):
         ('[{"urls": "stun:x:70000"}]', "port out of range"),
         ('[{"urls": "stun:x"}, {"urls": "turn:x"}]', "ICE server 2: a TURN server needs a 'username'"),
         ('[{"urls": "stun:x", "credentialType": "oauth"}]', "unknown key 'credentialType'"),
+        ('[{"urls": "turn:x", "secret": ""}]', "'secret' must be a non-empty string"),
+        ('[{"urls": "turn:x", "ttl": 60}]', "'secret' must be a non-empty string"),
+        ('[{"urls": "turn:x", "secret": "s", "username": "u"}]', "give one or the other"),
+        ('[{"urls": ["turn:x", "stun:x"], "secret": "s"}]', "for TURN URLs only"),
+        ('[{"urls": "turn:x", "secret": "s", "ttl": 0}]', "'ttl' must be a whole number"),
+        ('[{"urls": "turn:x", "secret": "s", "ttl": "1d"}]', "'ttl' must be a whole number"),
     ],
 )
 def test_a_list_the_server_cannot_use_is_refused_with_its_reason(text, says):
@@ -54,6 +60,14 @@ def test_serve_refuses_a_bad_list_before_starting():
     assert main(["serve", "--ice-servers", '[{"urls": "turn:x"}]']) == 2
 
 
+def test_serve_refuses_a_turn_secrets_ttl_shorter_than_a_session(capsys):
+    from streamgen.cli import main
+
+    short = '[{"urls": "turn:x", "secret": "s", "ttl": 600}]'
+    assert main(["serve", "--ice-servers", short, "--max-duration", "900"]) == 2
+    assert "'ttl' 600 s is shorter than --max-duration 900 s" in capsys.readouterr().err
+
+
 def test_the_server_gathers_with_one_stun_and_one_turn_url_and_clients_get_them_all():
     servers = parse_ice_servers(json.dumps([{"urls": ["stun:a", "stun:b"]}, TURN]))
     assert server_side(servers) == [{"urls": ["stun:a"]}, {**TURN, "urls": [TURN["urls"][0]]}]
@@ -64,6 +78,26 @@ def test_the_server_gathers_with_one_stun_and_one_turn_url_and_clients_get_them_
         'credential="p\\"w"; credential-type="password"'
     )
     assert link_header([]) is None
+
+
+def test_a_turn_secret_gives_each_peer_a_credential_of_its_own_and_stays_in_the_server():
+    from server.ice import DEFAULT_TTL, for_peer, turn_rest_credential
+
+    # the scheme coturn checks (--use-auth-secret); the expected value from openssl:
+    # echo -n "1733270400:s-3f2a" | openssl dgst -sha1 -hmac north-wind -binary | base64
+    assert turn_rest_credential("north-wind", "s-3f2a", ttl=600, now=1733269800.7) == (
+        "1733270400:s-3f2a",
+        "3CksuX5UTE02VjBTjiXL/zXoo94=",
+    )
+    stun = {"urls": ["stun:a"]}
+    servers = parse_ice_servers(json.dumps([stun, {"urls": "turn:t:3478", "secret": "north-wind"}, TURN]))
+    assert servers[1] == {"urls": ["turn:t:3478"], "secret": "north-wind", "ttl": DEFAULT_TTL}
+    one, other = for_peer(servers, "s-1", now=1000), for_peer(servers, "s-2", now=1000)
+    assert one[0] == stun and one[2] == TURN  # the others as they were
+    assert one[1]["username"] == f"{1000 + DEFAULT_TTL}:s-1"
+    assert one[1]["credential"] != other[1]["credential"]
+    assert "north-wind" not in json.dumps(one) + link_header(one)
+    assert set(one[1]) == {"urls", "username", "credential"}
 
 
 async def post_offer(http: httpx.AsyncClient, path: str, token: str | None = None) -> httpx.Response:
@@ -156,3 +190,23 @@ async def test_the_server_relays_through_a_turn_server_with_its_credentials():
             r = await post_offer(http, "/v1/whep")
     assert r.status_code == 201, r.text
     assert [line for line in r.text.splitlines() if "typ relay" in line], r.text
+
+
+async def test_the_server_relays_with_a_credential_made_from_the_turn_secret():
+    """coturn with a shared secret (--use-auth-secret): the server's peer connection allocates a
+    relay with the credential it made for the session, and none where its secret is not the TURN
+    server's; the client gets a credential of its own, never the secret."""
+    from server_helpers import turn_server
+
+    with turn_server(secret="north-wind") as turn:
+        for secret, relays in (("north-wind", True), ("south-wind", False)):
+            with live_server(ice_servers=[{**turn, "secret": secret, "ttl": 600}]) as (url, _):
+                async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+                    created = (await http.post("/v1/sessions", json={})).json()
+                    r = await post_offer(http, created["whep"], created["token"])
+            assert r.status_code == 201, r.text
+            relay = [line for line in r.text.splitlines() if "typ relay" in line]
+            assert bool(relay) == relays, (secret, r.text)
+            (given,) = created["ice_servers"]
+            assert given["urls"] == turn["urls"] and given["username"].endswith(f":{created['id']}")
+            assert secret not in json.dumps(created) + r.headers["link"]
