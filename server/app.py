@@ -88,8 +88,9 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(
-            CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type"], expose_headers=["Location", "Link", "Retry-After"],
+            CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "If-Match"],
+            expose_headers=["Location", "Link", "Retry-After", "ETag"],
             max_age=600,
         )  # fmt: skip
     app.state.load_error = None

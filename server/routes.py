@@ -191,6 +191,41 @@ async def whep(session_id: str, request: Request):
     return await _answer(request.app.state.registry, session, sdp, f"/v1/sessions/{session.id}")
 
 
+@router.patch(
+    "/v1/sessions/{session_id}",
+    status_code=204,
+    tags=["webrtc"],
+    openapi_extra={"requestBody": {"content": {"application/trickle-ice-sdpfrag": {"schema": {"type": "string"}}}}},
+)
+async def whep_trickle(session_id: str, request: Request):
+    """WHEP trickle ICE: the player's candidates gathered after its offer, as an SDP fragment
+    (`application/trickle-ice-sdpfrag`, `If-Match`: the answer's ETag) -> 204. An ICE restart
+    (new credentials) -> 422: start a new session."""
+    from .trickle import FRAGMENT_TYPE, FragmentError, IceRestart, parse_fragment
+
+    session = require_session(request, session_id)
+    if session.trickle is None:
+        raise ApiError(409, "conflict", "the session has no WHEP peer connection to add ICE candidates to")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != FRAGMENT_TYPE:
+        raise ApiError(415, "unsupported_media_type", f"ICE candidates must be sent as {FRAGMENT_TYPE}")
+    if_match = request.headers.get("if-match")
+    if if_match is None:
+        raise ApiError(428, "precondition_required", "send 'If-Match' with the ETag of the WHEP answer")
+    if not session.trickle.matches(if_match):
+        raise ApiError(412, "precondition_failed", "If-Match names another ICE session than this one's")
+    try:
+        fragment = parse_fragment((await read_body(request, MAX_SDP_BYTES)).decode("utf-8"))
+        await session.trickle.add(fragment)
+    except UnicodeDecodeError:
+        raise ApiError(400, "bad_fragment", "malformed SDP fragment: not UTF-8 text") from None
+    except FragmentError as e:
+        raise ApiError(400, "bad_fragment", f"malformed SDP fragment: {e}") from None
+    except IceRestart:
+        raise ApiError(422, "unsupported", "ICE restarts are not supported: start a new session") from None
+    return Response(status_code=204)
+
+
 @router.post(
     "/v1/whep",
     status_code=201,
@@ -245,7 +280,7 @@ async def _answer(registry: SessionRegistry, session, sdp: str, location: str) -
     except OfferError as e:
         await registry.close(session, f"bad offer: {e}")
         raise ApiError(400, "bad_sdp", str(e)) from None
-    headers = {"Location": location}
+    headers = {"Location": location, "ETag": session.trickle.etag}  # the ICE session, for trickle PATCHes
     links = link_header(for_peer(registry.config.ice_servers, session.id))  # for the player (RFC 9725, 4.6)
     if links:
         headers["Link"] = links

@@ -1,7 +1,7 @@
 """WebRTC in the WHEP style: POST an SDP offer, get the answer; DELETE the session resource to end.
 
-Signalling is one round trip without trickle ICE (the offer carries its
-candidates). The browser's microphone track drives the avatar; the server
+Signalling is one round trip (the offer carries its candidates), or more with trickle ICE
+(the player PATCHes the candidates it gathers later: server/trickle.py). The browser's microphone track drives the avatar; the server
 sends back a video track of generated frames and an audio track with the speech
 the lips were made from, both paced on the session's playout clock so they
 leave together (the browser lines them up from the senders' RTCP reports).
@@ -23,6 +23,7 @@ from aiortc.sdp import SessionDescription
 
 from .ice import for_peer, server_side
 from .session import SAMPLE_RATE, Chunk, ChunkSlot, Session
+from .trickle import TrickleIce
 
 log = logging.getLogger("streamgen.server")
 
@@ -63,6 +64,7 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
     servers = for_peer(registry.config.ice_servers, f"server-{session.id}")  # a TURN secret: a credential of its own
     ice = [RTCIceServer(**server) for server in server_side(servers)]
     pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
+    session.trickle = TrickleIce(pc, sdp)  # the player's later candidates (PATCH)
     slot = session.add_slot(on_drop=registry.metrics.dropped_chunks.inc)
     mic_tasks: list[asyncio.Task] = []
 

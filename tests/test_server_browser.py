@@ -113,21 +113,41 @@ def test_browser_websocket_fallback(browser_page):
 # browser WHEP player would: create a session, post the offer with the session's bearer token,
 # read the answer's Location, play. `api` is the streamgen server's base URL.
 PLAYER_PAGE = """<!doctype html><video id="v" autoplay muted playsinline></video><script>
-async function play(api, policy = "all") {
+async function play(api, policy = "all", trickle = false) {
+  // trickle: post the offer at once and PATCH the candidates as they come (WHEP trickle ICE)
   const created = await fetch(api + "/v1/sessions", {method: "POST", body: "{}",
                               headers: {"Content-Type": "application/json"}});
   const s = await created.json();
+  const auth = {"Authorization": "Bearer " + s.token};
   const pc = new RTCPeerConnection({iceServers: s.ice_servers, iceTransportPolicy: policy});
   pc.addTransceiver("video", {direction: "recvonly"});
   pc.ontrack = (e) => { document.getElementById("v").srcObject = new MediaStream([e.track]); };
+  const gathered = [];  // candidate lines, then null at the end of gathering
+  let sendCandidate = (line) => gathered.push(line);
+  pc.onicecandidate = (e) => sendCandidate(e.candidate ? "a=" + e.candidate.candidate : null);
   await pc.setLocalDescription(await pc.createOffer());
-  await new Promise((done) => {
+  if (!trickle) await new Promise((done) => {
     if (pc.iceGatheringState === "complete") return done();
     pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && done();
   });
-  const r = await fetch(api + s.whep, {method: "POST", body: pc.localDescription.sdp,
-                        headers: {"Content-Type": "application/sdp", "Authorization": "Bearer " + s.token}});
+  const offer = pc.localDescription.sdp;
+  const r = await fetch(api + s.whep, {method: "POST", body: offer,
+                        headers: {"Content-Type": "application/sdp", ...auth}});
   if (r.status !== 201) throw new Error("WHEP " + r.status);
+  let patched = 0;
+  if (trickle) {
+    const head = [offer.match(/a=ice-ufrag:.*/)[0], offer.match(/a=ice-pwd:.*/)[0], "m=video 9 UDP/TLS/RTP/SAVPF 0",
+                  "a=mid:0"];
+    const patch = async (line) => {
+      const body = head.concat([line === null ? "a=end-of-candidates" : line]).join("\\r\\n") + "\\r\\n";
+      const p = await fetch(api + r.headers.get("Location"), {method: "PATCH", body: body, headers:
+        {"Content-Type": "application/trickle-ice-sdpfrag", "If-Match": r.headers.get("ETag"), ...auth}});
+      if (p.status !== 204) throw new Error("PATCH " + p.status + " " + (await p.text()));
+      if (line !== null) patched++;
+    };
+    sendCandidate = patch;
+    for (const line of gathered) await patch(line);
+  }
   await pc.setRemoteDescription({type: "answer", sdp: await r.text()});
   for (let i = 0; i < 200; i++) {
     for (const st of (await pc.getStats()).values())
@@ -136,10 +156,10 @@ async function play(api, policy = "all") {
         const transport = [...stats.values()].find((x) => x.type === "transport");
         const pair = transport && stats.get(transport.selectedCandidatePairId);
         const local = pair && stats.get(pair.localCandidateId);
-        await fetch(api + r.headers.get("Location"), {method: "DELETE",
-                    headers: {"Authorization": "Bearer " + s.token}});
+        await fetch(api + r.headers.get("Location"), {method: "DELETE", headers: auth});
         pc.close();
-        return {location: r.headers.get("Location"), frames: st.framesDecoded, via: local && local.candidateType};
+        return {location: r.headers.get("Location"), frames: st.framesDecoded, via: local && local.candidateType,
+                patched: patched, offered: (offer.match(/a=candidate:/g) || []).length};
       }
     await new Promise((t) => setTimeout(t, 100));
   }
@@ -170,6 +190,9 @@ def test_a_page_of_another_origin_plays_over_whep_when_allowed(browser_page):
         with live_server(max_sessions=2, cors_origins=[origin]) as (url, app):
             played = page.evaluate("(api) => play(api)", url)
             assert played["frames"] >= 10 and played["location"].startswith("/v1/sessions/")
+            # trickle ICE from that origin: PATCH with If-Match granted, the answer's ETag readable
+            played = page.evaluate("(api) => play(api, 'all', true)", url)
+            assert played["frames"] >= 10 and played["patched"] >= 1, played
         with live_server(max_sessions=2) as (url, app):
             outcome = "(api) => play(api).then(() => 'played', (e) => e.name + ': ' + e.message)"
             refused = page.evaluate(outcome, url)
@@ -186,7 +209,9 @@ def test_a_page_of_another_origin_plays_over_whep_when_allowed(browser_page):
 def test_a_browser_behind_a_relay_streams_through_turn(browser_page, secret):
     """`serve --ice-servers` with a TURN server: a browser allowed no other path than the relay
     (iceTransportPolicy "relay") gets the list from the session and streams through it, with
-    the static credential, or with the one the server made for its session from a secret."""
+    the static credential, or with the one the server made for its session from a secret; the
+    second one trickles: its offer goes before the relay is allocated, the relay candidate in a
+    PATCH after it."""
     from server_helpers import turn_server
 
     page = browser_page.new_page()
@@ -194,7 +219,10 @@ def test_a_browser_behind_a_relay_streams_through_turn(browser_page, secret):
         with turn_server(secret) as turn, live_server(max_sessions=2, ice_servers=[turn]) as (url, _):
             page.goto(url + "/")  # the server's own origin
             page.add_script_tag(content=PLAYER_PAGE.split("<script>")[1].split("</script>")[0])
-            played = page.evaluate("(api) => play(api, 'relay')", url)
+            trickle = secret is not None
+            played = page.evaluate("([api, trickle]) => play(api, 'relay', trickle)", [url, trickle])
         assert played["frames"] >= 10 and played["via"] == "relay", played
+        if trickle:
+            assert played["offered"] == 0 and played["patched"] >= 1, played
     finally:
         page.close()

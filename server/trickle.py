@@ -1,0 +1,128 @@
+"""Trickle ICE for WHEP sessions: a player's candidates after its offer (RFC 9725, 4.3.1).
+
+A player that sends its offer before it has gathered every candidate (most WHEP players do:
+it saves the gathering time) PATCHes the rest to the session resource as an SDP fragment
+(`application/trickle-ice-sdpfrag`, RFC 8840): the ICE credentials they belong to, a
+`a=mid:` per media section and `a=candidate:` lines, and `a=end-of-candidates` when done.
+Without them the server can learn the player's addresses only from the checks the player
+sends it (peer-reflexive candidates), which a NAT or firewall between them may stop.
+
+The 201 answer carries an entity tag for the ICE session; a PATCH must name it in `If-Match`
+(412 when it names another). ICE restarts (a fragment with new credentials) are not
+supported: 422, as RFC 9725 asks of a server that trickles but does not restart; a player
+starts a new session instead.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+from aiortc import RTCPeerConnection
+from aiortc.sdp import candidate_from_sdp
+
+FRAGMENT_TYPE = "application/trickle-ice-sdpfrag"
+
+
+class FragmentError(ValueError):
+    """A fragment that cannot be read; the message says which line and why."""
+
+
+class IceRestart(Exception):
+    """The fragment carries new ICE credentials: a restart, which this server does not do."""
+
+
+@dataclass
+class Fragment:
+    ufrag: str | None = None
+    pwd: str | None = None
+    candidates: list[tuple[str | None, str]] = field(default_factory=list)  # (mid, candidate value)
+    end: bool = False
+
+
+def parse_fragment(text: str) -> Fragment:
+    """The credentials, each candidate with the `a=mid:` it falls under, and end-of-candidates."""
+    frag, mid = Fragment(), None
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("m="):
+            mid = None
+        elif line.startswith("a=mid:"):
+            mid = line[len("a=mid:") :]
+        elif line.startswith("a=ice-ufrag:"):
+            frag.ufrag = _same(frag.ufrag, line[len("a=ice-ufrag:") :], "ice-ufrag")
+        elif line.startswith("a=ice-pwd:"):
+            frag.pwd = _same(frag.pwd, line[len("a=ice-pwd:") :], "ice-pwd")
+        elif line.startswith("a=candidate:"):
+            value = line[len("a=candidate:") :]
+            try:
+                candidate_from_sdp(value)
+            except (ValueError, IndexError, AssertionError):  # aiortc's parser raises each
+                raise FragmentError(f"line {number}: not an ICE candidate: {line[:100]!r}") from None
+            frag.candidates.append((mid, value))
+        elif line == "a=end-of-candidates":
+            frag.end = True
+        elif not (len(line) >= 2 and line[0].isalpha() and line[1] == "="):  # others are ignored
+            raise FragmentError(f"line {number}: not an SDP line: {line[:100]!r}")
+    return frag
+
+
+def _same(old: str | None, new: str, name: str) -> str:
+    if old is not None and old != new:
+        raise FragmentError(f"two different a={name} in one fragment")
+    return new
+
+
+def ice_ufrag(sdp: str) -> str | None:
+    """The first `a=ice-ufrag` of an SDP (the offer's ICE username fragment)."""
+    for line in sdp.splitlines():
+        if line.startswith("a=ice-ufrag:"):
+            return line[len("a=ice-ufrag:") :].strip()
+    return None
+
+
+def bundle_tag(sdp: str) -> dict[str, str]:
+    """Each bundled mid -> the group's first mid, whose transport the answer uses for them all
+    (aiortc hands a candidate of a bundled section to no transport)."""
+    for line in sdp.splitlines():
+        if line.startswith("a=group:BUNDLE "):
+            mids = line.split()[1:]
+            return {mid: mids[0] for mid in mids}
+    return {}
+
+
+class TrickleIce:
+    """A WHEP session's peer connection as a PATCH sees it: its entity tag, and the offer's ICE
+    credentials and bundle, against which a fragment's candidates are added."""
+
+    def __init__(self, pc: RTCPeerConnection, offer_sdp: str):
+        self.pc = pc
+        self.etag = f'"{secrets.token_urlsafe(12)}"'
+        self._ufrag = ice_ufrag(offer_sdp)
+        self._bundle = bundle_tag(offer_sdp)
+
+    def matches(self, if_match: str) -> bool:
+        """Whether an `If-Match` header names this ICE session (or any: `*`)."""
+        tags = [tag.strip() for tag in if_match.split(",")]
+        return "*" in tags or self.etag in tags or self.etag in (t.removeprefix("W/") for t in tags)
+
+    async def add(self, frag: Fragment) -> int:
+        """Hand the fragment's candidates to the ICE agent; IceRestart for new credentials.
+        Returns how many it added."""
+        if frag.ufrag is not None and self._ufrag is not None and frag.ufrag != self._ufrag:
+            raise IceRestart(frag.ufrag)
+        for mid, value in frag.candidates:
+            candidate = candidate_from_sdp(value)
+            if mid is None:  # before any a=mid: the first media section's
+                candidate.sdpMLineIndex = 0
+            else:
+                candidate.sdpMid = self._bundle.get(mid, mid)
+            try:
+                await self.pc.addIceCandidate(candidate)
+            except ValueError as e:  # e.g. a name that does not resolve
+                raise FragmentError(f"the ICE agent refused {value[:80]!r}: {e}") from None
+        if frag.end:
+            await self.pc.addIceCandidate(None)
+        return len(frag.candidates)

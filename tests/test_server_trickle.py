@@ -1,0 +1,160 @@
+"""WHEP trickle ICE: a player's candidates PATCHed after its offer (server/trickle.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from server_helpers import live_server
+
+from server.trickle import FragmentError, parse_fragment
+
+pytestmark = pytest.mark.timeout(120)
+
+FRAGMENT = """a=ice-options:trickle
+a=group:BUNDLE 0 1
+a=ice-ufrag:EsAw
+a=ice-pwd:P2uYro0UCOQ4zxjKXaWCBui1
+m=video 9 UDP/TLS/RTP/SAVPF 0
+a=mid:0
+a=candidate:1387637174 1 udp 2122260223 192.0.2.1 61764 typ host generation 0
+a=candidate:3471623853 1 udp 2122194687 198.51.100.2 61765 typ srflx raddr 10.0.0.2 rport 61765
+m=audio 9 UDP/TLS/RTP/SAVPF 0
+a=mid:1
+a=candidate:2 1 udp 2122260223 192.0.2.1 61766 typ host
+a=end-of-candidates
+"""
+
+
+def test_a_fragment_gives_its_credentials_and_each_candidate_under_its_mid():
+    frag = parse_fragment(FRAGMENT)
+    assert (frag.ufrag, frag.pwd, frag.end) == ("EsAw", "P2uYro0UCOQ4zxjKXaWCBui1", True)
+    assert [(mid, value.split()[4]) for mid, value in frag.candidates] == [
+        ("0", "192.0.2.1"),
+        ("0", "198.51.100.2"),
+        ("1", "192.0.2.1"),
+    ]
+    assert parse_fragment("a=end-of-candidates\r\n").end and not parse_fragment("").candidates
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("a=candidate:garbage", "line 1: not an ICE candidate"),
+        ("a=mid:0\na=candidate:1 1 udp x 192.0.2.1 1 typ host", "line 2: not an ICE candidate"),
+        ("hello", "line 1: not an SDP line"),
+        ("a=ice-ufrag:a\na=ice-ufrag:b", "two different a=ice-ufrag"),
+    ],
+)
+def test_a_fragment_that_cannot_be_read_says_which_line(text, says):
+    with pytest.raises(FragmentError, match=says):
+        parse_fragment(text)
+
+
+def split_candidates(sdp: str) -> tuple[str, str]:
+    """An offer without its candidates (as a player sends it before gathering is done), and the
+    fragment that trickles them: the credentials, the first media section's candidates, the end."""
+    lines = sdp.splitlines()
+    offer = [line for line in lines if not line.startswith(("a=candidate:", "a=end-of-candidates"))]
+    section = sdp.split("\nm=")[1].splitlines()  # the first media section's lines
+    fragment = [line for line in lines if line.startswith(("a=ice-ufrag:", "a=ice-pwd:"))][:2]
+    fragment += ["m=video 9 UDP/TLS/RTP/SAVPF 0", "a=mid:0"]
+    fragment += [line for line in section if line.startswith("a=candidate:")] + ["a=end-of-candidates"]
+    return "\r\n".join(offer) + "\r\n", "\r\n".join(fragment) + "\r\n"
+
+
+async def test_a_player_that_trickles_its_candidates_streams():
+    """The offer goes without candidates; the PATCH brings them to the server's ICE agent (its
+    remote candidates are the ones trickled) and the session streams."""
+    with live_server(max_sessions=2) as (url, app):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            created = (await http.post("/v1/sessions", json={"avatar": "ada"})).json()
+            auth = {"Authorization": f"Bearer {created['token']}"}
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pc.addTransceiver("video", direction="recvonly")
+            video = asyncio.get_running_loop().create_future()
+            pc.on("track", lambda track: video.set_result(track))
+            await pc.setLocalDescription(await pc.createOffer())
+            offer, fragment = split_candidates(pc.localDescription.sdp)
+            assert "a=candidate" not in offer and "a=candidate" in fragment
+            try:
+                r = await http.post(
+                    created["whep"], content=offer, headers={"content-type": "application/sdp", **auth}
+                )
+                assert r.status_code == 201, r.text
+                etag = r.headers["etag"]
+                server_pc = app.state.registry.get(created["id"]).trickle.pc
+                ice = server_pc.getTransceivers()[0].receiver.transport.transport
+                assert ice.getRemoteCandidates() == []
+                patch = await http.patch(created["resource"], content=fragment,
+                                         headers={"content-type": "application/trickle-ice-sdpfrag",
+                                                  "if-match": etag, **auth})  # fmt: skip
+                assert patch.status_code == 204, patch.text
+                trickled = {(c.ip, c.port) for c in ice.getRemoteCandidates()}
+                sent = {
+                    (line.split()[4], int(line.split()[5]))
+                    for line in fragment.splitlines()
+                    if line.startswith("a=candidate:")
+                }
+                assert trickled == sent
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
+                track = await asyncio.wait_for(video, 20)
+                frames = [await asyncio.wait_for(track.recv(), 20) for _ in range(5)]
+                assert all(f.width == created["width"] for f in frames)
+            finally:
+                await pc.close()
+
+
+async def test_a_patch_the_server_cannot_take_gets_its_reason():
+    """415 / 428 / 412 / 400 / 422 / 409 / 401, each with a message, and the session goes on."""
+    with live_server(max_sessions=3) as (url, app):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            created = (await http.post("/v1/sessions", json={"avatar": "ada"})).json()
+            auth = {"Authorization": f"Bearer {created['token']}"}
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pc.addTransceiver("video", direction="recvonly")
+            await pc.setLocalDescription(await pc.createOffer())
+            offer, fragment = split_candidates(pc.localDescription.sdp)
+            try:
+                r = await http.post(
+                    created["whep"], content=offer, headers={"content-type": "application/sdp", **auth}
+                )
+                etag = r.headers["etag"]
+                kind = {"content-type": "application/trickle-ice-sdpfrag"}
+
+                async def patch(body=fragment, **headers):
+                    return await http.patch(created["resource"], content=body, headers=headers)
+
+                restart = fragment.replace("a=ice-ufrag:", "a=ice-ufrag:new")
+                for response, status, says in [
+                    (await patch(**auth, **kind), 428, "If-Match"),
+                    (await patch(**auth, **kind, **{"if-match": '"other"'}), 412, "another ICE session"),
+                    (
+                        await patch(**auth, **{"content-type": "application/sdp", "if-match": etag}),
+                        415,
+                        "trickle-ice",
+                    ),
+                    (
+                        await patch("a=candidate:x", **auth, **kind, **{"if-match": etag}),
+                        400,
+                        "not an ICE candidate",
+                    ),
+                    (await patch(restart, **auth, **kind, **{"if-match": etag}), 422, "start a new session"),
+                    (await patch(**kind, **{"if-match": etag}), 401, "token"),
+                ]:
+                    assert response.status_code == status and says in response.json()["message"], (
+                        response.text
+                    )
+                ice = app.state.registry.get(created["id"]).trickle.pc.getTransceivers()[0].receiver.transport
+                assert ice.transport.getRemoteCandidates() == []  # none of those added anything
+                assert (await patch(**auth, **kind, **{"if-match": "*"})).status_code == 204
+                assert ice.transport.getRemoteCandidates()
+
+                other = (await http.post("/v1/sessions", json={"avatar": "ada"})).json()  # no WHEP offer yet
+                r = await http.patch(other["resource"], content=fragment,
+                                     headers={**kind, "if-match": "*", "authorization": f"Bearer {other['token']}"})  # fmt: skip
+                assert r.status_code == 409 and "no WHEP peer connection" in r.json()["message"]
+            finally:
+                await pc.close()
