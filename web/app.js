@@ -10,7 +10,7 @@ const HEADER_BYTES = 16;
 
 // what the overlay shows; tests read it as window.streamgenStats
 const stats = { transport: null, firstFrameMs: null, framesDecoded: 0, fps: 0, avOffsetMs: null,
-  rttMs: null, state: "idle", error: null };
+  rttMs: null, state: "idle", error: null, trickled: 0 };
 window.streamgenStats = stats;
 
 let avatar = params.get("avatar") || "sample";
@@ -92,14 +92,34 @@ async function getMic() {
 }
 
 // --- WebRTC (WHEP) ------------------------------------------------------------------------------
-function iceGathered(peer, timeoutMs = 2000) {
-  if (peer.iceGatheringState === "complete") return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = () => { peer.removeEventListener("icegatheringstatechange", check); resolve(); };
-    const check = () => peer.iceGatheringState === "complete" && done();
-    peer.addEventListener("icegatheringstatechange", check);
-    setTimeout(done, timeoutMs);  // answer with whatever candidates we have
+function trickleCandidates(peer) {
+  // Trickle ICE (server/trickle.py): the offer goes at once, with the candidates gathered by
+  // then, and each later one follows as a PATCH of the session resource, so no viewer waits for
+  // gathering (a STUN or TURN server's answer can take a second) and none is left out.
+  let offer = null, send = null, chain = Promise.resolve();
+  const queued = [];
+  peer.addEventListener("icecandidate", (e) => {
+    if (offer === null) return;  // gathered before the offer was read: in it
+    if (e.candidate && !e.candidate.candidate) return;  // an empty one: the end of a generation
+    const lines = e.candidate ? [`a=mid:${e.candidate.sdpMid}`, `a=${e.candidate.candidate}`] : ["a=end-of-candidates"];
+    send ? send(lines) : queued.push(lines);
   });
+  return {
+    posted(sdp) { offer = sdp; },
+    answered(location, etag) {
+      const head = [offer.match(/a=ice-ufrag:.*/)[0], offer.match(/a=ice-pwd:.*/)[0]];
+      send = (lines) => {  // in order: the end of candidates comes last
+        chain = chain.then(() => fetch(location, {
+          method: "PATCH", body: head.concat(lines).join("\r\n") + "\r\n",
+          headers: authHeaders({ "Content-Type": "application/trickle-ice-sdpfrag", "If-Match": etag }),
+        })).then((res) => {
+          if (res.ok && lines.length > 1) stats.trickled++;
+          else if (!res.ok) console.warn(`trickle ICE: PATCH ${res.status}`);
+        }, (err) => console.warn("trickle ICE:", err));
+      };
+      queued.splice(0).forEach(send);
+    },
+  };
 }
 
 async function connectWebRTC() {
@@ -114,13 +134,16 @@ async function connectWebRTC() {
   const audio = pc.addTransceiver("audio", { direction: "sendrecv" });
   audioSender = audio.sender;
   if (mic) await audioSender.replaceTrack(mic.getAudioTracks()[0]);
+  const trickle = trickleCandidates(pc);
   await pc.setLocalDescription(await pc.createOffer());
-  await iceGathered(pc);
   offerPostedAt = performance.now();
+  const offer = pc.localDescription.sdp;
+  trickle.posted(offer);
   const res = await fetch(session.whep, {
-    method: "POST", body: pc.localDescription.sdp, headers: authHeaders({ "Content-Type": "application/sdp" }),
+    method: "POST", body: offer, headers: authHeaders({ "Content-Type": "application/sdp" }),
   });
   if (res.status !== 201) throw new Error(`WHEP ${res.status}: ${await res.text()}`);
+  trickle.answered(session.resource, res.headers.get("ETag"));
   await pc.setRemoteDescription({ type: "answer", sdp: await res.text() });
   await new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error("WebRTC did not connect within 5 s")), 5000);
