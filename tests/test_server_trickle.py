@@ -158,3 +158,28 @@ async def test_a_patch_the_server_cannot_take_gets_its_reason():
                 assert r.status_code == 409 and "no WHEP peer connection" in r.json()["message"]
             finally:
                 await pc.close()
+
+
+async def test_a_player_of_the_one_url_trickles_to_the_location_it_was_given():
+    """`POST /v1/whep`: the answer's Location carries the session token, so a player that knows
+    only that URL PATCHes its candidates there, with the ETag, and no header of its own."""
+    with live_server(max_sessions=2) as (url, app):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pc.addTransceiver("video", direction="recvonly")
+            await pc.setLocalDescription(await pc.createOffer())
+            offer, fragment = split_candidates(pc.localDescription.sdp)
+            try:
+                r = await http.post(
+                    "/v1/whep?avatar=ada", content=offer, headers={"content-type": "application/sdp"}
+                )
+                assert r.status_code == 201 and "?token=" in r.headers["location"], r.text
+                headers = {"content-type": "application/trickle-ice-sdpfrag", "if-match": r.headers["etag"]}
+                patch = await http.patch(r.headers["location"], content=fragment, headers=headers)
+                assert patch.status_code == 204, patch.text
+                (session,) = app.state.registry.sessions.values()
+                assert session.trickle.pc.getTransceivers()[
+                    0
+                ].receiver.transport.transport.getRemoteCandidates()
+            finally:
+                await pc.close()
