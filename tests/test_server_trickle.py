@@ -65,6 +65,19 @@ def split_candidates(sdp: str) -> tuple[str, str]:
     return "\r\n".join(offer) + "\r\n", "\r\n".join(fragment) + "\r\n"
 
 
+async def trickling_player() -> tuple[RTCPeerConnection, str, str]:
+    """An aiortc peer that receives video: its offer without candidates, and their fragment."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, *split_candidates(pc.localDescription.sdp)
+
+
+def remote_candidates(session) -> list:
+    """What the server's ICE agent knows of the player's addresses (the bundle's transport)."""
+    return session.trickle.pc.getTransceivers()[0].receiver.transport.transport.getRemoteCandidates()
+
+
 async def test_a_player_that_trickles_its_candidates_streams():
     """The offer goes without candidates; the PATCH brings them to the server's ICE agent (its
     remote candidates are the ones trickled) and the session streams."""
@@ -72,12 +85,9 @@ async def test_a_player_that_trickles_its_candidates_streams():
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
             created = (await http.post("/v1/sessions", json={"avatar": "ada"})).json()
             auth = {"Authorization": f"Bearer {created['token']}"}
-            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-            pc.addTransceiver("video", direction="recvonly")
+            pc, offer, fragment = await trickling_player()
             video = asyncio.get_running_loop().create_future()
             pc.on("track", lambda track: video.set_result(track))
-            await pc.setLocalDescription(await pc.createOffer())
-            offer, fragment = split_candidates(pc.localDescription.sdp)
             assert "a=candidate" not in offer and "a=candidate" in fragment
             try:
                 r = await http.post(
@@ -85,14 +95,13 @@ async def test_a_player_that_trickles_its_candidates_streams():
                 )
                 assert r.status_code == 201, r.text
                 etag = r.headers["etag"]
-                server_pc = app.state.registry.get(created["id"]).trickle.pc
-                ice = server_pc.getTransceivers()[0].receiver.transport.transport
-                assert ice.getRemoteCandidates() == []
+                session = app.state.registry.get(created["id"])
+                assert remote_candidates(session) == []
                 patch = await http.patch(created["resource"], content=fragment,
                                          headers={"content-type": "application/trickle-ice-sdpfrag",
                                                   "if-match": etag, **auth})  # fmt: skip
                 assert patch.status_code == 204, patch.text
-                trickled = {(c.ip, c.port) for c in ice.getRemoteCandidates()}
+                trickled = {(c.ip, c.port) for c in remote_candidates(session)}
                 sent = {
                     (line.split()[4], int(line.split()[5]))
                     for line in fragment.splitlines()
@@ -113,10 +122,7 @@ async def test_a_patch_the_server_cannot_take_gets_its_reason():
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
             created = (await http.post("/v1/sessions", json={"avatar": "ada"})).json()
             auth = {"Authorization": f"Bearer {created['token']}"}
-            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-            pc.addTransceiver("video", direction="recvonly")
-            await pc.setLocalDescription(await pc.createOffer())
-            offer, fragment = split_candidates(pc.localDescription.sdp)
+            pc, offer, fragment = await trickling_player()
             try:
                 r = await http.post(
                     created["whep"], content=offer, headers={"content-type": "application/sdp", **auth}
@@ -147,10 +153,10 @@ async def test_a_patch_the_server_cannot_take_gets_its_reason():
                     assert response.status_code == status and says in response.json()["message"], (
                         response.text
                     )
-                ice = app.state.registry.get(created["id"]).trickle.pc.getTransceivers()[0].receiver.transport
-                assert ice.transport.getRemoteCandidates() == []  # none of those added anything
+                session = app.state.registry.get(created["id"])
+                assert remote_candidates(session) == []  # none of those added anything
                 assert (await patch(**auth, **kind, **{"if-match": "*"})).status_code == 204
-                assert ice.transport.getRemoteCandidates()
+                assert remote_candidates(session)
 
                 other = (await http.post("/v1/sessions", json={"avatar": "ada"})).json()  # no WHEP offer yet
                 r = await http.patch(other["resource"], content=fragment,
@@ -165,10 +171,7 @@ async def test_a_player_of_the_one_url_trickles_to_the_location_it_was_given():
     only that URL PATCHes its candidates there, with the ETag, and no header of its own."""
     with live_server(max_sessions=2) as (url, app):
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-            pc.addTransceiver("video", direction="recvonly")
-            await pc.setLocalDescription(await pc.createOffer())
-            offer, fragment = split_candidates(pc.localDescription.sdp)
+            pc, offer, fragment = await trickling_player()
             try:
                 r = await http.post(
                     "/v1/whep?avatar=ada", content=offer, headers={"content-type": "application/sdp"}
@@ -178,8 +181,6 @@ async def test_a_player_of_the_one_url_trickles_to_the_location_it_was_given():
                 patch = await http.patch(r.headers["location"], content=fragment, headers=headers)
                 assert patch.status_code == 204, patch.text
                 (session,) = app.state.registry.sessions.values()
-                assert session.trickle.pc.getTransceivers()[
-                    0
-                ].receiver.transport.transport.getRemoteCandidates()
+                assert remote_candidates(session)
             finally:
                 await pc.close()
