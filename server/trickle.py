@@ -22,6 +22,10 @@ from aiortc import RTCPeerConnection
 from aiortc.sdp import candidate_from_sdp
 
 FRAGMENT_TYPE = "application/trickle-ice-sdpfrag"
+# Each remote candidate is an address the server's ICE agent sends connectivity checks to: a
+# bound on them (offer and fragments together) keeps a session from aiming the server's
+# STUN traffic at many addresses. A browser offers a few per network interface.
+MAX_CANDIDATES = 64
 
 
 class FragmentError(ValueError):
@@ -102,6 +106,7 @@ class TrickleIce:
         self.etag = f'"{secrets.token_urlsafe(12)}"'
         self._ufrag = ice_ufrag(offer_sdp)
         self._bundle = bundle_tag(offer_sdp)
+        self.candidates = offer_sdp.count("a=candidate:")  # the offer's and those added since
 
     def matches(self, if_match: str) -> bool:
         """Whether an `If-Match` header names this ICE session (or any: `*`)."""
@@ -113,6 +118,10 @@ class TrickleIce:
         Returns how many it added."""
         if frag.ufrag is not None and self._ufrag is not None and frag.ufrag != self._ufrag:
             raise IceRestart(frag.ufrag)
+        if self.candidates + len(frag.candidates) > MAX_CANDIDATES:
+            raise FragmentError(f"a session takes at most {MAX_CANDIDATES} ICE candidates, offer included "
+                                f"({self.candidates} so far, {len(frag.candidates)} more sent)")  # fmt: skip
+        self.candidates += len(frag.candidates)
         for mid, value in frag.candidates:
             candidate = candidate_from_sdp(value)
             if mid is None:  # before any a=mid: the first media section's

@@ -23,7 +23,7 @@ from aiortc.sdp import SessionDescription
 
 from .ice import for_peer, server_side
 from .session import SAMPLE_RATE, Chunk, ChunkSlot, Session
-from .trickle import TrickleIce
+from .trickle import MAX_CANDIDATES, TrickleIce
 
 log = logging.getLogger("streamgen.server")
 
@@ -53,6 +53,9 @@ def check_offer(sdp: str) -> set[str]:
     codecs = {c.name.lower() for m in video for c in m.rtp.codecs}
     if not codecs & SUPPORTED_VIDEO:
         raise OfferError(f"offer has no usable media: no VP8 or H264 video codec (got {sorted(codecs)})")
+    candidates = sum(len(m.ice_candidates) for m in parsed.media)
+    if candidates > MAX_CANDIDATES:
+        raise OfferError(f"offer has {candidates} ICE candidates: a session takes at most {MAX_CANDIDATES}")
     return {m.kind for m in parsed.media}
 
 

@@ -184,3 +184,39 @@ async def test_a_player_of_the_one_url_trickles_to_the_location_it_was_given():
                 assert remote_candidates(session)
             finally:
                 await pc.close()
+
+
+async def test_a_session_takes_a_bounded_number_of_candidates():
+    """Each candidate is an address the server sends checks to: past MAX_CANDIDATES, offer and
+    fragments together, an offer is refused (400) and a fragment adds none of its own."""
+    from server.trickle import MAX_CANDIDATES
+
+    many = [
+        f"a=candidate:{i} 1 udp 2122260223 192.0.2.{1 + i // 200} {10000 + i} typ host" for i in range(65)
+    ]
+    assert len(many) > MAX_CANDIDATES
+    with live_server(max_sessions=2) as (url, app):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            created = (await http.post("/v1/sessions", json={"avatar": "ada"})).json()
+            headers = {"Authorization": f"Bearer {created['token']}"}
+            pc, offer, fragment = await trickling_player()
+            try:
+                crowded = offer.replace("a=mid:0\r\n", "a=mid:0\r\n" + "\r\n".join(many) + "\r\n")
+                r = await http.post(
+                    created["whep"], content=crowded, headers={"content-type": "application/sdp", **headers}
+                )
+                assert r.status_code == 400 and "65 ICE candidates" in r.json()["message"], r.text
+                r = await http.post(
+                    created["whep"], content=offer, headers={"content-type": "application/sdp", **headers}
+                )
+                assert r.status_code == 201, r.text
+                headers |= {"content-type": "application/trickle-ice-sdpfrag", "if-match": r.headers["etag"]}
+                crowded = fragment.replace("a=end-of-candidates", "\r\n".join(many))
+                r = await http.patch(created["resource"], content=crowded, headers=headers)
+                assert r.status_code == 400 and f"at most {MAX_CANDIDATES}" in r.json()["message"], r.text
+                assert remote_candidates(app.state.registry.get(created["id"])) == []
+                assert (
+                    await http.patch(created["resource"], content=fragment, headers=headers)
+                ).status_code == 204
+            finally:
+                await pc.close()
