@@ -29,9 +29,13 @@ chunk at a time, so there is no A/V offset, answer, or stutter to read):
   the estimate, the CPU cores its process used: the rest of the machine is the clients', and the
   mean number of sessions per batch it generated)
 - sessions_worker_ms_per_chunk: the worker's busy time over the chunks it generated in a probe
-  (its cost per session-chunk at that load, which batching lowers as sessions are added)
-- --against MODEL: two servers, the probes alternating between them (A B, B A, ...); per model the
-  probe figures above (model_figures, against_figures), and against_speedup: A's worker time per chunk over B's at each load
+  (its cost per session-chunk at that load, which batching lowers as sessions are added);
+  sessions_server_cpu_ms_per_chunk: the server process's CPU time over the same chunks (the
+  worker's and the event loop's: transports, encoding, framing)
+- --against MODEL / --against-args ARGS: two servers (another model, or the same served with other
+  options), the probes alternating between them (A B, B A, ...); per server the
+  probe figures above (model_figures, against_figures), and against_speedup / against_cpu_speedup:
+  A's worker time / server CPU time per chunk over B's at each load
 - repeated_frames / skipped_frames: stutter over the watch: frames shown twice because their
   chunk came late, frames never shown because the clock jumped back (the playout delay came down)
 - browser_*: the web client in headless chromium (when /usr/bin/chromium exists): first frame,
@@ -47,6 +51,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -78,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "of sessions (A B, then B A, ...), so both meet the same machine: each model's probe "
                         "figures and the worker time per generated chunk, A's over B's (the single-session "
                         "and browser figures are skipped)")  # fmt: skip
+    parser.add_argument("--against-args", default="", metavar="ARGS",
+                        help="serve options for the second server only, e.g. --against-args=--ws-compression: "
+                        "the same model (or --against's) served another way, probed as --against says")  # fmt: skip
     parser.add_argument("--transport", choices=list(WATCH), default="webrtc",
                         help="the clients: WebRTC (WHEP, decoding VP8), or the WebSocket API with raw RGB frames, "
                         "which costs the clients next to nothing (a probe of the server alone)")  # fmt: skip
@@ -89,7 +97,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(args, port: int, model: str) -> subprocess.Popen:
+def _start_server(args, port: int, model: str, extra: list[str] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "streamgen.cli", "serve", "--port", str(port), "--loopback", "--stamp-frames",
            "--admit-max", "--max-sessions", str(args.max_probe + 1), "--model", model, "--log-level", "warning"]  # fmt: skip
     if args.size:
@@ -104,6 +112,7 @@ def _start_server(args, port: int, model: str) -> subprocess.Popen:
         cmd += ["--compile"]
     if not args.align_batches:
         cmd += ["--no-align-batches"]
+    cmd += list(extra)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -305,14 +314,14 @@ def _av_offset(starts, markers) -> float | None:
 
 
 @contextlib.asynccontextmanager
-async def _served(args, model: str):
+async def _served(args, model: str, extra: list[str] = ()):
     """`streamgen serve --model MODEL` on a free 127.0.0.1 port until the block ends: an HTTP
     client for it, its /readyz answer, and the seconds it took to become ready."""
     import httpx
 
     port = _free_port()
     started = time.monotonic()
-    proc = _start_server(args, port, model)
+    proc = _start_server(args, port, model, extra)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             ready = await _wait_ready(http, proc)
@@ -329,7 +338,7 @@ async def _bench(args) -> dict:
     from server.loopback import use_loopback_ice
 
     use_loopback_ice()  # the clients, too, talk over 127.0.0.1 only
-    if args.against:
+    if args.against or args.against_args:
         return await _bench_against(args)
     async with _served(args, args.model) as (http, ready, ready_s):
         webrtc = args.transport == "webrtc"
@@ -364,9 +373,10 @@ async def _bench_against(args) -> dict:
     probed on one and then the other, the order flipped at every step (A B, B A, A B, ...): the
     machine's speed drifts by the hour here, and a ratio of figures taken a minute apart is what
     survives it. A model's ladder stops where its sessions fall out of real time."""
-    names = {"model": args.model, "against": args.against}
+    names = {"model": args.model, "against": args.against or args.model}
+    extra = {"model": [], "against": shlex.split(args.against_args)}
     async with contextlib.AsyncExitStack() as stack:
-        served = {side: await stack.enter_async_context(_served(args, model)) for side, model in names.items()}
+        served = {side: await stack.enter_async_context(_served(args, model, extra[side])) for side, model in names.items()}
         per_n = {side: {} for side in names}
         going = set(names)
         for n in range(1, args.max_probe + 1):
@@ -377,7 +387,8 @@ async def _bench_against(args) -> dict:
                     going.discard(side)
             if not going:
                 break
-    out = {"model": args.model, "against": args.against, "transport": args.transport, "order": "alternating"}
+    out = {"model": args.model, "against": names["against"], "against_args": args.against_args,
+           "transport": args.transport, "order": "alternating"}  # fmt: skip
     for side in names:
         ladder = per_n[side]
         out[f"{side}_figures"] = {
@@ -386,10 +397,11 @@ async def _bench_against(args) -> dict:
             "max_realtime_sessions": _realtime(ladder, args.seconds),
             **_ladder_figures(ladder, args.seconds),
         }
-    own = out["model_figures"]["sessions_worker_ms_per_chunk"]
-    other = out["against_figures"]["sessions_worker_ms_per_chunk"]
-    # > 1: the second model costs the worker less per chunk at that load
-    out["against_speedup"] = {n: round(own[n] / other[n], 3) for n in own if own[n] and other.get(n)}
+    # > 1: the second server's chunks cost less at that load, the worker's time (against_speedup)
+    # or the whole process's CPU time (against_cpu_speedup)
+    for key, figure in (("against_speedup", "worker_ms_per_chunk"), ("against_cpu_speedup", "server_cpu_ms_per_chunk")):
+        own, other = (out[f"{side}_figures"][f"sessions_{figure}"] for side in names)
+        out[key] = {n: round(own[n] / other[n], 3) for n in own if own[n] and other.get(n)}
     return out
 
 
@@ -397,7 +409,8 @@ def _ladder_figures(per_n: dict, seconds: float) -> dict:
     """The probe ladder's figures, one dict per figure keyed by the number of sessions."""
     out = {"max_on_time_sessions": _on_time(per_n, seconds)}
     for key in ("fps", "first_frame_ms", "glass_to_glass_ms", "playout_delay_ms", "av_offset_ms", "repeated_frames",
-                "worker_busy", "worker_ms_per_chunk", "late_chunks", "chunk_ms", "server_cpu_cores", "batch_mean"):  # fmt: skip
+                "worker_busy", "worker_ms_per_chunk", "server_cpu_ms_per_chunk", "late_chunks", "chunk_ms",
+                "server_cpu_cores", "batch_mean"):  # fmt: skip
         out[f"sessions_{key}"] = {n: figures[key] for n, figures in per_n.items()}
     return out
 
@@ -481,6 +494,8 @@ async def _probe(http, args, n: int) -> dict:
         "first_frame_ms": [round(1000 * r["first_frame"]) for r in results],
         "worker_busy": round(busy / elapsed, 3),
         "worker_ms_per_chunk": round(1000 * busy / chunks, 2) if chunks else None,
+        # the whole process: the worker and the event loop's part (transports, encoding, framing)
+        "server_cpu_ms_per_chunk": round(1000 * (after["cpu_s"] - before["cpu_s"]) / chunks, 2) if chunks else None,
         "server_cpu_cores": round((after["cpu_s"] - before["cpu_s"]) / elapsed, 2),
         "late_chunks": int(after["late"] - before["late"]),
         "chunk_ms": after["chunk_ms"],

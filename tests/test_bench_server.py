@@ -67,7 +67,8 @@ async def test_each_transports_watch_counts_the_chunks_its_session_got():
 def test_realtime_sessions_stop_at_the_first_probe_out_of_real_time():
     from bench.server import _realtime
 
-    ok, slow, dragged = {"fps": 25.0, "elapsed_s": 21}, {"fps": 23.9, "elapsed_s": 21}, {"fps": 25, "elapsed_s": 81}
+    ok, slow = {"fps": 25.0, "elapsed_s": 21}, {"fps": 23.9, "elapsed_s": 21}
+    dragged = {"fps": 25, "elapsed_s": 81}
     assert _realtime({1: ok, 2: ok, 3: slow}, seconds=20) == 2
     assert _realtime({1: ok, 2: dragged, 3: ok}, seconds=20) == 1  # setups queued for over a minute
     assert _realtime({1: slow}, seconds=20) == 0
@@ -86,7 +87,7 @@ async def test_against_probes_two_servers_in_alternation(monkeypatch):
     import bench.server as bench
 
     @contextlib.asynccontextmanager
-    async def served(args, model):
+    async def served(args, model, extra=()):
         with live_server() as (url, _):
             async with httpx.AsyncClient(base_url=url, timeout=10) as http:
                 yield http, (await http.get("/readyz")).json(), 0.5
@@ -100,7 +101,8 @@ async def test_against_probes_two_servers_in_alternation(monkeypatch):
 
     monkeypatch.setattr(bench, "_served", served)
     monkeypatch.setattr(bench, "_probe", recording_probe)
-    args = argparse.Namespace(model="debug", against="debug-too", max_probe=3, seconds=1.0, transport="ws")
+    args = argparse.Namespace(model="debug", against="debug-too", against_args="", max_probe=3, seconds=1.0,
+                              transport="ws")  # fmt: skip
     out = await bench._bench_against(args)
 
     first, second = probed[0][0], probed[1][0]
@@ -109,8 +111,45 @@ async def test_against_probes_two_servers_in_alternation(monkeypatch):
     assert out["model"] == "debug" and out["against"] == "debug-too"
     for side in ("model", "against"):
         figures = out[f"{side}_figures"]
-        assert figures["max_realtime_sessions"] == 3 and set(figures["sessions_worker_ms_per_chunk"]) == {1, 2, 3}
+        assert figures["max_realtime_sessions"] == 3
+        assert set(figures["sessions_worker_ms_per_chunk"]) == {1, 2, 3}
         assert all(ms > 0 for ms in figures["sessions_worker_ms_per_chunk"].values())
     own = out["model_figures"]["sessions_worker_ms_per_chunk"]
     other = out["against_figures"]["sessions_worker_ms_per_chunk"]
     assert out["against_speedup"] == {n: round(own[n] / other[n], 3) for n in (1, 2, 3)}
+    assert set(out["against_cpu_speedup"]) == {1, 2, 3}
+
+
+async def test_against_args_serve_the_same_model_another_way(monkeypatch):
+    """`--against-args`: the second server runs the first one's model with those options, on
+    its command line after the benchmark's own."""
+    import argparse
+    import contextlib
+
+    import bench.server as bench
+
+    started = []
+
+    @contextlib.asynccontextmanager
+    async def served(args, model, extra=()):
+        started.append(bench._start_server(args, 0, model, extra).args)
+        yield None, {}, 0.0
+
+    async def no_probe(http, args, n):
+        raise asyncio.CancelledError  # both servers are up: that is all this test reads
+
+    class Popen:  # the command, not a process
+        def __init__(self, args, **kwargs):
+            self.args = args
+
+    monkeypatch.setattr(bench, "_served", served)
+    monkeypatch.setattr(bench, "_probe", no_probe)
+    monkeypatch.setattr(bench.subprocess, "Popen", Popen)
+    args = argparse.Namespace(model="tiny-avatar", against=None, against_args="--ws-compression --lanes 2",
+                              max_probe=1, seconds=1.0, transport="ws", size=None, lanes=1, threads=None,
+                              model_process=False, compile=False, align_batches=True)  # fmt: skip
+    with contextlib.suppress(asyncio.CancelledError):
+        await bench._bench_against(args)
+    own, other = started
+    assert own[own.index("--model") + 1] == other[other.index("--model") + 1] == "tiny-avatar"
+    assert "--ws-compression" not in own and other[-3:] == ["--ws-compression", "--lanes", "2"]

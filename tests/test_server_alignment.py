@@ -290,3 +290,16 @@ def test_serve_no_align_batches_reaches_the_server_config(monkeypatch):
     assert main(["serve", "--model", "debug"]) == 0
     assert main(["serve", "--model", "debug", "--no-align-batches"]) == 0
     assert [c.align_batches for c in configs] == [True, False]
+
+
+def test_serve_offers_websocket_compression_only_when_asked(monkeypatch):
+    """Every frame would be deflated in the event loop's thread: off unless --ws-compression."""
+    import uvicorn
+
+    from streamgen.cli import main
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: calls.append(kwargs))
+    assert main(["serve", "--model", "debug"]) == 0
+    assert main(["serve", "--model", "debug", "--ws-compression"]) == 0
+    assert [c["ws_per_message_deflate"] for c in calls] == [False, True]
