@@ -17,8 +17,13 @@ Over the device's matrix rate and copy bandwidth the FLOPs and the fewest bytes
 give two times; the larger is the stage's floor, and no implementation of the
 same model runs much faster. The counts come from running the real
 `StreamSession`, on the meta device for models too large for this machine
-(`wan2.1-1.3b`: no values, only shapes, in about a minute on a CPU), so they
-follow the model code as it is. The first chunk is counted on a fresh stream,
+(`wan2.1-1.3b`: no values, only shapes), so they follow the model code as it is.
+On meta every operator is a Python call (~0.6 ms here), so there the
+transformer is counted with one block and with two (`layer_extrapolated`): its
+blocks are identical, so every count is the one-block count plus the second
+block's share once for each further block, the same numbers as counting all 30
+(tested; `--every-layer` counts them all: 76 s against 17 s at 832x480 on the
+2-core CPU). The first chunk is counted on a fresh stream,
 the steady chunk once the ring holds `window_frames`, and every chunk of a fresh
 81-frame clip: the setting of Self-Forcing's published rate (`clip`, below).
 
@@ -32,6 +37,7 @@ same run and sets its timings against this floor.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
@@ -43,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from streamgen.cli import frame_size
 from streamgen.model.audio import VIDEO_FPS
-from streamgen.stream import CHUNK_STAGES, StreamSession
+from streamgen.stream import StreamSession
 
 H200_MATMUL_TFLOPS = 790.0  # KINDS.md: bf16 8192^3 on random data, two machines, 2026-10-28 and 11-04
 H200_COPY_GBPS = 4300.0  # KINDS.md: device-to-device copy, bytes read + written
@@ -136,6 +142,54 @@ def chunk_work(session: StreamSession, start, steps: int, clip_frames: int = CLI
         session.next_chunk(observe=_skip_host)
     steady = _counted_chunk(session, steps)
     return {"start": start_work, "first_chunk": clip[0], "steady_chunk": steady, "clip": clip}
+
+
+def with_layers(model, layers: int):
+    """`model` with a freshly built DiT of `layers` blocks, the rest of its configuration and its
+    autoencoder the same (on the device and in the dtype of `model`'s DiT)."""
+    from streamgen.model.model import DiT
+    from streamgen.models import AvatarModel
+
+    param = next(model.dit.parameters())
+    with torch.device(param.device):
+        dit = DiT(dataclasses.replace(model.cfg, num_layers=layers)).to(param.dtype).eval()
+    return AvatarModel(
+        model.name,
+        dit,
+        model.vae,
+        model.height,
+        model.width,
+        shift=model.shift,
+        steps=model.steps,
+        meta=model.meta,
+    )
+
+
+def layer_extrapolated(work_with_layers, layers: int):
+    """The work of a DiT of `layers` identical blocks from `work_with_layers(1)` and
+    `work_with_layers(2)` (each a nested dict of counts, as `chunk_work`'s): every count is affine
+    in the number of blocks (each adds the same products, weights and cached keys and values;
+    what runs once per forward, or only in the last block, the start and the autoencoder, do not
+    change with it), so count(L) = count(1) + (L - 1) * (count(2) - count(1)). What is not a
+    number (names) must be the same in both."""
+    one, two = work_with_layers(1), work_with_layers(2)
+
+    def combine(a, b):
+        if isinstance(a, dict):
+            if a.keys() != b.keys():
+                raise ValueError(f"the counts differ in their parts: {sorted(a)} and {sorted(b)}")
+            return {k: combine(a[k], b[k]) for k in a}
+        if isinstance(a, list):
+            if len(a) != len(b):
+                raise ValueError("the counts differ in their number of chunks")
+            return [combine(x, y) for x, y in zip(a, b)]
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            return a + (layers - 1) * (b - a)
+        if a != b:
+            raise ValueError(f"the counts differ: {a!r} and {b!r}")
+        return a
+
+    return combine(one, two)
 
 
 def attention_in_fp8(work: dict, backend: str) -> dict:
@@ -313,56 +367,6 @@ def report(work: dict, ceilings: dict, target_fps: float = TARGET_FPS) -> dict:
     )
 
 
-def plot(results: list[dict], path) -> None:
-    """One bar per result: its steady chunk's floor stacked by stage, against the time a chunk
-    may take at the target frame rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.6 * len(results)), layout="constrained")
-    labels = [
-        f"{r['model']} {r['width']}x{r['height']}, {r['steps']} steps, window {r['window_frames']}"
-        + (", cache from last step" if r.get("cache_from") == "last_step" else "")
-        + (", FP8 linears" if r.get("fp8_linears") else "")
-        + (f", {r['attention']} attention" if r.get("attention", "sdpa") != "sdpa" else "")
-        for r in results
-    ]
-    counted = [stage for stage in CHUNK_STAGES if stage != "to_host"]  # the copy is timed, not counted
-    steady = [r["floor"]["steady_chunk"]["stages"] for r in results]
-    left = [0.0] * len(results)
-    for stage, color in zip(counted, ("tab:purple", "tab:blue", "tab:cyan", "tab:orange")):
-        widths = [stages.get(stage, {}).get("floor_ms", 0.0) for stages in steady]
-        ax.barh(labels, widths, left=left, color=color, label=stage)
-        left = [a + b for a, b in zip(left, widths)]
-    for y, r in enumerate(results):
-        budget_ms = r["work"]["steady_chunk"]["frames"] / r["target_fps"] * 1000
-        ax.plot([budget_ms] * 2, [y - 0.4, y + 0.4], color="tab:red")
-        ax.text(
-            r["floor"]["steady_chunk"]["floor_ms"],
-            y,
-            f" {r['fps_ceiling']:.0f} FPS at best"
-            + (
-                f" ({r['clip_fps_ceiling']:.0f} over a fresh {r['floor']['clip']['frames']}-frame clip)"
-                if r.get("clip_fps_ceiling")
-                else ""
-            ),
-            va="center",
-            fontsize=8,
-        )
-    ax.plot([], [], color="tab:red", label="a chunk's time at the target fps")
-    rates = {(r["ceilings"]["matmul_tflop_per_s"], r["ceilings"]["copy_gb_per_s"]) for r in results}
-    ax.set_xlabel(
-        "floor of one steady chunk, ms (" + "; ".join(f"{m:g} TFLOP/s, {c:g} GB/s" for m, c in rates) + ")"
-    )
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1.2 * max(ax.get_xlim()[1], *(r["floor"]["steady_chunk"]["floor_ms"] for r in results)))
-    fig.legend(fontsize=8, loc="outside lower center", ncol=6)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="wan2.1-1.3b", help=f"{' or '.join(WAN_FLAVORS)}, or a streamgen model")
     p.add_argument("--height", type=frame_size, help="default: 480 for the Wan flavors, else the model's own")
@@ -415,6 +419,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=CLIP_FRAMES,
         help="also count a fresh clip this long (video frames), from its first chunk on",
+    )
+    p.add_argument(
+        "--every-layer",
+        action="store_true",
+        help="on meta, count every block of the transformer (default: one block and two, "
+        "extrapolated: the same counts, about 3x sooner)",
     )
     p.add_argument("--plot", help="write the steady chunk's floor by stage to this PNG")
     p.add_argument(
@@ -470,24 +480,40 @@ def main(args) -> dict:
         except (FileNotFoundError, ValueError) as e:
             raise UserError(str(e)) from None
         height, width = args.height or model.height, args.width or model.width
-    try:
-        if args.fp8:
-            from streamgen.model.float8 import float8_linears
 
-            float8_linears(model.dit)
-        session = StreamSession(
-            model, height, width, steps=args.steps, device=device, dtype=dtype, cache_from=args.cache_from
+    def session_of(m):
+        try:
+            if args.fp8:
+                from streamgen.model.float8 import float8_linears
+
+                float8_linears(m.dit)
+            return StreamSession(
+                m, height, width, steps=args.steps, device=device, dtype=dtype, cache_from=args.cache_from
+            )
+        except ValueError as e:  # a teacher, a size the model cannot take, a device without FP8
+            raise UserError(str(e)) from None
+
+    def starter(session):
+        # enough speech for every chunk of the clip and up to the full ring, so no chunk is silent
+        chunks = max(
+            model.cfg.window_frames // model.cfg.frames_per_chunk,
+            -(-args.clip_frames // session.frames_per_chunk),
         )
-    except ValueError as e:  # a teacher, a size the model cannot take, a device without FP8
-        raise UserError(str(e)) from None
-    # enough speech for every chunk of the clip and up to the full ring, so no chunk is silent
-    chunks = max(
-        model.cfg.window_frames // model.cfg.frames_per_chunk,
-        -(-args.clip_frames // session.frames_per_chunk),
-    )
-    speech_s = (chunks + 3) * session.chunk_seconds
-    start = lambda observe=None: start_stream(session, context, speech_s, observe=observe)  # noqa: E731
-    work = chunk_work(session, start, session.steps, args.clip_frames)
+        speech_s = (chunks + 3) * session.chunk_seconds
+        return lambda observe=None: start_stream(session, context, speech_s, observe=observe)
+
+    def work_with_layers(layers):
+        shallow = session_of(with_layers(model, layers))
+        return chunk_work(shallow, starter(shallow), shallow.steps, args.clip_frames)
+
+    session = session_of(model)
+    start = starter(session)
+    # on meta (counting only: --time and --measure need a real device) from one block and two
+    extrapolate = device == "meta" and not args.every_layer and model.cfg.num_layers > 2
+    if extrapolate:
+        work = layer_extrapolated(work_with_layers, model.cfg.num_layers)
+    else:
+        work = chunk_work(session, start, session.steps, args.clip_frames)
     if args.fp8_attention:
         attention_in_fp8(work, args.fp8_attention)
     target_fps = args.target_fps or (TARGET_FPS if wan else VIDEO_FPS)
@@ -524,6 +550,7 @@ def main(args) -> dict:
         else "model's",
         "cache_from": session.cache_from,
         "counted_on": device,
+        "blocks_counted": [1, 2] if extrapolate else model.cfg.num_layers,
         **(
             stage_timing.timed_report(session, work, ceilings, args.time, target_fps, restart=start)
             if args.time
@@ -533,6 +560,8 @@ def main(args) -> dict:
     }
     result["seconds"] = round(time.perf_counter() - started, 1)
     if args.plot:
+        from bench.floor_plot import plot
+
         plot([result], args.plot)
     return result
 

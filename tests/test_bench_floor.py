@@ -1,6 +1,7 @@
 """bench/floor.py: the work of each stage of a chunk, counted, and the floor it sets."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +13,7 @@ from bench import floor, gpu, stage_timing
 from streamgen.stream import CHUNK_STAGES, StreamSession
 
 STEPS = 4
+MODELS = Path(__file__).resolve().parents[1] / "streamgen" / "assets" / "models"
 
 
 def counted(device):
@@ -31,6 +33,39 @@ def test_counting_on_the_meta_device_gives_what_running_gives(on_cpu):
     _, on_meta = counted("meta")
     _, real = on_cpu
     assert on_meta == real
+
+
+def numbers(tree, path=""):
+    """{path: number} of every number in a nested dict/list of counts."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in numbers(sub, f"{path}.{key}").items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in numbers(sub, f"{path}[{i}]").items()}
+    return {path: tree}
+
+
+def test_one_block_and_two_extrapolate_to_the_counts_of_every_block(on_cpu):
+    # bench floor counts the Wan flavors on meta from one block and two: the blocks are identical,
+    # so every count is affine in their number (the start, the autoencoder and what a forward runs
+    # once do not change with it; a cache write's last block stores keys and values only)
+    model, _ = on_cpu
+
+    def work_with_layers(layers):
+        shallow = floor.with_layers(model, layers)
+        assert shallow.cfg.num_layers == layers and shallow.vae is model.vae
+        session = StreamSession(shallow, steps=STEPS, device="cpu", dtype=torch.float32)
+        context = torch.zeros(1, 8, model.cfg.text_dim)
+        return floor.chunk_work(session, lambda: gpu.start_stream(session, context, 10.0), STEPS)
+
+    extrapolated = numbers(floor.layer_extrapolated(work_with_layers, 5))
+    counted = numbers(work_with_layers(5))
+    assert extrapolated.keys() == counted.keys() and len(counted) > 100
+    assert extrapolated == pytest.approx(counted, rel=1e-9, abs=1e-15)
+    # and where the two counts do not have the same parts, it says so rather than guess
+    with pytest.raises(ValueError, match="differ"):
+        floor.layer_extrapolated(
+            lambda layers: {"stages": {"denoise": 1.0}} if layers == 1 else {"stages": {}}, 30
+        )
 
 
 def test_attention_is_counted_over_the_sink_the_chunk_and_the_filled_ring(on_cpu):
@@ -191,11 +226,18 @@ def test_measured_ceilings_are_positive_rates():
     assert ceilings["matmul_tflop_per_s"] == max(by_dtype.values()) and ceilings["copy_gb_per_s"] > 0
 
 
-def test_command_line_for_the_shipped_model_counts_and_times_each_stage():
-    r = streamgen("bench", "floor", "--model", "tiny-avatar", "--time", "2", "--json")
+def test_command_line_for_the_shipped_model_counts_and_times_each_stage(tmp_path):
+    png = tmp_path / "floor.png"
+    r = streamgen("bench", "floor", "--model", "tiny-avatar", "--time", "2", "--json", "--plot", str(png))
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["counted_on"] == "cpu" and result["target_fps"] == 25
+    # counted on a real device: every block of it, not extrapolated
+    assert (
+        result["blocks_counted"]
+        == json.loads((MODELS / "tiny-avatar" / "model.json").read_text())["config"]["num_layers"]
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # timed here, so against this machine's ceilings, in every dtype the session computes in
     assert result["ceilings"]["source"].startswith("measured")
     assert "float32" in result["ceilings"]["matmul_tflop_per_s_by_dtype"]
@@ -292,6 +334,7 @@ def test_command_line_for_wan_counts_on_the_meta_device():
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert (result["model"], result["counted_on"], result["dtype"]) == ("wan2.1-1.3b", "meta", "bfloat16")
+    assert result["blocks_counted"] == [1, 2]  # and extrapolated to its 30 (test above)
     assert result["window_frames"] == 3 and result["target_fps"] == floor.TARGET_FPS
     assert result["ceilings"]["matmul_tflop_per_s"] == floor.H200_MATMUL_TFLOPS
     assert result["floor"]["clip"]["frames"] == 9 and result["floor"]["clip"]["chunks"] == 1
