@@ -198,7 +198,12 @@ def attention_in_fp8(work: dict, backend: str) -> dict:
     kernel's products are the same); the start's attention stays in the model's dtype (its sink
     forward is small beside the encoder's)."""
     share = FP8_ATTENTION_SHARE[backend]
-    for chunk in (work["first_chunk"], work["steady_chunk"], *work.get("clip", [])):
+    # each chunk once: a fresh clip's first chunk is `first_chunk` itself (moved twice, fp8_qk's
+    # share of it was 3/4 instead of 1/2)
+    chunks = {
+        id(chunk): chunk for chunk in (work["first_chunk"], work["steady_chunk"], *work.get("clip", []))
+    }
+    for chunk in chunks.values():
         for stage in ("denoise", "reencode"):
             kinds = chunk["stages"][stage]["tflop_by_kind"]
             moved = share * kinds["attention"]
@@ -327,7 +332,7 @@ def measure_ceilings(device, dtypes, repeats: int = 10, float8: bool = False) ->
         "source": f"measured: {n}^3 products, {src.numel() >> 20} MiB copy, medians of {repeats}",
     }
     if float8:
-        from kernels.reference import FP8_DTYPE, fp8_matmul
+        from streamgen.kernels.reference import FP8_DTYPE, fp8_matmul
 
         a, b = (torch.randn(n, n, device=dev).to(FP8_DTYPE) for _ in range(2))
         sa, sb = torch.ones(n, 1, device=dev), torch.ones(1, n, device=dev)

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from kernels import reference as kernel_references
+from streamgen.kernels import reference as kernel_references
 from streamgen.model.float8 import KEEP_IN_DTYPE, float8_layers, float8_linears
 from streamgen.models import load_model
 from streamgen.stream import StreamSession

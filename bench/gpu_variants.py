@@ -11,7 +11,6 @@ import copy
 
 import torch
 
-import kernels
 from bench.wan_decoder import (
     DECODER_WAYS,
     SLOW_DECODER_WAYS,
@@ -22,6 +21,7 @@ from bench.wan_decoder import (
     tiny_decoder_vae,
     with_attributes,
 )
+from streamgen import kernels
 from streamgen.model.float8 import float8_layers, float8_linears
 
 
@@ -111,7 +111,7 @@ def _with_attention_tiles(measurement, prepare) -> dict:
     from bench.kernels import attention_tiles, recording_tunings
 
     try:
-        from kernels import triton_attention
+        from streamgen.kernels import triton_attention
     except Exception:  # no Triton: the backend falls back, nothing is tuned
         return measurement(prepare)
     tuner = triton_attention._attention_kernel

@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: import the repo's `kernels`, n
 
 import torch  # noqa: E402
 
-from kernels import attention_backends, reference  # noqa: E402
+from streamgen.kernels import attention_backends, reference  # noqa: E402
 
 H200_COPY_RATE_GBPS = 4300.0
 
@@ -228,7 +228,7 @@ def _max_err(fn_a, fn_b, args) -> float | str:
 def triton_function(op_name: str):
     """The Triton implementation a case names: attention's in `kernels.triton_attention`, the
     others' in `kernels.triton_ops`."""
-    from kernels import triton_attention, triton_ops
+    from streamgen.kernels import triton_attention, triton_ops
 
     return getattr(triton_attention if hasattr(triton_attention, op_name) else triton_ops, op_name)
 
@@ -237,7 +237,7 @@ def _autotuner(op_name: str):
     """The autotuned Triton kernel behind a case's op (the attention kernel), or None."""
     if op_name not in ("attention", "fp8_attention"):
         return None
-    from kernels import triton_attention
+    from streamgen.kernels import triton_attention
 
     return triton_attention._attention_kernel
 
@@ -309,7 +309,7 @@ def _triton_functions(device):
     if device.type != "cuda":
         return None, "Triton kernels run on CUDA only (CPU uses the references)"
     try:
-        import kernels.triton_attention  # noqa: F401
+        import streamgen.kernels.triton_attention  # noqa: F401
     except Exception as e:
         return None, f"the Triton kernels did not import: {type(e).__name__}: {e}"
     return triton_function, None

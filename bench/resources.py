@@ -115,7 +115,7 @@ def run(arch: int = 90, dtype: str = "bfloat16", only: tuple[str, ...] = ()) -> 
         raise UserError(f"needs Triton with its NVIDIA backend ({e})") from None
 
     from bench.kernels import _cases, _shapes, triton_function
-    from kernels import triton_ops
+    from streamgen.kernels import triton_ops
 
     if triton_ops.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels would be interpreted, not compiled")

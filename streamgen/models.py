@@ -52,7 +52,7 @@ COMPILE_ENV = "STREAMGEN_COMPILE"
 def use_attention_backend(name: str | None) -> None:
     """Make `name` (a `kernels.ATTENTION_BACKENDS` entry; None leaves the models' own) the
     attention backend of the models loaded from now on, here and in processes started from here."""
-    from kernels import check_attention_backend
+    from streamgen.kernels import check_attention_backend
 
     if name is not None:
         os.environ[ATTENTION_ENV] = check_attention_backend(name)

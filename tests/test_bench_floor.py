@@ -367,6 +367,11 @@ def test_command_line_with_fp8_linears_or_attention_counts_their_products_at_the
     assert (
         qk_kinds["fp8_attention"] == qk_kinds["attention"] == pytest.approx(kinds["attention"] / 2, rel=1e-3)
     )
+    # every chunk's half, the first chunk's too (which is also the clip's first: moved once)
+    for part in (fp8_qk["work"]["first_chunk"], *fp8_qk["work"]["clip"]):
+        for stage in ("denoise", "reencode"):
+            split = part["stages"][stage]["tflop_by_kind"]
+            assert split["fp8_attention"] == pytest.approx(split["attention"], rel=1e-3)
     for r in (fp8, fp8_qk):
         assert r["ceilings"]["matmul_tflop_per_s_float8"] == 2 * floor.H200_MATMUL_TFLOPS
     # (the debug model's attention is too small to move its floor, which its memory bounds)

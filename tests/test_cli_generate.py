@@ -246,7 +246,7 @@ def test_an_attention_backend_is_chosen_for_every_model_loaded(monkeypatch):
 
 
 def test_generate_with_another_attention_backend(tmp_path, monkeypatch, capsys):
-    from kernels import attention_backends
+    from streamgen.kernels import attention_backends
     from streamgen.models import ATTENTION_ENV
 
     monkeypatch.setenv(ATTENTION_ENV, "sdpa")  # the choice lives in the environment: restored afterwards

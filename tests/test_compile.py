@@ -42,7 +42,7 @@ def frames(model, chunks, **session) -> np.ndarray:
 
 
 def test_rope_in_real_arithmetic_under_compile_rotates_as_the_complex_one():
-    from kernels import Rope, reference
+    from streamgen.kernels import Rope, reference
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 12, 3, 8, generator=gen)
@@ -56,7 +56,7 @@ def test_rope_in_real_arithmetic_under_compile_rotates_as_the_complex_one():
 def test_under_compile_the_kernel_dispatch_takes_the_references(monkeypatch):
     """On a GPU, inductor fuses the references into kernels of its own; our Triton kernels would
     be opaque calls in its graph."""
-    import kernels
+    from streamgen import kernels
 
     class NoTriton:
         def __getattr__(self, name):

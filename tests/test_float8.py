@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
+from streamgen import kernels
+from streamgen.kernels import reference
 from streamgen.model.config import get_config
 from streamgen.model.float8 import (
     Float8FeedForward,

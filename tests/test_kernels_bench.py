@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels import reference
+from streamgen.kernels import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {
@@ -140,7 +140,7 @@ def test_attention_tiles_name_each_choice_by_its_flags_and_length_buckets(bench)
     triton = pytest.importorskip("triton")
     from types import SimpleNamespace
 
-    from kernels import triton_attention
+    from streamgen.kernels import triton_attention
 
     keys = triton_attention._attention_kernel.keys
     big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import attention_backends, reference
+from streamgen import kernels
+from streamgen.kernels import attention_backends, reference
 
 pytestmark = [
     pytest.mark.gpu,

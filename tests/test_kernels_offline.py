@@ -21,7 +21,7 @@ from cli_helpers import streamgen  # noqa: E402
 from test_kernels_bench import CASES  # noqa: E402
 
 from bench import resources  # noqa: E402
-from kernels import triton_attention, triton_ops  # noqa: E402
+from streamgen.kernels import triton_attention, triton_ops  # noqa: E402
 
 
 def test_compile_only_builds_without_launching_and_restores_triton():
@@ -103,7 +103,7 @@ def test_ring_attention_blocks_build_for_hopper_without_spills():
     well, the kernel is at the edge (244-255 registers, Triton 3.9): at a Wan ring block's shapes
     every tile builds without spilling. (It spilled at 128x64 and 64x64 while the probabilities'
     2^8 was a multiply and PV a second accumulator.)"""
-    from kernels import reference
+    from streamgen.kernels import reference
 
     torch.manual_seed(0)
     s = 390  # a quarter of a 1560-token frame: a 4-process ring's block

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from kernels import reference  # noqa: E402
+from streamgen.kernels import reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_triton_kernels_match_references_under_interpreter():
 @pytest.fixture(scope="module")
 def ops():
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through the test_* launchers"
-    from kernels import triton_ops
+    from streamgen.kernels import triton_ops
 
     assert triton_ops.INTERPRET
     return triton_ops
@@ -54,7 +54,7 @@ def ops():
 
 @pytest.fixture(scope="module")
 def attn(ops):
-    from kernels import triton_attention
+    from streamgen.kernels import triton_attention
 
     assert len(triton_attention._ATTN_CONFIGS) == 1
     return triton_attention
@@ -496,7 +496,7 @@ def check_dit_streams_the_same_through_the_kernels(ops, attn, monkeypatch):
     """A debug DiT streams past a full ring (the cache re-rotates its keys), then one
     block-causal forward (training's mask), with every op on the Triton kernels and again on
     the references: the model's views, strides and dtypes reach the kernels as they expect."""
-    import kernels
+    from streamgen import kernels
 
     calls = count_kernel_calls(ops, attn, monkeypatch)
 
@@ -517,8 +517,8 @@ def check_a_stream_through_the_kernels_is_counted_as_through_the_references(ops,
     """bench gpu's `stages` counts a stream's work (bench/floor.py: PyTorch's FLOP counter and a
     dispatch mode) with the Triton kernels on: they run under the counting modes, and the
     count is the references' (the kernels fuse what the counter does not count)."""
-    import kernels
     from bench import floor, gpu
+    from streamgen import kernels
     from streamgen.stream import StreamSession
 
     calls = count_kernel_calls(ops, attn, monkeypatch)
@@ -587,8 +587,8 @@ def test_kernels_compile_for_hopper_in_fp32():
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except ImportError:
         pytest.skip("this Triton has no NVIDIA backend")
-    from kernels import triton_attention as attn
-    from kernels import triton_ops as ops
+    from streamgen.kernels import triton_attention as attn
+    from streamgen.kernels import triton_ops as ops
 
     assert not ops.INTERPRET
     dtype = "fp32"

@@ -5,7 +5,7 @@ import collections
 import pytest
 import torch
 
-from kernels import Rope
+from streamgen.kernels import Rope
 from streamgen.model import DiT, get_config
 from streamgen.model.cache import KVCache
 from streamgen.sampling import encode_sink, generate_chunk, sample_few_step, student_sigmas
@@ -253,7 +253,7 @@ def test_fp8_attention_reads_the_caches_keys_and_values_quantized_once_each_time
     once per chunk (after the ring moved on), the chunk's at every call; with `fp8` its values
     too, of which a call quantizes again only the channels whose scale moved. The chunks are
     exactly those of quantizing every key and value at every call."""
-    from kernels import attention_backends, reference
+    from streamgen.kernels import attention_backends, reference
 
     quantize = reference.quantize_fp8_heads
     tokens = []  # the length of each (q or k) quantized per token and head
@@ -361,6 +361,6 @@ def check_fp8_cache_follows_every_write(ops, device="cpu", batch=2):
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_a_caches_fp8_keys_and_values_follow_every_write_into_them(batch):
-    from kernels import reference
+    from streamgen.kernels import reference
 
     check_fp8_cache_follows_every_write(reference, batch=batch)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kernels.attention_backends import attention_with_lse
+from streamgen.kernels.attention_backends import attention_with_lse
 from streamgen.parallel.ring import merge_partials
 
 pytestmark = [
@@ -49,7 +49,7 @@ def test_kernel_log_sum_exp_merges_like_full_attention(backend):
     """Ring attention's blocks on our kernel, at Wan shapes in bf16: four key blocks (their own
     frames, masked block-causally) merged by log-sum-exp equal one call over all keys, to bf16's
     precision for `triton` and `fp8_qk`, and to FP8's for `fp8` (P rounded per block)."""
-    from kernels import attention_backends, triton_attention
+    from streamgen.kernels import attention_backends, triton_attention
 
     if backend != "triton" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 tensor cores need sm_89")

@@ -226,7 +226,7 @@ def test_wan_vae_single_frame_convolutions_run_2d_with_the_same_latents_and_fram
 
 @torch.no_grad()
 def test_wan_vae_fused_norms_take_the_decoders_norms_through_the_kernel_dispatch(monkeypatch):
-    import kernels
+    from streamgen import kernels
 
     vae, z = tiny_wan_vae(), torch.randn(1, 4, 3, 4, 4)
     keys, plain = set(vae.state_dict()), vae.decode(z)

@@ -30,7 +30,7 @@ import functools
 import torch
 from torch import nn
 
-from kernels import Rope, apply_rope, reference, rope_angles
+from streamgen.kernels import Rope, apply_rope, reference, rope_angles
 
 
 class KVCache(nn.Module):

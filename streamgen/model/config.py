@@ -12,7 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from kernels import check_attention_backend
+from streamgen.kernels import check_attention_backend
 
 
 @dataclass

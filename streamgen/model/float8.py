@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels
+from streamgen import kernels
 from streamgen.model.model import DiT, FeedForward
 
 

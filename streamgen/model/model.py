@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-import kernels
+from streamgen import kernels
 from streamgen.model.audio import AudioEncoder
 from streamgen.model.cache import StreamCache
 from streamgen.model.config import ModelConfig

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from streamgen import kernels
 from streamgen.model.upsample import FoldedTaps, UpsampleConv2d, upsample_conv3x3
 
 

@@ -35,8 +35,8 @@ import functools
 import torch
 import torch.distributed as dist
 
-import kernels
-from kernels import Rope, rope_angles
+from streamgen import kernels
+from streamgen.kernels import Rope, rope_angles
 from streamgen.model.cache import StreamCache
 from streamgen.model.model import SelfAttention
 from streamgen.parallel.ring import ring_attention

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kernels import attention_backends, reference
+from streamgen.kernels import attention_backends, reference
 
 
 def merge_partials(out, lse, block_out, block_lse):

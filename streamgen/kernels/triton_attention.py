@@ -16,7 +16,13 @@ import triton
 import triton.language as tl
 
 # (triton_ops also sets Triton's environment, read when a kernel compiles)
-from kernels.triton_ops import INTERPRET, LOG2E, _round_to_e4m3, quantize_fp8_rows, quantize_fp8_values
+from streamgen.kernels.triton_ops import (
+    INTERPRET,
+    LOG2E,
+    _round_to_e4m3,
+    quantize_fp8_rows,
+    quantize_fp8_values,
+)
 
 # ---------------------------------------------------------------------------
 # (d) Attention: flash-attention style forward, one program per (query block,

@@ -12,8 +12,8 @@ import os
 
 import torch
 
-from kernels import reference
-from kernels.reference import Rope, rope_angles, rope_inv_freq, rope_split  # noqa: F401
+from streamgen.kernels import reference
+from streamgen.kernels.reference import Rope, rope_angles, rope_inv_freq, rope_split  # noqa: F401
 
 _FORCE_REFERENCE = os.environ.get("STREAMGEN_KERNELS", "").lower() == "reference"
 # Tests only: route CPU tensors to the Triton kernels too, which then run under the Triton
@@ -27,7 +27,7 @@ def _triton_modules():
     global _triton
     if _triton is None:
         try:
-            from kernels import triton_attention, triton_ops
+            from streamgen.kernels import triton_attention, triton_ops
 
             _triton = (triton_ops, triton_attention)
         except Exception:  # no triton, or no GPU toolchain: the references serve
@@ -180,6 +180,6 @@ def attention(
     check_attention_backend(backend)
     if backend == "sdpa" or not (q.is_cuda or _TRITON_ON_CPU) and backend in ("triton", "flash"):
         return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
-    from kernels import attention_backends
+    from streamgen.kernels import attention_backends
 
     return attention_backends.attention(q, k, v, block_mask_frames, tokens_per_frame, backend, kv_cache)

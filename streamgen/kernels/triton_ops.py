@@ -1,7 +1,7 @@
 """Triton kernels for the DiT hot path.
 
 Each kernel reproduces a function of `kernels.reference` (the semantics) and
-is called through the dispatch in `kernels/__init__.py`, which uses this module
+is called through the dispatch in `streamgen/kernels/__init__.py`, which uses this module
 on CUDA tensors only. Everything computes in fp32 registers and rounds to the
 input dtype exactly where the reference does, so bf16 results match bitwise up
 to the order of the reductions.
@@ -27,8 +27,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from kernels import reference
-from kernels.reference import rope_inv_freq, rope_split
+from streamgen.kernels import reference
+from streamgen.kernels.reference import rope_inv_freq, rope_split
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634

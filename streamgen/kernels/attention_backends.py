@@ -34,8 +34,8 @@ from collections import OrderedDict
 
 import torch
 
-import kernels
-from kernels import check_attention_backend, needs_autograd, reference
+from streamgen import kernels
+from streamgen.kernels import check_attention_backend, needs_autograd, reference
 
 
 def attention(
@@ -69,7 +69,7 @@ def available_backends(device) -> list[str]:
 
 
 def _triton_attention():
-    from kernels import _triton_attention as load
+    from streamgen.kernels import _triton_attention as load
 
     return load()
 
