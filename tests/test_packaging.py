@@ -1,0 +1,37 @@
+"""The installed project: its top-level packages belong to it alone.
+
+A top-level package that another installed distribution also ships shadows one of the two:
+ours was named `kernels` until transformers 5.x came to require Hugging Face's `kernels`, and
+then every import of diffusers' Wan autoencoder failed on a fresh install.
+"""
+
+import importlib.metadata
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shipped_top_level_packages() -> set[str]:
+    """The repository's top-level packages that pyproject's package patterns ship."""
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"][
+        "include"
+    ]
+    names = {p.removesuffix("*") for p in patterns}
+    return {d.name for d in ROOT.iterdir() if d.name in names and (d / "__init__.py").is_file()}
+
+
+def others_shipping(name: str) -> set[str]:
+    return set(importlib.metadata.packages_distributions().get(name, [])) - {"streamgen"}
+
+
+def test_no_installed_distribution_ships_a_top_level_package_of_ours():
+    ours = shipped_top_level_packages()
+    assert {"streamgen", "server", "distill", "bench"} <= ours, ours
+    clashes = {name: others_shipping(name) for name in ours if others_shipping(name)}
+    assert not clashes, f"installed distributions ship top-level packages of ours: {clashes}"
+
+
+def test_the_clash_check_sees_a_distribution_that_ships_a_name():
+    # the check above is only worth something if packages_distributions sees site-packages
+    assert "torch" in others_shipping("torch")
