@@ -52,6 +52,18 @@ APPROXIMATE = [("ring", "fp8", False), ("hybrid", "fp8", False)]
 SP_VARIANTS += APPROXIMATE
 
 
+# Attention in FP8 quantizes what the processes computed in fp32 in another order (the heads'
+# all-to-all, the ring's blocks): a value an ulp from an e4m3 rounding boundary can round the other
+# way. Measured on a fresh install of 2026-12-03 (torch 2.13.0): 1.4e-5 (Ulysses, fp8) and 2.6e-5
+# (Ring, fp8_qk) where every other variant stays under TOL.
+FP8_ATTENTION_TOL = 1e-4
+
+
+def variant_tolerance(key: str) -> float:
+    attention = key.split("/")[0].split("+")[1:]
+    return FP8_ATTENTION_TOL if {"fp8", "fp8_qk"} & set(attention) else TOL
+
+
 def variant_name(sp: str, attention: str, fp8_linears: bool) -> str:
     return sp + (f"+{attention}" if attention != "sdpa" else "") + ("+fp8_linears" if fp8_linears else "")
 
@@ -310,7 +322,7 @@ def parallel_results(request, tmp_path_factory):
 @pytest.mark.timeout(240)
 def test_sequence_parallel_equals_single_process(parallel_results):
     for rank, r in enumerate(parallel_results):
-        bad = {k: v for k, v in r["dit"].items() if not v <= TOL}
+        bad = {k: v for k, v in r["dit"].items() if not v <= variant_tolerance(k)}
         assert not bad, (rank, bad)
 
 
