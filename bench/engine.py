@@ -368,6 +368,7 @@ def run(
     compile=False,
     decode_dtype="auto",
     cpu_threads="auto",
+    batch_sessions=3,
 ) -> dict:
     if threads:
         torch.set_num_threads(threads)
@@ -388,7 +389,7 @@ def run(
     per_size = {"decode_dtype": decode_dtype, "cpu_threads": cpu_threads}
     main_size = measure_size(model, height, width, steps, chunks, context, teacher_frames, **per_size)
     result.update({k: v for k, v in main_size.items() if k not in ("height", "width")})
-    result.update(batch_throughput(model, height, width, steps, **per_size))
+    result.update(batch_throughput(model, height, width, steps, batch_sessions, **per_size))
     result["threads"] = torch.get_num_threads()
     if compile:
         result["compile"] = compile_speedup(model, height, width, steps, max(5, chunks // 2), **per_size)
@@ -439,6 +440,16 @@ def plot_sizes(result: dict, path) -> None:
     plt.close(fig)
 
 
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return n
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-avatar")
     p.add_argument("--height", type=frame_size, default=128)
@@ -456,6 +467,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--sweep", type=frame_size, nargs="*", default=(), help="also measure everything at these square sizes"
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--batch-sessions",
+        type=positive_int,
+        default=3,
+        help="sessions of the batched-throughput measure (a server batches up to ~16 at 64x64)",
+    )
     add_dtype_option(
         p,
         "--dtype",
@@ -497,6 +514,7 @@ def main(args) -> dict:
         args.compile,
         args.decode_dtype,
         args.cpu_threads,
+        args.batch_sessions,
     )
     if args.plot:
         plot_sizes(result, args.plot)

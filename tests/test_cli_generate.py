@@ -81,9 +81,12 @@ def test_bench_engine_prints_one_json_object(tmp_path):
         "48",
         "--plot",
         str(tmp_path / "sizes.png"),
+        "--batch-sessions",
+        "2",
     )
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["batch_sessions"] == 2 and result["batched_fps_total"] > 0
     per_size = (
         "fps",
         "first_chunk_ms",
@@ -365,6 +368,10 @@ def test_a_precision_is_chosen_for_every_model_loaded_without_one():
     [
         (["bench", "engine", "--height", "0"], "argument --height: 0 is not a positive multiple of 16"),
         (["bench", "engine", "--sweep", "64", "33"], "argument --sweep: 33 is not a positive multiple of 16"),
+        (
+            ["bench", "engine", "--batch-sessions", "0"],
+            "argument --batch-sessions: '0' is not a positive whole",
+        ),
         (["bench", "decoder", "--sizes", "x"], "argument --sizes: 'x' is not a whole number of pixels"),
         (["bench", "floor", "--width", "100"], "argument --width: 100 is not a positive multiple of 16"),
         (["bench", "server", "--size", "8"], "argument --size: 8 is not a positive multiple of 16"),
