@@ -43,12 +43,14 @@ import time
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from streamgen.cli import frame_size
 from streamgen.model.audio import VIDEO_FPS
+from streamgen.model.model import DiT
 from streamgen.stream import StreamSession
 
 H200_MATMUL_TFLOPS = 790.0  # KINDS.md: bf16 8192^3 on random data, two machines, 2026-10-28 and 11-04
@@ -62,17 +64,28 @@ WAN_FLAVORS = ("wan2.1-1.3b", "wan2.1-14b")  # random weights, counted on the me
 
 
 class WeightReads(TorchDispatchMode):
-    """The weights (parameters) the ops under it use, each counted once. A weight that only a
-    Triton kernel reads is not seen (on a GPU: the q/k RMSNorm scales, 0.01% of the bytes)."""
+    """The weights (parameters) the ops under it use: each counted once per forward of the
+    transformer (each of a chunk's denoising steps reads every weight it uses again: a 1.3B
+    model's weights do not stay in a GPU's cache, but a step that reuses the audio's
+    cross-attention keys and values reads none of their weights), and once outside them. A
+    weight that only a Triton kernel reads is not seen (on a GPU: the q/k RMSNorm scales, 0.01%
+    of the bytes)."""
 
     def __init__(self):
         super().__init__()
-        self.bytes: dict[int, int] = {}
+        self.forwards: list[dict[int, int]] = [{}]
+
+    def new_forward(self, module, args):  # (a forward pre-hook of every module)
+        if isinstance(module, DiT):
+            self.forwards.append({})
+
+    def total_bytes(self) -> int:
+        return sum(sum(seen.values()) for seen in self.forwards)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         for t in tree_leaves(args):
             if isinstance(t, nn.Parameter):
-                self.bytes[id(t)] = t.numel() * t.element_size()
+                self.forwards[-1][id(t)] = t.numel() * t.element_size()
         return func(*args, **(kwargs or {}))
 
 
@@ -93,22 +106,26 @@ def kv_read_bytes(cache, layers: int | None = None) -> int:
 
 
 def count(fn, forwards: int = 1, cache=None, kv_layers: int | None = None):
-    """(fn(), its work): FLOPs by kind, the weights it reads, the KV cache its forwards read.
+    """(fn(), its work): FLOPs by kind, the weights it reads (`WeightReads`), the KV cache its
+    forwards read.
 
-    `forwards`: how many times fn runs the model one after the other (the denoising steps), each
-    reading every weight again (a 1.3B model's weights do not stay in a GPU's cache);
-    `cache`: the KV cache each of them attends to, in its first `kv_layers` layers (None: all)."""
+    `forwards`: how many times fn runs the model against `cache` one after the other (the
+    denoising steps), each attending to it in its first `kv_layers` layers (None: all)."""
     # read before fn runs: a re-encode advances the ring it attended to
     kv = forwards * kv_read_bytes(cache, kv_layers) if cache is not None else 0
     flops, weights = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION), WeightReads()
-    with flops, weights:
-        result = fn()
+    hook = register_module_forward_pre_hook(weights.new_forward)
+    try:
+        with flops, weights:
+            result = fn()
+    finally:
+        hook.remove()
     by_kind = dict.fromkeys(_KINDS, 0.0)
     for op, n in flops.get_flop_counts().get("Global", {}).items():
         by_kind[_kind(str(op))] += n / 1e12
     work = {
         "tflop": flops.get_total_flops() / 1e12,
-        "weights_gb": forwards * sum(weights.bytes.values()) / 1e9,
+        "weights_gb": weights.total_bytes() / 1e9,
         "kv_gb": kv / 1e9,
         "tflop_by_kind": by_kind,
     }

@@ -8,7 +8,15 @@ import torch
 from streamgen.kernels import Rope
 from streamgen.model import DiT, get_config
 from streamgen.model.cache import KVCache
-from streamgen.sampling import encode_sink, generate_chunk, sample_few_step, student_sigmas
+from streamgen.model.model import CrossAttention
+from streamgen.sampling import (
+    cached_velocity,
+    encode_sink,
+    generate_chunk,
+    reencode_chunk,
+    sample_few_step,
+    student_sigmas,
+)
 
 HW = (8, 8)
 
@@ -241,6 +249,58 @@ def test_cache_from_the_last_step_keeps_the_keys_and_values_that_step_computed()
     assert not torch.allclose(reencoded[1], chunks[1], atol=1e-3)  # ... which the next one reads
     with pytest.raises(ValueError, match="cache_from"):
         generate_chunk(model, cache, noises[0], ctx, audio, sigmas, cache_from="last")
+
+
+@torch.no_grad()
+def test_a_chunks_forwards_compute_its_audio_keys_and_values_once(monkeypatch):
+    # A chunk's denoising steps and its clean re-encode get the same audio windows: the first of
+    # them computes each layer's audio cross-attention keys/values, the others read them; the
+    # next chunk's windows get their own. The caption's are computed once for the stream. The
+    # chunks are those of a model that computes them at every forward.
+    model, cfg = make(window_frames=4, frames_per_chunk=2)
+    ctx, ref = torch.randn(1, 2, cfg.text_dim), torch.randn(1, cfg.in_channels, cfg.sink_frames, *HW)
+    sigmas, steps = student_sigmas(3), 3
+    inputs = [(torch.randn(1, cfg.in_channels, 2, *HW), rand_audio(cfg, 2)) for _ in range(3)]
+    calls = []
+    context_kv = CrossAttention.context_kv
+    monkeypatch.setattr(
+        CrossAttention, "context_kv", lambda self, c: calls.append(self) or context_kv(self, c)
+    )
+    audio_attns = [blk.audio_attn for blk in model.blocks]
+
+    def forget(cache):  # what a model without the reuse would compute again
+        for layer in cache.layers:
+            layer.audio_kv = None
+            layer.context_kv = None
+
+    def stream(reuse):
+        cache = model.new_cache(1, HW)
+        encode_sink(model, cache, ref, ctx)
+        gen, chunks, per_chunk = torch.Generator().manual_seed(0), [], []
+        for noise, audio in inputs:
+            calls.clear()
+            if reuse:
+                chunks.append(generate_chunk(model, cache, noise, ctx, audio, sigmas, gen))
+            else:
+
+                def velocity(x, sigma, audio=audio):
+                    forget(cache)
+                    return cached_velocity(model, cache, ctx, audio)(x, sigma)
+
+                chunks.append(sample_few_step(velocity, noise, sigmas, gen))
+                forget(cache)
+                reencode_chunk(model, cache, chunks[-1], ctx, audio)
+            per_chunk.append(sum(c in audio_attns for c in calls))
+        return chunks, per_chunk, calls
+
+    chunks, audio_calls, last_chunks_calls = stream(reuse=True)
+    layers = cfg.num_layers
+    assert audio_calls == [layers] * 3
+    assert not any(blk.cross_attn in last_chunks_calls for blk in model.blocks)  # the caption's: kept
+    again, audio_calls, _ = stream(reuse=False)
+    # (the re-encode's last layer only writes its keys and values: no cross-attention)
+    assert audio_calls == [steps * layers + layers - 1] * 3
+    assert all(torch.equal(a, b) for a, b in zip(chunks, again))
 
 
 @torch.no_grad()

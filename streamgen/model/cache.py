@@ -48,6 +48,8 @@ class KVCache(nn.Module):
         self.chunk_end = sink_tokens + chunk_tokens
         # cross-attention keys/values of the (constant) text context, computed once per stream
         self.context_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        # and those of the audio windows the last forward was given: (windows, (keys, values))
+        self.audio_kv: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
         # keys and values in e4m3 for the FP8 attention backends (`fp8_keys`, `fp8_values`), made
         # on their first read; each remembers the version of k or v its sink's and ring's are of
         for name in ("k8", "k8_scale", "v8", "v_rows", "v8_applied"):
@@ -214,7 +216,7 @@ class StreamCache(nn.Module):
         self.frames_written = 0  # ring frames ever written (grows; only used modulo the window)
         self.sink_ready = False
         for layer in self.layers:
-            layer.context_kv = None
+            layer.context_kv = layer.audio_kv = None
 
     # --- positions ----------------------------------------------------------
     @property

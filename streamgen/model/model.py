@@ -196,12 +196,34 @@ class Block(nn.Module):
         """(shift, scale) [B, F, D] of the norm before self-attention, from the timestep projection."""
         return (self.modulation[:, :2] + e[:, :, :2].float()).unbind(2)
 
-    def forward(self, x, h, e, next_mod, ctx, audio, audio_mask, attn_kwargs, cache=None):
+    def kept_kv(self, ctx, audio, cache):
+        """The cross-attentions' keys/values, (text, audio), kept on the layer's cache between
+        forwards: the caption's for the whole stream, the audio windows' for the forwards given
+        the same windows (a chunk's denoising steps and its clean re-encode: one of five computes
+        them; the windows are never written in place). None where nothing is kept.
+
+        Only where no gradient is recorded: keys/values made without gradient and read by a step
+        that trains would cut the gradient to the cross-attention's key/value weights and the
+        text embedding (Self-Forcing's exit step comes after its sink write and earlier steps,
+        all without gradient), and ones made with gradient would tie later forwards to this
+        one's graph. Called outside the block's forward, so a compiled block sees only tensors."""
+        if cache is None or torch.is_grad_enabled():
+            return None, None
+        if cache.context_kv is None:
+            cache.context_kv = self.cross_attn.context_kv(ctx)
+        if self.audio_attn is None or audio is None:
+            return cache.context_kv, None
+        if cache.audio_kv is None or cache.audio_kv[0] is not audio:
+            cache.audio_kv = (audio, self.audio_attn.context_kv(audio.flatten(0, 1)))
+        return cache.context_kv, cache.audio_kv[1]
+
+    def forward(self, x, h, e, next_mod, ctx, audio, audio_mask, attn_kwargs, cache=None, kv=(None, None)):
         """x: residual stream [B, F, S, D]; h: x already normed+modulated for this block.
 
         e: timestep projection [B, F, 6, D]. next_mod: (shift, scale) of whatever
         norm comes after this block (the next block's, or the head's), so the
-        last residual add is fused with it. Returns (x, h_next).
+        last residual add is fused with it. kv: `kept_kv`'s (text, audio) keys/values, or None
+        for those to compute here. Returns (x, h_next).
         """
         b, f, s, d = x.shape
         _, _, gate, c_shift, c_scale, c_gate = (self.modulation + e.float()).unbind(2)
@@ -214,17 +236,13 @@ class Block(nn.Module):
             if self.cross_norm is None
             else kernels.layernorm_affine(x, self.cross_norm.weight, self.cross_norm.bias, self.eps)
         )
-        kv = cache.context_kv if cache is not None else None
-        if kv is None:
-            kv = self.cross_attn.context_kv(ctx)
-            if cache is not None:
-                cache.context_kv = kv
-        x = x + self.cross_attn(hn.reshape(b, f * s, d), kv=kv).view(b, f, s, d)
+        text_kv, audio_kv = kv
+        x = x + self.cross_attn(hn.reshape(b, f * s, d), ctx, text_kv).view(b, f, s, d)
 
         if self.audio_attn is not None and audio is not None:
             # each latent frame attends only to the audio tokens of its own time window
             ha = kernels.layernorm_affine(x, self.audio_norm.weight, self.audio_norm.bias, self.eps)
-            ya = self.audio_attn(ha.reshape(b * f, s, d), audio.flatten(0, 1)).view(b, f, s, d)
+            ya = self.audio_attn(ha.reshape(b * f, s, d), audio.flatten(0, 1), audio_kv).view(b, f, s, d)
             x = x + ya * audio_mask[:, :, None, None].to(ya.dtype)
 
         h = kernels.layernorm_modulate(x, c_shift, c_scale, self.eps)
@@ -372,7 +390,8 @@ class DiT(nn.Module):
                 blk.self_attn(h.flatten(1, 2), cache=layer_cache, write_only=True, **attn_kwargs)
                 return None
             nxt = self.head.shift_scale(temb) if last else self.blocks[i + 1].attention_shift_scale(e)
-            xs, h = blk(xs, h, e, nxt, ctx, audio, audio_mask, attn_kwargs, layer_cache)
+            kv = blk.kept_kv(ctx, audio, layer_cache)
+            xs, h = blk(xs, h, e, nxt, ctx, audio, audio_mask, attn_kwargs, layer_cache, kv)
 
         # after a ring write the caller calls cache.advance() (once, for all layers)
         return self.unpatchify(self.gather_tokens(self.head.proj(h)), grid)
