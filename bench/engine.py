@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from bench.engine_baselines import cache_speedup, session_dit_threads, teacher_speedup
-from streamgen.cli import add_dtype_option, frame_size
+from streamgen.cli import add_dtype_option, frame_size, positive_int
 from streamgen.models import autoencoder_dtype, default_dit_dtype, load_model
 from streamgen.sampling import (
     encode_sink,
@@ -438,16 +438,6 @@ def plot_sizes(result: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return n
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

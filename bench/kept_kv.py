@@ -18,8 +18,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from bench.engine import positive_int
-from streamgen.cli import frame_size
+from streamgen.cli import frame_size, positive_int
 from streamgen.model.model import Block
 from streamgen.models import load_model
 from streamgen.stream import StreamSession

@@ -47,6 +47,17 @@ def frame_size(text: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a count of at least one."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return n
+
+
 class UserError(Exception):
     """An error the user caused (bad file, bad argument): printed as one line, exit code 2."""
 
