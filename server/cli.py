@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from streamgen.cli import UserError
+    from streamgen.cli import UserError, check_device
 
     from .app import create_app
     from .config import ServerConfig
@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--lanes runs the model in this process: it cannot be combined with --model-process or --sp")
     if args.sp > 1 and args.model_process:
         raise UserError("--model-process and --sp cannot be combined: with --sp the model runs in its own ranks")
+    check_device(args.device)
     if args.fp8 and args.device.startswith("cuda") and args.dtype != "bfloat16":
         raise UserError("--fp8 on a GPU needs --dtype bfloat16 (its FP8 products give bfloat16)")
     if args.compile and (args.device != "cpu" or args.sp > 1):

@@ -62,6 +62,28 @@ class UserError(Exception):
     """An error the user caused (bad file, bad argument): printed as one line, exit code 2."""
 
 
+def check_device(name: str) -> None:
+    """A `--device` this machine has, or a UserError that says why not (before a model loads:
+    torch would otherwise fail deep inside, with a traceback)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {name!r} (cpu, cuda, cuda:N, ...)") from None
+    if device.type in ("cpu", "meta"):
+        return
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise UserError(
+            f"no {device.type} device here (this torch {torch.__version__}); --device cpu runs on this CPU"
+        )
+    if device.index is not None and device.index >= backend.device_count():
+        raise UserError(
+            f"no device {name!r}: this machine has {backend.device_count()} {device.type} device(s)"
+        )
+
+
 def _available(module: str) -> bool:
     return importlib.util.find_spec(module.rsplit(".", 1)[0]) is not None
 

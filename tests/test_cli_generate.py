@@ -53,6 +53,36 @@ def test_bad_files_give_one_clear_line_and_nonzero_exit(tmp_path, make_bad, flag
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "out, says",
+    [
+        (lambda tmp: tmp, "is a directory; give the file to write"),  # found only after the stream, before
+        (lambda tmp: tmp / "missing" / "x.mp4", "output directory does not exist"),
+        (lambda tmp: "/proc/x.mp4", "cannot write /proc/x.mp4"),  # a folder no file can be made in
+    ],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_generating(tmp_path, out, says, capsys):
+    assert main(["generate", "--model", "debug", "--out", str(out(tmp_path)), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # no stray .part file either
+
+
+def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys):
+    """`--device cuda` without CUDA was torch's AssertionError, raised from deep inside the model load."""
+    out = str(tmp_path / "x.mp4")
+    assert main(["generate", "--model", "debug", "--device", "cuda", "--out", out, "--quiet"]) == 2
+    assert "no cuda device here" in capsys.readouterr().err
+    assert main(["generate", "--model", "debug", "--device", "gpu0", "--out", out, "--quiet"]) == 2
+    assert "unknown device 'gpu0'" in capsys.readouterr().err
+    assert (
+        main(["eval", "--model", "debug", "--device", "cuda", "--clips", "1", "--out", str(tmp_path / "e")])
+        == 2
+    )
+    assert "no cuda device here" in capsys.readouterr().err
+    assert not (tmp_path / "e" / "report.json").exists()
+
+
 def test_empty_audio_is_an_error(tmp_path):
     wav = tmp_path / "empty.wav"
     write_wav(wav, 16000, 0.0)
@@ -377,6 +407,11 @@ def test_a_precision_is_chosen_for_every_model_loaded_without_one():
         (["bench", "server", "--size", "8"], "argument --size: 8 is not a positive multiple of 16"),
         (["eval", "--size", "20"], "argument --size: 20 is not a positive multiple of 16"),
         (["serve", "--size", "24"], "argument --size: 24 is not a positive multiple of 16"),
+        (
+            ["data", "make", "--out", "x", "--clips", "1", "--size", "0"],
+            "argument --size: 0 is not a positive",
+        ),
+        (["data", "preview", "--size", "8"], "argument --size: 8 is not a positive multiple of 16"),
     ],
 )
 def test_a_frame_size_that_cannot_be_generated_is_refused_in_one_line(argv, says, capsys):

@@ -106,3 +106,54 @@ def test_cli_make_preview_and_errors(tmp_path, capsys):
     assert (tmp_path / "p" / "preview.mp4").stat().st_size > 1000
     assert main(["data", "preview", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "q")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (
+            ["data", "preview", "--split", "bogus"],
+            "argument --split: invalid choice: 'bogus'",
+        ),  # hung for good
+        (
+            ["data", "make", "--clips", "1", "--shard-size", "0"],
+            "argument --shard-size: '0' is not a positive",
+        ),
+        (
+            ["data", "make", "--clips", "1", "--seconds", "0"],
+            "argument --seconds: 0 s is shorter than one frame",
+        ),
+        (
+            ["data", "make", "--clips", "1", "--seconds", "-1"],
+            "argument --seconds: -1 s is shorter than one frame",
+        ),
+        (
+            ["data", "make", "--clips", "1", "--seconds", "nan"],
+            "argument --seconds: nan s is shorter than one",
+        ),
+        (["data", "make", "--clips", "0"], "argument --clips: '0' is not a positive"),
+        (["eval", "train-evaluators", "--sync-steps", "0"], "argument --sync-steps: '0' is not a positive"),
+        (["eval", "train-evaluators", "--identity-steps", "-3"], "argument --identity-steps: '-3' is not a"),
+    ],
+)
+def test_bad_numbers_are_refused_before_any_work(tmp_path, argv, says, capsys):
+    """Each of these was a traceback after work was done (`--seconds 0` wrote a dataset of empty clips
+    and its manifest, then divided by zero), or a hang (a split no identity belongs to)."""
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_library_refuses_what_the_command_line_does(tmp_path):
+    with pytest.raises(ValueError, match="unknown split 'bogus'"):
+        make_clip(0, 0, "bogus")
+    for kwargs, says in [
+        ({"shard_size": 0}, "--shard-size"),
+        ({"seconds": 0.01}, "shorter than one frame"),
+        ({"height": 8}, "too small"),
+    ]:
+        with pytest.raises(DataError, match=says):
+            make_dataset(tmp_path / "ds", 2, **kwargs)
+        assert not (tmp_path / "ds" / "manifest.json").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from streamgen.cli import add_dtype_option
+from streamgen.cli import add_dtype_option, positive_int
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -58,14 +58,16 @@ def add_arguments(p) -> None:
         help="decode with a tiny decoder (TAEHV's architecture, streamgen/model/tiny_decoder.py) that "
         "`streamgen distill tiny_decoder` made for this model's autoencoder",
     )
-    p.add_argument("--sp", type=int, default=1, help="sequence-parallel processes (restarts under torchrun)")
+    p.add_argument(
+        "--sp", type=positive_int, default=1, help="sequence-parallel processes (restarts under torchrun)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
     import time
 
-    from streamgen.cli import UserError
+    from streamgen.cli import UserError, check_device
     from streamgen.media import MediaError, Mp4Writer, read_audio, read_image
 
     # before any relaunch: a bad file is one clear error, not one per process
@@ -75,8 +77,17 @@ def run(args) -> int:
     except MediaError as e:
         raise UserError(str(e)) from None
     out = Path(args.out)
-    if not out.parent.exists():
+    if not out.parent.is_dir():
         raise UserError(f"output directory does not exist: {out.parent}")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give the file to write, e.g. {out / 'avatar.mp4'}")
+    try:  # now, not after the whole stream (the writer opens its file at the first frame)
+        part = out.with_name(out.name + ".part")
+        part.touch()
+        part.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror}") from None
+    check_device(args.device)
     from streamgen.models import use_attention_backend, use_precision
 
     try:

@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from pathlib import Path
+
+from streamgen.cli import frame_size, positive_int
+
+from . import SPLITS
+
+
+def clip_seconds(text: str) -> float:
+    """argparse type of a clip's length: long enough for one frame (1/25 s)."""
+    from .motion import FPS
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and round(value * FPS) >= 1):
+        raise argparse.ArgumentTypeError(f"{text} s is shorter than one frame (1/{FPS} s)")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,19 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.required = True
     make = sub.add_parser("make", help="generate a sharded dataset of talking-head clips")
     make.add_argument("--out", type=Path, required=True, help="output folder (must not hold a dataset)")
-    make.add_argument("--clips", type=int, required=True, help="number of clips over all splits")
+    make.add_argument("--clips", type=positive_int, required=True, help="number of clips over all splits")
     make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--size", type=int, default=64, help="frame height and width in pixels")
-    make.add_argument("--seconds", type=float, default=4.0, help="clip length")
-    make.add_argument("--identities", type=int, default=500, help="size of the identity pool")
-    make.add_argument("--shard-size", type=int, default=32, help="clips per shard")
-    make.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    make.add_argument("--size", type=frame_size, default=64, help="frame height and width in pixels")
+    make.add_argument("--seconds", type=clip_seconds, default=4.0, help="clip length")
+    make.add_argument("--identities", type=positive_int, default=500, help="size of the identity pool")
+    make.add_argument("--shard-size", type=positive_int, default=32, help="clips per shard")
+    make.add_argument("--workers", type=positive_int, default=min(2, os.cpu_count() or 1))
     preview = sub.add_parser("preview", help="write a contact sheet PNG and an MP4 with sound")
     preview.add_argument("--data", type=Path, help="a dataset folder; without it, clips are made on the fly")
-    preview.add_argument("--split", default="train")
-    preview.add_argument("--clips", type=int, default=6)
+    preview.add_argument("--split", choices=SPLITS, default="train")
+    preview.add_argument("--clips", type=positive_int, default=6)
     preview.add_argument("--seed", type=int, default=0, help="with no --data: the world's seed")
-    preview.add_argument("--size", type=int, default=128, help="with no --data: frame size")
+    preview.add_argument("--size", type=frame_size, default=128, help="with no --data: frame size")
     preview.add_argument("--out", type=Path, default=Path("preview"), help="output folder")
 
 

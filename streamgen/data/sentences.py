@@ -243,7 +243,6 @@ _BANKS: dict[str, tuple[tuple[str, ...], ...]] = {
     ),
 }
 
-SPLITS = ("train", "val", "test")
 
 
 def bank_language(espeak_language: str) -> str:

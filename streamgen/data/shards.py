@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -39,11 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import SPLITS
 from .motion import FPS, Motion
 from .world import clip_split, make_clip
 
 FORMAT = "streamgen-avatar-world/1"
-SPLITS = ("train", "val", "test")
 
 
 class DataError(ValueError):
@@ -116,6 +117,12 @@ def make_dataset(
         raise DataError("--clips must be at least 1")
     if n_identities < 10:
         raise DataError("need at least 10 identities so every split has some")
+    if shard_size < 1:
+        raise DataError("--shard-size must be at least 1")
+    if min(height, width) < 16:
+        raise DataError(f"frames of {height}x{width} are too small to draw a face (16x16 at least)")
+    if not (math.isfinite(seconds) and round(seconds * FPS) >= 1):
+        raise DataError(f"clips of {seconds} s are shorter than one frame (1/{FPS} s)")
     plan = plan_shards(n_clips, shard_size)
     jobs = []
     for split, shards in plan.items():

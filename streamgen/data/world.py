@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from . import SPLITS
 from .motion import EXPRESSIONS, FPS, Motion, plan_motion
 from .render import Identity, render_clip, render_reference
 from .sentences import sample_sentence
@@ -37,6 +38,8 @@ def clip_split(index: int) -> str:
 
 
 def sample_identity_id(rng: np.random.Generator, split: str, n_identities: int) -> int:
+    if split not in SPLITS:  # (no identity would ever be drawn for it)
+        raise ValueError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
     if n_identities < 10:
         raise ValueError(f"need at least 10 identities so every split has some, got {n_identities}")
     while True:

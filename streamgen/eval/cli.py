@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from streamgen.cli import add_dtype_option, frame_size
+from streamgen.cli import add_dtype_option, frame_size, positive_int
+from streamgen.data import SPLITS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run (default): evaluate --model; train-evaluators: train the SyncNet and identity encoder",
     )  # fmt: skip
     parser.add_argument("--model", help="model name or path, or 'ground-truth' for the renderer itself")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--out", type=Path, help="output folder")
     parser.add_argument("--clips", type=int, help="number of clips (eval default 8, training default 400)")
     parser.add_argument("--size", type=frame_size, default=64, help="frame size for generation")
@@ -44,14 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument(
         "--data", type=Path, help="train on this dataset's train split (default: make clips)"
     )
-    training.add_argument("--sync-steps", type=int, default=4000)
-    training.add_argument("--identity-steps", type=int, default=1500)
+    training.add_argument("--sync-steps", type=positive_int, default=4000)
+    training.add_argument("--identity-steps", type=positive_int, default=1500)
     training.add_argument("--seed", type=int, default=0)
-    training.add_argument("--workers", type=int, default=2)
+    training.add_argument("--workers", type=positive_int, default=2)
 
 
 def run(args: argparse.Namespace) -> int:
-    from streamgen.cli import UserError
+    from streamgen.cli import UserError, check_device
 
     if args.out is None:
         raise UserError("--out is required")
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         return _train(args)
     if not args.model:
         raise UserError("--model is required (a model name or path, or 'ground-truth')")
+    check_device(args.device)
     return _evaluate(args)
 
 
