@@ -20,6 +20,10 @@ from .session import Session
 log = logging.getLogger("streamgen.server")
 
 
+class SessionEnded(Exception):
+    """The session was closed (DELETE, a limit, its transport) while a transport was setting up."""
+
+
 class AdmissionError(Exception):
     """Refused with 503: `reason` goes into the JSON body, `retry_after` into the header."""
 
@@ -141,6 +145,8 @@ class SessionRegistry:
         return self.sessions.get(session_id)
 
     def start_streaming(self, session: Session, transport: str) -> None:
+        if session.closed:  # it would stream again in the worker, with nothing left to remove it
+            raise SessionEnded(f"session ended: {session.close_reason}")
         first = 1.1 * (self.worker.chunk_time_ema or 0.15) + 0.01  # the first chunk's own generation
         session.attach(transport, self.playout_delay(session.lane), first)
         if self.worker.align_batches:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 
 from fastapi import APIRouter, Request
@@ -11,7 +12,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from .app import ApiError, bearer_token, decode_upload, read_body, require_session
 from .avatars import avatar_image, avatar_png, list_avatars
 from .ice import for_peer, link_header
-from .registry import SessionRegistry
+from .registry import SessionEnded, SessionRegistry
+from .scheduler import WorkerBusy
 
 router = APIRouter()
 MAX_SDP_BYTES = 64 * 1024
@@ -104,7 +106,7 @@ def _session_params(fields: dict, has_reference: bool) -> tuple[str, str | None,
         raise ApiError(422, "bad_caption", f"caption longer than {MAX_CAPTION_CHARS} characters")
     if seed is not None:
         # an integer, or its decimal digits (form fields are text); not 1.5, not true
-        if isinstance(seed, str) and seed.strip().lstrip("-").isdigit():
+        if isinstance(seed, str) and re.fullmatch(r"-?[0-9]+", seed.strip()):
             seed = int(seed)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ApiError(422, "bad_seed", "seed must be an integer")
@@ -135,7 +137,7 @@ async def _session_fields(request: Request, config) -> tuple[dict, bytes | None]
     if content_type == "application/json":
         try:
             fields = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # (an array nested 100,000 deep)
             raise ApiError(400, "bad_json", "request body is not valid JSON") from None
         if not isinstance(fields, dict):
             raise ApiError(400, "bad_json", "request body must be a JSON object")
@@ -186,6 +188,8 @@ async def whep(session_id: str, request: Request):
     """WHEP: post an SDP offer (ICE candidates included) -> 201 with the SDP answer."""
     session = require_session(request, session_id)
     sdp = await _read_offer(request)  # a bad offer leaves the session as it was: the client may try again
+    if session.closed:  # while the offer came in
+        raise ApiError(404, "not_found", f"session ended: {session.close_reason}")
     if session.transport is not None:
         raise ApiError(409, "conflict", f"session is already streaming over {session.transport}")
     return await _answer(request.app.state.registry, session, sdp, f"/v1/sessions/{session.id}")
@@ -280,6 +284,8 @@ async def _answer(registry: SessionRegistry, session, sdp: str, location: str) -
     except OfferError as e:
         await registry.close(session, f"bad offer: {e}")
         raise ApiError(400, "bad_sdp", str(e)) from None
+    except SessionEnded as e:  # while the answer was made (its peer connection closed with it)
+        raise ApiError(404, "not_found", str(e)) from None
     headers = {"Location": location, "ETag": session.trickle.etag}  # the ICE session, for trickle PATCHes
     links = link_header(for_peer(registry.config.ice_servers, session.id))  # for the player (RFC 9725, 4.6)
     if links:
@@ -314,6 +320,8 @@ async def control(session_id: str, request: Request):
             await set_caption(registry, session, msg["text"])
         except ValueError as e:
             raise ApiError(422, "bad_caption", str(e)) from None
+        except WorkerBusy as e:
+            raise ApiError(503, "busy", f"caption not changed: {e}", headers={"Retry-After": "1"}) from None
         return {"type": "caption", "text": msg["text"]}
     if kind in ("interrupt", "clear"):
         session.timeline.clear_ahead()

@@ -21,7 +21,8 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from .protocol import CloseCode, MsgType, ProtocolError, pack, parse_binary, parse_control
-from .registry import SessionRegistry
+from .registry import SessionEnded, SessionRegistry
+from .scheduler import WorkerBusy
 from .session import Session
 from .speech import SpeechError, set_caption, speak
 
@@ -52,7 +53,12 @@ async def stream_socket(ws: WebSocket, session_id: str):
         return await _refuse(ws, CloseCode.FORBIDDEN, "wrong session token")
     if session.transport is not None:
         return await _refuse(ws, CloseCode.CONFLICT, f"session is already streaming over {session.transport}")
-    await SocketConnection(ws, session, registry).run()
+    # claimed now, not at its start message: a second socket or a WHEP offer meanwhile gets a conflict
+    # (each would end the session when it goes), and the session's end closes this socket
+    session.transport = "websocket"
+    connection = SocketConnection(ws, session, registry)
+    session.on_close(connection.close_for_session)
+    await connection.run()
 
 
 def _bearer(header: str | None) -> str | None:
@@ -148,16 +154,18 @@ class SocketConnection:
         elif kind == "caption":
             try:
                 await set_caption(self.registry, self.session, msg["text"])
-            except ValueError as e:
+            except (ValueError, WorkerBusy) as e:
                 await self.send_json({"type": "error", "for": "caption", "message": str(e)})
         return False
 
     def start(self, msg: dict) -> None:
         self.options = msg
         self.credit = msg["credit"]
-        slot = self.session.add_slot(on_drop=self.registry.metrics.dropped_chunks.inc)
-        self.session.on_close(self.close_for_session)
-        self.registry.start_streaming(self.session, "websocket")
+        slot = self.session.add_slot(on_drop=self.registry.metrics.dropped_chunks.inc)  # (the first chunk's)
+        try:
+            self.registry.start_streaming(self.session, "websocket")
+        except SessionEnded as e:  # closed since the socket connected
+            raise ProtocolError(CloseCode.GONE, str(e)) from None
         s = self.session
         ready = {
             "type": "ready", "session": s.id, "width": s.width, "height": s.height, "fps": s.fps,

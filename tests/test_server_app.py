@@ -125,6 +125,9 @@ def test_oversized_upload(client):
         ({"json": {"avatar": "ada", "sed": 3}}, 422),
         ({"data": {"seed": "7.5"}, "files": {"reference": ("f.png", png_bytes(), "image/png")}}, 422),
         ({"data": {"avatar": "ada"}, "files": {"reference": ("f.png", png_bytes(), "image/png")}}, 422),
+        ({"json": {"seed": "--5"}}, 422),  # these two were 500s: int() of what passed for digits
+        ({"data": {"seed": "\u00b2"}, "files": {"reference": ("f.png", png_bytes(), "image/png")}}, 422),
+        ({"content": b"[" * 100_000 + b"]" * 100_000, "headers": {"content-type": "application/json"}}, 400),
         ({"json": [1, 2]}, 400),
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400),
         ({"content": b"avatar=ada", "headers": {"content-type": "text/plain"}}, 415),
@@ -239,6 +242,56 @@ def test_control_endpoint(client):
     assert bad.status_code == 422 and "language" in bad.json()["message"]
     assert client.post(s["resource"] + "/control", content=b"\xff\x00", headers=h).status_code == 400
     client.delete(s["resource"], headers=h)
+
+
+def test_a_caption_the_worker_has_no_room_for_is_a_503(client, monkeypatch):
+    """A full inference queue (64 jobs: 400 caption POSTs at once) was a 500."""
+    from server.scheduler import WorkerBusy
+
+    s = new_session(client)
+    h = auth(s["token"])
+
+    def full(*args, **kwargs):
+        raise WorkerBusy("inference queue is full")
+
+    monkeypatch.setattr(client.app.state.registry.worker, "submit", full)
+    r = client.post(s["resource"] + "/control", json={"type": "caption", "text": "smiling"}, headers=h)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "queue is full" in r.json()["message"]
+    monkeypatch.undo()
+    assert client.delete(s["resource"], headers=h).status_code == 204
+
+
+def test_an_offer_that_arrives_after_its_session_ended_is_a_404(client, monkeypatch):
+    """DELETE while the offer was still uploading: the answer was a 201 for the deleted session,
+    its peer connection open for good and its stream back in the worker."""
+    from server import routes
+
+    registry = client.app.state.registry
+    s = new_session(client)
+
+    async def deleted_meanwhile(request):  # the offer's upload, over which the DELETE came
+        await request.body()
+        await registry.close(registry.get(s["id"]), "deleted by client")
+        return "an offer, checked later"
+
+    monkeypatch.setattr(routes, "_read_offer", deleted_meanwhile)
+    r = client.post(s["whep"], content=b"v=0\r\n", headers={"content-type": "application/sdp", **auth(s["token"])})
+    assert r.status_code == 404 and "deleted by client" in r.json()["message"]
+    assert registry.worker.streaming == 0 and s["id"] not in registry.sessions
+
+
+def test_a_closed_session_never_streams_again(client):
+    """Whatever transport reaches `start_streaming` after the session ended (its awaits span a close)."""
+    from server.registry import SessionEnded
+
+    registry = client.app.state.registry
+    s = new_session(client)
+    session = registry.get(s["id"])
+    client.delete(s["resource"], headers=auth(s["token"]))
+    with pytest.raises(SessionEnded, match="deleted by client"):
+        registry.start_streaming(session, "whep")
+    assert registry.worker.streaming == 0
 
 
 def test_capacity_from_measured_chunk_time():

@@ -265,6 +265,50 @@ def test_second_socket_on_a_session_is_refused(client):
         ws.send_text(json.dumps({"type": "stop"}))
 
 
+def video_offer() -> bytes:
+    """A WHEP player's offer (its ICE candidates are not needed to be refused)."""
+    import asyncio
+
+    from aiortc import RTCPeerConnection
+
+    async def offer():
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="recvonly")
+        description = await pc.createOffer()
+        await pc.close()
+        return description.sdp.encode()
+
+    return asyncio.run(offer())
+
+
+def test_a_socket_holds_its_session_from_the_moment_it_connects(client):
+    """Before, a socket held its session only from its start message: an idle socket let a second one
+    (or a WHEP offer) in, then ended that one's stream when it went."""
+    s = new_session(client)
+    h = {"Authorization": f"Bearer {s['token']}"}
+    with client.websocket_connect(stream_url(s)) as idle:
+        with client.websocket_connect(stream_url(s)) as ws2:
+            assert expect_close(ws2)[0] == CloseCode.CONFLICT
+        offer = client.post(s["whep"], content=video_offer(), headers={"content-type": "application/sdp", **h})
+        assert offer.status_code == 409 and "websocket" in offer.json()["message"]
+        idle.send_text(json.dumps({"type": "start"}))
+        assert json.loads(idle.receive_text())["type"] == "ready"
+        idle.send_text(json.dumps({"type": "stop"}))
+
+
+def test_a_session_deleted_before_its_socket_started_closes_the_socket(client):
+    """The socket stayed open, and a start after the DELETE put the deleted session back in the
+    worker, streaming for good (`streamgen_sessions_streaming` stuck at 1)."""
+    registry = client.app.state.registry
+    s = new_session(client)
+    with client.websocket_connect(stream_url(s)) as ws:
+        r = client.delete(s["resource"], headers={"Authorization": f"Bearer {s['token']}"})
+        assert r.status_code == 204
+        assert expect_close(ws) == (CloseCode.GONE, "deleted by client")
+    assert s["id"] not in registry.sessions and registry.worker.streaming == 0
+    assert "streamgen_sessions_streaming 0.0" in client.get("/metrics").text
+
+
 def test_speak_errors_are_reported_not_fatal(client):
     s = new_session(client)
     with client.websocket_connect(stream_url(s)) as ws:
