@@ -20,7 +20,7 @@ import torch
 
 from distill.flow import Conditions
 from distill.rng import SampleRandom
-from streamgen.sampling import add_noise, check_cache_from
+from streamgen.sampling import add_noise, check_cache_from, encode_sink
 
 
 @torch.no_grad()
@@ -29,10 +29,7 @@ def start_stream(student, cond: Conditions, latent_hw):
     b = cond.reference.shape[0]
     p = next(student.parameters())
     cache = student.new_cache(b, latent_hw, p.dtype, p.device)
-    ref = cond.reference.to(p.dtype)
-    t = torch.zeros(b, ref.shape[2], device=p.device)
-    student(ref, t, cond.context, mode="cached", cache=cache, cache_write="sink")
-    cache.sink_ready = True
+    encode_sink(student, cache, cond.reference.to(p.dtype), cond.context)
     return cache
 
 

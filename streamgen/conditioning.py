@@ -58,7 +58,7 @@ def sequence_velocity(model, x, t, cond: Conditions, mode: str = "bidirectional"
     keep = cond.keep_reference
     if bool(keep.all()) or not bool(keep.any()):
         return _velocity(model, x, t, cond, with_reference=bool(keep.all()), mode=mode)
-    out = torch.empty_like(x)
+    out = x.new_empty(x.shape[0], model.cfg.out_channels, *x.shape[2:])  # (channels: the model's)
     for flag in (True, False):
         idx = (keep == flag).nonzero().squeeze(1)
         out[idx] = _velocity(model, x[idx], t[idx], cond.select(idx), with_reference=flag, mode=mode)

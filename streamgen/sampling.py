@@ -118,7 +118,10 @@ def sample_few_step(
 
 @torch.no_grad()
 def encode_sink(model, cache, reference_latent: torch.Tensor, context: torch.Tensor) -> None:
-    """Write the reference latent frame(s) into the cache's permanent sink at t = 0."""
+    """Write the reference latent frame(s) into the cache's permanent sink at t = 0 (one
+    reference frame fills every sink frame, as the block-causal and bidirectional paths see it)."""
+    if reference_latent.shape[2] == 1 and cache.sink_frames > 1:
+        reference_latent = reference_latent.expand(-1, -1, cache.sink_frames, -1, -1)
     b, f = reference_latent.shape[0], reference_latent.shape[2]
     t = torch.zeros(b, f, device=reference_latent.device)
     model(reference_latent, t, context, mode="cached", cache=cache, cache_write="sink")

@@ -230,6 +230,26 @@ def test_dmd_generator_loss_pushes_along_fake_minus_real():
     assert torch.allclose(x0.grad, (fake - real) * weight / x0.numel(), atol=1e-6)
 
 
+@torch.no_grad()
+def test_a_batch_mixing_kept_and_dropped_references_takes_the_models_output_channels():
+    """out_channels != in_channels (a Wan config field): the mixed batch's output was allocated with
+    the input's channels and the first sample's velocity did not fit in it."""
+    from distill.flow import Conditions
+    from streamgen.conditioning import sequence_velocity
+    from streamgen.model import DiT, get_config
+
+    torch.manual_seed(0)
+    model = DiT(get_config("debug", in_channels=4, out_channels=8, audio=False)).eval()
+    x, t = torch.randn(2, 4, 2, 4, 4), torch.rand(2, 2) * 1000
+    cond = Conditions.full(torch.randn(2, 4, 1, 4, 4), None, torch.randn(2, 1, model.cfg.text_dim))
+    cond.keep_reference = torch.tensor([True, False])
+    mixed = sequence_velocity(model, x, t, cond)
+    for i, kept in enumerate((True, False)):
+        cond.keep_reference = torch.tensor([kept, kept])
+        alone = sequence_velocity(model, x, t, cond)
+        assert mixed.shape == (2, 8, 2, 4, 4) and torch.allclose(mixed[i], alone[i], atol=1e-5)
+
+
 def test_the_teacher_streams_for_the_results_table(pipeline):
     """TeacherSession: windows of Euler + CFG samples, each continuing the last one's motion frames."""
     from distill.results import markdown

@@ -64,6 +64,25 @@ def test_cached_chunks_equal_one_block_causal_forward(steps):
 
 
 @torch.no_grad()
+def test_one_reference_frame_fills_a_sink_of_several():
+    """sink_frames > 1: the sink holds the one reference frame repeated, as the block-causal path
+    (and training's conditioning) see it; a stream's start failed on a shape mismatch."""
+    model, cfg = make(sink_frames=2)
+    c, ctx = cfg.frames_per_chunk, torch.randn(1, 2, cfg.text_dim)
+    ref = torch.randn(1, cfg.in_channels, 1, *HW)
+    cache = model.new_cache(1, HW)
+    encode_sink(model, cache, ref, ctx)
+    noisy, audio = torch.randn(1, cfg.in_channels, c, *HW), rand_audio(cfg, c)
+    v_cached = model(noisy, torch.full((1, c), 300.0), ctx, audio, mode="cached", cache=cache)
+    x = torch.cat([ref.expand(-1, -1, 2, -1, -1), noisy], dim=2)
+    t = torch.cat([torch.zeros(1, 2), torch.full((1, c), 300.0)], dim=1)
+    a = torch.cat([torch.zeros(1, 2, cfg.audio_window, cfg.audio_dim), audio], dim=1)
+    mask = torch.cat([torch.zeros(1, 2), torch.ones(1, c)], dim=1)
+    v_full = model(x, t, ctx, a, mask, mode="block_causal")
+    assert (v_full[:, :, -c:] - v_cached).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
 def test_block_causal_differs_from_bidirectional_only_by_the_mask():
     model, cfg = make(num_layers=1)  # one layer: keys depend on the inputs alone
     x = torch.randn(1, cfg.in_channels, 1 + 2 * cfg.frames_per_chunk, *HW)
