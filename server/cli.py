@@ -102,11 +102,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--lanes runs the model in this process: it cannot be combined with --model-process or --sp")
     if args.sp > 1 and args.model_process:
         raise UserError("--model-process and --sp cannot be combined: with --sp the model runs in its own ranks")
-    check_device(args.device)
     if args.fp8 and args.device.startswith("cuda") and args.dtype != "bfloat16":
         raise UserError("--fp8 on a GPU needs --dtype bfloat16 (its FP8 products give bfloat16)")
     if args.compile and (args.device != "cpu" or args.sp > 1):
         raise UserError("--compile runs on the CPU in one process: it cannot be combined with --sp or a GPU device")
+    check_device(args.device)  # (after the options' own conflicts, which hold on any machine)
     for origin in args.cors_origin:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise UserError(f"--cors-origin {origin!r}: an origin is scheme://host[:port], e.g. https://app.example.org")

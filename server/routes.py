@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
@@ -62,7 +63,11 @@ async def create_session(request: Request):
     registry.admit()  # before reading an upload: refuse cheaply when full
     fields, upload = await _session_fields(request, config)
     avatar, caption, seed = _session_params(fields, upload is not None)
-    reference = decode_upload(upload, config) if upload is not None else _avatar_reference(avatar)
+    # a small file can hold 16 Mpixels: decoded off the event loop, which every stream's frames wait on
+    if upload is not None:
+        reference = await asyncio.to_thread(decode_upload, upload, config)
+    else:
+        reference = _avatar_reference(avatar)
     session = await _new_session(registry, reference, caption, seed)
     base = f"/v1/sessions/{session.id}"
     body = {
@@ -282,8 +287,9 @@ async def _answer(registry: SessionRegistry, session, sdp: str, location: str) -
     try:
         answer = await answer_offer(session, registry, sdp)
     except OfferError as e:
+        # (its peer connection half made: the session ends with it, unlike an offer refused unread)
         await registry.close(session, f"bad offer: {e}")
-        raise ApiError(400, "bad_sdp", str(e)) from None
+        raise ApiError(400, "bad_sdp", f"{e}; the session has ended: create a new one") from None
     except SessionEnded as e:  # while the answer was made (its peer connection closed with it)
         raise ApiError(404, "not_found", str(e)) from None
     headers = {"Location": location, "ETag": session.trickle.etag}  # the ICE session, for trickle PATCHes

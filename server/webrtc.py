@@ -48,11 +48,19 @@ def check_offer(sdp: str) -> set[str]:
     video = [m for m in parsed.media if m.kind == "video"]
     if not video:
         raise OfferError("offer has no usable media: it needs a video m-line the server can send on")
-    if not any(m.direction in ("recvonly", "sendrecv") and m.port != 0 for m in video):
+    # (no direction attribute: sendrecv, RFC 8866 6.7)
+    if not any((m.direction or "sendrecv") in ("recvonly", "sendrecv") and m.port != 0 for m in video):
         raise OfferError("offer has no usable media: the video m-line does not receive (recvonly/sendrecv)")
     codecs = {c.name.lower() for m in video for c in m.rtp.codecs}
     if not codecs & SUPPORTED_VIDEO:
         raise OfferError(f"offer has no usable media: no VP8 or H264 video codec (got {sorted(codecs)})")
+    # what aiortc's transports assert on only once the answer is sent (the session would then
+    # stream to a peer connection that can never connect)
+    for m in video:
+        if not m.dtls or not m.dtls.fingerprints:
+            raise OfferError("malformed SDP: the video m-line has no a=fingerprint (DTLS-SRTP is required)")
+        if not m.ice or not m.ice.usernameFragment or not m.ice.password:
+            raise OfferError("malformed SDP: the video m-line has no a=ice-ufrag / a=ice-pwd")
     candidates = sum(len(m.ice_candidates) for m in parsed.media)
     if candidates > MAX_CANDIDATES:
         raise OfferError(f"offer has {candidates} ICE candidates: a session takes at most {MAX_CANDIDATES}")

@@ -49,7 +49,8 @@ async def stream_socket(ws: WebSocket, session_id: str):
         return await _refuse(ws, CloseCode.NOT_FOUND, f"unknown session {session_id[:40]!r}")
     if not token:
         return await _refuse(ws, CloseCode.UNAUTHORIZED, "missing session token (?token= or Authorization)")
-    if not secrets.compare_digest(token.encode(), session.token.encode()):
+    accepted = [session.token] + ([registry.config.token] if registry.config.token else [])  # as over HTTP
+    if not any(secrets.compare_digest(token.encode(), a.encode()) for a in accepted):
         return await _refuse(ws, CloseCode.FORBIDDEN, "wrong session token")
     if session.transport is not None:
         return await _refuse(ws, CloseCode.CONFLICT, f"session is already streaming over {session.transport}")

@@ -104,6 +104,28 @@ def test_decompression_bomb_is_refused_before_decoding(client):
     assert r.status_code == 413 and "pixels" in r.json()["message"]
 
 
+def test_an_upload_is_decoded_off_the_event_loop(client, monkeypatch):
+    """A 16-Mpixel PNG is 60 KB on the wire and took 290 ms to decode, every stream's frames waiting."""
+    import asyncio
+
+    from server import routes
+
+    decode, where = routes.decode_upload, []
+
+    def decode_and_look(*args):
+        try:
+            asyncio.get_running_loop()
+            where.append("event loop")
+        except RuntimeError:
+            where.append("a thread of its own")
+        return decode(*args)
+
+    monkeypatch.setattr(routes, "decode_upload", decode_and_look)
+    r = client.post("/v1/sessions", files={"reference": ("f.png", png_bytes(), "image/png")})
+    assert r.status_code == 201 and where == ["a thread of its own"]
+    client.delete(r.json()["resource"], headers=auth(r.json()["token"]))
+
+
 def test_oversized_upload(client):
     big = b"\x00" * (4 * 1024 * 1024 + 10)
     r = client.post("/v1/sessions", files={"reference": ("big.png", big, "image/png")})
@@ -172,6 +194,11 @@ def test_server_token():
         assert c.post("/v1/sessions", json={}, headers=auth("nope")).status_code == 403
         r = c.post("/v1/sessions", json={}, headers=auth("sekrit"))
         assert r.status_code == 201
+        # accepted for any session on the WebSocket too, as over HTTP (it was refused: 4403)
+        with c.websocket_connect(f"{r.json()['stream']}?token=sekrit") as ws:
+            ws.send_text('{"type": "start"}')
+            assert '"ready"' in ws.receive_text()
+            ws.send_text('{"type": "stop"}')
 
 
 @pytest.mark.parametrize(

@@ -191,3 +191,36 @@ async def test_one_url_whep_on_a_server_with_a_token():
             assert (await http.delete(resource, headers=auth)).status_code == 204
             await pc.close()
         assert app.state.registry.sessions == {}
+
+
+def _offer_lines() -> list[str]:
+    async def offer():
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="recvonly")
+        description = await pc.createOffer()
+        await pc.close()
+        return description.sdp
+
+    return asyncio.run(offer()).splitlines()
+
+
+def test_offers_are_checked_for_what_the_transports_assert_on_later():
+    """An offer without a=fingerprint was answered 201 and its session streamed to a peer connection
+    whose connect task had died on an assertion; one without a direction attribute (sendrecv, by
+    the SDP rules) was refused."""
+    from server.webrtc import OfferError, check_offer
+
+    lines = _offer_lines()
+
+    def without(prefix):
+        return "\r\n".join(line for line in lines if not line.startswith(prefix)) + "\r\n"
+
+    for prefix, says in (("a=fingerprint", "no a=fingerprint"), ("a=ice-ufrag", "no a=ice-ufrag")):
+        with pytest.raises(OfferError, match=says):
+            check_offer(without(prefix))
+    assert check_offer(without("a=recvonly")) == {"video"}
+    # Firefox puts the fingerprint and ICE credentials at the session level
+    moved = [line for line in lines if line.startswith(("a=fingerprint", "a=ice-ufrag", "a=ice-pwd"))]
+    rest = [line for line in lines if line not in moved]
+    first_media = next(i for i, line in enumerate(rest) if line.startswith("m="))
+    assert check_offer("\r\n".join(rest[:first_media] + moved + rest[first_media:]) + "\r\n") == {"video"}
