@@ -225,12 +225,21 @@ class SessionRegistry:
         """Close sessions past the idle or the maximum-duration limit."""
         while True:
             await asyncio.sleep(period)
-            await self.enforce_limits()
+            try:
+                await self.enforce_limits()
+            except Exception:  # the limits must outlive one bad teardown
+                log.exception("enforcing the session limits failed")
 
     async def enforce_limits(self) -> None:
-        now = time.monotonic()
+        """The sessions past a limit, closed together: each teardown waits for its lane's worker
+        (a chunk in progress), and one after another they held the others past their limits."""
+        now, expired = time.monotonic(), []
         for session in list(self.sessions.values()):
             if now - session.created > self.config.max_duration_s:
-                await self.close(session, f"max_duration: session reached {self.config.max_duration_s:.0f} s")
+                expired.append((session, f"max_duration: session reached {self.config.max_duration_s:.0f} s"))
             elif now - session.last_input > self.config.idle_timeout_s:
-                await self.close(session, f"idle: no input for {self.config.idle_timeout_s:.0f} s")
+                expired.append((session, f"idle: no input for {self.config.idle_timeout_s:.0f} s"))
+        closed = await asyncio.gather(*(self.close(s, reason) for s, reason in expired), return_exceptions=True)
+        for (session, _), outcome in zip(expired, closed):
+            if isinstance(outcome, Exception):
+                log.error("session %s: closing it at its limit failed: %r", session.id, outcome)

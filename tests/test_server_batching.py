@@ -125,3 +125,33 @@ def test_lanes_serve_their_own_sessions_on_their_own_threads():
     finally:
         worker.stop()
         loop.close()
+
+
+async def test_sessions_past_their_limits_are_closed_together_and_one_failure_stops_none(monkeypatch):
+    """Closed one after another, each teardown (which waits for its lane's chunk in progress) held
+    the next session past its limit; an exception in one ended the limits task for good."""
+    import time
+    from types import SimpleNamespace
+
+    from server.config import ServerConfig
+    from server.registry import SessionRegistry
+
+    registry = SessionRegistry(ServerConfig(idle_timeout_s=1.0, max_duration_s=60.0), None, None)
+    now = time.monotonic()
+    for i, idle in enumerate((5.0, 0.0, 5.0, 5.0)):
+        registry.sessions[f"s{i}"] = SimpleNamespace(id=f"s{i}", created=now - 10, last_input=now - idle)
+    running, most, closed = set(), [0], []
+
+    async def close(session, reason):
+        running.add(session.id)
+        most[0] = max(most[0], len(running))
+        await asyncio.sleep(0.05)
+        running.discard(session.id)
+        if session.id == "s2":
+            raise RuntimeError("a teardown that failed")
+        closed.append((session.id, reason.split(":")[0]))
+
+    monkeypatch.setattr(registry, "close", close)
+    await registry.enforce_limits()
+    assert most[0] == 3  # together
+    assert sorted(closed) == [("s0", "idle"), ("s3", "idle")]  # s1 is not idle; s2 failed alone
