@@ -65,14 +65,17 @@ class AudioTimeline:
         self.taken = 0  # samples before this have been handed to the model
         self._lock = threading.Lock()
 
-    def append(self, pcm: np.ndarray, source: str = "client", live: bool = False) -> int:
-        """Mix float32 samples in after `source`'s previous ones; returns how many did not fit."""
+    def append(self, pcm: np.ndarray, source: str = "client", live: bool = False, whole: bool = False) -> int:
+        """Mix float32 samples in after `source`'s previous ones; returns how many did not fit.
+        whole: all of them or none (an utterance: the avatar would say the first half of it)."""
         with self._lock:
             start = self._cursors.get(source, 0)
             if start < self.taken:
                 start = self.taken + (self.LIVE_MARGIN if live else 0)
             room = self.taken + self.max_ahead - start
             keep = max(0, min(len(pcm), room))
+            if whole and keep < len(pcm):
+                keep = 0
             if keep:
                 self._ensure(start + keep)
                 self._buf[start - self._origin : start + keep - self._origin] += pcm[:keep]

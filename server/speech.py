@@ -22,10 +22,11 @@ async def speak(session: Session, text: str, language: str = "en-us", variant: s
     utterance = await asyncio.to_thread(synthesize, text, voice)
     if session.closed:
         return 0.0
-    dropped = session.timeline.append(utterance.audio, source="speech")
+    dropped = session.timeline.append(utterance.audio, source="speech", whole=True)
     if dropped:
         raise SpeechError(
-            f"speech queue is full: {dropped / 16000:.1f} s of speech did not fit (interrupt to clear it)"
+            f"speech queue is full: the {dropped / 16000:.1f} s of speech do not fit after what is queued, "
+            "and none of it was queued (interrupt to clear the queue)"
         )
     session.touch()
     return utterance.duration

@@ -167,3 +167,15 @@ async def test_audio_track_skips_ahead_when_the_clock_moves_back_and_waits_when_
     s.base += 0.1  # moved forward again (a late chunk): silence until the stream catches up
     silent = await track.recv()
     assert not silent.to_ndarray().any()
+
+
+def test_an_utterance_that_does_not_fit_the_queue_is_not_queued_in_part():
+    """The 422 "speech queue is full" came with the part that fit already queued: the avatar then said
+    half a sentence the client was told had failed. Live audio still keeps what fits."""
+    from server.session import AudioTimeline
+
+    timeline = AudioTimeline(max_ahead_s=1.0)
+    assert timeline.append(np.ones(12_000, np.float32), source="speech", whole=True) == 0
+    assert timeline.append(np.ones(8_000, np.float32), source="speech", whole=True) == 8_000
+    assert timeline.queued_seconds == 0.75  # the first utterance alone
+    assert timeline.append(np.ones(8_000, np.float32), source="client") == 4_000  # live: what fits
