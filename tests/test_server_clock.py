@@ -178,4 +178,5 @@ def test_an_utterance_that_does_not_fit_the_queue_is_not_queued_in_part():
     assert timeline.append(np.ones(12_000, np.float32), source="speech", whole=True) == 0
     assert timeline.append(np.ones(8_000, np.float32), source="speech", whole=True) == 8_000
     assert timeline.queued_seconds == 0.75  # the first utterance alone
-    assert timeline.append(np.ones(8_000, np.float32), source="client") == 4_000  # live: what fits
+    assert timeline.append(np.ones(8_000, np.float32), source="client") == 0  # a cursor of its own
+    assert timeline.append(np.ones(12_000, np.float32), source="client") == 4_000  # live: what fits
