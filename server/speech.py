@@ -37,6 +37,8 @@ async def set_caption(registry, session: Session, text: str) -> None:
 
     def apply():
         stream = session.stream
+        if session.closed:  # its stream closed (or closing) before this job: in a model process, gone
+            return
         if hasattr(stream, "set_caption"):  # the model runs in a child process
             stream.set_caption(text)
         elif stream is not None:

@@ -180,3 +180,25 @@ def test_an_utterance_that_does_not_fit_the_queue_is_not_queued_in_part():
     assert timeline.queued_seconds == 0.75  # the first utterance alone
     assert timeline.append(np.ones(8_000, np.float32), source="client") == 0  # a cursor of its own
     assert timeline.append(np.ones(12_000, np.float32), source="client") == 4_000  # live: what fits
+
+
+async def test_a_caption_for_a_session_closed_meanwhile_changes_nothing():
+    """Under --model-process the stream is gone from the child once closed: a caption job queued
+    behind the close raised KeyError (a 500 over HTTP)."""
+    import concurrent.futures
+
+    from server.speech import set_caption
+
+    class Gone:
+        def set_caption(self, text):
+            raise KeyError("stream")
+
+    def run_now(fn, *args, lane=0):
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args))
+        return future
+
+    registry = SimpleNamespace(worker=SimpleNamespace(submit=run_now))
+    await set_caption(registry, SimpleNamespace(stream=Gone(), closed=True, lane=0), "smiling")
+    with pytest.raises(KeyError):
+        await set_caption(registry, SimpleNamespace(stream=Gone(), closed=False, lane=0), "smiling")
