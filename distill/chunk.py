@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from distill.config import ConfigError
 from distill.dmd import DmdStage, critic_loss, generator_loss
 from distill.rollout import denoise_chunk, reencode, start_stream
 
@@ -31,13 +32,18 @@ class Stage(DmdStage):
         super().__init__(cfg, world)
         mcfg, o = self.student.cfg, self.opts
         if mcfg.window_frames != o.motion_frames:
-            raise ValueError(
+            raise ConfigError(
                 f"chunk.motion_frames ({o.motion_frames}) must equal the student's window_frames "
                 f"({mcfg.window_frames}); set model.overrides.window_frames"
             )
         c = mcfg.frames_per_chunk
+        if o.motion_frames != c:  # the teacher's motion prefix is the chunk before, whole
+            raise ConfigError(
+                f"chunk.motion_frames ({o.motion_frames}) must equal the student's frames_per_chunk ({c}): "
+                "the teacher sees the previous chunk as its motion prefix"
+            )
         if cfg.data.latent_frames < (o.max_chunks_back + 1) * c:
-            raise ValueError(
+            raise ConfigError(
                 f"data.latent_frames must hold max_chunks_back + 1 = {o.max_chunks_back + 1} chunks"
             )
 

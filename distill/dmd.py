@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from distill.build import export_model, load_dit, load_frozen, load_vae, new_dit
+from distill.config import ConfigError
 from distill.data import load_bank
 from distill.distributed import broadcast_module
 from distill.flow import Conditions, audio_windows, flow_loss
@@ -82,7 +83,7 @@ class DmdStage:
         for name, net in (("teacher", self.teacher), ("critic", self.critic)):
             for key in ("in_channels", "out_channels", "patch_size", "text_dim", "temporal_compression"):
                 if getattr(net.cfg, key) != getattr(self.student.cfg, key):
-                    raise ValueError(f"the {name} and the student differ in {key}")
+                    raise ConfigError(f"the {name} and the student differ in {key}")
         broadcast_module(self.student, world)
         broadcast_module(self.critic, world)
         mcfg = self.student.cfg

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from distill.build import export_model, load_frozen, load_vae, new_dit
+from distill.config import ConfigError
 from distill.data import load_bank
 from distill.distributed import barrier, broadcast_module
 from distill.flow import Conditions, audio_windows
@@ -49,7 +50,7 @@ class Stage:
         self.sigmas = student_sigmas(self.opts.student_steps, self.opts.shift)
         c = mcfg.frames_per_chunk
         if cfg.data.latent_frames % c:
-            raise ValueError(f"data.latent_frames must be a multiple of frames_per_chunk ({c})")
+            raise ConfigError(f"data.latent_frames must be a multiple of frames_per_chunk ({c})")
         self.trajectories = self._trajectories()
         self.updaters = {"student": Updater("student", self.student, cfg.optim, world)}
 
@@ -61,14 +62,44 @@ class Stage:
         from safetensors.torch import load_file, save_file
 
         path = Path(self.cfg.run.out) / "trajectories.safetensors"
+        made_with = self._trajectory_settings()
         if self.world.is_main and not path.exists():
             tensors = self._sample_trajectories()
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
-            save_file(tensors, str(tmp))
+            save_file(tensors, str(tmp), metadata=made_with)
             os.replace(tmp, path)
         barrier(self.world)
+        self._check_trajectories(path, made_with)
         return load_file(str(path))
+
+    def _trajectory_settings(self) -> dict[str, str]:
+        """What the sampled trajectories depend on, kept in their file's metadata."""
+        o, cfg = self.opts, self.cfg
+        return {
+            "teacher": str(o.teacher), "trajectories": str(o.trajectories), "teacher_steps": str(o.teacher_steps),
+            "cfg_scale": repr(float(o.cfg_scale)), "student_steps": str(o.student_steps),
+            "shift": repr(float(o.shift)), "trajectory_batch": str(o.trajectory_batch),
+            "latent_frames": str(cfg.data.latent_frames), "seed": str(cfg.run.seed),
+        }  # fmt: skip
+
+    @staticmethod
+    def _check_trajectories(path: Path, made_with: dict[str, str]) -> None:
+        """A file sampled with other settings (a rerun in the same folder, `--resume` after an
+        `ode:` option changed) would be trained on silently: its states labelled with this run's
+        noise levels. A file from before the settings were kept is taken as it is."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            kept = f.metadata() or {}
+        differ = [
+            f"{k}: {kept[k]} there, {v} here" for k, v in made_with.items() if k in kept and kept[k] != v
+        ]
+        if differ:
+            raise ConfigError(
+                f"{path} was sampled with other settings ({'; '.join(differ)}): delete it to sample "
+                "trajectories for these, or choose another run.out"
+            )
 
     @torch.no_grad()
     def _sample_trajectories(self) -> dict[str, torch.Tensor]:

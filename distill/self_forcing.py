@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from distill.config import ConfigError
 from distill.dmd import DmdStage, critic_loss, generator_loss
 from distill.rng import generator
 from distill.rollout import rollout
@@ -34,11 +35,11 @@ class Stage(DmdStage):
         c = self.student.cfg.frames_per_chunk
         f, longest = cfg.data.latent_frames, self.opts.rollout_frames or cfg.data.latent_frames
         if f % c or longest % c:
-            raise ValueError(
+            raise ConfigError(
                 f"data.latent_frames and self_forcing.rollout_frames must be multiples of frames_per_chunk ({c})"
             )
         if longest < f:
-            raise ValueError("self_forcing.rollout_frames must be 0 or at least data.latent_frames")
+            raise ConfigError("self_forcing.rollout_frames must be 0 or at least data.latent_frames")
         self.window_chunks, self.max_chunks = f // c, longest // c
         check_cache_from(self.opts.cache_from)
 

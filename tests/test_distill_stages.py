@@ -198,6 +198,26 @@ def test_ode_trajectories_are_sampled_once(pipeline, tmp_path):
     mtime = path.stat().st_mtime_ns
     run(stage_config("ode", pipeline["root"] / "ode", pipeline, **{"run.steps": 5}), resume=True)
     assert path.stat().st_mtime_ns == mtime
+    # sampled with other settings: refused, not trained on with this run's noise levels
+    from distill.config import ConfigError
+
+    other = stage_config("ode", pipeline["root"] / "ode", pipeline, **{"run.steps": 6, "ode.shift": 3.0})
+    with pytest.raises(ConfigError, match="shift: 5.0 there, 3.0 here"):
+        run(other, resume=True)
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_the_chunk_stage_refuses_a_motion_prefix_other_than_one_chunk(tmp_path, pipeline):
+    """The teacher's motion prefix is the chunk before; a longer one failed on a shape mismatch at
+    the second chunk, after the stage had started."""
+    from distill.config import ConfigError
+
+    cfg = stage_config("chunk", tmp_path / "c", pipeline, **{"chunk.motion_frames": 4})
+    cfg.model.overrides = {**cfg.model.overrides, "window_frames": 4}
+    with pytest.raises(
+        ConfigError, match="motion_frames \\(4\\) must equal the student's frames_per_chunk \\(2\\)"
+    ):
+        run(cfg)
 
 
 def test_dmd_generator_loss_pushes_along_fake_minus_real():
