@@ -95,12 +95,14 @@ class Updater:
         loss.backward()
         if not self.sharded:  # FSDP2 has averaged them already (reduce-scatter)
             average_gradients(self.params, self.world)
-        norm = 0.0
-        if self.cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-            norm = float(norm.full_tensor() if self.sharded else norm)
-            if not math.isfinite(norm):
-                raise NonFiniteLoss(f"{self.name} gradient", norm)
+        # the norm is checked without clipping too (grad_clip 0): a NaN gradient can come with a
+        # finite loss, and would be applied to the weights
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        )
+        norm = float(norm.full_tensor() if self.sharded else norm)
+        if not math.isfinite(norm):
+            raise NonFiniteLoss(f"{self.name} gradient", norm)
         lr = learning_rate(self.cfg, self.updates)
         for group in self.opt.param_groups:
             group["lr"] = lr

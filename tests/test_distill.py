@@ -250,3 +250,22 @@ def test_learning_rate_warms_up_then_decays_on_a_cosine():
     )
     rates = [learning_rate(cosine, u) for u in range(10, 111)]
     assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_a_nan_gradient_behind_a_finite_loss_stops_the_update(grad_clip):
+    """With grad_clip 0 the gradient's norm was not looked at: a NaN gradient went into the weights."""
+    from distill.config import OptimConfig
+    from distill.distributed import World
+    from distill.trainer import NonFiniteLoss, Updater
+
+    module = torch.nn.Linear(2, 1)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    updater = Updater("student", module, OptimConfig(grad_clip=grad_clip), World())
+    y = module(torch.tensor([[-1.0, 0.5]])).sum()
+    # 0, whose gradient is NaN: where's unchosen branch still sends 0 * d sqrt(-1) back
+    loss = torch.where(torch.tensor(False), (-y.abs() - 1).sqrt(), torch.zeros(()))
+    assert torch.isfinite(loss)
+    with pytest.raises(NonFiniteLoss, match="gradient"):
+        updater.update(loss)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
