@@ -464,14 +464,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> dict:
     from bench import stage_timing  # here: both import this module
     from bench.gpu import build_model, start_stream
-    from streamgen.cli import UserError
+    from streamgen.cli import UserError, check_device
     from streamgen.models import load_model
 
     started = time.perf_counter()
     wan = args.model in WAN_FLAVORS
     device = args.device or ("meta" if wan else "cpu")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise UserError("no CUDA device here (the default counts on meta, or --device cpu)")
+    check_device(device)
     for flag, given in (("--measure", args.measure), ("--time", args.time)):
         if given and device == "meta":
             raise UserError(f"{flag} needs a real device (--device cuda or cpu), not meta")

@@ -214,11 +214,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> dict:
-    from streamgen.cli import UserError
+    from streamgen.cli import UserError, check_device
 
+    check_device(args.device)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("no CUDA device here; `--device cpu` runs it on this CPU")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))

@@ -162,7 +162,8 @@ class SocketConnection:
     def start(self, msg: dict) -> None:
         self.options = msg
         self.credit = msg["credit"]
-        slot = self.session.add_slot(on_drop=self.registry.metrics.dropped_chunks.inc)  # (the first chunk's)
+        # the slot first: starting publishes the pre-generated first chunk into it
+        slot = self.session.add_slot(on_drop=self.registry.metrics.dropped_chunks.inc)
         try:
             self.registry.start_streaming(self.session, "websocket")
         except SessionEnded as e:  # closed since the socket connected

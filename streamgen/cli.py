@@ -76,7 +76,7 @@ def check_device(name: str) -> None:
     backend = getattr(torch, device.type, None)
     if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
         raise UserError(
-            f"no {device.type} device here (this torch {torch.__version__}); --device cpu runs on this CPU"
+            f"no {device.type.upper()} device here (this torch {torch.__version__}); --device cpu runs on this CPU"
         )
     if device.index is not None and device.index >= backend.device_count():
         raise UserError(

@@ -72,14 +72,14 @@ def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys):
     """`--device cuda` without CUDA was torch's AssertionError, raised from deep inside the model load."""
     out = str(tmp_path / "x.mp4")
     assert main(["generate", "--model", "debug", "--device", "cuda", "--out", out, "--quiet"]) == 2
-    assert "no cuda device here" in capsys.readouterr().err
+    assert "no CUDA device here" in capsys.readouterr().err
     assert main(["generate", "--model", "debug", "--device", "gpu0", "--out", out, "--quiet"]) == 2
     assert "unknown device 'gpu0'" in capsys.readouterr().err
     assert (
         main(["eval", "--model", "debug", "--device", "cuda", "--clips", "1", "--out", str(tmp_path / "e")])
         == 2
     )
-    assert "no cuda device here" in capsys.readouterr().err
+    assert "no CUDA device here" in capsys.readouterr().err
     assert not (tmp_path / "e" / "report.json").exists()
 
 

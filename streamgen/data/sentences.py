@@ -244,7 +244,6 @@ _BANKS: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 
 
-
 def bank_language(espeak_language: str) -> str:
     """espeak voice name ("en-us", "de") -> sentence bank key ("en", "de")."""
     return espeak_language.split("-")[0]
