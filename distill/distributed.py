@@ -68,20 +68,35 @@ def broadcast_module(module: torch.nn.Module, world: World) -> None:
 
 
 def average_gradients(params, world: World) -> None:
-    """All-reduce the gradients as one flat bucket and divide by the world size."""
+    """All-reduce the gradients as one flat bucket and divide by the world size.
+
+    A parameter without a gradient on some rank counts as zero there (its share of the
+    global batch did not use it). One without a gradient on every rank keeps `grad=None`,
+    as it would in one process with the whole batch: the optimizer then skips it, where a
+    zero gradient would still move it by Adam's momentum and the weight decay.
+    """
     if not world.distributed:
         return
     params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    used = [p.grad is not None for p in params]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    # the use flags ride in the same bucket: one collective, and counts stay exact in float
+    flags = torch.tensor(used, dtype=params[0].grad.dtype, device=params[0].grad.device)
+    flat = torch.cat([p.grad.reshape(-1) for p in params] + [flags])
     dist.all_reduce(flat)
+    users = flat[-len(params) :].tolist()
     flat /= world.size
     offset = 0
-    for p in params:
+    for p, count in zip(params, users):
         n = p.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        if count > 0:
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        else:
+            p.grad = None
         offset += n
 
 

@@ -15,6 +15,7 @@ starts a new session instead.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from dataclasses import dataclass, field
 
@@ -122,16 +123,23 @@ class TrickleIce:
             raise FragmentError(f"a session takes at most {MAX_CANDIDATES} ICE candidates, offer included "
                                 f"({self.candidates} so far, {len(frag.candidates)} more sent)")  # fmt: skip
         self.candidates += len(frag.candidates)
+        candidates = []
         for mid, value in frag.candidates:
             candidate = candidate_from_sdp(value)
             if mid is None:  # before any a=mid: the first media section's
                 candidate.sdpMLineIndex = 0
             else:
                 candidate.sdpMid = self._bundle.get(mid, mid)
-            try:
-                await self.pc.addIceCandidate(candidate)
-            except ValueError as e:  # e.g. a name that does not resolve
-                raise FragmentError(f"the ICE agent refused {value[:80]!r}: {e}") from None
+            candidates.append(candidate)
+        # added together, as aiortc adds an offer's: a browser's host candidates are mDNS names
+        # (`<uuid>.local`), each resolved with a timeout of a second, and one after another a
+        # fragment of names that do not resolve held the PATCH that many seconds
+        added = await asyncio.gather(*map(self.pc.addIceCandidate, candidates), return_exceptions=True)
+        for (_, value), result in zip(frag.candidates, added):
+            if isinstance(result, ValueError):  # e.g. a candidate after end-of-candidates
+                raise FragmentError(f"the ICE agent refused {value[:80]!r}: {result}") from None
+            if isinstance(result, BaseException):
+                raise result
         if frag.end:
             await self.pc.addIceCandidate(None)
         return len(frag.candidates)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from test_distill_helpers import final_tensors, max_difference
 
 pytestmark = pytest.mark.distributed
@@ -61,3 +62,35 @@ def test_fsdp2_shards_take_the_same_steps_and_resume_exactly(tmp_path):
     from streamgen.models import load_model
 
     assert load_model(str(tmp_path / "whole" / "model")).trained
+
+
+def _average_on_two_ranks(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from distill.distributed import World, average_gradients
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        both, first_only, neither = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
+        both.grad = torch.full((3,), float(rank + 1))  # 1 and 2: mean 1.5
+        if rank == 0:
+            first_only.grad = torch.full((3,), 4.0)  # 4 and nothing: mean 2
+        average_gradients([both, first_only, neither], World(rank=rank, size=2))
+        torch.save({"both": both.grad, "first_only": first_only.grad, "neither": neither.grad},
+                   f"{out}/rank{rank}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_average_gradients_keeps_none_where_no_rank_has_a_gradient(tmp_path):
+    """Unused everywhere stays None (Adam skips it, as in one process); unused on one rank is 0 there."""
+    import torch.multiprocessing as mp
+    from server_helpers import free_port
+
+    mp.spawn(_average_on_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(grads["both"], torch.full((3,), 1.5))
+        assert torch.equal(grads["first_only"], torch.full((3,), 2.0))
+        assert grads["neither"] is None
