@@ -39,8 +39,12 @@ def build_latents(cfg) -> list[Path]:
 
     @torch.no_grad()
     def encode(video: np.ndarray) -> np.ndarray:
+        # latent frame l is the clip's frames [4l, 4l + 4) and their audio (frame_windows); a
+        # 1 + 4k autoencoder (Wan) makes its first latent frame of one frame, the span's last
         usable = len(video) - len(video) % vae.temporal_factor
-        x = video_to_input(torch.from_numpy(np.ascontiguousarray(video[:usable]))[None])
+        x = video_to_input(
+            torch.from_numpy(np.ascontiguousarray(video[vae.first_frame_index : usable]))[None]
+        )
         return vae.encode(x)[0].numpy()
 
     written = []
@@ -55,6 +59,8 @@ def build_latents(cfg) -> list[Path]:
         if path.exists():
             written.append(path)
             continue
+        if len(ds) == 0:
+            raise DataMissing(f"{root} has no {split} clips to encode (options.splits names the splits)")
         items = [ds[i] for i in range(len(ds))]
         frames = min(it["latents"].shape[1] for it in items)
         samples = frames * vae.temporal_factor * 640

@@ -143,6 +143,15 @@ class Chunk:
     index: int
     input_time: float  # time.time() when the chunk's input audio was cut off (glass-to-glass origin)
 
+    @property
+    def first_frame(self) -> int:
+        """The stream's frame number of frames[0] (a 1 + 4k stream's first chunk starts at 3)."""
+        return round(self.pts * self.fps)
+
+    @property
+    def end_frame(self) -> int:
+        return self.first_frame + len(self.frames)
+
 
 class ChunkSlot:
     """Latest-chunk slot between the worker and one consumer: holds at most one chunk.
@@ -371,12 +380,12 @@ class Session:
     def finish_chunk(self, frames: np.ndarray, pts: float, input_time: float, stamp_frames: bool) -> Chunk:
         """Pair the generated frames with their audio and move the playout clock on."""
         k = self.chunk_index
-        chunk_samples = round(self.chunk_seconds * SAMPLE_RATE)
         start = round(pts * SAMPLE_RATE)
+        samples = round(len(frames) * SAMPLE_RATE / self.fps)  # the frames' time, whatever its length
         if stamp_frames:  # benchmark: a 20 ms tone at the chunk's start marks its audio for A/V offset
             self.timeline.overwrite(start, MARKER_TONE)
-        audio = self.timeline.read(start, chunk_samples)
-        self.generated_until = start + chunk_samples
+        audio = self.timeline.read(start, samples)
+        self.generated_until = start + samples
         self.chunk_index = k + 1
         self.next_due = self.base - self.delay + self.chunk_index * self.chunk_seconds
         if stamp_frames:

@@ -171,8 +171,7 @@ class AvatarVideoTrack(MediaStreamTrack):
         return self.last
 
     def _covers(self, n: int) -> bool:
-        per_chunk = self.session.frames_per_chunk
-        return self.chunk is not None and n < (self.chunk.index + 1) * per_chunk
+        return self.chunk is not None and n < self.chunk.end_frame
 
     async def _next_picture(self) -> np.ndarray:
         s = self.session
@@ -194,7 +193,8 @@ class AvatarVideoTrack(MediaStreamTrack):
             newer = self.slot.take_nowait()
             if newer is not None:
                 self.chunk = newer
-                self.n = max(self.n, newer.index * s.frames_per_chunk)  # chunks dropped in the slot
+                # past chunks dropped in the slot, and the frames before a 1 + 4k stream's first
+                self.n = max(self.n, newer.first_frame)
                 continue
             if self.slot.closed:  # the session is ending; the peer connection closes next
                 await asyncio.sleep(period)
@@ -209,7 +209,7 @@ class AvatarVideoTrack(MediaStreamTrack):
         delay = s.base + self.n / s.fps - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        picture = self.chunk.frames[self.n - self.chunk.index * s.frames_per_chunk]
+        picture = self.chunk.frames[self.n - self.chunk.first_frame]
         self.n += 1
         s.touch()  # a connected viewer keeps the session alive
         return picture

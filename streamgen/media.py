@@ -74,6 +74,16 @@ def read_image(path_or_bytes) -> np.ndarray:
         raise MediaError(f"cannot read image {name}: {e}") from None
 
 
+def from_time_zero(frames: np.ndarray, pts: float, fps: int = 25) -> np.ndarray:
+    """A stream's first chunk (uint8 [T, H, W, 3] at stream time `pts`) with its first frame held
+    from time 0, so that a file of the chunks starts with its audio. Only Wan's 1 + 4k layout
+    starts later than 0: by three frames, which its first latent frame does not decode."""
+    lead = round(pts * fps)
+    if lead <= 0:
+        return frames
+    return np.concatenate([np.repeat(frames[:1], lead, axis=0), frames])
+
+
 class Mp4Writer:
     """H.264 (yuv420p) + AAC, written to `path.part` and renamed on close, so a
     crashed or interrupted run never leaves a file that looks complete."""

@@ -191,8 +191,16 @@ class StreamSession:
     # --- timing ---------------------------------------------------------------
     @property
     def frames_per_chunk(self) -> int:
-        """Video frames produced by one next_chunk()."""
+        """Video frames produced by one next_chunk() (the first chunk of a stream under Wan's
+        1 + 4k layout: `vae.first_frame_index` fewer)."""
         return self.cfg.frames_per_chunk * self.vae.temporal_factor
+
+    def chunk_pts(self, index: int) -> float:
+        """Stream time of chunk `index`'s first frame: chunk k spans video frames
+        [k, k + 1) * frames_per_chunk of the audio's timeline, of which the first chunk of a
+        1 + 4k stream starts `vae.first_frame_index` frames in."""
+        first = index * self.frames_per_chunk + (self.vae.first_frame_index if index == 0 else 0)
+        return first / VIDEO_FPS
 
     @property
     def chunks_to_full_ring(self) -> int:
@@ -213,7 +221,7 @@ class StreamSession:
     @property
     def video_time(self) -> float:
         """Presentation time of the next chunk's first frame."""
-        return self.chunk_index * self.chunk_seconds if self.started else 0.0
+        return self.chunk_pts(self.chunk_index) if self.started else 0.0
 
     # --- CPU threads ----------------------------------------------------------------
     def stage_threads(self, stage: str, batch: int = 1):
@@ -432,7 +440,7 @@ class StreamSession:
 
     def _next_pts(self) -> float:
         """The pts of the chunk just made (its first frame's), and the chunk counted."""
-        pts = self.chunk_index * self.chunk_seconds
+        pts = self.chunk_pts(self.chunk_index)
         self.chunk_index += 1
         return pts
 

@@ -100,7 +100,9 @@ class TeacherSession:
         noise = torch.randn(shape, generator=self.generator).to(self.device)
         latents = sample_euler(velocity, noise, euler_sigmas(self.steps, self.model.shift))
         frames, self.state = self.vae.decode_stream(latents, self.state)
-        pts = self.position * self.vae.temporal_factor / VIDEO_FPS
+        # as StreamSession.chunk_pts: a 1 + 4k stream's first window starts frames into its span
+        lead = self.vae.first_frame_index if self.position == 0 else 0
+        pts = (self.position * self.vae.temporal_factor + lead) / VIDEO_FPS
         self.previous, self.position = latents, self.position + w
         out = ((frames[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         return out.cpu().numpy(), pts

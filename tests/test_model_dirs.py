@@ -73,6 +73,30 @@ def test_a_wan_based_model_directory_streams_the_frames_of_its_model(tmp_path, t
     assert np.array_equal(got, expected)
 
 
+def test_a_wan_based_stream_and_its_teacher_time_their_chunks_on_the_audios_timeline():
+    """Latent frame l spans video frames [4l, 4l + 4), whose audio it is made from; Wan's first
+    latent frame decodes to one frame, the span's last: the stream's first chunk starts at frame
+    3, and a file of the chunks holds that frame from time 0 (`from_time_zero`)."""
+    from streamgen.media import from_time_zero
+    from streamgen.teacher import TeacherSession
+
+    model = wan_based_model()
+    assert model.vae.first_frame_index == 3
+    session = StreamSession(model, steps=2, dtype=torch.float32)
+    session.start(np.zeros((HEIGHT, WIDTH, 3), np.uint8), seed=0)
+    session.push_audio(np.zeros(16000, np.float32))
+    chunks = [session.next_chunk() for _ in range(3)]
+    assert [(len(frames), round(pts * 25)) for frames, pts in chunks] == [(9, 3), (12, 12), (12, 24)]
+    whole = from_time_zero(*chunks[0])
+    assert len(whole) == 12 and (whole[:4] == chunks[0][0][0]).all()
+
+    teacher = TeacherSession(model, steps=2, window=3, motion=1)
+    teacher.start(np.zeros((HEIGHT, WIDTH, 3), np.uint8))
+    teacher.push_audio(np.zeros(16000, np.float32))
+    first, second = teacher.next_chunk(), teacher.next_chunk()
+    assert [(len(frames), round(pts * 25)) for frames, pts in (first, second)] == [(9, 3), (12, 12)]
+
+
 def test_a_compact_export_loads_in_float32_within_float16s_rounding(tmp_path):
     model = wan_based_model()
     d = export(model, tmp_path / "compact", compact=True)
@@ -116,10 +140,51 @@ def test_the_server_streams_a_wan_based_model_directory(tmp_path):
             ws.send_text(json.dumps({"type": "start", "format": "rgb"}))
             ready = json.loads(ws.receive_text())
             assert (ready["width"], ready["height"]) == (WIDTH, HEIGHT), ready
-            frames = []
+            frames, video_pts, audio = [], [], []
             while len(frames) < 12:  # the first chunk (9 frames: Wan's 1 + 4k) and more
                 data = ws.receive().get("bytes")
-                if data is not None and data[0] == MsgType.VIDEO_RGB:
+                if data is None:
+                    continue
+                kind, _, _, _, pts_us = HEADER.unpack_from(data)
+                if kind == MsgType.VIDEO_RGB:
                     frames.append(np.frombuffer(data[HEADER.size :], np.uint8).reshape(HEIGHT, WIDTH, 3))
+                    video_pts.append(pts_us)
+                elif kind == MsgType.AUDIO_OUT:
+                    audio.append((pts_us, (len(data) - HEADER.size) // 2))
             ws.send_text(json.dumps({"type": "stop"}))
     assert np.stack(frames).std() > 1  # pictures, not a constant
+    # the first frame is the last of its latent frame's span (frame 3, 120 ms); from there on the
+    # frames follow each other at 25 fps across chunks, and each chunk's audio spans its frames
+    assert video_pts == [(3 + i) * 40_000 for i in range(12)]
+    assert audio[:2] == [(120_000, 9 * 640), (480_000, 12 * 640)]
+
+
+def test_the_latent_bank_of_a_wan_based_autoencoder_starts_at_the_last_frame_of_the_first_span(tmp_path):
+    """Latent frame l is made from the clip's frames [4l, 4l + 4) and their audio; Wan's first latent
+    frame holds one frame, so the bank encodes the clip from its frame 3 on."""
+    from safetensors.torch import load_file
+
+    from distill.autoencoder import video_to_input
+    from distill.config import find_config, load_config
+    from distill.latents import build_latents
+    from streamgen.data.dataset import AvatarWorldDataset
+    from streamgen.data.shards import make_dataset
+
+    world = tmp_path / "world"
+    make_dataset(world, 2, 0, HEIGHT, WIDTH, 1.0, 2, 50, 1)  # 25 frames: 24 usable, 21 from frame 3
+    model = export(wan_based_model(), tmp_path / "model")
+    cfg = load_config(find_config("tiny-avatar", "latents"), "latents")
+    cfg.data.root, cfg.data.latents, cfg.model.flavor, cfg.model.vae = str(world), "wan", "debug", str(model)
+    cfg.options.splits = ["train"]  # two clips: one in val, one in test
+    from distill.data import DataMissing
+
+    with pytest.raises(DataMissing, match="no train clips"):  # was min() of an empty sequence
+        build_latents(cfg)
+    cfg.options.splits = ["test"]
+    bank = load_file(str(build_latents(cfg)[0]))
+    assert bank["latents"].shape[2] == 6 and bank["audio"].shape[1] == 6 * 4 * 640
+    vae = load_autoencoder(model)
+    clip = AvatarWorldDataset(world, "test")[0]["video"]
+    with torch.no_grad():  # causal: the first latent frame is its first frame's alone
+        alone = vae.encode(video_to_input(torch.from_numpy(clip[3:4].copy())[None]))[0, :, 0]
+    torch.testing.assert_close(bank["latents"][0, :, 0], alone, atol=1e-5, rtol=1e-5)

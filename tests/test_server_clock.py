@@ -202,3 +202,34 @@ async def test_a_caption_for_a_session_closed_meanwhile_changes_nothing():
     await set_caption(registry, SimpleNamespace(stream=Gone(), closed=True, lane=0), "smiling")
     with pytest.raises(KeyError):
         await set_caption(registry, SimpleNamespace(stream=Gone(), closed=False, lane=0), "smiling")
+
+
+async def test_the_video_track_plays_a_first_chunk_that_starts_frames_into_the_stream():
+    """Wan's 1 + 4k layout: chunk 0 is frames 3-7 of the stream (pts 120 ms), chunk 1 frames 8-15.
+    The track indexed chunks by index * frames_per_chunk and failed (for good) at frame 5."""
+    s = make_session()
+    slot = s.add_slot()
+    track = AvatarVideoTrack(s, slot)
+    s.base = time.monotonic()
+    first = chunk(0)
+    slot.put(Chunk(first.frames[3:], 3 / FPS, first.audio, FPS, 0, first.input_time))
+    shown = [(await track.recv()).to_ndarray(format="rgb24")[0, 0, 0]]
+    assert time.monotonic() >= s.base + 3 / FPS  # at its own play time
+    slot.put(chunk(1))
+    for _ in range(6):
+        shown.append((await track.recv()).to_ndarray(format="rgb24")[0, 0, 0])
+    assert shown == [3, 4, 5, 6, 7, 8, 9] and not track.failed
+
+
+def test_a_chunks_audio_spans_its_frames():
+    """finish_chunk pairs the frames with [pts, pts + T / fps) of the timeline, whatever T: a 1 + 4k
+    first chunk (5 of 8 frames, from frame 3) takes 5 frames of audio from 120 ms."""
+    s = make_session()
+    ramp = (np.arange(16000) / 16000).astype(np.float32)  # sample m has the value m / 16000
+    s.timeline.append(ramp)
+    s.timeline.take_until(len(ramp))
+    out = s.finish_chunk(chunk(0).frames[3:], 3 / FPS, time.time(), stamp_frames=False)
+    assert len(out.audio) == 5 * 640 and abs(out.audio[0] / 32767 - 3 * 640 / 16000) < 1e-3
+    assert s.generated_until == 8 * 640 and out.first_frame == 3 and out.end_frame == 8
+    out = s.finish_chunk(chunk(1).frames, 8 / FPS, time.time(), stamp_frames=False)
+    assert len(out.audio) == 8 * 640 and s.generated_until == 16 * 640

@@ -68,7 +68,7 @@ def run(args) -> int:
     import time
 
     from streamgen.cli import UserError, check_device
-    from streamgen.media import MediaError, Mp4Writer, read_audio, read_image
+    from streamgen.media import MediaError, Mp4Writer, from_time_zero, read_audio, read_image
 
     # before any relaunch: a bad file is one clear error, not one per process
     try:
@@ -138,9 +138,9 @@ def run(args) -> int:
             range(n_chunks), desc="generating", unit="chunk", disable=args.quiet or not main_process
         ):
             session.push_audio(pcm[(k + 2) * per_chunk : (k + 3) * per_chunk])
-            frames, _ = session.next_chunk()
+            frames, pts = session.next_chunk()
             if writer:
-                writer.write_frames(frames)
+                writer.write_frames(from_time_zero(frames, pts) if k == 0 else frames)
         if writer:
             writer.write_audio(pcm)
             writer.close()

@@ -33,6 +33,7 @@ def generate_with_stream_session(session, reference, audio, caption, n_frames, s
     The clip's caption conditions models that take sentence embeddings; models
     without that width (the debug flavor) are scored uncaptioned.
     """
+    from streamgen.media import from_time_zero
     from streamgen.model.text import TEXT_DIM
 
     text = caption if caption and session.cfg.text_dim == TEXT_DIM else None
@@ -46,9 +47,11 @@ def generate_with_stream_session(session, reference, audio, caption, n_frames, s
             if want > pushed:
                 session.push_audio(audio[pushed:want])
                 pushed = want
-            chunk, _ = session.next_chunk()
+            chunk, pts = session.next_chunk()
             if len(chunk) == 0:
                 raise RuntimeError("the model returned an empty chunk")
+            if not frames:  # frame i of the result is the audio's frame i (scored for lip sync)
+                chunk = from_time_zero(chunk, pts)
             frames.append(chunk)
             got += len(chunk)
     finally:

@@ -114,7 +114,9 @@ def frame_windows(tokens: torch.Tensor, first_token_frame: int, latent_start: in
 
     tokens: [B, T, Da], token i belongs to video frame first_token_frame + i.
     Latent frame l spans video frames [l*tc, (l+1)*tc) and sees tokens of
-    [l*tc - context, (l+1)*tc + lookahead). Frames outside `tokens` read zeros.
+    [l*tc - context, (l+1)*tc + lookahead). Frames outside `tokens` read zeros. (Under Wan's
+    1 + 4k layout latent frame 0 decodes to the last frame of its span alone: the stream's video
+    starts at frame tc - 1, `VideoAutoencoder.first_frame_index`.)
     Returns [B, num_latent, cfg.audio_window, Da].
     """
     tc = cfg.temporal_compression

@@ -41,6 +41,17 @@ class VideoAutoencoder(nn.Module):
         """Video frames in a stream's first latent frame (Wan's causal layout: 1; else all)."""
         return self.temporal_factor
 
+    @property
+    def first_frame_index(self) -> int:
+        """Where a stream's first decoded frame lies on its timeline, in video frames.
+
+        Latent frame l spans video frames [l * t, (l + 1) * t) (t = temporal_factor): that is the
+        span its audio is drawn from (`streamgen.model.audio.frame_windows`) and the time its
+        frames play at. Under Wan's 1 + 4k layout the first latent frame decodes to one frame, the
+        last of its span: frame t - 1, so a stream's video starts (t - 1) / fps after its audio.
+        """
+        return self.temporal_factor - self.first_latent_frames
+
     def latent_hw(self, height: int, width: int) -> tuple[int, int]:
         f = self.spatial_factor
         if height % f or width % f:
