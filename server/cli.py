@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from streamgen.cli import add_dtype_option, frame_size
+from streamgen.cli import add_dtype_option, frame_size, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "machine the microphone only over HTTPS")  # fmt: skip
     parser.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="the certificate's private key")
     parser.add_argument("--size", type=frame_size, default=None, help="output height and width (default: the model's)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--attention", default=None, metavar="BACKEND",
                         help="attention backend: sdpa (the default), flex, triton, flash, cudnn, or in FP8 "

@@ -134,6 +134,8 @@ def test_cli_make_preview_and_errors(tmp_path, capsys):
         (["data", "make", "--clips", "0"], "argument --clips: '0' is not a positive"),
         (["eval", "train-evaluators", "--sync-steps", "0"], "argument --sync-steps: '0' is not a positive"),
         (["eval", "train-evaluators", "--identity-steps", "-3"], "argument --identity-steps: '-3' is not a"),
+        (["eval", "--model", "debug", "--steps", "0"], "argument --steps: '0' is not a positive"),
+        (["serve", "--steps", "0"], "argument --steps: '0' is not a positive"),  # (both took the default)
     ],
 )
 def test_bad_numbers_are_refused_before_any_work(tmp_path, argv, says, capsys):

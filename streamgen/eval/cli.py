@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--evaluators", type=Path, help="evaluator checkpoint folder (default: bundled)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, help="denoising steps for the model (default: the model's)")
+    parser.add_argument("--steps", type=positive_int, help="denoising steps for the model (default: the model's)")
     add_dtype_option(parser, "--decode-dtype", "a student's decoder (auto: bfloat16 on CPUs with AMX)")
     add_dtype_option(
         parser,
