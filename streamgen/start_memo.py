@@ -12,8 +12,9 @@ encoder and the sink's forward on the way to the first frame.
 
 The key holds a digest of the prepared reference's pixels and of the context's
 values, the dtype and device, and the weights' identity and version (every
-in-place change of a parameter, as an optimizer step or `load_state_dict`
-makes, bumps it), so a model being trained never gets an old sink. A
+in-place change of a parameter or buffer, as an optimizer step or `load_state_dict`
+makes, bumps it; a write through `.data` does not), so a model being trained
+never gets an old sink. A
 sequence-parallel DiT is not memoised: every rank must run the sink's forward
 together.
 """
@@ -63,8 +64,10 @@ def _digest(array: np.ndarray) -> str:
 
 
 def weights_version(module: nn.Module) -> int:
-    """Grows with every in-place change of the module's parameters."""
-    return sum(p._version for p in module.parameters())
+    """Grows with every in-place change of the module's parameters and buffers (an autoencoder's
+    latent statistics are buffers). Writes through `.data` go around the version counter: code
+    that changes weights that way clears the memo (`StartMemo.clear`)."""
+    return sum(t._version for t in [*module.parameters(), *module.buffers()])
 
 
 class StartMemo:

@@ -71,6 +71,9 @@ def test_another_reference_text_or_weights_computes_its_own_start(model, sink_fo
         model.dit.blocks[0].self_attn.k.weight.div_(1.5)  # back to the old values: a new version still
     frames(model)
     assert len(sink_forwards) == 5
+    with torch.no_grad():  # the autoencoder's latent statistics (buffers) make the reference's latent
+        StreamSession(model).vae.latent_std.mul_(2.0)  # (the sessions' autoencoder: a dtype copy)
+    assert not np.array_equal(frames(model), base) and len(sink_forwards) == 6
 
 
 def test_the_least_recently_used_start_goes_first(model, sink_forwards):
