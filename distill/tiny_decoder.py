@@ -210,13 +210,24 @@ def narrower_decoder(teacher, widths) -> torch.nn.Module:
     state = {}
     for key, own in student.state_dict().items():
         if key in theirs and all(a <= b for a, b in zip(own.shape, theirs[key].shape)):
-            own = theirs[key][tuple(slice(0, n) for n in own.shape)]
+            own = _leading_channels(key, theirs[key], own.shape)
         state[key] = own
     student.load_state_dict(state)
     student.requires_grad_(False)
     for name in student.DECODER:
         getattr(student, name).requires_grad_(True)
     return student
+
+
+def _leading_channels(key: str, weight: torch.Tensor, shape) -> torch.Tensor:
+    """The teacher's `weight` cut to `shape`: its leading channels on every axis. The mixing
+    convolution reads [this frame's features, the previous frame's] side by side, so its inputs
+    are cut half by half: each half's leading channels, not the first half's alone."""
+    if key == "dec_mix.weight":
+        out_ch, in_half, whole_half = shape[0], shape[1] // 2, weight.shape[1] // 2
+        halves = (weight[:out_ch, :in_half], weight[:out_ch, whole_half : whole_half + in_half])
+        return torch.cat(halves, 1)
+    return weight[tuple(slice(0, n) for n in shape)]
 
 
 def _decoder_config(decoder) -> dict:

@@ -109,3 +109,20 @@ def test_an_unknown_decoder_architecture_is_refused(tmp_path):
     cfg = debug_config("tiny_decoder", tmp_path / "run", **{"tiny_decoder.architecture": "unet"})
     with pytest.raises(ValueError, match="architecture must be one of"):
         run(cfg)
+
+
+def test_a_narrower_decoder_mixes_the_leading_channels_of_this_frame_and_the_previous_one():
+    """The mixing convolution reads [this frame's features, the previous frame's]: the pruned start
+    takes each half's leading channels (the first half's alone read this frame's channels as the
+    previous frame's). With the teacher's other channels at zero, it mixes as the teacher does."""
+    from distill.tiny_decoder import narrower_decoder
+    from streamgen.model.vae import TinyCausalVAE
+
+    torch.manual_seed(0)
+    teacher = TinyCausalVAE(latent_channels=4, widths=(8, 16))
+    student = narrower_decoder(teacher, [4, 8])
+    now, before = torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3)
+    zeros = torch.zeros(2, 8, 3, 3)
+    mixed = student.dec_mix(torch.cat([now, before], 1))
+    expected = teacher.dec_mix(torch.cat([now, zeros, before, zeros], 1))[:, :8]
+    torch.testing.assert_close(mixed, expected)
