@@ -176,8 +176,9 @@ def _cases(shapes: dict, device, dtype) -> dict:
     cases["attention_stream"] = (reference.attention, "attention", (q, k, v), _nbytes(q, k, v, q), flops)
     # the same call with QK^T in FP8, and PV too; against `eager`, the attention in `dtype` they
     # replace (bytes: what the kernel reads and writes, the quantization passes aside)
-    fp8_bytes = q.numel() + k.numel() + _nbytes(v, q)
     for name, pv in (("attention_stream_fp8_qk", False), ("attention_stream_fp8", True)):
+        # q and k in e4m3 (a byte each), v in e4m3 too with PV in FP8, the output in `dtype`
+        fp8_bytes = q.numel() + k.numel() + (v.numel() if pv else _nbytes(v)) + _nbytes(q)
         cases[name] = (_attention_in_dtype, "fp8_attention", (q, k, v, None, 1, pv), fp8_bytes, flops)
     # the values' quantization for `fp8` (read twice: the scales, then the e4m3 values out)
     values = (reference.quantize_fp8_values, "quantize_fp8_values", (v,), 2 * _nbytes(v) + v.numel(), None)

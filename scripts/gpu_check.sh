@@ -8,9 +8,12 @@
 #   run(command="bash scripts/gpu_check.sh", timeout_s=590, carry=[".whl"])
 # tests/test_gpu_check.py rehearses this script on the CPU with only the
 # image's packages importable (GPU_CHECK_BENCH_ARGS gives the CPU options).
-# A shorter second run, when a first one leaves questions and little device time:
+# A session's 15 device minutes hold one such run and the machine's start, not two (a fresh
+# machine needs 4 minutes left to start). A shorter run, for a later session's questions:
 #   GPU_CHECK_TESTS="tests/test_gpu_check.py" GPU_CHECK_TEST_TIMEOUT=90 GPU_CHECK_BENCH_TIMEOUT=200 \
 #   GPU_CHECK_BENCH_ARGS="--no-kernels --budget 150 --only sdpa+fused_kernels stages decoder" bash scripts/gpu_check.sh
+# The timeouts interrupt (SIGINT) rather than terminate: pytest still prints which tests failed
+# and why, and the benchmark writes its JSON and headline on the way out.
 # (GPU_CHECK_BENCH_ARGS is split as the shell splits words: quote a name with spaces in it.)
 set -uo pipefail
 OUT=${OUT:-bench/results}
@@ -31,17 +34,17 @@ stamp=$(date +%Y-%m-%d)
 # only the files that hold GPU tests (the server's import packages the image lacks), the
 # kernels' and parallel ones before the benchmark's smoke test (reverse name order)
 # shellcheck disable=SC2046  # one word per file
-timeout "${GPU_CHECK_TEST_TIMEOUT:-220}" "$PY" -m pytest -m gpu -q -rfEsw -p no:cacheprovider --continue-on-collection-errors \
+timeout -s INT -k 15 "${GPU_CHECK_TEST_TIMEOUT:-210}" "$PY" -m pytest -m gpu -q -rfEsw -p no:cacheprovider --continue-on-collection-errors \
   ${GPU_CHECK_TESTS:-$(grep -l "mark.gpu" tests/test_*.py | sort -r)} > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests: exit code $?" >> "$OUT/gpu-tests.log"
 # --out rewrites the JSON after each variant, so the outer timeout loses only the variant it cut short
 eval "bench_args=(${GPU_CHECK_BENCH_ARGS:-})"  # a list of options, quoted as on a command line
-timeout "${GPU_CHECK_BENCH_TIMEOUT:-340}" "$PY" -m bench.gpu --budget 260 --out "$OUT/h200-$stamp.json" \
+timeout -s INT -k 15 "${GPU_CHECK_BENCH_TIMEOUT:-320}" "$PY" -m bench.gpu --budget 260 --out "$OUT/h200-$stamp.json" \
   "${bench_args[@]}" > /dev/null 2> "$OUT/bench-gpu.log"
 echo "bench gpu: exit code $?" >> "$OUT/bench-gpu.log"
 # the plot from whatever the JSON holds, so a run cut short still gets one
 "$PY" -c "import json, sys; from bench.gpu import plot; plot(json.load(open(sys.argv[1])), sys.argv[2])" \
-  "$OUT/h200-$stamp.json" "$OUT/h200-$stamp.png" 2>> "$OUT/bench-gpu.log"
+  "$OUT/h200-$stamp.json" "$OUT/h200-$stamp.png" 2> "$OUT/plot.log" || echo "plot: failed (plot.log)" >> "$OUT/bench-gpu.log"
 rm -rf "$site"
 tail -c 3000 "$OUT/h200-$stamp.json"
 echo

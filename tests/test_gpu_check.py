@@ -90,12 +90,51 @@ def test_a_killed_run_leaves_the_finished_variants_on_disk(tmp_path):
         raise RuntimeError("out of memory")
 
     started = time.perf_counter()
-    gpu._variant("first", lambda: {"fps": 1.0}, 60, started, result, out)
+    figures = dict(
+        fps=1.0, fps_steady=1.5, fps_clip=1.2, first_chunk_ms=900.0, chunk_ms_p50=8.0, chunk_ms_p95=9.0
+    )
+    gpu._variant("first", lambda: dict(figures), 60, started, result, out)
     gpu._variant("second", second, 60, started, result, out)
-    # while the second ran, the file held the first's numbers and named the one in progress
-    assert on_disk[0]["variants"] == {"first": {"fps": 1.0}, "second": {"running": True}}
+    # while the second ran, the file held the first's numbers, named the one in progress, and
+    # had the headline of what was measured (a run killed there keeps it)
+    assert on_disk[0]["variants"] == {"first": figures, "second": {"running": True}}
+    assert on_disk[0]["best_variant"] == "first" and on_disk[0]["fps_steady"] == 1.5
     final = json.loads(Path(out).read_text())
     assert final["variants"]["second"]["error"] == "RuntimeError: out of memory"
+
+
+def test_a_sticky_cuda_error_keeps_the_variants_error_and_the_run_going(tmp_path, monkeypatch):
+    """After an illegal memory access every CUDA call fails, emptying the cache too: that must
+    neither replace the variant's own error nor end the run."""
+
+    def sticky():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", sticky)
+    out, result = str(tmp_path / "partial.json"), {"variants": {}}
+    gpu._variant("new kernel", lambda: sticky(), 60, time.perf_counter(), result, out)
+    gpu._variant("next", lambda: {"fps": 2.0}, 60, time.perf_counter(), result, out)
+    final = json.loads(Path(out).read_text())
+    assert final["variants"]["new kernel"]["error"].startswith("RuntimeError: CUDA error: an illegal")
+    assert final["variants"]["next"] == {"fps": 2.0}
+    assert final["cuda_errors"][0].startswith("after new kernel: RuntimeError")
+
+
+@pytest.mark.slow
+def test_a_failing_ceiling_measurement_costs_no_variant(tmp_path, monkeypatch):
+    from bench import floor
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("no FP8 product here")
+
+    monkeypatch.setattr(floor, "measure_ceilings", fails)
+    out = str(tmp_path / "r.json")
+    result = gpu.run("cpu", quick=True, chunks=1, backends=("sdpa",), kernel_bench=False,
+                     only={"sdpa+fused_kernels"}, out=out)  # fmt: skip
+    assert result["ceilings"] == {"error": "RuntimeError: no FP8 product here"}
+    assert result["variants"]["sdpa+fused_kernels"]["fps"] > 0
+    assert json.loads(Path(out).read_text())["best_variant"] == "sdpa+fused_kernels"
 
 
 @pytest.fixture(scope="module")
