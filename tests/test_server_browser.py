@@ -228,3 +228,116 @@ def test_a_browser_behind_a_relay_streams_through_turn(browser_page, secret):
             assert played["offered"] == 0 and played["patched"] >= 1, played
     finally:
         page.close()
+
+
+# What the page holds, counted from outside app.js: the microphones it was given and its
+# AudioContexts (tests of the connection's life cycle read them).
+HELD = """
+window.__mics = []; window.__contexts = [];
+const realGetUserMedia = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+navigator.mediaDevices.getUserMedia = async (c) => { const s = await realGetUserMedia(c); __mics.push(s); return s; };
+const RealAudioContext = window.AudioContext;
+window.AudioContext = function (...a) { const c = new RealAudioContext(...a); __contexts.push(c); return c; };
+window.held = () => ({
+  mics: __mics.filter((s) => s.getAudioTracks().some((t) => t.readyState === "live")).length,
+  contexts: __contexts.filter((c) => c.state !== "closed").length,
+  state: window.streamgenStats.state,
+  connect: !document.getElementById("connect").disabled,
+  hangup: !document.getElementById("hangup").disabled,
+});
+"""
+
+
+def held_page(context, url: str):
+    page = context.new_page()
+    page.add_init_script(HELD)
+    page.goto(url)
+    return page
+
+
+def wait_for(check, timeout: float = 20.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.1)
+
+
+def metric(url: str, name: str) -> float:
+    import httpx
+
+    lines = [line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith(name)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def test_the_page_says_when_the_server_ends_its_webrtc_session(browser_page):
+    """A session ended by the server (here its maximum duration) froze the page on its last frame,
+    'streaming', with the microphone on and Connect disabled: the peer connection lingers until
+    ICE gives up. The page checks its session and frees what it holds."""
+    with live_server(max_sessions=2, max_duration_s=4.0) as (url, app):
+        page = held_page(browser_page, f"{url}/?autostart=1&avatar=ada")
+        try:
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
+            assert page.evaluate("held()")["mics"] == 1
+            page.wait_for_function("window.streamgenStats.state.startsWith('ended')", timeout=30_000)
+            assert page.evaluate("held()") == {
+                "mics": 0, "contexts": 0, "state": "ended: the server ended the session", "connect": True,
+                "hangup": False,
+            }  # fmt: skip
+        finally:
+            page.close()
+
+
+def test_a_websocket_page_hung_up_and_connected_again_at_once_keeps_the_new_connection(browser_page):
+    """The old socket's close (it comes after the new connection began) ended the new one's UI and
+    re-enabled Connect while it streamed; every connect made and deleted a spare session; the
+    AudioContexts were never closed; the overlay kept the last connection's figures."""
+    with live_server(max_sessions=3) as (url, app):
+        sessions = app.state.registry.sessions
+        page = held_page(browser_page, f"{url}/?autostart=1&transport=ws")
+        try:
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
+            assert metric(url, "streamgen_sessions_created_total") == 1
+            fresh = page.evaluate("""() => {
+                document.getElementById('hangup').click();
+                document.getElementById('connect').click();
+                return [window.streamgenStats.framesDecoded, window.streamgenStats.firstFrameMs];
+            }""")
+            assert fresh == [0, None]  # the new connection's figures start from nothing
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
+            page.wait_for_timeout(1500)  # the first socket's close has long arrived
+            wait_for(lambda: len(sessions) == 1)
+            assert page.evaluate("held()") == {
+                "mics": 1, "contexts": 1, "state": "streaming (websocket)", "connect": False, "hangup": True,
+            }  # fmt: skip
+            assert metric(url, "streamgen_sessions_created_total") == 2
+            page.click("#hangup")
+            wait_for(lambda: not sessions)
+            assert page.evaluate("held()") == {
+                "mics": 0, "contexts": 0, "state": "idle", "connect": True, "hangup": False,
+            }  # fmt: skip
+        finally:
+            page.close()
+
+
+def test_the_microphone_follows_its_box_only_while_connected(browser_page):
+    """Ticked after a WebSocket connect made without it, the microphone now reaches the avatar (it
+    did nothing); ticked while idle, it is not taken (it was, and stayed on for good)."""
+    with live_server(max_sessions=2) as (url, app):
+        page = held_page(browser_page, f"{url}/?autostart=1&transport=ws&mic=0")
+        try:
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
+            heard = 'streamgen_audio_received_seconds_total{source="client"}'
+            assert metric(url, heard) == 0
+            page.check("#mic")
+            wait_for(lambda: metric(url, heard) > 1.0)
+            page.click("#hangup")
+            page.uncheck("#mic")
+            page.check("#mic")
+            page.wait_for_timeout(500)
+            assert page.evaluate("held()")["mics"] == 0
+            assert page.evaluate("window.__mics.length") == 1  # taken once, while connected
+        finally:
+            page.close()

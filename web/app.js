@@ -21,6 +21,16 @@ let mic = null;            // MediaStream from getUserMedia
 let audioSender = null;    // RTCRtpSender carrying the mic
 let statsTimer = null;
 let offerPostedAt = 0;
+// Each connect and each hang-up starts a new generation: the late events of an older connection
+// (a socket's close, a peer's state change, a microphone granted after hanging up) do nothing.
+let generation = 0;
+let lostTimer = null;      // a WebRTC connection "disconnected": ended unless it comes back
+
+function resetStats() {
+  Object.assign(stats, { transport: null, firstFrameMs: null, framesDecoded: 0, fps: 0, avOffsetMs: null,
+    rttMs: null, error: null, trickled: 0, avMethod: undefined });
+  frameTimes = [];
+}
 
 function setStatus(text) {
   stats.state = text;
@@ -122,7 +132,7 @@ function trickleCandidates(peer) {
   };
 }
 
-async function connectWebRTC() {
+async function connectWebRTC(mine) {
   // STUN/TURN as the server was told (serve --ice-servers); none on a LAN or the same machine
   pc = new RTCPeerConnection({ iceServers: session.ice_servers || [] });
   const media = new MediaStream();
@@ -152,6 +162,17 @@ async function connectWebRTC() {
       if (pc.connectionState === "failed") { clearTimeout(timer); reject(new Error("WebRTC failed")); }
     };
   });
+  // from here on the connection ending is the session ending: the server closed it (a limit, a
+  // DELETE from elsewhere, shutdown) or the network went; the page says so and frees what it holds
+  pc.onconnectionstatechange = () => {
+    if (mine !== generation || !pc) return;
+    const state = pc.connectionState;
+    clearTimeout(lostTimer);
+    if (state === "failed" || state === "closed") ended("the connection was lost");
+    else if (state === "disconnected") {  // ICE may still recover it
+      lostTimer = setTimeout(() => { if (mine === generation) ended("the connection was lost"); }, 5000);
+    }
+  };
   stats.transport = "webrtc";
   $("video").hidden = false;
   $("canvas").hidden = true;
@@ -162,8 +183,33 @@ async function connectWebRTC() {
     });
   }
   video.muted = false;  // the avatar's voice; autoplay policies may keep it muted until a click
-  video.play().catch(() => { video.muted = true; video.play(); });
-  statsTimer = setInterval(readRtcStats, 500);
+  video.play().catch(() => {
+    video.muted = true;
+    video.play();
+    video.title = "click for sound";
+    video.onclick = () => { video.muted = false; video.title = ""; };
+  });
+  let ticks = 0;
+  statsTimer = setInterval(() => {
+    readRtcStats();
+    // a session the server ended while the peer connection lingers (ICE takes its time to fail)
+    if (++ticks % 4 === 0) checkSessionAlive(mine);
+  }, 500);
+}
+
+async function checkSessionAlive(mine) {
+  if (!session) return;
+  try {
+    const res = await fetch(session.resource, { headers: authHeaders() });
+    if (res.status === 404 && mine === generation) ended("the server ended the session");
+  } catch (e) {
+    console.warn("session check:", e);
+  }
+}
+
+function ended(reason) {
+  cleanup(false);
+  setStatus(`ended: ${reason}`);
 }
 
 async function readRtcStats() {
@@ -197,6 +243,8 @@ async function readRtcStats() {
 
 // --- WebSocket fallback -------------------------------------------------------------------------
 let audioCtx = null, playStart = null, seqOut = 0, micNode = null, frameTimes = [];
+const queuedFrames = new Set();   // timers that draw frames at their play time
+const queuedSounds = new Set();   // audio buffers scheduled on audioCtx
 
 function packAudio(pcm16) {
   const buf = new ArrayBuffer(HEADER_BYTES + pcm16.byteLength);
@@ -208,13 +256,17 @@ function packAudio(pcm16) {
   return buf;
 }
 
-async function connectWebSocket() {
+async function connectWebSocket(mine) {
   // a session is bound to the transport that first used it: start a fresh one
   session = await createSession();
+  if (mine !== generation) return;
   audioCtx = new AudioContext({ sampleRate: SAMPLE_RATE });
+  // a context made without a user's click (?autostart=1) may start suspended: its clock stands
+  // still until resumed, and the frames timed on it would fall behind
+  audioCtx.resume().catch(() => {});
   const url = new URL(`${session.stream}?token=${encodeURIComponent(session.token)}`, location.href);
   url.protocol = url.protocol.replace("http", "ws");
-  ws = new WebSocket(url);
+  const socket = ws = new WebSocket(url);
   ws.binaryType = "arraybuffer";
   const canvas = $("canvas");
   const ctx2d = canvas.getContext("2d");
@@ -228,6 +280,7 @@ async function connectWebSocket() {
   ws.send(JSON.stringify({ type: "start", format: "jpeg", flow: "latest" }));
   stats.transport = "websocket";
   ws.onmessage = async (e) => {
+    if (socket !== ws) return;
     if (typeof e.data === "string") {
       const msg = JSON.parse(e.data);
       if (msg.type === "ready") { canvas.width = msg.width; canvas.height = msg.height; }
@@ -247,10 +300,14 @@ async function connectWebSocket() {
       const src = audioCtx.createBufferSource();
       src.buffer = buffer;
       src.connect(audioCtx.destination);
+      src.onended = () => queuedSounds.delete(src);
+      queuedSounds.add(src);
       src.start(Math.max(at, audioCtx.currentTime));
     } else if (kind === 2) {  // JPEG frame: draw it when its audio plays
       const bitmap = await createImageBitmap(new Blob([new Uint8Array(e.data, HEADER_BYTES)], { type: "image/jpeg" }));
-      setTimeout(() => {
+      if (socket !== ws) return;  // hung up while it decoded
+      const timer = setTimeout(() => {
+        queuedFrames.delete(timer);
         ctx2d.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
         stats.framesDecoded++;
         stats.firstFrameMs ??= performance.now() - openedAt;
@@ -260,9 +317,14 @@ async function connectWebSocket() {
         stats.fps = frameTimes.length / 2;
         stats.avOffsetMs = 0;  // both scheduled on the same clock
       }, Math.max(0, (at - audioCtx.currentTime) * 1000));
+      queuedFrames.add(timer);
     }
   };
-  ws.onclose = (e) => { setStatus(`closed: ${e.code} ${e.reason}`); cleanup(false); };
+  ws.onclose = (e) => {
+    if (socket !== ws) return;  // an earlier connection's socket: this one is not its to end
+    cleanup(false);
+    setStatus(`closed: ${e.code} ${e.reason}`);
+  };
   statsTimer = setInterval(() => {
     if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "ping", id: Date.now() }));
     showOverlay();
@@ -286,39 +348,65 @@ function startWsMic() {
 
 // --- controls -------------------------------------------------------------------------------------
 async function connect() {
+  const mine = ++generation;
   $("connect").disabled = true;
+  resetStats();
   setStatus("connecting");
   try {
     mic = await getMic();
-    session = await createSession();
-    if (params.get("transport") === "ws") throw new Error("WebSocket requested");
-    await connectWebRTC();
-  } catch (e) {
-    console.warn("WebRTC unavailable, using the WebSocket API:", e);
-    if (pc) { pc.close(); pc = null; }
-    if (session) fetch(session.resource, { method: "DELETE", headers: authHeaders() }).catch(() => {});
-    try {
-      await connectWebSocket();
-    } catch (e2) {
-      stats.error = String(e2);
-      setStatus(`failed: ${e2.message}`);
-      $("connect").disabled = false;
-      return;
+    if (mine !== generation) return;
+    if (params.get("transport") === "ws") {
+      await connectWebSocket(mine);
+    } else {
+      session = await createSession();  // refused (full, bad image): the server's word, no fallback
+      try {
+        await connectWebRTC(mine);
+      } catch (e) {
+        if (mine !== generation) return;
+        console.warn("WebRTC unavailable, using the WebSocket API:", e);
+        closePeer();
+        await connectWebSocket(mine);
+      }
     }
+  } catch (e) {
+    if (mine !== generation) return;
+    stats.error = String(e);
+    cleanup(true);  // the microphone, and a session made on the way
+    setStatus(`failed: ${e.message}`);
+    return;
   }
+  if (mine !== generation) return;
   setStatus(`streaming (${stats.transport})`);
   $("hangup").disabled = false;
   $("speak").disabled = false;
 }
 
+function closePeer() {
+  // a failed WebRTC attempt: its peer connection and its session (bound to WHEP once offered)
+  if (pc) { pc.onconnectionstatechange = null; pc.close(); }
+  if (session) fetch(session.resource, { method: "DELETE", headers: authHeaders() }).catch(() => {});
+  pc = audioSender = session = null;
+}
+
 function cleanup(sendDelete = true) {
+  generation++;
   clearInterval(statsTimer);
+  clearTimeout(lostTimer);
   if (sendDelete && session) fetch(session.resource, { method: "DELETE", headers: authHeaders() }).catch(() => {});
-  if (pc) pc.close();
-  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "stop" }));
+  if (pc) { pc.onconnectionstatechange = null; pc.close(); }
+  if (ws) {
+    ws.onclose = ws.onmessage = ws.onerror = null;
+    if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "stop" }));
+    ws.close();
+  }
   if (micNode) micNode.disconnect();
   if (mic) mic.getTracks().forEach((t) => t.stop());
-  pc = ws = mic = micNode = null;
+  queuedFrames.forEach(clearTimeout);
+  queuedFrames.clear();
+  queuedSounds.forEach((src) => { try { src.stop(); } catch { /* not started */ } });
+  queuedSounds.clear();
+  if (audioCtx) audioCtx.close().catch(() => {});
+  pc = ws = mic = micNode = audioSender = audioCtx = session = null;
   playStart = null;
   $("connect").disabled = false;
   $("hangup").disabled = true;
@@ -345,13 +433,19 @@ $("connect").onclick = connect;
 $("hangup").onclick = () => { cleanup(true); setStatus("idle"); };
 $("speak-form").onsubmit = speak;
 $("mic").onchange = async () => {
-  if (!audioSender) return;
-  if ($("mic").checked) {
-    mic = mic || (await getMic());
-    await audioSender.replaceTrack(mic ? mic.getAudioTracks()[0] : null);
-  } else {
-    await audioSender.replaceTrack(null);
+  // only while connected: the microphone is taken for a connection and given back with it
+  const mine = generation, on = $("mic").checked;
+  if (!(pc && audioSender) && !(ws && audioCtx)) return;
+  if (on && !mic) {
+    const stream = await getMic();
+    if (mine !== generation) {  // hung up while the browser asked
+      if (stream) stream.getTracks().forEach((t) => t.stop());
+      return;
+    }
+    mic = stream;
   }
+  if (pc && audioSender) await audioSender.replaceTrack(on && mic ? mic.getAudioTracks()[0] : null);
+  else if (ws && mic && !micNode) startWsMic();  // (its sender checks the box for every buffer)
 };
 window.addEventListener("pagehide", () => cleanup(true));
 if (params.get("mic") === "0") $("mic").checked = false;
