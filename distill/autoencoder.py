@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from distill.config import ConfigError
 from distill.distributed import broadcast_module
 from distill.rng import generator
 from distill.trainer import Updater
@@ -31,7 +32,7 @@ def video_crops(source, cfg, world, step: int, frames: int, stride: int) -> torc
         g = generator(cfg.run.seed, step, i, "clip")
         video = source.clip(int(torch.randint(source.num, (), generator=g)))
         if len(video) < frames:
-            raise ValueError(f"clips of {len(video)} frames are shorter than a crop of {frames}")
+            raise ConfigError(f"clips of {len(video)} frames are shorter than a crop of {frames}")
         start = stride * int(torch.randint((len(video) - frames) // stride + 1, (), generator=g))
         crops.append(video[start : start + frames])
     return video_to_input(torch.stack(crops)).to(world.device)
@@ -88,7 +89,7 @@ class Stage:
         self.cfg, self.world, self.opts = cfg, world, cfg.options
         mcfg = get_config(cfg.model.flavor, **cfg.model.overrides)
         if cfg.data.video_frames % mcfg.temporal_compression:
-            raise ValueError(f"data.video_frames must be a multiple of {mcfg.temporal_compression}")
+            raise ConfigError(f"data.video_frames must be a multiple of {mcfg.temporal_compression}")
         torch.manual_seed(cfg.run.seed)
         self.vae = TinyCausalVAE(
             mcfg.in_channels, tuple(cfg.model.vae_widths), mcfg.temporal_compression, cfg.model.vae_res_blocks
@@ -111,7 +112,7 @@ class Stage:
 
     def train_step(self, step: int) -> dict:
         if self.cfg.data.batch_size % self.world.size:
-            raise ValueError(f"data.batch_size is not divisible by {self.world.size} ranks")
+            raise ConfigError(f"data.batch_size is not divisible by {self.world.size} ranks")
         # crops start on latent-frame boundaries, as the stream's chunks do
         x = video_crops(
             self.source, self.cfg, self.world, step, self.cfg.data.video_frames, self.vae.temporal_factor

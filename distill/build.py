@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from distill.config import ConfigError
 from streamgen.model.config import ModelConfig, get_config
 
 
@@ -71,7 +72,7 @@ def new_dit(section, seed: int):
     try:
         cfg = get_config(section.flavor, **overrides)
     except (KeyError, TypeError) as e:
-        raise ValueError(f"model: {e}") from None
+        raise ConfigError(f"model: {e}") from None
     return DiT(cfg)
 
 
@@ -100,7 +101,7 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int):
         torch.manual_seed(seed + 1)
         vae = TinyCausalVAE(latent_channels, tuple(section.vae_widths), temporal, section.vae_res_blocks)
     if vae.latent_channels != latent_channels:
-        raise ValueError(
+        raise ConfigError(
             f"the autoencoder has {vae.latent_channels} latent channels, the model {latent_channels}"
         )
     return vae.eval().requires_grad_(False)

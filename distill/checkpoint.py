@@ -170,6 +170,18 @@ def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
+def checkpoint_stage(path) -> str | None:
+    """The stage that wrote a checkpoint, from its header alone (no tensors read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("streamgen", "null"))
+    except Exception as e:  # safetensors raises its own error type for corrupt headers
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    return meta.get("stage") if isinstance(meta, dict) else None
+
+
 def module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {f"{prefix}/{k}": v for k, v in module.state_dict().items()}
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from streamgen.cli import positive_int
+
 STAGES = ("autoencoder", "latents", "teacher", "ode", "self_forcing", "chunk", "tiny_decoder")
 
 
@@ -20,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue from the newest checkpoint in run.out"
     )
     parser.add_argument("--out", help="override run.out")
-    parser.add_argument("--steps", type=int, help="override run.steps")
+    parser.add_argument("--steps", type=positive_int, help="override run.steps")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(find_config(args.config, args.stage), args.stage)
         if args.out:
             cfg.run.out = args.out
-        if args.steps:
+        if args.steps is not None:
             cfg.run.steps = args.steps
         if args.stage == "latents":
             from distill.latents import build_latents

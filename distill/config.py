@@ -62,7 +62,7 @@ class DataConfig:
 class ModelConfigSection:
     flavor: str = "tiny-avatar"
     overrides: dict = field(default_factory=dict)  # ModelConfig fields to change
-    init: str | None = None  # checkpoint (.safetensors), model directory, or wan:DIR
+    init: str | None = None  # a model directory (its DiT), or wan:DIR (a diffusers Wan2.1 transformer)
     vae: str | None = None  # trained autoencoder directory; None: a random TinyCausalVAE
     vae_widths: list = field(default_factory=lambda: [32, 64, 96, 128])
     vae_res_blocks: int = 0  # extra residual blocks per scale of the TinyCausalVAE
@@ -117,7 +117,7 @@ class TeacherOptions:
 
 @dataclass
 class OdeOptions:
-    teacher: str = "runs/teacher/model"  # model directory (or checkpoint) of the teacher
+    teacher: str = "runs/teacher/model"  # the teacher's model directory
     trajectories: int = 64  # teacher trajectories sampled once
     teacher_steps: int = 48  # Euler steps per trajectory
     cfg_scale: float = 3.0
@@ -296,20 +296,109 @@ def load_config(path: str | Path, stage: str) -> TrainConfig:
     return cfg
 
 
-def _validate(cfg: TrainConfig, path) -> None:
+# The values a field may take, by field name (the names mean the same in every section):
+AT_LEAST_ONE = {
+    "steps", "checkpoint_every", "log_every", "keep_checkpoints", "batch_size", "latent_frames",
+    "video_frames", "synthetic_clips", "synthetic_clip_latents", "height", "width", "stats_clips",
+    "sample_steps", "trajectories", "teacher_steps", "student_steps", "trajectory_batch",
+    "critic_updates", "blocks_per_stage", "eval_clips",
+}  # fmt: skip
+NOT_NEGATIVE = {
+    "seed", "threads", "lr", "weight_decay", "eps", "warmup", "decay_steps", "min_lr", "grad_clip",
+    "max_chunks_back", "rollout_frames", "l1_weight", "mse_weight", "latent_penalty", "mouth_weight",
+    "video_weight", "cfg_scale", "max_motion_frames", "vae_res_blocks", "motion_frames",
+}  # fmt: skip
+POSITIVE = {"shift", "train_shift"}
+PROBABILITIES = {
+    "p_drop_audio",
+    "p_drop_reference",
+    "p_drop_text",
+    "p_drop_all",
+    "p_motion_prefix",
+    "p_self_correct",
+}
+BELOW_ONE = {"ema"}  # [0, 1): a decay
+INSIDE_ZERO_ONE = {"score_t_min", "score_t_max"}  # (0, 1): noise levels
+WIDTHS = {"vae_widths", "widths"}
+
+
+def _range_problems(obj, where: str) -> list[str]:
+    """Each field of dataclass `obj` (and of those inside it) against the tables above."""
     problems = []
-    if cfg.run.steps < 1:
-        problems.append("run.steps must be >= 1")
-    if cfg.run.checkpoint_every < 1:
-        problems.append("run.checkpoint_every must be >= 1")
-    if cfg.data.batch_size < 1:
-        problems.append("data.batch_size must be >= 1")
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), f"{where}.{f.name}"
+        if dataclasses.is_dataclass(value):
+            problems += _range_problems(value, name)
+        elif not isinstance(value, int | float) or isinstance(value, bool):
+            if f.name in WIDTHS and not (
+                value and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in value)
+            ):
+                problems.append(f"{name} must be a list of whole numbers >= 1, got {value!r}")
+        elif value != value:  # NaN passes every comparison below
+            problems.append(f"{name} must be a number, got nan")
+        elif f.name in AT_LEAST_ONE and value < 1:
+            problems.append(f"{name} must be >= 1, got {value}")
+        elif f.name in NOT_NEGATIVE and value < 0:
+            problems.append(f"{name} must be >= 0, got {value}")
+        elif f.name in POSITIVE and value <= 0:
+            problems.append(f"{name} must be > 0, got {value}")
+        elif f.name in PROBABILITIES and not 0 <= value <= 1:
+            problems.append(f"{name} is a probability: between 0 and 1, got {value}")
+        elif f.name in BELOW_ONE and not 0 <= value < 1:
+            problems.append(f"{name} is a decay: >= 0 and < 1, got {value}")
+        elif f.name in INSIDE_ZERO_ONE and not 0 < value < 1:
+            problems.append(f"{name} is a noise level: between 0 and 1 (both excluded), got {value}")
+    return problems
+
+
+def _optim_problems(optim: OptimConfig, where: str) -> list[str]:
+    betas = optim.betas
+    if len(betas) != 2 or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in betas):
+        return [f"{where}.betas must be two numbers, got {betas!r}"]
+    if not all(0 <= b < 1 for b in betas):
+        return [f"{where}.betas must each be >= 0 and < 1, got {betas!r}"]
+    return []
+
+
+def _validate(cfg: TrainConfig, path) -> None:
+    from streamgen.data import SPLITS
+    from streamgen.model.config import get_config
+    from streamgen.sampling import CACHE_FROM
+
+    problems = []
+    for section in ("run", "data", "model", "optim"):
+        problems += _range_problems(getattr(cfg, section), section)
+    problems += _range_problems(cfg.options, cfg.stage)
+    problems += _optim_problems(cfg.optim, "optim")
+    opts = cfg.options
+    if isinstance(opts, DmdOptions):
+        problems += _optim_problems(opts.critic_optim, f"{cfg.stage}.critic_optim")
+        if opts.score_t_min >= opts.score_t_max:
+            problems.append(f"{cfg.stage}.score_t_min must be below score_t_max")
+    if isinstance(opts, SelfForcingOptions) and opts.cache_from not in CACHE_FROM:
+        problems.append(
+            f"self_forcing.cache_from must be one of {', '.join(CACHE_FROM)}, got {opts.cache_from!r}"
+        )
+    if isinstance(opts, TinyDecoderOptions) and opts.architecture not in ("taehv", "causal_vae"):
+        problems.append(f"tiny_decoder.architecture must be taehv or causal_vae, got {opts.architecture!r}")
     if cfg.data.source not in ("world", "synthetic"):
         problems.append(f"data.source must be 'world' or 'synthetic', got {cfg.data.source!r}")
+    splits = {"data.split": [cfg.data.split]}
+    if isinstance(opts, LatentsOptions):
+        splits["latents.splits"] = opts.splits
+    if isinstance(opts, TinyDecoderOptions):
+        splits["tiny_decoder.eval_split"] = [opts.eval_split]
+    for name, values in splits.items():
+        if not isinstance(values, list) or not values or any(v not in SPLITS for v in values):
+            problems.append(f"{name} must name splits of {', '.join(SPLITS)}, got {values!r}")
     if cfg.run.device not in ("auto", "cpu", "cuda"):
         problems.append(f"run.device must be auto, cpu or cuda, got {cfg.run.device!r}")
-    if len(cfg.optim.betas) != 2:
-        problems.append("optim.betas must be two numbers")
+    try:  # the flavor and its overrides make a model config
+        get_config(cfg.model.flavor, **cfg.model.overrides)
+    except KeyError as e:
+        problems.append(f"model.flavor: {e.args[0]}")
+    except (TypeError, ValueError) as e:
+        problems.append(f"model.overrides: {e}")
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
 

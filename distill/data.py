@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from distill.config import ConfigError
 from distill.rng import generator
 
 
@@ -62,6 +63,12 @@ class LatentBank:
         self.num_clips, self.channels, self.frames = self.latents.shape[:3]
         self.latent_hw = tuple(self.latents.shape[3:])
 
+    def digest(self) -> str:
+        """A fingerprint of the clips' latents (what stored clip indices point into)."""
+        import hashlib
+
+        return hashlib.sha1(self.latents.contiguous().numpy().tobytes()).hexdigest()[:16]
+
     @classmethod
     def load(cls, root, latents: str, split: str) -> LatentBank:
         from safetensors.torch import load_file
@@ -96,9 +103,9 @@ class LatentBank:
         self, seed: int, step: int, global_batch: int, crop_frames: int, rank: int, world: int
     ) -> Batch:
         if global_batch % world:
-            raise ValueError(f"data.batch_size {global_batch} is not divisible by {world} ranks")
+            raise ConfigError(f"data.batch_size {global_batch} is not divisible by {world} ranks")
         if crop_frames > self.frames:
-            raise ValueError(f"crops of {crop_frames} latent frames do not fit clips of {self.frames}")
+            raise ConfigError(f"crops of {crop_frames} latent frames do not fit clips of {self.frames}")
         per_rank = global_batch // world
         ids = list(range(rank * per_rank, (rank + 1) * per_rank))
         clips, starts = [], []
@@ -129,4 +136,12 @@ def load_bank(cfg, model_cfg, latent_hw) -> LatentBank:
         return LatentBank.synthetic(
             model_cfg, d.synthetic_clips, d.synthetic_clip_latents, latent_hw, cfg.run.seed
         )
-    return LatentBank.load(d.root, d.latents, d.split)
+    bank = LatentBank.load(d.root, d.latents, d.split)
+    if bank.latent_hw != tuple(latent_hw):  # a model of another frame size than the bank's frames
+        h, w = bank.latent_hw
+        raise ConfigError(
+            f"the {d.split} bank of {d.latents!r} holds latents of {h}x{w}, while model.height x model.width "
+            f"({cfg.model.height}x{cfg.model.width}) make {latent_hw[0]}x{latent_hw[1]}: set them to the "
+            "size of the frames it was encoded from"
+        )
+    return bank

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from distill.config import ConfigError
+
 
 @dataclass
 class World:
@@ -44,7 +46,7 @@ def init_world(device: str = "auto") -> World:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("run.device is cuda but no CUDA device is available")
+        raise ConfigError("run.device is cuda but no CUDA device is available")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

@@ -9,6 +9,8 @@ sentence embedding. Re-running skips what is already cached.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 
 from distill.autoencoder import video_to_input
 from distill.build import load_vae
+from distill.config import ConfigError
 from distill.data import DataMissing, bank_path
 
 
@@ -36,6 +39,7 @@ def build_latents(cfg) -> list[Path]:
         raise DataMissing("model.vae must name the trained autoencoder (the autoencoder stage's OUT/model)")
     mcfg = get_config(cfg.model.flavor, **cfg.model.overrides)
     vae = load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
+    _claim_cache(root / "latents" / cfg.data.latents, vae, cfg.model.vae)
 
     @torch.no_grad()
     def encode(video: np.ndarray) -> np.ndarray:
@@ -81,6 +85,33 @@ def build_latents(cfg) -> list[Path]:
         written.append(path)
         print(f"latents: {split}: {len(items)} clips, {frames} latent frames each -> {path}")
     return written
+
+
+def autoencoder_digest(vae) -> str:
+    """A fingerprint of an autoencoder's weights and statistics."""
+    h = hashlib.sha1()
+    for name, t in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _claim_cache(folder: Path, vae, source: str) -> None:
+    """The cache and banks of one `data.latents` name hold one autoencoder's latents: a rerun with
+    another (skipping what is cached) kept the first one's, and a teacher trained on them shipped
+    with the other. The name's first autoencoder is recorded; another is refused."""
+    mark = folder / "autoencoder.json"
+    digest = autoencoder_digest(vae)
+    if mark.exists():
+        kept = json.loads(mark.read_text())
+        if kept.get("digest") != digest:
+            raise ConfigError(
+                f"{folder} holds the latents of another autoencoder ({kept.get('source')}), not of "
+                f"{source}: choose another data.latents name, or delete {folder} to encode it again"
+            )
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    mark.write_text(json.dumps({"digest": digest, "source": source}) + "\n")
 
 
 def _fit(audio: np.ndarray, samples: int) -> np.ndarray:

@@ -38,11 +38,7 @@ class Monitor:
     def _truncate(self, start_step: int) -> None:
         if not self.log_path.exists():
             return
-        kept = [
-            line
-            for line in self.log_path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] < start_step
-        ]
+        kept = [json.dumps(r) for r in _records(self.log_path) if r["step"] < start_step]
         self.log_path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
@@ -71,7 +67,7 @@ class Monitor:
         """loss_curves.png: every logged loss against the step."""
         if not self.enabled or not self.log_path.exists():
             return None
-        records = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+        records = _records(self.log_path)
         if not records:
             return None
         import matplotlib
@@ -101,3 +97,16 @@ class Monitor:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _records(path: Path) -> list[dict]:
+    """The lines of scalars.jsonl, without one a kill cut short (the last, written as it died)."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records

@@ -81,6 +81,9 @@ class Stage:
             "cfg_scale": repr(float(o.cfg_scale)), "student_steps": str(o.student_steps),
             "shift": repr(float(o.shift)), "trajectory_batch": str(o.trajectory_batch),
             "latent_frames": str(cfg.data.latent_frames), "seed": str(cfg.run.seed),
+            # the clips the stored indices point into: another bank (other data, another split, a
+            # rebuilt one) would pair the states with other clips' conditions, or none
+            "bank": self.bank.digest(),
         }  # fmt: skip
 
     @staticmethod

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from distill.autoencoder import VideoSource, video_crops, video_to_input
+from distill.config import ConfigError
 from distill.distributed import broadcast_module
 from distill.trainer import Updater
 
@@ -55,7 +56,7 @@ class Stage:
         self.teacher.to(world.device)
         torch.manual_seed(cfg.run.seed)
         if self.opts.architecture not in ARCHITECTURES:
-            raise ValueError(
+            raise ConfigError(
                 f"tiny_decoder.architecture must be one of {ARCHITECTURES}, not {self.opts.architecture!r}"
             )
         if self.opts.architecture == "causal_vae":
@@ -82,7 +83,7 @@ class Stage:
         broadcast_module(self.decoder, world)
         tf = self.teacher.temporal_factor
         if cfg.data.video_frames % tf:
-            raise ValueError(f"data.video_frames must be a multiple of {tf}")
+            raise ConfigError(f"data.video_frames must be a multiple of {tf}")
         # a crop of n latent frames: the first holds first_latent_frames video frames (Wan: 1)
         self.crop = self.teacher.first_latent_frames + tf * (cfg.data.video_frames // tf - 1)
         self.source = VideoSource(cfg)
@@ -93,7 +94,7 @@ class Stage:
 
     def train_step(self, step: int) -> dict:
         if self.cfg.data.batch_size % self.world.size:
-            raise ValueError(f"data.batch_size is not divisible by {self.world.size} ranks")
+            raise ConfigError(f"data.batch_size is not divisible by {self.world.size} ranks")
         video = video_crops(self.source, self.cfg, self.world, step, self.crop, 1)
         with torch.no_grad():
             latents = self.teacher.encode(video)
@@ -202,7 +203,7 @@ def narrower_decoder(teacher, widths) -> torch.nn.Module:
     from streamgen.model.vae import TinyCausalVAE
 
     if not isinstance(teacher, TinyCausalVAE):
-        raise ValueError(
+        raise ConfigError(
             f"tiny_decoder.architecture causal_vae needs a TinyCausalVAE teacher, not {type(teacher).__name__}"
         )
     student = TinyCausalVAE(**{**teacher.config, "decoder_widths": list(widths)})

@@ -182,6 +182,11 @@ class Updater:
             fsdp.load_full_optimizer_state(self.name, self.module, self.opt, tensors, meta["optimizer"])
         else:
             ckpt.load_optimizer(self.name, self.opt, tensors, meta["optimizer"])
+        # the settings are the config's, not the checkpoint's (loading the optimizer's state brought
+        # back the ones it was saved with): a resume may change them; lr follows the schedule each step
+        cfg = self.cfg
+        for group in self.opt.param_groups:
+            group.update(betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
         self.updates = meta["updates"]
 
 
@@ -207,11 +212,12 @@ class Trainer:
 
     def _run(self, world: World) -> dict:
         cfg, out = self.cfg, Path(self.cfg.run.out)
+        latest = self._checkpoint_to_resume(out)  # before the stage writes anything there
         stage = build_stage(cfg, world)
         if cfg.run.fsdp and world.distributed:
             for up in stage.updaters.values():
                 up.shard()  # transformers only; the autoencoder replicates
-        start = self._restore(stage, out)
+        start = 0 if latest is None else self._restore(stage, latest)
         from distill.monitor import Monitor
 
         monitor = Monitor(out, cfg.run.steps, start, world.is_main, cfg.run.progress, cfg.stage)
@@ -263,22 +269,27 @@ class Trainer:
             ckpt.save_checkpoint(out, step, tensors, meta, self.cfg.run.keep_checkpoints)
         barrier(world)
 
-    def _restore(self, stage, out: Path) -> int:
+    def _checkpoint_to_resume(self, out: Path) -> Path | None:
+        """The checkpoint this run continues (None: a fresh start), or why run.out is not this run's
+        to use: checked before the stage is built, which may write into run.out (the ODE stage's
+        trajectories)."""
         latest = ckpt.latest_checkpoint(out)
-        if not self.resume:
-            if latest is not None:
-                raise TrainingError(
-                    f"{out} already holds checkpoints (newest {latest.name}); "
-                    "pass --resume to continue it, or set run.out to a new folder"
-                )
-            return 0
         if latest is None:
-            return 0  # nothing to resume: a fresh start
-        tensors, meta = ckpt.load_checkpoint(latest)
-        if meta.get("stage") != self.cfg.stage:
-            raise ckpt.CheckpointError(
-                f"{latest} was written by stage {meta.get('stage')!r}, not {self.cfg.stage!r}"
+            return None  # (with --resume too: nothing to resume, a fresh start)
+        if not self.resume:
+            raise TrainingError(
+                f"{out} already holds checkpoints (newest {latest.name}); "
+                "pass --resume to continue it, or set run.out to a new folder"
             )
+        written_by = ckpt.checkpoint_stage(latest)
+        if written_by != self.cfg.stage:
+            raise ckpt.CheckpointError(
+                f"{latest} was written by stage {written_by!r}, not {self.cfg.stage!r}"
+            )
+        return latest
+
+    def _restore(self, stage, latest: Path) -> int:
+        tensors, meta = ckpt.load_checkpoint(latest)
         diffs = ckpt.config_mismatch(meta.get("model_configs", {}), stage.model_configs())
         if diffs:
             raise ckpt.CheckpointError(
@@ -289,4 +300,10 @@ class Trainer:
                 raise ckpt.CheckpointError(f"checkpoint {latest} has no state for {name}")
             up.load_state(tensors, meta["updaters"][name], latest)
         ckpt.set_rng_state(tensors, meta["rng"])
-        return int(meta["step"])
+        step = int(meta["step"])
+        if step > self.cfg.run.steps:  # it would export those weights as a run of fewer steps
+            raise TrainingError(
+                f"checkpoint {latest} is at step {step}, past run.steps {self.cfg.run.steps}: "
+                "give --steps at least that, or set run.out to a new folder"
+            )
+        return step

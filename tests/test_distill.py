@@ -62,6 +62,56 @@ def test_unknown_section_wrong_type_and_wrong_stage(tmp_path):
         load_config(write(tmp_path, "run: {steps: [\n"), "teacher")
 
 
+@pytest.mark.parametrize(
+    "stage, text, says",
+    [
+        ("teacher", "optim: {lr: -1.0e-3}", "optim.lr must be >= 0"),
+        ("teacher", "optim: {betas: [1.5, 0.9]}", "optim.betas must each be >= 0 and < 1"),
+        ("teacher", "optim: {betas: [a, b]}", "optim.betas must be two numbers"),
+        ("teacher", "optim: {ema: 1.5}", "optim.ema is a decay"),  # exported weights of 1e4
+        ("teacher", "run: {log_every: 0}", "run.log_every must be >= 1"),  # ZeroDivisionError
+        ("teacher", "run: {seed: -1}", "run.seed must be >= 0"),
+        ("teacher", "run: {device: gpu}", "run.device must be auto, cpu or cuda"),
+        ("teacher", "data: {latent_frames: 0}", "data.latent_frames must be >= 1"),
+        ("teacher", "data: {split: bogus}", "data.split must name splits"),
+        ("teacher", "model: {flavor: nope}", "model.flavor: unknown model flavor 'nope'"),
+        ("teacher", "model: {overrides: {bogus: 1}}", "model.overrides:"),
+        ("teacher", "teacher: {sample_steps: 0}", "teacher.sample_steps must be >= 1"),
+        ("teacher", "teacher: {p_drop_audio: 1.5}", "teacher.p_drop_audio is a probability"),
+        ("autoencoder", "autoencoder: {stats_clips: 0}", "autoencoder.stats_clips must be >= 1"),
+        ("ode", "ode: {trajectory_batch: 0}", "ode.trajectory_batch must be >= 1"),
+        ("ode", "ode: {trajectories: 0}", "ode.trajectories must be >= 1"),
+        ("chunk", "chunk: {max_chunks_back: -1}", "chunk.max_chunks_back must be >= 0"),
+        ("self_forcing", "self_forcing: {cache_from: bogus}", "self_forcing.cache_from must be one of"),
+        ("self_forcing", "self_forcing: {score_t_min: 0.9, score_t_max: 0.5}", "score_t_min must be below"),
+        (
+            "self_forcing",
+            "self_forcing: {critic_optim: {eps: -1.0}}",
+            "self_forcing.critic_optim.eps must be >= 0",
+        ),
+        ("tiny_decoder", "tiny_decoder: {architecture: taehvx}", "tiny_decoder.architecture must be taehv"),
+        ("tiny_decoder", "tiny_decoder: {widths: [16, 0]}", "tiny_decoder.widths must be a list"),
+        ("latents", "latents: {splits: [train, dev]}", "latents.splits must name splits"),
+    ],
+)
+def test_values_out_of_range_are_named_before_any_work(tmp_path, stage, text, says):
+    """Each of these was a traceback from deep inside torch or numpy, or trained and exported
+    nonsense (an EMA decay of 1.5), or crashed after the training (no clips for the statistics)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text + "\n"), stage)
+    assert says in str(e.value)
+
+
+def test_distill_steps_take_positive_numbers(tmp_path, capsys):
+    """`--steps 0` ran the config's steps; `--steps -3` exported the untrained model as finished."""
+    from streamgen.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["distill", "teacher", "--config", "debug", "--steps", "-3", "--out", str(tmp_path / "o")])
+    assert "argument --steps: '-3' is not a positive" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 # --- a run's outputs -----------------------------------------------------------------------
 
 
@@ -113,6 +163,41 @@ def test_teacher_killed_and_resumed_equals_uninterrupted(tmp_path):
         json.loads(line)["step"] for line in (tmp_path / "split" / "scalars.jsonl").read_text().splitlines()
     ]
     assert steps == [0, 1, 2, 3]  # the log of the resumed run is the log of one run
+
+
+def test_a_resume_takes_the_configs_optimizer_settings_and_refuses_fewer_steps(tmp_path):
+    """Loading the optimizer's state brought back the settings it was saved with, whatever the
+    config said; a resume with fewer steps than the checkpoint's exported it as a shorter run."""
+    run(debug_config("teacher", tmp_path / "t"), stop_after=2)
+    changed = debug_config("teacher", tmp_path / "t", **{"optim.betas": [0.5, 0.9], "optim.eps": 1e-3,
+                                                           "optim.weight_decay": 0.5})  # fmt: skip
+    from distill.trainer import Trainer
+
+    trainer = Trainer(changed, resume=True)
+    seen = []
+    real = torch.optim.AdamW.step
+
+    def step(opt, *args, **kwargs):
+        seen.append({k: opt.param_groups[0][k] for k in ("betas", "eps", "weight_decay")})
+        return real(opt, *args, **kwargs)
+
+    torch.optim.AdamW.step = step
+    try:
+        trainer.run()
+    finally:
+        torch.optim.AdamW.step = real
+    assert seen and all(s == {"betas": (0.5, 0.9), "eps": 1e-3, "weight_decay": 0.5} for s in seen), seen[:1]
+    with pytest.raises(TrainingError, match="at step 4, past run.steps 3"):
+        run(debug_config("teacher", tmp_path / "t", **{"run.steps": 3}), resume=True)
+
+
+def test_a_resume_skips_a_log_line_cut_short(tmp_path):
+    run(debug_config("teacher", tmp_path / "t"), stop_after=3)
+    with open(tmp_path / "t" / "scalars.jsonl", "a") as f:
+        f.write('{"step": 3, "loss_te')  # killed while writing it
+    run(debug_config("teacher", tmp_path / "t"), resume=True)
+    lines = (tmp_path / "t" / "scalars.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 3]
 
 
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path):

@@ -204,7 +204,25 @@ def test_ode_trajectories_are_sampled_once(pipeline, tmp_path):
     other = stage_config("ode", pipeline["root"] / "ode", pipeline, **{"run.steps": 6, "ode.shift": 3.0})
     with pytest.raises(ConfigError, match="shift: 5.0 there, 3.0 here"):
         run(other, resume=True)
+    # other clips than those the stored indices point into (fewer: an IndexError; more: others)
+    fewer = stage_config(
+        "ode", pipeline["root"] / "ode", pipeline, **{"run.steps": 6, "data.synthetic_clips": 2}
+    )
+    with pytest.raises(ConfigError, match="bank: "):
+        run(fewer, resume=True)
     assert path.stat().st_mtime_ns == mtime
+
+
+def test_the_ode_stage_writes_nothing_into_a_folder_it_may_not_use(pipeline):
+    """It sampled its trajectories into run.out, then found the folder another stage's."""
+    from distill.trainer import TrainingError
+
+    teacher_run = pipeline["root"] / "teacher"
+    with pytest.raises(TrainingError, match="already holds checkpoints"):
+        run(stage_config("ode", teacher_run, pipeline))
+    with pytest.raises(ckpt.CheckpointError, match="written by stage 'teacher', not 'ode'"):
+        run(stage_config("ode", teacher_run, pipeline), resume=True)
+    assert not (teacher_run / "trajectories.safetensors").exists()
 
 
 def test_the_chunk_stage_refuses_a_motion_prefix_other_than_one_chunk(tmp_path, pipeline):

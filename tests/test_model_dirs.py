@@ -165,7 +165,8 @@ def test_the_latent_bank_of_a_wan_based_autoencoder_starts_at_the_last_frame_of_
     from safetensors.torch import load_file
 
     from distill.autoencoder import video_to_input
-    from distill.config import find_config, load_config
+    from distill.config import ConfigError, find_config, load_config
+    from distill.data import load_bank
     from distill.latents import build_latents
     from streamgen.data.dataset import AvatarWorldDataset
     from streamgen.data.shards import make_dataset
@@ -188,3 +189,18 @@ def test_the_latent_bank_of_a_wan_based_autoencoder_starts_at_the_last_frame_of_
     with torch.no_grad():  # causal: the first latent frame is its first frame's alone
         alone = vae.encode(video_to_input(torch.from_numpy(clip[3:4].copy())[None]))[0, :, 0]
     torch.testing.assert_close(bank["latents"][0, :, 0], alone, atol=1e-5, rtol=1e-5)
+
+    # the name's latents are this autoencoder's: another one is refused, not skipped over
+    other = wan_based_model()
+    with torch.no_grad():
+        other.vae.vae.decoder.conv_out.weight.mul_(2.0)
+    cfg.model.vae = str(export(other, tmp_path / "other"))
+    with pytest.raises(ConfigError, match="holds the latents of another autoencoder"):
+        build_latents(cfg)
+    # a stage whose frame size is not the bank's is told so (it trained, then the next stage failed)
+    teacher = load_config(find_config("debug", "teacher"), "teacher")
+    teacher.data.source, teacher.data.root, teacher.data.latents = "world", str(world), "wan"
+    teacher.data.split = "test"
+    teacher.model.height = teacher.model.width = 64
+    with pytest.raises(ConfigError, match="holds latents of 4x6, while model.height x model.width"):
+        load_bank(teacher, None, (8, 8))
