@@ -247,7 +247,14 @@ def _check_type(value, hint, where: str):
         if base in (str, bool, list, dict) and isinstance(value, base):
             return value
     names = "/".join(getattr(t, "__name__", str(t)) for t in allowed)
-    raise ConfigError(f"{where}: expected {names}, got {value!r}")
+    hint = ""
+    if float in allowed and isinstance(value, str):
+        try:
+            float(value)
+            hint = f" (YAML reads {value} as text: give it a decimal point, as in 1.0e-3)"
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected {names}, got {value!r}{hint}")
 
 
 def load_config(path: str | Path, stage: str) -> TrainConfig:

@@ -56,6 +56,8 @@ def test_unknown_section_wrong_type_and_wrong_stage(tmp_path):
         load_config(write(tmp_path, "ode: {trajectories: 3}\n"), "teacher")
     with pytest.raises(ConfigError, match=r"run\.steps: expected int"):
         load_config(write(tmp_path, "run: {steps: many}\n"), "teacher")
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected float, got '1e-3' \(YAML reads 1e-3 as text"):
+        load_config(write(tmp_path, "optim: {lr: 1e-3}\n"), "teacher")
     with pytest.raises(ConfigError, match="config for stage 'ode'"):
         load_config(write(tmp_path, "stage: ode\n"), "teacher")
     with pytest.raises(ConfigError, match="not valid YAML"):
