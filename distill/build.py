@@ -56,6 +56,24 @@ def load_dit(source: str, **overrides):
     return dit
 
 
+def weights_digest(source: str) -> str:
+    """A fingerprint of the DiT weights `load_dit(source)` reads: their files' bytes (a model
+    retrained or replaced at the same path has another)."""
+    import hashlib
+
+    if source.startswith("wan:"):
+        files = sorted(Path(source[4:]).glob("*.safetensors"))
+    else:
+        files = [_model_dir(source) / "dit.safetensors"]
+    h = hashlib.sha1()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as stream:
+            while block := stream.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 def load_frozen(source: str):
     dit = load_dit(source)
     return dit.eval().requires_grad_(False)

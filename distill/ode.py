@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from distill.build import export_model, load_frozen, load_vae, new_dit
+from distill.build import export_model, load_frozen, load_vae, new_dit, weights_digest
 from distill.config import ConfigError
 from distill.data import load_bank
 from distill.distributed import barrier, broadcast_module
@@ -84,6 +84,7 @@ class Stage:
             # the clips the stored indices point into: another bank (other data, another split, a
             # rebuilt one) would pair the states with other clips' conditions, or none
             "bank": self.bank.digest(),
+            "teacher_weights": weights_digest(o.teacher),  # a teacher retrained at the same path
         }  # fmt: skip
 
     @staticmethod

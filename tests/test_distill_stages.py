@@ -213,6 +213,25 @@ def test_ode_trajectories_are_sampled_once(pipeline, tmp_path):
     assert path.stat().st_mtime_ns == mtime
 
 
+def test_ode_trajectories_of_a_teacher_retrained_at_the_same_path_are_refused(pipeline, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from distill.config import ConfigError
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(pipeline["teacher"], teacher)
+    cfg = lambda steps: debug_config(
+        "ode", tmp_path / "ode", teacher=teacher, init=teacher, **{"run.steps": steps}
+    )  # noqa: E731
+    run(cfg(1))
+    weights = load_file(str(teacher / "dit.safetensors"))
+    save_file({k: v * 1.01 for k, v in weights.items()}, str(teacher / "dit.safetensors"))
+    with pytest.raises(ConfigError, match="teacher_weights: "):
+        run(cfg(2), resume=True)
+
+
 def test_the_ode_stage_writes_nothing_into_a_folder_it_may_not_use(pipeline):
     """It sampled its trajectories into run.out, then found the folder another stage's."""
     from distill.trainer import TrainingError
