@@ -25,6 +25,7 @@ class ServerMetrics:
         r = self.registry = CollectorRegistry()
         self.sessions_active = Gauge("streamgen_sessions_active", "sessions open now", registry=r)
         self.sessions_streaming = Gauge("streamgen_sessions_streaming", "sessions generating video", registry=r)
+        self.websockets_open = Gauge("streamgen_websockets_open", "WebSocket connections being served", registry=r)
         self.sessions_created = Counter("streamgen_sessions_created", "sessions created", registry=r)
         self.sessions_rejected = Counter(
             "streamgen_sessions_rejected", "session requests refused", ["reason"], registry=r
@@ -61,16 +62,21 @@ class ServerMetrics:
         GCCollector(registry=r)
         self._frames = deque(maxlen=4096)  # (time, frames) of recent chunks, for the fps gauge
         self._lock = threading.Lock()
+        # read when scraped, so that it falls to 0 when the streams stop (set per chunk, it kept
+        # the last rate for good)
+        self.fps.set_function(self.generated_fps)
 
     def chunk_done(self, seconds: float, frames: int) -> None:
         self.chunk_latency.observe(seconds)
+        with self._lock:
+            self._frames.append((time.monotonic(), frames))
+
+    def generated_fps(self, window: float = 5.0) -> float:
         now = time.monotonic()
         with self._lock:
-            self._frames.append((now, frames))
-            while self._frames and self._frames[0][0] < now - 5.0:
+            while self._frames and self._frames[0][0] < now - window:
                 self._frames.popleft()
-            total = sum(n for _, n in self._frames)
-        self.fps.set(total / 5.0)
+            return sum(n for _, n in self._frames) / window
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -209,8 +209,11 @@ class SessionRegistry:
 
     async def _teardown(self, session: Session) -> None:
         await session.run_closers()
-        try:  # on its lane, after any chunk of this session it may still be generating
-            await asyncio.wrap_future(self.worker.submit(session.stream.close, lane=session.lane))
+        try:  # on its lane, after any chunk of this session it may still be generating; past a
+            # full queue (a client's burst of captions): dropped, the stream went on under a batch
+            # in progress, and a model process kept it for good
+            close = self.worker.submit(session.stream.close, lane=session.lane, force=True)
+            await asyncio.wrap_future(close)
         except (WorkerBusy, RuntimeError, concurrent.futures.CancelledError, asyncio.CancelledError):
             # the worker stopped (shutdown): dropping the reference frees the cache all the same
             pass

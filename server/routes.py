@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from .app import ApiError, bearer_token, decode_upload, read_body, require_session
 from .avatars import avatar_image, avatar_png, list_avatars
 from .ice import for_peer, link_header
+from .model_host import HostDown
 from .registry import SessionEnded, SessionRegistry
 from .scheduler import WorkerBusy
 
@@ -304,7 +305,7 @@ async def control(session_id: str, request: Request):
     """Control a streaming session over HTTP (WebRTC clients): the WebSocket's JSON messages
     `speak`, `caption`, `interrupt` / `clear`."""
     from .protocol import ProtocolError, parse_control
-    from .speech import SpeechError, set_caption, speak
+    from .speech import SpeechBusy, SpeechError, set_caption, speak
 
     registry: SessionRegistry = request.app.state.registry
     session = require_session(request, session_id)
@@ -318,6 +319,8 @@ async def control(session_id: str, request: Request):
     if kind == "speak":
         try:
             duration = await speak(session, msg["text"], msg.get("language", "en-us"), msg.get("variant"))
+        except SpeechBusy as e:
+            raise ApiError(429, "busy", str(e), headers={"Retry-After": "1"}) from None
         except SpeechError as e:
             raise ApiError(422, "bad_speech", str(e)) from None
         return {"type": "speaking", "duration": round(duration, 3)}
@@ -328,6 +331,8 @@ async def control(session_id: str, request: Request):
             raise ApiError(422, "bad_caption", str(e)) from None
         except WorkerBusy as e:
             raise ApiError(503, "busy", f"caption not changed: {e}", headers={"Retry-After": "1"}) from None
+        except HostDown as e:  # the model process is gone: the session's streams end with it
+            raise ApiError(503, "model_down", f"caption not changed: {e}") from None
         return {"type": "caption", "text": msg["text"]}
     if kind in ("interrupt", "clear"):
         session.timeline.clear_ahead()

@@ -79,6 +79,8 @@ class InferenceWorker:
         # seconds per batch of k sessions' chunks, measured: in all (re-encodes too), and to publish
         self.batch_times, self.ready_times = BatchTimes(), BatchTimes()
         self.align_batches = align_batches
+        # counted when scraped: set by each lane, an idle lane's 0 overwrote a busy one's count
+        metrics.queue_depth.set_function(self.waiting)
 
     @property
     def lanes(self) -> int:
@@ -97,19 +99,26 @@ class InferenceWorker:
             if thread.is_alive():
                 thread.join(timeout)
 
-    def submit(self, fn, *args, lane: int = 0) -> concurrent.futures.Future:
+    def submit(self, fn, *args, lane: int = 0, force: bool = False) -> concurrent.futures.Future:
         """Run `fn(*args)` on a worker thread, `lane`'s (a session's jobs on the session's lane);
-        the result arrives in the returned future."""
+        the result arrives in the returned future. `force`: past a full queue (a session's
+        teardown, which must not be dropped for others' jobs), though not past shutdown."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             if self._stopping:
                 raise WorkerBusy("server is shutting down")
-            if sum(len(q) for q in self._jobs) >= self.max_jobs:
+            if not force and sum(len(q) for q in self._jobs) >= self.max_jobs:
                 raise WorkerBusy("inference queue is full")
             self._jobs[lane].append((future, fn, args, time.monotonic()))
-            self.metrics.queue_depth.set(sum(len(q) for q in self._jobs))
             self._cond.notify_all()
         return future
+
+    def waiting(self) -> int:
+        """Jobs queued and chunks due, over every lane (the queue-depth gauge, read when scraped)."""
+        now = time.monotonic()
+        with self._cond:
+            due = sum(1 for s in self._sessions.values() if s.streaming and not s.closed and s.next_due <= now)
+            return sum(len(q) for q in self._jobs) + due
 
     def take_lane(self) -> int:
         """The lane for a new session: the one with the fewest; `release_lane` after its teardown."""
@@ -174,9 +183,7 @@ class InferenceWorker:
         if jobs and (jobs[0][3] < now - JOB_PATIENCE or all(s.next_due > now for s in live)):
             return jobs.popleft()[:3], None, 0.0
         if not live:
-            self.metrics.queue_depth.set(0)
             return None, None, None
-        self.metrics.queue_depth.set(sum(1 for s in live if s.next_due <= now))
         if not self.align_batches:
             due = [s for s in live if s.next_due <= now]
             if due:

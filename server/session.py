@@ -226,6 +226,9 @@ class Session:
         self.teardown: asyncio.Future | None = None  # set by SessionRegistry.close
         self.preroll: asyncio.Future | None = None  # the first chunk, started at creation
         self.fail_handler: Callable[[Session, str], None] | None = None  # set by the registry
+        self.caption_wanted: str | None = None  # the latest caption asked for (server/speech.py)
+        self.caption_job = None  # the worker job that will apply it, while it waits in the queue
+        self.speaking = False  # a speak of this session is being synthesised (server/speech.py)
         # clock (see module docstring); written by the event loop, read by the worker
         self.delay = 0.2
         self.start_delay = 0.2  # the delay it attached with: the floor that a grown delay returns to

@@ -8,18 +8,41 @@ messages) plays exactly the samples the lips were generated from.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 
 from streamgen.data.speech import SpeechError, Voice, synthesize
 
 from .session import Session
 
+# Synthesis runs on a thread of its own: in the default pool a burst of long texts held the
+# decoding of other clients' uploaded references behind it (the speech module serialises its
+# calls anyway, so one thread loses nothing)
+_synthesis = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="speech")
+# espeak-ng speaks about 14 characters a second: at least a second per this many characters
+CHARS_PER_SECOND_AT_MOST = 25
+
+
+class SpeechBusy(SpeechError):
+    """The session's previous speak is still being synthesised."""
+
 
 async def speak(session: Session, text: str, language: str = "en-us", variant: str | None = None) -> float:
-    """Queue `text` as speech on the session; returns its duration in seconds. SpeechError for bad input."""
+    """Queue `text` as speech on the session; returns its duration in seconds. SpeechError for bad
+    input, SpeechBusy while the session's previous speak is still being synthesised."""
     voice = Voice(language=language, variant=variant)
     voice.validate()
-    # in a thread: synthesis takes ~0.1-1 s; the speech module serialises calls with its own lock
-    utterance = await asyncio.to_thread(synthesize, text, voice)
+    if session.speaking:
+        raise SpeechBusy("the previous speak is still being synthesised: send the next once it is answered")
+    room = session.timeline.max_ahead / 16000 - session.timeline.queued_seconds
+    if len(text) / CHARS_PER_SECOND_AT_MOST > room:  # refused before its synthesis, not after
+        raise SpeechError(
+            f"speech queue is full: {room:.1f} s of room, too little for this text (interrupt to clear it)"
+        )
+    session.speaking = True
+    try:  # synthesis takes ~0.1-1 s
+        utterance = await asyncio.get_running_loop().run_in_executor(_synthesis, synthesize, text, voice)
+    finally:
+        session.speaking = False
     if session.closed:
         return 0.0
     dropped = session.timeline.append(utterance.audio, source="speech", whole=True)
@@ -33,18 +56,42 @@ async def speak(session: Session, text: str, language: str = "en-us", variant: s
 
 
 async def set_caption(registry, session: Session, text: str) -> None:
-    """Change the caption (text conditioning) of a running session, on the worker thread."""
+    """Change the caption (text conditioning) of a running session, on the worker thread.
 
-    def apply():
-        stream = session.stream
-        if session.closed:  # its stream closed (or closing) before this job: in a model process, gone
-            return
-        if hasattr(stream, "set_caption"):  # the model runs in a child process
-            stream.set_caption(text)
-        elif stream is not None:
-            stream.set_text(text or None)
+    One job per session waits in the worker's queue at a time: a caption sent while one waits
+    replaces its text (the latest is what the stream gets) rather than queueing another, so one
+    client's burst cannot fill the queue all sessions share."""
+    session.caption_wanted = text  # (before the check: a job that has started reads it after)
+    job = session.caption_job
+    if job is None:
+        # the session's mark is in place before the worker can run the job (which clears it)
+        job = session.caption_job = concurrent.futures.Future()
 
-    await asyncio.wrap_future(registry.worker.submit(apply, lane=session.lane))
+        def apply():
+            session.caption_job = None  # from here on, a newer caption needs a job of its own
+            try:
+                stream, wanted = session.stream, session.caption_wanted
+                if session.closed:  # closed (or closing) before this job: in a model process, gone
+                    pass
+                elif hasattr(stream, "set_caption"):  # the model runs in a child process
+                    stream.set_caption(wanted)
+                elif stream is not None:
+                    stream.set_text(wanted or None)
+            except BaseException as e:
+                job.set_exception(e)
+            else:
+                job.set_result(None)
+
+        def not_run(submitted: concurrent.futures.Future) -> None:  # e.g. dropped at shutdown
+            if not job.done():
+                job.cancel() if submitted.cancelled() else job.set_exception(submitted.exception())
+
+        try:
+            registry.worker.submit(apply, lane=session.lane).add_done_callback(not_run)
+        except BaseException:
+            session.caption_job = None
+            raise
+    await asyncio.wrap_future(job)
 
 
-__all__ = ["SpeechError", "speak", "set_caption"]
+__all__ = ["SpeechBusy", "SpeechError", "speak", "set_caption"]

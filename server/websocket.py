@@ -20,6 +20,7 @@ import numpy as np
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from .model_host import HostDown
 from .protocol import CloseCode, MsgType, ProtocolError, pack, parse_binary, parse_control
 from .registry import SessionEnded, SessionRegistry
 from .scheduler import WorkerBusy
@@ -83,12 +84,24 @@ class SocketConnection:
         self.credit = 0
         self.credit_changed = asyncio.Event()
         self.sender: asyncio.Task | None = None
+        self.receiver: asyncio.Task | None = None
         self.close_sent = False
 
     async def run(self) -> None:
         reason = "websocket closed by client"
+        metrics = self.registry.metrics
+        metrics.websockets_open.inc()
+        # the receive loop in a task of its own, which the session's end cancels: a client that
+        # reads nothing never answers the close frame, and the loop waited for its messages until
+        # the idle limit, holding the socket and its unsent buffers that long after the session
+        self.receiver = asyncio.ensure_future(self.receive_loop())
         try:
-            reason = await self.receive_loop()
+            reason = await self.receiver
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():  # this handler is cancelled (shutdown)
+                raise
+            reason = self.session.close_reason or "session ended"
         except ProtocolError as e:
             log.info("session %s: websocket protocol error %d: %s", self.session.id, e.code, e.reason)
             await self.close(e.code, e.reason)
@@ -98,7 +111,10 @@ class SocketConnection:
         finally:
             if self.sender is not None:
                 self.sender.cancel()
-            await self.registry.close(self.session, reason)
+            try:
+                await self.registry.close(self.session, reason)
+            finally:
+                metrics.websockets_open.dec()
 
     async def receive_loop(self) -> str:
         idle = self.config.idle_timeout_s
@@ -155,7 +171,7 @@ class SocketConnection:
         elif kind == "caption":
             try:
                 await set_caption(self.registry, self.session, msg["text"])
-            except (ValueError, WorkerBusy) as e:
+            except (ValueError, WorkerBusy, HostDown) as e:
                 await self.send_json({"type": "error", "for": "caption", "message": str(e)})
         return False
 
@@ -223,6 +239,8 @@ class SocketConnection:
 
     async def close_for_session(self) -> None:
         await self.close(close_code_for(self.session.close_reason), self.session.close_reason)
+        if self.receiver is not None and not self.receiver.done():
+            self.receiver.cancel()  # the session is over whether or not the client answers the close
 
     async def close(self, code: int, reason: str) -> None:
         if self.close_sent or self.ws.application_state != WebSocketState.CONNECTED:

@@ -191,7 +191,7 @@ def test_joining_holds_back_the_group_sessions_whose_delay_the_bigger_batch_outg
         # the second leaves: the first may come back down to what a batch of one needs, once its
         # chunks keep arriving early (the floor moves; the delay itself comes down with them)
         held = first.delay
-        worker.submit = lambda fn, *args, lane=0: done(fn(*args))
+        worker.submit = lambda fn, *args, lane=0, force=False: done(fn(*args))
         loop.run_until_complete(registry.close(second, "test"))
         assert first.start_delay == pytest.approx(0.1) and first.delay == held
         for _ in range(Session.SLACK_WINDOW):

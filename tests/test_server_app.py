@@ -504,3 +504,156 @@ def test_cors_origin_must_be_an_origin():
     from streamgen.cli import main
 
     assert main(["serve", "--cors-origin", "app.example.org/path"]) == 2
+
+
+def block_lane(worker, lane: int = 0):
+    """A job that holds `lane` until the returned event is set."""
+    import threading
+
+    release, running = threading.Event(), threading.Event()
+
+    def hold():
+        running.set()
+        release.wait(30)
+
+    worker.submit(hold, lane=lane)
+    assert running.wait(30)
+    return release
+
+
+def test_a_session_deleted_while_the_queue_is_full_still_closes_its_stream(client):
+    """The teardown's close job met a full queue (a client's burst of captions), dropped the
+    stream without closing it on its lane: a batch in progress then failed every session in it,
+    and a model process kept the stream for good."""
+    import time
+
+    from server.scheduler import WorkerBusy
+
+    registry = client.app.state.registry
+    worker = registry.worker
+    s = new_session(client)
+    stream = registry.get(s["id"]).stream
+    release = block_lane(worker, registry.get(s["id"]).lane)
+    try:
+        for _ in range(worker.max_jobs + 1):
+            worker.submit(lambda: None, lane=0)
+        raise AssertionError("the queue did not fill")
+    except WorkerBusy:
+        pass
+    try:
+        assert client.delete(s["resource"], headers=auth(s["token"])).status_code == 204
+    finally:
+        release.set()
+    for _ in range(200):  # bounded: 10 s
+        if stream.cache is None:
+            break
+        time.sleep(0.05)
+    assert stream.cache is None and not stream.started  # closed on its lane, after the queue
+
+
+async def test_a_burst_of_captions_takes_one_place_in_the_queue_and_the_last_one_wins():
+    import asyncio
+    from types import SimpleNamespace
+
+    from server.metrics import ServerMetrics
+    from server.scheduler import InferenceWorker
+    from server.speech import set_caption
+
+    worker = InferenceWorker(ServerMetrics(), max_jobs=4)
+    worker.start()
+    try:
+        applied = []
+        stream = SimpleNamespace(set_text=applied.append)
+        session = SimpleNamespace(stream=stream, lane=0, closed=False, caption_wanted=None, caption_job=None)
+        registry = SimpleNamespace(worker=worker)
+        release = block_lane(worker)
+        changes = [asyncio.ensure_future(set_caption(registry, session, f"caption {i}")) for i in range(20)]
+        await asyncio.sleep(0.1)
+        assert worker.waiting() == 1  # twenty captions, one job (a queue of 4 refused the fifth before)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*changes), 10)
+        assert applied == ["caption 19"]
+        await set_caption(registry, session, "later")  # the job ran: a new caption gets its own
+        assert applied == ["caption 19", "later"]
+    finally:
+        worker.stop()
+
+
+def test_a_caption_after_the_model_process_died_is_a_503(client, monkeypatch):
+    import concurrent.futures
+
+    from server.model_host import HostDown
+
+    s = new_session(client)
+    h = auth(s["token"])
+
+    def gone(*args, **kwargs):
+        future = concurrent.futures.Future()
+        future.set_exception(HostDown("the model process exited (code -9)"))
+        return future
+
+    monkeypatch.setattr(client.app.state.registry.worker, "submit", gone)
+    r = client.post(s["resource"] + "/control", json={"type": "caption", "text": "smiling"}, headers=h)
+    assert r.status_code == 503 and "model process exited" in r.json()["message"]  # was a 500
+    monkeypatch.undo()
+    assert client.delete(s["resource"], headers=h).status_code == 204
+
+
+def test_the_queue_depth_counts_every_lane_and_the_fps_falls_when_streams_stop(monkeypatch):
+    import time
+
+    from server import metrics as metrics_module
+    from server.metrics import ServerMetrics
+    from server.scheduler import InferenceWorker
+
+    metrics = ServerMetrics()
+
+    def gauge(name: str) -> float:
+        line = next(x for x in metrics.render().decode().splitlines() if x.startswith(name + " "))
+        return float(line.split()[-1])
+
+    worker = InferenceWorker(metrics, lanes=2)
+    worker.start()
+    try:
+        release = block_lane(worker, lane=0)
+        for _ in range(3):
+            worker.submit(lambda: None, lane=0)
+        worker.submit(lambda: None, lane=1)  # wakes lane 1, which set the gauge to its own 0
+        time.sleep(0.2)
+        assert gauge("streamgen_queue_depth") == 3
+        release.set()
+    finally:
+        worker.stop()
+    metrics.chunk_done(0.1, 12)
+    assert gauge("streamgen_generated_fps") == 12 / 5
+    later = time.monotonic() + 10
+    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: later)
+    assert gauge("streamgen_generated_fps") == 0  # it kept the last rate for good
+
+
+async def test_one_speak_at_a_time_per_session_and_a_text_too_long_is_refused_before_synthesis(monkeypatch):
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from server import speech
+    from server.session import AudioTimeline
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow(text, voice):
+        started.set()
+        release.wait(10)
+        return SimpleNamespace(audio=np.zeros(1600, np.float32), duration=0.1)
+
+    monkeypatch.setattr(speech, "synthesize", slow)
+    session = SimpleNamespace(timeline=AudioTimeline(30.0), closed=False, speaking=False, touch=lambda: None)
+    first = asyncio.ensure_future(speech.speak(session, "Hello there."))
+    while not started.is_set():
+        await asyncio.sleep(0.01)
+    with pytest.raises(speech.SpeechBusy):
+        await speech.speak(session, "And again.")
+    release.set()
+    assert await first == 0.1 and not session.speaking
+    with pytest.raises(speech.SpeechError, match="too little for this text"):
+        await speech.speak(session, "word " * 200)  # ~70 s of speech for 30 s of room

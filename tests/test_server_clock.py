@@ -199,9 +199,12 @@ async def test_a_caption_for_a_session_closed_meanwhile_changes_nothing():
         return future
 
     registry = SimpleNamespace(worker=SimpleNamespace(submit=run_now))
-    await set_caption(registry, SimpleNamespace(stream=Gone(), closed=True, lane=0), "smiling")
+    def session(closed):
+        return SimpleNamespace(stream=Gone(), closed=closed, lane=0, caption_wanted=None, caption_job=None)
+
+    await set_caption(registry, session(closed=True), "smiling")
     with pytest.raises(KeyError):
-        await set_caption(registry, SimpleNamespace(stream=Gone(), closed=False, lane=0), "smiling")
+        await set_caption(registry, session(closed=False), "smiling")
 
 
 async def test_the_video_track_plays_a_first_chunk_that_starts_frames_into_the_stream():

@@ -201,6 +201,13 @@ async def test_client_that_never_reads_is_dropped():
                     await asyncio.sleep(0.1)
                 assert s["id"] not in app.state.registry.sessions, "a client that never reads was kept"
                 await first_frame(good)
+                # and its connection with it: the handler waited for messages until the idle limit
+                # (30 s here), holding the socket and its unsent frames that long after the session
+                for _ in range(100):  # bounded: 10 s
+                    if 'streamgen_websockets_open 1.0' in (await http.get("/metrics")).text:
+                        break
+                    await asyncio.sleep(0.1)
+                assert 'streamgen_websockets_open 1.0' in (await http.get("/metrics")).text
             lazy.close()
             metrics = (await http.get("/metrics")).text
             assert 'streamgen_sessions_closed_total{reason="slow consumer"} 1.0' in metrics
