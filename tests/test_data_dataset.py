@@ -159,3 +159,25 @@ def test_the_library_refuses_what_the_command_line_does(tmp_path):
         with pytest.raises(DataError, match=says):
             make_dataset(tmp_path / "ds", 2, **kwargs)
         assert not (tmp_path / "ds" / "manifest.json").exists()
+
+
+def test_a_forked_worker_opens_its_own_shard_readers(world):
+    """Forked DataLoader workers inherited the parent's open readers (one file position for all)
+    once the parent had read an item, and read each other's bytes as corrupt shards."""
+    import multiprocessing
+
+    ds = AvatarWorldDataset(world, "train")
+    ds[0]  # the parent opens its reader
+
+    def child(queue):
+        inherited = ds._readers[0]
+        item = ds[1]  # (shard 0's)
+        queue.put((ds._readers[0] is not inherited, item["video"].shape))
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=child, args=(queue,))
+    proc.start()
+    own, shape = queue.get(timeout=60)
+    proc.join(60)
+    assert own and shape == ds[1]["video"].shape

@@ -35,6 +35,42 @@ def test_eval_errors_leave_no_report(tmp_path, capsys):
     assert main(["eval", "--model", "no-such-model", "--clips", "1", "--out", str(out)]) == 2
     assert "cannot load model 'no-such-model'" in capsys.readouterr().err
     assert not (out / "report.json").exists()
+    # nor an earlier run's: its presence says the run finished
+    out.mkdir(exist_ok=True)
+    (out / "report.json").write_text('{"model": "ground-truth"}')
+    assert main(["eval", "--model", "no-such-model", "--clips", "1", "--out", str(out)]) == 2
+    assert not (out / "report.json").exists()
+    assert main(["eval", "--model", "ground-truth", "--minutes", "0.0002", "--out", str(out)]) == 2
+    assert "--minutes must give a stream of at least two frames" in capsys.readouterr().err
+
+
+def test_train_evaluators_on_a_dataset_without_train_clips_is_one_line(tmp_path, capsys):
+    from streamgen.data.shards import make_dataset
+
+    make_dataset(tmp_path / "two", 2, 0, 32, 32, 1.0)  # two clips: one in val, one in test
+    args = ["eval", "train-evaluators", "--data", str(tmp_path / "two"), "--out", str(tmp_path / "ev")]
+    assert main(args) == 2  # was a ValueError traceback
+    assert "has no train clips to train the evaluators on" in capsys.readouterr().err
+
+
+def test_frozen_frames_leave_out_the_frames_held_before_a_1_plus_4k_stream(tmp_path, monkeypatch):
+    """A Wan-layout stream's first frame is held over the 3 frames before it, to line up with its
+    audio: those copies were counted as the model's frozen frames (3 a clip for a perfect model)."""
+    import sys
+    from pathlib import Path
+
+    from streamgen.eval import metrics, report
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_model_dirs import export, wan_based_model
+
+    seen = []
+    real = metrics.frozen_frames
+    monkeypatch.setattr(metrics, "frozen_frames", lambda frames: seen.append(frames) or real(frames))
+    model = str(export(wan_based_model(), tmp_path / "model"))
+    result = report.evaluate(model, tmp_path / "wan", n_clips=1, size=32, steps=2)
+    (counted,) = seen
+    assert len(counted) == 100 - 3 and result["seconds"] == 4.0  # the clip's 100 frames, less the 3 held
 
 
 def test_eval_scores_the_teacher_by_name(tmp_path, capsys):

@@ -50,11 +50,22 @@ class AvatarWorldDataset(torch.utils.data.Dataset):
                     raise DataError(f"latent cache {latents!r} is missing {shard['file']}; run cache_latents")
         self._readers: dict[int, ShardReader] = {}
         self._latent_readers: dict[int, ShardReader] = {}
+        self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def _own_readers(self) -> None:
+        """Readers opened in this process only: forked DataLoader workers inherited the parent's
+        open files, one file position shared by all, and read each other's bytes as corrupt."""
+        if self._pid != os.getpid():
+            self._readers, self._latent_readers, self._pid = {}, {}, os.getpid()
+
+    def __getstate__(self) -> dict:  # (spawned workers: a pickled dataset opens its own)
+        return {**self.__dict__, "_readers": {}, "_latent_readers": {}}
+
     def _reader(self, s: int) -> ShardReader:
+        self._own_readers()
         if s not in self._readers:
             shard = self.shards[s]
             self._readers[s] = ShardReader(self.root / shard["file"], shard.get("bytes"))
@@ -64,6 +75,7 @@ class AvatarWorldDataset(torch.utils.data.Dataset):
         s, i = self.index[k]
         item = self._reader(s).clip(i)
         if self.latents is not None:
+            self._own_readers()
             if s not in self._latent_readers:
                 self._latent_readers[s] = ShardReader(
                     _latent_path(self.root, self.latents, self.shards[s]["file"])

@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--out is required")
     if args.clips is not None and args.clips < 1:
         raise UserError("--clips must be at least 1")
-    if args.minutes is not None and args.minutes <= 0:
-        raise UserError("--minutes must be positive")
+    if args.minutes is not None and not args.minutes * 60 * 25 >= 2:  # (nan too)
+        raise UserError("--minutes must give a stream of at least two frames (0.08 s: 0.0014 minutes)")
     if args.action == "train-evaluators":
         return _train(args)
     if not args.model:

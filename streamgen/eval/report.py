@@ -125,6 +125,9 @@ def evaluate(
     )
 
     start_time = time.perf_counter()
+    # first: a run that fails (a model or evaluator missing, a crash on the way) must not leave
+    # an earlier run's report in --out, whose presence says the run finished
+    (Path(out) / "report.json").unlink(missing_ok=True)
     ev = Evaluators(evaluators_dir)  # fails first, with a clear message, if a checkpoint is missing
     roundtrip = autoencoder_roundtrip(model.removeprefix(ROUNDTRIP)) if model.startswith(ROUNDTRIP) else None
     plain = model == GROUND_TRUTH or roundtrip is not None
@@ -133,6 +136,10 @@ def evaluate(
         session = open_session(
             model, size, size, device, steps, decode_dtype, cache_from, dtype, encode_dtype
         )
+
+    # frames the stream holds from time 0 before its first (`from_time_zero`: Wan's 1 + 4k layout
+    # starts the video 3 frames in): copies made here, not frozen frames of the model's
+    lead = session.vae.first_frame_index if session is not None else 0
 
     def produce(clip, seed):
         if roundtrip is not None:
@@ -162,7 +169,7 @@ def evaluate(
         gen_clip_feats.append(clip_features(feats.numpy(), v.numpy()))
         real_clip_feats.append(clip_features(rfeats.numpy(), rv.numpy()))
         black += int(black_frames(frames).sum())
-        frozen += int(frozen_frames(frames).sum())
+        frozen += int(frozen_frames(frames[lead:]).sum())
         flicker += int(flicker_frames(frames).sum())
         csim_curves.append(sims)
         sync_curves.append(sync.pop("curve"))
@@ -178,7 +185,7 @@ def evaluate(
         ref_emb, _ = ev.identity_embeddings(clip.reference[None])
         stream = {"csim": csim(emb, ref_emb), "colour": colour_stats(frames)}
         black += int(black_frames(frames).sum())
-        frozen += int(frozen_frames(frames).sum())
+        frozen += int(frozen_frames(frames[lead:]).sum())
         flicker += int(flicker_frames(frames).sum())
     n_frames = sum(len(c) for c in csim_curves) + (len(stream["csim"]) if stream else 0)
     mean_curve = np.mean(np.stack(csim_curves), axis=0)

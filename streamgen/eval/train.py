@@ -162,7 +162,10 @@ def train_evaluators(
     with tqdm(total=n_clips, desc="training clips", unit="clip") as bar:
         clips = training_clips(n_clips, seed, 64, workers, data, bar)
     if not clips:
-        raise ValueError("no training clips")
+        from streamgen.data.shards import DataError
+
+        where = f"{data} has no train clips" if data is not None else "no training clips were made"
+        raise DataError(f"{where} to train the evaluators on (make a dataset with more clips)")
     with tqdm(total=sync_steps, desc="syncnet", unit="step") as bar:
         sync = train_syncnet(clips, sync_steps, seed=seed, bar=bar)
     with tqdm(total=identity_steps, desc="identity", unit="step") as bar:
