@@ -266,13 +266,18 @@ class StreamSession:
         embeddings, made elsewhere). observe(stage, fn) -> fn(), if given, runs each of
         `START_STAGES` (as next_chunk's `observe`)."""
         run = self._threaded(observe or _run_stage)
-        ref = run("prepare", lambda: prepare_reference(reference, self.height, self.width))
-        self.seed = seed if seed is not None else random.randrange(2**31)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        # everything a caller can get wrong first: a refused start leaves a running stream as it was
         if context is None:
             context = text_context(text, self.cfg.text_dim)
         elif text is not None:
             raise ValueError("give a text or a context, not both")
+        if context.ndim != 3 or context.shape[0] != 1 or context.shape[-1] != self.cfg.text_dim:
+            raise ValueError(f"context must be [1, tokens, {self.cfg.text_dim}], got {list(context.shape)}")
+        ref = run("prepare", lambda: prepare_reference(reference, self.height, self.width))
+        # from here the old stream is gone: a failure below leaves none started, not a broken one
+        self.started = False
+        self.seed = seed if seed is not None else random.randrange(2**31)
+        self.generator = torch.Generator().manual_seed(self.seed)
         self.context = context.to(self.device, self.dtype)
         # the loaded autoencoder's: latents go into the decoder and frames come out in it
         self.vae_dtype = next(self.model.vae.parameters()).dtype

@@ -53,7 +53,8 @@ class TeacherSession:
 
     @property
     def frames_per_chunk(self) -> int:
-        """Video frames produced by one next_chunk()."""
+        """Video frames produced by one next_chunk() (the first window under Wan's 1 + 4k layout:
+        `vae.first_frame_index` fewer)."""
         return self.window * self.vae.temporal_factor
 
     @property
@@ -70,6 +71,11 @@ class TeacherSession:
         self.position, self.previous, self.state = 0, None, self.vae.init_state(1)
 
     def push_audio(self, pcm):
+        """As StreamSession's: after the audio pushed before, and audio that comes late starts at
+        the video not yet made (it went to time 0, under windows already made, and was not heard)."""
+        made = self.position * self.vae.temporal_factor * SAMPLES_PER_FRAME
+        if len(self.pcm) < made:
+            self.pcm = np.concatenate([self.pcm, np.zeros(made - len(self.pcm), np.float32)])
         self.pcm = np.concatenate([self.pcm, to_pcm_float(pcm)])
 
     def close(self):
@@ -84,8 +90,10 @@ class TeacherSession:
         pcm = np.zeros(end_frame * SAMPLES_PER_FRAME, np.float32)
         n = min(len(pcm), len(self.pcm))
         pcm[:n] = self.pcm[:n]  # audio not pushed yet is silence
-        tokens = self.dit.audio_encoder(torch.from_numpy(pcm)[None].to(self.device))
-        audio = frame_windows(tokens, 0, first, m + w, cfg)
+        audio = None  # a DiT without the audio branch (StreamSession's too)
+        if self.dit.audio_encoder is not None:
+            tokens = self.dit.audio_encoder(torch.from_numpy(pcm)[None].to(self.device))
+            audio = frame_windows(tokens, 0, first, m + w, cfg)
         cond = Conditions.full(self.reference, audio, self.context)
         prefix = None if m == 0 else self.previous[:, :, -m:]
 

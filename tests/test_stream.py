@@ -289,6 +289,35 @@ def test_a_context_tensor_stands_for_the_text(model):
         s.start(face(), text="smiling", context=context)
 
 
+def test_a_refused_start_leaves_the_running_stream_as_it_was(model):
+    """A start refused for its arguments took the running stream's seed first (its next chunks
+    changed); one whose context had the wrong width emptied its cache and left it 'started'."""
+    _, whole = run(model, [speech(2.0)], 4, seed=3)
+    s, first = run(model, [speech(2.0)], 2, seed=3)
+    with pytest.raises(ValueError, match="a text or a context, not both"):
+        s.start(face(1), text="x", context=torch.zeros(1, 2, model.cfg.text_dim), seed=5)
+    with pytest.raises(ValueError, match=rf"context must be \[1, tokens, {model.cfg.text_dim}\]"):
+        s.start(face(1), context=torch.zeros(1, 2, model.cfg.text_dim + 1), seed=5)
+    rest = [s.next_chunk() for _ in range(2)]
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(whole, first + rest))
+
+
+def test_a_start_that_fails_on_the_way_leaves_no_stream_started(model, monkeypatch):
+    import streamgen.stream as stream_module
+
+    s, _ = run(model, [speech(1.0)], 1)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(stream_module, "encode_sink", fails)
+    model.start_memo.clear()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        s.start(face(2), seed=1)
+    with pytest.raises(RuntimeError, match="call start"):  # not chunks of an emptied cache
+        s.next_chunk()
+
+
 def test_a_chunk_is_written_into_the_cache_by_the_next_one_with_the_same_frames(model):
     """next_chunk returns its frames before its clean re-encode, which the next chunk runs first."""
     _, lazy = run(model, [speech(3.0)], 4)
@@ -406,3 +435,21 @@ def test_decoding_beside_the_reencode_orders_its_work_by_stream(model, monkeypat
             ("decode", "side"),
             ("reencode", "main"),
         ]
+
+
+def test_the_teacher_session_takes_a_dit_without_audio_and_places_late_audio_at_the_video_to_come():
+    """It called the missing audio encoder; and audio pushed after a window went to time 0, under
+    the windows already made, never heard (StreamSession starts late audio at the present)."""
+    from streamgen.teacher import TeacherSession
+
+    silent = load_model("debug", audio=False)
+    teacher = TeacherSession(silent, steps=2, window=2, motion=1)
+    teacher.start(face())
+    frames, _ = teacher.next_chunk()  # was a TypeError: 'NoneType' object is not callable
+    assert frames.shape == (8, 64, 64, 3)
+
+    teacher = TeacherSession(load_model("debug"), steps=2, window=2, motion=1)
+    teacher.start(face())
+    teacher.next_chunk()  # video frames 0-7 made, without audio
+    teacher.push_audio(np.ones(1600, np.float32))
+    assert not teacher.pcm[: 8 * SAMPLES_PER_FRAME].any() and teacher.pcm[8 * SAMPLES_PER_FRAME :].all()
