@@ -248,8 +248,20 @@ class InferenceWorker:
                 chunks[s.id] = s.finish_chunk(frames, pts, t_in, self.stamp_frames)
         for s in sessions:  # alone, or a stream in a model child process
             if s.id not in chunks:
-                chunks[s.id] = s.generate(self.stamp_frames)
+                try:
+                    chunks[s.id] = s.generate(self.stamp_frames)
+                except HostDown:  # the model process is gone: every stream with it
+                    raise
+                except Exception as e:
+                    if len(sessions) == 1:
+                        raise
+                    # one stream's failure is its own: its group's others have their chunks
+                    log.exception("session %s: generation failed", s.id)
+                    self._fail([s], e)
         dt = time.perf_counter() - t
+        sessions = [s for s in sessions if s.id in chunks]
+        if not sessions:  # each failed on its own (and was failed)
+            return []
         results = [chunks[s.id] for s in sessions]
         for s, chunk in zip(sessions, results):
             self.metrics.chunk_done(dt, len(chunk.frames))
@@ -259,7 +271,7 @@ class InferenceWorker:
         # (a stream would otherwise run it at the start of its next chunk, before that chunk's
         # denoising, on the chunk's latency: 15% of it). A stream in a model child process does
         # the same there, on its own; the sequence-parallel ranks do it in step (model_host).
-        write_pending_chunks([s.stream for s in local])  # in one forward where they batch
+        write_pending_chunks([s.stream for s in local if s.id in chunks])  # in one forward where they batch
         for s in sessions:
             if not isinstance(s.stream, StreamSession):
                 s.stream.write_pending_chunk()
@@ -285,11 +297,13 @@ class InferenceWorker:
                 log.error("sessions %s: generation stopped: %s", [s.id for s in sessions], e)
             else:
                 log.exception("sessions %s: generation failed", [s.id for s in sessions])
-            for session in sessions:
-                self.remove(session.id)
-                session.streaming = False
-                _call_soon(session, session.fail_from_worker, f"generation failed: {e}")
-            return
+            self._fail(sessions, e)
+
+    def _fail(self, sessions: list[Session], error: Exception) -> None:
+        for session in sessions:
+            self.remove(session.id)
+            session.streaming = False
+            _call_soon(session, session.fail_from_worker, f"generation failed: {error}")
 
     def _cancel_jobs(self, lane: int) -> None:
         while self._jobs[lane]:

@@ -236,3 +236,34 @@ def test_a_chunks_audio_spans_its_frames():
     assert s.generated_until == 8 * 640 and out.first_frame == 3 and out.end_frame == 8
     out = s.finish_chunk(chunk(1).frames, 8 / FPS, time.time(), stamp_frames=False)
     assert len(out.audio) == 8 * 640 and s.generated_until == 16 * 640
+
+
+def test_one_streams_failure_fails_it_alone_and_its_group_keeps_its_chunks():
+    """Sessions generated one by one in a group (streams in a model process): one that raised
+    failed every session in the group, their chunks made and thrown away."""
+    from server.metrics import ServerMetrics
+    from server.scheduler import InferenceWorker
+
+    class Stream(SimpleNamespace):
+        def next_chunk(self):
+            if self.broken:
+                raise RuntimeError("a broken stream")
+            return np.zeros((PER_CHUNK, 32, 32, 3), np.uint8), 0.0
+
+        def push_audio(self, pcm):
+            pass
+
+        def write_pending_chunk(self):
+            self.written = True
+
+    worker = InferenceWorker(ServerMetrics())
+    sessions = []
+    for i, broken in enumerate((False, True, False)):
+        s = make_session()
+        s.id, s.stream = f"s{i}", Stream(broken=broken, written=False)
+        worker.add(s)
+        sessions.append(s)
+    published = []
+    worker.run_chunks(sessions, publish=lambda s, chunk: published.append(s.id))
+    assert published == ["s0", "s2"] and sessions[0].stream.written and sessions[2].stream.written
+    assert [s.streaming for s in sessions] == [True, False, True] and worker.streaming == 2
