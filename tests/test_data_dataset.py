@@ -69,6 +69,11 @@ def test_latent_cache_hook(world):
     assert np.allclose(item["latents"], item["video"].astype(np.float32).mean(axis=(1, 2)))
     with pytest.raises(DataError, match="latent cache"):
         AvatarWorldDataset(world, "test", latents="never-made")
+    # a dataset made again in the same place: its old latents are not taken for the new clips
+    remade = AvatarWorldDataset(world, "test")
+    remade.shards = [{**shard, "sha256": "0" * 64} for shard in remade.shards]
+    with pytest.raises(DataError, match="holds the latents of an earlier"):
+        remade.cache_latents(encode, "mean-colour")
 
 
 def test_corrupted_shard_is_one_clear_error(world, tmp_path):

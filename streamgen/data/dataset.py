@@ -93,10 +93,16 @@ class AvatarWorldDataset(torch.utils.data.Dataset):
         for s, shard in enumerate(self.shards):
             path = _latent_path(self.root, name, shard["file"])
             if path.exists() and not overwrite:
+                encoded_from = _encoded_from(path)
+                if encoded_from is not None and shard.get("sha256") not in (None, encoded_from):
+                    raise DataError(
+                        f"{path} holds the latents of an earlier {shard['file']} (the dataset was made "
+                        f"again): delete {self.root / 'latents' / name} to encode this one"
+                    )
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
             reader = self._reader(s)
-            arrays = {}
+            arrays = {"shard_sha256": np.array(shard.get("sha256", ""))}  # what they were encoded from
             for i in range(shard["clips"]):
                 latent = encode_fn(reader._get(f"{i:04d}.video"))
                 if hasattr(latent, "detach"):
@@ -108,6 +114,12 @@ class AvatarWorldDataset(torch.utils.data.Dataset):
             tmp.write_bytes(buffer.getvalue())
             os.replace(tmp, path)
         return self.root / "latents" / name
+
+
+def _encoded_from(path: Path) -> str | None:
+    """The sha256 of the shard a latent file was encoded from (None: not recorded)."""
+    with np.load(path) as cached:
+        return str(cached["shard_sha256"]) or None if "shard_sha256" in cached.files else None
 
 
 def collate_clips(items: list[dict]) -> dict:
