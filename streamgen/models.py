@@ -361,11 +361,11 @@ def load_autoencoder(directory) -> VideoAutoencoder:
 
 def save_model(model: AvatarModel, directory, extra_meta: dict | None = None) -> None:
     """Write a model directory atomically enough for readers: weights first, model.json last."""
-    from safetensors.torch import save_file
+    from streamgen.model.files import save_safetensors
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.dit.state_dict().items()}, str(d / "dit.safetensors"))
+    save_safetensors({k: v.contiguous() for k, v in model.dit.state_dict().items()}, d / "dit.safetensors")
     model.vae.save(d)
     meta = {
         "name": model.name,

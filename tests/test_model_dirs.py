@@ -204,3 +204,30 @@ def test_the_latent_bank_of_a_wan_based_autoencoder_starts_at_the_last_frame_of_
     teacher.model.height = teacher.model.width = 64
     with pytest.raises(ConfigError, match="holds latents of 4x6, while model.height x model.width"):
         load_bank(teacher, None, (8, 8))
+
+
+def test_a_re_export_cut_short_leaves_the_previous_weights_whole(tmp_path, monkeypatch):
+    """save_file wrote over dit.safetensors in place: a kill or a full disk during a re-export left
+    a truncated file beside the old model.json, a directory that no longer loads."""
+    import safetensors.torch
+
+    from streamgen.models import save_model
+
+    model = load_model("debug")
+    save_model(model, tmp_path / "m")
+    before = (tmp_path / "m" / "dit.safetensors").read_bytes()
+    real = safetensors.torch.save_file
+
+    def cut_short(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(model, tmp_path / "m")
+    assert (tmp_path / "m" / "dit.safetensors").read_bytes() == before
+    assert not list((tmp_path / "m").glob(".*.tmp"))
+    monkeypatch.undo()
+    assert load_model(str(tmp_path / "m")).cfg == model.cfg

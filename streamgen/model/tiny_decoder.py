@@ -185,11 +185,11 @@ class TinyDecoder(nn.Module):
     def save(self, path) -> None:
         """The weights as safetensors, the config in its metadata: the shapes do not say which
         stages upsample in space."""
-        from safetensors.torch import save_file
+        from streamgen.model.files import save_safetensors
 
         config = json.dumps(dataclasses.asdict(self.cfg))
         state = {k: v.contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path), metadata={"tiny_decoder_config": config})
+        save_safetensors(state, path, metadata={"tiny_decoder_config": config})
 
 
 def config_from_state_dict(state: dict[str, torch.Tensor], **overrides) -> TinyDecoderConfig:

@@ -236,12 +236,12 @@ class TinyCausalVAE(VideoAutoencoder):
 
     # --- persistence -----------------------------------------------------------
     def save(self, directory) -> None:
-        from safetensors.torch import save_file
+        from streamgen.model.files import save_safetensors
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / "vae_config.json").write_text(json.dumps(self.config, indent=2))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(d / "vae.safetensors"))
+        save_safetensors({k: v.contiguous() for k, v in self.state_dict().items()}, d / "vae.safetensors")
 
     @classmethod
     def load(cls, directory) -> TinyCausalVAE:

@@ -174,10 +174,10 @@ def _is_avatar_key(key: str) -> bool:
 
 def save_pretrained(model: DiT, path) -> None:
     """Write our transformer as a diffusers-format Wan directory (avatar branches excluded)."""
-    from safetensors.torch import save_file
+    from streamgen.model.files import save_safetensors
 
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(diffusers_config(model.cfg), indent=2))
     sd = to_diffusers({k: v.contiguous() for k, v in model.state_dict().items()})
-    save_file(sd, str(d / "diffusion_pytorch_model.safetensors"))
+    save_safetensors(sd, d / "diffusion_pytorch_model.safetensors")
