@@ -234,8 +234,11 @@ class SessionRegistry:
         """The sessions past a limit, closed together: each teardown waits for its lane's worker
         (a chunk in progress), and one after another they held the others past their limits."""
         now, expired = time.monotonic(), []
+        down = self.host_down
         for session in list(self.sessions.values()):
-            if now - session.created > self.config.max_duration_s:
+            if down:  # the model process died: no session of it can stream again
+                expired.append((session, f"host_down: {down}"))
+            elif now - session.created > self.config.max_duration_s:
                 expired.append((session, f"max_duration: session reached {self.config.max_duration_s:.0f} s"))
             elif now - session.last_input > self.config.idle_timeout_s:
                 expired.append((session, f"idle: no input for {self.config.idle_timeout_s:.0f} s"))

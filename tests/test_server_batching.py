@@ -155,3 +155,8 @@ async def test_sessions_past_their_limits_are_closed_together_and_one_failure_st
     await registry.enforce_limits()
     assert most[0] == 3  # together
     assert sorted(closed) == [("s0", "idle"), ("s3", "idle")]  # s1 is not idle; s2 failed alone
+    # the model process died: the sessions left, streaming or not, can never stream again
+    registry.host = SimpleNamespace(down="the model process exited (code -9)")
+    closed.clear()
+    await registry.enforce_limits()
+    assert sorted(closed) == [(f"s{i}", "host_down") for i in (0, 1, 3)]
