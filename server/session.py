@@ -97,6 +97,11 @@ class AudioTimeline:
             end = max(self._cursors.values(), default=0)
         return max(0, end - self.taken) / SAMPLE_RATE
 
+    @property
+    def room_seconds(self) -> float:
+        """Seconds of audio the queue still takes after what is queued."""
+        return self.max_ahead / SAMPLE_RATE - self.queued_seconds
+
     def take_until(self, end: int) -> np.ndarray:
         """Samples [taken, end) for the model (silence where nothing arrived); advances `taken`."""
         with self._lock:

@@ -33,7 +33,7 @@ async def speak(session: Session, text: str, language: str = "en-us", variant: s
     voice.validate()
     if session.speaking:
         raise SpeechBusy("the previous speak is still being synthesised: send the next once it is answered")
-    room = session.timeline.max_ahead / 16000 - session.timeline.queued_seconds
+    room = session.timeline.room_seconds
     if len(text) / CHARS_PER_SECOND_AT_MOST > room:  # refused before its synthesis, not after
         raise SpeechError(
             f"speech queue is full: {room:.1f} s of room, too little for this text (interrupt to clear it)"
