@@ -2,9 +2,10 @@
 
 For the memory-bound ops (norms, residuals, RoPE, GELU) it reports the
 achieved bandwidth (minimum bytes read + written / time) and its fraction of
-the measured H200 copy rate (~4.3 TB/s; the copy rate of this device is
-measured too). For attention it reports GFLOP/s (4 * Lq * Lk * D per head,
-counting only the query/key pairs the mask allows).
+the measured H200 copy rate (~4.3 TB/s; this device's copy rate is measured
+too, 1 GiB each way and at the kernels' own size). For attention it reports
+GFLOP/s (4 * Lq * Lk * D per head, counting only the query/key pairs the mask
+allows).
 
 Shapes are those of Wan2.1-1.3B streaming at 832x480: a chunk of 3 latent
 frames of 30 x 52 = 1560 tokens, width 1536 = 12 heads x 128, MLP 8960, a
@@ -317,10 +318,19 @@ def _triton_functions(device):
 
 
 def _copy_rate(device, dtype, shapes, quick) -> dict:
-    src = torch.randn(shapes["batch"] * shapes["frames"] * 1560 * 1536 if not quick else 4096, device=device)
-    src = src.to(dtype)
-    dst = torch.empty_like(src)
-    return _measure(lambda: dst.copy_(src), (), 2 * _nbytes(src), None, device, quick)
+    """This device's copy rate, 1 GiB each way (far past any L2), with the rate of a copy the
+    size of one chunk's activation under "at_kernel_size": the like-for-like reference for the
+    fused kernels, since a ~14 MB copy is too short to reach the device's rate."""
+
+    def copy(numel: int) -> dict:
+        src = torch.randn(numel, device=device).to(dtype)
+        dst = torch.empty_like(src)
+        return _measure(lambda: dst.copy_(src), (), 2 * _nbytes(src), None, device, quick)
+
+    element_size = torch.empty((), dtype=dtype).element_size()
+    activation = shapes["batch"] * shapes["frames"] * math.prod(shapes["grid"]) * shapes["width"]
+    large = copy(4096 if quick else (1 << 30) // element_size)
+    return {**large, "at_kernel_size": copy(activation)}
 
 
 def run(

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from streamgen.kernels import reference
 
@@ -56,7 +57,16 @@ def test_cpu_quick_run_covers_every_kernel(bench):
         for kernel in ("sdpa:flash", "sdpa:math"):  # SDPA's own kernels, one at a time
             assert entry["backends"][kernel]["gflop_per_s"] > 0
             assert entry["backends"][kernel]["max_abs_err_vs_eager"] < 1e-4
-    assert result["copy"]["gb_per_s"] > 0
+    assert result["copy"]["gb_per_s"] > 0 and result["copy"]["at_kernel_size"]["gb_per_s"] > 0
+
+
+def test_the_device_copy_rate_is_measured_past_l2(bench, monkeypatch):
+    """The device's copy rate moves 1 GiB each way (an H200's 50 MB L2 cannot hold it); the
+    copy at the kernels' size (one chunk's activation, ~14 MB) is reported beside it."""
+    moved = []
+    monkeypatch.setattr(bench, "_measure", lambda fn, args, nbytes, *rest: moved.append(nbytes) or {})
+    result = bench._copy_rate(torch.device("meta"), torch.bfloat16, bench._shapes(False), quick=False)
+    assert moved == [2 * (1 << 30), 2 * 2 * 3 * 30 * 52 * 1536] and "at_kernel_size" in result
 
 
 def test_a_failing_kernel_is_reported_not_raised(bench, monkeypatch):
