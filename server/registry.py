@@ -92,7 +92,11 @@ class SessionRegistry:
         lane, stream = self.worker.take_lane(), None
         try:
             future = self.worker.submit(self._new_stream, reference, caption, seed, lane=lane)
-            stream = await asyncio.wrap_future(future)
+            try:
+                stream = await asyncio.wrap_future(future)
+            except asyncio.CancelledError:  # the caller left while the worker made the stream
+                future.add_done_callback(lambda made: self._close_unclaimed(made, lane))
+                raise
         except WorkerBusy as e:
             self._refuse(str(e), 1, "busy")
         except HostDown:  # it died just now; admit() refuses every later request
@@ -114,6 +118,16 @@ class SessionRegistry:
         # start the first chunk now: it is ready (or nearly) by the time a transport attaches
         session.preroll = asyncio.ensure_future(self._first_chunk(session))
         return session
+
+    def _close_unclaimed(self, made: concurrent.futures.Future, lane: int) -> None:
+        """A stream made for a create whose caller was cancelled (its client gone, or shutdown):
+        no session holds it, and a model process would keep it (and its cache) for good."""
+        if made.cancelled() or made.exception() is not None:
+            return
+        try:  # on the worker (this runs on whichever thread finished the future)
+            self.worker.submit(made.result().close, lane=lane, force=True)
+        except WorkerBusy:  # shutting down: the model process goes with it
+            pass
 
     async def _first_chunk(self, session: Session) -> None:
         try:

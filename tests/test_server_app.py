@@ -321,6 +321,41 @@ def test_a_closed_session_never_streams_again(client):
     assert registry.worker.streaming == 0
 
 
+def test_a_stream_made_for_a_cancelled_create_is_closed(client, monkeypatch):
+    """The caller of create left (its client gone, or shutdown) while the worker made the stream:
+    no session holds it, and a model process kept it and its cache for good."""
+    import asyncio
+    import threading
+
+    registry = client.app.state.registry
+    making, made, closed = threading.Event(), threading.Event(), threading.Event()
+
+    class Made:
+        def close(self):
+            closed.set()
+
+    def slow_new_stream(*args):  # worker thread
+        making.set()
+        made.wait(10)
+        return Made()
+
+    monkeypatch.setattr(registry, "_new_stream", slow_new_stream)
+    reference = np.zeros((64, 64, 3), np.uint8)
+
+    async def cancel_while_making():
+        task = asyncio.ensure_future(registry.create(reference, None, 0))
+        await asyncio.to_thread(making.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        made.set()
+        return await asyncio.to_thread(closed.wait, 10)
+
+    sessions_before = set(registry.sessions)
+    assert client.portal.call(cancel_while_making)
+    assert set(registry.sessions) == sessions_before
+
+
 def test_capacity_from_measured_chunk_time():
     from server.metrics import ServerMetrics
     from server.scheduler import InferenceWorker
