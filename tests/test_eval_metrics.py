@@ -67,3 +67,9 @@ def test_missing_evaluator_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "syncnet.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(EvaluatorError, match="unreadable evaluator checkpoint"):
         Evaluators(tmp_path)
+
+
+def test_the_reported_offset_is_one_some_clip_had():
+    from streamgen.eval.report import median_offset
+
+    assert median_offset([-3, 4]) == -3 and median_offset([2, 0, 1]) == 1 and median_offset([1, 1, 5, 5]) == 1
