@@ -30,7 +30,9 @@ it stops the service instead of risking a hang or wrong frames: a follower
 that fails exits, so torchrun ends the whole group, and rank 0 marks the host
 down when its own operation fails or a follower's outcome differs from its
 own; from then on every call raises `HostDown` and /healthz answers 503, for
-the supervisor to restart the service.
+the supervisor to restart the service. When rank 0's own operation fails it
+does not wait for the followers' outcomes: they may be inside a collective
+rank 0 never reached, which only the group's timeout would end.
 """
 
 from __future__ import annotations
@@ -114,6 +116,10 @@ class SequenceParallelHost:
         except Exception as e:
             error = e
         mine = outcome(error)
+        if error is not None and mine not in CLIENT_ERRORS:
+            # at once: the followers may wait in a collective this rank never reached, and would
+            # answer only when the group's timeout ends it (30 minutes on gloo)
+            self._fail(f"{op} failed on rank 0: {type(error).__name__}: {error}")
         for rank, conn in enumerate(self.followers, start=1):
             try:
                 theirs = conn.recv()
@@ -123,8 +129,6 @@ class SequenceParallelHost:
                 self._fail(f"{op}: rank 0 {describe(mine)}, rank {rank} {describe(theirs)}")
         if error is None:
             return result
-        if mine not in CLIENT_ERRORS:
-            self._fail(f"{op} failed on every rank: {type(error).__name__}: {error}")
         raise error
 
     def _fail(self, reason: str) -> NoReturn:

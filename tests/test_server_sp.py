@@ -220,19 +220,36 @@ def test_a_failure_on_one_follower_takes_the_host_down():
     host.stop()
 
 
-def test_a_failure_on_rank_0_alone_or_on_all_takes_the_host_down():
-    from server.model_host import HostDown
+def test_a_failure_on_rank_0_takes_the_host_down_without_waiting_for_the_followers():
+    """Rank 0 failed partway through a forward: the followers may wait in a collective it never
+    reached, and their outcomes would come only at the group's timeout (30 minutes on gloo)."""
+    import threading
 
-    host, _, _ = lockstep(ScriptedOps({"chunk": RuntimeError("oom")}), ScriptedOps())
-    with pytest.raises(HostDown, match="rank 0 raised RuntimeError, rank 1 succeeded"):
-        host.call("chunk", "id", None)
-    host.stop()
-    host, _, codes = lockstep(
-        ScriptedOps({"chunk": RuntimeError("oom")}), ScriptedOps({"chunk": RuntimeError("oom")})
+    from server.model_host import HostDown
+    from server.sp_host import SequenceParallelHost
+
+    for followers in ([ScriptedOps()], [ScriptedOps({"chunk": RuntimeError("oom")})]):
+        host, _, _ = lockstep(ScriptedOps({"chunk": RuntimeError("oom")}), *followers)
+        with pytest.raises(HostDown, match="chunk failed on rank 0: RuntimeError: oom"):
+            host.call("chunk", "id", None)
+        host.stop()
+
+    class InACollective:  # a follower that never answers
+        def send(self, message):
+            pass
+
+        def recv(self):
+            threading.Event().wait()
+
+    host = SequenceParallelHost(ScriptedOps({"chunk": RuntimeError("oom")}), [InACollective()])
+    failed = []
+    caller = threading.Thread(
+        target=lambda: failed.append(pytest.raises(HostDown, host.call, "chunk", "id", None))
     )
-    with pytest.raises(HostDown, match="failed on every rank: RuntimeError: oom"):
-        host.call("chunk", "id", None)
-    host.stop()
+    caller.daemon = True
+    caller.start()
+    caller.join(10)
+    assert failed and host.down
 
 
 def test_a_follower_that_vanished_takes_the_host_down():
