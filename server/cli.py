@@ -128,12 +128,12 @@ def run(args: argparse.Namespace) -> int:
         use_precision(None if args.dtype == "auto" else args.dtype, args.fp8)  # likewise
         use_cache_from(args.cache_from)
         use_compile("inductor" if args.compile else None)
+        if args.sp > 1:
+            from streamgen.parallel.launch import relaunch_under_torchrun
+
+            relaunch_under_torchrun(args.sp, device=args.device)  # does not return in the launcher
     except ValueError as e:
         raise UserError(str(e)) from None
-    if args.sp > 1:
-        from streamgen.parallel.launch import relaunch_under_torchrun
-
-        relaunch_under_torchrun(args.sp)  # does not return in the launching process
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("aiortc", "aioice", "PIL"):  # at debug they log every packet: enough to make streams late
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))

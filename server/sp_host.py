@@ -62,9 +62,7 @@ def load_sharded(model_name: str, device: str, threads: int | None, sp: int, hei
 
     if threads:
         torch.set_num_threads(threads)
-    init_process_group()
-    if device == "cuda":
-        device = f"cuda:{torch.cuda.current_device()}"
+    device = init_process_group(device)  # this rank's own GPU for a CUDA device
     model = load_model(model_name, device=device)
     mesh, mode = init_sequence_parallel(sp, model.cfg.num_heads)
     apply_sequence_parallel(model.dit, mesh, mode)

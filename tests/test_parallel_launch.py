@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch.distributed.run
@@ -15,6 +16,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 
 from streamgen.parallel import torchrun
 from streamgen.parallel.launch import choose_degrees, relaunch_under_torchrun, torchrun_command
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_torchrun_command_reruns_the_same_arguments_as_a_module():
@@ -36,6 +39,46 @@ def test_relaunch_returns_for_one_process_and_inside_a_worker(monkeypatch):
     relaunch_under_torchrun(1, ["--version"])  # would not return if it re-executed
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     relaunch_under_torchrun(2, ["--version"])
+
+
+def test_a_cpu_run_on_a_machine_with_gpus_uses_gloo_and_needs_no_gpus(monkeypatch):
+    """--sp N --device cpu where CUDA is available: no GPU count to meet, gloo, the model on the CPU;
+    --device cuda: NCCL, and each rank's own GPU (a model loaded onto "cuda" was on GPU 0 on every rank)."""
+    import torch.distributed as dist
+
+    from streamgen.parallel import launch
+
+    calls = []
+    monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(launch.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(launch.torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(launch.torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(launch.os, "execv", lambda *a: calls.append(("execv",)))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+
+    launch.relaunch_under_torchrun(2, ["--version"], device="cpu")
+    with pytest.raises(ValueError, match="--sp 2 needs 2 GPUs, this machine has 1"):
+        launch.relaunch_under_torchrun(2, ["--version"], device="cuda")
+    assert calls == [("execv",)]
+    calls.clear()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert launch.init_process_group("cpu") == "cpu" and calls == [("init", "gloo")]
+    calls.clear()
+    assert launch.init_process_group("cuda") == "cuda:1" and calls == [("set_device", 1), ("init", "nccl")]
+
+
+def test_generate_sp_on_gpus_it_lacks_is_one_line(capsys, monkeypatch):
+    from streamgen import cli
+    from streamgen.parallel import launch
+
+    monkeypatch.setattr(cli, "check_device", lambda name: None)  # as on a machine with one GPU
+    monkeypatch.setattr(launch.torch.cuda, "device_count", lambda: 1)
+    face, speech = ROOT / "streamgen/assets/sample_face.png", ROOT / "streamgen/assets/sample_speech.wav"
+    argv = ["generate", "--audio", str(speech), "--reference", str(face), "--sp", "2", "--device", "cuda"]
+    assert cli.main(argv) == 2
+    assert "--sp 2 needs 2 GPUs, this machine has 1" in capsys.readouterr().err
 
 
 def _launcher_env() -> dict[str, str]:

@@ -93,12 +93,14 @@ def run(args) -> int:
     try:
         use_attention_backend(args.attention)  # in the environment: torchrun's ranks inherit it
         use_precision(fp8=args.fp8)
+        if args.sp > 1:
+            from streamgen.parallel.launch import init_process_group, relaunch_under_torchrun
+
+            relaunch_under_torchrun(args.sp, device=args.device)  # does not return in the launcher
+            # before the model loads: each rank's "cuda" is its own GPU
+            args.device = init_process_group(args.device)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if args.sp > 1:
-        from streamgen.parallel.launch import relaunch_under_torchrun
-
-        relaunch_under_torchrun(args.sp)  # does not return in the launching process
 
     from tqdm import tqdm
 

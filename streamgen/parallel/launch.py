@@ -2,7 +2,8 @@
 processes once they run.
 
     # in a command's run(args), before anything heavy:
-    relaunch_under_torchrun(args.sp)          # returns at once when sp <= 1 or already a worker
+    relaunch_under_torchrun(args.sp, device=args.device)  # returns at once when sp <= 1 or in a worker
+    device = init_process_group(args.device)  # this rank's device: load the model onto it
     mesh, mode = init_sequence_parallel(args.sp, model.cfg.num_heads)
     apply_sequence_parallel(model, mesh, mode)
     if is_main_process(): write the output
@@ -12,8 +13,8 @@ processes once they run.
 `python -m streamgen.parallel.torchrun --standalone --nproc-per-node N -m streamgen.cli <same arguments>`
 (torchrun, ending quietly on Ctrl-C);
 the workers parse the same arguments, see that they are torchrun workers and
-carry on. One machine only (--standalone); NCCL when CUDA is available (one
-GPU per worker, by LOCAL_RANK), gloo on CPU.
+carry on. One machine only (--standalone); NCCL for a CUDA --device (one
+GPU per worker, by LOCAL_RANK), gloo for a CPU one.
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ def torchrun_command(nproc: int, argv: list[str] | None = None, module: str = "s
     ]
 
 
-def relaunch_under_torchrun(nproc: int, argv: list[str] | None = None, module: str = "streamgen.cli") -> None:
-    """Re-execute the current `streamgen` command under torchrun with `nproc` processes.
+def relaunch_under_torchrun(
+    nproc: int, argv: list[str] | None = None, module: str = "streamgen.cli", device: str = "cpu"
+) -> None:
+    """Re-execute the current `streamgen` command under torchrun with `nproc` processes, on
+    `device` (the command's --device: a CUDA one needs a GPU per process; ValueError otherwise).
 
     Does not return when it relaunches (the process is replaced; the exit code
     is torchrun's). Returns immediately when nproc <= 1 or when this process is
@@ -57,7 +61,7 @@ def relaunch_under_torchrun(nproc: int, argv: list[str] | None = None, module: s
     """
     if nproc <= 1 or is_torchrun_worker():
         return
-    if torch.cuda.is_available() and torch.cuda.device_count() < nproc:
+    if _uses_cuda(device) and torch.cuda.device_count() < nproc:
         raise ValueError(f"--sp {nproc} needs {nproc} GPUs, this machine has {torch.cuda.device_count()}")
     cmd = torchrun_command(nproc, argv, module)
     sys.stdout.flush()
@@ -97,28 +101,34 @@ def signals_end_the_process():
             signal.signal(s, handler)
 
 
-def init_process_group() -> None:
-    """In a torchrun worker: join the group (env:// rendezvous) unless joined already.
-    NCCL with one GPU per LOCAL_RANK when CUDA is available, gloo otherwise."""
-    if dist.is_initialized():
-        return
-    with signals_end_the_process():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
+def _uses_cuda(device: str) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def init_process_group(device: str = "cpu") -> str:
+    """In a torchrun worker: join the group (env:// rendezvous) unless joined already, for a
+    command on `device` (its --device): NCCL with one GPU per LOCAL_RANK for a CUDA device,
+    gloo otherwise (a CPU run on a machine with GPUs too). Returns this process's device, which
+    the model must be loaded onto (every rank's "cuda" is its own GPU, not GPU 0)."""
+    cuda = _uses_cuda(device)
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        with signals_end_the_process():
+            dist.init_process_group("nccl" if cuda else "gloo")
+    return f"cuda:{torch.cuda.current_device()}" if cuda else device
 
 
 def init_sequence_parallel(sp: int, num_heads: int, mode: str = "auto"):
-    """In a torchrun worker: init the process group and build the mesh for `mode`.
+    """In a torchrun worker, after `init_process_group`: build the mesh for `mode`.
 
     Returns (mesh_or_group, mode) for `apply_sequence_parallel`; mode "auto"
     picks ulysses, ring or hybrid by `choose_degrees`.
     """
     from streamgen.parallel.apply import sequence_parallel_mesh
 
-    init_process_group()
+    if not dist.is_initialized():
+        raise RuntimeError("init_process_group(device) first: the model is loaded onto the device it returns")
     world = dist.get_world_size()
     if world != sp:
         raise ValueError(f"--sp {sp} but torchrun started {world} processes")
