@@ -161,13 +161,15 @@ def make_wan_vae():
 
 @torch.no_grad()
 def decode_all(decoder, latents):
-    """Whole clip at once, and the same clip chunk by chunk through the stream state."""
+    """Whole clip at once, the same clip chunk by chunk through the stream state, and each row
+    of the batch as a stream of its own (`decode_streams`, how batched sessions decode)."""
     whole = decoder.decode(latents)
     state, parts = decoder.init_state(latents.shape[0]), []
     for i in range(0, latents.shape[2], VAE_CHUNK):
         frames, state = decoder.decode_stream(latents[:, :, i : i + VAE_CHUNK], state)
         parts.append(frames)
-    return whole, torch.cat(parts, dim=2)
+    streams, _ = decoder.decode_streams(latents, [decoder.init_state(1) for _ in range(latents.shape[0])])
+    return whole, torch.cat(parts, dim=2), streams
 
 
 def tiled_decode_errors(case) -> dict[str, float]:
@@ -176,12 +178,13 @@ def tiled_decode_errors(case) -> dict[str, float]:
     vae = make_vae()
     vae.load_state_dict(case["vae_state"])
     exact = TiledParallelDecoder(vae)
-    whole, streamed = decode_all(exact, case["latents"])
+    whole, streamed, streams = decode_all(exact, case["latents"])
     # one row less than the receptive field is visibly wrong: the halo is what makes tiles exact
-    short, _ = decode_all(TiledParallelDecoder(vae, halo=exact.halo - 1), case["latents"])
+    short, _, _ = decode_all(TiledParallelDecoder(vae, halo=exact.halo - 1), case["latents"])
     return {
         "whole": (whole - case["decoded"]).abs().max().item(),
         "streamed": (streamed - case["decoded"]).abs().max().item(),
+        "streams": (streams - case["decoded"]).abs().max().item(),
         "short_halo": (short - case["decoded"]).abs().max().item(),
         "halo": exact.halo,
     }
@@ -196,14 +199,15 @@ def wan_band_decode_errors(case) -> dict[str, float]:
     p, i = dist.get_world_size(), dist.get_rank()
     rows = latents.shape[-2] // p
     naive = gather_rows(make_wan_vae().decode(latents[..., i * rows : (i + 1) * rows, :]), dist.group.WORLD)
-    whole, streamed = decode_all(WanBandParallelDecoder(make_wan_vae()), latents)
+    whole, streamed, streams = decode_all(WanBandParallelDecoder(make_wan_vae()), latents)
     # the upsamplers at low resolution (WanVAE.upsample_phases) take their halo rows there
     phases_vae = make_wan_vae()
     phases_vae.upsample_phases = True
-    phases_whole, phases_streamed = decode_all(WanBandParallelDecoder(phases_vae), latents)
+    phases_whole, phases_streamed, _ = decode_all(WanBandParallelDecoder(phases_vae), latents)
     return {
         "whole": (whole - case["wan_decoded"]).abs().max().item(),
         "streamed": (streamed - case["wan_decoded"]).abs().max().item(),
+        "streams": (streams - case["wan_decoded"]).abs().max().item(),
         "bands_alone": (naive - case["wan_decoded"]).abs().max().item(),
         "upsample_phases_whole": (phases_whole - case["wan_decoded"]).abs().max().item(),
         "upsample_phases_streamed": (phases_streamed - case["wan_decoded"]).abs().max().item(),
@@ -284,10 +288,10 @@ def run_parallel(tmp_path, world) -> list[dict]:
             references[key] = other
     vae = make_vae()
     latents = torch.randn(2, 4, 3, 8, 6, generator=torch.Generator().manual_seed(2))  # 8 rows: 4 or 2 each
-    decoded, streamed = decode_all(vae, latents)
+    decoded, streamed, _ = decode_all(vae, latents)
     assert (decoded - streamed).abs().max() <= TOL  # the decoder is causal single-process too
     wan_latents = torch.randn(2, 4, 4, 8, 6, generator=torch.Generator().manual_seed(3))
-    wan_decoded, wan_streamed = decode_all(make_wan_vae(), wan_latents)
+    wan_decoded, wan_streamed, _ = decode_all(make_wan_vae(), wan_latents)
     assert (wan_decoded - wan_streamed).abs().max() <= TOL
     assert (wan_decoded.abs() < 0.99).float().mean() > 0.9  # not saturated by the clamp: a real comparison
     case_path = str(tmp_path / "case.pt")
@@ -346,6 +350,7 @@ def test_tiled_vae_decode_equals_single_process(parallel_results):
     for r in parallel_results:
         assert r["vae"]["halo"] == 4
         assert r["vae"]["whole"] <= TOL and r["vae"]["streamed"] <= TOL, r["vae"]
+        assert r["vae"]["streams"] <= TOL, r["vae"]
         assert r["vae"]["short_halo"] > 1e-4, r["vae"]
 
 
@@ -354,6 +359,7 @@ def test_wan_vae_band_decode_equals_single_process(parallel_results):
     """Whole-frame attention and 3x3 convolutions split into bands exactly, chunk by chunk too."""
     for r in parallel_results:
         assert r["wan_vae"]["whole"] <= TOL and r["wan_vae"]["streamed"] <= TOL, r["wan_vae"]
+        assert r["wan_vae"]["streams"] <= TOL, r["wan_vae"]
         assert r["wan_vae"]["bands_alone"] > 1e-3, r["wan_vae"]  # the exchange is what makes it exact
         assert r["wan_vae"]["upsample_phases_whole"] <= TOL, r["wan_vae"]
         assert r["wan_vae"]["upsample_phases_streamed"] <= TOL, r["wan_vae"]

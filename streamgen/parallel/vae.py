@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from streamgen.model.upsample import UpsampleConv2d
-from streamgen.model.vae import ResBlock2d
+from streamgen.model.vae import ResBlock2d, VideoAutoencoder
 
 
 def decoder_receptive_radius(vae) -> float:
@@ -97,6 +97,9 @@ class _ParallelDecoder:
     def __getattr__(self, name):
         if name == "vae":  # not set yet: no recursion
             raise AttributeError(name)
+        if name.startswith("decode"):  # the wrapped one's decodes the whole frame (or wrongly, once
+            # its convolutions are split into bands): each decode the wrapper has is its own
+            raise AttributeError(f"{type(self).__name__} has no {name}")
         return getattr(self.vae, name)
 
     def band_rows(self, height: int) -> tuple[int, int]:
@@ -115,6 +118,9 @@ class _ParallelDecoder:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         frames, _ = self.decode_stream(latents, self.init_state(latents.shape[0]))
         return frames
+
+    # several streams (batched sessions): one by one, each through this decode_stream
+    decode_streams = VideoAutoencoder.decode_streams
 
 
 class TiledParallelDecoder(_ParallelDecoder):
