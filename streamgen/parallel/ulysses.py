@@ -57,8 +57,8 @@ def heads_to_sequence(x: torch.Tensor, tokens_per_frame: int, group) -> torch.Te
 def ulysses_attend(attn, group, inner_attention, q, k, v, k_raw, mask, tokens_per_frame, *cache_args):
     """Replacement for `SelfAttention.attend` (bound with functools.partial).
 
-    q/k/v (and k_raw on ring writes) travel in one all-to-all, concatenated on
-    the head dim; the cache (H/P heads) and the attention run on the full
+    q/k/v (and k_raw on ring writes) travel in one all-to-all, side by side on
+    the last dim (each head's pieces together); the cache (H/P heads) and the attention run on the full
     sequence of this process's heads; `inner_attention` is `kernels.attention`
     (pure Ulysses) or ring attention over the other mesh dimension (hybrid).
     cache_args: (cache, cache_op, ring_filled, ring_index, write_only), passed through. A
