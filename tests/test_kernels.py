@@ -214,3 +214,20 @@ def test_flash_backend_takes_what_flash_attn_can_serve_and_routes_the_rest(monke
     blocks = (torch.tensor([1, 1, 1, 2, 2, 2]), torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2]))
     attention_backends.flash_attention(*bf16, block_mask_frames=blocks, tokens_per_frame=1)
     assert routed == ["triton"] and calls == [torch.bfloat16]
+
+
+def test_fp8_attention_takes_the_reference_when_forced_or_traced(monkeypatch):
+    """STREAMGEN_KERNELS=reference is the references everywhere (an A/B of the kernels), FP8
+    attention's too; and a graph torch.compile traces gets the traceable reference."""
+    from streamgen import kernels
+    from streamgen.kernels import attention_backends
+
+    monkeypatch.setattr(kernels, "_TRITON_ON_CPU", True)  # as if on a GPU with the kernel
+    monkeypatch.setattr(attention_backends, "_triton_attention", lambda: "the kernel")
+    q = torch.randn(1, 4, 2, 8)
+    assert attention_backends.fp8_ops(q, q, q) == "the kernel"
+    monkeypatch.setattr(kernels, "_FORCE_REFERENCE", True)
+    assert attention_backends.fp8_ops(q, q, q) is attention_backends.reference
+    monkeypatch.setattr(kernels, "_FORCE_REFERENCE", False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert attention_backends.fp8_ops(q, q, q) is attention_backends.reference

@@ -243,10 +243,15 @@ def _warn_no_fp8_attention(why: str) -> None:
 def fp8_ops(q, k, v):
     """Where FP8 attention of these inputs runs: the module whose `quantize_fp8_attention` and
     `fp8_attention_quantized` serve it (`triton_attention` on sm_89+, and under the interpreter in
-    tests; `reference`, the numerics emulated, on CPUs), or None where SDPA serves instead
+    tests; `reference`, the numerics emulated, on CPUs, under STREAMGEN_KERNELS=reference and
+    while torch.compile traces), or None where SDPA serves instead
     (calls that need gradients; GPUs without FP8 tensor cores or without Triton, with a warning)."""
     if needs_autograd(q, k, v):  # inference only: training differentiates through SDPA
         return None
+    if kernels._FORCE_REFERENCE or torch.compiler.is_compiling():
+        # STREAMGEN_KERNELS=reference: the references everywhere, this one too (an A/B of the
+        # kernel); in a traced graph, the traceable reference, as `kernels._use_triton` does
+        return reference
     ops = _triton_attention()
     if q.is_cuda:
         if ops is None:
