@@ -85,6 +85,34 @@ def test_load_pretrained_directory_and_round_trip(tmp_path):
     assert torch.allclose(reloaded(x, t, ctx).sample, ref(x, t, ctx).sample, atol=1e-6)
 
 
+def test_load_pretrained_builds_no_second_model(tmp_path, monkeypatch):
+    """The checkpoint's tensors become the weights, in the dtype asked for; only the avatar
+    branches (which Wan lacks) are made anew, with their output zero, and trainable. A whole
+    float32 DiT beside the checkpoint was ~3x Wan-14B's 56 GB at the peak."""
+    from streamgen.model import model as model_module
+
+    ref = tiny_wan(seed=4)
+    ref.save_pretrained(tmp_path / "wan", safe_serialization=True)
+    built_on = []
+    dit_init = model_module.DiT.__init__
+
+    def recording_init(self, cfg):
+        built_on.append(torch.get_default_device().type)
+        dit_init(self, cfg)
+
+    monkeypatch.setattr(model_module.DiT, "__init__", recording_init)
+    ours = load_pretrained(tmp_path / "wan", dtype=torch.bfloat16).eval()
+    assert built_on == ["meta"]
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    assert all(p.requires_grad and not p.is_meta for p in ours.parameters())
+    assert all(b.audio_attn.o.weight.abs().max() == 0 for b in ours.blocks)
+    assert ours.audio_encoder is not None and any(p.abs().max() > 0 for p in ours.audio_encoder.parameters())
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        got = ours(x.bfloat16(), t, ctx.bfloat16()).float()
+    assert (got - ref(x, t, ctx).sample).abs().max().item() <= 0.1  # bf16 weights, same model
+
+
 def test_bad_checkpoints_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_pretrained(tmp_path)

@@ -185,12 +185,18 @@ class Block(nn.Module):
         self.cross_attn = CrossAttention(d, d, cfg.num_heads, cfg.eps, cfg.attn_backend)
         self.audio_attn = None
         if cfg.audio:
-            self.audio_norm = nn.LayerNorm(d, eps=cfg.eps)
-            self.audio_attn = CrossAttention(d, cfg.audio_dim, cfg.num_heads, cfg.eps, cfg.attn_backend)
-            # zero output: a loaded Wan checkpoint behaves exactly as before fine-tuning
-            nn.init.zeros_(self.audio_attn.o.weight)
-            nn.init.zeros_(self.audio_attn.o.bias)
+            self.audio_norm, self.audio_attn = self.new_audio_branch(cfg)
         self.ffn = FeedForward(d, cfg.ffn_dim)
+
+    @staticmethod
+    def new_audio_branch(cfg: ModelConfig) -> tuple[nn.LayerNorm, CrossAttention]:
+        """(norm, cross-attention) to the audio tokens, the output zero: a loaded Wan checkpoint
+        (which has no audio branch) behaves exactly as before fine-tuning."""
+        norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        attn = CrossAttention(cfg.dim, cfg.audio_dim, cfg.num_heads, cfg.eps, cfg.attn_backend)
+        nn.init.zeros_(attn.o.weight)
+        nn.init.zeros_(attn.o.bias)
+        return norm, attn
 
     def attention_shift_scale(self, e):
         """(shift, scale) [B, F, D] of the norm before self-attention, from the timestep projection."""
