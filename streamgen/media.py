@@ -84,6 +84,18 @@ def from_time_zero(frames: np.ndarray, pts: float, fps: int = 25) -> np.ndarray:
     return np.concatenate([np.repeat(frames[:1], lead, axis=0), frames])
 
 
+def output_path(path) -> Path:
+    """Where a file written to `path` goes: the file a symlink names (a rename over the link
+    replaced the link), refused where something other than a regular file is there (a rename
+    over /dev/null replaced the device with an MP4)."""
+    path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
+    if path.exists() and not path.is_file():
+        raise MediaError(f"{path} is not a regular file (a directory, a device, a pipe): give a file to write")
+    return path
+
+
 class Mp4Writer:
     """H.264 (yuv420p) + AAC, written to `path.part` and renamed on close, so a
     crashed or interrupted run never leaves a file that looks complete."""
@@ -91,7 +103,7 @@ class Mp4Writer:
     def __init__(self, path, width: int, height: int, fps: int = 25, audio_rate: int | None = SAMPLE_RATE):
         import av
 
-        self.path = Path(path)
+        self.path = output_path(path)
         self.tmp = self.path.with_name(self.path.name + ".part")
         self.container = av.open(str(self.tmp), mode="w", format="mp4")
         self.video = self.container.add_stream("libx264", rate=fps)

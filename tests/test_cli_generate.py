@@ -68,6 +68,25 @@ def test_an_output_that_cannot_be_written_is_refused_before_generating(tmp_path,
     assert list(tmp_path.iterdir()) == []  # no stray .part file either
 
 
+def test_an_output_that_is_not_a_regular_file_is_left_alone(tmp_path, capsys):
+    """The MP4 is written beside the output and renamed over it: over a device (`--out /dev/null`)
+    or a pipe that replaced the device with a file; over a symlink it replaced the link."""
+    import os
+    import stat
+
+    pipe = tmp_path / "pipe.mp4"
+    os.mkfifo(pipe)
+    assert main(["generate", "--model", "debug", "--out", str(pipe), "--quiet"]) == 2
+    assert "is not a regular file" in capsys.readouterr().err and stat.S_ISFIFO(pipe.lstat().st_mode)
+    target, link = tmp_path / "real.mp4", tmp_path / "link.mp4"
+    target.write_bytes(b"an older video")
+    link.symlink_to(target)
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, 16000, 0.3)
+    assert main(["generate", "--model", "debug", "--audio", str(wav), "--out", str(link), "--quiet"]) == 0
+    assert link.is_symlink() and target.read_bytes()[4:8] == b"ftyp"  # the link's file is the MP4
+
+
 def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys):
     """`--device cuda` without CUDA was torch's AssertionError, raised from deep inside the model load."""
     out = str(tmp_path / "x.mp4")

@@ -68,7 +68,7 @@ def run(args) -> int:
     import time
 
     from streamgen.cli import UserError, check_device
-    from streamgen.media import MediaError, Mp4Writer, from_time_zero, read_audio, read_image
+    from streamgen.media import MediaError, Mp4Writer, from_time_zero, output_path, read_audio, read_image
 
     # before any relaunch: a bad file is one clear error, not one per process
     try:
@@ -77,10 +77,14 @@ def run(args) -> int:
     except MediaError as e:
         raise UserError(str(e)) from None
     out = Path(args.out)
-    if not out.parent.is_dir():
-        raise UserError(f"output directory does not exist: {out.parent}")
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give the file to write, e.g. {out / 'avatar.mp4'}")
+    try:
+        out = output_path(out)
+    except MediaError as e:
+        raise UserError(f"--out {e}") from None
+    if not out.parent.is_dir():
+        raise UserError(f"output directory does not exist: {out.parent}")
     try:  # now, not after the whole stream (the writer opens its file at the first frame)
         part = out.with_name(out.name + ".part")
         part.touch()
