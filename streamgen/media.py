@@ -92,7 +92,9 @@ def output_path(path) -> Path:
     if path.is_symlink():
         path = path.resolve()
     if path.exists() and not path.is_file():
-        raise MediaError(f"{path} is not a regular file (a directory, a device, a pipe): give a file to write")
+        raise MediaError(
+            f"{path} is not a regular file (a directory, a device, a pipe): give a file to write"
+        )
     return path
 
 
