@@ -87,6 +87,24 @@ def test_an_output_that_is_not_a_regular_file_is_left_alone(tmp_path, capsys):
     assert link.is_symlink() and target.read_bytes()[4:8] == b"ftyp"  # the link's file is the MP4
 
 
+@pytest.mark.parametrize(
+    "make_bad",
+    [
+        lambda p: p.write_bytes(b"\x89PNG\r\n not a checkpoint"),  # unpickling failed
+        lambda p: p.with_suffix(".safetensors").write_bytes(b"\xff" * 16) or p.with_suffix(".safetensors"),
+        lambda p: p.mkdir() or p,  # a folder
+        lambda p: __import__("torch").save({"w": __import__("torch").zeros(2)}, p),  # other weights
+    ],
+)
+def test_a_bad_tiny_decoder_is_one_line(tmp_path, make_bad, capsys):
+    bad = tmp_path / "decoder.pth"
+    bad = make_bad(bad) or bad
+    argv = ["generate", "--model", "debug", "--tiny-decoder", str(bad), "--out", str(tmp_path / "x.mp4")]
+    assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys):
     """`--device cuda` without CUDA was torch's AssertionError, raised from deep inside the model load."""
     out = str(tmp_path / "x.mp4")

@@ -161,6 +161,15 @@ class TinyDecoder(nn.Module):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no tiny decoder checkpoint at {path}")
+        if not path.is_file():
+            raise ValueError(f"{path} is not a file (a tiny decoder checkpoint: .pth or .safetensors)")
+        try:
+            return cls._from_file(path, overrides)
+        except Exception as e:  # unpickling, safetensors' header, foreign keys or shapes
+            raise ValueError(f"{path} is not a tiny decoder checkpoint: {type(e).__name__}: {e}") from e
+
+    @classmethod
+    def _from_file(cls, path: Path, overrides: dict) -> TinyDecoder:
         saved = None  # the config `save` wrote beside the weights
         if path.suffix == ".safetensors":
             from safetensors import safe_open
