@@ -35,15 +35,20 @@ def add_dtype_option(parser: argparse.ArgumentParser, flag: str, help: str) -> N
     parser.add_argument(flag, choices=SESSION_DTYPES, default="auto", help=help)
 
 
+MAX_FRAME_SIZE = 4096  # 3x past Wan's largest side (1280): a typo, not a video, beyond it
+
+
 def frame_size(text: str) -> int:
     """argparse type of a frame height, width or square size: a positive multiple of 16 (the
-    autoencoders' downsampling times the DiT's 2x2 patches)."""
+    autoencoders' downsampling times the DiT's 2x2 patches), at most MAX_FRAME_SIZE."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
     if value < 16 or value % 16:
         raise argparse.ArgumentTypeError(f"{value} is not a positive multiple of 16")
+    if value > MAX_FRAME_SIZE:
+        raise argparse.ArgumentTypeError(f"{value} is larger than {MAX_FRAME_SIZE} pixels")
     return value
 
 

@@ -449,6 +449,9 @@ def test_a_precision_is_chosen_for_every_model_loaded_without_one():
             "argument --size: 0 is not a positive",
         ),
         (["data", "preview", "--size", "8"], "argument --size: 8 is not a positive multiple of 16"),
+        # (generate: 0 was the model's default size, 100000 ran out of memory)
+        (["generate", "--height", "0"], "argument --height: 0 is not a positive multiple of 16"),
+        (["generate", "--width", "100000"], "argument --width: 100000 is larger than 4096"),
     ],
 )
 def test_a_frame_size_that_cannot_be_generated_is_refused_in_one_line(argv, says, capsys):
