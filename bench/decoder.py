@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from streamgen.cli import frame_size
+from streamgen.cli import frame_size, positive_int
 from streamgen.cpu_threads import codec_threads, intra_op_threads
 from streamgen.media import read_image
 from streamgen.model.upsample import UpsampleConv2d
@@ -280,8 +280,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-avatar")
     p.add_argument("--sizes", type=frame_size, nargs="+", default=[128, 192, 256], help="square frame sizes")
     p.add_argument("--latent-frames", type=int, default=None, help="per chunk (default: the model's)")
-    p.add_argument("--rounds", type=int, default=7, help="timed decodes per variant, alternating")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--rounds", type=positive_int, default=7, help="timed decodes per variant, alternating")
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)"
+    )
     p.add_argument(
         "--compile", action="store_true", help="also time the fp32 and bf16 decoders under torch.compile"
     )
@@ -291,12 +293,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="also time this model's decoder on the same latents (e.g. a narrower one)",
     )
-    p.add_argument("--batch", type=int, default=1, help="streams decoded together (a server's batch)")
+    p.add_argument(
+        "--batch", type=positive_int, default=1, help="streams decoded together (a server's batch)"
+    )
 
 
 def main(args) -> dict:
-    if args.batch < 1:
-        raise SystemExit(f"--batch must be at least 1, not {args.batch}")
+    from streamgen.cli import UserError
+    from streamgen.models import require_model
+
+    try:  # before anything is measured (--against too)
+        for model in filter(None, (args.model, args.against)):
+            require_model(model)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
     result = run(
         args.model, args.sizes, args.latent_frames, args.rounds, args.threads, args.compile, args.against,
         args.batch,

@@ -444,19 +444,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-avatar")
     p.add_argument("--height", type=frame_size, default=128)
     p.add_argument("--width", type=frame_size, default=128)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--chunks", type=int, default=20, help="timed chunks")
-    p.add_argument("--context", type=int, default=21, help="latent frames of context for cache_speedup")
+    p.add_argument("--steps", type=positive_int, default=4)
+    p.add_argument("--chunks", type=positive_int, default=20, help="timed chunks")
+    p.add_argument(
+        "--context", type=positive_int, default=21, help="latent frames of context for cache_speedup"
+    )
     p.add_argument(
         "--teacher-frames",
-        type=int,
+        type=positive_int,
         default=21,
         help="latent frames of the clip (Wan: 81 frames = 21 latent)",
     )
     p.add_argument(
-        "--sweep", type=frame_size, nargs="*", default=(), help="also measure everything at these square sizes"
+        "--sweep",
+        type=frame_size,
+        nargs="*",
+        default=(),
+        help="also measure everything at these square sizes",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)"
+    )
     p.add_argument(
         "--batch-sessions",
         type=positive_int,
@@ -490,6 +498,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> dict:
+    from streamgen.cli import UserError
+    from streamgen.models import require_model
+
+    try:  # a name or directory that is no model: one line, before anything is measured
+        require_model(args.model)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
     result = run(
         args.model,
         args.height,

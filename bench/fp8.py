@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+from streamgen.cli import positive_int
 from streamgen.kernels import reference as kernel_references
 from streamgen.model.float8 import KEEP_IN_DTYPE, float8_layers, float8_linears
 from streamgen.models import load_model
@@ -154,7 +155,7 @@ def plot(result: dict, path) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-avatar")
-    p.add_argument("--chunks", type=int, default=12)
+    p.add_argument("--chunks", type=positive_int, default=12)
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--plot", help="write the difference per chunk to this PNG")
 
@@ -162,8 +163,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> dict:
     from streamgen.cli import UserError
 
-    if args.chunks < 1:
-        raise UserError("--chunks must be at least 1")
     try:
         result = run(args.model, args.chunks, tuple(args.variants))
     except (FileNotFoundError, ValueError) as e:

@@ -302,9 +302,16 @@ def _load(name_or_path: str, device, dtype, seed: int, **cfg_overrides) -> Avata
         vae = TinyCausalVAE(latent_channels=cfg.in_channels, temporal_factor=cfg.temporal_compression)
         size = 64 if flavor == "debug" else 128
         return AvatarModel(name_or_path, dit.to(device, dtype).eval(), vae.to(device).eval(), size, size)
-    raise FileNotFoundError(
-        f"unknown model {name_or_path!r}: not a model directory and not one of {', '.join(available_models())}"
-    )
+    require_model(name_or_path)
+
+
+def require_model(name_or_path: str) -> None:
+    """FileNotFoundError, saying what there is, unless `name_or_path` names a model `load_model` loads
+    (a check before a long job, which would otherwise fail only where it loads it)."""
+    if resolve_model_dir(name_or_path) is None and name_or_path.removesuffix("-teacher") not in FLAVORS:
+        raise FileNotFoundError(
+            f"unknown model {name_or_path!r}: not a model directory and not one of {', '.join(available_models())}"
+        )
 
 
 def _load_dir(d: Path, device, dtype, **cfg_overrides) -> AvatarModel:

@@ -449,6 +449,11 @@ def test_a_precision_is_chosen_for_every_model_loaded_without_one():
             "argument --size: 0 is not a positive",
         ),
         (["data", "preview", "--size", "8"], "argument --size: 8 is not a positive multiple of 16"),
+        # counts of 0 were a ZeroDivisionError, ValueError or min() of nothing, after loading the model
+        (["bench", "engine", "--chunks", "0"], "argument --chunks: '0' is not a positive whole"),
+        (["bench", "engine", "--teacher-frames", "0"], "argument --teacher-frames: '0' is not a positive"),
+        (["bench", "decoder", "--rounds", "0"], "argument --rounds: '0' is not a positive whole"),
+        (["bench", "fp8", "--chunks", "-1"], "argument --chunks: '-1' is not a positive whole"),
         # (generate: 0 was the model's default size, 100000 ran out of memory)
         (["generate", "--height", "0"], "argument --height: 0 is not a positive multiple of 16"),
         (["generate", "--width", "100000"], "argument --width: 100000 is larger than 4096"),
@@ -462,3 +467,32 @@ def test_a_frame_size_that_cannot_be_generated_is_refused_in_one_line(argv, says
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (
+            ["bench", "engine", "--plot", "no/such/folder/x.png"],
+            "--plot: the folder no/such/folder does not exist",
+        ),
+        (["bench", "fp8", "--plot", "."], "--plot . is a directory"),
+        (["bench", "engine", "--model", "nonexistent"], "unknown model 'nonexistent'"),
+        (["bench", "decoder", "--against", "nonexistent"], "unknown model 'nonexistent'"),
+    ],
+)
+def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, capsys, monkeypatch):
+    """A --plot that cannot be written failed after the whole benchmark, its JSON lost; an unknown
+    model was a traceback."""
+    import bench.decoder
+    import bench.engine
+    import bench.fp8
+
+    def measured(*args, **kwargs):
+        raise AssertionError("the benchmark ran")
+
+    for module in (bench.engine, bench.decoder, bench.fp8):
+        monkeypatch.setattr(module, "run", measured)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+from pathlib import Path
 
 BENCHMARKS = {
     "engine": ("bench.engine", "StreamSession fps/latency, cache and teacher speedups on this machine"),
@@ -42,6 +44,20 @@ def add_arguments(p) -> None:
     )
 
 
+def _check_plot(path, UserError) -> None:
+    """--plot where a PNG can be written, checked before the benchmark: it is written last, and
+    a folder that is not there lost every measurement after tens of minutes."""
+    if not path:
+        return
+    plot, folder = Path(path), Path(path).parent
+    if plot.is_dir():
+        raise UserError(f"--plot {plot} is a directory; give the PNG to write, e.g. {plot / 'plot.png'}")
+    if not folder.is_dir():
+        raise UserError(f"--plot: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"--plot: cannot write in {folder}")
+
+
 def run(args) -> int:
     import logging
 
@@ -58,6 +74,7 @@ def run(args) -> int:
     parser.add_argument("--json", action="store_true", help="print the JSON object on one line, no logs")
     mod.add_arguments(parser)
     opts = parser.parse_args(args.options)
+    _check_plot(getattr(opts, "plot", None), UserError)
     if opts.json:
         logging.disable(logging.WARNING)
     result = mod.main(opts)
