@@ -35,12 +35,14 @@ def test_each_variant_is_compared_with_float32_chunk_by_chunk(tmp_path):
 def test_command_line_refuses_no_chunks_and_unknown_variants(capsys):
     from streamgen.cli import main  # in this process (the JSON below comes from a fresh one)
 
-    assert main(["bench", "fp8", "--json", "--model", "debug", "--chunks", "0"]) == 2
-    out, err = capsys.readouterr()
-    assert "--chunks must be at least 1" in err and out == ""
-    with pytest.raises(SystemExit) as exited:  # argparse's own refusal
-        main(["bench", "fp8", "--json", "--model", "debug", "--variants", "float16"])
-    assert exited.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    for bad, says in (
+        (["--chunks", "0"], "'0' is not a positive whole"),
+        (["--variants", "float16"], "invalid choice"),
+    ):
+        with pytest.raises(SystemExit) as exited:  # argparse's own refusal
+            main(["bench", "fp8", "--json", "--model", "debug", *bad])
+        out, err = capsys.readouterr()
+        assert exited.value.code == 2 and says in err and out == ""
 
 
 def test_command_line_prints_json():
