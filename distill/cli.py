@@ -22,6 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue from the newest checkpoint in run.out"
     )
     parser.add_argument("--out", help="override run.out")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable), e.g. --set data.root=data/mine",
+    )
     parser.add_argument("--steps", type=positive_int, help="override run.steps")
 
 
@@ -34,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from streamgen.cli import UserError
 
     try:
-        cfg = load_config(find_config(args.config, args.stage), args.stage)
+        cfg = load_config(find_config(args.config, args.stage), args.stage, args.sets)
         if args.out:
             cfg.run.out = args.out
         if args.steps is not None:

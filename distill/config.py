@@ -257,7 +257,9 @@ def _check_type(value, hint, where: str):
     raise ConfigError(f"{where}: expected {names}, got {value!r}{hint}")
 
 
-def load_config(path: str | Path, stage: str) -> TrainConfig:
+def load_config(path: str | Path, stage: str, sets: list[str] | tuple = ()) -> TrainConfig:
+    """The config of `stage` in the YAML file at `path`, with `sets` ("SECTION.KEY=VALUE", the
+    value read as YAML, e.g. run.out=runs/x or model.overrides.window_frames=6) over it."""
     import yaml
 
     path = Path(path)
@@ -276,6 +278,9 @@ def load_config(path: str | Path, stage: str) -> TrainConfig:
     file_stage = raw.pop("stage", stage)
     if file_stage != stage:
         raise ConfigError(f"{path} is a config for stage {file_stage!r}, not {stage!r}")
+    _apply_sets(raw, sets)
+    if sets:  # kept with the checkpoints' config text: what the run was made of
+        text += "".join(f"\n# --set {item}" for item in sets) + "\n"
     sections = {"run", "data", "model", "optim", stage}
     unknown = [k for k in raw if k not in sections]
     if unknown:
@@ -301,6 +306,25 @@ def load_config(path: str | Path, stage: str) -> TrainConfig:
         raise ConfigError(f"{path}: {e}") from None
     _validate(cfg, path)
     return cfg
+
+
+def _apply_sets(raw: dict, sets) -> None:
+    import yaml
+
+    for item in sets:
+        key, sep, value = item.partition("=")
+        names = key.split(".")
+        if not sep or len(names) < 2 or not all(names):
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. run.out=runs/mine")
+        node = raw
+        for depth, name in enumerate(names[:-1]):
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(names[: depth + 1])} is not a section")
+        try:
+            node[names[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from None
 
 
 # The values a field may take, by field name (the names mean the same in every section):

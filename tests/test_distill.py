@@ -39,6 +39,56 @@ def test_every_shipped_config_loads():
         assert cfg.stage == stage
 
 
+def test_set_overrides_config_values_and_is_kept_with_the_config(tmp_path):
+    p = write(tmp_path, "stage: ode\nrun: {out: runs/a, steps: 10}\nmodel: {overrides: {window_frames: 6}}\n")
+    sets = [
+        "run.out=runs/b",
+        "model.overrides.window_frames=2",
+        "data.root=data/mine",
+        "optim.betas=[0.0, 0.9]",
+    ]
+    cfg = load_config(p, "ode", sets)
+    assert cfg.run.out == "runs/b" and cfg.run.steps == 10 and cfg.data.root == "data/mine"
+    assert cfg.model.overrides == {"window_frames": 2} and list(cfg.optim.betas) == [0.0, 0.9]
+    assert "# --set run.out=runs/b" in cfg.source  # the checkpoints' record of the config
+    for bad, says in (
+        ("run=3", "expected SECTION.KEY=VALUE"),
+        ("run.out", "expected SECTION.KEY=VALUE"),
+        ("run.out.x=1", "run.out is not a section"),
+        ("run.stpes=3", r"run\.stpes \(did you mean run\.steps\?\)"),
+        ("optim.lr=-1", "optim.lr"),
+    ):
+        with pytest.raises(ConfigError, match=says):
+            load_config(p, "ode", [bad])
+
+
+def test_the_makefile_carries_runs_and_data_into_every_stage():
+    """`make model RUNS=... DATA=...` made the data there, then trained from data/world into
+    runs/tiny-avatar (the configs' paths) while make waited on files under RUNS."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = Path(__file__).resolve().parents[1]
+    plan = subprocess.run(
+        ["make", "-n", "-B", "model", "results", "RUNS=/elsewhere/runs", "DATA=/elsewhere/data"],
+        cwd=root, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    stages = [line for line in plan.replace("\\\n", " ").splitlines() if "distill" in line]
+    assert len(stages) >= 9, plan
+    assert "runs/tiny-avatar" not in plan and "data/world" not in plan, plan
+    for line in stages:
+        if " latents " in line or "--config" in line:
+            assert "--set data.root=/elsewhere/data" in line and "--set run.out=/elsewhere/runs/" in line, (
+                line
+            )
+    # every path a stage reads from another: what the configs name under runs/tiny-avatar
+    for stage, key in (("ode", "ode.teacher"), ("chunk", "chunk.teacher"), ("teacher", "model.vae")):
+        assert any(f"distill {stage} " in line and f"--set {key}=/elsewhere/runs/" in line for line in stages)
+
+
 def test_unknown_keys_are_named_with_a_suggestion(tmp_path):
     p = write(tmp_path, "stage: teacher\noptim: {lr: 1.0e-3, warmpu: 10}\n")
     with pytest.raises(ConfigError, match=r"optim\.warmpu \(did you mean optim\.warmup\?\)"):
