@@ -322,9 +322,20 @@ def _apply_sets(raw: dict, sets) -> None:
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {'.'.join(names[: depth + 1])} is not a section")
         try:
-            node[names[-1]] = yaml.safe_load(value)
+            node[names[-1]] = _number_or(yaml.safe_load(value))
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+
+
+def _number_or(value):
+    """A command line's 1e-4 is a number (YAML 1.1 reads it as text without a decimal point)."""
+    if isinstance(value, str):
+        for number in (int, float):
+            try:
+                return number(value)
+            except ValueError:
+                pass
+    return value
 
 
 # The values a field may take, by field name (the names mean the same in every section):
