@@ -47,7 +47,8 @@ def test_set_overrides_config_values_and_is_kept_with_the_config(tmp_path):
         "data.root=data/mine",
         "optim.betas=[0.0, 0.9]",
     ]
-    cfg = load_config(p, "ode", sets)
+    cfg = load_config(p, "ode", [*sets, "optim.lr=1e-4"])
+    assert cfg.optim.lr == 1e-4  # (YAML alone reads 1e-4 as text)
     assert cfg.run.out == "runs/b" and cfg.run.steps == 10 and cfg.data.root == "data/mine"
     assert cfg.model.overrides == {"window_frames": 2} and list(cfg.optim.betas) == [0.0, 0.9]
     assert "# --set run.out=runs/b" in cfg.source  # the checkpoints' record of the config
