@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -65,6 +67,23 @@ def positive_int(text: str) -> int:
 
 class UserError(Exception):
     """An error the user caused (bad file, bad argument): printed as one line, exit code 2."""
+
+
+def output_folder(path, flag: str = "--out") -> Path:
+    """The folder a command writes into, made now: a file in its way is one line before the
+    work, not a NotADirectoryError when its results are written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{flag} {path} is a file, not a folder") from None
+    except NotADirectoryError:
+        raise UserError(f"{flag} {path}: a file is in its way (a folder of that path is a file)") from None
+    except OSError as e:
+        raise UserError(f"{flag}: cannot make {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{flag}: cannot write in {path}")
+    return path
 
 
 def check_device(name: str) -> None:

@@ -116,3 +116,25 @@ def test_autoencoder_roundtrip_keeps_length_and_range():
     video = (np.random.default_rng(0).random((10, 64, 64, 3)) * 255).astype(np.uint8)  # not a multiple of 4
     out = autoencoder_roundtrip("tiny-avatar")(video)
     assert out.shape == video.shape and out.dtype == np.uint8
+
+
+def test_an_out_folder_with_a_file_in_its_way_is_one_line_before_the_work(tmp_path, capsys, monkeypatch):
+    """eval wrote report.json into a file after the whole evaluation (NotADirectoryError); data
+    preview made its clips first."""
+    from streamgen.data import world
+    from streamgen.eval import report
+
+    def worked(*args, **kwargs):
+        raise AssertionError("the work ran")
+
+    monkeypatch.setattr(report, "evaluate", worked)
+    monkeypatch.setattr(world, "make_clip", worked)
+    a_file = tmp_path / "x.mp4"
+    a_file.write_bytes(b"")
+    for argv, says in (
+        (["eval", "--model", "ground-truth", "--clips", "1", "--out", str(a_file)], "is a file, not a folder"),
+        (["data", "preview", "--clips", "1", "--out", str(a_file / "sub")], "a file is in its way"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streamgen.cli import UserError
+    from streamgen.cli import UserError, output_folder
 
     from .shards import DataError
     from .speech import SpeechError
@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.data_command == "make":
             return _make(args)
+        output_folder(args.out)  # before the clips are made
         return _preview(args)
     except (DataError, SpeechError) as e:
         raise UserError(str(e)) from None
@@ -100,7 +101,6 @@ def _preview(args) -> int:
     if not clips:
         raise_empty(args)
     factor = max(1, 128 // clips[0][0].shape[1])
-    args.out.mkdir(parents=True, exist_ok=True)
     rows = [upscale(np.concatenate([ref[None], video]), factor) for video, _, ref in clips]
     save_png(args.out / "contact_sheet.png", contact_sheet(rows))
     video = upscale(np.concatenate([v for v, _, _ in clips]), factor)

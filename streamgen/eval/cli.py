@@ -52,10 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streamgen.cli import UserError, check_device
+    from streamgen.cli import UserError, check_device, output_folder
 
     if args.out is None:
         raise UserError("--out is required")
+    output_folder(args.out)
     if args.clips is not None and args.clips < 1:
         raise UserError("--clips must be at least 1")
     if args.minutes is not None and not args.minutes * 60 * 25 >= 2:  # (nan too)
