@@ -18,6 +18,11 @@ class MediaError(ValueError):
     pass
 
 
+# below it a file holds no speech to lip-sync (telephone speech is 8 kHz): a mistake, named as one
+# (a 7 Hz file resampled to nothing and was called empty)
+MIN_AUDIO_RATE = 4000
+
+
 def read_audio(path, rate: int = SAMPLE_RATE, max_seconds: float = 3600.0) -> np.ndarray:
     """Decode any audio file PyAV reads, resampled once to `rate` Hz mono float32 in [-1, 1]."""
     import av
@@ -29,6 +34,10 @@ def read_audio(path, rate: int = SAMPLE_RATE, max_seconds: float = 3600.0) -> np
         with av.open(str(path)) as container:
             if not container.streams.audio:
                 raise MediaError(f"{path} has no audio stream")
+            source_rate = container.streams.audio[0].codec_context.sample_rate
+            if source_rate and source_rate < MIN_AUDIO_RATE:
+                raise MediaError(f"{path}: a sample rate of {source_rate} Hz is too low for speech "
+                                 f"(at least {MIN_AUDIO_RATE} Hz)")  # fmt: skip
             resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
             parts, total = [], 0
             for frame in container.decode(audio=0):

@@ -120,6 +120,13 @@ def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "e" / "report.json").exists()
 
 
+def test_audio_at_a_rate_too_low_for_speech_is_named(tmp_path, capsys):
+    wav = tmp_path / "low.wav"
+    write_wav(wav, 7, 3.0)  # was "contains no audio samples"
+    assert main(["generate", "--model", "debug", "--audio", str(wav), "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "a sample rate of 7 Hz is too low for speech" in capsys.readouterr().err
+
+
 def test_empty_audio_is_an_error(tmp_path):
     wav = tmp_path / "empty.wav"
     write_wav(wav, 16000, 0.0)
