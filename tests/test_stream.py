@@ -151,7 +151,9 @@ def test_the_caption_encoder_loads_without_a_progress_bar():
     import sys
 
     code = "from streamgen.model.text import embed_sentences; embed_sentences(['smiling'])"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert "Loading weights" not in run.stderr + run.stdout
 
 
