@@ -131,9 +131,11 @@ def test_an_out_folder_with_a_file_in_its_way_is_one_line_before_the_work(tmp_pa
     monkeypatch.setattr(world, "make_clip", worked)
     a_file = tmp_path / "x.mp4"
     a_file.write_bytes(b"")
+    truth = ["eval", "--model", "ground-truth", "--clips", "1"]
     for argv, says in (
-        (["eval", "--model", "ground-truth", "--clips", "1", "--out", str(a_file)], "is a file, not a folder"),
+        ([*truth, "--out", str(a_file)], "is a file, not a folder"),
         (["data", "preview", "--clips", "1", "--out", str(a_file / "sub")], "a file is in its way"),
+        ([*truth, "--data", "d", "--out", str(tmp_path / "e")], "--data is for train-evaluators"),
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err

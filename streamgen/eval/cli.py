@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--minutes must give a stream of at least two frames (0.08 s: 0.0014 minutes)")
     if args.action == "train-evaluators":
         return _train(args)
+    if args.data is not None:  # (it was ignored: the clips came from the world, made on the fly)
+        raise UserError("--data is for train-evaluators; eval makes its clips from the world (--split)")
     if not args.model:
         raise UserError("--model is required (a model name or path, or 'ground-truth')")
     check_device(args.device)
