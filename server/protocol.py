@@ -55,11 +55,17 @@ class CloseCode(IntEnum):
     INTERNAL = 4500
 
 
+def close_reason(text: str) -> str:
+    """`text` cut to the 123 bytes of UTF-8 a close frame's reason may hold (cut at 120
+    characters, a reason that repeats a client's emoji broke the close: no frame, a traceback)."""
+    return text.encode()[:123].decode("utf-8", "ignore")
+
+
 class ProtocolError(Exception):
     def __init__(self, code: CloseCode, reason: str):
         super().__init__(reason)
         self.code = code
-        self.reason = reason[:120]  # close reasons are limited to 123 bytes
+        self.reason = close_reason(reason)
 
 
 def pack(kind: MsgType, seq: int, pts_seconds: float, payload: bytes) -> bytes:

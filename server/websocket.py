@@ -21,7 +21,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from .model_host import HostDown
-from .protocol import CloseCode, MsgType, ProtocolError, pack, parse_binary, parse_control
+from .protocol import CloseCode, MsgType, ProtocolError, close_reason, pack, parse_binary, parse_control
 from .registry import SessionEnded, SessionRegistry
 from .scheduler import WorkerBusy
 from .session import Session
@@ -71,7 +71,7 @@ def _bearer(header: str | None) -> str | None:
 
 async def _refuse(ws: WebSocket, code: CloseCode, reason: str) -> None:
     log.info("websocket refused: %d %s", code, reason)
-    await ws.close(int(code), reason)
+    await ws.close(int(code), close_reason(reason))
 
 
 class SocketConnection:
@@ -247,7 +247,7 @@ class SocketConnection:
             return
         self.close_sent = True
         try:
-            await asyncio.wait_for(self.ws.close(int(code), reason[:120]), timeout=2.0)
+            await asyncio.wait_for(self.ws.close(int(code), close_reason(reason)), timeout=2.0)
         except (TimeoutError, RuntimeError, ConnectionError, WebSocketDisconnect):
             pass
 

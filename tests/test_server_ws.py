@@ -67,6 +67,19 @@ def test_bad_control_messages(text, code):
     assert e.value.code == code
 
 
+def test_a_close_reason_fits_a_close_frame_whatever_the_client_sent():
+    """Reasons that repeat a client's text were cut at 120 characters: over 123 bytes of UTF-8
+    with emoji, and the server sent no close frame at all (uvicorn: "control frame too long")."""
+    from server.protocol import close_reason
+
+    emoji = "\U0001f600"
+    for text in (json.dumps({"type": emoji * 40}), json.dumps({"type": "start", "format": emoji * 40})):
+        with pytest.raises(ProtocolError) as e:
+            parse_control(text)
+        assert len(e.value.reason.encode()) <= 123 and e.value.reason.startswith(("unknown", "start"))
+    assert close_reason("a" * 200) == "a" * 123 and close_reason(emoji * 40) == emoji * 30
+
+
 def test_start_defaults():
     msg = parse_control('{"type": "start"}')
     assert msg["format"] == "jpeg" and msg["flow"] == "latest" and msg["sample_rate"] == 16000
@@ -101,7 +114,7 @@ def test_fuzz_control_parser(text):
     try:
         msg = parse_control(text)
     except ProtocolError as e:
-        assert 4000 <= e.code < 5000 and e.reason
+        assert 4000 <= e.code < 5000 and e.reason and len(e.reason.encode()) <= 123
     else:
         assert msg["type"] in ("start", "speak", "caption", "interrupt", "credit", "ping", "stop")
 
@@ -245,13 +258,14 @@ def test_bad_messages_close_with_a_code(client, messages, code):
     assert s["id"] not in client.app.state.registry.sessions
 
 
-@pytest.mark.parametrize("which, code", [("unknown", 4404), ("missing", 4401), ("wrong", 4403)])
+@pytest.mark.parametrize("which, code", [("unknown", 4404), ("missing", 4401), ("wrong", 4403), ("emoji", 4404)])
 def test_refused_connections(client, which, code):
     s = new_session(client)
     url = {"unknown": "/v1/sessions/nope/stream?token=x", "missing": s["stream"],
-           "wrong": stream_url(s, "wrong")}[which]  # fmt: skip
+           "wrong": stream_url(s, "wrong"), "emoji": "/v1/sessions/" + "\U0001f600" * 40 + "/stream"}[which]  # fmt: skip
     with client.websocket_connect(url) as ws:
-        assert expect_close(ws)[0] == code
+        got, reason = expect_close(ws)
+    assert got == code and len(reason.encode()) <= 123
     client.delete(s["resource"], headers={"Authorization": f"Bearer {s['token']}"})
 
 
