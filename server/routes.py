@@ -113,6 +113,8 @@ def _session_params(fields: dict, has_reference: bool) -> tuple[str, str | None,
     if seed is not None:
         # an integer, or its decimal digits (form fields are text); not 1.5, not true
         if isinstance(seed, str) and re.fullmatch(r"-?[0-9]+", seed.strip()):
+            if len(seed.strip().lstrip("-").lstrip("0")) > 10:  # (int() of 4300 digits or more raises)
+                raise ApiError(422, "bad_seed", "seed must be in [0, 2**31)")
             seed = int(seed)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ApiError(422, "bad_seed", "seed must be an integer")

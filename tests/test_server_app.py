@@ -149,6 +149,7 @@ def test_oversized_upload(client):
         ({"data": {"avatar": "ada"}, "files": {"reference": ("f.png", png_bytes(), "image/png")}}, 422),
         ({"json": {"seed": "--5"}}, 422),  # these two were 500s: int() of what passed for digits
         ({"data": {"seed": "\u00b2"}, "files": {"reference": ("f.png", png_bytes(), "image/png")}}, 422),
+        ({"json": {"seed": "9" * 5000}}, 422),  # a 500: int() refuses 4300 digits and more
         ({"content": b"[" * 100_000 + b"]" * 100_000, "headers": {"content-type": "application/json"}}, 400),
         ({"json": [1, 2]}, 400),
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400),
