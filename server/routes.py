@@ -307,7 +307,7 @@ async def control(session_id: str, request: Request):
     """Control a streaming session over HTTP (WebRTC clients): the WebSocket's JSON messages
     `speak`, `caption`, `interrupt` / `clear`."""
     from .protocol import ProtocolError, parse_control
-    from .speech import SpeechBusy, SpeechError, set_caption, speak
+    from .speech import SpeechBusy, SpeechError, SpeechForEndedSession, set_caption, speak
 
     registry: SessionRegistry = request.app.state.registry
     session = require_session(request, session_id)
@@ -323,6 +323,8 @@ async def control(session_id: str, request: Request):
             duration = await speak(session, msg["text"], msg.get("language", "en-us"), msg.get("variant"))
         except SpeechBusy as e:
             raise ApiError(429, "busy", str(e), headers={"Retry-After": "1"}) from None
+        except SpeechForEndedSession as e:
+            raise ApiError(404, "not_found", str(e)) from None
         except SpeechError as e:
             raise ApiError(422, "bad_speech", str(e)) from None
         return {"type": "speaking", "duration": round(duration, 3)}

@@ -26,9 +26,14 @@ class SpeechBusy(SpeechError):
     """The session's previous speak is still being synthesised."""
 
 
+class SpeechForEndedSession(SpeechError):
+    """The session ended while its speech was synthesised: nothing was queued."""
+
+
 async def speak(session: Session, text: str, language: str = "en-us", variant: str | None = None) -> float:
     """Queue `text` as speech on the session; returns its duration in seconds. SpeechError for bad
-    input, SpeechBusy while the session's previous speak is still being synthesised."""
+    input, SpeechBusy while the session's previous speak is still being synthesised,
+    SpeechForEndedSession when the session ended meanwhile."""
     voice = Voice(language=language, variant=variant)
     voice.validate()
     if session.speaking:
@@ -43,8 +48,8 @@ async def speak(session: Session, text: str, language: str = "en-us", variant: s
         utterance = await asyncio.get_running_loop().run_in_executor(_synthesis, synthesize, text, voice)
     finally:
         session.speaking = False
-    if session.closed:
-        return 0.0
+    if session.closed:  # (answered "speaking" for a session DELETEd during the synthesis)
+        raise SpeechForEndedSession(f"session ended: {session.close_reason}")
     dropped = session.timeline.append(utterance.audio, source="speech", whole=True)
     if dropped:
         raise SpeechError(

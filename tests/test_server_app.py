@@ -693,3 +693,22 @@ async def test_one_speak_at_a_time_per_session_and_a_text_too_long_is_refused_be
     assert await first == 0.1 and not session.speaking
     with pytest.raises(speech.SpeechError, match="too little for this text"):
         await speech.speak(session, "word " * 200)  # ~70 s of speech for 30 s of room
+
+
+def test_speak_on_a_session_deleted_during_its_synthesis_is_a_404(client, monkeypatch):
+    """It was 200 {"type": "speaking", "duration": 0.0}, as if the speech had been queued."""
+    from types import SimpleNamespace
+
+    from server import speech
+
+    s = new_session(client)
+    registry = client.app.state.registry
+    session = registry.get(s["id"])
+
+    def deleted_meanwhile(text, voice):
+        client.portal.call(registry.close, session, "deleted by client")
+        return SimpleNamespace(audio=np.zeros(1600, np.float32), duration=0.1)
+
+    monkeypatch.setattr(speech, "synthesize", deleted_meanwhile)
+    r = client.post(s["resource"] + "/control", json={"type": "speak", "text": "Hello."}, headers=auth(s["token"]))
+    assert r.status_code == 404 and "deleted by client" in r.json()["message"]
