@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from streamgen.media import upright_rgb
+
 SAMPLE_FACE = Path(__file__).resolve().parent.parent / "streamgen" / "assets" / "sample_face.png"
 WORLD_IDENTITIES = {"ada": 3, "bo": 7, "cleo": 11, "dev": 19}  # avatar-world identity ids
 AVATAR_SIZE = 256
@@ -62,7 +64,8 @@ def decode_reference(data: bytes, max_pixels: int) -> np.ndarray:
         raise ReferenceImageError(422, "reference image is empty")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            if im.format not in ("PNG", "JPEG", "WEBP", "BMP", "GIF"):
+            # MPO: a JPEG with more pictures after the first (cameras' and phones' portrait shots)
+            if im.format not in ("PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF"):
                 raise ReferenceImageError(415, f"reference image format {im.format} is not supported")
             w, h = im.size
             if w * h > max_pixels:
@@ -72,7 +75,7 @@ def decode_reference(data: bytes, max_pixels: int) -> np.ndarray:
             if min(w, h) < 8:
                 raise ReferenceImageError(422, f"reference image is {w}x{h}; it must be at least 8x8")
             im.load()
-            return np.asarray(im.convert("RGB"))
+            return upright_rgb(im)
     except ReferenceImageError:
         raise
     except UnidentifiedImageError:

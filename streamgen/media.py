@@ -74,13 +74,21 @@ def read_image(path_or_bytes) -> np.ndarray:
         with Image.open(src) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise MediaError(f"{name} is too large ({im.width}x{im.height} pixels)")
-            return np.asarray(im.convert("RGB"))
+            return upright_rgb(im)
     except MediaError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise MediaError(f"{name} is too large to decode safely: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise MediaError(f"cannot read image {name}: {e}") from None
+
+
+def upright_rgb(im) -> np.ndarray:
+    """A PIL image as uint8 RGB [H, W, 3], turned as its EXIF orientation says (a phone's portrait
+    is stored sideways with a tag to turn it: without it the face came out lying down)."""
+    from PIL import ImageOps
+
+    return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
 def from_time_zero(frames: np.ndarray, pts: float, fps: int = 25) -> np.ndarray:

@@ -712,3 +712,24 @@ def test_speak_on_a_session_deleted_during_its_synthesis_is_a_404(client, monkey
     monkeypatch.setattr(speech, "synthesize", deleted_meanwhile)
     r = client.post(s["resource"] + "/control", json={"type": "speak", "text": "Hello."}, headers=auth(s["token"]))
     assert r.status_code == 404 and "deleted by client" in r.json()["message"]
+
+
+def test_phone_photos_are_taken_upright_and_multi_picture_jpegs_accepted(tmp_path):
+    """A portrait stored sideways with an EXIF orientation came out lying down; an MPO (a JPEG
+    with a second picture: cameras' and phones' portrait shots) was refused with 415."""
+    from server.avatars import decode_reference
+    from streamgen.media import read_image
+
+    stored = Image.new("RGB", (80, 40), "white")  # stored 80 wide and 40 high, shown 40 x 80
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to view
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", exif=exif)
+    (tmp_path / "portrait.jpg").write_bytes(buf.getvalue())
+    assert decode_reference(buf.getvalue(), 1 << 24).shape == (80, 40, 3)
+    assert read_image(tmp_path / "portrait.jpg").shape == (80, 40, 3)  # (generate --reference)
+    mpo = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(mpo, format="MPO", save_all=True, append_images=[Image.new("RGB", (64, 48))])
+    assert Image.open(io.BytesIO(mpo.getvalue())).format == "MPO"
+    picture = decode_reference(mpo.getvalue(), 1 << 24)
+    assert picture.shape == (48, 64, 3) and picture[..., 0].mean() > 200  # the first picture
