@@ -107,7 +107,11 @@ class TrickleIce:
         self.etag = f'"{secrets.token_urlsafe(12)}"'
         self._ufrag = ice_ufrag(offer_sdp)
         self._bundle = bundle_tag(offer_sdp)
+        self._mids = {
+            line[len("a=mid:") :].strip() for line in offer_sdp.splitlines() if line.startswith("a=mid:")
+        }
         self.candidates = offer_sdp.count("a=candidate:")  # the offer's and those added since
+        self.ended = False  # the player sent a=end-of-candidates
 
     def matches(self, if_match: str) -> bool:
         """Whether an `If-Match` header names this ICE session (or any: `*`)."""
@@ -119,6 +123,14 @@ class TrickleIce:
         Returns how many it added."""
         if frag.ufrag is not None and self._ufrag is not None and frag.ufrag != self._ufrag:
             raise IceRestart(frag.ufrag)
+        # refused, not dropped: the ICE agent takes neither without a word (and they were counted)
+        if self.ended and frag.candidates:
+            raise FragmentError(
+                "candidates after a=end-of-candidates: the player said there would be no more"
+            )
+        unknown = sorted({mid for mid, _ in frag.candidates if mid is not None and mid not in self._mids})
+        if unknown:
+            raise FragmentError(f"a=mid:{unknown[0]} is not a media section of the offer")
         if self.candidates + len(frag.candidates) > MAX_CANDIDATES:
             raise FragmentError(f"a session takes at most {MAX_CANDIDATES} ICE candidates, offer included "
                                 f"({self.candidates} so far, {len(frag.candidates)} more sent)")  # fmt: skip
@@ -142,4 +154,5 @@ class TrickleIce:
                 raise result
         if frag.end:
             await self.pc.addIceCandidate(None)
+            self.ended = True
         return len(frag.candidates)

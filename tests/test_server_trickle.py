@@ -254,3 +254,21 @@ async def test_a_fragments_candidates_are_resolved_together_then_ended():
     assert peer.added[-1] is None  # end-of-candidates after every candidate was added
     assert sorted(peer.added[:-1]) == sorted([("0", "192.0.2.1"), ("0", "198.51.100.2"), ("0", "192.0.2.1")]
                                              + [("0", n.split()[4]) for n in names])  # fmt: skip
+
+
+async def test_candidates_the_ice_agent_would_drop_unsaid_are_refused():
+    """After a=end-of-candidates, or under a mid the offer does not have, aiortc drops a candidate
+    without a word: the PATCH was a 204, and the candidate counted against the session's limit."""
+    from server.trickle import FragmentError, TrickleIce
+
+    peer = SlowResolvingPeer()
+    trickle = TrickleIce(peer, FRAGMENT)  # the offer: mids 0 and 1
+    unknown_mid = "a=mid:7\na=candidate:9 1 udp 2122260223 192.0.2.9 50009 typ host\n"
+    with pytest.raises(FragmentError, match="a=mid:7 is not a media section of the offer"):
+        await trickle.add(parse_fragment(unknown_mid))
+    assert peer.added == [] and trickle.candidates == 3
+    await trickle.add(parse_fragment(FRAGMENT))  # ... then a=end-of-candidates
+    late = "a=mid:0\na=candidate:9 1 udp 2122260223 192.0.2.9 50009 typ host\n"
+    with pytest.raises(FragmentError, match="after a=end-of-candidates"):
+        await trickle.add(parse_fragment(late))
+    assert peer.added[-1] is None and trickle.candidates == 6
