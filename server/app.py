@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .avatars import ReferenceImageError, avatar_image, decode_reference
 from .config import ServerConfig
@@ -101,6 +102,15 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
         log.info("%s %s -> %d %s: %s", request.method, request.url.path, e.status, e.error, e.message)
         body = {"error": e.error, "message": e.message, **e.extra}
         return JSONResponse(body, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        """Routing's own errors in the API's shape (they were FastAPI's {"detail": "Not Found"})."""
+        error, message = {
+            404: ("not_found", f"nothing at {request.url.path[:80]}"),
+            405: ("method_not_allowed", f"{request.method} is not allowed on {request.url.path[:80]}"),
+        }.get(e.status_code, ("http_error", str(e.detail)))
+        return JSONResponse({"error": error, "message": message}, status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(AdmissionError)
     async def refused(request: Request, e: AdmissionError):

@@ -733,3 +733,15 @@ def test_phone_photos_are_taken_upright_and_multi_picture_jpegs_accepted(tmp_pat
     assert Image.open(io.BytesIO(mpo.getvalue())).format == "MPO"
     picture = decode_reference(mpo.getvalue(), 1 << 24)
     assert picture.shape == (48, 64, 3) and picture[..., 0].mean() > 200  # the first picture
+
+
+def test_routing_errors_have_the_api_error_shape(client):
+    """docs/api.md: every error is {"error", "message"}; unknown paths and methods were FastAPI's
+    {"detail": "Not Found"}."""
+    for r, status, error in (
+        (client.get("/v1/nothing"), 404, "not_found"),
+        (client.get("/no-such-page.html"), 404, "not_found"),  # (the web client's static files)
+        (client.delete("/v1/avatars"), 405, "method_not_allowed"),
+    ):
+        assert r.status_code == status and r.json()["error"] == error and r.json()["message"], r.text
+    assert "GET" in client.delete("/v1/avatars").headers["allow"]
