@@ -27,6 +27,9 @@ HEADER = struct.Struct("<BBHIq")
 SAMPLE_RATE = 16000
 MAX_AUDIO_MESSAGE_BYTES = SAMPLE_RATE * 2 * 2  # two seconds of PCM16 per message
 MAX_TEXT_MESSAGE_CHARS = 8192
+# what the WebSocket transport takes in one message (uvicorn's ws_max_size; its default, 16 MiB, let
+# a client make the server buffer that much before the protocol's 4413): past it, closed with 1009
+MAX_WEBSOCKET_MESSAGE_BYTES = 4 * MAX_AUDIO_MESSAGE_BYTES
 MAX_SPEAK_CHARS = 1000
 MAX_CREDIT = 10_000
 

@@ -12,6 +12,7 @@ import torch
 
 from server.app import create_app
 from server.config import ServerConfig
+from server.protocol import MAX_WEBSOCKET_MESSAGE_BYTES
 
 
 @lru_cache(maxsize=1)
@@ -74,7 +75,8 @@ def live_server(**overrides):
     app = make_app(**overrides)
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=3)
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=3,
+                       ws_max_size=MAX_WEBSOCKET_MESSAGE_BYTES)  # as `serve` runs it # fmt: skip
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import struct
@@ -372,3 +373,24 @@ def test_fuzz_socket_other_session_unaffected(client, messages):
         assert len(frames) == 3
         good.send_text(json.dumps({"type": "stop"}))
     assert client.get("/healthz").status_code == 200
+
+
+async def test_the_transport_refuses_a_message_far_past_the_protocol_s_largest():
+    """uvicorn's default took 16 MiB in one message, buffered before the protocol could say 4413."""
+    import httpx
+    import websockets
+    from server_helpers import live_server
+
+    from server.protocol import MAX_WEBSOCKET_MESSAGE_BYTES
+
+    with live_server(max_sessions=1) as (url, app):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            s = (await http.post("/v1/sessions", json={})).json()
+        ws_url = url.replace("http", "ws") + f"{s['stream']}?token={s['token']}"
+        async with websockets.connect(ws_url, max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start"}))
+            await ws.send(b"\x00" * (MAX_WEBSOCKET_MESSAGE_BYTES + 1024))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 20)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009  # message too big
