@@ -67,9 +67,11 @@ def full_tensor(t):
 
 
 def shard_like(full: torch.Tensor, like):
-    """A full tensor cut into the same shards as `like` (a DTensor), or itself."""
+    """A full tensor cut into the same shards as `like` (a DTensor), or itself on `like`'s device
+    and in its dtype (a checkpoint's tensors load on the CPU: an EMA left there failed the first
+    update of a resumed GPU run)."""
     if not isinstance(like, DTensor):
-        return full
+        return full.to(device=like.device, dtype=like.dtype)
     return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements)
 
 

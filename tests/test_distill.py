@@ -407,3 +407,19 @@ def test_a_nan_gradient_behind_a_finite_loss_stops_the_update(grad_clip):
     with pytest.raises(NonFiniteLoss, match="gradient"):
         updater.update(loss)
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_a_resumed_ema_lives_where_its_module_does():
+    """A checkpoint's tensors load on the CPU; the EMA stayed there, and a resumed GPU run's first
+    update failed (the meta device stands in for the GPU here)."""
+    from distill.config import OptimConfig
+    from distill.distributed import World
+    from distill.trainer import Updater
+
+    cfg = OptimConfig(lr=1e-3, ema=0.9)
+    saved = Updater("m", torch.nn.Linear(3, 3), cfg, World())
+    saved.update(saved.module(torch.ones(2, 3)).square().mean())
+    tensors, meta = saved.state()
+    resumed = Updater("m", torch.nn.Linear(3, 3, device="meta"), cfg, World())
+    resumed.load_state({k: v.cpu() for k, v in tensors.items()}, meta, "ckpt")
+    assert {v.device.type for v in resumed.ema.values()} == {"meta"}
