@@ -15,21 +15,21 @@ from pathlib import Path
 
 
 def ship(source: str, name: str, assets: Path | None = None) -> Path:
+    """The model directory `source` as NAME, its autoencoder as it loads (the Wan VAE, or a tiny
+    decoder beside it, too: shipping TinyCausalVAE alone dropped the one and failed on the other)."""
     from distill.build import export_model, load_dit
-    from streamgen.model.vae import TinyCausalVAE
-    from streamgen.models import MODELS_DIR, resolve_model_dir
+    from streamgen.models import MODEL_META_DEFAULTS, MODELS_DIR, load_autoencoder, resolve_model_dir
 
     src = resolve_model_dir(source)
     if src is None:
-        raise FileNotFoundError(f"{source} is not a model directory")
+        raise FileNotFoundError(f"{source} is not a model directory (no model.json)")
     meta = json.loads((src / "model.json").read_text())
-    extra = {
-        k: v for k, v in meta.items() if k not in ("name", "config", "height", "width", "shift", "steps")
-    }
+    run = {key: meta.get(key, default) for key, default in MODEL_META_DEFAULTS.items()}
+    extra = {k: v for k, v in meta.items() if k not in ("name", "config", *run)}
     dst = (assets or MODELS_DIR) / name
     export_model(
-        load_dit(str(src)), TinyCausalVAE.load(src), dst, name, meta["height"], meta["width"],
-        meta["shift"], meta["steps"], {**extra, "trained_from": str(source)}, compact=True,
+        load_dit(str(src)), load_autoencoder(src), dst, name, run["height"], run["width"], run["shift"],
+        run["steps"], {**extra, "trained_from": str(source)}, compact=True,
     )  # fmt: skip
     return dst
 
@@ -39,7 +39,10 @@ def main(argv=None) -> int:
     p.add_argument("source", help="trained model directory (a stage's OUT/model)")
     p.add_argument("name", help="model name, e.g. tiny-avatar")
     args = p.parse_args(argv)
-    dst = ship(args.source, args.name)
+    try:
+        dst = ship(args.source, args.name)
+    except (FileNotFoundError, ValueError) as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
     size = sum(f.stat().st_size for f in dst.iterdir())
     print(f"shipped {args.source} as {args.name}: {dst} ({size / 1e6:.1f} MB)")
     return 0

@@ -330,13 +330,14 @@ def _load_dir(d: Path, device, dtype, **cfg_overrides) -> AvatarModel:
         name=meta.get("name", d.name),
         dit=dit.to(device, dtype).eval(),
         vae=vae.to(device).eval(),
-        height=meta.get("height", 128),
-        width=meta.get("width", 128),
-        shift=meta.get("shift", 5.0),
-        steps=meta.get("steps", 4),
+        **{key: meta.get(key, default) for key, default in MODEL_META_DEFAULTS.items()},
         trained=True,
         meta=meta,
     )
+
+
+# what a model.json may leave out (an older export): the size, schedule shift and steps it runs with
+MODEL_META_DEFAULTS = {"height": 128, "width": 128, "shift": 5.0, "steps": 4}
 
 
 def has_autoencoder(directory) -> bool:

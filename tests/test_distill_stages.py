@@ -389,3 +389,25 @@ def test_ship_writes_a_compact_model_found_by_name(tmp_path, pipeline, monkeypat
     assert model.vae.dec_in.weight.dtype == torch.float32  # upcast on load
     assert torch.allclose(model.vae.dec_in.weight, trained.dec_in.weight, rtol=1e-3, atol=1e-4)
     assert torch.equal(model.vae.latent_std, trained.latent_std)
+
+
+def test_ship_keeps_the_tiny_decoder_a_model_decodes_through(tmp_path, pipeline, capsys):
+    """Ship loaded TinyCausalVAE alone: a tiny decoder beside it was left behind without a word
+    (the shipped model decoded with the full decoder)."""
+    import shutil
+
+    from distill.ship import main, ship
+    from streamgen.model.tiny_decoder import TinyDecoder, TinyDecoderConfig
+    from streamgen.models import load_model
+
+    src = tmp_path / "src"
+    shutil.copytree(pipeline["student"], src)
+    decoder_cfg = TinyDecoderConfig(latent_channels=4, widths=(16, 8, 8, 8), blocks_per_stage=1,
+                                    time_upscale=(False, True, True), space_upscale=(True, False, False))  # fmt: skip
+    TinyDecoder(decoder_cfg).save(src / "tiny_decoder.safetensors")
+    dst = ship(str(src), "with-tiny-decoder", assets=tmp_path / "assets")
+    assert (dst / "tiny_decoder.safetensors").exists()
+    assert type(load_model(str(dst)).vae) is type(load_model(str(src)).vae)
+    with pytest.raises(SystemExit) as exited:  # one line, not a traceback
+        main([str(tmp_path / "nothing"), "x"])
+    assert exited.value.code == 2 and "is not a model directory" in capsys.readouterr().err
