@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -318,23 +319,22 @@ def _apply_sets(raw: dict, sets) -> None:
             raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. run.out=runs/mine")
         node = raw
         for depth, name in enumerate(names[:-1]):
-            node = node.setdefault(name, {})
+            if node.get(name) is None:  # (a section the file leaves empty: `optim:`)
+                node[name] = {}
+            node = node[name]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {'.'.join(names[: depth + 1])} is not a section")
         try:
-            node[names[-1]] = _number_or(yaml.safe_load(value))
+            node[names[-1]] = _number_or(yaml.safe_load(value), value)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from None
 
 
-def _number_or(value):
-    """A command line's 1e-4 is a number (YAML 1.1 reads it as text without a decimal point)."""
-    if isinstance(value, str):
-        for number in (int, float):
-            try:
-                return number(value)
-            except ValueError:
-                pass
+def _number_or(value, text: str):
+    """A command line's 1e-4 is a number (YAML 1.1 reads it as text without a decimal point);
+    quoted ("1e4"), or not written as a number (nan, a path), it stays text."""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", text.strip()):
+        return float(text)
     return value
 
 

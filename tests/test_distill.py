@@ -49,6 +49,11 @@ def test_set_overrides_config_values_and_is_kept_with_the_config(tmp_path):
     ]
     cfg = load_config(p, "ode", [*sets, "optim.lr=1e-4"])
     assert cfg.optim.lr == 1e-4  # (YAML alone reads 1e-4 as text)
+    texts = load_config(p, "ode", ['data.latents="1e4"', "run.out=nan", 'run.export_name="2024"'])
+    assert (texts.data.latents, texts.run.out, texts.run.export_name) == ("1e4", "nan", "2024")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("stage: ode\noptim:\n")  # a section left empty
+    assert load_config(empty, "ode", ["optim.lr=1.0e-3"]).optim.lr == 1e-3
     assert cfg.run.out == "runs/b" and cfg.run.steps == 10 and cfg.data.root == "data/mine"
     assert cfg.model.overrides == {"window_frames": 2} and list(cfg.optim.betas) == [0.0, 0.9]
     assert "# --set run.out=runs/b" in cfg.source  # the checkpoints' record of the config
