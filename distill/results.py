@@ -90,9 +90,9 @@ def rows_for(runs: Path) -> list[dict]:
 
 
 def evaluate_rows(
-    runs: Path, out: Path, clips: int, minutes: float | None, size: int, skip=frozenset()
+    runs: Path, out: Path, clips: int, minutes: float | None, size: int, skip=frozenset(), on_row=None
 ) -> list[dict]:
-    """Evaluate every row of the table but those named in `skip`."""
+    """Evaluate every row of the table but those named in `skip`; `on_row(rows so far)` after each."""
     from streamgen.eval.report import ROUNDTRIP, evaluate, open_session
 
     results = []
@@ -119,6 +119,8 @@ def evaluate_rows(
         row = {**spec, **{k: report.get(k) for k in REPORT_KEYS}, "fps": fps}
         row["eval_seconds"] = round(time.perf_counter() - started, 1)
         results.append(row)
+        if on_row is not None:
+            on_row(results)
         print(
             json.dumps({k: row[k] for k in ("row", "sync_c", "csim", "fvd", "drift_slope", "fps")}),
             flush=True,
@@ -190,16 +192,27 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     stored = args.out / "results.json"
     if args.render_only:
+        if not stored.exists():
+            p.error(f"{stored} does not exist yet: run without --render-only first")
         rows = json.loads(stored.read_text())
     else:
         kept = json.loads(stored.read_text()) if args.missing_only and stored.exists() else []
-        new = evaluate_rows(
-            args.runs, args.out, args.clips, args.minutes, args.size, {r["row"] for r in kept}
-        )
         order = [spec["row"] for spec in rows_for(args.runs)]
-        rows = sorted(kept + new, key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
-        args.out.mkdir(parents=True, exist_ok=True)
-        stored.write_text(json.dumps(rows, indent=2))
+
+        def store(new: list[dict]) -> list[dict]:
+            # after every row: a run that fails on a late row (hours in) keeps the rows it made,
+            # and --missing-only goes on from them
+            rows = sorted(
+                kept + new, key=lambda r: order.index(r["row"]) if r["row"] in order else len(order)
+            )
+            args.out.mkdir(parents=True, exist_ok=True)
+            stored.write_text(json.dumps(rows, indent=2))
+            return rows
+
+        new = evaluate_rows(
+            args.runs, args.out, args.clips, args.minutes, args.size, {r["row"] for r in kept}, store
+        )
+        rows = store(new)
     table = markdown(rows, args.clips, args.minutes, args.threads)
     doc = args.doc.read_text() if args.doc.exists() else ""
     start, end = "<!-- results:begin -->", "<!-- results:end -->"

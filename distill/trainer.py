@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -190,6 +191,19 @@ class Updater:
         self.updates = meta["updates"]
 
 
+def _check_writable(folder: Path, key: str, make: bool) -> None:
+    """TrainingError unless `folder` is (or can become) a folder to write in; `make`: made now."""
+    if folder.exists() and not folder.is_dir():
+        raise TrainingError(f"{key} {folder} is a file, not a folder")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise TrainingError(f"{key} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise TrainingError(f"{key} {folder}: cannot write in {existing}")
+    if make:
+        folder.mkdir(parents=True, exist_ok=True)
+
+
 def build_stage(cfg: TrainConfig, world: World):
     module = importlib.import_module(STAGE_MODULES[cfg.stage])
     return module.Stage(cfg, world)
@@ -212,8 +226,14 @@ class Trainer:
 
     def _run(self, world: World) -> dict:
         cfg, out = self.cfg, Path(self.cfg.run.out)
+        _check_writable(out, "run.out", make=True)
+        if cfg.run.export:  # (found after the whole run, it failed the export with a traceback)
+            _check_writable(Path(cfg.run.export), "run.export", make=False)
         latest = self._checkpoint_to_resume(out)  # before the stage writes anything there
-        stage = build_stage(cfg, world)
+        try:
+            stage = build_stage(cfg, world)
+        except ValueError as e:  # a size or shape the model or autoencoder cannot take
+            raise TrainingError(f"cannot build the {cfg.stage} stage from this config: {e}") from None
         if cfg.run.fsdp and world.distributed:
             for up in stage.updaters.values():
                 up.shard()  # transformers only; the autoencoder replicates

@@ -428,3 +428,47 @@ def test_a_resumed_ema_lives_where_its_module_does():
     resumed = Updater("m", torch.nn.Linear(3, 3, device="meta"), cfg, World())
     resumed.load_state({k: v.cpu() for k, v in tensors.items()}, meta, "ckpt")
     assert {v.device.type for v in resumed.ema.values()} == {"meta"}
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["--set", "model.height=17"], "cannot build the teacher stage from this config: frame size 17x"),
+        (["--set", "model.overrides.num_layers=0"], "num_layers must be at least 1, not 0"),
+        (["--out", "{file}/x"], "is a file, not a folder"),
+        (["--set", "run.export={file}"], "run.export {file} is a file, not a folder"),  # was: after training
+    ],
+)
+def test_a_config_the_stage_cannot_take_is_one_line_before_training(tmp_path, extra, says, capsys):
+    from streamgen.cli import main
+
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    extra = [arg.replace("{file}", str(a_file)) for arg in extra]
+    argv = ["distill", "teacher", "--config", "debug", "--out", str(tmp_path / "run"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert says.replace("{file}", str(a_file)) in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_results_table_keeps_each_row_as_it_is_made(tmp_path, monkeypatch, capsys):
+    """results.json was written once every row was evaluated: a failure on a late row (hours in)
+    lost the others, and --missing-only had nothing to go on from; --render-only without it was
+    a traceback."""
+    from distill import results
+
+    def one_row_then_fail(runs, out, clips, minutes, size, skip, on_row):
+        on_row([{"row": "ground truth (renderer)", "model": "ground-truth"}])
+        raise RuntimeError("the next row's model is missing")
+
+    monkeypatch.setattr(results, "evaluate_rows", one_row_then_fail)
+    argv = ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--doc", str(tmp_path / "r.md")]
+    with pytest.raises(RuntimeError):
+        results.main(argv)
+    assert [r["row"] for r in json.loads((tmp_path / "out" / "results.json").read_text())] == [
+        "ground truth (renderer)"
+    ]
+    with pytest.raises(SystemExit) as exited:
+        results.main(["--render-only", "--out", str(tmp_path / "none"), "--doc", str(tmp_path / "r.md")])
+    assert exited.value.code == 2 and "run without --render-only first" in capsys.readouterr().err

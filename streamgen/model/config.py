@@ -58,6 +58,11 @@ class ModelConfig:
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)
+        counts = ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "freq_dim", "audio_dim",
+                  "temporal_compression", "frames_per_chunk", "window_frames")  # fmt: skip
+        small = [name for name in counts if getattr(self, name) < 1]
+        if small:  # (num_layers 0 was an IndexError from inside the forward)
+            raise ValueError(f"{small[0]} must be at least 1, not {getattr(self, small[0])}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2 or self.head_dim < 6:
