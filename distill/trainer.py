@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from distill import checkpoint as ckpt
-from distill.config import OptimConfig, TrainConfig
+from distill.config import ConfigError, OptimConfig, TrainConfig
 from distill.distributed import World, average_gradients, barrier, close_world, init_world, mean_across
 
 STAGE_MODULES = {
@@ -35,6 +35,10 @@ STAGE_MODULES = {
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, a checkpoint that does not fit, ...)."""
+
+
+class StageConfigError(TrainingError, ValueError):
+    """A config value the stage's model, autoencoder or data cannot take (found building it)."""
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -232,8 +236,10 @@ class Trainer:
         latest = self._checkpoint_to_resume(out)  # before the stage writes anything there
         try:
             stage = build_stage(cfg, world)
+        except ConfigError:  # the stage's own checks: they say what is wrong already
+            raise
         except ValueError as e:  # a size or shape the model or autoencoder cannot take
-            raise TrainingError(f"cannot build the {cfg.stage} stage from this config: {e}") from None
+            raise StageConfigError(f"cannot build the {cfg.stage} stage from this config: {e}") from None
         if cfg.run.fsdp and world.distributed:
             for up in stage.updaters.values():
                 up.shard()  # transformers only; the autoencoder replicates
