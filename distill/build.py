@@ -41,17 +41,14 @@ def load_dit(source: str, **overrides):
             return load_pretrained(source[4:], **overrides)
         except (OSError, ValueError, KeyError) as e:
             raise ModelSourceError(f"cannot load the Wan checkpoint {source[4:]}: {e}") from None
-    from safetensors.torch import load_file
-
+    from streamgen.model.files import load_safetensors, read_json
     from streamgen.model.model import DiT
 
     d = _model_dir(source)
-    import json
-
-    meta = json.loads((d / "model.json").read_text())
+    meta = read_json(d / "model.json", required=("config",))
     cfg = ModelConfig.from_dict({**meta["config"], **overrides})
     dit = DiT(cfg)
-    sd = {k: v.float() for k, v in load_file(str(d / "dit.safetensors")).items()}
+    sd = {k: v.float() for k, v in load_safetensors(d / "dit.safetensors").items()}
     dit.load_state_dict(sd)
     return dit
 

@@ -69,6 +69,12 @@ def use_precision(dtype: str | None = None, fp8: bool = False) -> None:
         os.environ[FP8_ENV] = "1"
 
 
+def _env_flag(name: str) -> bool:
+    """An on/off environment switch: off when unset, empty, 0, false, no or off (STREAMGEN_FP8=0
+    had turned FP8 on)."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def use_cache_from(cache_from: str | None) -> None:
     """Make `cache_from` (None leaves each model's own) where the KV cache of every student loaded
     from now on comes from, here and in processes started from here."""
@@ -245,7 +251,7 @@ def available_models() -> list[str]:
     names = {
         d.name
         for root in model_search_path()
-        if root.exists()
+        if root.is_dir()
         for d in root.iterdir()
         if (d / "model.json").exists()
     }
@@ -268,10 +274,13 @@ def load_model(
     dtype = None if dtype == "auto" else dit_dtype_arg(dtype)
     asked = dtype is not None or bool(os.environ.get(DTYPE_ENV))
     if dtype is None:
-        dtype = getattr(torch, os.environ.get(DTYPE_ENV) or "float32")
+        try:  # (getattr(torch, ...) took "bf16" as an AttributeError, "float16" as a dtype)
+            dtype = dit_dtype_arg(os.environ.get(DTYPE_ENV) or "float32")
+        except ValueError as e:
+            raise ValueError(f"${DTYPE_ENV}: {e}") from None
     model = _load(name_or_path, device, dtype, seed, **cfg_overrides)
     model.dtype_asked = asked
-    if os.environ.get(FP8_ENV):
+    if _env_flag(FP8_ENV):
         from streamgen.model.float8 import float8_linears
 
         float8_linears(model.dit)
@@ -315,12 +324,12 @@ def require_model(name_or_path: str) -> None:
 
 
 def _load_dir(d: Path, device, dtype, **cfg_overrides) -> AvatarModel:
-    from safetensors.torch import load_file
+    from streamgen.model.files import load_safetensors, read_json
 
-    meta = json.loads((d / "model.json").read_text())
+    meta = read_json(d / "model.json", required=("config",))
     cfg = ModelConfig.from_dict({**meta["config"], **cfg_overrides})
     dit = DiT(cfg)
-    sd = load_file(str(d / "dit.safetensors"))
+    sd = load_safetensors(d / "dit.safetensors")
     try:
         dit.load_state_dict(sd)
     except RuntimeError as e:

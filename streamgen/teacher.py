@@ -135,8 +135,9 @@ def open_session(
     dtype = dit_dtype_arg(dtype)
     loaded = load_model(model, device=device, dtype=dtype) if isinstance(model, str) else model
     if loaded.meta.get("kind") == "teacher":
-        if dtype not in ("auto", None, torch.float32):
-            raise ValueError("a teacher runs in float32 only")
+        loaded_in = next(loaded.dit.parameters()).dtype  # ($STREAMGEN_DTYPE applies to "auto" too)
+        if dtype not in ("auto", None, torch.float32) or loaded_in != torch.float32:
+            raise ValueError(f"a teacher runs in float32 only (asked: {dtype}, loaded in {loaded_in})")
         if cache_from is not None:
             raise ValueError(
                 "a teacher samples whole windows without a KV cache: cache_from applies to students"

@@ -231,3 +231,56 @@ def test_a_re_export_cut_short_leaves_the_previous_weights_whole(tmp_path, monke
     assert not list((tmp_path / "m").glob(".*.tmp"))
     monkeypatch.undo()
     assert load_model(str(tmp_path / "m")).cfg == model.cfg
+
+
+@pytest.mark.parametrize(
+    "spoil, says",
+    [
+        (
+            lambda d: (d / "dit.safetensors").write_bytes(b"\x10\x00"),
+            "dit.safetensors: not a readable safetensors",
+        ),
+        (lambda d: (d / "vae.safetensors").write_bytes(b"garbage!" * 4), "vae.safetensors: not a readable"),
+        (lambda d: (d / "model.json").write_text('{"name": "x"}'), "model.json: no 'config' in it"),
+        (lambda d: (d / "vae_config.json").write_text("{not json"), "vae_config.json: not valid JSON"),
+    ],
+)
+def test_a_spoilt_model_directory_names_its_file(tmp_path, spoil, says, capsys):
+    """Were safetensors' or json's own errors (naming no file) or KeyError: 'config', tracebacks."""
+    import shutil
+
+    from streamgen.cli import main
+    from streamgen.models import MODELS_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(MODELS_DIR / "tiny-avatar", model)
+    spoil(model)
+    with pytest.raises(ValueError, match=says):
+        load_model(str(model))
+    assert main(["generate", "--model", str(model), "--out", str(tmp_path / "x.mp4"), "--quiet"]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_the_precision_switches_of_the_environment_are_read_as_meant(monkeypatch, tmp_path):
+    """STREAMGEN_FP8=0 turned FP8 on; STREAMGEN_DTYPE=bf16 was an AttributeError and float16 a
+    dtype no option offers; a teacher took it and ran in bfloat16; a STREAMGEN_MODELS entry that
+    is a file broke the unknown-model message."""
+    from streamgen.model.float8 import float8_layers
+    from streamgen.teacher import open_session
+
+    monkeypatch.setenv("STREAMGEN_FP8", "0")
+    assert float8_layers(load_model("debug").dit) == 0
+    monkeypatch.delenv("STREAMGEN_FP8")
+    for wrong in ("bf16", "float16"):
+        monkeypatch.setenv("STREAMGEN_DTYPE", wrong)
+        with pytest.raises(ValueError, match=rf"\$STREAMGEN_DTYPE: dtype must be one of .*got '{wrong}'"):
+            load_model("debug")
+    monkeypatch.setenv("STREAMGEN_DTYPE", "bfloat16")
+    with pytest.raises(ValueError, match="a teacher runs in float32 only"):
+        open_session("tiny-avatar-teacher")
+    monkeypatch.delenv("STREAMGEN_DTYPE")
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    monkeypatch.setenv("STREAMGEN_MODELS", str(a_file))
+    with pytest.raises(FileNotFoundError, match="unknown model 'nothing'"):
+        load_model("nothing")

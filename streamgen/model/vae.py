@@ -245,11 +245,11 @@ class TinyCausalVAE(VideoAutoencoder):
 
     @classmethod
     def load(cls, directory) -> TinyCausalVAE:
-        from safetensors.torch import load_file
+        from streamgen.model.files import load_safetensors, read_json
 
         d = Path(directory)
-        vae = cls(**json.loads((d / "vae_config.json").read_text()))
-        vae.load_state_dict(load_file(str(d / "vae.safetensors")))
+        vae = cls(**read_json(d / "vae_config.json"))
+        vae.load_state_dict(load_safetensors(d / "vae.safetensors"))
         return vae
 
 
