@@ -124,6 +124,8 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
     app.include_router(websocket.router)
     if config.web_dir.is_dir():
         app.mount("/", StaticFiles(directory=config.web_dir, html=True), name="web")
+    else:  # the API serves on; the page is what a person would miss
+        log.warning("no web client at %s: / has no page (the API is unchanged)", config.web_dir)
     return app
 
 

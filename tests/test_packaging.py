@@ -35,3 +35,27 @@ def test_no_installed_distribution_ships_a_top_level_package_of_ours():
 def test_the_clash_check_sees_a_distribution_that_ships_a_name():
     # the check above is only worth something if packages_distributions sees site-packages
     assert "torch" in others_shipping("torch")
+
+
+def test_the_wheel_holds_what_an_installed_server_and_generate_read(tmp_path):
+    """An installed `streamgen serve` answered / with a 404: web/ was not in the wheel."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "src"  # a copy: setuptools builds in the tree it is given
+    skip = shutil.ignore_patterns(".venv", ".git", "runs", "data", "out", "build", "*.egg-info", "__pycache__",
+                                  ".whl", ".pytest_cache", ".ruff_cache", ".hypothesis", "tests")  # fmt: skip
+    shutil.copytree(ROOT, source, ignore=skip)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source),
+         "-w", str(tmp_path / "wheel")],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = (tmp_path / "wheel").glob("streamgen-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    web = {p.relative_to(ROOT).as_posix() for p in (ROOT / "web").iterdir() if p.is_file()}
+    assert web and web <= names, web - names
+    assert {"streamgen/assets/sample_face.png", "streamgen/assets/models/tiny-avatar/model.json"} <= names
+    assert any(n.startswith("distill/configs/") for n in names)
