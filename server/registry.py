@@ -129,15 +129,25 @@ class SessionRegistry:
         except WorkerBusy:  # shutting down: the model process goes with it
             pass
 
+    def _make_first_chunk(self, session: Session):  # worker thread
+        """Chunk 0, unless the stream's schedule made it first: a transport attached while this job
+        waited behind due chunks. Then it would make chunk 1 ahead of its time, before its audio
+        could arrive (silence, where the client's speech was due)."""
+        if session.chunk_index > 0:
+            return None
+        return self.worker.run_chunk(session)
+
     async def _first_chunk(self, session: Session) -> None:
         try:
-            job = self.worker.submit(self.worker.run_chunk, session, lane=session.lane)
+            job = self.worker.submit(self._make_first_chunk, session, lane=session.lane)
             chunk = await asyncio.wrap_future(job)
         except (WorkerBusy, RuntimeError, concurrent.futures.CancelledError, asyncio.CancelledError):
             return  # shutting down, or the queue is full: the worker makes it on its schedule instead
         except Exception as e:
             log.exception("session %s: first chunk failed", session.id)
             await self.close(session, f"generation failed: {e}")
+            return
+        if chunk is None:  # made on the schedule, and published there
             return
         session.first_chunk = chunk
         session.publish_first_chunk()

@@ -745,3 +745,17 @@ def test_routing_errors_have_the_api_error_shape(client):
     ):
         assert r.status_code == status and r.json()["error"] == error and r.json()["message"], r.text
     assert "GET" in client.delete("/v1/avatars").headers["allow"]
+
+
+def test_a_first_chunk_job_after_the_schedule_made_chunk_0_makes_nothing():
+    """The job waited behind due chunks while a transport attached and the schedule made chunk 0:
+    it then made chunk 1 ahead of its time, before its audio could come (silence in its place)."""
+    from types import SimpleNamespace
+
+    from server.registry import SessionRegistry
+
+    made = []
+    registry = SimpleNamespace(worker=SimpleNamespace(run_chunk=lambda s: made.append(s.chunk_index) or "chunk"))
+    assert SessionRegistry._make_first_chunk(registry, SimpleNamespace(chunk_index=0)) == "chunk"
+    assert SessionRegistry._make_first_chunk(registry, SimpleNamespace(chunk_index=1)) is None
+    assert made == [0]
