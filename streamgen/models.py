@@ -14,6 +14,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -376,6 +377,27 @@ def load_autoencoder(directory) -> VideoAutoencoder:
     return vae.eval()
 
 
+def _replace_autoencoder(vae: VideoAutoencoder, d: Path) -> None:
+    """`vae`'s files in `d`, and no other autoencoder's: a re-export over a directory that held
+    a tiny decoder or a Wan VAE left them there, and `load_autoencoder` took them over the new one."""
+    from streamgen.model.tiny_decoder import TINY_DECODER_FILE
+    from streamgen.model.vae import WanVAE
+
+    staging = d / ".autoencoder.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    vae.save(staging)
+    written = {p.name for p in staging.iterdir()}
+    for name in {"vae_config.json", "vae.safetensors", WanVAE.DIRECTORY, TINY_DECODER_FILE} | written:
+        old = d / name
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif name not in written:
+            old.unlink(missing_ok=True)
+    for p in staging.iterdir():
+        p.replace(d / p.name)
+    staging.rmdir()
+
+
 def save_model(model: AvatarModel, directory, extra_meta: dict | None = None) -> None:
     """Write a model directory atomically enough for readers: weights first, model.json last."""
     from streamgen.model.files import save_safetensors
@@ -383,7 +405,7 @@ def save_model(model: AvatarModel, directory, extra_meta: dict | None = None) ->
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     save_safetensors({k: v.contiguous() for k, v in model.dit.state_dict().items()}, d / "dit.safetensors")
-    model.vae.save(d)
+    _replace_autoencoder(model.vae, d)
     meta = {
         "name": model.name,
         "config": model.cfg.to_dict(),

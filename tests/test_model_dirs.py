@@ -284,3 +284,21 @@ def test_the_precision_switches_of_the_environment_are_read_as_meant(monkeypatch
     monkeypatch.setenv("STREAMGEN_MODELS", str(a_file))
     with pytest.raises(FileNotFoundError, match="unknown model 'nothing'"):
         load_model("nothing")
+
+
+def test_an_export_over_a_model_directory_replaces_its_whole_autoencoder(tmp_path):
+    """A re-export (or ship) into a directory that held another autoencoder left that one's files:
+    a tiny decoder, or a Wan VAE, that load_autoencoder then took over the new one."""
+    from streamgen.model.vae import TinyCausalVAE
+
+    d = tmp_path / "model"
+    export(wan_based_model(tiny_decoder=True), d)
+    assert isinstance(load_autoencoder(d), TinyDecoderVAE)
+    plain = AvatarModel(
+        "plain", DiT(get_config("debug")).eval(), TinyCausalVAE(latent_channels=4), HEIGHT, WIDTH
+    )
+    export(plain, d)
+    assert type(load_autoencoder(d)) is TinyCausalVAE
+    assert not (d / "wan_vae").exists() and not (d / "tiny_decoder.safetensors").exists()
+    export(wan_based_model(), d)  # and back: the TinyCausalVAE's files go
+    assert type(load_autoencoder(d)) is WanVAE and not (d / "vae_config.json").exists()
