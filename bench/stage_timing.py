@@ -149,8 +149,12 @@ def stage_activity(events, device_kernels: bool) -> dict:
     `gpu_busy_ms`, the time at least one of them ran. A GPU busy for much less than the stage
     took waited on the host: launch overhead, what CUDA graphs remove."""
     cpu, device = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    # on CUDA each range comes twice: the host's, and a GPU annotation from its first kernel to its
+    # last. That copy is neither the stage's time nor a kernel (read as the range, it overwrote the
+    # host's: the H200 runs' to_host had 0 ops and profiled_ms equal to its busy time)
+    events = [e for e in events if not (getattr(e, "is_user_annotation", False) and e.device_type != cpu)]
     out = {}
-    for rng in (e for e in events if e.name.startswith(STAGE_RANGE)):
+    for rng in (e for e in events if e.name.startswith(STAGE_RANGE) and e.device_type == cpu):
         lo, hi = rng.time_range.start, rng.time_range.end
         inside = [e for e in events if e is not rng and lo <= e.time_range.start and e.time_range.end <= hi]
         ops = [

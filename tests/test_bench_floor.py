@@ -265,10 +265,11 @@ def test_command_line_for_the_shipped_model_counts_and_times_each_stage(tmp_path
 def test_stage_activity_counts_the_host_operators_and_the_gpu_busy_time_in_each_stage():
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
 
-    def event(name, start, end, device=cpu, parent=None):
+    def event(name, start, end, device=cpu, parent=None, annotation=False):
         return SimpleNamespace(
-            name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device, cpu_parent=parent
-        )
+            name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device, cpu_parent=parent,
+            is_user_annotation=annotation,
+        )  # fmt: skip
 
     denoise = event(stage_timing.STAGE_RANGE + "denoise", 0, 10_000)
     linear = event("aten::linear", 100, 900, parent=denoise)
@@ -281,6 +282,8 @@ def test_stage_activity_counts_the_host_operators_and_the_gpu_busy_time_in_each_
         event("ampere_bf16_gemm", 4000, 6000, cuda),
         event("Memcpy DtoD", 7000, 8000, cuda),
         event("triton_fused_kernel", 8000, 9000, cuda),
+        # CUDA's copy of the range, from its first kernel to its last: neither the range nor a kernel
+        event(stage_timing.STAGE_RANGE + "denoise", 1200, 9000, cuda, annotation=True),
         decode := event(stage_timing.STAGE_RANGE + "decode", 10_500, 12_000),
         event("aten::conv2d", 10_600, 10_700, parent=decode),
         event("late_kernel", 11_000, 13_000, cuda),  # ends after the range: not the stage's
