@@ -74,6 +74,17 @@ def test_latent_cache_hook(world):
     remade.shards = [{**shard, "sha256": "0" * 64} for shard in remade.shards]
     with pytest.raises(DataError, match="holds the latents of an earlier"):
         remade.cache_latents(encode, "mean-colour")
+    manifest_path = world / "manifest.json"  # ... nor read as theirs (they were, without a word)
+    kept = manifest_path.read_text()
+    manifest = json.loads(kept)
+    for shard in manifest["splits"]["test"]["shards"]:
+        shard["sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    try:
+        with pytest.raises(DataError, match="holds the latents of an earlier"):
+            AvatarWorldDataset(world, "test", latents="mean-colour")
+    finally:
+        manifest_path.write_text(kept)
 
 
 def test_corrupted_shard_is_one_clear_error(world, tmp_path):

@@ -46,8 +46,10 @@ class AvatarWorldDataset(torch.utils.data.Dataset):
         self.latents = latents
         if latents is not None:
             for shard in self.shards:
-                if not _latent_path(self.root, latents, shard["file"]).exists():
+                path = _latent_path(self.root, latents, shard["file"])
+                if not path.exists():
                     raise DataError(f"latent cache {latents!r} is missing {shard['file']}; run cache_latents")
+                _check_not_stale(path, shard, self.root / "latents" / latents)  # (read as this clip's, unsaid)
         self._readers: dict[int, ShardReader] = {}
         self._latent_readers: dict[int, ShardReader] = {}
         self._pid = os.getpid()
@@ -93,12 +95,7 @@ class AvatarWorldDataset(torch.utils.data.Dataset):
         for s, shard in enumerate(self.shards):
             path = _latent_path(self.root, name, shard["file"])
             if path.exists() and not overwrite:
-                encoded_from = _encoded_from(path)
-                if encoded_from is not None and shard.get("sha256") not in (None, encoded_from):
-                    raise DataError(
-                        f"{path} holds the latents of an earlier {shard['file']} (the dataset was made "
-                        f"again): delete {self.root / 'latents' / name} to encode this one"
-                    )
+                _check_not_stale(path, shard, self.root / "latents" / name)
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
             reader = self._reader(s)
@@ -114,6 +111,17 @@ class AvatarWorldDataset(torch.utils.data.Dataset):
             tmp.write_bytes(buffer.getvalue())
             os.replace(tmp, path)
         return self.root / "latents" / name
+
+
+def _check_not_stale(path: Path, shard: dict, cache: Path) -> None:
+    """DataError if the latent file at `path` (in the cache folder `cache`) was encoded from
+    another version of `shard`."""
+    encoded_from = _encoded_from(path)
+    if encoded_from is not None and shard.get("sha256") not in (None, encoded_from):
+        raise DataError(
+            f"{path} holds the latents of an earlier {shard['file']} (the dataset was made again): "
+            f"delete {cache} to encode this one"
+        )
 
 
 def _encoded_from(path: Path) -> str | None:
