@@ -88,8 +88,16 @@ def test_latent_cache_hook(world):
 
 
 def test_corrupted_shard_is_one_clear_error(world, tmp_path):
+    import struct
+
     manifest = load_manifest(world)
     shard = world / manifest["splits"]["train"]["shards"][0]["file"]
+    method = bytearray(shard.read_bytes())  # a compression method zipfile does not know: its own error
+    central = method.find(b"PK\x01\x02")
+    method[central + 10 : central + 12] = struct.pack("<H", 99)
+    (tmp_path / "method.npz").write_bytes(bytes(method))
+    with pytest.raises(DataError, match="corrupted shard .*method.npz"):
+        ShardReader(tmp_path / "method.npz").clip(0)
     broken = tmp_path / "broken.npz"
     data = bytearray(shard.read_bytes())
     broken.write_bytes(bytes(data[: len(data) // 2]))

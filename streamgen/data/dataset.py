@@ -49,7 +49,8 @@ class AvatarWorldDataset(torch.utils.data.Dataset):
                 path = _latent_path(self.root, latents, shard["file"])
                 if not path.exists():
                     raise DataError(f"latent cache {latents!r} is missing {shard['file']}; run cache_latents")
-                _check_not_stale(path, shard, self.root / "latents" / latents)  # (read as this clip's, unsaid)
+                # (a stale file's latents were read as this clip's, without a word)
+                _check_not_stale(path, shard, self.root / "latents" / latents)
         self._readers: dict[int, ShardReader] = {}
         self._latent_readers: dict[int, ShardReader] = {}
         self._pid = os.getpid()

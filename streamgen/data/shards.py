@@ -205,7 +205,8 @@ class ShardReader:
             raise DataError(f"corrupted shard {self.path}: checksum mismatch")
         try:
             self._npz = np.load(self.path, allow_pickle=False)
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        # (NotImplementedError: zipfile's word for a compression method byte that was flipped)
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as e:
             raise DataError(f"corrupted shard {self.path}: {e}") from None
 
     def _get(self, key: str) -> np.ndarray:
@@ -213,7 +214,7 @@ class ShardReader:
             return self._npz[key]
         except KeyError:
             raise DataError(f"corrupted shard {self.path}: member {key} is missing") from None
-        except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError) as e:
+        except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError) as e:
             raise DataError(f"corrupted shard {self.path}: {key}: {e}") from None
 
     def clip(self, i: int) -> dict:
