@@ -69,10 +69,15 @@ class UserError(Exception):
     """An error the user caused (bad file, bad argument): printed as one line, exit code 2."""
 
 
-def output_folder(path, flag: str = "--out") -> Path:
-    """The folder a command writes into, made now: a file in its way is one line before the
-    work, not a NotADirectoryError when its results are written."""
+def output_folder(path, flag: str = "--out", make: bool = True) -> Path:
+    """The folder a command writes into, made now (`make`; else only checked): a file in its way
+    is one line before the work, not a NotADirectoryError when its results are written."""
     path = Path(path)
+    if not make:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:

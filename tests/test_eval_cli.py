@@ -136,7 +136,18 @@ def test_an_out_folder_with_a_file_in_its_way_is_one_line_before_the_work(tmp_pa
         ([*truth, "--out", str(a_file)], "is a file, not a folder"),
         (["data", "preview", "--clips", "1", "--out", str(a_file / "sub")], "a file is in its way"),
         ([*truth, "--data", "d", "--out", str(tmp_path / "e")], "--data is for train-evaluators"),
+        ([*truth, "--minutes", "inf", "--out", str(tmp_path / "e")], "--minutes is at most 60"),
+        (["data", "make", "--clips", "1", "--out", str(a_file / "sub")], "is a file, not a folder"),
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_train_evaluators_on_clips_shorter_than_the_sync_window_is_one_line(tmp_path, capsys):
+    from streamgen.data.shards import make_dataset
+
+    make_dataset(tmp_path / "short", 6, 0, 32, 32, 0.1)  # 2-frame clips
+    args = ["eval", "train-evaluators", "--data", str(tmp_path / "short"), "--out", str(tmp_path / "ev")]
+    assert main(args) == 2  # was a RuntimeError from torch.randint
+    assert "shorter than the 5-frame sync window" in capsys.readouterr().err

@@ -65,8 +65,11 @@ def run(args: argparse.Namespace) -> int:
 def _make(args) -> int:
     from tqdm import tqdm
 
+    from streamgen.cli import output_folder
+
     from .shards import make_dataset
 
+    output_folder(args.out, make=False)  # (it makes the folder itself, and removes it on failure)
     start = time.perf_counter()
     with tqdm(total=args.clips, unit="clip", desc="data make") as bar:
         manifest = make_dataset(

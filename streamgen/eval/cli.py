@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--workers", type=positive_int, default=2)
 
 
+MAX_MINUTES = 60.0
+
+
 def run(args: argparse.Namespace) -> int:
     from streamgen.cli import UserError, check_device, output_folder
 
@@ -61,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--clips must be at least 1")
     if args.minutes is not None and not args.minutes * 60 * 25 >= 2:  # (nan too)
         raise UserError("--minutes must give a stream of at least two frames (0.08 s: 0.0014 minutes)")
+    if args.minutes is not None and not args.minutes <= MAX_MINUTES:  # (inf failed after scoring every clip)
+        raise UserError(f"--minutes is at most {MAX_MINUTES} (a stream that long per clip)")
     if args.action == "train-evaluators":
         return _train(args)
     if args.data is not None:  # (it was ignored: the clips came from the world, made on the fly)

@@ -161,11 +161,14 @@ def train_evaluators(
     start = time.perf_counter()
     with tqdm(total=n_clips, desc="training clips", unit="clip") as bar:
         clips = training_clips(n_clips, seed, 64, workers, data, bar)
-    if not clips:
-        from streamgen.data.shards import DataError
+    from streamgen.data.shards import DataError
 
+    if not clips:
         where = f"{data} has no train clips" if data is not None else "no training clips were made"
         raise DataError(f"{where} to train the evaluators on (make a dataset with more clips)")
+    shortest = min(len(c[0]) for c in clips)
+    if shortest < WINDOW:  # (a traceback from torch.randint, after the clips were read)
+        raise DataError(f"{data}: clips of {shortest} frames are shorter than the {WINDOW}-frame sync window")
     with tqdm(total=sync_steps, desc="syncnet", unit="step") as bar:
         sync = train_syncnet(clips, sync_steps, seed=seed, bar=bar)
     with tqdm(total=identity_steps, desc="identity", unit="step") as bar:
