@@ -10,6 +10,7 @@ leave together (the browser lines them up from the senders' RTCP reports).
 from __future__ import annotations
 
 import asyncio
+import collections
 import fractions
 import logging
 import math
@@ -126,9 +127,15 @@ async def consume_microphone(track: MediaStreamTrack, session: Session) -> None:
 class AvatarVideoTrack(MediaStreamTrack):
     """Generated frames, frame n at `session.base + n / fps`, taken from the latest-chunk slot.
 
+    Each call moves what the slot holds into the track's own queue, where chunks wait for
+    their play time: with a playout delay longer than a chunk, the next chunk comes while
+    this one plays (the slot alone replaced it unseen, and every other chunk was dropped).
     When the chunk for frame n is not there at its play time (the worker is
     behind) the last picture is shown again and the session clock moves by one
-    frame: latency never accumulates. The first picture is the one due when the
+    frame: latency never accumulates. When frame n is not due for longer than a
+    frame (the clock moved forward), the last picture is shown again on the frame
+    clock, as the audio track sends silence: both RTP clocks keep the wall clock's
+    pace. The first picture is the one due when the
     transport asks for it (frames it connected too late for are skipped). recv()
     never raises: aiortc ends a track for good on the first exception, so any
     failure repeats the last picture instead (and is logged once).
@@ -141,6 +148,7 @@ class AvatarVideoTrack(MediaStreamTrack):
         self.session = session
         self.slot = slot
         self.chunk: Chunk | None = None
+        self.queued: collections.deque[Chunk] = collections.deque()  # taken from the slot, not yet due
         self.n = 0  # next frame index on the stream
         self.sent = 0  # frames returned so far: their pts, always increasing
         self.last: np.ndarray | None = None
@@ -188,25 +196,36 @@ class AvatarVideoTrack(MediaStreamTrack):
                 # would move the session's chunks off the schedule of the sessions they are
                 # generated with (server/batching.py)
                 self.n = max(self.n, math.floor((time.monotonic() - s.base) * s.fps + 0.5))
-            if self._covers(self.n):
-                break
             newer = self.slot.take_nowait()
             if newer is not None:
-                self.chunk = newer
+                self.queued.append(newer)
+            if self._covers(self.n):
+                break
+            while self.queued and self.queued[0].end_frame <= self.n:  # its play time has passed
+                self.queued.popleft()
+            if self.queued:
+                self.chunk = self.queued.popleft()
                 # past chunks dropped in the slot, and the frames before a 1 + 4k stream's first
-                self.n = max(self.n, newer.first_frame)
+                self.n = max(self.n, self.chunk.first_frame)
                 continue
             if self.slot.closed:  # the session is ending; the peer connection closes next
                 await asyncio.sleep(period)
                 return self._last_picture()
             wait = s.base + self.n / s.fps - time.monotonic()
-            if wait > 0 or self.last is None:
+            if self.last is None:
                 await self.slot.wait(wait if wait > 0 else 1.0)
                 continue
+            if wait > 0:
+                if await self.slot.wait(min(wait, period)) or wait <= period:
+                    continue
+                return self.last  # not due for longer than a frame: hold the picture for one
             await asyncio.sleep(period)  # late: repeat the last picture for one frame period
             s.late_by(period, self.n // s.frames_per_chunk)
             return self.last
         delay = s.base + self.n / s.fps - time.monotonic()
+        if delay > period and self.last is not None:  # the clock moved forward: hold the picture
+            await asyncio.sleep(period)
+            return self.last
         if delay > 0:
             await asyncio.sleep(delay)
         picture = self.chunk.frames[self.n - self.chunk.first_frame]

@@ -142,11 +142,45 @@ async def test_video_track_skips_the_frames_the_clock_jumped_back_over():
     frame = await track.recv()
     assert frame.to_ndarray(format="rgb24")[0, 0, 0] == 6
     assert frame.pts == round(90000 / FPS)  # one frame later on the wire: nothing sent twice as fast
-    for expected in (7, 8, 10):  # half a frame plays sooner; the next half completes a frame to skip
+    for expected in (7, 8):  # half a frame plays sooner; the next half completes a frame to skip
         frame = await track.recv()
         assert frame.to_ndarray(format="rgb24")[0, 0, 0] == expected
         s.base -= 0.5 / FPS
         s.rewound += 0.5 / FPS
+    # frame 9 is skipped, and 10 is due a frame and a half after 8: 8 is held for one frame
+    # period (the frame clock, and the RTP clock with it, keeps the wall clock's pace), then 10
+    assert [(await track.recv()).to_ndarray(format="rgb24")[0, 0, 0] for _ in range(2)] == [8, 10]
+
+
+async def test_with_a_delay_longer_than_a_chunk_the_video_plays_every_chunk():
+    """The next chunk comes while this one plays (a playout delay past ~0.36 s: grown under load,
+    or set): the slot replaced the chunk not yet taken, and every other chunk was dropped."""
+    s = make_session(delay=0.8)
+    slot = s.add_slot()
+    track = AvatarVideoTrack(s, slot)
+    s.base = time.monotonic()
+    slot.put(chunk(0))
+    shown = []
+    for n in range(3 * PER_CHUNK):
+        if n in (1, 2):  # chunks 1 and 2 come while chunk 0 plays (a frame apart: one recv between)
+            slot.put(chunk(n))
+        shown.append((await track.recv()).to_ndarray(format="rgb24")[0, 0, 0])
+    assert shown == list(range(3 * PER_CHUNK))
+
+
+async def test_after_the_clock_moves_forward_the_video_keeps_the_frame_clocks_pace():
+    """hold_back: frame n is due later than a frame from now. The track sent nothing until then,
+    and its RTP clock fell behind the audio's (which sends silence) for good."""
+    s = make_session()
+    slot = s.add_slot()
+    track = AvatarVideoTrack(s, slot)
+    s.base = time.monotonic()
+    slot.put(chunk(0))
+    await track.recv()
+    s.hold_back(0.2)  # five frames later from now on
+    values = [(await track.recv()).to_ndarray(format="rgb24")[0, 0, 0] for _ in range(8)]
+    held = values.count(0)  # five frames' worth on an idle machine (each hold is a frame's sleep)
+    assert held >= 1 and values[held:] == list(range(1, 9 - held)), values
 
 
 async def test_audio_track_skips_ahead_when_the_clock_moves_back_and_waits_when_it_moves_forward():
