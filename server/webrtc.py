@@ -283,6 +283,11 @@ class SpeechAudioTrack(MediaStreamTrack):
         if delay > 0:
             await asyncio.sleep(delay)
         silence = np.zeros(AUDIO_FRAME_SAMPLES, np.int16)
+        if self.m + AUDIO_FRAME_SAMPLES > s.generated_until:
+            # no video for this time yet (a late chunk, which the video waits for, moving the
+            # clock): no sound either, and these samples stay to come with their frames (passed
+            # over, the chunk's first words were lost while its lips moved)
+            return silence
         position = (at - s.base) * SAMPLE_RATE  # the stream sample that should be playing now
         if position < self.m - AUDIO_FRAME_SAMPLES / 2:
             return silence  # the clock moved forward (late video): fill the gap
@@ -290,6 +295,6 @@ class SpeechAudioTrack(MediaStreamTrack):
             self.m += round((position - self.m) / AUDIO_FRAME_SAMPLES) * AUDIO_FRAME_SAMPLES
         start, self.m = self.m, self.m + AUDIO_FRAME_SAMPLES
         if start + AUDIO_FRAME_SAMPLES > s.generated_until:
-            return silence  # no video for this time yet: no sound either
+            return silence  # (skipped ahead past what is generated)
         pcm = s.timeline.read(start, AUDIO_FRAME_SAMPLES)
         return (pcm * 32767).astype(np.int16)

@@ -203,6 +203,24 @@ async def test_audio_track_skips_ahead_when_the_clock_moves_back_and_waits_when_
     assert not silent.to_ndarray().any()
 
 
+async def test_the_audio_of_a_late_chunk_waits_for_it_with_its_frames():
+    """While a chunk is late the video waits for it, moving the clock; the audio track passed over
+    the samples it had no video for, and the chunk's first words were lost while its lips moved."""
+    s = make_session()
+    ramp = (0.25 + np.arange(16000 * 2) / 64000).astype(np.float32)  # sample m: 0.25 + m / 64000
+    s.timeline.append(ramp)
+    s.timeline.take_until(len(ramp))
+    track = SpeechAudioTrack(s)
+    s.base = time.monotonic()
+    for _ in range(2):  # nothing generated yet: silence, and the video moves the clock
+        assert not (await track.recv()).to_ndarray().any()
+        s.base += AUDIO_FRAME_SAMPLES / 16000
+    s.generated_until = len(ramp)  # the chunk came
+    frames = [(await track.recv()).to_ndarray()[0] for _ in range(3)]
+    sound = next(f for f in frames if f.any())
+    assert round((sound[0] / 32767 - 0.25) * 64000) < 4  # stream sample 0: nothing passed over
+
+
 def test_an_utterance_that_does_not_fit_the_queue_is_not_queued_in_part():
     """The 422 "speech queue is full" came with the part that fit already queued: the avatar then said
     half a sentence the client was told had failed. Live audio still keeps what fits."""
