@@ -70,6 +70,10 @@ async def create_session(request: Request):
     else:
         reference = _avatar_reference(avatar)
     session = await _new_session(registry, reference, caption, seed)
+    if await request.is_disconnected():  # (a page reloaded while its stream was made): nobody will
+        # hear of this session, which held a place until the idle limit
+        await registry.close(session, "client left before the answer")
+        raise ApiError(400, "client_gone", "the client left before its session was made")
     base = f"/v1/sessions/{session.id}"
     body = {
         "id": session.id, "token": session.token, "width": session.width, "height": session.height,

@@ -759,3 +759,18 @@ def test_a_first_chunk_job_after_the_schedule_made_chunk_0_makes_nothing():
     assert SessionRegistry._make_first_chunk(registry, SimpleNamespace(chunk_index=0)) == "chunk"
     assert SessionRegistry._make_first_chunk(registry, SimpleNamespace(chunk_index=1)) is None
     assert made == [0]
+
+
+def test_a_session_whose_client_left_while_it_was_made_is_closed(client, monkeypatch):
+    """A page reloaded while its POST was answered: no one knew the session, and it held a place
+    until the idle limit (a full server refused the reloaded page)."""
+    from starlette.requests import Request
+
+    async def gone(self):
+        return True
+
+    before = set(client.app.state.registry.sessions)
+    monkeypatch.setattr(Request, "is_disconnected", gone)
+    r = client.post("/v1/sessions", json={"avatar": "sample"})
+    assert r.status_code == 400 and r.json()["error"] == "client_gone"
+    assert set(client.app.state.registry.sessions) == before

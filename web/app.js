@@ -91,6 +91,10 @@ async function createSession() {
   return json;
 }
 
+function deleteSession(s) {
+  fetch(s.resource, { method: "DELETE", headers: { Authorization: `Bearer ${s.token}` } }).catch(() => {});
+}
+
 async function getMic() {
   if (!$("mic").checked || !navigator.mediaDevices) return null;
   try {
@@ -258,8 +262,12 @@ function packAudio(pcm16) {
 
 async function connectWebSocket(mine) {
   // a session is bound to the transport that first used it: start a fresh one
-  session = await createSession();
-  if (mine !== generation) return;
+  const made = await createSession();
+  if (mine !== generation) {  // hung up meanwhile: this session is nobody's
+    deleteSession(made);
+    return;
+  }
+  session = made;
   audioCtx = new AudioContext({ sampleRate: SAMPLE_RATE });
   // a context made without a user's click (?autostart=1) may start suspended: its clock stands
   // still until resumed, and the frames timed on it would fall behind
@@ -353,12 +361,21 @@ async function connect() {
   resetStats();
   setStatus("connecting");
   try {
-    mic = await getMic();
-    if (mine !== generation) return;
+    const stream = await getMic();
+    if (mine !== generation) {  // another connect (or a hang-up) came while the browser asked
+      if (stream) stream.getTracks().forEach((t) => t.stop());
+      return;
+    }
+    mic = stream;
     if (params.get("transport") === "ws") {
       await connectWebSocket(mine);
     } else {
-      session = await createSession();  // refused (full, bad image): the server's word, no fallback
+      const made = await createSession();  // refused (full, bad image): the server's word, no fallback
+      if (mine !== generation) {  // hung up meanwhile: this session is nobody's
+        deleteSession(made);
+        return;
+      }
+      session = made;
       try {
         await connectWebRTC(mine);
       } catch (e) {
@@ -384,7 +401,7 @@ async function connect() {
 function closePeer() {
   // a failed WebRTC attempt: its peer connection and its session (bound to WHEP once offered)
   if (pc) { pc.onconnectionstatechange = null; pc.close(); }
-  if (session) fetch(session.resource, { method: "DELETE", headers: authHeaders() }).catch(() => {});
+  if (session) deleteSession(session);
   pc = audioSender = session = null;
 }
 
@@ -392,7 +409,7 @@ function cleanup(sendDelete = true) {
   generation++;
   clearInterval(statsTimer);
   clearTimeout(lostTimer);
-  if (sendDelete && session) fetch(session.resource, { method: "DELETE", headers: authHeaders() }).catch(() => {});
+  if (sendDelete && session) deleteSession(session);
   if (pc) { pc.onconnectionstatechange = null; pc.close(); }
   if (ws) {
     ws.onclose = ws.onmessage = ws.onerror = null;
@@ -446,8 +463,15 @@ $("mic").onchange = async () => {
   }
   if (pc && audioSender) await audioSender.replaceTrack(on && mic ? mic.getAudioTracks()[0] : null);
   else if (ws && mic && !micNode) startWsMic();  // (its sender checks the box for every buffer)
+  if (!on && mic) {  // given back, not only muted: the browser's recording indicator goes off
+    if (micNode) micNode.disconnect();
+    mic.getTracks().forEach((t) => t.stop());
+    mic = micNode = null;
+  }
 };
 window.addEventListener("pagehide", () => cleanup(true));
 if (params.get("mic") === "0") $("mic").checked = false;
 showOverlay();
-loadAvatars().then(() => { if (params.get("autostart") === "1") connect(); });
+loadAvatars().then(() => {  // (not when a click was quicker)
+  if (params.get("autostart") === "1" && !$("connect").disabled) connect();
+});
