@@ -25,7 +25,8 @@ SDPA with the fused Triton kernels; `stages`, the default configuration stage by
 stage (audio, denoise, re-encode, decode, copy to the host; and a fresh stream's
 first chunk), each against the floor its counted work sets under those ceilings
 (bench/floor.py; every variant also gets `of_floor` and `of_clip_floor`, its rate
-over the floor's); the DiT's block linears in FP8 (`streamgen.model.float8`, on
+over the default configuration's floor: a variant that does less work, FP8 or the tiny
+decoder, is measured against the default's work and can pass 1); the DiT's block linears in FP8 (`streamgen.model.float8`, on
 sm_89+, on a copy of the DiT); attention with QK^T in FP8 (`fp8_qk`), then with
 PV too (`fp8`: our Triton kernel, `kernels.attention`); the stream decoding with TAEHV's tiny
 decoder (streamgen/model/tiny_decoder.py; random weights: its speed, not its frames), alone and
