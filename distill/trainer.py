@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import importlib
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -197,13 +196,11 @@ class Updater:
 
 def _check_writable(folder: Path, key: str, make: bool) -> None:
     """TrainingError unless `folder` is (or can become) a folder to write in; `make`: made now."""
-    if folder.exists() and not folder.is_dir():
-        raise TrainingError(f"{key} {folder} is a file, not a folder")
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise TrainingError(f"{key} {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK):
-        raise TrainingError(f"{key} {folder}: cannot write in {existing}")
+    from streamgen.cli import folder_problem
+
+    problem = folder_problem(folder)
+    if problem:
+        raise TrainingError(f"{key} {problem}")
     if make:
         folder.mkdir(parents=True, exist_ok=True)
 

@@ -69,25 +69,32 @@ class UserError(Exception):
     """An error the user caused (bad file, bad argument): printed as one line, exit code 2."""
 
 
+def folder_problem(path: Path) -> str | None:
+    """Why `path` cannot be (or become) a folder to write in, or None."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return (
+            f"{path} is a file, not a folder"
+            if existing == path
+            else f"{path}: a file is in its way ({existing})"
+        )
+    if not os.access(existing, os.W_OK):
+        return f"{path}: cannot write in {existing}"
+    return None
+
+
 def output_folder(path, flag: str = "--out", make: bool = True) -> Path:
     """The folder a command writes into, made now (`make`; else only checked): a file in its way
     is one line before the work, not a NotADirectoryError when its results are written."""
     path = Path(path)
-    if not make:
-        existing = next(p for p in (path, *path.parents) if p.exists())
-        if not existing.is_dir():
-            raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
-        return path
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UserError(f"{flag} {path} is a file, not a folder") from None
-    except NotADirectoryError:
-        raise UserError(f"{flag} {path}: a file is in its way (a folder of that path is a file)") from None
-    except OSError as e:
-        raise UserError(f"{flag}: cannot make {path}: {e.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise UserError(f"{flag}: cannot write in {path}")
+    problem = folder_problem(path)
+    if problem:
+        raise UserError(f"{flag} {problem}")
+    if make:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{flag}: cannot make {path}: {e.strerror}") from None
     return path
 
 

@@ -435,7 +435,7 @@ def test_a_resumed_ema_lives_where_its_module_does():
     [
         (["--set", "model.height=17"], "cannot build the teacher stage from this config: frame size 17x"),
         (["--set", "model.overrides.num_layers=0"], "num_layers must be at least 1, not 0"),
-        (["--out", "{file}/x"], "is a file, not a folder"),
+        (["--out", "{file}/x"], "a file is in its way ({file})"),
         (["--set", "run.export={file}"], "run.export {file} is a file, not a folder"),  # was: after training
     ],
 )

@@ -137,7 +137,7 @@ def test_an_out_folder_with_a_file_in_its_way_is_one_line_before_the_work(tmp_pa
         (["data", "preview", "--clips", "1", "--out", str(a_file / "sub")], "a file is in its way"),
         ([*truth, "--data", "d", "--out", str(tmp_path / "e")], "--data is for train-evaluators"),
         ([*truth, "--minutes", "inf", "--out", str(tmp_path / "e")], "--minutes is at most 60"),
-        (["data", "make", "--clips", "1", "--out", str(a_file / "sub")], "is a file, not a folder"),
+        (["data", "make", "--clips", "1", "--out", str(a_file / "sub")], "a file is in its way"),
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err
