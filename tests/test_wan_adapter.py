@@ -123,3 +123,16 @@ def test_bad_checkpoints_are_named(tmp_path):
         load_pretrained(tmp_path)
     with pytest.raises(KeyError, match="no counterpart"):
         from_diffusers({"blocks.0.attn2.add_k_proj.weight": torch.zeros(1)})
+
+
+def test_a_checkpoint_the_size_of_a_flavor_gets_its_audio_width():
+    """Wan2.1-1.3B's config.json makes the wan2.1-1.3b flavor's model, avatar branch included
+    (the GPU benchmark times that flavor); a size no flavor has keeps the default width."""
+    from streamgen.model.config import ModelConfig, get_config
+    from streamgen.model.wan import diffusers_config
+
+    flavor = get_config("wan2.1-1.3b")
+    cfg = config_from_diffusers(diffusers_config(flavor))
+    assert cfg.audio_dim == flavor.audio_dim == 512
+    assert config_from_diffusers(diffusers_config(flavor), audio_dim=64).audio_dim == 64
+    assert config_from_diffusers(dict(tiny_wan().config)).audio_dim == ModelConfig().audio_dim

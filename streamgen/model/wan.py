@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from streamgen.model.audio import AudioEncoder
-from streamgen.model.config import ModelConfig
+from streamgen.model.config import FLAVORS, ModelConfig
 from streamgen.model.model import Block, DiT
 
 # diffusers key pattern -> our key pattern ("{n}" = block index)
@@ -108,8 +108,18 @@ def config_from_diffusers(cfg: dict, **overrides) -> ModelConfig:
         cross_attn_norm=cfg.get("cross_attn_norm", True),
         name="wan-pretrained",
     )
+    # the avatar branch (absent from Wan) as wide as the flavor of the same size (whose benches time it)
+    flavor = _flavor_like(fields)
+    if flavor is not None:
+        fields["audio_dim"] = flavor.audio_dim
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+def _flavor_like(fields: dict) -> ModelConfig | None:
+    """The flavor with this checkpoint's transformer sizes (e.g. wan2.1-1.3b), if one has them."""
+    sizes = ("dim", "num_heads", "ffn_dim", "num_layers", "text_dim")
+    return next((f for f in FLAVORS.values() if all(getattr(f, k) == fields[k] for k in sizes)), None)
 
 
 def diffusers_config(cfg: ModelConfig) -> dict:
