@@ -162,8 +162,8 @@ def join_schedule(
     due at the times in `lane`: that of the group whose joining costs its viewer least, or as
     given (`base`, `delay`: the session's own, unaligned schedule) when the lane streams nothing
     or every group's batch would outgrow `headroom` of the chunk period. The cost counts the
-    one-time wait for the first frame (`shift`) and the lasting delay alike, so a bigger group
-    starting a little later can win over the soonest one when its batch is not much slower.
+    one-time wait for the first frame (`shift`) and the lasting delay alike, so a group due a
+    little later can win over the soonest one when its smaller batch needs a shorter delay.
 
     Joining moves `base` later by less than one chunk period; the next chunk (`chunk_index`)
     then falls due with the group's. The delay is the one the grown batch needs to be published
