@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return int(args._run(args) or 0)
         except UserError as e:
-            print(f"streamgen {args.command}: error: {e}", file=sys.stderr)
+            from streamgen.parallel.torchrun import report_error  # (once per command, not once per --sp rank)
+
+            report_error(f"streamgen {args.command}: error: {e}")
             return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

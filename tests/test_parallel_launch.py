@@ -115,9 +115,10 @@ def test_a_failing_rank_ends_the_launcher_with_its_code_and_one_line(tmp_path):
         "generate", "--sp", "2", "--model", "no-such-model", "--quiet", "--out", str(tmp_path / "a.mp4")
     )
     assert r.returncode == 2, r.stderr  # a usage error, as with --sp 1
-    assert "unknown model 'no-such-model'" in r.stderr
+    assert r.stderr.count("unknown model 'no-such-model'") == 1, r.stderr  # not once per rank
     assert "failed (exit code 2); the other ranks were stopped" in r.stderr
     assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr, r.stderr
+    assert "Sending process" not in r.stderr and "exitcode" not in r.stderr, r.stderr  # torchrun's logs
 
 
 @pytest.mark.timeout(60)
@@ -300,3 +301,30 @@ def test_leaving_after_a_peer_has_gone_is_one_line(tmp_path, capfd):
     assert (tmp_path / "rank0").read_text() == "False"  # the group was destroyed
     err = capfd.readouterr().err
     assert "rank 0: a peer left before the end" in err and "Traceback" not in err, err
+
+
+def test_each_distinct_error_the_ranks_report_is_printed_once(monkeypatch, capsys, tmp_path):
+    """Ranks hand their error lines to the launcher (`report_error`): the same one from every rank
+    is printed once, a different one too; a rank stopped by a signal reports none."""
+    files = {rank: tmp_path / f"error-{rank}.json" for rank in range(4)}
+    lines = {0: "streamgen generate: error: too small", 1: "streamgen generate: error: too small",
+             2: "streamgen generate: error: out of memory"}  # fmt: skip
+    for rank, line in lines.items():
+        monkeypatch.setenv(torchrun.ERROR_FILE_ENV, str(files[rank]))
+        torchrun.report_error(line)
+    assert capsys.readouterr().err == ""  # in the files, not printed by the ranks
+    failures = {
+        rank: ProcessFailure(rank, 40 + rank, 2 if rank < 3 else -15, str(files[rank])) for rank in files
+    }
+
+    def fake_main(argv):
+        raise ChildFailedError("streamgen.cli", failures)
+
+    monkeypatch.setattr(torch.distributed.run, "main", fake_main)
+    assert torchrun.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("too small") == 1 and err.count("out of memory") == 1, err
+    assert err.index("too small") < err.index("out of memory") < err.index("failed (exit code 2)")
+    monkeypatch.delenv(torchrun.ERROR_FILE_ENV)
+    torchrun.report_error("streamgen generate: error: alone")  # outside torchrun: printed
+    assert capsys.readouterr().err == "streamgen generate: error: alone\n"

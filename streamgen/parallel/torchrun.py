@@ -10,13 +10,61 @@ the launcher and a table) is cut to one line naming the rank, and the
 launcher ends with that rank's exit code, so `--sp 2` fails the way `--sp 1`
 does (2 for a usage error). Anything else is raised as usual.
 
+A usage error (bad size, unknown model) is the same on every rank: each rank
+hands its error line to the launcher (`report_error`, through torchrun's error
+file) instead of printing it, and the launcher prints each distinct line once.
+torchrun's own log lines about stopping the ranks are left out unless $LOGLEVEL
+asks for them.
+
     python -m streamgen.parallel.torchrun --standalone --nproc-per-node=2 -m streamgen.cli ...
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import signal
 import sys
+import time
+
+ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # torchrun gives each worker a file for its error
+
+
+def report_error(line: str) -> None:
+    """A command's error line: to stderr, or in a torchrun worker to the launcher (which prints
+    each distinct one once, instead of once per rank)."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": line, "timestamp": int(time.time()), "streamgen": True}, f)
+            return
+        except OSError:
+            pass
+    print(line, file=sys.stderr)
+
+
+def _reported_errors(failures: dict) -> list[str]:
+    """The distinct error lines the failed ranks reported (`report_error`), in rank order."""
+    lines: list[str] = []
+    for _, failure in sorted(failures.items()):
+        data = failure.error_file_data
+        if data.get("streamgen") and data.get("message") not in lines:
+            lines.append(data["message"])
+    return lines
+
+
+def _quiet_torchrun_logs() -> None:
+    """torchrun's warnings and errors about stopping ranks after one failed say what the launcher's
+    one line says; $LOGLEVEL (torchrun's own switch) brings them back."""
+    if "LOGLEVEL" in os.environ:
+        return
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(
+            ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")
+        ):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"streamgen: stopped by {sig.name} before any rank started", file=sys.stderr)
         return 128 + int(sig)
 
+    _quiet_torchrun_logs()
     try:
         torchrun_main(argv)
     except ChildFailedError as e:
+        for line in _reported_errors(e.failures):
+            print(line, file=sys.stderr)
         rank, failure = e.get_first_failure()
         code = failure.exitcode
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
