@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--fp8 on a GPU needs --dtype bfloat16 (its FP8 products give bfloat16)")
     if args.compile and (args.device != "cpu" or args.sp > 1):
         raise UserError("--compile runs on the CPU in one process: it cannot be combined with --sp or a GPU device")
+    if args.cache_from == "last_step" and args.steps == 1:
+        raise UserError("--cache-from last_step needs 2 or more --steps: a 1-step chunk's last step sees only noise")
     check_device(args.device)  # (after the options' own conflicts, which hold on any machine)
     for origin in args.cors_origin:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):

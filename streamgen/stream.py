@@ -16,6 +16,7 @@ instead, so lateness never accumulates into latency.
 
 from __future__ import annotations
 
+import logging
 import random
 from contextlib import nullcontext
 
@@ -47,6 +48,8 @@ from streamgen.sampling import (
     student_sigmas,
 )
 from streamgen.start_memo import StartState
+
+log = logging.getLogger(__name__)
 
 
 def prepare_reference(image, height: int, width: int) -> np.ndarray:
@@ -162,7 +165,7 @@ class StreamSession:
         self.dit = self.model.dit_in(dtype)
         self.dtype = next(self.dit.parameters()).dtype  # the patch embedding's: never FP8
         self.steps = steps or self.model.steps
-        self.cache_from = check_cache_from(cache_from or self.model.meta.get("cache_from", "reencode"))
+        self.cache_from = _cache_from(cache_from, self.model, self.steps)
         self.sigmas = student_sigmas(self.steps, self.model.shift)
         self.device = torch.device(device)
         self.cpu_threads = check_cpu_threads(cpu_threads)
@@ -474,6 +477,21 @@ class StreamSession:
     def _require_started(self):
         if not self.started:
             raise RuntimeError("call start(reference) first")
+
+
+def _cache_from(asked: str | None, model: AvatarModel, steps: int) -> str:
+    """Where a session's chunk keys/values come from: as asked, else the model's own. With one
+    step, the last step's input is pure noise, so its keys/values say nothing of the chunk: asking
+    for that is an error, and a model trained that way re-encodes instead."""
+    cache_from = check_cache_from(asked or model.meta.get("cache_from", "reencode"))
+    if cache_from == "last_step" and steps == 1:
+        if asked:
+            raise ValueError(
+                "cache_from 'last_step' needs 2 or more steps: a 1-step chunk's last step sees only noise"
+            )
+        log.warning("%s: one step re-encodes each chunk (its last step sees only noise)", model.name)
+        return "reencode"
+    return cache_from
 
 
 def to_uint8(frames: torch.Tensor) -> torch.Tensor:

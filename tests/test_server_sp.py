@@ -282,6 +282,7 @@ def test_a_follower_that_vanished_takes_the_host_down():
         (["--fp8", "--device", "cuda"], "--fp8 on a GPU needs --dtype bfloat16"),
         (["--compile", "--sp", "2"], "--compile runs on the CPU in one process"),
         (["--compile", "--device", "cuda"], "--compile runs on the CPU in one process"),
+        (["--cache-from", "last_step", "--steps", "1"], "--cache-from last_step needs 2 or more --steps"),
     ],
 )
 def test_serve_refuses_bad_options_before_launching_anything(extra, message, capsys):

@@ -370,6 +370,11 @@ def test_a_session_may_keep_each_chunk_from_its_last_step_instead_of_a_reencode(
     assert StreamSession(trained, cache_from="reencode").cache_from == "reencode"
     with pytest.raises(ValueError, match="cache_from must be one of"):
         StreamSession(model, cache_from="sometimes")
+    # one step: its input is pure noise, whose keys/values say nothing of the chunk
+    with pytest.raises(ValueError, match="needs 2 or more steps"):
+        StreamSession(model, steps=1, cache_from="last_step")
+    assert StreamSession(trained, steps=1).cache_from == "reencode"
+    assert StreamSession(trained, steps=2).cache_from == "last_step"
 
 
 def test_a_new_caption_finds_the_last_chunk_written_with_the_old_one():
