@@ -421,6 +421,8 @@ def _validate(cfg: TrainConfig, path) -> None:
         problems.append(
             f"self_forcing.cache_from must be one of {', '.join(CACHE_FROM)}, got {opts.cache_from!r}"
         )
+    if isinstance(opts, SelfForcingOptions) and opts.cache_from == "last_step" and opts.student_steps == 1:
+        problems.append("self_forcing.cache_from last_step needs student_steps 2 or more (1 step sees only noise)")
     if isinstance(opts, TinyDecoderOptions) and opts.architecture not in ("taehv", "causal_vae"):
         problems.append(f"tiny_decoder.architecture must be taehv or causal_vae, got {opts.architecture!r}")
     if cfg.data.source not in ("world", "synthetic"):

@@ -141,6 +141,7 @@ def test_unknown_section_wrong_type_and_wrong_stage(tmp_path):
         ("ode", "ode: {trajectories: 0}", "ode.trajectories must be >= 1"),
         ("chunk", "chunk: {max_chunks_back: -1}", "chunk.max_chunks_back must be >= 0"),
         ("self_forcing", "self_forcing: {cache_from: bogus}", "self_forcing.cache_from must be one of"),
+        ("self_forcing", "self_forcing: {cache_from: last_step, student_steps: 1}", "needs student_steps 2 or more"),
         ("self_forcing", "self_forcing: {score_t_min: 0.9, score_t_max: 0.5}", "score_t_min must be below"),
         (
             "self_forcing",
