@@ -255,13 +255,13 @@ def held_page(context, url: str):
     return page
 
 
-def wait_for(check, timeout: float = 20.0):
+def wait_for(check, timeout: float = 20.0, failed: str = "timed out"):
     import time
 
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
-            raise AssertionError("timed out")
+            raise AssertionError(failed)
         time.sleep(0.1)
 
 
@@ -286,6 +286,40 @@ def test_the_page_says_when_the_server_ends_its_webrtc_session(browser_page):
                 "mics": 0, "contexts": 0, "state": "ended: the server ended the session", "connect": True,
                 "hangup": False,
             }  # fmt: skip
+        finally:
+            page.close()
+
+
+# a page whose DELETEs never leave it (answered in the page, as if the request were lost)
+NO_DELETE = """
+const realFetch = window.fetch;
+window.fetch = (url, init) => (init && init.method === "DELETE" ? Promise.resolve(new Response(null, {status: 204}))
+                                                                 : realFetch(url, init));
+"""
+
+
+def test_a_webrtc_page_closed_or_left_ends_its_session_at_once(browser_page):
+    """A closed tab, or a page left for another, must not hold its session (and a model slot) until
+    ICE consent expires (about 30 s, aioice's checks; the waits here are 10 s): the page's pagehide
+    sends the DELETE, and where that is lost, the peer connection's closing ends it on the server."""
+    with live_server(max_sessions=2) as (url, app):
+        sessions = app.state.registry.sessions
+        closed = 'streamgen_sessions_closed_total{reason="%s"}'
+        page = browser_page.new_page()
+        page.goto(f"{url}/?autostart=1&avatar=ada&mic=0")
+        page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
+        page.close(run_before_unload=True)
+        wait_for(lambda: not sessions, 10, "closing the tab left its session on the server")
+        assert metric(url, closed % "deleted by client") == 1
+
+        page = browser_page.new_page()
+        page.add_init_script(NO_DELETE)
+        try:
+            page.goto(f"{url}/?autostart=1&avatar=ada&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
+            page.goto("about:blank")
+            wait_for(lambda: not sessions, 10, "leaving the page left its session on the server")
+            assert metric(url, closed % "peer connection closed") == 1
         finally:
             page.close()
 
