@@ -111,17 +111,59 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
 
 
 async def consume_microphone(track: MediaStreamTrack, session: Session) -> None:
-    """Browser mic (Opus -> s16 48 kHz stereo, 20 ms frames) -> 16 kHz mono on the session timeline."""
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)  # once per session
+    """Browser mic (Opus -> s16 48 kHz stereo, 20 ms frames) -> 16 kHz mono on the session timeline.
+
+    A frame that cannot be converted is skipped (logged once), and a track that fails is logged:
+    an exception that ended this task was reported by asyncio only once the task was collected,
+    after its session, while the avatar stopped hearing the microphone."""
+    to_timeline = MicResampler()
+    failed = False
     while not session.closed:
         try:
             frame = await track.recv()
         except MediaStreamError:
+            return  # the track ended: the peer connection closed
+        except Exception:
+            log.exception("session %s: microphone track failed; the avatar no longer hears it", session.id)
             return
-        for out in resampler.resample(frame):
-            pcm = out.to_ndarray().reshape(-1).astype(np.float32) / 32768.0
-            session.timeline.append(pcm, source="mic", live=True)
+        try:
+            pcm = to_timeline.resample(frame)
+        except Exception:
+            if not failed:
+                log.exception("session %s: a microphone frame could not be converted; skipping such frames",
+                              session.id)  # fmt: skip
+                failed = True
+            continue
+        for samples in pcm:
+            session.timeline.append(samples, source="mic", live=True)
         session.touch()
+
+
+class MicResampler:
+    """Audio frames of any format -> float32 16 kHz mono, through a PyAV resampler made for the
+    format of the frames it gets, and made again when that changes (a codec renegotiated mid-call,
+    Opus's 48 kHz stereo to PCMU's 8 kHz mono). PyAV's resampler is set up by its first frame: it
+    raises on a frame unlike that one, or, where the first needed no conversion, passes every
+    later frame through unconverted."""
+
+    def __init__(self):
+        self.resampler: av.AudioResampler | None = None
+        self.converts: tuple | None = None  # (format, layout, rate) of the frames it was made for
+
+    def resample(self, frame: av.AudioFrame) -> list[np.ndarray]:
+        out = []
+        converts = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if converts != self.converts:
+            if self.resampler is not None:
+                out += self.resampler.resample(None)  # what the old one still holds (its filter's delay)
+            self.resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+            self.converts = converts
+        try:
+            out += self.resampler.resample(frame)
+        except Exception:  # a setup that failed leaves it broken: the next frame gets a new one
+            self.resampler = self.converts = None
+            raise
+        return [o.to_ndarray().reshape(-1).astype(np.float32) / 32768.0 for o in out]
 
 
 class AvatarVideoTrack(MediaStreamTrack):

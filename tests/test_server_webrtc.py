@@ -224,3 +224,98 @@ def test_offers_are_checked_for_what_the_transports_assert_on_later():
     rest = [line for line in lines if line not in moved]
     first_media = next(i for i, line in enumerate(rest) if line.startswith("m="))
     assert check_offer("\r\n".join(rest[:first_media] + moved + rest[first_media:]) + "\r\n") == {"video"}
+
+
+class FakeMicTrack:
+    """A remote audio track that yields these frames, then ends as aiortc's does (MediaStreamError)."""
+
+    kind = "audio"
+
+    def __init__(self, frames):
+        self.frames = list(frames)
+
+    async def recv(self):
+        from aiortc.mediastreams import MediaStreamError
+
+        if not self.frames:
+            raise MediaStreamError
+        frame = self.frames.pop(0)
+        if isinstance(frame, Exception):
+            raise frame
+        return frame
+
+
+def mic_frames(n: int, fmt: str, layout: str, rate: int, level: float) -> list:
+    """n frames of 20 ms, a constant `level` (of full scale) in every channel."""
+    import av
+
+    channels, samples = (2 if layout == "stereo" else 1), rate // 50
+    frames = []
+    for i in range(n):
+        if fmt == "s16":  # packed: one plane, channels interleaved
+            data = np.full((1, samples * channels), round(level * 32767), np.int16)
+        else:  # fltp: a plane per channel
+            data = np.full((channels, samples), level, np.float32)
+        frame = av.AudioFrame.from_ndarray(data, format=fmt, layout=layout)
+        frame.sample_rate, frame.pts = rate, i * samples
+        frames.append(frame)
+    return frames
+
+
+def mic_session():
+    from types import SimpleNamespace
+
+    from server.session import AudioTimeline
+
+    heard = []
+    timeline = AudioTimeline(30.0, on_receive=lambda source, n: heard.append(n))
+    return SimpleNamespace(id="mic", timeline=timeline, closed=False, touch=lambda: None), heard
+
+
+@pytest.mark.parametrize(
+    "first, then",
+    [
+        (("s16", "stereo", 48000), ("s16", "mono", 8000)),  # Opus, then PCMU (a codec renegotiated)
+        (("s16", "stereo", 48000), ("fltp", "stereo", 48000)),  # another decoder's sample format
+        (("s16", "mono", 16000), ("s16", "stereo", 48000)),  # a first frame needing no conversion
+    ],
+    ids=["opus-then-pcmu", "s16-then-fltp", "passthrough-then-opus"],
+)
+async def test_microphone_frames_that_change_format_mid_stream_keep_reaching_the_avatar(first, then):
+    """PyAV's resampler is set up by its first frame: a frame of another format raised ValueError,
+    which ended the microphone task for good, with no log line until the session was gone; after a
+    first frame it passed through unconverted, later ones came through unconverted too (48 kHz
+    stereo read as 16 kHz mono: six times the samples)."""
+    from server.webrtc import consume_microphone
+
+    session, heard = mic_session()
+    track = FakeMicTrack(mic_frames(25, *first, level=0.0) + mic_frames(25, *then, level=0.5))
+    await asyncio.wait_for(consume_microphone(track, session), 10)
+    assert not track.frames, "the microphone task stopped before the track ended"
+    assert sum(heard) == pytest.approx(2 * 25 * 320, abs=320)  # 1 s at 16 kHz, give or take a frame
+    pcm = session.timeline.read(0, sum(heard))
+    assert np.abs(pcm[: 20 * 320]).max() < 0.01  # the first half's silence
+    assert np.median(pcm[-20 * 320 :]) == pytest.approx(0.5, abs=0.01)  # the second half's level, converted
+
+
+async def test_a_microphone_frame_or_track_that_fails_is_logged(caplog):
+    """An unexpected exception ended the microphone task silently (asyncio reports a task's
+    exception only when the task is collected, after the session). A frame that cannot be
+    converted is skipped, and the frames after it still reach the avatar."""
+    from server.webrtc import consume_microphone
+
+    session, heard = mic_session()
+    bad = mic_frames(2, "s16", "stereo", 48000, 0.1)
+    for frame in bad:
+        frame.sample_rate = 0  # what no resampler can be set up for
+    good = mic_frames(5, "s16", "stereo", 48000, 0.1)
+    track = FakeMicTrack(good + bad + good + [RuntimeError("decoder broke")] + good)
+    with caplog.at_level("ERROR", logger="streamgen.server"):
+        await asyncio.wait_for(consume_microphone(track, session), 10)
+    assert sum(heard) == pytest.approx(10 * 320, abs=320)  # the good frames before the broken track
+    assert len(track.frames) == 5  # it stopped at the failed track
+    assert [r.getMessage() for r in caplog.records] == [
+        "session mic: a microphone frame could not be converted; skipping such frames",  # once for both
+        "session mic: microphone track failed; the avatar no longer hears it",
+    ]
+    assert "decoder broke" in caplog.text
