@@ -92,7 +92,9 @@ async function createSession() {
 }
 
 function deleteSession(s) {
-  fetch(s.resource, { method: "DELETE", headers: { Authorization: `Bearer ${s.token}` } }).catch(() => {});
+  // keepalive: a DELETE sent as the page goes (pagehide) outlives it, as the Fetch spec promises
+  // only such requests
+  fetch(s.resource, { method: "DELETE", headers: { Authorization: `Bearer ${s.token}` }, keepalive: true }).catch(() => {});
 }
 
 async function getMic() {
