@@ -63,6 +63,7 @@ class AudioTimeline:
         self._origin = 0  # absolute sample index of _buf[0]
         self._cursors: dict[str, int] = {}  # source -> where its next sample goes
         self.taken = 0  # samples before this have been handed to the model
+        self.clears = 0  # interrupts so far (`clear_ahead`): speech asked for before one is dropped
         self._lock = threading.Lock()
 
     def append(self, pcm: np.ndarray, source: str = "client", live: bool = False, whole: bool = False) -> int:
@@ -87,6 +88,7 @@ class AudioTimeline:
     def clear_ahead(self) -> None:
         """Forget audio not yet handed to the model (interrupt)."""
         with self._lock:
+            self.clears += 1
             self._cursors.clear()
             end = max(0, self.taken - self._origin)
             self._buf = self._buf[:end].copy()

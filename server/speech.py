@@ -15,8 +15,11 @@ from streamgen.data.speech import SpeechError, Voice, synthesize
 from .session import Session
 
 # Synthesis runs on a thread of its own: in the default pool a burst of long texts held the
-# decoding of other clients' uploaded references behind it (the speech module serialises its
-# calls anyway, so one thread loses nothing)
+# decoding of other clients' uploaded references behind it. One thread for every session loses
+# nothing: espeak-ng keeps global state, so the speech module synthesises under one lock per
+# process. The longest text a session's queue takes (750 characters, 45 s of speech) took 72-92
+# ms here, ~70% of it under that lock; a short text sent just after it was answered after 97-178
+# ms with one thread and after 71-90 ms with two (this 2-core CPU): what waits is the lock.
 _synthesis = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="speech")
 # espeak-ng speaks about 14 characters a second: at least a second per this many characters
 CHARS_PER_SECOND_AT_MOST = 25
@@ -30,12 +33,26 @@ class SpeechForEndedSession(SpeechError):
     """The session ended while its speech was synthesised: nothing was queued."""
 
 
-async def speak(session: Session, text: str, language: str = "en-us", variant: str | None = None) -> float:
+class SpeechInterrupted(SpeechError):
+    """An interrupt came after the speak was asked for and before its speech was queued."""
+
+
+async def speak(
+    session: Session,
+    text: str,
+    language: str = "en-us",
+    variant: str | None = None,
+    clears: int | None = None,
+) -> float:
     """Queue `text` as speech on the session; returns its duration in seconds. SpeechError for bad
     input, SpeechBusy while the session's previous speak is still being synthesised,
-    SpeechForEndedSession when the session ended meanwhile."""
+    SpeechForEndedSession when the session ended meanwhile. clears: the session timeline's `clears`
+    when the speak was asked for (a WebSocket's speaks wait their turn): SpeechInterrupted, and
+    nothing queued, once an interrupt has come since, as if it had come after the speech."""
     voice = Voice(language=language, variant=variant)
     voice.validate()
+    if clears is not None and session.timeline.clears != clears:  # (not synthesised for nothing)
+        raise SpeechInterrupted("interrupted before its speech was queued: none of it was")
     if session.speaking:
         raise SpeechBusy("the previous speak is still being synthesised: send the next once it is answered")
     room = session.timeline.room_seconds
@@ -50,6 +67,8 @@ async def speak(session: Session, text: str, language: str = "en-us", variant: s
         session.speaking = False
     if session.closed:  # (answered "speaking" for a session DELETEd during the synthesis)
         raise SpeechForEndedSession(f"session ended: {session.close_reason}")
+    if clears is not None and session.timeline.clears != clears:
+        raise SpeechInterrupted("interrupted during its synthesis: none of its speech was queued")
     dropped = session.timeline.append(utterance.audio, source="speech", whole=True)
     if dropped:
         raise SpeechError(
@@ -99,4 +118,4 @@ async def set_caption(registry, session: Session, text: str) -> None:
     await asyncio.wrap_future(job)
 
 
-__all__ = ["SpeechBusy", "SpeechError", "speak", "set_caption"]
+__all__ = ["SpeechBusy", "SpeechError", "SpeechForEndedSession", "SpeechInterrupted", "speak", "set_caption"]

@@ -2,9 +2,11 @@
 
 One connection drives one session. The receive loop takes audio and control
 messages; a sender task takes chunks from the session's latest-chunk slot and
-writes one audio-out message and the chunk's frames. Every send has a
-deadline, so a client that stops reading is dropped (4430) instead of holding
-memory; any protocol violation closes the socket with a 44xx code and a reason.
+writes one audio-out message and the chunk's frames; a speaker task synthesises
+the socket's speaks one at a time, in the order they came, and answers each.
+Every send has a deadline, so a client that stops reading is dropped (4430)
+instead of holding memory; any protocol violation closes the socket with a 44xx
+code and a reason.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from .speech import SpeechError, set_caption, speak
 
 log = logging.getLogger("streamgen.server")
 router = APIRouter()
+
+# a socket's speaks not answered yet; more are refused (an error for each) until some are
+MAX_UNANSWERED_SPEAKS = 8
 
 
 def close_code_for(reason: str) -> CloseCode:
@@ -85,6 +90,9 @@ class SocketConnection:
         self.credit_changed = asyncio.Event()
         self.sender: asyncio.Task | None = None
         self.receiver: asyncio.Task | None = None
+        self.speaker: asyncio.Task | None = None  # started by the first speak
+        self.speeches: asyncio.Queue = asyncio.Queue()  # (speak message, timeline clears when it came)
+        self.unanswered_speaks = 0
         self.close_sent = False
 
     async def run(self) -> None:
@@ -111,10 +119,13 @@ class SocketConnection:
         finally:
             if self.sender is not None:
                 self.sender.cancel()
+            if self.speaker is not None:  # nothing this socket asked for is spoken after it
+                self.speaker.cancel()
             try:
                 await self.registry.close(self.session, reason)
             finally:
                 metrics.websockets_open.dec()
+                await self.speaker_ended()
 
     async def receive_loop(self) -> str:
         idle = self.config.idle_timeout_s
@@ -162,18 +173,53 @@ class SocketConnection:
         elif kind in ("interrupt", "clear"):
             self.session.timeline.clear_ahead()
         elif kind == "speak":
-            try:
-                duration = await speak(self.session, msg["text"], msg.get("language", "en-us"), msg.get("variant"))
-            except SpeechError as e:
-                await self.send_json({"type": "error", "for": "speak", "message": str(e)})
-            else:
-                await self.send_json({"type": "speaking", "duration": round(duration, 3)})
+            await self.queue_speak(msg)
         elif kind == "caption":
             try:
                 await set_caption(self.registry, self.session, msg["text"])
             except (ValueError, WorkerBusy, HostDown) as e:
                 await self.send_json({"type": "error", "for": "caption", "message": str(e)})
         return False
+
+    async def queue_speak(self, msg: dict) -> None:
+        """Hand a speak to the speaker task. Awaited here, its synthesis (up to ~0.1 s, and as long
+        again for each other session's before it: one at a time in a process) held up every
+        message after it, a ping, an interrupt, a stop and the client's live audio."""
+        if self.unanswered_speaks >= MAX_UNANSWERED_SPEAKS:
+            message = f"{MAX_UNANSWERED_SPEAKS} speaks are waiting for their answers: send it once one came"
+            await self.send_json({"type": "error", "for": "speak", "message": message})
+            return
+        self.unanswered_speaks += 1
+        self.speeches.put_nowait((msg, self.session.timeline.clears))
+        if self.speaker is None:
+            self.speaker = asyncio.create_task(self.speak_in_order(), name=f"speak {self.session.id}")
+
+    async def speak_in_order(self) -> None:
+        """Speaker task: the socket's speaks one at a time, in the order they came, each answered
+        with `speaking` or an error. An interrupt drops the speaks that came before it."""
+        while True:
+            msg, clears = await self.speeches.get()
+            try:
+                language, variant = msg.get("language", "en-us"), msg.get("variant")
+                duration = await speak(self.session, msg["text"], language, variant, clears)
+            except SpeechError as e:  # the client's: a bad voice, no room, an interrupt
+                reply = {"type": "error", "for": "speak", "message": str(e)}
+            except Exception as e:  # not the client's: logged, answered, and the stream goes on
+                log.exception("session %s: speak failed", self.session.id)
+                reply = {"type": "error", "for": "speak", "message": f"speech failed: {e}"}
+            else:
+                reply = {"type": "speaking", "duration": round(duration, 3)}
+            self.unanswered_speaks -= 1
+            await self.send_json(reply)
+
+    async def speaker_ended(self) -> None:
+        """Wait for the cancelled speaker: a synthesis under way finishes on its thread, its speech
+        not queued (the session has ended), and the speaks still waiting are dropped with it."""
+        if self.speaker is None:
+            return
+        await asyncio.wait([self.speaker])
+        if not self.speaker.cancelled() and self.speaker.exception() is not None:
+            log.error("session %s: speaker failed", self.session.id, exc_info=self.speaker.exception())
 
     def start(self, msg: dict) -> None:
         self.options = msg

@@ -394,3 +394,137 @@ async def test_the_transport_refuses_a_message_far_past_the_protocol_s_largest()
                 while True:
                     await asyncio.wait_for(ws.recv(), 20)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009  # message too big
+
+
+# --- speak off the receive loop -----------------------------------------------------------------------
+@pytest.fixture
+def held_synthesis(monkeypatch):
+    """Synthesis that waits for `release` (at most 10 s, so that a test of a loop that waits for it
+    fails instead of hanging); `started` and `finished` mark each text's synthesis."""
+    import threading
+    from types import SimpleNamespace
+
+    from server import speech
+
+    held = SimpleNamespace(release=threading.Event(), started=[], finished=[])
+
+    def synthesize(text, voice):
+        held.started.append(text)
+        held.release.wait(10)
+        held.finished.append(text)
+        return SimpleNamespace(audio=np.zeros(160 * len(text), np.float32), duration=len(text) / 100)
+
+    monkeypatch.setattr(speech, "synthesize", synthesize)
+    yield held
+    held.release.set()  # (a failed test's synthesis does not hold the speech thread up for the next)
+
+
+def next_json(ws, max_messages=500) -> dict:
+    """The next JSON message, past the binary ones (a chunk's audio every 0.32 s without credit)."""
+    for _ in range(max_messages):
+        message = ws.receive()
+        assert message["type"] == "websocket.send", message
+        if message.get("text") is not None:
+            return json.loads(message["text"])
+    raise AssertionError(f"no JSON message in {max_messages} messages")
+
+
+def test_a_speak_being_synthesised_holds_up_no_other_message(client, held_synthesis):
+    """The receive loop awaited each speak's synthesis: meanwhile it read nothing, a ping or the
+    client's live audio included."""
+    s = new_session(client)
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
+        next_json(ws)
+        ws.send_text(json.dumps({"type": "speak", "text": "Hello there."}))
+        ws.send_text(json.dumps({"type": "ping", "id": 1}))
+        pong = next_json(ws)
+        assert pong["type"] == "pong" and held_synthesis.finished == []  # answered during the synthesis
+        held_synthesis.release.set()
+        assert next_json(ws) == {"type": "speaking", "duration": 0.12}
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+def speaker_tasks(client) -> list[str]:
+    async def names():
+        return [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("speak ")]
+
+    return client.portal.call(names)
+
+
+def test_a_socket_closes_during_a_synthesis_and_leaves_no_speaker_behind(client, held_synthesis):
+    s = new_session(client)
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
+        next_json(ws)
+        ws.send_text(json.dumps({"type": "speak", "text": "Hello there."}))
+        ws.send_text(json.dumps({"type": "speak", "text": "And a second time."}))
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws) == (CloseCode.NORMAL, "stopped")
+        assert held_synthesis.finished == []  # closed while the first was synthesised
+    assert s["id"] not in client.app.state.registry.sessions
+    assert speaker_tasks(client) == []
+    held_synthesis.release.set()
+    assert held_synthesis.started == ["Hello there."]  # the second one was never synthesised
+
+
+def test_speaks_are_answered_in_order_and_an_interrupt_drops_those_asked_before_it(client, held_synthesis):
+    """An interrupt is read during a synthesis now: the speaks sent before it, the one being
+    synthesised and those waiting, are answered with an error and none of their speech is queued,
+    as when the interrupt was read after them. Too many unanswered speaks are refused at once."""
+    from server.websocket import MAX_UNANSWERED_SPEAKS
+
+    s = new_session(client)
+    timeline = client.app.state.registry.get(s["id"]).timeline
+    queued, append = [], timeline.append
+
+    def queue(pcm, source="client", **kwargs):
+        queued.append((source, len(pcm)))
+        return append(pcm, source, **kwargs)
+
+    timeline.append = queue
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
+        next_json(ws)
+        texts = [f"Number {i}." for i in range(MAX_UNANSWERED_SPEAKS + 1)]
+        for text in texts:
+            ws.send_text(json.dumps({"type": "speak", "text": text}))
+        refused = next_json(ws)  # the last one, at once, during the first one's synthesis
+        assert refused["type"] == "error" and refused["for"] == "speak" and "waiting" in refused["message"]
+        assert held_synthesis.finished == []
+        ws.send_text(json.dumps({"type": "interrupt"}))
+        ws.send_text(json.dumps({"type": "ping", "id": 2}))
+        assert next_json(ws)["type"] == "pong"  # the interrupt was read: now let the synthesis end
+        held_synthesis.release.set()
+        for _ in texts[:-1]:
+            reply = next_json(ws)
+            assert reply["type"] == "error" and reply["for"] == "speak" and "interrupted" in reply["message"]
+        ws.send_text(json.dumps({"type": "speak", "text": "After the interrupt."}))
+        assert next_json(ws) == {"type": "speaking", "duration": 0.2}
+        assert held_synthesis.started == ["Number 0.", "After the interrupt."]
+        assert queued == [("speech", 160 * len("After the interrupt."))]
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+def test_a_speak_that_fails_on_the_servers_side_is_answered_logged_and_the_stream_goes_on(
+    client, monkeypatch, caplog
+):
+    from server import speech
+
+    def broken(text, voice):
+        raise RuntimeError("the synthesiser broke")
+
+    monkeypatch.setattr(speech, "synthesize", broken)
+    s = new_session(client)
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
+        next_json(ws)
+        ws.send_text(json.dumps({"type": "speak", "text": "Hello there."}))
+        assert next_json(ws) == {"type": "error", "for": "speak", "message": "speech failed: the synthesiser broke"}
+        ws.send_text(json.dumps({"type": "ping", "id": 4}))
+        assert next_json(ws)["type"] == "pong"
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+    assert any("speak failed" in r.getMessage() and r.exc_info for r in caplog.records)
