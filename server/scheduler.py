@@ -240,14 +240,33 @@ class InferenceWorker:
 
         t = time.perf_counter()
         local = [s for s in sessions if isinstance(s.stream, StreamSession)]
-        chunks = {}
+        chunks, failed = {}, set()
+
+        def fail_alone(s: Session, e: Exception) -> None:  # its group's others have their chunks
+            log.error("session %s: generation failed", s.id, exc_info=e)
+            failed.add(s.id)
+            self._fail([s], e)
+
         if len(local) > 1:
-            inputs = [s.take_input() for s in local]  # the timelines are validated and bounded on arrival
-            outputs = next_chunks([s.stream for s in local])
-            for s, t_in, (frames, pts) in zip(local, inputs, outputs):
-                chunks[s.id] = s.finish_chunk(frames, pts, t_in, self.stamp_frames)
+            # what each session does on its own fails it alone, as one by one (below): its input,
+            # its part of the batch's preparation, its frames' audio. A pass they share fails all
+            inputs = {}
+            for s in local:
+                try:
+                    inputs[s.id] = s.take_input()  # the timelines are validated and bounded on arrival
+                except Exception as e:
+                    fail_alone(s, e)
+            batch = [s for s in local if s.id in inputs]
+            outputs = next_chunks([s.stream for s in batch], on_error=lambda i, e: fail_alone(batch[i], e))
+            for s, output in zip(batch, outputs):
+                if output is None:
+                    continue
+                try:
+                    chunks[s.id] = s.finish_chunk(*output, inputs[s.id], self.stamp_frames)
+                except Exception as e:
+                    fail_alone(s, e)
         for s in sessions:  # alone, or a stream in a model child process
-            if s.id not in chunks:
+            if s.id not in chunks and s.id not in failed:
                 try:
                     chunks[s.id] = s.generate(self.stamp_frames)
                 except HostDown:  # the model process is gone: every stream with it
@@ -255,9 +274,7 @@ class InferenceWorker:
                 except Exception as e:
                     if len(sessions) == 1:
                         raise
-                    # one stream's failure is its own: its group's others have their chunks
-                    log.exception("session %s: generation failed", s.id)
-                    self._fail([s], e)
+                    fail_alone(s, e)
         dt = time.perf_counter() - t
         sessions = [s for s in sessions if s.id in chunks]
         if not sessions:  # each failed on its own (and was failed)

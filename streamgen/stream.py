@@ -507,28 +507,55 @@ def group_indices(items: list, key) -> list[list[int]]:
     return list(groups.values())
 
 
-def prepare_chunks(group: list[StreamSession]) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+def own_step(on_error, failed: set, i: int, step, *args):
+    """step(*args), a step that is session i's alone among a batch's. With on_error its failure is
+    that session's, as it would be one by one: reported (on_error(i, exception)), i added to
+    `failed`, and None returned, so that the batch can go on without it. Without, it raises."""
+    if on_error is None:
+        return step(*args)
+    try:
+        return step(*args)
+    except Exception as e:
+        failed.add(i)
+        on_error(i, e)
+        return None
+
+
+def prepare_chunks(
+    group: list[StreamSession], on_error=None
+) -> list[tuple[torch.Tensor | None, torch.Tensor] | None]:
     """Each session's next chunk's audio windows and starting noise (advancing its audio timeline
     and its RNG), for sessions of one DiT: the audio encoder runs once over the sessions whose
-    encoder inputs are as long (all but those near a stream's start)."""
+    encoder inputs are as long (all but those near a stream's start).
+
+    on_error(i, exception): session i's own steps (its start check, audio span, windows, noise)
+    fail it alone (`own_step`): its entry is None. The shared audio encoder's failure raises."""
     lead = group[0]
     cfg, enc = lead.cfg, lead.dit.audio_encoder
     c = cfg.frames_per_chunk
-    for s in group:
+    failed: set[int] = set()
+
+    def span(s: StreamSession):
         s._require_started()
-    spans = [s._audio_span(s.chunk_index * c) for s in group]
+        return s._audio_span(s.chunk_index * c)
+
+    def noise(s: StreamSession) -> torch.Tensor:
+        shape = (1, cfg.in_channels, c, *s.latent_hw)
+        return torch.randn(shape, generator=s.generator).to(s.device, s.dtype)
+
+    spans = [own_step(on_error, failed, i, span, s) for i, s in enumerate(group)]
     audio: list = [None] * len(group)
     if enc is not None:
-        for members in group_indices(spans, lambda span: len(span[0])):
+        ok = [i for i in range(len(group)) if i not in failed]
+        for same in group_indices([spans[i] for i in ok], lambda span: len(span[0])):
+            members = [ok[j] for j in same]
             pcm = torch.from_numpy(np.stack([spans[i][0] for i in members])).to(lead.device)
             with torch.no_grad(), lead.stage_threads("audio"):
                 tokens = enc(pcm)
             for row, i in enumerate(members):
-                first = spans[i][1]
-                windows = frame_windows(tokens[row : row + 1], first, group[i].chunk_index * c, c, cfg)
-                audio[i] = windows.to(lead.dtype)
-    noise = [
-        torch.randn((1, cfg.in_channels, c, *s.latent_hw), generator=s.generator).to(s.device, s.dtype)
-        for s in group
-    ]
-    return list(zip(audio, noise))
+                mine, first, start = tokens[row : row + 1], spans[i][1], group[i].chunk_index * c
+                windows = own_step(on_error, failed, i, frame_windows, mine, first, start, c, cfg)
+                if windows is not None:
+                    audio[i] = windows.to(lead.dtype)
+    noises = [None if i in failed else own_step(on_error, failed, i, noise, s) for i, s in enumerate(group)]
+    return [None if i in failed else (audio[i], noises[i]) for i in range(len(group))]

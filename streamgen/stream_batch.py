@@ -14,7 +14,7 @@ import torch
 
 from streamgen.model.cache import StreamCache
 from streamgen.sampling import cached_velocity, reencode_chunk, sample_few_step
-from streamgen.stream import StreamSession, group_indices, prepare_chunks, to_uint8
+from streamgen.stream import StreamSession, group_indices, own_step, prepare_chunks, to_uint8
 
 
 def _batch_key(s: StreamSession):
@@ -65,7 +65,7 @@ def write_pending_chunks(sessions: list[StreamSession]) -> None:
                 s._pending = None
 
 
-def next_chunks(sessions: list[StreamSession]) -> list[tuple[np.ndarray, float]]:
+def next_chunks(sessions: list[StreamSession], on_error=None) -> list[tuple[np.ndarray, float] | None]:
     """The next chunk of several sessions, batched where they can be.
 
     Sessions of the same model, size, steps and cache fill level (every
@@ -77,18 +77,33 @@ def next_chunks(sessions: list[StreamSession]) -> list[tuple[np.ndarray, float]]
     each session's own ring. Each session draws its noise from its own
     generator, so its frames are those it would have made alone (up to float
     rounding). Returns one (frames, pts) per session, in order.
+
+    on_error(i, exception): what session i does on its own (its start check, its audio span,
+    windows and noise, a chunk it makes alone) is its own failure when it raises, as it would
+    be one by one: it is reported so, its entry is None, and the others' chunks are made
+    without it. Without on_error it raises. A pass the sessions share (a batch's re-encode,
+    audio encoder, forward or decode) raises either way: its failure is every member's.
     """
-    for s in sessions:
-        s._require_started()
-    write_pending_chunks(sessions)  # the fill level the batch key reads counts the last chunk
     results: list = [None] * len(sessions)
-    for members in group_indices(sessions, _batch_key):
+    failed: set[int] = set()
+    for i, s in enumerate(sessions):
+        own_step(on_error, failed, i, s._require_started)
+    live = [i for i in range(len(sessions)) if i not in failed]
+    # the fill level the batch key reads counts the last chunk
+    write_pending_chunks([sessions[i] for i in live])
+    for same in group_indices([sessions[i] for i in live], _batch_key):
+        members = [live[j] for j in same]
         if len(members) == 1:
-            results[members[0]] = sessions[members[0]].next_chunk()
+            results[members[0]] = own_step(on_error, failed, members[0], sessions[members[0]].next_chunk)
+            continue
+        mine = None if on_error is None else lambda j, e, members=members: on_error(members[j], e)
+        prepared = prepare_chunks([sessions[i] for i in members], mine)
+        members = [i for i, p in zip(members, prepared) if p is not None]
+        prepared = [p for p in prepared if p is not None]
+        if not members:  # each failed on its own
             continue
         group = [sessions[i] for i in members]
         lead = group[0]
-        prepared = prepare_chunks(group)
         audio = _cat([a for a, _ in prepared])
         noise = torch.cat([n for _, n in prepared])
         context = torch.cat([s.context for s in group])

@@ -160,3 +160,50 @@ async def test_sessions_past_their_limits_are_closed_together_and_one_failure_st
     closed.clear()
     await registry.enforce_limits()
     assert sorted(closed) == [(f"s{i}", "host_down") for i in (0, 1, 3)]
+
+
+
+def fail_each_on_its_own(sessions, worker):
+    """Stream `sessions` on `worker`; returns what the worker fails each with, by id (as the
+    registry's fail handler sees it), and each session's latest-chunk slot."""
+    failed = {}
+    for s in sessions:
+        worker.add(s)
+        s.attach("websocket", 0.3, 0.0)
+        s.fail_handler = lambda session, reason: failed.setdefault(session.id, reason)
+    return failed, [s.add_slot() for s in sessions]
+
+
+@pytest.mark.parametrize("broken", ["take_input", "_audio_span"])
+def test_one_sessions_failed_input_fails_it_alone_and_the_batch_keeps_its_chunks(monkeypatch, broken):
+    """A session whose own step raised before the batch's forward (its take_input, or its audio span
+    in the batch's preparation) failed every session of its batch, as one broken forward would,
+    where generated one by one it failed alone (run_chunks' one-by-one path)."""
+    loop = asyncio.new_event_loop()
+    try:
+        worker = InferenceWorker(ServerMetrics())
+        batched = make_sessions(loop, [1, 2, 3])
+        alone = make_sessions(loop, [1, 3])
+        failed, slots = fail_each_on_its_own(batched, worker)
+        for _ in range(2):
+            worker.run_chunks(batched)
+            for s in alone:
+                worker.run_chunk(s)
+
+        def broken_step(*args):
+            raise BufferError("audio buffer full")
+
+        owner = batched[1] if broken == "take_input" else batched[1].stream
+        monkeypatch.setattr(owner, broken, broken_step)
+        worker._generate(batched)  # as the worker's lane runs a batch
+        loop.run_until_complete(asyncio.sleep(0))  # the chunks and the failure reach the event loop
+        assert failed == {"s2": "generation failed: audio buffer full"}
+        assert [s.streaming for s in batched] == [True, False, True] and worker.streaming == 2
+        assert slots[1].take_nowait() is None
+        for slot, s in zip((slots[0], slots[2]), alone):  # each the chunk it gets alone
+            chunk, expected = slot.take_nowait(), worker.run_chunk(s)
+            assert chunk is not None and chunk.index == expected.index == 2
+            assert np.abs(chunk.frames.astype(int) - expected.frames.astype(int)).max() <= 1
+        assert not any(s.stream.chunk_pending for s in (batched[0], batched[2]))
+    finally:
+        loop.close()
