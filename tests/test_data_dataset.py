@@ -205,3 +205,37 @@ def test_a_forked_worker_opens_its_own_shard_readers(world):
     own, shape = queue.get(timeout=60)
     proc.join(60)
     assert own and shape == ds[1]["video"].shape
+
+
+def test_iter_clips_closes_each_shard_it_opened_however_it_stops(world, monkeypatch):
+    """A limit that stopped iteration (or a consumer that stopped reading) left the shard's file
+    open, one per call: the reader was closed only after a shard's last clip."""
+    from streamgen.data import shards
+
+    opened = []
+
+    class Recorded(ShardReader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.closed = False
+            opened.append(self)
+
+        def close(self):
+            self.closed = True
+            super().close()
+
+    monkeypatch.setattr(shards, "ShardReader", Recorded)
+    assert len(list(iter_clips(world, "train", limit=3))) == 3  # stopped inside shard 0
+    assert len(opened) == 1 and all(r.closed for r in opened)
+    opened.clear()
+    assert len(list(iter_clips(world, "train", limit=8))) == 8  # stopped at the end of shard 0
+    assert len(opened) == 1 and all(r.closed for r in opened)  # (shard 1 was opened for nothing)
+    opened.clear()
+    assert list(iter_clips(world, "train", limit=0)) == [] and opened == []
+    clips = iter_clips(world, "train")
+    next(clips)
+    clips.close()  # the consumer stops reading
+    assert len(opened) == 1 and all(r.closed for r in opened)
+    opened.clear()
+    assert len(list(iter_clips(world, "train"))) == 16
+    assert len(opened) == 2 and all(r.closed for r in opened)

@@ -235,6 +235,12 @@ class ShardReader:
     def close(self) -> None:
         self._npz.close()
 
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def iter_clips(root: Path, split: str, limit: int | None = None):
     """Yield clip dicts of a split in order (plain numpy, no torch)."""
@@ -243,10 +249,13 @@ def iter_clips(root: Path, split: str, limit: int | None = None):
         raise DataError(f"unknown split {split!r}; the dataset has {', '.join(manifest['splits'])}")
     n = 0
     for shard in manifest["splits"][split]["shards"]:
-        reader = ShardReader(Path(root) / shard["file"], shard.get("bytes"))
-        for i in range(shard["clips"]):
-            if limit is not None and n >= limit:
-                return
-            yield reader.clip(i)
-            n += 1
-        reader.close()
+        if limit is not None and n >= limit:
+            return  # (before opening the next shard, not after)
+        # closed however iteration ends: a limit, an error, or a consumer that stops reading
+        # (the generator's close) each left the file open
+        with ShardReader(Path(root) / shard["file"], shard.get("bytes")) as reader:
+            for i in range(shard["clips"]):
+                if limit is not None and n >= limit:
+                    return
+                yield reader.clip(i)
+                n += 1
