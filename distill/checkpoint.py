@@ -39,11 +39,20 @@ def checkpoint_path(out, step: int) -> Path:
     return checkpoint_dir(out) / f"{PREFIX}{step:08d}{SUFFIX}"
 
 
+def checkpoint_step(path) -> int | None:
+    """The step in a checkpoint's file name (None: not a checkpoint's name)."""
+    digits = Path(path).name.removeprefix(PREFIX).removesuffix(SUFFIX)
+    return int(digits) if digits.isascii() and digits.isdigit() else None
+
+
 def list_checkpoints(out) -> list[Path]:
+    """The checkpoints in `out`, oldest first: by step, not by name (8 digits of zero padding
+    stop sorting by name at step 10^8, where the names grow a digit)."""
     d = checkpoint_dir(out)
     if not d.exists():
         return []
-    return sorted(p for p in d.glob(f"{PREFIX}*{SUFFIX}") if not p.name.startswith("."))
+    found = [p for p in d.glob(f"{PREFIX}*{SUFFIX}") if checkpoint_step(p) is not None]
+    return sorted(found, key=lambda p: (checkpoint_step(p), p.name))
 
 
 def latest_checkpoint(out) -> Path | None:

@@ -354,6 +354,25 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
         run(debug_config("teacher", out, **{"run.steps": 4}), resume=True)
 
 
+def test_the_newest_checkpoint_is_the_highest_step_past_eight_digits(tmp_path):
+    """Names are zero-padded to 8 digits: step 10^8 has 9, and sorted by name it came before
+    step 99999999, so a resume took the older one and pruning deleted the newer."""
+    out = tmp_path / "t"
+    for step in (99_999_998, 99_999_999, 100_000_000):
+        ckpt.save_checkpoint(out, step, {"w": torch.zeros(1)}, {}, keep=3)
+    assert ckpt.latest_checkpoint(out).name == "step-100000000.safetensors"
+    ckpt.save_checkpoint(out, 100_000_001, {"w": torch.zeros(1)}, {}, keep=3)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == [
+        "step-99999999.safetensors",
+        "step-100000000.safetensors",
+        "step-100000001.safetensors",
+    ]
+    (out / "checkpoints" / "step-latest.safetensors").write_bytes(b"")  # not a step: not a checkpoint
+    (out / "checkpoints" / "step-00000002.safetensors").write_bytes(b"")  # the 8-digit names still read
+    assert ckpt.list_checkpoints(out)[0].name == "step-00000002.safetensors"
+    assert ckpt.latest_checkpoint(out).name == "step-100000001.safetensors"
+
+
 def test_the_teacher_starts_from_a_wan_checkpoint_through_the_adapter(tmp_path):
     from streamgen.model.config import get_config
     from streamgen.model.model import DiT
