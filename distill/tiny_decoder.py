@@ -37,6 +37,7 @@ from distill.autoencoder import VideoSource, video_crops, video_to_input
 from distill.config import ConfigError
 from distill.distributed import broadcast_module
 from distill.trainer import Updater
+from streamgen.model.files import write_atomically, write_text_atomically
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -131,7 +132,7 @@ class Stage:
                 self.student = saved
             else:
                 self.student.decoder = saved
-        (d / "tiny_decoder.json").write_text(json.dumps(report, indent=2))
+        write_text_atomically(d / "tiny_decoder.json", json.dumps(report, indent=2))
         _plot_sample(sample, d / "tiny_decoder.png")
 
     @torch.no_grad()
@@ -186,10 +187,12 @@ class Stage:
             return
         directory.mkdir(parents=True, exist_ok=True)
         vae.save(directory)
-        shutil.copyfile(model_dir / "dit.safetensors", directory / "dit.safetensors")
+        write_atomically(
+            directory / "dit.safetensors", lambda tmp: shutil.copyfile(model_dir / "dit.safetensors", tmp)
+        )
         meta = json.loads((model_dir / "model.json").read_text())
         meta.update(name=f"{meta.get('name', model_dir.name)}-narrow-decoder", decoder_from=str(model_dir))
-        (directory / "model.json").write_text(json.dumps(meta, indent=2))
+        write_text_atomically(directory / "model.json", json.dumps(meta, indent=2))
 
 
 ARCHITECTURES = ("taehv", "causal_vae")
@@ -273,5 +276,5 @@ def _plot_sample(sample, path: Path, frames: int = 6) -> None:
             if r == 0:
                 ax.set_title(f"frame {t}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

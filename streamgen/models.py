@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -383,24 +384,26 @@ def _replace_autoencoder(vae: VideoAutoencoder, d: Path) -> None:
     from streamgen.model.tiny_decoder import TINY_DECODER_FILE
     from streamgen.model.vae import WanVAE
 
-    staging = d / ".autoencoder.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    vae.save(staging)
-    written = {p.name for p in staging.iterdir()}
-    for name in {"vae_config.json", "vae.safetensors", WanVAE.DIRECTORY, TINY_DECODER_FILE} | written:
-        old = d / name
-        if old.is_dir():
-            shutil.rmtree(old)
-        elif name not in written:
-            old.unlink(missing_ok=True)
-    for p in staging.iterdir():
-        p.replace(d / p.name)
-    staging.rmdir()
+    # a folder of this export's own: a second export into `d` emptied a shared one under this one
+    staging = Path(tempfile.mkdtemp(prefix=".autoencoder.", suffix=".tmp", dir=d))
+    try:
+        vae.save(staging)
+        written = {p.name for p in staging.iterdir()}
+        for name in {"vae_config.json", "vae.safetensors", WanVAE.DIRECTORY, TINY_DECODER_FILE} | written:
+            old = d / name
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif name not in written:
+                old.unlink(missing_ok=True)
+        for p in staging.iterdir():
+            p.replace(d / p.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_model(model: AvatarModel, directory, extra_meta: dict | None = None) -> None:
     """Write a model directory atomically enough for readers: weights first, model.json last."""
-    from streamgen.model.files import save_safetensors
+    from streamgen.model.files import save_safetensors, write_text_atomically
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -415,6 +418,4 @@ def save_model(model: AvatarModel, directory, extra_meta: dict | None = None) ->
         "steps": model.steps,
         **(extra_meta or {}),
     }
-    tmp = d / "model.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(d / "model.json")
+    write_text_atomically(d / "model.json", json.dumps(meta, indent=2))

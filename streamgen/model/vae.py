@@ -236,11 +236,11 @@ class TinyCausalVAE(VideoAutoencoder):
 
     # --- persistence -----------------------------------------------------------
     def save(self, directory) -> None:
-        from streamgen.model.files import save_safetensors
+        from streamgen.model.files import save_safetensors, write_text_atomically
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "vae_config.json").write_text(json.dumps(self.config, indent=2))
+        write_text_atomically(d / "vae_config.json", json.dumps(self.config, indent=2))
         save_safetensors({k: v.contiguous() for k, v in self.state_dict().items()}, d / "vae.safetensors")
 
     @classmethod

@@ -203,10 +203,10 @@ def _is_avatar_key(key: str) -> bool:
 
 def save_pretrained(model: DiT, path) -> None:
     """Write our transformer as a diffusers-format Wan directory (avatar branches excluded)."""
-    from streamgen.model.files import save_safetensors
+    from streamgen.model.files import save_safetensors, write_text_atomically
 
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps(diffusers_config(model.cfg), indent=2))
+    write_text_atomically(d / "config.json", json.dumps(diffusers_config(model.cfg), indent=2))
     sd = to_diffusers({k: v.contiguous() for k, v in model.state_dict().items()})
     save_safetensors(sd, d / "diffusion_pytorch_model.safetensors")

@@ -1,0 +1,85 @@
+"""The files of a model directory are written whole or not at all (streamgen.model.files): each
+through a temp file of its own beside it, fsynced, then renamed over it."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+
+def test_a_write_cut_short_leaves_the_old_file_and_no_temp_file(tmp_path):
+    from streamgen.model.files import write_atomically, write_text_atomically
+
+    path = tmp_path / "model.json"
+    write_text_atomically(path, '{"old": 1}')
+
+    def cut_short(tmp):
+        tmp.write_text('{"ne')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_atomically(path, cut_short)
+    assert json.loads(path.read_text()) == {"old": 1} and os.listdir(tmp_path) == ["model.json"]
+    write_text_atomically(path, '{"new": 2}')
+    assert json.loads(path.read_text()) == {"new": 2} and os.listdir(tmp_path) == ["model.json"]
+    umask = os.umask(0)
+    os.umask(umask)  # (mkstemp's files are the user's alone: a server of another user could not read them)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_two_writers_of_one_weight_file_do_not_share_a_temp_file(tmp_path, monkeypatch):
+    """The temp file's name was fixed: a second export into the same directory wrote the first one's
+    temp file and renamed it away, and the first one's rename failed (or took the other's bytes)."""
+    import safetensors.torch
+
+    from streamgen.model.files import load_safetensors, save_safetensors
+
+    path = tmp_path / "dit.safetensors"
+    real = safetensors.torch.save_file
+    temps = []
+
+    def meanwhile_another_writer(tensors, filename, metadata=None):
+        temps.append(filename)
+        real(tensors, filename, metadata=metadata)
+        if len(temps) == 1:
+            save_safetensors({"w": torch.zeros(2)}, path)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", meanwhile_another_writer)
+    save_safetensors({"w": torch.ones(2)}, path)
+    assert temps[0] != temps[1]
+    assert torch.equal(load_safetensors(path)["w"], torch.ones(2))  # the last rename's
+    assert os.listdir(tmp_path) == ["dit.safetensors"]
+
+
+def test_every_file_of_an_export_is_fsynced_then_renamed_into_place(tmp_path, monkeypatch):
+    """vae_config.json was written in place (a kill mid-write left half a JSON file beside whole
+    weights), and no file was fsynced before its rename (a power cut could leave it empty)."""
+    from streamgen.model.vae import TinyCausalVAE
+    from streamgen.models import load_model, save_model
+
+    synced, replaced = set(), []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.add((os.fstat(fd).st_dev, os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        replaced.append((os.path.basename(dst), (os.stat(src).st_dev, os.stat(src).st_ino) in synced))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    TinyCausalVAE(latent_channels=4).save(tmp_path / "vae")
+    assert sorted(replaced) == [("vae.safetensors", True), ("vae_config.json", True)]
+    replaced.clear()
+    save_model(load_model("debug"), tmp_path / "model")
+    files = ["dit.safetensors", "model.json", "vae.safetensors", "vae_config.json"]
+    assert {name for name, _ in replaced} >= set(files)
+    assert all(was_synced for _, was_synced in replaced), replaced
+    assert sorted(os.listdir(tmp_path / "model")) == files  # (and no temp file or folder)
