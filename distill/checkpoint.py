@@ -179,8 +179,9 @@ def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def checkpoint_stage(path) -> str | None:
-    """The stage that wrote a checkpoint, from its header alone (no tensors read)."""
+def checkpoint_header(path) -> dict:
+    """A checkpoint's metadata (stage, step, settings, ...) from its header alone, no tensors read;
+    {} for a safetensors file that is not a streamgen training checkpoint."""
     from safetensors import safe_open
 
     try:
@@ -188,7 +189,7 @@ def checkpoint_stage(path) -> str | None:
             meta = json.loads((f.metadata() or {}).get("streamgen", "null"))
     except Exception as e:  # safetensors raises its own error type for corrupt headers
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
-    return meta.get("stage") if isinstance(meta, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 def module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -199,12 +199,47 @@ class TrainConfig:
     optim: OptimConfig
     options: typing.Any  # the stage's own section
     source: str = ""  # the YAML text, stored in checkpoints
+    set_keys: tuple = ()  # the SECTION.KEY names given with --set: changed on purpose
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d[self.stage] = d.pop("options")
         d.pop("source")
+        d.pop("set_keys")
         return d
+
+
+# What every step's samples and noise are drawn from, besides the step (distill/rng.py: the seed,
+# and each sample's index in the global batch): a resume that changed one would go on as another
+# run than the checkpoint's, so it is refused unless the new value is given with --set. (The
+# optimizer's settings, the stage's options and run.steps may change on a resume, as they do.)
+RESUME_SETTINGS = ("run.seed", "data.batch_size")
+
+
+def resume_settings(cfg: TrainConfig) -> dict:
+    """RESUME_SETTINGS of `cfg`, by "section.key" (kept in checkpoints as "run_settings")."""
+    return {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in RESUME_SETTINGS}
+
+
+def resume_settings_in_text(text: str) -> dict | None:
+    """RESUME_SETTINGS as a config's text says them, the YAML and then its `# --set` lines (what
+    checkpoints from before "run_settings" keep); None where the text no longer reads."""
+    import yaml
+
+    if not text.strip():
+        return None
+    sets = [line.removeprefix("# --set ") for line in text.splitlines() if line.startswith("# --set ")]
+    defaults = {"run": RunConfig(), "data": DataConfig()}
+    try:
+        raw = yaml.safe_load(text) or {}
+        _apply_sets(raw, sets)
+        settings = {}
+        for key in RESUME_SETTINGS:
+            section, name = key.split(".")
+            settings[key] = (raw.get(section) or {}).get(name, getattr(defaults[section], name))
+        return settings
+    except (yaml.YAMLError, ConfigError, AttributeError, TypeError):
+        return None
 
 
 def _build(cls, values, where: str):
@@ -302,6 +337,7 @@ def load_config(path: str | Path, stage: str, sets: list[str] | tuple = ()) -> T
             optim=_build(OptimConfig, raw.get("optim"), "optim"),
             options=_build(STAGE_OPTIONS[stage], raw.get(stage), stage),
             source=text,
+            set_keys=tuple(item.partition("=")[0].strip() for item in sets),
         )
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

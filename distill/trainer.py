@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from distill import checkpoint as ckpt
-from distill.config import ConfigError, OptimConfig, TrainConfig
+from distill.config import ConfigError, OptimConfig, TrainConfig, resume_settings, resume_settings_in_text
 from distill.distributed import World, average_gradients, barrier, close_world, init_world, mean_across
 
 STAGE_MODULES = {
@@ -289,6 +289,7 @@ class Trainer:
                 tensors.update(t)
                 meta["updaters"][name] = m
             meta["config"] = self.cfg.source
+            meta["run_settings"] = resume_settings(self.cfg)
             ckpt.save_checkpoint(out, step, tensors, meta, self.cfg.run.keep_checkpoints)
         barrier(world)
 
@@ -304,12 +305,31 @@ class Trainer:
                 f"{out} already holds checkpoints (newest {latest.name}); "
                 "pass --resume to continue it, or set run.out to a new folder"
             )
-        written_by = ckpt.checkpoint_stage(latest)
+        header = ckpt.checkpoint_header(latest)
+        written_by = header.get("stage")
         if written_by != self.cfg.stage:
             raise ckpt.CheckpointError(
                 f"{latest} was written by stage {written_by!r}, not {self.cfg.stage!r}"
             )
+        self._check_settings(latest, header)
         return latest
+
+    def _check_settings(self, latest: Path, header: dict) -> None:
+        """CheckpointError if this config changes a setting the run's samples are drawn from
+        (config.RESUME_SETTINGS), unless the new value was given with --set."""
+        saved = header.get("run_settings") or resume_settings_in_text(header.get("config", "")) or {}
+        current = resume_settings(self.cfg)
+        changed = [
+            k for k, v in current.items() if k in saved and saved[k] != v and k not in self.cfg.set_keys
+        ]
+        if changed:
+            diffs = "; ".join(f"{k}: checkpoint {saved[k]!r}, config {current[k]!r}" for k in changed)
+            on_purpose = " ".join(f"--set {k}={current[k]}" for k in changed)
+            raise ckpt.CheckpointError(
+                f"checkpoint {latest} is of a run with other settings ({diffs}): resumed, every later "
+                f"step would draw other samples and noise; put them back, or pass {on_purpose} to "
+                "change them on purpose"
+            )
 
     def _restore(self, stage, latest: Path) -> int:
         tensors, meta = ckpt.load_checkpoint(latest)

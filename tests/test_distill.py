@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import errno
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from test_distill_helpers import debug_config, final_tensors, max_difference, run
 
+import distill
 from distill import checkpoint as ckpt
-from distill.config import ConfigError, load_config
+from distill.config import ConfigError, find_config, load_config
 from distill.data import DataMissing
 from distill.trainer import TrainingError
 
@@ -248,6 +250,51 @@ def test_a_resume_takes_the_configs_optimizer_settings_and_refuses_fewer_steps(t
     assert seen and all(s == {"betas": (0.5, 0.9), "eps": 1e-3, "weight_decay": 0.5} for s in seen), seen[:1]
     with pytest.raises(TrainingError, match="at step 4, past run.steps 3"):
         run(debug_config("teacher", tmp_path / "t", **{"run.steps": 3}), resume=True)
+
+
+def test_a_resume_with_another_seed_or_batch_size_is_refused_unless_set_on_purpose(tmp_path, capsys):
+    """Only the model configs were compared: a resume with another run.seed or data.batch_size drew
+    other samples and noise for every later step, a run that no config describes, without a word."""
+    from streamgen.cli import main
+
+    out = tmp_path / "t"
+    run(debug_config("teacher", out), stop_after=2)
+    changed = debug_config("teacher", out, **{"run.seed": 1, "data.batch_size": 2})
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"run\.seed: checkpoint 0, config 1; data\.batch_size: checkpoint 4, config 2.*"
+        r"--set run\.seed=1 --set data\.batch_size=2",
+    ):
+        run(changed, resume=True)
+    assert ckpt.latest_checkpoint(out).name == "step-00000002.safetensors"
+    # the command line: one line, unless the new value is given with --set (a change on purpose)
+    yaml = tmp_path / "seed1.yaml"
+    yaml.write_text((Path(distill.__file__).parent / "configs" / "teacher-debug.yaml").read_text()
+                    .replace("seed: 0", "seed: 1"))  # fmt: skip
+    command = ["distill", "teacher", "--config", str(yaml), "--out", str(out), "--resume"]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "run.seed: checkpoint 0, config 1" in err and len(err.strip().splitlines()) == 1
+    assert main([*command, "--set", "run.seed=1"]) == 0
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(out))[1]["run_settings"]["run.seed"] == 1
+
+
+def test_a_checkpoint_from_before_the_settings_were_recorded_is_checked_against_its_config(
+    tmp_path, monkeypatch
+):
+    """Older checkpoints keep the settings only in their config text (with its --set lines)."""
+    real = ckpt.save_checkpoint
+
+    def as_before(out, step, tensors, meta, keep=3):
+        return real(out, step, tensors, {k: v for k, v in meta.items() if k != "run_settings"}, keep)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", as_before)
+    cfg = load_config(find_config("debug", "teacher"), "teacher", [f"run.out={tmp_path / 't'}",
+                                                                   "data.batch_size=2"])  # fmt: skip
+    run(cfg, stop_after=2)
+    with pytest.raises(ckpt.CheckpointError, match=r"data\.batch_size: checkpoint 2, config 4"):
+        run(debug_config("teacher", tmp_path / "t"), resume=True)
+    run(cfg, resume=True)  # the same settings: resumed
 
 
 def test_a_resume_skips_a_log_line_cut_short(tmp_path):
