@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from distill.data import DataMissing
     from distill.trainer import Trainer, TrainingError
     from streamgen.cli import UserError
+    from streamgen.data.shards import DataError
 
     try:
         cfg = load_config(find_config(args.config, args.stage), args.stage, args.sets)
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
             build_latents(cfg)
             return 0
         last = Trainer(cfg, resume=args.resume).run()
-    except (ConfigError, DataMissing, CheckpointError, TrainingError, ModelSourceError) as e:
+    # (DataError: a shard found corrupted during training, where the stages read clips as they go)
+    except (ConfigError, DataMissing, DataError, CheckpointError, TrainingError, ModelSourceError) as e:
         raise UserError(str(e)) from None
     shown = "  ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith("loss"))
     print(f"{args.stage}: finished {cfg.run.steps} steps in {cfg.run.out}  {shown}")

@@ -239,3 +239,57 @@ def test_iter_clips_closes_each_shard_it_opened_however_it_stops(world, monkeypa
     opened.clear()
     assert len(list(iter_clips(world, "train"))) == 16
     assert len(opened) == 2 and all(r.closed for r in opened)
+
+
+def _black_out_clip_0_behind_the_crcs(shard) -> None:
+    """Clip 0's video blacked out, the zip written again (CRCs of the new bytes) and padded with an
+    archive comment to its old size: what neither the CRCs nor the manifest's byte count can tell."""
+    import io
+    import zipfile
+
+    size = shard.stat().st_size
+    with zipfile.ZipFile(shard) as z:
+        members = {name: z.read(name) for name in z.namelist()}
+    video = io.BytesIO()
+    np.save(video, np.zeros_like(np.load(io.BytesIO(members["0000.video.npy"]))))
+    members["0000.video.npy"] = video.getvalue()
+
+    def zipped(comment: bytes) -> bytes:
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+            for name, data in members.items():
+                z.writestr(name, data)
+            z.comment = comment
+        return out.getvalue()
+
+    data = zipped(b"")
+    shard.write_bytes(zipped(b" " * (size - len(data))))
+    assert shard.stat().st_size == size
+
+
+def test_a_shard_altered_behind_its_crcs_is_caught_by_the_manifests_sha256(world, tmp_path, capsys):
+    """The manifest's sha256 of each shard was never checked on read: a shard changed since
+    `data make`, consistent for its zip CRCs and of the same size, was read as the dataset's."""
+    import shutil
+
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    shard = copy / load_manifest(copy)["splits"]["train"]["shards"][0]["file"]
+    _black_out_clip_0_behind_the_crcs(shard)
+    assert ShardReader(shard).clip(0)["video"].max() == 0  # the zip alone takes it for sound
+    says = r"corrupted shard .*train/shard-00000\.npz: .*sha256"
+    with pytest.raises(DataError, match=says):
+        next(iter_clips(copy, "train"))
+    with pytest.raises(DataError, match=says):
+        AvatarWorldDataset(copy, "train")[0]
+    assert len(list(iter_clips(copy, "test"))) == 2  # the other shards read as before
+    out = str(tmp_path / "out")
+    assert main(["data", "preview", "--data", str(copy), "--split", "train", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "train/shard-00000.npz" in err and len(err.strip().splitlines()) == 1
+    # found during training (the autoencoder stage reads clips as it goes): one line too
+    assert main(["distill", "autoencoder", "--config", "debug", "--out", str(tmp_path / "ae"),
+                 "--set", "data.source=world", "--set", f"data.root={copy}",
+                 "--set", "model.height=32", "--set", "model.width=32"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "train/shard-00000.npz" in err and len(err.strip().splitlines()) == 1

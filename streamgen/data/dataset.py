@@ -71,7 +71,7 @@ class AvatarWorldDataset(torch.utils.data.Dataset):
         self._own_readers()
         if s not in self._readers:
             shard = self.shards[s]
-            self._readers[s] = ShardReader(self.root / shard["file"], shard.get("bytes"))
+            self._readers[s] = ShardReader(self.root / shard["file"], shard.get("bytes"), shard.get("sha256"))
         return self._readers[s]
 
     def __getitem__(self, k: int) -> dict:

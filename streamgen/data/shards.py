@@ -192,7 +192,13 @@ def load_manifest(root: Path) -> dict:
 
 
 class ShardReader:
-    """Random access to the clips of one shard; every failure names the shard."""
+    """Random access to the clips of one shard; every failure names the shard.
+
+    `sha256` (the manifest's) is checked once, here: the zip's CRCs cover only the members read,
+    and only their bytes, and a shard written again (a tool, another run) has CRCs of its own.
+    Hashing a shard takes under a tenth of the time reading its clips does (64x64: 7 ms for 9 MB
+    against 87 ms for its 32 clips), about two clips' worth.
+    """
 
     def __init__(self, path: Path, expected_bytes: int | None = None, sha256: str | None = None):
         self.path = Path(path)
@@ -202,7 +208,10 @@ class ShardReader:
         if expected_bytes is not None and size != expected_bytes:
             raise DataError(f"corrupted shard {self.path}: {size} bytes, manifest says {expected_bytes}")
         if sha256 is not None and _sha256(self.path) != sha256:
-            raise DataError(f"corrupted shard {self.path}: checksum mismatch")
+            raise DataError(
+                f"corrupted shard {self.path}: its sha256 is not the one the manifest records "
+                "(checksum mismatch: changed since it was written)"
+            )
         try:
             self._npz = np.load(self.path, allow_pickle=False)
         # (NotImplementedError: zipfile's word for a compression method byte that was flipped)
@@ -253,7 +262,7 @@ def iter_clips(root: Path, split: str, limit: int | None = None):
             return  # (before opening the next shard, not after)
         # closed however iteration ends: a limit, an error, or a consumer that stops reading
         # (the generator's close) each left the file open
-        with ShardReader(Path(root) / shard["file"], shard.get("bytes")) as reader:
+        with ShardReader(Path(root) / shard["file"], shard.get("bytes"), shard.get("sha256")) as reader:
             for i in range(shard["clips"]):
                 if limit is not None and n >= limit:
                     return
