@@ -2,8 +2,8 @@
 
 One connection drives one session. The receive loop takes audio and control
 messages; a sender task takes chunks from the session's latest-chunk slot and
-writes one audio-out message and the chunk's frames; a speaker task synthesises
-the socket's speaks one at a time, in the order they came, and answers each.
+writes one audio-out message and the chunk's frames; a speaker task takes the
+socket's speaks and captions one at a time, in the order they came, and answers each.
 Every send has a deadline, so a client that stops reading is dropped (4430)
 instead of holding memory; any protocol violation closes the socket with a 44xx
 code and a reason.
@@ -32,8 +32,8 @@ from .speech import SpeechError, set_caption, speak
 log = logging.getLogger("streamgen.server")
 router = APIRouter()
 
-# a socket's speaks not answered yet; more are refused (an error for each) until some are
-MAX_UNANSWERED_SPEAKS = 8
+# a socket's speaks and captions not handled yet; more are refused (an error for each) until some are
+MAX_UNANSWERED = 8
 
 
 def close_code_for(reason: str) -> CloseCode:
@@ -90,9 +90,9 @@ class SocketConnection:
         self.credit_changed = asyncio.Event()
         self.sender: asyncio.Task | None = None
         self.receiver: asyncio.Task | None = None
-        self.speaker: asyncio.Task | None = None  # started by the first speak
-        self.speeches: asyncio.Queue = asyncio.Queue()  # (speak message, timeline clears when it came)
-        self.unanswered_speaks = 0
+        self.speaker: asyncio.Task | None = None  # started by the first speak or caption
+        self.requests: asyncio.Queue = asyncio.Queue()  # (speak or caption, timeline clears when it came)
+        self.unanswered = 0
         self.close_sent = False
 
     async def run(self) -> None:
@@ -172,45 +172,57 @@ class SocketConnection:
             self.credit_changed.set()
         elif kind in ("interrupt", "clear"):
             self.session.timeline.clear_ahead()
-        elif kind == "speak":
-            await self.queue_speak(msg)
-        elif kind == "caption":
-            try:
-                await set_caption(self.registry, self.session, msg["text"])
-            except (ValueError, WorkerBusy, HostDown) as e:
-                await self.send_json({"type": "error", "for": "caption", "message": str(e)})
+        elif kind in ("speak", "caption"):
+            await self.queue_request(msg)
         return False
 
-    async def queue_speak(self, msg: dict) -> None:
-        """Hand a speak to the speaker task. Awaited here, its synthesis (up to ~0.1 s, and as long
-        again for each other session's before it: one at a time in a process) held up every
-        message after it, a ping, an interrupt, a stop and the client's live audio."""
-        if self.unanswered_speaks >= MAX_UNANSWERED_SPEAKS:
-            message = f"{MAX_UNANSWERED_SPEAKS} speaks are waiting for their answers: send it once one came"
-            await self.send_json({"type": "error", "for": "speak", "message": message})
+    async def queue_request(self, msg: dict) -> None:
+        """Hand a speak or a caption to the speaker task. Awaited here, a speak's synthesis (up to
+        ~0.1 s, and as long again for each other session's before it: one at a time in a process)
+        or a caption's worker job (behind due chunks for up to JOB_PATIENCE, a second) held up
+        every message after it, a ping, an interrupt, a stop and the client's live audio."""
+        if self.unanswered >= MAX_UNANSWERED:
+            message = f"{MAX_UNANSWERED} speaks and captions are waiting their turn: send it once one is done"
+            await self.send_json({"type": "error", "for": msg["type"], "message": message})
             return
-        self.unanswered_speaks += 1
-        self.speeches.put_nowait((msg, self.session.timeline.clears))
+        self.unanswered += 1
+        self.requests.put_nowait((msg, self.session.timeline.clears))
         if self.speaker is None:
-            self.speaker = asyncio.create_task(self.speak_in_order(), name=f"speak {self.session.id}")
+            self.speaker = asyncio.create_task(self.answer_in_order(), name=f"speak {self.session.id}")
 
-    async def speak_in_order(self) -> None:
-        """Speaker task: the socket's speaks one at a time, in the order they came, each answered
-        with `speaking` or an error. An interrupt drops the speaks that came before it."""
+    async def answer_in_order(self) -> None:
+        """Speaker task: the socket's speaks and captions one at a time, in the order they came, so
+        that the answers come in that order and a caption sent after a speak is applied once that
+        speech is queued, as when the receive loop awaited each. A speak is answered with `speaking`
+        or an error, a caption only when it fails. An interrupt drops the speaks that came before it."""
         while True:
-            msg, clears = await self.speeches.get()
+            msg, clears = await self.requests.get()
+            kind = msg["type"]
             try:
-                language, variant = msg.get("language", "en-us"), msg.get("variant")
-                duration = await speak(self.session, msg["text"], language, variant, clears)
-            except SpeechError as e:  # the client's: a bad voice, no room, an interrupt
-                reply = {"type": "error", "for": "speak", "message": str(e)}
+                answer = self.answer_speak(msg, clears) if kind == "speak" else self.answer_caption(msg)
+                reply = await answer
             except Exception as e:  # not the client's: logged, answered, and the stream goes on
-                log.exception("session %s: speak failed", self.session.id)
-                reply = {"type": "error", "for": "speak", "message": f"speech failed: {e}"}
-            else:
-                reply = {"type": "speaking", "duration": round(duration, 3)}
-            self.unanswered_speaks -= 1
-            await self.send_json(reply)
+                log.exception("session %s: %s failed", self.session.id, kind)
+                failed = "speech" if kind == "speak" else kind
+                reply = {"type": "error", "for": kind, "message": f"{failed} failed: {e}"}
+            self.unanswered -= 1
+            if reply is not None:
+                await self.send_json(reply)
+
+    async def answer_speak(self, msg: dict, clears: int) -> dict:
+        try:
+            language, variant = msg.get("language", "en-us"), msg.get("variant")
+            duration = await speak(self.session, msg["text"], language, variant, clears)
+        except SpeechError as e:  # the client's: a bad voice, no room, an interrupt
+            return {"type": "error", "for": "speak", "message": str(e)}
+        return {"type": "speaking", "duration": round(duration, 3)}
+
+    async def answer_caption(self, msg: dict) -> dict | None:
+        try:
+            await set_caption(self.registry, self.session, msg["text"])
+        except (ValueError, WorkerBusy, HostDown) as e:  # a caption the model cannot take, a full queue
+            return {"type": "error", "for": "caption", "message": str(e)}
+        return None
 
     async def speaker_ended(self) -> None:
         """Wait for the cancelled speaker: a synthesis under way finishes on its thread, its speech

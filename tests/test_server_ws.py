@@ -473,7 +473,7 @@ def test_speaks_are_answered_in_order_and_an_interrupt_drops_those_asked_before_
     """An interrupt is read during a synthesis now: the speaks sent before it, the one being
     synthesised and those waiting, are answered with an error and none of their speech is queued,
     as when the interrupt was read after them. Too many unanswered speaks are refused at once."""
-    from server.websocket import MAX_UNANSWERED_SPEAKS
+    from server.websocket import MAX_UNANSWERED
 
     s = new_session(client)
     timeline = client.app.state.registry.get(s["id"]).timeline
@@ -487,7 +487,7 @@ def test_speaks_are_answered_in_order_and_an_interrupt_drops_those_asked_before_
     with client.websocket_connect(stream_url(s)) as ws:
         ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
         next_json(ws)
-        texts = [f"Number {i}." for i in range(MAX_UNANSWERED_SPEAKS + 1)]
+        texts = [f"Number {i}." for i in range(MAX_UNANSWERED + 1)]
         for text in texts:
             ws.send_text(json.dumps({"type": "speak", "text": text}))
         refused = next_json(ws)  # the last one, at once, during the first one's synthesis
@@ -528,3 +528,76 @@ def test_a_speak_that_fails_on_the_servers_side_is_answered_logged_and_the_strea
         ws.send_text(json.dumps({"type": "stop"}))
         assert expect_close(ws)[0] == CloseCode.NORMAL
     assert any("speak failed" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+# --- captions off the receive loop, in order with the speaks ------------------------------------------
+@pytest.fixture
+def held_caption_jobs(client, monkeypatch):
+    """Caption jobs that wait on the worker's thread for `release` (at most 10 s, so that a test of
+    a loop that waits for them fails instead of hanging) before they apply; `ran` counts those run."""
+    import threading
+    from types import SimpleNamespace
+
+    worker = client.app.state.registry.worker
+    held = SimpleNamespace(release=threading.Event(), ran=[])
+    submit = worker.submit
+
+    def holding(fn, *args, **kwargs):
+        if fn.__name__ != "apply":  # (server/speech.py's caption job)
+            return submit(fn, *args, **kwargs)
+
+        def held_apply():
+            held.release.wait(10)
+            held.ran.append(1)
+            return fn()
+
+        return submit(held_apply, *args, **kwargs)
+
+    monkeypatch.setattr(worker, "submit", holding)
+    yield held
+    held.release.set()
+
+
+def test_a_caption_waiting_for_the_worker_holds_up_no_other_message(client, held_caption_jobs):
+    """The receive loop awaited each caption's worker job, which waits behind due chunks for up to a
+    second: meanwhile it read nothing, a ping, an interrupt, a stop or the client's audio."""
+    s = new_session(client)
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
+        next_json(ws)
+        ws.send_text(json.dumps({"type": "caption", "text": "smiling"}))
+        ws.send_text(json.dumps({"type": "ping", "id": 1}))
+        assert next_json(ws)["type"] == "pong" and held_caption_jobs.ran == []  # during the caption's wait
+        held_caption_jobs.release.set()
+        reply = next_json(ws)  # the debug model takes no captions: answered as before, with an error
+        assert reply["type"] == "error" and reply["for"] == "caption" and "text features" in reply["message"]
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+def test_a_caption_after_a_speak_waits_for_it_and_an_interrupt_drops_only_the_speak(client, held_synthesis):
+    """Speaks went to the speaker task while captions were handled at once: a caption sent after a
+    speak overtook it (applied, and answered, before the speak's speech was queued)."""
+    s = new_session(client)
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
+        next_json(ws)
+        ws.send_text(json.dumps({"type": "speak", "text": "Hello there."}))
+        ws.send_text(json.dumps({"type": "caption", "text": "smiling"}))
+        ws.send_text(json.dumps({"type": "ping", "id": 1}))
+        assert next_json(ws)["type"] == "pong"
+        held_synthesis.release.set()
+        assert next_json(ws) == {"type": "speaking", "duration": 0.12}
+        assert next_json(ws)["for"] == "caption"  # its error (the debug model's), after the speak's answer
+        held_synthesis.release.clear()
+        ws.send_text(json.dumps({"type": "speak", "text": "Dropped."}))
+        ws.send_text(json.dumps({"type": "caption", "text": "smiling"}))
+        ws.send_text(json.dumps({"type": "interrupt"}))
+        ws.send_text(json.dumps({"type": "ping", "id": 2}))
+        assert next_json(ws)["type"] == "pong"
+        held_synthesis.release.set()
+        dropped, caption = next_json(ws), next_json(ws)
+        assert dropped["for"] == "speak" and "interrupted" in dropped["message"]
+        assert caption["for"] == "caption" and "text features" in caption["message"]  # still applied
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
