@@ -311,7 +311,7 @@ async def control(session_id: str, request: Request):
     """Control a streaming session over HTTP (WebRTC clients): the WebSocket's JSON messages
     `speak`, `caption`, `interrupt` / `clear`."""
     from .protocol import ProtocolError, parse_control
-    from .speech import SpeechBusy, SpeechError, SpeechForEndedSession, set_caption, speak
+    from .speech import SpeechBusy, SpeechError, SpeechForEndedSession, SpeechInterrupted, set_caption, speak
 
     registry: SessionRegistry = request.app.state.registry
     session = require_session(request, session_id)
@@ -323,12 +323,16 @@ async def control(session_id: str, request: Request):
     kind = msg["type"]
     session.touch()
     if kind == "speak":
+        clears = session.timeline.clears  # an interrupt posted during the synthesis drops the speech
         try:
-            duration = await speak(session, msg["text"], msg.get("language", "en-us"), msg.get("variant"))
+            language, variant = msg.get("language", "en-us"), msg.get("variant")
+            duration = await speak(session, msg["text"], language, variant, clears)
         except SpeechBusy as e:
             raise ApiError(429, "busy", str(e), headers={"Retry-After": "1"}) from None
         except SpeechForEndedSession as e:
             raise ApiError(404, "not_found", str(e)) from None
+        except SpeechInterrupted as e:  # the session's state changed under it: none of it plays
+            raise ApiError(409, "interrupted", str(e)) from None
         except SpeechError as e:
             raise ApiError(422, "bad_speech", str(e)) from None
         return {"type": "speaking", "duration": round(duration, 3)}

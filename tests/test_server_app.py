@@ -774,3 +774,38 @@ def test_a_session_whose_client_left_while_it_was_made_is_closed(client, monkeyp
     r = client.post("/v1/sessions", json={"avatar": "sample"})
     assert r.status_code == 400 and r.json()["error"] == "client_gone"
     assert set(client.app.state.registry.sessions) == before
+
+
+def test_an_interrupt_posted_during_a_speaks_synthesis_drops_it_with_a_409(client, monkeypatch):
+    """The WebSocket drops speech asked for before an interrupt; over HTTP it was still queued and
+    answered 200 `speaking`, after the interrupt that should have silenced it."""
+    from types import SimpleNamespace
+
+    from server import speech
+
+    s = new_session(client)
+    h = auth(s["token"])
+    session = client.app.state.registry.get(s["id"])
+    queued, append = [], session.timeline.append
+
+    def queue(pcm, source="client", **kwargs):
+        queued.append(source)
+        return append(pcm, source, **kwargs)
+
+    session.timeline.append = queue
+    interrupts = []
+
+    def interrupted_meanwhile(text, voice):  # (on the speech thread, while the speak's request waits)
+        interrupts.append(client.post(s["resource"] + "/control", json={"type": "interrupt"}, headers=h))
+        return SimpleNamespace(audio=np.zeros(1600, np.float32), duration=0.1)
+
+    monkeypatch.setattr(speech, "synthesize", interrupted_meanwhile)
+    r = client.post(s["resource"] + "/control", json={"type": "speak", "text": "Hello."}, headers=h)
+    assert [i.status_code for i in interrupts] == [200]
+    assert r.status_code == 409 and r.json()["error"] == "interrupted"
+    assert "none of its speech was queued" in r.json()["message"]
+    assert queued == [] and client.get(s["resource"], headers=h).json()["audio_queued_s"] == 0
+    monkeypatch.undo()  # a speak after the interrupt plays
+    r = client.post(s["resource"] + "/control", json={"type": "speak", "text": "After it."}, headers=h)
+    assert r.status_code == 200 and queued == ["speech"]
+    assert client.delete(s["resource"], headers=h).status_code == 204
