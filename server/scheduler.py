@@ -241,6 +241,7 @@ class InferenceWorker:
         t = time.perf_counter()
         local = [s for s in sessions if isinstance(s.stream, StreamSession)]
         chunks, failed = {}, set()
+        alone = len(sessions) == 1  # its failure raises, to run_chunk's caller
 
         def fail_alone(s: Session, e: Exception) -> None:  # its group's others have their chunks
             log.error("session %s: generation failed", s.id, exc_info=e)
@@ -249,7 +250,8 @@ class InferenceWorker:
 
         if len(local) > 1:
             # what each session does on its own fails it alone, as one by one (below): its input,
-            # its part of the batch's preparation, its frames' audio. A pass they share fails all
+            # its part of the batch's preparation, its frames' audio. A pass a group of them
+            # shares (its forward, decode, re-encode) fails that group's sessions only
             inputs = {}
             for s in local:
                 try:
@@ -272,7 +274,7 @@ class InferenceWorker:
                 except HostDown:  # the model process is gone: every stream with it
                     raise
                 except Exception as e:
-                    if len(sessions) == 1:
+                    if alone:
                         raise
                     fail_alone(s, e)
         dt = time.perf_counter() - t
@@ -288,7 +290,10 @@ class InferenceWorker:
         # (a stream would otherwise run it at the start of its next chunk, before that chunk's
         # denoising, on the chunk's latency: 15% of it). A stream in a model child process does
         # the same there, on its own; the sequence-parallel ranks do it in step (model_host).
-        write_pending_chunks([s.stream for s in local if s.id in chunks])  # in one forward where they batch
+        # In one forward where they batch; a group's failed re-encode fails that group's sessions.
+        written = [s for s in local if s.id in chunks]
+        on_error = None if alone else lambda i, e: fail_alone(written[i], e)
+        write_pending_chunks([s.stream for s in written], on_error)
         for s in sessions:
             if not isinstance(s.stream, StreamSession):
                 s.stream.write_pending_chunk()

@@ -42,27 +42,53 @@ def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     return None if parts[0] is None else torch.cat(parts)
 
 
-def write_pending_chunks(sessions: list[StreamSession]) -> None:
+def shared_step(on_error, failed: set, members: list[int], step, *args):
+    """step(*args), a pass that sessions `members` of a batch share (a forward, a decode, a
+    re-encode, with what each does alone within it). With on_error its failure is theirs, not the
+    other groups': each member not failed yet is reported (on_error(i, exception)) and added to
+    `failed`, and None is returned, so that the batch's other groups keep their chunks. Without,
+    it raises."""
+    if on_error is None:
+        return step(*args)
+    try:
+        return step(*args)
+    except Exception as e:
+        for i in members:
+            if i not in failed:
+                failed.add(i)
+                on_error(i, e)
+        return None
+
+
+def write_pending_chunks(sessions: list[StreamSession], on_error=None) -> None:
     """`write_pending_chunk` of each session, in one forward for the sessions that can share it
     (`_pending_key`): their chunks are re-encoded together against a stacked copy of their caches,
     and each session takes its row into its own ring. The same keys and values as one by one, up
     to float rounding. At 64x64 on one thread, written one by one in a batch of 16, a re-encode
-    cost 3.4 ms a session, where each of the batch's denoising forwards cost 1.0 ms a session."""
-    pending = [s for s in sessions if s.chunk_pending]
-    for members in group_indices(pending, _pending_key):
-        group = [pending[i] for i in members]
-        if len(group) == 1:
-            group[0].write_pending_chunk()
-            continue
-        lead = group[0]
-        latents, audio, context = (_cat(list(parts)) for parts in zip(*(s._pending for s in group)))
-        with torch.no_grad(), lead.stage_threads("reencode", len(group)):
-            batch_cache = StreamCache.stack([s.cache for s in group])
-            written = batch_cache.ring_token_index()
-            reencode_chunk(lead.dit, batch_cache, latents, context, audio, advance=False)
-            for row, s in enumerate(group):
-                s.cache.take_chunk_from(batch_cache, row, written)
-                s._pending = None
+    cost 3.4 ms a session, where each of the batch's denoising forwards cost 1.0 ms a session.
+
+    on_error(i, exception): a group's failed re-encode fails its members only (`shared_step`),
+    each reported; the other groups' chunks are written. Without on_error it raises."""
+    pending = [i for i, s in enumerate(sessions) if s.chunk_pending]
+    failed: set[int] = set()
+    for same in group_indices([sessions[i] for i in pending], _pending_key):
+        members = [pending[j] for j in same]
+        shared_step(on_error, failed, members, _write_group, [sessions[i] for i in members])
+
+
+def _write_group(group: list[StreamSession]) -> None:
+    if len(group) == 1:
+        group[0].write_pending_chunk()
+        return
+    lead = group[0]
+    latents, audio, context = (_cat(list(parts)) for parts in zip(*(s._pending for s in group)))
+    with torch.no_grad(), lead.stage_threads("reencode", len(group)):
+        batch_cache = StreamCache.stack([s.cache for s in group])
+        written = batch_cache.ring_token_index()
+        reencode_chunk(lead.dit, batch_cache, latents, context, audio, advance=False)
+        for row, s in enumerate(group):
+            s.cache.take_chunk_from(batch_cache, row, written)
+            s._pending = None
 
 
 def next_chunks(sessions: list[StreamSession], on_error=None) -> list[tuple[np.ndarray, float] | None]:
@@ -81,52 +107,72 @@ def next_chunks(sessions: list[StreamSession], on_error=None) -> list[tuple[np.n
     on_error(i, exception): what session i does on its own (its start check, its audio span,
     windows and noise, a chunk it makes alone) is its own failure when it raises, as it would
     be one by one: it is reported so, its entry is None, and the others' chunks are made
-    without it. Without on_error it raises. A pass the sessions share (a batch's re-encode,
-    audio encoder, forward or decode) raises either way: its failure is every member's.
+    without it. A pass a group of sessions shares (its pending chunks' re-encode, its audio
+    encoder, forward or decode) is its members' failure: each is reported, and the other
+    groups' chunks are kept (`shared_step`). Without on_error it raises.
     """
     results: list = [None] * len(sessions)
     failed: set[int] = set()
+
+    def mine(indices: list[int]):  # on_error for a step given sessions[indices]: its session j is indices[j]
+        def report(j: int, e: Exception) -> None:
+            failed.add(indices[j])
+            on_error(indices[j], e)
+
+        return None if on_error is None else report
+
     for i, s in enumerate(sessions):
         own_step(on_error, failed, i, s._require_started)
     live = [i for i in range(len(sessions)) if i not in failed]
     # the fill level the batch key reads counts the last chunk
-    write_pending_chunks([sessions[i] for i in live])
+    write_pending_chunks([sessions[i] for i in live], mine(live))
+    live = [i for i in live if i not in failed]
     for same in group_indices([sessions[i] for i in live], _batch_key):
         members = [live[j] for j in same]
         if len(members) == 1:
             results[members[0]] = own_step(on_error, failed, members[0], sessions[members[0]].next_chunk)
             continue
-        mine = None if on_error is None else lambda j, e, members=members: on_error(members[j], e)
-        prepared = prepare_chunks([sessions[i] for i in members], mine)
-        members = [i for i, p in zip(members, prepared) if p is not None]
-        prepared = [p for p in prepared if p is not None]
-        if not members:  # each failed on its own
-            continue
         group = [sessions[i] for i in members]
-        lead = group[0]
-        audio = _cat([a for a, _ in prepared])
-        noise = torch.cat([n for _, n in prepared])
-        context = torch.cat([s.context for s in group])
-        with torch.no_grad(), lead.stage_threads("denoise", len(group)):
-            batch_cache = StreamCache.stack([s.cache for s in group])
-            velocity = cached_velocity(lead.dit, batch_cache, context, audio)
-            last_step = lead.cache_from == "last_step"
-            last = None
-            if last_step:  # it writes into the stacked copy, at these slots; each session keeps its row
-                written = batch_cache.ring_token_index()
-                last = cached_velocity(lead.dit, batch_cache, context, audio, write=True)
-            x0 = sample_few_step(velocity, noise, lead.sigmas, [s.generator for s in group], last)
-            for row, s in enumerate(group):
-                if last_step:
-                    s.cache.take_chunk_from(batch_cache, row, written)
-                else:
-                    s._pending = (
-                        x0[row : row + 1],
-                        None if audio is None else audio[row : row + 1],
-                        s.context,
-                    )
-        for i, chunk in zip(members, _finish_chunks(group, x0)):
+        chunks = shared_step(on_error, failed, members, _group_chunks, group, mine(members))
+        for i, chunk in zip(members, chunks or []):
             results[i] = chunk
+    return results
+
+
+def _group_chunks(group: list[StreamSession], on_error) -> list[tuple[np.ndarray, float] | None]:
+    """The next chunk of sessions of one batch key, each stage once for them all; a session whose
+    own step fails (on_error, as in `prepare_chunks`) gets None and the others go on."""
+    results: list = [None] * len(group)
+    prepared = prepare_chunks(group, on_error)
+    rows = [j for j, p in enumerate(prepared) if p is not None]
+    if not rows:  # each failed on its own
+        return results
+    prepared = [prepared[j] for j in rows]
+    group = [group[j] for j in rows]
+    lead = group[0]
+    audio = _cat([a for a, _ in prepared])
+    noise = torch.cat([n for _, n in prepared])
+    context = torch.cat([s.context for s in group])
+    with torch.no_grad(), lead.stage_threads("denoise", len(group)):
+        batch_cache = StreamCache.stack([s.cache for s in group])
+        velocity = cached_velocity(lead.dit, batch_cache, context, audio)
+        last_step = lead.cache_from == "last_step"
+        last = None
+        if last_step:  # it writes into the stacked copy, at these slots; each session keeps its row
+            written = batch_cache.ring_token_index()
+            last = cached_velocity(lead.dit, batch_cache, context, audio, write=True)
+        x0 = sample_few_step(velocity, noise, lead.sigmas, [s.generator for s in group], last)
+        for row, s in enumerate(group):
+            if last_step:
+                s.cache.take_chunk_from(batch_cache, row, written)
+            else:
+                s._pending = (
+                    x0[row : row + 1],
+                    None if audio is None else audio[row : row + 1],
+                    s.context,
+                )
+    for j, chunk in zip(rows, _finish_chunks(group, x0)):
+        results[j] = chunk
     return results
 
 

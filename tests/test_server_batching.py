@@ -207,3 +207,42 @@ def test_one_sessions_failed_input_fails_it_alone_and_the_batch_keeps_its_chunks
         assert not any(s.stream.chunk_pending for s in (batched[0], batched[2]))
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("broken", ["cached_velocity", "_finish_chunks", "reencode_chunk"])
+def test_a_groups_failed_pass_fails_its_sessions_and_the_other_groups_keep_their_chunks(monkeypatch, broken):
+    """A pass that one group of a batch shares (its forward, its decode, its re-encode once the chunks
+    were published) raised out of the whole batch: the sessions of every other group failed with it,
+    their chunks made, and published, already."""
+    from streamgen import stream_batch
+
+    loop = asyncio.new_event_loop()
+    try:
+        worker = InferenceWorker(ServerMetrics())
+        ahead, fresh = make_sessions(loop, [1, 2]), make_sessions(loop, [3, 4])
+        alone, batched = make_sessions(loop, [1, 2]), ahead + fresh
+        failed, slots = fail_each_on_its_own(batched, worker)
+        for _ in range(2):  # two chunks ahead of the fresh ones: another fill level, another group
+            worker.run_chunks(ahead)
+            for s in alone:
+                worker.run_chunk(s)
+        original = getattr(stream_batch, broken)
+
+        def broken_for_the_fresh(*args, **kwargs):
+            cache = args[0][0].cache if broken == "_finish_chunks" else args[1]  # the group's, or its stack
+            if cache.filled == 0:
+                raise RuntimeError("out of memory")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(stream_batch, broken, broken_for_the_fresh)
+        worker._generate(batched)  # as the worker's lane runs a batch
+        loop.run_until_complete(asyncio.sleep(0))  # the chunks and the failures reach the event loop
+        assert failed == {"s3": "generation failed: out of memory", "s4": "generation failed: out of memory"}
+        assert [s.streaming for s in batched] == [True, True, False, False] and worker.streaming == 2
+        for slot, s in zip(slots[:2], alone):  # each the chunk it gets alone, its cache written
+            chunk, expected = slot.take_nowait(), worker.run_chunk(s)
+            assert chunk is not None and chunk.index == expected.index == 2
+            assert np.abs(chunk.frames.astype(int) - expected.frames.astype(int)).max() <= 1
+        assert not any(s.stream.chunk_pending for s in ahead)
+    finally:
+        loop.close()

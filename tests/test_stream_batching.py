@@ -114,3 +114,39 @@ def test_the_audio_encoder_runs_once_for_sessions_whose_inputs_are_as_long(model
         assert torch.equal(noise, want_noise)
     assert not torch.equal(got[0][0], got[1][0])  # each session's own speech
     assert [s._consumed for s in batched] == [s._consumed for s in alone]  # timelines advanced alike
+
+
+def test_a_groups_failed_reencode_fails_its_members_only_with_on_error(model, monkeypatch):
+    """next_chunks' re-encode of the chunks left pending, batched per group, raised for every
+    session of the call; with on_error, a group's failure is its members' and the others' chunks are
+    made. Without on_error it raises, as before."""
+    from streamgen import stream_batch
+    from streamgen.stream_batch import next_chunks
+
+    def sessions():
+        ahead = [started(model, seed) for seed in (1, 2)]
+        for s in ahead:
+            s.next_chunk()
+            s.next_chunk()
+        fresh = [started(model, seed) for seed in (3, 4)]
+        for s in fresh:
+            s.next_chunk()  # pending at fill level 0, where the others' is at one chunk
+        return ahead + fresh
+
+    reencode = stream_batch.reencode_chunk
+
+    def broken_at_the_start(dit, cache, *args, **kwargs):
+        if cache.filled == 0:
+            raise RuntimeError("out of memory")
+        return reencode(dit, cache, *args, **kwargs)
+
+    alone, batched = sessions(), sessions()
+    monkeypatch.setattr(stream_batch, "reencode_chunk", broken_at_the_start)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        next_chunks(sessions())
+    failed = []
+    chunks = next_chunks(batched, on_error=lambda i, e: failed.append((i, str(e))))
+    assert failed == [(2, "out of memory"), (3, "out of memory")] and chunks[2:] == [None, None]
+    for (frames, pts), s in zip(chunks[:2], alone[:2]):
+        want_frames, want_pts = s.next_chunk()
+        assert pts == want_pts and abs(frames.astype(int) - want_frames.astype(int)).max() <= 1
