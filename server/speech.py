@@ -115,7 +115,9 @@ async def set_caption(registry, session: Session, text: str) -> None:
         except BaseException:
             session.caption_job = None
             raise
-    await asyncio.wrap_future(job)
+    # shielded: a caller cancelled (its client gone) would otherwise cancel the job itself, which
+    # the session's other callers wait on too (and which its worker then could not complete)
+    await asyncio.shield(asyncio.wrap_future(job))
 
 
 __all__ = ["SpeechBusy", "SpeechError", "SpeechForEndedSession", "SpeechInterrupted", "speak", "set_caption"]

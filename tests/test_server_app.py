@@ -615,6 +615,37 @@ async def test_a_burst_of_captions_takes_one_place_in_the_queue_and_the_last_one
         worker.stop()
 
 
+async def test_a_caption_whose_caller_went_away_is_still_applied_for_the_others_waiting():
+    """Callers share a session's waiting caption job: one cancelled (its client gone, its socket
+    closed) must not cancel the job the others wait on, which then fails them all."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from server.metrics import ServerMetrics
+    from server.scheduler import InferenceWorker
+    from server.speech import set_caption
+
+    worker = InferenceWorker(ServerMetrics(), max_jobs=4)
+    worker.start()
+    try:
+        applied = []
+        stream = SimpleNamespace(set_text=applied.append)
+        session = SimpleNamespace(stream=stream, lane=0, closed=False, caption_wanted=None, caption_job=None)
+        registry = SimpleNamespace(worker=worker)
+        release = block_lane(worker)
+        gone = asyncio.ensure_future(set_caption(registry, session, "first"))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        waiting = asyncio.ensure_future(set_caption(registry, session, "second"))
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.wait_for(waiting, 10)  # was CancelledError: the job the first had cancelled
+        assert applied == ["second"]
+    finally:
+        worker.stop()
+
+
 def test_a_caption_after_the_model_process_died_is_a_503(client, monkeypatch):
     import concurrent.futures
 
