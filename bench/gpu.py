@@ -57,7 +57,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 import traceback
@@ -68,6 +67,7 @@ import torch
 from bench import floor, stage_timing
 from bench.gpu_plot import plot
 from bench.gpu_variants import lever_variants, stream_variants
+from streamgen.files import write_text_atomically
 from streamgen.model.config import get_config
 from streamgen.model.model import DiT
 from streamgen.models import AvatarModel
@@ -226,9 +226,7 @@ def write_partial(result: dict, path: str | None) -> None:
     """Write what has been measured so far (atomically), so that a run killed by an outer
     timeout still leaves every finished variant on disk."""
     if path:
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f)
-        os.replace(path + ".tmp", path)
+        write_text_atomically(path, json.dumps(result))
 
 
 def _variant(name, fn, budget_s, started, result, out=None):

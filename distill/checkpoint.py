@@ -8,20 +8,22 @@ state (`optim/<name>/<param index>/<key>`) and the torch RNG states
 (`rng/...`); the rest (step, optimizer hyper-parameters, Python and NumPy RNG,
 the model configs, the config file) is JSON in the safetensors metadata.
 
-Atomic: the bytes go to a hidden temp file in the same folder, are fsynced,
-and only then renamed over the final name, so a crash or a full disk mid-save
-leaves the previous checkpoint as the newest complete one.
+Atomic: the bytes go to a hidden temp file of this save's own in the same folder,
+are fsynced, and only then renamed over the final name
+(`streamgen.files.write_atomically`), so a crash or a full disk mid-save leaves
+the previous checkpoint as the newest complete one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from streamgen.files import write_atomically
 
 PREFIX = "step-"
 SUFFIX = ".safetensors"
@@ -115,11 +117,9 @@ def load_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict, meta: d
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    """Write and fsync (a seam for tests that simulate a full disk)."""
+    """(A seam for tests that simulate a full disk.)"""
     with open(path, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def save_checkpoint(out, step: int, tensors: dict[str, torch.Tensor], meta: dict, keep: int = 3) -> Path:
@@ -128,18 +128,16 @@ def save_checkpoint(out, step: int, tensors: dict[str, torch.Tensor], meta: dict
 
     final = checkpoint_path(out, step)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp")
     previous = latest_checkpoint(out)
     try:
         data = save(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
             metadata={"streamgen": json.dumps({**meta, "step": step})},
         )
-        _write_bytes(tmp, data)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        # a temp file of this save's own, removed on any error: its fixed name was shared by two
+        # saves of one step, and a KeyboardInterrupt mid-save left it behind
+        write_atomically(final, lambda tmp: _write_bytes(tmp, data))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(
             f"could not save the checkpoint of step {step} ({e.strerror or e}); {kept}"
@@ -147,19 +145,6 @@ def save_checkpoint(out, step: int, tensors: dict[str, torch.Tensor], meta: dict
     for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return final
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:

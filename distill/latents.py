@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +20,11 @@ from distill.autoencoder import video_to_input
 from distill.build import load_vae
 from distill.config import ConfigError
 from distill.data import DataMissing, bank_path
+from streamgen.files import write_text_atomically
+from streamgen.model.files import save_safetensors
 
 
 def build_latents(cfg) -> list[Path]:
-    from safetensors.torch import save_file
-
     from streamgen.data.dataset import AvatarWorldDataset
     from streamgen.data.shards import DataError
     from streamgen.model.config import get_config
@@ -79,9 +78,7 @@ def build_latents(cfg) -> list[Path]:
             "audio": torch.from_numpy(np.stack([_fit(it["audio"], samples) for it in items])),
             "context": _captions([it["caption"] for it in items], mcfg.text_dim, cfg.options.captions),
         }
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
+        save_safetensors(tensors, path)
         written.append(path)
         print(f"latents: {split}: {len(items)} clips, {frames} latent frames each -> {path}")
     return written
@@ -111,7 +108,8 @@ def _claim_cache(folder: Path, vae, source: str) -> None:
             )
         return
     folder.mkdir(parents=True, exist_ok=True)
-    mark.write_text(json.dumps({"digest": digest, "source": source}) + "\n")
+    # (whole or not at all: half a file written as a run was killed stopped every later run on it)
+    write_text_atomically(mark, json.dumps({"digest": digest, "source": source}) + "\n")
 
 
 def _fit(audio: np.ndarray, samples: int) -> np.ndarray:

@@ -11,6 +11,8 @@ import json
 import time
 from pathlib import Path
 
+from streamgen.files import write_atomically, write_text_atomically
+
 
 class Monitor:
     def __init__(self, out, total_steps: int, start_step: int, enabled: bool, progress: bool, desc: str):
@@ -39,7 +41,8 @@ class Monitor:
         if not self.log_path.exists():
             return
         kept = [json.dumps(r) for r in _records(self.log_path) if r["step"] < start_step]
-        self.log_path.write_text("".join(line + "\n" for line in kept))
+        # (not in place: a kill mid-write lost the whole log of the run being resumed)
+        write_text_atomically(self.log_path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -86,10 +89,10 @@ class Monitor:
         axes[-1, 0].set_xlabel("step")
         fig.tight_layout()
         path = self.out / "loss_curves.png"
-        tmp = path.with_name(".loss_curves.tmp.png")
-        fig.savefig(tmp, dpi=80)
-        plt.close(fig)
-        tmp.replace(path)
+        try:
+            write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+        finally:
+            plt.close(fig)
         return path
 
     def close(self) -> None:

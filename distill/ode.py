@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from distill.rng import SampleRandom, generator
 from distill.rollout import reencode, start_stream
 from distill.trainer import Updater
 from streamgen.conditioning import guided_velocity
+from streamgen.model.files import save_safetensors
 from streamgen.sampling import euler_sigmas, student_sigmas
 
 
@@ -59,16 +59,14 @@ class Stage:
 
     # --- 1. teacher trajectories, sampled once ----------------------------------------------
     def _trajectories(self) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         path = Path(self.cfg.run.out) / "trajectories.safetensors"
         made_with = self._trajectory_settings()
         if self.world.is_main and not path.exists():
             tensors = self._sample_trajectories()
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file(tensors, str(tmp), metadata=made_with)
-            os.replace(tmp, path)
+            save_safetensors(tensors, path, metadata=made_with)
         barrier(self.world)
         self._check_trajectories(path, made_with)
         return load_file(str(path))

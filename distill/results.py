@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from streamgen.files import write_text_atomically
+
 LATENT_FPS = 25 / 4
 
 
@@ -206,7 +208,8 @@ def main(argv=None) -> int:
                 kept + new, key=lambda r: order.index(r["row"]) if r["row"] in order else len(order)
             )
             args.out.mkdir(parents=True, exist_ok=True)
-            stored.write_text(json.dumps(rows, indent=2))
+            # whole or not at all: written in place, a kill mid-write lost every row made before
+            write_text_atomically(stored, json.dumps(rows, indent=2))
             return rows
 
         new = evaluate_rows(
@@ -220,7 +223,7 @@ def main(argv=None) -> int:
         doc = doc[: doc.index(start) + len(start)] + "\n" + table + doc[doc.index(end) :]
     else:
         doc = f"# Results\n\n{start}\n{table}{end}\n"
-    args.doc.write_text(doc)
+    write_text_atomically(args.doc, doc)  # (a kill mid-write cut off the rest of the document)
     print(f"wrote {args.doc}" + ("" if args.render_only else f" and {args.out / 'results.json'}"))
     return 0
 

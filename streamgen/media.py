@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from streamgen.files import new_file_beside, put_in_place
+
 SAMPLE_RATE = 16000
 MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs long before they hurt
 
@@ -116,25 +118,30 @@ def output_path(path) -> Path:
 
 
 class Mp4Writer:
-    """H.264 (yuv420p) + AAC, written to `path.part` and renamed on close, so a
-    crashed or interrupted run never leaves a file that looks complete."""
+    """H.264 (yuv420p) + AAC, written to a temp file of its own beside `path` and renamed on close
+    (`streamgen.files`), so a crashed or interrupted run never leaves a file that looks complete,
+    and two runs writing one file do not mux into one temp file."""
 
     def __init__(self, path, width: int, height: int, fps: int = 25, audio_rate: int | None = SAMPLE_RATE):
         import av
 
         self.path = output_path(path)
-        self.tmp = self.path.with_name(self.path.name + ".part")
-        self.container = av.open(str(self.tmp), mode="w", format="mp4")
-        self.video = self.container.add_stream("libx264", rate=fps)
-        self.video.width, self.video.height = width + width % 2, height + height % 2
-        self.video.pix_fmt = "yuv420p"
-        self.video.options = {"crf": "18", "preset": "veryfast"}
-        self.audio = None
-        self.audio_rate = audio_rate
-        self.audio_pts = 0
-        if audio_rate:
-            self.audio = self.container.add_stream("aac", rate=audio_rate)
-            self.audio.layout = "mono"
+        self.tmp = new_file_beside(self.path)
+        try:
+            self.container = av.open(str(self.tmp), mode="w", format="mp4")
+            self.video = self.container.add_stream("libx264", rate=fps)
+            self.video.width, self.video.height = width + width % 2, height + height % 2
+            self.video.pix_fmt = "yuv420p"
+            self.video.options = {"crf": "18", "preset": "veryfast"}
+            self.audio = None
+            self.audio_rate = audio_rate
+            self.audio_pts = 0
+            if audio_rate:
+                self.audio = self.container.add_stream("aac", rate=audio_rate)
+                self.audio.layout = "mono"
+        except BaseException:  # (no writer to abort: its caller never gets one)
+            self.tmp.unlink(missing_ok=True)
+            raise
 
     def write_frames(self, frames: np.ndarray) -> None:
         import av
@@ -157,11 +164,14 @@ class Mp4Writer:
             self.container.mux(self.audio.encode(af))
 
     def close(self) -> Path:
-        self.container.mux(self.video.encode())
-        if self.audio is not None:
-            self.container.mux(self.audio.encode())
-        self.container.close()
-        self.tmp.replace(self.path)
+        try:
+            self.container.mux(self.video.encode())
+            if self.audio is not None:
+                self.container.mux(self.audio.encode())
+            self.container.close()
+            put_in_place(self.tmp, self.path)
+        finally:
+            self.tmp.unlink(missing_ok=True)
         return self.path
 
     def abort(self) -> None:

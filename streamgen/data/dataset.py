@@ -8,13 +8,15 @@ item = ds[0]   # video, audio, reference, caption, motion, meta, latents
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch.utils.data
+
+from streamgen.files import write_atomically
 
 from .shards import DataError, ShardReader, load_manifest
 
@@ -106,12 +108,13 @@ class AvatarWorldDataset(torch.utils.data.Dataset):
                 if hasattr(latent, "detach"):
                     latent = latent.detach().cpu().numpy()
                 arrays[f"{i:04d}.latents"] = np.asarray(latent)
-            buffer = io.BytesIO()
-            np.savez(buffer, **arrays)
-            tmp = path.with_suffix(".npz.tmp")
-            tmp.write_bytes(buffer.getvalue())
-            os.replace(tmp, path)
+            write_atomically(path, partial(_save_npz, arrays))
         return self.root / "latents" / name
+
+
+def _save_npz(arrays: dict[str, np.ndarray], path: Path) -> None:
+    with open(path, "wb") as f:  # (np.savez given a name would add .npz to it)
+        np.savez(f, **arrays)
 
 
 def _check_not_stale(path: Path, shard: dict, cache: Path) -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from streamgen.files import write_atomically
+
 
 def upscale(frames: np.ndarray, factor: int) -> np.ndarray:
     """Nearest-neighbour upscaling of [..., H, W, 3] (small frames are unreadable otherwise)."""
@@ -53,7 +55,4 @@ def contact_sheet(rows: list[np.ndarray], columns: int = 8, gap: int = 2) -> np.
 def save_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    Image.fromarray(image).save(tmp, format="PNG")
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))

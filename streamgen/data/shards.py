@@ -32,13 +32,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from streamgen.files import temp_files_beside, write_atomically, write_text_atomically
 
 from . import SPLITS
 from .motion import FPS, Motion
@@ -63,8 +64,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_shard(path: Path, clips) -> None:
-    """Write clips to `path` atomically (a .tmp file renamed into place)."""
-    tmp = path.with_suffix(".npz.tmp")
+    """Write clips to `path`, whole or not at all (`write_atomically`)."""
     arrays = {}
     for i, clip in enumerate(clips):
         meta = dict(clip.meta, caption=clip.caption)
@@ -73,9 +73,12 @@ def _write_shard(path: Path, clips) -> None:
         arrays[f"{i:04d}.reference"] = clip.reference
         arrays[f"{i:04d}.motion"] = clip.motion.as_array()
         arrays[f"{i:04d}.meta"] = np.frombuffer(json.dumps(meta, ensure_ascii=False).encode(), np.uint8)
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    write_atomically(path, write)
 
 
 def _make_shard(job) -> dict:
@@ -145,7 +148,8 @@ def make_dataset(
                     progress and progress(info["clips"])
     except BaseException:
         for job in jobs:  # leave nothing that could pass for a finished shard
-            for p in (Path(job[3]), Path(job[3]).with_suffix(".npz.tmp")):
+            # (and no temp file of a pool's worker that was ended before it could remove its own)
+            for p in (Path(job[3]), *temp_files_beside(job[3])):
                 p.unlink(missing_ok=True)
         raise
     manifest = {
@@ -168,9 +172,7 @@ def make_dataset(
             w["bytes"] = (out / w["file"]).stat().st_size
             w["sha256"] = _sha256(out / w["file"])
         manifest["splits"][split] = {"clips": sum(w["clips"] for w in shards), "shards": shards}
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / "manifest.json")
+    write_text_atomically(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
 

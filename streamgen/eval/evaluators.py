@@ -162,15 +162,13 @@ class IdentityEncoder(nn.Module):
 
 
 def save_checkpoint(model: nn.Module, path: Path, kind: str, extra: dict | None = None) -> None:
-    from safetensors.torch import save_file
+    from streamgen.model.files import save_safetensors
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"kind": kind, "config": json.dumps(model.config), "extra": json.dumps(extra or {})}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".part")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
+    save_safetensors(state, path, metadata=meta)
 
 
 def load_checkpoint(path: Path, kind: str) -> nn.Module:

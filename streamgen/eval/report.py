@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from streamgen.files import write_text_atomically
+
 EVAL_SEED = 20240
 GROUND_TRUTH = "ground-truth"
 # "roundtrip:MODEL": the clips through MODEL's autoencoder and back, the ceiling of any
@@ -308,9 +310,7 @@ def _write_outputs(out: Path, report: dict, mean_curve, stream, samples, sync_cu
         written.append(out / "samples.png")
         (out / "report.md").write_text(_markdown(report))
         written.append(out / "report.md")
-        tmp = out / "report.json.part"
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(out / "report.json")
+        write_text_atomically(out / "report.json", json.dumps(report, indent=1))
     except BaseException:
         for p in written:
             p.unlink(missing_ok=True)

@@ -4,12 +4,14 @@ the file."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+# (written whole or not at all by streamgen.files, which the dataset code uses without torch;
+# imported from here by the model code and older callers)
+from streamgen.files import write_atomically as write_atomically
+from streamgen.files import write_text_atomically as write_text_atomically
 
 
 def load_safetensors(path) -> dict[str, torch.Tensor]:
@@ -36,58 +38,6 @@ def read_json(path, required: tuple[str, ...] = ()) -> dict:
     if missing:
         raise ValueError(f"{path}: no {missing[0]!r} in it")
     return value
-
-
-def write_atomically(path, write: Callable[[Path], object]) -> None:
-    """`write(tmp)` writes the file to the path `tmp`, a new file beside `path`, which is then
-    fsynced and renamed over `path`: a kill, a full disk or a power cut during a re-export leaves
-    the previous file as it was, not a truncated one that the directory's model.json still points
-    to. Each call has a temp file of its own: two exports into one directory wrote (and renamed
-    away) each other's. On any error the temp file is removed and `path` is untouched."""
-    path = Path(path)
-    tmp = _new_file_beside(path)
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDWR)  # (fsync needs a writable descriptor on some systems)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_folder(path.parent)
-
-
-def write_text_atomically(path, text: str) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(text))
-
-
-def _new_file_beside(path: Path) -> Path:
-    """A new empty file of a name no other writer has, in `path`'s folder (a rename is atomic
-    within one file system only). mkstemp's way (O_EXCL), but with open()'s permissions, by the
-    umask: mkstemp's 0600 would make an exported model unreadable to a server run as another user."""
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Makes the rename itself durable; skipped where a folder cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
