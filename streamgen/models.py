@@ -379,26 +379,68 @@ def load_autoencoder(directory) -> VideoAutoencoder:
 
 
 def _replace_autoencoder(vae: VideoAutoencoder, d: Path) -> None:
-    """`vae`'s files in `d`, and no other autoencoder's: a re-export over a directory that held
-    a tiny decoder or a Wan VAE left them there, and `load_autoencoder` took them over the new one."""
+    """`vae`'s files in `d`, and no other autoencoder's (a re-export over a directory that held a
+    tiny decoder or a Wan VAE left them there, and `load_autoencoder` took them over the new one),
+    swapped so that a reader loading `d` meanwhile (a server, a stage) finds the old autoencoder or
+    the new one, never none, half of one, or one's config beside the other's weights:
+
+    - each new file is renamed over its old counterpart, one atomic step each, and a new folder
+      with no counterpart is renamed in whole (one over an old folder: file by file, its weights
+      before the config.json that says how to read them). vae.safetensors carries its config,
+      which the loader takes over vae_config.json's;
+    - only then go the old files that have no counterpart. The loader's choice of kind is wan_vae/,
+      else vae_config.json: a new TinyCausalVAE's files lie in place while an old wan_vae/ still
+      decides, which then goes in one rename (into a folder deleted after); a new wan_vae/ decides
+      before the old TinyCausalVAE's files go;
+    - tiny_decoder.safetensors alone decides a tiny decoder: an old one the new autoencoder lacks
+      goes first, a new one comes last, so that a decoder is never over a base it was not saved
+      with (where both change, a reader meanwhile finds a base decoding with its own decoder).
+    """
     from streamgen.model.tiny_decoder import TINY_DECODER_FILE
     from streamgen.model.vae import WanVAE
 
     # a folder of this export's own: a second export into `d` emptied a shared one under this one
     staging = Path(tempfile.mkdtemp(prefix=".autoencoder.", suffix=".tmp", dir=d))
     try:
-        vae.save(staging)
-        written = {p.name for p in staging.iterdir()}
-        for name in {"vae_config.json", "vae.safetensors", WanVAE.DIRECTORY, TINY_DECODER_FILE} | written:
-            old = d / name
-            if old.is_dir():
-                shutil.rmtree(old)
-            elif name not in written:
-                old.unlink(missing_ok=True)
-        for p in staging.iterdir():
-            p.replace(d / p.name)
+        vae.save(staging / "new")
+        order = {"vae.safetensors": 0, WanVAE.DIRECTORY: 0, TINY_DECODER_FILE: 2}  # (others: 1)
+        new = sorted((p.name for p in (staging / "new").iterdir()), key=lambda name: order.get(name, 1))
+        if TINY_DECODER_FILE not in new:
+            _remove(d / TINY_DECODER_FILE, staging / "old")
+        for name in new:
+            _move_over(staging / "new" / name, d / name, staging / "old")
+        for name in ("vae_config.json", "vae.safetensors", WanVAE.DIRECTORY):
+            if name not in new:
+                _remove(d / name, staging / "old")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_over(src: Path, dst: Path, trash: Path) -> None:
+    """`src` in `dst`'s place, each file in one rename: a file over a file, a folder where there
+    is none; over a folder, its files one by one (config.json last), then the old folder's files
+    that have no counterpart. (`trash`: a folder on the same file system, deleted after.)"""
+    if src.is_dir() and dst.is_dir():
+        names = sorted((p.name for p in src.iterdir()), key=lambda name: name == "config.json")
+        for name in names:
+            _move_over(src / name, dst / name, trash)
+        for old in list(dst.iterdir()):
+            if old.name not in names:
+                _remove(old, trash)
+        return
+    if src.is_dir() != dst.is_dir() and dst.exists():  # (a folder where a file was, or back)
+        _remove(dst, trash)
+    os.replace(src, dst)
+
+
+def _remove(path: Path, trash: Path) -> None:
+    """A file unlinked; a folder renamed into `trash` first, gone in one step rather than file by
+    file (shutil.rmtree would leave a reader half a Wan VAE)."""
+    if path.is_dir() and not path.is_symlink():
+        trash.mkdir(exist_ok=True)
+        path.rename(trash / f"{len(list(trash.iterdir()))}-{path.name}")
+    else:
+        path.unlink(missing_ok=True)
 
 
 def save_model(model: AvatarModel, directory, extra_meta: dict | None = None) -> None:

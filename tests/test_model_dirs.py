@@ -302,3 +302,107 @@ def test_an_export_over_a_model_directory_replaces_its_whole_autoencoder(tmp_pat
     assert not (d / "wan_vae").exists() and not (d / "tiny_decoder.safetensors").exists()
     export(wan_based_model(), d)  # and back: the TinyCausalVAE's files go
     assert type(load_autoencoder(d)) is WanVAE and not (d / "vae_config.json").exists()
+
+
+def _autoencoder(name: str):
+    """`tiny`, `tiny-other-config`, `wan`, `wan-other-weights`, and `+td` / `+other-td`: behind a
+    tiny decoder (of other weights)."""
+    from diffusers import AutoencoderKLWan
+
+    from streamgen.model.vae import TinyCausalVAE
+
+    base, _, decoder = name.partition("+")
+    torch.manual_seed(len(base))
+    if base.startswith("wan"):
+        vae = WanVAE(AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1).eval())
+    else:
+        vae = TinyCausalVAE(4, (16, 32, 48, 64) if base == "tiny-other-config" else (8, 16, 24, 32))
+    if decoder:
+        torch.manual_seed(len(decoder))
+        cfg = TinyDecoderConfig(latent_channels=4, widths=(16, 12, 8, 8), blocks_per_stage=1)
+        vae = TinyDecoderVAE(vae, TinyDecoder(cfg).eval())
+    return vae.eval()
+
+
+def _parts(vae) -> tuple:
+    """What a reader loaded: its base autoencoder and its tiny decoder (None), as (class, tensors)."""
+    base, decoder = (vae.vae, vae.decoder) if isinstance(vae, TinyDecoderVAE) else (vae, None)
+    return tuple(None if m is None else (type(m).__name__, m.state_dict()) for m in (base, decoder))
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a[0] == b[0] and a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+@pytest.mark.parametrize(
+    "old, new, whole",
+    [
+        ("tiny", "tiny-other-config", True),
+        ("tiny", "wan", True),
+        ("wan", "tiny", True),
+        ("wan", "wan-other-weights", True),
+        ("wan+td", "wan+other-td", True),
+        ("wan+td", "wan", True),
+        ("wan", "wan+td", True),
+        ("tiny+td", "tiny", True),
+        # the tiny decoder and the base both change: a tiny decoder is never over a base it was
+        # not saved with; the base meanwhile decodes with its own decoder
+        ("wan+td", "tiny", False),
+        ("tiny", "wan+td", False),
+    ],
+)
+def test_a_reader_finds_the_whole_old_or_the_whole_new_autoencoder_at_every_step(
+    tmp_path, monkeypatch, old, new, whole
+):
+    """The old autoencoder's files were deleted before the new ones were moved in, a Wan VAE's
+    folder file by file: a server loading the model meanwhile found no autoencoder, half a Wan VAE,
+    or one autoencoder's config beside another's weights. Every rename and removal of the swap is
+    followed here by a load of the directory."""
+    import os
+
+    from streamgen.models import _replace_autoencoder
+
+    expected = {}
+    for which, name in (("old", old), ("new", new)):
+        _autoencoder(name).save(tmp_path / which)
+        expected[which] = _parts(load_autoencoder(tmp_path / which))
+    d = tmp_path / "model"
+    d.mkdir()
+    _autoencoder(old).save(d)
+    allowed = [expected["old"], expected["new"]]
+    if not whole:
+        allowed += [(expected["old"][0], None), (expected["new"][0], None)]
+    seen, checking = [], []
+
+    def checked(real):
+        def step(*args, **kwargs):
+            result = real(*args, **kwargs)
+            if not checking:
+                checking.append(1)
+                try:
+                    found = _parts(load_autoencoder(d))
+                except Exception as e:
+                    found = f"{type(e).__name__}: {e}"
+                finally:
+                    checking.clear()
+                after = f"after {real.__name__}{tuple(str(a) for a in args)}"
+                what = found if isinstance(found, str) else [part and part[0] for part in found]
+                whole = not isinstance(found, str) and any(
+                    _same(found[0], a[0]) and _same(found[1], a[1]) for a in allowed
+                )
+                assert whole, (
+                    f"{after}: a reader found {what}"
+                )
+                seen.append(after)
+            return result
+
+        return step
+
+    for name in ("replace", "rename", "unlink", "remove", "rmdir"):
+        monkeypatch.setattr(os, name, checked(getattr(os, name)))
+    _replace_autoencoder(_autoencoder(new), d)
+    monkeypatch.undo()
+    assert seen and all(_same(a, b) for a, b in zip(_parts(load_autoencoder(d)), expected["new"]))
+    assert not [p for p in d.iterdir() if p.name.startswith(".")]

@@ -26,6 +26,19 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def load_safetensors_and_metadata(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata of one safetensors file, read through one open of it: a file
+    renamed over it meanwhile (a re-export) cannot give the tensors of one and the metadata of the
+    other. A file it cannot read is a ValueError naming it, as `load_safetensors`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def read_json(path, required: tuple[str, ...] = ()) -> dict:
     """A JSON object from `path`, with the keys in `required`, or a ValueError naming the file."""
     try:

@@ -172,12 +172,11 @@ class TinyDecoder(nn.Module):
     def _from_file(cls, path: Path, overrides: dict) -> TinyDecoder:
         saved = None  # the config `save` wrote beside the weights
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-            from safetensors.torch import load_file
+            from streamgen.model.files import load_safetensors_and_metadata
 
-            state = load_file(str(path))
-            with safe_open(str(path), "pt") as f:
-                saved = (f.metadata() or {}).get("tiny_decoder_config")
+            # (one open: a re-export renamed over it meanwhile gave one's weights the other's config)
+            state, metadata = load_safetensors_and_metadata(path)
+            saved = metadata.get("tiny_decoder_config")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
         if any(k.startswith("decoder.") for k in state):

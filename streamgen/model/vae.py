@@ -236,20 +236,35 @@ class TinyCausalVAE(VideoAutoencoder):
 
     # --- persistence -----------------------------------------------------------
     def save(self, directory) -> None:
+        """vae_config.json (what says a directory holds this autoencoder) and vae.safetensors, which
+        carries the config too: a re-export renames the weights over the old ones, then the config,
+        and a reader between the two renames would otherwise pair one export's config with the
+        other's weights."""
         from streamgen.model.files import save_safetensors, write_text_atomically
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(d / "vae_config.json", json.dumps(self.config, indent=2))
-        save_safetensors({k: v.contiguous() for k, v in self.state_dict().items()}, d / "vae.safetensors")
+        config = json.dumps(self.config, indent=2)
+        write_text_atomically(d / "vae_config.json", config)
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        save_safetensors(state, d / "vae.safetensors", metadata={"vae_config": config})
 
     @classmethod
     def load(cls, directory) -> TinyCausalVAE:
-        from streamgen.model.files import load_safetensors, read_json
+        """The config the weights carry (vae_config.json for weights saved before they did)."""
+        from streamgen.model.files import load_safetensors_and_metadata, read_json
 
         d = Path(directory)
-        vae = cls(**read_json(d / "vae_config.json"))
-        vae.load_state_dict(load_safetensors(d / "vae.safetensors"))
+        state, metadata = load_safetensors_and_metadata(d / "vae.safetensors")
+        if "vae_config" in metadata:
+            try:
+                config = json.loads(metadata["vae_config"])
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{d / 'vae.safetensors'}: its vae_config is not valid JSON ({e})") from None
+        else:
+            config = read_json(d / "vae_config.json")
+        vae = cls(**config)
+        vae.load_state_dict(state)
         return vae
 
 
