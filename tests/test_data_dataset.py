@@ -293,3 +293,36 @@ def test_a_shard_altered_behind_its_crcs_is_caught_by_the_manifests_sha256(world
                  "--set", "model.height=32", "--set", "model.width=32"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "train/shard-00000.npz" in err and len(err.strip().splitlines()) == 1
+
+
+def test_dataloader_workers_do_not_hash_every_shard_again_every_epoch(world, tmp_path, monkeypatch):
+    """DataLoader workers that are not persistent are made anew every epoch with no shard open, and
+    each hashed every shard it opened, every epoch (64x64: 12% of an epoch's time with 2 workers,
+    32% with 8). A shard is hashed once, where the dataset is made; a worker hashes it again only
+    if its file changed since, which is still caught."""
+    import shutil
+    from pathlib import Path
+
+    from torch.utils.data import DataLoader
+
+    from streamgen.data import shards
+
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    hashed = tmp_path / "hashed"  # (a file: the workers are other processes)
+    real = shards._sha256
+
+    def logged(path):
+        with open(hashed, "a") as f:
+            f.write(f"{Path(path).name}\n")
+        return real(path)
+
+    monkeypatch.setattr(shards, "_sha256", logged)
+    ds = AvatarWorldDataset(copy, "train")
+    loader = DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context="fork", collate_fn=collate_clips)
+    for _epoch in range(2):
+        assert sum(len(batch["video"]) for batch in loader) == len(ds)
+    assert len(hashed.read_text().splitlines()) == len(ds.shards) == 2
+    _black_out_clip_0_behind_the_crcs(copy / ds.shards[0]["file"])  # (as a worker would open it)
+    with pytest.raises(DataError, match=r"corrupted shard .*train/shard-00000\.npz: .*sha256"):
+        ds[0]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -193,27 +194,55 @@ def load_manifest(root: Path) -> dict:
     return manifest
 
 
+def check_shard(
+    path: Path, expected_bytes: int | None = None, sha256: str | None = None, checked: tuple | None = None
+) -> tuple:
+    """A DataError naming the shard unless `path` is there with the manifest's byte count and
+    sha256 (its signature, `file_signature`, is returned: what it was checked as). `checked`: the
+    signature the file had when it was last checked; a file that still has it is not hashed again.
+
+    The sha256 because the zip's CRCs cover only the members read, and only their bytes, and a
+    shard written again (a tool, another run) has CRCs of its own. Hashing a shard takes under a
+    tenth of the time reading its clips does (64x64: 7 ms for 9 MB against 87 ms for its 32 clips),
+    about two clips' worth."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"missing shard {path}")
+    signature = file_signature(path)
+    size = signature[2]
+    if expected_bytes is not None and size != expected_bytes:
+        raise DataError(f"corrupted shard {path}: {size} bytes, manifest says {expected_bytes}")
+    if sha256 is not None and signature != checked and _sha256(path) != sha256:
+        raise DataError(
+            f"corrupted shard {path}: its sha256 is not the one the manifest records "
+            "(checksum mismatch: changed since it was written)"
+        )
+    return signature
+
+
+def file_signature(path: Path) -> tuple:
+    """Which file `path` is and whether it was written since: a shard rewritten in place gets a new
+    ctime (which no tool sets back, unlike mtime), one replaced gets a new inode."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class ShardReader:
     """Random access to the clips of one shard; every failure names the shard.
 
-    `sha256` (the manifest's) is checked once, here: the zip's CRCs cover only the members read,
-    and only their bytes, and a shard written again (a tool, another run) has CRCs of its own.
-    Hashing a shard takes under a tenth of the time reading its clips does (64x64: 7 ms for 9 MB
-    against 87 ms for its 32 clips), about two clips' worth.
+    The manifest's `sha256` is checked once, here (`check_shard`), unless `checked` is the
+    signature the file had when it was checked before and it still has it.
     """
 
-    def __init__(self, path: Path, expected_bytes: int | None = None, sha256: str | None = None):
+    def __init__(
+        self,
+        path: Path,
+        expected_bytes: int | None = None,
+        sha256: str | None = None,
+        checked: tuple | None = None,
+    ):
         self.path = Path(path)
-        if not self.path.exists():
-            raise DataError(f"missing shard {self.path}")
-        size = self.path.stat().st_size
-        if expected_bytes is not None and size != expected_bytes:
-            raise DataError(f"corrupted shard {self.path}: {size} bytes, manifest says {expected_bytes}")
-        if sha256 is not None and _sha256(self.path) != sha256:
-            raise DataError(
-                f"corrupted shard {self.path}: its sha256 is not the one the manifest records "
-                "(checksum mismatch: changed since it was written)"
-            )
+        check_shard(self.path, expected_bytes, sha256, checked)
         try:
             self._npz = np.load(self.path, allow_pickle=False)
         # (NotImplementedError: zipfile's word for a compression method byte that was flipped)
