@@ -107,8 +107,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--fp8 on a GPU needs --dtype bfloat16 (its FP8 products give bfloat16)")
     if args.compile and (args.device != "cpu" or args.sp > 1):
         raise UserError("--compile runs on the CPU in one process: it cannot be combined with --sp or a GPU device")
-    if args.cache_from == "last_step" and args.steps == 1:
-        raise UserError("--cache-from last_step needs 2 or more --steps: a 1-step chunk's last step sees only noise")
+    if args.cache_from == "last_step" and (args.steps or _model_steps(args.model)) == 1:
+        # (without --steps, the model's own: a 1-step student would quietly re-encode instead)
+        runs = "" if args.steps else f" ({args.model} runs 1 step unless --steps says otherwise)"
+        raise UserError(
+            f"--cache-from last_step needs 2 or more --steps{runs}: a 1-step chunk's last step sees only noise"
+        )
     check_device(args.device)  # (after the options' own conflicts, which hold on any machine)
     for origin in args.cors_origin:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
@@ -185,6 +189,22 @@ def _tls_files(certfile: str | None, keyfile: str | None) -> dict:
     except (ssl.SSLError, ValueError) as e:
         raise UserError(f"cannot use {certfile} with {keyfile}: {e}") from None
     return {"ssl_certfile": certfile, "ssl_keyfile": keyfile}
+
+
+def _model_steps(name: str) -> int | None:
+    """The denoising steps a model's sessions run without --steps (its model.json's), read without
+    loading it; None where its model.json does not say (loading it says what is wrong)."""
+    from streamgen.model.files import read_json
+    from streamgen.models import MODEL_META_DEFAULTS, AvatarModel, resolve_model_dir
+
+    directory = resolve_model_dir(name)
+    if directory is None:  # a flavor's stand-in weights
+        return AvatarModel.steps
+    try:
+        steps = read_json(directory / "model.json").get("steps", MODEL_META_DEFAULTS["steps"])
+    except (OSError, ValueError):
+        return None
+    return steps if isinstance(steps, int) else None
 
 
 def _model_exists(name: str) -> bool:

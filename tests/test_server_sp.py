@@ -292,6 +292,26 @@ def test_serve_refuses_bad_options_before_launching_anything(extra, message, cap
     assert message in capsys.readouterr().err
 
 
+def test_serve_refuses_last_step_for_a_model_that_runs_one_step(tmp_path, capsys, monkeypatch):
+    """Without --steps, a session runs the model's own steps: `--cache-from last_step` on a 1-step
+    student passed serve's check, reached the sessions as the model's own cache_from (through the
+    environment) and was quietly turned into a re-encode, where asked for it is an error."""
+    from streamgen.cli import main
+    from streamgen.models import load_model, save_model
+
+    model = load_model("debug")
+    model.steps = 1
+    save_model(model, tmp_path / "one-step")
+
+    def serve(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr("uvicorn.run", serve)
+    assert main(["serve", "--model", str(tmp_path / "one-step"), "--cache-from", "last_step"]) == 2
+    err = capsys.readouterr().err
+    assert "--cache-from last_step needs 2 or more --steps" in err and "runs 1 step" in err, err
+
+
 def test_model_ops_decode_in_the_server_s_decode_dtype():
     """`serve --decode-dtype` reaches the sessions the model host creates (and a bad name is refused)."""
     from server.model_host import ModelOps
