@@ -14,9 +14,20 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import secrets
+import shutil
+import socket
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+# whose a temp file is, in its name (`.NAME.HOST-PID-XXXX.tmp`): each has a name of its own, so a
+# writer killed before it could remove its file (SIGKILL, the OOM killer, a power cut) would leave
+# one more every time, as big as a model's weights; the next writer of NAME removes those whose
+# writer is gone (on this host: a process of another one cannot be asked after)
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:32] or "host"
+_WRITER = re.compile(r"^(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)-[A-Za-z0-9_]+\.tmp$")
 
 
 def write_atomically(path, write: Callable[[Path], object]) -> None:
@@ -42,8 +53,9 @@ def new_file_beside(path) -> Path:
     For a writer that cannot hand its writing to `write_atomically` (a stream muxed over minutes);
     it calls `put_in_place` and removes the file on error itself."""
     path = Path(path)
+    remove_abandoned(path)
     while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(6)}.tmp")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
@@ -63,11 +75,48 @@ def put_in_place(tmp, path) -> None:
     _fsync_folder(Path(path).parent)
 
 
+def new_folder_beside(path) -> Path:
+    """A new folder beside `path`, named as `new_file_beside`'s files are, for a writer that stages
+    several files (and removes the folder itself)."""
+    path = Path(path)
+    remove_abandoned(path)
+    return Path(
+        tempfile.mkdtemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}-", suffix=".tmp", dir=path.parent)
+    )
+
+
 def temp_files_beside(path) -> list[Path]:
-    """The temp files `new_file_beside(path)` made that are still there: those of a writer killed
-    before it could remove its own (a pool's worker ended by its parent)."""
+    """The temp files (and folders) `new_file_beside(path)` and `new_folder_beside(path)` made that
+    are still there: a live writer's, or those of a writer killed before it could remove its own."""
     path = Path(path)
     return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+
+
+def remove_abandoned(path) -> None:
+    """Remove the temp files and folders beside `path` whose writer, on this host, has ended."""
+    path = Path(path)
+    for tmp in temp_files_beside(path):
+        if _writer_gone(tmp.name[len(path.name) + 2 :]):
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def _writer_gone(tag: str) -> bool:
+    """Whether the writer named in a temp file's `HOST-PID-XXXX.tmp` has ended. Not where it cannot
+    be told: another host's, a name of another shape, or a system without POSIX signals (os.kill
+    there ends the process instead of asking after it)."""
+    m = _WRITER.match(tag)
+    if os.name != "posix" or m is None or m["host"] != _HOST or int(m["pid"]) == os.getpid():
+        return False
+    try:
+        os.kill(int(m["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # (another user's process: alive)
+        return False
+    return False
 
 
 def _fsync_folder(folder: Path) -> None:

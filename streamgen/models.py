@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from streamgen.cli import SESSION_DTYPES
 from streamgen.cpu_threads import chunk_forward_flop
+from streamgen.files import new_folder_beside
 from streamgen.model.compile import compile_blocks
 from streamgen.model.config import FLAVORS, ModelConfig, get_config
 from streamgen.model.float8 import float8_layers
@@ -400,7 +400,7 @@ def _replace_autoencoder(vae: VideoAutoencoder, d: Path) -> None:
     from streamgen.model.vae import WanVAE
 
     # a folder of this export's own: a second export into `d` emptied a shared one under this one
-    staging = Path(tempfile.mkdtemp(prefix=".autoencoder.", suffix=".tmp", dir=d))
+    staging = new_folder_beside(d / "autoencoder")
     try:
         vae.save(staging / "new")
         order = {"vae.safetensors": 0, WanVAE.DIRECTORY: 0, TINY_DECODER_FILE: 2}  # (others: 1)

@@ -330,3 +330,42 @@ def test_an_mp4(tmp_path, monkeypatch):
             return sum(1 for _ in container.decode(video=0)) - 1
 
     check_whole_or_not_at_all(monkeypatch, tmp_path, tmp_path / "out.mp4", write, read)
+
+
+def test_a_killed_writers_temp_files_are_removed_by_the_next_writer(tmp_path):
+    """Each temp file has a name of its own, so one a killed writer left (SIGKILL, the OOM killer)
+    would stay for good, as big as the weights it held; the next writer of the same file removes
+    those whose writer has ended, and no other: a live writer's, another host's, or one of a name
+    it does not know."""
+    import subprocess
+    import sys
+
+    from streamgen.files import _HOST, new_folder_beside, write_text_atomically
+
+    target = tmp_path / "dit.safetensors"
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = int(ended.stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            f".dit.safetensors.{_HOST}-{dead}-abc123.tmp": "gone",
+            f".dit.safetensors.{_HOST}-{live.pid}-abc123.tmp": "kept",
+            f".dit.safetensors.otherhost-{dead}-abc123.tmp": "kept",
+            ".dit.safetensors.0123456789ab.tmp": "kept",
+            f".other.safetensors.{_HOST}-{dead}-abc123.tmp": "kept",  # another file's
+        }
+        for name in names:
+            (tmp_path / name).write_bytes(b"weights")
+        (tmp_path / f".autoencoder.{_HOST}-{dead}-xyz.tmp").mkdir()  # a staging folder
+        write_text_atomically(target, "new")
+        left = {p.name for p in tmp_path.iterdir()}
+        assert left == {"dit.safetensors", f".autoencoder.{_HOST}-{dead}-xyz.tmp"} | {
+            name for name, fate in names.items() if fate == "kept"
+        }
+        staging = new_folder_beside(tmp_path / "autoencoder")  # removes the ended writer's folder
+        assert {p.name for p in tmp_path.iterdir() if p.name.startswith(".autoencoder.")} == {staging.name}
+    finally:
+        live.kill()
+        live.wait()
