@@ -309,6 +309,7 @@ def test_each_distinct_error_the_ranks_report_is_printed_once(monkeypatch, capsy
     files = {rank: tmp_path / f"error-{rank}.json" for rank in range(4)}
     lines = {0: "streamgen generate: error: too small", 1: "streamgen generate: error: too small",
              2: "streamgen generate: error: out of memory"}  # fmt: skip
+    monkeypatch.setenv(torchrun.LAUNCHER_ENV, "1")  # as in this launcher's workers
     for rank, line in lines.items():
         monkeypatch.setenv(torchrun.ERROR_FILE_ENV, str(files[rank]))
         torchrun.report_error(line)
@@ -328,3 +329,8 @@ def test_each_distinct_error_the_ranks_report_is_printed_once(monkeypatch, capsy
     monkeypatch.delenv(torchrun.ERROR_FILE_ENV)
     torchrun.report_error("streamgen generate: error: alone")  # outside torchrun: printed
     assert capsys.readouterr().err == "streamgen generate: error: alone\n"
+    monkeypatch.setenv(torchrun.ERROR_FILE_ENV, str(tmp_path / "plain.json"))
+    monkeypatch.delenv(torchrun.LAUNCHER_ENV, raising=False)  # (main took it away after its run)
+    torchrun.report_error("streamgen distill: error: plain")  # under plain torchrun: printed too
+    assert capsys.readouterr().err == "streamgen distill: error: plain\n"
+    assert not (tmp_path / "plain.json").exists()

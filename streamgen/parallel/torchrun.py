@@ -29,16 +29,20 @@ import sys
 import time
 
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # torchrun gives each worker a file for its error
+LAUNCHER_ENV = "STREAMGEN_LAUNCHER"  # set by this launcher: its workers' ranks hand it their errors
 
 
 def report_error(line: str) -> None:
-    """A command's error line: to stderr, or in a torchrun worker to the launcher (which prints
-    each distinct one once, instead of once per rank)."""
+    """A command's error line: to stderr, or in a worker of this launcher to the launcher (which
+    prints each distinct one once, instead of once per rank). Under plain torchrun (distill on
+    several processes) each rank prints its own, as torchrun shows no error file's line by itself."""
     path = os.environ.get(ERROR_FILE_ENV)
-    if path:
-        try:
-            with open(path, "w") as f:
-                json.dump({"message": line, "timestamp": int(time.time()), "streamgen": True}, f)
+    if path and os.environ.get(LAUNCHER_ENV):
+        from streamgen.files import write_text_atomically
+
+        message = {"message": line, "timestamp": int(time.time()), "streamgen": True}
+        try:  # whole or not at all: the launcher fails on a half-written file (a rank killed meanwhile)
+            write_text_atomically(path, json.dumps(message))
             return
         except OSError:
             pass
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + int(sig)
 
     _quiet_torchrun_logs()
+    os.environ[LAUNCHER_ENV] = "1"  # (the workers inherit it)
     try:
         torchrun_main(argv)
     except ChildFailedError as e:
@@ -106,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"streamgen: stopped by {stop.sigval.name}; every rank has ended", file=sys.stderr)
         return 128 + int(stop.sigval)
+    finally:
+        os.environ.pop(LAUNCHER_ENV, None)
     return 0
 
 
