@@ -13,6 +13,7 @@ No torch here: the dataset code that writes through this reads and writes with n
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
 import secrets
@@ -26,7 +27,24 @@ from pathlib import Path
 # writer killed before it could remove its file (SIGKILL, the OOM killer, a power cut) would leave
 # one more every time, as big as a model's weights; the next writer of NAME removes those whose
 # writer is gone (on this host: a process of another one cannot be asked after)
-_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:32] or "host"
+
+
+def _host_tag() -> str:
+    """HOST in a temp file's name: where its PID means the writer's process. The host name's start
+    (readable) and a digest of the whole name and of this process's PID namespace: a PID is looked
+    up only there. The name cut short made hosts whose names start alike (the pods of one
+    deployment, a node pool's machines) one host, and a container of the host's name (--uts=host,
+    --network=host) has PIDs of its own: each removed the other's live writers' files."""
+    name = socket.gethostname()
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # (no /proc: not Linux)
+        namespace = 0
+    digest = hashlib.sha256(f"{name}\0{namespace}".encode()).hexdigest()[:12]
+    return f"{re.sub(r'[^A-Za-z0-9]', '_', name)[:20]}_{digest}"
+
+
+_HOST = _host_tag()
 _WRITER = re.compile(r"^(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)-[A-Za-z0-9_]+\.tmp$")
 
 

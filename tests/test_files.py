@@ -369,3 +369,68 @@ def test_a_killed_writers_temp_files_are_removed_by_the_next_writer(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_no_writer_removes_a_live_writers_temp_file_of_another_host_or_pid_namespace(tmp_path):
+    """A PID means a process only on its host, in its PID namespace. The host name was cut to 32
+    characters (the pods of one deployment, a node pool's machines: one host), and a container of
+    the host's name (--uts=host, --network=host) has PIDs of its own: each looked the other's
+    writers up where their PIDs mean nothing, found none, and removed their live temp files (the
+    writer then failed to put its file in place)."""
+    import shutil
+    import subprocess
+    import sys
+    import threading
+
+    from streamgen.files import temp_files_beside, write_atomically
+
+    target = tmp_path / "shard-00000.npz"
+    # a process on another host of a name that starts alike, whose live writer's PID is not one here
+    tag = subprocess.run(
+        [sys.executable, "-c", "import socket; socket.gethostname = lambda: 'streamgen-dataset-generator-"
+         "7d9f8b6c5d-x2k4p'\nimport streamgen.files as f; print(f._HOST)"],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent,
+    ).stdout.strip()  # fmt: skip
+    other_host = tmp_path / f".{target.name}.{tag}-4000000-abc123.tmp"
+    other_host.write_bytes(b"being written")
+    code = (
+        "import socket; socket.gethostname = lambda: 'streamgen-dataset-generator-7d9f8b6c5d-q8w3z'\n"
+        f"import streamgen.files as f; f.write_text_atomically({str(target)!r}, 'b')"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+    assert other_host.exists()
+
+    unshare = shutil.which("unshare")
+    probe = unshare and subprocess.run(
+        [unshare, "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", "true"], capture_output=True
+    )
+    if not probe or probe.returncode:
+        pytest.skip("no unshare of a PID namespace here")
+    started, go_on, errors = threading.Event(), threading.Event(), []
+
+    def slow_write(tmp):
+        tmp.write_bytes(b"weights")
+        started.set()
+        go_on.wait(30)
+
+    def writer():
+        try:
+            write_atomically(tmp_path / "dit.safetensors", slow_write)
+        except Exception as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert started.wait(30)
+        live = temp_files_beside(tmp_path / "dit.safetensors")
+        code = f"import streamgen.files as f; f.write_text_atomically({str(tmp_path / 'dit.safetensors')!r}, 'x')"
+        subprocess.run(
+            [unshare, "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
+            check=True, cwd=Path(__file__).parent.parent,
+        )  # fmt: skip
+        assert temp_files_beside(tmp_path / "dit.safetensors") == live
+    finally:
+        go_on.set()
+        thread.join()
+    assert errors == [] and (tmp_path / "dit.safetensors").read_bytes() == b"weights"
