@@ -134,6 +134,8 @@ def _writer_gone(tag: str) -> bool:
         return True
     except OSError:  # (another user's process: alive)
         return False
+    except OverflowError:  # (no PID: a name of another shape, which made every write of its file fail)
+        return False
     return False
 
 

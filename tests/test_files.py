@@ -434,3 +434,14 @@ def test_no_writer_removes_a_live_writers_temp_file_of_another_host_or_pid_names
         go_on.set()
         thread.join()
     assert errors == [] and (tmp_path / "dit.safetensors").read_bytes() == b"weights"
+
+
+def test_a_temp_file_named_with_no_pid_there_can_be_is_left_alone(tmp_path):
+    """A temp file of this host's tag and a PID beyond a C int (a stray file of the pattern) made
+    os.kill raise OverflowError: every later write of its target failed."""
+    from streamgen.files import _HOST, write_text_atomically
+
+    stray = tmp_path / f".model.json.{_HOST}-99999999999-abc.tmp"
+    stray.touch()
+    write_text_atomically(tmp_path / "model.json", "{}")
+    assert (tmp_path / "model.json").read_text() == "{}" and stray.exists()
