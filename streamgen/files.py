@@ -12,6 +12,7 @@ No torch here: the dataset code that writes through this reads and writes with n
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import os
@@ -19,6 +20,7 @@ import re
 import secrets
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -91,6 +93,29 @@ def put_in_place(tmp, path) -> None:
         os.close(fd)
     os.replace(tmp, path)
     _fsync_folder(Path(path).parent)
+
+
+def exchange(a, b) -> bool:
+    """Swap the paths `a` and `b` (files or folders, on one file system) in one atomic step: Linux's
+    renameat2(RENAME_EXCHANGE). False, with nothing changed, where the system or the file system
+    cannot (then the caller does it some other way)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # (a C library older than glibc 2.28)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    # (EXDEV: overlayfs exchanges no folder of a lower layer, where a rename of each file works)
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def new_folder_beside(path) -> Path:

@@ -23,7 +23,7 @@ import torch
 
 from streamgen.cli import SESSION_DTYPES
 from streamgen.cpu_threads import chunk_forward_flop
-from streamgen.files import new_folder_beside
+from streamgen.files import exchange, new_folder_beside
 from streamgen.model.compile import compile_blocks
 from streamgen.model.config import FLAVORS, ModelConfig, get_config
 from streamgen.model.float8 import float8_layers
@@ -385,9 +385,10 @@ def _replace_autoencoder(vae: VideoAutoencoder, d: Path) -> None:
     the new one, never none, half of one, or one's config beside the other's weights:
 
     - each new file is renamed over its old counterpart, one atomic step each, and a new folder
-      with no counterpart is renamed in whole (one over an old folder: file by file, its weights
-      before the config.json that says how to read them). vae.safetensors carries its config,
-      which the loader takes over vae_config.json's;
+      with no counterpart is renamed in whole (one over an old folder is exchanged with it in one
+      step; where the file system cannot, file by file, its weights before the config.json that
+      says how to read them). vae.safetensors carries its config, which the loader takes over
+      vae_config.json's;
     - only then go the old files that have no counterpart. The loader's choice of kind is wan_vae/,
       else vae_config.json: a new TinyCausalVAE's files lie in place while an old wan_vae/ still
       decides, which then goes in one rename (into a folder deleted after); a new wan_vae/ decides
@@ -418,8 +419,12 @@ def _replace_autoencoder(vae: VideoAutoencoder, d: Path) -> None:
 
 def _move_over(src: Path, dst: Path, trash: Path) -> None:
     """`src` in `dst`'s place, each file in one rename: a file over a file, a folder where there
-    is none; over a folder, its files one by one (config.json last), then the old folder's files
-    that have no counterpart. (`trash`: a folder on the same file system, deleted after.)"""
+    is none; a folder over a folder in one exchange of the two (the old one left at `src`), or
+    where the file system cannot exchange, its files one by one (config.json last: a reader
+    meanwhile may find the new weights beside the old config), then the old folder's files that
+    have no counterpart. (`trash`: a folder on the same file system, deleted after.)"""
+    if src.is_dir() and dst.is_dir() and not dst.is_symlink() and exchange(src, dst):
+        return
     if src.is_dir() and dst.is_dir():
         names = sorted((p.name for p in src.iterdir()), key=lambda name: name == "config.json")
         for name in names:

@@ -305,8 +305,8 @@ def test_an_export_over_a_model_directory_replaces_its_whole_autoencoder(tmp_pat
 
 
 def _autoencoder(name: str):
-    """`tiny`, `tiny-other-config`, `wan`, `wan-other-weights`, and `+td` / `+other-td`: behind a
-    tiny decoder (of other weights)."""
+    """`tiny`, `tiny-other-config`, `wan`, `wan-other-weights`, `wan-other-config`, and `+td` /
+    `+other-td`: behind a tiny decoder (of other weights)."""
     from diffusers import AutoencoderKLWan
 
     from streamgen.model.vae import TinyCausalVAE
@@ -314,7 +314,12 @@ def _autoencoder(name: str):
     base, _, decoder = name.partition("+")
     torch.manual_seed(len(base))
     if base.startswith("wan"):
-        vae = WanVAE(AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1).eval())
+        # (another config.json: the latent statistics of a VAE tuned again)
+        stats = {"latents_mean": [0.1, -0.2, 0.0, 0.3], "latents_std": [1.5, 0.5, 1.0, 2.0]}
+        config = stats if base == "wan-other-config" else {}
+        vae = WanVAE(
+            AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, **config).eval()
+        )
     else:
         vae = TinyCausalVAE(4, (16, 32, 48, 64) if base == "tiny-other-config" else (8, 16, 24, 32))
     if decoder:
@@ -343,6 +348,7 @@ def _same(a, b) -> bool:
         ("tiny", "wan", True),
         ("wan", "tiny", True),
         ("wan", "wan-other-weights", True),
+        ("wan", "wan-other-config", True),  # its weights were renamed in before its config.json
         ("wan+td", "wan+other-td", True),
         ("wan+td", "wan", True),
         ("wan", "wan+td", True),
@@ -362,6 +368,7 @@ def test_a_reader_finds_the_whole_old_or_the_whole_new_autoencoder_at_every_step
     followed here by a load of the directory."""
     import os
 
+    from streamgen import models
     from streamgen.models import _replace_autoencoder
 
     expected = {}
@@ -402,6 +409,7 @@ def test_a_reader_finds_the_whole_old_or_the_whole_new_autoencoder_at_every_step
 
     for name in ("replace", "rename", "unlink", "remove", "rmdir"):
         monkeypatch.setattr(os, name, checked(getattr(os, name)))
+    monkeypatch.setattr(models, "exchange", checked(models.exchange))
     _replace_autoencoder(_autoencoder(new), d)
     monkeypatch.undo()
     assert seen and all(_same(a, b) for a, b in zip(_parts(load_autoencoder(d)), expected["new"]))
