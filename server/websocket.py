@@ -91,7 +91,8 @@ class SocketConnection:
         self.sender: asyncio.Task | None = None
         self.receiver: asyncio.Task | None = None
         self.speaker: asyncio.Task | None = None  # started by the first speak or caption
-        self.requests: asyncio.Queue = asyncio.Queue()  # (speak or caption, timeline clears when it came)
+        self.requests: asyncio.Queue = asyncio.Queue()  # [speak or caption, timeline clears when it came]
+        self.last_request: list | None = None  # the last of them, while it waits its turn
         self.unanswered = 0
         self.close_sent = False
 
@@ -180,13 +181,23 @@ class SocketConnection:
         """Hand a speak or a caption to the speaker task. Awaited here, a speak's synthesis (up to
         ~0.1 s, and as long again for each other session's before it: one at a time in a process)
         or a caption's worker job (behind due chunks for up to JOB_PATIENCE, a second) held up
-        every message after it, a ping, an interrupt, a stop and the client's live audio."""
+        every message after it, a ping, an interrupt, a stop and the client's live audio.
+
+        A caption that comes while the one before it still waits its turn, with nothing after it,
+        replaces it (as the latest caption replaces the one waiting for the worker): a burst of
+        captions (a text typed, a slider moved) filled the queue, and its last ones, those the
+        client wanted, were refused while the stale ones were applied."""
+        last = self.last_request
+        if msg["type"] == "caption" and last is not None and last[0]["type"] == "caption":
+            last[0] = msg  # (in its place: applied when it would have been)
+            return
         if self.unanswered >= MAX_UNANSWERED:
             message = f"{MAX_UNANSWERED} speaks and captions are waiting their turn: send it once one is done"
             await self.send_json({"type": "error", "for": msg["type"], "message": message})
             return
         self.unanswered += 1
-        self.requests.put_nowait((msg, self.session.timeline.clears))
+        self.last_request = [msg, self.session.timeline.clears]
+        self.requests.put_nowait(self.last_request)
         if self.speaker is None:
             self.speaker = asyncio.create_task(self.answer_in_order(), name=f"speak {self.session.id}")
 
@@ -196,7 +207,10 @@ class SocketConnection:
         speech is queued, as when the receive loop awaited each. A speak is answered with `speaking`
         or an error, a caption only when it fails. An interrupt drops the speaks that came before it."""
         while True:
-            msg, clears = await self.requests.get()
+            request = await self.requests.get()
+            if request is self.last_request:  # (its turn: a caption after it is one of its own)
+                self.last_request = None
+            msg, clears = request
             kind = msg["type"]
             try:
                 answer = self.answer_speak(msg, clears) if kind == "speak" else self.answer_caption(msg)

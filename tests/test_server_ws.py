@@ -601,3 +601,33 @@ def test_a_caption_after_a_speak_waits_for_it_and_an_interrupt_drops_only_the_sp
         assert caption["for"] == "caption" and "text features" in caption["message"]  # still applied
         ws.send_text(json.dumps({"type": "stop"}))
         assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+def test_a_burst_of_captions_ends_with_the_latest_applied(client, held_caption_jobs):
+    """Each caption took a place in the speaker's queue: a burst (a caption typed, a slider moved)
+    while the worker was busy filled it, and its last captions, those the client wanted, were
+    refused while the stale ones before them were applied. A caption that comes while the one
+    before it still waits its turn replaces it."""
+    import time
+
+    s = new_session(client)
+    applied = []
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
+        next_json(ws)
+        stream = client.app.state.registry.get(s["id"]).stream
+        stream.set_text = applied.append  # (the debug model takes no captions: what each job applied)
+        for i in range(12):
+            ws.send_text(json.dumps({"type": "caption", "text": f"caption {i}"}))
+        ws.send_text(json.dumps({"type": "ping", "id": 1}))
+        assert next_json(ws)["type"] == "pong"  # and no error before it: none was refused
+        held_caption_jobs.release.set()
+        for _ in range(200):
+            if applied[-1:] == ["caption 11"]:
+                break
+            time.sleep(0.05)
+        assert applied == ["caption 0", "caption 11"]  # the one under way, then the latest
+        ws.send_text(json.dumps({"type": "speak", "text": "Hello."}))  # the queue is free again
+        assert next_json(ws)["type"] == "speaking"
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
