@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from streamgen.cli import add_dtype_option, frame_size, positive_int
+from streamgen.files import new_file_beside
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -85,10 +86,9 @@ def run(args) -> int:
         raise UserError(f"--out {e}") from None
     if not out.parent.is_dir():
         raise UserError(f"output directory does not exist: {out.parent}")
-    try:  # now, not after the whole stream (the writer opens its file at the first frame)
-        part = out.with_name(out.name + ".part")
-        part.touch()
-        part.unlink()
+    try:  # now, not after the whole stream (the writer opens its file at the first frame); a
+        # name of its own: every --sp rank checks at once, and one's unlink failed another's check
+        new_file_beside(out).unlink()
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror}") from None
     check_device(args.device)
