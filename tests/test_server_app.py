@@ -587,63 +587,64 @@ def test_a_session_deleted_while_the_queue_is_full_still_closes_its_stream(clien
     assert stream.cache is None and not stream.started  # closed on its lane, after the queue
 
 
-async def test_a_burst_of_captions_takes_one_place_in_the_queue_and_the_last_one_wins():
-    import asyncio
+@pytest.fixture
+def caption_lane():
+    """A worker whose lane 0 is held (`release` lets it go), and a session on it whose stream
+    records the captions applied (`applied`)."""
     from types import SimpleNamespace
 
     from server.metrics import ServerMetrics
     from server.scheduler import InferenceWorker
-    from server.speech import set_caption
 
     worker = InferenceWorker(ServerMetrics(), max_jobs=4)
     worker.start()
     try:
         applied = []
-        stream = SimpleNamespace(set_text=applied.append)
-        session = SimpleNamespace(stream=stream, lane=0, closed=False, caption_wanted=None, caption_job=None)
-        registry = SimpleNamespace(worker=worker)
+        session = SimpleNamespace(
+            stream=SimpleNamespace(set_text=applied.append), lane=0, closed=False, caption_wanted=None,
+            caption_job=None,
+        )  # fmt: skip
         release = block_lane(worker)
-        changes = [asyncio.ensure_future(set_caption(registry, session, f"caption {i}")) for i in range(20)]
-        await asyncio.sleep(0.1)
-        assert worker.waiting() == 1  # twenty captions, one job (a queue of 4 refused the fifth before)
-        release.set()
-        await asyncio.wait_for(asyncio.gather(*changes), 10)
-        assert applied == ["caption 19"]
-        await set_caption(registry, session, "later")  # the job ran: a new caption gets its own
-        assert applied == ["caption 19", "later"]
+        yield SimpleNamespace(
+            worker=worker, registry=SimpleNamespace(worker=worker), session=session, applied=applied, release=release
+        )
     finally:
         worker.stop()
 
 
-async def test_a_caption_whose_caller_went_away_is_still_applied_for_the_others_waiting():
+async def test_a_burst_of_captions_takes_one_place_in_the_queue_and_the_last_one_wins(caption_lane):
+    import asyncio
+
+    from server.speech import set_caption
+
+    lane = caption_lane
+    changes = [asyncio.ensure_future(set_caption(lane.registry, lane.session, f"caption {i}")) for i in range(20)]
+    await asyncio.sleep(0.1)
+    assert lane.worker.waiting() == 1  # twenty captions, one job (a queue of 4 refused the fifth before)
+    lane.release.set()
+    await asyncio.wait_for(asyncio.gather(*changes), 10)
+    assert lane.applied == ["caption 19"]
+    await set_caption(lane.registry, lane.session, "later")  # the job ran: a new caption gets its own
+    assert lane.applied == ["caption 19", "later"]
+
+
+async def test_a_caption_whose_caller_went_away_is_still_applied_for_the_others_waiting(caption_lane):
     """Callers share a session's waiting caption job: one cancelled (its client gone, its socket
     closed) must not cancel the job the others wait on, which then fails them all."""
     import asyncio
-    from types import SimpleNamespace
 
-    from server.metrics import ServerMetrics
-    from server.scheduler import InferenceWorker
     from server.speech import set_caption
 
-    worker = InferenceWorker(ServerMetrics(), max_jobs=4)
-    worker.start()
-    try:
-        applied = []
-        stream = SimpleNamespace(set_text=applied.append)
-        session = SimpleNamespace(stream=stream, lane=0, closed=False, caption_wanted=None, caption_job=None)
-        registry = SimpleNamespace(worker=worker)
-        release = block_lane(worker)
-        gone = asyncio.ensure_future(set_caption(registry, session, "first"))
-        await asyncio.sleep(0.05)
-        gone.cancel()
-        await asyncio.gather(gone, return_exceptions=True)
-        waiting = asyncio.ensure_future(set_caption(registry, session, "second"))
-        await asyncio.sleep(0.05)
-        release.set()
-        await asyncio.wait_for(waiting, 10)  # was CancelledError: the job the first had cancelled
-        assert applied == ["second"]
-    finally:
-        worker.stop()
+    lane = caption_lane
+    gone = asyncio.ensure_future(set_caption(lane.registry, lane.session, "first"))
+    await asyncio.sleep(0.05)
+    gone.cancel()
+    await asyncio.gather(gone, return_exceptions=True)
+    waiting = asyncio.ensure_future(set_caption(lane.registry, lane.session, "second"))
+    await asyncio.sleep(0.05)
+    lane.release.set()
+    await asyncio.wait_for(waiting, 10)  # was CancelledError: the job the first had cancelled
+    assert lane.applied == ["second"]
 
 
 def test_a_caption_after_the_model_process_died_is_a_503(client, monkeypatch):
