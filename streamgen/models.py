@@ -2,9 +2,10 @@
 
 A model directory holds `model.json` (flavor config, native resolution,
 sampling defaults), `dit.safetensors` and the autoencoder (`vae_config.json` +
-`vae.safetensors`). Names resolve to the directories shipped in
-`streamgen/assets/models/`; a flavor name with no shipped weights gives a
-randomly initialised (seeded) model, flagged `trained=False`, so every path can
+`vae.safetensors`, which carries that config too; or the Wan VAE's `wan_vae/`; either
+with `tiny_decoder.safetensors` beside it: `load_autoencoder`). Names resolve to the
+directories shipped in `streamgen/assets/models/`; a flavor name with no shipped weights
+gives a randomly initialised (seeded) model, flagged `trained=False`, so every path can
 run before training has produced weights.
 """
 

@@ -138,7 +138,8 @@ class StreamSession:
         `default_decode_dtype`, bfloat16 on CPUs with AMX; None: as loaded); encode_dtype: its encoder,
         which encodes the reference image at the start, likewise. cache_from: where
         each chunk's keys/values in the ring come from (`streamgen.sampling.CACHE_FROM`; None:
-        the model's own, "reencode" unless it was trained otherwise). cpu_threads: on a CPU,
+        the model's own, "reencode" unless it was trained otherwise; at 1 step "last_step" asked
+        for is a ValueError, and a model's own re-encodes: `_cache_from`). cpu_threads: on a CPU,
         "auto" runs each stage on one thread unless its work gains from all of them
         (streamgen/cpu_threads.py), "all" every stage on all."""
         dtype = dit_dtype_arg(dtype)
