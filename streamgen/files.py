@@ -157,9 +157,9 @@ def _writer_gone(tag: str) -> bool:
         os.kill(int(m["pid"]), 0)
     except ProcessLookupError:
         return True
-    except OSError:  # (another user's process: alive)
-        return False
-    except OverflowError:  # (no PID: a name of another shape, which made every write of its file fail)
+    # OSError: another user's process, alive; OverflowError: no PID there can be (a name of another
+    # shape, which made every write of its file fail)
+    except (OSError, OverflowError):
         return False
     return False
 

@@ -508,17 +508,21 @@ def group_indices(items: list, key) -> list[list[int]]:
     return list(groups.values())
 
 
-def own_step(on_error, failed: set, i: int, step, *args):
-    """step(*args), a step that is session i's alone among a batch's. With on_error its failure is
-    that session's, as it would be one by one: reported (on_error(i, exception)), i added to
-    `failed`, and None returned, so that the batch can go on without it. Without, it raises."""
+def contained_step(on_error, failed: set, members: list[int], step, *args):
+    """step(*args), a step that is sessions `members`' alone among a batch's: one session's own
+    (its audio span, its noise) or a pass one group shares (a forward, a decode, a re-encode). With
+    on_error its failure is theirs, as it would be one by one, not the batch's others': each member
+    not failed yet is reported (on_error(i, exception)) and added to `failed`, and None is
+    returned, so that the batch goes on without them. Without, it raises."""
     if on_error is None:
         return step(*args)
     try:
         return step(*args)
     except Exception as e:
-        failed.add(i)
-        on_error(i, e)
+        for i in members:
+            if i not in failed:
+                failed.add(i)
+                on_error(i, e)
         return None
 
 
@@ -530,7 +534,7 @@ def prepare_chunks(
     encoder inputs are as long (all but those near a stream's start).
 
     on_error(i, exception): session i's own steps (its start check, audio span, windows, noise)
-    fail it alone (`own_step`): its entry is None. The shared audio encoder's failure raises."""
+    fail it alone (`contained_step`): its entry is None. The shared audio encoder's failure raises."""
     lead = group[0]
     cfg, enc = lead.cfg, lead.dit.audio_encoder
     c = cfg.frames_per_chunk
@@ -544,7 +548,7 @@ def prepare_chunks(
         shape = (1, cfg.in_channels, c, *s.latent_hw)
         return torch.randn(shape, generator=s.generator).to(s.device, s.dtype)
 
-    spans = [own_step(on_error, failed, i, span, s) for i, s in enumerate(group)]
+    spans = [contained_step(on_error, failed, [i], span, s) for i, s in enumerate(group)]
     audio: list = [None] * len(group)
     if enc is not None:
         ok = [i for i in range(len(group)) if i not in failed]
@@ -555,8 +559,10 @@ def prepare_chunks(
                 tokens = enc(pcm)
             for row, i in enumerate(members):
                 mine, first, start = tokens[row : row + 1], spans[i][1], group[i].chunk_index * c
-                windows = own_step(on_error, failed, i, frame_windows, mine, first, start, c, cfg)
+                windows = contained_step(on_error, failed, [i], frame_windows, mine, first, start, c, cfg)
                 if windows is not None:
                     audio[i] = windows.to(lead.dtype)
-    noises = [None if i in failed else own_step(on_error, failed, i, noise, s) for i, s in enumerate(group)]
+    noises = [
+        None if i in failed else contained_step(on_error, failed, [i], noise, s) for i, s in enumerate(group)
+    ]
     return [None if i in failed else (audio[i], noises[i]) for i in range(len(group))]

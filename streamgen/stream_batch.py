@@ -14,7 +14,7 @@ import torch
 
 from streamgen.model.cache import StreamCache
 from streamgen.sampling import cached_velocity, reencode_chunk, sample_few_step
-from streamgen.stream import StreamSession, group_indices, own_step, prepare_chunks, to_uint8
+from streamgen.stream import StreamSession, contained_step, group_indices, prepare_chunks, to_uint8
 
 
 def _batch_key(s: StreamSession):
@@ -42,24 +42,6 @@ def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     return None if parts[0] is None else torch.cat(parts)
 
 
-def shared_step(on_error, failed: set, members: list[int], step, *args):
-    """step(*args), a pass that sessions `members` of a batch share (a forward, a decode, a
-    re-encode, with what each does alone within it). With on_error its failure is theirs, not the
-    other groups': each member not failed yet is reported (on_error(i, exception)) and added to
-    `failed`, and None is returned, so that the batch's other groups keep their chunks. Without,
-    it raises."""
-    if on_error is None:
-        return step(*args)
-    try:
-        return step(*args)
-    except Exception as e:
-        for i in members:
-            if i not in failed:
-                failed.add(i)
-                on_error(i, e)
-        return None
-
-
 def write_pending_chunks(sessions: list[StreamSession], on_error=None) -> None:
     """`write_pending_chunk` of each session, in one forward for the sessions that can share it
     (`_pending_key`): their chunks are re-encoded together against a stacked copy of their caches,
@@ -67,13 +49,13 @@ def write_pending_chunks(sessions: list[StreamSession], on_error=None) -> None:
     to float rounding. At 64x64 on one thread, written one by one in a batch of 16, a re-encode
     cost 3.4 ms a session, where each of the batch's denoising forwards cost 1.0 ms a session.
 
-    on_error(i, exception): a group's failed re-encode fails its members only (`shared_step`),
+    on_error(i, exception): a group's failed re-encode fails its members only (`contained_step`),
     each reported; the other groups' chunks are written. Without on_error it raises."""
     pending = [i for i, s in enumerate(sessions) if s.chunk_pending]
     failed: set[int] = set()
     for same in group_indices([sessions[i] for i in pending], _pending_key):
         members = [pending[j] for j in same]
-        shared_step(on_error, failed, members, _write_group, [sessions[i] for i in members])
+        contained_step(on_error, failed, members, _write_group, [sessions[i] for i in members])
 
 
 def _write_group(group: list[StreamSession]) -> None:
@@ -109,7 +91,7 @@ def next_chunks(sessions: list[StreamSession], on_error=None) -> list[tuple[np.n
     be one by one: it is reported so, its entry is None, and the others' chunks are made
     without it. A pass a group of sessions shares (its pending chunks' re-encode, its audio
     encoder, forward or decode) is its members' failure: each is reported, and the other
-    groups' chunks are kept (`shared_step`). Without on_error it raises.
+    groups' chunks are kept (`contained_step`). Without on_error it raises.
     """
     results: list = [None] * len(sessions)
     failed: set[int] = set()
@@ -122,7 +104,7 @@ def next_chunks(sessions: list[StreamSession], on_error=None) -> list[tuple[np.n
         return None if on_error is None else report
 
     for i, s in enumerate(sessions):
-        own_step(on_error, failed, i, s._require_started)
+        contained_step(on_error, failed, [i], s._require_started)
     live = [i for i in range(len(sessions)) if i not in failed]
     # the fill level the batch key reads counts the last chunk
     write_pending_chunks([sessions[i] for i in live], mine(live))
@@ -130,10 +112,10 @@ def next_chunks(sessions: list[StreamSession], on_error=None) -> list[tuple[np.n
     for same in group_indices([sessions[i] for i in live], _batch_key):
         members = [live[j] for j in same]
         if len(members) == 1:
-            results[members[0]] = own_step(on_error, failed, members[0], sessions[members[0]].next_chunk)
+            results[members[0]] = contained_step(on_error, failed, members, sessions[members[0]].next_chunk)
             continue
         group = [sessions[i] for i in members]
-        chunks = shared_step(on_error, failed, members, _group_chunks, group, mine(members))
+        chunks = contained_step(on_error, failed, members, _group_chunks, group, mine(members))
         for i, chunk in zip(members, chunks or []):
             results[i] = chunk
     return results

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch.utils.data
 
-from streamgen.files import write_atomically
-
-from .shards import DataError, ShardReader, check_shard, load_manifest
+from .shards import DataError, ShardReader, check_shard, load_manifest, save_npz
 
 
 def _latent_path(root: Path, name: str, shard_file: str) -> Path:
@@ -118,13 +115,8 @@ class AvatarWorldDataset(torch.utils.data.Dataset):
                 if hasattr(latent, "detach"):
                     latent = latent.detach().cpu().numpy()
                 arrays[f"{i:04d}.latents"] = np.asarray(latent)
-            write_atomically(path, partial(_save_npz, arrays))
+            save_npz(path, arrays)
         return self.root / "latents" / name
-
-
-def _save_npz(arrays: dict[str, np.ndarray], path: Path) -> None:
-    with open(path, "wb") as f:  # (np.savez given a name would add .npz to it)
-        np.savez(f, **arrays)
 
 
 def _check_not_stale(path: Path, shard: dict, cache: Path) -> None:

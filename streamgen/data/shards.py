@@ -74,10 +74,16 @@ def _write_shard(path: Path, clips) -> None:
         arrays[f"{i:04d}.reference"] = clip.reference
         arrays[f"{i:04d}.motion"] = clip.motion.as_array()
         arrays[f"{i:04d}.meta"] = np.frombuffer(json.dumps(meta, ensure_ascii=False).encode(), np.uint8)
+    save_npz(path, arrays, compressed=True)
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray], compressed: bool = False) -> None:
+    """An .npz of `arrays` at `path`, whole or not at all (`write_atomically`)."""
+    save = np.savez_compressed if compressed else np.savez
 
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
+        with open(tmp, "wb") as f:  # (np.savez given a name would add .npz to it)
+            save(f, **arrays)
 
     write_atomically(path, write)
 
