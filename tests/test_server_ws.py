@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import struct
@@ -429,14 +430,21 @@ def next_json(ws, max_messages=500) -> dict:
             return json.loads(message["text"])
     raise AssertionError(f"no JSON message in {max_messages} messages")
 
+@contextlib.contextmanager
+def started_socket(client, s):
+    """A socket on session `s`, started with credit flow control and its `ready` read."""
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
+        next_json(ws)
+        yield ws
+
+
 
 def test_a_speak_being_synthesised_holds_up_no_other_message(client, held_synthesis):
     """The receive loop awaited each speak's synthesis: meanwhile it read nothing, a ping or the
     client's live audio included."""
     s = new_session(client)
-    with client.websocket_connect(stream_url(s)) as ws:
-        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
-        next_json(ws)
+    with started_socket(client, s) as ws:
         ws.send_text(json.dumps({"type": "speak", "text": "Hello there."}))
         ws.send_text(json.dumps({"type": "ping", "id": 1}))
         pong = next_json(ws)
@@ -456,9 +464,7 @@ def speaker_tasks(client) -> list[str]:
 
 def test_a_socket_closes_during_a_synthesis_and_leaves_no_speaker_behind(client, held_synthesis):
     s = new_session(client)
-    with client.websocket_connect(stream_url(s)) as ws:
-        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
-        next_json(ws)
+    with started_socket(client, s) as ws:
         ws.send_text(json.dumps({"type": "speak", "text": "Hello there."}))
         ws.send_text(json.dumps({"type": "speak", "text": "And a second time."}))
         # the stop during the first one's synthesis (sent at once, it could end the speaker first)
@@ -487,9 +493,7 @@ def test_speaks_are_answered_in_order_and_an_interrupt_drops_those_asked_before_
         return append(pcm, source, **kwargs)
 
     timeline.append = queue
-    with client.websocket_connect(stream_url(s)) as ws:
-        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
-        next_json(ws)
+    with started_socket(client, s) as ws:
         texts = [f"Number {i}." for i in range(MAX_UNANSWERED + 1)]
         for text in texts:
             ws.send_text(json.dumps({"type": "speak", "text": text}))
@@ -521,9 +525,7 @@ def test_a_speak_that_fails_on_the_servers_side_is_answered_logged_and_the_strea
 
     monkeypatch.setattr(speech, "synthesize", broken)
     s = new_session(client)
-    with client.websocket_connect(stream_url(s)) as ws:
-        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
-        next_json(ws)
+    with started_socket(client, s) as ws:
         ws.send_text(json.dumps({"type": "speak", "text": "Hello there."}))
         assert next_json(ws) == {"type": "error", "for": "speak", "message": "speech failed: the synthesiser broke"}
         ws.send_text(json.dumps({"type": "ping", "id": 4}))
@@ -565,9 +567,7 @@ def test_a_caption_waiting_for_the_worker_holds_up_no_other_message(client, held
     """The receive loop awaited each caption's worker job, which waits behind due chunks for up to a
     second: meanwhile it read nothing, a ping, an interrupt, a stop or the client's audio."""
     s = new_session(client)
-    with client.websocket_connect(stream_url(s)) as ws:
-        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
-        next_json(ws)
+    with started_socket(client, s) as ws:
         ws.send_text(json.dumps({"type": "caption", "text": "smiling"}))
         ws.send_text(json.dumps({"type": "ping", "id": 1}))
         assert next_json(ws)["type"] == "pong" and held_caption_jobs.ran == []  # during the caption's wait
@@ -582,9 +582,7 @@ def test_a_caption_after_a_speak_waits_for_it_and_an_interrupt_drops_only_the_sp
     """Speaks went to the speaker task while captions were handled at once: a caption sent after a
     speak overtook it (applied, and answered, before the speak's speech was queued)."""
     s = new_session(client)
-    with client.websocket_connect(stream_url(s)) as ws:
-        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
-        next_json(ws)
+    with started_socket(client, s) as ws:
         ws.send_text(json.dumps({"type": "speak", "text": "Hello there."}))
         ws.send_text(json.dumps({"type": "caption", "text": "smiling"}))
         ws.send_text(json.dumps({"type": "ping", "id": 1}))
@@ -615,9 +613,7 @@ def test_a_burst_of_captions_ends_with_the_latest_applied(client, held_caption_j
 
     s = new_session(client)
     applied = []
-    with client.websocket_connect(stream_url(s)) as ws:
-        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
-        next_json(ws)
+    with started_socket(client, s) as ws:
         stream = client.app.state.registry.get(s["id"]).stream
         stream.set_text = applied.append  # (the debug model takes no captions: what each job applied)
         for i in range(12):
