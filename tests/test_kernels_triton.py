@@ -330,7 +330,7 @@ def check_attention_head_dim_128(attn, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("lq,lk,head_dim", [(14, 37, 16), (10, 45, 128)])
+@pytest.mark.parametrize("lq,lk,head_dim", [(14, 37, 16), (10, 45, 128), (9, 20, 6)])  # 6: tile 32
 def check_fp8_qk_attention(attn, dtype, lq, lk, head_dim):
     """QK^T of e4m3 values: the kernel's scores are the reference's (the same products, in fp32),
     so its output is too, up to one rounding of P to the output dtype; both are e4m3's precision

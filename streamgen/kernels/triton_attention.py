@@ -282,6 +282,14 @@ def fp8_attention_quantized(
     )
 
 
+def head_dim_tile(head_dim: int, fp8: bool) -> int:
+    """The kernel's tile over the head dim (BLOCK_D): head_dim up to a power of two, at least 16,
+    tl.dot's smallest K. With QK^T in e4m3 at least 32: Hopper's FP8 products sum 32 values and
+    Triton refuses a smaller K ("K >= 32"), so heads of 16 and less are padded (the loads past
+    head_dim give zeros, which add nothing to the scores; nothing is stored there)."""
+    return max(32 if fp8 else 16, triton.next_power_of_2(head_dim))
+
+
 def _launch_attention(
     q, k, v, v_strides, fp8_scales, block_mask_frames, tokens_per_frame, out_dtype, dtype, return_lse
 ):  # fmt: skip
@@ -310,7 +318,7 @@ def _launch_attention(
         *v_strides, out.stride(0), out.stride(1), out.stride(2), k_scale.stride(0),
         heads, lq, lk, max(tokens_per_frame, 1), LOG2E / math.sqrt(head_dim),
         triton.next_power_of_2(lq), triton.next_power_of_2(lk),  # for the autotuner's key only
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        HEAD_DIM=head_dim, BLOCK_D=head_dim_tile(head_dim, fp8_scales is not None),
         BLOCK_CAUSAL=block_mask_frames is not None, DOT_FP32=INTERPRET or dtype == torch.float32,
         FP8_QK=fp8_scales is not None, FP8_PV=v_scale is not out, RETURN_LSE=return_lse,
     )  # fmt: skip
