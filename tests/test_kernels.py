@@ -231,3 +231,56 @@ def test_fp8_attention_takes_the_reference_when_forced_or_traced(monkeypatch):
     monkeypatch.setattr(kernels, "_FORCE_REFERENCE", False)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert attention_backends.fp8_ops(q, q, q) is attention_backends.reference
+
+
+# --- a query that may see no key (every key frame's block id above its frame's)
+
+# query frame 0 (block 0) sees no key frame (blocks 1..3); frames 1 and 2 see some
+EMPTY_FIRST_FRAME = (torch.tensor([0, 1, 2]), torch.tensor([1, 2, 2, 3]))
+
+
+@pytest.mark.parametrize("backend", kernels.ATTENTION_BACKENDS)
+def test_a_query_that_sees_no_key_gets_zeros_from_every_backend(backend):
+    """The contract of every backend (through the dispatch): a row with no key to attend to is 0,
+    not NaN (which would spread through the rest of the model), with gradients 0 for its query
+    and nothing from it for the keys and values. The other rows are those of attention alone."""
+    s = 3
+    q, k, v = (t.requires_grad_() for t in _qkv(3 * s, 4 * s, seed=5))
+    mask = _frame_mask(*EMPTY_FIRST_FRAME, s)[..., s:, :]
+    expected = reference.attention_reference_math(q[:, s:], k, v, mask)  # the rows that see keys
+    with torch.no_grad():  # inference: the FP8 backends' own numerics
+        out = kernels.attention(q.detach(), k.detach(), v.detach(), EMPTY_FIRST_FRAME, s, backend=backend)
+    assert torch.equal(out[:, :s], torch.zeros_like(out[:, :s])) and out.isfinite().all()
+    if backend == "flex":
+        return  # (eager flex has no backward on CPUs)
+    out = kernels.attention(q, k, v, EMPTY_FIRST_FRAME, s, backend=backend)  # with gradients
+    assert torch.equal(out[:, :s].detach(), torch.zeros_like(out[:, :s]))
+    torch.testing.assert_close(out[:, s:], expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    assert torch.equal(grads[0][:, :s], torch.zeros_like(q[:, :s]))
+    for g, r in zip(grads, torch.autograd.grad(expected.square().sum(), (q, k, v))):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton", "flash"])
+def test_a_partial_with_no_key_is_zero_with_a_log_sum_exp_of_minus_infinity(backend):
+    """Ring attention's partials: such a row is 0 with a log-sum-exp of -inf (the log of an empty
+    sum), so a merge gives it no weight; merged with a partial that saw keys it is that partial,
+    and where no block had a key the merge is 0 and -inf again, gradients finite."""
+    from streamgen.parallel.ring import merge_partials
+
+    s = 3
+    q, k, v = (t.requires_grad_() for t in _qkv(3 * s, 4 * s, seed=6))
+    out, lse = attention_backends.attention_with_lse(q, k, v, EMPTY_FIRST_FRAME, s, backend)
+    assert torch.equal(out[:, :s].detach(), torch.zeros_like(out[:, :s]))
+    assert (lse[..., :s] == float("-inf")).all() and lse[..., s:].isfinite().all()
+    empty = (out, lse)  # frame 0 has no key here either
+    other = attention_backends.attention_with_lse(q, k, v, (torch.tensor([3, 1, 2]), EMPTY_FIRST_FRAME[1]), s)
+    merged, merged_lse = merge_partials(*empty, *other)
+    torch.testing.assert_close(merged[:, :s], other[0][:, :s])
+    torch.testing.assert_close(merged_lse[..., :s], other[1][..., :s])
+    both, both_lse = merge_partials(*empty, *empty)
+    assert torch.equal(both[:, :s].detach(), torch.zeros_like(both[:, :s])) and (both_lse[..., :s] < 0).all()
+    assert both_lse[..., :s].isinf().all()
+    grads = torch.autograd.grad(both.sum() + both_lse[..., s:].sum(), (q, k, v))
+    assert all(g.isfinite().all() for g in grads)

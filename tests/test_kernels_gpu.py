@@ -306,3 +306,23 @@ def test_dit_streams_the_same_through_the_kernels(dtype, monkeypatch):
     for fused_out, reference_out in zip(outputs[True], outputs[False]):
         error = (fused_out.float() - reference_out.float()).norm() / reference_out.float().norm()
         assert error < (1e-4 if dtype == torch.float32 else 2e-2), error.item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_query_that_sees_no_key_gets_zeros_from_every_backend_on_cuda(dtype):
+    """SDPA's CUDA kernels (cuDNN, memory-efficient) are not bound to give 0 for a row with no key,
+    nor finite gradients: the dispatch hands no backend such a row (tests/test_kernels.py)."""
+    s = 390
+    blocks = (torch.tensor([0, 1, 2], device="cuda"), torch.tensor([1, 2, 2, 3], device="cuda"))
+    for backend in attention_backends.available_backends("cuda"):
+        q, k, v = (t.requires_grad_() for t in _qkv(3 * s, 4 * s, dtype, heads=2))
+        with torch.no_grad():
+            out = kernels.attention(q, k, v, blocks, s, backend=backend)
+        assert out[:, :s].eq(0).all() and out.isfinite().all(), backend
+        if backend not in attention_backends.FP8_BACKENDS:  # (they are for inference)
+            out = kernels.attention(q, k, v, blocks, s, backend=backend)
+            assert out[:, :s].eq(0).all(), backend
+            grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+            assert all(g.isfinite().all() for g in grads) and grads[0][:, :s].eq(0).all(), backend
+        out, lse = attention_backends.attention_with_lse(q.detach(), k, v, blocks, s, backend)
+        assert out[:, :s].eq(0).all() and lse[..., :s].eq(float("-inf")).all(), backend

@@ -176,10 +176,13 @@ def attention(
     this device fall back to SDPA. `kv_cache`: the KVCache that k and v are views of, which
     keeps them in e4m3 for the FP8 backends (`KVCache.fp8_keys`, `fp8_values`); the others
     ignore it.
+
+    A query that may see no key gets 0, whatever the backend (`attention_backends`).
     """
     check_attention_backend(backend)
-    if backend == "sdpa" or not (q.is_cuda or _TRITON_ON_CPU) and backend in ("triton", "flash"):
-        return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
+    exact = backend == "sdpa" or not (q.is_cuda or _TRITON_ON_CPU) and backend in ("triton", "flash")
+    if exact and block_mask_frames is None:
+        return reference.attention(q, k, v)
     from streamgen.kernels import attention_backends
 
     return attention_backends.attention(q, k, v, block_mask_frames, tokens_per_frame, backend, kv_cache)

@@ -23,6 +23,15 @@
 All take and return the layout q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
 A backend that cannot serve a call falls back instead of failing, so the
 config switch is always safe; `available_backends` says which run natively.
+
+A query that may see no key (its frame's block id below every key frame's) gets 0 from every
+backend, and a log-sum-exp of -inf from `attention_with_lse` (the log of an empty sum, which a
+ring merge weighs 0). The backends disagreed: our kernel gave 0, SDPA's math 0 since torch 2.5,
+the FP8 emulation NaN, and SDPA's CUDA kernels are not bound to either; a NaN would spread through
+the rest of the model. So no backend is handed such a row (`_seeing_every_key`): its frame sees
+every key instead and its output is set to 0 after, which also keeps its gradients finite (0 for
+its query; nothing from it for the keys and values). The model makes no such row: every query
+frame sees its own frame (block-causal), and a cache is read without a mask.
 """
 
 from __future__ import annotations
@@ -41,9 +50,24 @@ from streamgen.kernels import check_attention_backend, needs_autograd, reference
 def attention(
     q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa", kv_cache=None
 ):  # fmt: skip
+    run = _BY_NAME[check_attention_backend(backend)]
     if kv_cache is not None and backend in FP8_BACKENDS:
-        return _BY_NAME[backend](q, k, v, block_mask_frames, tokens_per_frame, kv_cache=kv_cache)
-    return _BY_NAME[check_attention_backend(backend)](q, k, v, block_mask_frames, tokens_per_frame)
+        run = functools.partial(run, kv_cache=kv_cache)
+    if block_mask_frames is None:
+        return run(q, k, v)
+    block_mask_frames, empty = _seeing_every_key(block_mask_frames, tokens_per_frame)
+    out = run(q, k, v, block_mask_frames, tokens_per_frame)
+    return out.masked_fill(empty.to(out.device)[:, None, None], 0.0)
+
+
+def _seeing_every_key(block_mask_frames, tokens_per_frame: int):
+    """(the block ids with each query frame that may see no key frame made to see every key
+    frame, the query rows [Lq] of those frames): the caller sets those rows to 0 after. No host
+    synchronisation: a few operations on the frames' ids, whatever their device."""
+    q_block, k_block = block_mask_frames
+    empty = q_block < k_block.min()
+    q_block = torch.where(empty, k_block.max().to(q_block.device), q_block)
+    return (q_block, k_block), empty.repeat_interleave(tokens_per_frame)
 
 
 def available_backends(device) -> list[str]:
@@ -316,7 +340,17 @@ def attention_with_lse(q, k, v, block_mask_frames=None, tokens_per_frame: int = 
     explicit fp32 math, one block of scores at a time (small: the ring splits the keys P ways).
     The FP8 backends quantize once per ring instead (`fp8_ops`), so they are not served here.
     """
-    if check_attention_backend(backend) == "triton" and kernels._use_triton(q, k, v):
+    check_attention_backend(backend)
+    if block_mask_frames is None:
+        return _attention_with_lse(q, k, v, None, tokens_per_frame, backend)
+    block_mask_frames, empty = _seeing_every_key(block_mask_frames, tokens_per_frame)
+    out, lse = _attention_with_lse(q, k, v, block_mask_frames, tokens_per_frame, backend)
+    empty = empty.to(out.device)
+    return out.masked_fill(empty[:, None, None], 0.0), lse.masked_fill(empty, float("-inf"))
+
+
+def _attention_with_lse(q, k, v, block_mask_frames, tokens_per_frame: int, backend: str):
+    if backend == "triton" and kernels._use_triton(q, k, v):
         return _triton_attention().attention(q, k, v, block_mask_frames, tokens_per_frame, return_lse=True)
     if q.is_cuda and block_mask_frames is None and q.dtype in (torch.float16, torch.bfloat16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(

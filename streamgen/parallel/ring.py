@@ -18,12 +18,21 @@ from streamgen.kernels import attention_backends, reference
 
 
 def merge_partials(out, lse, block_out, block_lse):
-    """Combine two softmax partials over disjoint key sets; lse [B, H, Lq], out [B, Lq, H, D]."""
+    """Combine two softmax partials over disjoint key sets; lse [B, H, Lq], out [B, Lq, H, D].
+
+    A row that saw no key of a partial (out 0, lse -inf: `attention_with_lse`) takes nothing from
+    it; one that saw none of either stays 0 with -inf, without a NaN, gradients included."""
     if out is None:
         return block_out, block_lse
-    new_lse = torch.logaddexp(lse, block_lse)
-    w_old = torch.exp(lse - new_lse).transpose(1, 2)[..., None]  # [B, Lq, H, 1]
-    w_new = torch.exp(block_lse - new_lse).transpose(1, 2)[..., None]
+    top = torch.maximum(lse, block_lse).detach()  # any constant gives the same sums: a stabiliser
+    top = torch.where(top.isfinite(), top, 0.0)
+    w_old, w_new = torch.exp(lse - top), torch.exp(block_lse - top)
+    total = w_old + w_new
+    seen = total > 0
+    total = torch.where(seen, total, 1.0)
+    new_lse = torch.where(seen, top + total.log(), float("-inf"))
+    w_old = (w_old / total).transpose(1, 2)[..., None]  # [B, Lq, H, 1]
+    w_new = (w_new / total).transpose(1, 2)[..., None]
     return out * w_old + block_out * w_new, new_lse
 
 
