@@ -11,10 +11,12 @@ finite.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
-from streamgen.kernels import attention_backends, reference
+from streamgen.kernels import attention_backends, needs_autograd, reference
 
 
 def merge_partials(out, lse, block_out, block_lse):
@@ -104,25 +106,89 @@ def ring_attention(
     Same signature as `kernels.attention` (plus the group), so it drops into
     `SelfAttention.attend`. q [B, Lq, H, D]; k/v [B, Lk, H, D] this process's
     shard (every process's shard has the same length and frame layout). Each
-    block runs `backend` (`block_attention`).
+    block runs `backend` (`block_attention`). Calls that need gradients run `_RingAttention`
+    (the blocks exact, as `kernels.attention` falls back to SDPA for FP8; its backward a second
+    ring): the blocks travel as bytes, which autograd cannot follow.
     """
-    size = dist.get_world_size(group)
+    if dist.get_world_size(group) > 1 and needs_autograd(q, k, v):
+        exact = "sdpa" if backend in attention_backends.FP8_BACKENDS else backend
+        return _RingAttention.apply(q, k, v, block_mask_frames, tokens_per_frame, exact, group)
+    return _ring_forward(q, k, v, block_mask_frames, tokens_per_frame, backend, group)[0].to(q.dtype)
+
+
+def _rotate(message, nxt, prev, group):
+    """Start sending `message` to the next process and receiving the previous one's into a new
+    buffer: (requests, that buffer)."""
+    incoming = torch.empty_like(message)
+    ops = [dist.P2POp(dist.isend, message, nxt, group), dist.P2POp(dist.irecv, incoming, prev, group)]
+    return dist.batch_isend_irecv(ops), incoming
+
+
+def _ring_forward(q, k, v, block_mask_frames, tokens_per_frame, backend, group):
+    """(out fp32 [B, Lq, H, D], lse [B, H, Lq]) of q against every process's keys and values."""
     parts, attend = block_attention(q, k, v, block_mask_frames, tokens_per_frame, backend, group)
+    size = dist.get_world_size(group)
     if size == 1:
-        return attend(*parts)[0].to(q.dtype)
+        return attend(*parts)
     nxt, prev = _ring_peers(group)
     message, layout = pack_bytes(parts)  # one message per step
     out = lse = None
     for step in range(size):
         if step + 1 < size:
             # post the next rotation before computing, so the transfer overlaps the math
-            incoming = torch.empty_like(message)
-            ops = [dist.P2POp(dist.isend, message, nxt, group), dist.P2POp(dist.irecv, incoming, prev, group)]
-            requests = dist.batch_isend_irecv(ops)
+            requests, incoming = _rotate(message, nxt, prev, group)
         block_out, block_lse = attend(*unpack_bytes(message, layout))
         out, lse = merge_partials(out, lse, block_out, block_lse)
         if step + 1 < size:
             for r in requests:
                 r.wait()
             message = incoming
-    return out.to(q.dtype)
+    return out, lse
+
+
+class _RingAttention(torch.autograd.Function):
+    """Ring attention with gradients. Forward: `_ring_forward`. Backward: a second ring, in which
+    each key/value block travels with the gradients of its keys and values. Against the merged
+    output O and log-sum-exp L, a block's share of the gradients is its own (flash attention's
+    backward): P = exp(S - L), dS = P * (dO V^T - rowsum(dO * O)), dq += dS K, dk += dS^T q,
+    dv += P^T dO (times the softmax scale for dq and dk). After as many turns as processes every
+    block is home with the gradients of every process's queries. In fp32, one block of scores at
+    a time (training: the ring's blocks are a P-th of the keys)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_mask_frames, tokens_per_frame, backend, group):
+        out, lse = _ring_forward(q, k, v, block_mask_frames, tokens_per_frame, backend, group)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mask = None if block_mask_frames is None else (block_mask_frames, tokens_per_frame)
+        ctx.group = group
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        group = ctx.group
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        g = grad_out.float()
+        delta = (g * out).sum(-1).transpose(1, 2)[..., None]  # [B, H, Lq, 1]
+        lse = torch.where(lse.isfinite(), lse, 0.0)[..., None]  # a row with no key: P = 0
+        allowed = None if ctx.mask is None else reference.frame_mask(*ctx.mask[0], ctx.mask[1]).to(q.device)
+        qf = q.float()
+        dq = torch.zeros_like(qf)
+        grads = [torch.zeros_like(t, dtype=torch.float32) for t in (k, v)]
+        message, layout = pack_bytes([k, v, *grads])  # the gradients add up in the message itself
+        nxt, prev = _ring_peers(group)
+        for _ in range(dist.get_world_size(group)):
+            k_block, v_block, dk, dv = unpack_bytes(message, layout)
+            scores = torch.einsum("bqhd,bkhd->bhqk", qf, k_block.float()) * scale
+            if allowed is not None:
+                scores = scores.masked_fill(~allowed, float("-inf"))
+            p = torch.exp(scores - lse)
+            ds = p * (torch.einsum("bqhd,bkhd->bhqk", g, v_block.float()) - delta) * scale
+            dq += torch.einsum("bhqk,bkhd->bqhd", ds, k_block.float())
+            dk += torch.einsum("bhqk,bqhd->bkhd", ds, qf)
+            dv += torch.einsum("bhqk,bqhd->bkhd", p, g)
+            requests, message = _rotate(message, nxt, prev, group)  # the last turn brings it home
+            for r in requests:
+                r.wait()
+        dk, dv = unpack_bytes(message, layout)[2:]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
