@@ -284,3 +284,28 @@ def test_a_partial_with_no_key_is_zero_with_a_log_sum_exp_of_minus_infinity(back
     assert both_lse[..., :s].isinf().all()
     grads = torch.autograd.grad(both.sum() + both_lse[..., s:].sum(), (q, k, v))
     assert all(g.isfinite().all() for g in grads)
+
+
+def test_partials_merged_by_log_sum_exp_have_the_gradients_of_whole_attention(monkeypatch):
+    """SDPA's flash kernel gives the log-sum-exp without a gradient, while a merge's weights
+    depend on it: calls that need gradients take the math, whose log-sum-exp differentiates.
+    (The flash path forced on the CPU, through its CPU twin, which behaves the same.)"""
+    from streamgen.parallel.ring import merge_partials
+
+    monkeypatch.setattr(attention_backends, "_flash_lse_serves", lambda q, mask: mask is None)
+    q, k, v = (t.requires_grad_() for t in _qkv(5, 12, seed=7))
+    merged = lse = None
+    for keys in (slice(0, 5), slice(5, 12)):
+        part = attention_backends.attention_with_lse(q, k[:, keys], v[:, keys])
+        merged, lse = merge_partials(merged, lse, *part)
+    expected = reference.attention_reference_math(q, k, v)
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad((merged.square().sum() + lse.sum()), (q, k, v))
+    full_lse = torch.logsumexp(torch.einsum("bqhd,bkhd->bhqk", q, k) / 4.0, dim=-1)
+    for g, r in zip(grads, torch.autograd.grad((expected.square().sum() + full_lse.sum()), (q, k, v))):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # inference takes the kernel
+        calls = []
+        monkeypatch.setattr(attention_backends, "_sdpa_flash_with_lse", lambda *a: calls.append(1) or (0, 0))
+        attention_backends.attention_with_lse(q, k, v)
+    assert calls == [1]

@@ -336,7 +336,8 @@ def attention_with_lse(q, k, v, block_mask_frames=None, tokens_per_frame: int = 
     k/v [B, Lk, H, D] -> (out [B, Lq, H, D] fp32, lse [B, H, Lq] fp32).
 
     "triton" runs our kernel (CUDA, forward; any mask). The other exact backends: on CUDA in
-    bf16/fp16 without a mask SDPA's flash kernel (which returns the log-sum-exp); otherwise
+    bf16/fp16 without a mask and without gradients SDPA's flash kernel (which returns the
+    log-sum-exp, though not its gradient); otherwise
     explicit fp32 math, one block of scores at a time (small: the ring splits the keys P ways).
     The FP8 backends quantize once per ring instead (`fp8_ops`), so they are not served here.
     """
@@ -352,11 +353,8 @@ def attention_with_lse(q, k, v, block_mask_frames=None, tokens_per_frame: int = 
 def _attention_with_lse(q, k, v, block_mask_frames, tokens_per_frame: int, backend: str):
     if backend == "triton" and kernels._use_triton(q, k, v):
         return _triton_attention().attention(q, k, v, block_mask_frames, tokens_per_frame, return_lse=True)
-    if q.is_cuda and block_mask_frames is None and q.dtype in (torch.float16, torch.bfloat16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        )[:2]
-        return out.transpose(1, 2).float(), lse.float()
+    if not needs_autograd(q, k, v) and _flash_lse_serves(q, block_mask_frames):
+        return _sdpa_flash_with_lse(q, k, v)  # (its log-sum-exp has no gradient: the math has)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * (1.0 / math.sqrt(q.shape[-1]))
     if block_mask_frames is not None:
         scores = scores.masked_fill(
@@ -365,3 +363,18 @@ def _attention_with_lse(q, k, v, block_mask_frames, tokens_per_frame: int, backe
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None])
     return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()), lse
+
+
+def _flash_lse_serves(q, block_mask_frames) -> bool:
+    """SDPA's flash kernel returns the log-sum-exp: CUDA, bf16/fp16, no mask."""
+    return q.is_cuda and block_mask_frames is None and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _sdpa_flash_with_lse(q, k, v):
+    """(out fp32, lse fp32) from SDPA's flash kernel (its CPU twin off CUDA). Its log-sum-exp
+    carries no gradient (torch marks it so)."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention
+    if not q.is_cuda:
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out, lse = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))[:2]
+    return out.transpose(1, 2).float(), lse.float()
