@@ -135,3 +135,43 @@ def test_layers_the_fp8_products_cannot_take_stay():
     dit.blocks[0].cross_attn.q = linear
     float8_linears(dit)
     assert dit.blocks[0].cross_attn.q is linear
+
+
+@pytest.mark.parametrize("backend", ["fp8_qk", "fp8"])
+def test_a_gradient_step_with_fp8_attention_reads_no_cache_buffer(backend):
+    """Self-Forcing's exit step runs with gradient against the KV cache, and later forwards write
+    into its buffers in place. With an FP8 attention backend that step attends exactly (SDPA) to a
+    fresh concatenation (`KVCache.update`), never to the cache's buffers nor its e4m3 copies: its
+    gradients are those of the SDPA model, and in-place writes after it leave them intact."""
+    from streamgen.sampling import encode_sink
+
+    dit = debug_dit().train()
+    g = torch.Generator().manual_seed(1)
+    ctx, hw = torch.randn(1, 3, dit.cfg.text_dim, generator=g), (4, 8)
+
+    def latents():
+        return torch.randn(1, 4, 2, *hw, generator=g)
+
+    cache = dit.new_cache(1, hw)
+    with torch.no_grad():
+        encode_sink(dit, cache, torch.randn(1, 4, dit.cfg.sink_frames, *hw, generator=g), ctx)
+        dit(latents(), torch.zeros(1), ctx, mode="cached", cache=cache, cache_write="ring")
+        cache.advance()
+    x, t = latents().requires_grad_(), torch.full((1,), 500.0)
+    steps = {}
+    for name in ("sdpa", backend):
+        for block in dit.blocks:
+            block.self_attn.backend = name
+        steps[name] = dit(x, t, ctx, mode="cached", cache=cache)
+    assert all(layer.k8 is None and layer.v8 is None for layer in cache.layers)  # never quantized
+    with torch.no_grad():  # later steps and a ring write, in place into the buffers
+        dit(latents(), t, ctx, mode="cached", cache=cache)
+        dit(latents(), torch.zeros(1), ctx, mode="cached", cache=cache, cache_write="ring")
+        cache.advance()
+    weights = [p for p in dit.parameters() if p.requires_grad]
+    exact, fp8 = (
+        torch.autograd.grad(steps[n].square().sum(), [x, *weights], allow_unused=True)
+        for n in ("sdpa", backend)
+    )
+    assert torch.equal(steps["sdpa"], steps[backend]) and exact[0].abs().sum() > 0
+    assert all(a is b is None or torch.equal(a, b) for a, b in zip(exact, fp8))
