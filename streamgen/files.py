@@ -52,8 +52,9 @@ _WRITER = re.compile(r"^(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)-[A-Za-z0-9_]+\.t
 
 def write_atomically(path, write: Callable[[Path], object]) -> None:
     """`write(tmp)` writes the file to the path `tmp`, a new file beside `path`, which then
-    replaces `path` (`put_in_place`). On any error the temp file is removed and `path` is untouched."""
-    path = Path(path)
+    replaces `path` (`put_in_place`). On any error the temp file is removed and `path` is untouched.
+    A symlink at `path` stays: the file it points to is the one replaced (`followed`)."""
+    path = followed(path)
     tmp = new_file_beside(path)
     try:
         write(tmp)
@@ -71,8 +72,8 @@ def new_file_beside(path) -> Path:
     within one file system only). mkstemp's way (O_EXCL), but with open()'s permissions, by the
     umask: mkstemp's 0600 would make an exported model unreadable to a server run as another user.
     For a writer that cannot hand its writing to `write_atomically` (a stream muxed over minutes);
-    it calls `put_in_place` and removes the file on error itself."""
-    path = Path(path)
+    it calls `put_in_place` and removes the file on error itself. Beside a symlink's target (`followed`)."""
+    path = followed(path)
     remove_abandoned(path)
     while True:
         tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(6)}.tmp")
@@ -85,7 +86,9 @@ def new_file_beside(path) -> Path:
 
 def put_in_place(tmp, path) -> None:
     """Renames the written file `tmp` over `path`, its bytes on disk first (without the fsync a
-    power cut soon after can leave the renamed file empty) and the rename itself after."""
+    power cut soon after can leave the renamed file empty) and the rename itself after. Over a
+    symlink's target, not the symlink (`followed`)."""
+    path = followed(path)
     fd = os.open(tmp, os.O_RDWR)  # (fsync needs a writable descriptor on some systems)
     try:
         os.fsync(fd)
@@ -93,6 +96,16 @@ def put_in_place(tmp, path) -> None:
         os.close(fd)
     os.replace(tmp, path)
     _fsync_folder(Path(path).parent)
+
+
+def followed(path) -> Path:
+    """`path`, or where the symlink at `path` leads (through links to links; a dangling one's target
+    too, which open() would have created). The writers that wrote in place (results.json,
+    scalars.jsonl, the latents' autoencoder.json) wrote through a symlink to the file it points to
+    (a run's log kept on another disk); renamed over the path, they put a file in the link's place
+    and left the linked file as it was."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def exchange(a, b) -> bool:
@@ -120,8 +133,8 @@ def exchange(a, b) -> bool:
 
 def new_folder_beside(path) -> Path:
     """A new folder beside `path`, named as `new_file_beside`'s files are, for a writer that stages
-    several files (and removes the folder itself)."""
-    path = Path(path)
+    several files (and removes the folder itself). Beside a symlink's target (`followed`)."""
+    path = followed(path)
     remove_abandoned(path)
     return Path(
         tempfile.mkdtemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}-", suffix=".tmp", dir=path.parent)

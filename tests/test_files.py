@@ -445,3 +445,38 @@ def test_a_temp_file_named_with_no_pid_there_can_be_is_left_alone(tmp_path):
     stray.touch()
     write_text_atomically(tmp_path / "model.json", "{}")
     assert (tmp_path / "model.json").read_text() == "{}" and stray.exists()
+
+
+def test_a_symlink_at_the_target_is_followed_not_replaced(tmp_path):
+    """results.json, scalars.jsonl and autoencoder.json were written in place, through a symlink at
+    their path (a run's log kept on another disk, linked in); written beside and renamed, they put a
+    file in the link's place, and the linked file kept the old contents. The write goes beside the
+    link's target and is renamed over it; the link stays, pointing at the new contents."""
+    from distill.monitor import Monitor
+    from streamgen.files import new_file_beside, put_in_place, write_text_atomically
+
+    elsewhere = tmp_path / "elsewhere"
+    run = tmp_path / "run"
+    elsewhere.mkdir()
+    run.mkdir()
+    (elsewhere / "results.json").write_text("old")
+    (run / "results.json").symlink_to(elsewhere / "results.json")
+    (run / "chain.json").symlink_to(run / "results.json")  # a link to a link
+    write_text_atomically(run / "results.json", "new")
+    write_text_atomically(run / "chain.json", "newer")
+    assert (run / "results.json").is_symlink() and (run / "chain.json").is_symlink()
+    assert (elsewhere / "results.json").read_text() == "newer"
+
+    (run / "out.mp4").symlink_to(elsewhere / "out.mp4")  # dangling: written where it points, as open() did
+    tmp = new_file_beside(run / "out.mp4")
+    assert tmp.parent == elsewhere
+    tmp.write_bytes(b"video")
+    put_in_place(tmp, run / "out.mp4")
+    assert (run / "out.mp4").is_symlink() and (elsewhere / "out.mp4").read_bytes() == b"video"
+
+    (elsewhere / "scalars.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(10)))
+    (run / "scalars.jsonl").symlink_to(elsewhere / "scalars.jsonl")
+    Monitor(run, 10, 0, enabled=False, progress=False, desc="")._truncate(5)
+    assert (run / "scalars.jsonl").is_symlink()
+    assert len((elsewhere / "scalars.jsonl").read_text().splitlines()) == 5
+    assert _temp_files(tmp_path) == []
