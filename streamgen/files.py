@@ -22,6 +22,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,6 +49,14 @@ def _host_tag() -> str:
 
 _HOST = _host_tag()
 _WRITER = re.compile(r"^(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)-[A-Za-z0-9_]+\.tmp$")
+# The temp files whose writer cannot be asked after: another host's, a container's of this host's
+# name whose PID namespace may have gone, and the previous naming's, which named no writer
+# (`.NAME.<12 hex>.tmp` files; `.autoencoder.<mkdtemp's 8>.tmp`, an export's staging folder). Each
+# is removed once nothing in it has been written for this long: no writer leaves its temp file
+# untouched for a day (they write theirs through, a muxed stream chunk by chunk, then rename it),
+# and removing a live writer's file fails its write, worse than leaving junk a day longer.
+ABANDONED_AFTER_S = 24 * 3600
+_OLD_FILE, _OLD_FOLDER = re.compile(r"^[0-9a-f]{12}\.tmp$"), re.compile(r"^[a-z0-9_]{8}\.tmp$")
 
 
 def write_atomically(path, write: Callable[[Path], object]) -> None:
@@ -149,10 +158,12 @@ def temp_files_beside(path) -> list[Path]:
 
 
 def remove_abandoned(path) -> None:
-    """Remove the temp files and folders beside `path` whose writer, on this host, has ended."""
+    """Remove the temp files and folders beside `path` whose writer, on this host, has ended, and
+    those whose writer cannot be asked after once untouched for `ABANDONED_AFTER_S`."""
     path = Path(path)
     for tmp in temp_files_beside(path):
-        if _writer_gone(tmp.name[len(path.name) + 2 :]):
+        tag = tmp.name[len(path.name) + 2 :]
+        if _writer_gone(tag) or (_unaskable(tag, tmp) and _untouched(tmp, time.time() - ABANDONED_AFTER_S)):
             if tmp.is_dir() and not tmp.is_symlink():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
@@ -175,6 +186,30 @@ def _writer_gone(tag: str) -> bool:
     except (OSError, OverflowError):
         return False
     return False
+
+
+def _unaskable(tag: str, tmp: Path) -> bool:
+    """Whether `tmp` is a writer's temp file (of either naming) whose writer `_writer_gone` cannot
+    ask after: no PID (the previous naming), or another host's or PID namespace's."""
+    m = _WRITER.match(tag)
+    if m is not None:
+        return m["host"] != _HOST or os.name != "posix"
+    return (_OLD_FOLDER if tmp.is_dir() and not tmp.is_symlink() else _OLD_FILE).match(tag) is not None
+
+
+def _untouched(tmp: Path, since: float) -> bool:
+    """Whether nothing in `tmp` (a file, or a folder and everything in it) was written after `since`."""
+    try:
+        if tmp.lstat().st_mtime >= since:
+            return False
+        if tmp.is_dir() and not tmp.is_symlink():
+            for folder, names, files in os.walk(tmp):
+                for name in (*names, *files):
+                    if os.lstat(os.path.join(folder, name)).st_mtime >= since:
+                        return False
+    except OSError:  # (gone meanwhile: its writer's rename, or another remover's)
+        return False
+    return True
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -480,3 +480,45 @@ def test_a_symlink_at_the_target_is_followed_not_replaced(tmp_path):
     assert (run / "scalars.jsonl").is_symlink()
     assert len((elsewhere / "scalars.jsonl").read_text().splitlines()) == 5
     assert _temp_files(tmp_path) == []
+
+
+def test_temp_files_whose_writer_cannot_be_asked_after_are_removed_once_untouched_for_a_day(tmp_path):
+    """The previous naming's temp files (`.NAME.<hex>.tmp`, the staging `.autoencoder.<rand>.tmp`)
+    name no writer, and those of another host or of a container whose PID namespace has gone name
+    one that cannot be asked after: none was ever removed, each as big as the weights it held.
+    Removing a live writer's is worse than leaving junk, so they go only once nothing in them has
+    been written for ABANDONED_AFTER_S (no writer leaves its temp file untouched that long); a name
+    of a shape no writer made is left alone, however old."""
+    from streamgen.files import _HOST, ABANDONED_AFTER_S, new_folder_beside, write_text_atomically
+
+    old = os.stat(tmp_path).st_mtime - ABANDONED_AFTER_S - 3600
+
+    def made(name, folder=False, touched=old):
+        p = tmp_path / name
+        if folder:
+            p.mkdir()
+            (p / "vae.safetensors").write_bytes(b"weights")
+            os.utime(p / "vae.safetensors", (touched, touched))
+        else:
+            p.write_bytes(b"weights")
+        os.utime(p, (old, old))
+        return p
+
+    other_namespace = _HOST[:-12] + "0123456789ab"  # this host's name, another PID namespace
+    gone = [
+        made(".dit.safetensors.0123456789ab.tmp"),
+        made(f".dit.safetensors.{other_namespace}-12-abc123.tmp"),
+        made(".dit.safetensors.otherhost-12-abc123.tmp"),
+        made(".autoencoder.k2_x9qzr.tmp", folder=True),
+        made(f".autoencoder.{other_namespace}-12-abcdefgh.tmp", folder=True),
+    ]
+    kept = [
+        made(".dit.safetensors.456789abcdef.tmp"),
+        made(".dit.safetensors.my-notes.tmp"),  # no writer's name
+        made(".autoencoder.q8w3z_00.tmp", folder=True, touched=old + ABANDONED_AFTER_S),  # written lately
+    ]
+    os.utime(kept[0], None)  # written just now
+    write_text_atomically(tmp_path / "dit.safetensors", "new")
+    new_folder_beside(tmp_path / "autoencoder")
+    assert [p.name for p in gone if os.path.lexists(p)] == []
+    assert all(p.exists() for p in kept)
