@@ -415,3 +415,30 @@ def test_bfloat16_encoder_copy_shares_the_decoder_and_stays_close():
     full, half = vae.encode_reference(image), enc.encode_reference(image.bfloat16())
     assert half.dtype == torch.float32  # normalised by the fp32 latent statistics
     assert 0 < (half - full).abs().max() < 0.05 * full.abs().max()
+
+
+@pytest.mark.parametrize(
+    "config, says",
+    [
+        ("[4, 8]", "not a JSON object"),
+        ('"tiny"', "not a JSON object"),
+        ('{"latent_channels": 4, "wings": 2}', "does not fit TinyCausalVAE"),
+    ],
+)
+def test_a_vae_config_of_another_shape_in_the_weights_names_their_file(tmp_path, config, says):
+    """Valid JSON that is not an object (or not TinyCausalVAE's arguments) was a TypeError from
+    TinyCausalVAE(**config), which named no file and escaped every command's handling of a spoilt
+    model directory (a ValueError naming its file)."""
+    from safetensors.torch import save_file
+
+    vae = TinyCausalVAE(latent_channels=4)
+    vae.save(tmp_path)
+    state = {k: v.contiguous() for k, v in vae.state_dict().items()}
+    save_file(state, str(tmp_path / "vae.safetensors"), metadata={"vae_config": config})
+    with pytest.raises(ValueError, match=f"vae.safetensors: its vae_config is {says}"):
+        TinyCausalVAE.load(tmp_path)
+    (tmp_path / "vae.safetensors").unlink()
+    save_file(state, str(tmp_path / "vae.safetensors"))  # (weights saved before they carried it)
+    (tmp_path / "vae_config.json").write_text(config)
+    with pytest.raises(ValueError, match=f"vae_config.json: {says}"):
+        TinyCausalVAE.load(tmp_path)

@@ -41,15 +41,22 @@ def load_safetensors_and_metadata(path) -> tuple[dict[str, torch.Tensor], dict[s
 
 def read_json(path, required: tuple[str, ...] = ()) -> dict:
     """A JSON object from `path`, with the keys in `required`, or a ValueError naming the file."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    value = json_object(Path(path).read_bytes(), f"{path}:")
     missing = [key for key in required if key not in value]
     if missing:
         raise ValueError(f"{path}: no {missing[0]!r} in it")
+    return value
+
+
+def json_object(text: str | bytes, where: str) -> dict:
+    """`text` as a JSON object, or a ValueError that begins with `where` (what holds it: "FILE:",
+    "FILE: its KEY is"). Valid JSON of another kind was a TypeError further on, naming nothing."""
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where} not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} not a JSON object")
     return value
 
 

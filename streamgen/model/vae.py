@@ -252,18 +252,20 @@ class TinyCausalVAE(VideoAutoencoder):
     @classmethod
     def load(cls, directory) -> TinyCausalVAE:
         """The config the weights carry (vae_config.json for weights saved before they did)."""
-        from streamgen.model.files import load_safetensors_and_metadata, read_json
+        from streamgen.model.files import json_object, load_safetensors_and_metadata, read_json
 
         d = Path(directory)
         state, metadata = load_safetensors_and_metadata(d / "vae.safetensors")
         if "vae_config" in metadata:
-            try:
-                config = json.loads(metadata["vae_config"])
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{d / 'vae.safetensors'}: its vae_config is not valid JSON ({e})") from None
+            where = f"{d / 'vae.safetensors'}: its vae_config is"
+            config = json_object(metadata["vae_config"], where)
         else:
+            where = f"{d / 'vae_config.json'}:"
             config = read_json(d / "vae_config.json")
-        vae = cls(**config)
+        try:
+            vae = cls(**config)
+        except TypeError as e:  # (an argument it does not take, or lacks)
+            raise ValueError(f"{where} does not fit {cls.__name__} ({e})") from None
         vae.load_state_dict(state)
         return vae
 
