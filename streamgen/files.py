@@ -140,6 +140,87 @@ def exchange(a, b) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
+def write_folder_atomically(path, write: Callable[[Path], object]) -> None:
+    """`write(folder)` fills a new folder beside `path` (diffusers' save_pretrained, which fsyncs
+    nothing); its files and folders are fsynced, then it takes `path`'s place whole: renamed in
+    where there is none, else exchanged with the old folder in one step (`exchange`), which is then
+    removed; where the system cannot exchange, moved over it file by file (`move_over`). On any
+    error `path` is as it was and the new folder gone."""
+    path = followed(path)
+    staging = new_folder_beside(path)
+    try:
+        new = staging / path.name
+        new.mkdir()
+        write(new)
+        _fsync_tree(new)
+        if not _renamed_in(new, path) and not exchange(new, path):
+            move_over(new, path, staging / "old")
+        _fsync_folder(path.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _renamed_in(new: Path, path: Path) -> bool:
+    """`new` renamed to `path` where nothing is there (False, nothing changed, where something is)."""
+    if os.path.lexists(path):
+        return False
+    try:
+        os.replace(new, path)
+    except OSError as e:  # (a folder put there meanwhile, by another writer)
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+            return False
+        raise
+    return True
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Every file and folder under `folder`, and it, fsynced (folders last: their entries)."""
+    for parent, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            p = os.path.join(parent, name)
+            if not os.path.islink(p):
+                try:
+                    fd = os.open(p, os.O_RDWR)
+                except PermissionError:  # (a read-only file: Linux fsyncs a read-only descriptor)
+                    fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_folder(Path(parent))
+
+
+def move_over(src: Path, dst: Path, trash: Path) -> None:
+    """`src` in `dst`'s place, each file in one rename: a file over a file, a folder where there
+    is none; a folder over a folder in one exchange of the two (the old one left at `src`), or
+    where the file system cannot exchange, its files one by one (config.json last: a reader
+    meanwhile may find the new weights beside the old config), then the old folder's files that
+    have no counterpart. (`trash`: a folder on the same file system, deleted after.)"""
+    if src.is_dir() and dst.is_dir() and not dst.is_symlink() and exchange(src, dst):
+        return
+    if src.is_dir() and dst.is_dir():
+        names = sorted((p.name for p in src.iterdir()), key=lambda name: name == "config.json")
+        for name in names:
+            move_over(src / name, dst / name, trash)
+        for old in list(dst.iterdir()):
+            if old.name not in names:
+                remove_whole(old, trash)
+        return
+    if src.is_dir() != dst.is_dir() and dst.exists():  # (a folder where a file was, or back)
+        remove_whole(dst, trash)
+    os.replace(src, dst)
+
+
+def remove_whole(path: Path, trash: Path) -> None:
+    """A file unlinked; a folder renamed into `trash` first, gone in one step rather than file by
+    file (shutil.rmtree would leave a reader half a Wan VAE)."""
+    if path.is_dir() and not path.is_symlink():
+        trash.mkdir(exist_ok=True)
+        path.rename(trash / f"{len(list(trash.iterdir()))}-{path.name}")
+    else:
+        path.unlink(missing_ok=True)
+
+
 def new_folder_beside(path) -> Path:
     """A new folder beside `path`, named as `new_file_beside`'s files are, for a writer that stages
     several files (and removes the folder itself). Beside a symlink's target (`followed`)."""

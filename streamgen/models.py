@@ -24,7 +24,7 @@ import torch
 
 from streamgen.cli import SESSION_DTYPES
 from streamgen.cpu_threads import chunk_forward_flop
-from streamgen.files import exchange, new_folder_beside
+from streamgen.files import move_over, new_folder_beside, remove_whole
 from streamgen.model.compile import compile_blocks
 from streamgen.model.config import FLAVORS, ModelConfig, get_config
 from streamgen.model.float8 import float8_layers
@@ -408,45 +408,14 @@ def _replace_autoencoder(vae: VideoAutoencoder, d: Path) -> None:
         order = {"vae.safetensors": 0, WanVAE.DIRECTORY: 0, TINY_DECODER_FILE: 2}  # (others: 1)
         new = sorted((p.name for p in (staging / "new").iterdir()), key=lambda name: order.get(name, 1))
         if TINY_DECODER_FILE not in new:
-            _remove(d / TINY_DECODER_FILE, staging / "old")
+            remove_whole(d / TINY_DECODER_FILE, staging / "old")
         for name in new:
-            _move_over(staging / "new" / name, d / name, staging / "old")
+            move_over(staging / "new" / name, d / name, staging / "old")
         for name in ("vae_config.json", "vae.safetensors", WanVAE.DIRECTORY):
             if name not in new:
-                _remove(d / name, staging / "old")
+                remove_whole(d / name, staging / "old")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _move_over(src: Path, dst: Path, trash: Path) -> None:
-    """`src` in `dst`'s place, each file in one rename: a file over a file, a folder where there
-    is none; a folder over a folder in one exchange of the two (the old one left at `src`), or
-    where the file system cannot exchange, its files one by one (config.json last: a reader
-    meanwhile may find the new weights beside the old config), then the old folder's files that
-    have no counterpart. (`trash`: a folder on the same file system, deleted after.)"""
-    if src.is_dir() and dst.is_dir() and not dst.is_symlink() and exchange(src, dst):
-        return
-    if src.is_dir() and dst.is_dir():
-        names = sorted((p.name for p in src.iterdir()), key=lambda name: name == "config.json")
-        for name in names:
-            _move_over(src / name, dst / name, trash)
-        for old in list(dst.iterdir()):
-            if old.name not in names:
-                _remove(old, trash)
-        return
-    if src.is_dir() != dst.is_dir() and dst.exists():  # (a folder where a file was, or back)
-        _remove(dst, trash)
-    os.replace(src, dst)
-
-
-def _remove(path: Path, trash: Path) -> None:
-    """A file unlinked; a folder renamed into `trash` first, gone in one step rather than file by
-    file (shutil.rmtree would leave a reader half a Wan VAE)."""
-    if path.is_dir() and not path.is_symlink():
-        trash.mkdir(exist_ok=True)
-        path.rename(trash / f"{len(list(trash.iterdir()))}-{path.name}")
-    else:
-        path.unlink(missing_ok=True)
 
 
 def save_model(model: AvatarModel, directory, extra_meta: dict | None = None) -> None:

@@ -368,7 +368,7 @@ def test_a_reader_finds_the_whole_old_or_the_whole_new_autoencoder_at_every_step
     followed here by a load of the directory."""
     import os
 
-    from streamgen import models
+    from streamgen import files
     from streamgen.models import _replace_autoencoder
 
     expected = {}
@@ -409,7 +409,7 @@ def test_a_reader_finds_the_whole_old_or_the_whole_new_autoencoder_at_every_step
 
     for name in ("replace", "rename", "unlink", "remove", "rmdir"):
         monkeypatch.setattr(os, name, checked(getattr(os, name)))
-    monkeypatch.setattr(models, "exchange", checked(models.exchange))
+    monkeypatch.setattr(files, "exchange", checked(files.exchange))
     _replace_autoencoder(_autoencoder(new), d)
     monkeypatch.undo()
     assert seen and all(_same(a, b) for a, b in zip(_parts(load_autoencoder(d)), expected["new"]))

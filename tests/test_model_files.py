@@ -83,3 +83,51 @@ def test_every_file_of_an_export_is_fsynced_then_renamed_into_place(tmp_path, mo
     assert {name for name, _ in replaced} >= set(files)
     assert all(was_synced for _, was_synced in replaced), replaced
     assert sorted(os.listdir(tmp_path / "model")) == files  # (and no temp file or folder)
+
+
+def _small_wan_vae(seed: int):
+    from diffusers import AutoencoderKLWan
+
+    from streamgen.model.vae import WanVAE
+
+    torch.manual_seed(seed)
+    return WanVAE(AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1).eval())
+
+
+def test_a_wan_vae_is_saved_whole_fsynced_or_not_at_all(tmp_path, monkeypatch):
+    """WanVAE.save was diffusers' save_pretrained into wan_vae/ in place: no file fsynced (a power
+    cut soon after could leave them empty), a kill mid-save left half a folder over the old one. It
+    is written in a folder beside, its files and it fsynced, then put in wan_vae/'s place whole."""
+    pytest.importorskip("diffusers")
+    from streamgen.model.vae import WanVAE
+
+    old, new = _small_wan_vae(0), _small_wan_vae(1)
+    old.save(tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "wan_vae").iterdir()}
+    real_save = type(new.vae).save_pretrained
+
+    def cut_short(self, folder, **kwargs):
+        real_save(self, folder, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(new.vae), "save_pretrained", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        new.save(tmp_path)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "wan_vae").iterdir()} == before
+    assert os.listdir(tmp_path) == ["wan_vae"]
+
+    synced, real_fsync = set(), os.fsync
+
+    def fsync(fd):
+        synced.add((os.fstat(fd).st_dev, os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    new.save(tmp_path)
+    monkeypatch.undo()
+    paths = [tmp_path / "wan_vae", *(tmp_path / "wan_vae").iterdir(), tmp_path]
+    assert [p.name for p in paths if (p.stat().st_dev, p.stat().st_ino) not in synced] == []
+    assert os.listdir(tmp_path) == ["wan_vae"]
+    loaded = WanVAE.load(tmp_path).vae.state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in new.vae.state_dict().items())

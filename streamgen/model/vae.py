@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamgen import kernels
+from streamgen.files import write_folder_atomically
 from streamgen.model.upsample import FoldedTaps, UpsampleConv2d, upsample_conv3x3
 
 
@@ -475,7 +476,9 @@ class WanVAE(VideoAutoencoder):
     DIRECTORY = "wan_vae"
 
     def save(self, directory) -> None:
-        self.vae.save_pretrained(Path(directory) / self.DIRECTORY)
+        """diffusers' folder, whole or not at all (save_pretrained fsyncs nothing, writes in place)."""
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        write_folder_atomically(Path(directory) / self.DIRECTORY, self.vae.save_pretrained)
 
     @classmethod
     def load(cls, directory) -> WanVAE:
