@@ -10,25 +10,30 @@ written only when someone decides the trained model is worth shipping.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
 def ship(source: str, name: str, assets: Path | None = None) -> Path:
     """The model directory `source` as NAME, its autoencoder as it loads (the Wan VAE, or a tiny
-    decoder beside it, too: shipping TinyCausalVAE alone dropped the one and failed on the other)."""
-    from distill.build import export_model, load_dit
-    from streamgen.models import MODEL_META_DEFAULTS, MODELS_DIR, load_autoencoder, resolve_model_dir
+    decoder beside it, too: shipping TinyCausalVAE alone dropped the one and failed on the other).
+    The source read in one load, all of one export (its model.json, DiT weights and autoencoder
+    were read each on its own: a re-export meanwhile shipped one's model.json with the other's
+    weights)."""
+    import torch
+
+    from distill.build import export_model
+    from streamgen.models import MODEL_META_DEFAULTS, MODELS_DIR, load_model_dir, resolve_model_dir
 
     src = resolve_model_dir(source)
     if src is None:
         raise FileNotFoundError(f"{source} is not a model directory (no model.json)")
-    meta = json.loads((src / "model.json").read_text())
+    model = load_model_dir(src, dtype=torch.float32)
+    meta = model.meta
     run = {key: meta.get(key, default) for key, default in MODEL_META_DEFAULTS.items()}
     extra = {k: v for k, v in meta.items() if k not in ("name", "config", *run)}
     dst = (assets or MODELS_DIR) / name
     export_model(
-        load_dit(str(src)), load_autoencoder(src), dst, name, run["height"], run["width"], run["shift"],
+        model.dit, model.vae, dst, name, run["height"], run["width"], run["shift"],
         run["steps"], {**extra, "trained_from": str(source)}, compact=True,
     )  # fmt: skip
     return dst

@@ -25,6 +25,9 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # whose a temp file is, in its name (`.NAME.HOST-PID-XXXX.tmp`): each has a name of its own, so a
 # writer killed before it could remove its file (SIGKILL, the OOM killer, a power cut) would leave
@@ -135,29 +138,109 @@ def exchange(a, b) -> bool:
         return True
     err = ctypes.get_errno()
     # (EXDEV: overlayfs exchanges no folder of a lower layer, where a rename of each file works)
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+    # (EBUSY: a mount point)
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EBUSY):
         return False
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
-def write_folder_atomically(path, write: Callable[[Path], object]) -> None:
+def write_folder_atomically(
+    path,
+    write: Callable[[Path], object],
+    carry: Callable[[str], bool] | None = None,
+    in_place: Callable[[Path], object] | None = None,
+) -> None:
     """`write(folder)` fills a new folder beside `path` (diffusers' save_pretrained, which fsyncs
-    nothing); its files and folders are fsynced, then it takes `path`'s place whole: renamed in
-    where there is none, else exchanged with the old folder in one step (`exchange`), which is then
-    removed; where the system cannot exchange, moved over it file by file (`move_over`). On any
-    error `path` is as it was and the new folder gone."""
+    nothing; a model export); its files and folders are fsynced, then it takes `path`'s place
+    whole: renamed in where there is none, else exchanged with the old folder in one step
+    (`exchange`), which is then removed. A reader of several files in it reads them again where
+    the folder changed meanwhile (`read_folder`). On any error `path` is as it was.
+
+    carry(name): the old folder's entries of such names that the new one lacks are linked into it
+    first (what is not the writer's: a report beside a model). Where the system cannot exchange
+    (not Linux, overlayfs' lower layers, a mount point) or no folder can be made beside `path`:
+    `in_place(path)` writes into the old folder itself, file by file in its own order, or without
+    one, the new folder's files are moved over the old ones one by one (`move_over`)."""
     path = followed(path)
-    staging = new_folder_beside(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        staging = new_folder_beside(path)
+    except PermissionError:  # (a folder of one's own in a folder one cannot write)
+        if in_place is None or not path.is_dir():
+            raise
+        in_place(path)
+        return
     try:
         new = staging / path.name
         new.mkdir()
         write(new)
+        if carry is not None and path.is_dir():
+            for old in path.iterdir():
+                if carry(old.name) and not os.path.lexists(new / old.name):
+                    _link_copy(old, new / old.name)
         _fsync_tree(new)
         if not _renamed_in(new, path) and not exchange(new, path):
-            move_over(new, path, staging / "old")
+            if in_place is not None:
+                in_place(path)
+            else:
+                move_over(new, path, staging / "old")
         _fsync_folder(path.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _link_copy(src: Path, dst: Path) -> None:
+    """`src` at `dst` too: a file hard linked (one inode: a writer appending to it goes on in the
+    new folder), copied where it cannot be; a folder likewise file by file; a symlink as itself."""
+
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    else:
+        link(src, dst)
+
+
+def read_folder(path, read: Callable[[Path], T], attempts: int = 5) -> T:
+    """`read(path)` of a folder that `write_folder_atomically` may replace meanwhile: a read of
+    several files could take one from the old folder and the next from the new one (or find the
+    old one's gone). Read again where the folder at `path` at the end is not the one opened at the
+    start; the open folder's inode, held, cannot be another's meanwhile. Its error is raised where
+    the folder stayed; the last attempt is taken as it is."""
+    path = Path(path)
+    for _ in range(attempts - 1):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # (none there, or a system that opens no folder: read as it is)
+            break
+        try:
+            try:
+                result = read(path)
+            except Exception:
+                if _moved(fd, path):
+                    continue
+                raise
+            if not _moved(fd, path):
+                return result
+        finally:
+            os.close(fd)
+    return read(path)
+
+
+def _moved(fd: int, path: Path) -> bool:
+    """Whether the folder open as `fd` is no longer the one at `path`."""
+    opened = os.fstat(fd)
+    try:
+        now = os.stat(path)
+    except OSError:
+        return True
+    return (opened.st_dev, opened.st_ino) != (now.st_dev, now.st_ino)
 
 
 def _renamed_in(new: Path, path: Path) -> bool:
@@ -182,7 +265,10 @@ def _fsync_tree(folder: Path) -> None:
                 try:
                     fd = os.open(p, os.O_RDWR)
                 except PermissionError:  # (a read-only file: Linux fsyncs a read-only descriptor)
-                    fd = os.open(p, os.O_RDONLY)
+                    try:
+                        fd = os.open(p, os.O_RDONLY)
+                    except PermissionError:  # (another's file, carried: not one this writer wrote)
+                        continue
                 try:
                     os.fsync(fd)
                 finally:

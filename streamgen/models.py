@@ -24,7 +24,7 @@ import torch
 
 from streamgen.cli import SESSION_DTYPES
 from streamgen.cpu_threads import chunk_forward_flop
-from streamgen.files import move_over, new_folder_beside, remove_whole
+from streamgen.files import move_over, new_folder_beside, read_folder, remove_whole, write_folder_atomically
 from streamgen.model.compile import compile_blocks
 from streamgen.model.config import FLAVORS, ModelConfig, get_config
 from streamgen.model.float8 import float8_layers
@@ -256,7 +256,7 @@ def available_models() -> list[str]:
         for root in model_search_path()
         if root.is_dir()
         for d in root.iterdir()
-        if (d / "model.json").exists()
+        if (d / "model.json").exists() and not d.name.startswith(".")  # (not an export's staging folder)
     }
     return sorted(names | {n for n in FLAVORS if n != "debug"})
 
@@ -297,7 +297,7 @@ def load_model(
 def _load(name_or_path: str, device, dtype, seed: int, **cfg_overrides) -> AvatarModel:
     directory = resolve_model_dir(name_or_path)
     if directory is not None:
-        return _load_dir(directory, device, dtype, **cfg_overrides)
+        return load_model_dir(directory, device, dtype, **cfg_overrides)
     flavor = name_or_path.removesuffix("-teacher")
     if flavor in FLAVORS:
         log.warning(
@@ -326,7 +326,23 @@ def require_model(name_or_path: str) -> None:
         )
 
 
-def _load_dir(d: Path, device, dtype, **cfg_overrides) -> AvatarModel:
+def load_model_dir(d: Path, device="cpu", dtype=None, **cfg_overrides) -> AvatarModel:
+    """A model directory as it is (no environment's attention, precision or compile: `load_model`),
+    its files all of one export: read again where one put its folder in place meanwhile
+    (`streamgen.files.read_folder`; `save_model`)."""
+    d = Path(d)
+    meta, dit, vae = read_folder(d, lambda folder: _read_dir(folder, cfg_overrides))
+    return AvatarModel(
+        name=meta.get("name", d.name),
+        dit=dit.to(device, dtype).eval(),
+        vae=vae.to(device).eval(),
+        **{key: meta.get(key, default) for key, default in MODEL_META_DEFAULTS.items()},
+        trained=True,
+        meta=meta,
+    )
+
+
+def _read_dir(d: Path, cfg_overrides: dict) -> tuple[dict, DiT, VideoAutoencoder]:
     from streamgen.model.files import load_safetensors, read_json
 
     meta = read_json(d / "model.json", required=("config",))
@@ -337,15 +353,7 @@ def _load_dir(d: Path, device, dtype, **cfg_overrides) -> AvatarModel:
         dit.load_state_dict(sd)
     except RuntimeError as e:
         raise ValueError(f"{d}: weights do not match the model config in model.json: {e}") from e
-    vae = load_autoencoder(d)
-    return AvatarModel(
-        name=meta.get("name", d.name),
-        dit=dit.to(device, dtype).eval(),
-        vae=vae.to(device).eval(),
-        **{key: meta.get(key, default) for key, default in MODEL_META_DEFAULTS.items()},
-        trained=True,
-        meta=meta,
-    )
+    return meta, dit, _read_autoencoder(d)
 
 
 # what a model.json may leave out (an older export): the size, schedule shift and steps it runs with
@@ -363,11 +371,14 @@ def has_autoencoder(directory) -> bool:
 def load_autoencoder(directory) -> VideoAutoencoder:
     """A model (or autoencoder) directory's autoencoder, as its `save` wrote it: TinyCausalVAE
     (vae_config.json) or the Wan VAE (wan_vae/, a diffusers folder); behind TAEHV's tiny decoder
-    where tiny_decoder.safetensors lies beside them."""
+    where tiny_decoder.safetensors lies beside them. Its files all of one export (`read_folder`)."""
+    return read_folder(directory, _read_autoencoder)
+
+
+def _read_autoencoder(d: Path) -> VideoAutoencoder:
     from streamgen.model.tiny_decoder import TINY_DECODER_FILE, TinyDecoder, TinyDecoderVAE
     from streamgen.model.vae import WanVAE
 
-    d = Path(directory)
     if (d / WanVAE.DIRECTORY).is_dir():
         vae = WanVAE.load(d)
     elif (d / "vae_config.json").exists():
@@ -419,13 +430,8 @@ def _replace_autoencoder(vae: VideoAutoencoder, d: Path) -> None:
 
 
 def save_model(model: AvatarModel, directory, extra_meta: dict | None = None) -> None:
-    """Write a model directory atomically enough for readers: weights first, model.json last."""
-    from streamgen.model.files import save_safetensors, write_text_atomically
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    save_safetensors({k: v.contiguous() for k, v in model.dit.state_dict().items()}, d / "dit.safetensors")
-    _replace_autoencoder(model.vae, d)
+    """Write a model directory `load_model` reads, put in place whole (`write_model_dir`)."""
+    state = {k: v.contiguous() for k, v in model.dit.state_dict().items()}
     meta = {
         "name": model.name,
         "config": model.cfg.to_dict(),
@@ -435,4 +441,39 @@ def save_model(model: AvatarModel, directory, extra_meta: dict | None = None) ->
         "steps": model.steps,
         **(extra_meta or {}),
     }
-    write_text_atomically(d / "model.json", json.dumps(meta, indent=2))
+
+    def write_dit(tmp: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp))
+
+    write_model_dir(directory, write_dit, model.vae, meta)
+
+
+def write_model_dir(directory, write_dit, vae: VideoAutoencoder, meta: dict) -> None:
+    """A model directory of the DiT weights `write_dit(tmp)` writes to the file `tmp`, `vae` and
+    model.json of `meta`, which readers (a server, a stage) find whole: the old export or the new
+    one, never one's model.json beside the other's DiT weights or autoencoder, nor a base
+    autoencoder without the tiny decoder it was saved with. Written into a folder beside, then put
+    in the directory's place in one step (`streamgen.files.write_folder_atomically`; what else the
+    directory held is linked in first), and read by `load_model` through `read_folder`.
+
+    Where the system cannot exchange folders (not Linux, overlayfs' lower layers, a mount point),
+    into the directory itself, file by file: the DiT weights, the autoencoder (`_replace_autoencoder`),
+    model.json last; a reader meanwhile may find the new DiT weights beside the old model.json."""
+    from streamgen.model.files import write_atomically, write_text_atomically
+    from streamgen.model.tiny_decoder import TINY_DECODER_FILE
+    from streamgen.model.vae import WanVAE
+
+    def write(d: Path) -> None:
+        write_atomically(d / "dit.safetensors", write_dit)
+        _replace_autoencoder(vae, d)
+        write_text_atomically(d / "model.json", json.dumps(meta, indent=2))
+
+    ours = {"model.json", "dit.safetensors", "vae_config.json", "vae.safetensors", WanVAE.DIRECTORY}
+    ours.add(TINY_DECODER_FILE)
+
+    def carry(name: str) -> bool:  # (not the export's files, nor a writer's temp file)
+        return name not in ours and not (name.startswith(".") and name.endswith(".tmp"))
+
+    write_folder_atomically(directory, write, carry=carry, in_place=write)

@@ -414,3 +414,161 @@ def test_a_reader_finds_the_whole_old_or_the_whole_new_autoencoder_at_every_step
     monkeypatch.undo()
     assert seen and all(_same(a, b) for a, b in zip(_parts(load_autoencoder(d)), expected["new"]))
     assert not [p for p in d.iterdir() if p.name.startswith(".")]
+
+
+def _model(name: str, autoencoder: str, seed: int) -> AvatarModel:
+    """A debug DiT of its own weights (one config: the other's weights load without an error) over
+    `_autoencoder(autoencoder)`, named `name`."""
+    torch.manual_seed(seed)
+    dit = DiT(get_config("debug", frames_per_chunk=3, window_frames=6, in_channels=4)).eval()
+    return AvatarModel(name, dit, _autoencoder(autoencoder), HEIGHT, WIDTH, steps=seed + 2)
+
+
+def _whole(d, models: list[AvatarModel]) -> str | None:
+    """None where loading `d` gives one of `models` whole (model.json, DiT weights, autoencoder and
+    tiny decoder all of one export), else what it gave."""
+    try:
+        found = load_model(str(d))
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    parts = _parts(found.vae)
+    dit = found.dit.state_dict()
+    for m in models:
+        same_dit = all(torch.equal(v, dit[k]) for k, v in m.dit.state_dict().items())
+        expected = _parts(m.vae)
+        if same_dit and all(_same(a, b) for a, b in zip(parts, expected)) and found.name == m.name:
+            return None
+    return f"model.json of {found.name!r}, autoencoder {[p and p[0] for p in parts]}, DiT of neither"
+
+
+@pytest.mark.parametrize(
+    "old, new", [("tiny", "tiny"), ("wan+td", "tiny"), ("tiny", "wan+td"), ("wan", "wan-other-config")]
+)
+def test_a_reader_finds_the_whole_old_or_the_whole_new_model_at_every_step_of_an_export(
+    tmp_path, monkeypatch, old, new
+):
+    """save_model renamed dit.safetensors in before model.json, and the autoencoder's files one by
+    one: a reader in between paired the new DiT weights with the old model.json (another name,
+    steps, size; another config failed to load), and where the tiny decoder and the base both
+    changed, found the base decoding without its tiny decoder. The export is a whole folder put in
+    the directory's place in one step; every rename, removal and exchange here is followed by a
+    load. (A listing of models meanwhile shows no staging folder.)"""
+    import os
+
+    from streamgen import files
+    from streamgen.models import available_models, save_model
+
+    models = [_model("old", old, 0), _model("new", new, 1)]
+    d = tmp_path / "model"
+    save_model(models[0], d)
+    (d / "notes.txt").write_text("kept")  # not the export's: stays
+    monkeypatch.setenv("STREAMGEN_MODELS", str(tmp_path))
+    seen, checking = [], []
+
+    def checked(real):
+        def step(*args, **kwargs):
+            result = real(*args, **kwargs)
+            if not checking:
+                checking.append(1)
+                try:
+                    wrong = _whole(d, models)
+                    listed = [n for n in available_models() if n.startswith(".")]
+                finally:
+                    checking.clear()
+                after = f"after {real.__name__}{tuple(str(a) for a in args)}"
+                assert wrong is None, f"{after}: a reader found {wrong}"
+                assert listed == [], f"{after}: listed {listed}"
+                seen.append(after)
+            return result
+
+        return step
+
+    for name in ("replace", "rename", "unlink", "remove", "rmdir"):
+        monkeypatch.setattr(os, name, checked(getattr(os, name)))
+    monkeypatch.setattr(files, "exchange", checked(files.exchange))
+    save_model(models[1], d)
+    monkeypatch.undo()
+    assert seen and _whole(d, models[1:]) is None
+    assert (d / "notes.txt").read_text() == "kept"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # (no staging folder left)
+    assert not [p for p in d.iterdir() if p.name.startswith(".")]
+
+
+def test_a_reader_whose_load_straddles_an_export_reads_again(tmp_path, monkeypatch):
+    """A load reads model.json, then dit.safetensors, then the autoencoder: an export that put the
+    new folder in place between those reads gave it the old model.json with the new weights. The
+    reader reads again where the folder it started in is no longer there."""
+    from streamgen.model import files as model_files
+    from streamgen.models import save_model
+
+    models = [_model("old", "wan+td", 0), _model("new", "tiny", 1)]
+    d = tmp_path / "model"
+    save_model(models[0], d)
+    real, exported = model_files.load_safetensors, []
+
+    def export_meanwhile(path):
+        if not exported:
+            exported.append(path)
+            save_model(models[1], d)
+        return real(path)
+
+    monkeypatch.setattr(model_files, "load_safetensors", export_meanwhile)
+    assert _whole(d, models) is None and exported
+    assert load_model(str(d)).name == "new"
+
+
+@pytest.mark.parametrize("can_exchange", [True, False], ids=["exchanged", "file_by_file"])
+def test_a_re_export_keeps_what_else_the_directory_holds_and_a_symlink_to_it(
+    tmp_path, monkeypatch, can_exchange
+):
+    """What is not the export's in a model directory (a report, a folder of samples) stays; a
+    symlink at the directory's path stays a symlink to the new model. Where the system cannot
+    exchange folders (not Linux, overlayfs' lower layers), the export is written into the
+    directory in place, file by file, model.json last."""
+    from streamgen import files
+    from streamgen.models import save_model
+
+    models = [_model("old", "wan+td", 0), _model("new", "tiny", 1)]
+    real = tmp_path / "store" / "model"
+    save_model(models[0], real)
+    (real / "notes.txt").write_text("kept")
+    (real / "samples").mkdir()
+    (real / "samples" / "a.png").write_bytes(b"png")
+    (tmp_path / "link").symlink_to(real)
+    if not can_exchange:
+        monkeypatch.setattr(files, "exchange", lambda a, b: False)
+    save_model(models[1], tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    assert _whole(tmp_path / "link", models[1:]) is None
+    assert (real / "notes.txt").read_text() == "kept" and (real / "samples" / "a.png").read_bytes() == b"png"
+    assert sorted(p.name for p in real.parent.iterdir()) == ["model"]
+    export = ["dit.safetensors", "model.json", "vae.safetensors", "vae_config.json"]
+    assert sorted(p.name for p in real.iterdir()) == sorted([*export, "notes.txt", "samples"])
+
+
+def test_ship_takes_one_export_of_its_source(tmp_path, monkeypatch):
+    """ship read the source's model.json, then its DiT weights, then its autoencoder, each on its
+    own: a re-export of the source meanwhile shipped one export's model.json with the other's
+    weights. It reads the source through one load, read again where the folder changed."""
+    from distill.ship import ship
+    from streamgen.model import files as model_files
+    from streamgen.models import save_model
+
+    models = [_model("old", "wan+td", 0), _model("new", "tiny", 1)]
+    save_model(models[0], tmp_path / "source")
+    real, exported = model_files.load_safetensors, []
+
+    def export_meanwhile(path):
+        if not exported:
+            exported.append(path)
+            save_model(models[1], tmp_path / "source")
+        return real(path)
+
+    monkeypatch.setattr(model_files, "load_safetensors", export_meanwhile)
+    shipped = ship(str(tmp_path / "source"), "shipped", assets=tmp_path / "assets")
+    monkeypatch.undo()
+    found = load_model(str(shipped))
+    new = models[1]
+    dit = found.dit.state_dict()
+    assert found.meta["steps"] == new.steps and type(found.vae) is type(new.vae)
+    assert all(torch.allclose(v, dit[k].float(), atol=1e-2) for k, v in new.dit.state_dict().items())
