@@ -178,21 +178,36 @@ class Stage:
         }, sample
 
     def _export_model(self, vae, directory: Path) -> None:
-        """The teacher's model directory (`model.vae`, else `model.init`), with `vae` as its autoencoder."""
-        from streamgen.models import resolve_model_dir
+        """The teacher's model directory (`model.vae`, else `model.init`), with `vae` as its
+        autoencoder: put in place whole (`write_model_dir`; it was written file by file, and a
+        reader meanwhile found the new decoder beside the previous export's DiT)."""
+        from streamgen.files import read_folder
+        from streamgen.models import resolve_model_dir, write_model_dir
 
         source = self.cfg.model.vae or self.cfg.model.init
         model_dir = resolve_model_dir(source) if source and not source.startswith("wan:") else None
         if model_dir is None or not (model_dir / "dit.safetensors").exists():
             return
-        directory.mkdir(parents=True, exist_ok=True)
-        vae.save(directory)
-        write_atomically(
-            directory / "dit.safetensors", lambda tmp: shutil.copyfile(model_dir / "dit.safetensors", tmp)
-        )
-        meta = json.loads((model_dir / "model.json").read_text())
-        meta.update(name=f"{meta.get('name', model_dir.name)}-narrow-decoder", decoder_from=str(model_dir))
-        write_text_atomically(directory / "model.json", json.dumps(meta, indent=2))
+
+        opened = []  # (the DiT weights open: of the export model.json is of, a re-export meanwhile or not)
+
+        def read(d: Path) -> tuple[dict, object]:
+            opened.append(open(d / "dit.safetensors", "rb"))
+            return json.loads((d / "model.json").read_text()), opened[-1]
+
+        def write_dit(tmp: Path) -> None:
+            dit.seek(0)
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(dit, f)
+
+        try:
+            meta, dit = read_folder(model_dir, read)
+            name = f"{meta.get('name', model_dir.name)}-narrow-decoder"
+            meta.update(name=name, decoder_from=str(model_dir))
+            write_model_dir(directory, write_dit, vae, meta)
+        finally:
+            for f in opened:
+                f.close()
 
 
 ARCHITECTURES = ("taehv", "causal_vae")

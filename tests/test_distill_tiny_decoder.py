@@ -126,3 +126,56 @@ def test_a_narrower_decoder_mixes_the_leading_channels_of_this_frame_and_the_pre
     mixed = student.dec_mix(torch.cat([now, before], 1))
     expected = teacher.dec_mix(torch.cat([now, zeros, before, zeros], 1))[:, :8]
     torch.testing.assert_close(mixed, expected)
+
+
+def test_a_narrower_decoders_model_is_re_exported_whole(tmp_path, monkeypatch):
+    """The narrower decoder's model directory was written file by file, its autoencoder first: a
+    reader meanwhile found the new decoder beside the previous export's DiT weights (the teacher's,
+    copied, retrained since). It is put in place whole (streamgen.models.write_model_dir)."""
+    import os
+    from types import SimpleNamespace
+
+    from distill.build import export_model
+    from distill.tiny_decoder import Stage
+    from streamgen import files
+    from streamgen.model import DiT, get_config
+    from streamgen.model.vae import TinyCausalVAE
+    from streamgen.models import load_model
+
+    mcfg, teacher, out = get_config("debug"), tmp_path / "teacher", tmp_path / "run" / "model"
+    stage = SimpleNamespace(cfg=SimpleNamespace(model=SimpleNamespace(vae=str(teacher), init=None)))
+    exports = []
+    for seed in (0, 1):  # the teacher retrained, and the narrower decoder again
+        torch.manual_seed(seed)
+        vae = TinyCausalVAE(mcfg.in_channels, (8, 8, 16, 16), mcfg.temporal_compression).eval()
+        export_model(DiT(mcfg).eval(), vae, teacher, "debug", 32, 32, 5.0, 2)
+        narrow = TinyCausalVAE(**{**vae.config, "decoder_widths": [4, 4, 8, 8 + 8 * seed]}).eval()
+        exports.append((load_model(str(teacher)).dit.state_dict(), narrow.config))
+        if seed == 0:
+            Stage._export_model(stage, narrow, out)
+    checking = []
+
+    def checked(real):
+        def step(*args, **kwargs):
+            result = real(*args, **kwargs)
+            if not checking:
+                checking.append(1)
+                try:
+                    model = load_model(str(out))
+                finally:
+                    checking.clear()
+                dit = model.dit.state_dict()
+                assert any(
+                    model.vae.config == config and all(torch.equal(v, dit[k]) for k, v in weights.items())
+                    for weights, config in exports
+                ), f"after {real.__name__}{args}: one export's decoder beside the other's DiT"
+            return result
+
+        return step
+
+    for name in ("replace", "rename", "unlink"):
+        monkeypatch.setattr(os, name, checked(getattr(os, name)))
+    monkeypatch.setattr(files, "exchange", checked(files.exchange))
+    Stage._export_model(stage, narrow, out)
+    monkeypatch.undo()
+    assert load_model(str(out)).vae.config == exports[1][1]
