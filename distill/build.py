@@ -41,16 +41,18 @@ def load_dit(source: str, **overrides):
             return load_pretrained(source[4:], **overrides)
         except (OSError, ValueError, KeyError) as e:
             raise ModelSourceError(f"cannot load the Wan checkpoint {source[4:]}: {e}") from None
+    from streamgen.files import read_folder
     from streamgen.model.files import load_safetensors, read_json
     from streamgen.model.model import DiT
 
-    d = _model_dir(source)
-    meta = read_json(d / "model.json", required=("config",))
-    cfg = ModelConfig.from_dict({**meta["config"], **overrides})
-    dit = DiT(cfg)
-    sd = {k: v.float() for k, v in load_safetensors(d / "dit.safetensors").items()}
-    dit.load_state_dict(sd)
-    return dit
+    def read(d):
+        meta = read_json(d / "model.json", required=("config",))
+        dit = DiT(ModelConfig.from_dict({**meta["config"], **overrides}))
+        dit.load_state_dict({k: v.float() for k, v in load_safetensors(d / "dit.safetensors").items()})
+        return dit
+
+    # config and weights from one export: a re-export (write_model_dir) swaps the whole folder
+    return read_folder(_model_dir(source), read)
 
 
 def weights_digest(source: str) -> str:

@@ -517,6 +517,36 @@ def test_a_reader_whose_load_straddles_an_export_reads_again(tmp_path, monkeypat
     assert load_model(str(d)).name == "new"
 
 
+def test_a_distill_stage_loads_its_dit_from_one_export(tmp_path, monkeypatch):
+    """distill's load_dit (a stage's teacher or student) reads model.json, then dit.safetensors:
+    an export between the two paired the old config with the new weights, which failed to load
+    where their sizes differ. It reads again from the folder now there."""
+    import dataclasses
+
+    from distill.build import load_dit
+    from streamgen.model import files as model_files
+    from streamgen.models import save_model
+
+    old = _model("old", "tiny", 0)
+    torch.manual_seed(1)
+    new = _model("new", "tiny", 1)
+    new.dit = DiT(dataclasses.replace(old.cfg, num_layers=old.cfg.num_layers + 1)).eval()
+    d = tmp_path / "model"
+    save_model(old, d)
+    real, exported = model_files.load_safetensors, []
+
+    def export_meanwhile(path):
+        if not exported:
+            exported.append(path)
+            save_model(new, d)
+        return real(path)
+
+    monkeypatch.setattr(model_files, "load_safetensors", export_meanwhile)
+    dit = load_dit(str(d))
+    assert exported and dit.cfg.num_layers == new.cfg.num_layers
+    assert all(torch.equal(v, dit.state_dict()[k]) for k, v in new.dit.state_dict().items())
+
+
 @pytest.mark.parametrize("can_exchange", [True, False], ids=["exchanged", "file_by_file"])
 def test_a_re_export_keeps_what_else_the_directory_holds_and_a_symlink_to_it(
     tmp_path, monkeypatch, can_exchange
