@@ -55,7 +55,7 @@ def build_latents(cfg) -> list[Path]:
         try:
             ds = AvatarWorldDataset(root, split)
             ds.cache_latents(encode, cfg.data.latents)
-            ds = AvatarWorldDataset(root, split, latents=cfg.data.latents)
+            ds = ds.with_latents(cfg.data.latents)  # (its shards hashed once, above)
         except DataError as e:
             raise DataMissing(str(e)) from None
         path = bank_path(root, cfg.data.latents, split)

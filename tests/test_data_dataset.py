@@ -69,6 +69,12 @@ def test_latent_cache_hook(world):
     assert np.allclose(item["latents"], item["video"].astype(np.float32).mean(axis=(1, 2)))
     with pytest.raises(DataError, match="latent cache"):
         AvatarWorldDataset(world, "test", latents="never-made")
+    # the same, from the dataset already made (its shards not hashed again)
+    reused = ds.with_latents("mean-colour")
+    assert reused.latents == "mean-colour" and ds.latents is None
+    assert np.array_equal(reused[1]["latents"], item["latents"])
+    with pytest.raises(DataError, match="latent cache"):
+        ds.with_latents("never-made")
     # a dataset made again in the same place: its old latents are not taken for the new clips
     remade = AvatarWorldDataset(world, "test")
     remade.shards = [{**shard, "sha256": "0" * 64} for shard in remade.shards]

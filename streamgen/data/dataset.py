@@ -2,12 +2,13 @@
 
 ds = AvatarWorldDataset("data/world", "train")
 ds.cache_latents(vae_encode, "tiny-vae")       # once: encode every clip, store next to shards
-ds = AvatarWorldDataset("data/world", "train", latents="tiny-vae")
+ds = AvatarWorldDataset("data/world", "train", latents="tiny-vae")   # or ds.with_latents("tiny-vae")
 item = ds[0]   # video, audio, reference, caption, motion, meta, latents
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -43,13 +44,7 @@ class AvatarWorldDataset(torch.utils.data.Dataset):
         self.shards = self.manifest["splits"][split]["shards"]
         self.index = [(s, i) for s, shard in enumerate(self.shards) for i in range(shard["clips"])]
         self.latents = latents
-        if latents is not None:
-            for shard in self.shards:
-                path = _latent_path(self.root, latents, shard["file"])
-                if not path.exists():
-                    raise DataError(f"latent cache {latents!r} is missing {shard['file']}; run cache_latents")
-                # (a stale file's latents were read as this clip's, without a word)
-                _check_not_stale(path, shard, self.root / "latents" / latents)
+        self._check_latents()
         # every shard's sha256 checked here, once, in the process that makes the dataset: DataLoader
         # workers that are not persistent are made anew every epoch, with no shard open, and each
         # hashed every shard it opened, every epoch (12% of an epoch's time with 2 workers at 64x64,
@@ -61,6 +56,29 @@ class AvatarWorldDataset(torch.utils.data.Dataset):
         self._readers: dict[int, ShardReader] = {}
         self._latent_readers: dict[int, ShardReader] = {}
         self._pid = os.getpid()
+
+    def _check_latents(self) -> None:
+        """DataError unless the latent cache `self.latents` (if any) holds every shard of the split,
+        encoded from the shard the manifest records."""
+        if self.latents is None:
+            return
+        for shard in self.shards:
+            path = _latent_path(self.root, self.latents, shard["file"])
+            if not path.exists():
+                raise DataError(
+                    f"latent cache {self.latents!r} is missing {shard['file']}; run cache_latents"
+                )
+            # (a stale file's latents were read as this clip's, without a word)
+            _check_not_stale(path, shard, self.root / "latents" / self.latents)
+
+    def with_latents(self, name: str) -> AvatarWorldDataset:
+        """This split read with the latent cache `name` (`cache_latents`), as
+        `AvatarWorldDataset(root, split, latents=name)` reads it, without hashing every shard again:
+        the shards checked here are taken as checked (a file changed since is hashed again when read)."""
+        ds = copy.copy(self)
+        ds.latents, ds._readers, ds._latent_readers, ds._pid = name, {}, {}, os.getpid()
+        ds._check_latents()
+        return ds
 
     def __len__(self) -> int:
         return len(self.index)
