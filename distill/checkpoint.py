@@ -207,3 +207,21 @@ def config_mismatch(saved: dict, current: dict) -> list[str]:
             if va != vb:
                 diffs.append(f"{name}.{key}: checkpoint {va!r}, config {vb!r}")
     return diffs
+
+
+def overrides_to_match(saved: dict, current: dict, names) -> list[str]:
+    """`model.overrides.KEY=VALUE` items (for --set) that give the config's model the checkpoint's
+    value of each key that differs, for the models of `names` (those built from the config's
+    `model` section); e.g. a Wan checkpoint's audio width, whose default changed since the run began."""
+    items = {}
+    for name in names:
+        a, b = saved.get(name), current.get(name)
+        if a is None or b is None:
+            continue
+        for key in sorted(set(a) & set(b) - {"name"}):
+            va, vb = a[key], b[key]
+            if isinstance(va, list | tuple) and isinstance(vb, list | tuple):
+                va, vb = list(va), list(vb)
+            if va != vb:
+                items[key] = f"model.overrides.{key}={json.dumps(va)}"
+    return list(items.values())

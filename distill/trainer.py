@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import shlex
 from pathlib import Path
 
 import torch
@@ -30,6 +31,12 @@ STAGE_MODULES = {
     "chunk": "distill.chunk",
     "tiny_decoder": "distill.tiny_decoder",
 }
+
+
+# The models a stage builds from the config's `model` section (`build.new_dit`: flavor, init and
+# overrides), by their names in `model_configs()`: `model.overrides` sets what their checkpoint says.
+# (The others come from elsewhere: the critic from `critic_init` or the teacher, an autoencoder.)
+BUILT_FROM_MODEL_SECTION = ("teacher", "student", "generator")
 
 
 class TrainingError(RuntimeError):
@@ -333,11 +340,15 @@ class Trainer:
 
     def _restore(self, stage, latest: Path) -> int:
         tensors, meta = ckpt.load_checkpoint(latest)
-        diffs = ckpt.config_mismatch(meta.get("model_configs", {}), stage.model_configs())
+        saved, current = meta.get("model_configs", {}), stage.model_configs()
+        diffs = ckpt.config_mismatch(saved, current)
         if diffs:
-            raise ckpt.CheckpointError(
-                f"checkpoint {latest} does not match the config's model: " + "; ".join(diffs[:6])
-            )
+            message = f"checkpoint {latest} does not match the config's model: " + "; ".join(diffs[:6])
+            sets = ckpt.overrides_to_match(saved, current, BUILT_FROM_MODEL_SECTION)
+            if sets:  # (a default that changed since the run began: the audio width a Wan checkpoint gets)
+                given = " ".join(f"--set {shlex.quote(item)}" for item in sets)
+                message += f"; to resume it as it was made, pass {given}"
+            raise ckpt.CheckpointError(message)
         for name, up in stage.updaters.items():
             if name not in meta["updaters"]:
                 raise ckpt.CheckpointError(f"checkpoint {latest} has no state for {name}")
