@@ -57,6 +57,9 @@ class DataConfig:
     video_frames: int = 8  # autoencoder stage: video frames per training crop
     synthetic_clips: int = 8
     synthetic_clip_latents: int = 10  # latent frames per synthetic clip
+    # resume over a dataset (data.root) or latent bank (data.latents) made again since the checkpoint:
+    # refused unless this is given (`--set data.accept_remade=true`), as the paths are by every command
+    accept_remade: bool = False
 
 
 @dataclass
@@ -210,20 +213,41 @@ class TrainConfig:
 
 
 # What every step's samples and noise are drawn from, besides the step (distill/rng.py: the seed,
-# and each sample's index in the global batch): a resume that changed one would go on as another
-# run than the checkpoint's, so it is refused unless the new value is given with --set. (The
-# optimizer's settings, the stage's options and run.steps may change on a resume, as they do.)
-RESUME_SETTINGS = ("run.seed", "data.batch_size")
+# and each sample's index in the global batch), and the data they are drawn out of: a resume that
+# changed one would go on as another run than the checkpoint's, so it is refused unless the new
+# value is given with --set. Which a run reads depends on its stage and data source
+# (resume_settings). (The optimizer's settings, the other options of the stage and run.steps may
+# change on a resume, as they do; the model's config is checked on its own, whole.)
+LEGACY_SETTINGS = ("run.seed", "data.batch_size")  # all that checkpoints recorded at first
+BANK_STAGES = ("teacher", "ode", "self_forcing", "chunk")  # they read a latent bank (distill/data.py)
 
 
 def resume_settings(cfg: TrainConfig) -> dict:
-    """RESUME_SETTINGS of `cfg`, by "section.key" (kept in checkpoints as "run_settings")."""
-    return {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in RESUME_SETTINGS}
+    """The settings of `cfg` a resume keeps, by "section.key" (kept in checkpoints as "run_settings"):
+    the seed and batch size; where the clips come from (data.root, .split and, for the stages that
+    read a latent bank, .latents; the synthetic clips' counts); the crops' length; the student's
+    noise levels (student_steps and shift of the ode, self_forcing and chunk stages)."""
+    keys = [*LEGACY_SETTINGS, "data.source"]
+    bank = cfg.stage in BANK_STAGES
+    if cfg.data.source == "world":
+        keys += ["data.root", "data.split"] + (["data.latents"] if bank else [])
+    else:
+        keys += ["data.synthetic_clips", "data.synthetic_clip_latents"]
+    keys.append("data.latent_frames" if bank else "data.video_frames")
+    if isinstance(cfg.options, OdeOptions | DmdOptions):
+        keys += [f"{cfg.stage}.student_steps", f"{cfg.stage}.shift"]
+    return {key: _setting(cfg, key) for key in keys}
+
+
+def _setting(cfg: TrainConfig, key: str):
+    section, name = key.split(".")
+    return getattr(cfg.options if section == cfg.stage else getattr(cfg, section), name)
 
 
 def resume_settings_in_text(text: str) -> dict | None:
-    """RESUME_SETTINGS as a config's text says them, the YAML and then its `# --set` lines (what
-    checkpoints from before "run_settings" keep); None where the text no longer reads."""
+    """LEGACY_SETTINGS as a config's text says them, the YAML and then its `# --set` lines (what
+    checkpoints from before "run_settings" keep); None where the text no longer reads. (Not the
+    later settings: a checkpoint that does not record one is not checked for it.)"""
     import yaml
 
     if not text.strip():
@@ -234,7 +258,7 @@ def resume_settings_in_text(text: str) -> dict | None:
         raw = yaml.safe_load(text) or {}
         _apply_sets(raw, sets)
         settings = {}
-        for key in RESUME_SETTINGS:
+        for key in LEGACY_SETTINGS:
             section, name = key.split(".")
             settings[key] = (raw.get(section) or {}).get(name, getattr(defaults[section], name))
         return settings

@@ -130,6 +130,44 @@ class LatentBank:
         return Batch(ids, x0, self.reference[clips], self.audio[clips], starts, self.context[clips], clips)
 
 
+def data_identity(cfg) -> dict[str, str]:
+    """What the data a run reads is, beyond the settings that name it (config.resume_settings), by
+    the setting whose --set takes another on purpose: "data.root": the sha256 of the dataset's
+    manifest.json (which records every shard's), another when the dataset was made again there;
+    "data.latents" (the stages that read a latent bank): the digest of the autoencoder that encoded
+    it (`latents.py`'s autoencoder.json), another when it was encoded again. Read from small files
+    only; what is not there (synthetic data, a folder not made yet) is left out."""
+    import hashlib
+    import json
+
+    from distill.config import BANK_STAGES
+
+    d = cfg.data
+    identity = {}
+    if d.source != "world":
+        return identity
+    manifest = Path(d.root) / "manifest.json"
+    if manifest.is_file():
+        identity["data.root"] = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    mark = Path(d.root) / "latents" / d.latents / "autoencoder.json"
+    if cfg.stage in BANK_STAGES and mark.is_file():
+        try:
+            digest = json.loads(mark.read_text()).get("digest")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            digest = None
+        if isinstance(digest, str):
+            identity["data.latents"] = digest
+    return identity
+
+
+def identity_change(key: str, cfg, then: str, now: str) -> str:
+    """A data_identity entry that changed since a checkpoint, in words."""
+    change = f"{then} then, {now} now"
+    if key == "data.root":
+        return f"the dataset in {cfg.data.root} was made again since (manifest.json sha256 {change})"
+    return f"the latents {cfg.data.latents} were encoded again since, by another autoencoder ({change})"
+
+
 def load_bank(cfg, model_cfg, latent_hw) -> LatentBank:
     d = cfg.data
     if d.source == "synthetic":

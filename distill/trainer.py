@@ -21,6 +21,7 @@ import torch
 
 from distill import checkpoint as ckpt
 from distill.config import ConfigError, OptimConfig, TrainConfig, resume_settings, resume_settings_in_text
+from distill.data import data_identity, identity_change
 from distill.distributed import World, average_gradients, barrier, close_world, init_world, mean_across
 
 STAGE_MODULES = {
@@ -237,6 +238,7 @@ class Trainer:
         _check_writable(out, "run.out", make=True)
         if cfg.run.export:  # (found after the whole run, it failed the export with a traceback)
             _check_writable(Path(cfg.run.export), "run.export", make=False)
+        self.data_identity = data_identity(cfg)  # (before the stage is built: the data it reads)
         latest = self._checkpoint_to_resume(out)  # before the stage writes anything there
         try:
             stage = build_stage(cfg, world)
@@ -297,6 +299,7 @@ class Trainer:
                 meta["updaters"][name] = m
             meta["config"] = self.cfg.source
             meta["run_settings"] = resume_settings(self.cfg)
+            meta["data_identity"] = self.data_identity
             ckpt.save_checkpoint(out, step, tensors, meta, self.cfg.run.keep_checkpoints)
         barrier(world)
 
@@ -323,19 +326,32 @@ class Trainer:
 
     def _check_settings(self, latest: Path, header: dict) -> None:
         """CheckpointError if this config changes a setting the run's samples are drawn from
-        (config.RESUME_SETTINGS), unless the new value was given with --set."""
+        (config.resume_settings), unless the new value was given with --set; or if the data at its
+        paths was made again since (data.data_identity), unless data.accept_remade (a path given
+        with --set is not enough: `make model` gives data.root to every stage). A setting the
+        checkpoint does not record (written before it was) is not checked."""
         saved = header.get("run_settings") or resume_settings_in_text(header.get("config", "")) or {}
         current = resume_settings(self.cfg)
-        changed = [
-            k for k, v in current.items() if k in saved and saved[k] != v and k not in self.cfg.set_keys
+        differ = {k for k, v in current.items() if k in saved and saved[k] != v}
+        changed = {k: v for k, v in current.items() if k in differ and k not in self.cfg.set_keys}
+        diffs = [f"{k}: checkpoint {saved[k]!r}, config {v!r}" for k, v in changed.items()]
+        on_purpose = [f"{k}={v}" for k, v in changed.items()]
+        kept = header.get("data_identity") or {}
+        remade = [
+            identity_change(key, self.cfg, kept[key], now)
+            for key, now in self.data_identity.items()
+            # (another folder or bank name: other data, named above or given on purpose)
+            if kept.get(key) and kept[key] != now and not differ & {key, "data.root"}
         ]
-        if changed:
-            diffs = "; ".join(f"{k}: checkpoint {saved[k]!r}, config {current[k]!r}" for k in changed)
-            on_purpose = " ".join(f"--set {k}={current[k]}" for k in changed)
+        if remade and not self.cfg.data.accept_remade:
+            diffs += remade
+            on_purpose.append("data.accept_remade=true")
+        if diffs:
+            given = " ".join(f"--set {shlex.quote(item)}" for item in on_purpose)
             raise ckpt.CheckpointError(
-                f"checkpoint {latest} is of a run with other settings ({diffs}): resumed, every later "
-                f"step would draw other samples and noise; put them back, or pass {on_purpose} to "
-                "change them on purpose"
+                f"checkpoint {latest} is of a run with other settings ({'; '.join(diffs)}): resumed, "
+                "every later step would draw other samples, noise or noise levels than the run it "
+                f"continues; put them back, or pass {given} to change them on purpose"
             )
 
     def _restore(self, stage, latest: Path) -> int:

@@ -3,11 +3,14 @@ would read other data than the checkpoint's."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from test_distill_helpers import debug_config, run
 
+from distill import checkpoint as ckpt
 from distill.config import find_config, load_config
 
 
@@ -57,3 +60,82 @@ def test_the_latents_stage_hashes_each_shard_once(world, autoencoder, tmp_path, 
     hashed.clear()
     assert build_latents(latents_config(root, autoencoder)) == banks  # all cached: still checked, once
     assert len(hashed) == 2
+
+
+def world_config(stage, out, root, **edits):
+    return debug_config(stage, out, **{"data.source": "world", "data.root": str(root), "model.height": 32,
+                                       "model.width": 32, **edits})  # fmt: skip
+
+
+def test_a_resume_on_other_data_is_refused_unless_set_on_purpose(world, tmp_path):
+    """Only run.seed and data.batch_size were compared: a resume with another data.root or
+    data.split, or over a dataset made again where the run's was, trained on other clips from
+    there on without a word."""
+    import shutil
+
+    from streamgen.data.shards import make_dataset
+
+    root, moved = tmp_path / "world", tmp_path / "moved"
+    shutil.copytree(world, root)
+    shutil.copytree(world, moved)
+    out = tmp_path / "ae"
+    run(world_config("autoencoder", out, root), stop_after=2)
+    for key, value in (("data.root", str(moved)), ("data.split", "val")):
+        changed = world_config("autoencoder", out, root, **{key: value})
+        with pytest.raises(
+            ckpt.CheckpointError,
+            match=rf"{re.escape(key)}: checkpoint '[^']*', config '{re.escape(value)}'\).*--set {re.escape(key)}=",
+        ):
+            run(changed, resume=True)
+    # the same folder, the dataset in it made again (another seed): other clips at the same paths
+    shutil.rmtree(root)
+    make_dataset(root, 4, 1, 32, 32, 1.0, 4, 50, 1)
+    remade = world_config("autoencoder", out, root, **{"run.steps": 3})
+    remade.set_keys = ("data.root",)  # (as `make model` gives it to every stage: not a change)
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=rf"the dataset in {re.escape(str(root))} was made again since \(manifest\.json sha256 "
+        r"[0-9a-f]{16} then, [0-9a-f]{16} now\).*--set data\.accept_remade=true",
+    ):
+        run(remade, resume=True)
+    assert ckpt.latest_checkpoint(out).name == "step-00000002.safetensors"
+    # on purpose: the one made again; then another folder (its data other than the checkpoint's
+    # too, which data.root given with --set says already)
+    remade = world_config("autoencoder", out, root, **{"run.steps": 3, "data.accept_remade": True})
+    run(remade, resume=True)
+    moved_on = world_config("autoencoder", out, moved, **{"run.steps": 4})
+    moved_on.set_keys = ("data.root",)
+    run(moved_on, resume=True)
+    header = ckpt.checkpoint_header(ckpt.latest_checkpoint(out))
+    assert header["step"] == 4 and header["run_settings"]["data.root"] == str(moved)
+
+
+def test_a_resume_on_other_latents_is_refused_unless_set_on_purpose(world, autoencoder, tmp_path):
+    """The diffusion stages read a latent bank: another data.latents name, or the same name
+    encoded again by another autoencoder, are other clips for every later step."""
+    import shutil
+
+    from distill.latents import build_latents
+    from streamgen.model.vae import TinyCausalVAE
+
+    root = tmp_path / "world"
+    shutil.copytree(world, root)
+    build_latents(latents_config(root, autoencoder, "dbg", ["train"]))
+    build_latents(latents_config(root, autoencoder, "dbg2", ["train"]))
+    out = tmp_path / "t"
+    edits = {"data.latents": "dbg", "model.vae": str(autoencoder), "data.batch_size": 2}
+    run(world_config("teacher", out, root, **edits), stop_after=2)
+    with pytest.raises(ckpt.CheckpointError, match=r"data\.latents: checkpoint 'dbg', config 'dbg2'"):
+        run(world_config("teacher", out, root, **{**edits, "data.latents": "dbg2"}), resume=True)
+    torch.manual_seed(1)
+    other = tmp_path / "other-autoencoder"
+    TinyCausalVAE(4, (8, 16), 4).save(other)
+    shutil.rmtree(root / "latents" / "dbg")
+    build_latents(latents_config(root, other, "dbg", ["train"]))
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"the latents dbg were encoded again since, by another autoencoder.*--set data\.accept_remade=true",
+    ):
+        run(world_config("teacher", out, root, **edits), resume=True)
+    run(world_config("teacher", out, root, **edits, **{"data.accept_remade": True}), resume=True)
+    assert ckpt.checkpoint_header(ckpt.latest_checkpoint(out))["step"] == 4

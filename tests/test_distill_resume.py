@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
 import torch
-from test_distill_helpers import final_tensors, max_difference
+from test_distill_helpers import debug_config, final_tensors, max_difference, run
 
 import distill
 from distill import checkpoint as ckpt
@@ -70,3 +72,78 @@ def test_a_wan_run_from_before_the_audio_width_change_resumes_with_the_width_giv
     from streamgen.models import load_model
 
     assert load_model(str(tmp_path / "cut" / "model")).dit.cfg.audio_dim == 256
+
+
+# --- settings a resume would silently change ------------------------------------------------------
+
+
+def test_a_resume_with_other_crops_or_clips_is_refused_unless_set_on_purpose(tmp_path):
+    """Only run.seed and data.batch_size were compared: another data.latent_frames (every crop
+    another length) or data.synthetic_clips (other clips) went on as a run no config describes."""
+    out = tmp_path / "t"
+    run(debug_config("teacher", out), stop_after=2)
+    for key, value, was in (("data.latent_frames", 2, 4), ("data.synthetic_clips", 5, 6)):
+        changed = debug_config("teacher", out, **{key: value})
+        with pytest.raises(
+            ckpt.CheckpointError,
+            match=rf"{re.escape(key)}: checkpoint {was}, config {value}\).*--set {key}={value}",
+        ):
+            run(changed, resume=True)
+    assert ckpt.latest_checkpoint(out).name == "step-00000002.safetensors"
+    on_purpose = debug_config("teacher", out, **{"data.latent_frames": 2})
+    on_purpose.set_keys = ("data.latent_frames",)
+    run(on_purpose, resume=True)
+    header = ckpt.checkpoint_header(ckpt.latest_checkpoint(out))
+    assert header["step"] == 4 and header["run_settings"]["data.latent_frames"] == 2
+
+
+def test_a_resume_with_other_student_steps_is_refused_unless_set_on_purpose(tmp_path):
+    """self_forcing.student_steps (and shift) make the student's noise levels: changed on a resume,
+    the run went on training (and exported) another schedule than the one it began."""
+    teacher = tmp_path / "teacher"
+    run(debug_config("teacher", teacher, **{"run.steps": 1}))
+    out = tmp_path / "sf"
+    cfg = debug_config("self_forcing", out, teacher=teacher / "model", init=teacher / "model")
+    run(cfg, stop_after=2)
+    fewer = debug_config("self_forcing", out, teacher=teacher / "model", init=teacher / "model",
+                         **{"self_forcing.student_steps": 1})  # fmt: skip
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"self_forcing\.student_steps: checkpoint 2, config 1\).*--set self_forcing\.student_steps=1",
+    ):
+        run(fewer, resume=True)
+    fewer.set_keys = ("self_forcing.student_steps",)
+    run(fewer, resume=True)
+    assert ckpt.checkpoint_header(ckpt.latest_checkpoint(out))["step"] == 4
+
+
+def test_a_resume_with_another_chunk_size_is_refused(tmp_path):
+    """frames_per_chunk is the model's (its config in the checkpoint): already refused, by name."""
+    out = tmp_path / "t"
+    run(debug_config("teacher", out), stop_after=2)
+    cfg = debug_config("teacher", out, **{"model.overrides": {"frames_per_chunk": 3}})
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"teacher\.frames_per_chunk: checkpoint 2, config 3.*--set model\.overrides\.frames_per_chunk=2",
+    ):
+        run(cfg, resume=True)
+
+
+@pytest.mark.parametrize("kept", ["seed and batch size", "config text only"])
+def test_checkpoints_from_before_the_new_settings_are_not_checked_for_them(tmp_path, monkeypatch, kept):
+    """A checkpoint that does not record a setting resumes whatever the config says of it."""
+    real = ckpt.save_checkpoint
+
+    def as_before(out, step, tensors, meta, keep=3):
+        meta = {k: v for k, v in meta.items() if k not in ("run_settings", "data_identity")}
+        if kept == "seed and batch size":
+            meta["run_settings"] = {"run.seed": 0, "data.batch_size": 4}
+        return real(out, step, tensors, meta, keep)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", as_before)
+    out = tmp_path / "t"
+    run(debug_config("teacher", out), stop_after=2)
+    run(debug_config("teacher", out, **{"data.latent_frames": 2, "data.synthetic_clips": 5}), resume=True)
+    assert ckpt.checkpoint_header(ckpt.latest_checkpoint(out))["step"] == 4
+    with pytest.raises(ckpt.CheckpointError, match=r"run\.seed: checkpoint 0, config 1"):
+        run(debug_config("teacher", out, **{"run.seed": 1, "run.steps": 6}), resume=True)

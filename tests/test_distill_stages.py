@@ -201,13 +201,18 @@ def test_ode_trajectories_are_sampled_once(pipeline, tmp_path):
     # sampled with other settings: refused, not trained on with this run's noise levels
     from distill.config import ConfigError
 
+    # (a resume refuses both first, unless given with --set: config.resume_settings)
     other = stage_config("ode", pipeline["root"] / "ode", pipeline, **{"run.steps": 6, "ode.shift": 3.0})
+    with pytest.raises(ckpt.CheckpointError, match=r"ode\.shift: checkpoint 5\.0, config 3\.0"):
+        run(other, resume=True)
+    other.set_keys = ("ode.shift",)
     with pytest.raises(ConfigError, match="shift: 5.0 there, 3.0 here"):
         run(other, resume=True)
     # other clips than those the stored indices point into (fewer: an IndexError; more: others)
     fewer = stage_config(
         "ode", pipeline["root"] / "ode", pipeline, **{"run.steps": 6, "data.synthetic_clips": 2}
     )
+    fewer.set_keys = ("data.synthetic_clips",)
     with pytest.raises(ConfigError, match="bank: "):
         run(fewer, resume=True)
     assert path.stat().st_mtime_ns == mtime
