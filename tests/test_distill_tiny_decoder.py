@@ -132,12 +132,12 @@ def test_a_narrower_decoders_model_is_re_exported_whole(tmp_path, monkeypatch):
     """The narrower decoder's model directory was written file by file, its autoencoder first: a
     reader meanwhile found the new decoder beside the previous export's DiT weights (the teacher's,
     copied, retrained since). It is put in place whole (streamgen.models.write_model_dir)."""
-    import os
     from types import SimpleNamespace
+
+    from file_steps import check_after_each_file_step
 
     from distill.build import export_model
     from distill.tiny_decoder import Stage
-    from streamgen import files
     from streamgen.model import DiT, get_config
     from streamgen.model.vae import TinyCausalVAE
     from streamgen.models import load_model
@@ -153,29 +153,16 @@ def test_a_narrower_decoders_model_is_re_exported_whole(tmp_path, monkeypatch):
         exports.append((load_model(str(teacher)).dit.state_dict(), narrow.config))
         if seed == 0:
             Stage._export_model(stage, narrow, out)
-    checking = []
 
-    def checked(real):
-        def step(*args, **kwargs):
-            result = real(*args, **kwargs)
-            if not checking:
-                checking.append(1)
-                try:
-                    model = load_model(str(out))
-                finally:
-                    checking.clear()
-                dit = model.dit.state_dict()
-                assert any(
-                    model.vae.config == config and all(torch.equal(v, dit[k]) for k, v in weights.items())
-                    for weights, config in exports
-                ), f"after {real.__name__}{args}: one export's decoder beside the other's DiT"
-            return result
+    def one_export(after):
+        model = load_model(str(out))
+        dit = model.dit.state_dict()
+        assert any(
+            model.vae.config == config and all(torch.equal(v, dit[k]) for k, v in weights.items())
+            for weights, config in exports
+        ), f"{after}: one export's decoder beside the other's DiT"
 
-        return step
-
-    for name in ("replace", "rename", "unlink"):
-        monkeypatch.setattr(os, name, checked(getattr(os, name)))
-    monkeypatch.setattr(files, "exchange", checked(files.exchange))
+    check_after_each_file_step(monkeypatch, one_export)
     Stage._export_model(stage, narrow, out)
     monkeypatch.undo()
     assert load_model(str(out)).vae.config == exports[1][1]

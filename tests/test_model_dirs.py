@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from file_steps import check_after_each_file_step
 
 pytest.importorskip("diffusers")
 
@@ -366,9 +367,7 @@ def test_a_reader_finds_the_whole_old_or_the_whole_new_autoencoder_at_every_step
     folder file by file: a server loading the model meanwhile found no autoencoder, half a Wan VAE,
     or one autoencoder's config beside another's weights. Every rename and removal of the swap is
     followed here by a load of the directory."""
-    import os
 
-    from streamgen import files
     from streamgen.models import _replace_autoencoder
 
     expected = {}
@@ -381,35 +380,18 @@ def test_a_reader_finds_the_whole_old_or_the_whole_new_autoencoder_at_every_step
     allowed = [expected["old"], expected["new"]]
     if not whole:
         allowed += [(expected["old"][0], None), (expected["new"][0], None)]
-    seen, checking = [], []
+    def whole_one(after):
+        try:
+            found = _parts(load_autoencoder(d))
+        except Exception as e:
+            found = f"{type(e).__name__}: {e}"
+        what = found if isinstance(found, str) else [part and part[0] for part in found]
+        whole = not isinstance(found, str) and any(
+            _same(found[0], a[0]) and _same(found[1], a[1]) for a in allowed
+        )
+        assert whole, f"{after}: a reader found {what}"
 
-    def checked(real):
-        def step(*args, **kwargs):
-            result = real(*args, **kwargs)
-            if not checking:
-                checking.append(1)
-                try:
-                    found = _parts(load_autoencoder(d))
-                except Exception as e:
-                    found = f"{type(e).__name__}: {e}"
-                finally:
-                    checking.clear()
-                after = f"after {real.__name__}{tuple(str(a) for a in args)}"
-                what = found if isinstance(found, str) else [part and part[0] for part in found]
-                whole = not isinstance(found, str) and any(
-                    _same(found[0], a[0]) and _same(found[1], a[1]) for a in allowed
-                )
-                assert whole, (
-                    f"{after}: a reader found {what}"
-                )
-                seen.append(after)
-            return result
-
-        return step
-
-    for name in ("replace", "rename", "unlink", "remove", "rmdir"):
-        monkeypatch.setattr(os, name, checked(getattr(os, name)))
-    monkeypatch.setattr(files, "exchange", checked(files.exchange))
+    seen = check_after_each_file_step(monkeypatch, whole_one)
     _replace_autoencoder(_autoencoder(new), d)
     monkeypatch.undo()
     assert seen and all(_same(a, b) for a, b in zip(_parts(load_autoencoder(d)), expected["new"]))
@@ -453,9 +435,7 @@ def test_a_reader_finds_the_whole_old_or_the_whole_new_model_at_every_step_of_an
     changed, found the base decoding without its tiny decoder. The export is a whole folder put in
     the directory's place in one step; every rename, removal and exchange here is followed by a
     load. (A listing of models meanwhile shows no staging folder.)"""
-    import os
 
-    from streamgen import files
     from streamgen.models import available_models, save_model
 
     models = [_model("old", old, 0), _model("new", new, 1)]
@@ -463,29 +443,13 @@ def test_a_reader_finds_the_whole_old_or_the_whole_new_model_at_every_step_of_an
     save_model(models[0], d)
     (d / "notes.txt").write_text("kept")  # not the export's: stays
     monkeypatch.setenv("STREAMGEN_MODELS", str(tmp_path))
-    seen, checking = [], []
+    def whole_one(after):
+        wrong = _whole(d, models)
+        listed = [n for n in available_models() if n.startswith(".")]
+        assert wrong is None, f"{after}: a reader found {wrong}"
+        assert listed == [], f"{after}: listed {listed}"
 
-    def checked(real):
-        def step(*args, **kwargs):
-            result = real(*args, **kwargs)
-            if not checking:
-                checking.append(1)
-                try:
-                    wrong = _whole(d, models)
-                    listed = [n for n in available_models() if n.startswith(".")]
-                finally:
-                    checking.clear()
-                after = f"after {real.__name__}{tuple(str(a) for a in args)}"
-                assert wrong is None, f"{after}: a reader found {wrong}"
-                assert listed == [], f"{after}: listed {listed}"
-                seen.append(after)
-            return result
-
-        return step
-
-    for name in ("replace", "rename", "unlink", "remove", "rmdir"):
-        monkeypatch.setattr(os, name, checked(getattr(os, name)))
-    monkeypatch.setattr(files, "exchange", checked(files.exchange))
+    seen = check_after_each_file_step(monkeypatch, whole_one)
     save_model(models[1], d)
     monkeypatch.undo()
     assert seen and _whole(d, models[1:]) is None
