@@ -21,8 +21,24 @@ from .session import Session
 # ms here, ~70% of it under that lock; a short text sent just after it was answered after 97-178
 # ms with one thread and after 71-90 ms with two (this 2-core CPU): what waits is the lock.
 _synthesis = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="speech")
-# espeak-ng speaks about 14 characters a second: at least a second per this many characters
-CHARS_PER_SECOND_AT_MOST = 25
+# Characters a second espeak-ng speaks prose at at its default rate (165 words a minute), a little
+# above the fastest measured on the sentence banks (150 texts a language, 1-5 sentences, every
+# variant; whitespace runs counted as one). One sentence: en-us 21.2, en 21.3, de 21.5, fr 24.9,
+# es 18.6, it 19.2 at the most, 17.1-18.6 on average (fr 21.8); several, with the pauses between
+# them: 16.1-17.4 on average (fr 20.4). The pre-check's estimate is thus below prose's speech (a
+# text that fits is not refused before its synthesis) and near it, 70-90% of it (one that does not
+# fit is refused then, mostly, not after a synthesis for nothing). It was 25 for every language:
+# English prose of 12 s passed for 8 s of room. Digits, abbreviations and punctuation speak slower
+# (up to 10x: refused after their synthesis, as before); a text of one-letter words can speak faster.
+PROSE_CHARS_PER_SECOND = {"en-us": 21.5, "en": 21.5, "de": 22.0, "fr": 25.5, "es": 19.0, "it": 19.5}
+DEFAULT_RATE = 165  # words a minute (Voice.rate's default), the rate of PROSE_CHARS_PER_SECOND
+
+
+def speech_seconds_at_least(text: str, voice: Voice) -> float:
+    """About the fewest seconds espeak-ng takes to speak `text` as prose (see PROSE_CHARS_PER_SECOND);
+    its speech is proportional to its rate, 0.10-0.12 characters a second per word a minute."""
+    per_second = PROSE_CHARS_PER_SECOND.get(voice.language, max(PROSE_CHARS_PER_SECOND.values()))
+    return len(" ".join(text.split())) / (per_second * voice.rate / DEFAULT_RATE)
 
 
 class SpeechBusy(SpeechError):
@@ -56,7 +72,7 @@ async def speak(
     if session.speaking:
         raise SpeechBusy("the previous speak is still being synthesised: send the next once it is answered")
     room = session.timeline.room_seconds
-    if len(text) / CHARS_PER_SECOND_AT_MOST > room:  # refused before its synthesis, not after
+    if speech_seconds_at_least(text, voice) > room:  # refused before its synthesis, not after
         raise SpeechError(
             f"speech queue is full: {room:.1f} s of room, too little for this text (interrupt to clear it)"
         )
