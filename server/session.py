@@ -29,6 +29,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -203,6 +204,36 @@ class ChunkSlot:
         self._ready.set()
 
 
+class SpeechTurns:
+    """A session's speaks in the order they were accepted, over its WebSocket or over HTTP: each
+    waits for those before it to be queued (or refused) before its own speech is queued, from its
+    acceptance on (server/speech.py). The socket's speaker handles its own one at a time, so a
+    socket's speak posted behind an HTTP one waits for it, and one posted over HTTP while any is in
+    hand is refused (429) rather than queued ahead of those accepted before it."""
+
+    def __init__(self):
+        self._turns: deque[asyncio.Event] = deque()  # the first one's event is set: its turn
+
+    def take(self) -> asyncio.Event:
+        """A turn after every speak accepted so far; give it back once the speak is done."""
+        turn = asyncio.Event()
+        self._turns.append(turn)
+        if len(self._turns) == 1:
+            turn.set()
+        return turn
+
+    def give_back(self, turn: asyncio.Event) -> None:
+        """Done with (or dropped before) its turn; the next speak's turn comes. Idempotent."""
+        if turn in self._turns:
+            self._turns.remove(turn)
+            if self._turns:
+                self._turns[0].set()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._turns)
+
+
 class Session:
     MAX_DELAY = 1.0  # seconds; the delay grows no further (the stream skips ahead instead)
     SLACK_WINDOW = 16  # chunks (5 s at 0.32 s): late twice within it grows the delay, all early lowers it
@@ -235,7 +266,7 @@ class Session:
         self.fail_handler: Callable[[Session, str], None] | None = None  # set by the registry
         self.caption_wanted: str | None = None  # the latest caption asked for (server/speech.py)
         self.caption_job = None  # the worker job that will apply it, while it waits in the queue
-        self.speaking = False  # a speak of this session is being synthesised (server/speech.py)
+        self.speech_turns = SpeechTurns()  # its speaks accepted and not queued yet (server/speech.py)
         # clock (see module docstring); written by the event loop, read by the worker
         self.delay = 0.2
         self.start_delay = 0.2  # the delay it attached with: the floor that a grown delay returns to

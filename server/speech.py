@@ -59,28 +59,41 @@ async def speak(
     language: str = "en-us",
     variant: str | None = None,
     clears: int | None = None,
+    turn: asyncio.Event | None = None,
 ) -> float:
     """Queue `text` as speech on the session; returns its duration in seconds. SpeechError for bad
-    input, SpeechBusy while the session's previous speak is still being synthesised,
-    SpeechForEndedSession when the session ended meanwhile. clears: the session timeline's `clears`
-    when the speak was asked for (a WebSocket's speaks wait their turn): SpeechInterrupted, and
-    nothing queued, once an interrupt has come since, as if it had come after the speech."""
-    voice = Voice(language=language, variant=variant)
-    voice.validate()
+    input, SpeechForEndedSession when the session ended meanwhile. clears: the session timeline's
+    `clears` when the speak was asked for (a WebSocket's speaks wait their turn): SpeechInterrupted,
+    and nothing queued, once an interrupt has come since, as if it had come after the speech.
+    turn: the session's speech turn (`session.speech_turns.take()`) taken when the speak was
+    accepted (a WebSocket's), given back here whatever happens; its speech is queued after that of
+    the speaks accepted before it. Without one (over HTTP): SpeechBusy while the session has a
+    speak in hand, being synthesised or waiting its turn, else a turn of its own."""
+    turns = session.speech_turns
+    try:
+        voice = Voice(language=language, variant=variant)
+        voice.validate()
+        if turn is None:
+            if turns.busy:
+                raise SpeechBusy("the previous speak is not queued yet: send the next once it is answered")
+            turn = turns.take()
+        await turn.wait()  # (the speaks accepted before it are done)
+        return await _speak_in_turn(session, text, voice, clears)
+    finally:
+        if turn is not None:
+            turns.give_back(turn)
+
+
+async def _speak_in_turn(session: Session, text: str, voice: Voice, clears: int | None) -> float:
     if clears is not None and session.timeline.clears != clears:  # (not synthesised for nothing)
         raise SpeechInterrupted("interrupted before its speech was queued: none of it was")
-    if session.speaking:
-        raise SpeechBusy("the previous speak is still being synthesised: send the next once it is answered")
     room = session.timeline.room_seconds
     if speech_seconds_at_least(text, voice) > room:  # refused before its synthesis, not after
         raise SpeechError(
             f"speech queue is full: {room:.1f} s of room, too little for this text (interrupt to clear it)"
         )
-    session.speaking = True
-    try:  # synthesis takes ~0.1-1 s
-        utterance = await asyncio.get_running_loop().run_in_executor(_synthesis, synthesize, text, voice)
-    finally:
-        session.speaking = False
+    # synthesis takes ~0.1-1 s
+    utterance = await asyncio.get_running_loop().run_in_executor(_synthesis, synthesize, text, voice)
     if session.closed:  # (answered "speaking" for a session DELETEd during the synthesis)
         raise SpeechForEndedSession(f"session ended: {session.close_reason}")
     if clears is not None and session.timeline.clears != clears:

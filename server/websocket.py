@@ -91,7 +91,8 @@ class SocketConnection:
         self.sender: asyncio.Task | None = None
         self.receiver: asyncio.Task | None = None
         self.speaker: asyncio.Task | None = None  # started by the first speak or caption
-        self.requests: asyncio.Queue = asyncio.Queue()  # [speak or caption, timeline clears when it came]
+        # [speak or caption, timeline clears when it came, a speak's turn in the session's speech]
+        self.requests: asyncio.Queue = asyncio.Queue()
         self.last_request: list | None = None  # the last of them, while it waits its turn
         self.unanswered = 0
         self.close_sent = False
@@ -122,6 +123,7 @@ class SocketConnection:
                 self.sender.cancel()
             if self.speaker is not None:  # nothing this socket asked for is spoken after it
                 self.speaker.cancel()
+            self.give_back_turns()
             try:
                 await self.registry.close(self.session, reason)
             finally:
@@ -196,7 +198,10 @@ class SocketConnection:
             await self.send_json({"type": "error", "for": msg["type"], "message": message})
             return
         self.unanswered += 1
-        self.last_request = [msg, self.session.timeline.clears]
+        # a speak's turn from now: the session's speech is queued in the order the speaks were
+        # accepted, over this socket or over HTTP (a speak posted while this one waits is refused)
+        turn = self.session.speech_turns.take() if msg["type"] == "speak" else None
+        self.last_request = [msg, self.session.timeline.clears, turn]
         self.requests.put_nowait(self.last_request)
         if self.speaker is None:
             self.speaker = asyncio.create_task(self.answer_in_order(), name=f"speak {self.session.id}")
@@ -210,10 +215,10 @@ class SocketConnection:
             request = await self.requests.get()
             if request is self.last_request:  # (its turn: a caption after it is one of its own)
                 self.last_request = None
-            msg, clears = request
+            msg, clears, turn = request
             kind = msg["type"]
             try:
-                answer = self.answer_speak(msg, clears) if kind == "speak" else self.answer_caption(msg)
+                answer = self.answer_speak(msg, clears, turn) if kind == "speak" else self.answer_caption(msg)
                 reply = await answer
             except Exception as e:  # not the client's: logged, answered, and the stream goes on
                 log.exception("session %s: %s failed", self.session.id, kind)
@@ -223,10 +228,10 @@ class SocketConnection:
             if reply is not None:
                 await self.send_json(reply)
 
-    async def answer_speak(self, msg: dict, clears: int) -> dict:
+    async def answer_speak(self, msg: dict, clears: int, turn: asyncio.Event) -> dict:
         try:
             language, variant = msg.get("language", "en-us"), msg.get("variant")
-            duration = await speak(self.session, msg["text"], language, variant, clears)
+            duration = await speak(self.session, msg["text"], language, variant, clears, turn)
         except SpeechError as e:  # the client's: a bad voice, no room, an interrupt
             return {"type": "error", "for": "speak", "message": str(e)}
         return {"type": "speaking", "duration": round(duration, 3)}
@@ -246,6 +251,14 @@ class SocketConnection:
         await asyncio.wait([self.speaker])
         if not self.speaker.cancelled() and self.speaker.exception() is not None:
             log.error("session %s: speaker failed", self.session.id, exc_info=self.speaker.exception())
+
+    def give_back_turns(self) -> None:
+        """The turns of the speaks the cancelled speaker will not take up (speak() gives back the
+        one under way as it ends): the session's other speaks do not wait for them."""
+        while not self.requests.empty():
+            turn = self.requests.get_nowait()[2]
+            if turn is not None:
+                self.session.speech_turns.give_back(turn)
 
     def start(self, msg: dict) -> None:
         self.options = msg

@@ -705,7 +705,7 @@ async def test_one_speak_at_a_time_per_session_and_a_text_too_long_is_refused_be
     from types import SimpleNamespace
 
     from server import speech
-    from server.session import AudioTimeline
+    from server.session import AudioTimeline, SpeechTurns
 
     started, release = threading.Event(), threading.Event()
 
@@ -715,14 +715,17 @@ async def test_one_speak_at_a_time_per_session_and_a_text_too_long_is_refused_be
         return SimpleNamespace(audio=np.zeros(1600, np.float32), duration=0.1)
 
     monkeypatch.setattr(speech, "synthesize", slow)
-    session = SimpleNamespace(timeline=AudioTimeline(30.0), closed=False, speaking=False, touch=lambda: None)
+    turns = SpeechTurns()
+    session = SimpleNamespace(
+        timeline=AudioTimeline(30.0), closed=False, speech_turns=turns, touch=lambda: None
+    )
     first = asyncio.ensure_future(speech.speak(session, "Hello there."))
     while not started.is_set():
         await asyncio.sleep(0.01)
     with pytest.raises(speech.SpeechBusy):
         await speech.speak(session, "And again.")
     release.set()
-    assert await first == 0.1 and not session.speaking
+    assert await first == 0.1 and not session.speech_turns.busy
     with pytest.raises(speech.SpeechError, match="too little for this text"):
         await speech.speak(session, "word " * 200)  # ~70 s of speech for 30 s of room
 

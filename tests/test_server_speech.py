@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from server import speech
-from server.session import AudioTimeline
+from server.session import AudioTimeline, SpeechTurns
 from streamgen.data.sentences import sample_sentence
 from streamgen.data.speech import LANGUAGES, Voice, synthesize
 
@@ -16,7 +16,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def spoken_session(room_s: float) -> SimpleNamespace:
-    return SimpleNamespace(timeline=AudioTimeline(room_s), closed=False, speaking=False, touch=lambda: None)
+    timeline, turns = AudioTimeline(room_s), SpeechTurns()
+    return SimpleNamespace(timeline=timeline, closed=False, speech_turns=turns, touch=lambda: None)
 
 
 async def test_a_text_the_queue_has_no_room_for_is_refused_before_its_synthesis(monkeypatch):

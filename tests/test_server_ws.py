@@ -464,6 +464,7 @@ def speaker_tasks(client) -> list[str]:
 
 def test_a_socket_closes_during_a_synthesis_and_leaves_no_speaker_behind(client, held_synthesis):
     s = new_session(client)
+    session = client.app.state.registry.get(s["id"])
     with started_socket(client, s) as ws:
         ws.send_text(json.dumps({"type": "speak", "text": "Hello there."}))
         ws.send_text(json.dumps({"type": "speak", "text": "And a second time."}))
@@ -474,6 +475,7 @@ def test_a_socket_closes_during_a_synthesis_and_leaves_no_speaker_behind(client,
         assert held_synthesis.finished == []  # closed while the first was synthesised
     assert s["id"] not in client.app.state.registry.sessions
     assert speaker_tasks(client) == []
+    assert not session.speech_turns.busy  # both speaks' turns given back, the one never taken up too
     held_synthesis.release.set()
     assert held_synthesis.started == ["Hello there."]  # the second one was never synthesised
 
@@ -630,5 +632,70 @@ def test_a_burst_of_captions_ends_with_the_latest_applied(client, held_caption_j
         assert applied in (["caption 0", "caption 11"], ["caption 11"]), applied
         ws.send_text(json.dumps({"type": "speak", "text": "Hello."}))  # the queue is free again
         assert next_json(ws)["type"] == "speaking"
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+# --- speaks over the socket and over HTTP, on one session ---------------------------------------------
+def queued_speech(client, s) -> list[int]:
+    """The lengths of the speech queued onto session `s`'s timeline from now on, in order."""
+    timeline = client.app.state.registry.get(s["id"]).timeline
+    queued, append = [], timeline.append
+
+    def queue(pcm, source="client", **kwargs):
+        if source == "speech":
+            queued.append(len(pcm))
+        return append(pcm, source, **kwargs)
+
+    timeline.append = queue
+    return queued
+
+
+def test_a_speak_posted_while_the_socket_s_speak_waits_its_turn_does_not_overtake_it(
+    client, held_synthesis, held_caption_jobs
+):
+    """The socket's order covered its own requests only: a speak posted over HTTP while the socket's
+    waited behind a caption was synthesised and queued at once, before the one accepted first."""
+    held_synthesis.release.set()  # (synthesis at once: what is held is the socket's caption)
+    s = new_session(client)
+    queued = queued_speech(client, s)
+    h = {"Authorization": f"Bearer {s['token']}"}
+    with started_socket(client, s) as ws:
+        ws.send_text(json.dumps({"type": "caption", "text": "smiling"}))
+        ws.send_text(json.dumps({"type": "speak", "text": "From the socket."}))
+        ws.send_text(json.dumps({"type": "ping", "id": 1}))
+        assert next_json(ws)["type"] == "pong"  # the socket's speak was accepted: it waits its turn
+        r = client.post(s["resource"] + "/control", json={"type": "speak", "text": "Over HTTP."}, headers=h)
+        assert r.status_code == 429 and r.headers["Retry-After"] == "1", r.text
+        held_caption_jobs.release.set()
+        assert next_json(ws)["for"] == "caption"  # (the debug model takes no captions)
+        assert next_json(ws) == {"type": "speaking", "duration": 0.16}
+        assert queued == [160 * len("From the socket.")]
+        r = client.post(s["resource"] + "/control", json={"type": "speak", "text": "Over HTTP."}, headers=h)
+        assert r.status_code == 200 and queued == [160 * len("From the socket."), 160 * len("Over HTTP.")]
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+def test_a_socket_s_speak_during_a_posted_one_s_synthesis_waits_for_it(client, held_synthesis):
+    """It was refused (`the previous speak is still being synthesised`), though the socket had no
+    speak of its own unanswered; now it is queued after the posted one, accepted before it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = new_session(client)
+    queued = queued_speech(client, s)
+    h = {"Authorization": f"Bearer {s['token']}"}
+    with started_socket(client, s) as ws, ThreadPoolExecutor(1) as pool:
+        speak = {"type": "speak", "text": "Over HTTP."}
+        posted = pool.submit(client.post, s["resource"] + "/control", json=speak, headers=h)
+        assert held_synthesis.has_started.wait(10)
+        ws.send_text(json.dumps({"type": "speak", "text": "From the socket."}))
+        ws.send_text(json.dumps({"type": "ping", "id": 1}))
+        assert next_json(ws)["type"] == "pong"  # (no error before it)
+        held_synthesis.release.set()
+        assert posted.result(10).json() == {"type": "speaking", "duration": 0.1}
+        assert next_json(ws) == {"type": "speaking", "duration": 0.16}
+        assert held_synthesis.started == ["Over HTTP.", "From the socket."]
+        assert queued == [160 * len("Over HTTP."), 160 * len("From the socket.")]
         ws.send_text(json.dumps({"type": "stop"}))
         assert expect_close(ws)[0] == CloseCode.NORMAL
