@@ -12,6 +12,7 @@ import concurrent.futures
 
 from streamgen.data.speech import SpeechError, Voice, synthesize
 
+from .scheduler import WorkerBusy
 from .session import Session
 
 # Synthesis runs on a thread of its own: in the default pool a burst of long texts held the
@@ -111,7 +112,8 @@ async def _speak_in_turn(session: Session, text: str, voice: Voice, clears: int 
 async def set_caption(registry, session: Session, text: str) -> None:
     """Change the caption (text conditioning) of a running session, on the worker thread.
 
-    One job per session waits in the worker's queue at a time: a caption sent while one waits
+    WorkerBusy when the worker has no room for it, or drops it (shutdown). One job per session
+    waits in the worker's queue at a time: a caption sent while one waits
     replaces its text (the latest is what the stream gets) rather than queueing another, so one
     client's burst cannot fill the queue all sessions share."""
     session.caption_wanted = text  # (before the check: a job that has started reads it after)
@@ -146,7 +148,15 @@ async def set_caption(registry, session: Session, text: str) -> None:
             raise
     # shielded: a caller cancelled (its client gone) would otherwise cancel the job itself, which
     # the session's other callers wait on too (and which its worker then could not complete)
-    await asyncio.shield(asyncio.wrap_future(job))
+    try:
+        await asyncio.shield(asyncio.wrap_future(job))
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if not job.cancelled() or (current is not None and current.cancelling()):
+            raise  # this caller is cancelled
+        # the worker dropped the job (its stop, at shutdown): a failure of this caption, not a
+        # cancellation of its caller (it ended the socket's speaker task, which answered no more)
+        raise WorkerBusy("server is shutting down") from None  # (as a job submitted then would be)
 
 
 __all__ = ["SpeechBusy", "SpeechError", "SpeechForEndedSession", "SpeechInterrupted", "speak", "set_caption"]

@@ -47,3 +47,45 @@ def test_the_room_estimate_is_below_the_speech_of_prose_and_near_it(language):
         voice = Voice(language=language)
         estimate, actual = speech.speech_seconds_at_least(text, voice), synthesize(text, voice).duration
         assert 0.7 * actual <= estimate <= actual, (text, estimate, actual)
+
+
+async def test_a_caption_whose_job_the_worker_drops_at_shutdown_fails_as_a_busy_worker():
+    """The worker's stop cancels the jobs still queued: a caption's raised CancelledError in its
+    caller, the socket's speaker task, which ended with it (and answered nothing more)."""
+    import asyncio
+    import threading
+
+    from server.metrics import ServerMetrics
+    from server.scheduler import InferenceWorker, WorkerBusy
+
+    worker = InferenceWorker(ServerMetrics(), max_jobs=4)
+    worker.start()
+    release, running = threading.Event(), threading.Event()
+    worker.submit(lambda: (running.set(), release.wait(30)), lane=0)  # holds the lane
+    stopping = None
+    try:
+        assert running.wait(30)
+        applied = []
+        session = SimpleNamespace(
+            stream=SimpleNamespace(set_text=applied.append), lane=0, closed=False, caption_wanted=None,
+            caption_job=None,
+        )  # fmt: skip
+        registry = SimpleNamespace(worker=worker)
+        caption = asyncio.ensure_future(speech.set_caption(registry, session, "smiling"))
+        await asyncio.sleep(0.05)
+        assert worker.waiting() == 1
+        stopping = asyncio.ensure_future(asyncio.to_thread(worker.stop))
+        for _ in range(200):  # bounded: 10 s
+            if worker._stopping:  # (the lane cancels its queue once released)
+                break
+            await asyncio.sleep(0.05)
+        release.set()
+        with pytest.raises(WorkerBusy, match="shutting down"):
+            await asyncio.wait_for(caption, 10)
+        assert applied == [] and not caption.cancelled()
+    finally:
+        release.set()
+        if stopping is None:
+            worker.stop()
+        else:
+            await asyncio.wait_for(stopping, 30)

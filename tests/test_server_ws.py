@@ -699,3 +699,32 @@ def test_a_socket_s_speak_during_a_posted_one_s_synthesis_waits_for_it(client, h
         assert queued == [160 * len("Over HTTP."), 160 * len("From the socket.")]
         ws.send_text(json.dumps({"type": "stop"}))
         assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+def test_a_caption_job_dropped_by_the_worker_is_answered_and_the_speaker_goes_on(client, monkeypatch):
+    """At shutdown the worker cancels the jobs still queued: a caption's CancelledError ended the
+    socket's speaker task, which answered nothing more, the caption nor anything sent after it."""
+    import concurrent.futures
+
+    worker = client.app.state.registry.worker
+    dropped, submit = [], worker.submit
+
+    def dropping(fn, *args, **kwargs):
+        if fn.__name__ != "apply":  # (server/speech.py's caption job)
+            return submit(fn, *args, **kwargs)
+        dropped.append(concurrent.futures.Future())  # queued: cancelled below, as the worker's stop does
+        return dropped[-1]
+
+    monkeypatch.setattr(worker, "submit", dropping)
+    s = new_session(client)
+    with started_socket(client, s) as ws:
+        ws.send_text(json.dumps({"type": "caption", "text": "smiling"}))
+        ws.send_text(json.dumps({"type": "ping", "id": 1}))
+        assert next_json(ws)["type"] == "pong" and len(dropped) == 1
+        assert dropped[0].cancel()
+        ws.send_text(json.dumps({"type": "speak", "text": "Hello."}))
+        reply = next_json(ws, max_messages=40)  # (an audio message a chunk, 0.32 s: 13 s at most)
+        assert reply["type"] == "error" and reply["for"] == "caption" and "shutting down" in reply["message"]
+        assert next_json(ws, max_messages=40)["type"] == "speaking"  # the speaker went on
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
