@@ -20,6 +20,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -178,6 +179,8 @@ def write_folder_atomically(
             for old in path.iterdir():
                 if carry(old.name) and not os.path.lexists(new / old.name):
                     _link_copy(old, new / old.name)
+        if path.is_dir():
+            _take_permissions(path, new)
         _fsync_tree(new)
         if not _renamed_in(new, path) and not exchange(new, path):
             if in_place is not None:
@@ -187,6 +190,18 @@ def write_folder_atomically(
         _fsync_folder(path.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _take_permissions(old: Path, new: Path) -> None:
+    """`new` with `old`'s mode (its setgid bit too) and, where this writer may, its group and owner:
+    made by the writer with the umask's mode, it opened a private folder to all, or took a group's
+    write permission from a folder shared with it."""
+    st = os.stat(old)
+    try:
+        os.chown(new, st.st_uid if os.name == "posix" and os.geteuid() == 0 else -1, st.st_gid)
+    except (OSError, AttributeError):  # (a group this writer is not in; not POSIX)
+        pass
+    os.chmod(new, stat.S_IMODE(st.st_mode))
 
 
 def _link_copy(src: Path, dst: Path) -> None:

@@ -522,3 +522,18 @@ def test_temp_files_whose_writer_cannot_be_asked_after_are_removed_once_untouche
     new_folder_beside(tmp_path / "autoencoder")
     assert [p.name for p in gone if os.path.lexists(p)] == []
     assert all(p.exists() for p in kept)
+
+
+def test_a_folder_put_in_place_keeps_the_old_folders_permissions(tmp_path):
+    """The new folder is made by the writer with the umask's mode: put in the old one's place, a
+    model directory kept private (0700) became readable to all, and one shared with a group
+    (setgid, group-writable) was no longer writable by the group. It takes the old one's mode."""
+    from streamgen.files import write_folder_atomically
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "a").write_text("old")
+    os.chmod(d, 0o2771)  # (a mode no umask gives a new folder)
+    write_folder_atomically(d, lambda new: (new / "a").write_text("new"))
+    assert (d / "a").read_text() == "new"
+    assert oct(os.stat(d).st_mode & 0o7777) == oct(0o2771)
