@@ -124,7 +124,7 @@ def followed(path) -> Path:
 def exchange(a, b) -> bool:
     """Swap the paths `a` and `b` (files or folders, on one file system) in one atomic step: Linux's
     renameat2(RENAME_EXCHANGE). False, with nothing changed, where the system or the file system
-    cannot (then the caller does it some other way)."""
+    cannot, or this user may not move them (then the caller does it some other way)."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
@@ -140,7 +140,10 @@ def exchange(a, b) -> bool:
     err = ctypes.get_errno()
     # (EXDEV: overlayfs exchanges no folder of a lower layer, where a rename of each file works)
     # (EBUSY: a mount point)
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EBUSY):
+    # (EPERM, EACCES: another user's folder, writable to this one, in a sticky folder such as /tmp,
+    # or one this user cannot move: written into in place, it still takes the export)
+    cannot = (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EBUSY)
+    if err in (*cannot, errno.EPERM, errno.EACCES):
         return False
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 

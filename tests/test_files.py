@@ -537,3 +537,53 @@ def test_a_folder_put_in_place_keeps_the_old_folders_permissions(tmp_path):
     write_folder_atomically(d, lambda new: (new / "a").write_text("new"))
     assert (d / "a").read_text() == "new"
     assert oct(os.stat(d).st_mode & 0o7777) == oct(0o2771)
+
+
+def _can_be_another_user() -> bool:
+    import sys
+
+    return sys.platform.startswith("linux") and hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@pytest.mark.skipif(not _can_be_another_user(), reason="needs root on Linux, to write as another user")
+def test_a_folder_that_cannot_be_exchanged_for_its_permissions_is_written_in_place(tmp_path):
+    """In a sticky folder (/tmp, a shared models folder), a user may write in another's folder that
+    lets them, but not rename it: the exchange failed with EPERM and so did the export, which
+    wrote in place before. Where the exchange is not permitted, the folder is written in place."""
+    import shutil
+    import tempfile
+
+    from streamgen.files import write_folder_atomically
+
+    shared = Path(tempfile.mkdtemp())
+    try:
+        os.chmod(shared, 0o1777)  # sticky, like /tmp
+        d = shared / "model"
+        d.mkdir()
+        os.chmod(d, 0o777)  # root's, writable by all
+        (d / "a").write_text("old")
+        os.chmod(d / "a", 0o666)
+
+        def write(folder):
+            (folder / "a").write_text("new")
+
+        pid = os.fork()
+        if pid == 0:  # (the child: as nobody)
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                write_folder_atomically(d, write, in_place=write)
+                code = 0
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert (d / "a").read_text() == "new"
+        assert sorted(p.name for p in shared.iterdir()) == ["model"]
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
