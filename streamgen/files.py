@@ -169,8 +169,10 @@ def write_folder_atomically(
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         staging = new_folder_beside(path)
-    except PermissionError:  # (a folder of one's own in a folder one cannot write)
-        if in_place is None or not path.is_dir():
+    # (a folder of one's own in a folder one cannot write, or a read-only file system's: a
+    # container's --read-only root, the model's folder a volume mounted writable in it)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or in_place is None or not path.is_dir():
             raise
         in_place(path)
         return

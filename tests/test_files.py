@@ -587,3 +587,25 @@ def test_a_folder_that_cannot_be_exchanged_for_its_permissions_is_written_in_pla
         assert sorted(p.name for p in shared.iterdir()) == ["model"]
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_folder_beside_which_nothing_can_be_made_is_written_in_place(tmp_path, monkeypatch):
+    """A model directory mounted writable in a read-only file system (a container's `--read-only`
+    root with a volume at the model's path): no staging folder can be made beside it (EROFS, not a
+    PermissionError), and the export failed where it wrote in place before."""
+    import errno
+
+    from streamgen import files
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "a").write_text("old")
+
+    def read_only(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(Path(path).parent))
+
+    monkeypatch.setattr(files, "new_folder_beside", read_only)
+    files.write_folder_atomically(
+        d, lambda folder: (folder / "a").write_text("new"), in_place=lambda f: (f / "a").write_text("new")
+    )
+    assert (d / "a").read_text() == "new"
