@@ -164,9 +164,15 @@ def write_folder_atomically(
     first (what is not the writer's: a report beside a model). Where the system cannot exchange
     (not Linux, overlayfs' lower layers, a mount point) or no folder can be made beside `path`:
     `in_place(path)` writes into the old folder itself, file by file in its own order, or without
-    one, the new folder's files are moved over the old ones one by one (`move_over`)."""
+    one, the new folder's files are moved over the old ones one by one (`move_over`). A mount point
+    is written `in_place` at once."""
     path = followed(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if in_place is not None and path.is_dir() and os.path.ismount(path):
+        # (a volume mounted at `path`: no exchange there (EXDEV, EBUSY), and a staging folder beside
+        # it, on the parent's file system (a container's small root), would be written for nothing)
+        in_place(path)
+        return
     try:
         staging = new_folder_beside(path)
     # (a folder of one's own in a folder one cannot write, or a read-only file system's: a

@@ -609,3 +609,33 @@ def test_a_folder_beside_which_nothing_can_be_made_is_written_in_place(tmp_path,
         d, lambda folder: (folder / "a").write_text("new"), in_place=lambda f: (f / "a").write_text("new")
     )
     assert (d / "a").read_text() == "new"
+
+
+@pytest.mark.skipif(not _can_be_another_user(), reason="needs root on Linux, to mount a file system")
+def test_a_mount_point_is_written_in_place_once(tmp_path):
+    """A folder that is a mount point (a volume mounted at the model's path) cannot be exchanged
+    (EXDEV, EBUSY): the whole export was written into a staging folder on the parent's file system
+    (a container's small root: ENOSPC), thrown away, and written again in place. It is written in
+    place, once."""
+    import subprocess
+
+    from streamgen.files import write_folder_atomically
+
+    d = tmp_path / "model"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(d)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (d / "a").write_text("old")
+        written = []
+
+        def write(folder):
+            written.append(folder)
+            (folder / "a").write_text("new")
+
+        write_folder_atomically(d, write, in_place=write)
+        assert (d / "a").read_text() == "new"
+        assert written == [d]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
