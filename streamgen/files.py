@@ -193,14 +193,30 @@ def write_folder_atomically(
         if path.is_dir():
             _take_permissions(path, new)
         _fsync_tree(new)
-        if not _renamed_in(new, path) and not exchange(new, path):
-            if in_place is not None:
-                in_place(path)
-            else:
-                move_over(new, path, staging / "old")
+        if _renamed_in(new, path):
+            pass
+        elif exchange(new, path):  # (the old folder now at `new`)
+            if carry is not None:
+                _carry_late(new, path, carry)
+        elif in_place is not None:
+            in_place(path)
+        else:
+            move_over(new, path, staging / "old")
         _fsync_folder(path.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _carry_late(old: Path, path: Path, carry: Callable[[str], bool]) -> None:
+    """The entries another process put in the old folder `old` after its entries were carried
+    (while the new one was fsynced) moved into the folder now at `path`: they went with the old one."""
+    for entry in old.iterdir():
+        if carry(entry.name) and not os.path.lexists(path / entry.name):
+            try:
+                os.rename(entry, path / entry.name)
+            except OSError:  # (put there meanwhile, or gone)
+                pass
+    _fsync_folder(path)
 
 
 def _take_permissions(old: Path, new: Path) -> None:

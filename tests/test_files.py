@@ -639,3 +639,29 @@ def test_a_mount_point_is_written_in_place_once(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     finally:
         subprocess.run(["umount", str(d)], check=True)
+
+
+def test_a_file_written_into_the_old_folder_while_the_new_one_is_synced_is_kept(tmp_path, monkeypatch):
+    """What the old folder holds is carried into the new one before its files are fsynced (seconds
+    for a model's weights): a file another process wrote into the directory meanwhile (a report, a
+    sample beside the model) stayed in the old folder, and went with it. The old folder's carried
+    entries the new one lacks after the exchange are moved in."""
+    from streamgen import files
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "weights").write_text("old")
+    (d / "notes.txt").write_text("kept")
+    real = files._fsync_tree
+
+    def meanwhile(folder):
+        (d / "report.json").write_text("written meanwhile")
+        return real(folder)
+
+    monkeypatch.setattr(files, "_fsync_tree", meanwhile)
+    files.write_folder_atomically(
+        d, lambda new: (new / "weights").write_text("new"), carry=lambda n: n != "weights"
+    )
+    assert (d / "weights").read_text() == "new" and (d / "notes.txt").read_text() == "kept"
+    assert (d / "report.json").read_text() == "written meanwhile"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
