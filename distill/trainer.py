@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import os
 import shlex
 from pathlib import Path
 
@@ -38,6 +39,14 @@ STAGE_MODULES = {
 # overrides), by their names in `model_configs()`: `model.overrides` sets what their checkpoint says.
 # (The others come from elsewhere: the critic from `critic_init` or the teacher, an autoencoder.)
 BUILT_FROM_MODEL_SECTION = ("teacher", "student", "generator")
+
+
+def _same_setting(key: str, saved, current) -> bool:
+    """Whether a checkpoint's value of a resume setting is the config's: data.root as the folder it
+    names (a trailing slash, ./, relative or absolute: the same dataset, whose manifest is checked)."""
+    if key == "data.root" and isinstance(saved, str) and isinstance(current, str):
+        return os.path.realpath(saved) == os.path.realpath(current)
+    return saved == current
 
 
 class TrainingError(RuntimeError):
@@ -332,7 +341,7 @@ class Trainer:
         checkpoint does not record (written before it was) is not checked."""
         saved = header.get("run_settings") or resume_settings_in_text(header.get("config", "")) or {}
         current = resume_settings(self.cfg)
-        differ = {k for k, v in current.items() if k in saved and saved[k] != v}
+        differ = {k for k, v in current.items() if k in saved and not _same_setting(k, saved[k], v)}
         changed = {k: v for k, v in current.items() if k in differ and k not in self.cfg.set_keys}
         diffs = [f"{k}: checkpoint {saved[k]!r}, config {v!r}" for k, v in changed.items()]
         on_purpose = [f"{k}={v}" for k, v in changed.items()]

@@ -139,3 +139,18 @@ def test_a_resume_on_other_latents_is_refused_unless_set_on_purpose(world, autoe
         run(world_config("teacher", out, root, **edits), resume=True)
     run(world_config("teacher", out, root, **edits, **{"data.accept_remade": True}), resume=True)
     assert ckpt.checkpoint_header(ckpt.latest_checkpoint(out))["step"] == 4
+
+
+def test_a_resume_on_the_same_data_root_spelt_otherwise_is_not_refused(world, tmp_path, monkeypatch):
+    """data.root was compared as written: the same folder with a trailing slash (a shell's
+    completion), or relative where the run had it absolute, was refused as another dataset."""
+    import shutil
+
+    root = tmp_path / "world"
+    shutil.copytree(world, root)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "ae"
+    run(world_config("autoencoder", out, f"{root}/"), stop_after=2)
+    run(world_config("autoencoder", out, root, **{"run.steps": 3}), resume=True)
+    run(world_config("autoencoder", out, "./world", **{"run.steps": 4}), resume=True)
+    assert ckpt.checkpoint_header(ckpt.latest_checkpoint(out))["step"] == 4
