@@ -441,3 +441,23 @@ def test_ring_attention_gradients_equal_a_single_process(tmp_path):
         with open(tmp_path / f"grad{rank}.json") as f:
             errors = json.load(f)
         assert len(errors) == 3 * 2 * 4 and all(e <= TOL for e in errors.values()), (rank, errors)
+
+
+@pytest.mark.parametrize("backend", ["fp8", "fp8_qk"])
+def test_ring_fp8_blocks_give_a_query_that_sees_no_key_zeros(backend):
+    """The ring's FP8 blocks quantize once and call `fp8_attention_quantized` themselves, outside
+    the dispatch: a query frame whose block id is below every key frame's is 0 there too (its
+    log-sum-exp -inf), not NaN (the emulation's, on CPUs, under STREAMGEN_KERNELS=reference and
+    under torch.compile), which the ring's merge would spread to the output."""
+    from streamgen.parallel.ring import ring_attention
+
+    s, mask = 3, (torch.tensor([0, 1, 2]), torch.tensor([1, 2, 2, 3]))  # frame 0 sees no key frame
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n * s, 2, 8, generator=g) for n in (3, 4, 4))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        out = ring_attention(q, k, v, mask, s, backend, group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+    assert out.isfinite().all()
+    assert torch.equal(out[:, :s], torch.zeros_like(out[:, :s]))

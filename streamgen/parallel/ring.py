@@ -88,12 +88,19 @@ def block_attention(q, k, v, block_mask_frames, tokens_per_frame, backend, group
         v_scale = reference.fp8_value_scales(v)  # monotone in the max: the largest is the max's
         dist.all_reduce(v_scale, dist.ReduceOp.MAX, group=group)
     q8, q_scale, k8, k_scale, v_q, v_scale = ops.quantize_fp8_attention(q, k, v, backend == "fp8", v_scale)
+    empty = None  # the rows that see no key: 0 with a log-sum-exp of -inf, as `attention_with_lse`'s
+    if block_mask_frames is not None:
+        block_mask_frames, empty = attention_backends._seeing_every_key(block_mask_frames, tokens_per_frame)
+        empty = empty.to(q.device)
 
     def attend_fp8(k_scale_block, k8_block, v_block):
-        return ops.fp8_attention_quantized(
+        out, lse = ops.fp8_attention_quantized(
             q8, q_scale, k8_block, k_scale_block, v_block, v_scale, block_mask_frames, tokens_per_frame,
             q.dtype, return_lse=True,
         )  # fmt: skip
+        if empty is None:
+            return out, lse
+        return out.masked_fill(empty[:, None, None], 0.0), lse.masked_fill(empty, float("-inf"))
 
     return [k_scale, k8, v_q], attend_fp8
 
