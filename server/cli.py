@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="generate each session's chunks when they fall due, rather than lining sessions up to "
                         "generate together (a session's first frame then waits for no schedule; docs/serving.md)")  # fmt: skip
     parser.add_argument("--idle-timeout", type=float, default=60.0, help="seconds without input or viewer")
+    parser.add_argument("--peer-timeout", type=float, default=10.0,
+                        help="seconds without a packet from a WebRTC peer (a killed tab) before its session is "
+                        "closed; players send RTCP reports every second or so (0: ICE consent checks only, ~30 s)")  # fmt: skip
     parser.add_argument("--max-duration", type=float, default=3600.0, help="seconds a session may last")
     parser.add_argument("--loopback", action="store_true", help="offer 127.0.0.1 for WebRTC (same machine)")
     parser.add_argument("--ice-servers", default="", metavar="JSON|FILE|stun:URL",
@@ -154,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         decode_dtype=args.decode_dtype,
         max_sessions=args.max_sessions, token=args.token,
         torch_threads=threads, lanes=args.lanes, loopback=args.loopback or args.host == "127.0.0.1", sp=args.sp,
-        idle_timeout_s=args.idle_timeout, max_duration_s=args.max_duration,
+        idle_timeout_s=args.idle_timeout, max_duration_s=args.max_duration, peer_timeout_s=args.peer_timeout,
         stamp_frames=args.stamp_frames, measure_capacity=not args.admit_max, inference_process=args.model_process,
         ice_servers=ice_servers, cors_origins=args.cors_origin, align_batches=args.align_batches,
     )  # fmt: skip

@@ -30,6 +30,9 @@ class ServerConfig:
     cors_origins: list[str] = field(default_factory=list)  # other origins whose pages may call the API ("*": any)
     idle_timeout_s: float = 60.0  # a session with no transport / no input for this long is closed
     max_duration_s: float = 3600.0
+    # a WebRTC peer that sent packets and then nothing for this long is gone (a killed tab): its
+    # session is closed (server/webrtc.py, watch_peer); 0: only ICE consent ends it (~30 s)
+    peer_timeout_s: float = 10.0
     max_upload_bytes: int = 4 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096  # refuse larger references before decoding them
     max_audio_ahead_s: float = 30.0  # audio queued beyond the video position (speech, fast clients)

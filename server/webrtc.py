@@ -78,11 +78,13 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
     pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
     session.trickle = TrickleIce(pc, sdp)  # the player's later candidates (PATCH)
     slot = session.add_slot(on_drop=registry.metrics.dropped_chunks.inc)
-    mic_tasks: list[asyncio.Task] = []
+    tasks: list[asyncio.Task] = []  # the microphone's reader, the silence watch
+    peer_timeout = registry.config.peer_timeout_s
 
     async def close_peer() -> None:
-        for task in mic_tasks:
-            task.cancel()
+        for task in tasks:
+            if task is not asyncio.current_task():  # (the silence watch closes the session itself)
+                task.cancel()
         await pc.close()
 
     session.on_close(close_peer)
@@ -90,11 +92,13 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
     @pc.on("track")
     def on_track(track: MediaStreamTrack) -> None:
         if track.kind == "audio":
-            mic_tasks.append(asyncio.ensure_future(consume_microphone(track, session)))
+            tasks.append(asyncio.ensure_future(consume_microphone(track, session)))
 
     @pc.on("connectionstatechange")
     async def on_state() -> None:
         log.debug("session %s: peer connection %s", session.id, pc.connectionState)
+        if pc.connectionState == "connected" and (peer_timeout or 0) > 0 and not session.closed:
+            tasks.append(asyncio.ensure_future(watch_peer(pc, session, registry, peer_timeout)))
         if pc.connectionState in ("failed", "closed"):
             await registry.close(session, f"peer connection {pc.connectionState}")
 
@@ -108,6 +112,50 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
         raise OfferError(f"offer could not be negotiated: {type(e).__name__}: {e}"[:200]) from None
     registry.start_streaming(session, "whep")
     return pc.localDescription.sdp
+
+
+class SilenceWatch:
+    """Whether a peer has gone silent, from the count of packets its transports received, read
+    every `period` seconds: silent once the count has stood still for `timeout` seconds' worth
+    of reads. Armed by the first packets after the first read (the connection is up by then):
+    a peer that sends nothing once connected is left to the ICE consent checks. Counted in
+    reads, not wall time, so an event loop that stalls (the reads and the packets' handling
+    wait alike) does not make a peer look silent."""
+
+    def __init__(self, timeout: float, period: float):
+        self.reads_needed = max(1, math.ceil(timeout / period - 1e-9))
+        self.count: int | None = None
+        self.armed = False
+        self.still = 0  # reads since the count last moved
+
+    def observe(self, count: int) -> bool:
+        moved = self.count is not None and count > self.count
+        self.armed = self.armed or moved
+        self.still = 0 if moved or not self.armed else self.still + 1
+        self.count = count
+        return self.still >= self.reads_needed
+
+
+async def packets_received(pc: RTCPeerConnection) -> int:
+    """Every datagram the peer connection's DTLS transports took from ICE: DTLS, SRTP (the
+    peer's microphone) and SRTCP (its receiver reports, sent every second or so by a player)."""
+    return sum(s.packetsReceived for s in (await pc.getStats()).values() if s.type == "transport")
+
+
+async def watch_peer(pc: RTCPeerConnection, session: Session, registry, timeout: float) -> None:
+    """Close the session of a peer that has gone silent for `timeout` seconds (`--peer-timeout`).
+
+    A killed tab sends no DELETE and no DTLS close: ICE consent checks end its connection only
+    after about 30 s (6 unanswered checks, 5 s apart), and the session held its slot until then.
+    A connected player sends RTCP receiver reports about every second (and its microphone 50
+    packets a second), so a few seconds without a packet is a peer that has gone."""
+    period = min(1.0, timeout / 4)
+    watch = SilenceWatch(timeout, period)
+    while not session.closed and pc.connectionState == "connected":
+        if watch.observe(await packets_received(pc)):
+            await registry.close(session, f"peer_silent: nothing from the peer for {timeout:g} s")
+            return
+        await asyncio.sleep(period)
 
 
 async def consume_microphone(track: MediaStreamTrack, session: Session) -> None:

@@ -324,6 +324,55 @@ def test_a_webrtc_page_closed_or_left_ends_its_session_at_once(browser_page):
             page.close()
 
 
+def our_renderers() -> set[int]:
+    """The pids of the Chromium renderers this process started (through Playwright's driver)."""
+    parents, renderers = {}, set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"--type=renderer" in f.read():
+                    renderers.add(int(entry))
+        except (ValueError, OSError):  # not a process, or gone
+            continue
+
+    def ours(pid: int) -> bool:
+        for _ in range(10):
+            pid = parents.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return {pid for pid in renderers if ours(pid)}
+
+
+def test_a_webrtc_tab_whose_renderer_is_killed_frees_its_session(browser_page):
+    """A killed renderer sends nothing more: no DELETE, no pagehide, no DTLS close, no consent
+    answers. Its session held its slot until ICE consent gave up (about 30 s); now the server
+    closes it once the peer has sent nothing for --peer-timeout seconds (2 here; the wait is 15 s)."""
+    import signal
+
+    with live_server(max_sessions=2, peer_timeout_s=2.0) as (url, app):
+        sessions = app.state.registry.sessions
+        page = browser_page.new_page()
+        try:
+            # no microphone: the page's RTCP receiver reports are all it sends
+            page.goto(f"{url}/?autostart=1&avatar=ada&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
+            page.wait_for_timeout(5000)  # longer than the timeout: a streaming tab is not silent
+            assert len(sessions) == 1
+            # every renderer of the browser (the page's may be the spare one Chromium keeps started;
+            # the other pages of the context crash too, and the next tests open pages of their own)
+            with page.expect_event("crash", timeout=10_000):
+                for pid in our_renderers():
+                    os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not sessions, 15, "a killed tab held its session")
+            assert metric(url, 'streamgen_sessions_closed_total{reason="peer_silent"}') == 1
+        finally:
+            page.close()
+
+
 def test_a_websocket_page_hung_up_and_connected_again_at_once_keeps_the_new_connection(browser_page):
     """The old socket's close (it comes after the new connection began) ended the new one's UI and
     re-enabled Connect while it streamed; every connect made and deleted a spare session; the
