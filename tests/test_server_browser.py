@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,22 +36,31 @@ def chromium_args(wav: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def browser_page():
+def playwright():
     if not Path(CHROMIUM).exists():
         pytest.skip(f"chromium not found at {CHROMIUM}: run scripts/ci_browser.sh (apt-get install -y chromium)")
     playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with playwright_api.sync_playwright() as p:
+        yield p
+
+
+@contextmanager
+def chromium(p, args: list[str]):
     profile = tempfile.mkdtemp(prefix="streamgen-chromium-")
     try:
-        with playwright_api.sync_playwright() as p:
-            context = p.chromium.launch_persistent_context(
-                profile, executable_path=CHROMIUM, headless=True, args=chromium_args(SPEECH_WAV)
-            )
-            try:
-                yield context
-            finally:
-                context.close()
+        context = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=args)
+        try:
+            yield context
+        finally:
+            context.close()
     finally:
         shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser_page(playwright):
+    with chromium(playwright, chromium_args(SPEECH_WAV)) as context:
+        yield context
 
 
 def run_page(context, url: str, frames: int = 50) -> dict:

@@ -3,6 +3,8 @@
 //   ?autostart=1  connect on load      ?avatar=ada   preselect an avatar
 //   ?mic=0        start without mic    ?transport=ws skip WebRTC
 //   ?token=T      the server token, on a server started with --token
+import { Resampler } from "./resample.js";
+
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const SAMPLE_RATE = 16000;
@@ -270,7 +272,9 @@ async function connectWebSocket(mine) {
     return;
   }
   session = made;
-  audioCtx = new AudioContext({ sampleRate: SAMPLE_RATE });
+  // at the device's rate: Firefox connects a microphone to no other (the page resamples it,
+  // web/resample.js; the avatar's 16 kHz voice plays from 16 kHz buffers, which any context takes)
+  audioCtx = new AudioContext();
   // a context made without a user's click (?autostart=1) may start suspended: its clock stands
   // still until resumed, and the frames timed on it would fall behind
   audioCtx.resume().catch(() => {});
@@ -343,11 +347,12 @@ async function connectWebSocket(mine) {
 }
 
 function startWsMic() {
-  const source = audioCtx.createMediaStreamSource(mic);  // the context runs at 16 kHz: resampled here
+  const source = audioCtx.createMediaStreamSource(mic);
+  const to16k = new Resampler(audioCtx.sampleRate, SAMPLE_RATE);  // the device's rate -> the API's
   micNode = audioCtx.createScriptProcessor(1024, 1, 1);
   micNode.onaudioprocess = (e) => {
+    const x = to16k.push(e.inputBuffer.getChannelData(0));
     if (!ws || ws.readyState !== WebSocket.OPEN || !$("mic").checked) return;
-    const x = e.inputBuffer.getChannelData(0);
     const pcm = new Int16Array(x.length);
     for (let i = 0; i < x.length; i++) pcm[i] = Math.max(-1, Math.min(1, x[i])) * 32767;
     ws.send(packAudio(pcm));
