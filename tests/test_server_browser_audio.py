@@ -1,5 +1,5 @@
-"""The web client's sound: the microphone over the WebSocket API at the device's sample rate
-(Firefox refuses a 16 kHz AudioContext for it).
+"""The web client's sound: autoplay policies (a click for sound), and the microphone over the
+WebSocket API at the device's sample rate (Firefox refuses a 16 kHz AudioContext for it).
 
 Chromium as in test_server_browser.py (skipped without it); the Firefox test runs Debian's
 firefox-esr where it is installed (`apt-get install -y firefox-esr`; Playwright's own Firefox
@@ -38,7 +38,84 @@ def browser_page(playwright):
         yield context
 
 
+@pytest.fixture
+def browser_that_waits_for_a_click(playwright):
+    """Chromium with its own autoplay policy: sound (an unmuted <video>, a running AudioContext)
+    only after the user has interacted with the page. (Playwright's evaluate calls count as
+    such: pages here report through the console until they are clicked.)"""
+    args = [a for a in chromium_args(SPEECH_WAV) if not a.startswith("--autoplay-policy")]
+    with chromium(playwright, args) as context:
+        yield context
+
 WEB = Path(__file__).resolve().parent.parent / "web"
+
+# What the page does with its sound, reported on the console every 200 ms: an evaluate() from
+# the test would count as a user's gesture and let the page's sound start by itself.
+REPORT = """
+window.__contexts = []; window.__sounds = 0; let lag = 0;
+const RealAudioContext = window.AudioContext;
+window.AudioContext = function (...a) { const c = new RealAudioContext(...a); __contexts.push(c); return c; };
+const realStart = AudioBufferSourceNode.prototype.start;
+AudioBufferSourceNode.prototype.start = function (...a) { __sounds++; return realStart.apply(this, a); };
+const realSetTimeout = window.setTimeout;  // the page draws each WebSocket frame from a timer
+window.setTimeout = (f, ms, ...a) => { lag = Math.max(lag, ms || 0); return realSetTimeout(f, ms, ...a); };
+setInterval(() => {
+  const video = document.getElementById("video");
+  console.log("report " + JSON.stringify({contexts: __contexts.filter((c) => c.state !== "closed").map((c) => c.state),
+    sounds: __sounds, lagMs: Math.round(lag), frames: window.streamgenStats ? window.streamgenStats.framesDecoded : 0,
+    notice: Boolean(document.getElementById("sound") && !document.getElementById("sound").hidden), muted: video.muted, state: window.streamgenStats.state}));
+  lag = 0;
+}, 200);
+"""
+
+
+def reports_of(page) -> list[dict]:
+    reports: list[dict] = []
+    page.on("console", lambda m: m.text.startswith("report ") and reports.append(json.loads(m.text[7:])))
+    return reports
+
+
+@pytest.mark.parametrize("transport", ["ws", "webrtc"])
+def test_an_autostarted_page_asks_for_a_click_and_turns_the_sound_on_with_it(browser_that_waits_for_a_click,
+                                                                             transport):  # fmt: skip
+    """A page that connects by itself (?autostart=1) gets no sound from the browser until the user
+    interacts with it. Over WebRTC the video played muted, with a tooltip on the video as the only
+    sign, and only a click on the video unmuted it; over the WebSocket API the AudioContext stayed
+    suspended, its clock at 0, and the frames timed on it fell further behind every second (a draw
+    timer 7.8 s long after 8 s of streaming, and for good once the context ran). Now the page says
+    a click is needed, times the frames on its own clock meanwhile, and the first click anywhere
+    turns the sound on. (No microphone: a page that captures one may start its sound at once.)"""
+    with live_server(max_sessions=2) as (url, _):
+        page = browser_that_waits_for_a_click.new_page()
+        page.add_init_script(REPORT)
+        reports = reports_of(page)
+        try:
+            page.goto(f"{url}/?autostart=1&avatar=ada&mic=0&transport={transport}")
+            for _ in range(150):  # until it has streamed a few seconds (reports every 200 ms)
+                page.wait_for_timeout(200)
+                if reports and reports[-1]["frames"] >= 100:
+                    break
+            waiting = reports[-1]
+            assert waiting["state"] == f"streaming ({'websocket' if transport == 'ws' else 'webrtc'})", waiting
+            assert waiting["notice"], waiting  # "Click anywhere for sound"
+            if transport == "ws":
+                assert waiting["contexts"] == ["suspended"] and waiting["sounds"] == 0, waiting
+                # frames drawn on time: timers no longer than a chunk and the playout buffer
+                assert max(r["lagMs"] for r in reports[-5:]) < 2000, reports[-5:]
+            else:
+                assert waiting["muted"], waiting
+            page.mouse.click(300, 300)  # on the stage; anywhere on the page will do
+            page.wait_for_function("document.getElementById('sound').hidden", timeout=10_000)
+            # (evaluate is harmless from here on)
+            if transport == "ws":
+                page.wait_for_function("__contexts.some((c) => c.state === 'running') && __sounds > 0", timeout=10_000)
+            else:
+                assert page.evaluate("document.getElementById('video').muted") is False
+            frames = page.evaluate("window.streamgenStats.framesDecoded")
+            page.wait_for_function(f"window.streamgenStats.framesDecoded >= {frames + 25}", timeout=20_000)
+        finally:
+            page.close()
+
 
 def test_the_microphone_resampler_keeps_speech_and_stops_aliases(browser_page):
     """web/resample.js, which takes the microphone from the device's rate (48 or 44.1 kHz) to the

@@ -51,6 +51,25 @@ function showOverlay() {
   ].join("\n");
 }
 
+// Sound that waits for a click. Browsers give a page sound (a <video> unmuted, an AudioContext
+// running) only once the user has interacted with it, so a page that connected by itself
+// (?autostart=1) plays muted, or keeps its AudioContext suspended. The page says so, and the first
+// click, tap or key anywhere on it turns the sound on.
+let soundWaits = false;
+function waitForClickForSound() {
+  soundWaits = true;
+  $("sound").hidden = false;
+}
+function soundOn() {
+  if (!soundWaits) return;
+  soundWaits = false;
+  $("sound").hidden = true;
+  const video = $("video");
+  if (pc && video.muted) { video.muted = false; video.play().catch(() => {}); }
+  if (audioCtx && audioCtx.state === "suspended") audioCtx.resume().catch(() => {});
+}
+for (const type of ["click", "keydown", "touchend"]) document.addEventListener(type, soundOn, true);
+
 function authHeaders(extra = {}) {
   return { Authorization: `Bearer ${session.token}`, ...extra };
 }
@@ -192,10 +211,10 @@ async function connectWebRTC(mine) {
   }
   video.muted = false;  // the avatar's voice; autoplay policies may keep it muted until a click
   video.play().catch(() => {
+    if (mine !== generation) return;
     video.muted = true;
-    video.play();
-    video.title = "click for sound";
-    video.onclick = () => { video.muted = false; video.title = ""; };
+    video.play().catch(() => {});
+    waitForClickForSound();
   });
   let ticks = 0;
   statsTimer = setInterval(() => {
@@ -250,7 +269,7 @@ async function readRtcStats() {
 }
 
 // --- WebSocket fallback -------------------------------------------------------------------------
-let audioCtx = null, playStart = null, seqOut = 0, micNode = null, frameTimes = [];
+let audioCtx = null, playStart = null, playClockRuns = null, seqOut = 0, micNode = null, frameTimes = [];
 const queuedFrames = new Set();   // timers that draw frames at their play time
 const queuedSounds = new Set();   // audio buffers scheduled on audioCtx
 
@@ -274,10 +293,13 @@ async function connectWebSocket(mine) {
   session = made;
   // at the device's rate: Firefox connects a microphone to no other (the page resamples it,
   // web/resample.js; the avatar's 16 kHz voice plays from 16 kHz buffers, which any context takes)
-  audioCtx = new AudioContext();
-  // a context made without a user's click (?autostart=1) may start suspended: its clock stands
-  // still until resumed, and the frames timed on it would fall behind
+  const context = audioCtx = new AudioContext();
+  // a context made without a user's click (?autostart=1) may start suspended: the page asks for
+  // one, and times the frames on its own clock meanwhile (playClock)
   audioCtx.resume().catch(() => {});
+  setTimeout(() => {
+    if (mine === generation && audioCtx === context && context.state === "suspended") waitForClickForSound();
+  }, 1000);
   const url = new URL(`${session.stream}?token=${encodeURIComponent(session.token)}`, location.href);
   url.protocol = url.protocol.replace("http", "ws");
   const socket = ws = new WebSocket(url);
@@ -304,9 +326,12 @@ async function connectWebSocket(mine) {
     const view = new DataView(e.data);
     const kind = view.getUint8(0);
     const pts = Number(view.getBigInt64(8, true)) / 1e6;
-    playStart ??= audioCtx.currentTime + 0.15;  // a small playout buffer
+    const runs = audioCtx.state === "running", now = playClock();
+    if (runs !== playClockRuns) playStart = null;  // another clock: the stream anchored on it anew
+    playClockRuns = runs;
+    playStart ??= now + 0.15 - pts;  // a small playout buffer
     const at = playStart + pts;
-    if (kind === 4) {  // audio out: schedule it on the audio clock
+    if (kind === 4 && runs) {  // audio out: schedule it on the audio clock (none while it stands still)
       const pcm = new Int16Array(e.data, HEADER_BYTES);
       const buffer = audioCtx.createBuffer(1, pcm.length, SAMPLE_RATE);
       const ch = buffer.getChannelData(0);
@@ -330,7 +355,7 @@ async function connectWebSocket(mine) {
         while (frameTimes.length && frameTimes[0] < now - 2000) frameTimes.shift();
         stats.fps = frameTimes.length / 2;
         stats.avOffsetMs = 0;  // both scheduled on the same clock
-      }, Math.max(0, (at - audioCtx.currentTime) * 1000));
+      }, Math.max(0, (at - ((audioCtx.state === "running") === runs ? playClock() : now)) * 1000));
       queuedFrames.add(timer);
     }
   };
@@ -344,6 +369,13 @@ async function connectWebSocket(mine) {
     showOverlay();
   }, 1000);
   if (mic) startWsMic();
+}
+
+// The clock the WebSocket stream plays on: the AudioContext's, and the page's own while the
+// context is suspended (autostarted without a click): its clock stands still then, and frames
+// timed on it came later and later (9 s behind after 9 s), for good once it ran.
+function playClock() {
+  return audioCtx.state === "running" ? audioCtx.currentTime : performance.now() / 1000;
 }
 
 function startWsMic() {
@@ -431,7 +463,9 @@ function cleanup(sendDelete = true) {
   queuedSounds.clear();
   if (audioCtx) audioCtx.close().catch(() => {});
   pc = ws = mic = micNode = audioSender = audioCtx = session = null;
-  playStart = null;
+  playStart = playClockRuns = null;
+  soundWaits = false;
+  $("sound").hidden = true;
   $("connect").disabled = false;
   $("hangup").disabled = true;
   $("speak").disabled = true;
