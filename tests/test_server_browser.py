@@ -35,12 +35,19 @@ def chromium_args(wav: Path) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def playwright():
+@contextmanager
+def playwright_with_chromium():
+    """Playwright, where Debian's chromium is there (the test skips otherwise, saying how to get it)."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"chromium not found at {CHROMIUM}: run scripts/ci_browser.sh (apt-get install -y chromium)")
     playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     with playwright_api.sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def playwright():
+    with playwright_with_chromium() as p:
         yield p
 
 

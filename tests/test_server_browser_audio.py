@@ -18,17 +18,14 @@ from pathlib import Path
 
 import pytest
 from server_helpers import live_server
-from test_server_browser import CHROMIUM, SPEECH_WAV, chromium, chromium_args, wait_for
+from test_server_browser import SPEECH_WAV, chromium, chromium_args, playwright_with_chromium, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
 
 @pytest.fixture(scope="module")
 def playwright():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"chromium not found at {CHROMIUM}: run scripts/ci_browser.sh (apt-get install -y chromium)")
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    with playwright_api.sync_playwright() as p:
+    with playwright_with_chromium() as p:
         yield p
 
 
