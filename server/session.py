@@ -267,7 +267,11 @@ class Session:
         self.caption_wanted: str | None = None  # the latest caption asked for (server/speech.py)
         self.caption_job = None  # the worker job that will apply it, while it waits in the queue
         self.speech_turns = SpeechTurns()  # its speaks accepted and not queued yet (server/speech.py)
-        # clock (see module docstring); written by the event loop, read by the worker
+        # clock (see module docstring). The event loop moves it (base, delay) and the worker moves the
+        # due times (chunk_index, next_due, generate_sooner), each from what the other writes: every
+        # change to these fields is made under clock_lock, or one made between the other thread's
+        # read and write is lost (a next chunk due early, before its audio; a grown delay undone)
+        self.clock_lock = threading.Lock()
         self.delay = 0.2
         self.start_delay = 0.2  # the delay it attached with: the floor that a grown delay returns to
         self.base = 0.0
@@ -294,25 +298,28 @@ class Session:
 
     def reschedule(self, base: float, delay: float) -> None:
         """Before streaming: play chunk 0 at `base` and generate every chunk `delay` ahead."""
-        self.base, self.delay = base, delay
-        self.start_delay = delay
-        self.next_due = base - delay + self.chunk_index * self.chunk_seconds
+        with self.clock_lock:
+            self.base, self.delay = base, delay
+            self.start_delay = delay
+            self.next_due = base - delay + self.chunk_index * self.chunk_seconds
 
     def hold_back(self, seconds: float) -> None:
         """Play `seconds` later from now on, generating on the same schedule: a longer delay (and
         the floor it comes back down to, until its group shrinks), the picture held and the audio
         silent for that long once."""
-        self.base += seconds
-        self.delay += seconds
-        self.start_delay = max(self.start_delay, self.delay)
+        with self.clock_lock:
+            self.base += seconds
+            self.delay += seconds
+            self.start_delay = max(self.start_delay, self.delay)
 
     def generate_sooner(self, seconds: float) -> None:
         """Generate every chunk `seconds` sooner from now on, playing as before: a longer delay
         (it comes back down as a grown one does, `_lower_delay_when_early`, and stays on the
         schedule it moved to). The worker does this to keep a session in a batch its clock
         moved it out of (server/batching.py, `pull_into_batch`)."""
-        self.delay += seconds
-        self.next_due -= seconds
+        with self.clock_lock:
+            self.delay += seconds
+            self.next_due -= seconds
 
     def publish_first_chunk(self) -> None:
         """Hand the pre-generated first chunk to the transport once both exist."""
@@ -334,8 +341,9 @@ class Session:
     def move_clock(self, seconds: float) -> None:
         """The stream plays `seconds` later than planned: move the clock, never queue up."""
         if seconds > 0:
-            self.base += seconds
-            self.next_due += seconds
+            with self.clock_lock:
+                self.base += seconds
+                self.next_due += seconds
 
     def late_by(self, seconds: float, chunk_index: int) -> None:
         """The video repeated `seconds` of picture waiting for chunk `chunk_index`: move the clock.
@@ -367,9 +375,10 @@ class Session:
         recurring = self._last_late is not None and index - self._last_late <= self.SLACK_WINDOW
         self._last_late = index
         if recurring:
-            grow = min(lateness, max(0.0, self.MAX_DELAY - self.delay))
-            self.delay += grow
-            self.next_due -= grow  # base - delay + k * chunk_seconds: the worker sees it when it next wakes
+            with self.clock_lock:
+                grow = min(lateness, max(0.0, self.MAX_DELAY - self.delay))
+                self.delay += grow
+                self.next_due -= grow  # base - delay + k * chunk_seconds: the worker sees it when it next wakes
         log.debug("session %s: chunk %d came %.0f ms late; playout delay %.0f ms",
                   self.id, index, 1000 * lateness, 1000 * self.delay)  # fmt: skip
 
@@ -385,8 +394,9 @@ class Session:
         if step >= 0.005:
             log.debug("session %s: playout delay %.0f -> %.0f ms",
                       self.id, 1000 * self.delay, 1000 * (self.delay - step))  # fmt: skip
-            self.delay -= step
-            self.base -= step  # next_due (base - delay + k * chunk_seconds) stays: generation keeps its pace
+            with self.clock_lock:
+                self.delay -= step
+                self.base -= step  # next_due (base - delay + k * chunk_seconds) stays: generation keeps its pace
             self.rewound += step
 
     def fail_from_worker(self, reason: str) -> None:  # event-loop thread
@@ -427,8 +437,9 @@ class Session:
             self.timeline.overwrite(start, MARKER_TONE)
         audio = self.timeline.read(start, samples)
         self.generated_until = start + samples
-        self.chunk_index = k + 1
-        self.next_due = self.base - self.delay + self.chunk_index * self.chunk_seconds
+        with self.clock_lock:
+            self.chunk_index = k + 1
+            self.next_due = self.base - self.delay + self.chunk_index * self.chunk_seconds
         if stamp_frames:
             frames = frames.copy()
             stamp_picture(frames, input_time)
