@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -160,15 +159,29 @@ class InferenceWorker:
             return [s for s in self._sessions.values() if s.lane == lane and s.streaming]
 
     def capacity(self, chunk_seconds: float, limit: int) -> int:
-        """Sessions that fit in real time: chunk period / measured chunk time, with 15% headroom,
-        on every lane, at least one each (the time is measured with every lane at work: the
-        warm-up in server/app.py). With lanes the headroom is 30%: they also compete with the
-        video encoder and the network, which the warm-up does not run (at 192x192 on 2 cores,
-        2 lanes measured 132 ms a chunk, 4 sessions by 15%, and served 2 in real time)."""
-        if not self.chunk_time_ema:
+        """Sessions that fit in real time: on each lane, the most whose chunks the worker generates
+        within 85% of the chunk period, by its measured time for a batch of that many
+        (`batch_times`; a size not timed yet from its neighbours', above the largest at that one's
+        time per session); at least one a lane. Not the chunk period over the last batches' time
+        per session: that is the time of the batches of the sessions streaming now, which said 3
+        where batches of 8 had been timed to fit (a pass's fixed cost shared by fewer), and 7
+        where batches of 8 had been timed too slow and 5 fit (a session costing more in a bigger
+        batch). The times are measured with every lane at work (the warm-up in server/app.py). With
+        lanes the headroom is 30%: they also compete with the video encoder and the network,
+        which the warm-up does not run (at 192x192 on 2 cores, 2 lanes measured 132 ms a chunk,
+        4 sessions by 15%, and served 2 in real time). Before any batch is timed, a batch of k
+        takes k times `chunk_time_ema` (given alone); with neither, the limit."""
+        if self.batch_times.estimate(1) is None and not self.chunk_time_ema:
             return limit
-        headroom = 0.85 if self.lanes == 1 else 0.7
-        per_lane = max(1, math.floor(headroom * chunk_seconds / self.chunk_time_ema))
+
+        def batch_seconds(k: int) -> float:
+            timed = self.batch_times.estimate(k)
+            return timed if timed is not None else k * self.chunk_time_ema
+
+        room = (0.85 if self.lanes == 1 else 0.7) * chunk_seconds
+        per_lane = 1
+        while self.lanes * per_lane < limit and batch_seconds(per_lane + 1) <= room:
+            per_lane += 1
         return max(1, min(limit, self.lanes * per_lane))
 
     # --- the thread ------------------------------------------------------------------------------------

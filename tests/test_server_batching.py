@@ -1,11 +1,13 @@
 """The inference worker batches sessions that are due together; each gets the chunk it would get alone."""
 
 import asyncio
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from server_helpers import small_model
 
+from server.batching import BatchTimes
 from server.metrics import ServerMetrics
 from server.scheduler import InferenceWorker
 from server.session import Session
@@ -104,10 +106,12 @@ def test_lanes_serve_their_own_sessions_on_their_own_threads():
         assert all(s.chunk_index >= 3 for s in sessions)
         assert threads == {"s1": {"inference-worker-0"}, "s2": {"inference-worker-1"}}
         assert worker.metrics.registry.get_sample_value("streamgen_worker_busy_seconds_total") > 0
-        worker.stop()  # (its lanes would go on measuring chunk_time_ema)
-        worker.chunk_time_ema = 0.1  # 2 sessions a lane in real time at 0.32 s a chunk, with headroom
+        worker.stop()  # (its lanes would go on measuring their batches' times)
+        worker.batch_times = BatchTimes()
+        worker.batch_times.observe(1, 0.1)  # 2 sessions a lane in real time at 0.32 s a chunk, with headroom
         assert worker.capacity(0.32, limit=8) == 4 and worker.capacity(0.32, limit=3) == 3
-        worker.chunk_time_ema = 0.25  # 30% headroom with lanes: under one session a lane, one each
+        worker.batch_times = BatchTimes()
+        worker.batch_times.observe(1, 0.25)  # 30% headroom with lanes: under one session a lane, one each
         assert worker.capacity(0.32, limit=8) == 2
         # a session joining a lane waits for that lane's round only: the other lane runs beside it
         from server.config import ServerConfig
@@ -246,3 +250,58 @@ def test_a_groups_failed_pass_fails_its_sessions_and_the_other_groups_keep_their
         assert not any(s.stream.chunk_pending for s in ahead)
     finally:
         loop.close()
+
+
+class TimedStream(SimpleNamespace):
+    """A stream whose chunk costs the worker `per_session(batch)` seconds of a fake clock, where
+    `batch` is how many sessions the worker generates together."""
+
+    def next_chunk(self):
+        self.clock.now += self.per_session(self.batch[0])
+        return np.zeros((8, 32, 32, 3), np.uint8), 0.0
+
+    def push_audio(self, pcm):
+        pass
+
+    def write_pending_chunk(self):
+        pass
+
+
+@pytest.mark.parametrize(
+    "batch_seconds",
+    [
+        lambda k: 0.1 + 0.02 * k,  # a fixed cost per pass and a little per session (a GPU's)
+        lambda k: 0.03 * k + 0.004 * k * k,  # a session costs more in a bigger batch
+    ],
+    ids=["fixed_cost_per_pass", "growing_cost_per_session"],
+)
+def test_the_capacity_is_the_largest_batch_measured_to_fit_the_chunk_period(monkeypatch, batch_seconds):
+    """Batches of 8, then of 2: the capacity is what the measured batch times fit in the chunk
+    period, not what the last batches' time per session would (that averaged over the sessions
+    streaming now: 3 sessions admitted where batches of 8 were measured to fit; 7 where batches
+    of 8 were measured too slow and 5 are served in real time)."""
+    from test_server_clock import CHUNK_S, make_session
+
+    import server.scheduler as scheduler
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(scheduler, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    worker = InferenceWorker(ServerMetrics())
+    # the warm-up: one stream's time (server/app.py)
+    worker.chunk_time_ema = batch_seconds(1)
+    worker.batch_times.observe(1, batch_seconds(1))
+    batch = [0]
+    streams = []
+    for i in range(8):
+        s = make_session()
+        s.id = f"s{i}"
+        s.stream = TimedStream(clock=clock, batch=batch, per_session=lambda k: batch_seconds(k) / k)
+        streams.append(s)
+    for streaming in (8, 2):
+        batch[0] = streaming
+        for _ in range(40):  # the averages settle within a few dozen chunks
+            worker.run_chunks(streams[:streaming])
+    room = 0.85 * CHUNK_S  # the worker's share of the chunk period (the capacity's headroom)
+    served = max(k for k in range(1, 20) if batch_seconds(k) <= room)  # in real time
+    measured = max(k for k in (1, 2, 8) if batch_seconds(k) <= room)  # a batch timed and fitting
+    assert measured <= worker.capacity(CHUNK_S, limit=16) <= served
