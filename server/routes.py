@@ -202,6 +202,9 @@ async def whep(session_id: str, request: Request):
     sdp = await _read_offer(request)  # a bad offer leaves the session as it was: the client may try again
     if session.closed:  # while the offer came in
         raise ApiError(404, "not_found", f"session ended: {session.close_reason}")
+    if session.transport == "whep":  # a player's ICE restart or renegotiation: aiortc does neither
+        raise ApiError(409, "conflict", "session is already streaming over whep: a second offer (an ICE restart, "
+                                        "a renegotiation) is not supported; start a new session")  # fmt: skip
     if session.transport is not None:
         raise ApiError(409, "conflict", f"session is already streaming over {session.transport}")
     return await _answer(request.app.state.registry, session, sdp, f"/v1/sessions/{session.id}")

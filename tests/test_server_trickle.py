@@ -272,3 +272,46 @@ async def test_candidates_the_ice_agent_would_drop_unsaid_are_refused():
     with pytest.raises(FragmentError, match="after a=end-of-candidates"):
         await trickle.add(parse_fragment(late))
     assert peer.added[-1] is None and trickle.candidates == 6
+
+
+async def test_an_ice_restart_is_refused_with_a_reason_and_the_stream_goes_on():
+    """aiortc cannot restart ICE. A player's restart, a fragment with new credentials (`If-Match:
+    *`, RFC 9725 4.3.2) or a new offer with them posted again, gets a 4xx saying to start a new
+    session; the session is left as it was and its video keeps coming."""
+    with live_server(max_sessions=2) as (url, app):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            created = (await http.post("/v1/sessions", json={"avatar": "ada"})).json()
+            auth = {"Authorization": f"Bearer {created['token']}"}
+            pc, offer, fragment = await trickling_player()
+            video = asyncio.get_running_loop().create_future()
+            pc.on("track", lambda track: video.set_result(track))
+            try:
+                r = await http.post(
+                    created["whep"], content=offer, headers={"content-type": "application/sdp", **auth}
+                )
+                assert r.status_code == 201, r.text
+                trickle = {"content-type": "application/trickle-ice-sdpfrag", **auth}
+                patched = await http.patch(created["resource"], content=fragment,
+                                           headers={**trickle, "if-match": r.headers["etag"]})  # fmt: skip
+                assert patched.status_code == 204, patched.text
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
+                track = await asyncio.wait_for(video, 20)
+                before = [await asyncio.wait_for(track.recv(), 20) for _ in range(3)]
+
+                def new_credentials(sdp: str) -> str:
+                    return sdp.replace("a=ice-ufrag:", "a=ice-ufrag:re").replace("a=ice-pwd:", "a=ice-pwd:re")
+
+                restart = await http.patch(created["resource"], content=new_credentials(fragment),
+                                           headers={**trickle, "if-match": "*"})  # fmt: skip
+                again = await http.post(created["whep"], content=new_credentials(offer),
+                                        headers={"content-type": "application/sdp", **auth})  # fmt: skip
+                for response, status in ((restart, 422), (again, 409)):
+                    assert response.status_code == status, response.text
+                    assert "start a new session" in response.json()["message"], response.text
+                session = app.state.registry.get(created["id"])
+                assert session is not None and session.streaming and not session.closed
+                after = [await asyncio.wait_for(track.recv(), 20) for _ in range(10)]
+                assert after[-1].pts > before[-1].pts
+                assert pc.connectionState == "connected"
+            finally:
+                await pc.close()
