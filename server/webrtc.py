@@ -118,7 +118,10 @@ class SilenceWatch:
     """Whether a peer has gone silent, from the count of packets its transports received, read
     every `period` seconds: silent once the count has stood still for `timeout` seconds' worth
     of reads. Armed by the first packets after the first read (the connection is up by then):
-    a peer that sends nothing once connected is left to the ICE consent checks. Counted in
+    a peer that sends nothing once connected is left to the ICE consent checks. Its STUN (its
+    consent checks, its answers to ours) is all that comes from such a peer, and aiortc and
+    aioice count it nowhere a caller can read; armed at `connected`, a live player that sends
+    no RTCP would be closed (docs/serving.md). Counted in
     reads, not wall time, so an event loop that stalls (the reads and the packets' handling
     wait alike) does not make a peer look silent."""
 

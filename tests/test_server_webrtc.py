@@ -409,6 +409,39 @@ async def test_a_peer_that_stalls_for_less_than_the_timeout_keeps_its_session(se
         registry.config.peer_timeout_s = 10.0
 
 
+async def test_a_live_player_that_sends_no_rtcp_is_not_taken_for_a_silent_one(server, monkeypatch):
+    """A player with no RTCP and no microphone sends the server nothing but STUN, which the count
+    does not hold: the watch is never armed for it (it stays with ICE consent), so it keeps
+    streaming past --peer-timeout. Armed at `connected`, it would be closed while it watches."""
+    from aiortc.rtcrtpreceiver import RTCRtpReceiver
+
+    from server.webrtc import packets_received
+
+    async def send_no_rtcp(receiver, packet):
+        return None
+
+    url, app = server
+    registry = app.state.registry
+    registry.config.peer_timeout_s = 1.0
+    monkeypatch.setattr(RTCRtpReceiver, "_send_rtcp", send_no_rtcp)  # the client's: no receiver reports
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            session_id, pc, track = await streaming_client(url, http)
+            session = registry.sessions[session_id]
+            counted = await packets_received(session.trickle.pc)
+            for _ in range(75):  # 3 s of video: three times the timeout
+                await asyncio.wait_for(track.recv(), 10)
+            assert await packets_received(session.trickle.pc) == counted  # nothing that arms it
+            assert not session.closed, session.close_reason
+            await pc.close()
+            for _ in range(100):
+                if session.closed:
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        registry.config.peer_timeout_s = 10.0
+
+
 def test_silence_is_counted_in_reads_once_the_peer_has_sent():
     from server.webrtc import SilenceWatch
 
