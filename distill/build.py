@@ -9,6 +9,7 @@ loaded through the state-dict adapter.
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 
 import torch
@@ -34,11 +35,33 @@ def _model_dir(path: str) -> Path:
 
 def load_dit(source: str, **overrides):
     """A DiT from a model directory or `wan:DIR`, with config overrides."""
+    return _read_dit(source, overrides, digest=False)[0]
+
+
+def load_frozen(source: str):
+    dit = load_dit(source)
+    return dit.eval().requires_grad_(False)
+
+
+def load_frozen_and_digest(source: str) -> tuple[torch.nn.Module, str]:
+    """`load_frozen(source)` and the `weights_digest` of the very weights it loaded (a teacher's,
+    whose digest a run keeps): from one read of a model directory's dit.safetensors. Read apart,
+    an export put in place between the two reads gave the digest of another teacher than the one
+    loaded."""
+    dit, digest = _read_dit(source, {}, digest=True)
+    return dit.eval().requires_grad_(False), digest
+
+
+def _read_dit(source: str, overrides: dict, digest: bool):
+    """(the DiT, the digest of its weights' bytes when `digest`, else None)."""
     if source.startswith("wan:"):
         from streamgen.model.wan import load_pretrained
 
+        # (a Wan checkpoint is a download, not re-exported in place by this project's writers: its
+        # digest is read apart)
+        fingerprint = weights_digest(source) if digest else None
         try:
-            return load_pretrained(source[4:], **overrides)
+            return load_pretrained(source[4:], **overrides), fingerprint
         except (OSError, ValueError, KeyError) as e:
             raise ModelSourceError(f"cannot load the Wan checkpoint {source[4:]}: {e}") from None
     from streamgen.files import read_folder
@@ -47,19 +70,36 @@ def load_dit(source: str, **overrides):
 
     def read(d):
         meta = read_json(d / "model.json", required=("config",))
+        path = d / "dit.safetensors"
+        if digest:  # the tensors from the very bytes digested
+            data = path.read_bytes()
+            fingerprint, state = _bytes_digest(path.name, data), _safetensors_from_bytes(data, path)
+            del data  # (the tensors are copies: the file's bytes and the DiT are not held at once)
+        else:
+            fingerprint, state = None, load_safetensors(path)
         dit = DiT(ModelConfig.from_dict({**meta["config"], **overrides}))
-        dit.load_state_dict({k: v.float() for k, v in load_safetensors(d / "dit.safetensors").items()})
-        return dit
+        dit.load_state_dict({k: v.float() for k, v in state.items()})
+        return dit, fingerprint
 
     # config and weights from one export: a re-export (write_model_dir) swaps the whole folder
     return read_folder(_model_dir(source), read)
 
 
+def _safetensors_from_bytes(data: bytes, path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors from its bytes, or a ValueError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def weights_digest(source: str) -> str:
     """A fingerprint of the DiT weights `load_dit(source)` reads: their files' bytes (a model
-    retrained or replaced at the same path has another)."""
-    import hashlib
-
+    retrained or replaced at the same path has another). `load_frozen_and_digest` gives the
+    same one for the weights it loads."""
     if source.startswith("wan:"):
         files = sorted(Path(source[4:]).glob("*.safetensors"))
     else:
@@ -73,9 +113,11 @@ def weights_digest(source: str) -> str:
     return h.hexdigest()[:16]
 
 
-def load_frozen(source: str):
-    dit = load_dit(source)
-    return dit.eval().requires_grad_(False)
+def _bytes_digest(name: str, data: bytes) -> str:
+    """`weights_digest` of one file `name` of the bytes `data`."""
+    h = hashlib.sha1(name.encode())
+    h.update(data)
+    return h.hexdigest()[:16]
 
 
 def new_dit(section, seed: int):

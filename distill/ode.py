@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from distill.build import export_model, load_frozen, load_vae, new_dit, weights_digest
+from distill.build import export_model, load_frozen_and_digest, load_vae, new_dit, weights_digest
 from distill.config import ConfigError
 from distill.data import load_bank
 from distill.distributed import barrier, broadcast_module
@@ -62,17 +62,23 @@ class Stage:
         from safetensors.torch import load_file
 
         path = Path(self.cfg.run.out) / "trajectories.safetensors"
-        made_with = self._trajectory_settings()
+        made_with = None
         if self.world.is_main and not path.exists():
-            tensors = self._sample_trajectories()
+            # the digest of the teacher that samples them, from its one read of the weights
+            teacher, digest = load_frozen_and_digest(self.opts.teacher)
+            made_with = self._trajectory_settings(digest)
+            tensors = self._sample_trajectories(teacher.to(self.world.device))
             path.parent.mkdir(parents=True, exist_ok=True)
             save_safetensors(tensors, path, metadata=made_with)
         barrier(self.world)
+        if made_with is None:
+            made_with = self._trajectory_settings(weights_digest(self.opts.teacher))
         self._check_trajectories(path, made_with)
         return load_file(str(path))
 
-    def _trajectory_settings(self) -> dict[str, str]:
-        """What the sampled trajectories depend on, kept in their file's metadata."""
+    def _trajectory_settings(self, teacher_weights: str) -> dict[str, str]:
+        """What the sampled trajectories depend on, kept in their file's metadata (teacher_weights:
+        the teacher's `weights_digest`)."""
         o, cfg = self.opts, self.cfg
         return {
             "teacher": str(o.teacher), "trajectories": str(o.trajectories), "teacher_steps": str(o.teacher_steps),
@@ -82,7 +88,7 @@ class Stage:
             # the clips the stored indices point into: another bank (other data, another split, a
             # rebuilt one) would pair the states with other clips' conditions, or none
             "bank": self.bank.digest(),
-            "teacher_weights": weights_digest(o.teacher),  # a teacher retrained at the same path
+            "teacher_weights": teacher_weights,  # a teacher retrained at the same path
         }  # fmt: skip
 
     @staticmethod
@@ -104,9 +110,8 @@ class Stage:
             )
 
     @torch.no_grad()
-    def _sample_trajectories(self) -> dict[str, torch.Tensor]:
+    def _sample_trajectories(self, teacher) -> dict[str, torch.Tensor]:
         o, f = self.opts, self.cfg.data.latent_frames
-        teacher = load_frozen(o.teacher).to(self.world.device)
         schedule = trajectory_schedule(o.teacher_steps, self.sigmas, o.shift)
         keep = [int((schedule - s).abs().argmin()) for s in self.sigmas]
         states, ends, clips, starts = [], [], [], []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from test_distill_helpers import debug_config, final_tensors, max_difference, run
@@ -235,6 +237,50 @@ def test_ode_trajectories_of_a_teacher_retrained_at_the_same_path_are_refused(pi
     save_file({k: v * 1.01 for k, v in weights.items()}, str(teacher / "dit.safetensors"))
     with pytest.raises(ConfigError, match="teacher_weights: "):
         run(cfg(2), resume=True)
+
+
+def test_ode_trajectories_record_the_digest_of_the_teacher_that_sampled_them(pipeline, tmp_path, monkeypatch):
+    """The digest in the trajectories' file was read from dit.safetensors apart from the teacher's
+    weights: a teacher re-exported between the two reads sampled them under the old one's digest
+    (and a resume then took them as the new teacher's)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import distill.ode
+    from distill.build import weights_digest
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(pipeline["teacher"], teacher)
+    before = weights_digest(str(teacher))
+    weights = load_file(str(teacher / "dit.safetensors"))
+    key = next(k for k in weights if weights[k].is_floating_point())  # (what tells the two apart)
+    save_file({k: v * 1.01 for k, v in weights.items()}, str(tmp_path / "retrained.safetensors"))
+    real_digest, real_velocity = distill.ode.weights_digest, distill.ode.guided_velocity
+    swapped, sampled_by = [], set()
+
+    def digest_then_retrain(source):
+        digest = real_digest(source)
+        if not swapped:  # the retrained teacher put in place right after the first read
+            swapped.append(1)
+            os.replace(tmp_path / "retrained.safetensors", teacher / "dit.safetensors")
+        return digest
+
+    def velocity(net, *args, **kwargs):
+        sampled_by.add(float(net.state_dict()[key].double().sum()))
+        return real_velocity(net, *args, **kwargs)
+
+    monkeypatch.setattr(distill.ode, "weights_digest", digest_then_retrain)
+    monkeypatch.setattr(distill.ode, "guided_velocity", velocity)
+    run(debug_config("ode", tmp_path / "ode", teacher=teacher, init=pipeline["teacher"], **{"run.steps": 1}))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ode" / "trajectories.safetensors"), "pt") as f:
+        recorded = f.metadata()["teacher_weights"]
+    retrained = load_file(str(teacher / "dit.safetensors"))
+    sums = {before: weights[key], weights_digest(str(teacher)): retrained[key]}
+    sums = {digest: float(w.double().sum()) for digest, w in sums.items()}
+    assert recorded in sums and sampled_by == {sums[recorded]}
 
 
 def test_the_ode_stage_writes_nothing_into_a_folder_it_may_not_use(pipeline):

@@ -199,14 +199,19 @@ def test_a_training_checkpoint(tmp_path, monkeypatch):
 def test_ode_trajectories(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    import distill.ode
     from distill.ode import Stage
+
+    monkeypatch.setattr(distill.ode, "load_frozen_and_digest", lambda source: (torch.nn.Identity(), "0"))
+    monkeypatch.setattr(distill.ode, "weights_digest", lambda source: "0")
 
     def write(i):
         stage = SimpleNamespace(
             cfg=SimpleNamespace(run=SimpleNamespace(out=str(tmp_path))),
-            world=SimpleNamespace(is_main=True, distributed=False),
-            _trajectory_settings=lambda: {"seed": "0"},
-            _sample_trajectories=lambda: {"states": torch.full((1,), float(i))},
+            world=SimpleNamespace(is_main=True, distributed=False, device="cpu"),
+            opts=SimpleNamespace(teacher="teacher"),
+            _trajectory_settings=lambda teacher_weights: {"seed": "0"},
+            _sample_trajectories=lambda teacher: {"states": torch.full((1,), float(i))},
             _check_trajectories=lambda path, made_with: None,
         )
         Stage._trajectories(stage)
