@@ -57,8 +57,9 @@ class DataConfig:
     video_frames: int = 8  # autoencoder stage: video frames per training crop
     synthetic_clips: int = 8
     synthetic_clip_latents: int = 10  # latent frames per synthetic clip
-    # resume over a dataset (data.root) or latent bank (data.latents) made again since the checkpoint:
-    # refused unless this is given (`--set data.accept_remade=true`), as the paths are by every command
+    # resume over a dataset (data.root) or latent bank (data.latents) made again since the checkpoint,
+    # or against a teacher with other weights (self_forcing, chunk): refused unless this is given
+    # (`--set data.accept_remade=true`), as the paths are by every command
     accept_remade: bool = False
 
 
@@ -236,10 +237,11 @@ def resume_settings(cfg: TrainConfig) -> dict:
     keys.append("data.latent_frames" if bank else "data.video_frames")
     if isinstance(cfg.options, OdeOptions | DmdOptions):
         keys += [f"{cfg.stage}.student_steps", f"{cfg.stage}.shift"]
-    return {key: _setting(cfg, key) for key in keys}
+    return {key: setting(cfg, key) for key in keys}
 
 
-def _setting(cfg: TrainConfig, key: str):
+def setting(cfg: TrainConfig, key: str):
+    """The value of "section.key" in `cfg` (the stage's own section by the stage's name)."""
     section, name = key.split(".")
     return getattr(cfg.options if section == cfg.stage else getattr(cfg, section), name)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.build import export_model, load_dit, load_frozen, load_vae, new_dit
+from distill.build import export_model, load_dit, load_frozen_and_digest, load_vae, new_dit
 from distill.config import ConfigError
 from distill.data import load_bank
 from distill.distributed import broadcast_module
@@ -78,7 +78,8 @@ class DmdStage:
         self.cfg, self.world, self.opts = cfg, world, cfg.options
         dev = world.device
         self.student = new_dit(cfg.model, cfg.run.seed).to(dev).train()
-        self.teacher = load_frozen(self.opts.teacher).to(dev)
+        teacher, self.teacher_digest = load_frozen_and_digest(self.opts.teacher)
+        self.teacher = teacher.to(dev)
         self.critic = load_dit(self.opts.critic_init or self.opts.teacher).to(dev).train()
         for name, net in (("teacher", self.teacher), ("critic", self.critic)):
             for key in ("in_channels", "out_channels", "patch_size", "text_dim", "temporal_compression"):
@@ -98,6 +99,11 @@ class DmdStage:
 
     def model_configs(self) -> dict:
         return {"generator": self.student.cfg.to_dict(), "critic": self.critic.cfg.to_dict()}
+
+    def input_identity(self) -> dict[str, str]:
+        """The frozen teacher's weights digest, by its setting: every step scores against it, and a
+        resume refuses another (a teacher retrained at the same path: trainer.Trainer._check_inputs)."""
+        return {f"{self.cfg.stage}.teacher": self.teacher_digest}
 
     def batch(self, step: int, frames: int):
         cfg = self.cfg

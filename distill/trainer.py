@@ -5,6 +5,8 @@ A stage (teacher, ode, self_forcing, chunk, autoencoder, tiny_decoder) is an obj
   model_configs() -> {name: dict}: checked against a checkpoint on resume
   train_step(step) -> {scalar name: value}: one step (it calls updater.update(loss, step))
   export(directory): write the trained model (EMA weights) as a model directory
+  input_identity() -> {setting: digest} (optional): what it reads but does not train (a frozen
+                teacher), kept with each checkpoint; a resume refuses another (`_check_inputs`)
 and the Trainer owns everything else: process group, threads, resume, the loop,
 logging, atomic checkpoints, the NaN stop and the final export.
 """
@@ -21,7 +23,14 @@ from pathlib import Path
 import torch
 
 from distill import checkpoint as ckpt
-from distill.config import ConfigError, OptimConfig, TrainConfig, resume_settings, resume_settings_in_text
+from distill.config import (
+    ConfigError,
+    OptimConfig,
+    TrainConfig,
+    resume_settings,
+    resume_settings_in_text,
+    setting,
+)
 from distill.data import data_identity, identity_change
 from distill.distributed import World, average_gradients, barrier, close_world, init_world, mean_across
 
@@ -255,6 +264,9 @@ class Trainer:
             raise
         except ValueError as e:  # a size or shape the model or autoencoder cannot take
             raise StageConfigError(f"cannot build the {cfg.stage} stage from this config: {e}") from None
+        self.input_identity = stage.input_identity() if hasattr(stage, "input_identity") else {}
+        if latest is not None:
+            self._check_inputs(latest)
         if cfg.run.fsdp and world.distributed:
             for up in stage.updaters.values():
                 up.shard()  # transformers only; the autoencoder replicates
@@ -309,6 +321,7 @@ class Trainer:
             meta["config"] = self.cfg.source
             meta["run_settings"] = resume_settings(self.cfg)
             meta["data_identity"] = self.data_identity
+            meta["input_identity"] = self.input_identity
             ckpt.save_checkpoint(out, step, tensors, meta, self.cfg.run.keep_checkpoints)
         barrier(world)
 
@@ -361,6 +374,29 @@ class Trainer:
                 f"checkpoint {latest} is of a run with other settings ({'; '.join(diffs)}): resumed, "
                 "every later step would draw other samples, noise or noise levels than the run it "
                 f"continues; put them back, or pass {given} to change them on purpose"
+            )
+
+    def _check_inputs(self, latest: Path) -> None:
+        """CheckpointError if a model the stage reads but does not train (`input_identity`: the
+        self_forcing and chunk stages' teacher) has other weights than when the checkpoint was
+        written (retrained at the same path, or another one), unless data.accept_remade: a path
+        given with --set says nothing (`make model` gives the teacher to every stage). Checked once
+        the stage has read it (the digest is of the weights it loaded). (The ode stage's teacher is
+        checked by its trajectories' file.) A checkpoint that does not record one is not checked."""
+        if self.cfg.data.accept_remade:
+            return
+        kept = ckpt.checkpoint_header(latest).get("input_identity") or {}
+        changed = [
+            f"the {key.split('.')[-1]} {setting(self.cfg, key)} ({key}) has other weights than the run's "
+            f"(weights digest {kept[key]} then, {now} now)"
+            for key, now in self.input_identity.items()
+            if kept.get(key) and kept[key] != now
+        ]
+        if changed:
+            raise ckpt.CheckpointError(
+                f"checkpoint {latest} was trained against other models ({'; '.join(changed)}): resumed, "
+                "every later step would score it against another model than the steps before; put "
+                "it back, or pass --set data.accept_remade=true to go on with it on purpose"
             )
 
     def _restore(self, stage, latest: Path) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -281,6 +282,35 @@ def test_ode_trajectories_record_the_digest_of_the_teacher_that_sampled_them(pip
     sums = {before: weights[key], weights_digest(str(teacher)): retrained[key]}
     sums = {digest: float(w.double().sum()) for digest, w in sums.items()}
     assert recorded in sums and sampled_by == {sums[recorded]}
+
+
+@pytest.mark.parametrize("stage", ["self_forcing", "chunk"])
+def test_a_resume_against_a_teacher_retrained_at_the_same_path_is_refused(stage, pipeline, tmp_path):
+    """The ode stage notices it through its trajectories' file; self_forcing and chunk went on
+    scoring the student against the new teacher as if it were the one the run began with."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(pipeline["teacher"], teacher)
+    out = tmp_path / stage
+
+    def config(**edits):
+        return debug_config(stage, out, teacher=teacher, init=pipeline["student"], **edits)
+
+    run(config(), stop_after=2)
+    weights = load_file(str(teacher / "dit.safetensors"))
+    save_file({k: v * 1.01 for k, v in weights.items()}, str(teacher / "dit.safetensors"))
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=rf"the teacher {re.escape(str(teacher))} \({stage}\.teacher\) has other weights than the "
+        r"run's \(weights digest [0-9a-f]{16} then, [0-9a-f]{16} now\).*--set data\.accept_remade=true",
+    ):
+        run(config(), resume=True)
+    assert ckpt.latest_checkpoint(out).name == "step-00000002.safetensors"
+    run(config(**{"data.accept_remade": True}), resume=True)
+    assert ckpt.checkpoint_header(ckpt.latest_checkpoint(out))["step"] == 4
 
 
 def test_the_ode_stage_writes_nothing_into_a_folder_it_may_not_use(pipeline):
