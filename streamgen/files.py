@@ -186,10 +186,12 @@ def write_folder_atomically(
         new = staging / path.name
         new.mkdir()
         write(new)
+        carried = {}  # name: (the old folder's entry, its copy in the new one), as carried
         if carry is not None and path.is_dir():
             for old in path.iterdir():
                 if carry(old.name) and not os.path.lexists(new / old.name):
                     _link_copy(old, new / old.name)
+                    carried[old.name] = (_version(old), _version(new / old.name))
         if path.is_dir():
             _take_permissions(path, new)
         _fsync_tree(new)
@@ -197,7 +199,7 @@ def write_folder_atomically(
             pass
         elif exchange(new, path):  # (the old folder now at `new`)
             if carry is not None:
-                _carry_late(new, path, carry)
+                _carry_late(new, path, carry, carried)
         elif in_place is not None:
             in_place(path)
         else:
@@ -207,16 +209,39 @@ def write_folder_atomically(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _carry_late(old: Path, path: Path, carry: Callable[[str], bool]) -> None:
+def _carry_late(old: Path, path: Path, carry: Callable[[str], bool], carried: dict) -> None:
     """The entries another process put in the old folder `old` after its entries were carried
-    (while the new one was fsynced) moved into the folder now at `path`: they went with the old one."""
+    (while the new one was fsynced) moved into the folder now at `path`: they went with the old one.
+    So are those carried and then replaced there (an atomic write renames a new file over the
+    carried one; another version of a copied one), where the carried copy at `path` is as it was
+    carried (not written again there since the exchange)."""
     for entry in old.iterdir():
-        if carry(entry.name) and not os.path.lexists(path / entry.name):
-            try:
-                os.rename(entry, path / entry.name)
-            except OSError:  # (put there meanwhile, or gone)
-                pass
+        if not carry(entry.name):
+            continue
+        target = path / entry.name
+        try:
+            if not os.path.lexists(target):
+                os.rename(entry, target)
+            elif entry.name in carried and _version(entry) != carried[entry.name][0]:
+                if _version(target) != carried[entry.name][1]:
+                    continue  # (written again at `path` meanwhile: the later one)
+                if entry.is_dir() and not entry.is_symlink():
+                    exchange(entry, target)  # (the carried one left in the old folder, removed with it)
+                else:
+                    os.replace(entry, target)
+        except OSError:  # (put there meanwhile, gone, or a folder where a file was)
+            pass
     _fsync_folder(path)
+
+
+def _version(entry: Path) -> tuple | None:
+    """Which file (or folder) `entry` is and which version of it: another after a rename over it, or
+    a write into it."""
+    try:
+        st = os.lstat(entry)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _take_permissions(old: Path, new: Path) -> None:

@@ -670,3 +670,54 @@ def test_a_file_written_into_the_old_folder_while_the_new_one_is_synced_is_kept(
     assert (d / "weights").read_text() == "new" and (d / "notes.txt").read_text() == "kept"
     assert (d / "report.json").read_text() == "written meanwhile"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_carried_file_replaced_in_the_old_folder_while_the_new_one_is_synced_is_kept(tmp_path, monkeypatch):
+    """A file already carried into the new folder (hard linked: the old file's inode) and then
+    replaced in the old one by a rename (another writer's atomic write) while the new folder is
+    fsynced: its new version went with the old folder, and the directory kept the one it replaced.
+    Only what the new folder lacked was moved over. A carried file written again in the directory
+    after the exchange is that writer's latest, and stays."""
+    from streamgen import files
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "weights").write_text("old")
+    for name in ("report.json", "notes.txt", "log.txt", "kept.txt"):
+        (d / name).write_text(f"{name} before")
+    (d / "samples").mkdir()
+    (d / "samples" / "0.png").write_text("before")
+    real_fsync, real_exchange = files._fsync_tree, files.exchange
+
+    def replaced(path, text):
+        (path.parent / f"{path.name}.writer").write_text(text)
+        os.replace(path.parent / f"{path.name}.writer", path)
+
+    def meanwhile(folder):
+        for name in ("report.json", "log.txt"):
+            replaced(d / name, f"{name} replaced meanwhile")
+        (d / "samples.writer").mkdir()  # a folder put in place whole (moved aside, the new one in)
+        (d / "samples.writer" / "0.png").write_text("replaced meanwhile")
+        os.rename(d / "samples", tmp_path / "samples.old")
+        os.rename(d / "samples.writer", d / "samples")
+        return real_fsync(folder)
+
+    def then_written_again(a, b):
+        done = real_exchange(a, b)
+        replaced(d / "log.txt", "log.txt written after the exchange")
+        return done
+
+    monkeypatch.setattr(files, "_fsync_tree", meanwhile)
+    monkeypatch.setattr(files, "exchange", then_written_again)
+    files.write_folder_atomically(
+        d, lambda new: (new / "weights").write_text("new"), carry=lambda n: n != "weights"
+    )
+    assert (d / "weights").read_text() == "new"
+    assert (d / "report.json").read_text() == "report.json replaced meanwhile"
+    assert (d / "log.txt").read_text() == "log.txt written after the exchange"
+    assert (d / "samples" / "0.png").read_text() == "replaced meanwhile"
+    assert [(d / name).read_text() for name in ("notes.txt", "kept.txt")] == [
+        "notes.txt before",
+        "kept.txt before",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "samples.old"]
