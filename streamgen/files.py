@@ -55,7 +55,8 @@ _HOST = _host_tag()
 _WRITER = re.compile(r"^(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)-[A-Za-z0-9_]+\.tmp$")
 # The temp files whose writer cannot be asked after: another host's, a container's of this host's
 # name whose PID namespace may have gone, and the previous naming's, which named no writer
-# (`.NAME.<12 hex>.tmp` files; `.autoencoder.<mkdtemp's 8>.tmp`, an export's staging folder). Each
+# (`.NAME.<12 hex>.tmp` files; `.autoencoder.<mkdtemp's 8>.tmp`, an export's staging folder), and
+# the fixed names before that (`fixed_temp_names`: `.NAME.tmp`, `NAME.tmp`). Each
 # is removed once nothing in it has been written for this long: no writer leaves its temp file
 # untouched for a day (they write theirs through, a muxed stream chunk by chunk, then rename it),
 # and removing a live writer's file fails its write, worse than leaving junk a day longer.
@@ -393,15 +394,32 @@ def temp_files_beside(path) -> list[Path]:
 
 def remove_abandoned(path) -> None:
     """Remove the temp files and folders beside `path` whose writer, on this host, has ended, and
-    those whose writer cannot be asked after once untouched for `ABANDONED_AFTER_S`."""
+    those whose writer cannot be asked after (the older writers' fixed names too) once untouched
+    for `ABANDONED_AFTER_S`."""
     path = Path(path)
+    since = time.time() - ABANDONED_AFTER_S
     for tmp in temp_files_beside(path):
         tag = tmp.name[len(path.name) + 2 :]
-        if _writer_gone(tag) or (_unaskable(tag, tmp) and _untouched(tmp, time.time() - ABANDONED_AFTER_S)):
-            if tmp.is_dir() and not tmp.is_symlink():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
+        if _writer_gone(tag) or (_unaskable(tag, tmp) and _untouched(tmp, since)):
+            _remove(tmp)
+    for tmp in fixed_temp_names(path):
+        if os.path.lexists(tmp) and _untouched(tmp, since):
+            _remove(tmp)
+
+
+def fixed_temp_names(path) -> list[Path]:
+    """The temp files the writers of `path` had before each had a name of its own: `.NAME.tmp`
+    (weights, checkpoints, the autoencoder's staging folder) and `NAME.tmp` (model.json, the
+    dataset's manifest, a shard's .npz). No writer makes them now; a killed one left them."""
+    path = Path(path)
+    return [path.with_name(f".{path.name}.tmp"), path.with_name(f"{path.name}.tmp")]
+
+
+def _remove(tmp: Path) -> None:
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
 
 
 def _writer_gone(tag: str) -> bool:

@@ -24,7 +24,14 @@ import torch
 
 from streamgen.cli import SESSION_DTYPES
 from streamgen.cpu_threads import chunk_forward_flop
-from streamgen.files import move_over, new_folder_beside, read_folder, remove_whole, write_folder_atomically
+from streamgen.files import (
+    fixed_temp_names,
+    move_over,
+    new_folder_beside,
+    read_folder,
+    remove_whole,
+    write_folder_atomically,
+)
 from streamgen.model.compile import compile_blocks
 from streamgen.model.config import FLAVORS, ModelConfig, get_config
 from streamgen.model.float8 import float8_layers
@@ -473,7 +480,10 @@ def write_model_dir(directory, write_dit, vae: VideoAutoencoder, meta: dict) -> 
     ours = {"model.json", "dit.safetensors", "vae_config.json", "vae.safetensors", WanVAE.DIRECTORY}
     ours.add(TINY_DECODER_FILE)
 
+    # nor the fixed temp names their writers had before (model.json.tmp: carried into every export)
+    not_carried = ours | {tmp.name for name in ours for tmp in fixed_temp_names(name)}
+
     def carry(name: str) -> bool:  # (not the export's files, nor a writer's temp file)
-        return name not in ours and not (name.startswith(".") and name.endswith(".tmp"))
+        return name not in not_carried and not (name.startswith(".") and name.endswith(".tmp"))
 
     write_folder_atomically(directory, write, carry=carry, in_place=write)

@@ -721,3 +721,48 @@ def test_a_carried_file_replaced_in_the_old_folder_while_the_new_one_is_synced_i
         "kept.txt before",
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "samples.old"]
+
+
+def test_the_fixed_temp_names_of_older_writers_are_removed_once_untouched_for_a_day(tmp_path):
+    """Before temp files had names of their own, the writers of NAME wrote `.NAME.tmp` (weights,
+    checkpoints, the autoencoder's staging folder `.autoencoder.tmp`) or `NAME.tmp` (model.json,
+    the manifest, a shard's .npz): one a killed writer left was never removed, and a model
+    directory's `model.json.tmp` was carried into every later export. No writer makes them now;
+    they go as the previous naming's do, once untouched for ABANDONED_AFTER_S."""
+    from streamgen.files import ABANDONED_AFTER_S, new_folder_beside, write_text_atomically
+    from streamgen.model.config import get_config
+    from streamgen.model.model import DiT
+    from streamgen.model.vae import TinyCausalVAE
+    from streamgen.models import AvatarModel, save_model
+
+    old = os.stat(tmp_path).st_mtime - ABANDONED_AFTER_S - 3600
+
+    def made(name, folder=False):
+        p = tmp_path / name
+        if folder:
+            p.mkdir()
+            (p / "vae.safetensors").write_bytes(b"weights")
+            os.utime(p / "vae.safetensors", (old, old))
+        else:
+            p.write_bytes(b"weights")
+        os.utime(p, (old, old))
+        return p
+
+    gone = [made(".dit.safetensors.tmp"), made("manifest.json.tmp"), made(".autoencoder.tmp", folder=True)]
+    kept = [made(".dit.tmp.safetensors"), made("dit.safetensors.tmp")]  # (a shape no writer made; fresh)
+    os.utime(kept[1], None)
+    write_text_atomically(tmp_path / "dit.safetensors", "new")
+    write_text_atomically(tmp_path / "manifest.json", "{}")
+    new_folder_beside(tmp_path / "autoencoder").rmdir()
+    assert [p.name for p in gone if os.path.lexists(p)] == []
+    assert all(p.exists() for p in kept)
+    # a model directory's: left in the folder an export replaces, not carried into the new one
+    d = tmp_path / "model"
+    model = AvatarModel("m", DiT(get_config("debug")).eval(), TinyCausalVAE(4, (8, 16), 4).eval())
+    save_model(model, d)
+    (d / "model.json.tmp").write_text("{}")
+    (d / "notes.txt").write_text("kept")
+    save_model(model, d)
+    assert sorted(p.name for p in d.iterdir() if not p.name.endswith((".json", ".safetensors"))) == [
+        "notes.txt"
+    ]
