@@ -210,6 +210,30 @@ def write_folder_atomically(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def write_into_folder(path, write: Callable[[Path], object]) -> None:
+    """`write(folder)` fills a new folder made inside the folder `path` (on its file system: a
+    mount point's), whose entries then take the place of `path`'s one by one (`move_over`, each
+    in one rename; config.json last), and `path`'s other entries go (but writers' temp files).
+    `write_folder_atomically`'s `in_place` for a writer that writes a whole folder in one call
+    (diffusers' save_pretrained, which would write into `path` itself file by file, unsynced)."""
+    path = Path(path)
+    staging = new_folder_beside(path / path.name)
+    try:
+        new = staging / "new"
+        new.mkdir()
+        write(new)
+        _fsync_tree(new)
+        names = sorted((p.name for p in new.iterdir()), key=lambda name: name == "config.json")
+        for name in names:
+            move_over(new / name, path / name, staging / "old")
+        for old in list(path.iterdir()):
+            if old.name not in names and not (old.name.startswith(".") and old.name.endswith(".tmp")):
+                remove_whole(old, staging / "old")
+        _fsync_folder(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _carry_late(old: Path, path: Path, carry: Callable[[str], bool], carried: dict) -> None:
     """The entries another process put in the old folder `old` after its entries were carried
     (while the new one was fsynced) moved into the folder now at `path`: they went with the old one.

@@ -442,3 +442,71 @@ def test_a_vae_config_of_another_shape_in_the_weights_names_their_file(tmp_path,
     (tmp_path / "vae_config.json").write_text(config)
     with pytest.raises(ValueError, match=f"vae_config.json: {says}"):
         TinyCausalVAE.load(tmp_path)
+
+
+def _as_a_mount_point(monkeypatch, folder: str):
+    """`folder` as a volume mounted there looks to a writer: os.path.ismount says so, no exchange
+    with it (EBUSY), and no rename across its edge (EXDEV)."""
+    import errno
+    import os
+
+    from streamgen import files
+
+    def inside(path) -> bool:
+        path = os.path.realpath(path)
+        return path == folder or path.startswith(f"{folder}/")
+
+    def across(real):
+        def rename(src, dst, *args, **kwargs):
+            if inside(src) != inside(dst):
+                raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
+            return real(src, dst, *args, **kwargs)
+
+        return rename
+
+    def exchange(a, b) -> bool:
+        if inside(a) != inside(b) or folder in (os.path.realpath(a), os.path.realpath(b)):
+            return False
+        return real_exchange(a, b)
+
+    real_ismount, real_exchange = os.path.ismount, files.exchange
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.path.realpath(p) == folder or real_ismount(p))
+    monkeypatch.setattr(files, "exchange", exchange)
+    monkeypatch.setattr(os, "replace", across(os.replace))
+    monkeypatch.setattr(os, "rename", across(os.rename))
+
+
+@pytest.mark.parametrize("mount", ["simulated", "tmpfs"])
+@torch.no_grad()
+def test_wan_vae_saves_into_a_wan_vae_folder_that_is_a_mount_point(tmp_path, monkeypatch, mount):
+    """A wan_vae/ that is a volume of its own: its new folder, staged beside it, could not be put in
+    its place (EBUSY), nor its files moved into it (EXDEV), and the save failed. It is written
+    into the folder itself, file by file; the old export's other files go."""
+    import os
+    import subprocess
+
+    folder = tmp_path / WanVAE.DIRECTORY
+    folder.mkdir()
+    if mount == "tmpfs":
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            pytest.skip("needs root, to mount a file system")
+        if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(folder)], capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here")
+    else:
+        _as_a_mount_point(monkeypatch, os.path.realpath(folder))
+    try:
+        (folder / "left_by_an_older_export.safetensors").write_bytes(b"old")
+        vae = tiny_wan_vae()
+        vae.save(tmp_path)
+        written = sorted(p.name for p in folder.iterdir())
+        assert written == ["config.json", "diffusion_pytorch_model.safetensors"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [WanVAE.DIRECTORY]
+        monkeypatch.undo()
+        z = torch.randn(1, 4, 2, 4, 4)
+        assert torch.equal(vae.decode(z), WanVAE.load(tmp_path).decode(z))
+    finally:
+        if mount == "tmpfs":
+            import gc
+
+            gc.collect()  # (the loaded weights map their file: the volume is busy while they live)
+            subprocess.run(["umount", "--lazy", str(folder)], check=True)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamgen import kernels
-from streamgen.files import write_folder_atomically
+from streamgen.files import write_folder_atomically, write_into_folder
 from streamgen.model.upsample import FoldedTaps, UpsampleConv2d, upsample_conv3x3
 
 
@@ -476,9 +476,14 @@ class WanVAE(VideoAutoencoder):
     DIRECTORY = "wan_vae"
 
     def save(self, directory) -> None:
-        """diffusers' folder, whole or not at all (save_pretrained fsyncs nothing, writes in place)."""
+        """diffusers' folder, whole or not at all (save_pretrained fsyncs nothing, writes in place);
+        where it cannot be put in place whole (a mount point, a file system that exchanges no
+        folders: `write_folder_atomically`), its files one by one, config.json last."""
         Path(directory).mkdir(parents=True, exist_ok=True)
-        write_folder_atomically(Path(directory) / self.DIRECTORY, self.vae.save_pretrained)
+        save = self.vae.save_pretrained
+        write_folder_atomically(
+            Path(directory) / self.DIRECTORY, save, in_place=lambda folder: write_into_folder(folder, save)
+        )
 
     @classmethod
     def load(cls, directory) -> WanVAE:
