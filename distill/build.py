@@ -139,7 +139,8 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int):
     """`model.vae`: an autoencoder directory, a model directory (its autoencoder), or `wan:DIR`
     (diffusers' AutoencoderKLWan folder); none: the `model.init` model's, else a seeded random
     TinyCausalVAE. Frozen."""
-    from streamgen.model.vae import TinyCausalVAE, WanVAE
+    from streamgen.model.vae import TinyCausalVAE
+    from streamgen.model.wan_vae import WanVAE
     from streamgen.models import has_autoencoder, load_autoencoder
 
     source = section.vae

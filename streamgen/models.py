@@ -369,7 +369,7 @@ MODEL_META_DEFAULTS = {"height": 128, "width": 128, "shift": 5.0, "steps": 4}
 
 def has_autoencoder(directory) -> bool:
     """Whether `directory` holds an autoencoder `load_autoencoder` reads."""
-    from streamgen.model.vae import WanVAE
+    from streamgen.model.wan_vae import WanVAE
 
     d = Path(directory)
     return (d / "vae_config.json").exists() or (d / WanVAE.DIRECTORY).is_dir()
@@ -384,7 +384,7 @@ def load_autoencoder(directory) -> VideoAutoencoder:
 
 def _read_autoencoder(d: Path) -> VideoAutoencoder:
     from streamgen.model.tiny_decoder import TINY_DECODER_FILE, TinyDecoder, TinyDecoderVAE
-    from streamgen.model.vae import WanVAE
+    from streamgen.model.wan_vae import WanVAE
 
     if (d / WanVAE.DIRECTORY).is_dir():
         vae = WanVAE.load(d)
@@ -417,7 +417,7 @@ def _replace_autoencoder(vae: VideoAutoencoder, d: Path) -> None:
       with (where both change, a reader meanwhile finds a base decoding with its own decoder).
     """
     from streamgen.model.tiny_decoder import TINY_DECODER_FILE
-    from streamgen.model.vae import WanVAE
+    from streamgen.model.wan_vae import WanVAE
 
     # a folder of this export's own: a second export into `d` emptied a shared one under this one
     staging = new_folder_beside(d / "autoencoder")
@@ -470,7 +470,7 @@ def write_model_dir(directory, write_dit, vae: VideoAutoencoder, meta: dict) -> 
     model.json last; a reader meanwhile may find the new DiT weights beside the old model.json."""
     from streamgen.model.files import write_atomically, write_text_atomically
     from streamgen.model.tiny_decoder import TINY_DECODER_FILE
-    from streamgen.model.vae import WanVAE
+    from streamgen.model.wan_vae import WanVAE
 
     def write(d: Path) -> None:
         write_atomically(d / "dit.safetensors", write_dit)
