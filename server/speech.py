@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 
-from streamgen.data.speech import SpeechError, Voice, synthesize
+from streamgen.data.speech import SpeechError, Voice, count_phonemes, synthesize
 
 from .scheduler import WorkerBusy
 from .session import Session
@@ -22,24 +22,25 @@ from .session import Session
 # ms here, ~70% of it under that lock; a short text sent just after it was answered after 97-178
 # ms with one thread and after 71-90 ms with two (this 2-core CPU): what waits is the lock.
 _synthesis = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="speech")
-# Characters a second espeak-ng speaks prose at at its default rate (165 words a minute), a little
-# above the fastest measured on the sentence banks (150 texts a language, 1-5 sentences, every
-# variant; whitespace runs counted as one). One sentence: en-us 21.2, en 21.3, de 21.5, fr 24.9,
-# es 18.6, it 19.2 at the most, 17.1-18.6 on average (fr 21.8); several, with the pauses between
-# them: 16.1-17.4 on average (fr 20.4). The pre-check's estimate is thus below prose's speech (a
-# text that fits is not refused before its synthesis) and near it, 70-90% of it (one that does not
-# fit is refused then, mostly, not after a synthesis for nothing). It was 25 for every language:
-# English prose of 12 s passed for 8 s of room. Digits, abbreviations and punctuation speak slower
-# (up to 10x: refused after their synthesis, as before); a text of one-letter words can speak faster.
-PROSE_CHARS_PER_SECOND = {"en-us": 21.5, "en": 21.5, "de": 22.0, "fr": 25.5, "es": 19.0, "it": 19.5}
-DEFAULT_RATE = 165  # words a minute (Voice.rate's default), the rate of PROSE_CHARS_PER_SECOND
+# Phonemes a second espeak-ng speaks prose at at its default rate (165 words a minute), 6% above
+# the fastest measured on the sentence banks (210 texts a language, 1-5 sentences, every variant):
+# en-us 12.8, en 13.2, de 14.4, fr 14.4, es 14.8, it 15.4 at the most, 10.9-14.0 on average; the
+# 6% covers rates other than 165, which espeak-ng does not scale exactly (at 80 words a minute,
+# Italian prose spoke up to 3% faster than that scaling says). The pre-check's estimate is thus
+# below prose's speech (a text that fits is not refused before its synthesis) and near it, 70-96%
+# of it, 79-85% on average (one that does not fit is refused then, mostly, not after a synthesis
+# for nothing). Phonemes, not characters, count what espeak-ng reads out: digits, amounts, dates
+# and abbreviations speak at 9-14 phonemes a second too, where at prose's ~20 characters a second
+# they passed at a fifth to a half of their speech.
+PROSE_PHONEMES_PER_SECOND = {"en-us": 13.6, "en": 14.0, "de": 15.3, "fr": 15.3, "es": 15.7, "it": 16.4}
+DEFAULT_RATE = 165  # words a minute (Voice.rate's default), the rate of PROSE_PHONEMES_PER_SECOND
 
 
 def speech_seconds_at_least(text: str, voice: Voice) -> float:
-    """About the fewest seconds espeak-ng takes to speak `text` as prose (see PROSE_CHARS_PER_SECOND);
-    its speech is proportional to its rate, 0.10-0.12 characters a second per word a minute."""
-    per_second = PROSE_CHARS_PER_SECOND.get(voice.language, max(PROSE_CHARS_PER_SECOND.values()))
-    return len(" ".join(text.split())) / (per_second * voice.rate / DEFAULT_RATE)
+    """About the fewest seconds espeak-ng takes to speak `text` (see PROSE_PHONEMES_PER_SECOND); its
+    speech is proportional to its rate. Takes the speech module's lock: not on the event loop."""
+    per_second = PROSE_PHONEMES_PER_SECOND.get(voice.language, max(PROSE_PHONEMES_PER_SECOND.values()))
+    return count_phonemes(text, voice) / (per_second * voice.rate / DEFAULT_RATE)
 
 
 class SpeechBusy(SpeechError):
@@ -88,13 +89,15 @@ async def speak(
 async def _speak_in_turn(session: Session, text: str, voice: Voice, clears: int | None) -> float:
     if clears is not None and session.timeline.clears != clears:  # (not synthesised for nothing)
         raise SpeechInterrupted("interrupted before its speech was queued: none of it was")
+    loop = asyncio.get_running_loop()
+    at_least = await loop.run_in_executor(_synthesis, speech_seconds_at_least, text, voice)
     room = session.timeline.room_seconds
-    if speech_seconds_at_least(text, voice) > room:  # refused before its synthesis, not after
+    if at_least > room:  # refused before its synthesis, not after
         raise SpeechError(
             f"speech queue is full: {room:.1f} s of room, too little for this text (interrupt to clear it)"
         )
     # synthesis takes ~0.1-1 s
-    utterance = await asyncio.get_running_loop().run_in_executor(_synthesis, synthesize, text, voice)
+    utterance = await loop.run_in_executor(_synthesis, synthesize, text, voice)
     if session.closed:  # (answered "speaking" for a session DELETEd during the synthesis)
         raise SpeechForEndedSession(f"session ended: {session.close_reason}")
     if clears is not None and session.timeline.clears != clears:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -157,6 +158,9 @@ class _Engine:
             ctypes.c_uint, ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p,
         ]  # fmt: skip
         self.lib.espeak_Synth.restype = ctypes.c_int
+        text_pointer = ctypes.POINTER(ctypes.c_void_p)
+        self.lib.espeak_TextToPhonemes.argtypes = [text_pointer, ctypes.c_int, ctypes.c_int]
+        self.lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
         options = _INIT_PHONEME_EVENTS | _INIT_PHONEME_IPA | _INIT_DONT_EXIT
         self._data_dir = _steady_data_dir(data_path)
         path = self._data_dir.name.encode()
@@ -199,6 +203,21 @@ class _Engine:
             raise SpeechError(f"espeak-ng synthesis failed (status {status}) for text {text[:40]!r}")
         pcm = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
         return pcm, self._events
+
+    def phonemes(self, text: str, voice: Voice) -> list[str]:
+        """The phonemes espeak-ng would speak for `text` (its ASCII names), pauses included, without
+        synthesising it: numbers, amounts and abbreviations come out as the words it reads."""
+        if self.lib.espeak_SetVoiceByName(voice.espeak_name().encode()) != 0:
+            raise SpeechError(f"espeak-ng has no voice {voice.espeak_name()!r}")
+        data = ctypes.create_string_buffer(text.encode("utf-8") + b"\0")
+        position = ctypes.c_void_p(ctypes.addressof(data))  # moved on one clause a call, NULL at the end
+        # phoneme mode: ASCII names (bit 1 clear), '|' between a word's phonemes; ' ' between words
+        mode = ord("|") << 8
+        names = []
+        while position.value:
+            clause = self.lib.espeak_TextToPhonemes(ctypes.byref(position), _CHARS_UTF8, mode)
+            names += (clause or b"").decode("utf-8", "replace").replace(" ", "|").split("|")
+        return [name for name in names if name]
 
 
 def _find_library() -> tuple[str, str | None]:
@@ -286,6 +305,21 @@ def check_text(text: str | bytes) -> str:
     if not text.strip():
         raise SpeechError("text is empty")
     return text
+
+
+# espeak's pause and language-switch marks in `phonemes`: "_", "_!", "_:", ";", "(en)"
+_NOT_SPOKEN = re.compile(r"[_:;!]+|\(\w+\)")
+
+
+def count_phonemes(text: str | bytes, voice: Voice | None = None) -> int:
+    """How many phonemes espeak-ng speaks for `text` with `voice`, from its text-to-phoneme
+    translation (~1 ms for 750 characters, under 1% of their synthesis), pauses not counted."""
+    voice = voice or Voice()
+    voice.validate()
+    text = check_text(text)
+    with _lock:
+        names = _engine_instance().phonemes(text, voice)
+    return sum(1 for name in names if not _NOT_SPOKEN.fullmatch(name))
 
 
 def resample_to_16k(pcm: np.ndarray, rate: int) -> np.ndarray:
