@@ -195,16 +195,12 @@ def _tls_files(certfile: str | None, keyfile: str | None) -> dict:
 
 
 def _model_steps(name: str) -> int | None:
-    """The denoising steps a model's sessions run without --steps (its model.json's), read without
-    loading it; None where its model.json does not say (loading it says what is wrong)."""
-    from streamgen.model.files import read_json
-    from streamgen.models import MODEL_META_DEFAULTS, AvatarModel, resolve_model_dir
+    """The denoising steps a model's sessions run without --steps, read without loading it; None
+    where its model.json does not say (loading it says what is wrong)."""
+    from streamgen.models import model_settings
 
-    directory = resolve_model_dir(name)
-    if directory is None:  # a flavor's stand-in weights
-        return AvatarModel.steps
     try:
-        steps = read_json(directory / "model.json").get("steps", MODEL_META_DEFAULTS["steps"])
+        steps = model_settings(name)["steps"]
     except (OSError, ValueError):
         return None
     return steps if isinstance(steps, int) else None

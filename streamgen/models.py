@@ -319,9 +319,32 @@ def _load(name_or_path: str, device, dtype, seed: int, **cfg_overrides) -> Avata
             if blk.audio_attn is not None:
                 torch.nn.init.normal_(blk.audio_attn.o.weight, std=0.5 / cfg.dim**0.5)
         vae = TinyCausalVAE(latent_channels=cfg.in_channels, temporal_factor=cfg.temporal_compression)
-        size = 64 if flavor == "debug" else 128
-        return AvatarModel(name_or_path, dit.to(device, dtype).eval(), vae.to(device).eval(), size, size)
+        dit, vae = dit.to(device, dtype).eval(), vae.to(device).eval()
+        return AvatarModel(name_or_path, dit, vae, **_stand_in_settings(flavor))
     require_model(name_or_path)
+
+
+def model_settings(name_or_path: str) -> dict:
+    """What sessions of a model run with unless told otherwise, as `load_model` gives it: height,
+    width, shift and steps from a model directory's model.json (`MODEL_META_DEFAULTS` for what an
+    older export leaves out) or a flavor's stand-in's, read without loading its weights.
+    FileNotFoundError for an unknown model; OSError or ValueError for an unreadable model.json."""
+    from streamgen.model.files import read_json
+
+    directory = resolve_model_dir(name_or_path)
+    if directory is None:
+        require_model(name_or_path)
+        return _stand_in_settings(name_or_path.removesuffix("-teacher"))
+    return _settings(read_json(directory / "model.json"))
+
+
+def _settings(meta: dict) -> dict:
+    return {key: meta.get(key, default) for key, default in MODEL_META_DEFAULTS.items()}
+
+
+def _stand_in_settings(flavor: str) -> dict:
+    size = 64 if flavor == "debug" else 128
+    return {**MODEL_META_DEFAULTS, "height": size, "width": size}
 
 
 def require_model(name_or_path: str) -> None:
@@ -343,7 +366,7 @@ def load_model_dir(d: Path, device="cpu", dtype=None, **cfg_overrides) -> Avatar
         name=meta.get("name", d.name),
         dit=dit.to(device, dtype).eval(),
         vae=vae.to(device).eval(),
-        **{key: meta.get(key, default) for key, default in MODEL_META_DEFAULTS.items()},
+        **_settings(meta),
         trained=True,
         meta=meta,
     )

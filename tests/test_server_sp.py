@@ -312,6 +312,41 @@ def test_serve_refuses_last_step_for_a_model_that_runs_one_step(tmp_path, capsys
     assert "--cache-from last_step needs 2 or more --steps" in err and "runs 1 step" in err, err
 
 
+def test_serve_s_defaults_are_the_model_folder_s_as_its_loader_reads_them(tmp_path, monkeypatch, capsys):
+    """serve read model.json itself for the steps a model runs without --steps: the model
+    folder's layout now has one reader (streamgen.models.model_settings), which says what
+    load_model gives, for an export, an older one that leaves settings out, and a flavor."""
+    import json
+
+    from streamgen import models
+    from streamgen.cli import main
+    from streamgen.models import load_model, model_settings, save_model
+
+    for name in (models.ATTENTION_ENV, models.DTYPE_ENV, models.FP8_ENV, models.CACHE_FROM_ENV,
+                 models.COMPILE_ENV):  # fmt: skip
+        monkeypatch.setenv(name, "")  # unset; restored after the test (serve sets them)
+    model = load_model("debug")
+    model.steps, model.shift = 1, 3.0
+    save_model(model, tmp_path / "one-step")
+    older = tmp_path / "older"
+    save_model(load_model("debug"), older)
+    meta = json.loads((older / "model.json").read_text())
+    older_meta = {key: value for key, value in meta.items() if key not in ("steps", "shift")}
+    (older / "model.json").write_text(json.dumps(older_meta))
+    for name in (str(tmp_path / "one-step"), str(older), "debug", "tiny-avatar-teacher"):
+        loaded = load_model(name)
+        settings = dict(height=loaded.height, width=loaded.width, shift=loaded.shift, steps=loaded.steps)
+        assert model_settings(name) == settings, name
+    assert model_settings(str(tmp_path / "one-step"))["steps"] == 1
+    assert model_settings(str(older))["steps"] == 4  # (MODEL_META_DEFAULTS)
+
+    served = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: served.append(app))
+    assert main(["serve", "--model", str(tmp_path / "one-step"), "--cache-from", "last_step"]) == 2
+    assert "runs 1 step" in capsys.readouterr().err and served == []
+    assert main(["serve", "--model", str(older), "--cache-from", "last_step"]) == 0 and len(served) == 1
+
+
 def test_model_ops_decode_in_the_server_s_decode_dtype():
     """`serve --decode-dtype` reaches the sessions the model host creates (and a bad name is refused)."""
     from server.model_host import ModelOps
