@@ -110,6 +110,10 @@ class SocketConnection:
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():  # this handler is cancelled (shutdown)
+                # its server has given the socket up: the session's teardown, which runs on in a
+                # task of its own, sends nothing on it (a test client's closed stream raised
+                # ClosedResourceError, logged as the transport's failure to close)
+                self.close_sent = True
                 raise
             reason = self.session.close_reason or "session ended"
         except ProtocolError as e:
@@ -119,6 +123,7 @@ class SocketConnection:
         except WebSocketDisconnect:
             pass
         finally:
+            self.receiver.cancel()  # (cancelled with the handler: it may be reading still)
             if self.sender is not None:
                 self.sender.cancel()
             if self.speaker is not None:  # nothing this socket asked for is spoken after it
@@ -330,6 +335,8 @@ class SocketConnection:
     async def close(self, code: int, reason: str) -> None:
         if self.close_sent or self.ws.application_state != WebSocketState.CONNECTED:
             return
+        if self.ws.client_state != WebSocketState.CONNECTED:
+            return  # the client's close frame came: its server answers it, and ASGI sends nothing after it
         self.close_sent = True
         try:
             await asyncio.wait_for(self.ws.close(int(code), close_reason(reason)), timeout=2.0)

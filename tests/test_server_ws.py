@@ -728,3 +728,65 @@ def test_a_caption_job_dropped_by_the_worker_is_answered_and_the_speaker_goes_on
         assert next_json(ws, max_messages=40)["type"] == "speaking"  # the speaker went on
         ws.send_text(json.dumps({"type": "stop"}))
         assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+@pytest.mark.parametrize("client_closed_first", [True, False], ids=["client-closed", "handler-cancelled"])
+def test_a_socket_s_closer_sends_nothing_once_its_transport_is_gone(
+    client, monkeypatch, caplog, client_closed_first
+):
+    """The session's teardown (a task of its own) closes its socket. After the client's close
+    frame, or once the server had cancelled the socket's handler (its transport gone: a test
+    client's exit, a server's shutdown), it sent a close frame all the same; where the transport
+    was gone by then it failed: "closing transport failed: ClosedResourceError()" (the test
+    client's closed stream). The closer is held here until the transport is gone."""
+    import logging
+    import threading
+    import time
+
+    from server.websocket import SocketConnection
+
+    release, closing, holding = (threading.Event() for _ in range(3))
+    sessions = []
+
+    async def wait_for_release():
+        for _ in range(400):  # bounded: 20 s
+            if release.is_set():
+                return
+            await asyncio.sleep(0.05)
+
+    close_for_session, on_control = SocketConnection.close_for_session, SocketConnection.on_control
+
+    async def held_close(self):
+        sessions.append(self.session)
+        closing.set()
+        await wait_for_release()
+        await close_for_session(self)
+
+    async def held_ping(self, msg):  # the receive loop busy: it reads no close frame meanwhile
+        if msg["type"] == "ping" and msg.get("id") == "hold":
+            holding.set()
+            await wait_for_release()
+        return await on_control(self, msg)
+
+    monkeypatch.setattr(SocketConnection, "close_for_session", held_close)
+    monkeypatch.setattr(SocketConnection, "on_control", held_ping)
+    s = new_session(client)
+    with caplog.at_level(logging.WARNING, logger="streamgen.server"):
+        with started_socket(client, s) as ws:
+            if client_closed_first:
+                ws.close()
+                assert closing.wait(20)  # the server read the close frame and ended the session
+            else:
+                ws.send_text(json.dumps({"type": "ping", "id": "hold"}))
+                assert holding.wait(20)
+        # the test client's streams are closed: its transport is gone
+        assert closing.wait(20)
+        release.set()
+        for _ in range(400):  # bounded: 20 s
+            if sessions[0].teardown.done():  # (its closers run, and any failure logged)
+                break
+            time.sleep(0.05)
+        assert sessions[0].teardown.done()
+    failures = [r.getMessage() for r in caplog.records if "closing transport failed" in r.getMessage()]
+    assert failures == []
+    assert s["id"] not in client.app.state.registry.sessions
