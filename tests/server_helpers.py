@@ -1,18 +1,24 @@
-"""Shared pieces of the server tests: a small model, an app, a real uvicorn server on 127.0.0.1."""
+"""Shared pieces of the server tests: a small model, an app, a real uvicorn server on 127.0.0.1,
+the sessions, requests and sockets of their clients."""
 
 from __future__ import annotations
 
+import io
+import json
 import socket
 import threading
 import time
 from contextlib import contextmanager
 from functools import lru_cache
 
+import numpy as np
 import torch
+from PIL import Image
+from starlette.websockets import WebSocketDisconnect
 
 from server.app import create_app
 from server.config import ServerConfig
-from server.protocol import MAX_WEBSOCKET_MESSAGE_BYTES
+from server.protocol import HEADER, MAX_WEBSOCKET_MESSAGE_BYTES, MsgType
 
 
 @lru_cache(maxsize=1)
@@ -150,3 +156,89 @@ def turn_server(secret: str | None = None):
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(state, ignore_errors=True)
+
+
+# --- HTTP clients -------------------------------------------------------------------------------
+def png_bytes(w=96, h=96, color=(200, 150, 120)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((h, w, 3), color, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def new_session(client, **json):
+    r = client.post("/v1/sessions", json=json or {"avatar": "sample", "seed": 0})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def auth(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def block_lane(worker, lane: int = 0):
+    """A job that holds `lane` until the returned event is set."""
+    release, running = threading.Event(), threading.Event()
+
+    def hold():
+        running.set()
+        release.wait(30)
+
+    worker.submit(hold, lane=lane)
+    assert running.wait(30)
+    return release
+
+
+# --- WebSocket clients --------------------------------------------------------------------------
+def socket_session(client, seed=11):
+    """A session of the avatar `bo` for the WebSocket tests."""
+    r = client.post("/v1/sessions", json={"avatar": "bo", "seed": seed})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def stream_url(s, token=None):
+    return f"{s['stream']}?token={token if token is not None else s['token']}"
+
+
+def expect_close(ws, max_messages=200) -> tuple[int, str]:
+    for _ in range(max_messages):
+        try:
+            message = ws.receive()
+        except WebSocketDisconnect as e:
+            return e.code, e.reason
+        if message["type"] == "websocket.close":
+            return message["code"], message.get("reason", "")
+    raise AssertionError("socket was not closed")
+
+
+def read_frames(ws, n_frames: int):
+    """(header, payload) of binary messages until `n_frames` video frames arrived; also the audio."""
+    frames, audio = [], []
+    while len(frames) < n_frames:
+        message = ws.receive()
+        assert message["type"] == "websocket.send", message
+        if message.get("bytes") is None:
+            continue  # a JSON reply (speaking, pong)
+        data = message["bytes"]
+        kind, _, _, seq, pts_us = HEADER.unpack_from(data)
+        (audio if kind == MsgType.AUDIO_OUT else frames).append((kind, seq, pts_us, data[HEADER.size :]))
+    return frames, audio
+
+
+def next_json(ws, max_messages=500) -> dict:
+    """The next JSON message, past the binary ones (a chunk's audio every 0.32 s without credit)."""
+    for _ in range(max_messages):
+        message = ws.receive()
+        assert message["type"] == "websocket.send", message
+        if message.get("text") is not None:
+            return json.loads(message["text"])
+    raise AssertionError(f"no JSON message in {max_messages} messages")
+
+
+@contextmanager
+def started_socket(client, s):
+    """A socket on session `s`, started with credit flow control and its `ready` read."""
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
+        next_json(ws)
+        yield ws

@@ -1,0 +1,214 @@
+"""The control endpoint (POST /v1/sessions/{id}/control): speak, caption and interrupt over HTTP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from server_helpers import auth, block_lane, make_app, new_session, wait_ready
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with TestClient(make_app(max_sessions=3)) as c:
+        wait_ready(c)
+        yield c
+
+
+def test_control_endpoint(client):
+    s = new_session(client)
+    h = auth(s["token"])
+    r = client.post(s["resource"] + "/control", json={"type": "speak", "text": "Hello there."}, headers=h)
+    assert r.status_code == 200 and r.json()["duration"] > 0.3
+    assert client.get(s["resource"], headers=h).json()["audio_queued_s"] > 0.3
+    assert client.post(s["resource"] + "/control", json={"type": "interrupt"}, headers=h).status_code == 200
+    assert client.get(s["resource"], headers=h).json()["audio_queued_s"] == 0
+    bad = client.post(s["resource"] + "/control", json={"type": "speak", "text": "hi", "language": "xx"}, headers=h)
+    assert bad.status_code == 422 and "language" in bad.json()["message"]
+    assert client.post(s["resource"] + "/control", content=b"\xff\x00", headers=h).status_code == 400
+    client.delete(s["resource"], headers=h)
+
+
+def test_a_caption_the_worker_has_no_room_for_is_a_503(client, monkeypatch):
+    """A full inference queue (64 jobs: 400 caption POSTs at once) was a 500."""
+    from server.scheduler import WorkerBusy
+
+    s = new_session(client)
+    h = auth(s["token"])
+
+    def full(*args, **kwargs):
+        raise WorkerBusy("inference queue is full")
+
+    monkeypatch.setattr(client.app.state.registry.worker, "submit", full)
+    r = client.post(s["resource"] + "/control", json={"type": "caption", "text": "smiling"}, headers=h)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "queue is full" in r.json()["message"]
+    monkeypatch.undo()
+    assert client.delete(s["resource"], headers=h).status_code == 204
+
+
+@pytest.fixture
+def caption_lane():
+    """A worker whose lane 0 is held (`release` lets it go), and a session on it whose stream
+    records the captions applied (`applied`)."""
+    from types import SimpleNamespace
+
+    from server.metrics import ServerMetrics
+    from server.scheduler import InferenceWorker
+
+    worker = InferenceWorker(ServerMetrics(), max_jobs=4)
+    worker.start()
+    try:
+        applied = []
+        session = SimpleNamespace(
+            stream=SimpleNamespace(set_text=applied.append), lane=0, closed=False, caption_wanted=None,
+            caption_job=None,
+        )  # fmt: skip
+        release = block_lane(worker)
+        yield SimpleNamespace(
+            worker=worker, registry=SimpleNamespace(worker=worker), session=session, applied=applied, release=release
+        )
+    finally:
+        worker.stop()
+
+
+async def test_a_burst_of_captions_takes_one_place_in_the_queue_and_the_last_one_wins(caption_lane):
+    import asyncio
+
+    from server.speech import set_caption
+
+    lane = caption_lane
+    changes = [asyncio.ensure_future(set_caption(lane.registry, lane.session, f"caption {i}")) for i in range(20)]
+    await asyncio.sleep(0.1)
+    assert lane.worker.waiting() == 1  # twenty captions, one job (a queue of 4 refused the fifth before)
+    lane.release.set()
+    await asyncio.wait_for(asyncio.gather(*changes), 10)
+    assert lane.applied == ["caption 19"]
+    await set_caption(lane.registry, lane.session, "later")  # the job ran: a new caption gets its own
+    assert lane.applied == ["caption 19", "later"]
+
+
+async def test_a_caption_whose_caller_went_away_is_still_applied_for_the_others_waiting(caption_lane):
+    """Callers share a session's waiting caption job: one cancelled (its client gone, its socket
+    closed) must not cancel the job the others wait on, which then fails them all."""
+    import asyncio
+
+    from server.speech import set_caption
+
+    lane = caption_lane
+    gone = asyncio.ensure_future(set_caption(lane.registry, lane.session, "first"))
+    await asyncio.sleep(0.05)
+    gone.cancel()
+    await asyncio.gather(gone, return_exceptions=True)
+    waiting = asyncio.ensure_future(set_caption(lane.registry, lane.session, "second"))
+    await asyncio.sleep(0.05)
+    lane.release.set()
+    await asyncio.wait_for(waiting, 10)  # was CancelledError: the job the first had cancelled
+    assert lane.applied == ["second"]
+
+
+def test_a_caption_after_the_model_process_died_is_a_503(client, monkeypatch):
+    import concurrent.futures
+
+    from server.model_host import HostDown
+
+    s = new_session(client)
+    h = auth(s["token"])
+
+    def gone(*args, **kwargs):
+        future = concurrent.futures.Future()
+        future.set_exception(HostDown("the model process exited (code -9)"))
+        return future
+
+    monkeypatch.setattr(client.app.state.registry.worker, "submit", gone)
+    r = client.post(s["resource"] + "/control", json={"type": "caption", "text": "smiling"}, headers=h)
+    assert r.status_code == 503 and "model process exited" in r.json()["message"]  # was a 500
+    monkeypatch.undo()
+    assert client.delete(s["resource"], headers=h).status_code == 204
+
+
+async def test_one_speak_at_a_time_per_session_and_a_text_too_long_is_refused_before_synthesis(monkeypatch):
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from server import speech
+    from server.session import AudioTimeline, SpeechTurns
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow(text, voice):
+        started.set()
+        release.wait(10)
+        return SimpleNamespace(audio=np.zeros(1600, np.float32), duration=0.1)
+
+    monkeypatch.setattr(speech, "synthesize", slow)
+    turns = SpeechTurns()
+    session = SimpleNamespace(
+        timeline=AudioTimeline(30.0), closed=False, speech_turns=turns, touch=lambda: None
+    )
+    first = asyncio.ensure_future(speech.speak(session, "Hello there."))
+    while not started.is_set():
+        await asyncio.sleep(0.01)
+    with pytest.raises(speech.SpeechBusy):
+        await speech.speak(session, "And again.")
+    release.set()
+    assert await first == 0.1 and not session.speech_turns.busy
+    with pytest.raises(speech.SpeechError, match="too little for this text"):
+        await speech.speak(session, "word " * 200)  # ~70 s of speech for 30 s of room
+
+
+def test_speak_on_a_session_deleted_during_its_synthesis_is_a_404(client, monkeypatch):
+    """It was 200 {"type": "speaking", "duration": 0.0}, as if the speech had been queued."""
+    from types import SimpleNamespace
+
+    from server import speech
+
+    s = new_session(client)
+    registry = client.app.state.registry
+    session = registry.get(s["id"])
+
+    def deleted_meanwhile(text, voice):
+        client.portal.call(registry.close, session, "deleted by client")
+        return SimpleNamespace(audio=np.zeros(1600, np.float32), duration=0.1)
+
+    monkeypatch.setattr(speech, "synthesize", deleted_meanwhile)
+    r = client.post(s["resource"] + "/control", json={"type": "speak", "text": "Hello."}, headers=auth(s["token"]))
+    assert r.status_code == 404 and "deleted by client" in r.json()["message"]
+
+
+def test_an_interrupt_posted_during_a_speaks_synthesis_drops_it_with_a_409(client, monkeypatch):
+    """The WebSocket drops speech asked for before an interrupt; over HTTP it was still queued and
+    answered 200 `speaking`, after the interrupt that should have silenced it."""
+    from types import SimpleNamespace
+
+    from server import speech
+
+    s = new_session(client)
+    h = auth(s["token"])
+    session = client.app.state.registry.get(s["id"])
+    queued, append = [], session.timeline.append
+
+    def queue(pcm, source="client", **kwargs):
+        queued.append(source)
+        return append(pcm, source, **kwargs)
+
+    session.timeline.append = queue
+    interrupts = []
+
+    def interrupted_meanwhile(text, voice):  # (on the speech thread, while the speak's request waits)
+        interrupts.append(client.post(s["resource"] + "/control", json={"type": "interrupt"}, headers=h))
+        return SimpleNamespace(audio=np.zeros(1600, np.float32), duration=0.1)
+
+    monkeypatch.setattr(speech, "synthesize", interrupted_meanwhile)
+    r = client.post(s["resource"] + "/control", json={"type": "speak", "text": "Hello."}, headers=h)
+    assert [i.status_code for i in interrupts] == [200]
+    assert r.status_code == 409 and r.json()["error"] == "interrupted"
+    assert "none of its speech was queued" in r.json()["message"]
+    assert queued == [] and client.get(s["resource"], headers=h).json()["audio_queued_s"] == 0
+    monkeypatch.undo()  # a speak after the interrupt plays
+    r = client.post(s["resource"] + "/control", json={"type": "speak", "text": "After it."}, headers=h)
+    assert r.status_code == 200 and queued == ["speech"]
+    assert client.delete(s["resource"], headers=h).status_code == 204

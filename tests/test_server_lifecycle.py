@@ -1,0 +1,327 @@
+"""The server's life and its sessions': warm-up, capacity, lanes, the worker's queue, sessions that end while they are made or streamed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from server_helpers import auth, block_lane, make_app, new_session, wait_ready
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with TestClient(make_app(max_sessions=3)) as c:
+        wait_ready(c)
+        yield c
+
+
+def test_an_offer_that_arrives_after_its_session_ended_is_a_404(client, monkeypatch):
+    """DELETE while the offer was still uploading: the answer was a 201 for the deleted session,
+    its peer connection open for good and its stream back in the worker."""
+    from server import routes
+
+    registry = client.app.state.registry
+    s = new_session(client)
+
+    async def deleted_meanwhile(request):  # the offer's upload, over which the DELETE came
+        await request.body()
+        await registry.close(registry.get(s["id"]), "deleted by client")
+        return "an offer, checked later"
+
+    monkeypatch.setattr(routes, "_read_offer", deleted_meanwhile)
+    r = client.post(s["whep"], content=b"v=0\r\n", headers={"content-type": "application/sdp", **auth(s["token"])})
+    assert r.status_code == 404 and "deleted by client" in r.json()["message"]
+    assert registry.worker.streaming == 0 and s["id"] not in registry.sessions
+
+
+def test_a_closed_session_never_streams_again(client):
+    """Whatever transport reaches `start_streaming` after the session ended (its awaits span a close)."""
+    from server.registry import SessionEnded
+
+    registry = client.app.state.registry
+    s = new_session(client)
+    session = registry.get(s["id"])
+    client.delete(s["resource"], headers=auth(s["token"]))
+    with pytest.raises(SessionEnded, match="deleted by client"):
+        registry.start_streaming(session, "whep")
+    assert registry.worker.streaming == 0
+
+
+def test_a_stream_made_for_a_cancelled_create_is_closed(client, monkeypatch):
+    """The caller of create left (its client gone, or shutdown) while the worker made the stream:
+    no session holds it, and a model process kept it and its cache for good."""
+    import asyncio
+    import threading
+
+    registry = client.app.state.registry
+    making, made, closed = threading.Event(), threading.Event(), threading.Event()
+
+    class Made:
+        def close(self):
+            closed.set()
+
+    def slow_new_stream(*args):  # worker thread
+        making.set()
+        made.wait(10)
+        return Made()
+
+    monkeypatch.setattr(registry, "_new_stream", slow_new_stream)
+    reference = np.zeros((64, 64, 3), np.uint8)
+
+    async def cancel_while_making():
+        task = asyncio.ensure_future(registry.create(reference, None, 0))
+        await asyncio.to_thread(making.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        made.set()
+        return await asyncio.to_thread(closed.wait, 10)
+
+    sessions_before = set(registry.sessions)
+    assert client.portal.call(cancel_while_making)
+    assert set(registry.sessions) == sessions_before
+
+
+def test_capacity_from_measured_chunk_time():
+    from server.metrics import ServerMetrics
+    from server.scheduler import InferenceWorker
+
+    worker = InferenceWorker(ServerMetrics())
+    assert worker.capacity(0.32, limit=8) == 8  # nothing measured yet: the limit
+    worker.chunk_time_ema = 0.1
+    assert worker.capacity(0.32, limit=8) == 2  # 0.85 * 0.32 / 0.1 = 2.7
+    worker.chunk_time_ema = 1.0
+    assert worker.capacity(0.32, limit=8) == 1  # never below one
+    worker.chunk_time_ema = 0.01
+    assert worker.capacity(0.32, limit=8) == 8
+
+
+def test_the_warm_up_runs_past_the_first_chunk_that_attends_to_a_full_ring(monkeypatch):
+    """Every attention length of a stream runs before the server is ready, so that no served
+    stream meets one first (on a GPU: cuDNN's plans, the autotuner's timings)."""
+    from streamgen.stream import StreamSession
+
+    made, ring_seen = [], []
+    next_chunk = StreamSession.next_chunk
+
+    def counting(self, observe=None):
+        made.append(self)
+
+        def seeing(stage, fn):
+            if stage == "denoise":  # after the last chunk's re-encode: what this chunk attends to
+                ring_seen.append(self.cache.ring_tokens_filled())
+            return fn()
+
+        return next_chunk(self, seeing)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", counting)
+    with TestClient(make_app(warmup_chunks=None)) as c:
+        wait_ready(c)
+    (stream,) = set(made)
+    cfg = stream.cfg
+    first_full = stream.chunks_to_full_ring
+    assert first_full == -(-cfg.window_frames // cfg.frames_per_chunk) + 1 > 1
+    assert len(made) == first_full + 2  # and two more at the steady length: the capacity's chunks
+    hp, wp = stream.dit.grid(stream.latent_hw)
+    full = cfg.window_frames * hp * wp
+    assert ring_seen[first_full - 1] == full and ring_seen[first_full - 2] < full
+    assert ring_seen[first_full:] == [full, full]
+
+
+def test_sessions_spread_over_the_lanes_and_give_theirs_back(monkeypatch):
+    """`serve --lanes 2`: the warm-up runs a stream on each lane at once (the capacity counts what
+    they take from each other), each new session goes on the lane with the fewest, and its lane
+    is free again once it is torn down (its first chunk and its teardown ran there)."""
+    import threading
+    import time
+
+    from streamgen.stream import StreamSession
+
+    warmed_on = set()
+    next_chunk = StreamSession.next_chunk
+
+    def recording(self, observe=None):
+        warmed_on.add(threading.current_thread().name)
+        return next_chunk(self, observe)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", recording)
+    app = make_app(lanes=2)
+    with TestClient(app) as c:
+        wait_ready(c)
+        assert warmed_on == {"inference-worker-0", "inference-worker-1"}
+        registry = app.state.registry
+        assert registry.worker.lanes == 2
+        made = [new_session(c) for _ in range(3)]
+        assert sorted(registry.get(s["id"]).lane for s in made) == [0, 0, 1]
+        for s in made:
+            assert c.delete(s["resource"], headers=auth(s["token"])).status_code in (200, 204)
+        deadline = time.monotonic() + 10
+        while registry.worker._lane_load != [0, 0] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert registry.worker._lane_load == [0, 0]
+
+
+def test_the_warm_up_imports_the_webrtc_stack_before_the_server_is_ready(monkeypatch):
+    """aiortc and PyAV take ~0.25 s to import: the warm-up, not the first viewer's offer, pays it
+    (the first WHEP answer measured 190 ms then, 10 ms now)."""
+    import importlib
+
+    import server.app
+
+    imported = []
+    import_module = importlib.import_module
+
+    def recording(name, *args):
+        imported.append(name)
+        return import_module(name, *args)
+
+    monkeypatch.setattr(server.app.importlib, "import_module", recording)
+    with TestClient(make_app()) as c:
+        wait_ready(c)
+    assert "server.webrtc" in imported
+
+
+def test_a_failed_warm_up_reports_its_first_line(monkeypatch):
+    """/readyz says why the model is not ready in a line, however long the error (a compiler's
+    output runs to pages; the log keeps all of it)."""
+    import time
+
+    from streamgen.stream import StreamSession
+
+    def failing(self, observe=None):
+        raise RuntimeError("C++ compile error\n" + "g++: fatal error\n" * 500)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", failing)
+    with TestClient(make_app()) as c:
+        deadline = time.monotonic() + 30
+        while "error" not in (ready := c.get("/readyz")).json() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert ready.status_code == 503 and ready.json()["error"] == "RuntimeError: C++ compile error"
+
+
+def test_what_the_warm_up_loaded_is_kept_out_of_the_collector_while_serving():
+    """A full collection over torch, the model and the WebRTC stack took 50-60 ms with the GIL
+    held (every thread stalls): frozen at ready, given back at shutdown."""
+    import gc
+
+    with TestClient(make_app()) as c:
+        wait_ready(c)
+        assert gc.get_freeze_count() > 10_000
+    assert gc.get_freeze_count() == 0
+
+
+def test_readyz_says_what_the_warm_up_is_doing(monkeypatch):
+    import threading
+
+    from streamgen.stream import StreamSession
+
+    release = threading.Event()
+    next_chunk = StreamSession.next_chunk
+
+    def held(self, observe=None):
+        release.wait(30)
+        return next_chunk(self, observe)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", held)
+    with TestClient(make_app()) as c:
+        try:
+            ready = c.get("/readyz")
+            while ready.json().get("stage") == "loading the model":
+                ready = c.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["stage"] == "warming up a stream"
+        finally:
+            release.set()
+        assert "stage" not in wait_ready(c)
+
+
+def test_a_session_deleted_while_the_queue_is_full_still_closes_its_stream(client):
+    """The teardown's close job met a full queue (a client's burst of captions), dropped the
+    stream without closing it on its lane: a batch in progress then failed every session in it,
+    and a model process kept the stream for good."""
+    import time
+
+    from server.scheduler import WorkerBusy
+
+    registry = client.app.state.registry
+    worker = registry.worker
+    s = new_session(client)
+    stream = registry.get(s["id"]).stream
+    release = block_lane(worker, registry.get(s["id"]).lane)
+    try:
+        for _ in range(worker.max_jobs + 1):
+            worker.submit(lambda: None, lane=0)
+        raise AssertionError("the queue did not fill")
+    except WorkerBusy:
+        pass
+    try:
+        assert client.delete(s["resource"], headers=auth(s["token"])).status_code == 204
+    finally:
+        release.set()
+    for _ in range(200):  # bounded: 10 s
+        if stream.cache is None:
+            break
+        time.sleep(0.05)
+    assert stream.cache is None and not stream.started  # closed on its lane, after the queue
+
+
+def test_the_queue_depth_counts_every_lane_and_the_fps_falls_when_streams_stop(monkeypatch):
+    import time
+
+    from server import metrics as metrics_module
+    from server.metrics import ServerMetrics
+    from server.scheduler import InferenceWorker
+
+    metrics = ServerMetrics()
+
+    def gauge(name: str) -> float:
+        line = next(x for x in metrics.render().decode().splitlines() if x.startswith(name + " "))
+        return float(line.split()[-1])
+
+    worker = InferenceWorker(metrics, lanes=2)
+    worker.start()
+    try:
+        release = block_lane(worker, lane=0)
+        for _ in range(3):
+            worker.submit(lambda: None, lane=0)
+        worker.submit(lambda: None, lane=1)  # wakes lane 1, which set the gauge to its own 0
+        time.sleep(0.2)
+        assert gauge("streamgen_queue_depth") == 3
+        release.set()
+    finally:
+        worker.stop()
+    metrics.chunk_done(0.1, 12)
+    assert gauge("streamgen_generated_fps") == 12 / 5
+    later = time.monotonic() + 10
+    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: later)
+    assert gauge("streamgen_generated_fps") == 0  # it kept the last rate for good
+
+
+def test_a_first_chunk_job_after_the_schedule_made_chunk_0_makes_nothing():
+    """The job waited behind due chunks while a transport attached and the schedule made chunk 0:
+    it then made chunk 1 ahead of its time, before its audio could come (silence in its place)."""
+    from types import SimpleNamespace
+
+    from server.registry import SessionRegistry
+
+    made = []
+    registry = SimpleNamespace(worker=SimpleNamespace(run_chunk=lambda s: made.append(s.chunk_index) or "chunk"))
+    assert SessionRegistry._make_first_chunk(registry, SimpleNamespace(chunk_index=0)) == "chunk"
+    assert SessionRegistry._make_first_chunk(registry, SimpleNamespace(chunk_index=1)) is None
+    assert made == [0]
+
+
+def test_a_session_whose_client_left_while_it_was_made_is_closed(client, monkeypatch):
+    """A page reloaded while its POST was answered: no one knew the session, and it held a place
+    until the idle limit (a full server refused the reloaded page)."""
+    from starlette.requests import Request
+
+    async def gone(self):
+        return True
+
+    before = set(client.app.state.registry.sessions)
+    monkeypatch.setattr(Request, "is_disconnected", gone)
+    r = client.post("/v1/sessions", json={"avatar": "sample"})
+    assert r.status_code == 400 and r.json()["error"] == "client_gone"
+    assert set(client.app.state.registry.sessions) == before

@@ -1,0 +1,366 @@
+"""Speak and caption over the WebSocket: answered in order, off the receive loop, and dropped by an interrupt."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from server_helpers import (
+    expect_close,
+    make_app,
+    next_json,
+    socket_session,
+    started_socket,
+    stream_url,
+    wait_ready,
+)
+
+from server.protocol import CloseCode
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# --- over a socket --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def client():
+    with TestClient(make_app(max_sessions=6)) as c:
+        wait_ready(c)
+        yield c
+
+
+def test_speak_errors_are_reported_not_fatal(client):
+    s = socket_session(client)
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
+        ws.receive_text()
+        ws.send_text(json.dumps({"type": "speak", "text": "hi", "language": "klingon"}))
+        for _ in range(50):
+            msg = ws.receive()
+            if msg.get("text"):
+                break
+        err = json.loads(msg["text"])
+        assert err["type"] == "error" and "language" in err["message"]
+        ws.send_text(json.dumps({"type": "caption", "text": "smiling"}))  # the debug model takes no captions
+        for _ in range(50):
+            msg = ws.receive()
+            if msg.get("text"):
+                break
+        assert json.loads(msg["text"])["for"] == "caption"
+        ws.send_text(json.dumps({"type": "stop"}))
+
+
+# --- speak off the receive loop -----------------------------------------------------------------------
+@pytest.fixture
+def held_synthesis(monkeypatch):
+    """Synthesis that waits for `release` (at most 10 s, so that a test of a loop that waits for it
+    fails instead of hanging); `started` and `finished` mark each text's synthesis."""
+    import threading
+    from types import SimpleNamespace
+
+    from server import speech
+
+    held = SimpleNamespace(release=threading.Event(), has_started=threading.Event(), started=[], finished=[])
+
+    def synthesize(text, voice):
+        held.started.append(text)
+        held.has_started.set()
+        held.release.wait(10)
+        held.finished.append(text)
+        return SimpleNamespace(audio=np.zeros(160 * len(text), np.float32), duration=len(text) / 100)
+
+    monkeypatch.setattr(speech, "synthesize", synthesize)
+    yield held
+    held.release.set()  # (a failed test's synthesis does not hold the speech thread up for the next)
+
+
+def test_a_speak_being_synthesised_holds_up_no_other_message(client, held_synthesis):
+    """The receive loop awaited each speak's synthesis: meanwhile it read nothing, a ping or the
+    client's live audio included."""
+    s = socket_session(client)
+    with started_socket(client, s) as ws:
+        ws.send_text(json.dumps({"type": "speak", "text": "Hello there."}))
+        ws.send_text(json.dumps({"type": "ping", "id": 1}))
+        pong = next_json(ws)
+        assert pong["type"] == "pong" and held_synthesis.finished == []  # answered during the synthesis
+        held_synthesis.release.set()
+        assert next_json(ws) == {"type": "speaking", "duration": 0.12}
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+def speaker_tasks(client) -> list[str]:
+    async def names():
+        return [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("speak ")]
+
+    return client.portal.call(names)
+
+
+def test_a_socket_closes_during_a_synthesis_and_leaves_no_speaker_behind(client, held_synthesis):
+    s = socket_session(client)
+    session = client.app.state.registry.get(s["id"])
+    with started_socket(client, s) as ws:
+        ws.send_text(json.dumps({"type": "speak", "text": "Hello there."}))
+        ws.send_text(json.dumps({"type": "speak", "text": "And a second time."}))
+        # the stop during the first one's synthesis (sent at once, it could end the speaker first)
+        assert held_synthesis.has_started.wait(10)
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws) == (CloseCode.NORMAL, "stopped")
+        assert held_synthesis.finished == []  # closed while the first was synthesised
+    assert s["id"] not in client.app.state.registry.sessions
+    assert speaker_tasks(client) == []
+    assert not session.speech_turns.busy  # both speaks' turns given back, the one never taken up too
+    held_synthesis.release.set()
+    assert held_synthesis.started == ["Hello there."]  # the second one was never synthesised
+
+
+def test_speaks_are_answered_in_order_and_an_interrupt_drops_those_asked_before_it(client, held_synthesis):
+    """An interrupt is read during a synthesis now: the speaks sent before it, the one being
+    synthesised and those waiting, are answered with an error and none of their speech is queued,
+    as when the interrupt was read after them. Too many unanswered speaks are refused at once."""
+    from server.websocket import MAX_UNANSWERED
+
+    s = socket_session(client)
+    timeline = client.app.state.registry.get(s["id"]).timeline
+    queued, append = [], timeline.append
+
+    def queue(pcm, source="client", **kwargs):
+        queued.append((source, len(pcm)))
+        return append(pcm, source, **kwargs)
+
+    timeline.append = queue
+    with started_socket(client, s) as ws:
+        texts = [f"Number {i}." for i in range(MAX_UNANSWERED + 1)]
+        for text in texts:
+            ws.send_text(json.dumps({"type": "speak", "text": text}))
+        refused = next_json(ws)  # the last one, at once, during the first one's synthesis
+        assert refused["type"] == "error" and refused["for"] == "speak" and "waiting" in refused["message"]
+        assert held_synthesis.finished == []
+        ws.send_text(json.dumps({"type": "interrupt"}))
+        ws.send_text(json.dumps({"type": "ping", "id": 2}))
+        assert next_json(ws)["type"] == "pong"  # the interrupt was read: now let the synthesis end
+        held_synthesis.release.set()
+        for _ in texts[:-1]:
+            reply = next_json(ws)
+            assert reply["type"] == "error" and reply["for"] == "speak" and "interrupted" in reply["message"]
+        ws.send_text(json.dumps({"type": "speak", "text": "After the interrupt."}))
+        assert next_json(ws) == {"type": "speaking", "duration": 0.2}
+        assert held_synthesis.started == ["Number 0.", "After the interrupt."]
+        assert queued == [("speech", 160 * len("After the interrupt."))]
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+def test_a_speak_that_fails_on_the_servers_side_is_answered_logged_and_the_stream_goes_on(
+    client, monkeypatch, caplog
+):
+    from server import speech
+
+    def broken(text, voice):
+        raise RuntimeError("the synthesiser broke")
+
+    monkeypatch.setattr(speech, "synthesize", broken)
+    s = socket_session(client)
+    with started_socket(client, s) as ws:
+        ws.send_text(json.dumps({"type": "speak", "text": "Hello there."}))
+        assert next_json(ws) == {"type": "error", "for": "speak", "message": "speech failed: the synthesiser broke"}
+        ws.send_text(json.dumps({"type": "ping", "id": 4}))
+        assert next_json(ws)["type"] == "pong"
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+    assert any("speak failed" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+# --- captions off the receive loop, in order with the speaks ------------------------------------------
+@pytest.fixture
+def held_caption_jobs(client, monkeypatch):
+    """Caption jobs that wait on the worker's thread for `release` (at most 10 s, so that a test of
+    a loop that waits for them fails instead of hanging) before they apply; `ran` counts those run."""
+    import threading
+    from types import SimpleNamespace
+
+    worker = client.app.state.registry.worker
+    held = SimpleNamespace(release=threading.Event(), ran=[])
+    submit = worker.submit
+
+    def holding(fn, *args, **kwargs):
+        if fn.__name__ != "apply":  # (server/speech.py's caption job)
+            return submit(fn, *args, **kwargs)
+
+        def held_apply():
+            held.release.wait(10)
+            held.ran.append(1)
+            return fn()
+
+        return submit(held_apply, *args, **kwargs)
+
+    monkeypatch.setattr(worker, "submit", holding)
+    yield held
+    held.release.set()
+
+
+def test_a_caption_waiting_for_the_worker_holds_up_no_other_message(client, held_caption_jobs):
+    """The receive loop awaited each caption's worker job, which waits behind due chunks for up to a
+    second: meanwhile it read nothing, a ping, an interrupt, a stop or the client's audio."""
+    s = socket_session(client)
+    with started_socket(client, s) as ws:
+        ws.send_text(json.dumps({"type": "caption", "text": "smiling"}))
+        ws.send_text(json.dumps({"type": "ping", "id": 1}))
+        assert next_json(ws)["type"] == "pong" and held_caption_jobs.ran == []  # during the caption's wait
+        held_caption_jobs.release.set()
+        reply = next_json(ws)  # the debug model takes no captions: answered as before, with an error
+        assert reply["type"] == "error" and reply["for"] == "caption" and "text features" in reply["message"]
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+def test_a_caption_after_a_speak_waits_for_it_and_an_interrupt_drops_only_the_speak(client, held_synthesis):
+    """Speaks went to the speaker task while captions were handled at once: a caption sent after a
+    speak overtook it (applied, and answered, before the speak's speech was queued)."""
+    s = socket_session(client)
+    with started_socket(client, s) as ws:
+        ws.send_text(json.dumps({"type": "speak", "text": "Hello there."}))
+        ws.send_text(json.dumps({"type": "caption", "text": "smiling"}))
+        ws.send_text(json.dumps({"type": "ping", "id": 1}))
+        assert next_json(ws)["type"] == "pong"
+        held_synthesis.release.set()
+        assert next_json(ws) == {"type": "speaking", "duration": 0.12}
+        assert next_json(ws)["for"] == "caption"  # its error (the debug model's), after the speak's answer
+        held_synthesis.release.clear()
+        ws.send_text(json.dumps({"type": "speak", "text": "Dropped."}))
+        ws.send_text(json.dumps({"type": "caption", "text": "smiling"}))
+        ws.send_text(json.dumps({"type": "interrupt"}))
+        ws.send_text(json.dumps({"type": "ping", "id": 2}))
+        assert next_json(ws)["type"] == "pong"
+        held_synthesis.release.set()
+        dropped, caption = next_json(ws), next_json(ws)
+        assert dropped["for"] == "speak" and "interrupted" in dropped["message"]
+        assert caption["for"] == "caption" and "text features" in caption["message"]  # still applied
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+def test_a_burst_of_captions_ends_with_the_latest_applied(client, held_caption_jobs):
+    """Each caption took a place in the speaker's queue: a burst (a caption typed, a slider moved)
+    while the worker was busy filled it, and its last captions, those the client wanted, were
+    refused while the stale ones before them were applied. A caption that comes while the one
+    before it still waits its turn replaces it."""
+    import time
+
+    s = socket_session(client)
+    applied = []
+    with started_socket(client, s) as ws:
+        stream = client.app.state.registry.get(s["id"]).stream
+        stream.set_text = applied.append  # (the debug model takes no captions: what each job applied)
+        for i in range(12):
+            ws.send_text(json.dumps({"type": "caption", "text": f"caption {i}"}))
+        ws.send_text(json.dumps({"type": "ping", "id": 1}))
+        assert next_json(ws)["type"] == "pong"  # and no error before it: none was refused
+        held_caption_jobs.release.set()
+        for _ in range(200):
+            if applied[-1:] == ["caption 11"]:
+                break
+            time.sleep(0.05)
+        # the one under way, then the latest (only the latest where the speaker took none before
+        # the burst had come: the receive loop can read buffered messages without a pause)
+        assert applied in (["caption 0", "caption 11"], ["caption 11"]), applied
+        ws.send_text(json.dumps({"type": "speak", "text": "Hello."}))  # the queue is free again
+        assert next_json(ws)["type"] == "speaking"
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+# --- speaks over the socket and over HTTP, on one session ---------------------------------------------
+def queued_speech(client, s) -> list[int]:
+    """The lengths of the speech queued onto session `s`'s timeline from now on, in order."""
+    timeline = client.app.state.registry.get(s["id"]).timeline
+    queued, append = [], timeline.append
+
+    def queue(pcm, source="client", **kwargs):
+        if source == "speech":
+            queued.append(len(pcm))
+        return append(pcm, source, **kwargs)
+
+    timeline.append = queue
+    return queued
+
+
+def test_a_speak_posted_while_the_socket_s_speak_waits_its_turn_does_not_overtake_it(
+    client, held_synthesis, held_caption_jobs
+):
+    """The socket's order covered its own requests only: a speak posted over HTTP while the socket's
+    waited behind a caption was synthesised and queued at once, before the one accepted first."""
+    held_synthesis.release.set()  # (synthesis at once: what is held is the socket's caption)
+    s = socket_session(client)
+    queued = queued_speech(client, s)
+    h = {"Authorization": f"Bearer {s['token']}"}
+    with started_socket(client, s) as ws:
+        ws.send_text(json.dumps({"type": "caption", "text": "smiling"}))
+        ws.send_text(json.dumps({"type": "speak", "text": "From the socket."}))
+        ws.send_text(json.dumps({"type": "ping", "id": 1}))
+        assert next_json(ws)["type"] == "pong"  # the socket's speak was accepted: it waits its turn
+        r = client.post(s["resource"] + "/control", json={"type": "speak", "text": "Over HTTP."}, headers=h)
+        assert r.status_code == 429 and r.headers["Retry-After"] == "1", r.text
+        held_caption_jobs.release.set()
+        assert next_json(ws)["for"] == "caption"  # (the debug model takes no captions)
+        assert next_json(ws) == {"type": "speaking", "duration": 0.16}
+        assert queued == [160 * len("From the socket.")]
+        r = client.post(s["resource"] + "/control", json={"type": "speak", "text": "Over HTTP."}, headers=h)
+        assert r.status_code == 200 and queued == [160 * len("From the socket."), 160 * len("Over HTTP.")]
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+def test_a_socket_s_speak_during_a_posted_one_s_synthesis_waits_for_it(client, held_synthesis):
+    """It was refused (`the previous speak is still being synthesised`), though the socket had no
+    speak of its own unanswered; now it is queued after the posted one, accepted before it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = socket_session(client)
+    queued = queued_speech(client, s)
+    h = {"Authorization": f"Bearer {s['token']}"}
+    with started_socket(client, s) as ws, ThreadPoolExecutor(1) as pool:
+        speak = {"type": "speak", "text": "Over HTTP."}
+        posted = pool.submit(client.post, s["resource"] + "/control", json=speak, headers=h)
+        assert held_synthesis.has_started.wait(10)
+        ws.send_text(json.dumps({"type": "speak", "text": "From the socket."}))
+        ws.send_text(json.dumps({"type": "ping", "id": 1}))
+        assert next_json(ws)["type"] == "pong"  # (no error before it)
+        held_synthesis.release.set()
+        assert posted.result(10).json() == {"type": "speaking", "duration": 0.1}
+        assert next_json(ws) == {"type": "speaking", "duration": 0.16}
+        assert held_synthesis.started == ["Over HTTP.", "From the socket."]
+        assert queued == [160 * len("Over HTTP."), 160 * len("From the socket.")]
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+def test_a_caption_job_dropped_by_the_worker_is_answered_and_the_speaker_goes_on(client, monkeypatch):
+    """At shutdown the worker cancels the jobs still queued: a caption's CancelledError ended the
+    socket's speaker task, which answered nothing more, the caption nor anything sent after it."""
+    import concurrent.futures
+
+    worker = client.app.state.registry.worker
+    dropped, submit = [], worker.submit
+
+    def dropping(fn, *args, **kwargs):
+        if fn.__name__ != "apply":  # (server/speech.py's caption job)
+            return submit(fn, *args, **kwargs)
+        dropped.append(concurrent.futures.Future())  # queued: cancelled below, as the worker's stop does
+        return dropped[-1]
+
+    monkeypatch.setattr(worker, "submit", dropping)
+    s = socket_session(client)
+    with started_socket(client, s) as ws:
+        ws.send_text(json.dumps({"type": "caption", "text": "smiling"}))
+        ws.send_text(json.dumps({"type": "ping", "id": 1}))
+        assert next_json(ws)["type"] == "pong" and len(dropped) == 1
+        assert dropped[0].cancel()
+        ws.send_text(json.dumps({"type": "speak", "text": "Hello."}))
+        reply = next_json(ws, max_messages=40)  # (an audio message a chunk, 0.32 s: 13 s at most)
+        assert reply["type"] == "error" and reply["for"] == "caption" and "shutting down" in reply["message"]
+        assert next_json(ws, max_messages=40)["type"] == "speaking"  # the speaker went on
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
