@@ -122,7 +122,7 @@ def test_the_microphone_resampler_keeps_speech_and_stops_aliases(browser_page):
     page = browser_page.new_page()
     try:
         page.set_content("<!doctype html><title>resample</title>")
-        source = (WEB / "resample.js").read_text().replace("export class", "class")
+        source = (WEB / "resample.js").read_text().replace("export ", "")
         page.add_script_tag(content=source + "\nwindow.Resampler = Resampler;")
         result = page.evaluate("""([from]) => {
           const tone = (hz, n) => Float32Array.from({length: n}, (_, i) => 0.5 * Math.sin(2 * Math.PI * hz * i / from));
@@ -201,3 +201,68 @@ def test_the_page_streams_in_firefox_with_its_microphone(transport):
                 firefox.kill()
                 firefox.wait(10)
             shutil.rmtree(profile, ignore_errors=True)
+
+
+# Which node the page's microphone goes through, counted from outside app.js; and, for the
+# fallback, a context without audioWorklet (as on a page of http://<LAN IP>, not a secure context).
+MIC_PATH = """
+window.__micNodes = []; window.__contexts = [];
+const RealAudioContext = window.AudioContext;
+window.AudioContext = function (...a) { const c = new RealAudioContext(...a); __contexts.push(c); return c; };
+const realCreateScriptProcessor = BaseAudioContext.prototype.createScriptProcessor;
+BaseAudioContext.prototype.createScriptProcessor = function (...a) {
+  __micNodes.push("script-processor"); return realCreateScriptProcessor.apply(this, a);
+};
+const RealAudioWorkletNode = window.AudioWorkletNode;
+window.AudioWorkletNode = function (...a) {
+  __micNodes.push("worklet"); return new RealAudioWorkletNode(...a);
+};
+"""
+NO_AUDIO_WORKLET = "delete BaseAudioContext.prototype.audioWorklet;"
+# a worklet module that does not load (Playwright's routes do not see a worklet's requests)
+UNLOADABLE = "AudioWorklet.prototype.addModule = () => Promise.reject(new DOMException('no', 'AbortError'));"
+FORCED = {"secure": "", "insecure": NO_AUDIO_WORKLET, "worklet-unloadable": UNLOADABLE}
+
+
+@pytest.mark.parametrize("context", ["secure", "insecure", "worklet-unloadable"])
+def test_the_microphone_reaches_the_websocket_through_an_audio_worklet(browser_page, context):
+    """The WebSocket fallback's microphone went through a ScriptProcessorNode, deprecated (Chromium
+    warns on the console) and run on the page's main thread. It goes through an AudioWorklet now,
+    and through the ScriptProcessorNode only where the context has no audioWorklet (an insecure
+    context) or the worklet's module does not load, both at 16 kHz: the server hears one second of
+    microphone per second of the page's audio clock (a wrong rate would be 3 s, or 1/3). The rate
+    per second of wall time is printed."""
+    heard = 'streamgen_audio_received_seconds_total{source="client"}'
+    with live_server(max_sessions=2) as (url, _):
+        page = browser_page.new_page()
+        page.add_init_script(MIC_PATH + FORCED[context])
+        path = "worklet" if context == "secure" else "script-processor"
+        logs: list[str] = []
+        page.on("console", lambda m: logs.append(f"{m.type}: {m.text}"))
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
+            wait_for(lambda: metric(url, heard) > 0.5, 20, "no microphone audio reached the server")
+            assert page.evaluate("window.__micNodes") == [path], logs
+            clock = "__contexts.find((c) => c.state === 'running').currentTime"
+            received, audio_clock, wall_clock = metric(url, heard), page.evaluate(clock), time.monotonic()
+            page.wait_for_timeout(4000)
+            received = metric(url, heard) - received
+            per_audio_s = received / (page.evaluate(clock) - audio_clock)
+            per_wall_s = received / (time.monotonic() - wall_clock)
+            print(f"microphone via {path}: {per_audio_s:.3f} s received per s of audio clock,",
+                  f"{per_wall_s:.3f} per s of wall time")  # fmt: skip
+            assert 0.5 < per_audio_s < 1.5, per_audio_s
+            deprecated = [line for line in logs if "ScriptProcessorNode" in line]
+            if path == "worklet":  # (the fallback's warning: "The ScriptProcessorNode is deprecated. ...")
+                assert not deprecated, deprecated
+            # unticked and ticked again while connected: a new microphone through a new node (the
+            # worklet's module loaded into the same context a second time)
+            page.uncheck("#mic")
+            page.check("#mic")
+            page.wait_for_function("window.__micNodes.length === 2", timeout=10_000)
+            assert page.evaluate("window.__micNodes") == [path, path]
+            received = metric(url, heard)
+            wait_for(lambda: metric(url, heard) > received + 0.5, 20, "the ticked microphone was not heard again")
+        finally:
+            page.close()

@@ -3,7 +3,7 @@
 //   ?autostart=1  connect on load      ?avatar=ada   preselect an avatar
 //   ?mic=0        start without mic    ?transport=ws skip WebRTC
 //   ?token=T      the server token, on a server started with --token
-import { Resampler } from "./resample.js";
+import { Resampler, toPcm16 } from "./resample.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -269,7 +269,7 @@ async function readRtcStats() {
 }
 
 // --- WebSocket fallback -------------------------------------------------------------------------
-let audioCtx = null, playStart = null, playClockRuns = null, seqOut = 0, micNode = null, frameTimes = [];
+let audioCtx = null, playStart = null, playClockRuns = null, seqOut = 0, micPath = null, frameTimes = [];
 const queuedFrames = new Set();   // timers that draw frames at their play time
 const queuedSounds = new Set();   // audio buffers scheduled on audioCtx
 
@@ -368,7 +368,9 @@ async function connectWebSocket(mine) {
     if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "ping", id: Date.now() }));
     showOverlay();
   }, 1000);
-  if (mic) startWsMic();
+  // (not awaited: the stream needs no microphone, and one that cannot be connected is said on the
+  // console; the worklet's module loads meanwhile)
+  if (mic) startWsMic().catch((e) => console.warn("microphone:", e));
 }
 
 // The clock the WebSocket stream plays on: the AudioContext's, and the page's own while the
@@ -378,19 +380,55 @@ function playClock() {
   return audioCtx.state === "running" ? audioCtx.currentTime : performance.now() / 1000;
 }
 
-function startWsMic() {
-  const source = audioCtx.createMediaStreamSource(mic);
-  const to16k = new Resampler(audioCtx.sampleRate, SAMPLE_RATE);  // the device's rate -> the API's
-  micNode = audioCtx.createScriptProcessor(1024, 1, 1);
-  micNode.onaudioprocess = (e) => {
-    const x = to16k.push(e.inputBuffer.getChannelData(0));
-    if (!ws || ws.readyState !== WebSocket.OPEN || !$("mic").checked) return;
-    const pcm = new Int16Array(x.length);
-    for (let i = 0; i < x.length; i++) pcm[i] = Math.max(-1, Math.min(1, x[i])) * 32767;
+// The microphone to the WebSocket API, as 16 kHz PCM. Through an AudioWorklet (web/mic-worklet.js),
+// which resamples on the audio thread; where the context has no audioWorklet, through a
+// ScriptProcessorNode (deprecated, and run on the main thread) doing the same: AudioWorklet needs
+// a secure context, and a page served over plain http from a LAN address (http://192.168.1.20:8000)
+// is none (localhost is). micPath: {stream, source, node} of the microphone being sent.
+async function startWsMic() {
+  const context = audioCtx;
+  const path = micPath = { stream: mic, source: context.createMediaStreamSource(mic), node: null };
+  const send = (pcm) => {
+    // (a block posted before a hang-up or an unticking can arrive after it, even in a new connection)
+    if (micPath !== path || !ws || ws.readyState !== WebSocket.OPEN || !$("mic").checked || !pcm.length) return;
     ws.send(packAudio(pcm));
   };
-  source.connect(micNode);
-  micNode.connect(audioCtx.destination);
+  let loaded = false;
+  if (context.audioWorklet) {
+    try {
+      await context.audioWorklet.addModule(new URL("mic-worklet.js", import.meta.url));
+      loaded = true;
+    } catch (e) {
+      if (micPath === path) console.warn("microphone: no AudioWorklet, using a ScriptProcessorNode:", e);
+    }
+    if (micPath !== path) return;  // hung up, or the box unticked, while it loaded
+  }
+  if (loaded) {
+    path.node = new AudioWorkletNode(context, "microphone-to-16k", { processorOptions: { rate: SAMPLE_RATE } });
+    path.node.port.onmessage = (e) => send(e.data);
+  } else {
+    const to16k = new Resampler(context.sampleRate, SAMPLE_RATE);  // the device's rate -> the API's
+    path.node = context.createScriptProcessor(1024, 1, 1);
+    path.node.onaudioprocess = (e) => send(toPcm16(to16k.push(e.inputBuffer.getChannelData(0))));
+  }
+  path.source.connect(path.node);
+  path.node.connect(context.destination);  // (silent) a node the destination does not reach may not run
+}
+
+function stopWsMic() {
+  if (!micPath) return;
+  const { source, node } = micPath;
+  micPath = null;
+  source.disconnect();
+  if (node) {
+    node.disconnect();
+    if (node.port) {  // the worklet's processor ends, and its messages go nowhere
+      node.port.postMessage("stop");
+      node.port.onmessage = null;
+    } else {
+      node.onaudioprocess = null;
+    }
+  }
 }
 
 // --- controls -------------------------------------------------------------------------------------
@@ -455,14 +493,14 @@ function cleanup(sendDelete = true) {
     if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "stop" }));
     ws.close();
   }
-  if (micNode) micNode.disconnect();
+  stopWsMic();
   if (mic) mic.getTracks().forEach((t) => t.stop());
   queuedFrames.forEach(clearTimeout);
   queuedFrames.clear();
   queuedSounds.forEach((src) => { try { src.stop(); } catch { /* not started */ } });
   queuedSounds.clear();
   if (audioCtx) audioCtx.close().catch(() => {});
-  pc = ws = mic = micNode = audioSender = audioCtx = session = null;
+  pc = ws = mic = audioSender = audioCtx = session = null;
   playStart = playClockRuns = null;
   soundWaits = false;
   $("sound").hidden = true;
@@ -503,11 +541,11 @@ $("mic").onchange = async () => {
     mic = stream;
   }
   if (pc && audioSender) await audioSender.replaceTrack(on && mic ? mic.getAudioTracks()[0] : null);
-  else if (ws && mic && !micNode) startWsMic();  // (its sender checks the box for every buffer)
+  else if (ws && mic && !micPath) startWsMic().catch((e) => console.warn("microphone:", e));
   if (!on && mic) {  // given back, not only muted: the browser's recording indicator goes off
-    if (micNode) micNode.disconnect();
+    stopWsMic();
     mic.getTracks().forEach((t) => t.stop());
-    mic = micNode = null;
+    mic = null;
   }
 };
 window.addEventListener("pagehide", () => cleanup(true));

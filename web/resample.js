@@ -1,4 +1,5 @@
-// Streaming resampler for the microphone over the WebSocket API, which takes 16 kHz PCM.
+// Streaming resampler for the microphone over the WebSocket API, which takes 16 kHz PCM (in
+// web/mic-worklet.js on the audio thread, or in app.js's ScriptProcessorNode where there is none).
 // The page's AudioContext runs at the device's rate: Firefox refuses to connect a microphone to
 // a context made at another rate ("Connecting AudioNodes from AudioContexts with different
 // sample-rate is currently not supported"), so the page converts here instead of asking the
@@ -44,4 +45,11 @@ export class Resampler {
     this.pos = pos - keep;
     return Float32Array.from(out);
   }
+}
+
+// Samples of -1..1 as the API's 16-bit PCM (clipped: a loud microphone must not wrap around)
+export function toPcm16(x) {
+  const pcm = new Int16Array(x.length);
+  for (let i = 0; i < x.length; i++) pcm[i] = Math.max(-1, Math.min(1, x[i])) * 32767;
+  return pcm;
 }
