@@ -74,9 +74,19 @@ function authHeaders(extra = {}) {
   return { Authorization: `Bearer ${session.token}`, ...extra };
 }
 
+// An answer of the API: its JSON, or for an error an Error with the server's message. An answer
+// that is not the API's JSON (a proxy's error page, a server restarting) is its HTTP status: it
+// was JSON.parse's complaint about the body ("Unexpected token '<'").
+async function apiJson(res) {
+  const isJson = (res.headers.get("Content-Type") || "").includes("json");
+  const json = isJson ? await res.json().catch(() => null) : null;
+  if (!res.ok) throw new Error(`${res.status}: ${(json && (json.message || json.error)) || res.statusText || "error"}`);
+  if (json === null) throw new Error(`${res.status}: the answer is not JSON`);
+  return json;
+}
+
 async function loadAvatars() {
-  const res = await fetch("/v1/avatars");
-  const { avatars } = await res.json();
+  const { avatars } = await apiJson(await fetch("/v1/avatars"));
   const box = $("avatars");
   box.replaceChildren();
   for (const a of avatars) {
@@ -106,10 +116,7 @@ async function createSession() {
     body = JSON.stringify({ avatar, caption: caption || undefined });
     headers["Content-Type"] = "application/json";
   }
-  const res = await fetch("/v1/sessions", { method: "POST", body, headers });
-  const json = await res.json();
-  if (!res.ok) throw new Error(`${res.status}: ${json.message || json.error}`);
-  return json;
+  return apiJson(await fetch("/v1/sessions", { method: "POST", body, headers }));
 }
 
 function deleteSession(s) {
@@ -517,10 +524,15 @@ async function speak(e) {
   if (ws) {
     ws.send(JSON.stringify(msg));
   } else {
-    const res = await fetch(`${session.resource}/control`, {
-      method: "POST", body: JSON.stringify(msg), headers: authHeaders({ "Content-Type": "application/json" }),
-    });
-    if (!res.ok) setStatus(`speak: ${(await res.json()).message}`);
+    try {  // (a refusal, or no answer at all, was an unhandled rejection: the page said nothing)
+      const res = await fetch(`${session.resource}/control`, {
+        method: "POST", body: JSON.stringify(msg), headers: authHeaders({ "Content-Type": "application/json" }),
+      });
+      if (!res.ok) await apiJson(res);
+    } catch (err) {
+      setStatus(`speak: ${err.message}`);
+      return;  // the text stays, to be sent again
+    }
   }
   $("speak-text").value = "";
 }
@@ -551,6 +563,9 @@ $("mic").onchange = async () => {
 window.addEventListener("pagehide", () => cleanup(true));
 if (params.get("mic") === "0") $("mic").checked = false;
 showOverlay();
-loadAvatars().then(() => {  // (not when a click was quicker)
+loadAvatars().catch((e) => {  // the default avatar is still there: said in the list's place
+  console.warn("avatars:", e);
+  $("avatars").textContent = `no avatars to choose from (${e.message})`;
+}).then(() => {  // (not when a click was quicker)
   if (params.get("autostart") === "1" && !$("connect").disabled) connect();
 });
