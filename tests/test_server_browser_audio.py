@@ -266,3 +266,34 @@ def test_the_microphone_reaches_the_websocket_through_an_audio_worklet(browser_p
             wait_for(lambda: metric(url, heard) > received + 0.5, 20, "the ticked microphone was not heard again")
         finally:
             page.close()
+
+
+def test_each_websocket_connection_numbers_its_microphone_messages_from_zero(browser_page):
+    """The API numbers each direction's messages of a type per connection (docs/api.md); the page's
+    microphone messages went on from the previous connection's count after a hang-up."""
+    sockets: list[list[int]] = []
+
+    def watch(socket):
+        seqs: list[int] = []
+        sockets.append(seqs)
+        socket.on("framesent", lambda data: isinstance(data, bytes) and data[0] == 1 and seqs.append(
+            int.from_bytes(data[4:8], "little")))  # fmt: skip
+
+    heard = 'streamgen_audio_received_seconds_total{source="client"}'
+    with live_server(max_sessions=2) as (url, _):
+        page = browser_page.new_page()
+        page.on("websocket", watch)
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws")
+            wait_for(lambda: metric(url, heard) > 0.5, 30, "no microphone audio reached the server")
+            page.click("#hangup")
+            page.click("#connect")
+            for _ in range(150):  # (Playwright delivers the frames' events only inside its own calls)
+                page.wait_for_timeout(200)
+                if len(sockets) == 2 and len(sockets[1]) >= 5:
+                    break
+        finally:
+            page.close()
+    assert len(sockets) == 2, sockets
+    first, second = sockets
+    assert first[:3] == [0, 1, 2] and second[:3] == [0, 1, 2], (first[:3], second[:3])

@@ -310,6 +310,7 @@ async function connectWebSocket(mine) {
   const url = new URL(`${session.stream}?token=${encodeURIComponent(session.token)}`, location.href);
   url.protocol = url.protocol.replace("http", "ws");
   const socket = ws = new WebSocket(url);
+  seqOut = 0;  // numbered per connection (docs/api.md)
   ws.binaryType = "arraybuffer";
   const canvas = $("canvas");
   const ctx2d = canvas.getContext("2d");
