@@ -412,7 +412,10 @@ async function startWsMic() {
     if (micPath !== path) return;  // hung up, or the box unticked, while it loaded
   }
   if (loaded) {
-    path.node = new AudioWorkletNode(context, "microphone-to-16k", { processorOptions: { rate: SAMPLE_RATE } });
+    // (one channel: a stereo microphone mixed down, as the ScriptProcessorNode's one input channel does)
+    path.node = new AudioWorkletNode(context, "microphone-to-16k", {
+      channelCount: 1, channelCountMode: "explicit", processorOptions: { rate: SAMPLE_RATE },
+    });
     path.node.port.onmessage = (e) => send(e.data);
   } else {
     const to16k = new Resampler(context.sampleRate, SAMPLE_RATE);  // the device's rate -> the API's
