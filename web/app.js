@@ -392,10 +392,10 @@ function playClock() {
 // which resamples on the audio thread; where the context has no audioWorklet, through a
 // ScriptProcessorNode (deprecated, and run on the main thread) doing the same: AudioWorklet needs
 // a secure context, and a page served over plain http from a LAN address (http://192.168.1.20:8000)
-// is none (localhost is). micPath: {stream, source, node} of the microphone being sent.
+// is none (localhost is). micPath: {source, node} of the microphone being sent.
 async function startWsMic() {
   const context = audioCtx;
-  const path = micPath = { stream: mic, source: context.createMediaStreamSource(mic), node: null };
+  const path = micPath = { source: context.createMediaStreamSource(mic), node: null };
   const send = (pcm) => {
     // (a block posted before a hang-up or an unticking can arrive after it, even in a new connection)
     if (micPath !== path || !ws || ws.readyState !== WebSocket.OPEN || !$("mic").checked || !pcm.length) return;
