@@ -17,6 +17,8 @@ The networks: generator (the student, from `model.init`), critic (from
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from distill.build import export_model, load_dit, load_frozen_and_digest, load_vae, new_dit
@@ -80,7 +82,10 @@ class DmdStage:
         self.student = new_dit(cfg.model, cfg.run.seed).to(dev).train()
         teacher, self.teacher_digest = load_frozen_and_digest(self.opts.teacher)
         self.teacher = teacher.to(dev)
-        self.critic = load_dit(self.opts.critic_init or self.opts.teacher).to(dev).train()
+        if self.opts.critic_init:
+            self.critic = load_dit(self.opts.critic_init).to(dev).train()
+        else:  # a copy of the teacher loaded above: read again, the path may hold another export
+            self.critic = copy.deepcopy(self.teacher).requires_grad_(True).train()
         for name, net in (("teacher", self.teacher), ("critic", self.critic)):
             for key in ("in_channels", "out_channels", "patch_size", "text_dim", "temporal_compression"):
                 if getattr(net.cfg, key) != getattr(self.student.cfg, key):

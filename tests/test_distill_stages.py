@@ -313,6 +313,39 @@ def test_a_resume_against_a_teacher_retrained_at_the_same_path_is_refused(stage,
     assert ckpt.checkpoint_header(ckpt.latest_checkpoint(out))["step"] == 4
 
 
+def test_the_critic_starts_from_the_teacher_the_stage_loaded(pipeline, tmp_path, monkeypatch):
+    """With no `critic_init` the critic starts as the teacher. It was read from the teacher's path
+    a second time, so a teacher exported in between gave the critic other weights than those of
+    the teacher the run scores against (and keeps the digest of)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import distill.dmd
+    from distill.distributed import init_world
+    from distill.trainer import build_stage
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(pipeline["teacher"], teacher)
+    weights = load_file(str(teacher / "dit.safetensors"))
+    save_file({k: v * 1.01 for k, v in weights.items()}, str(tmp_path / "retrained.safetensors"))
+    real_load = distill.dmd.load_frozen_and_digest
+
+    def load_then_retrain(source):  # the retrained teacher put in place right after its read
+        loaded = real_load(source)
+        os.replace(tmp_path / "retrained.safetensors", teacher / "dit.safetensors")
+        return loaded
+
+    monkeypatch.setattr(distill.dmd, "load_frozen_and_digest", load_then_retrain)
+    cfg = debug_config("self_forcing", tmp_path / "sf", teacher=teacher, init=pipeline["student"])
+    stage = build_stage(cfg, init_world(cfg.run.device))
+    critic, teacher_net = stage.critic.state_dict(), stage.teacher.state_dict()
+    assert critic.keys() == teacher_net.keys()
+    assert all(torch.equal(critic[k], teacher_net[k]) for k in critic)
+    assert all(p.requires_grad for p in stage.critic.parameters()) and stage.critic.training
+    assert not any(p.requires_grad for p in stage.teacher.parameters())
+
+
 def test_the_ode_stage_writes_nothing_into_a_folder_it_may_not_use(pipeline):
     """It sampled its trajectories into run.out, then found the folder another stage's."""
     from distill.trainer import TrainingError
