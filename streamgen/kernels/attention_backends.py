@@ -4,7 +4,8 @@
   the default; a boolean mask for the block-causal variant).
 - "flex": FlexAttention with a block mask built from the frame block ids
   (compiled on CUDA, where whole masked key blocks are skipped; eager on CPU,
-  which torch supports with an unfused implementation). Meant for training.
+  which torch supports with an unfused implementation, forward only: calls that need
+  gradients use SDPA there). Meant for training.
 - "triton": our kernel (`kernels.triton_attention.attention`), CUDA only, forward
   only (calls that need gradients use SDPA).
 - "flash": flash-attn 3 (`flash_attn_interface`, Hopper: H100/H200) or 2
@@ -169,7 +170,8 @@ def flex_block_mask(q_block, k_block, tokens_per_frame: int, device):
 
 def flex_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
     mod = _flex_module()
-    if mod is None:
+    # eager flex (CPUs) has no backward: calls that record take SDPA, which differentiates
+    if mod is None or not q.is_cuda and needs_autograd(q, k, v):
         return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
     block_mask = None
     if block_mask_frames is not None:
@@ -179,6 +181,9 @@ def flex_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
         with _flex_compile_limits():
             out = _compiled_flex()(qt, kt, vt, block_mask=block_mask)
     else:
+        # eager flex refuses inputs that require grad even where nothing records (no_grad):
+        # detached, they are the same values
+        qt, kt, vt = qt.detach(), kt.detach(), vt.detach()
         with warnings.catch_warnings():  # eager flex warns that it is unfused; on CPU that is the point
             warnings.simplefilter("ignore")
             out = mod.flex_attention(qt, kt, vt, block_mask=block_mask)
