@@ -325,3 +325,25 @@ def test_partials_merged_by_log_sum_exp_have_the_gradients_of_whole_attention(mo
         monkeypatch.setattr(attention_backends, "_sdpa_flash_with_lse", lambda *a: calls.append(1) or (0, 0))
         attention_backends.attention_with_lse(q, k, v)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("backend", kernels.ATTENTION_BACKENDS)
+def test_a_call_with_no_keys_at_all_gets_zeros_from_every_backend(backend, masked):
+    """Lk = 0: every query sees no key, with a mask (no key frames) or without one. The empty-row
+    rule holds there too: 0 out (gradients 0 for the queries) and a log-sum-exp of -inf, where
+    the FP8 emulation's scales and row max, eager flex and the empty-row rule's own minimum over
+    the key frames refused the empty reduction."""
+    s = 3
+    q, k, v = (t.requires_grad_() for t in _qkv(2 * s, 0, seed=9))
+    mask = (torch.tensor([0, 1]), torch.tensor([], dtype=torch.long)) if masked else None
+    with torch.no_grad():
+        out = kernels.attention(q, k, v, mask, s, backend=backend)
+        assert torch.equal(out, torch.zeros_like(q))
+        out, lse = attention_backends.attention_with_lse(q, k, v, mask, s, backend)
+        assert torch.equal(out, torch.zeros_like(q)) and lse.shape == (2, 2, 2 * s)
+        assert (lse == float("-inf")).all()
+    out = kernels.attention(q, k, v, mask, s, backend=backend)  # with gradients
+    assert torch.equal(out.detach(), torch.zeros_like(q))
+    (grad_q,) = torch.autograd.grad(out.square().sum() + out.sum(), q)
+    assert torch.equal(grad_q, torch.zeros_like(q))

@@ -461,3 +461,20 @@ def test_ring_fp8_blocks_give_a_query_that_sees_no_key_zeros(backend):
         dist.destroy_process_group()
     assert out.isfinite().all()
     assert torch.equal(out[:, :s], torch.zeros_like(out[:, :s]))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("backend", ["sdpa", "fp8", "fp8_qk"])
+def test_ring_attention_with_no_keys_at_all_gives_zeros(backend, masked):
+    """Lk = 0 on every process: each query sees no key, so the ring's output is 0 as the dispatch's
+    is; its FP8 blocks quantized the empty keys and values themselves and refused the empty max."""
+    from streamgen.parallel.ring import ring_attention
+
+    q, k, v = torch.randn(1, 6, 2, 8), torch.randn(1, 0, 2, 8), torch.randn(1, 0, 2, 8)
+    mask = (torch.tensor([0, 1]), torch.tensor([], dtype=torch.long)) if masked else None
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        out = ring_attention(q, k, v, mask, 3, backend, group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(out, torch.zeros_like(q))

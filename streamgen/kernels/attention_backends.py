@@ -31,8 +31,10 @@ ring merge weighs 0). The backends disagreed: our kernel gave 0, SDPA's math 0 s
 the FP8 emulation NaN, and SDPA's CUDA kernels are not bound to either; a NaN would spread through
 the rest of the model. So no backend is handed such a row (`_seeing_every_key`): its frame sees
 every key instead and its output is set to 0 after, which also keeps its gradients finite (0 for
-its query; nothing from it for the keys and values). The model makes no such row: every query
-frame sees its own frame (block-causal), and a cache is read without a mask.
+its query; nothing from it for the keys and values). A call with no keys at all (Lk = 0, a static
+shape: a Python check, no synchronisation) is served those zeros without a backend. The model
+makes no such row: every query frame sees its own frame (block-causal), and a cache is read
+without a mask.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def attention(
     q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa", kv_cache=None
 ):  # fmt: skip
     run = _BY_NAME[check_attention_backend(backend)]
+    if k.shape[1] == 0:
+        return _attention_of_no_keys(q, k, v)[0].to(q.dtype)
     if kv_cache is not None and backend in FP8_BACKENDS:
         run = functools.partial(run, kv_cache=kv_cache)
     if block_mask_frames is None:
@@ -69,6 +73,14 @@ def _seeing_every_key(block_mask_frames, tokens_per_frame: int):
     empty = q_block < k_block.min()
     q_block = torch.where(empty, k_block.max().to(q_block.device), q_block)
     return (q_block, k_block), empty.repeat_interleave(tokens_per_frame)
+
+
+def _attention_of_no_keys(q, k, v):
+    """Lk = 0, every row empty: (out 0 [B, Lq, H, Dv] fp32, lse -inf [B, H, Lq] fp32), the empty
+    sums (several backends refuse the empty reduction, and the mask's rule takes a minimum over the
+    key frames). Computed from q, k and v, so that the output is in their graph (gradients 0)."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float())  # [B, H, Lq, 0]
+    return torch.einsum("bhqk,bkhd->bqhd", scores, v.float()), scores.logsumexp(-1)
 
 
 def available_backends(device) -> list[str]:
@@ -347,6 +359,8 @@ def attention_with_lse(q, k, v, block_mask_frames=None, tokens_per_frame: int = 
     The FP8 backends quantize once per ring instead (`fp8_ops`), so they are not served here.
     """
     check_attention_backend(backend)
+    if k.shape[1] == 0:
+        return _attention_of_no_keys(q, k, v)
     if block_mask_frames is None:
         return _attention_with_lse(q, k, v, None, tokens_per_frame, backend)
     block_mask_frames, empty = _seeing_every_key(block_mask_frames, tokens_per_frame)

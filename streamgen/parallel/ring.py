@@ -75,7 +75,7 @@ def block_attention(q, k, v, block_mask_frames, tokens_per_frame, backend, group
     it, gradients) the blocks are exact, as `kernels.attention` falls back to SDPA.
     """
     ops = attention_backends.fp8_ops(q, k, v) if backend in attention_backends.FP8_BACKENDS else None
-    if ops is None:
+    if ops is None or k.shape[1] == 0:  # no keys anywhere (every shard's length): the empty sums
 
         def attend(k_block, v_block):
             return attention_backends.attention_with_lse(
