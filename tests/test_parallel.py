@@ -14,6 +14,7 @@ start-up dominates on 2 cores).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -394,11 +395,14 @@ def test_ulysses_rejects_heads_not_divisible_by_degree():
         check_heads(12, 5)
 
 
-def _ring_gradient_worker(rank, world, port, result_dir):
-    """Ring attention with gradients on this process's shard of every frame, against one
-    process's attention over the whole sequence: outputs and the gradients of q, k and v."""
+def _gradient_worker(rank, world, port, result_dir):
+    """Ring and Ulysses attention with gradients on this process's shard of every frame, against
+    one process's attention over the whole sequence: outputs and the gradients of q, k and v."""
+    from streamgen import kernels
     from streamgen.kernels import reference
+    from streamgen.model.model import SelfAttention
     from streamgen.parallel.ring import ring_attention
+    from streamgen.parallel.ulysses import ulysses_attend
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -406,21 +410,35 @@ def _ring_gradient_worker(rank, world, port, result_dir):
     try:
         g = torch.Generator().manual_seed(0)
         s, ids = 3, torch.tensor([0, 1, 1, 2])  # 3 tokens of each frame per process; chunks of 2 frames
-        q, k, v = (torch.randn(2, len(ids) * s * world, 2, 8, generator=g) for _ in range(3))
+        q, k, v = (torch.randn(2, len(ids) * s * world, 4, 8, generator=g) for _ in range(3))
 
         def shard(t):  # [B, F * S, ...] -> this process's tokens of every frame
             return t.unflatten(1, (len(ids), world, s))[:, :, rank].flatten(1, 2)
 
+        def ring(backend):
+            return functools.partial(ring_attention, backend=backend, group=dist.group.WORLD)
+
+        def ulysses(backend):  # the seam's wrapper, no cache: Ulysses' all-to-alls around attention
+            attn = SelfAttention(tiny_config(attn_backend=backend))
+
+            def attend(q, k, v, mask, s):
+                return ulysses_attend(
+                    attn, dist.group.WORLD, kernels.attention, q, k, v, None, mask, s, None, None, 0, None
+                )
+
+            return attend
+
         errors = {}
-        for backend in ("sdpa", "flash", "fp8_qk"):
+        for mode, backend in [("ring", b) for b in ("sdpa", "flash", "fp8_qk")] + [("ulysses", "sdpa")]:
+            attend = ring(backend) if mode == "ring" else ulysses(backend)
             for mask in (None, (ids, ids)):
                 whole = [t.clone().requires_grad_() for t in (q, k, v)]
                 expected = reference.attention(*whole, mask, s * world)
                 expected_grads = torch.autograd.grad(expected.square().sum(), whole)
                 local = [shard(t).requires_grad_() for t in (q, k, v)]
-                out = ring_attention(*local, mask, s, backend, group=dist.group.WORLD)
+                out = attend(*local, mask, s)
                 grads = torch.autograd.grad(out.square().sum(), local, allow_unused=True)
-                name = f"{backend}/{'block_causal' if mask else 'full'}"
+                name = f"{mode}/{backend}/{'block_causal' if mask else 'full'}"
                 errors[f"{name}/out"] = (out - shard(expected)).abs().max().item()
                 for part, got, want in zip("qkv", grads, expected_grads):
                     error = float("inf") if got is None else (got - shard(want)).abs().max().item()
@@ -432,15 +450,17 @@ def _ring_gradient_worker(rank, world, port, result_dir):
 
 
 @pytest.mark.timeout(240)
-def test_ring_attention_gradients_equal_a_single_process(tmp_path):
-    """The blocks rotate as bytes, which autograd cannot follow: the keys' and values' gradients
-    were missing (None) and the queries' took the per-block log-sum-exp's gradient, which SDPA's
-    flash kernel (CUDA, bf16) does not give. A second ring in the backward gives all three."""
-    mp.spawn(_ring_gradient_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+def test_ring_and_ulysses_attention_gradients_equal_a_single_process(tmp_path):
+    """Ring: the blocks rotate as bytes, which autograd cannot follow: the keys' and values'
+    gradients were missing (None) and the queries' took the per-block log-sum-exp's gradient,
+    which SDPA's flash kernel (CUDA, bf16) does not give. A second ring in the backward gives all
+    three. Ulysses: its all-to-alls carried no gradients (q, k and v got none); their backward is
+    the inverse all-to-all."""
+    mp.spawn(_gradient_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     for rank in range(2):
         with open(tmp_path / f"grad{rank}.json") as f:
             errors = json.load(f)
-        assert len(errors) == 3 * 2 * 4 and all(e <= TOL for e in errors.values()), (rank, errors)
+        assert len(errors) == 4 * 2 * 4 and all(e <= TOL for e in errors.values()), (rank, errors)
 
 
 @pytest.mark.parametrize("backend", ["fp8", "fp8_qk"])

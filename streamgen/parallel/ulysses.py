@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from streamgen.kernels import needs_autograd
+
 
 def check_heads(num_heads: int, degree: int) -> None:
     if num_heads % degree:
@@ -26,11 +28,34 @@ def check_heads(num_heads: int, degree: int) -> None:
 
 
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
-    """x [P, ...] -> [P, ...]: slot j goes to process j, slot j of the result came from process j."""
+    """x [P, ...] -> [P, ...]: slot j goes to process j, slot j of the result came from process j.
+    Differentiable where autograd records (training): the collective writes a new buffer, which
+    autograd cannot follow."""
+    if needs_autograd(x):
+        return _AllToAll.apply(x, group)
+    return _exchange(x, group)
+
+
+def _exchange(x: torch.Tensor, group) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)  # after contiguous(): a permuted x would hand its strides to out
     dist.all_to_all_single(out, x, group=group)
     return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """`_exchange` with gradients. Process i's slot j holds process j's slot i after it, so the
+    exchange is its own inverse: the gradient of each slot goes back where the slot came from by
+    the same all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _exchange(x, group)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _exchange(grad_out, ctx.group), None
 
 
 def sequence_to_heads(x: torch.Tensor, tokens_per_frame: int, group) -> torch.Tensor:
