@@ -450,14 +450,18 @@ def _gradient_worker(rank, world, port, result_dir):
 
 
 @pytest.mark.timeout(240)
-def test_ring_and_ulysses_attention_gradients_equal_a_single_process(tmp_path):
+@pytest.mark.parametrize(
+    "world", [2, pytest.param(4, marks=pytest.mark.distributed)], ids=lambda w: f"{w}proc"
+)
+def test_ring_and_ulysses_attention_gradients_equal_a_single_process(tmp_path, world):
     """Ring: the blocks rotate as bytes, which autograd cannot follow: the keys' and values'
     gradients were missing (None) and the queries' took the per-block log-sum-exp's gradient,
     which SDPA's flash kernel (CUDA, bf16) does not give. A second ring in the backward gives all
-    three. Ulysses: its all-to-alls carried no gradients (q, k and v got none); their backward is
-    the inverse all-to-all."""
-    mp.spawn(_gradient_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
-    for rank in range(2):
+    three, its transfers overlapping the math (4 processes: gradient sums on their way while the
+    keys and values of the next block are too). Ulysses: its all-to-alls carried no gradients (q,
+    k and v got none); their backward is the inverse all-to-all."""
+    mp.spawn(_gradient_worker, args=(world, free_port(), str(tmp_path)), nprocs=world)
+    for rank in range(world):
         with open(tmp_path / f"grad{rank}.json") as f:
             errors = json.load(f)
         assert len(errors) == 4 * 2 * 4 and all(e <= TOL for e in errors.values()), (rank, errors)
