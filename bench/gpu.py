@@ -77,7 +77,7 @@ from streamgen.stream import StreamSession
 def build_model(flavor, height, width, device, dtype, quick, backend, window_frames=21) -> AvatarModel:
     from diffusers import AutoencoderKLWan
 
-    from streamgen.model.vae import WanVAE
+    from streamgen.model.wan_vae import WanVAE
 
     torch.manual_seed(0)
     cfg = get_config(flavor, frames_per_chunk=3, window_frames=window_frames, attn_backend=backend)

@@ -189,7 +189,7 @@ def build_wan_vae(device, dtype):
     """The Wan2.1 VAE's architecture (diffusers' defaults), seeded random weights."""
     from diffusers import AutoencoderKLWan
 
-    from streamgen.model.vae import WanVAE
+    from streamgen.model.wan_vae import WanVAE
 
     torch.manual_seed(0)
     with torch.device(device):

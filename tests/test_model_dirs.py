@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 from distill.build import export_model  # noqa: E402
 from streamgen.model import DiT, get_config  # noqa: E402
 from streamgen.model.tiny_decoder import TinyDecoder, TinyDecoderConfig, TinyDecoderVAE  # noqa: E402
-from streamgen.model.vae import WanVAE  # noqa: E402
+from streamgen.model.wan_vae import WanVAE  # noqa: E402
 from streamgen.models import AvatarModel, load_autoencoder, load_model  # noqa: E402
 from streamgen.stream import StreamSession  # noqa: E402
 

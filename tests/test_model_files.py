@@ -88,7 +88,7 @@ def test_every_file_of_an_export_is_fsynced_then_renamed_into_place(tmp_path, mo
 def _small_wan_vae(seed: int):
     from diffusers import AutoencoderKLWan
 
-    from streamgen.model.vae import WanVAE
+    from streamgen.model.wan_vae import WanVAE
 
     torch.manual_seed(seed)
     return WanVAE(AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1).eval())
@@ -99,7 +99,7 @@ def test_a_wan_vae_is_saved_whole_fsynced_or_not_at_all(tmp_path, monkeypatch):
     cut soon after could leave them empty), a kill mid-save left half a folder over the old one. It
     is written in a folder beside, its files and it fsynced, then put in wan_vae/'s place whole."""
     pytest.importorskip("diffusers")
-    from streamgen.model.vae import WanVAE
+    from streamgen.model.wan_vae import WanVAE
 
     old, new = _small_wan_vae(0), _small_wan_vae(1)
     old.save(tmp_path)

@@ -26,7 +26,8 @@ import torch.multiprocessing as mp
 
 from streamgen.model import DiT, get_config
 from streamgen.model.float8 import float8_linears
-from streamgen.model.vae import TinyCausalVAE, WanVAE
+from streamgen.model.vae import TinyCausalVAE
+from streamgen.model.wan_vae import WanVAE
 from streamgen.parallel.vae import decoder_receptive_radius
 from streamgen.sampling import encode_sink, generate_chunk, student_sigmas
 

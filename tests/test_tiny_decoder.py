@@ -174,7 +174,7 @@ def test_config_from_state_dict_of_the_published_wan_decoder():
 
 def _tiny_wan_vae():
     diffusers = pytest.importorskip("diffusers")
-    from streamgen.model.vae import WanVAE
+    from streamgen.model.wan_vae import WanVAE
 
     torch.manual_seed(0)
     kwargs = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1)

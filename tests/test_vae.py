@@ -6,7 +6,8 @@ from diffusers import AutoencoderKLWan
 from torch.nn.functional import pad as F_pad
 
 from streamgen.model.upsample import UpsampleConv2d
-from streamgen.model.vae import ResBlock2d, TinyCausalVAE, WanVAE
+from streamgen.model.vae import ResBlock2d, TinyCausalVAE
+from streamgen.model.wan_vae import WanVAE
 
 
 def decode_in_chunks(vae, z, sizes):

@@ -11,7 +11,7 @@ decoding the whole clip:
 - `TinyCausalVAE`: small and fast, trained here for `tiny-avatar`. Each latent
   frame holds `temporal_factor` video frames (stacked into channels) and sees
   the previous latent frame's features (a kernel-2 causal temporal mix).
-- `WanVAE` (streamgen/model/wan_vae.py; importable from here too): diffusers'
+- `WanVAE` (streamgen/model/wan_vae.py): diffusers'
   `AutoencoderKLWan` (real Wan2.1 weights load unchanged); its per-frame feature
   cache already makes chunked decoding exact, so the stream state is that cache.
 """
@@ -266,13 +266,3 @@ class TinyCausalVAE(VideoAutoencoder):
             raise ValueError(f"{where} does not fit {cls.__name__} ({e})") from None
         vae.load_state_dict(state)
         return vae
-
-
-def __getattr__(name: str):
-    """`WanVAE`, which lives in streamgen/model/wan_vae.py (it imports this module's base class),
-    as `from streamgen.model.vae import WanVAE` has always found it."""
-    if name == "WanVAE":
-        from streamgen.model.wan_vae import WanVAE
-
-        return WanVAE
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -266,7 +266,7 @@ def parallel_decoder(vae, latent_height: int, group=None):
     radius (`decoder_receptive_radius`: 17.75 latent rows with TAEHV's layout) would give each
     band a halo of most of the frame (at 480p, 60 latent rows: 2 bands would each decode 48)."""
     from streamgen.model.tiny_decoder import TinyDecoderVAE
-    from streamgen.model.vae import WanVAE
+    from streamgen.model.wan_vae import WanVAE
 
     group = group or dist.group.WORLD
     if isinstance(vae, TinyDecoderVAE) or latent_height % dist.get_world_size(group):
