@@ -41,22 +41,39 @@ class BatchTimes:
     """Seconds the worker takes for a batch of k sessions' chunks, a moving average per k. A
     batch size not seen yet is estimated from its neighbours: between two, linearly; above the
     largest, at that one's time per session (generating together costs no more per session than
-    apart); below the smallest, at that one's time (a smaller batch takes no longer)."""
+    apart); below the smallest, at that one's time (a smaller batch takes no longer).
 
-    def __init__(self, weight: float = 0.2):
+    A size not timed in the last `stale_after` batches is taken no slower than that from the
+    largest size below it timed since. A size timed too slow to fit (in a slowdown: another
+    process on the cores) is not timed again, since the capacity then admits fewer sessions, and
+    its old time held the capacity down for good (4 sessions where 9 fit: test_server_batching). A size
+    that is truly slower in a bigger batch is thus admitted again after a while, and timed again."""
+
+    def __init__(self, weight: float = 0.2, stale_after: int = 200):
         self.weight = weight
+        self.stale_after = stale_after
         self._seconds: dict[int, float] = {}
+        self._timed_at: dict[int, int] = {}  # size -> the count of batches timed when it was last timed
+        self._timed = 0
         self._lock = threading.Lock()
 
     def observe(self, sessions: int, seconds: float) -> None:
         with self._lock:
             old = self._seconds.get(sessions)
             self._seconds[sessions] = seconds if old is None else old + self.weight * (seconds - old)
+            self._timed += 1
+            self._timed_at[sessions] = self._timed
 
     def estimate(self, sessions: int) -> float | None:
         """None until a batch has been timed."""
         with self._lock:
             known = dict(self._seconds)
+            stale = {k for k, at in self._timed_at.items() if self._timed - at >= self.stale_after}
+        for k in sorted(stale):
+            fresher = [j for j in known if j < k and j not in stale]
+            if fresher:
+                j = max(fresher)
+                known[k] = min(known[k], known[j] * k / j)
         if not known:
             return None
         if sessions in known:

@@ -68,6 +68,20 @@ def test_batch_times_average_per_size_and_estimate_the_sizes_not_seen():
     assert bt2.estimate(2) == 0.080  # below the smallest seen: no longer than it
 
 
+def test_a_size_not_timed_for_a_while_is_taken_no_slower_than_the_sizes_timed_since():
+    bt = BatchTimes(weight=0.5, stale_after=10)
+    bt.observe(6, 0.60)  # slow (a slowdown, or a bigger batch costing more a session)
+    bt.observe(8, 0.16)  # fast (a pass's fixed cost shared)
+    for _ in range(8):
+        bt.observe(2, 0.06)
+    assert bt.estimate(6) == pytest.approx(0.60)  # 9 batches timed since: as timed
+    bt.observe(2, 0.06)
+    bt.observe(2, 0.06)
+    assert bt.estimate(6) == pytest.approx(0.18)  # at the time per session of 2, timed since
+    assert bt.estimate(8) == pytest.approx(0.16)  # faster than that: kept (timed again once admitted)
+    assert bt.estimate(7) == pytest.approx(0.17)
+
+
 def test_plan_generates_what_is_due_and_waits_for_chunks_due_soon_that_fit_before_the_play_times():
     estimate = times(k1=0.03, k2=0.04)
     assert plan_batch(10.0, [], estimate) == ([], None)

@@ -305,3 +305,34 @@ def test_the_capacity_is_the_largest_batch_measured_to_fit_the_chunk_period(monk
     served = max(k for k in range(1, 20) if batch_seconds(k) <= room)  # in real time
     measured = max(k for k in (1, 2, 8) if batch_seconds(k) <= room)  # a batch timed and fitting
     assert measured <= worker.capacity(CHUNK_S, limit=16) <= served
+
+
+def test_a_batch_size_timed_slow_in_a_passing_slowdown_does_not_lower_the_capacity_for_good(monkeypatch):
+    """Batches of 5 timed during a slowdown (another process on the cores), then only batches of
+    4, at the machine's usual speed: no batch of 5 runs again to correct that size's time, since
+    it said 5 did not fit. The capacity must come back to what the batches timed since fit."""
+    from test_server_clock import CHUNK_S, make_session
+
+    import server.scheduler as scheduler
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(scheduler, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    worker = InferenceWorker(ServerMetrics())
+    per_session = SimpleNamespace(seconds=0.03)  # batches of k take 0.03 k s: 9 fit 0.85 x 0.32 s
+    worker.chunk_time_ema = per_session.seconds
+    worker.batch_times.observe(1, per_session.seconds)
+    sessions = []
+    for i in range(5):
+        s = make_session()
+        s.id = f"s{i}"
+        s.stream = TimedStream(clock=clock, batch=[0], per_session=lambda k: per_session.seconds)
+        sessions.append(s)
+    per_session.seconds = 0.1  # the slowdown: 5 sessions' batches take 0.5 s
+    for _ in range(20):
+        worker.run_chunks(sessions)
+    assert worker.capacity(CHUNK_S, limit=16) < 5  # (measured then: they did not fit)
+    per_session.seconds = 0.03  # over; one session has left
+    for _ in range(400):  # ~2 minutes of chunks
+        worker.run_chunks(sessions[:4])
+    served = max(k for k in range(1, 20) if 0.03 * k <= 0.85 * CHUNK_S)
+    assert worker.capacity(CHUNK_S, limit=16) == served
