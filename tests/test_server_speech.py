@@ -20,11 +20,7 @@ def spoken_session(room_s: float) -> SimpleNamespace:
     return SimpleNamespace(timeline=timeline, closed=False, speech_turns=turns, touch=lambda: None)
 
 
-async def test_a_text_the_queue_has_no_room_for_is_refused_before_its_synthesis(monkeypatch):
-    """The pre-check assumed 25 characters a second where espeak-ng speaks about 17: this text
-    (12 s of speech) passed it for 8 s of room, was synthesised, and then refused for lack of room."""
-    text = "The quick brown fox jumps over the lazy dog. " * 4  # 180 characters
-    assert synthesize(text).duration > 8.0 and len(text) / 25 < 8.0
+async def refused_before_its_synthesis(monkeypatch, text: str, room: float) -> None:
     synthesised = []
 
     def counted(text, voice):
@@ -33,8 +29,16 @@ async def test_a_text_the_queue_has_no_room_for_is_refused_before_its_synthesis(
 
     monkeypatch.setattr(speech, "synthesize", counted)
     with pytest.raises(speech.SpeechError, match="too little for this text"):
-        await speech.speak(spoken_session(8.0), text)
+        await speech.speak(spoken_session(room), text)
     assert synthesised == []  # refused up front, not after a synthesis for nothing
+
+
+async def test_a_text_the_queue_has_no_room_for_is_refused_before_its_synthesis(monkeypatch):
+    """The pre-check assumed 25 characters a second where espeak-ng speaks about 17: this text
+    (12 s of speech) passed it for 8 s of room, was synthesised, and then refused for lack of room."""
+    text = "The quick brown fox jumps over the lazy dog. " * 4  # 180 characters
+    assert synthesize(text).duration > 8.0 and len(text) / 25 < 8.0
+    await refused_before_its_synthesis(monkeypatch, text, room=8.0)
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
@@ -70,16 +74,7 @@ def test_the_room_estimate_counts_what_espeak_reads_out_for_digits_and_abbreviat
 
 async def test_a_text_of_numbers_the_queue_has_no_room_for_is_refused_before_its_synthesis(monkeypatch):
     text = DIGITS_AND_ABBREVIATIONS[0]  # 78 characters, ~15 s of speech
-    synthesised = []
-
-    def counted(text, voice):
-        synthesised.append(text)
-        return synthesize(text, voice)
-
-    monkeypatch.setattr(speech, "synthesize", counted)
-    with pytest.raises(speech.SpeechError, match="too little for this text"):
-        await speech.speak(spoken_session(8.0), text)
-    assert synthesised == []
+    await refused_before_its_synthesis(monkeypatch, text, room=8.0)
 
 
 def test_counting_phonemes_leaves_the_next_synthesis_as_it_was():
