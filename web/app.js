@@ -94,7 +94,10 @@ async function loadAvatars() {
     b.type = "button";
     b.title = a.name;
     b.setAttribute("aria-pressed", String(a.id === avatar));
-    b.innerHTML = `<img alt="${a.name}" src="${a.image}">`;
+    const img = document.createElement("img"); // (properties, not markup: a name is text)
+    img.alt = a.name;
+    img.src = a.image;
+    b.append(img);
     b.onclick = () => {
       avatar = a.id;
       for (const other of box.children) other.setAttribute("aria-pressed", String(other === b));
