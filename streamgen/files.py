@@ -403,7 +403,7 @@ def new_folder_beside(path) -> Path:
     """A new folder beside `path`, named as `new_file_beside`'s files are, for a writer that stages
     several files (and removes the folder itself). Beside a symlink's target (`followed`)."""
     path = followed(path)
-    remove_abandoned(path)
+    remove_abandoned(path, folder=True)
     return Path(
         tempfile.mkdtemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}-", suffix=".tmp", dir=path.parent)
     )
@@ -416,26 +416,31 @@ def temp_files_beside(path) -> list[Path]:
     return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
 
 
-def remove_abandoned(path) -> None:
+def remove_abandoned(path, folder: bool = False) -> None:
     """Remove the temp files and folders beside `path` whose writer, on this host, has ended, and
     those whose writer cannot be asked after (the older writers' fixed names too) once untouched
-    for `ABANDONED_AFTER_S`."""
+    for `ABANDONED_AFTER_S`. `folder`: `path` is a folder's (`new_folder_beside`), not a file's."""
     path = Path(path)
     since = time.time() - ABANDONED_AFTER_S
     for tmp in temp_files_beside(path):
         tag = tmp.name[len(path.name) + 2 :]
         if _writer_gone(tag) or (_unaskable(tag, tmp) and _untouched(tmp, since)):
             _remove(tmp)
-    for tmp in fixed_temp_names(path):
-        if os.path.lexists(tmp) and _untouched(tmp, since):
+    for tmp in fixed_temp_names(path, folder):
+        # (of the kind the older writer made: a folder of that name beside a file is not its)
+        if os.path.lexists(tmp) and tmp.is_dir() == folder and _untouched(tmp, since):
             _remove(tmp)
 
 
-def fixed_temp_names(path) -> list[Path]:
-    """The temp files the writers of `path` had before each had a name of its own: `.NAME.tmp`
-    (weights, checkpoints, the autoencoder's staging folder) and `NAME.tmp` (model.json, the
-    dataset's manifest, a shard's .npz). No writer makes them now; a killed one left them."""
+def fixed_temp_names(path, folder: bool = False) -> list[Path]:
+    """The temp files the writers of `path` had before each had a name of its own: a file's
+    `.NAME.tmp` (weights, checkpoints) and `NAME.tmp` (model.json, the dataset's manifest, a
+    shard's .npz); a folder's, only the autoencoder's staging folder `.autoencoder.tmp`. No writer
+    makes them now; a killed one left them. No other: `NAME.tmp` beside a model folder NAME is
+    no writer's (a user's copy of it, say, which `cp -a` leaves a day old at once)."""
     path = Path(path)
+    if folder:
+        return [path.with_name(".autoencoder.tmp")] if path.name == "autoencoder" else []
     return [path.with_name(f".{path.name}.tmp"), path.with_name(f"{path.name}.tmp")]
 
 

@@ -766,3 +766,29 @@ def test_the_fixed_temp_names_of_older_writers_are_removed_once_untouched_for_a_
     assert sorted(p.name for p in d.iterdir() if not p.name.endswith((".json", ".safetensors"))) == [
         "notes.txt"
     ]
+
+
+def test_a_users_folder_named_like_an_older_temp_name_is_kept(tmp_path):
+    """The older writers' fixed temp names were files (`.NAME.tmp`, `NAME.tmp`) and one staging
+    folder (`.autoencoder.tmp`). A copy of a model folder kept beside it as `NAME.tmp` (cp -a keeps
+    its times, so it is a day old at once) is the user's, and was deleted whole by the next export;
+    so was a folder `NAME.tmp` beside a file written atomically."""
+    from streamgen.files import ABANDONED_AFTER_S, write_text_atomically
+    from streamgen.model.config import get_config
+    from streamgen.model.model import DiT
+    from streamgen.model.vae import TinyCausalVAE
+    from streamgen.models import AvatarModel, save_model
+
+    old = os.stat(tmp_path).st_mtime - ABANDONED_AFTER_S - 3600
+    d = tmp_path / "avatar"
+    model = AvatarModel("m", DiT(get_config("debug")).eval(), TinyCausalVAE(4, (8, 16), 4).eval())
+    save_model(model, d)
+    copies = [tmp_path / "avatar.tmp", tmp_path / ".avatar.tmp", tmp_path / "results.json.tmp"]
+    for copy in copies:
+        copy.mkdir()
+        (copy / "model.json").write_text("{}")
+        for p in (copy / "model.json", copy):
+            os.utime(p, (old, old))
+    save_model(model, d)
+    write_text_atomically(tmp_path / "results.json", "{}")
+    assert [copy.name for copy in copies if (copy / "model.json").exists()] == [c.name for c in copies]
