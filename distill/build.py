@@ -57,10 +57,10 @@ def _read_dit(source: str, overrides: dict, digest: bool):
     if source.startswith("wan:"):
         from streamgen.model.wan import load_pretrained
 
-        # (a Wan checkpoint is a download, not re-exported in place by this project's writers: its
-        # digest is read apart)
-        fingerprint = weights_digest(source) if digest else None
         try:
+            # (a Wan checkpoint is a download, not re-exported in place by this project's writers:
+            # its digest is read apart)
+            fingerprint = weights_digest(source) if digest else None
             return load_pretrained(source[4:], **overrides), fingerprint
         except (OSError, ValueError, KeyError) as e:
             raise ModelSourceError(f"cannot load the Wan checkpoint {source[4:]}: {e}") from None
@@ -101,7 +101,10 @@ def weights_digest(source: str) -> str:
     retrained or replaced at the same path has another). `load_frozen_and_digest` gives the
     same one for the weights it loads."""
     if source.startswith("wan:"):
-        files = sorted(Path(source[4:]).glob("*.safetensors"))
+        from streamgen.model.wan import transformer_dir, weight_files
+
+        # the files load_pretrained reads (a pipeline folder's are in transformer/)
+        files = weight_files(transformer_dir(source[4:]))
     else:
         files = [_model_dir(source) / "dit.safetensors"]
     h = hashlib.sha1()

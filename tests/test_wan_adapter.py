@@ -136,3 +136,19 @@ def test_a_checkpoint_the_size_of_a_flavor_gets_its_audio_width():
     assert cfg.audio_dim == flavor.audio_dim == 512
     assert config_from_diffusers(diffusers_config(flavor), audio_dim=64).audio_dim == 64
     assert config_from_diffusers(dict(tiny_wan().config)).audio_dim == ModelConfig().audio_dim
+
+
+def test_the_weights_digest_of_a_wan_pipeline_folder_is_of_its_transformers_weights(tmp_path):
+    """`wan:DIR` loads a pipeline folder's transformer/ (load_pretrained); its digest, which a run
+    keeps to refuse a resume against another teacher, hashed DIR/*.safetensors: none there, so
+    every pipeline folder had one digest, of nothing, whatever its weights."""
+    from distill.build import load_frozen_and_digest, weights_digest
+
+    digests = []
+    for seed in (3, 4):
+        tiny_wan(seed).save_pretrained(tmp_path / "pipeline" / "transformer", safe_serialization=True)
+        digests.append(weights_digest(f"wan:{tmp_path / 'pipeline'}"))
+        assert load_frozen_and_digest(f"wan:{tmp_path / 'pipeline'}")[1] == digests[-1]
+    assert digests[0] != digests[1]
+    # a transformer folder itself: the same digest as the pipeline folder around it
+    assert weights_digest(f"wan:{tmp_path / 'pipeline' / 'transformer'}") == digests[1]

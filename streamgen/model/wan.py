@@ -141,9 +141,15 @@ def diffusers_config(cfg: ModelConfig) -> dict:
     }
 
 
-def _read_safetensors_dir(d: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def transformer_dir(path) -> Path:
+    """The diffusers-format Wan transformer folder `path` names: itself, or a pipeline folder's
+    transformer/."""
+    d = Path(path)
+    return d / "transformer" if (d / "transformer" / "config.json").exists() else d
 
+
+def weight_files(d: Path) -> list[Path]:
+    """The .safetensors files of the transformer folder `d` (an index's shards where it has one)."""
     index = sorted(d.glob("*.safetensors.index.json"))
     if index:
         shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
@@ -152,17 +158,21 @@ def _read_safetensors_dir(d: Path) -> dict[str, torch.Tensor]:
         files = sorted(d.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors weights in {d}")
+    return files
+
+
+def _read_safetensors_dir(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     sd = {}
-    for f in files:
+    for f in weight_files(d):
         sd.update(load_file(str(f)))
     return sd
 
 
 def load_pretrained(path, dtype=torch.float32, device="cpu", **overrides) -> DiT:
     """Load a diffusers-format Wan transformer directory (or a pipeline dir with transformer/)."""
-    d = Path(path)
-    if (d / "transformer" / "config.json").exists():
-        d = d / "transformer"
+    d = transformer_dir(path)
     if not (d / "config.json").exists():
         raise FileNotFoundError(f"{d} has no config.json (expected a diffusers-format Wan transformer)")
     cfg = config_from_diffusers(json.loads((d / "config.json").read_text()), **overrides)
