@@ -191,8 +191,10 @@ def write_folder_atomically(
         if carry is not None and path.is_dir():
             for old in path.iterdir():
                 if carry(old.name) and not os.path.lexists(new / old.name):
+                    # (its version before the copy: a change while a folder is copied is one)
+                    version = _version(old)
                     _link_copy(old, new / old.name)
-                    carried[old.name] = (_version(old), _version(new / old.name))
+                    carried[old.name] = (version, _version(new / old.name))
         if path.is_dir():
             _take_permissions(path, new)
         _fsync_tree(new)

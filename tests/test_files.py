@@ -792,3 +792,29 @@ def test_a_users_folder_named_like_an_older_temp_name_is_kept(tmp_path):
     save_model(model, d)
     write_text_atomically(tmp_path / "results.json", "{}")
     assert [copy.name for copy in copies if (copy / "model.json").exists()] == [c.name for c in copies]
+
+
+def test_a_sample_added_to_a_carried_folder_while_it_is_copied_is_kept(tmp_path, monkeypatch):
+    """A carried folder (samples/ beside a model) is copied file by file, as listed at the start; a
+    file another process adds to it meanwhile is not in the copy. The old folder's version was
+    taken after the copy, so the change went unseen and the file went with the old folder."""
+    from streamgen import files
+
+    d = tmp_path / "model"
+    (d / "samples").mkdir(parents=True)
+    (d / "weights").write_text("old")
+    (d / "samples" / "0.png").write_text("first")
+    os.utime(d / "samples", (1, 1))  # (its time before the write below, on any clock's grain)
+    real = files._link_copy
+
+    def then_added(src, dst):
+        real(src, dst)
+        if src.name == "samples":
+            (src / "1.png").write_text("added while copied")
+
+    monkeypatch.setattr(files, "_link_copy", then_added)
+    files.write_folder_atomically(
+        d, lambda new: (new / "weights").write_text("new"), carry=lambda n: n != "weights"
+    )
+    assert (d / "weights").read_text() == "new"
+    assert sorted(p.name for p in (d / "samples").iterdir()) == ["0.png", "1.png"]
