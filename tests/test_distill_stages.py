@@ -243,7 +243,10 @@ def test_ode_trajectories_of_a_teacher_retrained_at_the_same_path_are_refused(pi
 def test_ode_trajectories_record_the_digest_of_the_teacher_that_sampled_them(pipeline, tmp_path, monkeypatch):
     """The digest in the trajectories' file was read from dit.safetensors apart from the teacher's
     weights: a teacher re-exported between the two reads sampled them under the old one's digest
-    (and a resume then took them as the new teacher's)."""
+    (and a resume then took them as the new teacher's). The retrained teacher is put in place
+    right after the first read of the file, whichever reads it."""
+    import builtins
+    import io
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -257,23 +260,30 @@ def test_ode_trajectories_record_the_digest_of_the_teacher_that_sampled_them(pip
     weights = load_file(str(teacher / "dit.safetensors"))
     key = next(k for k in weights if weights[k].is_floating_point())  # (what tells the two apart)
     save_file({k: v * 1.01 for k, v in weights.items()}, str(tmp_path / "retrained.safetensors"))
-    real_digest, real_velocity = distill.ode.weights_digest, distill.ode.guided_velocity
+    real_open, real_velocity = io.open, distill.ode.guided_velocity
     swapped, sampled_by = [], set()
 
-    def digest_then_retrain(source):
-        digest = real_digest(source)
-        if not swapped:  # the retrained teacher put in place right after the first read
-            swapped.append(1)
-            os.replace(tmp_path / "retrained.safetensors", teacher / "dit.safetensors")
-        return digest
+    class RetrainedOnClose(io.BufferedReader):
+        def close(self):
+            super().close()
+            if not swapped:
+                swapped.append(1)
+                os.replace(tmp_path / "retrained.safetensors", teacher / "dit.safetensors")
+
+    def opened(file, mode="r", *args, **kwargs):
+        if os.fspath(file) == str(teacher / "dit.safetensors") and "b" in mode and not swapped:
+            return RetrainedOnClose(real_open(file, "rb", buffering=0))
+        return real_open(file, mode, *args, **kwargs)
 
     def velocity(net, *args, **kwargs):
         sampled_by.add(float(net.state_dict()[key].double().sum()))
         return real_velocity(net, *args, **kwargs)
 
-    monkeypatch.setattr(distill.ode, "weights_digest", digest_then_retrain)
+    monkeypatch.setattr(io, "open", opened)  # (pathlib's)
+    monkeypatch.setattr(builtins, "open", opened)
     monkeypatch.setattr(distill.ode, "guided_velocity", velocity)
     run(debug_config("ode", tmp_path / "ode", teacher=teacher, init=pipeline["teacher"], **{"run.steps": 1}))
+    monkeypatch.undo()
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "ode" / "trajectories.safetensors"), "pt") as f:
@@ -281,6 +291,7 @@ def test_ode_trajectories_record_the_digest_of_the_teacher_that_sampled_them(pip
     retrained = load_file(str(teacher / "dit.safetensors"))
     sums = {before: weights[key], weights_digest(str(teacher)): retrained[key]}
     sums = {digest: float(w.double().sum()) for digest, w in sums.items()}
+    assert swapped and len(sums) == 2, "the retrained teacher was never put in place"
     assert recorded in sums and sampled_by == {sums[recorded]}
 
 
