@@ -71,7 +71,13 @@ def write_atomically(path, write: Callable[[Path], object]) -> None:
     path = followed(path)
     tmp = new_file_beside(path)
     try:
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         write(tmp)
+        # (a writer that renames a file of its own over `tmp` (safetensors' save_file) leaves that
+        # file's mode, 0600: set back to the umask's that new_file_beside gave `tmp`, so that a
+        # server run as another user can read an exported model)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
+            os.chmod(tmp, mode)
         put_in_place(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -96,6 +102,24 @@ def new_file_beside(path) -> Path:
             return tmp
         except FileExistsError:
             continue
+
+
+def with_umask_mode(folder) -> None:
+    """The files under `folder` with the mode open() gives a new file there (by the umask), which
+    `write_atomically`'s have: a writer of a whole folder that renames files of its own into it
+    (diffusers' save_pretrained, through safetensors' save_file) leaves them 0600, the writer's alone,
+    so that a server run as another user could not read them. (The mode of a file made to see it:
+    reading the umask means setting it, under every other thread's feet.)"""
+    probe = new_file_beside(Path(folder) / ".mode")
+    try:
+        mode = stat.S_IMODE(os.stat(probe).st_mode)
+    finally:
+        probe.unlink()
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(parent, name)
+            if not os.path.islink(p) and stat.S_IMODE(os.stat(p).st_mode) != mode:
+                os.chmod(p, mode)
 
 
 def put_in_place(tmp, path) -> None:

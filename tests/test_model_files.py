@@ -131,3 +131,26 @@ def test_a_wan_vae_is_saved_whole_fsynced_or_not_at_all(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["wan_vae"]
     loaded = WanVAE.load(tmp_path).vae.state_dict()
     assert all(torch.equal(v, loaded[k]) for k, v in new.vae.state_dict().items())
+
+
+def test_an_exports_weights_have_the_umasks_mode(tmp_path):
+    """safetensors' save_file (0.8) writes a file of its own and renames it over the one it is
+    given, with mode 0600: every weights file written atomically (a model's DiT and autoencoder,
+    checkpoints) was the writer's alone, so a server run as another user could not load a model
+    `make model` had exported, unlike its model.json beside them."""
+    from streamgen.model.config import get_config
+    from streamgen.model.files import save_safetensors
+    from streamgen.model.model import DiT
+    from streamgen.model.vae import TinyCausalVAE
+    from streamgen.models import AvatarModel, save_model
+
+    umask = os.umask(0o022)
+    try:
+        model = AvatarModel("m", DiT(get_config("debug")).eval(), TinyCausalVAE(4, (8, 16), 4).eval())
+        save_model(model, tmp_path / "model")
+        save_safetensors({"w": torch.ones(2)}, tmp_path / "step.safetensors")
+    finally:
+        os.umask(umask)
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    modes = {p.relative_to(tmp_path).as_posix(): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    assert modes == dict.fromkeys(modes, oct(0o644))

@@ -511,3 +511,25 @@ def test_wan_vae_saves_into_a_wan_vae_folder_that_is_a_mount_point(tmp_path, mon
 
             gc.collect()  # (the loaded weights map their file: the volume is busy while they live)
             subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("mount", [False, True])
+@torch.no_grad()
+def test_wan_vae_files_have_the_umasks_mode(tmp_path, monkeypatch, mount):
+    """save_pretrained's weights (safetensors' save_file, a file of its own renamed into place) are
+    0600, the writer's alone: a server run as another user could not load the model's autoencoder.
+    Put in place whole or written into a mount point, they have the mode open() gives (the umask's)."""
+    import os
+    import stat
+
+    folder = tmp_path / WanVAE.DIRECTORY
+    folder.mkdir()
+    if mount:
+        _as_a_mount_point(monkeypatch, os.path.realpath(folder))
+    umask = os.umask(0o022)
+    try:
+        tiny_wan_vae().save(tmp_path)
+    finally:
+        os.umask(umask)
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in folder.iterdir()}
+    assert modes == {"config.json": oct(0o644), "diffusion_pytorch_model.safetensors": oct(0o644)}

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamgen import kernels
-from streamgen.files import write_folder_atomically, write_into_folder
+from streamgen.files import with_umask_mode, write_folder_atomically, write_into_folder
 from streamgen.model.upsample import FoldedTaps, upsample_conv3x3
 from streamgen.model.vae import VideoAutoencoder
 
@@ -228,7 +228,11 @@ class WanVAE(VideoAutoencoder):
         where it cannot be put in place whole (a mount point, a file system that exchanges no
         folders: `write_folder_atomically`), its files one by one, config.json last."""
         Path(directory).mkdir(parents=True, exist_ok=True)
-        save = self.vae.save_pretrained
+
+        def save(folder: Path) -> None:
+            self.vae.save_pretrained(folder)
+            with_umask_mode(folder)  # (its weights are 0600: another user's server could not read them)
+
         write_folder_atomically(
             Path(directory) / self.DIRECTORY, save, in_place=lambda folder: write_into_folder(folder, save)
         )
