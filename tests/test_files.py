@@ -487,6 +487,19 @@ def test_a_symlink_at_the_target_is_followed_not_replaced(tmp_path):
     assert _temp_files(tmp_path) == []
 
 
+def made_at(p: Path, when: float, folder: bool, touched: float) -> Path:
+    """A temp file (or a staging folder with weights in it, written at `touched`) at `p`, last
+    changed at `when`."""
+    if folder:
+        p.mkdir()
+        (p / "vae.safetensors").write_bytes(b"weights")
+        os.utime(p / "vae.safetensors", (touched, touched))
+    else:
+        p.write_bytes(b"weights")
+    os.utime(p, (when, when))
+    return p
+
+
 def test_temp_files_whose_writer_cannot_be_asked_after_are_removed_once_untouched_for_a_day(tmp_path):
     """The previous naming's temp files (`.NAME.<hex>.tmp`, the staging `.autoencoder.<rand>.tmp`)
     name no writer, and those of another host or of a container whose PID namespace has gone name
@@ -499,15 +512,7 @@ def test_temp_files_whose_writer_cannot_be_asked_after_are_removed_once_untouche
     old = os.stat(tmp_path).st_mtime - ABANDONED_AFTER_S - 3600
 
     def made(name, folder=False, touched=old):
-        p = tmp_path / name
-        if folder:
-            p.mkdir()
-            (p / "vae.safetensors").write_bytes(b"weights")
-            os.utime(p / "vae.safetensors", (touched, touched))
-        else:
-            p.write_bytes(b"weights")
-        os.utime(p, (old, old))
-        return p
+        return made_at(tmp_path / name, old, folder, touched)
 
     other_namespace = _HOST[:-12] + "0123456789ab"  # this host's name, another PID namespace
     gone = [
@@ -738,15 +743,7 @@ def test_the_fixed_temp_names_of_older_writers_are_removed_once_untouched_for_a_
     old = os.stat(tmp_path).st_mtime - ABANDONED_AFTER_S - 3600
 
     def made(name, folder=False):
-        p = tmp_path / name
-        if folder:
-            p.mkdir()
-            (p / "vae.safetensors").write_bytes(b"weights")
-            os.utime(p / "vae.safetensors", (old, old))
-        else:
-            p.write_bytes(b"weights")
-        os.utime(p, (old, old))
-        return p
+        return made_at(tmp_path / name, old, folder, old)
 
     gone = [made(".dit.safetensors.tmp"), made("manifest.json.tmp"), made(".autoencoder.tmp", folder=True)]
     kept = [made(".dit.tmp.safetensors"), made("dit.safetensors.tmp")]  # (a shape no writer made; fresh)
