@@ -287,12 +287,21 @@ def _carry_late(old: Path, path: Path, carry: Callable[[str], bool], carried: di
 
 def _version(entry: Path) -> tuple | None:
     """Which file (or folder) `entry` is and which version of it: another after a rename over it, or
-    a write into it."""
+    a write into it. A folder's is of everything in it too (a file written into a folder inside it
+    changes no time of its own)."""
     try:
         st = os.lstat(entry)
+        version = [(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)]
+        if stat.S_ISDIR(st.st_mode):
+            for folder, names, files in os.walk(entry):
+                names.sort()  # (one order of visits for one content)
+                for name in sorted((*names, *files)):
+                    inner = os.path.join(folder, name)
+                    st = os.lstat(inner)
+                    version.append((os.path.relpath(inner, entry), st.st_ino, st.st_mtime_ns, st.st_size))
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+    return tuple(version)
 
 
 def _take_permissions(old: Path, new: Path) -> None:

@@ -815,3 +815,27 @@ def test_a_sample_added_to_a_carried_folder_while_it_is_copied_is_kept(tmp_path,
     )
     assert (d / "weights").read_text() == "new"
     assert sorted(p.name for p in (d / "samples").iterdir()) == ["0.png", "1.png"]
+
+
+def test_a_file_added_deep_in_a_carried_folder_while_the_new_one_is_synced_is_kept(tmp_path, monkeypatch):
+    """A carried folder's version was its own entry's alone: a sample written into a folder inside
+    it (samples/run1/) while the new folder was fsynced changed no time of samples/ itself, and went
+    with the old folder."""
+    from streamgen import files
+
+    d = tmp_path / "model"
+    (d / "samples" / "run1").mkdir(parents=True)
+    (d / "weights").write_text("old")
+    (d / "samples" / "run1" / "0.png").write_text("first")
+    real = files._fsync_tree
+
+    def meanwhile(folder):
+        (d / "samples" / "run1" / "1.png").write_text("written meanwhile")
+        return real(folder)
+
+    monkeypatch.setattr(files, "_fsync_tree", meanwhile)
+    files.write_folder_atomically(
+        d, lambda new: (new / "weights").write_text("new"), carry=lambda n: n != "weights"
+    )
+    assert (d / "weights").read_text() == "new"
+    assert sorted(p.name for p in (d / "samples" / "run1").iterdir()) == ["0.png", "1.png"]
