@@ -96,6 +96,11 @@ def _safetensors_from_bytes(data: bytes, path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+# what weights_digest gave every `wan:` pipeline folder before it read its transformer/: the digest
+# of no file, which says nothing of the teacher; a record of it is taken as none
+NO_FILE_DIGEST = hashlib.sha1().hexdigest()[:16]
+
+
 def weights_digest(source: str) -> str:
     """A fingerprint of the DiT weights `load_dit(source)` reads: their files' bytes (a model
     retrained or replaced at the same path has another). `load_frozen_and_digest` gives the

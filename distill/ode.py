@@ -18,7 +18,14 @@ from pathlib import Path
 
 import torch
 
-from distill.build import export_model, load_frozen_and_digest, load_vae, new_dit, weights_digest
+from distill.build import (
+    NO_FILE_DIGEST,
+    export_model,
+    load_frozen_and_digest,
+    load_vae,
+    new_dit,
+    weights_digest,
+)
 from distill.config import ConfigError
 from distill.data import load_bank
 from distill.distributed import barrier, broadcast_module
@@ -100,8 +107,11 @@ class Stage:
 
         with safe_open(str(path), "pt") as f:
             kept = f.metadata() or {}
+        unknown = {"teacher_weights": NO_FILE_DIGEST}  # (a record that says nothing)
         differ = [
-            f"{k}: {kept[k]} there, {v} here" for k, v in made_with.items() if k in kept and kept[k] != v
+            f"{k}: {kept[k]} there, {v} here"
+            for k, v in made_with.items()
+            if k in kept and kept[k] != v and kept[k] != unknown.get(k)
         ]
         if differ:
             raise ConfigError(

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from distill import checkpoint as ckpt
+from distill.build import NO_FILE_DIGEST
 from distill.config import (
     ConfigError,
     OptimConfig,
@@ -382,7 +383,8 @@ class Trainer:
         written (retrained at the same path, or another one), unless data.accept_remade: a path
         given with --set says nothing (`make model` gives the teacher to every stage). Checked once
         the stage has read it (the digest is of the weights it loaded). (The ode stage's teacher is
-        checked by its trajectories' file.) A checkpoint that does not record one is not checked."""
+        checked by its trajectories' file.) A checkpoint that does not record one (or records the
+        digest of no file, `NO_FILE_DIGEST`) is not checked."""
         if self.cfg.data.accept_remade:
             return
         kept = ckpt.checkpoint_header(latest).get("input_identity") or {}
@@ -390,7 +392,7 @@ class Trainer:
             f"the {key.split('.')[-1]} {setting(self.cfg, key)} ({key}) has other weights than the run's "
             f"(weights digest {kept[key]} then, {now} now)"
             for key, now in self.input_identity.items()
-            if kept.get(key) and kept[key] != now
+            if kept.get(key) and kept[key] not in (now, NO_FILE_DIGEST)
         ]
         if changed:
             raise ckpt.CheckpointError(

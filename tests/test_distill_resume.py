@@ -147,3 +147,34 @@ def test_checkpoints_from_before_the_new_settings_are_not_checked_for_them(tmp_p
     assert ckpt.checkpoint_header(ckpt.latest_checkpoint(out))["step"] == 4
     with pytest.raises(ckpt.CheckpointError, match=r"run\.seed: checkpoint 0, config 1"):
         run(debug_config("teacher", out, **{"run.seed": 1, "run.steps": 6}), resume=True)
+
+
+def test_a_teacher_digest_of_no_file_recorded_before_is_not_checked(tmp_path):
+    """weights_digest hashed no file of a `wan:` pipeline folder (its weights are in transformer/):
+    trajectories and checkpoints recorded then keep the digest of nothing, which says nothing about
+    the teacher. Now that the folder's weights are hashed, such a record is taken as no record, as
+    a checkpoint from before digests were kept is; another digest is still refused."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from distill.config import ConfigError
+    from distill.ode import Stage
+    from distill.trainer import Trainer
+
+    nothing, now = hashlib.sha1().hexdigest()[:16], "0123456789abcdef"
+    trajectories = tmp_path / "trajectories.safetensors"
+    save_file({"states": torch.zeros(1)}, str(trajectories), metadata={"teacher_weights": nothing})
+    Stage._check_trajectories(trajectories, {"teacher_weights": now})
+    cfg = debug_config("self_forcing", tmp_path / "sf", teacher=tmp_path / "wan")
+    trainer = SimpleNamespace(cfg=cfg, input_identity={"self_forcing.teacher": now})
+    meta = {"step": 2, "stage": "self_forcing", "input_identity": {"self_forcing.teacher": nothing}}
+    Trainer._check_inputs(trainer, ckpt.save_checkpoint(tmp_path / "sf", 2, {}, meta))
+    # a digest of some file still tells another teacher
+    save_file({"states": torch.zeros(1)}, str(trajectories), metadata={"teacher_weights": "fedcba9876543210"})
+    with pytest.raises(ConfigError, match="teacher_weights: fedcba9876543210 there"):
+        Stage._check_trajectories(trajectories, {"teacher_weights": now})
+    meta["input_identity"] = {"self_forcing.teacher": "fedcba9876543210"}
+    with pytest.raises(ckpt.CheckpointError, match="other weights than the run's"):
+        Trainer._check_inputs(trainer, ckpt.save_checkpoint(tmp_path / "sf", 4, {}, meta))
