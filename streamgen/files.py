@@ -217,7 +217,13 @@ def write_folder_atomically(
                 if carry(old.name) and not os.path.lexists(new / old.name):
                     # (its version before the copy: a change while a folder is copied is one)
                     version = _version(old)
-                    _link_copy(old, new / old.name)
+                    try:
+                        _link_copy(old, new / old.name)
+                    except FileNotFoundError:  # (gone since listed: nothing to carry)
+                        continue
+                    except shutil.Error as e:  # (a folder's files gone since listed: a change)
+                        if any(os.path.lexists(src) for src, _, _ in e.args[0]):
+                            raise
                     carried[old.name] = (version, _version(new / old.name))
         if path.is_dir():
             _take_permissions(path, new)

@@ -839,3 +839,36 @@ def test_a_file_added_deep_in_a_carried_folder_while_the_new_one_is_synced_is_ke
     )
     assert (d / "weights").read_text() == "new"
     assert sorted(p.name for p in (d / "samples" / "run1").iterdir()) == ["0.png", "1.png"]
+
+
+def test_an_entry_gone_from_the_old_folder_while_it_is_carried_fails_no_export(tmp_path, monkeypatch):
+    """What the old folder holds is listed, then carried entry by entry: one removed meanwhile (a
+    tool's transient file renamed to its final name, a note deleted) made the link and the copy
+    fail, and with them the whole export, its weights written for nothing."""
+    from streamgen import files
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "weights").write_text("old")
+    (d / "report.json.part").write_text("being written")
+    (d / "notes.txt").write_text("kept")
+    (d / "samples").mkdir()
+    for name in ("0.png", "1.png"):
+        (d / "samples" / name).write_text(name)
+    real_link = os.link
+
+    def link(src, dst, *args, **kwargs):
+        if os.fspath(src) == str(d / "samples" / "1.png"):  # deleted as the folder is copied
+            os.unlink(src)
+        return real_link(src, dst, *args, **kwargs)
+
+    def carry(name: str) -> bool:
+        if name == "report.json.part" and (d / name).exists():  # its writer renames it just now
+            os.replace(d / name, d / "report.json")
+        return name != "weights"
+
+    monkeypatch.setattr(os, "link", link)
+    files.write_folder_atomically(d, lambda new: (new / "weights").write_text("new"), carry=carry)
+    assert (d / "weights").read_text() == "new" and (d / "notes.txt").read_text() == "kept"
+    assert (d / "report.json").read_text() == "being written"
+    assert [p.name for p in (d / "samples").iterdir()] == ["0.png"]
