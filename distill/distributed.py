@@ -69,6 +69,17 @@ def broadcast_module(module: torch.nn.Module, world: World) -> None:
             dist.broadcast(t.data, src=0)
 
 
+def broadcast_text(text: str, world: World) -> str:
+    """Rank 0's `text` on every rank (what each rank read of a file rank 0 also read, say a
+    digest, may be of another version of it: a decision made from it must be the same on every
+    rank, or a refusal on one leaves the others waiting in their next collective)."""
+    if not world.distributed:
+        return text
+    box = [text if world.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def average_gradients(params, world: World) -> None:
     """All-reduce the gradients as one flat bucket and divide by the world size.
 

@@ -24,7 +24,7 @@ import torch
 from distill.build import export_model, load_dit, load_frozen_and_digest, load_vae, new_dit
 from distill.config import ConfigError
 from distill.data import load_bank
-from distill.distributed import broadcast_module
+from distill.distributed import broadcast_module, broadcast_text
 from distill.flow import Conditions, audio_windows, flow_loss
 from distill.rng import SampleRandom
 from distill.trainer import Updater
@@ -80,8 +80,12 @@ class DmdStage:
         self.cfg, self.world, self.opts = cfg, world, cfg.options
         dev = world.device
         self.student = new_dit(cfg.model, cfg.run.seed).to(dev).train()
-        teacher, self.teacher_digest = load_frozen_and_digest(self.opts.teacher)
+        teacher, digest = load_frozen_and_digest(self.opts.teacher)
         self.teacher = teacher.to(dev)
+        # every rank rank 0's teacher: an export put in place between two ranks' reads would
+        # score their students against different teachers (and fail a resume's check on one rank)
+        broadcast_module(self.teacher, world)
+        self.teacher_digest = broadcast_text(digest, world)
         if self.opts.critic_init:
             self.critic = load_dit(self.opts.critic_init).to(dev).train()
         else:  # a copy of the teacher loaded above: read again, the path may hold another export

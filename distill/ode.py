@@ -28,7 +28,7 @@ from distill.build import (
 )
 from distill.config import ConfigError
 from distill.data import load_bank
-from distill.distributed import barrier, broadcast_module
+from distill.distributed import barrier, broadcast_module, broadcast_text
 from distill.flow import Conditions, audio_windows
 from distill.rng import SampleRandom, generator
 from distill.rollout import reencode, start_stream
@@ -79,7 +79,12 @@ class Stage:
             save_safetensors(tensors, path, metadata=made_with)
         barrier(self.world)
         if made_with is None:
-            made_with = self._trajectory_settings(weights_digest(self.opts.teacher))
+            made_with = self._trajectory_settings(
+                weights_digest(self.opts.teacher) if self.world.is_main else ""
+            )
+        # every rank checks rank 0's reading: an export put in place between two ranks' reads
+        # would refuse the trajectories on one rank only, the others left waiting
+        made_with["teacher_weights"] = broadcast_text(made_with["teacher_weights"], self.world)
         self._check_trajectories(path, made_with)
         return load_file(str(path))
 

@@ -94,3 +94,55 @@ def test_average_gradients_keeps_none_where_no_rank_has_a_gradient(tmp_path):
         assert torch.equal(grads["both"], torch.full((3,), 1.5))
         assert torch.equal(grads["first_only"], torch.full((3,), 2.0))
         assert grads["neither"] is None
+
+
+def _dmd_stage_on_two_ranks(rank: int, port: int, root: str) -> None:
+    """Rank 1 reads another export of the teacher than rank 0 (one put in place between the two
+    ranks' reads): each rank's teacher and its digest are saved."""
+    import torch.distributed as dist
+    from test_distill_helpers import debug_config
+
+    import distill.dmd
+    from distill.distributed import World
+    from distill.trainer import build_stage
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        if rank == 1:
+            real_load = distill.dmd.load_frozen_and_digest
+
+            def retrained(source):
+                net, _ = real_load(source)
+                with torch.no_grad():
+                    for p in net.parameters():
+                        p.mul_(1.01)
+                return net, "0123456789abcdef"
+
+            distill.dmd.load_frozen_and_digest = retrained
+        torch.set_num_threads(1)
+        cfg = debug_config(
+            "self_forcing", f"{root}/sf{rank}", teacher=f"{root}/teacher/model", init=f"{root}/teacher/model"
+        )
+        stage = build_stage(cfg, World(rank=rank, size=2))
+        torch.save(
+            {"teacher": stage.teacher.state_dict(), "digest": stage.teacher_digest}, f"{root}/rank{rank}.pt"
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_of_a_dmd_stage_holds_rank_0s_teacher_and_its_digest(tmp_path):
+    """Each rank read the teacher itself: a teacher exported between two ranks' reads gave them
+    different teachers and digests, so a resume's check could refuse on one rank only and leave
+    the others waiting in their next collective."""
+    import torch.multiprocessing as mp
+    from server_helpers import free_port
+    from test_distill_helpers import debug_config, run
+
+    run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
+    mp.spawn(_dmd_stage_on_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2)
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    assert second["digest"] == first["digest"] != "0123456789abcdef"
+    assert first["teacher"].keys() == second["teacher"].keys()
+    assert all(torch.equal(first["teacher"][k], second["teacher"][k]) for k in first["teacher"])
