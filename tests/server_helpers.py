@@ -56,6 +56,16 @@ def make_app(**overrides):
     return create_app(config, model=None if config.inference_process else small_model())
 
 
+@contextmanager
+def ready_client(**overrides):
+    """A test client of `make_app(**overrides)`, its warm-up done (a test file's module client)."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(make_app(**overrides)) as client:
+        wait_ready(client)
+        yield client
+
+
 def wait_ready(client, timeout: float = 60.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -7,15 +7,14 @@ import io
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from server_helpers import auth, make_app, new_session, png_bytes, wait_ready
+from server_helpers import auth, make_app, new_session, png_bytes, ready_client, wait_ready
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def client():
-    with TestClient(make_app(max_sessions=3)) as c:
-        wait_ready(c)
+    with ready_client(max_sessions=3) as c:
         yield c
 
 

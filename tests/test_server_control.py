@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
-from server_helpers import auth, block_lane, make_app, new_session, wait_ready
+from server_helpers import auth, block_lane, new_session, ready_client
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def client():
-    with TestClient(make_app(max_sessions=3)) as c:
-        wait_ready(c)
+    with ready_client(max_sessions=3) as c:
         yield c
 
 

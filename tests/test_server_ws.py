@@ -9,18 +9,16 @@ import struct
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from server_helpers import (
     expect_close,
-    make_app,
     read_frames,
+    ready_client,
     socket_session,
     started_socket,
     stream_url,
-    wait_ready,
 )
 
 from server.protocol import HEADER, CloseCode, MsgType, ProtocolError, pack, parse_binary, parse_control
@@ -31,8 +29,7 @@ pytestmark = pytest.mark.timeout(120)
 # --- over a socket --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def client():
-    with TestClient(make_app(max_sessions=6)) as c:
-        wait_ready(c)
+    with ready_client(max_sessions=6) as c:
         yield c
 
 

@@ -7,15 +7,13 @@ import json
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from server_helpers import (
     expect_close,
-    make_app,
     next_json,
+    ready_client,
     socket_session,
     started_socket,
     stream_url,
-    wait_ready,
 )
 
 from server.protocol import CloseCode
@@ -26,8 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 # --- over a socket --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def client():
-    with TestClient(make_app(max_sessions=6)) as c:
-        wait_ready(c)
+    with ready_client(max_sessions=6) as c:
         yield c
 
 
