@@ -146,3 +146,44 @@ def test_every_rank_of_a_dmd_stage_holds_rank_0s_teacher_and_its_digest(tmp_path
     assert second["digest"] == first["digest"] != "0123456789abcdef"
     assert first["teacher"].keys() == second["teacher"].keys()
     assert all(torch.equal(first["teacher"][k], second["teacher"][k]) for k in first["teacher"])
+
+
+def _ode_stage_on_two_ranks(rank: int, port: int, root: str) -> None:
+    """Both ranks build one ode stage in one run.out (rank 0 samples the trajectories); rank 1's
+    reading of the teacher's digest is of another export (one put in place after rank 0 read it).
+    Each rank saves the trajectories it holds."""
+    import torch.distributed as dist
+    from test_distill_helpers import debug_config
+
+    import distill.ode
+    from distill.distributed import World
+    from distill.trainer import build_stage
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        if rank == 1:
+            distill.ode.weights_digest = lambda source: "0123456789abcdef"
+        torch.set_num_threads(1)
+        teacher = f"{root}/teacher/model"
+        cfg = debug_config("ode", f"{root}/ode", teacher=teacher, init=teacher)
+        stage = build_stage(cfg, World(rank=rank, size=2))
+        torch.save(stage.trajectories, f"{root}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(240)
+def test_every_rank_of_an_ode_stage_checks_the_trajectories_against_rank_0s_digest(tmp_path):
+    """Each rank took the teacher's digest itself: a teacher exported between rank 0's read and
+    another rank's refused the trajectories rank 0 had just sampled on that rank only, the others
+    left waiting in their next collective."""
+    import torch.multiprocessing as mp
+    from server_helpers import free_port
+    from test_distill_helpers import debug_config, run
+
+    run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
+    mp.spawn(_ode_stage_on_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2)
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    assert first.keys() == second.keys() == {"states", "clean", "clips", "starts"}
+    assert all(torch.equal(first[k], second[k]) for k in first)
