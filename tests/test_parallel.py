@@ -503,3 +503,46 @@ def test_ring_attention_with_no_keys_at_all_gives_zeros(backend, masked):
     finally:
         dist.destroy_process_group()
     assert torch.equal(out, torch.zeros_like(q))
+
+
+def _no_keys_worker(rank, port, result_dir):
+    """Ring attention with no keys on any process, in inference and with gradients: the rotations
+    send and receive empty messages."""
+    from streamgen.parallel.ring import ring_attention
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        g = torch.Generator().manual_seed(rank)
+        results = {}
+        for backend in ("sdpa", "fp8", "fp8_qk"):
+            for masked in (False, True):
+                mask = (torch.tensor([0, 1]), torch.tensor([], dtype=torch.long)) if masked else None
+                for grad in (False, True):
+                    q = torch.randn(1, 6, 2, 8, generator=g).requires_grad_(grad)
+                    k, v = (torch.randn(1, 0, 2, 8).requires_grad_(grad) for _ in range(2))
+                    with torch.set_grad_enabled(grad):
+                        out = ring_attention(q, k, v, mask, 3, backend, group=dist.group.WORLD)
+                    name = f"{backend}/{'masked' if masked else 'full'}/{'grad' if grad else 'no_grad'}"
+                    results[f"{name}/out"] = torch.equal(out, torch.zeros_like(q))
+                    if grad:
+                        # (+ out: a gradient of the output that is not 0 where the output is)
+                        grads = torch.autograd.grad((out.square() + out).sum(), (q, k, v))
+                        for part, d, t in zip("qkv", grads, (q, k, v)):
+                            results[f"{name}/d{part}"] = torch.equal(d, torch.zeros_like(t))
+        with open(os.path.join(result_dir, f"no_keys{rank}.json"), "w") as f:
+            json.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(240)
+def test_ring_attention_with_no_keys_at_all_gives_zeros_on_two_processes(tmp_path):
+    """Lk = 0 on both processes of a ring: empty messages go around it (forward, and the backward's
+    second ring with the gradient sums); the output and every gradient are 0."""
+    mp.spawn(_no_keys_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        with open(tmp_path / f"no_keys{rank}.json") as f:
+            results = json.load(f)
+        assert len(results) == 3 * 2 * (1 + 4) and all(results.values()), (rank, results)
