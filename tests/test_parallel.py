@@ -397,11 +397,13 @@ def test_ulysses_rejects_heads_not_divisible_by_degree():
 
 
 def _gradient_worker(rank, world, port, result_dir):
-    """Ring and Ulysses attention with gradients on this process's shard of every frame, against
-    one process's attention over the whole sequence: outputs and the gradients of q, k and v."""
+    """Ring, Ulysses and (on 4 processes) hybrid attention with gradients on this process's shard
+    of every frame, against one process's attention over the whole sequence: outputs and the
+    gradients of q, k and v."""
     from streamgen import kernels
     from streamgen.kernels import reference
     from streamgen.model.model import SelfAttention
+    from streamgen.parallel.apply import resolve_groups, sequence_parallel_mesh
     from streamgen.parallel.ring import ring_attention
     from streamgen.parallel.ulysses import ulysses_attend
 
@@ -419,19 +421,31 @@ def _gradient_worker(rank, world, port, result_dir):
         def ring(backend):
             return functools.partial(ring_attention, backend=backend, group=dist.group.WORLD)
 
-        def ulysses(backend):  # the seam's wrapper, no cache: Ulysses' all-to-alls around attention
+        def ulysses(backend, group=dist.group.WORLD, inner=kernels.attention):
+            # the seam's wrapper, no cache: Ulysses' all-to-alls around attention (`inner`)
             attn = SelfAttention(tiny_config(attn_backend=backend))
 
             def attend(q, k, v, mask, s):
-                return ulysses_attend(
-                    attn, dist.group.WORLD, kernels.attention, q, k, v, None, mask, s, None, None, 0, None
-                )
+                return ulysses_attend(attn, group, inner, q, k, v, None, mask, s, None, None, 0, None)
 
             return attend
 
+        cases = [("ring", b) for b in ("sdpa", "flash", "fp8_qk")] + [("ulysses", "sdpa")]
+        if world == 4:
+            # the hybrid as apply_sequence_parallel builds it: a ring of Ulysses groups, whose
+            # shard index (ring-major) is the global rank on this mesh
+            mesh = sequence_parallel_mesh(ulysses_degree=2, ring_degree=2)
+            groups = resolve_groups(mesh, "hybrid")
+            assert groups.shard_index == rank
+            cases += [("hybrid", b) for b in ("sdpa", "fp8_qk")]
         errors = {}
-        for mode, backend in [("ring", b) for b in ("sdpa", "flash", "fp8_qk")] + [("ulysses", "sdpa")]:
-            attend = ring(backend) if mode == "ring" else ulysses(backend)
+        for mode, backend in cases:
+            if mode == "hybrid":
+                attend = ulysses(
+                    backend, groups.ulysses, functools.partial(ring_attention, group=groups.ring)
+                )
+            else:
+                attend = ring(backend) if mode == "ring" else ulysses(backend)
             for mask in (None, (ids, ids)):
                 whole = [t.clone().requires_grad_() for t in (q, k, v)]
                 expected = reference.attention(*whole, mask, s * world)
@@ -460,12 +474,14 @@ def test_ring_and_ulysses_attention_gradients_equal_a_single_process(tmp_path, w
     which SDPA's flash kernel (CUDA, bf16) does not give. A second ring in the backward gives all
     three, its transfers overlapping the math (4 processes: gradient sums on their way while the
     keys and values of the next block are too). Ulysses: its all-to-alls carried no gradients (q,
-    k and v got none); their backward is the inverse all-to-all."""
+    k and v got none); their backward is the inverse all-to-all. Hybrid (4 processes: a ring of
+    2 over Ulysses groups of 2): both, the ring's backward inside the all-to-alls'."""
     mp.spawn(_gradient_worker, args=(world, free_port(), str(tmp_path)), nprocs=world)
     for rank in range(world):
         with open(tmp_path / f"grad{rank}.json") as f:
             errors = json.load(f)
-        assert len(errors) == 4 * 2 * 4 and all(e <= TOL for e in errors.values()), (rank, errors)
+        cases = 4 + (2 if world == 4 else 0)  # ring x 3 backends, Ulysses; hybrid x 2 on 4 processes
+        assert len(errors) == cases * 2 * 4 and all(e <= TOL for e in errors.values()), (rank, errors)
 
 
 @pytest.mark.parametrize("backend", ["fp8", "fp8_qk"])
