@@ -56,8 +56,8 @@ _WRITER = re.compile(r"^(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)-[A-Za-z0-9_]+\.t
 # The temp files whose writer cannot be asked after: another host's, a container's of this host's
 # name whose PID namespace may have gone, and the previous naming's, which named no writer
 # (`.NAME.<12 hex>.tmp` files; `.autoencoder.<mkdtemp's 8>.tmp`, an export's staging folder), and
-# the fixed names before that (`fixed_temp_names`: `.NAME.tmp`, `NAME.tmp`). Each
-# is removed once nothing in it has been written for this long: no writer leaves its temp file
+# the fixed names before that (`fixed_temp_names`: `.NAME.tmp`, `NAME.tmp`, `.loss_curves.tmp.png`).
+# Each is removed once nothing in it has been written for this long: no writer leaves its temp file
 # untouched for a day (they write theirs through, a muxed stream chunk by chunk, then rename it),
 # and removing a live writer's file fails its write, worse than leaving junk a day longer.
 ABANDONED_AFTER_S = 24 * 3600
@@ -476,13 +476,17 @@ def remove_abandoned(path, folder: bool = False) -> None:
 def fixed_temp_names(path, folder: bool = False) -> list[Path]:
     """The temp files the writers of `path` had before each had a name of its own: a file's
     `.NAME.tmp` (weights, checkpoints) and `NAME.tmp` (model.json, the dataset's manifest, a
-    shard's .npz); a folder's, only the autoencoder's staging folder `.autoencoder.tmp`. No writer
+    shard's .npz), and the training monitor's `.loss_curves.tmp.png` (the suffix kept for
+    matplotlib); a folder's, only the autoencoder's staging folder `.autoencoder.tmp`. No writer
     makes them now; a killed one left them. No other: `NAME.tmp` beside a model folder NAME is
     no writer's (a user's copy of it, say, which `cp -a` leaves a day old at once)."""
     path = Path(path)
     if folder:
         return [path.with_name(".autoencoder.tmp")] if path.name == "autoencoder" else []
-    return [path.with_name(f".{path.name}.tmp"), path.with_name(f"{path.name}.tmp")]
+    names = [path.with_name(f".{path.name}.tmp"), path.with_name(f"{path.name}.tmp")]
+    if path.name == "loss_curves.png":
+        names.append(path.with_name(".loss_curves.tmp.png"))
+    return names
 
 
 def _remove(tmp: Path) -> None:

@@ -765,6 +765,29 @@ def test_the_fixed_temp_names_of_older_writers_are_removed_once_untouched_for_a_
     ]
 
 
+def test_the_loss_curves_older_fixed_temp_name_is_removed_once_untouched_for_a_day(tmp_path):
+    """The first training monitor wrote loss_curves.png through `.loss_curves.tmp.png` (its
+    suffix kept for matplotlib): one a killed run left in its run.out stayed there for good, as
+    no other writer's fixed name has that shape. A fresh one (a live older writer's) is kept."""
+    from distill.monitor import Monitor
+    from streamgen.files import ABANDONED_AFTER_S
+
+    old = os.stat(tmp_path).st_mtime - ABANDONED_AFTER_S - 3600
+    runs = [tmp_path / "old", tmp_path / "fresh"]
+    for out in runs:
+        out.mkdir()
+    abandoned = made_at(runs[0] / ".loss_curves.tmp.png", old, False, old)
+    fresh = runs[1] / ".loss_curves.tmp.png"
+    fresh.write_bytes(b"png")
+    for out in runs:
+        monitor = Monitor(out, total_steps=1, start_step=0, enabled=True, progress=False, desc="test")
+        monitor.log(0, {"loss": 0.5})
+        assert monitor.plot() == out / "loss_curves.png"
+        monitor.close()
+    assert not os.path.lexists(abandoned)
+    assert fresh.exists()
+
+
 def test_a_users_folder_named_like_an_older_temp_name_is_kept(tmp_path):
     """The older writers' fixed temp names were files (`.NAME.tmp`, `NAME.tmp`) and one staging
     folder (`.autoencoder.tmp`). A copy of a model folder kept beside it as `NAME.tmp` (cp -a keeps
