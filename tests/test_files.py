@@ -210,7 +210,7 @@ def test_ode_trajectories(tmp_path, monkeypatch):
             cfg=SimpleNamespace(run=SimpleNamespace(out=str(tmp_path))),
             world=SimpleNamespace(is_main=True, distributed=False, device="cpu"),
             opts=SimpleNamespace(teacher="teacher"),
-            _trajectory_settings=lambda teacher_weights: {"seed": "0"},
+            _trajectory_settings=lambda teacher_weights: {"seed": "0", "teacher_weights": teacher_weights},
             _sample_trajectories=lambda teacher: {"states": torch.full((1,), float(i))},
             _check_trajectories=lambda path, made_with: None,
         )
