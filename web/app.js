@@ -26,6 +26,11 @@ let offerPostedAt = 0;
 // Each connect and each hang-up starts a new generation: the late events of an older connection
 // (a socket's close, a peer's state change, a microphone granted after hanging up) do nothing.
 let generation = 0;
+// Thrown where a connect attempt finds it was hung up (or replaced) while it waited: the page,
+// its peer connection and its session are another generation's now (connect says nothing).
+const abandoned = (mine) => {
+  if (mine !== generation) throw new Error("hung up while connecting");
+};
 let lostTimer = null;      // a WebRTC connection "disconnected": ended unless it comes back
 
 function resetStats() {
@@ -70,8 +75,8 @@ function soundOn() {
 }
 for (const type of ["click", "keydown", "touchend"]) document.addEventListener(type, soundOn, true);
 
-function authHeaders(extra = {}) {
-  return { Authorization: `Bearer ${session.token}`, ...extra };
+function authHeaders(s, extra = {}) {
+  return { Authorization: `Bearer ${s.token}`, ...extra };
 }
 
 // An answer of the API: its JSON, or for an error an Error with the server's message. An answer
@@ -124,8 +129,12 @@ async function createSession() {
 
 function deleteSession(s) {
   // keepalive: a DELETE sent as the page goes (pagehide) outlives it, as the Fetch spec promises
-  // only such requests
-  fetch(s.resource, { method: "DELETE", headers: { Authorization: `Bearer ${s.token}` }, keepalive: true }).catch(() => {});
+  // only such requests. One that fails is said on the console, not on the page: the peer
+  // connection's or the socket's closing ends the session on the server as well. (A 404 is a
+  // session ended already, by the socket's stop message or the server.)
+  fetch(s.resource, { method: "DELETE", headers: authHeaders(s), keepalive: true }).then((res) => {
+    if (!res.ok && res.status !== 404) console.warn(`ending the session: DELETE ${res.status}`);
+  }, (e) => console.warn("ending the session: DELETE failed:", e));
 }
 
 async function getMic() {
@@ -139,7 +148,7 @@ async function getMic() {
 }
 
 // --- WebRTC (WHEP) ------------------------------------------------------------------------------
-function trickleCandidates(peer) {
+function trickleCandidates(peer, s) {
   // Trickle ICE (server/trickle.py): the offer goes at once, with the candidates gathered by
   // then, and each later one follows as a PATCH of the session resource, so no viewer waits for
   // gathering (a STUN or TURN server's answer can take a second) and none is left out.
@@ -158,7 +167,7 @@ function trickleCandidates(peer) {
       send = (lines) => {  // in order: the end of candidates comes last
         chain = chain.then(() => fetch(location, {
           method: "PATCH", body: head.concat(lines).join("\r\n") + "\r\n",
-          headers: authHeaders({ "Content-Type": "application/trickle-ice-sdpfrag", "If-Match": etag }),
+          headers: authHeaders(s, { "Content-Type": "application/trickle-ice-sdpfrag", "If-Match": etag }),
         })).then((res) => {
           if (res.ok && lines.length > 1) stats.trickled++;
           else if (!res.ok) console.warn(`trickle ICE: PATCH ${res.status}`);
@@ -170,40 +179,48 @@ function trickleCandidates(peer) {
 }
 
 async function connectWebRTC(mine) {
+  // (its own peer and session, not the globals: hung up and connected again while it waited, an
+  // attempt that went on would post its answer into the next connection's peer)
+  const s = session;
   // STUN/TURN as the server was told (serve --ice-servers); none on a LAN or the same machine
-  pc = new RTCPeerConnection({ iceServers: session.ice_servers || [] });
+  const peer = pc = new RTCPeerConnection({ iceServers: s.ice_servers || [] });
   const media = new MediaStream();
-  pc.ontrack = (e) => {
+  peer.ontrack = (e) => {
     media.addTrack(e.track);
     $("video").srcObject = media;
   };
-  pc.addTransceiver("video", { direction: "recvonly" });
-  const audio = pc.addTransceiver("audio", { direction: "sendrecv" });
+  peer.addTransceiver("video", { direction: "recvonly" });
+  const audio = peer.addTransceiver("audio", { direction: "sendrecv" });
   audioSender = audio.sender;
-  if (mic) await audioSender.replaceTrack(mic.getAudioTracks()[0]);
-  const trickle = trickleCandidates(pc);
-  await pc.setLocalDescription(await pc.createOffer());
+  if (mic) await audio.sender.replaceTrack(mic.getAudioTracks()[0]);
+  abandoned(mine);
+  const trickle = trickleCandidates(peer, s);
+  await peer.setLocalDescription(await peer.createOffer());
+  abandoned(mine);
   offerPostedAt = performance.now();
-  const offer = pc.localDescription.sdp;
+  const offer = peer.localDescription.sdp;
   trickle.posted(offer);
-  const res = await fetch(session.whep, {
-    method: "POST", body: offer, headers: authHeaders({ "Content-Type": "application/sdp" }),
+  const res = await fetch(s.whep, {
+    method: "POST", body: offer, headers: authHeaders(s, { "Content-Type": "application/sdp" }),
   });
+  abandoned(mine);
   if (res.status !== 201) throw new Error(`WHEP ${res.status}: ${await res.text()}`);
-  trickle.answered(session.resource, res.headers.get("ETag"));
-  await pc.setRemoteDescription({ type: "answer", sdp: await res.text() });
+  trickle.answered(s.resource, res.headers.get("ETag"));
+  await peer.setRemoteDescription({ type: "answer", sdp: await res.text() });
+  abandoned(mine);
   await new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error("WebRTC did not connect within 5 s")), 5000);
-    pc.onconnectionstatechange = () => {
-      if (pc.connectionState === "connected") { clearTimeout(timer); resolve(); }
-      if (pc.connectionState === "failed") { clearTimeout(timer); reject(new Error("WebRTC failed")); }
+    peer.onconnectionstatechange = () => {
+      if (peer.connectionState === "connected") { clearTimeout(timer); resolve(); }
+      if (peer.connectionState === "failed") { clearTimeout(timer); reject(new Error("WebRTC failed")); }
     };
   });
+  abandoned(mine);
   // from here on the connection ending is the session ending: the server closed it (a limit, a
   // DELETE from elsewhere, shutdown) or the network went; the page says so and frees what it holds
-  pc.onconnectionstatechange = () => {
-    if (mine !== generation || !pc) return;
-    const state = pc.connectionState;
+  peer.onconnectionstatechange = () => {
+    if (mine !== generation) return;
+    const state = peer.connectionState;
     clearTimeout(lostTimer);
     if (state === "failed" || state === "closed") ended("the connection was lost");
     else if (state === "disconnected") {  // ICE may still recover it
@@ -228,7 +245,7 @@ async function connectWebRTC(mine) {
   });
   let ticks = 0;
   statsTimer = setInterval(() => {
-    readRtcStats();
+    readRtcStats(peer, mine);
     // a session the server ended while the peer connection lingers (ICE takes its time to fail)
     if (++ticks % 4 === 0) checkSessionAlive(mine);
   }, 500);
@@ -237,7 +254,7 @@ async function connectWebRTC(mine) {
 async function checkSessionAlive(mine) {
   if (!session) return;
   try {
-    const res = await fetch(session.resource, { headers: authHeaders() });
+    const res = await fetch(session.resource, { headers: authHeaders(session) });
     if (res.status === 404 && mine === generation) ended("the server ended the session");
   } catch (e) {
     console.warn("session check:", e);
@@ -249,9 +266,10 @@ function ended(reason) {
   setStatus(`ended: ${reason}`);
 }
 
-async function readRtcStats() {
-  if (!pc) return;
-  const report = await pc.getStats();
+async function readRtcStats(peer, mine) {
+  const report = await peer.getStats();
+  // hung up while it read (and maybe connected again): the figures are another connection's
+  if (mine !== generation) return;
   let video = null, audio = null, pair = null;
   report.forEach((s) => {
     if (s.type === "inbound-rtp" && s.kind === "video") video = s;
@@ -320,13 +338,17 @@ async function connectWebSocket(mine) {
   $("video").hidden = true;
   canvas.hidden = false;
   const openedAt = performance.now();
+  // Listeners, not on* handlers: a hang-up clears those as it closes the socket, and the attempt
+  // waited for good. A socket closed before it opened (refused, or hung up while it connected,
+  // when a slow server had not answered) ends the wait.
   await new Promise((resolve, reject) => {
-    ws.onopen = resolve;
-    ws.onerror = () => reject(new Error("WebSocket failed"));
+    socket.addEventListener("open", resolve);
+    socket.addEventListener("close", () => reject(new Error("WebSocket failed")));
   });
-  ws.send(JSON.stringify({ type: "start", format: "jpeg", flow: "latest" }));
+  abandoned(mine);
+  socket.send(JSON.stringify({ type: "start", format: "jpeg", flow: "latest" }));
   stats.transport = "websocket";
-  ws.onmessage = async (e) => {
+  socket.onmessage = async (e) => {
     if (socket !== ws) return;
     if (typeof e.data === "string") {
       const msg = JSON.parse(e.data);
@@ -370,7 +392,7 @@ async function connectWebSocket(mine) {
       queuedFrames.add(timer);
     }
   };
-  ws.onclose = (e) => {
+  socket.onclose = (e) => {
     if (socket !== ws) return;  // an earlier connection's socket: this one is not its to end
     cleanup(false);
     setStatus(`closed: ${e.code} ${e.reason}`);
@@ -449,6 +471,7 @@ function stopWsMic() {
 async function connect() {
   const mine = ++generation;
   $("connect").disabled = true;
+  $("hangup").disabled = false;  // while connecting too: an attempt a server does not answer is given up
   resetStats();
   setStatus("connecting");
   try {
@@ -485,7 +508,6 @@ async function connect() {
   }
   if (mine !== generation) return;
   setStatus(`streaming (${stats.transport})`);
-  $("hangup").disabled = false;
   $("speak").disabled = false;
 }
 
@@ -514,6 +536,8 @@ function cleanup(sendDelete = true) {
   queuedSounds.forEach((src) => { try { src.stop(); } catch { /* not started */ } });
   queuedSounds.clear();
   if (audioCtx) audioCtx.close().catch(() => {});
+  // no last frame left on the stage, looking live: a <video> keeps showing its ended stream's
+  clearStage();
   pc = ws = mic = audioSender = audioCtx = session = null;
   playStart = playClockRuns = null;
   soundWaits = false;
@@ -521,6 +545,12 @@ function cleanup(sendDelete = true) {
   $("connect").disabled = false;
   $("hangup").disabled = true;
   $("speak").disabled = true;
+}
+
+function clearStage() {
+  const video = $("video"), canvas = $("canvas");
+  video.srcObject = null;
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
 }
 
 async function speak(e) {
@@ -533,7 +563,7 @@ async function speak(e) {
   } else {
     try {  // (a refusal, or no answer at all, was an unhandled rejection: the page said nothing)
       const res = await fetch(`${session.resource}/control`, {
-        method: "POST", body: JSON.stringify(msg), headers: authHeaders({ "Content-Type": "application/json" }),
+        method: "POST", body: JSON.stringify(msg), headers: authHeaders(session, { "Content-Type": "application/json" }),
       });
       if (!res.ok) await apiJson(res);
     } catch (err) {
