@@ -29,4 +29,4 @@ if [ ! -x /usr/bin/firefox-esr ] && command -v apt-get >/dev/null 2>&1 && [ "$(i
         || echo "ci_browser: apt could not install firefox-esr (see /tmp/ci_browser_firefox_apt.log); the Firefox test will skip"
 fi
 
-exec "$PY" -m pytest tests/test_server_browser.py tests/test_server_browser_audio.py -m browser -q -rs "$@"
+exec "$PY" -m pytest tests/test_server_browser*.py -m browser -q -rs "$@"
