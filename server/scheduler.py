@@ -202,7 +202,7 @@ class InferenceWorker:
             if due:
                 return None, sorted(due, key=lambda s: s.next_due), 0.0
             return None, None, min(s.next_due for s in live) - now
-        dues = [Due(s.next_due, s.next_due + s.delay) for s in live]
+        dues = [Due(next_due, next_due + delay) for next_due, delay in (s.due_and_delay() for s in live)]
         batch, wait = plan_batch(now, dues, self.ready_times.estimate)
         if not batch:
             return None, None, wait

@@ -321,6 +321,14 @@ class Session:
             self.delay += seconds
             self.next_due -= seconds
 
+    def due_and_delay(self) -> tuple[float, float]:
+        """When the next chunk falls due and how long before its play time, read together: the
+        loop grows a delay and moves the due time sooner by as much, and a due time read before
+        and a delay read after put the play time that much later than it is (the worker held a
+        chunk past its play time for a batch, test_server_clock_threads)."""
+        with self.clock_lock:
+            return self.next_due, self.delay
+
     def publish_first_chunk(self) -> None:
         """Hand the pre-generated first chunk to the transport once both exist."""
         if self.first_chunk is not None and self.streaming and not self.closed:

@@ -281,6 +281,7 @@ def test_due_chunks_go_before_jobs_that_have_not_waited_long():
     worker.batch_times.observe(1, 0.03)
     now = time.monotonic()
     streaming = SimpleNamespace(id="s", lane=0, streaming=True, closed=False, next_due=now - 0.01, delay=0.2)
+    streaming.due_and_delay = lambda: (streaming.next_due, streaming.delay)
     worker.add(streaming)
     job = worker.submit(print)
     assert worker._next(0)[1] == [streaming]  # the due chunk first

@@ -16,26 +16,34 @@ LOOP_WAIT_S = 0.5  # how long the test lets the loop's change run while the work
 
 class PausingSession(Session):
     """A session whose `base` (or `delay`), read on the thread `pause_on`, pauses that thread once
-    until `resume` is set: the moment between reading the clock and writing what it computed."""
+    until `resume` is set: the moment between reading the clock and writing what it computed
+    (or, `pause_before`, between reading the fields before it and reading it)."""
 
     pause_field = "base"
+    pause_before = False
     pause_on: threading.Thread | None = None
 
     def __getattribute__(self, name):
-        value = object.__getattribute__(self, name)
-        if name == object.__getattribute__(self, "pause_field") and threading.current_thread() is (
+        pause = name == object.__getattribute__(self, "pause_field") and threading.current_thread() is (
             object.__getattribute__(self, "pause_on")
-        ):
-            self.pause_on = None  # once
-            self.paused.set()
-            assert self.resume.wait(10)
+        )
+        if pause and object.__getattribute__(self, "pause_before"):
+            self._pause()
+        value = object.__getattribute__(self, name)
+        if pause and not self.pause_before:
+            self._pause()
         return value
 
+    def _pause(self) -> None:
+        self.pause_on = None  # once
+        self.paused.set()
+        assert self.resume.wait(10)
 
-def pausing_session(field: str) -> PausingSession:
+
+def pausing_session(field: str, before: bool = False) -> PausingSession:
     s = make_session(delay=0.1)
     s.__class__ = PausingSession
-    s.pause_field, s.paused, s.resume = field, threading.Event(), threading.Event()
+    s.pause_field, s.pause_before, s.paused, s.resume = field, before, threading.Event(), threading.Event()
     return s
 
 
@@ -85,3 +93,36 @@ def test_a_delay_grown_by_the_loop_while_the_worker_pulls_the_session_sooner_is_
     assert s.delay == pytest.approx(delay + 0.03 + 0.05)
     assert s.next_due == pytest.approx(due - 0.03 - 0.05)
     assert on_schedule(s) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_the_worker_plans_from_one_reading_of_a_sessions_clock(monkeypatch):
+    """The loop grew a due session's delay by 100 ms (a chunk late again: the delay longer, the
+    next chunk due as much sooner, its play time unchanged) between the worker's reads of its due
+    time and its delay: the due time read before and the delay after put its play time 100 ms
+    later than either clock did, and the worker held the session's chunk for another one due 60
+    ms later, past the play time (the chunk late again). From either clock, both are generated
+    now, the other pulled into the batch (server/batching.py)."""
+    from types import SimpleNamespace
+
+    import server.scheduler as scheduler
+    from server.metrics import ServerMetrics
+
+    now = 100.0
+    monkeypatch.setattr(scheduler, "time", SimpleNamespace(monotonic=lambda: now))
+    worker = scheduler.InferenceWorker(ServerMetrics())
+    for times in (worker.batch_times, worker.ready_times):
+        times.observe(2, 0.05)  # held for, the batch of two would be published at 100.05 + 1.2 x 0.05
+    due_now, due_soon = pausing_session("delay", before=True), make_session()
+    for s, name, next_due, delay in ((due_now, "now", 99.99, 0.1), (due_soon, "soon", 100.05, 0.3)):
+        s.id, s.next_due, s.delay, s.base = name, next_due, delay, next_due + delay - s.chunk_index * s.chunk_seconds
+        worker.add(s)
+
+    def grow_delay():
+        due_now._last_late = 1  # a chunk came late just before: the next late one grows the delay
+        due_now._chunk_was_late(2, 0.1)
+
+    planned = []
+    interleave(due_now, lambda: planned.append(worker._next(0)), grow_delay)
+    assert due_now.delay == pytest.approx(0.2) and on_schedule(due_now) == pytest.approx(0.0, abs=1e-9)
+    job, batch, wait = planned[0]
+    assert wait == 0.0 and batch == [due_now, due_soon]
