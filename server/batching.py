@@ -204,21 +204,51 @@ def join_schedule(
     return best
 
 
-def phase_groups(dues: list[float], chunk_seconds: float) -> list[list[float]]:
+def phase_groups(dues: list[float], chunk_seconds: float, window: float = SAME_SCHEDULE) -> list[list[float]]:
     """Due times grouped by their phase in the chunk period: sessions that fall due together, this
-    period or another (one that joined a group falls due with it a period later, the first time)."""
+    period or another (one that joined a group falls due with it a period later, the first time).
+    `window`: how far after a group's first a due time still belongs to it (REGROUP_WINDOW: the
+    sessions the worker generates in one batch, `pull_into_batch`)."""
     groups: list[list[float]] = []
     for due in sorted(dues, key=lambda d: d % chunk_seconds):
-        if groups and in_group(due, groups[-1][0], chunk_seconds):
+        if groups and in_group(due, groups[-1][0], chunk_seconds, window):
             groups[-1].append(due)
         else:
             groups.append([due])
-    if len(groups) > 1 and in_group(groups[-1][0], groups[0][0], chunk_seconds):  # across the period's end
+    # across the period's end
+    if len(groups) > 1 and in_group(groups[-1][0], groups[0][0], chunk_seconds, window):
         groups[0] += groups.pop()
     return groups
 
 
-def in_group(next_due: float, group_due: float, chunk_seconds: float) -> bool:
+def in_group(next_due: float, group_due: float, chunk_seconds: float, window: float = SAME_SCHEDULE) -> bool:
     """Whether a chunk due at `next_due` falls due with a group due at `group_due` (this period or another)."""
     off = (next_due - group_due) % chunk_seconds
-    return min(off, chunk_seconds - off) <= SAME_SCHEDULE
+    return min(off, chunk_seconds - off) <= window
+
+
+def sessions_that_fit(
+    groups: list[int], batch_seconds, room: float, join_room: float, limit: int, joins: bool = True,
+) -> int:  # fmt: skip
+    """How many sessions a lane generates within `room` seconds a chunk period, when those it
+    streams fall due in groups of these sizes: each group is a batch of its own, each batch pays
+    its pass's fixed cost (`batch_seconds(k)`: the worker's time for a batch of k). Each session
+    more joins a group whose grown batch takes at most `join_room` (`join_schedule`), at what the
+    costliest of those adds (it may join any), or else starts a group of its own; `joins` False:
+    each starts its own (the worker does not align them). The sessions streaming count whatever
+    they take: a lane past its room admits none more, and holds at least one."""
+    groups = list(groups)
+    load = sum(batch_seconds(k) for k in groups)
+    count = sum(groups)
+    while count < limit:
+        grown = [(batch_seconds(k + 1) - batch_seconds(k), i) for i, k in enumerate(groups)
+                 if joins and batch_seconds(k + 1) <= join_room]  # fmt: skip
+        cost, joined = max(grown) if grown else (batch_seconds(1), None)
+        if load + cost > room:
+            break
+        load, count = load + cost, count + 1
+        if joined is None:
+            groups.append(1)
+        else:
+            groups[joined] += 1
+    return max(1, count)

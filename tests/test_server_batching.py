@@ -336,3 +336,42 @@ def test_a_batch_size_timed_slow_in_a_passing_slowdown_does_not_lower_the_capaci
         worker.run_chunks(sessions[:4])
     served = max(k for k in range(1, 20) if 0.03 * k <= 0.85 * CHUNK_S)
     assert worker.capacity(CHUNK_S, limit=16) == served
+
+
+def test_the_capacity_counts_a_pass_for_each_group_of_sessions_generated_apart(monkeypatch):
+    """Batches of 8 timed to fit the chunk period (a pass's fixed cost shared by 8); then the lane's
+    sessions fall due in two groups 160 ms apart (a clock moved by more than a repeated frame,
+    server/batching.py), which the worker generates as two batches, each paying the fixed cost. The
+    capacity said 8, as if they were one batch: 8 sessions in two groups take 0.36 s of a 0.32 s
+    period. It must admit no more than the two groups' batches fit."""
+    from test_server_clock import CHUNK_S, make_session
+
+    import server.scheduler as scheduler
+
+    def batch_seconds(k):  # a fixed cost per pass and a little per session (a GPU's)
+        return 0.12 + 0.015 * k
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(scheduler, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    worker = InferenceWorker(ServerMetrics())
+    worker.chunk_time_ema = batch_seconds(1)
+    worker.batch_times.observe(1, batch_seconds(1))
+    batch = [8]
+    sessions = []
+    for i in range(8):
+        s = make_session()
+        s.id = f"s{i}"
+        s.stream = TimedStream(clock=clock, batch=batch, per_session=lambda k: batch_seconds(k) / k)
+        sessions.append(s)
+    for _ in range(20):
+        worker.run_chunks(sessions)
+    assert worker.capacity(CHUNK_S, limit=16) >= 8  # one group: a batch of 8 fits 85% of the period
+    batch[0] = 1
+    for _ in range(20):  # two left, each generated on its own
+        for s in sessions[:2]:
+            worker.run_chunks([s])
+    for s, next_due in zip(sessions[:2], (10.0, 10.16)):  # in two groups
+        s.next_due = next_due
+        worker.add(s)
+    served = max(n for n in range(2, 20) if 2 * 0.12 + 0.015 * n <= CHUNK_S)  # two passes a period
+    assert 2 <= worker.capacity(CHUNK_S, limit=16) <= served

@@ -114,7 +114,8 @@ def test_the_worker_plans_from_one_reading_of_a_sessions_clock(monkeypatch):
         times.observe(2, 0.05)  # held for, the batch of two would be published at 100.05 + 1.2 x 0.05
     due_now, due_soon = pausing_session("delay", before=True), make_session()
     for s, name, next_due, delay in ((due_now, "now", 99.99, 0.1), (due_soon, "soon", 100.05, 0.3)):
-        s.id, s.next_due, s.delay, s.base = name, next_due, delay, next_due + delay - s.chunk_index * s.chunk_seconds
+        s.id, s.next_due, s.delay = name, next_due, delay
+        s.base = next_due + delay - s.chunk_index * s.chunk_seconds
         worker.add(s)
 
     def grow_delay():
