@@ -22,25 +22,43 @@ from .session import Session
 # ms here, ~70% of it under that lock; a short text sent just after it was answered after 97-178
 # ms with one thread and after 71-90 ms with two (this 2-core CPU): what waits is the lock.
 _synthesis = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="speech")
-# Phonemes a second espeak-ng speaks prose at at its default rate (165 words a minute), 6% above
-# the fastest measured on the sentence banks (210 texts a language, 1-5 sentences, every variant):
-# en-us 12.8, en 13.2, de 14.4, fr 14.4, es 14.8, it 15.4 at the most, 10.9-14.0 on average; the
-# 6% covers rates other than 165, which espeak-ng does not scale exactly (at 80 words a minute,
-# Italian prose spoke up to 3% faster than that scaling says). The pre-check's estimate is thus
-# below prose's speech (a text that fits is not refused before its synthesis) and near it, 70-96%
-# of it, 79-85% on average (one that does not fit is refused then, mostly, not after a synthesis
-# for nothing). Phonemes, not characters, count what espeak-ng reads out: digits, amounts, dates
-# and abbreviations speak at 9-14 phonemes a second too, where at prose's ~20 characters a second
-# they passed at a fifth to a half of their speech.
-PROSE_PHONEMES_PER_SECOND = {"en-us": 13.6, "en": 14.0, "de": 15.3, "fr": 15.3, "es": 15.7, "it": 16.4}
-DEFAULT_RATE = 165  # words a minute (Voice.rate's default), the rate of PROSE_PHONEMES_PER_SECOND
+# The fewest milliseconds espeak-ng speaks in, by language, at its default rate (165 words a
+# minute): for each unstressed phoneme a part that does not follow the rate and one that does,
+# for each stressed vowel, and for each clause closed by a comma or by a full stop (its pause and
+# the slower syllables before it; the last clause's pause is not counted). Phonemes at prose's
+# pace (its pauses included) overestimated texts without prose's pauses and stresses, a text
+# that fits then refused: 6.5 s for the 4.7 s of "😀 😀 😀" in German at 80 words a minute, 2.9 s
+# for the 2.5 s of "the" x 20. Unstressed phonemes run 15-75 ms (a German schwa 29 ms at 165 and
+# at 80 alike), stressed vowels 40-350 ms, a full stop's pause 332 ms; emoji names and strings of
+# short words are mostly unstressed and pause nowhere. Fitted by bench/speech_room.py (a linear
+# programme over 972 syntheses: prose of 1-6 sentences, digits and abbreviations, emoji, repeated
+# short words, greetings and comma lists, at 80-450 words a minute and 4 voices) to stay at most
+# 93% of each text's speech, as close to it as that allows on prose and digits. On other prose,
+# emoji and short words: 93-97% at the most; prose at the default rate 64-93% of its speech (the
+# least a German sentence alone), digits and abbreviations 65-93%.
+SPEECH_FLOOR_MS = {  # (unstressed fixed, unstressed, stressed, comma clause, full-stop clause)
+    "en-us": (5.2, 49.2, 122.9, 0.0, 329.6),
+    "en": (4.6, 50.4, 110.6, 0.0, 332.8),
+    "de": (7.6, 26.3, 142.8, 0.0, 615.5),
+    "fr": (4.2, 53.4, 105.8, 120.8, 393.9),
+    "es": (4.3, 46.9, 101.5, 0.0, 304.9),
+    "it": (2.6, 46.5, 97.2, 0.0, 301.3),
+}
+DEFAULT_RATE = 165  # words a minute (Voice.rate's default), the rate of SPEECH_FLOOR_MS
 
 
 def speech_seconds_at_least(text: str, voice: Voice) -> float:
-    """About the fewest seconds espeak-ng takes to speak `text` (see PROSE_PHONEMES_PER_SECOND); its
-    speech is proportional to its rate. Takes the speech module's lock: not on the event loop."""
-    per_second = PROSE_PHONEMES_PER_SECOND.get(voice.language, max(PROSE_PHONEMES_PER_SECOND.values()))
-    return count_phonemes(text, voice) / (per_second * voice.rate / DEFAULT_RATE)
+    """About the fewest seconds espeak-ng takes to speak `text` (see SPEECH_FLOOR_MS): what follows
+    the rate in proportion to it. Above the default rate its pauses shrink far faster than its
+    speech (a full stop's 332 ms at 165 words a minute, 142 ms at 250, 12 ms at 450): counted only
+    at the default rate and below. Takes the speech module's lock: not on the event loop."""
+    count = count_phonemes(text, voice)
+    fixed, unstressed, stressed, comma, stop = SPEECH_FLOOR_MS[voice.language]
+    slower = DEFAULT_RATE / voice.rate
+    ms = count.unstressed * (fixed + unstressed * slower) + count.stressed * stressed * slower
+    if voice.rate <= DEFAULT_RATE:
+        ms += (count.comma_pauses * comma + count.stop_pauses * stop) * slower
+    return ms / 1000
 
 
 class SpeechBusy(SpeechError):

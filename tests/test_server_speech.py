@@ -72,6 +72,35 @@ def test_the_room_estimate_counts_what_espeak_reads_out_for_digits_and_abbreviat
         assert 0.55 * actual <= estimate <= actual, (text, estimate, actual)
 
 
+@pytest.mark.parametrize(
+    "language, rate, text",
+    [
+        ("de", 80, "😀 😀 😀"),  # an emoji's name: mostly unstressed ("grinsendes Gesicht"), no pause
+        ("en-us", 165, " ".join(["the"] * 20)),  # short unstressed words
+        ("en-us", 80, " ".join(["the"] * 20)),
+        ("de", 165, "Guten Morgen zusammen 😀"),
+        # other emoji and short words than those SPEECH_FLOOR_MS was fitted to
+        ("fr", 80, "😎 🤔 🐱"),
+        ("en", 80, "Bye 👋 bye 👋"),
+        ("it", 450, " ".join(["io"] * 20)),
+        ("es", 165, " ".join(["yo", "lo", "que", "con"] * 6)),
+    ],
+)
+def test_the_room_estimate_is_below_the_speech_of_unpaused_unstressed_texts(language, rate, text):
+    """Phonemes at prose's pace (its pauses included) said 6.5 s for the 4.7 s of German "😀 😀 😀"
+    at 80 words a minute, 2.9 s for the 2.5 s of "the" x 20: a text that fits was refused."""
+    voice = Voice(language=language, rate=rate)
+    estimate, actual = speech.speech_seconds_at_least(text, voice), synthesize(text, voice).duration
+    assert estimate <= actual, (estimate, actual)
+
+
+def test_phonemes_are_counted_with_their_stress_and_the_pauses_between_clauses():
+    count = count_phonemes("One, two; three. Four! Five", Voice())
+    assert (count.comma_pauses, count.stop_pauses) == (2, 2)  # the last clause's pause ends nothing
+    assert count.stressed == 5 and count.phonemes == count.stressed + count.unstressed > 5
+    assert count_phonemes("😀 😀", Voice(language="de")).stop_pauses == 0
+
+
 async def test_a_text_of_numbers_the_queue_has_no_room_for_is_refused_before_its_synthesis(monkeypatch):
     text = DIGITS_AND_ABBREVIATIONS[0]  # 78 characters, ~15 s of speech
     await refused_before_its_synthesis(monkeypatch, text, room=8.0)
@@ -82,7 +111,7 @@ def test_counting_phonemes_leaves_the_next_synthesis_as_it_was():
     the dataset needs synthesis to stay a pure function of (text, voice)."""
     text, voice = DIGITS_AND_ABBREVIATIONS[0], Voice(language="de", variant="f3")
     before = synthesize(text, voice).audio
-    assert count_phonemes(DIGITS_AND_ABBREVIATIONS[2], Voice(language="fr", rate=300)) > 0
+    assert count_phonemes(DIGITS_AND_ABBREVIATIONS[2], Voice(language="fr", rate=300)).phonemes > 0
     np.testing.assert_array_equal(synthesize(text, voice).audio, before)
 
 

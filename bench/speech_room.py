@@ -1,0 +1,157 @@
+"""`python -m bench.speech_room`: fit server/speech.py's SPEECH_FLOOR_MS to espeak-ng's own speech.
+
+The speech queue's pre-check (`server.speech.speech_seconds_at_least`) must stay below the
+length espeak-ng speaks a text in (a text that fits is never refused before its synthesis) and
+near it on prose and numbers (one that does not fit is refused then, not after a synthesis for
+nothing). Its estimate is linear in what `count_phonemes` counts, per language:
+
+    unstressed phonemes x (fixed + per_phoneme x 165 / rate) + stressed vowels x stressed x 165 / rate
+    + (clauses closed by a comma x comma + by a full stop x stop) x 165 / rate   (rate <= 165 only)
+
+This synthesises the texts of two sets (`fit`, `check`: prose of 1-6 sentences from the sentence
+banks, digits and abbreviations, emoji, repeated short words, greetings, comma lists; `check`
+with other prose, emoji and short words) at six rate and voice-variant pairs, and finds by linear
+programming, per language, the weights that keep every `fit` text at most `--margin` of its speech
+while they come as close to it as they can on prose and digits at the default rate. It prints the
+weights (milliseconds, rounded down) and, for both sets, the estimate over the speech by kind of
+text. About a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+RATES_AND_VARIANTS = ((165, None), (80, None), (450, None), (120, "f3"), (250, "m3"), (165, "klatt"))
+DIGITS_AND_ABBREVIATIONS = (
+    "In 1987, 2,345 people paid $19.99 each; by 2023 it was 4,567,890 at 12.5% off.",
+    "Call 555 0123 or 555 0199 before 10:30 on 12/05/2024, code 8472 9931 7730.",
+    "Dr. J.R.R. Smith of NASA, the FBI and the UN met Mr. Lee at 5 p.m. in the U.S.A.",
+)
+# (emoji, short words by language, greetings) of each set
+SHORT_TEXTS = {
+    "fit": (
+        "😀 😂 🎉 👍 ❤️ 🙂 🚀 🌍",
+        {"en-us": "the a of to and in", "en": "the a of to and in", "de": "der die das und zu ein",
+         "fr": "le la les de et un", "es": "el la los de y un", "it": "il lo la di e un"},
+        {"en-us": "Good morning everyone", "en": "Good morning everyone", "de": "Guten Morgen zusammen",
+         "fr": "Bonjour tout le monde", "es": "Buenos días a todos", "it": "Buongiorno a tutti"},
+    ),
+    "check": (
+        "😎 🤔 🐱 🍎 🏀 🎂 😴 👋",
+        {"en-us": "or as if so we he", "en": "or as if so we he", "de": "er sie wir zum vom ob",
+         "fr": "je tu ce se ne que", "es": "yo tu lo que con por", "it": "io tu ci si non che"},
+        {"en-us": "Thanks", "en": "Thanks", "de": "Danke", "fr": "Merci", "es": "Gracias", "it": "Grazie"},
+    ),
+}  # fmt: skip
+
+
+def texts(language: str, which: str, seed: int) -> list[tuple[str, str]]:
+    """(kind, text) of one language's set."""
+    from streamgen.data.sentences import sample_sentence
+
+    rng = np.random.default_rng(seed)
+    emoji, words, greeting = SHORT_TEXTS[which]
+    emoji, words, greeting = emoji.split(), words[language].split(), greeting[language]
+    out = [
+        (
+            "prose",
+            " ".join(sample_sentence(rng, language, "train" if which == "fit" else "test") for _ in range(n)),
+        )
+        for n in (1, 2, 3, 4, 6)
+        for _ in range(2)
+    ]
+    out += [("digits", text) for text in DIGITS_AND_ABBREVIATIONS]
+    out += [("emoji", " ".join(emoji[:k])) for k in (1, 3, 8)] + [("emoji", " ".join([emoji[0]] * 3))]
+    out += [("short words", " ".join(words[i % len(words)] for i in range(k))) for k in (3, 12, 30)]
+    out += [("short words", " ".join([words[0]] * 20)), ("short words", " ".join([words[1]] * 20))]
+    out += [
+        ("greeting", f"{greeting} {emoji[0]}"),
+        ("greeting", greeting),
+        ("greeting", f"{greeting}, {greeting}."),
+    ]
+    out += [("commas", ", ".join([words[1]] * 12) + ","), ("commas", "one, two, three, four, five.")]
+    return out
+
+
+def features(text: str, voice) -> np.ndarray:
+    """What the estimate multiplies its weights by (see the module docstring)."""
+    from streamgen.data.speech import count_phonemes
+
+    count = count_phonemes(text, voice)
+    slower = 165 / voice.rate
+    pauses = slower if voice.rate <= 165 else 0.0
+    return np.array([count.unstressed, count.unstressed * slower, count.stressed * slower,
+                     count.comma_pauses * pauses, count.stop_pauses * pauses])  # fmt: skip
+
+
+def measure(language: str, which: str, seed: int) -> list[dict]:
+    from streamgen.data.speech import Voice, synthesize
+
+    rows = []
+    for kind, text in texts(language, which, seed):
+        for rate, variant in RATES_AND_VARIANTS:
+            voice = Voice(language=language, rate=rate, variant=variant)
+            rows.append({"kind": kind, "text": text, "rate": rate, "variant": variant,
+                         "x": features(text, voice), "seconds": synthesize(text, voice).duration})  # fmt: skip
+    return rows
+
+
+def fit(rows: list[dict], margin: float) -> np.ndarray:
+    """The weights (seconds) keeping every row at most `margin` of its speech, with the largest sum
+    of estimate over speech on prose and digits at the default rate and voice."""
+    from scipy.optimize import linprog
+
+    x = np.stack([r["x"] for r in rows])
+    seconds = np.array([r["seconds"] for r in rows])
+    aimed = np.array(
+        [r["kind"] in ("prose", "digits") and r["rate"] == 165 and r["variant"] is None for r in rows]
+    )
+    result = linprog(
+        -(x[aimed] / seconds[aimed, None]).sum(0), A_ub=x, b_ub=margin * seconds, bounds=(0, None)
+    )
+    if not result.success:
+        raise RuntimeError(f"no weights fit: {result.message}")
+    return np.floor(result.x * 10000) / 10000  # down to 0.1 ms: below, never above
+
+
+def ratios(rows: list[dict], weights: np.ndarray) -> dict:
+    """Estimate over speech by kind of text: at the default rate and voice, and at any."""
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        ratio = float(r["x"] @ weights / r["seconds"])
+        out.setdefault("any text, rate, variant", []).append(ratio)
+        if r["rate"] == 165 and r["variant"] is None:
+            out.setdefault(r["kind"], []).append(ratio)
+    return {k: [round(min(v), 2), round(max(v), 2)] for k, v in out.items()}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--margin", type=float, default=0.93, help="the most of its speech any fitted text's estimate is"
+    )
+    p.add_argument("--seed", type=int, default=1, help="of the prose drawn from the sentence banks")
+
+
+def main(args) -> dict:
+    from streamgen.data.speech import LANGUAGES
+
+    result = {}
+    for language in LANGUAGES:
+        fitted = measure(language, "fit", args.seed)
+        weights = fit(fitted, args.margin)
+        result[language] = {
+            "ms": [round(1000 * w, 1) for w in weights],  # SPEECH_FLOOR_MS's order
+            "fit": ratios(fitted, weights),
+            "check": ratios(measure(language, "check", args.seed + 1), weights),
+        }
+    return result
+
+
+if __name__ == "__main__":
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    print(json.dumps(main(parser.parse_args()), indent=1, ensure_ascii=False))
