@@ -32,6 +32,10 @@ BENCHMARKS = {
         "bench.resources",
         "registers, spills, shared memory of each Triton kernel built for sm_90",
     ),
+    "speech-room": (
+        "bench.speech_room",
+        "fit the speech queue's room pre-check (server/speech.py SPEECH_FLOOR_MS) to espeak-ng's speech",
+    ),
 }
 
 
