@@ -101,6 +101,20 @@ def test_phonemes_are_counted_with_their_stress_and_the_pauses_between_clauses()
     assert count_phonemes("😀 😀", Voice(language="de")).stop_pauses == 0
 
 
+def test_a_clause_espeak_ends_without_punctuation_counts_no_pause():
+    """espeak-ng cuts a long clause where no punctuation closes it (here after 182 words): that
+    clause's closing is "", which `"" in ",;:"` counted as a comma's pause and a full stop's both
+    (0.33 s more of English, 0.62 s of German, each such cut: a text that fits refused)."""
+    from streamgen.data import speech as data_speech
+
+    text, voice = " ".join(["the"] * 200), Voice(language="en-us")
+    with data_speech._lock:
+        closings = [closing for closing, _ in data_speech._engine_instance().clauses(text, voice)]
+    assert closings == ["", ""]  # cut in two, neither closed by punctuation
+    count = count_phonemes(text, voice)
+    assert (count.comma_pauses, count.stop_pauses) == (0, 0)
+
+
 async def test_a_text_of_numbers_the_queue_has_no_room_for_is_refused_before_its_synthesis(monkeypatch):
     text = DIGITS_AND_ABBREVIATIONS[0]  # 78 characters, ~15 s of speech
     await refused_before_its_synthesis(monkeypatch, text, room=8.0)

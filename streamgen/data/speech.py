@@ -350,8 +350,9 @@ def count_phonemes(text: str | bytes, voice: Voice | None = None) -> PhonemeCoun
     return PhonemeCount(
         unstressed=len(names) - stressed,
         stressed=stressed,
-        comma_pauses=sum(1 for c in closing if c in ",;:"),
-        stop_pauses=sum(1 for c in closing if c in ".!?"),
+        # as characters: a clause espeak cut where no punctuation closes it is "", in every string
+        comma_pauses=sum(1 for c in closing if c in (",", ";", ":")),
+        stop_pauses=sum(1 for c in closing if c in (".", "!", "?")),
     )
 
 
