@@ -45,12 +45,6 @@ def playwright_with_chromium():
         yield p
 
 
-@pytest.fixture(scope="module")
-def playwright():
-    with playwright_with_chromium() as p:
-        yield p
-
-
 @contextmanager
 def chromium(p, args: list[str]):
     profile = tempfile.mkdtemp(prefix="streamgen-chromium-")
@@ -62,12 +56,6 @@ def chromium(p, args: list[str]):
             context.close()
     finally:
         shutil.rmtree(profile, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def browser_page(playwright):
-    with chromium(playwright, chromium_args(SPEECH_WAV)) as context:
-        yield context
 
 
 def run_page(context, url: str, frames: int = 50) -> dict:

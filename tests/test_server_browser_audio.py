@@ -18,21 +18,9 @@ from pathlib import Path
 
 import pytest
 from server_helpers import live_server
-from test_server_browser import SPEECH_WAV, chromium, chromium_args, playwright_with_chromium, wait_for
+from test_server_browser import SPEECH_WAV, chromium, chromium_args, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
-
-
-@pytest.fixture(scope="module")
-def playwright():
-    with playwright_with_chromium() as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def browser_page(playwright):
-    with chromium(playwright, chromium_args(SPEECH_WAV)) as context:
-        yield context
 
 
 @pytest.fixture

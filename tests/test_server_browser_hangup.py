@@ -15,23 +15,11 @@ from contextlib import contextmanager
 
 import pytest
 from server_helpers import live_server
-from test_server_browser import HELD, SPEECH_WAV, chromium, chromium_args, playwright_with_chromium, wait_for
+from test_server_browser import HELD, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
 IDLE = {"mics": 0, "contexts": 0, "state": "idle", "connect": True, "hangup": False}
-
-
-@pytest.fixture(scope="module")
-def playwright():
-    with playwright_with_chromium() as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def browser_page(playwright):
-    with chromium(playwright, chromium_args(SPEECH_WAV)) as context:
-        yield context
 
 
 def wait_in_page(page, check, timeout: float = 20.0, failed: str = "timed out"):
