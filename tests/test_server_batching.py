@@ -267,6 +267,28 @@ class TimedStream(SimpleNamespace):
         pass
 
 
+def timed_worker(monkeypatch, sessions: int, per_session, first_chunk_seconds: float, batch=None):
+    """A worker on a fake clock, its warm-up's one chunk timed at `first_chunk_seconds`, and
+    `sessions` sessions whose chunks cost `per_session(k)` seconds in a batch of `batch[0]`:
+    (clock, worker, sessions)."""
+    from test_server_clock import make_session
+
+    import server.scheduler as scheduler
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(scheduler, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    worker = InferenceWorker(ServerMetrics())
+    worker.chunk_time_ema = first_chunk_seconds  # the warm-up: one stream's time (server/app.py)
+    worker.batch_times.observe(1, first_chunk_seconds)
+    made = []
+    for i in range(sessions):
+        s = make_session()
+        s.id = f"s{i}"
+        s.stream = TimedStream(clock=clock, batch=batch if batch is not None else [0], per_session=per_session)
+        made.append(s)
+    return clock, worker, made
+
+
 @pytest.mark.parametrize(
     "batch_seconds",
     [
@@ -280,23 +302,10 @@ def test_the_capacity_is_the_largest_batch_measured_to_fit_the_chunk_period(monk
     period, not what the last batches' time per session would (that averaged over the sessions
     streaming now: 3 sessions admitted where batches of 8 were measured to fit; 7 where batches
     of 8 were measured too slow and 5 are served in real time)."""
-    from test_server_clock import CHUNK_S, make_session
+    from test_server_clock import CHUNK_S
 
-    import server.scheduler as scheduler
-
-    clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr(scheduler, "time", SimpleNamespace(perf_counter=lambda: clock.now))
-    worker = InferenceWorker(ServerMetrics())
-    # the warm-up: one stream's time (server/app.py)
-    worker.chunk_time_ema = batch_seconds(1)
-    worker.batch_times.observe(1, batch_seconds(1))
     batch = [0]
-    streams = []
-    for i in range(8):
-        s = make_session()
-        s.id = f"s{i}"
-        s.stream = TimedStream(clock=clock, batch=batch, per_session=lambda k: batch_seconds(k) / k)
-        streams.append(s)
+    _, worker, streams = timed_worker(monkeypatch, 8, lambda k: batch_seconds(k) / k, batch_seconds(1), batch)
     for streaming in (8, 2):
         batch[0] = streaming
         for _ in range(40):  # the averages settle within a few dozen chunks
@@ -311,22 +320,10 @@ def test_a_batch_size_timed_slow_in_a_passing_slowdown_does_not_lower_the_capaci
     """Batches of 5 timed during a slowdown (another process on the cores), then only batches of
     4, at the machine's usual speed: no batch of 5 runs again to correct that size's time, since
     it said 5 did not fit. The capacity must come back to what the batches timed since fit."""
-    from test_server_clock import CHUNK_S, make_session
+    from test_server_clock import CHUNK_S
 
-    import server.scheduler as scheduler
-
-    clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr(scheduler, "time", SimpleNamespace(perf_counter=lambda: clock.now))
-    worker = InferenceWorker(ServerMetrics())
     per_session = SimpleNamespace(seconds=0.03)  # batches of k take 0.03 k s: 9 fit 0.85 x 0.32 s
-    worker.chunk_time_ema = per_session.seconds
-    worker.batch_times.observe(1, per_session.seconds)
-    sessions = []
-    for i in range(5):
-        s = make_session()
-        s.id = f"s{i}"
-        s.stream = TimedStream(clock=clock, batch=[0], per_session=lambda k: per_session.seconds)
-        sessions.append(s)
+    _, worker, sessions = timed_worker(monkeypatch, 5, lambda k: per_session.seconds, per_session.seconds)
     per_session.seconds = 0.1  # the slowdown: 5 sessions' batches take 0.5 s
     for _ in range(20):
         worker.run_chunks(sessions)
@@ -344,25 +341,13 @@ def test_the_capacity_counts_a_pass_for_each_group_of_sessions_generated_apart(m
     server/batching.py), which the worker generates as two batches, each paying the fixed cost. The
     capacity said 8, as if they were one batch: 8 sessions in two groups take 0.36 s of a 0.32 s
     period. It must admit no more than the two groups' batches fit."""
-    from test_server_clock import CHUNK_S, make_session
-
-    import server.scheduler as scheduler
+    from test_server_clock import CHUNK_S
 
     def batch_seconds(k):  # a fixed cost per pass and a little per session (a GPU's)
         return 0.12 + 0.015 * k
 
-    clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr(scheduler, "time", SimpleNamespace(perf_counter=lambda: clock.now))
-    worker = InferenceWorker(ServerMetrics())
-    worker.chunk_time_ema = batch_seconds(1)
-    worker.batch_times.observe(1, batch_seconds(1))
     batch = [8]
-    sessions = []
-    for i in range(8):
-        s = make_session()
-        s.id = f"s{i}"
-        s.stream = TimedStream(clock=clock, batch=batch, per_session=lambda k: batch_seconds(k) / k)
-        sessions.append(s)
+    _, worker, sessions = timed_worker(monkeypatch, 8, lambda k: batch_seconds(k) / k, batch_seconds(1), batch)
     for _ in range(20):
         worker.run_chunks(sessions)
     assert worker.capacity(CHUNK_S, limit=16) >= 8  # one group: a batch of 8 fits 85% of the period
