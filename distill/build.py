@@ -54,17 +54,21 @@ def load_frozen_and_digest(source: str) -> tuple[torch.nn.Module, str]:
 
 def _read_dit(source: str, overrides: dict, digest: bool):
     """(the DiT, the digest of its weights' bytes when `digest`, else None)."""
+    from streamgen.files import read_folder
+
     if source.startswith("wan:"):
-        from streamgen.model.wan import load_pretrained
+        from streamgen.model.wan import load_pretrained, transformer_dir
+
+        def read_wan(d):
+            weights_hash = hashlib.sha1() if digest else None  # (weights_digest's, of the bytes loaded)
+            dit = load_pretrained(d, weights_hash=weights_hash, **overrides)
+            return dit, weights_hash.hexdigest()[:16] if digest else None
 
         try:
-            # (a Wan checkpoint is a download, not re-exported in place by this project's writers:
-            # its digest is read apart)
-            fingerprint = weights_digest(source) if digest else None
-            return load_pretrained(source[4:], **overrides), fingerprint
+            # config and weights from one save (streamgen.model.wan.save_pretrained swaps the folder)
+            return read_folder(transformer_dir(source[4:]), read_wan)
         except (OSError, ValueError, KeyError) as e:
             raise ModelSourceError(f"cannot load the Wan checkpoint {source[4:]}: {e}") from None
-    from streamgen.files import read_folder
     from streamgen.model.files import load_safetensors, read_json
     from streamgen.model.model import DiT
 

@@ -1,6 +1,7 @@
 """Wan weights: the same random weights in diffusers' WanTransformer3DModel and our DiT agree."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -152,3 +153,29 @@ def test_the_weights_digest_of_a_wan_pipeline_folder_is_of_its_transformers_weig
     assert digests[0] != digests[1]
     # a transformer folder itself: the same digest as the pipeline folder around it
     assert weights_digest(f"wan:{tmp_path / 'pipeline' / 'transformer'}") == digests[1]
+
+
+def test_a_wan_teachers_digest_is_of_the_weights_it_loaded(tmp_path, monkeypatch):
+    """`load_frozen_and_digest("wan:DIR")` hashed the transformer's files, then loaded them in a
+    second read: weights replaced in between (a re-download, another save) gave the digest of
+    the old teacher beside the new one's weights, so a resume's check passed against a teacher
+    it was not scored with. The digest is of the bytes the weights are loaded from."""
+    import streamgen.model.wan
+    from distill.build import load_frozen_and_digest, weights_digest
+
+    pipeline, transformer = tmp_path / "pipeline", tmp_path / "pipeline" / "transformer"
+    tiny_wan(3).save_pretrained(transformer, safe_serialization=True)
+    tiny_wan(4).save_pretrained(tmp_path / "retrained", safe_serialization=True)
+    real_load = streamgen.model.wan.load_pretrained
+
+    def retrained_then_load(path, *args, **kwargs):  # the retrained weights put in place first
+        for f in (tmp_path / "retrained").glob("*.safetensors"):
+            os.replace(f, transformer / f.name)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(streamgen.model.wan, "load_pretrained", retrained_then_load)
+    teacher, digest = load_frozen_and_digest(f"wan:{pipeline}")
+    monkeypatch.undo()
+    retrained = from_diffusers(tiny_wan(4).state_dict())
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in retrained.items())
+    assert digest == weights_digest(f"wan:{pipeline}")

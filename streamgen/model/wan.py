@@ -161,24 +161,36 @@ def weight_files(d: Path) -> list[Path]:
     return files
 
 
-def _read_safetensors_dir(d: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _read_safetensors_dir(d: Path, weights_hash=None) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load, load_file
 
     sd = {}
     for f in weight_files(d):
-        sd.update(load_file(str(f)))
+        if weights_hash is None:
+            sd.update(load_file(str(f)))
+            continue
+        # the tensors from the very bytes hashed (the tensors are copies: one file's bytes are held
+        # at a time beside them)
+        data = f.read_bytes()
+        weights_hash.update(f.name.encode())
+        weights_hash.update(data)
+        sd.update(load(data))
+        del data
     return sd
 
 
-def load_pretrained(path, dtype=torch.float32, device="cpu", **overrides) -> DiT:
-    """Load a diffusers-format Wan transformer directory (or a pipeline dir with transformer/)."""
+def load_pretrained(path, dtype=torch.float32, device="cpu", weights_hash=None, **overrides) -> DiT:
+    """Load a diffusers-format Wan transformer directory (or a pipeline dir with transformer/).
+    `weights_hash` (a hashlib object): updated with each weight file's name and the bytes its
+    tensors are loaded from, in `weight_files`' order: a digest of the weights loaded, which a
+    second read of the files (replaced meanwhile) might not be."""
     d = transformer_dir(path)
     if not (d / "config.json").exists():
         raise FileNotFoundError(f"{d} has no config.json (expected a diffusers-format Wan transformer)")
     cfg = config_from_diffusers(json.loads((d / "config.json").read_text()), **overrides)
     with torch.device("meta"):  # shapes only: the checkpoint's tensors become the weights
         model = DiT(cfg)
-    sd = from_diffusers(_read_safetensors_dir(d))
+    sd = from_diffusers(_read_safetensors_dir(d, weights_hash))
     missing = [k for k in model.state_dict() if k not in sd and not _is_avatar_key(k)]
     if missing:
         raise KeyError(f"checkpoint lacks weights for: {missing[:8]}")
