@@ -45,7 +45,8 @@ def load_frozen(source: str):
 
 def load_frozen_and_digest(source: str) -> tuple[torch.nn.Module, str]:
     """`load_frozen(source)` and the `weights_digest` of the very weights it loaded (a teacher's,
-    whose digest a run keeps): from one read of a model directory's dit.safetensors. Read apart,
+    whose digest a run keeps): from one read of a model directory's dit.safetensors, or of a `wan:`
+    folder's transformer weights (load_pretrained's `weights_hash`). Read apart,
     an export put in place between the two reads gave the digest of another teacher than the one
     loaded."""
     dit, digest = _read_dit(source, {}, digest=True)
