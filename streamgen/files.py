@@ -242,10 +242,13 @@ def write_folder_atomically(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_into_folder(path, write: Callable[[Path], object]) -> None:
+def write_into_folder(
+    path, write: Callable[[Path], object], keep: Callable[[str], bool] | None = None
+) -> None:
     """`write(folder)` fills a new folder made inside the folder `path` (on its file system: a
     mount point's), whose entries then take the place of `path`'s one by one (`move_over`, each
-    in one rename; config.json last), and `path`'s other entries go (but writers' temp files).
+    in one rename; config.json last), and `path`'s other entries go (but writers' temp files, and
+    those whose name `keep` takes: `write_folder_atomically`'s `carry`).
     `write_folder_atomically`'s `in_place` for a writer that writes a whole folder in one call
     (diffusers' save_pretrained, which would write into `path` itself file by file, unsynced)."""
     path = Path(path)
@@ -259,7 +262,9 @@ def write_into_folder(path, write: Callable[[Path], object]) -> None:
         for name in names:
             move_over(new / name, path / name, staging / "old")
         for old in list(path.iterdir()):
-            if old.name not in names and not (old.name.startswith(".") and old.name.endswith(".tmp")):
+            if old.name in names or (old.name.startswith(".") and old.name.endswith(".tmp")):
+                continue
+            if keep is None or not keep(old.name):
                 remove_whole(old, staging / "old")
         _fsync_folder(path)
     finally:

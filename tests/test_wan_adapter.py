@@ -179,3 +179,67 @@ def test_a_wan_teachers_digest_is_of_the_weights_it_loaded(tmp_path, monkeypatch
     retrained = from_diffusers(tiny_wan(4).state_dict())
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in retrained.items())
     assert digest == weights_digest(f"wan:{pipeline}")
+
+
+def _our_wan(seed: int, **overrides) -> DiT:
+    """Our DiT of tiny_wan's sizes (`overrides` changed), with random weights."""
+    torch.manual_seed(seed)
+    return DiT(config_from_diffusers(dict(tiny_wan().config), **overrides)).eval()
+
+
+def _same_weights(loaded: DiT, saved: DiT) -> bool:
+    theirs = to_diffusers(saved.state_dict())
+    return all(torch.equal(v, theirs[k]) for k, v in to_diffusers(loaded.state_dict()).items())
+
+
+def test_a_wan_folder_is_saved_whole_or_not_at_all(tmp_path, monkeypatch):
+    """save_pretrained wrote into the folder in place, config.json first: a save cut short after
+    it (a full disk, a kill) left the new config beside the old weights, which loaded no more."""
+    import errno
+
+    import streamgen.model.files
+
+    old, new = _our_wan(0), _our_wan(1, num_layers=3)
+    save_pretrained(old, tmp_path / "wan")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "wan").iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(streamgen.model.files, "save_safetensors", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_pretrained(new, tmp_path / "wan")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "wan").iterdir()} == before
+    assert os.listdir(tmp_path) == ["wan"]
+    assert _same_weights(load_pretrained(tmp_path / "wan"), old)
+
+
+@pytest.mark.parametrize("whole_folder_swap", [True, False], ids=["exchange", "in_place"])
+def test_a_wan_save_replaces_a_sharded_checkpoint_and_keeps_what_else_is_there(
+    tmp_path, monkeypatch, whole_folder_swap
+):
+    """A folder that held a sharded checkpoint (an index and its shards, as downloaded) kept them
+    beside the one file save_pretrained wrote: the index is what load_pretrained reads, so it
+    loaded the old weights. What is not the transformer's (a pipeline's other folders, a note)
+    stays, also where the folder is written into file by file (no exchange)."""
+    import streamgen.files
+
+    folder = tmp_path / "wan"
+    tiny_wan(3).save_pretrained(folder, safe_serialization=True, max_shard_size="20KB")
+    assert len(list(folder.glob("*.safetensors"))) > 1 and list(folder.glob("*.index.json"))
+    (folder / "vae").mkdir()
+    (folder / "vae" / "config.json").write_text("{}")
+    (folder / "README.md").write_text("notes")
+    if not whole_folder_swap:
+        monkeypatch.setattr(streamgen.files, "exchange", lambda a, b: False)
+    new = _our_wan(1)
+    save_pretrained(new, folder)
+    monkeypatch.undo()
+    assert sorted(os.listdir(folder)) == [
+        "README.md", "config.json", "diffusion_pytorch_model.safetensors", "vae",
+    ]  # fmt: skip
+    assert (folder / "vae" / "config.json").read_text() == "{}"
+    assert (folder / "README.md").read_text() == "notes"
+    assert _same_weights(load_pretrained(folder), new)
+    assert os.listdir(tmp_path) == ["wan"]

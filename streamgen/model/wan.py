@@ -224,11 +224,24 @@ def _is_avatar_key(key: str) -> bool:
 
 
 def save_pretrained(model: DiT, path) -> None:
-    """Write our transformer as a diffusers-format Wan directory (avatar branches excluded)."""
-    from streamgen.model.files import save_safetensors, write_text_atomically
+    """Write our transformer as a diffusers-format Wan directory (avatar branches excluded), whole
+    or not at all, as a model export is (`write_folder_atomically`): written in place, a save cut
+    short left the new config.json beside the old weights, and a sharded checkpoint's index and
+    shards stayed beside the new weights (load_pretrained reads the index: the old weights). What
+    else the folder holds (a pipeline's other folders, notes) is kept."""
+    from streamgen.files import write_folder_atomically, write_into_folder
+    from streamgen.model import files
 
-    d = Path(path)
-    d.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(d / "config.json", json.dumps(diffusers_config(model.cfg), indent=2))
     sd = to_diffusers({k: v.contiguous() for k, v in model.state_dict().items()})
-    save_safetensors(sd, d / "diffusion_pytorch_model.safetensors")
+
+    def write(d: Path) -> None:
+        files.save_safetensors(sd, d / "diffusion_pytorch_model.safetensors")
+        files.write_text_atomically(d / "config.json", json.dumps(diffusers_config(model.cfg), indent=2))
+
+    def carry(name: str) -> bool:  # (not a transformer's files, nor a writer's temp file)
+        ours = name == "config.json" or name.endswith((".safetensors", ".safetensors.index.json"))
+        return not ours and not (name.startswith(".") and name.endswith(".tmp"))
+
+    write_folder_atomically(
+        path, write, carry=carry, in_place=lambda folder: write_into_folder(folder, write, keep=carry)
+    )
