@@ -77,6 +77,9 @@ class Stage:
             tensors = self._sample_trajectories(teacher.to(self.world.device))
             path.parent.mkdir(parents=True, exist_ok=True)
             save_safetensors(tensors, path, metadata=made_with)
+            # (not held while the file is loaded below: a second copy of the trajectories beside
+            # them, and the teacher, through the other ranks' wait too)
+            del teacher, tensors
         barrier(self.world)
         if made_with is None:
             made_with = self._trajectory_settings(
