@@ -46,21 +46,32 @@ class SessionRegistry:
 
     # --- admission -------------------------------------------------------------------------------
     def capacity(self) -> int:
+        return self._capacity(self.lane_fits())
+
+    def lane_fits(self) -> list[int] | None:
+        """Sessions that fit on each lane (`InferenceWorker.lane_fits`); None: not measured."""
         if not self.config.measure_capacity:
-            return self.config.max_sessions
-        return self.worker.capacity(self.chunk_seconds, self.config.max_sessions)
+            return None
+        return self.worker.lane_fits(self.chunk_seconds, self.config.max_sessions)
+
+    def _capacity(self, fits: list[int] | None) -> int:
+        limit = self.config.max_sessions
+        return limit if fits is None else max(1, min(limit, sum(fits)))
 
     @property
     def host_down(self) -> str | None:
         """Why the model host can run nothing more (then the server is unhealthy), or None."""
         return getattr(self.host, "down", None)
 
-    def admit(self) -> None:
+    def admit(self) -> list[int] | None:
+        """Refuse a new session unless there is room for it; the sessions that fit on each lane
+        (`lane_fits`, what its lane is chosen by)."""
         if self.host_down:
             self._refuse(f"the model is unavailable: {self.host_down}", 30, "host_down")
         if not self.ready:
             self._refuse("model is still loading", 5, "loading")
-        capacity = self.capacity()
+        fits = self.lane_fits()
+        capacity = self._capacity(fits)
         self.metrics.capacity.set(capacity)
         active = len(self.sessions) + self._creating
         if active >= capacity:
@@ -71,6 +82,7 @@ class SessionRegistry:
                 active=active,
                 capacity=capacity,
             )
+        return fits
 
     def _refuse(self, reason: str, retry_after: int, label: str, **details):
         self.metrics.sessions_rejected.labels(label).inc()
@@ -87,9 +99,9 @@ class SessionRegistry:
 
     # --- lifecycle -------------------------------------------------------------------------------
     async def create(self, reference: np.ndarray, caption: str | None, seed: int | None) -> Session:
-        self.admit()
+        fits = self.admit()
         self._creating += 1
-        lane, stream = self.worker.take_lane(), None
+        lane, stream = self.worker.take_lane(fits), None
         try:
             future = self.worker.submit(self._new_stream, reference, caption, seed, lane=lane)
             try:

@@ -128,10 +128,15 @@ class InferenceWorker:
             due = sum(1 for s in self._sessions.values() if s.streaming and not s.closed and s.next_due <= now)
             return sum(len(q) for q in self._jobs) + due
 
-    def take_lane(self) -> int:
-        """The lane for a new session: the one with the fewest; `release_lane` after its teardown."""
+    def take_lane(self, fits: list[int] | None = None) -> int:
+        """The lane for a new session: the one with the most room left (`fits`: the sessions that
+        fit on each lane, `lane_fits`, less those it holds), then the one with the fewest;
+        `release_lane` after its teardown. By the fewest alone, a lane whose sessions fall due in
+        groups apart (a pass each) took the next session past its room while another lane had
+        room for it: the capacity is the lanes' rooms summed (test_server_batching)."""
         with self._cond:
-            lane = min(range(self.lanes), key=lambda i: self._lane_load[i])
+            room = [0 if fits is None else fits[i] - self._lane_load[i] for i in range(self.lanes)]
+            lane = min(range(self.lanes), key=lambda i: (-room[i], self._lane_load[i]))
             self._lane_load[lane] += 1
             return lane
 
@@ -186,8 +191,14 @@ class InferenceWorker:
         each pass paying its fixed cost: the lane's period holds all of them and those to come
         (`sessions_that_fit`). Counted as one batch, two groups of a lane whose batch of 8 was
         timed to fit said 9 where 5 fit in real time (test_server_batching)."""
+        fits = self.lane_fits(chunk_seconds, limit)
+        return limit if fits is None else max(1, min(limit, sum(fits)))
+
+    def lane_fits(self, chunk_seconds: float, limit: int) -> list[int] | None:
+        """Sessions that fit in real time on each lane, those it streams included (see `capacity`);
+        None before any batch is timed."""
         if self.batch_times.estimate(1) is None and not self.chunk_time_ema:
-            return limit
+            return None
 
         def batch_seconds(k: int) -> float:
             timed = self.batch_times.estimate(k)
@@ -195,13 +206,13 @@ class InferenceWorker:
 
         room = (0.85 if self.lanes == 1 else 0.7) * chunk_seconds
         window = REGROUP_WINDOW if self.align_batches else SAME_SCHEDULE
-        fit = 0
+        join_room = 0.85 * chunk_seconds  # join_schedule's headroom
+        fits = []
         for lane in range(self.lanes):
             dues = [s.next_due for s in self.lane_sessions(lane)]
             groups = [len(group) for group in phase_groups(dues, chunk_seconds, window)]
-            join_room = 0.85 * chunk_seconds  # join_schedule's headroom
-            fit += sessions_that_fit(groups, batch_seconds, room, join_room, limit, self.align_batches)
-        return max(1, min(limit, fit))
+            fits.append(sessions_that_fit(groups, batch_seconds, room, join_room, limit, self.align_batches))
+        return fits
 
     # --- the thread ------------------------------------------------------------------------------------
     def _next(self, lane: int):

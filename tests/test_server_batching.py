@@ -1,14 +1,16 @@
 """The inference worker batches sessions that are due together; each gets the chunk it would get alone."""
 
 import asyncio
+import concurrent.futures
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from server_helpers import small_model
+from server_helpers import server_config, small_model
 
 from server.batching import BatchTimes
 from server.metrics import ServerMetrics
+from server.registry import SessionRegistry
 from server.scheduler import InferenceWorker
 from server.session import Session
 from streamgen.stream import StreamSession
@@ -360,3 +362,52 @@ def test_the_capacity_counts_a_pass_for_each_group_of_sessions_generated_apart(m
         worker.add(s)
     served = max(n for n in range(2, 20) if 2 * 0.12 + 0.015 * n <= CHUNK_S)  # two passes a period
     assert 2 <= worker.capacity(CHUNK_S, limit=16) <= served
+
+
+class FixedStream(SimpleNamespace):
+    """What the registry and a Session read of a stream, for sessions whose chunks are not generated."""
+
+    width = height = 32
+    frames_per_chunk, chunk_seconds, audio_lookahead_seconds = 8, 0.32, 0.0
+
+    def close(self):
+        pass
+
+
+async def test_a_new_session_goes_to_the_lane_with_room_for_it(monkeypatch):
+    """Two lanes, a pass's fixed cost (a GPU's). Four sessions created and streaming, two a lane,
+    each lane's pair on one schedule; then one of lane 0's clocks moves 160 ms (a late transport),
+    further than the worker regroups: lane 0 runs two batches a period, 0.27 s of its 0.22 s room,
+    and is full, where lane 1's one batch of 2 has room for 4 more. The capacity (the lanes' rooms
+    summed) admits a fifth session, which took the lane with the fewest sessions, the first of
+    two equal: lane 0, a third batch on a lane past its room, while lane 1 had room for it."""
+    worker = InferenceWorker(ServerMetrics(), lanes=2)  # not started: its jobs run here, at once
+    for times in (worker.batch_times, worker.ready_times):
+        for k in (1, 2, 4, 8):
+            times.observe(k, 0.12 + 0.015 * k)
+    worker.chunk_time_ema = worker.batch_times.estimate(1)
+
+    def run_now(fn, *args, lane=0, force=False):
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args))
+        return future
+
+    monkeypatch.setattr(worker, "submit", run_now)
+    config = server_config(lanes=2, max_sessions=16, measure_capacity=True, playout_delay_s=None)
+    registry = SessionRegistry(config, worker, worker.metrics)
+    registry.ready, registry.chunk_seconds = True, FixedStream.chunk_seconds
+    monkeypatch.setattr(registry, "_new_stream", lambda *args: FixedStream())
+
+    async def no_first_chunk(session):  # its generation is not what this tests
+        pass
+
+    monkeypatch.setattr(registry, "_first_chunk", no_first_chunk)
+    face = np.zeros((32, 32, 3), np.uint8)
+    sessions = [await registry.create(face, None, None) for _ in range(4)]
+    assert [s.lane for s in sessions] == [0, 1, 0, 1]
+    for s in sessions:
+        registry.start_streaming(s, "websocket")
+    sessions[2].move_clock(0.16)  # lane 0's two sessions now fall due in two groups
+    assert registry.capacity() == 8  # lane 0: its 2 (full); lane 1: its 2 and 4 more
+    fifth = await registry.create(face, None, None)
+    assert fifth.lane == 1 and worker._lane_load == [2, 3]
