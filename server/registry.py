@@ -211,8 +211,7 @@ class SessionRegistry:
         log.debug("session %s: joins a group of %d on lane %d, first frame %.0f ms later; playout delay %.0f ms",
                   session.id, len(group), session.lane, 1000 * (schedule.base - base), 1000 * session.delay)  # fmt: skip
         for other in group:
-            if other.delay < schedule.delay:
-                other.hold_back(schedule.delay - other.delay)
+            other.hold_back(schedule.delay)
 
     def _leave_lane_group(self, session: Session) -> None:
         """A session that stops streaming leaves a smaller batch behind: its group's sessions may

@@ -303,11 +303,16 @@ class Session:
             self.start_delay = delay
             self.next_due = base - delay + self.chunk_index * self.chunk_seconds
 
-    def hold_back(self, seconds: float) -> None:
-        """Play `seconds` later from now on, generating on the same schedule: a longer delay (and
-        the floor it comes back down to, until its group shrinks), the picture held and the audio
-        silent for that long once."""
+    def hold_back(self, delay: float) -> None:
+        """Play later from now on by as much as the delay is shorter than `delay`, generating on the
+        same schedule: a longer delay (and the floor it comes back down to, until its group
+        shrinks), the picture held and the audio silent for that long once. The shortfall is
+        read under the lock: read before it, a delay the worker grew meanwhile (`generate_sooner`)
+        went into the floor, and never came back down (test_server_clock_threads)."""
         with self.clock_lock:
+            seconds = delay - self.delay
+            if seconds <= 0:
+                return
             self.base += seconds
             self.delay += seconds
             self.start_delay = max(self.start_delay, self.delay)

@@ -177,7 +177,7 @@ async def test_after_the_clock_moves_forward_the_video_keeps_the_frame_clocks_pa
     s.base = time.monotonic()
     slot.put(chunk(0))
     await track.recv()
-    s.hold_back(0.2)  # five frames later from now on
+    s.hold_back(s.delay + 0.2)  # five frames later from now on
     values = [(await track.recv()).to_ndarray(format="rgb24")[0, 0, 0] for _ in range(8)]
     held = values.count(0)  # five frames' worth on an idle machine (each hold is a frame's sleep)
     assert held >= 1 and values[held:] == list(range(1, 9 - held)), values

@@ -21,12 +21,16 @@ class PausingSession(Session):
 
     pause_field = "base"
     pause_before = False
+    pause_skip = 0  # reads of it to let pass first
     pause_on: threading.Thread | None = None
 
     def __getattribute__(self, name):
         pause = name == object.__getattribute__(self, "pause_field") and threading.current_thread() is (
             object.__getattribute__(self, "pause_on")
         )
+        if pause and object.__getattribute__(self, "pause_skip"):
+            object.__setattr__(self, "pause_skip", object.__getattribute__(self, "pause_skip") - 1)
+            pause = False
         if pause and object.__getattribute__(self, "pause_before"):
             self._pause()
         value = object.__getattribute__(self, name)
@@ -49,7 +53,8 @@ def pausing_session(field: str, before: bool = False) -> PausingSession:
 
 def interleave(s: PausingSession, worker_step, loop_step) -> None:
     """Run `worker_step` on a thread of its own, paused at its read of the clock; there, run
-    `loop_step` on another (the event loop's part), then let the worker go on."""
+    `loop_step` on another (the event loop's part), then let the worker go on. (The two may also
+    be the other way round: the loop's step paused, the worker's run in between.)"""
     worker = threading.Thread(target=worker_step)
     s.pause_on = worker
     worker.start()
@@ -127,3 +132,42 @@ def test_the_worker_plans_from_one_reading_of_a_sessions_clock(monkeypatch):
     assert due_now.delay == pytest.approx(0.2) and on_schedule(due_now) == pytest.approx(0.0, abs=1e-9)
     job, batch, wait = planned[0]
     assert wait == 0.0 and batch == [due_now, due_soon]
+
+
+def test_a_group_session_held_back_for_a_joiner_while_the_worker_pulls_it_sooner_keeps_its_floor():
+    """A session starts streaming and joins a lane's group whose bigger batch needs a longer delay:
+    the group's session is held back by the difference between that delay and its own, read
+    before the change. The worker pulled it 30 ms sooner into a batch between that read and the
+    change: the grown delay (30 ms more) was taken into the floor the delay comes back down to,
+    and the session played 30 ms later than it needed for good, its chunks early every time."""
+    import asyncio
+
+    from server_helpers import server_config
+    from test_server_alignment import Stream, timed_worker
+
+    from server.batching import playout_delay
+    from server.registry import SessionRegistry
+
+    worker = timed_worker(k1=0.06, k2=0.09)
+    worker.chunk_time_ema = 0.06
+    registry = SessionRegistry(server_config(playout_delay_s=None), worker, worker.metrics)
+    loop = asyncio.new_event_loop()
+    try:
+        group, joiner = pausing_session("delay"), Session("joiner", Stream(), loop, 30.0)
+        group.pause_skip = 1  # its second read: the one the held-back seconds are computed from
+        group.lane, group.id = 0, "group"
+        worker.add(group)
+        joined = playout_delay(0.09)  # the batch of two's
+        assert group.delay < joined
+
+        def join():  # the loop's step, paused; the worker pulls the group's session meanwhile
+            registry.start_streaming(joiner, "websocket")
+
+        interleave(group, join, lambda: group.generate_sooner(0.03))
+    finally:
+        loop.close()
+    assert joiner.delay == pytest.approx(joined) and on_schedule(group) == pytest.approx(0.0, abs=1e-9)
+    assert group.start_delay == pytest.approx(joined)  # the floor: what the batch needs
+    for _ in range(Session.SLACK_WINDOW):  # its chunks all come with time to spare
+        group._lower_delay_when_early(0.3)
+    assert group.delay == pytest.approx(joined)
