@@ -10,7 +10,7 @@ from server_helpers import server_config, small_model
 
 from server.batching import BatchTimes
 from server.metrics import ServerMetrics
-from server.registry import SessionRegistry
+from server.registry import AdmissionError, SessionRegistry
 from server.scheduler import InferenceWorker
 from server.session import Session
 from streamgen.stream import StreamSession
@@ -411,3 +411,57 @@ async def test_a_new_session_goes_to_the_lane_with_room_for_it(monkeypatch):
     assert registry.capacity() == 8  # lane 0: its 2 (full); lane 1: its 2 and 4 more
     fifth = await registry.create(face, None, None)
     assert fifth.lane == 1 and worker._lane_load == [2, 3]
+
+
+async def test_sessions_admitted_together_fit_in_whatever_groups_they_join(monkeypatch):
+    """The capacity counts each session more as joining the group whose batch it grows most now,
+    one after another; the sessions admitted before any of them streams join the groups that
+    `join_schedule` picks by their phase and delay. Measured batch times with a step (a batch of
+    5 takes 50 ms more than one of 4), a lane's groups of 2 and 3: the capacity counted the first
+    into the 2 (+10 ms), the second into the 3 (+5 ms) and admitted both; both joined the 3,
+    whose batch of 5 took the lane to 0.285 s of its 0.272 s room."""
+    import server.session as session_module
+    from server.batching import REGROUP_WINDOW, phase_groups
+
+    batch_seconds = [None, 0.1, 0.11, 0.12, 0.125, 0.175, 0.18, 0.185, 0.19]  # by batch size
+    worker = InferenceWorker(ServerMetrics())  # not started: its jobs run here, at once
+    for times in (worker.batch_times, worker.ready_times):
+        for k in range(1, len(batch_seconds)):
+            times.observe(k, batch_seconds[k])
+    worker.chunk_time_ema = 0.1
+
+    def run_now(fn, *args, lane=0, force=False):
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args))
+        return future
+
+    monkeypatch.setattr(worker, "submit", run_now)
+    monkeypatch.setattr(session_module, "time", SimpleNamespace(monotonic=lambda: 100.0, time=lambda: 0.0))
+    config = server_config(max_sessions=16, measure_capacity=True, playout_delay_s=None)
+    registry = SessionRegistry(config, worker, worker.metrics)
+    registry.ready, registry.chunk_seconds = True, FixedStream.chunk_seconds
+    monkeypatch.setattr(registry, "_new_stream", lambda *args: FixedStream())
+
+    async def no_first_chunk(session):  # its generation is not what this tests
+        pass
+
+    monkeypatch.setattr(registry, "_first_chunk", no_first_chunk)
+    face, cs = np.zeros((32, 32, 3), np.uint8), FixedStream.chunk_seconds
+    streaming = [await registry.create(face, None, None) for _ in range(5)]
+    # two groups, 200 ms apart; the next sessions' own schedules fall due just before the 3's
+    for i, s in enumerate(streaming):
+        registry.start_streaming(s, "websocket")
+        due = 99.9475 + (0.2 if i < 2 else 0.0)
+        s.reschedule(due + 0.1 - s.chunk_index * cs, 0.1)
+    assert sorted(map(len, phase_groups([s.next_due for s in streaming], cs, REGROUP_WINDOW))) == [2, 3]
+    admitted = []
+    for _ in range(2):  # created together: neither streams before both are admitted
+        try:
+            admitted.append(await registry.create(face, None, None))
+        except AdmissionError:
+            pass
+    assert admitted  # one more fits however it joins
+    for s in admitted:
+        registry.start_streaming(s, "websocket")
+    groups = phase_groups([s.next_due for s in worker.lane_sessions(0)], cs, REGROUP_WINDOW)
+    assert sum(batch_seconds[len(g)] for g in groups) <= 0.85 * cs
