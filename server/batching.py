@@ -210,17 +210,20 @@ def phase_groups(dues: list[float], chunk_seconds: float, window: float = SAME_S
     """Due times grouped by their phase in the chunk period: sessions that fall due together, this
     period or another (one that joined a group falls due with it a period later, the first time).
     `window`: how far after a group's first a due time still belongs to it (REGROUP_WINDOW: the
-    sessions the worker generates in one batch, `pull_into_batch`)."""
-    groups: list[list[float]] = []
-    for due in sorted(dues, key=lambda d: d % chunk_seconds):
-        if groups and in_group(due, groups[-1][0], chunk_seconds, window):
-            groups[-1].append(due)
+    sessions the worker generates in one batch, `pull_into_batch`, which pulls those due after
+    the batch, never before). Only after: taken either side of a group's first, due times 80 ms
+    before and 80 ms after it were one group, which the worker ran as two batches every period
+    when the one before fell due first (test_server_alignment)."""
+    groups: list[list[tuple[float, float]]] = []  # (phase, due)
+    for phase, due in sorted((due % chunk_seconds, due) for due in dues):
+        if groups and phase - groups[-1][0][0] <= window:
+            groups[-1].append((phase, due))
         else:
-            groups.append([due])
-    # across the period's end
-    if len(groups) > 1 and in_group(groups[-1][0], groups[0][0], chunk_seconds, window):
-        groups[0] += groups.pop()
-    return groups
+            groups.append([(phase, due)])
+    # across the period's end: the last group and the first, if all of them lie within `window`
+    if len(groups) > 1 and groups[0][-1][0] + chunk_seconds - groups[-1][0][0] <= window:
+        groups[0] = groups.pop() + groups[0]
+    return [[due for _, due in group] for group in groups]
 
 
 def in_group(next_due: float, group_due: float, chunk_seconds: float, window: float = SAME_SCHEDULE) -> bool:

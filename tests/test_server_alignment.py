@@ -318,3 +318,48 @@ def test_serve_offers_websocket_compression_only_when_asked(monkeypatch):
     assert main(["serve", "--model", "debug"]) == 0
     assert main(["serve", "--model", "debug", "--ws-compression"]) == 0
     assert [c["ws_per_message_deflate"] for c in calls] == [False, True]
+
+
+def test_the_capacity_counts_the_batches_the_worker_runs_for_sessions_due_either_side_of_one(monkeypatch):
+    """Three sessions due 80 ms apart, the first to fall due 80 ms before the next (a clock moved:
+    a late transport). The worker generates the first and pulls the second (80 ms later) into its
+    batch, not the third (160 ms later): two batches a period from then on, 0.285 s of the lane's
+    0.272 s (a pass's fixed cost twice). Grouped around the middle one's phase, 80 ms either side,
+    the capacity counted one batch of 3 (0.165 s) and admitted 6 sessions more."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import server.scheduler as scheduler
+    from server.session import Session
+
+    def batch_seconds(k):  # a pass's fixed cost and a little per session (a GPU's)
+        return 0.12 + 0.015 * k
+
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(scheduler, "time", SimpleNamespace(monotonic=lambda: clock.now, perf_counter=lambda: clock.now))
+    worker = timed_worker(**{f"k{k}": batch_seconds(k) for k in range(1, 9)})
+    loop = asyncio.new_event_loop()
+    try:
+        sessions = [Session(f"s{i}", Stream(), loop, 30.0) for i in range(3)]
+        for s, due in zip(sessions, (100.42, 100.5, 100.58)):
+            s.streaming = True
+            s.reschedule(due + 0.2, 0.2)
+            worker.add(s)
+        capacity = worker.capacity(CS, limit=16)
+        batches, frames = [], np.zeros((Stream.frames_per_chunk, 8, 8, 3), np.uint8)
+        while clock.now < 100.42 + 4 * CS and len(batches) < 50:
+            _, batch, wait = worker._next(0)
+            if not batch:
+                clock.now += wait
+                continue
+            batches.append((clock.now, len(batch)))
+            for s in batch:
+                s.finish_chunk(frames, s.chunk_index * CS, 0.0, False)
+            clock.now += batch_seconds(len(batch))
+    finally:
+        loop.close()
+    last_period = [k for at, k in batches if at >= 100.42 + 3 * CS - 1e-9]
+    assert sorted(last_period) == [1, 2]  # a pass's fixed cost twice: past the room
+    assert sum(batch_seconds(k) for k in last_period) > 0.85 * CS
+    assert capacity == 3  # the sessions streaming; none more
