@@ -14,7 +14,7 @@ from .batching import in_group, join_schedule, playout_delay
 from .config import ServerConfig
 from .metrics import ServerMetrics
 from .model_host import HostDown
-from .scheduler import InferenceWorker, WorkerBusy
+from .scheduler import InferenceWorker, WorkerBusy, total_capacity
 from .session import Session
 
 log = logging.getLogger("streamgen.server")
@@ -46,17 +46,13 @@ class SessionRegistry:
 
     # --- admission -------------------------------------------------------------------------------
     def capacity(self) -> int:
-        return self._capacity(self.lane_fits())
+        return total_capacity(self.lane_fits(), self.config.max_sessions)
 
     def lane_fits(self) -> list[int] | None:
         """Sessions that fit on each lane (`InferenceWorker.lane_fits`); None: not measured."""
         if not self.config.measure_capacity:
             return None
         return self.worker.lane_fits(self.chunk_seconds, self.config.max_sessions)
-
-    def _capacity(self, fits: list[int] | None) -> int:
-        limit = self.config.max_sessions
-        return limit if fits is None else max(1, min(limit, sum(fits)))
 
     @property
     def host_down(self) -> str | None:
@@ -71,7 +67,7 @@ class SessionRegistry:
         if not self.ready:
             self._refuse("model is still loading", 5, "loading")
         fits = self.lane_fits()
-        capacity = self._capacity(fits)
+        capacity = total_capacity(fits, self.config.max_sessions)
         self.metrics.capacity.set(capacity)
         active = len(self.sessions) + self._creating
         if active >= capacity:

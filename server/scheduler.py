@@ -191,8 +191,7 @@ class InferenceWorker:
         each pass paying its fixed cost: the lane's period holds all of them and those to come
         (`sessions_that_fit`). Counted as one batch, two groups of a lane whose batch of 8 was
         timed to fit said 9 where 5 fit in real time (test_server_batching)."""
-        fits = self.lane_fits(chunk_seconds, limit)
-        return limit if fits is None else max(1, min(limit, sum(fits)))
+        return total_capacity(self.lane_fits(chunk_seconds, limit), limit)
 
     def lane_fits(self, chunk_seconds: float, limit: int) -> list[int] | None:
         """Sessions that fit in real time on each lane, those it streams included (see `capacity`);
@@ -375,6 +374,12 @@ class InferenceWorker:
         while self._jobs[lane]:
             future = self._jobs[lane].popleft()[0]
             future.cancel()
+
+
+def total_capacity(lane_fits: list[int] | None, limit: int) -> int:
+    """The sessions the lanes hold in real time together (`InferenceWorker.lane_fits`; None: not
+    measured, the limit), at least one and at most the limit."""
+    return limit if lane_fits is None else max(1, min(limit, sum(lane_fits)))
 
 
 def _call_soon(session: Session, fn, *args) -> None:
