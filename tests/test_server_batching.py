@@ -374,6 +374,33 @@ class FixedStream(SimpleNamespace):
         pass
 
 
+def inline_registry(monkeypatch, batch_seconds, sizes, lanes: int = 1) -> SessionRegistry:
+    """A registry whose worker, not started, runs each job at once on the caller's thread, its
+    batches of each of `sizes` timed at `batch_seconds(k)`; its streams are FixedStreams and their
+    first chunks are not made (their generation is not what these tests check)."""
+    worker = InferenceWorker(ServerMetrics(), lanes=lanes)
+    for times in (worker.batch_times, worker.ready_times):
+        for k in sizes:
+            times.observe(k, batch_seconds(k))
+    worker.chunk_time_ema = batch_seconds(1)
+
+    def run_now(fn, *args, lane=0, force=False):
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args))
+        return future
+
+    async def no_first_chunk(session):
+        pass
+
+    monkeypatch.setattr(worker, "submit", run_now)
+    config = server_config(lanes=lanes, max_sessions=16, measure_capacity=True, playout_delay_s=None)
+    registry = SessionRegistry(config, worker, worker.metrics)
+    registry.ready, registry.chunk_seconds = True, FixedStream.chunk_seconds
+    monkeypatch.setattr(registry, "_new_stream", lambda *args: FixedStream())
+    monkeypatch.setattr(registry, "_first_chunk", no_first_chunk)
+    return registry
+
+
 async def test_a_new_session_goes_to_the_lane_with_room_for_it(monkeypatch):
     """Two lanes, a pass's fixed cost (a GPU's). Four sessions created and streaming, two a lane,
     each lane's pair on one schedule; then one of lane 0's clocks moves 160 ms (a late transport),
@@ -381,28 +408,8 @@ async def test_a_new_session_goes_to_the_lane_with_room_for_it(monkeypatch):
     and is full, where lane 1's one batch of 2 has room for 4 more. The capacity (the lanes' rooms
     summed) admits a fifth session, which took the lane with the fewest sessions, the first of
     two equal: lane 0, a third batch on a lane past its room, while lane 1 had room for it."""
-    worker = InferenceWorker(ServerMetrics(), lanes=2)  # not started: its jobs run here, at once
-    for times in (worker.batch_times, worker.ready_times):
-        for k in (1, 2, 4, 8):
-            times.observe(k, 0.12 + 0.015 * k)
-    worker.chunk_time_ema = worker.batch_times.estimate(1)
-
-    def run_now(fn, *args, lane=0, force=False):
-        future = concurrent.futures.Future()
-        future.set_result(fn(*args))
-        return future
-
-    monkeypatch.setattr(worker, "submit", run_now)
-    config = server_config(lanes=2, max_sessions=16, measure_capacity=True, playout_delay_s=None)
-    registry = SessionRegistry(config, worker, worker.metrics)
-    registry.ready, registry.chunk_seconds = True, FixedStream.chunk_seconds
-    monkeypatch.setattr(registry, "_new_stream", lambda *args: FixedStream())
-
-    async def no_first_chunk(session):  # its generation is not what this tests
-        pass
-
-    monkeypatch.setattr(registry, "_first_chunk", no_first_chunk)
-    face = np.zeros((32, 32, 3), np.uint8)
+    registry = inline_registry(monkeypatch, lambda k: 0.12 + 0.015 * k, (1, 2, 4, 8), lanes=2)
+    worker, face = registry.worker, np.zeros((32, 32, 3), np.uint8)
     sessions = [await registry.create(face, None, None) for _ in range(4)]
     assert [s.lane for s in sessions] == [0, 1, 0, 1]
     for s in sessions:
@@ -424,29 +431,9 @@ async def test_sessions_admitted_together_fit_in_whatever_groups_they_join(monke
     from server.batching import REGROUP_WINDOW, phase_groups
 
     batch_seconds = [None, 0.1, 0.11, 0.12, 0.125, 0.175, 0.18, 0.185, 0.19]  # by batch size
-    worker = InferenceWorker(ServerMetrics())  # not started: its jobs run here, at once
-    for times in (worker.batch_times, worker.ready_times):
-        for k in range(1, len(batch_seconds)):
-            times.observe(k, batch_seconds[k])
-    worker.chunk_time_ema = 0.1
-
-    def run_now(fn, *args, lane=0, force=False):
-        future = concurrent.futures.Future()
-        future.set_result(fn(*args))
-        return future
-
-    monkeypatch.setattr(worker, "submit", run_now)
+    registry = inline_registry(monkeypatch, batch_seconds.__getitem__, range(1, len(batch_seconds)))
     monkeypatch.setattr(session_module, "time", SimpleNamespace(monotonic=lambda: 100.0, time=lambda: 0.0))
-    config = server_config(max_sessions=16, measure_capacity=True, playout_delay_s=None)
-    registry = SessionRegistry(config, worker, worker.metrics)
-    registry.ready, registry.chunk_seconds = True, FixedStream.chunk_seconds
-    monkeypatch.setattr(registry, "_new_stream", lambda *args: FixedStream())
-
-    async def no_first_chunk(session):  # its generation is not what this tests
-        pass
-
-    monkeypatch.setattr(registry, "_first_chunk", no_first_chunk)
-    face, cs = np.zeros((32, 32, 3), np.uint8), FixedStream.chunk_seconds
+    worker, face, cs = registry.worker, np.zeros((32, 32, 3), np.uint8), FixedStream.chunk_seconds
     streaming = [await registry.create(face, None, None) for _ in range(5)]
     # two groups, 200 ms apart; the next sessions' own schedules fall due just before the 3's
     for i, s in enumerate(streaming):
