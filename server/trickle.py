@@ -8,9 +8,9 @@ Without them the server can learn the player's addresses only from the checks th
 sends it (peer-reflexive candidates), which a NAT or firewall between them may stop.
 
 The 201 answer carries an entity tag for the ICE session; a PATCH must name it in `If-Match`
-(412 when it names another). ICE restarts (a fragment with new credentials) are not
-supported: 422, as RFC 9725 asks of a server that trickles but does not restart; a player
-starts a new session instead.
+(412 when it names another). ICE restarts (a fragment with new credentials: a new ufrag or
+a new password, either one) are not supported: 422, as RFC 9725 asks of a server that
+trickles but does not restart; a player starts a new session instead.
 """
 
 from __future__ import annotations
@@ -80,11 +80,11 @@ def _same(old: str | None, new: str, name: str) -> str:
     return new
 
 
-def ice_ufrag(sdp: str) -> str | None:
-    """The first `a=ice-ufrag` of an SDP (the offer's ICE username fragment)."""
+def ice_credential(sdp: str, name: str) -> str | None:
+    """The first `a=<name>:` of an SDP: `ice-ufrag` or `ice-pwd` (the offer's ICE credentials)."""
     for line in sdp.splitlines():
-        if line.startswith("a=ice-ufrag:"):
-            return line[len("a=ice-ufrag:") :].strip()
+        if line.startswith(f"a={name}:"):
+            return line[len(f"a={name}:") :].strip()
     return None
 
 
@@ -105,7 +105,7 @@ class TrickleIce:
     def __init__(self, pc: RTCPeerConnection, offer_sdp: str):
         self.pc = pc
         self.etag = f'"{secrets.token_urlsafe(12)}"'
-        self._ufrag = ice_ufrag(offer_sdp)
+        self._credentials = {name: ice_credential(offer_sdp, f"ice-{name}") for name in ("ufrag", "pwd")}
         self._bundle = bundle_tag(offer_sdp)
         self._mids = {
             line[len("a=mid:") :].strip() for line in offer_sdp.splitlines() if line.startswith("a=mid:")
@@ -121,8 +121,10 @@ class TrickleIce:
     async def add(self, frag: Fragment) -> int:
         """Hand the fragment's candidates to the ICE agent; IceRestart for new credentials.
         Returns how many it added."""
-        if frag.ufrag is not None and self._ufrag is not None and frag.ufrag != self._ufrag:
-            raise IceRestart(frag.ufrag)
+        # either credential changed is a restart (RFC 8839), not candidates for this one
+        for name, sent in (("ufrag", frag.ufrag), ("pwd", frag.pwd)):
+            if sent is not None and self._credentials[name] is not None and sent != self._credentials[name]:
+                raise IceRestart(name)
         # refused, not dropped: the ICE agent takes neither without a word (and they were counted)
         if self.ended and frag.candidates:
             raise FragmentError(

@@ -134,6 +134,8 @@ async def test_a_patch_the_server_cannot_take_gets_its_reason():
                     return await http.patch(created["resource"], content=body, headers=headers)
 
                 restart = fragment.replace("a=ice-ufrag:", "a=ice-ufrag:new")
+                # a new password alone is a restart too (RFC 8839, ICE restarts)
+                new_password = fragment.replace("a=ice-pwd:", "a=ice-pwd:new")
                 for response, status, says in [
                     (await patch(**auth, **kind), 428, "If-Match"),
                     (await patch(**auth, **kind, **{"if-match": '"other"'}), 412, "another ICE session"),
@@ -148,6 +150,7 @@ async def test_a_patch_the_server_cannot_take_gets_its_reason():
                         "not an ICE candidate",
                     ),
                     (await patch(restart, **auth, **kind, **{"if-match": etag}), 422, "start a new session"),
+                    (await patch(new_password, **auth, **kind, **{"if-match": etag}), 422, "new session"),
                     (await patch(**kind, **{"if-match": etag}), 401, "token"),
                 ]:
                     assert response.status_code == status and says in response.json()["message"], (
@@ -272,6 +275,24 @@ async def test_candidates_the_ice_agent_would_drop_unsaid_are_refused():
     with pytest.raises(FragmentError, match="after a=end-of-candidates"):
         await trickle.add(parse_fragment(late))
     assert peer.added[-1] is None and trickle.candidates == 6
+
+
+@pytest.mark.parametrize("changed", ["a=ice-ufrag:", "a=ice-pwd:", "both"])
+async def test_new_credentials_are_a_restart_whichever_of_them_changed(changed):
+    """A changed ufrag or a changed password is an ICE restart (RFC 8839): a fragment
+    with the offer's ufrag but another password was taken as candidates for the old session."""
+    from server.trickle import IceRestart, TrickleIce
+
+    peer = SlowResolvingPeer()
+    trickle = TrickleIce(peer, FRAGMENT)
+    fragment = FRAGMENT
+    for prefix in ("a=ice-ufrag:", "a=ice-pwd:") if changed == "both" else (changed,):
+        fragment = fragment.replace(prefix, prefix + "re")
+    with pytest.raises(IceRestart):
+        await trickle.add(parse_fragment(fragment))
+    assert peer.added == [] and trickle.candidates == 3
+    without_password = FRAGMENT.replace("a=ice-pwd:P2uYro0UCOQ4zxjKXaWCBui1\n", "")
+    assert await trickle.add(parse_fragment(without_password)) == 3  # the same ICE session's candidates
 
 
 async def test_an_ice_restart_is_refused_with_a_reason_and_the_stream_goes_on():
