@@ -130,8 +130,8 @@ async function createSession() {
 function deleteSession(s) {
   // keepalive: a DELETE sent as the page goes (pagehide) outlives it, as the Fetch spec promises
   // only such requests. One that fails is said on the console, not on the page: the peer
-  // connection's or the socket's closing ends the session on the server as well. (A 404 is a
-  // session ended already, by the socket's stop message or the server.)
+  // connection's closing ends the session on the server as well. (A 404 is a session the server
+  // ended already.)
   fetch(s.resource, { method: "DELETE", headers: authHeaders(s), keepalive: true }).then((res) => {
     if (!res.ok && res.status !== 404) console.warn(`ending the session: DELETE ${res.status}`);
   }, (e) => console.warn("ending the session: DELETE failed:", e));
@@ -522,7 +522,11 @@ function cleanup(sendDelete = true) {
   generation++;
   clearInterval(statsTimer);
   clearTimeout(lostTimer);
-  if (sendDelete && session) deleteSession(session);
+  // An open WebSocket ends its session itself, with the stop message below (and, were that lost, by
+  // closing): a DELETE after the stop found the session ended, a 404 the browser logs as an error.
+  // A socket still connecting may never have reached the server: its session is DELETEd.
+  const socketEndsSession = ws !== null && ws.readyState === WebSocket.OPEN;
+  if (sendDelete && session && !socketEndsSession) deleteSession(session);
   if (pc) { pc.onconnectionstatechange = null; pc.close(); }
   if (ws) {
     ws.onclose = ws.onmessage = ws.onerror = null;
