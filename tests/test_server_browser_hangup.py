@@ -8,6 +8,9 @@ only while this thread is in one of its calls: the waits on routed pages go thro
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 import socket
 import threading
 import time
@@ -31,11 +34,20 @@ def wait_in_page(page, check, timeout: float = 20.0, failed: str = "timed out"):
         page.wait_for_timeout(100)
 
 
+def websocket_accept(request: bytes) -> bytes:
+    """The 101 answer to a WebSocket upgrade request (RFC 6455 4.2.2)."""
+    key = re.search(rb"(?im)^sec-websocket-key:\s*(\S+)", request).group(1)
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    return b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" \
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"  # fmt: skip
+
+
 @contextmanager
-def unanswering_listener():
+def unanswering_listener(upgrade: bool = False):
     """A server slow to accept a WebSocket: a TCP listener on 127.0.0.1 that takes one connection,
-    reads its upgrade request and never answers. Yields (port, events): "request" as its bytes
-    come, "closed" once the client has closed the connection."""
+    reads its upgrade request and never answers (with `upgrade`, answers the upgrade and then says
+    nothing, not even to the start message). Yields (port, events): "request" as its bytes come,
+    "close frame" as the client closes an upgraded socket, "closed" once it closed the connection."""
     events: list[str] = []
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -50,8 +62,12 @@ def unanswering_listener():
             with connection:
                 connection.settimeout(60)
                 try:
-                    while connection.recv(4096):
-                        events.append("request")
+                    while received := connection.recv(4096):
+                        if upgrade and "request" not in events:
+                            connection.sendall(websocket_accept(received))
+                        # (a client's close frame: FIN and opcode 8; the connection stays until the
+                        # server's answer, which never comes, or the browser's own time limit)
+                        events.append("close frame" if upgrade and received[0] == 0x88 else "request")
                     events.append("closed")
                 except OSError:
                     events.append("timed out")
@@ -101,6 +117,37 @@ def test_a_websocket_a_slow_server_has_not_accepted_can_be_hung_up(browser_page)
             page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
             assert page.evaluate("held()")["state"] == "streaming (websocket)"
             assert errors == []
+        finally:
+            page.close()
+
+
+@pytest.mark.parametrize("upgrade", [False, True], ids=["no-upgrade", "no-ready"])
+def test_a_websocket_a_server_never_answers_fails_with_a_reason(browser_page, upgrade):
+    """A server that takes the TCP connection and never answers the WebSocket upgrade (or answers
+    it and never the start message) left the page 'connecting' for good: the browser sets no limit
+    on either. The page has a limit of its own now (the page's clock is moved past it): it says
+    why it failed, gives back the socket and the session, and can connect again."""
+    with live_server(max_sessions=2) as (url, app), unanswering_listener(upgrade) as (port, events):
+        sessions = app.state.registry.sessions
+        page = browser_page.new_page()
+        page.clock.install()
+        page.add_init_script(HELD + f"window.streamAt = 'http://127.0.0.1:{port}';" + STREAM_ELSEWHERE)
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            wait_for(lambda: "request" in events, 20, "the page's WebSocket did not reach the listener")
+            page.clock.fast_forward(60_000)
+            still = "the page is still connecting"
+            wait_for(lambda: page.evaluate("held()")["state"] != "connecting", 10, still)
+            state = page.evaluate("held()")
+            assert state["state"].startswith("failed: the WebSocket stream did not start within"), state
+            assert state == {**IDLE, "state": state["state"]}
+            closed = "close frame" if upgrade else "closed"
+            wait_for(lambda: closed in events, 10, "the page kept its WebSocket")
+            wait_for(lambda: not sessions, 10, "the failed attempt left its session on the server")
+            page.evaluate("window.streamAt = null")
+            page.click("#connect")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
+            assert page.evaluate("held()")["state"] == "streaming (websocket)"
         finally:
             page.close()
 
@@ -248,10 +295,11 @@ def test_a_hang_up_leaves_nothing_on_the_console(browser_page, transport):
         sessions = app.state.registry.sessions
         page = browser_page.new_page()
         logs: list[str] = []
-        page.on("console", lambda m: logs.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
+        said = {"error", "warning"}
+        page.on("console", lambda m: logs.append(f"{m.type}: {m.text}") if m.type in said else None)
         page.on("pageerror", lambda e: logs.append(f"pageerror: {e}"))
         deletes = []
-        page.on("request", lambda request: deletes.append(request.url) if request.method == "DELETE" else None)
+        page.on("request", lambda r: deletes.append(r.url) if r.method == "DELETE" else None)
         try:
             page.goto(f"{url}/?mic=0" + ("&transport=ws" if transport == "ws" else ""))
             for _ in range(3):

@@ -9,6 +9,11 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const SAMPLE_RATE = 16000;
 const HEADER_BYTES = 16;
+// How long a WebSocket connect may take, from the socket's creation to the server's "ready" (its
+// answer to the start message; the server sends it at once). The browser sets no limit of its own:
+// a server or proxy that took the TCP connection and then said nothing left the page "connecting"
+// (or "streaming" with nothing coming) for good. Generous: a real server answers within a second.
+const WEBSOCKET_START_MS = 10000;
 
 // what the overlay shows; tests read it as window.streamgenStats
 const stats = { transport: null, firstFrameMs: null, framesDecoded: 0, fps: 0, avOffsetMs: null,
@@ -19,6 +24,7 @@ let avatar = params.get("avatar") || "sample";
 let session = null;        // {id, token, resource, whep, stream, ice_servers}
 let pc = null;             // RTCPeerConnection (WebRTC)
 let ws = null;             // WebSocket (fallback)
+let wsStarted = false;     // its server answered the start message ("ready"): it holds the session
 let mic = null;            // MediaStream from getUserMedia
 let audioSender = null;    // RTCRtpSender carrying the mic
 let statsTimer = null;
@@ -339,20 +345,42 @@ async function connectWebSocket(mine) {
   canvas.hidden = false;
   const openedAt = performance.now();
   // Listeners, not on* handlers: a hang-up clears those as it closes the socket, and the attempt
-  // waited for good. A socket closed before it opened (refused, or hung up while it connected,
-  // when a slow server had not answered) ends the wait.
-  await new Promise((resolve, reject) => {
-    socket.addEventListener("open", resolve);
-    socket.addEventListener("close", () => reject(new Error("WebSocket failed")));
+  // waited for good. A socket closed before the stream started (refused, or hung up while it
+  // connected, when a slow server had not answered) ends the wait, as the time limit does.
+  let limitTimer = null, readyCame = null;
+  const ready = new Promise((resolve) => { readyCame = resolve; });
+  const failed = new Promise((_, reject) => {
+    // (a server's refusal is a close with its code and reason: 4404 unknown session, 4409, ...)
+    socket.addEventListener("close", (e) => {
+      reject(new Error(e.reason ? `WebSocket closed: ${e.code} ${e.reason}` : "WebSocket failed"));
+    });
+    limitTimer = setTimeout(() => reject(new Error(
+      `the WebSocket stream did not start within ${WEBSOCKET_START_MS / 1000} s: the server does not answer`,
+    )), WEBSOCKET_START_MS);
   });
+  try {
+    await Promise.race([new Promise((resolve) => socket.addEventListener("open", resolve)), failed]);
+    abandoned(mine);
+    socket.send(JSON.stringify({ type: "start", format: "jpeg", flow: "latest" }));
+    socket.addEventListener("message", (e) => {
+      if (typeof e.data !== "string") return;
+      const msg = JSON.parse(e.data);
+      if (msg.type !== "ready" || socket !== ws) return;
+      canvas.width = msg.width;
+      canvas.height = msg.height;
+      wsStarted = true;
+      readyCame();
+    });
+    await Promise.race([ready, failed]);
+  } finally {
+    clearTimeout(limitTimer);
+  }
   abandoned(mine);
-  socket.send(JSON.stringify({ type: "start", format: "jpeg", flow: "latest" }));
   stats.transport = "websocket";
   socket.onmessage = async (e) => {
     if (socket !== ws) return;
     if (typeof e.data === "string") {
       const msg = JSON.parse(e.data);
-      if (msg.type === "ready") { canvas.width = msg.width; canvas.height = msg.height; }
       if (msg.type === "error") setStatus(`error: ${msg.message}`);
       return;
     }
@@ -522,10 +550,10 @@ function cleanup(sendDelete = true) {
   generation++;
   clearInterval(statsTimer);
   clearTimeout(lostTimer);
-  // An open WebSocket ends its session itself, with the stop message below (and, were that lost, by
-  // closing): a DELETE after the stop found the session ended, a 404 the browser logs as an error.
-  // A socket still connecting may never have reached the server: its session is DELETEd.
-  const socketEndsSession = ws !== null && ws.readyState === WebSocket.OPEN;
+  // A WebSocket whose stream started ends its session itself, with the stop message below (and,
+  // were that lost, by closing): a DELETE after the stop found the session ended, a 404 the browser
+  // logs as an error. A socket not started may never have reached the server: the session is DELETEd.
+  const socketEndsSession = ws !== null && ws.readyState === WebSocket.OPEN && wsStarted;
   if (sendDelete && session && !socketEndsSession) deleteSession(session);
   if (pc) { pc.onconnectionstatechange = null; pc.close(); }
   if (ws) {
@@ -543,6 +571,7 @@ function cleanup(sendDelete = true) {
   // no last frame left on the stage, looking live: a <video> keeps showing its ended stream's
   clearStage();
   pc = ws = mic = audioSender = audioCtx = session = null;
+  wsStarted = false;
   playStart = playClockRuns = null;
   soundWaits = false;
   $("sound").hidden = true;
