@@ -9,8 +9,9 @@ nothing). Its estimate is linear in what `count_phonemes` counts, per language:
     + (clauses closed by a comma x comma + by a full stop x stop) x 165 / rate   (rate <= 165 only)
 
 This synthesises the texts of two sets (`fit`, `check`: prose of 1-6 sentences from the sentence
-banks, digits and abbreviations, emoji, repeated short words, greetings, comma lists; `check`
-with other prose, emoji and short words) at six rate and voice-variant pairs, and finds by linear
+banks, digits and abbreviations, emoji, repeated short words, greetings, comma lists, abbreviations'
+dots and short exclamations; `check` with other prose, emoji, short words, abbreviations and
+exclamations) at six rate and voice-variant pairs, and finds by linear
 programming, per language, the weights that keep every `fit` text at most `--margin` of its speech
 while they come as close to it as they can on prose and digits at the default rate. It prints the
 weights (milliseconds, rounded down) and, for both sets, the estimate over the speech by kind of
@@ -45,6 +46,26 @@ SHORT_TEXTS = {
         {"en-us": "Thanks", "en": "Thanks", "de": "Danke", "fr": "Merci", "es": "Gracias", "it": "Grazie"},
     ),
 }  # fmt: skip
+# Abbreviations (espeak-ng's phoneme pass ends a clause at their dot, its speech barely pauses
+# there) and short exclamations and questions (a pause shorter than prose's full stop) of each set
+ABBREVIATIONS_AND_EXCLAMATIONS = {
+    "fit": {
+        "en-us": ("Mr. Brown and Mrs. Green met Dr. Lee at St. James.", "Wow! Really? Yes. No! Okay?"),
+        "en": ("Mr. Brown and Mrs. Green met Dr. Lee at St. James.", "Wow! Really? Yes. No! Okay?"),
+        "de": ("Dr. Müller und Prof. Schmidt trafen Hr. Weber.", "Ja! Nein? Gut. Hallo! Echt?"),
+        "fr": ("M. Dupont et Mme Martin chez le Dr. Petit.", "Ah ! Quoi ? Oui. Non ! Bien ?"),
+        "es": ("El Sr. García y la Sra. López con el Dr. Ruiz.", "¡Ay! ¿Sí? No. ¡Vale! ¿Qué?"),
+        "it": ("Il Sig. Rossi e la Sig.ra Bianchi dal Dott. Verdi.", "Ah! Cosa? Sì. No! Bene?"),
+    },
+    "check": {
+        "en-us": ("Dr. Smith went to St. Paul's.", "Hi! Really? Yes."),
+        "en": ("Mr. Jones met Prof. Adams.", "Dr. Who? Mr. Bean!"),
+        "de": ("Dr. Klein sprach mit Fr. Wolf.", "Hi! Really? Yes."),
+        "fr": ("Mme Durand et M. Blanc.", "Oui ! Non ? Bon."),
+        "es": ("La Dra. Gómez y el Sr. Díaz.", "¡Hola! ¿Qué? Sí."),
+        "it": ("Il Dott. Neri e la Sig.ra Conti.", "Sì! No? Bene."),
+    },
+}  # fmt: skip
 
 
 def texts(language: str, which: str, seed: int) -> list[tuple[str, str]]:
@@ -72,6 +93,8 @@ def texts(language: str, which: str, seed: int) -> list[tuple[str, str]]:
         ("greeting", f"{greeting}, {greeting}."),
     ]
     out += [("commas", ", ".join([words[1]] * 12) + ","), ("commas", "one, two, three, four, five.")]
+    abbreviations, exclamations = ABBREVIATIONS_AND_EXCLAMATIONS[which][language]
+    out += [("abbreviations", abbreviations), ("exclamations", exclamations)]
     return out
 
 

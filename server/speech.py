@@ -30,18 +30,24 @@ _synthesis = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_pr
 # that fits then refused: 6.5 s for the 4.7 s of "😀 😀 😀" in German at 80 words a minute, 2.9 s
 # for the 2.5 s of "the" x 20. Unstressed phonemes run 15-75 ms (a German schwa 29 ms at 165 and
 # at 80 alike), stressed vowels 40-350 ms, a full stop's pause 332 ms; emoji names and strings of
-# short words are mostly unstressed and pause nowhere. Fitted by bench/speech_room.py (a linear
-# programme over 972 syntheses: prose of 1-6 sentences, digits and abbreviations, emoji, repeated
-# short words, greetings and comma lists, at 80-450 words a minute and 4 voices) to stay at most
-# 93% of each text's speech, as close to it as that allows on prose and digits. On other prose,
-# emoji and short words: 93-97% at the most; prose at the default rate 64-93% of its speech (the
-# least a German sentence alone), digits and abbreviations 65-93%.
+# short words are mostly unstressed and pause nowhere. espeak's phoneme pass also ends a clause at
+# an abbreviation's dot ("Dr. Smith") that its speech barely pauses at, and a short exclamation's
+# pause is shorter than prose's full stop: fitted to prose alone, "Dr. Who? Mr. Bean!" was
+# estimated at 1.12 of its speech, German "Hi! Really? Yes." at 1.08 (refused though it fits);
+# fitted with them, the full stop's weight is what such clauses take (44-430 ms) and a comma's
+# carries what prose's full stops need beyond it. Fitted by bench/speech_room.py (a linear
+# programme over 1044 syntheses: prose of 1-6 sentences, digits and abbreviations, emoji, repeated
+# short words, greetings, comma lists, abbreviations' dots and short exclamations, at 80-450 words
+# a minute and 4 voices) to stay at most 93% of each text's speech, as close to it as that allows
+# on prose and digits. On other prose, emoji, short words, abbreviations and exclamations: 88-100%
+# at the most (German "Danke 😎" at 80 words a minute); prose at the default rate 64-90% of its
+# speech (the least a German sentence alone), digits and abbreviations 68-93%.
 SPEECH_FLOOR_MS = {  # (unstressed fixed, unstressed, stressed, comma clause, full-stop clause)
-    "en-us": (5.2, 49.2, 122.9, 0.0, 329.6),
-    "en": (4.6, 50.4, 110.6, 0.0, 332.8),
-    "de": (7.6, 26.3, 142.8, 0.0, 615.5),
-    "fr": (4.2, 53.4, 105.8, 120.8, 393.9),
-    "es": (4.3, 46.9, 101.5, 0.0, 304.9),
+    "en-us": (5.8, 47.2, 127.9, 189.6, 75.1),
+    "en": (4.6, 50.4, 110.6, 206.5, 43.6),
+    "de": (6.0, 22.5, 174.7, 0.0, 430.4),
+    "fr": (4.2, 53.4, 105.8, 153.6, 272.8),
+    "es": (6.0, 42.1, 114.9, 203.6, 162.4),
     "it": (2.6, 46.5, 97.2, 0.0, 301.3),
 }
 DEFAULT_RATE = 165  # words a minute (Voice.rate's default), the rate of SPEECH_FLOOR_MS
