@@ -9,9 +9,9 @@ nothing). Its estimate is linear in what `count_phonemes` counts, per language:
     + (clauses closed by a comma x comma + by a full stop x stop) x 165 / rate   (rate <= 165 only)
 
 This synthesises the texts of two sets (`fit`, `check`: prose of 1-6 sentences from the sentence
-banks, digits and abbreviations, emoji, repeated short words, greetings, comma lists, abbreviations'
-dots and short exclamations; `check` with other prose, emoji, short words, abbreviations and
-exclamations) at six rate and voice-variant pairs, and finds by linear
+banks, digits and abbreviations, emoji alone and together, repeated short words, greetings, comma
+lists, abbreviations' dots, short exclamations; `check` with other prose, emoji, short words,
+abbreviations and exclamations) at six rate and voice-variant pairs, and finds by linear
 programming, per language, the weights that keep every `fit` text at most `--margin` of its speech
 while they come as close to it as they can on prose and digits at the default rate. It prints the
 weights (milliseconds, rounded down) and, for both sets, the estimate over the speech by kind of
@@ -33,7 +33,7 @@ DIGITS_AND_ABBREVIATIONS = (
 # (emoji, short words by language, greetings) of each set
 SHORT_TEXTS = {
     "fit": (
-        "😀 😂 🎉 👍 ❤️ 🙂 🚀 🌍",
+        "😀 😂 🎉 👍 ❤️ 🙂 🚀 🌍 😍 🤩 😇 🥳",
         {"en-us": "the a of to and in", "en": "the a of to and in", "de": "der die das und zu ein",
          "fr": "le la les de et un", "es": "el la los de y un", "it": "il lo la di e un"},
         {"en-us": "Good morning everyone", "en": "Good morning everyone", "de": "Guten Morgen zusammen",
@@ -85,6 +85,8 @@ def texts(language: str, which: str, seed: int) -> list[tuple[str, str]]:
     ]
     out += [("digits", text) for text in DIGITS_AND_ABBREVIATIONS]
     out += [("emoji", " ".join(emoji[:k])) for k in (1, 3, 8)] + [("emoji", " ".join([emoji[0]] * 3))]
+    # each other emoji alone: some names are mostly stressed vowels, which the 8 together hid
+    out += [("emoji", e) for e in emoji[1:]]
     out += [("short words", " ".join(words[i % len(words)] for i in range(k))) for k in (3, 12, 30)]
     out += [("short words", " ".join([words[0]] * 20)), ("short words", " ".join([words[1]] * 20))]
     out += [
@@ -152,7 +154,7 @@ def ratios(rows: list[dict], weights: np.ndarray) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--margin", type=float, default=0.93, help="the most of its speech any fitted text's estimate is"
+        "--margin", type=float, default=0.92, help="the most of its speech any fitted text's estimate is"
     )
     p.add_argument("--seed", type=int, default=1, help="of the prose drawn from the sentence banks")
 

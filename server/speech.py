@@ -34,21 +34,22 @@ _synthesis = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_pr
 # an abbreviation's dot ("Dr. Smith") that its speech barely pauses at, and a short exclamation's
 # pause is shorter than prose's full stop: fitted to prose alone, "Dr. Who? Mr. Bean!" was
 # estimated at 1.12 of its speech, German "Hi! Really? Yes." at 1.08 (refused though it fits);
-# fitted with them, the full stop's weight is what such clauses take (44-430 ms) and a comma's
+# fitted with them, the full stop's weight is what such clauses take (43-426 ms) and a comma's
 # carries what prose's full stops need beyond it. Fitted by bench/speech_room.py (a linear
-# programme over 1044 syntheses: prose of 1-6 sentences, digits and abbreviations, emoji, repeated
-# short words, greetings, comma lists, abbreviations' dots and short exclamations, at 80-450 words
-# a minute and 4 voices) to stay at most 93% of each text's speech, as close to it as that allows
-# on prose and digits. On other prose, emoji, short words, abbreviations and exclamations: 88-100%
-# at the most (German "Danke 😎" at 80 words a minute); prose at the default rate 64-90% of its
-# speech (the least a German sentence alone), digits and abbreviations 68-93%.
+# programme over 1440 syntheses: prose of 1-6 sentences, digits and abbreviations, emoji alone and
+# together, repeated short words, greetings, comma lists, abbreviations' dots and short
+# exclamations, at 80-450 words a minute and 4 voices) to stay at most 92% of each text's speech,
+# as close to it as that allows on prose and digits (at 93%, German "Danke 😎" at 80 words a
+# minute, not fitted, came out at 1.0004 of its speech). On other prose, emoji, short words,
+# abbreviations and exclamations: 87-99% at the most; prose at the default rate 63-88% of its
+# speech (the least a German sentence alone), digits and abbreviations 67-92%.
 SPEECH_FLOOR_MS = {  # (unstressed fixed, unstressed, stressed, comma clause, full-stop clause)
-    "en-us": (5.8, 47.2, 127.9, 189.6, 75.1),
-    "en": (4.6, 50.4, 110.6, 206.5, 43.6),
-    "de": (6.0, 22.5, 174.7, 0.0, 430.4),
-    "fr": (4.2, 53.4, 105.8, 153.6, 272.8),
-    "es": (6.0, 42.1, 114.9, 203.6, 162.4),
-    "it": (2.6, 46.5, 97.2, 0.0, 301.3),
+    "en-us": (5.8, 46.7, 126.5, 187.6, 74.2),
+    "en": (4.6, 49.9, 109.4, 204.3, 43.1),
+    "de": (5.9, 22.3, 172.9, 0.0, 425.7),
+    "fr": (4.4, 53.2, 81.8, 176.2, 330.7),
+    "es": (4.7, 45.4, 100.2, 217.2, 150.3),
+    "it": (2.6, 46.0, 96.2, 0.0, 298.1),
 }
 DEFAULT_RATE = 165  # words a minute (Voice.rate's default), the rate of SPEECH_FLOOR_MS
 
