@@ -227,6 +227,7 @@ class SessionRegistry:
             was_streaming = session.streaming
             session.closed, session.streaming, session.close_reason = True, False, reason
             self.worker.remove(session.id)
+            self.worker.close_on_lane(session.lane)
             if was_streaming and self.worker.align_batches:
                 self._leave_lane_group(session)
             self.sessions.pop(session.id, None)
@@ -249,7 +250,7 @@ class SessionRegistry:
             # the worker stopped (shutdown): dropping the reference frees the cache all the same
             pass
         finally:
-            self.worker.release_lane(session.lane)
+            self.worker.release_lane(session.lane, closed=True)
         session.stream = None
 
     async def close_all(self, reason: str) -> None:

@@ -78,6 +78,7 @@ class InferenceWorker:
         self._jobs: list[deque] = [deque() for _ in range(lanes)]
         self._sessions: dict[str, Session] = {}
         self._lane_load = [0] * lanes  # sessions created on each lane and not yet torn down
+        self._lane_closed = [0] * lanes  # of those, the ones closed: they take none of its time
         self._stopping = False
         self._threads = [
             threading.Thread(target=self._run, args=(lane,), name=f"inference-worker-{lane}", daemon=True)
@@ -133,16 +134,26 @@ class InferenceWorker:
         fit on each lane, `lane_fits`, less those it holds), then the one with the fewest;
         `release_lane` after its teardown. By the fewest alone, a lane whose sessions fall due in
         groups apart (a pass each) took the next session past its room while another lane had
-        room for it: the capacity is the lanes' rooms summed (test_server_batching)."""
+        room for it: the capacity is the lanes' rooms summed (test_server_batching). A closed
+        session holds its lane until its teardown but takes none of its room, as the capacity
+        counts: counted, the next session went past another lane's room (test_server_batching)."""
         with self._cond:
-            room = [0 if fits is None else fits[i] - self._lane_load[i] for i in range(self.lanes)]
+            held = [self._lane_load[i] - self._lane_closed[i] for i in range(self.lanes)]
+            room = [0 if fits is None else fits[i] - held[i] for i in range(self.lanes)]
             lane = min(range(self.lanes), key=lambda i: (-room[i], self._lane_load[i]))
             self._lane_load[lane] += 1
             return lane
 
-    def release_lane(self, lane: int) -> None:
+    def close_on_lane(self, lane: int) -> None:
+        """A session on `lane` is closed: it leaves its room (`take_lane`), its lane held until
+        `release_lane(lane, closed=True)`."""
+        with self._cond:
+            self._lane_closed[lane] += 1
+
+    def release_lane(self, lane: int, closed: bool = False) -> None:
         with self._cond:
             self._lane_load[lane] -= 1
+            self._lane_closed[lane] -= closed
 
     def add(self, session: Session) -> None:
         with self._cond:

@@ -452,3 +452,36 @@ async def test_sessions_admitted_together_fit_in_whatever_groups_they_join(monke
         registry.start_streaming(s, "websocket")
     groups = phase_groups([s.next_due for s in worker.lane_sessions(0)], cs, REGROUP_WINDOW)
     assert sum(batch_seconds[len(g)] for g in groups) <= 0.85 * cs
+
+
+async def test_a_session_closing_leaves_its_room_to_the_next_one(monkeypatch):
+    """The capacity counts the sessions that are not closed; a lane is held until its closed
+    session's teardown (the worker's chunk in progress, the transports' closing). A lane full but
+    for a session closing had its room counted (the capacity admitted one more) but not taken
+    (its room less the sessions it held, the closing one among them, was 0): the new session went
+    to the other lane, with the fewest sessions, whose two groups were already past its room."""
+    registry = inline_registry(monkeypatch, lambda k: 0.12 + 0.015 * k, (1, 2, 4, 8), lanes=2)
+    worker, face = registry.worker, np.zeros((32, 32, 3), np.uint8)
+    sessions = [await registry.create(face, None, None) for _ in range(4)]
+    for s in sessions:
+        registry.start_streaming(s, "websocket")
+    sessions[3].move_clock(0.16)  # lane 1: two groups, past its room
+    more = [await registry.create(face, None, None) for _ in range(4)]
+    for s in more:
+        registry.start_streaming(s, "websocket")
+    assert [s.lane for s in more] == [0] * 4 and registry.lane_fits() == [6, 2]
+    with pytest.raises(AdmissionError):
+        await registry.create(face, None, None)
+    transport_closed = asyncio.Event()
+
+    async def closing_transport():  # the teardown waits for it
+        await transport_closed.wait()
+
+    more[0].on_close(closing_transport)
+    closing = asyncio.ensure_future(registry.close(more[0], "stopped by client"))
+    await asyncio.sleep(0)
+    assert more[0].closed and worker._lane_load == [6, 2]  # its teardown has not finished
+    fifth = await registry.create(face, None, None)
+    transport_closed.set()
+    await closing
+    assert fifth.lane == 0 and worker._lane_load == [6, 2]
