@@ -42,12 +42,32 @@ def websocket_accept(request: bytes) -> bytes:
         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"  # fmt: skip
 
 
+def client_frames(data: bytes) -> tuple[list[int], bytes]:
+    """The opcodes of the whole client frames `data` begins with (masked, RFC 6455 5.2), and the
+    bytes after them."""
+    opcodes = []
+    while len(data) >= 2:
+        length, at = data[1] & 0x7F, 2
+        if length >= 126:
+            size = 2 if length == 126 else 8
+            if len(data) < at + size:
+                break
+            length, at = int.from_bytes(data[at : at + size], "big"), at + size
+        end = at + 4 + length  # the mask, then the payload
+        if len(data) < end:
+            break
+        opcodes.append(data[0] & 0x0F)
+        data = data[end:]
+    return opcodes, data
+
+
 @contextmanager
 def unanswering_listener(upgrade: bool = False):
     """A server slow to accept a WebSocket: a TCP listener on 127.0.0.1 that takes one connection,
     reads its upgrade request and never answers (with `upgrade`, answers the upgrade and then says
     nothing, not even to the start message). Yields (port, events): "request" as its bytes come,
-    "close frame" as the client closes an upgraded socket, "closed" once it closed the connection."""
+    on an upgraded socket "frames" as the client's come and "close frame" as they close it,
+    "closed" once the client closed the connection."""
     events: list[str] = []
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -62,12 +82,18 @@ def unanswering_listener(upgrade: bool = False):
             with connection:
                 connection.settimeout(60)
                 try:
+                    frames = b""  # what came after the upgrade, in frames
                     while received := connection.recv(4096):
-                        if upgrade and "request" not in events:
+                        if upgrade and "request" in events:  # upgraded: the client's frames
+                            # (its close frame, opcode 8, may come in one read with the frame before
+                            # it, the stop message; the connection stays until the server's answer,
+                            # which never comes, or the browser's own time limit)
+                            opcodes, frames = client_frames(frames + received)
+                            events.append("close frame" if 8 in opcodes else "frames")
+                            continue
+                        if upgrade:
                             connection.sendall(websocket_accept(received))
-                        # (a client's close frame: FIN and opcode 8; the connection stays until the
-                        # server's answer, which never comes, or the browser's own time limit)
-                        events.append("close frame" if upgrade and received[0] == 0x88 else "request")
+                        events.append("request")
                     events.append("closed")
                 except OSError:
                     events.append("timed out")
