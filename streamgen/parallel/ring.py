@@ -123,12 +123,20 @@ def ring_attention(
     return _ring_forward(q, k, v, block_mask_frames, tokens_per_frame, backend, group)[0].to(q.dtype)
 
 
-def _rotate(message, nxt, prev, group):
+def _rotate(message, nxt, prev, group, tag: int = 0):
     """Start sending `message` to the next process and receiving the previous one's into a new
-    buffer: (requests, that buffer)."""
+    buffer: (requests, that buffer). `tag` tells apart two rotations in flight at once."""
     incoming = torch.empty_like(message)
-    ops = [dist.P2POp(dist.isend, message, nxt, group), dist.P2POp(dist.irecv, incoming, prev, group)]
+    ops = [
+        dist.P2POp(dist.isend, message, nxt, group, tag),
+        dist.P2POp(dist.irecv, incoming, prev, group, tag),
+    ]
     return dist.batch_isend_irecv(ops), incoming
+
+
+def _wait(requests) -> None:
+    for r in requests:
+        r.wait()
 
 
 def _ring_forward(q, k, v, block_mask_frames, tokens_per_frame, backend, group):
@@ -147,8 +155,7 @@ def _ring_forward(q, k, v, block_mask_frames, tokens_per_frame, backend, group):
         block_out, block_lse = attend(*unpack_bytes(message, layout))
         out, lse = merge_partials(out, lse, block_out, block_lse)
         if step + 1 < size:
-            for r in requests:
-                r.wait()
+            _wait(requests)
             message = incoming
     return out, lse
 
@@ -160,7 +167,11 @@ class _RingAttention(torch.autograd.Function):
     backward): P = exp(S - L), dS = P * (dO V^T - rowsum(dO * O)), dq += dS K, dk += dS^T q,
     dv += P^T dO (times the softmax scale for dq and dk). After as many turns as processes every
     block is home with the gradients of every process's queries. In fp32, one block of scores at
-    a time (training: the ring's blocks are a P-th of the keys)."""
+    a time (training: the ring's blocks are a P-th of the keys).
+
+    The transfers overlap the math, as the forward's do: the keys and values rotate ahead of
+    the block being computed, and the block's gradient sums (which arrive by a rotation of their
+    own) are added to and sent on after it, while the next block is computed."""
 
     @staticmethod
     def forward(ctx, q, k, v, block_mask_frames, tokens_per_frame, backend, group):
@@ -181,21 +192,33 @@ class _RingAttention(torch.autograd.Function):
         allowed = None if ctx.mask is None else reference.frame_mask(*ctx.mask[0], ctx.mask[1]).to(q.device)
         qf = q.float()
         dq = torch.zeros_like(qf)
-        grads = [torch.zeros_like(t, dtype=torch.float32) for t in (k, v)]
-        message, layout = pack_bytes([k, v, *grads])  # the gradients add up in the message itself
+        blocks, block_layout = pack_bytes([k, v])
+        # the gradients of the block in hand: they add up in the message that travels with it
+        grads, grads_layout = pack_bytes([torch.zeros_like(t, dtype=torch.float32) for t in (k, v)])
+        grads_requests = []  # the rotation bringing this block's gradient sums (none: the first)
         nxt, prev = _ring_peers(group)
-        for _ in range(dist.get_world_size(group)):
-            k_block, v_block, dk, dv = unpack_bytes(message, layout)
-            scores = torch.einsum("bqhd,bkhd->bhqk", qf, k_block.float()) * scale
+        size = dist.get_world_size(group)
+        for step in range(size):
+            if step + 1 < size:  # the next block's keys and values, while this one is computed
+                blocks_requests, incoming_blocks = _rotate(blocks, nxt, prev, group, tag=0)
+            k_block, v_block = (t.float() for t in unpack_bytes(blocks, block_layout))
+            scores = torch.einsum("bqhd,bkhd->bhqk", qf, k_block) * scale
             if allowed is not None:
                 scores = scores.masked_fill(~allowed, float("-inf"))
             p = torch.exp(scores - lse)
-            ds = p * (torch.einsum("bqhd,bkhd->bhqk", g, v_block.float()) - delta) * scale
-            dq += torch.einsum("bhqk,bkhd->bqhd", ds, k_block.float())
-            dk += torch.einsum("bhqk,bqhd->bkhd", ds, qf)
-            dv += torch.einsum("bhqk,bqhd->bkhd", p, g)
-            requests, message = _rotate(message, nxt, prev, group)  # the last turn brings it home
-            for r in requests:
-                r.wait()
-        dk, dv = unpack_bytes(message, layout)[2:]
+            ds = p * (torch.einsum("bqhd,bkhd->bhqk", g, v_block) - delta) * scale
+            dq += torch.einsum("bhqk,bkhd->bqhd", ds, k_block)
+            dk_block = torch.einsum("bhqk,bqhd->bkhd", ds, qf)
+            dv_block = torch.einsum("bhqk,bqhd->bkhd", p, g)
+            _wait(grads_requests)
+            dk, dv = unpack_bytes(grads, grads_layout)
+            dk += dk_block
+            dv += dv_block
+            # on to the block's next process; the last turn brings it home
+            grads_requests, grads = _rotate(grads, nxt, prev, group, tag=1)
+            if step + 1 < size:
+                _wait(blocks_requests)
+                blocks = incoming_blocks
+        _wait(grads_requests)
+        dk, dv = unpack_bytes(grads, grads_layout)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
