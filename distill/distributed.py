@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from distill.config import ConfigError
+from streamgen.parallel.launch import join_process_group
 
 
 @dataclass
@@ -51,7 +52,7 @@ def init_world(device: str = "auto") -> World:
     if use_cuda:
         torch.cuda.set_device(dev)
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        join_process_group("nccl" if use_cuda else "gloo")
     return World(rank, size, local_rank, dev)
 
 

@@ -37,6 +37,7 @@ rank 0 never reached, which only the group's timeout would end.
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import secrets
@@ -160,6 +161,12 @@ def follow(model: str, device: str, threads: int | None, sp: int, height: int | 
         code = replay(conn, ops, dist.get_rank())
     ops.close_all()
     dist.destroy_process_group()
+    # the model's parallel layers hold the group, and the frozen heap the model: let both go now,
+    # so the group's threads end here, not in the interpreter's shutdown, where one still freeing
+    # a collective's tensors aborts the process (docs/parallel.md)
+    del ops, loaded
+    gc.unfreeze()
+    gc.collect()
     return code
 
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 from test_distill_helpers import final_tensors, max_difference
 
+from streamgen.parallel.launch import join_process_group
+
 pytestmark = pytest.mark.distributed
 
 CONFIG = """stage: teacher
@@ -70,7 +72,7 @@ def _average_on_two_ranks(rank: int, port: int, out: str) -> None:
     from distill.distributed import World, average_gradients
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_process_group("gloo", rank=rank, world_size=2)
     try:
         both, first_only, neither = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
         both.grad = torch.full((3,), float(rank + 1))  # 1 and 2: mean 1.5
@@ -85,10 +87,10 @@ def _average_on_two_ranks(rank: int, port: int, out: str) -> None:
 
 def test_average_gradients_keeps_none_where_no_rank_has_a_gradient(tmp_path):
     """Unused everywhere stays None (Adam skips it, as in one process); unused on one rank is 0 there."""
-    import torch.multiprocessing as mp
     from server_helpers import free_port
+    from spawn_helpers import spawn
 
-    mp.spawn(_average_on_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2)
+    spawn(_average_on_two_ranks, (free_port(), str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         grads = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.equal(grads["both"], torch.full((3,), 1.5))
@@ -107,7 +109,7 @@ def _dmd_stage_on_two_ranks(rank: int, port: int, root: str) -> None:
     from distill.trainer import build_stage
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_process_group("gloo", rank=rank, world_size=2)
     try:
         if rank == 1:
             real_load = distill.dmd.load_frozen_and_digest
@@ -136,12 +138,12 @@ def test_every_rank_of_a_dmd_stage_holds_rank_0s_teacher_and_its_digest(tmp_path
     """Each rank read the teacher itself: a teacher exported between two ranks' reads gave them
     different teachers and digests, so a resume's check could refuse on one rank only and leave
     the others waiting in their next collective."""
-    import torch.multiprocessing as mp
     from server_helpers import free_port
+    from spawn_helpers import spawn
     from test_distill_helpers import debug_config, run
 
     run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
-    mp.spawn(_dmd_stage_on_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2)
+    spawn(_dmd_stage_on_two_ranks, (free_port(), str(tmp_path)), nprocs=2)
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
     assert second["digest"] == first["digest"] != "0123456789abcdef"
     assert first["teacher"].keys() == second["teacher"].keys()
@@ -160,7 +162,7 @@ def _ode_stage_on_two_ranks(rank: int, port: int, root: str) -> None:
     from distill.trainer import build_stage
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_process_group("gloo", rank=rank, world_size=2)
     try:
         if rank == 1:
             distill.ode.weights_digest = lambda source: "0123456789abcdef"
@@ -178,12 +180,12 @@ def test_every_rank_of_an_ode_stage_checks_the_trajectories_against_rank_0s_dige
     """Each rank took the teacher's digest itself: a teacher exported between rank 0's read and
     another rank's refused the trajectories rank 0 had just sampled on that rank only, the others
     left waiting in their next collective."""
-    import torch.multiprocessing as mp
     from server_helpers import free_port
+    from spawn_helpers import spawn
     from test_distill_helpers import debug_config, run
 
     run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
-    mp.spawn(_ode_stage_on_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2)
+    spawn(_ode_stage_on_two_ranks, (free_port(), str(tmp_path)), nprocs=2)
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
     assert first.keys() == second.keys() == {"states", "clean", "clips", "starts"}
     assert all(torch.equal(first[k], second[k]) for k in first)

@@ -22,12 +22,13 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn_helpers import spawn
 
 from streamgen.model import DiT, get_config
 from streamgen.model.float8 import float8_linears
 from streamgen.model.vae import TinyCausalVAE
 from streamgen.model.wan_vae import WanVAE
+from streamgen.parallel.launch import join_process_group
 from streamgen.parallel.vae import decoder_receptive_radius
 from streamgen.sampling import encode_sink, generate_chunk, student_sigmas
 
@@ -219,7 +220,7 @@ def wan_band_decode_errors(case) -> dict[str, float]:
 def _worker(rank, world, port, case_path, result_dir):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_process_group("gloo", rank=rank, world_size=world)
     try:
         from streamgen.parallel import apply_sequence_parallel, sequence_parallel_mesh
 
@@ -301,7 +302,7 @@ def run_parallel(tmp_path, world) -> list[dict]:
     case.update(vae_state=vae.state_dict(), latents=latents, decoded=decoded)
     case.update(wan_latents=wan_latents, wan_decoded=wan_decoded)
     torch.save(case, case_path)
-    mp.spawn(_worker, args=(world, free_port(), case_path, str(tmp_path)), nprocs=world)
+    spawn(_worker, (world, free_port(), case_path, str(tmp_path)), nprocs=world)
     results = []
     for rank in range(world):
         with open(tmp_path / f"rank{rank}.json") as f:
@@ -409,7 +410,7 @@ def _gradient_worker(rank, world, port, result_dir):
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_process_group("gloo", rank=rank, world_size=world)
     try:
         g = torch.Generator().manual_seed(0)
         s, ids = 3, torch.tensor([0, 1, 1, 2])  # 3 tokens of each frame per process; chunks of 2 frames
@@ -476,7 +477,7 @@ def test_ring_and_ulysses_attention_gradients_equal_a_single_process(tmp_path, w
     keys and values of the next block are too). Ulysses: its all-to-alls carried no gradients (q,
     k and v got none); their backward is the inverse all-to-all. Hybrid (4 processes: a ring of
     2 over Ulysses groups of 2): both, the ring's backward inside the all-to-alls'."""
-    mp.spawn(_gradient_worker, args=(world, free_port(), str(tmp_path)), nprocs=world)
+    spawn(_gradient_worker, (world, free_port(), str(tmp_path)), nprocs=world)
     for rank in range(world):
         with open(tmp_path / f"grad{rank}.json") as f:
             errors = json.load(f)
@@ -528,7 +529,7 @@ def _no_keys_worker(rank, port, result_dir):
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_process_group("gloo", rank=rank, world_size=2)
     try:
         g = torch.Generator().manual_seed(rank)
         results = {}
@@ -557,7 +558,7 @@ def _no_keys_worker(rank, port, result_dir):
 def test_ring_attention_with_no_keys_at_all_gives_zeros_on_two_processes(tmp_path):
     """Lk = 0 on both processes of a ring: empty messages go around it (forward, and the backward's
     second ring with the gradient sums); the output and every gradient are 0."""
-    mp.spawn(_no_keys_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    spawn(_no_keys_worker, (free_port(), str(tmp_path)), nprocs=2)
     for rank in range(2):
         with open(tmp_path / f"no_keys{rank}.json") as f:
             results = json.load(f)

@@ -15,7 +15,12 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from streamgen.parallel import torchrun
-from streamgen.parallel.launch import choose_degrees, relaunch_under_torchrun, torchrun_command
+from streamgen.parallel.launch import (
+    choose_degrees,
+    join_process_group,
+    relaunch_under_torchrun,
+    torchrun_command,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -278,7 +283,7 @@ def _leave_when_the_peer_is_gone(rank, port, result_dir):
     from streamgen.parallel.launch import leave_process_group
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_process_group("gloo", rank=rank, world_size=2)
     if rank == 1:
         dist.destroy_process_group()  # leaves without the final barrier, as after its own error
         return
@@ -292,12 +297,12 @@ def _leave_when_the_peer_is_gone(rank, port, result_dir):
 def test_leaving_after_a_peer_has_gone_is_one_line(tmp_path, capfd):
     import socket
 
-    import torch.multiprocessing as mp
+    from spawn_helpers import spawn
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_leave_when_the_peer_is_gone, args=(port, str(tmp_path)), nprocs=2)
+    spawn(_leave_when_the_peer_is_gone, (port, str(tmp_path)), nprocs=2)
     assert (tmp_path / "rank0").read_text() == "False"  # the group was destroyed
     err = capfd.readouterr().err
     assert "rank 0: a peer left before the end" in err and "Traceback" not in err, err
@@ -334,3 +339,38 @@ def test_each_distinct_error_the_ranks_report_is_printed_once(monkeypatch, capsy
     torchrun.report_error("streamgen distill: error: plain")  # under plain torchrun: printed too
     assert capsys.readouterr().err == "streamgen distill: error: plain\n"
     assert not (tmp_path / "plain.json").exists()
+
+
+_THREADS_AFTER_DESTROY = """
+import gc, socket, sys
+import torch, torch.distributed as dist
+from spawn_helpers import gloo_threads
+from streamgen.parallel.launch import join_process_group
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+join_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+dist.all_reduce(torch.ones(2))
+import torch._dynamo  # after the group: as torch.compile or diffusers import it
+dist.destroy_process_group()
+gc.collect()
+print(gloo_threads())
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_destroyed_process_group_leaves_no_gloo_threads_behind():
+    """Imported after the group joined, torch._dynamo kept references to it past
+    destroy_process_group: its two gloo threads ran on into the interpreter's shutdown, where one
+    still freeing a finished all-to-all's tensors aborted a CI run (SIGABRT). A fresh interpreter:
+    one that imported torch._dynamo before could not show it."""
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
+    run = subprocess.run(
+        [sys.executable, "-c", _THREADS_AFTER_DESTROY], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    left = run.stdout.split()[-1]
+    if left == "None":
+        pytest.skip("no /proc/self/task to count threads in")
+    assert left == "0"

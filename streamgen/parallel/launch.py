@@ -105,6 +105,17 @@ def _uses_cuda(device: str) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def join_process_group(backend: str, **kwargs) -> None:
+    """`dist.init_process_group(backend, **kwargs)`, torch._dynamo imported first. Imported after
+    (torch.compile, diffusers), it keeps references to the default group that outlive
+    `destroy_process_group`, so the group's worker threads run on into the interpreter's shutdown;
+    one still freeing a finished collective's tensors there needs the GIL, is ended, and aborts
+    the process (SIGABRT) after its work was done (a core dump of one CI run)."""
+    import torch._dynamo  # noqa: F401
+
+    dist.init_process_group(backend, **kwargs)
+
+
 def init_process_group(device: str = "cpu") -> str:
     """In a torchrun worker: join the group (env:// rendezvous) unless joined already, for a
     command on `device` (its --device): NCCL with one GPU per LOCAL_RANK for a CUDA device,
@@ -115,7 +126,7 @@ def init_process_group(device: str = "cpu") -> str:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
         with signals_end_the_process():
-            dist.init_process_group("nccl" if cuda else "gloo")
+            join_process_group("nccl" if cuda else "gloo")
     return f"cuda:{torch.cuda.current_device()}" if cuda else device
 
 
