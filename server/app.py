@@ -71,9 +71,9 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
             loading.cancel()
             await registry.close_all("server shutting down")
             await asyncio.to_thread(worker.stop)
-            if registry.host is not None:
-                await asyncio.to_thread(registry.host.stop)
             gc.unfreeze()  # what this app kept may be collected again (apps made one after another)
+            if registry.host is not None:  # (after: an SP host collects the model it lets go of)
+                await asyncio.to_thread(registry.host.stop)
 
     app = FastAPI(
         title="streamgen",

@@ -8,6 +8,7 @@ single-process stream's, a client error must leave both ranks in step, and
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from tests.server_helpers import free_port
-from tests.spawn_helpers import spawn
+from tests.spawn_helpers import gloo_threads, spawn
 
 SEED, CHUNKS = 7, 3
 
@@ -35,8 +36,6 @@ def _worker(rank, world, port, out_dir):
     from server.sp_host import SequenceParallelHost, follow
 
     if rank > 0:
-        import gc
-
         from server import sp_host
 
         frozen, freeze = [], sp_host.freeze_loaded_heap
@@ -68,9 +67,15 @@ def _worker(rank, world, port, out_dir):
     assert pending == [True, False] * CHUNKS, pending
     stream.close()
     host.stop()
+    # the server keeps its host until the interpreter exits: stopped, the host must let go of the
+    # model, whose parallel layers hold the process group, so the group's threads end here
+    gc.collect()
+    threads_after_stop = gloo_threads()
     np.save(os.path.join(out_dir, "frames.npy"), np.concatenate(frames))
     with open(os.path.join(out_dir, "errors.json"), "w") as f:
         json.dump(errors, f)
+    with open(os.path.join(out_dir, "rank0.json"), "w") as f:
+        json.dump({"gloo_threads_after_stop": threads_after_stop, "host_down": host.down}, f)
 
 
 @pytest.mark.distributed
@@ -96,6 +101,9 @@ def test_followers_replay_the_stream_of_rank_0(tmp_path):
     # and let go of at its end, the model with it: the model held the process group, whose threads
     # then ran into the interpreter's shutdown (spawn_helpers counts them)
     assert follower["frozen_at_exit"] == 0
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    assert rank0["gloo_threads_after_stop"] in (0, None)  # (None: no /proc to count them)
+    assert rank0["host_down"]  # a call after stop is refused (HostDown), not run on a released model
 
 
 @pytest.mark.distributed
