@@ -126,20 +126,20 @@ def plan_batch(now: float, sessions: list[Due], ready_time) -> tuple[list[int], 
 
 
 def pull_into_batch(
-    batch: list[int], sessions: list[Due], batch_time, chunk_seconds: float, max_delay: float,
-    headroom: float = 0.85,
+    batch: list[int], sessions: list[Due], batch_time, chunk_seconds: float, headroom: float = 0.85,
 ) -> list[tuple[int, float]]:  # fmt: skip
     """The sessions not in `batch` (indices into `sessions`) to generate with it now although their
     chunks fall due up to REGROUP_WINDOW after the batch's, each with how much sooner: from then on
-    it generates that much sooner (its delay grows by as much; it plays as before), on the schedule
-    of the sessions it is batched with.
+    it generates that much sooner (its delay grows by as much, up to its most; it plays as before,
+    `Session.generate_sooner`), on the schedule of the sessions it is batched with.
 
     A group falls apart when some of its sessions' clocks move and others' do not: a frame
     repeated while a chunk came late (40 ms), a transport that connected after its first play
     time. `plan_batch` holds a batch for them only while every play time allows, which a small
     batch's delay does not for a repeated frame. In order of due time, while the grown batch takes
-    at most `headroom` of the chunk period (`batch_time`: the worker's whole time for it) and each
-    grown delay stays within `max_delay`."""
+    at most `headroom` of the chunk period (`batch_time`: the worker's whole time for it). A
+    session whose delay would grow past its most is pulled too, at its most: left out, one whose
+    delay was near it ran a batch of its own every period (test_server_alignment)."""
     due = max(sessions[i].next_due for i in batch)
     taken = set(batch)
     pulled: list[tuple[int, float]] = []
@@ -152,8 +152,7 @@ def pull_into_batch(
         expected = batch_time(len(batch) + len(pulled) + 1)
         if expected is None or expected > headroom * chunk_seconds:
             break
-        if s.plays_at - due <= max_delay:
-            pulled.append((i, s.next_due - due))
+        pulled.append((i, s.next_due - due))
     return pulled
 
 

@@ -321,10 +321,17 @@ class Session:
         """Generate every chunk `seconds` sooner from now on, playing as before: a longer delay
         (it comes back down as a grown one does, `_lower_delay_when_early`, and stays on the
         schedule it moved to). The worker does this to keep a session in a batch its clock
-        moved it out of (server/batching.py, `pull_into_batch`)."""
+        moved it out of (server/batching.py, `pull_into_batch`). The delay grows no further than
+        MAX_DELAY: what would go past it plays that much sooner (the tracks skip it, as when a
+        grown delay comes down). Left on its own schedule instead, a session whose delay was near
+        its most ran a batch of its own every period beside its group's (test_server_alignment)."""
         with self.clock_lock:
-            self.delay += seconds
+            grown = min(self.delay + seconds, max(self.delay, self.MAX_DELAY))
+            skipped = self.delay + seconds - grown
+            self.delay = grown
             self.next_due -= seconds
+            self.base -= skipped
+            self.rewound += skipped
 
     def due_and_delay(self) -> tuple[float, float]:
         """When the next chunk falls due and how long before its play time, read together: the
@@ -407,10 +414,10 @@ class Session:
         if step >= 0.005:
             log.debug("session %s: playout delay %.0f -> %.0f ms",
                       self.id, 1000 * self.delay, 1000 * (self.delay - step))  # fmt: skip
-            with self.clock_lock:
+            with self.clock_lock:  # (the worker moves `rewound` too, `generate_sooner`)
                 self.delay -= step
                 self.base -= step  # next_due (base - delay + k * chunk_seconds) stays: generation keeps its pace
-            self.rewound += step
+                self.rewound += step
 
     def fail_from_worker(self, reason: str) -> None:  # event-loop thread
         if self.fail_handler is not None:

@@ -4,6 +4,7 @@ import asyncio
 import concurrent.futures
 import json
 
+import numpy as np
 import pytest
 from server_helpers import server_config
 
@@ -106,7 +107,7 @@ def test_sessions_due_soon_after_a_batch_are_pulled_into_it_while_the_batch_fits
     estimate = times(k1=0.03, k2=0.04, k3=0.05)
 
     def pulled(sessions, estimate=estimate, batch=(0,)):
-        return [(i, round(sooner, 6)) for i, sooner in pull_into_batch(list(batch), sessions, estimate, CS, 1.0)]
+        return [(i, round(sooner, 6)) for i, sooner in pull_into_batch(list(batch), sessions, estimate, CS)]
 
     # 40 ms after the batch's due time (a repeated frame): pulled; 150 ms after: left to its own time
     assert pulled([Due(10.0, 10.1), Due(10.04, 10.14), Due(10.15, 10.25)]) == [(1, 0.04)]
@@ -116,8 +117,8 @@ def test_sessions_due_soon_after_a_batch_are_pulled_into_it_while_the_batch_fits
     # no bigger batch than 85% of the chunk period: a group that is full stays apart
     assert pulled(sessions, times(k1=0.2, k2=0.28, k3=0.3), batch=(0, 3)) == []
     assert pulled(sessions, times(k1=0.03, k2=0.04, k3=0.26), batch=(0, 3)) == [(2, 0.02)]
-    # a delay that would grow past its most (1 s) is left alone
-    assert pulled([Due(10.0, 10.1), Due(10.04, 11.2)]) == []
+    # one whose delay would grow past its most (1 s) too: `Session.generate_sooner` stops it there
+    assert pulled([Due(10.0, 10.1), Due(10.04, 11.2)]) == [(1, 0.04)]
 
 
 def test_the_worker_generates_a_session_whose_clock_moved_with_its_group_and_sooner_from_then_on():
@@ -363,3 +364,74 @@ def test_the_capacity_counts_the_batches_the_worker_runs_for_sessions_due_either
     assert sorted(last_period) == [1, 2]  # a pass's fixed cost twice: past the room
     assert sum(batch_seconds(k) for k in last_period) > 0.85 * CS
     assert capacity == 3  # the sessions streaming; none more
+
+
+def run_lane(worker, clock, until: float, batch_seconds, ready_seconds=None) -> list[tuple[float, list, list]]:
+    """Drive lane 0 of `worker` on the fake `clock` until `until`: each batch it plans is generated
+    at once, published `ready_seconds(k)` after it starts (default `batch_seconds`) and done
+    `batch_seconds(k)` after. Returns (start, sessions, the ones whose chunk came after its
+    play time) for each batch."""
+    ready_seconds = ready_seconds or batch_seconds
+    batches = []
+    while clock.now < until and len(batches) < 100:
+        _, batch, wait = worker._next(0)
+        if not batch:
+            clock.now += wait
+            continue
+        published = clock.now + ready_seconds(len(batch))
+        frames = np.zeros((batch[0].frames_per_chunk, 8, 8, 3), np.uint8)
+        late = [s for s in batch if published > s.base + s.chunk_index * s.chunk_seconds + 1e-9]
+        batches.append((clock.now, batch, late))
+        for s in batch:
+            s.finish_chunk(frames, s.chunk_index * s.chunk_seconds, 0.0, False)
+        clock.now += batch_seconds(len(batch))
+    return batches
+
+
+class LongStream(Stream):
+    """A stream of 16 frames a chunk: a 0.64 s chunk period."""
+
+    frames_per_chunk, chunk_seconds = 16, 0.64
+
+
+def test_a_session_whose_delay_is_near_its_most_is_still_generated_with_its_group(monkeypatch):
+    """A 0.64 s chunk period and a pass's fixed cost; two sessions on one schedule. One's delay
+    grew to 0.95 s (its chunks came late), then its clock moved 80 ms (a late transport). The
+    other's delay (0.54 s, for their batch) leaves no time to hold their batch for it, and pulling
+    it 80 ms sooner grows its delay past the most (1 s); due, it cannot wait for the other's next
+    chunk either (0.56 s on, then the batch's time). The worker generated the two as a batch each,
+    every period from then on: 0.7 s of work in a 0.64 s period, where one batch of both takes
+    0.4 s. Pulled, its delay stops at the most and the 30 ms over it play sooner (skipped, as when
+    a grown delay comes down). (With a 0.32 or 0.48 s period its batch waits for the other's
+    next chunk instead.)"""
+    from types import SimpleNamespace
+
+    import server.scheduler as scheduler
+    import server.session as session_module
+    from server.session import Session
+
+    def batch_seconds(k):
+        return 0.3 + 0.05 * k
+
+    clock = SimpleNamespace(now=100.0)
+    fake_time = SimpleNamespace(monotonic=lambda: clock.now, perf_counter=lambda: clock.now, time=lambda: 0.0)
+    monkeypatch.setattr(scheduler, "time", fake_time)
+    monkeypatch.setattr(session_module, "time", fake_time)
+    worker = timed_worker(**{f"k{k}": batch_seconds(k) for k in range(1, 5)})
+    loop = asyncio.new_event_loop()
+    try:
+        steady, grown = (Session(f"s{i}", LongStream(), loop, 30.0) for i in range(2))
+        for s, delay in ((steady, playout_delay(batch_seconds(2))), (grown, 0.95)):
+            s.streaming = True
+            s.reschedule(100.0 + delay, delay)  # both due at 100.0
+            worker.add(s)
+        grown.start_delay = steady.delay  # late chunks grew it from there
+        grown.move_clock(0.08)  # it now falls due at 100.08
+        plays_at = grown.base
+        batches = run_lane(worker, clock, 100.0 + 4 * LongStream.chunk_seconds, batch_seconds)
+    finally:
+        loop.close()
+    assert [len(batch) for _, batch, _ in batches] == [2, 2, 2, 2]
+    assert not any(late for _, _, late in batches)
+    assert grown.delay == pytest.approx(Session.MAX_DELAY)
+    assert grown.base == pytest.approx(plays_at - 0.03) and grown.rewound == pytest.approx(0.03)
