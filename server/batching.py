@@ -33,9 +33,11 @@ import numpy as np
 
 HOLD_MARGIN = 1.2  # a held batch must fit 1.2x its expected time before the first of its play times
 DELAY_MARGIN, DELAY_SLACK = 1.3, 0.02  # a playout delay: room for 1.3x a batch's time, plus 20 ms
-SAME_SCHEDULE = 0.005  # seconds: sessions due this close together are one group (one batch)
+SAME_SCHEDULE = 0.005  # seconds: sessions due this close together are on one schedule
 # seconds: a session due this soon after a batch is generated with it, sooner from then on
-# (`pull_into_batch`): two frame periods and a little, for a clock moved by a repeated frame
+# (`pull_into_batch`): two frame periods and a little, for a clock moved by a repeated frame.
+# So the sessions of a lane due within it after a group's first are one batch: the group a
+# starting session joins (`join_schedule`) and the capacity counts (`phase_groups`)
 REGROUP_WINDOW = 0.09
 
 
@@ -187,10 +189,15 @@ def join_schedule(
     then falls due with the group's. The delay is the one the grown batch needs to be published
     (`ready_time(k)`; default `batch_time`, which counts the whole of the worker's time for it),
     unless `fixed_delay` (the operator set it) or the given one is smaller. The group's sessions
-    need it too (`Session.hold_back`)."""
+    need it too (`Session.hold_back`).
+
+    A group is what the worker generates as one batch: the due times within REGROUP_WINDOW after
+    its first (`phase_groups`), as the capacity counts. By due times 5 ms apart, a session joined
+    one of a batch's sessions as a batch of 2, its delay sized for that, while the worker made a
+    batch of 4 of them, and its chunks came late every period (test_server_alignment)."""
     ready_time = ready_time or batch_time
     best = Schedule(base, delay)
-    groups = phase_groups(lane, chunk_seconds)
+    groups = phase_groups(lane, chunk_seconds, REGROUP_WINDOW)
     for group in groups:
         expected, ready = batch_time(len(group) + 1), ready_time(len(group) + 1)
         if expected is None or ready is None or expected > headroom * chunk_seconds:
@@ -205,7 +212,9 @@ def join_schedule(
     return best
 
 
-def phase_groups(dues: list[float], chunk_seconds: float, window: float = SAME_SCHEDULE) -> list[list[float]]:
+def phase_groups(
+    dues: list[float], chunk_seconds: float, window: float = REGROUP_WINDOW
+) -> list[list[float]]:
     """Due times grouped by their phase in the chunk period: sessions that fall due together, this
     period or another (one that joined a group falls due with it a period later, the first time).
     `window`: how far after a group's first a due time still belongs to it (REGROUP_WINDOW: the
@@ -213,22 +222,30 @@ def phase_groups(dues: list[float], chunk_seconds: float, window: float = SAME_S
     the batch, never before). Only after: taken either side of a group's first, due times 80 ms
     before and 80 ms after it were one group, which the worker ran as two batches every period
     when the one before fell due first (test_server_alignment)."""
-    groups: list[list[tuple[float, float]]] = []  # (phase, due)
-    for phase, due in sorted((due % chunk_seconds, due) for due in dues):
+    return [[dues[i] for i in group] for group in phase_group_indices(dues, chunk_seconds, window)]
+
+
+def phase_group_indices(
+    dues: list[float], chunk_seconds: float, window: float = REGROUP_WINDOW
+) -> list[list[int]]:
+    """`phase_groups`, as indices into `dues`."""
+    groups: list[list[tuple[float, int]]] = []  # (phase, index)
+    for phase, _, i in sorted((due % chunk_seconds, due, i) for i, due in enumerate(dues)):
         if groups and phase - groups[-1][0][0] <= window:
-            groups[-1].append((phase, due))
+            groups[-1].append((phase, i))
         else:
-            groups.append([(phase, due)])
+            groups.append([(phase, i)])
     # across the period's end: the last group and the first, if all of them lie within `window`
     if len(groups) > 1 and groups[0][-1][0] + chunk_seconds - groups[-1][0][0] <= window:
         groups[0] = groups.pop() + groups[0]
-    return [[due for _, due in group] for group in groups]
+    return [[i for _, i in group] for group in groups]
 
 
-def in_group(next_due: float, group_due: float, chunk_seconds: float, window: float = SAME_SCHEDULE) -> bool:
-    """Whether a chunk due at `next_due` falls due with a group due at `group_due` (this period or another)."""
-    off = (next_due - group_due) % chunk_seconds
-    return min(off, chunk_seconds - off) <= window
+def group_mates(others: list[float], due: float, chunk_seconds: float) -> list[int]:
+    """The indices into `others` of the due times in one phase group with `due`: the sessions the
+    worker generates in one batch with the one due then."""
+    group = next(g for g in phase_group_indices(others + [due], chunk_seconds) if len(others) in g)
+    return [i for i in group if i < len(others)]
 
 
 def sessions_that_fit(

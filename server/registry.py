@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from .batching import in_group, join_schedule, playout_delay
+from .batching import group_mates, join_schedule, playout_delay
 from .config import ServerConfig
 from .metrics import ServerMetrics
 from .model_host import HostDown
@@ -203,7 +203,8 @@ class SessionRegistry:
             log.debug("session %s: a schedule of its own (%d streaming on lane %d); playout delay %.0f ms",
                       session.id, len(lane), session.lane, 1000 * session.delay)  # fmt: skip
             return
-        group = [other for other in lane if in_group(other.next_due, schedule.joins, session.chunk_seconds)]
+        # the group joined: the sessions the worker generates in one batch with it (`join_schedule`)
+        group = [lane[i] for i in group_mates([s.next_due for s in lane], session.next_due, session.chunk_seconds)]
         log.debug("session %s: joins a group of %d on lane %d, first frame %.0f ms later; playout delay %.0f ms",
                   session.id, len(group), session.lane, 1000 * (schedule.base - base), 1000 * session.delay)  # fmt: skip
         for other in group:
@@ -213,8 +214,8 @@ class SessionRegistry:
         """A session that stops streaming leaves a smaller batch behind: its group's sessions may
         come back down to the delay that batch needs (a delay held back for a bigger batch comes
         down when their chunks keep arriving early, `Session._lower_delay_when_early`)."""
-        group = [s for s in self.worker.lane_sessions(session.lane)
-                 if in_group(s.next_due, session.next_due, session.chunk_seconds)]  # fmt: skip
+        lane = self.worker.lane_sessions(session.lane)
+        group = [lane[i] for i in group_mates([s.next_due for s in lane], session.next_due, session.chunk_seconds)]
         ready = self.worker.ready_times.estimate(len(group))
         if not group or ready is None or self.config.playout_delay_s is not None:
             return

@@ -9,10 +9,10 @@ import pytest
 from server_helpers import server_config
 
 from server.batching import (
+    SAME_SCHEDULE,
     BatchTimes,
     Due,
     Schedule,
-    in_group,
     join_schedule,
     phase_groups,
     plan_batch,
@@ -21,6 +21,13 @@ from server.batching import (
 )
 
 CS = 0.32  # chunk period
+
+
+def in_group(next_due: float, group_due: float, chunk_seconds: float) -> bool:
+    """Whether a chunk due at `next_due` falls due on the schedule of a group due at `group_due`
+    (this period or another)."""
+    off = (next_due - group_due) % chunk_seconds
+    return min(off, chunk_seconds - off) <= SAME_SCHEDULE
 
 
 def times(**per_k):
@@ -263,8 +270,9 @@ async def test_sessions_streaming_together_have_their_chunks_generated_together(
 
 def test_phase_groups_gather_sessions_due_together_in_any_period():
     # 100.10 and 100.42 are one period apart (a joiner's first due time); 100.318 and 100.001
-    # sit 3 ms apart across the period's end
-    groups = phase_groups([100.10, 100.25, 100.42, 100.318, 100.001], CS)
+    # sit 3 ms apart across the period's end (grouped 5 ms wide; by default as the worker batches,
+    # REGROUP_WINDOW after a group's first)
+    groups = phase_groups([100.10, 100.25, 100.42, 100.318, 100.001], CS, SAME_SCHEDULE)
     assert sorted(sorted(g) for g in groups) == [[100.001, 100.318], [100.10, 100.42], [100.25]]
     assert join_schedule(100.0, 0.3, 1, CS, [100.10, 100.42], times(k1=0.03)).joins in (100.10, 100.42)
 
@@ -435,3 +443,48 @@ def test_a_session_whose_delay_is_near_its_most_is_still_generated_with_its_grou
     assert not any(late for _, _, late in batches)
     assert grown.delay == pytest.approx(Session.MAX_DELAY)
     assert grown.base == pytest.approx(plays_at - 0.03) and grown.rewound == pytest.approx(0.03)
+
+
+def test_a_starting_session_joins_the_batch_the_worker_makes_of_sessions_due_close_together(monkeypatch):
+    """A lane's session due at 100.3 and two whose clocks moved 50 ms (due at 100.35): the worker
+    makes one batch of the three (it pulls the two into the first one's), and their delays are
+    sized for it. A session starting to stream there joined by groups 5 ms wide: the one at
+    100.3 alone, a batch of 2 (so its delay was 0.15 s, what a batch of 2 needs), while the worker
+    made a batch of 4 of it with the other three, published 0.2 s after it fell due: each of its
+    chunks came after its play time. Grouped as the worker batches (and the capacity counts), it
+    joins the batch of 4 with the delay that batch needs, and holds the three back to it."""
+    from types import SimpleNamespace
+
+    import server.scheduler as scheduler
+    import server.session as session_module
+    from server.registry import SessionRegistry
+    from server.session import Session
+
+    def batch_seconds(k):
+        return 0.05 * k
+
+    clock = SimpleNamespace(now=100.0)
+    fake_time = SimpleNamespace(monotonic=lambda: clock.now, perf_counter=lambda: clock.now, time=lambda: 0.0)
+    monkeypatch.setattr(scheduler, "time", fake_time)
+    monkeypatch.setattr(session_module, "time", fake_time)
+    worker = timed_worker(**{f"k{k}": batch_seconds(k) for k in range(1, 6)})
+    worker.chunk_time_ema = batch_seconds(1)
+    registry = SessionRegistry(server_config(playout_delay_s=None), worker, worker.metrics)
+    loop = asyncio.new_event_loop()
+    try:
+        lane = [Session(f"s{i}", Stream(), loop, 30.0) for i in range(3)]
+        delay = playout_delay(batch_seconds(3))
+        for s, due in zip(lane, (100.3, 100.35, 100.35)):
+            s.streaming = True
+            s.reschedule(due + delay, delay)
+            worker.add(s)
+        joiner = Session("joiner", Stream(), loop, 30.0)
+        joiner.chunk_index = 1  # its first chunk was made at its creation
+        registry.start_streaming(joiner, "websocket")
+        assert joiner.delay == pytest.approx(playout_delay(batch_seconds(4)))
+        assert all(s.delay >= joiner.delay for s in lane)
+        batches = run_lane(worker, clock, 100.3 + 3 * CS, batch_seconds)
+    finally:
+        loop.close()
+    assert [len(batch) for _, batch, _ in batches] == [4, 4, 4]
+    assert not any(late for _, _, late in batches)
