@@ -308,14 +308,15 @@ class Session:
         same schedule: a longer delay (and the floor it comes back down to, until its group
         shrinks), the picture held and the audio silent for that long once. The shortfall is
         read under the lock: read before it, a delay the worker grew meanwhile (`generate_sooner`)
-        went into the floor, and never came back down (test_server_clock_threads)."""
+        went into the floor, and never came back down (test_server_clock_threads). A delay longer
+        already is kept, its floor raised all the same: left, a delay grown by late chunks came
+        down below what the batch needs (test_server_alignment)."""
         with self.clock_lock:
             seconds = delay - self.delay
-            if seconds <= 0:
-                return
-            self.base += seconds
-            self.delay += seconds
-            self.start_delay = max(self.start_delay, self.delay)
+            if seconds > 0:
+                self.base += seconds
+                self.delay += seconds
+            self.start_delay = max(self.start_delay, delay)
 
     def generate_sooner(self, seconds: float) -> None:
         """Generate every chunk `seconds` sooner from now on, playing as before: a longer delay

@@ -223,6 +223,39 @@ def test_joining_holds_back_the_group_sessions_whose_delay_the_bigger_batch_outg
         loop.close()
 
 
+
+def test_joining_raises_the_floor_of_a_group_session_whose_delay_grew_past_the_bigger_batchs():
+    """A session streaming alone (a 0.1 s delay) had chunks come late, which grew its delay to
+    0.2 s; a second joins it, their batch needing 0.137 s. Its delay was longer already, so it was
+    not held back, and its floor stayed at 0.1 s: with its chunks published 0.09 s after they fall
+    due, the delay came down to 0.11 s, 20 ms (SLACK_KEEP) over that batch's time, where the other
+    stays at the 0.137 s the batch needs; a late chunk then moves its clock off the group's
+    schedule. Its floor is what the batch needs, as for the others."""
+    from server.registry import SessionRegistry
+    from server.session import Session
+
+    worker = timed_worker(k1=0.06, k2=0.09)
+    worker.chunk_time_ema = 0.06
+    registry = SessionRegistry(server_config(playout_delay_s=None), worker, worker.metrics)
+    loop = asyncio.new_event_loop()
+    try:
+        first, second = (Session(f"s{i}", Stream(), loop, 30.0) for i in range(2))
+        first.chunk_index = second.chunk_index = 1
+        registry.start_streaming(first, "websocket")
+        assert first.delay == pytest.approx(0.1)
+        first._chunk_was_late(1, 0.1)
+        first._chunk_was_late(2, 0.1)  # twice in a row: the load, the delay grows by as much
+        assert first.delay == pytest.approx(0.2) and first.start_delay == pytest.approx(0.1)
+        registry.start_streaming(second, "websocket")
+        joined = playout_delay(0.09)
+        assert second.delay == pytest.approx(joined) and joined < first.delay
+        assert first.start_delay == pytest.approx(joined)
+        for _ in range(Session.SLACK_WINDOW):  # published 0.09 s after falling due: early
+            first._lower_delay_when_early(first.delay - 0.09)
+        assert first.delay == pytest.approx(joined)
+    finally:
+        loop.close()
+
 def done(result):
     future = concurrent.futures.Future()
     future.set_result(result)
