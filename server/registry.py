@@ -204,7 +204,8 @@ class SessionRegistry:
                       session.id, len(lane), session.lane, 1000 * session.delay)  # fmt: skip
             return
         # the group joined: the sessions the worker generates in one batch with it (`join_schedule`)
-        group = [lane[i] for i in group_mates([s.next_due for s in lane], session.next_due, session.chunk_seconds)]
+        mates = group_mates([s.next_due for s in lane], session.next_due, session.chunk_seconds)
+        group = [lane[i] for i in mates]
         log.debug("session %s: joins a group of %d on lane %d, first frame %.0f ms later; playout delay %.0f ms",
                   session.id, len(group), session.lane, 1000 * (schedule.base - base), 1000 * session.delay)  # fmt: skip
         for other in group:
@@ -215,7 +216,8 @@ class SessionRegistry:
         come back down to the delay that batch needs (a delay held back for a bigger batch comes
         down when their chunks keep arriving early, `Session._lower_delay_when_early`)."""
         lane = self.worker.lane_sessions(session.lane)
-        group = [lane[i] for i in group_mates([s.next_due for s in lane], session.next_due, session.chunk_seconds)]
+        mates = group_mates([s.next_due for s in lane], session.next_due, session.chunk_seconds)
+        group = [lane[i] for i in mates]
         ready = self.worker.ready_times.estimate(len(group))
         if not group or ready is None or self.config.playout_delay_s is not None:
             return
