@@ -128,7 +128,8 @@ def plan_batch(now: float, sessions: list[Due], ready_time) -> tuple[list[int], 
 
 
 def pull_into_batch(
-    batch: list[int], sessions: list[Due], batch_time, chunk_seconds: float, headroom: float = 0.85,
+    batch: list[int], sessions: list[Due], batch_time, chunk_seconds: float, max_delay: float,
+    headroom: float = 0.85,
 ) -> list[tuple[int, float]]:  # fmt: skip
     """The sessions not in `batch` (indices into `sessions`) to generate with it now although their
     chunks fall due up to REGROUP_WINDOW after the batch's, each with how much sooner: from then on
@@ -140,8 +141,11 @@ def pull_into_batch(
     time. `plan_batch` holds a batch for them only while every play time allows, which a small
     batch's delay does not for a repeated frame. In order of due time, while the grown batch takes
     at most `headroom` of the chunk period (`batch_time`: the worker's whole time for it). A
-    session whose delay would grow past its most is pulled too, at its most: left out, one whose
-    delay was near it ran a batch of its own every period (test_server_alignment)."""
+    session whose delay would grow past `max_delay` is pulled only when it cannot wait for the
+    group's next batch instead (published, with HOLD_MARGIN, before its play time): pulled, its
+    delay stops at the most and the rest is skipped; left out, one near its most ran a batch of
+    its own every period with a 0.64 s period; with 0.32 s its batch waits, skipping nothing
+    (test_server_alignment)."""
     due = max(sessions[i].next_due for i in batch)
     taken = set(batch)
     pulled: list[tuple[int, float]] = []
@@ -154,6 +158,8 @@ def pull_into_batch(
         expected = batch_time(len(batch) + len(pulled) + 1)
         if expected is None or expected > headroom * chunk_seconds:
             break
+        if s.plays_at - due > max_delay and due + chunk_seconds + HOLD_MARGIN * expected <= s.plays_at:
+            continue  # it waits for the group's next batch: nothing skipped
         pulled.append((i, s.next_due - due))
     return pulled
 

@@ -114,7 +114,7 @@ def test_sessions_due_soon_after_a_batch_are_pulled_into_it_while_the_batch_fits
     estimate = times(k1=0.03, k2=0.04, k3=0.05)
 
     def pulled(sessions, estimate=estimate, batch=(0,)):
-        return [(i, round(sooner, 6)) for i, sooner in pull_into_batch(list(batch), sessions, estimate, CS)]
+        return [(i, round(sooner, 6)) for i, sooner in pull_into_batch(list(batch), sessions, estimate, CS, 1.0)]
 
     # 40 ms after the batch's due time (a repeated frame): pulled; 150 ms after: left to its own time
     assert pulled([Due(10.0, 10.1), Due(10.04, 10.14), Due(10.15, 10.25)]) == [(1, 0.04)]
@@ -124,8 +124,12 @@ def test_sessions_due_soon_after_a_batch_are_pulled_into_it_while_the_batch_fits
     # no bigger batch than 85% of the chunk period: a group that is full stays apart
     assert pulled(sessions, times(k1=0.2, k2=0.28, k3=0.3), batch=(0, 3)) == []
     assert pulled(sessions, times(k1=0.03, k2=0.04, k3=0.26), batch=(0, 3)) == [(2, 0.02)]
-    # one whose delay would grow past its most (1 s) too: `Session.generate_sooner` stops it there
-    assert pulled([Due(10.0, 10.1), Due(10.04, 11.2)]) == [(1, 0.04)]
+    # one whose delay would grow past its most (1 s): left to wait for the group's next batch,
+    # which is published before it plays (nothing skipped) ...
+    assert pulled([Due(10.0, 10.1), Due(10.04, 11.2)]) == []
+    # ... pulled where that batch would come too late (`Session.generate_sooner` stops it at 1 s)
+    over = [Due(10.0, 10.5), Due(10.08, 11.03)]
+    assert pull_into_batch([0], over, times(k1=0.35, k2=0.4), 0.64, 1.0) == [(1, pytest.approx(0.08))]
 
 
 def test_the_worker_generates_a_session_whose_clock_moved_with_its_group_and_sooner_from_then_on():
@@ -476,6 +480,42 @@ def test_a_session_whose_delay_is_near_its_most_is_still_generated_with_its_grou
     assert not any(late for _, _, late in batches)
     assert grown.delay == pytest.approx(Session.MAX_DELAY)
     assert grown.base == pytest.approx(plays_at - 0.03) and grown.rewound == pytest.approx(0.03)
+
+
+def test_a_session_near_its_most_delay_that_can_wait_for_its_group_skips_nothing(monkeypatch):
+    """As above with a 0.32 s period: its batch can wait for the other's next chunk (published
+    before its play time), so it is not pulled, and no speech is skipped to keep its delay at
+    the most; it is generated with the other from then on, none late."""
+    from types import SimpleNamespace
+
+    import server.scheduler as scheduler
+    import server.session as session_module
+    from server.session import Session
+
+    def batch_seconds(k):
+        return 0.1 + 0.02 * k
+
+    clock = SimpleNamespace(now=100.0)
+    fake_time = SimpleNamespace(monotonic=lambda: clock.now, perf_counter=lambda: clock.now, time=lambda: 0.0)
+    monkeypatch.setattr(scheduler, "time", fake_time)
+    monkeypatch.setattr(session_module, "time", fake_time)
+    worker = timed_worker(**{f"k{k}": batch_seconds(k) for k in range(1, 5)})
+    loop = asyncio.new_event_loop()
+    try:
+        steady, grown = (Session(f"s{i}", Stream(), loop, 30.0) for i in range(2))
+        for s, delay in ((steady, playout_delay(batch_seconds(2))), (grown, 0.95)):
+            s.streaming = True
+            s.reschedule(100.0 + delay, delay)
+            worker.add(s)
+        grown.start_delay = steady.delay
+        grown.move_clock(0.08)
+        plays_at = grown.base
+        batches = run_lane(worker, clock, 100.0 + 6 * CS, batch_seconds)
+    finally:
+        loop.close()
+    assert not any(late for _, _, late in batches)
+    assert [len(batch) for _, batch, _ in batches][1:] == [2] * (len(batches) - 1)
+    assert grown.base == pytest.approx(plays_at) and grown.rewound == 0
 
 
 def test_a_starting_session_joins_the_batch_the_worker_makes_of_sessions_due_close_together(monkeypatch):
