@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import glob
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -187,16 +188,17 @@ def write_folder_atomically(
 
     carry(name): the old folder's entries of such names that the new one lacks are linked into it
     first (what is not the writer's: a report beside a model). Where the system cannot exchange
-    (not Linux, overlayfs' lower layers, a mount point) or no folder can be made beside `path`:
-    `in_place(path)` writes into the old folder itself, file by file in its own order, or without
-    one, the new folder's files are moved over the old ones one by one (`move_over`). A mount point
-    is written `in_place` at once."""
+    (not Linux, overlayfs' lower layers), the new folder's entries are moved over the old ones one
+    by one (`_move_entries`). Where no folder can be made beside `path`, and at a mount point at
+    once, `in_place(path)` writes into the old folder itself, file by file in its own order.
+    Either way the folder holds files of two exports meanwhile: `EXPORT_STAMP` tells readers
+    (`read_folder`) that an export is under way, or was cut short."""
     path = followed(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if in_place is not None and path.is_dir() and os.path.ismount(path):
         # (a volume mounted at `path`: no exchange there (EXDEV, EBUSY), and a staging folder beside
         # it, on the parent's file system (a container's small root), would be written for nothing)
-        in_place(path)
+        _written_in_place(path, lambda: in_place(path))
         return
     try:
         staging = new_folder_beside(path)
@@ -205,7 +207,7 @@ def write_folder_atomically(
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or in_place is None or not path.is_dir():
             raise
-        in_place(path)
+        _written_in_place(path, lambda: in_place(path))
         return
     try:
         new = staging / path.name
@@ -214,7 +216,8 @@ def write_folder_atomically(
         carried = {}  # name: (the old folder's entry, its copy in the new one), as carried
         if carry is not None and path.is_dir():
             for old in path.iterdir():
-                if carry(old.name) and not os.path.lexists(new / old.name):
+                # (not the old folder's stamp of an export written in place: the new one is whole)
+                if old.name != EXPORT_STAMP and carry(old.name) and not os.path.lexists(new / old.name):
                     # (its version before the copy: a change while a folder is copied is one)
                     version = _version(old)
                     try:
@@ -233,9 +236,11 @@ def write_folder_atomically(
         elif exchange(new, path):  # (the old folder now at `new`)
             if carry is not None:
                 _carry_late(new, path, carry, carried)
-        elif in_place is not None:
-            in_place(path)
-        else:
+        elif path.is_dir():
+            # (the staged files moved in, not written again in place: a model's weights twice)
+            trash = staging / "old"
+            _written_in_place(path, lambda: _move_entries(new, path, trash, keep=carry, skip=carried))
+        else:  # (a file where the folder goes)
             move_over(new, path, staging / "old")
         _fsync_folder(path.parent)
     finally:
@@ -246,9 +251,9 @@ def write_into_folder(
     path, write: Callable[[Path], object], keep: Callable[[str], bool] | None = None
 ) -> None:
     """`write(folder)` fills a new folder made inside the folder `path` (on its file system: a
-    mount point's), whose entries then take the place of `path`'s one by one (`move_over`, each
-    in one rename; config.json last), and `path`'s other entries go (but writers' temp files, and
-    those whose name `keep` takes: `write_folder_atomically`'s `carry`).
+    mount point's), whose entries then take the place of `path`'s one by one (`_move_entries`:
+    each in one rename, the config last), and `path`'s other entries go (but writers' temp files,
+    and those whose name `keep` takes: `write_folder_atomically`'s `carry`).
     `write_folder_atomically`'s `in_place` for a writer that writes a whole folder in one call
     (diffusers' save_pretrained, which would write into `path` itself file by file, unsynced)."""
     path = Path(path)
@@ -258,17 +263,136 @@ def write_into_folder(
         new.mkdir()
         write(new)
         _fsync_tree(new)
-        names = sorted((p.name for p in new.iterdir()), key=lambda name: name == "config.json")
-        for name in names:
-            move_over(new / name, path / name, staging / "old")
-        for old in list(path.iterdir()):
-            if old.name in names or (old.name.startswith(".") and old.name.endswith(".tmp")):
-                continue
-            if keep is None or not keep(old.name):
-                remove_whole(old, staging / "old")
-        _fsync_folder(path)
+        _move_entries(new, path, staging / "old", keep=keep)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# the files a reader of an export starts from (a model directory's, a diffusers folder's): moved in
+# last, once the other entries are in place and the old ones the export lacks are gone
+_READ_FIRST = ("model.json", "config.json")
+
+
+def _move_entries(
+    new: Path, path: Path, trash: Path, keep: Callable[[str], bool] | None = None, skip=()
+) -> None:
+    """The entries of the folder `new` (but those named in `skip`) in place of `path`'s, each in
+    one rename (`move_over`); then `path`'s entries that `new` lacks go (but writers' temp files,
+    the export stamp and those whose name `keep` takes), before `_READ_FIRST`'s files come in: an
+    old index beside the new config read the old shards."""
+    names = sorted(
+        (p.name for p in new.iterdir() if p.name not in skip), key=lambda name: name in _READ_FIRST
+    )
+    for name in names:
+        if name not in _READ_FIRST:
+            move_over(new / name, path / name, trash)
+    for old in list(path.iterdir()):
+        if old.name in names or old.name in skip or old.name == EXPORT_STAMP or _is_temp(old.name):
+            continue
+        if keep is None or not keep(old.name):
+            remove_whole(old, trash)
+    for name in names:
+        if name in _READ_FIRST:
+            move_over(new / name, path / name, trash)
+    _fsync_folder(path)
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+# A folder written into in place, file by file (`write_folder_atomically` where it cannot exchange)
+# holds files of two exports until the last is in: this file in it says so. It is written (whole)
+# before the first change ("writing", by this process), and after the last ("done"), or where the
+# writer fails having changed something ("cut short"); each time with the export's id, so that a
+# reader that finds the same stamp before and after its read knows no export went in meanwhile.
+EXPORT_STAMP = ".export.json"
+# how long a reader that finds an export under way waits before it reads again (doubled each time)
+READ_AGAIN_AFTER_S = 0.1
+
+
+class ExportUnderWay(ValueError):
+    """A folder of files of two exports: one is being written into it in place, or was cut short."""
+
+
+def _written_in_place(path: Path, change: Callable[[], object]) -> None:
+    """change() changes the folder `path` in place, under `EXPORT_STAMP`'s states."""
+    stamp = {"export": secrets.token_hex(8), "host": _HOST, "pid": os.getpid()}
+    before, entries = _stamp_text(path / EXPORT_STAMP), _entries_version(path)
+    write_text_atomically(path / EXPORT_STAMP, json.dumps({**stamp, "state": "writing"}))
+    try:
+        change()
+    except BaseException:
+        try:
+            if _entries_version(path) != entries:
+                write_text_atomically(path / EXPORT_STAMP, json.dumps({**stamp, "state": "cut short"}))
+            elif before is None:  # (nothing changed: a full disk before the first rename)
+                (path / EXPORT_STAMP).unlink()
+            else:
+                write_text_atomically(path / EXPORT_STAMP, before)
+        except OSError:  # (left "writing": cut short, to a reader, once this process has ended)
+            pass
+        raise
+    write_text_atomically(path / EXPORT_STAMP, json.dumps({**stamp, "state": "done"}))
+
+
+def _entries_version(path: Path) -> tuple:
+    """The `_version` of each entry of `path` but the stamp and writers' temp files."""
+    names = sorted(n for n in os.listdir(path) if n != EXPORT_STAMP and not _is_temp(n))
+    return tuple((name, _version(path / name)) for name in names)
+
+
+def _stamp_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _export_stamps(path: Path) -> dict[str, str]:
+    """The `EXPORT_STAMP`s of the folder `path` and of its folders (a diffusers folder in a model
+    directory, written in place on its own), by the folder's name ("" for `path`'s own)."""
+    stamps = {}
+    try:
+        names = sorted(os.listdir(path))
+    except (FileNotFoundError, NotADirectoryError):  # (gone: the reader's own error tells)
+        return stamps
+    for name in ["", *names]:
+        if name and not os.path.isdir(path / name):
+            continue
+        text = _stamp_text(path / name / EXPORT_STAMP)
+        if text is not None:
+            stamps[name] = text
+    return stamps
+
+
+def _check_not_under_way(path: Path, stamps: dict[str, str], wait: bool) -> bool:
+    """Whether an export into `path` (or one of its folders) is under way, where `wait` (a reader
+    reads again later); else ExportUnderWay where one is, or was cut short."""
+    for name, text in stamps.items():
+        folder = path / name if name else path
+        try:
+            stamp = json.loads(text)
+            state, host, pid = stamp["state"], stamp["host"], int(stamp["pid"])
+        except (ValueError, KeyError, TypeError):
+            raise ExportUnderWay(
+                f"{folder / EXPORT_STAMP}: not an export stamp; export the model again"
+            ) from None
+        if state == "done":
+            continue
+        if state == "writing" and not _process_ended(host, pid):
+            if wait:
+                return True
+            raise ExportUnderWay(
+                f"{folder}: an export is being written into it file by file (process {pid} on "
+                f"{'this host' if host == _HOST else 'another host'}); load it again once that export is done "
+                "(where none is running, it was cut short: export again)"
+            )
+        raise ExportUnderWay(
+            f"{folder}: an export into it was cut short (process {pid}), leaving files of two exports "
+            "beside each other; export it again"
+        )
+    return False
 
 
 def _carry_late(old: Path, path: Path, carry: Callable[[str], bool], carried: dict) -> None:
@@ -278,7 +402,7 @@ def _carry_late(old: Path, path: Path, carry: Callable[[str], bool], carried: di
     carried one; another version of a copied one), where the carried copy at `path` is as it was
     carried (not written again there since the exchange)."""
     for entry in old.iterdir():
-        if not carry(entry.name):
+        if entry.name == EXPORT_STAMP or not carry(entry.name):
             continue
         target = path / entry.name
         try:
@@ -350,29 +474,53 @@ def read_folder(path, read: Callable[[Path], T], attempts: int = 5) -> T:
     several files could take one from the old folder and the next from the new one (or find the
     old one's gone). Read again where the folder at `path` at the end is not the one opened at the
     start; the open folder's inode, held, cannot be another's meanwhile. Its error is raised where
-    the folder stayed; the last attempt is taken as it is."""
+    the folder stayed; the last attempt is taken as it is.
+
+    Where an export is written into the folder in place (`EXPORT_STAMP`), read again once it is
+    done (waiting `READ_AGAIN_AFTER_S`, doubled each time), and likewise where one went in during
+    the read; ExportUnderWay where it is still under way at the last attempt, or was cut short."""
     path = Path(path)
-    for _ in range(attempts - 1):
+    if attempts < 1:
+        raise ValueError(f"attempts: at least 1, not {attempts}")
+    for attempt in range(attempts):
+        last = attempt == attempts - 1
         try:
             fd = os.open(path, os.O_RDONLY)
-        except OSError:  # (none there, or a system that opens no folder: read as it is)
-            break
+        except OSError:  # (none there: read's own error; a system that opens no folder: the stamp alone)
+            if not path.is_dir():
+                return read(path)
+            fd = None
         try:
+            stamps = _export_stamps(path)
+            if _check_not_under_way(path, stamps, wait=not last):
+                time.sleep(READ_AGAIN_AFTER_S * 2**attempt)
+                continue
             try:
                 result = read(path)
             except Exception:
-                if _moved(fd, path):
+                if not last and (_moved(fd, path) or _export_stamps(path) != stamps):
                     continue
                 raise
-            if not _moved(fd, path):
+            if _moved(fd, path):
+                if last:
+                    return result
+                continue
+            if _export_stamps(path) == stamps:
                 return result
+            if last:
+                raise ExportUnderWay(
+                    f"{path}: exports went into it file by file while it was read; load it again"
+                )
         finally:
-            os.close(fd)
-    return read(path)
+            if fd is not None:
+                os.close(fd)
+    raise AssertionError("the last attempt returns or raises")
 
 
-def _moved(fd: int, path: Path) -> bool:
-    """Whether the folder open as `fd` is no longer the one at `path`."""
+def _moved(fd: int | None, path: Path) -> bool:
+    """Whether the folder open as `fd` is no longer the one at `path` (None: not told, no)."""
+    if fd is None:
+        return False
     opened = os.fstat(fd)
     try:
         now = os.stat(path)
@@ -506,10 +654,16 @@ def _writer_gone(tag: str) -> bool:
     be told: another host's, a name of another shape, or a system without POSIX signals (os.kill
     there ends the process instead of asking after it)."""
     m = _WRITER.match(tag)
-    if os.name != "posix" or m is None or m["host"] != _HOST or int(m["pid"]) == os.getpid():
+    return m is not None and _process_ended(m["host"], int(m["pid"]))
+
+
+def _process_ended(host: str, pid: int) -> bool:
+    """Whether the process `pid` of the host (and PID namespace) tagged `host` has ended; not where
+    it cannot be told (another host's, a system without POSIX signals)."""
+    if os.name != "posix" or host != _HOST or pid == os.getpid():
         return False
     try:
-        os.kill(int(m["pid"]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     # OSError: another user's process, alive; OverflowError: no PID there can be (a name of another

@@ -488,9 +488,12 @@ def write_model_dir(directory, write_dit, vae: VideoAutoencoder, meta: dict) -> 
     in the directory's place in one step (`streamgen.files.write_folder_atomically`; what else the
     directory held is linked in first), and read by `load_model` through `read_folder`.
 
-    Where the system cannot exchange folders (not Linux, overlayfs' lower layers, a mount point),
-    into the directory itself, file by file: the DiT weights, the autoencoder (`_replace_autoencoder`),
-    model.json last; a reader meanwhile may find the new DiT weights beside the old model.json."""
+    Where the system cannot exchange folders (not Linux, overlayfs' lower layers), the staged files
+    are moved into the directory one by one, model.json last; at a mount point, written into it
+    (the DiT weights, the autoencoder: `_replace_autoencoder`, model.json last). Either way under
+    the directory's export stamp (`streamgen.files.EXPORT_STAMP`): a reader meanwhile reads again
+    once the export is done, or is told that it is under way or was cut short, rather than pairing
+    the new DiT weights with the old model.json."""
     from streamgen.model.files import write_atomically, write_text_atomically
     from streamgen.model.tiny_decoder import TINY_DECODER_FILE
     from streamgen.model.wan_vae import WanVAE

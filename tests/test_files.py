@@ -895,3 +895,124 @@ def test_an_entry_gone_from_the_old_folder_while_it_is_carried_fails_no_export(t
     assert (d / "weights").read_text() == "new" and (d / "notes.txt").read_text() == "kept"
     assert (d / "report.json").read_text() == "being written"
     assert [p.name for p in (d / "samples").iterdir()] == ["0.png"]
+
+
+def test_a_folder_that_cannot_be_exchanged_is_written_once(tmp_path, monkeypatch):
+    """Where the folder could not be exchanged (not Linux, overlayfs' lower layers), the export
+    written into the staging folder was thrown away and written again into the folder in place:
+    a model's weights written twice. The staged files are moved in, one rename each."""
+    from streamgen import files
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "weights").write_text("old")
+    (d / "stale").write_text("the old export's, which the new one lacks")
+    (d / "notes.txt").write_text("kept")
+    written = []
+
+    def write(folder):
+        written.append(folder)
+        (folder / "weights").write_text("new")
+        (folder / "config.json").write_text("new")
+
+    monkeypatch.setattr(files, "exchange", lambda a, b: False)
+    files.write_folder_atomically(d, write, carry=lambda name: name == "notes.txt", in_place=write)
+    assert len(written) == 1
+    assert (d / "weights").read_text() == "new" and (d / "config.json").read_text() == "new"
+    assert (d / "notes.txt").read_text() == "kept" and not (d / "stale").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_folder_whose_file_by_file_export_was_cut_short_is_refused_clearly(tmp_path):
+    """A writer killed between two renames of a file-by-file export (no exchange) left one
+    export's config beside the other's weights, which a reader loaded as one model (or failed on
+    with an error about neither). A reader is told the export was cut short."""
+    import subprocess
+    import sys
+
+    from streamgen.files import read_folder
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "weights").write_text("old")
+    (d / "config.json").write_text("old")
+    code = f"""
+import os
+import streamgen.files as files
+files.exchange = lambda a, b: False
+real_replace = os.replace
+def replace(src, dst):
+    real_replace(src, dst)
+    if os.path.basename(dst) == "weights":
+        os._exit(9)  # (killed: the new weights in place, the old config beside them)
+os.replace = replace
+def write(folder):
+    (folder / "weights").write_text("new")
+    (folder / "config.json").write_text("new")
+files.write_folder_atomically({str(d)!r}, write)
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent)
+    assert done.returncode == 9 and (d / "weights").read_text() == "new"
+
+    def read(folder):
+        return (folder / "config.json").read_text(), (folder / "weights").read_text()
+
+    with pytest.raises(Exception, match="cut short") as refused:  # (not the mix, ("old", "new"))
+        read_folder(d, read)
+    assert type(refused.value).__name__ == "ExportUnderWay"
+
+
+def test_a_folder_written_in_place_by_a_writer_that_failed_before_changing_it_still_reads(
+    tmp_path, monkeypatch
+):
+    """A writer into the folder itself (no staging folder beside it: a read-only root's volume)
+    that fails before its first rename (a full disk) leaves the folder whole: it is read, not
+    refused as an export cut short. One that fails after it is refused."""
+    import errno
+
+    from streamgen import files
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "a").write_text("old")
+    (d / "b").write_text("old")
+
+    def read_only(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(Path(path).parent))
+
+    def disk_full_after(renames):
+        def in_place(folder):
+            for name in ("a", "b")[:renames]:
+                files.write_text_atomically(folder / name, "new")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        return in_place
+
+    def read(folder):
+        return (folder / "a").read_text(), (folder / "b").read_text()
+
+    monkeypatch.setattr(files, "new_folder_beside", read_only)
+    with pytest.raises(OSError, match="No space"):
+        files.write_folder_atomically(d, lambda f: None, in_place=disk_full_after(0))
+    assert files.read_folder(d, read) == ("old", "old")
+    with pytest.raises(OSError, match="No space"):
+        files.write_folder_atomically(d, lambda f: None, in_place=disk_full_after(1))
+    with pytest.raises(files.ExportUnderWay, match="cut short"):
+        files.read_folder(d, read)
+
+
+def test_a_folder_put_in_place_whole_leaves_an_older_export_stamp_behind(tmp_path, monkeypatch):
+    """A folder once written file by file holds the stamp of that export; exchanged whole later,
+    the new folder is the writer's alone: the old stamp is not carried into it."""
+    from streamgen import files
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "weights").write_text("old")
+    with monkeypatch.context() as m:
+        m.setattr(files, "exchange", lambda a, b: False)
+        files.write_folder_atomically(d, lambda new: (new / "weights").write_text("first"))
+    assert (d / files.EXPORT_STAMP).exists()
+    files.write_folder_atomically(d, lambda new: (new / "weights").write_text("second"), carry=lambda n: True)
+    assert sorted(p.name for p in d.iterdir()) == ["weights"]
+    assert files.read_folder(d, lambda f: (f / "weights").read_text()) == "second"

@@ -458,16 +458,52 @@ def test_a_reader_finds_the_whole_old_or_the_whole_new_model_at_every_step_of_an
     assert not [p for p in d.iterdir() if p.name.startswith(".")]
 
 
-def test_a_reader_whose_load_straddles_an_export_reads_again(tmp_path, monkeypatch):
+@pytest.mark.parametrize("old, new", [("tiny", "tiny"), ("wan+td", "tiny"), ("tiny", "wan+td")])
+def test_a_reader_of_a_folder_written_file_by_file_finds_one_export_or_is_told(
+    tmp_path, monkeypatch, old, new
+):
+    """Where the system cannot exchange folders (not Linux, overlayfs' lower layers), the export
+    goes into the directory file by file: a reader between two renames loaded the new DiT weights
+    with the old model.json (its name and steps). At every step a reader finds one whole export,
+    or is told that one is being written (`ExportUnderWay`)."""
+    from streamgen import files
+    from streamgen.models import save_model
+
+    models = [_model("old", old, 0), _model("new", new, 1)]
+    d = tmp_path / "model"
+    save_model(models[0], d)
+    monkeypatch.setattr(files, "exchange", lambda a, b: False)
+    monkeypatch.setattr(files, "READ_AGAIN_AFTER_S", 0.0, raising=False)  # (no waits between reads)
+    told = []
+
+    def whole_one(after):
+        wrong = _whole(d, models)
+        if wrong is not None and wrong.startswith("ExportUnderWay:"):
+            told.append(after)
+            return
+        assert wrong is None, f"{after}: a reader found {wrong}"
+
+    seen = check_after_each_file_step(monkeypatch, whole_one)
+    save_model(models[1], d)
+    monkeypatch.undo()
+    assert seen and told and _whole(d, models[1:]) is None
+
+
+@pytest.mark.parametrize("can_exchange", [True, False], ids=["exchanged", "file_by_file"])
+def test_a_reader_whose_load_straddles_an_export_reads_again(tmp_path, monkeypatch, can_exchange):
     """A load reads model.json, then dit.safetensors, then the autoencoder: an export that put the
     new folder in place between those reads gave it the old model.json with the new weights. The
-    reader reads again where the folder it started in is no longer there."""
+    reader reads again where the folder it started in is no longer there, or where an export went
+    into it file by file meanwhile (no exchange: its stamp is another)."""
+    from streamgen import files
     from streamgen.model import files as model_files
     from streamgen.models import save_model
 
     models = [_model("old", "wan+td", 0), _model("new", "tiny", 1)]
     d = tmp_path / "model"
     save_model(models[0], d)
+    if not can_exchange:
+        monkeypatch.setattr(files, "exchange", lambda a, b: False)
     real, exported = model_files.load_safetensors, []
 
     def export_meanwhile(path):
@@ -537,6 +573,8 @@ def test_a_re_export_keeps_what_else_the_directory_holds_and_a_symlink_to_it(
     assert (real / "notes.txt").read_text() == "kept" and (real / "samples" / "a.png").read_bytes() == b"png"
     assert sorted(p.name for p in real.parent.iterdir()) == ["model"]
     export = ["dit.safetensors", "model.json", "vae.safetensors", "vae_config.json"]
+    if not can_exchange:
+        export.append(files.EXPORT_STAMP)  # (written into the directory file by file)
     assert sorted(p.name for p in real.iterdir()) == sorted([*export, "notes.txt", "samples"])
 
 

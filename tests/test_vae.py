@@ -5,6 +5,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from torch.nn.functional import pad as F_pad
 
+from streamgen.files import EXPORT_STAMP
 from streamgen.model.upsample import UpsampleConv2d
 from streamgen.model.vae import ResBlock2d, TinyCausalVAE
 from streamgen.model.wan_vae import WanVAE
@@ -500,7 +501,7 @@ def test_wan_vae_saves_into_a_wan_vae_folder_that_is_a_mount_point(tmp_path, mon
         vae = tiny_wan_vae()
         vae.save(tmp_path)
         written = sorted(p.name for p in folder.iterdir())
-        assert written == ["config.json", "diffusion_pytorch_model.safetensors"]
+        assert written == [EXPORT_STAMP, "config.json", "diffusion_pytorch_model.safetensors"]
         assert sorted(p.name for p in tmp_path.iterdir()) == [WanVAE.DIRECTORY]
         monkeypatch.undo()
         z = torch.randn(1, 4, 2, 4, 4)
@@ -532,4 +533,5 @@ def test_wan_vae_files_have_the_umasks_mode(tmp_path, monkeypatch, mount):
     finally:
         os.umask(umask)
     modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in folder.iterdir()}
-    assert modes == {"config.json": oct(0o644), "diffusion_pytorch_model.safetensors": oct(0o644)}
+    stamp = {EXPORT_STAMP: oct(0o644)} if mount else {}  # (written in place)
+    assert modes == {**stamp, "config.json": oct(0o644), "diffusion_pytorch_model.safetensors": oct(0o644)}

@@ -1,5 +1,6 @@
 """Wan weights: the same random weights in diffusers' WanTransformer3DModel and our DiT agree."""
 
+import errno
 import json
 import os
 
@@ -215,6 +216,35 @@ def test_a_wan_folder_is_saved_whole_or_not_at_all(tmp_path, monkeypatch):
     assert _same_weights(load_pretrained(tmp_path / "wan"), old)
 
 
+def test_a_wan_save_cut_short_file_by_file_is_refused_clearly(tmp_path, monkeypatch):
+    """Where the folder is written into file by file (no exchange), a save cut short once the new
+    config.json was in place left it beside the old index and shards, which load_pretrained read:
+    the old weights under the new config (or a KeyError naming neither). The old index and shards
+    go before the new config comes, and a reader through read_folder (distill's `wan:` teacher)
+    is told the save was cut short."""
+    import streamgen.files
+    from streamgen.files import read_folder
+
+    folder = tmp_path / "wan"
+    tiny_wan(3).save_pretrained(folder, safe_serialization=True, max_shard_size="20KB")
+    real_replace = os.replace
+
+    def cut_short_after_config(src, dst):
+        real_replace(src, dst)
+        if os.fspath(dst) == str(folder / "config.json"):  # (not the staging folder's)
+            raise OSError(errno.EIO, "an I/O error")
+
+    monkeypatch.setattr(streamgen.files, "exchange", lambda a, b: False)
+    monkeypatch.setattr(os, "replace", cut_short_after_config)
+    with pytest.raises(OSError):
+        save_pretrained(_our_wan(1), folder)
+    monkeypatch.undo()
+    assert not list(folder.glob("*.index.json"))
+    with pytest.raises(Exception, match="cut short") as refused:
+        read_folder(folder, load_pretrained)
+    assert type(refused.value).__name__ == "ExportUnderWay", refused.value
+
+
 @pytest.mark.parametrize("whole_folder_swap", [True, False], ids=["exchange", "in_place"])
 def test_a_wan_save_replaces_a_sharded_checkpoint_and_keeps_what_else_is_there(
     tmp_path, monkeypatch, whole_folder_swap
@@ -236,8 +266,9 @@ def test_a_wan_save_replaces_a_sharded_checkpoint_and_keeps_what_else_is_there(
     new = _our_wan(1)
     save_pretrained(new, folder)
     monkeypatch.undo()
+    stamp = [] if whole_folder_swap else [streamgen.files.EXPORT_STAMP]  # (written file by file)
     assert sorted(os.listdir(folder)) == [
-        "README.md", "config.json", "diffusion_pytorch_model.safetensors", "vae",
+        *stamp, "README.md", "config.json", "diffusion_pytorch_model.safetensors", "vae",
     ]  # fmt: skip
     assert (folder / "vae" / "config.json").read_text() == "{}"
     assert (folder / "README.md").read_text() == "notes"

@@ -228,7 +228,10 @@ def save_pretrained(model: DiT, path) -> None:
     or not at all, as a model export is (`write_folder_atomically`): written in place, a save cut
     short left the new config.json beside the old weights, and a sharded checkpoint's index and
     shards stayed beside the new weights (load_pretrained reads the index: the old weights). What
-    else the folder holds (a pipeline's other folders, notes) is kept."""
+    else the folder holds (a pipeline's other folders, notes) is kept. Where the folder can only
+    be written file by file (no exchange, a mount point), the old index and shards go before the
+    new config.json comes, and a reader through `read_folder` is told of a save under way or cut
+    short (`streamgen.files.EXPORT_STAMP`)."""
     from streamgen.files import write_folder_atomically, write_into_folder
     from streamgen.model import files
 
