@@ -304,8 +304,9 @@ def _is_temp(name: str) -> bool:
 # A folder written into in place, file by file (`write_folder_atomically` where it cannot exchange)
 # holds files of two exports until the last is in: this file in it says so. It is written (whole)
 # before the first change ("writing", by this process), and after the last ("done"), or where the
-# writer fails having changed something ("cut short"); each time with the export's id, so that a
-# reader that finds the same stamp before and after its read knows no export went in meanwhile.
+# writer fails having changed something, or another export went in at the same time (their renames
+# interleave) ("cut short"); each time with the export's id, so that a reader that finds the same
+# stamp before and after its read knows no export went in meanwhile.
 EXPORT_STAMP = ".export.json"
 # how long a reader that finds an export under way waits before it reads again (doubled each time)
 READ_AGAIN_AFTER_S = 0.1
@@ -319,7 +320,8 @@ def _written_in_place(path: Path, change: Callable[[], object]) -> None:
     """change() changes the folder `path` in place, under `EXPORT_STAMP`'s states."""
     stamp = {"export": secrets.token_hex(8), "host": _HOST, "pid": os.getpid()}
     before, entries = _stamp_text(path / EXPORT_STAMP), _entries_version(path)
-    write_text_atomically(path / EXPORT_STAMP, json.dumps({**stamp, "state": "writing"}))
+    writing = json.dumps({**stamp, "state": "writing"})
+    write_text_atomically(path / EXPORT_STAMP, writing)
     try:
         change()
     except BaseException:
@@ -333,7 +335,21 @@ def _written_in_place(path: Path, change: Callable[[], object]) -> None:
         except OSError:  # (left "writing": cut short, to a reader, once this process has ended)
             pass
         raise
-    write_text_atomically(path / EXPORT_STAMP, json.dumps({**stamp, "state": "done"}))
+    # (another export under way when this one began, or begun since: the renames of the two mixed)
+    if _under_way_by_another(before) or _stamp_text(path / EXPORT_STAMP) != writing:
+        stamp.update(state="cut short", why="another export went into it at the same time")
+    else:
+        stamp.update(state="done")
+    write_text_atomically(path / EXPORT_STAMP, json.dumps(stamp))
+
+
+def _under_way_by_another(text: str | None) -> bool:
+    """Whether the stamp `text` is of an export being written by a process that has not ended."""
+    try:
+        stamp = json.loads(text) if text is not None else {}
+        return stamp.get("state") == "writing" and not _process_ended(stamp["host"], int(stamp["pid"]))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def _entries_version(path: Path) -> tuple:
@@ -374,6 +390,7 @@ def _check_not_under_way(path: Path, stamps: dict[str, str], wait: bool) -> bool
         try:
             stamp = json.loads(text)
             state, host, pid = stamp["state"], stamp["host"], int(stamp["pid"])
+            why = stamp.get("why", f"process {pid}")
         except (ValueError, KeyError, TypeError):
             raise ExportUnderWay(
                 f"{folder / EXPORT_STAMP}: not an export stamp; export the model again"
@@ -389,7 +406,7 @@ def _check_not_under_way(path: Path, stamps: dict[str, str], wait: bool) -> bool
                 "(where none is running, it was cut short: export again)"
             )
         raise ExportUnderWay(
-            f"{folder}: an export into it was cut short (process {pid}), leaving files of two exports "
+            f"{folder}: an export into it was cut short ({why}), leaving files of two exports "
             "beside each other; export it again"
         )
     return False

@@ -1016,3 +1016,37 @@ def test_a_folder_put_in_place_whole_leaves_an_older_export_stamp_behind(tmp_pat
     files.write_folder_atomically(d, lambda new: (new / "weights").write_text("second"), carry=lambda n: True)
     assert sorted(p.name for p in d.iterdir()) == ["weights"]
     assert files.read_folder(d, lambda f: (f / "weights").read_text()) == "second"
+
+
+def test_two_exports_into_a_folder_file_by_file_at_once_are_refused_clearly(tmp_path, monkeypatch):
+    """Two exports written into one folder file by file at the same time (no exchange) interleave
+    their renames, and the last to finish marked the folder whole: a reader got one export's
+    config beside the other's weights. A folder two exports went into at once is refused."""
+    from streamgen import files
+
+    d = tmp_path / "model"
+    d.mkdir()
+    for name in ("weights", "config.json"):
+        (d / name).write_text("old")
+    real_move_over, second = files.move_over, []
+
+    def another_export_meanwhile(src, dst, trash):
+        if not second:  # (the first export's first rename done, the second export runs whole)
+            second.append(dst)
+            real_move_over(src, dst, trash)
+            files.write_folder_atomically(
+                d, lambda new: [(new / n).write_text("second") for n in ("weights", "config.json")]
+            )
+            return
+        real_move_over(src, dst, trash)
+
+    monkeypatch.setattr(files, "exchange", lambda a, b: False)
+    monkeypatch.setattr(files, "move_over", another_export_meanwhile)
+    files.write_folder_atomically(
+        d, lambda new: [(new / n).write_text("first") for n in ("weights", "config.json")]
+    )
+    monkeypatch.undo()
+    assert second and [(d / n).read_text() for n in ("weights", "config.json")] == ["second", "first"]
+    with pytest.raises(Exception, match="at the same time") as refused:  # (not the mix)
+        files.read_folder(d, lambda f: [(f / n).read_text() for n in ("weights", "config.json")])
+    assert type(refused.value).__name__ == "ExportUnderWay"
