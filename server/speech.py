@@ -24,8 +24,12 @@ from .session import Session
 _synthesis = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="speech")
 # The fewest milliseconds espeak-ng speaks in, by language, at its default rate (165 words a
 # minute): for each unstressed phoneme a part that does not follow the rate and one that does,
-# for each stressed vowel, and for each clause closed by a comma or by a full stop (its pause and
-# the slower syllables before it; the last clause's pause is not counted). Phonemes at prose's
+# for each stressed vowel, and for each clause closed by a comma, by a full stop (its pause and
+# the slower syllables before it), by an abbreviation's dot (espeak's dictionary "Dr.", 10 ms) or
+# by a full stop after one word ("Wow! Really?": its pause without a sentence's drawn-out end);
+# the last clause's pause is not counted. Abbreviations' dots and prose's full stops counted as
+# one, the weight was what the dot takes: English exclamations were estimated at 0.36-0.44 of
+# their speech, English prose at 0.71. Phonemes at prose's
 # pace (its pauses included) overestimated texts without prose's pauses and stresses, a text
 # that fits then refused: 6.5 s for the 4.7 s of "😀 😀 😀" in German at 80 words a minute, 2.9 s
 # for the 2.5 s of "the" x 20. Unstressed phonemes run 15-75 ms (a German schwa 29 ms at 165 and
@@ -34,22 +38,21 @@ _synthesis = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_pr
 # an abbreviation's dot ("Dr. Smith") that its speech barely pauses at, and a short exclamation's
 # pause is shorter than prose's full stop: fitted to prose alone, "Dr. Who? Mr. Bean!" was
 # estimated at 1.12 of its speech, German "Hi! Really? Yes." at 1.08 (refused though it fits);
-# fitted with them, the full stop's weight is what such clauses take (43-426 ms) and a comma's
-# carries what prose's full stops need beyond it. Fitted by bench/speech_room.py (a linear
-# programme over 1440 syntheses: prose of 1-6 sentences, digits and abbreviations, emoji alone and
-# together, repeated short words, greetings, comma lists, abbreviations' dots and short
-# exclamations, at 80-450 words a minute and 4 voices) to stay at most 92% of each text's speech,
-# as close to it as that allows on prose and digits (at 93%, German "Danke 😎" at 80 words a
-# minute, not fitted, came out at 1.0004 of its speech). On other prose, emoji, short words,
-# abbreviations and exclamations: 87-99% at the most; prose at the default rate 63-88% of its
-# speech (the least a German sentence alone), digits and abbreviations 67-92%.
-SPEECH_FLOOR_MS = {  # (unstressed fixed, unstressed, stressed, comma clause, full-stop clause)
-    "en-us": (5.8, 46.7, 126.5, 187.6, 74.2),
-    "en": (4.6, 49.9, 109.4, 204.3, 43.1),
-    "de": (5.9, 22.3, 172.9, 0.0, 425.7),
-    "fr": (4.4, 53.2, 81.8, 176.2, 330.7),
-    "es": (4.7, 45.4, 100.2, 217.2, 150.3),
-    "it": (2.6, 46.0, 96.2, 0.0, 298.1),
+# each now has a count of its own. Fitted by bench/speech_room.py (a linear programme over 1440
+# syntheses: prose of 1-6 sentences, digits and abbreviations, emoji alone and together, repeated
+# short words, greetings, comma lists, abbreviations' dots and short exclamations, at 80-450
+# words a minute and 4 voices) to stay at most 90% of each text's speech, as close to it as that
+# allows on prose, digits and exclamations (at 91%, Italian "io" x 20 at 450 words a minute, not
+# fitted, came out at 1.003 of its speech). On other prose, emoji, short words, abbreviations and
+# exclamations: 88-99% at the most; prose at the default rate 62-90% of its speech (the least a
+# German sentence alone), digits 66-90%, exclamations 86-89%.
+SPEECH_FLOOR_MS = {  # (unstressed fixed, unstressed, stressed, comma, full stop, abbreviation dot, one-word clause)
+    "en-us": (5.3, 46.8, 121.1, 183.5, 635.7, 70.0, 509.8),
+    "en": (4.5, 48.8, 107.0, 199.9, 676.1, 42.1, 491.0),
+    "de": (5.6, 21.4, 172.3, 0.0, 427.6, 0.0, 382.7),
+    "fr": (4.3, 52.0, 80.0, 172.3, 539.8, 231.5, 415.6),
+    "es": (4.2, 45.5, 94.4, 0.0, 142.8, 0.0, 422.2),
+    "it": (6.2, 34.1, 129.8, 0.0, 516.4, 0.0, 414.6),
 }
 DEFAULT_RATE = 165  # words a minute (Voice.rate's default), the rate of SPEECH_FLOOR_MS
 
@@ -60,11 +63,12 @@ def speech_seconds_at_least(text: str, voice: Voice) -> float:
     speech (a full stop's 332 ms at 165 words a minute, 142 ms at 250, 12 ms at 450): counted only
     at the default rate and below. Takes the speech module's lock: not on the event loop."""
     count = count_phonemes(text, voice)
-    fixed, unstressed, stressed, comma, stop = SPEECH_FLOOR_MS[voice.language]
+    fixed, unstressed, stressed, comma, stop, dot, short_stop = SPEECH_FLOOR_MS[voice.language]
     slower = DEFAULT_RATE / voice.rate
     ms = count.unstressed * (fixed + unstressed * slower) + count.stressed * stressed * slower
     if voice.rate <= DEFAULT_RATE:
-        ms += (count.comma_pauses * comma + count.stop_pauses * stop) * slower
+        pauses = count.comma_pauses * comma + count.stop_pauses * stop + count.abbreviation_dots * dot
+        ms += (pauses + count.short_stop_pauses * short_stop) * slower
     return ms / 1000
 
 

@@ -26,6 +26,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -52,6 +53,7 @@ _INIT_PHONEME_EVENTS = 0x0001
 _INIT_PHONEME_IPA = 0x0002
 _INIT_DONT_EXIT = 0x8000
 _CHARS_UTF8 = 1
+_PHONEMES_TRACE = 0x08  # espeakPHONEMES_TRACE: each word's dictionary look-up, to a FILE*
 _PARAM_RATE, _PARAM_VOLUME, _PARAM_PITCH, _PARAM_RANGE = 1, 2, 3, 4
 
 
@@ -161,6 +163,11 @@ class _Engine:
         text_pointer = ctypes.POINTER(ctypes.c_void_p)
         self.lib.espeak_TextToPhonemes.argtypes = [text_pointer, ctypes.c_int, ctypes.c_int]
         self.lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
+        self.lib.espeak_SetPhonemeTrace.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        self.libc.tmpfile.restype = ctypes.c_void_p
+        for name in ("fflush", "fileno", "rewind"):
+            getattr(self.libc, name).argtypes = [ctypes.c_void_p]
+        self._trace: int | None = None  # the FILE* espeak traces its dictionary look-ups to
         options = _INIT_PHONEME_EVENTS | _INIT_PHONEME_IPA | _INIT_DONT_EXIT
         self._data_dir = _steady_data_dir(data_path)
         path = self._data_dir.name.encode()
@@ -204,7 +211,7 @@ class _Engine:
         pcm = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
         return pcm, self._events
 
-    def clauses(self, text: str, voice: Voice) -> list[tuple[str, list[str]]]:
+    def clauses(self, text: str, voice: Voice) -> list[Clause]:
         """The phonemes espeak-ng would speak for `text` (their ASCII names), clause by clause, each
         with the punctuation that closes it ("," ";" ":" "." "!" "?", or ""), without synthesising
         it: numbers, amounts and abbreviations come out as the words it reads. A clause's pause is
@@ -215,19 +222,69 @@ class _Engine:
         data = ctypes.create_string_buffer(encoded + b"\0")
         start = ctypes.addressof(data)
         position = ctypes.c_void_p(start)  # moved on one clause a call, NULL at the end
-        # phoneme mode: ASCII names (bit 1 clear), '|' between a word's phonemes; ' ' between words
-        mode = ord("|") << 8
+        # phoneme mode: ASCII names (bit 1 clear), '|' between a word's phonemes; ' ' between words;
+        # with the trace bit, each word's dictionary flags go to the trace file
+        mode = ord("|") << 8 | _PHONEMES_TRACE
+        trace = self._trace_file()
+        self.lib.espeak_SetPhonemeTrace(_PHONEMES_TRACE, trace)
         clauses = []
-        while position.value:
-            begin = position.value - start
-            clause = self.lib.espeak_TextToPhonemes(ctypes.byref(position), _CHARS_UTF8, mode)
-            names = (clause or b"").decode("utf-8", "replace").replace(" ", "|").split("|")
-            # the clause's text: espeak leaves the position one character into the next clause
-            source = encoded[begin : position.value - start if position.value else len(encoded)]
-            source = source.decode("utf-8", "replace")[: -1 if position.value else None].rstrip()
-            closing = source[-1:] if source[-1:] in CLAUSE_PUNCTUATION else ""
-            clauses.append((closing, [name for name in names if name]))
+        try:
+            while position.value:
+                begin = position.value - start
+                clause = self.lib.espeak_TextToPhonemes(ctypes.byref(position), _CHARS_UTF8, mode)
+                names = (clause or b"").decode("utf-8", "replace").replace(" ", "|").split("|")
+                # the text up to the clause's end: espeak leaves the position one character or two
+                # into the next clause (the clause's own start is not reliable, its end is)
+                end = position.value - start if position.value else len(encoded)
+                upto = encoded[:end].decode("utf-8", "replace")[: -1 if position.value else None].rstrip()
+                closing = upto[-1:] if upto[-1:] in CLAUSE_PUNCTUATION else ""
+                words = (upto[:-1] if closing else upto).split()
+                last_word = words[-1].lower().lstrip("¡¿(\"'") if words else ""
+                traced = self._read_trace(trace)
+                abbreviation = closing == "." and _has_dot_flag(traced, last_word)
+                # its words (what has a letter or digit: French "Ah !" is one); from one byte
+                # before its start, its first character may be lost
+                own = encoded[max(begin - 1, 0) : end].decode("utf-8", "replace")
+                own = own[: -1 if position.value else None].split()
+                count = sum(1 for word in own if any(c.isalnum() for c in word))
+                clauses.append(Clause(closing, [name for name in names if name], count, abbreviation))
+        finally:
+            self.lib.espeak_SetPhonemeTrace(0, None)  # (synthesis traces nothing)
         return clauses
+
+    def _trace_file(self) -> int:
+        if self._trace is None:
+            self._trace = self.libc.tmpfile()
+            if not self._trace:
+                raise SpeechError("could not open a temporary file for espeak-ng's trace")
+        return self._trace
+
+    def _read_trace(self, trace: int) -> str:
+        """What espeak-ng traced since the last read, and the file emptied."""
+        self.libc.fflush(trace)
+        fd = self.libc.fileno(trace)
+        text = os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", "replace")
+        self.libc.rewind(trace)
+        os.ftruncate(fd, 0)
+        return text
+
+
+class Clause(NamedTuple):
+    closing: str  # the punctuation that closes it ("," ";" ":" "." "!" "?"), or ""
+    names: list[str]  # its phonemes' ASCII names
+    words: int
+    # closed by the dot of an abbreviation espeak's dictionary knows ("Dr.", "Mr."): its speech
+    # makes a 10 ms pause there, not a full stop's
+    abbreviation: bool
+
+
+def _has_dot_flag(trace: str, word: str) -> bool:
+    """Whether espeak's trace of a clause shows `word` looked up with the `$dot` flag (an
+    abbreviation: espeak-ng's speech does not end a sentence at its dot, its phoneme pass does)."""
+    if not word:
+        return False
+    word = re.escape(word)
+    return re.search(rf"^(?:Found: '{word}'|Flags:\s+{word})\s.*\$dot\b", trace, re.MULTILINE) is not None
 
 
 def _find_library() -> tuple[str, str | None]:
@@ -329,7 +386,11 @@ class PhonemeCount:
     unstressed: int  # phonemes without a stress mark: consonants, unstressed and reduced vowels
     stressed: int  # vowels with espeak's primary or secondary stress mark
     comma_pauses: int  # clauses closed by "," ";" or ":" before the last (its pause ends nothing)
-    stop_pauses: int  # clauses closed by "." "!" or "?" before the last
+    stop_pauses: int  # clauses closed by "." "!" or "?" before the last, of more than one word
+    # one-word clauses closed by "." "!" or "?" ("Wow! Really?"): a short exclamation's last syllable
+    # is not drawn out as a sentence's is; its pause is still a full stop's (332-374 ms)
+    short_stop_pauses: int = 0
+    abbreviation_dots: int = 0  # clauses closed by an abbreviation's dot ("Dr."), 10 ms of pause
 
     @property
     def phonemes(self) -> int:
@@ -338,21 +399,25 @@ class PhonemeCount:
 
 def count_phonemes(text: str | bytes, voice: Voice | None = None) -> PhonemeCount:
     """The phonemes espeak-ng speaks for `text` with `voice`, and the pauses between its clauses,
-    from its text-to-phoneme translation (~1 ms for 750 characters, under 1% of their synthesis)."""
+    from its text-to-phoneme translation (~3 ms for 750 characters, a few % of their synthesis)."""
     voice = voice or Voice()
     voice.validate()
     text = check_text(text)
     with _lock:
         clauses = _engine_instance().clauses(text, voice)
-    names = [name for _, names in clauses for name in names if not _NOT_SPOKEN.fullmatch(name)]
+    names = [name for clause in clauses for name in clause.names if not _NOT_SPOKEN.fullmatch(name)]
     stressed = sum(1 for name in names if name[0] in "',")
-    closing = [closing for closing, _ in clauses[:-1]]
+    ended = clauses[:-1]  # (the last clause's pause ends nothing)
+    stops = [c for c in ended if c.closing in (".", "!", "?") and not c.abbreviation]
+    # as characters: a clause espeak cut where no punctuation closes it is "", in every string
+    short = sum(1 for c in stops if c.words == 1)
     return PhonemeCount(
         unstressed=len(names) - stressed,
         stressed=stressed,
-        # as characters: a clause espeak cut where no punctuation closes it is "", in every string
-        comma_pauses=sum(1 for c in closing if c in (",", ";", ":")),
-        stop_pauses=sum(1 for c in closing if c in (".", "!", "?")),
+        comma_pauses=sum(1 for c in ended if c.closing in (",", ";", ":")),
+        stop_pauses=len(stops) - short,
+        short_stop_pauses=short,
+        abbreviation_dots=sum(1 for c in ended if c.abbreviation),
     )
 
 
