@@ -38,21 +38,24 @@ _synthesis = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_pr
 # an abbreviation's dot ("Dr. Smith") that its speech barely pauses at, and a short exclamation's
 # pause is shorter than prose's full stop: fitted to prose alone, "Dr. Who? Mr. Bean!" was
 # estimated at 1.12 of its speech, German "Hi! Really? Yes." at 1.08 (refused though it fits);
-# each now has a count of its own. Fitted by bench/speech_room.py (a linear programme over 1440
-# syntheses: prose of 1-6 sentences, digits and abbreviations, emoji alone and together, repeated
-# short words, greetings, comma lists, abbreviations' dots and short exclamations, at 80-450
-# words a minute and 4 voices) to stay at most 90% of each text's speech, as close to it as that
-# allows on prose, digits and exclamations (at 91%, Italian "io" x 20 at 450 words a minute, not
-# fitted, came out at 1.003 of its speech). On other prose, emoji, short words, abbreviations and
-# exclamations: 88-99% at the most; prose at the default rate 62-90% of its speech (the least a
-# German sentence alone), digits 66-90%, exclamations 86-89%.
+# each now has a count of its own. espeak pauses at German and Italian commas as at others (166
+# ms, 442 ms at 80 words a minute), which the fit gave 0 ms while it aimed at prose alone: "die,
+# die, ..." was estimated at 0.13 of its speech. Fitted by bench/speech_room.py (a linear
+# programme over 1620 syntheses: prose of 1-6 sentences, digits and abbreviations, emoji alone
+# and together, repeated short words, greetings, comma lists of each short word, abbreviations'
+# dots and short exclamations, at 80-450 words a minute and 4 voices) to stay at most 90% of each
+# text's speech, as close to it as that allows on prose, digits, exclamations and comma lists (at
+# 91%, Italian "io" x 20 at 450 words a minute, not fitted, came out at 1.003 of its speech). On
+# other prose, emoji, short words, commas, abbreviations and exclamations: 89-95% at the most;
+# prose at the default rate 62-90% of its speech (the least a German sentence alone), digits
+# 67-90%, exclamations 73-89%, comma lists 46-89%.
 SPEECH_FLOOR_MS = {  # (unstressed fixed, unstressed, stressed, comma, full stop, abbreviation dot, one-word clause)
-    "en-us": (5.3, 46.8, 121.1, 183.5, 635.7, 70.0, 509.8),
-    "en": (4.5, 48.8, 107.0, 199.9, 676.1, 42.1, 491.0),
-    "de": (5.6, 21.4, 172.3, 0.0, 427.6, 0.0, 382.7),
-    "fr": (4.3, 52.0, 80.0, 172.3, 539.8, 231.5, 415.6),
-    "es": (4.2, 45.5, 94.4, 0.0, 142.8, 0.0, 422.2),
-    "it": (6.2, 34.1, 129.8, 0.0, 516.4, 0.0, 414.6),
+    "en-us": (5.2, 47.5, 110.6, 251.7, 707.6, 85.0, 521.4),
+    "en": (2.5, 52.3, 97.5, 219.9, 715.1, 40.1, 499.5),
+    "de": (6.5, 23.4, 155.6, 182.8, 446.5, 0.0, 427.6),
+    "fr": (4.3, 52.0, 80.0, 163.8, 539.8, 231.5, 415.6),
+    "es": (4.2, 45.5, 94.4, 201.9, 142.8, 0.0, 321.3),
+    "it": (5.3, 36.7, 117.7, 193.2, 517.6, 0.0, 426.1),
 }
 DEFAULT_RATE = 165  # words a minute (Voice.rate's default), the rate of SPEECH_FLOOR_MS
 

@@ -208,3 +208,22 @@ def test_the_room_estimate_is_near_the_speech_of_short_exclamations(language, te
 def test_an_abbreviations_dot_is_counted_apart_from_a_full_stop():
     count = count_phonemes("Mr. Brown met Dr. Lee at home. He left.", Voice(language="en"))
     assert (count.abbreviation_dots, count.stop_pauses) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    "language, text",
+    [
+        ("de", "Äpfel, Birnen, Kirschen und Pflaumen."),
+        ("de", ", ".join(["er"] * 12) + ","),  # 1.02 of its speech with "die, die, ..." alone fitted
+        ("it", "Mele, pere, ciliegie e prugne."),
+        ("it", ", ".join(["tu"] * 12) + ","),
+    ],
+)
+@pytest.mark.parametrize("rate", [165, 80])
+def test_the_room_estimate_counts_the_pause_of_a_german_or_italian_comma(language, text, rate):
+    """espeak-ng pauses 166 ms at these commas (442 ms at 80 words a minute), as at English ones,
+    but the fit gave German and Italian commas 0 ms: "die, die, ..." was estimated at 0.13 of its
+    speech."""
+    voice = Voice(language=language, rate=rate)
+    estimate, actual = speech.speech_seconds_at_least(text, voice), synthesize(text, voice).duration
+    assert 0.5 * actual <= estimate <= actual, (estimate, actual)
