@@ -11,12 +11,14 @@ nothing). Its estimate is linear in what `count_phonemes` counts, per language:
 
 This synthesises the texts of two sets (`fit`, `check`: prose of 1-6 sentences from the sentence
 banks, digits and abbreviations, emoji alone and together, repeated short words, greetings, comma
-lists, abbreviations' dots, short exclamations; `check` with other prose, emoji, short words,
-abbreviations and exclamations) at six rate and voice-variant pairs, and finds by linear
-programming, per language, the weights that keep every `fit` text at most `--margin` of its speech
-while they come as close to it as they can on prose, digits, exclamations and comma lists at the
-default rate. It prints the weights (milliseconds, rounded down) and, for both sets, the estimate
-over the speech by kind of text. About a minute on 2 cores.
+lists, abbreviations' dots, initials, short exclamations, sentences of two words; `check` with
+other prose, emoji, short words, abbreviations, initials, exclamations and sentences) at six rate
+and voice-variant pairs, and finds by linear programming, per language, the weights that keep
+every `fit` text at most `--margin` of its speech while they come as close to it as they can on
+prose, digits, exclamations and comma lists at the default rate, with each pause's weight at most
+the pause espeak-ng makes there (measured) plus `--pause-allowance`. It prints the weights
+(milliseconds, rounded down), the measured pauses and, for both sets, the estimate over the
+speech by kind of text. About a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -48,25 +50,41 @@ SHORT_TEXTS = {
     ),
 }  # fmt: skip
 # Abbreviations (espeak-ng's phoneme pass ends a clause at their dot, its speech barely pauses
-# there) and short exclamations and questions (a pause shorter than prose's full stop) of each set
-ABBREVIATIONS_AND_EXCLAMATIONS = {
+# there in English), short exclamations and questions (a pause shorter than prose's full stop) and
+# sentences of two words (what prose draws out before its full stops, they do not) of each set
+SHORT_SENTENCES = {
     "fit": {
-        "en-us": ("Mr. Brown and Mrs. Green met Dr. Lee at St. James.", "Wow! Really? Yes. No! Okay?"),
-        "en": ("Mr. Brown and Mrs. Green met Dr. Lee at St. James.", "Wow! Really? Yes. No! Okay?"),
-        "de": ("Dr. Müller und Prof. Schmidt trafen Hr. Weber.", "Ja! Nein? Gut. Hallo! Echt?"),
-        "fr": ("M. Dupont et Mme Martin chez le Dr. Petit.", "Ah ! Quoi ? Oui. Non ! Bien ?"),
-        "es": ("El Sr. García y la Sra. López con el Dr. Ruiz.", "¡Ay! ¿Sí? No. ¡Vale! ¿Qué?"),
-        "it": ("Il Sig. Rossi e la Sig.ra Bianchi dal Dott. Verdi.", "Ah! Cosa? Sì. No! Bene?"),
+        "en-us": (("Mr. Brown and Mrs. Green met Dr. Lee at St. James.", "See Fig. 3 and Vol. 2, e.g. pp. 10 to 12, etc."),
+                  "Wow! Really? Yes. No! Okay?", "We sat. Birds sang. Kids played. Dogs barked. Time passed."),
+        "en": (("Mr. Brown and Mrs. Green met Dr. Lee at St. James.", "See Fig. 3 and Vol. 2, e.g. pp. 10 to 12, etc."),
+               "Wow! Really? Yes. No! Okay?", "We sat. Birds sang. Kids played. Dogs barked. Time passed."),
+        "de": (("Dr. Müller und Prof. Schmidt trafen Hr. Weber.", "Siehe z. B. Nr. 5, usw. bzw. ca. 3 Std."),
+               "Ja! Nein? Gut. Hallo! Echt?", "Wir saßen. Vögel sangen. Kinder spielten. Hunde bellten. Zeit verging."),
+        "fr": (("M. Dupont et Mme Martin chez le Dr. Petit.", "Voir p. ex. le chap. 3, etc."),
+               "Ah ! Quoi ? Oui. Non ! Bien ?", "Il pleut. Elle dort. Nous partons. Tu ris. Ils mangent."),
+        "es": (("El Sr. García y la Sra. López con el Dr. Ruiz.", "Ud. y el Lic. Pérez, p. ej. pág. 5, etc."),
+               "¡Ay! ¿Sí? No. ¡Vale! ¿Qué?", "Llueve mucho. Ella duerme. Nosotros salimos. Tú ríes. Ellos comen."),
+        "it": (("Il Sig. Rossi e la Sig.ra Bianchi dal Dott. Verdi.", "Il Prof. Galli e l'Avv. Ferri, ecc., pag. 5."),
+               "Ah! Cosa? Sì. No! Bene?", "Piove forte. Lei dorme. Noi partiamo. Tu ridi. Loro mangiano."),
     },
     "check": {
-        "en-us": ("Dr. Smith went to St. Paul's.", "Hi! Really? Yes."),
-        "en": ("Mr. Jones met Prof. Adams.", "Dr. Who? Mr. Bean!"),
-        "de": ("Dr. Klein sprach mit Fr. Wolf.", "Hi! Really? Yes."),
-        "fr": ("Mme Durand et M. Blanc.", "Oui ! Non ? Bon."),
-        "es": ("La Dra. Gómez y el Sr. Díaz.", "¡Hola! ¿Qué? Sí."),
-        "it": ("Il Dott. Neri e la Sig.ra Conti.", "Sì! No? Bene."),
+        "en-us": (("Dr. Smith went to St. Paul's.", "Prof. Ng and Gen. Lee, approx. 5 min. vs. Sgt. Pepper."),
+                  "Hi! Really? Yes.", "Eat first. Then sleep. Cars honk. Rain falls. Night comes."),
+        "en": (("Mr. Jones met Prof. Adams.", "Prof. Ng and Gen. Lee, approx. 5 min. vs. Sgt. Pepper."),
+               "Dr. Who? Mr. Bean!", "Eat first. Then sleep. Cars honk. Rain falls. Night comes."),
+        "de": (("Dr. Klein sprach mit Fr. Wolf.", "Dr. Weiß, d. h. Fr. Dr. Lang, ggf. mit Prof. Roth."),
+               "Hi! Really? Yes.", "Iss zuerst. Dann schlaf. Autos hupen. Regen fällt. Nacht kommt."),
+        "fr": (("Mme Durand et M. Blanc.", "Mlle Roux et Mgr Blanc, cf. p. 12."),
+               "Oui ! Non ? Bon.", "Il mange. Tu dors. Elle vient. On part. Ils chantent."),
+        "es": (("La Dra. Gómez y el Sr. Díaz.", "La Srta. Ruiz y el Ing. Soto, aprox. a las 5."),
+               "¡Hola! ¿Qué? Sí.", "Come bien. Duerme ya. Llueve hoy. Viene pronto. Todos cantan."),
+        "it": (("Il Dott. Neri e la Sig.ra Conti.", "L'Ing. Riva e il Dott. Sala, cfr. pag. 7."),
+               "Sì! No? Bene.", "Mangia bene. Dormi ora. Piove oggi. Viene presto. Tutti cantano."),
     },
 }  # fmt: skip
+# initials (espeak's speech pauses 8-21 ms at most of their dots, its phoneme pass ends a clause)
+INITIALS = {"fit": ("P. Q. R. S. T. U.", "J. K. Rowling, E. B. White."),
+            "check": ("K. L. M. N. O.", "H. G. Wells, T. S. Eliot.")}  # fmt: skip
 
 
 def texts(language: str, which: str, seed: int) -> list[tuple[str, str]]:
@@ -99,8 +117,10 @@ def texts(language: str, which: str, seed: int) -> list[tuple[str, str]]:
     # the word (with German "die" alone fitted, "er, er, ..." came out at 1.02 of its speech)
     out += [("commas", ", ".join([word] * 12) + ",") for word in words]
     out += [("commas", "one, two, three, four, five.")]
-    abbreviations, exclamations = ABBREVIATIONS_AND_EXCLAMATIONS[which][language]
-    out += [("abbreviations", abbreviations), ("exclamations", exclamations)]
+    abbreviations, exclamations, two_words = SHORT_SENTENCES[which][language]
+    out += [("abbreviations", text) for text in abbreviations]
+    out += [("initials", text) for text in INITIALS[which]]
+    out += [("exclamations", exclamations), ("two words", two_words)]
     return out
 
 
@@ -128,20 +148,37 @@ def measure(language: str, which: str, seed: int) -> list[dict]:
     return rows
 
 
-def fit(rows: list[dict], margin: float) -> np.ndarray:
+def measured_pauses(language: str) -> tuple[float, float]:
+    """The silence (seconds) espeak-ng adds at a comma and at a full stop between two of the
+    language's greetings, at the default rate and voice."""
+    from streamgen.data.speech import Voice, synthesize
+
+    greeting, voice = SHORT_TEXTS["fit"][2][language], Voice(language=language)
+
+    def silence(text: str) -> float:
+        phonemes = synthesize(text, voice).phonemes[:-2]  # (not the end's)
+        return sum(p.end - p.start for p in phonemes if p.symbol == "_")
+
+    alone = silence(f"{greeting} {greeting}.")
+    return silence(f"{greeting}, {greeting}.") - alone, silence(f"{greeting}. {greeting}.") - alone
+
+
+def fit(rows: list[dict], margin: float, comma_most: float, stop_most: float) -> np.ndarray:
     """The weights (seconds) keeping every row at most `margin` of its speech, with the largest sum
     of estimate over speech on prose, digits, exclamations and comma lists at the default rate and
     voice (the exclamations and comma lists give the one-word clauses' and the commas' weights
-    something to aim at: without, either could come out 0, German and Italian commas did)."""
+    something to aim at: without, either could come out 0, German and Italian commas did). A
+    comma's weight is at most `comma_most`, each full stop's (an abbreviation's dot, a one-word
+    clause's) at most `stop_most`: unbounded, the full stop took in what prose's sentences draw
+    out before it (en-us 708 ms, for 345 ms of pause), which sentences of two words do not."""
     from scipy.optimize import linprog
 
     x = np.stack([r["x"] for r in rows])
     seconds = np.array([r["seconds"] for r in rows])
     aimed_kinds = ("prose", "digits", "exclamations", "commas")
     aimed = np.array([r["kind"] in aimed_kinds and r["rate"] == 165 and r["variant"] is None for r in rows])
-    result = linprog(
-        -(x[aimed] / seconds[aimed, None]).sum(0), A_ub=x, b_ub=margin * seconds, bounds=(0, None)
-    )
+    bounds = [(0, None)] * 3 + [(0, comma_most)] + [(0, stop_most)] * 3
+    result = linprog(-(x[aimed] / seconds[aimed, None]).sum(0), A_ub=x, b_ub=margin * seconds, bounds=bounds)
     if not result.success:
         raise RuntimeError(f"no weights fit: {result.message}")
     return np.floor(result.x * 10000) / 10000  # down to 0.1 ms: below, never above
@@ -163,6 +200,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--margin", type=float, default=0.90, help="the most of its speech any fitted text's estimate is"
     )
     p.add_argument("--seed", type=int, default=1, help="of the prose drawn from the sentence banks")
+    p.add_argument(
+        "--pause-allowance",
+        type=float,
+        default=25.0,
+        help="ms a comma's or a full stop's weight may exceed the pause espeak-ng makes there (inf: any)",
+    )
 
 
 def main(args) -> dict:
@@ -171,9 +214,11 @@ def main(args) -> dict:
     result = {}
     for language in LANGUAGES:
         fitted = measure(language, "fit", args.seed)
-        weights = fit(fitted, args.margin)
+        pauses = measured_pauses(language)
+        weights = fit(fitted, args.margin, *(pause + args.pause_allowance / 1000 for pause in pauses))
         result[language] = {
             "ms": [round(1000 * w, 1) for w in weights],  # SPEECH_FLOOR_MS's order
+            "pauses_ms": [round(1000 * pause, 1) for pause in pauses],  # at a comma, at a full stop
             "fit": ratios(fitted, weights),
             "check": ratios(measure(language, "check", args.seed + 1), weights),
         }

@@ -40,22 +40,27 @@ _synthesis = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_pr
 # estimated at 1.12 of its speech, German "Hi! Really? Yes." at 1.08 (refused though it fits);
 # each now has a count of its own. espeak pauses at German and Italian commas as at others (166
 # ms, 442 ms at 80 words a minute), which the fit gave 0 ms while it aimed at prose alone: "die,
-# die, ..." was estimated at 0.13 of its speech. Fitted by bench/speech_room.py (a linear
-# programme over 1620 syntheses: prose of 1-6 sentences, digits and abbreviations, emoji alone
-# and together, repeated short words, greetings, comma lists of each short word, abbreviations'
-# dots and short exclamations, at 80-450 words a minute and 4 voices) to stay at most 90% of each
-# text's speech, as close to it as that allows on prose, digits, exclamations and comma lists (at
-# 91%, Italian "io" x 20 at 450 words a minute, not fitted, came out at 1.003 of its speech). On
-# other prose, emoji, short words, commas, abbreviations and exclamations: 89-95% at the most;
-# prose at the default rate 62-90% of its speech (the least a German sentence alone), digits
-# 67-90%, exclamations 73-89%, comma lists 46-89%.
+# die, ..." was estimated at 0.13 of its speech. An initial's dot ("J. R. R.") and a dictionary's
+# replaced abbreviation (Spanish "Sr.") count as abbreviations' dots (8-21 ms of pause), an
+# ellipsis as a comma (249 ms). Each pause's weight is at most what espeak pauses there at this
+# rate plus 25 ms (a comma 179 ms, a full stop 345): unbounded, the full stop took in what prose
+# draws out before it (en-us 708 ms) and "I see. You go. ..." was estimated at 1.10 of its
+# speech, "A. B. C. D. E. F." at 1.92. Fitted by bench/speech_room.py (a linear programme over
+# 1764 syntheses: prose of 1-6 sentences, digits and abbreviations, emoji alone and together,
+# repeated short words, greetings, comma lists of each short word, abbreviations' dots, initials,
+# short exclamations and sentences of two words, at 80-450 words a minute and 4 voices) to stay at
+# most 90% of each text's speech, as close to it as that allows on prose, digits, exclamations and
+# comma lists. On other texts of these kinds: 97% at the most (German "Danke 😎" at 80 words a
+# minute); at the default rate prose 62-86% of its speech (the least a German sentence alone),
+# digits 67-90%, exclamations 74-85%, sentences of two words 75-90%, comma lists 44-90%, initials
+# 30-86%.
 SPEECH_FLOOR_MS = {  # (unstressed fixed, unstressed, stressed, comma, full stop, abbreviation dot, one-word clause)
-    "en-us": (5.2, 47.5, 110.6, 251.7, 707.6, 85.0, 521.4),
-    "en": (2.5, 52.3, 97.5, 219.9, 715.1, 40.1, 499.5),
-    "de": (6.5, 23.4, 155.6, 182.8, 446.5, 0.0, 427.6),
-    "fr": (4.3, 52.0, 80.0, 163.8, 539.8, 231.5, 415.6),
-    "es": (4.2, 45.5, 94.4, 201.9, 142.8, 0.0, 321.3),
-    "it": (5.3, 36.7, 117.7, 193.2, 517.6, 0.0, 426.1),
+    "en-us": (6.1, 44.5, 123.7, 203.9, 369.9, 80.3, 369.9),
+    "en": (4.6, 48.7, 106.7, 203.9, 369.9, 43.3, 369.9),
+    "de": (5.9, 22.0, 167.1, 174.5, 369.9, 0.0, 369.9),
+    "fr": (4.3, 52.0, 80.0, 163.8, 369.9, 323.5, 369.9),
+    "es": (4.2, 45.5, 94.4, 201.9, 369.9, 45.6, 369.9),
+    "it": (4.3, 39.5, 114.9, 194.2, 356.8, 0.0, 369.9),
 }
 DEFAULT_RATE = 165  # words a minute (Voice.rate's default), the rate of SPEECH_FLOOR_MS
 

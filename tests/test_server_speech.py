@@ -199,10 +199,11 @@ def test_the_room_estimate_is_below_the_speech_of_abbreviations_and_short_exclam
 )
 def test_the_room_estimate_is_near_the_speech_of_short_exclamations(language, text):
     """Abbreviations' dots ("Dr.", 10 ms of pause) and full stops were one count, whose weight the
-    dots held down (en 43 ms): en-us "Hi! Really? Yes." was estimated at 0.44 of its speech."""
+    dots held down (en 43 ms): en-us "Hi! Really? Yes." was estimated at 0.44 of its speech. (0.74
+    now: a one-word clause's weight is at most its pause plus 25 ms, see the test below.)"""
     voice = Voice(language=language)
     estimate, actual = speech.speech_seconds_at_least(text, voice), synthesize(text, voice).duration
-    assert 0.8 * actual <= estimate <= actual, (estimate, actual)
+    assert 0.7 * actual <= estimate <= actual, (estimate, actual)
 
 
 def test_an_abbreviations_dot_is_counted_apart_from_a_full_stop():
@@ -227,3 +228,37 @@ def test_the_room_estimate_counts_the_pause_of_a_german_or_italian_comma(languag
     voice = Voice(language=language, rate=rate)
     estimate, actual = speech.speech_seconds_at_least(text, voice), synthesize(text, voice).duration
     assert 0.5 * actual <= estimate <= actual, (estimate, actual)
+
+
+@pytest.mark.parametrize(
+    "language, text",
+    [
+        ("en", "I see. You go. We run. They stop. She sings. He waits."),  # two-word sentences
+        ("en-us", "Go now. Come here. Sit down. Stand up. Look out."),
+        ("de", "Ich gehe. Du kommst. Wir laufen. Sie singt. Er wartet."),
+        ("en-us", "A. B. C. D. E. F."),  # initials: espeak's speech pauses 8-21 ms at most of their dots
+        ("en", "J. R. R. Tolkien met C. S. Lewis."),
+        ("fr", "A. B. C. D. E. F."),
+        ("es", "Sr. Sra. Srta. Dr."),  # replaced by "señor" ... in its dictionary: 21 ms of pause each
+        ("fr", "Euh... bon... voilà."),  # an ellipsis: 249 ms of pause, a full stop's 345
+    ],
+)
+@pytest.mark.parametrize("rate", [165, 80])
+def test_the_room_estimate_is_below_the_speech_of_two_word_sentences_and_initials(language, text, rate):
+    """A full stop's weight fitted to prose took in what prose's longer sentences draw out before
+    it (en-us 708 ms, for a pause of 345): en "I see. You go. ..." was estimated at 1.10 of its
+    speech; initials' dots counted as one-word sentences (en-us 521 ms each, for 8-21 ms of
+    pause): "A. B. C. D. E. F." at 1.92. Texts that fit were refused. Each pause's weight is now at
+    most espeak's pause there plus a little; fitted so (plus 50 ms), Spanish "Sr. Sra. Srta. Dr."
+    counted as one-word sentences came out at 1.37, French "Euh... bon... voilà." at 1.03."""
+    voice = Voice(language=language, rate=rate)
+    estimate, actual = speech.speech_seconds_at_least(text, voice), synthesize(text, voice).duration
+    assert estimate <= actual, (estimate, actual)
+
+
+def test_initials_and_replaced_abbreviations_count_as_dots_and_an_ellipsis_as_a_comma():
+    count = count_phonemes("J. R. R. Tolkien wrote it. Wait... no.", Voice(language="en"))
+    assert (count.abbreviation_dots, count.comma_pauses, count.stop_pauses) == (3, 1, 1)
+    count = count_phonemes("El Sr. Díaz y la Sra. Ruiz. Hola.", Voice(language="es"))
+    # ("Ruiz." is a clause of one word)
+    assert (count.abbreviation_dots, count.stop_pauses + count.short_stop_pauses) == (2, 1)
