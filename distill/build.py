@@ -55,7 +55,7 @@ def load_frozen_and_digest(source: str) -> tuple[torch.nn.Module, str]:
 
 def _read_dit(source: str, overrides: dict, digest: bool):
     """(the DiT, the digest of its weights' bytes when `digest`, else None)."""
-    from streamgen.files import read_folder
+    from streamgen.folders import read_folder
 
     if source.startswith("wan:"):
         from streamgen.model.wan import load_pretrained, transformer_dir

@@ -181,7 +181,7 @@ class Stage:
         """The teacher's model directory (`model.vae`, else `model.init`), with `vae` as its
         autoencoder: put in place whole (`write_model_dir`; it was written file by file, and a
         reader meanwhile found the new decoder beside the previous export's DiT)."""
-        from streamgen.files import read_folder
+        from streamgen.folders import read_folder
         from streamgen.models import resolve_model_dir, write_model_dir
 
         source = self.cfg.model.vae or self.cfg.model.init

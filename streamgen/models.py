@@ -24,8 +24,8 @@ import torch
 
 from streamgen.cli import SESSION_DTYPES
 from streamgen.cpu_threads import chunk_forward_flop
-from streamgen.files import (
-    fixed_temp_names,
+from streamgen.files import fixed_temp_names
+from streamgen.folders import (
     move_over,
     new_folder_beside,
     read_folder,
@@ -359,7 +359,7 @@ def require_model(name_or_path: str) -> None:
 def load_model_dir(d: Path, device="cpu", dtype=None, **cfg_overrides) -> AvatarModel:
     """A model directory as it is (no environment's attention, precision or compile: `load_model`),
     its files all of one export: read again where one put its folder in place meanwhile
-    (`streamgen.files.read_folder`; `save_model`)."""
+    (`streamgen.folders.read_folder`; `save_model`)."""
     d = Path(d)
     meta, dit, vae = read_folder(d, lambda folder: _read_dir(folder, cfg_overrides))
     return AvatarModel(
@@ -485,13 +485,13 @@ def write_model_dir(directory, write_dit, vae: VideoAutoencoder, meta: dict) -> 
     model.json of `meta`, which readers (a server, a stage) find whole: the old export or the new
     one, never one's model.json beside the other's DiT weights or autoencoder, nor a base
     autoencoder without the tiny decoder it was saved with. Written into a folder beside, then put
-    in the directory's place in one step (`streamgen.files.write_folder_atomically`; what else the
+    in the directory's place in one step (`streamgen.folders.write_folder_atomically`; what else the
     directory held is linked in first), and read by `load_model` through `read_folder`.
 
     Where the system cannot exchange folders (not Linux, overlayfs' lower layers), the staged files
     are moved into the directory one by one, model.json last; at a mount point, written into it
     (the DiT weights, the autoencoder: `_replace_autoencoder`, model.json last). Either way under
-    the directory's export stamp (`streamgen.files.EXPORT_STAMP`): a reader meanwhile reads again
+    the directory's export stamp (`streamgen.folders.EXPORT_STAMP`): a reader meanwhile reads again
     once the export is done, or is told that it is under way or was cut short, rather than pairing
     the new DiT weights with the old model.json."""
     from streamgen.model.files import write_atomically, write_text_atomically

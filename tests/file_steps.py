@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from streamgen import files
+from streamgen import folders
 
 STEPS = ("replace", "rename", "unlink", "remove", "rmdir")
 
 
 def check_after_each_file_step(monkeypatch, check: Callable[[str], None]) -> list[str]:
-    """Make every os rename/removal and `files.exchange` call `check(after)` once it is done
+    """Make every os rename/removal and `folders.exchange` call `check(after)` once it is done
     (`after` names the step; a step the check itself takes is not checked again). Returns the
     steps checked so far (a list that grows); `monkeypatch.undo()` ends it."""
     seen: list[str] = []
@@ -34,5 +34,5 @@ def check_after_each_file_step(monkeypatch, check: Callable[[str], None]) -> lis
 
     for name in STEPS:
         monkeypatch.setattr(os, name, checked(getattr(os, name)))
-    monkeypatch.setattr(files, "exchange", checked(files.exchange))
+    monkeypatch.setattr(folders, "exchange", checked(folders.exchange))
     return seen

@@ -1,9 +1,10 @@
 """Every file something reads later or in another process is written whole or not at all
 (streamgen.files): dataset shards and manifests, latent caches and banks, training checkpoints,
 ODE trajectories, loss curves and logs, eval reports and evaluator checkpoints, the results table,
-bench's partial JSON, MP4s. Each writer below is cut short where its file was about to be put in
-place (the previous file must be there as it was, and no temp file), then run again while a second
-writer of the same file runs (each must have a temp file of its own, fsynced before its rename)."""
+bench's partial JSON, MP4s; and a model export's folder (streamgen.folders). Each writer below is
+cut short where its file was about to be put in place (the previous file must be there as it was,
+and no temp file), then run again while a second writer of the same file runs (each must have a
+temp file of its own, fsynced before its rename)."""
 
 from __future__ import annotations
 
@@ -345,7 +346,8 @@ def test_a_killed_writers_temp_files_are_removed_by_the_next_writer(tmp_path):
     import subprocess
     import sys
 
-    from streamgen.files import _HOST, new_folder_beside, write_text_atomically
+    from streamgen.files import _HOST, write_text_atomically
+    from streamgen.folders import new_folder_beside
 
     target = tmp_path / "dit.safetensors"
     ended = subprocess.run(
@@ -507,7 +509,8 @@ def test_temp_files_whose_writer_cannot_be_asked_after_are_removed_once_untouche
     Removing a live writer's is worse than leaving junk, so they go only once nothing in them has
     been written for ABANDONED_AFTER_S (no writer leaves its temp file untouched that long); a name
     of a shape no writer made is left alone, however old."""
-    from streamgen.files import _HOST, ABANDONED_AFTER_S, new_folder_beside, write_text_atomically
+    from streamgen.files import _HOST, ABANDONED_AFTER_S, write_text_atomically
+    from streamgen.folders import new_folder_beside
 
     old = os.stat(tmp_path).st_mtime - ABANDONED_AFTER_S - 3600
 
@@ -538,7 +541,7 @@ def test_a_folder_put_in_place_keeps_the_old_folders_permissions(tmp_path):
     """The new folder is made by the writer with the umask's mode: put in the old one's place, a
     model directory kept private (0700) became readable to all, and one shared with a group
     (setgid, group-writable) was no longer writable by the group. It takes the old one's mode."""
-    from streamgen.files import write_folder_atomically
+    from streamgen.folders import write_folder_atomically
 
     d = tmp_path / "model"
     d.mkdir()
@@ -563,7 +566,7 @@ def test_a_folder_that_cannot_be_exchanged_for_its_permissions_is_written_in_pla
     import shutil
     import tempfile
 
-    from streamgen.files import write_folder_atomically
+    from streamgen.folders import write_folder_atomically
 
     shared = Path(tempfile.mkdtemp())
     try:
@@ -605,7 +608,7 @@ def test_a_folder_beside_which_nothing_can_be_made_is_written_in_place(tmp_path,
     PermissionError), and the export failed where it wrote in place before."""
     import errno
 
-    from streamgen import files
+    from streamgen import folders
 
     d = tmp_path / "model"
     d.mkdir()
@@ -614,8 +617,8 @@ def test_a_folder_beside_which_nothing_can_be_made_is_written_in_place(tmp_path,
     def read_only(path):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(Path(path).parent))
 
-    monkeypatch.setattr(files, "new_folder_beside", read_only)
-    files.write_folder_atomically(
+    monkeypatch.setattr(folders, "new_folder_beside", read_only)
+    folders.write_folder_atomically(
         d, lambda folder: (folder / "a").write_text("new"), in_place=lambda f: (f / "a").write_text("new")
     )
     assert (d / "a").read_text() == "new"
@@ -629,7 +632,7 @@ def test_a_mount_point_is_written_in_place_once(tmp_path):
     place, once."""
     import subprocess
 
-    from streamgen.files import write_folder_atomically
+    from streamgen.folders import write_folder_atomically
 
     d = tmp_path / "model"
     d.mkdir()
@@ -656,20 +659,20 @@ def test_a_file_written_into_the_old_folder_while_the_new_one_is_synced_is_kept(
     for a model's weights): a file another process wrote into the directory meanwhile (a report, a
     sample beside the model) stayed in the old folder, and went with it. The old folder's carried
     entries the new one lacks after the exchange are moved in."""
-    from streamgen import files
+    from streamgen import folders
 
     d = tmp_path / "model"
     d.mkdir()
     (d / "weights").write_text("old")
     (d / "notes.txt").write_text("kept")
-    real = files._fsync_tree
+    real = folders._fsync_tree
 
     def meanwhile(folder):
         (d / "report.json").write_text("written meanwhile")
         return real(folder)
 
-    monkeypatch.setattr(files, "_fsync_tree", meanwhile)
-    files.write_folder_atomically(
+    monkeypatch.setattr(folders, "_fsync_tree", meanwhile)
+    folders.write_folder_atomically(
         d, lambda new: (new / "weights").write_text("new"), carry=lambda n: n != "weights"
     )
     assert (d / "weights").read_text() == "new" and (d / "notes.txt").read_text() == "kept"
@@ -683,7 +686,7 @@ def test_a_carried_file_replaced_in_the_old_folder_while_the_new_one_is_synced_i
     fsynced: its new version went with the old folder, and the directory kept the one it replaced.
     Only what the new folder lacked was moved over. A carried file written again in the directory
     after the exchange is that writer's latest, and stays."""
-    from streamgen import files
+    from streamgen import folders
 
     d = tmp_path / "model"
     d.mkdir()
@@ -692,7 +695,7 @@ def test_a_carried_file_replaced_in_the_old_folder_while_the_new_one_is_synced_i
         (d / name).write_text(f"{name} before")
     (d / "samples").mkdir()
     (d / "samples" / "0.png").write_text("before")
-    real_fsync, real_exchange = files._fsync_tree, files.exchange
+    real_fsync, real_exchange = folders._fsync_tree, folders.exchange
 
     def replaced(path, text):
         (path.parent / f"{path.name}.writer").write_text(text)
@@ -712,9 +715,9 @@ def test_a_carried_file_replaced_in_the_old_folder_while_the_new_one_is_synced_i
         replaced(d / "log.txt", "log.txt written after the exchange")
         return done
 
-    monkeypatch.setattr(files, "_fsync_tree", meanwhile)
-    monkeypatch.setattr(files, "exchange", then_written_again)
-    files.write_folder_atomically(
+    monkeypatch.setattr(folders, "_fsync_tree", meanwhile)
+    monkeypatch.setattr(folders, "exchange", then_written_again)
+    folders.write_folder_atomically(
         d, lambda new: (new / "weights").write_text("new"), carry=lambda n: n != "weights"
     )
     assert (d / "weights").read_text() == "new"
@@ -734,7 +737,8 @@ def test_the_fixed_temp_names_of_older_writers_are_removed_once_untouched_for_a_
     the manifest, a shard's .npz): one a killed writer left was never removed, and a model
     directory's `model.json.tmp` was carried into every later export. No writer makes them now;
     they go as the previous naming's do, once untouched for ABANDONED_AFTER_S."""
-    from streamgen.files import ABANDONED_AFTER_S, new_folder_beside, write_text_atomically
+    from streamgen.files import ABANDONED_AFTER_S, write_text_atomically
+    from streamgen.folders import new_folder_beside
     from streamgen.model.config import get_config
     from streamgen.model.model import DiT
     from streamgen.model.vae import TinyCausalVAE
@@ -818,22 +822,22 @@ def test_a_sample_added_to_a_carried_folder_while_it_is_copied_is_kept(tmp_path,
     """A carried folder (samples/ beside a model) is copied file by file, as listed at the start; a
     file another process adds to it meanwhile is not in the copy. The old folder's version was
     taken after the copy, so the change went unseen and the file went with the old folder."""
-    from streamgen import files
+    from streamgen import folders
 
     d = tmp_path / "model"
     (d / "samples").mkdir(parents=True)
     (d / "weights").write_text("old")
     (d / "samples" / "0.png").write_text("first")
     os.utime(d / "samples", (1, 1))  # (its time before the write below, on any clock's grain)
-    real = files._link_copy
+    real = folders._link_copy
 
     def then_added(src, dst):
         real(src, dst)
         if src.name == "samples":
             (src / "1.png").write_text("added while copied")
 
-    monkeypatch.setattr(files, "_link_copy", then_added)
-    files.write_folder_atomically(
+    monkeypatch.setattr(folders, "_link_copy", then_added)
+    folders.write_folder_atomically(
         d, lambda new: (new / "weights").write_text("new"), carry=lambda n: n != "weights"
     )
     assert (d / "weights").read_text() == "new"
@@ -844,20 +848,20 @@ def test_a_file_added_deep_in_a_carried_folder_while_the_new_one_is_synced_is_ke
     """A carried folder's version was its own entry's alone: a sample written into a folder inside
     it (samples/run1/) while the new folder was fsynced changed no time of samples/ itself, and went
     with the old folder."""
-    from streamgen import files
+    from streamgen import folders
 
     d = tmp_path / "model"
     (d / "samples" / "run1").mkdir(parents=True)
     (d / "weights").write_text("old")
     (d / "samples" / "run1" / "0.png").write_text("first")
-    real = files._fsync_tree
+    real = folders._fsync_tree
 
     def meanwhile(folder):
         (d / "samples" / "run1" / "1.png").write_text("written meanwhile")
         return real(folder)
 
-    monkeypatch.setattr(files, "_fsync_tree", meanwhile)
-    files.write_folder_atomically(
+    monkeypatch.setattr(folders, "_fsync_tree", meanwhile)
+    folders.write_folder_atomically(
         d, lambda new: (new / "weights").write_text("new"), carry=lambda n: n != "weights"
     )
     assert (d / "weights").read_text() == "new"
@@ -868,7 +872,7 @@ def test_an_entry_gone_from_the_old_folder_while_it_is_carried_fails_no_export(t
     """What the old folder holds is listed, then carried entry by entry: one removed meanwhile (a
     tool's transient file renamed to its final name, a note deleted) made the link and the copy
     fail, and with them the whole export, its weights written for nothing."""
-    from streamgen import files
+    from streamgen import folders
 
     d = tmp_path / "model"
     d.mkdir()
@@ -891,7 +895,7 @@ def test_an_entry_gone_from_the_old_folder_while_it_is_carried_fails_no_export(t
         return name != "weights"
 
     monkeypatch.setattr(os, "link", link)
-    files.write_folder_atomically(d, lambda new: (new / "weights").write_text("new"), carry=carry)
+    folders.write_folder_atomically(d, lambda new: (new / "weights").write_text("new"), carry=carry)
     assert (d / "weights").read_text() == "new" and (d / "notes.txt").read_text() == "kept"
     assert (d / "report.json").read_text() == "being written"
     assert [p.name for p in (d / "samples").iterdir()] == ["0.png"]
@@ -901,7 +905,7 @@ def test_a_folder_that_cannot_be_exchanged_is_written_once(tmp_path, monkeypatch
     """Where the folder could not be exchanged (not Linux, overlayfs' lower layers), the export
     written into the staging folder was thrown away and written again into the folder in place:
     a model's weights written twice. The staged files are moved in, one rename each."""
-    from streamgen import files
+    from streamgen import folders
 
     d = tmp_path / "model"
     d.mkdir()
@@ -915,8 +919,8 @@ def test_a_folder_that_cannot_be_exchanged_is_written_once(tmp_path, monkeypatch
         (folder / "weights").write_text("new")
         (folder / "config.json").write_text("new")
 
-    monkeypatch.setattr(files, "exchange", lambda a, b: False)
-    files.write_folder_atomically(d, write, carry=lambda name: name == "notes.txt", in_place=write)
+    monkeypatch.setattr(folders, "exchange", lambda a, b: False)
+    folders.write_folder_atomically(d, write, carry=lambda name: name == "notes.txt", in_place=write)
     assert len(written) == 1
     assert (d / "weights").read_text() == "new" and (d / "config.json").read_text() == "new"
     assert (d / "notes.txt").read_text() == "kept" and not (d / "stale").exists()
@@ -930,7 +934,7 @@ def test_a_folder_whose_file_by_file_export_was_cut_short_is_refused_clearly(tmp
     import subprocess
     import sys
 
-    from streamgen.files import read_folder
+    from streamgen.folders import read_folder
 
     d = tmp_path / "model"
     d.mkdir()
@@ -938,8 +942,8 @@ def test_a_folder_whose_file_by_file_export_was_cut_short_is_refused_clearly(tmp
     (d / "config.json").write_text("old")
     code = f"""
 import os
-import streamgen.files as files
-files.exchange = lambda a, b: False
+import streamgen.folders as folders
+folders.exchange = lambda a, b: False
 real_replace = os.replace
 def replace(src, dst):
     real_replace(src, dst)
@@ -949,7 +953,7 @@ os.replace = replace
 def write(folder):
     (folder / "weights").write_text("new")
     (folder / "config.json").write_text("new")
-files.write_folder_atomically({str(d)!r}, write)
+folders.write_folder_atomically({str(d)!r}, write)
 """
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent)
     assert done.returncode == 9 and (d / "weights").read_text() == "new"
@@ -970,7 +974,7 @@ def test_a_folder_written_in_place_by_a_writer_that_failed_before_changing_it_st
     refused as an export cut short. One that fails after it is refused."""
     import errno
 
-    from streamgen import files
+    from streamgen import files, folders
 
     d = tmp_path / "model"
     d.mkdir()
@@ -991,62 +995,64 @@ def test_a_folder_written_in_place_by_a_writer_that_failed_before_changing_it_st
     def read(folder):
         return (folder / "a").read_text(), (folder / "b").read_text()
 
-    monkeypatch.setattr(files, "new_folder_beside", read_only)
+    monkeypatch.setattr(folders, "new_folder_beside", read_only)
     with pytest.raises(OSError, match="No space"):
-        files.write_folder_atomically(d, lambda f: None, in_place=disk_full_after(0))
-    assert files.read_folder(d, read) == ("old", "old")
+        folders.write_folder_atomically(d, lambda f: None, in_place=disk_full_after(0))
+    assert folders.read_folder(d, read) == ("old", "old")
     with pytest.raises(OSError, match="No space"):
-        files.write_folder_atomically(d, lambda f: None, in_place=disk_full_after(1))
-    with pytest.raises(files.ExportUnderWay, match="cut short"):
-        files.read_folder(d, read)
+        folders.write_folder_atomically(d, lambda f: None, in_place=disk_full_after(1))
+    with pytest.raises(folders.ExportUnderWay, match="cut short"):
+        folders.read_folder(d, read)
 
 
 def test_a_folder_put_in_place_whole_leaves_an_older_export_stamp_behind(tmp_path, monkeypatch):
     """A folder once written file by file holds the stamp of that export; exchanged whole later,
     the new folder is the writer's alone: the old stamp is not carried into it."""
-    from streamgen import files
+    from streamgen import folders
 
     d = tmp_path / "model"
     d.mkdir()
     (d / "weights").write_text("old")
     with monkeypatch.context() as m:
-        m.setattr(files, "exchange", lambda a, b: False)
-        files.write_folder_atomically(d, lambda new: (new / "weights").write_text("first"))
-    assert (d / files.EXPORT_STAMP).exists()
-    files.write_folder_atomically(d, lambda new: (new / "weights").write_text("second"), carry=lambda n: True)
+        m.setattr(folders, "exchange", lambda a, b: False)
+        folders.write_folder_atomically(d, lambda new: (new / "weights").write_text("first"))
+    assert (d / folders.EXPORT_STAMP).exists()
+    folders.write_folder_atomically(
+        d, lambda new: (new / "weights").write_text("second"), carry=lambda n: True
+    )
     assert sorted(p.name for p in d.iterdir()) == ["weights"]
-    assert files.read_folder(d, lambda f: (f / "weights").read_text()) == "second"
+    assert folders.read_folder(d, lambda f: (f / "weights").read_text()) == "second"
 
 
 def test_two_exports_into_a_folder_file_by_file_at_once_are_refused_clearly(tmp_path, monkeypatch):
     """Two exports written into one folder file by file at the same time (no exchange) interleave
     their renames, and the last to finish marked the folder whole: a reader got one export's
     config beside the other's weights. A folder two exports went into at once is refused."""
-    from streamgen import files
+    from streamgen import folders
 
     d = tmp_path / "model"
     d.mkdir()
     for name in ("weights", "config.json"):
         (d / name).write_text("old")
-    real_move_over, second = files.move_over, []
+    real_move_over, second = folders.move_over, []
 
     def another_export_meanwhile(src, dst, trash):
         if not second:  # (the first export's first rename done, the second export runs whole)
             second.append(dst)
             real_move_over(src, dst, trash)
-            files.write_folder_atomically(
+            folders.write_folder_atomically(
                 d, lambda new: [(new / n).write_text("second") for n in ("weights", "config.json")]
             )
             return
         real_move_over(src, dst, trash)
 
-    monkeypatch.setattr(files, "exchange", lambda a, b: False)
-    monkeypatch.setattr(files, "move_over", another_export_meanwhile)
-    files.write_folder_atomically(
+    monkeypatch.setattr(folders, "exchange", lambda a, b: False)
+    monkeypatch.setattr(folders, "move_over", another_export_meanwhile)
+    folders.write_folder_atomically(
         d, lambda new: [(new / n).write_text("first") for n in ("weights", "config.json")]
     )
     monkeypatch.undo()
     assert second and [(d / n).read_text() for n in ("weights", "config.json")] == ["second", "first"]
     with pytest.raises(Exception, match="at the same time") as refused:  # (not the mix)
-        files.read_folder(d, lambda f: [(f / n).read_text() for n in ("weights", "config.json")])
+        folders.read_folder(d, lambda f: [(f / n).read_text() for n in ("weights", "config.json")])
     assert type(refused.value).__name__ == "ExportUnderWay"

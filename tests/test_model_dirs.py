@@ -466,14 +466,14 @@ def test_a_reader_of_a_folder_written_file_by_file_finds_one_export_or_is_told(
     goes into the directory file by file: a reader between two renames loaded the new DiT weights
     with the old model.json (its name and steps). At every step a reader finds one whole export,
     or is told that one is being written (`ExportUnderWay`)."""
-    from streamgen import files
+    from streamgen import folders
     from streamgen.models import save_model
 
     models = [_model("old", old, 0), _model("new", new, 1)]
     d = tmp_path / "model"
     save_model(models[0], d)
-    monkeypatch.setattr(files, "exchange", lambda a, b: False)
-    monkeypatch.setattr(files, "READ_AGAIN_AFTER_S", 0.0, raising=False)  # (no waits between reads)
+    monkeypatch.setattr(folders, "exchange", lambda a, b: False)
+    monkeypatch.setattr(folders, "READ_AGAIN_AFTER_S", 0.0)  # (no waits between reads)
     told = []
 
     def whole_one(after):
@@ -495,7 +495,7 @@ def test_a_reader_whose_load_straddles_an_export_reads_again(tmp_path, monkeypat
     new folder in place between those reads gave it the old model.json with the new weights. The
     reader reads again where the folder it started in is no longer there, or where an export went
     into it file by file meanwhile (no exchange: its stamp is another)."""
-    from streamgen import files
+    from streamgen import folders
     from streamgen.model import files as model_files
     from streamgen.models import save_model
 
@@ -503,7 +503,7 @@ def test_a_reader_whose_load_straddles_an_export_reads_again(tmp_path, monkeypat
     d = tmp_path / "model"
     save_model(models[0], d)
     if not can_exchange:
-        monkeypatch.setattr(files, "exchange", lambda a, b: False)
+        monkeypatch.setattr(folders, "exchange", lambda a, b: False)
     real, exported = model_files.load_safetensors, []
 
     def export_meanwhile(path):
@@ -555,7 +555,7 @@ def test_a_re_export_keeps_what_else_the_directory_holds_and_a_symlink_to_it(
     symlink at the directory's path stays a symlink to the new model. Where the system cannot
     exchange folders (not Linux, overlayfs' lower layers), the export is written into the
     directory in place, file by file, model.json last."""
-    from streamgen import files
+    from streamgen import folders
     from streamgen.models import save_model
 
     models = [_model("old", "wan+td", 0), _model("new", "tiny", 1)]
@@ -566,7 +566,7 @@ def test_a_re_export_keeps_what_else_the_directory_holds_and_a_symlink_to_it(
     (real / "samples" / "a.png").write_bytes(b"png")
     (tmp_path / "link").symlink_to(real)
     if not can_exchange:
-        monkeypatch.setattr(files, "exchange", lambda a, b: False)
+        monkeypatch.setattr(folders, "exchange", lambda a, b: False)
     save_model(models[1], tmp_path / "link")
     assert (tmp_path / "link").is_symlink()
     assert _whole(tmp_path / "link", models[1:]) is None
@@ -574,7 +574,7 @@ def test_a_re_export_keeps_what_else_the_directory_holds_and_a_symlink_to_it(
     assert sorted(p.name for p in real.parent.iterdir()) == ["model"]
     export = ["dit.safetensors", "model.json", "vae.safetensors", "vae_config.json"]
     if not can_exchange:
-        export.append(files.EXPORT_STAMP)  # (written into the directory file by file)
+        export.append(folders.EXPORT_STAMP)  # (written into the directory file by file)
     assert sorted(p.name for p in real.iterdir()) == sorted([*export, "notes.txt", "samples"])
 
 

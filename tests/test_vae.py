@@ -5,7 +5,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from torch.nn.functional import pad as F_pad
 
-from streamgen.files import EXPORT_STAMP
+from streamgen.folders import EXPORT_STAMP
 from streamgen.model.upsample import UpsampleConv2d
 from streamgen.model.vae import ResBlock2d, TinyCausalVAE
 from streamgen.model.wan_vae import WanVAE
@@ -452,7 +452,7 @@ def _as_a_mount_point(monkeypatch, folder: str):
     import errno
     import os
 
-    from streamgen import files
+    from streamgen import folders
 
     def inside(path) -> bool:
         path = os.path.realpath(path)
@@ -471,9 +471,9 @@ def _as_a_mount_point(monkeypatch, folder: str):
             return False
         return real_exchange(a, b)
 
-    real_ismount, real_exchange = os.path.ismount, files.exchange
+    real_ismount, real_exchange = os.path.ismount, folders.exchange
     monkeypatch.setattr(os.path, "ismount", lambda p: os.path.realpath(p) == folder or real_ismount(p))
-    monkeypatch.setattr(files, "exchange", exchange)
+    monkeypatch.setattr(folders, "exchange", exchange)
     monkeypatch.setattr(os, "replace", across(os.replace))
     monkeypatch.setattr(os, "rename", across(os.rename))
 

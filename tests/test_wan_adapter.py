@@ -222,8 +222,8 @@ def test_a_wan_save_cut_short_file_by_file_is_refused_clearly(tmp_path, monkeypa
     the old weights under the new config (or a KeyError naming neither). The old index and shards
     go before the new config comes, and a reader through read_folder (distill's `wan:` teacher)
     is told the save was cut short."""
-    import streamgen.files
-    from streamgen.files import read_folder
+    import streamgen.folders
+    from streamgen.folders import read_folder
 
     folder = tmp_path / "wan"
     tiny_wan(3).save_pretrained(folder, safe_serialization=True, max_shard_size="20KB")
@@ -234,7 +234,7 @@ def test_a_wan_save_cut_short_file_by_file_is_refused_clearly(tmp_path, monkeypa
         if os.fspath(dst) == str(folder / "config.json"):  # (not the staging folder's)
             raise OSError(errno.EIO, "an I/O error")
 
-    monkeypatch.setattr(streamgen.files, "exchange", lambda a, b: False)
+    monkeypatch.setattr(streamgen.folders, "exchange", lambda a, b: False)
     monkeypatch.setattr(os, "replace", cut_short_after_config)
     with pytest.raises(OSError):
         save_pretrained(_our_wan(1), folder)
@@ -253,7 +253,7 @@ def test_a_wan_save_replaces_a_sharded_checkpoint_and_keeps_what_else_is_there(
     beside the one file save_pretrained wrote: the index is what load_pretrained reads, so it
     loaded the old weights. What is not the transformer's (a pipeline's other folders, a note)
     stays, also where the folder is written into file by file (no exchange)."""
-    import streamgen.files
+    import streamgen.folders
 
     folder = tmp_path / "wan"
     tiny_wan(3).save_pretrained(folder, safe_serialization=True, max_shard_size="20KB")
@@ -262,11 +262,11 @@ def test_a_wan_save_replaces_a_sharded_checkpoint_and_keeps_what_else_is_there(
     (folder / "vae" / "config.json").write_text("{}")
     (folder / "README.md").write_text("notes")
     if not whole_folder_swap:
-        monkeypatch.setattr(streamgen.files, "exchange", lambda a, b: False)
+        monkeypatch.setattr(streamgen.folders, "exchange", lambda a, b: False)
     new = _our_wan(1)
     save_pretrained(new, folder)
     monkeypatch.undo()
-    stamp = [] if whole_folder_swap else [streamgen.files.EXPORT_STAMP]  # (written file by file)
+    stamp = [] if whole_folder_swap else [streamgen.folders.EXPORT_STAMP]  # (written file by file)
     assert sorted(os.listdir(folder)) == [
         *stamp, "README.md", "config.json", "diffusion_pytorch_model.safetensors", "vae",
     ]  # fmt: skip

@@ -231,8 +231,8 @@ def save_pretrained(model: DiT, path) -> None:
     else the folder holds (a pipeline's other folders, notes) is kept. Where the folder can only
     be written file by file (no exchange, a mount point), the old index and shards go before the
     new config.json comes, and a reader through `read_folder` is told of a save under way or cut
-    short (`streamgen.files.EXPORT_STAMP`)."""
-    from streamgen.files import write_folder_atomically, write_into_folder
+    short (`streamgen.folders.EXPORT_STAMP`)."""
+    from streamgen.folders import write_folder_atomically, write_into_folder
     from streamgen.model import files
 
     sd = to_diffusers({k: v.contiguous() for k, v in model.state_dict().items()})

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamgen import kernels
-from streamgen.files import with_umask_mode, write_folder_atomically, write_into_folder
+from streamgen.files import with_umask_mode
+from streamgen.folders import write_folder_atomically, write_into_folder
 from streamgen.model.upsample import FoldedTaps, upsample_conv3x3
 from streamgen.model.vae import VideoAutoencoder
 
