@@ -19,14 +19,10 @@ Wan's length, so its chunks attend to fewer frames; `first_chunk_ms` includes
 the start: reference encode and sink).
 
 First it measures this device's ceilings (a large bf16 matrix product, the same
-in FP8 with row-wise scales where the device has it, a device-to-device copy). In the order they run (`--budget` skips what would
-start after it; `--out` keeps what finished if the run is killed): the default,
-SDPA with the fused Triton kernels; `stages`, the default configuration stage by
-stage (audio, denoise, re-encode, decode, copy to the host; and a fresh stream's
-first chunk), each against the floor its counted work sets under those ceilings
-(bench/floor.py; every variant also gets `of_floor` and `of_clip_floor`, its rate
-over the default configuration's floor: a variant that does less work, FP8 or the tiny
-decoder, is measured against the default's work and can pass 1); the DiT's block linears in FP8 (`streamgen.model.float8`, on
+in FP8 with row-wise scales where the device has it, a device-to-device copy). In the order they
+run (`--budget` starts no part expected to end past it, by the wall time of the streams timed so
+far: `gpu_variants.expected_seconds`; `--out` keeps what finished if the run is killed): the
+default, SDPA with the fused Triton kernels; then what has never run on a GPU: the DiT's block linears in FP8 (`streamgen.model.float8`, on
 sm_89+, on a copy of the DiT); attention with QK^T in FP8 (`fp8_qk`), then with
 PV too (`fp8`: our Triton kernel, `kernels.attention`); the stream decoding with TAEHV's tiny
 decoder (streamgen/model/tiny_decoder.py; random weights: its speed, not its frames), alone and
@@ -36,10 +32,15 @@ same latents beside them); every lever at once with the Wan decoder (FP8 linears
 attention and decoder way, the decode beside the re-encode): the likeliest to reach the target
 run before the budget can cut them; each chunk's keys/values kept from its last denoising step
 instead of a clean re-encode (`StreamSession.cache_from`), alone, with every lever, and with every
-lever and the tiny decoder (reported, never the headline); the reference encode each way; the
-stream with the fastest decoder way alone; on CUDA the stream decoding on a second CUDA stream
-beside the re-encode (`StreamSession.decode_beside_reencode`); the Wan decoder under Inductor
-(`decoder_compiled`); then what earlier runs measured: 2 steps (reported, never
+lever and the tiny decoder (reported, never the headline); the stream with the fastest decoder
+way alone; on CUDA the stream decoding on a second CUDA stream beside the re-encode
+(`StreamSession.decode_beside_reencode`); the reference encode each way; the Wan decoder under
+Inductor (`decoder_compiled`); then what the H200 runs of 2026-11-30 measured: `stages`, the
+default configuration stage by stage (audio, denoise, re-encode, decode, copy to the host; and a
+fresh stream's first chunk), each against the floor its counted work sets under those ceilings
+(bench/floor.py; every variant also gets `of_floor` and `of_clip_floor`, its rate over the
+default configuration's floor: a variant that does less work, FP8 or the tiny decoder, is
+measured against the default's work and can pass 1); 2 steps (reported, never
 the headline), the decoder one latent frame per call (diffusers' way), our
 Triton attention kernel, the PyTorch references (same model code, `kernels`
 dispatch), SDPA with its cuDNN kernel first (`cudnn`); the kernel
@@ -64,9 +65,8 @@ import traceback
 import numpy as np
 import torch
 
-from bench import floor, stage_timing
+from bench import floor, gpu_variants, stage_timing
 from bench.gpu_plot import plot
-from bench.gpu_variants import lever_variants, stream_variants
 from streamgen.files import write_text_atomically
 from streamgen.model.config import get_config
 from streamgen.model.model import DiT
@@ -229,18 +229,38 @@ def write_partial(result: dict, path: str | None) -> None:
         write_text_atomically(path, json.dumps(result))
 
 
-def _variant(name, fn, budget_s, started, result, out=None):
-    if time.perf_counter() - started > budget_s:
-        result["variants"][name] = {"skipped": f"time budget of {budget_s:.0f} s spent"}
+def _variant(name, fn, budget_s, started, result, out=None, expected_s=0.0):
+    """Run part `name` (fn() -> its figures) into result["variants"], unless it is expected
+    (`expected_s`) to end past `budget_s` from `started`: then it is skipped, saying why. The
+    JSON at `out` is rewritten before and after, so a run killed meanwhile leaves it valid, with
+    this part marked `running`; one interrupted (SIGINT: gpu_check.sh's timeout) marks it so and
+    stops the run."""
+    elapsed = time.perf_counter() - started
+    if elapsed + expected_s > budget_s:
+        result["variants"][name] = {
+            "skipped": f"time budget of {budget_s:.0f} s: {budget_s - elapsed:.0f} s left, "
+            f"expected to take {expected_s:.0f} s"
+        }
         return
     result["variants"][name] = {"running": True}  # what a killed run was doing
     write_partial(result, out)
+    t0 = time.perf_counter()
     try:
-        result["variants"][name] = fn()
+        figures = fn()
+        wall_s = round(time.perf_counter() - t0, 1)  # for what the budget expects of the next parts
+        if "fps" in figures:  # a stream
+            figures["wall_s"] = wall_s
+        else:  # a part of its own (its figures a dict of ways, stages...)
+            result.setdefault("parts_wall_s", {})[name] = wall_s
+        result["variants"][name] = figures
+    except KeyboardInterrupt:
+        result["variants"][name] = {"interrupted": f"after {time.perf_counter() - t0:.0f} s (SIGINT)"}
+        raise
     except Exception as e:  # report and go on: one failing variant must not lose the others
         result["variants"][name] = {
             "error": f"{type(e).__name__}: {e}"[:400],
             "trace": traceback.format_exc()[-800:],
+            "wall_s": round(time.perf_counter() - t0, 1),
         }
     finally:
         summarize(result)  # the headline as it stands: a run killed later keeps it
@@ -336,12 +356,6 @@ def run(
         torch.backends.cudnn.allow_tf32 = True
 
     offered = set()  # every part this run could have run: `only` names outside it are typos
-
-    def variant(name, fn, budget=budget_s):
-        offered.add(name)
-        if only is None or name in only:
-            _variant(name, fn, budget, started, result, out)
-
     # this device's matrix rates (its dtype's, FP8's where it has them) and copy bandwidth: the
     # ceilings of the floor below
     fp8 = dev.type == "cpu" or torch.cuda.get_device_capability(dev) >= (8, 9)
@@ -355,10 +369,46 @@ def run(
     except Exception as e:  # e.g. diffusers missing on a bare GPU image: say so, and still time the kernels
         model, result["error"] = None, f"building the model failed: {type(e).__name__}: {e}"[:400]
         write_partial(result, out)
-    before_kernels, after_kernels = {}, {}
+    if model is not None:
+        result["window_frames"] = model.cfg.window_frames  # --quick: the debug model's
+    plan = variant_plan(
+        model, result, device, dtype, quick=quick, steps=steps, chunks=chunks,
+        warmup_chunks=warmup_chunks, text_tokens=text_tokens, clip_frames=clip_frames, fp8=fp8,
+        compile_blocks=compile_blocks, kernel_bench=kernel_bench, backends=backends,
+    )  # fmt: skip
+    try:
+        for name, fn in plan.items():
+            offered.add(name)
+            if only is None or name in only:
+                expected = gpu_variants.expected_seconds(name, result["variants"])
+                _variant(name, fn, budget_s, started, result, out, expected)
+    finally:  # interrupted too: the parts beside the variants, where a reader looks for them
+        for part in PARTS:
+            if part in result["variants"]:
+                result[part] = result["variants"].pop(part)
+        summarize(result)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        write_partial(result, out)
+    if only is not None and only - offered:
+        result["only_unknown"] = sorted(only - offered)
+        write_partial(result, out)
+    return result
+
+
+# what runs among the variants but reports beside them (no stream of its own)
+PARTS = ("stages", "decoder", "reference_encode", "decoder_compiled", "kernels")
+
+
+def variant_plan(
+    model, result, device, dtype, *, quick, steps, chunks, warmup_chunks, text_tokens, clip_frames,
+    fp8, compile_blocks, kernel_bench, backends,
+) -> dict:  # fmt: skip
+    """name -> fn() -> its figures, in the order they run: the default's figures, what has never
+    run on a GPU, what earlier runs measured (`lever_variants`, `stream_variants`), the kernel
+    micro-benchmarks, then what is slowest to prepare. Without a model, the kernels alone."""
+    plan = {}
     if model is not None:
         cfg = model.cfg
-        result["window_frames"] = cfg.window_frames  # --quick: the debug model's
         warmup = warmup_chunks if warmup_chunks is not None else cfg.window_frames // cfg.frames_per_chunk + 2
 
         def measure(prepare=None, steps=steps):
@@ -366,45 +416,31 @@ def run(
                 model, steps, chunks, warmup, device, dtype, text_tokens, prepare, clip_frames
             )
 
-        # in the order they run, after the default's own figures: what is new first (a new
-        # kernel's fault must not cost the default's figures), then what earlier runs measured
-        extras = {  # the default configuration stage by stage against its floor
+        new, measured = gpu_variants.lever_variants(
+            model, measure, result["variants"], device, dtype, steps, model.height, model.width, fp8,
+            compile_blocks,
+        )  # fmt: skip
+        # the default configuration stage by stage against its floor: measured on 2026-11-30
+        measured = {
             "stages": lambda _prepare: stage_breakdown(
                 model, steps, min(chunks, 6), device, dtype, text_tokens, result["ceilings"], clip_frames
-            )
+            ),
+            **measured,
         }
-        extras.update(
-            lever_variants(
-                model, measure, result["variants"], device, dtype, steps, height, width, fp8, compile_blocks
-            )
-        )
-        before_kernels, after_kernels = stream_variants(model, measure, backends, compile_blocks, extras)
-    for name, fn in before_kernels.items():
-        variant(name, fn)
-    for part in ("stages", "decoder", "reference_encode", "decoder_compiled"):
-        if part in result["variants"]:
-            result[part] = result["variants"].pop(part)
+        first, last = gpu_variants.stream_variants(model, measure, backends, compile_blocks, new, measured)
+        plan.update(first)
     if kernel_bench:  # the model stays loaded: 3 GB of 141
 
         def kernel_numbers():
             from bench import kernels as kernel_bench_module
 
-            return kernel_bench_module.run(device, quick=quick, compile=not quick and dev.type == "cuda")
+            cuda = torch.device(device).type == "cuda"
+            return kernel_bench_module.run(device, quick=quick, compile=not quick and cuda)
 
-        # started within the variants' budget too: compiling and autotuning every case takes a
-        # minute or more, which the outer timeout (scripts/gpu_check.sh) leaves only that early
-        variant("kernels", kernel_numbers)
-        if "kernels" in result["variants"]:
-            result["kernels"] = result["variants"].pop("kernels")
-    # the slowest to prepare, which the budget cuts first: FlexAttention and the compiled blocks
-    for name, fn in after_kernels.items():
-        variant(name, fn)
-    summarize(result)
-    if only is not None and only - offered:
-        result["only_unknown"] = sorted(only - offered)
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    write_partial(result, out)
-    return result
+        plan["kernels"] = kernel_numbers
+    if model is not None:  # the slowest to prepare, which the budget cuts first: Flex, compiled blocks
+        plan.update(last)
+    return plan
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -414,7 +450,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=int, default=12)
     p.add_argument("--warmup-chunks", type=int, default=None,
                    help="chunks before each variant's timing (default: past the first with a full ring)")  # fmt: skip
-    p.add_argument("--budget", type=float, default=420.0, help="seconds after which variants are skipped")
+    p.add_argument("--budget", type=float, default=420.0,
+                   help="seconds by which the run ends: no part starts that is expected to end past it")  # fmt: skip
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel micro-benchmarks")
     p.add_argument("--backends", nargs="*", default=["sdpa", "cudnn", "triton", "flex"])

@@ -8,6 +8,7 @@ model (bench/gpu.py runs them, in order, within its time budget)."""
 from __future__ import annotations
 
 import copy
+import statistics
 
 import torch
 
@@ -25,12 +26,13 @@ from streamgen import kernels
 from streamgen.model.float8 import float8_layers, float8_linears
 
 
-def stream_variants(model, measure, backends, compile_blocks, extras=None) -> tuple[dict, dict]:
+def stream_variants(model, measure, backends, compile_blocks, new=None, measured=None) -> tuple[dict, dict]:
     """name -> measurement, two groups in the order they run. Before the kernel micro-benchmarks:
-    the default (SDPA, fused kernels), the `extras` (name -> measurement(prepare) of the default
-    configuration, in their order: what this run is for comes first), the other attention
-    backends with the fused kernels, the PyTorch references. After them: FlexAttention and
-    Inductor, which take longest to prepare."""
+    the default (SDPA, fused kernels; every other variant's reference), the `new` (name ->
+    measurement(prepare) of the default configuration, in their order: what has never run on a
+    GPU, what this run is for), then the `measured` (likewise: what earlier runs measured), the
+    other attention backends with the fused kernels, the PyTorch references. After them:
+    FlexAttention and Inductor, which take longest to prepare."""
 
     def with_backend(backend, fused=True, measurement=measure):
         def fn(prepare=None):
@@ -46,7 +48,7 @@ def stream_variants(model, measure, backends, compile_blocks, extras=None) -> tu
         return fn
 
     first = {"sdpa+fused_kernels": with_backend("sdpa")}
-    for name, measurement in (extras or {}).items():
+    for name, measurement in {**(new or {}), **(measured or {})}.items():
         first[name] = with_backend("sdpa", measurement=measurement)
     first.update(
         {f"{b}+fused_kernels": with_backend(b) for b in backends if b not in ("sdpa", "flex", "cudnn")}
@@ -60,6 +62,32 @@ def stream_variants(model, measure, backends, compile_blocks, extras=None) -> tu
     if compile_blocks:  # Inductor, as `serve --compile` runs it
         last["sdpa+compiled_blocks"] = compiled_blocks(model, with_backend("sdpa"))
     return first, last
+
+
+# What a part is expected to take, in units of a stream variant's wall time in this run (about
+# 20 s on the H200 on 2026-11-30: warm-up 10 s, timed 9 s). FlexAttention took 134 s there (6.9
+# units, compiling); stages, kernels and the default's figures together took 65 s. The rest
+# never ran whole on a GPU: guesses on the safe side (compiling Inductor's graphs takes minutes).
+PART_COST = {
+    "stages": 1.5,
+    "decoder": 1.5,
+    "reference_encode": 0.5,
+    "decoder_compiled": 4.0,
+    "kernels": 3.0,
+    "flex+fused_kernels": 7.0,
+    "sdpa+compiled_blocks": 10.0,
+}
+# a stream variant over the median one so far: the slowest on 2026-11-30 (triton's autotuning)
+# took 1.11 times the default's
+STREAM_COST = 1.25
+
+
+def expected_seconds(name: str, variants: dict) -> float:
+    """How long `name` is expected to run, from the wall time (`wall_s`) of the stream variants
+    this run has timed so far: their median times `PART_COST[name]`, or `STREAM_COST` for
+    another stream. 0 before any has run (nothing to go by: the first always starts)."""
+    walls = [v["wall_s"] for v in variants.values() if "fps_steady" in v and "wall_s" in v]
+    return PART_COST.get(name, STREAM_COST) * statistics.median(walls) if walls else 0.0
 
 
 def attention_modules(dit) -> list:
@@ -158,10 +186,13 @@ def compiled_blocks(model, measure, backend: str = "inductor"):
 
 def lever_variants(
     model, measure, variants, device, dtype, steps, height, width, fp8, compile_blocks
-) -> dict:
-    """name -> measurement(prepare), in the order they run: the levers one by one on the default
-    configuration, then together. `variants` is the run's result so far, read as they run (the
-    fastest attention and decoder way are those timed before)."""
+) -> tuple[dict, dict]:
+    """(new, measured): name -> measurement(prepare), each in the order they run. `new`: the levers
+    one by one on the default configuration, then together, none of which has run on a GPU yet
+    (FP8, the tiny decoder, the Wan decoder's fused kernels, the last step's cache first: within
+    the time budget before anything else); `measured`: what the H200 runs of 2026-11-30
+    measured (bench/results/h200-2026-11-30*.json). `variants` is the run's result so far, read as
+    they run (the fastest attention and decoder way are those timed before)."""
     dev = torch.device(device)
     extras = {}
 
@@ -201,8 +232,11 @@ def lever_variants(
     # weights, so its frames say nothing: only its speed). A third of a steady chunk was decoding.
     tiny_vae = tiny_decoder_vae(model.vae)
 
-    def with_tiny_decoder(measurement):
-        return lambda prepare: with_attributes(model, {"vae": tiny_vae}, lambda: measurement(prepare))
+    def with_tiny_decoder(measurement):  # (its decoder_way names it: bench/variant_floor.py counts it)
+        return lambda prepare: {
+            **with_attributes(model, {"vae": tiny_vae}, lambda: measurement(prepare)),
+            "decoder_way": TINY_DECODER,
+        }
 
     extras["sdpa+fused_kernels, tiny decoder"] = with_tiny_decoder(measure)
     # and with the other levers (early: the likeliest to reach the target, a cut run keeps it)
@@ -240,23 +274,24 @@ def lever_variants(
     extras["sdpa+fused_kernels, every lever, tiny decoder, cache from last step"] = with_tiny_decoder(
         on_session(fastest, cache_from="last_step")
     )
-    # the start's reference encode, 3D as diffusers' or 2D (WanVAE.single_frame_2d, the default)
-    extras["reference_encode"] = lambda _prepare: reference_encode_ways(
-        model.vae, height, width, device, dtype
-    )
     # the levers of `every lever` alone: the fastest decoder way, the decode beside the re-encode
     extras["sdpa+fused_kernels, fastest decoder way"] = with_fastest_decoder(measure)
     if dev.type == "cuda":
         extras["sdpa+fused_kernels, decode beside re-encode"] = beside_reencode(measure)
+    # the start's reference encode, 3D as diffusers' or 2D (WanVAE.single_frame_2d, the default)
+    extras["reference_encode"] = lambda _prepare: reference_encode_ways(
+        model.vae, height, width, device, dtype
+    )
     if compile_blocks:  # the decoder under Inductor: a minute of compiling
         extras["decoder_compiled"] = lambda _prepare: decoder_variants(
             model, device, dtype, SLOW_DECODER_WAYS
         )
+    measured = {}
     if steps > 2:  # what the 2-step student would stream at (docs/results.md: it loses little)
-        extras["sdpa+fused_kernels, 2 steps"] = lambda prepare: {**measure(prepare, steps=2), "steps": 2}
+        measured["sdpa+fused_kernels, 2 steps"] = lambda prepare: {**measure(prepare, steps=2), "steps": 2}
     # the Wan decoder one latent frame per call, diffusers' way (WanVAE.frames_per_call; on
     # a GPU the default decodes a chunk per call)
-    extras["sdpa+fused_kernels, decoder frame_per_call"] = lambda prepare: with_attributes(
+    measured["sdpa+fused_kernels, decoder frame_per_call"] = lambda prepare: with_attributes(
         model.vae, {"frames_per_call": 1}, lambda: measure(prepare)
     )
-    return extras
+    return extras, measured

@@ -11,42 +11,62 @@
 # A session's 15 device minutes hold one such run and the machine's start, not two (a fresh
 # machine needs 4 minutes left to start). A shorter run, for a later session's questions:
 #   GPU_CHECK_TESTS="tests/test_gpu_check.py" GPU_CHECK_TEST_TIMEOUT=90 GPU_CHECK_BENCH_TIMEOUT=200 \
-#   GPU_CHECK_BENCH_ARGS="--no-kernels --budget 150 --only sdpa+fused_kernels stages decoder" bash scripts/gpu_check.sh
+#   GPU_CHECK_BENCH_ARGS="--no-kernels --only sdpa+fused_kernels stages decoder" bash scripts/gpu_check.sh
 # The timeouts interrupt (SIGINT) rather than terminate: pytest still prints which tests failed
 # and why, and the benchmark writes its JSON and headline on the way out.
+# Worst case, every step at its limit (tests/test_gpu_check_budget.py adds them up): the wheels
+# 30 + 5 s, the diffusers check 10 + 5, nvidia-smi 10 + 5, the tests 210 + 10; the benchmark
+# what is left of GPU_CHECK_DEADLINE (530 s) less its kill's 10 s, the plot's 20 + 5 and 5 for
+# the rest, and `--budget` 25 s less than its timeout (its imports; no part starts that is
+# expected to end past it); the plot 20 + 5: 530 s in all, 60 s inside the call's 590. Tests
+# that end sooner leave their time to the benchmark (~300 s when they take 2:30, as on 2026-11-30).
 # (GPU_CHECK_BENCH_ARGS is split as the shell splits words: quote a name with spaces in it.)
 set -uo pipefail
 OUT=${OUT:-bench/results}
 PY=${PYTHON:-python3}
+DEADLINE=${GPU_CHECK_DEADLINE:-530}  # seconds from here to the script's end, at worst
+KILL=10  # after a timeout's SIGINT, the seconds to its SIGKILL
+PLOT_S=20
+began=$(date +%s)
+elapsed() { echo $(($(date +%s) - began)); }
 mkdir -p "$OUT"
 site=$(mktemp -d)
 if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+  timeout -k 5 30 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
     || echo "gpu_check: installing the carried wheels failed" >&2
 fi
 export PYTHONPATH=$site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
-if ! "$PY" -c "import diffusers" 2>/dev/null; then
+# found, not imported (that takes seconds)
+if ! timeout -k 5 10 "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('diffusers') is None)" 2>/dev/null; then
   echo "gpu_check: diffusers is missing (run scripts/gpu_wheels.sh and carry .whl): the stream variants will fail" >&2
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+timeout -k 5 10 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 stamp=$(date +%Y-%m-%d)
 # only the files that hold GPU tests (the server's import packages the image lacks), the
 # kernels' and parallel ones before the benchmark's smoke test (reverse name order)
 # shellcheck disable=SC2046  # one word per file
-timeout -s INT -k 15 "${GPU_CHECK_TEST_TIMEOUT:-210}" "$PY" -m pytest -m gpu -q -rfEsw -p no:cacheprovider --continue-on-collection-errors \
+timeout -s INT -k $KILL "${GPU_CHECK_TEST_TIMEOUT:-210}" "$PY" -m pytest -m gpu -q -rfEsw -p no:cacheprovider --continue-on-collection-errors \
   ${GPU_CHECK_TESTS:-$(grep -l "mark.gpu" tests/test_*.py | sort -r)} > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests: exit code $?" >> "$OUT/gpu-tests.log"
-# --out rewrites the JSON after each variant, so the outer timeout loses only the variant it cut short
+# the benchmark gets what is left; --out rewrites the JSON after each variant, so the timeout
+# loses only the variant it cut short, and --budget starts none expected to end past it
+bench_s=$((DEADLINE - $(elapsed) - KILL - PLOT_S - 5 - 5))
+bench_s=$((bench_s < ${GPU_CHECK_BENCH_TIMEOUT:-$bench_s} ? bench_s : ${GPU_CHECK_BENCH_TIMEOUT:-$bench_s}))
 eval "bench_args=(${GPU_CHECK_BENCH_ARGS:-})"  # a list of options, quoted as on a command line
-timeout -s INT -k 15 "${GPU_CHECK_BENCH_TIMEOUT:-320}" "$PY" -m bench.gpu --budget 260 --out "$OUT/h200-$stamp.json" \
-  "${bench_args[@]}" > /dev/null 2> "$OUT/bench-gpu.log"
-echo "bench gpu: exit code $?" >> "$OUT/bench-gpu.log"
+if ((bench_s > 30)); then
+  timeout -s INT -k $KILL "$bench_s" "$PY" -m bench.gpu --budget $((bench_s - 25)) --out "$OUT/h200-$stamp.json" \
+    "${bench_args[@]}" > /dev/null 2> "$OUT/bench-gpu.log"
+  echo "bench gpu: exit code $? (timeout ${bench_s} s)" >> "$OUT/bench-gpu.log"
+else
+  echo "bench gpu: not run, ${bench_s} s left before the deadline" >> "$OUT/bench-gpu.log"
+fi
 # the plot from whatever the JSON holds, so a run cut short still gets one
-"$PY" -c "import json, sys; from bench.gpu import plot; plot(json.load(open(sys.argv[1])), sys.argv[2])" \
+timeout -k 5 $PLOT_S "$PY" -c "import json, sys; from bench.gpu import plot; plot(json.load(open(sys.argv[1])), sys.argv[2])" \
   "$OUT/h200-$stamp.json" "$OUT/h200-$stamp.png" 2> "$OUT/plot.log" || echo "plot: failed (plot.log)" >> "$OUT/bench-gpu.log"
 rm -rf "$site"
 tail -c 3000 "$OUT/h200-$stamp.json"
 echo
 grep -E "passed|failed|error|skipped" "$OUT/gpu-tests.log" | tail -n 5
-tail -n 1 "$OUT/bench-gpu.log"
+tail -n 2 "$OUT/bench-gpu.log"
+echo "gpu_check: $(elapsed) s"

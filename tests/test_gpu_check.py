@@ -97,7 +97,7 @@ def test_a_killed_run_leaves_the_finished_variants_on_disk(tmp_path):
     gpu._variant("second", second, 60, started, result, out)
     # while the second ran, the file held the first's numbers, named the one in progress, and
     # had the headline of what was measured (a run killed there keeps it)
-    assert on_disk[0]["variants"] == {"first": figures, "second": {"running": True}}
+    assert on_disk[0]["variants"] == {"first": {**figures, "wall_s": 0.0}, "second": {"running": True}}
     assert on_disk[0]["best_variant"] == "first" and on_disk[0]["fps_steady"] == 1.5
     final = json.loads(Path(out).read_text())
     assert final["variants"]["second"]["error"] == "RuntimeError: out of memory"
@@ -117,7 +117,7 @@ def test_a_sticky_cuda_error_keeps_the_variants_error_and_the_run_going(tmp_path
     gpu._variant("next", lambda: {"fps": 2.0}, 60, time.perf_counter(), result, out)
     final = json.loads(Path(out).read_text())
     assert final["variants"]["new kernel"]["error"].startswith("RuntimeError: CUDA error: an illegal")
-    assert final["variants"]["next"] == {"fps": 2.0}
+    assert final["variants"]["next"] == {"fps": 2.0, "wall_s": 0.0}
     assert final["cuda_errors"][0].startswith("after new kernel: RuntimeError")
 
 
@@ -376,10 +376,11 @@ def test_bench_gpu_only_runs_the_parts_it_is_given():
 def test_the_variants_run_the_defaults_figures_before_newer_kernels_and_compiling():
     # a fault in cuDNN's attention or a compiler (a sticky CUDA error) must not cost the default's figures
     first, last = gpu_variants.stream_variants(
-        None, None, ("sdpa", "cudnn", "triton", "flex"), compile_blocks=True, extras={"stages": None}
+        None, None, ("sdpa", "cudnn", "triton", "flex"), True, new={"fp8": None}, measured={"stages": None}
     )
     assert list(first) == [
         "sdpa+fused_kernels",
+        "fp8",
         "stages",
         "triton+fused_kernels",
         "sdpa+reference_ops",

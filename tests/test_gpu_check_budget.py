@@ -1,0 +1,213 @@
+"""The GPU run's time: what starts within `bench gpu`'s budget and in which order, what a run cut
+short leaves on disk, and scripts/gpu_check.sh's worst case against the device call's limit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bench import gpu, gpu_variants
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE_CALL_S = 590  # the planned call: run(command="bash scripts/gpu_check.sh", timeout_s=590, ...)
+
+
+def test_a_part_expected_to_end_past_the_budget_is_not_started():
+    started = time.perf_counter()
+    result = {"variants": {"sdpa+fused_kernels": {"fps_steady": 15.0, "wall_s": 20.0}}}
+    ran = []
+
+    def part(name):
+        expected = gpu_variants.expected_seconds(name, result["variants"])
+        gpu._variant(name, lambda: ran.append(name) or {"fps": 1.0}, 100, started, result, None, expected)
+
+    part("flex+fused_kernels")  # 7 times the stream's 20 s: past the 100 s budget
+    part("sdpa+reference_ops")  # 1.25 times: within it
+    assert ran == ["sdpa+reference_ops"]
+    skipped = result["variants"]["flex+fused_kernels"]["skipped"]
+    assert skipped.startswith("time budget of 100 s:") and skipped.endswith("expected to take 140 s")
+    assert result["variants"]["sdpa+reference_ops"]["wall_s"] >= 0
+
+
+def test_the_expected_time_follows_the_streams_this_run_timed():
+    assert gpu_variants.expected_seconds("sdpa+fused_kernels", {}) == 0  # the first always starts
+    variants = {
+        "a": {"fps_steady": 1.0, "wall_s": 10.0},
+        "b": {"fps_steady": 1.0, "wall_s": 30.0},
+        "c": {"fps_steady": 1.0, "wall_s": 20.0},
+        "failed": {"error": "RuntimeError", "wall_s": 500.0},  # no stream timed: not counted
+        "stages": {"stages": {}, "wall_s": 90.0},
+    }
+    assert gpu_variants.expected_seconds("sdpa+fused_kernels, tiny decoder", variants) == 25.0
+    assert gpu_variants.expected_seconds("kernels", variants) == 60.0
+
+
+def _measured_on_the_h200() -> set[str]:
+    """What the H200 runs of 2026-11-30 timed: their variants with a stream rate, and the parts
+    reported beside them."""
+    measured = set()
+    for path in (ROOT / "bench" / "results").glob("h200-2026-11-30*.json"):
+        run = json.loads(path.read_text())
+        measured |= {name for name, v in run["variants"].items() if "fps_steady" in v}
+        measured |= {part for part in gpu.PARTS if part in run}
+    return measured
+
+
+def test_what_never_ran_on_a_gpu_starts_before_what_the_h200_measured():
+    """FP8 (linears and attention), the tiny decoder, the Wan decoder's fused kernels (`decoder`
+    and the stream with its fastest way) and the last step's cache start right after the
+    default's figures (every variant's reference), ahead of everything the 2026-11-30 runs
+    measured: a run the budget cuts loses those first."""
+    model = gpu.build_model("wan2.1-1.3b", 64, 96, "cpu", torch.float32, True, "sdpa")
+    everything = dict(
+        fp8=True, compile_blocks=True, kernel_bench=True, backends=("sdpa", "cudnn", "triton", "flex")
+    )
+    quick = dict(quick=True, steps=4, chunks=2, warmup_chunks=1, text_tokens=8, clip_frames=33)
+    plan = list(gpu.variant_plan(model, {"variants": {}}, "cpu", torch.float32, **quick, **everything))
+    never_ran = [
+        name
+        for name in plan
+        if name == "decoder"
+        or any(lever in name for lever in ("fp8", "tiny decoder", "last step", "every lever", "decoder way"))
+    ]
+    measured = _measured_on_the_h200()
+    assert {"stages", "kernels", "sdpa+fused_kernels, 2 steps", "flex+fused_kernels"} <= measured
+    # the default is every variant's reference; the decoder's ways are new since it ran
+    measured_here = [name for name in plan if name in measured - {"sdpa+fused_kernels", "decoder"}]
+    assert plan[0] == "sdpa+fused_kernels" and len(never_ran) == 11 and len(measured_here) >= 7
+    assert plan[1 : 1 + len(never_ran)] == never_ran
+    assert max(map(plan.index, never_ran)) < min(map(plan.index, measured_here))
+
+
+def test_an_interrupted_run_leaves_valid_json_with_its_parts_beside_the_variants(tmp_path, monkeypatch):
+    """SIGINT (gpu_check.sh's timeout) in the middle of a part: the JSON holds what finished, the
+    interrupted part marked, the parts where a reader looks for them; the interrupt goes on."""
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    plan = {
+        "sdpa+fused_kernels": lambda: {"fps_steady": 2.0, "first_chunk_ms": 9.0},
+        "decoder": lambda: {"chunk_per_call": {"ms_p50": 1.0}},
+        "sdpa+fused_kernels, fp8 linears": interrupted,
+        "never started": lambda: pytest.fail("ran after the interrupt"),
+    }
+    monkeypatch.setattr(gpu.floor, "measure_ceilings", lambda *args, **kwargs: {"copy_gb_per_s": 1.0})
+    model = SimpleNamespace(cfg=SimpleNamespace(window_frames=6))
+    monkeypatch.setattr(gpu, "build_model", lambda *args: model)
+    monkeypatch.setattr(gpu, "variant_plan", lambda *args, **kwargs: plan)
+    out = tmp_path / "run.json"
+    with pytest.raises(KeyboardInterrupt):
+        gpu.run("cpu", quick=True, kernel_bench=False, out=str(out))
+    on_disk = json.loads(out.read_text())
+    assert list(on_disk["variants"]) == ["sdpa+fused_kernels", "sdpa+fused_kernels, fp8 linears"]
+    assert on_disk["variants"]["sdpa+fused_kernels, fp8 linears"]["interrupted"].endswith("(SIGINT)")
+    assert on_disk["decoder"]["chunk_per_call"] == {"ms_p50": 1.0}
+    assert on_disk["best_variant"] == "sdpa+fused_kernels"
+
+
+_SLEEPING_RUN = """
+import pathlib, sys, time
+from bench import gpu
+
+out, result = sys.argv[1], {"variants": {}}
+
+def sleeping():
+    pathlib.Path(out + ".started").touch()
+    time.sleep(120)
+    return {}
+
+gpu._variant("first", lambda: {"fps": 1.0}, 600, time.perf_counter(), result, out)
+gpu._variant("sleeping", sleeping, 600, time.perf_counter(), result, out)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_a_run_killed_in_a_variant_leaves_valid_json(tmp_path, sig):
+    out = tmp_path / "run.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", _SLEEPING_RUN, str(out)], cwd=ROOT, env=env)
+    try:
+        for _ in range(600):  # the imports: seconds
+            if Path(f"{out}.started").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before its variant started"
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    on_disk = json.loads(out.read_text())
+    assert on_disk["variants"]["first"]["fps"] == 1.0
+    state = on_disk["variants"]["sleeping"]
+    if sig == signal.SIGKILL:  # no chance to say more than the JSON written before it started
+        assert state == {"running": True}
+    else:
+        assert state["interrupted"].endswith("(SIGINT)")
+
+
+_FAKE_CLOCK = """#!/usr/bin/env bash
+# date +%s reads the fake clock; any other date is the real one
+if [[ "${1:-}" == "+%s" ]]; then cat "$CLOCK"; else exec /usr/bin/env -u PATH PATH=/usr/bin:/bin date "$@"; fi
+"""
+# a command under `timeout` takes its whole limit and the kill's grace: the clock moves on by
+# both, and the command never runs
+_FAKE_TIMEOUT = """#!/usr/bin/env bash
+kill=0
+while [[ "$1" == -* ]]; do
+  case "$1" in -k) kill=$2; shift 2 ;; -s) shift 2 ;; *) shift ;; esac
+done
+echo "$(($(cat "$CLOCK") + $1 + kill))" > "$CLOCK"
+echo "$1 $kill ${*:2}" >> "$LOG"
+exit 124
+"""
+# what runs outside any timeout: nothing bounds it
+_UNBOUNDED = """#!/usr/bin/env bash
+echo "$(basename "$0") $*" >> "$UNBOUNDED"
+exit 1
+"""
+
+
+def test_gpu_check_ends_within_its_deadline_when_every_step_takes_its_limit(tmp_path):
+    """The worst case of scripts/gpu_check.sh, every step cut at its limit, on a fake clock: within
+    540 s, a real margin inside the device call's 590, with every command bounded and the
+    benchmark's budget inside its timeout."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("date", _FAKE_CLOCK), ("timeout", _FAKE_TIMEOUT), ("nvidia-smi", _UNBOUNDED),
+                       ("python", _UNBOUNDED)):  # fmt: skip
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    clock, log, unbounded = tmp_path / "clock", tmp_path / "timeouts.log", tmp_path / "unbounded.log"
+    clock.write_text("1000000\n")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")},
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHON": str(bin_dir / "python"),
+        "OUT": str(tmp_path / "out"),
+        "CLOCK": str(clock),
+        "LOG": str(log),
+        "UNBOUNDED": str(unbounded),
+    }
+    repo = tmp_path / "repo"  # the script, carried wheels, a file of GPU tests
+    for path, text in (("scripts/gpu_check.sh", (ROOT / "scripts" / "gpu_check.sh").read_text()),
+                       (".whl/diffusers-0-py3-none-any.whl", ""), ("tests/test_x.py", "pytest.mark.gpu")):  # fmt: skip
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(text)
+    r = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    worst_s = int(clock.read_text()) - 1000000
+    assert not unbounded.exists(), unbounded.read_text()
+    assert worst_s <= DEVICE_CALL_S - 50, (worst_s, log.read_text())
+    assert f"gpu_check: {worst_s} s" in r.stdout
+    assert "-m pip install" in log.read_text() and "-m pytest" in log.read_text()
+    (bench,) = [line.split() for line in log.read_text().splitlines() if "-m bench.gpu" in line]
+    limit_s, budget_s = int(bench[0]), int(bench[bench.index("--budget") + 1])
+    assert limit_s >= 150 and 0 < budget_s <= limit_s - 20, bench  # time for the new levers
