@@ -39,8 +39,8 @@ Inductor (`decoder_compiled`); then what the H200 runs of 2026-11-30 measured: `
 default configuration stage by stage (audio, denoise, re-encode, decode, copy to the host; and a
 fresh stream's first chunk), each against the floor its counted work sets under those ceilings
 (bench/floor.py; every variant also gets `of_floor` and `of_clip_floor`, its rate over the
-default configuration's floor: a variant that does less work, FP8 or the tiny decoder, is
-measured against the default's work and can pass 1); 2 steps (reported, never
+floor of its own configuration: FP8, the tiny decoder, the last step's cache, 2 steps each do
+other work, counted by bench/variant_floor.py, `--floor-work`); 2 steps (reported, never
 the headline), the decoder one latent frame per call (diffusers' way), our
 Triton attention kernel, the PyTorch references (same model code, `kernels`
 dispatch), SDPA with its cuDNN kernel first (`cudnn`); the kernel
@@ -65,7 +65,7 @@ import traceback
 import numpy as np
 import torch
 
-from bench import floor, gpu_variants, stage_timing
+from bench import floor, gpu_variants, stage_timing, variant_floor
 from bench.gpu_plot import plot
 from streamgen.files import write_text_atomically
 from streamgen.model.config import get_config
@@ -303,12 +303,21 @@ def summarize(result: dict) -> None:
             "first_chunk_ms": timed[quickest]["first_chunk_ms"],
         }
     stages = result.get("stages") or result["variants"].get("stages") or {}
-    if "floor" in stages:  # how close each variant comes to the floor, steady and over the clip
+    if "floor" in stages:  # the default configuration's
         result["fps_ceiling"], result["clip_fps_ceiling"] = stages["fps_ceiling"], stages["clip_fps_ceiling"]
-        for v in ok.values():  # the same frames in the floor and the measurement: a ratio of rates
-            v["of_floor"] = floor.rounded(v["fps_steady"] / stages["fps_ceiling"])
+    # how close each variant comes to its own floor (its `fps_ceiling`, bench/variant_floor.py),
+    # steady and over the clip; without one, to the default's if it does the default's work
+    for v in result["variants"].values():
+        if "fps_steady" not in v:
+            continue
+        ceilings = {}
+        if "floor" in stages and variant_floor.does_default_work(v, steps):
+            ceilings = {"fps_ceiling": stages["fps_ceiling"], "clip_fps_ceiling": stages["clip_fps_ceiling"]}
+        ceilings.update({k: v[k] for k in ("fps_ceiling", "clip_fps_ceiling") if k in v})
+        if ceilings:  # the same frames in the floor and the measurement: a ratio of rates
+            v["of_floor"] = floor.rounded(v["fps_steady"] / ceilings["fps_ceiling"])
             if v.get("fps_clip") is not None:
-                v["of_clip_floor"] = floor.rounded(v["fps_clip"] / stages["clip_fps_ceiling"])
+                v["of_clip_floor"] = floor.rounded(v["fps_clip"] / ceilings["clip_fps_ceiling"])
 
 
 def run(
@@ -323,9 +332,11 @@ def run(
     backends=("sdpa", "cudnn", "triton", "flex"),
     out=None,
     only=None,
+    floor_work=None,
 ) -> dict:
     """`only`: the names of the parts to run (variants, "stages", "decoder", "reference_encode",
-    "kernels", "decoder_compiled"); None: all."""
+    "kernels", "decoder_compiled"); None: all. `floor_work`: the counts of `bench.variant_floor`
+    for this model, which set each variant against its own floor (--quick counts its own)."""
     started = time.perf_counter()
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -371,6 +382,15 @@ def run(
         write_partial(result, out)
     if model is not None:
         result["window_frames"] = model.cfg.window_frames  # --quick: the debug model's
+    floor_counts = {}  # bench.variant_floor's: read, or counted, once a stream needs them
+
+    def counts():
+        if not floor_counts:
+            floor_counts["work"], result["floor_counts"] = variant_floor.counts_for_run(
+                floor_work, quick, steps
+            )
+        return floor_counts["work"]
+
     plan = variant_plan(
         model, result, device, dtype, quick=quick, steps=steps, chunks=chunks,
         warmup_chunks=warmup_chunks, text_tokens=text_tokens, clip_frames=clip_frames, fp8=fp8,
@@ -382,6 +402,11 @@ def run(
             if only is None or name in only:
                 expected = gpu_variants.expected_seconds(name, result["variants"])
                 _variant(name, fn, budget_s, started, result, out, expected)
+                figures = result["variants"].get(name, {})
+                if "fps_steady" in figures and counts() is not None:  # its own floor's rates
+                    figures.update(variant_floor.own_ceilings(counts(), figures, result["ceilings"], steps))
+                    summarize(result)
+                    write_partial(result, out)
     finally:  # interrupted too: the parts beside the variants, where a reader looks for them
         for part in PARTS:
             if part in result["variants"]:
@@ -461,6 +486,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="run only these parts: variant names, stages, decoder, kernels, decoder_compiled",
     )
     p.add_argument("--out", help="also write the JSON here, rewritten after each variant (survives a kill)")
+    p.add_argument("--floor-work", help="bench.variant_floor's counts: each variant against its own floor")
     p.add_argument("--plot", help="write fps per variant and chunk times to this PNG")
 
 
@@ -483,6 +509,7 @@ def main(args) -> dict:
         out=args.out,
         only=None if args.only is None else set(args.only),
         warmup_chunks=args.warmup_chunks,
+        floor_work=args.floor_work,
     )
     if result.get("only_unknown"):
         print(f"bench gpu: --only names no part of this run: {result['only_unknown']}", file=sys.stderr)

@@ -15,7 +15,8 @@
 # The timeouts interrupt (SIGINT) rather than terminate: pytest still prints which tests failed
 # and why, and the benchmark writes its JSON and headline on the way out.
 # Worst case, every step at its limit (tests/test_gpu_check_budget.py adds them up): the wheels
-# 30 + 5 s, the diffusers check 10 + 5, nvidia-smi 10 + 5, the tests 210 + 10; the benchmark
+# 30 + 5 s, the diffusers check 10 + 5, nvidia-smi 10 + 5, the tests 210 + 10 (the floors'
+# count beside them, stopped at their limit); the benchmark
 # what is left of GPU_CHECK_DEADLINE (530 s) less its kill's 10 s, the plot's 20 + 5 and 5 for
 # the rest, and `--budget` 25 s less than its timeout (its imports; no part starts that is
 # expected to end past it); the plot 20 + 5: 530 s in all, 60 s inside the call's 590. Tests
@@ -43,17 +44,30 @@ if ! timeout -k 5 10 "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_
 fi
 timeout -k 5 10 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 stamp=$(date +%Y-%m-%d)
+eval "bench_args=(${GPU_CHECK_BENCH_ARGS:-})"  # a list of options, quoted as on a command line
+# beside the tests (on the CPU, meta tensors): the work of each configuration the variants' levers
+# make, for each variant's own floor (bench/variant_floor.py); given the tests' time at most
+test_s=${GPU_CHECK_TEST_TIMEOUT:-210}
+floor_work=$site/floor-work.json
+floor_args=()
+[[ " ${bench_args[*]} " == *" --quick "* ]] && floor_args=(--quick)
+"$PY" -m bench.variant_floor --out "$floor_work" "${floor_args[@]}" > "$OUT/floor-work.log" 2>&1 &
+counting=$!
+count_until=$(($(elapsed) + test_s))
 # only the files that hold GPU tests (the server's import packages the image lacks), the
 # kernels' and parallel ones before the benchmark's smoke test (reverse name order)
 # shellcheck disable=SC2046  # one word per file
-timeout -s INT -k $KILL "${GPU_CHECK_TEST_TIMEOUT:-210}" "$PY" -m pytest -m gpu -q -rfEsw -p no:cacheprovider --continue-on-collection-errors \
+timeout -s INT -k $KILL "$test_s" "$PY" -m pytest -m gpu -q -rfEsw -p no:cacheprovider --continue-on-collection-errors \
   ${GPU_CHECK_TESTS:-$(grep -l "mark.gpu" tests/test_*.py | sort -r)} > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests: exit code $?" >> "$OUT/gpu-tests.log"
+while kill -0 "$counting" 2>/dev/null && (($(elapsed) < count_until)); do sleep 1; done
+kill "$counting" 2>/dev/null && echo "bench.variant_floor: stopped at the tests' limit" >> "$OUT/floor-work.log"
+wait "$counting" 2>/dev/null
+[[ -s "$floor_work" ]] && bench_args=(--floor-work "$floor_work" "${bench_args[@]}")
 # the benchmark gets what is left; --out rewrites the JSON after each variant, so the timeout
 # loses only the variant it cut short, and --budget starts none expected to end past it
 bench_s=$((DEADLINE - $(elapsed) - KILL - PLOT_S - 5 - 5))
 bench_s=$((bench_s < ${GPU_CHECK_BENCH_TIMEOUT:-$bench_s} ? bench_s : ${GPU_CHECK_BENCH_TIMEOUT:-$bench_s}))
-eval "bench_args=(${GPU_CHECK_BENCH_ARGS:-})"  # a list of options, quoted as on a command line
 if ((bench_s > 30)); then
   timeout -s INT -k $KILL "$bench_s" "$PY" -m bench.gpu --budget $((bench_s - 25)) --out "$OUT/h200-$stamp.json" \
     "${bench_args[@]}" > /dev/null 2> "$OUT/bench-gpu.log"

@@ -287,8 +287,16 @@ def test_bench_gpu_sets_each_stage_against_its_floor(gpu_check_run):
     assert result["fps_clip"] == result["variants"][result["best_variant"]]["fps_clip"]
     # 2 steps is measured too, but the headline figures are the benchmark's 4 steps
     two_steps = result["variants"]["sdpa+fused_kernels, 2 steps"]
-    assert two_steps["steps"] == 2 and two_steps["fps"] > 0 and "of_floor" not in two_steps
+    assert two_steps["steps"] == 2 and two_steps["fps"] > 0
     assert result["best_variant"] != "sdpa+fused_kernels, 2 steps"
+    # each variant against its own configuration's floor (bench/variant_floor.py), counted
+    # beside the tests: the default's own is the stages' count, 2 steps' lets it go faster
+    assert result["floor_counts"].endswith("default, fp8_linears, tiny_decoder, upsample_phases, 2_steps")
+    assert variant["fps_ceiling"] == pytest.approx(result["fps_ceiling"], rel=1e-2)
+    assert two_steps["fps_ceiling"] > variant["fps_ceiling"]
+    assert two_steps["of_floor"] == pytest.approx(
+        two_steps["fps_steady"] / two_steps["fps_ceiling"], rel=1e-2
+    )
     # and each chunk's cache from its last step: measured alone and with every lever, never the headline
     for name in (
         "sdpa+fused_kernels, cache from last step",
@@ -297,7 +305,7 @@ def test_bench_gpu_sets_each_stage_against_its_floor(gpu_check_run):
     ):
         last_step = result["variants"][name]
         assert last_step["cache_from"] == "last_step" and last_step["fps_steady"] > 0
-        assert "of_floor" not in last_step and result["best_variant"] != name
+        assert last_step["of_floor"] > 0 and result["best_variant"] != name
     # beside the headline, the fastest however its cache was made, and the quickest first chunk
     four_steps = [v for v in result["variants"].values() if "fps" in v and v.get("steps", 4) == 4]
     assert result["fastest_any_cache"]["fps_steady"] == max(v["fps_steady"] for v in four_steps)

@@ -105,7 +105,7 @@ def test_an_interrupted_run_leaves_valid_json_with_its_parts_beside_the_variants
     monkeypatch.setattr(gpu, "variant_plan", lambda *args, **kwargs: plan)
     out = tmp_path / "run.json"
     with pytest.raises(KeyboardInterrupt):
-        gpu.run("cpu", quick=True, kernel_bench=False, out=str(out))
+        gpu.run("cpu", quick=True, kernel_bench=False, out=str(out), floor_work=str(tmp_path / "none"))
     on_disk = json.loads(out.read_text())
     assert list(on_disk["variants"]) == ["sdpa+fused_kernels", "sdpa+fused_kernels, fp8 linears"]
     assert on_disk["variants"]["sdpa+fused_kernels, fp8 linears"]["interrupted"].endswith("(SIGINT)")
@@ -177,8 +177,8 @@ exit 1
 
 def test_gpu_check_ends_within_its_deadline_when_every_step_takes_its_limit(tmp_path):
     """The worst case of scripts/gpu_check.sh, every step cut at its limit, on a fake clock: within
-    540 s, a real margin inside the device call's 590, with every command bounded and the
-    benchmark's budget inside its timeout."""
+    540 s, a real margin inside the device call's 590, with every command bounded (the floors'
+    count by the tests' limit) and the benchmark's budget inside its timeout."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("date", _FAKE_CLOCK), ("timeout", _FAKE_TIMEOUT), ("nvidia-smi", _UNBOUNDED),
@@ -204,7 +204,9 @@ def test_gpu_check_ends_within_its_deadline_when_every_step_takes_its_limit(tmp_
     r = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=repo, env=env, capture_output=True,
                        text=True, timeout=60)  # fmt: skip
     worst_s = int(clock.read_text()) - 1000000
-    assert not unbounded.exists(), unbounded.read_text()
+    # the one command outside a timeout: the floors' count beside the tests, stopped at their limit
+    (beside,) = unbounded.read_text().splitlines()
+    assert beside.startswith("python -m bench.variant_floor --out "), beside
     assert worst_s <= DEVICE_CALL_S - 50, (worst_s, log.read_text())
     assert f"gpu_check: {worst_s} s" in r.stdout
     assert "-m pip install" in log.read_text() and "-m pytest" in log.read_text()
