@@ -10,7 +10,9 @@ sends it (peer-reflexive candidates), which a NAT or firewall between them may s
 The 201 answer carries an entity tag for the ICE session; a PATCH must name it in `If-Match`
 (412 when it names another). ICE restarts (a fragment with new credentials: a new ufrag or
 a new password, either one) are not supported: 422, as RFC 9725 asks of a server that
-trickles but does not restart; a player starts a new session instead.
+trickles but does not restart; a player starts a new session instead. Credentials are a media
+section's (RFC 8839: session level, or each m-line its own, as an offer without BUNDLE may
+have them): a fragment's are compared with those of the section they belong to in the offer.
 """
 
 from __future__ import annotations
@@ -37,29 +39,48 @@ class IceRestart(Exception):
     """The fragment carries new ICE credentials: a restart, which this server does not do."""
 
 
+Credentials = tuple[str | None, str | None]  # (ice-ufrag, ice-pwd), None where not given
+
+
 @dataclass
 class Fragment:
-    ufrag: str | None = None
+    ufrag: str | None = None  # session level: of every media section without its own
     pwd: str | None = None
     candidates: list[tuple[str | None, str]] = field(default_factory=list)  # (mid, candidate value)
     end: bool = False
+    sections: dict[str, dict[str, str]] = field(default_factory=dict)  # mid -> its own ufrag/pwd
+
+    def credentials_of(self, mid: str | None) -> Credentials:
+        """The credentials a media section's candidates are sent with (None: those before any
+        `a=mid:`): its own, else the fragment's session-level ones, each attribute on its own."""
+        own = self.sections.get(mid, {}) if mid is not None else {}
+        return own.get("ufrag", self.ufrag), own.get("pwd", self.pwd)
 
 
 def parse_fragment(text: str) -> Fragment:
-    """The credentials, each candidate with the `a=mid:` it falls under, and end-of-candidates."""
+    """The credentials (session level and each media section's), each candidate with the
+    `a=mid:` it falls under, and end-of-candidates."""
     frag, mid = Fragment(), None
+    in_media = False  # past an m= or a=mid: line: credentials are that section's (media level)
+    unnamed: dict[str, str] = {}  # credentials of a media section whose a=mid: has not come yet
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line:
             continue
         if line.startswith("m="):
-            mid = None
+            _named(unnamed)
+            mid, in_media = None, True
         elif line.startswith("a=mid:"):
-            mid = line[len("a=mid:") :]
-        elif line.startswith("a=ice-ufrag:"):
-            frag.ufrag = _same(frag.ufrag, line[len("a=ice-ufrag:") :], "ice-ufrag")
-        elif line.startswith("a=ice-pwd:"):
-            frag.pwd = _same(frag.pwd, line[len("a=ice-pwd:") :], "ice-pwd")
+            mid, in_media = line[len("a=mid:") :], True
+            frag.sections.setdefault(mid, {}).update(unnamed)
+            unnamed = {}
+        elif line.startswith(("a=ice-ufrag:", "a=ice-pwd:")):
+            name, value = line[len("a=ice-") :].split(":", 1)
+            if in_media:
+                own = unnamed if mid is None else frag.sections[mid]
+                own[name] = _same(own.get(name), value, f"ice-{name}", "media section")
+            else:
+                setattr(frag, name, _same(getattr(frag, name), value, f"ice-{name}", "fragment"))
         elif line.startswith("a=candidate:"):
             value = line[len("a=candidate:") :]
             try:
@@ -71,21 +92,40 @@ def parse_fragment(text: str) -> Fragment:
             frag.end = True
         elif not (len(line) >= 2 and line[0].isalpha() and line[1] == "="):  # others are ignored
             raise FragmentError(f"line {number}: not an SDP line: {line[:100]!r}")
+    _named(unnamed)
     return frag
 
 
-def _same(old: str | None, new: str, name: str) -> str:
+def _named(unnamed: dict[str, str]) -> None:
+    if unnamed:  # (which section's they are is what makes them a restart or not)
+        raise FragmentError("ICE credentials in a media section without a=mid:")
+
+
+def _same(old: str | None, new: str, name: str, where: str) -> str:
     if old is not None and old != new:
-        raise FragmentError(f"two different a={name} in one fragment")
+        raise FragmentError(f"two different a={name} in one {where}")
     return new
 
 
-def ice_credential(sdp: str, name: str) -> str | None:
-    """The first `a=<name>:` of an SDP: `ice-ufrag` or `ice-pwd` (the offer's ICE credentials)."""
+def offer_credentials(sdp: str) -> dict[str, Credentials]:
+    """Each media section's ICE credentials in an offer, by mid: its own (`a=ice-ufrag:`,
+    `a=ice-pwd:` under its m= line), else the session level's."""
+    session: dict[str, str] = {}
+    sections: list[tuple[str | None, dict[str, str]]] = []  # (mid, its own), in order
     for line in sdp.splitlines():
-        if line.startswith(f"a={name}:"):
-            return line[len(f"a={name}:") :].strip()
-    return None
+        line = line.strip()
+        if line.startswith("m="):
+            sections.append((None, {}))
+        elif line.startswith("a=mid:") and sections:
+            sections[-1] = (line[len("a=mid:") :], sections[-1][1])
+        elif line.startswith(("a=ice-ufrag:", "a=ice-pwd:")):
+            name, value = line[len("a=ice-") :].split(":", 1)
+            (sections[-1][1] if sections else session).setdefault(name, value)
+    return {
+        mid: (own.get("ufrag", session.get("ufrag")), own.get("pwd", session.get("pwd")))
+        for mid, own in sections
+        if mid is not None
+    }
 
 
 def bundle_tag(sdp: str) -> dict[str, str]:
@@ -105,11 +145,14 @@ class TrickleIce:
     def __init__(self, pc: RTCPeerConnection, offer_sdp: str):
         self.pc = pc
         self.etag = f'"{secrets.token_urlsafe(12)}"'
-        self._credentials = {name: ice_credential(offer_sdp, f"ice-{name}") for name in ("ufrag", "pwd")}
         self._bundle = bundle_tag(offer_sdp)
-        self._mids = {
-            line[len("a=mid:") :].strip() for line in offer_sdp.splitlines() if line.startswith("a=mid:")
-        }
+        sections = offer_credentials(offer_sdp)
+        # a bundled section's candidates are its transport's, the bundle's first section's: so are
+        # the credentials they are checked against
+        self._credentials = {mid: sections.get(self._bundle.get(mid, mid), own)
+                             for mid, own in sections.items()}  # fmt: skip
+        self._mids = set(self._credentials)
+        self._first_mid = next(iter(self._credentials), None)  # where candidates without a mid go
         self.candidates = offer_sdp.count("a=candidate:")  # the offer's and those added since
         self.ended = False  # the player sent a=end-of-candidates
 
@@ -121,10 +164,7 @@ class TrickleIce:
     async def add(self, frag: Fragment) -> int:
         """Hand the fragment's candidates to the ICE agent; IceRestart for new credentials.
         Returns how many it added."""
-        # either credential changed is a restart (RFC 8839), not candidates for this one
-        for name, sent in (("ufrag", frag.ufrag), ("pwd", frag.pwd)):
-            if sent is not None and self._credentials[name] is not None and sent != self._credentials[name]:
-                raise IceRestart(name)
+        self._check_credentials(frag)
         # refused, not dropped: the ICE agent takes neither without a word (and they were counted)
         if self.ended and frag.candidates:
             raise FragmentError(
@@ -158,3 +198,22 @@ class TrickleIce:
             await self.pc.addIceCandidate(None)
             self.ended = True
         return len(frag.candidates)
+
+    def _check_credentials(self, frag: Fragment) -> None:
+        """IceRestart where the fragment gives a media section credentials other than the offer's
+        for it: either of them changed is a restart (RFC 8839), not candidates for this ICE session."""
+
+        def same(sent: Credentials, offered: Credentials) -> bool:
+            return all(s is None or o is None or s == o for s, o in zip(sent, offered))
+
+        for mid in frag.sections.keys() & self._credentials.keys():  # (an unknown mid is refused after)
+            if not same(frag.credentials_of(mid), self._credentials[mid]):
+                raise IceRestart(mid)
+        if self._first_mid is not None and any(mid is None for mid, _ in frag.candidates):
+            if not same(frag.credentials_of(None), self._credentials[self._first_mid]):
+                raise IceRestart(self._first_mid)
+        # session-level ones for no section in particular (with end-of-candidates, or alone) name an
+        # ICE session: one of the offer's, or a new one
+        if (frag.ufrag, frag.pwd) != (None, None) and self._credentials:
+            if not any(same((frag.ufrag, frag.pwd), offered) for offered in self._credentials.values()):
+                raise IceRestart("session level")

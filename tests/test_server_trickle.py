@@ -45,7 +45,10 @@ def test_a_fragment_gives_its_credentials_and_each_candidate_under_its_mid():
         ("a=candidate:garbage", "line 1: not an ICE candidate"),
         ("a=mid:0\na=candidate:1 1 udp x 192.0.2.1 1 typ host", "line 2: not an ICE candidate"),
         ("hello", "line 1: not an SDP line"),
-        ("a=ice-ufrag:a\na=ice-ufrag:b", "two different a=ice-ufrag"),
+        ("a=ice-ufrag:a\na=ice-ufrag:b", "two different a=ice-ufrag in one fragment"),
+        ("a=mid:0\na=ice-pwd:a\na=ice-pwd:b", "two different a=ice-pwd in one media section"),
+        ("m=audio 9 RTP/AVP 0\na=ice-ufrag:a\nm=video 9 RTP/AVP 0\na=mid:1", "media section without a=mid:"),
+        ("m=audio 9 RTP/AVP 0\na=ice-ufrag:a", "media section without a=mid:"),
     ],
 )
 def test_a_fragment_that_cannot_be_read_says_which_line(text, says):
@@ -334,5 +337,110 @@ async def test_an_ice_restart_is_refused_with_a_reason_and_the_stream_goes_on():
                 after = [await asyncio.wait_for(track.recv(), 20) for _ in range(10)]
                 assert after[-1].pts > before[-1].pts
                 assert pc.connectionState == "connected"
+            finally:
+                await pc.close()
+
+
+# An offer without BUNDLE whose media sections each have their ICE credentials (RFC 8839 allows
+# them per m-line): two ICE sessions, one per transport, each with its own ufrag and password.
+UNBUNDLED_OFFER = """v=0
+o=- 1 1 IN IP4 0.0.0.0
+s=-
+t=0 0
+m=video 9 UDP/TLS/RTP/SAVPF 97
+a=mid:0
+a=ice-ufrag:VidA
+a=ice-pwd:videopasswordvideopassword
+a=candidate:1 1 udp 2122260223 192.0.2.1 50000 typ host
+m=audio 9 UDP/TLS/RTP/SAVPF 96
+a=mid:1
+a=ice-ufrag:AudB
+a=ice-pwd:audiopasswordaudiopassword
+a=candidate:2 1 udp 2122260223 192.0.2.1 50001 typ host
+"""
+
+
+def unbundled_fragment(mid: str, ufrag: str, pwd: str, port: int) -> str:
+    """A fragment that trickles one candidate of media section `mid` under its own credentials."""
+    return (f"m=audio 9 UDP/TLS/RTP/SAVPF 0\na=mid:{mid}\na=ice-ufrag:{ufrag}\na=ice-pwd:{pwd}\n"
+            f"a=candidate:9 1 udp 2122260223 192.0.2.9 {port} typ host\n")  # fmt: skip
+
+
+def test_a_fragment_gives_each_media_sections_own_credentials():
+    """Credentials in a media section are that section's (media level, RFC 8840 9): a fragment
+    with a section per transport, each with its ufrag, was refused as 'two different a=ice-ufrag'."""
+    both = unbundled_fragment("0", "VidA", "videopasswordvideopassword", 50010) + unbundled_fragment(
+        "1", "AudB", "audiopasswordaudiopassword", 50011
+    )
+    frag = parse_fragment(both)
+    assert frag.credentials_of("0") == ("VidA", "videopasswordvideopassword")
+    assert frag.credentials_of("1") == ("AudB", "audiopasswordaudiopassword")
+    # session level: every section without its own, and the candidates before any a=mid:
+    frag = parse_fragment("a=ice-ufrag:S\na=ice-pwd:P\na=mid:0\na=ice-pwd:Q\n")
+    assert (frag.credentials_of(None), frag.credentials_of("0")) == (("S", "P"), ("S", "Q"))
+
+
+async def test_a_candidate_under_its_own_sections_credentials_is_no_restart():
+    """Without BUNDLE, each media section may have its own ICE credentials: a candidate of the
+    second section sent with that section's credentials was compared with the first section's and
+    refused as an ICE restart (a 422). Each section's credentials are compared with that section's
+    in the offer now; new credentials for either section are still a restart."""
+    from server.trickle import IceRestart, TrickleIce
+
+    peer = SlowResolvingPeer()
+    trickle = TrickleIce(peer, UNBUNDLED_OFFER)
+    audio = unbundled_fragment("1", "AudB", "audiopasswordaudiopassword", 50011)
+    assert await trickle.add(parse_fragment(audio)) == 1
+    video = unbundled_fragment("0", "VidA", "videopasswordvideopassword", 50010)
+    assert await trickle.add(parse_fragment(video)) == 1
+    assert peer.added == [("1", "192.0.2.9"), ("0", "192.0.2.9")]  # each to its own transport
+    for restart in (
+        unbundled_fragment("1", "AudB", "newpasswordnewpasswordnew", 50012),  # the audio section's, new
+        unbundled_fragment("1", "VidA", "videopasswordvideopassword", 50012),  # the video's, for audio
+        unbundled_fragment("0", "AudB", "audiopasswordaudiopassword", 50012),  # the audio's, for video
+        "a=ice-ufrag:New\na=ice-pwd:newpasswordnewpasswordnew\na=end-of-candidates\n",  # new, at session level
+    ):
+        with pytest.raises(IceRestart):
+            await trickle.add(parse_fragment(restart))
+    assert len(peer.added) == 2 and trickle.candidates == 4 and not trickle.ended
+
+
+async def test_a_player_without_bundle_trickles_each_sections_candidates_under_its_credentials():
+    """Through the server: an offer without BUNDLE whose audio section has ICE credentials of its
+    own (two transports); the audio section's candidate, PATCHed with its section's credentials,
+    was a 422 (an ICE restart). It reaches the audio transport's ICE agent now, and the same
+    fragment with new credentials is still a 422."""
+    with live_server(max_sessions=2) as (url, app):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            created = (await http.post("/v1/sessions", json={"avatar": "ada"})).json()
+            auth = {"Authorization": f"Bearer {created['token']}"}
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pc.addTransceiver("video", direction="recvonly")
+            pc.addTransceiver("audio", direction="recvonly")
+            try:
+                await pc.setLocalDescription(await pc.createOffer())
+                offer, _ = split_candidates(pc.localDescription.sdp)
+                video, audio = offer.split("\r\nm=")[1:]
+                assert "a=mid:1" in audio and "a=ice-ufrag:" in audio
+                own = audio.replace("a=ice-ufrag:", "a=ice-ufrag:aud").replace("a=ice-pwd:", "a=ice-pwd:aud")
+                offer = offer.replace(audio, own).replace("a=group:BUNDLE 0 1\r\n", "")
+                sdp = {"content-type": "application/sdp", **auth}
+                r = await http.post(created["whep"], content=offer, headers=sdp)
+                assert r.status_code == 201, r.text
+                credentials = [line for line in own.splitlines() if line.startswith("a=ice-")]
+                fragment = "\r\n".join(["m=audio 9 UDP/TLS/RTP/SAVPF 0", "a=mid:1", *credentials,
+                                        "a=candidate:9 1 udp 2122260223 127.0.0.1 50009 typ host", ""])  # fmt: skip
+                trickle = {"content-type": "application/trickle-ice-sdpfrag", "if-match": r.headers["etag"]}
+                trickle.update(auth)
+                patched = await http.patch(created["resource"], content=fragment, headers=trickle)
+                assert patched.status_code == 204, patched.text
+                peer = app.state.registry.get(created["id"]).trickle.pc
+                transports = [t.receiver.transport.transport for t in peer.getTransceivers()]
+                assert transports[0] is not transports[1]
+                assert [(c.ip, c.port) for c in transports[1].getRemoteCandidates()] == [("127.0.0.1", 50009)]
+                assert transports[0].getRemoteCandidates() == []
+                restart = fragment.replace("a=ice-ufrag:aud", "a=ice-ufrag:new")
+                refused = await http.patch(created["resource"], content=restart, headers=trickle)
+                assert refused.status_code == 422 and "start a new session" in refused.json()["message"]
             finally:
                 await pc.close()
