@@ -340,3 +340,66 @@ def test_a_hang_up_leaves_nothing_on_the_console(browser_page, transport):
             assert len(deletes) == (3 if transport == "webrtc" else 0), deletes
         finally:
             page.close()
+
+
+# window.hangUpAtStart: the page hangs up as its WebSocket's start message goes, before the server's
+# ready can come (a microtask: after the page's own code, before any message is read).
+HANG_UP_AT_START = """
+const realSend = WebSocket.prototype.send;
+WebSocket.prototype.send = function (data) {
+  realSend.call(this, data);
+  if (window.hangUpAtStart && typeof data === "string" && JSON.parse(data).type === "start") {
+    window.hangUpAtStart = false;
+    queueMicrotask(() => document.getElementById("hangup").click());
+  }
+};
+"""
+
+
+def test_a_hang_up_between_the_socket_and_ready_leaves_nothing_on_the_console(browser_page):
+    """Hung up with the WebSocket open and its start message sent, before the server's ready: the
+    page sent the stop message and a DELETE, which found the session the stop had ended (a 404,
+    logged by Chromium as an error) or raced it. The server's clean answer to the close is the
+    session's end now: no DELETE, nothing on the console, the session gone; a few rounds."""
+    with live_server(max_sessions=2) as (url, app):
+        sessions = app.state.registry.sessions
+        page = browser_page.new_page()
+        logs: list[str] = []
+        said = {"error", "warning"}
+        page.on("console", lambda m: logs.append(f"{m.type}: {m.text}") if m.type in said else None)
+        page.on("pageerror", lambda e: logs.append(f"pageerror: {e}"))
+        deletes = []
+        page.on("request", lambda r: deletes.append(r.url) if r.method == "DELETE" else None)
+        page.add_init_script(HELD + HANG_UP_AT_START)
+        try:
+            page.goto(f"{url}/?mic=0&transport=ws")
+            for _ in range(3):
+                page.evaluate("window.hangUpAtStart = true")
+                page.click("#connect")
+                started = lambda: page.evaluate("window.hangUpAtStart") is False  # noqa: E731
+                wait_in_page(page, started, 20, "the page sent no start message")
+                wait_in_page(page, lambda: not sessions, 10, "the session outlived the hang-up")
+                page.wait_for_timeout(2500)  # (past the page's wait for the close's answer)
+                assert page.evaluate("held()") == IDLE
+            assert (logs, deletes) == ([], [])
+        finally:
+            page.close()
+
+
+def test_a_hang_up_before_a_silent_servers_ready_deletes_the_session(browser_page):
+    """The same hang-up where the socket's server answers nothing (not the API: a proxy that took the
+    upgrade): the page's close is never answered, and the session is DELETEd all the same."""
+    with live_server(max_sessions=2) as (url, app), unanswering_listener(upgrade=True) as (port, events):
+        sessions = app.state.registry.sessions
+        page = browser_page.new_page()
+        page.add_init_script(HELD + f"window.streamAt = 'http://127.0.0.1:{port}';" + STREAM_ELSEWHERE)
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            wait_for(lambda: "frames" in events, 20, "the page's start message did not reach the listener")
+            assert len(sessions) == 1
+            page.click("#hangup")
+            wait_for(lambda: "close frame" in events, 10, "the hung-up page kept its WebSocket")
+            wait_in_page(page, lambda: not sessions, 10, "the hung-up attempt left its session on the server")
+            assert page.evaluate("held()") == IDLE
+        finally:
+            page.close()

@@ -14,6 +14,9 @@ const HEADER_BYTES = 16;
 // a server or proxy that took the TCP connection and then said nothing left the page "connecting"
 // (or "streaming" with nothing coming) for good. Generous: a real server answers within a second.
 const WEBSOCKET_START_MS = 10000;
+// How long a hang-up waits for the server to answer its WebSocket's close before it DELETEs the
+// session (deleteUnlessTheSocketEndsIt). A real server answers at once.
+const SOCKET_CLOSE_ANSWER_MS = 2000;
 
 // what the overlay shows; tests read it as window.streamgenStats
 const stats = { transport: null, firstFrameMs: null, framesDecoded: 0, fps: 0, avOffsetMs: null,
@@ -539,6 +542,34 @@ async function connect() {
   $("speak").disabled = false;
 }
 
+function hangUp() {
+  // A WebSocket open whose stream has not started: its server has the start message (and ends the
+  // session as the socket closes), or is slow, or is not the API at all. A DELETE at once raced the
+  // socket: it ended the session first, or came after the socket had (a 404 the browser logs as an
+  // error). It waits for the socket's close now, and goes only where no server answered it.
+  const socket = ws, s = session;
+  const socketMayEndSession = socket !== null && socket.readyState === WebSocket.OPEN && !wsStarted;
+  cleanup(!socketMayEndSession);
+  if (socketMayEndSession && s) deleteUnlessTheSocketEndsIt(socket, s);
+  setStatus("idle");
+}
+
+function deleteUnlessTheSocketEndsIt(socket, s) {
+  // A clean close is a server's answer to the page's: the API's ends the session as its socket closes
+  // (the stop message's "stopped", or mostly its WebSocket layer's echo of the page's close frame,
+  // 1005), or says why the socket never held it (a refusal, 4404 ...: a DELETE would not end it
+  // either). None in time (a silent server), or a connection cut: the session is DELETEd.
+  let decided = false;
+  const decide = (answered) => {
+    if (decided) return;
+    decided = true;
+    clearTimeout(timer);
+    if (!answered) deleteSession(s);
+  };
+  const timer = setTimeout(() => decide(false), SOCKET_CLOSE_ANSWER_MS);
+  socket.addEventListener("close", (e) => decide(e.wasClean));
+}
+
 function closePeer() {
   // a failed WebRTC attempt: its peer connection and its session (bound to WHEP once offered)
   if (pc) { pc.onconnectionstatechange = null; pc.close(); }
@@ -608,7 +639,7 @@ async function speak(e) {
 }
 
 $("connect").onclick = connect;
-$("hangup").onclick = () => { cleanup(true); setStatus("idle"); };
+$("hangup").onclick = hangUp;
 $("speak-form").onsubmit = speak;
 $("mic").onchange = async () => {
   // only while connected: the microphone is taken for a connection and given back with it
