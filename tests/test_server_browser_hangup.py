@@ -403,3 +403,40 @@ def test_a_hang_up_before_a_silent_servers_ready_deletes_the_session(browser_pag
             assert page.evaluate("held()") == IDLE
         finally:
             page.close()
+
+
+def test_a_websocket_refused_before_ready_fails_with_the_servers_reason(browser_page):
+    """A socket the server refuses (here the session was ended between its creation and the socket:
+    4404) closes before the ready message with a code and a reason. The page said only 'WebSocket
+    failed'; it says the server's code and reason now, gives back what it held and connects again."""
+    ended_meanwhile = """
+const realFetch = window.fetch;
+window.fetch = async (url, init) => {
+  const res = await realFetch(url, init);
+  if (!window.endMeanwhile || !init || init.method !== "POST" || !String(url).endsWith("/v1/sessions")) return res;
+  window.endMeanwhile = false;
+  const made = await res.clone().json();
+  await realFetch(made.resource, {method: "DELETE", headers: {Authorization: `Bearer ${made.token}`}});
+  window.endedId = made.id;
+  return res;
+};
+window.endMeanwhile = true;
+"""
+    with live_server(max_sessions=2) as (url, app):
+        sessions = app.state.registry.sessions
+        page = browser_page.new_page()
+        page.add_init_script(HELD + ended_meanwhile)
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            failed = lambda: page.evaluate("held()")["state"].startswith("failed")  # noqa: E731
+            wait_in_page(page, failed, 20, "the refused page did not fail")
+            state = page.evaluate("held()")
+            ended = page.evaluate("window.endedId")
+            said = f"failed: WebSocket closed: 4404 unknown session '{ended}'"
+            assert state == {**IDLE, "state": said}, state
+            assert not sessions
+            page.click("#connect")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
+            assert page.evaluate("held()")["state"] == "streaming (websocket)"
+        finally:
+            page.close()
