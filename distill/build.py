@@ -158,8 +158,12 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int):
 
     source = section.vae
     if source is not None and source.startswith("wan:"):
+        from streamgen.folders import read_folder
+
         try:
-            vae = WanVAE.from_pretrained(source[4:])
+            # config and weights of one save (WanVAE.save puts a folder in place whole, or writes
+            # it file by file under an export stamp: ExportUnderWay, a ValueError, where cut short)
+            vae = read_folder(Path(source[4:]), WanVAE.from_pretrained)
         except (OSError, ValueError) as e:
             raise ModelSourceError(f"cannot load the Wan VAE {source[4:]}: {e}") from None
         return vae.eval().requires_grad_(False)

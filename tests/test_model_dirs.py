@@ -604,3 +604,39 @@ def test_ship_takes_one_export_of_its_source(tmp_path, monkeypatch):
     dit = found.dit.state_dict()
     assert found.meta["steps"] == new.steps and type(found.vae) is type(new.vae)
     assert all(torch.allclose(v, dit[k].float(), atol=1e-2) for k, v in new.dit.state_dict().items())
+
+
+def test_distillation_refuses_a_wan_vae_folder_whose_save_was_cut_short(tmp_path, monkeypatch):
+    """`model.vae: wan:DIR` over a folder WanVAE.save wrote into file by file (no exchange): a save
+    cut short after the new weights went in left them beside the old config.json, which
+    diffusers' from_pretrained loaded as one autoencoder. load_vae reads it as every other model
+    source is read (`read_folder`): told that the save was cut short."""
+    import errno
+    import os
+    from pathlib import Path
+
+    from distill.build import ModelSourceError, load_vae
+    from distill.config import ModelConfigSection
+    from streamgen import folders
+
+    folder = tmp_path / "model" / WanVAE.DIRECTORY
+    old = wan_based_model().vae
+    old.save(folder.parent)
+    assert load_vae(ModelConfigSection(vae=f"wan:{folder}"), latent_channels=4, temporal=4, seed=0)
+    real_replace = os.replace
+
+    def cut_short_after_weights(src, dst):
+        real_replace(src, dst)
+        if os.fspath(dst).endswith(".safetensors") and Path(dst).parent == folder:
+            raise OSError(errno.EIO, "an I/O error")
+
+    from diffusers import AutoencoderKLWan
+
+    new = WanVAE(AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1).eval())
+    monkeypatch.setattr(folders, "exchange", lambda a, b: False)
+    monkeypatch.setattr(os, "replace", cut_short_after_weights)
+    with pytest.raises(OSError, match="I/O error"):
+        new.save(folder.parent)
+    monkeypatch.undo()
+    with pytest.raises(ModelSourceError, match="cut short"):
+        load_vae(ModelConfigSection(vae=f"wan:{folder}"), latent_channels=4, temporal=4, seed=0)
