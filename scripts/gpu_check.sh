@@ -49,8 +49,13 @@ eval "bench_args=(${GPU_CHECK_BENCH_ARGS:-})"  # a list of options, quoted as on
 # make, for each variant's own floor (bench/variant_floor.py); given the tests' time at most
 test_s=${GPU_CHECK_TEST_TIMEOUT:-210}
 floor_work=$site/floor-work.json
-floor_args=()
-[[ " ${bench_args[*]} " == *" --quick "* ]] && floor_args=(--quick)
+floor_args=()  # the benchmark's model and steps: bench gpu refuses counts of others
+for i in "${!bench_args[@]}"; do
+  case ${bench_args[i]} in
+    --quick | --steps=*) floor_args+=("${bench_args[i]}") ;;
+    --steps) floor_args+=(--steps "${bench_args[i + 1]:-}") ;;
+  esac
+done
 "$PY" -m bench.variant_floor --out "$floor_work" "${floor_args[@]}" > "$OUT/floor-work.log" 2>&1 &
 counting=$!
 count_until=$(($(elapsed) + test_s))

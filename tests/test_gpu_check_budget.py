@@ -175,10 +175,9 @@ exit 1
 """
 
 
-def test_gpu_check_ends_within_its_deadline_when_every_step_takes_its_limit(tmp_path):
-    """The worst case of scripts/gpu_check.sh, every step cut at its limit, on a fake clock: within
-    540 s, a real margin inside the device call's 590, with every command bounded (the floors'
-    count by the tests' limit) and the benchmark's budget inside its timeout."""
+def _gpu_check_on_a_fake_clock(tmp_path, **env_vars) -> tuple[subprocess.CompletedProcess, int]:
+    """scripts/gpu_check.sh with every command under `timeout` taking its limit (logged to
+    tmp_path/timeouts.log) and the others logged to tmp_path/unbounded.log: (its run, its seconds)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("date", _FAKE_CLOCK), ("timeout", _FAKE_TIMEOUT), ("nvidia-smi", _UNBOUNDED),
@@ -195,6 +194,7 @@ def test_gpu_check_ends_within_its_deadline_when_every_step_takes_its_limit(tmp_
         "CLOCK": str(clock),
         "LOG": str(log),
         "UNBOUNDED": str(unbounded),
+        **env_vars,
     }
     repo = tmp_path / "repo"  # the script, carried wheels, a file of GPU tests
     for path, text in (("scripts/gpu_check.sh", (ROOT / "scripts" / "gpu_check.sh").read_text()),
@@ -203,7 +203,15 @@ def test_gpu_check_ends_within_its_deadline_when_every_step_takes_its_limit(tmp_
         (repo / path).write_text(text)
     r = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=repo, env=env, capture_output=True,
                        text=True, timeout=60)  # fmt: skip
-    worst_s = int(clock.read_text()) - 1000000
+    return r, int(clock.read_text()) - 1000000
+
+
+def test_gpu_check_ends_within_its_deadline_when_every_step_takes_its_limit(tmp_path):
+    """The worst case of scripts/gpu_check.sh, every step cut at its limit, on a fake clock: within
+    540 s, a real margin inside the device call's 590, with every command bounded (the floors'
+    count by the tests' limit) and the benchmark's budget inside its timeout."""
+    r, worst_s = _gpu_check_on_a_fake_clock(tmp_path)
+    log, unbounded = tmp_path / "timeouts.log", tmp_path / "unbounded.log"
     # the one command outside a timeout: the floors' count beside the tests, stopped at their limit
     (beside,) = unbounded.read_text().splitlines()
     assert beside.startswith("python -m bench.variant_floor --out "), beside
@@ -213,3 +221,14 @@ def test_gpu_check_ends_within_its_deadline_when_every_step_takes_its_limit(tmp_
     (bench,) = [line.split() for line in log.read_text().splitlines() if "-m bench.gpu" in line]
     limit_s, budget_s = int(bench[0]), int(bench[bench.index("--budget") + 1])
     assert limit_s >= 150 and 0 < budget_s <= limit_s - 20, bench  # time for the new levers
+
+
+@pytest.mark.parametrize("steps", [["--steps", "2"], ["--steps=2"]], ids=["separate", "joined"])
+def test_the_floors_are_counted_at_the_benchmarks_steps(tmp_path, steps):
+    """`bench gpu --floor-work` takes counts of its own model and steps alone: with `--steps 2` in
+    GPU_CHECK_BENCH_ARGS the floors counted beside the tests at the default 4 were refused
+    ("none: ... steps=4"), every variant that does other work than the default without its floor."""
+    bench_args = " ".join(["--quick", *steps])
+    _gpu_check_on_a_fake_clock(tmp_path, GPU_CHECK_BENCH_ARGS=bench_args)
+    (counting,) = (tmp_path / "unbounded.log").read_text().splitlines()
+    assert counting.split()[-1 - len(steps) :] == ["--quick", *steps], counting
