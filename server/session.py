@@ -19,7 +19,9 @@ grows by as much as that chunk was late, up to `MAX_DELAY`, so that the next one
 are on time instead of each stuttering; a one-off late chunk only moves the clock.
 When every chunk of the last few seconds arrived with time to spare, the delay
 comes back down towards the one the session started with, `base` moving back and
-the tracks skipping what it jumped over.
+the tracks skipping what it jumped over: in a pause of the sound, where a WebRTC
+audio track plays it (`rewind_pending`, applied by the track where its playhead is at
+silence, so no word is cut), else at once.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ import numpy as np
 log = logging.getLogger("streamgen.server")
 
 SAMPLE_RATE = 16000
+# A pause in the sound: 20 ms whose RMS is below -50 dBFS. espeak-ng's pauses are exact zeros, and
+# a microphone's noise floor is below speech; at -40 dBFS a word's quiet onset or fading end
+# (-40 to -48 dBFS, 9-14 blocks in 4-7 s of espeak speech in en-us, de, fr, es) counted as
+# silence, at -50 dBFS 1-4 blocks did (down to -72 dBFS: the last of a word fading out).
+SILENCE_BLOCK = 320
+SILENCE_RMS = 10 ** (-50 / 20)
 
 
 class AudioTimeline:
@@ -128,6 +136,14 @@ class AudioTimeline:
         """Samples [start, start + n) as the model saw them; silence where unknown."""
         with self._lock:
             return self._slice(start, start + n)
+
+    def silent_run(self, start: int, end: int) -> int:
+        """How many samples from `start` on (up to `end`) are a pause: whole SILENCE_BLOCKs, each
+        with an RMS below SILENCE_RMS."""
+        blocks = max(0, end - start) // SILENCE_BLOCK
+        pcm = self.read(start, blocks * SILENCE_BLOCK).reshape(blocks, SILENCE_BLOCK).astype(np.float64)
+        loud = np.sqrt(np.mean(pcm**2, axis=1)) >= SILENCE_RMS
+        return int(np.argmax(loud) if loud.any() else blocks) * SILENCE_BLOCK
 
     def _ensure(self, end: int) -> None:
         need = end - self._origin
@@ -238,6 +254,7 @@ class Session:
     MAX_DELAY = 1.0  # seconds; the delay grows no further (the stream skips ahead instead)
     SLACK_WINDOW = 16  # chunks (5 s at 0.32 s): late twice within it grows the delay, all early lowers it
     SLACK_KEEP = 0.02  # seconds of their smallest head start kept when it does
+    REWIND_WAIT = SLACK_WINDOW  # chunks a lowering waits for a pause in the sound, then it is applied anyway
 
     def __init__(self, session_id: str, stream, loop: asyncio.AbstractEventLoop, max_audio_ahead_s: float):
         self.id = session_id
@@ -276,6 +293,9 @@ class Session:
         self.start_delay = 0.2  # the delay it attached with: the floor that a grown delay returns to
         self.base = 0.0
         self.rewound = 0.0  # seconds the clock has moved back in all (the video track skips as many frames)
+        self.rewind_pending = 0.0  # seconds the delay is to come down by, in a pause of the sound (`rewind`)
+        self.rewinds_in_pauses = False  # a WebRTC audio track plays: it applies rewind_pending
+        self._pending_chunks = 0  # chunks published while rewind_pending waited for a pause
         self._slack: list[float] = []  # head start of the recent chunks: play time - arrival, seconds
         self._waited = 0.0  # seconds the clock moved while the video waited for the next chunk
         self._published = -1  # index of the last chunk handed to the transports
@@ -376,6 +396,7 @@ class Session:
 
     def publish(self, chunk: Chunk) -> None:  # event-loop thread
         self._published = max(self._published, chunk.index)
+        waiting = self.rewind_pending > 0  # (one this chunk sets waits from the next chunk on)
         if chunk.index > 0:  # the first chunk plays as soon as it is ready, by design
             head_start = self.base + chunk.pts - time.monotonic()
             lateness, self._waited = self._waited + max(0.0, -head_start), 0.0
@@ -383,6 +404,10 @@ class Session:
                 self._chunk_was_late(chunk.index, lateness)
             else:
                 self._lower_delay_when_early(head_start)
+        if waiting and self.rewind_pending > 0:
+            self._pending_chunks += 1
+            if self._pending_chunks >= self.REWIND_WAIT:  # continuous sound: no pause came
+                self.rewind(self.rewind_pending)
         for slot in self.slots:
             slot.put(chunk)
 
@@ -393,6 +418,8 @@ class Session:
         if self.on_late is not None:
             self.on_late()
         self._slack.clear()
+        # it came late with the delay not lowered yet: lowered as planned, it would be later still
+        self.rewind_pending, self._pending_chunks = 0.0, 0
         recurring = self._last_late is not None and index - self._last_late <= self.SLACK_WINDOW
         self._last_late = index
         if recurring:
@@ -405,20 +432,41 @@ class Session:
 
     def _lower_delay_when_early(self, head_start: float) -> None:
         """Bring a grown delay back down once every chunk for SLACK_WINDOW chunks had time to spare:
-        by their smallest head start beyond SLACK_KEEP (the tracks skip what the clock jumps over)."""
-        self._slack.append(head_start)
+        by their smallest head start beyond SLACK_KEEP. Where a WebRTC audio track plays, the
+        lowering waits for a pause in the sound (`rewind_pending`: the tracks skip what the clock
+        jumps over, and skipped at once, that was up to the whole spare of the user's words);
+        elsewhere (a WebSocket client plays by pts) it is applied at once."""
+        # the head start it will have once what is pending is applied: counted twice, the delay
+        # came down twice for one spare, and the chunks came late
+        self._slack.append(head_start - self.rewind_pending)
         if len(self._slack) < self.SLACK_WINDOW:
             return
-        spare = min(min(self._slack) - self.SLACK_KEEP, self.delay - self.start_delay)
+        spare = min(min(self._slack) - self.SLACK_KEEP, self.delay - self.rewind_pending - self.start_delay)
         self._slack.clear()
         step = round(spare, 3)
         if step >= 0.005:
-            log.debug("session %s: playout delay %.0f -> %.0f ms",
-                      self.id, 1000 * self.delay, 1000 * (self.delay - step))  # fmt: skip
-            with self.clock_lock:  # (the worker moves `rewound` too, `generate_sooner`)
-                self.delay -= step
-                self.base -= step  # next_due (base - delay + k * chunk_seconds) stays: generation keeps its pace
-                self.rewound += step
+            log.debug("session %s: playout delay %.0f -> %.0f ms%s", self.id, 1000 * self.delay,
+                      1000 * (self.delay - self.rewind_pending - step),
+                      " in the next pause" if self.rewinds_in_pauses else "")  # fmt: skip
+            self.rewind_pending += step
+            if not self.rewinds_in_pauses:
+                self.rewind(self.rewind_pending)
+
+    def rewind(self, seconds: float) -> float:  # event-loop thread
+        """Apply up to `seconds` of rewind_pending now: play that much sooner from now on, the delay
+        that much shorter (never below start_delay, which hold_back may have raised since), while
+        generation keeps its pace (next_due stays). The tracks skip what the clock jumps over
+        (`rewound`). Returns the seconds applied."""
+        with self.clock_lock:  # (the worker moves base and `rewound` too, `generate_sooner`)
+            self.rewind_pending = min(self.rewind_pending, max(0.0, self.delay - self.start_delay))
+            seconds = min(seconds, self.rewind_pending)
+            self.delay -= seconds
+            self.base -= seconds  # next_due (base - delay + k * chunk_seconds) stays
+            self.rewound += seconds
+            self.rewind_pending -= seconds
+        if self.rewind_pending < 1e-9:  # (what float subtraction leaves of it)
+            self.rewind_pending, self._pending_chunks = 0.0, 0
+        return seconds
 
     def fail_from_worker(self, reason: str) -> None:  # event-loop thread
         if self.fail_handler is not None:

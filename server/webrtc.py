@@ -333,7 +333,11 @@ class SpeechAudioTrack(MediaStreamTrack):
     Frames leave on the wall clock without gaps, like the video (whose late frames are
     repeats): when the session clock moves forward the track sends silence until the
     stream catches up, so both tracks' RTP clocks follow the wall clock and the
-    browser's A/V sync (from the RTCP sender reports) stays put.
+    browser's A/V sync (from the RTCP sender reports) stays put. When it moves back (the
+    delay came down) the track skips ahead; it is the track that brings a lowered delay
+    down (`session.rewind_pending`), where its playhead is at a pause, by no more than the
+    pause: brought down wherever the playhead was, the whole step was skipped in the middle of
+    the user's words (test_server_clock_pauses).
     """
 
     kind = "audio"
@@ -371,6 +375,7 @@ class SpeechAudioTrack(MediaStreamTrack):
             self.start = time.monotonic()
             now_samples = (self.start - s.base) * SAMPLE_RATE
             self.m = max(0, round(now_samples / AUDIO_FRAME_SAMPLES) * AUDIO_FRAME_SAMPLES)
+            s.rewinds_in_pauses = True  # a playhead now: a lowered delay waits for it to be at a pause
         at = self.start + self.sent * AUDIO_FRAME_SAMPLES / SAMPLE_RATE
         delay = at - time.monotonic()
         if delay > 0:
@@ -381,13 +386,38 @@ class SpeechAudioTrack(MediaStreamTrack):
             # clock): no sound either, and these samples stay to come with their frames (passed
             # over, the chunk's first words were lost while its lips moved)
             return silence
+        if s.rewind_pending > 0:
+            self._rewind_in_pause(at)
         position = (at - s.base) * SAMPLE_RATE  # the stream sample that should be playing now
         if position < self.m - AUDIO_FRAME_SAMPLES / 2:
             return silence  # the clock moved forward (late video): fill the gap
-        if position >= self.m + AUDIO_FRAME_SAMPLES / 2:  # it moved back (the delay came down): skip ahead
-            self.m += round((position - self.m) / AUDIO_FRAME_SAMPLES) * AUDIO_FRAME_SAMPLES
+        self.m += self._skip(position - self.m)
         start, self.m = self.m, self.m + AUDIO_FRAME_SAMPLES
         if start + AUDIO_FRAME_SAMPLES > s.generated_until:
             return silence  # (skipped ahead past what is generated)
         pcm = s.timeline.read(start, AUDIO_FRAME_SAMPLES)
         return (pcm * 32767).astype(np.int16)
+
+    @staticmethod
+    def _skip(ahead: float) -> int:
+        """Samples to skip when the clock is `ahead` samples past the playhead: whole frames, once
+        it is half a frame past (the clock moved back: the delay came down)."""
+        if ahead < AUDIO_FRAME_SAMPLES / 2:
+            return 0
+        return round(ahead / AUDIO_FRAME_SAMPLES) * AUDIO_FRAME_SAMPLES
+
+    def _rewind_in_pause(self, at: float) -> None:
+        """Apply as much of the session's pending rewind as the pause at the playhead takes: whole
+        video frames (the video skips those), and no more than the track then skips in silence.
+        A pause shorter than a frame takes nothing, nor does sound (the session applies it anyway
+        after a while, `Session.REWIND_WAIT`)."""
+        s = self.session
+        frame = SAMPLE_RATE / s.fps  # samples
+        ahead = (at - s.base) * SAMPLE_RATE - self.m  # where the clock is from the playhead now
+        end = min(s.generated_until, self.m + math.ceil(s.rewind_pending * SAMPLE_RATE + ahead + 2 * frame))
+        pause = s.timeline.silent_run(self.m, end)
+        for frames in range(math.floor(pause / frame), 0, -1):  # the most that fits, from the longest
+            seconds = min(s.rewind_pending, frames / s.fps)
+            if self._skip(ahead + seconds * SAMPLE_RATE) <= pause:
+                s.rewind(seconds)
+                return

@@ -1,0 +1,239 @@
+"""A grown playout delay comes back down in the pauses of the sound: the WebRTC audio track applies
+the lowering where its playhead is at silence, so neither track skips speech; with no audio track
+to wait for, or no pause for long, it comes down at once (tests/test_server_clock.py has the rest
+of the clock)."""
+
+import asyncio
+import math
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import server.session as session_module
+import server.webrtc as webrtc
+from server.session import SAMPLE_RATE, Chunk, Session
+from server.webrtc import AUDIO_FRAME_SAMPLES, AvatarVideoTrack, SpeechAudioTrack
+
+FPS, PER_CHUNK, CHUNK_S = 25, 8, 0.32
+FRAME_SAMPLES = SAMPLE_RATE // FPS  # 640: one video frame of audio
+
+
+class FakeClock:
+    """time.monotonic for the session and the tracks; the tracks' sleeps move it on (no real waits)."""
+
+    def __init__(self, now: float = 100.0):
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    clock = FakeClock()
+    fake_time = SimpleNamespace(monotonic=clock.monotonic, time=time.time)
+    monkeypatch.setattr(session_module, "time", fake_time)
+    monkeypatch.setattr(webrtc, "time", fake_time)
+    monkeypatch.setattr(
+        webrtc, "asyncio", SimpleNamespace(sleep=clock.sleep, CancelledError=asyncio.CancelledError)
+    )
+    return clock
+
+
+def speech(seconds: float) -> np.ndarray:
+    """Sound that tells its own stream sample: sample m is 0.25 + m / 128000 (loud throughout; up to 6 s)."""
+    return (0.25 + np.arange(round(seconds * SAMPLE_RATE)) / 128000).astype(np.float32)
+
+
+def sample_of(frame) -> int:
+    """The stream sample an audio frame starts at (the track's frames start at whole 20 ms of the
+    stream; the int16 rounding is a few samples); None for silence."""
+    value = frame.to_ndarray()[0, 0] / 32767
+    return None if value < 0.2 else round((value - 0.25) * 128000 / AUDIO_FRAME_SAMPLES) * AUDIO_FRAME_SAMPLES
+
+
+def chunk(index: int) -> Chunk:
+    """Frame i of the stream is a picture filled with the value i (mod 256)."""
+    values = np.arange(index * PER_CHUNK, (index + 1) * PER_CHUNK) % 256
+    frames = np.broadcast_to(values[:, None, None, None], (PER_CHUNK, 8, 8, 3)).astype(np.uint8)
+    return Chunk(frames, index * CHUNK_S, np.zeros(PER_CHUNK * FRAME_SAMPLES, np.int16), FPS, index, 0.0)
+
+
+def grown_session(clock: FakeClock, sound: np.ndarray, transport: str = "whep") -> Session:
+    """A session whose delay grew from 0.1 s to 0.5 s (three late chunks in a row), stream time 0
+    playing now, `sound` on its timeline and all of it generated."""
+    stream = SimpleNamespace(width=8, height=8, frames_per_chunk=PER_CHUNK, chunk_seconds=CHUNK_S,
+                             audio_lookahead_seconds=0.0)  # fmt: skip
+    s = Session("s", stream, None, max_audio_ahead_s=30.0)
+    s.attach(transport, 0.1, first_delay=0.0)
+    s._chunk_was_late(1, 0.2)
+    s._chunk_was_late(2, 0.2)
+    s._chunk_was_late(3, 0.2)
+    assert s.delay == pytest.approx(0.5) and s.start_delay == pytest.approx(0.1)
+    s.base = clock.now
+    s.timeline.history = len(sound)  # all of it stays readable, however far the tracks play
+    s.timeline.append(sound)
+    s.timeline.take_until(len(sound))
+    s.generated_until = len(sound)
+    return s
+
+
+def chunks_come_early(s: Session, clock: FakeClock) -> None:
+    """SLACK_WINDOW chunks weighed as `publish` weighs them, each arriving a delay ahead
+    of its play time (the worker generates them that far ahead)."""
+    first = math.ceil((clock.now - s.base + s.delay) / CHUNK_S)
+    for k in range(first, first + Session.SLACK_WINDOW):
+        with s.clock_lock:
+            head_start = s.base + k * CHUNK_S - clock.now
+        s._lower_delay_when_early(head_start)
+
+
+async def test_a_grown_delay_comes_down_in_a_pause_skipping_no_speech_in_either_track(clock):
+    """Chunks keep arriving early while the user speaks: the delay came down at once, and the audio
+    track skipped the 0.4 s the clock jumped over in the middle of the words (the video as many
+    frames). Now it waits for the pause and skips there, audio and video the same time."""
+    pause = (1.0, 1.8)  # seconds of the stream
+    sound = np.concatenate([speech(4.0)[: round(pause[0] * SAMPLE_RATE)], np.zeros(round(0.8 * SAMPLE_RATE), np.float32),
+                            speech(4.0)[round(pause[1] * SAMPLE_RATE):]])  # fmt: skip
+    s = grown_session(clock, sound)
+    slot = s.add_slot()
+    audio, video = SpeechAudioTrack(s), AvatarVideoTrack(s, slot)
+    played, shown, next_chunk = [], [], 0
+
+    async def play(seconds: float) -> None:  # both tracks, on one clock: two audio frames a video frame
+        nonlocal next_chunk
+        for _ in range(round(seconds * FPS)):
+            slot.put(chunk(next_chunk))  # (the chunks come well ahead: the video never waits)
+            next_chunk += 1
+            shown.append(int((await video.recv()).to_ndarray(format="rgb24")[0, 0, 0]))
+            for _ in range(2):
+                played.append(sample_of(await audio.recv()))
+
+    await play(0.2)  # the user is speaking ...
+    chunks_come_early(s, clock)  # ... when the delay may come down by 0.4 s
+    assert s.delay == pytest.approx(0.5) and s.rewind_pending == pytest.approx(0.4)
+    await play(2.0)
+    assert s.delay == pytest.approx(0.1) and s.rewound == pytest.approx(0.4) and s.rewind_pending == 0
+
+    loud = [m for m in played if m is not None]
+    speech_blocks = [m for m in range(0, loud[-1] + 1, AUDIO_FRAME_SAMPLES) if sound[m] > 0]
+    assert loud == speech_blocks  # every 20 ms of speech played, in order, none twice
+    jumps = [
+        (a, b)
+        for a, b in zip(played, played[1:])
+        if a is not None and b is not None and b - a != AUDIO_FRAME_SAMPLES
+    ]
+    assert jumps == [] and played.count(None) == round(
+        (pause[1] - pause[0] - 0.4) * SAMPLE_RATE / AUDIO_FRAME_SAMPLES
+    )
+    # the video skipped the same 10 frames, in the pause (the frames of 1.0-1.8 s are 25-44), at
+    # its first frame after the audio's skip (audio frames 2j and 2j + 1 play with video frame j)
+    skips = [(a, b) for a, b in zip(shown, shown[1:]) if b != a + 1]
+    assert len(skips) == 1 and skips[0][1] - skips[0][0] == 1 + 10, skips
+    assert pause[0] * FPS <= skips[0][0] + 1 and skips[0][1] - 1 < pause[1] * FPS, skips
+    assert shown.index(skips[0][1]) == played.index(None) // 2 + 1
+
+
+async def test_a_pause_shorter_than_a_video_frame_brings_nothing_down(clock):
+    """20 ms of silence between words (a stop consonant, a breath) is not a pause to skip."""
+    sound = speech(3.0)
+    sound[round(0.6 * SAMPLE_RATE) : round(0.6 * SAMPLE_RATE) + AUDIO_FRAME_SAMPLES] = 0
+    s = grown_session(clock, sound)
+    audio = SpeechAudioTrack(s)
+    await audio.recv()
+    chunks_come_early(s, clock)
+    played = [sample_of(await audio.recv()) for _ in range(50)]  # 1 s, past the short gap
+    assert s.rewind_pending == pytest.approx(0.4) and s.delay == pytest.approx(0.5) and s.rewound == 0
+    assert None in played and all(
+        b - a == AUDIO_FRAME_SAMPLES for a, b in zip(played, played[1:]) if None not in (a, b)
+    )
+
+
+@pytest.mark.parametrize("off_frame", [0.0, 0.009, -0.009])
+async def test_a_pause_shorter_than_the_lowering_takes_what_it_covers_and_the_next_pause_the_rest(
+    clock, off_frame
+):
+    """Pauses of 0.2 s (at 0.5 s) and 0.3 s (at 1.5 s) against 0.4 s to come down: the first takes
+    0.2 s (all of it is skipped, the words after it play whole), the second the other 0.2 s. The
+    same with the clock up to half an audio frame off the track's frames (off_frame, seconds)."""
+    sound = speech(3.0)
+    for start, seconds in ((0.5, 0.2), (1.5, 0.3)):
+        sound[round(start * SAMPLE_RATE) : round((start + seconds) * SAMPLE_RATE)] = 0
+    s = grown_session(clock, sound)
+    s.base += off_frame
+    audio = SpeechAudioTrack(s)
+    played = [sample_of(await audio.recv())]
+    chunks_come_early(s, clock)
+    delays = []
+    for _ in range(100):  # 2 s
+        played.append(sample_of(await audio.recv()))
+        delays.append(round(s.delay, 3))
+    assert sorted(set(delays), reverse=True) == [0.5, 0.3, 0.1] and s.rewind_pending == 0
+    loud = [m for m in played if m is not None]
+    assert loud == [m for m in range(0, loud[-1] + 1, AUDIO_FRAME_SAMPLES) if sound[m] > 0]
+    assert played.count(None) == round(0.1 * SAMPLE_RATE / AUDIO_FRAME_SAMPLES)  # 0.5 s of pauses less 0.4
+
+
+async def test_with_no_pause_for_long_the_delay_comes_down_at_once(clock):
+    """Continuous sound (music, a noisy microphone): after REWIND_WAIT chunks the lowering is
+    applied as before, the tracks skipping what the clock jumps over, so the delay comes down."""
+    s = grown_session(clock, speech(6.0))
+    audio = SpeechAudioTrack(s)
+    await audio.recv()
+    chunks_come_early(s, clock)
+    assert s.rewind_pending == pytest.approx(0.4)
+    for i in range(Session.REWIND_WAIT):
+        assert s.delay == pytest.approx(0.5) and s.rewind_pending == pytest.approx(0.4)  # not yet
+        for _ in range(round(CHUNK_S * SAMPLE_RATE / AUDIO_FRAME_SAMPLES)):  # a chunk's time of sound
+            last = sample_of(await audio.recv())
+        s.publish(chunk(100 + i))  # the chunks keep coming well ahead of their play time
+    assert s.delay == pytest.approx(0.1) and s.rewind_pending == 0 and s.rewound == pytest.approx(0.4)
+    assert (
+        sample_of(await audio.recv()) - last == AUDIO_FRAME_SAMPLES + 0.4 * SAMPLE_RATE
+    )  # skipped, as before
+
+
+def test_a_websocket_session_brings_the_delay_down_at_once(clock):
+    """Its client plays the chunks by their pts: there is no playhead on the server to wait for."""
+    s = grown_session(clock, speech(2.0), transport="websocket")
+    base = s.base
+    chunks_come_early(s, clock)
+    assert s.delay == pytest.approx(0.1) and s.rewind_pending == 0
+    assert s.base == pytest.approx(base - 0.4) and s.rewound == pytest.approx(0.4)
+
+
+def test_a_webrtc_session_whose_audio_track_is_not_playing_brings_the_delay_down_at_once(clock):
+    """No audio m-line in the offer, or the track not started yet: nothing would apply it."""
+    s = grown_session(clock, speech(2.0))
+    SpeechAudioTrack(s)  # made, never asked for a frame
+    chunks_come_early(s, clock)
+    assert s.delay == pytest.approx(0.1) and s.rewound == pytest.approx(0.4)
+
+
+async def test_a_pending_lowering_is_counted_when_the_next_one_is_weighed(clock):
+    """Chunks still arriving with the head start the pending lowering will take away have no more
+    spare: weighed without it, the delay was lowered twice, and the chunks then came late."""
+    s = grown_session(clock, speech(6.0))
+    audio = SpeechAudioTrack(s)
+    await audio.recv()
+    for window in range(2):
+        for _ in range(Session.SLACK_WINDOW):  # each arrives 0.22 s before its play time (base stays)
+            s._lower_delay_when_early(0.22)
+        assert s.rewind_pending == pytest.approx(0.2), window  # 0.22 - SLACK_KEEP, once
+
+
+async def test_a_late_chunk_drops_a_pending_lowering(clock):
+    """It came late with the delay not yet lowered: lowered, it would have been later still."""
+    s = grown_session(clock, speech(6.0))
+    audio = SpeechAudioTrack(s)
+    await audio.recv()
+    chunks_come_early(s, clock)
+    assert s.rewind_pending == pytest.approx(0.4)
+    s._chunk_was_late(60, 0.01)
+    assert s.rewind_pending == 0 and s.delay == pytest.approx(0.5)
