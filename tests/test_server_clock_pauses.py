@@ -237,3 +237,19 @@ async def test_a_late_chunk_drops_a_pending_lowering(clock):
     assert s.rewind_pending == pytest.approx(0.4)
     s._chunk_was_late(60, 0.01)
     assert s.rewind_pending == 0 and s.delay == pytest.approx(0.5)
+
+
+async def test_a_floor_raised_while_a_lowering_waits_caps_it(clock):
+    """A bigger batch held the session back meanwhile (hold_back: 0.3 s is what it needs): the
+    pending lowering, decided against the old floor, brings the delay down to 0.3 s, not below."""
+    sound = speech(3.0)
+    sound[round(1.0 * SAMPLE_RATE) : round(1.8 * SAMPLE_RATE)] = 0
+    s = grown_session(clock, sound)
+    audio = SpeechAudioTrack(s)
+    await audio.recv()
+    chunks_come_early(s, clock)
+    s.hold_back(0.3)
+    assert s.delay == pytest.approx(0.5) and s.start_delay == pytest.approx(0.3)
+    for _ in range(100):  # 2 s, past the pause
+        await audio.recv()
+    assert s.delay == pytest.approx(0.3) and s.rewound == pytest.approx(0.2) and s.rewind_pending == 0
