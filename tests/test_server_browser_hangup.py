@@ -440,3 +440,60 @@ window.endMeanwhile = true;
             assert page.evaluate("held()")["state"] == "streaming (websocket)"
         finally:
             page.close()
+
+
+# window.endAt: where the page's session is DELETEd behind its back (the test's own DELETE, as
+# another client's would be): "socket", between its creation and its WebSocket (refused: 4404);
+# "start", in place of its start message, with the socket holding it (ended by the DELETE: 4410)
+END_BEHIND_THE_PAGE = """
+const realFetch = window.fetch;
+window.endedBehind = [];
+const endBehind = (made) => realFetch(made.resource, {method: "DELETE", headers: {Authorization: `Bearer ${made.token}`}})
+  .then((res) => window.endedBehind.push(res.status));
+window.fetch = async (url, init) => {
+  const res = await realFetch(url, init);
+  if (!init || init.method !== "POST" || !String(url).endsWith("/v1/sessions")) return res;
+  window.made = await res.clone().json();
+  if (window.endAt === "socket") await endBehind(window.made);
+  return res;
+};
+const realSend = WebSocket.prototype.send;
+WebSocket.prototype.send = function (data) {
+  if (window.endAt === "start" && typeof data === "string" && JSON.parse(data).type === "start") {
+    endBehind(window.made);
+    return;
+  }
+  realSend.call(this, data);
+};
+"""
+
+
+@pytest.mark.parametrize("end_at, code", [("socket", 4404), ("start", 4410)])
+def test_a_websocket_the_server_refused_sends_no_delete(browser_page, end_at, code):
+    """A failed connect whose socket the server closed before its ready message because the session
+    is gone (4404 unknown session, 4410 ended) DELETEd it all the same: a 404, which Chromium logs
+    as an error. The server's close says the session is gone: the page sends no DELETE (the test's
+    own is the only one), and nothing is on the console."""
+    with live_server(max_sessions=2) as (url, app):
+        sessions = app.state.registry.sessions
+        page = browser_page.new_page()
+        logs: list[str] = []
+        page.on("console", lambda m: logs.append(f"{m.type}: {m.text}") if m.type in {"error", "warning"} else None)
+        page.on("pageerror", lambda e: logs.append(f"pageerror: {e}"))
+        deletes = []
+        page.on("request", lambda r: deletes.append(r.url) if r.method == "DELETE" else None)
+        page.add_init_script(HELD + f"window.endAt = {end_at!r};" + END_BEHIND_THE_PAGE)
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            failed = lambda: page.evaluate("held()")["state"].startswith("failed")  # noqa: E731
+            wait_in_page(page, failed, 20, "the refused page did not fail")
+            state = page.evaluate("held()")["state"]
+            assert state.startswith(f"failed: WebSocket closed: {code} "), state
+            page.wait_for_timeout(1000)  # (a DELETE the failure sent has come back meanwhile)
+            assert page.evaluate("window.endedBehind") == [204]
+            made = page.evaluate("window.made")
+            assert (len(deletes), logs) == (1, []), (deletes, logs)
+            assert deletes[0].endswith(made["resource"])
+            assert not sessions
+        finally:
+            page.close()

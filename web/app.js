@@ -355,7 +355,9 @@ async function connectWebSocket(mine) {
   const failed = new Promise((_, reject) => {
     // (a server's refusal is a close with its code and reason: 4404 unknown session, 4409, ...)
     socket.addEventListener("close", (e) => {
-      reject(new Error(e.reason ? `WebSocket closed: ${e.code} ${e.reason}` : "WebSocket failed"));
+      const error = new Error(e.reason ? `WebSocket closed: ${e.code} ${e.reason}` : "WebSocket failed");
+      error.sessionGone = sessionGoneWith(e.code);
+      reject(error);
     });
     limitTimer = setTimeout(() => reject(new Error(
       `the WebSocket stream did not start within ${WEBSOCKET_START_MS / 1000} s: the server does not answer`,
@@ -498,6 +500,14 @@ function stopWsMic() {
   }
 }
 
+// Whether the server that closed a socket with this code has no session left for a DELETE to end: a
+// socket holding its session ends it as it closes (4410, 4400, ...), and 4404 has none; a DELETE sent
+// after either found nothing (a 404 the browser logs as an error). Only a session the server refused
+// to hand the socket (its token: 4401, 4403; another transport's: 4409) lives on: the page DELETEs it.
+function sessionGoneWith(code) {
+  return code >= 4000 && code < 5000 && ![4401, 4403, 4409].includes(code);
+}
+
 // --- controls -------------------------------------------------------------------------------------
 async function connect() {
   const mine = ++generation;
@@ -533,7 +543,7 @@ async function connect() {
   } catch (e) {
     if (mine !== generation) return;
     stats.error = String(e);
-    cleanup(true);  // the microphone, and a session made on the way
+    cleanup(!e.sessionGone);  // the microphone, and a session made on the way (unless it is gone)
     setStatus(`failed: ${e.message}`);
     return;
   }
