@@ -142,11 +142,14 @@ def pull_into_batch(
     batch's delay does not for a repeated frame. In order of due time, while the grown batch takes
     at most `headroom` of the chunk period (`batch_time`: the worker's whole time for it). A
     session whose delay would grow past `max_delay` is pulled only when it cannot wait for the
-    group's next batch instead (published, with HOLD_MARGIN, before its play time): pulled, its
-    delay stops at the most and the rest is skipped; left out, one near its most ran a batch of
-    its own every period with a 0.64 s period; with 0.32 s its batch waits, skipping nothing
+    group's next batch instead (published, with HOLD_MARGIN, before its play time and before the
+    group's next ones, as `plan_batch` holds it): pulled, its delay stops at the most and the rest
+    is skipped; left out, one near its most ran a batch of its own every period with a 0.64 s
+    period, and with 0.32 s beside a group at the floor of a batch of its own (too short to hold
+    the batch); where the group's delay allows, its batch waits, skipping nothing
     (test_server_alignment)."""
     due = max(sessions[i].next_due for i in batch)
+    next_plays_at = min(sessions[i].plays_at for i in batch) + chunk_seconds  # the batch's next chunks
     taken = set(batch)
     pulled: list[tuple[int, float]] = []
     for i in sorted(range(len(sessions)), key=lambda i: sessions[i].next_due):
@@ -158,7 +161,9 @@ def pull_into_batch(
         expected = batch_time(len(batch) + len(pulled) + 1)
         if expected is None or expected > headroom * chunk_seconds:
             break
-        if s.plays_at - due > max_delay and due + chunk_seconds + HOLD_MARGIN * expected <= s.plays_at:
+        # (`plan_batch` holds that batch for it only while the group's play times allow it too)
+        waits_until = due + chunk_seconds + HOLD_MARGIN * expected
+        if s.plays_at - due > max_delay and waits_until <= min(s.plays_at, next_plays_at):
             continue  # it waits for the group's next batch: nothing skipped
         pulled.append((i, s.next_due - due))
     return pulled

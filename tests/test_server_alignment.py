@@ -517,6 +517,45 @@ def test_a_session_near_its_most_delay_that_can_wait_for_its_group_skips_nothing
     assert [len(batch) for _, batch, _ in batches][1:] == [2] * (len(batches) - 1)
     assert grown.base == pytest.approx(plays_at) and grown.rewound == 0
 
+def test_a_session_near_its_most_delay_whose_group_cannot_hold_its_batch_is_pulled(monkeypatch):
+    """As above (0.32 s), but the other session's delay is its floor for a batch of its own (it
+    streamed alone on its schedule): its play time leaves no room to hold the late one's batch
+    for its next chunk (0.19 s of delay, 1.2 x 0.16 s needed), so the late one cannot wait for
+    the group's next batch. Left out for its own play time alone, it ran a batch of its own every
+    period (two batches of one, none of two, until its grown delay came down); pulled, the
+    two are one batch from the first period on, its delay at its most and 30 ms skipped."""
+    from types import SimpleNamespace
+
+    import server.scheduler as scheduler
+    import server.session as session_module
+    from server.session import Session
+
+    def batch_seconds(k):
+        return 0.1 + 0.03 * k
+
+    clock = SimpleNamespace(now=100.0)
+    fake_time = SimpleNamespace(monotonic=lambda: clock.now, perf_counter=lambda: clock.now, time=lambda: 0.0)
+    monkeypatch.setattr(scheduler, "time", fake_time)
+    monkeypatch.setattr(session_module, "time", fake_time)
+    worker = timed_worker(**{f"k{k}": batch_seconds(k) for k in range(1, 5)})
+    loop = asyncio.new_event_loop()
+    try:
+        steady, grown = (Session(f"s{i}", Stream(), loop, 30.0) for i in range(2))
+        for s, delay in ((steady, playout_delay(batch_seconds(1))), (grown, 0.95)):
+            s.streaming = True
+            s.reschedule(100.0 + delay, delay)
+            worker.add(s)
+        grown.start_delay = steady.delay
+        grown.move_clock(0.08)
+        plays_at = grown.base
+        batches = run_lane(worker, clock, 100.0 + 6 * CS, batch_seconds)
+    finally:
+        loop.close()
+    assert not any(late for _, _, late in batches)
+    assert [len(batch) for _, batch, _ in batches] == [2] * 6
+    assert grown.delay == pytest.approx(Session.MAX_DELAY)
+    assert grown.base == pytest.approx(plays_at - 0.03) and grown.rewound == pytest.approx(0.03)
+
 
 def test_a_starting_session_joins_the_batch_the_worker_makes_of_sessions_due_close_together(monkeypatch):
     """A lane's session due at 100.3 and two whose clocks moved 50 ms (due at 100.35): the worker
