@@ -448,8 +448,9 @@ window.endMeanwhile = true;
 END_BEHIND_THE_PAGE = """
 const realFetch = window.fetch;
 window.endedBehind = [];
-const endBehind = (made) => realFetch(made.resource, {method: "DELETE", headers: {Authorization: `Bearer ${made.token}`}})
-  .then((res) => window.endedBehind.push(res.status));
+const endBehind = (made) => realFetch(made.resource, {
+  method: "DELETE", headers: {Authorization: `Bearer ${made.token}`},
+}).then((res) => window.endedBehind.push(res.status));
 window.fetch = async (url, init) => {
   const res = await realFetch(url, init);
   if (!init || init.method !== "POST" || !String(url).endsWith("/v1/sessions")) return res;
@@ -478,7 +479,8 @@ def test_a_websocket_the_server_refused_sends_no_delete(browser_page, end_at, co
         sessions = app.state.registry.sessions
         page = browser_page.new_page()
         logs: list[str] = []
-        page.on("console", lambda m: logs.append(f"{m.type}: {m.text}") if m.type in {"error", "warning"} else None)
+        said = {"error", "warning"}
+        page.on("console", lambda m: logs.append(f"{m.type}: {m.text}") if m.type in said else None)
         page.on("pageerror", lambda e: logs.append(f"pageerror: {e}"))
         deletes = []
         page.on("request", lambda r: deletes.append(r.url) if r.method == "DELETE" else None)
