@@ -136,6 +136,8 @@ class SequenceParallelHost:
         raise HostDown(self.down)
 
     def stop(self) -> None:
+        if self.ops is None:  # stopped already
+            return
         for conn in self.followers:
             try:
                 conn.send(("exit", ()))

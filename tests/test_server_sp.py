@@ -213,6 +213,8 @@ def lockstep(rank0: ScriptedOps, *followers: ScriptedOps):
 
 
 def test_a_client_error_on_every_rank_keeps_them_in_step():
+    from server.model_host import HostDown
+
     host, threads, codes = lockstep(
         ScriptedOps({"create": ValueError("not a face")}), ScriptedOps({"create": ValueError("x")})
     )
@@ -223,6 +225,9 @@ def test_a_client_error_on_every_rank_keeps_them_in_step():
     host.stop()
     threads[0].join(5)
     assert codes == {1: 0}
+    host.stop()  # a second stop (a shutdown after a failed start, say) does nothing
+    with pytest.raises(HostDown):  # and a call after it is refused, not run on a released model
+        host.call("chunk", "id", None)
 
 
 def test_a_failure_on_one_follower_takes_the_host_down():
