@@ -439,24 +439,16 @@ class LongStream(Stream):
     frames_per_chunk, chunk_seconds = 16, 0.64
 
 
-def test_a_session_whose_delay_is_near_its_most_is_still_generated_with_its_group(monkeypatch):
-    """A 0.64 s chunk period and a pass's fixed cost; two sessions on one schedule. One's delay
-    grew to 0.95 s (its chunks came late), then its clock moved 80 ms (a late transport). The
-    other's delay (0.54 s, for their batch) leaves no time to hold their batch for it, and pulling
-    it 80 ms sooner grows its delay past the most (1 s); due, it cannot wait for the other's next
-    chunk either (0.56 s on, then the batch's time). The worker generated the two as a batch each,
-    every period from then on: 0.7 s of work in a 0.64 s period, where one batch of both takes
-    0.4 s. Pulled, its delay stops at the most and the 30 ms over it play sooner (skipped, as when
-    a grown delay comes down). (With a 0.32 or 0.48 s period its batch waits for the other's
-    next chunk instead.)"""
+def near_its_most(monkeypatch, stream, batch_seconds, steady_batch: int, periods: int):
+    """Two sessions on one schedule, both due at 100.0 (fake clock): one at the delay a batch of
+    `steady_batch` needs, the other's delay grown to 0.95 s from there (its chunks came late),
+    then its clock moved 80 ms (a late transport: it falls due at 100.08). The lane run for
+    `periods` chunk periods: (the grown session, its play time before the run, the batches)."""
     from types import SimpleNamespace
 
     import server.scheduler as scheduler
     import server.session as session_module
     from server.session import Session
-
-    def batch_seconds(k):
-        return 0.3 + 0.05 * k
 
     clock = SimpleNamespace(now=100.0)
     fake_time = SimpleNamespace(monotonic=lambda: clock.now, perf_counter=lambda: clock.now, time=lambda: 0.0)
@@ -465,17 +457,31 @@ def test_a_session_whose_delay_is_near_its_most_is_still_generated_with_its_grou
     worker = timed_worker(**{f"k{k}": batch_seconds(k) for k in range(1, 5)})
     loop = asyncio.new_event_loop()
     try:
-        steady, grown = (Session(f"s{i}", LongStream(), loop, 30.0) for i in range(2))
-        for s, delay in ((steady, playout_delay(batch_seconds(2))), (grown, 0.95)):
+        steady, grown = (Session(f"s{i}", stream(), loop, 30.0) for i in range(2))
+        for s, delay in ((steady, playout_delay(batch_seconds(steady_batch))), (grown, 0.95)):
             s.streaming = True
-            s.reschedule(100.0 + delay, delay)  # both due at 100.0
+            s.reschedule(100.0 + delay, delay)
             worker.add(s)
-        grown.start_delay = steady.delay  # late chunks grew it from there
-        grown.move_clock(0.08)  # it now falls due at 100.08
+        grown.start_delay = steady.delay
+        grown.move_clock(0.08)
         plays_at = grown.base
-        batches = run_lane(worker, clock, 100.0 + 4 * LongStream.chunk_seconds, batch_seconds)
+        batches = run_lane(worker, clock, 100.0 + periods * stream.chunk_seconds, batch_seconds)
     finally:
         loop.close()
+    return grown, plays_at, batches
+
+
+def test_a_session_whose_delay_is_near_its_most_is_still_generated_with_its_group(monkeypatch):
+    """A 0.64 s chunk period and a pass's fixed cost. The other's delay (0.54 s, for their batch)
+    leaves no time to hold their batch for the grown one, and pulling it 80 ms sooner grows its
+    delay past the most (1 s); due, it cannot wait for the other's next chunk either (0.56 s on,
+    then the batch's time). The worker generated the two as a batch each, every period from then
+    on: 0.7 s of work in a 0.64 s period, where one batch of both takes 0.4 s. Pulled, its delay
+    stops at the most and the 30 ms over it play sooner (skipped, as when a grown delay comes
+    down)."""
+    from server.session import Session
+
+    grown, plays_at, batches = near_its_most(monkeypatch, LongStream, lambda k: 0.3 + 0.05 * k, 2, 4)
     assert [len(batch) for _, batch, _ in batches] == [2, 2, 2, 2]
     assert not any(late for _, _, late in batches)
     assert grown.delay == pytest.approx(Session.MAX_DELAY)
@@ -486,36 +492,11 @@ def test_a_session_near_its_most_delay_that_can_wait_for_its_group_skips_nothing
     """As above with a 0.32 s period: its batch can wait for the other's next chunk (published
     before its play time), so it is not pulled, and no speech is skipped to keep its delay at
     the most; it is generated with the other from then on, none late."""
-    from types import SimpleNamespace
-
-    import server.scheduler as scheduler
-    import server.session as session_module
-    from server.session import Session
-
-    def batch_seconds(k):
-        return 0.1 + 0.02 * k
-
-    clock = SimpleNamespace(now=100.0)
-    fake_time = SimpleNamespace(monotonic=lambda: clock.now, perf_counter=lambda: clock.now, time=lambda: 0.0)
-    monkeypatch.setattr(scheduler, "time", fake_time)
-    monkeypatch.setattr(session_module, "time", fake_time)
-    worker = timed_worker(**{f"k{k}": batch_seconds(k) for k in range(1, 5)})
-    loop = asyncio.new_event_loop()
-    try:
-        steady, grown = (Session(f"s{i}", Stream(), loop, 30.0) for i in range(2))
-        for s, delay in ((steady, playout_delay(batch_seconds(2))), (grown, 0.95)):
-            s.streaming = True
-            s.reschedule(100.0 + delay, delay)
-            worker.add(s)
-        grown.start_delay = steady.delay
-        grown.move_clock(0.08)
-        plays_at = grown.base
-        batches = run_lane(worker, clock, 100.0 + 6 * CS, batch_seconds)
-    finally:
-        loop.close()
+    grown, plays_at, batches = near_its_most(monkeypatch, Stream, lambda k: 0.1 + 0.02 * k, 2, 6)
     assert not any(late for _, _, late in batches)
     assert [len(batch) for _, batch, _ in batches][1:] == [2] * (len(batches) - 1)
     assert grown.base == pytest.approx(plays_at) and grown.rewound == 0
+
 
 def test_a_session_near_its_most_delay_whose_group_cannot_hold_its_batch_is_pulled(monkeypatch):
     """As above (0.32 s), but the other session's delay is its floor for a batch of its own (it
@@ -524,33 +505,9 @@ def test_a_session_near_its_most_delay_whose_group_cannot_hold_its_batch_is_pull
     the group's next batch. Left out for its own play time alone, it ran a batch of its own every
     period (two batches of one, none of two, until its grown delay came down); pulled, the
     two are one batch from the first period on, its delay at its most and 30 ms skipped."""
-    from types import SimpleNamespace
-
-    import server.scheduler as scheduler
-    import server.session as session_module
     from server.session import Session
 
-    def batch_seconds(k):
-        return 0.1 + 0.03 * k
-
-    clock = SimpleNamespace(now=100.0)
-    fake_time = SimpleNamespace(monotonic=lambda: clock.now, perf_counter=lambda: clock.now, time=lambda: 0.0)
-    monkeypatch.setattr(scheduler, "time", fake_time)
-    monkeypatch.setattr(session_module, "time", fake_time)
-    worker = timed_worker(**{f"k{k}": batch_seconds(k) for k in range(1, 5)})
-    loop = asyncio.new_event_loop()
-    try:
-        steady, grown = (Session(f"s{i}", Stream(), loop, 30.0) for i in range(2))
-        for s, delay in ((steady, playout_delay(batch_seconds(1))), (grown, 0.95)):
-            s.streaming = True
-            s.reschedule(100.0 + delay, delay)
-            worker.add(s)
-        grown.start_delay = steady.delay
-        grown.move_clock(0.08)
-        plays_at = grown.base
-        batches = run_lane(worker, clock, 100.0 + 6 * CS, batch_seconds)
-    finally:
-        loop.close()
+    grown, plays_at, batches = near_its_most(monkeypatch, Stream, lambda k: 0.1 + 0.03 * k, 1, 6)
     assert not any(late for _, _, late in batches)
     assert [len(batch) for _, batch, _ in batches] == [2] * 6
     assert grown.delay == pytest.approx(Session.MAX_DELAY)
