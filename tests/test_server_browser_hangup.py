@@ -34,6 +34,18 @@ def wait_in_page(page, check, timeout: float = 20.0, failed: str = "timed out"):
         page.wait_for_timeout(100)
 
 
+def console_and_deletes(page) -> tuple[list[str], list[str]]:
+    """What the page says on the console (errors, warnings, uncaught errors) and the URLs it
+    DELETEs, as they come."""
+    logs: list[str] = []
+    deletes: list[str] = []
+    said = {"error", "warning"}
+    page.on("console", lambda m: logs.append(f"{m.type}: {m.text}") if m.type in said else None)
+    page.on("pageerror", lambda e: logs.append(f"pageerror: {e}"))
+    page.on("request", lambda r: deletes.append(r.url) if r.method == "DELETE" else None)
+    return logs, deletes
+
+
 def websocket_accept(request: bytes) -> bytes:
     """The 101 answer to a WebSocket upgrade request (RFC 6455 4.2.2)."""
     key = re.search(rb"(?im)^sec-websocket-key:\s*(\S+)", request).group(1)
@@ -320,12 +332,7 @@ def test_a_hang_up_leaves_nothing_on_the_console(browser_page, transport):
     with live_server(max_sessions=2) as (url, app):
         sessions = app.state.registry.sessions
         page = browser_page.new_page()
-        logs: list[str] = []
-        said = {"error", "warning"}
-        page.on("console", lambda m: logs.append(f"{m.type}: {m.text}") if m.type in said else None)
-        page.on("pageerror", lambda e: logs.append(f"pageerror: {e}"))
-        deletes = []
-        page.on("request", lambda r: deletes.append(r.url) if r.method == "DELETE" else None)
+        logs, deletes = console_and_deletes(page)
         try:
             page.goto(f"{url}/?mic=0" + ("&transport=ws" if transport == "ws" else ""))
             for _ in range(3):
@@ -364,12 +371,7 @@ def test_a_hang_up_between_the_socket_and_ready_leaves_nothing_on_the_console(br
     with live_server(max_sessions=2) as (url, app):
         sessions = app.state.registry.sessions
         page = browser_page.new_page()
-        logs: list[str] = []
-        said = {"error", "warning"}
-        page.on("console", lambda m: logs.append(f"{m.type}: {m.text}") if m.type in said else None)
-        page.on("pageerror", lambda e: logs.append(f"pageerror: {e}"))
-        deletes = []
-        page.on("request", lambda r: deletes.append(r.url) if r.method == "DELETE" else None)
+        logs, deletes = console_and_deletes(page)
         page.add_init_script(HELD + HANG_UP_AT_START)
         try:
             page.goto(f"{url}/?mic=0&transport=ws")
@@ -478,12 +480,7 @@ def test_a_websocket_the_server_refused_sends_no_delete(browser_page, end_at, co
     with live_server(max_sessions=2) as (url, app):
         sessions = app.state.registry.sessions
         page = browser_page.new_page()
-        logs: list[str] = []
-        said = {"error", "warning"}
-        page.on("console", lambda m: logs.append(f"{m.type}: {m.text}") if m.type in said else None)
-        page.on("pageerror", lambda e: logs.append(f"pageerror: {e}"))
-        deletes = []
-        page.on("request", lambda r: deletes.append(r.url) if r.method == "DELETE" else None)
+        logs, deletes = console_and_deletes(page)
         page.add_init_script(HELD + f"window.endAt = {end_at!r};" + END_BEHIND_THE_PAGE)
         try:
             page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
