@@ -228,7 +228,13 @@ def _written_in_place(path: Path, change: Callable[[], object]) -> None:
             pass
         raise
     # (another export under way when this one began, or begun since: the renames of the two mixed)
-    if _under_way_by_another(before) or _stamp_text(path / EXPORT_STAMP) != writing:
+    if _under_way_by_another(before):
+        # (another host's writer cannot be told dead: it may be writing still, or long gone)
+        other = json.loads(before)
+        where = "this host" if other["host"] == _HOST else "another host"
+        why = f"an export by process {other['pid']} on {where} was under way or cut short when this one began"
+        stamp.update(state="cut short", why=why)
+    elif _stamp_text(path / EXPORT_STAMP) != writing:
         stamp.update(state="cut short", why="another export went into it at the same time")
     else:
         stamp.update(state="done")

@@ -1056,3 +1056,31 @@ def test_two_exports_into_a_folder_file_by_file_at_once_are_refused_clearly(tmp_
     with pytest.raises(Exception, match="at the same time") as refused:  # (not the mix)
         folders.read_folder(d, lambda f: [(f / n).read_text() for n in ("weights", "config.json")])
     assert type(refused.value).__name__ == "ExportUnderWay"
+
+
+def test_an_export_after_another_hosts_unfinished_one_says_so_and_the_next_export_is_whole(tmp_path, monkeypatch):
+    """A "writing" stamp of a process on another host (a container killed mid-export) cannot be
+    told dead: readers wait for it, and the export after it cannot tell whether they overlapped.
+    That export ends "cut short" with that reason (it said "another export went into it at the
+    same time", which had not happened); the next one is whole."""
+    import json
+
+    from streamgen import folders
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("old")
+    (d / folders.EXPORT_STAMP).write_text(json.dumps({"export": "x", "host": "elsewhere", "pid": 1, "state": "writing"}))
+    monkeypatch.setattr(folders, "exchange", lambda a, b: False)
+    monkeypatch.setattr(folders, "READ_AGAIN_AFTER_S", 0.0)
+
+    def read(f):
+        return (f / "config.json").read_text()
+
+    with pytest.raises(folders.ExportUnderWay, match="being written.*another host"):
+        folders.read_folder(d, read)
+    folders.write_folder_atomically(d, lambda new: (new / "config.json").write_text("new"))
+    with pytest.raises(folders.ExportUnderWay, match="process 1 on another host was under way or cut short"):
+        folders.read_folder(d, read)
+    folders.write_folder_atomically(d, lambda new: (new / "config.json").write_text("newer"))
+    assert folders.read_folder(d, read) == "newer"
