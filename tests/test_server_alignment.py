@@ -193,9 +193,10 @@ def test_a_starting_session_joins_the_group_it_can_start_with_soonest_and_never_
     assert in_group(100.1 + 3 * CS, 100.1, CS) and in_group(100.098, 100.1, CS) and not in_group(100.2, 100.1, CS)
 
 
-def test_joining_holds_back_the_group_sessions_whose_delay_the_bigger_batch_outgrows():
-    """They play later by the difference, once, and keep generating on the group's schedule; when
-    the group shrinks again, they may come back down."""
+def two_sessions_for_one_lane():
+    """A registry over a worker (not started) whose batches of 1 and 2 take 0.06 and 0.09 s, and
+    two sessions not yet streaming, each past its first chunk: (worker, registry, their event
+    loop, first, second). The caller closes the loop."""
     from server.registry import SessionRegistry
     from server.session import Session
 
@@ -203,9 +204,18 @@ def test_joining_holds_back_the_group_sessions_whose_delay_the_bigger_batch_outg
     worker.chunk_time_ema = 0.06
     registry = SessionRegistry(server_config(playout_delay_s=None), worker, worker.metrics)
     loop = asyncio.new_event_loop()
+    first, second = (Session(f"s{i}", Stream(), loop, 30.0) for i in range(2))
+    first.chunk_index = second.chunk_index = 1
+    return worker, registry, loop, first, second
+
+
+def test_joining_holds_back_the_group_sessions_whose_delay_the_bigger_batch_outgrows():
+    """They play later by the difference, once, and keep generating on the group's schedule; when
+    the group shrinks again, they may come back down."""
+    from server.session import Session
+
+    worker, registry, loop, first, second = two_sessions_for_one_lane()
     try:
-        first, second = (Session(f"s{i}", Stream(), loop, 30.0) for i in range(2))
-        first.chunk_index = second.chunk_index = 1
         registry.start_streaming(first, "websocket")
         assert first.delay == pytest.approx(playout_delay(0.06)) == 0.1  # alone: a batch of one
         due, base = first.next_due, first.base
@@ -227,7 +237,6 @@ def test_joining_holds_back_the_group_sessions_whose_delay_the_bigger_batch_outg
         loop.close()
 
 
-
 def test_joining_raises_the_floor_of_a_group_session_whose_delay_grew_past_the_bigger_batchs():
     """A session streaming alone (a 0.1 s delay) had chunks come late, which grew its delay to
     0.2 s; a second joins it, their batch needing 0.137 s. Its delay was longer already, so it was
@@ -235,16 +244,10 @@ def test_joining_raises_the_floor_of_a_group_session_whose_delay_grew_past_the_b
     due, the delay came down to 0.11 s, 20 ms (SLACK_KEEP) over that batch's time, where the other
     stays at the 0.137 s the batch needs; a late chunk then moves its clock off the group's
     schedule. Its floor is what the batch needs, as for the others."""
-    from server.registry import SessionRegistry
     from server.session import Session
 
-    worker = timed_worker(k1=0.06, k2=0.09)
-    worker.chunk_time_ema = 0.06
-    registry = SessionRegistry(server_config(playout_delay_s=None), worker, worker.metrics)
-    loop = asyncio.new_event_loop()
+    worker, registry, loop, first, second = two_sessions_for_one_lane()
     try:
-        first, second = (Session(f"s{i}", Stream(), loop, 30.0) for i in range(2))
-        first.chunk_index = second.chunk_index = 1
         registry.start_streaming(first, "websocket")
         assert first.delay == pytest.approx(0.1)
         first._chunk_was_late(1, 0.1)
@@ -259,6 +262,7 @@ def test_joining_raises_the_floor_of_a_group_session_whose_delay_grew_past_the_b
         assert first.delay == pytest.approx(joined)
     finally:
         loop.close()
+
 
 def done(result):
     future = concurrent.futures.Future()
