@@ -72,8 +72,8 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
             await registry.close_all("server shutting down")
             await asyncio.to_thread(worker.stop)
             gc.unfreeze()  # what this app kept may be collected again (apps made one after another)
-            if registry.host is not None:  # (after: an SP host collects the model it lets go of)
-                await asyncio.to_thread(registry.host.stop)
+            # (after: an SP host collects the model it lets go of)
+            await asyncio.to_thread(registry.stop_host)
 
     app = FastAPI(
         title="streamgen",
@@ -206,7 +206,9 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
 
             torch.set_num_threads(config.torch_threads)
         if model is None and (config.inference_process or config.sp > 1):
-            registry.host = await asyncio.wrap_future(registry.worker.submit(start_host))
+            # (kept: a shutdown during the start cancels this wait, not the start; `stop_host`)
+            registry.host_start = registry.worker.submit(start_host)
+            registry.host = await asyncio.wrap_future(registry.host_start)
         else:
             registry.model = model or await asyncio.wrap_future(registry.worker.submit(load))
         compiling = registry.host is None and registry.model.compile_backend

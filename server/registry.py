@@ -40,6 +40,7 @@ class SessionRegistry:
         self.sessions: dict[str, Session] = {}
         self.model = None  # AvatarModel, set when loaded in this process
         self.host = None  # ModelHost, when the model runs in a child process
+        self.host_start: concurrent.futures.Future | None = None  # the worker's job that starts it
         self.chunk_seconds = 0.32
         self.ready = False
         self._creating = 0
@@ -92,6 +93,17 @@ class SessionRegistry:
             return self.config.playout_delay_s
         chunk = self.worker.chunk_time_ema or 0.15
         return playout_delay(chunk * (self.worker.streaming_on(lane) + 1))
+
+    def stop_host(self) -> None:
+        """At shutdown, after the worker's stop: stop the model host, or the one still starting
+        once it has started (on the thread that starts it). A shutdown while it started left
+        `host` unset, and the host that then finished starting was never stopped: its model
+        process, or its process group and model (test_server_lifecycle). It does not become
+        `host`: nothing is served any more."""
+        if self.host is not None:
+            self.host.stop()
+        elif self.host_start is not None:
+            self.host_start.add_done_callback(_stop_started_host)  # (at once if it has started)
 
     # --- lifecycle -------------------------------------------------------------------------------
     async def create(self, reference: np.ndarray, caption: str | None, seed: int | None) -> Session:
@@ -281,3 +293,12 @@ class SessionRegistry:
         for (session, _), outcome in zip(expired, closed):
             if isinstance(outcome, Exception):
                 log.error("session %s: closing it at its limit failed: %r", session.id, outcome)
+
+
+def _stop_started_host(start: concurrent.futures.Future) -> None:
+    if start.cancelled() or start.exception() is not None:  # no host was made
+        return
+    try:
+        start.result().stop()
+    except Exception:  # (a shutdown's last step: logged, not raised into the worker's thread)
+        log.exception("stopping the model host that started during the shutdown failed")

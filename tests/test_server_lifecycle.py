@@ -324,3 +324,42 @@ def test_a_session_whose_client_left_while_it_was_made_is_closed(client, monkeyp
     r = client.post("/v1/sessions", json={"avatar": "sample"})
     assert r.status_code == 400 and r.json()["error"] == "client_gone"
     assert set(client.app.state.registry.sessions) == before
+
+
+@pytest.mark.parametrize("started", ["while the worker stops", "after the shutdown"])
+def test_a_host_still_starting_at_shutdown_is_stopped_once_started(monkeypatch, started):
+    """`--model-process` / `--sp`: a shutdown while the host started left `registry.host` unset, and
+    the host that then finished starting (its model, its process or process group) was never
+    stopped. Nor may it become the registry's host: the server is gone by then."""
+    import threading
+
+    from server import model_host, scheduler
+
+    starting, release, stopped = threading.Event(), threading.Event(), threading.Event()
+
+    class SlowHost:  # ModelHost's interface, its start held until `release`
+        down = None
+
+        def __init__(self, *args):
+            starting.set()
+            release.wait(30)
+
+        def stop(self):
+            stopped.set()
+
+    monkeypatch.setattr(model_host, "ModelHost", SlowHost)
+    stop = scheduler.InferenceWorker.stop
+
+    def stop_worker(self, timeout=10.0):
+        if started == "while the worker stops":
+            release.set()
+            return stop(self, timeout)
+        return stop(self, 0.05)  # gives up on the thread that is still starting the host
+
+    monkeypatch.setattr(scheduler.InferenceWorker, "stop", stop_worker)
+    app = make_app(inference_process=True)
+    with TestClient(app):
+        assert starting.wait(30)
+    release.set()
+    assert stopped.wait(10)
+    assert app.state.registry.host is None and not app.state.registry.ready
