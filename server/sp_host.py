@@ -41,6 +41,7 @@ import gc
 import logging
 import random
 import secrets
+import threading
 from multiprocessing.connection import Client, Listener
 from typing import NoReturn
 
@@ -50,6 +51,10 @@ import torch.distributed as dist
 from .model_host import CLIENT_ERRORS, HostDown, ModelOps, freeze_loaded_heap
 
 log = logging.getLogger("streamgen.server")
+
+# seconds `SequenceParallelHost.stop` waits for an operation still running (after the server's
+# worker has waited 10 s for it); past that, the operation lets go of the model when it ends
+STOP_WAIT = 5.0
 
 
 def load_sharded(model_name: str, device: str, threads: int | None, sp: int, height: int | None,
@@ -86,6 +91,8 @@ class SequenceParallelHost:
         self.ops = ops
         self.followers = followers  # one connection per follower rank, in rank order
         self.down: str | None = None  # why the ranks can run nothing more together
+        self._calling = threading.Lock()  # held by the operation running: `stop` waits for it
+        self._stop_requested = False
 
     @classmethod
     def start(cls, model: str, device: str, threads: int | None, sp: int, height: int | None = None,
@@ -100,8 +107,16 @@ class SequenceParallelHost:
         return cls(ModelOps(loaded, device, None), followers)
 
     def call(self, op: str, *args):
-        if self.down:
-            raise HostDown(self.down)
+        with self._calling:
+            if self.down:
+                raise HostDown(self.down)
+            try:
+                return self._run(op, args)
+            finally:
+                if self._stop_requested:  # the stop gave up waiting for this operation
+                    self._let_go()
+
+    def _run(self, op: str, args: tuple):
         if op == "create" and args[3] is None:  # seed: one draw, shared by every replica
             args = (*args[:3], random.randrange(2**31), *args[4:])
         try:
@@ -136,6 +151,22 @@ class SequenceParallelHost:
         raise HostDown(self.down)
 
     def stop(self) -> None:
+        """End the followers and let go of the model and the process group: now, or, when an
+        operation is still running after STOP_WAIT seconds, as that operation ends (the server's
+        worker gave up waiting for it). Let go of under it, a chunk met closed streams and a
+        destroyed group (test_server_sp). Every call after this raises HostDown."""
+        self._stop_requested = True
+        self.down = self.down or "the sequence-parallel host has stopped"
+        if not self._calling.acquire(timeout=STOP_WAIT):
+            log.warning("a model operation is still running after %.0f s: the sequence-parallel host stops "
+                        "when it ends", STOP_WAIT)  # fmt: skip
+            return
+        try:
+            self._let_go()
+        finally:
+            self._calling.release()
+
+    def _let_go(self) -> None:  # holding `_calling`
         if self.ops is None:  # stopped already
             return
         for conn in self.followers:
@@ -146,7 +177,6 @@ class SequenceParallelHost:
                 pass  # that follower is already gone
         self.followers = []
         self.ops.close_all()
-        self.down = self.down or "the sequence-parallel host has stopped"
         if dist.is_initialized():
             dist.destroy_process_group()
         # the server keeps this host until the interpreter exits, and the model's parallel layers

@@ -295,6 +295,89 @@ def test_a_follower_that_vanished_takes_the_host_down():
     host.stop()
 
 
+class HeldOps(ScriptedOps):
+    """Rank 0's ops whose "chunk" runs until `release`, recording whether they were let go of
+    (`close_all`, as the host's stop does) while it ran."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.running, self.release = threading.Event(), threading.Event()
+        self.released_while_running = None
+
+    def handle(self, op, args):
+        if op == "chunk":
+            self.running.set()
+            self.release.wait(30)
+            self.running.clear()
+        return super().handle(op, args)
+
+    def close_all(self):
+        self.released_while_running = self.running.is_set()
+
+
+def _call_in_a_thread(host, results):
+    import threading
+
+    def call():
+        try:
+            results.append(host.call("chunk", "id", None))
+        except Exception as e:
+            results.append(e)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    return caller
+
+
+@pytest.mark.parametrize("ends", ["within the stop's wait", "after it"])
+def test_a_call_still_running_at_stop_ends_before_the_model_is_let_go_of(monkeypatch, ends):
+    """The server stops the host after the worker's stop, which waits 10 s for its thread: a
+    chunk still running after that met a model the stop had let go of (its streams closed, its
+    process group destroyed under a collective). The stop waits a while for the call, and past
+    that leaves the letting go to the call, when it ends; it refuses any call after it."""
+    import time
+
+    from server import sp_host
+    from server.model_host import HostDown
+
+    wait = 30.0 if ends == "within the stop's wait" else 0.05
+    monkeypatch.setattr(sp_host, "STOP_WAIT", wait, raising=False)
+    rank0 = HeldOps()
+    host, threads, codes = lockstep(rank0, ScriptedOps())
+    results = []
+    caller = _call_in_a_thread(host, results)
+    assert rank0.running.wait(10)
+    if ends == "within the stop's wait":
+        stopping = threading_start(host.stop)
+        deadline = time.monotonic() + 10
+        while host.down is None and time.monotonic() < deadline:  # the stop has begun
+            time.sleep(0.01)
+        rank0.release.set()
+        stopping.join(10)
+        assert not stopping.is_alive()
+    else:
+        host.stop()  # returns while the call runs
+        assert rank0.released_while_running is None  # not let go of yet
+        rank0.release.set()
+    with pytest.raises(HostDown):
+        host.call("chunk", "id", None)
+    caller.join(10)
+    assert results == ["chunk"]  # the call ran to its end on a model still there
+    assert rank0.released_while_running is False  # and the model was let go of after it
+    threads[0].join(5)
+    assert codes == {1: 0}  # the follower was told to exit
+
+
+def threading_start(fn):
+    import threading
+
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
