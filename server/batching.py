@@ -25,6 +25,7 @@ publishing too: what the lane's chunk period must hold).
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from dataclasses import dataclass
@@ -36,8 +37,8 @@ DELAY_MARGIN, DELAY_SLACK = 1.3, 0.02  # a playout delay: room for 1.3x a batch'
 SAME_SCHEDULE = 0.005  # seconds: sessions due this close together are on one schedule
 # seconds: a session due this soon after a batch is generated with it, sooner from then on
 # (`pull_into_batch`): two frame periods and a little, for a clock moved by a repeated frame.
-# So the sessions of a lane due within it after a group's first are one batch: the group a
-# starting session joins (`join_schedule`) and the capacity counts (`phase_groups`)
+# The batches its pulls make of a lane's sessions are the groups a starting session joins
+# (`join_schedule`) and the capacity counts (`phase_groups`)
 REGROUP_WINDOW = 0.09
 
 
@@ -211,10 +212,10 @@ def join_schedule(
     unless `fixed_delay` (the operator set it) or the given one is smaller. The group's sessions
     need it too (`Session.hold_back`).
 
-    A group is what the worker generates as one batch: the due times within REGROUP_WINDOW after
-    its first (`phase_groups`), as the capacity counts. By due times 5 ms apart, a session joined
-    one of a batch's sessions as a batch of 2, its delay sized for that, while the worker made a
-    batch of 4 of them, and its chunks came late every period (test_server_alignment)."""
+    A group is what the worker generates as one batch (`phase_groups`), as the capacity counts. By
+    due times 5 ms apart, a session joined one of a batch's sessions as a batch of 2, its delay
+    sized for that, while the worker made a batch of 4 of them, and its chunks came late every
+    period (test_server_alignment)."""
     ready_time = ready_time or batch_time
     best = Schedule(base, delay)
     groups = phase_groups(lane, chunk_seconds, REGROUP_WINDOW)
@@ -235,30 +236,53 @@ def join_schedule(
 def phase_groups(
     dues: list[float], chunk_seconds: float, window: float = REGROUP_WINDOW
 ) -> list[list[float]]:
-    """Due times grouped by their phase in the chunk period: sessions that fall due together, this
-    period or another (one that joined a group falls due with it a period later, the first time).
-    `window`: how far after a group's first a due time still belongs to it (REGROUP_WINDOW: the
-    sessions the worker generates in one batch, `pull_into_batch`, which pulls those due after
-    the batch, never before). Only after: taken either side of a group's first, due times 80 ms
+    """Due times grouped as the worker batches them: sessions that fall due together, this period
+    or another (one that joined a group falls due with it a period later, the first time).
+    `window`: how far after a batch's time a due time is still generated with it (REGROUP_WINDOW:
+    `pull_into_batch`, which pulls those due after the batch, never before, and generates them
+    with it from then on). Only after: taken either side of a group's first, due times 80 ms
     before and 80 ms after it were one group, which the worker ran as two batches every period
-    when the one before fell due first (test_server_alignment)."""
+    when the one before fell due first (test_server_alignment).
+
+    The batches are played out from the earliest due time, as the worker meets them, for
+    GROUPING_PERIODS periods: each takes the due times within `window` after its own, which move
+    to it. Grouped from the period's start instead, (.28, .30 | .01, .08) were two groups of 2
+    where the worker made one batch of 4 (the batch at .01 pulls .08, the one at .28 then both):
+    a session joining the .28 pair had its delay sized for 3, and its chunks and the pair's came
+    late (test_server_alignment)."""
     return [[dues[i] for i in group] for group in phase_group_indices(dues, chunk_seconds, window)]
+
+
+GROUPING_PERIODS = 4  # a chain of pulls (each moves a session to a batch's time) settles within them
 
 
 def phase_group_indices(
     dues: list[float], chunk_seconds: float, window: float = REGROUP_WINDOW
 ) -> list[list[int]]:
-    """`phase_groups`, as indices into `dues`."""
-    groups: list[list[tuple[float, int]]] = []  # (phase, index)
-    for phase, _, i in sorted((due % chunk_seconds, due, i) for i, due in enumerate(dues)):
-        if groups and phase - groups[-1][0][0] <= window:
-            groups[-1].append((phase, i))
-        else:
-            groups.append([(phase, i)])
-    # across the period's end: the last group and the first, if all of them lie within `window`
-    if len(groups) > 1 and groups[0][-1][0] + chunk_seconds - groups[-1][0][0] <= window:
-        groups[0] = groups.pop() + groups[0]
-    return [[i for _, i in group] for group in groups]
+    """`phase_groups`, as indices into `dues`, each group in due order from its batch's time."""
+    if not dues:
+        return []
+    first = min(dues)
+    # (due time, index): each in the period from the earliest, where the worker meets it
+    queue = sorted((first + (due - first) % chunk_seconds, i) for i, due in enumerate(dues))
+    batch_times: list[float] = []
+    last_batch = [0] * len(dues)
+    while queue[0][0] < first + GROUPING_PERIODS * chunk_seconds:
+        at = queue[0][0]
+        taken = bisect.bisect_right(queue, (at + window + 1e-9, len(dues)))
+        members = [i for _, i in queue[:taken]]
+        del queue[:taken]
+        for i in members:
+            last_batch[i] = len(batch_times)
+            bisect.insort(queue, (at + chunk_seconds, i))
+        batch_times.append(at)
+    groups: dict[int, list[int]] = {}
+    for i, batch in enumerate(last_batch):
+        groups.setdefault(batch, []).append(i)
+    return [
+        sorted(members, key=lambda i: ((dues[i] - batch_times[batch] + 1e-9) % chunk_seconds, i))
+        for batch, members in sorted(groups.items())
+    ]
 
 
 def group_mates(others: list[float], due: float, chunk_seconds: float) -> list[int]:

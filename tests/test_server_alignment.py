@@ -575,3 +575,49 @@ def test_a_starting_session_joins_the_batch_the_worker_makes_of_sessions_due_clo
         loop.close()
     assert [len(batch) for _, batch, _ in batches] == [4, 4, 4]
     assert not any(late for _, _, late in batches)
+
+
+def test_a_starting_session_joins_the_batch_the_worker_makes_of_a_chain_of_pulls(monkeypatch):
+    """Four sessions due apart in the period (fake clock): .28 and .30, .01 and .08, their delays
+    sized for the pairs. Grouped from the period's start they are two pairs, but the worker makes
+    one batch of them: the batch at .01 pulls the one at .08, and the batch at .28 then pulls
+    both (due at .33). A session starting to stream at .00 joined the .28 pair as a batch of 3,
+    its delay sized for that (0.163 s), and was generated in a batch of 5: it and the .28 one were
+    late in two of the four periods. Grouped as the worker batches, it joins the four with the
+    delay a batch of 5 needs (0.215 s), and holds them back to it."""
+    from types import SimpleNamespace
+
+    import server.scheduler as scheduler
+    import server.session as session_module
+    from server.registry import SessionRegistry
+    from server.session import Session
+
+    def batch_seconds(k):
+        return 0.05 + 0.02 * k
+
+    start = 312 * CS  # a period's start (99.84)
+    clock = SimpleNamespace(now=start)
+    fake_time = SimpleNamespace(monotonic=lambda: clock.now, perf_counter=lambda: clock.now, time=lambda: 0.0)
+    monkeypatch.setattr(scheduler, "time", fake_time)
+    monkeypatch.setattr(session_module, "time", fake_time)
+    worker = timed_worker(**{f"k{k}": batch_seconds(k) for k in range(1, 9)})
+    worker.chunk_time_ema = batch_seconds(1)
+    registry = SessionRegistry(server_config(playout_delay_s=None), worker, worker.metrics)
+    loop = asyncio.new_event_loop()
+    try:
+        lane = [Session(f"s{i}", Stream(), loop, 30.0) for i in range(4)]
+        delay = playout_delay(batch_seconds(2))
+        for s, phase in zip(lane, (0.28, 0.30, 0.01, 0.08)):
+            s.streaming = True
+            s.reschedule(start + phase + delay, delay)
+            worker.add(s)
+        joiner = Session("joiner", Stream(), loop, 30.0)
+        joiner.chunk_index = 1  # its first chunk was made at its creation
+        registry.start_streaming(joiner, "websocket")
+        assert joiner.delay == pytest.approx(playout_delay(batch_seconds(5)))
+        assert all(s.delay >= joiner.delay for s in lane)
+        batches = run_lane(worker, clock, start + 4 * CS, batch_seconds)
+    finally:
+        loop.close()
+    assert [len(batch) for _, batch, _ in batches][-3:] == [5, 5, 5]
+    assert not any(late for _, _, late in batches)
