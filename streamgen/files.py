@@ -47,7 +47,8 @@ def _host_tag() -> str:
     return f"{re.sub(r'[^A-Za-z0-9]', '_', name)[:20]}_{digest}"
 
 
-_HOST = _host_tag()
+# (the writer's host in `folders`' staging folders and export stamps too: one naming for both)
+HOST_TAG = _host_tag()
 _WRITER = re.compile(r"^(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)-[A-Za-z0-9_]+\.tmp$")
 # The temp files whose writer cannot be asked after: another host's, a container's of this host's
 # name whose PID namespace may have gone, and the previous naming's, which named no writer
@@ -92,7 +93,7 @@ def new_file_beside(path) -> Path:
     path = followed(path)
     remove_abandoned(path)
     while True:
-        tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(6)}.tmp")
+        tmp = path.with_name(f".{path.name}.{HOST_TAG}-{os.getpid()}-{secrets.token_hex(6)}.tmp")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
@@ -129,7 +130,7 @@ def put_in_place(tmp, path) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_folder(Path(path).parent)
+    fsync_folder(Path(path).parent)
 
 
 def followed(path) -> Path:
@@ -195,13 +196,13 @@ def _writer_gone(tag: str) -> bool:
     be told: another host's, a name of another shape, or a system without POSIX signals (os.kill
     there ends the process instead of asking after it)."""
     m = _WRITER.match(tag)
-    return m is not None and _process_ended(m["host"], int(m["pid"]))
+    return m is not None and process_ended(m["host"], int(m["pid"]))
 
 
-def _process_ended(host: str, pid: int) -> bool:
+def process_ended(host: str, pid: int) -> bool:
     """Whether the process `pid` of the host (and PID namespace) tagged `host` has ended; not where
     it cannot be told (another host's, a system without POSIX signals)."""
-    if os.name != "posix" or host != _HOST or pid == os.getpid():
+    if os.name != "posix" or host != HOST_TAG or pid == os.getpid():
         return False
     try:
         os.kill(pid, 0)
@@ -219,7 +220,7 @@ def _unaskable(tag: str, tmp: Path) -> bool:
     ask after: no PID (the previous naming), or another host's or PID namespace's."""
     m = _WRITER.match(tag)
     if m is not None:
-        return m["host"] != _HOST or os.name != "posix"
+        return m["host"] != HOST_TAG or os.name != "posix"
     return (_OLD_FOLDER if tmp.is_dir() and not tmp.is_symlink() else _OLD_FILE).match(tag) is not None
 
 
@@ -238,7 +239,7 @@ def _untouched(tmp: Path, since: float) -> bool:
     return True
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """Makes a rename durable; skipped where a folder cannot be opened (Windows)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -28,10 +28,10 @@ from typing import TypeVar
 # (the writer's tag, in temp names and in export stamps, and whether its process has ended: one
 # naming for the temp files and folders of both modules)
 from streamgen.files import (
-    _HOST,
-    _fsync_folder,
-    _process_ended,
+    HOST_TAG,
     followed,
+    fsync_folder,
+    process_ended,
     remove_abandoned,
     write_text_atomically,
 )
@@ -134,7 +134,7 @@ def write_folder_atomically(
             _written_in_place(path, lambda: _move_entries(new, path, trash, keep=carry, skip=carried))
         else:  # (a file where the folder goes)
             move_over(new, path, staging / "old")
-        _fsync_folder(path.parent)
+        fsync_folder(path.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -186,7 +186,7 @@ def _move_entries(
     for name in names:
         if name in _READ_FIRST:
             move_over(new / name, path / name, trash)
-    _fsync_folder(path)
+    fsync_folder(path)
 
 
 def _is_temp(name: str) -> bool:
@@ -210,7 +210,7 @@ class ExportUnderWay(ValueError):
 
 def _written_in_place(path: Path, change: Callable[[], object]) -> None:
     """change() changes the folder `path` in place, under `EXPORT_STAMP`'s states."""
-    stamp = {"export": secrets.token_hex(8), "host": _HOST, "pid": os.getpid()}
+    stamp = {"export": secrets.token_hex(8), "host": HOST_TAG, "pid": os.getpid()}
     before, entries = _stamp_text(path / EXPORT_STAMP), _entries_version(path)
     writing = json.dumps({**stamp, "state": "writing"})
     write_text_atomically(path / EXPORT_STAMP, writing)
@@ -231,7 +231,7 @@ def _written_in_place(path: Path, change: Callable[[], object]) -> None:
     if _under_way_by_another(before):
         # (another host's writer cannot be told dead: it may be writing still, or long gone)
         other = json.loads(before)
-        where = "this host" if other["host"] == _HOST else "another host"
+        where = "this host" if other["host"] == HOST_TAG else "another host"
         why = f"an export by process {other['pid']} on {where} was under way or cut short when this one began"
         stamp.update(state="cut short", why=why)
     elif _stamp_text(path / EXPORT_STAMP) != writing:
@@ -245,7 +245,7 @@ def _under_way_by_another(text: str | None) -> bool:
     """Whether the stamp `text` is of an export being written by a process that has not ended."""
     try:
         stamp = json.loads(text) if text is not None else {}
-        return stamp.get("state") == "writing" and not _process_ended(stamp["host"], int(stamp["pid"]))
+        return stamp.get("state") == "writing" and not process_ended(stamp["host"], int(stamp["pid"]))
     except (ValueError, KeyError, TypeError, AttributeError):
         return False
 
@@ -295,12 +295,12 @@ def _check_not_under_way(path: Path, stamps: dict[str, str], wait: bool) -> bool
             ) from None
         if state == "done":
             continue
-        if state == "writing" and not _process_ended(host, pid):
+        if state == "writing" and not process_ended(host, pid):
             if wait:
                 return True
             raise ExportUnderWay(
                 f"{folder}: an export is being written into it file by file (process {pid} on "
-                f"{'this host' if host == _HOST else 'another host'}); load it again once that export is done "
+                f"{'this host' if host == HOST_TAG else 'another host'}); load it again once that export is done "
                 "(where none is running, it was cut short: export again)"
             )
         raise ExportUnderWay(
@@ -332,7 +332,7 @@ def _carry_late(old: Path, path: Path, carry: Callable[[str], bool], carried: di
                     os.replace(entry, target)
         except OSError:  # (put there meanwhile, gone, or a folder where a file was)
             pass
-    _fsync_folder(path)
+    fsync_folder(path)
 
 
 def _version(entry: Path) -> tuple | None:
@@ -474,7 +474,7 @@ def _fsync_tree(folder: Path) -> None:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-        _fsync_folder(Path(parent))
+        fsync_folder(Path(parent))
 
 
 def move_over(src: Path, dst: Path, trash: Path) -> None:
@@ -514,5 +514,5 @@ def new_folder_beside(path) -> Path:
     path = followed(path)
     remove_abandoned(path, folder=True)
     return Path(
-        tempfile.mkdtemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}-", suffix=".tmp", dir=path.parent)
+        tempfile.mkdtemp(prefix=f".{path.name}.{HOST_TAG}-{os.getpid()}-", suffix=".tmp", dir=path.parent)
     )

@@ -346,7 +346,7 @@ def test_a_killed_writers_temp_files_are_removed_by_the_next_writer(tmp_path):
     import subprocess
     import sys
 
-    from streamgen.files import _HOST, write_text_atomically
+    from streamgen.files import HOST_TAG, write_text_atomically
     from streamgen.folders import new_folder_beside
 
     target = tmp_path / "dit.safetensors"
@@ -357,18 +357,18 @@ def test_a_killed_writers_temp_files_are_removed_by_the_next_writer(tmp_path):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         names = {
-            f".dit.safetensors.{_HOST}-{dead}-abc123.tmp": "gone",
-            f".dit.safetensors.{_HOST}-{live.pid}-abc123.tmp": "kept",
+            f".dit.safetensors.{HOST_TAG}-{dead}-abc123.tmp": "gone",
+            f".dit.safetensors.{HOST_TAG}-{live.pid}-abc123.tmp": "kept",
             f".dit.safetensors.otherhost-{dead}-abc123.tmp": "kept",
             ".dit.safetensors.0123456789ab.tmp": "kept",
-            f".other.safetensors.{_HOST}-{dead}-abc123.tmp": "kept",  # another file's
+            f".other.safetensors.{HOST_TAG}-{dead}-abc123.tmp": "kept",  # another file's
         }
         for name in names:
             (tmp_path / name).write_bytes(b"weights")
-        (tmp_path / f".autoencoder.{_HOST}-{dead}-xyz.tmp").mkdir()  # a staging folder
+        (tmp_path / f".autoencoder.{HOST_TAG}-{dead}-xyz.tmp").mkdir()  # a staging folder
         write_text_atomically(target, "new")
         left = {p.name for p in tmp_path.iterdir()}
-        assert left == {"dit.safetensors", f".autoencoder.{_HOST}-{dead}-xyz.tmp"} | {
+        assert left == {"dit.safetensors", f".autoencoder.{HOST_TAG}-{dead}-xyz.tmp"} | {
             name for name, fate in names.items() if fate == "kept"
         }
         staging = new_folder_beside(tmp_path / "autoencoder")  # removes the ended writer's folder
@@ -395,7 +395,7 @@ def test_no_writer_removes_a_live_writers_temp_file_of_another_host_or_pid_names
     # a process on another host of a name that starts alike, whose live writer's PID is not one here
     tag = subprocess.run(
         [sys.executable, "-c", "import socket; socket.gethostname = lambda: 'streamgen-dataset-generator-"
-         "7d9f8b6c5d-x2k4p'\nimport streamgen.files as f; print(f._HOST)"],
+         "7d9f8b6c5d-x2k4p'\nimport streamgen.files as f; print(f.HOST_TAG)"],
         capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent,
     ).stdout.strip()  # fmt: skip
     other_host = tmp_path / f".{target.name}.{tag}-4000000-abc123.tmp"
@@ -446,9 +446,9 @@ def test_no_writer_removes_a_live_writers_temp_file_of_another_host_or_pid_names
 def test_a_temp_file_named_with_no_pid_there_can_be_is_left_alone(tmp_path):
     """A temp file of this host's tag and a PID beyond a C int (a stray file of the pattern) made
     os.kill raise OverflowError: every later write of its target failed."""
-    from streamgen.files import _HOST, write_text_atomically
+    from streamgen.files import HOST_TAG, write_text_atomically
 
-    stray = tmp_path / f".model.json.{_HOST}-99999999999-abc.tmp"
+    stray = tmp_path / f".model.json.{HOST_TAG}-99999999999-abc.tmp"
     stray.touch()
     write_text_atomically(tmp_path / "model.json", "{}")
     assert (tmp_path / "model.json").read_text() == "{}" and stray.exists()
@@ -509,7 +509,7 @@ def test_temp_files_whose_writer_cannot_be_asked_after_are_removed_once_untouche
     Removing a live writer's is worse than leaving junk, so they go only once nothing in them has
     been written for ABANDONED_AFTER_S (no writer leaves its temp file untouched that long); a name
     of a shape no writer made is left alone, however old."""
-    from streamgen.files import _HOST, ABANDONED_AFTER_S, write_text_atomically
+    from streamgen.files import ABANDONED_AFTER_S, HOST_TAG, write_text_atomically
     from streamgen.folders import new_folder_beside
 
     old = os.stat(tmp_path).st_mtime - ABANDONED_AFTER_S - 3600
@@ -517,7 +517,7 @@ def test_temp_files_whose_writer_cannot_be_asked_after_are_removed_once_untouche
     def made(name, folder=False, touched=old):
         return made_at(tmp_path / name, old, folder, touched)
 
-    other_namespace = _HOST[:-12] + "0123456789ab"  # this host's name, another PID namespace
+    other_namespace = HOST_TAG[:-12] + "0123456789ab"  # this host's name, another PID namespace
     gone = [
         made(".dit.safetensors.0123456789ab.tmp"),
         made(f".dit.safetensors.{other_namespace}-12-abc123.tmp"),

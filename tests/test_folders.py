@@ -475,3 +475,20 @@ def test_an_export_after_another_hosts_unfinished_one_says_so_and_the_next_expor
         folders.read_folder(d, read)
     folders.write_folder_atomically(d, lambda new: (new / "config.json").write_text("newer"))
     assert folders.read_folder(d, read) == "newer"
+
+
+def test_the_file_and_folder_modules_import_no_private_name_of_another_module():
+    """`folders` took the writer's host tag, its process check and the folder fsync from `files` by
+    their private names, which say that no other module depends on them. What one module takes
+    from another is public in it."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    private = []
+    for module in ("streamgen/files.py", "streamgen/folders.py", "streamgen/models.py"):
+        for node in ast.walk(ast.parse((root / module).read_text())):
+            if isinstance(node, ast.ImportFrom) and (
+                node.level or (node.module or "").startswith("streamgen")
+            ):
+                private += [f"{module}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert private == []
