@@ -70,7 +70,7 @@ def _read_dit(source: str, overrides: dict, digest: bool):
             return read_folder(transformer_dir(source[4:]), read_wan)
         except (OSError, ValueError, KeyError) as e:
             raise ModelSourceError(f"cannot load the Wan checkpoint {source[4:]}: {e}") from None
-    from streamgen.model.files import load_safetensors, read_json
+    from streamgen.model.files import load_safetensors, load_safetensors_from_bytes, read_json
     from streamgen.model.model import DiT
 
     def read(d):
@@ -78,7 +78,7 @@ def _read_dit(source: str, overrides: dict, digest: bool):
         path = d / "dit.safetensors"
         if digest:  # the tensors from the very bytes digested
             data = path.read_bytes()
-            fingerprint, state = _bytes_digest(path.name, data), _safetensors_from_bytes(data, path)
+            fingerprint, state = _bytes_digest(path.name, data), load_safetensors_from_bytes(data, path)
             del data  # (the tensors are copies: the file's bytes and the DiT are not held at once)
         else:
             fingerprint, state = None, load_safetensors(path)
@@ -88,17 +88,6 @@ def _read_dit(source: str, overrides: dict, digest: bool):
 
     # config and weights from one export: a re-export (write_model_dir) swaps the whole folder
     return read_folder(_model_dir(source), read)
-
-
-def _safetensors_from_bytes(data: bytes, path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors from its bytes, or a ValueError naming the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        return load(data)
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 # what weights_digest gave every `wan:` pipeline folder before it read its transformer/: the digest

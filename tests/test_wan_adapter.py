@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -274,3 +275,53 @@ def test_a_wan_save_replaces_a_sharded_checkpoint_and_keeps_what_else_is_there(
     assert (folder / "README.md").read_text() == "notes"
     assert _same_weights(load_pretrained(folder), new)
     assert os.listdir(tmp_path) == ["wan"]
+
+
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        (lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]), "not fully covered"),
+        (lambda f: f.write_bytes(b"<html>Not Found</html>"), "header too large"),
+        (lambda f: f.write_bytes(b""), "header too small"),
+    ],
+    ids=["truncated", "an_error_page", "empty"],
+)
+def test_a_bad_weight_file_in_a_wan_folder_is_named_in_one_line(tmp_path, capsys, damage, says):
+    """A `wan:` folder's weight file that safetensors cannot read (a download cut short, an error
+    page saved under its name) raised safetensors' own error, naming no file, through every
+    command: `streamgen distill` printed a traceback. The file and what is wrong with it are named,
+    by the teacher's digest path (the bytes read once) too."""
+    from distill.build import ModelSourceError, load_frozen_and_digest
+    from streamgen.cli import main
+
+    folder = tmp_path / "wan"
+    tiny_wan(3).save_pretrained(folder, safe_serialization=True)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    damage(weights)
+    with pytest.raises(ModelSourceError, match=re.escape(f"{weights}: not a readable safetensors file")) as e:
+        load_frozen_and_digest(f"wan:{folder}")
+    assert says in str(e.value)
+    command = ["distill", "teacher", "--config", "debug", "--set", f"model.init=wan:{folder}"]
+    assert main([*command, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights}: not a readable safetensors file" in err and "Traceback" not in err
+
+
+def test_a_wan_folders_unreadable_config_or_index_is_named(tmp_path):
+    """config.json and the shards' index were read by json.loads alone: a broken one said
+    "Expecting value: line 1 column 1 (char 0)", naming no file, and an index without its
+    weight_map said "'weight_map'"."""
+    from distill.build import ModelSourceError, load_dit
+
+    folder = tmp_path / "wan"
+    tiny_wan(3).save_pretrained(folder, safe_serialization=True, max_shard_size="20KB")
+    index = next(folder.glob("*.index.json"))
+    index.write_text("{}")
+    with pytest.raises(ModelSourceError, match=re.escape(f"{index}: no 'weight_map' in it")):
+        load_dit(f"wan:{folder}")
+    index.write_text("")
+    with pytest.raises(ModelSourceError, match=re.escape(f"{index}: not valid JSON")):
+        load_dit(f"wan:{folder}")
+    (folder / "config.json").write_text("{")
+    with pytest.raises(ModelSourceError, match=re.escape(f"{folder / 'config.json'}: not valid JSON")):
+        load_dit(f"wan:{folder}")

@@ -26,6 +26,18 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def load_safetensors_from_bytes(data: bytes, path) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file `path` from its bytes `data` (read once: for a digest
+    of the very bytes loaded), or a ValueError naming it, as `load_safetensors`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def load_safetensors_and_metadata(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and the metadata of one safetensors file, read through one open of it: a file
     renamed over it meanwhile (a re-export) cannot give the tensors of one and the metadata of the

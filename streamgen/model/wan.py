@@ -150,9 +150,14 @@ def transformer_dir(path) -> Path:
 
 def weight_files(d: Path) -> list[Path]:
     """The .safetensors files of the transformer folder `d` (an index's shards where it has one)."""
+    from streamgen.model.files import read_json
+
     index = sorted(d.glob("*.safetensors.index.json"))
     if index:
-        shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+        weight_map = read_json(index[0], required=("weight_map",))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index[0]}: its weight_map is not a JSON object")
+        shards = sorted(set(weight_map.values()))
         files = [d / s for s in shards]
     else:
         files = sorted(d.glob("*.safetensors"))
@@ -162,19 +167,21 @@ def weight_files(d: Path) -> list[Path]:
 
 
 def _read_safetensors_dir(d: Path, weights_hash=None) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load, load_file
+    """The tensors of `weight_files(d)`; one safetensors cannot read (a download cut short) is a
+    ValueError naming it."""
+    from streamgen.model.files import load_safetensors, load_safetensors_from_bytes
 
     sd = {}
     for f in weight_files(d):
         if weights_hash is None:
-            sd.update(load_file(str(f)))
+            sd.update(load_safetensors(f))
             continue
         # the tensors from the very bytes hashed (the tensors are copies: one file's bytes are held
         # at a time beside them)
         data = f.read_bytes()
         weights_hash.update(f.name.encode())
         weights_hash.update(data)
-        sd.update(load(data))
+        sd.update(load_safetensors_from_bytes(data, f))
         del data
     return sd
 
@@ -187,7 +194,9 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", weights_hash=None, 
     d = transformer_dir(path)
     if not (d / "config.json").exists():
         raise FileNotFoundError(f"{d} has no config.json (expected a diffusers-format Wan transformer)")
-    cfg = config_from_diffusers(json.loads((d / "config.json").read_text()), **overrides)
+    from streamgen.model.files import read_json
+
+    cfg = config_from_diffusers(read_json(d / "config.json"), **overrides)
     with torch.device("meta"):  # shapes only: the checkpoint's tensors become the weights
         model = DiT(cfg)
     sd = from_diffusers(_read_safetensors_dir(d, weights_hash))
