@@ -53,7 +53,8 @@ _WRITER = re.compile(r"^(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)-[A-Za-z0-9_]+\.t
 # The temp files whose writer cannot be asked after: another host's, a container's of this host's
 # name whose PID namespace may have gone, and the previous naming's, which named no writer
 # (`.NAME.<12 hex>.tmp` files; `.autoencoder.<mkdtemp's 8>.tmp`, an export's staging folder), and
-# the fixed names before that (`fixed_temp_names`: `.NAME.tmp`, `NAME.tmp`, `.loss_curves.tmp.png`).
+# the fixed names before that (`fixed_temp_names`: `.NAME.tmp`, `NAME.tmp`, `.loss_curves.tmp.png`,
+# `NAME.part`).
 # Each is removed once nothing in it has been written for this long: no writer leaves its temp file
 # untouched for a day (they write theirs through, a muxed stream chunk by chunk, then rename it),
 # and removing a live writer's file fails its write, worse than leaving junk a day longer.
@@ -171,17 +172,27 @@ def remove_abandoned(path, folder: bool = False) -> None:
 def fixed_temp_names(path, folder: bool = False) -> list[Path]:
     """The temp files the writers of `path` had before each had a name of its own: a file's
     `.NAME.tmp` (weights, checkpoints) and `NAME.tmp` (model.json, the dataset's manifest, a
-    shard's .npz), and the training monitor's `.loss_curves.tmp.png` (the suffix kept for
-    matplotlib); a folder's, only the autoencoder's staging folder `.autoencoder.tmp`. No writer
-    makes them now; a killed one left them. No other: `NAME.tmp` beside a model folder NAME is
-    no writer's (a user's copy of it, say, which `cp -a` leaves a day old at once)."""
+    shard's .npz), the training monitor's `.loss_curves.tmp.png` (the suffix kept for
+    matplotlib), and `NAME.part` of the writers in `_PART_WRITTEN`; a folder's, only the
+    autoencoder's staging folder `.autoencoder.tmp`. No writer makes them now; a killed one left
+    them. No other: `NAME.tmp` beside a model folder NAME is no writer's (a user's copy of it, say,
+    which `cp -a` leaves a day old at once), nor is `dit.safetensors.part` (a browser's download
+    of it, paused)."""
     path = Path(path)
     if folder:
         return [path.with_name(".autoencoder.tmp")] if path.name == "autoencoder" else []
     names = [path.with_name(f".{path.name}.tmp"), path.with_name(f"{path.name}.tmp")]
     if path.name == "loss_curves.png":
         names.append(path.with_name(".loss_curves.tmp.png"))
+    if path.suffix in _PART_WRITTEN or path.name in _PART_WRITTEN:
+        names.append(path.with_name(f"{path.name}.part"))
     return names
+
+
+# the files written through `NAME.part` before this module (renamed into place, no fsync): MP4s
+# (generate's, the dataset preview's: any name), PNG sheets (save_png: any name), the eval report
+# and the evaluators' checkpoints
+_PART_WRITTEN = frozenset({".mp4", ".png", "report.json", "syncnet.safetensors", "identity.safetensors"})
 
 
 def _remove(tmp: Path) -> None:

@@ -576,6 +576,42 @@ def test_the_fixed_temp_names_of_older_writers_are_removed_once_untouched_for_a_
     ]
 
 
+def test_the_older_part_temp_names_are_removed_once_untouched_for_a_day(tmp_path):
+    """Before streamgen.files, MP4s (generate's, the dataset preview's), PNG sheets, the eval
+    report.json and the evaluators' checkpoints were written to `NAME.part` and renamed: one a
+    killed writer left stayed for good (an MP4's, as big as the video). They name no writer, so
+    they go as the other fixed names do, once untouched for ABANDONED_AFTER_S; a fresh one (a live
+    older writer's), a folder, and the `.part` of a name no such writer wrote (a browser's download
+    of a model's weights, paused) are kept."""
+    from streamgen.data.media import save_png
+    from streamgen.eval.evaluators import SyncNet, save_checkpoint
+    from streamgen.files import ABANDONED_AFTER_S, write_text_atomically
+    from streamgen.media import Mp4Writer
+
+    old = os.stat(tmp_path).st_mtime - ABANDONED_AFTER_S - 3600
+    run = tmp_path / "run"
+    run.mkdir()
+    gone = [
+        made_at(tmp_path / name, old, False, old)
+        for name in ("out.mp4.part", "sheet.png.part", "report.json.part", "syncnet.safetensors.part")
+    ]
+    kept = [
+        made_at(run / "out.mp4.part", old, True, old),  # a folder: no writer's
+        made_at(tmp_path / "dit.safetensors.part", old, False, old),
+        tmp_path / "fresh.mp4.part",
+    ]
+    kept[2].write_bytes(b"being written")
+    Mp4Writer(tmp_path / "out.mp4", 16, 16, audio_rate=None).abort()  # (its temp file made beside)
+    write_text_atomically(tmp_path / "fresh.mp4", "new")
+    save_png(tmp_path / "sheet.png", np.zeros((4, 4, 3), np.uint8))
+    write_text_atomically(tmp_path / "report.json", "{}")
+    save_checkpoint(SyncNet(), tmp_path / "syncnet.safetensors", "syncnet")
+    write_text_atomically(tmp_path / "dit.safetensors", "new")
+    write_text_atomically(run / "out.mp4", "new")
+    assert [p.name for p in gone if os.path.lexists(p)] == []
+    assert all(p.exists() for p in kept)
+
+
 def test_the_loss_curves_older_fixed_temp_name_is_removed_once_untouched_for_a_day(tmp_path):
     """The first training monitor wrote loss_curves.png through `.loss_curves.tmp.png` (its
     suffix kept for matplotlib): one a killed run left in its run.out stayed there for good, as
