@@ -12,8 +12,10 @@ files are; the stamp is written through it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -37,6 +39,7 @@ from streamgen.files import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def exchange(a, b) -> bool:
@@ -209,7 +212,46 @@ class ExportUnderWay(ValueError):
 
 
 def _written_in_place(path: Path, change: Callable[[], object]) -> None:
-    """change() changes the folder `path` in place, under `EXPORT_STAMP`'s states."""
+    """change() changes the folder `path` in place, under `EXPORT_STAMP`'s states, one export at a
+    time (`_one_export_at_a_time`)."""
+    with _one_export_at_a_time(path):
+        _stamped(path, change)
+
+
+@contextlib.contextmanager
+def _one_export_at_a_time(path: Path):
+    """The folder `path` locked (flock) against the other exports into it in place: two of this
+    host that both read the old stamp before either wrote its own each found its own "writing"
+    stamp at some point, and the first to end wrote "done" while the other still renamed its files
+    in (a reader took the mix as whole until that one ended "cut short"). Released by the kernel
+    where the writer dies. Where the folder cannot be locked (not POSIX; a network file system
+    that locks no folder, NFS's, shared by two hosts), the stamps alone tell (`_stamped`)."""
+    try:
+        import fcntl
+    except ImportError:  # (not POSIX)
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another export is being written into it; this one waits for it", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # (a file system that locks no folder: ENOLCK, EBADF where NFS takes flock as a
+            # POSIX lock, which a read-only descriptor cannot hold)
+            pass
+        yield
+    finally:
+        os.close(fd)  # (the lock with it)
+
+
+def _stamped(path: Path, change: Callable[[], object]) -> None:
+    """change() between this export's "writing" stamp and its last ("done" or "cut short")."""
     stamp = {"export": secrets.token_hex(8), "host": HOST_TAG, "pid": os.getpid()}
     before, entries = _stamp_text(path / EXPORT_STAMP), _entries_version(path)
     writing = json.dumps({**stamp, "state": "writing"})
