@@ -496,3 +496,59 @@ def test_a_websocket_the_server_refused_sends_no_delete(browser_page, end_at, co
             assert not sessions
         finally:
             page.close()
+
+
+# The page's new session is claimed by another WebSocket (another client with its token) before the
+# page's own socket comes, which the server then refuses: 4409, the session living on. The page hangs
+# up as its socket opens, before that refusal is read; window.pageClose: the code it then closed with.
+CLAIMED_ELSEWHERE = """
+const realFetch = window.fetch;
+const RealWebSocket = window.WebSocket;
+window.fetch = async (url, init) => {
+  const res = await realFetch(url, init);
+  if (!init || init.method !== "POST" || !String(url).endsWith("/v1/sessions")) return res;
+  const made = window.made = await res.clone().json();
+  const at = new URL(`${made.stream}?token=${encodeURIComponent(made.token)}`, location.href);
+  at.protocol = at.protocol.replace("http", "ws");
+  window.otherSocket = new RealWebSocket(at);
+  for (let i = 0; i < 100; i++) {  // (claimed once the server's handler is past its checks)
+    const status = await realFetch(made.resource, {headers: {Authorization: `Bearer ${made.token}`}});
+    if ((await status.json()).transport === "websocket") break;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  return res;
+};
+window.pageClose = null;
+window.WebSocket = class extends RealWebSocket {
+  constructor(...args) {
+    super(...args);
+    this.addEventListener("open", () => document.getElementById("hangup").click());
+    this.addEventListener("close", (e) => { window.pageClose = [e.code, e.wasClean]; });
+  }
+};
+"""
+
+
+def test_a_hang_up_before_a_conflict_refusal_deletes_the_session(browser_page):
+    """Hung up with the WebSocket open, before the server's refusal of it: the page waited for the
+    close's answer and took any clean close for the session's end. A 4409 (the session streams
+    elsewhere) is a clean close that leaves the session living: the page sent no DELETE, and the
+    session it made stayed on the server. The page DELETEs it now."""
+    with live_server(max_sessions=2) as (url, app):
+        sessions = app.state.registry.sessions
+        page = browser_page.new_page()
+        logs, deletes = console_and_deletes(page)
+        page.add_init_script(HELD + CLAIMED_ELSEWHERE)
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            closed = lambda: page.evaluate("window.pageClose") is not None  # noqa: E731
+            wait_in_page(page, closed, 20, "the page's WebSocket did not close")
+            assert page.evaluate("window.pageClose") == [4409, True]  # (the premise: refused after it)
+            wait_in_page(page, lambda: not sessions, 10, "the hung-up page left its session on the server")
+            made = page.evaluate("window.made")
+            assert len(deletes) == 1 and deletes[0].endswith(made["resource"]), deletes
+            assert page.evaluate("held()") == IDLE
+            assert logs == []
+        finally:
+            page.evaluate("window.otherSocket && window.otherSocket.close()")
+            page.close()

@@ -505,7 +505,10 @@ function stopWsMic() {
 // after either found nothing (a 404 the browser logs as an error). Only a session the server refused
 // to hand the socket (its token: 4401, 4403; another transport's: 4409) lives on: the page DELETEs it.
 function sessionGoneWith(code) {
-  return code >= 4000 && code < 5000 && ![4401, 4403, 4409].includes(code);
+  return code >= 4000 && code < 5000 && !sessionLivesOn(code);
+}
+function sessionLivesOn(code) {
+  return [4401, 4403, 4409].includes(code);
 }
 
 // --- controls -------------------------------------------------------------------------------------
@@ -556,7 +559,8 @@ function hangUp() {
   // A WebSocket open whose stream has not started: its server has the start message (and ends the
   // session as the socket closes), or is slow, or is not the API at all. A DELETE at once raced the
   // socket: it ended the session first, or came after the socket had (a 404 the browser logs as an
-  // error). It waits for the socket's close now, and goes only where no server answered it.
+  // error). It waits for the socket's close now, and goes only where no server answered it, or where
+  // the answer was a refusal that leaves the session living (deleteUnlessTheSocketEndsIt).
   const socket = ws, s = session;
   const socketMayEndSession = socket !== null && socket.readyState === WebSocket.OPEN && !wsStarted;
   cleanup(!socketMayEndSession);
@@ -567,8 +571,9 @@ function hangUp() {
 function deleteUnlessTheSocketEndsIt(socket, s) {
   // A clean close is a server's answer to the page's: the API's ends the session as its socket closes
   // (the stop message's "stopped", or mostly its WebSocket layer's echo of the page's close frame,
-  // 1005), or says why the socket never held it (a refusal, 4404 ...: a DELETE would not end it
-  // either). None in time (a silent server), or a connection cut: the session is DELETEd.
+  // 1005), or says why the socket never held it: a session it does not know (4404: a DELETE would
+  // not end it either), or one it refused to hand the socket (4401, 4403, 4409), which lives on and
+  // is DELETEd. None in time (a silent server), or a connection cut: the session is DELETEd.
   let decided = false;
   const decide = (answered) => {
     if (decided) return;
@@ -577,7 +582,7 @@ function deleteUnlessTheSocketEndsIt(socket, s) {
     if (!answered) deleteSession(s);
   };
   const timer = setTimeout(() => decide(false), SOCKET_CLOSE_ANSWER_MS);
-  socket.addEventListener("close", (e) => decide(e.wasClean));
+  socket.addEventListener("close", (e) => decide(e.wasClean && !sessionLivesOn(e.code)));
 }
 
 function closePeer() {
