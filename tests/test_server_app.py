@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from server_helpers import auth, make_app, new_session, png_bytes, ready_client, wait_ready
+
+from server.config import WEB_DIR
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,6 +39,25 @@ def test_health_ready_docs_and_avatars(client):
 def test_web_client_is_served(client):
     r = client.get("/")
     assert r.status_code == 200 and "<video" in r.text
+
+
+def test_web_client_modules_are_served_as_javascript(client):
+    """The page is ES modules (index.html's `type="module"`, importing one another), which a browser
+    runs only when they come with a JavaScript MIME type; and each module a page module imports is
+    one of the served files."""
+    r = client.get("/")
+    assert '<script type="module" src="app.js">' in r.text
+    names = sorted(path.name for path in WEB_DIR.glob("*.js"))
+    imported = set()
+    for name in names:
+        r = client.get(f"/{name}")
+        assert r.status_code == 200, name
+        assert r.headers["content-type"].split(";")[0] in ("text/javascript", "application/javascript"), (
+            name, r.headers["content-type"],
+        )  # fmt: skip
+        imported |= set(re.findall(r'^import [^;]* from "\./([\w.-]+)";', r.text, re.M))
+    assert {"app.js", "page.js", "websocket.js"} <= set(names)
+    assert {"page.js", "resample.js"} <= imported <= set(names), imported
 
 
 def test_create_inspect_delete(client):

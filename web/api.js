@@ -1,0 +1,43 @@
+// The HTTP API as the page uses it: its answers, and a session's creation and end.
+import { $, params, state } from "./page.js";
+
+export function authHeaders(s, extra = {}) {
+  return { Authorization: `Bearer ${s.token}`, ...extra };
+}
+
+// An answer of the API: its JSON, or for an error an Error with the server's message. An answer
+// that is not the API's JSON (a proxy's error page, a server restarting) is its HTTP status: it
+// was JSON.parse's complaint about the body ("Unexpected token '<'").
+export async function apiJson(res) {
+  const isJson = (res.headers.get("Content-Type") || "").includes("json");
+  const json = isJson ? await res.json().catch(() => null) : null;
+  if (!res.ok) throw new Error(`${res.status}: ${(json && (json.message || json.error)) || res.statusText || "error"}`);
+  if (json === null) throw new Error(`${res.status}: the answer is not JSON`);
+  return json;
+}
+
+export async function createSession() {
+  const caption = $("caption").value.trim();
+  const file = $("upload").files[0];
+  let body, headers = {};
+  if (params.get("token")) headers.Authorization = `Bearer ${params.get("token")}`;
+  if (file) {
+    body = new FormData();
+    body.append("reference", file);
+    if (caption) body.append("caption", caption);
+  } else {
+    body = JSON.stringify({ avatar: state.avatar, caption: caption || undefined });
+    headers["Content-Type"] = "application/json";
+  }
+  return apiJson(await fetch("/v1/sessions", { method: "POST", body, headers }));
+}
+
+export function deleteSession(s) {
+  // keepalive: a DELETE sent as the page goes (pagehide) outlives it, as the Fetch spec promises
+  // only such requests. One that fails is said on the console, not on the page: the peer
+  // connection's closing ends the session on the server as well. (A 404 is a session the server
+  // ended already.)
+  fetch(s.resource, { method: "DELETE", headers: authHeaders(s), keepalive: true }).then((res) => {
+    if (!res.ok && res.status !== 404) console.warn(`ending the session: DELETE ${res.status}`);
+  }, (e) => console.warn("ending the session: DELETE failed:", e));
+}

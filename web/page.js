@@ -1,0 +1,84 @@
+// What every part of the page shares: its elements and query parameters, the figures the overlay
+// shows, the page's state (what a connect makes and a hang-up gives back), its status line, the
+// sound that waits for a click, and the microphone.
+
+export const $ = (id) => document.getElementById(id);
+export const params = new URLSearchParams(location.search);
+
+// what the overlay shows; tests read it as window.streamgenStats
+export const stats = { transport: null, firstFrameMs: null, framesDecoded: 0, fps: 0, avOffsetMs: null,
+  rttMs: null, state: "idle", error: null, trickled: 0 };
+window.streamgenStats = stats;
+
+// One object, not variables: the page's modules share it, and a module cannot assign another's.
+export const state = {
+  avatar: params.get("avatar") || "sample",
+  session: null,      // {id, token, resource, whep, stream, ice_servers}
+  pc: null,           // RTCPeerConnection (WebRTC)
+  ws: null,           // WebSocket (fallback)
+  wsStarted: false,   // its server answered the start message ("ready"): it holds the session
+  mic: null,          // MediaStream from getUserMedia
+  audioSender: null,  // RTCRtpSender carrying the mic
+  audioCtx: null,     // the WebSocket stream's AudioContext: its sound, and the microphone's way out
+  statsTimer: null,
+  lostTimer: null,    // a WebRTC connection "disconnected": ended unless it comes back
+  // Each connect and each hang-up starts a new generation: the late events of an older connection
+  // (a socket's close, a peer's state change, a microphone granted after hanging up) do nothing.
+  generation: 0,
+};
+// Thrown where a connect attempt finds it was hung up (or replaced) while it waited: the page,
+// its peer connection and its session are another generation's now (connect says nothing).
+export const abandoned = (mine) => {
+  if (mine !== state.generation) throw new Error("hung up while connecting");
+};
+
+export function setStatus(text) {
+  stats.state = text;
+  $("status").textContent = text;
+}
+
+export function showOverlay() {
+  const f = (v, unit) => (v === null || v === undefined ? "–" : `${Math.round(v)} ${unit}`);
+  $("overlay").textContent = [
+    `transport  ${stats.transport || "–"}`,
+    `startup    ${f(stats.firstFrameMs, "ms")}`,
+    `fps        ${stats.fps ? stats.fps.toFixed(1) : "–"}`,
+    `A/V offset ${f(stats.avOffsetMs, "ms")}`,
+    `RTT        ${f(stats.rttMs, "ms")}`,
+    `frames     ${stats.framesDecoded}`,
+  ].join("\n");
+}
+
+// Sound that waits for a click. Browsers give a page sound (a <video> unmuted, an AudioContext
+// running) only once the user has interacted with it, so a page that connected by itself
+// (?autostart=1) plays muted, or keeps its AudioContext suspended. The page says so, and the first
+// click, tap or key anywhere on it turns the sound on.
+let soundWaits = false;
+export function waitForClickForSound() {
+  soundWaits = true;
+  $("sound").hidden = false;
+}
+function soundOn() {
+  if (!soundWaits) return;
+  soundWaits = false;
+  $("sound").hidden = true;
+  const video = $("video");
+  if (state.pc && video.muted) { video.muted = false; video.play().catch(() => {}); }
+  if (state.audioCtx && state.audioCtx.state === "suspended") state.audioCtx.resume().catch(() => {});
+}
+for (const type of ["click", "keydown", "touchend"]) document.addEventListener(type, soundOn, true);
+// a hang-up's: no connection, no sound to wait for
+export function soundNoLongerWaits() {
+  soundWaits = false;
+  $("sound").hidden = true;
+}
+
+export async function getMic() {
+  if (!$("mic").checked || !navigator.mediaDevices) return null;
+  try {
+    return await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: true } });
+  } catch (e) {
+    console.warn("no microphone:", e);
+    return null;
+  }
+}

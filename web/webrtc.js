@@ -1,0 +1,157 @@
+// The WebRTC (WHEP) connection: the offer and its trickled candidates, the connection's state and
+// the overlay's figures read from it.
+import { authHeaders, deleteSession } from "./api.js";
+import { $, abandoned, showOverlay, state, stats, waitForClickForSound } from "./page.js";
+
+let offerPostedAt = 0;
+
+function trickleCandidates(peer, s) {
+  // Trickle ICE (server/trickle.py): the offer goes at once, with the candidates gathered by
+  // then, and each later one follows as a PATCH of the session resource, so no viewer waits for
+  // gathering (a STUN or TURN server's answer can take a second) and none is left out.
+  let offer = null, send = null, chain = Promise.resolve();
+  const queued = [];
+  peer.addEventListener("icecandidate", (e) => {
+    if (offer === null) return;  // gathered before the offer was read: in it
+    if (e.candidate && !e.candidate.candidate) return;  // an empty one: the end of a generation
+    const lines = e.candidate ? [`a=mid:${e.candidate.sdpMid}`, `a=${e.candidate.candidate}`] : ["a=end-of-candidates"];
+    send ? send(lines) : queued.push(lines);
+  });
+  return {
+    posted(sdp) { offer = sdp; },
+    answered(location, etag) {
+      const head = [offer.match(/a=ice-ufrag:.*/)[0], offer.match(/a=ice-pwd:.*/)[0]];
+      send = (lines) => {  // in order: the end of candidates comes last
+        chain = chain.then(() => fetch(location, {
+          method: "PATCH", body: head.concat(lines).join("\r\n") + "\r\n",
+          headers: authHeaders(s, { "Content-Type": "application/trickle-ice-sdpfrag", "If-Match": etag }),
+        })).then((res) => {
+          if (res.ok && lines.length > 1) stats.trickled++;
+          else if (!res.ok) console.warn(`trickle ICE: PATCH ${res.status}`);
+        }, (err) => console.warn("trickle ICE:", err));
+      };
+      queued.splice(0).forEach(send);
+    },
+  };
+}
+
+// ended(reason): the connection ended by itself (the page is given back, and says why)
+export async function connectWebRTC(mine, ended) {
+  // (its own peer and session, not the globals: hung up and connected again while it waited, an
+  // attempt that went on would post its answer into the next connection's peer)
+  const s = state.session;
+  // STUN/TURN as the server was told (serve --ice-servers); none on a LAN or the same machine
+  const peer = state.pc = new RTCPeerConnection({ iceServers: s.ice_servers || [] });
+  const media = new MediaStream();
+  peer.ontrack = (e) => {
+    media.addTrack(e.track);
+    $("video").srcObject = media;
+  };
+  peer.addTransceiver("video", { direction: "recvonly" });
+  const audio = peer.addTransceiver("audio", { direction: "sendrecv" });
+  state.audioSender = audio.sender;
+  if (state.mic) await audio.sender.replaceTrack(state.mic.getAudioTracks()[0]);
+  abandoned(mine);
+  const trickle = trickleCandidates(peer, s);
+  await peer.setLocalDescription(await peer.createOffer());
+  abandoned(mine);
+  offerPostedAt = performance.now();
+  const offer = peer.localDescription.sdp;
+  trickle.posted(offer);
+  const res = await fetch(s.whep, {
+    method: "POST", body: offer, headers: authHeaders(s, { "Content-Type": "application/sdp" }),
+  });
+  abandoned(mine);
+  if (res.status !== 201) throw new Error(`WHEP ${res.status}: ${await res.text()}`);
+  trickle.answered(s.resource, res.headers.get("ETag"));
+  await peer.setRemoteDescription({ type: "answer", sdp: await res.text() });
+  abandoned(mine);
+  await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("WebRTC did not connect within 5 s")), 5000);
+    peer.onconnectionstatechange = () => {
+      if (peer.connectionState === "connected") { clearTimeout(timer); resolve(); }
+      if (peer.connectionState === "failed") { clearTimeout(timer); reject(new Error("WebRTC failed")); }
+    };
+  });
+  abandoned(mine);
+  // from here on the connection ending is the session ending: the server closed it (a limit, a
+  // DELETE from elsewhere, shutdown) or the network went; the page says so and frees what it holds
+  peer.onconnectionstatechange = () => {
+    if (mine !== state.generation) return;
+    const connection = peer.connectionState;
+    clearTimeout(state.lostTimer);
+    if (connection === "failed" || connection === "closed") ended("the connection was lost");
+    else if (connection === "disconnected") {  // ICE may still recover it
+      state.lostTimer = setTimeout(() => { if (mine === state.generation) ended("the connection was lost"); }, 5000);
+    }
+  };
+  stats.transport = "webrtc";
+  $("video").hidden = false;
+  $("canvas").hidden = true;
+  const video = $("video");
+  if (video.requestVideoFrameCallback) {
+    video.requestVideoFrameCallback(() => {
+      stats.firstFrameMs ??= performance.now() - offerPostedAt;
+    });
+  }
+  video.muted = false;  // the avatar's voice; autoplay policies may keep it muted until a click
+  video.play().catch(() => {
+    if (mine !== state.generation) return;
+    video.muted = true;
+    video.play().catch(() => {});
+    waitForClickForSound();
+  });
+  let ticks = 0;
+  state.statsTimer = setInterval(() => {
+    readRtcStats(peer, mine);
+    // a session the server ended while the peer connection lingers (ICE takes its time to fail)
+    if (++ticks % 4 === 0) checkSessionAlive(mine, ended);
+  }, 500);
+}
+
+async function checkSessionAlive(mine, ended) {
+  if (!state.session) return;
+  try {
+    const res = await fetch(state.session.resource, { headers: authHeaders(state.session) });
+    if (res.status === 404 && mine === state.generation) ended("the server ended the session");
+  } catch (e) {
+    console.warn("session check:", e);
+  }
+}
+
+async function readRtcStats(peer, mine) {
+  const report = await peer.getStats();
+  // hung up while it read (and maybe connected again): the figures are another connection's
+  if (mine !== state.generation) return;
+  let video = null, audio = null, pair = null;
+  report.forEach((s) => {
+    if (s.type === "inbound-rtp" && s.kind === "video") video = s;
+    if (s.type === "inbound-rtp" && s.kind === "audio") audio = s;
+    if (s.type === "candidate-pair" && s.nominated && s.state === "succeeded") pair = s;
+  });
+  if (video) {
+    stats.framesDecoded = video.framesDecoded || 0;
+    stats.fps = video.framesPerSecond || 0;
+    if (stats.framesDecoded > 0 && stats.firstFrameMs === null) stats.firstFrameMs = performance.now() - offerPostedAt;
+  }
+  if (video && audio) {
+    if (video.estimatedPlayoutTimestamp && audio.estimatedPlayoutTimestamp) {
+      // NTP time of what each track is playing now: equal when lips and sound line up
+      stats.avOffsetMs = video.estimatedPlayoutTimestamp - audio.estimatedPlayoutTimestamp;
+      stats.avMethod = "estimatedPlayoutTimestamp";
+    } else if (video.jitterBufferEmittedCount && audio.jitterBufferEmittedCount) {
+      stats.avOffsetMs = 1000 * (video.jitterBufferDelay / video.jitterBufferEmittedCount
+        - audio.jitterBufferDelay / audio.jitterBufferEmittedCount);
+      stats.avMethod = "jitterBufferDelay";
+    }
+  }
+  if (pair && pair.currentRoundTripTime !== undefined) stats.rttMs = 1000 * pair.currentRoundTripTime;
+  showOverlay();
+}
+
+export function closePeer() {
+  // a failed WebRTC attempt: its peer connection and its session (bound to WHEP once offered)
+  if (state.pc) { state.pc.onconnectionstatechange = null; state.pc.close(); }
+  if (state.session) deleteSession(state.session);
+  state.pc = state.audioSender = state.session = null;
+}
