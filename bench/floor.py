@@ -258,11 +258,19 @@ def _counted_chunk(session, steps) -> dict:
     return {"frames": frames_per_chunk, "stages": stages}
 
 
+# the stages a chunk runs at once with StreamSession.decode_beside_reencode (two CUDA streams)
+DECODE_BESIDE_REENCODE = ("decode", "reencode")
+
+
 def floor(
-    work: dict, matmul_tflops: float, copy_gbps: float, target_fps: float = TARGET_FPS, fp8_tflops=None
+    work: dict, matmul_tflops, copy_gbps, target_fps=TARGET_FPS, fp8_tflops=None, overlapped=()
 ) -> dict:
     """Each stage's floor (ms) and what bounds it; the chunk's floor, frames/s ceiling, first-chunk
-    floor. FP8 products run at `fp8_tflops` (None: at the matrix rate, as everything else)."""
+    floor. FP8 products run at `fp8_tflops` (None: at the matrix rate, as everything else). The
+    stages run one after the other, but the `overlapped` ones (`DECODE_BESIDE_REENCODE`) at once
+    on the one device, sharing its rates: together they take the floor of their summed work, not
+    the longer one's alone (below the sum of their floors only where one is bound by memory and
+    the other by arithmetic)."""
 
     def stage_floor(w):
         fp8 = sum(w["tflop_by_kind"].get(kind, 0.0) for kind in _FP8_KINDS)
@@ -277,7 +285,14 @@ def floor(
     def chunk_floor(chunk):
         stages = {name: stage_floor(w) for name, w in chunk["stages"].items()}
         tflop = sum(w["tflop"] for w in chunk["stages"].values())
-        return {"stages": stages, "floor_ms": sum(s["floor_ms"] for s in stages.values()), "tflop": tflop}
+        together = [name for name in overlapped if name in stages]
+        floor_ms = sum(s["floor_ms"] for name, s in stages.items() if name not in together)
+        out = {"stages": stages, "floor_ms": floor_ms, "tflop": tflop}
+        if together:
+            shared = stage_floor(summed_work([chunk["stages"][name] for name in together]))
+            out["floor_ms"] += shared["floor_ms"]
+            out["overlapped"] = {"stages": together, **shared}
+        return out
 
     def rates(frames, floor_ms):
         fps = frames / (floor_ms / 1e3)
@@ -302,6 +317,13 @@ def floor(
             **rates(frames, floor_ms),
         }
     return out
+
+
+def summed_work(works: list) -> dict:
+    """The work of stages run as one (`count`'s dicts): their FLOPs, by kind too, and bytes added."""
+    summed = {key: sum(w[key] for w in works) for key in ("tflop", "weights_gb", "kv_gb")}
+    kinds = {kind for w in works for kind in w["tflop_by_kind"]}
+    return {**summed, "tflop_by_kind": {k: sum(w["tflop_by_kind"].get(k, 0.0) for w in works) for k in kinds}}
 
 
 def flops_by_kind(stages: dict) -> dict:

@@ -6,9 +6,10 @@ default's floor comes out closer to it than it is. So the work is counted for ea
 a lever makes (`CONFIGURATIONS`), and a variant's work takes each stage from the one that
 changes it: the DiT's stages and the start from the FP8 count when its block linears are FP8, the
 decode from its decoder's count, the re-encode dropped under the last step's cache, its attention
-moved to the FP8 rate with an FP8 backend (`floor.attention_in_fp8`). What it cannot express (the
-decode beside the re-encode: the floor adds the stages up; a decoder way other than the
-upsamplers' is the same work) it leaves as the default's.
+moved to the FP8 rate with an FP8 backend (`floor.attention_in_fp8`); with the decode beside the
+re-encode, those two take the floor of their summed work (`floor.floor`'s `overlapped`: the same
+device's rates, shared). A decoder way other than the upsamplers' is the same work as the
+default's.
 
 `python -m bench.variant_floor --out FILE` counts them on the meta device (shapes only, one block
 and two, extrapolated; ~1 min on one CPU core). scripts/gpu_check.sh runs it beside the GPU
@@ -148,6 +149,7 @@ def own_ceilings(counts: dict, variant: dict, ceilings: dict, steps: int) -> dic
         ceilings["matmul_tflop_per_s"],
         ceilings["copy_gb_per_s"],
         fp8_tflops=ceilings.get("matmul_tflop_per_s_float8"),
+        overlapped=floor.DECODE_BESIDE_REENCODE if variant.get("decode_beside_reencode") else (),
     )
     return floor.rounded(
         {"fps_ceiling": fl["steady_chunk"]["fps_ceiling"], "clip_fps_ceiling": fl["clip"]["fps_ceiling"]}

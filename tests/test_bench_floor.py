@@ -228,6 +228,53 @@ def test_the_floor_is_the_larger_of_the_arithmetic_and_the_memory_time():
     assert memory["steady_chunk"]["floor_ms"] == pytest.approx(40.0)
 
 
+def staged_work(stages: dict, frames=12) -> dict:
+    """A chunk of these stages (name -> (tflop, weights_gb)), steady, first and as a one-chunk clip."""
+    chunk = {
+        "frames": frames,
+        "stages": {
+            name: {"tflop": tflop, "weights_gb": gb, "kv_gb": 0.0, "tflop_by_kind": {}}
+            for name, (tflop, gb) in stages.items()
+        },
+    }
+    start = {"tflop": 0.0, "weights_gb": 0.0, "kv_gb": 0.0, "tflop_by_kind": {}}
+    return {"start": start, "first_chunk": chunk, "steady_chunk": chunk, "clip": [chunk]}
+
+
+def test_stages_run_at_once_share_the_devices_rates():
+    """The decode beside the re-encode (StreamSession.decode_beside_reencode) runs on the same
+    device: together they take the floor of their summed work, not the longer one's alone, and
+    the sum of both only where they are bound by the same ceiling."""
+    at_once = floor.DECODE_BESIDE_REENCODE
+    # at 100 TFLOP/s and 1000 GB/s: decode 1 ms of products, 10 of memory; re-encode 10 and 1
+    apart = staged_work({"denoise": (2.0, 1.0), "decode": (0.1, 10.0), "reencode": (1.0, 1.0)})
+    one_after_the_other = floor.floor(apart, 100.0, 1000.0)["steady_chunk"]
+    beside = floor.floor(apart, 100.0, 1000.0, overlapped=at_once)["steady_chunk"]
+    assert one_after_the_other["floor_ms"] == pytest.approx(20.0 + 10.0 + 10.0)
+    assert beside["floor_ms"] == pytest.approx(20.0 + 11.0)  # 11 ms of products, 11 of memory
+    assert beside["overlapped"]["stages"] == list(at_once)
+    assert beside["stages"]["decode"]["floor_ms"] == pytest.approx(10.0)  # each stage's own, as timed
+    # both arithmetic: the same matrix units, one after the other's products (what the H200's
+    # counts are: 52 and 58 ms of products, 0.04 and 2.3 ms of memory)
+    both_arithmetic = staged_work({"decode": (1.0, 0.1), "reencode": (1.0, 0.1)})
+    assert floor.floor(both_arithmetic, 100.0, 1000.0, overlapped=at_once)["steady_chunk"][
+        "floor_ms"
+    ] == pytest.approx(20.0)
+
+
+def test_a_variant_decoding_beside_its_reencode_gets_their_floor_at_once():
+    from bench import variant_floor
+
+    counts = {"default": staged_work({"denoise": (2.0, 1.0), "decode": (0.1, 10.0), "reencode": (1.0, 1.0)})}
+    ceilings = {"matmul_tflop_per_s": 100.0, "copy_gb_per_s": 1000.0}
+
+    def fps_ceiling(variant):
+        return variant_floor.own_ceilings(counts, {"fps_steady": 1.0, **variant}, ceilings, 4)["fps_ceiling"]
+
+    assert fps_ceiling({}) == pytest.approx(12 / 0.040)  # 20 + 10 + 10 ms
+    assert fps_ceiling({"decode_beside_reencode": True}) == pytest.approx(12 / 0.031, rel=1e-3)  # 20 + 11
+
+
 def test_measured_ceilings_are_positive_rates():
     ceilings = floor.measure_ceilings("cpu", [torch.float32, torch.bfloat16], repeats=2)
     by_dtype = ceilings["matmul_tflop_per_s_by_dtype"]
