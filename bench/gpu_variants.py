@@ -68,6 +68,7 @@ def stream_variants(model, measure, backends, compile_blocks, new=None, measured
 # 20 s on the H200 on 2026-11-30: warm-up 10 s, timed 9 s). FlexAttention took 134 s there (6.9
 # units, compiling); stages, kernels and the default's figures together took 65 s. The rest
 # never ran whole on a GPU: guesses on the safe side (compiling Inductor's graphs takes minutes).
+# tests/test_gpu_check_budget.py holds them against every committed H200 run's wall times.
 PART_COST = {
     "stages": 1.5,
     "decoder": 1.5,

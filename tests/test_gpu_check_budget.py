@@ -49,6 +49,38 @@ def test_the_expected_time_follows_the_streams_this_run_timed():
     assert gpu_variants.expected_seconds("kernels", variants) == 60.0
 
 
+def _stream_wall_s(figures: dict) -> float:
+    """A stream's wall time: its `wall_s`, or for the runs before it (2026-11-30) its warm-up, start
+    and timed chunks (less than it took: the session and the known avatar's start are left out)."""
+    if "wall_s" in figures:
+        return figures["wall_s"]
+    return figures["warmup_s"] + (figures["first_chunk_ms"] + sum(figures["chunk_ms"])) / 1000
+
+
+def test_no_part_took_longer_on_the_h200_than_it_was_expected_to():
+    """Each part's expected time (`PART_COST`, `STREAM_COST`) against what the committed H200 runs
+    took, over the median of the run's other streams: a factor below what a run measured starts a
+    part that overruns the budget. The parts of a run without their own `parts_wall_s`
+    (2026-11-30) together: the run's time beside its streams (which holds the ceilings and the
+    model's build too) against their factors' sum."""
+    checked = []
+    for path in sorted((ROOT / "bench" / "results").glob("h200-*.json")):
+        run = json.loads(path.read_text())
+        walls = {name: _stream_wall_s(v) for name, v in run["variants"].items() if "fps_steady" in v}
+        streams = {name: {"fps_steady": 1.0, "wall_s": seconds} for name, seconds in walls.items()}
+        for name, seconds in {**walls, **run.get("parts_wall_s", {})}.items():
+            others = {other: v for other, v in streams.items() if other != name}
+            expected = gpu_variants.expected_seconds(name, others)
+            assert seconds <= expected, f"{path.name}: {name} took {seconds:.1f} s, {expected:.1f} expected"
+            checked.append(name)
+        parts = [part for part in gpu.PARTS if part in run]
+        if parts and "parts_wall_s" not in run:
+            expected = sum(gpu_variants.expected_seconds(part, streams) for part in parts)
+            assert run["seconds"] - sum(walls.values()) <= expected, (path.name, parts)
+            checked += parts
+    assert {"flex+fused_kernels", "triton+fused_kernels", "stages", "kernels", "decoder"} <= set(checked)
+
+
 def _measured_on_the_h200() -> set[str]:
     """What the H200 runs of 2026-11-30 timed: their variants with a stream rate, and the parts
     reported beside them."""
