@@ -45,6 +45,8 @@ def test_synthesis_is_a_function_of_text_and_voice():
         ("", Voice(), "empty"),
         ("   \n", Voice(), "empty"),
         (b"\xff\xfe bad", Voice(), "UTF-8"),
+        # espeak-ng reads C strings: what follows a NUL was neither spoken nor counted
+        ("Hello.\0 And the rest.", Voice(), "NUL character"),
         ("hi", Voice(rate=5), "rate"),
     ],
 )

@@ -122,6 +122,15 @@ async def test_a_text_of_numbers_the_queue_has_no_room_for_is_refused_before_its
     await refused_before_its_synthesis(monkeypatch, text, room=8.0)
 
 
+async def test_a_text_with_a_nul_character_is_refused_not_spoken_in_part():
+    """espeak-ng stops reading at a NUL: the avatar said "Hello." and answered with its 0.8 s, the
+    rest of the text neither counted nor spoken."""
+    session = spoken_session(30.0)
+    with pytest.raises(speech.SpeechError, match="NUL character"):
+        await speech.speak(session, "Hello.\0 And the rest of it, which was never spoken.")
+    assert session.timeline.queued_seconds == 0
+
+
 def test_counting_phonemes_leaves_the_next_synthesis_as_it_was():
     """The count goes through the same espeak-ng engine as synthesis (its text-to-phoneme pass):
     the dataset needs synthesis to stay a pure function of (text, voice)."""

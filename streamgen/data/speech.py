@@ -367,7 +367,7 @@ def _set_engine(engine: _Engine) -> None:
 
 
 def check_text(text: str | bytes) -> str:
-    """Return the text as str, or raise SpeechError for empty or non-UTF-8 input."""
+    """Return the text as str, or raise SpeechError for empty or non-UTF-8 input, or one with a NUL."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -377,6 +377,11 @@ def check_text(text: str | bytes) -> str:
         raise SpeechError(f"text must be str, got {type(text).__name__}")
     if any("\ud800" <= c <= "\udfff" for c in text):
         raise SpeechError("text is not valid UTF-8 (contains surrogate characters)")
+    if "\0" in text:
+        # espeak-ng reads C strings: the rest would be neither spoken nor counted. Refused rather
+        # than spoken without it: a NUL has no spoken form, and one in a text is a client's bug
+        # (a whole C buffer sent), what follows it as likely garbage as words
+        raise SpeechError(f"text contains a NUL character (at character {text.index(chr(0))}); remove it")
     if not text.strip():
         raise SpeechError("text is empty")
     return text
