@@ -9,6 +9,7 @@ import pytest
 
 from server import speech
 from server.session import AudioTimeline, SpeechTurns
+from streamgen.data import speech as speech_data
 from streamgen.data.sentences import sample_sentence
 from streamgen.data.speech import LANGUAGES, Voice, count_phonemes, synthesize
 
@@ -218,6 +219,39 @@ def test_the_room_estimate_is_near_the_speech_of_short_exclamations(language, te
 def test_an_abbreviations_dot_is_counted_apart_from_a_full_stop():
     count = count_phonemes("Mr. Brown met Dr. Lee at home. He left.", Voice(language="en"))
     assert (count.abbreviation_dots, count.stop_pauses) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    "language, text",
+    [
+        ("en", "Dr. Mr. Mrs. Dr. Mr. Mrs. Dr. Mr."),  # 5.15 s for 3.19 s of speech, dots read as full stops
+        ("es", "El Sr. Díaz y la Sra. Ruiz y el Sr. Gómez y la Srta. López."),  # 4.52 s for 4.12 s
+        ("en", "Mr. Brown met Dr. Lee at home. He left."),
+    ],
+)
+def test_a_trace_espeak_writes_otherwise_leaves_the_room_estimate_below_the_speech(
+    monkeypatch, caplog, language, text
+):
+    """The abbreviation count reads espeak-ng's phoneme trace, a debugging format: another version
+    of the library writing it otherwise ("$dot" and "Replace:" renamed here) is told by a probe of
+    known abbreviations, logged, and every dot then counts as an abbreviation's."""
+    engine = speech_data._engine_instance()
+    read_trace = speech_data._Engine._read_trace
+    renamed = {"$dot": "$abbrev", "Replace: ": "Replaced "}
+
+    def written_otherwise(self, trace):
+        text = read_trace(self, trace)
+        for old, new in renamed.items():
+            text = text.replace(old, new)
+        return text
+
+    monkeypatch.setattr(speech_data._Engine, "_read_trace", written_otherwise)
+    monkeypatch.setattr(engine, "_dots_readable", None, raising=False)  # probed again
+    voice = Voice(language=language)
+    with caplog.at_level("ERROR", logger="streamgen.data.speech"):
+        estimate = speech.speech_seconds_at_least(text, voice)
+    assert "not in the form streamgen reads" in caplog.text
+    assert estimate <= synthesize(text, voice).duration
 
 
 @pytest.mark.parametrize(
