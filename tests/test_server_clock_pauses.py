@@ -253,3 +253,80 @@ async def test_a_floor_raised_while_a_lowering_waits_caps_it(clock):
     for _ in range(100):  # 2 s, past the pause
         await audio.recv()
     assert s.delay == pytest.approx(0.3) and s.rewound == pytest.approx(0.2) and s.rewind_pending == 0
+
+
+PAUSED_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Then it runs along the river. The old mill stands there."
+)
+UNPAUSED_TEXT = (
+    "the quick brown fox jumps over the lazy dog and then it runs along the river bank towards the old mill"
+)
+
+
+def noisy_speech(text: str, noise_dbfs: float, gain_db: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """espeak-ng's speech of `text`, `gain_db` louder, with white noise at `noise_dbfs` (a
+    microphone's noise floor, seeded), and the speech without it."""
+    from streamgen.data.speech import Voice, synthesize
+
+    clean = synthesize(text, Voice(language="en-us")).audio * np.float32(10 ** (gain_db / 20))
+    noise = np.random.default_rng(7).standard_normal(len(clean)) * 10 ** (noise_dbfs / 20)
+    return (clean + noise).astype(np.float32), clean
+
+
+def pauses_in(clean: np.ndarray) -> list[tuple[int, int]]:
+    """The spans [start, end) of espeak-ng's pauses (exact zeros) of 0.2 s or more."""
+    zero = np.concatenate([[False], clean == 0, [False]])
+    edges = np.flatnonzero(np.diff(zero.astype(np.int8)))
+    return [(a, b) for a, b in zip(edges[::2], edges[1::2]) if b - a >= 0.2 * SAMPLE_RATE]
+
+
+async def skips_while_playing(s: Session, audio: SpeechAudioTrack, samples: int) -> list[tuple[int, int]]:
+    """Play the track up to stream sample `samples`; the stream samples [from, to) it skipped."""
+    skips = []
+    for _ in range(samples // AUDIO_FRAME_SAMPLES):
+        before = audio.m
+        await audio.recv()
+        if audio.m - before > AUDIO_FRAME_SAMPLES:
+            skips.append((before, audio.m - AUDIO_FRAME_SAMPLES))
+    return skips
+
+
+@pytest.mark.parametrize("noise_dbfs", [-40.0, -30.0])
+async def test_over_a_noisy_microphone_the_delay_comes_down_in_the_pauses_between_sentences(
+    clock, noise_dbfs
+):
+    """A microphone's noise above -50 dBFS: no pause was found, and the lowering waited REWIND_WAIT
+    chunks and then skipped in the middle of the words. The pauses are found over the sound's own
+    noise floor: the 0.4 s come down in the pauses between the sentences, skipping nothing of the
+    words that is not quieter than the noise (the fading end of "dog" at -34 to -43 dBFS, under
+    noise at -30)."""
+    sound, clean = noisy_speech(PAUSED_TEXT, noise_dbfs)
+    pauses = pauses_in(clean)
+    assert len(pauses) == 2
+    s = grown_session(clock, sound)
+    audio = SpeechAudioTrack(s)
+    await audio.recv()
+    chunks_come_early(s, clock)
+    skips = await skips_while_playing(s, audio, len(sound) - SAMPLE_RATE // 2)
+    assert s.rewound == pytest.approx(0.4) and s.rewind_pending == 0 and s.delay == pytest.approx(0.1)
+    for start, end in skips:
+        assert any(a < end and start < b for a, b in pauses), (skips, pauses)
+        skipped = clean[start:end].astype(np.float64).reshape(-1, AUDIO_FRAME_SAMPLES)
+        assert np.sqrt(np.mean(skipped**2, axis=1)).max() < 10 ** (noise_dbfs / 20), (skips, pauses)
+
+
+@pytest.mark.parametrize("noise_dbfs, gain_db", [(-40.0, 0.0), (-30.0, 0.0), (-35.0, -10.0)])
+async def test_over_a_noisy_microphone_speech_without_pauses_has_none_to_bring_the_delay_down_in(
+    clock, noise_dbfs, gain_db
+):
+    """The pause level follows the noise floor, not the speech: in a sentence without pauses the
+    quiet parts of words, as quiet as the noise there, are not taken for a pause (the lowering
+    waits for REWIND_WAIT chunks instead), nor are they in speech only ~10 dB above the noise."""
+    sound, clean = noisy_speech(UNPAUSED_TEXT, noise_dbfs, gain_db)
+    assert pauses_in(clean) == []
+    s = grown_session(clock, sound)
+    audio = SpeechAudioTrack(s)
+    await audio.recv()
+    chunks_come_early(s, clock)
+    assert await skips_while_playing(s, audio, len(sound) - SAMPLE_RATE // 2) == []
+    assert s.rewound == 0 and s.rewind_pending == pytest.approx(0.4)
