@@ -552,3 +552,46 @@ def test_a_hang_up_before_a_conflict_refusal_deletes_the_session(browser_page):
         finally:
             page.evaluate("window.otherSocket && window.otherSocket.close()")
             page.close()
+
+
+# window.holdPatches: the page's trickle PATCHes wait in window.heldPatches until released, as on a
+# slow network where a candidate's PATCH is still on its way (or queued behind one) at the hang-up.
+HOLD_PATCHES = """
+window.heldPatches = [];
+const realFetch = window.fetch;
+window.fetch = function (url, options) {
+  if (window.holdPatches && options && options.method === "PATCH") {
+    return new Promise((resolve, reject) => window.heldPatches.push(() => realFetch(url, options).then(resolve, reject)));
+  }
+  return realFetch(url, options);
+};
+"""
+
+
+def test_a_hang_up_cuts_off_the_trickle_ice_patches_still_to_go(browser_page):
+    """Hung up while trickle ICE PATCHes were still to go: they went after the hang-up's DELETE,
+    found the session gone, and the page logged their 404s ("trickle ICE: PATCH 404", and
+    Chromium's own "Failed to load resource"). The hang-up cuts them off now: none goes after it,
+    nothing on the console."""
+    with live_server(max_sessions=2) as (url, app):
+        sessions = app.state.registry.sessions
+        page = browser_page.new_page()
+        logs, deletes = console_and_deletes(page)
+        patches: list[float] = []
+        page.on("request", lambda r: patches.append(time.monotonic()) if r.method == "PATCH" else None)
+        page.add_init_script(HOLD_PATCHES)
+        try:
+            page.goto(f"{url}/?mic=0")
+            page.evaluate("window.holdPatches = true")
+            page.click("#connect")
+            page.wait_for_function("window.heldPatches.length >= 1", timeout=60_000)
+            page.click("#hangup")
+            wait_in_page(page, lambda: not sessions and deletes, 10, "the hang-up ended no session")
+            hung_up = time.monotonic()
+            page.evaluate("window.holdPatches = false; window.heldPatches.splice(0).forEach((go) => go())")
+            page.wait_for_timeout(1000)  # (what a PATCH let go would meet, and the console say of it)
+            assert [t for t in patches if t > hung_up] == []
+            assert logs == []
+            assert page.evaluate("window.streamgenStats.state") == "idle"
+        finally:
+            page.close()

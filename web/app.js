@@ -110,6 +110,7 @@ function hangUp() {
 
 function cleanup(sendDelete = true) {
   state.generation++;
+  if (state.peerRequests) state.peerRequests.abort();
   clearInterval(state.statsTimer);
   clearTimeout(state.lostTimer);
   // A WebSocket whose stream started ends its session itself, with closeWebSocket's stop message (and,
@@ -122,7 +123,7 @@ function cleanup(sendDelete = true) {
   if (state.mic) state.mic.getTracks().forEach((t) => t.stop());
   // no last frame left on the stage, looking live: a <video> keeps showing its ended stream's
   clearStage();
-  state.pc = state.mic = state.audioSender = state.session = null;
+  state.pc = state.mic = state.audioSender = state.session = state.peerRequests = null;
   soundNoLongerWaits();
   $("connect").disabled = false;
   $("hangup").disabled = true;

@@ -22,6 +22,7 @@ export const state = {
   audioCtx: null,     // the WebSocket stream's AudioContext: its sound, and the microphone's way out
   statsTimer: null,
   lostTimer: null,    // a WebRTC connection "disconnected": ended unless it comes back
+  peerRequests: null, // AbortController: the WebRTC connection's requests still going (its trickle)
   // Each connect and each hang-up starts a new generation: the late events of an older connection
   // (a socket's close, a peer's state change, a microphone granted after hanging up) do nothing.
   generation: 0,

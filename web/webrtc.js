@@ -5,7 +5,7 @@ import { $, abandoned, showOverlay, state, stats, waitForClickForSound } from ".
 
 let offerPostedAt = 0;
 
-function trickleCandidates(peer, s) {
+function trickleCandidates(peer, s, cutOff) {
   // Trickle ICE (server/trickle.py): the offer goes at once, with the candidates gathered by
   // then, and each later one follows as a PATCH of the session resource, so no viewer waits for
   // gathering (a STUN or TURN server's answer can take a second) and none is left out.
@@ -22,13 +22,16 @@ function trickleCandidates(peer, s) {
     answered(location, etag) {
       const head = [offer.match(/a=ice-ufrag:.*/)[0], offer.match(/a=ice-pwd:.*/)[0]];
       send = (lines) => {  // in order: the end of candidates comes last
-        chain = chain.then(() => fetch(location, {
-          method: "PATCH", body: head.concat(lines).join("\r\n") + "\r\n",
+        // none once the connection ends (`cutOff`), and the one going is cut off: its end DELETEs the
+        // session, and a PATCH after that found it gone (a 404 on the console)
+        chain = chain.then(() => cutOff.aborted ? null : fetch(location, {
+          method: "PATCH", body: head.concat(lines).join("\r\n") + "\r\n", signal: cutOff,
           headers: authHeaders(s, { "Content-Type": "application/trickle-ice-sdpfrag", "If-Match": etag }),
         })).then((res) => {
+          if (res === null) return;
           if (res.ok && lines.length > 1) stats.trickled++;
           else if (!res.ok) console.warn(`trickle ICE: PATCH ${res.status}`);
-        }, (err) => console.warn("trickle ICE:", err));
+        }, (err) => { if (!cutOff.aborted) console.warn("trickle ICE:", err); });
       };
       queued.splice(0).forEach(send);
     },
@@ -52,7 +55,8 @@ export async function connectWebRTC(mine, ended) {
   state.audioSender = audio.sender;
   if (state.mic) await audio.sender.replaceTrack(state.mic.getAudioTracks()[0]);
   abandoned(mine);
-  const trickle = trickleCandidates(peer, s);
+  state.peerRequests = new AbortController();  // (aborted as it ends: `cleanup`, `closePeer`)
+  const trickle = trickleCandidates(peer, s, state.peerRequests.signal);
   await peer.setLocalDescription(await peer.createOffer());
   abandoned(mine);
   offerPostedAt = performance.now();
@@ -151,7 +155,8 @@ async function readRtcStats(peer, mine) {
 
 export function closePeer() {
   // a failed WebRTC attempt: its peer connection and its session (bound to WHEP once offered)
+  if (state.peerRequests) state.peerRequests.abort();
   if (state.pc) { state.pc.onconnectionstatechange = null; state.pc.close(); }
   if (state.session) deleteSession(state.session);
-  state.pc = state.audioSender = state.session = null;
+  state.pc = state.audioSender = state.session = state.peerRequests = null;
 }
