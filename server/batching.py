@@ -115,23 +115,14 @@ def plan_batch(now: float, sessions: list[Due], ready_time) -> tuple[list[int], 
         return [], (sessions[order[0]].next_due - now if order else None)
     plays_at = min(sessions[i].plays_at for i in due)
     hold_until = now
-    held = [(len(due), plays_at, hold_until)]  # the batch and its limits as each session joined
     for i in order[len(due) :]:
         s = sessions[i]
         expected = ready_time(len(due) + 1)
         first_play = min(plays_at, s.plays_at)
         if expected is None or s.next_due + HOLD_MARGIN * expected > first_play:
-            # waiting until a session falls due takes every one due with it: those joined at this
-            # one's due time would bring it along (a batch of 5 published after a play time that
-            # a batch of 3 made, every period: test_server_alignment)
-            while held[-1][2] >= s.next_due > now:
-                held.pop()
-            del due[held[-1][0] :]
-            _, plays_at, hold_until = held[-1]
             break
         due.append(i)
         plays_at, hold_until = first_play, s.next_due
-        held.append((len(due), plays_at, hold_until))
     if hold_until > now:
         return [], hold_until - now
     return due, None

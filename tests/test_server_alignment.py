@@ -110,20 +110,6 @@ def test_plan_generates_what_is_due_and_waits_for_chunks_due_soon_that_fit_befor
     assert plan_batch(10.0, [Due(10.0, 10.9), Due(10.01, 10.9)], BatchTimes().estimate) == ([0], None)
 
 
-def test_a_batch_waits_only_for_a_time_whose_every_due_session_it_can_publish_in_time():
-    """Seen on a fake clock (a session joining a lane whose sessions were due apart): the batch
-    due at .245 waited for the one due at .30, counted as a batch of 3 (published .432 with the
-    margin, before the first play time, .436), but two more fell due at .30 as well, and the
-    batch of 5 made then was published at .45, after that play time, every period. Waiting until
-    a due time takes every session due by then, so it waits only where all of them fit."""
-    ready = times(k1=0.07, k2=0.09, k3=0.11, k4=0.13, k5=0.15)
-    sessions = [Due(0.245, 0.436), Due(0.252, 0.45), Due(0.30, 0.463), Due(0.30, 0.467), Due(0.30, 0.537)]
-    batch, wait = plan_batch(0.245, sessions, ready)
-    assert batch == [] and wait == pytest.approx(0.007)  # for the one at .252 only
-    batch, wait = plan_batch(0.252, sessions, ready)
-    assert batch == [0, 1] and 0.252 + ready(len(batch)) <= 0.436
-
-
 def test_sessions_due_soon_after_a_batch_are_pulled_into_it_while_the_batch_fits():
     estimate = times(k1=0.03, k2=0.04, k3=0.05)
 
