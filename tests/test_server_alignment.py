@@ -443,22 +443,29 @@ class LongStream(Stream):
     frames_per_chunk, chunk_seconds = 16, 0.64
 
 
+def worker_on_a_fake_clock(monkeypatch, batch_seconds, largest: int, now: float):
+    """A worker timed by `batch_seconds` for batches up to `largest`, and the clock the scheduler
+    and the sessions read, set to `now` (its `now` is moved by `run_lane`)."""
+    from types import SimpleNamespace
+
+    import server.scheduler as scheduler
+    import server.session as session_module
+
+    clock = SimpleNamespace(now=now)
+    fake_time = SimpleNamespace(monotonic=lambda: clock.now, perf_counter=lambda: clock.now, time=lambda: 0.0)
+    monkeypatch.setattr(scheduler, "time", fake_time)
+    monkeypatch.setattr(session_module, "time", fake_time)
+    return clock, timed_worker(**{f"k{k}": batch_seconds(k) for k in range(1, largest + 1)})
+
+
 def near_its_most(monkeypatch, stream, batch_seconds, steady_batch: int, periods: int):
     """Two sessions on one schedule, both due at 100.0 (fake clock): one at the delay a batch of
     `steady_batch` needs, the other's delay grown to 0.95 s from there (its chunks came late),
     then its clock moved 80 ms (a late transport: it falls due at 100.08). The lane run for
     `periods` chunk periods: (the grown session, its play time before the run, the batches)."""
-    from types import SimpleNamespace
-
-    import server.scheduler as scheduler
-    import server.session as session_module
     from server.session import Session
 
-    clock = SimpleNamespace(now=100.0)
-    fake_time = SimpleNamespace(monotonic=lambda: clock.now, perf_counter=lambda: clock.now, time=lambda: 0.0)
-    monkeypatch.setattr(scheduler, "time", fake_time)
-    monkeypatch.setattr(session_module, "time", fake_time)
-    worker = timed_worker(**{f"k{k}": batch_seconds(k) for k in range(1, 5)})
+    clock, worker = worker_on_a_fake_clock(monkeypatch, batch_seconds, 4, 100.0)
     loop = asyncio.new_event_loop()
     try:
         steady, grown = (Session(f"s{i}", stream(), loop, 30.0) for i in range(2))
@@ -526,21 +533,13 @@ def test_a_starting_session_joins_the_batch_the_worker_makes_of_sessions_due_clo
     made a batch of 4 of it with the other three, published 0.2 s after it fell due: each of its
     chunks came after its play time. Grouped as the worker batches (and the capacity counts), it
     joins the batch of 4 with the delay that batch needs, and holds the three back to it."""
-    from types import SimpleNamespace
-
-    import server.scheduler as scheduler
-    import server.session as session_module
     from server.registry import SessionRegistry
     from server.session import Session
 
     def batch_seconds(k):
         return 0.05 * k
 
-    clock = SimpleNamespace(now=100.0)
-    fake_time = SimpleNamespace(monotonic=lambda: clock.now, perf_counter=lambda: clock.now, time=lambda: 0.0)
-    monkeypatch.setattr(scheduler, "time", fake_time)
-    monkeypatch.setattr(session_module, "time", fake_time)
-    worker = timed_worker(**{f"k{k}": batch_seconds(k) for k in range(1, 6)})
+    clock, worker = worker_on_a_fake_clock(monkeypatch, batch_seconds, 5, 100.0)
     worker.chunk_time_ema = batch_seconds(1)
     registry = SessionRegistry(server_config(playout_delay_s=None), worker, worker.metrics)
     loop = asyncio.new_event_loop()
@@ -571,10 +570,6 @@ def test_a_starting_session_joins_the_batch_the_worker_makes_of_a_chain_of_pulls
     its delay sized for that (0.163 s), and was generated in a batch of 5: it and the .28 one were
     late in two of the four periods. Grouped as the worker batches, it joins the four with the
     delay a batch of 5 needs (0.215 s), and holds them back to it."""
-    from types import SimpleNamespace
-
-    import server.scheduler as scheduler
-    import server.session as session_module
     from server.registry import SessionRegistry
     from server.session import Session
 
@@ -582,11 +577,7 @@ def test_a_starting_session_joins_the_batch_the_worker_makes_of_a_chain_of_pulls
         return 0.05 + 0.02 * k
 
     start = 312 * CS  # a period's start (99.84)
-    clock = SimpleNamespace(now=start)
-    fake_time = SimpleNamespace(monotonic=lambda: clock.now, perf_counter=lambda: clock.now, time=lambda: 0.0)
-    monkeypatch.setattr(scheduler, "time", fake_time)
-    monkeypatch.setattr(session_module, "time", fake_time)
-    worker = timed_worker(**{f"k{k}": batch_seconds(k) for k in range(1, 9)})
+    clock, worker = worker_on_a_fake_clock(monkeypatch, batch_seconds, 8, start)
     worker.chunk_time_ema = batch_seconds(1)
     registry = SessionRegistry(server_config(playout_delay_s=None), worker, worker.metrics)
     loop = asyncio.new_event_loop()
