@@ -527,24 +527,7 @@ class _Script:
             self.changed.notify_all()
 
 
-@pytest.mark.parametrize(
-    "locked",
-    [
-        True,
-        pytest.param(
-            False,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="where the folder cannot be locked (two hosts over a network file system) "
-                "the stamps alone cannot tell: a stamp replaced by a rename says nothing of the one before",
-            ),
-        ),
-    ],
-    ids=["locked", "no_lock"],
-)
-def test_two_exports_file_by_file_that_both_read_the_old_stamp_never_show_a_mix_as_done(
-    tmp_path, monkeypatch, locked
-):
+def test_two_exports_file_by_file_that_both_read_the_old_stamp_never_show_a_mix_as_done(tmp_path, monkeypatch):
     """Two exports into one folder file by file (no exchange) that both read its stamp before
     either wrote its own: the one that finished first found its own "writing" stamp and wrote
     "done" while the other still renamed its files in, so a reader took one export's config
@@ -554,9 +537,6 @@ def test_two_exports_file_by_file_that_both_read_the_old_stamp_never_show_a_mix_
     import threading
 
     from streamgen import folders
-
-    if not locked:
-        monkeypatch.setattr(fcntl, "flock", lambda fd, operation: None)
 
     d = tmp_path / "model"
     d.mkdir()
