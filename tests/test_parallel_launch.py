@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -284,9 +285,16 @@ def _leave_when_the_peer_is_gone(rank, port, result_dir):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     join_process_group("gloo", rank=rank, world_size=2)
+    joined = os.path.join(result_dir, "rank0-joined")
     if rank == 1:
+        # Rank 1's part of the join can end while rank 0 still finishes its own (a CI run's rank 0
+        # failed inside ProcessGroupGloo's constructor): it leaves only once rank 0 has joined.
+        deadline = time.monotonic() + 60
+        while not os.path.exists(joined) and time.monotonic() < deadline:
+            time.sleep(0.05)
         dist.destroy_process_group()  # leaves without the final barrier, as after its own error
         return
+    open(joined, "w").close()
     leave_process_group(finished=True)  # returns, with one line, instead of a traceback or a hang
     with open(os.path.join(result_dir, "rank0"), "w") as f:
         f.write(str(dist.is_initialized()))
