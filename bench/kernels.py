@@ -39,7 +39,7 @@ from streamgen.kernels import attention_backends, reference  # noqa: E402
 H200_COPY_RATE_GBPS = 4300.0
 
 
-def _shapes(quick: bool) -> dict:
+def kernel_shapes(quick: bool) -> dict:
     if quick:
         return dict(
             batch=1, frames=2, grid=(2, 3), width=64, heads=4, mlp=96, ring_frames=5, train_frames=6,
@@ -85,7 +85,7 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def _cases(shapes: dict, device, dtype) -> dict:
+def kernel_cases(shapes: dict, device, dtype) -> dict:
     """name -> (eager fn, triton op name, args, bytes moved or None, flops or None)."""
     b, f, (hp, wp), d = shapes["batch"], shapes["frames"], shapes["grid"], shapes["width"]
     s, heads = hp * wp, shapes["heads"]
@@ -346,7 +346,7 @@ def run(
         return {"error": "CUDA requested but not available", "device": device}
     compile = dev.type == "cuda" if compile is None else compile
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    shapes = _shapes(quick)
+    shapes = kernel_shapes(quick)
     torch.manual_seed(0)
     result = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -366,7 +366,7 @@ def run(
     result["copy"] = _copy_rate(dev, dtype, shapes, quick)
     triton_fn, why_no_triton = _triton_functions(dev)
     try:
-        cases = _cases(shapes, dev, dtype)
+        cases = kernel_cases(shapes, dev, dtype)
     except Exception as e:
         result["error"] = f"building inputs failed: {type(e).__name__}: {e}"
         return result

@@ -114,14 +114,14 @@ def run(arch: int = 90, dtype: str = "bfloat16", only: tuple[str, ...] = ()) -> 
     except ImportError as e:
         raise UserError(f"needs Triton with its NVIDIA backend ({e})") from None
 
-    from bench.kernels import _cases, _shapes, triton_function
+    from bench.kernels import kernel_cases, kernel_shapes, triton_function
     from streamgen.kernels import triton_ops
 
     if triton_ops.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels would be interpreted, not compiled")
     limit = SHARED_BYTES_PER_BLOCK.get(arch)
     torch.manual_seed(0)
-    cases = _cases(_shapes(quick=False), torch.device("cpu"), getattr(torch, dtype))
+    cases = kernel_cases(kernel_shapes(quick=False), torch.device("cpu"), getattr(torch, dtype))
     if unknown := set(only) - set(cases):
         raise UserError(f"unknown case(s) {sorted(unknown)}; the cases are {list(cases)}")
     rows, started = [], time.perf_counter()

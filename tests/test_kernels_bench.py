@@ -65,7 +65,7 @@ def test_the_device_copy_rate_is_measured_past_l2(bench, monkeypatch):
     copy at the kernels' size (one chunk's activation, ~14 MB) is reported beside it."""
     moved = []
     monkeypatch.setattr(bench, "_measure", lambda fn, args, nbytes, *rest: moved.append(nbytes) or {})
-    result = bench._copy_rate(torch.device("meta"), torch.bfloat16, bench._shapes(False), quick=False)
+    result = bench._copy_rate(torch.device("meta"), torch.bfloat16, bench.kernel_shapes(False), quick=False)
     assert moved == [2 * (1 << 30), 2 * 2 * 3 * 30 * 52 * 1536] and "at_kernel_size" in result
 
 
@@ -188,8 +188,8 @@ def test_fp8_attention_from_a_kv_cache_is_timed_and_gives_the_same_output(bench,
     """(On a GPU `run` adds it to the FP8 cases' `triton` entry; here the CPU's emulation.)"""
     import torch
 
-    shapes, device = bench._shapes(True), torch.device("cpu")
-    _eager, _op, args, nbytes, flops = bench._cases(shapes, device, torch.float32)[case]
+    shapes, device = bench.kernel_shapes(True), torch.device("cpu")
+    _eager, _op, args, nbytes, flops = bench.kernel_cases(shapes, device, torch.float32)[case]
     out = bench.fp8_from_kv_cache(args, shapes, nbytes, flops, device, True)
     assert out["ms"] > 0 and out["gflop_per_s"] > 0
     assert out["max_abs_diff_vs_every_call"] == 0

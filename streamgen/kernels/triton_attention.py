@@ -19,9 +19,9 @@ import triton.language as tl
 from streamgen.kernels.triton_ops import (
     INTERPRET,
     LOG2E,
-    _round_to_e4m3,
     quantize_fp8_rows,
     quantize_fp8_values,
+    round_to_e4m3,
 )
 
 # ---------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def _attend_key_block(
     acc = acc * alpha[:, None]
     if FP8_PV:
         if DOT_FP32:  # the interpreter's fp8 cast is wrong: round to e4m3 in fp32, as the GPU's cast
-            acc = tl.dot(_round_to_e4m3(p), v.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(round_to_e4m3(p), v.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(p.to(v.dtype), v, acc)
     elif DOT_FP32:

@@ -336,7 +336,7 @@ def gelu_tanh(x):
 
 
 @triton.jit
-def _round_to_e4m3(v):
+def round_to_e4m3(v):
     """v (fp32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, kept in fp32, so the
     cast after it is exact (the interpreter's own fp8 cast can be off by a binade)."""
     exponent = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # -6: subnormals
@@ -367,7 +367,7 @@ def _quantize_fp8_rows_kernel(
         v = tl.load(x_ptr + offsets + start, mask=ok, other=0.0).to(tl.float32)
         if GELU:
             v = _gelu_tanh_f32(v)
-        q = _round_to_e4m3(tl.minimum(tl.maximum(v / scale[:, None], -448.0), 448.0))
+        q = round_to_e4m3(tl.minimum(tl.maximum(v / scale[:, None], -448.0), 448.0))
         tl.store(fp8_ptr + rows[:, None] * K + start + cols[None, :], q.to(fp8_ptr.dtype.element_ty), mask=ok)
 
 
@@ -416,7 +416,7 @@ def _quantize_fp8_values_kernel(
         ok = (keys < L)[:, None] & dim_ok[None, :]
         v_base = v_ptr + b * stride_vb + h * stride_vh
         v = tl.load(v_base + keys[:, None] * stride_vl + dims[None, :] * stride_vd, mask=ok, other=0.0)
-        q = _round_to_e4m3(tl.minimum(tl.maximum(v.to(tl.float32) / scale[None, :], -448.0), 448.0))
+        q = round_to_e4m3(tl.minimum(tl.maximum(v.to(tl.float32) / scale[None, :], -448.0), 448.0))
         out = fp8_ptr + bh * HEAD_DIM * stride_out + dims[None, :] * stride_out + keys[:, None]
         tl.store(out, q.to(fp8_ptr.dtype.element_ty), mask=ok)
 
