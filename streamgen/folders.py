@@ -102,6 +102,8 @@ def write_folder_atomically(
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or in_place is None or not path.is_dir():
             raise
+        staging = None
+    if staging is None:  # (written out of the except block: the writer's error is not chained to it)
         _written_in_place(path, lambda: in_place(path))
         return
     try:
@@ -214,8 +216,23 @@ class ExportUnderWay(ValueError):
 def _written_in_place(path: Path, change: Callable[[], object]) -> None:
     """change() changes the folder `path` in place, under `EXPORT_STAMP`'s states, one export at a
     time (`_one_export_at_a_time`)."""
-    with _one_export_at_a_time(path):
-        _stamped(path, change)
+    with _one_export_at_a_time(path) as locked:
+        _stamped(path, change, locked)
+
+
+# how long an export into a folder in place waits for another export's lock on it before it gives
+# up (`ExportLocked`): several times what writing the largest model exported here takes (Wan-14B's
+# 56 GB at 100 MB/s, ~10 min), so that only a writer that is stuck (stopped, hung on its disk) is
+# given up on, and a script that exports is told so rather than left waiting for ever
+LOCK_WAIT_S = 30 * 60
+# how often a waiting export says again that it waits, and for whom
+LOCK_WAIT_NOTICE_S = 60.0
+# the first pause between two tries for the lock (doubled each time, to at most 1 s)
+_LOCK_POLL_S = 0.05
+
+
+class ExportLocked(TimeoutError):
+    """An export into a folder in place gave up waiting for another export's lock on it."""
 
 
 @contextlib.contextmanager
@@ -224,34 +241,94 @@ def _one_export_at_a_time(path: Path):
     host that both read the old stamp before either wrote its own each found its own "writing"
     stamp at some point, and the first to end wrote "done" while the other still renamed its files
     in (a reader took the mix as whole until that one ended "cut short"). Released by the kernel
-    where the writer dies. Where the folder cannot be locked (not POSIX; a network file system
-    that locks no folder, NFS's, shared by two hosts), the stamps alone tell (`_stamped`)."""
+    where the writer dies. Gives whether the lock is held.
+
+    Where another export holds it, this one waits: a WARNING names the holder (the process of the
+    folder's "writing" stamp), again each `LOCK_WAIT_NOTICE_S`; after `LOCK_WAIT_S` it gives up
+    (`ExportLocked`), the folder as it was.
+
+    What is locked is the folder itself (a read-only descriptor of it). Where it cannot be (not
+    POSIX, a system that opens no folder, a file system that refuses the lock: ENOLCK, EOPNOTSUPP)
+    the stamps alone tell (`_stamped`). On NFS, Linux takes a file's flock to the server as a
+    byte-range lock (since 2.6.12), but NFS has no lock of a folder: a folder's flock is the
+    client's own, and keeps out the exports of this host only; those of another host sharing the
+    folder are told apart by the stamps alone."""
+    fd = _folder_locked(path)
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:
+            os.close(fd)  # (the lock with it)
+
+
+def _folder_locked(path: Path) -> int | None:
+    """A descriptor of the folder `path` that holds its lock, once it is free; None where the
+    folder cannot be locked. (Not a context manager that yields in its except blocks: the caller's
+    error was chained to the lock's.)"""
     try:
         import fcntl
     except ImportError:  # (not POSIX)
-        yield
-        return
+        return None
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        yield
-        return
+    except OSError:  # (a system that opens no folder)
+        return None
+    locked = False
     try:
+        locked = _wait_for_lock(path, fd, fcntl)
+    finally:
+        if not locked:
+            os.close(fd)
+    return fd if locked else None
+
+
+def _wait_for_lock(path: Path, fd: int, fcntl) -> bool:
+    """Whether the lock on the folder `path` (open as `fd`) is held, tried without blocking until
+    it is free (a blocking flock can neither be given up on nor say whom it waits for); False
+    where the file system refuses it; `ExportLocked` after `LOCK_WAIT_S`."""
+    started, noticed, pause = time.monotonic(), None, _LOCK_POLL_S
+    while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
         except BlockingIOError:
-            log.info("%s: another export is being written into it; this one waits for it", path)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # (a file system that locks no folder: ENOLCK, EBADF where NFS takes flock as a
-            # POSIX lock, which a read-only descriptor cannot hold)
             pass
-        yield
-    finally:
-        os.close(fd)  # (the lock with it)
+        except OSError as e:
+            log.info("%s: cannot be locked (%s); the export stamps alone tell", path, e.strerror)
+            return False
+        now = time.monotonic()
+        if now - started >= LOCK_WAIT_S:
+            raise ExportLocked(
+                f"{path}: gave up after {now - started:.0f} s waiting for another export into it "
+                f"({_lock_holder(path)}), which still holds its lock; the folder is as it was: "
+                "export again once that one is done (or stop it, where it is stuck)"
+            )
+        if noticed is None or now - noticed >= LOCK_WAIT_NOTICE_S:
+            log.warning(
+                "%s: another export into it (%s) holds its lock; this export waits for it "
+                "(%.0f s so far, at most %.0f s)", path, _lock_holder(path), now - started, LOCK_WAIT_S,
+            )  # fmt: skip
+            noticed = now
+        time.sleep(pause)
+        pause = min(pause * 2, 1.0)
 
 
-def _stamped(path: Path, change: Callable[[], object]) -> None:
-    """change() between this export's "writing" stamp and its last ("done" or "cut short")."""
+def _lock_holder(path: Path) -> str:
+    """Who holds the folder's lock, as its export stamp tells: the live process of its "writing"
+    one (the holder writes its stamp once it has the lock: till then the stamp is another's)."""
+    try:
+        stamp = json.loads(_stamp_text(path / EXPORT_STAMP) or "{}")
+        host, pid = stamp["host"], int(stamp["pid"])
+        if stamp["state"] == "writing" and not process_ended(host, pid):
+            return f"process {pid} on {'this host' if host == HOST_TAG else 'another host'}"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return "a process that has not yet written its export stamp"
+
+
+def _stamped(path: Path, change: Callable[[], object], locked: bool = False) -> None:
+    """change() between this export's "writing" stamp and its last ("done" or "cut short").
+    `locked`: this export holds the folder's lock (`_one_export_at_a_time`)."""
     stamp = {"export": secrets.token_hex(8), "host": HOST_TAG, "pid": os.getpid()}
     before, entries = _stamp_text(path / EXPORT_STAMP), _entries_version(path)
     writing = json.dumps({**stamp, "state": "writing"})
@@ -270,7 +347,7 @@ def _stamped(path: Path, change: Callable[[], object]) -> None:
             pass
         raise
     # (another export under way when this one began, or begun since: the renames of the two mixed)
-    if _under_way_by_another(before):
+    if _under_way_by_another(before, locked=locked):
         # (another host's writer cannot be told dead: it may be writing still, or long gone)
         other = json.loads(before)
         where = "this host" if other["host"] == HOST_TAG else "another host"
@@ -283,11 +360,16 @@ def _stamped(path: Path, change: Callable[[], object]) -> None:
     write_text_atomically(path / EXPORT_STAMP, json.dumps(stamp))
 
 
-def _under_way_by_another(text: str | None) -> bool:
-    """Whether the stamp `text` is of an export being written by a process that has not ended."""
+def _under_way_by_another(text: str | None, locked: bool = False) -> bool:
+    """Whether the stamp `text` is of an export being written by a process that has not ended.
+    Where this export holds the folder's lock (`locked`), one of this host has: a live writer of
+    this host would hold the lock (its process id alive now is another's, reused, or this
+    process's own earlier export that failed to write its last stamp)."""
     try:
         stamp = json.loads(text) if text is not None else {}
-        return stamp.get("state") == "writing" and not process_ended(stamp["host"], int(stamp["pid"]))
+        if stamp.get("state") != "writing" or (locked and stamp["host"] == HOST_TAG):
+            return False
+        return not process_ended(stamp["host"], int(stamp["pid"]))
     except (ValueError, KeyError, TypeError, AttributeError):
         return False
 

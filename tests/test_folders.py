@@ -607,3 +607,143 @@ def test_two_exports_file_by_file_that_both_read_the_old_stamp_never_show_a_mix_
     assert errors == [] and not first.is_alive() and not second.is_alive()
     assert [r for r in read if r is not None and len(set(r)) > 1] == [], read  # (no mix read as whole)
     assert read_now() == ["second", "second"]  # (B after A, whole)
+
+
+def _stamp_of_another_writer(folder: Path, host: str, pid: int) -> None:
+    """`folder`'s export stamp: an export by process `pid` of `host` under way."""
+    import json
+
+    from streamgen import folders
+
+    stamp = {"export": "x", "host": host, "pid": pid, "state": "writing"}
+    (folder / folders.EXPORT_STAMP).write_text(json.dumps(stamp))
+
+
+def test_an_export_waiting_for_another_exports_lock_names_it_and_gives_up_clearly(
+    tmp_path, monkeypatch, caplog
+):
+    """An export into a folder in place whose lock another export holds waited for it for ever,
+    saying so at INFO, which the commands do not show: a stuck holder hung the export silently. It
+    warns, naming the holder's process from its stamp, and gives up after `LOCK_WAIT_S` with an
+    error that names it, the folder as it was."""
+    import fcntl
+    import logging
+    import threading
+
+    from streamgen import files, folders
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("old")
+    holder = os.getppid()  # (a live process of this host, not this one)
+    _stamp_of_another_writer(d, files.HOST_TAG, holder)
+    stamp = (d / folders.EXPORT_STAMP).read_text()
+    monkeypatch.setattr(folders, "exchange", lambda a, b: False)
+    monkeypatch.setattr(folders, "LOCK_WAIT_S", 0.5, raising=False)  # (none before it)
+    held = os.open(d, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    # (without a limit the export would wait for ever: the lock goes, late, so that it fails instead)
+    release = threading.Timer(30, fcntl.flock, (held, fcntl.LOCK_UN))
+    release.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="streamgen.folders"):
+            with pytest.raises(Exception, match=f"process {holder} on this host") as gave_up:
+                folders.write_folder_atomically(d, lambda new: (new / "config.json").write_text("new"))
+    finally:
+        release.cancel()
+        os.close(held)
+    assert type(gave_up.value).__name__ == "ExportLocked" and str(d) in str(gave_up.value)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"process {holder} on this host" in m for m in warned), warned
+    assert (d / "config.json").read_text() == "old" and (d / folders.EXPORT_STAMP).read_text() == stamp
+
+
+def test_an_export_whose_wait_for_the_lock_fails_with_enolck_goes_on_with_the_stamps(tmp_path, monkeypatch):
+    """A file system that refuses a lock only once one is waited for (ENOLCK: no lock left) failed
+    the export with that OSError; it goes on as where the folder locks not at all, the stamps alone
+    telling."""
+    import errno
+    import fcntl
+
+    from streamgen import folders
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("old")
+    tries = []
+
+    def busy_then_no_lock(fd, operation):
+        tries.append(operation)
+        if len(tries) == 1:
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(folders, "exchange", lambda a, b: False)
+    monkeypatch.setattr(fcntl, "flock", busy_then_no_lock)
+    folders.write_folder_atomically(d, lambda new: (new / "config.json").write_text("new"))
+    monkeypatch.undo()
+    assert len(tries) == 2
+    assert folders.read_folder(d, lambda f: (f / "config.json").read_text()) == "new"
+
+
+def test_an_error_of_an_export_into_an_unlockable_folder_is_not_chained_to_the_lock(tmp_path, monkeypatch):
+    """Where the folder could not be locked, the export was written inside the except block of the
+    lock's error: its own error came with "During handling of the above exception, another
+    exception occurred" and the lock's, which had nothing to do with it."""
+    import errno
+    import sys
+
+    from streamgen import folders
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("old")
+
+    def read_only(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(Path(path).parent))
+
+    def in_place(folder):
+        raise RuntimeError("the writer's own error")
+
+    monkeypatch.setattr(folders, "new_folder_beside", read_only)
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # (not POSIX: no lock)
+    with pytest.raises(RuntimeError, match="the writer's own error") as failed:
+        folders.write_folder_atomically(d, lambda new: None, in_place=in_place)
+    assert failed.value.__context__ is None and failed.value.__cause__ is None
+
+
+def test_an_export_that_holds_the_lock_takes_a_writing_stamp_of_this_host_as_ended(tmp_path, monkeypatch):
+    """A "writing" stamp of this host whose process id is alive (reused since its writer died, or
+    another user's process) made the export after it end "cut short", and readers refused the
+    folder, though that export held the lock, which a live writer of this host would hold: the
+    stamp's export had ended. It ends "done". Where the folder cannot be locked it still cannot
+    tell, and ends "cut short"."""
+    import errno
+    import fcntl
+
+    from streamgen import files, folders
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("old")
+    monkeypatch.setattr(folders, "exchange", lambda a, b: False)
+
+    def read(f):
+        return (f / "config.json").read_text()
+
+    def export(text):
+        folders.write_folder_atomically(d, lambda new: (new / "config.json").write_text(text))
+
+    _stamp_of_another_writer(d, files.HOST_TAG, os.getppid())  # (alive, not this process)
+    export("new")
+    assert folders.read_folder(d, read) == "new"
+
+    def no_lock(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    _stamp_of_another_writer(d, files.HOST_TAG, os.getppid())
+    with monkeypatch.context() as m:
+        m.setattr(fcntl, "flock", no_lock)
+        export("newer")
+    with pytest.raises(folders.ExportUnderWay, match=f"process {os.getppid()} on this host"):
+        folders.read_folder(d, read)
