@@ -325,3 +325,92 @@ def test_a_wan_folders_unreadable_config_or_index_is_named(tmp_path):
     (folder / "config.json").write_text("{")
     with pytest.raises(ModelSourceError, match=re.escape(f"{folder / 'config.json'}: not valid JSON")):
         load_dit(f"wan:{folder}")
+
+
+def _teacher_command_error(folder, out, capsys) -> str:
+    """What `streamgen distill teacher` with the `wan:` folder `folder` as its model prints, once
+    it has exited 2 (a user's error)."""
+    from streamgen.cli import main
+
+    command = ["distill", "teacher", "--config", "debug", "--set", f"model.init=wan:{folder}"]
+    assert main([*command, "--out", str(out)]) == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shard", [3, None, ["model-00001.safetensors"], {"file": "x"}, ""])
+def test_a_wan_index_whose_weight_map_names_no_file_is_named_in_one_line(tmp_path, capsys, shard):
+    """A shards' index whose weight_map gave a weight no file name (a number, null, a list) was a
+    TypeError from sorting or hashing the names, naming neither the index nor the weight, and
+    `streamgen distill` printed a traceback. The index and the weight are named in one line."""
+    from distill.build import ModelSourceError, load_dit
+
+    folder = tmp_path / "wan"
+    tiny_wan(3).save_pretrained(folder, safe_serialization=True, max_shard_size="20KB")
+    index = next(folder.glob("*.index.json"))
+    content = json.loads(index.read_text())
+    weight = sorted(content["weight_map"])[1]
+    content["weight_map"][weight] = shard
+    index.write_text(json.dumps(content))
+    says = f"{index}: its weight_map's {weight!r} is {shard!r}, not a file name"
+    with pytest.raises(ModelSourceError, match=re.escape(says)):
+        load_dit(f"wan:{folder}")
+    err = _teacher_command_error(folder, tmp_path / "out", capsys)
+    assert says in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "key, value, says",
+    [
+        ("num_attention_heads", None, "no 'num_attention_heads' in it"),
+        ("attention_head_dim", None, "no 'attention_head_dim' in it"),
+        ("ffn_dim", None, "no 'ffn_dim' in it"),
+        ("num_layers", None, "no 'num_layers' in it"),
+        ("num_attention_heads", "2", "its 'num_attention_heads' is '2', not a positive integer"),
+        ("num_layers", 0, "its 'num_layers' is 0, not a positive integer"),
+        ("in_channels", 4.0, "its 'in_channels' is 4.0, not a positive integer"),
+        ("patch_size", 2, "its 'patch_size' is 2, not a list of 3 positive integers"),
+        ("attention_head_dim", 3, "head_dim 3 must be even"),
+        ("eps", "1e-6", "its 'eps' is '1e-6', not a number between 0 and 1"),
+        ("cross_attn_norm", "yes", "its 'cross_attn_norm' is 'yes', not true or false"),
+    ],
+)
+def test_a_wan_config_without_a_size_or_with_a_wrong_one_is_named_in_one_line(
+    tmp_path, capsys, key, value, says
+):
+    """config.json without `num_attention_heads` (or another size a Wan transformer is built from)
+    said only "cannot load the Wan checkpoint DIR: 'num_attention_heads'", naming no file, and a
+    size of another type ("2") was a TypeError from deep in the model's config: a traceback. The
+    file and the key are named in one line. (None: the key left out.)"""
+    from distill.build import ModelSourceError, load_dit
+
+    folder = tmp_path / "wan"
+    tiny_wan(3).save_pretrained(folder, safe_serialization=True)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    if value is None:
+        del config[key]
+    else:
+        config[key] = value
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelSourceError, match=re.escape(f"{config_path}: {says}")):
+        load_dit(f"wan:{folder}")
+    if key == "num_attention_heads":  # (the command's one line, once for a missing key, once for a type)
+        err = _teacher_command_error(folder, tmp_path / "out", capsys)
+        assert f"{config_path}: {says}" in err and "Traceback" not in err
+
+
+def test_a_wan_config_of_other_sizes_than_its_weights_is_named_in_one_line(tmp_path, capsys):
+    """A config.json whose sizes the weights beside it are not of (an ffn_dim edited, another
+    model's config) was torch's RuntimeError from load_state_dict, uncaught: a traceback. The
+    folder and the weights of other sizes (by the file's names) are named in one line."""
+    from distill.build import ModelSourceError, load_dit
+
+    folder = tmp_path / "wan"
+    tiny_wan(3).save_pretrained(folder, safe_serialization=True)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "ffn_dim": 32}))
+    says = f"{folder}: its weights are not of the sizes its config.json gives: blocks.0.ffn.net.0.proj.weight (64, 32), not (32, 32)"
+    with pytest.raises(ModelSourceError, match=re.escape(says)):
+        load_dit(f"wan:{folder}")
+    err = _teacher_command_error(folder, tmp_path / "out", capsys)
+    assert says in err and "Traceback" not in err

@@ -89,23 +89,39 @@ def to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def config_from_diffusers(cfg: dict, **overrides) -> ModelConfig:
+    """Our config for the diffusers Wan transformer config `cfg`; a ValueError that names the key
+    where one it is built from is missing or not a size (`load_pretrained` names the file)."""
     if cfg.get("image_dim") or cfg.get("added_kv_proj_dim"):
         raise ValueError("image-conditioned Wan (I2V) checkpoints are not supported; use a T2V checkpoint")
     if cfg.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
         raise ValueError(f"unsupported qk_norm {cfg.get('qk_norm')!r}")
-    heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    heads, head_dim = _size(cfg, "num_attention_heads"), _size(cfg, "attention_head_dim")
+    in_channels = _size(cfg, "in_channels", 16)
+    patch_size = cfg.get("patch_size", (1, 2, 2))
+    if (
+        not isinstance(patch_size, (list, tuple))
+        or len(patch_size) != 3
+        or not all(map(_is_size, patch_size))
+    ):
+        raise ValueError(f"its 'patch_size' is {patch_size!r}, not a list of 3 positive integers")
+    eps, cross_attn_norm = cfg.get("eps", 1e-6), cfg.get("cross_attn_norm", True)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"its 'eps' is {eps!r}, not a number between 0 and 1")
+    if not isinstance(cross_attn_norm, bool):
+        raise ValueError(f"its 'cross_attn_norm' is {cross_attn_norm!r}, not true or false")
     fields = dict(
-        in_channels=cfg.get("in_channels", 16),
-        out_channels=cfg.get("out_channels") or cfg.get("in_channels", 16),
-        patch_size=tuple(cfg.get("patch_size", (1, 2, 2))),
+        in_channels=in_channels,
+        # (null: as many as in)
+        out_channels=in_channels if cfg.get("out_channels") is None else _size(cfg, "out_channels"),
+        patch_size=tuple(patch_size),
         dim=heads * head_dim,
         num_heads=heads,
-        ffn_dim=cfg["ffn_dim"],
-        num_layers=cfg["num_layers"],
-        text_dim=cfg.get("text_dim", 4096),
-        freq_dim=cfg.get("freq_dim", 256),
-        eps=cfg.get("eps", 1e-6),
-        cross_attn_norm=cfg.get("cross_attn_norm", True),
+        ffn_dim=_size(cfg, "ffn_dim"),
+        num_layers=_size(cfg, "num_layers"),
+        text_dim=_size(cfg, "text_dim", 4096),
+        freq_dim=_size(cfg, "freq_dim", 256),
+        eps=float(eps),
+        cross_attn_norm=cross_attn_norm,
         name="wan-pretrained",
     )
     # the avatar branch (absent from Wan) as wide as the flavor of the same size (whose benches time it)
@@ -114,6 +130,21 @@ def config_from_diffusers(cfg: dict, **overrides) -> ModelConfig:
         fields["audio_dim"] = flavor.audio_dim
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+def _size(cfg: dict, key: str, default: int | None = None) -> int:
+    """`cfg[key]`, a positive integer (`default` where there is none; required where no default):
+    else a ValueError naming the key (a string "12" was a TypeError deep in the model's config)."""
+    if key not in cfg and default is None:
+        raise ValueError(f"no {key!r} in it")
+    value = cfg.get(key, default)
+    if not _is_size(value):
+        raise ValueError(f"its {key!r} is {value!r}, not a positive integer")
+    return value
+
+
+def _is_size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _flavor_like(fields: dict) -> ModelConfig | None:
@@ -157,6 +188,10 @@ def weight_files(d: Path) -> list[Path]:
         weight_map = read_json(index[0], required=("weight_map",))["weight_map"]
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index[0]}: its weight_map is not a JSON object")
+        for weight, shard in weight_map.items():
+            # (a number or a list was a TypeError from sorting the names, naming neither; "" the folder)
+            if not isinstance(shard, str) or not shard:
+                raise ValueError(f"{index[0]}: its weight_map's {weight!r} is {shard!r}, not a file name")
         shards = sorted(set(weight_map.values()))
         files = [d / s for s in shards]
     else:
@@ -196,13 +231,28 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", weights_hash=None, 
         raise FileNotFoundError(f"{d} has no config.json (expected a diffusers-format Wan transformer)")
     from streamgen.model.files import read_json
 
-    cfg = config_from_diffusers(read_json(d / "config.json"), **overrides)
+    config = read_json(d / "config.json")
+    try:
+        config_from_diffusers(config)  # (the file's sizes checked apart from the caller's overrides)
+    except ValueError as e:  # (the key alone says not which file)
+        raise ValueError(f"{d / 'config.json'}: {e}") from None
+    cfg = config_from_diffusers(config, **overrides)
     with torch.device("meta"):  # shapes only: the checkpoint's tensors become the weights
         model = DiT(cfg)
     sd = from_diffusers(_read_safetensors_dir(d, weights_hash))
     missing = [k for k in model.state_dict() if k not in sd and not _is_avatar_key(k)]
     if missing:
         raise KeyError(f"checkpoint lacks weights for: {missing[:8]}")
+    # (a config.json of other sizes than the weights': load_state_dict's RuntimeError, a traceback)
+    other_sizes = [
+        f"{next(iter(to_diffusers({k: p})), k)} {tuple(sd[k].shape)}, not {tuple(p.shape)}"  # (the file's name)
+        for k, p in model.state_dict().items()
+        if k in sd and sd[k].shape != p.shape
+    ]
+    if other_sizes:
+        raise ValueError(
+            f"{d}: its weights are not of the sizes its config.json gives: {'; '.join(other_sizes[:4])}"
+        )
     # each weight one tensor in `dtype` on `device` (none copied where the checkpoint's agree): a
     # second whole model in float32 beside them was ~3x Wan-14B's 56 GB of CPU memory at the peak
     weights = {
