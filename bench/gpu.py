@@ -408,6 +408,8 @@ def run(
                     summarize(result)
                     write_partial(result, out)
     finally:  # interrupted too: the parts beside the variants, where a reader looks for them
+        # (what it reached in order, the parts too: the streams timed before each set its budget)
+        result["order"] = list(result["variants"])
         for part in PARTS:
             if part in result["variants"]:
                 result[part] = result["variants"].pop(part)
