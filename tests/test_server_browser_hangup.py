@@ -192,16 +192,16 @@ def test_a_websocket_a_server_never_answers_fails_with_a_reason(browser_page, up
 
 def test_a_webrtc_connect_hung_up_while_its_offer_waits_leaves_nothing(browser_page):
     """Hung up while the server has not answered the WHEP offer: the page is idle at once, the
-    session deleted; the answer that comes later (here a 404: the session is gone) is the abandoned
-    attempt's, which says nothing, and the next connect streams."""
+    session deleted; the offer is cut off with the connection (its answer, a 404 since the session
+    is gone, was on the console as Chromium's "Failed to load resource"), and the next connect
+    streams."""
     with live_server(max_sessions=2) as (url, app):
         sessions = app.state.registry.sessions
         page = browser_page.new_page()
         offers = []
         # the first offer held (answered below), the next connect's let through
         page.route("**/whep", lambda route: route.continue_() if offers else offers.append(route))
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        logs, _ = console_and_deletes(page)
         page.add_init_script(HELD)
         try:
             page.goto(f"{url}/?autostart=1&mic=0")
@@ -211,11 +211,12 @@ def test_a_webrtc_connect_hung_up_while_its_offer_waits_leaves_nothing(browser_p
             wait_in_page(page, lambda: not sessions, 10, "the hung-up attempt left its session on the server")
             offers[0].continue_()
             page.wait_for_timeout(500)
-            assert page.evaluate("held()") == IDLE
+            assert page.evaluate("held()") == IDLE and not sessions
+            assert logs == []  # (the offer cut off at the hang-up: before, its 404 was on the console)
             page.click("#connect")
             page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
             assert page.evaluate("held()")["state"] == "streaming (webrtc)"
-            assert errors == []
+            assert logs == []
         finally:
             page.close()
 
@@ -554,18 +555,53 @@ def test_a_hang_up_before_a_conflict_refusal_deletes_the_session(browser_page):
             page.close()
 
 
-# window.holdPatches: the page's trickle PATCHes wait in window.heldPatches until released, as on a
-# slow network where a candidate's PATCH is still on its way (or queued behind one) at the hang-up.
-HOLD_PATCHES = """
-window.heldPatches = [];
-const realFetch = window.fetch;
+# holdFetches(url, method) -> true: that fetch of the page waits in window.heldFetches until let
+# go, as on a slow network where it is still on its way (or queued behind one) at the hang-up.
+HOLD_FETCHES = """
+window.heldFetches = [];
+window.holdFetches = null;
+const fetchAsItCame = window.fetch;
 window.fetch = function (url, options) {
-  if (window.holdPatches && options && options.method === "PATCH") {
-    return new Promise((resolve, reject) => window.heldPatches.push(() => realFetch(url, options).then(resolve, reject)));
+  if (window.holdFetches && window.holdFetches(String(url), (options && options.method) || "GET")) {
+    return new Promise((resolve, reject) => window.heldFetches.push(() => fetchAsItCame(url, options).then(resolve, reject)));
   }
-  return realFetch(url, options);
+  return fetchAsItCame(url, options);
 };
 """
+
+
+def hold_fetches(page, which: str) -> None:
+    """From now on the page's fetches that `which` (a JS function of url and method) picks wait."""
+    page.evaluate(f"() => {{ window.holdFetches = {which}; }}")  # (a function value alone would be called)
+
+
+@contextmanager
+def page_with_held_fetches(browser_page, url: str):
+    """A page (HELD, HOLD_FETCHES) and what it did: (page, console logs, DELETE urls, requests as
+    (method, path))."""
+    page = browser_page.new_page()
+    logs, deletes = console_and_deletes(page)
+    requests: list[tuple[str, str]] = []
+    page.on("request", lambda r: requests.append((r.method, r.url.removeprefix(url))))
+    page.add_init_script(HELD)
+    page.add_init_script(HOLD_FETCHES)
+    try:
+        page.goto(f"{url}/?mic=0")
+        yield page, logs, deletes, requests
+    finally:
+        page.close()
+
+
+def hang_up_and_let_go(page, sessions, deletes, requests) -> list[tuple[str, str]]:
+    """Hangs up once a held fetch waits, lets those held go after the hang-up's DELETE, and gives
+    the requests the page made after it."""
+    page.wait_for_function("window.heldFetches.length >= 1", timeout=60_000)
+    page.click("#hangup")
+    wait_in_page(page, lambda: not sessions and deletes, 10, "the hang-up ended no session")
+    hung_up = len(requests)
+    page.evaluate("window.holdFetches = null; window.heldFetches.splice(0).forEach((go) => go())")
+    page.wait_for_timeout(1000)  # (what a request let go would meet, and the console say of it)
+    return requests[hung_up:]
 
 
 def test_a_hang_up_cuts_off_the_trickle_ice_patches_still_to_go(browser_page):
@@ -573,25 +609,42 @@ def test_a_hang_up_cuts_off_the_trickle_ice_patches_still_to_go(browser_page):
     found the session gone, and the page logged their 404s ("trickle ICE: PATCH 404", and
     Chromium's own "Failed to load resource"). The hang-up cuts them off now: none goes after it,
     nothing on the console."""
-    with live_server(max_sessions=2) as (url, app):
+    with live_server(max_sessions=2) as (url, app), page_with_held_fetches(browser_page, url) as held:
+        page, logs, deletes, requests = held
+        hold_fetches(page, '(url, method) => method === "PATCH"')
+        page.click("#connect")
+        assert hang_up_and_let_go(page, app.state.registry.sessions, deletes, requests) == []
+        assert logs == []
+        assert page.evaluate("held()") == IDLE
+
+
+def test_a_hang_up_cuts_off_the_webrtc_offer_still_to_go(browser_page):
+    """Hung up while the WHEP offer was still to go: it went after the hang-up's DELETE, found the
+    session gone, and Chromium logged its 404 ("Failed to load resource"). It is cut off with the
+    connection now (as the PATCHes are): no request after the hang-up, nothing on the console, no
+    session left on the server, and the next connect streams."""
+    with live_server(max_sessions=2) as (url, app), page_with_held_fetches(browser_page, url) as held:
+        page, logs, deletes, requests = held
         sessions = app.state.registry.sessions
-        page = browser_page.new_page()
-        logs, deletes = console_and_deletes(page)
-        patches: list[float] = []
-        page.on("request", lambda r: patches.append(time.monotonic()) if r.method == "PATCH" else None)
-        page.add_init_script(HOLD_PATCHES)
-        try:
-            page.goto(f"{url}/?mic=0")
-            page.evaluate("window.holdPatches = true")
-            page.click("#connect")
-            page.wait_for_function("window.heldPatches.length >= 1", timeout=60_000)
-            page.click("#hangup")
-            wait_in_page(page, lambda: not sessions and deletes, 10, "the hang-up ended no session")
-            hung_up = time.monotonic()
-            page.evaluate("window.holdPatches = false; window.heldPatches.splice(0).forEach((go) => go())")
-            page.wait_for_timeout(1000)  # (what a PATCH let go would meet, and the console say of it)
-            assert [t for t in patches if t > hung_up] == []
-            assert logs == []
-            assert page.evaluate("window.streamgenStats.state") == "idle"
-        finally:
-            page.close()
+        hold_fetches(page, '(url, method) => method === "POST" && url.endsWith("/whep")')
+        page.click("#connect")
+        assert hang_up_and_let_go(page, sessions, deletes, requests) == []
+        assert logs == []
+        assert page.evaluate("held()") == IDLE and not sessions
+        page.click("#connect")
+        page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
+        assert page.evaluate("held()")["state"] == "streaming (webrtc)"
+
+
+def test_a_hang_up_cuts_off_the_session_check_in_flight(browser_page):
+    """Hung up while a check that the session lives (a GET of it, every 2 s of a WebRTC stream) was
+    on its way: it went after the hang-up's DELETE and Chromium logged its 404. It is cut off with
+    the connection now, and its abort is not said on the console either."""
+    with live_server(max_sessions=2) as (url, app), page_with_held_fetches(browser_page, url) as held:
+        page, logs, deletes, requests = held
+        page.click("#connect")
+        page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
+        hold_fetches(page, '(url, method) => method === "GET" && url.includes("/v1/sessions/")')
+        assert hang_up_and_let_go(page, app.state.registry.sessions, deletes, requests) == []
+        assert logs == []
+        assert page.evaluate("held()") == IDLE

@@ -56,14 +56,17 @@ export async function connectWebRTC(mine, ended) {
   if (state.mic) await audio.sender.replaceTrack(state.mic.getAudioTracks()[0]);
   abandoned(mine);
   state.peerRequests = new AbortController();  // (aborted as it ends: `cleanup`, `closePeer`)
-  const trickle = trickleCandidates(peer, s, state.peerRequests.signal);
+  // every request of this connection is cut off as it ends: one still on its way then went after
+  // the hang-up's DELETE and found the session gone (a 404 on the console)
+  const cutOff = state.peerRequests.signal;
+  const trickle = trickleCandidates(peer, s, cutOff);
   await peer.setLocalDescription(await peer.createOffer());
   abandoned(mine);
   offerPostedAt = performance.now();
   const offer = peer.localDescription.sdp;
   trickle.posted(offer);
   const res = await fetch(s.whep, {
-    method: "POST", body: offer, headers: authHeaders(s, { "Content-Type": "application/sdp" }),
+    method: "POST", body: offer, signal: cutOff, headers: authHeaders(s, { "Content-Type": "application/sdp" }),
   });
   abandoned(mine);
   if (res.status !== 201) throw new Error(`WHEP ${res.status}: ${await res.text()}`);
@@ -109,17 +112,16 @@ export async function connectWebRTC(mine, ended) {
   state.statsTimer = setInterval(() => {
     readRtcStats(peer, mine);
     // a session the server ended while the peer connection lingers (ICE takes its time to fail)
-    if (++ticks % 4 === 0) checkSessionAlive(mine, ended);
+    if (++ticks % 4 === 0) checkSessionAlive(s, cutOff, mine, ended);
   }, 500);
 }
 
-async function checkSessionAlive(mine, ended) {
-  if (!state.session) return;
+async function checkSessionAlive(s, cutOff, mine, ended) {
   try {
-    const res = await fetch(state.session.resource, { headers: authHeaders(state.session) });
+    const res = await fetch(s.resource, { headers: authHeaders(s), signal: cutOff });
     if (res.status === 404 && mine === state.generation) ended("the server ended the session");
   } catch (e) {
-    console.warn("session check:", e);
+    if (!cutOff.aborted) console.warn("session check:", e);  // cut off: the connection ended, nothing to say
   }
 }
 
