@@ -255,6 +255,30 @@ def test_a_trace_espeak_writes_otherwise_leaves_the_room_estimate_below_the_spee
 
 
 @pytest.mark.parametrize(
+    "missing, dots_and_stops",
+    [({"es"}, (1, 1)), ({"en"}, (1, 1)), ({"en", "es"}, (2, 0))],
+)
+def test_a_missing_probe_voice_leaves_the_dots_to_the_other(monkeypatch, caplog, missing, dots_and_stops):
+    """The trace's dot probe speaks English and Spanish: an espeak-ng without one of those voices
+    raised from the probe, and every count after it failed (each speak request a 422). A probe
+    that cannot run tells nothing; the other decides, and with neither, every dot counts as an
+    abbreviation's (the estimate on the low side)."""
+    engine = speech_data._engine_instance()
+    espeak_name = Voice.espeak_name
+
+    def without_missing_voices(voice):  # espeak-ng finds no voice by this name, as when not installed
+        return f"{voice.language}-not-installed" if voice.language in missing else espeak_name(voice)
+
+    monkeypatch.setattr(Voice, "espeak_name", without_missing_voices)
+    monkeypatch.setattr(engine, "_dots_readable", None, raising=False)  # probed again
+    with caplog.at_level("WARNING", logger="streamgen.data.speech"):
+        count = count_phonemes("Dr. Lee left. He went home.", Voice(language="fr"))
+    assert (count.abbreviation_dots, count.stop_pauses) == dots_and_stops
+    for language in missing:
+        assert f"{language}-not-installed" in caplog.text
+
+
+@pytest.mark.parametrize(
     "language, text",
     [
         ("de", "Äpfel, Birnen, Kirschen und Pflaumen."),
