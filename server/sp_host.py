@@ -92,7 +92,11 @@ class SequenceParallelHost:
         self.followers = followers  # one connection per follower rank, in rank order
         self.down: str | None = None  # why the ranks can run nothing more together
         self._calling = threading.Lock()  # held by the operation running: `stop` waits for it
-        self._stop_requested = False
+        # guards the hand-over below: a stop that gives up waiting and a call that ends meanwhile
+        # both look at these under it, so exactly one of them lets go of the model
+        self._handover = threading.Lock()
+        self._running = False  # an operation is under way (set inside `_calling`)
+        self._stop_gave_up = False  # the stop left the letting go to the operation running
 
     @classmethod
     def start(cls, model: str, device: str, threads: int | None, sp: int, height: int | None = None,
@@ -108,13 +112,25 @@ class SequenceParallelHost:
 
     def call(self, op: str, *args):
         with self._calling:
-            if self.down:
-                raise HostDown(self.down)
+            with self._handover:
+                if self.down:
+                    raise HostDown(self.down)
+                self._running = True
             try:
                 return self._run(op, args)
             finally:
-                if self._stop_requested:  # the stop gave up waiting for this operation
-                    self._let_go()
+                with self._handover:
+                    self._running = False
+                    let_go = self._stop_gave_up
+                if let_go:  # the stop gave up waiting for this operation
+                    self._let_go_after(op)
+
+    def _let_go_after(self, op: str) -> None:
+        # logged, not raised: the caller waits for the operation's own result or error
+        try:
+            self._let_go()
+        except Exception:
+            log.exception("letting go of the model after %s (the stop had left it to it) failed", op)
 
     def _run(self, op: str, args: tuple):
         if op == "create" and args[3] is None:  # seed: one draw, shared by every replica
@@ -155,12 +171,20 @@ class SequenceParallelHost:
         operation is still running after STOP_WAIT seconds, as that operation ends (the server's
         worker gave up waiting for it). Let go of under it, a chunk met closed streams and a
         destroyed group (test_server_sp). Every call after this raises HostDown."""
-        self._stop_requested = True
-        self.down = self.down or "the sequence-parallel host has stopped"
+        with self._handover:  # any call from here on is refused
+            self.down = self.down or "the sequence-parallel host has stopped"
         if not self._calling.acquire(timeout=STOP_WAIT):
-            log.warning("a model operation is still running after %.0f s: the sequence-parallel host stops "
-                        "when it ends", STOP_WAIT)  # fmt: skip
-            return
+            with self._handover:
+                if self._running:  # it lets go when it ends (`call`)
+                    self._stop_gave_up = True
+                    # the server's worker threads are daemons: should the server exit before the
+                    # operation ends, nothing here runs again; the followers end as they find rank 0
+                    # gone (EOF on their connection, or a collective that fails)
+                    log.warning("a model operation is still running after %.0f s: the sequence-parallel host "
+                                "lets go of the model when it ends; if the server exits first, the follower "
+                                "ranks end when they find rank 0 gone", STOP_WAIT)  # fmt: skip
+                    return
+            self._calling.acquire()  # it ended as the wait did, and is releasing the lock
         try:
             self._let_go()
         finally:

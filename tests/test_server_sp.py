@@ -305,6 +305,8 @@ class HeldOps(ScriptedOps):
 
         self.running, self.release = threading.Event(), threading.Event()
         self.released_while_running = None
+        self.released_on = None  # the thread that let go of them
+        self.close_all_error = None  # raised by `close_all`, when set
 
     def handle(self, op, args):
         if op == "chunk":
@@ -314,7 +316,12 @@ class HeldOps(ScriptedOps):
         return super().handle(op, args)
 
     def close_all(self):
+        import threading
+
         self.released_while_running = self.running.is_set()
+        self.released_on = threading.current_thread()
+        if self.close_all_error is not None:
+            raise self.close_all_error
 
 
 def _call_in_a_thread(host, results):
@@ -368,6 +375,79 @@ def test_a_call_still_running_at_stop_ends_before_the_model_is_let_go_of(monkeyp
     assert rank0.released_while_running is False  # and the model was let go of after it
     threads[0].join(5)
     assert codes == {1: 0}  # the follower was told to exit
+
+
+def test_a_call_that_ends_within_the_stops_wait_leaves_the_letting_go_to_the_stop(monkeypatch):
+    """The stop raised its flag as it began, not when it gave up waiting: a call ending within the
+    wait let go of the model itself (the process group's teardown and a collection) before its
+    caller had its result, then the stop found nothing left to do."""
+    import time
+
+    from server import sp_host
+
+    monkeypatch.setattr(sp_host, "STOP_WAIT", 30.0, raising=False)
+    rank0 = HeldOps()
+    host, threads, codes = lockstep(rank0, ScriptedOps())
+    results = []
+    caller = _call_in_a_thread(host, results)
+    assert rank0.running.wait(10)
+    stopping = threading_start(host.stop)
+    deadline = time.monotonic() + 10
+    while host.down is None and time.monotonic() < deadline:  # the stop has begun
+        time.sleep(0.01)
+    rank0.release.set()
+    caller.join(10)
+    stopping.join(10)
+    assert results == ["chunk"]
+    assert rank0.released_on is stopping  # let go of by the stop, not by the call
+
+
+@pytest.mark.parametrize("outcome", ["returns", "raises a client error"])
+def test_a_failed_letting_go_after_a_call_keeps_the_calls_own_outcome(monkeypatch, caplog, outcome):
+    """A stop that gave up waiting leaves the letting go to the call still running, in its
+    `finally`: an error from it there replaced the call's own result or error. The caller gets
+    its own outcome; the letting go's error is logged."""
+    from server import sp_host
+
+    monkeypatch.setattr(sp_host, "STOP_WAIT", 0.05, raising=False)
+    rank0 = HeldOps()
+    if outcome == "raises a client error":  # every rank refuses it alike (ValueError: a client's)
+        rank0.fails = {"chunk": ValueError("unknown stream")}
+    rank0.close_all_error = RuntimeError("the process group would not go")
+    host, threads, codes = lockstep(rank0, ScriptedOps(dict(rank0.fails)))
+    results = []
+    caller = _call_in_a_thread(host, results)
+    assert rank0.running.wait(10)
+    with caplog.at_level("WARNING", logger="streamgen.server"):
+        host.stop()  # gives up waiting
+        rank0.release.set()
+        caller.join(10)
+    assert rank0.released_on is caller
+    if outcome == "returns":
+        assert results == ["chunk"]
+    else:
+        assert len(results) == 1 and isinstance(results[0], ValueError), results
+    assert "the process group would not go" in caplog.text
+
+
+def test_the_stops_warning_says_what_happens_if_the_server_exits_before_the_call_ends(monkeypatch, caplog):
+    """The server exits soon after the stop returns and its worker threads are daemons: a call
+    still running then never ends, so "stops when it ends" was not what happens; the followers
+    end as they find rank 0 gone instead."""
+    from server import sp_host
+
+    monkeypatch.setattr(sp_host, "STOP_WAIT", 0.05, raising=False)
+    rank0 = HeldOps()
+    host, threads, codes = lockstep(rank0, ScriptedOps())
+    results = []
+    caller = _call_in_a_thread(host, results)
+    assert rank0.running.wait(10)
+    with caplog.at_level("WARNING", logger="streamgen.server"):
+        host.stop()
+    rank0.release.set()
+    caller.join(10)
+    warning = caplog.text
+    assert "still running" in warning and "if the server exits first" in warning, warning
 
 
 def threading_start(fn):
