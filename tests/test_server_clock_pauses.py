@@ -330,3 +330,35 @@ async def test_over_a_noisy_microphone_speech_without_pauses_has_none_to_bring_t
     chunks_come_early(s, clock)
     assert await skips_while_playing(s, audio, len(sound) - SAMPLE_RATE // 2) == []
     assert s.rewound == 0 and s.rewind_pending == pytest.approx(0.4)
+
+
+def pause_blocks_found(sound: np.ndarray) -> set[int]:
+    """The SILENCE_BLOCKs of `sound` (placed on a timeline, all of it taken by the model) that
+    `silent_run` counts as a pause, looking one block on from each."""
+    from server.pauses import SILENCE_BLOCK
+    from server.session import AudioTimeline
+
+    timeline = AudioTimeline(max_ahead_s=30.0, history_s=30.0)
+    timeline.append(sound, "mic")
+    timeline.take_until(len(sound))
+    starts = range(0, len(sound) - SILENCE_BLOCK + 1, SILENCE_BLOCK)
+    return {m // SILENCE_BLOCK for m in starts if timeline.silent_run(m, m + SILENCE_BLOCK)}
+
+
+def test_zeros_for_a_microphone_that_fell_behind_find_pauses_only_in_the_zeros():
+    """Where the microphone's audio did not come in time the timeline holds zeros (0.1 s at each
+    restart): once they are 5 % of the window they pull the noise floor to 0, the safe way: no
+    pause is found over the noise any more, only the zeros themselves, never a block of speech."""
+    from server.pauses import SILENCE_BLOCK, SILENCE_RMS, block_rms, noise_level
+
+    sound, clean = noisy_speech(PAUSED_TEXT, -40.0)
+    sound = sound[: len(sound) // SILENCE_BLOCK * SILENCE_BLOCK]
+    between_sentences = {m // SILENCE_BLOCK for a, b in pauses_in(clean) for m in range(a, b - SILENCE_BLOCK)}
+    assert pause_blocks_found(sound) & between_sentences  # over the noise alone, its floor finds them
+    gappy = sound.copy()
+    for second in range(len(gappy) // SAMPLE_RATE):  # 0.1 s of zeros a second: 10 % of the window
+        gappy[second * SAMPLE_RATE : second * SAMPLE_RATE + SAMPLE_RATE // 10] = 0
+    assert noise_level(block_rms(gappy[: 150 * SILENCE_BLOCK])) == 0  # the floor pulled to 0
+    zeros = set(np.flatnonzero(block_rms(gappy) < SILENCE_RMS))
+    found = pause_blocks_found(gappy)
+    assert found and found <= zeros, sorted(found - zeros)
