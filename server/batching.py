@@ -251,6 +251,14 @@ def phase_group_indices(
     dues: list[float], chunk_seconds: float, window: float = REGROUP_WINDOW
 ) -> list[list[int]]:
     """`phase_groups`, as indices into `dues`, each group in due order from its batch's time."""
+    # (from the config or the sessions' clocks: a negative or NaN window took nothing and looped
+    # forever, a chunk period of 0 divided by it, a negative or infinite one made one group of all)
+    if not (math.isfinite(chunk_seconds) and chunk_seconds > 0):
+        raise ValueError(f"chunk_seconds must be a positive number of seconds, not {chunk_seconds!r}")
+    if not (math.isfinite(window) and window >= 0):
+        raise ValueError(f"the grouping window must be 0 or more seconds, not {window!r}")
+    if not all(math.isfinite(due) for due in dues):
+        raise ValueError(f"due times must be finite, not {dues!r}")
     if not dues:
         return []
     first = min(dues)

@@ -598,3 +598,27 @@ def test_a_starting_session_joins_the_batch_the_worker_makes_of_a_chain_of_pulls
         loop.close()
     assert [len(batch) for _, batch, _ in batches][-3:] == [5, 5, 5]
     assert not any(late for _, _, late in batches)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("dues", "chunk_seconds", "window"),
+    [
+        ([100.0, 100.1], CS, -0.01),  # took nothing: looped forever
+        ([100.0, 100.1], CS, float("nan")),
+        ([100.0, 100.1], CS, float("inf")),
+        ([100.0, 100.1], 0.0, 0.09),  # divided by it
+        ([100.0, 100.1], -CS, 0.09),  # one group of both
+        ([100.0, 100.1], float("inf"), 0.09),
+        ([100.0, 100.1], float("nan"), 0.09),
+        ([100.0, float("nan")], CS, 0.09),
+    ],
+)
+def test_phase_groups_refuse_a_window_chunk_period_or_due_time_out_of_range(dues, chunk_seconds, window):
+    with pytest.raises(ValueError, match="chunk_seconds|window|due times"):
+        phase_groups(dues, chunk_seconds, window)
+
+
+def test_join_schedule_refuses_a_chunk_period_out_of_range():
+    with pytest.raises(ValueError, match="chunk_seconds"):
+        join_schedule(100.0, 0.2, 1, 0.0, [100.1], times(k1=0.03))
