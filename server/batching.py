@@ -37,8 +37,6 @@ DELAY_MARGIN, DELAY_SLACK = 1.3, 0.02  # a playout delay: room for 1.3x a batch'
 SAME_SCHEDULE = 0.005  # seconds: sessions due this close together are on one schedule
 # seconds: a session due this soon after a batch is generated with it, sooner from then on
 # (`pull_into_batch`): two frame periods and a little, for a clock moved by a repeated frame.
-# The batches its pulls make of a lane's sessions are the groups a starting session joins
-# (`join_schedule`) and the capacity counts (`phase_groups`)
 REGROUP_WINDOW = 0.09
 
 
@@ -100,6 +98,11 @@ class Due:
 
     next_due: float
     plays_at: float  # next_due + the session's playout delay
+
+
+def lane_dues(sessions) -> list[Due]:
+    """The sessions' clocks as the planning sees them, each read at once (`Session.due_and_delay`)."""
+    return [Due(next_due, next_due + delay) for next_due, delay in (s.due_and_delay() for s in sessions)]
 
 
 def plan_batch(now: float, sessions: list[Due], ready_time) -> tuple[list[int], float | None]:
@@ -187,11 +190,11 @@ class Schedule:
 
 
 def join_schedule(
-    base: float, delay: float, chunk_index: int, chunk_seconds: float, lane: list[float], batch_time,
-    ready_time=None, headroom: float = 0.85, fixed_delay: bool = False,
+    base: float, delay: float, chunk_index: int, chunk_seconds: float, lane: list[Due], batch_time,
+    ready_time=None, headroom: float = 0.85, fixed_delay: bool = False, max_delay: float = 1.0,
 ) -> Schedule:  # fmt: skip
-    """The schedule of a session starting to stream on a lane whose sessions' next chunks fall
-    due at the times in `lane`: that of the group whose joining costs its viewer least, or as
+    """The schedule of a session starting to stream on a lane whose sessions' clocks are `lane`
+    (`lane_dues`): that of the group whose joining costs its viewer least, or as
     given (`base`, `delay`: the session's own, unaligned schedule) when the lane streams nothing
     or every group's batch would outgrow `headroom` of the chunk period. The cost counts the
     one-time wait for the first frame (`shift`) and the lasting delay alike, so a group due a
@@ -203,32 +206,33 @@ def join_schedule(
     unless `fixed_delay` (the operator set it) or the given one is smaller. The group's sessions
     need it too (`Session.hold_back`).
 
-    A group is what the worker generates as one batch (`phase_groups`), as the capacity counts. By
+    A group is what the worker generates as one batch (`lane_group_indices`, with `max_delay`:
+    `Session.MAX_DELAY`), as the capacity counts. By
     due times 5 ms apart, a session joined one of a batch's sessions as a batch of 2, its delay
     sized for that, while the worker made a batch of 4 of them, and its chunks came late every
     period (test_server_alignment)."""
     ready_time = ready_time or batch_time
     best = Schedule(base, delay)
-    groups = phase_groups(lane, chunk_seconds, REGROUP_WINDOW)
-    for group in groups:
+    for group in lane_group_indices(lane, chunk_seconds, batch_time, ready_time, max_delay):
+        group_due = lane[group[0]].next_due
         expected, ready = batch_time(len(group) + 1), ready_time(len(group) + 1)
         if expected is None or ready is None or expected > headroom * chunk_seconds:
             continue
         joined_delay = delay if fixed_delay else min(delay, playout_delay(ready))
         own_due = base - joined_delay + chunk_index * chunk_seconds
-        shift = (group[0] - own_due) % chunk_seconds
+        shift = (group_due - own_due) % chunk_seconds
         if math.isclose(shift, chunk_seconds, abs_tol=1e-9):
             shift = 0.0
         if best.joins is None or shift + joined_delay < best.base - base + best.delay:
-            best = Schedule(base + shift, joined_delay, group[0])
+            best = Schedule(base + shift, joined_delay, group_due)
     return best
 
 
 def phase_groups(
     dues: list[float], chunk_seconds: float, window: float = REGROUP_WINDOW
 ) -> list[list[float]]:
-    """Due times grouped as the worker batches them: sessions that fall due together, this period
-    or another (one that joined a group falls due with it a period later, the first time).
+    """Due times grouped by `pull_into_batch`'s window alone: sessions that fall due together, this
+    period or another (one that joined a group falls due with it a period later, the first time).
     `window`: how far after a batch's time a due time is still generated with it (REGROUP_WINDOW:
     `pull_into_batch`, which pulls those due after the batch, never before, and generates them
     with it from then on). Only after: taken either side of a group's first, due times 80 ms
@@ -240,7 +244,11 @@ def phase_groups(
     to it. Grouped from the period's start instead, (.28, .30 | .01, .08) were two groups of 2
     where the worker made one batch of 4 (the batch at .01 pulls .08, the one at .28 then both):
     a session joining the .28 pair had its delay sized for 3, and its chunks and the pair's came
-    late (test_server_alignment)."""
+    late (test_server_alignment).
+
+    Where the worker lines batches up, the groups are its batches played out (`lane_group_indices`:
+    `plan_batch`'s holds, the headroom and the most delay count too); this one is for the batches
+    of a worker that does not (`window` SAME_SCHEDULE)."""
     return [[dues[i] for i in group] for group in phase_group_indices(dues, chunk_seconds, window)]
 
 
@@ -284,10 +292,72 @@ def phase_group_indices(
     ]
 
 
-def group_mates(others: list[float], due: float, chunk_seconds: float) -> list[int]:
-    """The indices into `others` of the due times in one phase group with `due`: the sessions the
-    worker generates in one batch with the one due then."""
-    group = next(g for g in phase_group_indices(others + [due], chunk_seconds) if len(others) in g)
+def lane_group_indices(
+    lane: list[Due], chunk_seconds: float, batch_time, ready_time, max_delay: float,
+    periods: int = GROUPING_PERIODS,
+) -> list[list[int]]:  # fmt: skip
+    """The lane's sessions (indices into `lane`) that the worker generates as one batch: its own
+    planning played out on a clock of its own for `periods` chunk periods from the earliest due
+    time, each batch taking `batch_time(k)` (the worker's whole time for it; `ready_time(k)`: to
+    publish it, what `plan_batch` holds by), each session's pulls grown as `Session.generate_sooner`
+    grows them (up to `max_delay`). A group is the sessions whose last batch was one; each in order
+    of its due time around that batch's. Played out with `pull_into_batch`'s window alone (not
+    `plan_batch`'s holds, the headroom or the most delay), the groups of 156 of 300 random lanes
+    were not the worker's batches (test_lane_groups_are_the_batches_the_worker_makes)."""
+    if not (math.isfinite(chunk_seconds) and chunk_seconds > 0):
+        raise ValueError(f"chunk_seconds must be a positive number of seconds, not {chunk_seconds!r}")
+    if not all(math.isfinite(s.next_due) and math.isfinite(s.plays_at) for s in lane):
+        raise ValueError(f"due and play times must be finite, not {lane!r}")
+    if not lane:
+        return []
+    # each session's clock kept as `Session` keeps it (due: base - delay + chunks x period): a
+    # pulled session falls due with its batch's others, and a rounding apart from them it is in
+    # their batch or not (`plan_batch`: due by now); kept otherwise, 1 of 300 random lanes differed
+    dues = [s.next_due for s in lane]
+    delays = [s.plays_at - s.next_due for s in lane]
+    bases, chunks = [s.plays_at for s in lane], [0] * len(lane)
+    now = min(dues)
+    end = now + periods * chunk_seconds
+    batch_times: list[float] = []
+    last_batch = [0] * len(lane)
+    while now < end:
+        sessions = [Due(due, due + delay) for due, delay in zip(dues, delays)]
+        batch, wait = plan_batch(now, sessions, ready_time)
+        if not batch:
+            now += wait
+            continue
+        pulled = []
+        if len(batch) < len(lane):
+            pulled = pull_into_batch(batch, sessions, batch_time, chunk_seconds, max_delay)
+        for i, sooner in pulled:  # as `Session.generate_sooner`: what would grow past the most plays sooner
+            grown = min(delays[i] + sooner, max(delays[i], max_delay))
+            bases[i] -= delays[i] + sooner - grown
+            delays[i] = grown
+        members = batch + [i for i, _ in pulled]
+        for i in members:  # as `Session.finish_chunk`
+            last_batch[i] = len(batch_times)
+            chunks[i] += 1
+            dues[i] = bases[i] - delays[i] + chunks[i] * chunk_seconds
+        batch_times.append(now)
+        now += batch_time(len(members)) or 0.0  # the worker plans again once the batch is done
+
+    def around_its_batch(i: int) -> float:  # its due time less the batch's, within half a period
+        offset = (lane[i].next_due - batch_times[last_batch[i]]) % chunk_seconds
+        return offset - chunk_seconds if offset > chunk_seconds / 2 else offset
+
+    groups: dict[int, list[int]] = {}
+    for i, batch in enumerate(last_batch):
+        groups.setdefault(batch, []).append(i)
+    return [sorted(members, key=lambda i: (around_its_batch(i), i)) for _, members in sorted(groups.items())]
+
+
+def group_mates(
+    others: list[Due], session: Due, chunk_seconds: float, batch_time, ready_time, max_delay: float
+) -> list[int]:
+    """The indices into `others` of the sessions the worker generates in one batch with `session`
+    (`lane_group_indices`)."""
+    groups = lane_group_indices(others + [session], chunk_seconds, batch_time, ready_time, max_delay)
+    group = next(g for g in groups if len(others) in g)
     return [i for i in group if i < len(others)]
 
 

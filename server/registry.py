@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from .batching import group_mates, join_schedule, playout_delay
+from .batching import group_mates, join_schedule, lane_dues, playout_delay
 from .config import ServerConfig
 from .metrics import ServerMetrics
 from .model_host import HostDown
@@ -204,11 +204,11 @@ class SessionRegistry:
         generated with theirs (server/batching.py). The group it joins then makes a bigger batch:
         its sessions whose delay is shorter than that batch needs play that much later from now."""
         lane = self.worker.lane_sessions(session.lane)
-        base = session.base
+        clocks = lane_dues(lane)  # read once: the group is the one its schedule was chosen from
+        base, times = session.base, (self.worker.batch_times.estimate, self.worker.ready_times.estimate)
         schedule = join_schedule(
-            session.base, session.delay, session.chunk_index, session.chunk_seconds, [s.next_due for s in lane],
-            self.worker.batch_times.estimate, self.worker.ready_times.estimate,
-            fixed_delay=self.config.playout_delay_s is not None,
+            session.base, session.delay, session.chunk_index, session.chunk_seconds, clocks, *times,
+            fixed_delay=self.config.playout_delay_s is not None, max_delay=Session.MAX_DELAY,
         )  # fmt: skip
         session.reschedule(schedule.base, schedule.delay)
         if schedule.joins is None:
@@ -216,7 +216,7 @@ class SessionRegistry:
                       session.id, len(lane), session.lane, 1000 * session.delay)  # fmt: skip
             return
         # the group joined: the sessions the worker generates in one batch with it (`join_schedule`)
-        mates = group_mates([s.next_due for s in lane], session.next_due, session.chunk_seconds)
+        mates = group_mates(clocks, lane_dues([session])[0], session.chunk_seconds, *times, Session.MAX_DELAY)
         group = [lane[i] for i in mates]
         log.debug("session %s: joins a group of %d on lane %d, first frame %.0f ms later; playout delay %.0f ms",
                   session.id, len(group), session.lane, 1000 * (schedule.base - base), 1000 * session.delay)  # fmt: skip
@@ -228,7 +228,9 @@ class SessionRegistry:
         come back down to the delay that batch needs (a delay held back for a bigger batch comes
         down when their chunks keep arriving early, `Session._lower_delay_when_early`)."""
         lane = self.worker.lane_sessions(session.lane)
-        mates = group_mates([s.next_due for s in lane], session.next_due, session.chunk_seconds)
+        times = (self.worker.batch_times.estimate, self.worker.ready_times.estimate)
+        leaving = lane_dues([session])[0]
+        mates = group_mates(lane_dues(lane), leaving, session.chunk_seconds, *times, Session.MAX_DELAY)
         group = [lane[i] for i in mates]
         ready = self.worker.ready_times.estimate(len(group))
         if not group or ready is None or self.config.playout_delay_s is not None:

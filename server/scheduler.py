@@ -38,10 +38,11 @@ import time
 from collections import deque
 
 from .batching import (
-    REGROUP_WINDOW,
     SAME_SCHEDULE,
     BatchTimes,
     Due,
+    lane_dues,
+    lane_group_indices,
     phase_groups,
     plan_batch,
     pull_into_batch,
@@ -215,12 +216,18 @@ class InferenceWorker:
             return timed if timed is not None else k * self.chunk_time_ema
 
         room = (0.85 if self.lanes == 1 else 0.7) * chunk_seconds
-        window = REGROUP_WINDOW if self.align_batches else SAME_SCHEDULE
         join_room = 0.85 * chunk_seconds  # join_schedule's headroom
         fits = []
         for lane in range(self.lanes):
-            dues = [s.next_due for s in self.lane_sessions(lane)]
-            groups = [len(group) for group in phase_groups(dues, chunk_seconds, window)]
+            sessions = self.lane_sessions(lane)
+            if self.align_batches:  # the batches the worker will make of them
+                groups = [len(group) for group in lane_group_indices(
+                    lane_dues(sessions), chunk_seconds, self.batch_times.estimate, self.ready_times.estimate,
+                    Session.MAX_DELAY,
+                )]  # fmt: skip
+            else:
+                dues = [s.next_due for s in sessions]
+                groups = [len(group) for group in phase_groups(dues, chunk_seconds, SAME_SCHEDULE)]
             fits.append(sessions_that_fit(groups, batch_seconds, room, join_room, limit, self.align_batches))
         return fits
 

@@ -154,7 +154,8 @@ def test_a_group_session_held_back_for_a_joiner_while_the_worker_pulls_it_sooner
     loop = asyncio.new_event_loop()
     try:
         group, joiner = pausing_session("delay"), Session("joiner", Stream(), loop, 30.0)
-        group.pause_skip = 1  # its second read: the one the held-back seconds are computed from
+        # its third read (the first is the lane's clocks): the one the held-back seconds are computed from
+        group.pause_skip = 2
         group.lane, group.id = 0, "group"
         worker.add(group)
         joined = playout_delay(0.09)  # the batch of two's
