@@ -202,9 +202,11 @@ def join_schedule(
 
     Joining moves `base` later by less than one chunk period; the next chunk (`chunk_index`)
     then falls due with the group's. The delay is the one the grown batch needs to be published
-    (`ready_time(k)`; default `batch_time`, which counts the whole of the worker's time for it),
-    unless `fixed_delay` (the operator set it) or the given one is smaller. The group's sessions
-    need it too (`Session.hold_back`).
+    (`ready_time(k)`; default `batch_time`, which counts the whole of the worker's time for it)
+    after the worker's hold for the group's later sessions (`LaneGroup.held`), unless
+    `fixed_delay` (the operator set it) or the given one is smaller. The group's sessions need it
+    too (`Session.hold_back`). Sized for the batch alone, a session joining a batch held 76 ms and
+    the group's first were late every period (test_server_alignment).
 
     A group is what the worker generates as one batch (`lane_group_indices`, with `max_delay`:
     `Session.MAX_DELAY`), as the capacity counts. By
@@ -213,12 +215,13 @@ def join_schedule(
     period (test_server_alignment)."""
     ready_time = ready_time or batch_time
     best = Schedule(base, delay)
-    for group in lane_group_indices(lane, chunk_seconds, batch_time, ready_time, max_delay):
-        group_due = lane[group[0]].next_due
-        expected, ready = batch_time(len(group) + 1), ready_time(len(group) + 1)
+    for group in lane_groups(lane, chunk_seconds, batch_time, ready_time, max_delay):
+        group_due = lane[group.members[0]].next_due
+        expected, ready = batch_time(len(group.members) + 1), ready_time(len(group.members) + 1)
         if expected is None or ready is None or expected > headroom * chunk_seconds:
             continue
-        joined_delay = delay if fixed_delay else min(delay, playout_delay(ready))
+        # its chunks wait as long as the worker holds the batch for the group's later sessions
+        joined_delay = delay if fixed_delay else min(delay, playout_delay(ready) + group.held)
         own_due = base - joined_delay + chunk_index * chunk_seconds
         shift = (group_due - own_due) % chunk_seconds
         if math.isclose(shift, chunk_seconds, abs_tol=1e-9):
@@ -292,10 +295,29 @@ def phase_group_indices(
     ]
 
 
+@dataclass(frozen=True)
+class LaneGroup:
+    """Sessions the worker generates as one batch (indices into the lane, in order of due time
+    around the batch's), and how long after the first of them falls due it starts the batch
+    (`plan_batch` holds it for the later ones)."""
+
+    members: list[int]
+    held: float
+
+
 def lane_group_indices(
     lane: list[Due], chunk_seconds: float, batch_time, ready_time, max_delay: float,
     periods: int = GROUPING_PERIODS,
 ) -> list[list[int]]:  # fmt: skip
+    """`lane_groups`, their members alone."""
+    groups = lane_groups(lane, chunk_seconds, batch_time, ready_time, max_delay, periods)
+    return [group.members for group in groups]
+
+
+def lane_groups(
+    lane: list[Due], chunk_seconds: float, batch_time, ready_time, max_delay: float,
+    periods: int = GROUPING_PERIODS,
+) -> list[LaneGroup]:  # fmt: skip
     """The lane's sessions (indices into `lane`) that the worker generates as one batch: its own
     planning played out on a clock of its own for `periods` chunk periods from the earliest due
     time, each batch taking `batch_time(k)` (the worker's whole time for it; `ready_time(k)`: to
@@ -346,9 +368,10 @@ def lane_group_indices(
         return offset - chunk_seconds if offset > chunk_seconds / 2 else offset
 
     groups: dict[int, list[int]] = {}
-    for i, batch in enumerate(last_batch):
+    for i, batch in sorted(enumerate(last_batch), key=lambda ib: ib[1]):  # in the order of their batches
         groups.setdefault(batch, []).append(i)
-    return [sorted(members, key=lambda i: (around_its_batch(i), i)) for _, members in sorted(groups.items())]
+    ordered = (sorted(members, key=lambda i: (around_its_batch(i), i)) for members in groups.values())
+    return [LaneGroup(members, max(0.0, -around_its_batch(members[0]))) for members in ordered]
 
 
 def group_mates(

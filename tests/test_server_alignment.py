@@ -574,7 +574,7 @@ def test_a_starting_session_joins_the_batch_the_worker_makes_of_a_chain_of_pulls
     both (due at .33). A session starting to stream at .00 joined the .28 pair as a batch of 3,
     its delay sized for that (0.163 s), and was generated in a batch of 5: it and the .28 one were
     late in two of the four periods. Grouped as the worker batches, it joins the four with the
-    delay a batch of 5 needs (0.215 s), and holds them back to it."""
+    delay a batch of 5 needs (0.215 s) after the worker's 20 ms hold, and holds them back to it."""
     from server.registry import SessionRegistry
     from server.session import Session
 
@@ -596,7 +596,8 @@ def test_a_starting_session_joins_the_batch_the_worker_makes_of_a_chain_of_pulls
         joiner = Session("joiner", Stream(), loop, 30.0)
         joiner.chunk_index = 1  # its first chunk was made at its creation
         registry.start_streaming(joiner, "websocket")
-        assert joiner.delay == pytest.approx(playout_delay(batch_seconds(5)))
+        # what a batch of 5 needs, after the 20 ms the worker holds the .28 one's batch for the .30 one
+        assert joiner.delay == pytest.approx(playout_delay(batch_seconds(5)) + 0.02)
         assert all(s.delay >= joiner.delay for s in lane)
         batches = run_lane(worker, clock, start + 4 * CS, batch_seconds)
     finally:
@@ -691,3 +692,39 @@ def test_lane_groups_are_the_batches_the_worker_makes(monkeypatch):
         if sorted(map(set, played), key=min) != worker:
             differ.append((dues, delays, played, worker))
     assert not differ, (len(differ), differ[:3])
+
+
+def test_a_starting_session_joining_a_batch_the_worker_holds_has_its_delay_cover_the_hold(monkeypatch):
+    """Four sessions due at .03, .078, .16 and .274 of a period (fake clock), their delays sized
+    for batches of 8, 4, 3 and 4. The worker batches the first three at .078, then holds the one
+    at .274 for the first's next chunk (.35) and pulls the other two: a batch of 4 that starts 76
+    ms after its first session falls due. A session starting to stream there joined it with the
+    delay a batch of 5 needs once due (0.231 s), and it and the .274 one were late every period.
+    Its delay (and the group's) covers the hold too, and none is late."""
+    from server.registry import SessionRegistry
+    from server.session import Session
+
+    def batch_seconds(k):
+        return 0.012 + 0.03 * k
+
+    start = 312 * CS  # a period's start (99.84)
+    clock, worker = worker_on_a_fake_clock(monkeypatch, batch_seconds, 8, start)
+    worker.chunk_time_ema = batch_seconds(1)
+    registry = SessionRegistry(server_config(playout_delay_s=None), worker, worker.metrics)
+    loop = asyncio.new_event_loop()
+    try:
+        lane = [Session(f"s{i}", Stream(), loop, 30.0) for i in range(4)]
+        for s, phase, batch in zip(lane, (0.274, 0.03, 0.16, 0.078), (4, 8, 3, 4)):
+            delay = playout_delay(batch_seconds(batch))
+            s.streaming = True
+            s.reschedule(start + phase + delay, delay)
+            worker.add(s)
+        joiner = Session("joiner", Stream(), loop, 30.0)
+        joiner.chunk_index = 1  # its first chunk was made at its creation
+        registry.start_streaming(joiner, "websocket")
+        assert joiner.delay > playout_delay(batch_seconds(5))
+        batches = run_lane(worker, clock, start + 5 * CS, batch_seconds)
+    finally:
+        loop.close()
+    assert any(joiner in batch for _, batch, _ in batches[1:])
+    assert not any(late for _, _, late in batches)
