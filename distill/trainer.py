@@ -34,6 +34,7 @@ from distill.config import (
 )
 from distill.data import data_identity, identity_change
 from distill.distributed import World, average_gradients, barrier, close_world, init_world, mean_across
+from streamgen.folder_lock import ExportLocked
 
 STAGE_MODULES = {
     "autoencoder": "distill.autoencoder",
@@ -299,9 +300,15 @@ class Trainer:
             for up in stage.updaters.values():
                 up.gather()  # sharded modules: a collective, before rank 0 exports
             if world.is_main:
-                stage.export(out / "model")
-                if cfg.run.export:
-                    stage.export(Path(cfg.run.export), name=cfg.run.export_name, compact=True)
+                try:
+                    stage.export(out / "model")
+                    if cfg.run.export:
+                        stage.export(Path(cfg.run.export), name=cfg.run.export_name, compact=True)
+                except ExportLocked as e:  # (another export kept the folder past the wait: a traceback)
+                    raise TrainingError(
+                        f"{e}; the trained weights are in {out}'s last checkpoint: run again with "
+                        "--resume to export them"
+                    ) from None
             barrier(world)
         finally:
             monitor.close()

@@ -12,7 +12,6 @@ files are; the stamp is written through it.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -37,6 +36,7 @@ from streamgen.files import (
     remove_abandoned,
     write_text_atomically,
 )
+from streamgen.folder_lock import one_export_at_a_time
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -215,102 +215,9 @@ class ExportUnderWay(ValueError):
 
 def _written_in_place(path: Path, change: Callable[[], object]) -> None:
     """change() changes the folder `path` in place, under `EXPORT_STAMP`'s states, one export at a
-    time (`_one_export_at_a_time`)."""
-    with _one_export_at_a_time(path) as locked:
+    time (`streamgen.folder_lock`)."""
+    with one_export_at_a_time(path, holder=lambda: _lock_holder(path)) as locked:
         _stamped(path, change, locked)
-
-
-# how long an export into a folder in place waits for another export's lock on it before it gives
-# up (`ExportLocked`): several times what writing the largest model exported here takes (Wan-14B's
-# 56 GB at 100 MB/s, ~10 min), so that only a writer that is stuck (stopped, hung on its disk) is
-# given up on, and a script that exports is told so rather than left waiting for ever
-LOCK_WAIT_S = 30 * 60
-# how often a waiting export says again that it waits, and for whom
-LOCK_WAIT_NOTICE_S = 60.0
-# the first pause between two tries for the lock (doubled each time, to at most 1 s)
-_LOCK_POLL_S = 0.05
-
-
-class ExportLocked(TimeoutError):
-    """An export into a folder in place gave up waiting for another export's lock on it."""
-
-
-@contextlib.contextmanager
-def _one_export_at_a_time(path: Path):
-    """The folder `path` locked (flock) against the other exports into it in place: two of this
-    host that both read the old stamp before either wrote its own each found its own "writing"
-    stamp at some point, and the first to end wrote "done" while the other still renamed its files
-    in (a reader took the mix as whole until that one ended "cut short"). Released by the kernel
-    where the writer dies. Gives whether the lock is held.
-
-    Where another export holds it, this one waits: a WARNING names the holder (the process of the
-    folder's "writing" stamp), again each `LOCK_WAIT_NOTICE_S`; after `LOCK_WAIT_S` it gives up
-    (`ExportLocked`), the folder as it was.
-
-    What is locked is the folder itself (a read-only descriptor of it). Where it cannot be (not
-    POSIX, a system that opens no folder, a file system that refuses the lock: ENOLCK, EOPNOTSUPP)
-    the stamps alone tell (`_stamped`). On NFS, Linux takes a file's flock to the server as a
-    byte-range lock (since 2.6.12), but NFS has no lock of a folder: a folder's flock is the
-    client's own, and keeps out the exports of this host only; those of another host sharing the
-    folder are told apart by the stamps alone."""
-    fd = _folder_locked(path)
-    try:
-        yield fd is not None
-    finally:
-        if fd is not None:
-            os.close(fd)  # (the lock with it)
-
-
-def _folder_locked(path: Path) -> int | None:
-    """A descriptor of the folder `path` that holds its lock, once it is free; None where the
-    folder cannot be locked. (Not a context manager that yields in its except blocks: the caller's
-    error was chained to the lock's.)"""
-    try:
-        import fcntl
-    except ImportError:  # (not POSIX)
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # (a system that opens no folder)
-        return None
-    locked = False
-    try:
-        locked = _wait_for_lock(path, fd, fcntl)
-    finally:
-        if not locked:
-            os.close(fd)
-    return fd if locked else None
-
-
-def _wait_for_lock(path: Path, fd: int, fcntl) -> bool:
-    """Whether the lock on the folder `path` (open as `fd`) is held, tried without blocking until
-    it is free (a blocking flock can neither be given up on nor say whom it waits for); False
-    where the file system refuses it; `ExportLocked` after `LOCK_WAIT_S`."""
-    started, noticed, pause = time.monotonic(), None, _LOCK_POLL_S
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            pass
-        except OSError as e:
-            log.info("%s: cannot be locked (%s); the export stamps alone tell", path, e.strerror)
-            return False
-        now = time.monotonic()
-        if now - started >= LOCK_WAIT_S:
-            raise ExportLocked(
-                f"{path}: gave up after {now - started:.0f} s waiting for another export into it "
-                f"({_lock_holder(path)}), which still holds its lock; the folder is as it was: "
-                "export again once that one is done (or stop it, where it is stuck)"
-            )
-        if noticed is None or now - noticed >= LOCK_WAIT_NOTICE_S:
-            log.warning(
-                "%s: another export into it (%s) holds its lock; this export waits for it "
-                "(%.0f s so far, at most %.0f s)", path, _lock_holder(path), now - started, LOCK_WAIT_S,
-            )  # fmt: skip
-            noticed = now
-        time.sleep(pause)
-        pause = min(pause * 2, 1.0)
 
 
 def _lock_holder(path: Path) -> str:
@@ -328,7 +235,7 @@ def _lock_holder(path: Path) -> str:
 
 def _stamped(path: Path, change: Callable[[], object], locked: bool = False) -> None:
     """change() between this export's "writing" stamp and its last ("done" or "cut short").
-    `locked`: this export holds the folder's lock (`_one_export_at_a_time`)."""
+    `locked`: this export holds the folder's lock (`one_export_at_a_time`)."""
     stamp = {"export": secrets.token_hex(8), "host": HOST_TAG, "pid": os.getpid()}
     before, entries = _stamp_text(path / EXPORT_STAMP), _entries_version(path)
     writing = json.dumps({**stamp, "state": "writing"})

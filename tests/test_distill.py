@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -539,3 +540,32 @@ def test_the_results_table_keeps_each_row_as_it_is_made(tmp_path, monkeypatch, c
     with pytest.raises(SystemExit) as exited:
         results.main(["--render-only", "--out", str(tmp_path / "none"), "--doc", str(tmp_path / "r.md")])
     assert exited.value.code == 2 and "run without --render-only first" in capsys.readouterr().err
+
+
+def test_an_export_that_another_export_keeps_out_is_one_line_and_resume_exports(tmp_path, monkeypatch, capsys):
+    """The final export into `run.export` gives up after `LOCK_WAIT_S` where another export into
+    the folder in place holds its lock (`streamgen.folder_lock`): that was a traceback after the
+    whole run. It is one line that says how to export the trained weights, and --resume does."""
+    import fcntl
+
+    from streamgen import folder_lock, folders
+    from streamgen.cli import main
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "notes.txt").write_text("another export's")
+    monkeypatch.setattr(folders, "exchange", lambda a, b: False)  # (written in place, under the lock)
+    monkeypatch.setattr(folder_lock, "LOCK_WAIT_S", 0.3)
+    argv = ["distill", "teacher", "--config", "debug", "--out", str(tmp_path / "run"), "--steps", "1",
+            "--set", f"run.export={export}"]  # fmt: skip
+    held = os.open(export, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(argv) == 2
+    finally:
+        os.close(held)
+    err = capsys.readouterr().err
+    assert "gave up" in err and "--resume" in err and len(err.strip().splitlines()) == 1, err
+    assert not (export / "model.json").exists()
+    assert main([*argv, "--resume"]) == 0
+    assert (export / "model.json").exists()

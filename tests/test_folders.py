@@ -415,7 +415,7 @@ def test_two_exports_into_a_folder_file_by_file_at_once_are_refused_clearly(tmp_
     """Two exports written into one folder file by file at the same time (no exchange) interleave
     their renames, and the last to finish marked the folder whole: a reader got one export's
     config beside the other's weights. A folder two exports went into at once is refused. (Those
-    of one host wait for each other (`_one_export_at_a_time`); not where the folder cannot be
+    of one host wait for each other (`one_export_at_a_time`); not where the folder cannot be
     locked, a network file system's shared by two hosts, as here.)"""
     import fcntl
 
@@ -630,7 +630,7 @@ def test_an_export_waiting_for_another_exports_lock_names_it_and_gives_up_clearl
     import logging
     import threading
 
-    from streamgen import files, folders
+    from streamgen import files, folder_lock, folders
 
     d = tmp_path / "model"
     d.mkdir()
@@ -639,7 +639,7 @@ def test_an_export_waiting_for_another_exports_lock_names_it_and_gives_up_clearl
     _stamp_of_another_writer(d, files.HOST_TAG, holder)
     stamp = (d / folders.EXPORT_STAMP).read_text()
     monkeypatch.setattr(folders, "exchange", lambda a, b: False)
-    monkeypatch.setattr(folders, "LOCK_WAIT_S", 0.5, raising=False)  # (none before it)
+    monkeypatch.setattr(folder_lock, "LOCK_WAIT_S", 0.5)
     held = os.open(d, os.O_RDONLY)
     fcntl.flock(held, fcntl.LOCK_EX)
     # (without a limit the export would wait for ever: the lock goes, late, so that it fails instead)
