@@ -99,19 +99,22 @@ def weights_digest(source: str) -> str:
     """A fingerprint of the DiT weights `load_dit(source)` reads: their files' bytes (a model
     retrained or replaced at the same path has another). `load_frozen_and_digest` gives the
     same one for the weights it loads."""
-    if source.startswith("wan:"):
-        from streamgen.model.wan import transformer_dir, weight_files
+    try:
+        if source.startswith("wan:"):
+            from streamgen.model.wan import transformer_dir, weight_files
 
-        # the files load_pretrained reads (a pipeline folder's are in transformer/)
-        files = weight_files(transformer_dir(source[4:]))
-    else:
-        files = [_model_dir(source) / "dit.safetensors"]
-    h = hashlib.sha1()
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as stream:
-            while block := stream.read(1 << 24):
-                h.update(block)
+            # the files load_pretrained reads (a pipeline folder's are in transformer/)
+            files = weight_files(transformer_dir(source[4:]))
+        else:
+            files = [_model_dir(source) / "dit.safetensors"]
+        h = hashlib.sha1()
+        for f in files:
+            h.update(f.name.encode())
+            with open(f, "rb") as stream:
+                while block := stream.read(1 << 24):
+                    h.update(block)
+    except (OSError, ValueError) as e:  # (as `_read_dit`'s: the folder changed since it was loaded)
+        raise ModelSourceError(f"cannot read the weights of {source}: {e}") from None
     return h.hexdigest()[:16]
 
 

@@ -358,6 +358,41 @@ def test_a_wan_index_whose_weight_map_names_no_file_is_named_in_one_line(tmp_pat
     assert says in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("where", ["parent", "absolute", "subfolder", "backslash", "dotdot"])
+def test_a_wan_index_naming_a_shard_outside_its_folder_is_refused(tmp_path, where):
+    """The shards' index names its shards by file name, beside it. A path in its weight_map
+    ("../x.safetensors", an absolute one) was joined to the folder as it was: the weights of a
+    file outside the model's folder were read as the model's (here a copy of its own shard, which
+    loaded). Such an index is refused, naming it and the weight."""
+    import shutil
+
+    from distill.build import ModelSourceError, load_dit, weights_digest
+
+    folder = tmp_path / "wan"
+    tiny_wan(3).save_pretrained(folder, safe_serialization=True, max_shard_size="20KB")
+    index = next(folder.glob("*.index.json"))
+    content = json.loads(index.read_text())
+    weight = sorted(content["weight_map"])[1]
+    shard = folder / content["weight_map"][weight]
+    (tmp_path / "sub").mkdir()
+    outside = {"parent": tmp_path / shard.name, "absolute": tmp_path / "sub" / shard.name,
+               "subfolder": folder / "sub" / shard.name}  # fmt: skip
+    named = {"parent": f"../{shard.name}", "absolute": str(outside["absolute"]),
+             "subfolder": f"sub/{shard.name}", "backslash": f"sub\\{shard.name}", "dotdot": ".."}[where]  # fmt: skip
+    if where in outside:
+        outside[where].parent.mkdir(exist_ok=True)
+        shutil.copy(shard, outside[where])
+    content["weight_map"] = {w: named if s == shard.name else s for w, s in content["weight_map"].items()}
+    index.write_text(json.dumps(content))
+    first = sorted(w for w, s in content["weight_map"].items() if s == named)[0]
+    says = f"{index}: its weight_map's {first!r} is {named!r}, not a file name"
+    with pytest.raises(ModelSourceError, match=re.escape(says)):
+        load_dit(f"wan:{folder}")
+    # (the digest a run keeps of its teacher reads the same files: told alike, not a ValueError)
+    with pytest.raises(ModelSourceError, match=re.escape(says)):
+        weights_digest(f"wan:{folder}")
+
+
 @pytest.mark.parametrize(
     "key, value, says",
     [

@@ -179,6 +179,14 @@ def transformer_dir(path) -> Path:
     return d / "transformer" if (d / "transformer" / "config.json").exists() else d
 
 
+def _is_plain_file_name(name) -> bool:
+    """Whether `name` names a file of the folder it is read in: no path (either separator), not
+    the folder or its parent."""
+    return (
+        isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name and "\\" not in name
+    )
+
+
 def weight_files(d: Path) -> list[Path]:
     """The .safetensors files of the transformer folder `d` (an index's shards where it has one)."""
     from streamgen.model.files import read_json
@@ -189,8 +197,9 @@ def weight_files(d: Path) -> list[Path]:
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index[0]}: its weight_map is not a JSON object")
         for weight, shard in weight_map.items():
-            # (a number or a list was a TypeError from sorting the names, naming neither; "" the folder)
-            if not isinstance(shard, str) or not shard:
+            # (a number or a list was a TypeError from sorting the names, naming neither; "" the
+            # folder; a path, "../x" or "/x", a file outside the folder read as the model's)
+            if not _is_plain_file_name(shard):
                 raise ValueError(f"{index[0]}: its weight_map's {weight!r} is {shard!r}, not a file name")
         shards = sorted(set(weight_map.values()))
         files = [d / s for s in shards]
