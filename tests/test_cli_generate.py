@@ -59,6 +59,9 @@ def test_bad_files_give_one_clear_line_and_nonzero_exit(tmp_path, make_bad, flag
         (lambda tmp: tmp, "is a directory; give the file to write"),  # found only after the stream, before
         (lambda tmp: tmp / "missing" / "x.mp4", "output directory does not exist"),
         (lambda tmp: "/proc/x.mp4", "cannot write /proc/x.mp4"),  # a folder no file can be made in
+        # (an MP4 was written under the name: a player that goes by the name took it for another kind)
+        (lambda tmp: tmp / "avatar.webm", "avatar.webm: generate writes MP4 (H.264 + AAC); name it .mp4"),
+        (lambda tmp: tmp / "avatar.GIF", "avatar.GIF: generate writes MP4"),
     ],
 )
 def test_an_output_that_cannot_be_written_is_refused_before_generating(tmp_path, out, says, capsys):

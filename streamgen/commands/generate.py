@@ -10,6 +10,9 @@ from streamgen.files import new_file_beside
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
+# the names an MP4 (H.264 + AAC) goes by
+MP4_SUFFIXES = (".mp4", ".m4v", ".mov")
+
 
 def add_arguments(p) -> None:
     p.add_argument("--audio", default=str(ASSETS / "sample_speech.wav"), help="speech audio, any format/rate")
@@ -80,6 +83,9 @@ def run(args) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give the file to write, e.g. {out / 'avatar.mp4'}")
+    if out.suffix and out.suffix.lower() not in MP4_SUFFIXES:  # (/dev/null, a name without one: as given)
+        # an MP4 under another kind's name: a player or browser that goes by the name refused it
+        raise UserError(f"--out {out}: generate writes MP4 (H.264 + AAC); name it .mp4 (or .m4v, .mov)")
     try:
         out = output_path(out)
     except MediaError as e:
