@@ -138,6 +138,37 @@ def test_cli_make_preview_and_errors(tmp_path, capsys):
     assert "no manifest.json" in capsys.readouterr().err
 
 
+def test_a_dataset_that_cannot_be_written_is_one_line_and_leaves_no_shard(tmp_path, capsys, monkeypatch):
+    """A --out no folder can be made in (/proc) and a disk that fills while the shards are written
+    were tracebacks (FileNotFoundError from mkdir; the OSError of the shard's write, after the
+    clean-up). Each is one line naming the folder, and no shard is left to pass for a finished one."""
+    import errno
+
+    from streamgen.data import shards
+
+    argv = ["data", "make", "--clips", "3", "--size", "32", "--seconds", "0.4", "--workers", "1",
+            "--identities", "20"]  # fmt: skip
+    assert main([*argv, "--out", "/proc/streamgen-data"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (  # (after the progress bar's lines)
+        "streamgen data: error: cannot write the dataset into /proc/streamgen-data: No such file or directory"
+    )
+    written = shards._write_shard
+
+    def fills_the_disk(path, clips):
+        if path.parent.name == "val":  # (after the train shards are written)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written(path, clips)
+
+    monkeypatch.setattr(shards, "_write_shard", fills_the_disk)
+    out = tmp_path / "ds"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the dataset into {out}: No space left on device" in err and "Traceback" not in err
+    assert not list(out.rglob("*.npz")) and not (out / "manifest.json").exists()
+
+
 @pytest.mark.parametrize(
     "argv, says",
     [

@@ -136,12 +136,13 @@ def make_dataset(
     plan = plan_shards(n_clips, shard_size)
     jobs = []
     for split, shards in plan.items():
-        (out / split).mkdir(parents=True, exist_ok=True)
         for k, indices in enumerate(shards):
             path = out / split / f"shard-{k:05d}.npz"
             jobs.append((seed, indices, split, str(path), height, width, seconds, n_identities))
     written: list[dict] = []
     try:
+        for split in plan:
+            (out / split).mkdir(parents=True, exist_ok=True)
         if workers <= 1:
             for job in jobs:
                 written.append(_make_shard(job))
@@ -153,11 +154,13 @@ def make_dataset(
                 for info in pool.imap_unordered(_make_shard, jobs):
                     written.append(info)
                     progress and progress(info["clips"])
-    except BaseException:
+    except BaseException as e:
         for job in jobs:  # leave nothing that could pass for a finished shard
             # (and no temp file of a pool's worker that was ended before it could remove its own)
             for p in (Path(job[3]), *temp_files_beside(job[3])):
                 p.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # (a folder that cannot be made, a full disk: the user's to fix)
+            raise DataError(f"cannot write the dataset into {out}: {e.strerror or e}") from None
         raise
     manifest = {
         "format": FORMAT,
