@@ -230,7 +230,10 @@ def _check_writable(folder: Path, key: str, make: bool) -> None:
     if problem:
         raise TrainingError(f"{key} {problem}")
     if make:
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # (a folder no folder can be made in, a read-only disk)
+            raise TrainingError(f"{key}: cannot make {folder}: {e.strerror}") from None
 
 
 def build_stage(cfg: TrainConfig, world: World):

@@ -505,6 +505,7 @@ def test_a_resumed_ema_lives_where_its_module_does():
         (["--set", "model.overrides.num_layers=0"], "num_layers must be at least 1, not 0"),
         (["--out", "{file}/x"], "a file is in its way ({file})"),
         (["--set", "run.export={file}"], "run.export {file} is a file, not a folder"),  # was: after training
+        (["--out", "/proc/streamgen-run"], "run.out: cannot make /proc/streamgen-run: No such file"),  # (a traceback)
     ],
 )
 def test_a_config_the_stage_cannot_take_is_one_line_before_training(tmp_path, extra, says, capsys):
