@@ -94,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_sessions < 1:
         raise UserError("--max-sessions must be at least 1")
+    if args.token is not None and not re.fullmatch(r"[!-~]+", args.token):
+        # ("" from an unset variable counts as no token in a request: nothing could be created)
+        raise UserError(f"--token {args.token!r}: a token is one or more printable ASCII characters, "
+                        "no spaces (it is sent in 'Authorization: Bearer'); leave --token out for none")  # fmt: skip
     if not _model_exists(args.model):
         raise UserError(f"unknown model {args.model!r}: not a model directory or a known flavor")
     if not 0 < args.port < 65536:

@@ -206,6 +206,25 @@ def test_server_token():
             ws.send_text('{"type": "stop"}')
 
 
+@pytest.mark.parametrize("token", ["", " sekrit", "se krit", "sekr\u00eft", "sekrit\n"])
+def test_a_server_token_no_request_can_carry_is_refused_at_start(token, capsys, monkeypatch):
+    """`--token ""` (an unset variable: `--token "$TOKEN"`) started a server no session could be
+    made on: an empty bearer counts as none (401 for every request), and a token with white space
+    or a character outside ASCII cannot be sent in `Authorization: Bearer` as it is. Refused in
+    one line before the model loads."""
+    import uvicorn
+
+    from streamgen.cli import main
+
+    def serve(*args, **kwargs):  # (it would serve until stopped)
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn, "run", serve)
+    assert main(["serve", "--model", "debug", "--token", token]) == 2
+    err = capsys.readouterr().err
+    assert "--token" in err and "printable ASCII" in err and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize(
     "sdp, content_type, status",
     [
