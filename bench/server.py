@@ -123,7 +123,13 @@ async def _wait_ready(http, proc, timeout=300.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("server exited: " + proc.stderr.read().decode(errors="replace")[-2000:])
+            said = proc.stderr.read().decode(errors="replace")
+            if proc.returncode == 2:  # serve refused its options (--against-args): the user's to fix
+                from streamgen.cli import UserError
+
+                last = [line for line in said.splitlines() if line.strip()][-1:]
+                raise UserError(f"the server would not start: {last[0] if last else 'exit 2'}")
+            raise RuntimeError("server exited: " + said[-2000:])
         try:
             r = await http.get("/readyz")
             if r.status_code == 200:
@@ -533,6 +539,14 @@ def _realtime(per_n: dict, seconds: float) -> int:
 
 def main(args: argparse.Namespace) -> dict:
     """`streamgen bench server`: the measured figures as one dict."""
+    from streamgen.cli import UserError
+    from streamgen.models import require_model
+
+    try:  # (a server that will not start was a RuntimeError with its stderr, after the other's probes)
+        for model in filter(None, (args.model, args.against)):
+            require_model(model)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
     return asyncio.run(_bench(args))
 
 

@@ -153,3 +153,16 @@ async def test_against_args_serve_the_same_model_another_way(monkeypatch):
     own, other = started
     assert own[own.index("--model") + 1] == other[other.index("--model") + 1] == "tiny-avatar"
     assert "--ws-compression" not in own and other[-3:] == ["--ws-compression", "--lanes", "2"]
+
+
+def test_serve_options_the_server_refuses_are_one_line(capsys):
+    """`--against-args` that `streamgen serve` refuses (it exits 2 with its usage line) were a
+    RuntimeError traceback carrying the server's whole stderr; they are one line with its reason."""
+    from streamgen.cli import main
+
+    argv = ["bench", "server", "--json", "--model", "debug", "--max-probe", "1", "--seconds", "0.5",
+            "--against-args=--no-such-option"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "the server would not start" in err and "unrecognized arguments: --no-such-option" in err, err

@@ -489,6 +489,11 @@ def test_a_frame_size_that_cannot_be_generated_is_refused_in_one_line(argv, says
         (["bench", "fp8", "--plot", "."], "--plot . is a directory"),
         (["bench", "engine", "--model", "nonexistent"], "unknown model 'nonexistent'"),
         (["bench", "decoder", "--against", "nonexistent"], "unknown model 'nonexistent'"),
+        # (a folder there in which no file can be made: os.access said yes to root)
+        (["bench", "engine", "--plot", "/proc/x.png"], "--plot: cannot write /proc/x.png"),
+        (["bench", "decoder", "--plot", "/proc/x.png"], "--plot: cannot write /proc/x.png"),
+        (["bench", "server", "--against", "nonexistent"], "unknown model 'nonexistent'"),
+        (["bench", "server", "--model", "nonexistent"], "unknown model 'nonexistent'"),
     ],
 )
 def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, capsys, monkeypatch):
@@ -497,12 +502,14 @@ def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, cap
     import bench.decoder
     import bench.engine
     import bench.fp8
+    import bench.server
 
     def measured(*args, **kwargs):
         raise AssertionError("the benchmark ran")
 
     for module in (bench.engine, bench.decoder, bench.fp8):
         monkeypatch.setattr(module, "run", measured)
+    monkeypatch.setattr(bench.server, "_bench", measured)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1, err

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 from pathlib import Path
 
 BENCHMARKS = {
@@ -58,8 +57,12 @@ def _check_plot(path, UserError) -> None:
         raise UserError(f"--plot {plot} is a directory; give the PNG to write, e.g. {plot / 'plot.png'}")
     if not folder.is_dir():
         raise UserError(f"--plot: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"--plot: cannot write in {folder}")
+    from streamgen.files import new_file_beside
+
+    try:  # (a file made and removed: os.access says yes to root where none can be made, as in /proc)
+        new_file_beside(plot).unlink()
+    except OSError as e:
+        raise UserError(f"--plot: cannot write {plot}: {e.strerror}") from None
 
 
 def run(args) -> int:
