@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import time
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
@@ -48,13 +47,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from bench.ceilings import H200_COPY_GBPS, H200_MATMUL_TFLOPS, measure_ceilings
 from streamgen.cli import frame_size
 from streamgen.model.audio import VIDEO_FPS
 from streamgen.model.model import DiT
 from streamgen.stream import StreamSession
 
-H200_MATMUL_TFLOPS = 790.0  # KINDS.md: bf16 8192^3 on random data, two machines, 2026-10-28 and 11-04
-H200_COPY_GBPS = 4300.0  # KINDS.md: device-to-device copy, bytes read + written
 TARGET_FPS = 34  # issue 6: wan2.1-1.3b, 832x480, 4 steps on one H200
 # Self-Forcing's published 17 FPS is the rate of a fresh 81-frame clip (21 latent frames, Wan's
 # length): its cache grows from nothing and never evicts, so its chunks attend to 12 latent
@@ -329,59 +327,6 @@ def summed_work(works: list) -> dict:
 def flops_by_kind(stages: dict) -> dict:
     """TFLOP per chunk in matrix products (linear layers), attention and convolutions."""
     return {kind: sum(w["tflop_by_kind"][kind] for w in stages.values()) for kind in _KINDS}
-
-
-def synchronize(device):
-    """A function that waits for `device`'s queued work (nothing to wait for off CUDA)."""
-    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-
-
-def measure_ceilings(device, dtypes, repeats: int = 10, float8: bool = False) -> dict:
-    """This device's matrix rate (one large product on random data, in the fastest of `dtypes`:
-    the floor is a bound for any of them) and copy bandwidth (bytes read + written); with
-    `float8`, also the rate of e4m3 products with row-wise scales (`reference.fp8_matmul`)."""
-    dev = torch.device(device)
-    cuda = dev.type == "cuda"
-    sync = synchronize(device)
-    n = 8192 if cuda else 1024
-
-    def median_seconds(fn):
-        for _ in range(3):
-            fn()
-        sync()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t)
-        return float(np.median(times))
-
-    rates = {}
-    for dtype in dict.fromkeys(dtypes):
-        a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
-        rates[str(dtype).removeprefix("torch.")] = 2 * n**3 / median_seconds(lambda a=a, b=b: a @ b) / 1e12
-    src = torch.empty((2 << 30) if cuda else (256 << 20), dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    copy_s = median_seconds(lambda: dst.copy_(src))
-    ceilings = {
-        "matmul_tflop_per_s": max(rates.values()),
-        "matmul_tflop_per_s_by_dtype": rates,
-        "copy_gb_per_s": 2 * src.numel() / copy_s / 1e9,
-        "source": f"measured: {n}^3 products, {src.numel() >> 20} MiB copy, medians of {repeats}",
-    }
-    if float8:
-        from streamgen.kernels.reference import FP8_DTYPE, fp8_matmul
-
-        a, b = (torch.randn(n, n, device=dev).to(FP8_DTYPE) for _ in range(2))
-        sa, sb = torch.ones(n, 1, device=dev), torch.ones(1, n, device=dev)
-        out = torch.bfloat16 if cuda else torch.float32
-        try:  # said, not raised: the other ceilings stand without it (the floor then has no FP8 rate)
-            seconds = median_seconds(lambda: fp8_matmul(a, sa, b, sb, None, out))
-            ceilings["matmul_tflop_per_s_float8"] = 2 * n**3 / seconds / 1e12
-        except Exception as e:
-            ceilings["float8_error"] = f"{type(e).__name__}: {e}"[:300]
-    return ceilings
 
 
 def rounded(x, digits=3):

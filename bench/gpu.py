@@ -65,6 +65,7 @@ import traceback
 import numpy as np
 import torch
 
+from bench import ceilings as device_ceilings
 from bench import floor, gpu_variants, stage_timing, variant_floor
 from bench.gpu_plot import plot
 from streamgen.files import write_text_atomically
@@ -144,7 +145,7 @@ def stream_speed(
         if prepare is not None:
             prepare(session)
 
-    sync = floor.synchronize(device)
+    sync = device_ceilings.synchronize(device)
     cuda = torch.device(device).type == "cuda"
     if cuda:  # this variant's peak, not the run's (the ceilings' copy buffers, earlier variants)
         torch.cuda.reset_peak_memory_stats(device)
@@ -371,7 +372,7 @@ def run(
     # ceilings of the floor below
     fp8 = dev.type == "cpu" or torch.cuda.get_device_capability(dev) >= (8, 9)
     try:  # a failure here (a first FP8 product on this GPU) must not cost the variants
-        result["ceilings"] = floor.rounded(floor.measure_ceilings(device, [dtype], float8=fp8))
+        result["ceilings"] = floor.rounded(device_ceilings.measure_ceilings(device, [dtype], float8=fp8))
     except Exception as e:
         result["ceilings"] = {"error": f"{type(e).__name__}: {e}"[:400]}
     write_partial(result, out)

@@ -10,7 +10,8 @@ import time
 import numpy as np
 import torch
 
-from bench.floor import TARGET_FPS, report, rounded, synchronize
+from bench.ceilings import synchronize
+from bench.floor import TARGET_FPS, report, rounded
 from streamgen.stream import CHUNK_STAGES, StreamSession
 
 

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from bench.floor import synchronize
+from bench.ceilings import synchronize
 
 _PLAIN_DECODER = {
     "frames_per_call": 1, "fused_norms": False, "pad_in_conv": False, "channels_last": False,

@@ -9,6 +9,7 @@ import torch
 from cli_helpers import streamgen
 from torch import nn
 
+from bench import ceilings as device_ceilings
 from bench import floor, gpu, stage_timing
 from streamgen.stream import CHUNK_STAGES, StreamSession
 
@@ -276,7 +277,7 @@ def test_a_variant_decoding_beside_its_reencode_gets_their_floor_at_once():
 
 
 def test_measured_ceilings_are_positive_rates():
-    ceilings = floor.measure_ceilings("cpu", [torch.float32, torch.bfloat16], repeats=2)
+    ceilings = device_ceilings.measure_ceilings("cpu", [torch.float32, torch.bfloat16], repeats=2)
     by_dtype = ceilings["matmul_tflop_per_s_by_dtype"]
     assert set(by_dtype) == {"float32", "bfloat16"} and min(by_dtype.values()) > 0
     assert ceilings["matmul_tflop_per_s"] == max(by_dtype.values()) and ceilings["copy_gb_per_s"] > 0
@@ -395,7 +396,7 @@ def test_command_line_for_wan_counts_on_the_meta_device():
     assert (result["model"], result["counted_on"], result["dtype"]) == ("wan2.1-1.3b", "meta", "bfloat16")
     assert result["blocks_counted"] == [1, 2]  # and extrapolated to its 30 (test above)
     assert result["window_frames"] == 3 and result["target_fps"] == floor.TARGET_FPS
-    assert result["ceilings"]["matmul_tflop_per_s"] == floor.H200_MATMUL_TFLOPS
+    assert result["ceilings"]["matmul_tflop_per_s"] == device_ceilings.H200_MATMUL_TFLOPS
     assert result["floor"]["clip"]["frames"] == 9 and result["floor"]["clip"]["chunks"] == 1
     steady = result["work"]["steady_chunk"]
     assert steady["frames"] == 12 and steady["stages"]["denoise"]["tflop_by_kind"]["attention"] > 0
@@ -432,7 +433,7 @@ def test_command_line_with_fp8_linears_or_attention_counts_their_products_at_the
             split = part["stages"][stage]["tflop_by_kind"]
             assert split["fp8_attention"] == pytest.approx(split["attention"], rel=1e-3)
     for r in (fp8, fp8_qk):
-        assert r["ceilings"]["matmul_tflop_per_s_float8"] == 2 * floor.H200_MATMUL_TFLOPS
+        assert r["ceilings"]["matmul_tflop_per_s_float8"] == 2 * device_ceilings.H200_MATMUL_TFLOPS
     # (the debug model's attention is too small to move its floor, which its memory bounds)
     assert fp8["fps_ceiling"] > plain["fps_ceiling"]
 

@@ -123,12 +123,12 @@ def test_a_sticky_cuda_error_keeps_the_variants_error_and_the_run_going(tmp_path
 
 @pytest.mark.slow
 def test_a_failing_ceiling_measurement_costs_no_variant(tmp_path, monkeypatch):
-    from bench import floor
+    from bench import ceilings
 
     def fails(*args, **kwargs):
         raise RuntimeError("no FP8 product here")
 
-    monkeypatch.setattr(floor, "measure_ceilings", fails)
+    monkeypatch.setattr(ceilings, "measure_ceilings", fails)
     out = str(tmp_path / "r.json")
     result = gpu.run("cpu", quick=True, chunks=1, backends=("sdpa",), kernel_bench=False,
                      only={"sdpa+fused_kernels"}, out=out)  # fmt: skip
@@ -489,7 +489,7 @@ def test_the_clip_rate_waits_for_the_work_its_last_chunk_left_queued(monkeypatch
     next chunk pays: fps_clip left the clip's last tail out (2-3% fast with the tiny decoder)."""
     model = gpu.build_model("wan2.1-1.3b", 64, 96, "cpu", torch.float32, quick=True, backend="sdpa")
     events = []
-    monkeypatch.setattr(gpu.floor, "synchronize", lambda device: lambda: events.append("sync"))
+    monkeypatch.setattr(gpu.device_ceilings, "synchronize", lambda device: lambda: events.append("sync"))
     next_chunk = StreamSession.next_chunk
 
     def recorded(self, *args, **kwargs):

@@ -188,7 +188,7 @@ def test_an_interrupted_run_leaves_valid_json_with_its_parts_beside_the_variants
         "sdpa+fused_kernels, fp8 linears": interrupted,
         "never started": lambda: pytest.fail("ran after the interrupt"),
     }
-    monkeypatch.setattr(gpu.floor, "measure_ceilings", lambda *args, **kwargs: {"copy_gb_per_s": 1.0})
+    monkeypatch.setattr(gpu.device_ceilings, "measure_ceilings", lambda *args, **kwargs: {"copy_gb_per_s": 1.0})
     model = SimpleNamespace(cfg=SimpleNamespace(window_frames=6))
     monkeypatch.setattr(gpu, "build_model", lambda *args: model)
     monkeypatch.setattr(gpu, "variant_plan", lambda *args, **kwargs: plan)
