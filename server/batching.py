@@ -133,7 +133,7 @@ def plan_batch(now: float, sessions: list[Due], ready_time) -> tuple[list[int], 
 
 def pull_into_batch(
     batch: list[int], sessions: list[Due], batch_time, chunk_seconds: float, max_delay: float,
-    headroom: float = 0.85,
+    headroom: float = 0.85, ready_time=None, now: float | None = None,
 ) -> list[tuple[int, float]]:  # fmt: skip
     """The sessions not in `batch` (indices into `sessions`) to generate with it now although their
     chunks fall due up to REGROUP_WINDOW after the batch's, each with how much sooner: from then on
@@ -151,9 +151,16 @@ def pull_into_batch(
     is skipped; left out, one near its most ran a batch of its own every period with a 0.64 s
     period, and with 0.32 s beside a group at the floor of a batch of its own (too short to hold
     the batch); where the group's delay allows, its batch waits, skipping nothing
-    (test_server_alignment)."""
+    (test_server_alignment).
+
+    With `ready_time` (what publishing a batch of k takes) and `now`, none is pulled that makes a
+    batch that was to be published in time late for its first play time (or the pulled one's):
+    `plan_batch` holds a batch for a later session only while the grown batch is in time, but the
+    pulls grew it past that, and on random lanes its sessions came late (test_server_alignment)."""
     due = max(sessions[i].next_due for i in batch)
-    next_plays_at = min(sessions[i].plays_at for i in batch) + chunk_seconds  # the batch's next chunks
+    starts = due if now is None else max(now, due)
+    first_play = min(sessions[i].plays_at for i in batch)
+    next_plays_at = first_play + chunk_seconds  # the batch's next chunks
     taken = set(batch)
     pulled: list[tuple[int, float]] = []
     for i in sorted(range(len(sessions)), key=lambda i: sessions[i].next_due):
@@ -165,6 +172,9 @@ def pull_into_batch(
         expected = batch_time(len(batch) + len(pulled) + 1)
         if expected is None or expected > headroom * chunk_seconds:
             break
+        if ready_time is not None and _pull_makes_late(ready_time, len(batch) + len(pulled), starts,
+                                                       min(first_play, s.plays_at)):  # fmt: skip
+            continue
         # (`plan_batch` holds that batch for it only while the group's play times allow it too)
         waits_until = due + chunk_seconds + HOLD_MARGIN * expected
         if s.plays_at - due > max_delay and waits_until <= min(s.plays_at, next_plays_at):
@@ -229,6 +239,16 @@ def join_schedule(
         if best.joins is None or shift + joined_delay < best.base - base + best.delay:
             best = Schedule(base + shift, joined_delay, group_due)
     return best
+
+
+def _pull_makes_late(ready_time, size: int, starts: float, plays_at: float) -> bool:
+    """Whether a batch of `size` started at `starts`, published by `plays_at`, is not once grown
+    by one. (A batch that is late already may grow: skipping the pull leaves the session a batch
+    of its own, which costs the lane a pass.)"""
+    grown, before = ready_time(size + 1), ready_time(size)
+    if grown is None or before is None:
+        return False
+    return starts + before <= plays_at < starts + grown
 
 
 def phase_groups(
@@ -350,7 +370,8 @@ def lane_groups(
             continue
         pulled = []
         if len(batch) < len(lane):
-            pulled = pull_into_batch(batch, sessions, batch_time, chunk_seconds, max_delay)
+            pulled = pull_into_batch(batch, sessions, batch_time, chunk_seconds, max_delay,
+                                     ready_time=ready_time, now=now)  # fmt: skip
         for i, sooner in pulled:  # as `Session.generate_sooner`: what would grow past the most plays sooner
             grown = min(delays[i] + sooner, max(delays[i], max_delay))
             bases[i] -= delays[i] + sooner - grown

@@ -257,7 +257,7 @@ class InferenceWorker:
         pulled = []
         if len(batch) < len(live):
             pulled = pull_into_batch(batch, dues, self.batch_times.estimate, live[0].chunk_seconds,
-                                    Session.MAX_DELAY)  # fmt: skip
+                                    Session.MAX_DELAY, ready_time=self.ready_times.estimate, now=now)  # fmt: skip
         for i, sooner in pulled:
             live[i].generate_sooner(sooner)
         return None, [live[i] for i in batch + [i for i, _ in pulled]], 0.0

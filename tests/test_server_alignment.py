@@ -2,6 +2,7 @@
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 
 import numpy as np
@@ -567,42 +568,61 @@ def test_a_starting_session_joins_the_batch_the_worker_makes_of_sessions_due_clo
     assert not any(late for _, _, late in batches)
 
 
-def test_a_starting_session_joins_the_batch_the_worker_makes_of_a_chain_of_pulls(monkeypatch):
-    """Four sessions due apart in the period (fake clock): .28 and .30, .01 and .08, their delays
-    sized for the pairs. Grouped from the period's start they are two pairs, but the worker makes
-    one batch of them: the batch at .01 pulls the one at .08, and the batch at .28 then pulls
-    both (due at .33). A session starting to stream at .00 joined the .28 pair as a batch of 3,
-    its delay sized for that (0.163 s), and was generated in a batch of 5: it and the .28 one were
-    late in two of the four periods. Grouped as the worker batches, it joins the four with the
-    delay a batch of 5 needs (0.215 s) after the worker's 20 ms hold, and holds them back to it."""
+@contextlib.contextmanager
+def a_lane_and_a_joiner(monkeypatch, batch_seconds, phases, delays):
+    """A worker on a fake clock at a period's start (99.84) with sessions due at these phases of
+    the period with these delays, and a session started on the lane there by
+    `SessionRegistry.start_streaming`: (the period's start, the clock, the worker, the lane's
+    sessions, the joiner)."""
     from server.registry import SessionRegistry
     from server.session import Session
 
-    def batch_seconds(k):
-        return 0.05 + 0.02 * k
-
-    start = 312 * CS  # a period's start (99.84)
+    start = 312 * CS
     clock, worker = worker_on_a_fake_clock(monkeypatch, batch_seconds, 8, start)
     worker.chunk_time_ema = batch_seconds(1)
     registry = SessionRegistry(server_config(playout_delay_s=None), worker, worker.metrics)
     loop = asyncio.new_event_loop()
     try:
-        lane = [Session(f"s{i}", Stream(), loop, 30.0) for i in range(4)]
-        delay = playout_delay(batch_seconds(2))
-        for s, phase in zip(lane, (0.28, 0.30, 0.01, 0.08)):
+        lane = [Session(f"s{i}", Stream(), loop, 30.0) for i in range(len(phases))]
+        for s, phase, delay in zip(lane, phases, delays):
             s.streaming = True
             s.reschedule(start + phase + delay, delay)
             worker.add(s)
         joiner = Session("joiner", Stream(), loop, 30.0)
         joiner.chunk_index = 1  # its first chunk was made at its creation
         registry.start_streaming(joiner, "websocket")
-        # what a batch of 5 needs, after the 20 ms the worker holds the .28 one's batch for the .30 one
-        assert joiner.delay == pytest.approx(playout_delay(batch_seconds(5)) + 0.02)
-        assert all(s.delay >= joiner.delay for s in lane)
-        batches = run_lane(worker, clock, start + 4 * CS, batch_seconds)
+        yield start, clock, worker, lane, joiner
     finally:
         loop.close()
-    assert [len(batch) for _, batch, _ in batches][-3:] == [5, 5, 5]
+
+
+def joiners_batches(batches, joiner) -> list[set[str]]:
+    """The sessions generated with `joiner`, batch by batch (`run_lane`'s batches)."""
+    return [{s.id for s in batch} for _, batch, _ in batches if joiner in batch]
+
+
+def test_a_starting_session_joins_the_batch_the_worker_makes_of_a_chain_of_pulls(monkeypatch):
+    """Four sessions due apart in the period (fake clock): .28 and .30, .01 and .08, their delays
+    sized for the pairs. Grouped from the period's start they are two pairs, but the worker made
+    one batch of them: the batch at .01 pulled the one at .08, and the batch at .28 then both. A
+    session starting to stream at .00 joined the .28 pair as a batch of 3, its delay sized for
+    that, and was generated in a batch of 5: it and the .28 one were late in two of the four
+    periods. The worker now pulls none that makes a batch in time late (`pull_into_batch`), so the
+    batch at .28 takes the one at .01 alone; the joiner joins the one at .08, as the worker
+    batches them, with the delay that batch needs, and holds the .08 one back to it; none is late."""
+
+    def batch_seconds(k):
+        return 0.05 + 0.02 * k
+
+    delay = playout_delay(batch_seconds(2))
+    with a_lane_and_a_joiner(monkeypatch, batch_seconds, (0.28, 0.30, 0.01, 0.08), [delay] * 4) as (
+        start, clock, worker, lane, joiner,
+    ):  # fmt: skip
+        joined = joiner.delay
+        batches = run_lane(worker, clock, start + 4 * CS, batch_seconds)
+    together = joiners_batches(batches, joiner)
+    assert together[-3:] == [{"s3", "joiner"}] * 3
+    assert joined >= playout_delay(batch_seconds(2)) and lane[3].delay >= joined
     assert not any(late for _, _, late in batches)
 
 
@@ -697,34 +717,58 @@ def test_lane_groups_are_the_batches_the_worker_makes(monkeypatch):
 def test_a_starting_session_joining_a_batch_the_worker_holds_has_its_delay_cover_the_hold(monkeypatch):
     """Four sessions due at .03, .078, .16 and .274 of a period (fake clock), their delays sized
     for batches of 8, 4, 3 and 4. The worker batches the first three at .078, then holds the one
-    at .274 for the first's next chunk (.35) and pulls the other two: a batch of 4 that starts 76
-    ms after its first session falls due. A session starting to stream there joined it with the
-    delay a batch of 5 needs once due (0.231 s), and it and the .274 one were late every period.
-    Its delay (and the group's) covers the hold too, and none is late."""
-    from server.registry import SessionRegistry
-    from server.session import Session
+    at .274 for the first's next chunk (.35). (It pulled the other two into that batch too, a
+    batch of 4: a session starting to stream there joined it with the delay a batch of 5 needs
+    once due, and it and the .274 one were late every period; it now pulls none that makes a
+    batch in time late.) The .078 one's batch then waits for the worker, busy with that batch
+    till .452: a session joining it needs the delay of its batch of 2 and that wait, 54 ms.
+    Sized for the batch alone, its chunks would be late; none is."""
 
     def batch_seconds(k):
         return 0.012 + 0.03 * k
 
-    start = 312 * CS  # a period's start (99.84)
-    clock, worker = worker_on_a_fake_clock(monkeypatch, batch_seconds, 8, start)
-    worker.chunk_time_ema = batch_seconds(1)
-    registry = SessionRegistry(server_config(playout_delay_s=None), worker, worker.metrics)
+    phases, sized_for = (0.274, 0.03, 0.16, 0.078), (4, 8, 3, 4)
+    delays = [playout_delay(batch_seconds(k)) for k in sized_for]
+    with a_lane_and_a_joiner(monkeypatch, batch_seconds, phases, delays) as (start, clock, worker, lane, joiner):
+        joined = joiner.delay
+        batches = run_lane(worker, clock, start + 5 * CS, batch_seconds)
+    together = joiners_batches(batches, joiner)
+    assert together[-3:] == [{"s3", "joiner"}] * 3
+    assert joined == pytest.approx(playout_delay(batch_seconds(2)) + 0.054, abs=1e-3)
+    assert not any(late for _, _, late in batches)
+
+
+def test_a_pull_does_not_make_a_batch_that_was_in_time_late(monkeypatch):
+    """One session due at 100.0 that plays 0.1 s later (fake clock), another due 30 ms after it
+    with a long delay: a batch of 1 is published in 0.08 s, of 2 in 0.12 s. `plan_batch` does not
+    hold the first's batch for the second (a batch of 2 would be late), but `pull_into_batch`
+    grew it by the second all the same (it fits the period's headroom, and it is due within the
+    window), and the first's chunk came 20 ms late. Told what publishing takes, it pulls none
+    that makes a batch in time late: the first is generated alone, in time, and the second when
+    it falls due."""
+    from server.session import Session
+
+    def batch_seconds(k):
+        return 0.04 + 0.04 * k
+
+    lane = [Due(100.0, 100.1), Due(100.03, 100.53)]
+    estimate = times(k1=batch_seconds(1), k2=batch_seconds(2))
+    assert plan_batch(100.0, lane, estimate) == ([0], None)
+    assert pull_into_batch([0], lane, estimate, CS, 1.0) == [(1, pytest.approx(0.03))]  # as before
+    assert pull_into_batch([0], lane, estimate, CS, 1.0, ready_time=estimate, now=100.0) == []
+    # a batch that is late already may still grow (left out, the session would cost a pass alone)
+    assert pull_into_batch([0], lane, estimate, CS, 1.0, ready_time=estimate, now=100.03) == [(1, pytest.approx(0.03))]
+
+    clock, worker = worker_on_a_fake_clock(monkeypatch, batch_seconds, 2, 100.0)
     loop = asyncio.new_event_loop()
     try:
-        lane = [Session(f"s{i}", Stream(), loop, 30.0) for i in range(4)]
-        for s, phase, batch in zip(lane, (0.274, 0.03, 0.16, 0.078), (4, 8, 3, 4)):
-            delay = playout_delay(batch_seconds(batch))
+        sessions = [Session(f"s{i}", Stream(), loop, 30.0) for i in range(2)]
+        for s, due in zip(sessions, lane):
             s.streaming = True
-            s.reschedule(start + phase + delay, delay)
+            s.reschedule(due.plays_at, due.plays_at - due.next_due)
             worker.add(s)
-        joiner = Session("joiner", Stream(), loop, 30.0)
-        joiner.chunk_index = 1  # its first chunk was made at its creation
-        registry.start_streaming(joiner, "websocket")
-        assert joiner.delay > playout_delay(batch_seconds(5))
-        batches = run_lane(worker, clock, start + 5 * CS, batch_seconds)
+        batches = run_lane(worker, clock, 100.0 + CS, batch_seconds)
     finally:
         loop.close()
-    assert any(joiner in batch for _, batch, _ in batches[1:])
+    assert [[s.id for s in batch] for _, batch, _ in batches[:2]] == [["s0"], ["s1"]]
     assert not any(late for _, _, late in batches)
