@@ -324,6 +324,20 @@ class HeldOps(ScriptedOps):
             raise self.close_all_error
 
 
+def held_call(monkeypatch, stop_wait: float, rank0=None, follower=None):
+    """A "chunk" call running on lockstep ranks (rank 0's ops held until `release`), the host's
+    STOP_WAIT set to `stop_wait`: (rank 0's ops, the host, the calling thread, its results)."""
+    from server import sp_host
+
+    monkeypatch.setattr(sp_host, "STOP_WAIT", stop_wait, raising=False)
+    rank0 = rank0 or HeldOps()
+    host, _, _ = lockstep(rank0, follower or ScriptedOps())
+    results = []
+    caller = _call_in_a_thread(host, results)
+    assert rank0.running.wait(10)
+    return rank0, host, caller, results
+
+
 def _call_in_a_thread(host, results):
     import threading
 
@@ -383,14 +397,7 @@ def test_a_call_that_ends_within_the_stops_wait_leaves_the_letting_go_to_the_sto
     caller had its result, then the stop found nothing left to do."""
     import time
 
-    from server import sp_host
-
-    monkeypatch.setattr(sp_host, "STOP_WAIT", 30.0, raising=False)
-    rank0 = HeldOps()
-    host, threads, codes = lockstep(rank0, ScriptedOps())
-    results = []
-    caller = _call_in_a_thread(host, results)
-    assert rank0.running.wait(10)
+    rank0, host, caller, results = held_call(monkeypatch, 30.0)
     stopping = threading_start(host.stop)
     deadline = time.monotonic() + 10
     while host.down is None and time.monotonic() < deadline:  # the stop has begun
@@ -407,17 +414,11 @@ def test_a_failed_letting_go_after_a_call_keeps_the_calls_own_outcome(monkeypatc
     """A stop that gave up waiting leaves the letting go to the call still running, in its
     `finally`: an error from it there replaced the call's own result or error. The caller gets
     its own outcome; the letting go's error is logged."""
-    from server import sp_host
-
-    monkeypatch.setattr(sp_host, "STOP_WAIT", 0.05, raising=False)
     rank0 = HeldOps()
     if outcome == "raises a client error":  # every rank refuses it alike (ValueError: a client's)
         rank0.fails = {"chunk": ValueError("unknown stream")}
     rank0.close_all_error = RuntimeError("the process group would not go")
-    host, threads, codes = lockstep(rank0, ScriptedOps(dict(rank0.fails)))
-    results = []
-    caller = _call_in_a_thread(host, results)
-    assert rank0.running.wait(10)
+    rank0, host, caller, results = held_call(monkeypatch, 0.05, rank0, ScriptedOps(dict(rank0.fails)))
     with caplog.at_level("WARNING", logger="streamgen.server"):
         host.stop()  # gives up waiting
         rank0.release.set()
@@ -434,20 +435,58 @@ def test_the_stops_warning_says_what_happens_if_the_server_exits_before_the_call
     """The server exits soon after the stop returns and its worker threads are daemons: a call
     still running then never ends, so "stops when it ends" was not what happens; the followers
     end as they find rank 0 gone instead."""
-    from server import sp_host
-
-    monkeypatch.setattr(sp_host, "STOP_WAIT", 0.05, raising=False)
-    rank0 = HeldOps()
-    host, threads, codes = lockstep(rank0, ScriptedOps())
-    results = []
-    caller = _call_in_a_thread(host, results)
-    assert rank0.running.wait(10)
+    rank0, host, caller, results = held_call(monkeypatch, 0.05)
     with caplog.at_level("WARNING", logger="streamgen.server"):
         host.stop()
     rank0.release.set()
     caller.join(10)
     warning = caplog.text
     assert "still running" in warning and "if the server exits first" in warning, warning
+
+
+class EndsAsTheWaitTimesOut:
+    """The host's `_calling` lock, whose timed acquire (the stop's wait) times out only once the
+    call holding it has ended, up to its release: the call ends exactly as the stop gives up."""
+
+    def __init__(self, host, rank0):
+        self.lock, self.host, self.rank0 = host._calling, host, rank0
+
+    def acquire(self, blocking=True, timeout=-1):
+        import time
+
+        if timeout < 0:
+            return self.lock.acquire(blocking)
+        self.rank0.release.set()  # the call ends now: its `finally` runs, up to releasing `_calling`
+        deadline = time.monotonic() + 10
+        while self.host._running and time.monotonic() < deadline:  # till its `finally` has looked
+            time.sleep(0.001)
+        return False  # and the stop's wait times out
+
+    def release(self):
+        self.lock.release()
+
+    def __enter__(self):
+        self.lock.acquire()
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def test_a_call_that_ends_as_the_stops_wait_times_out_is_let_go_of_once_by_the_stop(monkeypatch):
+    """The call ends as the stop's wait times out: it has seen no "gave up" (not set yet) and
+    leaves the letting go, and the stop, which finds no call running under the hand-over lock,
+    lets go itself once the call releases `_calling`. Without the check under that lock, the stop
+    left it to a call that had already ended, and the model was never let go of."""
+    rank0, host, caller, results = held_call(monkeypatch, 0.05)
+    released = []
+    close_all = rank0.close_all
+    rank0.close_all = lambda: (released.append(1), close_all())
+    host._calling = EndsAsTheWaitTimesOut(host, rank0)
+    stopping = threading_start(host.stop)
+    stopping.join(10)
+    caller.join(10)
+    assert results == ["chunk"] and not stopping.is_alive()
+    assert released == [1] and rank0.released_on is stopping and rank0.released_while_running is False
 
 
 def threading_start(fn):
