@@ -33,7 +33,9 @@ def test_eval_errors_leave_no_report(tmp_path, capsys):
     assert main(["eval", "--out", str(out)]) == 2
     assert "--model is required" in capsys.readouterr().err
     assert main(["eval", "--model", "no-such-model", "--clips", "1", "--out", str(out)]) == 2
-    assert "cannot load model 'no-such-model'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot load model 'no-such-model'" in err
+    assert len(err.strip().splitlines()) == 1, err  # (an empty progress bar's lines came first)
     assert not (out / "report.json").exists()
     # nor an earlier run's: its presence says the run finished
     out.mkdir(exist_ok=True)

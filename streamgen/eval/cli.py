@@ -110,16 +110,25 @@ def _evaluate(args) -> int:
     from .report import ModelLoadError, evaluate
 
     clips = args.clips or 8
+    bars = []
+
+    def progress(n: int) -> None:  # the bar from the first call on: an error in the set-up is one line
+        if not bars:
+            bars.append(tqdm(total=clips, desc=f"eval {args.model}", unit="clip"))
+        bars[0].update(n)
+
     try:
-        with tqdm(total=clips, desc=f"eval {args.model}", unit="clip") as bar:
-            report = evaluate(
-                args.model, args.out, args.split, clips, args.size, args.minutes,
-                args.evaluators, args.device, args.steps, progress=bar.update,
-                decode_dtype=args.decode_dtype, cache_from=args.cache_from, dtype=args.dtype,
-                encode_dtype=args.encode_dtype,
-            )  # fmt: skip
+        report = evaluate(
+            args.model, args.out, args.split, clips, args.size, args.minutes,
+            args.evaluators, args.device, args.steps, progress=progress,
+            decode_dtype=args.decode_dtype, cache_from=args.cache_from, dtype=args.dtype,
+            encode_dtype=args.encode_dtype,
+        )  # fmt: skip
     except (EvaluatorError, ModelLoadError) as e:
         raise UserError(str(e)) from None
+    finally:
+        for bar in bars:
+            bar.close()
     keys = ["sync_c", "sync_d", "av_offset_frames", "csim", "fid", "fvd", "drift_slope", "black_frames"]
     summary = "  ".join(
         f"{k}={report[k]:.3f}" if isinstance(report[k], float) else f"{k}={report[k]}" for k in keys

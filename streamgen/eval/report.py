@@ -145,6 +145,8 @@ def evaluate(
         session = open_session(
             model, size, size, device, steps, decode_dtype, cache_from, dtype, encode_dtype
         )
+    if progress is not None:
+        progress(0)  # set up: the work begins (the command's progress bar shows from here)
 
     # frames the stream holds from time 0 before its first (`from_time_zero`: Wan's 1 + 4k layout
     # starts the video 3 frames in): copies made here, not frozen frames of the model's
