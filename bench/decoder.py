@@ -299,14 +299,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> dict:
-    from streamgen.cli import UserError
-    from streamgen.models import require_model
+    from streamgen.cli import require_models
 
-    try:  # before anything is measured (--against too)
-        for model in filter(None, (args.model, args.against)):
-            require_model(model)
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
+    require_models(args.model, args.against)  # before anything is measured
     result = run(
         args.model, args.sizes, args.latent_frames, args.rounds, args.threads, args.compile, args.against,
         args.batch,

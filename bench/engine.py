@@ -498,13 +498,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> dict:
-    from streamgen.cli import UserError
-    from streamgen.models import require_model
+    from streamgen.cli import require_models
 
-    try:  # a name or directory that is no model: one line, before anything is measured
-        require_model(args.model)
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
+    require_models(args.model)  # a name or directory that is no model: one line, before measuring
     result = run(
         args.model,
         args.height,

@@ -539,14 +539,10 @@ def _realtime(per_n: dict, seconds: float) -> int:
 
 def main(args: argparse.Namespace) -> dict:
     """`streamgen bench server`: the measured figures as one dict."""
-    from streamgen.cli import UserError
-    from streamgen.models import require_model
+    from streamgen.cli import require_models
 
-    try:  # (a server that will not start was a RuntimeError with its stderr, after the other's probes)
-        for model in filter(None, (args.model, args.against)):
-            require_model(model)
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
+    # (a server that will not start was a RuntimeError with its stderr, after the other's probes)
+    require_models(args.model, args.against)
     return asyncio.run(_bench(args))
 
 

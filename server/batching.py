@@ -183,6 +183,16 @@ def pull_into_batch(
     return pulled
 
 
+def _pull_makes_late(ready_time, size: int, starts: float, plays_at: float) -> bool:
+    """Whether a batch of `size` started at `starts`, published by `plays_at`, is not once grown
+    by one. (A batch that is late already may grow: skipping the pull leaves the session a batch
+    of its own, which costs the lane a pass.)"""
+    grown, before = ready_time(size + 1), ready_time(size)
+    if grown is None or before is None:
+        return False
+    return starts + before <= plays_at < starts + grown
+
+
 def playout_delay(batch_seconds: float) -> float:
     """The delay a session needs when a batch of this many seconds generates its chunks (0.1 s
     at least, 1 s at most: beyond that a stream skips ahead instead)."""
@@ -239,16 +249,6 @@ def join_schedule(
         if best.joins is None or shift + joined_delay < best.base - base + best.delay:
             best = Schedule(base + shift, joined_delay, group_due)
     return best
-
-
-def _pull_makes_late(ready_time, size: int, starts: float, plays_at: float) -> bool:
-    """Whether a batch of `size` started at `starts`, published by `plays_at`, is not once grown
-    by one. (A batch that is late already may grow: skipping the pull leaves the session a batch
-    of its own, which costs the lane a pass.)"""
-    grown, before = ready_time(size + 1), ready_time(size)
-    if grown is None or before is None:
-        return False
-    return starts + before <= plays_at < starts + grown
 
 
 def phase_groups(

@@ -98,6 +98,18 @@ def output_folder(path, flag: str = "--out", make: bool = True) -> Path:
     return path
 
 
+def require_models(*names: str | None) -> None:
+    """Each of `names` (None: not asked for) a model `streamgen.models` can load, or a UserError
+    naming the first that is not: one line before a benchmark measures anything."""
+    from streamgen.models import require_model
+
+    try:
+        for name in filter(None, names):
+            require_model(name)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+
+
 def check_device(name: str) -> None:
     """A `--device` this machine has, or a UserError that says why not (before a model loads:
     torch would otherwise fail deep inside, with a traceback)."""
