@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 
 import torch.multiprocessing as mp
 
 
-def gloo_threads() -> int | None:
+def gloo_threads(settle_s: float = 5.0) -> int | None:
     """How many gloo worker threads (`pt_gloo_runloop`) this process runs; None where /proc
-    cannot tell."""
+    cannot tell. A thread that was joined is still listed for a moment: pthread_join returns when
+    the kernel clears the thread's id, before it takes the task off the list, and a loaded 2-core
+    machine stretched that moment enough to count both of a destroyed group's threads (one CI run
+    in many). A count above 0 is taken again until `settle_s` has passed; the threads of a group
+    that something still holds wait for work for ever, so they are still counted then."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        count = _gloo_threads_now()
+        if not count or time.monotonic() >= deadline:
+            return count
+        time.sleep(0.05)
+
+
+def _gloo_threads_now() -> int | None:
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
