@@ -23,6 +23,8 @@ from enum import IntEnum
 
 import numpy as np
 
+from streamgen.model.text import MAX_CAPTION_CHARS
+
 HEADER = struct.Struct("<BBHIq")
 SAMPLE_RATE = 16000
 MAX_AUDIO_MESSAGE_BYTES = SAMPLE_RATE * 2 * 2  # two seconds of PCM16 per message
@@ -168,8 +170,9 @@ def _check_values(kind: str, msg: dict) -> dict:
     elif kind == "credit" and not 0 <= msg["frames"] <= MAX_CREDIT:
         raise ProtocolError(CloseCode.BAD_MESSAGE, f"credit: frames must be in [0, {MAX_CREDIT}]")
     elif kind in ("speak", "caption"):
-        if len(msg["text"]) > MAX_SPEAK_CHARS:
-            raise ProtocolError(CloseCode.TOO_BIG, f"{kind}: text longer than {MAX_SPEAK_CHARS} characters")
+        longest = MAX_SPEAK_CHARS if kind == "speak" else MAX_CAPTION_CHARS
+        if len(msg["text"]) > longest:
+            raise ProtocolError(CloseCode.TOO_BIG, f"{kind}: text longer than {longest} characters")
         if kind == "speak" and not msg["text"].strip():
             raise ProtocolError(CloseCode.BAD_MESSAGE, "speak: text is empty")
     return msg

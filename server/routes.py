@@ -10,6 +10,9 @@ import secrets
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from streamgen.model.text import MAX_CAPTION_CHARS
+from streamgen.stream import SEED_END
+
 from .app import ApiError, bearer_token, decode_upload, read_body, require_session
 from .avatars import avatar_image, avatar_png, list_avatars
 from .ice import for_peer, link_header
@@ -19,7 +22,6 @@ from .scheduler import WorkerBusy
 
 router = APIRouter()
 MAX_SDP_BYTES = 64 * 1024
-MAX_CAPTION_CHARS = 500
 
 _SDP_OFFER = {"requestBody": {"content": {"application/sdp": {"schema": {"type": "string"}}}}}
 _CREATE_BODY = {
@@ -31,7 +33,7 @@ _CREATE_BODY = {
                     "properties": {
                         "avatar": {"type": "string", "description": "id from GET /v1/avatars (default 'sample')"},
                         "caption": {"type": "string", "description": "optional text conditioning, e.g. 'smiling'"},
-                        "seed": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
+                        "seed": {"type": "integer", "minimum": 0, "maximum": SEED_END - 1},
                     },
                     "additionalProperties": False,
                 }
@@ -42,7 +44,7 @@ _CREATE_BODY = {
                     "properties": {
                         "reference": {"type": "string", "format": "binary", "description": "PNG/JPEG face"},
                         "caption": {"type": "string"},
-                        "seed": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
+                        "seed": {"type": "integer", "minimum": 0, "maximum": SEED_END - 1},
                     },
                     "additionalProperties": False,
                 }
@@ -122,7 +124,7 @@ def _session_params(fields: dict, has_reference: bool) -> tuple[str, str | None,
             seed = int(seed)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ApiError(422, "bad_seed", "seed must be an integer")
-        if not 0 <= seed < 2**31:
+        if not 0 <= seed < SEED_END:
             raise ApiError(422, "bad_seed", "seed must be in [0, 2**31)")
     return avatar or "sample", caption or None, seed
 

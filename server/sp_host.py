@@ -48,6 +48,8 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from streamgen.stream import SEED_END
+
 from .model_host import CLIENT_ERRORS, HostDown, ModelOps, freeze_loaded_heap
 
 log = logging.getLogger("streamgen.server")
@@ -134,7 +136,7 @@ class SequenceParallelHost:
 
     def _run(self, op: str, args: tuple):
         if op == "create" and args[3] is None:  # seed: one draw, shared by every replica
-            args = (*args[:3], random.randrange(2**31), *args[4:])
+            args = (*args[:3], random.randrange(SEED_END), *args[4:])
         try:
             for conn in self.followers:
                 conn.send((op, args))

@@ -65,6 +65,28 @@ def positive_int(text: str) -> int:
     return n
 
 
+def seed_number(text: str) -> int:
+    """An argparse type: a seed, as the API takes it (`streamgen.stream.SEED_END`)."""
+    from streamgen.stream import SEED_END
+
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < SEED_END:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed: give a whole number in [0, 2**31)")
+    return seed
+
+
+def caption(text: str) -> str:
+    """An argparse type: a caption no longer than the API takes (`MAX_CAPTION_CHARS`)."""
+    from streamgen.model.text import MAX_CAPTION_CHARS
+
+    if len(text) > MAX_CAPTION_CHARS:
+        raise argparse.ArgumentTypeError(f"longer than {MAX_CAPTION_CHARS} characters ({len(text)})")
+    return text
+
+
 class UserError(Exception):
     """An error the user caused (bad file, bad argument): printed as one line, exit code 2."""
 

@@ -51,6 +51,10 @@ from streamgen.start_memo import StartState
 
 log = logging.getLogger(__name__)
 
+# seeds are whole numbers in [0, SEED_END): what a stream draws when given none, and what the API
+# and the commands take (numpy's generators refuse a negative one, torch's one of 64 bits or more)
+SEED_END = 2**31
+
 
 def prepare_reference(image, height: int, width: int) -> np.ndarray:
     """Any RGB/RGBA/grey uint8 image -> [height, width, 3] uint8, centre-cropped to the aspect."""
@@ -280,7 +284,7 @@ class StreamSession:
         ref = run("prepare", lambda: prepare_reference(reference, self.height, self.width))
         # from here the old stream is gone: a failure below leaves none started, not a broken one
         self.started = False
-        self.seed = seed if seed is not None else random.randrange(2**31)
+        self.seed = seed if seed is not None else random.randrange(SEED_END)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.context = context.to(self.device, self.dtype)
         # the loaded autoencoder's: latents go into the decoder and frames come out in it

@@ -513,3 +513,26 @@ def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, cap
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        # numpy's generators refused a negative seed with a traceback; torch took -1 as 2**64 - 1
+        (["generate", "--seed", "-1"], "argument --seed: '-1' is not a seed: give a whole number in [0, 2**31)"),
+        (["generate", "--seed", str(2**70)], "is not a seed"),  # torch: "Overflow when unpacking long long"
+        (["data", "make", "--seed", "-5"], "argument --seed: '-5' is not a seed"),
+        (["data", "preview", "--seed", "-5"], "argument --seed: '-5' is not a seed"),
+        (["eval", "--model", "debug", "--seed", "-1"], "argument --seed: '-1' is not a seed"),
+        # the tokenizer kept the first 128 tokens and dropped the rest without a word; the server's
+        # API refuses a caption this long
+        (["generate", "--text", "x" * 501], "argument --text: longer than 500 characters"),
+    ],
+)
+def test_a_seed_or_caption_the_server_would_refuse_is_refused_by_the_commands(tmp_path, argv, says, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert exit.value.code == 2
+    assert says in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

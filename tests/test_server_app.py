@@ -146,6 +146,8 @@ def test_oversized_upload(client):
         ({"json": {"seed": True}}, 422),
         ({"json": {"caption": 5}}, 422),  # was a 500 (len() of an int)
         ({"json": {"caption": ["smiling"]}}, 422),
+        ({"json": {"caption": "x" * 501}}, 422),  # MAX_CAPTION_CHARS, as the commands' --text
+        ({"json": {"seed": 2**31}}, 422),  # SEED_END, as the commands' --seed
         ({"json": {"avatar": {"id": "ada"}}}, 422),
         ({"json": {"reference": "aGVsbG8="}}, 422),  # images go as multipart files: not silently ignored
         ({"json": {"avatar": "ada", "sed": 3}}, 422),

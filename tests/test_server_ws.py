@@ -72,6 +72,9 @@ def test_bad_binary_messages(data, code):
         ('{"type": "speak", "text": "   "}', CloseCode.BAD_MESSAGE),
         ('{"type": "credit", "frames": true}', CloseCode.BAD_MESSAGE),
         ("x" * 9000, CloseCode.TOO_BIG),
+        # a caption as long as speech may be (1000) was taken, where POST /v1/sessions refuses one
+        # over 500 characters: the encoder kept its first 128 tokens
+        ('{"type": "caption", "text": "%s"}' % ("x" * 501), CloseCode.TOO_BIG),
     ],
 )
 def test_bad_control_messages(text, code):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from streamgen.cli import add_dtype_option, frame_size, positive_int
+from streamgen.cli import add_dtype_option, caption, frame_size, positive_int, seed_number
 from streamgen.files import new_file_beside
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -17,13 +17,13 @@ MP4_SUFFIXES = (".mp4", ".m4v", ".mov")
 def add_arguments(p) -> None:
     p.add_argument("--audio", default=str(ASSETS / "sample_speech.wav"), help="speech audio, any format/rate")
     p.add_argument("--reference", default=str(ASSETS / "sample_face.png"), help="the face to animate")
-    p.add_argument("--text", default=None, help="optional caption, e.g. 'smiling'")
+    p.add_argument("--text", type=caption, default=None, help="optional caption, e.g. 'smiling'")
     p.add_argument("--out", default="out.mp4", help="output MP4 (H.264 + AAC)")
     p.add_argument("--model", default="tiny-avatar", help="model name or directory")
     p.add_argument("--height", type=frame_size, default=None, help="default: the model's")
     p.add_argument("--width", type=frame_size, default=None, help="default: the model's")
     p.add_argument("--steps", type=int, default=None, choices=[1, 2, 4], help="denoising steps per chunk")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_number, default=0)
     p.add_argument(
         "--cache-from",
         choices=["reencode", "last_step"],

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from streamgen.cli import frame_size, positive_int
+from streamgen.cli import frame_size, positive_int, seed_number
 
 from . import SPLITS
 
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     make = sub.add_parser("make", help="generate a sharded dataset of talking-head clips")
     make.add_argument("--out", type=Path, required=True, help="output folder (must not hold a dataset)")
     make.add_argument("--clips", type=positive_int, required=True, help="number of clips over all splits")
-    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--seed", type=seed_number, default=0)
     make.add_argument("--size", type=frame_size, default=64, help="frame height and width in pixels")
     make.add_argument("--seconds", type=clip_seconds, default=4.0, help="clip length")
     make.add_argument("--identities", type=positive_int, default=500, help="size of the identity pool")
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     preview.add_argument("--data", type=Path, help="a dataset folder; without it, clips are made on the fly")
     preview.add_argument("--split", choices=SPLITS, default="train")
     preview.add_argument("--clips", type=positive_int, default=6)
-    preview.add_argument("--seed", type=int, default=0, help="with no --data: the world's seed")
+    preview.add_argument("--seed", type=seed_number, default=0, help="with no --data: the world's seed")
     preview.add_argument("--size", type=frame_size, default=128, help="with no --data: frame size")
     preview.add_argument("--out", type=Path, default=Path("preview"), help="output folder")
 

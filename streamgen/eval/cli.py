@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from streamgen.cli import add_dtype_option, frame_size, positive_int
+from streamgen.cli import add_dtype_option, frame_size, positive_int, seed_number
 from streamgen.data import SPLITS
 
 
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     training.add_argument("--sync-steps", type=positive_int, default=4000)
     training.add_argument("--identity-steps", type=positive_int, default=1500)
-    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--seed", type=seed_number, default=0)
     training.add_argument("--workers", type=positive_int, default=2)
 
 
