@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"unknown model {args.model!r}: not a model directory or a known flavor")
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a TCP port")
+    _check_address(args.host, args.port)
     if args.sp < 1:
         raise UserError("--sp must be at least 1")
     if args.lanes < 1:
@@ -175,6 +176,22 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e}") from None
     return 0
+
+
+def _check_address(host: str, port: int) -> None:
+    """A port in use or a host that does not resolve, found now: uvicorn binds after the app's
+    start-up, which loads, warms and measures the model (minutes for a large one), and then ended
+    with its own error. It binds as this does (IPv6 for a host with a colon, SO_REUSEADDR)."""
+    import socket
+
+    from streamgen.cli import UserError
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:  # (socket.gaierror for a host that does not resolve)
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def _tls_files(certfile: str | None, keyfile: str | None) -> dict:

@@ -208,6 +208,30 @@ def test_server_token():
             ws.send_text('{"type": "stop"}')
 
 
+@pytest.mark.parametrize("host, says", [("127.0.0.1", "Address already in use"), ("no-such-host.invalid", "")])
+def test_a_port_in_use_or_an_unknown_host_is_refused_before_the_model_loads(host, says, capsys, monkeypatch):
+    """A port in use or a host that does not resolve was uvicorn's own error (exit 3), after the
+    model had loaded, warmed and measured its capacity: minutes for a large one."""
+    import socket
+
+    import uvicorn
+
+    from streamgen.cli import main
+
+    def serve(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn, "run", serve)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", "debug", "--host", host, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on {host}:{port}: " in err and says in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("token", ["", " sekrit", "se krit", "sekr\u00eft", "sekrit\n"])
 def test_a_server_token_no_request_can_carry_is_refused_at_start(token, capsys, monkeypatch):
     """`--token ""` (an unset variable: `--token "$TOKEN"`) started a server no session could be
