@@ -25,13 +25,20 @@ class MediaError(ValueError):
 MIN_AUDIO_RATE = 4000
 
 
+def _check_input_file(path: Path, kind: str) -> None:
+    """A file to read: a folder is named as one ("not found" sent people looking for a typo)."""
+    if path.is_dir():
+        raise MediaError(f"{path} is a directory, not an {kind} file")
+    if not path.is_file():
+        raise MediaError(f"{kind} file not found: {path}")
+
+
 def read_audio(path, rate: int = SAMPLE_RATE, max_seconds: float = 3600.0) -> np.ndarray:
     """Decode any audio file PyAV reads, resampled once to `rate` Hz mono float32 in [-1, 1]."""
     import av
 
     path = Path(path)
-    if not path.is_file():
-        raise MediaError(f"audio file not found: {path}")
+    _check_input_file(path, "audio")
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
@@ -70,8 +77,8 @@ def read_image(path_or_bytes) -> np.ndarray:
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     name = "image" if isinstance(path_or_bytes, bytes | bytearray) else str(path_or_bytes)
     src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes | bytearray) else path_or_bytes
-    if not isinstance(src, io.BytesIO) and not Path(src).is_file():
-        raise MediaError(f"image file not found: {name}")
+    if not isinstance(src, io.BytesIO):
+        _check_input_file(Path(src), "image")
     try:
         with Image.open(src) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:

@@ -39,6 +39,9 @@ def test_generate_writes_h264_and_aac_at_any_input_rate(tmp_path):
     [
         (lambda p: p.write_bytes(b"not audio at all"), "--audio", "cannot read audio"),
         (lambda p: None, "--audio", "not found"),
+        # a folder was "not found", which sent one looking for a typo in a path that was there
+        (lambda p: p.mkdir(), "--audio", "bad.bin is a directory, not an audio file"),
+        (lambda p: p.mkdir(), "--reference", "bad.bin is a directory, not an image file"),
         (lambda p: p.write_bytes(b"\x89PNG\r\n garbage"), "--reference", "cannot read image"),
     ],
 )
