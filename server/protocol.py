@@ -23,7 +23,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from streamgen.model.text import MAX_CAPTION_CHARS
+from streamgen.session_limits import MAX_CAPTION_CHARS
 
 HEADER = struct.Struct("<BBHIq")
 SAMPLE_RATE = 16000

@@ -10,8 +10,7 @@ import secrets
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from streamgen.model.text import MAX_CAPTION_CHARS
-from streamgen.stream import SEED_END
+from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END
 
 from .app import ApiError, bearer_token, decode_upload, read_body, require_session
 from .avatars import avatar_image, avatar_png, list_avatars

@@ -48,7 +48,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from streamgen.stream import SEED_END
+from streamgen.session_limits import SEED_END
 
 from .model_host import CLIENT_ERRORS, HostDown, ModelOps, freeze_loaded_heap
 

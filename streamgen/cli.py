@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": (
@@ -66,9 +68,7 @@ def positive_int(text: str) -> int:
 
 
 def seed_number(text: str) -> int:
-    """An argparse type: a seed, as the API takes it (`streamgen.stream.SEED_END`)."""
-    from streamgen.stream import SEED_END
-
+    """An argparse type: a seed, as the API takes it (`SEED_END`)."""
     try:
         seed = int(text)
     except ValueError:
@@ -80,8 +80,6 @@ def seed_number(text: str) -> int:
 
 def caption(text: str) -> str:
     """An argparse type: a caption no longer than the API takes (`MAX_CAPTION_CHARS`)."""
-    from streamgen.model.text import MAX_CAPTION_CHARS
-
     if len(text) > MAX_CAPTION_CHARS:
         raise argparse.ArgumentTypeError(f"longer than {MAX_CAPTION_CHARS} characters ({len(text)})")
     return text

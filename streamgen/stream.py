@@ -47,13 +47,10 @@ from streamgen.sampling import (
     reencode_chunk,
     student_sigmas,
 )
+from streamgen.session_limits import SEED_END
 from streamgen.start_memo import StartState
 
 log = logging.getLogger(__name__)
-
-# seeds are whole numbers in [0, SEED_END): what a stream draws when given none, and what the API
-# and the commands take (numpy's generators refuse a negative one, torch's one of 64 bits or more)
-SEED_END = 2**31
 
 
 def prepare_reference(image, height: int, width: int) -> np.ndarray:

@@ -13,9 +13,6 @@ import threading
 import torch
 
 TEXT_DIM = 384
-# the longest caption the API and the commands take: the encoder keeps its first 128 tokens,
-# and a longer one lost its end without a word
-MAX_CAPTION_CHARS = 500
 
 
 @functools.lru_cache(maxsize=1)

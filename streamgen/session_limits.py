@@ -1,0 +1,10 @@
+"""What a stream's start takes, in one place for the API, the WebSocket protocol, the commands and
+the stream itself; no heavy imports, so that argument parsing and the wire format stay light."""
+
+# seeds are whole numbers in [0, SEED_END): what a stream draws when given none, and what the API
+# and the commands take (numpy's generators refuse a negative one, torch's one of 64 bits or more)
+SEED_END = 2**31
+
+# the longest caption the API and the commands take: the text encoder keeps its first 128 tokens,
+# and a longer one lost its end without a word
+MAX_CAPTION_CHARS = 500
