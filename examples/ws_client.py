@@ -6,6 +6,7 @@
 
 Creates a session, sends 16 kHz PCM16 audio in real time (or asks the server to
 speak), and saves the JPEG frames it gets back with their presentation times.
+A server that is still loading or full (503) is asked again for up to --wait seconds.
 """
 
 from __future__ import annotations
@@ -27,10 +28,32 @@ AUDIO_IN, VIDEO_JPEG, AUDIO_OUT = 1, 2, 4
 
 
 def read_wav_16k(path: str) -> np.ndarray:
-    with wave.open(path) as w:
-        if w.getframerate() != 16000 or w.getsampwidth() != 2 or w.getnchannels() != 1:
-            raise SystemExit(f"{path}: need 16 kHz mono 16-bit PCM (e.g. ffmpeg -ar 16000 -ac 1)")
-        return np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    try:
+        with wave.open(path) as w:
+            if w.getframerate() != 16000 or w.getsampwidth() != 2 or w.getnchannels() != 1:
+                raise SystemExit(f"{path}: need 16 kHz mono 16-bit PCM (e.g. ffmpeg -ar 16000 -ac 1)")
+            return np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    except (OSError, EOFError, wave.Error) as e:
+        raise SystemExit(f"{path}: not a readable WAV file ({e})") from None
+
+
+async def create_session(http: httpx.AsyncClient, body: dict, wait_s: float) -> dict:
+    """POST /v1/sessions; a 503 (model loading, or at capacity) is retried after its Retry-After
+    until `wait_s` is spent."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        r = await http.post("/v1/sessions", json=body)
+        if r.status_code == 201:
+            return r.json()
+        try:
+            message = r.json().get("message") or r.json().get("stage")
+        except ValueError:
+            message = r.text[:200]
+        retry_after = float(r.headers.get("Retry-After", 1))
+        if r.status_code != 503 or time.monotonic() + retry_after > deadline:
+            raise SystemExit(f"session refused: {r.status_code} {message}")
+        print(f"server busy ({message}); asking again in {retry_after:g} s")
+        await asyncio.sleep(retry_after)
 
 
 async def send_audio(ws, pcm: np.ndarray) -> None:
@@ -41,45 +64,76 @@ async def send_audio(ws, pcm: np.ndarray) -> None:
         await asyncio.sleep(max(0.0, start + (i + step) / 16000 - time.monotonic()))
 
 
-async def main(args) -> None:
-    async with httpx.AsyncClient(base_url=args.server) as http:
-        r = await http.post("/v1/sessions", json={"avatar": args.avatar, "seed": 0})
-        if r.status_code != 201:  # e.g. 503 at capacity: retry after r.headers["Retry-After"] seconds
-            raise SystemExit(f"session refused: {r.status_code} {r.json().get('message')}")
-        session = r.json()
-    url = args.server.replace("http", "ws", 1) + f"{session['stream']}?token={session['token']}"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+async def stream(url: str, args, pcm: np.ndarray | None, out: Path) -> tuple[int, int, float]:
+    """Frames and audio-out bytes received in `args.seconds` -> (frames, audio bytes, fps)."""
     async with websockets.connect(url, max_size=2**22) as ws:
         await ws.send(json.dumps({"type": "start", "format": "jpeg"}))
-        print("ready:", await ws.recv())
+        ready = json.loads(await ws.recv())
+        print("ready:", ready)
         if args.say:
             await ws.send(json.dumps({"type": "speak", "text": args.say}))
-        sender = asyncio.create_task(send_audio(ws, read_wav_16k(args.wav))) if args.wav else None
+        sender = asyncio.create_task(send_audio(ws, pcm)) if pcm is not None else None
         frames, audio_bytes, deadline = 0, 0, time.monotonic() + args.seconds
-        while time.monotonic() < deadline:
-            message = await ws.recv()
-            if isinstance(message, str):
-                print("server:", message)
-                continue
-            kind, _, _, seq, pts_us = HEADER.unpack_from(message)
-            if kind == VIDEO_JPEG:
-                (out / f"{seq:06d}_{pts_us // 1000:08d}ms.jpg").write_bytes(message[HEADER.size :])
-                frames += 1
-            elif kind == AUDIO_OUT:
-                audio_bytes += len(message) - HEADER.size
-        if sender:
-            sender.cancel()
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                try:  # bounded: a stream that goes quiet does not hold the client past --seconds
+                    message = await asyncio.wait_for(ws.recv(), left)
+                except TimeoutError:
+                    break
+                if isinstance(message, str):
+                    print("server:", message)
+                    continue
+                kind, _, _, seq, pts_us = HEADER.unpack_from(message)
+                if kind == VIDEO_JPEG:
+                    (out / f"{seq:06d}_{pts_us // 1000:08d}ms.jpg").write_bytes(message[HEADER.size :])
+                    frames += 1
+                elif kind == AUDIO_OUT:
+                    audio_bytes += len(message) - HEADER.size
+        finally:
+            if sender:
+                sender.cancel()
         await ws.send(json.dumps({"type": "stop"}))
-    print(f"{frames} frames ({frames / args.seconds:.1f} fps), {audio_bytes / 32000:.1f} s of audio -> {out}/")
+    return frames, audio_bytes, ready.get("fps", 25.0)
+
+
+async def main(args) -> None:
+    pcm = read_wav_16k(args.wav) if args.wav else None  # a bad file is refused before a session is made
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    body = {"avatar": args.avatar, "seed": args.seed, **({"caption": args.caption} if args.caption else {})}
+    async with httpx.AsyncClient(base_url=args.server, headers=headers, timeout=30) as http:
+        try:
+            session = await create_session(http, body, args.wait)
+        except httpx.TransportError as e:
+            raise SystemExit(f"cannot reach {args.server}: {e or type(e).__name__}") from None
+        url = args.server.replace("http", "ws", 1) + f"{session['stream']}?token={session['token']}"
+        try:
+            frames, audio_bytes, fps = await stream(url, args, pcm, out)
+        except websockets.ConnectionClosed as e:
+            close = e.rcvd or e.sent
+            raise SystemExit(f"the server closed the stream: {close.code if close else '?'} "
+                             f"{close.reason if close else ''}".rstrip()) from None  # fmt: skip
+        finally:  # the stream's close ends the session; this ends it where the socket never opened
+            try:
+                await http.delete(
+                    session["resource"], headers={"Authorization": f"Bearer {session['token']}"}
+                )
+            except httpx.HTTPError:
+                pass  # the server went away: so did the session
+    print(f"{frames} frames ({frames / fps:.1f} s of video), {audio_bytes / 32000:.1f} s of audio -> {out}/")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--server", default="http://127.0.0.1:8000")
+    p.add_argument("--token", help="the server's token, for a server started with --token")
     p.add_argument("--avatar", default="sample")
+    p.add_argument("--caption", help="text conditioning, e.g. 'smiling'")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wav", help="16 kHz mono PCM16 WAV to speak with")
     p.add_argument("--say", help="text for the server to speak")
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to keep asking a busy server")
     p.add_argument("--out", default="frames")
     asyncio.run(main(p.parse_args()))

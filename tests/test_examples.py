@@ -1,0 +1,134 @@
+"""examples/ws_client.py, run as a user runs it, against a live server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from server_helpers import free_port, live_server
+
+pytestmark = pytest.mark.timeout(180)
+
+CLIENT = Path(__file__).resolve().parents[1] / "examples" / "ws_client.py"
+
+
+@pytest.fixture(scope="module")
+def server():
+    # one place: the capacity case fills it
+    with live_server(max_sessions=1, idle_timeout_s=60.0) as (url, app):
+        yield url, app
+
+
+def ws_client(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(CLIENT), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def write_wav(path: Path, seconds: float, rate: int = 16000) -> Path:
+    t = np.arange(int(rate * seconds)) / rate
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes((np.sin(2 * np.pi * 220 * t) * 8000).astype("<i2").tobytes())
+    return path
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for word in words:
+        assert word in r.stderr, r.stderr
+
+
+def saved_frames(out: Path) -> list[tuple[int, int]]:
+    """(sequence, milliseconds) of the frames the client saved, in order."""
+    return sorted(tuple(int(p) for p in f.stem.replace("ms", "").split("_")) for f in out.glob("*.jpg"))
+
+
+def test_the_client_streams_a_wav_and_saves_the_frames_with_their_times(server, tmp_path):
+    url, app = server
+    out = tmp_path / "frames"
+    r = ws_client(
+        "--server", url, "--wav", str(write_wav(tmp_path / "a.wav", 1.0)), "--seconds", "2", "--out", str(out)
+    )
+    assert r.returncode == 0, r.stderr
+    frames = saved_frames(out)
+    assert len(frames) >= 8 and f"{len(frames)} frames" in r.stdout
+    # frames 40 ms apart (25 fps) from the first, in sequence
+    assert [seq for seq, _ in frames] == list(range(frames[0][0], frames[0][0] + len(frames)))
+    assert all(b[1] - a[1] == 40 for a, b in zip(frames, frames[1:]))
+    assert app.state.registry.sessions == {}, "the client's stop ends its session"
+
+
+def test_the_client_asks_the_server_to_speak(server, tmp_path):
+    url, _ = server
+    r = ws_client("--server", url, "--say", "Hello there", "--seconds", "2", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert '"speaking"' in r.stdout and saved_frames(tmp_path)
+
+
+@pytest.mark.parametrize("wav", ["missing", "8k", "not-a-wav"])
+def test_a_bad_wav_is_one_line_and_makes_no_session(server, tmp_path, wav):
+    url, app = server
+    path = tmp_path / "in.wav"
+    if wav == "8k":
+        write_wav(path, 0.5, rate=8000)
+    elif wav == "not-a-wav":
+        path.write_bytes(b"RIFF but not really")
+    r = ws_client("--server", url, "--wav", str(path), "--out", str(tmp_path / "f"))
+    assert_one_line_error(r, str(path))
+    assert app.state.registry.sessions == {}
+
+
+def test_a_server_that_is_not_there_is_one_line(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    r = ws_client("--server", url, "--say", "hi", "--out", str(tmp_path))
+    assert_one_line_error(r, f"cannot reach {url}")
+
+
+def test_a_stream_the_server_closes_is_one_line_with_its_close_code(server, tmp_path):
+    url, app = server
+    r = ws_client("--server", url, "--say", "a" * 1200, "--seconds", "3", "--out", str(tmp_path))
+    assert_one_line_error(r, "4413", "longer than 1000 characters")
+    assert app.state.registry.sessions == {}
+
+
+def test_a_full_server_is_asked_again_until_wait_is_spent(server, tmp_path):
+    import httpx
+
+    url, app = server
+    held = httpx.post(f"{url}/v1/sessions", json={"avatar": "sample"}).json()  # the one place
+    try:
+        r = ws_client("--server", url, "--say", "hi", "--wait", "0", "--out", str(tmp_path))
+        assert_one_line_error(r, "session refused: 503")
+    finally:
+        httpx.delete(f"{url}{held['resource']}", headers={"Authorization": f"Bearer {held['token']}"})
+    assert app.state.registry.sessions == {}
+
+
+def test_a_client_waiting_on_a_full_server_gets_the_place_that_frees(server, tmp_path):
+    import threading
+
+    import httpx
+
+    url, app = server
+    held = httpx.post(f"{url}/v1/sessions", json={"avatar": "sample"}).json()
+    release = threading.Timer(
+        1.0,
+        httpx.delete,
+        (f"{url}{held['resource']}",),
+        {"headers": {"Authorization": f"Bearer {held['token']}"}},
+    )
+    release.start()
+    try:
+        r = ws_client(
+            "--server", url, "--say", "hi", "--wait", "30", "--seconds", "1", "--out", str(tmp_path)
+        )
+    finally:
+        release.join()
+    assert r.returncode == 0, r.stderr
+    assert "server busy" in r.stdout and saved_frames(tmp_path)
