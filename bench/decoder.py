@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench.machine import cpu_description
 from streamgen.cli import frame_size, positive_int
 from streamgen.cpu_threads import codec_threads, intra_op_threads
 from streamgen.media import read_image
@@ -236,6 +237,7 @@ def run(
         "model": model,
         **({"against": against} if against else {}),
         "native_bfloat16": cpu_has_native_bfloat16(),
+        "cpu": cpu_description(),
         "threads": torch.get_num_threads(),
         "rounds": rounds,
         "sizes": [measure_size(vae, s, latent_frames, rounds, compile, other, batch) for s in sizes],

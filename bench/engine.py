@@ -31,11 +31,13 @@ rounds; `compile_seconds` is the warm-up that compiled them. Everything else
 is measured eager.
 
 The decoder runs as a session's does (`--decode-dtype`, default auto: bf16 on
-CPUs with AMX); when that is bf16, every size also gets `decode_float32`: the
-session with an fp32 decoder against the bf16 one, in alternating rounds. Likewise
-the DiT (`--dtype`, default auto: bf16 on such CPUs where a chunk's forward reaches
-1.5 GFLOP; `dit_float32`, `dit_dtype`) and the reference image's encoder (auto: bf16
-on such CPUs; `encode_float32`, which compares a new avatar's first chunk).
+CPUs with native bf16, AMX or AVX512-BF16); when that is bf16, every size also gets
+`decode_float32`: the session with an fp32 decoder against the bf16 one, in alternating
+rounds. Likewise the reference image's encoder (auto: bf16 on such CPUs; `encode_float32`,
+which compares a new avatar's first chunk) and the DiT (`--dtype`, default auto: bf16 on CPUs
+with AMX where a chunk's forward reaches 1.5 GFLOP; `dit_float32`, `dit_dtype`). On a CPU
+with AVX512-BF16 and no AMX, which keeps the DiT in fp32, the sizes AMX would run in bf16 get
+`dit_bfloat16`: the same two timed the other way round, the figure behind that choice.
 
 Each stage runs on the threads a session gives it (`--cpu-threads`, default auto:
 one thread unless its work gains from all, streamgen/cpu_threads.py; the DiT
@@ -54,7 +56,9 @@ import numpy as np
 import torch
 
 from bench.engine_baselines import cache_speedup, session_dit_threads, teacher_speedup
+from bench.machine import cpu_description
 from streamgen.cli import add_dtype_option, frame_size, positive_int
+from streamgen.cpu_threads import cpu_has_amx
 from streamgen.models import autoencoder_dtype, default_dit_dtype, load_model
 from streamgen.sampling import (
     encode_sink,
@@ -189,6 +193,11 @@ def measure_size(
         out["cpu_threads_all"] = cpu_threads_speedup(model, height, width, steps, few, **session)
     if dit is not model.dit:
         out["dit_float32"] = float32_speedup(model, height, width, steps, few, "dtype", **session)
+    elif not cpu_has_amx() and default_dit_dtype(model, "cpu", latent_hw, amx=True) == torch.bfloat16:
+        # a size where AMX runs a bfloat16 DiT, on a CPU without: the other way timed too
+        out["dit_bfloat16"] = float32_speedup(
+            model, height, width, steps, few, "dtype", asked=torch.bfloat16, **session
+        )
     if autoencoder_dtype(decode_dtype, model.vae, "cpu") == torch.bfloat16:
         out["decode_float32"] = float32_speedup(model, height, width, steps, few, "decode_dtype", **session)
     if (
@@ -241,12 +250,15 @@ def cpu_threads_speedup(model, height, width, steps, chunks, rounds=2, **session
 
 
 def float32_speedup(
-    model, height, width, steps, chunks, setting: str, rounds=2, key="fps", **session
+    model, height, width, steps, chunks, setting: str, rounds=2, key="fps", asked=torch.float32, **session
 ) -> dict:
     """The session as configured, whose DiT (`setting` "dtype"), decoder ("decode_dtype") or
     reference encoder ("encode_dtype") runs in bfloat16, against the same with that part in
-    float32, alternating rounds: their fps, or their `key` ("first_chunk_ms": a new avatar's)."""
+    float32 (`asked`; or, where it runs in float32, bfloat16 asked for), alternating rounds: their
+    fps, or their `key` ("first_chunk_ms": a new avatar's)."""
     variants = {"float32": {setting: torch.float32}, "bfloat16": {}}
+    if asked == torch.bfloat16:
+        variants = {"float32": {}, "bfloat16": {setting: torch.bfloat16}}
     got = alternating_fps(model, height, width, steps, chunks, variants, rounds, key, **session)
     speedup = got["bfloat16"] / got["float32"] if key == "fps" else got["float32"] / got["bfloat16"]
     return {
@@ -383,6 +395,7 @@ def run(
         "dtype": dtype,
         "trained": model.trained,
         "cpu_threads": cpu_threads,
+        "cpu": cpu_description(),
     }
     resolved = autoencoder_dtype(decode_dtype, model.vae, "cpu")
     result["decode_dtype"] = _name(resolved or next(model.vae.parameters()).dtype)
@@ -475,12 +488,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p,
         "--dtype",
         "DiT weights and cache (auto: a session's default, bfloat16 where faster on CPUs with AMX, "
-        "also timed against float32)",
+        "also timed against float32; on CPUs without, float32, also timed against bfloat16)",
     )
     add_dtype_option(
         p,
         "--decode-dtype",
-        "the autoencoder's decoder (auto: bfloat16 on CPUs with AMX); a bfloat16 decoder is also timed against float32",
+        "the autoencoder's decoder (auto: bfloat16 on CPUs with AMX or AVX512-BF16); a bfloat16 decoder is also "
+        "timed against float32",
     )
     p.add_argument(
         "--cpu-threads",

@@ -510,7 +510,7 @@ def main(args) -> dict:
     target_fps = args.target_fps or (TARGET_FPS if wan else VIDEO_FPS)
     fp8 = args.fp8 or args.fp8_attention is not None
     if args.measure or args.time:  # times on this device go against this device's floor
-        # every dtype the session computes in (the tiny models decode in bf16 on CPUs with AMX)
+        # every dtype the session computes in (the tiny models decode in bf16 on CPUs with native bf16)
         used = {p.dtype for module in (session.dit, session.vae) for p in module.parameters()}
         used.discard(torch.float8_e4m3fn)  # FP8 products have their own rate
         ceilings = measure_ceilings(device, sorted(used, key=str), float8=fp8)

@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-from", choices=["reencode", "last_step"], default=None,
                         help="each chunk's keys/values in the KV cache: from a clean re-encode or from its last "
                         "denoising step (one forward fewer per chunk; default: the model's own)")  # fmt: skip
-    add_dtype_option(parser, "--decode-dtype", "the autoencoder's decoder (auto: bfloat16 on CPUs with AMX, "
-                     "2-3x faster)")  # fmt: skip
+    add_dtype_option(parser, "--decode-dtype", "the autoencoder's decoder (auto: bfloat16 on CPUs with AMX or "
+                     "AVX512-BF16, 2-3x faster with AMX, 1.2-1.35x without)")  # fmt: skip
     parser.add_argument("--compile", action="store_true",
                         help="run the DiT's blocks under torch.compile, compiled in the warm-up (CPU; 1.15-1.23x the "
                         "frames at 256x256-320x320 on 2 cores, 1.08x at 128x128; at 256x256 with 5 sessions the warm-up took "

@@ -15,7 +15,7 @@ class ServerConfig:
     width: int | None = None
     steps: int | None = None
     decode_dtype: str = (
-        "auto"  # the autoencoder's decoder: auto (bfloat16 on CPUs with AMX), float32, bfloat16
+        "auto"  # the autoencoder's decoder: auto (bfloat16 on CPUs with AMX or AVX512-BF16), float32, bfloat16
     )
     device: str = "cpu"
     inference_process: bool = False  # the model in a child process (serve --model-process)

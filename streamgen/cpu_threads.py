@@ -32,15 +32,35 @@ import torch
 
 CPU_THREADS = ("auto", "all")
 
+
+def cpu_has_amx() -> bool:
+    """AMX tiles (Intel Sapphire Rapids and later): bfloat16 products much faster than float32's."""
+    return _torch_probe("_is_amx_tile_supported")
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """AMX tiles or AVX512-BF16: bfloat16 arithmetic without a conversion at every product."""
+    return cpu_has_amx() or _torch_probe("_is_avx512_bf16_supported")
+
+
+def _torch_probe(name: str) -> bool:
+    return bool(getattr(torch.cpu, name, lambda: False)())  # private torch probes: absent counts as no
+
+
 # A DiT forward (a denoising step, a re-encode, the sink) runs in parallel from this much
-# arithmetic (`dit_forward_flop`). Measured with tiny-avatar on the 2-core machine: one thread won
-# at 3.9 GFLOP (288x288, 1.08x) and 2.7 (256x256, 1.15x; 0.9 with a ring of 32 frames at
-# 128x128, 1.4x), two from 5.4 (320x320, 1.05x; 9.9 at 384x384, 1.33x; 10.8 with the ring of
-# 32 frames at 256x256, 1.5x).
-DIT_PARALLEL_FLOP = 4.5e9
-# The same for a DiT in bfloat16 (or float16), whose products (AMX tiles) are faster than float32's
-# while the per-operator cost stays: one thread won at 5.4 GFLOP (320x320, 1.5x), the two tied at
-# 16.8 (448x448), two won at 26.9 (512x512, 1.22x).
+# arithmetic (`dit_forward_flop`), measured with tiny-avatar on each kind of 2-core machine this
+# farm has. With AMX: one thread won at 3.9 GFLOP (288x288, 1.08x) and 2.7 (256x256, 1.15x; 0.9
+# with a ring of 32 frames at 128x128, 1.4x), two from 5.4 (320x320, 1.05x; 9.9 at 384x384,
+# 1.33x; 10.8 with the ring of 32 frames at 256x256, 1.5x). On the AMD EPYC (no AMX) two threads
+# pay sooner: one won at 1.83 GFLOP (224x224, 1.05x), two at 2.7 (1.03-1.08x) and 3.9 (1.13x)
+# (the whole session, alternating rounds). This CPU's, chosen once.
+DIT_PARALLEL_FLOP_AMX, DIT_PARALLEL_FLOP_OTHER = 4.5e9, 2.5e9
+DIT_PARALLEL_FLOP = DIT_PARALLEL_FLOP_AMX if cpu_has_amx() else DIT_PARALLEL_FLOP_OTHER
+# The same for a DiT in bfloat16 (or float16) on a CPU with AMX tiles, whose products are faster
+# than float32's while the per-operator cost stays: one thread won at 5.4 GFLOP (320x320, 1.5x),
+# the two tied at 16.8 (448x448), two won at 26.9 (512x512, 1.22x). Without AMX (AVX512-BF16
+# alone) its products are no faster and float32's threshold holds: on one thread the session ran
+# 0.92x as fast as on two at 320x320, 0.81x at 384x384 (same run).
 DIT_PARALLEL_FLOP_HALF = 20e9
 # The autoencoder (a chunk's decode, the reference's encode) from this many frame pixels:
 # batch x frames x height x width. One thread won at 96x96 (8 frames, 74k pixels, 1.3x), the
@@ -76,7 +96,7 @@ def dit_threads(dit, latent_hw: tuple[int, int], frames: int, key_frames: int | 
     `key_frames` latent frames of keys (None: a stream's chunk's, the sink, the full ring and
     itself)."""
     half = next(dit.parameters()).dtype in (torch.bfloat16, torch.float16)
-    threshold = DIT_PARALLEL_FLOP_HALF if half else DIT_PARALLEL_FLOP
+    threshold = DIT_PARALLEL_FLOP_HALF if half and cpu_has_amx() else DIT_PARALLEL_FLOP
     return intra_op_threads(chunk_forward_flop(dit, latent_hw, frames, key_frames, batch) >= threshold)
 
 

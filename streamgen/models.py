@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from streamgen.cli import SESSION_DTYPES
-from streamgen.cpu_threads import chunk_forward_flop
+from streamgen.cpu_threads import chunk_forward_flop, cpu_has_amx, cpu_has_native_bfloat16
 from streamgen.files import fixed_temp_names
 from streamgen.folders import (
     move_over,
@@ -171,10 +171,13 @@ class AvatarModel:
 
 
 # A float32 DiT runs a session in bfloat16 (`default_dit_dtype`) from this much arithmetic a
-# chunk's forward (streamgen.cpu_threads.chunk_forward_flop). tiny-avatar's denoising and re-encode
-# on the 2-core machine (bfloat16 on one thread against float32 on the threads it gains from):
-# 0.98x at 0.74 GFLOP (160x160), 1.05x at 1.19 (192x192), 1.16x at 1.83 (224x224), 1.27x at
-# 2.7 (256x256), 1.5x at 5.4 (320x320).
+# chunk's forward (streamgen.cpu_threads.chunk_forward_flop), on a CPU with AMX tiles. tiny-avatar's
+# denoising and re-encode on the 2-core machine with AMX (bfloat16 on one thread against float32 on
+# the threads it gains from): 0.98x at 0.74 GFLOP (160x160), 1.05x at 1.19 (192x192), 1.16x at
+# 1.83 (224x224), 1.27x at 2.7 (256x256), 1.5x at 5.4 (320x320). On the 2-core AMD EPYC (AVX512-BF16,
+# no AMX) the whole session gained little or lost with a bfloat16 DiT on its best threads:
+# 1.03-1.04x at 224x224, 1.00-1.03x at 256x256, 0.90-0.98x at 320x320, 0.91-0.99x at 384x384
+# (alternating rounds; docs/performance.md, "bf16 DiT").
 DIT_BFLOAT16_FLOP = 1.5e9
 DECODE_DTYPES = SESSION_DTYPES  # the command-line spelling of StreamSession's decode_dtype and encode_dtype
 
@@ -219,27 +222,24 @@ def _runs_as_loaded(dit: DiT) -> bool:
     return hasattr(dit, "sequence_parallel_groups") or float8_layers(dit) > 0
 
 
-def default_dit_dtype(model: AvatarModel, device, latent_hw: tuple[int, int]) -> torch.dtype | None:
+def default_dit_dtype(
+    model: AvatarModel, device, latent_hw: tuple[int, int], amx: bool | None = None
+) -> torch.dtype | None:
     """bfloat16 for a float32 DiT whose chunk forward at `latent_hw` reaches `DIT_BFLOAT16_FLOP`,
-    on CPUs with native bfloat16 (AMX or AVX512-BF16); None (as loaded) everywhere else, for
-    FP8 and sequence-parallel DiTs, and when the model's dtype was asked for."""
+    on CPUs with AMX tiles (`amx`: whether this one has them, None: ask it); None (as loaded)
+    everywhere else (AVX512-BF16 alone makes the DiT no faster), for FP8 and sequence-parallel
+    DiTs, and when the model's dtype was asked for."""
     dit = model.dit
     if (
         model.dtype_asked
         or torch.device(device).type != "cpu"
         or next(dit.parameters()).dtype != torch.float32
         or _runs_as_loaded(dit)
-        or not cpu_has_native_bfloat16()
+        or not (cpu_has_amx() if amx is None else amx)
     ):
         return None
     flop = chunk_forward_flop(dit, latent_hw, dit.cfg.frames_per_chunk)
     return torch.bfloat16 if flop >= DIT_BFLOAT16_FLOP else None
-
-
-def cpu_has_native_bfloat16() -> bool:
-    """AMX tiles or AVX512-BF16 (private torch probes: absent ones count as no)."""
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def model_search_path() -> list[Path]:

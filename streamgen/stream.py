@@ -136,7 +136,7 @@ class StreamSession:
         loaded; "auto": `default_dit_dtype`, bfloat16 for the larger sizes on CPUs with AMX, unless
         the model was loaded in a dtype asked for; a dtype other than the model's runs a copy of
         its DiT, `AvatarModel.dit_in`). decode_dtype: the autoencoder's decoder, a dtype or its name ("auto":
-        `default_decode_dtype`, bfloat16 on CPUs with AMX; None: as loaded); encode_dtype: its encoder,
+        `default_decode_dtype`, bfloat16 on CPUs with AMX or AVX512-BF16; None: as loaded); encode_dtype: its encoder,
         which encodes the reference image at the start, likewise. cache_from: where
         each chunk's keys/values in the ring come from (`streamgen.sampling.CACHE_FROM`; None:
         the model's own, "reencode" unless it was trained otherwise; at 1 step "last_step" asked

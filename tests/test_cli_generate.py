@@ -194,6 +194,7 @@ def test_bench_engine_prints_one_json_object(tmp_path):
         assert ways["reencode_fps"] > 0 and ways["last_step_fps"] > 0 and ways["last_step_speedup"] > 0
         assert ways["reencode_dit_ms"] > 0 and ways["last_step_dit_ms"] > 0
     assert result["cpu_threads"] == "auto"
+    assert_names_its_cpu(result)
     for m in (result, entry):  # each stage on its threads, against every stage on all of them
         assert m["cpu_threads_all"]["fps"] > 0 and m["cpu_threads_all"]["auto_speedup"] > 0
     if result["decode_dtype"] == "bfloat16":  # auto on a CPU with native bf16: timed against float32 too
@@ -205,13 +206,24 @@ def test_bench_engine_prints_one_json_object(tmp_path):
         assert m["dit_dtype"] == "float32" and "dit_float32" not in m
 
 
+def assert_names_its_cpu(result: dict) -> None:
+    """A CPU figure is a figure of its processor (bench/machine.py): the JSON says which."""
+    import torch
+
+    cpu = result["cpu"]
+    assert cpu["model"] and cpu["cores"] >= cpu["usable_cores"] >= 1 and cpu["torch"] == torch.__version__
+    assert isinstance(cpu["amx"], bool) and isinstance(cpu["avx512_bf16"], bool)
+
+
 def test_bench_decoder_times_every_variant_and_measures_its_distance(tmp_path):
     png = tmp_path / "decoder.png"
     r = streamgen(
         "bench", "decoder", "--json", "--model", "debug", "--sizes", "32", "--rounds", "1", "--plot", str(png)
     )
     assert r.returncode == 0, r.stderr
-    (size,) = json.loads(r.stdout.strip().splitlines()[-1])["sizes"]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert_names_its_cpu(result)
+    (size,) = result["sizes"]
     assert size["size"] == 32 and size["frames"] == size["latent_frames"] * 4
     for name in ("upsample_then_conv", "phase_conv", "bfloat16", "autocast_bfloat16"):
         assert size[name]["ms_median"] > 0
@@ -518,12 +530,14 @@ def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, cap
     assert says in err and len(err.strip().splitlines()) == 1, err
 
 
-
 @pytest.mark.parametrize(
     "argv, says",
     [
         # numpy's generators refused a negative seed with a traceback; torch took -1 as 2**64 - 1
-        (["generate", "--seed", "-1"], "argument --seed: '-1' is not a seed: give a whole number in [0, 2**31)"),
+        (
+            ["generate", "--seed", "-1"],
+            "argument --seed: '-1' is not a seed: give a whole number in [0, 2**31)",
+        ),
         (["generate", "--seed", str(2**70)], "is not a seed"),  # torch: "Overflow when unpacking long long"
         (["data", "make", "--seed", "-5"], "argument --seed: '-5' is not a seed"),
         (["data", "preview", "--seed", "-5"], "argument --seed: '-5' is not a seed"),

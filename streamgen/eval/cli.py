@@ -26,11 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evaluators", type=Path, help="evaluator checkpoint folder (default: bundled)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=positive_int, help="denoising steps for the model (default: the model's)")
-    add_dtype_option(parser, "--decode-dtype", "a student's decoder (auto: bfloat16 on CPUs with AMX)")
+    add_dtype_option(parser, "--decode-dtype", "a student's decoder (auto: bf16 on AMX, AVX512-BF16)")
     add_dtype_option(
         parser,
         "--encode-dtype",
-        "a student's encoder of the reference image (auto: bfloat16 on CPUs with AMX)",
+        "a student's encoder of the reference image (auto: bfloat16 on CPUs with AMX or AVX512-BF16)",
     )
     add_dtype_option(
         parser, "--dtype", "a student's DiT (auto: bfloat16 from 224x224 up on CPUs with AMX, else float32)"

@@ -215,11 +215,11 @@ class TinyCausalVAE(VideoAutoencoder):
     ) -> TinyCausalVAE:
         """This autoencoder with its decoder's and encoder's weights in these dtypes (None: as
         they are); self when nothing changes. A copy that shares this one's unchanged modules.
-        Latents go in and frames come out in the caller's dtype, as before (on CPUs with AMX,
-        bfloat16 decoding is 2-3x faster and moves the uint8 frames by at most 2 levels,
-        `streamgen bench decoder`); an encoder in
-        bfloat16 gives latents in bfloat16 (on CPUs with AMX a reference image encodes 2.2-2.9x
-        faster, `streamgen bench decoder`'s `reference_encode`)."""
+        Latents go in and frames come out in the caller's dtype, as before (bfloat16 decoding is
+        2-3x faster on CPUs with AMX, 1.2-1.35x with AVX512-BF16 alone, and moves the uint8 frames
+        by at most 2 levels, `streamgen bench decoder`); an encoder in bfloat16 gives latents in
+        bfloat16 (with AMX a reference image encodes 2.2-2.9x faster, `streamgen bench decoder`'s
+        `reference_encode`)."""
         changed = {}
         for names, dtype in ((self.DECODER, decoder), (self.ENCODER, encoder)):
             if dtype is not None and next(getattr(self, names[0]).parameters()).dtype != dtype:

@@ -1,0 +1,44 @@
+"""What machine a CPU benchmark ran on, recorded in its JSON.
+
+The CPU figures depend on the processor more than on anything else: the shipped model ran at
+147 frames/s (128x128) on the 2-core machine of 2026-12-02, whose bf16 products ran on AMX
+tiles, and at 104 on the 2-core AMD EPYC of 2026-12-05 (AVX512-BF16, no AMX), and the gain of
+each default (threads per stage, bf16 decoding, a bf16 DiT) differs between them. So a result
+says which processor it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def cpu_model() -> str:
+    """The processor's name as the kernel reports it ("model name" in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_description() -> dict:
+    """The CPU a benchmark ran on: its name, its cores (all, and those this process may use), the
+    bfloat16 units torch finds (AMX tiles, AVX512-BF16) and torch's version."""
+    import torch
+
+    def probe(name: str) -> bool:  # private torch probes: an absent one counts as no
+        return bool(getattr(torch.cpu, name, lambda: False)())
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "model": cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "amx": probe("_is_amx_tile_supported"),
+        "avx512_bf16": probe("_is_avx512_bf16_supported"),
+        "torch": torch.__version__,
+    }
