@@ -371,3 +371,51 @@ def test_routing_errors_have_the_api_error_shape(client):
     ):
         assert r.status_code == status and r.json()["error"] == error and r.json()["message"], r.text
     assert "GET" in client.delete("/v1/avatars").headers["allow"]
+
+
+def test_any_request_a_client_can_make_is_answered_in_json_without_a_5xx(client):
+    """Random methods, routes, bodies and content types, with and without the session's token: a
+    refusal (4xx, or 503 at capacity) with a JSON body naming the error, never a 500."""
+    import json
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    s = new_session(client)
+    sessions = set(client.app.state.registry.sessions)  # this one, and those earlier tests left
+    base = f"/v1/sessions/{s['id']}"
+    paths = ["/v1/sessions", base, f"{base}/control", f"{base}/whep", f"{base}/whep/x", "/v1/whep",
+             "/v1/avatars", "/v1/avatars/sample.png", "/v1/avatars/..%2f.png", "/metrics", "/readyz"]  # fmt: skip
+    values = st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=30),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+        max_leaves=10,
+    )
+    fields = st.sampled_from(["avatar", "caption", "seed", "text", "language", "variant", "type", "x"])
+    bodies = st.one_of(
+        values.map(json.dumps), st.text(max_size=100), st.dictionaries(fields, values, max_size=4).map(json.dumps)
+    )
+    content_types = st.sampled_from(["application/json", "text/plain", "multipart/form-data",
+                                     "multipart/form-data; boundary=xx", "application/sdp", "",
+                                     "application/json; charset=utf-16"])  # fmt: skip
+    methods = st.sampled_from(["GET", "POST", "DELETE", "PATCH", "PUT", "OPTIONS"])
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(methods, st.sampled_from(paths), bodies, content_types, st.booleans())
+    def request(method, path, body, content_type, with_token):
+        if method == "DELETE" and path == base:
+            return  # the session the other requests use
+        headers = {"content-type": content_type} if content_type else {}
+        if with_token:
+            headers.update(auth(s["token"]))
+        r = client.request(method, path, content=body.encode(), headers=headers)
+        assert r.status_code < 500 or r.status_code == 503, (method, path, body, r.status_code, r.text)
+        if r.status_code >= 400:
+            assert {"error", "message"} & set(r.json()), (method, path, r.text)
+        if r.status_code == 201 and path == "/v1/sessions":  # a session made: given back at once
+            made = r.json()
+            client.delete(made["resource"], headers=auth(made["token"]))
+
+    request()
+    assert set(client.app.state.registry.sessions) == sessions  # none made and left behind
+    client.delete(base, headers=auth(s["token"]))
