@@ -60,6 +60,7 @@ import time
 
 import numpy as np
 
+from bench.machine import cpu_description
 from streamgen.cli import frame_size
 
 
@@ -543,7 +544,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # (a server that will not start was a RuntimeError with its stderr, after the other's probes)
     require_models(args.model, args.against)
-    return asyncio.run(_bench(args))
+    return asyncio.run(_bench(args)) | {"cpu": cpu_description()}  # (the figures are this CPU's)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -166,3 +166,18 @@ def test_serve_options_the_server_refuses_are_one_line(capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "the server would not start" in err and "unrecognized arguments: --no-such-option" in err, err
+
+
+def test_the_figures_name_the_cpu_they_ran_on(monkeypatch):
+    """Served figures are figures of the processor (bench/machine.py): the JSON says which."""
+    import argparse
+
+    import bench.server as bench
+
+    async def measured(args):
+        return {"model": args.model, "max_realtime_sessions": 3}
+
+    monkeypatch.setattr(bench, "_bench", measured)
+    out = bench.main(argparse.Namespace(model="debug", against=None))
+    assert out["max_realtime_sessions"] == 3
+    assert out["cpu"]["model"] and isinstance(out["cpu"]["amx"], bool)
