@@ -63,9 +63,12 @@ DIT_PARALLEL_FLOP = DIT_PARALLEL_FLOP_AMX if cpu_has_amx() else DIT_PARALLEL_FLO
 # 0.92x as fast as on two at 320x320, 0.81x at 384x384 (same run).
 DIT_PARALLEL_FLOP_HALF = 20e9
 # The autoencoder (a chunk's decode, the reference's encode) from this many frame pixels:
-# batch x frames x height x width. One thread won at 96x96 (8 frames, 74k pixels, 1.3x), the
-# two tied at 128x128 (131k), two won from 160x160 (205k, 1.12x).
-CODEC_PARALLEL_PIXELS = 150_000
+# batch x frames x height x width. With AMX one thread won at 96x96 (8 frames, 74k pixels, 1.3x),
+# the two tied at 128x128 (131k), two won from 160x160 (205k, 1.12x). On the AMD EPYC the two
+# tied at 64x64 and 80x80 (33k, 51k: 1.04x, 0.98x) and two won from 96x96 (1.11x; 1.13x at
+# 128x128, 1.19x at 160x160; the whole session, alternating rounds). This CPU's, chosen once.
+CODEC_PARALLEL_PIXELS_AMX, CODEC_PARALLEL_PIXELS_OTHER = 150_000, 60_000
+CODEC_PARALLEL_PIXELS = CODEC_PARALLEL_PIXELS_AMX if cpu_has_amx() else CODEC_PARALLEL_PIXELS_OTHER
 
 _outermost = threading.local()  # torch's threads outside every stage, per OS thread
 

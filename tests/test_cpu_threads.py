@@ -169,9 +169,10 @@ def test_an_unknown_cpu_threads_is_an_error(model):
 
 
 @pytest.mark.parametrize("amx", [True, False])
-def test_the_float32_dits_threshold_is_its_cpu_kinds(amx):
-    """Two threads paid from 4.5 GFLOP on the 2-core machine with AMX, from 2.5 on the AMD EPYC
-    without: a DiT forward goes parallel at the threshold of the CPU it runs on."""
+def test_the_thresholds_are_their_cpu_kinds(amx):
+    """Two threads paid for the float32 DiT from 4.5 GFLOP on the 2-core machine with AMX, from 2.5
+    on the AMD EPYC without, and for the autoencoder from 150k frame pixels and 60k: a stage goes
+    parallel at the threshold of the CPU it runs on."""
     import subprocess
     import sys
 
@@ -180,9 +181,11 @@ def test_the_float32_dits_threshold_is_its_cpu_kinds(amx):
         f"torch.cpu._is_amx_tile_supported = lambda: {amx}\n"
         "import streamgen.cpu_threads as c\n"
         "print(c.DIT_PARALLEL_FLOP, c.DIT_PARALLEL_FLOP_AMX, c.DIT_PARALLEL_FLOP_OTHER)\n"
+        "print(c.CODEC_PARALLEL_PIXELS, c.CODEC_PARALLEL_PIXELS_AMX, c.CODEC_PARALLEL_PIXELS_OTHER)\n"
     )
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    chosen, with_amx, other = map(float, r.stdout.split())
-    assert with_amx > other
-    assert chosen == (with_amx if amx else other)
+    for line in r.stdout.splitlines():  # the DiT's, then the autoencoder's
+        chosen, with_amx, other = map(float, line.split())
+        assert with_amx > other
+        assert chosen == (with_amx if amx else other)
