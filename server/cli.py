@@ -102,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"unknown model {args.model!r}: not a model directory or a known flavor")
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a TCP port")
-    _check_address(args.host, args.port)
+    # an --sp follower rank serves nothing: rank 0 listens, maybe already (torchrun starts them apart)
+    follower = args.sp > 1 and int(os.environ.get("RANK", 0)) > 0
+    if not follower:
+        _check_address(args.host, args.port)
     if args.sp < 1:
         raise UserError("--sp must be at least 1")
     if args.lanes < 1:
@@ -153,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("aiortc", "aioice", "PIL"):  # at debug they log every packet: enough to make streams late
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
     threads = args.threads or (1 if args.device == "cpu" else None)
-    if args.sp > 1 and int(os.environ.get("RANK", 0)) > 0:
+    if follower:
         from .sp_host import follow
 
         return follow(args.model, args.device, threads, args.sp, args.size, args.decode_dtype)  # no server here

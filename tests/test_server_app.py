@@ -232,6 +232,27 @@ def test_a_port_in_use_or_an_unknown_host_is_refused_before_the_model_loads(host
     assert len(err.strip().splitlines()) == 1, err
 
 
+def test_an_sp_follower_rank_does_not_check_the_port_rank_0_listens_on(capsys, monkeypatch):
+    """Under `serve --sp N` only rank 0 listens. A follower that checked the address raced rank
+    0's listening socket: on a loaded machine it got there after rank 0 listened, said 'Address
+    already in use' and stopped every rank (CI, test_serve_with_sp_streams_and_shuts_down)."""
+    import socket
+
+    import server.sp_host
+    from streamgen.cli import main
+
+    followed = []
+    monkeypatch.setattr(server.sp_host, "follow", lambda *args: followed.append(args) or 0)
+    for name, value in {"TORCHELASTIC_RUN_ID": "test", "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    with socket.socket() as rank_0:  # rank 0's server, listening already
+        rank_0.bind(("127.0.0.1", 0))
+        rank_0.listen()
+        port = rank_0.getsockname()[1]
+        assert main(["serve", "--sp", "2", "--model", "debug", "--port", str(port)]) == 0, capsys.readouterr().err
+    assert len(followed) == 1
+
+
 @pytest.mark.parametrize("token", ["", " sekrit", "se krit", "sekr\u00eft", "sekrit\n"])
 def test_a_server_token_no_request_can_carry_is_refused_at_start(token, capsys, monkeypatch):
     """`--token ""` (an unset variable: `--token "$TOKEN"`) started a server no session could be
