@@ -30,15 +30,14 @@ def cpu_description() -> dict:
     bfloat16 units torch finds (AMX tiles, AVX512-BF16) and torch's version."""
     import torch
 
-    def probe(name: str) -> bool:  # private torch probes: an absent one counts as no
-        return bool(getattr(torch.cpu, name, lambda: False)())
+    from streamgen.cpu_threads import cpu_has_amx, cpu_has_avx512_bf16
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "model": cpu_model(),
         "cores": os.cpu_count(),
         "usable_cores": usable,
-        "amx": probe("_is_amx_tile_supported"),
-        "avx512_bf16": probe("_is_avx512_bf16_supported"),
+        "amx": cpu_has_amx(),
+        "avx512_bf16": cpu_has_avx512_bf16(),
         "torch": torch.__version__,
     }

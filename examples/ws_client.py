@@ -46,8 +46,9 @@ async def create_session(http: httpx.AsyncClient, body: dict, wait_s: float) -> 
         if r.status_code == 201:
             return r.json()
         try:
-            message = r.json().get("message") or r.json().get("stage")
-        except ValueError:
+            answer = r.json()
+            message = answer.get("message") or answer.get("stage")
+        except (ValueError, AttributeError):  # not JSON, or not an object: what the server said
             message = r.text[:200]
         retry_after = float(r.headers.get("Retry-After", 1))
         if r.status_code != 503 or time.monotonic() + retry_after > deadline:

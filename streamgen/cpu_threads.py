@@ -38,9 +38,14 @@ def cpu_has_amx() -> bool:
     return _torch_probe("_is_amx_tile_supported")
 
 
+def cpu_has_avx512_bf16() -> bool:
+    """AVX512-BF16: bfloat16 products without AMX's tiles (AMD Zen 4, Intel Cooper Lake)."""
+    return _torch_probe("_is_avx512_bf16_supported")
+
+
 def cpu_has_native_bfloat16() -> bool:
     """AMX tiles or AVX512-BF16: bfloat16 arithmetic without a conversion at every product."""
-    return cpu_has_amx() or _torch_probe("_is_avx512_bf16_supported")
+    return cpu_has_amx() or cpu_has_avx512_bf16()
 
 
 def _torch_probe(name: str) -> bool:
