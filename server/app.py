@@ -28,6 +28,7 @@ from .config import ServerConfig
 from .ice import warn_if_stun_is_silent
 from .metrics import ServerMetrics
 from .model_host import freeze_loaded_heap
+from .origins import ForeignOriginGuard
 from .registry import AdmissionError, SessionRegistry
 from .scheduler import InferenceWorker, WorkerBusy
 from .session import Session
@@ -82,6 +83,8 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.config, app.state.registry, app.state.metrics = config, registry, metrics
+    # a foreign page's form POST is refused (server/origins.py); CORS, added after, runs outside it
+    app.add_middleware(ForeignOriginGuard, allowed_origins=config.cors_origins)
     if config.cors_origins:
         # web apps on other origins (an app builder's page, a browser WHEP player): the API calls
         # carry a bearer token, not cookies; the WHEP answer's Location and Link headers must be

@@ -350,9 +350,59 @@ def test_other_origins_may_call_the_api_only_when_allowed():
         r = same_origin_only.options("/v1/sessions/abc/whep", headers=preflight)
         assert "access-control-allow-origin" not in r.headers
         r = same_origin_only.post("/v1/sessions", json={}, headers={"origin": page})
-        assert "access-control-allow-origin" not in r.headers
-        s = r.json()
-        same_origin_only.delete(s["resource"], headers=auth(s["token"]))
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+        assert same_origin_only.app.state.registry.sessions == {}
+
+
+# What a page of any origin can send another site without asking it first (no preflight): a
+# form's POST (multipart, urlencoded, text/plain), or a fetch in no-cors mode with no body.
+SIMPLE_REQUESTS = {
+    "multipart form": {"files": {"seed": (None, "7")}},
+    "empty text/plain": {"content": b"", "headers": {"content-type": "text/plain"}},
+    "no body": {},
+}
+
+
+@pytest.mark.parametrize("request_kwargs", SIMPLE_REQUESTS.values(), ids=SIMPLE_REQUESTS.keys())
+def test_a_page_of_another_origin_cannot_make_sessions_on_a_server_without_a_token(client, request_kwargs):
+    """A page the server's user visits elsewhere could post forms to it and fill its places (the
+    browser does not let the page read the answer, but the session is made all the same). A
+    state-changing request from a page of a foreign origin is refused with a 403 before it does
+    anything; programs (no Origin header) and the server's own page are unaffected."""
+    registry = client.app.state.registry
+    before = set(registry.sessions)
+    kwargs = {**request_kwargs, "headers": {**request_kwargs.get("headers", {}), "origin": "https://evil.example"}}
+    r = client.post("/v1/sessions", **kwargs)
+    assert r.status_code == 403 and r.json()["error"] == "cross_origin", r.text
+    assert "https://evil.example" in r.json()["message"] and "--cors-origin" in r.json()["message"]
+    assert set(registry.sessions) == before
+    # a sandboxed frame or a file:// page sends "null"
+    r = client.post("/v1/sessions", **{**kwargs, "headers": {**kwargs["headers"], "origin": "null"}})
+    assert r.status_code == 403 and set(registry.sessions) == before
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # a program
+        {"origin": "http://testserver"},  # the server's own page
+        {"origin": "http://Testserver:80"},  # its default port, written out; case
+        {"origin": "https://avatar.example.org", "x-forwarded-host": "avatar.example.org"},  # behind a TLS proxy
+    ],
+    ids=["no-origin", "same-origin", "same-origin-default-port", "forwarded-host"],
+)
+def test_requests_of_the_servers_own_origin_or_none_are_served(client, headers):
+    r = client.post("/v1/sessions", json={}, headers=headers)
+    assert r.status_code == 201, r.text
+    s = r.json()
+    assert client.delete(s["resource"], headers={**auth(s["token"]), **headers}).status_code == 204
+
+
+def test_a_server_allowing_any_origin_serves_every_page():
+    with ready_client(cors_origins=["*"]) as any_origin:
+        r = any_origin.post("/v1/sessions", files={"seed": (None, "7")}, headers={"origin": "https://a.example"})
+        assert r.status_code == 201, r.text
+        any_origin.delete(r.json()["resource"], headers=auth(r.json()["token"]))
 
 
 def test_cors_origin_must_be_an_origin():
@@ -440,3 +490,21 @@ def test_any_request_a_client_can_make_is_answered_in_json_without_a_5xx(client)
     request()
     assert set(client.app.state.registry.sessions) == sessions  # none made and left behind
     client.delete(base, headers=auth(s["token"]))
+
+
+@pytest.mark.parametrize(
+    "origin, host",
+    [
+        ("https://Example.org", "example.org"),
+        ("https://example.org:443", "example.org"),
+        ("http://example.org:8443", "example.org:8443"),
+        ("http://[::1]:8000", "[::1]:8000"),
+        ("null", None),
+        ("file://", None),
+        ("http://example.org:port", None),
+    ],
+)
+def test_origin_host(origin, host):
+    from server.origins import origin_host
+
+    assert origin_host(origin) == host

@@ -206,6 +206,14 @@ def test_a_page_of_another_origin_plays_over_whep_when_allowed(browser_page):
             assert refused.startswith("TypeError"), refused  # the browser's "Failed to fetch"
             # a JSON POST needs the browser's preflight, which this server does not grant
             assert app.state.registry.sessions == {}
+            # requests a page sends without asking (a form's POST, a no-cors fetch) reach the
+            # server all the same: refused for their Origin, they make no session either
+            page.evaluate("""async (api) => {
+                const form = new FormData(); form.append('seed', '7');
+                await fetch(api + '/v1/sessions', {method: 'POST', mode: 'no-cors', body: form});
+                await fetch(api + '/v1/sessions', {method: 'POST', mode: 'no-cors'});
+            }""", url)
+            assert app.state.registry.sessions == {}
     finally:
         page.close()
         pages.shutdown()

@@ -1,0 +1,82 @@
+"""Refuse state-changing requests sent by web pages of foreign origins.
+
+A browser sends some requests to any site without asking it first (no CORS preflight): a form's
+POST (multipart, urlencoded or text/plain) and a `fetch` in no-cors mode. The page cannot read
+the answer, but the request is served all the same, so any page a user of a server without
+`--token` opens elsewhere could fill the server's places with sessions nobody watches. Browsers
+name the page's origin in an `Origin` header on every such request; programs and native WHEP
+players send none. So a POST, PATCH or DELETE whose Origin is neither this server's own (its
+`Host`, or `X-Forwarded-Host` behind a proxy) nor one of `--cors-origin` is refused with a 403
+before any route sees it. Requests that needed a preflight were already refused by the browser
+unless CORS allowed them; WebSockets carry a session token that a foreign page does not have.
+"""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import urlsplit
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger("streamgen.server")
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_host(origin: str) -> str | None:
+    """'https://Example.org:443' -> 'example.org' (host[:port], the scheme's default port left
+    out, as a Host header writes it); None for 'null' or anything that is not an origin."""
+    try:
+        parts = urlsplit(origin.strip().lower())
+        port = parts.port
+    except ValueError:  # a port that is not a number
+        return None
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname  # (IPv6)
+    return host if port in (None, DEFAULT_PORTS[parts.scheme]) else f"{host}:{port}"
+
+
+def _host_header(value: str) -> str:
+    """A Host header as origin_host gives it: lower case, without ':80' or ':443'."""
+    value = value.strip().lower()
+    for port in DEFAULT_PORTS.values():
+        value = value.removesuffix(f":{port}")
+    return value
+
+
+class ForeignOriginGuard:
+    """ASGI middleware: 403 `cross_origin` for a state-changing request from a foreign page."""
+
+    def __init__(self, app: ASGIApp, allowed_origins: list[str]):
+        self.app = app
+        self.any_origin = "*" in allowed_origins
+        # --cors-origin names a scheme too: its https pages are not its http ones
+        self.allowed = {(urlsplit(o.lower()).scheme, origin_host(o)) for o in allowed_origins}
+
+    def foreign(self, origin: str, headers: dict[str, str]) -> bool:
+        if self.any_origin:
+            return False
+        host = origin_host(origin)
+        if host is None:  # "null": a sandboxed frame, a file:// page
+            return True
+        own = {_host_header(headers.get("host", ""))}
+        forwarded = headers.get("x-forwarded-host")
+        if forwarded:  # a proxy in front that rewrote Host (its first value: the client's)
+            own.add(_host_header(forwarded.split(",")[0]))
+        return host not in own and (urlsplit(origin.strip().lower()).scheme, host) not in self.allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in SAFE_METHODS:
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        origin = headers.get("origin")
+        if origin is None or not self.foreign(origin, headers):
+            return await self.app(scope, receive, send)
+        message = (f"a page of {origin[:80]!r} may not call this server's API; "
+                   "serve --cors-origin ORIGIN allows the pages of ORIGIN")  # fmt: skip
+        log.info("%s %s -> 403 cross_origin: %s", scope["method"], scope["path"], message)
+        response = JSONResponse({"error": "cross_origin", "message": message}, status_code=403)
+        await response(scope, receive, send)
