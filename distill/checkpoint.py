@@ -62,6 +62,34 @@ def latest_checkpoint(out) -> Path | None:
     return found[-1] if found else None
 
 
+def newest_readable_checkpoint(out) -> tuple[Path | None, dict, list[tuple[Path, str]]]:
+    """The newest checkpoint in `out` whose header reads, its metadata, and the newer ones that do
+    not, each with why. A save is atomic, so an unreadable file is one damaged later (a disk
+    error, a copy cut short); the step before it is the run's newest state. (None, {}, damaged)
+    when none reads; (None, {}, []) when there is none."""
+    damaged = []
+    for path in reversed(list_checkpoints(out)):
+        try:
+            return path, checkpoint_header(path), damaged
+        except CheckpointError as e:
+            damaged.append((path, str(e)))
+    return None, {}, damaged
+
+
+DAMAGED_SUFFIX = ".damaged"
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the run's list (kept to be looked at, never resumed or
+    counted by the pruning); another rank may have done it already."""
+    aside = path.with_name(path.name + DAMAGED_SUFFIX)
+    try:
+        path.replace(aside)
+    except FileNotFoundError:
+        pass
+    return aside
+
+
 # --- packing state into tensors + metadata ------------------------------------------
 
 

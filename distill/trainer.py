@@ -18,6 +18,7 @@ import importlib
 import math
 import os
 import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -262,7 +263,7 @@ class Trainer:
         if cfg.run.export:  # (found after the whole run, it failed the export with a traceback)
             _check_writable(Path(cfg.run.export), "run.export", make=False)
         self.data_identity = data_identity(cfg)  # (before the stage is built: the data it reads)
-        latest = self._checkpoint_to_resume(out)  # before the stage writes anything there
+        latest = self._checkpoint_to_resume(out, world)  # before the stage writes anything there
         try:
             stage = build_stage(cfg, world)
         except ConfigError:  # the stage's own checks: they say what is wrong already
@@ -336,10 +337,11 @@ class Trainer:
             ckpt.save_checkpoint(out, step, tensors, meta, self.cfg.run.keep_checkpoints)
         barrier(world)
 
-    def _checkpoint_to_resume(self, out: Path) -> Path | None:
+    def _checkpoint_to_resume(self, out: Path, world: World) -> Path | None:
         """The checkpoint this run continues (None: a fresh start), or why run.out is not this run's
         to use: checked before the stage is built, which may write into run.out (the ODE stage's
-        trajectories)."""
+        trajectories). Newer checkpoints that cannot be read are set aside, with a warning, for
+        the newest one that can: a resume from the step before beats no resume."""
         latest = ckpt.latest_checkpoint(out)
         if latest is None:
             return None  # (with --resume too: nothing to resume, a fresh start)
@@ -348,7 +350,16 @@ class Trainer:
                 f"{out} already holds checkpoints (newest {latest.name}); "
                 "pass --resume to continue it, or set run.out to a new folder"
             )
-        header = ckpt.checkpoint_header(latest)
+        latest, header, damaged = ckpt.newest_readable_checkpoint(out)
+        if latest is None:
+            raise ckpt.CheckpointError(
+                f"{damaged[0][1]}; no checkpoint in {ckpt.checkpoint_dir(out)} can be read"
+                + (f" ({len(damaged)} tried)" if len(damaged) > 1 else "")
+            )
+        for path, why in damaged:
+            if world.is_main:
+                aside = ckpt.set_aside(path)
+                print(f"warning: {why}; set aside as {aside.name}, resuming from {latest.name}", file=sys.stderr)
         written_by = header.get("stage")
         if written_by != self.cfg.stage:
             raise ckpt.CheckpointError(

@@ -398,8 +398,27 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
     run(debug_config("teacher", out, **{"run.steps": 2}))
     path = ckpt.latest_checkpoint(out)
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(ckpt.CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(ckpt.CheckpointError, match="cannot read checkpoint.*no checkpoint in .* can be read"):
         run(debug_config("teacher", out, **{"run.steps": 4}), resume=True)
+    assert ckpt.list_checkpoints(out) == [path]  # nothing set aside: the user decides
+
+
+def test_a_resume_sets_a_damaged_newest_checkpoint_aside_for_the_one_before(tmp_path, capsys):
+    """A checkpoint damaged after it was written (a copy cut short, a disk error): --resume stopped
+    at it, though the step before was intact. It goes on from the newest checkpoint that reads,
+    with a warning, and reaches what an undamaged run does; the damaged file is kept aside."""
+    run(debug_config("teacher", tmp_path / "whole"))
+    out = tmp_path / "damaged"
+    run(debug_config("teacher", out))
+    first, newest = ckpt.list_checkpoints(out)  # steps 2 and 4
+    newest.write_bytes(newest.read_bytes()[:-100])
+    capsys.readouterr()
+    run(debug_config("teacher", out), resume=True)
+    warning = capsys.readouterr().err
+    assert "cannot read checkpoint" in warning and "resuming from step-00000002" in warning, warning
+    aside = newest.with_name(newest.name + ".damaged")
+    assert aside.exists() and [p.name for p in ckpt.list_checkpoints(out)] == [first.name, newest.name]
+    assert max_difference(final_tensors(tmp_path / "whole"), final_tensors(out)) <= 1e-6
 
 
 def test_the_newest_checkpoint_is_the_highest_step_past_eight_digits(tmp_path):
