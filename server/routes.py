@@ -10,7 +10,7 @@ import secrets
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END
+from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE
 
 from .app import ApiError, bearer_token, decode_upload, read_body, require_session
 from .avatars import avatar_image, avatar_png, list_avatars
@@ -118,13 +118,13 @@ def _session_params(fields: dict, has_reference: bool) -> tuple[str, str | None,
     if seed is not None:
         # an integer, or its decimal digits (form fields are text); not 1.5, not true
         if isinstance(seed, str) and re.fullmatch(r"-?[0-9]+", seed.strip()):
-            if len(seed.strip().lstrip("-").lstrip("0")) > 10:  # (int() of 4300 digits or more raises)
-                raise ApiError(422, "bad_seed", "seed must be in [0, 2**31)")
+            if len(seed.strip().lstrip("-").lstrip("0")) > len(str(SEED_END)):  # (int() of 4300 digits or more raises)
+                raise ApiError(422, "bad_seed", f"seed must be in {SEED_RANGE}")
             seed = int(seed)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ApiError(422, "bad_seed", "seed must be an integer")
         if not 0 <= seed < SEED_END:
-            raise ApiError(422, "bad_seed", "seed must be in [0, 2**31)")
+            raise ApiError(422, "bad_seed", f"seed must be in {SEED_RANGE}")
     return avatar or "sample", caption or None, seed
 
 

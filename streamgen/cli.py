@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END
+from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -74,7 +74,7 @@ def seed_number(text: str) -> int:
     except ValueError:
         seed = -1
     if not 0 <= seed < SEED_END:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a seed: give a whole number in [0, 2**31)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed: give a whole number in {SEED_RANGE}")
     return seed
 
 

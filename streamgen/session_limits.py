@@ -4,6 +4,7 @@ the stream itself; no heavy imports, so that argument parsing and the wire forma
 # seeds are whole numbers in [0, SEED_END): what a stream draws when given none, and what the API
 # and the commands take (numpy's generators refuse a negative one, torch's one of 64 bits or more)
 SEED_END = 2**31
+SEED_RANGE = f"[0, 2**{SEED_END.bit_length() - 1})"  # as the error messages write it
 
 # the longest caption the API and the commands take: the text encoder keeps its first 128 tokens,
 # and a longer one lost its end without a word
