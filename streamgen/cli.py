@@ -8,6 +8,7 @@ exposes `add_arguments(parser)` and `run(args) -> int`.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -175,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# OSErrors no change to the command line or the code would mend: a full disk or quota, a
+# read-only file system, a failing device (a traceback for them reads as a bug in streamgen)
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+
+
 def main(argv: list[str] | None = None) -> int:
     try:  # a Ctrl-C while the subcommands load is a stop too, not a traceback
         args = build_parser().parse_args(argv)
@@ -184,6 +190,16 @@ def main(argv: list[str] | None = None) -> int:
             from streamgen.parallel.torchrun import report_error  # (once per command, not once per --sp rank)
 
             report_error(f"streamgen {args.command}: error: {e}")
+            return 2
+        except OSError as e:
+            if e.errno not in MACHINE_ERRNOS:
+                raise
+            # the machine's, not the program's: a full disk under a plot or a report (the
+            # commands name what they write where they can; this is the rest), one line
+            from streamgen.parallel.torchrun import report_error
+
+            where = f": {e.filename}" if e.filename else ""
+            report_error(f"streamgen {args.command}: error: {e.strerror or e}{where}")
             return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

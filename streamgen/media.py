@@ -26,10 +26,11 @@ MIN_AUDIO_RATE = 4000
 
 
 def _check_input_file(path: Path, kind: str) -> None:
-    """A file to read: a folder is named as one ("not found" sent people looking for a typo)."""
+    """A file to read: a folder is named as one ("not found" sent people looking for a typo). A
+    pipe is read as it comes (`--reference /dev/stdin`, `--audio <(...)`: they were "not found")."""
     if path.is_dir():
         raise MediaError(f"{path} is a directory, not an {kind} file")
-    if not path.is_file():
+    if not path.exists():
         raise MediaError(f"{kind} file not found: {path}")
 
 
@@ -47,17 +48,19 @@ def read_audio(path, rate: int = SAMPLE_RATE, max_seconds: float = 3600.0) -> np
             if source_rate and source_rate < MIN_AUDIO_RATE:
                 raise MediaError(f"{path}: a sample rate of {source_rate} Hz is too low for speech "
                                  f"(at least {MIN_AUDIO_RATE} Hz)")  # fmt: skip
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            # the channels kept and averaged here: FFmpeg's mono downmix adds a stereo file's two
+            # channels at -3 dB each, 3 dB louder than either, and clipped its peaks
+            resampler = av.AudioResampler(format="fltp", rate=rate)
             parts, total = [], 0
             for frame in container.decode(audio=0):
                 for out in resampler.resample(frame):
-                    a = out.to_ndarray().reshape(-1)
+                    a = out.to_ndarray().mean(axis=0)
                     parts.append(a)
                     total += a.size
                 if total > max_seconds * rate:
                     raise MediaError(f"{path} is longer than {max_seconds:.0f} s")
             for out in resampler.resample(None):
-                parts.append(out.to_ndarray().reshape(-1))
+                parts.append(out.to_ndarray().mean(axis=0))
     except MediaError:
         raise
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as e:
@@ -65,6 +68,10 @@ def read_audio(path, rate: int = SAMPLE_RATE, max_seconds: float = 3600.0) -> np
     pcm = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
     if pcm.size == 0:
         raise MediaError(f"{path} contains no audio samples")
+    bad = int(np.isnan(pcm).sum())
+    if bad:  # (a float WAV's; infinities are clipped like any sample past full scale)
+        raise MediaError(f"{path} holds {bad} NaN samples (from {bad / rate:.3f} s of {pcm.size / rate:.1f}): "
+                         "not audio; write it again from its source")  # fmt: skip
     return np.clip(pcm, -1.0, 1.0)
 
 
@@ -79,6 +86,8 @@ def read_image(path_or_bytes) -> np.ndarray:
     src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes | bytearray) else path_or_bytes
     if not isinstance(src, io.BytesIO):
         _check_input_file(Path(src), "image")
+        if not Path(src).is_file():  # a pipe: PIL seeks back after reading the header
+            src = io.BytesIO(_read_pipe(Path(src), MAX_PIPED_IMAGE_BYTES))
     try:
         with Image.open(src) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
@@ -92,12 +101,42 @@ def read_image(path_or_bytes) -> np.ndarray:
         raise MediaError(f"cannot read image {name}: {e}") from None
 
 
+MAX_PIPED_IMAGE_BYTES = 64 * 1024 * 1024
+
+
+def _read_pipe(path: Path, limit: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise MediaError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise MediaError(f"{path} holds more than {limit // 2**20} MiB: too large for an image")
+    return data
+
+
 def upright_rgb(im) -> np.ndarray:
     """A PIL image as uint8 RGB [H, W, 3], turned as its EXIF orientation says (a phone's portrait
     is stored sideways with a tag to turn it: without it the face came out lying down)."""
     from PIL import ImageOps
 
-    return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        return _grey_to_rgb8(im)
+    return np.asarray(im.convert("RGB"))
+
+
+def _grey_to_rgb8(im) -> np.ndarray:
+    """A 16-bit, 32-bit or float grey image as 8-bit RGB: PIL's convert("RGB") clips its values
+    to 255, which turned a 16-bit PNG's face white."""
+    grey = np.asarray(im, dtype=np.float64)
+    peak = float(grey.max()) if grey.size else 0.0
+    if im.mode.startswith("I;16") or (im.mode == "I" and peak > 255):
+        grey = grey * (255 / 65535)  # 16-bit samples (a 32-bit "I" image holds them too)
+    elif im.mode == "F" and peak <= 1.0:
+        grey = grey * 255  # floats in [0, 1]
+    grey = np.clip(np.nan_to_num(grey), 0, 255).round().astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
 
 
 def from_time_zero(frames: np.ndarray, pts: float, fps: int = 25) -> np.ndarray:
@@ -150,7 +189,17 @@ class Mp4Writer:
             self.tmp.unlink(missing_ok=True)
             raise
 
+    def _cannot_write(self, e: OSError) -> MediaError:
+        """A full disk, a quota, a vanished folder: one line naming the file, not FFmpeg's error."""
+        return MediaError(f"cannot write {self.path}: {e.strerror or e}")
+
     def write_frames(self, frames: np.ndarray) -> None:
+        try:
+            self._write_frames(frames)
+        except OSError as e:
+            raise self._cannot_write(e) from None
+
+    def _write_frames(self, frames: np.ndarray) -> None:
         import av
 
         for frame in frames:
@@ -160,6 +209,12 @@ class Mp4Writer:
             self.container.mux(self.video.encode(vf))
 
     def write_audio(self, pcm: np.ndarray) -> None:
+        try:
+            self._write_audio(pcm)
+        except OSError as e:
+            raise self._cannot_write(e) from None
+
+    def _write_audio(self, pcm: np.ndarray) -> None:
         import av
 
         s16 = (np.clip(pcm, -1, 1) * 32767).astype(np.int16)
@@ -177,6 +232,8 @@ class Mp4Writer:
                 self.container.mux(self.audio.encode())
             self.container.close()
             put_in_place(self.tmp, self.path)
+        except OSError as e:
+            raise self._cannot_write(e) from None
         finally:
             self.tmp.unlink(missing_ok=True)
         return self.path
@@ -184,5 +241,7 @@ class Mp4Writer:
     def abort(self) -> None:
         try:
             self.container.close()
+        except OSError:  # (a full disk fails the close too: the error that stopped the run is the one to show)
+            pass
         finally:
             self.tmp.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -125,6 +126,7 @@ def test_cli_make_preview_and_errors(tmp_path, capsys):
     assert main(["data", "make", "--out", str(out), "--clips", "3", "--size", "32", "--seconds", "0.4",
                  "--workers", "1", "--identities", "20"]) == 0  # fmt: skip
     assert json.loads((out / "manifest.json").read_text())["clips"] == 3
+    assert re.search(r"speed: [0-9]+ clips of 4 s per minute", capsys.readouterr().out)
     assert main(["data", "make", "--out", str(out), "--clips", "3"]) == 2  # refuses to overwrite
     assert "already holds a dataset" in capsys.readouterr().err
     assert main(["data", "make", "--out", str(out / "manifest.json"), "--clips", "3"]) == 2  # a file
@@ -136,6 +138,14 @@ def test_cli_make_preview_and_errors(tmp_path, capsys):
     assert (tmp_path / "p" / "preview.mp4").stat().st_size > 1000
     assert main(["data", "preview", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "q")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_the_speed_is_counted_in_clips_of_4_seconds():
+    """Clips of 0.4 s counted ten each, not a tenth: the speed said was 100 times too high."""
+    from streamgen.data.cli import clips_of_4s_per_minute
+
+    assert clips_of_4s_per_minute(clips=10, seconds=0.4, elapsed=60.0) == pytest.approx(1.0)
+    assert clips_of_4s_per_minute(clips=10, seconds=8.0, elapsed=30.0) == pytest.approx(40.0)
 
 
 def test_a_dataset_that_cannot_be_written_is_one_line_and_leaves_no_shard(tmp_path, capsys, monkeypatch):
@@ -167,6 +177,11 @@ def test_a_dataset_that_cannot_be_written_is_one_line_and_leaves_no_shard(tmp_pa
     err = capsys.readouterr().err
     assert f"cannot write the dataset into {out}: No space left on device" in err and "Traceback" not in err
     assert not list(out.rglob("*.npz")) and not (out / "manifest.json").exists()
+    assert not out.exists()  # nor the empty split folders made for it (nor --out, made for it too)
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # a folder the user made: kept, with what is theirs
+    assert main([*argv, "--out", str(out)]) == 2
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize(
@@ -190,7 +205,11 @@ def test_a_dataset_that_cannot_be_written_is_one_line_and_leaves_no_shard(tmp_pa
         ),
         (
             ["data", "make", "--clips", "1", "--seconds", "nan"],
-            "argument --seconds: nan s is shorter than one",
+            "argument --seconds: 'nan' is not a finite number of seconds",
+        ),
+        (  # (was "inf s is shorter than one frame")
+            ["data", "make", "--clips", "1", "--seconds", "inf"],
+            "argument --seconds: 'inf' is not a finite number of seconds",
         ),
         (["data", "make", "--clips", "0"], "argument --clips: '0' is not a positive"),
         (["eval", "train-evaluators", "--sync-steps", "0"], "argument --sync-steps: '0' is not a positive"),

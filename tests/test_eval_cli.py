@@ -37,13 +37,31 @@ def test_eval_errors_leave_no_report(tmp_path, capsys):
     assert "cannot load model 'no-such-model'" in err
     assert len(err.strip().splitlines()) == 1, err  # (an empty progress bar's lines came first)
     assert not (out / "report.json").exists()
-    # nor an earlier run's: its presence says the run finished
+    # a run refused before it begins (a misspelt model) leaves an earlier run's results as they
+    # were (it deleted report.json, and left that run's report.md and plots beside nothing)
     out.mkdir(exist_ok=True)
     (out / "report.json").write_text('{"model": "ground-truth"}')
     assert main(["eval", "--model", "no-such-model", "--clips", "1", "--out", str(out)]) == 2
-    assert not (out / "report.json").exists()
+    assert (out / "report.json").read_text() == '{"model": "ground-truth"}'
     assert main(["eval", "--model", "ground-truth", "--minutes", "0.0002", "--out", str(out)]) == 2
     assert "--minutes must give a stream of at least two frames" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_on_the_way_leaves_no_earlier_report(tmp_path, monkeypatch):
+    """Once the work begins an earlier run's report.json goes: its presence says the run finished."""
+    import streamgen.data.world as world
+
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "report.json").write_text('{"model": "ground-truth"}')
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("crashed on the way")
+
+    monkeypatch.setattr(world, "make_clip", crash)
+    with pytest.raises(RuntimeError, match="crashed on the way"):
+        main(["eval", "--model", "ground-truth", "--clips", "1", "--out", str(out)])
+    assert not (out / "report.json").exists()
 
 
 def test_train_evaluators_on_a_dataset_without_train_clips_is_one_line(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from streamgen.cli import add_dtype_option, caption, frame_size, positive_int, seed_number
@@ -82,6 +83,8 @@ def run(args) -> int:
     except MediaError as e:
         raise UserError(str(e)) from None
     out = Path(args.out)
+    if str(args.out).endswith(("/", os.sep)) and not out.is_dir():  # (Path drops the slash: a file was written)
+        raise UserError(f"--out {args.out} names a folder, which does not exist; give the file to write")
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give the file to write, e.g. {out / 'avatar.mp4'}")
     if out.suffix and out.suffix.lower() not in MP4_SUFFIXES:  # (/dev/null, a name without one: as given)
@@ -91,8 +94,13 @@ def run(args) -> int:
         out = output_path(out)
     except MediaError as e:
         raise UserError(f"--out {e}") from None
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UserError(f"--out {out}: {out.parent} is a file, not a folder")
     if not out.parent.is_dir():
         raise UserError(f"output directory does not exist: {out.parent}")
+    for flag, given in (("--audio", args.audio), ("--reference", args.reference)):
+        if out.exists() and Path(given).exists() and os.path.samefile(out, given):
+            raise UserError(f"--out {out} is the {flag} file: it would be replaced; give another name")
     try:  # now, not after the whole stream (the writer opens its file at the first frame); a
         # name of its own: every --sp rank checks at once, and one's unlink failed another's check
         new_file_beside(out).unlink()
@@ -158,6 +166,10 @@ def run(args) -> int:
             writer.write_audio(pcm)
             writer.close()
         finished = True
+    except MediaError as e:  # the writer's: a full disk
+        if writer:
+            writer.abort()
+        raise UserError(str(e)) from None
     except BaseException:
         if writer:
             writer.abort()

@@ -140,6 +140,7 @@ def make_dataset(
             path = out / split / f"shard-{k:05d}.npz"
             jobs.append((seed, indices, split, str(path), height, width, seconds, n_identities))
     written: list[dict] = []
+    made_out = not out.exists()
     try:
         for split in plan:
             (out / split).mkdir(parents=True, exist_ok=True)
@@ -159,6 +160,11 @@ def make_dataset(
             # (and no temp file of a pool's worker that was ended before it could remove its own)
             for p in (Path(job[3]), *temp_files_beside(job[3])):
                 p.unlink(missing_ok=True)
+        for folder in [out / split for split in plan] + ([out] if made_out else []):
+            try:  # the folders made for it, where nothing else was put in them
+                folder.rmdir()
+            except OSError:
+                pass
         if isinstance(e, OSError):  # (a folder that cannot be made, a full disk: the user's to fix)
             raise DataError(f"cannot write the dataset into {out}: {e.strerror or e}") from None
         raise

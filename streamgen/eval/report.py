@@ -134,9 +134,6 @@ def evaluate(
     )
 
     start_time = time.perf_counter()
-    # first: a run that fails (a model or evaluator missing, a crash on the way) must not leave
-    # an earlier run's report in --out, whose presence says the run finished
-    (Path(out) / "report.json").unlink(missing_ok=True)
     ev = Evaluators(evaluators_dir)  # fails first, with a clear message, if a checkpoint is missing
     roundtrip = autoencoder_roundtrip(model.removeprefix(ROUNDTRIP)) if model.startswith(ROUNDTRIP) else None
     plain = model == GROUND_TRUTH or roundtrip is not None
@@ -145,8 +142,12 @@ def evaluate(
         session = open_session(
             model, size, size, device, steps, decode_dtype, cache_from, dtype, encode_dtype
         )
+    # set up (a model or evaluator that is not there stopped it, the earlier run's results left
+    # alone): from here a run that fails (a crash on the way) must not leave an earlier run's
+    # report in --out, whose presence says the run finished
+    (Path(out) / "report.json").unlink(missing_ok=True)
     if progress is not None:
-        progress(0)  # set up: the work begins (the command's progress bar shows from here)
+        progress(0)  # the work begins (the command's progress bar shows from here)
 
     # frames the stream holds from time 0 before its first (`from_time_zero`: Wan's 1 + 4k layout
     # starts the video 3 frames in): copies made here, not frozen frames of the model's

@@ -166,7 +166,9 @@ class TinyDecoder(nn.Module):
         try:
             return cls._from_file(path, overrides)
         except Exception as e:  # unpickling, safetensors' header, foreign keys or shapes
-            raise ValueError(f"{path} is not a tiny decoder checkpoint: {type(e).__name__}: {e}") from e
+            # (the first sentence: torch's unpickling error runs to a page of advice on weights_only)
+            first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]
+            raise ValueError(f"{path} is not a tiny decoder checkpoint: {type(e).__name__}: {first}") from e
 
     @classmethod
     def _from_file(cls, path: Path, overrides: dict) -> TinyDecoder:

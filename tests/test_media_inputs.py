@@ -1,0 +1,176 @@
+"""User media as `generate` reads and writes it: the files people actually have (stereo, float WAV,
+16-bit greys, pipes) and the mistakes they make with the output (the input's own name, a full disk)."""
+
+import errno
+import os
+import threading
+import wave
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from streamgen.cli import main
+from streamgen.media import MediaError, read_audio, read_image
+
+
+def write_wav(path, pcm: np.ndarray, rate: int = 16000, dtype=np.int16) -> None:
+    """pcm: float [n] or [n, channels] in [-1, 1] (or past it for a float file)."""
+    pcm = pcm.reshape(len(pcm), -1)
+    if dtype == np.float32:
+        import scipy.io.wavfile
+
+        scipy.io.wavfile.write(str(path), rate, pcm.astype(np.float32))
+        return
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(pcm.shape[1])
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((pcm * 32767).astype("<i2").tobytes())
+
+
+def tone(seconds: float = 0.5, rate: int = 16000, peak: float = 0.9) -> np.ndarray:
+    return peak * np.sin(2 * np.pi * 220 * np.arange(int(rate * seconds)) / rate)
+
+
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+
+
+@pytest.mark.parametrize("channels", [2, 6])
+def test_the_same_speech_in_every_channel_keeps_its_level(tmp_path, channels):
+    """FFmpeg's mono downmix added a stereo file's channels at -3 dB: 1.41x as loud as either,
+    with its peaks clipped, in the output's sound and in what drives the lips."""
+    mono = tone()
+    write_wav(tmp_path / "mono.wav", mono)
+    write_wav(tmp_path / "many.wav", np.repeat(mono[:, None], channels, axis=1))
+    one, many = read_audio(tmp_path / "mono.wav"), read_audio(tmp_path / "many.wav")
+    assert rms(many) == pytest.approx(rms(one), rel=0.01)
+    assert np.abs(many).max() < 0.95  # none clipped at full scale
+    # two different channels: their mean
+    left, right = tone(peak=0.6), np.zeros_like(mono)
+    write_wav(tmp_path / "lr.wav", np.stack([left, right], axis=1))
+    assert rms(read_audio(tmp_path / "lr.wav")) == pytest.approx(rms(left) / 2, rel=0.02)
+
+
+def test_a_float_wav_with_nan_samples_is_one_line(tmp_path, capsys):
+    """It was a traceback from the stream (exit 1), part way through a long file."""
+    pcm = tone(1.0, peak=0.3)
+    pcm[9000:9010] = np.nan
+    wav = tmp_path / "nan.wav"
+    write_wav(wav, pcm, dtype=np.float32)
+    with pytest.raises(MediaError, match="10 NaN samples"):
+        read_audio(wav)
+    out = tmp_path / "x.mp4"
+    assert main(["generate", "--model", "debug", "--audio", str(wav), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "NaN samples" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+    # past full scale (a float file may hold it) is clipped, as before
+    write_wav(wav, np.full(1600, 4.0), dtype=np.float32)
+    assert read_audio(wav).max() == 1.0
+
+
+@pytest.mark.parametrize(
+    "mode, values, expect",
+    [
+        ("I;16", np.array([[0, 32896, 65535]], np.uint16), [0, 128, 255]),  # a 16-bit PNG
+        ("I", np.array([[0, 32896, 65535]], np.int32), [0, 128, 255]),  # 16-bit samples as 32-bit
+        ("I", np.array([[0, 128, 255]], np.int32), [0, 128, 255]),  # 8-bit ones
+        ("F", np.array([[0.0, 0.5, 1.0]], np.float32), [0, 128, 255]),  # floats in [0, 1]
+        ("F", np.array([[0.0, 128.0, 300.0]], np.float32), [0, 128, 255]),  # in [0, 255]: clipped past it
+    ],
+)
+def test_a_grey_image_of_more_than_8_bits_keeps_its_tones(tmp_path, mode, values, expect):
+    """PIL's convert("RGB") clips a 16-bit or float grey's values to 255: a white face, no error."""
+    path = tmp_path / ("face.png" if mode == "I;16" else "face.tif")
+    Image.fromarray(np.repeat(values, 4, axis=0)).save(path)
+    assert Image.open(path).mode == mode
+    rgb = read_image(path)
+    assert rgb.dtype == np.uint8 and rgb.shape == (4, 3, 3)
+    assert rgb[0, :, 0].tolist() == expect and (rgb[..., 0] == rgb[..., 2]).all()
+
+
+def _through_a_pipe(pipe, data: bytes):
+    os.mkfifo(pipe)
+
+    def feed():
+        with open(pipe, "wb") as f:
+            f.write(data)
+
+    threading.Thread(target=feed, daemon=True).start()
+    return pipe
+
+
+def test_an_image_or_audio_from_a_pipe_is_read(tmp_path):
+    """`--reference /dev/stdin` or `--audio <(...)` were "file not found": the path is a pipe."""
+    face = tmp_path / "face.png"
+    Image.new("RGB", (32, 24), (200, 150, 120)).save(face)
+    assert read_image(_through_a_pipe(tmp_path / "image-pipe", face.read_bytes())).shape == (24, 32, 3)
+    wav = tmp_path / "a.wav"
+    write_wav(wav, tone(0.25))
+    pcm = read_audio(_through_a_pipe(tmp_path / "audio-pipe", wav.read_bytes()))
+    assert abs(len(pcm) - 4000) <= 1
+
+
+def test_the_output_may_not_be_an_input(tmp_path, capsys):
+    """`--out` naming the --audio file (a video whose speech is to be used) replaced it, exit 0."""
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, tone(0.3))
+    before = wav.read_bytes()
+    face = tmp_path / "face.png"
+    Image.new("RGB", (64, 64), (200, 150, 120)).save(face)
+    for flag, path in (("--audio", wav), ("--reference", face)):
+        link = tmp_path / "same.mp4"  # the same file under another name
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+        argv = ["generate", "--model", "debug", "--audio", str(wav), "--reference", str(face), "--quiet"]
+        assert main([*argv, "--out", str(link)]) == 2
+        err = capsys.readouterr().err
+        assert f"is the {flag} file" in err and len(err.strip().splitlines()) == 1, err
+    assert wav.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "out, says",
+    [
+        (lambda tmp: f"{tmp}/new/", "names a folder, which does not exist"),  # wrote a file named 'new'
+        (lambda tmp: tmp / "file.mp4" / "x.mp4", "file.mp4 is a file, not a folder"),  # "does not exist"
+    ],
+)
+def test_an_output_path_through_a_file_or_to_a_folder_is_named(tmp_path, out, says, capsys):
+    (tmp_path / "file.mp4").write_bytes(b"a video")
+    assert main(["generate", "--model", "debug", "--out", str(out(tmp_path)), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.mp4"]
+
+
+def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """FFmpeg's OSError came up as a traceback (exit 1)."""
+    from streamgen.media import Mp4Writer
+
+    def full(self, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Mp4Writer, "_write_audio", full)
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, tone(0.3))
+    out = tmp_path / "x.mp4"
+    assert main(["generate", "--model", "debug", "--audio", str(wav), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {out}: No space left on device" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav"]  # no temp file either
+
+
+def test_a_full_disk_under_any_command_is_one_line(tmp_path, monkeypatch, capsys):
+    """`data preview` and `eval` write PNGs, plots and reports: a full disk was a traceback."""
+    import streamgen.data.media as data_media
+
+    def full(path, *args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(data_media, "save_png", full)
+    out = tmp_path / "p"
+    assert main(["data", "preview", "--clips", "1", "--size", "32", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"streamgen data: error: No space left on device: {out / 'contact_sheet.png'}", err
