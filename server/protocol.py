@@ -23,7 +23,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from streamgen.session_limits import MAX_CAPTION_CHARS
+from streamgen.session_limits import MAX_CAPTION_CHARS, text_problem
 
 HEADER = struct.Struct("<BBHIq")
 SAMPLE_RATE = 16000
@@ -175,4 +175,7 @@ def _check_values(kind: str, msg: dict) -> dict:
             raise ProtocolError(CloseCode.TOO_BIG, f"{kind}: text longer than {longest} characters")
         if kind == "speak" and not msg["text"].strip():
             raise ProtocolError(CloseCode.BAD_MESSAGE, "speak: text is empty")
+        problem = text_problem(msg["text"])
+        if problem:
+            raise ProtocolError(CloseCode.BAD_MESSAGE, f"{kind}: {problem}")
     return msg

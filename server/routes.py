@@ -10,7 +10,7 @@ import secrets
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE
+from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE, text_problem
 
 from .app import ApiError, bearer_token, decode_upload, read_body, require_session
 from .avatars import avatar_image, avatar_png, list_avatars
@@ -115,6 +115,8 @@ def _session_params(fields: dict, has_reference: bool) -> tuple[str, str | None,
         raise ApiError(422, "bad_avatar", "send either an avatar or a reference image, not both")
     if caption is not None and len(caption) > MAX_CAPTION_CHARS:
         raise ApiError(422, "bad_caption", f"caption longer than {MAX_CAPTION_CHARS} characters")
+    if caption is not None and text_problem(caption):
+        raise ApiError(422, "bad_caption", f"caption: {text_problem(caption)}")
     if seed is not None:
         # an integer, or its decimal digits (form fields are text); not 1.5, not true
         if isinstance(seed, str) and re.fullmatch(r"-?[0-9]+", seed.strip()):
@@ -156,6 +158,11 @@ async def _session_fields(request: Request, config) -> tuple[dict, bytes | None]
             raise ApiError(400, "bad_json", "request body must be a JSON object")
         return fields, None
     if content_type == "multipart/form-data":
+        if not _multipart_closed(request.headers.get("content-type", ""), body):
+            # starlette's parser drops a part cut short: a reference upload cut off mid-file made
+            # a session of the sample avatar, which the client took for its own face
+            raise ApiError(400, "bad_form", "multipart body is incomplete (no closing boundary): "
+                           "the upload was cut short; send it again")  # fmt: skip
         try:
             form = await request.form(max_files=1, max_fields=8)
         except Exception as e:  # starlette raises its own parse errors
@@ -170,6 +177,16 @@ async def _session_fields(request: Request, config) -> tuple[dict, bytes | None]
                 fields[key] = value
         return fields, upload
     raise ApiError(415, "unsupported_media_type", "send application/json or multipart/form-data")
+
+
+def _multipart_closed(content_type: str, body: bytes) -> bool:
+    """Whether a multipart body holds its closing delimiter (`--BOUNDARY--`), as every whole one
+    does (RFC 2046); one without a boundary parameter is left to the parser to refuse."""
+    match = re.search(r'boundary=(?:"([^"]+)"|([^;\s]+))', content_type, flags=re.IGNORECASE)
+    if match is None:
+        return True
+    boundary = (match.group(1) or match.group(2)).encode("latin-1", "replace")
+    return b"--" + boundary + b"--" in body
 
 
 @router.get("/v1/sessions/{session_id}", tags=["sessions"])

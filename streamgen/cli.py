@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE
+from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE, text_problem
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -83,6 +83,9 @@ def caption(text: str) -> str:
     """An argparse type: a caption no longer than the API takes (`MAX_CAPTION_CHARS`)."""
     if len(text) > MAX_CAPTION_CHARS:
         raise argparse.ArgumentTypeError(f"longer than {MAX_CAPTION_CHARS} characters ({len(text)})")
+    problem = text_problem(text)  # (bytes that are not UTF-8 on the command line)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 

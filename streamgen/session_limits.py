@@ -9,3 +9,14 @@ SEED_RANGE = f"[0, 2**{SEED_END.bit_length() - 1})"  # as the error messages wri
 # the longest caption the API and the commands take: the text encoder keeps its first 128 tokens,
 # and a longer one lost its end without a word
 MAX_CAPTION_CHARS = 500
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot be spoken or used as a caption, or None. JSON's "\\ud800" and a command
+    line's invalid UTF-8 bytes (decoded with surrogateescape) give strings with lone surrogates,
+    which no encoder takes: the tokenizer raised a TypeError (a 500)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"text holds a lone surrogate ({text[e.start]!r} at character {e.start}), which is not Unicode text"
+    return None

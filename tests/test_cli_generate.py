@@ -545,6 +545,8 @@ def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, cap
         # the tokenizer kept the first 128 tokens and dropped the rest without a word; the server's
         # API refuses a caption this long
         (["generate", "--text", "x" * 501], "argument --text: longer than 500 characters"),
+        # bytes that are not UTF-8 on the command line (a surrogate for each): the tokenizer's TypeError
+        (["generate", "--text", "smiling \udcff"], "argument --text: text holds a lone surrogate"),
     ],
 )
 def test_a_seed_or_caption_the_server_would_refuse_is_refused_by_the_commands(tmp_path, argv, says, capsys):

@@ -168,6 +168,44 @@ def test_bad_session_requests(client, kwargs, status):
     assert "message" in r.json()
 
 
+def test_a_caption_that_is_not_unicode_text_is_a_422(client):
+    """JSON may spell a lone surrogate ("\\ud800"): the caption encoder's tokenizer raised a
+    TypeError on it, a 500 with a traceback (here and in control messages)."""
+    r = client.post("/v1/sessions", content=b'{"caption": "smiling \\ud800"}',
+                    headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 422 and r.json()["error"] == "bad_caption", r.text
+    assert "lone surrogate" in r.json()["message"]
+    s = new_session(client)
+    for kind in ("caption", "speak"):
+        body = b'{"type": "%s", "text": "hi \\udc80 there"}' % kind.encode()
+        r = client.post(s["resource"] + "/control", content=body, headers=auth(s["token"]))
+        assert r.status_code == 400 and "lone surrogate" in r.json()["message"], r.text
+    client.delete(s["resource"], headers=auth(s["token"]))
+
+
+def _multipart(boundary: str, png: bytes) -> bytes:
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"reference\"; filename=\"me.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()  # fmt: skip
+
+
+def test_an_upload_cut_short_is_refused_not_replaced_by_the_sample_avatar(client):
+    """starlette's parser drops a part without its closing boundary: a 201 with the sample avatar
+    for a client that sent its own face."""
+    registry = client.app.state.registry
+    before = set(registry.sessions)
+    whole = _multipart("XyZ", png_bytes())
+    headers = {"content-type": "multipart/form-data; boundary=XyZ"}
+    for cut in (whole[:-9], whole[: len(whole) // 2], whole[:40]):
+        r = client.post("/v1/sessions", content=cut, headers=headers)
+        assert r.status_code == 400 and r.json()["error"] == "bad_form", r.text
+        assert "cut short" in r.json()["message"]
+    assert set(registry.sessions) == before
+    for content_type in ("multipart/form-data; boundary=XyZ", 'multipart/form-data; boundary="XyZ"; charset=utf-8'):
+        r = client.post("/v1/sessions", content=whole, headers={"content-type": content_type})
+        assert r.status_code == 201, r.text
+        client.delete(r.json()["resource"], headers=auth(r.json()["token"]))
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
