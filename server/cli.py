@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from .app import create_app
     from .config import ServerConfig
     from .protocol import MAX_WEBSOCKET_MESSAGE_BYTES
+    from .uvicorn_server import SessionClosingServer
 
     if args.max_sessions < 1:
         raise UserError("--max-sessions must be at least 1")
@@ -173,11 +174,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         # permessage-deflate (uvicorn's default) would compress every frame in the event loop's
         # thread: raw RGB at 256x256 took 7.5-10.6 ms a frame for 1.33x; a JPEG is compressed already
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
-                    ws_per_message_deflate=args.ws_compression, ws_max_size=MAX_WEBSOCKET_MESSAGE_BYTES,
-                    **tls)  # fmt: skip
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                timeout_graceful_shutdown=5, ws_per_message_deflate=args.ws_compression,
+                                ws_max_size=MAX_WEBSOCKET_MESSAGE_BYTES, **tls)  # fmt: skip
+        server = SessionClosingServer(config)
+        try:
+            server.run()
+        except KeyboardInterrupt:  # (a second Ctrl-C during the shutdown, as uvicorn.run takes it)
+            pass
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e}") from None
+    if not server.started:  # (uvicorn logged why)
+        raise UserError("the server did not start: see the log above")
     return 0
 
 

@@ -90,7 +90,9 @@ def live_server(**overrides):
 
     app = make_app(**overrides)
     port = free_port()
-    server = uvicorn.Server(
+    from server.uvicorn_server import SessionClosingServer
+
+    server = SessionClosingServer(  # as `serve` runs it
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=3,
                        ws_max_size=MAX_WEBSOCKET_MESSAGE_BYTES)  # as `serve` runs it # fmt: skip
     )

@@ -533,7 +533,7 @@ def test_serve_refuses_last_step_for_a_model_that_runs_one_step(tmp_path, capsys
     def serve(*args, **kwargs):
         raise AssertionError("the server started")
 
-    monkeypatch.setattr("uvicorn.run", serve)
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
     assert main(["serve", "--model", str(tmp_path / "one-step"), "--cache-from", "last_step"]) == 2
     err = capsys.readouterr().err
     assert "--cache-from last_step needs 2 or more --steps" in err and "runs 1 step" in err, err
@@ -568,7 +568,12 @@ def test_serve_s_defaults_are_the_model_folder_s_as_its_loader_reads_them(tmp_pa
     assert model_settings(str(older))["steps"] == 4  # (MODEL_META_DEFAULTS)
 
     served = []
-    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: served.append(app))
+
+    def serve(server):
+        served.append(server.config.app)
+        server.started = True
+
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
     assert main(["serve", "--model", str(tmp_path / "one-step"), "--cache-from", "last_step"]) == 2
     assert "runs 1 step" in capsys.readouterr().err and served == []
     assert main(["serve", "--model", str(older), "--cache-from", "last_step"]) == 0 and len(served) == 1
