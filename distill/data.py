@@ -160,6 +160,31 @@ def data_identity(cfg) -> dict[str, str]:
     return identity
 
 
+def check_bank_autoencoder(cfg, vae) -> None:
+    """ConfigError unless `vae` is the autoencoder that encoded the bank (its autoencoder.json): a
+    teacher trained on one autoencoder's latents exported another (model.vae, or a random one
+    where none was given), whose decoder made nothing of them. data.accept_remade lets it be."""
+    import json
+
+    from distill.latents import same_autoencoder
+
+    mark = Path(cfg.data.root) / "latents" / cfg.data.latents / "autoencoder.json"
+    try:
+        kept = json.loads(mark.read_text())
+    except (OSError, ValueError):  # a bank from before the mark: nothing to check against
+        return
+    if not isinstance(kept, dict) or cfg.data.accept_remade or same_autoencoder(kept, vae):
+        return
+    given = cfg.model.vae or (
+        f"model.init's ({cfg.model.init})" if cfg.model.init else "a random one (no model.vae)"
+    )
+    raise ConfigError(
+        f"the latents {cfg.data.latents!r} in {cfg.data.root} were encoded by the autoencoder {kept.get('source')}, "
+        f"and this run decodes and exports another: {given}; set model.vae to the one that encoded them "
+        "(or pass --set data.accept_remade=true to go on with it on purpose)"
+    )
+
+
 def identity_change(key: str, cfg, then: str, now: str) -> str:
     """A data_identity entry that changed since a checkpoint, in words."""
     change = f"{then} then, {now} now"
@@ -168,13 +193,17 @@ def identity_change(key: str, cfg, then: str, now: str) -> str:
     return f"the latents {cfg.data.latents} were encoded again since, by another autoencoder ({change})"
 
 
-def load_bank(cfg, model_cfg, latent_hw) -> LatentBank:
+def load_bank(cfg, model_cfg, latent_hw, vae=None) -> LatentBank:
+    """The run's latent bank. vae: the autoencoder the stage decodes with and exports, checked to be
+    the one that encoded the bank (`check_bank_autoencoder`)."""
     d = cfg.data
     if d.source == "synthetic":
         return LatentBank.synthetic(
             model_cfg, d.synthetic_clips, d.synthetic_clip_latents, latent_hw, cfg.run.seed
         )
     bank = LatentBank.load(d.root, d.latents, d.split)
+    if vae is not None:
+        check_bank_autoencoder(cfg, vae)
     if bank.latent_hw != tuple(latent_hw):  # a model of another frame size than the bank's frames
         h, w = bank.latent_hw
         raise ConfigError(

@@ -84,13 +84,27 @@ def build_latents(cfg) -> list[Path]:
     return written
 
 
-def autoencoder_digest(vae) -> str:
-    """A fingerprint of an autoencoder's weights and statistics."""
+def autoencoder_digest(vae, half_parameters: bool = False) -> str:
+    """A fingerprint of an autoencoder's weights and statistics. half_parameters: of its
+    parameters rounded to float16, as a compact export stores them (build.export_model; its
+    statistics stay float32), so that one autoencoder has one fingerprint shipped or not."""
+    parameters = {name for name, _ in vae.named_parameters()}
     h = hashlib.sha1()
     for name, t in sorted(vae.state_dict().items()):
+        t = t.detach()
+        if half_parameters and name in parameters:
+            t = t.half()
         h.update(name.encode())
-        h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+        h.update(t.float().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def same_autoencoder(mark: dict, vae) -> bool:
+    """Whether `vae` is the autoencoder an autoencoder.json records (`_claim_cache`): the same
+    weights, or the same ones stored compactly (a mark written before "digest_half": the first only)."""
+    if mark.get("digest") == autoencoder_digest(vae):
+        return True
+    return "digest_half" in mark and mark["digest_half"] == autoencoder_digest(vae, half_parameters=True)
 
 
 def _claim_cache(folder: Path, vae, source: str) -> None:
@@ -98,10 +112,9 @@ def _claim_cache(folder: Path, vae, source: str) -> None:
     another (skipping what is cached) kept the first one's, and a teacher trained on them shipped
     with the other. The name's first autoencoder is recorded; another is refused."""
     mark = folder / "autoencoder.json"
-    digest = autoencoder_digest(vae)
     if mark.exists():
         kept = json.loads(mark.read_text())
-        if kept.get("digest") != digest:
+        if not same_autoencoder(kept, vae):
             raise ConfigError(
                 f"{folder} holds the latents of another autoencoder ({kept.get('source')}), not of "
                 f"{source}: choose another data.latents name, or delete {folder} to encode it again"
@@ -109,7 +122,9 @@ def _claim_cache(folder: Path, vae, source: str) -> None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     # (whole or not at all: half a file written as a run was killed stopped every later run on it)
-    write_text_atomically(mark, json.dumps({"digest": digest, "source": source}) + "\n")
+    record = {"digest": autoencoder_digest(vae), "digest_half": autoencoder_digest(vae, half_parameters=True),
+              "source": source}  # fmt: skip
+    write_text_atomically(mark, json.dumps(record) + "\n")
 
 
 def _fit(audio: np.ndarray, samples: int) -> np.ndarray:

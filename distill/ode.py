@@ -53,7 +53,7 @@ class Stage:
         mcfg = self.student.cfg
         self.vae = load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
         self.latent_hw = self.vae.latent_hw(cfg.model.height, cfg.model.width)
-        self.bank = load_bank(cfg, mcfg, self.latent_hw)
+        self.bank = load_bank(cfg, mcfg, self.latent_hw, self.vae)
         self.sigmas = student_sigmas(self.opts.student_steps, self.opts.shift)
         c = mcfg.frames_per_chunk
         if cfg.data.latent_frames % c:

@@ -41,7 +41,7 @@ class Stage:
         mcfg = self.model.cfg
         self.vae = load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
         self.latent_hw = self.vae.latent_hw(cfg.model.height, cfg.model.width)
-        self.bank = load_bank(cfg, mcfg, self.latent_hw)
+        self.bank = load_bank(cfg, mcfg, self.latent_hw, self.vae)
         self.updaters = {"teacher": Updater("teacher", self.model, cfg.optim, world)}
 
     def model_configs(self) -> dict:

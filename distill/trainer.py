@@ -359,7 +359,9 @@ class Trainer:
         for path, why in damaged:
             if world.is_main:
                 aside = ckpt.set_aside(path)
-                print(f"warning: {why}; set aside as {aside.name}, resuming from {latest.name}", file=sys.stderr)
+                print(
+                    f"warning: {why}; set aside as {aside.name}, resuming from {latest.name}", file=sys.stderr
+                )
         written_by = header.get("stage")
         if written_by != self.cfg.stage:
             raise ckpt.CheckpointError(

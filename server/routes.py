@@ -120,7 +120,8 @@ def _session_params(fields: dict, has_reference: bool) -> tuple[str, str | None,
     if seed is not None:
         # an integer, or its decimal digits (form fields are text); not 1.5, not true
         if isinstance(seed, str) and re.fullmatch(r"-?[0-9]+", seed.strip()):
-            if len(seed.strip().lstrip("-").lstrip("0")) > len(str(SEED_END)):  # (int() of 4300 digits or more raises)
+            # (int() of 4300 digits or more raises)
+            if len(seed.strip().lstrip("-").lstrip("0")) > len(str(SEED_END)):
                 raise ApiError(422, "bad_seed", f"seed must be in {SEED_RANGE}")
             seed = int(seed)
         if not isinstance(seed, int) or isinstance(seed, bool):

@@ -241,7 +241,9 @@ class Mp4Writer:
     def abort(self) -> None:
         try:
             self.container.close()
-        except OSError:  # (a full disk fails the close too: the error that stopped the run is the one to show)
+        except (
+            OSError
+        ):  # (a full disk fails the close too: the error that stopped the run is the one to show)
             pass
         finally:
             self.tmp.unlink(missing_ok=True)

@@ -154,3 +154,42 @@ def test_a_resume_on_the_same_data_root_spelt_otherwise_is_not_refused(world, tm
     run(world_config("autoencoder", out, root, **{"run.steps": 3}), resume=True)
     run(world_config("autoencoder", out, "./world", **{"run.steps": 4}), resume=True)
     assert ckpt.checkpoint_header(ckpt.latest_checkpoint(out))["step"] == 4
+
+
+def test_a_stage_decoding_with_another_autoencoder_than_the_banks_is_refused(world, autoencoder, tmp_path):
+    """The latents stage records which autoencoder encoded a bank; the teacher never compared its
+    own (model.vae, or a random one where none is given) with it, trained on one's latents and
+    shipped the other, whose decoder made nothing of them. The same one shipped compactly (its
+    parameters in float16) is the same; data.accept_remade lets another through on purpose."""
+    import shutil
+
+    from distill.build import export_model
+    from distill.config import ConfigError
+    from distill.latents import build_latents
+    from streamgen.model.config import get_config
+    from streamgen.model.model import DiT
+    from streamgen.model.vae import TinyCausalVAE
+
+    root = tmp_path / "world"
+    shutil.copytree(world, root)
+    build_latents(latents_config(root, autoencoder, "dbg", ["train"]))
+    torch.manual_seed(1)
+    other = tmp_path / "other-autoencoder"
+    TinyCausalVAE(4, (8, 16), 4).save(other)
+    edits = {"data.latents": "dbg", "data.batch_size": 2, "run.steps": 1}
+    for vae, says in ((other, str(other)), (None, "a random one")):
+        with pytest.raises(
+            ConfigError, match=rf"encoded by the autoencoder {re.escape(str(autoencoder))}.*{says}"
+        ):
+            run(
+                world_config(
+                    "teacher", tmp_path / "refused", root, **edits, **{"model.vae": vae and str(vae)}
+                )
+            )
+    assert not (tmp_path / "refused" / "checkpoints").exists()
+    shipped = export_model(DiT(get_config("debug")), TinyCausalVAE.load(autoencoder), tmp_path / "shipped",
+                           "shipped", 32, 32, 3.0, 4, compact=True)  # fmt: skip
+    for vae in (autoencoder, shipped):
+        run(world_config("teacher", tmp_path / f"t-{vae.name}", root, **edits, **{"model.vae": str(vae)}))
+    accepted = {**edits, "model.vae": str(other), "data.accept_remade": True}
+    run(world_config("teacher", tmp_path / "on-purpose", root, **accepted))

@@ -200,7 +200,8 @@ def test_an_upload_cut_short_is_refused_not_replaced_by_the_sample_avatar(client
         assert r.status_code == 400 and r.json()["error"] == "bad_form", r.text
         assert "cut short" in r.json()["message"]
     assert set(registry.sessions) == before
-    for content_type in ("multipart/form-data; boundary=XyZ", 'multipart/form-data; boundary="XyZ"; charset=utf-8'):
+    quoted = 'multipart/form-data; boundary="XyZ"; charset=utf-8'
+    for content_type in ("multipart/form-data; boundary=XyZ", quoted):
         r = client.post("/v1/sessions", content=whole, headers={"content-type": content_type})
         assert r.status_code == 201, r.text
         client.delete(r.json()["resource"], headers=auth(r.json()["token"]))
@@ -409,7 +410,8 @@ def test_a_page_of_another_origin_cannot_make_sessions_on_a_server_without_a_tok
     anything; programs (no Origin header) and the server's own page are unaffected."""
     registry = client.app.state.registry
     before = set(registry.sessions)
-    kwargs = {**request_kwargs, "headers": {**request_kwargs.get("headers", {}), "origin": "https://evil.example"}}
+    headers = {**request_kwargs.get("headers", {}), "origin": "https://evil.example"}
+    kwargs = {**request_kwargs, "headers": headers}
     r = client.post("/v1/sessions", **kwargs)
     assert r.status_code == 403 and r.json()["error"] == "cross_origin", r.text
     assert "https://evil.example" in r.json()["message"] and "--cors-origin" in r.json()["message"]
@@ -425,7 +427,8 @@ def test_a_page_of_another_origin_cannot_make_sessions_on_a_server_without_a_tok
         {},  # a program
         {"origin": "http://testserver"},  # the server's own page
         {"origin": "http://Testserver:80"},  # its default port, written out; case
-        {"origin": "https://avatar.example.org", "x-forwarded-host": "avatar.example.org"},  # behind a TLS proxy
+        # behind a TLS proxy
+        {"origin": "https://avatar.example.org", "x-forwarded-host": "avatar.example.org"},
     ],
     ids=["no-origin", "same-origin", "same-origin-default-port", "forwarded-host"],
 )
@@ -438,7 +441,8 @@ def test_requests_of_the_servers_own_origin_or_none_are_served(client, headers):
 
 def test_a_server_allowing_any_origin_serves_every_page():
     with ready_client(cors_origins=["*"]) as any_origin:
-        r = any_origin.post("/v1/sessions", files={"seed": (None, "7")}, headers={"origin": "https://a.example"})
+        page = {"origin": "https://a.example"}
+        r = any_origin.post("/v1/sessions", files={"seed": (None, "7")}, headers=page)
         assert r.status_code == 201, r.text
         any_origin.delete(r.json()["resource"], headers=auth(r.json()["token"]))
 

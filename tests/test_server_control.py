@@ -156,10 +156,11 @@ async def test_one_speak_at_a_time_per_session_and_a_text_too_long_is_refused_be
     assert await first == 0.1 and not session.speech_turns.busy
     # more than the whole queue holds: no interrupt makes room for it ("queue is full" on an
     # empty queue sent people clearing it)
-    with pytest.raises(speech.SpeechError, match=r"text too long: at least [0-9.]+ s of speech, more than the 30 s"):
+    too_long = r"text too long: at least [0-9.]+ s of speech, more than the 30 s"
+    with pytest.raises(speech.SpeechError, match=too_long):
         await speech.speak(session, "word " * 200)  # ~70 s of speech
     session.timeline.append(np.zeros(25 * 16000, np.float32), source="speech", whole=True)
-    with pytest.raises(speech.SpeechError, match=r"speech queue is full: 4.9 s of room, too little for this text"):
+    with pytest.raises(speech.SpeechError, match=r"queue is full: 4.9 s of room, too little for this text"):
         await speech.speak(session, "word " * 30)  # more than 5 s, less than 30
 
 

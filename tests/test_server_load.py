@@ -246,7 +246,8 @@ async def test_graceful_shutdown_closes_sockets_and_peers():
     # the sessions closed as the server's doing, before uvicorn ends its connections (1012, no
     # reason, logged and counted as the client's doing)
     assert closed_codes == [(1001, "server shutting down")], closed_codes
-    assert 'streamgen_sessions_closed_total{reason="server shutting down"} 2.0' in app.state.metrics.render().decode()
+    closed = 'streamgen_sessions_closed_total{reason="server shutting down"} 2.0'
+    assert closed in app.state.metrics.render().decode()
     assert app.state.registry.sessions == {}
     await pc.close()
 

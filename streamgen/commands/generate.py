@@ -83,7 +83,9 @@ def run(args) -> int:
     except MediaError as e:
         raise UserError(str(e)) from None
     out = Path(args.out)
-    if str(args.out).endswith(("/", os.sep)) and not out.is_dir():  # (Path drops the slash: a file was written)
+    if (
+        str(args.out).endswith(("/", os.sep)) and not out.is_dir()
+    ):  # (Path drops the slash: a file was written)
         raise UserError(f"--out {args.out} names a folder, which does not exist; give the file to write")
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give the file to write, e.g. {out / 'avatar.mp4'}")
