@@ -13,6 +13,7 @@ logging, atomic checkpoints, the NaN stop and the final export.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import math
@@ -237,6 +238,42 @@ def _check_writable(folder: Path, key: str, make: bool) -> None:
             raise TrainingError(f"{key}: cannot make {folder}: {e.strerror}") from None
 
 
+RUN_LOCK = ".run.lock"  # in run.out: held (flock) by the run writing there, naming its process
+
+
+@contextlib.contextmanager
+def one_run_at_a_time(out: Path):
+    """run.out for this run alone: a second run into it at once (before the first had written a
+    checkpoint, which the "pass --resume" check would have seen) trained beside it, the two runs'
+    steps in one log, their checkpoints and exports over each other's, and both said "finished".
+    The lock goes with the process however it ends. Where the file system takes no lock (ENOLCK,
+    EOPNOTSUPP) runs are not kept apart."""
+    import fcntl
+    import socket
+
+    path = out / RUN_LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise TrainingError(f"run.out: cannot write {path}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise TrainingError(
+                f"{out} is in use by another training run ({holder}): wait for it to end, or set "
+                "run.out to another folder"
+            ) from None
+        except OSError:  # (no locks on this file system)
+            pass
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def build_stage(cfg: TrainConfig, world: World):
     module = importlib.import_module(STAGE_MODULES[cfg.stage])
     return module.Stage(cfg, world)
@@ -258,8 +295,13 @@ class Trainer:
             close_world(world)
 
     def _run(self, world: World) -> dict:
-        cfg, out = self.cfg, Path(self.cfg.run.out)
+        out = Path(self.cfg.run.out)
         _check_writable(out, "run.out", make=True)
+        with one_run_at_a_time(out) if world.is_main else contextlib.nullcontext():
+            return self._run_in(out, world)
+
+    def _run_in(self, out: Path, world: World) -> dict:
+        cfg = self.cfg
         if cfg.run.export:  # (found after the whole run, it failed the export with a traceback)
             _check_writable(Path(cfg.run.export), "run.export", make=False)
         self.data_identity = data_identity(cfg)  # (before the stage is built: the data it reads)

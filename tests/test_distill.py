@@ -589,3 +589,21 @@ def test_an_export_that_another_export_keeps_out_is_one_line_and_resume_exports(
     assert not (export / "model.json").exists()
     assert main([*argv, "--resume"]) == 0
     assert (export / "model.json").exists()
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
+    """Two runs into one run.out at once, before the first had saved a checkpoint, both trained and
+    both said "finished": one log of both runs' steps, checkpoints and exports over each other."""
+    import os
+
+    from distill.trainer import RUN_LOCK, TrainingError, one_run_at_a_time
+
+    out = tmp_path / "t"
+    out.mkdir()
+    with one_run_at_a_time(out):  # as the first run holds it
+        in_use = rf"{out} is in use by another training run \(pid {os.getpid()} on "
+        with pytest.raises(TrainingError, match=in_use):
+            run(debug_config("teacher", out, **{"run.steps": 2}))
+        assert not (out / "checkpoints").exists() and not (out / "scalars.jsonl").exists()
+    run(debug_config("teacher", out, **{"run.steps": 2}))  # free once it ends
+    assert (out / RUN_LOCK).exists() and ckpt.latest_checkpoint(out) is not None
