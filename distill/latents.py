@@ -38,7 +38,12 @@ def build_latents(cfg) -> list[Path]:
         raise DataMissing("model.vae must name the trained autoencoder (the autoencoder stage's OUT/model)")
     mcfg = get_config(cfg.model.flavor, **cfg.model.overrides)
     vae = load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
-    _claim_cache(root / "latents" / cfg.data.latents, vae, cfg.model.vae)
+    try:
+        _claim_cache(root / "latents" / cfg.data.latents, vae, cfg.model.vae)
+    except OSError as e:  # a file in the way, a read-only data root
+        raise DataMissing(
+            f"cannot write the latents into {root / 'latents' / cfg.data.latents}: {e.strerror or e}"
+        ) from None
 
     @torch.no_grad()
     def encode(video: np.ndarray) -> np.ndarray:
@@ -59,7 +64,10 @@ def build_latents(cfg) -> list[Path]:
         except DataError as e:
             raise DataMissing(str(e)) from None
         path = bank_path(root, cfg.data.latents, split)
+        captions = "true" if cfg.options.captions else "false"
         if path.exists():
+            _check_kept_bank(path, captions)
+            print(f"latents: {split}: kept {path} (encoded before)")
             written.append(path)
             continue
         if len(ds) == 0:
@@ -78,7 +86,7 @@ def build_latents(cfg) -> list[Path]:
             "audio": torch.from_numpy(np.stack([_fit(it["audio"], samples) for it in items])),
             "context": _captions([it["caption"] for it in items], mcfg.text_dim, cfg.options.captions),
         }
-        save_safetensors(tensors, path)
+        save_safetensors(tensors, path, metadata={"captions": captions})
         written.append(path)
         print(f"latents: {split}: {len(items)} clips, {frames} latent frames each -> {path}")
     return written
@@ -125,6 +133,21 @@ def _claim_cache(folder: Path, vae, source: str) -> None:
     record = {"digest": autoencoder_digest(vae), "digest_half": autoencoder_digest(vae, half_parameters=True),
               "source": source}  # fmt: skip
     write_text_atomically(mark, json.dumps(record) + "\n")
+
+
+def _check_kept_bank(path: Path, captions: str) -> None:
+    """A bank encoded before is kept (its clips' latents are the cached ones): with another
+    latents.captions it would be kept all the same, its captions not what was asked for, without a
+    word. A bank from before the setting was recorded is taken as it is."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        kept = (f.metadata() or {}).get("captions")
+    if kept is not None and kept != captions:
+        raise ConfigError(
+            f"{path} was encoded with latents.captions={kept}, not {captions}: choose another data.latents "
+            f"name, or delete {path} to encode it again"
+        )
 
 
 def _fit(audio: np.ndarray, samples: int) -> np.ndarray:

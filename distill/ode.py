@@ -116,10 +116,17 @@ class Stage:
         with safe_open(str(path), "pt") as f:
             kept = f.metadata() or {}
         unknown = {"teacher_weights": NO_FILE_DIGEST}  # (a record that says nothing)
+        weights = kept.get("teacher_weights")
+        # the teacher by its weights where both know them: the same one spelt otherwise (absolute,
+        # with a trailing slash, as `make model RUNS=...` may give it) sent people deleting these
+        same_teacher = weights not in (None, NO_FILE_DIGEST) and weights == made_with.get("teacher_weights")
         differ = [
             f"{k}: {kept[k]} there, {v} here"
             for k, v in made_with.items()
-            if k in kept and kept[k] != v and kept[k] != unknown.get(k)
+            if k in kept
+            and kept[k] != v
+            and kept[k] != unknown.get(k)
+            and not (k == "teacher" and same_teacher)
         ]
         if differ:
             raise ConfigError(

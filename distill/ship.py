@@ -10,6 +10,7 @@ written only when someone decides the trained model is worth shipping.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 
@@ -24,6 +25,9 @@ def ship(source: str, name: str, assets: Path | None = None) -> Path:
     from distill.build import export_model
     from streamgen.models import MODEL_META_DEFAULTS, MODELS_DIR, load_model_dir, resolve_model_dir
 
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        # ('', '../evaluators', 'a/b', an absolute path: written beside or outside the shipped models)
+        raise ValueError(f"{name!r} is not a model name: letters, digits, '.', '_' and '-', e.g. tiny-avatar")
     src = resolve_model_dir(source)
     if src is None:
         raise FileNotFoundError(f"{source} is not a model directory (no model.json)")

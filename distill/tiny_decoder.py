@@ -65,7 +65,10 @@ class Stage:
                 narrower_decoder(self.teacher, self.opts.widths).to(world.device).train()
             )
         elif self.opts.init:
-            decoder = TinyDecoder.from_checkpoint(self.opts.init)
+            try:
+                decoder = TinyDecoder.from_checkpoint(self.opts.init)
+            except (FileNotFoundError, ValueError) as e:  # (a missing one was a traceback)
+                raise ConfigError(f"tiny_decoder.init: {e}") from None
         else:
             space_stages = len(self.opts.widths) - 1
             decoder = TinyDecoder(

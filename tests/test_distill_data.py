@@ -193,3 +193,36 @@ def test_a_stage_decoding_with_another_autoencoder_than_the_banks_is_refused(wor
         run(world_config("teacher", tmp_path / f"t-{vae.name}", root, **edits, **{"model.vae": str(vae)}))
     accepted = {**edits, "model.vae": str(other), "data.accept_remade": True}
     run(world_config("teacher", tmp_path / "on-purpose", root, **accepted))
+
+
+def test_latents_kept_from_before_with_other_captions_are_refused(world, autoencoder, tmp_path, capsys):
+    """A bank encoded before is kept: with another latents.captions it was kept all the same, its
+    captions not what was asked for, with no word said."""
+    import shutil
+
+    from distill.config import ConfigError
+    from distill.latents import build_latents
+
+    root = tmp_path / "world"
+    shutil.copytree(world, root)
+    cfg = latents_config(root, autoencoder, "dbg", ["train"])
+    cfg.options.captions = False
+    banks = build_latents(cfg)
+    assert build_latents(cfg) == banks and "kept" in capsys.readouterr().out  # the same: said kept
+    cfg.options.captions = True
+    with pytest.raises(ConfigError, match=r"encoded with latents\.captions=false, not true: choose another"):
+        build_latents(cfg)
+
+
+def test_latents_that_cannot_be_written_are_one_line(world, autoencoder, tmp_path):
+    """A file in the way of DATA/latents was a NotADirectoryError's traceback."""
+    import shutil
+
+    from distill.data import DataMissing
+    from distill.latents import build_latents
+
+    root = tmp_path / "world"
+    shutil.copytree(world, root)
+    (root / "latents").write_text("in the way")
+    with pytest.raises(DataMissing, match=r"cannot write the latents into .*latents/dbg: Not a directory"):
+        build_latents(latents_config(root, autoencoder, "dbg", ["train"]))

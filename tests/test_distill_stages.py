@@ -240,6 +240,26 @@ def test_ode_trajectories_of_a_teacher_retrained_at_the_same_path_are_refused(pi
         run(cfg(2), resume=True)
 
 
+def test_ode_trajectories_of_the_same_teacher_spelt_otherwise_are_kept(pipeline, tmp_path):
+    """The teacher's path was compared as text: the same teacher by another path (a trailing
+    slash, a link, absolute against relative, as `make model RUNS=...` may give it) was refused,
+    with advice to delete the trajectories; its weights' digest says it is the same."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(pipeline["teacher"], teacher)
+    (tmp_path / "link").symlink_to(teacher)
+    run(debug_config("ode", tmp_path / "ode", teacher=teacher, init=teacher, **{"run.steps": 1}))
+    path = tmp_path / "ode" / "trajectories.safetensors"
+    mtime = path.stat().st_mtime_ns
+    for steps, spelt in ((2, f"{teacher}/"), (3, tmp_path / "link")):
+        run(
+            debug_config("ode", tmp_path / "ode", teacher=spelt, init=teacher, **{"run.steps": steps}),
+            resume=True,
+        )
+    assert path.stat().st_mtime_ns == mtime  # not sampled again
+
+
 def test_ode_trajectories_record_the_digest_of_the_teacher_that_sampled_them(pipeline, tmp_path, monkeypatch):
     """The digest in the trajectories' file was read from dit.safetensors apart from the teacher's
     weights: a teacher re-exported between the two reads sampled them under the old one's digest

@@ -166,3 +166,12 @@ def test_a_narrower_decoders_model_is_re_exported_whole(tmp_path, monkeypatch):
     Stage._export_model(stage, narrow, out)
     monkeypatch.undo()
     assert load_model(str(out)).vae.config == exports[1][1]
+
+
+def test_a_missing_init_checkpoint_is_one_line(tmp_path):
+    """A missing tiny_decoder.init was a FileNotFoundError's traceback (a bad file was one line)."""
+    from distill.config import ConfigError
+
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(ConfigError, match=rf"tiny_decoder.init: no tiny decoder checkpoint at {missing}"):
+        run(debug_config("tiny_decoder", tmp_path / "td", **{"tiny_decoder.init": str(missing)}))

@@ -640,3 +640,13 @@ def test_distillation_refuses_a_wan_vae_folder_whose_save_was_cut_short(tmp_path
     monkeypatch.undo()
     with pytest.raises(ModelSourceError, match="cut short"):
         load_vae(ModelConfigSection(vae=f"wan:{folder}"), latent_channels=4, temporal=4, seed=0)
+
+
+@pytest.mark.parametrize("name", ["", "../evaluators", "tiny-avatar/sub", "/tmp/x", ".hidden"])
+def test_ship_takes_a_plain_name(tmp_path, name, capsys):
+    """'' wrote a model's files into the models folder itself, '../evaluators' into the evaluators'."""
+    from distill.ship import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "no-matter"), name])
+    assert exit_.value.code == 2 and "is not a model name" in capsys.readouterr().err
