@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -312,10 +313,12 @@ def _check_type(value, hint, where: str):
     hint = ""
     if float in allowed and isinstance(value, str):
         try:
-            float(value)
-            hint = f" (YAML reads {value} as text: give it a decimal point, as in 1.0e-3)"
+            number = float(value)
         except ValueError:
             pass
+        else:  # ("nan" and "inf" read as floats; YAML's own .nan and .inf are refused below)
+            hint = (f" (YAML reads {value} as text: give it a decimal point, as in 1.0e-3)" if math.isfinite(number)
+                    else " (not a finite number)")  # fmt: skip
     raise ConfigError(f"{where}: expected {names}, got {value!r}{hint}")
 
 
@@ -499,6 +502,7 @@ def _validate(cfg: TrainConfig, path) -> None:
             problems.append(f"{name} must name splits of {', '.join(SPLITS)}, got {values!r}")
     if cfg.run.device not in ("auto", "cpu", "cuda"):
         problems.append(f"run.device must be auto, cpu or cuda, got {cfg.run.device!r}")
+    problems += _override_type_problems(cfg.model.overrides)
     try:  # the flavor and its overrides make a model config
         get_config(cfg.model.flavor, **cfg.model.overrides)
     except KeyError as e:
@@ -507,6 +511,32 @@ def _validate(cfg: TrainConfig, path) -> None:
         problems.append(f"model.overrides: {e}")
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
+
+
+def _override_type_problems(overrides: dict) -> list[str]:
+    """model.overrides whose values are not of their ModelConfig field's type: 'abc' for an int
+    came out of the model config's own checks as "'<' not supported between instances of 'str'
+    and 'int'"."""
+    from streamgen.model.config import ModelConfig
+
+    hints = typing.get_type_hints(ModelConfig)
+    problems = []
+    for name, value in overrides.items():
+        t = hints.get(name)
+        if t is None:
+            continue  # (an unknown field: the model config names it)
+        base = typing.get_origin(t) or t
+        ok = {
+            bool: lambda v: isinstance(v, bool),
+            int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+            float: lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
+            tuple: lambda v: isinstance(v, list | tuple),
+            str: lambda v: isinstance(v, str),
+        }.get(base, lambda v: True)(value)
+        if not ok:
+            expected = getattr(base, "__name__", base)
+            problems.append(f"model.overrides.{name}: expected {expected}, got {value!r}")
+    return problems
 
 
 def find_config(name_or_path: str, stage: str) -> Path:

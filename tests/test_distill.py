@@ -522,6 +522,11 @@ def test_a_resumed_ema_lives_where_its_module_does():
     [
         (["--set", "model.height=17"], "cannot build the teacher stage from this config: frame size 17x"),
         (["--set", "model.overrides.num_layers=0"], "num_layers must be at least 1, not 0"),
+        # (was "model.overrides: '<' not supported between instances of 'str' and 'int'")
+        (["--set", "model.overrides.window_frames=abc"], "overrides.window_frames: expected int, got 'abc'"),
+        (["--set", "model.overrides.patch_size=2"], "model.overrides.patch_size: expected tuple, got 2"),
+        # (was "(YAML reads nan as text: give it a decimal point, as in 1.0e-3)")
+        (["--set", "optim.lr=nan"], "optim.lr: expected float, got 'nan' (not a finite number)"),
         (["--out", "{file}/x"], "a file is in its way ({file})"),
         (["--set", "run.export={file}"], "run.export {file} is a file, not a folder"),  # was: after training
         (["--out", "/proc/streamgen-run"], "run.out: cannot make /proc/streamgen-run: No such file"),  # (a traceback)
