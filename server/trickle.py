@@ -18,9 +18,11 @@ have them): a fragment's are compared with those of the section they belong to i
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import secrets
 from dataclasses import dataclass, field
 
+from aioice import mdns
 from aiortc import RTCPeerConnection
 from aiortc.sdp import candidate_from_sdp
 
@@ -84,9 +86,12 @@ def parse_fragment(text: str) -> Fragment:
         elif line.startswith("a=candidate:"):
             value = line[len("a=candidate:") :]
             try:
-                candidate_from_sdp(value)
+                candidate = candidate_from_sdp(value)
             except (ValueError, IndexError, AssertionError):  # aiortc's parser raises each
                 raise FragmentError(f"line {number}: not an ICE candidate: {line[:100]!r}") from None
+            problem = unusable(candidate)
+            if problem:
+                raise FragmentError(f"line {number}: {problem}: {line[:100]!r}")
             frag.candidates.append((mid, value))
         elif line == "a=end-of-candidates":
             frag.end = True
@@ -94,6 +99,32 @@ def parse_fragment(text: str) -> Fragment:
             raise FragmentError(f"line {number}: not an SDP line: {line[:100]!r}")
     _named(unnamed)
     return frag
+
+
+CANDIDATE_TYPES = ("host", "srflx", "prflx", "relay")
+
+
+def unusable(candidate) -> str | None:
+    """Why an ICE agent could not use a candidate aiortc reads, or None. aiortc reads any text as
+    the address and any integer as the port: such a candidate got a 204, counted against the
+    session's MAX_CANDIDATES, and aioice dropped it with a line at INFO, or checked port 99999."""
+    host = candidate.ip
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not mdns.is_mdns_hostname(host):  # (a browser's `<uuid>.local`: the names aioice resolves)
+            return f"{host[:60]} is neither an IP address nor an mDNS name (NAME.local)"
+    if not 1 <= candidate.port <= 65535:
+        return f"port {candidate.port} is not in 1-65535"
+    if not 1 <= candidate.component <= 256:
+        return f"component {candidate.component} is not in 1-256"
+    if candidate.protocol.lower() not in ("udp", "tcp"):
+        return f"transport {candidate.protocol[:20]!r} is not udp or tcp"
+    if candidate.type not in CANDIDATE_TYPES:
+        return (
+            f"type {candidate.type[:20]!r} is not {', '.join(CANDIDATE_TYPES[:-1])} or {CANDIDATE_TYPES[-1]}"
+        )
+    return None
 
 
 def _named(unnamed: dict[str, str]) -> None:

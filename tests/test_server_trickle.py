@@ -37,6 +37,13 @@ def test_a_fragment_gives_its_credentials_and_each_candidate_under_its_mid():
         ("1", "192.0.2.1"),
     ]
     assert parse_fragment("a=end-of-candidates\r\n").end and not parse_fragment("").candidates
+    # what browsers and players send: IPv4, IPv6, a browser's mDNS name, TCP, a relay
+    for candidate in ("1 1 udp 2122260223 192.0.2.1 54321 typ host",
+                      "2 1 UDP 2122262783 2001:db8::1 54322 typ host",
+                      "3 1 udp 2122260223 4f1c7a52-1d3b-4c0e-9a86-0f3d1e2b6c7d.local 54323 typ host",
+                      "4 1 tcp 1518280447 192.0.2.1 9 typ host tcptype active",
+                      "5 1 udp 41885439 203.0.113.7 3478 typ relay raddr 192.0.2.1 rport 54321"):  # fmt: skip
+        assert parse_fragment(f"a=candidate:{candidate}").candidates == [(None, candidate)]
 
 
 @pytest.mark.parametrize(
@@ -49,6 +56,22 @@ def test_a_fragment_gives_its_credentials_and_each_candidate_under_its_mid():
         ("a=mid:0\na=ice-pwd:a\na=ice-pwd:b", "two different a=ice-pwd in one media section"),
         ("m=audio 9 RTP/AVP 0\na=ice-ufrag:a\nm=video 9 RTP/AVP 0\na=mid:1", "media section without a=mid:"),
         ("m=audio 9 RTP/AVP 0\na=ice-ufrag:a", "media section without a=mid:"),
+        # candidates aiortc reads but no ICE agent can use: they got a 204 and counted against the
+        # session's 64, and the agent dropped them with a line at INFO or ran checks to port 99999
+        (
+            "a=candidate:1 1 udp 1 999.1.1.1 5000 typ host",
+            "999.1.1.1 is neither an IP address nor an mDNS name",
+        ),
+        (
+            "a=candidate:1 1 udp 1 localhost 5000 typ host",
+            "localhost is neither an IP address nor an mDNS name",
+        ),
+        ("a=candidate:1 1 udp 1 zz::zz::zz 5000 typ host", "neither an IP address"),
+        ("a=candidate:1 1 udp 1 192.0.2.1 99999 typ host", "port 99999 is not in 1-65535"),
+        ("a=candidate:1 1 udp 1 192.0.2.1 -5 typ host", "port -5 is not in 1-65535"),
+        ("a=candidate:1 1 udp 1 192.0.2.1 5000 typ foo", "type 'foo' is not host, srflx, prflx or relay"),
+        ("a=candidate:1 1 sctp 1 192.0.2.1 5000 typ host", "transport 'sctp' is not udp or tcp"),
+        ("a=candidate:1 0 udp 1 192.0.2.1 5000 typ host", "component 0 is not in 1-256"),
     ],
 )
 def test_a_fragment_that_cannot_be_read_says_which_line(text, says):
