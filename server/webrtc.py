@@ -62,6 +62,12 @@ def check_offer(sdp: str) -> set[str]:
             raise OfferError("malformed SDP: the video m-line has no a=fingerprint (DTLS-SRTP is required)")
         if not m.ice or not m.ice.usernameFragment or not m.ice.password:
             raise OfferError("malformed SDP: the video m-line has no a=ice-ufrag / a=ice-pwd")
+    mids = {m.rtp.muxId for m in parsed.media}
+    for group in parsed.group:  # (aiortc failed on a BUNDLE of a mid no m-line has: an AttributeError)
+        unknown = [mid for mid in group.items if mid not in mids]
+        if group.semantic == "BUNDLE" and unknown:
+            mid = unknown[0][:20]
+            raise OfferError(f"malformed SDP: a=group:BUNDLE names mid {mid!r}, which no m-line has")
     candidates = sum(len(m.ice_candidates) for m in parsed.media)
     if candidates > MAX_CANDIDATES:
         raise OfferError(f"offer has {candidates} ICE candidates: a session takes at most {MAX_CANDIDATES}")

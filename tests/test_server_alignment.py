@@ -349,15 +349,18 @@ def test_due_chunks_go_before_jobs_that_have_not_waited_long():
     assert worker._next(0)[0] is not None  # waited long enough: before the due chunk
 
 
-def test_serve_no_align_batches_reaches_the_server_config(monkeypatch):
-    import uvicorn
+def served(server) -> None:
+    """SessionClosingServer.run, as if it had served until stopped."""
+    server.started = True
 
+
+def test_serve_no_align_batches_reaches_the_server_config(monkeypatch):
     import server.app
     from streamgen.cli import main
 
     configs = []
     monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
-    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", served)
     assert main(["serve", "--model", "debug"]) == 0
     assert main(["serve", "--model", "debug", "--no-align-batches"]) == 0
     assert [c.align_batches for c in configs] == [True, False]
@@ -365,15 +368,14 @@ def test_serve_no_align_batches_reaches_the_server_config(monkeypatch):
 
 def test_serve_offers_websocket_compression_only_when_asked(monkeypatch):
     """Every frame would be deflated in the event loop's thread: off unless --ws-compression."""
-    import uvicorn
-
     from streamgen.cli import main
 
-    calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: calls.append(kwargs))
+    configs = []
+    run = "server.uvicorn_server.SessionClosingServer.run"
+    monkeypatch.setattr(run, lambda server: configs.append(server.config) or served(server))
     assert main(["serve", "--model", "debug"]) == 0
     assert main(["serve", "--model", "debug", "--ws-compression"]) == 0
-    assert [c["ws_per_message_deflate"] for c in calls] == [False, True]
+    assert [c.ws_per_message_deflate for c in configs] == [False, True]
 
 
 def test_the_capacity_counts_the_batches_the_worker_runs_for_sessions_due_either_side_of_one(monkeypatch):

@@ -253,14 +253,12 @@ def test_a_port_in_use_or_an_unknown_host_is_refused_before_the_model_loads(host
     model had loaded, warmed and measured its capacity: minutes for a large one."""
     import socket
 
-    import uvicorn
-
     from streamgen.cli import main
 
     def serve(*args, **kwargs):
         raise AssertionError("the server started")
 
-    monkeypatch.setattr(uvicorn, "run", serve)
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -298,14 +296,12 @@ def test_a_server_token_no_request_can_carry_is_refused_at_start(token, capsys, 
     made on: an empty bearer counts as none (401 for every request), and a token with white space
     or a character outside ASCII cannot be sent in `Authorization: Bearer` as it is. Refused in
     one line before the model loads."""
-    import uvicorn
-
     from streamgen.cli import main
 
     def serve(*args, **kwargs):  # (it would serve until stopped)
         raise AssertionError("the server started")
 
-    monkeypatch.setattr(uvicorn, "run", serve)
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
     assert main(["serve", "--model", "debug", "--token", token]) == 2
     err = capsys.readouterr().err
     assert "--token" in err and "printable ASCII" in err and len(err.strip().splitlines()) == 1, err
@@ -339,6 +335,22 @@ def test_offer_without_usable_video(client):
     s = new_session(client)
     r = client.post(s["whep"], content=audio_only.encode(), headers={"content-type": "application/sdp", **auth(s["token"])})
     assert r.status_code == 400 and "no usable media" in r.json()["message"]
+    client.delete(s["resource"], headers=auth(s["token"]))
+
+
+def test_an_offer_bundling_a_mid_it_lacks_is_named(client):
+    """aiortc failed on it with an AttributeError, which was the 400's message, and its task's
+    exception was logged at ERROR as never retrieved."""
+    video = (
+        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 7 0\r\n"
+        "m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 127.0.0.1\r\na=mid:0\r\na=recvonly\r\n"
+        "a=rtpmap:96 VP8/90000\r\na=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\n"
+        "a=fingerprint:sha-256 " + ":".join(["AB"] * 32) + "\r\na=setup:actpass\r\n"
+    )
+    s = new_session(client)
+    headers = {"content-type": "application/sdp", **auth(s["token"])}
+    r = client.post(s["whep"], content=video.encode(), headers=headers)
+    assert r.status_code == 400 and "BUNDLE names mid '7', which no m-line has" in r.json()["message"], r.text
     client.delete(s["resource"], headers=auth(s["token"]))
 
 
