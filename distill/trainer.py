@@ -238,6 +238,17 @@ def _check_writable(folder: Path, key: str, make: bool) -> None:
             raise TrainingError(f"{key}: cannot make {folder}: {e.strerror}") from None
 
 
+def _exported_stage(out: Path) -> str | None:
+    """The stage whose model run.out's `model/` holds (its model.json says), or None."""
+    import json
+
+    try:
+        stage = json.loads((out / "model" / "model.json").read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stage if isinstance(stage, str) else None
+
+
 RUN_LOCK = ".run.lock"  # in run.out: held (flock) by the run writing there, naming its process
 
 
@@ -384,6 +395,12 @@ class Trainer:
         to use: checked before the stage is built, which may write into run.out (the ODE stage's
         trajectories). Newer checkpoints that cannot be read are set aside, with a warning, for
         the newest one that can: a resume from the step before beats no resume."""
+        exported = _exported_stage(out)
+        if exported not in (None, self.cfg.stage):  # (the checkpoints deleted, the export kept)
+            raise TrainingError(
+                f"{out} holds the model the {exported} stage exported ({out / 'model'}), which this "
+                f"{self.cfg.stage} run would write into: set run.out to a new folder"
+            )
         latest = ckpt.latest_checkpoint(out)
         if latest is None:
             return None  # (with --resume too: nothing to resume, a fresh start)

@@ -612,3 +612,20 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
         assert not (out / "checkpoints").exists() and not (out / "scalars.jsonl").exists()
     run(debug_config("teacher", out, **{"run.steps": 2}))  # free once it ends
     assert (out / RUN_LOCK).exists() and ckpt.latest_checkpoint(out) is not None
+
+
+def test_another_stages_model_is_not_written_into_when_its_checkpoints_are_gone(tmp_path):
+    """Only checkpoints told a run.out apart: with them deleted, an autoencoder run replaced the
+    autoencoder inside a teacher's exported model and left its DiT and model.json."""
+    import shutil
+
+    from distill.trainer import TrainingError
+
+    out = tmp_path / "t"
+    run(debug_config("teacher", out, **{"run.steps": 2}))
+    shutil.rmtree(out / "checkpoints")
+    before = (out / "model" / "vae.safetensors").read_bytes()
+    with pytest.raises(TrainingError, match=r"holds the model the teacher stage exported .* set run\.out"):
+        run(debug_config("autoencoder", out, **{"run.steps": 2}))
+    assert (out / "model" / "vae.safetensors").read_bytes() == before
+    run(debug_config("teacher", out, **{"run.steps": 2}))  # its own stage: a fresh run, as before
