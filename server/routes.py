@@ -165,14 +165,18 @@ async def _session_fields(request: Request, config) -> tuple[dict, bytes | None]
             raise ApiError(400, "bad_form", "multipart body is incomplete (no closing boundary): "
                            "the upload was cut short; send it again")  # fmt: skip
         try:
-            form = await request.form(max_files=1, max_fields=8)
+            # (more files than one let in, to be named below: "Too many files" for a caption sent as a file)
+            form = await request.form(max_files=len(SESSION_FIELDS) + 1, max_fields=8)
         except Exception as e:  # starlette raises its own parse errors
             raise ApiError(400, "bad_form", f"multipart body could not be parsed: {e}") from None
         fields, upload = {}, None
         for key, value in form.multi_items():
             if hasattr(value, "read"):
                 if key != "reference":
-                    raise ApiError(400, "bad_form", f"unexpected file field {key[:40]!r}; use 'reference'")
+                    raise ApiError(400, "bad_form", f"unexpected file field {key[:40]!r}: the reference image "
+                                   "goes as the 'reference' file, avatar, caption and seed as text fields")  # fmt: skip
+                if upload is not None:  # (the last one was taken, the others ignored)
+                    raise ApiError(400, "bad_form", "two 'reference' files: send one image")
                 upload = await value.read()
             else:
                 fields[key] = value

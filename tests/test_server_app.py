@@ -168,6 +168,16 @@ def test_bad_session_requests(client, kwargs, status):
     assert "message" in r.json()
 
 
+def test_files_other_than_one_reference_are_named(client):
+    """A caption sent as a file was "Too many files. Maximum number of files is 1."; of two
+    references the second was taken without a word."""
+    face = ("f.png", png_bytes(), "image/png")
+    r = client.post("/v1/sessions", files={"reference": face, "caption": ("c.txt", b"hi", "text/plain")})
+    assert r.status_code == 400 and "unexpected file field 'caption'" in r.json()["message"], r.text
+    r = client.post("/v1/sessions", files=[("reference", face), ("reference", face)])
+    assert r.status_code == 400 and "two 'reference' files" in r.json()["message"], r.text
+
+
 def test_a_caption_that_is_not_unicode_text_is_a_422(client):
     """JSON may spell a lone surrogate ("\\ud800"): the caption encoder's tokenizer raised a
     TypeError on it, a 500 with a traceback (here and in control messages)."""
