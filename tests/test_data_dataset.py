@@ -138,6 +138,7 @@ def test_cli_make_preview_and_errors(tmp_path, capsys):
     assert (tmp_path / "p" / "preview.mp4").stat().st_size > 1000
     assert main(["data", "preview", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "q")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()  # (it was made, and left empty)
 
 
 def test_the_speed_is_counted_in_clips_of_4_seconds():

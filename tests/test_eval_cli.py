@@ -30,8 +30,9 @@ def test_eval_errors_leave_no_report(tmp_path, capsys):
     assert code == 2
     assert "missing evaluator checkpoint" in capsys.readouterr().err
     assert not (out / "report.json").exists()
-    assert main(["eval", "--out", str(out)]) == 2
+    assert main(["eval", "--out", str(tmp_path / "never")]) == 2
     assert "--model is required" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()  # refused before anything is made (it was made, and left empty)
     assert main(["eval", "--model", "no-such-model", "--clips", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "cannot load model 'no-such-model'" in err

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.data_command == "make":
             return _make(args)
-        output_folder(args.out)  # before the clips are made
+        output_folder(args.out, make=False)  # a file in its way: before the clips are made
         return _preview(args)
     except (DataError, SpeechError) as e:
         raise UserError(str(e)) from None
@@ -111,6 +111,9 @@ def _preview(args) -> int:
         clips = [(c.video, c.audio, c.reference) for c in made]
     if not clips:
         raise_empty(args)
+    from streamgen.cli import output_folder
+
+    output_folder(args.out)  # (once the clips are read: a --data that is not there made it, empty)
     factor = max(1, 128 // clips[0][0].shape[1])
     rows = [upscale(np.concatenate([ref[None], video]), factor) for video, _, ref in clips]
     save_png(args.out / "contact_sheet.png", contact_sheet(rows))

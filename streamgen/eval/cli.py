@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out is None:
         raise UserError("--out is required")
-    output_folder(args.out)
+    output_folder(args.out, make=False)  # a file in its way: now; the folder made once all is checked
     if args.clips is not None and args.clips < 1:
         raise UserError("--clips must be at least 1")
     if args.minutes is not None and not args.minutes * 60 * 25 >= 2:  # (nan too)
@@ -67,12 +67,14 @@ def run(args: argparse.Namespace) -> int:
     if args.minutes is not None and not args.minutes <= MAX_MINUTES:  # (inf failed after scoring every clip)
         raise UserError(f"--minutes is at most {MAX_MINUTES} (a stream that long per clip)")
     if args.action == "train-evaluators":
+        output_folder(args.out)
         return _train(args)
     if args.data is not None:  # (it was ignored: the clips came from the world, made on the fly)
         raise UserError("--data is for train-evaluators; eval makes its clips from the world (--split)")
     if not args.model:
         raise UserError("--model is required (a model name or path, or 'ground-truth')")
     check_device(args.device)
+    output_folder(args.out)
     return _evaluate(args)
 
 
