@@ -16,8 +16,12 @@ from streamgen.data.speech import LANGUAGES, Voice, count_phonemes, synthesize
 pytestmark = pytest.mark.timeout(120)
 
 
-def spoken_session(room_s: float) -> SimpleNamespace:
-    timeline, turns = AudioTimeline(room_s), SpeechTurns()
+def spoken_session(room_s: float, queue_s: float = 30.0) -> SimpleNamespace:
+    """A session whose speech queue holds `queue_s` and has `room_s` of it left (the rest queued:
+    a text longer than the whole queue is refused as too long, not for the room)."""
+    timeline, turns = AudioTimeline(queue_s), SpeechTurns()
+    if queue_s > room_s:
+        timeline.append(np.zeros(round((queue_s - room_s) * 16000), np.float32), source="speech", whole=True)
     return SimpleNamespace(timeline=timeline, closed=False, speech_turns=turns, touch=lambda: None)
 
 
