@@ -281,7 +281,7 @@ def plot(result: dict, path) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-avatar")
     p.add_argument("--sizes", type=frame_size, nargs="+", default=[128, 192, 256], help="square frame sizes")
-    p.add_argument("--latent-frames", type=int, default=None, help="per chunk (default: the model's)")
+    p.add_argument("--latent-frames", type=positive_int, help="per chunk (default: the model's)")
     p.add_argument("--rounds", type=positive_int, default=7, help="timed decodes per variant, alternating")
     p.add_argument(
         "--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)"

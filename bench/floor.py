@@ -48,7 +48,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from bench.ceilings import H200_COPY_GBPS, H200_MATMUL_TFLOPS, measure_ceilings
-from streamgen.cli import frame_size
+from streamgen.cli import frame_size, positive_int, positive_number, whole_number
 from streamgen.model.audio import VIDEO_FPS
 from streamgen.model.model import DiT
 from streamgen.stream import StreamSession
@@ -363,15 +363,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="wan2.1-1.3b", help=f"{' or '.join(WAN_FLAVORS)}, or a streamgen model")
     p.add_argument("--height", type=frame_size, help="default: 480 for the Wan flavors, else the model's own")
     p.add_argument("--width", type=frame_size, help="default: 832 for the Wan flavors, else the model's own")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--text-tokens", type=int, default=512, help="Wan: text context length (T5's)")
-    p.add_argument("--window", type=int, default=21, help="Wan: latent frames in the ring")
+    p.add_argument("--steps", type=positive_int, default=4)
+    p.add_argument("--text-tokens", type=positive_int, default=512, help="Wan: text context length (T5's)")
+    p.add_argument("--window", type=positive_int, default=21, help="Wan: latent frames in the ring")
     p.add_argument(
         "--device", help="where to count: default meta for the Wan flavors (shapes only), else cpu"
     )
     p.add_argument("--measure", action="store_true", help="measure this machine's ceilings (else an H200's)")
-    p.add_argument("--matmul-tflops", type=float, default=H200_MATMUL_TFLOPS)
-    p.add_argument("--copy-gbps", type=float, default=H200_COPY_GBPS)
+    p.add_argument("--matmul-tflops", type=positive_number, default=H200_MATMUL_TFLOPS)
+    p.add_argument("--copy-gbps", type=positive_number, default=H200_COPY_GBPS)
     p.add_argument(
         "--fp8",
         action="store_true",
@@ -385,7 +385,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--fp8-tflops",
-        type=float,
+        type=positive_number,
         default=2 * H200_MATMUL_TFLOPS,
         help="the FP8 products' rate (default: twice the bf16 rate, Hopper's nominal ratio)",
     )
@@ -408,7 +408,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--clip-frames",
-        type=int,
+        type=positive_int,
         default=CLIP_FRAMES,
         help="also count a fresh clip this long (video frames), from its first chunk on",
     )
@@ -421,13 +421,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", help="write the steady chunk's floor by stage to this PNG")
     p.add_argument(
         "--time",
-        type=int,
+        type=whole_number,
         default=0,
         metavar="CHUNKS",
         help="also time each stage over CHUNKS chunks against this device's measured floor",
     )
     p.add_argument(
-        "--target-fps", type=float, help=f"default: {TARGET_FPS} for the Wan flavors (issue 6), else 25"
+        "--target-fps",
+        type=positive_number,
+        help=f"default: {TARGET_FPS} for the Wan flavors (issue 6), else 25.",
     )
 
 

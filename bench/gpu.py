@@ -68,6 +68,7 @@ import torch
 from bench import ceilings as device_ceilings
 from bench import floor, gpu_variants, stage_timing, variant_floor
 from bench.gpu_plot import plot
+from streamgen.cli import positive_int
 from streamgen.files import write_text_atomically
 from streamgen.model.config import get_config
 from streamgen.model.model import DiT
@@ -474,8 +475,8 @@ def variant_plan(
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="tiny sizes on any device (tests)")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--chunks", type=int, default=12)
+    p.add_argument("--steps", type=positive_int, default=4)
+    p.add_argument("--chunks", type=positive_int, default=12)
     p.add_argument("--warmup-chunks", type=int, default=None,
                    help="chunks before each variant's timing (default: past the first with a full ring)")  # fmt: skip
     p.add_argument("--budget", type=float, default=420.0,
@@ -494,10 +495,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> dict:
-    from streamgen.cli import UserError
+    from streamgen.cli import UserError, check_device
 
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("no CUDA device here; `--device cpu --quick` runs the same code at tiny sizes")
+    check_device(args.device)  # (an unknown one was torch's RuntimeError from deep inside)
     if args.warmup_chunks is not None and args.warmup_chunks < 0:
         raise UserError("--warmup-chunks must be 0 or more")
     result = run(

@@ -61,19 +61,19 @@ import time
 import numpy as np
 
 from bench.machine import cpu_description
-from streamgen.cli import frame_size
+from streamgen.cli import frame_size, positive_int, positive_number
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-avatar")
     parser.add_argument("--size", type=frame_size, default=None, help="output size (default: the model's)")
     parser.add_argument(
-        "--seconds", type=float, default=20.0,
+        "--seconds", type=positive_number, default=20.0,
         help="seconds to watch per measurement (fps counts 8-frame chunks: 5 s would be quantized to 1.6 fps)",
     )
-    parser.add_argument("--max-probe", type=int, default=6, help="most concurrent sessions to try")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
-    parser.add_argument("--lanes", type=int, default=1, help="the server's generating threads (serve --lanes)")
+    parser.add_argument("--max-probe", type=positive_int, default=6, help="most concurrent sessions to try")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads in the server")
+    parser.add_argument("--lanes", type=positive_int, default=1, help="the server's generating threads (serve --lanes)")
     parser.add_argument("--model-process", action="store_true", help="serve with the model in a child process")
     parser.add_argument("--compile", action="store_true", help="serve with the DiT's blocks compiled (serve --compile)")
     parser.add_argument("--no-align-batches", dest="align_batches", action="store_false",

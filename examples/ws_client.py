@@ -100,7 +100,10 @@ async def stream(url: str, args, pcm: np.ndarray | None, out: Path) -> tuple[int
 async def main(args) -> None:
     pcm = read_wav_16k(args.wav) if args.wav else None  # a bad file is refused before a session is made
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out} is a file: give the folder to write the frames into")
     out.mkdir(parents=True, exist_ok=True)
+    args.server = args.server.rstrip("/")  # (the socket's URL took the slash: ws://host//v1/..., a 403)
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     body = {"avatar": args.avatar, "seed": args.seed, **({"caption": args.caption} if args.caption else {})}
     async with httpx.AsyncClient(base_url=args.server, headers=headers, timeout=30) as http:

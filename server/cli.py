@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "frames at 256x256-320x320 on 2 cores, 1.08x at 128x128; at 256x256 with 5 sessions the warm-up took "
                         "13 s longer from inductor's cache, 63 s cold)")  # fmt: skip
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--threads", type=positive_int, default=None,
         help="torch CPU threads (default on CPU: 1, leaving the other cores to encoding and networking; "
         "torch's spinning thread pool is many times slower on a shared CPU)",
     )  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -55,6 +56,29 @@ def frame_size(text: str) -> int:
     if value > MAX_FRAME_SIZE:
         raise argparse.ArgumentTypeError(f"{value} is larger than {MAX_FRAME_SIZE} pixels")
     return value
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a rate, a length, a time: finite and above zero (nan, inf, 0 or a negative
+    one ran on into a division by zero, a NaN in the JSON, or a figure for nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number")
+    return value
+
+
+def whole_number(text: str) -> int:
+    """An argparse type: a count that may be zero."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (0 or more)")
+    return n
 
 
 def positive_int(text: str) -> int:

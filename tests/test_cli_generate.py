@@ -509,6 +509,11 @@ def test_a_frame_size_that_cannot_be_generated_is_refused_in_one_line(argv, says
         (["bench", "decoder", "--plot", "/proc/x.png"], "--plot: cannot write /proc/x.png"),
         (["bench", "server", "--against", "nonexistent"], "unknown model 'nonexistent'"),
         (["bench", "server", "--model", "nonexistent"], "unknown model 'nonexistent'"),
+        # bench gpu's --out failed after the device's ceilings were measured; an unknown device
+        # was torch's RuntimeError
+        (["bench", "gpu", "--device", "cpu", "--quick", "--out", "no/such/x.json"], "--out: the folder no"),
+        (["bench", "gpu", "--device", "cpu", "--quick", "--out", "."], "--out . is a directory"),
+        (["bench", "gpu", "--device", "bogus"], "unknown device 'bogus'"),
     ],
 )
 def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, capsys, monkeypatch):
@@ -517,17 +522,50 @@ def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, cap
     import bench.decoder
     import bench.engine
     import bench.fp8
+    import bench.gpu
     import bench.server
 
     def measured(*args, **kwargs):
         raise AssertionError("the benchmark ran")
 
-    for module in (bench.engine, bench.decoder, bench.fp8):
+    for module in (bench.engine, bench.decoder, bench.fp8, bench.gpu):
         monkeypatch.setattr(module, "run", measured)
     monkeypatch.setattr(bench.server, "_bench", measured)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        # the worker's set_num_threads raised, and the server said "loading the model" for ever
+        # (bench server --threads -1 waited on it)
+        (["serve", "--threads", "-1"], "argument --threads: '-1' is not a positive whole number"),
+        (["bench", "server", "--threads", "0"], "argument --threads: '0' is not a positive"),
+        (["bench", "server", "--lanes", "0"], "argument --lanes: '0' is not a positive"),  # (ignored)
+        # ran to the end and reported 0 real-time sessions
+        (["bench", "server", "--seconds", "0"], "argument --seconds: '0' is not a positive finite number"),
+        (["bench", "server", "--seconds", "nan"], "argument --seconds: 'nan' is not a positive finite"),
+        # a NaN in the JSON, a division by zero, a floor better than the true one, an IndexError
+        (["bench", "floor", "--matmul-tflops", "nan"], "argument --matmul-tflops: 'nan' is not a positive"),
+        (["bench", "floor", "--copy-gbps", "0"], "argument --copy-gbps: '0' is not a positive"),
+        (["bench", "floor", "--matmul-tflops", "-5"], "argument --matmul-tflops: '-5' is not a positive"),
+        (["bench", "floor", "--time", "-2"], "argument --time: '-2' is not a whole number (0 or more)"),
+        (["bench", "floor", "--clip-frames", "0"], "argument --clip-frames: '0' is not a positive"),
+        (["bench", "floor", "--target-fps", "-3"], "argument --target-fps: '-3' is not a positive"),
+        # -1 latent frames timed as -4 frames; 0 took the model's and reported it
+        (["bench", "decoder", "--latent-frames", "0"], "argument --latent-frames: '0' is not a positive"),
+        (["bench", "gpu", "--steps", "0"], "argument --steps: '0' is not a positive"),  # (ran 4, said 0)
+        (["bench", "gpu", "--chunks", "0"], "argument --chunks: '0' is not a positive"),
+        (["bench", "wan-decoder", "--threads", "-1"], "argument --threads: '-1' is not a positive"),
+    ],
+)
+def test_an_option_no_run_can_measure_with_is_refused(argv, says, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert says in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

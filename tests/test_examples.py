@@ -66,9 +66,18 @@ def test_the_client_streams_a_wav_and_saves_the_frames_with_their_times(server, 
 
 def test_the_client_asks_the_server_to_speak(server, tmp_path):
     url, _ = server
-    r = ws_client("--server", url, "--say", "Hello there", "--seconds", "2", "--out", str(tmp_path))
+    # (a trailing slash went into the socket's URL: ws://host//v1/..., refused with a traceback)
+    r = ws_client("--server", url + "/", "--say", "Hello there", "--seconds", "2", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert '"speaking"' in r.stdout and saved_frames(tmp_path)
+
+
+def test_an_out_that_is_a_file_is_one_line(server, tmp_path):
+    """It was FileExistsError's traceback."""
+    url, app = server
+    (tmp_path / "afile").write_text("mine")
+    assert_one_line_error(ws_client("--server", url, "--out", str(tmp_path / "afile")), "is a file")
+    assert (tmp_path / "afile").read_text() == "mine" and app.state.registry.sessions == {}
 
 
 @pytest.mark.parametrize("wav", ["missing", "8k", "not-a-wav"])

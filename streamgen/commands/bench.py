@@ -47,22 +47,23 @@ def add_arguments(p) -> None:
     )
 
 
-def _check_plot(path, UserError) -> None:
-    """--plot where a PNG can be written, checked before the benchmark: it is written last, and
-    a folder that is not there lost every measurement after tens of minutes."""
+def _check_output(flag: str, path, example: str, UserError) -> None:
+    """A file the benchmark writes (--plot's PNG, bench gpu's --out JSON), checked before it
+    measures: a plot is written last, and a folder that is not there lost every measurement after
+    tens of minutes; bench gpu's --out failed after the device's ceilings were measured."""
     if not path:
         return
-    plot, folder = Path(path), Path(path).parent
-    if plot.is_dir():
-        raise UserError(f"--plot {plot} is a directory; give the PNG to write, e.g. {plot / 'plot.png'}")
+    file, folder = Path(path), Path(path).parent
+    if file.is_dir():
+        raise UserError(f"{flag} {file} is a directory; give the file to write, e.g. {file / example}")
     if not folder.is_dir():
-        raise UserError(f"--plot: the folder {folder} does not exist")
+        raise UserError(f"{flag}: the folder {folder} does not exist")
     from streamgen.files import new_file_beside
 
     try:  # (a file made and removed: os.access says yes to root where none can be made, as in /proc)
-        new_file_beside(plot).unlink()
+        new_file_beside(file).unlink()
     except OSError as e:
-        raise UserError(f"--plot: cannot write {plot}: {e.strerror}") from None
+        raise UserError(f"{flag}: cannot write {file}: {e.strerror}") from None
 
 
 def run(args) -> int:
@@ -81,7 +82,8 @@ def run(args) -> int:
     parser.add_argument("--json", action="store_true", help="print the JSON object on one line, no logs")
     mod.add_arguments(parser)
     opts = parser.parse_args(args.options)
-    _check_plot(getattr(opts, "plot", None), UserError)
+    _check_output("--plot", getattr(opts, "plot", None), "plot.png", UserError)
+    _check_output("--out", getattr(opts, "out", None), "result.json", UserError)
     if opts.json:
         logging.disable(logging.WARNING)
     result = mod.main(opts)
