@@ -415,16 +415,24 @@ def test_the_critic_starts_from_the_teacher_the_stage_loaded(pipeline, tmp_path,
     assert not any(p.requires_grad for p in stage.teacher.parameters())
 
 
-def test_the_ode_stage_writes_nothing_into_a_folder_it_may_not_use(pipeline):
+def test_the_ode_stage_writes_nothing_into_a_folder_it_may_not_use(pipeline, tmp_path):
     """It sampled its trajectories into run.out, then found the folder another stage's."""
+    import shutil
+
     from distill.trainer import TrainingError
 
     teacher_run = pipeline["root"] / "teacher"
-    with pytest.raises(TrainingError, match="already holds checkpoints"):
-        run(stage_config("ode", teacher_run, pipeline))
-    with pytest.raises(ckpt.CheckpointError, match="written by stage 'teacher', not 'ode'"):
-        run(stage_config("ode", teacher_run, pipeline), resume=True)
+    for resume in (False, True):  # (its exported model says whose the folder is, first)
+        with pytest.raises(TrainingError, match="holds the model the teacher stage exported"):
+            run(stage_config("ode", teacher_run, pipeline), resume=resume)
     assert not (teacher_run / "trajectories.safetensors").exists()
+    checkpoints_only = tmp_path / "teacher"  # (its checkpoints say it too)
+    shutil.copytree(teacher_run / "checkpoints", checkpoints_only / "checkpoints")
+    with pytest.raises(TrainingError, match="already holds checkpoints"):
+        run(stage_config("ode", checkpoints_only, pipeline))
+    with pytest.raises(ckpt.CheckpointError, match="written by stage 'teacher', not 'ode'"):
+        run(stage_config("ode", checkpoints_only, pipeline), resume=True)
+    assert not (checkpoints_only / "trajectories.safetensors").exists()
 
 
 def test_the_chunk_stage_refuses_a_motion_prefix_other_than_one_chunk(tmp_path, pipeline):
