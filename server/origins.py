@@ -25,9 +25,10 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def origin_host(origin: str) -> str | None:
-    """'https://Example.org:443' -> 'example.org' (host[:port], the scheme's default port left
-    out, as a Host header writes it); None for 'null' or anything that is not an origin."""
+def scheme_and_host(origin: str) -> tuple[str, str] | None:
+    """'https://Example.org:443' -> ('https', 'example.org'): the host as a Host header writes it
+    (host[:port], the scheme's default port left out); None for 'null' or anything that is not an
+    origin."""
     try:
         parts = urlsplit(origin.strip().lower())
         port = parts.port
@@ -36,7 +37,13 @@ def origin_host(origin: str) -> str | None:
     if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
         return None
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname  # (IPv6)
-    return host if port in (None, DEFAULT_PORTS[parts.scheme]) else f"{host}:{port}"
+    return parts.scheme, host if port in (None, DEFAULT_PORTS[parts.scheme]) else f"{host}:{port}"
+
+
+def origin_host(origin: str) -> str | None:
+    """The host part of `scheme_and_host`."""
+    parsed = scheme_and_host(origin)
+    return parsed and parsed[1]
 
 
 def _host_header(value: str) -> str:
@@ -54,19 +61,20 @@ class ForeignOriginGuard:
         self.app = app
         self.any_origin = "*" in allowed_origins
         # --cors-origin names a scheme too: its https pages are not its http ones
-        self.allowed = {(urlsplit(o.lower()).scheme, origin_host(o)) for o in allowed_origins}
+        self.allowed = {scheme_and_host(o) for o in allowed_origins} - {None}
 
     def foreign(self, origin: str, headers: dict[str, str]) -> bool:
         if self.any_origin:
             return False
-        host = origin_host(origin)
-        if host is None:  # "null": a sandboxed frame, a file:// page
+        parsed = scheme_and_host(origin)
+        if parsed is None:  # "null": a sandboxed frame, a file:// page
             return True
+        host = parsed[1]
         own = {_host_header(headers.get("host", ""))}
         forwarded = headers.get("x-forwarded-host")
         if forwarded:  # a proxy in front that rewrote Host (its first value: the client's)
             own.add(_host_header(forwarded.split(",")[0]))
-        return host not in own and (urlsplit(origin.strip().lower()).scheme, host) not in self.allowed
+        return host not in own and parsed not in self.allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in SAFE_METHODS:

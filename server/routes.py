@@ -115,8 +115,9 @@ def _session_params(fields: dict, has_reference: bool) -> tuple[str, str | None,
         raise ApiError(422, "bad_avatar", "send either an avatar or a reference image, not both")
     if caption is not None and len(caption) > MAX_CAPTION_CHARS:
         raise ApiError(422, "bad_caption", f"caption longer than {MAX_CAPTION_CHARS} characters")
-    if caption is not None and text_problem(caption):
-        raise ApiError(422, "bad_caption", f"caption: {text_problem(caption)}")
+    problem = None if caption is None else text_problem(caption)
+    if problem:
+        raise ApiError(422, "bad_caption", f"caption: {problem}")
     if seed is not None:
         # an integer, or its decimal digits (form fields are text); not 1.5, not true
         if isinstance(seed, str) and re.fullmatch(r"-?[0-9]+", seed.strip()):

@@ -70,26 +70,24 @@ def positive_number(text: str) -> float:
     return value
 
 
-def whole_number(text: str) -> int:
-    """An argparse type: a count that may be zero."""
+def _count_at_least(text: str, lowest: int, what: str) -> int:
     try:
         n = int(text)
     except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (0 or more)")
+        n = lowest - 1
+    if n < lowest:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return n
+
+
+def whole_number(text: str) -> int:
+    """An argparse type: a count that may be zero."""
+    return _count_at_least(text, 0, "a whole number (0 or more)")
 
 
 def positive_int(text: str) -> int:
     """An argparse type: a count of at least one."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return n
+    return _count_at_least(text, 1, "a positive whole number")
 
 
 def seed_number(text: str) -> int:
