@@ -4,11 +4,13 @@ uvicorn ends its connections before it runs the app's lifespan shutdown: each We
 code 1012 with no reason, its session was logged and counted as closed by the client, and only then
 did the lifespan close what was left. Here a shutdown stops taking connections, closes every session
 as the server's doing (WebSocket 1001 "server shutting down", WebRTC peers hung up, the metrics'
-reason "server shutting down"), then goes on as uvicorn does.
+reason "server shutting down"), then goes on as uvicorn does. It also logs a client's text
+message that is not UTF-8 in one line rather than uvicorn's traceback (`BrokenTextFrameLog`).
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import uvicorn
@@ -17,7 +19,27 @@ import uvicorn
 SHUTDOWN_REASON = "server shutting down"
 
 
+class BrokenTextFrameLog(logging.Filter):
+    """uvicorn logs a client's text message that is not UTF-8 with its own traceback, as if the
+    server had failed: it is the client's mistake, answered with close code 1007. One line here."""
+
+    MESSAGE = "Invalid UTF-8 sequence received from client."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == self.MESSAGE and record.exc_info:
+            record.msg, record.args = "a WebSocket client sent a text message that is not UTF-8: closed with 1007", ()
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 class SessionClosingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        error_log = logging.getLogger("uvicorn.error")
+        if not any(isinstance(f, BrokenTextFrameLog) for f in error_log.filters):
+            error_log.addFilter(BrokenTextFrameLog())
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:  # no new session while the others close
             server.close()

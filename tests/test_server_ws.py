@@ -326,25 +326,56 @@ def test_fuzz_socket_other_session_unaffected(client, messages):
     assert client.get("/healthz").status_code == 200
 
 
-async def test_the_transport_refuses_a_message_far_past_the_protocol_s_largest():
-    """uvicorn's default took 16 MiB in one message, buffered before the protocol could say 4413."""
+@pytest.mark.parametrize("broken", ["too-big", "not-utf8"])
+async def test_a_frame_the_transport_refuses_closes_the_session_as_the_client_s_fault(broken, caplog):
+    """uvicorn's default took 16 MiB in one message, buffered before the protocol could say 4413:
+    the transport refuses it now (1009). A text message that is not UTF-8 it refuses with 1007,
+    and logged its own traceback for it. Either session was logged and counted as closed by the
+    client; it is a protocol error, in one log line."""
+    import logging
+
     import httpx
     import websockets
     from server_helpers import live_server
+    from websockets.frames import Frame, Opcode
 
     from server.protocol import MAX_WEBSOCKET_MESSAGE_BYTES
 
+    caplog.set_level(logging.INFO)
+    uvicorn_records = []  # (uvicorn's loggers do not propagate to the root, where caplog listens)
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    handler = logging.Handler()
+    handler.emit = uvicorn_records.append
     with live_server(max_sessions=1) as (url, app):
+        uvicorn_log.addHandler(handler)  # (after uvicorn's Config set its logging up)
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
             s = (await http.post("/v1/sessions", json={})).json()
         ws_url = url.replace("http", "ws") + f"{s['stream']}?token={s['token']}"
         async with websockets.connect(ws_url, max_size=None) as ws:
             await ws.send(json.dumps({"type": "start"}))
-            await ws.send(b"\x00" * (MAX_WEBSOCKET_MESSAGE_BYTES + 1024))
+            if broken == "too-big":
+                await ws.send(b"\x00" * (MAX_WEBSOCKET_MESSAGE_BYTES + 1024))
+            else:  # (the client library checks what it sends: the frame is written as it is)
+                ws.protocol.send_frame(Frame(Opcode.TEXT, b'\xff{"type": "stop"}'))
+                ws.send_data()
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 while True:
                     await asyncio.wait_for(ws.recv(), 20)
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009  # message too big
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == {"too-big": 1009, "not-utf8": 1007}[broken]
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            for _ in range(100):  # bounded: 10 s for the session's teardown
+                metrics = (await http.get("/metrics")).text
+                if "streamgen_sessions_closed_total{" in metrics:
+                    break
+                await asyncio.sleep(0.1)
+        uvicorn_log.removeHandler(handler)
+    assert 'streamgen_sessions_closed_total{reason="protocol error"} 1.0' in metrics
+    assert not [r for r in caplog.records + uvicorn_records if r.exc_info], "a traceback was logged"
+    if broken == "not-utf8":
+        assert [r for r in uvicorn_records if "not UTF-8" in r.getMessage()], "uvicorn's line was lost"
+    closes = [r.getMessage() for r in caplog.records if "closed: protocol error" in r.getMessage()]
+    assert closes and {"too-big": "(1009)", "not-utf8": "(1007)"}[broken] in closes[0]
 
 
 @pytest.mark.parametrize("client_closed_first", [True, False], ids=["client-closed", "handler-cancelled"])
