@@ -32,6 +32,15 @@ MAX_TEXT_MESSAGE_CHARS = 8192
 # what the WebSocket transport takes in one message (uvicorn's ws_max_size; its default, 16 MiB, let
 # a client make the server buffer that much before the protocol's 4413): past it, closed with 1009
 MAX_WEBSOCKET_MESSAGE_BYTES = 4 * MAX_AUDIO_MESSAGE_BYTES
+
+# the codes uvicorn closes a socket with itself, for a client's frame it could not take; the app
+# sees only a disconnect with that code, which was logged and counted as the client's own close
+BROKEN_FRAME_CLOSES = {
+    1002: "a malformed WebSocket frame (1002)",
+    1007: "a text message that is not UTF-8 (1007)",
+    1009: f"a message over {MAX_WEBSOCKET_MESSAGE_BYTES} bytes (1009)",
+}
+
 MAX_SPEAK_CHARS = 1000
 MAX_CREDIT = 10_000
 

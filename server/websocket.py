@@ -24,7 +24,14 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from .model_host import HostDown
 from .protocol import (
-    MAX_WEBSOCKET_MESSAGE_BYTES, CloseCode, MsgType, ProtocolError, close_reason, pack, parse_binary, parse_control,
+    BROKEN_FRAME_CLOSES,
+    CloseCode,
+    MsgType,
+    ProtocolError,
+    close_reason,
+    pack,
+    parse_binary,
+    parse_control,
 )
 from .registry import SessionEnded, SessionRegistry
 from .scheduler import WorkerBusy
@@ -36,14 +43,6 @@ router = APIRouter()
 
 # a socket's speaks and captions not handled yet; more are refused (an error for each) until some are
 MAX_UNANSWERED = 8
-
-# the codes uvicorn closes a socket with itself, for a client's frame it could not take; the app
-# sees only a disconnect with that code, which was logged and counted as the client's own close
-BROKEN_FRAME_CLOSES = {
-    1002: "a malformed WebSocket frame (1002)",
-    1007: "a text message that is not UTF-8 (1007)",
-    1009: f"a message over {MAX_WEBSOCKET_MESSAGE_BYTES} bytes (1009)",
-}
 
 
 def close_code_for(reason: str) -> CloseCode:
