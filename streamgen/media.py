@@ -48,19 +48,20 @@ def read_audio(path, rate: int = SAMPLE_RATE, max_seconds: float = 3600.0) -> np
             if source_rate and source_rate < MIN_AUDIO_RATE:
                 raise MediaError(f"{path}: a sample rate of {source_rate} Hz is too low for speech "
                                  f"(at least {MIN_AUDIO_RATE} Hz)")  # fmt: skip
-            # the channels kept and averaged here: FFmpeg's mono downmix adds a stereo file's two
-            # channels at -3 dB each, 3 dB louder than either, and clipped its peaks
-            resampler = av.AudioResampler(format="fltp", rate=rate)
-            parts, total = [], 0
+            # the channels kept and mixed here (`to_mono`): FFmpeg's mono downmix adds a stereo
+            # file's two channels at -3 dB each, 3 dB louder than either, and clipped its peaks
+            # packed, not planar: PyAV reads a planar frame's planes past the eighth from memory
+            # that is not theirs (a WAV of ten channels crashed the process)
+            resampler = av.AudioResampler(format="flt", rate=rate)
+            parts, total, surround = [], 0, False
             for frame in container.decode(audio=0):
                 for out in resampler.resample(frame):
-                    a = out.to_ndarray().mean(axis=0)
+                    a, surround = to_mono(out), surround or len(out.layout.channels) > 2
                     parts.append(a)
                     total += a.size
                 if total > max_seconds * rate:
                     raise MediaError(f"{path} is longer than {max_seconds:.0f} s")
-            for out in resampler.resample(None):
-                parts.append(out.to_ndarray().mean(axis=0))
+            parts.extend(to_mono(out) for out in resampler.resample(None))
     except MediaError:
         raise
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as e:
@@ -72,7 +73,31 @@ def read_audio(path, rate: int = SAMPLE_RATE, max_seconds: float = 3600.0) -> np
     if bad:  # (a float WAV's; infinities are clipped like any sample past full scale)
         raise MediaError(f"{path} holds {bad} NaN samples (from {bad / rate:.3f} s of {pcm.size / rate:.1f}): "
                          "not audio; write it again from its source")  # fmt: skip
+    peak = float(np.abs(pcm[np.isfinite(pcm)]).max(initial=0.0))
+    if surround and peak > 1.0:  # (its mix can pass full scale where its channels did not)
+        pcm /= peak
     return np.clip(pcm, -1.0, 1.0)
+
+
+# a channel's share of the mono mix of more than two: half the usual stereo downmix (ITU-R BS.775:
+# the centre and the surrounds at -3 dB, no LFE). Averaged, a film's dialogue, in the centre
+# channel alone, came out at a sixth of its level from 5.1
+FRONT_CHANNELS = {"FL": 0.5, "FR": 0.5, "FLC": 0.5, "FRC": 0.5, "FC": 0.5 * 2**0.5}
+SURROUND_CHANNELS = {"BL", "BR", "BC", "SL", "SR", "TC", "TFL", "TFC", "TFR", "TBL", "TBC", "TBR",
+                     "WL", "WR", "SDL", "SDR", "TSL", "TSR", "BFC", "BFL", "BFR"}  # fmt: skip
+SURROUND_SHARE = 0.25 * 2**0.5
+
+
+def to_mono(frame) -> np.ndarray:
+    """One decoded audio frame's channels as one: a mono or stereo frame's averaged, more by
+    their positions (averaged where a channel has none known: a WAV's "NONE")."""
+    names = [c.name for c in frame.layout.channels]
+    samples = frame.to_ndarray().reshape(-1, len(names)).T  # (a packed frame's samples interleaved)
+    known = FRONT_CHANNELS.keys() | SURROUND_CHANNELS | {"LFE", "LFE2"}
+    if len(names) <= 2 or not set(names) <= known:
+        return samples.mean(axis=0)
+    shares = [FRONT_CHANNELS.get(n, SURROUND_SHARE if n in SURROUND_CHANNELS else 0.0) for n in names]
+    return np.asarray(shares, samples.dtype) @ samples
 
 
 def read_image(path_or_bytes) -> np.ndarray:

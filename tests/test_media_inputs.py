@@ -53,6 +53,49 @@ def test_the_same_speech_in_every_channel_keeps_its_level(tmp_path, channels):
     assert rms(read_audio(tmp_path / "lr.wav")) == pytest.approx(rms(left) / 2, rel=0.02)
 
 
+def write_with_layout(path, pcm: np.ndarray, layout: str, rate: int = 16000) -> None:
+    """pcm [n, channels] in [-1, 1] as a WAV whose header names each channel's position."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=rate, layout=layout)
+        packed = (pcm * 32767).astype(np.int16).reshape(1, -1)  # (channels interleaved)
+        frame = av.AudioFrame.from_ndarray(packed, format="s16", layout=layout)
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+
+
+def test_a_surround_file_s_dialogue_keeps_its_level(tmp_path):
+    """A film's speech is in its centre channel. Averaged, 5.1's six channels gave it a sixth of
+    its level (-15.6 dB): a near-silent track in the output, and lips that hardly moved. Mixed by
+    position, as a stereo downmix does it, it is at -3 dB, and no channel's sound is clipped."""
+    speech = tone(peak=0.5)
+    centre_only = np.zeros((len(speech), 6))
+    centre_only[:, 2] = speech  # 5.1: FL FR FC LFE BL BR
+    write_with_layout(tmp_path / "film.wav", centre_only, "5.1")
+    assert rms(read_audio(tmp_path / "film.wav")) == pytest.approx(rms(speech) / 2**0.5, rel=0.02)
+    # every channel at full scale: the mix is scaled back under it, not clipped
+    loud = tone(peak=0.99)
+    write_with_layout(tmp_path / "loud.wav", np.repeat(loud[:, None], 6, axis=1), "5.1")
+    mixed = read_audio(tmp_path / "loud.wav")
+    assert np.abs(mixed).max() <= 1.0
+    assert rms(mixed) / np.abs(mixed).max() == pytest.approx(rms(loud) / np.abs(loud).max(), rel=0.01)
+    # the low-frequency channel is not speech
+    lfe_only = np.zeros((len(speech), 6))
+    lfe_only[:, 3] = speech
+    write_with_layout(tmp_path / "lfe.wav", lfe_only, "5.1")
+    assert rms(read_audio(tmp_path / "lfe.wav")) < 1e-3
+
+
+def test_a_file_of_more_than_eight_channels_is_read(tmp_path):
+    """PyAV reads a planar frame's planes past the eighth from memory not theirs: a WAV of ten
+    channels crashed the process (a segmentation fault, no message)."""
+    speech = tone(peak=0.5)
+    write_wav(tmp_path / "ten.wav", np.repeat(speech[:, None], 10, axis=1))  # (no positions named)
+    assert rms(read_audio(tmp_path / "ten.wav")) == pytest.approx(rms(speech), rel=0.01)
+
+
 def test_a_float_wav_with_nan_samples_is_one_line(tmp_path, capsys):
     """It was a traceback from the stream (exit 1), part way through a long file."""
     pcm = tone(1.0, peak=0.3)
