@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from bench.machine import cpu_description
-from streamgen.cli import frame_size, positive_int
+from streamgen.cli import frame_size, positive_int, thread_count
 from streamgen.cpu_threads import codec_threads, intra_op_threads
 from streamgen.media import read_image
 from streamgen.model.upsample import UpsampleConv2d
@@ -284,7 +284,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-frames", type=positive_int, help="per chunk (default: the model's)")
     p.add_argument("--rounds", type=positive_int, default=7, help="timed decodes per variant, alternating")
     p.add_argument(
-        "--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)"
+        "--threads", type=thread_count, default=None, help="torch intra-op threads (default: torch's)"
     )
     p.add_argument(
         "--compile", action="store_true", help="also time the fp32 and bf16 decoders under torch.compile"

@@ -57,7 +57,7 @@ import torch
 
 from bench.engine_baselines import cache_speedup, session_dit_threads, teacher_speedup
 from bench.machine import cpu_description
-from streamgen.cli import add_dtype_option, frame_size, positive_int
+from streamgen.cli import add_dtype_option, frame_size, positive_int, thread_count
 from streamgen.cpu_threads import cpu_has_amx
 from streamgen.models import autoencoder_dtype, default_dit_dtype, load_model
 from streamgen.sampling import (
@@ -476,7 +476,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also measure everything at these square sizes",
     )
     p.add_argument(
-        "--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)"
+        "--threads", type=thread_count, default=None, help="torch intra-op threads (default: torch's)"
     )
     p.add_argument(
         "--batch-sessions",

@@ -30,13 +30,13 @@ def cpu_description() -> dict:
     bfloat16 units torch finds (AMX tiles, AVX512-BF16) and torch's version."""
     import torch
 
+    from streamgen.cli import usable_cpus
     from streamgen.cpu_threads import cpu_has_amx, cpu_has_avx512_bf16
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "model": cpu_model(),
         "cores": os.cpu_count(),
-        "usable_cores": usable,
+        "usable_cores": usable_cpus(),
         "amx": cpu_has_amx(),
         "avx512_bf16": cpu_has_avx512_bf16(),
         "torch": torch.__version__,

@@ -28,6 +28,9 @@ from unittest import mock
 
 import torch
 
+# the compute capabilities NVIDIA has made, as ptxas names them sm_XX (another, 0 say, aborted the
+# process inside Triton's LLVM with no message)
+NVIDIA_ARCHS = (50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 89, 90, 100, 101, 103, 110, 120, 121)
 # shared memory one block may use (the opt-in maximum Triton checks at launch), by compute capability
 SHARED_BYTES_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 # the constexprs and launch options that tell one compiled variant from another
@@ -179,7 +182,9 @@ def _variant_text(row: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
+    archs = ", ".join(map(str, NVIDIA_ARCHS))
+    p.add_argument("--arch", type=int, default=90, choices=NVIDIA_ARCHS, metavar="ARCH",
+                   help=f"compute capability x10 (90: H100/H200), one of {archs}")  # fmt: skip
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--only", nargs="*", default=[], help="case names of bench/kernels.py")
 

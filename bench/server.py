@@ -61,7 +61,7 @@ import time
 import numpy as np
 
 from bench.machine import cpu_description
-from streamgen.cli import frame_size, positive_int, positive_number
+from streamgen.cli import frame_size, positive_int, positive_number, thread_count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds to watch per measurement (fps counts 8-frame chunks: 5 s would be quantized to 1.6 fps)",
     )
     parser.add_argument("--max-probe", type=positive_int, default=6, help="most concurrent sessions to try")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads in the server")
+    parser.add_argument("--threads", type=thread_count, default=None, help="torch threads in the server")
     parser.add_argument("--lanes", type=positive_int, default=1, help="the server's generating threads (serve --lanes)")
     parser.add_argument("--model-process", action="store_true", help="serve with the model in a child process")
     parser.add_argument("--compile", action="store_true", help="serve with the DiT's blocks compiled (serve --compile)")

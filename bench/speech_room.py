@@ -24,6 +24,7 @@ speech by kind of text. About a minute on 2 cores.
 from __future__ import annotations
 
 import argparse
+import math
 
 import numpy as np
 
@@ -195,14 +196,42 @@ def ratios(rows: list[dict], weights: np.ndarray) -> dict:
     return {k: [round(min(v), 2), round(max(v), 2)] for k, v in out.items()}
 
 
+def share_of_speech(text: str) -> float:
+    """An argparse type: --margin, a share of a text's speech in (0, 1] (a negative one ended in
+    linprog's infeasibility, raised with a traceback; above 1 the pre-check could refuse a text that
+    fits, the one thing it must not do)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share of the speech in (0, 1]")
+    return value
+
+
+def allowance_ms(text: str) -> float:
+    """An argparse type: --pause-allowance, 0 or more milliseconds, inf for any (a negative one was
+    a bound below zero, linprog's traceback)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds (0 or more, or inf)")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--margin", type=float, default=0.90, help="the most of its speech any fitted text's estimate is"
+        "--margin",
+        type=share_of_speech,
+        default=0.90,
+        help="the most of its speech any fitted text's estimate is",
     )
     p.add_argument("--seed", type=int, default=1, help="of the prose drawn from the sentence banks")
     p.add_argument(
         "--pause-allowance",
-        type=float,
+        type=allowance_ms,
         default=25.0,
         help="ms a comma's or a full stop's weight may exceed the pause espeak-ng makes there (inf: any)",
     )

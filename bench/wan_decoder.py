@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from bench.ceilings import synchronize
-from streamgen.cli import positive_int
+from streamgen.cli import thread_count
 
 _PLAIN_DECODER = {
     "frames_per_call": 1, "fused_norms": False, "pad_in_conv": False, "channels_last": False,
@@ -211,7 +211,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=[*DECODER_WAYS, TINY_DECODER],
         help=f"default: all but the compiled one, and {TINY_DECODER} (TAEHV's decoder, random weights)",
     )
-    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=thread_count, help="torch intra-op threads (default: torch's)")
 
 
 def main(args) -> dict:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from streamgen.cli import thread_count
 from streamgen.files import write_text_atomically
 
 LATENT_FPS = 25 / 4
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
     p.add_argument("--clips", type=int, default=24)
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=thread_count, default=1)
     p.add_argument(
         "--render-only",
         action="store_true",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from streamgen.cli import add_dtype_option, frame_size, positive_int
+from streamgen.cli import add_dtype_option, frame_size, positive_int, thread_count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "frames at 256x256-320x320 on 2 cores, 1.08x at 128x128; at 256x256 with 5 sessions the warm-up took "
                         "13 s longer from inductor's cache, 63 s cold)")  # fmt: skip
     parser.add_argument(
-        "--threads", type=positive_int, default=None,
+        "--threads", type=thread_count, default=None,
         help="torch CPU threads (default on CPU: 1, leaving the other cores to encoding and networking; "
         "torch's spinning thread pool is many times slower on a shared CPU)",
     )  # fmt: skip

@@ -90,6 +90,23 @@ def positive_int(text: str) -> int:
     return _count_at_least(text, 1, "a positive whole number")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity; a container's share), at least one."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def thread_count(text: str) -> int:
+    """An argparse type: torch's threads, at least one and no more than the CPUs this process may
+    use (99999 crashed the process inside OpenMP with no message; more than the CPUs only
+    oversubscribes them)."""
+    n, most = positive_int(text), usable_cpus()
+    if n > most:
+        raise argparse.ArgumentTypeError(
+            f"{n} threads: this process may use {most} CPUs; give at most {most}"
+        )
+    return n
+
+
 def seed_number(text: str) -> int:
     """An argparse type: a seed, as the API takes it (`SEED_END`)."""
     try:

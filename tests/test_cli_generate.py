@@ -559,6 +559,15 @@ def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, cap
         (["bench", "gpu", "--steps", "0"], "argument --steps: '0' is not a positive"),  # (ran 4, said 0)
         (["bench", "gpu", "--chunks", "0"], "argument --chunks: '0' is not a positive"),
         (["bench", "wan-decoder", "--threads", "-1"], "argument --threads: '-1' is not a positive"),
+        # torch's OpenMP pool crashed the process (a segmentation fault, no message)
+        (["bench", "engine", "--threads", "99999"], "argument --threads: 99999 threads: this process"),
+        (["serve", "--threads", "99999"], "argument --threads: 99999 threads: this process may use"),
+        # Triton's LLVM aborted the process
+        (["bench", "resources", "--arch", "0"], "argument --arch: invalid choice: 0 (choose from 50, 52"),
+        # linprog found no weights (a negative margin) or was given a bound below zero: tracebacks
+        (["bench", "speech-room", "--margin", "-1"], "argument --margin: '-1' is not a share of the speech"),
+        (["bench", "speech-room", "--margin", "1.5"], "argument --margin: '1.5' is not a share"),
+        (["bench", "speech-room", "--pause-allowance", "-5"], "argument --pause-allowance: '-5' is not"),
     ],
 )
 def test_an_option_no_run_can_measure_with_is_refused(argv, says, capsys):
