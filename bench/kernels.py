@@ -460,24 +460,33 @@ def _attention_backends(args, nbytes, flops, device, quick) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU tests)")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--only", nargs="*", help="case names to run")
+    parser.add_argument("--only", nargs="*", help="case names to run (default: all)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    a = parser.parse_args(argv)
-    dtype = getattr(torch, a.dtype) if a.dtype else None
-    result = run(a.device, quick=a.quick, compile=a.compile, only=a.only, dtype=dtype)
-    print(
-        json.dumps(
-            result, indent=2, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)
-        )
-    )
-    return 0
+
+
+def main(args) -> dict:
+    from streamgen.cli import UserError, check_device
+
+    check_device(args.device)
+    names = list(kernel_cases(kernel_shapes(quick=True), torch.device("cpu"), torch.float32))
+    if unknown := sorted(set(args.only or ()) - set(names)):  # (an unknown one ran nothing: {})
+        raise UserError(f"--only: unknown case(s) {', '.join(unknown)}; the cases are {', '.join(names)}")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return run(args.device, quick=args.quick, compile=args.compile, only=args.only, dtype=dtype)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from streamgen.cli import UserError
+
+    parser = argparse.ArgumentParser(prog="python bench/kernels.py", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    try:
+        result = main(parser.parse_args())
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(result, indent=2, default=str))

@@ -514,6 +514,9 @@ def test_a_frame_size_that_cannot_be_generated_is_refused_in_one_line(argv, says
         (["bench", "gpu", "--device", "cpu", "--quick", "--out", "no/such/x.json"], "--out: the folder no"),
         (["bench", "gpu", "--device", "cpu", "--quick", "--out", "."], "--out . is a directory"),
         (["bench", "gpu", "--device", "bogus"], "unknown device 'bogus'"),
+        # an unknown case ran nothing and reported {}; an unknown device was torch's RuntimeError
+        (["bench", "kernels", "--only", "gelu_tanh", "nosuch"], "--only: unknown case(s) nosuch; the cases"),
+        (["bench", "kernels", "--device", "bogus"], "unknown device 'bogus'"),
     ],
 )
 def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, capsys, monkeypatch):
@@ -523,12 +526,13 @@ def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, cap
     import bench.engine
     import bench.fp8
     import bench.gpu
+    import bench.kernels
     import bench.server
 
     def measured(*args, **kwargs):
         raise AssertionError("the benchmark ran")
 
-    for module in (bench.engine, bench.decoder, bench.fp8, bench.gpu):
+    for module in (bench.engine, bench.decoder, bench.fp8, bench.gpu, bench.kernels):
         monkeypatch.setattr(module, "run", measured)
     monkeypatch.setattr(bench.server, "_bench", measured)
     assert main(argv) == 2

@@ -1,8 +1,7 @@
 """`streamgen bench NAME [options]`: run a benchmark from bench/ and print its JSON object.
 
-Each benchmark module has `add_arguments(parser)` and `main(args) -> dict` (or,
-script-style, `main(argv)` that prints its own JSON); it is imported only when
-it runs (they import torch, triton, aiortc...).
+Each benchmark module has `add_arguments(parser)` and `main(args) -> dict`; it is
+imported only when it runs (they import torch, triton, aiortc...).
 """
 
 from __future__ import annotations
@@ -76,8 +75,6 @@ def run(args) -> int:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
         raise UserError(f"benchmark {args.benchmark!r} is not available: {e}") from None
-    if not hasattr(mod, "add_arguments"):  # a script-style benchmark with its own main(argv)
-        return int(mod.main([o for o in args.options if o != "--json"]) or 0)
     parser = argparse.ArgumentParser(prog=f"streamgen bench {args.benchmark}", description=help_text)
     parser.add_argument("--json", action="store_true", help="print the JSON object on one line, no logs")
     mod.add_arguments(parser)
