@@ -54,7 +54,8 @@ from streamgen.media import read_image
 from streamgen.model.upsample import UpsampleConv2d
 from streamgen.model.vae import TinyCausalVAE
 from streamgen.models import cpu_has_native_bfloat16, load_model
-from streamgen.stream import encode_reference, prepare_reference
+from streamgen.stream import encode_reference
+from streamgen.stream_inputs import prepare_reference
 
 SAMPLE_FACE = Path(__file__).resolve().parent.parent / "streamgen" / "assets" / "sample_face.png"
 

@@ -279,6 +279,7 @@ def load_model(
     linears are in FP8 when $STREAMGEN_FP8 is set (`use_precision`); its sessions keep their KV
     cache as $STREAMGEN_CACHE_FROM says when it is set (`use_cache_from`), else as it was trained;
     their DiT blocks run under torch.compile when $STREAMGEN_COMPILE names a backend (`use_compile`)."""
+    name_or_path = os.fspath(name_or_path)  # (a Path to no model was an AttributeError)
     if os.environ.get(ATTENTION_ENV) and "attn_backend" not in cfg_overrides:
         cfg_overrides["attn_backend"] = os.environ[ATTENTION_ENV]
     dtype = None if dtype == "auto" else dit_dtype_arg(dtype)
@@ -331,6 +332,7 @@ def model_settings(name_or_path: str) -> dict:
     FileNotFoundError for an unknown model; OSError or ValueError for an unreadable model.json."""
     from streamgen.model.files import read_json
 
+    name_or_path = os.fspath(name_or_path)
     directory = resolve_model_dir(name_or_path)
     if directory is None:
         require_model(name_or_path)
@@ -350,6 +352,7 @@ def _stand_in_settings(flavor: str) -> dict:
 def require_model(name_or_path: str) -> None:
     """FileNotFoundError, saying what there is, unless `name_or_path` names a model `load_model` loads
     (a check before a long job, which would otherwise fail only where it loads it)."""
+    name_or_path = os.fspath(name_or_path)
     if resolve_model_dir(name_or_path) is None and name_or_path.removesuffix("-teacher") not in FLAVORS:
         raise FileNotFoundError(
             f"unknown model {name_or_path!r}: not a model directory and not one of {', '.join(available_models())}"

@@ -2,9 +2,13 @@
 
     session = StreamSession("tiny-avatar")
     session.start(reference_rgb_uint8, text="smiling", seed=0)
-    session.push_audio(pcm_16k)                 # any time, any amount
+    session.push_audio(pcm_16k)                 # any time, up to max_audio_ahead_s ahead
     frames, pts = session.next_chunk()          # uint8 [T, H, W, 3], seconds
     session.close()
+
+The reference may be a file's path, a PIL image or a uint8 array. A session makes one chunk at a
+time: a second thread's call while one runs is refused (push_audio and close wait for it
+instead); give each thread its own session, or batch them (streamgen/stream_batch.py).
 
 It owns the KV cache (sink + ring), the audio timeline and the decoder state;
 none of them grows with the length of the stream. Audio is placed on the
@@ -18,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import random
-from contextlib import nullcontext
+import threading
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -49,53 +54,9 @@ from streamgen.sampling import (
 )
 from streamgen.session_limits import SEED_END
 from streamgen.start_memo import StartState
+from streamgen.stream_inputs import check_caption, check_seed, positive_size, prepare_reference, to_pcm_float
 
 log = logging.getLogger(__name__)
-
-
-def prepare_reference(image, height: int, width: int) -> np.ndarray:
-    """Any RGB/RGBA/grey uint8 image -> [height, width, 3] uint8, centre-cropped to the aspect."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        raise ValueError(f"reference image must be uint8, got {arr.dtype}")
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or min(arr.shape[:2]) < 8:
-        raise ValueError(
-            f"reference image must be [H, W, 3] (or RGBA / grey) and at least 8x8, got {arr.shape}"
-        )
-    arr = arr[..., :3]
-    h, w = arr.shape[:2]
-    target = width / height
-    if abs(w / h - target) > 1e-3:  # centre crop to the output aspect
-        if w / h > target:
-            cw = round(h * target)
-            arr = arr[:, (w - cw) // 2 : (w - cw) // 2 + cw]
-        else:
-            ch = round(w / target)
-            arr = arr[(h - ch) // 2 : (h - ch) // 2 + ch]
-    if arr.shape[:2] != (height, width):
-        arr = np.asarray(Image.fromarray(np.ascontiguousarray(arr)).resize((width, height), Image.BICUBIC))
-    return np.array(arr, dtype=np.uint8, copy=True)  # writable and contiguous
-
-
-def to_pcm_float(pcm) -> np.ndarray:
-    """int16 or float PCM (mono, 16 kHz) -> float32 in [-1, 1]."""
-    a = np.asarray(pcm)
-    if a.ndim != 1:
-        raise ValueError(f"audio must be mono 1-D samples at {SAMPLE_RATE} Hz, got shape {a.shape}")
-    if a.dtype == np.int16:
-        return a.astype(np.float32) / 32768.0
-    if not np.issubdtype(a.dtype, np.floating):
-        raise ValueError(f"audio must be int16 or float samples, got {a.dtype}")
-    a = a.astype(np.float32)
-    if not np.isfinite(a).all():
-        raise ValueError("audio contains NaN or infinite samples")
-    return np.clip(a, -1.0, 1.0)
 
 
 @torch.no_grad()
@@ -156,8 +117,9 @@ class StreamSession:
         encode_dtype = autoencoder_dtype(encode_dtype, self.model.vae, device, "encode dtype")
         self.cfg = self.model.cfg
         self.vae = self.model.session_vae(decode_dtype, encode_dtype)
-        self.height = height or self.model.height
-        self.width = width or self.model.width
+        # (None: the model's; 0 was taken as None)
+        self.height = self.model.height if height is None else positive_size(height, "height")
+        self.width = self.model.width if width is None else positive_size(width, "width")
         unit = self.vae.spatial_factor * self.cfg.patch_size[1]
         if self.height % unit or self.width % unit:
             raise ValueError(f"height and width must be multiples of {unit}, got {self.height}x{self.width}")
@@ -166,7 +128,7 @@ class StreamSession:
             dtype = default_dit_dtype(self.model, device, self.latent_hw)
         self.dit = self.model.dit_in(dtype)
         self.dtype = next(self.dit.parameters()).dtype  # the patch embedding's: never FP8
-        self.steps = steps or self.model.steps
+        self.steps = self.model.steps if steps is None else positive_size(steps, "steps")
         self.cache_from = _cache_from(cache_from, self.model, self.steps)
         self.sigmas = student_sigmas(self.steps, self.model.shift)
         self.device = torch.device(device)
@@ -176,6 +138,25 @@ class StreamSession:
         self._pending = None  # the last chunk's (latents, audio, context), re-encoded by the next
         self._decode_stream = None  # a CUDA stream while decode_beside_reencode
         self.started = False
+        # held while a call changes the stream (`in_use`); the audio timeline has a lock of its own,
+        # so that another thread may push audio while a chunk is made
+        self._busy = threading.RLock()
+        self._audio_lock = threading.Lock()
+
+    @contextmanager
+    def in_use(self, wait: bool = False):
+        """The session for this thread alone: another thread's call while one runs is refused
+        (RuntimeError) rather than interleaved (two threads' chunks drew from one generator and
+        cache, and made other frames than one after the other), or with `wait`, waited for."""
+        if not self._busy.acquire(blocking=wait):
+            raise RuntimeError(
+                "this StreamSession is in use by another thread: a session makes one chunk at a time "
+                "(give each thread its own session)"
+            )
+        try:
+            yield self
+        finally:
+            self._busy.release()
 
     @property
     def decode_beside_reencode(self) -> bool:
@@ -270,18 +251,26 @@ class StreamSession:
         """context: the text tokens [1, L, text_dim] themselves instead of `text` (e.g. Wan's T5
         embeddings, made elsewhere). observe(stage, fn) -> fn(), if given, runs each of
         `START_STAGES` (as next_chunk's `observe`)."""
+        with self.in_use():
+            self._start(reference, text, seed, context, observe)
+
+    def _start(self, reference, text, seed, context, observe) -> None:
         run = self._threaded(observe or _run_stage)
         # everything a caller can get wrong first: a refused start leaves a running stream as it was
+        seed = random.randrange(SEED_END) if seed is None else check_seed(seed)
         if context is None:
+            check_caption(text)
             context = text_context(text, self.cfg.text_dim)
         elif text is not None:
             raise ValueError("give a text or a context, not both")
         if context.ndim != 3 or context.shape[0] != 1 or context.shape[-1] != self.cfg.text_dim:
             raise ValueError(f"context must be [1, tokens, {self.cfg.text_dim}], got {list(context.shape)}")
+        if context.device.type != "meta" and not torch.isfinite(context).all():
+            raise ValueError("context holds NaN or infinite values")  # (every frame came out black)
         ref = run("prepare", lambda: prepare_reference(reference, self.height, self.width))
         # from here the old stream is gone: a failure below leaves none started, not a broken one
         self.started = False
-        self.seed = seed if seed is not None else random.randrange(SEED_END)
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(self.seed)
         self.context = context.to(self.device, self.dtype)
         # the loaded autoencoder's: latents go into the decoder and frames come out in it
@@ -294,10 +283,11 @@ class StreamSession:
         self._start_sink(ref, run)
         self.decoder_state = self.vae.init_state(1)
         self.chunk_index = 0
-        self._pcm = np.zeros(0, np.float32)
-        self._pcm_origin = 0  # absolute sample index of _pcm[0]
-        self._write_pos = 0  # where the next pushed sample goes
-        self._consumed = 0  # samples up to here have been used (or taken as silence)
+        with self._audio_lock:
+            self._pcm = np.zeros(0, np.float32)
+            self._pcm_origin = 0  # absolute sample index of _pcm[0]
+            self._write_pos = 0  # where the next pushed sample goes
+            self._consumed = 0  # samples up to here have been used (or taken as silence)
         self.started = True
 
     def _start_sink(self, ref: np.ndarray, run=_run_stage) -> None:
@@ -324,26 +314,37 @@ class StreamSession:
 
     def set_text(self, text: str | None) -> None:
         """Change the caption mid-stream (the identity sink stays as encoded)."""
-        self._require_started()
-        self.write_pending_chunk()  # with the caption it was made with, before its keys are dropped
-        self.context = text_context(text, self.cfg.text_dim).to(self.device, self.dtype)
-        for layer in self.cache.layers:
-            layer.context_kv = None  # the cross-attention keys were computed from the old caption
+        check_caption(text)
+        with self.in_use():
+            self._require_started()
+            self.write_pending_chunk()  # with the caption it was made with, before its keys are dropped
+            self.context = text_context(text, self.cfg.text_dim).to(self.device, self.dtype)
+            for layer in self.cache.layers:
+                layer.context_kv = None  # the cross-attention keys were computed from the old caption
 
     def close(self) -> None:
-        self.cache = None
-        self._pending = None
-        self.decoder_state = None
-        self._pcm = np.zeros(0, np.float32)
-        self.started = False
+        """End the stream (after a chunk another thread is making) and free its cache."""
+        with self.in_use(wait=True):
+            self.cache = None
+            self._pending = None
+            self.decoder_state = None
+            with self._audio_lock:
+                self._pcm = np.zeros(0, np.float32)
+            self.started = False
 
     # --- audio --------------------------------------------------------------------
     def push_audio(self, pcm) -> None:
-        """Append mono 16 kHz PCM (int16 or float) to the stream's audio timeline."""
+        """Append mono 16 kHz PCM (int16 or float in [-1, 1]) to the stream's audio timeline: at most
+        `max_audio_ahead_s` ahead of the video (a BufferError past it: feed a long file as the
+        chunks use it, as `generate` does). Another thread may push while a chunk is made."""
         self._require_started()
         a = to_pcm_float(pcm)
         if a.size == 0:
             return
+        with self._audio_lock:
+            self._push(a)
+
+    def _push(self, a: np.ndarray) -> None:
         start = max(self._write_pos, self._consumed)  # late audio starts now, never in the past
         if start + a.size - self._consumed > self.max_audio_ahead:
             raise BufferError(
@@ -371,23 +372,34 @@ class StreamSession:
     def _audio_span(self, latent_start: int) -> tuple[np.ndarray, int] | None:
         """The samples the audio encoder reads for the chunk from `latent_start`, and the video
         frame of their first token (None without an audio encoder); advances the timeline."""
-        if self.dit.audio_encoder is None:
-            return None
         cfg, enc = self.cfg, self.dit.audio_encoder
+        if enc is None:  # the audio is the chunk's all the same: else it piled up, to a BufferError
+            with self._audio_lock:
+                self._drop_used_audio(needed_video_frames(latent_start + cfg.frames_per_chunk, cfg))
+            return None
+        with self._audio_lock:
+            return self._take_audio_span(latent_start, cfg, enc)
+
+    def _drop_used_audio(self, end_frame: int, keep_from: int | None = None) -> None:
+        """The timeline used up to video frame `end_frame`; its samples before `keep_from` (else
+        `end_frame`) dropped."""
+        self._consumed = max(self._consumed, end_frame * SAMPLES_PER_FRAME)
+        drop = (end_frame if keep_from is None else keep_from) * SAMPLES_PER_FRAME - self._pcm_origin
+        if drop > 0:
+            self._pcm = self._pcm[drop:].copy()
+            self._pcm_origin += drop
+
+    def _take_audio_span(self, latent_start: int, cfg, enc) -> tuple[np.ndarray, int]:
         first_needed = latent_start * cfg.temporal_compression - cfg.audio_context_frames
         end_frame = needed_video_frames(latent_start + cfg.frames_per_chunk, cfg)
         # recompute the causal encoder over its receptive field: equal to encoding the whole stream
         first = max(0, first_needed - enc.receptive_field_frames)
         pcm = self._audio_samples(first * SAMPLES_PER_FRAME, end_frame * SAMPLES_PER_FRAME)
-        self._consumed = max(self._consumed, end_frame * SAMPLES_PER_FRAME)
         # keep only what the next chunk's receptive field can still reach
         keep_from = max(
             0, (first_needed + cfg.frames_per_chunk * cfg.temporal_compression - enc.receptive_field_frames)
         )
-        drop = keep_from * SAMPLES_PER_FRAME - self._pcm_origin
-        if drop > 0:
-            self._pcm = self._pcm[drop:].copy()
-            self._pcm_origin += drop
+        self._drop_used_audio(end_frame, keep_from)
         return pcm, first
 
     def _prepare_chunk(self):
@@ -402,6 +414,10 @@ class StreamSession:
         `CHUNK_STAGES`) so that a benchmark can time or count it (bench/floor.py); one that
         does not run "to_host" (a model on the meta device has no values) gets None frames.
         """
+        with self.in_use():
+            return self._next_chunk(observe)
+
+    def _next_chunk(self, observe) -> tuple[np.ndarray, float]:
         run = self._threaded(observe or _run_stage)
         self._require_started()
         # A chunk returns its frames before its clean re-encode writes its K/V into the cache
@@ -434,11 +450,12 @@ class StreamSession:
     @torch.no_grad()
     def write_pending_chunk(self) -> None:
         """Write the last chunk into the cache (its clean re-encode) if that is still to do."""
-        if self._pending is not None:
-            latents, audio, context = self._pending
-            with self.stage_threads("reencode"):
-                reencode_chunk(self.dit, self.cache, latents, context, audio)
-            self._pending = None
+        with self.in_use():
+            if self._pending is not None:
+                latents, audio, context = self._pending
+                with self.stage_threads("reencode"):
+                    reencode_chunk(self.dit, self.cache, latents, context, audio)
+                self._pending = None
 
     @torch.no_grad()
     def _finish_chunk(self, latents: torch.Tensor, run=None) -> tuple[np.ndarray, float]:

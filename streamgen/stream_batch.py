@@ -9,6 +9,8 @@ server's worker runs its sessions' chunks through here (server/scheduler.py).
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
+
 import numpy as np
 import torch
 
@@ -38,6 +40,18 @@ def _pending_key(s: StreamSession):
     return (id(s.dit), s.latent_hw, s.dtype, str(s.device), s.cache.filled, context.shape, audio is None)
 
 
+@contextmanager
+def all_in_use(sessions: list[StreamSession]):
+    """Each session for this thread alone (`StreamSession.in_use`), each listed once: one session
+    twice in a batch made both its chunks from the same cache and drew their noise in turns."""
+    if len({id(s) for s in sessions}) != len(sessions):
+        raise ValueError("a session is listed more than once: a batch makes one chunk per session")
+    with ExitStack() as held:
+        for s in sessions:
+            held.enter_context(s.in_use())
+        yield
+
+
 def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     return None if parts[0] is None else torch.cat(parts)
 
@@ -51,11 +65,12 @@ def write_pending_chunks(sessions: list[StreamSession], on_error=None) -> None:
 
     on_error(i, exception): a group's failed re-encode fails its members only (`contained_step`),
     each reported; the other groups' chunks are written. Without on_error it raises."""
-    pending = [i for i, s in enumerate(sessions) if s.chunk_pending]
-    failed: set[int] = set()
-    for same in group_indices([sessions[i] for i in pending], _pending_key):
-        members = [pending[j] for j in same]
-        contained_step(on_error, failed, members, _write_group, [sessions[i] for i in members])
+    with all_in_use(sessions):
+        pending = [i for i, s in enumerate(sessions) if s.chunk_pending]
+        failed: set[int] = set()
+        for same in group_indices([sessions[i] for i in pending], _pending_key):
+            members = [pending[j] for j in same]
+            contained_step(on_error, failed, members, _write_group, [sessions[i] for i in members])
 
 
 def _write_group(group: list[StreamSession]) -> None:
@@ -93,6 +108,11 @@ def next_chunks(sessions: list[StreamSession], on_error=None) -> list[tuple[np.n
     encoder, forward or decode) is its members' failure: each is reported, and the other
     groups' chunks are kept (`contained_step`). Without on_error it raises.
     """
+    with all_in_use(sessions):
+        return _next_chunks(sessions, on_error)
+
+
+def _next_chunks(sessions: list[StreamSession], on_error) -> list[tuple[np.ndarray, float] | None]:
     results: list = [None] * len(sessions)
     failed: set[int] = set()
 

@@ -25,7 +25,8 @@ from streamgen.model.audio import SAMPLES_PER_FRAME, VIDEO_FPS, frame_windows, n
 from streamgen.model.text import text_context
 from streamgen.models import AvatarModel, dit_dtype_arg, load_model
 from streamgen.sampling import euler_sigmas, sample_euler
-from streamgen.stream import encode_reference, prepare_reference, to_pcm_float
+from streamgen.stream import encode_reference
+from streamgen.stream_inputs import check_caption, check_seed, prepare_reference, to_pcm_float
 
 
 class TeacherSession:
@@ -62,11 +63,13 @@ class TeacherSession:
         return self.frames_per_chunk / VIDEO_FPS
 
     def start(self, reference, text=None, seed=0):
+        seed = check_seed(seed or 0)
+        check_caption(text)
         ref = prepare_reference(reference, self.height, self.width)
         self.reference = encode_reference(self.vae, ref, self.device)
         # as StreamSession: a caption for a model without sentence-embedding width is an error
         self.context = text_context(text, self.cfg.text_dim).to(self.device)
-        self.generator = torch.Generator().manual_seed(seed or 0)
+        self.generator = torch.Generator().manual_seed(seed)
         self.pcm = np.zeros(0, np.float32)
         self.position, self.previous, self.state = 0, None, self.vae.init_state(1)
 

@@ -1,0 +1,107 @@
+"""What a caller hands a StreamSession, checked and made ready: the reference image, the audio,
+the seed, the caption, the frame size. A mistake is a TypeError or ValueError that says what was
+wrong, raised before the stream changes, not a failure frames deep in the model."""
+
+from __future__ import annotations
+
+import operator
+import os
+
+import numpy as np
+
+from streamgen.model.audio import SAMPLE_RATE
+from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE, text_problem
+
+
+def prepare_reference(image, height: int, width: int) -> np.ndarray:
+    """Any RGB/RGBA/grey uint8 image, a PIL image or an image file's path -> [height, width, 3]
+    uint8, centre-cropped to the aspect. A file or a PIL image is turned upright as its EXIF says,
+    its 16-bit or float greys scaled (`streamgen.media.upright_rgb`), as `generate` reads it."""
+    from PIL import Image
+
+    from streamgen.media import read_image, upright_rgb
+
+    if isinstance(image, str | os.PathLike):
+        image = read_image(image)  # (a path was "must be uint8, got <U17")
+    elif isinstance(image, Image.Image):
+        image = upright_rgb(image)  # (a phone's photo lay on its side; a 16-bit grey was white)
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"reference image must be uint8, got {arr.dtype}")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or min(arr.shape[:2]) < 8:
+        raise ValueError(
+            f"reference image must be [H, W, 3] (or RGBA / grey) and at least 8x8, got {arr.shape}"
+        )
+    arr = arr[..., :3]
+    h, w = arr.shape[:2]
+    target = width / height
+    if abs(w / h - target) > 1e-3:  # centre crop to the output aspect
+        if w / h > target:
+            cw = round(h * target)
+            arr = arr[:, (w - cw) // 2 : (w - cw) // 2 + cw]
+        else:
+            ch = round(w / target)
+            arr = arr[(h - ch) // 2 : (h - ch) // 2 + ch]
+    if arr.shape[:2] != (height, width):
+        arr = np.asarray(Image.fromarray(np.ascontiguousarray(arr)).resize((width, height), Image.BICUBIC))
+    return np.array(arr, dtype=np.uint8, copy=True)  # writable and contiguous
+
+
+def to_pcm_float(pcm) -> np.ndarray:
+    """int16 or float PCM (mono, 16 kHz) -> float32 in [-1, 1]."""
+    a = np.asarray(pcm)
+    if a.ndim != 1:
+        raise ValueError(f"audio must be mono 1-D samples at {SAMPLE_RATE} Hz, got shape {a.shape}")
+    if a.dtype == np.int16:
+        return a.astype(np.float32) / 32768.0
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"audio must be int16 or float samples, got {a.dtype}")
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError("audio contains NaN or infinite samples")
+    peak = float(np.abs(a).max(initial=0.0))
+    if peak > MAX_FLOAT_PEAK:  # (int16 samples as floats were clipped into a square wave)
+        raise ValueError(
+            f"float audio peaks at {peak:.4g}: float samples are in [-1, 1]; pass int16 samples as "
+            "int16, or divide them by 32768"
+        )
+    return np.clip(a, -1.0, 1.0)
+
+
+# float audio louder than this is on another scale (int16's), not a hot recording's overs
+MAX_FLOAT_PEAK = 2.0
+
+
+def check_seed(seed) -> int:
+    """A stream's seed: a whole number (a numpy one too) in [0, SEED_END)."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be a whole number, got {type(seed).__name__}") from None
+    if not 0 <= value < SEED_END:
+        raise ValueError(f"seed {value} is outside {SEED_RANGE}")
+    return value
+
+
+def check_caption(text) -> None:
+    """A caption the API takes (None or blank: none), or a TypeError / ValueError that says why."""
+    if text is None:
+        return
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string, got {type(text).__name__}")
+    if len(text) > MAX_CAPTION_CHARS:  # (the text encoder kept its first 128 tokens, without a word)
+        raise ValueError(f"caption longer than {MAX_CAPTION_CHARS} characters")
+    if problem := text_problem(text):
+        raise ValueError(problem)
+
+
+def positive_size(value, what: str) -> int:
+    try:
+        n = operator.index(value)
+    except TypeError:  # (a float height failed ten frames down, in the cache's torch.zeros)
+        raise TypeError(f"{what} must be a whole number, got {type(value).__name__}") from None
+    if n <= 0:
+        raise ValueError(f"{what} must be positive, got {n}")
+    return n
