@@ -63,6 +63,8 @@ import numpy as np
 from bench.machine import cpu_description
 from streamgen.cli import frame_size, positive_int, positive_number, thread_count
 
+DEFAULT_BROWSER = "/usr/bin/chromium"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-avatar")
@@ -78,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="serve with the DiT's blocks compiled (serve --compile)")
     parser.add_argument("--no-align-batches", dest="align_batches", action="store_false",
                         help="serve with --no-align-batches (each session's chunks when they fall due)")
-    parser.add_argument("--browser", default="/usr/bin/chromium", help="chromium for the browser figures ('' skips)")
+    parser.add_argument("--browser", default=None,
+                        help=f"chromium for the browser figures (default: {DEFAULT_BROWSER} where there is one; '' skips)")  # fmt: skip
     parser.add_argument("--against", default=None, metavar="MODEL",
                         help="a second model served beside the first, probed in alternation with it at each number "
                         "of sessions (A B, then B A, ...), so both meet the same machine: each model's probe "
@@ -540,10 +543,17 @@ def _realtime(per_n: dict, seconds: float) -> int:
 
 def main(args: argparse.Namespace) -> dict:
     """`streamgen bench server`: the measured figures as one dict."""
-    from streamgen.cli import require_models
+    from streamgen.cli import UserError, require_models
 
     # (a server that will not start was a RuntimeError with its stderr, after the other's probes)
     require_models(args.model, args.against)
+    if args.browser is None:
+        args.browser = DEFAULT_BROWSER if os.path.exists(DEFAULT_BROWSER) else ""
+    elif args.browser and not os.path.isfile(args.browser):  # (its figures were left out, unsaid)
+        raise UserError(f"--browser {args.browser}: no such file ('' skips the browser figures)")
+    if any(a == "--model" or a.startswith("--model=") for a in shlex.split(args.against_args)):
+        # (the second server served it, and the JSON named the first's model as `against`)
+        raise UserError("--against-args: give the second server's model with --against MODEL")
     return asyncio.run(_bench(args)) | {"cpu": cpu_description()}  # (the figures are this CPU's)
 
 
