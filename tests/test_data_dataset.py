@@ -141,6 +141,21 @@ def test_cli_make_preview_and_errors(tmp_path, capsys):
     assert not (tmp_path / "q").exists()  # (it was made, and left empty)
 
 
+def test_a_preview_whose_video_fails_leaves_no_contact_sheet(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from streamgen.data import media
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(media, "write_mp4", full_disk)
+    out = tmp_path / "p"
+    assert main(["data", "preview", "--clips", "1", "--size", "32", "--out", str(out)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not (out / "contact_sheet.png").exists()
+
+
 def test_the_speed_is_counted_in_clips_of_4_seconds():
     """Clips of 0.4 s counted ten each, not a tenth: the speed said was 100 times too high."""
     from streamgen.data.cli import clips_of_4s_per_minute

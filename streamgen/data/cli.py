@@ -116,10 +116,15 @@ def _preview(args) -> int:
     output_folder(args.out)  # (once the clips are read: a --data that is not there made it, empty)
     factor = max(1, 128 // clips[0][0].shape[1])
     rows = [upscale(np.concatenate([ref[None], video]), factor) for video, _, ref in clips]
-    save_png(args.out / "contact_sheet.png", contact_sheet(rows))
+    sheet = args.out / "contact_sheet.png"
+    save_png(sheet, contact_sheet(rows))
     video = upscale(np.concatenate([v for v, _, _ in clips]), factor)
     audio = np.concatenate([a for _, a, _ in clips])
-    write_mp4(args.out / "preview.mp4", video, audio)
+    try:
+        write_mp4(args.out / "preview.mp4", video, audio)
+    except BaseException:  # the two or neither (the sheet was left behind, as if the preview were done)
+        sheet.unlink(missing_ok=True)
+        raise
     print(f"wrote {args.out / 'contact_sheet.png'} and {args.out / 'preview.mp4'} ({len(clips)} clips)")
     return 0
 
