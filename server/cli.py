@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from streamgen.cli import add_dtype_option, frame_size, positive_int, thread_count
+from streamgen.cli import add_dtype_option, frame_size, positive_int, require_models, thread_count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
         # ("" from an unset variable counts as no token in a request: nothing could be created)
         raise UserError(f"--token {args.token!r}: a token is one or more printable ASCII characters, "
                         "no spaces (it is sent in 'Authorization: Bearer'); leave --token out for none")  # fmt: skip
-    if not _model_exists(args.model):
-        raise UserError(f"unknown model {args.model!r}: not a model directory or a known flavor")
+    require_models(args.model)  # (one line that says what it is instead, before anything loads)
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a TCP port")
     # an --sp follower rank serves nothing: rank 0 listens, maybe already (torchrun starts them apart)
@@ -236,10 +235,3 @@ def _model_steps(name: str) -> int | None:
     except (OSError, ValueError):
         return None
     return steps if isinstance(steps, int) else None
-
-
-def _model_exists(name: str) -> bool:
-    from streamgen.model.config import FLAVORS
-    from streamgen.models import resolve_model_dir
-
-    return resolve_model_dir(name) is not None or name.removesuffix("-teacher") in FLAVORS

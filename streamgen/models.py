@@ -354,9 +354,35 @@ def require_model(name_or_path: str) -> None:
     (a check before a long job, which would otherwise fail only where it loads it)."""
     name_or_path = os.fspath(name_or_path)
     if resolve_model_dir(name_or_path) is None and name_or_path.removesuffix("-teacher") not in FLAVORS:
-        raise FileNotFoundError(
-            f"unknown model {name_or_path!r}: not a model directory and not one of {', '.join(available_models())}"
-        )
+        raise FileNotFoundError(_not_a_model(name_or_path))
+
+
+def _not_a_model(name: str) -> str:
+    """What `name` is instead of a model, said so that its user knows what to give instead (a Wan
+    checkpoint's folder, a run's folder and an empty one were all "unknown model")."""
+    folder = Path(name)
+    if (folder / "model" / "model.json").is_file():
+        return f"{name} is a run's folder: its model is {folder / 'model'}"
+    if _is_diffusers_wan(folder):
+        return (f"{name} is a diffusers Wan2.1 checkpoint, not a streamgen model: distill it into one first "
+                f"(a distill config's model.init: wan:{name}, docs/distill.md)")  # fmt: skip
+    if folder.is_dir():
+        return f"{name} is a folder without model.json: not a streamgen model (docs/distill.md says how one is made)"
+    return f"unknown model {name!r}: not a model directory and not one of {', '.join(available_models())}"
+
+
+def _is_diffusers_wan(folder: Path) -> bool:
+    """A diffusers Wan2.1 pipeline's folder, or its transformer's."""
+    import json
+
+    for config in (folder / "config.json", folder / "transformer" / "config.json", folder / "model_index.json"):  # fmt: skip
+        try:
+            meta = json.loads(config.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and str(meta.get("_class_name", "")).startswith("Wan"):
+            return True
+    return False
 
 
 def load_model_dir(d: Path, device="cpu", dtype=None, **cfg_overrides) -> AvatarModel:

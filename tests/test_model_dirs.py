@@ -287,6 +287,37 @@ def test_the_precision_switches_of_the_environment_are_read_as_meant(monkeypatch
         load_model("nothing")
 
 
+def test_a_folder_that_is_no_model_is_named_for_what_it_is(tmp_path, capsys):
+    """A Wan checkpoint's folder, a run's folder and an empty one were all "unknown model ...: not
+    a model directory", the first though the README said such a folder loads."""
+    import json
+
+    from streamgen.cli import main
+    from streamgen.models import require_model
+
+    wan = tmp_path / "Wan2.1-T2V-1.3B-Diffusers"
+    (wan / "transformer").mkdir(parents=True)
+    (wan / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    (wan / "transformer" / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel"}))
+    run = tmp_path / "runs" / "teacher"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "model.json").write_text("{}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder, says in [
+        (wan, f"is a diffusers Wan2.1 checkpoint, not a streamgen model: distill it into one first "
+              f"(a distill config's model.init: wan:{wan}"),
+        (wan / "transformer", "is a diffusers Wan2.1 checkpoint"),
+        (run, f"{run} is a run's folder: its model is {run / 'model'}"),
+        (empty, f"{empty} is a folder without model.json: not a streamgen model"),
+    ]:  # fmt: skip
+        with pytest.raises(FileNotFoundError) as refused:
+            require_model(str(folder))
+        assert says in str(refused.value)
+    assert main(["serve", "--model", str(empty)]) == 2  # (its own message, that said less)
+    assert f"{empty} is a folder without model.json" in capsys.readouterr().err
+
+
 def test_an_export_over_a_model_directory_replaces_its_whole_autoencoder(tmp_path):
     """A re-export (or ship) into a directory that held another autoencoder left that one's files:
     a tiny decoder, or a Wan VAE, that load_autoencoder then took over the new one."""
