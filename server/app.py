@@ -97,7 +97,6 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
             expose_headers=["Location", "Link", "Retry-After", "ETag"],
             max_age=600,
         )  # fmt: skip
-    app.state.load_error = None
     app.state.warm_stage = "loading the model"  # what /readyz says while not ready
 
     @app.exception_handler(ApiError)
@@ -236,7 +235,7 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
     except Exception as e:
         # its first line (a compiler's error runs to pages; the log has all of it)
         first_line = (str(e).strip().splitlines() or [""])[0]
-        app.state.load_error = f"{type(e).__name__}: {first_line}"[:300]
+        registry.load_error = f"{type(e).__name__}: {first_line}"[:300]
         log.exception("model failed to load")
         return
     registry.chunk_seconds = chunk_seconds

@@ -185,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e}") from None
     if not server.started:  # (uvicorn logged why)
         raise UserError("the server did not start: see the log above")
+    if server.load_error:
+        raise UserError(f"the model did not load: {server.load_error} (the log above has all of it)")
     return 0
 
 

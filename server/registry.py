@@ -43,6 +43,7 @@ class SessionRegistry:
         self.host_start: concurrent.futures.Future | None = None  # the worker's job that starts it
         self.chunk_seconds = 0.32
         self.ready = False
+        self.load_error: str | None = None  # why the model did not load or warm up: it never will here
         self._creating = 0
 
     # --- admission -------------------------------------------------------------------------------
@@ -60,11 +61,20 @@ class SessionRegistry:
         """Why the model host can run nothing more (then the server is unhealthy), or None."""
         return getattr(self.host, "down", None)
 
+    @property
+    def down(self) -> str | None:
+        """Why this server can generate nothing, ever (then it is unhealthy), or None."""
+        if self.load_error:
+            return f"the model failed to load: {self.load_error}"
+        return self.host_down
+
     def admit(self) -> list[int] | None:
         """Refuse a new session unless there is room for it; the sessions that fit on each lane
         (`lane_fits`, what its lane is chosen by)."""
         if self.host_down:
             self._refuse(f"the model is unavailable: {self.host_down}", 30, "host_down")
+        if self.load_error:  # (it said "still loading", for ever)
+            self._refuse(f"the model failed to load: {self.load_error}", 30, "load_error")
         if not self.ready:
             self._refuse("model is still loading", 5, "loading")
         fits = self.lane_fits()

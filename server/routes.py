@@ -394,7 +394,7 @@ async def avatar_picture(avatar_id: str):
 
 @router.get("/healthz", tags=["health"])
 async def healthz(request: Request):
-    down = request.app.state.registry.host_down  # the model can never run again here: restart me
+    down = request.app.state.registry.down  # the model can never run here: restart me, or see why
     if down:
         return JSONResponse({"status": "down", "error": down}, status_code=503)
     return {"status": "ok"}
@@ -403,7 +403,7 @@ async def healthz(request: Request):
 @router.get("/readyz", tags=["health"])
 async def readyz(request: Request):
     registry: SessionRegistry = request.app.state.registry
-    error = request.app.state.load_error or registry.host_down
+    error = registry.load_error or registry.host_down
     ready = registry.ready and not registry.host_down
     body = {
         "ready": ready, "model": registry.config.model, "sessions": len(registry.sessions),

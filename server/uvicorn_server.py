@@ -34,11 +34,21 @@ class BrokenTextFrameLog(logging.Filter):
 
 
 class SessionClosingServer(uvicorn.Server):
+    """Also ends once the app's model failed to load (`load_error`): a server that can never make a
+    stream kept running, healthy to a supervisor, telling clients it was still loading."""
+
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
+        self.load_error: str | None = None
         error_log = logging.getLogger("uvicorn.error")
         if not any(isinstance(f, BrokenTextFrameLog) for f in error_log.filters):
             error_log.addFilter(BrokenTextFrameLog())
+
+    async def on_tick(self, counter: int) -> bool:
+        if (error := self.config.app.state.registry.load_error) and not self.load_error:
+            self.load_error = error
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:  # no new session while the others close

@@ -197,7 +197,36 @@ def test_a_failed_warm_up_reports_its_first_line(monkeypatch):
         deadline = time.monotonic() + 30
         while "error" not in (ready := c.get("/readyz")).json() and time.monotonic() < deadline:
             time.sleep(0.05)
+        # it was healthy to a supervisor, and told clients it was still loading, for ever
+        health, created = c.get("/healthz"), c.post("/v1/sessions", json={})
     assert ready.status_code == 503 and ready.json()["error"] == "RuntimeError: C++ compile error"
+    assert health.status_code == 503
+    assert health.json()["error"] == "the model failed to load: RuntimeError: C++ compile error"
+    assert created.status_code == 503 and "the model failed to load: RuntimeError" in created.json()["message"]
+
+
+def test_serve_ends_when_its_model_cannot_load(tmp_path):
+    """A model whose weights were cut short: serve kept running, /healthz 200, every session "model
+    is still loading", until someone killed it. It ends now, exit code 2, saying why."""
+    import shutil
+    import subprocess
+    import sys
+
+    from server_helpers import free_port
+
+    from streamgen.models import MODELS_DIR
+
+    broken = tmp_path / "broken"
+    shutil.copytree(MODELS_DIR / "tiny-avatar", broken)
+    weights = broken / "dit.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    served = subprocess.run(
+        [sys.executable, "-m", "streamgen", "serve", "--model", str(broken), "--port", str(free_port())],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert served.returncode == 2, served.stderr[-2000:]
+    last = served.stderr.strip().splitlines()[-1]
+    assert last.startswith("streamgen serve: error: the model did not load: ValueError:"), last
 
 
 def test_what_the_warm_up_loaded_is_kept_out_of_the_collector_while_serving():
