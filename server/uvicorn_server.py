@@ -27,7 +27,8 @@ class BrokenTextFrameLog(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg == self.MESSAGE and record.exc_info:
-            record.msg, record.args = "a WebSocket client sent a text message that is not UTF-8: closed with 1007", ()
+            record.msg = "a WebSocket client sent a text message that is not UTF-8: closed with 1007"
+            record.args = ()
             record.exc_info = record.exc_text = None
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True

@@ -202,7 +202,8 @@ def test_a_failed_warm_up_reports_its_first_line(monkeypatch):
     assert ready.status_code == 503 and ready.json()["error"] == "RuntimeError: C++ compile error"
     assert health.status_code == 503
     assert health.json()["error"] == "the model failed to load: RuntimeError: C++ compile error"
-    assert created.status_code == 503 and "the model failed to load: RuntimeError" in created.json()["message"]
+    assert created.status_code == 503
+    assert "the model failed to load: RuntimeError" in created.json()["message"]
 
 
 def test_serve_ends_when_its_model_cannot_load(tmp_path):
