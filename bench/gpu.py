@@ -487,7 +487,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--only",
         nargs="*",
-        help="run only these parts: variant names, stages, decoder, kernels, decoder_compiled",
+        help="run only these parts: variant names, stages, decoder, reference_encode, kernels, decoder_compiled",
     )
     p.add_argument("--out", help="also write the JSON here, rewritten after each variant (survives a kill)")
     p.add_argument("--floor-work", help="bench.variant_floor's counts: each variant against its own floor")
