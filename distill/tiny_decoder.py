@@ -69,6 +69,7 @@ class Stage:
                 decoder = TinyDecoder.from_checkpoint(self.opts.init)
             except (FileNotFoundError, ValueError) as e:  # (a missing one was a traceback)
                 raise ConfigError(f"tiny_decoder.init: {e}") from None
+            decoder.made_for = None  # fine-tuned here to the teacher's own latents
         else:
             space_stages = len(self.opts.widths) - 1
             decoder = TinyDecoder(

@@ -209,6 +209,25 @@ def test_a_decoder_for_other_latents_is_refused():
         TinyDecoderVAE(wan, TinyDecoder(TinyDecoderConfig(widths=(8, 8, 8, 8), blocks_per_stage=1)))
 
 
+def test_taehv_s_published_decoder_reads_the_wan_vae_s_latents_only(tmp_path):
+    """The debug and tiny-avatar autoencoders' latents can have the Wan VAE's shape (tiny-avatar's
+    do: 16 channels, 8x, 4x), and TAEHV's decoder made a near-constant grey of them, without a word.
+    Fine-tuned to another autoencoder (distill tiny_decoder's init), it is that one's."""
+    from streamgen.model.vae import TinyCausalVAE
+
+    torch.save(_checkpoint(_taehv_layout(SMALL)), tmp_path / "taew.pth")
+    published = TinyDecoder.from_checkpoint(tmp_path / "taew.pth")
+    assert published.made_for == "wan2.1"
+    TinyDecoderVAE(_tiny_wan_vae(), published)
+    own = TinyCausalVAE(latent_channels=4, temporal_factor=4)
+    with pytest.raises(ValueError, match="made for the wan2.1 VAE's latents; this autoencoder's are its own"):
+        TinyDecoderVAE(own, published)
+    published.made_for = None  # as distill's tiny_decoder.init leaves it, to fine-tune
+    TinyDecoderVAE(own, published)
+    published.save(tmp_path / "fine-tuned.safetensors")  # (ours: made for what it is exported with)
+    assert TinyDecoder.from_checkpoint(tmp_path / "fine-tuned.safetensors").made_for is None
+
+
 @torch.no_grad()
 def test_a_stream_session_streams_through_it():
     from bench.gpu import build_model, start_stream

@@ -131,6 +131,9 @@ class TinyDecoder(nn.Module):
             for i in range(len(w) - 1)
         )
         self.out = _conv3x3(w[-1], cfg.image_channels * cfg.patch_size**2)
+        # the latent space it was made for ("wan2.1": TAEHV's published weights), or None: trained
+        # here, on the autoencoder it is exported with (a fine-tune sets None)
+        self.made_for: str | None = None
         # NHWC weights make every activation NHWC, the layout cuDNN's bf16 and oneDNN's kernels
         # compute in; loading copies into them and keeps it
         self.to(memory_format=torch.channels_last)
@@ -181,7 +184,8 @@ class TinyDecoder(nn.Module):
             saved = metadata.get("tiny_decoder_config")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        if any(k.startswith("decoder.") for k in state):
+        taehv = any(k.startswith("decoder.") for k in state)
+        if taehv:
             state = from_taehv(state)
         if saved is not None:
             fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(saved).items()}
@@ -190,6 +194,7 @@ class TinyDecoder(nn.Module):
             cfg = config_from_state_dict(state, **overrides)
         decoder = cls(cfg)
         decoder.load_state_dict(_keep_last_frames(state, decoder.state_dict()))
+        decoder.made_for = "wan2.1" if taehv else None  # (TAEHV's taew2_1: Wan2.1's VAE's latents)
         return decoder
 
     def save(self, path) -> None:
@@ -294,7 +299,14 @@ class TinyDecoderVAE(VideoAutoencoder):
             raise ValueError(
                 f"this tiny decoder does not fit the autoencoder's latents: {'; '.join(mismatch)}"
             )
+        if decoder.made_for is not None and decoder.made_for != vae.latent_space:
+            # (tiny-avatar's latents have Wan's shape, and TAEHV's decoder made noise of them)
+            raise ValueError(
+                f"this tiny decoder was made for the {decoder.made_for} VAE's latents; this autoencoder's "
+                f"are its own ({type(vae).__name__}): distill one for it (distill tiny_decoder, docs/distill.md)"
+            )
         self.vae, self.decoder = vae, decoder
+        self.latent_space = vae.latent_space
         self.latent_channels = vae.latent_channels
         self.spatial_factor, self.temporal_factor = vae.spatial_factor, vae.temporal_factor
         # a stream's first latent frame makes time_factor frames; Wan's layout keeps its last one

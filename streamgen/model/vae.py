@@ -33,6 +33,9 @@ class VideoAutoencoder(nn.Module):
     latent_channels: int
     spatial_factor: int
     temporal_factor: int
+    # whose code its latents are in, where others make decoders for it ("wan2.1": TAEHV's); None:
+    # its own, which only decoders trained on it read (`TinyDecoderVAE` checks)
+    latent_space: str | None = None
 
     @property
     def first_latent_frames(self) -> int:

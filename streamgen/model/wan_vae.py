@@ -28,6 +28,8 @@ class WanVAE(VideoAutoencoder):
     later one to 4 (Wan's causal 1 + 4k layout).
     """
 
+    latent_space = "wan2.1"
+
     def __init__(
         self,
         vae,
