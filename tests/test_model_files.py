@@ -154,3 +154,40 @@ def test_an_exports_weights_have_the_umasks_mode(tmp_path):
     files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
     modes = {p.relative_to(tmp_path).as_posix(): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
     assert modes == dict.fromkeys(modes, oct(0o644))
+
+
+@pytest.mark.parametrize("breakage", ["a folder", "a link's loop"])
+def test_a_weight_file_that_cannot_be_read_says_why(tmp_path, breakage, capsys):
+    """safetensors called any file it could not open "No such file or directory": a folder in its
+    place, a symbolic link's loop, a file it may not read (as root no file is unreadable here)."""
+    import shutil
+
+    from streamgen.cli import main
+    from streamgen.models import MODELS_DIR, load_model
+
+    model = tmp_path / "model"
+    shutil.copytree(MODELS_DIR / "tiny-avatar", model)
+    weights = model / "dit.safetensors"
+    weights.unlink()
+    if breakage == "a folder":
+        weights.mkdir()
+        why = "Is a directory"
+    else:
+        weights.symlink_to(weights)
+        why = "Too many levels of symbolic links"
+    with pytest.raises(ValueError, match=f"dit.safetensors: cannot read it \\({why}\\)"):
+        load_model(str(model))
+    assert main(["generate", "--model", str(model), "--out", str(tmp_path / "x.mp4"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"cannot read it ({why})") and len(err.splitlines()) == 1, err
+
+
+def test_a_model_json_that_cannot_be_read_says_why(tmp_path):
+    """Its PermissionError (or IsADirectoryError) was a traceback through every command."""
+    from streamgen.model.files import read_json
+
+    (tmp_path / "model.json").mkdir()
+    with pytest.raises(ValueError, match="model.json: cannot read it \\(Is a directory\\)"):
+        read_json(tmp_path / "model.json")
+    with pytest.raises(FileNotFoundError):  # (not there stays not there: callers tell it apart)
+        read_json(tmp_path / "missing.json")

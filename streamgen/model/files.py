@@ -14,12 +14,26 @@ from streamgen.files import write_atomically as write_atomically
 from streamgen.files import write_text_atomically as write_text_atomically
 
 
+def check_readable(path) -> None:
+    """FileNotFoundError where `path` is not there; a ValueError saying why where it is but cannot be
+    read (safetensors said "No such file or directory" of a file it may not read, a folder, a
+    symbolic link's loop; a JSON file's PermissionError was a traceback)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
 def load_safetensors(path) -> dict[str, torch.Tensor]:
     """safetensors' load_file; a file it cannot read (truncated, not safetensors) is a ValueError
     naming it (safetensors' own error named no file and escaped every command's handling)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    check_readable(path)
     try:
         return load_file(str(path))
     except SafetensorError as e:
@@ -44,6 +58,7 @@ def load_safetensors_and_metadata(path) -> tuple[dict[str, torch.Tensor], dict[s
     other. A file it cannot read is a ValueError naming it, as `load_safetensors`."""
     from safetensors import SafetensorError, safe_open
 
+    check_readable(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
@@ -53,6 +68,7 @@ def load_safetensors_and_metadata(path) -> tuple[dict[str, torch.Tensor], dict[s
 
 def read_json(path, required: tuple[str, ...] = ()) -> dict:
     """A JSON object from `path`, with the keys in `required`, or a ValueError naming the file."""
+    check_readable(path)
     value = json_object(Path(path).read_bytes(), f"{path}:")
     missing = [key for key in required if key not in value]
     if missing:
