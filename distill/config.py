@@ -469,7 +469,7 @@ def _optim_problems(optim: OptimConfig, where: str) -> list[str]:
 
 def _validate(cfg: TrainConfig, path) -> None:
     from streamgen.data import SPLITS
-    from streamgen.model.config import get_config
+    from streamgen.model.config import get_config, type_problems
     from streamgen.sampling import CACHE_FROM
 
     problems = []
@@ -502,41 +502,17 @@ def _validate(cfg: TrainConfig, path) -> None:
             problems.append(f"{name} must name splits of {', '.join(SPLITS)}, got {values!r}")
     if cfg.run.device not in ("auto", "cpu", "cuda"):
         problems.append(f"run.device must be auto, cpu or cuda, got {cfg.run.device!r}")
-    problems += _override_type_problems(cfg.model.overrides)
+    mistyped = [f"model.overrides.{problem}" for problem in type_problems(cfg.model.overrides)]
+    problems += mistyped
     try:  # the flavor and its overrides make a model config
         get_config(cfg.model.flavor, **cfg.model.overrides)
     except KeyError as e:
         problems.append(f"model.flavor: {e.args[0]}")
     except (TypeError, ValueError) as e:
-        problems.append(f"model.overrides: {e}")
+        if not mistyped:  # (said already, field by field)
+            problems.append(f"model.overrides: {e}")
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
-
-
-def _override_type_problems(overrides: dict) -> list[str]:
-    """model.overrides whose values are not of their ModelConfig field's type: 'abc' for an int
-    came out of the model config's own checks as "'<' not supported between instances of 'str'
-    and 'int'"."""
-    from streamgen.model.config import ModelConfig
-
-    hints = typing.get_type_hints(ModelConfig)
-    problems = []
-    for name, value in overrides.items():
-        t = hints.get(name)
-        if t is None:
-            continue  # (an unknown field: the model config names it)
-        base = typing.get_origin(t) or t
-        ok = {
-            bool: lambda v: isinstance(v, bool),
-            int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-            float: lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
-            tuple: lambda v: isinstance(v, list | tuple),
-            str: lambda v: isinstance(v, str),
-        }.get(base, lambda v: True)(value)
-        if not ok:
-            expected = getattr(base, "__name__", base)
-            problems.append(f"model.overrides.{name}: expected {expected}, got {value!r}")
-    return problems
 
 
 def find_config(name_or_path: str, stage: str) -> Path:

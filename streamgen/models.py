@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -313,6 +314,7 @@ def _load(name_or_path: str, device, dtype, seed: int, **cfg_overrides) -> Avata
         )
         torch.manual_seed(seed)
         cfg = get_config(flavor, **cfg_overrides)
+        check_memory_for(cfg, name_or_path)
         dit = DiT(cfg)
         # The audio branch starts at zero so that loaded Wan weights are unchanged;
         # an untrained stand-in model gets a live one so the audio path is exercised.
@@ -337,11 +339,27 @@ def model_settings(name_or_path: str) -> dict:
     if directory is None:
         require_model(name_or_path)
         return _stand_in_settings(name_or_path.removesuffix("-teacher"))
-    return _settings(read_json(directory / "model.json"))
+    return _settings(read_json(directory / "model.json"), directory / "model.json")
 
 
-def _settings(meta: dict) -> dict:
-    return {key: meta.get(key, default) for key, default in MODEL_META_DEFAULTS.items()}
+def _settings(meta: dict, where: Path | None = None) -> dict:
+    """A model.json's settings (`MODEL_META_DEFAULTS`), each checked: a string height was a
+    TypeError in a session's log line, a string shift one in the sigma schedule."""
+    settings = {key: meta.get(key, default) for key, default in MODEL_META_DEFAULTS.items()}
+    for key, value in settings.items():
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        number = (whole or isinstance(value, float)) and math.isfinite(value)
+        if not (whole if key != "shift" else number) or value <= 0:
+            kind = "a positive number" if key == "shift" else "a positive whole number"
+            raise ValueError(f"{where or 'model.json'}: its {key} is {value!r}, not {kind}")
+    kind = meta.get("kind")
+    if kind is not None and kind not in MODEL_KINDS:  # ("Teacher" streamed a teacher as a student)
+        raise ValueError(f"{where or 'model.json'}: its kind {kind!r} is none of {', '.join(MODEL_KINDS)}")
+    return settings
+
+
+# what distill's stages export (model.json's "kind"; an older export or a hand-made one has none)
+MODEL_KINDS = ("teacher", "student-ode", "student", "student-chunk")
 
 
 def _stand_in_settings(flavor: str) -> dict:
@@ -404,15 +422,66 @@ def load_model_dir(d: Path, device="cpu", dtype=None, **cfg_overrides) -> Avatar
 def _read_dir(d: Path, cfg_overrides: dict) -> tuple[dict, DiT, VideoAutoencoder]:
     from streamgen.model.files import load_safetensors, read_json
 
-    meta = read_json(d / "model.json", required=("config",))
-    cfg = ModelConfig.from_dict({**meta["config"], **cfg_overrides})
-    dit = DiT(cfg)
-    sd = load_safetensors(d / "dit.safetensors")
+    where = d / "model.json"
+    meta = read_json(where, required=("config",))
+    if not isinstance(meta["config"], dict):
+        raise ValueError(f"{where}: its config is not a JSON object")
+    _settings(meta, where)
     try:
-        dit.load_state_dict(sd)
-    except RuntimeError as e:
-        raise ValueError(f"{d}: weights do not match the model config in model.json: {e}") from e
-    return meta, dit, _read_autoencoder(d)
+        cfg = ModelConfig.from_dict({**meta["config"], **cfg_overrides})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    sd = load_safetensors(d / "dit.safetensors")
+    # the shapes first, on the meta device: a config larger than its weights built the whole
+    # random model (6.5 GB for wan2.1-1.3b's) before a page of missing keys
+    if problem := _weights_problem(cfg, sd):
+        raise ValueError(f"{d}: dit.safetensors does not match the model config in model.json: {problem}")
+    vae = _read_autoencoder(d)
+    if vae.latent_channels != cfg.in_channels:  # (else a convolution's error at the first chunk)
+        raise ValueError(f"{d}: the DiT takes {cfg.in_channels} latent channels, its autoencoder gives "
+                         f"{vae.latent_channels}")  # fmt: skip
+    check_memory_for(cfg, str(d))
+    dit = DiT(cfg)
+    dit.load_state_dict(sd)
+    return meta, dit, vae
+
+
+def check_memory_for(cfg: ModelConfig, name: str) -> None:
+    """A ValueError where this machine has not the memory a DiT of `cfg` is built in (float32, on
+    the CPU, before it moves to its device and dtype): wan2.1-14b's stand-in took 15 GB and 53 s
+    before the allocator's error, and with less free memory the kernel kills the process."""
+    needed = 4 * sum(p.numel() for p in _meta_dit(cfg).parameters())
+    free = _free_memory()
+    if free is not None and needed > free:
+        raise ValueError(f"{name}: its DiT takes {needed / 2**30:.1f} GiB in float32 as it loads; this machine "
+                         f"has {free / 2**30:.1f} GiB free")  # fmt: skip
+
+
+def _free_memory() -> int | None:
+    """Bytes of memory the kernel says a new allocation can have (MemAvailable), where it says."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _meta_dit(cfg: ModelConfig) -> DiT:
+    with torch.device("meta"):
+        return DiT(cfg)
+
+
+def _weights_problem(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> str | None:
+    """How `weights` differ from what a DiT of `cfg` holds (names, shapes), said briefly, or None."""
+    wanted = {name: tuple(t.shape) for name, t in _meta_dit(cfg).state_dict().items()}
+    missing = [name for name in wanted if name not in weights]
+    extra = [name for name in weights if name not in wanted]
+    other = [f"{name} {tuple(weights[name].shape)} (the config's: {shape})"
+             for name, shape in wanted.items() if name in weights and tuple(weights[name].shape) != shape]  # fmt: skip
+    said = [f"{len(found)} {what}, e.g. {found[0]}" for what, found in
+            (("of other shapes", other), ("missing", missing), ("it has no place for", extra)) if found]  # fmt: skip
+    return "; ".join(said) or None
 
 
 # what a model.json may leave out (an older export): the size, schedule shift and steps it runs with

@@ -681,3 +681,76 @@ def test_ship_takes_a_plain_name(tmp_path, name, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path / "no-matter"), name])
     assert exit_.value.code == 2 and "is not a model name" in capsys.readouterr().err
+
+
+def _edited_tiny_avatar(tmp_path, **changes):
+    """A copy of the shipped tiny-avatar with model.json's values changed (config.KEY for its config's)."""
+    import json
+    import shutil
+
+    from streamgen.models import MODELS_DIR
+
+    d = tmp_path / "edited"
+    shutil.copytree(MODELS_DIR / "tiny-avatar", d)
+    meta = json.loads((d / "model.json").read_text())
+    for key, value in changes.items():
+        if key.startswith("config."):
+            meta["config"][key.removeprefix("config.")] = value
+        else:
+            meta[key] = value
+    (d / "model.json").write_text(json.dumps(meta))
+    return d
+
+
+@pytest.mark.parametrize(
+    "changes, says",
+    [
+        ({"config": None}, "its config is not a JSON object"),  # 'NoneType' object is not a mapping
+        ({"config.dim": "192"}, "model config dim: expected int, got '192'"),  # '<' not supported ...
+        ({"config.patch_size": 2}, "model config patch_size: expected tuple, got 2"),
+        ({"config.num_heads": 3.0}, "model config num_heads: expected int, got 3.0"),  # torch.zeros'
+        ({"height": "64"}, "its height is '64', not a positive whole number"),  # a log line's TypeError
+        ({"shift": "x"}, "its shift is 'x', not a positive number"),  # the sigma schedule's
+        ({"steps": 0}, "its steps is 0, not a positive whole number"),
+        ({"kind": "Teacher"}, "its kind 'Teacher' is none of teacher, student-ode"),  # streamed as a student
+        # a config larger than its weights: the whole random model was built (6.5 GB for 1.3B's), then
+        # a page of missing keys
+        ({"config.num_layers": 8}, "dit.safetensors does not match the model config in model.json: "),
+        ({"config.num_layers": 8}, " missing, e.g. blocks."),
+        ({"config.dim": 96, "config.ffn_dim": 384}, "of other shapes, e.g."),
+    ],
+)
+def test_a_model_json_with_values_of_the_wrong_kind_is_one_line(tmp_path, changes, says, capsys):
+    from streamgen.cli import main
+
+    model = _edited_tiny_avatar(tmp_path, **changes)
+    out = tmp_path / "x.mp4"
+    assert main(["generate", "--model", str(model), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_dit_and_autoencoder_of_other_latents_in_one_folder_are_refused(tmp_path):
+    """A convolution's error at the first chunk ("expected input[1, 4, 1, 8, 8] to have 16 channels")."""
+    import shutil
+
+    from streamgen.models import MODELS_DIR, load_model, save_model
+
+    save_model(load_model("debug"), tmp_path / "mixed")  # a DiT of 4 latent channels
+    for name in ("vae.safetensors", "vae_config.json"):  # tiny-avatar's autoencoder: 16
+        shutil.copy(MODELS_DIR / "tiny-avatar" / name, tmp_path / "mixed" / name)
+    with pytest.raises(ValueError, match="the DiT takes 4 latent channels, its autoencoder gives 16"):
+        load_model(str(tmp_path / "mixed"))
+
+
+def test_a_model_larger_than_the_free_memory_is_refused_before_it_is_built(monkeypatch):
+    """wan2.1-14b's stand-in took 15 GB and 53 s here before the allocator's error; with less free
+    memory the kernel would kill the process."""
+    from streamgen import models
+
+    monkeypatch.setattr(models, "_free_memory", lambda: 2 * 2**30)
+    with pytest.raises(ValueError, match=r"wan2.1-1.3b: its DiT takes 6.\d GiB in float32 as it loads; this "
+                                         r"machine has 2.0 GiB free"):  # fmt: skip
+        models.load_model("wan2.1-1.3b")
+    models.load_model("debug")  # (what fits is built)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 
 from streamgen.kernels import check_attention_backend
@@ -80,6 +82,8 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        if problems := type_problems(d):  # (a model.json's "128" was a TypeError from __post_init__)
+            raise ValueError(f"model config {problems[0]}")
         return cls(**d)
 
     def save(self, path) -> None:
@@ -90,6 +94,29 @@ class ModelConfig:
     def load(cls, path) -> ModelConfig:
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def type_problems(values: dict) -> list[str]:
+    """The `values` (ModelConfig fields) not of their field's type, each "NAME: expected TYPE, got
+    VALUE": a string for a number came out of the config's own checks as "'<' not supported
+    between instances of 'str' and 'int'", a float count failed in torch.zeros."""
+    hints = typing.get_type_hints(ModelConfig)
+    problems = []
+    for name, value in values.items():
+        t = hints.get(name)
+        if t is None:
+            continue  # (an unknown field: from_dict names it)
+        base = typing.get_origin(t) or t
+        ok = {
+            bool: lambda v: isinstance(v, bool),
+            int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+            float: lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
+            tuple: lambda v: isinstance(v, list | tuple) and all(type(x) is int for x in v),
+            str: lambda v: isinstance(v, str),
+        }.get(base, lambda v: True)(value)
+        if not ok:
+            problems.append(f"{name}: expected {getattr(base, '__name__', base)}, got {value!r}")
+    return problems
 
 
 FLAVORS: dict[str, ModelConfig] = {
@@ -134,4 +161,6 @@ FLAVORS: dict[str, ModelConfig] = {
 def get_config(name: str, **overrides) -> ModelConfig:
     if name not in FLAVORS:
         raise KeyError(f"unknown model flavor {name!r}; known: {', '.join(FLAVORS)}")
+    if problems := type_problems(overrides):
+        raise ValueError(f"model config {problems[0]}")
     return dataclasses.replace(FLAVORS[name], **overrides)
