@@ -116,6 +116,61 @@ def test_load_pretrained_builds_no_second_model(tmp_path, monkeypatch):
     assert (got - ref(x, t, ctx).sample).abs().max().item() <= 0.1  # bf16 weights, same model
 
 
+def test_a_checkpoint_of_more_layers_than_its_config_is_refused(tmp_path):
+    """A config (or distill's model.overrides) of fewer layers than the weights: the rest were
+    dropped without a word, and a 1-layer teacher trained and exported from a 2-layer Wan."""
+    tiny_wan().save_pretrained(tmp_path / "wan")
+    with pytest.raises(
+        ValueError, match=r"of its weights have no place in a DiT of its config \(num_layers 1\)"
+    ):
+        load_pretrained(tmp_path / "wan", num_layers=1)
+
+
+@pytest.mark.parametrize(
+    "config, says",
+    [
+        # (Wan-AI/Wan2.1-T2V-1.3B's own config.json: "no 'num_attention_heads' in it")
+        (
+            {"_class_name": "WanModel", "dim": 1536, "num_heads": 12},
+            "this is the original Wan layout (WanModel",
+        ),
+        ({"dim": 1536, "num_heads": 12, "num_layers": 30}, "give its diffusers checkpoint"),
+        (
+            {"_class_name": "AutoencoderKLWan", "z_dim": 16},
+            "this is a AutoencoderKLWan, not a Wan transformer",
+        ),
+    ],
+)
+def test_a_folder_of_another_wan_layout_is_named_for_what_it_is(tmp_path, config, says):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(says)):
+        load_pretrained(tmp_path)
+
+
+def test_a_wan_vae_folder_that_is_not_whole_is_one_line(tmp_path):
+    """diffusers' tracebacks (no config.json; the Hub looked for where there is no folder), and weights
+    missing from its file made up at random after a page of their names."""
+    from safetensors.torch import load_file, save_file
+
+    from streamgen.model.wan_vae import WanVAE
+
+    diffusers = pytest.importorskip("diffusers")
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                     latents_mean=[0.0] * 4, latents_std=[1.0] * 4)  # fmt: skip
+    vae.save_pretrained(tmp_path / "vae")
+    with pytest.raises(ValueError, match="no config.json in it"):
+        WanVAE.from_pretrained(tmp_path / "nothing")
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("decoder.conv_in")}, weights)
+    with pytest.raises(
+        ValueError, match="its weights do not match its config.json: 2 missing, e.g. decoder.conv_in"
+    ):
+        WanVAE.from_pretrained(tmp_path / "vae")
+    weights.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not a readable diffusers AutoencoderKLWan folder"):
+        WanVAE.from_pretrained(tmp_path / "vae")
+
+
 def test_bad_checkpoints_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_pretrained(tmp_path)

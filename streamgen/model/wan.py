@@ -91,6 +91,13 @@ def to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def config_from_diffusers(cfg: dict, **overrides) -> ModelConfig:
     """Our config for the diffusers Wan transformer config `cfg`; a ValueError that names the key
     where one it is built from is missing or not a size (`load_pretrained` names the file)."""
+    kind = cfg.get("_class_name")
+    if kind == "WanModel" or (kind is None and "num_heads" in cfg and "num_attention_heads" not in cfg):
+        raise ValueError("this is the original Wan layout (WanModel, as Wan-AI/Wan2.1-T2V-1.3B); "
+                         "give its diffusers checkpoint (Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")  # fmt: skip
+    if kind is not None and kind != "WanTransformer3DModel":  # (the pipeline's vae/, say)
+        raise ValueError(f"this is a {kind}, not a Wan transformer (WanTransformer3DModel): give the pipeline's "
+                         "folder or its transformer/")  # fmt: skip
     if cfg.get("image_dim") or cfg.get("added_kv_proj_dim"):
         raise ValueError("image-conditioned Wan (I2V) checkpoints are not supported; use a T2V checkpoint")
     if cfg.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
@@ -252,6 +259,14 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", weights_hash=None, 
     missing = [k for k in model.state_dict() if k not in sd and not _is_avatar_key(k)]
     if missing:
         raise KeyError(f"checkpoint lacks weights for: {missing[:8]}")
+    # (a config, or overrides, of fewer layers than the weights': the rest were dropped unsaid)
+    places = model.state_dict()
+    extra = [k for k in sd if k not in places]
+    if extra:
+        raise ValueError(
+            f"{d}: {len(extra)} of its weights have no place in a DiT of its config (num_layers "
+            f"{cfg.num_layers}), e.g. {next(iter(to_diffusers({extra[0]: sd[extra[0]]})), extra[0])}"
+        )
     # (a config.json of other sizes than the weights': load_state_dict's RuntimeError, a traceback)
     other_sizes = [
         f"{next(iter(to_diffusers({k: p})), k)} {tuple(sd[k].shape)}, not {tuple(p.shape)}"  # (the file's name)

@@ -219,9 +219,31 @@ class WanVAE(VideoAutoencoder):
 
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> WanVAE:
+        """diffusers' AutoencoderKLWan folder at `path`, or a ValueError naming it: a folder it cannot
+        read was diffusers' traceback, and weights missing from the file were made up at random
+        (after a page of their names) or failed on the meta device."""
+        import logging
+
         from diffusers import AutoencoderKLWan
 
-        return cls(AutoencoderKLWan.from_pretrained(path, **kwargs))
+        if not (Path(path) / "config.json").is_file():  # (diffusers then looked for it on the Hub)
+            raise ValueError(f"{path}: no config.json in it (not a diffusers AutoencoderKLWan folder)")
+        quiet = logging.getLogger("diffusers.models.modeling_utils")  # (the names of what is missing)
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            vae, info = AutoencoderKLWan.from_pretrained(path, output_loading_info=True, **kwargs)
+        except (OSError, ValueError, RuntimeError, NotImplementedError) as e:
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ValueError(f"{path}: not a readable diffusers AutoencoderKLWan folder ({first})") from None
+        finally:
+            quiet.setLevel(level)
+        wrong = [f"{len(info[key])} {what}, e.g. {info[key][0]}"
+                 for key, what in (("missing_keys", "missing"), ("mismatched_keys", "of other shapes"),
+                                   ("unexpected_keys", "with no place in it")) if info.get(key)]  # fmt: skip
+        if wrong:
+            raise ValueError(f"{path}: its weights do not match its config.json: {'; '.join(wrong)}")
+        return cls(vae)
 
     # --- persistence: a diffusers folder inside a model directory --------------------------------
     DIRECTORY = "wan_vae"
