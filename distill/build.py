@@ -72,6 +72,7 @@ def _read_dit(source: str, overrides: dict, digest: bool):
             raise ModelSourceError(f"cannot load the Wan checkpoint {source[4:]}: {e}") from None
     from streamgen.model.files import load_safetensors, load_safetensors_from_bytes, read_json
     from streamgen.model.model import DiT
+    from streamgen.models import weights_problem
 
     def read(d):
         meta = read_json(d / "model.json", required=("config",))
@@ -82,7 +83,10 @@ def _read_dit(source: str, overrides: dict, digest: bool):
             del data  # (the tensors are copies: the file's bytes and the DiT are not held at once)
         else:
             fingerprint, state = None, load_safetensors(path)
-        dit = DiT(ModelConfig.from_dict({**meta["config"], **overrides}))
+        cfg = ModelConfig.from_dict({**meta["config"], **overrides})
+        if problem := weights_problem(cfg, state):  # (overrides of other sizes: a traceback)
+            raise ModelSourceError(f"{path} does not fit the model config (with model.overrides): {problem}")
+        dit = DiT(cfg)
         dit.load_state_dict({k: v.float() for k, v in state.items()})
         return dit, fingerprint
 

@@ -434,7 +434,7 @@ def _read_dir(d: Path, cfg_overrides: dict) -> tuple[dict, DiT, VideoAutoencoder
     sd = load_safetensors(d / "dit.safetensors")
     # the shapes first, on the meta device: a config larger than its weights built the whole
     # random model (6.5 GB for wan2.1-1.3b's) before a page of missing keys
-    if problem := _weights_problem(cfg, sd):
+    if problem := weights_problem(cfg, sd):
         raise ValueError(f"{d}: dit.safetensors does not match the model config in model.json: {problem}")
     vae = _read_autoencoder(d)
     if vae.latent_channels != cfg.in_channels:  # (else a convolution's error at the first chunk)
@@ -472,7 +472,7 @@ def _meta_dit(cfg: ModelConfig) -> DiT:
         return DiT(cfg)
 
 
-def _weights_problem(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> str | None:
+def weights_problem(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> str | None:
     """How `weights` differ from what a DiT of `cfg` holds (names, shapes), said briefly, or None."""
     wanted = {name: tuple(t.shape) for name, t in _meta_dit(cfg).state_dict().items()}
     missing = [name for name in wanted if name not in weights]

@@ -530,14 +530,19 @@ def test_a_resumed_ema_lives_where_its_module_does():
         (["--out", "{file}/x"], "a file is in its way ({file})"),
         (["--set", "run.export={file}"], "run.export {file} is a file, not a folder"),  # was: after training
         (["--out", "/proc/streamgen-run"], "run.out: cannot make /proc/streamgen-run: No such file"),  # (a traceback)
+        # overrides of other sizes than a model folder's weights: load_state_dict's traceback
+        (["--set", "model.init={model}", "--set", "model.overrides.num_layers=9"],
+         "dit.safetensors does not fit the model config (with model.overrides): "),  # fmt: skip
     ],
 )
 def test_a_config_the_stage_cannot_take_is_one_line_before_training(tmp_path, extra, says, capsys):
     from streamgen.cli import main
+    from streamgen.models import MODELS_DIR
 
     a_file = tmp_path / "afile"
     a_file.write_text("")
-    extra = [arg.replace("{file}", str(a_file)) for arg in extra]
+    model = MODELS_DIR / "tiny-avatar"
+    extra = [arg.replace("{file}", str(a_file)).replace("{model}", str(model)) for arg in extra]
     argv = ["distill", "teacher", "--config", "debug", "--out", str(tmp_path / "run"), *extra]
     assert main(argv) == 2
     err = capsys.readouterr().err
