@@ -149,8 +149,16 @@ def test_time_upsampling_turned_off_keeps_each_latents_last_frame(tmp_path):
 
 
 def test_bad_checkpoints_say_what_is_wrong(tmp_path):
+    from streamgen.models import MODELS_DIR
+
     with pytest.raises(FileNotFoundError, match="no tiny decoder checkpoint"):
         TinyDecoder.from_checkpoint(tmp_path / "missing.pth")
+    # a model's weights given for it: "ValueError: max() arg is an empty sequence"
+    dit = MODELS_DIR / "tiny-avatar" / "dit.safetensors"
+    with pytest.raises(
+        ValueError, match=f"{dit} is not a tiny decoder checkpoint: none of a tiny decoder's weights"
+    ):
+        TinyDecoder.from_checkpoint(dit)
     with pytest.raises(ValueError, match="not a TAEHV checkpoint key"):
         from_taehv({"decoder.1.weight": torch.zeros(1), "vae.decoder.conv_in.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="without a decoder"):

@@ -171,7 +171,8 @@ class TinyDecoder(nn.Module):
         except Exception as e:  # unpickling, safetensors' header, foreign keys or shapes
             # (the first sentence: torch's unpickling error runs to a page of advice on weights_only)
             first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]
-            raise ValueError(f"{path} is not a tiny decoder checkpoint: {type(e).__name__}: {first}") from e
+            why = first if isinstance(e, ValueError) else f"{type(e).__name__}: {first}"  # (ours say it)
+            raise ValueError(f"{path} is not a tiny decoder checkpoint: {why}") from e
 
     @classmethod
     def _from_file(cls, path: Path, overrides: dict) -> TinyDecoder:
@@ -209,6 +210,10 @@ class TinyDecoder(nn.Module):
 
 def config_from_state_dict(state: dict[str, torch.Tensor], **overrides) -> TinyDecoderConfig:
     """The TinyDecoderConfig whose parameters have these shapes (ours, as `from_taehv` names them)."""
+    needed = ("inp.weight", "out.weight", "stages.0.blocks.0.")
+    if not all(any(k.startswith(n) for k in state) for n in needed):  # (a DiT's or a VAE's weights:
+        # "max() arg is an empty sequence")
+        raise ValueError(f"none of a tiny decoder's weights ({', '.join(needed)}...) in it")
     stages = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("stages."))
     blocks = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("stages.0.blocks."))
     widths = [state["inp.weight"].shape[0]] + [
