@@ -204,7 +204,12 @@ def reference_encode(vae: TinyCausalVAE, size: int, rounds: int) -> dict:
 
 
 def _load_tiny_vae_model(model: str):
-    m = load_model(model)
+    from streamgen.cli import UserError
+
+    try:
+        m = load_model(model)
+    except (FileNotFoundError, ValueError) as e:  # (a folder whose DiT and autoencoder disagree)
+        raise UserError(str(e)) from None
     if not isinstance(m.vae, TinyCausalVAE):
         raise SystemExit(f"{model}: this benchmark is for TinyCausalVAE decoders, not {type(m.vae).__name__}")
     return m

@@ -178,6 +178,8 @@ def test_the_figures_name_the_cpu_they_ran_on(monkeypatch):
         return {"model": args.model, "max_realtime_sessions": 3}
 
     monkeypatch.setattr(bench, "_bench", measured)
-    out = bench.main(argparse.Namespace(model="debug", against=None))
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = bench.main(parser.parse_args(["--model", "debug", "--browser", ""]))
     assert out["max_realtime_sessions"] == 3
     assert out["cpu"]["model"] and isinstance(out["cpu"]["amx"], bool)
