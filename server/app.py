@@ -28,7 +28,7 @@ from .config import ServerConfig
 from .ice import warn_if_stun_is_silent
 from .metrics import ServerMetrics
 from .model_host import freeze_loaded_heap
-from .origins import ForeignOriginGuard
+from .origins import ForeignOriginGuard, as_browsers_send
 from .registry import AdmissionError, SessionRegistry
 from .scheduler import InferenceWorker, WorkerBusy
 from .session import Session
@@ -91,8 +91,9 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
         # readable by the page. (WebSockets are not subject to CORS.)
         from fastapi.middleware.cors import CORSMiddleware
 
+        allowed = [as_browsers_send(origin) for origin in config.cors_origins]
         app.add_middleware(
-            CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            CORSMiddleware, allow_origins=allowed, allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "If-Match"],
             expose_headers=["Location", "Link", "Retry-After", "ETag"],
             max_age=600,

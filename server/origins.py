@@ -40,6 +40,14 @@ def scheme_and_host(origin: str) -> tuple[str, str] | None:
     return parts.scheme, host if port in (None, DEFAULT_PORTS[parts.scheme]) else f"{host}:{port}"
 
 
+def as_browsers_send(origin: str) -> str:
+    """An origin as a browser's Origin header writes it ('https://App.Example.org:443' ->
+    'https://app.example.org'): CORSMiddleware compares the strings as they are, and an origin
+    given otherwise was let past this guard but got no CORS headers, so its pages were blocked."""
+    parsed = scheme_and_host(origin) if origin != "*" else None
+    return f"{parsed[0]}://{parsed[1]}" if parsed else origin
+
+
 def origin_host(origin: str) -> str | None:
     """The host part of `scheme_and_host`."""
     parsed = scheme_and_host(origin)

@@ -420,6 +420,17 @@ def test_other_origins_may_call_the_api_only_when_allowed():
         assert same_origin_only.app.state.registry.sessions == {}
 
 
+def test_an_allowed_origin_given_in_capitals_or_with_its_default_port_is_the_browser_s():
+    """`--cors-origin https://App.Example.org:443` was let past the origin guard, but CORS compared
+    the string as given with the browser's 'https://app.example.org': no CORS headers, the page
+    blocked."""
+    page = "https://app.example.org"
+    preflight = {"origin": page, "access-control-request-method": "POST"}
+    with TestClient(make_app(cors_origins=["https://App.Example.org:443"])) as c:
+        r = c.options("/v1/sessions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+
+
 # What a page of any origin can send another site without asking it first (no preflight): a
 # form's POST (multipart, urlencoded, text/plain), or a fetch in no-cors mode with no body.
 SIMPLE_REQUESTS = {
