@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from streamgen.cli import add_dtype_option, frame_size, positive_int, require_models, thread_count
+from streamgen.cli import (
+    add_dtype_option,
+    frame_size,
+    positive_int,
+    positive_number,
+    require_models,
+    thread_count,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,11 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-align-batches", dest="align_batches", action="store_false",
                         help="generate each session's chunks when they fall due, rather than lining sessions up to "
                         "generate together (a session's first frame then waits for no schedule; docs/serving.md)")  # fmt: skip
-    parser.add_argument("--idle-timeout", type=float, default=60.0, help="seconds without input or viewer")
-    parser.add_argument("--peer-timeout", type=float, default=10.0,
+    # (0 closed every session within a second, read as "no limit" as --peer-timeout's 0 is; nan was
+    # a traceback in the log and a close "by the client")
+    parser.add_argument("--idle-timeout", type=positive_number, default=60.0, help="seconds without input or viewer")
+    parser.add_argument("--peer-timeout", type=peer_timeout, default=10.0,
                         help="seconds without a packet from a WebRTC peer (a killed tab) before its session is "
                         "closed; players send RTCP reports every second or so (0: ICE consent checks only, ~30 s)")  # fmt: skip
-    parser.add_argument("--max-duration", type=float, default=3600.0, help="seconds a session may last")
+    parser.add_argument("--max-duration", type=positive_number, default=3600.0, help="seconds a session may last")
     parser.add_argument("--loopback", action="store_true", help="offer 127.0.0.1 for WebRTC (same machine)")
     parser.add_argument("--ice-servers", default="", metavar="JSON|FILE|stun:URL",
                         help="STUN/TURN servers for WebRTC behind NATs, as the browser's RTCIceServer list, e.g. "
@@ -204,6 +213,21 @@ def _check_address(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as e:  # (socket.gaierror for a host that does not resolve)
             raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+# players send RTCP reports every 0.5-1.5 s: under this a live viewer's session was cut (2 of 3 at 1 s)
+MIN_PEER_TIMEOUT_S = 3.0
+
+
+def peer_timeout(text: str) -> float:
+    """An argparse type: --peer-timeout, 0 (off) or at least MIN_PEER_TIMEOUT_S seconds."""
+    seconds = 0.0 if text.strip() in ("0", "0.0") else positive_number(text)
+    if 0 < seconds < MIN_PEER_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(
+            f"{seconds:g} s would cut live viewers (their reports come every second or so): give at least "
+            f"{MIN_PEER_TIMEOUT_S:g}, or 0 for ICE's own checks only"
+        )
+    return seconds
 
 
 def _tls_files(certfile: str | None, keyfile: str | None) -> dict:

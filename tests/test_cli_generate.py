@@ -567,6 +567,11 @@ def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, cap
         (["bench", "gpu", "--steps", "0"], "argument --steps: '0' is not a positive"),  # (ran 4, said 0)
         (["bench", "gpu", "--chunks", "0"], "argument --chunks: '0' is not a positive"),
         (["bench", "wan-decoder", "--threads", "-1"], "argument --threads: '-1' is not a positive"),
+        # every session closed within a second ("no limit", as --peer-timeout 0 is, was the reading);
+        # nan: a traceback in the log and a close said to be the client's
+        (["serve", "--idle-timeout", "0"], "argument --idle-timeout: '0' is not a positive finite number"),
+        (["serve", "--max-duration", "nan"], "argument --max-duration: 'nan' is not a positive finite"),
+        (["serve", "--peer-timeout", "1"], "argument --peer-timeout: 1 s would cut live viewers"),
         # torch's OpenMP pool crashed the process (a segmentation fault, no message)
         (["bench", "engine", "--threads", "99999"], "argument --threads: 99999 threads: this process"),
         (["serve", "--threads", "99999"], "argument --threads: 99999 threads: this process may use"),
@@ -583,6 +588,12 @@ def test_an_option_no_run_can_measure_with_is_refused(argv, says, capsys):
         main(argv)
     assert exit_.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def test_a_peer_timeout_of_0_turns_it_off():
+    from server.cli import peer_timeout
+
+    assert peer_timeout("0") == 0 and peer_timeout("3") == 3  # (0: ICE's own consent checks only)
 
 
 @pytest.mark.parametrize(
