@@ -63,15 +63,29 @@ def parse_ice_servers(text: str) -> list[dict]:
             path = Path(text)
             if not path.is_file():
                 raise IceConfigError(f"not JSON, a stun: URL or a file: {text[:80]!r}")
-            text = path.read_text()
+            text = _read_text(path)
         try:
             raw = json.loads(text)
-        except ValueError as e:
-            raise IceConfigError(f"not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # (lists nested thousands deep: a traceback)
+            raise IceConfigError(f"not valid JSON: {str(e)[:200]}") from None
         raw = [raw] if isinstance(raw, dict) else raw
         if not isinstance(raw, list):
             raise IceConfigError('expected a JSON list of {"urls": ..., "username": ..., "credential": ...}')
     return [_checked(i, entry) for i, entry in enumerate(raw)]
+
+
+def _read_text(path: Path) -> str:
+    """A file's text in UTF-8 (a byte-order mark allowed) or UTF-16 with its mark, as PowerShell's `>`
+    writes it (its 0xff 0xfe was a UnicodeDecodeError's traceback)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise IceConfigError(f"cannot read {path}: {e.strerror or e}") from None
+    encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise IceConfigError(f"{path}: not UTF-8 or UTF-16 text ({e.reason} at byte {e.start})") from None
 
 
 def _checked(i: int, entry) -> dict:
@@ -105,9 +119,14 @@ def _checked(i: int, entry) -> dict:
         for key in ("username", "credential"):
             if not isinstance(entry.get(key), str) or not entry[key]:
                 raise IceConfigError(f"{where}: a TURN server needs a '{key}'")
-    for key in ("username", "credential"):
-        if key in entry:
-            out[key] = entry[key]
+    given = [key for key in ("username", "credential") if key in entry]
+    for key in given:  # (a username alone, or a number, was a 500 for every WHEP offer)
+        if not isinstance(entry[key], str):
+            raise IceConfigError(f"{where}: its '{key}' must be a string, not {entry[key]!r}")
+        out[key] = entry[key]
+    if len(given) == 1:
+        other = "credential" if given == ["username"] else "username"
+        raise IceConfigError(f"{where}: a '{given[0]}' needs its '{other}'")
     return out
 
 

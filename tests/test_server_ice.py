@@ -25,6 +25,13 @@ def test_the_forms_an_operator_can_give(tmp_path):
     path = tmp_path / "ice.json"
     path.write_text(inline)
     assert parse_ice_servers(str(path)) == parse_ice_servers(inline)
+    # as PowerShell's `>` writes it (UTF-16, a UnicodeDecodeError's traceback), and with a UTF-8 mark
+    for encoding in ("utf-16", "utf-8-sig"):
+        path.write_text(inline, encoding=encoding)
+        assert parse_ice_servers(str(path)) == parse_ice_servers(inline), encoding
+    path.write_bytes(b"\x81[]")
+    with pytest.raises(IceConfigError, match="not UTF-8 or UTF-16 text"):
+        parse_ice_servers(str(path))
 
 
 @pytest.mark.parametrize(
@@ -47,6 +54,10 @@ def test_the_forms_an_operator_can_give(tmp_path):
         ('[{"urls": ["turn:x", "stun:x"], "secret": "s"}]', "for TURN URLs only"),
         ('[{"urls": "turn:x", "secret": "s", "ttl": 0}]', "'ttl' must be a whole number"),
         ('[{"urls": "turn:x", "secret": "s", "ttl": "1d"}]', "'ttl' must be a whole number"),
+        # every WHEP answer was a 500 (a KeyError, an AttributeError), its session left open
+        ('[{"urls": "stun:x", "username": "u"}]', "ICE server 1: a 'username' needs its 'credential'"),
+        ('[{"urls": "stun:x", "username": 1, "credential": "p"}]', "its 'username' must be a string, not 1"),
+        ("[" * 100_000, "not valid JSON"),  # (a RecursionError's traceback)
     ],
 )
 def test_a_list_the_server_cannot_use_is_refused_with_its_reason(text, says):
