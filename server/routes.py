@@ -320,14 +320,18 @@ async def _answer(registry: SessionRegistry, session, sdp: str, location: str) -
     session.transport = "whep"  # claimed before the first await: a second offer gets 409
     try:
         answer = await answer_offer(session, registry, sdp)
+        headers = {"Location": location, "ETag": session.trickle.etag}  # the ICE session, for trickle PATCHes
+        links = link_header(for_peer(registry.config.ice_servers, session.id))  # for the player (RFC 9725, 4.6)
     except OfferError as e:
         # (its peer connection half made: the session ends with it, unlike an offer refused unread)
         await registry.close(session, f"bad offer: {e}")
         raise ApiError(400, "bad_sdp", f"{e}; the session has ended: create a new one") from None
     except SessionEnded as e:  # while the answer was made (its peer connection closed with it)
         raise ApiError(404, "not_found", str(e)) from None
-    headers = {"Location": location, "ETag": session.trickle.etag}  # the ICE session, for trickle PATCHes
-    links = link_header(for_peer(registry.config.ice_servers, session.id))  # for the player (RFC 9725, 4.6)
+    except Exception:  # the server's fault, a 500 (an ICE server list it could not write, say): its
+        # session does not stream on to nobody until the idle limit
+        await registry.close(session, "internal error: answering the offer failed")
+        raise
     if links:
         headers["Link"] = links
     return Response(answer, status_code=201, media_type="application/sdp", headers=headers)

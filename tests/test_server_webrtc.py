@@ -172,6 +172,28 @@ async def test_any_whep_player_streams_from_one_url(server):
         assert app.state.registry.sessions == {}
 
 
+async def test_an_answer_the_server_fails_to_finish_ends_its_session(server, monkeypatch):
+    """A 500 after the peer connection was made (an ICE server list it could not write): the
+    session streamed on to nobody, holding its place until the idle limit."""
+    from server import routes
+
+    def broken(servers):
+        raise KeyError("credential")
+
+    url, app = server
+    monkeypatch.setattr(routes, "link_header", broken)
+    async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+        pc, _, offer = await recvonly_offer()
+        r = await http.post("/v1/whep?avatar=ada", content=offer, headers={"content-type": "application/sdp"})
+        await pc.close()
+    assert r.status_code == 500
+    for _ in range(50):  # bounded: 5 s for the teardown
+        if not app.state.registry.sessions:
+            break
+        await asyncio.sleep(0.1)
+    assert app.state.registry.sessions == {}
+
+
 async def test_one_url_whep_on_a_server_with_a_token():
     """With --token the player sends the server token, and hangs up with it too (the Location
     without its session token, as a player that keeps only the path would)."""
