@@ -84,8 +84,9 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
     pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
     session.trickle = TrickleIce(pc, sdp)  # the player's later candidates (PATCH)
     slot = session.add_slot(on_drop=registry.metrics.dropped_chunks.inc)
-    tasks: list[asyncio.Task] = []  # the microphone's reader, the silence watch
+    tasks: list[asyncio.Task] = []  # the microphone's reader, the silence watch, the connect deadline
     peer_timeout = registry.config.peer_timeout_s
+    connected = asyncio.Event()
 
     async def close_peer() -> None:
         for task in tasks:
@@ -103,6 +104,8 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
     @pc.on("connectionstatechange")
     async def on_state() -> None:
         log.debug("session %s: peer connection %s", session.id, pc.connectionState)
+        if pc.connectionState == "connected":
+            connected.set()
         if pc.connectionState == "connected" and (peer_timeout or 0) > 0 and not session.closed:
             tasks.append(asyncio.ensure_future(watch_peer(pc, session, registry, peer_timeout)))
         if pc.connectionState in ("failed", "closed"):
@@ -117,7 +120,25 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
     except Exception as e:  # aiortc rejects offers it cannot negotiate with assorted exceptions
         raise OfferError(f"offer could not be negotiated: {type(e).__name__}: {e}"[:200]) from None
     registry.start_streaming(session, "whep")
+    deadline = close_unless_connected(connected, session, registry, CONNECT_DEADLINE_S)
+    tasks.append(asyncio.ensure_future(deadline))
     return pc.localDescription.sdp
+
+
+# a peer that has not connected by then never will: ICE's checks are over in seconds (through a
+# TURN relay too), and aioice does not always call them failed
+CONNECT_DEADLINE_S = 20.0
+
+
+async def close_unless_connected(connected: asyncio.Event, session: Session, registry, deadline: float):
+    """Close the session of a peer that has not connected `deadline` seconds after its answer: a
+    tab closed right after its offer, a player that never applied the answer, UDP blocked (a
+    container's TCP port alone published) held the session's place until the idle limit."""
+    try:
+        await asyncio.wait_for(connected.wait(), deadline)
+    except TimeoutError:
+        if not session.closed:
+            await registry.close(session, f"never_connected: the peer did not connect within {deadline:g} s")
 
 
 class SilenceWatch:

@@ -194,6 +194,27 @@ async def test_an_answer_the_server_fails_to_finish_ends_its_session(server, mon
     assert app.state.registry.sessions == {}
 
 
+async def test_a_peer_that_never_connects_frees_its_session(server, monkeypatch):
+    """A tab closed right after its offer, a player that never applied the answer, UDP blocked:
+    ICE was never called failed, and the session held its place until the idle limit (60 s)."""
+    from server import webrtc
+
+    url, app = server
+    monkeypatch.setattr(webrtc, "CONNECT_DEADLINE_S", 1.0)
+    async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+        pc, _, offer = await recvonly_offer()
+        r = await http.post("/v1/whep?avatar=ada", content=offer, headers={"content-type": "application/sdp"})
+        assert r.status_code == 201
+        await pc.close()  # (the answer never applied)
+        for _ in range(100):  # bounded: 10 s
+            if not app.state.registry.sessions:
+                break
+            await asyncio.sleep(0.1)
+        metrics = (await http.get("/metrics")).text
+    assert app.state.registry.sessions == {}
+    assert 'streamgen_sessions_closed_total{reason="never_connected"} 1.0' in metrics
+
+
 async def test_one_url_whep_on_a_server_with_a_token():
     """With --token the player sends the server token, and hangs up with it too (the Location
     without its session token, as a player that keeps only the path would)."""
