@@ -104,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_sessions < 1:
         raise UserError("--max-sessions must be at least 1")
+    if args.token is not None and (bad := sorted(set(args.token) & set(URL_SPECIAL))):
+        # (the web page and WHEP send it as ?token=, where '+' reads as a space: a 403 "wrong token")
+        raise UserError(f"--token: {bad[0]!r} changes meaning in a URL's ?token= (the web page, WHEP): use letters, "
+                        "digits and -._~ (e.g. openssl rand -hex 24)")  # fmt: skip
     if args.token is not None and not re.fullmatch(r"[!-~]+", args.token):
         # ("" from an unset variable counts as no token in a request: nothing could be created)
         raise UserError(f"--token {args.token!r}: a token is one or more printable ASCII characters, "
@@ -219,6 +223,9 @@ def _check_address(host: str, port: int) -> None:
 MIN_PEER_TIMEOUT_S = 3.0
 
 
+URL_SPECIAL = "+&#%?"  # what a URL's query does not carry as it is
+
+
 def peer_timeout(text: str) -> float:
     """An argparse type: --peer-timeout, 0 (off) or at least MIN_PEER_TIMEOUT_S seconds."""
     seconds = 0.0 if text.strip() in ("0", "0.0") else positive_number(text)
@@ -244,9 +251,19 @@ def _tls_files(certfile: str | None, keyfile: str | None) -> dict:
     for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
         if not Path(path).is_file():
             raise UserError(f"{flag}: no such file: {path}")
+    class Encrypted(Exception):
+        pass
+
+    def no_passphrase():  # (asked on a terminal twice, here and by uvicorn; without one, a traceback)
+        raise Encrypted
+
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
-    except (ssl.SSLError, ValueError) as e:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certfile, keyfile, password=no_passphrase)
+    except Encrypted:
+        raise UserError(f"--ssl-keyfile {keyfile} is encrypted: give it decrypted "
+                        f"(openssl pkey -in {keyfile} -out key.pem, kept readable by this user only)") from None  # fmt: skip
+    except (ssl.SSLError, ValueError, OSError) as e:
         raise UserError(f"cannot use {certfile} with {keyfile}: {e}") from None
     return {"ssl_certfile": certfile, "ssl_keyfile": keyfile}
 

@@ -317,6 +317,21 @@ def test_a_server_token_no_request_can_carry_is_refused_at_start(token, capsys, 
     assert "--token" in err and "printable ASCII" in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("token", ["ab+c/d=", "a&b", "a#b", "a%2Bb", "a?b"])
+def test_a_server_token_a_url_would_change_is_refused_at_start(token, capsys, monkeypatch):
+    """The web page and WHEP players send it as ?token=, where '+' reads as a space (openssl rand
+    -base64 makes them): every such request was a 403 "wrong server token"."""
+    from streamgen.cli import main
+
+    def serve(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
+    assert main(["serve", "--model", "debug", "--token", token]) == 2
+    err = capsys.readouterr().err
+    assert "changes meaning in a URL's ?token=" in err and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize(
     "sdp, content_type, status",
     [

@@ -21,7 +21,7 @@ from server.protocol import MsgType
 pytestmark = pytest.mark.timeout(120)
 
 
-def self_signed(tmp_path, name: str = "127.0.0.1") -> tuple[str, str]:
+def self_signed(tmp_path, name: str = "127.0.0.1", passphrase: bytes | None = None) -> tuple[str, str]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -41,7 +41,9 @@ def self_signed(tmp_path, name: str = "127.0.0.1") -> tuple[str, str]:
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
         key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption(),
         )
     )
     return str(cert_path), str(key_path)
@@ -83,17 +85,24 @@ async def test_https_and_wss_with_the_given_certificate(tmp_path):
         proc.wait(20)
 
 
-@pytest.mark.parametrize("case", ["key alone", "missing file", "key of another certificate"])
+@pytest.mark.parametrize("case", ["key alone", "missing file", "key of another certificate", "encrypted key"])
 def test_a_certificate_that_cannot_serve_is_refused_before_starting(tmp_path, case):
+    """An encrypted key (openssl req without -nodes) was a traceback without a terminal, and its
+    passphrase asked twice on one (here, then by uvicorn)."""
     cert, key = self_signed(tmp_path)
     other_cert, other_key = self_signed(tmp_path, "127.0.0.2")
+    (tmp_path / "locked").mkdir()
+    locked_cert, locked_key = self_signed(tmp_path / "locked", passphrase=b"secret")
     args = {
         "key alone": ["--ssl-keyfile", key],
         "missing file": ["--ssl-certfile", str(tmp_path / "none.crt"), "--ssl-keyfile", key],
         "key of another certificate": ["--ssl-certfile", cert, "--ssl-keyfile", other_key],
+        "encrypted key": ["--ssl-certfile", locked_cert, "--ssl-keyfile", locked_key],
     }[case]
     proc = serve(*args)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2, out
     assert out.strip().splitlines()[-1].startswith("streamgen serve: error: "), out
     assert "Traceback" not in out
+    if case == "encrypted key":
+        assert f"--ssl-keyfile {locked_key} is encrypted: give it decrypted" in out
