@@ -254,6 +254,12 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         "model %s ready: %.0f ms per %.2f s chunk, capacity %d sessions",
         config.model, 1000 * registry.worker.chunk_time_ema, chunk_seconds, registry.capacity(),
     )  # fmt: skip
+    if not registry.real_time:  # (it said "capacity 1", and the one session played at a third of its speed)
+        log.warning(
+            "a %.2f s chunk takes %.0f ms here: not one session can stream in real time (each plays "
+            "slower, stalling); a smaller --size, fewer --steps or a faster device would",
+            chunk_seconds, 1000 * registry.worker.chunk_time_ema,
+        )  # fmt: skip
 
 
 # --- helpers shared by the route modules ------------------------------------------------------------

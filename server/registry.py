@@ -62,6 +62,11 @@ class SessionRegistry:
         return getattr(self.host, "down", None)
 
     @property
+    def real_time(self) -> bool:
+        """Whether one session's chunk is made faster than it plays (measured at the warm-up)."""
+        return (self.worker.chunk_time_ema or 0.0) <= self.chunk_seconds
+
+    @property
     def down(self) -> str | None:
         """Why this server can generate nothing, ever (then it is unhealthy), or None."""
         if self.load_error:

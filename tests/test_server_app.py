@@ -24,7 +24,7 @@ def client():
 def test_health_ready_docs_and_avatars(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
-    assert ready["ready"] is True and ready["capacity"] >= 1
+    assert ready["ready"] is True and ready["capacity"] >= 1 and ready["real_time"] is True
     paths = client.get("/openapi.json").json()["paths"]
     assert "/v1/sessions" in paths and "/v1/sessions/{session_id}/whep" in paths
     assert client.get("/docs").status_code == 200
@@ -34,6 +34,28 @@ def test_health_ready_docs_and_avatars(client):
     assert png.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(png.content)).size == (256, 256)
     assert client.get("/v1/avatars/nobody.png").status_code == 404
+
+
+def test_a_server_too_slow_for_one_session_says_so(monkeypatch, caplog):
+    """A size the machine cannot make in real time said "capacity 1", and its one session played
+    at a third of its speed without a word."""
+    import logging
+    import time
+
+    from streamgen.stream import StreamSession
+
+    made = StreamSession.next_chunk
+
+    def slow(self, observe=None):
+        time.sleep(self.chunk_seconds * 1.2)  # (slower than the chunk plays)
+        return made(self, observe)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", slow)
+    caplog.set_level(logging.WARNING, "streamgen.server")
+    with ready_client(max_sessions=2) as c:
+        ready = c.get("/readyz").json()
+    assert ready["ready"] is True and ready["real_time"] is False
+    assert any("not one session can stream in real time" in r.getMessage() for r in caplog.records)
 
 
 def test_web_client_is_served(client):
