@@ -303,11 +303,17 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(400, "bad_request", "invalid Content-Length")
         if int(declared) > limit:
             raise ApiError(413, "too_large", f"request body of {declared} bytes; the limit is {limit}")
+    from starlette.requests import ClientDisconnect
+
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise ApiError(413, "too_large", f"request body larger than the limit of {limit} bytes")
+    try:
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise ApiError(413, "too_large", f"request body larger than the limit of {limit} bytes")
+    except ClientDisconnect:  # (its upload cut short: an ERROR and a page of traceback in the log)
+        log.info("%s %s: the client left during its upload", request.method, request.url.path)
+        raise ApiError(400, "client_gone", "the client left before its request was read") from None
     request._body = bytes(body)  # starlette re-reads this for form parsing
     return request._body
 

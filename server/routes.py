@@ -291,7 +291,11 @@ async def whep_new_session(request: Request, avatar: str | None = None, caption:
     fields = {k: v for k, v in request.query_params.items() if k != "token"}
     name, caption, seed = _session_params(fields, has_reference=False)
     session = await _new_session(registry, _avatar_reference(name), caption, seed)
-    return await _answer(registry, session, sdp, f"/v1/sessions/{session.id}?token={session.token}")
+    answered = await _answer(registry, session, sdp, f"/v1/sessions/{session.id}?token={session.token}")
+    if await request.is_disconnected():  # nobody has its answer, nor the Location to end it with
+        await registry.close(session, "client left before the answer")
+        raise ApiError(400, "client_gone", "the client left before its answer")
+    return answered
 
 
 async def _read_offer(request: Request) -> str:
@@ -321,7 +325,8 @@ async def _answer(registry: SessionRegistry, session, sdp: str, location: str) -
     try:
         answer = await answer_offer(session, registry, sdp)
         headers = {"Location": location, "ETag": session.trickle.etag}  # the ICE session, for trickle PATCHes
-        links = link_header(for_peer(registry.config.ice_servers, session.id))  # for the player (RFC 9725, 4.6)
+        # the ICE servers, for the player (RFC 9725 4.6)
+        links = link_header(for_peer(registry.config.ice_servers, session.id))
     except OfferError as e:
         # (its peer connection half made: the session ends with it, unlike an offer refused unread)
         await registry.close(session, f"bad offer: {e}")

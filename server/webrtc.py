@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import fractions
 import logging
 import math
@@ -86,12 +87,16 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
     slot = session.add_slot(on_drop=registry.metrics.dropped_chunks.inc)
     tasks: list[asyncio.Task] = []  # the microphone's reader, the silence watch, the connect deadline
     peer_timeout = registry.config.peer_timeout_s
-    connected = asyncio.Event()
+    connected, negotiated = asyncio.Event(), asyncio.Event()
 
     async def close_peer() -> None:
         for task in tasks:
             if task is not asyncio.current_task():  # (the silence watch closes the session itself)
                 task.cancel()
+        # after the answer is made: closed during it (a DELETE racing the offer), ICE opened its
+        # socket after the close, which nothing closed again, and the offer was told its SDP was bad
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(negotiated.wait(), 10)
         await pc.close()
 
     session.on_close(close_peer)
@@ -119,7 +124,9 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
         await pc.setLocalDescription(await pc.createAnswer())
     except Exception as e:  # aiortc rejects offers it cannot negotiate with assorted exceptions
         raise OfferError(f"offer could not be negotiated: {type(e).__name__}: {e}"[:200]) from None
-    registry.start_streaming(session, "whep")
+    finally:
+        negotiated.set()
+    registry.start_streaming(session, "whep")  # (SessionEnded where it was closed meanwhile: a 404)
     deadline = close_unless_connected(connected, session, registry, CONNECT_DEADLINE_S)
     tasks.append(asyncio.ensure_future(deadline))
     return pc.localDescription.sdp

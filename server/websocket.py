@@ -146,20 +146,28 @@ class SocketConnection:
 
     async def receive_loop(self) -> str:
         idle = self.config.idle_timeout_s
+        # a socket has the idle limit to send `start`, pings or not: pinging before it held a
+        # session and its place up to --max-duration, streaming nothing
+        start_by = time.monotonic() + idle
         while True:
+            started = self.session.streaming
             try:
-                message = await asyncio.wait_for(self.ws.receive(), timeout=idle)
+                wait = idle if started else max(0.0, start_by - time.monotonic())
+                message = await asyncio.wait_for(self.ws.receive(), timeout=wait)
             except TimeoutError:
-                await self.close(CloseCode.IDLE, f"no message for {idle:.0f} s")
+                await self.close(CloseCode.IDLE, f"no {'message' if started else 'start'} for {idle:.0f} s")
                 return "idle: websocket"
             if message["type"] == "websocket.disconnect":
                 fault = BROKEN_FRAME_CLOSES.get(message.get("code"))
                 return f"protocol error: {fault}" if fault else "websocket closed by client"
-            self.session.touch()
             if message.get("bytes") is not None:
+                self.session.touch()
                 self.on_audio(message["bytes"])
             elif message.get("text") is not None:
-                if await self.on_control(parse_control(message["text"])):
+                msg = parse_control(message["text"])
+                if started or msg["type"] != "ping":
+                    self.session.touch()
+                if await self.on_control(msg):
                     return "stopped by client"
 
     def on_audio(self, data: bytes) -> None:

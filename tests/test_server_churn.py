@@ -1,0 +1,146 @@
+"""Clients on flaky networks: uploads cut short, offers raced by their own DELETE, players that
+leave before their answer, sockets that ping without ever starting. Each ends its session and
+leaves nothing open."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+
+import httpx
+import pytest
+import websockets
+from server_helpers import live_server
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def open_sockets() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:  # (closed meanwhile)
+            pass
+    return count
+
+
+async def recvonly_offer() -> tuple:
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp
+
+
+async def wait_until_empty(app, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds * 10)):  # bounded
+        if not app.state.registry.sessions:
+            return
+        await asyncio.sleep(0.1)
+
+
+def test_an_upload_cut_short_is_one_log_line(caplog):
+    """Every request body cut off mid-upload logged "Exception in ASGI application" and 69 lines
+    of traceback (starlette's ClientDisconnect), for sessions, /control and WHEP alike."""
+    caplog.set_level(logging.INFO)
+    uvicorn_records = []  # (uvicorn's loggers do not propagate to the root, where caplog listens)
+    handler = logging.Handler()
+    handler.emit = uvicorn_records.append
+    with live_server() as (url, app):
+        logging.getLogger("uvicorn.error").addHandler(handler)
+        port = int(url.rsplit(":", 1)[1])
+        head = (b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
+                b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")  # fmt: skip
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(head + b"--b\r\n" + b"x" * 5000)
+        for _ in range(50):  # bounded: 5 s for the server to see it
+            if any("left during its upload" in r.getMessage() for r in caplog.records):
+                break
+            time.sleep(0.1)
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+        assert app.state.registry.sessions == {}
+    said = [r.getMessage() for r in caplog.records]
+    assert "POST /v1/sessions: the client left during its upload" in said
+    assert not [r for r in caplog.records + uvicorn_records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+async def test_an_offer_raced_by_its_delete_is_a_404_and_leaves_no_socket(monkeypatch):
+    """A DELETE while the answer was made closed the peer connection mid-negotiation: the offer was
+    told its SDP was bad (400 "RTCPeerConnection is closed"), and ICE opened its UDP socket after
+    the close, which nothing closed again (7 left open after 20 such races)."""
+    from aiortc import RTCPeerConnection
+
+    made = RTCPeerConnection.setLocalDescription
+    with live_server() as (url, app):
+        registry = app.state.registry
+
+        async def deleted_meanwhile(self, description):  # the DELETE lands mid-negotiation
+            for session in list(registry.sessions.values()):
+                asyncio.ensure_future(registry.close(session, "deleted by client"))
+            await asyncio.sleep(0)
+            return await made(self, description)
+
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            (await http.get("/readyz")).raise_for_status()
+            before = open_sockets()
+            for _ in range(3):
+                s = (await http.post("/v1/sessions", json={})).json()
+                pc, offer = await recvonly_offer()
+                monkeypatch.setattr(RTCPeerConnection, "setLocalDescription", deleted_meanwhile)
+                r = await http.post(s["whep"], content=offer, headers={
+                    "content-type": "application/sdp", "authorization": f"Bearer {s['token']}"})  # fmt: skip
+                monkeypatch.setattr(RTCPeerConnection, "setLocalDescription", made)
+                await pc.close()
+                assert r.status_code == 404 and "deleted by client" in r.json()["message"], r.text
+            await wait_until_empty(app)
+            await asyncio.sleep(0.5)  # (sockets close as their transports end)
+            after = open_sockets()
+    assert app.state.registry.sessions == {}
+    assert after <= before, f"{after - before} sockets left open"
+
+
+async def test_a_whep_player_that_leaves_before_its_answer_frees_its_session():
+    """`POST /v1/whep` whose client closed its connection before the answer: the session streamed
+    to nobody, holding its place until the idle limit (POST /v1/sessions already let it go)."""
+    with live_server() as (url, app):
+        port = int(url.rsplit(":", 1)[1])
+        pc, offer = await recvonly_offer()
+        body = offer.encode()
+        head = (f"POST /v1/whep?avatar=ada HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/sdp\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(head + body)
+        await pc.close()
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            for _ in range(50):  # bounded: 5 s for the session to be made and let go
+                metrics = (await http.get("/metrics")).text
+                if "streamgen_sessions_closed_total{" in metrics:
+                    break
+                await asyncio.sleep(0.1)
+        sessions = dict(app.state.registry.sessions)
+    assert 'streamgen_sessions_closed_total{reason="client left before the answer"} 1.0' in metrics
+    assert sessions == {}
+
+
+async def test_a_socket_that_pings_without_starting_is_closed_at_the_idle_limit():
+    """Pings before `start` each counted as input: a socket held its session and its place up to
+    --max-duration (an hour), streaming nothing."""
+    with live_server(idle_timeout_s=1.0) as (url, app):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            s = (await http.post("/v1/sessions", json={})).json()
+        ws_url = url.replace("http", "ws") + f"{s['stream']}?token={s['token']}"
+        async with websockets.connect(ws_url) as ws:
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                for i in range(40):  # bounded: 8 s of pings
+                    await ws.send(json.dumps({"type": "ping", "id": i}))
+                    await asyncio.sleep(0.2)
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4408, "no start for 1 s")
+        await wait_until_empty(app)
+        assert app.state.registry.sessions == {}
