@@ -330,8 +330,11 @@ class SocketConnection:
         except TimeoutError:
             timeout = self.config.ws_send_timeout_s
             log.info("session %s: websocket client stopped reading", self.session.id)
+            # the session's reason first: the close below waits up to 2 s on the client that does not
+            # read, and the idle limit could end the session meanwhile, counted as idle
+            closing = asyncio.ensure_future(self.registry.close(self.session, "slow consumer"))
             await self.close(CloseCode.SLOW_CONSUMER, f"client did not read for {timeout:.0f} s")
-            await self.registry.close(self.session, "slow consumer")
+            await closing
         except (WebSocketDisconnect, RuntimeError, ConnectionError):
             pass  # the receive loop sees the disconnect and ends the session
 
