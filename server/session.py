@@ -145,9 +145,14 @@ class AudioTimeline:
         return pause_blocks(block_rms(pcm), behind, blocks) * SILENCE_BLOCK
 
     def _ensure(self, end: int) -> None:
+        """Room up to sample `end`, grown by doubling: grown to fit, a client's messages of one
+        sample each copied the whole queue each (253 us a message with 25 s queued). The room past
+        the samples written is silence, as what was never written reads."""
         need = end - self._origin
         if need > len(self._buf):
-            self._buf = np.concatenate([self._buf, np.zeros(need - len(self._buf), np.float32)])
+            grown = np.zeros(max(need, 2 * len(self._buf)), np.float32)
+            grown[: len(self._buf)] = self._buf
+            self._buf = grown
 
     def _slice(self, start: int, end: int) -> np.ndarray:
         out = np.zeros(max(0, end - start), np.float32)
