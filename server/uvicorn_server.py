@@ -11,6 +11,7 @@ message that is not UTF-8 in one line rather than uvicorn's traceback (`BrokenTe
 from __future__ import annotations
 
 import logging
+import re
 import socket
 
 import uvicorn
@@ -34,6 +35,24 @@ class BrokenTextFrameLog(logging.Filter):
         return True
 
 
+class TokenRedactingLog(logging.Filter):
+    """The access log's request lines without their `?token=` (a WebSocket's, a WHEP resource's):
+    logged as they came, every session's token was in the log for whoever reads it."""
+
+    TOKEN = re.compile(r"(token=)[^&\s\"']+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # in the arguments, where they are: uvicorn's access formatter reads its five of them
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.msg, str):
+            record.msg = self._redact(record.msg)
+        return True
+
+    def _redact(self, text: str) -> str:
+        return self.TOKEN.sub(r"\1...", text) if "token=" in text else text
+
+
 class SessionClosingServer(uvicorn.Server):
     """Also ends once the app's model failed to load (`load_error`): a server that can never make a
     stream kept running, healthy to a supervisor, telling clients it was still loading."""
@@ -41,9 +60,12 @@ class SessionClosingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
         self.load_error: str | None = None
-        error_log = logging.getLogger("uvicorn.error")
-        if not any(isinstance(f, BrokenTextFrameLog) for f in error_log.filters):
-            error_log.addFilter(BrokenTextFrameLog())
+        for name, kinds in (("uvicorn.error", (BrokenTextFrameLog, TokenRedactingLog)),
+                            ("uvicorn.access", (TokenRedactingLog,))):  # fmt: skip
+            log = logging.getLogger(name)
+            for kind in kinds:
+                if not any(isinstance(f, kind) for f in log.filters):
+                    log.addFilter(kind())
 
     async def on_tick(self, counter: int) -> bool:
         if (error := self.config.app.state.registry.load_error) and not self.load_error:

@@ -393,3 +393,27 @@ def test_a_host_still_starting_at_shutdown_is_stopped_once_started(monkeypatch, 
     release.set()
     assert stopped.wait(10)
     assert app.state.registry.host is None and not app.state.registry.ready
+
+
+def test_the_access_log_holds_no_session_token():
+    """uvicorn logged each request line as it came: every WebSocket's and WHEP resource's
+    `?token=` was in the log, for whoever reads it."""
+    import logging
+
+    import uvicorn
+    from uvicorn.logging import AccessFormatter
+
+    from server.uvicorn_server import SessionClosingServer
+
+    SessionClosingServer(uvicorn.Config(make_app(), log_level="info"))  # (as serve runs it)
+    access = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5", "DELETE", "/v1/sessions/ab?token=Se-cr_et&x=1", "1.1", 204),
+                               None)  # fmt: skip
+    socket = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, '%s - "WebSocket %s" [accepted]',
+                               ("127.0.0.1:5", "/v1/sessions/ab/stream?token=Se-cr_et"), None)  # fmt: skip
+    for record in (access, socket):
+        logger = logging.getLogger(record.name)
+        assert all(f.filter(record) for f in logger.filters)
+    line = AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s').format(access)
+    assert line == '127.0.0.1:5 - "DELETE /v1/sessions/ab?token=...&x=1 HTTP/1.1" 204 No Content'
+    assert socket.getMessage() == '127.0.0.1:5 - "WebSocket /v1/sessions/ab/stream?token=..." [accepted]'
