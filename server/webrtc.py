@@ -56,6 +56,11 @@ def check_offer(sdp: str) -> set[str]:
     codecs = {c.name.lower() for m in video for c in m.rtp.codecs}
     if not codecs & SUPPORTED_VIDEO:
         raise OfferError(f"offer has no usable media: no VP8 or H264 video codec (got {sorted(codecs)})")
+    if not any(_sendable(c) for m in video for c in m.rtp.codecs):  # (aiortc's OperationError, later)
+        raise OfferError(
+            "offer has no usable media: its H264 is not one the server sends (packetization-mode=1, the "
+            "constrained baseline profile: profile-level-id 42e01f or 42001f); offer VP8, or such H264"
+        )
     # what aiortc's transports assert on only once the answer is sent (the session would then
     # stream to a peer connection that can never connect)
     for m in video:
@@ -73,6 +78,14 @@ def check_offer(sdp: str) -> set[str]:
     if candidates > MAX_CANDIDATES:
         raise OfferError(f"offer has {candidates} ICE candidates: a session takes at most {MAX_CANDIDATES}")
     return {m.kind for m in parsed.media}
+
+
+def _sendable(codec) -> bool:
+    """Whether the server's video encoders can send `codec` as offered (aiortc's own test)."""
+    from aiortc.codecs import CODECS
+    from aiortc.rtcpeerconnection import is_codec_compatible
+
+    return any(is_codec_compatible(codec, ours) for ours in CODECS["video"] if ours.name.lower() in SUPPORTED_VIDEO)
 
 
 async def answer_offer(session: Session, registry, sdp: str) -> str:

@@ -269,6 +269,24 @@ def test_offers_are_checked_for_what_the_transports_assert_on_later():
     assert check_offer("\r\n".join(rest[:first_media] + moved + rest[first_media:]) + "\r\n") == {"video"}
 
 
+@pytest.mark.parametrize(
+    "fmtp", ["packetization-mode=0;profile-level-id=42e01f", "packetization-mode=1;profile-level-id=640032"]
+)
+def test_an_offer_of_h264_the_server_cannot_send_says_what_it_needs(fmtp):
+    """H264 only, without packetization-mode=1 or in the High profile: aiortc's "OperationError:
+    Failed to set remote video description send parameters", after the session was made."""
+    from server.webrtc import OfferError, check_offer
+
+    lines = [line.replace("VP8/90000", "VP9/90000") for line in _offer_lines()]  # (H264 alone left)
+    h264_only = "\r\n".join(lines) + "\r\n"
+    assert check_offer(h264_only) == {"video"}  # aiortc's own H264 offer: what the server sends
+    h264 = [line.split(":")[1].split()[0] for line in lines if "H264/90000" in line]
+    fmtps = tuple(f"a=fmtp:{p} " for p in h264)
+    other = [line.split(" ")[0] + f" {fmtp}" if line.startswith(fmtps) else line for line in lines]
+    with pytest.raises(OfferError, match="its H264 is not one the server sends .packetization-mode=1"):
+        check_offer("\r\n".join(other) + "\r\n")
+
+
 class FakeMicTrack:
     """A remote audio track that yields these frames, then ends as aiortc's does (MediaStreamError)."""
 
