@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--model-process and --sp cannot be combined: with --sp the model runs in its own ranks")
     if args.fp8 and args.device.startswith("cuda") and args.dtype != "bfloat16":
         raise UserError("--fp8 on a GPU needs --dtype bfloat16 (its FP8 products give bfloat16)")
-    if args.compile and (args.device != "cpu" or args.sp > 1):
+    on_cpu = args.device.split(":")[0] == "cpu"  # (cpu:0 was taken for a GPU)
+    if args.compile and (not on_cpu or args.sp > 1):
         raise UserError("--compile runs on the CPU in one process: it cannot be combined with --sp or a GPU device")
     if args.cache_from == "last_step" and (args.steps or _model_steps(args.model)) == 1:
         # (without --steps, the model's own: a 1-step student would quietly re-encode instead)
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("aiortc", "aioice", "PIL"):  # at debug they log every packet: enough to make streams late
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
-    threads = args.threads or (1 if args.device == "cpu" else None)
+    threads = args.threads or (1 if on_cpu else None)
     if follower:
         from .sp_host import follow
 

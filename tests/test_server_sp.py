@@ -519,6 +519,18 @@ def test_serve_refuses_bad_options_before_launching_anything(extra, message, cap
     assert message in capsys.readouterr().err
 
 
+def test_cpu_0_is_the_cpu(monkeypatch):
+    """`--device cpu:0` was refused with --compile as "a GPU device", and skipped the CPU's
+    default of one torch thread."""
+    from streamgen.cli import main
+
+    served = []
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run",
+                        lambda self: served.append(self.config.app.state.registry.config))  # fmt: skip
+    main(["serve", "--model", "debug", "--device", "cpu:0", "--compile"])  # (2: nothing started here)
+    assert served and served[0].torch_threads == 1
+
+
 def test_serve_refuses_last_step_for_a_model_that_runs_one_step(tmp_path, capsys, monkeypatch):
     """Without --steps, a session runs the model's own steps: `--cache-from last_step` on a 1-step
     student passed serve's check, reached the sessions as the model's own cache_from (through the
