@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .avatars import ReferenceImageError, avatar_image, decode_reference
 from .config import ServerConfig
-from .ice import warn_if_stun_is_silent
+from .ice import warn_if_ice_servers_fail
 from .metrics import ServerMetrics
 from .model_host import freeze_loaded_heap
 from .origins import ForeignOriginGuard, as_browsers_send
@@ -63,7 +63,7 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
         worker.start()
         loading = asyncio.create_task(load_and_warm(app, registry, model))
         limits = asyncio.create_task(registry.enforce_limits_forever())
-        checking_stun = asyncio.create_task(warn_if_stun_is_silent(config.ice_servers))
+        checking_stun = asyncio.create_task(warn_if_ice_servers_fail(config.ice_servers))
         try:
             yield
         finally:

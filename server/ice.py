@@ -236,11 +236,42 @@ async def stun_answers(url: str, timeout: float = 2.0) -> bool:
         transport.close()
 
 
-async def warn_if_stun_is_silent(servers: list[dict]) -> None:
-    """At startup: a STUN server that does not answer holds every WebRTC answer up by 5 s
-    (aioice waits that long for it while gathering); say so once, in the log."""
-    for server in server_side(servers):
+async def warn_if_ice_servers_fail(servers: list[dict]) -> None:
+    """At startup: a STUN or TURN server that does not answer holds every WebRTC answer up by 5 s
+    (aioice waits that long for it while gathering), and a TURN server that refuses the
+    credential gives no relay (a peer that needs one cannot connect): say so once, in the log.
+    TURN's went unsaid: each answer took 5 s, or had no relay, with nothing logged."""
+    for server in server_side(for_peer(servers, "startup-check")):
         url = server["urls"][0]
         if url.startswith("stun:") and not await stun_answers(url):
             log.warning("STUN server %s did not answer: every WebRTC answer will wait 5 s for it "
                         "(check --ice-servers)", url)  # fmt: skip
+        elif url.startswith("turn") and (problem := await turn_problem(server)):
+            log.warning("TURN server %s gives no relay (%s): a peer that needs one cannot connect%s "
+                        "(check --ice-servers)", url, problem,
+                        ", and every WebRTC answer will wait 5 s for it" if "no answer" in problem else "")  # fmt: skip
+
+
+async def turn_problem(server: dict, timeout: float = 5.0) -> str | None:
+    """Why the TURN server of `server` (its first URL, with its username and credential) allocates
+    no relay, or None where it does."""
+    from aioice import stun
+    from aioice.turn import create_turn_endpoint
+
+    m = _URL.match(server["urls"][0])
+    transport = m["transport"] or ("tcp" if m["scheme"] == "turns" else "udp")
+    address = (m["host"], int(m["port"] or (5349 if m["scheme"] == "turns" else 3478)))
+    try:
+        relay, _ = await asyncio.wait_for(
+            create_turn_endpoint(asyncio.DatagramProtocol, address, server.get("username"), server.get("credential"),
+                                 transport=transport, ssl=m["scheme"] == "turns"),
+            timeout,
+        )  # fmt: skip
+    except (TimeoutError, stun.TransactionTimeout):
+        return f"no answer within {timeout:g} s"
+    except stun.TransactionFailed as e:  # (401: the username or credential)
+        return f"it refused the allocation: {e}"
+    except (OSError, ValueError) as e:  # a name that does not resolve, a connection refused
+        return f"no answer: {e}"
+    relay.close()
+    return None

@@ -171,7 +171,7 @@ async def test_without_ice_servers_nothing_changes():
 
 
 async def test_a_silent_stun_server_is_reported_at_startup(caplog):
-    from server.ice import stun_answers, warn_if_stun_is_silent
+    from server.ice import stun_answers, warn_if_ice_servers_fail
 
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(StunServer, local_addr=("127.0.0.1", 0))
@@ -179,7 +179,7 @@ async def test_a_silent_stun_server_is_reported_at_startup(caplog):
     try:
         assert await stun_answers(f"stun:127.0.0.1:{port}")
         with caplog.at_level("WARNING", logger="streamgen.server"):
-            await warn_if_stun_is_silent([{"urls": [f"stun:127.0.0.1:{port}"]}])
+            await warn_if_ice_servers_fail([{"urls": [f"stun:127.0.0.1:{port}"]}])
             assert caplog.records == []
     finally:
         transport.close()
@@ -187,8 +187,30 @@ async def test_a_silent_stun_server_is_reported_at_startup(caplog):
     assert not await stun_answers(f"stun:127.0.0.1:{port}", timeout=0.5)
     assert not await stun_answers("stun:name.that.does.not.resolve.invalid", timeout=0.5)
     with caplog.at_level("WARNING", logger="streamgen.server"):
-        await warn_if_stun_is_silent([{"urls": [f"stun:127.0.0.1:{port}"]}])
+        await warn_if_ice_servers_fail([{"urls": [f"stun:127.0.0.1:{port}"]}])
     assert "did not answer" in caplog.text
+
+
+async def test_a_turn_server_that_gives_no_relay_is_reported_at_startup(caplog):
+    """Only STUN was checked: an unreachable TURN server added 5 s to every WebRTC answer, and a
+    wrong credential left every answer without a relay, with nothing in the log."""
+    from server_helpers import free_port, turn_server
+
+    from server.ice import for_peer, turn_problem, warn_if_ice_servers_fail
+
+    with turn_server() as turn, turn_server(secret="s3cret") as by_secret:
+        assert await turn_problem(turn) is None
+        assert await turn_problem(for_peer([by_secret], "check")[0]) is None
+        with caplog.at_level("WARNING", logger="streamgen.server"):
+            await warn_if_ice_servers_fail([turn, by_secret])
+        assert caplog.records == []
+        wrong = {**turn, "credential": "not-it"}
+        assert "it refused the allocation" in await turn_problem(wrong)
+        with caplog.at_level("WARNING", logger="streamgen.server"):
+            await warn_if_ice_servers_fail([wrong])
+        assert "gives no relay (it refused the allocation" in caplog.text
+    nobody = {**turn, "urls": [f"turn:127.0.0.1:{free_port()}?transport=udp"]}
+    assert (await turn_problem(nobody, timeout=1.0)).startswith("no answer")
 
 
 async def test_the_server_relays_through_a_turn_server_with_its_credentials():
