@@ -53,6 +53,10 @@ def check_offer(sdp: str) -> set[str]:
     # (no direction attribute: sendrecv, RFC 8866 6.7)
     if not any((m.direction or "sendrecv") in ("recvonly", "sendrecv") and m.port != 0 for m in video):
         raise OfferError("offer has no usable media: the video m-line does not receive (recvonly/sendrecv)")
+    if (video[0].direction or "sendrecv") not in ("recvonly", "sendrecv") or video[0].port == 0:
+        # (the avatar's track goes on the first: a receiving one after it got a 201 and no video)
+        raise OfferError("the first video m-line does not receive (recvonly/sendrecv): the avatar is sent on "
+                         "the first; put the receiving one first")  # fmt: skip
     codecs = {c.name.lower() for m in video for c in m.rtp.codecs}
     if not codecs & SUPPORTED_VIDEO:
         raise OfferError(f"offer has no usable media: no VP8 or H264 video codec (got {sorted(codecs)})")

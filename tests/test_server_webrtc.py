@@ -287,6 +287,23 @@ def test_an_offer_of_h264_the_server_cannot_send_says_what_it_needs(fmtp):
         check_offer("\r\n".join(other) + "\r\n")
 
 
+def test_an_offer_whose_first_video_m_line_only_sends_is_refused():
+    """The avatar's track goes on the first video m-line: an offer with a sendonly one before the
+    receiving one got a 201, a session counted as streaming, and no video."""
+    from server.webrtc import OfferError, check_offer
+
+    async def offer():
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="sendonly")
+        pc.addTransceiver("video", direction="recvonly")
+        description = await pc.createOffer()
+        await pc.close()
+        return description.sdp
+
+    with pytest.raises(OfferError, match="the first video m-line does not receive"):
+        check_offer(asyncio.run(offer()))
+
+
 class FakeMicTrack:
     """A remote audio track that yields these frames, then ends as aiortc's does (MediaStreamError)."""
 
