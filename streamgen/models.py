@@ -314,7 +314,7 @@ def _load(name_or_path: str, device, dtype, seed: int, **cfg_overrides) -> Avata
         )
         torch.manual_seed(seed)
         cfg = get_config(flavor, **cfg_overrides)
-        check_memory_for(cfg, name_or_path)
+        check_memory_for(sum(p.numel() for p in _meta_dit(cfg).parameters()), name_or_path)
         dit = DiT(cfg)
         # The audio branch starts at zero so that loaded Wan weights are unchanged;
         # an untrained stand-in model gets a live one so the audio path is exercised.
@@ -440,17 +440,18 @@ def _read_dir(d: Path, cfg_overrides: dict) -> tuple[dict, DiT, VideoAutoencoder
     if vae.latent_channels != cfg.in_channels:  # (else a convolution's error at the first chunk)
         raise ValueError(f"{d}: the DiT takes {cfg.in_channels} latent channels, its autoencoder gives "
                          f"{vae.latent_channels}")  # fmt: skip
-    check_memory_for(cfg, str(d))
+    check_memory_for(sum(t.numel() for t in sd.values()), str(d))  # (the weights' count, checked above)
     dit = DiT(cfg)
     dit.load_state_dict(sd)
     return meta, dit, vae
 
 
-def check_memory_for(cfg: ModelConfig, name: str) -> None:
-    """A ValueError where this machine has not the memory a DiT of `cfg` is built in (float32, on
-    the CPU, before it moves to its device and dtype): wan2.1-14b's stand-in took 15 GB and 53 s
-    before the allocator's error, and with less free memory the kernel kills the process."""
-    needed = 4 * sum(p.numel() for p in _meta_dit(cfg).parameters())
+def check_memory_for(parameters: int, name: str) -> None:
+    """A ValueError where this machine has not the memory a DiT of this many `parameters` is built
+    in (float32, on the CPU, before it moves to its device and dtype): wan2.1-14b's stand-in took
+    15 GB and 53 s before the allocator's error, and with less free memory the kernel kills the
+    process."""
+    needed = 4 * parameters
     free = _free_memory()
     if free is not None and needed > free:
         raise ValueError(f"{name}: its DiT takes {needed / 2**30:.1f} GiB in float32 as it loads; this machine "
