@@ -5,7 +5,8 @@ code 1012 with no reason, its session was logged and counted as closed by the cl
 did the lifespan close what was left. Here a shutdown stops taking connections, closes every session
 as the server's doing (WebSocket 1001 "server shutting down", WebRTC peers hung up, the metrics'
 reason "server shutting down"), then goes on as uvicorn does. It also logs a client's text
-message that is not UTF-8 in one line rather than uvicorn's traceback (`BrokenTextFrameLog`).
+message that is not UTF-8 in one line rather than uvicorn's traceback (`BrokenTextFrameLog`), and
+drops the connection of a WebSocket client that stopped reading (`StuckClientDroppingProtocol`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,14 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import struct
 
 import uvicorn
+
+try:  # uvicorn's WebSocket protocol on the `websockets` library (uvicorn >= 0.35: "auto" picks it)
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+except ImportError:  # pragma: no cover - an older uvicorn: its own protocol, without the drop below
+    WebSocketsSansIOProtocol = None
 
 # as the app's lifespan says it: websocket.py closes with 1001 for it
 SHUTDOWN_REASON = "server shutting down"
@@ -53,6 +60,36 @@ class TokenRedactingLog(logging.Filter):
         return self.TOKEN.sub(r"\1...", text) if "token=" in text else text
 
 
+if WebSocketsSansIOProtocol is not None:
+
+    class StuckClientDroppingProtocol(WebSocketsSansIOProtocol):
+        """uvicorn's WebSocket protocol, dropping the connection of a client that stopped reading
+        once the app is done with it.
+
+        uvicorn ends a connection with `transport.close()`, which first waits for the send buffer to
+        drain: a client that never reads again (the session closed as a "slow consumer") kept its
+        socket, and the ~3 MB of frames in its buffers, until it went away itself. A connection the
+        app has finished with that still has unsent bytes `DROP_AFTER_S` later is reset (no linger:
+        a plain close would leave the kernel retrying its full buffer for minutes). The wait is
+        uvicorn's close handshake timeout: a client that is reading has its last frames and the
+        close frame well before then."""
+
+        DROP_AFTER_S = 10.0
+
+        async def run_asgi(self) -> None:
+            await super().run_asgi()
+            if not self.disconnected:
+                self.loop.call_later(self.DROP_AFTER_S, self.drop_if_stuck)
+
+        def drop_if_stuck(self) -> None:
+            if self.disconnected or self.transport.get_write_buffer_size() == 0:
+                return
+            self.logger.info("dropped the WebSocket connection of %s: the client stopped reading", self.client)
+            if (sock := self.transport.get_extra_info("socket")) is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+
+
 class SessionClosingServer(uvicorn.Server):
     """Also ends once the app's model failed to load (`load_error`): a server that can never make a
     stream kept running, healthy to a supervisor, telling clients it was still loading."""
@@ -60,6 +97,8 @@ class SessionClosingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
         self.load_error: str | None = None
+        if config.ws == "auto" and WebSocketsSansIOProtocol is not None:
+            config.ws = StuckClientDroppingProtocol
         for name, kinds in (("uvicorn.error", (BrokenTextFrameLog, TokenRedactingLog)),
                             ("uvicorn.access", (TokenRedactingLog,))):  # fmt: skip
             log = logging.getLogger(name)

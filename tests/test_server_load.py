@@ -6,8 +6,10 @@ Loops are bounded in count and time; nothing here asserts wall-clock latency.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import json
+import socket
 import threading
 
 import httpx
@@ -17,6 +19,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from server_helpers import live_server
 
 from server.protocol import HEADER, MsgType
+from server.uvicorn_server import StuckClientDroppingProtocol
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -170,7 +173,6 @@ def lazy_socket(url: str, path: str):
     """A WebSocket client that sends `start` and then never reads (raw TCP, small receive window)."""
     import base64
     import os
-    import socket
 
     host, port = url.removeprefix("http://").split(":")
     sock = socket.socket()
@@ -191,7 +193,8 @@ def lazy_socket(url: str, path: str):
 
 
 @pytest.mark.slow
-async def test_client_that_never_reads_is_dropped():
+async def test_client_that_never_reads_is_dropped(monkeypatch):
+    monkeypatch.setattr(StuckClientDroppingProtocol, "DROP_AFTER_S", 1.0)
     # 128x128 raw frames (1.2 MB/s) fill the kernel's socket buffers within seconds
     with live_server(ws_send_timeout_s=1.0, height=128, width=128) as (url, app):
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
@@ -214,6 +217,14 @@ async def test_client_that_never_reads_is_dropped():
                         break
                     await asyncio.sleep(0.1)
                 assert 'streamgen_websockets_open 1.0' in (await http.get("/metrics")).text
+            # and then its TCP connection: uvicorn's close waited for the unread frames to drain,
+            # holding the socket and its buffers until the client went away
+            for _ in range(200):  # bounded: 20 s
+                if lazy.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the connection of a client that never reads was kept")
             lazy.close()
             metrics = (await http.get("/metrics")).text
             assert 'streamgen_sessions_closed_total{reason="slow consumer"} 1.0' in metrics
