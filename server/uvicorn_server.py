@@ -84,7 +84,8 @@ if WebSocketsSansIOProtocol is not None:
         def drop_if_stuck(self) -> None:
             if self.disconnected or self.transport.get_write_buffer_size() == 0:
                 return
-            self.logger.info("dropped the WebSocket connection of %s: the client stopped reading", self.client)
+            log = "dropped the WebSocket connection of %s: the client stopped reading"
+            self.logger.info(log, self.client)
             if (sock := self.transport.get_extra_info("socket")) is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.transport.abort()
