@@ -24,9 +24,10 @@ speech by kind of text. About a minute on 2 cores.
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
+
+from streamgen.cli import number_where
 
 RATES_AND_VARIANTS = ((165, None), (80, None), (450, None), (120, "f3"), (250, "m3"), (165, "klatt"))
 DIGITS_AND_ABBREVIATIONS = (
@@ -200,25 +201,13 @@ def share_of_speech(text: str) -> float:
     """An argparse type: --margin, a share of a text's speech in (0, 1] (a negative one ended in
     linprog's infeasibility, raised with a traceback; above 1 the pre-check could refuse a text that
     fits, the one thing it must not do)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a share of the speech in (0, 1]")
-    return value
+    return number_where(text, lambda v: 0 < v <= 1, "a share of the speech in (0, 1]")
 
 
 def allowance_ms(text: str) -> float:
     """An argparse type: --pause-allowance, 0 or more milliseconds, inf for any (a negative one was
     a bound below zero, linprog's traceback)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds (0 or more, or inf)")
-    return value
+    return number_where(text, lambda v: v >= 0, "a number of milliseconds (0 or more, or inf)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ import importlib
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE, text_problem
@@ -58,16 +59,22 @@ def frame_size(text: str) -> int:
     return value
 
 
-def positive_number(text: str) -> float:
-    """An argparse type: a rate, a length, a time: finite and above zero (nan, inf, 0 or a negative
-    one ran on into a division by zero, a NaN in the JSON, or a figure for nothing)."""
+def number_where(text: str, accept: Callable[[float], bool], what: str) -> float:
+    """The number `text` spells if `accept` takes it; else argparse's error, "'text' is not `what`"
+    (text that is no number at all is nan: refused by any test written as `not ...` of a range)."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number")
+    if not accept(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return value
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a rate, a length, a time: finite and above zero (nan, inf, 0 or a negative
+    one ran on into a division by zero, a NaN in the JSON, or a figure for nothing)."""
+    return number_where(text, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
 
 
 def _count_at_least(text: str, lowest: int, what: str) -> int:
