@@ -163,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
         if args.sp > 1:
             from streamgen.parallel.launch import relaunch_under_torchrun
 
-            relaunch_under_torchrun(args.sp, device=args.device)  # does not return in the launcher
+            # does not return in the launcher
+            relaunch_under_torchrun(args.sp, args._argv, device=args.device)
     except ValueError as e:
         raise UserError(str(e)) from None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

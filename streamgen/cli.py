@@ -232,7 +232,11 @@ MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 def main(argv: list[str] | None = None) -> int:
     try:  # a Ctrl-C while the subcommands load is a stop too, not a traceback
+        argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser().parse_args(argv)
+        # what `--sp N` runs again on each process: these arguments, not this process's (a program
+        # calling main(argv) has its own command line)
+        args._argv = argv
         try:
             return int(args._run(args) or 0)
         except UserError as e:

@@ -87,6 +87,32 @@ def test_generate_sp_on_gpus_it_lacks_is_one_line(capsys, monkeypatch):
     assert "--sp 2 needs 2 GPUs, this machine has 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_main_given_arguments_runs_those_on_every_process(command, monkeypatch, tmp_path):
+    """`streamgen.cli.main(argv)` called by a program: `--sp 2` re-ran the program's own command line
+    (sys.argv) under torchrun, where every rank failed ('the following arguments are required')."""
+    from streamgen import cli
+    from streamgen.parallel import launch
+    from tests.server_helpers import free_port
+
+    class Relaunched(Exception):
+        pass
+
+    def execv(path, cmd):
+        raise Relaunched(cmd)
+
+    monkeypatch.setattr(launch.os, "execv", execv)
+    monkeypatch.setattr(sys, "argv", ["my_program.py", "--verbose"])
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    options = ["--out", str(tmp_path / "a.mp4")] if command == "generate" else ["--port", str(free_port())]
+    argv = [command, "--model", "debug", "--sp", "2", *options]
+    with pytest.raises(Relaunched) as relaunched:
+        cli.main(argv)
+    cmd = relaunched.value.args[0]
+    assert cmd[cmd.index("streamgen.cli") + 1 :] == argv
+
+
 def _launcher_env() -> dict[str, str]:
     """This environment as a user's shell has it: not inside a torchrun worker, one thread per rank."""
     env = {

@@ -117,7 +117,8 @@ def run(args) -> int:
         if args.sp > 1:
             from streamgen.parallel.launch import init_process_group, relaunch_under_torchrun
 
-            relaunch_under_torchrun(args.sp, device=args.device)  # does not return in the launcher
+            # does not return in the launcher
+            relaunch_under_torchrun(args.sp, args._argv, device=args.device)
             # before the model loads: each rank's "cuda" is its own GPU
             args.device = init_process_group(args.device)
     except ValueError as e:

@@ -2,7 +2,7 @@
 processes once they run.
 
     # in a command's run(args), before anything heavy:
-    relaunch_under_torchrun(args.sp, device=args.device)  # returns at once when sp <= 1 or in a worker
+    relaunch_under_torchrun(args.sp, args._argv, device=args.device)  # returns at once: sp <= 1, a worker
     device = init_process_group(args.device)  # this rank's device: load the model onto it
     mesh, mode = init_sequence_parallel(args.sp, model.cfg.num_heads)
     apply_sequence_parallel(model, mesh, mode)
