@@ -42,9 +42,9 @@ class World:
 
 def init_world(device: str = "auto") -> World:
     """Join the torchrun process group if there is one; choose the device."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    size = _rank_variable("WORLD_SIZE", 1)
+    rank = _rank_variable("RANK", 0)
+    local_rank = _rank_variable("LOCAL_RANK", 0)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise ConfigError("run.device is cuda but no CUDA device is available")
@@ -52,8 +52,24 @@ def init_world(device: str = "auto") -> World:
     if use_cuda:
         torch.cuda.set_device(dev)
     if size > 1 and not dist.is_initialized():
-        join_process_group("nccl" if use_cuda else "gloo")
+        try:
+            join_process_group("nccl" if use_cuda else "gloo")
+        except ValueError as e:  # torch's env:// rendezvous: RANK, MASTER_ADDR or MASTER_PORT missing or bad
+            # (a WORLD_SIZE left in the shell, without torchrun: a traceback from inside torch)
+            raise ConfigError(f"{e}; {RUN_UNDER_TORCHRUN}") from None
     return World(rank, size, local_rank, dev)
+
+
+RUN_UNDER_TORCHRUN = "start each rank with torchrun --nproc_per_node N, or unset WORLD_SIZE for one process"
+
+
+def _rank_variable(name: str, default: int) -> int:
+    """A whole number torchrun sets in each rank's environment (WORLD_SIZE, RANK, LOCAL_RANK)."""
+    text = os.environ.get(name, str(default))
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a whole number; {RUN_UNDER_TORCHRUN}") from None
 
 
 def close_world(world: World) -> None:

@@ -174,6 +174,23 @@ def test_distill_steps_take_positive_numbers(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    "world_size, says",
+    [("2", "environment variable RANK expected"), ("two", "WORLD_SIZE='two' is not a whole number")],
+)
+def test_a_world_size_without_torchrun_is_one_line(tmp_path, capsys, monkeypatch, world_size, says):
+    """A WORLD_SIZE left in the shell, no torchrun around it: a traceback from inside torch's
+    env:// rendezvous (or from int())."""
+    from streamgen.cli import main
+
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    assert main(["distill", "teacher", "--config", "debug", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "torchrun --nproc_per_node N" in err and "Traceback" not in err
+
+
 # --- a run's outputs -----------------------------------------------------------------------
 
 
