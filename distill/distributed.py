@@ -48,6 +48,11 @@ def init_world(device: str = "auto") -> World:
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise ConfigError("run.device is cuda but no CUDA device is available")
+    if use_cuda and local_rank >= torch.cuda.device_count():  # (set_device's CUDA error: a traceback)
+        raise ConfigError(
+            f"the rank with LOCAL_RANK {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
+            "start at most one rank per GPU (torchrun --nproc_per_node)"
+        )
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

@@ -191,6 +191,22 @@ def test_a_world_size_without_torchrun_is_one_line(tmp_path, capsys, monkeypatch
     assert says in err and "torchrun --nproc_per_node N" in err and "Traceback" not in err
 
 
+def test_more_ranks_than_gpus_is_one_line(tmp_path, capsys, monkeypatch):
+    """torchrun --nproc_per_node 3 on a machine with 2 GPUs: the third rank's set_device raised a
+    CUDA error, a traceback."""
+    from streamgen.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device reached"))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    out = str(tmp_path / "o")
+    assert main(["distill", "teacher", "--config", "debug", "--out", out, "--set", "run.device=cuda"]) == 2
+    assert "the rank with LOCAL_RANK 2 has no GPU: this machine has 2" in capsys.readouterr().err
+
+
 # --- a run's outputs -----------------------------------------------------------------------
 
 

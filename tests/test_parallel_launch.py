@@ -56,7 +56,8 @@ def test_a_cpu_run_on_a_machine_with_gpus_uses_gloo_and_needs_no_gpus(monkeypatc
 
     calls = []
     monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(launch.torch.cuda, "device_count", lambda: 1)
+    gpus = [1]
+    monkeypatch.setattr(launch.torch.cuda, "device_count", lambda: gpus[0])
     monkeypatch.setattr(launch.torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
     monkeypatch.setattr(launch.torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
@@ -72,6 +73,7 @@ def test_a_cpu_run_on_a_machine_with_gpus_uses_gloo_and_needs_no_gpus(monkeypatc
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     assert launch.init_process_group("cpu") == "cpu" and calls == [("init", "gloo")]
     calls.clear()
+    gpus[0] = 2  # (LOCAL_RANK 1's)
     assert launch.init_process_group("cuda") == "cuda:1" and calls == [("set_device", 1), ("init", "nccl")]
 
 
@@ -85,6 +87,33 @@ def test_generate_sp_on_gpus_it_lacks_is_one_line(capsys, monkeypatch):
     argv = ["generate", "--audio", str(speech), "--reference", str(face), "--sp", "2", "--device", "cuda"]
     assert cli.main(argv) == 2
     assert "--sp 2 needs 2 GPUs, this machine has 1" in capsys.readouterr().err
+
+
+def test_a_rank_without_a_gpu_or_a_gpu_index_is_one_line(monkeypatch, capsys):
+    """More ranks than GPUs under plain torchrun: set_device's CUDA error, a traceback from the
+    rank; `--device cuda:2 --sp 2`: the index was ignored, and the ranks ran on GPUs 0 and 1."""
+    from streamgen import cli
+    from streamgen.parallel import launch
+
+    calls = []
+    monkeypatch.setattr(cli, "check_device", lambda name: None)  # as on a machine with two GPUs
+    monkeypatch.setattr(launch.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(launch.torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(launch.os, "execv", lambda *a: calls.append(("execv",)))
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    face, speech = ROOT / "streamgen/assets/sample_face.png", ROOT / "streamgen/assets/sample_speech.wav"
+    argv = ["generate", "--audio", str(speech), "--reference", str(face), "--sp", "2", "--device", "cuda:1"]
+    assert cli.main(argv) == 2
+    assert "--device cuda:1 with --sp 2: each process takes the GPU of its rank" in capsys.readouterr().err
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # a rank of plain torchrun, started 3 to a machine
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match="the rank with LOCAL_RANK 2 has no GPU: this machine has 2"):
+        launch.init_process_group("cuda")
+    with pytest.raises(ValueError, match="--device cuda:0 with --sp 3"):
+        launch.init_process_group("cuda:0")
+    assert calls == []
 
 
 @pytest.mark.parametrize("command", ["generate", "serve"])

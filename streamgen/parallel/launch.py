@@ -61,6 +61,7 @@ def relaunch_under_torchrun(
     """
     if nproc <= 1 or is_torchrun_worker():
         return
+    _check_no_gpu_index(device, nproc)
     if _uses_cuda(device) and torch.cuda.device_count() < nproc:
         raise ValueError(f"--sp {nproc} needs {nproc} GPUs, this machine has {torch.cuda.device_count()}")
     cmd = torchrun_command(nproc, argv, module)
@@ -105,6 +106,16 @@ def _uses_cuda(device: str) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def _check_no_gpu_index(device: str, nproc: int) -> None:
+    """A ValueError for a CUDA device with an index: each rank takes the GPU of its LOCAL_RANK (the
+    index was ignored: `--device cuda:2 --sp 2` ran on GPUs 0 and 1, maybe beside another job)."""
+    if _uses_cuda(device) and torch.device(device).index is not None:
+        raise ValueError(
+            f"--device {device} with --sp {nproc}: each process takes the GPU of its rank (0 to {nproc - 1}); "
+            "give --device cuda, and CUDA_VISIBLE_DEVICES to choose which GPUs"
+        )
+
+
 def join_process_group(backend: str, **kwargs) -> None:
     """`dist.init_process_group(backend, **kwargs)`, torch._dynamo imported first. Imported after
     (torch.compile, diffusers), it keeps references to the default group that outlive
@@ -122,8 +133,15 @@ def init_process_group(device: str = "cpu") -> str:
     gloo otherwise (a CPU run on a machine with GPUs too). Returns this process's device, which
     the model must be loaded onto (every rank's "cuda" is its own GPU, not GPU 0)."""
     cuda = _uses_cuda(device)
+    _check_no_gpu_index(device, int(os.environ.get("WORLD_SIZE", 1)))
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local_rank >= gpus:  # (more ranks than GPUs under plain torchrun: a CUDA error's traceback)
+            raise ValueError(
+                f"the rank with LOCAL_RANK {local_rank} has no GPU: this machine has {gpus}; "
+                f"run at most {gpus} processes on it with --device cuda (one GPU each)"
+            )
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         with signals_end_the_process():
             join_process_group("nccl" if cuda else "gloo")
