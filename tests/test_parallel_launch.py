@@ -205,6 +205,14 @@ def test_a_bad_input_file_fails_before_any_process_starts(tmp_path):
             1,
             "rank 0 failed (signal 6)",
         ),
+        (  # rank 0 stopped by torchrun (SIGTERM) in the second rank 1 failed: rank 1 is named
+            ChildFailedError(
+                "streamgen.cli",
+                {0: ProcessFailure(0, 42, -15, "<N/A>"), 1: ProcessFailure(1, 43, 2, "<N/A>")},
+            ),
+            2,
+            "rank 1 failed (exit code 2)",
+        ),
     ],
 )
 def test_the_launcher_ends_with_the_signal_or_the_failed_rank_code(monkeypatch, capsys, raised, code, line):

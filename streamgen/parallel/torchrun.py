@@ -59,6 +59,16 @@ def _reported_errors(failures: dict) -> list[str]:
     return lines
 
 
+def _first_failure(failures: dict):
+    """(rank, failure) of the rank that failed first of its own accord. Once one has failed, torchrun
+    stops the others with SIGTERM, and its failures' times are whole seconds: one it stopped came
+    first by torchrun's own choice ('rank 0 failed (signal 15)' where rank 1 could not load the model)."""
+    stopped = -int(signal.SIGTERM)
+    own = {rank: f for rank, f in failures.items() if f.exitcode != stopped} or failures
+    rank = min(own, key=lambda r: (own[r].timestamp, r))
+    return rank, own[rank]
+
+
 def _quiet_torchrun_logs() -> None:
     """torchrun's warnings and errors about stopping ranks after one failed say what the launcher's
     one line says; $LOGLEVEL (torchrun's own switch) brings them back."""
@@ -97,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as e:
         for line in _reported_errors(e.failures):
             print(line, file=sys.stderr)
-        rank, failure = e.get_first_failure()
+        rank, failure = _first_failure(e.failures)
         code = failure.exitcode
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
         print(f"streamgen: rank {rank} failed ({how}); the other ranks were stopped", file=sys.stderr)
