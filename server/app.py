@@ -27,7 +27,7 @@ from .avatars import ReferenceImageError, avatar_image, decode_reference
 from .config import ServerConfig
 from .ice import warn_if_ice_servers_fail
 from .metrics import ServerMetrics
-from .model_host import freeze_loaded_heap
+from .model_host import freeze_loaded_heap, load_error_line
 from .origins import ForeignOriginGuard, as_browsers_send
 from .registry import AdmissionError, SessionRegistry
 from .scheduler import InferenceWorker, WorkerBusy
@@ -234,9 +234,7 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
     except (WorkerBusy, asyncio.CancelledError):
         return
     except Exception as e:
-        # its first line (a compiler's error runs to pages; the log has all of it)
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        registry.load_error = f"{type(e).__name__}: {first_line}"[:300]
+        registry.load_error = load_error_line(e)
         log.exception("model failed to load")
         return
     registry.chunk_seconds = chunk_seconds

@@ -172,9 +172,12 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
     threads = args.threads or (1 if on_cpu else None)
     if follower:
-        from .sp_host import follow
+        from .sp_host import ModelNotLoaded, follow
 
-        return follow(args.model, args.device, threads, args.sp, args.size, args.decode_dtype)  # no server here
+        try:
+            return follow(args.model, args.device, threads, args.sp, args.size, args.decode_dtype)  # no server here
+        except ModelNotLoaded as e:
+            raise UserError(f"the model did not load: {e} (the log above has all of it)") from None
     config = ServerConfig(
         model=args.model, height=args.size, width=args.size, steps=args.steps, device=args.device,
         decode_dtype=args.decode_dtype,

@@ -32,6 +32,13 @@ def freeze_loaded_heap() -> None:
     gc.freeze()
 
 
+def load_error_line(e: Exception) -> str:
+    """Why the model did not load, in a line: the error's type and its first line (a compiler's
+    error runs to pages; the log has all of it). The same on every `--sp` rank that meets it."""
+    first_line = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first_line}"[:300]
+
+
 class HostDown(RuntimeError):
     """The model host can no longer run operations (its process died, or the ranks fell out of step)."""
 

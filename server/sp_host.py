@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 from streamgen.session_limits import SEED_END
 
-from .model_host import CLIENT_ERRORS, HostDown, ModelOps, freeze_loaded_heap
+from .model_host import CLIENT_ERRORS, HostDown, ModelOps, freeze_loaded_heap, load_error_line
 
 log = logging.getLogger("streamgen.server")
 
@@ -79,6 +79,11 @@ def load_sharded(model_name: str, device: str, threads: int | None, sp: int, hei
     model.vae = parallel_decoder(model.session_vae(dtype), latent_height)  # sessions decode as set here
     log.info("rank %d of %d: %s sharded (%s)", dist.get_rank(), sp, model_name, mode)
     return model, device
+
+
+class ModelNotLoaded(Exception):
+    """A follower rank could not load the model: `serve` ends it with the line rank 0 gives for
+    the same failure (every rank loads the same files), which the launcher prints once."""
 
 
 class SequenceParallelHost:
@@ -216,7 +221,11 @@ class SequenceParallelHost:
 def follow(model: str, device: str, threads: int | None, sp: int, height: int | None = None,
            decode_dtype: str = "auto") -> int:  # fmt: skip
     """Ranks 1..N-1: replay rank 0's operations until it says exit or goes away."""
-    loaded, device = load_sharded(model, device, threads, sp, height, decode_dtype)
+    try:
+        loaded, device = load_sharded(model, device, threads, sp, height, decode_dtype)
+    except Exception as e:  # (a traceback per follower, and rank 0's one line stopped by torchrun)
+        log.debug("the model did not load", exc_info=True)  # rank 0 logs its own at error
+        raise ModelNotLoaded(load_error_line(e)) from None
     ops = ModelOps(loaded, device, None)
     freeze_loaded_heap()  # (rank 0 is the server, which freezes its heap when ready)
     box = [None, None]

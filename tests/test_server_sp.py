@@ -107,6 +107,34 @@ def test_followers_replay_the_stream_of_rank_0(tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(150)
+def test_a_model_no_rank_can_load_is_one_line(tmp_path):
+    """A damaged model folder under `serve --sp 2`: each follower printed its traceback, and the
+    launcher said 'rank 0 failed (signal 15)' (rank 0, stopped by torchrun, had its line to give)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from streamgen.models import resolve_model_dir
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(resolve_model_dir("tiny-avatar"), folder)
+    weights = folder / "dit.safetensors"
+    weights.write_bytes(weights.read_bytes()[:3000])
+    torchrun_vars = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE", "RANK")
+    env = {**{k: v for k, v in os.environ.items() if k not in torchrun_vars}, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "streamgen", "serve", "--sp", "2", "--model", str(folder), "--port", str(free_port()),
+         "--log-level", "warning"],
+        env=env, capture_output=True, text=True, timeout=140,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.count("the model did not load: ValueError: ") == 1, r.stderr[-3000:]
+    assert "[rank1]" not in r.stderr and "signal 15" not in r.stderr, r.stderr[-3000:]
+    assert "failed (exit code 2); the other ranks were stopped" in r.stderr
+
+
+@pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_serve_with_sp_streams_and_shuts_down(tmp_path):
