@@ -389,6 +389,18 @@ def test_receptive_radius_of_tiny_vae():
     assert decoder_receptive_radius(make_vae()) == 4.0
 
 
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+def test_sequence_parallel_without_a_process_group_is_refused(mode):
+    """Applied before the group was joined, the model ran unsharded in every process, silently."""
+    import torch.distributed as dist
+
+    from streamgen.parallel import apply_sequence_parallel
+
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="needs a process group: torch.distributed.init_process_group"):
+        apply_sequence_parallel(DiT(tiny_config()), None, mode)
+
+
 def test_ulysses_rejects_heads_not_divisible_by_degree():
     from streamgen.parallel.ulysses import check_heads
 

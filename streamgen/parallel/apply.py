@@ -100,6 +100,11 @@ def resolve_groups(mesh_or_group, mode: str) -> SequenceParallelGroups:
     if mode not in SP_MODES:
         raise ValueError(f"sequence parallel mode must be one of {SP_MODES}, got {mode!r}")
     if isinstance(mesh_or_group, dist.ProcessGroup) or mesh_or_group is None:
+        if mesh_or_group is None and not dist.is_initialized():  # (no world: it ran unsharded, silently)
+            raise RuntimeError(
+                "sequence parallelism needs a process group: torch.distributed.init_process_group (or "
+                "streamgen.parallel.launch.init_process_group under torchrun) first"
+            )
         group = mesh_or_group or dist.group.WORLD
         if mode == "hybrid":
             raise ValueError(
