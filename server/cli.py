@@ -160,9 +160,10 @@ def run(args: argparse.Namespace) -> int:
         use_precision(None if args.dtype == "auto" else args.dtype, args.fp8)  # likewise
         use_cache_from(args.cache_from)
         use_compile("inductor" if args.compile else None)
-        if args.sp > 1:
-            from streamgen.parallel.launch import relaunch_under_torchrun
+        from streamgen.parallel.launch import check_torchrun_world, relaunch_under_torchrun
 
+        check_torchrun_world(args.sp)  # (under plain torchrun, before the model loads)
+        if args.sp > 1:
             # does not return in the launcher
             relaunch_under_torchrun(args.sp, args._argv, device=args.device)
     except ValueError as e:

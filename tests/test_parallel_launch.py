@@ -142,6 +142,26 @@ def test_main_given_arguments_runs_those_on_every_process(command, monkeypatch, 
     assert cmd[cmd.index("streamgen.cli") + 1 :] == argv
 
 
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_a_torchrun_world_other_than_sp_is_one_line(command, monkeypatch, capsys, tmp_path):
+    """`torchrun --nproc-per-node 2 -m streamgen.cli generate` without --sp: every rank made the
+    whole video by itself (the same file, twice); `serve`: every rank loaded the model."""
+    from streamgen import cli
+    from tests.server_helpers import free_port
+
+    def started(*args, **kwargs):
+        raise AssertionError("the command went on")
+
+    monkeypatch.setattr("streamgen.teacher.open_session", started)
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", started)
+    torchrun_rank_1 = {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "1"}
+    for name, value in torchrun_rank_1.items():
+        monkeypatch.setenv(name, value)
+    options = ["--out", str(tmp_path / "a.mp4")] if command == "generate" else ["--port", str(free_port())]
+    assert cli.main([command, "--model", "debug", *options]) == 2
+    assert "torchrun started 2 processes, but --sp is 1: give --sp 2" in capsys.readouterr().err
+
+
 def _launcher_env() -> dict[str, str]:
     """This environment as a user's shell has it: not inside a torchrun worker, one thread per rank."""
     env = {

@@ -114,6 +114,9 @@ def run(args) -> int:
     try:
         use_attention_backend(args.attention)  # in the environment: torchrun's ranks inherit it
         use_precision(fp8=args.fp8)
+        from streamgen.parallel.launch import check_torchrun_world
+
+        check_torchrun_world(args.sp)  # (under plain torchrun, before the model loads)
         if args.sp > 1:
             from streamgen.parallel.launch import init_process_group, relaunch_under_torchrun
 

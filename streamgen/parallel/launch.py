@@ -70,6 +70,19 @@ def relaunch_under_torchrun(
     os.execv(cmd[0], cmd)
 
 
+def check_torchrun_world(sp: int) -> None:
+    """In a worker of plain torchrun: a ValueError unless it started `sp` processes (--sp N). With
+    --sp 1 every rank ran the whole command by itself: `generate` made the same video N times."""
+    if not is_torchrun_worker():
+        return
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world != str(sp):
+        raise ValueError(
+            f"torchrun started {world} processes, but --sp is {sp}: give --sp {world} to shard the model "
+            "over them (or leave torchrun out: --sp N starts it itself)"
+        )
+
+
 def choose_degrees(num_heads: int, world: int) -> tuple[int, int]:
     """(ulysses_degree, ring_degree) for `world` processes: as much Ulysses as the heads allow.
 
