@@ -231,6 +231,9 @@ MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
 def main(argv: list[str] | None = None) -> int:
+    from streamgen.parallel.torchrun import end_with_the_launcher
+
+    end_with_the_launcher()  # (an --sp N rank: not left running when its launcher is killed)
     try:  # a Ctrl-C while the subcommands load is a stop too, not a traceback
         argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser().parse_args(argv)

@@ -432,6 +432,54 @@ def test_each_distinct_error_the_ranks_report_is_printed_once(monkeypatch, capsy
     assert not (tmp_path / "plain.json").exists()
 
 
+# a launcher (as torchrun starts its ranks: a session of their own), and one rank that waits
+_LAUNCHER = """
+import os, subprocess, sys
+env = {**os.environ, "STREAMGEN_LAUNCHER": str(os.getpid())}
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[1]], env=env, start_new_session=True)
+print(rank.pid, flush=True)
+rank.wait()
+"""
+_RANK = """
+import time
+from streamgen.parallel.torchrun import end_with_the_launcher
+end_with_the_launcher()
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # (a zombie has ended: its parent, the init process here, reaps it)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.timeout(60)
+def test_a_rank_ends_when_its_launcher_is_killed():
+    """torchrun starts each rank in a session of its own, so a launcher killed outright (SIGKILL)
+    left the ranks running: `serve --sp 2`'s rank 0 served on, holding its port."""
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, _RANK], stdout=subprocess.PIPE, text=True)
+    rank = None
+    try:
+        rank = int(launcher.stdout.readline())
+        assert launcher.stdout.readline().strip() == "ready"
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 20
+        while _running(rank) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(rank)
+    finally:
+        launcher.kill()
+        launcher.wait()
+        if rank is not None and _running(rank):
+            os.kill(rank, signal.SIGKILL)
+
+
 _THREADS_AFTER_DESTROY = """
 import gc, socket, sys
 import torch, torch.distributed as dist

@@ -29,7 +29,7 @@ import sys
 import time
 
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # torchrun gives each worker a file for its error
-LAUNCHER_ENV = "STREAMGEN_LAUNCHER"  # set by this launcher: its workers' ranks hand it their errors
+LAUNCHER_ENV = "STREAMGEN_LAUNCHER"  # this launcher's process id: its ranks hand it their errors, end with it
 
 
 def report_error(line: str) -> None:
@@ -47,6 +47,21 @@ def report_error(line: str) -> None:
         except OSError:
             pass
     print(line, file=sys.stderr)
+
+
+def end_with_the_launcher() -> None:
+    """In a rank of this launcher (Linux): be sent SIGTERM when the launcher ends. torchrun stops
+    its ranks when it is stopped, but starts each in a session of its own, so a launcher killed
+    outright (SIGKILL: the OOM killer, a supervisor's last resort) left them running: `serve --sp`'s
+    rank 0 served on, holding its port against the restarted service, with nothing to stop it."""
+    launcher = os.environ.get(LAUNCHER_ENV, "")
+    # (not a rank: a process a rank started inherits the variable too)
+    if not sys.platform.startswith("linux") or launcher != str(os.getppid()):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # <sys/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
 
 
 def _reported_errors(failures: dict) -> list[str]:
@@ -101,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + int(sig)
 
     _quiet_torchrun_logs()
-    os.environ[LAUNCHER_ENV] = "1"  # (the workers inherit it)
+    os.environ[LAUNCHER_ENV] = str(os.getpid())  # (the workers inherit it)
     try:
         torchrun_main(argv)
     except ChildFailedError as e:
