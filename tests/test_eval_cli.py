@@ -65,15 +65,6 @@ def test_a_run_that_fails_on_the_way_leaves_no_earlier_report(tmp_path, monkeypa
     assert not (out / "report.json").exists()
 
 
-def test_train_evaluators_on_a_dataset_without_train_clips_is_one_line(tmp_path, capsys):
-    from streamgen.data.shards import make_dataset
-
-    make_dataset(tmp_path / "two", 2, 0, 32, 32, 1.0)  # two clips: one in val, one in test
-    args = ["eval", "train-evaluators", "--data", str(tmp_path / "two"), "--out", str(tmp_path / "ev")]
-    assert main(args) == 2  # was a ValueError traceback
-    assert "has no train clips to train the evaluators on" in capsys.readouterr().err
-
-
 def test_frozen_frames_leave_out_the_frames_held_before_a_1_plus_4k_stream(tmp_path, monkeypatch):
     """A Wan-layout stream's first frame is held over the 3 frames before it, to line up with its
     audio: those copies were counted as the model's frozen frames (3 a clip for a perfect model)."""
@@ -165,10 +156,20 @@ def test_an_out_folder_with_a_file_in_its_way_is_one_line_before_the_work(tmp_pa
         assert says in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_train_evaluators_on_clips_shorter_than_the_sync_window_is_one_line(tmp_path, capsys):
+def test_train_evaluators_on_data_it_cannot_train_on_is_one_line_and_makes_no_folder(tmp_path, capsys):
+    """--data that is no dataset, or whose train clips are missing or too short, was refused after an
+    empty 'training clips 0/N' bar (three lines), and left the --out it had made empty."""
     from streamgen.data.shards import make_dataset
 
+    make_dataset(tmp_path / "two", 2, 0, 32, 32, 1.0)  # two clips: one in val, one in test
     make_dataset(tmp_path / "short", 6, 0, 32, 32, 0.1)  # 2-frame clips
-    args = ["eval", "train-evaluators", "--data", str(tmp_path / "short"), "--out", str(tmp_path / "ev")]
-    assert main(args) == 2  # was a RuntimeError from torch.randint
-    assert "shorter than the 5-frame sync window" in capsys.readouterr().err
+    for data, says in (
+        (tmp_path / "nowhere", "is not a finished dataset"),
+        (tmp_path / "two", "has no train clips to train the evaluators on"),
+        (tmp_path / "short", "shorter than the 5-frame sync window"),
+    ):
+        out = tmp_path / "ev" / data.name
+        assert main(["eval", "train-evaluators", "--data", str(data), "--clips", "2", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()

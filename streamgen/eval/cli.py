@@ -67,7 +67,6 @@ def run(args: argparse.Namespace) -> int:
     if args.minutes is not None and not args.minutes <= MAX_MINUTES:  # (inf failed after scoring every clip)
         raise UserError(f"--minutes is at most {MAX_MINUTES} (a stream that long per clip)")
     if args.action == "train-evaluators":
-        output_folder(args.out)
         return _train(args)
     if args.data is not None:  # (it was ignored: the clips came from the world, made on the fly)
         raise UserError("--data is for train-evaluators; eval makes its clips from the world (--split)")
@@ -81,13 +80,15 @@ def run(args: argparse.Namespace) -> int:
 def _train(args) -> int:
     import torch
 
-    from streamgen.cli import UserError
+    from streamgen.cli import UserError, output_folder
     from streamgen.data.shards import DataError
 
-    from .train import train_evaluators
+    from .train import check_training_data, train_evaluators
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
+        check_training_data(args.data)
+        output_folder(args.out)  # (once --data is checked: a refused run left it made, and empty)
         info = train_evaluators(
             args.out,
             args.clips or 400,

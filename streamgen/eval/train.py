@@ -147,6 +147,24 @@ def train_identity(clips, steps: int, batch: int = 32, seed: int = 0, bar=None) 
     return model.eval()
 
 
+def check_training_data(data: Path | None) -> None:
+    """A DataError for a dataset the evaluators cannot train on, from its manifest: before a clip
+    is read, a progress bar shown or --out made (each came first, and --out was left empty)."""
+    if data is None:  # (the world's clips, made on the fly: 4 s each)
+        return
+    from streamgen.data.shards import DataError, load_manifest
+
+    manifest = load_manifest(data)
+    if not manifest["splits"].get("train", {}).get("clips"):
+        raise DataError(
+            f"{data} has no train clips to train the evaluators on (make a dataset with more clips)"
+        )
+    if manifest["frames"] < WINDOW:  # (a traceback from torch.randint, after the clips were read)
+        raise DataError(
+            f"{data}: clips of {manifest['frames']} frames are shorter than the {WINDOW}-frame sync window"
+        )
+
+
 def train_evaluators(
     out: Path,
     n_clips: int = 300,
@@ -159,16 +177,9 @@ def train_evaluators(
     from tqdm import tqdm
 
     start = time.perf_counter()
+    check_training_data(data)
     with tqdm(total=n_clips, desc="training clips", unit="clip") as bar:
         clips = training_clips(n_clips, seed, 64, workers, data, bar)
-    from streamgen.data.shards import DataError
-
-    if not clips:
-        where = f"{data} has no train clips" if data is not None else "no training clips were made"
-        raise DataError(f"{where} to train the evaluators on (make a dataset with more clips)")
-    shortest = min(len(c[0]) for c in clips)
-    if shortest < WINDOW:  # (a traceback from torch.randint, after the clips were read)
-        raise DataError(f"{data}: clips of {shortest} frames are shorter than the {WINDOW}-frame sync window")
     with tqdm(total=sync_steps, desc="syncnet", unit="step") as bar:
         sync = train_syncnet(clips, sync_steps, seed=seed, bar=bar)
     with tqdm(total=identity_steps, desc="identity", unit="step") as bar:
