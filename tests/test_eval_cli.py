@@ -133,7 +133,7 @@ def test_autoencoder_roundtrip_keeps_length_and_range():
 def test_an_out_folder_with_a_file_in_its_way_is_one_line_before_the_work(tmp_path, capsys, monkeypatch):
     """eval wrote report.json into a file after the whole evaluation (NotADirectoryError); data
     preview made its clips first."""
-    from streamgen.data import world
+    from streamgen.data import shards, world
     from streamgen.eval import report
 
     def worked(*args, **kwargs):
@@ -141,6 +141,8 @@ def test_an_out_folder_with_a_file_in_its_way_is_one_line_before_the_work(tmp_pa
 
     monkeypatch.setattr(report, "evaluate", worked)
     monkeypatch.setattr(world, "make_clip", worked)
+    # (data make's: imported here, while patched, shards kept the fake for every later test)
+    monkeypatch.setattr(shards, "make_clip", worked)
     a_file = tmp_path / "x.mp4"
     a_file.write_bytes(b"")
     truth = ["eval", "--model", "ground-truth", "--clips", "1"]
@@ -172,4 +174,16 @@ def test_train_evaluators_on_data_it_cannot_train_on_is_one_line_and_makes_no_fo
         assert main(["eval", "train-evaluators", "--data", str(data), "--clips", "2", "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
+def test_an_eval_refused_at_its_set_up_makes_no_folder(tmp_path, capsys):
+    """A model or evaluator that cannot be loaded was refused after --out was made: left empty."""
+    out = tmp_path / "runs" / "eval"
+    for extra, says in (
+        (["--model", "no-such-model"], "cannot load model 'no-such-model'"),
+        (["--model", "ground-truth", "--evaluators", str(tmp_path)], "missing evaluator checkpoint"),
+    ):
+        assert main(["eval", *extra, "--clips", "1", "--out", str(out)]) == 2
+        assert says in capsys.readouterr().err
         assert not out.exists()

@@ -73,8 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise UserError("--model is required (a model name or path, or 'ground-truth')")
     check_device(args.device)
-    output_folder(args.out)
-    return _evaluate(args)
+    return _evaluate(args)  # (which makes --out once its model and evaluators are loaded)
 
 
 def _train(args) -> int:

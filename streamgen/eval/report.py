@@ -143,8 +143,9 @@ def evaluate(
             model, size, size, device, steps, decode_dtype, cache_from, dtype, encode_dtype
         )
     # set up (a model or evaluator that is not there stopped it, the earlier run's results left
-    # alone): from here a run that fails (a crash on the way) must not leave an earlier run's
-    # report in --out, whose presence says the run finished
+    # alone, and no --out made for it): from here a run that fails (a crash on the way) must not
+    # leave an earlier run's report in --out, whose presence says the run finished
+    Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "report.json").unlink(missing_ok=True)
     if progress is not None:
         progress(0)  # the work begins (the command's progress bar shows from here)
