@@ -54,7 +54,10 @@ def test_a_run_that_fails_on_the_way_leaves_no_earlier_report(tmp_path, monkeypa
 
     out = tmp_path / "e"
     out.mkdir()
-    (out / "report.json").write_text('{"model": "ground-truth"}')
+    earlier = ["report.json", "report.md", "drift.png", "sync.png", "samples.png"]
+    for name in earlier:
+        (out / name).write_text("the earlier run's")
+    (out / "notes.txt").write_text("mine")
 
     def crash(*args, **kwargs):
         raise RuntimeError("crashed on the way")
@@ -62,7 +65,8 @@ def test_a_run_that_fails_on_the_way_leaves_no_earlier_report(tmp_path, monkeypa
     monkeypatch.setattr(world, "make_clip", crash)
     with pytest.raises(RuntimeError, match="crashed on the way"):
         main(["eval", "--model", "ground-truth", "--clips", "1", "--out", str(out)])
-    assert not (out / "report.json").exists()
+    # nor its report.md and plots, which named the earlier run's model beside no report.json
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 def test_frozen_frames_leave_out_the_frames_held_before_a_1_plus_4k_stream(tmp_path, monkeypatch):

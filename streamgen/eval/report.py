@@ -24,6 +24,8 @@ import numpy as np
 from streamgen.files import write_text_atomically
 
 EVAL_SEED = 20240
+# what a run writes into --out, report.json last
+OUTPUTS = ("drift.png", "sync.png", "samples.png", "report.md", "report.json")
 GROUND_TRUTH = "ground-truth"
 # "roundtrip:MODEL": the clips through MODEL's autoencoder and back, the ceiling of any
 # generator that decodes with it (MODEL: a model name or directory, or an autoencoder directory)
@@ -143,10 +145,12 @@ def evaluate(
             model, size, size, device, steps, decode_dtype, cache_from, dtype, encode_dtype
         )
     # set up (a model or evaluator that is not there stopped it, the earlier run's results left
-    # alone, and no --out made for it): from here a run that fails (a crash on the way) must not
-    # leave an earlier run's report in --out, whose presence says the run finished
+    # alone, and no --out made for it): from here a run that fails (a crash on the way, a Ctrl-C)
+    # must not leave an earlier run's report in --out, whose presence says the run finished, nor
+    # its report.md and plots, which name that run's model beside no report.json
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "report.json").unlink(missing_ok=True)
+    for name in OUTPUTS:
+        (Path(out) / name).unlink(missing_ok=True)
     if progress is not None:
         progress(0)  # the work begins (the command's progress bar shows from here)
 
