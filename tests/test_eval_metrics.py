@@ -73,3 +73,27 @@ def test_the_reported_offset_is_one_some_clip_had():
     from streamgen.eval.report import median_offset
 
     assert median_offset([-3, 4]) == -3 and median_offset([2, 0, 1]) == 1 and median_offset([1, 1, 5, 5]) == 1
+
+
+def test_an_evaluator_checkpoint_whose_config_does_not_make_its_network_is_one_line(tmp_path):
+    """Its config missing, not JSON or naming other settings were tracebacks (KeyError,
+    JSONDecodeError, TypeError); weights of another shape (evaluators of another version) were
+    torch's message of a line per tensor."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from streamgen.eval.evaluators import DEFAULT_DIR, load_checkpoint
+
+    state = load_file(str(DEFAULT_DIR / "syncnet.safetensors"))
+    for meta, says in (
+        ({"kind": "syncnet"}, "has no config"),
+        ({"kind": "syncnet", "config": "{dim"}, "config is not"),
+        ({"kind": "syncnet", "config": json.dumps({"dim": 64, "depth": 3})}, "config is not"),
+        ({"kind": "syncnet", "config": json.dumps({"dim": 32, "width": 16})}, "does not fit its config"),
+    ):
+        path = tmp_path / "syncnet.safetensors"
+        save_file(state, str(path), metadata=meta)
+        with pytest.raises(EvaluatorError, match=says) as error:
+            load_checkpoint(path, "syncnet")
+        assert str(path) in str(error.value) and len(str(error.value).splitlines()) == 1, error.value

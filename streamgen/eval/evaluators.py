@@ -189,11 +189,23 @@ def load_checkpoint(path: Path, kind: str) -> nn.Module:
     if meta.get("kind") != kind:
         raise EvaluatorError(f"{path} is not a {kind} checkpoint (kind {meta.get('kind')!r})")
     cls = {"syncnet": SyncNet, "identity": IdentityEncoder}[kind]
-    model = cls(**json.loads(meta["config"]))
+    if "config" not in meta:
+        raise EvaluatorError(
+            f"{path} has no config in its metadata; train it with `streamgen eval train-evaluators`"
+        )
+    try:
+        model = cls(**json.loads(meta["config"]))
+    except (ValueError, TypeError, RuntimeError) as e:  # (not JSON, not an object, other settings)
+        raise EvaluatorError(f"{path}: its config is not a {kind} network's ({e})") from None
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as e:
-        raise EvaluatorError(f"evaluator checkpoint {path} does not fit its config: {e}") from None
+        # torch names every tensor that does not fit on a line of its own: the first, and a count
+        problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e)]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise EvaluatorError(
+            f"evaluator checkpoint {path} does not fit its config: {problems[0]}{more}"
+        ) from None
     return model.eval()
 
 
