@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from streamgen.cli import thread_count
+from streamgen.cli import frame_size, positive_int, thread_count
+from streamgen.eval.cli import MAX_MINUTES
 from streamgen.files import write_text_atomically
 
 LATENT_FPS = 25 / 4
@@ -96,8 +97,11 @@ def evaluate_rows(
     runs: Path, out: Path, clips: int, minutes: float | None, size: int, skip=frozenset(), on_row=None
 ) -> list[dict]:
     """Evaluate every row of the table but those named in `skip`; `on_row(rows so far)` after each."""
-    from streamgen.eval.report import ROUNDTRIP, evaluate, open_session
+    from streamgen.eval.report import ROUNDTRIP, ModelLoadError, evaluate, open_session
 
+    problem = model_problem(runs, skip)
+    if problem:
+        raise ModelLoadError(problem)
     results = []
     for spec in rows_for(runs):
         name = spec["row"]
@@ -120,6 +124,7 @@ def evaluate_rows(
             )
             fps = frames_per_second(session)
         row = {**spec, **{k: report.get(k) for k in REPORT_KEYS}, "fps": fps}
+        row.update(minutes=minutes, threads=torch.get_num_threads())  # (the table's, for a later run)
         row["eval_seconds"] = round(time.perf_counter() - started, 1)
         results.append(row)
         if on_row is not None:
@@ -132,7 +137,48 @@ def evaluate_rows(
 
 
 REPORT_KEYS = ("sync_c", "sync_d", "av_offset_frames", "csim", "fid", "fvd", "drift_slope", "drift_source",
-               "black_frames", "frozen_frames", "clips", "seconds")  # fmt: skip
+               "black_frames", "frozen_frames", "clips", "seconds", "size")  # fmt: skip
+# what a row was made with, beside its model: rows made otherwise are not one table
+SETTINGS = ("clips", "minutes", "size", "threads")
+
+
+def settings_problem(stored: list[dict], runs: Path, asked: dict) -> str | None:
+    """Why rows of results.json cannot share a table with rows made now from `runs` with the
+    settings `asked`, or None (rows written before a setting was kept are not held to it)."""
+    models = {spec["row"]: spec["model"] for spec in rows_for(runs)}
+    for row in stored:
+        for key in SETTINGS:
+            if key in row and row[key] != asked[key]:
+                return f"its row {row['row']!r} was made with --{key} {row[key]}, this run's is {asked[key]}"
+        if models.get(row["row"], row["model"]) != row["model"]:
+            return f"its row {row['row']!r} scored {row['model']}, this run's --runs has {models[row['row']]}"
+    return None
+
+
+def model_problem(runs: Path, skip) -> str | None:
+    """The first model of a row to evaluate that is not there, or None: said before the first row,
+    not where its row comes (a traceback, after the rows before it; the teacher's takes minutes)."""
+    from streamgen.eval.report import GROUND_TRUTH, ROUNDTRIP
+    from streamgen.models import require_model
+
+    for spec in rows_for(runs):
+        model = spec["model"]
+        if spec["row"] in skip or model == GROUND_TRUTH:
+            continue
+        if model.startswith(ROUNDTRIP) and (Path(model.removeprefix(ROUNDTRIP)) / "vae_config.json").exists():
+            continue  # (an autoencoder's own folder)
+        try:
+            require_model(model.removeprefix(ROUNDTRIP))
+        except FileNotFoundError as e:
+            return f"row {spec['row']!r}: {e}"
+    return None
+
+
+def table_settings(rows: list[dict], asked: dict) -> dict:
+    """The settings the table's note names: its rows' own where they kept them (--render-only
+    named the command line's defaults: 24 clips and 5-minute streams for rows made otherwise)."""
+    kept = {key: {row[key] for row in rows if key in row} for key in SETTINGS}
+    return {key: kept[key].pop() if len(kept[key]) == 1 else asked[key] for key in SETTINGS}
 
 
 def _fmt(v, digits=3):
@@ -148,7 +194,7 @@ def _slope(v) -> str:
     return "—" if v is None else f"{v:+.1e}"
 
 
-def markdown(rows: list[dict], clips: int, minutes: float | None, threads: int) -> str:
+def markdown(rows: list[dict], clips: int, minutes: float | None, threads: int, size: int = 64) -> str:
     head = (
         "| model | Sync-C ↑ | Sync-D ↓ | A/V offset (frames) | CSIM ↑ | FID ↓ | FVD ↓ | drift slope (CSIM/min) "
         "| black / frozen frames | NFE per frame | NFE per s of video | frames/s (this CPU) |\n"
@@ -165,7 +211,7 @@ def markdown(rows: list[dict], clips: int, minutes: float | None, threads: int) 
             f"| {_fmt(None if nfe is None else nfe * LATENT_FPS, 1)} | {_fmt(r.get('fps'), 1)} |"
         )
     note = (
-        f"\n{clips} test clips per row (4 s each, 64x64); drift from a {minutes}-minute stream for the students "
+        f"\n{clips} test clips per row (4 s each, {size}x{size}); drift from a {minutes}-minute stream for the students "
         f"(the teacher and ground truth: mean CSIM curve over the clips); frames/s: one 4 s clip, "
         f"{threads} torch thread(s), on a shared 2-core CPU.\n"
     )
@@ -173,13 +219,15 @@ def markdown(rows: list[dict], clips: int, minutes: float | None, threads: int) 
 
 
 def main(argv=None) -> int:
+    from streamgen.eval.report import ModelLoadError
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=Path, default=Path("runs/tiny-avatar"))
     p.add_argument("--out", type=Path, default=Path("runs/results"))
     p.add_argument("--doc", type=Path, default=Path("docs/results.md"))
-    p.add_argument("--clips", type=int, default=24)
+    p.add_argument("--clips", type=positive_int, default=24)
     p.add_argument("--minutes", type=float, default=5.0)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--size", type=frame_size, default=64)
     p.add_argument("--threads", type=thread_count, default=1)
     p.add_argument(
         "--render-only",
@@ -192,7 +240,11 @@ def main(argv=None) -> int:
         help="evaluate only the rows OUT/results.json does not have yet",
     )
     args = p.parse_args(argv)
+    if not args.minutes * 60 * 25 >= 2 or not args.minutes <= MAX_MINUTES:  # (nan too) as eval's
+        # (a traceback at the first student's stream, after the teacher's row)
+        p.error(f"--minutes must give a stream of two frames at least and be at most {MAX_MINUTES}")
     torch.set_num_threads(args.threads)
+    asked = {"clips": args.clips, "minutes": args.minutes, "size": args.size, "threads": args.threads}
     stored = args.out / "results.json"
     if args.render_only:
         if not stored.exists():
@@ -200,6 +252,9 @@ def main(argv=None) -> int:
         rows = json.loads(stored.read_text())
     else:
         kept = json.loads(stored.read_text()) if args.missing_only and stored.exists() else []
+        problem = settings_problem(kept, args.runs, asked)
+        if problem:  # (they were kept, and the table mixed rows of both runs under one note)
+            p.error(f"--missing-only: {stored} is another run's: {problem}; run without --missing-only")
         order = [spec["row"] for spec in rows_for(args.runs)]
 
         def store(new: list[dict]) -> list[dict]:
@@ -213,11 +268,15 @@ def main(argv=None) -> int:
             write_text_atomically(stored, json.dumps(rows, indent=2))
             return rows
 
-        new = evaluate_rows(
-            args.runs, args.out, args.clips, args.minutes, args.size, {r["row"] for r in kept}, store
-        )
+        try:
+            new = evaluate_rows(
+                args.runs, args.out, args.clips, args.minutes, args.size, {r["row"] for r in kept}, store
+            )
+        except ModelLoadError as e:  # (the rows made before it are kept: --missing-only goes on)
+            p.error(str(e))
         rows = store(new)
-    table = markdown(rows, args.clips, args.minutes, args.threads)
+    note = table_settings(rows, asked)
+    table = markdown(rows, note["clips"], note["minutes"], note["threads"], note["size"])
     doc = args.doc.read_text() if args.doc.exists() else ""
     start, end = "<!-- results:begin -->", "<!-- results:end -->"
     if start in doc and end in doc:

@@ -1,0 +1,78 @@
+"""distill.results, the table of every model scored by `streamgen eval` (docs/results.md)."""
+
+import json
+
+import pytest
+
+
+def run_results(tmp_path, *argv):
+    from distill import results
+
+    paths = ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--doc", str(tmp_path / "r.md")]  # fmt: skip
+    return results.main([*paths, *argv])
+
+
+def stored_row(tmp_path, **settings) -> dict:
+    from distill import results
+
+    row = {"row": "ground truth (renderer)", "model": "ground-truth", "nfe": None, "fps": None}
+    row = {**row, **dict.fromkeys(results.REPORT_KEYS, 0), "clips": 24, "size": 64, **settings}
+    (tmp_path / "out").mkdir(exist_ok=True)
+    (tmp_path / "out" / "results.json").write_text(json.dumps([row]))
+    return row
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--clips", "0"], "--clips"),
+        (["--size", "63"], "--size"),
+        (["--minutes", "-1"], "--minutes must give a stream"),
+        (["--minutes", "nan"], "--minutes must give a stream"),
+        ([], "round trip (the students' ceiling)\": unknown model"),  # no models in --runs
+    ],
+)
+def test_the_results_table_refuses_what_it_cannot_make_before_the_first_row(
+    tmp_path, monkeypatch, capsys, argv, says
+):
+    """They were tracebacks at the row that needed them: --clips 0 at the first, a missing model
+    or a bad --size after the rows before it, --minutes after the teacher's row (minutes)."""
+    from streamgen.eval import report
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("a row was evaluated")
+
+    monkeypatch.setattr(report, "evaluate", evaluated)
+    with pytest.raises(SystemExit) as exited:
+        run_results(tmp_path, *argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and says in err and "Traceback" not in err, err
+
+
+def test_missing_only_refuses_rows_made_with_other_settings(tmp_path, monkeypatch, capsys):
+    """--missing-only kept the stored rows whatever they were made with: a table of 8-clip rows
+    and 24-clip rows, or of another --runs' models, under one note."""
+    from distill import results
+
+    monkeypatch.setattr(results, "evaluate_rows", lambda *args: [])
+    for settings, says in (({"clips": 8}, "made with --clips 8, this run's is 24"),
+                           ({"model": "roundtrip:elsewhere", "row": "autoencoder round trip (the students' "
+                             "ceiling)"}, "scored roundtrip:elsewhere"),
+                           ({"threads": 2}, "--threads 2")):  # fmt: skip
+        stored_row(tmp_path, **settings)
+        with pytest.raises(SystemExit) as exited:
+            run_results(tmp_path, "--missing-only")
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and says in err and "run without --missing-only" in err, err
+    stored_row(tmp_path, clips=24, minutes=5.0, size=64, threads=1)  # the same: kept
+    assert run_results(tmp_path, "--missing-only") == 0
+
+
+def test_render_only_notes_what_the_rows_were_made_with(tmp_path):
+    """The note under the table named the command line's defaults (24 clips, 5-minute streams),
+    whatever the stored rows were made with."""
+    stored_row(tmp_path, clips=8, minutes=1.0, size=128, threads=2)
+    assert run_results(tmp_path, "--render-only") == 0
+    note = (tmp_path / "r.md").read_text()
+    assert "8 test clips per row (4 s each, 128x128); drift from a 1.0-minute stream" in note
+    assert "2 torch thread(s)" in note
