@@ -191,3 +191,13 @@ def test_an_eval_refused_at_its_set_up_makes_no_folder(tmp_path, capsys):
         assert main(["eval", *extra, "--clips", "1", "--out", str(out)]) == 2
         assert says in capsys.readouterr().err
         assert not out.exists()
+
+
+@pytest.mark.slow  # about 8 s: a student's clip and stream, scored
+def test_the_drift_stream_shows_its_progress(tmp_path, capsys):
+    """The --minutes stream ran after the clips' bar had reached N/N, with nothing shown for as long
+    as it took (at most 60 minutes of video: hours for a teacher)."""
+    argv = ["eval", "--model", "tiny-avatar", "--clips", "1", "--minutes", "0.02", "--out", str(tmp_path / "e")]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "drift stream" in err and "30/30" in err, err  # 0.02 minutes: 30 frames

@@ -119,12 +119,18 @@ def _evaluate(args) -> int:
             bars.append(tqdm(total=clips, desc=f"eval {args.model}", unit="clip"))
         bars[0].update(n)
 
+    def stream_progress(n: int, of_frames: int) -> None:  # (the --minutes stream: up to an hour's frames)
+        if len(bars) < 2:
+            bars[0].close()  # (the clips' bar, done: the stream's shows below it)
+            bars.append(tqdm(total=of_frames, desc="drift stream", unit="frame"))
+        bars[1].update(n)
+
     try:
         report = evaluate(
             args.model, args.out, args.split, clips, args.size, args.minutes,
             args.evaluators, args.device, args.steps, progress=progress,
             decode_dtype=args.decode_dtype, cache_from=args.cache_from, dtype=args.dtype,
-            encode_dtype=args.encode_dtype,
+            encode_dtype=args.encode_dtype, stream_progress=stream_progress,
         )  # fmt: skip
     except (EvaluatorError, ModelLoadError) as e:
         raise UserError(str(e)) from None

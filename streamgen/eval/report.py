@@ -38,8 +38,11 @@ def median_offset(offsets: list[int]) -> int:
     return int(statistics.median_low(offsets))
 
 
-def generate_with_stream_session(session, reference, audio, caption, n_frames, seed) -> np.ndarray:
-    """Frames a StreamSession makes for one clip: push audio ahead of the video, pull chunks.
+def generate_with_stream_session(
+    session, reference, audio, caption, n_frames, seed, progress=None
+) -> np.ndarray:
+    """Frames a StreamSession makes for one clip: push audio ahead of the video, pull chunks
+    (`progress(frames)` after each).
 
     The clip's caption conditions models that take sentence embeddings; models
     without that width (the debug flavor) are scored uncaptioned.
@@ -64,6 +67,7 @@ def generate_with_stream_session(session, reference, audio, caption, n_frames, s
             if not frames:  # frame i of the result is the audio's frame i (scored for lip sync)
                 chunk = from_time_zero(chunk, pts)
             frames.append(chunk)
+            progress and progress(min(len(chunk), n_frames - got))
             got += len(chunk)
     finally:
         session.close()
@@ -119,7 +123,10 @@ def evaluate(
     cache_from=None,
     dtype="auto",
     encode_dtype="auto",
+    stream_progress=None,
 ) -> dict:
+    """Score `model` on `n_clips` clips of `split` (and a `minutes` stream) into `out`:
+    `progress(clips)` as clips are done, `stream_progress(frames, of_frames)` as the stream is made."""
     from streamgen.data.world import make_clip, make_stream
 
     from .evaluators import Evaluators
@@ -158,13 +165,13 @@ def evaluate(
     # starts the video 3 frames in): copies made here, not frozen frames of the model's
     lead = session.vae.first_frame_index if session is not None else 0
 
-    def produce(clip, seed):
-        if roundtrip is not None:
-            return roundtrip(clip.video)
+    def produce(clip, seed, progress=None):
         if session is None:
-            return clip.video
+            frames = roundtrip(clip.video) if roundtrip is not None else clip.video
+            progress and progress(len(frames))
+            return frames
         return generate_with_stream_session(
-            session, clip.reference, clip.audio, clip.caption, len(clip.video), seed
+            session, clip.reference, clip.audio, clip.caption, len(clip.video), seed, progress
         )
 
     per_clip, gen_feats, real_feats, gen_clip_feats, real_clip_feats = [], [], [], [], []
@@ -197,7 +204,8 @@ def evaluate(
     stream = None
     if minutes:
         clip = make_stream(EVAL_SEED, _first_identity(split), minutes, size, size)
-        frames = produce(clip, EVAL_SEED)
+        made = (lambda n: stream_progress(n, len(clip.video))) if stream_progress else None
+        frames = produce(clip, EVAL_SEED, made)
         emb, _ = ev.identity_embeddings(frames)
         ref_emb, _ = ev.identity_embeddings(clip.reference[None])
         stream = {"csim": csim(emb, ref_emb), "colour": colour_stats(frames)}
