@@ -201,3 +201,29 @@ def test_the_drift_stream_shows_its_progress(tmp_path, capsys):
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "drift stream" in err and "30/30" in err, err  # 0.02 minutes: 30 frames
+
+
+def test_the_options_of_one_action_are_refused_by_the_other(tmp_path, capsys, monkeypatch):
+    """They were taken and ignored without a word: eval --seed 3 scored the fixed clips of its own
+    seed, train-evaluators --device cuda trained on the CPU, --split val on the train split."""
+    from streamgen.data import world
+    from streamgen.eval import report, train
+
+    def worked(*args, **kwargs):
+        raise AssertionError("the work ran")
+
+    monkeypatch.setattr(report, "evaluate", worked)
+    monkeypatch.setattr(train, "train_evaluators", worked)
+    monkeypatch.setattr(world, "make_clip", worked)
+    out = ["--out", str(tmp_path / "e")]
+    for argv, says in (
+        (["--model", "ground-truth", "--seed", "3"], "--seed is for train-evaluators"),
+        (["--model", "ground-truth", "--workers", "1", "--sync-steps", "9"], "--sync-steps, --workers are for"),
+        (["train-evaluators", "--device", "cuda"], "--device is for eval, not train-evaluators"),
+        (["train-evaluators", "--split", "val", "--json"], "--split, --json are for eval"),
+        (["train-evaluators", "--model", "tiny-avatar"], "--model is for eval"),
+    ):
+        assert main(["eval", *argv, *out]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "e").exists()

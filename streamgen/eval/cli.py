@@ -45,13 +45,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument(
         "--data", type=Path, help="train on this dataset's train split (default: make clips)"
     )
-    training.add_argument("--sync-steps", type=positive_int, default=4000)
-    training.add_argument("--identity-steps", type=positive_int, default=1500)
-    training.add_argument("--seed", type=seed_number, default=0)
-    training.add_argument("--workers", type=positive_int, default=2)
+    training.add_argument("--sync-steps", type=positive_int, help="default 4000")
+    training.add_argument("--identity-steps", type=positive_int, help="default 1500")
+    training.add_argument("--seed", type=seed_number, help="default 0")
+    training.add_argument("--workers", type=positive_int, help="default 2")
 
 
 MAX_MINUTES = 60.0
+# each action's own options, with their value when not given: the other action took them and
+# ignored them without a word (eval --seed 3 scored its fixed clips, train-evaluators --device
+# cuda trained on the CPU, --split val on the train split)
+EVAL_OPTIONS = [("--model", "model", None), ("--split", "split", "test"), ("--size", "size", 64),
+                ("--minutes", "minutes", None), ("--evaluators", "evaluators", None),
+                ("--device", "device", "cpu"), ("--steps", "steps", None), ("--decode-dtype", "decode_dtype", "auto"),
+                ("--encode-dtype", "encode_dtype", "auto"), ("--dtype", "dtype", "auto"),
+                ("--cache-from", "cache_from", None), ("--json", "json", False)]  # fmt: skip
+TRAINING_OPTIONS = [("--data", "data", None), ("--sync-steps", "sync_steps", None),
+                    ("--identity-steps", "identity_steps", None), ("--seed", "seed", None),
+                    ("--workers", "workers", None)]  # fmt: skip
+
+
+def _given(options, args: argparse.Namespace) -> str | None:
+    """The flags of `options` given on the command line, said as "--a is" / "--a, --b are"."""
+    given = [flag for flag, dest, unset in options if getattr(args, dest) != unset]
+    return f"{', '.join(given)} {'is' if len(given) == 1 else 'are'}" if given else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,9 +84,17 @@ def run(args: argparse.Namespace) -> int:
     if args.minutes is not None and not args.minutes <= MAX_MINUTES:  # (inf failed after scoring every clip)
         raise UserError(f"--minutes is at most {MAX_MINUTES} (a stream that long per clip)")
     if args.action == "train-evaluators":
+        if _given(EVAL_OPTIONS, args):
+            raise UserError(
+                f"{_given(EVAL_OPTIONS, args)} for eval, not train-evaluators (it trains on the CPU, on "
+                "the train split's clips at 64x64)"
+            )
         return _train(args)
-    if args.data is not None:  # (it was ignored: the clips came from the world, made on the fly)
-        raise UserError("--data is for train-evaluators; eval makes its clips from the world (--split)")
+    if _given(TRAINING_OPTIONS, args):  # (--data: the clips came from the world, made on the fly)
+        raise UserError(
+            f"{_given(TRAINING_OPTIONS, args)} for train-evaluators; eval makes its clips from the world "
+            "(--split), with seeds of its own"
+        )
     if not args.model:
         raise UserError("--model is required (a model name or path, or 'ground-truth')")
     check_device(args.device)
@@ -91,10 +116,10 @@ def _train(args) -> int:
         info = train_evaluators(
             args.out,
             args.clips or 400,
-            args.sync_steps,
-            args.identity_steps,
-            args.seed,
-            args.workers,
+            args.sync_steps or 4000,
+            args.identity_steps or 1500,
+            args.seed or 0,
+            args.workers or 2,
             args.data,
         )
     except DataError as e:
