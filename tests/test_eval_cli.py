@@ -227,3 +227,24 @@ def test_the_options_of_one_action_are_refused_by_the_other(tmp_path, capsys, mo
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "e").exists()
+
+
+def test_a_second_eval_into_an_out_in_use_is_refused(tmp_path, capsys):
+    """Two evals into one --out at once: the second removed the first's outputs as it began, then
+    both wrote theirs over each other's (one's report.json beside the other's plots)."""
+    import fcntl
+    import os
+
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "report.json").write_text('{"model": "the first"}')
+    held = os.open(out, os.O_RDONLY)  # as the first eval holds it
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(["eval", "--model", "ground-truth", "--clips", "1", "--out", str(out)]) == 2
+    finally:
+        os.close(held)
+    err = capsys.readouterr().err
+    assert f"another evaluation is writing into {out}" in err and len(err.strip().splitlines()) == 1, err
+    assert (out / "report.json").read_text() == '{"model": "the first"}'
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]  # (and no lock file)

@@ -134,7 +134,7 @@ def _evaluate(args) -> int:
     from streamgen.cli import UserError
 
     from .evaluators import EvaluatorError
-    from .report import ModelLoadError, evaluate
+    from .report import ModelLoadError, OutputInUse, evaluate
 
     clips = args.clips or 8
     bars = []
@@ -157,7 +157,7 @@ def _evaluate(args) -> int:
             decode_dtype=args.decode_dtype, cache_from=args.cache_from, dtype=args.dtype,
             encode_dtype=args.encode_dtype, stream_progress=stream_progress,
         )  # fmt: skip
-    except (EvaluatorError, ModelLoadError) as e:
+    except (EvaluatorError, ModelLoadError, OutputInUse) as e:
         raise UserError(str(e)) from None
     finally:
         for bar in bars:

@@ -14,7 +14,9 @@ report.md, drift.png, samples.png, sync.png.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -76,6 +78,36 @@ def generate_with_stream_session(
 
 class ModelLoadError(ValueError):
     """The model to evaluate cannot be loaded or cannot run at the requested size."""
+
+
+class OutputInUse(RuntimeError):
+    """Another evaluation is writing into the --out folder."""
+
+
+@contextlib.contextmanager
+def one_eval_at_a_time(out: Path):
+    """The folder `out` for this evaluation alone: a second one into it at once removed the first's
+    outputs as it began, and the two wrote theirs over each other's (one's report.json beside the
+    other's plots, both said "wrote"). The lock (flock, on the folder itself: no file left in it)
+    goes with the process however it ends; where the system takes none, runs are not kept apart."""
+    try:
+        import fcntl
+    except ImportError:  # (not POSIX)
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputInUse(
+                f"another evaluation is writing into {out}: wait for it to end, or give another --out"
+            ) from None
+        except OSError:  # (no locks on this file system)
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def open_session(
@@ -156,93 +188,94 @@ def evaluate(
     # must not leave an earlier run's report in --out, whose presence says the run finished, nor
     # its report.md and plots, which name that run's model beside no report.json
     Path(out).mkdir(parents=True, exist_ok=True)
-    for name in OUTPUTS:
-        (Path(out) / name).unlink(missing_ok=True)
-    if progress is not None:
-        progress(0)  # the work begins (the command's progress bar shows from here)
+    with one_eval_at_a_time(Path(out)):  # (another eval's outputs are not removed, nor mixed with ours)
+        for name in OUTPUTS:
+            (Path(out) / name).unlink(missing_ok=True)
+        if progress is not None:
+            progress(0)  # the work begins (the command's progress bar shows from here)
 
-    # frames the stream holds from time 0 before its first (`from_time_zero`: Wan's 1 + 4k layout
-    # starts the video 3 frames in): copies made here, not frozen frames of the model's
-    lead = session.vae.first_frame_index if session is not None else 0
+        # frames the stream holds from time 0 before its first (`from_time_zero`: Wan's 1 + 4k layout
+        # starts the video 3 frames in): copies made here, not frozen frames of the model's
+        lead = session.vae.first_frame_index if session is not None else 0
 
-    def produce(clip, seed, progress=None):
-        if session is None:
-            frames = roundtrip(clip.video) if roundtrip is not None else clip.video
-            progress and progress(len(frames))
-            return frames
-        return generate_with_stream_session(
-            session, clip.reference, clip.audio, clip.caption, len(clip.video), seed, progress
-        )
+        def produce(clip, seed, progress=None):
+            if session is None:
+                frames = roundtrip(clip.video) if roundtrip is not None else clip.video
+                progress and progress(len(frames))
+                return frames
+            return generate_with_stream_session(
+                session, clip.reference, clip.audio, clip.caption, len(clip.video), seed, progress
+            )
 
-    per_clip, gen_feats, real_feats, gen_clip_feats, real_clip_feats = [], [], [], [], []
-    csim_curves, samples, sync_curves = [], [], []
-    black = frozen = flicker = 0
-    for i in range(n_clips):
-        clip = make_clip(EVAL_SEED, i, split, size, size)
-        frames = produce(clip, EVAL_SEED + i)
-        real = make_clip(EVAL_SEED + 1, i, split, size, size)
-        v, a = ev.sync_embeddings(frames, clip.audio)
-        sync = sync_scores(v, a)
-        emb, feats = ev.identity_embeddings(frames)
-        ref_emb, _ = ev.identity_embeddings(clip.reference[None])
-        sims = csim(emb, ref_emb)
-        _, rfeats = ev.identity_embeddings(real.video)
-        rv, _ = ev.sync_embeddings(real.video, real.audio)
-        gen_feats.append(feats[::4].numpy())
-        real_feats.append(rfeats[::4].numpy())
-        gen_clip_feats.append(clip_features(feats.numpy(), v.numpy()))
-        real_clip_feats.append(clip_features(rfeats.numpy(), rv.numpy()))
-        black += int(black_frames(frames).sum())
-        frozen += int(frozen_frames(frames[lead:]).sum())
-        flicker += int(flicker_frames(frames).sum())
-        csim_curves.append(sims)
-        sync_curves.append(sync.pop("curve"))
-        per_clip.append({"index": i, "caption": clip.caption, "csim": float(sims.mean()), **sync})
-        if len(samples) < 4:
-            samples.append((clip.video, frames))
-        progress and progress(1)
-    stream = None
-    if minutes:
-        clip = make_stream(EVAL_SEED, _first_identity(split), minutes, size, size)
-        made = (lambda n: stream_progress(n, len(clip.video))) if stream_progress else None
-        frames = produce(clip, EVAL_SEED, made)
-        emb, _ = ev.identity_embeddings(frames)
-        ref_emb, _ = ev.identity_embeddings(clip.reference[None])
-        stream = {"csim": csim(emb, ref_emb), "colour": colour_stats(frames)}
-        black += int(black_frames(frames).sum())
-        frozen += int(frozen_frames(frames[lead:]).sum())
-        flicker += int(flicker_frames(frames).sum())
-    n_frames = sum(len(c) for c in csim_curves) + (len(stream["csim"]) if stream else 0)
-    mean_curve = np.mean(np.stack(csim_curves), axis=0)
-    drift_series = stream["csim"] if stream else mean_curve
-    gen_feats, real_feats = np.concatenate(gen_feats), np.concatenate(real_feats)
-    report = {
-        "model": model,
-        "split": split,
-        "clips": n_clips,
-        "seconds": round(n_frames / 25, 2),
-        "size": size,
-        "cache_from": getattr(session, "cache_from", None),  # a student's; None for the others
-        **_session_dtypes(session),
-        "sync_c": float(np.mean([c["sync_c"] for c in per_clip])),
-        "sync_d": float(np.mean([c["sync_d"] for c in per_clip])),
-        "av_offset_frames": median_offset([c["av_offset_frames"] for c in per_clip]),
-        "csim": float(np.mean([c["csim"] for c in per_clip])),
-        "fid": frechet_distance(gen_feats, real_feats),
-        "fvd": frechet_distance(np.stack(gen_clip_feats), np.stack(real_clip_feats))
-        if n_clips >= 2
-        else None,
-        "drift_slope": slope_per_minute(drift_series),
-        "drift_source": f"{minutes} min stream" if stream else "mean over clips",
-        "colour_drift_slope": slope_per_minute(stream["colour"][:, :3].mean(1)) if stream else None,
-        "black_frames": black,
-        "frozen_frames": frozen,
-        "flicker_frames": flicker,
-        "per_clip": per_clip,
-        "wall_seconds": round(time.perf_counter() - start_time, 1),
-    }
-    _write_outputs(Path(out), report, mean_curve, stream, samples, sync_curves)
-    return report
+        per_clip, gen_feats, real_feats, gen_clip_feats, real_clip_feats = [], [], [], [], []
+        csim_curves, samples, sync_curves = [], [], []
+        black = frozen = flicker = 0
+        for i in range(n_clips):
+            clip = make_clip(EVAL_SEED, i, split, size, size)
+            frames = produce(clip, EVAL_SEED + i)
+            real = make_clip(EVAL_SEED + 1, i, split, size, size)
+            v, a = ev.sync_embeddings(frames, clip.audio)
+            sync = sync_scores(v, a)
+            emb, feats = ev.identity_embeddings(frames)
+            ref_emb, _ = ev.identity_embeddings(clip.reference[None])
+            sims = csim(emb, ref_emb)
+            _, rfeats = ev.identity_embeddings(real.video)
+            rv, _ = ev.sync_embeddings(real.video, real.audio)
+            gen_feats.append(feats[::4].numpy())
+            real_feats.append(rfeats[::4].numpy())
+            gen_clip_feats.append(clip_features(feats.numpy(), v.numpy()))
+            real_clip_feats.append(clip_features(rfeats.numpy(), rv.numpy()))
+            black += int(black_frames(frames).sum())
+            frozen += int(frozen_frames(frames[lead:]).sum())
+            flicker += int(flicker_frames(frames).sum())
+            csim_curves.append(sims)
+            sync_curves.append(sync.pop("curve"))
+            per_clip.append({"index": i, "caption": clip.caption, "csim": float(sims.mean()), **sync})
+            if len(samples) < 4:
+                samples.append((clip.video, frames))
+            progress and progress(1)
+        stream = None
+        if minutes:
+            clip = make_stream(EVAL_SEED, _first_identity(split), minutes, size, size)
+            made = (lambda n: stream_progress(n, len(clip.video))) if stream_progress else None
+            frames = produce(clip, EVAL_SEED, made)
+            emb, _ = ev.identity_embeddings(frames)
+            ref_emb, _ = ev.identity_embeddings(clip.reference[None])
+            stream = {"csim": csim(emb, ref_emb), "colour": colour_stats(frames)}
+            black += int(black_frames(frames).sum())
+            frozen += int(frozen_frames(frames[lead:]).sum())
+            flicker += int(flicker_frames(frames).sum())
+        n_frames = sum(len(c) for c in csim_curves) + (len(stream["csim"]) if stream else 0)
+        mean_curve = np.mean(np.stack(csim_curves), axis=0)
+        drift_series = stream["csim"] if stream else mean_curve
+        gen_feats, real_feats = np.concatenate(gen_feats), np.concatenate(real_feats)
+        report = {
+            "model": model,
+            "split": split,
+            "clips": n_clips,
+            "seconds": round(n_frames / 25, 2),
+            "size": size,
+            "cache_from": getattr(session, "cache_from", None),  # a student's; None for the others
+            **_session_dtypes(session),
+            "sync_c": float(np.mean([c["sync_c"] for c in per_clip])),
+            "sync_d": float(np.mean([c["sync_d"] for c in per_clip])),
+            "av_offset_frames": median_offset([c["av_offset_frames"] for c in per_clip]),
+            "csim": float(np.mean([c["csim"] for c in per_clip])),
+            "fid": frechet_distance(gen_feats, real_feats),
+            "fvd": frechet_distance(np.stack(gen_clip_feats), np.stack(real_clip_feats))
+            if n_clips >= 2
+            else None,
+            "drift_slope": slope_per_minute(drift_series),
+            "drift_source": f"{minutes} min stream" if stream else "mean over clips",
+            "colour_drift_slope": slope_per_minute(stream["colour"][:, :3].mean(1)) if stream else None,
+            "black_frames": black,
+            "frozen_frames": frozen,
+            "flicker_frames": flicker,
+            "per_clip": per_clip,
+            "wall_seconds": round(time.perf_counter() - start_time, 1),
+        }
+        _write_outputs(Path(out), report, mean_curve, stream, samples, sync_curves)
+        return report
 
 
 def autoencoder_roundtrip(name: str):
