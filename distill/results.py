@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 
-from streamgen.cli import frame_size, positive_int, thread_count
+from streamgen.cli import folder_problem, frame_size, positive_int, thread_count
 from streamgen.eval.cli import MAX_MINUTES
 from streamgen.files import write_text_atomically
 
@@ -243,6 +244,12 @@ def main(argv=None) -> int:
     if not args.minutes * 60 * 25 >= 2 or not args.minutes <= MAX_MINUTES:  # (nan too) as eval's
         # (a traceback at the first student's stream, after the teacher's row)
         p.error(f"--minutes must give a stream of two frames at least and be at most {MAX_MINUTES}")
+    # (a traceback at the first row for --out, once every row was made for --doc)
+    problem = folder_problem(args.out) and f"--out {folder_problem(args.out)}"
+    if args.doc.is_dir() or not args.doc.parent.is_dir() or not os.access(args.doc.parent, os.W_OK):
+        problem = f"--doc {args.doc}: not a file in a folder this can write in"
+    if problem:
+        p.error(problem)
     torch.set_num_threads(args.threads)
     asked = {"clips": args.clips, "minutes": args.minutes, "size": args.size, "threads": args.threads}
     stored = args.out / "results.json"

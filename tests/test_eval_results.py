@@ -76,3 +76,25 @@ def test_render_only_notes_what_the_rows_were_made_with(tmp_path):
     note = (tmp_path / "r.md").read_text()
     assert "8 test clips per row (4 s each, 128x128); drift from a 1.0-minute stream" in note
     assert "2 torch thread(s)" in note
+
+
+def test_an_out_or_doc_it_cannot_write_is_refused_before_the_first_row(tmp_path, monkeypatch, capsys):
+    """--out under a file was a traceback at the first row; a --doc in no folder, or a folder, once
+    every row was made (a quarter of an hour)."""
+    from distill import results
+    from streamgen.eval import report
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("a row was evaluated")
+
+    monkeypatch.setattr(report, "evaluate", evaluated)
+    (tmp_path / "afile").write_text("")
+    for argv, says in (
+        (["--out", str(tmp_path / "afile")], "--out " + str(tmp_path / "afile") + " is a file"),
+        (["--doc", str(tmp_path / "nowhere" / "r.md")], "not a file in a folder"),
+        (["--doc", str(tmp_path)], "not a file in a folder"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            results.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o"), *argv])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and says in err, err
