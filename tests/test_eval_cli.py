@@ -248,3 +248,28 @@ def test_a_second_eval_into_an_out_in_use_is_refused(tmp_path, capsys):
     assert f"another evaluation is writing into {out}" in err and len(err.strip().splitlines()) == 1, err
     assert (out / "report.json").read_text() == '{"model": "the first"}'
     assert sorted(p.name for p in out.iterdir()) == ["report.json"]  # (and no lock file)
+
+
+def test_a_drift_stream_this_machine_has_not_the_memory_for_is_one_line_before_the_work(
+    tmp_path, capsys, monkeypatch
+):
+    """--minutes 60 at 128x128 (a student's: about 35 GiB) was made for ten minutes, then the
+    kernel killed the process; an autoencoder's round trip did so from half an hour at 64x64."""
+    from streamgen import models
+    from streamgen.eval import report
+
+    def worked(*args, **kwargs):
+        raise AssertionError("the work ran")
+
+    monkeypatch.setattr(report, "evaluate", worked)
+    monkeypatch.setattr(models, "_free_memory", lambda: 2**30)  # 1 GiB free
+    out = tmp_path / "e"
+    for model, minutes, size, says in (
+        ("tiny-avatar", "60", "128", "a 60-minute stream at 128x128 takes about 41.2 GiB"),
+        ("roundtrip:tiny-avatar", "10", "64", "takes about 7.7 GiB"),
+    ):
+        argv = ["eval", "--model", model, "--minutes", minutes, "--size", size, "--out", str(out)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert says in err and "1.0 GiB free" in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()

@@ -98,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise UserError("--model is required (a model name or path, or 'ground-truth')")
     check_device(args.device)
+    from .report import stream_memory_problem
+
+    if args.minutes is not None and (problem := stream_memory_problem(args.model, args.minutes, args.size)):
+        raise UserError(problem)
     return _evaluate(args)  # (which makes --out once its model and evaluators are loaded)
 
 

@@ -130,6 +130,30 @@ def open_session(
         raise ModelLoadError(f"cannot load model {model!r}: {e}") from None
 
 
+# the memory an evaluation's --minutes stream peaks at, in bytes of its frames (uint8 RGB):
+# measured at 64x64 over 1 to 4 minute streams, 6.2x for the renderer's, 8.6x for a student's
+# (the rendered stream, the generated chunks and their copy in one array, the detectors' float
+# luma) and 39x for an autoencoder's round trip (its activations over the whole stream at once)
+STREAM_BYTES_PER_FRAME_BYTE = {GROUND_TRUTH: 7, ROUNDTRIP: 45, "model": 10}
+
+
+def stream_memory_problem(model: str, minutes: float, size: int) -> str | None:
+    """Why this machine has not the memory a `minutes` stream at `size` takes, or None: the
+    kernel kills the process once the stream is made (at 128x128 a student's hour takes about
+    35 GiB, after ten minutes of generating it; an autoencoder's round trip 40 GiB at 64x64)."""
+    from streamgen.models import _free_memory
+
+    kind = GROUND_TRUTH if model == GROUND_TRUTH else ROUNDTRIP if model.startswith(ROUNDTRIP) else "model"
+    per_minute = 60 * 25 * size * size * 3 * STREAM_BYTES_PER_FRAME_BYTE[kind]
+    free = _free_memory()
+    if free is None or minutes * per_minute <= free:
+        return None
+    return (
+        f"a {minutes:g}-minute stream at {size}x{size} takes about {minutes * per_minute / 2**30:.1f} GiB "
+        f"to score; this machine has {free / 2**30:.1f} GiB free: --minutes {free / per_minute:.1f} at most"
+    )
+
+
 def _session_dtypes(session) -> dict:
     """The dtypes a session's DiT and reference encoder ran in (None for the rows without a model)."""
     if session is None:
