@@ -273,3 +273,17 @@ def test_a_drift_stream_this_machine_has_not_the_memory_for_is_one_line_before_t
         err = capsys.readouterr().err
         assert says in err and "1.0 GiB free" in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+
+
+def test_session_options_for_what_runs_no_session_are_refused(tmp_path, capsys):
+    """The renderer's clips and an autoencoder's round trip run no model session: its options were
+    ignored (roundtrip --decode-dtype bfloat16 scored the float32 decoder, ground truth --steps 2)."""
+    out = tmp_path / "e"
+    for argv, says in (
+        (["--model", "roundtrip:tiny-avatar", "--decode-dtype", "bfloat16"], "--decode-dtype is for a model's"),
+        (["--model", "ground-truth", "--steps", "2", "--device", "cpu:0"], "--device, --steps are for"),
+    ):
+        assert main(["eval", *argv, "--clips", "1", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()

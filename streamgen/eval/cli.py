@@ -64,6 +64,11 @@ TRAINING_OPTIONS = [("--data", "data", None), ("--sync-steps", "sync_steps", Non
                     ("--identity-steps", "identity_steps", None), ("--seed", "seed", None),
                     ("--workers", "workers", None)]  # fmt: skip
 
+# a model's session's: the renderer's clips and an autoencoder's round trip run none (they were
+# ignored: roundtrip --decode-dtype bfloat16 scored the float32 decoder)
+SESSION_DESTS = ("device", "steps", "decode_dtype", "encode_dtype", "dtype", "cache_from")
+SESSION_OPTIONS = [option for option in EVAL_OPTIONS if option[1] in SESSION_DESTS]
+
 
 def _given(options, args: argparse.Namespace) -> str | None:
     """The flags of `options` given on the command line, said as "--a is" / "--a, --b are"."""
@@ -97,9 +102,13 @@ def run(args: argparse.Namespace) -> int:
         )
     if not args.model:
         raise UserError("--model is required (a model name or path, or 'ground-truth')")
-    check_device(args.device)
-    from .report import stream_memory_problem
+    from .report import GROUND_TRUTH, ROUNDTRIP, stream_memory_problem
 
+    if (args.model == GROUND_TRUTH or args.model.startswith(ROUNDTRIP)) and _given(SESSION_OPTIONS, args):
+        raise UserError(
+            f"{_given(SESSION_OPTIONS, args)} for a model's session, which {args.model} does not run"
+        )
+    check_device(args.device)
     if args.minutes is not None and (problem := stream_memory_problem(args.model, args.minutes, args.size)):
         raise UserError(problem)
     return _evaluate(args)  # (which makes --out once its model and evaluators are loaded)
