@@ -97,3 +97,11 @@ def test_an_evaluator_checkpoint_whose_config_does_not_make_its_network_is_one_l
         with pytest.raises(EvaluatorError, match=says) as error:
             load_checkpoint(path, "syncnet")
         assert str(path) in str(error.value) and len(str(error.value).splitlines()) == 1, error.value
+
+
+def test_evaluators_given_a_checkpoint_file_instead_of_its_folder_say_so(tmp_path):
+    """It said the file/syncnet.safetensors was missing and to train the evaluators."""
+    from streamgen.eval.evaluators import DEFAULT_DIR
+
+    with pytest.raises(EvaluatorError, match="is a file, not the folder of the evaluator checkpoints"):
+        Evaluators(DEFAULT_DIR / "syncnet.safetensors")

@@ -214,6 +214,11 @@ class Evaluators:
 
     def __init__(self, folder: Path | None = None):
         folder = Path(folder) if folder else DEFAULT_DIR
+        if folder.is_file():  # (a checkpoint given for its folder: "missing file/syncnet.safetensors")
+            raise EvaluatorError(
+                f"{folder} is a file, not the folder of the evaluator checkpoints "
+                "(syncnet.safetensors and identity.safetensors)"
+            )
         self.folder = folder
         self.sync = load_checkpoint(folder / "syncnet.safetensors", "syncnet")
         self.identity = load_checkpoint(folder / "identity.safetensors", "identity")
