@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -281,6 +282,10 @@ def main(argv=None) -> int:
             )
         except ModelLoadError as e:  # (the rows made before it are kept: --missing-only goes on)
             p.error(str(e))
+        except KeyboardInterrupt:  # (a traceback, which did not say that the rows made were kept)
+            print(f"interrupted: the rows made so far are in {stored}; --missing-only goes on from them",
+                  file=sys.stderr)  # fmt: skip
+            return 130
         rows = store(new)
     note = table_settings(rows, asked)
     table = markdown(rows, note["clips"], note["minutes"], note["threads"], note["size"])

@@ -98,3 +98,18 @@ def test_an_out_or_doc_it_cannot_write_is_refused_before_the_first_row(tmp_path,
             results.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o"), *argv])
         err = capsys.readouterr().err
         assert exited.value.code == 2 and says in err, err
+
+
+def test_a_stopped_results_run_says_where_its_rows_are(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C was a traceback, which did not say that the rows made were kept."""
+    from distill import results
+
+    def one_row_then_stopped(runs, out, clips, minutes, size, skip, on_row):
+        on_row([{"row": "ground truth (renderer)", "model": "ground-truth"}])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(results, "evaluate_rows", one_row_then_stopped)
+    assert run_results(tmp_path) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: the rows made so far are in" in err and "--missing-only" in err, err
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())) == 1
