@@ -197,8 +197,8 @@ def test_an_eval_refused_at_its_set_up_makes_no_folder(tmp_path, capsys):
 def test_the_drift_stream_shows_its_progress(tmp_path, capsys):
     """The --minutes stream ran after the clips' bar had reached N/N, with nothing shown for as long
     as it took (at most 60 minutes of video: hours for a teacher)."""
-    argv = ["eval", "--model", "tiny-avatar", "--clips", "1", "--minutes", "0.02", "--out", str(tmp_path / "e")]
-    assert main(argv) == 0
+    argv = ["eval", "--model", "tiny-avatar", "--clips", "1", "--minutes", "0.02"]
+    assert main([*argv, "--out", str(tmp_path / "e")]) == 0
     err = capsys.readouterr().err
     assert "drift stream" in err and "30/30" in err, err  # 0.02 minutes: 30 frames
 
@@ -218,7 +218,7 @@ def test_the_options_of_one_action_are_refused_by_the_other(tmp_path, capsys, mo
     out = ["--out", str(tmp_path / "e")]
     for argv, says in (
         (["--model", "ground-truth", "--seed", "3"], "--seed is for train-evaluators"),
-        (["--model", "ground-truth", "--workers", "1", "--sync-steps", "9"], "--sync-steps, --workers are for"),
+        (["--model", "ground-truth", "--workers", "1", "--sync-steps", "9"], "--sync-steps, --workers are"),
         (["train-evaluators", "--device", "cuda"], "--device is for eval, not train-evaluators"),
         (["train-evaluators", "--split", "val", "--json"], "--split, --json are for eval"),
         (["train-evaluators", "--model", "tiny-avatar"], "--model is for eval"),
@@ -280,7 +280,7 @@ def test_session_options_for_what_runs_no_session_are_refused(tmp_path, capsys):
     ignored (roundtrip --decode-dtype bfloat16 scored the float32 decoder, ground truth --steps 2)."""
     out = tmp_path / "e"
     for argv, says in (
-        (["--model", "roundtrip:tiny-avatar", "--decode-dtype", "bfloat16"], "--decode-dtype is for a model's"),
+        (["--model", "roundtrip:tiny-avatar", "--decode-dtype", "bfloat16"], "--decode-dtype is for a"),
         (["--model", "ground-truth", "--steps", "2", "--device", "cpu:0"], "--device, --steps are for"),
     ):
         assert main(["eval", *argv, "--clips", "1", "--out", str(out)]) == 2
