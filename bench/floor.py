@@ -442,7 +442,7 @@ def main(args) -> dict:
     started = time.perf_counter()
     wan = args.model in WAN_FLAVORS
     device = args.device or ("meta" if wan else "cpu")
-    check_device(device)
+    check_device(device, meta=True)  # (the count needs no data)
     for flag, given in (("--measure", args.measure), ("--time", args.time)):
         if given and device == "meta":
             raise UserError(f"{flag} needs a real device (--device cuda or cpu), not meta")

@@ -180,15 +180,18 @@ def require_models(*names: str | None) -> None:
         raise UserError(str(e)) from None
 
 
-def check_device(name: str) -> None:
+def check_device(name: str, meta: bool = False) -> None:
     """A `--device` this machine has, or a UserError that says why not (before a model loads:
-    torch would otherwise fail deep inside, with a traceback)."""
+    torch would otherwise fail deep inside, with a traceback). `meta` (shapes, no data) only where
+    the command counts rather than runs (`meta=True`): elsewhere it failed at the first value read."""
     import torch
 
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise UserError(f"unknown device {name!r} (cpu, cuda, cuda:N, ...)") from None
+    if device.type == "meta" and not meta:
+        raise UserError("--device meta holds no data, so nothing can run on it: give cpu or cuda")
     if device.type in ("cpu", "meta"):
         return
     backend = getattr(torch, device.type, None)

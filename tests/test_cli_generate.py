@@ -124,6 +124,9 @@ def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys):
     )
     assert "no CUDA device here" in capsys.readouterr().err
     assert not (tmp_path / "e" / "report.json").exists()
+    # meta holds shapes, no data: a traceback at the first value read (bench floor's count takes it)
+    assert main(["generate", "--model", "debug", "--device", "meta", "--out", out, "--quiet"]) == 2
+    assert "--device meta holds no data" in capsys.readouterr().err
 
 
 def test_audio_at_a_rate_too_low_for_speech_is_named(tmp_path, capsys):
