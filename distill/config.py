@@ -443,6 +443,8 @@ def _range_problems(obj, where: str) -> list[str]:
                 problems.append(f"{name} must be a list of whole numbers >= 1, got {value!r}")
         elif value != value:  # NaN passes every comparison below
             problems.append(f"{name} must be a number, got nan")
+        elif not math.isfinite(value):  # (an infinite rate or scale trained to a nan loss)
+            problems.append(f"{name} must be a finite number, got {value}")
         elif f.name in AT_LEAST_ONE and value < 1:
             problems.append(f"{name} must be >= 1, got {value}")
         elif f.name in NOT_NEGATIVE and value < 0:

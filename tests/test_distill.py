@@ -130,6 +130,8 @@ def test_unknown_section_wrong_type_and_wrong_stage(tmp_path):
         ("teacher", "optim: {betas: [1.5, 0.9]}", "optim.betas must each be >= 0 and < 1"),
         ("teacher", "optim: {betas: [a, b]}", "optim.betas must be two numbers"),
         ("teacher", "optim: {ema: 1.5}", "optim.ema is a decay"),  # exported weights of 1e4
+        ("teacher", "optim: {lr: .inf}", "optim.lr must be a finite number, got inf"),  # a nan loss
+        ("teacher", "teacher: {cfg_scale: .inf}", "teacher.cfg_scale must be a finite number"),
         ("teacher", "run: {log_every: 0}", "run.log_every must be >= 1"),  # ZeroDivisionError
         ("teacher", "run: {seed: -1}", "run.seed must be >= 0"),
         ("teacher", "run: {device: gpu}", "run.device must be auto, cpu or cuda"),
