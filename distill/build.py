@@ -44,17 +44,21 @@ def load_frozen(source: str):
 
 
 def load_frozen_and_digest(source: str) -> tuple[torch.nn.Module, str]:
-    """`load_frozen(source)` and the `weights_digest` of the very weights it loaded (a teacher's,
-    whose digest a run keeps): from one read of a model directory's dit.safetensors, or of a `wan:`
+    """`load_frozen(source)` of a teacher and the `weights_digest` of the very weights it loaded
+    (whose digest a run keeps): from one read of a model directory's dit.safetensors, or of a `wan:`
     folder's transformer weights (load_pretrained's `weights_hash`). Read apart,
     an export put in place between the two reads gave the digest of another teacher than the one
-    loaded."""
-    dit, digest = _read_dit(source, {}, digest=True)
+    loaded. A model directory whose model.json says it is a student is refused (`_read_dit`)."""
+    dit, digest = _read_dit(source, {}, digest=True, teacher=True)
     return dit.eval().requires_grad_(False), digest
 
 
-def _read_dit(source: str, overrides: dict, digest: bool):
-    """(the DiT, the digest of its weights' bytes when `digest`, else None)."""
+def _read_dit(source: str, overrides: dict, digest: bool, teacher: bool = False):
+    """(the DiT, the digest of its weights' bytes when `digest`, else None). `teacher`: the DiT is
+    read as a teacher, and a model directory whose model.json says it is another kind (a student
+    given as the ode, self_forcing or chunk stage's teacher: it trained and exported as if it were
+    one, its students scored against a causal few-step model) is a ModelSourceError; one that
+    says no kind (a hand-made or older export) is taken as it is."""
     from streamgen.folders import read_folder
 
     if source.startswith("wan:"):
@@ -76,6 +80,12 @@ def _read_dit(source: str, overrides: dict, digest: bool):
 
     def read(d):
         meta = read_json(d / "model.json", required=("config",))
+        kind = meta.get("kind")
+        if teacher and kind is not None and kind != "teacher":
+            raise ModelSourceError(
+                f"{source!r} is not a teacher: its model.json says kind {kind!r} (exported by the "
+                f"{meta.get('stage', '?')} stage); give the teacher stage's model as the teacher"
+            )
         path = d / "dit.safetensors"
         if digest:  # the tensors from the very bytes digested
             data = path.read_bytes()

@@ -382,6 +382,29 @@ def test_a_resume_against_a_teacher_retrained_at_the_same_path_is_refused(stage,
     assert ckpt.checkpoint_header(ckpt.latest_checkpoint(out))["step"] == 4
 
 
+@pytest.mark.parametrize("stage", ["ode", "self_forcing", "chunk"])
+def test_a_student_given_as_the_teacher_is_refused(stage, pipeline, tmp_path):
+    """A student's model directory as the stage's teacher (the ode stage's export, one path
+    off) trained and exported without a word, the trajectories or scores a causal few-step
+    model's; a model.json that says no kind (hand-made, older) is still taken as a teacher."""
+    import json
+    import shutil
+
+    from distill.build import ModelSourceError
+
+    student = pipeline["student"]
+    with pytest.raises(ModelSourceError, match=r"is not a teacher: its model.json says kind 'student-ode'"):
+        run(debug_config(stage, tmp_path / stage, teacher=student, init=student, **{"run.steps": 1}))
+    assert ckpt.latest_checkpoint(tmp_path / stage) is None
+    assert not (tmp_path / stage / "trajectories.safetensors").exists()
+    unmarked = tmp_path / "teacher"
+    shutil.copytree(pipeline["teacher"], unmarked)
+    meta = json.loads((unmarked / "model.json").read_text())
+    del meta["kind"]
+    (unmarked / "model.json").write_text(json.dumps(meta))
+    run(debug_config(stage, tmp_path / "unmarked", teacher=unmarked, init=student, **{"run.steps": 1}))
+
+
 def test_the_critic_starts_from_the_teacher_the_stage_loaded(pipeline, tmp_path, monkeypatch):
     """With no `critic_init` the critic starts as the teacher. It was read from the teacher's path
     a second time, so a teacher exported in between gave the critic other weights than those of
