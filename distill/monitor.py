@@ -82,7 +82,8 @@ class Monitor:
         fig, axes = plt.subplots(len(keys) or 1, 1, figsize=(7, 2.4 * max(len(keys), 1)), squeeze=False)
         for ax, key in zip(axes[:, 0], keys):
             pts = [(r["step"], r[key]) for r in records if key in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
+            # (a marker where the points are few: a line through one point draws nothing)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, marker="." if len(pts) < 20 else None)
             ax.set_ylabel(key)
             if all(p[1] > 0 for p in pts):
                 ax.set_yscale("log")

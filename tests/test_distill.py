@@ -239,6 +239,22 @@ def test_a_teacher_run_writes_checkpoints_logs_curves_and_a_loadable_model(tmp_p
     assert torch.equal(model.dit.state_dict()["head.proj.weight"], ema["head.proj.weight"])
 
 
+def test_the_loss_curves_of_a_single_logged_step_show_it(tmp_path):
+    """A one-step run (or a first checkpoint before the second logged step: log_every 10,
+    checkpoint_every 5) drew its one point as a line of one point: blank axes."""
+    import numpy as np
+    from PIL import Image
+
+    from distill.monitor import Monitor
+
+    monitor = Monitor(tmp_path, 1, 0, enabled=True, progress=False, desc="teacher")
+    monitor.log(0, {"loss_teacher": 2.0})
+    monitor.close()
+    pixels = np.asarray(Image.open(monitor.plot()).convert("RGB")).astype(int)
+    line = np.array([31, 119, 180])  # matplotlib's first colour, the curve's
+    assert (np.abs(pixels - line).sum(-1) < 60).sum() >= 9
+
+
 def test_a_rerun_without_resume_refuses_to_overwrite(tmp_path):
     cfg = debug_config("teacher", tmp_path / "t", **{"run.steps": 2})
     run(cfg)
