@@ -471,7 +471,7 @@ def _optim_problems(optim: OptimConfig, where: str) -> list[str]:
 
 def _validate(cfg: TrainConfig, path) -> None:
     from streamgen.data import SPLITS
-    from streamgen.model.config import get_config, type_problems
+    from streamgen.model.config import ModelConfig, get_config, type_problems
     from streamgen.sampling import CACHE_FROM
 
     problems = []
@@ -504,14 +504,20 @@ def _validate(cfg: TrainConfig, path) -> None:
             problems.append(f"{name} must name splits of {', '.join(SPLITS)}, got {values!r}")
     if cfg.run.device not in ("auto", "cpu", "cuda"):
         problems.append(f"run.device must be auto, cpu or cuda, got {cfg.run.device!r}")
-    mistyped = [f"model.overrides.{problem}" for problem in type_problems(cfg.model.overrides)]
-    problems += mistyped
+    override_problems = [f"model.overrides.{problem}" for problem in type_problems(cfg.model.overrides)]
+    fields = [f.name for f in dataclasses.fields(ModelConfig)]
+    for key in cfg.model.overrides:  # (was "ModelConfig.__init__() got an unexpected keyword argument")
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean model.overrides.{close[0]}?)" if close else ""
+            override_problems.append(f"unknown model config key model.overrides.{key}{hint}")
+    problems += override_problems
     try:  # the flavor and its overrides make a model config
         get_config(cfg.model.flavor, **cfg.model.overrides)
     except KeyError as e:
         problems.append(f"model.flavor: {e.args[0]}")
     except (TypeError, ValueError) as e:
-        if not mistyped:  # (said already, field by field)
+        if not override_problems:  # (said already, field by field)
             problems.append(f"model.overrides: {e}")
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))

@@ -138,7 +138,12 @@ def test_unknown_section_wrong_type_and_wrong_stage(tmp_path):
         ("teacher", "data: {latent_frames: 0}", "data.latent_frames must be >= 1"),
         ("teacher", "data: {split: bogus}", "data.split must name splits"),
         ("teacher", "model: {flavor: nope}", "model.flavor: unknown model flavor 'nope'"),
-        ("teacher", "model: {overrides: {bogus: 1}}", "model.overrides:"),
+        ("teacher", "model: {overrides: {bogus: 1}}", "unknown model config key model.overrides.bogus"),
+        (
+            "teacher",
+            "model: {overrides: {windw_frames: 2}}",
+            "model.overrides.windw_frames (did you mean model.overrides.window_frames?)",
+        ),
         ("teacher", "teacher: {sample_steps: 0}", "teacher.sample_steps must be >= 1"),
         ("teacher", "teacher: {p_drop_audio: 1.5}", "teacher.p_drop_audio is a probability"),
         ("autoencoder", "autoencoder: {stats_clips: 0}", "autoencoder.stats_clips must be >= 1"),
