@@ -36,6 +36,7 @@ from distill.config import (
 )
 from distill.data import data_identity, identity_change
 from distill.distributed import World, average_gradients, barrier, close_world, init_world, mean_across
+from streamgen.cli import MACHINE_ERRNOS
 from streamgen.folder_lock import ExportLocked
 
 STAGE_MODULES = {
@@ -365,6 +366,15 @@ class Trainer:
                     raise TrainingError(
                         f"{e}; the trained weights are in {out}'s last checkpoint: run again with "
                         "--resume to export them"
+                    ) from None
+                except OSError as e:
+                    if e.errno not in MACHINE_ERRNOS:
+                        raise
+                    # (a full disk: "No space left on device" alone, as if the run were lost)
+                    raise TrainingError(
+                        f"could not export the trained model ({e.strerror or e}); the trained weights "
+                        f"are in {out}'s last checkpoint: free the space and run again with --resume "
+                        "to export them"
                     ) from None
             barrier(world)
         finally:
