@@ -30,7 +30,7 @@ def ship(source: str, name: str, assets: Path | None = None) -> Path:
         raise ValueError(f"{name!r} is not a model name: letters, digits, '.', '_' and '-', e.g. tiny-avatar")
     src = resolve_model_dir(source)
     if src is None:
-        raise FileNotFoundError(f"{source} is not a model directory (no model.json)")
+        raise FileNotFoundError(f"{source} is not a model directory (no model.json){_run_hint(source)}")
     model = load_model_dir(src, dtype=torch.float32)
     meta = model.meta
     run = {key: meta.get(key, default) for key, default in MODEL_META_DEFAULTS.items()}
@@ -41,6 +41,35 @@ def ship(source: str, name: str, assets: Path | None = None) -> Path:
         run["steps"], {**extra, "trained_from": str(source)}, compact=True,
     )  # fmt: skip
     return dst
+
+
+def _run_hint(source: str) -> str:
+    """What a training run's folder at `source` says of its model: a run's folder given for its
+    `model/`, or a run that has exported none yet (killed, or still training: its export is
+    written when it finishes). "" where it is no run's."""
+    from distill.checkpoint import checkpoint_header, latest_checkpoint
+
+    given = Path(source)
+    if (given / "model" / "model.json").exists():
+        return f"; the model of the run in {given} is {given / 'model'}"
+    run = given.parent if given.name == "model" else given
+    newest = latest_checkpoint(run)
+    if newest is None:
+        return ""
+    try:
+        stage = checkpoint_header(newest).get("stage", "STAGE")
+    except Exception:  # (a damaged checkpoint: the resume sets it aside)
+        stage = "STAGE"
+    if (run / "model").is_dir():  # (the autoencoder's or a tiny decoder's export: no DiT)
+        return (
+            f"; {run / 'model'} is the {stage} stage's export, not a model to ship: ship the model "
+            "of a teacher, ode, self_forcing or chunk run"
+        )
+    return (
+        f"; {run} holds a {stage} run that has exported no model yet (newest checkpoint {newest.name}): "
+        f"a run exports its model when it finishes, so finish it with `streamgen distill {stage} "
+        f"--config ... --out {run} --resume`"
+    )
 
 
 def main(argv=None) -> int:

@@ -625,3 +625,26 @@ def test_ship_keeps_the_tiny_decoder_a_model_decodes_through(tmp_path, pipeline,
     with pytest.raises(SystemExit) as exited:  # one line, not a traceback
         main([str(tmp_path / "nothing"), "x"])
     assert exited.value.code == 2 and "is not a model directory" in capsys.readouterr().err
+
+
+def test_ship_of_an_unfinished_run_or_a_run_folder_says_what_to_do(tmp_path, pipeline, capsys):
+    """A run killed before its export (or still training) has no model.json: ship said "not a
+    model directory" and no more, for a run's folder given in place of its model/ too."""
+    from distill.ship import main
+
+    run(debug_config("teacher", tmp_path / "t"), stop_after=2)
+    for given in (tmp_path / "t", tmp_path / "t" / "model"):
+        with pytest.raises(SystemExit) as exited:
+            main([str(given), "tiny-test"])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"{tmp_path / 't'} holds a teacher run that has exported no model yet" in err
+        assert "step-00000002.safetensors" in err and f"--out {tmp_path / 't'} --resume" in err
+    with pytest.raises(SystemExit):
+        main([str(pipeline["root"] / "ode"), "tiny-test"])
+    assert f"the model of the run in {pipeline['root'] / 'ode'} is " in capsys.readouterr().err
+    run(debug_config("autoencoder", tmp_path / "ae"))  # (finished: its export is an autoencoder)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "ae" / "model"), "tiny-test"])
+    assert "is the autoencoder stage's export, not a model to ship" in capsys.readouterr().err
+
