@@ -81,6 +81,9 @@ def main(argv=None) -> int:
         dst = ship(args.source, args.name)
     except (FileNotFoundError, ValueError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
+    except OSError as e:  # (a full disk, an install it may not write into: a traceback)
+        where = f" ({e.filename})" if e.filename else ""
+        p.exit(2, f"{p.prog}: error: cannot write the model {args.name}: {e.strerror or e}{where}\n")
     size = sum(f.stat().st_size for f in dst.iterdir())
     print(f"shipped {args.source} as {args.name}: {dst} ({size / 1e6:.1f} MB)")
     return 0

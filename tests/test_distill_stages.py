@@ -648,3 +648,20 @@ def test_ship_of_an_unfinished_run_or_a_run_folder_says_what_to_do(tmp_path, pip
         main([str(tmp_path / "ae" / "model"), "tiny-test"])
     assert "is the autoencoder stage's export, not a model to ship" in capsys.readouterr().err
 
+
+def test_ship_onto_a_full_disk_is_one_line(tmp_path, pipeline, monkeypatch, capsys):
+    import errno
+
+    from distill.ship import main
+    from streamgen import models
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
+    monkeypatch.setattr(models, "write_model_dir", full_disk)
+    with pytest.raises(SystemExit) as exited:
+        main([str(pipeline["student"]), "tiny-test"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "cannot write the model tiny-test: No space left on device" in err
+    assert len(err.strip().splitlines()) == 1, err
