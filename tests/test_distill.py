@@ -98,6 +98,14 @@ def test_the_makefile_carries_runs_and_data_into_every_stage():
         assert any(f"distill {stage} " in line and f"--set {key}=/elsewhere/runs/" in line for line in stages)
 
 
+def test_a_config_name_is_found_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    """`--config debug` in a folder holding ./debug (a run's `--out debug`) read the folder:
+    "cannot read config debug: Is a directory"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "debug").mkdir()
+    assert find_config("debug", "teacher") == Path(distill.__file__).parent / "configs" / "teacher-debug.yaml"
+
+
 def test_unknown_keys_are_named_with_a_suggestion(tmp_path):
     p = write(tmp_path, "stage: teacher\noptim: {lr: 1.0e-3, warmpu: 10}\n")
     with pytest.raises(ConfigError, match=r"optim\.warmpu \(did you mean optim\.warmup\?\)"):
