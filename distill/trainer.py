@@ -341,9 +341,16 @@ class Trainer:
                     last = stage.train_step(step)
                 except NonFiniteLoss as e:
                     good = ckpt.latest_checkpoint(out)
+                    # (a resume is exact: "resume with --resume" alone ran into the same nan again)
                     raise TrainingError(
                         f"{e} at step {step}; stopped. Last good checkpoint: "
-                        + (f"{good} (resume with --resume)" if good else "none (no checkpoint was saved yet)")
+                        + (
+                            f"{good}; resumed as it is, the run repeats the same steps: change what "
+                            "made it non-finite (a lower optim.lr, a tighter optim.grad_clip: "
+                            "--set optim.lr=...) and resume with --resume"
+                            if good
+                            else "none (no checkpoint was saved yet)"
+                        )
                     ) from None
                 done = step + 1
                 if step % cfg.run.log_every == 0 or done == cfg.run.steps:

@@ -429,9 +429,12 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, m
     out = tmp_path / "t"
     with pytest.raises(
         TrainingError, match=r"loss is nan at step 3; stopped\. Last good checkpoint: .*step-00000002"
-    ):
+    ) as stopped:
         run(debug_config("teacher", out))
     assert ckpt.latest_checkpoint(out).name == "step-00000002.safetensors"
+    # a resume is exact: resumed as it was, the run met the same nan again (the message said only
+    # "resume with --resume")
+    assert "repeats the same steps: change what made it non-finite (a lower optim.lr" in str(stopped.value)
 
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
