@@ -293,6 +293,8 @@ def main(argv=None) -> int:
     start, end = "<!-- results:begin -->", "<!-- results:end -->"
     if start in doc and end in doc:
         doc = doc[: doc.index(start) + len(start)] + "\n" + table + doc[doc.index(end) :]
+    elif doc.strip():  # (another document, or one without the markers: its text was replaced whole)
+        doc = f"{doc.rstrip()}\n\n{start}\n{table}{end}\n"
     else:
         doc = f"# Results\n\n{start}\n{table}{end}\n"
     write_text_atomically(args.doc, doc)  # (a kill mid-write cut off the rest of the document)

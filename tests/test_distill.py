@@ -639,6 +639,25 @@ def test_the_results_table_keeps_each_row_as_it_is_made(tmp_path, monkeypatch, c
     assert exited.value.code == 2 and "run without --render-only first" in capsys.readouterr().err
 
 
+def test_the_results_table_goes_into_a_document_without_its_markers_keeping_the_text(tmp_path):
+    """A --doc without the table's markers (another document, or results.md from elsewhere) was
+    replaced whole by the table: its text lost. The table is added at its end; a second run
+    replaces that table only."""
+    from distill import results
+
+    row = {k: 0.0 for k in results.REPORT_KEYS} | {"row": "ground truth (renderer)", "nfe": None}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text(json.dumps([row]))
+    doc = tmp_path / "notes.md"
+    doc.write_text("# Notes\n\nhours of writing\n")
+    argv = ["--render-only", "--out", str(tmp_path / "out"), "--doc", str(doc)]
+    for _ in range(2):
+        assert results.main(argv) == 0
+        text = doc.read_text()
+        assert text.startswith("# Notes\n\nhours of writing\n")
+        assert text.count("<!-- results:begin -->") == 1 and text.count("| ground truth (renderer) |") == 1
+
+
 def test_an_export_that_another_export_keeps_out_is_one_line_and_resume_exports(tmp_path, monkeypatch, capsys):
     """The final export into `run.export` gives up after `LOCK_WAIT_S` where another export into
     the folder in place holds its lock (`streamgen.folder_lock`): that was a traceback after the
