@@ -428,9 +428,12 @@ class Trainer:
             )
         latest, header, damaged = ckpt.newest_readable_checkpoint(out)
         if latest is None:
+            # (left as they are, for the user to decide: the message said nothing of what to do,
+            # and both a rerun and a resume stop on them again)
             raise ckpt.CheckpointError(
                 f"{damaged[0][1]}; no checkpoint in {ckpt.checkpoint_dir(out)} can be read"
                 + (f" ({len(damaged)} tried)" if len(damaged) > 1 else "")
+                + ": to start the run again, set run.out to a new folder (or delete them)"
             )
         for path, why in damaged:
             if world.is_main:

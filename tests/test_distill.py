@@ -465,7 +465,10 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
     run(debug_config("teacher", out, **{"run.steps": 2}))
     path = ckpt.latest_checkpoint(out)
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(ckpt.CheckpointError, match="cannot read checkpoint.*no checkpoint in .* can be read"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match="cannot read checkpoint.*no checkpoint in .* can be read: to start the run again, set run.out",
+    ):
         run(debug_config("teacher", out, **{"run.steps": 4}), resume=True)
     assert ckpt.list_checkpoints(out) == [path]  # nothing set aside: the user decides
 
