@@ -126,8 +126,8 @@ class DmdStage:
         return Conditions.full(batch.reference, audio, batch.context)
 
     def export_meta(self) -> dict:
-        """What the exported student's model.json says of how it streams."""
-        return {"kind": self.kind, "stage": self.cfg.stage}
+        """What the exported student's model.json says of how it streams (and how far it trained)."""
+        return {"kind": self.kind, "stage": self.cfg.stage, "trained_steps": self.cfg.run.steps}
 
     def export(self, directory, name=None, compact=False):
         export_model(

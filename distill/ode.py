@@ -206,5 +206,5 @@ class Stage:
         export_model(
             self.updaters["student"].averaged_module(), self.vae, directory, name,
             self.cfg.model.height, self.cfg.model.width, self.opts.shift, self.opts.student_steps,
-            {"kind": "student-ode", "stage": "ode"}, compact,
+            {"kind": "student-ode", "stage": "ode", "trained_steps": self.cfg.run.steps}, compact,
         )  # fmt: skip

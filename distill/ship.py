@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 
@@ -33,6 +34,8 @@ def ship(source: str, name: str, assets: Path | None = None) -> Path:
         raise FileNotFoundError(f"{source} is not a model directory (no model.json){_run_hint(source)}")
     model = load_model_dir(src, dtype=torch.float32)
     meta = model.meta
+    if behind := _run_past_export(src, meta):
+        print(f"warning: {behind}", file=sys.stderr)
     run = {key: meta.get(key, default) for key, default in MODEL_META_DEFAULTS.items()}
     extra = {k: v for k, v in meta.items() if k not in ("name", "config", *run)}
     dst = (assets or MODELS_DIR) / name
@@ -41,6 +44,24 @@ def ship(source: str, name: str, assets: Path | None = None) -> Path:
         run["steps"], {**extra, "trained_from": str(source)}, compact=True,
     )  # fmt: skip
     return dst
+
+
+def _run_past_export(src: Path, meta: dict) -> str | None:
+    """Why the model directory `src`, a run's `model/`, holds older weights than its run's newest
+    checkpoint (the run trained on since, with more --steps, and was killed or is training still:
+    its export is written when it finishes), or None. Shipped without a word, it was taken for the
+    newest. An export that does not record its steps (from before they were) is not checked."""
+    from distill.checkpoint import checkpoint_step, latest_checkpoint
+
+    trained = meta.get("trained_steps")
+    newest = latest_checkpoint(src.parent) if src.name == "model" else None
+    if not isinstance(trained, int) or newest is None or checkpoint_step(newest) <= trained:
+        return None
+    return (
+        f"{src} holds the model of step {trained}, while its run trained on to step "
+        f"{checkpoint_step(newest)} ({newest.name}) and has not exported that yet: shipping the model "
+        f"of step {trained} (to ship the newest, finish the run with --resume and ship again)"
+    )
 
 
 def _run_hint(source: str) -> str:

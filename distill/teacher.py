@@ -77,7 +77,8 @@ class Stage:
         export_model(
             self.updaters["teacher"].averaged_module(), self.vae, directory, name,
             self.cfg.model.height, self.cfg.model.width, o.shift, o.sample_steps,
-            {"kind": "teacher", "cfg_scale": o.cfg_scale, "stage": "teacher"}, compact,
+            {"kind": "teacher", "cfg_scale": o.cfg_scale, "stage": "teacher",
+             "trained_steps": self.cfg.run.steps}, compact,
         )  # fmt: skip
 
 

@@ -665,3 +665,25 @@ def test_ship_onto_a_full_disk_is_one_line(tmp_path, pipeline, monkeypatch, caps
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "cannot write the model tiny-test: No space left on device" in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_ship_of_a_run_trained_on_past_its_export_says_so(tmp_path, monkeypatch, capsys):
+    """A finished run resumed with more --steps and killed (or training still) keeps its earlier
+    export in model/: shipped without a word, it was taken for the newest weights."""
+    import json
+
+    from distill.ship import main
+    from streamgen import models
+
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path / "assets")
+    out = tmp_path / "t"
+    run(debug_config("teacher", out))  # 4 steps, exported
+    run(debug_config("teacher", out, **{"run.steps": 8}), resume=True, stop_after=6)
+    assert main([str(out / "model"), "tiny-test"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {out / 'model'} holds the model of step 4, while its run trained on to step 6 " in err
+    assert "finish the run with --resume" in err
+    run(debug_config("teacher", out, **{"run.steps": 8}), resume=True)
+    assert main([str(out / "model"), "tiny-test"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "assets" / "tiny-test" / "model.json").read_text())["trained_steps"] == 8
