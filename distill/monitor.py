@@ -29,7 +29,9 @@ class Monitor:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=start_step or None)
+            # (from step 0 too: a fresh start where a run was killed before its first checkpoint
+            # showed that run's steps beside its own, while scalars.jsonl was cut)
+            self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=start_step)
         except Exception:  # TensorBoard missing or broken: the JSON log and PNGs still work
             self.tb = None
         if progress:

@@ -268,6 +268,26 @@ def test_the_loss_curves_of_a_single_logged_step_show_it(tmp_path):
     assert (np.abs(pixels - line).sum(-1) < 60).sum() >= 9
 
 
+def test_a_fresh_start_over_a_run_killed_before_its_first_checkpoint_shows_its_own_steps(tmp_path):
+    """TensorBoard kept the killed run's steps beside the new run's (scalars.jsonl was cut)."""
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from distill.monitor import Monitor
+
+    for loss in (1.0, 2.0):  # the killed run, then the fresh start
+        monitor = Monitor(tmp_path, 10, 0, enabled=True, progress=False, desc="teacher")
+        for step in range(3 if loss == 1.0 else 2):
+            monitor.log(step, {"loss_teacher": loss})
+        monitor.close()
+        time.sleep(1.1)  # (event files are read in name order: their names begin with the second)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss_teacher")] == [(0, 2.0), (1, 2.0)]
+    assert len((tmp_path / "scalars.jsonl").read_text().splitlines()) == 2
+
+
 def test_a_rerun_without_resume_refuses_to_overwrite(tmp_path):
     cfg = debug_config("teacher", tmp_path / "t", **{"run.steps": 2})
     run(cfg)
