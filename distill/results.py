@@ -213,8 +213,10 @@ def markdown(rows: list[dict], clips: int, minutes: float | None, threads: int, 
             f"| {_fmt(None if nfe is None else nfe * LATENT_FPS, 1)} | {_fmt(r.get('fps'), 1)} |"
         )
     note = (
-        f"\n{clips} test clips per row (4 s each, {size}x{size}); drift from a {minutes}-minute stream for the students "
-        f"(the teacher and ground truth: mean CSIM curve over the clips); frames/s: one 4 s clip, "
+        f"\n{clips} test clips per row (4 s each, {size}x{size}); drift "
+        + (f"from a {minutes}-minute stream for the students " if minutes else "")
+        + f"(the teacher and ground truth{'' if minutes else ', and with no stream the students'}: mean CSIM "
+        f"curve over the clips); frames/s: one 4 s clip, "
         f"{threads} torch thread(s), on a shared 2-core CPU.\n"
     )
     return head + "\n".join(lines) + "\n" + note
@@ -228,7 +230,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/results"))
     p.add_argument("--doc", type=Path, default=Path("docs/results.md"))
     p.add_argument("--clips", type=positive_int, default=24)
-    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--minutes", type=float, default=5.0, help="the students' drift stream (0: none)")
     p.add_argument("--size", type=frame_size, default=64)
     p.add_argument("--threads", type=thread_count, default=1)
     p.add_argument(
@@ -242,9 +244,11 @@ def main(argv=None) -> int:
         help="evaluate only the rows OUT/results.json does not have yet",
     )
     args = p.parse_args(argv)
-    if not args.minutes * 60 * 25 >= 2 or not args.minutes <= MAX_MINUTES:  # (nan too) as eval's
-        # (a traceback at the first student's stream, after the teacher's row)
-        p.error(f"--minutes must give a stream of two frames at least and be at most {MAX_MINUTES}")
+    # (nan too) as eval's: a traceback at the first student's stream, after the teacher's row
+    if not (args.minutes == 0 or args.minutes * 60 * 25 >= 2) or not args.minutes <= MAX_MINUTES:
+        p.error(
+            f"--minutes must be 0 (no drift stream) or give a stream of two frames at least, at most {MAX_MINUTES}"
+        )
     # (a traceback at the first row for --out, once every row was made for --doc)
     problem = folder_problem(args.out) and f"--out {folder_problem(args.out)}"
     if args.doc.is_dir() or not args.doc.parent.is_dir() or not os.access(args.doc.parent, os.W_OK):

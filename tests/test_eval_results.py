@@ -27,8 +27,8 @@ def stored_row(tmp_path, **settings) -> dict:
     [
         (["--clips", "0"], "--clips"),
         (["--size", "63"], "--size"),
-        (["--minutes", "-1"], "--minutes must give a stream"),
-        (["--minutes", "nan"], "--minutes must give a stream"),
+        (["--minutes", "-1"], "--minutes must be 0 (no drift stream) or give a stream"),
+        (["--minutes", "nan"], "--minutes must be 0 (no drift stream) or give a stream"),
         ([], "round trip (the students' ceiling)\": unknown model"),  # no models in --runs
     ],
 )
@@ -76,6 +76,18 @@ def test_render_only_notes_what_the_rows_were_made_with(tmp_path):
     note = (tmp_path / "r.md").read_text()
     assert "8 test clips per row (4 s each, 128x128); drift from a 1.0-minute stream" in note
     assert "2 torch thread(s)" in note
+
+
+def test_minutes_0_makes_the_table_without_a_drift_stream(tmp_path, monkeypatch):
+    """0 is no drift stream (the students' drift from the clips, as the teacher's): a range check
+    that took only streams of two frames or more refused it."""
+    from distill import results
+
+    monkeypatch.setattr(results, "evaluate_rows", lambda *args: [])  # (the stored row alone)
+    stored_row(tmp_path, clips=24, minutes=0.0, size=64, threads=1)
+    assert run_results(tmp_path, "--minutes", "0", "--missing-only") == 0
+    note = (tmp_path / "r.md").read_text()
+    assert "-minute stream" not in note and "and with no stream the students: mean CSIM" in note
 
 
 def test_an_out_or_doc_it_cannot_write_is_refused_before_the_first_row(tmp_path, monkeypatch, capsys):
