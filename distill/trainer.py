@@ -210,9 +210,16 @@ class Updater:
         if self.ema is not None:
             prefix = f"ema/{self.name}/"
             ema = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if set(ema) != set(self.ema):
-                raise ckpt.CheckpointError(f"checkpoint {path} has no EMA weights for {self.name}")
-            self.ema = {k: fsdp.shard_like(v.clone(), self.ema[k]) for k, v in ema.items()}
+            if not ema:
+                # trained without (optim.ema 0) until now: the average starts from the weights
+                # resumed (it was refused, with no way on but the run's start over)
+                self.ema = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+                print(f"warning: {path.name} has no EMA weights for {self.name} (trained with optim.ema 0): "
+                      f"the EMA starts from its weights", file=sys.stderr)  # fmt: skip
+            elif set(ema) != set(self.ema):
+                raise ckpt.CheckpointError(f"checkpoint {path} has EMA weights for another {self.name}")
+            else:
+                self.ema = {k: fsdp.shard_like(v.clone(), self.ema[k]) for k, v in ema.items()}
         if self.sharded:
             fsdp.load_full_optimizer_state(self.name, self.module, self.opt, tensors, meta["optimizer"])
         else:

@@ -178,3 +178,17 @@ def test_a_teacher_digest_of_no_file_recorded_before_is_not_checked(tmp_path):
     meta["input_identity"] = {"self_forcing.teacher": "fedcba9876543210"}
     with pytest.raises(ckpt.CheckpointError, match="other weights than the run's"):
         Trainer._check_inputs(trainer, ckpt.save_checkpoint(tmp_path / "sf", 4, {}, meta))
+
+
+def test_a_resume_that_turns_the_ema_on_starts_it_from_the_weights_resumed(tmp_path, capsys):
+    """A checkpoint trained with optim.ema 0 was refused by a resume with an EMA ('no EMA weights'):
+    the run could only start over. The average starts from the weights resumed."""
+    out = tmp_path / "t"
+    run(debug_config("teacher", out, **{"optim.ema": 0.0}), stop_after=2)
+    assert not any(k.startswith("ema/") for k in final_tensors(out))
+    run(debug_config("teacher", out, **{"optim.ema": 0.9, "run.steps": 3}), resume=True)
+    assert "has no EMA weights for" in capsys.readouterr().err
+    tensors = final_tensors(out)
+    ema = {k.removeprefix("ema/"): v for k, v in tensors.items() if k.startswith("ema/")}
+    module = {k.removeprefix("module/"): v for k, v in tensors.items() if k.startswith("module/")}
+    assert ema.keys() == module.keys() and ckpt.checkpoint_header(ckpt.latest_checkpoint(out))["step"] == 3
