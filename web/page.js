@@ -74,12 +74,23 @@ export function soundNoLongerWaits() {
   $("sound").hidden = true;
 }
 
+// The microphone, where its box is ticked. One the browser does not give (denied, none plugged in,
+// a page over plain http from another machine's address) is said beside the box, which is unticked:
+// the stream goes on without it (it did so with the box ticked and the reason on the console only,
+// the user talking to nobody), and ticking the box again asks again.
 export async function getMic() {
-  if (!$("mic").checked || !navigator.mediaDevices) return null;
+  $("mic-note").textContent = "";
+  if (!$("mic").checked) return null;
+  if (!navigator.mediaDevices) return noMic("the browser gives a page the microphone only over HTTPS or on localhost");
   try {
     return await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: true } });
   } catch (e) {
     console.warn("no microphone:", e);
-    return null;
+    return noMic(e.message || e.name);
   }
+}
+function noMic(why) {
+  $("mic").checked = false;
+  $("mic-note").textContent = `no microphone: ${why}`;
+  return null;
 }
