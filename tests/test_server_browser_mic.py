@@ -1,5 +1,5 @@
 """The web page's microphone in real headless Chromium (as test_server_browser.py; skipped without
-it): one the browser refuses."""
+it): one the browser refuses, and its box ticked and unticked while the browser asks."""
 
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ navigator.mediaDevices.getUserMedia = async (c) => {
 """
 # a page over plain http from another machine's address: no navigator.mediaDevices at all
 INSECURE = "Object.defineProperty(Navigator.prototype, 'mediaDevices', {get: () => undefined});"
+# getUserMedia answers only when the test says (`__answer()`), as a permission prompt waits for its user
+ASKING = """
+window.__asked = [];
+const grantedMic = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+navigator.mediaDevices.getUserMedia = (c) => new Promise((resolve) => __asked.push(() => resolve(grantedMic(c))));
+window.__answer = () => __asked.splice(0).forEach((answer) => answer());
+"""
 
 
 def page_with(context, url: str, script: str):
@@ -62,3 +69,48 @@ def test_a_page_the_browser_gives_no_microphone_at_all_says_why(browser_page):
             assert page.text_content("#mic-note") == note
         finally:
             page.close()
+
+
+@pytest.mark.parametrize("transport", ["webrtc", "ws"])
+def test_a_microphone_box_flipped_while_the_browser_asks_leaves_no_microphone_on(browser_page, transport):
+    """Ticked, unticked, ticked and unticked while the browser asked (its permission prompt up), the
+    box left two microphones taken, its box unticked: one went to a WebRTC avatar, and one stayed
+    on after the hang-up, for good. Unticked while a connect's request waits, the same."""
+    with live_server(max_sessions=2) as (url, app):
+        page = page_with(browser_page, f"{url}/?autostart=1&mic=0&transport={transport}", ASKING)
+        try:
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            for flip in ("check", "uncheck", "check", "uncheck"):
+                getattr(page, flip)("#mic")
+            assert page.evaluate("__asked.length") == 2
+            page.evaluate("__answer()")
+            wait_for(lambda: page.evaluate("__mics.length") == 2, 10, "the browser gave no microphones")
+            page.wait_for_timeout(1000)
+            assert page.evaluate("held()")["mics"] == 0
+            assert heard(url) == 0  # (a WebRTC avatar heard one)
+            page.click("#hangup")
+            page.wait_for_timeout(300)
+            assert page.evaluate("held()")["mics"] == 0
+
+            # unticked while the connect's request waits: not taken, not sent
+            page.check("#mic")
+            page.click("#connect")
+            wait_for(lambda: page.evaluate("__asked.length") == 1, 10, "the connect asked for no microphone")
+            page.uncheck("#mic")
+            page.evaluate("__answer()")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            wait_for(lambda: page.evaluate("__mics.length") == 3, 10, "the browser gave no microphone")
+            page.wait_for_timeout(1000)
+            assert page.evaluate("held()")["mics"] == 0
+            assert heard(url) == 0
+        finally:
+            page.close()
+
+
+def heard(url: str) -> float:
+    """The seconds of microphone the server received, over both transports."""
+    import httpx
+
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    received = [line for line in lines if line.startswith("streamgen_audio_received_seconds_total")]
+    return sum(float(line.split()[-1]) for line in received)

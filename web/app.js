@@ -59,11 +59,13 @@ async function connect() {
   resetStats();
   setStatus("connecting");
   try {
-    const stream = await getMic();
-    if (mine !== state.generation) {  // another connect (or a hang-up) came while the browser asked
-      if (stream) stream.getTracks().forEach((t) => t.stop());
-      return;
+    let stream = await getMic();
+    // the box unticked while the browser asked: not taken (it went to the avatar, the box unticked)
+    if (stream && (mine !== state.generation || !$("mic").checked)) {
+      stream.getTracks().forEach((t) => t.stop());
+      stream = null;
     }
+    if (mine !== state.generation) return;  // another connect (or a hang-up) came while the browser asked
     state.mic = stream;
     if (params.get("transport") === "ws") {
       await connectWebSocket(mine, closed);
@@ -167,7 +169,9 @@ $("mic").onchange = async () => {
   if (!(state.pc && state.audioSender) && !(state.ws && state.audioCtx)) return;
   if (on && !state.mic) {
     const stream = await getMic();
-    if (mine !== state.generation) {  // hung up while the browser asked
+    // hung up while the browser asked, or the box unticked meanwhile (and maybe ticked again, which
+    // asked again): this microphone is nobody's. It was taken all the same, and stayed on for good.
+    if (mine !== state.generation || !$("mic").checked || state.mic) {
       if (stream) stream.getTracks().forEach((t) => t.stop());
       return;
     }
