@@ -274,23 +274,31 @@ def bearer_token(request: Request) -> str | None:
 
 
 def require_session(request: Request, session_id: str) -> Session:
-    """The session, if the request carries its token: 404 / 401 / 403 otherwise.
+    """The session, if the request carries its token: 404 / 401 / 403 otherwise (the 404 of one
+    that closed lately says why it ended, to a request with its token: `SessionRegistry.ended`).
 
     The token may come as `Authorization: Bearer` or as `?token=` (WebSockets, and the Location
     of `POST /v1/whep`, which a WHEP player DELETEs with the header it used to create it: on a
     server with --token, that server token, which is accepted for any session too)."""
     registry = request.app.state.registry
     session = registry.get(session_id)
-    if session is None:
-        raise ApiError(404, "not_found", f"unknown session {session_id[:40]!r}")
     offered = offered_tokens(request)
+    server_token = [registry.config.token] if registry.config.token else []
+    if session is None:
+        token, reason = registry.ended.get(session_id, (None, None))
+        if token is not None and _token_accepted(offered, [token] + server_token):  # (told only its client)
+            raise ApiError(404, "not_found", f"session ended: {reason}")
+        raise ApiError(404, "not_found", f"unknown session {session_id[:40]!r}")
     if not offered:
         raise ApiError(401, "unauthorized", "missing session token: send 'Authorization: Bearer <token>'",
                        headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-    accepted = [session.token] + ([registry.config.token] if registry.config.token else [])
-    if not any(secrets.compare_digest(t.encode(), a.encode()) for t in offered for a in accepted):
+    if not _token_accepted(offered, [session.token] + server_token):
         raise ApiError(403, "forbidden", "wrong session token")
     return session
+
+
+def _token_accepted(offered: list[str], accepted: list[str]) -> bool:
+    return any(secrets.compare_digest(t.encode(), a.encode()) for t in offered for a in accepted)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

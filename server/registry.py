@@ -7,6 +7,7 @@ import concurrent.futures
 import logging
 import secrets
 import time
+from collections import OrderedDict
 
 import numpy as np
 
@@ -33,11 +34,16 @@ class AdmissionError(Exception):
 
 
 class SessionRegistry:
+    ENDED_KEPT = 1024  # the closed sessions whose reasons are kept (`ended`): ~100 bytes each
+
     def __init__(self, config: ServerConfig, worker: InferenceWorker, metrics: ServerMetrics):
         self.config = config
         self.worker = worker
         self.metrics = metrics
         self.sessions: dict[str, Session] = {}
+        # id -> (token, why it closed), the last closed sessions': a client that asks after its session
+        # (the web page's WebRTC check) is told why it ended (require_session), not only that it is unknown
+        self.ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self.model = None  # AvatarModel, set when loaded in this process
         self.host = None  # ModelHost, when the model runs in a child process
         self.host_start: concurrent.futures.Future | None = None  # the worker's job that starts it
@@ -263,6 +269,9 @@ class SessionRegistry:
             if was_streaming and self.worker.align_batches:
                 self._leave_lane_group(session)
             self.sessions.pop(session.id, None)
+            self.ended[session.id] = (session.token, reason)
+            while len(self.ended) > self.ENDED_KEPT:
+                self.ended.popitem(last=False)
             self.metrics.sessions_active.set(len(self.sessions))
             self.metrics.sessions_streaming.set(self.worker.streaming)
             self.metrics.sessions_closed.labels(reason.split(":")[0][:32]).inc()

@@ -91,6 +91,26 @@ def test_create_inspect_delete(client):
     assert client.get(s["resource"], headers=auth(s["token"])).status_code == 404
 
 
+def test_an_ended_session_says_why_to_its_client(client, monkeypatch):
+    """An ended session was 'unknown session' (404), whatever ended it: the web page's WebRTC
+    check could only say that the server had ended it, not that a limit had. Its client (its
+    token) is told why now; anyone else, as before, that it is unknown. The last 1024 are kept."""
+    s = new_session(client)
+    assert client.delete(s["resource"], headers=auth(s["token"])).status_code == 204
+    for method in ("get", "delete"):
+        r = getattr(client, method)(s["resource"], headers=auth(s["token"]))
+        assert (r.status_code, r.json()["message"]) == (404, "session ended: deleted by client")
+    for headers in (auth("someone-else"), {}):
+        r = client.get(s["resource"], headers=headers)
+        assert (r.status_code, r.json()["message"]) == (404, f"unknown session {s['id']!r}")
+    registry = client.app.state.registry
+    monkeypatch.setattr(registry, "ENDED_KEPT", 2)
+    later = [new_session(client) for _ in range(2)]
+    for t in later:
+        client.delete(t["resource"], headers=auth(t["token"]))
+    assert list(registry.ended) == [t["id"] for t in later]  # (only the last: a server runs for months)
+
+
 def test_upload_reference(client):
     r = client.post("/v1/sessions", files={"reference": ("face.png", png_bytes(), "image/png")},
                     data={"seed": "5"})  # fmt: skip

@@ -288,7 +288,8 @@ def metric(url: str, name: str) -> float:
 def test_the_page_says_when_the_server_ends_its_webrtc_session(browser_page):
     """A session ended by the server (here its maximum duration) froze the page on its last frame,
     'streaming', with the microphone on and Connect disabled: the peer connection lingers until
-    ICE gives up. The page checks its session and frees what it holds."""
+    ICE gives up. The page checks its session and frees what it holds, and says why it ended (it
+    said only that the server had ended it)."""
     with live_server(max_sessions=2, max_duration_s=4.0) as (url, app):
         page = held_page(browser_page, f"{url}/?autostart=1&avatar=ada")
         try:
@@ -296,8 +297,8 @@ def test_the_page_says_when_the_server_ends_its_webrtc_session(browser_page):
             assert page.evaluate("held()")["mics"] == 1
             page.wait_for_function("window.streamgenStats.state.startsWith('ended')", timeout=30_000)
             assert page.evaluate("held()") == {
-                "mics": 0, "contexts": 0, "state": "ended: the server ended the session", "connect": True,
-                "hangup": False,
+                "mics": 0, "contexts": 0, "connect": True, "hangup": False,
+                "state": "ended: the server ended the session (max_duration: session reached 4 s)",
             }  # fmt: skip
         finally:
             page.close()

@@ -119,7 +119,11 @@ export async function connectWebRTC(mine, ended) {
 async function checkSessionAlive(s, cutOff, mine, ended) {
   try {
     const res = await fetch(s.resource, { headers: authHeaders(s), signal: cutOff });
-    if (res.status === 404 && mine === state.generation) ended("the server ended the session");
+    if (res.status !== 404) return;
+    // the server says why where it knows (a limit, a DELETE from elsewhere, its model gone)
+    const { message = "" } = await res.json().catch(() => ({}));
+    const why = message.startsWith("session ended: ") ? ` (${message.slice(15)})` : "";
+    if (mine === state.generation) ended(`the server ended the session${why}`);
   } catch (e) {
     if (!cutOff.aborted) console.warn("session check:", e);  // cut off: the connection ended, nothing to say
   }
