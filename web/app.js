@@ -48,7 +48,7 @@ function ended(reason) {
 
 function closed(e) {
   cleanup(false);
-  setStatus(`closed: ${e.code} ${e.reason}`);
+  setStatus(`closed: ${e.code} ${e.reason || "the connection was lost"}`);  // (no reason: no close frame came)
 }
 
 // --- controls -------------------------------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""The web page's WebSocket stream when the network between it and the server fails, in real
+headless Chromium (as test_server_browser.py; skipped without it): the stream goes through a TCP
+relay the test cuts (the connection reset) or stalls (nothing more comes through, nothing closes)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from contextlib import contextmanager
+
+import pytest
+from server_helpers import live_server
+from test_server_browser import HELD
+from test_server_browser_hangup import STREAM_ELSEWHERE
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
+
+
+@contextmanager
+def relay(port: int):
+    """A TCP relay on 127.0.0.1 to `port`; yields (its port, cut, stall): `cut()` closes its
+    connections, `stall()` drops everything they carry from then on, both ways, and closes nothing
+    (as a network that went away: a laptop's Wi-Fi dropped, a NAT that forgot the connection)."""
+    stalled, connections = threading.Event(), []
+
+    def pump(source, sink):
+        try:
+            while data := source.recv(65536):
+                if not stalled.is_set():
+                    sink.sendall(data)
+        except OSError:  # cut
+            pass
+
+    def accept(listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # the listener closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", port))
+            connections.extend([client, upstream])
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pump, args=(source, sink), daemon=True).start()
+
+    def cut():
+        while connections:
+            c = connections.pop()
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # a reset
+            c.close()
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        threading.Thread(target=accept, args=(listener,), daemon=True).start()
+        try:
+            yield listener.getsockname()[1], cut, stalled.set
+        finally:
+            cut()
+
+
+def streaming_through_a_relay(context, url: str, relay_port: int):
+    page = context.new_page()
+    page.add_init_script(HELD + STREAM_ELSEWHERE + f"window.streamAt = 'http://127.0.0.1:{relay_port}';")
+    page.goto(f"{url}/?autostart=1&transport=ws")
+    page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+    return page
+
+
+def test_a_websocket_whose_connection_is_cut_says_it_was_lost(browser_page):
+    """Closed without a close frame (1006), the socket said 'closed: 1006 ' and nothing more."""
+    with live_server(max_sessions=2) as (url, app), relay(int(url.rsplit(":", 1)[1])) as (port, cut, _):
+        page = streaming_through_a_relay(browser_page, url, port)
+        try:
+            cut()
+            page.wait_for_function("window.streamgenStats.state.startsWith('closed')", timeout=20_000)
+            assert page.evaluate("held()") == {
+                "mics": 0, "contexts": 0, "state": "closed: 1006 the connection was lost", "connect": True,
+                "hangup": False,
+            }  # fmt: skip
+        finally:
+            page.close()
+
