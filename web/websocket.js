@@ -14,6 +14,11 @@ const WEBSOCKET_START_MS = 10000;
 // How long a hang-up waits for the server to answer its WebSocket's close before it DELETEs the
 // session (deleteUnlessTheSocketEndsIt). A real server answers at once.
 const SOCKET_CLOSE_ANSWER_MS = 2000;
+// How long a streaming WebSocket may hear nothing from its server (frames come 25 a second, and the
+// answer to the page's ping each second) before the page gives it up. A network that went away (a
+// laptop's Wi-Fi dropped, a NAT that forgot the connection) closes no socket: the page said
+// 'streaming' on its last frame for as long as TCP took to give up, minutes.
+const WEBSOCKET_SILENT_MS = 10000;
 
 let playStart = null, playClockRuns = null, seqOut = 0, micPath = null, frameTimes = [];
 const queuedFrames = new Set();   // timers that draw frames at their play time
@@ -97,8 +102,10 @@ export async function connectWebSocket(mine, closed) {
   }
   abandoned(mine);
   stats.transport = "websocket";
+  let heardAt = performance.now(), tickedAt = heardAt;
   socket.onmessage = async (e) => {
     if (socket !== state.ws) return;
+    heardAt = performance.now();
     if (typeof e.data === "string") {
       const msg = JSON.parse(e.data);
       if (msg.type === "error") setStatus(`error: ${msg.message}`);
@@ -145,8 +152,16 @@ export async function connectWebSocket(mine, closed) {
     closed(e);
   };
   state.statsTimer = setInterval(() => {
-    const ws = state.ws;
-    if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "ping", id: Date.now() }));
+    const now = performance.now();
+    // a page that did not run (its tab hidden for long: its timers slowed to one a minute) heard
+    // nothing because it did not listen: it counts again
+    if (now - tickedAt > 3000) heardAt = now;
+    tickedAt = now;
+    if (now - heardAt > WEBSOCKET_SILENT_MS && socket === state.ws) {
+      closed({ code: 1006, reason: `the server sent nothing for ${WEBSOCKET_SILENT_MS / 1000} s` });
+      return;
+    }
+    if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "ping", id: Date.now() }));
     showOverlay();
   }, 1000);
   // (not awaited: the stream needs no microphone, and one that cannot be connected is said on the
