@@ -1,5 +1,5 @@
 """The web page's microphone in real headless Chromium (as test_server_browser.py; skipped without
-it): one the browser refuses, and its box ticked and unticked while the browser asks."""
+it): one the browser refuses, one that stops, and its box ticked and unticked while the browser asks."""
 
 from __future__ import annotations
 
@@ -67,6 +67,31 @@ def test_a_page_the_browser_gives_no_microphone_at_all_says_why(browser_page):
             note = "no microphone: the browser gives a page the microphone only over HTTPS or on localhost"
             assert not page.is_checked("#mic")
             assert page.text_content("#mic-note") == note
+        finally:
+            page.close()
+
+
+@pytest.mark.parametrize("transport", ["webrtc", "ws"])
+def test_a_microphone_that_stops_is_said_and_given_back(browser_page, transport):
+    """A microphone unplugged (or its permission taken back) while connected ends its track: the
+    avatar heard nothing more, and the page said nothing, its box ticked. It says so beside the box
+    and unticks it; ticked again, the box takes the microphone there is now."""
+    with live_server(max_sessions=2) as (url, app):
+        page = page_with(browser_page, f"{url}/?autostart=1&transport={transport}", "")
+        try:
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            assert page.evaluate("held()")["mics"] == 1
+            page.evaluate("__mics[0].getAudioTracks()[0].dispatchEvent(new Event('ended'))")
+            wait_for(lambda: page.evaluate("held()")["mics"] == 0, 10, "the stopped microphone was kept")
+            assert not page.is_checked("#mic")
+            note = "no microphone: it stopped (unplugged, or its permission taken back)"
+            assert page.text_content("#mic-note") == note
+            assert page.evaluate("window.streamgenStats.state").startswith("streaming")
+            page.check("#mic")
+            wait_for(lambda: page.evaluate("held()")["mics"] == 1, 10, "the ticked box took no microphone")
+            assert page.text_content("#mic-note") == ""
+            received = heard(url)
+            wait_for(lambda: heard(url) > received + 0.5, 20, "the microphone taken again was not heard")
         finally:
             page.close()
 

@@ -51,6 +51,20 @@ function closed(e) {
   setStatus(`closed: ${e.code} ${e.reason || "the connection was lost"}`);  // (no reason: no close frame came)
 }
 
+// The microphone a connection holds. One that ends by itself (unplugged, its permission taken back)
+// is said beside its box and given back as unticking the box gives it: the avatar heard nothing
+// more, the box ticked and nothing said so. Ticking the box again takes the one there is now.
+function holdMic(stream) {
+  state.mic = stream;
+  if (!stream) return;
+  stream.getAudioTracks()[0].addEventListener("ended", () => {
+    if (state.mic !== stream) return;  // given back already
+    $("mic").checked = false;
+    $("mic").dispatchEvent(new Event("change"));
+    $("mic-note").textContent = "no microphone: it stopped (unplugged, or its permission taken back)";
+  });
+}
+
 // --- controls -------------------------------------------------------------------------------------
 async function connect() {
   const mine = ++state.generation;
@@ -66,7 +80,7 @@ async function connect() {
       stream = null;
     }
     if (mine !== state.generation) return;  // another connect (or a hang-up) came while the browser asked
-    state.mic = stream;
+    holdMic(stream);
     if (params.get("transport") === "ws") {
       await connectWebSocket(mine, closed);
     } else {
@@ -175,7 +189,7 @@ $("mic").onchange = async () => {
       if (stream) stream.getTracks().forEach((t) => t.stop());
       return;
     }
-    state.mic = stream;
+    holdMic(stream);
   }
   if (state.pc && state.audioSender) {
     await state.audioSender.replaceTrack(on && state.mic ? state.mic.getAudioTracks()[0] : null);
