@@ -103,10 +103,24 @@ def test_browser_webrtc(browser_page):
 
 
 def test_browser_page_on_a_server_with_a_token(browser_page):
-    """`serve --token T`: the page takes the server token from its URL (`?token=T`)."""
+    """`serve --token T`: the page takes the server token from its URL (`?token=T`), and says so
+    when it has none."""
     with live_server(max_sessions=2, token="server-secret") as (url, _):
         stats = run_page(browser_page, f"{url}/?autostart=1&mic=0&token=server-secret", frames=25)
         assert stats["framesDecoded"] >= 25
+        # opened without it, the page said the server's words for programs: "this server needs
+        # 'Authorization: Bearer <server token>'", a header a browser's user cannot send
+        page = browser_page.new_page()
+        try:
+            page.goto(f"{url}/?autostart=1&mic=0")
+            page.wait_for_function("window.streamgenStats.state.startsWith('failed')", timeout=20_000)
+            said = "failed: 401: this server needs its token: open the page as /?token=<server token>"
+            assert page.evaluate("window.streamgenStats.state") == said
+            page.goto(f"{url}/?autostart=1&mic=0&token=another")
+            page.wait_for_function("window.streamgenStats.state.startsWith('failed')", timeout=20_000)
+            assert page.evaluate("window.streamgenStats.state") == "failed: 403: wrong server token"
+        finally:
+            page.close()
 
 
 def test_browser_websocket_fallback(browser_page):

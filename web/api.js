@@ -29,7 +29,11 @@ export async function createSession() {
     body = JSON.stringify({ avatar: state.avatar, caption: caption || undefined });
     headers["Content-Type"] = "application/json";
   }
-  return apiJson(await fetch("/v1/sessions", { method: "POST", body, headers }));
+  const res = await fetch("/v1/sessions", { method: "POST", body, headers });
+  if (res.status === 401) {  // the server's words are for programs (a header): a page takes it from its address
+    throw new Error(`401: this server needs its token: open the page as ${location.pathname}?token=<server token>`);
+  }
+  return apiJson(res);
 }
 
 export function deleteSession(s) {
