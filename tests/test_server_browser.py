@@ -510,3 +510,33 @@ def test_a_server_error_the_page_meets_is_shown_in_its_words(browser_page, refus
                 assert page.input_value("#speak-text") == "hello there"  # kept, to be sent again
         finally:
             page.close()
+
+
+def test_a_speak_answered_after_a_hang_up_is_not_the_next_connections(browser_page):
+    """A WebRTC page's speak is answered once its speech is made (seconds). Hung up and connected
+    again meanwhile, the page showed the old session's 404 ('speak: 404: ...') over the new
+    connection's status. The hang-up cuts the request off now: nothing more comes of it."""
+    from test_server_browser_hangup import HOLD_FETCHES, hold_fetches
+
+    with live_server(max_sessions=2) as (url, app):
+        page = held_page(browser_page, "about:blank")
+        page.add_init_script(HOLD_FETCHES)
+        logs: list[str] = []
+        page.on("console", lambda m: logs.append(f"{m.type}: {m.text}"))
+        try:
+            page.goto(f"{url}/?autostart=1&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            hold_fetches(page, '(url, method) => url.endsWith("/control")')
+            page.fill("#speak-text", "hello there")
+            page.click("#speak")
+            page.wait_for_function("window.heldFetches.length === 1", timeout=10_000)
+            page.click("#hangup")
+            page.click("#connect")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            page.evaluate("window.holdFetches = null; window.heldFetches.splice(0).forEach((go) => go())")
+            page.wait_for_timeout(1000)
+            assert page.evaluate("window.streamgenStats.state") == "streaming (webrtc)"
+            assert page.input_value("#speak-text") == "hello there"
+            assert logs == []
+        finally:
+            page.close()

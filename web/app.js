@@ -160,16 +160,21 @@ async function speak(e) {
   if (state.ws) {
     state.ws.send(JSON.stringify(msg));
   } else {
+    // Its answer comes once the speech is made (seconds): a hang-up meanwhile cuts it off, and one
+    // that came after, from the ended session, is not the next connection's (its 404 was shown
+    // over the new one's status; its 'speaking' cleared the new one's text)
+    const mine = state.generation;
     try {  // (a refusal, or no answer at all, was an unhandled rejection: the page said nothing)
       const res = await fetch(`${state.session.resource}/control`, {
-        method: "POST", body: JSON.stringify(msg),
+        method: "POST", body: JSON.stringify(msg), signal: state.peerRequests?.signal,
         headers: authHeaders(state.session, { "Content-Type": "application/json" }),
       });
       if (!res.ok) await apiJson(res);
     } catch (err) {
-      setStatus(`speak: ${err.message}`);
+      if (mine === state.generation) setStatus(`speak: ${err.message}`);
       return;  // the text stays, to be sent again
     }
+    if (mine !== state.generation) return;
   }
   $("speak-text").value = "";
 }
