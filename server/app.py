@@ -19,7 +19,7 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -126,10 +126,22 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
     app.include_router(routes.router)
     app.include_router(websocket.router)
     if config.web_dir.is_dir():
-        app.mount("/", StaticFiles(directory=config.web_dir, html=True), name="web")
+        app.mount("/", WebFiles(directory=config.web_dir, html=True), name="web")
     else:  # the API serves on; the page is what a person would miss
         log.warning("no web client at %s: / has no page (the API is unchanged)", config.web_dir)
     return app
+
+
+class WebFiles(StaticFiles):
+    """The web page's files, revalidated at each use (their ETag: a 304 while unchanged). Without
+    Cache-Control a browser kept them by its own rule, a tenth of their age since modified (days,
+    for an installed package's): after an upgrade it ran the old page, or an old module with a new
+    one, whose imports then named nothing (a dead page)."""
+
+    async def get_response(self, path: str, scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
 
 
 async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:

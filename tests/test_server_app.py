@@ -61,6 +61,12 @@ def test_a_server_too_slow_for_one_session_says_so(monkeypatch, caplog):
 def test_web_client_is_served(client):
     r = client.get("/")
     assert r.status_code == 200 and "<video" in r.text
+    # revalidated at each use (test_server_browser: a browser kept an upgraded server's old files)
+    for path in ("/", "/app.js"):
+        r = client.get(path)
+        assert r.headers["cache-control"] == "no-cache", path
+        again = client.get(path, headers={"if-none-match": r.headers["etag"]})
+        assert again.status_code == 304 and again.headers["cache-control"] == "no-cache", path
 
 
 def test_web_client_modules_are_served_as_javascript(client):
