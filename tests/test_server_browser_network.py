@@ -99,3 +99,29 @@ def test_a_websocket_that_hears_nothing_more_is_given_up(browser_page):
             }  # fmt: skip
         finally:
             page.close()
+
+
+# a page's interval timers run once a minute, as Chromium runs a hidden tab's after 5 minutes
+# (intensive wake-up throttling: a page that plays nothing audible and holds no WebRTC connection)
+TIMERS_HELD = """
+const intervalAsAsked = window.setInterval;
+window.setInterval = (f, ms, ...args) => intervalAsAsked(f, 60000, ...args);
+"""
+
+
+def test_a_watch_only_websocket_whose_timers_are_held_keeps_its_session(browser_page):
+    """A WebSocket page without its microphone keeps its session with a ping each second (the
+    idle limit counts the client's messages), sent from a timer: in a tab hidden for long, that
+    timer ran once a minute, and the session was closed as idle (4408) while it was watched. The
+    stream's own messages (25 a second) send the pings too now."""
+    with live_server(max_sessions=2, idle_timeout_s=3.0) as (url, app):
+        page = browser_page.new_page()
+        page.add_init_script(HELD + TIMERS_HELD)
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            page.wait_for_timeout(6000)  # twice the idle limit
+            assert page.evaluate("window.streamgenStats.state") == "streaming (websocket)"
+            assert len(app.state.registry.sessions) == 1
+        finally:
+            page.close()

@@ -102,10 +102,19 @@ export async function connectWebSocket(mine, closed) {
   }
   abandoned(mine);
   stats.transport = "websocket";
-  let heardAt = performance.now(), tickedAt = heardAt;
+  let heardAt = performance.now(), tickedAt = heardAt, pingedAt = 0;
+  // A ping each second keeps a session without a microphone (the idle limit counts the client's
+  // messages). From the timer alone, it stopped in a tab hidden for long, whose timers run once a
+  // minute: the session was closed as idle while it was watched. The stream's messages send it too.
+  const ping = (now) => {
+    if (now - pingedAt < 1000 || socket.readyState !== WebSocket.OPEN) return;
+    pingedAt = now;
+    socket.send(JSON.stringify({ type: "ping", id: Date.now() }));
+  };
   socket.onmessage = async (e) => {
     if (socket !== state.ws) return;
     heardAt = performance.now();
+    ping(heardAt);
     if (typeof e.data === "string") {
       const msg = JSON.parse(e.data);
       if (msg.type === "error") setStatus(`error: ${msg.message}`);
@@ -161,7 +170,7 @@ export async function connectWebSocket(mine, closed) {
       closed({ code: 1006, reason: `the server sent nothing for ${WEBSOCKET_SILENT_MS / 1000} s` });
       return;
     }
-    if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "ping", id: Date.now() }));
+    ping(now);
     showOverlay();
   }, 1000);
   // (not awaited: the stream needs no microphone, and one that cannot be connected is said on the
