@@ -27,16 +27,27 @@ async function loadAvatars() {
     const b = document.createElement("button");
     b.type = "button";
     b.title = a.name;
-    b.setAttribute("aria-pressed", String(a.id === state.avatar));
+    b.dataset.avatar = a.id;
     const img = document.createElement("img"); // (properties, not markup: a name is text)
     img.alt = a.name;
     img.src = a.image;
     b.append(img);
     b.onclick = () => {
       state.avatar = a.id;
-      for (const other of box.children) other.setAttribute("aria-pressed", String(other === b));
+      $("upload").value = "";
+      showChosenAvatar();
     };
     box.append(b);
+  }
+  showChosenAvatar();
+}
+
+// The face a connect streams: the picture chosen last, the avatar button clicked or the upload. A
+// picture chosen went instead of an avatar clicked after it, whose button said it was the one.
+function showChosenAvatar() {
+  const uploaded = $("upload").files.length > 0;
+  for (const b of $("avatars").children) {
+    b.setAttribute("aria-pressed", String(!uploaded && b.dataset.avatar === state.avatar));
   }
 }
 
@@ -180,6 +191,7 @@ async function speak(e) {
 }
 
 $("connect").onclick = connect;
+$("upload").onchange = showChosenAvatar;
 $("hangup").onclick = hangUp;
 $("speak-form").onsubmit = speak;
 $("mic").onchange = async () => {

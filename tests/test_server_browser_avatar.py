@@ -1,0 +1,45 @@
+"""The web page's choice of face in real headless Chromium (as test_server_browser.py; skipped
+without it): an avatar button, or a picture of one's own."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from server_helpers import live_server, png_bytes
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
+
+
+def test_the_face_chosen_last_is_the_one_streamed(browser_page, tmp_path):
+    """A picture chosen and then an avatar clicked: the avatar's button said it was the one, and the
+    picture was streamed (the upload went whenever a file was chosen). The one chosen last goes
+    now, and only its button (none, for a picture) says so."""
+    picture = tmp_path / "me.png"
+    picture.write_bytes(png_bytes())
+    with live_server(max_sessions=2) as (url, app):
+        page = browser_page.new_page()
+        created: list[str] = []  # how each POST /v1/sessions chose its face
+        page.on("request", lambda r: r.method == "POST" and r.url.endswith("/v1/sessions") and created.append(
+            "upload" if "multipart" in r.headers["content-type"] else json.loads(r.post_data)["avatar"]))  # fmt: skip
+        try:
+            page.goto(f"{url}/?mic=0&transport=ws&avatar=sample")
+            page.wait_for_selector("#avatars button[title='Ada']")
+            pressed = "[...document.querySelectorAll('#avatars button')].filter((b) => b.ariaPressed === 'true').map((b) => b.title)"
+
+            def connect_and_hang_up():
+                page.click("#connect")
+                page.wait_for_function("window.streamgenStats.state.startsWith('streaming')", timeout=60_000)
+                page.click("#hangup")
+
+            page.set_input_files("#upload", str(picture))
+            assert page.evaluate(pressed) == []
+            page.click("#avatars button[title='Ada']")
+            assert page.evaluate(pressed) == ["Ada"]
+            connect_and_hang_up()
+            page.set_input_files("#upload", str(picture))
+            assert page.evaluate(pressed) == []
+            connect_and_hang_up()
+            assert created == ["ada", "upload"]
+        finally:
+            page.close()
