@@ -58,5 +58,5 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, DataMissing, DataError, CheckpointError, TrainingError, ModelSourceError) as e:
         raise UserError(str(e)) from None
     shown = "  ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith("loss"))
-    print(f"{args.stage}: finished {cfg.run.steps} steps in {cfg.run.out}  {shown}")
+    print(f"{args.stage}: finished {cfg.run.steps} step{'s' * (cfg.run.steps != 1)} in {cfg.run.out}  {shown}")
     return 0

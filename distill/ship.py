@@ -94,7 +94,7 @@ def _run_hint(source: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m distill.ship", description=__doc__.splitlines()[0])
     p.add_argument("source", help="trained model directory (a stage's OUT/model)")
     p.add_argument("name", help="model name, e.g. tiny-avatar")
     args = p.parse_args(argv)
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     except OSError as e:  # (a full disk, an install it may not write into: a traceback)
         where = f" ({e.filename})" if e.filename else ""
         p.exit(2, f"{p.prog}: error: cannot write the model {args.name}: {e.strerror or e}{where}\n")
-    size = sum(f.stat().st_size for f in dst.iterdir())
+    size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())  # (a Wan model's wan_vae/ too)
     print(f"shipped {args.source} as {args.name}: {dst} ({size / 1e6:.1f} MB)")
     return 0
 

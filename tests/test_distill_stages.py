@@ -624,7 +624,8 @@ def test_ship_keeps_the_tiny_decoder_a_model_decodes_through(tmp_path, pipeline,
     assert type(load_model(str(dst)).vae) is type(load_model(str(src)).vae)
     with pytest.raises(SystemExit) as exited:  # one line, not a traceback
         main([str(tmp_path / "nothing"), "x"])
-    assert exited.value.code == 2 and "is not a model directory" in capsys.readouterr().err
+    err = capsys.readouterr().err  # (named as it is run: it said 'ship.py: error')
+    assert exited.value.code == 2 and "is not a model directory" in err and err.startswith("python -m distill.ship:")
 
 
 def test_ship_of_an_unfinished_run_or_a_run_folder_says_what_to_do(tmp_path, pipeline, capsys):
