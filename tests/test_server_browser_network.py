@@ -66,36 +66,28 @@ def streaming_through_a_relay(context, url: str, relay_port: int):
     return page
 
 
-def test_a_websocket_whose_connection_is_cut_says_it_was_lost(browser_page):
-    """Closed without a close frame (1006), the socket said 'closed: 1006 ' and nothing more."""
-    with live_server(max_sessions=2) as (url, app), relay(int(url.rsplit(":", 1)[1])) as (port, cut, _):
-        page = streaming_through_a_relay(browser_page, url, port)
-        try:
-            cut()
-            page.wait_for_function("window.streamgenStats.state.startsWith('closed')", timeout=20_000)
-            assert page.evaluate("held()") == {
-                "mics": 0, "contexts": 0, "state": "closed: 1006 the connection was lost", "connect": True,
-                "hangup": False,
-            }  # fmt: skip
-        finally:
-            page.close()
-
-
-def test_a_websocket_that_hears_nothing_more_is_given_up(browser_page):
-    """A network that went away closes no socket: the page said 'streaming' on its last frame, the
-    microphone on, for as long as TCP took to give up (minutes; here, for good). A stream hears its
-    server 25 times a second (frames) and at least once (the pong to its ping): after 10 s of nothing
-    the page gives the connection up and says so."""
-    with live_server(max_sessions=2) as (url, app), relay(int(url.rsplit(":", 1)[1])) as (port, _, stall):
+@pytest.mark.parametrize(
+    "fault, says",
+    [
+        # closed without a close frame (1006), the socket said 'closed: 1006 ' and nothing more
+        ("cut", "closed: 1006 the connection was lost"),
+        # a network that went away closes no socket: the page said 'streaming' on its last frame, the
+        # microphone on, for as long as TCP took to give up (minutes; here, for good). A stream hears
+        # its server 25 times a second (frames) and at least once (the pong to its ping): after 10 s
+        # of nothing the page gives the connection up and says so
+        ("stall", "closed: 1006 the server sent nothing for 10 s"),
+    ],
+)
+def test_a_websocket_whose_connection_fails_says_how(browser_page, fault, says):
+    with live_server(max_sessions=2) as (url, app), relay(int(url.rsplit(":", 1)[1])) as (port, cut, stall):
         page = streaming_through_a_relay(browser_page, url, port)
         try:
             page.wait_for_timeout(2000)  # (a stream that plays for a while is not given up)
             assert page.evaluate("window.streamgenStats.state") == "streaming (websocket)"
-            stall()
+            {"cut": cut, "stall": stall}[fault]()
             page.wait_for_function("window.streamgenStats.state.startsWith('closed')", timeout=30_000)
             assert page.evaluate("held()") == {
-                "mics": 0, "contexts": 0, "state": "closed: 1006 the server sent nothing for 10 s", "connect": True,
-                "hangup": False,
+                "mics": 0, "contexts": 0, "state": says, "connect": True, "hangup": False
             }  # fmt: skip
         finally:
             page.close()
