@@ -164,10 +164,11 @@ def test_the_speed_is_counted_in_clips_of_4_seconds():
     assert clips_of_4s_per_minute(clips=10, seconds=8.0, elapsed=30.0) == pytest.approx(40.0)
 
 
-def test_a_dataset_that_cannot_be_written_is_one_line_and_leaves_no_shard(tmp_path, capsys, monkeypatch):
+def test_a_make_that_cannot_write_is_one_line_and_keeps_finished_shards(tmp_path, capsys, monkeypatch):
     """A --out no folder can be made in (/proc) and a disk that fills while the shards are written
     were tracebacks (FileNotFoundError from mkdir; the OSError of the shard's write, after the
-    clean-up). Each is one line naming the folder, and no shard is left to pass for a finished one."""
+    clean-up). Each is one line naming the folder; the shards finished before are kept for the run
+    that goes on (partial.json), no other is left, and no folder made for nothing."""
     import errno
 
     from streamgen.data import shards
@@ -181,9 +182,10 @@ def test_a_dataset_that_cannot_be_written_is_one_line_and_leaves_no_shard(tmp_pa
         "streamgen data: error: cannot write the dataset into /proc/streamgen-data: No such file or directory"
     )
     written = shards._write_shard
+    full_at = ["val"]
 
     def fills_the_disk(path, clips):
-        if path.parent.name == "val":  # (after the train shards are written)
+        if path.parent.name in full_at:  # (after the train shards are written)
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         written(path, clips)
 
@@ -191,13 +193,69 @@ def test_a_dataset_that_cannot_be_written_is_one_line_and_leaves_no_shard(tmp_pa
     out = tmp_path / "ds"
     assert main([*argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"cannot write the dataset into {out}: No space left on device" in err and "Traceback" not in err
-    assert not list(out.rglob("*.npz")) and not (out / "manifest.json").exists()
-    assert not out.exists()  # nor the empty split folders made for it (nor --out, made for it too)
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")  # a folder the user made: kept, with what is theirs
-    assert main([*argv, "--out", str(out)]) == 2
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert "Traceback" not in err
+    said = f"cannot write the dataset into {out}: No space left on device (1 clip made so far kept: run"
+    assert said in err
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*.npz")] == ["train/shard-00000.npz"]
+    assert not (out / "manifest.json").exists() and not (out / "val").exists()
+    full_at[:] = ["train", "val", "test"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")  # a folder the user made: kept, with what is theirs
+    assert main([*argv, "--out", str(mine)]) == 2
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    capsys.readouterr()
+    full_at[:] = []  # space freed: the same command goes on from the shard kept
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "1 of them made before" in capsys.readouterr().out
+    assert load_manifest(out)["splits"]["train"]["clips"] == 1 and not (out / "partial.json").exists()
+
+
+def test_an_interrupted_make_is_gone_on_from_by_the_same_command(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C (or a kill -9) removed every shard written, and the make was done again from the
+    first clip: the shards finished are kept (partial.json records them) and the same command makes
+    only the others, the same dataset, byte for byte, as one made in one go. Other settings are
+    refused, not mixed in; two makes at once into one folder are refused too."""
+    import fcntl
+    import os
+
+    from streamgen.data import shards
+
+    argv = ["data", "make", "--clips", "6", "--size", "16", "--seconds", "0.2", "--shard-size", "2",
+            "--workers", "1", "--identities", "20"]  # fmt: skip
+    whole, out = tmp_path / "whole", tmp_path / "ds"
+    assert main([*argv, "--out", str(whole)]) == 0
+    written, made = shards._write_shard, []
+
+    def interrupted(path, clips):
+        if len(made) == 2:
+            raise KeyboardInterrupt
+        written(path, clips)
+        made.append(path)
+
+    monkeypatch.setattr(shards, "_write_shard", interrupted)
+    assert main([*argv, "--out", str(out)]) == 130
+    assert "4 clips made so far kept in" in capsys.readouterr().err
+    assert sorted(out.rglob("*.npz")) == sorted(made) and not (out / "manifest.json").exists()
+    refused = main([*argv, "--seed", "1", "--clips", "5", "--out", str(out)])
+    assert refused == 2 and sorted(out.rglob("*.npz")) == sorted(made)
+    err = capsys.readouterr().err
+    assert "partly made with other settings (--seed 0 there, 1 now, --clips 6 there, 5 now)" in err
+    fd = os.open(out, os.O_RDONLY)  # another make writing there
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main([*argv, "--out", str(out)]) == 2
+        assert f"another `data make` is writing into {out}" in capsys.readouterr().err
+    finally:
+        os.close(fd)
+    made.clear()
+    monkeypatch.setattr(shards, "_write_shard", lambda path, clips: (made.append(path), written(path, clips)))
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "4 of them made before" in capsys.readouterr().out and len(made) == 2  # (of 4 shards)
+    for path in whole.rglob("*"):
+        if path.is_file():
+            assert path.read_bytes() == (out / path.relative_to(whole)).read_bytes(), path
+    assert not (out / "partial.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -69,21 +70,31 @@ def _make(args) -> int:
 
     from streamgen.cli import output_folder
 
-    from .shards import make_dataset
+    from .shards import clip_count, make_dataset, partly_made
 
     output_folder(args.out, make=False)  # (it makes the folder itself, and removes it on failure)
+    before = partly_made(args.out)  # (an unfinished make's clips, which this one goes on from)
     start = time.perf_counter()
-    with tqdm(total=args.clips, unit="clip", desc="data make") as bar:
-        manifest = make_dataset(
-            args.out, args.clips, args.seed, args.size, args.size, args.seconds,
-            args.shard_size, args.identities, args.workers, progress=bar.update,
-        )  # fmt: skip
+    try:
+        with tqdm(total=args.clips, unit="clip", desc="data make") as bar:
+            manifest = make_dataset(
+                args.out, args.clips, args.seed, args.size, args.size, args.seconds,
+                args.shard_size, args.identities, args.workers, progress=bar.update,
+            )  # fmt: skip
+    except KeyboardInterrupt:
+        kept = partly_made(args.out)
+        if kept:
+            print(f"data make: {clip_count(kept)} made so far kept in {args.out}: "
+                  "run the same command again to go on from them", file=sys.stderr)  # fmt: skip
+        raise
     elapsed = time.perf_counter() - start
-    per_minute = clips_of_4s_per_minute(args.clips, args.seconds, elapsed)
     counts = ", ".join(f"{s} {v['clips']}" for s, v in manifest["splits"].items())
-    print(f"wrote {args.clips} clips ({counts}) to {args.out} in {elapsed:.1f} s")
-    size = f"{args.size}x{args.size}"
-    print(f"speed: {per_minute:.0f} clips of 4 s per minute at {size} with {args.workers} workers")
+    kept = f", {before} of them made before" if before else ""
+    print(f"wrote {args.clips} clips ({counts}) to {args.out} in {elapsed:.1f} s{kept}")
+    if args.clips > before:
+        per_minute = clips_of_4s_per_minute(args.clips - before, args.seconds, elapsed)
+        size = f"{args.size}x{args.size}"
+        print(f"speed: {per_minute:.0f} clips of 4 s per minute at {size} with {args.workers} workers")
     return 0
 
 

@@ -3,6 +3,7 @@
 Layout written by `streamgen data make --out DIR`:
 
     DIR/manifest.json          written last: a folder without it is incomplete
+    DIR/partial.json           while it is: the shards finished so far, which a rerun keeps
     DIR/train/shard-00000.npz  (and val/, test/)
     DIR/latents/NAME/train/shard-00000.npz   optional latent cache (see cache_latents)
 
@@ -53,6 +54,10 @@ class DataError(ValueError):
     """A dataset on disk is missing, incomplete or corrupted."""
 
 
+class FolderBusy(DataError):
+    """Another `data make` is writing into the folder."""
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -92,7 +97,13 @@ def _make_shard(job) -> dict:
     seed, indices, split, path, height, width, seconds, n_identities = job
     clips = [make_clip(seed, i, split, height, width, seconds, n_identities) for i in indices]
     _write_shard(Path(path), clips)
-    return {"file": f"{split}/{Path(path).name}", "clips": len(indices), "indices": list(indices)}
+    return {
+        "file": f"{split}/{Path(path).name}",
+        "clips": len(indices),
+        "indices": list(indices),
+        "bytes": Path(path).stat().st_size,
+        "sha256": _sha256(Path(path)),  # (hashed in the worker that wrote it, while it is in the page cache)
+    }
 
 
 def plan_shards(n_clips: int, shard_size: int) -> dict[str, list[list[int]]]:
@@ -103,6 +114,85 @@ def plan_shards(n_clips: int, shard_size: int) -> dict[str, list[list[int]]]:
     return {
         s: [ids[k : k + shard_size] for k in range(0, len(ids), shard_size)] for s, ids in by_split.items()
     }
+
+
+# A make that did not finish (Ctrl-C, kill -9, a full disk) leaves PARTIAL beside its shards: its
+# settings and the shards finished so far, each with its size and sha256. The same command run
+# again goes on from them (the clips are a pure function of the settings) where the whole make was
+# done again; a make with other settings is refused, the folder holding another make's work.
+PARTIAL = "partial.json"
+# the settings a make's clips are a function of, and the option that gives each (not --workers)
+_SETTING_FLAGS = {
+    "seed": "--seed", "clips": "--clips", "height": "--size", "width": "--size", "seconds": "--seconds",
+    "identities": "--identities", "shard_size": "--shard-size",
+}  # fmt: skip
+
+
+def _finished_shards(out: Path, settings: dict) -> dict[str, dict]:
+    """The shards an unfinished make of these `settings` left in `out` (PARTIAL) that are still
+    there as it wrote them, by file; a DataError if it was a make of other settings."""
+    path = out / PARTIAL
+    if not path.is_file():
+        return {}
+    try:
+        partial = json.loads(path.read_text())
+        kept, shards = partial["settings"], partial["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: unreadable ({e}); delete it, or {out}, to make the dataset again") from None
+    if kept != settings:
+        other = ", ".join(
+            f"{_SETTING_FLAGS.get(k, k)} {kept.get(k)} there, {v} now"
+            for k, v in settings.items()
+            if kept.get(k) != v and not (k == "width" and kept.get("height") != settings["height"])
+        )
+        raise DataError(
+            f"{out} holds a dataset partly made with other settings ({other or 'another format'}): run "
+            f"`data make` again with those to finish it, or delete {out} (or choose another --out)"
+        )
+    finished = {}
+    for shard in shards:
+        try:
+            check_shard(out / shard["file"], shard["bytes"], shard["sha256"])
+        except DataError:  # (gone or changed since: made again)
+            continue
+        finished[shard["file"]] = shard
+    return finished
+
+
+def partly_made(out: Path) -> int:
+    """The clips an unfinished make left in `out` for the next one to go on from (0: none)."""
+    try:
+        return sum(s["clips"] for s in json.loads((Path(out) / PARTIAL).read_text())["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def clip_count(n: int) -> str:
+    return f"{n} clip" if n == 1 else f"{n} clips"
+
+
+def _lock_out(out: Path) -> int | None:
+    """A descriptor of the folder `out` that holds its lock (flock, released when the process
+    ends, however), or a DataError: two makes into one folder wrote over each other's shards, one's
+    clean-up removed the other's, and the manifest of the last to end recorded some of the other's.
+    None where the folder cannot be locked."""
+    try:
+        import fcntl
+
+        fd = os.open(out, os.O_RDONLY)
+    except (ImportError, OSError):  # (not POSIX; a system that opens no folder)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FolderBusy(
+            f"another `data make` is writing into {out}: let it finish, or choose another --out"
+        ) from None
+    except OSError:  # (a file system that refuses the lock)
+        os.close(fd)
+        return None
+    return fd
 
 
 def make_dataset(
@@ -117,7 +207,9 @@ def make_dataset(
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """Generate `n_clips` clips into `out`; returns the manifest. Cleans up after itself on failure."""
+    """Generate `n_clips` clips into `out`; returns the manifest. Goes on from the shards an
+    unfinished make of the same settings left there (PARTIAL); if this one does not finish, the
+    shards it finished are kept for the next (and nothing else: no folder made for nothing)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file, not a folder; choose another --out")
@@ -133,62 +225,104 @@ def make_dataset(
         raise DataError(f"frames of {height}x{width} are too small to draw a face (16x16 at least)")
     if not (math.isfinite(seconds) and round(seconds * FPS) >= 1):
         raise DataError(f"clips of {seconds} s are shorter than one frame (1/{FPS} s)")
+    settings = {
+        "format": FORMAT, "seed": seed, "clips": n_clips, "height": height, "width": width,
+        "seconds": seconds, "identities": n_identities, "shard_size": shard_size,
+    }  # fmt: skip
+    _finished_shards(out, settings)  # (another make's work: refused before anything is made)
     plan = plan_shards(n_clips, shard_size)
+    made_out = not out.exists()
+    lock = None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = _lock_out(out)
+        written = _write_shards(out, plan, settings, workers, progress)
+    except BaseException as e:
+        made = [out / split for split in plan] + ([out] if made_out else [])
+        # (not where another make holds the folder: an empty split folder there may be its, just made)
+        for folder in [] if isinstance(e, FolderBusy) else made:
+            try:  # the folders made for it, where nothing else was put in them (no shard kept)
+                folder.rmdir()
+            except OSError:
+                pass
+        if isinstance(e, OSError):  # (a folder that cannot be made, a full disk: the user's to fix)
+            kept = partly_made(out)
+            again = f" ({clip_count(kept)} made so far kept: run it again to go on from them)"
+            raise DataError(
+                f"cannot write the dataset into {out}: {e.strerror or e}{again if kept else ''}"
+            ) from None
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)  # (the lock with it)
+    return _write_manifest(out, settings, written)
+
+
+def _write_shards(out: Path, plan: dict, settings: dict, workers: int, progress) -> list[dict]:
+    """The shards of `plan` that `out` lacks, written (those an unfinished make left are kept), each
+    recorded in PARTIAL as it is finished; every shard's record."""
+    if (out / "manifest.json").exists():  # (made by a make that held the lock before this one)
+        raise DataError(f"{out} already holds a dataset (manifest.json); choose another --out or delete it")
+    finished = _finished_shards(out, settings)
     jobs = []
     for split, shards in plan.items():
         for k, indices in enumerate(shards):
             path = out / split / f"shard-{k:05d}.npz"
-            jobs.append((seed, indices, split, str(path), height, width, seconds, n_identities))
-    written: list[dict] = []
-    made_out = not out.exists()
+            if f"{split}/{path.name}" not in finished:
+                size_and_length = settings["height"], settings["width"], settings["seconds"]
+                jobs.append(
+                    (settings["seed"], indices, split, str(path), *size_and_length, settings["identities"])
+                )
+    written = list(finished.values())
+    progress and written and progress(sum(w["clips"] for w in written))
+
+    def record(info: dict) -> None:
+        written.append(info)
+        write_text_atomically(out / PARTIAL, json.dumps({"settings": settings, "shards": written}, indent=1))
+        progress and progress(info["clips"])
+
     try:
         for split in plan:
             (out / split).mkdir(parents=True, exist_ok=True)
         if workers <= 1:
             for job in jobs:
-                written.append(_make_shard(job))
-                progress and progress(written[-1]["clips"])
+                record(_make_shard(job))
         else:
             import multiprocessing as mp
 
             with mp.get_context("spawn").Pool(workers) as pool:
                 for info in pool.imap_unordered(_make_shard, jobs):
-                    written.append(info)
-                    progress and progress(info["clips"])
-    except BaseException as e:
-        for job in jobs:  # leave nothing that could pass for a finished shard
+                    record(info)
+    except BaseException:
+        recorded = {out / w["file"] for w in written}
+        for job in jobs:  # leave nothing that could pass for a finished shard but the recorded ones
             # (and no temp file of a pool's worker that was ended before it could remove its own)
-            for p in (Path(job[3]), *temp_files_beside(job[3])):
+            for p in ({Path(job[3])} - recorded) | set(temp_files_beside(job[3])):
                 p.unlink(missing_ok=True)
-        for folder in [out / split for split in plan] + ([out] if made_out else []):
-            try:  # the folders made for it, where nothing else was put in them
-                folder.rmdir()
-            except OSError:
-                pass
-        if isinstance(e, OSError):  # (a folder that cannot be made, a full disk: the user's to fix)
-            raise DataError(f"cannot write the dataset into {out}: {e.strerror or e}") from None
         raise
+    return written
+
+
+def _write_manifest(out: Path, settings: dict, written: list[dict]) -> dict:
     manifest = {
         "format": FORMAT,
-        "seed": seed,
-        "clips": n_clips,
-        "height": height,
-        "width": width,
+        "seed": settings["seed"],
+        "clips": settings["clips"],
+        "height": settings["height"],
+        "width": settings["width"],
         "fps": FPS,
-        "seconds": seconds,
-        "frames": int(round(seconds * FPS)),
+        "seconds": settings["seconds"],
+        "frames": int(round(settings["seconds"] * FPS)),
         "sample_rate": 16000,
-        "identities": n_identities,
+        "identities": settings["identities"],
         "motion_names": Motion.names(),
         "splits": {},
     }
     for split in SPLITS:
         shards = sorted((w for w in written if w["file"].startswith(split + "/")), key=lambda w: w["file"])
-        for w in shards:
-            w["bytes"] = (out / w["file"]).stat().st_size
-            w["sha256"] = _sha256(out / w["file"])
         manifest["splits"][split] = {"clips": sum(w["clips"] for w in shards), "shards": shards}
     write_text_atomically(out / "manifest.json", json.dumps(manifest, indent=1))
+    (out / PARTIAL).unlink(missing_ok=True)  # (after: a kill between the two leaves a dataset)
     return manifest
 
 
