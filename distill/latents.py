@@ -65,11 +65,15 @@ def build_latents(cfg) -> list[Path]:
             raise DataMissing(str(e)) from None
         path = bank_path(root, cfg.data.latents, split)
         captions = "true" if cfg.options.captions else "false"
+        shards = _shards_digest(ds.shards)
         if path.exists():
-            _check_kept_bank(path, captions)
-            print(f"latents: {split}: kept {path} (encoded before)")
-            written.append(path)
-            continue
+            if _check_kept_bank(path, captions, shards):
+                print(f"latents: {split}: kept {path} (encoded before)")
+                written.append(path)
+                continue
+            print(
+                f"latents: {split}: {path} holds other shards' clips (the dataset was made again): made again"
+            )
         if len(ds) == 0:
             raise DataMissing(f"{root} has no {split} clips to encode (options.splits names the splits)")
         items = [ds[i] for i in range(len(ds))]
@@ -86,7 +90,7 @@ def build_latents(cfg) -> list[Path]:
             "audio": torch.from_numpy(np.stack([_fit(it["audio"], samples) for it in items])),
             "context": _captions([it["caption"] for it in items], mcfg.text_dim, cfg.options.captions),
         }
-        save_safetensors(tensors, path, metadata={"captions": captions})
+        save_safetensors(tensors, path, metadata={"captions": captions, "shards": shards})
         written.append(path)
         print(f"latents: {split}: {len(items)} clips, {frames} latent frames each -> {path}")
     return written
@@ -135,19 +139,31 @@ def _claim_cache(folder: Path, vae, source: str) -> None:
     write_text_atomically(mark, json.dumps(record) + "\n")
 
 
-def _check_kept_bank(path: Path, captions: str) -> None:
-    """A bank encoded before is kept (its clips' latents are the cached ones): with another
-    latents.captions it would be kept all the same, its captions not what was asked for, without a
-    word. A bank from before the setting was recorded is taken as it is."""
+def _shards_digest(shards: list[dict]) -> str:
+    """A fingerprint of a split's shards (their files and sha256s, as its manifest records them):
+    what a bank's clips were gathered from."""
+    listed = json.dumps([(shard["file"], shard.get("sha256")) for shard in shards])
+    return hashlib.sha256(listed.encode()).hexdigest()[:16]
+
+
+def _check_kept_bank(path: Path, captions: str, shards: str) -> bool:
+    """Whether a bank encoded before can be kept (its clips' latents are the cached ones): with
+    another latents.captions it would be kept all the same, its captions not what was asked for,
+    without a word (a ConfigError). False where it was gathered from other shards (`_shards_digest`)
+    than the split has now: a dataset made again with more clips or fewer kept its shards that are
+    the same, byte for byte, and so their cached latents, and the bank of the old clips was kept.
+    A bank from before either was recorded is taken as it is."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        kept = (f.metadata() or {}).get("captions")
+        metadata = f.metadata() or {}
+    kept = metadata.get("captions")
     if kept is not None and kept != captions:
         raise ConfigError(
             f"{path} was encoded with latents.captions={kept}, not {captions}: choose another data.latents "
             f"name, or delete {path} to encode it again"
         )
+    return metadata.get("shards", shards) == shards
 
 
 def _fit(audio: np.ndarray, samples: int) -> np.ndarray:

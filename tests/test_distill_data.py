@@ -226,3 +226,29 @@ def test_latents_that_cannot_be_written_are_one_line(world, autoencoder, tmp_pat
     (root / "latents").write_text("in the way")
     with pytest.raises(DataMissing, match=r"cannot write the latents into .*latents/dbg: Not a directory"):
         build_latents(latents_config(root, autoencoder, "dbg", ["train"]))
+
+
+def test_a_bank_of_a_dataset_made_again_with_more_clips_is_made_again(autoencoder, tmp_path, capsys):
+    """A dataset made again in place (its latents kept) with more clips keeps its first shards byte
+    for byte, and so their cached latents: the bank gathered from the first dataset's clips was
+    kept ('encoded before'), and the stages trained on a third of the clips without a word."""
+    import shutil
+
+    from distill.data import LatentBank
+    from distill.latents import build_latents
+    from streamgen.data.shards import make_dataset
+
+    root = tmp_path / "world"
+    make_dataset(root, 4, 0, 32, 32, 0.4, 2, 50, 1)  # train: clips 2 and 3, one shard
+    cfg = latents_config(root, autoencoder, "dbg", ["train"])
+    build_latents(cfg)
+    assert LatentBank.load(root, "dbg", "train").num_clips == 2
+    for made in ("manifest.json", "train", "val", "test"):
+        (root / made).unlink() if made.endswith(".json") else shutil.rmtree(root / made)
+    make_dataset(root, 8, 0, 32, 32, 0.4, 2, 50, 1)  # train: clips 2..7, its first shard the same
+    capsys.readouterr()
+    build_latents(cfg)
+    assert "holds other shards' clips" in capsys.readouterr().out
+    assert LatentBank.load(root, "dbg", "train").num_clips == 6
+    build_latents(cfg)
+    assert "kept" in capsys.readouterr().out  # (and kept from then on)
