@@ -211,6 +211,36 @@ def test_a_make_that_cannot_write_is_one_line_and_keeps_finished_shards(tmp_path
     assert load_manifest(out)["splits"]["train"]["clips"] == 1 and not (out / "partial.json").exists()
 
 
+@pytest.mark.slow
+def test_a_ctrl_c_is_one_line_not_a_traceback_per_worker(tmp_path):
+    """A Ctrl-C goes to the terminal's whole process group: each pool worker printed its
+    KeyboardInterrupt's traceback ('Process SpawnPoolWorker-1: Traceback ...') over what the
+    command said. The workers leave it to the command, which stops them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "ds"
+    argv = ["data", "make", "--out", str(out), "--clips", "400", "--size", "32", "--seconds", "2",
+            "--shard-size", "2", "--workers", "2"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "streamgen", *argv], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        for _ in range(1200):  # (the workers' imports: seconds)
+            if (out / "partial.json").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the make ended before it was interrupted"
+        os.killpg(proc.pid, signal.SIGINT)  # (as a terminal's Ctrl-C: the whole group)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "made so far kept in" in err
+
+
 def test_an_interrupted_make_is_gone_on_from_by_the_same_command(tmp_path, capsys, monkeypatch):
     """A Ctrl-C (or a kill -9) removed every shard written, and the make was done again from the
     first clip: the shards finished are kept (partial.json records them) and the same command makes

@@ -290,7 +290,7 @@ def _write_shards(out: Path, plan: dict, settings: dict, workers: int, progress)
         else:
             import multiprocessing as mp
 
-            with mp.get_context("spawn").Pool(workers) as pool:
+            with mp.get_context("spawn").Pool(workers, initializer=_leave_interrupts_to_the_parent) as pool:
                 for info in pool.imap_unordered(_make_shard, jobs):
                     record(info)
     except BaseException:
@@ -301,6 +301,15 @@ def _write_shards(out: Path, plan: dict, settings: dict, workers: int, progress)
                 p.unlink(missing_ok=True)
         raise
     return written
+
+
+def _leave_interrupts_to_the_parent() -> None:
+    """A pool worker's start. A Ctrl-C goes to the terminal's whole process group: each worker
+    printed its KeyboardInterrupt's traceback over what the command said; the parent, interrupted,
+    stops them (the pool's terminate)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _write_manifest(out: Path, settings: dict, written: list[dict]) -> dict:
