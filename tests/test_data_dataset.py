@@ -94,6 +94,24 @@ def test_latent_cache_hook(world):
         manifest_path.write_text(kept)
 
 
+def test_a_corrupted_latent_cache_file_is_one_error_naming_it(world, tmp_path):
+    """A latent file cut short (a copy that stopped, a full disk under another tool) was zipfile's
+    BadZipFile ('File is not a zip file') with no file named, through the latents stage too."""
+    import shutil
+
+    root = tmp_path / "world"
+    shutil.copytree(world, root)
+    ds = AvatarWorldDataset(root, "train")
+    ds.cache_latents(lambda video: video[:, :2, :2, 0].astype(np.float32), "tiny")
+    cut = root / "latents" / "tiny" / "train" / "shard-00001.npz"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    says = rf"corrupted latent cache file {re.escape(str(cut))}: .*: delete it to encode it again"
+    with pytest.raises(DataError, match=says):
+        AvatarWorldDataset(root, "train", latents="tiny")
+    with pytest.raises(DataError, match=says):
+        ds.cache_latents(lambda video: video, "tiny")
+
+
 def test_corrupted_shard_is_one_clear_error(world, tmp_path):
     import struct
 

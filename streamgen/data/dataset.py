@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import os
+import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,8 +152,12 @@ def _check_not_stale(path: Path, shard: dict, cache: Path) -> None:
 
 def _encoded_from(path: Path) -> str | None:
     """The sha256 of the shard a latent file was encoded from (None: not recorded)."""
-    with np.load(path) as cached:
-        return str(cached["shard_sha256"]) or None if "shard_sha256" in cached.files else None
+    try:
+        with np.load(path) as cached:
+            return str(cached["shard_sha256"]) or None if "shard_sha256" in cached.files else None
+    # (a file cut short: a copy that stopped; NotImplementedError: a compression method byte flipped)
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError) as e:
+        raise DataError(f"corrupted latent cache file {path}: {e}: delete it to encode it again") from None
 
 
 def collate_clips(items: list[dict]) -> dict:
