@@ -112,6 +112,18 @@ def test_a_corrupted_latent_cache_file_is_one_error_naming_it(world, tmp_path):
         ds.cache_latents(lambda video: video, "tiny")
 
 
+@pytest.mark.parametrize("text", ["[]", '{"format": "streamgen-avatar-world/1"}', '{"format": '])
+def test_a_manifest_that_is_not_one_is_one_error_naming_it(tmp_path, text, capsys):
+    """A manifest.json of valid JSON but no manifest's (a list, an object without its splits) was an
+    AttributeError's or a KeyError's traceback in data preview, the Dataset and the latents stage."""
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "manifest.json").write_text(text)
+    with pytest.raises(DataError, match=r"corrupted manifest .*manifest.json: "):
+        AvatarWorldDataset(tmp_path / "ds", "train")
+    assert main(["data", "preview", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "pv")]) == 2
+    assert "corrupted manifest" in capsys.readouterr().err
+
+
 def test_corrupted_shard_is_one_clear_error(world, tmp_path):
     import struct
 
@@ -296,6 +308,8 @@ def test_an_interrupted_make_is_gone_on_from_by_the_same_command(tmp_path, capsy
         assert f"another `data make` is writing into {out}" in capsys.readouterr().err
     finally:
         os.close(fd)
+    with pytest.raises(DataError, match=r"did not finish \(4 clips made, in .*partial.json\); run it again"):
+        load_manifest(out)  # (said 'no manifest.json; run `streamgen data make`', as of any folder)
     made.clear()
     monkeypatch.setattr(shards, "_write_shard", lambda path, clips: (made.append(path), written(path, clips)))
     assert main([*argv, "--out", str(out)]) == 0

@@ -342,11 +342,18 @@ def load_manifest(root: Path) -> dict:
     root = Path(root)
     path = root / "manifest.json"
     if not path.exists():
+        if (root / PARTIAL).exists():  # (said as any other folder, it read as if nothing were there)
+            raise DataError(
+                f"{root} is not a finished dataset: the `streamgen data make` that wrote it did not finish "
+                f"({clip_count(partly_made(root))} made, in {root / PARTIAL}); run it again to finish it"
+            )
         raise DataError(f"{root} is not a finished dataset (no manifest.json); run `streamgen data make`")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"corrupted manifest {path}: {e}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):  # (an AttributeError)
+        raise DataError(f"corrupted manifest {path}: not the JSON object of a dataset's manifest")
     if manifest.get("format") != FORMAT:
         raise DataError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT}")
     return manifest
