@@ -71,7 +71,8 @@ class LatentBank:
 
     @classmethod
     def load(cls, root, latents: str, split: str) -> LatentBank:
-        from safetensors.torch import load_file
+        from streamgen.data.shards import DataError
+        from streamgen.model.files import load_safetensors
 
         root = Path(root)
         if not root.is_dir():
@@ -81,7 +82,16 @@ class LatentBank:
             raise DataMissing(
                 f"{path} is missing: run `streamgen distill latents` to encode {root} with the autoencoder"
             )
-        return cls(load_file(str(path)))
+        # (a file cut short or spoilt, copied by hand: safetensors' error, or a KeyError, named no file)
+        again = "delete it and run `streamgen distill latents` to gather it again from the cached latents"
+        try:
+            tensors = load_safetensors(path)
+        except ValueError as e:
+            raise DataError(f"corrupted latent bank {e}: {again}") from None
+        missing = [name for name in ("latents", "reference", "audio", "context") if name not in tensors]
+        if missing:
+            raise DataError(f"corrupted latent bank {path}: it has no {', '.join(missing)}: {again}")
+        return cls(tensors)
 
     @classmethod
     def synthetic(cls, model_cfg, clips: int, frames: int, latent_hw, seed: int = 0) -> LatentBank:

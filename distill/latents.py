@@ -67,13 +67,12 @@ def build_latents(cfg) -> list[Path]:
         captions = "true" if cfg.options.captions else "false"
         shards = _shards_digest(ds.shards)
         if path.exists():
-            if _check_kept_bank(path, captions, shards):
+            problem = _kept_bank_problem(path, captions, shards)
+            if problem is None:
                 print(f"latents: {split}: kept {path} (encoded before)")
                 written.append(path)
                 continue
-            print(
-                f"latents: {split}: {path} holds other shards' clips (the dataset was made again): made again"
-            )
+            print(f"latents: {split}: {path} {problem}: made again")
         if len(ds) == 0:
             raise DataMissing(f"{root} has no {split} clips to encode (options.splits names the splits)")
         items = [ds[i] for i in range(len(ds))]
@@ -146,24 +145,30 @@ def _shards_digest(shards: list[dict]) -> str:
     return hashlib.sha256(listed.encode()).hexdigest()[:16]
 
 
-def _check_kept_bank(path: Path, captions: str, shards: str) -> bool:
-    """Whether a bank encoded before can be kept (its clips' latents are the cached ones): with
-    another latents.captions it would be kept all the same, its captions not what was asked for,
-    without a word (a ConfigError). False where it was gathered from other shards (`_shards_digest`)
-    than the split has now: a dataset made again with more clips or fewer kept its shards that are
-    the same, byte for byte, and so their cached latents, and the bank of the old clips was kept.
-    A bank from before either was recorded is taken as it is."""
-    from safetensors import safe_open
+def _kept_bank_problem(path: Path, captions: str, shards: str) -> str | None:
+    """Why a bank encoded before cannot be kept (its clips' latents are the cached ones), None where
+    it can. With another latents.captions it would be kept all the same, its captions not what was
+    asked for, without a word (a ConfigError). One gathered from other shards (`_shards_digest`)
+    than the split has now is made again: a dataset made again with more clips or fewer kept its
+    shards that are the same, byte for byte, and so their cached latents, and the bank of the old
+    clips was kept. So is one that cannot be read (safetensors' traceback, no file named). A bank
+    from before either was recorded is taken as it is."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        return f"cannot be read ({e})"
     kept = metadata.get("captions")
     if kept is not None and kept != captions:
         raise ConfigError(
             f"{path} was encoded with latents.captions={kept}, not {captions}: choose another data.latents "
             f"name, or delete {path} to encode it again"
         )
-    return metadata.get("shards", shards) == shards
+    if metadata.get("shards", shards) != shards:
+        return "holds other shards' clips (the dataset was made again)"
+    return None
 
 
 def _fit(audio: np.ndarray, samples: int) -> np.ndarray:

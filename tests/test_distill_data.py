@@ -252,3 +252,31 @@ def test_a_bank_of_a_dataset_made_again_with_more_clips_is_made_again(autoencode
     assert LatentBank.load(root, "dbg", "train").num_clips == 6
     build_latents(cfg)
     assert "kept" in capsys.readouterr().out  # (and kept from then on)
+
+
+def test_a_bank_cut_short_is_one_error_naming_it_and_the_latents_stage_makes_it_again(
+    world, autoencoder, tmp_path, capsys
+):
+    """A bank file cut short (a copy that stopped) was safetensors' own traceback, no file named, in
+    every stage that reads it, and in the latents stage run again (which kept it, had it read)."""
+    import shutil
+
+    from distill.data import LatentBank
+    from distill.latents import build_latents
+    from streamgen.data.shards import DataError
+
+    root = tmp_path / "world"
+    shutil.copytree(world, root)
+    cfg = latents_config(root, autoencoder, "dbg", ["train"])
+    (bank,) = build_latents(cfg)
+    whole = LatentBank.load(root, "dbg", "train")  # (its tensors mapped from the file: not cut in place)
+    cut = bank.with_name("cut")
+    cut.write_bytes(bank.read_bytes()[: bank.stat().st_size // 2])
+    cut.replace(bank)
+    says = rf"corrupted latent bank {re.escape(str(bank))}: .*run `streamgen distill latents`"
+    with pytest.raises(DataError, match=says):
+        LatentBank.load(root, "dbg", "train")
+    capsys.readouterr()
+    assert build_latents(cfg) == [bank] and "cannot be read" in capsys.readouterr().out
+    again = LatentBank.load(root, "dbg", "train")  # (gathered again from the cached latents)
+    assert torch.equal(again.latents, whole.latents) and torch.equal(again.audio, whole.audio)
