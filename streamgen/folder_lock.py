@@ -1,4 +1,6 @@
-"""One export at a time into a folder written in place (`streamgen.folders`).
+"""One writer at a time in a folder: an export into a folder written in place (`streamgen.folders`)
+waits for the one before it; a job that writes a folder of outputs (`data make`, `eval`) is refused
+while another such job writes there (`no_other_writer`).
 
 Two exports of one host that both read the folder's old export stamp before either wrote its own
 each found its own "writing" stamp at some point, and the first to end wrote "done" while the
@@ -49,6 +51,34 @@ def one_export_at_a_time(path: Path, holder: Callable[[], str]):
     fd = _folder_locked(path, holder)
     try:
         yield fd is not None
+    finally:
+        if fd is not None:
+            os.close(fd)  # (the lock with it)
+
+
+@contextlib.contextmanager
+def no_other_writer(path: Path, busy: Callable[[], Exception]):
+    """The folder `path` locked for this job alone, or `busy()` raised where another job holds it
+    (refused, not made to wait: two jobs into one folder wrote over each other's outputs, one's
+    clean-up removed the other's, and both said they were done). The lock is the folder's flock
+    (no file left in it), gone with the process however it ends; where the folder cannot be
+    locked (as for `one_export_at_a_time`), jobs are not kept apart."""
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY)
+    except (ImportError, OSError):  # (not POSIX; a system that opens no folder)
+        fd = None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise busy() from None
+        except OSError:  # (a file system that refuses the lock: ENOLCK, EOPNOTSUPP)
+            pass
+    try:
+        yield
     finally:
         if fd is not None:
             os.close(fd)  # (the lock with it)

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from streamgen.files import temp_files_beside, write_atomically, write_text_atomically
+from streamgen.folder_lock import no_other_writer
 
 from . import SPLITS
 from .motion import FPS, Motion
@@ -171,30 +172,6 @@ def clip_count(n: int) -> str:
     return f"{n} clip" if n == 1 else f"{n} clips"
 
 
-def _lock_out(out: Path) -> int | None:
-    """A descriptor of the folder `out` that holds its lock (flock, released when the process
-    ends, however), or a DataError: two makes into one folder wrote over each other's shards, one's
-    clean-up removed the other's, and the manifest of the last to end recorded some of the other's.
-    None where the folder cannot be locked."""
-    try:
-        import fcntl
-
-        fd = os.open(out, os.O_RDONLY)
-    except (ImportError, OSError):  # (not POSIX; a system that opens no folder)
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise FolderBusy(
-            f"another `data make` is writing into {out}: let it finish, or choose another --out"
-        ) from None
-    except OSError:  # (a file system that refuses the lock)
-        os.close(fd)
-        return None
-    return fd
-
-
 def make_dataset(
     out: Path,
     n_clips: int,
@@ -232,11 +209,14 @@ def make_dataset(
     _finished_shards(out, settings)  # (another make's work: refused before anything is made)
     plan = plan_shards(n_clips, shard_size)
     made_out = not out.exists()
-    lock = None
+    # (two makes into one folder wrote over each other's shards, one's clean-up removed the other's,
+    # and the manifest of the last to end recorded some of the other's)
+    busy = f"another `data make` is writing into {out}: let it finish, or choose another --out"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        lock = _lock_out(out)
-        written = _write_shards(out, plan, settings, workers, progress)
+        with no_other_writer(out, lambda: FolderBusy(busy)):
+            written = _write_shards(out, plan, settings, workers, progress)
+            return _write_manifest(out, settings, written)  # (before another make may begin)
     except BaseException as e:
         made = [out / split for split in plan] + ([out] if made_out else [])
         # (not where another make holds the folder: an empty split folder there may be its, just made)
@@ -252,10 +232,6 @@ def make_dataset(
                 f"cannot write the dataset into {out}: {e.strerror or e}{again if kept else ''}"
             ) from None
         raise
-    finally:
-        if lock is not None:
-            os.close(lock)  # (the lock with it)
-    return _write_manifest(out, settings, written)
 
 
 def _write_shards(out: Path, plan: dict, settings: dict, workers: int, progress) -> list[dict]:

@@ -14,9 +14,7 @@ report.md, drift.png, samples.png, sync.png.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -84,30 +82,14 @@ class OutputInUse(RuntimeError):
     """Another evaluation is writing into the --out folder."""
 
 
-@contextlib.contextmanager
 def one_eval_at_a_time(out: Path):
     """The folder `out` for this evaluation alone: a second one into it at once removed the first's
     outputs as it began, and the two wrote theirs over each other's (one's report.json beside the
-    other's plots, both said "wrote"). The lock (flock, on the folder itself: no file left in it)
-    goes with the process however it ends; where the system takes none, runs are not kept apart."""
-    try:
-        import fcntl
-    except ImportError:  # (not POSIX)
-        yield
-        return
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputInUse(
-                f"another evaluation is writing into {out}: wait for it to end, or give another --out"
-            ) from None
-        except OSError:  # (no locks on this file system)
-            pass
-        yield
-    finally:
-        os.close(fd)
+    other's plots, both said "wrote")."""
+    from streamgen.folder_lock import no_other_writer
+
+    busy = f"another evaluation is writing into {out}: wait for it to end, or give another --out"
+    return no_other_writer(out, lambda: OutputInUse(busy))
 
 
 def open_session(
