@@ -104,10 +104,13 @@ class AudioTimeline:
             end = max(self._cursors.values(), default=0)
         return max(0, end - self.taken) / SAMPLE_RATE
 
-    @property
-    def room_seconds(self) -> float:
-        """Seconds of audio the queue still takes after what is queued."""
-        return self.max_ahead / SAMPLE_RATE - self.queued_seconds
+    def room_seconds(self, source: str = "speech") -> float:
+        """Seconds of audio `source` can still queue after its own, as `append` places it: the
+        sources are mixed, so another's audio queued ahead (a client's WAV sent at once) takes none
+        of its room."""
+        with self._lock:
+            start = max(self._cursors.get(source, 0), self.taken)
+            return (self.taken + self.max_ahead - start) / SAMPLE_RATE
 
     def take_until(self, end: int) -> np.ndarray:
         """Samples [taken, end) for the model (silence where nothing arrived); advances `taken`."""

@@ -128,7 +128,7 @@ async def _speak_in_turn(session: Session, text: str, voice: Voice, clears: int 
         raise SpeechInterrupted("interrupted before its speech was queued: none of it was")
     loop = asyncio.get_running_loop()
     at_least = await loop.run_in_executor(_synthesis, speech_seconds_at_least, text, voice)
-    room, holds = session.timeline.room_seconds, session.timeline.max_ahead / 16000
+    room, holds = session.timeline.room_seconds("speech"), session.timeline.max_ahead / 16000
     if at_least > holds:  # no interrupt would make room for it: "full" sent people clearing an empty queue
         raise SpeechError(
             f"text too long: at least {at_least:.1f} s of speech, more than the {holds:.0f} s the speech "

@@ -136,6 +136,23 @@ async def test_a_text_with_a_nul_character_is_refused_not_spoken_in_part():
     assert session.timeline.queued_seconds == 0
 
 
+async def test_a_clients_own_audio_queued_ahead_takes_none_of_the_speechs_room():
+    """Speech is mixed over the client's audio (each source has its own cursor), but its room was
+    counted after the furthest of them: 28 s of a WAV a WebSocket client sent ahead (it may send up
+    to 30 s) left "speech queue is full: 2.0 s of room" for a queue with no speech in it, a text its
+    own place had room for refused (and the interrupt it suggested dropped the client's audio too)."""
+    session = spoken_session(30.0)
+    session.timeline.append(np.full(28 * 16000, 0.01, np.float32), source="client", live=True)
+    text = "The quick brown fox jumps over the lazy dog."  # ~3 s of speech
+    duration = await speech.speak(session, text)
+    assert duration > 2.0
+    # its own room still bounds the speech: the speech queued takes it
+    queued = np.zeros(round((29.0 - duration) * 16000), np.float32)
+    session.timeline.append(queued, source="speech", whole=True)
+    with pytest.raises(speech.SpeechError, match="queue is full: 1.0 s of room, too little for this text"):
+        await speech.speak(session, text)
+
+
 def test_counting_phonemes_leaves_the_next_synthesis_as_it_was():
     """The count goes through the same espeak-ng engine as synthesis (its text-to-phoneme pass):
     the dataset needs synthesis to stay a pure function of (text, voice)."""
