@@ -159,6 +159,21 @@ def offer_credentials(sdp: str) -> dict[str, Credentials]:
     }
 
 
+def ended_sections(sdp: str) -> set[str]:
+    """The mids of the offer's media sections that carry their own `a=end-of-candidates` (an offer
+    made after gathering): aiortc ends the remote candidates of each one's transport."""
+    ended, mid = set(), None
+    for line in sdp.splitlines():
+        line = line.strip()
+        if line.startswith("m="):
+            mid = None
+        elif line.startswith("a=mid:"):
+            mid = line[len("a=mid:") :]
+        elif line == "a=end-of-candidates" and mid is not None:
+            ended.add(mid)
+    return ended
+
+
 def bundle_tag(sdp: str) -> dict[str, str]:
     """Each bundled mid -> the group's first mid, whose transport the answer uses for them all
     (aiortc hands a candidate of a bundled section to no transport)."""
@@ -186,6 +201,9 @@ class TrickleIce:
         self._first_mid = next(iter(self._credentials), None)  # where candidates without a mid go
         self.candidates = offer_sdp.count("a=candidate:")  # the offer's and those added since
         self.ended = False  # the player sent a=end-of-candidates
+        # the transports (their sections' mids) whose candidates the offer ended: a bundled section's
+        # own end ends nothing, aiortc discards its transport for the bundle's
+        self._ended_in_offer = {mid for mid in ended_sections(offer_sdp) if self._bundle.get(mid, mid) == mid}
 
     def matches(self, if_match: str) -> bool:
         """Whether an `If-Match` header names this ICE session (or any: `*`)."""
@@ -197,7 +215,8 @@ class TrickleIce:
         Returns how many it added."""
         self._check_credentials(frag)
         # refused, not dropped: the ICE agent takes neither without a word (and they were counted)
-        if self.ended and frag.candidates:
+        ended = self.ended or bool(self._ended_in_offer & set(map(self._transport_of, frag.candidates)))
+        if ended and frag.candidates:
             raise FragmentError(
                 "candidates after a=end-of-candidates: the player said there would be no more"
             )
@@ -229,6 +248,11 @@ class TrickleIce:
             await self.pc.addIceCandidate(None)
             self.ended = True
         return len(frag.candidates)
+
+    def _transport_of(self, candidate: tuple[str | None, str]) -> str | None:
+        """The mid of the section whose transport a fragment's (mid, candidate) goes to."""
+        mid = candidate[0] if candidate[0] is not None else self._first_mid
+        return self._bundle.get(mid, mid)
 
     def _check_credentials(self, frag: Fragment) -> None:
         """IceRestart where the fragment gives a media section credentials other than the offer's

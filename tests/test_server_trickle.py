@@ -303,6 +303,26 @@ async def test_candidates_the_ice_agent_would_drop_unsaid_are_refused():
     assert peer.added[-1] is None and trickle.candidates == 6
 
 
+async def test_candidates_after_the_offers_own_end_of_candidates_are_refused():
+    """An offer made after gathering (aiortc's, a non-trickling player's) ends its candidates with
+    a=end-of-candidates, and aiortc then drops a PATCHed candidate of that transport unsaid: a 204,
+    the candidate never checked. The end of a bundled section, whose transport aiortc discards,
+    ends nothing: its candidates go to the bundle's first section's transport."""
+    from server.trickle import FragmentError, TrickleIce
+
+    ended_first = FRAGMENT.replace("a=mid:0\n", "a=mid:0\na=end-of-candidates\n", 1)
+    late = "a=mid:{}\na=candidate:9 1 udp 2122260223 192.0.2.9 50009 typ host\n"
+    for mid in ("0", "1"):  # (1 is bundled into 0's transport)
+        peer = SlowResolvingPeer()
+        trickle = TrickleIce(peer, ended_first)
+        with pytest.raises(FragmentError, match="after a=end-of-candidates"):
+            await trickle.add(parse_fragment(late.format(mid)))
+        assert peer.added == [] and trickle.candidates == 3
+    # the offer's end under its bundled section only (FRAGMENT's): candidates still come
+    peer = SlowResolvingPeer()
+    assert await TrickleIce(peer, FRAGMENT).add(parse_fragment(late.format("0"))) == 1
+
+
 @pytest.mark.parametrize("changed", ["a=ice-ufrag:", "a=ice-pwd:", "both"])
 async def test_new_credentials_are_a_restart_whichever_of_them_changed(changed):
     """A changed ufrag or a changed password is an ICE restart (RFC 8839): a fragment
