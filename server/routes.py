@@ -353,7 +353,10 @@ async def control(session_id: str, request: Request):
     session = require_session(request, session_id)
     body = await read_body(request, 16 * 1024)
     try:
-        msg = parse_control(body.decode("utf-8", "replace"))
+        # strictly: a text in another encoding, its bytes replaced, was spoken garbled (JSON is UTF-8)
+        msg = parse_control(body.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ApiError(400, "bad_message", f"request body is not UTF-8 text (byte {e.start})") from None
     except ProtocolError as e:
         raise ApiError(413 if e.code == 4413 else 400, "bad_message", e.reason) from None
     kind = msg["type"]

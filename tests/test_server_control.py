@@ -29,6 +29,18 @@ def test_control_endpoint(client):
     client.delete(s["resource"], headers=h)
 
 
+def test_a_body_that_is_not_utf8_is_a_400_not_spoken_garbled(client):
+    """A text sent in another encoding (Latin-1's "Grüße aus München") was read with its bytes
+    replaced, 200 "speaking", and the avatar spelt "G R E aus M N chen"; its socket closes (1007)."""
+    s = new_session(client)
+    h = auth(s["token"])
+    body = '{"type": "speak", "text": "Grüße aus München", "language": "de"}'.encode("latin-1")
+    r = client.post(s["resource"] + "/control", content=body, headers=h)
+    assert r.status_code == 400 and "UTF-8" in r.json()["message"], r.text
+    assert client.get(s["resource"], headers=h).json()["audio_queued_s"] == 0
+    assert client.delete(s["resource"], headers=h).status_code == 204
+
+
 def test_a_caption_the_worker_has_no_room_for_is_a_503(client, monkeypatch):
     """A full inference queue (64 jobs: 400 caption POSTs at once) was a 500."""
     from server.scheduler import WorkerBusy
