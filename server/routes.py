@@ -259,11 +259,14 @@ async def whep_trickle(session_id: str, request: Request):
         raise ApiError(412, "precondition_failed", "If-Match names another ICE session than this one's")
     try:
         fragment = parse_fragment((await read_body(request, MAX_SDP_BYTES)).decode("utf-8"))
-        await session.trickle.add(fragment)
     except UnicodeDecodeError:
         raise ApiError(400, "bad_fragment", "malformed SDP fragment: not UTF-8 text") from None
     except FragmentError as e:
         raise ApiError(400, "bad_fragment", f"malformed SDP fragment: {e}") from None
+    try:
+        await session.trickle.add(fragment)
+    except FragmentError as e:  # read whole, and its candidates refused: not "malformed"
+        raise ApiError(400, "bad_fragment", f"SDP fragment refused: {e}") from None
     except IceRestart:
         raise ApiError(422, "unsupported", "ICE restarts are not supported: start a new session") from None
     return Response(status_code=204)

@@ -243,6 +243,9 @@ async def test_a_session_takes_a_bounded_number_of_candidates():
                 crowded = fragment.replace("a=end-of-candidates", "\r\n".join(many))
                 r = await http.patch(created["resource"], content=crowded, headers=headers)
                 assert r.status_code == 400 and f"at most {MAX_CANDIDATES}" in r.json()["message"], r.text
+                # a fragment read whole and refused is not said to be malformed (the player would look
+                # for a syntax error in it)
+                assert r.json()["message"].startswith("SDP fragment refused: a session takes"), r.text
                 assert remote_candidates(app.state.registry.get(created["id"])) == []
                 assert (
                     await http.patch(created["resource"], content=fragment, headers=headers)
