@@ -41,7 +41,9 @@ from .speech import SpeechError, set_caption, speak
 log = logging.getLogger("streamgen.server")
 router = APIRouter()
 
-# a socket's speaks and captions not handled yet; more are refused (an error for each) until some are
+# a socket's speaks and captions not handled yet; more are refused (an error for each) until some are.
+# The speaks an interrupt dropped do not count (they are answered without a synthesis), up to twice as
+# many in all: a client that barges in, an interrupt and its new speak at once, over a full hand was refused
 MAX_UNANSWERED = 8
 
 
@@ -104,6 +106,7 @@ class SocketConnection:
         self.requests: asyncio.Queue = asyncio.Queue()
         self.last_request: list | None = None  # the last of them, while it waits its turn
         self.unanswered = 0
+        self.speaks: list[list] = []  # the speaks among them (an interrupt since drops those of its `clears`)
         self.close_sent = False
 
     async def run(self) -> None:
@@ -216,16 +219,23 @@ class SocketConnection:
         if msg["type"] == "caption" and last is not None and last[0]["type"] == "caption":
             last[0] = msg  # (in its place: applied when it would have been)
             return
-        if self.unanswered >= MAX_UNANSWERED:
+        clears = self.session.timeline.clears  # (an interrupt over /control drops them too)
+        dropped = sum(1 for request in self.speaks if request[1] != clears)
+        if self.unanswered - dropped >= MAX_UNANSWERED or self.unanswered >= 2 * MAX_UNANSWERED:
             message = f"{MAX_UNANSWERED} speaks and captions are waiting their turn: send it once one is done"
+            if self.unanswered - dropped < MAX_UNANSWERED:
+                message = (f"{self.unanswered} speaks and captions, {dropped} of them dropped by an interrupt, "
+                           "are waiting to be answered: send it once one is")  # fmt: skip
             await self.send_json({"type": "error", "for": msg["type"], "message": message})
             return
         self.unanswered += 1
         # a speak's turn from now: the session's speech is queued in the order the speaks were
         # accepted, over this socket or over HTTP (a speak posted while this one waits is refused)
         turn = self.session.speech_turns.take() if msg["type"] == "speak" else None
-        self.last_request = [msg, self.session.timeline.clears, turn]
+        self.last_request = [msg, clears, turn]
         self.requests.put_nowait(self.last_request)
+        if turn is not None:
+            self.speaks.append(self.last_request)
         if self.speaker is None:
             self.speaker = asyncio.create_task(self.answer_in_order(), name=f"speak {self.session.id}")
 
@@ -248,6 +258,7 @@ class SocketConnection:
                 failed = "speech" if kind == "speak" else kind
                 reply = {"type": "error", "for": kind, "message": f"{failed} failed: {e}"}
             self.unanswered -= 1
+            self.speaks = [speak for speak in self.speaks if speak is not request]
             if reply is not None:
                 await self.send_json(reply)
 

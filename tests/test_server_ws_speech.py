@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from server_helpers import (
+    auth,
     expect_close,
     next_json,
     ready_client,
@@ -146,6 +147,61 @@ def test_speaks_are_answered_in_order_and_an_interrupt_drops_those_asked_before_
         assert next_json(ws) == {"type": "speaking", "duration": 0.2}
         assert held_synthesis.started == ["Number 0.", "After the interrupt."]
         assert queued == [("speech", 160 * len("After the interrupt."))]
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+@pytest.mark.parametrize("interrupt_over", ["socket", "http"])
+def test_a_speak_sent_right_after_an_interrupt_is_not_refused_for_the_speaks_it_dropped(
+    client, held_synthesis, interrupt_over
+):
+    """A client that barges in (an interrupt, then the new speak at once) over a full hand of
+    sentences queued was refused: "8 speaks and captions are waiting their turn", the speaks the
+    interrupt had just dropped counted as in hand until each was answered."""
+    from server.websocket import MAX_UNANSWERED
+
+    s = socket_session(client)
+    with started_socket(client, s) as ws:
+        texts = [f"Sentence {i}." for i in range(MAX_UNANSWERED)]
+        for text in texts:
+            ws.send_text(json.dumps({"type": "speak", "text": text}))
+        assert held_synthesis.has_started.wait(10)
+        if interrupt_over == "socket":
+            ws.send_text(json.dumps({"type": "interrupt"}))
+        else:  # (a WebRTC page's interrupt drops a socket's speaks too: the session's speech)
+            r = client.post(s["resource"] + "/control", json={"type": "interrupt"}, headers=auth(s["token"]))
+            assert r.status_code == 200
+        ws.send_text(json.dumps({"type": "speak", "text": "Stop, listen."}))
+        ws.send_text(json.dumps({"type": "ping", "id": 3}))
+        assert next_json(ws)["type"] == "pong"  # all three read: now let the synthesis end
+        held_synthesis.release.set()
+        for _ in texts:
+            reply = next_json(ws)
+            assert reply["type"] == "error" and "interrupted" in reply["message"], reply
+        assert next_json(ws) == {"type": "speaking", "duration": 0.13}
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+def test_the_speaks_an_interrupt_dropped_are_still_bounded(client, held_synthesis):
+    """They wait to be answered (behind the synthesis under way) and take no place in hand, but no
+    more than as many again: interrupts between full hands do not grow the socket's queue for ever."""
+    from server.websocket import MAX_UNANSWERED
+
+    s = socket_session(client)
+    with started_socket(client, s) as ws:
+        for hand in ("Sentence", "Again"):  # a full hand, dropped, twice
+            for i in range(MAX_UNANSWERED):
+                ws.send_text(json.dumps({"type": "speak", "text": f"{hand} {i}."}))
+            ws.send_text(json.dumps({"type": "interrupt"}))
+        ws.send_text(json.dumps({"type": "speak", "text": "Once more."}))
+        refused = next_json(ws)  # at once: the first is still being synthesised
+        assert refused["type"] == "error" and "16 of them dropped by an interrupt" in refused["message"]
+        held_synthesis.release.set()
+        replies = [next_json(ws) for _ in range(2 * MAX_UNANSWERED)]
+        assert all(r["type"] == "error" and "interrupted" in r["message"] for r in replies)
+        ws.send_text(json.dumps({"type": "speak", "text": "Once more."}))
+        assert next_json(ws) == {"type": "speaking", "duration": 0.1}
         ws.send_text(json.dumps({"type": "stop"}))
         assert expect_close(ws)[0] == CloseCode.NORMAL
 
