@@ -387,6 +387,8 @@ async def control(session_id: str, request: Request):
             raise ApiError(503, "busy", f"caption not changed: {e}", headers={"Retry-After": "1"}) from None
         except HostDown as e:  # the model process is gone: the session's streams end with it
             raise ApiError(503, "model_down", f"caption not changed: {e}") from None
+        if session.closed:  # while it waited for the worker: its job found no stream to change
+            raise ApiError(404, "not_found", f"session ended: {session.close_reason}")
         return {"type": "caption", "text": msg["text"]}
     if kind in ("interrupt", "clear"):
         session.timeline.clear_ahead()

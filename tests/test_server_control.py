@@ -195,6 +195,45 @@ def test_speak_on_a_session_deleted_during_its_synthesis_is_a_404(client, monkey
     assert r.status_code == 404 and "deleted by client" in r.json()["message"]
 
 
+def test_a_caption_on_a_session_deleted_while_it_waited_for_the_worker_is_a_404(client):
+    """The caption's job ran after the DELETE and applied nothing (the stream was gone), and the
+    POST was answered 200 {"type": "caption", ...}, as if the stream had it (a speak's is a 404)."""
+    import threading
+    import time
+
+    s = new_session(client)
+    h = auth(s["token"])
+    registry = client.app.state.registry
+    session = registry.get(s["id"])
+    release = block_lane(registry.worker, session.lane)
+    answers = {}
+
+    def post():
+        caption = {"type": "caption", "text": ""}
+        answers["caption"] = client.post(s["resource"] + "/control", json=caption, headers=h)
+
+    def delete():
+        answers["delete"] = client.delete(s["resource"], headers=h)
+
+    try:
+        posting = threading.Thread(target=post)
+        posting.start()
+        deadline = time.monotonic() + 10
+        while session.caption_job is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        deleting = threading.Thread(target=delete)  # (its teardown waits for the lane too)
+        deleting.start()
+        while not session.closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        release.set()
+    posting.join(10)
+    deleting.join(10)
+    assert answers["delete"].status_code == 204
+    r = answers["caption"]
+    assert r.status_code == 404 and "deleted by client" in r.json()["message"], r.text
+
+
 def test_an_interrupt_posted_during_a_speaks_synthesis_drops_it_with_a_409(client, monkeypatch):
     """The WebSocket drops speech asked for before an interrupt; over HTTP it was still queued and
     answered 200 `speaking`, after the interrupt that should have silenced it."""
