@@ -55,8 +55,17 @@ class ModelHost:
                                    name="streamgen-model")  # fmt: skip
         self.process.start()
         child.close()
-        self.down: str | None = None  # why the host can run nothing more (the server reports it unhealthy)
+        self._down: str | None = None  # why the host can run nothing more (the server reports it unhealthy)
         self.call("ping")  # waits until the model is loaded; raises what loading raised
+
+    @property
+    def down(self) -> str | None:
+        """Why the host can run nothing more, or None. A process that died between operations
+        (killed while no session streamed: the OOM killer) is found here, not only by the next
+        operation: /healthz and /readyz said ok, and its sessions waited, until one was asked for."""
+        if self._down is None and self.process.exitcode is not None:
+            self._down = f"the model process exited (code {self.process.exitcode})"
+        return self._down
 
     def call(self, op: str, *args):
         if self.down:
@@ -66,13 +75,14 @@ class ModelHost:
             ok, result = self._conn.recv()
         except (EOFError, OSError):
             self.process.join(1)
-            self.down = f"the model process exited (code {self.process.exitcode})"
+            self._down = f"the model process exited (code {self.process.exitcode})"
             raise HostDown(self.down) from None
         if ok:
             return result
         raise_reported(result)
 
     def stop(self) -> None:
+        self._down = self._down or "the model process was stopped (the server is shutting down)"
         try:
             self._conn.send(("exit", ()))
         except (OSError, ValueError):

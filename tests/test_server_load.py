@@ -309,3 +309,29 @@ def test_the_model_process_ends_without_leak_reports(capfd):
     host.process.join(30)
     assert host.process.exitcode == 0
     assert "nanobind" not in capfd.readouterr().err
+
+
+async def test_a_model_process_killed_while_idle_is_reported_without_a_request():
+    """The model process killed while nothing ran on it (the OOM killer, between sessions): the
+    server found out only when a session was asked for. Until then /healthz and /readyz said ok
+    (a supervisor never restarted it) and a session made before waited for its idle limit."""
+    with live_server(inference_process=True) as (url, app):
+        host = app.state.registry.host
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            s = await create(http)  # made, and no transport attached: nothing runs on the model
+            preroll = app.state.registry.get(s["id"]).preroll  # its first chunk, made on the model
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(asyncio.wait_for(preroll, 20), app.state.loop))
+            host.process.kill()
+            host.process.join(10)
+            for _ in range(100):  # closed by the limits' check, once a second
+                if not app.state.registry.sessions:
+                    break
+                await asyncio.sleep(0.05)
+            health = await http.get("/healthz")
+            assert health.status_code == 503 and "model process exited" in health.json()["error"]
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503 and "model process exited" in ready.json()["error"]
+            metrics = (await http.get("/metrics")).text
+            assert 'streamgen_sessions_closed_total{reason="host_down"} 1.0' in metrics
+            assert "streamgen_sessions_active 0.0" in metrics
+            assert app.state.registry.sessions == {}
