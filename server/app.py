@@ -52,6 +52,7 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
     worker = InferenceWorker(metrics, stamp_frames=config.stamp_frames, lanes=lanes, torch_threads=config.torch_threads,
                              align_batches=config.align_batches and config.host_in_process)  # fmt: skip
     registry = SessionRegistry(config, worker, metrics)
+    metrics.capacity.set_function(registry.admitting)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -259,7 +260,6 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
     # too); the first viewer's offer set one off.
     freeze_loaded_heap()
     registry.ready = True
-    registry.metrics.capacity.set(registry.capacity())
     log.info(
         "model %s ready: %.0f ms per %.2f s chunk, capacity %d sessions",
         config.model, 1000 * registry.worker.chunk_time_ema, chunk_seconds, registry.capacity(),

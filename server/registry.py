@@ -56,6 +56,12 @@ class SessionRegistry:
     def capacity(self) -> int:
         return total_capacity(self.lane_fits(), self.config.max_sessions)
 
+    def admitting(self) -> int:
+        """The sessions this server admits now: its capacity once ready, none while it loads or
+        once its model is down (/readyz's `capacity`; the capacity gauge, read when scraped: set at
+        each admission, it kept saying the last capacity after the model process died)."""
+        return self.capacity() if self.ready and not self.down else 0
+
     def lane_fits(self) -> list[int] | None:
         """Sessions that fit on each lane (`InferenceWorker.lane_fits`); None: not measured."""
         if not self.config.measure_capacity:
@@ -90,7 +96,6 @@ class SessionRegistry:
             self._refuse("model is still loading", 5, "loading")
         fits = self.lane_fits()
         capacity = total_capacity(fits, self.config.max_sessions)
-        self.metrics.capacity.set(capacity)
         active = len(self.sessions) + self._creating
         if active >= capacity:
             self._refuse(

@@ -424,7 +424,7 @@ async def readyz(request: Request):
     ready = registry.ready and not registry.host_down
     body = {
         "ready": ready, "model": registry.config.model, "sessions": len(registry.sessions),
-        "capacity": registry.capacity() if ready else 0,
+        "capacity": registry.admitting(),
         "chunk_ms": round(1000 * (registry.worker.chunk_time_ema or 0), 1),
         "real_time": registry.real_time if ready else None,  # (false: even one session plays slower)
     }  # fmt: skip

@@ -457,6 +457,22 @@ def test_metrics_names(client):
         assert name in text
 
 
+def test_the_capacity_gauge_says_what_the_server_admits_now(client, monkeypatch):
+    """Set at each admission, it kept the last capacity once the model process had died, while
+    every session was refused and /readyz said capacity 0."""
+    from types import SimpleNamespace
+
+    def capacity_gauge() -> float:
+        lines = client.get("/metrics").text.splitlines()
+        return float(next(x for x in lines if x.startswith("streamgen_capacity_sessions ")).split()[1])
+
+    assert capacity_gauge() == client.get("/readyz").json()["capacity"] == 3
+    registry = client.app.state.registry
+    monkeypatch.setattr(registry, "host", SimpleNamespace(down="the model process exited (code -9)"))
+    assert client.post("/v1/sessions", json={}).status_code == 503
+    assert capacity_gauge() == client.get("/readyz").json()["capacity"] == 0
+
+
 def test_other_origins_may_call_the_api_only_when_allowed():
     """`serve --cors-origin`: a page on another origin creates a session and posts its WHEP offer
     (a preflighted request: bearer token, application/sdp), and can read the answer's Location."""
