@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import signal
 import uuid
 
 import numpy as np
@@ -204,6 +205,11 @@ def raise_reported(result) -> None:
 
 
 def _child_main(conn, model_name: str, device: str, threads: int | None, decode_dtype: str) -> None:
+    # the server ends this process (`exit`, or its end of the pipe closing) once its sessions are
+    # closed. A Ctrl-C in the terminal reaches the whole process group: taken here too, it printed
+    # a KeyboardInterrupt traceback, and one in a chunk ended its session as the model process's
+    # death ("generation failed"), an ERROR in the log, where the shutdown would have closed it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
 
     from streamgen.models import load_model

@@ -335,3 +335,22 @@ async def test_a_model_process_killed_while_idle_is_reported_without_a_request()
             assert 'streamgen_sessions_closed_total{reason="host_down"} 1.0' in metrics
             assert "streamgen_sessions_active 0.0" in metrics
             assert app.state.registry.sessions == {}
+
+
+def test_a_ctrl_c_leaves_the_model_process_to_the_server():
+    """A Ctrl-C in the terminal of `serve --model-process` reaches the model process too (one
+    process group): it printed a KeyboardInterrupt traceback and died, and one in a chunk ended
+    that chunk's session as a dead model process's (an ERROR) while the server was closing it."""
+    import os
+    import signal
+
+    from server.model_host import ModelHost
+
+    host = ModelHost("debug", "cpu", 1)
+    try:
+        os.kill(host.process.pid, signal.SIGINT)
+        host.process.join(1)
+        assert host.call("ping")["frozen_objects"] > 0 and host.down is None
+    finally:
+        host.stop()
+    assert host.process.exitcode == 0
