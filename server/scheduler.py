@@ -384,10 +384,13 @@ class InferenceWorker:
             self._fail(sessions, e)
 
     def _fail(self, sessions: list[Session], error: Exception) -> None:
+        # a dead model host ends its streaming sessions as it ends the others (`enforce_limits`):
+        # as "generation failed" they were counted with the model's own errors
+        reason = f"host_down: {error}" if isinstance(error, HostDown) else f"generation failed: {error}"
         for session in sessions:
             self.remove(session.id)
             session.streaming = False
-            _call_soon(session, session.fail_from_worker, f"generation failed: {error}")
+            _call_soon(session, session.fail_from_worker, reason)
 
     def _cancel_jobs(self, lane: int) -> None:
         while self._jobs[lane]:

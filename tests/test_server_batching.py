@@ -215,6 +215,31 @@ def test_one_sessions_failed_input_fails_it_alone_and_the_batch_keeps_its_chunks
         loop.close()
 
 
+def test_streaming_sessions_whose_model_process_died_end_as_host_down(monkeypatch):
+    """They ended as "generation failed", counted (streamgen_sessions_closed_total) with the model's
+    own errors, while the sessions of that host not streaming ended as host_down (enforce_limits)."""
+    from server.model_host import HostDown
+
+    loop = asyncio.new_event_loop()
+    try:
+        worker = InferenceWorker(ServerMetrics())
+        sessions = make_sessions(loop, [1, 2])
+        failed, _ = fail_each_on_its_own(sessions, worker)
+
+        def host_gone(stamp_frames):
+            raise HostDown("the model process exited (code -9)")
+
+        for s in sessions:  # as streams in the model process are generated: one by one
+            s.stream = SimpleNamespace(close=lambda: None)
+            monkeypatch.setattr(s, "generate", host_gone)
+        worker._generate(sessions)
+        loop.run_until_complete(asyncio.sleep(0))
+        gone = "host_down: the model process exited (code -9)"
+        assert failed == {"s1": gone, "s2": gone} and worker.streaming == 0
+    finally:
+        loop.close()
+
+
 @pytest.mark.parametrize("broken", ["cached_velocity", "_finish_chunks", "reencode_chunk"])
 def test_a_groups_failed_pass_fails_its_sessions_and_the_other_groups_keep_their_chunks(monkeypatch, broken):
     """A pass that one group of a batch shares (its forward, its decode, its re-encode once the chunks
