@@ -53,6 +53,8 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
                              align_batches=config.align_batches and config.host_in_process)  # fmt: skip
     registry = SessionRegistry(config, worker, metrics)
     metrics.capacity.set_function(registry.admitting)
+    if config.inference_process:
+        metrics.watch_model_process(registry.model_process_pid)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

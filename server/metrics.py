@@ -66,6 +66,13 @@ class ServerMetrics:
         # the last rate for good)
         self.fps.set_function(self.generated_fps)
 
+    def watch_model_process(self, pid) -> None:
+        """The model process's (`serve --model-process`) CPU seconds, memory and open files, as
+        streamgen_model_process_*: it holds the model and every stream's cache, where process_* is
+        this server's alone (a model process growing to the out-of-memory killer showed nowhere).
+        pid(): its process id, or None while there is none (nothing is reported then)."""
+        ProcessCollector(namespace="streamgen_model", pid=lambda: pid() or "none", registry=self.registry)
+
     def chunk_done(self, seconds: float, frames: int) -> None:
         self.chunk_latency.observe(seconds)
         with self._lock:

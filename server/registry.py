@@ -73,6 +73,12 @@ class SessionRegistry:
         """Why the model host can run nothing more (then the server is unhealthy), or None."""
         return getattr(self.host, "down", None)
 
+    def model_process_pid(self) -> int | None:
+        """The id of the model process (`--model-process`) while it runs, else None (once it has
+        died, the id may be another process's)."""
+        process = getattr(self.host, "process", None)
+        return process.pid if process is not None and not self.host_down else None
+
     @property
     def real_time(self) -> bool:
         """Whether one session's chunk is made faster than it plays (measured at the warm-up)."""

@@ -354,3 +354,20 @@ def test_a_ctrl_c_leaves_the_model_process_to_the_server():
     finally:
         host.stop()
     assert host.process.exitcode == 0
+
+
+def test_the_model_processs_memory_and_cpu_are_in_the_metrics():
+    """Under --model-process the model and every stream's cache live in the model process, and
+    process_* is the server's alone: a model process growing to the out-of-memory killer showed
+    nowhere in /metrics."""
+    with live_server(inference_process=True) as (url, app):
+        host = app.state.registry.host
+        with open(f"/proc/{host.process.pid}/status") as f:
+            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        metrics = httpx.get(f"{url}/metrics").text
+        lines = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line[:1] != "#"}
+        assert 0.5 * rss < lines["streamgen_model_process_resident_memory_bytes"] < 2 * rss
+        assert lines["streamgen_model_process_cpu_seconds_total"] > 0
+        host.process.kill()
+        host.process.join(10)
+        assert "streamgen_model_process_resident_memory_bytes" not in httpx.get(f"{url}/metrics").text
