@@ -15,6 +15,7 @@ spare cores or a GPU.
 from __future__ import annotations
 
 import gc
+import logging
 import multiprocessing
 import signal
 import uuid
@@ -23,6 +24,8 @@ import numpy as np
 
 # errors a client causes (bad reference, unknown stream): reported to that client; the host carries on
 CLIENT_ERRORS = {"ValueError": ValueError, "BufferError": BufferError, "KeyError": KeyError}
+
+log = logging.getLogger("streamgen.server")
 
 
 def freeze_loaded_heap() -> None:
@@ -219,6 +222,7 @@ def _child_main(conn, model_name: str, device: str, threads: int | None, decode_
     try:
         model = load_model(model_name, device=device)
     except Exception as e:
+        log.error("model process: the model did not load", exc_info=True)  # (the server has its message only)
         conn.recv()
         conn.send((False, (type(e).__name__, str(e))))
         return
@@ -245,6 +249,9 @@ def _serve_ops(conn, ops: ModelOps) -> None:
         try:
             conn.send((True, ops.handle(op, args)))
         except Exception as e:  # reported to the caller in the server, which decides
+            if type(e).__name__ not in CLIENT_ERRORS:
+                # the server logs its message, with a traceback of its own pipe's: where it failed is here
+                log.error("model process: %s failed", op, exc_info=True)
             conn.send((False, (type(e).__name__, str(e))))
             continue
         ops.after_reply(op, args)

@@ -13,6 +13,7 @@ import socket
 import threading
 
 import httpx
+import numpy as np
 import pytest
 import websockets
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
@@ -371,3 +372,23 @@ def test_the_model_processs_memory_and_cpu_are_in_the_metrics():
         host.process.kill()
         host.process.join(10)
         assert "streamgen_model_process_resident_memory_bytes" not in httpx.get(f"{url}/metrics").text
+
+
+def test_an_operation_that_fails_in_the_model_process_logs_where(capfd):
+    """The server logged the message of a failure in the model process with a traceback of its own
+    (the pipe's, in model_host.py): where the model failed was nowhere. A client's error (a bad
+    caption, an unknown stream) is the client's, reported to it, with no traceback."""
+    from server.model_host import ModelHost
+
+    host = ModelHost("debug", "cpu", 1)
+    try:
+        with pytest.raises(RuntimeError):  # a TypeError there, not a client's error: a bug of the server's
+            host.call("create", "s1", np.zeros((64, 64, 3), np.uint8), None, 0, 64, 64, "two")
+        with pytest.raises(KeyError):
+            host.call("caption", "unknown", "smiling")
+        assert host.call("ping")["frozen_objects"] > 0  # the host carries on
+    finally:
+        host.stop()
+    err = capfd.readouterr().err
+    assert "model process: create failed" in err and "Traceback" in err and "TypeError: steps must be" in err
+    assert "caption failed" not in err
