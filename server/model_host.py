@@ -43,6 +43,19 @@ def load_error_line(e: Exception) -> str:
     return f"{type(e).__name__}: {first_line}"[:300]
 
 
+def exit_line(code: int | None) -> str:
+    """How the model process ended, for /healthz and the sessions it ends: a signal by its name
+    (Python's exit code -9 said nothing of the out-of-memory killer, which sends SIGKILL)."""
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        oom = ", as the kernel's out-of-memory killer does" if -code == signal.SIGKILL else ""
+        return f"the model process exited (code {code}: killed by {name}{oom})"
+    return f"the model process exited (code {code})"
+
+
 class HostDown(RuntimeError):
     """The model host can no longer run operations (its process died, or the ranks fell out of step)."""
 
@@ -68,7 +81,7 @@ class ModelHost:
         (killed while no session streamed: the OOM killer) is found here, not only by the next
         operation: /healthz and /readyz said ok, and its sessions waited, until one was asked for."""
         if self._down is None and self.process.exitcode is not None:
-            self._down = f"the model process exited (code {self.process.exitcode})"
+            self._down = exit_line(self.process.exitcode)
         return self._down
 
     def call(self, op: str, *args):
@@ -79,7 +92,7 @@ class ModelHost:
             ok, result = self._conn.recv()
         except (EOFError, OSError):
             self.process.join(1)
-            self._down = f"the model process exited (code {self.process.exitcode})"
+            self._down = exit_line(self.process.exitcode)
             raise HostDown(self.down) from None
         if ok:
             return result

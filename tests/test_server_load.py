@@ -329,7 +329,9 @@ async def test_a_model_process_killed_while_idle_is_reported_without_a_request()
                     break
                 await asyncio.sleep(0.05)
             health = await http.get("/healthz")
-            assert health.status_code == 503 and "model process exited" in health.json()["error"]
+            assert health.status_code == 503 and health.json()["error"] == (
+                "the model process exited (code -9: killed by SIGKILL, as the kernel's out-of-memory killer does)"
+            )
             ready = await http.get("/readyz")
             assert ready.status_code == 503 and "model process exited" in ready.json()["error"]
             metrics = (await http.get("/metrics")).text
