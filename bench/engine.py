@@ -13,6 +13,7 @@ shared machine:
   last denoising step (no clean re-encode, `StreamSession.cache_from`) against
   the same with the re-encode, in alternating rounds; and the transformer's
   part of a chunk alone (denoising and cache write), the two ways interleaved.
+  At `--steps 1` it is `skipped` (a 1-step chunk's last step sees only noise).
 - cache_speedup (bench/engine_baselines.py, as teacher_speedup): per chunk, cached streaming vs recomputing the whole context
   (block-causal forward over sink + context + chunk at every step) with >= 21
   latent frames of context; the two produce the same latents (reported).
@@ -206,7 +207,10 @@ def measure_size(
         out["encode_float32"] = float32_speedup(
             model, height, width, steps, few, "encode_dtype", key="first_chunk_ms", **session
         )
-    out["cache_from_last_step"] = cache_from_speedup(model, height, width, steps, few, dit=dit, **session)
+    if steps > 1:
+        out["cache_from_last_step"] = cache_from_speedup(model, height, width, steps, few, dit=dit, **session)
+    else:  # (a session refuses it: a 1-step chunk's last step sees only noise)
+        out["cache_from_last_step"] = {"skipped": "a 1-step chunk has no last step to keep: it re-encodes"}
     out.update(cache_speedup(model, latent_hw, steps, max(3, chunks // 4), context, cpu_threads, dit=dit))
     out.update(teacher_speedup(model, latent_hw, teacher_frames, [4, 2, 1], cpu_threads=cpu_threads, dit=dit))
     return out
