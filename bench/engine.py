@@ -28,7 +28,8 @@ per-chunk matrices are dominated by per-op overhead; the teacher's attention
 grows with the square of the clip's tokens). `--compile` adds `compile`: the
 session with its DiT's blocks compiled as `serve --compile` runs them
 (streamgen/model/compile.py) against the same session eager, in alternating
-rounds; `compile_seconds` is the warm-up that compiled them. Everything else
+rounds; `compile_seconds` is the warm-up that compiled them (a compile that fails,
+e.g. without a C++ compiler, is its `error`, the rest printed). Everything else
 is measured eager.
 
 The decoder runs as a session's does (`--decode-dtype`, default auto: bf16 on
@@ -351,6 +352,8 @@ def compile_speedup(
                 compile_blocks(dit, backend)
                 runs[name].append(session_speed(model, height, width, steps, chunks, **kwargs))
         after_warmup = counters["stats"]["unique_graphs"] - warmed
+    except Exception as e:  # (no C++ compiler for inductor, say): said, and the eager figures measured stand
+        return {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:400]}
     finally:
         compile_blocks(dit, was)
 

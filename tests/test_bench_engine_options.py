@@ -1,6 +1,12 @@
 """`streamgen bench engine` with the speed options its users combine: every figure it can measure
 is kept, and one that cannot be measured here says why (in the JSON) instead of losing the rest."""
 
+import json
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 import bench.engine as engine
@@ -18,3 +24,24 @@ def test_one_step_measures_the_session_and_skips_only_the_last_step_cache(monkey
     )
     assert m["fps"] > 0 and m["cache_speedup"] > 0 and m["teacher_speedup"] > 0
     assert "a 1-step chunk" in m["cache_from_last_step"]["skipped"]
+
+
+@pytest.mark.slow
+def test_a_compile_that_fails_is_said_in_the_json_and_the_eager_figures_stand(tmp_path):
+    # measured last, after every eager figure: without a C++ compiler its traceback lost them all
+    env = {
+        **os.environ,
+        "CXX": str(tmp_path / "no-such-g++"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "streamgen", "bench", "engine", "--json", "--model", "debug", "--height", "32",
+         "--width", "32", "--chunks", "2", "--context", "4", "--teacher-frames", "2", "--batch-sessions", "2",
+         "--compile"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["fps"] > 0 and result["batched_fps_total"] > 0
+    error = result["compile"]["error"]
+    assert "C++ compiler" in error and "\n" not in error
