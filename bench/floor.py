@@ -364,8 +364,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=frame_size, help="default: 480 for the Wan flavors, else the model's own")
     p.add_argument("--width", type=frame_size, help="default: 832 for the Wan flavors, else the model's own")
     p.add_argument("--steps", type=positive_int, default=4)
-    p.add_argument("--text-tokens", type=positive_int, default=512, help="Wan: text context length (T5's)")
-    p.add_argument("--window", type=positive_int, default=21, help="Wan: latent frames in the ring")
+    p.add_argument("--text-tokens", type=positive_int, help="Wan: text context length (T5's; default 512)")
+    p.add_argument(
+        "--window",
+        type=positive_int,
+        help="Wan: latent frames in the ring (default 21; at least a chunk's 3)",
+    )
     p.add_argument(
         "--device", help="where to count: default meta for the Wan flavors (shapes only), else cpu"
     )
@@ -451,8 +455,11 @@ def main(args) -> dict:
     if wan:
         dtype = torch.bfloat16
         height, width = args.height or 480, args.width or 832
-        model = build_model(args.model, height, width, device, dtype, False, attention, args.window)
-        context = torch.zeros(1, args.text_tokens, model.cfg.text_dim, device=device, dtype=dtype)
+        window = args.window or 21
+        if window < 3:  # (a chunk's keys go into the ring: the cache's ValueError, a traceback)
+            raise UserError(f"--window {window}: the ring holds at least a chunk's 3 latent frames")
+        model = build_model(args.model, height, width, device, dtype, False, attention, window)
+        context = torch.zeros(1, args.text_tokens or 512, model.cfg.text_dim, device=device, dtype=dtype)
         if args.tiny_decoder and args.upsample_phases:
             raise UserError("--upsample-phases is a way of the Wan decoder, not of --tiny-decoder")
         model.vae.upsample_phases = args.upsample_phases
@@ -461,9 +468,11 @@ def main(args) -> dict:
 
             model.vae = tiny_decoder_vae(model.vae)
     else:
-        for flag, given in (
+        for flag, given in (  # (a streamgen model's own window and text were counted: ignored)
             ("--tiny-decoder", args.tiny_decoder),
             ("--upsample-phases", args.upsample_phases),
+            ("--window", args.window),
+            ("--text-tokens", args.text_tokens),
         ):
             if given:
                 raise UserError(f"{flag} is about Wan's latents: it needs a Wan flavor as --model")

@@ -375,6 +375,11 @@ def test_stage_activity_counts_the_host_operators_and_the_gpu_busy_time_in_each_
         (["--model", "tiny-avatar-teacher"], "is a bidirectional teacher"),
         (["--model", "tiny-avatar", "--upsample-phases"], "--upsample-phases is about Wan's latents"),
         (["--tiny-decoder", "--upsample-phases"], "a way of the Wan decoder, not of --tiny-decoder"),
+        # a ring shorter than a chunk: the cache's ValueError, a traceback
+        (["--window", "2"], "--window 2: the ring holds at least a chunk's 3 latent frames"),
+        # a streamgen model counts its own ring and text: these were ignored
+        (["--model", "tiny-avatar", "--window", "8"], "--window is about Wan's latents"),
+        (["--model", "tiny-avatar", "--text-tokens", "8"], "--text-tokens is about Wan's latents"),
     ],
 )
 def test_command_line_mistakes_are_one_line_and_exit_code_2(args, message, capsys):
