@@ -394,6 +394,13 @@ def run(
     torch.manual_seed(0)
     # "auto": loaded in float32, each size's sessions in bfloat16 where that is faster (default_dit_dtype)
     model = load_model(flavor, dtype=dtype)
+    if model.meta.get("kind") == "teacher":  # (StreamSession's ValueError at the first session: a traceback)
+        from streamgen.cli import UserError
+
+        raise UserError(
+            f"{flavor} is a bidirectional teacher, which cannot stream: bench engine times a student "
+            "(its teacher_speedup runs the student's DiT as a teacher)"
+        )
     result = {
         "flavor": flavor,
         "height": height,

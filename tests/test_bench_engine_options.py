@@ -45,3 +45,11 @@ def test_a_compile_that_fails_is_said_in_the_json_and_the_eager_figures_stand(tm
     assert result["fps"] > 0 and result["batched_fps_total"] > 0
     error = result["compile"]["error"]
     assert "C++ compiler" in error and "\n" not in error
+
+
+def test_a_teacher_is_refused_in_one_line(capsys):
+    from streamgen.cli import main
+
+    assert main(["bench", "engine", "--json", "--model", "tiny-avatar-teacher"]) == 2  # was a traceback
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("streamgen bench: error: tiny-avatar-teacher is a bidirectional teacher")
