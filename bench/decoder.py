@@ -12,7 +12,8 @@ with like on a noisy machine:
   resolution, four 2x2 phase kernels);
 - `compiled`, `compiled_bfloat16` (`--compile`): `phase_conv` and `bfloat16`
   with the decoder's layers under `torch.compile` (static shapes);
-  `compile_seconds` is their warm-up;
+  `compile_seconds` is their warm-up (a compile that fails, e.g. without a C++
+  compiler, is the variant's `error`, the others timed);
 - `bfloat16`: `phase_conv` with its weights in bfloat16 (`with_dtypes`, what
   StreamSession decodes with on CPUs with AMX or AVX512-BF16);
 - `autocast_bfloat16`: `phase_conv` under CPU autocast to bfloat16, for comparison;
@@ -143,9 +144,14 @@ def measure_size(
     if compile:
         out["compile_seconds"] = {}
         for name, v in (("compiled", vae), ("compiled_bfloat16", bf16)):
-            variants[name] = compiled_decode(v)
+            decode = compiled_decode(v)
             t = time.perf_counter()
-            variants[name](z)
+            try:
+                decode(z)
+            except Exception as e:  # (no C++ compiler for inductor, say): said, and the rest timed
+                out[name] = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:400]}
+                continue
+            variants[name] = decode
             out["compile_seconds"][name] = round(time.perf_counter() - t, 1)
 
     frames = {name: fn(z) for name, fn in variants.items()}  # also the warm-up

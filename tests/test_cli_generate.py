@@ -1,6 +1,9 @@
 """`streamgen generate` and `streamgen bench engine` from the command line."""
 
 import json
+import os
+import subprocess
+import sys
 import wave
 
 import av
@@ -293,6 +296,26 @@ def test_bench_decoder_compile_times_both_compiled_decoders(tmp_path):
     assert set(size["compile_seconds"]) == {"compiled", "compiled_bfloat16"}
     assert size["compiled"]["max_levels"] < 0.01  # the fp32 decoder, fused by inductor
     assert 0 < size["compiled_bfloat16"]["max_levels"] < 10
+
+
+@pytest.mark.slow
+def test_bench_decoder_says_a_compile_that_fails_and_times_the_rest(tmp_path):
+    # without a C++ compiler for inductor: a traceback, nothing timed
+    env = {
+        **os.environ,
+        "CXX": str(tmp_path / "no-such-g++"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "streamgen", "bench", "decoder", "--json", "--model", "debug", "--sizes", "32",
+         "--rounds", "1", "--compile"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    (size,) = json.loads(r.stdout.strip().splitlines()[-1])["sizes"]
+    for name in ("compiled", "compiled_bfloat16"):
+        assert "C++ compiler" in size[name]["error"] and "\n" not in size[name]["error"]
+    assert size["compile_seconds"] == {} and size["phase_conv"]["ms_median"] > 0
 
 
 @pytest.mark.slow
