@@ -6,6 +6,8 @@ test_kernels_triton.py and at real shapes on a GPU in test_kernels_gpu.py.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -232,6 +234,19 @@ def test_flash_backend_takes_what_flash_attn_can_serve_and_routes_the_rest(monke
     blocks = (torch.tensor([1, 1, 1, 2, 2, 2]), torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2]))
     attention_backends.flash_attention(*bf16, block_mask_frames=blocks, tokens_per_frame=1)
     assert routed == ["triton"] and calls == [torch.bfloat16]
+
+
+def test_flash_without_flash_attn_on_a_gpu_says_that_our_kernel_serves(monkeypatch):
+    monkeypatch.setattr(kernels, "_TRITON_ON_CPU", True)  # as if on a GPU with the kernel
+    monkeypatch.setattr(attention_backends, "_flash_func", lambda device: None)  # not installed
+    monkeypatch.setattr(attention_backends, "triton_attention", lambda *a: a[0])
+    attention_backends._warn_no_flash_attn.cache_clear()
+    q = torch.randn(1, 6, 2, 16, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="flash-attn is not installed.*Triton kernel serves"):
+        attention_backends.flash_attention(q, q, q)
+    with warnings.catch_warnings():  # once a process
+        warnings.simplefilter("error")
+        attention_backends.flash_attention(q, q, q)
 
 
 def test_fp8_attention_takes_the_reference_when_forced_or_traced(monkeypatch):

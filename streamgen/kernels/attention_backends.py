@@ -231,12 +231,24 @@ def _flash_func(device):
     return _flash_func_for(torch.cuda.get_device_capability(device)[0])
 
 
+@functools.cache
+def _warn_no_flash_attn() -> None:
+    warnings.warn(
+        "flash attention: flash-attn is not installed (flash_attn_interface or flash_attn); "
+        "our Triton kernel serves instead",
+        stacklevel=3,
+    )
+
+
 def flash_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
     func = _flash_func(q.device)  # None off CUDA
     if q.dtype not in (torch.float16, torch.bfloat16):
         # flash-attn has no fp32, and our kernel's exact fp32 dots spill registers on
         # Hopper (docs/kernels.md, `streamgen bench resources`): SDPA serves fp32
         return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
+    if func is None and (q.is_cuda or kernels._TRITON_ON_CPU):
+        # (on a GPU the switch said nothing of it: `--attention flash` ran another kernel unsaid)
+        _warn_no_flash_attn()
     if func is None or block_mask_frames is not None:
         # flash-attn has no frame-block mask: our kernel has
         return triton_attention(q, k, v, block_mask_frames, tokens_per_frame)
