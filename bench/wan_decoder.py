@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from bench.ceilings import synchronize
-from streamgen.cli import thread_count
+from streamgen.cli import positive_int, thread_count
 
 _PLAIN_DECODER = {
     "frames_per_call": 1, "fused_norms": False, "pad_in_conv": False, "channels_last": False,
@@ -199,12 +199,14 @@ def build_wan_vae(device, dtype):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--height", type=positive_int, default=480)
+    p.add_argument("--width", type=positive_int, default=832)
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on CUDA, else fp32"
     )
-    p.add_argument("--chunks", type=int, default=5, help="timed chunks of 3 latent frames (after 2 untimed)")
+    p.add_argument(
+        "--chunks", type=positive_int, default=5, help="timed chunks of 3 latent frames (after 2 untimed)"
+    )
     p.add_argument(
         "--ways",
         nargs="*",

@@ -593,6 +593,10 @@ def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, cap
         (["bench", "gpu", "--steps", "0"], "argument --steps: '0' is not a positive"),  # (ran 4, said 0)
         (["bench", "gpu", "--chunks", "0"], "argument --chunks: '0' is not a positive"),
         (["bench", "wan-decoder", "--threads", "-1"], "argument --threads: '-1' is not a positive"),
+        # NaN in the JSON (no chunk timed), a traceback from inside the decoder's convolutions
+        (["bench", "wan-decoder", "--chunks", "0"], "argument --chunks: '0' is not a positive"),
+        (["bench", "wan-decoder", "--height", "0"], "argument --height: '0' is not a positive"),
+        (["bench", "wan-decoder", "--width", "-16"], "argument --width: '-16' is not a positive"),
         # every session closed within a second ("no limit", as --peer-timeout 0 is, was the reading);
         # nan: a traceback in the log and a close said to be the client's
         (["serve", "--idle-timeout", "0"], "argument --idle-timeout: '0' is not a positive finite number"),
