@@ -462,6 +462,14 @@ def test_generate_with_fp8_linears(tmp_path, monkeypatch):
         assert sum(1 for _ in c.decode(video=0)) >= 25
 
 
+@pytest.mark.parametrize("dtype", [[], ["--dtype", "float32"], ["--dtype", "auto"]])
+def test_generate_refuses_fp8_on_a_gpu_without_bfloat16_before_anything_loads(dtype, tmp_path, capsys):
+    # as serve does, on any machine: a GPU's load of a float32 DiT ended in float8_linears' refusal
+    out = str(tmp_path / "x.mp4")
+    assert main(["generate", "--model", "debug", "--device", "cuda", "--fp8", *dtype, "--out", out]) == 2
+    assert "--fp8 on a GPU needs --dtype bfloat16" in capsys.readouterr().err
+
+
 def test_a_precision_is_chosen_for_every_model_loaded_without_one():
     import torch
 

@@ -108,7 +108,10 @@ def run(args) -> int:
         new_file_beside(out).unlink()
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror}") from None
-    check_device(args.device)
+    if args.fp8 and args.device.startswith("cuda") and args.dtype != "bfloat16":
+        # (as serve says it: before the model loads, which then refused its float32 DiT in FP8)
+        raise UserError("--fp8 on a GPU needs --dtype bfloat16 (its FP8 products give bfloat16)")
+    check_device(args.device)  # (after the options' own conflicts, which hold on any machine)
     from streamgen.models import use_attention_backend, use_precision
 
     try:
