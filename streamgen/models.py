@@ -452,13 +452,13 @@ def check_memory_for(parameters: int, name: str) -> None:
     15 GB and 53 s before the allocator's error, and with less free memory the kernel kills the
     process."""
     needed = 4 * parameters
-    free = _free_memory()
+    free = free_memory()
     if free is not None and needed > free:
         raise ValueError(f"{name}: its DiT takes {needed / 2**30:.1f} GiB in float32 as it loads; this machine "
                          f"has {free / 2**30:.1f} GiB free")  # fmt: skip
 
 
-def _free_memory() -> int | None:
+def free_memory() -> int | None:
     """Bytes of memory the kernel says a new allocation can have (MemAvailable), where it says."""
     try:
         with open("/proc/meminfo") as f:

@@ -262,7 +262,7 @@ def test_a_drift_stream_this_machine_has_not_the_memory_for_is_one_line_before_t
         raise AssertionError("the work ran")
 
     monkeypatch.setattr(report, "evaluate", worked)
-    monkeypatch.setattr(models, "_free_memory", lambda: 2**30)  # 1 GiB free
+    monkeypatch.setattr(models, "free_memory", lambda: 2**30)  # 1 GiB free
     out = tmp_path / "e"
     for model, minutes, size, says in (
         ("tiny-avatar", "60", "128", "a 60-minute stream at 128x128 takes about 41.2 GiB"),

@@ -749,7 +749,7 @@ def test_a_model_larger_than_the_free_memory_is_refused_before_it_is_built(monke
     memory the kernel would kill the process."""
     from streamgen import models
 
-    monkeypatch.setattr(models, "_free_memory", lambda: 2 * 2**30)
+    monkeypatch.setattr(models, "free_memory", lambda: 2 * 2**30)
     with pytest.raises(ValueError, match=r"wan2.1-1.3b: its DiT takes 6.\d GiB in float32 as it loads; this "
                                          r"machine has 2.0 GiB free"):  # fmt: skip
         models.load_model("wan2.1-1.3b")

@@ -123,11 +123,11 @@ def stream_memory_problem(model: str, minutes: float, size: int) -> str | None:
     """Why this machine has not the memory a `minutes` stream at `size` takes, or None: the
     kernel kills the process once the stream is made (at 128x128 a student's hour takes about
     35 GiB, after ten minutes of generating it; an autoencoder's round trip 40 GiB at 64x64)."""
-    from streamgen.models import _free_memory
+    from streamgen.models import free_memory
 
     kind = GROUND_TRUTH if model == GROUND_TRUTH else ROUNDTRIP if model.startswith(ROUNDTRIP) else "model"
     per_minute = 60 * 25 * size * size * 3 * STREAM_BYTES_PER_FRAME_BYTE[kind]
-    free = _free_memory()
+    free = free_memory()
     if free is None or minutes * per_minute <= free:
         return None
     return (
