@@ -5,7 +5,7 @@
 # pure-Python packages its image lacks (scripts/gpu_wheels.txt), carried as
 # wheels in .whl/ that scripts/gpu_wheels.sh downloads beforehand:
 #   bash scripts/gpu_wheels.sh            # here, once
-#   run(command="bash scripts/gpu_check.sh", timeout_s=590, carry=[".whl"])
+#   run(command="bash scripts/gpu_check.sh", kind="nvidia-h200", timeout_s=590, carry=[".whl"])
 # tests/test_gpu_check.py rehearses this script on the CPU with only the
 # image's packages importable (GPU_CHECK_BENCH_ARGS gives the CPU options).
 # A session's 15 device minutes hold one such run and the machine's start, not two (a fresh
@@ -43,7 +43,11 @@ if ! timeout -k 5 10 "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_
   echo "gpu_check: diffusers is missing (run scripts/gpu_wheels.sh and carry .whl): the stream variants will fail" >&2
 fi
 timeout -k 5 10 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
-stamp=$(date +%Y-%m-%d)
+# the benchmark's files are named after the GPU that ran them, as in bench/results (h200-DATE.json,
+# h100-DATE.json: the device tool's first call gets an H100 unless it names nvidia-h200); gpu-DATE
+# where nvidia-smi named none
+gpu=$(sed -n 2p "$OUT/gpu.txt" | grep -oE '\b[A-Z]+[0-9]+[A-Z]?\b' | head -n 1 | tr '[:upper:]' '[:lower:]')
+results=$OUT/${gpu:-gpu}-$(date +%Y-%m-%d)
 eval "bench_args=(${GPU_CHECK_BENCH_ARGS:-})"  # a list of options, quoted as on a command line
 # beside the tests (on the CPU, meta tensors): the work of each configuration the variants' levers
 # make, for each variant's own floor (bench/variant_floor.py); given the tests' time at most
@@ -74,7 +78,7 @@ wait "$counting" 2>/dev/null
 bench_s=$((DEADLINE - $(elapsed) - KILL - PLOT_S - 5 - 5))
 bench_s=$((bench_s < ${GPU_CHECK_BENCH_TIMEOUT:-$bench_s} ? bench_s : ${GPU_CHECK_BENCH_TIMEOUT:-$bench_s}))
 if ((bench_s > 30)); then
-  timeout -s INT -k $KILL "$bench_s" "$PY" -m bench.gpu --budget $((bench_s - 25)) --out "$OUT/h200-$stamp.json" \
+  timeout -s INT -k $KILL "$bench_s" "$PY" -m bench.gpu --budget $((bench_s - 25)) --out "$results.json" \
     "${bench_args[@]}" > /dev/null 2> "$OUT/bench-gpu.log"
   echo "bench gpu: exit code $? (timeout ${bench_s} s)" >> "$OUT/bench-gpu.log"
 else
@@ -82,9 +86,9 @@ else
 fi
 # the plot from whatever the JSON holds, so a run cut short still gets one
 timeout -k 5 $PLOT_S "$PY" -c "import json, sys; from bench.gpu import plot; plot(json.load(open(sys.argv[1])), sys.argv[2])" \
-  "$OUT/h200-$stamp.json" "$OUT/h200-$stamp.png" 2> "$OUT/plot.log" || echo "plot: failed (plot.log)" >> "$OUT/bench-gpu.log"
+  "$results.json" "$results.png" 2> "$OUT/plot.log" || echo "plot: failed (plot.log)" >> "$OUT/bench-gpu.log"
 rm -rf "$site"
-tail -c 3000 "$OUT/h200-$stamp.json"
+tail -c 3000 "$results.json"
 echo
 grep -E "passed|failed|error|skipped" "$OUT/gpu-tests.log" | tail -n 5
 tail -n 2 "$OUT/bench-gpu.log"

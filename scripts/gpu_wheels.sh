@@ -3,7 +3,8 @@
 # reaches no registry): each distribution in scripts/gpu_wheels.txt at the
 # version installed in .venv, so the GPU runs the versions CI tests. They are
 # pure Python; the platform options only let pip pick wheels for the image's
-# Python 3.12. Then: run(command="bash scripts/gpu_check.sh", carry=[".whl"]).
+# Python 3.12. Then: run(command="bash scripts/gpu_check.sh", kind="nvidia-h200", timeout_s=590,
+# carry=[".whl"]) (docs/kernels.md, "The GPU run").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${STREAMGEN_VENV:-.venv}

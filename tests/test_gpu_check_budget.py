@@ -3,6 +3,7 @@ short leaves on disk, and scripts/gpu_check.sh's worst case against the device c
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -323,3 +324,49 @@ def test_the_floors_are_counted_at_the_benchmarks_steps(tmp_path, steps):
     _gpu_check_on_a_fake_clock(tmp_path, GPU_CHECK_BENCH_ARGS=bench_args)
     (counting,) = (tmp_path / "unbounded.log").read_text().splitlines()
     assert counting.split()[-1 - len(steps) :] == ["--quick", *steps], counting
+
+
+# a `timeout` that runs its command at once; an nvidia-smi that names $GPU_NAME
+_PASSING_TIMEOUT = """#!/usr/bin/env bash
+while [[ "$1" == -* ]]; do
+  case "$1" in -k | -s) shift 2 ;; *) shift ;; esac
+done
+exec "${@:2}"
+"""
+_NVIDIA_SMI = """#!/usr/bin/env bash
+echo "name, driver_version, memory.total [MiB]"
+echo "$GPU_NAME, 580.159.04, 81559 MiB"
+"""
+
+
+@pytest.mark.parametrize(
+    "gpu_name, prefix", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("", "gpu")]
+)
+def test_the_benchmarks_files_are_named_after_the_gpu_that_ran_them(tmp_path, gpu_name, prefix):
+    """The device tool's first call gets an H100 unless it names nvidia-h200: its run was written as
+    h200-DATE.json, to be committed beside the H200's runs as one of them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("timeout", _PASSING_TIMEOUT), ("nvidia-smi", _NVIDIA_SMI), ("python", _UNBOUNDED)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "gpu_check.sh").write_text((ROOT / "scripts" / "gpu_check.sh").read_text())
+    unbounded = tmp_path / "unbounded.log"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")},
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHON": str(bin_dir / "python"),
+        "OUT": str(tmp_path / "out"),
+        "UNBOUNDED": str(unbounded),
+        "GPU_NAME": gpu_name,
+        "GPU_CHECK_TESTS": "none.py",
+    }
+    r = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (bench,) = [line.split() for line in unbounded.read_text().splitlines() if "-m bench.gpu" in line]
+    out = Path(bench[bench.index("--out") + 1])
+    assert out.parent == tmp_path / "out" and re.fullmatch(rf"{prefix}-\d{{4}}-\d\d-\d\d\.json", out.name)
+    (plot,) = [line.split() for line in unbounded.read_text().splitlines() if "bench.gpu import plot" in line]
+    assert plot[-2:] == [str(out), str(out.with_suffix(".png"))]
