@@ -246,6 +246,19 @@ def _check_writable(folder: Path, key: str, make: bool) -> None:
             raise TrainingError(f"{key}: cannot make {folder}: {e.strerror}") from None
 
 
+def _check_batch_splits(cfg: TrainConfig, world: World) -> None:
+    """ConfigError unless data.batch_size (the global batch) splits evenly over the ranks: the ode
+    stage trained on batch_size // N samples a rank, so 3 on 2 ranks on samples 0 and 1 alone, and
+    the other stages stopped at their first step, once the stage was built (teacher, trajectories)."""
+    size = cfg.data.batch_size
+    if world.size > 1 and size % world.size:
+        raise ConfigError(
+            f"data.batch_size {size} (the global batch) does not split evenly over {world.size} ranks: "
+            f"set it to a multiple of {world.size} (--set data.batch_size=...), or start "
+            "--nproc_per_node ranks that divide it"
+        )
+
+
 def _exported_stage(out: Path) -> str | None:
     """The stage whose model run.out's `model/` holds (its model.json says), or None."""
     import json
@@ -314,6 +327,7 @@ class Trainer:
             close_world(world)
 
     def _run(self, world: World) -> dict:
+        _check_batch_splits(self.cfg, world)
         out = Path(self.cfg.run.out)
         _check_writable(out, "run.out", make=True)
         with one_run_at_a_time(out) if world.is_main else contextlib.nullcontext():

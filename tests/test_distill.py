@@ -206,6 +206,22 @@ def test_a_world_size_without_torchrun_is_one_line(tmp_path, capsys, monkeypatch
     assert says in err and "torchrun --nproc_per_node N" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("stage", ["ode", "teacher"])
+def test_a_batch_the_ranks_do_not_divide_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, stage):
+    """data.batch_size 3 under torchrun --nproc_per_node 2: the ode stage trained every step on
+    samples 0 and 1 alone (1 a rank), unsaid; the teacher stopped at its first step, once built."""
+    import distill.trainer
+    from distill.distributed import World
+    from streamgen.cli import main
+
+    monkeypatch.setattr(distill.trainer, "init_world", lambda device: World(rank=0, size=2))
+    out = tmp_path / "o"
+    assert main(["distill", stage, "--config", "debug", "--out", str(out), "--set", "data.batch_size=3"]) == 2
+    err = capsys.readouterr().err
+    assert "data.batch_size 3 (the global batch) does not split evenly over 2 ranks" in err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_more_ranks_than_gpus_is_one_line(tmp_path, capsys, monkeypatch):
     """torchrun --nproc_per_node 3 on a machine with 2 GPUs: the third rank's set_device raised a
     CUDA error, a traceback."""
