@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from distill.config import ConfigError
-from distill.distributed import broadcast_module
+from distill.distributed import broadcast_module, mean_across
 from distill.rng import generator
 from distill.trainer import Updater
 
@@ -129,7 +129,9 @@ class Stage:
             )
         loss = loss + o.latent_penalty * z.square().mean()
         out = self.updaters["vae"].update(loss)
-        out["psnr"] = float(10 * torch.log10(4 / err.detach().square().mean().clamp(min=1e-10)))
+        # of the whole global batch, as one process's (rank 0's slice alone was logged)
+        mse = mean_across(err.detach().square().mean(), self.world)
+        out["psnr"] = float(10 * torch.log10(4 / mse.clamp(min=1e-10)))
         return out
 
     @torch.no_grad()

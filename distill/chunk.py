@@ -99,7 +99,7 @@ class Stage(DmdStage):
         with torch.no_grad():
             cond_critic = self.conditions(self.critic, batch, f).frames(window.start, window.stop)
         loss, extra = generator_loss(
-            self.teacher, self.critic, x0, cond_teacher, cond_critic, rnd, "dmd", o, motion
+            self.teacher, self.critic, x0, cond_teacher, cond_critic, rnd, "dmd", o, motion, world=self.world
         )
         out.update(self.updaters["generator"].update(loss))
         out.update(extra, chunk_index=k, self_correct=float(own))

@@ -24,7 +24,7 @@ import torch
 from distill.build import export_model, load_dit, load_frozen_and_digest, load_vae, new_dit
 from distill.config import ConfigError
 from distill.data import load_bank
-from distill.distributed import broadcast_module, broadcast_text
+from distill.distributed import broadcast_module, broadcast_text, mean_across
 from distill.flow import Conditions, audio_windows, flow_loss
 from distill.rng import SampleRandom
 from distill.trainer import Updater
@@ -48,8 +48,9 @@ def _noised(x0, prefix, sigma, noise):
     return xt, t
 
 
-def generator_loss(teacher, critic, x0, cond_teacher, cond_critic, rnd, tag, opts, prefix=None):
-    """DMD loss of the student's sample x0 [B, C, F, h, w] (with gradient); cond covers prefix + frames."""
+def generator_loss(teacher, critic, x0, cond_teacher, cond_critic, rnd, tag, opts, prefix=None, world=None):
+    """DMD loss of the student's sample x0 [B, C, F, h, w] (with gradient); cond covers prefix + frames.
+    world: the ranks the logged DMD gradient norm is averaged over (the global batch's, as the loss)."""
     sigma = score_sigmas(rnd, tag, opts)
     noise = rnd.randn(f"{tag}/noise", *x0.shape[1:])
     p = 0 if prefix is None else prefix.shape[2]
@@ -62,7 +63,9 @@ def generator_loss(teacher, critic, x0, cond_teacher, cond_critic, rnd, tag, opt
         grad = (fake - real) * weight
         target = x0.detach() - grad
     loss = 0.5 * (x0 - target).square().flatten(1).mean(1).mean()
-    return loss, {"dmd_grad_norm": float(grad.square().mean().sqrt())}
+    # (rank 0's slice alone was logged: under torchrun another number than one process's)
+    mean_square = grad.square().mean() if world is None else mean_across(grad.square().mean(), world)
+    return loss, {"dmd_grad_norm": float(mean_square.sqrt())}
 
 
 def critic_loss(critic, x0, cond_critic, rnd, tag, opts, prefix=None):

@@ -83,8 +83,9 @@ class Stage(DmdStage):
         with torch.no_grad():
             cond_critic = self.conditions(self.critic, batch, frames).frames(scored.start, scored.stop)
         loss, extra = generator_loss(
-            self.teacher, self.critic, video[:, :, scored], cond_teacher, cond_critic, rnd, "dmd", self.opts
-        )
+            self.teacher, self.critic, video[:, :, scored], cond_teacher, cond_critic, rnd, "dmd", self.opts,
+            world=self.world,
+        )  # fmt: skip
         out.update(self.updaters["generator"].update(loss))
         out.update(extra, exit_step=exit_step, rollout_frames=frames)
         return out

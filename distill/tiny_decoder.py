@@ -35,7 +35,7 @@ import torch
 
 from distill.autoencoder import VideoSource, video_crops, video_to_input
 from distill.config import ConfigError
-from distill.distributed import broadcast_module
+from distill.distributed import broadcast_module, mean_across
 from distill.trainer import Updater
 from streamgen.model.files import write_atomically, write_text_atomically
 
@@ -114,7 +114,9 @@ class Stage:
         if o.video_weight:
             loss = loss + o.video_weight * distance(frames - video)
         out = self.updaters["decoder"].update(loss)
-        out["psnr_vs_teacher"] = psnr(frames.detach().clamp(-1, 1), target)
+        # of the whole global batch, as one process's (rank 0's slice alone was logged)
+        mse = mean_across((frames.detach().clamp(-1, 1) - target).square().mean(), self.world)
+        out["psnr_vs_teacher"] = float(10 * torch.log10(4 / mse.clamp(min=1e-10)))
         return out
 
     @torch.no_grad()
