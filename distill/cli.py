@@ -53,10 +53,13 @@ def run(args: argparse.Namespace) -> int:
 
             build_latents(cfg)
             return 0
-        last = Trainer(cfg, resume=args.resume).run()
+        trainer = Trainer(cfg, resume=args.resume)
+        last = trainer.run()
     # (DataError: a shard found corrupted during training, where the stages read clips as they go)
     except (ConfigError, DataMissing, DataError, CheckpointError, TrainingError, ModelSourceError) as e:
         raise UserError(str(e)) from None
+    if not trainer.is_main:  # (under torchrun every rank printed it, the lines run together)
+        return 0
     shown = "  ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith("loss"))
     print(f"{args.stage}: finished {cfg.run.steps} step{'s' * (cfg.run.steps != 1)} in {cfg.run.out}  {shown}")
     return 0

@@ -315,12 +315,14 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, stop_after: int | None = None):
         """stop_after: leave the loop after this many steps, as if killed there (for tests)."""
         self.cfg, self.resume, self.stop_after = cfg, resume, stop_after
+        self.is_main = True  # whether this process is rank 0 (known once run has joined the ranks)
 
     def run(self) -> dict:
         cfg = self.cfg
         if cfg.run.threads > 0:
             torch.set_num_threads(cfg.run.threads)
         world = init_world(cfg.run.device)
+        self.is_main = world.is_main
         try:
             return self._run(world)
         finally:

@@ -36,6 +36,7 @@ def launch(tmp_path, name: str, procs: int, fsdp: bool = False, extra=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("teacher: finished") == 1  # (rank 0's: every rank's ran together)
     return final_tensors(tmp_path / name)
 
 
