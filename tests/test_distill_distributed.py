@@ -67,6 +67,14 @@ def test_fsdp2_shards_take_the_same_steps_and_resume_exactly(tmp_path):
     assert load_model(str(tmp_path / "whole" / "model")).trained
 
 
+def test_a_run_resumed_on_another_number_of_ranks_equals_one_never_interrupted(tmp_path):
+    """docs/distill.md: sample i of the global batch draws the same numbers on whichever rank holds it."""
+    one = launch(tmp_path, "one", 1, extra=["--steps", "2"])
+    launch(tmp_path, "moved", 2)  # step 1 on 2 ranks, then step 2 on 1
+    moved = launch(tmp_path, "moved", 1, extra=["--steps", "2", "--resume"])
+    assert max_difference(one, moved) <= 1e-6
+
+
 def _average_on_two_ranks(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
