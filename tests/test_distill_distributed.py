@@ -67,6 +67,7 @@ def test_fsdp2_shards_take_the_same_steps_and_resume_exactly(tmp_path):
     assert load_model(str(tmp_path / "whole" / "model")).trained
 
 
+@pytest.mark.slow
 def test_a_run_resumed_on_another_number_of_ranks_equals_one_never_interrupted(tmp_path):
     """docs/distill.md: sample i of the global batch draws the same numbers on whichever rank holds it."""
     one = launch(tmp_path, "one", 1, extra=["--steps", "2"])
@@ -213,6 +214,7 @@ def _logged(tmp_path, stage: str, procs: int, extra=()) -> dict:
     return json.loads((out / "scalars.jsonl").read_text().splitlines()[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, key", [("autoencoder", "psnr"), ("self_forcing", "dmd_grad_norm")])
 def test_scalars_logged_on_two_ranks_are_of_the_whole_batch(tmp_path, stage, key):
     """A stage's own scalars (a PSNR, the DMD gradient norm) were of rank 0's slice alone: on 2 ranks
