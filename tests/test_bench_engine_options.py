@@ -2,12 +2,10 @@
 is kept, and one that cannot be measured here says why (in the JSON) instead of losing the rest."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli_helpers import streamgen_without_a_compiler
 
 import bench.engine as engine
 import streamgen.models as models
@@ -29,16 +27,9 @@ def test_one_step_measures_the_session_and_skips_only_the_last_step_cache(monkey
 @pytest.mark.slow
 def test_a_compile_that_fails_is_said_in_the_json_and_the_eager_figures_stand(tmp_path):
     # measured last, after every eager figure: without a C++ compiler its traceback lost them all
-    env = {
-        **os.environ,
-        "CXX": str(tmp_path / "no-such-g++"),
-        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
-    }
-    r = subprocess.run(
-        [sys.executable, "-m", "streamgen", "bench", "engine", "--json", "--model", "debug", "--height", "32",
-         "--width", "32", "--chunks", "2", "--context", "4", "--teacher-frames", "2", "--batch-sessions", "2",
-         "--compile"],
-        capture_output=True, text=True, timeout=600, env=env,
+    r = streamgen_without_a_compiler(
+        tmp_path, "bench", "engine", "--json", "--model", "debug", "--height", "32", "--width", "32",
+        "--chunks", "2", "--context", "4", "--teacher-frames", "2", "--batch-sessions", "2", "--compile",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])

@@ -1,15 +1,12 @@
 """`streamgen generate` and `streamgen bench engine` from the command line."""
 
 import json
-import os
-import subprocess
-import sys
 import wave
 
 import av
 import numpy as np
 import pytest
-from cli_helpers import streamgen
+from cli_helpers import streamgen, streamgen_without_a_compiler
 
 from streamgen.cli import main
 
@@ -301,16 +298,9 @@ def test_bench_decoder_compile_times_both_compiled_decoders(tmp_path):
 @pytest.mark.slow
 def test_bench_decoder_says_a_compile_that_fails_and_times_the_rest(tmp_path):
     # without a C++ compiler for inductor: a traceback, nothing timed
-    env = {
-        **os.environ,
-        "CXX": str(tmp_path / "no-such-g++"),
-        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
-    }
-    r = subprocess.run(
-        [sys.executable, "-m", "streamgen", "bench", "decoder", "--json", "--model", "debug", "--sizes", "32",
-         "--rounds", "1", "--compile"],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+    r = streamgen_without_a_compiler(
+        tmp_path, "bench", "decoder", "--json", "--model", "debug", "--sizes", "32", "--rounds", "1", "--compile"
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     (size,) = json.loads(r.stdout.strip().splitlines()[-1])["sizes"]
     for name in ("compiled", "compiled_bfloat16"):
