@@ -193,9 +193,11 @@ class SessionRegistry:
         try:
             job = self.worker.submit(self._make_first_chunk, session, lane=session.lane)
             chunk = await asyncio.wrap_future(job)
-        except (WorkerBusy, RuntimeError, concurrent.futures.CancelledError, asyncio.CancelledError):
-            return  # shutting down, or the queue is full: the worker makes it on its schedule instead
-        except Exception as e:
+        except (WorkerBusy, HostDown, concurrent.futures.CancelledError, asyncio.CancelledError):
+            # shutting down, or the queue is full: the worker makes it on its schedule instead; the
+            # model process gone: its sessions end as host_down
+            return
+        except Exception as e:  # (a RuntimeError too, torch's errors: taken for a shutdown, unlogged)
             log.exception("session %s: first chunk failed", session.id)
             await self.close(session, f"generation failed: {e}")
             return

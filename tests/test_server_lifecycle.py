@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -417,3 +420,29 @@ def test_the_access_log_holds_no_session_token():
     line = AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s').format(access)
     assert line == '127.0.0.1:5 - "DELETE /v1/sessions/ab?token=...&x=1 HTTP/1.1" 204 No Content'
     assert socket.getMessage() == '127.0.0.1:5 - "WebSocket /v1/sessions/ab/stream?token=..." [accepted]'
+
+
+@pytest.mark.parametrize("error, closed", [(RuntimeError("CUDA error: out of memory"), True), ("host", False)])
+def test_a_first_chunk_the_model_fails_ends_its_session_and_is_logged(caplog, error, closed):
+    """torch's errors are RuntimeErrors, which were taken for a shutdown: unlogged, the session left
+    to fail again on its schedule. A model process gone (HostDown) is not this session's to end."""
+    import concurrent.futures
+    from types import SimpleNamespace
+
+    from server.model_host import HostDown
+    from server.registry import SessionRegistry
+
+    error = HostDown("the model process exited") if error == "host" else error
+    job = concurrent.futures.Future()
+    job.set_exception(error)
+    ended = []
+
+    async def close(session, reason):
+        ended.append(reason)
+
+    registry = SimpleNamespace(worker=SimpleNamespace(submit=lambda *a, **k: job), close=close,
+                               _make_first_chunk=None)  # fmt: skip
+    with caplog.at_level(logging.ERROR, logger="streamgen.server"):
+        asyncio.run(SessionRegistry._first_chunk(registry, SimpleNamespace(id="s1", lane=0)))
+    assert ended == (["generation failed: CUDA error: out of memory"] if closed else [])
+    assert ("first chunk failed" in caplog.text) == closed
