@@ -36,6 +36,30 @@ def _normalized(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def test_the_carried_wheels_accept_the_image_versions_of_what_they_require():
+    """The wheels are downloaded at this machine's versions; the rehearsal below links this
+    machine's packages beside them, so a wheel needing a newer package than the image has (a
+    diffusers that needs huggingface-hub 2) passed here and failed to import on the device."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    image = {}
+    for line in (ROOT / "scripts" / "gpu_image_versions.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            image[_normalized(name)] = Version(version)
+    assert image.keys() <= _listed("gpu_image_packages.txt")
+    environment = {"python_version": "3.12", "extra": ""}  # (the image's Python; no extras installed)
+    for wheel in _listed("gpu_wheels.txt"):
+        for text in importlib.metadata.requires(wheel) or []:
+            req = Requirement(text)
+            if (req.marker is None or req.marker.evaluate(environment)) and _normalized(req.name) in image:
+                have = image[_normalized(req.name)]
+                assert req.specifier.contains(have, prereleases=True), (
+                    f"{wheel} needs {req}, the image has {have}"
+                )
+
+
 def with_requirements(names: set[str]) -> set[str]:
     """The names and, transitively, what their installed versions here require (newer
     versions here may need packages the image's older ones do not)."""
