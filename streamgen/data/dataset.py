@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import copy
 import os
-import zipfile
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch.utils.data
 
-from .shards import DataError, ShardReader, check_shard, load_manifest, save_npz
+from .shards import NPZ_ERRORS, DataError, ShardReader, check_shard, load_manifest, save_npz
 
 
 def _latent_path(root: Path, name: str, shard_file: str) -> Path:
@@ -155,8 +153,7 @@ def _encoded_from(path: Path) -> str | None:
     try:
         with np.load(path) as cached:
             return str(cached["shard_sha256"]) or None if "shard_sha256" in cached.files else None
-    # (a file cut short: a copy that stopped; NotImplementedError: a compression method byte flipped)
-    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError) as e:
+    except NPZ_ERRORS as e:  # (a file cut short: a copy that stopped)
         raise DataError(f"corrupted latent cache file {path}: {e}: delete it to encode it again") from None
 
 

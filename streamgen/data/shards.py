@@ -168,6 +168,11 @@ def partly_made(out: Path) -> int:
         return 0
 
 
+# what reading a damaged .npz raises (cut short, a byte flipped: zipfile says NotImplementedError
+# for a compression method byte it does not know, zlib.error for a spoilt stream)
+NPZ_ERRORS = (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError)
+
+
 def clip_count(n: int) -> str:
     return f"{n} clip" if n == 1 else f"{n} clips"
 
@@ -386,8 +391,7 @@ class ShardReader:
         check_shard(self.path, expected_bytes, sha256, checked)
         try:
             self._npz = np.load(self.path, allow_pickle=False)
-        # (NotImplementedError: zipfile's word for a compression method byte that was flipped)
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as e:
+        except NPZ_ERRORS as e:
             raise DataError(f"corrupted shard {self.path}: {e}") from None
 
     def _get(self, key: str) -> np.ndarray:
@@ -395,7 +399,7 @@ class ShardReader:
             return self._npz[key]
         except KeyError:
             raise DataError(f"corrupted shard {self.path}: member {key} is missing") from None
-        except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError) as e:
+        except NPZ_ERRORS as e:
             raise DataError(f"corrupted shard {self.path}: {key}: {e}") from None
 
     def clip(self, i: int) -> dict:
