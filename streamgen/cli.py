@@ -189,6 +189,9 @@ def check_device(name: str, meta: bool = False) -> None:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
+        # torch spells device types in lower case only; "CPU" or "Cuda:0" is a typo worth naming
+        if name != name.lower() and _parses_as_device(name.lower()):
+            raise UserError(f"unknown device {name!r}: device names are lower case ({name.lower()!r})") from None
         raise UserError(f"unknown device {name!r} (cpu, cuda, cuda:N, ...)") from None
     if device.type == "meta" and not meta:
         raise UserError("--device meta holds no data, so nothing can run on it: give cpu or cuda")
@@ -203,6 +206,16 @@ def check_device(name: str, meta: bool = False) -> None:
         raise UserError(
             f"no device {name!r}: this machine has {backend.device_count()} {device.type} device(s)"
         )
+
+
+def _parses_as_device(name: str) -> bool:
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 def _available(module: str) -> bool:

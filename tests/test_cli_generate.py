@@ -118,6 +118,8 @@ def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys):
     assert "no CUDA device here" in capsys.readouterr().err
     assert main(["generate", "--model", "debug", "--device", "gpu0", "--out", out, "--quiet"]) == 2
     assert "unknown device 'gpu0'" in capsys.readouterr().err
+    assert main(["generate", "--model", "debug", "--device", "CPU", "--out", out, "--quiet"]) == 2
+    assert "device names are lower case ('cpu')" in capsys.readouterr().err
     assert (
         main(["eval", "--model", "debug", "--device", "cuda", "--clips", "1", "--out", str(tmp_path / "e")])
         == 2
