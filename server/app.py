@@ -253,6 +253,8 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         log.exception("model failed to load")
         return
     registry.chunk_seconds = chunk_seconds
+    if config.inference_process and config.model_timeout_s:  # (from now on: the warm-up may take minutes)
+        registry.host.answer_timeout = config.model_timeout_s
     registry.worker.chunk_time_ema = statistics.median(steady_times)
     # (a warm-up chunk re-encodes the one before it first: to publish, the batches soon say)
     registry.worker.batch_times.observe(1, registry.worker.chunk_time_ema)

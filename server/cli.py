@@ -79,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "RGB, which deflate shrinks by a fifth to a half at a CPU cost the server's cores pay)")  # fmt: skip
     parser.add_argument("--model-process", action="store_true",
                         help="run the model in a child process instead of a thread of the server")
+    parser.add_argument("--model-timeout", type=model_timeout, default=60.0, metavar="SECONDS",
+                        help="with --model-process: a model process that answers no operation for this long "
+                        "(once the server is ready) is stuck; it is killed and /healthz reports the server down, "
+                        "for its supervisor to restart (0: no limit)")  # fmt: skip
     parser.add_argument("--sp", type=int, default=1,
                         help="shard the model over N processes (sequence parallelism; restarts under torchrun)")
     parser.add_argument("--log-level", default="info",
@@ -186,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         torch_threads=threads, lanes=args.lanes, loopback=args.loopback or args.host == "127.0.0.1", sp=args.sp,
         idle_timeout_s=args.idle_timeout, max_duration_s=args.max_duration, peer_timeout_s=args.peer_timeout,
         stamp_frames=args.stamp_frames, measure_capacity=not args.admit_max, inference_process=args.model_process,
+        model_timeout_s=args.model_timeout,
         ice_servers=ice_servers, cors_origins=args.cors_origin, align_batches=args.align_batches,
     )  # fmt: skip
     app = create_app(config)
@@ -230,6 +235,11 @@ MIN_PEER_TIMEOUT_S = 3.0
 
 
 URL_SPECIAL = "+&#%?"  # what a URL's query does not carry as it is
+
+
+def model_timeout(text: str) -> float:
+    """An argparse type: --model-timeout, 0 (no limit) or a positive number of seconds."""
+    return 0.0 if text.strip() in ("0", "0.0") else positive_number(text)
 
 
 def peer_timeout(text: str) -> float:

@@ -19,6 +19,9 @@ class ServerConfig:
     )
     device: str = "cpu"
     inference_process: bool = False  # the model in a child process (serve --model-process)
+    # a model process that answers no operation for this long once the server is ready is stuck:
+    # it is killed and the server reports itself down (serve --model-timeout; 0: no limit)
+    model_timeout_s: float = 60.0
     sp: int = 1  # > 1: this is rank 0 of `serve --sp N` under torchrun (server/sp_host.py)
     torch_threads: int | None = None  # None: torch's default; 1 is far faster on an oversubscribed CPU
     lanes: int = 1  # threads that generate, each for its own sessions (server/scheduler.py; in process only)

@@ -73,6 +73,10 @@ class ModelHost:
         self.process.start()
         child.close()
         self._down: str | None = None  # why the host can run nothing more (the server reports it unhealthy)
+        # seconds an operation may take before the process is taken for stuck and killed; None
+        # while the model loads and warms up (a first chunk may take minutes): the server sets it
+        # once it is ready (ServerConfig.model_timeout_s)
+        self.answer_timeout: float | None = None
         self.call("ping")  # waits until the model is loaded; raises what loading raised
 
     @property
@@ -89,6 +93,8 @@ class ModelHost:
             raise HostDown(self.down)
         try:
             self._conn.send((op, args))
+            if self.answer_timeout is not None and not self._conn.poll(self.answer_timeout):
+                self._stop_stuck(op)
             ok, result = self._conn.recv()
         except (EOFError, OSError):
             self.process.join(1)
@@ -97,6 +103,15 @@ class ModelHost:
         if ok:
             return result
         raise_reported(result)
+
+    def _stop_stuck(self, op: str) -> None:
+        """A model process that does not answer (a deadlock, a driver hang, a stopped process) held
+        the worker, and with it every session, while /healthz said ok: it is killed, and the host
+        is down, as it is when the process dies, so that a supervisor restarts the server."""
+        self.process.kill()  # (SIGKILL: a stuck process may not run a SIGTERM handler)
+        self.process.join(5)
+        self._down = f"the model process gave no answer to {op!r} in {self.answer_timeout:g} s (stuck: it was killed)"
+        raise HostDown(self._down)
 
     def stop(self) -> None:
         self._down = self._down or "the model process was stopped (the server is shutting down)"

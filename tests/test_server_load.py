@@ -340,6 +340,57 @@ async def test_a_model_process_killed_while_idle_is_reported_without_a_request()
             assert app.state.registry.sessions == {}
 
 
+@pytest.mark.timeout(60)  # (before the limit: stuck for good)
+def test_a_stuck_model_process_is_killed_and_reported():
+    """A model process that stopped answering (a deadlock, a driver hang; here a SIGSTOP) held the
+    worker and every session for good, while /healthz said ok: nothing told a supervisor."""
+    import os
+    import signal
+
+    from server.model_host import HostDown, ModelHost
+
+    host = ModelHost("debug", "cpu", 1)
+    try:
+        host.answer_timeout = 1.0
+        assert host.call("ping")["frozen_objects"] > 0  # an answer in time
+        os.kill(host.process.pid, signal.SIGSTOP)
+        with pytest.raises(HostDown, match=r"gave no answer to 'ping' in 1 s \(stuck: it was killed\)"):
+            host.call("ping")
+        host.process.join(5)
+        assert host.process.exitcode == -signal.SIGKILL
+        assert "gave no answer" in host.down
+        with pytest.raises(HostDown):  # and it stays down
+            host.call("ping")
+    finally:
+        host.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_a_stuck_model_process_ends_its_sessions_and_the_health():
+    """Served: a session streaming from a stuck model process ends as host_down once the model
+    timeout passes, and the server says it is down (its warm-up ran under no limit)."""
+    import os
+    import signal
+
+    with live_server(inference_process=True, model_timeout_s=2.0) as (url, app):
+        host = app.state.registry.host
+        assert host.answer_timeout == 2.0
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            s = await create(http)
+            async with websockets.connect(ws_url(url, s)) as ws:
+                await ws.send(json.dumps({"type": "start", "format": "rgb"}))
+                await first_frame(ws)
+                os.kill(host.process.pid, signal.SIGSTOP)
+                with pytest.raises(websockets.ConnectionClosed):
+                    for _ in range(200):  # frames already made, then the close
+                        await asyncio.wait_for(ws.recv(), 20)
+            health = await http.get("/healthz")
+            assert health.status_code == 503 and "gave no answer" in health.json()["error"], health.text
+            metrics = (await http.get("/metrics")).text
+            assert 'streamgen_sessions_closed_total{reason="host_down"} 1.0' in metrics
+    assert not host.process.is_alive()
+
+
 def test_a_ctrl_c_leaves_the_model_process_to_the_server():
     """A Ctrl-C in the terminal of `serve --model-process` reaches the model process too (one
     process group): it printed a KeyboardInterrupt traceback and died, and one in a chunk ended
