@@ -505,9 +505,31 @@ def test_a_server_error_the_page_meets_is_shown_in_its_words(browser_page, refus
             else:
                 page.fill("#speak-text", "hello there")
                 page.click("#speak")
-                page.wait_for_function("window.streamgenStats.state.startsWith('speak')", timeout=10_000)
-                assert page.evaluate("window.streamgenStats.state") == "speak: 502: Bad Gateway", logs
+                page.wait_for_function("window.streamgenStats.notice.startsWith('speak')", timeout=10_000)
+                assert page.text_content("#notice") == "speak: 502: Bad Gateway", logs
+                assert page.evaluate("window.streamgenStats.state") == "streaming (webrtc)"  # it goes on
                 assert page.input_value("#speak-text") == "hello there"  # kept, to be sent again
+        finally:
+            page.close()
+
+
+def test_a_websocket_pages_refused_speak_is_said_beside_the_status(browser_page):
+    """The server's in-band error (a speak too long for the speech queue) replaced the status:
+    'error: ...' stood where 'streaming (websocket)' had been while the stream went on."""
+    with live_server(max_sessions=2) as (url, app):
+        page = held_page(browser_page, "about:blank")
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            page.fill("#speak-text", "hello there, " * 76)  # 988 characters: a minute of speech
+            page.click("#speak")
+            page.wait_for_function("window.streamgenStats.notice !== ''", timeout=20_000)
+            assert page.text_content("#notice").startswith("error: text too long"), page.text_content("#notice")
+            assert page.text_content("#status") == "streaming (websocket)"
+            frames = page.evaluate("window.streamgenStats.framesDecoded")
+            page.wait_for_function(f"window.streamgenStats.framesDecoded > {frames}", timeout=20_000)
+            page.click("#hangup")
+            assert page.text_content("#notice") == "" and page.text_content("#status") == "idle"
         finally:
             page.close()
 

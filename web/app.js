@@ -6,7 +6,7 @@
 // The page's modules: page.js (what they share), api.js, webrtc.js, websocket.js; this one: the
 // avatars, the controls, and a connection's start and end.
 import { apiJson, authHeaders, createSession, deleteSession } from "./api.js";
-import { $, getMic, params, setStatus, showOverlay, soundNoLongerWaits, state, stats } from "./page.js";
+import { $, getMic, params, setNotice, setStatus, showOverlay, soundNoLongerWaits, state, stats } from "./page.js";
 import { closePeer, connectWebRTC } from "./webrtc.js";
 import {
   closeWebSocket, connectWebSocket, deleteUnlessTheSocketEndsIt, forgetFrameTimes, startWsMic, stopWsMic,
@@ -82,6 +82,7 @@ async function connect() {
   $("connect").disabled = true;
   $("hangup").disabled = false;  // while connecting too: an attempt a server does not answer is given up
   resetStats();
+  setNotice("");
   setStatus("connecting");
   try {
     let stream = await getMic();
@@ -132,6 +133,7 @@ function hangUp() {
   const socketMayEndSession = socket !== null && socket.readyState === WebSocket.OPEN && !state.wsStarted;
   cleanup(!socketMayEndSession);
   if (socketMayEndSession && s) deleteUnlessTheSocketEndsIt(socket, s);
+  setNotice("");
   setStatus("idle");
 }
 
@@ -182,11 +184,12 @@ async function speak(e) {
       });
       if (!res.ok) await apiJson(res);
     } catch (err) {
-      if (mine === state.generation) setStatus(`speak: ${err.message}`);
+      if (mine === state.generation) setNotice(`speak: ${err.message}`);
       return;  // the text stays, to be sent again
     }
     if (mine !== state.generation) return;
   }
+  setNotice("");
   $("speak-text").value = "";
 }
 

@@ -7,7 +7,7 @@ export const params = new URLSearchParams(location.search);
 
 // what the overlay shows; tests read it as window.streamgenStats
 export const stats = { transport: null, firstFrameMs: null, framesDecoded: 0, fps: 0, avOffsetMs: null,
-  rttMs: null, state: "idle", error: null, trickled: 0 };
+  rttMs: null, state: "idle", notice: "", error: null, trickled: 0 };
 window.streamgenStats = stats;
 
 // One object, not variables: the page's modules share it, and a module cannot assign another's.
@@ -36,6 +36,14 @@ export const abandoned = (mine) => {
 export function setStatus(text) {
   stats.state = text;
   $("status").textContent = text;
+}
+
+// What the server said of one request while the stream goes on (a speak refused, a message it
+// did not take): beside the status, not in its place. In its place, "error: ..." was left where
+// "streaming" had been, for as long as the stream went on.
+export function setNotice(text) {
+  stats.notice = text;
+  $("notice").textContent = text;
 }
 
 export function showOverlay() {

@@ -1,7 +1,7 @@
 // The WebSocket API, the fallback: its session and stream, the playout of its frames and sound on
 // the audio clock, the microphone sent over it, and what its close codes say about the session.
 import { createSession, deleteSession } from "./api.js";
-import { $, abandoned, showOverlay, setStatus, state, stats, waitForClickForSound } from "./page.js";
+import { $, abandoned, setNotice, showOverlay, state, stats, waitForClickForSound } from "./page.js";
 import { Resampler, toPcm16 } from "./resample.js";
 
 const SAMPLE_RATE = 16000;
@@ -117,7 +117,7 @@ export async function connectWebSocket(mine, closed) {
     ping(heardAt);
     if (typeof e.data === "string") {
       const msg = JSON.parse(e.data);
-      if (msg.type === "error") setStatus(`error: ${msg.message}`);
+      if (msg.type === "error") setNotice(`error: ${msg.message}`);
       return;
     }
     const view = new DataView(e.data);
