@@ -200,6 +200,9 @@ class TrickleIce:
         self._mids = set(self._credentials)
         self._first_mid = next(iter(self._credentials), None)  # where candidates without a mid go
         self.candidates = offer_sdp.count("a=candidate:")  # the offer's and those added since
+        # the addresses fragments added, by transport: a PATCH sent again (its answer lost, a
+        # player's retry) adds none of them twice, and they count once against MAX_CANDIDATES
+        self._added: set[tuple] = set()
         self.ended = False  # the player sent a=end-of-candidates
         # the transports (their sections' mids) whose candidates the offer ended: a bundled section's
         # own end ends nothing, aiortc discards its transport for the bundle's
@@ -223,12 +226,19 @@ class TrickleIce:
         unknown = sorted({mid for mid, _ in frag.candidates if mid is not None and mid not in self._mids})
         if unknown:
             raise FragmentError(f"a=mid:{unknown[0]} is not a media section of the offer")
-        if self.candidates + len(frag.candidates) > MAX_CANDIDATES:
-            raise FragmentError(f"a session takes at most {MAX_CANDIDATES} ICE candidates, offer included "
-                                f"({self.candidates} so far, {len(frag.candidates)} more sent)")  # fmt: skip
-        self.candidates += len(frag.candidates)
-        candidates = []
+        fresh, keys = [], set()
         for mid, value in frag.candidates:
+            key = self._address_of((mid, value))
+            if key not in self._added and key not in keys:
+                fresh.append((mid, value))
+                keys.add(key)
+        if self.candidates + len(fresh) > MAX_CANDIDATES:
+            raise FragmentError(f"a session takes at most {MAX_CANDIDATES} ICE candidates, offer included "
+                                f"({self.candidates} so far, {len(fresh)} more sent)")  # fmt: skip
+        self.candidates += len(fresh)
+        self._added |= keys
+        candidates = []
+        for mid, value in fresh:
             candidate = candidate_from_sdp(value)
             if mid is None:  # before any a=mid: the first media section's
                 candidate.sdpMLineIndex = 0
@@ -239,7 +249,7 @@ class TrickleIce:
         # (`<uuid>.local`), each resolved with a timeout of a second, and one after another a
         # fragment of names that do not resolve held the PATCH that many seconds
         added = await asyncio.gather(*map(self.pc.addIceCandidate, candidates), return_exceptions=True)
-        for (_, value), result in zip(frag.candidates, added):
+        for (_, value), result in zip(fresh, added):
             if isinstance(result, ValueError):  # e.g. a candidate after end-of-candidates
                 raise FragmentError(f"the ICE agent refused {value[:80]!r}: {result}") from None
             if isinstance(result, BaseException):
@@ -247,7 +257,14 @@ class TrickleIce:
         if frag.end:
             await self.pc.addIceCandidate(None)
             self.ended = True
-        return len(frag.candidates)
+        return len(fresh)
+
+    def _address_of(self, candidate: tuple[str | None, str]) -> tuple:
+        """What makes a fragment's (mid, candidate) one address to check: its transport, component,
+        protocol, address, port and type (not its foundation or priority, which a player may
+        compute anew when it sends the candidate again)."""
+        c = candidate_from_sdp(candidate[1])
+        return self._transport_of(candidate), c.component, c.protocol.lower(), c.ip, c.port, c.type
 
     def _transport_of(self, candidate: tuple[str | None, str]) -> str | None:
         """The mid of the section whose transport a fragment's (mid, candidate) goes to."""

@@ -288,6 +288,26 @@ async def test_a_fragments_candidates_are_resolved_together_then_ended():
                                              + [("0", n.split()[4]) for n in names])  # fmt: skip
 
 
+async def test_a_fragment_sent_again_adds_and_counts_its_candidates_once():
+    """A player that sends a PATCH again (its answer lost, a retry) added each candidate again, and
+    each counted again against MAX_CANDIDATES: 64 retries of one candidate filled the session."""
+    from server.trickle import MAX_CANDIDATES, TrickleIce
+
+    peer = SlowResolvingPeer()
+    trickle = TrickleIce(peer, FRAGMENT)  # the offer: 3 candidates
+    one = "a=mid:0\na=candidate:9 1 udp 2122260223 192.0.2.9 50009 typ host\n"
+    assert await trickle.add(parse_fragment(one)) == 1
+    for _ in range(MAX_CANDIDATES):
+        assert await trickle.add(parse_fragment(one)) == 0
+    # the same address with another foundation and priority, twice in one fragment, and under the
+    # bundled section 1 (its transport is section 0's): still the one address
+    again = one.replace("9 1 udp 2122260223", "17 1 UDP 1686052607") + "a=mid:1\n" + one.split("\n")[1] + "\n"
+    assert await trickle.add(parse_fragment(again)) == 0
+    assert trickle.candidates == 4 and peer.added == [("0", "192.0.2.9")]
+    other_port = one.replace("50009", "50010")
+    assert await trickle.add(parse_fragment(other_port)) == 1 and trickle.candidates == 5
+
+
 async def test_candidates_the_ice_agent_would_drop_unsaid_are_refused():
     """After a=end-of-candidates, or under a mid the offer does not have, aiortc drops a candidate
     without a word: the PATCH was a 204, and the candidate counted against the session's limit."""
