@@ -48,6 +48,10 @@ def test_synthesis_is_a_function_of_text_and_voice():
         # espeak-ng reads C strings: what follows a NUL was neither spoken nor counted
         ("Hello.\0 And the rest.", Voice(), "NUL character"),
         ("hi", Voice(rate=5), "rate"),
+        # punctuation alone, a zero-width space: 8 ms of silence, and a speak of it answered as spoken
+        ("...", Voice(), "nothing to speak"),
+        ("-", Voice(), "nothing to speak"),
+        ("\u200b", Voice(), "nothing to speak"),
     ],
 )
 def test_bad_input_is_one_clear_error(text, voice, message):

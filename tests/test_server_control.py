@@ -26,6 +26,8 @@ def test_control_endpoint(client):
     bad = client.post(s["resource"] + "/control", json={"type": "speak", "text": "hi", "language": "xx"}, headers=h)
     assert bad.status_code == 422 and "language" in bad.json()["message"]
     assert client.post(s["resource"] + "/control", content=b"\xff\x00", headers=h).status_code == 400
+    silent = client.post(s["resource"] + "/control", json={"type": "speak", "text": "..."}, headers=h)
+    assert silent.status_code == 422 and "nothing to speak" in silent.json()["message"], silent.text
     client.delete(s["resource"], headers=h)
 
 

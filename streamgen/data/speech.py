@@ -519,6 +519,8 @@ def synthesize(text: str | bytes, voice: Voice | None = None) -> Utterance:
         engine = _engine_instance()
         pcm, events = engine.synthesize(text, voice)
         native = engine.native_rate
+    if not pcm.any():  # ("...", "-", a zero-width space: a speak of it was answered as spoken)
+        raise SpeechError(f"nothing to speak: espeak-ng makes no sound of {text[:40]!r}")
     audio = resample_to_16k(pcm, native)
     duration = len(audio) / SAMPLE_RATE
     encoded = text.encode("utf-8")
