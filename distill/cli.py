@@ -49,9 +49,13 @@ def run(args: argparse.Namespace) -> int:
         if args.steps is not None:
             cfg.run.steps = args.steps
         if args.stage == "latents":
+            from distill.distributed import launch_rank
             from distill.latents import build_latents
 
-            build_latents(cfg)
+            # one encoding of the dataset: under torchrun the other ranks did the same work into
+            # the same files (the folder's lock now refuses them); it needs no gradients to share
+            if launch_rank() == 0:
+                build_latents(cfg)
             return 0
         trainer = Trainer(cfg, resume=args.resume)
         last = trainer.run()

@@ -68,6 +68,11 @@ def init_world(device: str = "auto") -> World:
 RUN_UNDER_TORCHRUN = "start each rank with torchrun --nproc_per_node N, or unset WORLD_SIZE for one process"
 
 
+def launch_rank() -> int:
+    """This process's rank under torchrun (RANK), 0 without it; before any process group is joined."""
+    return _rank_variable("RANK", 0) if _rank_variable("WORLD_SIZE", 1) > 1 else 0
+
+
 def _rank_variable(name: str, default: int) -> int:
     """A whole number torchrun sets in each rank's environment (WORLD_SIZE, RANK, LOCAL_RANK)."""
     text = os.environ.get(name, str(default))

@@ -21,12 +21,11 @@ from distill.build import load_vae
 from distill.config import ConfigError
 from distill.data import DataMissing, bank_path
 from streamgen.files import write_text_atomically
+from streamgen.folder_lock import no_other_writer
 from streamgen.model.files import save_safetensors
 
 
 def build_latents(cfg) -> list[Path]:
-    from streamgen.data.dataset import AvatarWorldDataset
-    from streamgen.data.shards import DataError
     from streamgen.model.config import get_config
 
     if cfg.run.threads > 0:
@@ -38,12 +37,25 @@ def build_latents(cfg) -> list[Path]:
         raise DataMissing("model.vae must name the trained autoencoder (the autoencoder stage's OUT/model)")
     mcfg = get_config(cfg.model.flavor, **cfg.model.overrides)
     vae = load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
+    folder = root / "latents" / cfg.data.latents
     try:
-        _claim_cache(root / "latents" / cfg.data.latents, vae, cfg.model.vae)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file in the way, a read-only data root
-        raise DataMissing(
-            f"cannot write the latents into {root / 'latents' / cfg.data.latents}: {e.strerror or e}"
-        ) from None
+        raise DataMissing(f"cannot write the latents into {folder}: {e.strerror or e}") from None
+    # two runs on one latents name (two shells, or every rank of a torchrun) encoded the same clips
+    # side by side, and claimed the folder for their autoencoders both, each before the other wrote
+    busy = f"another `distill latents` run is writing {folder}: wait for it to end, or choose another data.latents"
+    with no_other_writer(folder, lambda: DataMissing(busy)):
+        try:
+            _claim_cache(folder, vae, cfg.model.vae)
+        except OSError as e:  # a read-only folder
+            raise DataMissing(f"cannot write the latents into {folder}: {e.strerror or e}") from None
+        return _encode_splits(cfg, root, vae, mcfg)
+
+
+def _encode_splits(cfg, root: Path, vae, mcfg) -> list[Path]:
+    from streamgen.data.dataset import AvatarWorldDataset
+    from streamgen.data.shards import DataError
 
     @torch.no_grad()
     def encode(video: np.ndarray) -> np.ndarray:

@@ -228,6 +228,42 @@ def test_latents_that_cannot_be_written_are_one_line(world, autoencoder, tmp_pat
         build_latents(latents_config(root, autoencoder, "dbg", ["train"]))
 
 
+def test_a_second_latents_run_on_the_same_name_is_refused_and_torchruns_other_ranks_leave_it(
+    world, autoencoder, tmp_path, monkeypatch
+):
+    """Two latents runs on one data.latents name (two shells, or every rank of a torchrun) encoded
+    the same clips side by side into the same files, and both claimed the folder."""
+    import shutil
+
+    from distill.cli import run as distill_run
+    from distill.data import DataMissing
+    from distill.latents import build_latents
+    from streamgen.folder_lock import no_other_writer
+
+    root = tmp_path / "world"
+    shutil.copytree(world, root)
+    folder = root / "latents" / "dbg"
+    folder.mkdir(parents=True)
+    with no_other_writer(folder, lambda: AssertionError("held")):  # (a lock is per open file: as another run's)
+        with pytest.raises(DataMissing, match=r"another `distill latents` run is writing .*latents/dbg"):
+            build_latents(latents_config(root, autoencoder, "dbg", ["train"]))
+    assert not (folder / "autoencoder.json").exists()
+    # a rank other than 0 of a torchrun leaves it to rank 0
+    import distill.latents
+
+    built = []
+    monkeypatch.setattr(distill.latents, "build_latents", lambda cfg: built.append(cfg.data.root))
+    args = type("Args", (), dict(stage="latents", config="tiny-avatar", out=None, steps=None, resume=False,
+                                 sets=[f"data.root={root}"]))()  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert distill_run(args) == 0 and built == []
+    monkeypatch.setenv("RANK", "0")
+    assert distill_run(args) == 0 and built == [str(root)]
+    build_latents(latents_config(root, autoencoder, "dbg", ["train"]))  # the lock let go: it runs
+    assert (folder / "autoencoder.json").exists()
+
+
 def test_a_bank_of_a_dataset_made_again_with_more_clips_is_made_again(autoencoder, tmp_path, capsys):
     """A dataset made again in place (its latents kept) with more clips keeps its first shards byte
     for byte, and so their cached latents: the bank gathered from the first dataset's clips was
