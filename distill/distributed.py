@@ -14,8 +14,10 @@ Large flavors shard their transformers with FSDP2 instead (`run.fsdp`, see
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -152,3 +154,25 @@ def mean_across(value: torch.Tensor, world: World) -> torch.Tensor:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+# how long the other ranks wait for work rank 0 does alone (the ode stage's teacher trajectories:
+# hours for a large teacher): the process group's own collectives give up after 10 minutes (NCCL)
+MAIN_ALONE_TIMEOUT = timedelta(hours=12)
+
+
+@contextlib.contextmanager
+def others_wait_for_main(world: World):
+    """Around work that rank 0 does alone while the other ranks wait: at its end every rank meets
+    in a barrier of a gloo group made for it, whose timeout is MAIN_ALONE_TIMEOUT rather than the
+    process group's. (The group is made before the work: its making is a collective too.) A rank 0
+    that fails in the work ends the run through torchrun, which stops the waiting ranks."""
+    if not world.distributed:
+        yield
+        return
+    group = dist.new_group(backend="gloo", timeout=MAIN_ALONE_TIMEOUT)
+    try:
+        yield
+        dist.barrier(group=group)
+    finally:
+        dist.destroy_process_group(group)

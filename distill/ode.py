@@ -28,7 +28,7 @@ from distill.build import (
 )
 from distill.config import ConfigError
 from distill.data import load_bank
-from distill.distributed import barrier, broadcast_module, broadcast_text
+from distill.distributed import broadcast_module, broadcast_text, others_wait_for_main
 from distill.flow import Conditions, audio_windows
 from distill.rng import SampleRandom, generator
 from distill.rollout import reencode, start_stream
@@ -70,17 +70,18 @@ class Stage:
 
         path = Path(self.cfg.run.out) / "trajectories.safetensors"
         made_with = None
-        if self.world.is_main and not path.exists():
-            # the digest of the teacher that samples them, from its one read of the weights
-            teacher, digest = load_frozen_and_digest(self.opts.teacher)
-            made_with = self._trajectory_settings(digest)
-            tensors = self._sample_trajectories(teacher.to(self.world.device))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_safetensors(tensors, path, metadata=made_with)
-            # (not held while the file is loaded below: a second copy of the trajectories beside
-            # them, and the teacher, through the other ranks' wait too)
-            del teacher, tensors
-        barrier(self.world)
+        # (the sampling takes rank 0 longer than NCCL waits in a plain barrier for a large teacher)
+        with others_wait_for_main(self.world):
+            if self.world.is_main and not path.exists():
+                # the digest of the teacher that samples them, from its one read of the weights
+                teacher, digest = load_frozen_and_digest(self.opts.teacher)
+                made_with = self._trajectory_settings(digest)
+                tensors = self._sample_trajectories(teacher.to(self.world.device))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_safetensors(tensors, path, metadata=made_with)
+                # (not held while the file is loaded below: a second copy of the trajectories beside
+                # them, and the teacher, through the other ranks' wait too)
+                del teacher, tensors
         if made_with is None:
             made_with = self._trajectory_settings(
                 weights_digest(self.opts.teacher) if self.world.is_main else ""

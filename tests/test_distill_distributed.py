@@ -160,10 +160,14 @@ def test_every_rank_of_a_dmd_stage_holds_rank_0s_teacher_and_its_digest(tmp_path
     assert all(torch.equal(first["teacher"][k], second["teacher"][k]) for k in first["teacher"])
 
 
-def _ode_stage_on_two_ranks(rank: int, port: int, root: str) -> None:
+def _ode_stage_on_two_ranks(rank: int, port: int, root: str, group_timeout_s: float | None = None) -> None:
     """Both ranks build one ode stage in one run.out (rank 0 samples the trajectories); rank 1's
     reading of the teacher's digest is of another export (one put in place after rank 0 read it).
-    Each rank saves the trajectories it holds."""
+    Each rank saves the trajectories it holds. group_timeout_s: the process group's timeout
+    (NCCL's is 10 minutes), with rank 0's sampling made to take twice as long."""
+    import time
+    from datetime import timedelta
+
     import torch.distributed as dist
     from test_distill_helpers import debug_config
 
@@ -172,10 +176,19 @@ def _ode_stage_on_two_ranks(rank: int, port: int, root: str) -> None:
     from distill.trainer import build_stage
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    join_process_group("gloo", rank=rank, world_size=2)
+    timeout = {} if group_timeout_s is None else {"timeout": timedelta(seconds=group_timeout_s)}
+    join_process_group("gloo", rank=rank, world_size=2, **timeout)
     try:
         if rank == 1:
             distill.ode.weights_digest = lambda source: "0123456789abcdef"
+        if group_timeout_s is not None and rank == 0:
+            sample = distill.ode.Stage._sample_trajectories
+
+            def slow_sample(self, teacher):
+                time.sleep(2 * group_timeout_s)
+                return sample(self, teacher)
+
+            distill.ode.Stage._sample_trajectories = slow_sample
         torch.set_num_threads(1)
         teacher = f"{root}/teacher/model"
         cfg = debug_config("ode", f"{root}/ode", teacher=teacher, init=teacher)
@@ -198,6 +211,20 @@ def test_every_rank_of_an_ode_stage_checks_the_trajectories_against_rank_0s_dige
     spawn(_ode_stage_on_two_ranks, (free_port(), str(tmp_path)), nprocs=2)
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
     assert first.keys() == second.keys() == {"states", "clean", "clips", "starts"}
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.timeout(240)
+def test_the_other_ranks_wait_for_rank_0s_trajectories_longer_than_the_groups_timeout(tmp_path):
+    """Rank 0 samples the ode stage's trajectories alone (hours for a large teacher) while the
+    others wait in a barrier: NCCL's gives up after 10 minutes, and the run died there."""
+    from server_helpers import free_port
+    from spawn_helpers import spawn
+    from test_distill_helpers import debug_config, run
+
+    run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
+    spawn(_ode_stage_on_two_ranks, (free_port(), str(tmp_path), 3.0), nprocs=2)
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
