@@ -318,6 +318,27 @@ def test_the_page_says_when_the_server_ends_its_webrtc_session(browser_page):
             page.close()
 
 
+def test_a_webrtc_page_says_at_once_that_the_server_shut_down(browser_page):
+    """A server shut down closes its peer connections (DTLS's close_notify) and answers no session
+    check: the page went on 'streaming' a frozen frame until ICE gave up, ~10 s, then said only
+    that the connection was lost. It now takes the transport's close as the server's."""
+    page = held_page(browser_page, "about:blank")
+    try:
+        with live_server(max_sessions=2) as (url, app):
+            page.goto(f"{url}/?autostart=1&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
+        page.wait_for_function("window.streamgenStats.state.startsWith('ended')", timeout=30_000)
+        held = page.evaluate("held()")
+        # (a check that went out on a connection kept alive may still find the session closed)
+        assert held.pop("state") in (
+            "ended: the server closed the connection and is not answering",
+            "ended: the server ended the session (server shutting down)",
+        )
+        assert held == {"mics": 0, "contexts": 0, "connect": True, "hangup": False}
+    finally:
+        page.close()
+
+
 # a page whose DELETEs never leave it (answered in the page, as if the request were lost)
 NO_DELETE = """
 const realFetch = window.fetch;

@@ -114,18 +114,34 @@ export async function connectWebRTC(mine, ended) {
     // a session the server ended while the peer connection lingers (ICE takes its time to fail)
     if (++ticks % 4 === 0) checkSessionAlive(s, cutOff, mine, ended);
   }, 500);
+  // A server that closes the connection (a limit, a DELETE, its shutdown) sends DTLS's close_notify:
+  // the transport is "closed" at once, where the peer connection stays "connected" until ICE gives
+  // up. A server shut down answers no session check either: the page said so ~10 s later.
+  const transports = new Set(peer.getReceivers().map((r) => r.transport).filter(Boolean));
+  for (const transport of transports) {
+    transport.addEventListener("statechange", () => {
+      if (transport.state === "closed" && mine === state.generation) checkSessionAlive(s, cutOff, mine, ended, true);
+    });
+  }
 }
 
-async function checkSessionAlive(s, cutOff, mine, ended) {
+// closed: the server closed the connection, so the session ends whatever the check finds (a server
+// gone answers nothing; one that answers says why where it knows)
+async function checkSessionAlive(s, cutOff, mine, ended, closed = false) {
   try {
     const res = await fetch(s.resource, { headers: authHeaders(s), signal: cutOff });
-    if (res.status !== 404) return;
+    if (res.status !== 404) {
+      if (closed && mine === state.generation) ended("the server closed the connection");
+      return;
+    }
     // the server says why where it knows (a limit, a DELETE from elsewhere, its model gone)
     const { message = "" } = await res.json().catch(() => ({}));
     const why = message.startsWith("session ended: ") ? ` (${message.slice(15)})` : "";
     if (mine === state.generation) ended(`the server ended the session${why}`);
   } catch (e) {
-    if (!cutOff.aborted) console.warn("session check:", e);  // cut off: the connection ended, nothing to say
+    if (cutOff.aborted) return;  // cut off: the connection ended, nothing to say
+    if (closed && mine === state.generation) ended("the server closed the connection and is not answering");
+    else console.warn("session check:", e);
   }
 }
 
