@@ -189,11 +189,27 @@ def decode_dtype_arg(name: str, what: str = "decode dtype") -> torch.dtype | str
     return name if name == "auto" else getattr(torch, name)
 
 
+def check_float_dtype(dtype: torch.dtype, what: str = "dtype") -> torch.dtype:
+    """`dtype` if a model can run in it (a floating-point dtype, float8 aside: FP8 is
+    `float8_linears`' weights, not a model's dtype), else a ValueError naming `what`."""
+    if not dtype.is_floating_point or dtype.itemsize < 2:
+        raise ValueError(
+            f"{what} must be a floating-point dtype such as torch.float32 or torch.bfloat16, got {dtype}"
+        )
+    return dtype
+
+
 def autoencoder_dtype(value, vae: VideoAutoencoder, device, what: str = "decode dtype") -> torch.dtype | None:
     """A session's decode_dtype or encode_dtype (`what`): a dtype, its name, None (as loaded) or
     "auto" (`default_decode_dtype`), as a dtype or None."""
     if isinstance(value, str):
         value = decode_dtype_arg(value, what)
+    elif isinstance(value, torch.dtype):
+        value = check_float_dtype(value, what)
+    elif value is not None:
+        raise ValueError(
+            f"{what} must be a torch dtype, one of {', '.join(DECODE_DTYPES)}, or None, got {value!r}"
+        )
     return default_decode_dtype(vae, device) if value == "auto" else value
 
 
@@ -210,9 +226,15 @@ def default_decode_dtype(vae: VideoAutoencoder, device) -> torch.dtype | None:
 
 def dit_dtype_arg(value):
     """A DiT dtype as load_model and StreamSession take it: a `DTYPES` name becomes its torch
-    dtype; a torch dtype, None and "auto" stay as they are."""
-    if not isinstance(value, str) or value == "auto":
+    dtype; a floating-point torch dtype, None and "auto" stay as they are. Anything else (an
+    integer, complex or float8 dtype, a number) is a ValueError that says so (it was a TypeError
+    from deep inside `nn.Module.to`, or a model that loaded and failed at its first chunk)."""
+    if value is None or value == "auto":
         return value
+    if isinstance(value, torch.dtype):
+        return check_float_dtype(value, "dtype")
+    if not isinstance(value, str):
+        raise ValueError(f"dtype must be a torch dtype, one of {', '.join(DTYPES)}, or 'auto', got {value!r}")
     if value not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {value!r}")
     return getattr(torch, value)

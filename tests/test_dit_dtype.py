@@ -209,3 +209,22 @@ def test_bench_engine_without_amx_times_float32_against_a_bfloat16_dit_where_amx
     assert m["dit_bfloat16"]["fps"] > 0 and m["dit_bfloat16"]["bfloat16_fps"] > 0
     monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", float("inf"))  # below it: nothing to compare
     assert "dit_bfloat16" not in engine.measure_size(model, 32, 32, **sizes)
+
+
+def test_a_dtype_no_model_runs_in_is_a_value_error_that_names_it(model):
+    """StreamSession(dtype=torch.int8) was a raw TypeError from inside nn.Module.to; complex and
+    float8 dtypes loaded and failed at the first chunk; a number a TypeError of `to`."""
+    for wrong in (torch.int8, torch.bool, torch.complex64, torch.float8_e4m3fn):
+        with pytest.raises(ValueError, match=f"dtype must be a floating-point dtype.*{wrong}"):
+            StreamSession(model, dtype=wrong)
+        with pytest.raises(ValueError, match="floating-point"):
+            load_model("debug", dtype=wrong)
+        with pytest.raises(ValueError, match="decode dtype must be a floating-point"):
+            StreamSession(model, decode_dtype=wrong)
+        with pytest.raises(ValueError, match="encode dtype must be a floating-point"):
+            StreamSession(model, encode_dtype=wrong)
+    with pytest.raises(ValueError, match="dtype must be a torch dtype"):
+        StreamSession(model, dtype=5)
+    with pytest.raises(ValueError, match="decode dtype must be a torch dtype"):
+        StreamSession(model, decode_dtype=16)
+    assert StreamSession(model, dtype=torch.float16).dtype == torch.float16  # a float dtype still runs
