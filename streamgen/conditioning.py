@@ -88,7 +88,10 @@ def _velocity(model, x, t, cond: Conditions, with_reference: bool, mode: str):
 
 
 def guided_velocity(model, x, t, cond: Conditions, scale: float) -> torch.Tensor:
-    """Classifier-free guidance over all conditions: v_u + scale * (v_c - v_u)."""
+    """Classifier-free guidance over all conditions: v_u + scale * (v_c - v_u). Scales 1 and 0
+    run one branch only."""
+    if scale == 0.0:
+        return sequence_velocity(model, x, t, cond.unconditional())
     vc = sequence_velocity(model, x, t, cond)
     if scale == 1.0:
         return vc

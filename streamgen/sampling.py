@@ -53,9 +53,11 @@ def _bcast(sigma, like: torch.Tensor) -> torch.Tensor:
 
 
 def guided(cond: Velocity, uncond: Velocity, scale: float) -> Velocity:
-    """Classifier-free guidance: v_u + scale * (v_c - v_u)."""
+    """Classifier-free guidance: v_u + scale * (v_c - v_u). Scales 1 and 0 run one branch only."""
     if scale == 1.0:
         return cond
+    if scale == 0.0:
+        return uncond
 
     def velocity(x, sigma):
         vu = uncond(x, sigma)

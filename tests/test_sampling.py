@@ -72,3 +72,37 @@ def test_classifier_free_guidance_combination():
     x, s = torch.zeros(3), torch.ones(1)
     assert torch.allclose(guided(cond, uncond, 5.0)(x, s), torch.full((3,), 6.0))
     assert guided(cond, uncond, 1.0) is cond  # scale 1 skips the unconditional pass
+
+
+def test_guidance_at_scale_0_and_1_runs_one_branch_only():
+    calls = []
+
+    def branch(name, value):
+        def velocity(x, s):
+            calls.append(name)
+            return torch.full_like(x, value)
+
+        return velocity
+
+    cond, uncond = branch("cond", 2.0), branch("uncond", 1.0)
+    x, s = torch.zeros(3), torch.ones(1)
+    assert torch.equal(guided(cond, uncond, 0.0)(x, s), torch.full((3,), 1.0)) and calls == ["uncond"]
+    calls.clear()
+    assert torch.equal(guided(cond, uncond, 1.0)(x, s), torch.full((3,), 2.0)) and calls == ["cond"]
+    calls.clear()
+    assert torch.equal(guided(cond, uncond, -1.0)(x, s), torch.full((3,), 0.0))
+    assert sorted(calls) == ["cond", "uncond"]
+
+
+def test_the_teachers_guidance_at_scale_0_runs_the_unconditional_pass_only(monkeypatch):
+    import streamgen.conditioning as conditioning
+
+    class Cond:
+        def unconditional(self):
+            return "uncond"
+
+    seen = []
+    monkeypatch.setattr(conditioning, "sequence_velocity", lambda m, x, t, c: seen.append(c) or x + 1)
+    x = torch.zeros(2)
+    assert torch.equal(conditioning.guided_velocity(None, x, None, Cond(), 0.0), x + 1)
+    assert seen == ["uncond"]
