@@ -8,20 +8,35 @@ v = noise - x0, so x0 = x_sigma - sigma * v.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_sigma, sigma [B]) -> v
 
 
 def shift_sigma(sigma, shift: float):
-    """Timestep shift: sigma' = s*sigma / (1 + (s - 1)*sigma); pushes steps towards high noise."""
+    """Timestep shift: sigma' = s*sigma / (1 + (s - 1)*sigma); pushes steps towards high noise.
+    Any finite s > 0 keeps 0 at 0, 1 at 1 and the order of the levels (s = 1: the identity)."""
     return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def _check_schedule(num_steps, shift) -> int:
+    """num_steps a whole number >= 1 and shift a finite number > 0, or a ValueError: 0 steps
+    returned the noise itself as a sample, 2.5 steps a list of 3 levels, shift 0 a first level of
+    NaN and a negative shift levels outside [0, 1]."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer) or num_steps < 1:
+        raise ValueError(f"num_steps must be a whole number >= 1, got {num_steps!r}")
+    if isinstance(shift, bool) or not isinstance(shift, int | float | np.number) or not 0 < shift < math.inf:
+        raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+    return int(num_steps)
 
 
 def euler_sigmas(num_steps: int, shift: float = 5.0) -> torch.Tensor:
     """num_steps + 1 shifted sigmas from 1 down to 0 (teacher schedule)."""
+    num_steps = _check_schedule(num_steps, shift)
     return shift_sigma(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift).float()
 
 
@@ -30,8 +45,7 @@ def student_sigmas(num_steps: int, shift: float = 5.0) -> torch.Tensor:
 
     1, 2 and 4 steps give [1.0], [1.0, 0.833], [1.0, 0.938, 0.833, 0.625] at shift 5.
     """
-    if num_steps < 1:
-        raise ValueError("num_steps must be >= 1")
+    num_steps = _check_schedule(num_steps, shift)
     base = torch.arange(num_steps, 0, -1, dtype=torch.float64) / num_steps
     return shift_sigma(base, shift).float()
 

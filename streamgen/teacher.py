@@ -17,6 +17,8 @@ latent frame.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -48,8 +50,14 @@ class TeacherSession:
         self.latent_hw = self.vae.latent_hw(self.height, self.width)
         if window <= motion:
             raise ValueError(f"window ({window}) must be longer than the motion frames ({motion})")
+        if motion < 0:
+            raise ValueError(f"motion must be >= 0 latent frames, got {motion}")
         self.steps, self.window, self.motion = steps, window, motion
+        # (checked here, not at the first window: 0 steps sampled nothing and returned the noise)
+        self.sigmas = euler_sigmas(steps, self.model.shift)
         self.cfg_scale = cfg_scale if cfg_scale is not None else self.model.meta.get("cfg_scale", 3.0)
+        if not math.isfinite(self.cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale}")
         self.device = torch.device(device)
 
     @property
@@ -109,7 +117,7 @@ class TeacherSession:
 
         shape = (1, cfg.in_channels, w, *self.latent_hw)
         noise = torch.randn(shape, generator=self.generator).to(self.device)
-        latents = sample_euler(velocity, noise, euler_sigmas(self.steps, self.model.shift))
+        latents = sample_euler(velocity, noise, self.sigmas)
         frames, self.state = self.vae.decode_stream(latents, self.state)
         # as StreamSession.chunk_pts: a 1 + 4k stream's first window starts frames into its span
         lead = self.vae.first_frame_index if self.position == 0 else 0

@@ -1,5 +1,6 @@
 """Rectified-flow schedule math and samplers, checked against an exact-velocity oracle."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,6 +73,20 @@ def test_classifier_free_guidance_combination():
     x, s = torch.zeros(3), torch.ones(1)
     assert torch.allclose(guided(cond, uncond, 5.0)(x, s), torch.full((3,), 6.0))
     assert guided(cond, uncond, 1.0) is cond  # scale 1 skips the unconditional pass
+
+
+@pytest.mark.parametrize("schedule", [euler_sigmas, student_sigmas])
+def test_schedules_refuse_step_counts_and_shifts_that_make_no_schedule(schedule):
+    """0 steps sampled nothing (euler_sigmas(0) was [1.0]: the noise came back as the sample),
+    -1 steps an empty list, 2.5 steps three levels; shift 0 a NaN level, a negative shift levels
+    outside [0, 1]."""
+    for steps in (0, -1, 2.5, True, "4"):
+        with pytest.raises(ValueError, match="num_steps"):
+            schedule(steps)
+    for shift in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="shift"):
+            schedule(4, shift)
+    assert torch.equal(schedule(np.int64(4), 5), schedule(4, 5.0))  # a numpy count, an int shift
 
 
 def test_guidance_at_scale_0_and_1_runs_one_branch_only():

@@ -470,3 +470,22 @@ def test_the_teacher_session_takes_a_dit_without_audio_and_places_late_audio_at_
     teacher.next_chunk()  # video frames 0-7 made, without audio
     teacher.push_audio(np.ones(1600, np.float32))
     assert not teacher.pcm[: 8 * SAMPLES_PER_FRAME].any() and teacher.pcm[8 * SAMPLES_PER_FRAME :].all()
+
+
+def test_the_teacher_session_refuses_a_schedule_of_no_steps_and_runs_odd_ones():
+    from streamgen.teacher import TeacherSession
+
+    model = load_model("debug")
+    for steps in (0, -1):  # 0 steps returned the starting noise as the video
+        with pytest.raises(ValueError, match="num_steps"):
+            TeacherSession(model, steps=steps, window=2, motion=1)
+    with pytest.raises(ValueError, match="motion"):
+        TeacherSession(model, steps=2, window=2, motion=-1)
+    with pytest.raises(ValueError, match="cfg_scale"):
+        TeacherSession(model, steps=2, cfg_scale=float("nan"))
+    for steps, scale in ((1, 0.0), (3, 1.0)):
+        teacher = TeacherSession(model, steps=steps, cfg_scale=scale, window=2, motion=1)
+        teacher.start(face(), seed=1)
+        a, _ = teacher.next_chunk()
+        teacher.start(face(), seed=1)
+        assert np.array_equal(teacher.next_chunk()[0], a)  # a seed gives the same window
