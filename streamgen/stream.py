@@ -105,9 +105,16 @@ class StreamSession:
         "auto" runs each stage on one thread unless its work gains from all of them
         (streamgen/cpu_threads.py), "all" every stage on all."""
         dtype = dit_dtype_arg(dtype)
+        device = session_device(device)
         self.model = (
             model if isinstance(model, AvatarModel) else load_model(model, device=device, dtype=dtype)
         )
+        on = next(self.model.dit.parameters()).device
+        if on.type != device.type or None not in (on.index, device.index) and on.index != device.index:
+            raise ValueError(
+                f"{self.model.name} is loaded on {on}, the session asked for {device}: load it there "
+                f"(load_model(..., device={str(device)!r})) or give the session device={str(on)!r}"
+            )
         if self.model.meta.get("kind") == "teacher":
             raise ValueError(
                 f"{self.model.name} is a bidirectional teacher: it generates whole clips and cannot stream; "
@@ -131,7 +138,7 @@ class StreamSession:
         self.steps = self.model.steps if steps is None else positive_size(steps, "steps")
         self.cache_from = _cache_from(cache_from, self.model, self.steps)
         self.sigmas = student_sigmas(self.steps, self.model.shift)
-        self.device = torch.device(device)
+        self.device = device
         self.cpu_threads = check_cpu_threads(cpu_threads)
         self.max_audio_ahead = int(max_audio_ahead_s * SAMPLE_RATE)
         self.cache = None
@@ -496,6 +503,23 @@ class StreamSession:
     def _require_started(self):
         if not self.started:
             raise RuntimeError("call start(reference) first")
+
+
+def session_device(device) -> torch.device:
+    """A session's device as a torch.device, or a ValueError that says why it cannot be (an unknown
+    name, a CUDA device this torch or machine lacks), before any model loads onto it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r} (cpu, cuda, cuda:N, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: no CUDA device here (device='cpu' runs on this CPU)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"no device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
 
 
 def _cache_from(asked: str | None, model: AvatarModel, steps: int) -> str:

@@ -472,6 +472,22 @@ def test_the_teacher_session_takes_a_dit_without_audio_and_places_late_audio_at_
     assert not teacher.pcm[: 8 * SAMPLES_PER_FRAME].any() and teacher.pcm[8 * SAMPLES_PER_FRAME :].all()
 
 
+def test_a_device_the_session_cannot_use_is_a_value_error_before_anything_loads(model):
+    """An unknown name was torch's RuntimeError, "cuda" without CUDA an AssertionError from
+    inside the model's load, and a model loaded on one device with a session on another failed
+    at start() on a device mismatch deep in the DiT."""
+    with pytest.raises(ValueError, match="unknown device 'bogus'"):
+        StreamSession(model, device="bogus")
+    if not torch.cuda.is_available():
+        for cuda in ("cuda", "cuda:1"):
+            with pytest.raises(ValueError, match="no CUDA device here"):
+                StreamSession("debug", device=cuda)
+    with pytest.raises(ValueError, match="debug is loaded on cpu, the session asked for meta"):
+        StreamSession(model, device="meta")
+    for same in ("cpu", "cpu:0", torch.device("cpu")):
+        assert StreamSession(model, device=same).device.type == "cpu"
+
+
 def test_the_teacher_session_refuses_a_schedule_of_no_steps_and_runs_odd_ones():
     from streamgen.teacher import TeacherSession
 
