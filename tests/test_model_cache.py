@@ -443,3 +443,44 @@ def test_a_caches_fp8_keys_and_values_follow_every_write_into_them(batch):
     from streamgen.kernels import reference
 
     check_fp8_cache_follows_every_write(reference, batch=batch)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("window", "chunk"), [(6, 2), (5, 2), (5, 3), (4, 4)])
+def test_the_ring_after_rolling_over_many_times_equals_a_recompute_of_the_last_window(window, chunk):
+    """Far past the window (ten times round the ring, a window that is no whole number of chunks
+    included: a chunk's slots then wrap round the ring's end), a chunk attends to exactly the sink
+    and the last `window` clean frames at positions by age, as one forward over [reference, those
+    frames, the chunk] computes it afresh. One layer: every key depends on its frame alone, so the
+    recompute needs no older frames (with more layers the ring's keys carry what is evicted)."""
+    model, cfg = make(num_layers=1, window_frames=window, frames_per_chunk=chunk)
+    hw = (4, 4)
+    ctx = torch.randn(1, 2, cfg.text_dim)
+    ref = torch.randn(1, cfg.in_channels, cfg.sink_frames, *hw)
+    cache = model.new_cache(1, hw)
+    encode_sink(model, cache, ref, ctx)
+    gen = torch.Generator().manual_seed(1)
+    clean, audios = [], []
+    for _ in range(10 * window // chunk + 1):
+        audio = rand_audio(cfg, chunk)
+        noise = torch.randn(1, cfg.in_channels, chunk, *hw)
+        clean.append(generate_chunk(model, cache, noise, ctx, audio, student_sigmas(2), gen))
+        audios.append(audio)
+    assert cache.frames_written > 10 * window
+    assert cache.positions_in_use() == {
+        "sink": list(range(cfg.sink_frames)),
+        "ring": list(range(cfg.sink_frames, cfg.sink_frames + window)),
+        "chunk": list(range(cfg.sink_frames + window, cfg.sink_frames + window + chunk)),
+    }
+    noisy, audio, sigma = torch.randn(1, cfg.in_channels, chunk, *hw), rand_audio(cfg, chunk), 0.6
+    v_cached = model(noisy, torch.full((1, chunk), sigma * 1000), ctx, audio, mode="cached", cache=cache)
+    x = torch.cat([ref, torch.cat(clean, 2)[:, :, -window:], noisy], dim=2)
+    t = torch.cat([torch.zeros(1, x.shape[2] - chunk), torch.full((1, chunk), sigma * 1000)], dim=1)
+    sink_audio = torch.zeros(1, cfg.sink_frames, cfg.audio_window, cfg.audio_dim)
+    a = torch.cat([sink_audio, torch.cat(audios, 1)[:, -window:], audio], dim=1)
+    mask = torch.ones(1, a.shape[1])
+    mask[:, : cfg.sink_frames] = 0
+    # (bidirectional: the block-causal mask cuts blocks by whole chunks from the sink on, and the
+    # last chunk attends to every frame either way)
+    v_full = model(x, t, ctx, a, mask, mode="bidirectional")
+    assert (v_full[:, :, -chunk:] - v_cached).abs().max().item() <= 1e-5

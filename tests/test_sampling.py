@@ -75,6 +75,48 @@ def test_classifier_free_guidance_combination():
     assert guided(cond, uncond, 1.0) is cond  # scale 1 skips the unconditional pass
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 50, 1000])
+@pytest.mark.parametrize("shift", [0.1, 1.0, 5.0, 100.0])
+def test_every_schedule_runs_from_pure_noise_down_in_order(steps, shift):
+    """Any step count and positive shift: the teacher's list runs from exactly 1 to exactly 0,
+    the student's from exactly 1 down to the shifted 1/steps, each strictly decreasing."""
+    euler, student = euler_sigmas(steps, shift), student_sigmas(steps, shift)
+    assert len(euler) == steps + 1 and euler[0] == 1 and euler[-1] == 0
+    assert len(student) == steps and student[0] == 1
+    assert student[-1].item() == pytest.approx(shift_sigma(1 / steps, shift), rel=1e-6)
+    for s in (euler, student):
+        assert s.dtype == torch.float32 and (s[1:] < s[:-1]).all()
+    assert (student > 0).all()
+
+
+def test_a_one_step_teacher_schedule_is_one_straight_jump_from_noise_to_data():
+    assert torch.equal(euler_sigmas(1, 5.0), torch.tensor([1.0, 0.0]))
+    x0 = torch.randn(1, 4, 3, 5, 5)
+    noise = torch.randn_like(x0)
+    # the exact velocity is constant along the straight path: one Euler step lands on x0
+    assert torch.allclose(sample_euler(lambda x, s: noise - x0, noise, euler_sigmas(1)), x0, atol=1e-6)
+    # at sigma exactly 0 the state is its own x0; at exactly 1 it is the noise
+    assert torch.equal(x0_from_velocity(x0, torch.randn_like(x0), 0.0), x0)
+    assert torch.equal(add_noise(x0, noise, 1.0), noise) and torch.equal(add_noise(x0, noise, 0.0), x0)
+
+
+@pytest.mark.parametrize("steps", [3, 5, 7])
+def test_odd_step_counts_recover_x0_too(steps):
+    x0 = torch.randn(2, 4, 3, 5, 5)
+    noise = torch.randn_like(x0)
+    out = sample_few_step(oracle(x0), noise, student_sigmas(steps), torch.Generator().manual_seed(0))
+    assert torch.allclose(out, x0, atol=1e-5)
+    assert torch.allclose(sample_euler(oracle(x0), noise, euler_sigmas(steps)), x0, atol=1e-4)
+
+
+def test_shifts_compose_by_multiplying():
+    """shift(shift(s, a), b) == shift(s, a * b): a shift 1/a undoes a, and 1 is the identity."""
+    s = torch.linspace(0, 1, 101, dtype=torch.float64)
+    assert torch.allclose(shift_sigma(shift_sigma(s, 5.0), 3.0), shift_sigma(s, 15.0))
+    assert torch.allclose(shift_sigma(shift_sigma(s, 5.0), 1 / 5.0), s)
+    assert torch.equal(shift_sigma(s, 1.0), s)
+
+
 @pytest.mark.parametrize("schedule", [euler_sigmas, student_sigmas])
 def test_schedules_refuse_step_counts_and_shifts_that_make_no_schedule(schedule):
     """0 steps sampled nothing (euler_sigmas(0) was [1.0]: the noise came back as the sample),

@@ -150,3 +150,44 @@ def test_a_groups_failed_reencode_fails_its_members_only_with_on_error(model, mo
     for (frames, pts), s in zip(chunks[:2], alone[:2]):
         want_frames, want_pts = s.next_chunk()
         assert pts == want_pts and abs(frames.astype(int) - want_frames.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("cache_from", ["reencode", "last_step"])
+def test_sessions_of_different_lengths_batch_with_the_frames_and_caches_of_each_alone(model, cache_from):
+    """Three sessions past the window by different numbers of chunks (their rings rolled to
+    different slots) share each forward and still make, chunk after chunk, the frames and keep
+    the keys and values they would alone; and two that have just started batch as well."""
+    import numpy as np
+
+    from streamgen.stream_batch import next_chunks
+
+    def started_at(seed, chunks):
+        s = StreamSession(model, cache_from=cache_from)
+        s.start(face(seed), seed=seed)
+        s.push_audio(speech(8.0, seed=seed))
+        for _ in range(chunks):
+            s.next_chunk()
+        return s
+
+    full = full_ring_chunks(started_at(0, 0))
+    lengths = [full, full + 1, full + 2, 0, 0]
+    alone = [started_at(i, n) for i, n in enumerate(lengths)]
+    batched = [started_at(i, n) for i, n in enumerate(lengths)]
+    assert len({s.cache.frames_written % s.cfg.window_frames for s in batched[:3]}) == 3
+    for _ in range(full + 1):
+        got = next_chunks(batched)
+        want = [s.next_chunk() for s in alone]
+        for (frames, pts), (ref, ref_pts) in zip(got, want):
+            assert pts == ref_pts
+            assert np.abs(frames.astype(int) - ref.astype(int)).max() <= 1
+    write_pending_chunks(batched)
+    for s in alone:
+        s.write_pending_chunk()
+    for a, b in zip(alone, batched):
+        assert a.cache.frames_written == b.cache.frames_written
+        for la, lb in zip(a.cache.layers, b.cache.layers):
+            # the sink and the ring (the chunk region is scratch: each denoising step's keys)
+            for kept in (slice(0, la.sink_end), slice(la.chunk_end, None)):
+                torch.testing.assert_close(lb.k[:, kept], la.k[:, kept], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(lb.v[:, kept], la.v[:, kept], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(lb.k_ring_raw, la.k_ring_raw, atol=1e-5, rtol=1e-5)
