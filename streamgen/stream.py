@@ -21,6 +21,7 @@ instead, so lateness never accumulates into latency.
 from __future__ import annotations
 
 import logging
+import numbers
 import random
 import threading
 from contextlib import contextmanager, nullcontext
@@ -140,6 +141,12 @@ class StreamSession:
         self.sigmas = student_sigmas(self.steps, self.model.shift)
         self.device = device
         self.cpu_threads = check_cpu_threads(cpu_threads)
+        # (0 refused every push; NaN and infinity failed in int())
+        number = isinstance(max_audio_ahead_s, numbers.Real) and not isinstance(max_audio_ahead_s, bool)
+        if not number or not 0 < max_audio_ahead_s < float("inf"):
+            raise ValueError(
+                f"max_audio_ahead_s must be a finite number of seconds > 0, got {max_audio_ahead_s!r}"
+            )
         self.max_audio_ahead = int(max_audio_ahead_s * SAMPLE_RATE)
         self.cache = None
         self._pending = None  # the last chunk's (latents, audio, context), re-encoded by the next

@@ -505,3 +505,16 @@ def test_the_teacher_session_refuses_a_schedule_of_no_steps_and_runs_odd_ones():
         a, _ = teacher.next_chunk()
         teacher.start(face(), seed=1)
         assert np.array_equal(teacher.next_chunk()[0], a)  # a seed gives the same window
+
+
+def test_an_audio_limit_that_takes_no_audio_or_never_ends_is_refused(model):
+    """max_audio_ahead_s 0 or below refused every push (a BufferError at the first word); NaN and
+    infinity were a raw ValueError and OverflowError from int()."""
+    for wrong in (0, -1.0, float("nan"), float("inf"), "30"):
+        with pytest.raises(ValueError, match="max_audio_ahead_s must be a finite number of seconds > 0"):
+            StreamSession(model, max_audio_ahead_s=wrong)
+    s = StreamSession(model, max_audio_ahead_s=0.5)
+    s.start(face())
+    s.push_audio(speech(0.5))
+    with pytest.raises(BufferError):
+        s.push_audio(speech(0.1))
