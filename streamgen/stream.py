@@ -110,12 +110,7 @@ class StreamSession:
         self.model = (
             model if isinstance(model, AvatarModel) else load_model(model, device=device, dtype=dtype)
         )
-        on = next(self.model.dit.parameters()).device
-        if on.type != device.type or None not in (on.index, device.index) and on.index != device.index:
-            raise ValueError(
-                f"{self.model.name} is loaded on {on}, the session asked for {device}: load it there "
-                f"(load_model(..., device={str(device)!r})) or give the session device={str(on)!r}"
-            )
+        check_model_device(self.model, device)
         if self.model.meta.get("kind") == "teacher":
             raise ValueError(
                 f"{self.model.name} is a bidirectional teacher: it generates whole clips and cannot stream; "
@@ -527,6 +522,17 @@ def session_device(device) -> torch.device:
                 f"no device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
             )
     return device
+
+
+def check_model_device(model: AvatarModel, device: torch.device) -> None:
+    """A ValueError unless `model` is loaded on `device` (a session on another device failed at
+    start() on a device mismatch deep in the DiT)."""
+    on = next(model.dit.parameters()).device
+    if on.type != device.type or None not in (on.index, device.index) and on.index != device.index:
+        raise ValueError(
+            f"{model.name} is loaded on {on}, the session asked for {device}: load it there "
+            f"(load_model(..., device={str(device)!r})) or give the session device={str(on)!r}"
+        )
 
 
 def _cache_from(asked: str | None, model: AvatarModel, steps: int) -> str:

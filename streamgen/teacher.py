@@ -18,6 +18,7 @@ latent frame.
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 import torch
@@ -27,8 +28,8 @@ from streamgen.model.audio import SAMPLES_PER_FRAME, VIDEO_FPS, frame_windows, n
 from streamgen.model.text import text_context
 from streamgen.models import AvatarModel, dit_dtype_arg, load_model
 from streamgen.sampling import euler_sigmas, sample_euler
-from streamgen.stream import encode_reference
-from streamgen.stream_inputs import check_caption, check_seed, prepare_reference, to_pcm_float
+from streamgen.stream import check_model_device, encode_reference, session_device
+from streamgen.stream_inputs import check_caption, check_seed, positive_size, prepare_reference, to_pcm_float
 
 
 class TeacherSession:
@@ -43,7 +44,10 @@ class TeacherSession:
         motion: int = 2,
         device="cpu",
     ):
+        device = session_device(device)
+        window, motion = positive_size(window, "window"), operator.index(motion)
         self.model = model if isinstance(model, AvatarModel) else load_model(model, device=device)
+        check_model_device(self.model, device)
         self.dit, self.vae, self.cfg = self.model.dit, self.model.vae, self.model.cfg
         self.height = height or self.model.height
         self.width = width or self.model.width
@@ -58,7 +62,7 @@ class TeacherSession:
         self.cfg_scale = cfg_scale if cfg_scale is not None else self.model.meta.get("cfg_scale", 3.0)
         if not math.isfinite(self.cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale}")
-        self.device = torch.device(device)
+        self.device = device
 
     @property
     def frames_per_chunk(self) -> int:

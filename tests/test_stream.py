@@ -518,3 +518,19 @@ def test_an_audio_limit_that_takes_no_audio_or_never_ends_is_refused(model):
     s.push_audio(speech(0.5))
     with pytest.raises(BufferError):
         s.push_audio(speech(0.1))
+
+
+def test_the_teacher_session_checks_its_window_and_device_as_a_stream_does(model):
+    """A window of 2.5 frames was a TypeError from torch.randn at the first window; a model on
+    one device with a session on another failed in the DiT."""
+    from streamgen.teacher import TeacherSession
+
+    with pytest.raises(TypeError, match="window must be a whole number"):
+        TeacherSession(model, steps=2, window=2.5, motion=1)
+    with pytest.raises(TypeError):
+        TeacherSession(model, steps=2, window=3, motion=1.5)
+    with pytest.raises(ValueError, match="unknown device 'bogus'"):
+        TeacherSession(model, steps=2, device="bogus")
+    with pytest.raises(ValueError, match="debug is loaded on cpu, the session asked for meta"):
+        TeacherSession(model, steps=2, device="meta")
+    assert TeacherSession(model, steps=2, device="cpu:0").device.type == "cpu"
