@@ -151,11 +151,6 @@ def mean_across(value: torch.Tensor, world: World) -> torch.Tensor:
     return value
 
 
-def barrier(world: World) -> None:
-    if world.distributed:
-        dist.barrier()
-
-
 # how long the other ranks wait for work rank 0 does alone (the ode stage's teacher trajectories:
 # hours for a large teacher): the process group's own collectives give up after 10 minutes (NCCL)
 MAIN_ALONE_TIMEOUT = timedelta(hours=12)

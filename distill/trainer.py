@@ -35,7 +35,14 @@ from distill.config import (
     setting,
 )
 from distill.data import data_identity, identity_change
-from distill.distributed import World, average_gradients, barrier, close_world, init_world, mean_across
+from distill.distributed import (
+    World,
+    average_gradients,
+    close_world,
+    init_world,
+    mean_across,
+    others_wait_for_main,
+)
 from streamgen.cli import MACHINE_ERRNOS
 from streamgen.folder_lock import ExportLocked
 
@@ -387,48 +394,56 @@ class Trainer:
                     return last
             for up in stage.updaters.values():
                 up.gather()  # sharded modules: a collective, before rank 0 exports
-            if world.is_main:
-                try:
-                    stage.export(out / "model")
-                    if cfg.run.export:
-                        stage.export(Path(cfg.run.export), name=cfg.run.export_name, compact=True)
-                except ExportLocked as e:  # (another export kept the folder past the wait: a traceback)
-                    raise TrainingError(
-                        f"{e}; the trained weights are in {out}'s last checkpoint: run again with "
-                        "--resume to export them"
-                    ) from None
-                except OSError as e:
-                    if e.errno not in MACHINE_ERRNOS:
-                        raise
-                    # (a full disk: "No space left on device" alone, as if the run were lost)
-                    raise TrainingError(
-                        f"could not export the trained model ({e.strerror or e}); the trained weights "
-                        f"are in {out}'s last checkpoint: free the space and run again with --resume "
-                        "to export them"
-                    ) from None
-            barrier(world)
+            # (a large model's export, or one waiting for another's lock, outlasts NCCL's barrier)
+            with others_wait_for_main(world):
+                self._export(stage, out, world)
         finally:
             monitor.close()
         return last
+
+    def _export(self, stage, out: Path, world: World) -> None:
+        """Rank 0's export of the trained model (OUT/model, and run.export where set)."""
+        if not world.is_main:
+            return
+        cfg = self.cfg
+        try:
+            stage.export(out / "model")
+            if cfg.run.export:
+                stage.export(Path(cfg.run.export), name=cfg.run.export_name, compact=True)
+        except ExportLocked as e:  # (another export kept the folder past the wait: a traceback)
+            raise TrainingError(
+                f"{e}; the trained weights are in {out}'s last checkpoint: run again with "
+                "--resume to export them"
+            ) from None
+        except OSError as e:
+            if e.errno not in MACHINE_ERRNOS:
+                raise
+            # (a full disk: "No space left on device" alone, as if the run were lost)
+            raise TrainingError(
+                f"could not export the trained model ({e.strerror or e}); the trained weights "
+                f"are in {out}'s last checkpoint: free the space and run again with --resume "
+                "to export them"
+            ) from None
 
     def _save(self, stage, world: World, out: Path, step: int) -> None:
         # gathering shards is a collective (every rank); replicated state is rank 0's alone
         if world.is_main or any(up.sharded for up in stage.updaters.values()):
             states = {name: up.state() for name, up in stage.updaters.items()}
-        if world.is_main:
-            tensors, meta = ckpt.rng_state()
-            meta = {"rng": meta, "stage": self.cfg.stage, "world_size": world.size}
-            meta["model_configs"] = stage.model_configs()
-            meta["updaters"] = {}
-            for name, (t, m) in states.items():
-                tensors.update(t)
-                meta["updaters"][name] = m
-            meta["config"] = self.cfg.source
-            meta["run_settings"] = resume_settings(self.cfg)
-            meta["data_identity"] = self.data_identity
-            meta["input_identity"] = self.input_identity
-            ckpt.save_checkpoint(out, step, tensors, meta, self.cfg.run.keep_checkpoints)
-        barrier(world)
+        # (a large model's checkpoint, written by rank 0 alone, outlasts NCCL's barrier)
+        with others_wait_for_main(world):
+            if world.is_main:
+                tensors, meta = ckpt.rng_state()
+                meta = {"rng": meta, "stage": self.cfg.stage, "world_size": world.size}
+                meta["model_configs"] = stage.model_configs()
+                meta["updaters"] = {}
+                for name, (t, m) in states.items():
+                    tensors.update(t)
+                    meta["updaters"][name] = m
+                meta["config"] = self.cfg.source
+                meta["run_settings"] = resume_settings(self.cfg)
+                meta["data_identity"] = self.data_identity
+                meta["input_identity"] = self.input_identity
+                ckpt.save_checkpoint(out, step, tensors, meta, self.cfg.run.keep_checkpoints)
 
     def _checkpoint_to_resume(self, out: Path, world: World) -> Path | None:
         """The checkpoint this run continues (None: a fresh start), or why run.out is not this run's

@@ -160,13 +160,27 @@ def test_every_rank_of_a_dmd_stage_holds_rank_0s_teacher_and_its_digest(tmp_path
     assert all(torch.equal(first["teacher"][k], second["teacher"][k]) for k in first["teacher"])
 
 
+def _join_with_short_timeout(rank: int, root: str, seconds: float) -> None:
+    """Join the 2-rank gloo group with a timeout of `seconds` (as NCCL's 10 minutes, shortened),
+    both ranks first started: the rendezvous waits under the same timeout, and a rank that took
+    longer to start on a loaded machine failed it."""
+    import time
+    from datetime import timedelta
+    from pathlib import Path
+
+    Path(root, f"started{rank}").touch()
+    deadline = time.monotonic() + 120
+    while not Path(root, f"started{1 - rank}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    join_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=seconds))
+
+
 def _ode_stage_on_two_ranks(rank: int, port: int, root: str, group_timeout_s: float | None = None) -> None:
     """Both ranks build one ode stage in one run.out (rank 0 samples the trajectories); rank 1's
     reading of the teacher's digest is of another export (one put in place after rank 0 read it).
     Each rank saves the trajectories it holds. group_timeout_s: the process group's timeout
     (NCCL's is 10 minutes), with rank 0's sampling made to take twice as long."""
     import time
-    from datetime import timedelta
 
     import torch.distributed as dist
     from test_distill_helpers import debug_config
@@ -176,8 +190,10 @@ def _ode_stage_on_two_ranks(rank: int, port: int, root: str, group_timeout_s: fl
     from distill.trainer import build_stage
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    timeout = {} if group_timeout_s is None else {"timeout": timedelta(seconds=group_timeout_s)}
-    join_process_group("gloo", rank=rank, world_size=2, **timeout)
+    if group_timeout_s is None:
+        join_process_group("gloo", rank=rank, world_size=2)
+    else:
+        _join_with_short_timeout(rank, root, group_timeout_s)
     try:
         if rank == 1:
             distill.ode.weights_digest = lambda source: "0123456789abcdef"
@@ -226,6 +242,45 @@ def test_the_other_ranks_wait_for_rank_0s_trajectories_longer_than_the_groups_ti
     spawn(_ode_stage_on_two_ranks, (free_port(), str(tmp_path), 3.0), nprocs=2)
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def _slow_rank_0_saves(rank: int, port: int, root: str) -> None:
+    """A 1-step teacher run on two ranks whose group gives up waiting after 3 s, where rank 0's
+    checkpoint and export each take 6 s (a large model's, or an export waiting for a lock)."""
+    import time
+
+    import torch.distributed as dist
+    from test_distill_helpers import debug_config
+
+    import distill.teacher
+    from distill import checkpoint
+    from distill.trainer import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    _join_with_short_timeout(rank, root, 3.0)
+    try:
+        torch.set_num_threads(1)
+        save, export = checkpoint.save_checkpoint, distill.teacher.Stage.export
+        if rank == 0:
+            checkpoint.save_checkpoint = lambda *a, **k: time.sleep(6) or save(*a, **k)
+            distill.teacher.Stage.export = lambda *a, **k: time.sleep(6) or export(*a, **k)
+        Trainer(debug_config("teacher", f"{root}/teacher", **{"run.steps": 1})).run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.timeout(240)
+def test_the_other_ranks_wait_for_rank_0s_checkpoint_and_export_longer_than_the_groups_timeout(tmp_path):
+    """Rank 0 writes the checkpoints and the export alone (a 14B model's: minutes; an export may
+    wait up to 30 minutes for another's lock) while the others waited in the process group's
+    barrier, which NCCL gives up after 10 minutes."""
+    from server_helpers import free_port
+    from spawn_helpers import spawn
+
+    spawn(_slow_rank_0_saves, (free_port(), str(tmp_path)), nprocs=2)
+    assert (tmp_path / "teacher" / "model").is_dir()
 
 
 def _logged(tmp_path, stage: str, procs: int, extra=()) -> dict:
