@@ -25,3 +25,15 @@ def test_a_missing_target_is_reported(tmp_path):
         "[ok](here.json) [anchor](here.json#x) [web](https://example.com) [gone](../bench/nope.json)"
     )
     assert broken_links(doc) == ["../bench/nope.json"]
+
+
+def test_every_server_metric_is_in_the_api_doc():
+    """A metric added to server/metrics.py is listed in docs/api.md's /metrics paragraph."""
+    from server.metrics import ServerMetrics
+
+    api = (ROOT / "docs" / "api.md").read_text()
+    families = {m.name for m in ServerMetrics().registry.collect()}
+    ours = {n for n in families if n.startswith("streamgen_")}
+    assert ours, families  # (the registry's names, so the check below checks something)
+    # a counter's family is named without the `_total` its samples carry, as the doc writes them
+    assert sorted(n for n in ours if n not in api) == []
