@@ -37,3 +37,100 @@ def test_every_server_metric_is_in_the_api_doc():
     assert ours, families  # (the registry's names, so the check below checks something)
     # a counter's family is named without the `_total` its samples carry, as the doc writes them
     assert sorted(n for n in ours if n not in api) == []
+
+
+FENCE = re.compile(r"^```.*?^```", re.M | re.S)
+INDENTED = re.compile(r"(?:^(?: {4}|\t).*\n?)+", re.M)
+SPAN = re.compile(r"`([^`\n]+)`")
+COMMAND = re.compile(r"(?:^|\s)(?:\.venv/bin/)?streamgen ((?:generate|serve|bench|data|eval|distill)\b.*)")
+PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_.=-]*$|\.\.\.|[|$<>]")  # N, DIR, SECTION.KEY=VALUE, a|b
+
+
+def documented_commands(text: str) -> list[tuple[str, bool]]:
+    """(the arguments after `streamgen`, whole) of each command line in a markdown text: whole
+    for a code block's line (continued over `\\` line ends), not whole for an inline code span,
+    which may be a command's name and an option or two out of a sentence."""
+    found = []
+    blocks = [m.group(0).strip("`") for m in FENCE.finditer(text)]
+    rest = FENCE.sub("", text)
+    blocks += [m.group(0) for m in INDENTED.finditer(rest)]
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            if m := COMMAND.search(line.split(" #")[0]):
+                found.append((m.group(1), True))
+    for span in SPAN.finditer(INDENTED.sub("", rest)):
+        if m := COMMAND.match(span.group(1)):
+            found.append((m.group(1), False))
+    return found
+
+
+def refusal(command: str, whole: bool) -> str | None:
+    """What the command line parser says against a documented command, or None. Placeholders
+    (`N`, `DIR`, `a|b`) leave a command unchecked; `[...]` marks optional parts, checked too."""
+    import argparse
+    import contextlib
+    import importlib
+    import io
+    import shlex
+
+    from streamgen.cli import build_parser
+    from streamgen.commands.bench import BENCHMARKS
+
+    for end in (" && ", "; ", " | ", " > ", " 2>"):
+        command = command.split(end)[0]
+    try:
+        argv = [a for a in shlex.split(command.replace("[", " ").replace("]", " ")) if a != "..."]
+    except ValueError:
+        return None
+    if any(PLACEHOLDER.search(a) for a in argv):
+        return None
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
+            args = build_parser().parse_args(argv)  # (a parser each: a subparser keeps state)
+            if args.command == "bench":
+                bench = argparse.ArgumentParser(prog=f"streamgen bench {args.benchmark}")
+                bench.add_argument("--json", action="store_true")
+                importlib.import_module(BENCHMARKS[args.benchmark][0]).add_arguments(bench)
+                bench.parse_args(args.options)
+    except SystemExit:
+        why = said.getvalue().strip().splitlines()[-1]
+        if whole or "required" not in why:  # (a span may leave out what is required)
+            return why
+    return None
+
+
+def test_documented_commands_parse():
+    """Every `streamgen ...` command line in the README and docs/ is one the command line takes:
+    its options exist, their values are of the kinds and choices the parser accepts."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    commands = [(doc, *c) for doc in docs for c in documented_commands(doc.read_text())]
+    refused = {f"{doc.name}: streamgen {c}": why for doc, c, whole in commands if (why := refusal(c, whole))}
+    assert len(commands) > 50
+    assert refused == {}
+
+
+def test_serving_synopsis_names_every_serve_option_with_its_default():
+    """docs/serving.md's synopsis lists every `streamgen serve` option, and the value it shows
+    is the default (or, as `a|b`, the choices, the default among them) where there is one."""
+    import argparse
+
+    from streamgen.cli import build_parser
+
+    synopsis = FENCE.search((ROOT / "docs" / "serving.md").read_text()).group(0)
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    serve = sub.choices["serve"]
+    options = {
+        a.option_strings[-1]: a for a in serve._actions if a.help != argparse.SUPPRESS and a.dest != "help"
+    }
+    assert sorted(o for o in options if not re.search(re.escape(o) + r"\b", synopsis)) == []
+    shown = dict(re.findall(r"\[(--[a-z-]+) ([^\s\]]+)", synopsis))
+    wrong = {}
+    for flag, value in shown.items():
+        default = options[flag].default
+        if default in (None, "") or PLACEHOLDER.search(value) and "|" not in value:  # no default; N, PEM
+            continue
+        spelt = f"{default:g}" if isinstance(default, float) else str(default)
+        if spelt not in value.split("|"):
+            wrong[flag] = f"shown {value}, default {spelt}"
+    assert wrong == {}
