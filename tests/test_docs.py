@@ -18,6 +18,22 @@ def test_relative_links_resolve():
     assert broken == {}
 
 
+# a repository file named in the text (server/speech.py, streamgen/model/wan.py), link or not
+REPO_FILE = re.compile(
+    r"(?<![\w/.-])((?:streamgen|server|distill|bench|scripts|tests|web|examples)/[\w/.-]*\w"
+    r"\.(?:py|sh|txt|json|png|yaml|js|html|css|md|wav))"
+)
+
+
+def test_named_repository_files_exist():
+    """A file the README or docs/ names by its path (a module, a script, a benchmark's JSON)
+    is there: a module moved or renamed leaves no doc pointing at the old place."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    named = {(d.name, m.group(1)) for d in docs for m in REPO_FILE.finditer(d.read_text())}
+    assert len(named) > 50
+    assert sorted((doc, path) for doc, path in named if not (ROOT / path).exists()) == []
+
+
 def test_a_missing_target_is_reported(tmp_path):
     (tmp_path / "here.json").write_text("{}")
     doc = tmp_path / "doc.md"
