@@ -66,7 +66,6 @@ class CloseCode(IntEnum):
     UNSUPPORTED = 4415  # sample rate or format the server does not take
     TOO_FAST = 4429  # audio sent too far ahead of the video
     SLOW_CONSUMER = 4430  # the client stopped reading
-    INTERNAL = 4500
 
 
 def close_reason(text: str) -> str:

@@ -150,3 +150,14 @@ def test_serving_synopsis_names_every_serve_option_with_its_default():
         if spelt not in value.split("|"):
             wrong[flag] = f"shown {value}, default {spelt}"
     assert wrong == {}
+
+
+def test_the_close_code_table_is_the_servers():
+    """docs/api.md's WebSocket close codes are the server's (server/protocol.py's CloseCode, and
+    the WebSocket layer's 1007 and 1009): none missing, none the server never sends."""
+    from server.protocol import CloseCode
+
+    api = (ROOT / "docs" / "api.md").read_text()
+    table = api.split("### Close codes", 1)[1].split("\n\n")[1]
+    documented = {int(c) for row in re.findall(r"^\| ([0-9 /]+) \|", table, re.M) for c in row.split("/")}
+    assert documented == {int(c) for c in CloseCode} | {1007, 1009}
