@@ -161,3 +161,18 @@ def test_the_close_code_table_is_the_servers():
     table = api.split("### Close codes", 1)[1].split("\n\n")[1]
     documented = {int(c) for row in re.findall(r"^\| ([0-9 /]+) \|", table, re.M) for c in row.split("/")}
     assert documented == {int(c) for c in CloseCode} | {1007, 1009}
+
+
+def test_the_control_message_table_is_the_protocols():
+    """docs/api.md's client -> server control messages, with their fields, are those
+    server/protocol.py takes: a field added or renamed there is added or renamed here."""
+    from server.protocol import _FIELDS
+
+    api = (ROOT / "docs" / "api.md").read_text()
+    table = api.split("### Control messages", 1)[1].split("Server -> client", 1)[0]
+    documented = {}
+    for row in re.findall(r"^\| `(\{.*?\})`(?: / `(\{.*?\})`)? \|", table, re.M):
+        for message in filter(None, row):
+            fields = re.findall(r'"(\w+)":', message)
+            documented[re.search(r'"type": "(\w+)"', message).group(1)] = set(fields) - {"type"}
+    assert documented == {kind: set(fields) for kind, fields in _FIELDS.items()}
