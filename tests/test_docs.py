@@ -176,3 +176,19 @@ def test_the_control_message_table_is_the_protocols():
             fields = re.findall(r'"(\w+)":', message)
             documented[re.search(r'"type": "(\w+)"', message).group(1)] = set(fields) - {"type"}
     assert documented == {kind: set(fields) for kind, fields in _FIELDS.items()}
+
+
+def test_run_answers_an_unknown_command_with_its_usage_before_any_setup(tmp_path):
+    """`./run` with no command or an unknown one prints its usage and exits 2 at once: it set up
+    a whole virtual environment first (minutes on a fresh checkout) to say so."""
+    import os
+    import subprocess
+
+    venv = tmp_path / "venv"  # (a venv that does not exist, and a Python that cannot make one)
+    env = {**os.environ, "STREAMGEN_VENV": str(venv), "PYTHON": "false"}
+    for argv in ([], ["bogus"]):
+        done = subprocess.run(
+            ["bash", str(ROOT / "run"), *argv], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert (done.returncode, done.stderr) == (2, "usage: ./run generate|test [options]\n")
+    assert not venv.exists()
