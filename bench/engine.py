@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from bench.engine_baselines import cache_speedup, session_dit_threads, teacher_speedup
-from bench.machine import cpu_description
+from bench.machine import cpu_description, model_settings
 from streamgen.cli import add_dtype_option, frame_size, positive_int, thread_count
 from streamgen.cpu_threads import cpu_has_amx
 from streamgen.models import autoencoder_dtype, default_dit_dtype, load_model
@@ -406,10 +406,12 @@ def run(
         "height": height,
         "width": width,
         "steps": steps,
-        "dtype": dtype,
+        # "auto" unless asked for, by --dtype or $STREAMGEN_DTYPE (each size's dit_dtype: what ran)
+        "dtype": _name(next(model.dit.parameters()).dtype) if model.dtype_asked else "auto",
         "trained": model.trained,
         "cpu_threads": cpu_threads,
         "cpu": cpu_description(),
+        **model_settings(model),
     }
     resolved = autoencoder_dtype(decode_dtype, model.vae, "cpu")
     result["decode_dtype"] = _name(resolved or next(model.vae.parameters()).dtype)

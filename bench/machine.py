@@ -41,3 +41,20 @@ def cpu_description() -> dict:
         "avx512_bf16": cpu_has_avx512_bf16(),
         "torch": torch.__version__,
     }
+
+
+def model_settings(model) -> dict:
+    """What a loaded model's sessions run with, wherever it was set: an option, or the
+    environment a shell exported for every model this process loads (STREAMGEN_ATTENTION,
+    STREAMGEN_DTYPE, STREAMGEN_FP8, STREAMGEN_CACHE_FROM, STREAMGEN_COMPILE, streamgen/models.py;
+    STREAMGEN_KERNELS=reference). An FP8 DiT or another attention backend changes every figure,
+    so a result names the settings it was measured with, and the STREAMGEN_ variables set."""
+    from streamgen.model.float8 import float8_layers
+
+    return {
+        "attention": model.cfg.attn_backend,
+        "fp8_linears": float8_layers(model.dit),
+        "cache_from": model.meta.get("cache_from", "reencode"),
+        "compile_backend": model.compile_backend,
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("STREAMGEN_")},
+    }

@@ -44,3 +44,16 @@ def test_a_teacher_is_refused_in_one_line(capsys):
     assert main(["bench", "engine", "--json", "--model", "tiny-avatar-teacher"]) == 2  # was a traceback
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("streamgen bench: error: tiny-avatar-teacher is a bidirectional teacher")
+
+
+def test_the_json_names_the_precision_and_attention_the_environment_chose(monkeypatch):
+    # STREAMGEN_FP8 / STREAMGEN_ATTENTION / STREAMGEN_DTYPE, exported for a whole shell, changed
+    # every figure while the JSON said "dtype": "auto" and named neither FP8 nor the backend
+    monkeypatch.setenv(models.FP8_ENV, "1")
+    monkeypatch.setenv(models.ATTENTION_ENV, "fp8_qk")
+    monkeypatch.setenv(models.DTYPE_ENV, "bfloat16")
+    r = engine.run("debug", 32, 32, steps=2, chunks=1, context=4, teacher_frames=2, batch_sessions=1)
+    assert r["dtype"] == "bfloat16" and r["dit_dtype"] == "bfloat16"
+    assert r["attention"] == "fp8_qk" and r["fp8_linears"] > 0
+    assert r["environment"][models.FP8_ENV] == "1" and r["cache_from"] in ("reencode", "last_step")
+    json.dumps(r)
