@@ -26,12 +26,12 @@ chunk at a time, so there is no A/V offset, answer, or stutter to read):
   sessions_worker_busy / _late_chunks / _chunk_ms / _server_cpu_cores: the server's side of each
   (the share of the time it generated, chunks it published after their play time, after the
   probe the per-session chunk time its capacity estimate rests on, the benchmark admitting past
-  the estimate, the CPU cores its process used: the rest of the machine is the clients', and the
-  mean number of sessions per batch it generated)
+  the estimate, the CPU cores its processes used (a --model-process server's model process too):
+  the rest of the machine is the clients', and the mean number of sessions per batch it generated)
 - sessions_worker_ms_per_chunk: the worker's busy time over the chunks it generated in a probe
   (its cost per session-chunk at that load, which batching lowers as sessions are added);
-  sessions_server_cpu_ms_per_chunk: the server process's CPU time over the same chunks (the
-  worker's and the event loop's: transports, encoding, framing)
+  sessions_server_cpu_ms_per_chunk: the server's CPU time over the same chunks, its model
+  process's included (the worker's and the event loop's: transports, encoding, framing)
 - --against MODEL / --against-args ARGS: two servers (another model, or the same served with other
   options), the probes alternating between them (A B, B A, ...); per server the
   probe figures above (model_figures, against_figures), and against_speedup / against_cpu_speedup:
@@ -464,16 +464,20 @@ def _browser_figures(url: str, args) -> dict:
 
 async def _server_counters(http) -> dict[str, float]:
     """The server's own view: seconds its worker spent generating, chunks that came after their
-    play time, its process's CPU seconds and its batches (/metrics), and the per-session chunk time its
-    capacity estimate rests on (/readyz)."""
+    play time, its processes' CPU seconds (its model process's too) and its batches (/metrics),
+    and the per-session chunk time its capacity estimate rests on (/readyz)."""
     wanted = {"streamgen_worker_busy_seconds_total": "busy_s", "streamgen_late_chunks_total": "late",
               "process_cpu_seconds_total": "cpu_s", "streamgen_batch_sessions_sum": "batched",
-              "streamgen_batch_sessions_count": "batches"}  # fmt: skip
+              "streamgen_batch_sessions_count": "batches",
+              # `--model-process`: the generating is the model process's, whose CPU seconds
+              # process_* leaves out (its server_cpu_ms_per_chunk was 4 ms of a 200 ms chunk)
+              "streamgen_model_process_cpu_seconds_total": "model_cpu_s"}  # fmt: skip
     found = {}
     for line in (await http.get("/metrics")).text.splitlines():
         name, _, value = line.partition(" ")
         if name in wanted:
             found[wanted[name]] = float(value)
+    found["cpu_s"] = found.get("cpu_s", 0.0) + found.pop("model_cpu_s", 0.0)
     return found | {"chunk_ms": (await http.get("/readyz")).json()["chunk_ms"]}
 
 

@@ -183,3 +183,23 @@ def test_the_figures_name_the_cpu_they_ran_on(monkeypatch):
     out = bench.main(parser.parse_args(["--model", "debug", "--browser", ""]))
     assert out["max_realtime_sessions"] == 3
     assert out["cpu"]["model"] and isinstance(out["cpu"]["amx"], bool)
+
+
+async def test_server_cpu_counts_the_model_process_too():
+    # under --model-process the chunks are generated in the model process, whose CPU seconds the
+    # server reports apart: server_cpu_ms_per_chunk counted only the front process (4 ms a chunk)
+    import httpx
+
+    from bench.server import _server_counters
+
+    metrics = ("process_cpu_seconds_total 2.5\nstreamgen_model_process_cpu_seconds_total 30.0\n"
+               "streamgen_worker_busy_seconds_total 1.0\n")  # fmt: skip
+
+    def answer(request):
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text=metrics)
+        return httpx.Response(200, json={"chunk_ms": 100.0})
+
+    async with httpx.AsyncClient(base_url="http://bench", transport=httpx.MockTransport(answer)) as http:
+        counters = await _server_counters(http)
+    assert counters["cpu_s"] == 32.5 and "model_cpu_s" not in counters
