@@ -118,7 +118,12 @@ def _start_server(args, port: int, model: str, extra: list[str] = ()) -> subproc
         cmd += ["--no-align-batches"]
     cmd += list(extra)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    from streamgen.parallel.torchrun import LAUNCHER_ENV
+
+    # it ends with this process (`end_with_the_launcher`): a benchmark stopped by SIGTERM (`timeout`,
+    # a CI job's end) or SIGKILL left its server running, holding its port, with nothing to stop it
+    env = {**os.environ, LAUNCHER_ENV: str(os.getpid())}
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 async def _wait_ready(http, proc, timeout=300.0) -> dict:

@@ -2,6 +2,8 @@
 
 import asyncio
 
+import pytest
+
 from bench.server import _on_time, _stutter
 
 
@@ -203,3 +205,57 @@ async def test_server_cpu_counts_the_model_process_too():
     async with httpx.AsyncClient(base_url="http://bench", transport=httpx.MockTransport(answer)) as http:
         counters = await _server_counters(http)
     assert counters["cpu_s"] == 32.5 and "model_cpu_s" not in counters
+
+
+_STARTS_A_SERVER = """
+import argparse, asyncio, sys, httpx
+from bench.server import _start_server, _wait_ready
+args = argparse.Namespace(max_probe=1, size=None, lanes=1, threads=None, model_process=False, compile=False,
+                          align_batches=True)
+proc = _start_server(args, int(sys.argv[1]), "debug")
+async def ready():
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sys.argv[1]}", timeout=10) as http:
+        await _wait_ready(http, proc, timeout=120)
+asyncio.run(ready())
+print(proc.pid, flush=True)
+sys.stdin.read()  # until the test kills it
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_killed_benchmark_does_not_leave_its_server_running():
+    # SIGTERM (`timeout`, a CI job's end) or SIGKILL of `bench server` left `streamgen serve`
+    # running, its port held, for good (Ctrl-C reached both: they share the terminal's group)
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from bench.server import _free_port
+
+    bench = subprocess.Popen(
+        [sys.executable, "-c", _STARTS_A_SERVER, str(_free_port())], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        server = int(bench.stdout.readline())
+        bench.kill()
+        bench.wait(10)
+        deadline = time.monotonic() + 60
+        while os.path.exists(f"/proc/{server}") and _state(server) != "Z":
+            assert time.monotonic() < deadline, "the server outlived its benchmark"
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(bench.pid, signal.SIGKILL)  # (the server is in its group)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
