@@ -217,7 +217,7 @@ def _load_tiny_vae_model(model: str):
     except (FileNotFoundError, ValueError) as e:  # (a folder whose DiT and autoencoder disagree)
         raise UserError(str(e)) from None
     if not isinstance(m.vae, TinyCausalVAE):
-        raise SystemExit(f"{model}: this benchmark is for TinyCausalVAE decoders, not {type(m.vae).__name__}")
+        raise UserError(f"{model}: this benchmark is for TinyCausalVAE decoders, not {type(m.vae).__name__}")
     return m
 
 
@@ -240,7 +240,9 @@ def run(
         vae.latent_channels,
         vae.temporal_factor,
     ):
-        raise SystemExit(
+        from streamgen.cli import UserError
+
+        raise UserError(  # (a SystemExit: exit 1, without the command's name)
             f"--against {against}: its decoder takes {other.latent_channels} latent channels at "
             f"{other.temporal_factor} frames each, {model}'s gives {vae.latent_channels} at {vae.temporal_factor}"
         )
