@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import time
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch
 from streamgen.cli import positive_int
 from streamgen.kernels import reference as kernel_references
 from streamgen.model.float8 import KEEP_IN_DTYPE, float8_layers, float8_linears
-from streamgen.models import load_model
+from streamgen.models import FP8_ENV, load_model
 from streamgen.stream import StreamSession
 
 VARIANTS = {  # name -> (DiT dtype, the layers FP8 keeps in that dtype or None: no FP8 linears, attention)
@@ -106,13 +107,26 @@ def difference(frames: list[np.ndarray], reference: list[np.ndarray]) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _without_environment(name: str):
+    """Within: `name` unset in this process. $STREAMGEN_FP8, exported for a shell, put every
+    variant's linears in FP8, the float32 reference's too: each differed from it by about 0."""
+    was = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if was is not None:
+            os.environ[name] = was
+
+
 def run(model_name: str = "tiny-avatar", chunks: int = 12, variants=tuple(VARIANTS)) -> dict:
     torch.manual_seed(0)
     result = {"model": model_name, "chunks": chunks, "device": "cpu", "variants": {}}
     reference = None
     for name in ("float32", *[v for v in variants if v != "float32"]):
         dtype, keep, attention = VARIANTS[name]
-        model = load_model(model_name, dtype=dtype, attn_backend=attention)
+        with _without_environment(FP8_ENV):  # each variant's linears as it says, the reference's float32
+            model = load_model(model_name, dtype=dtype, attn_backend=attention)
         if keep is not None:
             float8_linears(model.dit, keep)
         with requantized_value_channels() as shares:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from cli_helpers import streamgen
@@ -30,6 +31,18 @@ def test_each_variant_is_compared_with_float32_chunk_by_chunk(tmp_path):
     )
     fp8.plot(result, tmp_path / "fp8.png")
     assert (tmp_path / "fp8.png").stat().st_size > 10_000
+
+
+def test_the_environments_fp8_leaves_the_variants_as_they_are_named(monkeypatch):
+    # $STREAMGEN_FP8 (exported for a shell, `use_precision`) put the float32 reference's linears in
+    # FP8 too: every FP8 variant then differed from it by about nothing
+    from streamgen.models import FP8_ENV
+
+    monkeypatch.setenv(FP8_ENV, "1")
+    result = fp8.run("debug", chunks=1, variants=("float32+fp8_linears",))
+    assert result["variants"]["float32"]["fp8_layers"] == 0
+    assert result["variants"]["float32+fp8_linears"]["mean_levels"] > 0
+    assert os.environ[FP8_ENV] == "1"
 
 
 def test_command_line_refuses_no_chunks_and_unknown_variants(capsys):
