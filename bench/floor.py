@@ -482,6 +482,11 @@ def main(args) -> dict:
         except (FileNotFoundError, ValueError) as e:
             raise UserError(str(e)) from None
         height, width = args.height or model.height, args.width or model.width
+    from streamgen.model.float8 import float8_layers
+
+    # $STREAMGEN_FP8 (load_model's) counts as --fp8: the JSON said "fp8_linears": false, and the
+    # ceilings had no FP8 rate, while the linears were counted as FP8
+    fp8_linears = args.fp8 or float8_layers(model.dit) > 0
 
     def session_of(m):
         try:
@@ -519,7 +524,7 @@ def main(args) -> dict:
     if args.fp8_attention:
         attention_in_fp8(work, args.fp8_attention)
     target_fps = args.target_fps or (TARGET_FPS if wan else VIDEO_FPS)
-    fp8 = args.fp8 or args.fp8_attention is not None
+    fp8 = fp8_linears or args.fp8_attention is not None
     if args.measure or args.time:  # times on this device go against this device's floor
         # every dtype the session computes in (the tiny models decode in bf16 on CPUs with native bf16)
         used = {p.dtype for module in (session.dit, session.vae) for p in module.parameters()}
@@ -543,7 +548,7 @@ def main(args) -> dict:
         "steps": session.steps,
         "window_frames": model.cfg.window_frames,
         "dtype": str(dtype).removeprefix("torch."),
-        "fp8_linears": args.fp8,
+        "fp8_linears": fp8_linears,
         "attention": attention,
         "decoder": "tiny"
         if args.tiny_decoder

@@ -443,6 +443,17 @@ def test_command_line_with_fp8_linears_or_attention_counts_their_products_at_the
     assert fp8["fps_ceiling"] > plain["fps_ceiling"]
 
 
+def test_the_environments_fp8_linears_are_named_and_counted_at_their_rate():
+    # $STREAMGEN_FP8 (exported for a shell) loaded FP8 linears, counted as FP8 products, while the
+    # JSON said "fp8_linears": false and its ceilings had no FP8 rate for them
+    import os
+
+    args = ("bench", "floor", "--json", "--model", "debug")
+    r = json.loads(streamgen(*args, env={**os.environ, "STREAMGEN_FP8": "1"}).stdout)
+    assert r["work"]["steady_chunk"]["stages"]["denoise"]["tflop_by_kind"]["fp8_linear"] > 0
+    assert r["fp8_linears"] and r["ceilings"]["matmul_tflop_per_s_float8"] > 0
+
+
 def test_fp8_attention_moves_its_share_of_the_dits_attention_to_the_fp8_rate():
     def stage(attention):
         return {"tflop_by_kind": {"attention": attention, "fp8_attention": 0.0}}
