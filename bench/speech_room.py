@@ -27,7 +27,7 @@ import argparse
 
 import numpy as np
 
-from streamgen.cli import number_where
+from streamgen.cli import number_where, seed_number
 
 RATES_AND_VARIANTS = ((165, None), (80, None), (450, None), (120, "f3"), (250, "m3"), (165, "klatt"))
 DIGITS_AND_ABBREVIATIONS = (
@@ -217,7 +217,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.90,
         help="the most of its speech any fitted text's estimate is",
     )
-    p.add_argument("--seed", type=int, default=1, help="of the prose drawn from the sentence banks")
+    # (numpy's generator refused a negative seed with a traceback)
+    p.add_argument("--seed", type=seed_number, default=1, help="of the prose drawn from the sentence banks")
     p.add_argument(
         "--pause-allowance",
         type=allowance_ms,

@@ -611,6 +611,8 @@ def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, cap
         (["bench", "speech-room", "--margin", "-1"], "argument --margin: '-1' is not a share of the speech"),
         (["bench", "speech-room", "--margin", "1.5"], "argument --margin: '1.5' is not a share"),
         (["bench", "speech-room", "--pause-allowance", "-5"], "argument --pause-allowance: '-5' is not"),
+        # numpy's generator refused it with a traceback
+        (["bench", "speech-room", "--seed", "-1"], "argument --seed: '-1' is not a seed"),
     ],
 )
 def test_an_option_no_run_can_measure_with_is_refused(argv, says, capsys):
