@@ -87,12 +87,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "of sessions (A B, then B A, ...), so both meet the same machine: each model's probe "
                         "figures and the worker time per generated chunk, A's over B's (the single-session "
                         "and browser figures are skipped)")  # fmt: skip
-    parser.add_argument("--against-args", default="", metavar="ARGS",
+    parser.add_argument("--against-args", type=_serve_options, default="", metavar="ARGS",
                         help="serve options for the second server only, e.g. --against-args=--ws-compression: "
                         "the same model (or --against's) served another way, probed as --against says")  # fmt: skip
     parser.add_argument("--transport", choices=list(WATCH), default="webrtc",
                         help="the clients: WebRTC (WHEP, decoding VP8), or the WebSocket API with raw RGB frames, "
                         "which costs the clients next to nothing (a probe of the server alone)")  # fmt: skip
+
+
+def _serve_options(text: str) -> str:
+    """argparse type of --against-args: serve options as a shell splits them (an unclosed quote was
+    shlex's traceback)."""
+    try:
+        shlex.split(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a command line: {e}") from None
+    return text
 
 
 def _free_port() -> int:

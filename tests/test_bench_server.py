@@ -170,6 +170,16 @@ def test_serve_options_the_server_refuses_are_one_line(capsys):
     assert "the server would not start" in err and "unrecognized arguments: --no-such-option" in err, err
 
 
+def test_serve_options_a_shell_cannot_split_are_refused_by_the_options(capsys):
+    # an unclosed quote was shlex's ValueError traceback
+    from streamgen.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "server", "--json", "--against-args=--text 'smiling"])
+    assert exit_.value.code == 2
+    assert "argument --against-args: \"--text 'smiling\" is not a command line" in capsys.readouterr().err
+
+
 def test_the_figures_name_the_cpu_they_ran_on(monkeypatch):
     """Served figures are figures of the processor (bench/machine.py): the JSON says which."""
     import argparse
