@@ -56,5 +56,11 @@ def model_settings(model) -> dict:
         "fp8_linears": float8_layers(model.dit),
         "cache_from": model.meta.get("cache_from", "reencode"),
         "compile_backend": model.compile_backend,
-        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("STREAMGEN_")},
+        "environment": streamgen_environment(),
     }
+
+
+def streamgen_environment() -> dict:
+    """The STREAMGEN_ variables set here: the settings of every model this process and its children
+    (a served model) load without options of their own (attention, dtype, FP8, cache, compile)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("STREAMGEN_")}

@@ -60,7 +60,7 @@ import time
 
 import numpy as np
 
-from bench.machine import cpu_description
+from bench.machine import cpu_description, streamgen_environment
 from streamgen.cli import frame_size, positive_int, positive_number, thread_count
 
 DEFAULT_BROWSER = "/usr/bin/chromium"
@@ -573,7 +573,9 @@ def main(args: argparse.Namespace) -> dict:
     if any(a == "--model" or a.startswith("--model=") for a in shlex.split(args.against_args)):
         # (the second server served it, and the JSON named the first's model as `against`)
         raise UserError("--against-args: give the second server's model with --against MODEL")
-    return asyncio.run(_bench(args)) | {"cpu": cpu_description()}  # (the figures are this CPU's)
+    # the figures are this CPU's, and of the settings the environment gives the served model
+    # (STREAMGEN_FP8, STREAMGEN_ATTENTION, ...: the JSON did not say)
+    return asyncio.run(_bench(args)) | {"cpu": cpu_description(), "environment": streamgen_environment()}
 
 
 def run(args: argparse.Namespace) -> int:

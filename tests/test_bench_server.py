@@ -181,7 +181,8 @@ def test_serve_options_a_shell_cannot_split_are_refused_by_the_options(capsys):
 
 
 def test_the_figures_name_the_cpu_they_ran_on(monkeypatch):
-    """Served figures are figures of the processor (bench/machine.py): the JSON says which."""
+    """Served figures are figures of the processor (bench/machine.py) and of the settings the
+    environment gives the served model: the JSON says which."""
     import argparse
 
     import bench.server as bench
@@ -192,9 +193,11 @@ def test_the_figures_name_the_cpu_they_ran_on(monkeypatch):
     monkeypatch.setattr(bench, "_bench", measured)
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
+    monkeypatch.setenv("STREAMGEN_FP8", "1")  # the served model's linears in FP8
     out = bench.main(parser.parse_args(["--model", "debug", "--browser", ""]))
     assert out["max_realtime_sessions"] == 3
     assert out["cpu"]["model"] and isinstance(out["cpu"]["amx"], bool)
+    assert out["environment"]["STREAMGEN_FP8"] == "1"
 
 
 async def test_server_cpu_counts_the_model_process_too():
