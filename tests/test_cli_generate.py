@@ -533,6 +533,11 @@ def test_a_frame_size_that_cannot_be_generated_is_refused_in_one_line(argv, says
         # (a folder there in which no file can be made: os.access said yes to root)
         (["bench", "engine", "--plot", "/proc/x.png"], "--plot: cannot write /proc/x.png"),
         (["bench", "decoder", "--plot", "/proc/x.png"], "--plot: cannot write /proc/x.png"),
+        # matplotlib's ValueError, after the whole benchmark: its JSON lost
+        (
+            ["bench", "floor", "--plot", "floor.txt"],
+            "--plot floor.txt: no plot is written as .txt; give a .png",
+        ),
         (["bench", "server", "--against", "nonexistent"], "unknown model 'nonexistent'"),
         (["bench", "server", "--model", "nonexistent"], "unknown model 'nonexistent'"),
         # bench gpu's --out failed after the device's ceilings were measured; an unknown device
@@ -554,6 +559,7 @@ def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, cap
     model was a traceback."""
     import bench.decoder
     import bench.engine
+    import bench.floor
     import bench.fp8
     import bench.gpu
     import bench.kernels
@@ -565,6 +571,7 @@ def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, cap
     for module in (bench.engine, bench.decoder, bench.fp8, bench.gpu, bench.kernels):
         monkeypatch.setattr(module, "run", measured)
     monkeypatch.setattr(bench.server, "_bench", measured)
+    monkeypatch.setattr(bench.floor, "chunk_work", measured)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1, err

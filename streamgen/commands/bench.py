@@ -55,6 +55,14 @@ def _check_output(flag: str, path, example: str, UserError) -> None:
     file, folder = Path(path), Path(path).parent
     if file.is_dir():
         raise UserError(f"{flag} {file} is a directory; give the file to write, e.g. {file / example}")
+    if flag == "--plot" and file.suffix:  # (matplotlib's ValueError, after the whole benchmark)
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if file.suffix[1:].lower() not in formats:
+            raise UserError(
+                f"--plot {file}: no plot is written as {file.suffix}; give a .png (or {', '.join(sorted(formats))})"
+            )
     if not folder.is_dir():
         raise UserError(f"{flag}: the folder {folder} does not exist")
     from streamgen.files import new_file_beside
