@@ -276,6 +276,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        if _stdout_is_open():
+            raise  # (another pipe's: a bug of the program's, with its traceback)
+        # the reader of this command's output went away (`streamgen bench ... | head`): what it did
+        # not read is not wanted. A shell's command ends so, by SIGPIPE (128 + 13), without a word
+        return 141
+
+
+def _stdout_is_open() -> bool:
+    """Whether standard output still has a reader (a pipe whose reader closed it reports an error
+    to poll). Where it has none, it is pointed at /dev/null from here: Python's flush at exit
+    would fail again, with an "Exception ignored" message."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # (no poll; no real descriptor: pytest's capture)
+        return True
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return not gone
 
 
 if __name__ == "__main__":

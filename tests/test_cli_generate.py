@@ -660,3 +660,37 @@ def test_a_seed_or_caption_the_server_would_refuse_is_refused_by_the_commands(tm
     assert exit.value.code == 2
     assert says in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reader_that_goes_away_ends_the_command_without_a_traceback(tmp_path):
+    """`streamgen bench ... | head`: the reader gone, the command's last print was a BrokenPipeError
+    traceback and exit 1. It ends as a shell command does when its reader goes (141, SIGPIPE's),
+    without a word; its work is done (here a dataset made)."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # (a reader gone before the line is printed)
+    try:
+        argv = ["data", "make", "--out", str(tmp_path / "d"), "--clips", "1", "--size", "16", "--seconds", "0.04"]
+        done = subprocess.run([sys.executable, "-m", "streamgen", *argv], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)  # fmt: skip
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr.strip().splitlines()[-1:]) != (1, []), done.stderr
+    assert done.returncode == 141 and "Traceback" not in done.stderr and "Exception" not in done.stderr, done.stderr
+    assert (tmp_path / "d" / "manifest.json").exists()
+
+
+def test_a_broken_pipe_of_another_kind_keeps_its_traceback(monkeypatch, tmp_path):
+    """Only standard output's reader going away ends a command quietly: a pipe of the program's own
+    (an encoder's stdin) that breaks is a failure, not a reader that had enough."""
+    import streamgen.data.cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(streamgen.data.cli, "_make", broken)
+    with pytest.raises(BrokenPipeError):
+        main(["data", "make", "--out", str(tmp_path / "d"), "--clips", "1"])
