@@ -175,13 +175,10 @@ def _join_with_short_timeout(rank: int, root: str, seconds: float) -> None:
     join_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=seconds))
 
 
-def _ode_stage_on_two_ranks(rank: int, port: int, root: str, group_timeout_s: float | None = None) -> None:
+def _ode_stage_on_two_ranks(rank: int, port: int, root: str) -> None:
     """Both ranks build one ode stage in one run.out (rank 0 samples the trajectories); rank 1's
     reading of the teacher's digest is of another export (one put in place after rank 0 read it).
-    Each rank saves the trajectories it holds. group_timeout_s: the process group's timeout
-    (NCCL's is 10 minutes), with rank 0's sampling made to take twice as long."""
-    import time
-
+    Each rank saves the trajectories it holds."""
     import torch.distributed as dist
     from test_distill_helpers import debug_config
 
@@ -190,21 +187,10 @@ def _ode_stage_on_two_ranks(rank: int, port: int, root: str, group_timeout_s: fl
     from distill.trainer import build_stage
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if group_timeout_s is None:
-        join_process_group("gloo", rank=rank, world_size=2)
-    else:
-        _join_with_short_timeout(rank, root, group_timeout_s)
+    join_process_group("gloo", rank=rank, world_size=2)
     try:
         if rank == 1:
             distill.ode.weights_digest = lambda source: "0123456789abcdef"
-        if group_timeout_s is not None and rank == 0:
-            sample = distill.ode.Stage._sample_trajectories
-
-            def slow_sample(self, teacher):
-                time.sleep(2 * group_timeout_s)
-                return sample(self, teacher)
-
-            distill.ode.Stage._sample_trajectories = slow_sample
         torch.set_num_threads(1)
         teacher = f"{root}/teacher/model"
         cfg = debug_config("ode", f"{root}/ode", teacher=teacher, init=teacher)
@@ -230,29 +216,16 @@ def test_every_rank_of_an_ode_stage_checks_the_trajectories_against_rank_0s_dige
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.timeout(240)
-def test_the_other_ranks_wait_for_rank_0s_trajectories_longer_than_the_groups_timeout(tmp_path):
-    """Rank 0 samples the ode stage's trajectories alone (hours for a large teacher) while the
-    others wait in a barrier: NCCL's gives up after 10 minutes, and the run died there."""
-    from server_helpers import free_port
-    from spawn_helpers import spawn
-    from test_distill_helpers import debug_config, run
-
-    run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
-    spawn(_ode_stage_on_two_ranks, (free_port(), str(tmp_path), 3.0), nprocs=2)
-    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
-    assert all(torch.equal(first[k], second[k]) for k in first)
-
-
-def _slow_rank_0_saves(rank: int, port: int, root: str) -> None:
-    """A 1-step teacher run on two ranks whose group gives up waiting after 3 s, where rank 0's
-    checkpoint and export each take 6 s (a large model's, or an export waiting for a lock)."""
+def _slow_rank_0_work(rank: int, port: int, root: str) -> None:
+    """A 1-step ode run on two ranks whose group gives up waiting after 3 s, where rank 0's work
+    alone takes 6 s each time: the teacher's trajectories, the checkpoint and the export (a large
+    model's, or an export waiting for another's lock)."""
     import time
 
     import torch.distributed as dist
     from test_distill_helpers import debug_config
 
-    import distill.teacher
+    import distill.ode
     from distill import checkpoint
     from distill.trainer import Trainer
 
@@ -261,26 +234,31 @@ def _slow_rank_0_saves(rank: int, port: int, root: str) -> None:
     _join_with_short_timeout(rank, root, 3.0)
     try:
         torch.set_num_threads(1)
-        save, export = checkpoint.save_checkpoint, distill.teacher.Stage.export
         if rank == 0:
-            checkpoint.save_checkpoint = lambda *a, **k: time.sleep(6) or save(*a, **k)
-            distill.teacher.Stage.export = lambda *a, **k: time.sleep(6) or export(*a, **k)
-        Trainer(debug_config("teacher", f"{root}/teacher", **{"run.steps": 1})).run()
+            slow = lambda work: lambda *a, **k: time.sleep(6) or work(*a, **k)  # noqa: E731
+            checkpoint.save_checkpoint = slow(checkpoint.save_checkpoint)
+            distill.ode.Stage.export = slow(distill.ode.Stage.export)
+            distill.ode.Stage._sample_trajectories = slow(distill.ode.Stage._sample_trajectories)
+        teacher = f"{root}/teacher/model"
+        Trainer(debug_config("ode", f"{root}/ode", teacher=teacher, init=teacher, **{"run.steps": 1})).run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 @pytest.mark.timeout(240)
-def test_the_other_ranks_wait_for_rank_0s_checkpoint_and_export_longer_than_the_groups_timeout(tmp_path):
-    """Rank 0 writes the checkpoints and the export alone (a 14B model's: minutes; an export may
-    wait up to 30 minutes for another's lock) while the others waited in the process group's
-    barrier, which NCCL gives up after 10 minutes."""
+def test_the_other_ranks_wait_for_rank_0s_own_work_longer_than_the_groups_timeout(tmp_path):
+    """Rank 0 samples the ode stage's trajectories (hours for a large teacher), writes the
+    checkpoints and the export (minutes for a 14B model; an export may wait 30 minutes for
+    another's lock) alone, while the others waited in the process group's barrier: NCCL's gives up
+    after 10 minutes, and the run died there."""
     from server_helpers import free_port
     from spawn_helpers import spawn
+    from test_distill_helpers import debug_config, run
 
-    spawn(_slow_rank_0_saves, (free_port(), str(tmp_path)), nprocs=2)
-    assert (tmp_path / "teacher" / "model").is_dir()
+    run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
+    spawn(_slow_rank_0_work, (free_port(), str(tmp_path)), nprocs=2)
+    assert (tmp_path / "ode" / "model").is_dir()
 
 
 def _logged(tmp_path, stage: str, procs: int, extra=()) -> dict:
