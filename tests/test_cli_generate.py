@@ -34,6 +34,25 @@ def test_generate_writes_h264_and_aac_at_any_input_rate(tmp_path):
     assert not (tmp_path / "avatar.mp4.part").exists()
 
 
+@pytest.mark.parametrize("seconds", [1.1, 0.01])
+def test_the_video_lasts_as_long_as_the_audio(tmp_path, capsys, seconds):
+    """The last chunk's frames past the audio's end are left out: 1.1 s of speech made 1.28 s of
+    video (whole chunks of 0.32 s), a 10 ms file 0.32 s, the teacher's windows 0.96 s."""
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, 16000, seconds)
+    out = tmp_path / "avatar.mp4"
+    assert main(["generate", "--model", "debug", "--audio", str(wav), "--out", str(out), "--quiet"]) == 0
+    with av.open(str(out)) as c:
+        video, audio = c.streams.video[0], c.streams.audio[0]
+        frames = sum(1 for _ in c.decode(video=0))
+        video_seconds = float(video.duration * video.time_base)
+        audio_seconds = float(audio.duration * audio.time_base)
+    assert frames == -(-round(seconds * 16000) * 25 // 16000)  # the frames that cover the audio
+    assert audio_seconds == pytest.approx(seconds, abs=1e-3)
+    assert 0 <= video_seconds - audio_seconds < 0.04
+    assert f"({frames / 25:.2f} s of video" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "make_bad, flag, message",
     [

@@ -132,7 +132,7 @@ def run(args) -> int:
 
     from tqdm import tqdm
 
-    from streamgen.model.audio import SAMPLE_RATE
+    from streamgen.model.audio import SAMPLE_RATE, VIDEO_FPS
     from streamgen.teacher import TeacherSession, open_session
 
     try:
@@ -157,6 +157,10 @@ def run(args) -> int:
 
     n_chunks = math.ceil(len(pcm) / SAMPLE_RATE / session.chunk_seconds)
     per_chunk = int(round(session.chunk_seconds * SAMPLE_RATE))
+    # the video spans the audio and no more: its last chunk's frames past the audio's end are left
+    # out (2.0 s of speech made 2.24 s of video, 0.32 s of it 0.96 s from the teacher's windows)
+    video_frames = math.ceil(len(pcm) * VIDEO_FPS / SAMPLE_RATE)
+    written = 0
     # every process runs the same stream on its shard of the tokens; one writes the file
     writer = Mp4Writer(out, session.width, session.height) if main_process else None
     t0 = time.perf_counter()
@@ -169,8 +173,10 @@ def run(args) -> int:
         ):
             session.push_audio(pcm[(k + 2) * per_chunk : (k + 3) * per_chunk])
             frames, pts = session.next_chunk()
+            frames = (from_time_zero(frames, pts, VIDEO_FPS) if k == 0 else frames)[: video_frames - written]
+            written += len(frames)
             if writer:
-                writer.write_frames(from_time_zero(frames, pts) if k == 0 else frames)
+                writer.write_frames(frames)
         if writer:
             writer.write_audio(pcm)
             writer.close()
@@ -188,10 +194,9 @@ def run(args) -> int:
         _leave_sequence_parallel(args.sp, finished)
     if not main_process:
         return 0
-    seconds = n_chunks * session.chunk_seconds
     elapsed = time.perf_counter() - t0
     print(
-        f"wrote {out} ({seconds:.2f} s of video, {session.width}x{session.height}, "
+        f"wrote {out} ({written / VIDEO_FPS:.2f} s of video, {session.width}x{session.height}, "
         f"{n_chunks * session.frames_per_chunk / elapsed:.1f} frames/s)"
     )
     return 0
