@@ -23,6 +23,8 @@ import httpx
 import numpy as np
 import websockets
 
+# what --wav streams for past the file's end: the server's playout delay and its last chunk
+TAIL_S = 2.0
 HEADER = struct.Struct("<BBHIq")  # type, flags, reserved, sequence, pts (microseconds)
 AUDIO_IN, VIDEO_JPEG, AUDIO_OUT = 1, 2, 4
 
@@ -35,6 +37,17 @@ def read_wav_16k(path: str) -> np.ndarray:
             return np.frombuffer(w.readframes(w.getnframes()), "<i2")
     except (OSError, EOFError, wave.Error) as e:
         raise SystemExit(f"{path}: not a readable WAV file ({e})") from None
+
+
+def seconds(text: str) -> float:
+    """A positive number of seconds (0, a negative or nan made a session and saved nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
 
 
 async def create_session(http: httpx.AsyncClient, body: dict, wait_s: float) -> dict:
@@ -99,6 +112,8 @@ async def stream(url: str, args, pcm: np.ndarray | None, out: Path) -> tuple[int
 
 async def main(args) -> None:
     pcm = read_wav_16k(args.wav) if args.wav else None  # a bad file is refused before a session is made
+    if args.seconds is None:  # the whole file and its last frames (5 s of any file were kept)
+        args.seconds = len(pcm) / 16000 + TAIL_S if pcm is not None else 5.0
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"--out {out} is a file: give the folder to write the frames into")
@@ -137,7 +152,11 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wav", help="16 kHz mono PCM16 WAV to speak with")
     p.add_argument("--say", help="text for the server to speak")
-    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument(
+        "--seconds",
+        type=seconds,
+        help=f"how long to stream (default: the --wav file's length and {TAIL_S:g} s, else 5)",
+    )
     p.add_argument("--wait", type=float, default=30.0, help="seconds to keep asking a busy server")
     p.add_argument("--out", default="frames")
     asyncio.run(main(p.parse_args()))

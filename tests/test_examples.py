@@ -64,6 +64,24 @@ def test_the_client_streams_a_wav_and_saves_the_frames_with_their_times(server, 
     assert app.state.registry.sessions == {}, "the client's stop ends its session"
 
 
+def test_a_wav_is_streamed_whole_with_its_last_frames(server, tmp_path):
+    """Without --seconds the client streamed 5 s of any file, and saved 5 s of a longer one."""
+    url, _ = server
+    out = tmp_path / "frames"
+    r = ws_client("--server", url, "--wav", str(write_wav(tmp_path / "a.wav", 6.0)), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert saved_frames(out)[-1][1] >= 6000 - 40, r.stdout  # a frame of the file's last 40 ms
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf", "soon"])
+def test_seconds_that_would_save_nothing_are_refused(server, tmp_path, seconds):
+    """0, a negative and nan made a session, saved no frame and exited 0."""
+    url, app = server
+    r = ws_client("--server", url, "--seconds", seconds, "--out", str(tmp_path / "f"))
+    assert r.returncode == 2 and "--seconds" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert app.state.registry.sessions == {} and not (tmp_path / "f").exists()
+
+
 def test_the_client_asks_the_server_to_speak(server, tmp_path):
     url, _ = server
     # (a trailing slash went into the socket's URL: ws://host//v1/..., refused with a traceback)
