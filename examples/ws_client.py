@@ -25,6 +25,7 @@ import websockets
 
 # what --wav streams for past the file's end: the server's playout delay and its last chunk
 TAIL_S = 2.0
+FRAME_NAMES = "[0-9]*_[0-9]*ms.jpg"  # the frames saved: sequence_pts
 HEADER = struct.Struct("<BBHIq")  # type, flags, reserved, sequence, pts (microseconds)
 AUDIO_IN, VIDEO_JPEG, AUDIO_OUT = 1, 2, 4
 
@@ -117,6 +118,8 @@ async def main(args) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"--out {out} is a file: give the folder to write the frames into")
+    if out.is_dir() and any(out.glob(FRAME_NAMES)):  # (a shorter run left the longer one's last frames)
+        raise SystemExit(f"--out {out} holds another run's frames: give a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     args.server = args.server.rstrip("/")  # (the socket's URL took the slash: ws://host//v1/..., a 403)
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}

@@ -98,6 +98,18 @@ def test_an_out_that_is_a_file_is_one_line(server, tmp_path):
     assert (tmp_path / "afile").read_text() == "mine" and app.state.registry.sessions == {}
 
 
+def test_an_out_holding_another_runs_frames_is_one_line(server, tmp_path):
+    """A second run into the folder of a longer one left its last frames there, mixed with its own."""
+    url, app = server
+    (tmp_path / "000000_00000000ms.jpg").write_bytes(b"an earlier run's")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert_one_line_error(ws_client("--server", url, "--out", str(tmp_path)), "another run's frames")
+    assert app.state.registry.sessions == {}
+    (tmp_path / "000000_00000000ms.jpg").unlink()  # a folder with other files is fine
+    r = ws_client("--server", url, "--seconds", "0.5", "--out", str(tmp_path))
+    assert r.returncode == 0 and saved_frames(tmp_path), r.stderr
+
+
 @pytest.mark.parametrize("wav", ["missing", "8k", "not-a-wav"])
 def test_a_bad_wav_is_one_line_and_makes_no_session(server, tmp_path, wav):
     url, app = server
