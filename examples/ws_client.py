@@ -79,16 +79,27 @@ async def send_audio(ws, pcm: np.ndarray) -> None:
         await asyncio.sleep(max(0.0, start + (i + step) / 16000 - time.monotonic()))
 
 
-async def stream(url: str, args, pcm: np.ndarray | None, out: Path) -> tuple[int, int, float]:
-    """Frames and audio-out bytes received in `args.seconds` -> (frames, audio bytes, fps)."""
+class Received:
+    """What the stream has brought so far: frames saved, audio-out bytes, the stream's fps."""
+
+    def __init__(self) -> None:
+        self.frames, self.audio_bytes, self.fps = 0, 0, 25.0
+
+    def __str__(self) -> str:
+        return f"{self.frames} frames ({self.frames / self.fps:.1f} s of video), {self.audio_bytes / 32000:.1f} s of audio"
+
+
+async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Received) -> None:
+    """Save the frames and count the audio-out bytes received in `args.seconds` into `got`."""
     async with websockets.connect(url, max_size=2**22) as ws:
         await ws.send(json.dumps({"type": "start", "format": "jpeg"}))
         ready = json.loads(await ws.recv())
         print("ready:", ready)
+        got.fps = ready.get("fps", got.fps)
         if args.say:
             await ws.send(json.dumps({"type": "speak", "text": args.say}))
         sender = asyncio.create_task(send_audio(ws, pcm)) if pcm is not None else None
-        frames, audio_bytes, deadline = 0, 0, time.monotonic() + args.seconds
+        deadline = time.monotonic() + args.seconds
         try:
             while (left := deadline - time.monotonic()) > 0:
                 try:  # bounded: a stream that goes quiet does not hold the client past --seconds
@@ -101,14 +112,13 @@ async def stream(url: str, args, pcm: np.ndarray | None, out: Path) -> tuple[int
                 kind, _, _, seq, pts_us = HEADER.unpack_from(message)
                 if kind == VIDEO_JPEG:
                     (out / f"{seq:06d}_{pts_us // 1000:08d}ms.jpg").write_bytes(message[HEADER.size :])
-                    frames += 1
+                    got.frames += 1
                 elif kind == AUDIO_OUT:
-                    audio_bytes += len(message) - HEADER.size
+                    got.audio_bytes += len(message) - HEADER.size
         finally:
             if sender:
                 sender.cancel()
         await ws.send(json.dumps({"type": "stop"}))
-    return frames, audio_bytes, ready.get("fps", 25.0)
 
 
 async def main(args) -> None:
@@ -130,12 +140,16 @@ async def main(args) -> None:
         except httpx.TransportError as e:
             raise SystemExit(f"cannot reach {args.server}: {e or type(e).__name__}") from None
         url = args.server.replace("http", "ws", 1) + f"{session['stream']}?token={session['token']}"
+        got = Received()
         try:
-            frames, audio_bytes, fps = await stream(url, args, pcm, out)
+            await stream(url, args, pcm, out, got)
         except websockets.ConnectionClosed as e:
-            close = e.rcvd or e.sent
-            raise SystemExit(f"the server closed the stream: {close.code if close else '?'} "
-                             f"{close.reason if close else ''}".rstrip()) from None  # fmt: skip
+            print(f"{got} -> {out}/")  # (what was saved before the end went unsaid)
+            if e.rcvd is None:  # (a server killed, a network gone: "closed the stream: ?")
+                raise SystemExit("the connection to the server was lost (no close from it)") from None
+            raise SystemExit(
+                f"the server closed the stream: {e.rcvd.code} {e.rcvd.reason}".rstrip()
+            ) from None
         finally:  # the stream's close ends the session; this ends it where the socket never opened
             try:
                 await http.delete(
@@ -143,7 +157,7 @@ async def main(args) -> None:
                 )
             except httpx.HTTPError:
                 pass  # the server went away: so did the session
-    print(f"{frames} frames ({frames / fps:.1f} s of video), {audio_bytes / 32000:.1f} s of audio -> {out}/")
+    print(f"{got} -> {out}/")
 
 
 if __name__ == "__main__":

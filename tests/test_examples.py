@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import wave
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +172,87 @@ def test_a_client_waiting_on_a_full_server_gets_the_place_that_frees(server, tmp
         release.join()
     assert r.returncode == 0, r.stderr
     assert "server busy" in r.stdout and saved_frames(tmp_path)
+
+
+@contextmanager
+def server_that(then: str):
+    """A stand-in server on 127.0.0.1 that makes a session, opens its stream, sends `ready` and
+    three frames, and then `then`: "drops" the connection (no close frame, as a killed server), or
+    "freezes" (reads nothing and answers nothing more, as a stopped or unplugged one)."""
+    import base64
+    import hashlib
+    import json
+    import socket
+    import struct
+    import threading
+
+    def frame(opcode: int, payload: bytes) -> bytes:
+        n = len(payload)
+        return bytes([0x80 | opcode]) + (bytes([n]) if n < 126 else b"\x7e" + struct.pack(">H", n)) + payload
+
+    def handle(conn: socket.socket) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += conn.recv(4096)
+        head = request.split(b"\r\n\r\n")[0].decode()
+        if head.startswith("POST"):
+            body = json.dumps({"stream": "/v1/sessions/s/ws", "token": "t", "resource": "/v1/sessions/s"})
+            conn.sendall(f"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode())  # fmt: skip
+            conn.close()
+            return
+        if head.startswith("GET"):
+            key = next(
+                h.split(":", 1)[1].strip()
+                for h in head.split("\r\n")
+                if h.lower().startswith("sec-websocket-key")
+            )
+            accept = base64.b64encode(
+                hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+            )
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")  # fmt: skip
+            conn.sendall(frame(1, json.dumps({"type": "ready", "fps": 25.0}).encode()))
+            for seq in range(3):
+                conn.sendall(frame(2, struct.pack("<BBHIq", 2, 0, 0, seq, seq * 40000) + b"jpeg"))
+            if then == "drops":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()  # a reset: no close frame
+                return
+        if then == "drops":  # (the DELETE of the session: gone with it)
+            conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            conn.close()
+            return
+        held.append(conn)  # frozen: the stream's socket, and any DELETE, get no answer
+
+    held: list[socket.socket] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
+def test_a_server_that_drops_the_stream_is_one_line_after_what_was_saved(tmp_path):
+    """A server killed mid-stream was "the server closed the stream: ?", the frames saved unsaid."""
+    with server_that("drops") as url:
+        r = ws_client("--server", url, "--seconds", "5", "--out", str(tmp_path))
+    assert_one_line_error(r, "the connection to the server was lost")
+    assert len(saved_frames(tmp_path)) == 3 and "3 frames (0.1 s of video)" in r.stdout, r.stdout
