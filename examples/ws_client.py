@@ -25,6 +25,9 @@ import websockets
 
 # what --wav streams for past the file's end: the server's playout delay and its last chunk
 TAIL_S = 2.0
+# how long the end of a stream waits on a server that has stopped answering (its close took 10 s
+# and the session's DELETE 30 s: 40 s past --seconds)
+CLOSE_S = 3.0
 FRAME_NAMES = "[0-9]*_[0-9]*ms.jpg"  # the frames saved: sequence_pts
 HEADER = struct.Struct("<BBHIq")  # type, flags, reserved, sequence, pts (microseconds)
 AUDIO_IN, VIDEO_JPEG, AUDIO_OUT = 1, 2, 4
@@ -91,7 +94,7 @@ class Received:
 
 async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Received) -> None:
     """Save the frames and count the audio-out bytes received in `args.seconds` into `got`."""
-    async with websockets.connect(url, max_size=2**22) as ws:
+    async with websockets.connect(url, max_size=2**22, close_timeout=CLOSE_S) as ws:
         await ws.send(json.dumps({"type": "start", "format": "jpeg"}))
         ready = json.loads(await ws.recv())
         print("ready:", ready)
@@ -118,7 +121,10 @@ async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Receive
         finally:
             if sender:
                 sender.cancel()
-        await ws.send(json.dumps({"type": "stop"}))
+        try:  # (to a server that reads nothing, a send waits for room that never comes)
+            await asyncio.wait_for(ws.send(json.dumps({"type": "stop"})), CLOSE_S)
+        except TimeoutError:
+            pass
 
 
 async def main(args) -> None:
@@ -153,7 +159,9 @@ async def main(args) -> None:
         finally:  # the stream's close ends the session; this ends it where the socket never opened
             try:
                 await http.delete(
-                    session["resource"], headers={"Authorization": f"Bearer {session['token']}"}
+                    session["resource"],
+                    headers={"Authorization": f"Bearer {session['token']}"},
+                    timeout=CLOSE_S,
                 )
             except httpx.HTTPError:
                 pass  # the server went away: so did the session

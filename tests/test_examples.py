@@ -256,3 +256,17 @@ def test_a_server_that_drops_the_stream_is_one_line_after_what_was_saved(tmp_pat
         r = ws_client("--server", url, "--seconds", "5", "--out", str(tmp_path))
     assert_one_line_error(r, "the connection to the server was lost")
     assert len(saved_frames(tmp_path)) == 3 and "3 frames (0.1 s of video)" in r.stdout, r.stdout
+
+
+def test_a_server_that_stops_answering_holds_the_client_little_past_seconds(tmp_path):
+    """A server that froze mid-stream held the client 40 s past --seconds: the socket's close
+    waited 10 s for the server's, the session's DELETE 30 s for an answer."""
+    import time
+
+    with server_that("freezes") as url:
+        start = time.monotonic()
+        wav = str(write_wav(tmp_path / "a.wav", 3.0))
+        r = ws_client("--server", url, "--wav", wav, "--seconds", "1", "--out", str(tmp_path / "f"))
+        took = time.monotonic() - start
+    assert r.returncode == 0 and len(saved_frames(tmp_path / "f")) == 3, r.stderr
+    assert took < 1 + 10, took
