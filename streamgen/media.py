@@ -179,12 +179,13 @@ def output_path(path) -> Path:
     replaced the link), refused where something other than a regular file is there (a rename
     over /dev/null replaced the device with an MP4)."""
     path = Path(path)
-    if path.is_symlink():
-        path = path.resolve()
-    if path.exists() and not path.is_file():
+    if path.exists() and not path.is_file():  # (through links: /dev/stdout was a path in /proc
+        # to its pipe, "pipe:[23303]", that no file could be written beside: No such file or directory)
         raise MediaError(
             f"{path} is not a regular file (a directory, a device, a pipe): give a file to write"
         )
+    if path.is_symlink():
+        path = path.resolve()
     return path
 
 

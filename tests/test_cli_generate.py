@@ -1,6 +1,8 @@
 """`streamgen generate` and `streamgen bench engine` from the command line."""
 
 import json
+import subprocess
+import sys
 import wave
 
 import av
@@ -110,6 +112,20 @@ def test_an_output_that_is_not_a_regular_file_is_left_alone(tmp_path, capsys):
     write_wav(wav, 16000, 0.3)
     assert main(["generate", "--model", "debug", "--audio", str(wav), "--out", str(link), "--quiet"]) == 0
     assert link.is_symlink() and target.read_bytes()[4:8] == b"ftyp"  # the link's file is the MP4
+
+
+@pytest.mark.parametrize("out", ["/dev/stdout", "-"])
+def test_standard_output_is_refused_in_one_line(tmp_path, out):
+    """/dev/stdout to a pipe was "cannot write /proc/<pid>/fd/pipe:[N]: No such file or directory";
+    "-" wrote a file named "-"."""
+    r = subprocess.run(
+        [sys.executable, "-m", "streamgen", "generate", "--model", "debug", "--out", out, "--quiet"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"--out {out}" in r.stderr and "/proc/" not in r.stderr
+    assert ("is not a regular file" if out != "-" else "not to standard output") in r.stderr
+    assert list(tmp_path.iterdir()) == [] and r.stdout == ""
 
 
 @pytest.mark.parametrize(

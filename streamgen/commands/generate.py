@@ -82,6 +82,9 @@ def run(args) -> int:
         face = read_image(args.reference)
     except MediaError as e:
         raise UserError(str(e)) from None
+    if args.out == "-":  # (a file named "-" was written)
+        raise UserError("--out -: generate writes a file (an MP4 is finished by going back to its start), "
+                        "not to standard output; give the file's name")  # fmt: skip
     out = Path(args.out)
     if (
         str(args.out).endswith(("/", os.sep)) and not out.is_dir()
