@@ -148,7 +148,18 @@ def upright_rgb(im) -> np.ndarray:
     im = ImageOps.exif_transpose(im)
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         return _grey_to_rgb8(im)
+    if im.has_transparency_data:  # RGBA, LA, a palette's or a colour's transparency
+        return on_white(np.asarray(im.convert("RGBA")))
     return np.asarray(im.convert("RGB"))
+
+
+def on_white(rgba: np.ndarray) -> np.ndarray:
+    """uint8 RGBA [..., 4] as uint8 RGB on white, as a viewer shows it: the colours under its
+    transparent pixels are not seen (a face cut out of its background came out on the black that
+    most editors store there)."""
+    alpha = rgba[..., 3:].astype(np.float32) / 255
+    rgb = rgba[..., :3].astype(np.float32) * alpha + 255 * (1 - alpha)
+    return np.rint(rgb).astype(np.uint8)
 
 
 def _grey_to_rgb8(im) -> np.ndarray:

@@ -15,11 +15,11 @@ from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE, te
 
 def prepare_reference(image, height: int, width: int) -> np.ndarray:
     """Any RGB/RGBA/grey uint8 image, a PIL image or an image file's path -> [height, width, 3]
-    uint8, centre-cropped to the aspect. A file or a PIL image is turned upright as its EXIF says,
+    uint8, centre-cropped to the aspect, transparency on white. A file or a PIL image is turned upright as its EXIF says,
     its 16-bit or float greys scaled (`streamgen.media.upright_rgb`), as `generate` reads it."""
     from PIL import Image
 
-    from streamgen.media import read_image, upright_rgb
+    from streamgen.media import on_white, read_image, upright_rgb
 
     if isinstance(image, str | os.PathLike):
         image = read_image(image)  # (a path was "must be uint8, got <U17")
@@ -34,7 +34,7 @@ def prepare_reference(image, height: int, width: int) -> np.ndarray:
         raise ValueError(
             f"reference image must be [H, W, 3] (or RGBA / grey) and at least 8x8, got {arr.shape}"
         )
-    arr = arr[..., :3]
+    arr = on_white(arr) if arr.shape[2] == 4 else arr
     h, w = arr.shape[:2]
     target = width / height
     if abs(w / h - target) > 1e-3:  # centre crop to the output aspect

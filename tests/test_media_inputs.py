@@ -144,6 +144,32 @@ def _through_a_pipe(pipe, data: bytes):
     return pipe
 
 
+@pytest.mark.parametrize("kind", ["RGBA", "LA", "P"])
+def test_a_transparent_image_is_read_on_white(tmp_path, kind):
+    """A face cut out of its background came out on the colour stored under the transparent
+    pixels (black from most editors), which no viewer shows; half-transparent pixels blend."""
+    from streamgen.stream_inputs import prepare_reference
+
+    rgba = np.zeros((16, 16, 4), np.uint8)  # transparent black
+    rgba[:, 8:] = (200, 100, 50, 255)  # an opaque half
+    rgba[0, 0] = (0, 0, 0, 128)  # a half-transparent black pixel
+    im = Image.fromarray(rgba)
+    if kind == "LA":
+        im = im.convert("LA")
+    elif kind == "P":
+        rgba[0, 0, 3] = 0  # (a palette's transparency is all or nothing)
+        im = Image.fromarray(rgba[..., :3]).convert("P")  # black: one palette index
+        im.info["transparency"] = im.getpixel((1, 1))
+    im.save(tmp_path / "cutout.png")
+    rgb = read_image(str(tmp_path / "cutout.png"))
+    assert (rgb[1:, :8] == 255).all(), rgb[1:, :8]
+    assert (rgb[:, 8:] == np.asarray(im.convert("RGB"))[:, 8:]).all()  # the opaque half as it was
+    if kind != "P":
+        assert (rgb[0, 0] == 127).all(), rgb[0, 0]
+    # an RGBA array handed to a stream the same (its alpha was dropped)
+    assert (prepare_reference(rgba, 16, 16)[1:, :8] == 255).all()
+
+
 def test_an_image_or_audio_from_a_pipe_is_read(tmp_path):
     """`--reference /dev/stdin` or `--audio <(...)` were "file not found": the path is a pipe."""
     face = tmp_path / "face.png"
