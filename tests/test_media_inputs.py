@@ -243,3 +243,30 @@ def test_a_full_disk_under_any_command_is_one_line(tmp_path, monkeypatch, capsys
     assert main(["data", "preview", "--clips", "1", "--size", "32", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"streamgen data: error: No space left on device: {out / 'contact_sheet.png'}", err
+
+
+def test_a_run_ended_by_sigterm_leaves_no_file(tmp_path):
+    """`timeout`, `kill` or a scheduler's SIGTERM left the unfinished MP4 beside --out (a hidden
+    temp file as big as the video so far); it ends as Ctrl-C does now, exit code 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    wav = tmp_path / "long.wav"
+    write_wav(wav, 0.3 * np.sin(np.arange(16000 * 600) / 16000 * 2 * np.pi * 200))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    argv = ["generate", "--model", "debug", "--audio", str(wav), "--out", str(out_dir / "a.mp4"), "--quiet"]
+    p = subprocess.Popen([sys.executable, "-m", "streamgen", *argv], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out_dir.iterdir()) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the writer has made its file
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 143, err
+    assert list(out_dir.iterdir()) == [] and err.strip().splitlines()[-1] == "terminated", err

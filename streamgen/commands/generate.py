@@ -164,11 +164,13 @@ def run(args) -> int:
     # out (2.0 s of speech made 2.24 s of video, 0.32 s of it 0.96 s from the teacher's windows)
     video_frames = math.ceil(len(pcm) * VIDEO_FPS / SAMPLE_RATE)
     written = 0
-    # every process runs the same stream on its shard of the tokens; one writes the file
-    writer = Mp4Writer(out, session.width, session.height) if main_process else None
     t0 = time.perf_counter()
     finished = False  # every rank meets the others at the end only when none of them failed
+    writer = None
+    terminated_before = _terminate_as_exit() if args.sp == 1 else None
     try:
+        # every process runs the same stream on its shard of the tokens; one writes the file
+        writer = Mp4Writer(out, session.width, session.height) if main_process else None
         # feed audio one chunk ahead of generation, as a live stream would
         session.push_audio(pcm[: 2 * per_chunk])
         for k in tqdm(
@@ -193,6 +195,10 @@ def run(args) -> int:
             writer.abort()
         raise
     finally:
+        if terminated_before is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, terminated_before)
         session.close()
         _leave_sequence_parallel(args.sp, finished)
     if not main_process:
@@ -203,6 +209,24 @@ def run(args) -> int:
         f"{n_chunks * session.frames_per_chunk / elapsed:.1f} frames/s)"
     )
     return 0
+
+
+def _terminate_as_exit():
+    """SIGTERM (`timeout`, `kill`, a job scheduler) ends the run as Ctrl-C does, its unfinished
+    file removed (Python's default left it beside --out, as big as the video so far); exit code
+    143. Returns the handler it replaced (None outside the main thread: nothing changed)."""
+    import signal
+    import sys
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        print("terminated", file=sys.stderr)  # (as Ctrl-C says "interrupted")
+        raise SystemExit(128 + signal.SIGTERM)
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def _with_tiny_decoder(args):
