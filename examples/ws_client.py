@@ -94,7 +94,11 @@ class Received:
 
 async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Received) -> None:
     """Save the frames and count the audio-out bytes received in `args.seconds` into `got`."""
-    async with websockets.connect(url, max_size=2**22, close_timeout=CLOSE_S) as ws:
+    try:  # (a session gone by then, a proxy that takes no WebSocket, a server gone: a traceback)
+        ws = await websockets.connect(url, max_size=2**22, close_timeout=CLOSE_S)
+    except (OSError, TimeoutError, websockets.InvalidHandshake) as e:
+        raise SystemExit(f"cannot open the stream at {url.split('?')[0]}: {e or type(e).__name__}") from None
+    async with ws:
         await ws.send(json.dumps({"type": "start", "format": "jpeg"}))
         ready = json.loads(await ws.recv())
         print("ready:", ready)

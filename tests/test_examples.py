@@ -176,9 +176,10 @@ def test_a_client_waiting_on_a_full_server_gets_the_place_that_frees(server, tmp
 
 @contextmanager
 def server_that(then: str):
-    """A stand-in server on 127.0.0.1 that makes a session, opens its stream, sends `ready` and
-    three frames, and then `then`: "drops" the connection (no close frame, as a killed server), or
-    "freezes" (reads nothing and answers nothing more, as a stopped or unplugged one)."""
+    """A stand-in server on 127.0.0.1 that makes a session and then, as `then` says: "refuses" its
+    stream (404: the session gone meanwhile), or opens it, sends `ready` and three frames, and
+    "drops" the connection (no close frame, as a killed server) or "freezes" (reads nothing and
+    answers nothing more, as a stopped or unplugged one)."""
     import base64
     import hashlib
     import json
@@ -201,6 +202,10 @@ def server_that(then: str):
                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode())  # fmt: skip
             conn.close()
             return
+        if head.startswith("GET") and then == "refuses":
+            conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            conn.close()
+            return
         if head.startswith("GET"):
             key = next(
                 h.split(":", 1)[1].strip()
@@ -219,7 +224,7 @@ def server_that(then: str):
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 conn.close()  # a reset: no close frame
                 return
-        if then == "drops":  # (the DELETE of the session: gone with it)
+        if then in ("drops", "refuses"):  # (the DELETE of the session: gone with it)
             conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             conn.close()
             return
@@ -270,3 +275,12 @@ def test_a_server_that_stops_answering_holds_the_client_little_past_seconds(tmp_
         took = time.monotonic() - start
     assert r.returncode == 0 and len(saved_frames(tmp_path / "f")) == 3, r.stderr
     assert took < 1 + 10, took
+
+
+def test_a_stream_that_cannot_be_opened_is_one_line(tmp_path):
+    """A session gone before its stream opened (or a proxy that takes no WebSocket) was
+    websockets' InvalidStatus traceback."""
+    with server_that("refuses") as url:
+        r = ws_client("--server", url, "--seconds", "1", "--out", str(tmp_path))
+    assert_one_line_error(r, f"cannot open the stream at {url.replace('http', 'ws')}/v1/sessions/s/ws", "404")
+    assert "token=" not in r.stderr
