@@ -67,10 +67,12 @@ async def create_session(http: httpx.AsyncClient, body: dict, wait_s: float) -> 
             message = answer.get("message") or answer.get("stage")
         except (ValueError, AttributeError):  # not JSON, or not an object: what the server said
             message = r.text[:200]
-        retry_after = float(r.headers.get("Retry-After", 1))
-        if r.status_code != 503 or time.monotonic() + retry_after > deadline:
+        left = deadline - time.monotonic()
+        if r.status_code != 503 or left <= 0:
             raise SystemExit(f"session refused: {r.status_code} {message}")
-        print(f"server busy ({message}); asking again in {retry_after:g} s")
+        # the last ask at the deadline (a --wait shorter than Retry-After, or just as long, asked once)
+        retry_after = min(float(r.headers.get("Retry-After", 1)), left)
+        print(f"server busy ({message}); asking again in {retry_after:.3g} s")
         await asyncio.sleep(retry_after)
 
 

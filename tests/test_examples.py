@@ -174,6 +174,24 @@ def test_a_client_waiting_on_a_full_server_gets_the_place_that_frees(server, tmp
     assert "server busy" in r.stdout and saved_frames(tmp_path)
 
 
+def test_a_wait_as_long_as_retry_after_asks_again_at_its_end(server, tmp_path):
+    """A --wait shorter than the server's Retry-After, or just as long, was refused at once."""
+    import httpx
+
+    url, app = server
+    held = httpx.post(f"{url}/v1/sessions", json={"avatar": "sample"}).json()
+    retry_after = httpx.post(f"{url}/v1/sessions", json={"avatar": "sample"}).headers["Retry-After"]
+    argv = ["--server", url, "--wait", retry_after, "--seconds", "0.5", "--out", str(tmp_path)]
+    client = subprocess.Popen([sys.executable, str(CLIENT), *argv], stdout=subprocess.PIPE, text=True)
+    try:
+        said = client.stdout.readline()  # the client's first answer: busy, or refused and gone
+    finally:  # the place frees once the client waits for it
+        httpx.delete(f"{url}{held['resource']}", headers={"Authorization": f"Bearer {held['token']}"})
+    out, _ = client.communicate(timeout=60)
+    assert "server busy" in said and client.returncode == 0, said + out
+    assert saved_frames(tmp_path)
+
+
 @contextmanager
 def server_that(then: str):
     """A stand-in server on 127.0.0.1 that makes a session and then, as `then` says: "refuses" its
