@@ -64,7 +64,12 @@ def read_audio(path, rate: int = SAMPLE_RATE, max_seconds: float = 3600.0) -> np
             parts.extend(to_mono(out) for out in resampler.resample(None))
     except MediaError:
         raise
-    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as e:
+    except av.error.FFmpegError as e:  # (its str: "[Errno 1094995529] ...: '<the path again>'")
+        empty = path.is_file() and path.stat().st_size == 0
+        raise MediaError(
+            f"{path} is empty (0 bytes)" if empty else f"cannot read audio from {path}: {e.strerror or e}"
+        ) from None
+    except (UnicodeDecodeError, ValueError) as e:
         raise MediaError(f"cannot read audio from {path}: {e}") from None
     pcm = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
     if pcm.size == 0:

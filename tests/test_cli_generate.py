@@ -58,7 +58,13 @@ def test_the_video_lasts_as_long_as_the_audio(tmp_path, capsys, seconds):
 @pytest.mark.parametrize(
     "make_bad, flag, message",
     [
-        (lambda p: p.write_bytes(b"not audio at all"), "--audio", "cannot read audio"),
+        # (FFmpeg's error was "[Errno 1094995529] Invalid data found when processing input: '<path>'")
+        (
+            lambda p: p.write_bytes(b"not audio at all"),
+            "--audio",
+            "bad.bin: Invalid data found when processing input",
+        ),
+        (lambda p: p.write_bytes(b""), "--audio", "bad.bin is empty (0 bytes)"),
         (lambda p: None, "--audio", "not found"),
         # a folder was "not found", which sent one looking for a typo in a path that was there
         (lambda p: p.mkdir(), "--audio", "bad.bin is a directory, not an audio file"),
