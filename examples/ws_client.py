@@ -28,6 +28,8 @@ TAIL_S = 2.0
 # how long the end of a stream waits on a server that has stopped answering (its close took 10 s
 # and the session's DELETE 30 s: 40 s past --seconds)
 CLOSE_S = 3.0
+# how long past --seconds the answer to --say is waited for (its synthesis on a busy server)
+SPEAK_ANSWER_S = 15.0
 FRAME_NAMES = "[0-9]*_[0-9]*ms.jpg"  # the frames saved: sequence_pts
 HEADER = struct.Struct("<BBHIq")  # type, flags, reserved, sequence, pts (microseconds)
 AUDIO_IN, VIDEO_JPEG, AUDIO_OUT = 1, 2, 4
@@ -109,14 +111,20 @@ async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Receive
             await ws.send(json.dumps({"type": "speak", "text": args.say}))
         sender = asyncio.create_task(send_audio(ws, pcm)) if pcm is not None else None
         deadline = time.monotonic() + args.seconds
+        # the answer to --say (its speech's duration, or why not) is waited for past --seconds: on a
+        # busy server it came after a short run's end, which then said nothing of the speech
+        answered = not args.say
         try:
-            while (left := deadline - time.monotonic()) > 0:
+            while (left := deadline + (0 if answered else SPEAK_ANSWER_S) - time.monotonic()) > 0:
                 try:  # bounded: a stream that goes quiet does not hold the client past --seconds
                     message = await asyncio.wait_for(ws.recv(), left)
                 except TimeoutError:
                     break
                 if isinstance(message, str):
                     print("server:", message)
+                    answered = answered or json.loads(message).get("type") in ("speaking", "error")
+                    continue
+                if time.monotonic() > deadline:  # (waiting for the answer: the frames asked for are saved)
                     continue
                 kind, _, _, seq, pts_us = HEADER.unpack_from(message)
                 if kind == VIDEO_JPEG:

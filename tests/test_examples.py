@@ -91,6 +91,22 @@ def test_the_client_asks_the_server_to_speak(server, tmp_path):
     assert '"speaking"' in r.stdout and saved_frames(tmp_path)
 
 
+def test_the_answer_to_say_is_waited_for_past_seconds(server, tmp_path, monkeypatch):
+    """On a busy server the speech's synthesis took longer than a short run: the client ended
+    without the answer (no "speaking", nothing said of the speech); a flaky test on a loaded CI."""
+    import time
+
+    from server import speech
+
+    synthesize = speech.synthesize
+    monkeypatch.setattr(speech, "synthesize", lambda *a: time.sleep(2.5) or synthesize(*a))
+    url, _ = server
+    r = ws_client("--server", url, "--say", "Hello there", "--seconds", "1", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert '"speaking"' in r.stdout, r.stdout
+    assert all(int(f.name.split("_")[1][:-6]) <= 1500 for f in tmp_path.glob("*.jpg"))  # (--seconds' frames)
+
+
 def test_an_out_that_is_a_file_is_one_line(server, tmp_path):
     """It was FileExistsError's traceback."""
     url, app = server
