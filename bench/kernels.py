@@ -476,6 +476,13 @@ def main(args) -> dict:
     names = list(kernel_cases(kernel_shapes(quick=True), torch.device("cpu"), torch.float32))
     if unknown := sorted(set(args.only or ()) - set(names)):  # (an unknown one ran nothing: {})
         raise UserError(f"--only: unknown case(s) {', '.join(unknown)}; the cases are {', '.join(names)}")
+    if torch.device(args.device).type == "cpu" and not args.quick:
+        # (Wan2.1-1.3B's shapes: `--only layernorm_modulate` alone took 28 s, and the block-causal
+        # attention over 32760 tokens would take far longer, and tens of GB)
+        raise UserError(
+            "the kernels' Wan-size shapes take minutes each on the CPU (Triton runs on CUDA only): "
+            "add --quick for small shapes, or run it with --device cuda"
+        )
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return run(args.device, quick=args.quick, compile=args.compile, only=args.only, dtype=dtype)
 

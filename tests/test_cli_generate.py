@@ -589,6 +589,8 @@ def test_a_frame_size_that_cannot_be_generated_is_refused_in_one_line(argv, says
         # an unknown case ran nothing and reported {}; an unknown device was torch's RuntimeError
         (["bench", "kernels", "--only", "gelu_tanh", "nosuch"], "--only: unknown case(s) nosuch; the cases"),
         (["bench", "kernels", "--device", "bogus"], "unknown device 'bogus'"),
+        # Wan-size shapes on the CPU: minutes each, and the attention case tens of GB
+        (["bench", "kernels", "--device", "cpu"], "add --quick for small shapes"),
         # a chromium that is not there: the browser figures were left out without a word
         (["bench", "server", "--browser", "/no/such/chromium"], "--browser /no/such/chromium: no such file"),
         # the second server served it, and the JSON named the first's model as the one against
