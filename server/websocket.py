@@ -163,6 +163,10 @@ class SocketConnection:
             if message["type"] == "websocket.disconnect":
                 fault = BROKEN_FRAME_CLOSES.get(message.get("code"))
                 return f"protocol error: {fault}" if fault else "websocket closed by client"
+            if self.session.closed:  # (a limit, DELETE) while its close frame goes out: what the client
+                # sent meanwhile is not a protocol error. Its audio met "send a start message before
+                # audio", logged as the client's 4400 after every max_duration or idle close
+                return self.session.close_reason or "session ended"
             if message.get("bytes") is not None:
                 self.session.touch()
                 self.on_audio(message["bytes"])

@@ -438,3 +438,22 @@ def test_a_socket_s_closer_sends_nothing_once_its_transport_is_gone(
     failures = [r.getMessage() for r in caplog.records if "closing transport failed" in r.getMessage()]
     assert failures == []
     assert s["id"] not in client.app.state.registry.sessions
+
+
+async def test_what_a_client_sent_as_its_session_ended_is_no_protocol_error():
+    """A session ended by a limit (max_duration, idle) or a DELETE while its client still sent audio:
+    the audio that reached the socket before the close frame was taken for audio before `start`,
+    and the server logged the client's protocol error 4400 after each such close."""
+    from types import SimpleNamespace
+
+    from server.websocket import SocketConnection
+
+    class Socket:  # the client's audio, already on its way when the session was closed
+        async def receive(self):
+            return {"type": "websocket.receive", "bytes": pack(MsgType.AUDIO_IN, 0, 0, np.zeros(320, np.int16).tobytes())}
+
+    session = SimpleNamespace(closed=True, streaming=False, close_reason="max_duration: session reached 8 s",
+                              touch=lambda: None)  # fmt: skip
+    registry = SimpleNamespace(config=SimpleNamespace(idle_timeout_s=5.0))
+    connection = SocketConnection(Socket(), session, registry)
+    assert await asyncio.wait_for(connection.receive_loop(), 5) == "max_duration: session reached 8 s"
