@@ -127,6 +127,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--sp must be at least 1")
     if args.lanes < 1:
         raise UserError("--lanes must be at least 1")
+    if args.lanes > args.max_sessions:
+        # a session goes to the lane with the most room, so lanes past --max-sessions never get one;
+        # yet the warm-up ran a stream on every lane at once, and the chunk time it measured (the
+        # capacity, the playout delays, /readyz's real_time) counted them all: --lanes 4 --max-sessions 2
+        # said 455 ms a chunk and "not real time" where 2 lanes measured 226 ms
+        raise UserError(f"--lanes {args.lanes} is more than --max-sessions {args.max_sessions}: a lane past "
+                        "the sessions never gets one, and its warm-up slows the others'")  # fmt: skip
     if args.lanes > 1 and (args.model_process or args.sp > 1):
         raise UserError("--lanes runs the model in this process: it cannot be combined with --model-process or --sp")
     if args.sp > 1 and args.model_process:

@@ -531,6 +531,7 @@ def threading_start(fn):
         (["--sp", "0"], "--sp must be at least 1"),
         (["--sp", "2", "--model-process"], "cannot be combined"),
         (["--lanes", "0"], "--lanes must be at least 1"),
+        (["--lanes", "3", "--max-sessions", "2"], "--lanes 3 is more than --max-sessions 2"),
         (["--lanes", "2", "--model-process"], "--lanes runs the model in this process"),
         (["--lanes", "2", "--sp", "2"], "--lanes runs the model in this process"),
         (["--attention", "xformers"], "unknown attention backend 'xformers'; choose one of sdpa, flex"),
