@@ -325,13 +325,18 @@ class SessionRegistry:
             if down:  # the model process died: no session of it can stream again
                 expired.append((session, f"host_down: {down}"))
             elif now - session.created > self.config.max_duration_s:
-                expired.append((session, f"max_duration: session reached {self.config.max_duration_s:.0f} s"))
+                expired.append((session, f"max_duration: session reached {seconds(self.config.max_duration_s)}"))
             elif now - session.last_input > self.config.idle_timeout_s:
-                expired.append((session, f"idle: no input for {self.config.idle_timeout_s:.0f} s"))
+                expired.append((session, f"idle: no input for {seconds(self.config.idle_timeout_s)}"))
         closed = await asyncio.gather(*(self.close(s, reason) for s, reason in expired), return_exceptions=True)
         for (session, _), outcome in zip(expired, closed):
             if isinstance(outcome, Exception):
                 log.error("session %s: closing it at its limit failed: %r", session.id, outcome)
+
+
+def seconds(limit: float) -> str:
+    """A limit as its close reason says it: --max-duration 0.5 read "reached 0 s", 2.5 "reached 2 s"."""
+    return f"{limit:.3g} s" if limit < 100 else f"{limit:.0f} s"
 
 
 def _stop_started_host(start: concurrent.futures.Future) -> None:

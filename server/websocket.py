@@ -33,7 +33,7 @@ from .protocol import (
     parse_binary,
     parse_control,
 )
-from .registry import SessionEnded, SessionRegistry
+from .registry import SessionEnded, SessionRegistry, seconds
 from .scheduler import WorkerBusy
 from .session import Session
 from .speech import SpeechError, set_caption, speak
@@ -158,7 +158,7 @@ class SocketConnection:
                 wait = idle if started else max(0.0, start_by - time.monotonic())
                 message = await asyncio.wait_for(self.ws.receive(), timeout=wait)
             except TimeoutError:
-                await self.close(CloseCode.IDLE, f"no {'message' if started else 'start'} for {idle:.0f} s")
+                await self.close(CloseCode.IDLE, f"no {'message' if started else 'start'} for {seconds(idle)}")
                 return "idle: websocket"
             if message["type"] == "websocket.disconnect":
                 fault = BROKEN_FRAME_CLOSES.get(message.get("code"))

@@ -510,3 +510,30 @@ async def test_a_session_closing_leaves_its_room_to_the_next_one(monkeypatch):
     transport_closed.set()
     await closing
     assert fifth.lane == 0 and worker._lane_load == [6, 2]
+
+
+async def test_a_limit_below_a_second_is_named_as_set(monkeypatch):
+    """`serve --max-duration 0.5` closed its sessions as "session reached 0 s", --idle-timeout 2.5
+    as "no input for 2 s"."""
+    import time
+    from types import SimpleNamespace
+
+    from server.config import ServerConfig
+    from server.registry import SessionRegistry, seconds
+
+    registry = SessionRegistry(ServerConfig(idle_timeout_s=2.5, max_duration_s=0.5), None, None)
+    now = time.monotonic()
+    registry.sessions["old"] = SimpleNamespace(id="old", created=now - 1, last_input=now)
+    closed = []
+
+    async def close(session, reason):
+        closed.append(reason)
+
+    monkeypatch.setattr(registry, "close", close)
+    await registry.enforce_limits()
+    registry.config.max_duration_s = 3600.0
+    registry.sessions["idle"] = SimpleNamespace(id="idle", created=now, last_input=now - 3)
+    del registry.sessions["old"]
+    await registry.enforce_limits()
+    assert closed == ["max_duration: session reached 0.5 s", "idle: no input for 2.5 s"]
+    assert (seconds(60.0), seconds(3600.0)) == ("60 s", "3600 s")  # (as before)
