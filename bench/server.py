@@ -113,7 +113,8 @@ def _free_port() -> int:
 
 def _start_server(args, port: int, model: str, extra: list[str] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "streamgen.cli", "serve", "--port", str(port), "--loopback", "--stamp-frames",
-           "--admit-max", "--max-sessions", str(args.max_probe + 1), "--model", model, "--log-level", "warning"]  # fmt: skip
+           "--admit-max", "--max-sessions", str(max(args.max_probe + 1, args.lanes)), "--model", model, "--log-level", "warning"]  # fmt: skip
+    # (serve refuses more --lanes than --max-sessions: a lane past them never gets a session)
     if args.size:
         cmd += ["--size", str(args.size)]
     if args.lanes > 1:

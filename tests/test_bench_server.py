@@ -148,13 +148,15 @@ async def test_against_args_serve_the_same_model_another_way(monkeypatch):
     monkeypatch.setattr(bench, "_probe", no_probe)
     monkeypatch.setattr(bench.subprocess, "Popen", Popen)
     args = argparse.Namespace(model="tiny-avatar", against=None, against_args="--ws-compression --lanes 2",
-                              max_probe=1, seconds=1.0, transport="ws", size=None, lanes=1, threads=None,
+                              max_probe=1, seconds=1.0, transport="ws", size=None, lanes=3, threads=None,
                               model_process=False, compile=False, align_batches=True)  # fmt: skip
     with contextlib.suppress(asyncio.CancelledError):
         await bench._bench_against(args)
     own, other = started
     assert own[own.index("--model") + 1] == other[other.index("--model") + 1] == "tiny-avatar"
     assert "--ws-compression" not in own and other[-3:] == ["--ws-compression", "--lanes", "2"]
+    # (serve refuses more lanes than sessions: `--lanes 3 --max-probe 1` was refused)
+    assert own[own.index("--max-sessions") + 1] == "3" and own[own.index("--lanes") + 1] == "3"
 
 
 def test_serve_options_the_server_refuses_are_one_line(capsys):
