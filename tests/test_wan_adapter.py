@@ -504,3 +504,17 @@ def test_a_wan_config_of_other_sizes_than_its_weights_is_named_in_one_line(tmp_p
         load_dit(f"wan:{folder}")
     err = _teacher_command_error(folder, tmp_path / "out", capsys)
     assert says in err and "Traceback" not in err
+
+
+def test_a_wan_save_into_a_pipeline_folder_writes_its_transformer(tmp_path):
+    """save_pretrained given a pipeline's folder (its transformer in transformer/) wrote the new
+    config.json and weights beside transformer/, which load_pretrained of the same folder reads:
+    the old weights loaded, without a word. The pipeline's transformer/ is what it writes now."""
+    pipeline = tmp_path / "pipeline"
+    tiny_wan(3).save_pretrained(pipeline / "transformer", safe_serialization=True)
+    (pipeline / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    new = _our_wan(1)
+    save_pretrained(new, pipeline)
+    assert sorted(os.listdir(pipeline)) == ["model_index.json", "transformer"]
+    assert _same_weights(load_pretrained(pipeline), new)
+    assert _same_weights(load_pretrained(pipeline / "transformer"), new)

@@ -314,9 +314,13 @@ def save_pretrained(model: DiT, path) -> None:
     else the folder holds (a pipeline's other folders, notes) is kept. Where the folder can only
     be written file by file (no exchange, a mount point), the old index and shards go before the
     new config.json comes, and a reader through `read_folder` is told of a save under way or cut
-    short (`streamgen.folders.EXPORT_STAMP`)."""
+    short (`streamgen.folders.EXPORT_STAMP`). A pipeline's folder (one with transformer/config.json)
+    gets its transformer/ written: the folder load_pretrained reads (written beside it, the new
+    weights never loaded)."""
     from streamgen.folders import write_folder_atomically, write_into_folder
     from streamgen.model import files
+
+    path = transformer_dir(path)
 
     sd = to_diffusers({k: v.contiguous() for k, v in model.state_dict().items()})
 
