@@ -169,7 +169,7 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int):
         try:
             # config and weights of one save (WanVAE.save puts a folder in place whole, or writes
             # it file by file under an export stamp: ExportUnderWay, a ValueError, where cut short)
-            vae = read_folder(Path(source[4:]), WanVAE.from_pretrained)
+            vae = read_folder(Path(source[4:]).expanduser(), WanVAE.from_pretrained)
         except (OSError, ValueError) as e:
             raise ModelSourceError(f"cannot load the Wan VAE {source[4:]}: {e}") from None
         return vae.eval().requires_grad_(False)
@@ -178,7 +178,7 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int):
         if has_autoencoder(d):
             source = str(d)
     if source is not None:
-        p = Path(source)
+        p = Path(source).expanduser()
         vae = load_autoencoder(p if has_autoencoder(p) else _model_dir(source))
     else:
         torch.manual_seed(seed + 1)

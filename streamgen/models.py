@@ -271,7 +271,8 @@ def model_search_path() -> list[Path]:
 
 
 def resolve_model_dir(name_or_path: str) -> Path | None:
-    p = Path(name_or_path)
+    # (`~` as a shell would: `--model=~/m`, a config's `model.init: ~/m` reach here unexpanded)
+    p = Path(name_or_path).expanduser()
     if (p / "model.json").exists():
         return p
     for root in model_search_path():
@@ -400,7 +401,7 @@ def require_model(name_or_path: str) -> None:
 def _not_a_model(name: str) -> str:
     """What `name` is instead of a model, said so that its user knows what to give instead (a Wan
     checkpoint's folder, a run's folder and an empty one were all "unknown model")."""
-    folder = Path(name)
+    folder = Path(name).expanduser()
     if (folder / "model" / "model.json").is_file():
         return f"{name} is a run's folder: its model is {folder / 'model'}"
     if _is_diffusers_wan(folder):

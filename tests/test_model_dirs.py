@@ -754,3 +754,26 @@ def test_a_model_larger_than_the_free_memory_is_refused_before_it_is_built(monke
                                          r"machine has 2.0 GiB free"):  # fmt: skip
         models.load_model("wan2.1-1.3b")
     models.load_model("debug")  # (what fits is built)
+
+
+def test_a_model_path_under_the_home_folder_is_found_by_its_tilde(tmp_path, monkeypatch):
+    """`~` reaches the loaders unexpanded where no shell expands it (`--model=~/m`, a distill
+    config's `model.init: ~/m` or `wan:~/w`, `model.vae: ~/m`): "unknown model '~/m'", of a model
+    that was there. It is the home folder, as in a shell."""
+    from distill.build import load_dit, load_vae
+    from distill.config import ModelConfigSection
+    from streamgen.model.wan import save_pretrained
+    from streamgen.models import require_model, resolve_model_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = wan_based_model()
+    export(model, tmp_path / "m")
+    assert resolve_model_dir("~/m") == tmp_path / "m"
+    assert load_model("~/m").trained
+    vae = load_vae(ModelConfigSection(vae="~/m"), latent_channels=model.vae.latent_channels, temporal=4, seed=0)
+    assert type(vae) is type(model.vae)
+    save_pretrained(model.dit, tmp_path / "wan")
+    assert load_dit("wan:~/wan").cfg.num_layers == model.cfg.num_layers
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="is a folder without model.json"):
+        require_model("~/empty")

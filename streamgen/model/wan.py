@@ -181,8 +181,8 @@ def diffusers_config(cfg: ModelConfig) -> dict:
 
 def transformer_dir(path) -> Path:
     """The diffusers-format Wan transformer folder `path` names: itself, or a pipeline folder's
-    transformer/."""
-    d = Path(path)
+    transformer/. A leading `~` is the home folder (a config's `model.init: wan:~/...`)."""
+    d = Path(path).expanduser()
     return d / "transformer" if (d / "transformer" / "config.json").exists() else d
 
 
