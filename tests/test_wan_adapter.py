@@ -518,3 +518,28 @@ def test_a_wan_save_into_a_pipeline_folder_writes_its_transformer(tmp_path):
     assert sorted(os.listdir(pipeline)) == ["model_index.json", "transformer"]
     assert _same_weights(load_pretrained(pipeline), new)
     assert _same_weights(load_pretrained(pipeline / "transformer"), new)
+
+
+def test_a_wan_checkpoint_missing_a_weight_or_with_a_foreign_one_is_named_in_one_line(tmp_path, capsys):
+    """A checkpoint that lacked a weight said "checkpoint lacks weights for:
+    ['blocks.0.self_attn.q.weight']", in the quotes of a KeyError, naming no folder and the weight
+    by a name its files do not have; one with a weight of no place likewise in quotes. Both name
+    the folder, and the weight as the checkpoint's files name it."""
+    from safetensors.torch import load_file, save_file
+
+    from distill.build import ModelSourceError, load_dit
+
+    folder = tmp_path / "wan"
+    tiny_wan(3).save_pretrained(folder, safe_serialization=True)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    complete = load_file(weights)
+    save_file({k: v for k, v in complete.items() if k != "blocks.1.attn1.to_q.weight"}, weights)
+    says = f"{folder}: its weights lack 1 of a Wan transformer of its config.json, e.g. blocks.1.attn1.to_q.weight"
+    with pytest.raises(ModelSourceError, match=re.escape(says)):
+        load_dit(f"wan:{folder}")
+    err = _teacher_command_error(folder, tmp_path / "out", capsys)
+    assert says in err and "Traceback" not in err and "\"" not in err
+    save_file({**complete, "blocks.0.attn2.add_k_proj.weight": torch.zeros(1)}, weights)
+    with pytest.raises(ModelSourceError, match=re.escape(f"{folder}: keys with no counterpart")) as refused:
+        load_dit(f"wan:{folder}")
+    assert "\"" not in str(refused.value)

@@ -255,10 +255,16 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", weights_hash=None, 
     cfg = config_from_diffusers(config, **overrides)
     with torch.device("meta"):  # shapes only: the checkpoint's tensors become the weights
         model = DiT(cfg)
-    sd = from_diffusers(_read_safetensors_dir(d, weights_hash))
+    try:
+        sd = from_diffusers(_read_safetensors_dir(d, weights_hash))
+    except KeyError as e:  # (str() of a KeyError is its message in quotes, naming no folder)
+        raise ValueError(f"{d}: {e.args[0]}") from None
     missing = [k for k in model.state_dict() if k not in sd and not _is_avatar_key(k)]
-    if missing:
-        raise KeyError(f"checkpoint lacks weights for: {missing[:8]}")
+    if missing:  # (named as in its files: "self_attn.q" is no name a Wan checkpoint has)
+        raise ValueError(
+            f"{d}: its weights lack {len(missing)} of a Wan transformer of its config.json, e.g. "
+            f"{', '.join(to_diffusers(dict.fromkeys(missing[:4])))}"
+        )
     # (a config, or overrides, of fewer layers than the weights': the rest were dropped unsaid)
     places = model.state_dict()
     extra = [k for k in sd if k not in places]
