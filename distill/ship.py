@@ -69,10 +69,14 @@ def _run_hint(source: str) -> str:
     `model/`, or a run that has exported none yet (killed, or still training: its export is
     written when it finishes). "" where it is no run's."""
     from distill.checkpoint import checkpoint_header, latest_checkpoint
+    from streamgen.models import _is_diffusers_wan
 
-    given = Path(source)
+    given = Path(source).expanduser()
     if (given / "model" / "model.json").exists():
         return f"; the model of the run in {given} is {given / 'model'}"
+    if _is_diffusers_wan(given):  # (what ships is a model distilled from it)
+        return (f"; it is a diffusers Wan2.1 checkpoint: distill a model from it first (a distill config's "
+                f"model.init: wan:{source}, docs/distill.md) and ship that")  # fmt: skip
     run = given.parent if given.name == "model" else given
     newest = latest_checkpoint(run)
     if newest is None:

@@ -688,3 +688,21 @@ def test_ship_of_a_run_trained_on_past_its_export_says_so(tmp_path, monkeypatch,
     assert main([str(out / "model"), "tiny-test"]) == 0
     assert "warning" not in capsys.readouterr().err
     assert json.loads((tmp_path / "assets" / "tiny-test" / "model.json").read_text())["trained_steps"] == 8
+
+
+def test_ship_of_a_wan_checkpoint_says_to_distill_it_first(tmp_path, capsys):
+    """A diffusers Wan2.1 folder given to ship said "not a model directory (no model.json)" and no
+    more, as if the folder were wrong, where `streamgen generate` says to distill a model from it."""
+    from distill.ship import main
+
+    wan = tmp_path / "Wan2.1-T2V-1.3B-Diffusers"
+    (wan / "transformer").mkdir(parents=True)
+    (wan / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    (wan / "transformer" / "config.json").write_text('{"_class_name": "WanTransformer3DModel"}')
+    for given in (wan, wan / "transformer"):
+        with pytest.raises(SystemExit) as exited:
+            main([str(given), "tiny-test"])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "is a diffusers Wan2.1 checkpoint: distill a model from it first" in err
+        assert f"model.init: wan:{given}" in err
