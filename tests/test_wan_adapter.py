@@ -543,3 +543,17 @@ def test_a_wan_checkpoint_missing_a_weight_or_with_a_foreign_one_is_named_in_one
     with pytest.raises(ModelSourceError, match=re.escape(f"{folder}: keys with no counterpart")) as refused:
         load_dit(f"wan:{folder}")
     assert "\"" not in str(refused.value)
+
+
+def test_a_pipelines_transformer_without_its_config_is_the_folder_named(tmp_path):
+    """A pipeline whose transformer/ lacks config.json (a download cut short) was said to be the
+    pipeline folder without one, which a pipeline's folder never has."""
+    from distill.build import ModelSourceError, load_dit
+
+    pipeline = tmp_path / "pipeline"
+    tiny_wan(3).save_pretrained(pipeline / "transformer", safe_serialization=True)
+    (pipeline / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    (pipeline / "transformer" / "config.json").unlink()
+    says = f"{pipeline / 'transformer'} has no config.json"
+    with pytest.raises(ModelSourceError, match=re.escape(says)):
+        load_dit(f"wan:{pipeline}")

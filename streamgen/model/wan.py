@@ -244,7 +244,10 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", weights_hash=None, 
     second read of the files (replaced meanwhile) might not be."""
     d = transformer_dir(path)
     if not (d / "config.json").exists():
-        raise FileNotFoundError(f"{d} has no config.json (expected a diffusers-format Wan transformer)")
+        # (a pipeline's transformer/ without its config, a download cut short: the pipeline's
+        # folder was named as the one lacking it, which a pipeline's never has)
+        where = d / "transformer" if (d / "transformer").is_dir() else d
+        raise FileNotFoundError(f"{where} has no config.json (expected a diffusers-format Wan transformer)")
     from streamgen.model.files import read_json
 
     config = read_json(d / "config.json")
