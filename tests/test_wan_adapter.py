@@ -557,3 +557,21 @@ def test_a_pipelines_transformer_without_its_config_is_the_folder_named(tmp_path
     says = f"{pipeline / 'transformer'} has no config.json"
     with pytest.raises(ModelSourceError, match=re.escape(says)):
         load_dit(f"wan:{pipeline}")
+
+
+def test_a_wan_index_naming_shards_that_are_not_there_says_so(tmp_path):
+    """diffusers' save_pretrained of a whole checkpoint over a sharded one removes the shards but
+    leaves their index, which the loader reads first: "[Errno 2] No such file or directory" of a
+    shard, not saying that the index named it, nor that the weights were beside it."""
+    from distill.build import ModelSourceError, load_dit
+
+    folder = tmp_path / "wan"
+    tiny_wan(1).save_pretrained(folder, safe_serialization=True, max_shard_size="20KB")
+    tiny_wan(2).save_pretrained(folder, safe_serialization=True)
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    shards = len(set(json.loads(index.read_text())["weight_map"].values()))
+    says = (f"{index}: {shards} of the {shards} shards it names are not in {folder}, e.g. "
+            f"diffusion_pytorch_model-00001-of-0000{shards}.safetensors; it holds "
+            "diffusion_pytorch_model.safetensors, which the index does not name")  # fmt: skip
+    with pytest.raises(ModelSourceError, match=re.escape(says)):
+        load_dit(f"wan:{folder}")

@@ -210,6 +210,13 @@ def weight_files(d: Path) -> list[Path]:
                 raise ValueError(f"{index[0]}: its weight_map's {weight!r} is {shard!r}, not a file name")
         shards = sorted(set(weight_map.values()))
         files = [d / s for s in shards]
+        absent = [f.name for f in files if not f.exists()]
+        if absent:  # (a download cut short; an index left by a sharded save that a whole one replaced)
+            unindexed = sorted(f.name for f in d.glob("*.safetensors") if f.name not in shards)
+            also = f"; it holds {', '.join(unindexed)}, which the index does not name" if unindexed else ""
+            raise FileNotFoundError(
+                f"{index[0]}: {len(absent)} of the {len(files)} shards it names are not in {d}, e.g. {absent[0]}{also}"
+            )
     else:
         files = sorted(d.glob("*.safetensors"))
     if not files:
