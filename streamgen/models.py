@@ -329,6 +329,10 @@ def load_model(
 def _load(name_or_path: str, device, dtype, seed: int, **cfg_overrides) -> AvatarModel:
     directory = resolve_model_dir(name_or_path)
     if directory is not None:
+        given = Path(name_or_path).expanduser()
+        if directory != given and given.is_dir():  # (a run's folder named as a shipped model, say)
+            log.warning("%s; loading the model named %s in %s instead", _not_a_model(name_or_path),
+                        name_or_path, directory.parent)  # fmt: skip
         return load_model_dir(directory, device, dtype, **cfg_overrides)
     flavor = name_or_path.removesuffix("-teacher")
     if flavor in FLAVORS:

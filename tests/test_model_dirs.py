@@ -777,3 +777,22 @@ def test_a_model_path_under_the_home_folder_is_found_by_its_tilde(tmp_path, monk
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="is a folder without model.json"):
         require_model("~/empty")
+
+
+def test_a_folder_here_named_as_a_shipped_model_is_not_passed_over_unsaid(tmp_path, monkeypatch, caplog):
+    """`--model tiny-avatar` beside a run's folder ./tiny-avatar (its model in tiny-avatar/model)
+    loaded the shipped tiny-avatar without a word: the run's model was taken to be streaming. The
+    shipped one still loads (the name is the shipped model's), and the folder passed over is said."""
+    run = tmp_path / "tiny-avatar"
+    export(wan_based_model(), run / "model")
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING", logger="streamgen.models"):
+        model = load_model("tiny-avatar")
+    assert model.meta.get("name") == "tiny-avatar"  # (the shipped one)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "tiny-avatar is a run's folder: its model is tiny-avatar/model" in said
+    assert "loading the model named tiny-avatar in " in said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="streamgen.models"):
+        load_model("tiny-avatar/model")
+    assert not caplog.records
