@@ -38,6 +38,7 @@ from streamgen.model.config import FLAVORS, ModelConfig, get_config
 from streamgen.model.float8 import float8_layers
 from streamgen.model.model import DiT
 from streamgen.model.vae import TinyCausalVAE, VideoAutoencoder
+from streamgen.sampling import CACHE_FROM
 from streamgen.start_memo import StartMemo
 
 log = logging.getLogger(__name__)
@@ -382,6 +383,15 @@ def _settings(meta: dict, where: Path | None = None) -> dict:
     kind = meta.get("kind")
     if kind is not None and kind not in MODEL_KINDS:  # ("Teacher" streamed a teacher as a student)
         raise ValueError(f"{where or 'model.json'}: its kind {kind!r} is none of {', '.join(MODEL_KINDS)}")
+    # (a teacher's string cfg_scale was a TypeError in its first guided step; a cache_from none
+    # knows was said as if of --cache-from, naming no file)
+    scale = meta.get("cfg_scale")
+    number = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
+    if scale is not None and not (number and scale >= 0):
+        raise ValueError(f"{where or 'model.json'}: its cfg_scale is {scale!r}, not a number of at least 0")
+    cache_from = meta.get("cache_from")
+    if cache_from is not None and cache_from not in CACHE_FROM:
+        raise ValueError(f"{where or 'model.json'}: its cache_from is {cache_from!r}, not one of {', '.join(CACHE_FROM)}")
     return settings
 
 

@@ -4,6 +4,8 @@ distillation that trains with `model.vae: wan:DIR` exports, and every command lo
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -796,3 +798,33 @@ def test_a_folder_here_named_as_a_shipped_model_is_not_passed_over_unsaid(tmp_pa
     with caplog.at_level("WARNING", logger="streamgen.models"):
         load_model("tiny-avatar/model")
     assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    "meta, says",
+    [
+        ({"kind": "teacher", "cfg_scale": "3"}, "its cfg_scale is '3', not a number of at least 0"),
+        ({"kind": "teacher", "cfg_scale": -1}, "its cfg_scale is -1, not a number of at least 0"),
+        ({"cache_from": "re-encode"}, "its cache_from is 're-encode', not one of reencode, last_step"),
+    ],
+    ids=["string_cfg_scale", "negative_cfg_scale", "unknown_cache_from"],
+)
+def test_a_model_json_of_a_wrong_cfg_scale_or_cache_from_names_it(tmp_path, meta, says, capsys):
+    """A teacher's model.json of a string cfg_scale was a TypeError traceback at its first guided
+    step; a cache_from none knows said "cache_from must be one of ..." as if of --cache-from,
+    naming no file. Both name model.json and exit 2."""
+    import json
+    import shutil
+
+    from streamgen.cli import main
+    from streamgen.models import MODELS_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(MODELS_DIR / "tiny-avatar", model)
+    (model / "model.json").write_text(json.dumps({**json.loads((model / "model.json").read_text()), **meta}))
+    with pytest.raises(ValueError, match=re.escape(f"{model / 'model.json'}: {says}")):
+        load_model(str(model))
+    out = str(tmp_path / "x.mp4")
+    assert main(["generate", "--model", str(model), "--out", out, "--quiet", "--height", "64", "--width", "64"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
