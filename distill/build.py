@@ -156,8 +156,9 @@ def new_dit(section, seed: int):
 
 def load_vae(section, latent_channels: int, temporal: int, seed: int):
     """`model.vae`: an autoencoder directory, a model directory (its autoencoder), or `wan:DIR`
-    (diffusers' AutoencoderKLWan folder); none: the `model.init` model's, else a seeded random
-    TinyCausalVAE. Frozen."""
+    (diffusers' AutoencoderKLWan folder, or a pipeline's folder holding it in vae/, as
+    `model.init: wan:DIR` takes a pipeline's transformer/); none: the `model.init` model's, else a
+    seeded random TinyCausalVAE. Frozen."""
     from streamgen.model.vae import TinyCausalVAE
     from streamgen.model.wan_vae import WanVAE
     from streamgen.models import has_autoencoder, load_autoencoder
@@ -169,7 +170,10 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int):
         try:
             # config and weights of one save (WanVAE.save puts a folder in place whole, or writes
             # it file by file under an export stamp: ExportUnderWay, a ValueError, where cut short)
-            vae = read_folder(Path(source[4:]).expanduser(), WanVAE.from_pretrained)
+            folder = Path(source[4:]).expanduser()
+            if (folder / "vae" / "config.json").is_file():  # (a pipeline's: "no config.json in it")
+                folder = folder / "vae"
+            vae = read_folder(folder, WanVAE.from_pretrained)
         except (OSError, ValueError) as e:
             raise ModelSourceError(f"cannot load the Wan VAE {source[4:]}: {e}") from None
         return vae.eval().requires_grad_(False)

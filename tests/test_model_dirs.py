@@ -828,3 +828,19 @@ def test_a_model_json_of_a_wrong_cfg_scale_or_cache_from_names_it(tmp_path, meta
     assert main(["generate", "--model", str(model), "--out", out, "--quiet", "--height", "64", "--width", "64"]) == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
+
+
+def test_distillation_takes_the_wan_vae_of_a_pipeline_folder(tmp_path):
+    """`model.init: wan:DIR` takes a pipeline's folder (its transformer in transformer/), while
+    `model.vae: wan:DIR` of the same folder said "no config.json in it": its autoencoder is in vae/."""
+    from distill.build import load_vae
+    from distill.config import ModelConfigSection
+
+    model = wan_based_model()
+    pipeline = tmp_path / "Wan2.1-T2V-1.3B-Diffusers"
+    model.vae.vae.save_pretrained(pipeline / "vae")
+    (pipeline / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    vae = load_vae(ModelConfigSection(vae=f"wan:{pipeline}"), latent_channels=4, temporal=4, seed=0)
+    theirs = model.vae.state_dict()
+    assert vae.state_dict().keys() == theirs.keys()
+    assert all(torch.equal(v, theirs[k]) for k, v in vae.state_dict().items())
