@@ -120,10 +120,20 @@ def test_a_checkpoint_of_more_layers_than_its_config_is_refused(tmp_path):
     """A config (or distill's model.overrides) of fewer layers than the weights: the rest were
     dropped without a word, and a 1-layer teacher trained and exported from a 2-layer Wan."""
     tiny_wan().save_pretrained(tmp_path / "wan")
-    with pytest.raises(
-        ValueError, match=r"of its weights have no place in a DiT of its config \(num_layers 1\)"
-    ):
+    says = "of its weights have no place in a DiT of its config.json with the overrides {'num_layers': 1} (num_layers 1)"
+    with pytest.raises(ValueError, match=re.escape(says)):
         load_pretrained(tmp_path / "wan", num_layers=1)
+
+
+def test_weights_of_other_sizes_than_the_overrides_blame_the_overrides(tmp_path):
+    """A distill config's model.overrides of other sizes than a Wan checkpoint's (in_channels 8
+    for its 4) were said to be sizes "its config.json gives", which gave the weights' sizes: the
+    overrides that changed them are named."""
+    tiny_wan().save_pretrained(tmp_path / "wan")
+    says = ("its weights are not of the sizes of its config.json with the overrides {'in_channels': 8}: "
+            "patch_embedding.weight (32, 4, 1, 2, 2), not (32, 8, 1, 2, 2)")  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(says)):
+        load_pretrained(tmp_path / "wan", in_channels=8)
 
 
 @pytest.mark.parametrize(
@@ -499,7 +509,7 @@ def test_a_wan_config_of_other_sizes_than_its_weights_is_named_in_one_line(tmp_p
     tiny_wan(3).save_pretrained(folder, safe_serialization=True)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "ffn_dim": 32}))
-    says = f"{folder}: its weights are not of the sizes its config.json gives: blocks.0.ffn.net.0.proj.weight (64, 32), not (32, 32)"
+    says = f"{folder}: its weights are not of the sizes of its config.json: blocks.0.ffn.net.0.proj.weight (64, 32), not (32, 32)"
     with pytest.raises(ModelSourceError, match=re.escape(says)):
         load_dit(f"wan:{folder}")
     err = _teacher_command_error(folder, tmp_path / "out", capsys)

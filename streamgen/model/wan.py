@@ -259,10 +259,14 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", weights_hash=None, 
 
     config = read_json(d / "config.json")
     try:
-        config_from_diffusers(config)  # (the file's sizes checked apart from the caller's overrides)
+        own = config_from_diffusers(config)  # (the file's sizes checked apart from the caller's overrides)
     except ValueError as e:  # (the key alone says not which file)
         raise ValueError(f"{d / 'config.json'}: {e}") from None
     cfg = config_from_diffusers(config, **overrides)
+    # the sizes the weights are checked against: the file's, or as the caller's overrides (a
+    # distill config's model.overrides) changed them, which were blamed on config.json
+    changed = {k: v for k, v in overrides.items() if getattr(own, k, None) != v}
+    sizes = "its config.json" + (f" with the overrides {changed}" if changed else "")
     with torch.device("meta"):  # shapes only: the checkpoint's tensors become the weights
         model = DiT(cfg)
     try:
@@ -272,7 +276,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", weights_hash=None, 
     missing = [k for k in model.state_dict() if k not in sd and not _is_avatar_key(k)]
     if missing:  # (named as in its files: "self_attn.q" is no name a Wan checkpoint has)
         raise ValueError(
-            f"{d}: its weights lack {len(missing)} of a Wan transformer of its config.json, e.g. "
+            f"{d}: its weights lack {len(missing)} of a Wan transformer of {sizes}, e.g. "
             f"{', '.join(to_diffusers(dict.fromkeys(missing[:4])))}"
         )
     # (a config, or overrides, of fewer layers than the weights': the rest were dropped unsaid)
@@ -280,7 +284,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", weights_hash=None, 
     extra = [k for k in sd if k not in places]
     if extra:
         raise ValueError(
-            f"{d}: {len(extra)} of its weights have no place in a DiT of its config (num_layers "
+            f"{d}: {len(extra)} of its weights have no place in a DiT of {sizes} (num_layers "
             f"{cfg.num_layers}), e.g. {next(iter(to_diffusers({extra[0]: sd[extra[0]]})), extra[0])}"
         )
     # (a config.json of other sizes than the weights': load_state_dict's RuntimeError, a traceback)
@@ -291,7 +295,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", weights_hash=None, 
     ]
     if other_sizes:
         raise ValueError(
-            f"{d}: its weights are not of the sizes its config.json gives: {'; '.join(other_sizes[:4])}"
+            f"{d}: its weights are not of the sizes of {sizes}: {'; '.join(other_sizes[:4])}"
         )
     # each weight one tensor in `dtype` on `device` (none copied where the checkpoint's agree): a
     # second whole model in float32 beside them was ~3x Wan-14B's 56 GB of CPU memory at the peak
