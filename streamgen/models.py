@@ -272,6 +272,8 @@ def model_search_path() -> list[Path]:
 
 
 def resolve_model_dir(name_or_path: str) -> Path | None:
+    if not name_or_path.strip():  # (Path("") is the current folder: `--model "$UNSET"` loaded it)
+        return None
     # (`~` as a shell would: `--model=~/m`, a config's `model.init: ~/m` reach here unexpanded)
     p = Path(name_or_path).expanduser()
     if (p / "model.json").exists():
@@ -415,6 +417,8 @@ def require_model(name_or_path: str) -> None:
 def _not_a_model(name: str) -> str:
     """What `name` is instead of a model, said so that its user knows what to give instead (a Wan
     checkpoint's folder, a run's folder and an empty one were all "unknown model")."""
+    if not name.strip():  # (was " is a folder without model.json", of the current folder)
+        return f"the model's name is empty ({name!r}): give a model name or a model directory"
     folder = Path(name).expanduser()
     if (folder / "model" / "model.json").is_file():
         return f"{name} is a run's folder: its model is {folder / 'model'}"

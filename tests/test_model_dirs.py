@@ -844,3 +844,18 @@ def test_distillation_takes_the_wan_vae_of_a_pipeline_folder(tmp_path):
     theirs = model.vae.state_dict()
     assert vae.state_dict().keys() == theirs.keys()
     assert all(torch.equal(v, theirs[k]) for k, v in vae.state_dict().items())
+
+
+def test_an_empty_model_name_is_said_to_be_empty(tmp_path, monkeypatch, capsys):
+    """`--model "$MODEL"` of an unset variable: Path("") is the current folder, so the error began
+    " is a folder without model.json", and in a model's folder that model loaded unasked."""
+    from streamgen.cli import main
+    from streamgen.models import resolve_model_dir
+
+    export(wan_based_model(), tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_dir("") is None
+    with pytest.raises(FileNotFoundError, match=re.escape("the model's name is empty ('')")):
+        load_model("")
+    assert main(["generate", "--model", "", "--out", str(tmp_path / "x.mp4"), "--quiet"]) == 2
+    assert "the model's name is empty" in capsys.readouterr().err
