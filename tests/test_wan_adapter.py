@@ -585,3 +585,23 @@ def test_a_wan_index_naming_shards_that_are_not_there_says_so(tmp_path):
             "diffusion_pytorch_model.safetensors, which the index does not name")  # fmt: skip
     with pytest.raises(ModelSourceError, match=re.escape(says)):
         load_dit(f"wan:{folder}")
+
+
+def test_a_wan_checkpoint_larger_than_the_free_memory_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """Wan-14B's bfloat16 weights read into float32 on a machine without the memory for them were
+    the kernel's kill of the process, without a word. What loading takes (the files' bytes, and a
+    float32 copy of each tensor stored in another dtype) is reckoned from the headers first."""
+    from distill.build import ModelSourceError, load_dit
+    from streamgen import models
+
+    folder = tmp_path / "wan"
+    tiny_wan(3).to(torch.bfloat16).save_pretrained(folder, safe_serialization=True, max_shard_size="20KB")
+    files = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    weights = sum(p.numel() for p in tiny_wan(3).parameters())
+    monkeypatch.setattr(models, "free_memory", lambda: files + 4 * weights - 1)
+    with pytest.raises(ModelSourceError, match=re.escape(f"{folder}: loading its weights in float32 takes")):
+        load_dit(f"wan:{folder}")
+    monkeypatch.setattr(models, "free_memory", lambda: files + 4 * weights)
+    assert load_dit(f"wan:{folder}").cfg.num_layers == 2
+    # (stored as loaded: the files' bytes alone)
+    load_pretrained(folder, dtype=torch.bfloat16)

@@ -269,6 +269,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", weights_hash=None, 
     sizes = "its config.json" + (f" with the overrides {changed}" if changed else "")
     with torch.device("meta"):  # shapes only: the checkpoint's tensors become the weights
         model = DiT(cfg)
+    _check_memory(d, dtype)
     try:
         sd = from_diffusers(_read_safetensors_dir(d, weights_hash))
     except KeyError as e:  # (str() of a KeyError is its message in quotes, naming no folder)
@@ -309,6 +310,42 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", weights_hash=None, 
     if unset:  # (a branch neither the checkpoint nor _new_avatar_branches gives)
         raise KeyError(f"no weights for: {unset[:8]}")
     return model
+
+
+# safetensors' names of the floating dtypes a checkpoint may store
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _check_memory(d: Path, dtype: torch.dtype) -> None:
+    """A ValueError where this machine has not the memory that loading the checkpoint in `d` in
+    `dtype` takes at its peak (its files' bytes, read whole, and a copy in `dtype` of each
+    floating tensor stored in another), from the files' headers alone: Wan-14B's 28 GB of bfloat16
+    read into float32 on a smaller machine was the kernel's kill, without a word
+    (`streamgen.models.check_memory_for` does the same for model directories)."""
+    import struct
+
+    from streamgen.models import free_memory
+
+    free = free_memory()
+    if free is None:
+        return
+    needed = 0
+    try:
+        for f in weight_files(d):
+            with open(f, "rb") as stream:
+                header = json.loads(stream.read(struct.unpack("<Q", stream.read(8))[0]))
+            needed += f.stat().st_size
+            for entry in header.values():
+                stored = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+                if stored is not None and stored != dtype:
+                    begin, end = entry["data_offsets"]
+                    needed += (end - begin) // stored.itemsize * dtype.itemsize
+    # (a damaged file: the load names what is wrong with it)
+    except (OSError, ValueError, struct.error, AttributeError, TypeError, KeyError, MemoryError):
+        return
+    if needed > free:
+        raise ValueError(f"{d}: loading its weights in {str(dtype).removeprefix('torch.')} takes "
+                         f"{needed / 2**30:.1f} GiB; this machine has {free / 2**30:.1f} GiB free")  # fmt: skip
 
 
 def _new_avatar_branches(model: DiT, device, dtype) -> None:
