@@ -420,6 +420,8 @@ def _not_a_model(name: str) -> str:
     if not name.strip():  # (was " is a folder without model.json", of the current folder)
         return f"the model's name is empty ({name!r}): give a model name or a model directory"
     folder = Path(name).expanduser()
+    if folder.is_file() and (folder.parent / "model.json").is_file():  # (its model.json, its weights)
+        return f"{name} is a file of the model directory {folder.parent}: give the directory"
     if (folder / "model" / "model.json").is_file():
         return f"{name} is a run's folder: its model is {folder / 'model'}"
     if _is_diffusers_wan(folder):

@@ -859,3 +859,16 @@ def test_an_empty_model_name_is_said_to_be_empty(tmp_path, monkeypatch, capsys):
         load_model("")
     assert main(["generate", "--model", "", "--out", str(tmp_path / "x.mp4"), "--quiet"]) == 2
     assert "the model's name is empty" in capsys.readouterr().err
+
+
+def test_a_file_of_a_model_directory_given_as_the_model_names_the_directory(tmp_path, capsys):
+    """`--model DIR/model.json` (or its dit.safetensors) was "unknown model ...: not a model
+    directory and not one of tiny-avatar, ...", not saying that its folder is the model."""
+    from streamgen.cli import main
+
+    export(wan_based_model(), tmp_path / "m")
+    for given in (tmp_path / "m" / "model.json", tmp_path / "m" / "dit.safetensors"):
+        with pytest.raises(FileNotFoundError, match=re.escape(f"{given} is a file of the model directory {tmp_path / 'm'}: give the directory")):  # fmt: skip
+            load_model(str(given))
+    assert main(["generate", "--model", str(given), "--out", str(tmp_path / "x.mp4"), "--quiet"]) == 2
+    assert "give the directory" in capsys.readouterr().err
