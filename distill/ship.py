@@ -31,7 +31,11 @@ def ship(source: str, name: str, assets: Path | None = None) -> Path:
         raise ValueError(f"{name!r} is not a model name: letters, digits, '.', '_' and '-', e.g. tiny-avatar")
     src = resolve_model_dir(source)
     if src is None:
-        raise FileNotFoundError(f"{source} is not a model directory (no model.json){_run_hint(source)}")
+        try:
+            hint = _run_hint(source)
+        except OSError:  # (a name too long for the file system: was "cannot write the model")
+            hint = ""
+        raise FileNotFoundError(f"{source} is not a model directory (no model.json){hint}")
     model = load_model_dir(src, dtype=torch.float32)
     meta = model.meta
     if behind := _run_past_export(src, meta):

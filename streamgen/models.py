@@ -276,12 +276,21 @@ def resolve_model_dir(name_or_path: str) -> Path | None:
         return None
     # (`~` as a shell would: `--model=~/m`, a config's `model.init: ~/m` reach here unexpanded)
     p = Path(name_or_path).expanduser()
-    if (p / "model.json").exists():
+    if _is_there(p / "model.json"):
         return p
     for root in model_search_path():
-        if (root / name_or_path / "model.json").exists():
+        if _is_there(root / name_or_path / "model.json"):
             return root / name_or_path
     return None
+
+
+def _is_there(path: Path) -> bool:
+    """Whether `path` exists; False for a name the file system cannot hold (ENAMETOOLONG: exists()
+    raised it, a traceback from every command given a long --model)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def available_models() -> list[str]:
@@ -420,6 +429,8 @@ def _not_a_model(name: str) -> str:
     if not name.strip():  # (was " is a folder without model.json", of the current folder)
         return f"the model's name is empty ({name!r}): give a model name or a model directory"
     folder = Path(name).expanduser()
+    if not _is_there(folder):
+        return f"unknown model {name!r}: not a model directory and not one of {', '.join(available_models())}"
     if folder.is_file() and (folder.parent / "model.json").is_file():  # (its model.json, its weights)
         return f"{name} is a file of the model directory {folder.parent}: give the directory"
     if (folder / "model" / "model.json").is_file():

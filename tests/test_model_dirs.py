@@ -872,3 +872,20 @@ def test_a_file_of_a_model_directory_given_as_the_model_names_the_directory(tmp_
             load_model(str(given))
     assert main(["generate", "--model", str(given), "--out", str(tmp_path / "x.mp4"), "--quiet"]) == 2
     assert "give the directory" in capsys.readouterr().err
+
+
+def test_a_model_name_too_long_for_the_file_system_is_an_unknown_model(tmp_path, capsys):
+    """A --model longer than a file name may be was exists()' OSError (ENAMETOOLONG): a traceback
+    from generate, and "cannot write the model" from distill.ship, which had written nothing."""
+    from distill.ship import main as ship
+    from streamgen.cli import main
+
+    name = "a" * 300
+    with pytest.raises(FileNotFoundError, match=re.escape(f"unknown model {name!r}")):
+        load_model(name)
+    assert main(["generate", "--model", name, "--out", str(tmp_path / "x.mp4"), "--quiet"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        ship([name, "x"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "is not a model directory" in err and "cannot write" not in err
