@@ -50,11 +50,11 @@ from torch import nn
 
 from bench.machine import cpu_description
 from streamgen.cli import frame_size, positive_int, thread_count
-from streamgen.cpu_threads import codec_threads, intra_op_threads
+from streamgen.cpu_threads import codec_threads, cpu_has_native_bfloat16, intra_op_threads
 from streamgen.media import read_image
 from streamgen.model.upsample import UpsampleConv2d
 from streamgen.model.vae import TinyCausalVAE
-from streamgen.models import cpu_has_native_bfloat16, load_model
+from streamgen.models import load_model
 from streamgen.stream import encode_reference
 from streamgen.stream_inputs import prepare_reference
 

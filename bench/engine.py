@@ -61,7 +61,8 @@ from bench.engine_baselines import cache_speedup, session_dit_threads, teacher_s
 from bench.machine import cpu_description, model_settings
 from streamgen.cli import add_dtype_option, frame_size, positive_int, thread_count
 from streamgen.cpu_threads import cpu_has_amx
-from streamgen.models import autoencoder_dtype, default_dit_dtype, load_model
+from streamgen.models import load_model
+from streamgen.precision import autoencoder_dtype, default_dit_dtype
 from streamgen.sampling import (
     encode_sink,
     generate_chunk,

@@ -63,10 +63,11 @@ def load_sharded(model_name: str, device: str, threads: int | None, sp: int, hei
                  decode_dtype: str = "auto"):  # fmt: skip
     """The same on every process, in the same order (the mesh and groups are collective):
     load the model, shard the DiT, decode in bands (when the latent height divides) in `decode_dtype`."""
-    from streamgen.models import autoencoder_dtype, load_model
+    from streamgen.models import load_model
     from streamgen.parallel.apply import apply_sequence_parallel
     from streamgen.parallel.launch import init_process_group, init_sequence_parallel
     from streamgen.parallel.vae import parallel_decoder
+    from streamgen.precision import autoencoder_dtype
 
     if threads:
         torch.set_num_threads(threads)

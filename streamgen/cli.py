@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 # the command-line spelling of a session's dtypes (its DiT's, decoder's, reference encoder's):
-# "auto" is what a session picks on this machine (streamgen.models: default_dit_dtype,
+# "auto" is what a session picks on this machine (streamgen.precision: default_dit_dtype,
 # default_decode_dtype)
 SESSION_DTYPES = ("auto", "float32", "bfloat16")
 

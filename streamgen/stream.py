@@ -39,13 +39,8 @@ from streamgen.model.audio import (
     needed_video_frames,
 )
 from streamgen.model.text import text_context
-from streamgen.models import (
-    AvatarModel,
-    autoencoder_dtype,
-    default_dit_dtype,
-    dit_dtype_arg,
-    load_model,
-)
+from streamgen.models import AvatarModel, load_model
+from streamgen.precision import autoencoder_dtype, default_dit_dtype, dit_dtype_arg
 from streamgen.sampling import (
     check_cache_from,
     encode_sink,

@@ -26,7 +26,8 @@ import torch
 from streamgen.conditioning import Conditions, guided_velocity
 from streamgen.model.audio import SAMPLES_PER_FRAME, VIDEO_FPS, frame_windows, needed_video_frames
 from streamgen.model.text import text_context
-from streamgen.models import AvatarModel, dit_dtype_arg, load_model
+from streamgen.models import AvatarModel, load_model
+from streamgen.precision import dit_dtype_arg
 from streamgen.sampling import euler_sigmas, sample_euler
 from streamgen.stream import check_model_device, encode_reference, session_device
 from streamgen.stream_inputs import check_caption, check_seed, positive_size, prepare_reference, to_pcm_float

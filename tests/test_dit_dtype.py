@@ -1,5 +1,5 @@
 """A session's DiT dtype: "auto" runs a shared bfloat16 copy of a float32 DiT where that is faster
-on the CPU (streamgen.models.default_dit_dtype), and keeps a dtype that was asked for."""
+on the CPU (streamgen.precision.default_dit_dtype), and keeps a dtype that was asked for."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ import torch
 
 import streamgen.cpu_threads as cpu_threads
 import streamgen.models as models
+import streamgen.precision as precision
 from streamgen.cpu_threads import chunk_forward_flop
 from streamgen.model.float8 import float8_linears
 from streamgen.models import load_model
@@ -41,7 +42,7 @@ def chunk_flop(model, size=64):
 
 def test_auto_runs_bfloat16_from_the_threshold_on_cpus_with_native_bfloat16(model, monkeypatch):
     native_bfloat16(monkeypatch, True)
-    monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", chunk_flop(model))
+    monkeypatch.setattr(precision, "DIT_BFLOAT16_FLOP", chunk_flop(model))
     a, b = StreamSession(model), StreamSession(model, dtype="auto")
     assert a.dtype == torch.bfloat16 and a.dit is b.dit  # one copy, shared by the model's sessions
     assert a.dit is not model.dit and next(model.dit.parameters()).dtype == torch.float32
@@ -55,9 +56,9 @@ def test_auto_runs_bfloat16_from_the_threshold_on_cpus_with_native_bfloat16(mode
         assert s.dit is model.dit and s.dtype == torch.float32
     # below the threshold, or without native bfloat16: float32
     assert StreamSession(model, height=32, width=32).dit is model.dit
-    monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", chunk_flop(model) + 1)
+    monkeypatch.setattr(precision, "DIT_BFLOAT16_FLOP", chunk_flop(model) + 1)
     assert StreamSession(model).dit is model.dit
-    monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", 0)
+    monkeypatch.setattr(precision, "DIT_BFLOAT16_FLOP", 0)
     native_bfloat16(monkeypatch, False)
     assert StreamSession(model).dit is model.dit
     with pytest.raises(ValueError, match="dtype must be one of"):
@@ -76,7 +77,7 @@ def test_without_amx_auto_keeps_the_dit_in_float32_and_decodes_in_bfloat16(model
     320 / 384 than the bfloat16 one on AMX's rules; the decoder and the reference encoder still
     gain (1.19-1.41x, 1.15-1.32x)."""
     bfloat16_without_amx(monkeypatch)
-    monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", 0)
+    monkeypatch.setattr(precision, "DIT_BFLOAT16_FLOP", 0)
     s = StreamSession(model)
     assert s.dit is model.dit and s.dtype == torch.float32
     assert next(getattr(s.vae, s.vae.DECODER[0]).parameters()).dtype == torch.bfloat16
@@ -100,7 +101,7 @@ def test_without_amx_a_bfloat16_dit_goes_parallel_where_float32_does(model, monk
 
 def test_auto_keeps_a_dtype_asked_for_and_an_fp8_dit(monkeypatch):
     native_bfloat16(monkeypatch, True)
-    monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", 0)
+    monkeypatch.setattr(precision, "DIT_BFLOAT16_FLOP", 0)
     monkeypatch.delenv(models.DTYPE_ENV, raising=False)
     assert StreamSession(load_model("debug")).dtype == torch.bfloat16
     asked = load_model("debug", dtype=torch.float32)  # `--dtype float32`, or a caller's choice
@@ -117,7 +118,7 @@ def test_auto_keeps_a_dtype_asked_for_and_an_fp8_dit(monkeypatch):
 
 def test_a_bfloat16_session_streams_the_float32_frames_and_batches(model, monkeypatch):
     native_bfloat16(monkeypatch, True)
-    monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", 0)
+    monkeypatch.setattr(precision, "DIT_BFLOAT16_FLOP", 0)
     frames = {}
     for dtype in ("float32", "auto"):
         s = StreamSession(model, dtype=dtype, decode_dtype=torch.float32)
@@ -149,7 +150,7 @@ def test_a_bfloat16_dit_goes_parallel_at_its_own_threshold(model, monkeypatch):
     torch.set_num_threads(2)
     try:
         native_bfloat16(monkeypatch, True)
-        monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", 0)
+        monkeypatch.setattr(precision, "DIT_BFLOAT16_FLOP", 0)
         s32, s16 = StreamSession(model, dtype="float32"), StreamSession(model)
         flop = chunk_flop(model)
         monkeypatch.setattr(cpu_threads, "DIT_PARALLEL_FLOP", flop)
@@ -169,7 +170,7 @@ def test_bench_engine_times_a_bfloat16_dit_against_float32(model, monkeypatch):
     import bench.engine as engine
 
     native_bfloat16(monkeypatch, True)
-    monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", 0)
+    monkeypatch.setattr(precision, "DIT_BFLOAT16_FLOP", 0)
     baselines = {}  # the DiT each baseline ran on
 
     def recording(name):
@@ -190,7 +191,7 @@ def test_bench_engine_times_a_bfloat16_dit_against_float32(model, monkeypatch):
     # the baselines run on the session's DiT: cached and recomputed agree to bf16's rounding
     assert baselines == {"cache_speedup": torch.bfloat16, "teacher_speedup": torch.bfloat16}
     assert m["cache_max_abs_diff"] <= 0.1
-    monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", float("inf"))
+    monkeypatch.setattr(precision, "DIT_BFLOAT16_FLOP", float("inf"))
     m = engine.measure_size(model, 32, 32, **sizes)
     assert m["dit_dtype"] == "float32" and "dit_float32" not in m
     assert baselines == {"cache_speedup": torch.float32, "teacher_speedup": torch.float32}
@@ -202,12 +203,12 @@ def test_bench_engine_without_amx_times_float32_against_a_bfloat16_dit_where_amx
     import bench.engine as engine
 
     bfloat16_without_amx(monkeypatch)
-    monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", 0)
+    monkeypatch.setattr(precision, "DIT_BFLOAT16_FLOP", 0)
     sizes = dict(steps=2, chunks=2, context=4, teacher_frames=2, decode_dtype=torch.float32)
     m = engine.measure_size(model, 32, 32, **sizes)
     assert m["dit_dtype"] == "float32" and "dit_float32" not in m
     assert m["dit_bfloat16"]["fps"] > 0 and m["dit_bfloat16"]["bfloat16_fps"] > 0
-    monkeypatch.setattr(models, "DIT_BFLOAT16_FLOP", float("inf"))  # below it: nothing to compare
+    monkeypatch.setattr(precision, "DIT_BFLOAT16_FLOP", float("inf"))  # below it: nothing to compare
     assert "dit_bfloat16" not in engine.measure_size(model, 32, 32, **sizes)
 
 
