@@ -50,7 +50,15 @@ from streamgen.sampling import (
 )
 from streamgen.session_limits import SEED_END
 from streamgen.start_memo import StartState
-from streamgen.stream_inputs import check_caption, check_seed, positive_size, prepare_reference, to_pcm_float
+from streamgen.stream_inputs import (
+    check_caption,
+    check_model_device,
+    check_seed,
+    positive_size,
+    prepare_reference,
+    session_device,
+    to_pcm_float,
+)
 
 log = logging.getLogger(__name__)
 
@@ -500,34 +508,6 @@ class StreamSession:
     def _require_started(self):
         if not self.started:
             raise RuntimeError("call start(reference) first")
-
-
-def session_device(device) -> torch.device:
-    """A session's device as a torch.device, or a ValueError that says why it cannot be (an unknown
-    name, a CUDA device this torch or machine lacks), before any model loads onto it."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"unknown device {device!r} (cpu, cuda, cuda:N, ...)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r}: no CUDA device here (device='cpu' runs on this CPU)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"no device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    return device
-
-
-def check_model_device(model: AvatarModel, device: torch.device) -> None:
-    """A ValueError unless `model` is loaded on `device` (a session on another device failed at
-    start() on a device mismatch deep in the DiT)."""
-    on = next(model.dit.parameters()).device
-    if on.type != device.type or None not in (on.index, device.index) and on.index != device.index:
-        raise ValueError(
-            f"{model.name} is loaded on {on}, the session asked for {device}: load it there "
-            f"(load_model(..., device={str(device)!r})) or give the session device={str(on)!r}"
-        )
 
 
 def _cache_from(asked: str | None, model: AvatarModel, steps: int) -> str:

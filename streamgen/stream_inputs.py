@@ -1,6 +1,6 @@
 """What a caller hands a StreamSession, checked and made ready: the reference image, the audio,
-the seed, the caption, the frame size. A mistake is a TypeError or ValueError that says what was
-wrong, raised before the stream changes, not a failure frames deep in the model."""
+the seed, the caption, the frame size, the device. A mistake is a TypeError or ValueError that
+says what was wrong, raised before the stream changes, not a failure frames deep in the model."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import operator
 import os
 
 import numpy as np
+import torch
 
 from streamgen.model.audio import SAMPLE_RATE
 from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE, text_problem
@@ -105,3 +106,31 @@ def positive_size(value, what: str) -> int:
     if n <= 0:
         raise ValueError(f"{what} must be positive, got {n}")
     return n
+
+
+def session_device(device) -> torch.device:
+    """A session's device as a torch.device, or a ValueError that says why it cannot be (an unknown
+    name, a CUDA device this torch or machine lacks), before any model loads onto it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r} (cpu, cuda, cuda:N, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: no CUDA device here (device='cpu' runs on this CPU)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"no device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
+
+
+def check_model_device(model, device: torch.device) -> None:
+    """A ValueError unless `model` is loaded on `device` (a session on another device failed at
+    start() on a device mismatch deep in the DiT)."""
+    on = next(model.dit.parameters()).device
+    if on.type != device.type or None not in (on.index, device.index) and on.index != device.index:
+        raise ValueError(
+            f"{model.name} is loaded on {on}, the session asked for {device}: load it there "
+            f"(load_model(..., device={str(device)!r})) or give the session device={str(on)!r}"
+        )

@@ -29,8 +29,16 @@ from streamgen.model.text import text_context
 from streamgen.models import AvatarModel, load_model
 from streamgen.precision import dit_dtype_arg
 from streamgen.sampling import euler_sigmas, sample_euler
-from streamgen.stream import check_model_device, encode_reference, session_device
-from streamgen.stream_inputs import check_caption, check_seed, positive_size, prepare_reference, to_pcm_float
+from streamgen.stream import encode_reference
+from streamgen.stream_inputs import (
+    check_caption,
+    check_model_device,
+    check_seed,
+    positive_size,
+    prepare_reference,
+    session_device,
+    to_pcm_float,
+)
 
 
 class TeacherSession:
