@@ -78,7 +78,7 @@ MAX_FLOAT_PEAK = 2.0
 def check_seed(seed) -> int:
     """A stream's seed: a whole number (a numpy one too) in [0, SEED_END)."""
     try:
-        value = operator.index(seed)
+        value = _whole_number(seed)
     except TypeError:
         raise TypeError(f"seed must be a whole number, got {type(seed).__name__}") from None
     if not 0 <= value < SEED_END:
@@ -98,9 +98,16 @@ def check_caption(text) -> None:
         raise ValueError(problem)
 
 
+def _whole_number(value) -> int:
+    """operator.index, less bool: True is an int to Python, and a JSON `true` became 1 without a word."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError
+    return operator.index(value)
+
+
 def positive_size(value, what: str) -> int:
     try:
-        n = operator.index(value)
+        n = _whole_number(value)
     except TypeError:  # (a float height failed ten frames down, in the cache's torch.zeros)
         raise TypeError(f"{what} must be a whole number, got {type(value).__name__}") from None
     if n <= 0:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import operator
+import random
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from streamgen.model.text import text_context
 from streamgen.models import AvatarModel, load_model
 from streamgen.precision import dit_dtype_arg
 from streamgen.sampling import euler_sigmas, sample_euler
+from streamgen.session_limits import SEED_END
 from streamgen.stream import encode_reference
 from streamgen.stream_inputs import (
     check_caption,
@@ -83,13 +85,15 @@ class TeacherSession:
     def chunk_seconds(self) -> float:
         return self.frames_per_chunk / VIDEO_FPS
 
-    def start(self, reference, text=None, seed=0):
-        seed = check_seed(seed or 0)
+    def start(self, reference, text=None, seed=None):
+        # as StreamSession: no seed draws one (it was 0, so every unseeded teacher stream was alike)
+        seed = random.randrange(SEED_END) if seed is None else check_seed(seed)
         check_caption(text)
         ref = prepare_reference(reference, self.height, self.width)
         self.reference = encode_reference(self.vae, ref, self.device)
         # as StreamSession: a caption for a model without sentence-embedding width is an error
         self.context = text_context(text, self.cfg.text_dim).to(self.device)
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.pcm = np.zeros(0, np.float32)
         self.position, self.previous, self.state = 0, None, self.vae.init_state(1)

@@ -505,6 +505,12 @@ def test_the_teacher_session_refuses_a_schedule_of_no_steps_and_runs_odd_ones():
         a, _ = teacher.next_chunk()
         teacher.start(face(), seed=1)
         assert np.array_equal(teacher.next_chunk()[0], a)  # a seed gives the same window
+    # no seed draws one, as StreamSession's start does (it was seed 0, so unseeded streams were alike)
+    seeds = set()
+    for _ in range(3):
+        teacher.start(face())
+        seeds.add(teacher.seed)
+    assert len(seeds) > 1 and 0 not in seeds
 
 
 def test_an_audio_limit_that_takes_no_audio_or_never_ends_is_refused(model):

@@ -30,6 +30,7 @@ def test_a_numpy_seed_is_a_seed_and_a_refused_one_leaves_the_stream_running(mode
     for seed, error, says in [
         (1.5, TypeError, "seed must be a whole number, got float"),
         ("7", TypeError, "got str"),
+        (True, TypeError, "got bool"),  # (was seed 1)
         (-1, ValueError, r"seed -1 is outside \[0, 2\*\*31\)"),
         (2**31, ValueError, "outside"),
     ]:
@@ -102,6 +103,8 @@ def test_sizes_and_steps_are_whole_positive_numbers(model):
         StreamSession(model, height=0)
     with pytest.raises(ValueError, match="steps must be positive, got 0"):
         StreamSession(model, steps=0)
+    with pytest.raises(TypeError, match="steps must be a whole number, got bool"):  # (was 1 step)
+        StreamSession(model, steps=True)
     assert StreamSession(model, height=np.int64(64), width=64).height == 64
 
 
