@@ -19,6 +19,16 @@ from streamgen.sampling import cached_velocity, reencode_chunk, sample_few_step
 from streamgen.stream import StreamSession, contained_step, group_indices, prepare_chunks, to_uint8
 
 
+def _device_key(device: torch.device):
+    """One key per device however it was named: "cpu" and "cpu:0" are one CPU, and "cuda" is the
+    current CUDA device (str(device) kept sessions on one device from ever sharing a batch)."""
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda" and device.index is None:
+        return ("cuda", torch.cuda.current_device())
+    return (device.type, device.index)
+
+
 def _batch_key(s: StreamSession):
     """Sessions with equal keys can share one forward pass per denoising step."""
     return (
@@ -28,7 +38,7 @@ def _batch_key(s: StreamSession):
         tuple(s.sigmas.tolist()),
         s.cache_from,
         s.dtype,
-        str(s.device),
+        _device_key(s.device),
         s.cache.filled,
         s.context.shape,
     )
@@ -37,7 +47,7 @@ def _batch_key(s: StreamSession):
 def _pending_key(s: StreamSession):
     """Sessions with equal keys can re-encode their pending chunks in one forward pass."""
     _, audio, context = s._pending
-    return (id(s.dit), s.latent_hw, s.dtype, str(s.device), s.cache.filled, context.shape, audio is None)
+    return (id(s.dit), s.latent_hw, s.dtype, _device_key(s.device), s.cache.filled, context.shape, audio is None)
 
 
 @contextmanager

@@ -191,3 +191,23 @@ def test_sessions_of_different_lengths_batch_with_the_frames_and_caches_of_each_
                 torch.testing.assert_close(lb.k[:, kept], la.k[:, kept], atol=1e-5, rtol=1e-5)
                 torch.testing.assert_close(lb.v[:, kept], la.v[:, kept], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(lb.k_ring_raw, la.k_ring_raw, atol=1e-5, rtol=1e-5)
+
+
+def test_sessions_on_one_device_named_two_ways_share_a_batch(model):
+    """"cpu" and "cpu:0" are one CPU: their sessions were never batched (the key was str(device))."""
+    from streamgen.stream_batch import next_chunks
+
+    sessions = []
+    for seed, device in enumerate(("cpu", "cpu:0")):
+        s = StreamSession(model, device=device)
+        s.start(face(seed), seed=seed)
+        s.push_audio(speech(2.0, seed=seed))
+        sessions.append(s)
+    one = StreamSession(model)
+    one.start(face(0), seed=0)
+    one.push_audio(speech(2.0, seed=0))
+    with calls(model.dit) as alone:
+        one.next_chunk()
+    with calls(model.dit) as together:
+        next_chunks(sessions)
+    assert len(together) == len(alone)  # each step's forward once, for both
