@@ -193,6 +193,25 @@ def test_bad_checkpoints_are_named(tmp_path):
         from_diffusers({"blocks.0.attn2.add_k_proj.weight": torch.zeros(1)})
 
 
+def test_a_variant_beside_the_plain_checkpoint_is_not_read_over_it(tmp_path):
+    """diffusers' save_pretrained(variant="fp16") writes NAME.fp16.safetensors beside NAME.safetensors;
+    both were read, the variant's tensors replacing the plain file's without a word."""
+    plain, other = tiny_wan(seed=3), tiny_wan(seed=4)
+    plain.save_pretrained(tmp_path / "wan", safe_serialization=True)
+    other.save_pretrained(tmp_path / "wan", safe_serialization=True, variant="zz")  # (sorts after)
+    x, t, ctx = inputs()
+    ours = load_pretrained(tmp_path / "wan").eval()
+    assert (ours(x, t, ctx) - plain(x, t, ctx).sample).abs().max().item() <= 1e-4
+    (tmp_path / "wan" / "diffusion_pytorch_model.safetensors").rename(
+        tmp_path / "wan" / "diffusion_pytorch_model.aa.safetensors"
+    )
+    with pytest.raises(ValueError, match=r"2 variants of diffusion_pytorch_model.safetensors \(.*aa.*zz"):
+        load_pretrained(tmp_path / "wan")
+    (tmp_path / "wan" / "diffusion_pytorch_model.aa.safetensors").unlink()
+    only = load_pretrained(tmp_path / "wan").eval()  # one variant alone is the checkpoint
+    assert (only(x, t, ctx) - other(x, t, ctx).sample).abs().max().item() <= 1e-4
+
+
 def test_a_checkpoint_the_size_of_a_flavor_gets_its_audio_width():
     """Wan2.1-1.3B's config.json makes the wan2.1-1.3b flavor's model, avatar branch included
     (the GPU benchmark times that flavor); a size no flavor has keeps the default width."""

@@ -218,10 +218,33 @@ def weight_files(d: Path) -> list[Path]:
                 f"{index[0]}: {len(absent)} of the {len(files)} shards it names are not in {d}, e.g. {absent[0]}{also}"
             )
     else:
-        files = sorted(d.glob("*.safetensors"))
+        files = _one_variant(d, sorted(d.glob("*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no .safetensors weights in {d}")
     return files
+
+
+def _one_variant(d: Path, files: list[Path]) -> list[Path]:
+    """Without an index, the files of one checkpoint: diffusers saves a variant (`save_pretrained(...,
+    variant="fp16")`) as NAME.fp16.safetensors beside NAME.safetensors, and reading both let the
+    later file's tensors replace the other's without a word. The plain file is the checkpoint; two
+    variants and no plain file are refused, since either could be meant."""
+    names = {f.name for f in files}
+    variants: dict[str, list[str]] = {}
+    for f in files:
+        stem, dot, variant = f.stem.rpartition(".")
+        if dot and stem and "-of-" not in variant:  # (NAME-00001-of-00002.safetensors is a shard)
+            variants.setdefault(f"{stem}.safetensors", []).append(f.name)
+    left_out = set()
+    for plain, of_it in variants.items():
+        if plain in names:
+            left_out.update(of_it)
+        elif len(of_it) > 1:
+            raise ValueError(
+                f"{d} holds {len(of_it)} variants of {plain} ({', '.join(of_it)}) and no index or plain "
+                f"{plain}: keep one of them"
+            )
+    return [f for f in files if f.name not in left_out]
 
 
 def _read_safetensors_dir(d: Path, weights_hash=None) -> dict[str, torch.Tensor]:
