@@ -181,10 +181,17 @@ def resolve_model_dir(name_or_path: str) -> Path | None:
     p = Path(name_or_path).expanduser()
     if _is_there(p / "model.json"):
         return p
+    if _is_a_path(name_or_path):  # (`./tiny-avatar` with no such folder loaded the shipped model)
+        return None
     for root in model_search_path():
         if _is_there(root / name_or_path / "model.json"):
             return root / name_or_path
     return None
+
+
+def _is_a_path(name: str) -> bool:
+    """Whether `name` can only be a path, never a model's name: absolute, or from ., .. or ~."""
+    return Path(name).is_absolute() or name.startswith(("./", "../", "~", ".\\", "..\\")) or name in (".", "..")
 
 
 def _is_there(path: Path) -> bool:
@@ -334,6 +341,8 @@ def _not_a_model(name: str) -> str:
     if not name.strip():  # (was " is a folder without model.json", of the current folder)
         return f"the model's name is empty ({name!r}): give a model name or a model directory"
     folder = Path(name).expanduser()
+    if not _is_there(folder) and _is_a_path(name):
+        return f"no model directory {name}: there is no such folder"
     if not _is_there(folder):
         return f"unknown model {name!r}: not a model directory and not one of {', '.join(available_models())}"
     if folder.is_file() and (folder.parent / "model.json").is_file():  # (its model.json, its weights)

@@ -800,6 +800,19 @@ def test_a_folder_here_named_as_a_shipped_model_is_not_passed_over_unsaid(tmp_pa
     assert not caplog.records
 
 
+def test_a_path_to_no_model_is_not_taken_for_a_shipped_models_name(tmp_path, monkeypatch):
+    """`--model ./tiny-avatar` with no such folder loaded the shipped tiny-avatar without a word
+    (the search path was tried with the path as a name); a path is only ever that path."""
+    monkeypatch.chdir(tmp_path)
+    for path in ("./tiny-avatar", f"{tmp_path}/tiny-avatar"):
+        with pytest.raises(FileNotFoundError, match=f"no model directory {re.escape(path)}: there is no such folder"):
+            load_model(path)
+    export(wan_based_model(), tmp_path / "tiny-avatar" / "model")  # a run's folder there
+    with pytest.raises(FileNotFoundError, match=r"\./tiny-avatar is a run's folder: its model is"):
+        load_model("./tiny-avatar")
+    assert load_model("./tiny-avatar/model").meta.get("name") != "tiny-avatar"
+
+
 @pytest.mark.parametrize(
     "meta, says",
     [
