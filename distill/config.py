@@ -525,7 +525,7 @@ def _validate(cfg: TrainConfig, path) -> None:
 
 def find_config(name_or_path: str, stage: str) -> Path:
     """A path, or a config name from distill/configs (e.g. 'debug' -> configs/<stage>-debug.yaml)."""
-    p = Path(name_or_path)
+    p = Path(name_or_path).expanduser()  # (`--config=~/x.yaml`: no shell expands it there)
     if p.is_file():  # (not a folder named as a config: `--config debug` beside a run's ./debug)
         return p
     here = Path(__file__).parent / "configs"

@@ -106,6 +106,13 @@ def test_a_config_name_is_found_beside_a_folder_of_that_name(tmp_path, monkeypat
     assert find_config("debug", "teacher") == Path(distill.__file__).parent / "configs" / "teacher-debug.yaml"
 
 
+def test_a_config_under_the_home_folder_is_found_by_its_tilde(tmp_path, monkeypatch):
+    """`--config=~/mine.yaml` reaches the program unexpanded (no shell expands it after `=`)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mine.yaml").write_text("stage: teacher\n")
+    assert find_config("~/mine.yaml", "teacher") == tmp_path / "mine.yaml"
+
+
 def test_unknown_keys_are_named_with_a_suggestion(tmp_path):
     p = write(tmp_path, "stage: teacher\noptim: {lr: 1.0e-3, warmpu: 10}\n")
     with pytest.raises(ConfigError, match=r"optim\.warmpu \(did you mean optim\.warmup\?\)"):
