@@ -6,6 +6,7 @@ and the problem; callers turn it into a clean CLI error or a 4xx.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,9 @@ def read_image(path_or_bytes) -> np.ndarray:
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    # Pillow warns of a picture past that limit (three lines on stderr) and refuses one past twice
+    # it; the size is checked below in one line, so its warning only said the same thing first
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     name = "image" if isinstance(path_or_bytes, bytes | bytearray) else str(path_or_bytes)
     src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes | bytearray) else path_or_bytes
     if not isinstance(src, io.BytesIO):

@@ -33,6 +33,38 @@ def tone(seconds: float = 0.5, rate: int = 16000, peak: float = 0.9) -> np.ndarr
     return peak * np.sin(2 * np.pi * 220 * np.arange(int(rate * seconds)) / rate)
 
 
+def png_of_size(width: int, height: int, rows: int = 200) -> bytes:
+    """A grey PNG whose header says width x height, with data for only `rows` rows: a picture that
+    big by its header, a few hundred KB at most."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return png + chunk(b"IDAT", zlib.compress(b"\x00" * (width + 1) * rows, 9)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [7000, 10000])  # 49 and 100 Mpixels: past our 40 and Pillow's 89
+def test_a_picture_too_large_is_one_line_without_pillows_warning(tmp_path, side, capsys):
+    """Between our 40-Mpixel limit and Pillow's own error, Pillow's three-line DecompressionBombWarning
+    was printed before our one-line refusal."""
+    import warnings
+
+    (tmp_path / "big.png").write_bytes(png_of_size(side, side))
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        with pytest.raises(MediaError, match="big.png is too large"):
+            read_image(tmp_path / "big.png")
+    assert not [w for w in warned if w.category is Image.DecompressionBombWarning]
+    write_wav(tmp_path / "a.wav", tone(0.3))
+    argv = ["--model", "debug", "--reference", str(tmp_path / "big.png"), "--audio", str(tmp_path / "a.wav")]
+    assert main(["generate", *argv, "--out", str(tmp_path / "o.mp4"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "big.png is too large" in err and "Warning" not in err and len(err.strip().splitlines()) == 1
+
+
 def rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
 
