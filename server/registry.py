@@ -335,8 +335,9 @@ class SessionRegistry:
 
 
 def seconds(limit: float) -> str:
-    """A limit as its close reason says it: --max-duration 0.5 read "reached 0 s", 2.5 "reached 2 s"."""
-    return f"{limit:.3g} s" if limit < 100 else f"{limit:.0f} s"
+    """A limit as its close reason says it: --max-duration 0.5 read "reached 0 s", 2.5 "reached 2 s";
+    one of years or more in exponent form (1e300 was its 301 digits)."""
+    return f"{limit:.0f} s" if 100 <= limit < 1e9 else f"{limit:.3g} s"
 
 
 def _stop_started_host(start: concurrent.futures.Future) -> None:

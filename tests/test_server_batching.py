@@ -537,3 +537,4 @@ async def test_a_limit_below_a_second_is_named_as_set(monkeypatch):
     await registry.enforce_limits()
     assert closed == ["max_duration: session reached 0.5 s", "idle: no input for 2.5 s"]
     assert (seconds(60.0), seconds(3600.0)) == ("60 s", "3600 s")  # (as before)
+    assert seconds(86400.0 * 7) == "604800 s" and seconds(1e300) == "1e+300 s"  # (was 301 digits)
