@@ -1,6 +1,10 @@
 # Reproduce the shipped tiny-avatar models from scratch:  make model
 # Every stage resumes from its newest checkpoint, so an interrupted `make model` continues.
 PY ?= .venv/bin/python
+ifeq ($(shell command -v $(PY)),)
+# (every recipe failed, one after another, with "No such file or directory" of .venv/bin/python)
+$(error $(PY) not found: run `bash scripts/setup.sh` first to make .venv, or name a Python with PY=)
+endif
 RUNS ?= runs/tiny-avatar
 DATA ?= data/world
 CLIPS ?= 600

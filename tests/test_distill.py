@@ -96,6 +96,9 @@ def test_the_makefile_carries_runs_and_data_into_every_stage():
     # every path a stage reads from another: what the configs name under runs/tiny-avatar
     for stage, key in (("ode", "ode.teacher"), ("chunk", "chunk.teacher"), ("teacher", "model.vae")):
         assert any(f"distill {stage} " in line and f"--set {key}=/elsewhere/runs/" in line for line in stages)
+    # without the venv ./run makes, every recipe failed in turn on .venv/bin/python; now it is said once
+    missing = subprocess.run(["make", "-n", "model", "PY=/nonexistent/python"], cwd=root, capture_output=True, text=True)
+    assert missing.returncode != 0 and "run `bash scripts/setup.sh` first" in missing.stderr, missing.stderr
 
 
 def test_a_config_name_is_found_beside_a_folder_of_that_name(tmp_path, monkeypatch):
