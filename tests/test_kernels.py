@@ -249,6 +249,29 @@ def test_flash_without_flash_attn_on_a_gpu_says_that_our_kernel_serves(monkeypat
         attention_backends.flash_attention(q, q, q)
 
 
+def test_triton_that_cannot_be_imported_on_a_gpu_says_so_once(monkeypatch):
+    """On a GPU without a working Triton every kernel, `--attention triton`'s too, runs its
+    reference: that fallback names its reason instead of passing unsaid."""
+    import sys
+
+    monkeypatch.setattr(kernels, "_triton", None)  # not tried yet
+    monkeypatch.delattr(kernels, "triton_attention", raising=False)  # (else `from` takes the attribute)
+    monkeypatch.setitem(sys.modules, "streamgen.kernels.triton_attention", None)  # an ImportError
+    q, k, v = _qkv(4, 6)
+    with warnings.catch_warnings():  # a CPU run never asks for Triton (FP8's emulation neither)
+        warnings.simplefilter("error")
+        for backend in kernels.ATTENTION_BACKENDS:
+            kernels.attention(q, k, v, backend=backend)
+    monkeypatch.setattr(kernels, "_TRITON_ON_CPU", True)  # as if on a GPU
+    with pytest.warns(UserWarning, match=r"Triton kernels unavailable \(\w*Error: .*references serve"):
+        out = kernels.attention(q, k, v, backend="triton")
+    torch.testing.assert_close(out, reference.attention(q, k, v))
+    with warnings.catch_warnings():  # once a process
+        warnings.simplefilter("error")
+        kernels.attention(q, k, v, backend="triton")
+        kernels.gelu_tanh(q)
+
+
 def test_fp8_attention_takes_the_reference_when_forced_or_traced(monkeypatch):
     """STREAMGEN_KERNELS=reference is the references everywhere (an A/B of the kernels), FP8
     attention's too; and a graph torch.compile traces gets the traceable reference."""

@@ -9,6 +9,7 @@ model code. `STREAMGEN_KERNELS=reference` forces the references everywhere.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -23,15 +24,21 @@ _triton = None
 
 
 def _triton_modules():
-    """(triton_ops, triton_attention), imported on first CUDA use (None when unavailable)."""
+    """(triton_ops, triton_attention), imported on first CUDA use (None when unavailable, with a
+    warning: only CUDA inputs ask, and there every kernel, `--attention triton`'s too, had run its
+    reference unsaid; the reason, e.g. no triton or a broken GPU toolchain, is in the warning)."""
     global _triton
     if _triton is None:
         try:
             from streamgen.kernels import triton_attention, triton_ops
 
             _triton = (triton_ops, triton_attention)
-        except Exception:  # no triton, or no GPU toolchain: the references serve
+        except Exception as e:  # the references serve
             _triton = False
+            warnings.warn(
+                f"Triton kernels unavailable ({type(e).__name__}: {e}); the PyTorch references serve",
+                stacklevel=2,
+            )
     return _triton or None
 
 

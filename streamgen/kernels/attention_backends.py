@@ -305,7 +305,9 @@ def fp8_ops(q, k, v):
         # STREAMGEN_KERNELS=reference: the references everywhere, this one too (an A/B of the
         # kernel); in a traced graph, the traceable reference, as `kernels._use_triton` does
         return reference
-    ops = _triton_attention()
+    if not (q.is_cuda or kernels._TRITON_ON_CPU):
+        return reference  # CPUs: the same numerics, emulated (exact products of the e4m3 values)
+    ops = _triton_attention()  # (only now: a CPU without Triton is no news)
     if q.is_cuda:
         if ops is None:
             _warn_no_fp8_attention("Triton is not available")
@@ -314,9 +316,7 @@ def fp8_ops(q, k, v):
         else:
             return ops
         return None
-    if kernels._TRITON_ON_CPU and ops is not None:  # tests: the kernel under the interpreter
-        return ops
-    return reference  # CPUs: the same numerics, emulated (exact products of the e4m3 values)
+    return ops or reference  # tests (_TRITON_ON_CPU): the kernel under the interpreter
 
 
 FP8_BACKENDS = ("fp8_qk", "fp8")
