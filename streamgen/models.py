@@ -227,7 +227,12 @@ def load_model(
     their DiT blocks run under torch.compile when $STREAMGEN_COMPILE names a backend (`use_compile`)."""
     name_or_path = os.fspath(name_or_path)  # (a Path to no model was an AttributeError)
     if os.environ.get(ATTENTION_ENV) and "attn_backend" not in cfg_overrides:
-        cfg_overrides["attn_backend"] = os.environ[ATTENTION_ENV]
+        from streamgen.kernels import check_attention_backend
+
+        try:  # (checked here: the config's check blamed the model's model.json for it)
+            cfg_overrides["attn_backend"] = check_attention_backend(os.environ[ATTENTION_ENV])
+        except ValueError as e:
+            raise ValueError(f"${ATTENTION_ENV}: {e}") from None
     dtype = None if dtype == "auto" else dit_dtype_arg(dtype)
     asked = dtype is not None or bool(os.environ.get(DTYPE_ENV))
     if dtype is None:

@@ -397,6 +397,10 @@ def test_an_attention_backend_is_chosen_for_every_model_loaded(monkeypatch):
         use_attention_backend("xformers")
     with pytest.raises(ValueError, match="unknown attention backend"):
         load_model("debug", attn_backend="xformers")
+    # a shell's export is named as the one at fault, not the model's model.json
+    monkeypatch.setenv(ATTENTION_ENV, "xformers")
+    with pytest.raises(ValueError, match=r"^\$STREAMGEN_ATTENTION: unknown attention backend 'xformers'"):
+        load_model("tiny-avatar")
 
 
 def test_generate_with_another_attention_backend(tmp_path, monkeypatch, capsys):
