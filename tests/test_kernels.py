@@ -272,6 +272,16 @@ def test_triton_that_cannot_be_imported_on_a_gpu_says_so_once(monkeypatch):
         kernels.gelu_tanh(q)
 
 
+def test_streamgen_kernels_other_than_reference_is_a_warning():
+    assert kernels._forces_reference("reference") and kernels._forces_reference(" Reference ")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not kernels._forces_reference("")
+    for typo in ("references", "triton"):
+        with pytest.warns(UserWarning, match=f"STREAMGEN_KERNELS='{typo}' is not a setting, ignored"):
+            assert not kernels._forces_reference(typo)
+
+
 def test_fp8_attention_takes_the_reference_when_forced_or_traced(monkeypatch):
     """STREAMGEN_KERNELS=reference is the references everywhere (an A/B of the kernels), FP8
     attention's too; and a graph torch.compile traces gets the traceable reference."""

@@ -16,7 +16,21 @@ import torch
 from streamgen.kernels import reference
 from streamgen.kernels.reference import Rope, rope_angles, rope_inv_freq, rope_split  # noqa: F401
 
-_FORCE_REFERENCE = os.environ.get("STREAMGEN_KERNELS", "").lower() == "reference"
+
+def _forces_reference(setting: str) -> bool:
+    """Whether $STREAMGEN_KERNELS (`setting`) forces the references; a value it does not know is
+    a warning (a typo, "references" say, had left the kernels on unsaid)."""
+    known = setting.strip().lower()
+    if known not in ("", "reference"):
+        warnings.warn(
+            f"$STREAMGEN_KERNELS={setting!r} is not a setting, ignored: 'reference' forces the "
+            "PyTorch references everywhere, unset is the kernels where they run",
+            stacklevel=2,
+        )
+    return known == "reference"
+
+
+_FORCE_REFERENCE = _forces_reference(os.environ.get("STREAMGEN_KERNELS", ""))
 # Tests only: route CPU tensors to the Triton kernels too, which then run under the Triton
 # interpreter (TRITON_INTERPRET=1), so the whole model can be checked through them on CPU.
 _TRITON_ON_CPU = False
