@@ -375,6 +375,30 @@ def test_partials_merged_by_log_sum_exp_have_the_gradients_of_whole_attention(mo
     assert calls == [1]
 
 
+def test_partials_take_sdpa_s_flash_kernel_only_on_gpus_it_runs_on(monkeypatch):
+    """Called directly, the flash kernel does not fall back: a GPU before sm_80 or a head wider
+    than 256 gets the math (a stand-in for a CUDA tensor: the rule reads only these fields)."""
+    from types import SimpleNamespace
+
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    monkeypatch.setattr(torch.backends.cuda, "flash_sdp_enabled", lambda: True)
+
+    def on_gpu(head_dim=64, dtype=torch.bfloat16):
+        return SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 8, 2, head_dim), device="cuda:0")
+
+    serves = attention_backends._flash_lse_serves
+    assert serves(on_gpu(), None) and serves(on_gpu(dtype=torch.float16), None)
+    assert not serves(on_gpu(), (torch.tensor([0]), torch.tensor([0])))  # a mask
+    assert not serves(on_gpu(dtype=torch.float32), None) and not serves(on_gpu(head_dim=512), None)
+    capability[0] = (7, 5)  # a T4
+    assert not serves(on_gpu(), None)
+    capability[0] = (9, 0)
+    monkeypatch.setattr(torch.backends.cuda, "flash_sdp_enabled", lambda: False)  # switched off
+    assert not serves(on_gpu(), None)
+    assert not serves(torch.randn(1, 8, 2, 64, dtype=torch.bfloat16), None)  # a CPU tensor
+
+
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("backend", kernels.ATTENTION_BACKENDS)
 def test_a_call_with_no_keys_at_all_gets_zeros_from_every_backend(backend, masked):

@@ -396,9 +396,23 @@ def _attention_with_lse(q, k, v, block_mask_frames, tokens_per_frame: int, backe
     return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()), lse
 
 
+# SDPA's flash kernel, called directly, has no fallback of its own: it refuses GPUs before sm_80
+# ("FlashAttention only supports Ampere GPUs or newer") and heads wider than 256
+_FLASH_MIN_CAPABILITY, _FLASH_MAX_HEAD_DIM = (8, 0), 256
+
+
 def _flash_lse_serves(q, block_mask_frames) -> bool:
-    """SDPA's flash kernel returns the log-sum-exp: CUDA, bf16/fp16, no mask."""
-    return q.is_cuda and block_mask_frames is None and q.dtype in (torch.float16, torch.bfloat16)
+    """SDPA's flash kernel returns the log-sum-exp: CUDA on a GPU it runs on (and not switched off,
+    `torch.backends.cuda.enable_flash_sdp`), bf16/fp16, no mask. Else the math serves: a ring's
+    bf16 blocks failed on a T4 or V100."""
+    return (
+        q.is_cuda
+        and block_mask_frames is None
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] <= _FLASH_MAX_HEAD_DIM
+        and torch.backends.cuda.flash_sdp_enabled()
+        and torch.cuda.get_device_capability(q.device) >= _FLASH_MIN_CAPABILITY
+    )
 
 
 def _sdpa_flash_with_lse(q, k, v):
