@@ -249,6 +249,29 @@ def test_flash_without_flash_attn_on_a_gpu_says_that_our_kernel_serves(monkeypat
         attention_backends.flash_attention(q, q, q)
 
 
+def test_flash_attn_is_not_called_on_a_gpu_older_than_ampere(monkeypatch):
+    """flash-attn installs on a T4 or V100, then raises at its first call: such a GPU is served
+    as one without it, and the warning says why."""
+    import sys
+    from types import SimpleNamespace
+
+    installed = SimpleNamespace(flash_attn_func=lambda q, k, v: q)
+    monkeypatch.setitem(sys.modules, "flash_attn", installed)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)  # FA3 not installed
+    attention_backends._flash_func_for.cache_clear()
+    capability = [(8, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    try:
+        assert attention_backends._flash_func("cuda:0") is installed.flash_attn_func  # an A100
+        capability[0] = (7, 5)  # a T4
+        assert attention_backends._flash_func("cuda:0") is None
+        assert "sm_80" in attention_backends._no_flash_reason("cuda:0")
+        capability[0] = (9, 0)
+        assert "not installed" in attention_backends._no_flash_reason("cpu")
+    finally:
+        attention_backends._flash_func_for.cache_clear()  # (not the stand-in for later tests)
+
+
 def test_triton_that_cannot_be_imported_on_a_gpu_says_so_once(monkeypatch):
     """On a GPU without a working Triton every kernel, `--attention triton`'s too, runs its
     reference: that fallback names its reason instead of passing unsaid."""

@@ -9,8 +9,8 @@
 - "triton": our kernel (`kernels.triton_attention.attention`), CUDA only, forward
   only (calls that need gradients use SDPA).
 - "flash": flash-attn 3 (`flash_attn_interface`, Hopper: H100/H200) or 2
-  (`flash_attn`) when installed. They take no block mask, nor fp32: masked
-  bf16/fp16 calls fall back to the Triton kernel, fp32 calls to SDPA.
+  (`flash_attn`) when installed, on sm_80 and later. They take no block mask, nor fp32:
+  masked bf16/fp16 calls fall back to the Triton kernel, fp32 calls to SDPA.
 - "fp8_qk" and "fp8": QK^T in e4m3, and with "fp8" PV too
   (`reference.fp8_attention`), for inference: our Triton kernel on sm_89 and
   newer; on CPUs the same numerics emulated, to measure their accuracy; calls
@@ -224,20 +224,29 @@ def _flash_func_for(capability_major: int):
         return None
 
 
+# FlashAttention 2 and 3 run on Ampere and later: on a T4 or V100 flash-attn installs, then
+# raises at the first call ("FlashAttention only supports Ampere GPUs or newer")
+_FLASH_ATTN_MIN_MAJOR = 8
+
+
 def _flash_func(device):
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    return _flash_func_for(torch.cuda.get_device_capability(device)[0])
+    major = torch.cuda.get_device_capability(device)[0]
+    return _flash_func_for(major) if major >= _FLASH_ATTN_MIN_MAJOR else None
+
+
+def _no_flash_reason(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < _FLASH_ATTN_MIN_MAJOR:
+        return "flash-attn runs on sm_80 (Ampere) and later GPUs"
+    return "flash-attn is not installed (flash_attn_interface or flash_attn)"
 
 
 @functools.cache
-def _warn_no_flash_attn() -> None:
-    warnings.warn(
-        "flash attention: flash-attn is not installed (flash_attn_interface or flash_attn); "
-        "our Triton kernel serves instead",
-        stacklevel=3,
-    )
+def _warn_no_flash_attn(why: str) -> None:
+    warnings.warn(f"flash attention: {why}; our Triton kernel serves instead", stacklevel=3)
 
 
 def flash_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
@@ -248,7 +257,7 @@ def flash_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
         return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
     if func is None and (q.is_cuda or kernels._TRITON_ON_CPU):
         # (on a GPU the switch said nothing of it: `--attention flash` ran another kernel unsaid)
-        _warn_no_flash_attn()
+        _warn_no_flash_attn(_no_flash_reason(q.device))
     if func is None or block_mask_frames is not None:
         # flash-attn has no frame-block mask: our kernel has
         return triton_attention(q, k, v, block_mask_frames, tokens_per_frame)
