@@ -204,6 +204,29 @@ def test_cudnn_backend_puts_cudnn_first_in_sdpa_for_the_call_only(monkeypatch):
     assert "cudnn" not in attention_backends.available_backends("cpu")
 
 
+def test_cudnn_backend_on_a_torch_without_sdpa_priorities_is_sdpa_with_a_warning(monkeypatch):
+    """sdpa_kernel's set_priority came in torch 2.6, and pyproject allows 2.4: there the switch
+    that promises to fall back raised a TypeError."""
+    import contextlib
+
+    import torch.nn.attention
+
+    allowed = []
+
+    @contextlib.contextmanager
+    def sdpa_kernel_of_torch_2_5(backends):
+        allowed.append(backends)
+        yield
+
+    monkeypatch.setattr(torch.nn.attention, "sdpa_kernel", sdpa_kernel_of_torch_2_5)
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    q, k, v = _qkv(4, 9)
+    with pytest.warns(UserWarning, match="torch 2.5.1 cannot put cuDNN first.*SDPA's own order serves"):
+        out = kernels.attention(q, k, v, backend="cudnn")
+    torch.testing.assert_close(out, reference.attention(q, k, v))
+    assert len(allowed) == 1 and len(allowed[0]) == 4  # every kernel SDPA has
+
+
 def test_needs_autograd_decides_between_kernel_and_reference():
     x = torch.randn(2, requires_grad=True)
     assert kernels.needs_autograd(torch.randn(2), x, None)

@@ -284,8 +284,22 @@ def cudnn_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1):
         SDPBackend.EFFICIENT_ATTENTION,
         SDPBackend.MATH,
     ]
-    with sdpa_kernel(order, set_priority=True):
+    try:
+        chosen = sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch before 2.6 (pyproject allows 2.4): no order of its own to give
+        _warn_no_sdpa_priority(torch.__version__)
+        chosen = sdpa_kernel(order)  # every kernel allowed: SDPA's own choice
+    with chosen:
         return reference.attention(q, k, v, block_mask_frames, tokens_per_frame)
+
+
+@functools.cache
+def _warn_no_sdpa_priority(version: str) -> None:
+    warnings.warn(
+        f"cudnn attention: torch {version} cannot put cuDNN first in SDPA's order (sdpa_kernel's "
+        "set_priority, torch 2.6); SDPA's own order serves",
+        stacklevel=3,
+    )
 
 
 # ---------------------------------------------------------------------------
