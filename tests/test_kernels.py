@@ -168,6 +168,19 @@ def test_flex_takes_inputs_that_require_grad(masked):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
+def test_flex_under_torch_compile_raises_no_dynamo_warning():
+    """`serve --compile --attention flex` traces flex_attention: dynamo warned at its cached
+    lookup of torch's flex module that "silent incorrectness" was a risk."""
+
+    def uses_flex(x):
+        return x + (attention_backends._flex_module() is not None)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = torch.compile(uses_flex, backend="eager", fullgraph=True)(torch.zeros(2))
+    assert out.tolist() == [1.0, 1.0]
+
+
 def test_flex_block_mask_is_cached_by_block_ids():
     a = attention_backends.flex_block_mask(torch.tensor([0, 1]), torch.tensor([0, 1]), 4, "cpu")
     b = attention_backends.flex_block_mask(torch.tensor([0, 1]), torch.tensor([0, 1]), 4, "cpu")

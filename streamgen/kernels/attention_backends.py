@@ -122,13 +122,15 @@ def triton_attention(q, k, v, block_mask_frames=None, tokens_per_frame: int = 1)
 # FlexAttention
 
 
-@functools.cache
+try:  # (5 ms, here rather than in a functools.cache: `serve --compile` traces flex's calls, and
+    # dynamo warned at every cached function it met that "silent incorrectness" was a risk)
+    from torch.nn.attention import flex_attention as _FLEX
+except ImportError:  # torch before 2.5
+    _FLEX = None
+
+
 def _flex_module():
-    try:
-        from torch.nn.attention import flex_attention as mod
-    except ImportError:
-        return None
-    return mod
+    return _FLEX
 
 
 @functools.cache
