@@ -117,10 +117,11 @@ def run(args: argparse.Namespace) -> int:
 def _train(args) -> int:
     import torch
 
+    from distill.checkpoint import CheckpointError
     from streamgen.cli import UserError, output_folder
     from streamgen.data.shards import DataError
 
-    from .train import check_training_data, train_evaluators
+    from .train import TrainingResumeError, check_training_data, train_evaluators
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
@@ -135,9 +136,13 @@ def _train(args) -> int:
             args.workers or 2,
             args.data,
         )
-    except DataError as e:
+    except (DataError, TrainingResumeError, CheckpointError) as e:
         raise UserError(str(e)) from None
-    print(f"wrote {args.out / 'syncnet.safetensors'} and {args.out / 'identity.safetensors'} ({info})")
+    written = f"{args.out / 'syncnet.safetensors'} and {args.out / 'identity.safetensors'}"
+    if info.get("already_trained"):  # (the same command run again: nothing to train)
+        print(f"{written} are already trained with these settings: nothing to do (delete them to train again)")
+        return 0
+    print(f"wrote {written} ({info})")
     return 0
 
 

@@ -3,10 +3,19 @@
 Training clips come from the world's train split (identities and sentences never seen
 in val/test), generated on the fly or read from a dataset folder. Both models are
 small (well under 2 MB each) and train on a CPU in minutes.
+
+Resumable: every CHECKPOINT_EVERY steps the whole training state (weights, optimizer, the
+batches' random generator) goes to OUT/checkpoints/ (distill's checkpoint files, written
+atomically), so the same command run again after a kill goes on from the newest one, to the same
+weights as a run never interrupted (the clips are made again: they are a function of the seed).
+The checkpoints go once both evaluators are written; a finished run of the same settings run again
+trains nothing.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from pathlib import Path
 
@@ -73,18 +82,29 @@ def _jitter(x: torch.Tensor, gen: torch.Generator, pixels: int = 2) -> torch.Ten
     return x * gain
 
 
+def _one_cycle(opt, steps: int, done: int):
+    """The learning-rate schedule, `done` steps in (its state is a function of the step: a resumed
+    optimizer's param groups carry the initial_lr a scheduler made mid-way needs)."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=2e-3, total_steps=steps, pct_start=0.1, last_epoch=done - 1
+    )
+
+
 def train_syncnet(
-    clips, steps: int, batch: int = 32, hard: int = 8, seed: int = 0, temperature: float = 0.05, bar=None
-) -> SyncNet:
+    clips, steps: int, batch: int = 32, hard: int = 8, seed: int = 0, temperature: float = 0.05, bar=None,
+    checkpoints=None,
+) -> SyncNet:  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = SyncNet()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    done = checkpoints.restore("syncnet", model, opt, gen) if checkpoints else 0
+    sched = _one_cycle(opt, steps, done) if done < steps else None  # (None: trained before)
+    bar and done and bar.update(done)
     frames = [torch.from_numpy(c[0]) for c in clips]
     mels = [log_mel(c[1], len(c[0])) for c in clips]
     model.train()
-    for _ in range(steps):
+    for step in range(done, steps):
         ids = torch.randint(len(clips), (batch,), generator=gen)
         v_list, a_list, n_list = [], [], []
         for i in ids.tolist():
@@ -110,18 +130,23 @@ def train_syncnet(
         if bar is not None:
             bar.set_postfix(sync_loss=f"{loss.item():.3f}")
             bar.update(1)
+        checkpoints and checkpoints.step_done("syncnet", step + 1, model, opt, gen)
     return model.eval()
 
 
-def train_identity(clips, steps: int, batch: int = 32, seed: int = 0, bar=None) -> IdentityEncoder:
+def train_identity(
+    clips, steps: int, batch: int = 32, seed: int = 0, bar=None, checkpoints=None
+) -> IdentityEncoder:
     gen = torch.Generator().manual_seed(seed + 1)
     torch.manual_seed(seed + 1)
     model = IdentityEncoder()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    done = checkpoints.restore("identity", model, opt, gen) if checkpoints else 0
+    sched = _one_cycle(opt, steps, done) if done < steps else None  # (None: trained before)
+    bar and done and bar.update(done)
     identity = torch.tensor([c[3] for c in clips])
     model.train()
-    for _ in range(steps):
+    for step in range(done, steps):
         ids = torch.randperm(len(clips), generator=gen)[:batch]
         first, second = [], []
         for i in ids.tolist():
@@ -144,6 +169,7 @@ def train_identity(clips, steps: int, batch: int = 32, seed: int = 0, bar=None) 
         if bar is not None:
             bar.set_postfix(id_loss=f"{loss.item():.3f}")
             bar.update(1)
+        checkpoints and checkpoints.step_done("identity", step + 1, model, opt, gen)
     return model.eval()
 
 
@@ -165,6 +191,130 @@ def check_training_data(data: Path | None) -> None:
         )
 
 
+# steps between two checkpoints: about half a minute of training on the shared 2-core machine
+CHECKPOINT_EVERY = 250
+
+
+class TrainingResumeError(ValueError):
+    """--out holds checkpoints this run cannot go on from (other settings, none readable)."""
+
+
+class _Checkpoints:
+    """The training state in OUT/checkpoints/, one global step count over both phases: the
+    syncnet's steps, then the identity encoder's. A checkpoint of the identity phase carries the
+    finished syncnet too."""
+
+    def __init__(self, out: Path, settings: dict, every: int):
+        from distill import checkpoint as ckpt  # (one checkpoint format, distill's: no second copy)
+
+        self.ckpt, self.out, self.settings, self.every = ckpt, Path(out), settings, every
+        self.tensors, self.meta = {}, {}
+        self.path, self.syncnet = None, None
+
+    def newest(self) -> Path | None:
+        """The checkpoint to go on from (None: a fresh start); newer ones that cannot be read are
+        set aside with a warning, as distill's are."""
+        ckpt = self.ckpt
+        if ckpt.latest_checkpoint(self.out) is None:
+            return None
+        path, header, damaged = ckpt.newest_readable_checkpoint(self.out)
+        if path is None:
+            raise TrainingResumeError(
+                f"{damaged[0][1]}; no checkpoint in {ckpt.checkpoint_dir(self.out)} can be read: to "
+                "train from the start, delete that folder (or choose another --out)"
+            )
+        for damaged_path, why in damaged:
+            aside = ckpt.set_aside(damaged_path)
+            print(f"warning: {why}; set aside as {aside.name}, resuming from {path.name}", file=sys.stderr)
+        saved = header.get("settings")
+        if header.get("kind") != "train-evaluators" or saved != self.settings:
+            theirs = saved if isinstance(saved, dict) else {}
+            diffs = [f"{k}: checkpoint {theirs.get(k)!r}, now {v!r}" for k, v in self.settings.items()
+                     if theirs.get(k) != v] or ["not a train-evaluators run"]  # fmt: skip
+            raise TrainingResumeError(
+                f"{self.out} holds an unfinished train-evaluators run of other settings "
+                f"({'; '.join(diffs)}): run it again with those to finish it, or delete "
+                f"{ckpt.checkpoint_dir(self.out)} (or choose another --out)"
+            )
+        self.tensors, self.meta = ckpt.load_checkpoint(path)
+        self.path = path
+        return path
+
+    def resumed_step(self) -> int:
+        return int(self.meta.get("step", 0))
+
+    def restore(self, phase: str, model, opt, gen: torch.Generator) -> int:
+        """Load `phase`'s state from the checkpoint into model, opt and gen; the steps it had done."""
+        ckpt, meta = self.ckpt, self.meta
+        if phase not in meta.get("phases", {}):
+            return 0
+        ckpt.load_module(phase, model, self.tensors, self.path)
+        done = meta["phases"][phase]
+        if done < self.settings[f"{phase}_steps"]:
+            ckpt.load_optimizer(phase, opt, self.tensors, meta["optim"][phase])
+            gen.set_state(self.tensors[f"gen/{phase}"])
+            ckpt.set_rng_state(self.tensors, meta["rng"])
+        return done
+
+    def step_done(self, phase: str, done: int, model, opt, gen: torch.Generator) -> None:
+        steps = self.settings[f"{phase}_steps"]
+        step = done + (self.settings["syncnet_steps"] if phase == "identity" else 0)
+        if phase == "syncnet" and done == steps:
+            self.syncnet = model
+        if done % self.every and done != steps:
+            return
+        ckpt = self.ckpt
+        tensors, rng_meta = ckpt.rng_state()
+        tensors[f"gen/{phase}"] = gen.get_state()
+        tensors.update(ckpt.module_tensors(phase, model))
+        optim, optim_meta = ckpt.optimizer_tensors(phase, opt)
+        tensors.update(optim)
+        phases = {phase: done}
+        if phase == "identity":  # (the finished syncnet, from this run or from the checkpoint)
+            syncnet = self.syncnet or self._saved_syncnet()
+            tensors.update(ckpt.module_tensors("syncnet", syncnet))
+            phases["syncnet"] = self.settings["syncnet_steps"]
+        meta = {"kind": "train-evaluators", "settings": self.settings, "phases": phases,
+                "optim": {phase: optim_meta}, "rng": rng_meta}  # fmt: skip
+        ckpt.save_checkpoint(self.out, step, tensors, meta, keep=2)
+
+    def _saved_syncnet(self) -> SyncNet:
+        model = SyncNet()
+        self.ckpt.load_module("syncnet", model, self.tensors, self.path)
+        return model.eval()
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.ckpt.checkpoint_dir(self.out), ignore_errors=True)
+
+
+def training_settings(n_clips: int, sync_steps: int, identity_steps: int, seed: int, data: Path | None) -> dict:
+    """What the trained weights are a function of (not --workers: the clips come back in order)."""
+    import hashlib
+
+    manifest = None
+    if data is not None:  # (a dataset made again in the same folder is other clips)
+        manifest = hashlib.sha256((Path(data) / "manifest.json").read_bytes()).hexdigest()[:16]
+    return {"clips": n_clips, "syncnet_steps": sync_steps, "identity_steps": identity_steps, "seed": seed,
+            "data": str(Path(data).resolve()) if data is not None else None, "data_manifest": manifest}  # fmt: skip
+
+
+def finished_with(out: Path, settings: dict) -> bool:
+    """Whether both evaluators in `out` were trained with `settings` (by a run that recorded them)."""
+    from safetensors import safe_open
+
+    try:
+        for name in ("syncnet", "identity"):
+            with safe_open(str(Path(out) / f"{name}.safetensors"), "pt") as f:
+                extra = json.loads((f.metadata() or {}).get("extra", "{}"))
+            if extra.get("settings") != settings:
+                return False
+    except Exception:  # (missing, unreadable: not finished; safetensors has error types of its own)
+        return False
+    return True
+
+
 def train_evaluators(
     out: Path,
     n_clips: int = 300,
@@ -173,18 +323,36 @@ def train_evaluators(
     seed: int = 0,
     workers: int = 1,
     data: Path | None = None,
+    checkpoint_every: int | None = None,
 ) -> dict:
+    """Train both evaluators into `out`, going on from its checkpoints; the run's info, with
+    "resumed_from" (the step gone on from) or "already_trained" (nothing to do) where so."""
     from tqdm import tqdm
 
     start = time.perf_counter()
     check_training_data(data)
+    settings = training_settings(n_clips, sync_steps, identity_steps, seed, data)
+    if finished_with(out, settings):
+        return {"already_trained": True, "seed": seed}
+    checkpoints = _Checkpoints(out, settings, checkpoint_every or CHECKPOINT_EVERY)
+    resumed = checkpoints.newest()
+    if resumed is not None:
+        step = checkpoints.resumed_step()
+        print(
+            f"resuming from {resumed} (step {step} of {sync_steps + identity_steps}); "
+            "the training clips are made again",
+            file=sys.stderr,
+        )
     with tqdm(total=n_clips, desc="training clips", unit="clip") as bar:
         clips = training_clips(n_clips, seed, 64, workers, data, bar)
     with tqdm(total=sync_steps, desc="syncnet", unit="step") as bar:
-        sync = train_syncnet(clips, sync_steps, seed=seed, bar=bar)
+        sync = train_syncnet(clips, sync_steps, seed=seed, bar=bar, checkpoints=checkpoints)
     with tqdm(total=identity_steps, desc="identity", unit="step") as bar:
-        ident = train_identity(clips, identity_steps, seed=seed, bar=bar)
+        ident = train_identity(clips, identity_steps, seed=seed, bar=bar, checkpoints=checkpoints)
     info = {"clips": len(clips), "seed": seed, "seconds": round(time.perf_counter() - start, 1)}
-    save_checkpoint(sync, Path(out) / "syncnet.safetensors", "syncnet", dict(info, steps=sync_steps))
-    save_checkpoint(ident, Path(out) / "identity.safetensors", "identity", dict(info, steps=identity_steps))
-    return info
+    save_checkpoint(sync, Path(out) / "syncnet.safetensors", "syncnet",
+                    dict(info, steps=sync_steps, settings=settings))  # fmt: skip
+    save_checkpoint(ident, Path(out) / "identity.safetensors", "identity",
+                    dict(info, steps=identity_steps, settings=settings))  # fmt: skip
+    checkpoints.remove()  # (after both: a kill between the two goes on from the last step)
+    return dict(info, resumed_from=checkpoints.resumed_step()) if resumed else info

@@ -1,0 +1,78 @@
+"""`streamgen eval train-evaluators` killed midway and run again goes on from its last checkpoint,
+to the weights a run never interrupted reaches; a finished run run again trains nothing."""
+
+from __future__ import annotations
+
+import pytest
+from safetensors.torch import load_file
+
+from distill import checkpoint as ckpt
+from streamgen.cli import main
+from streamgen.eval import train
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from streamgen.data.shards import make_dataset
+
+    path = tmp_path_factory.mktemp("data") / "d"
+    make_dataset(path, 8, 0, 32, 32, 0.4)  # 10-frame clips: enough for a 5-frame sync window
+    return path
+
+
+def command(dataset, out, *extra):
+    return ["eval", "train-evaluators", "--data", str(dataset), "--clips", "8", "--sync-steps", "4",
+            "--identity-steps", "3", "--out", str(out), *extra]  # fmt: skip
+
+
+def weights(out):
+    return {name: load_file(str(out / f"{name}.safetensors")) for name in ("syncnet", "identity")}
+
+
+@pytest.mark.parametrize("killed_after", [2, 6])  # in the syncnet's steps; in the identity encoder's
+def test_a_killed_run_run_again_resumes_to_the_same_weights(dataset, tmp_path, monkeypatch, capsys, killed_after):
+    monkeypatch.setattr(train, "CHECKPOINT_EVERY", 2)
+    assert main(command(dataset, tmp_path / "whole")) == 0
+    real = ckpt.save_checkpoint
+
+    def killed(out, step, *args, **kwargs):
+        path = real(out, step, *args, **kwargs)
+        if step == killed_after:
+            raise SystemExit("killed")  # (right after the save: as a kill between two steps)
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", killed)
+    out = tmp_path / "cut"
+    with pytest.raises(SystemExit):
+        main(command(dataset, out))
+    assert not (out / "identity.safetensors").exists()
+    monkeypatch.setattr(ckpt, "save_checkpoint", real)
+    capsys.readouterr()
+    assert main(command(dataset, out)) == 0
+    err = capsys.readouterr().err
+    assert f"resuming from {ckpt.checkpoint_path(out, killed_after)} (step {killed_after} of 7)" in err, err
+    whole, cut = weights(tmp_path / "whole"), weights(out)
+    for name in whole:
+        assert whole[name].keys() == cut[name].keys()
+        for key in whole[name]:
+            assert (whole[name][key] == cut[name][key]).all(), (name, key)
+    assert not ckpt.checkpoint_dir(out).exists()  # (gone once both evaluators are written)
+
+
+def test_a_finished_run_run_again_trains_nothing_and_other_settings_are_refused(dataset, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "ev"
+    assert main(command(dataset, out)) == 0
+    written = (out / "syncnet.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr(train, "training_clips", lambda *a, **k: pytest.fail("trained again"))
+    capsys.readouterr()
+    assert main(command(dataset, out)) == 0
+    assert "already trained with these settings: nothing to do" in capsys.readouterr().out
+    assert (out / "syncnet.safetensors").stat().st_mtime_ns == written
+    # an unfinished run's checkpoints, and another seed: refused, the checkpoints kept
+    ckpt.save_checkpoint(out / "other", 2, {"x": __import__("torch").zeros(1)},
+                         {"kind": "train-evaluators", "settings": {"seed": 0}})  # fmt: skip
+    assert main([*command(dataset, out / "other"), "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "holds an unfinished train-evaluators run of other settings (clips: checkpoint None" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert ckpt.latest_checkpoint(out / "other") is not None
