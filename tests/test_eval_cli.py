@@ -65,8 +65,9 @@ def test_a_run_that_fails_on_the_way_leaves_no_earlier_report(tmp_path, monkeypa
     monkeypatch.setattr(world, "make_clip", crash)
     with pytest.raises(RuntimeError, match="crashed on the way"):
         main(["eval", "--model", "ground-truth", "--clips", "1", "--out", str(out)])
-    # nor its report.md and plots, which named the earlier run's model beside no report.json
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # nor its report.md and plots, which named the earlier run's model beside no report.json (what
+    # this run measured before it failed is kept in partial/, for the same command to go on from)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "partial"]
 
 
 def test_frozen_frames_leave_out_the_frames_held_before_a_1_plus_4k_stream(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from streamgen.cli import add_dtype_option, frame_size, positive_int, seed_number
@@ -174,6 +175,7 @@ def _evaluate(args) -> int:
             args.evaluators, args.device, args.steps, progress=progress,
             decode_dtype=args.decode_dtype, cache_from=args.cache_from, dtype=args.dtype,
             encode_dtype=args.encode_dtype, stream_progress=stream_progress,
+            note=lambda line: print(line, file=sys.stderr),
         )  # fmt: skip
     except (EvaluatorError, ModelLoadError, OutputInUse) as e:
         raise UserError(str(e)) from None
@@ -184,7 +186,8 @@ def _evaluate(args) -> int:
     summary = "  ".join(
         f"{k}={report[k]:.3f}" if isinstance(report[k], float) else f"{k}={report[k]}" for k in keys
     )
-    print(f"wrote {args.out / 'report.json'}: {summary}")
+    # (no bar: the work never began, report.json was already this evaluation's)
+    print(f"{'wrote' if bars else 'already finished:'} {args.out / 'report.json'}: {summary}")
     if args.json:
         print(json.dumps({k: v for k, v in report.items()}))
     return 0

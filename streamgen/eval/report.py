@@ -162,9 +162,13 @@ def evaluate(
     dtype="auto",
     encode_dtype="auto",
     stream_progress=None,
+    note=None,
 ) -> dict:
     """Score `model` on `n_clips` clips of `split` (and a `minutes` stream) into `out`:
-    `progress(clips)` as clips are done, `stream_progress(frames, of_frames)` as the stream is made."""
+    `progress(clips)` as clips are done, `stream_progress(frames, of_frames)` as the stream is made,
+    `note(line)` where it resumes (the clips measured by an earlier run of the same settings, kept in
+    OUT/partial: `partial.Measured`) or finds the run finished (report.json of the same settings and
+    clips: returned, nothing measured)."""
     from streamgen.data.world import make_clip, make_stream
 
     from .evaluators import Evaluators
@@ -179,6 +183,7 @@ def evaluate(
         slope_per_minute,
         sync_scores,
     )
+    from .partial import Measured
 
     start_time = time.perf_counter()
     ev = Evaluators(evaluators_dir)  # fails first, with a clear message, if a checkpoint is missing
@@ -189,14 +194,24 @@ def evaluate(
         session = open_session(
             model, size, size, device, steps, decode_dtype, cache_from, dtype, encode_dtype
         )
+    settings = eval_settings(model, split, size, minutes, ev, session, roundtrip, device, steps)
     # set up (a model or evaluator that is not there stopped it, the earlier run's results left
     # alone, and no --out made for it): from here a run that fails (a crash on the way, a Ctrl-C)
     # must not leave an earlier run's report in --out, whose presence says the run finished, nor
     # its report.md and plots, which name that run's model beside no report.json
     Path(out).mkdir(parents=True, exist_ok=True)
     with one_eval_at_a_time(Path(out)):  # (another eval's outputs are not removed, nor mixed with ours)
+        finished = _finished_report(Path(out), settings, n_clips)
+        if finished is not None:  # (the same command run again: nothing to measure)
+            note and note(f"{Path(out) / 'report.json'} is already this evaluation's: nothing measured again "
+                          "(delete it to evaluate again)")  # fmt: skip
+            return finished
         for name in OUTPUTS:
             (Path(out) / name).unlink(missing_ok=True)
+        measured = Measured(Path(out), settings)
+        kept = measured.open()
+        if kept and note:
+            note(f"resuming: the clips already scored in {measured.folder} are not scored again")
         if progress is not None:
             progress(0)  # the work begins (the command's progress bar shows from here)
 
@@ -213,10 +228,7 @@ def evaluate(
                 session, clip.reference, clip.audio, clip.caption, len(clip.video), seed, progress
             )
 
-        per_clip, gen_feats, real_feats, gen_clip_feats, real_clip_feats = [], [], [], [], []
-        csim_curves, samples, sync_curves = [], [], []
-        black = frozen = flicker = 0
-        for i in range(n_clips):
+        def score_clip(i: int) -> dict:
             clip = make_clip(EVAL_SEED, i, split, size, size)
             frames = produce(clip, EVAL_SEED + i)
             real = make_clip(EVAL_SEED + 1, i, split, size, size)
@@ -227,30 +239,60 @@ def evaluate(
             sims = csim(emb, ref_emb)
             _, rfeats = ev.identity_embeddings(real.video)
             rv, _ = ev.sync_embeddings(real.video, real.audio)
-            gen_feats.append(feats[::4].numpy())
-            real_feats.append(rfeats[::4].numpy())
-            gen_clip_feats.append(clip_features(feats.numpy(), v.numpy()))
-            real_clip_feats.append(clip_features(rfeats.numpy(), rv.numpy()))
-            black += int(black_frames(frames).sum())
-            frozen += int(frozen_frames(frames[lead:]).sum())
-            flicker += int(flicker_frames(frames).sum())
-            csim_curves.append(sims)
-            sync_curves.append(sync.pop("curve"))
-            per_clip.append({"index": i, "caption": clip.caption, "csim": float(sims.mean()), **sync})
+            sync_curve = sync.pop("curve")
+            per_clip = {"index": i, "caption": clip.caption, "csim": float(sims.mean()), **sync}
+            # (the frames samples.png shows: contact_sheet's picks, kept rather than the clip)
+            picks = np.linspace(0, len(frames) - 1, SAMPLE_FRAMES).round().astype(int)
+            return {
+                "per_clip": np.array(json.dumps(per_clip)),
+                "gen_feats": feats[::4].numpy(),
+                "real_feats": rfeats[::4].numpy(),
+                "gen_clip_feats": clip_features(feats.numpy(), v.numpy()),
+                "real_clip_feats": clip_features(rfeats.numpy(), rv.numpy()),
+                "counts": np.array([int(black_frames(frames).sum()), int(frozen_frames(frames[lead:]).sum()),
+                                    int(flicker_frames(frames).sum())]),  # fmt: skip
+                "csim_curve": sims,
+                "sync_curve": np.array(sync_curve),
+                "sample_real": clip.video[picks],
+                "sample_generated": frames[picks],
+            }
+
+        per_clip, gen_feats, real_feats, gen_clip_feats, real_clip_feats = [], [], [], [], []
+        csim_curves, samples, sync_curves = [], [], []
+        black = frozen = flicker = 0
+        for i in range(n_clips):
+            scored = measured.load(f"clip-{i:05d}")
+            if scored is None:
+                scored = score_clip(i)
+                measured.save(f"clip-{i:05d}", scored)
+            per_clip.append(json.loads(str(scored["per_clip"])))
+            gen_feats.append(scored["gen_feats"])
+            real_feats.append(scored["real_feats"])
+            gen_clip_feats.append(scored["gen_clip_feats"])
+            real_clip_feats.append(scored["real_clip_feats"])
+            black, frozen, flicker = (int(n) for n in np.array([black, frozen, flicker]) + scored["counts"])
+            csim_curves.append(scored["csim_curve"])
+            sync_curves.append(scored["sync_curve"].tolist())
             if len(samples) < 4:
-                samples.append((clip.video, frames))
+                samples.append((scored["sample_real"], scored["sample_generated"]))
             progress and progress(1)
         stream = None
         if minutes:
-            clip = make_stream(EVAL_SEED, _first_identity(split), minutes, size, size)
-            made = (lambda n: stream_progress(n, len(clip.video))) if stream_progress else None
-            frames = produce(clip, EVAL_SEED, made)
-            emb, _ = ev.identity_embeddings(frames)
-            ref_emb, _ = ev.identity_embeddings(clip.reference[None])
-            stream = {"csim": csim(emb, ref_emb), "colour": colour_stats(frames)}
-            black += int(black_frames(frames).sum())
-            frozen += int(frozen_frames(frames[lead:]).sum())
-            flicker += int(flicker_frames(frames).sum())
+            scored = measured.load("stream")
+            if scored is None:
+                clip = make_stream(EVAL_SEED, _first_identity(split), minutes, size, size)
+                made = (lambda n: stream_progress(n, len(clip.video))) if stream_progress else None
+                frames = produce(clip, EVAL_SEED, made)
+                emb, _ = ev.identity_embeddings(frames)
+                ref_emb, _ = ev.identity_embeddings(clip.reference[None])
+                scored = {"csim": csim(emb, ref_emb), "colour": colour_stats(frames),
+                          "counts": np.array([int(black_frames(frames).sum()),
+                                              int(frozen_frames(frames[lead:]).sum()),
+                                              int(flicker_frames(frames).sum())])}  # fmt: skip
+                del frames, clip
+                measured.save("stream", scored)
+            stream = {"csim": scored["csim"], "colour": scored["colour"]}
+            black, frozen, flicker = (int(n) for n in np.array([black, frozen, flicker]) + scored["counts"])
         n_frames = sum(len(c) for c in csim_curves) + (len(stream["csim"]) if stream else 0)
         mean_curve = np.mean(np.stack(csim_curves), axis=0)
         drift_series = stream["csim"] if stream else mean_curve
@@ -279,9 +321,43 @@ def evaluate(
             "flicker_frames": flicker,
             "per_clip": per_clip,
             "wall_seconds": round(time.perf_counter() - start_time, 1),
+            "settings": settings,
         }
         _write_outputs(Path(out), report, mean_curve, stream, samples, sync_curves)
+        measured.remove()  # (after: a kill between the two leaves the results to write again)
         return report
+
+
+SAMPLE_FRAMES = 8  # frames of each sample clip in samples.png (contact_sheet's columns)
+
+
+def eval_settings(model, split, size, minutes, ev, session, roundtrip, device, steps) -> dict:
+    """What an evaluation's results are a function of, the clip count aside (clip i is the same
+    clip whatever the count): the weights by digest, so a model or evaluators trained again at the
+    same path are another evaluation."""
+    from .partial import files_digest, weights_digest
+
+    weights = (session.dit, session.vae) if session is not None else (getattr(roundtrip, "vae", None),)
+    return {
+        "model": model, "split": split, "size": size, "minutes": minutes,
+        "device": device if session is not None else None, "steps": steps,
+        "cache_from": getattr(session, "cache_from", None), **_session_dtypes(session),
+        "model_weights": weights_digest(*weights),
+        "evaluators": files_digest([ev.folder / "syncnet.safetensors", ev.folder / "identity.safetensors"]),
+    }  # fmt: skip
+
+
+def _finished_report(out: Path, settings: dict, n_clips: int) -> dict | None:
+    """report.json in `out` where it is of this evaluation, finished (None: not)."""
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("settings") != settings or report.get("clips") != n_clips:
+        return None
+    if not all((out / name).exists() for name in OUTPUTS):
+        return None
+    return report
 
 
 def autoencoder_roundtrip(name: str):
@@ -310,6 +386,7 @@ def autoencoder_roundtrip(name: str):
         y = vae.decode(vae.encode(x))[0, :, : len(video)]
         return ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
 
+    roundtrip.vae = vae  # (its weights: part of what the evaluation is of)
     return roundtrip
 
 

@@ -1,0 +1,94 @@
+"""What an evaluation has measured so far, kept in OUT/partial/ so that the same command run again
+after a Ctrl-C or a kill goes on from there (`streamgen eval` scores clip after clip for minutes to
+hours: a student's 60-minute drift stream, a teacher's 50 steps).
+
+    OUT/partial/settings.json   what the results are a function of (`eval_settings`)
+    OUT/partial/clip-00003.npz  one clip's measurements (written whole: `write_atomically`)
+    OUT/partial/stream.npz      the --minutes stream's
+
+Clip i of a split is the same clip whatever --clips says, so a run of more clips goes on from the
+ones of a run of fewer. The folder goes once report.json is written; the same command run after
+that finds report.json of the same settings and clips, and measures nothing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from streamgen.files import write_atomically, write_text_atomically
+
+FOLDER = "partial"
+
+
+def weights_digest(*modules) -> str | None:
+    """A digest of the modules' weights (and dtypes): a model exported again at the same path, or run
+    in another precision, is another evaluation. None without a module (the renderer's clips)."""
+    import torch
+
+    modules = [m for m in modules if m is not None]
+    if not modules:
+        return None
+    h = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def files_digest(paths) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:16]
+
+
+class Measured:
+    """The per-clip (and stream) results in OUT/partial of the evaluation of `settings`."""
+
+    def __init__(self, out: Path, settings: dict):
+        self.folder, self.settings = Path(out) / FOLDER, settings
+
+    def open(self) -> int:
+        """Keep the results of these settings (how many clips there are), or start the folder
+        afresh; the other settings' results are removed (another evaluation into this --out
+        replaces the earlier one's, as its report does)."""
+        saved = None
+        try:
+            saved = json.loads((self.folder / "settings.json").read_text())
+        except (OSError, ValueError):
+            pass
+        if saved != self.settings:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if saved != self.settings:
+            write_text_atomically(self.folder / "settings.json", json.dumps(self.settings, indent=1))
+            return 0
+        return len(list(self.folder.glob("clip-*.npz")))
+
+    def _path(self, name: str) -> Path:
+        return self.folder / f"{name}.npz"
+
+    def load(self, name: str) -> dict | None:
+        """The arrays saved as `name`, or None (not measured, or unreadable: measured again)."""
+        try:
+            with np.load(self._path(name), allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
+            return None
+
+    def save(self, name: str, arrays: dict) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        write_atomically(self._path(name), lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,89 @@
+"""`streamgen eval` stopped midway and run again goes on from the clips it had scored (kept in
+OUT/partial), to the same report; a finished evaluation run again measures nothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from streamgen.cli import main
+from streamgen.data import world
+from streamgen.eval import partial
+
+
+def small_clip(seed, index, split, height, width, *args):
+    """A 12-frame clip of its own for (seed, index): the evaluation's arithmetic, in a moment."""
+    rng = np.random.default_rng([seed, index])
+    video = rng.integers(0, 256, (12, height, width, 3), dtype=np.uint8)
+    audio = rng.standard_normal(12 * 640).astype(np.float32) * 0.1
+    return world.Clip(video, audio, video[0].copy(), "neutral", None, {"identity_id": index})
+
+
+@pytest.fixture
+def made(monkeypatch):
+    """The (seed, index) of every clip made."""
+    calls = []
+
+    def make_clip(seed, index, *args):
+        calls.append((seed, index))
+        return small_clip(seed, index, *args)
+
+    monkeypatch.setattr(world, "make_clip", make_clip)
+    return calls
+
+
+def evaluate(out, *extra):
+    return main(["eval", "--model", "ground-truth", "--clips", "3", "--size", "32", "--out", str(out), *extra])
+
+
+def without_wall_time(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k != "wall_seconds"}
+
+
+def test_a_stopped_eval_run_again_scores_only_the_clips_left(tmp_path, made, monkeypatch, capsys):
+    assert evaluate(tmp_path / "whole") == 0
+    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    real_save = partial.Measured.save
+
+    def stopped(self, name, arrays):
+        real_save(self, name, arrays)
+        if name == "clip-00001":
+            raise KeyboardInterrupt  # (Ctrl-C once the second clip is scored)
+
+    monkeypatch.setattr(partial.Measured, "save", stopped)
+    out = tmp_path / "cut"
+    assert evaluate(out) == 130  # ("interrupted")
+    assert not (out / "report.json").exists()
+    monkeypatch.setattr(partial.Measured, "save", real_save)
+    made.clear()
+    capsys.readouterr()
+    assert evaluate(out) == 0
+    assert "resuming: the clips already scored" in capsys.readouterr().err
+    assert {index for seed, index in made} == {2}  # clips 0 and 1 were not made (nor scored) again
+    assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
+    assert not (out / partial.FOLDER).exists()
+    # run again once finished: nothing made, the report as it was
+    made.clear()
+    assert evaluate(out, "--json") == 0
+    printed = capsys.readouterr()
+    assert "nothing measured again" in printed.err and printed.out.startswith("already finished:")
+    assert made == [] and json.loads(printed.out.splitlines()[-1]) == json.loads((out / "report.json").read_text())
+
+
+def test_another_evaluation_into_the_out_of_a_stopped_one_scores_its_own_clips(tmp_path, made, monkeypatch):
+    real_save = partial.Measured.save
+
+    def stopped(self, name, arrays):
+        real_save(self, name, arrays)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(partial.Measured, "save", stopped)
+    out = tmp_path / "e"
+    assert evaluate(out, "--split", "val") == 130
+    monkeypatch.setattr(partial.Measured, "save", real_save)
+    made.clear()
+    assert evaluate(out) == 0  # the test split: the val split's clip is not taken for its own
+    assert {index for seed, index in made} == {0, 1, 2}
+    assert json.loads((out / "report.json").read_text())["split"] == "test"
