@@ -105,3 +105,37 @@ def test_evaluators_given_a_checkpoint_file_instead_of_its_folder_say_so(tmp_pat
 
     with pytest.raises(EvaluatorError, match="is a file, not the folder of the evaluator checkpoints"):
         Evaluators(DEFAULT_DIR / "syncnet.safetensors")
+
+
+def test_a_stream_scored_chunk_by_chunk_scores_as_the_whole_stream():
+    """The --minutes stream was held whole to be scored (10x its frames' bytes for a student's: an
+    hour at 128x128 was refused); chunk by chunk, each detector and series comes out the same,
+    across chunk boundaries (a frozen frame, a flicker) and the frames held before a 1 + 4k stream."""
+    from streamgen.eval.evaluators import Evaluators
+    from streamgen.eval.metrics import (
+        StreamScores,
+        black_frames,
+        colour_stats,
+        csim,
+        flicker_frames,
+        frozen_frames,
+    )
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(40, 200, (40, 32, 32, 3), dtype=np.uint8)
+    frames[:3] = frames[3]  # held before the first frame (lead 3): not frozen
+    frames[9] = frames[8]  # frozen across the boundary of two chunks (8 | 9)
+    frames[20] = 0  # black, and a flicker at a boundary (20 | 21)
+    frames[21] = 255
+    frames[30:33] = frames[29]  # frozen inside a chunk
+    ev = Evaluators()
+    reference = frames[5]
+    scores = StreamScores(ev, reference, lead=3)
+    for start, end in ((0, 2), (2, 9), (9, 21), (21, 33), (33, 40)):
+        scores.add(frames[start:end])
+    got = scores.result()
+    emb, _ = ev.identity_embeddings(frames)
+    np.testing.assert_allclose(got["csim"], csim(emb, ev.identity_embeddings(reference[None])[0]), atol=1e-5)
+    np.testing.assert_array_equal(got["colour"], colour_stats(frames))
+    whole = [black_frames(frames).sum(), frozen_frames(frames[3:]).sum(), flicker_frames(frames).sum()]
+    assert got["counts"].tolist() == [int(n) for n in whole] and whole[1] == 4 and whole[2] >= 1

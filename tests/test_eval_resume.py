@@ -35,7 +35,9 @@ def made(monkeypatch):
 
 
 def evaluate(out, *extra):
-    return main(["eval", "--model", "ground-truth", "--clips", "3", "--size", "32", "--out", str(out), *extra])
+    return main(
+        ["eval", "--model", "ground-truth", "--clips", "3", "--size", "32", "--out", str(out), *extra]
+    )
 
 
 def without_wall_time(report: dict) -> dict:
@@ -69,7 +71,9 @@ def test_a_stopped_eval_run_again_scores_only_the_clips_left(tmp_path, made, mon
     assert evaluate(out, "--json") == 0
     printed = capsys.readouterr()
     assert "nothing measured again" in printed.err and printed.out.startswith("already finished:")
-    assert made == [] and json.loads(printed.out.splitlines()[-1]) == json.loads((out / "report.json").read_text())
+    assert made == [] and json.loads(printed.out.splitlines()[-1]) == json.loads(
+        (out / "report.json").read_text()
+    )
 
 
 def test_another_evaluation_into_the_out_of_a_stopped_one_scores_its_own_clips(tmp_path, made, monkeypatch):

@@ -30,7 +30,9 @@ def weights(out):
 
 
 @pytest.mark.parametrize("killed_after", [2, 6])  # in the syncnet's steps; in the identity encoder's
-def test_a_killed_run_run_again_resumes_to_the_same_weights(dataset, tmp_path, monkeypatch, capsys, killed_after):
+def test_a_killed_run_run_again_resumes_to_the_same_weights(
+    dataset, tmp_path, monkeypatch, capsys, killed_after
+):
     monkeypatch.setattr(train, "CHECKPOINT_EVERY", 2)
     assert main(command(dataset, tmp_path / "whole")) == 0
     real = ckpt.save_checkpoint
@@ -59,7 +61,9 @@ def test_a_killed_run_run_again_resumes_to_the_same_weights(dataset, tmp_path, m
     assert not ckpt.checkpoint_dir(out).exists()  # (gone once both evaluators are written)
 
 
-def test_a_finished_run_run_again_trains_nothing_and_other_settings_are_refused(dataset, tmp_path, capsys, monkeypatch):
+def test_a_finished_run_run_again_trains_nothing_and_other_settings_are_refused(
+    dataset, tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "ev"
     assert main(command(dataset, out)) == 0
     written = (out / "syncnet.safetensors").stat().st_mtime_ns

@@ -137,8 +137,10 @@ def make_stream(
     height: int = 64,
     width: int = 64,
     caption: str = "neutral",
+    render: bool = True,
 ) -> Clip:
-    """One long take of one identity talking, sentence after sentence with pauses (for drift)."""
+    """One long take of one identity talking, sentence after sentence with pauses (for drift).
+    `render=False`: no video (None), for a caller that renders `motion` a slice at a time."""
     rng = np.random.default_rng([int(seed), int(identity_id), 0x57E])
     identity = Identity.from_id(identity_id)
     split = identity_split(identity_id)
@@ -160,7 +162,7 @@ def make_stream(
         t += utterance.duration + float(rng.uniform(0.3, 1.5))
     motion = plan_motion(rng, n_frames, phonemes, word_starts, caption, identity.liveliness)
     return Clip(
-        video=render_clip(identity, motion, height, width),
+        video=render_clip(identity, motion, height, width) if render else None,
         audio=audio,
         reference=render_reference(identity, height, width),
         caption=caption,

@@ -141,7 +141,7 @@ def _train(args) -> int:
         raise UserError(str(e)) from None
     written = f"{args.out / 'syncnet.safetensors'} and {args.out / 'identity.safetensors'}"
     if info.get("already_trained"):  # (the same command run again: nothing to train)
-        print(f"{written} are already trained with these settings: nothing to do (delete them to train again)")
+        print(f"{written} are already trained with these settings: nothing to do (delete them to retrain)")
         return 0
     print(f"wrote {written} ({info})")
     return 0

@@ -93,9 +93,13 @@ def frozen_frames(frames: np.ndarray) -> np.ndarray:
 
 
 def flicker_frames(frames: np.ndarray, threshold: float = 12.0) -> np.ndarray:
-    m = luma(frames).mean(axis=(1, 2))
-    out = np.zeros(len(frames), bool)
-    if len(frames) > 2:
+    return flicker_from_means(luma(frames).mean(axis=(1, 2)), threshold)
+
+
+def flicker_from_means(m: np.ndarray, threshold: float = 12.0) -> np.ndarray:
+    """`flicker_frames` from the frames' mean luma [T] (a stream's, gathered chunk by chunk)."""
+    out = np.zeros(len(m), bool)
+    if len(m) > 2:
         before, after = m[1:-1] - m[:-2], m[1:-1] - m[2:]
         out[1:-1] = (
             (np.abs(before) > threshold) & (np.abs(after) > threshold) & (np.sign(before) == np.sign(after))
@@ -107,3 +111,39 @@ def colour_stats(frames: np.ndarray) -> np.ndarray:
     """Per-frame mean R, G, B and luma std, [T, 4], in 0..255."""
     means = frames.reshape(len(frames), -1, 3).mean(1)
     return np.concatenate([means, luma(frames).std(axis=(1, 2))[:, None]], axis=1)
+
+
+class StreamScores:
+    """A stream scored chunk by chunk, the frames dropped as they are scored: per-frame CSIM to the
+    reference and colour statistics, and the detectors' counts as over the whole stream (the frozen
+    detector from frame `lead` on: the frames a 1 + 4k stream holds before its first are copies)."""
+
+    def __init__(self, evaluators, reference: np.ndarray, lead: int = 0):
+        self.ev, self.lead = evaluators, lead
+        self.reference = evaluators.identity_embeddings(reference[None])[0]
+        self.csim, self.colour, self.means = [], [], []
+        self.black = self.frozen = self.seen = 0
+        self.previous = None  # the last frame scored for frozen (from `lead` on)
+
+    def add(self, frames: np.ndarray) -> None:
+        emb, _ = self.ev.identity_embeddings(frames)
+        self.csim.append(csim(emb, self.reference))
+        self.colour.append(colour_stats(frames))
+        self.means.append(luma(frames).mean(axis=(1, 2)))
+        self.black += int(black_frames(frames).sum())
+        held = frames[max(0, self.lead - self.seen) :]
+        if len(held):
+            if self.previous is not None:
+                held = np.concatenate([self.previous, held])
+            # (the first is the previous chunk's last: frozen_frames never counts a first frame)
+            self.frozen += int(frozen_frames(held).sum())
+            self.previous = held[-1:]
+        self.seen += len(frames)
+
+    def result(self) -> dict:
+        means = np.concatenate(self.means)
+        return {
+            "csim": np.concatenate(self.csim),
+            "colour": np.concatenate(self.colour),
+            "counts": np.array([self.black, self.frozen, int(flicker_from_means(means).sum())]),
+        }

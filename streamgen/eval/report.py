@@ -47,12 +47,19 @@ def generate_with_stream_session(
     The clip's caption conditions models that take sentence embeddings; models
     without that width (the debug flavor) are scored uncaptioned.
     """
+    chunks = stream_session_chunks(session, reference, audio, caption, n_frames, seed, progress)
+    return np.concatenate(list(chunks))
+
+
+def stream_session_chunks(session, reference, audio, caption, n_frames, seed, progress=None):
+    """`generate_with_stream_session`'s frames chunk by chunk, `n_frames` in all: for a stream
+    scored as it is made (an hour's frames were held whole, 10x their bytes at the peak)."""
     from streamgen.media import from_time_zero
     from streamgen.model.text import TEXT_DIM
 
     text = caption if caption and session.cfg.text_dim == TEXT_DIM else None
     session.start(reference, text=text, seed=seed)
-    pushed, frames, got = 0, [], 0
+    pushed, got = 0, 0
     samples_per_frame = 640
     try:
         while got < n_frames:
@@ -64,14 +71,14 @@ def generate_with_stream_session(
             chunk, pts = session.next_chunk()
             if len(chunk) == 0:
                 raise RuntimeError("the model returned an empty chunk")
-            if not frames:  # frame i of the result is the audio's frame i (scored for lip sync)
+            if got == 0:  # frame i of the result is the audio's frame i (scored for lip sync)
                 chunk = from_time_zero(chunk, pts)
-            frames.append(chunk)
-            progress and progress(min(len(chunk), n_frames - got))
+            chunk = chunk[: n_frames - got]
+            progress and progress(len(chunk))
             got += len(chunk)
+            yield chunk
     finally:
         session.close()
-    return np.concatenate(frames)[:n_frames]
 
 
 class ModelLoadError(ValueError):
@@ -112,21 +119,22 @@ def open_session(
         raise ModelLoadError(f"cannot load model {model!r}: {e}") from None
 
 
-# the memory an evaluation's --minutes stream peaks at, in bytes of its frames (uint8 RGB):
-# measured at 64x64 over 1 to 4 minute streams, 6.2x for the renderer's, 8.6x for a student's
-# (the rendered stream, the generated chunks and their copy in one array, the detectors' float
-# luma) and 39x for an autoencoder's round trip (its activations over the whole stream at once)
-STREAM_BYTES_PER_FRAME_BYTE = {GROUND_TRUTH: 7, ROUNDTRIP: 45, "model": 10}
+# the memory an autoencoder's round trip of the --minutes stream peaks at, in bytes of its frames
+# (uint8 RGB), measured at 64x64 over 1 to 4 minute streams: 39x (its activations over the whole
+# stream at once). The renderer's and a model's streams are scored chunk by chunk (`StreamScores`):
+# they hold no more than a chunk of frames, whatever their length (6.2x and 8.6x, held whole).
+ROUNDTRIP_BYTES_PER_FRAME_BYTE = 45
 
 
 def stream_memory_problem(model: str, minutes: float, size: int) -> str | None:
     """Why this machine has not the memory a `minutes` stream at `size` takes, or None: the
-    kernel kills the process once the stream is made (at 128x128 a student's hour takes about
-    35 GiB, after ten minutes of generating it; an autoencoder's round trip 40 GiB at 64x64)."""
+    kernel kills the process once the stream is made (an autoencoder's round trip of an hour
+    takes 40 GiB at 64x64)."""
     from streamgen.models import free_memory
 
-    kind = GROUND_TRUTH if model == GROUND_TRUTH else ROUNDTRIP if model.startswith(ROUNDTRIP) else "model"
-    per_minute = 60 * 25 * size * size * 3 * STREAM_BYTES_PER_FRAME_BYTE[kind]
+    if not model.startswith(ROUNDTRIP):
+        return None
+    per_minute = 60 * 25 * size * size * 3 * ROUNDTRIP_BYTES_PER_FRAME_BYTE
     free = free_memory()
     if free is None or minutes * per_minute <= free:
         return None
@@ -169,13 +177,12 @@ def evaluate(
     `note(line)` where it resumes (the clips measured by an earlier run of the same settings, kept in
     OUT/partial: `partial.Measured`) or finds the run finished (report.json of the same settings and
     clips: returned, nothing measured)."""
-    from streamgen.data.world import make_clip, make_stream
+    from streamgen.data.world import make_clip
 
     from .evaluators import Evaluators
     from .metrics import (
         black_frames,
         clip_features,
-        colour_stats,
         csim,
         flicker_frames,
         frechet_distance,
@@ -249,8 +256,13 @@ def evaluate(
                 "real_feats": rfeats[::4].numpy(),
                 "gen_clip_feats": clip_features(feats.numpy(), v.numpy()),
                 "real_clip_feats": clip_features(rfeats.numpy(), rv.numpy()),
-                "counts": np.array([int(black_frames(frames).sum()), int(frozen_frames(frames[lead:]).sum()),
-                                    int(flicker_frames(frames).sum())]),  # fmt: skip
+                "counts": np.array(
+                    [
+                        black_frames(frames).sum(),
+                        frozen_frames(frames[lead:]).sum(),
+                        flicker_frames(frames).sum(),
+                    ]
+                ),
                 "csim_curve": sims,
                 "sync_curve": np.array(sync_curve),
                 "sample_real": clip.video[picks],
@@ -280,16 +292,7 @@ def evaluate(
         if minutes:
             scored = measured.load("stream")
             if scored is None:
-                clip = make_stream(EVAL_SEED, _first_identity(split), minutes, size, size)
-                made = (lambda n: stream_progress(n, len(clip.video))) if stream_progress else None
-                frames = produce(clip, EVAL_SEED, made)
-                emb, _ = ev.identity_embeddings(frames)
-                ref_emb, _ = ev.identity_embeddings(clip.reference[None])
-                scored = {"csim": csim(emb, ref_emb), "colour": colour_stats(frames),
-                          "counts": np.array([int(black_frames(frames).sum()),
-                                              int(frozen_frames(frames[lead:]).sum()),
-                                              int(flicker_frames(frames).sum())])}  # fmt: skip
-                del frames, clip
+                scored = _score_stream(ev, split, minutes, size, session, roundtrip, lead, stream_progress)
                 measured.save("stream", scored)
             stream = {"csim": scored["csim"], "colour": scored["colour"]}
             black, frozen, flicker = (int(n) for n in np.array([black, frozen, flicker]) + scored["counts"])
@@ -326,6 +329,48 @@ def evaluate(
         _write_outputs(Path(out), report, mean_curve, stream, samples, sync_curves)
         measured.remove()  # (after: a kill between the two leaves the results to write again)
         return report
+
+
+# frames of the renderer's drift stream rendered (and scored) at a time
+STREAM_SLICE = 250
+
+
+def _score_stream(ev, split, minutes, size, session, roundtrip, lead, stream_progress) -> dict:
+    """The --minutes stream's per-frame CSIM and colour and its detectors' counts, scored chunk by
+    chunk as it is made: only an autoencoder's round trip holds it whole (it encodes it at once)."""
+    from streamgen.data.render import Identity, render_frame
+    from streamgen.data.world import make_stream
+
+    from .metrics import StreamScores
+
+    clip = make_stream(EVAL_SEED, _first_identity(split), minutes, size, size, render=roundtrip is not None)
+    n_frames = len(clip.motion)
+    made = (lambda n: stream_progress(n, n_frames)) if stream_progress else None
+    if session is not None:
+        chunks = stream_session_chunks(
+            session, clip.reference, clip.audio, clip.caption, n_frames, EVAL_SEED, made
+        )
+    else:
+        identity = Identity.from_id(clip.meta["identity_id"])
+        whole = roundtrip(clip.video) if roundtrip is not None else None
+
+        def slices():
+            for k in range(0, n_frames, STREAM_SLICE):
+                end = min(k + STREAM_SLICE, n_frames)
+                if whole is not None:
+                    chunk = whole[k:end]
+                else:
+                    chunk = np.stack(
+                        [render_frame(identity, clip.motion.frame(t), size, size) for t in range(k, end)]
+                    )
+                made and made(len(chunk))
+                yield chunk
+
+        chunks = slices()
+    scores = StreamScores(ev, clip.reference, lead)
+    for chunk in chunks:
+        scores.add(chunk)
+    return scores.result()
 
 
 SAMPLE_FRAMES = 8  # frames of each sample clip in samples.png (contact_sheet's columns)

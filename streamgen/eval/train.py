@@ -289,7 +289,9 @@ class _Checkpoints:
         shutil.rmtree(self.ckpt.checkpoint_dir(self.out), ignore_errors=True)
 
 
-def training_settings(n_clips: int, sync_steps: int, identity_steps: int, seed: int, data: Path | None) -> dict:
+def training_settings(
+    n_clips: int, sync_steps: int, identity_steps: int, seed: int, data: Path | None
+) -> dict:
     """What the trained weights are a function of (not --workers: the clips come back in order)."""
     import hashlib
 
