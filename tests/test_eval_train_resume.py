@@ -80,3 +80,32 @@ def test_a_finished_run_run_again_trains_nothing_and_other_settings_are_refused(
     assert "holds an unfinished train-evaluators run of other settings (clips: checkpoint None" in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert ckpt.latest_checkpoint(out / "other") is not None
+
+
+def test_the_clip_workers_leave_a_ctrl_c_to_the_command(monkeypatch):
+    """A Ctrl-C goes to the terminal's whole process group: each pool worker making training clips
+    printed 'Process SpawnPoolWorker-N:' over the command's 'interrupted'. They ignore it, as
+    `data make`'s do, and the command, interrupted, ends them."""
+    import multiprocessing
+
+    from streamgen.data.shards import _leave_interrupts_to_the_parent
+
+    started = []
+
+    class Pool:  # (in this process: what matters is how the workers start)
+        def __init__(self, workers, initializer=None):
+            started.append(initializer)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def imap(self, function, jobs, chunksize=1):
+            return map(function, jobs)
+
+    monkeypatch.setattr(multiprocessing.get_context("spawn"), "Pool", Pool, raising=False)
+    monkeypatch.setattr(train, "_make", lambda job: job)
+    assert len(train.training_clips(3, 0, 32, workers=2)) == 3
+    assert started == [_leave_interrupts_to_the_parent]
