@@ -109,3 +109,27 @@ def test_the_clip_workers_leave_a_ctrl_c_to_the_command(monkeypatch):
     monkeypatch.setattr(train, "_make", lambda job: job)
     assert len(train.training_clips(3, 0, 32, workers=2)) == 3
     assert started == [_leave_interrupts_to_the_parent]
+
+
+def test_a_resumed_phase_shows_the_rate_of_the_steps_it_runs(monkeypatch):
+    """The bar of a resumed phase was moved on by the steps done before, in one update: it showed
+    hundreds of steps a second, and an end minutes too early. It starts there instead."""
+    import io
+
+    import numpy as np
+    from tqdm import tqdm
+
+    class Resumed:
+        def restore(self, phase, model, opt, gen):
+            train._one_cycle(opt, 3, 0)  # (the schedule's entries in the optimizer's state, as saved)
+            return 2
+
+        def step_done(self, *args):
+            pass
+
+    rng = np.random.default_rng(0)
+    clips = [(rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8), np.zeros(6400, np.float32),
+              None, 0)]  # fmt: skip
+    with tqdm(total=3, file=io.StringIO()) as bar:
+        train.train_syncnet(clips, 3, batch=2, hard=2, bar=bar, checkpoints=Resumed())
+        assert bar.n == 3 and bar.format_dict["initial"] == 2

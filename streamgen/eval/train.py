@@ -94,6 +94,14 @@ def _one_cycle(opt, steps: int, done: int):
     )
 
 
+def _resumed(bar, done: int) -> None:
+    """The bar of a phase resumed `done` steps in: from there, its rate that of the steps run now
+    (an update by `done` showed hundreds of steps a second)."""
+    if bar is not None and done:
+        bar.n = bar.last_print_n = bar.initial = done
+        bar.refresh()
+
+
 def train_syncnet(
     clips, steps: int, batch: int = 32, hard: int = 8, seed: int = 0, temperature: float = 0.05, bar=None,
     checkpoints=None,
@@ -104,7 +112,7 @@ def train_syncnet(
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     done = checkpoints.restore("syncnet", model, opt, gen) if checkpoints else 0
     sched = _one_cycle(opt, steps, done) if done < steps else None  # (None: trained before)
-    bar and done and bar.update(done)
+    _resumed(bar, done)
     frames = [torch.from_numpy(c[0]) for c in clips]
     mels = [log_mel(c[1], len(c[0])) for c in clips]
     model.train()
@@ -147,7 +155,7 @@ def train_identity(
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     done = checkpoints.restore("identity", model, opt, gen) if checkpoints else 0
     sched = _one_cycle(opt, steps, done) if done < steps else None  # (None: trained before)
-    bar and done and bar.update(done)
+    _resumed(bar, done)
     identity = torch.tensor([c[3] for c in clips])
     model.train()
     for step in range(done, steps):
