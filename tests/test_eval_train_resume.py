@@ -29,9 +29,11 @@ def weights(out):
     return {name: load_file(str(out / f"{name}.safetensors")) for name in ("syncnet", "identity")}
 
 
-@pytest.mark.parametrize("killed_after", [2, 6])  # in the syncnet's steps; in the identity encoder's
+# killed in the syncnet's steps; in the identity encoder's; there, its newest checkpoint then
+# damaged (a disk error): set aside, and the run goes on from the one before
+@pytest.mark.parametrize("killed_after, damaged", [(2, False), (6, False), (6, True)])
 def test_a_killed_run_run_again_resumes_to_the_same_weights(
-    dataset, tmp_path, monkeypatch, capsys, killed_after
+    dataset, tmp_path, monkeypatch, capsys, killed_after, damaged
 ):
     monkeypatch.setattr(train, "CHECKPOINT_EVERY", 2)
     assert main(command(dataset, tmp_path / "whole")) == 0
@@ -49,10 +51,15 @@ def test_a_killed_run_run_again_resumes_to_the_same_weights(
         main(command(dataset, out))
     assert not (out / "identity.safetensors").exists()
     monkeypatch.setattr(ckpt, "save_checkpoint", real)
+    if damaged:
+        newest = ckpt.checkpoint_path(out, killed_after)
+        newest.write_bytes(newest.read_bytes()[:100])
+        killed_after -= 2
     capsys.readouterr()
     assert main(command(dataset, out)) == 0
     err = capsys.readouterr().err
     assert f"resuming from {ckpt.checkpoint_path(out, killed_after)} (step {killed_after} of 7)" in err, err
+    assert ("set aside as step-00000006.safetensors.damaged" in err) == damaged, err
     whole, cut = weights(tmp_path / "whole"), weights(out)
     for name in whole:
         assert whole[name].keys() == cut[name].keys()
