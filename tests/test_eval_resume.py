@@ -91,3 +91,21 @@ def test_another_evaluation_into_the_out_of_a_stopped_one_scores_its_own_clips(t
     assert evaluate(out) == 0  # the test split: the val split's clip is not taken for its own
     assert {index for seed, index in made} == {0, 1, 2}
     assert json.loads((out / "report.json").read_text())["split"] == "test"
+
+
+def test_only_the_clips_samples_png_shows_keep_frames(tmp_path, made, monkeypatch):
+    """Every clip's results in partial/ kept 16 of its frames for samples.png, which shows the first
+    four: 12 MB a clip at 512x512, gigabytes for an evaluation of hundreds of clips."""
+    real_save = partial.Measured.save
+
+    def stopped(self, name, arrays):
+        real_save(self, name, arrays)
+        if name == "clip-00004":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(partial.Measured, "save", stopped)
+    out = tmp_path / "e"
+    assert evaluate(out, "--clips", "6") == 130
+    kept = partial.Measured(out, {})
+    assert "sample_generated" in kept.load("clip-00003")
+    assert "sample_generated" not in kept.load("clip-00004")

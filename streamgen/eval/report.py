@@ -248,8 +248,10 @@ def evaluate(
             rv, _ = ev.sync_embeddings(real.video, real.audio)
             sync_curve = sync.pop("curve")
             per_clip = {"index": i, "caption": clip.caption, "csim": float(sims.mean()), **sync}
-            # (the frames samples.png shows: contact_sheet's picks, kept rather than the clip)
+            # the frames samples.png shows of its first clips: contact_sheet's picks, not the whole
+            # clips (kept in partial/ with each clip's results, they were 12 MB a clip at 512x512)
             picks = np.linspace(0, len(frames) - 1, SAMPLE_FRAMES).round().astype(int)
+            shown = {"sample_real": clip.video[picks], "sample_generated": frames[picks]}
             return {
                 "per_clip": np.array(json.dumps(per_clip)),
                 "gen_feats": feats[::4].numpy(),
@@ -265,8 +267,7 @@ def evaluate(
                 ),
                 "csim_curve": sims,
                 "sync_curve": np.array(sync_curve),
-                "sample_real": clip.video[picks],
-                "sample_generated": frames[picks],
+                **(shown if i < SAMPLE_CLIPS else {}),
             }
 
         per_clip, gen_feats, real_feats, gen_clip_feats, real_clip_feats = [], [], [], [], []
@@ -285,7 +286,7 @@ def evaluate(
             black, frozen, flicker = (int(n) for n in np.array([black, frozen, flicker]) + scored["counts"])
             csim_curves.append(scored["csim_curve"])
             sync_curves.append(scored["sync_curve"].tolist())
-            if len(samples) < 4:
+            if i < SAMPLE_CLIPS:
                 samples.append((scored["sample_real"], scored["sample_generated"]))
             progress and progress(1)
         stream = None
@@ -373,6 +374,7 @@ def _score_stream(ev, split, minutes, size, session, roundtrip, lead, stream_pro
     return scores.result()
 
 
+SAMPLE_CLIPS = 4  # clips shown in samples.png
 SAMPLE_FRAMES = 8  # frames of each sample clip in samples.png (contact_sheet's columns)
 
 
