@@ -76,7 +76,9 @@ def test_a_stopped_eval_run_again_scores_only_the_clips_left(tmp_path, made, mon
     )
 
 
-def test_another_evaluation_into_the_out_of_a_stopped_one_scores_its_own_clips(tmp_path, made, monkeypatch):
+def test_another_evaluation_into_the_out_of_a_stopped_one_scores_its_own_clips(
+    tmp_path, made, monkeypatch, capsys
+):
     real_save = partial.Measured.save
 
     def stopped(self, name, arrays):
@@ -88,7 +90,10 @@ def test_another_evaluation_into_the_out_of_a_stopped_one_scores_its_own_clips(t
     assert evaluate(out, "--split", "val") == 130
     monkeypatch.setattr(partial.Measured, "save", real_save)
     made.clear()
+    capsys.readouterr()
     assert evaluate(out) == 0  # the test split: the val split's clip is not taken for its own
+    err = capsys.readouterr().err
+    assert f"removing the 1 clip an unfinished evaluation of other settings (split) left in {out}" in err, err
     assert {index for seed, index in made} == {0, 1, 2}
     assert json.loads((out / "report.json").read_text())["split"] == "test"
 

@@ -57,16 +57,28 @@ class Measured:
     def __init__(self, out: Path, settings: dict):
         self.folder, self.settings = Path(out) / FOLDER, settings
 
-    def open(self) -> int:
+    def open(self, note=None) -> int:
         """Keep the results of these settings (how many clips there are), or start the folder
         afresh; the other settings' results are removed (another evaluation into this --out
-        replaces the earlier one's, as its report does)."""
+        replaces the earlier one's, as its report does), said through `note`."""
         saved = None
         try:
             saved = json.loads((self.folder / "settings.json").read_text())
         except (OSError, ValueError):
             pass
         if saved != self.settings:
+            others = len(list(self.folder.glob("clip-*.npz")))
+            if others and note:  # (not without a word: the same command would have gone on from them)
+                theirs = saved if isinstance(saved, dict) else {}
+                changed = [
+                    k
+                    for k in sorted(set(theirs) | set(self.settings))
+                    if theirs.get(k) != self.settings.get(k)
+                ]
+                note(
+                    f"removing the {others} clip{'s' * (others != 1)} an unfinished evaluation of other "
+                    f"settings ({', '.join(changed)}) left in {self.folder}"
+                )
             shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True, exist_ok=True)
         if saved != self.settings:

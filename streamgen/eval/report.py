@@ -216,7 +216,7 @@ def evaluate(
         for name in OUTPUTS:
             (Path(out) / name).unlink(missing_ok=True)
         measured = Measured(Path(out), settings)
-        kept = measured.open()
+        kept = measured.open(note)
         if kept and note:
             note(f"resuming: the clips already scored in {measured.folder} are not scored again")
         if progress is not None:
