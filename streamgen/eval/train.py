@@ -239,10 +239,16 @@ class _Checkpoints:
             aside = ckpt.set_aside(damaged_path)
             print(f"warning: {why}; set aside as {aside.name}, resuming from {path.name}", file=sys.stderr)
         saved = header.get("settings")
-        if header.get("kind") != "train-evaluators" or saved != self.settings:
+        if header.get("kind") != "train-evaluators":  # (a distill run's: its stage's name instead)
+            job = f"a distill {header['stage']} run's" if header.get("stage") else "another job's"
+            raise TrainingResumeError(
+                f"{ckpt.checkpoint_dir(self.out)} holds {job} checkpoints, not train-evaluators': "
+                "choose another --out"
+            )
+        if saved != self.settings:
             theirs = saved if isinstance(saved, dict) else {}
             diffs = [f"{k}: checkpoint {theirs.get(k)!r}, now {v!r}" for k, v in self.settings.items()
-                     if theirs.get(k) != v] or ["not a train-evaluators run"]  # fmt: skip
+                     if theirs.get(k) != v]  # fmt: skip
             raise TrainingResumeError(
                 f"{self.out} holds an unfinished train-evaluators run of other settings "
                 f"({'; '.join(diffs)}): run it again with those to finish it, or delete "
