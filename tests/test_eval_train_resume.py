@@ -89,11 +89,13 @@ def test_a_finished_run_run_again_trains_nothing_and_other_settings_are_refused(
     assert ckpt.latest_checkpoint(out / "other") is not None
     # a distill run's checkpoints: not taken for an unfinished run of other settings
     ckpt.save_checkpoint(out / "teacher", 2, {"x": __import__("torch").zeros(1)}, {"stage": "teacher"})
+    ckpt.checkpoint_path(out / "teacher", 4).write_bytes(b"damaged")  # (its to set aside, not ours)
     assert main(command(dataset, out / "teacher")) == 2
     err = capsys.readouterr().err
     assert "holds a distill teacher run's checkpoints, not train-evaluators': choose another --out" in err, (
         err
     )
+    assert ckpt.checkpoint_path(out / "teacher", 4).exists()
 
 
 def test_the_clip_workers_leave_a_ctrl_c_to_the_command(monkeypatch):

@@ -235,9 +235,6 @@ class _Checkpoints:
                 f"{damaged[0][1]}; no checkpoint in {ckpt.checkpoint_dir(self.out)} can be read: to "
                 "train from the start, delete that folder (or choose another --out)"
             )
-        for damaged_path, why in damaged:
-            aside = ckpt.set_aside(damaged_path)
-            print(f"warning: {why}; set aside as {aside.name}, resuming from {path.name}", file=sys.stderr)
         saved = header.get("settings")
         if header.get("kind") != "train-evaluators":  # (a distill run's: its stage's name instead)
             job = f"a distill {header['stage']} run's" if header.get("stage") else "another job's"
@@ -254,6 +251,9 @@ class _Checkpoints:
                 f"({'; '.join(diffs)}): run it again with those to finish it, or delete "
                 f"{ckpt.checkpoint_dir(self.out)} (or choose another --out)"
             )
+        for damaged_path, why in damaged:  # (once they are this run's: another job's are left as they are)
+            aside = ckpt.set_aside(damaged_path)
+            print(f"warning: {why}; set aside as {aside.name}, resuming from {path.name}", file=sys.stderr)
         self.tensors, self.meta = ckpt.load_checkpoint(path)
         self.path = path
         return path
