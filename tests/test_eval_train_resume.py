@@ -149,3 +149,24 @@ def test_a_resumed_phase_shows_the_rate_of_the_steps_it_runs(monkeypatch):
     with tqdm(total=3, file=io.StringIO()) as bar:
         train.train_syncnet(clips, 3, batch=2, hard=2, bar=bar, checkpoints=Resumed())
         assert bar.n == 3 and bar.format_dict["initial"] == 2
+
+
+def test_a_second_run_into_an_out_in_use_is_refused(dataset, tmp_path, capsys):
+    """Two runs into one --out wrote each other's checkpoints, went on from them, and the first to
+    end removed the other's checkpoints from under it."""
+    import fcntl
+    import os
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    held = os.open(out, os.O_RDONLY)  # as the first run holds it
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(command(dataset, out)) == 2
+    finally:
+        os.close(held)
+    err = capsys.readouterr().err
+    assert f"another train-evaluators is writing into {out}" in err and len(err.strip().splitlines()) == 1, (
+        err
+    )
+    assert list(out.iterdir()) == []

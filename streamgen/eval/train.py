@@ -347,10 +347,24 @@ def train_evaluators(
 ) -> dict:
     """Train both evaluators into `out`, going on from its checkpoints; the run's info, with
     "resumed_from" (the step gone on from) or "already_trained" (nothing to do) where so."""
+    from streamgen.folder_lock import no_other_writer
+
+    check_training_data(data)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    # (two runs into one --out wrote each other's checkpoints, went on from them, and the first to
+    # end removed the other's from under it)
+    busy = f"another train-evaluators is writing into {out}: let it finish, or choose another --out"
+    with no_other_writer(Path(out), lambda: TrainingResumeError(busy)):
+        return _train_evaluators(out, n_clips, sync_steps, identity_steps, seed, workers, data,
+                                 checkpoint_every)  # fmt: skip
+
+
+def _train_evaluators(
+    out, n_clips, sync_steps, identity_steps, seed, workers, data, checkpoint_every
+) -> dict:
     from tqdm import tqdm
 
     start = time.perf_counter()
-    check_training_data(data)
     settings = training_settings(n_clips, sync_steps, identity_steps, seed, data)
     if finished_with(out, settings):
         return {"already_trained": True, "seed": seed}
