@@ -29,14 +29,21 @@ def weights(out):
     return {name: load_file(str(out / f"{name}.safetensors")) for name in ("syncnet", "identity")}
 
 
+@pytest.fixture(scope="module")
+def whole(dataset, tmp_path_factory):
+    """The weights of a run never interrupted."""
+    out = tmp_path_factory.mktemp("whole") / "ev"
+    assert main(command(dataset, out)) == 0
+    return weights(out)
+
+
 # killed in the syncnet's steps; in the identity encoder's; there, its newest checkpoint then
 # damaged (a disk error): set aside, and the run goes on from the one before
 @pytest.mark.parametrize("killed_after, damaged", [(2, False), (6, False), (6, True)])
 def test_a_killed_run_run_again_resumes_to_the_same_weights(
-    dataset, tmp_path, monkeypatch, capsys, killed_after, damaged
+    dataset, whole, tmp_path, monkeypatch, capsys, killed_after, damaged
 ):
     monkeypatch.setattr(train, "CHECKPOINT_EVERY", 2)
-    assert main(command(dataset, tmp_path / "whole")) == 0
     real = ckpt.save_checkpoint
 
     def killed(out, step, *args, **kwargs):
@@ -60,7 +67,7 @@ def test_a_killed_run_run_again_resumes_to_the_same_weights(
     err = capsys.readouterr().err
     assert f"resuming from {ckpt.checkpoint_path(out, killed_after)} (step {killed_after} of 7)" in err, err
     assert ("set aside as step-00000006.safetensors.damaged" in err) == damaged, err
-    whole, cut = weights(tmp_path / "whole"), weights(out)
+    cut = weights(out)
     for name in whole:
         assert whole[name].keys() == cut[name].keys()
         for key in whole[name]:
