@@ -177,3 +177,13 @@ def test_a_second_run_into_an_out_in_use_is_refused(dataset, tmp_path, capsys):
         err
     )
     assert list(out.iterdir()) == []
+
+
+def test_evaluators_of_a_stopped_run_say_it_did_not_finish(tmp_path):
+    """eval --evaluators on the --out of a stopped train-evaluators said to train them, as if
+    nothing were there: the run is to be run again, and goes on from its checkpoints."""
+    from streamgen.eval.evaluators import EvaluatorError, Evaluators
+
+    ckpt.checkpoint_dir(tmp_path).mkdir()
+    with pytest.raises(EvaluatorError, match="did not finish .*run it again to go on from them"):
+        Evaluators(tmp_path)

@@ -177,6 +177,11 @@ def load_checkpoint(path: Path, kind: str) -> nn.Module:
 
     path = Path(path)
     if not path.exists():
+        if (path.parent / "checkpoints").is_dir():  # (a train-evaluators run stopped before its end)
+            raise EvaluatorError(
+                f"missing evaluator checkpoint {path}: the train-evaluators run in {path.parent} did "
+                "not finish (its checkpoints are there); run it again to go on from them"
+            )
         raise EvaluatorError(
             f"missing evaluator checkpoint {path}; train it with `streamgen eval train-evaluators`"
         )
