@@ -114,3 +114,22 @@ def test_only_the_clips_samples_png_shows_keep_frames(tmp_path, made, monkeypatc
     kept = partial.Measured(out, {})
     assert "sample_generated" in kept.load("clip-00003")
     assert "sample_generated" not in kept.load("clip-00004")
+
+
+def test_a_stopped_eval_run_again_without_its_stream_goes_on_from_its_clips(tmp_path, made, monkeypatch):
+    """The clips' results are not a function of --minutes: a run asked again without the drift
+    stream (or with another length) scored every clip again."""
+    real_save = partial.Measured.save
+
+    def stopped(self, name, arrays):
+        real_save(self, name, arrays)
+        if name == "clip-00001":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(partial.Measured, "save", stopped)
+    out = tmp_path / "e"
+    assert evaluate(out, "--minutes", "0.01") == 130
+    monkeypatch.setattr(partial.Measured, "save", real_save)
+    made.clear()
+    assert evaluate(out) == 0
+    assert {index for seed, index in made} == {2}

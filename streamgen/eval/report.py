@@ -215,7 +215,10 @@ def evaluate(
             return finished
         for name in OUTPUTS:
             (Path(out) / name).unlink(missing_ok=True)
-        measured = Measured(Path(out), settings)
+        # (the clips' results are not a function of --minutes: a stream asked for, or not, or
+        # another length, on the second run goes on from the clips of the first; the stream's are
+        # kept by its length)
+        measured = Measured(Path(out), {k: v for k, v in settings.items() if k != "minutes"})
         kept = measured.open(note)
         if kept and note:
             note(f"resuming: the clips already scored in {measured.folder} are not scored again")
@@ -291,10 +294,10 @@ def evaluate(
             progress and progress(1)
         stream = None
         if minutes:
-            scored = measured.load("stream")
+            scored = measured.load(f"stream-{minutes!r}")
             if scored is None:
                 scored = _score_stream(ev, split, minutes, size, session, roundtrip, lead, stream_progress)
-                measured.save("stream", scored)
+                measured.save(f"stream-{minutes!r}", scored)
             stream = {"csim": scored["csim"], "colour": scored["colour"]}
             black, frozen, flicker = (int(n) for n in np.array([black, frozen, flicker]) + scored["counts"])
         n_frames = sum(len(c) for c in csim_curves) + (len(stream["csim"]) if stream else 0)
