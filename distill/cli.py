@@ -35,10 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from distill.build import ModelSourceError
-    from distill.checkpoint import CheckpointError
     from distill.config import ConfigError, find_config, load_config
     from distill.data import DataMissing
     from distill.trainer import Trainer, TrainingError
+    from streamgen.checkpoint import CheckpointError
     from streamgen.cli import UserError
     from streamgen.data.shards import DataError
 

@@ -55,7 +55,7 @@ def _run_past_export(src: Path, meta: dict) -> str | None:
     checkpoint (the run trained on since, with more --steps, and was killed or is training still:
     its export is written when it finishes), or None. Shipped without a word, it was taken for the
     newest. An export that does not record its steps (from before they were) is not checked."""
-    from distill.checkpoint import checkpoint_step, latest_checkpoint
+    from streamgen.checkpoint import checkpoint_step, latest_checkpoint
 
     trained = meta.get("trained_steps")
     newest = latest_checkpoint(src.parent) if src.name == "model" else None
@@ -72,7 +72,7 @@ def _run_hint(source: str) -> str:
     """What a training run's folder at `source` says of its model: a run's folder given for its
     `model/`, or a run that has exported none yet (killed, or still training: its export is
     written when it finishes). "" where it is no run's."""
-    from distill.checkpoint import checkpoint_header, latest_checkpoint
+    from streamgen.checkpoint import checkpoint_header, latest_checkpoint
     from streamgen.models import _is_diffusers_wan
 
     given = Path(source).expanduser()

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from distill import checkpoint as ckpt
 from distill.build import NO_FILE_DIGEST
 from distill.config import (
     ConfigError,
@@ -43,6 +42,7 @@ from distill.distributed import (
     mean_across,
     others_wait_for_main,
 )
+from streamgen import checkpoint as ckpt
 from streamgen.cli import MACHINE_ERRNOS
 from streamgen.folder_lock import ExportLocked
 

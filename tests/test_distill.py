@@ -12,10 +12,10 @@ import torch
 from test_distill_helpers import debug_config, final_tensors, max_difference, run
 
 import distill
-from distill import checkpoint as ckpt
 from distill.config import ConfigError, find_config, load_config
 from distill.data import DataMissing
 from distill.trainer import TrainingError
+from streamgen import checkpoint as ckpt
 
 
 def write(tmp_path, text: str):

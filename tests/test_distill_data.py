@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_distill_helpers import debug_config, run
 
-from distill import checkpoint as ckpt
 from distill.config import find_config, load_config
+from streamgen import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")

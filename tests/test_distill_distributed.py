@@ -226,8 +226,8 @@ def _slow_rank_0_work(rank: int, port: int, root: str) -> None:
     from test_distill_helpers import debug_config
 
     import distill.ode
-    from distill import checkpoint
     from distill.trainer import Trainer
+    from streamgen import checkpoint
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))  # fmt: skip

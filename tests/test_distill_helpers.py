@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from distill.checkpoint import latest_checkpoint, load_checkpoint
 from distill.config import find_config, load_config
 from distill.trainer import Trainer
+from streamgen.checkpoint import latest_checkpoint, load_checkpoint
 
 
 def debug_config(stage: str, out: Path, teacher: Path | None = None, init: Path | None = None, **edits):

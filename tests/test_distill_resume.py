@@ -10,7 +10,7 @@ import torch
 from test_distill_helpers import debug_config, final_tensors, max_difference, run
 
 import distill
-from distill import checkpoint as ckpt
+from streamgen import checkpoint as ckpt
 
 CONFIGS = Path(distill.__file__).parent / "configs"
 

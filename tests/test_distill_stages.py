@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_distill_helpers import debug_config, final_tensors, max_difference, run
 
-from distill import checkpoint as ckpt
+from streamgen import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
-from distill import checkpoint as ckpt
+from streamgen import checkpoint as ckpt
 from streamgen.cli import main
 from streamgen.eval import train
 

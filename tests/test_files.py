@@ -200,7 +200,7 @@ def test_the_mark_of_a_latents_names_autoencoder(tmp_path, monkeypatch):
 
 
 def test_a_training_checkpoint(tmp_path, monkeypatch):
-    from distill import checkpoint as ckpt
+    from streamgen import checkpoint as ckpt
 
     write = lambda i: ckpt.save_checkpoint(tmp_path, 5, {"w": torch.full((1,), float(i))}, {})
     read = lambda path: int(ckpt.load_checkpoint(path)[0]["w"][0])

@@ -49,3 +49,20 @@ def test_every_import_of_our_own_names_resolves():
             except ModuleNotFoundError:
                 missing.append(f"{file}:{line}: {module} has no {name}")
     assert not missing, "\n".join(missing)
+
+
+def test_streamgen_imports_neither_distill_nor_server():
+    """DESIGN's one way: distill/ and server/ import streamgen, never the reverse (eval's
+    train-evaluators reached into distill's checkpoints, inside a function, where no import of the
+    module would have shown it)."""
+    wrong = []
+    for path in sorted((ROOT / "streamgen").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            wrong += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names if n.split(".")[0] in ("distill", "server")]
+    assert not wrong, "\n".join(wrong)

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 def _train(args) -> int:
     import torch
 
-    from distill.checkpoint import CheckpointError
+    from streamgen.checkpoint import CheckpointError
     from streamgen.cli import UserError, output_folder
     from streamgen.data.shards import DataError
 

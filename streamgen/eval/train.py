@@ -5,7 +5,7 @@ in val/test), generated on the fly or read from a dataset folder. Both models ar
 small (well under 2 MB each) and train on a CPU in minutes.
 
 Resumable: every CHECKPOINT_EVERY steps the whole training state (weights, optimizer, the
-batches' random generator) goes to OUT/checkpoints/ (distill's checkpoint files, written
+batches' random generator) goes to OUT/checkpoints/ (`streamgen.checkpoint`'s files, as distill's, written
 atomically), so the same command run again after a kill goes on from the newest one, to the same
 weights as a run never interrupted (the clips are made again: they are a function of the seed).
 The checkpoints go once both evaluators are written; a finished run of the same settings run again
@@ -217,7 +217,9 @@ class _Checkpoints:
     finished syncnet too."""
 
     def __init__(self, out: Path, settings: dict, every: int):
-        from distill import checkpoint as ckpt  # (one checkpoint format, distill's: no second copy)
+        from streamgen import (
+            checkpoint as ckpt,  # (one checkpoint format, the distill stages' too: no second copy)
+        )
 
         self.ckpt, self.out, self.settings, self.every = ckpt, Path(out), settings, every
         self.tensors, self.meta = {}, {}

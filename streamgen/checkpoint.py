@@ -1,4 +1,5 @@
-"""Training checkpoints: one safetensors file per saved step, written atomically.
+"""Training checkpoints (the distill stages', `eval train-evaluators`'): one safetensors file per
+saved step, written atomically.
 
     OUT/checkpoints/step-00000500.safetensors
 
