@@ -500,24 +500,32 @@ def test_a_connect_clicked_before_autostart_and_an_unticked_mic_leave_no_microph
             page.close()
 
 
-@pytest.mark.parametrize("refused", ["avatars", "session", "speak"])
+@pytest.mark.parametrize("refused", ["avatars", "session", "speak", "unreachable"])
 def test_a_server_error_the_page_meets_is_shown_in_its_words(browser_page, refused):
     """An error answer that is not the API's JSON (a proxy's 502 page, a server restarting): from
     /v1/avatars it left an ?autostart=1 page 'idle', never connecting, the error on the console
     only; from POST /v1/sessions the page showed JSON.parse's complaint about the body; from a
-    WebRTC page's speak request, nothing at all (an unhandled rejection). Each now says the status."""
+    WebRTC page's speak request, nothing at all (an unhandled rejection). Each now says the status.
+    A server that does not answer at all (down, restarting) was the browser's 'failed: Failed to
+    fetch' (Firefox: 'NetworkError when attempting to fetch resource.'); it is said as such now."""
     gateway = {"status": 502, "content_type": "text/html", "body": "<html><h1>502 Bad Gateway</h1></html>"}
-    fails = {"avatars": "**/v1/avatars", "session": "**/v1/sessions", "speak": "**/control"}[refused]
+    fails = {"avatars": "**/v1/avatars", "session": "**/v1/sessions", "speak": "**/control",
+             "unreachable": "**/v1/sessions"}[refused]  # fmt: skip
     with live_server(max_sessions=2) as (url, app):
         page = held_page(browser_page, "about:blank")
         logs: list[str] = []
         page.on("console", lambda m: logs.append(f"{m.type}: {m.text}"))
-        page.route(fails, lambda route: route.fulfill(**gateway))
+        if refused == "unreachable":
+            page.route(fails, lambda route: route.abort("connectionrefused"))
+        else:
+            page.route(fails, lambda route: route.fulfill(**gateway))
         try:
             page.goto(f"{url}/?autostart=1" + ("&transport=ws" if refused != "speak" else "&mic=0"))
-            if refused == "session":
+            if refused in ("session", "unreachable"):
                 page.wait_for_function("window.streamgenStats.state.startsWith('failed')", timeout=20_000)
-                assert page.evaluate("window.streamgenStats.state") == "failed: 502: Bad Gateway", logs
+                said = {"session": "failed: 502: Bad Gateway",
+                        "unreachable": "failed: the server does not answer (Failed to fetch)"}[refused]  # fmt: skip
+                assert page.evaluate("window.streamgenStats.state") == said, logs
                 assert page.evaluate("held()")["mics"] == 0
                 return
             page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)

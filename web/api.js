@@ -16,6 +16,17 @@ export async function apiJson(res) {
   return json;
 }
 
+// fetch, a server it cannot reach said as such: the browser's own words for it ("Failed to fetch",
+// "NetworkError when attempting to fetch resource.") were all the page said of a server down.
+export async function apiFetch(url, init) {
+  try {
+    return await fetch(url, init);
+  } catch (e) {
+    if (e.name === "AbortError") throw e;  // cut off by the page itself: nothing to say
+    throw new Error(`the server does not answer (${e.message})`);
+  }
+}
+
 export async function createSession() {
   const caption = $("caption").value.trim();
   const file = $("upload").files[0];
@@ -29,7 +40,7 @@ export async function createSession() {
     body = JSON.stringify({ avatar: state.avatar, caption: caption || undefined });
     headers["Content-Type"] = "application/json";
   }
-  const res = await fetch("/v1/sessions", { method: "POST", body, headers });
+  const res = await apiFetch("/v1/sessions", { method: "POST", body, headers });
   if (res.status === 401) {  // the server's words are for programs (a header): a page takes it from its address
     throw new Error(`401: this server needs its token: open the page as ${location.pathname}?token=<server token>`);
   }

@@ -5,7 +5,7 @@
 //   ?token=T      the server token, on a server started with --token
 // The page's modules: page.js (what they share), api.js, webrtc.js, websocket.js; this one: the
 // avatars, the controls, and a connection's start and end.
-import { apiJson, authHeaders, createSession, deleteSession } from "./api.js";
+import { apiFetch, apiJson, authHeaders, createSession, deleteSession } from "./api.js";
 import { $, getMic, params, setNotice, setStatus, showOverlay, soundNoLongerWaits, state, stats } from "./page.js";
 import { closePeer, connectWebRTC } from "./webrtc.js";
 import {
@@ -20,7 +20,7 @@ function resetStats() {
 }
 
 async function loadAvatars() {
-  const { avatars } = await apiJson(await fetch("/v1/avatars"));
+  const { avatars } = await apiJson(await apiFetch("/v1/avatars"));
   const box = $("avatars");
   box.replaceChildren();
   for (const a of avatars) {
@@ -178,7 +178,7 @@ async function speak(e) {
     // over the new one's status; its 'speaking' cleared the new one's text)
     const mine = state.generation;
     try {  // (a refusal, or no answer at all, was an unhandled rejection: the page said nothing)
-      const res = await fetch(`${state.session.resource}/control`, {
+      const res = await apiFetch(`${state.session.resource}/control`, {
         method: "POST", body: JSON.stringify(msg), signal: state.peerRequests?.signal,
         headers: authHeaders(state.session, { "Content-Type": "application/json" }),
       });
