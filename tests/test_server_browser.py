@@ -544,12 +544,20 @@ def test_a_server_error_the_page_meets_is_shown_in_its_words(browser_page, refus
 
 def test_a_websocket_pages_refused_speak_is_said_beside_the_status(browser_page):
     """The server's in-band error (a speak too long for the speech queue) replaced the status:
-    'error: ...' stood where 'streaming (websocket)' had been while the stream went on."""
+    'error: ...' stood where 'streaming (websocket)' had been while the stream went on. And a text
+    blank only to the server (separators and NEL, which Python's strip() takes away and JS's trim()
+    keeps) was sent, and the server closed the stream for an empty speak (4400)."""
     with live_server(max_sessions=2) as (url, app):
         page = held_page(browser_page, "about:blank")
         try:
             page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
             page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            page.evaluate("document.getElementById('speak-text').value = ' \\x1f\\x85 '")
+            page.click("#speak")
+            frames = page.evaluate("window.streamgenStats.framesDecoded")
+            page.wait_for_function(f"window.streamgenStats.framesDecoded > {frames} + 10 "
+                                   "|| !window.streamgenStats.state.startsWith('streaming')", timeout=20_000)  # fmt: skip
+            assert page.text_content("#status") == "streaming (websocket)"
             page.fill("#speak-text", "hello there, " * 76)  # 988 characters: a minute of speech
             page.click("#speak")
             page.wait_for_function("window.streamgenStats.notice !== ''", timeout=20_000)

@@ -167,7 +167,9 @@ function clearStage() {
 
 async function speak(e) {
   e.preventDefault();
-  const text = $("speak-text").value.trim();
+  // blank as the server reads it: Python's str.strip() takes \x1c-\x1f and \x85 away too, which
+  // JS's trim() keeps; a text of only those (pasted) closed a WebSocket stream (4400, text is empty)
+  const text = $("speak-text").value.replace(/^[\s\x1c-\x1f\x85]+|[\s\x1c-\x1f\x85]+$/g, "");
   if (!text || !state.session) return;
   const msg = { type: "speak", text };
   if (state.ws) {
