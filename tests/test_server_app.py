@@ -88,6 +88,35 @@ def test_web_client_modules_are_served_as_javascript(client):
     assert {"page.js", "resample.js"} <= imported <= set(names), imported
 
 
+def page_elements(html: str) -> dict[str, dict]:
+    """The page's elements with an id -> their attributes."""
+    from html.parser import HTMLParser
+
+    found: dict[str, dict] = {}
+
+    class Ids(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            attributes = dict(attrs, tag=tag)
+            if "id" in attributes:
+                found[attributes["id"]] = attributes
+
+    Ids().feed(html)
+    return found
+
+
+def live(element: dict) -> bool:
+    return element.get("role") in ("status", "alert", "log") or element.get("aria-live") in ("polite", "assertive")
+
+
+def test_the_page_says_its_state_to_a_screen_reader_and_not_its_figures(client):
+    """The status line ('connecting', 'failed: 503: server is at capacity', 'ended: ...') was no live
+    region: a screen reader said nothing of a connect failing or a stream ending. The overlay's
+    figures, rewritten twice a second, were one: it would read them out over and over."""
+    elements = page_elements(client.get("/").text)
+    assert live(elements["status"]) and live(elements["notice"])
+    assert not live(elements["overlay"])
+
+
 def test_create_inspect_delete(client):
     s = new_session(client, avatar="ada", seed=3)
     assert s["width"] == 64 and s["fps"] == 25.0 and s["whep"].endswith("/whep")
