@@ -80,7 +80,9 @@ def decode_reference(data: bytes, max_pixels: int) -> np.ndarray:
         raise
     except UnidentifiedImageError:
         raise ReferenceImageError(415, "reference is not an image (PNG, JPEG, WebP, BMP or GIF)") from None
-    except Image.DecompressionBombError as e:
-        raise ReferenceImageError(413, f"reference image refused: {e}") from None
+    except Image.DecompressionBombError:  # PIL's own limit (twice its MAX_IMAGE_PIXELS), met before ours
+        # its words were "... exceeds limit of 178956970 pixels, could be decompression bomb DOS
+        # attack": neither this server's limit nor anything its user did
+        raise ReferenceImageError(413, f"reference image has too many pixels; at most {max_pixels} pixels are accepted") from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files
         raise ReferenceImageError(422, f"reference image could not be decoded: {e}") from None
