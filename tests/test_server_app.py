@@ -117,6 +117,19 @@ def test_the_page_says_its_state_to_a_screen_reader_and_not_its_figures(client):
     assert not live(elements["overlay"])
 
 
+def test_the_pages_picture_chooser_offers_each_format_the_server_takes(client):
+    """The chooser offered PNG, JPEG and WebP only: a BMP or GIF, which the server takes, was
+    hidden by the browser's file dialog."""
+    from server.avatars import decode_reference
+
+    takes = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP", "image/bmp": "BMP", "image/gif": "GIF"}
+    assert set(page_elements(client.get("/").text)["upload"]["accept"].split(",")) == set(takes)
+    for name in takes.values():
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 150, 120)).save(buf, format=name)
+        assert decode_reference(buf.getvalue(), 1 << 24).shape == (16, 16, 3), name
+
+
 def test_create_inspect_delete(client):
     s = new_session(client, avatar="ada", seed=3)
     assert s["width"] == 64 and s["fps"] == 25.0 and s["whep"].endswith("/whep")
