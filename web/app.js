@@ -6,11 +6,13 @@
 // The page's modules: page.js (what they share), api.js, webrtc.js, websocket.js; this one: the
 // avatars, the controls, and a connection's start and end.
 import { apiFetch, apiJson, authHeaders, createSession, deleteSession } from "./api.js";
-import { $, getMic, params, setNotice, setStatus, showOverlay, soundNoLongerWaits, state, stats } from "./page.js";
+import {
+  $, getMic, params, setNotice, setStatus, showOverlay, soundNoLongerWaits, speakTaken, state, stats,
+} from "./page.js";
 import { closePeer, connectWebRTC } from "./webrtc.js";
 import {
-  closeWebSocket, connectWebSocket, deleteUnlessTheSocketEndsIt, forgetFrameTimes, startWsMic, stopWsMic,
-  wsMicRunning,
+  closeWebSocket, connectWebSocket, deleteUnlessTheSocketEndsIt, forgetFrameTimes, sendSpeak, startWsMic,
+  stopWsMic, wsMicRunning,
 } from "./websocket.js";
 
 function resetStats() {
@@ -169,30 +171,30 @@ async function speak(e) {
   e.preventDefault();
   // blank as the server reads it: Python's str.strip() takes \x1c-\x1f and \x85 away too, which
   // JS's trim() keeps; a text of only those (pasted) closed a WebSocket stream (4400, text is empty)
-  const text = $("speak-text").value.replace(/^[\s\x1c-\x1f\x85]+|[\s\x1c-\x1f\x85]+$/g, "");
+  const typed = $("speak-text").value;
+  const text = typed.replace(/^[\s\x1c-\x1f\x85]+|[\s\x1c-\x1f\x85]+$/g, "");
   if (!text || !state.session) return;
   const msg = { type: "speak", text };
   if (state.ws) {
-    state.ws.send(JSON.stringify(msg));
-  } else {
-    // Its answer comes once the speech is made (seconds): a hang-up meanwhile cuts it off, and one
-    // that came after, from the ended session, is not the next connection's (its 404 was shown
-    // over the new one's status; its 'speaking' cleared the new one's text)
-    const mine = state.generation;
-    try {  // (a refusal, or no answer at all, was an unhandled rejection: the page said nothing)
-      const res = await apiFetch(`${state.session.resource}/control`, {
-        method: "POST", body: JSON.stringify(msg), signal: state.peerRequests?.signal,
-        headers: authHeaders(state.session, { "Content-Type": "application/json" }),
-      });
-      if (!res.ok) await apiJson(res);
-    } catch (err) {
-      if (mine === state.generation) setNotice(`speak: ${err.message}`);
-      return;  // the text stays, to be sent again
-    }
-    if (mine !== state.generation) return;
+    sendSpeak(msg, typed);  // the field is emptied once the server takes it (speakTaken)
+    return;
   }
-  setNotice("");
-  $("speak-text").value = "";
+  // Its answer comes once the speech is made (seconds): a hang-up meanwhile cuts it off, and one
+  // that came after, from the ended session, is not the next connection's (its 404 was shown
+  // over the new one's status; its 'speaking' cleared the new one's text)
+  const mine = state.generation;
+  try {  // (a refusal, or no answer at all, was an unhandled rejection: the page said nothing)
+    const res = await apiFetch(`${state.session.resource}/control`, {
+      method: "POST", body: JSON.stringify(msg), signal: state.peerRequests?.signal,
+      headers: authHeaders(state.session, { "Content-Type": "application/json" }),
+    });
+    if (!res.ok) await apiJson(res);
+  } catch (err) {
+    if (mine === state.generation) setNotice(`speak: ${err.message}`);
+    return;  // the text stays, to be sent again
+  }
+  if (mine !== state.generation) return;
+  speakTaken(typed);
 }
 
 $("connect").onclick = connect;

@@ -46,6 +46,14 @@ export function setNotice(text) {
   $("notice").textContent = text;
 }
 
+// A speak the server took: its text leaves the field, unless the field holds something else now.
+// (Emptied whatever it held, a sentence typed while the last one was answered went with it; and
+// emptied as the text was sent, a speak refused, over the WebSocket, lost its text.)
+export function speakTaken(typed) {
+  setNotice("");
+  if ($("speak-text").value === typed) $("speak-text").value = "";
+}
+
 export function showOverlay() {
   const f = (v, unit) => (v === null || v === undefined ? "–" : `${Math.round(v)} ${unit}`);
   $("overlay").textContent = [

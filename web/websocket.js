@@ -1,7 +1,7 @@
 // The WebSocket API, the fallback: its session and stream, the playout of its frames and sound on
 // the audio clock, the microphone sent over it, and what its close codes say about the session.
 import { createSession, deleteSession } from "./api.js";
-import { $, abandoned, setNotice, showOverlay, state, stats, waitForClickForSound } from "./page.js";
+import { $, abandoned, setNotice, showOverlay, speakTaken, state, stats, waitForClickForSound } from "./page.js";
 import { Resampler, toPcm16 } from "./resample.js";
 
 const SAMPLE_RATE = 16000;
@@ -21,6 +21,9 @@ const SOCKET_CLOSE_ANSWER_MS = 2000;
 const WEBSOCKET_SILENT_MS = 10000;
 
 let playStart = null, playClockRuns = null, seqOut = 0, micPath = null, frameTimes = [];
+// the field's text of each speak sent and not answered yet: the server answers them in order, each
+// with "speaking" or an error for it
+let speaksSent = [];
 const queuedFrames = new Set();   // timers that draw frames at their play time
 const queuedSounds = new Set();   // audio buffers scheduled on state.audioCtx
 
@@ -118,6 +121,11 @@ export async function connectWebSocket(mine, closed) {
     if (typeof e.data === "string") {
       const msg = JSON.parse(e.data);
       if (msg.type === "error") setNotice(`error: ${msg.message}`);
+      const speak = msg.type === "speaking" || (msg.type === "error" && msg.for === "speak");
+      if (speak && speaksSent.length) {
+        const typed = speaksSent.shift();
+        if (msg.type === "speaking") speakTaken(typed);  // (refused: the text stays, to be sent again)
+      }
       return;
     }
     const view = new DataView(e.data);
@@ -270,6 +278,11 @@ export function deleteUnlessTheSocketEndsIt(socket, s) {
   socket.addEventListener("close", (e) => decide(e.wasClean && !sessionLivesOn(e.code)));
 }
 
+export function sendSpeak(msg, typed) {
+  state.ws.send(JSON.stringify(msg));
+  speaksSent.push(typed);
+}
+
 // A hang-up's, or a connection's end: the socket (its stream told to stop, were it started), the
 // microphone's path, the frames and sounds still to play, and the audio context.
 export function closeWebSocket() {
@@ -288,4 +301,5 @@ export function closeWebSocket() {
   state.ws = state.audioCtx = null;
   state.wsStarted = false;
   playStart = playClockRuns = null;
+  speaksSent = [];
 }
