@@ -249,6 +249,26 @@ def test_a_hung_up_page_shows_no_last_frame(browser_page, transport):
             page.close()
 
 
+def test_connect_and_hang_up_from_the_keyboard_keep_the_focus(browser_page):
+    """Connect pressed from the keyboard is disabled at once, and its focus went to the page's start
+    (the same for Hang up): a keyboard user had to find the control again. The focus goes to the
+    button that takes over now, Hang up and then Connect again."""
+    focused = "document.activeElement.id"
+    with live_server(max_sessions=2) as (url, _):
+        page = browser_page.new_page()
+        try:
+            page.goto(f"{url}/?mic=0&transport=ws")
+            page.focus("#connect")
+            page.keyboard.press("Enter")
+            page.wait_for_function("window.streamgenStats.state.startsWith('streaming')", timeout=60_000)
+            assert page.evaluate(focused) == "hangup"
+            page.keyboard.press("Space")
+            page.wait_for_function("window.streamgenStats.state === 'idle'", timeout=10_000)
+            assert page.evaluate(focused) == "connect"
+        finally:
+            page.close()
+
+
 def test_a_delete_that_fails_at_hang_up_is_said_on_the_console_and_the_session_ends(browser_page):
     """A hang-up's DELETE that fails (here the network's failure) was swallowed. The session ends on
     the server all the same, through the closed peer connection; the page says the failure on the

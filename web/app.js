@@ -81,8 +81,12 @@ function holdMic(stream) {
 // --- controls -------------------------------------------------------------------------------------
 async function connect() {
   const mine = ++state.generation;
+  const focused = document.activeElement === $("connect");
   $("connect").disabled = true;
   $("hangup").disabled = false;  // while connecting too: an attempt a server does not answer is given up
+  // a button disabled under the keyboard's focus drops it (to the page's start): it goes to its
+  // counterpart, as a hang-up's goes back to Connect
+  if (focused) $("hangup").focus();
   resetStats();
   setNotice("");
   setStatus("connecting");
@@ -156,9 +160,11 @@ function cleanup(sendDelete = true) {
   clearStage();
   state.pc = state.mic = state.audioSender = state.session = state.peerRequests = null;
   soundNoLongerWaits();
+  const focused = document.activeElement === $("hangup") || document.activeElement === $("speak");
   $("connect").disabled = false;
   $("hangup").disabled = true;
   $("speak").disabled = true;
+  if (focused) $("connect").focus();
 }
 
 function clearStage() {
