@@ -309,11 +309,16 @@ def test_the_page_says_when_the_server_ends_its_webrtc_session(browser_page):
         try:
             page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
             assert page.evaluate("held()")["mics"] == 1
+            page.fill("#speak-text", "hello there, " * 76)  # refused: a minute of speech
+            page.click("#speak")
+            page.wait_for_function("window.streamgenStats.notice.startsWith('speak: 422')", timeout=10_000)
             page.wait_for_function("window.streamgenStats.state.startsWith('ended')", timeout=30_000)
             assert page.evaluate("held()") == {
                 "mics": 0, "contexts": 0, "connect": True, "hangup": False,
                 "state": "ended: the server ended the session (max_duration: session reached 4 s)",
             }  # fmt: skip
+            # the refusal was the ended session's: it stayed beside 'ended: ...' until a connect
+            assert page.text_content("#notice") == ""
         finally:
             page.close()
 

@@ -139,7 +139,6 @@ function hangUp() {
   const socketMayEndSession = socket !== null && socket.readyState === WebSocket.OPEN && !state.wsStarted;
   cleanup(!socketMayEndSession);
   if (socketMayEndSession && s) deleteUnlessTheSocketEndsIt(socket, s);
-  setNotice("");
   setStatus("idle");
 }
 
@@ -160,6 +159,7 @@ function cleanup(sendDelete = true) {
   clearStage();
   state.pc = state.mic = state.audioSender = state.session = state.peerRequests = null;
   soundNoLongerWaits();
+  setNotice("");  // what the server said of a request of this connection (it stayed beside 'ended: ...')
   const focused = document.activeElement === $("hangup") || document.activeElement === $("speak");
   $("connect").disabled = false;
   $("hangup").disabled = true;
