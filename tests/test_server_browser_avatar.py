@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 def test_the_face_chosen_last_is_the_one_streamed(browser_page, tmp_path):
     """A picture chosen and then an avatar clicked: the avatar's button said it was the one, and the
     picture was streamed (the upload went whenever a file was chosen). The one chosen last goes
-    now, and only its button (none, for a picture) says so."""
+    now, and only its button (none, for a picture) says so; and none is chosen while it streams."""
     picture = tmp_path / "me.png"
     picture.write_bytes(png_bytes())
     with live_server(max_sessions=2) as (url, app):
@@ -30,7 +30,12 @@ def test_the_face_chosen_last_is_the_one_streamed(browser_page, tmp_path):
             def connect_and_hang_up():
                 page.click("#connect")
                 page.wait_for_function("window.streamgenStats.state.startsWith('streaming')", timeout=60_000)
+                # not to be changed while it streams: a button clicked then was pressed, and changed
+                # nothing on the stage
+                for control in ("#avatars button[title='Bo']", "#upload", "#caption"):
+                    assert page.is_disabled(control), control
                 page.click("#hangup")
+                assert page.is_enabled("#avatars button[title='Bo']")
 
             page.set_input_files("#upload", str(picture))
             assert page.evaluate(pressed) == []

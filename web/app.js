@@ -84,6 +84,9 @@ async function connect() {
   const focused = document.activeElement === $("connect");
   $("connect").disabled = true;
   $("hangup").disabled = false;  // while connecting too: an attempt a server does not answer is given up
+  // the face and caption are a session's from its start: chosen meanwhile, they changed nothing on
+  // the stage, and the button pressed was no longer the face streamed
+  $("face").disabled = true;
   // a button disabled under the keyboard's focus drops it (to the page's start): it goes to its
   // counterpart, as a hang-up's goes back to Connect
   if (focused) $("hangup").focus();
@@ -164,6 +167,7 @@ function cleanup(sendDelete = true) {
   $("connect").disabled = false;
   $("hangup").disabled = true;
   $("speak").disabled = true;
+  $("face").disabled = false;
   if (focused) $("connect").focus();
 }
 
