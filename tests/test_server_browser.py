@@ -569,6 +569,7 @@ def test_a_websocket_pages_refused_speak_is_said_beside_the_status(browser_page)
             assert page.text_content("#notice").startswith("error: text too long"), page.text_content("#notice")
             # kept, to be sent again in parts (it was emptied as it was sent, whatever the answer)
             assert page.input_value("#speak-text") == "hello there, " * 76
+            assert page.is_enabled("#speak")  # (disabled while it waited for the answer)
             assert page.text_content("#status") == "streaming (websocket)"
             frames = page.evaluate("window.streamgenStats.framesDecoded")
             page.wait_for_function(f"window.streamgenStats.framesDecoded > {frames}", timeout=20_000)
@@ -610,7 +611,8 @@ def test_a_speak_answered_after_a_hang_up_is_not_the_next_connections(browser_pa
 
 def test_a_sentence_typed_while_a_speak_is_answered_stays(browser_page):
     """A WebRTC page's speak is answered once its speech is made (seconds): the answer emptied the
-    field, taking with it the next sentence typed meanwhile. It empties only the text it sent now."""
+    field, taking with it the next sentence typed meanwhile. It empties only the text it sent now;
+    and Speak waits for the answer, the text being still there to be sent twice."""
     from test_server_browser_hangup import HOLD_FETCHES, hold_fetches
 
     with live_server(max_sessions=2) as (url, app):
@@ -623,11 +625,15 @@ def test_a_sentence_typed_while_a_speak_is_answered_stays(browser_page):
             page.fill("#speak-text", "hello there")
             page.click("#speak")
             page.wait_for_function("window.heldFetches.length === 1", timeout=10_000)
+            # not to be sent twice: pressed again meanwhile, it went again (and was refused, 429)
+            assert page.is_disabled("#speak")
+            assert page.evaluate("document.activeElement.id") == "speak-text"  # (a disabled button drops it)
             page.fill("#speak-text", "and the next one")
             # (let go, and answered: the first speech takes a second or two)
             page.evaluate("window.holdFetches = null; Promise.all(window.heldFetches.splice(0).map((go) => go()))")
             page.wait_for_timeout(300)
             assert page.input_value("#speak-text") == "and the next one"
+            assert page.is_enabled("#speak")
             page.click("#speak")  # one not typed over goes as it went
             page.wait_for_function("document.getElementById('speak-text').value === ''", timeout=10_000)
             assert page.text_content("#notice") == ""

@@ -185,6 +185,10 @@ async function speak(e) {
   const text = typed.replace(/^[\s\x1c-\x1f\x85]+|[\s\x1c-\x1f\x85]+$/g, "");
   if (!text || !state.session) return;
   const msg = { type: "speak", text };
+  // until its answer: pressed again meanwhile (the text still there), it was sent again, and spoken
+  // twice over the WebSocket (over HTTP, refused: 429). (Its focus goes to the text, not the page's start.)
+  if (document.activeElement === $("speak")) $("speak-text").focus();
+  $("speak").disabled = true;
   if (state.ws) {
     sendSpeak(msg, typed);  // the field is emptied once the server takes it (speakTaken)
     return;
@@ -200,10 +204,13 @@ async function speak(e) {
     });
     if (!res.ok) await apiJson(res);
   } catch (err) {
-    if (mine === state.generation) setNotice(`speak: ${err.message}`);
+    if (mine !== state.generation) return;
+    setNotice(`speak: ${err.message}`);
+    $("speak").disabled = false;
     return;  // the text stays, to be sent again
   }
   if (mine !== state.generation) return;
+  $("speak").disabled = false;
   speakTaken(typed);
 }
 

@@ -124,6 +124,7 @@ export async function connectWebSocket(mine, closed) {
       const speak = msg.type === "speaking" || (msg.type === "error" && msg.for === "speak");
       if (speak && speaksSent.length) {
         const typed = speaksSent.shift();
+        $("speak").disabled = false;
         if (msg.type === "speaking") speakTaken(typed);  // (refused: the text stays, to be sent again)
       }
       return;
