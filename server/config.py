@@ -32,6 +32,10 @@ class ServerConfig:
     ice_servers: list[dict] = field(default_factory=list)  # STUN/TURN, RTCIceServer dicts (server/ice.py)
     cors_origins: list[str] = field(default_factory=list)  # other origins whose pages may call the API ("*": any)
     idle_timeout_s: float = 60.0  # a session with no transport / no input for this long is closed
+    # a session no client connected to (no WebSocket, no WHEP offer) this long after its creation
+    # is closed ("unclaimed"), sooner than idle: a page left while its session was being created
+    # held a place on a full server for the whole idle limit
+    unclaimed_timeout_s: float = 20.0
     max_duration_s: float = 3600.0
     # a WebRTC peer that sent packets and then nothing for this long is gone (a killed tab): its
     # session is closed (server/webrtc.py, watch_peer); 0: only ICE consent ends it (~30 s)

@@ -316,6 +316,11 @@ class SessionRegistry:
             await asyncio.sleep(period)
             await self.enforce_limits()  # (a failed close is logged there: the limits outlive it)
 
+    @property
+    def unclaimed_timeout_s(self) -> float:
+        """How long a session may wait for its first connection: never past the idle limit."""
+        return min(self.config.unclaimed_timeout_s, self.config.idle_timeout_s)
+
     async def enforce_limits(self) -> None:
         """The sessions past a limit, closed together: each teardown waits for its lane's worker
         (a chunk in progress), and one after another they held the others past their limits."""
@@ -324,6 +329,8 @@ class SessionRegistry:
         for session in list(self.sessions.values()):
             if down:  # the model process died: no session of it can stream again
                 expired.append((session, f"host_down: {down}"))
+            elif session.transport is None and now - session.created > self.unclaimed_timeout_s:
+                expired.append((session, f"unclaimed: no client connected within {seconds(self.unclaimed_timeout_s)}"))
             elif now - session.created > self.config.max_duration_s:
                 expired.append((session, f"max_duration: session reached {seconds(self.config.max_duration_s)}"))
             elif now - session.last_input > self.config.idle_timeout_s:

@@ -145,7 +145,9 @@ async def test_sessions_past_their_limits_are_closed_together_and_one_failure_st
     registry = SessionRegistry(ServerConfig(idle_timeout_s=1.0, max_duration_s=60.0), None, None)
     now = time.monotonic()
     for i, idle in enumerate((5.0, 0.0, 5.0, 5.0)):
-        registry.sessions[f"s{i}"] = SimpleNamespace(id=f"s{i}", created=now - 10, last_input=now - idle)
+        registry.sessions[f"s{i}"] = SimpleNamespace(
+            id=f"s{i}", created=now - 10, last_input=now - idle, transport="websocket"
+        )
     running, most, closed = set(), [0], []
 
     async def close(session, reason):
@@ -523,7 +525,7 @@ async def test_a_limit_below_a_second_is_named_as_set(monkeypatch):
 
     registry = SessionRegistry(ServerConfig(idle_timeout_s=2.5, max_duration_s=0.5), None, None)
     now = time.monotonic()
-    registry.sessions["old"] = SimpleNamespace(id="old", created=now - 1, last_input=now)
+    registry.sessions["old"] = SimpleNamespace(id="old", created=now - 1, last_input=now, transport="whep")
     closed = []
 
     async def close(session, reason):
@@ -532,9 +534,36 @@ async def test_a_limit_below_a_second_is_named_as_set(monkeypatch):
     monkeypatch.setattr(registry, "close", close)
     await registry.enforce_limits()
     registry.config.max_duration_s = 3600.0
-    registry.sessions["idle"] = SimpleNamespace(id="idle", created=now, last_input=now - 3)
+    registry.sessions["idle"] = SimpleNamespace(id="idle", created=now, last_input=now - 3, transport="websocket")
     del registry.sessions["old"]
     await registry.enforce_limits()
     assert closed == ["max_duration: session reached 0.5 s", "idle: no input for 2.5 s"]
     assert (seconds(60.0), seconds(3600.0)) == ("60 s", "3600 s")  # (as before)
     assert seconds(86400.0 * 7) == "604800 s" and seconds(1e300) == "1e+300 s"  # (was 301 digits)
+
+
+async def test_a_session_no_client_connects_to_is_closed_before_the_idle_limit(monkeypatch):
+    """A page left while its session was being created (the answer came, no one read it) held its
+    place on a full server for the whole idle limit; a client that connected and waits keeps it."""
+    import time
+    from types import SimpleNamespace
+
+    from server.config import ServerConfig
+    from server.registry import SessionRegistry
+
+    registry = SessionRegistry(ServerConfig(idle_timeout_s=60.0, unclaimed_timeout_s=5.0), None, None)
+    now = time.monotonic()
+    for name, transport in (("orphan", None), ("socket", "websocket"), ("offer", "whep")):
+        registry.sessions[name] = SimpleNamespace(id=name, created=now - 6, last_input=now - 6, transport=transport)
+    registry.sessions["new"] = SimpleNamespace(id="new", created=now - 1, last_input=now - 1, transport=None)
+    closed = []
+
+    async def close(session, reason):
+        closed.append((session.id, reason))
+
+    monkeypatch.setattr(registry, "close", close)
+    await registry.enforce_limits()
+    assert closed == [("orphan", "unclaimed: no client connected within 5 s")]
+    registry.config.idle_timeout_s = 2.0  # never past the idle limit
+    await registry.enforce_limits()
+    assert ("socket", "idle: no input for 2 s") in closed and ("orphan", "unclaimed: no client connected within 2 s") in closed
