@@ -29,7 +29,7 @@ def stored_row(tmp_path, **settings) -> dict:
         (["--size", "63"], "--size"),
         (["--minutes", "-1"], "--minutes must be 0 (no drift stream) or give a stream"),
         (["--minutes", "nan"], "--minutes must be 0 (no drift stream) or give a stream"),
-        ([], "round trip (the students' ceiling)\": unknown model"),  # no models in --runs
+        ([], "round trip (the students' ceiling)\": no model directory"),  # no models in --runs
     ],
 )
 def test_the_results_table_refuses_what_it_cannot_make_before_the_first_row(
