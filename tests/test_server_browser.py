@@ -323,6 +323,21 @@ def test_the_page_says_when_the_server_ends_its_webrtc_session(browser_page):
             page.close()
 
 
+def test_a_websocket_page_says_the_server_ended_its_session_as_a_webrtc_page_does(browser_page):
+    """A WebSocket session closed at its limit said 'closed: 4410 max_duration: ...', a code where
+    the WebRTC page says the server ended the session, and why."""
+    with live_server(max_sessions=2, max_duration_s=3.0) as (url, app):
+        page = held_page(browser_page, f"{url}/?autostart=1&transport=ws&mic=0")
+        try:
+            page.wait_for_function("window.streamgenStats.state.startsWith('ended')", timeout=30_000)
+            assert page.evaluate("window.streamgenStats.state") == (
+                "ended: the server ended the session (max_duration: session reached 3 s)"
+            )
+            assert page.evaluate("held()")["connect"] is True
+        finally:
+            page.close()
+
+
 def test_a_webrtc_page_says_at_once_that_the_server_shut_down(browser_page):
     """A server shut down closes its peer connections (DTLS's close_notify) and answers no session
     check: the page went on 'streaming' a frozen frame until ICE gave up, ~10 s, then said only

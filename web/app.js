@@ -59,9 +59,15 @@ function ended(reason) {
   setStatus(`ended: ${reason}`);
 }
 
+// A socket the server closed as the session's end (a limit, its shutdown, a client too slow to
+// read) is said as a WebRTC page says it ("closed: 4410 max_duration: ..." read as a fault); a
+// protocol error or a lost connection keeps its code, for whoever looks into it.
+const SERVER_ENDED = new Set([1001, 4408, 4410, 4430]);
+
 function closed(e) {
   cleanup(false);
-  setStatus(`closed: ${e.code} ${e.reason || "the connection was lost"}`);  // (no reason: no close frame came)
+  if (SERVER_ENDED.has(e.code) && e.reason) setStatus(`ended: the server ended the session (${e.reason})`);
+  else setStatus(`closed: ${e.code} ${e.reason || "the connection was lost"}`);  // (no reason: no close frame came)
 }
 
 // The microphone a connection holds. One that ends by itself (unplugged, its permission taken back)
