@@ -34,8 +34,11 @@ def test_the_face_chosen_last_is_the_one_streamed(browser_page, tmp_path):
                 # nothing on the stage
                 for control in ("#avatars button[title='Bo']", "#upload", "#caption"):
                     assert page.is_disabled(control), control
+                # and looks it: the faces were as bright as ever, and clicking them did nothing
+                faded = "Number(getComputedStyle(document.querySelector(\"#avatars button[title='Bo']\")).opacity)"
+                assert page.evaluate(faded) < 1
                 page.click("#hangup")
-                assert page.is_enabled("#avatars button[title='Bo']")
+                assert page.is_enabled("#avatars button[title='Bo']") and page.evaluate(faded) == 1
 
             page.set_input_files("#upload", str(picture))
             assert page.evaluate(pressed) == []
