@@ -324,7 +324,7 @@ async def read_body(request: Request, limit: int) -> bytes:
         if not declared.isdigit():
             raise ApiError(400, "bad_request", "invalid Content-Length")
         if int(declared) > limit:
-            raise ApiError(413, "too_large", f"request body of {declared} bytes; the limit is {limit}")
+            raise ApiError(413, "too_large", f"request body of {size_text(int(declared))}; the limit is {size_text(limit)}")
     from starlette.requests import ClientDisconnect
 
     body = bytearray()
@@ -332,12 +332,21 @@ async def read_body(request: Request, limit: int) -> bytes:
         async for part in request.stream():
             body += part
             if len(body) > limit:
-                raise ApiError(413, "too_large", f"request body larger than the limit of {limit} bytes")
+                raise ApiError(413, "too_large", f"request body larger than the limit of {size_text(limit)}")
     except ClientDisconnect:  # (its upload cut short: an ERROR and a page of traceback in the log)
         log.info("%s %s: the client left during its upload", request.method, request.url.path)
         raise ApiError(400, "client_gone", "the client left before its request was read") from None
     request._body = bytes(body)  # starlette re-reads this for form parsing
     return request._body
+
+
+def size_text(n: int) -> str:
+    """A byte count as a person reads it: the page showed "request body of 75039349 bytes; the limit
+    is 4194304" to whoever had picked too large a picture."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
 
 
 def decode_upload(data: bytes, config: ServerConfig):

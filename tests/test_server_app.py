@@ -213,9 +213,11 @@ def test_an_upload_is_decoded_off_the_event_loop(client, monkeypatch):
 
 
 def test_oversized_upload(client):
-    big = b"\x00" * (4 * 1024 * 1024 + 10)
+    big = b"\x00" * (6 * 1024 * 1024)
     r = client.post("/v1/sessions", files={"reference": ("big.png", big, "image/png")})
     assert r.status_code == 413 and r.json()["error"] == "too_large"
+    # in words a person reads (it was "request body of 6291648 bytes; the limit is 4194304")
+    assert re.fullmatch(r"request body of 6 MiB; the limit is 4 MiB", r.json()["message"]), r.json()["message"]
 
 
 @pytest.mark.parametrize(
