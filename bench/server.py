@@ -57,6 +57,7 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 
 import numpy as np
 
@@ -71,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=frame_size, default=None, help="output size (default: the model's)")
     parser.add_argument(
         "--seconds", type=positive_number, default=20.0,
-        help="seconds to watch per measurement (fps counts 8-frame chunks: 5 s would be quantized to 1.6 fps)",
+        help="seconds to watch per measurement (fps counts whole chunks: 5 s of tiny-avatar's would be quantized to 1.6 fps)",
     )
     parser.add_argument("--max-probe", type=positive_int, default=6, help="most concurrent sessions to try")
     parser.add_argument("--threads", type=thread_count, default=None, help="torch threads in the server")
@@ -160,7 +161,33 @@ async def _wait_ready(http, proc, timeout=300.0) -> dict:
     raise RuntimeError("server did not become ready")
 
 
-FRAMES_PER_CHUNK, CHUNK_SECONDS = 8, 0.32  # tiny-avatar's chunks at 25 frames/s
+# a model's chunk (tiny-avatar's: 8 frames, 0.32 s; a Wan flavor's: 12 frames) is what the server
+# says in a WebSocket session's "ready" message: the session status does not say it
+_CHUNK_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+async def _chunk_shape(http) -> tuple[int, float]:
+    """The served model's (frames per chunk, seconds per chunk), from the "ready" message of a
+    WebSocket session started for the purpose and ended at once (read once per server)."""
+    if http in _CHUNK_SHAPES:
+        return _CHUNK_SHAPES[http]
+    import websockets
+
+    created, auth = await _create_session(http, seed=0)
+    url = str(http.base_url).replace("http", "ws", 1).rstrip("/") + f"{created['stream']}?token={created['token']}"
+    async with websockets.connect(url, max_size=None, max_queue=None) as ws:
+        await ws.send(json.dumps({"type": "start", "format": "rgb"}))
+        ready = {}
+        while ready.get("type") != "ready":
+            message = await asyncio.wait_for(ws.recv(), 30)
+            ready = json.loads(message) if isinstance(message, str) else ready
+        await http.delete(created["resource"], headers=auth)
+    _CHUNK_SHAPES[http] = shape = _shape(ready)
+    return shape
+
+
+def _shape(ready: dict) -> tuple[int, float]:
+    return ready["frames_per_chunk"], ready["frames_per_chunk"] / ready["fps"]
 
 
 async def _create_session(http, seed: int) -> tuple[dict, dict]:
@@ -188,6 +215,7 @@ async def _watch(http, seconds: float, seed: int) -> dict:
 
     from server.session import read_stamp
 
+    frames_per_chunk, chunk_seconds = await _chunk_shape(http)
     created, auth = await _create_session(http, seed)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc.addTransceiver("video", direction="recvonly")
@@ -210,7 +238,7 @@ async def _watch(http, seconds: float, seed: int) -> dict:
     await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
     video, audio = await asyncio.wait_for(asyncio.gather(tracks["video"], tracks["audio"]), 20)
     result = {"first_frame": None, "frames": [], "markers": [], "session": created, "answer": answered,
-              "connected": connected}  # fmt: skip
+              "connected": connected, "frames_per_chunk": frames_per_chunk, "chunk_seconds": chunk_seconds}  # fmt: skip
 
     async def read_video():
         end = None
@@ -266,7 +294,9 @@ async def _watch_ws(http, seconds: float, seed: int) -> dict:
             message = await asyncio.wait_for(ws.recv(), 30)
             if isinstance(message, str):
                 ready = json.loads(message)
-                size = (ready["height"], ready["width"]) if ready.get("type") == "ready" else size
+                if ready.get("type") == "ready":
+                    size = (ready["height"], ready["width"])
+                    result["frames_per_chunk"], result["chunk_seconds"] = _shape(ready)
                 continue
             if message[0] != MsgType.VIDEO_RGB:
                 continue
@@ -288,8 +318,7 @@ def _on_time(per_n: dict, seconds: float, late_share: float = 0.01) -> int:
     lets a saturated server through whose chunks come late, now and then, to every session)."""
     best = 0
     for n, figures in sorted(per_n.items()):
-        chunks = n * seconds / CHUNK_SECONDS
-        if figures["fps"] < 24 or figures["late_chunks"] > late_share * chunks:
+        if figures["fps"] < 24 or figures["late_chunks"] > late_share * figures["chunks"]:
             break
         best = n
     return best
@@ -298,10 +327,10 @@ def _on_time(per_n: dict, seconds: float, late_share: float = 0.01) -> int:
 def _generated_fps(watch: dict) -> float:
     """Frames the server generated for the session per second of watching (its chunk count)."""
     duration = watch["frames"][-1][0] - watch["frames"][0][0]
-    return max(0, watch["chunks"] - 1) * FRAMES_PER_CHUNK / max(duration, 1e-6)
+    return max(0, watch["chunks"] - 1) * watch["frames_per_chunk"] / max(duration, 1e-6)
 
 
-def _stutter(frames, per_chunk: int = FRAMES_PER_CHUNK) -> dict:
+def _stutter(frames, per_chunk: int) -> dict:
     """Frames shown twice (a chunk came late) and frames never shown (the clock jumped back), from
     the run lengths of the chunk stamps; the first and last runs are cut by the watch and skipped."""
     runs, last = [], None
@@ -330,10 +359,10 @@ def _glass_to_glass_ms(starts) -> float | None:
     return round(1000 * statistics.median(w - s for _, w, s in starts), 1) if starts else None
 
 
-def _av_offset(starts, markers) -> float | None:
+def _av_offset(starts, markers, chunk_seconds: float) -> float | None:
     offsets = []
     for mono, _, _ in starts:
-        near = [m for m in markers if abs(m - mono) < 0.16]
+        near = [m for m in markers if abs(m - mono) < chunk_seconds / 2]
         if near:
             offsets.append(mono - min(near, key=lambda m: abs(m - mono)))
     return 1000 * statistics.median(offsets) if offsets else None
@@ -383,8 +412,8 @@ async def _bench(args) -> dict:
             # generated frames per second (the client also counts repeats of a late frame)
             "fps": round(_generated_fps(one), 2),
             "decoded_fps": round((len(one["frames"]) - 1) / duration, 2) if duration > 0 else None,
-            "av_offset_ms": _av_offset(starts, one["markers"]),
-            **{f"{k}_frames": v for k, v in _stutter(one["frames"]).items()},
+            "av_offset_ms": _av_offset(starts, one["markers"], one["chunk_seconds"]),
+            **{f"{k}_frames": v for k, v in _stutter(one["frames"], one["frames_per_chunk"]).items()},
         }
         if out["av_offset_ms"] is not None:
             out["av_offset_ms"] = round(out["av_offset_ms"], 1)
@@ -511,7 +540,7 @@ async def _probe(http, args, n: int) -> dict:
     after = await _server_counters(http)
     fps = [_generated_fps(r) for r in results]
     starts = [_chunk_starts(r["frames"]) for r in results]
-    offsets = [_av_offset(st, r["markers"]) for st, r in zip(starts, results)]
+    offsets = [_av_offset(st, r["markers"], r["chunk_seconds"]) for st, r in zip(starts, results)]
     chunks = sum(r["chunks"] for r in results)  # each session lived inside the counters' window
     busy = after["busy_s"] - before["busy_s"]
     return {
@@ -519,7 +548,7 @@ async def _probe(http, args, n: int) -> dict:
         "elapsed_s": round(elapsed, 1),
         "glass_to_glass_ms": [_glass_to_glass_ms(st) for st in starts],
         "av_offset_ms": [None if o is None else round(o, 1) for o in offsets],
-        "repeated_frames": [_stutter(r["frames"])["repeated"] for r in results],
+        "repeated_frames": [_stutter(r["frames"], r["frames_per_chunk"])["repeated"] for r in results],
         "playout_delay_ms": [round(1000 * r["playout_delay"]) for r in results],
         "first_frame_ms": [round(1000 * r["first_frame"]) for r in results],
         "worker_busy": round(busy / elapsed, 3),
@@ -528,6 +557,7 @@ async def _probe(http, args, n: int) -> dict:
         "server_cpu_ms_per_chunk": round(1000 * (after["cpu_s"] - before["cpu_s"]) / chunks, 2) if chunks else None,
         "server_cpu_cores": round((after["cpu_s"] - before["cpu_s"]) / elapsed, 2),
         "late_chunks": int(after["late"] - before["late"]),
+        "chunks": chunks,
         "chunk_ms": after["chunk_ms"],
         "batch_mean": round((after["batched"] - before["batched"]) / max(1, after["batches"] - before["batches"]), 2),
     }

@@ -13,10 +13,10 @@ def frames(*runs):
 
 
 def test_stutter_counts_repeats_and_skips_but_not_the_runs_cut_by_the_watch():
-    assert _stutter(frames(3, 8, 8, 8, 5)) == {"repeated": 0, "skipped": 0}
+    assert _stutter(frames(3, 8, 8, 8, 5), 8) == {"repeated": 0, "skipped": 0}
     # chunk 1 shown 2 frames too long (chunk 2 came late); chunk 3 lost 3 frames (the clock jumped back)
-    assert _stutter(frames(1, 10, 8, 5, 8, 30)) == {"repeated": 2, "skipped": 3}
-    assert _stutter(frames(12)) == {"repeated": 0, "skipped": 0}
+    assert _stutter(frames(1, 10, 8, 5, 8, 30), 8) == {"repeated": 2, "skipped": 3}
+    assert _stutter(frames(12), 8) == {"repeated": 0, "skipped": 0}
 
 
 async def test_server_counters_read_the_servers_metrics():
@@ -38,10 +38,10 @@ async def test_server_counters_read_the_servers_metrics():
 
 
 def test_on_time_sessions_need_the_frames_and_few_late_chunks():
-    per_n = {1: {"fps": 25.0, "late_chunks": 0}, 2: {"fps": 24.9, "late_chunks": 1},  # 1 of 125 chunks
-             3: {"fps": 24.8, "late_chunks": 1}, 4: {"fps": 24.6, "late_chunks": 9}}  # fmt: skip
+    per_n = {1: {"fps": 25.0, "late_chunks": 0, "chunks": 63}, 2: {"fps": 24.9, "late_chunks": 1, "chunks": 125},
+             3: {"fps": 24.8, "late_chunks": 1, "chunks": 188}, 4: {"fps": 24.6, "late_chunks": 9, "chunks": 250}}  # fmt: skip
     assert _on_time(per_n, seconds=20) == 3  # 9 of 250 chunks late at 4: over 1%
-    assert _on_time({**per_n, 2: {"fps": 23.0, "late_chunks": 0}}, seconds=20) == 1
+    assert _on_time({**per_n, 2: {"fps": 23.0, "late_chunks": 0, "chunks": 125}}, seconds=20) == 1
 
 
 async def test_each_transports_watch_counts_the_chunks_its_session_got():
@@ -144,8 +144,12 @@ async def test_against_args_serve_the_same_model_another_way(monkeypatch):
         def __init__(self, args, **kwargs):
             self.args = args
 
+    async def chunk_shape(http):
+        return 8, 0.32
+
     monkeypatch.setattr(bench, "_served", served)
     monkeypatch.setattr(bench, "_probe", no_probe)
+    monkeypatch.setattr(bench, "_chunk_shape", chunk_shape)
     monkeypatch.setattr(bench.subprocess, "Popen", Popen)
     args = argparse.Namespace(model="tiny-avatar", against=None, against_args="--ws-compression --lanes 2",
                               max_probe=1, seconds=1.0, transport="ws", size=None, lanes=3, threads=None,
@@ -274,3 +278,28 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+async def test_the_chunk_is_the_one_the_server_says(monkeypatch):
+    """A Wan flavor's chunks are 12 frames (3 latent frames), not tiny-avatar's 8: the watches take
+    the chunk from the server's "ready" message, and a probe of a clean WebSocket watch (its
+    chunks come whole) counts no repeated frames (with 8-frame chunks it counted 4 a chunk)."""
+    import argparse
+
+    import httpx
+    import server_helpers
+    from server_helpers import live_server
+
+    from bench.server import WATCH, _probe
+    from streamgen.models import load_model
+
+    monkeypatch.setattr(server_helpers, "small_model", lambda: load_model("debug", frames_per_chunk=3))
+    with live_server(stamp_frames=True) as (url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            for transport, watch in WATCH.items():
+                result = await watch(http, 1.5, seed=0)
+                assert (result["frames_per_chunk"], result["chunk_seconds"]) == (12, 0.48), transport
+            args = argparse.Namespace(transport="ws", seconds=1.5)
+            figures = await _probe(http, args, 1)
+    assert figures["repeated_frames"] == [0]
+
