@@ -16,8 +16,9 @@ chunk at a time, so there is no A/V offset, answer, or stutter to read):
   their setups queue on the worker)
 - playout_delay_ms (per probe): each session's playout delay at the end of its watch, how far
   ahead of its play time each chunk is generated (the latency a viewer gets beyond the transport)
-- fps: frames generated per second for one session (decoded_fps: frames the client decoded,
-  which include repeats of the last picture when generation is late)
+- fps: frames generated per second for one session, timed by the stamps of the chunks the client
+  got (decoded_fps: frames the client decoded, which include repeats of the last picture when
+  generation is late); --seconds must span 3 of the model's chunks
 - av_offset_ms: arrival of a chunk's first frame minus arrival of its audio marker (median; > 0: video late)
 - max_realtime_sessions: most concurrent sessions that all generate >= 24 fps (server-side count);
   max_on_time_sessions: the same with no more than 1% of their chunks published late;
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=frame_size, default=None, help="output size (default: the model's)")
     parser.add_argument(
         "--seconds", type=positive_number, default=20.0,
-        help="seconds to watch per measurement (fps counts whole chunks: 5 s of tiny-avatar's would be quantized to 1.6 fps)",
+        help="seconds to watch per measurement (fps times whole chunks, tiny-avatar's 0.32 s long: at least 3 of them)",
     )
     parser.add_argument("--max-probe", type=positive_int, default=6, help="most concurrent sessions to try")
     parser.add_argument("--threads", type=thread_count, default=None, help="torch threads in the server")
@@ -318,16 +319,32 @@ def _on_time(per_n: dict, seconds: float, late_share: float = 0.01) -> int:
     lets a saturated server through whose chunks come late, now and then, to every session)."""
     best = 0
     for n, figures in sorted(per_n.items()):
-        if figures["fps"] < 24 or figures["late_chunks"] > late_share * figures["chunks"]:
+        if figures["fps"] is None or figures["fps"] < 24 or figures["late_chunks"] > late_share * figures["chunks"]:
             break
         best = n
     return best
 
 
-def _generated_fps(watch: dict) -> float:
-    """Frames the server generated for the session per second of watching (its chunk count)."""
-    duration = watch["frames"][-1][0] - watch["frames"][0][0]
-    return max(0, watch["chunks"] - 1) * watch["frames_per_chunk"] / max(duration, 1e-6)
+def _generated_fps(watch: dict) -> float | None:
+    """Frames the server generated for the session per second: the chunks the client got, over
+    the time between their generation (each one's stamp: when its input was cut off). The
+    server's chunk count over the watch's length counted the chunks generated ahead of their play
+    time too, which on a short watch was most of them (`--seconds 0.1`: 3117 fps). None where the
+    watch saw too few chunks to time (`MIN_WATCH_CHUNKS` keeps a user's watch from being that short)."""
+    starts = _chunk_starts(watch["frames"])
+    span = starts[-1][2] - starts[0][2] if len(starts) > 1 else 0.0
+    return watch["frames_per_chunk"] * (len(starts) - 1) / span if span > 0 else None
+
+
+def _decoded_fps(frames) -> float | None:
+    """Frames the client got per second, repeats of a late chunk's last picture included, between
+    the first and the last chunk start it saw (a WebSocket client gets a chunk's frames at once:
+    counted from the first frame to the last, a short watch's fps was thousands)."""
+    starts = _chunk_starts(frames)
+    if len(starts) < 2 or starts[-1][0] <= starts[0][0]:
+        return None
+    first, last = starts[0][0], starts[-1][0]
+    return sum(first <= mono < last for mono, _, _ in frames) / (last - first)
 
 
 def _stutter(frames, per_chunk: int) -> dict:
@@ -353,6 +370,10 @@ def _chunk_starts(frames):
             starts.append((mono, wall, stamp))
             last = stamp
     return starts[1:]  # the first one may be a repeat of a late start
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _glass_to_glass_ms(starts) -> float | None:
@@ -396,10 +417,10 @@ async def _bench(args) -> dict:
     if args.against or args.against_args:
         return await _bench_against(args)
     async with _served(args, args.model) as (http, ready, ready_s):
+        await _require_measurable_watch(http, args, args.model)
         webrtc = args.transport == "webrtc"
         one = await WATCH[args.transport](http, args.seconds, seed=1)
         starts = _chunk_starts(one["frames"])
-        duration = one["frames"][-1][0] - one["frames"][0][0]
         out = {
             "model": args.model,
             "transport": args.transport,
@@ -410,8 +431,8 @@ async def _bench(args) -> dict:
             "connected_ms": round(1000 * one["connected"].result(), 1) if webrtc and one["connected"].done() else None,
             "glass_to_glass_ms": _glass_to_glass_ms(starts),
             # generated frames per second (the client also counts repeats of a late frame)
-            "fps": round(_generated_fps(one), 2),
-            "decoded_fps": round((len(one["frames"]) - 1) / duration, 2) if duration > 0 else None,
+            "fps": _rounded(_generated_fps(one), 2),
+            "decoded_fps": _rounded(_decoded_fps(one["frames"]), 2),
             "av_offset_ms": _av_offset(starts, one["markers"], one["chunk_seconds"]),
             **{f"{k}_frames": v for k, v in _stutter(one["frames"], one["frames_per_chunk"]).items()},
         }
@@ -432,6 +453,8 @@ async def _bench_against(args) -> dict:
     extra = {"model": [], "against": shlex.split(args.against_args)}
     async with contextlib.AsyncExitStack() as stack:
         served = {side: await stack.enter_async_context(_served(args, model, extra[side])) for side, model in names.items()}
+        for side, model in names.items():
+            await _require_measurable_watch(served[side][0], args, model)
         per_n = {side: {} for side in names}
         going = set(names)
         for n in range(1, args.max_probe + 1):
@@ -458,6 +481,21 @@ async def _bench_against(args) -> dict:
         own, other = (out[f"{side}_figures"][f"sessions_{figure}"] for side in names)
         out[key] = {n: round(own[n] / other[n], 3) for n in own if own[n] and other.get(n)}
     return out
+
+
+MIN_WATCH_CHUNKS = 3  # the fps times the chunks after the first: a watch must span two more
+
+
+async def _require_measurable_watch(http, args, model: str) -> None:
+    """A UserError where --seconds is too short for a watch to time the served model's chunks."""
+    from streamgen.cli import UserError
+
+    frames, seconds = await _chunk_shape(http)
+    if args.seconds < MIN_WATCH_CHUNKS * seconds:
+        raise UserError(
+            f"--seconds {args.seconds:g} is too short to measure {model}: its fps is timed over whole chunks of "
+            f"{frames} frames ({seconds:g} s); watch at least {MIN_WATCH_CHUNKS * seconds:.2f} s"
+        )
 
 
 def _ladder_figures(per_n: dict, seconds: float) -> dict:
@@ -544,7 +582,8 @@ async def _probe(http, args, n: int) -> dict:
     chunks = sum(r["chunks"] for r in results)  # each session lived inside the counters' window
     busy = after["busy_s"] - before["busy_s"]
     return {
-        "fps": round(min(fps), 1),
+        # (None: a session that got too few chunks in its watch to time them, far from real time)
+        "fps": None if None in fps else round(min(fps), 1),
         "elapsed_s": round(elapsed, 1),
         "glass_to_glass_ms": [_glass_to_glass_ms(st) for st in starts],
         "av_offset_ms": [None if o is None else round(o, 1) for o in offsets],
@@ -578,7 +617,7 @@ async def _max_sessions(http, args) -> tuple[int, dict]:
 def _in_real_time(figures: dict, seconds: float) -> bool:
     """Every session of a probe generated >= 24 frames/s, and the probe did not drag on (its
     sessions' setups queued for a minute)."""
-    return figures["fps"] >= 24 and figures["elapsed_s"] <= seconds + 60
+    return figures["fps"] is not None and figures["fps"] >= 24 and figures["elapsed_s"] <= seconds + 60
 
 
 def _realtime(per_n: dict, seconds: float) -> int:

@@ -42,6 +42,7 @@ def test_on_time_sessions_need_the_frames_and_few_late_chunks():
              3: {"fps": 24.8, "late_chunks": 1, "chunks": 188}, 4: {"fps": 24.6, "late_chunks": 9, "chunks": 250}}  # fmt: skip
     assert _on_time(per_n, seconds=20) == 3  # 9 of 250 chunks late at 4: over 1%
     assert _on_time({**per_n, 2: {"fps": 23.0, "late_chunks": 0, "chunks": 125}}, seconds=20) == 1
+    assert _on_time({**per_n, 2: {"fps": None, "late_chunks": 0, "chunks": 2}}, seconds=20) == 1  # untimed
 
 
 async def test_each_transports_watch_counts_the_chunks_its_session_got():
@@ -56,7 +57,7 @@ async def test_each_transports_watch_counts_the_chunks_its_session_got():
         if request.method == "GET":
             await asyncio.sleep(0.5)
 
-    with live_server() as (url, _):
+    with live_server(stamp_frames=True) as (url, _):  # (as `bench server` serves: the fps reads the stamps)
         async with httpx.AsyncClient(base_url=url, timeout=10, event_hooks={"request": [unhurried]}) as http:
             for transport, watch in WATCH.items():
                 result = await watch(http, 1.0, seed=0)
@@ -303,3 +304,42 @@ async def test_the_chunk_is_the_one_the_server_says(monkeypatch):
             figures = await _probe(http, args, 1)
     assert figures["repeated_frames"] == [0]
 
+
+def _watched(chunks: int, frames_per_chunk: int, generated_every: float, arrived_every: float) -> dict:
+    """A watch's frames: chunk k generated (stamped) at k * generated_every and arriving at
+    k * arrived_every, its frames together (a WebSocket client's)."""
+    frames = [(k * arrived_every + i * 1e-4, 0.0, 100.0 + k * generated_every)
+              for k in range(chunks) for i in range(frames_per_chunk)]  # fmt: skip
+    return {"frames": frames, "chunks": chunks, "frames_per_chunk": frames_per_chunk,
+            "chunk_seconds": frames_per_chunk / 25}  # fmt: skip
+
+
+def test_fps_counts_the_frames_per_chunk_the_watch_was_told():
+    from bench.server import _generated_fps
+
+    wan = _watched(8, 12, generated_every=0.48, arrived_every=0.48)  # 12-frame chunks on time: 25 fps
+    assert _generated_fps(wan) == pytest.approx(25.0)
+
+
+def test_fps_of_a_short_watch_is_not_inflated_by_the_chunks_made_ahead():
+    """Chunks made ahead of their play time reach a WebSocket client together: the server's
+    chunk count over the watch's few milliseconds was thousands of frames a second (`--seconds
+    0.1` gave 3117 fps). The fps is the chunks' generation rate, whatever the watch's length."""
+    from bench.server import _decoded_fps, _generated_fps
+
+    burst = _watched(4, 8, generated_every=0.32, arrived_every=0.01)
+    assert _generated_fps(burst) == pytest.approx(25.0)
+    assert _generated_fps(_watched(2, 8, generated_every=0.32, arrived_every=0.01)) is None  # one interval: none
+    assert _decoded_fps(_watched(4, 8, generated_every=0.32, arrived_every=0.32)["frames"]) == pytest.approx(25.0)
+
+
+def test_a_watch_too_short_to_time_a_chunk_is_refused_in_one_line(capsys):
+    from streamgen.cli import main
+
+    argv = ["bench", "server", "--json", "--model", "debug", "--max-probe", "1", "--seconds", "0.5",
+            "--transport", "ws", "--browser", ""]  # fmt: skip
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err, captured.err
+    assert len(captured.err.strip().splitlines()) == 1, captured.err
+    assert "--seconds 0.5 is too short to measure debug" in captured.err and "0.96 s" in captured.err, captured.err
