@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import time
 from pathlib import Path
 
@@ -52,12 +53,14 @@ from bench.machine import cpu_description
 from streamgen.cli import frame_size, positive_int, thread_count
 from streamgen.cpu_threads import codec_threads, cpu_has_native_bfloat16, intra_op_threads
 from streamgen.media import read_image
+from streamgen.model.config import ModelConfig, get_config
 from streamgen.model.upsample import UpsampleConv2d
 from streamgen.model.vae import TinyCausalVAE
-from streamgen.models import load_model
+from streamgen.models import load_autoencoder, resolve_model_dir
 from streamgen.stream import encode_reference
 from streamgen.stream_inputs import prepare_reference
 
+log = logging.getLogger(__name__)
 SAMPLE_FACE = Path(__file__).resolve().parent.parent / "streamgen" / "assets" / "sample_face.png"
 
 
@@ -209,16 +212,31 @@ def reference_encode(vae: TinyCausalVAE, size: int, rounds: int) -> dict:
     }
 
 
-def _load_tiny_vae_model(model: str):
+def _load_tiny_vae(model: str) -> tuple[TinyCausalVAE, int]:
+    """The model's autoencoder and its latent frames per chunk, and nothing else: the whole model
+    was loaded, a flavor's random DiT too (wan2.1-1.3b's 1.3B parameters), only to be dropped."""
     from streamgen.cli import UserError
+    from streamgen.model.files import read_json
 
+    directory = resolve_model_dir(model)
     try:
-        m = load_model(model)
-    except (FileNotFoundError, ValueError) as e:  # (a folder whose DiT and autoencoder disagree)
+        if directory is None:  # a flavor (`require_models` has refused the rest): its stand-in's autoencoder
+            cfg = get_config(model.removesuffix("-teacher"))
+            log.warning("no trained weights for %r; using a randomly initialised autoencoder (seed 0)", model)
+            torch.manual_seed(0)
+            vae = TinyCausalVAE(latent_channels=cfg.in_channels, temporal_factor=cfg.temporal_compression).eval()
+        else:
+            meta = read_json(directory / "model.json", required=("config",))
+            try:
+                cfg = ModelConfig.from_dict(meta["config"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{directory / 'model.json'}: {e}") from None
+            vae = load_autoencoder(directory)
+    except (FileNotFoundError, ValueError) as e:  # (an unreadable model.json or autoencoder)
         raise UserError(str(e)) from None
-    if not isinstance(m.vae, TinyCausalVAE):
-        raise UserError(f"{model}: this benchmark is for TinyCausalVAE decoders, not {type(m.vae).__name__}")
-    return m
+    if not isinstance(vae, TinyCausalVAE):
+        raise UserError(f"{model}: this benchmark is for TinyCausalVAE decoders, not {type(vae).__name__}")
+    return vae, cfg.frames_per_chunk
 
 
 def run(
@@ -234,8 +252,8 @@ def run(
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    m = _load_tiny_vae_model(model)
-    vae, other = m.vae, _load_tiny_vae_model(against).vae if against else None
+    vae, frames_per_chunk = _load_tiny_vae(model)
+    other = _load_tiny_vae(against)[0] if against else None
     if other is not None and (other.latent_channels, other.temporal_factor) != (
         vae.latent_channels,
         vae.temporal_factor,
@@ -246,7 +264,7 @@ def run(
             f"--against {against}: its decoder takes {other.latent_channels} latent channels at "
             f"{other.temporal_factor} frames each, {model}'s gives {vae.latent_channels} at {vae.temporal_factor}"
         )
-    latent_frames = latent_frames or m.cfg.frames_per_chunk
+    latent_frames = latent_frames or frames_per_chunk
     return {
         "model": model,
         **({"against": against} if against else {}),
