@@ -79,6 +79,7 @@ from streamgen.stream import StreamSession
 def build_model(flavor, height, width, device, dtype, quick, backend, window_frames=21) -> AvatarModel:
     from diffusers import AutoencoderKLWan
 
+    from bench.wan_decoder import in_dtype
     from streamgen.model.wan_vae import WanVAE
 
     torch.manual_seed(0)
@@ -99,7 +100,7 @@ def build_model(flavor, height, width, device, dtype, quick, backend, window_fra
             if quick
             else {}
         )
-        vae = WanVAE(AutoencoderKLWan(**vae_kwargs).to(dtype).eval())
+        vae = WanVAE(in_dtype(AutoencoderKLWan(**vae_kwargs), dtype).eval())
     return AvatarModel(flavor, dit, vae, height, width, shift=5.0, steps=4)
 
 

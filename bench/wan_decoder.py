@@ -194,7 +194,15 @@ def build_wan_vae(device, dtype):
 
     torch.manual_seed(0)
     with torch.device(device):
-        return WanVAE(AutoencoderKLWan().to(dtype).eval())
+        return WanVAE(in_dtype(AutoencoderKLWan(), dtype).eval())
+
+
+def in_dtype(vae, dtype: torch.dtype):
+    """diffusers' `vae` (a random one: a loaded one comes in its dtype) cast to `dtype`, without
+    diffusers' warning: it warns at every cast of a model whose class names modules to keep in
+    float32, and AutoencoderKLWan names none ("...should be kept in float32: []", on stderr at
+    each run of bench floor, gpu and wan-decoder, saying nothing)."""
+    return torch.nn.Module.to(vae, dtype)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

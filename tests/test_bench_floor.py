@@ -485,3 +485,15 @@ def test_fp8_attention_moves_its_share_of_the_dits_attention_to_the_fp8_rate():
 def test_command_line_refuses_an_unknown_fp8_attention():
     r = streamgen("bench", "floor", "--json", "--model", "debug", "--fp8-attention", "fp16")
     assert r.returncode == 2 and "invalid choice" in r.stderr and r.stdout == ""
+
+
+def test_a_random_wan_vae_is_cast_without_diffusers_warning(capfd):
+    # every run of bench floor, gpu and wan-decoder on Wan said on stderr "There are modules in
+    # AutoencoderKLWan that should be kept in float32: []. Casting directly with `to()` ..."
+    from bench.wan_decoder import build_wan_vae
+
+    model = gpu.build_model("wan2.1-1.3b", 64, 96, "meta", torch.bfloat16, quick=True, backend="sdpa")
+    vae = build_wan_vae("meta", torch.bfloat16)
+    assert "kept in float32" not in capfd.readouterr().err
+    for autoencoder in (model.vae, vae):
+        assert {p.dtype for p in autoencoder.parameters()} == {torch.bfloat16}
