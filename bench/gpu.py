@@ -521,6 +521,8 @@ def main(args) -> dict:
         print(f"bench gpu: --only names no part of this run: {result['only_unknown']}", file=sys.stderr)
     if args.plot and any("fps" in v for v in result["variants"].values()):
         plot(result, args.plot)
+    elif args.plot:  # (the plot is of the streams' fps: asked for, and left unwritten without a word)
+        print(f"bench gpu: --plot {args.plot} not written: no stream variant was timed", file=sys.stderr)
     return result
 
 
