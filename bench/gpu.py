@@ -68,8 +68,9 @@ import torch
 from bench import ceilings as device_ceilings
 from bench import floor, gpu_variants, stage_timing, variant_floor
 from bench.gpu_plot import plot
-from streamgen.cli import positive_int
+from streamgen.cli import positive_int, positive_number
 from streamgen.files import write_text_atomically
+from streamgen.kernels import ATTENTION_BACKENDS
 from streamgen.model.config import get_config
 from streamgen.model.model import DiT
 from streamgen.models import AvatarModel
@@ -480,11 +481,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=positive_int, default=12)
     p.add_argument("--warmup-chunks", type=int, default=None,
                    help="chunks before each variant's timing (default: past the first with a full ring)")  # fmt: skip
-    p.add_argument("--budget", type=float, default=420.0,
+    # (0 or less ran no part, after the ceilings and the model were built; an unknown backend's
+    # variants each failed, after their stream was built)
+    p.add_argument("--budget", type=positive_number, default=420.0,
                    help="seconds by which the run ends: no part starts that is expected to end past it")  # fmt: skip
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel micro-benchmarks")
-    p.add_argument("--backends", nargs="*", default=["sdpa", "cudnn", "triton", "flex"])
+    p.add_argument("--backends", nargs="*", choices=ATTENTION_BACKENDS, default=["sdpa", "cudnn", "triton", "flex"])
     p.add_argument(
         "--only",
         nargs="*",

@@ -15,3 +15,17 @@ def test_a_plot_with_nothing_to_plot_is_said_not_silently_left_out(monkeypatch, 
     assert result == {"variants": {}, "decoder": {}} and not png.exists()
     err = capsys.readouterr().err
     assert f"--plot {png} not written: no stream variant was timed" in err, err
+
+
+def test_options_that_would_run_nothing_or_fail_every_variant_are_refused(capsys):
+    import pytest
+
+    from streamgen.cli import main
+
+    for options, said in ((["--budget", "0"], "argument --budget"), (["--budget", "-5"], "argument --budget"),
+                          (["--backends", "sdpa", "trtion"], "argument --backends: invalid choice: 'trtion'")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", "gpu", "--json", "--device", "cpu", "--quick", *options])
+        assert exit_.value.code == 2
+        captured = capsys.readouterr()
+        assert said in captured.err and captured.out == "", captured.err
