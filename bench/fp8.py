@@ -177,6 +177,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> dict:
     from streamgen.cli import UserError
 
+    if args.plot and set(args.variants) == {"float32"}:  # (an empty plot, and matplotlib's warning on stderr)
+        raise UserError("--plot draws each variant's difference to float32: give --variants another than float32 too")
     try:
         result = run(args.model, args.chunks, tuple(args.variants))
     except (FileNotFoundError, ValueError) as e:

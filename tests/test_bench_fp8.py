@@ -62,3 +62,15 @@ def test_command_line_prints_json():
     r = streamgen("bench", "fp8", "--json", "--model", "debug", "--chunks", "1", "--variants", "float32")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["variants"]["float32"]["chunk_ms_p50"] > 0
+
+
+def test_a_plot_of_the_reference_alone_is_refused_before_it_runs(tmp_path, capsys):
+    # `--variants float32 --plot p.png`: the stream generated, then an empty plot and matplotlib's
+    # "No artists with labels found" warning on stderr, under --json too
+    from streamgen.cli import main
+
+    png = tmp_path / "p.png"
+    assert main(["bench", "fp8", "--json", "--model", "debug", "--variants", "float32", "--plot", str(png)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "give --variants another than float32 too" in captured.err, captured.err
+    assert not png.exists()
