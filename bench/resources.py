@@ -123,10 +123,13 @@ def run(arch: int = 90, dtype: str = "bfloat16", only: tuple[str, ...] = ()) -> 
     if triton_ops.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels would be interpreted, not compiled")
     limit = SHARED_BYTES_PER_BLOCK.get(arch)
+    # the names from the small shapes: the Wan-size cases' tensors took 28 s to build, before a
+    # typo in --only was refused
+    names = list(kernel_cases(kernel_shapes(quick=True), torch.device("cpu"), torch.float32))
+    if unknown := sorted(set(only) - set(names)):
+        raise UserError(f"--only: unknown case(s) {', '.join(unknown)}; the cases are {', '.join(names)}")
     torch.manual_seed(0)
     cases = kernel_cases(kernel_shapes(quick=False), torch.device("cpu"), getattr(torch, dtype))
-    if unknown := set(only) - set(cases):
-        raise UserError(f"unknown case(s) {sorted(unknown)}; the cases are {list(cases)}")
     rows, started = [], time.perf_counter()
     for name, (_eager, op_name, args, _nbytes, _flops) in cases.items():
         if only and name not in only:

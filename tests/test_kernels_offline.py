@@ -159,7 +159,7 @@ def test_a_new_length_bucket_builds_nothing_new():
 def test_an_unknown_case_is_one_line_and_exit_code_2():
     r = streamgen("bench", "resources", "--only", "layernorm", "--json")
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.startswith("streamgen bench: error: unknown case(s) ['layernorm']; the cases are [")
+    assert r.stderr.startswith("streamgen bench: error: --only: unknown case(s) layernorm; the cases are layernorm_")
 
 
 def test_the_head_dim_tile_is_at_least_32_for_fp8_products():
