@@ -121,7 +121,8 @@ def run(arch: int = 90, dtype: str = "bfloat16", only: tuple[str, ...] = ()) -> 
     from streamgen.kernels import triton_ops
 
     if triton_ops.INTERPRET:
-        raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels would be interpreted, not compiled")
+        # (the user's environment: a RuntimeError's traceback said it)
+        raise UserError("TRITON_INTERPRET=1 is set: the kernels would be interpreted, not compiled; unset it")
     limit = SHARED_BYTES_PER_BLOCK.get(arch)
     # the names from the small shapes: the Wan-size cases' tensors took 28 s to build, before a
     # typo in --only was refused
