@@ -490,7 +490,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", nargs="*", choices=ATTENTION_BACKENDS, default=["sdpa", "cudnn", "triton", "flex"])
     p.add_argument(
         "--only",
-        nargs="*",
+        nargs="+",  # (`--only` and no name ran no part, after the ceilings and the model were built)
         help="run only these parts: variant names, stages, decoder, reference_encode, kernels, decoder_compiled",
     )
     p.add_argument("--out", help="also write the JSON here, rewritten after each variant (survives a kill)")

@@ -29,3 +29,13 @@ def test_options_that_would_run_nothing_or_fail_every_variant_are_refused(capsys
         assert exit_.value.code == 2
         captured = capsys.readouterr()
         assert said in captured.err and captured.out == "", captured.err
+
+
+def test_only_without_a_part_is_refused(capsys):
+    import pytest
+
+    from streamgen.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "gpu", "--json", "--device", "cpu", "--quick", "--only"])
+    assert exit_.value.code == 2 and "argument --only: expected at least one argument" in capsys.readouterr().err
