@@ -458,7 +458,10 @@ def main(args) -> dict:
         window = args.window or 21
         if window < 3:  # (a chunk's keys go into the ring: the cache's ValueError, a traceback)
             raise UserError(f"--window {window}: the ring holds at least a chunk's 3 latent frames")
-        model = build_model(args.model, height, width, device, dtype, False, attention, window)
+        try:
+            model = build_model(args.model, height, width, device, dtype, False, attention, window)
+        except ValueError as e:  # more than this machine's memory (--device cpu)
+            raise UserError(str(e)) from None
         context = torch.zeros(1, args.text_tokens or 512, model.cfg.text_dim, device=device, dtype=dtype)
         if args.tiny_decoder and args.upsample_phases:
             raise UserError("--upsample-phases is a way of the Wan decoder, not of --tiny-decoder")

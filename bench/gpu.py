@@ -87,6 +87,11 @@ def build_model(flavor, height, width, device, dtype, quick, backend, window_fra
     cfg = get_config(flavor, frames_per_chunk=3, window_frames=window_frames, attn_backend=backend)
     if quick:
         cfg = get_config("debug", frames_per_chunk=3, window_frames=6, attn_backend=backend, in_channels=4)
+    if torch.device(device).type == "cpu":  # (wan2.1-14b's, 56 GB in float32, was the kernel's to kill)
+        from streamgen.models import check_memory_for
+
+        with torch.device("meta"):
+            check_memory_for(sum(p.numel() for p in DiT(cfg).parameters()), flavor)
     with torch.device(device):
         dit = DiT(cfg).to(dtype).eval()
         vae_kwargs = (

@@ -497,3 +497,22 @@ def test_a_random_wan_vae_is_cast_without_diffusers_warning(capfd):
     assert "kept in float32" not in capfd.readouterr().err
     for autoencoder in (model.vae, vae):
         assert {p.dtype for p in autoencoder.parameters()} == {torch.bfloat16}
+
+
+def test_a_wan_model_larger_than_the_memory_is_refused_in_one_line(monkeypatch, capsys):
+    # `bench floor --model wan2.1-14b --device cpu` built its 56 GB float32 DiT until the kernel
+    # killed the process
+    import streamgen.models
+    from streamgen.cli import main
+
+    monkeypatch.setattr(streamgen.models, "free_memory", lambda: 2**30)
+    dit = gpu.DiT
+
+    def on_meta_only(cfg):  # counted on meta, never built
+        assert torch.empty(0).device.type == "meta", "the DiT was built"
+        return dit(cfg)
+
+    monkeypatch.setattr(gpu, "DiT", on_meta_only)
+    assert main(["bench", "floor", "--json", "--model", "wan2.1-14b", "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "wan2.1-14b: its DiT takes" in captured.err, captured.err
