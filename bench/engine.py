@@ -394,10 +394,13 @@ def run(
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     # "auto": loaded in float32, each size's sessions in bfloat16 where that is faster (default_dit_dtype)
-    model = load_model(flavor, dtype=dtype)
-    if model.meta.get("kind") == "teacher":  # (StreamSession's ValueError at the first session: a traceback)
-        from streamgen.cli import UserError
+    from streamgen.cli import UserError
 
+    try:
+        model = load_model(flavor, dtype=dtype)
+    except (FileNotFoundError, ValueError) as e:  # (more than the memory, an unreadable model: a traceback)
+        raise UserError(str(e)) from None
+    if model.meta.get("kind") == "teacher":  # (StreamSession's ValueError at the first session: a traceback)
         raise UserError(
             f"{flavor} is a bidirectional teacher, which cannot stream: bench engine times a student "
             "(its teacher_speedup runs the student's DiT as a teacher)"

@@ -46,6 +46,18 @@ def test_a_teacher_is_refused_in_one_line(capsys):
     assert line.startswith("streamgen bench: error: tiny-avatar-teacher is a bidirectional teacher")
 
 
+def test_a_model_larger_than_the_memory_is_refused_in_one_line(monkeypatch, capsys):
+    # wan2.1-14b on this machine: load_model's ValueError, a traceback
+    from streamgen.cli import main
+
+    monkeypatch.setattr(models, "free_memory", lambda: 2**30)
+    assert main(["bench", "engine", "--json", "--model", "wan2.1-1.3b"]) == 2
+    captured = capsys.readouterr()
+    lines = [x for x in captured.err.strip().splitlines() if "no trained weights" not in x]
+    assert captured.out == "" and lines == [lines[0]], captured.err
+    assert lines[0].startswith("streamgen bench: error: wan2.1-1.3b: its DiT takes"), captured.err
+
+
 def test_the_json_names_the_precision_and_attention_the_environment_chose(monkeypatch):
     # STREAMGEN_FP8 / STREAMGEN_ATTENTION / STREAMGEN_DTYPE, exported for a whole shell, changed
     # every figure while the JSON said "dtype": "auto" and named neither FP8 nor the backend
