@@ -417,6 +417,7 @@ async def _bench(args) -> dict:
     if args.against or args.against_args:
         return await _bench_against(args)
     async with _served(args, args.model) as (http, ready, ready_s):
+        _progress(args, f"{args.model} served, ready in {ready_s:.1f} s; watching one session for {args.seconds:g} s")
         await _require_measurable_watch(http, args, args.model)
         webrtc = args.transport == "webrtc"
         one = await WATCH[args.transport](http, args.seconds, seed=1)
@@ -438,6 +439,7 @@ async def _bench(args) -> dict:
         }
         if out["av_offset_ms"] is not None:
             out["av_offset_ms"] = round(out["av_offset_ms"], 1)
+        _progress(args, f"one session: {out['fps']} fps; adding sessions until one falls out of real time")
         if args.browser and os.path.exists(args.browser):
             out.update(await asyncio.to_thread(_browser_figures, f"http://127.0.0.1:{http.base_url.port}", args))
         out["max_realtime_sessions"], per_n = await _max_sessions(http, args)
@@ -461,6 +463,7 @@ async def _bench_against(args) -> dict:
             order = ("model", "against") if n % 2 else ("against", "model")
             for side in (s for s in order if s in going):
                 per_n[side][n] = await _probe(served[side][0], args, n)
+                _said_probe(args, n, per_n[side][n], f"{side} {names[side]}: ")
                 if not _in_real_time(per_n[side][n], args.seconds):
                     going.discard(side)
             if not going:
@@ -602,6 +605,17 @@ async def _probe(http, args, n: int) -> dict:
     }
 
 
+def _progress(args, text: str) -> None:
+    """A line on stderr as the benchmark goes (minutes in all, silent until the JSON), unless --json."""
+    if not getattr(args, "json", False):
+        print(f"bench server: {text}", file=sys.stderr, flush=True)
+
+
+def _said_probe(args, n: int, figures: dict, model: str = "") -> None:
+    fps = "untimed" if figures["fps"] is None else f"{figures['fps']} fps"
+    _progress(args, f"{model}{n} session{'s' * (n > 1)}: the slowest {fps}, {figures['late_chunks']} chunks late")
+
+
 async def _max_sessions(http, args) -> tuple[int, dict]:
     """Add sessions until one of them generates fewer than 24 frames per second (`_probe` at
     each number). A slow session whose server was neither busy nor late was held back
@@ -609,6 +623,7 @@ async def _max_sessions(http, args) -> tuple[int, dict]:
     per_n = {}
     for n in range(1, args.max_probe + 1):
         per_n[n] = await _probe(http, args, n)
+        _said_probe(args, n, per_n[n])
         if not _in_real_time(per_n[n], args.seconds):
             break
     return _realtime(per_n, args.seconds), per_n

@@ -343,3 +343,27 @@ def test_a_watch_too_short_to_time_a_chunk_is_refused_in_one_line(capsys):
     assert captured.out == "" and "Traceback" not in captured.err, captured.err
     assert len(captured.err.strip().splitlines()) == 1, captured.err
     assert "--seconds 0.5 is too short to measure debug" in captured.err and "0.96 s" in captured.err, captured.err
+
+
+async def test_the_ladder_says_each_probe_on_stderr_unless_json(monkeypatch, capsys):
+    # minutes without a word until the JSON: each probe says its figures as it ends
+    import argparse
+
+    import bench.server as bench
+
+    async def probe(http, args, n):
+        return {"fps": 25.0 if n < 2 else 20.5, "late_chunks": n - 1, "elapsed_s": 3.0}
+
+    monkeypatch.setattr(bench, "_probe", probe)
+    for json_output in (False, True):
+        args = argparse.Namespace(max_probe=4, seconds=2.0, json=json_output)
+        assert (await bench._max_sessions(None, args))[0] == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        if json_output:
+            assert captured.err == ""
+        else:
+            assert captured.err.splitlines() == [
+                "bench server: 1 session: the slowest 25.0 fps, 0 chunks late",
+                "bench server: 2 sessions: the slowest 20.5 fps, 1 chunks late",
+            ]
