@@ -54,7 +54,6 @@ import json
 import os
 import shlex
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -63,6 +62,18 @@ import weakref
 import numpy as np
 
 from bench.machine import cpu_description, streamgen_environment
+from bench.server_figures import (
+    _av_offset,
+    _chunk_starts,
+    _decoded_fps,
+    _generated_fps,
+    _glass_to_glass_ms,
+    _in_real_time,
+    _on_time,
+    _realtime,
+    _rounded,
+    _stutter,
+)
 from streamgen.cli import frame_size, positive_int, positive_number, thread_count
 
 DEFAULT_BROWSER = "/usr/bin/chromium"
@@ -313,82 +324,6 @@ async def _watch_ws(http, seconds: float, seed: int) -> dict:
 
 WATCH = {"webrtc": _watch, "ws": _watch_ws}  # --transport
 
-def _on_time(per_n: dict, seconds: float, late_share: float = 0.01) -> int:
-    """Most concurrent sessions that all generated >= 24 frames/s while the server published no
-    more than `late_share` of their chunks after their play time (real time by the fps alone
-    lets a saturated server through whose chunks come late, now and then, to every session)."""
-    best = 0
-    for n, figures in sorted(per_n.items()):
-        if figures["fps"] is None or figures["fps"] < 24 or figures["late_chunks"] > late_share * figures["chunks"]:
-            break
-        best = n
-    return best
-
-
-def _generated_fps(watch: dict) -> float | None:
-    """Frames the server generated for the session per second: the chunks the client got, over
-    the time between their generation (each one's stamp: when its input was cut off). The
-    server's chunk count over the watch's length counted the chunks generated ahead of their play
-    time too, which on a short watch was most of them (`--seconds 0.1`: 3117 fps). None where the
-    watch saw too few chunks to time (`MIN_WATCH_CHUNKS` keeps a user's watch from being that short)."""
-    starts = _chunk_starts(watch["frames"])
-    span = starts[-1][2] - starts[0][2] if len(starts) > 1 else 0.0
-    return watch["frames_per_chunk"] * (len(starts) - 1) / span if span > 0 else None
-
-
-def _decoded_fps(frames) -> float | None:
-    """Frames the client got per second, repeats of a late chunk's last picture included, between
-    the first and the last chunk start it saw (a WebSocket client gets a chunk's frames at once:
-    counted from the first frame to the last, a short watch's fps was thousands)."""
-    starts = _chunk_starts(frames)
-    if len(starts) < 2 or starts[-1][0] <= starts[0][0]:
-        return None
-    first, last = starts[0][0], starts[-1][0]
-    return sum(first <= mono < last for mono, _, _ in frames) / (last - first)
-
-
-def _stutter(frames, per_chunk: int) -> dict:
-    """Frames shown twice (a chunk came late) and frames never shown (the clock jumped back), from
-    the run lengths of the chunk stamps; the first and last runs are cut by the watch and skipped."""
-    runs, last = [], None
-    for _, _, stamp in frames:
-        if stamp == last:
-            runs[-1] += 1
-        else:
-            runs.append(1)
-            last = stamp
-    inner = runs[1:-1]
-    return {"repeated": sum(max(0, n - per_chunk) for n in inner),
-            "skipped": sum(max(0, per_chunk - n) for n in inner)}  # fmt: skip
-
-
-def _chunk_starts(frames):
-    """Frames where the stamp changes: the first frame of each chunk."""
-    starts, last = [], None
-    for mono, wall, stamp in frames:
-        if stamp != last:
-            starts.append((mono, wall, stamp))
-            last = stamp
-    return starts[1:]  # the first one may be a repeat of a late start
-
-
-def _rounded(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-def _glass_to_glass_ms(starts) -> float | None:
-    return round(1000 * statistics.median(w - s for _, w, s in starts), 1) if starts else None
-
-
-def _av_offset(starts, markers, chunk_seconds: float) -> float | None:
-    offsets = []
-    for mono, _, _ in starts:
-        near = [m for m in markers if abs(m - mono) < chunk_seconds / 2]
-        if near:
-            offsets.append(mono - min(near, key=lambda m: abs(m - mono)))
-    return 1000 * statistics.median(offsets) if offsets else None
-
-
 @contextlib.asynccontextmanager
 async def _served(args, model: str, extra: list[str] = ()):
     """`streamgen serve --model MODEL` on a free 127.0.0.1 port until the block ends: an HTTP
@@ -627,22 +562,6 @@ async def _max_sessions(http, args) -> tuple[int, dict]:
         if not _in_real_time(per_n[n], args.seconds):
             break
     return _realtime(per_n, args.seconds), per_n
-
-
-def _in_real_time(figures: dict, seconds: float) -> bool:
-    """Every session of a probe generated >= 24 frames/s, and the probe did not drag on (its
-    sessions' setups queued for a minute)."""
-    return figures["fps"] is not None and figures["fps"] >= 24 and figures["elapsed_s"] <= seconds + 60
-
-
-def _realtime(per_n: dict, seconds: float) -> int:
-    """Most concurrent sessions in real time, and every smaller number too."""
-    best = 0
-    for n, figures in sorted(per_n.items()):
-        if not _in_real_time(figures, seconds):
-            break
-        best = n
-    return best
 
 
 def main(args: argparse.Namespace) -> dict:
