@@ -55,6 +55,8 @@ def _check_output(flag: str, path, example: str, UserError) -> None:
     file, folder = Path(path), Path(path).parent
     if file.is_dir():
         raise UserError(f"{flag} {file} is a directory; give the file to write, e.g. {file / example}")
+    if flag == "--plot" and not file.suffix:  # (matplotlib wrote NAME.png instead, over any there)
+        raise UserError(f"--plot {file}: give the file's format in its name, e.g. {file}.png")
     if flag == "--plot" and file.suffix:  # (matplotlib's ValueError, after the whole benchmark)
         from matplotlib.backend_bases import FigureCanvasBase
 
