@@ -1,0 +1,75 @@
+"""`streamgen data make` of many clips: what it holds in memory stays that of a few shards."""
+
+import pytest
+
+from streamgen.data import shards
+from streamgen.data.shards import make_dataset
+
+
+class Stop(Exception):
+    pass
+
+
+def test_the_plan_of_a_huge_make_is_walked_as_its_shards_are_made(tmp_path, monkeypatch):
+    """`--clips 100000000` built its whole plan (every clip's index, in lists) before its first clip:
+    about 5 GB and a minute. The plan is walked as the shards are made."""
+    walked = []
+    split_of = shards.clip_split
+
+    def walking(i):
+        walked.append(i)
+        if len(walked) > 1000:
+            raise AssertionError("the plan was walked far ahead of the shards made")
+        return split_of(i)
+
+    def first_shard(path, clips):
+        raise Stop
+
+    monkeypatch.setattr(shards, "clip_split", walking)
+    monkeypatch.setattr(shards, "_write_shard", first_shard)
+    with pytest.raises(Stop):
+        make_dataset(tmp_path / "ds", 10**12, height=16, width=16, seconds=0.04, shard_size=2)
+    assert len(walked) < 10
+
+
+def test_the_plan_cuts_each_split_into_shards_in_order():
+    plan = shards.plan_shards(23, 3)
+    assert iter(plan) is plan  # (lazy)
+    by_split = {}
+    for split, k, indices in plan:
+        assert k == len(by_split.setdefault(split, []))
+        by_split[split].append(indices)
+    assert by_split["test"] == [[0, 10, 20]] and by_split["val"] == [[1, 11, 21]]
+    assert sum(by_split["train"], []) == [i for i in range(23) if i % 10 > 1]
+    assert [len(s) for s in by_split["train"]] == [3, 3, 3, 3, 3, 2]
+    for n, size in [(23, 3), (1, 5), (2, 1), (20, 2), (0, 4)]:
+        counts = {s: 0 for s in ("train", "val", "test")}
+        for split, _, _ in shards.plan_shards(n, size):
+            counts[split] += 1
+        assert shards.planned_shards(n, size) == counts
+
+
+def test_a_pool_is_handed_jobs_as_it_finishes_them():
+    """The pool was handed every job of the plan up front."""
+    from multiprocessing.pool import ThreadPool
+
+    drawn = []
+
+    def jobs():
+        for i in range(200):
+            drawn.append(i)
+            yield i
+
+    with ThreadPool(2) as pool:
+        results = shards.results_as_done(pool, abs, jobs(), ahead=4)
+        first = [next(results) for _ in range(3)]
+        assert len(drawn) <= 4 + 2
+        assert sorted(first + list(results)) == list(range(200))
+
+        def fails(job):
+            if job == 5:
+                raise Stop
+            return job
+
+        with pytest.raises(Stop):
+            list(shards.results_as_done(pool, fails, range(10), ahead=3))
