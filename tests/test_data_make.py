@@ -1,5 +1,7 @@
 """`streamgen data make` of many clips: what it holds in memory stays that of a few shards."""
 
+import json
+
 import pytest
 
 from streamgen.data import shards
@@ -73,3 +75,34 @@ def test_a_pool_is_handed_jobs_as_it_finishes_them():
 
         with pytest.raises(Stop):
             list(shards.results_as_done(pool, fails, range(10), ahead=3))
+
+
+def test_a_shard_holds_one_clip_in_memory_at_a_time(tmp_path, monkeypatch):
+    """A shard's clips were all made first and held together until it was written (32 clips of
+    256x256 and 4 s: 800 MB); each is written as it is made, and let go. The file is the one
+    np.savez_compressed writes."""
+    import weakref
+
+    import numpy as np
+
+    from streamgen.data.shards import make_clip
+
+    alive, most = set(), [0]
+
+    def made(*args):
+        clip = make_clip(*args)
+        alive.add(id(clip))
+        weakref.finalize(clip, alive.discard, id(clip))
+        most[0] = max(most[0], len(alive))
+        return clip
+
+    monkeypatch.setattr(shards, "make_clip", made)
+    path = tmp_path / "shard.npz"
+    info = shards._make_shard((0, [2, 3, 4], "train", str(path), 16, 16, 0.2, 20))
+    assert info["clips"] == 3 and most[0] == 1
+    with np.load(path) as written:
+        arrays = {name: written[name] for name in written.files}
+    assert list(arrays)[:5] == [f"0000.{m}" for m in ("video", "audio", "reference", "motion", "meta")]
+    assert json.loads(arrays["0002.meta"].tobytes())["index"] == 4
+    np.savez_compressed(tmp_path / "saved.npz", **arrays)
+    assert path.read_bytes() == (tmp_path / "saved.npz").read_bytes()

@@ -48,7 +48,7 @@ from streamgen.folder_lock import no_other_writer
 
 from . import SPLITS
 from .motion import FPS, Motion
-from .world import clip_split, make_clip
+from .world import Clip, clip_split, make_clip
 
 FORMAT = "streamgen-avatar-world/1"
 
@@ -72,17 +72,31 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_shard(path: Path, clips) -> None:
-    """Write clips to `path`, whole or not at all (`write_atomically`)."""
-    arrays = {}
-    for i, clip in enumerate(clips):
-        meta = dict(clip.meta, caption=clip.caption)
-        arrays[f"{i:04d}.video"] = clip.video
-        arrays[f"{i:04d}.audio"] = clip.audio.astype(np.float32)
-        arrays[f"{i:04d}.reference"] = clip.reference
-        arrays[f"{i:04d}.motion"] = clip.motion.as_array()
-        arrays[f"{i:04d}.meta"] = np.frombuffer(json.dumps(meta, ensure_ascii=False).encode(), np.uint8)
-    save_npz(path, arrays, compressed=True)
+def _write_shard(path: Path, clips: Iterable[Clip]) -> None:
+    """Write clips to `path`, whole or not at all (`write_atomically`), each as it comes and let go:
+    the shard's clips, all made first and held together, were a shard's worth of memory (32 clips of
+    256x256 and 4 s: 630 MB). The members and their bytes are np.savez_compressed's."""
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as npz:
+            i = 0  # (not enumerate: its tuple, kept for the next item, held a clip while the next was made)
+            for clip in clips:
+                meta = dict(clip.meta, caption=clip.caption)
+                members = {
+                    "video": clip.video,
+                    "audio": clip.audio.astype(np.float32),
+                    "reference": clip.reference,
+                    "motion": clip.motion.as_array(),
+                    "meta": np.frombuffer(json.dumps(meta, ensure_ascii=False).encode(), np.uint8),
+                }
+                del clip, meta  # (the clip goes as the next one is made)
+                for name, array in members.items():
+                    with npz.open(f"{i:04d}.{name}.npy", "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, np.asanyarray(array))
+                del members
+                i += 1
+
+    write_atomically(path, write)
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray], compressed: bool = False) -> None:
@@ -98,8 +112,8 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray], compressed: bool = False
 
 def _make_shard(job) -> dict:
     seed, indices, split, path, height, width, seconds, n_identities = job
-    clips = [make_clip(seed, i, split, height, width, seconds, n_identities) for i in indices]
-    _write_shard(Path(path), clips)
+    clips = (make_clip(seed, i, split, height, width, seconds, n_identities) for i in indices)
+    _write_shard(Path(path), clips)  # (made one at a time, as they are written)
     return {
         "file": f"{split}/{Path(path).name}",
         "clips": len(indices),
