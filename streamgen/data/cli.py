@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -105,39 +106,61 @@ def clips_of_4s_per_minute(clips: int, seconds: float, elapsed: float) -> float:
 
 
 def _preview(args) -> int:
+    import itertools
+
     import numpy as np
 
-    from .media import contact_sheet, save_png, upscale, write_mp4
+    from streamgen.cli import output_folder
 
+    from . import media
+
+    clips = _clips_to_preview(args)
+    first = next(clips, None)
+    if first is None:
+        raise_empty(args)
+    factor = max(1, 128 // first[0].shape[1])
+    clips = itertools.chain([first], clips)
+    del first
+    made_out = not args.out.exists()
+    output_folder(args.out)  # (once a clip is read: a --data that is not there made it, empty)
+    rows = []  # (of each clip, its row of the contact sheet: not its frames)
+
+    def shown():
+        for video, audio, reference in clips:
+            frames = media.upscale(np.concatenate([reference[None], video]), factor)
+            rows.append(media.contact_row(frames))
+            yield frames[1:], audio
+
+    video, sheet = args.out / "preview.mp4", args.out / "contact_sheet.png"
+    try:
+        media.write_mp4(video, shown())
+        try:
+            media.save_png(sheet, media.stack_rows(rows))
+        except BaseException:  # the two or neither (the video was left behind, as if the preview were done)
+            video.unlink(missing_ok=True)
+            raise
+    except BaseException:
+        if made_out:  # (a shard found corrupted after the first clips: no folder made for nothing)
+            with contextlib.suppress(OSError):
+                args.out.rmdir()
+        raise
+    print(f"wrote {sheet} and {video} ({len(rows)} clips)")
+    return 0
+
+
+def _clips_to_preview(args):
+    """(video, audio, reference) of each clip to preview, read (or made) one at a time."""
     if args.data is not None:
         from .shards import iter_clips
 
-        clips = [
-            (c["video"], c["audio"], c["reference"]) for c in iter_clips(args.data, args.split, args.clips)
-        ]
+        for c in iter_clips(args.data, args.split, args.clips):
+            yield c["video"], c["audio"], c["reference"]
     else:
         from .world import make_clip
 
-        made = [make_clip(args.seed, i, args.split, args.size, args.size) for i in range(args.clips)]
-        clips = [(c.video, c.audio, c.reference) for c in made]
-    if not clips:
-        raise_empty(args)
-    from streamgen.cli import output_folder
-
-    output_folder(args.out)  # (once the clips are read: a --data that is not there made it, empty)
-    factor = max(1, 128 // clips[0][0].shape[1])
-    rows = [upscale(np.concatenate([ref[None], video]), factor) for video, _, ref in clips]
-    sheet = args.out / "contact_sheet.png"
-    save_png(sheet, contact_sheet(rows))
-    video = upscale(np.concatenate([v for v, _, _ in clips]), factor)
-    audio = np.concatenate([a for _, a, _ in clips])
-    try:
-        write_mp4(args.out / "preview.mp4", video, audio)
-    except BaseException:  # the two or neither (the sheet was left behind, as if the preview were done)
-        sheet.unlink(missing_ok=True)
-        raise
-    print(f"wrote {args.out / 'contact_sheet.png'} and {args.out / 'preview.mp4'} ({len(clips)} clips)")
-    return 0
+        for i in range(args.clips):
+            c = make_clip(args.seed, i, args.split, args.size, args.size)
+            yield c.video, c.audio, c.reference
 
 
 def raise_empty(args):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -17,39 +18,62 @@ def upscale(frames: np.ndarray, factor: int) -> np.ndarray:
 
 
 def write_mp4(
-    path: Path, frames: np.ndarray, audio: np.ndarray | None, fps: int = 25, rate: int = 16000
+    path: Path, pieces: Iterable[tuple[np.ndarray, np.ndarray | None]], fps: int = 25, rate: int = 16000
 ) -> None:
-    """H.264 video (+ AAC audio when given) to `path`, written to a temporary name first."""
+    """H.264 video (+ AAC audio where the pieces have it) to `path`, written to a temporary name
+    first, of `pieces`: (frames [T, H, W, 3], their audio or None), one after the other, each
+    written as it comes (clips, all held to be written at once, were a preview of many clips' memory).
+    The size is the first piece's."""
     from streamgen.media import Mp4Writer
 
-    writer = Mp4Writer(path, frames.shape[2], frames.shape[1], fps=fps, audio_rate=rate if audio is not None else None)
+    writer = None
     try:
-        writer.write_frames(frames)
-        if audio is not None:
-            writer.write_audio(audio)
+        pending = np.zeros(0, np.float32)  # (audio is muxed in frames of 1024 samples: the rest waits)
+        for frames, audio in pieces:
+            if writer is None:
+                audio_rate = rate if audio is not None else None
+                writer = Mp4Writer(path, frames.shape[2], frames.shape[1], fps=fps, audio_rate=audio_rate)
+            writer.write_frames(frames)
+            if audio is not None:
+                pending = np.concatenate([pending, audio])
+                whole = len(pending) - len(pending) % 1024
+                writer.write_audio(pending[:whole])
+                pending = pending[whole:]
+        if writer is None:
+            raise ValueError("no frames to write")
+        if len(pending):
+            writer.write_audio(pending)
         writer.close()
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
+
+
+def contact_row(frames: np.ndarray, columns: int = 8, gap: int = 2) -> np.ndarray:
+    """`columns` evenly spaced frames of [T, H, W, 3] side by side: a contact sheet's row."""
+    picks = np.linspace(0, len(frames) - 1, columns).round().astype(int)
+    h, w = frames.shape[1:3]
+    row = np.full((h, columns * (w + gap) - gap, 3), 255, np.uint8)
+    for c, t in enumerate(picks):
+        row[:, c * (w + gap) : c * (w + gap) + w] = frames[t]
+    return row
+
+
+def stack_rows(rows: list[np.ndarray], gap: int = 2) -> np.ndarray:
+    """Contact sheet rows (`contact_row`) one under the other: one RGB image."""
+    width = max(r.shape[1] for r in rows)
+    sheet = np.full((sum(r.shape[0] + gap for r in rows) - gap, width, 3), 255, np.uint8)
+    y = 0
+    for r in rows:
+        sheet[y : y + r.shape[0], : r.shape[1]] = r
+        y += r.shape[0] + gap
+    return sheet
 
 
 def contact_sheet(rows: list[np.ndarray], columns: int = 8, gap: int = 2) -> np.ndarray:
     """One row per clip: `columns` evenly spaced frames of each [T, H, W, 3] -> one RGB image."""
-    tiles = []
-    for frames in rows:
-        picks = np.linspace(0, len(frames) - 1, columns).round().astype(int)
-        h, w = frames.shape[1:3]
-        row = np.full((h, columns * (w + gap) - gap, 3), 255, np.uint8)
-        for c, t in enumerate(picks):
-            row[:, c * (w + gap) : c * (w + gap) + w] = frames[t]
-        tiles.append(row)
-    width = max(r.shape[1] for r in tiles)
-    sheet = np.full((sum(r.shape[0] + gap for r in tiles) - gap, width, 3), 255, np.uint8)
-    y = 0
-    for r in tiles:
-        sheet[y : y + r.shape[0], : r.shape[1]] = r
-        y += r.shape[0] + gap
-    return sheet
+    return stack_rows([contact_row(frames, columns, gap) for frames in rows], gap)
 
 
 def save_png(path: Path, image: np.ndarray) -> None:

@@ -1,0 +1,55 @@
+"""`streamgen data preview` of many clips: one clip in memory at a time, not all of them."""
+
+import shutil
+import weakref
+
+from PIL import Image
+
+from streamgen.cli import main
+from streamgen.data import world
+from streamgen.data.shards import load_manifest, make_dataset
+
+
+def test_a_preview_reads_its_clips_one_at_a_time(tmp_path, monkeypatch):
+    """All the clips were read (or made) first, then upscaled and joined into one video, each copy
+    as big as all the clips (--data of 64x64, 40 clips: 628 MB)."""
+    alive, most = set(), [0]
+    make_clip = world.make_clip
+
+    def made(*args):
+        clip = make_clip(*args, seconds=0.4)  # (short: the test's time)
+        alive.add(id(clip.video))
+        weakref.finalize(clip.video, alive.discard, id(clip.video))
+        most[0] = max(most[0], len(alive))
+        return clip
+
+    monkeypatch.setattr(world, "make_clip", made)
+    out = tmp_path / "p"
+    assert main(["data", "preview", "--clips", "5", "--size", "16", "--out", str(out)]) == 0
+    assert most[0] <= 3
+    import av
+
+    with av.open(str(out / "preview.mp4")) as video:
+        assert sum(1 for _ in video.decode(video=0)) == 5 * 10
+    with av.open(str(out / "preview.mp4")) as video:
+        assert sum(f.samples for f in video.decode(audio=0)) >= 5 * 0.4 * 16000
+
+
+def test_a_preview_that_meets_a_corrupted_shard_after_its_first_clips_leaves_nothing(tmp_path, capsys):
+    root = tmp_path / "ds"
+    make_dataset(root, 20, seed=3, height=16, width=16, seconds=0.2, shard_size=4, n_identities=40)
+    second = root / load_manifest(root)["splits"]["train"]["shards"][1]["file"]
+    second.write_bytes(second.read_bytes()[:100])
+    out = tmp_path / "p"
+    assert main(["data", "preview", "--data", str(root), "--clips", "8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "corrupted shard" in err and "shard-00001.npz" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    out.mkdir()  # a folder of the user's: kept, with nothing in it
+    assert main(["data", "preview", "--data", str(root), "--clips", "8", "--out", str(out)]) == 2
+    assert out.is_dir() and not any(out.iterdir())
+    shutil.rmtree(out)
+    assert main(["data", "preview", "--data", str(root), "--clips", "4", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["contact_sheet.png", "preview.mp4"]
+    with Image.open(out / "contact_sheet.png") as sheet:
+        assert sheet.height == 4 * 128 + 3 * 2  # (a row a clip, upscaled to 128)
