@@ -9,6 +9,7 @@ item = ds[0]   # video, audio, reference, caption, motion, meta, latents
 from __future__ import annotations
 
 import copy
+import operator
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +43,9 @@ class AvatarWorldDataset(torch.utils.data.Dataset):
         self.split = split
         self.motion_names = self.manifest["motion_names"]
         self.shards = self.manifest["splits"][split]["shards"]
-        self.index = [(s, i) for s, shard in enumerate(self.shards) for i in range(shard["clips"])]
+        # where each shard's clips begin in the split: a (shard, clip) pair per clip was a list as long
+        # as the dataset (3.2M clips: 250 MB), in every DataLoader worker (copied as it was read)
+        self._starts = np.cumsum([0] + [shard["clips"] for shard in self.shards])
         self.latents = latents
         self._check_latents()
         # every shard's sha256 checked here, once, in the process that makes the dataset: DataLoader
@@ -81,7 +84,17 @@ class AvatarWorldDataset(torch.utils.data.Dataset):
         return ds
 
     def __len__(self) -> int:
-        return len(self.index)
+        return int(self._starts[-1])
+
+    def _locate(self, k: int) -> tuple[int, int]:
+        """The shard of item `k` (negative: from the end, as a list's) and its clip there."""
+        n = len(self)
+        k = operator.index(k)
+        if not -n <= k < n:
+            raise IndexError(f"item {k} of a split of {n} clips")
+        k %= n
+        s = int(np.searchsorted(self._starts, k, side="right")) - 1
+        return s, k - int(self._starts[s])
 
     def _own_readers(self) -> None:
         """Readers opened in this process only: forked DataLoader workers inherited the parent's
@@ -102,7 +115,7 @@ class AvatarWorldDataset(torch.utils.data.Dataset):
         return self._readers[s]
 
     def __getitem__(self, k: int) -> dict:
-        s, i = self.index[k]
+        s, i = self._locate(k)
         item = self._reader(s).clip(i)
         if self.latents is not None:
             self._own_readers()
