@@ -87,23 +87,30 @@ def _encode_splits(cfg, root: Path, vae, mcfg) -> list[Path]:
             print(f"latents: {split}: {path} {problem}: made again")
         if len(ds) == 0:
             raise DataMissing(f"{root} has no {split} clips to encode (options.splits names the splits)")
-        items = [ds[i] for i in range(len(ds))]
-        frames = min(it["latents"].shape[1] for it in items)
-        samples = frames * vae.temporal_factor * 640
+        # what the bank holds of each clip, read one clip at a time: every item, held whole (its video,
+        # five times the rest) until the bank was made, was the split's frames in memory
+        latents, audio, refs, texts = [], [], [], []
         with torch.no_grad():
-            refs = torch.cat(
-                [vae.encode_reference(video_to_input(torch.from_numpy(it["reference"])[None, None])[:, :, 0])
-                 for it in items]
-            )  # fmt: skip
+            for i in range(len(ds)):
+                item = ds[i]
+                latents.append(item["latents"])
+                audio.append(item["audio"])
+                reference = video_to_input(torch.from_numpy(item["reference"])[None, None])[:, :, 0]
+                refs.append(vae.encode_reference(reference))
+                texts.append(item["caption"])
+                del item
+        frames = min(lat.shape[1] for lat in latents)
+        samples = frames * vae.temporal_factor * 640
         tensors = {
-            "latents": torch.from_numpy(np.stack([it["latents"][:, :frames] for it in items])).float(),
-            "reference": refs.float(),
-            "audio": torch.from_numpy(np.stack([_fit(it["audio"], samples) for it in items])),
-            "context": _captions([it["caption"] for it in items], mcfg.text_dim, cfg.options.captions),
+            "latents": torch.from_numpy(np.stack([lat[:, :frames] for lat in latents])).float(),
+            "reference": torch.cat(refs).float(),
+            "audio": torch.from_numpy(np.stack([_fit(a, samples) for a in audio])),
+            "context": _captions(texts, mcfg.text_dim, cfg.options.captions),
         }
+        del latents, audio, refs
         save_safetensors(tensors, path, metadata={"captions": captions, "shards": shards})
         written.append(path)
-        print(f"latents: {split}: {len(items)} clips, {frames} latent frames each -> {path}")
+        print(f"latents: {split}: {len(texts)} clips, {frames} latent frames each -> {path}")
     return written
 
 
