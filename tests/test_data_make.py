@@ -169,3 +169,16 @@ def test_an_older_makes_partial_json_is_gone_on_from(tmp_path, monkeypatch):
     (out / "partial.json").write_text('{"settings": {"seed": 0}}\n{"file": \n{"file": "x"}\n')
     with pytest.raises(shards.DataError, match="partial.json: unreadable"):
         make_dataset(out, 8, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20)
+
+
+def test_the_manifest_lists_a_splits_shards_in_the_order_of_their_numbers(tmp_path):
+    """By name, shard-100000 came before shard-10001: a split of more than 100000 shards (a million
+    clips in shards of 8) read its clips out of order."""
+    settings = {"seed": 0, "clips": 10, "height": 16, "width": 16, "seconds": 1.0, "identities": 20}
+    numbers = [100000, 9999, 10001, 0, 99999, 100001]
+    written = [{"file": shards.shard_file("train", k), "clips": 1} for k in numbers]
+    written.append({"file": shards.shard_file("val", 3), "clips": 1})
+    manifest = shards._write_manifest(tmp_path, settings, written)
+    listed = [shard["file"] for shard in manifest["splits"]["train"]["shards"]]
+    assert listed == [shards.shard_file("train", k) for k in sorted(numbers)]
+    assert [shard["file"] for shard in manifest["splits"]["val"]["shards"]] == ["val/shard-00003.npz"]

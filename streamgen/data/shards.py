@@ -154,6 +154,10 @@ def shard_file(split: str, k: int) -> str:
     return f"{split}/shard-{k:05d}.npz"
 
 
+def _shard_number(record: dict) -> int:
+    return int(record["file"].rsplit("/shard-", 1)[1].removesuffix(".npz"))
+
+
 # A make that did not finish (Ctrl-C, kill -9, a full disk) leaves PARTIAL beside its shards: its
 # settings and the shards finished so far, each with its size and sha256. The same command run
 # again goes on from them (the clips are a pure function of the settings) where the whole make was
@@ -420,7 +424,9 @@ def _write_manifest(out: Path, settings: dict, written: list[dict]) -> dict:
         "splits": {},
     }
     for split in SPLITS:
-        shards = sorted((w for w in written if w["file"].startswith(split + "/")), key=lambda w: w["file"])
+        # in the order of their numbers: by name, shard-100000 came before shard-10001 (a split of more
+        # than 100000 shards read its clips out of order)
+        shards = sorted((w for w in written if w["file"].startswith(split + "/")), key=_shard_number)
         manifest["splits"][split] = {"clips": sum(w["clips"] for w in shards), "shards": shards}
     write_text_atomically(out / "manifest.json", json.dumps(manifest, indent=1))
     (out / PARTIAL).unlink(missing_ok=True)  # (after: a kill between the two leaves a dataset)
