@@ -182,3 +182,50 @@ def test_the_manifest_lists_a_splits_shards_in_the_order_of_their_numbers(tmp_pa
     listed = [shard["file"] for shard in manifest["splits"]["train"]["shards"]]
     assert listed == [shards.shard_file("train", k) for k in sorted(numbers)]
     assert [shard["file"] for shard in manifest["splits"]["val"]["shards"]] == ["val/shard-00003.npz"]
+
+
+def _ends_its_process(job):
+    import os
+
+    if job == 3:
+        os._exit(9)  # (as a worker the out-of-memory killer ends)
+    return job
+
+
+def test_a_make_whose_worker_is_killed_says_so_and_does_not_wait_for_ever(monkeypatch):
+    """A pool worker killed (the out-of-memory killer, a kill -9) took its job with it: the pool
+    started another worker, and the make waited for that job's shard for ever."""
+    import multiprocessing
+    import threading
+
+    monkeypatch.setattr(shards, "_WORKER_CHECK_S", 0.05, raising=False)
+    outcome = []
+
+    def consume(pool, processes):
+        try:
+            results = shards.results_as_done(pool, _ends_its_process, range(8), ahead=4, processes=processes)
+            outcome.append(sorted(results))
+        except shards.DataError as e:
+            outcome.append(e)
+
+    import time
+
+    fork = multiprocessing.get_context("fork")
+    other = fork.Process(target=time.sleep, args=(60,))
+    other.start()
+    before = shards.pool_processes()
+    with fork.Pool(2) as pool:
+        processes = shards.pool_processes() - before
+        assert len(processes) == 2 and other.pid not in processes
+        other.kill()  # a child of the caller's, not the pool's, that ends: none of the make's
+        other.join()
+        results = shards.results_as_done(pool, time.sleep, [0.2] * 4, ahead=2, processes=processes)
+        assert list(results) == [None] * 4
+        waiting = threading.Thread(target=consume, args=(pool, processes), daemon=True)
+        waiting.start()
+        waiting.join(120)  # (a bound on the hang, not a time asserted)
+        assert not waiting.is_alive(), "still waiting for the killed worker's job"
+    assert isinstance(outcome[0], shards.DataError), outcome
+    assert "ended before its shard was finished" in str(outcome[0]) and "run the same command again" in str(
+        outcome[0]
+    )

@@ -348,8 +348,10 @@ def _write_shards(out: Path, settings: dict, workers: int, progress) -> list[dic
         else:
             import multiprocessing as mp
 
+            before = pool_processes()
             with mp.get_context("spawn").Pool(workers, initializer=_leave_interrupts_to_the_parent) as pool:
-                for info in results_as_done(pool, _make_shard, jobs, ahead=2 * workers):
+                watched = pool_processes() - before  # (the pool's own: not other children of a caller's)
+                for info in results_as_done(pool, _make_shard, jobs, ahead=2 * workers, processes=watched):
                     record(info)
     except BaseException:
         _remove_unrecorded(out, settings, {w["file"] for w in written})
@@ -360,10 +362,25 @@ def _write_shards(out: Path, settings: dict, workers: int, progress) -> list[dic
     return written
 
 
-def results_as_done(pool, func: Callable, jobs: Iterable, ahead: int) -> Iterator:
+# how often a make waiting for its pool's next shard looks whether a worker is gone
+_WORKER_CHECK_S = 1.0
+
+
+def pool_processes() -> set[int]:
+    """The pids of this process's live multiprocessing children (a Pool's workers among them)."""
+    import multiprocessing
+
+    return {p.pid for p in multiprocessing.active_children()}
+
+
+def results_as_done(
+    pool, func: Callable, jobs: Iterable, ahead: int, processes: set[int] = frozenset()
+) -> Iterator:
     """`func(job)` of each of `jobs` in the processes of `pool` (a multiprocessing Pool), each result
     as soon as it is done, with no more than `ahead` jobs taken from `jobs` before their results are
-    given: jobs that are a plan's, made as it is walked, are not all made first."""
+    given: jobs that are a plan's, made as it is walked, are not all made first. A DataError if one
+    of `processes` (the pool's, by pid: `pool_processes`) ends (killed: the out-of-memory killer, a
+    kill -9): the pool starts another, and the job it had is never done, which was waited for for ever."""
     done: queue.SimpleQueue = queue.SimpleQueue()
 
     def done_badly(e: BaseException) -> None:
@@ -377,7 +394,16 @@ def results_as_done(pool, func: Callable, jobs: Iterable, ahead: int) -> Iterato
             running += 1
         if not running:
             return
-        ok, result = done.get()
+        try:
+            ok, result = done.get(timeout=_WORKER_CHECK_S)
+        except queue.Empty:
+            gone = processes - pool_processes()
+            if gone:
+                raise DataError(
+                    f"a worker process (pid {min(gone)}) ended before its shard was finished (killed? "
+                    "out of memory?); run the same command again to go on from the shards finished"
+                ) from None
+            continue
         running -= 1
         if not ok:
             raise result
