@@ -229,3 +229,26 @@ def test_a_make_whose_worker_is_killed_says_so_and_does_not_wait_for_ever(monkey
     assert "ended before its shard was finished" in str(outcome[0]) and "run the same command again" in str(
         outcome[0]
     )
+
+
+def test_a_make_starts_no_more_workers_than_shards_to_make(tmp_path, monkeypatch, capsys):
+    """`--clips 3 --workers 8` started 8 processes (each importing torch) for 3 shards, and said the
+    speed was that of 8 workers."""
+    import multiprocessing
+    from multiprocessing.pool import ThreadPool
+
+    from streamgen.cli import main
+
+    sizes = []
+
+    class Context:
+        def Pool(self, processes, initializer=None):
+            sizes.append(processes)
+            return ThreadPool(processes)
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: Context())
+    argv = ["data", "make", "--clips", "3", "--size", "16", "--seconds", "0.04", "--identities", "20"]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--workers", "8"]) == 0  # (a shard a split)
+    assert sizes == [3] and "with 3 workers" in capsys.readouterr().out
+    assert main([*argv, "--out", str(tmp_path / "b"), "--workers", "8", "--clips", "1"]) == 0
+    assert sizes == [3] and "with 1 worker\n" in capsys.readouterr().out  # (made in this process)

@@ -71,7 +71,7 @@ def _make(args) -> int:
 
     from streamgen.cli import output_folder
 
-    from .shards import clip_count, make_dataset, partly_made
+    from .shards import clip_count, make_dataset, partly_made, planned_shards
 
     output_folder(args.out, make=False)  # (it makes the folder itself, and removes it on failure)
     before = partly_made(args.out)  # (an unfinished make's clips, which this one goes on from)
@@ -95,7 +95,10 @@ def _make(args) -> int:
     if args.clips > before:
         per_minute = clips_of_4s_per_minute(args.clips - before, args.seconds, elapsed)
         size = f"{args.size}x{args.size}"
-        print(f"speed: {per_minute:.0f} clips of 4 s per minute at {size} with {args.workers} workers")
+        shards = sum(planned_shards(args.clips, args.shard_size).values())
+        workers = min(args.workers, shards)  # (make_dataset starts no more than the shards to make)
+        print(f"speed: {per_minute:.0f} clips of 4 s per minute at {size} with {workers} "
+              f"worker{'s' if workers > 1 else ''}")  # fmt: skip
     return 0
 
 

@@ -342,6 +342,10 @@ def _write_shards(out: Path, settings: dict, workers: int, progress) -> list[dic
     try:
         for split in SPLITS:
             (out / split).mkdir(parents=True, exist_ok=True)
+        # (no more processes than shards to make: each of the others was started, and imported torch,
+        # for nothing)
+        shards_left = sum(planned_shards(settings["clips"], settings["shard_size"]).values()) - len(finished)
+        workers = min(workers, shards_left)
         if workers <= 1:
             for job in jobs:
                 record(_make_shard(job))
