@@ -252,3 +252,35 @@ def test_a_make_starts_no_more_workers_than_shards_to_make(tmp_path, monkeypatch
     assert sizes == [3] and "with 3 workers" in capsys.readouterr().out
     assert main([*argv, "--out", str(tmp_path / "b"), "--workers", "8", "--clips", "1"]) == 0
     assert sizes == [3] and "with 1 worker\n" in capsys.readouterr().out  # (made in this process)
+
+
+def test_clips_too_long_for_the_memory_are_one_line(tmp_path, monkeypatch, capsys):
+    """`--seconds 1e7` was numpy's MemoryError traceback ('Unable to allocate 596. GiB')."""
+    from streamgen.cli import main
+
+    def too_long(*args):
+        raise MemoryError("Unable to allocate 596. GiB for an array with shape (160000000000,)")
+
+    monkeypatch.setattr(shards, "make_clip", too_long)
+    out = tmp_path / "ds"
+    argv = [
+        "data",
+        "make",
+        "--out",
+        str(out),
+        "--clips",
+        "1",
+        "--size",
+        "16",
+        "--seconds",
+        "1e7",
+        "--workers",
+        "1",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert (
+        "not enough memory to make clips of 1e+07 s at 16x16 (179 GiB of frames" in err.splitlines()[-1]
+    )
+    assert not out.exists()

@@ -75,6 +75,8 @@ def _make(args) -> int:
 
     output_folder(args.out, make=False)  # (it makes the folder itself, and removes it on failure)
     before = partly_made(args.out)  # (an unfinished make's clips, which this one goes on from)
+    # (make_dataset starts no more workers than shards to make)
+    workers = min(args.workers, sum(planned_shards(args.clips, args.shard_size).values()))
     start = time.perf_counter()
     try:
         with tqdm(total=args.clips, unit="clip", desc="data make") as bar:
@@ -88,6 +90,19 @@ def _make(args) -> int:
             print(f"data make: {clip_count(kept)} made so far kept in {args.out}: "
                   "run the same command again to go on from them", file=sys.stderr)  # fmt: skip
         raise
+    except MemoryError:  # (numpy's, for a clip's frames: a traceback)
+        from .motion import FPS
+        from .shards import DataError
+
+        frames = round(args.seconds * FPS)
+        need = frames * args.size * args.size * 3 * workers / 2**30
+        kept = partly_made(args.out)
+        again = f" ({clip_count(kept)} made so far kept in {args.out})" if kept else ""
+        raise DataError(
+            f"not enough memory to make clips of {args.seconds:g} s at {args.size}x{args.size} "
+            f"({need:.3g} GiB of frames, a clip per worker): choose a shorter --seconds, a smaller "
+            f"--size or fewer --workers{again}"
+        ) from None
     elapsed = time.perf_counter() - start
     counts = ", ".join(f"{s} {v['clips']}" for s, v in manifest["splits"].items())
     kept = f", {before} of them made before" if before else ""
@@ -95,8 +110,6 @@ def _make(args) -> int:
     if args.clips > before:
         per_minute = clips_of_4s_per_minute(args.clips - before, args.seconds, elapsed)
         size = f"{args.size}x{args.size}"
-        shards = sum(planned_shards(args.clips, args.shard_size).values())
-        workers = min(args.workers, shards)  # (make_dataset starts no more than the shards to make)
         print(f"speed: {per_minute:.0f} clips of 4 s per minute at {size} with {workers} "
               f"worker{'s' if workers > 1 else ''}")  # fmt: skip
     return 0
