@@ -553,3 +553,32 @@ def test_the_dataset_holds_no_list_as_long_as_the_split(world, tmp_path, monkeyp
     assert [huge._locate(k) for k in (0, 2, 3, 10**6 + 2, 10**6 + 3, 10**6 + 4, -1)] == [
         (1, 0), (1, 2), (2, 0), (2, 10**6 - 1), (4, 0), (4, 1), (4, 1)
     ]  # fmt: skip
+
+
+def test_the_dataset_keeps_the_most_recently_read_shards_open_not_every_one(world, monkeypatch):
+    """Every shard read stayed open: a split of more shards than the open-file limit (ulimit -n,
+    often 1024) failed part way through an epoch, as 'corrupted shard ...: Too many open files'."""
+    from streamgen.data import dataset
+
+    opened = []
+
+    class Recorded(ShardReader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.closed = False
+            opened.append(self)
+
+        def close(self):
+            self.closed = True
+            super().close()
+
+    monkeypatch.setattr(dataset, "ShardReader", Recorded)
+    monkeypatch.setattr(dataset, "MAX_OPEN_SHARDS", 1, raising=False)
+    ds = AvatarWorldDataset(world, "train")
+    first = [ds[k]["meta"]["index"] for k in (0, 8, 1, 9, 15)]
+    assert [r.closed for r in opened] == [True, True, True, False]  # (one open at a time; 9 and 15: one)
+    assert first == [AvatarWorldDataset(world, "train")[k]["meta"]["index"] for k in (0, 8, 1, 9, 15)]
+    opened.clear()
+    for k in (0, 1, 2):  # the same shard: opened once
+        ds[k]
+    assert len(opened) == 1 and not opened[0].closed

@@ -24,6 +24,24 @@ def _latent_path(root: Path, name: str, shard_file: str) -> Path:
     return Path(root) / "latents" / name / shard_file
 
 
+# the shard files a dataset keeps open in one process, the most recently read: every shard read
+# stayed open, and a split of more shards than the open-file limit (ulimit -n: often 1024) failed
+# part way through an epoch ("corrupted shard ...: Too many open files")
+MAX_OPEN_SHARDS = 32
+
+
+def _kept_open(readers: dict[int, ShardReader], s: int, open_reader: Callable[[], ShardReader]):
+    """The reader of shard `s` in `readers` (opened by `open_reader` where it is not), the least
+    recently read of them closed past MAX_OPEN_SHARDS. `readers` is in the order they were read."""
+    reader = readers.pop(s, None)
+    if reader is None:
+        reader = open_reader()
+        while len(readers) >= MAX_OPEN_SHARDS:
+            readers.pop(next(iter(readers))).close()
+    readers[s] = reader  # (last: the most recently read)
+    return reader
+
+
 class AvatarWorldDataset(torch.utils.data.Dataset):
     """A torch-compatible Dataset of avatar-world clips (map-style: __len__ and __getitem__).
 
@@ -107,23 +125,23 @@ class AvatarWorldDataset(torch.utils.data.Dataset):
 
     def _reader(self, s: int) -> ShardReader:
         self._own_readers()
-        if s not in self._readers:
-            shard = self.shards[s]
-            self._readers[s] = ShardReader(
+        shard = self.shards[s]
+        return _kept_open(
+            self._readers,
+            s,
+            lambda: ShardReader(
                 self.root / shard["file"], shard.get("bytes"), shard.get("sha256"), self._checked[s]
-            )
-        return self._readers[s]
+            ),
+        )
 
     def __getitem__(self, k: int) -> dict:
         s, i = self._locate(k)
         item = self._reader(s).clip(i)
         if self.latents is not None:
             self._own_readers()
-            if s not in self._latent_readers:
-                self._latent_readers[s] = ShardReader(
-                    _latent_path(self.root, self.latents, self.shards[s]["file"])
-                )
-            item["latents"] = self._latent_readers[s]._get(f"{i:04d}.latents")
+            path = _latent_path(self.root, self.latents, self.shards[s]["file"])
+            latents = _kept_open(self._latent_readers, s, lambda: ShardReader(path))
+            item["latents"] = latents._get(f"{i:04d}.latents")
         return item
 
     def cache_latents(self, encode_fn: Callable, name: str, overwrite: bool = False) -> Path:
