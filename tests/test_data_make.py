@@ -280,7 +280,44 @@ def test_clips_too_long_for_the_memory_are_one_line(tmp_path, monkeypatch, capsy
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert (
-        "not enough memory to make clips of 1e+07 s at 16x16 (179 GiB of frames" in err.splitlines()[-1]
-    )
+    assert "not enough memory to make clips of 1e+07 s at 16x16 (179 GiB of frames" in err.splitlines()[-1]
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_make_sent_sigterm_ends_as_a_ctrl_c_does(tmp_path):
+    """SIGTERM (`timeout`, `kill`, a job scheduler) ended the command's process alone: its pool's
+    workers went on with their shards, unrecorded, and each printed a traceback when it found its
+    parent gone. It ends as a Ctrl-C does: the workers stopped, the shards finished kept, exit 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "ds"
+    argv = ["data", "make", "--out", str(out), "--clips", "400", "--size", "32", "--seconds", "2",
+            "--shard-size", "2", "--workers", "2"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "streamgen", *argv], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        for _ in range(1200):  # (the workers' imports: seconds)
+            if (out / "partial.json").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the make ended before it was sent SIGTERM"
+        os.kill(proc.pid, signal.SIGTERM)  # (the command's process alone, as `timeout` does)
+        err = proc.communicate(timeout=120)[1]
+        for _ in range(1200):  # (its workers, in its process group: gone with it)
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("the make's workers outlived it")
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert "made so far kept in" in err

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,7 @@ def _make(args) -> int:
     from tqdm import tqdm
 
     from streamgen.cli import output_folder
+    from streamgen.commands.generate import _terminate_as_exit
 
     from .shards import clip_count, make_dataset, partly_made, planned_shards
 
@@ -78,13 +80,17 @@ def _make(args) -> int:
     # (make_dataset starts no more workers than shards to make)
     workers = min(args.workers, sum(planned_shards(args.clips, args.shard_size).values()))
     start = time.perf_counter()
+    # SIGTERM (`timeout`, `kill`, a job scheduler) ends it as Ctrl-C does (exit 143): Python's default
+    # ended this process alone, its pool's workers left to finish their shards unrecorded and print
+    # a traceback each over the shell's prompt
+    terminated_before = _terminate_as_exit()
     try:
         with tqdm(total=args.clips, unit="clip", desc="data make") as bar:
             manifest = make_dataset(
                 args.out, args.clips, args.seed, args.size, args.size, args.seconds,
                 args.shard_size, args.identities, args.workers, progress=bar.update,
             )  # fmt: skip
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         kept = partly_made(args.out)
         if kept:
             print(f"data make: {clip_count(kept)} made so far kept in {args.out}: "
@@ -103,6 +109,9 @@ def _make(args) -> int:
             f"({need:.3g} GiB of frames, a clip per worker): choose a shorter --seconds, a smaller "
             f"--size or fewer --workers{again}"
         ) from None
+    finally:
+        if terminated_before is not None:
+            signal.signal(signal.SIGTERM, terminated_before)
     elapsed = time.perf_counter() - start
     counts = ", ".join(f"{s} {v['clips']}" for s, v in manifest["splits"].items())
     kept = f", {before} of them made before" if before else ""
