@@ -321,3 +321,18 @@ def test_a_make_sent_sigterm_ends_as_a_ctrl_c_does(tmp_path):
         proc.kill()
     assert proc.returncode == 143 and "Traceback" not in err, err
     assert "made so far kept in" in err
+
+
+def test_the_speed_of_a_make_of_short_clips_is_not_said_to_be_0(tmp_path, monkeypatch, capsys):
+    """Clips of 0.04 s count a hundredth of a clip of 4 s each: a make of a few said 'speed: 0 clips
+    of 4 s per minute'."""
+    from streamgen.cli import main
+    from streamgen.data import cli
+
+    monkeypatch.setattr(cli, "clips_of_4s_per_minute", lambda *args: 0.2934)
+    argv = ["data", "make", "--clips", "1", "--size", "16", "--seconds", "0.04", "--identities", "20"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert "speed: 0.29 clips of 4 s per minute at 16x16 with 1 worker\n" in capsys.readouterr().out
+    monkeypatch.setattr(cli, "clips_of_4s_per_minute", lambda *args: 181.6)
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    assert "speed: 182 clips of 4 s per minute" in capsys.readouterr().out

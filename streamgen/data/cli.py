@@ -119,7 +119,8 @@ def _make(args) -> int:
     if args.clips > before:
         per_minute = clips_of_4s_per_minute(args.clips - before, args.seconds, elapsed)
         size = f"{args.size}x{args.size}"
-        print(f"speed: {per_minute:.0f} clips of 4 s per minute at {size} with {workers} "
+        speed = f"{per_minute:.0f}" if per_minute >= 10 else f"{per_minute:.2g}"  # (short clips: '0')
+        print(f"speed: {speed} clips of 4 s per minute at {size} with {workers} "
               f"worker{'s' if workers > 1 else ''}")  # fmt: skip
     return 0
 
