@@ -53,3 +53,22 @@ def test_a_preview_that_meets_a_corrupted_shard_after_its_first_clips_leaves_not
     assert sorted(p.name for p in out.iterdir()) == ["contact_sheet.png", "preview.mp4"]
     with Image.open(out / "contact_sheet.png") as sheet:
         assert sheet.height == 4 * 128 + 3 * 2  # (a row a clip, upscaled to 128)
+
+
+def test_options_for_clips_made_on_the_fly_are_refused_with_data(tmp_path, capsys):
+    """`--size 256` or `--seed 5` with --data were ignored without a word: the preview was the
+    dataset's clips at their own size."""
+    root = tmp_path / "ds"
+    make_dataset(root, 2, seed=3, height=16, width=16, seconds=0.04, shard_size=4, n_identities=20)
+    out = tmp_path / "p"
+    for given, says in [
+        (["--size", "256"], "--size make"),
+        (["--seed", "5", "--size", "32"], "--seed and --size make"),
+    ]:
+        assert (
+            main(["data", "preview", "--data", str(root), "--split", "test", *given, "--out", str(out)]) == 2
+        )
+        err = capsys.readouterr().err
+        assert f"{says} clips on the fly: not with --data" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    assert main(["data", "preview", "--data", str(root), "--split", "test", "--out", str(out)]) == 0

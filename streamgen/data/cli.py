@@ -47,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     preview.add_argument("--data", type=Path, help="a dataset folder; without it, clips are made on the fly")
     preview.add_argument("--split", choices=SPLITS, default="train")
     preview.add_argument("--clips", type=positive_int, default=6)
-    preview.add_argument("--seed", type=seed_number, default=0, help="with no --data: the world's seed")
-    preview.add_argument("--size", type=frame_size, default=128, help="with no --data: frame size")
+    # (no defaults here: given with --data, whose clips are the dataset's, they were ignored without a word)
+    preview.add_argument("--seed", type=seed_number, help="with no --data: the world's seed (default 0)")
+    preview.add_argument("--size", type=frame_size, help="with no --data: frame size (default 128)")
     preview.add_argument("--out", type=Path, default=Path("preview"), help="output folder")
 
 
@@ -62,6 +63,14 @@ def run(args: argparse.Namespace) -> int:
         if args.data_command == "make":
             return _make(args)
         output_folder(args.out, make=False)  # a file in its way: before the clips are made
+        given = [flag for flag, value in (("--seed", args.seed), ("--size", args.size)) if value is not None]
+        if args.data is not None and given:
+            raise UserError(
+                f"{' and '.join(given)} make clips on the fly: not with --data, whose clips are made "
+                "(their size and seed are its manifest's)"
+            )
+        args.seed = 0 if args.seed is None else args.seed
+        args.size = 128 if args.size is None else args.size
         return _preview(args)
     except (DataError, SpeechError) as e:
         raise UserError(str(e)) from None
