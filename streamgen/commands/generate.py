@@ -73,7 +73,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import time
 
-    from streamgen.cli import UserError, check_device
+    from streamgen.cli import UserError, check_device, terminate_as_exit
     from streamgen.media import MediaError, Mp4Writer, from_time_zero, output_path, read_audio, read_image
 
     # before any relaunch: a bad file is one clear error, not one per process
@@ -167,7 +167,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     finished = False  # every rank meets the others at the end only when none of them failed
     writer = None
-    terminated_before = _terminate_as_exit() if args.sp == 1 else None
+    terminated_before = terminate_as_exit() if args.sp == 1 else None
     try:
         # every process runs the same stream on its shard of the tokens; one writes the file
         writer = Mp4Writer(out, session.width, session.height) if main_process else None
@@ -209,24 +209,6 @@ def run(args) -> int:
         f"{n_chunks * session.frames_per_chunk / elapsed:.1f} frames/s)"
     )
     return 0
-
-
-def _terminate_as_exit():
-    """SIGTERM (`timeout`, `kill`, a job scheduler) ends the run as Ctrl-C does, its unfinished
-    file removed (Python's default left it beside --out, as big as the video so far); exit code
-    143. Returns the handler it replaced (None outside the main thread: nothing changed)."""
-    import signal
-    import sys
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def stop(signum, frame):
-        print("terminated", file=sys.stderr)  # (as Ctrl-C says "interrupted")
-        raise SystemExit(128 + signal.SIGTERM)
-
-    return signal.signal(signal.SIGTERM, stop)
 
 
 def _with_tiny_decoder(args):

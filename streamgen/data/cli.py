@@ -79,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
 def _make(args) -> int:
     from tqdm import tqdm
 
-    from streamgen.cli import output_folder
-    from streamgen.commands.generate import _terminate_as_exit
+    from streamgen.cli import output_folder, terminate_as_exit
 
     from .shards import clip_count, make_dataset, partly_made, planned_shards
 
@@ -92,7 +91,7 @@ def _make(args) -> int:
     # SIGTERM (`timeout`, `kill`, a job scheduler) ends it as Ctrl-C does (exit 143): Python's default
     # ended this process alone, its pool's workers left to finish their shards unrecorded and print
     # a traceback each over the shell's prompt
-    terminated_before = _terminate_as_exit()
+    terminated_before = terminate_as_exit()
     try:
         with tqdm(total=args.clips, unit="clip", desc="data make") as bar:
             manifest = make_dataset(
