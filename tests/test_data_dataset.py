@@ -241,18 +241,13 @@ def test_a_make_that_cannot_write_is_one_line_and_keeps_finished_shards(tmp_path
     assert load_manifest(out)["splits"]["train"]["clips"] == 1 and not (out / "partial.json").exists()
 
 
-@pytest.mark.slow
-def test_a_ctrl_c_is_one_line_not_a_traceback_per_worker(tmp_path):
-    """A Ctrl-C goes to the terminal's whole process group: each pool worker printed its
-    KeyboardInterrupt's traceback ('Process SpawnPoolWorker-1: Traceback ...') over what the
-    command said. The workers leave it to the command, which stops them."""
-    import os
-    import signal
+def a_make_under_way(out):
+    """`data make` of 400 clips into `out` on 2 workers, in a process group of its own, once its
+    first shard is recorded."""
     import subprocess
     import sys
     import time
 
-    out = tmp_path / "ds"
     argv = ["data", "make", "--out", str(out), "--clips", "400", "--size", "32", "--seconds", "2",
             "--shard-size", "2", "--workers", "2"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "streamgen", *argv], stderr=subprocess.PIPE, text=True,
@@ -262,7 +257,23 @@ def test_a_ctrl_c_is_one_line_not_a_traceback_per_worker(tmp_path):
             if (out / "partial.json").exists() or proc.poll() is not None:
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, "the make ended before it was interrupted"
+        assert proc.poll() is None, "the make ended before it could be stopped"
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_is_one_line_not_a_traceback_per_worker(tmp_path):
+    """A Ctrl-C goes to the terminal's whole process group: each pool worker printed its
+    KeyboardInterrupt's traceback ('Process SpawnPoolWorker-1: Traceback ...') over what the
+    command said. The workers leave it to the command, which stops them."""
+    import os
+    import signal
+
+    proc = a_make_under_way(tmp_path / "ds")
+    try:
         os.killpg(proc.pid, signal.SIGINT)  # (as a terminal's Ctrl-C: the whole group)
         err = proc.communicate(timeout=120)[1]
     finally:
@@ -399,11 +410,8 @@ def test_a_forked_worker_opens_its_own_shard_readers(world):
     assert own and shape == ds[1]["video"].shape
 
 
-def test_iter_clips_closes_each_shard_it_opened_however_it_stops(world, monkeypatch):
-    """A limit that stopped iteration (or a consumer that stopped reading) left the shard's file
-    open, one per call: the reader was closed only after a shard's last clip."""
-    from streamgen.data import shards
-
+def recorded_readers(monkeypatch, module) -> list:
+    """The ShardReaders `module` opens from now on, each with `closed` saying whether it was closed."""
     opened = []
 
     class Recorded(ShardReader):
@@ -416,7 +424,16 @@ def test_iter_clips_closes_each_shard_it_opened_however_it_stops(world, monkeypa
             self.closed = True
             super().close()
 
-    monkeypatch.setattr(shards, "ShardReader", Recorded)
+    monkeypatch.setattr(module, "ShardReader", Recorded)
+    return opened
+
+
+def test_iter_clips_closes_each_shard_it_opened_however_it_stops(world, monkeypatch):
+    """A limit that stopped iteration (or a consumer that stopped reading) left the shard's file
+    open, one per call: the reader was closed only after a shard's last clip."""
+    from streamgen.data import shards
+
+    opened = recorded_readers(monkeypatch, shards)
     assert len(list(iter_clips(world, "train", limit=3))) == 3  # stopped inside shard 0
     assert len(opened) == 1 and all(r.closed for r in opened)
     opened.clear()
@@ -560,19 +577,7 @@ def test_the_dataset_keeps_the_most_recently_read_shards_open_not_every_one(worl
     often 1024) failed part way through an epoch, as 'corrupted shard ...: Too many open files'."""
     from streamgen.data import dataset
 
-    opened = []
-
-    class Recorded(ShardReader):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.closed = False
-            opened.append(self)
-
-        def close(self):
-            self.closed = True
-            super().close()
-
-    monkeypatch.setattr(dataset, "ShardReader", Recorded)
+    opened = recorded_readers(monkeypatch, dataset)
     monkeypatch.setattr(dataset, "MAX_OPEN_SHARDS", 1, raising=False)
     ds = AvatarWorldDataset(world, "train")
     first = [ds[k]["meta"]["index"] for k in (0, 8, 1, 9, 15)]

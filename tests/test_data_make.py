@@ -291,21 +291,12 @@ def test_a_make_sent_sigterm_ends_as_a_ctrl_c_does(tmp_path):
     parent gone. It ends as a Ctrl-C does: the workers stopped, the shards finished kept, exit 143."""
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
-    out = tmp_path / "ds"
-    argv = ["data", "make", "--out", str(out), "--clips", "400", "--size", "32", "--seconds", "2",
-            "--shard-size", "2", "--workers", "2"]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "streamgen", *argv], stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    from test_data_dataset import a_make_under_way
+
+    proc = a_make_under_way(tmp_path / "ds")
     try:
-        for _ in range(1200):  # (the workers' imports: seconds)
-            if (out / "partial.json").exists() or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the make ended before it was sent SIGTERM"
         os.kill(proc.pid, signal.SIGTERM)  # (the command's process alone, as `timeout` does)
         err = proc.communicate(timeout=120)[1]
         for _ in range(1200):  # (its workers, in its process group: gone with it)
