@@ -223,11 +223,23 @@ def test_the_options_of_one_action_are_refused_by_the_other(tmp_path, capsys, mo
         (["train-evaluators", "--device", "cuda"], "--device is for eval, not train-evaluators"),
         (["train-evaluators", "--split", "val", "--json"], "--split, --json are for eval"),
         (["train-evaluators", "--model", "tiny-avatar"], "--model is for eval"),
+        (["train-evaluators", "--minutes", "0"], "--minutes is for eval"),  # (not its value's check)
     ):
         assert main(["eval", *argv, *out]) == 2
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "e").exists()
+
+
+def test_a_file_where_eval_keeps_its_measured_clips_is_one_line(tmp_path, capsys):
+    """A file named OUT/partial was mkdir's FileExistsError, a traceback."""
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "partial").write_text("mine")
+    assert main(["eval", "--model", "ground-truth", "--clips", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'partial'} is a file, where eval keeps the clips it has measured" in err and "Traceback" not in err
+    assert (out / "partial").read_text() == "mine"
 
 
 def test_a_second_eval_into_an_out_in_use_is_refused(tmp_path, capsys):

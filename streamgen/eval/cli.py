@@ -85,17 +85,17 @@ def run(args: argparse.Namespace) -> int:
     output_folder(args.out, make=False)  # a file in its way: now; the folder made once all is checked
     if args.clips is not None and args.clips < 1:
         raise UserError("--clips must be at least 1")
-    if args.minutes is not None and not args.minutes * 60 * 25 >= 2:  # (nan too)
-        raise UserError("--minutes must give a stream of at least two frames (0.08 s: 0.0014 minutes)")
-    if args.minutes is not None and not args.minutes <= MAX_MINUTES:  # (inf failed after scoring every clip)
-        raise UserError(f"--minutes is at most {MAX_MINUTES} (a stream that long per clip)")
     if args.action == "train-evaluators":
-        if _given(EVAL_OPTIONS, args):
+        if _given(EVAL_OPTIONS, args):  # (before --minutes' own checks: its value was said wrong)
             raise UserError(
                 f"{_given(EVAL_OPTIONS, args)} for eval, not train-evaluators (it trains on the CPU, on "
                 "the train split's clips at 64x64)"
             )
         return _train(args)
+    if args.minutes is not None and not args.minutes * 60 * 25 >= 2:  # (nan too)
+        raise UserError("--minutes must give a stream of at least two frames (0.08 s: 0.0014 minutes)")
+    if args.minutes is not None and not args.minutes <= MAX_MINUTES:  # (inf failed after scoring every clip)
+        raise UserError(f"--minutes is at most {MAX_MINUTES} (a stream that long per clip)")
     if _given(TRAINING_OPTIONS, args):  # (--data: the clips came from the world, made on the fly)
         raise UserError(
             f"{_given(TRAINING_OPTIONS, args)} for train-evaluators; eval makes its clips from the world "
@@ -153,6 +153,7 @@ def _evaluate(args) -> int:
     from streamgen.cli import UserError
 
     from .evaluators import EvaluatorError
+    from .partial import MeasuredFolderError
     from .report import ModelLoadError, OutputInUse, evaluate
 
     clips = args.clips or 8
@@ -177,7 +178,7 @@ def _evaluate(args) -> int:
             encode_dtype=args.encode_dtype, stream_progress=stream_progress,
             note=lambda line: print(line, file=sys.stderr),
         )  # fmt: skip
-    except (EvaluatorError, ModelLoadError, OutputInUse) as e:
+    except (EvaluatorError, ModelLoadError, OutputInUse, MeasuredFolderError) as e:
         raise UserError(str(e)) from None
     finally:
         for bar in bars:

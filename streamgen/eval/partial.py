@@ -51,6 +51,10 @@ def files_digest(paths) -> str:
     return h.hexdigest()[:16]
 
 
+class MeasuredFolderError(RuntimeError):
+    """OUT/partial cannot be the folder of measured clips (a file of that name is there)."""
+
+
 class Measured:
     """The per-clip (and stream) results in OUT/partial of the evaluation of `settings`."""
 
@@ -61,6 +65,10 @@ class Measured:
         """Keep the results of these settings (how many clips there are), or start the folder
         afresh; the other settings' results are removed (another evaluation into this --out
         replaces the earlier one's, as its report does), said through `note`."""
+        if self.folder.exists() and not self.folder.is_dir():  # (mkdir's FileExistsError, a traceback)
+            raise MeasuredFolderError(
+                f"{self.folder} is a file, where eval keeps the clips it has measured: move it, or give another --out"
+            )
         saved = None
         try:
             saved = json.loads((self.folder / "settings.json").read_text())
