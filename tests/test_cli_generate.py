@@ -741,3 +741,12 @@ def test_a_broken_pipe_of_another_kind_keeps_its_traceback(monkeypatch, tmp_path
     monkeypatch.setattr(streamgen.data.cli, "_make", broken)
     with pytest.raises(BrokenPipeError):
         main(["data", "make", "--out", str(tmp_path / "d"), "--clips", "1"])
+
+
+def test_bench_alone_names_only_the_benchmark_as_missing(capsys):
+    """It said "the following arguments are required: benchmark, options", though no benchmark
+    needs options."""
+    with pytest.raises(SystemExit) as exited:
+        main(["bench"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.strip().endswith("the following arguments are required: benchmark"), err

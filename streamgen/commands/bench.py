@@ -41,9 +41,12 @@ def add_arguments(p) -> None:
     p.add_argument(
         "benchmark", choices=list(BENCHMARKS), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items())
     )
-    p.add_argument(
+    options = p.add_argument(
         "options", nargs=argparse.REMAINDER, help="the benchmark's own options (--help lists them)"
     )
+    # (argparse counts a REMAINDER positional as required: `streamgen bench` alone said "the
+    # following arguments are required: benchmark, options", though none of the options are)
+    options.required = False
 
 
 def _check_output(flag: str, path, example: str, UserError) -> None:
