@@ -124,6 +124,23 @@ def test_a_manifest_that_is_not_one_is_one_error_naming_it(tmp_path, text, capsy
     assert "corrupted manifest" in capsys.readouterr().err
 
 
+def test_a_shard_the_system_will_not_read_is_not_called_corrupted(world, monkeypatch):
+    """Too many open files, an I/O error or no permission was "corrupted shard ...": a whole
+    dataset to remake, for a limit or a disk to look at."""
+    import errno
+
+    from streamgen.data import shards
+
+    shard = world / load_manifest(world)["splits"]["train"]["shards"][0]["file"]
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(shards.np, "load", refused)
+    with pytest.raises(DataError, match=r"^cannot read shard .*shard-00000\.npz: Too many open files$"):
+        ShardReader(shard)
+
+
 def test_corrupted_shard_is_one_clear_error(world, tmp_path):
     import struct
 

@@ -539,7 +539,15 @@ class ShardReader:
         try:
             self._npz = np.load(self.path, allow_pickle=False)
         except NPZ_ERRORS as e:
-            raise DataError(f"corrupted shard {self.path}: {e}") from None
+            raise self._error(e) from None
+
+    def _error(self, e: Exception, key: str | None = None) -> DataError:
+        """A read that failed, said as corruption only where the bytes are at fault: the system's
+        refusal (too many open files, an I/O error, no permission) was "corrupted shard" too."""
+        what = f"{key}: " if key else ""
+        if isinstance(e, OSError) and e.errno is not None:
+            return DataError(f"cannot read shard {self.path}: {what}{e.strerror or e}")
+        return DataError(f"corrupted shard {self.path}: {what}{e}")
 
     def _get(self, key: str) -> np.ndarray:
         try:
@@ -547,7 +555,7 @@ class ShardReader:
         except KeyError:
             raise DataError(f"corrupted shard {self.path}: member {key} is missing") from None
         except NPZ_ERRORS as e:
-            raise DataError(f"corrupted shard {self.path}: {key}: {e}") from None
+            raise self._error(e, key) from None
 
     def clip(self, i: int) -> dict:
         meta_bytes = self._get(f"{i:04d}.meta").tobytes()
