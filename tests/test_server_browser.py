@@ -166,8 +166,12 @@ async function play(api, policy = "all", trickle = false) {
       if (p.status !== 204) throw new Error("PATCH " + p.status + " " + (await p.text()));
       if (line !== null) patched++;
     };
-    sendCandidate = patch;
-    for (const line of gathered) await patch(line);
+    // one PATCH at a time, in the order gathered: a candidate found while an earlier one was being
+    // sent went at once beside it, and the end of gathering could reach the server before it (400)
+    let queue = Promise.resolve();
+    sendCandidate = (line) => (queue = queue.then(() => patch(line)));
+    for (const line of gathered) sendCandidate(line);
+    await queue;
   }
   await pc.setRemoteDescription({type: "answer", sdp: await r.text()});
   for (let i = 0; i < 200; i++) {
