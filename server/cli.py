@@ -171,10 +171,16 @@ def run(args: argparse.Namespace) -> int:
         use_precision(None if args.dtype == "auto" else args.dtype, args.fp8)  # likewise
         use_cache_from(args.cache_from)
         use_compile("inductor" if args.compile else None)
-        from streamgen.parallel.launch import check_torchrun_world, relaunch_under_torchrun
+        from streamgen.parallel.launch import (
+            check_sequence_parallel,
+            check_torchrun_world,
+            relaunch_under_torchrun,
+        )
 
         check_torchrun_world(args.sp)  # (under plain torchrun, before the model loads)
         if args.sp > 1:
+            # now, in one line, rather than from the ranks once they have loaded the model (and rank 0 listens)
+            check_sequence_parallel(args.sp, args.model, args.size, args.size)
             # does not return in the launcher
             relaunch_under_torchrun(args.sp, args._argv, device=args.device)
     except ValueError as e:

@@ -332,6 +332,29 @@ def _stand_in_settings(flavor: str) -> dict:
     return {**MODEL_META_DEFAULTS, "height": size, "width": size}
 
 
+def model_shape(name_or_path: str) -> tuple[ModelConfig, int] | None:
+    """A model's DiT config and its autoencoder's spatial factor, as `load_model` would build them,
+    read without loading its weights (for checks before a long start: `--sp N`'s processes). None
+    where its files do not say them (loading the model says what is wrong)."""
+    from streamgen.model.files import read_json, read_safetensors_metadata
+    from streamgen.model.wan_vae import WanVAE
+
+    name_or_path = os.fspath(name_or_path)
+    directory = resolve_model_dir(name_or_path)
+    try:
+        if directory is None:
+            flavor = name_or_path.removesuffix("-teacher")
+            return (get_config(flavor), TinyCausalVAE.spatial_factor_of()) if flavor in FLAVORS else None
+        cfg = ModelConfig.from_dict(read_json(directory / "model.json")["config"])
+        if (directory / WanVAE.DIRECTORY).is_dir():  # (the autoencoder `_read_autoencoder` takes)
+            return cfg, WanVAE.spatial_factor_of(read_json(directory / WanVAE.DIRECTORY / "config.json")["dim_mult"])
+        vae_config = read_safetensors_metadata(directory / "vae.safetensors").get("vae_config")
+        vae_config = json.loads(vae_config) if vae_config else read_json(directory / "vae_config.json")
+        return cfg, TinyCausalVAE.spatial_factor_of(vae_config.get("widths", TinyCausalVAE.DEFAULT_WIDTHS))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
 def require_model(name_or_path: str) -> None:
     """FileNotFoundError, saying what there is, unless `name_or_path` names a model `load_model` loads
     (a check before a long job, which would otherwise fail only where it loads it)."""

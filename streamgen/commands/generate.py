@@ -124,8 +124,14 @@ def run(args) -> int:
 
         check_torchrun_world(args.sp)  # (under plain torchrun, before the model loads)
         if args.sp > 1:
-            from streamgen.parallel.launch import init_process_group, relaunch_under_torchrun
+            from streamgen.parallel.launch import (
+                check_sequence_parallel,
+                init_process_group,
+                relaunch_under_torchrun,
+            )
 
+            # now, in one line, rather than from each of the processes once it has loaded the model
+            check_sequence_parallel(args.sp, args.model, args.height, args.width)
             # does not return in the launcher
             relaunch_under_torchrun(args.sp, args._argv, device=args.device)
             # before the model loads: each rank's "cuda" is its own GPU

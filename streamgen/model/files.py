@@ -66,6 +66,19 @@ def load_safetensors_and_metadata(path) -> tuple[dict[str, torch.Tensor], dict[s
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def read_safetensors_metadata(path) -> dict[str, str]:
+    """The metadata of a safetensors file, from its header alone (no tensor is read); a ValueError
+    naming a file it cannot read, as `load_safetensors`."""
+    from safetensors import SafetensorError, safe_open
+
+    check_readable(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def read_json(path, required: tuple[str, ...] = ()) -> dict:
     """A JSON object from `path`, with the keys in `required`, or a ValueError naming the file."""
     check_readable(path)

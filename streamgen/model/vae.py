@@ -99,10 +99,17 @@ def _renumber_legacy_decoder(vae, state_dict, prefix, *_):
 class TinyCausalVAE(VideoAutoencoder):
     """Spatial /8, temporal /4 causal autoencoder with a kernel-2 temporal mix."""
 
+    DEFAULT_WIDTHS = (32, 64, 96, 128)
+
+    @staticmethod
+    def spatial_factor_of(widths=DEFAULT_WIDTHS) -> int:
+        """The spatial factor of an autoencoder of these `widths` (one halving between scales)."""
+        return 2 ** (len(widths) - 1)
+
     def __init__(
         self,
         latent_channels: int = 16,
-        widths=(32, 64, 96, 128),
+        widths=DEFAULT_WIDTHS,
         temporal_factor: int = 4,
         res_blocks: int = 0,
         decoder_widths=None,
@@ -114,7 +121,7 @@ class TinyCausalVAE(VideoAutoencoder):
         super().__init__()
         self.latent_channels = latent_channels
         self.temporal_factor = tf = temporal_factor
-        self.spatial_factor = 2 ** (len(widths) - 1)
+        self.spatial_factor = self.spatial_factor_of(widths)
         self.config = {"latent_channels": latent_channels, "widths": list(widths), "temporal_factor": tf}
         if res_blocks:
             self.config["res_blocks"] = res_blocks

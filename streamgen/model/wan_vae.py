@@ -60,7 +60,7 @@ class WanVAE(VideoAutoencoder):
         cfg = vae.config
         self.latent_channels = cfg.z_dim
         self.temporal_factor = 2 ** sum(cfg.temperal_downsample)
-        self.spatial_factor = 2 ** (len(cfg.dim_mult) - 1)
+        self.spatial_factor = self.spatial_factor_of(cfg.dim_mult)
         self.register_buffer("latent_mean", torch.tensor(cfg.latents_mean).float())
         self.register_buffer("latent_std", torch.tensor(cfg.latents_std).float())
 
@@ -261,6 +261,11 @@ class WanVAE(VideoAutoencoder):
         write_folder_atomically(
             Path(directory) / self.DIRECTORY, save, in_place=lambda folder: write_into_folder(folder, save)
         )
+
+    @staticmethod
+    def spatial_factor_of(dim_mult) -> int:
+        """The spatial factor of a Wan VAE whose config has this `dim_mult` (one halving between scales)."""
+        return 2 ** (len(dim_mult) - 1)
 
     @classmethod
     def load(cls, directory) -> WanVAE:

@@ -158,7 +158,7 @@ class ShardedStreamCache(StreamCache):
         s = grid_hw[0] * grid_hw[1]
         r, u = groups.ring_degree, groups.ulysses_degree
         check_heads(cfg.num_heads, u)
-        _check_tokens(s, groups.degree)
+        check_tokens(s, groups.degree)
         local_cfg = dataclasses.replace(cfg, num_heads=cfg.num_heads // u, dim=cfg.dim // u)
         super().__init__(local_cfg, batch, (1, s // r), dtype, device)
         shard = groups.ring_rank
@@ -175,7 +175,8 @@ class ShardedStreamCache(StreamCache):
             layer.rotate_ring(angles)
 
 
-def _check_tokens(tokens_per_frame: int, degree: int) -> None:
+def check_tokens(tokens_per_frame: int, degree: int) -> None:
+    """A ValueError unless every one of `degree` processes can hold an equal shard of each frame's tokens."""
     if tokens_per_frame % degree:
         raise ValueError(
             f"sequence parallelism over {degree} processes needs the tokens per latent frame "
@@ -203,7 +204,7 @@ def apply_sequence_parallel(model, mesh_or_group=None, mode: str = "ulysses"):
 
     def shard_tokens(xs, angles):
         f, s = xs.shape[1], xs.shape[2]
-        _check_tokens(s, degree)
+        check_tokens(s, degree)
         part = slice(index * (s // degree), (index + 1) * (s // degree))
         own_tokens = lambda t: t.unflatten(0, (f, s))[:, part].flatten(0, 1)  # noqa: E731
         return xs[:, :, part].contiguous(), angles.map(own_tokens) if isinstance(

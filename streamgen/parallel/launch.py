@@ -94,6 +94,48 @@ def choose_degrees(num_heads: int, world: int) -> tuple[int, int]:
     return ulysses, world // ulysses
 
 
+def sequence_parallel_degrees(num_heads: int, world: int, mode: str = "auto") -> tuple[int, int, str]:
+    """(ulysses_degree, ring_degree, mode) of `mode` over `world` processes; mode "auto" picks
+    ulysses, ring or hybrid by `choose_degrees`."""
+    if mode == "auto":
+        ulysses, ring = choose_degrees(num_heads, world)
+        mode = "hybrid" if ulysses > 1 and ring > 1 else ("ulysses" if ulysses > 1 else "ring")
+    elif mode == "ulysses":
+        ulysses, ring = world, 1
+    elif mode == "ring":
+        ulysses, ring = 1, world
+    else:
+        ulysses, ring = choose_degrees(num_heads, world)
+    return ulysses, ring, mode
+
+
+def check_sequence_parallel(sp: int, model: str, height: int | None, width: int | None, mode: str = "auto") -> None:
+    """Before `relaunch_under_torchrun`: the ValueError each of `sp` processes would raise once it
+    had loaded `model` (`check_heads`, `check_tokens`) where they cannot shard it at
+    height x width (None: the model's own), from its settings without loading its weights:
+    --sp 3 of a 64-token frame started 3 processes that each loaded the model first. Where the
+    settings do not say (or the size is one the session refuses), the processes' checks still do."""
+    from streamgen.models import model_settings, model_shape
+    from streamgen.parallel.apply import check_tokens
+    from streamgen.parallel.ulysses import check_heads
+
+    shape = model_shape(model) if sp > 1 else None
+    if shape is None:
+        return
+    cfg, spatial_factor = shape
+    ulysses, _, _ = sequence_parallel_degrees(cfg.num_heads, sp, mode)
+    check_heads(cfg.num_heads, ulysses)
+    try:
+        settings = model_settings(model)
+    except (OSError, ValueError):
+        return
+    height, width = height or settings["height"], width or settings["width"]
+    _, patch_h, patch_w = cfg.patch_size
+    if height % (spatial_factor * patch_h) or width % (spatial_factor * patch_w):
+        return  # (the session says what is wrong with the size)
+    check_tokens((height // spatial_factor // patch_h) * (width // spatial_factor // patch_w), sp)
+
+
 @contextlib.contextmanager
 def signals_end_the_process():
     """Within: SIGINT and SIGTERM end this process at once, as if Python had no handler.
@@ -165,7 +207,7 @@ def init_sequence_parallel(sp: int, num_heads: int, mode: str = "auto"):
     """In a torchrun worker, after `init_process_group`: build the mesh for `mode`.
 
     Returns (mesh_or_group, mode) for `apply_sequence_parallel`; mode "auto"
-    picks ulysses, ring or hybrid by `choose_degrees`.
+    picks ulysses, ring or hybrid by `choose_degrees` (`sequence_parallel_degrees`).
     """
     from streamgen.parallel.apply import sequence_parallel_mesh
 
@@ -174,15 +216,7 @@ def init_sequence_parallel(sp: int, num_heads: int, mode: str = "auto"):
     world = dist.get_world_size()
     if world != sp:
         raise ValueError(f"--sp {sp} but torchrun started {world} processes")
-    if mode == "auto":
-        ulysses, ring = choose_degrees(num_heads, world)
-        mode = "hybrid" if ulysses > 1 and ring > 1 else ("ulysses" if ulysses > 1 else "ring")
-    elif mode == "ulysses":
-        ulysses, ring = world, 1
-    elif mode == "ring":
-        ulysses, ring = 1, world
-    else:
-        ulysses, ring = choose_degrees(num_heads, world)
+    ulysses, ring, mode = sequence_parallel_degrees(num_heads, world, mode)
     with signals_end_the_process():  # the subgroups are made collectively too
         return sequence_parallel_mesh(ulysses, ring), mode
 

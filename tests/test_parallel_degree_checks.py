@@ -1,0 +1,130 @@
+"""`--sp N` that cannot shard the model: refused before the relaunch, from the model's settings.
+
+Each of N processes used to load the model before one said so (20-30 s for tiny-avatar's --sp 3).
+No test here starts a process: the relaunch fails the test where it must not come.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from streamgen.models import MODELS_DIR, model_shape
+from streamgen.parallel import launch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS_NOT_DIVISIBLE = "sequence parallelism over {n} processes needs the tokens per latent frame ({s}) to be divisible by {n}"  # noqa: E501
+
+
+class Relaunched(Exception):
+    pass
+
+
+@pytest.fixture
+def launcher(monkeypatch):
+    """This process as a user's shell starts it; a relaunch raises Relaunched, a model load fails."""
+
+    def relaunch(nproc, argv=None, module="streamgen.cli", device="cpu"):
+        raise Relaunched(nproc)
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(launch, "relaunch_under_torchrun", relaunch)
+    monkeypatch.setattr("streamgen.models.load_model", load_model)
+    monkeypatch.setattr(sys, "argv", ["streamgen"])
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _argv(command, tmp_path, *options):
+    from tests.server_helpers import free_port
+
+    where = ["--out", str(tmp_path / "a.mp4")] if command == "generate" else ["--port", str(free_port())]
+    return [command, *where, *options]
+
+
+def _size(command, size):
+    return ["--height", str(size), "--width", str(size)] if command == "generate" else ["--size", str(size)]
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+@pytest.mark.parametrize(
+    "model, size, tokens",
+    [("tiny-avatar", None, 16), ("tiny-avatar", 128, 64), ("debug", None, 16), ("wan2.1-1.3b", None, 64)],
+)
+def test_an_sp_that_does_not_divide_a_frame_is_refused_before_the_relaunch(
+    command, model, size, tokens, launcher, tmp_path, capsys
+):
+    options = ["--model", model, "--sp", "3", *(_size(command, size) if size else [])]
+    from streamgen import cli
+
+    assert cli.main(_argv(command, tmp_path, *options)) == 2
+    err = capsys.readouterr().err
+    assert TOKENS_NOT_DIVISIBLE.format(n=3, s=tokens) in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+@pytest.mark.parametrize("sp, size", [(2, None), (4, 128), (3, 96)])
+def test_an_sp_that_divides_a_frame_still_relaunches(command, sp, size, launcher, tmp_path):
+    from streamgen import cli
+
+    options = ["--model", "tiny-avatar", "--sp", str(sp), *(_size(command, size) if size else [])]
+    with pytest.raises(Relaunched):
+        cli.main(_argv(command, tmp_path, *options))
+
+
+def test_generate_takes_height_and_width_apart(launcher, tmp_path, capsys):
+    """48x128: 3 x 8 patches of 16 pixels, 24 tokens: --sp 2 divides them, --sp 16 does not."""
+    from streamgen import cli
+
+    with pytest.raises(Relaunched):
+        cli.main(_argv("generate", tmp_path, "--sp", "2", "--height", "48", "--width", "128"))
+    assert cli.main(_argv("generate", tmp_path, "--sp", "16", "--height", "48", "--width", "128")) == 2
+    assert TOKENS_NOT_DIVISIBLE.format(n=16, s=24) in capsys.readouterr().err
+
+
+def test_heads_a_forced_ulysses_split_cannot_make_are_refused():
+    with pytest.raises(ValueError, match=r"number of attention heads \(2\) to be divisible by the Ulysses degree \(4\)"):
+        launch.check_sequence_parallel(4, "tiny-avatar", None, None, mode="ulysses")
+    launch.check_sequence_parallel(4, "tiny-avatar", None, None)  # auto: Ulysses 2 x ring 2
+
+
+def _model_dir(tmp_path, vae_config: dict | None = None, wan_config: dict | None = None) -> Path:
+    d = tmp_path / "model"
+    d.mkdir()
+    shutil.copy(MODELS_DIR / "tiny-avatar" / "model.json", d / "model.json")
+    save_file({"x": torch.zeros(1)}, str(d / "vae.safetensors"))  # an older export's: no config inside
+    if vae_config is not None:
+        (d / "vae_config.json").write_text(json.dumps(vae_config))
+    if wan_config is not None:
+        (d / "wan_vae").mkdir()
+        (d / "wan_vae" / "config.json").write_text(json.dumps(wan_config))
+    return d
+
+
+def test_the_spatial_factor_is_the_model_directorys_autoencoders(tmp_path):
+    """tiny-avatar's DiT at 64x64 behind an autoencoder of 3 scales (/4): 8 x 8 tokens, not 4 x 4."""
+    d = _model_dir(tmp_path, vae_config={"widths": [32, 64, 96]})
+    assert model_shape(str(d))[1] == 4
+    with pytest.raises(ValueError, match=r"latent frame \(64\) to be divisible by 3"):
+        launch.check_sequence_parallel(3, str(d), None, None)
+    assert model_shape(str(MODELS_DIR / "tiny-avatar"))[1] == 8  # from the weights' own config
+
+
+def test_a_wan_autoencoders_factor_and_files_that_do_not_say_it(tmp_path):
+    (tmp_path / "wan").mkdir()
+    d = _model_dir(tmp_path / "wan", vae_config={"widths": [32, 64]}, wan_config={"dim_mult": [1, 2, 4, 4]})
+    assert model_shape(str(d))[1] == 8  # wan_vae/ decides, as the loader takes it
+    (d / "wan_vae" / "config.json").write_text("{}")
+    assert model_shape(str(d)) is None
+    launch.check_sequence_parallel(3, str(d), None, None)  # unknown: the processes' own checks say
+    d = _model_dir(tmp_path)  # no autoencoder config at all
+    assert model_shape(str(d)) is None
+    assert model_shape(str(tmp_path / "none")) is None
