@@ -332,6 +332,18 @@ def _stand_in_settings(flavor: str) -> dict:
     return {**MODEL_META_DEFAULTS, "height": size, "width": size}
 
 
+def model_kind(name_or_path: str) -> str | None:
+    """A model directory's kind (model.json's, `MODEL_KINDS`), read without loading its weights;
+    None for a stand-in flavor, an export that does not say, or a model.json that cannot be read."""
+    from streamgen.model.files import read_json
+
+    directory = resolve_model_dir(os.fspath(name_or_path))
+    try:
+        return read_json(directory / "model.json").get("kind") if directory is not None else None
+    except (OSError, ValueError):
+        return None
+
+
 def model_shape(name_or_path: str) -> tuple[ModelConfig, int] | None:
     """A model's DiT config and its autoencoder's spatial factor, as `load_model` would build them,
     read without loading its weights (for checks before a long start: `--sp N`'s processes). None

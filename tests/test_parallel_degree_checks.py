@@ -128,3 +128,14 @@ def test_a_wan_autoencoders_factor_and_files_that_do_not_say_it(tmp_path):
     d = _model_dir(tmp_path)  # no autoencoder config at all
     assert model_shape(str(d)) is None
     assert model_shape(str(tmp_path / "none")) is None
+
+
+def test_generate_sp_of_a_teacher_is_refused_before_the_relaunch(launcher, tmp_path, capsys):
+    """A teacher (model.json's kind) runs in one process: 2 processes each loaded it to say so."""
+    from streamgen import cli
+
+    assert cli.main(_argv("generate", tmp_path, "--model", "tiny-avatar-teacher", "--sp", "2")) == 2
+    assert "--sp applies to streaming students; a teacher runs in one process" in capsys.readouterr().err
+    from streamgen.models import model_kind
+
+    assert model_kind("tiny-avatar") == "student" and model_kind("debug") is None

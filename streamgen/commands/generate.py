@@ -13,6 +13,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 # the names an MP4 (H.264 + AAC) goes by
 MP4_SUFFIXES = (".mp4", ".m4v", ".mov")
+TEACHER_IN_ONE_PROCESS = "--sp applies to streaming students; a teacher runs in one process"
 
 
 def add_arguments(p) -> None:
@@ -124,6 +125,7 @@ def run(args) -> int:
 
         check_torchrun_world(args.sp)  # (under plain torchrun, before the model loads)
         if args.sp > 1:
+            from streamgen.models import model_kind
             from streamgen.parallel.launch import (
                 check_sequence_parallel,
                 init_process_group,
@@ -131,6 +133,8 @@ def run(args) -> int:
             )
 
             # now, in one line, rather than from each of the processes once it has loaded the model
+            if model_kind(args.model) == "teacher":
+                raise ValueError(TEACHER_IN_ONE_PROCESS)
             check_sequence_parallel(args.sp, args.model, args.height, args.width)
             # does not return in the launcher
             relaunch_under_torchrun(args.sp, args._argv, device=args.device)
@@ -157,7 +161,7 @@ def run(args) -> int:
             args.cache_from,
         )
         if isinstance(session, TeacherSession) and args.sp > 1:
-            raise ValueError("--sp applies to streaming students; a teacher runs in one process")
+            raise ValueError(TEACHER_IN_ONE_PROCESS)
         main_process = _apply_sequence_parallel(session, args.sp)
         session.start(face, text=args.text, seed=args.seed)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
