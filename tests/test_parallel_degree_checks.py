@@ -139,3 +139,10 @@ def test_generate_sp_of_a_teacher_is_refused_before_the_relaunch(launcher, tmp_p
     from streamgen.models import model_kind
 
     assert model_kind("tiny-avatar") == "student" and model_kind("debug") is None
+
+
+def test_generate_sp_of_an_unknown_model_is_refused_before_the_relaunch(launcher, tmp_path, capsys):
+    from streamgen import cli
+
+    assert cli.main(_argv("generate", tmp_path, "--model", str(tmp_path / "none"), "--sp", "2")) == 2
+    assert "no model directory" in capsys.readouterr().err
