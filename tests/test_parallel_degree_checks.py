@@ -146,3 +146,17 @@ def test_generate_sp_of_an_unknown_model_is_refused_before_the_relaunch(launcher
 
     assert cli.main(_argv("generate", tmp_path, "--model", str(tmp_path / "none"), "--sp", "2")) == 2
     assert "no model directory" in capsys.readouterr().err
+
+
+def test_generate_sp_with_a_bad_tiny_decoder_is_refused_before_the_relaunch(launcher, tmp_path, capsys):
+    from streamgen import cli
+
+    missing, folder = tmp_path / "none.safetensors", tmp_path
+    for checkpoint, line in ((missing, "no tiny decoder checkpoint at"), (folder, "is not a file")):
+        assert cli.main(_argv("generate", tmp_path, "--sp", "2", "--tiny-decoder", str(checkpoint))) == 2
+        assert line in capsys.readouterr().err
+    from streamgen.model.tiny_decoder import TinyDecoder, TinyDecoderConfig
+
+    TinyDecoder(TinyDecoderConfig(latent_channels=4, widths=(8, 8, 8, 8), blocks_per_stage=1)).save(tmp_path / "good.safetensors")
+    with pytest.raises(Relaunched):
+        cli.main(_argv("generate", tmp_path, "--sp", "2", "--tiny-decoder", str(tmp_path / "good.safetensors")))

@@ -137,6 +137,13 @@ def run(args) -> int:
             if model_kind(args.model) == "teacher":
                 raise ValueError(TEACHER_IN_ONE_PROCESS)
             check_sequence_parallel(args.sp, args.model, args.height, args.width)
+            if args.tiny_decoder:  # (a small file: read here too, for a bad one's line before any process)
+                from streamgen.model.tiny_decoder import TinyDecoder
+
+                try:
+                    TinyDecoder.from_checkpoint(args.tiny_decoder)
+                except FileNotFoundError as e:
+                    raise ValueError(str(e)) from None
             # does not return in the launcher
             relaunch_under_torchrun(args.sp, args._argv, device=args.device)
             # before the model loads: each rank's "cuda" is its own GPU
