@@ -117,6 +117,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--token {args.token!r}: a token is one or more printable ASCII characters, "
                         "no spaces (it is sent in 'Authorization: Bearer'); leave --token out for none")  # fmt: skip
     require_models(args.model)  # (one line that says what it is instead, before anything loads)
+    from streamgen.models import model_kind
+
+    if model_kind(args.model) == "teacher":  # (after uvicorn had started and a rank or thread had loaded it)
+        from streamgen.stream import teacher_cannot_stream
+
+        raise UserError(teacher_cannot_stream(args.model))
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a TCP port")
     # an --sp follower rank serves nothing: rank 0 listens, maybe already (torchrun starts them apart)

@@ -115,10 +115,7 @@ class StreamSession:
         )
         check_model_device(self.model, device)
         if self.model.meta.get("kind") == "teacher":
-            raise ValueError(
-                f"{self.model.name} is a bidirectional teacher: it generates whole clips and cannot stream; "
-                "use a distilled student"
-            )
+            raise ValueError(teacher_cannot_stream(self.model.name))
         decode_dtype = autoencoder_dtype(decode_dtype, self.model.vae, device, "decode dtype")
         encode_dtype = autoencoder_dtype(encode_dtype, self.model.vae, device, "encode dtype")
         self.cfg = self.model.cfg
@@ -508,6 +505,11 @@ class StreamSession:
     def _require_started(self):
         if not self.started:
             raise RuntimeError("call start(reference) first")
+
+
+def teacher_cannot_stream(name: str) -> str:
+    """What a session (or `serve`, before it loads one) says of a teacher, `name`, asked to stream."""
+    return f"{name} is a bidirectional teacher: it generates whole clips and cannot stream; use a distilled student"
 
 
 def _cache_from(asked: str | None, model: AvatarModel, steps: int) -> str:

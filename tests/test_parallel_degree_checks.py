@@ -160,3 +160,19 @@ def test_generate_sp_with_a_bad_tiny_decoder_is_refused_before_the_relaunch(laun
     TinyDecoder(TinyDecoderConfig(latent_channels=4, widths=(8, 8, 8, 8), blocks_per_stage=1)).save(tmp_path / "good.safetensors")
     with pytest.raises(Relaunched):
         cli.main(_argv("generate", tmp_path, "--sp", "2", "--tiny-decoder", str(tmp_path / "good.safetensors")))
+
+
+@pytest.mark.parametrize("sp", ["1", "2"])
+def test_serve_of_a_teacher_is_refused_before_anything_starts(sp, launcher, monkeypatch, tmp_path, capsys):
+    """uvicorn had started, and the model loaded (in each of --sp N's processes), before the warm-up's
+    session said so, with a traceback in the log."""
+    from streamgen import cli
+
+    def served(self):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", served)
+    assert cli.main(_argv("serve", tmp_path, "--model", "tiny-avatar-teacher", "--sp", sp)) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith("tiny-avatar-teacher is a bidirectional teacher: it generates whole clips and cannot "
+                         "stream; use a distilled student")  # fmt: skip
