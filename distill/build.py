@@ -213,7 +213,8 @@ def export_model(
     a level of 255); loading upcasts them. The autoencoder's latent statistics stay
     float32, since every latent is normalised by them.
     """
-    from streamgen.models import AvatarModel, save_model
+    from streamgen.model_export import save_model
+    from streamgen.models import AvatarModel
 
     d = Path(directory)
     out_dit = copy.deepcopy(dit).cpu().eval()

@@ -188,7 +188,8 @@ class Stage:
         autoencoder: put in place whole (`write_model_dir`; it was written file by file, and a
         reader meanwhile found the new decoder beside the previous export's DiT)."""
         from streamgen.folders import read_folder
-        from streamgen.models import resolve_model_dir, write_model_dir
+        from streamgen.model_export import write_model_dir
+        from streamgen.models import resolve_model_dir
 
         source = self.cfg.model.vae or self.cfg.model.init
         model_dir = resolve_model_dir(source) if source and not source.startswith("wan:") else None

@@ -288,7 +288,8 @@ def test_bench_decoder_times_a_narrower_decoder_against_the_models_own_on_a_batc
 
     from bench.decoder import chunk_latents
     from distill.tiny_decoder import narrower_decoder
-    from streamgen.models import load_model, save_model
+    from streamgen.model_export import save_model
+    from streamgen.models import load_model
 
     model = load_model("debug")
     model.vae = narrower_decoder(model.vae, [16, 48, 96, 128]).eval()  # the model's: [32, 64, 96, 128]
@@ -314,7 +315,8 @@ def test_bench_decoder_times_a_narrower_decoder_against_the_models_own_on_a_batc
 
 def test_bench_decoder_refuses_a_decoder_for_other_latents(tmp_path):
     from streamgen.model.vae import TinyCausalVAE
-    from streamgen.models import load_model, save_model
+    from streamgen.model_export import save_model
+    from streamgen.models import load_model
 
     model = load_model("debug")
     model.vae = TinyCausalVAE(latent_channels=model.vae.latent_channels + 4, temporal_factor=4)

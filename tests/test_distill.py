@@ -739,21 +739,21 @@ def test_an_export_that_another_export_keeps_out_is_one_line_and_resume_exports(
 def test_a_full_disk_at_the_export_says_the_run_is_kept_and_resume_exports(tmp_path, monkeypatch, capsys):
     """The final export onto a full disk said "No space left on device" and no more, after the
     whole run: as if it were lost. It says where the trained weights are and how to export them."""
-    from streamgen import models
+    from streamgen import model_export
     from streamgen.cli import main
 
-    real_write = models.write_model_dir
+    real_write = model_export.write_model_dir
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(models, "write_model_dir", full_disk)
+    monkeypatch.setattr(model_export, "write_model_dir", full_disk)
     argv = ["distill", "teacher", "--config", "debug", "--out", str(tmp_path / "run"), "--steps", "2"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "could not export the trained model (No space left on device)" in err, err
     assert "last checkpoint" in err and "--resume" in err and len(err.strip().splitlines()) == 1
-    monkeypatch.setattr(models, "write_model_dir", real_write)
+    monkeypatch.setattr(model_export, "write_model_dir", real_write)
     assert main([*argv, "--resume"]) == 0
     assert (tmp_path / "run" / "model" / "model.json").exists()
 

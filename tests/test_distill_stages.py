@@ -654,13 +654,13 @@ def test_ship_onto_a_full_disk_is_one_line(tmp_path, pipeline, monkeypatch, caps
     import errno
 
     from distill.ship import main
-    from streamgen import models
+    from streamgen import model_export, models
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
-    monkeypatch.setattr(models, "write_model_dir", full_disk)
+    monkeypatch.setattr(model_export, "write_model_dir", full_disk)
     with pytest.raises(SystemExit) as exited:
         main([str(pipeline["student"]), "tiny-test"])
     err = capsys.readouterr().err

@@ -131,7 +131,7 @@ def test_a_narrower_decoder_mixes_the_leading_channels_of_this_frame_and_the_pre
 def test_a_narrower_decoders_model_is_re_exported_whole(tmp_path, monkeypatch):
     """The narrower decoder's model directory was written file by file, its autoencoder first: a
     reader meanwhile found the new decoder beside the previous export's DiT weights (the teacher's,
-    copied, retrained since). It is put in place whole (streamgen.models.write_model_dir)."""
+    copied, retrained since). It is put in place whole (streamgen.model_export.write_model_dir)."""
     from types import SimpleNamespace
 
     from file_steps import check_after_each_file_step

@@ -559,7 +559,8 @@ def test_the_fixed_temp_names_of_older_writers_are_removed_once_untouched_for_a_
     from streamgen.model.config import get_config
     from streamgen.model.model import DiT
     from streamgen.model.vae import TinyCausalVAE
-    from streamgen.models import AvatarModel, save_model
+    from streamgen.model_export import save_model
+    from streamgen.models import AvatarModel
 
     old = os.stat(tmp_path).st_mtime - ABANDONED_AFTER_S - 3600
 
@@ -654,7 +655,8 @@ def test_a_users_folder_named_like_an_older_temp_name_is_kept(tmp_path):
     from streamgen.model.config import get_config
     from streamgen.model.model import DiT
     from streamgen.model.vae import TinyCausalVAE
-    from streamgen.models import AvatarModel, save_model
+    from streamgen.model_export import save_model
+    from streamgen.models import AvatarModel
 
     old = os.stat(tmp_path).st_mtime - ABANDONED_AFTER_S - 3600
     d = tmp_path / "avatar"

@@ -214,7 +214,7 @@ def test_a_re_export_cut_short_leaves_the_previous_weights_whole(tmp_path, monke
     a truncated file beside the old model.json, a directory that no longer loads."""
     import safetensors.torch
 
-    from streamgen.models import save_model
+    from streamgen.model_export import save_model
 
     model = load_model("debug")
     save_model(model, tmp_path / "m")
@@ -401,7 +401,7 @@ def test_a_reader_finds_the_whole_old_or_the_whole_new_autoencoder_at_every_step
     or one autoencoder's config beside another's weights. Every rename and removal of the swap is
     followed here by a load of the directory."""
 
-    from streamgen.models import _replace_autoencoder
+    from streamgen.model_export import _replace_autoencoder
 
     expected = {}
     for which, name in (("old", old), ("new", new)):
@@ -469,7 +469,8 @@ def test_a_reader_finds_the_whole_old_or_the_whole_new_model_at_every_step_of_an
     the directory's place in one step; every rename, removal and exchange here is followed by a
     load. (A listing of models meanwhile shows no staging folder.)"""
 
-    from streamgen.models import available_models, save_model
+    from streamgen.model_export import save_model
+    from streamgen.models import available_models
 
     models = [_model("old", old, 0), _model("new", new, 1)]
     d = tmp_path / "model"
@@ -500,7 +501,7 @@ def test_a_reader_of_a_folder_written_file_by_file_finds_one_export_or_is_told(
     with the old model.json (its name and steps). At every step a reader finds one whole export,
     or is told that one is being written (`ExportUnderWay`)."""
     from streamgen import folders
-    from streamgen.models import save_model
+    from streamgen.model_export import save_model
 
     models = [_model("old", old, 0), _model("new", new, 1)]
     d = tmp_path / "model"
@@ -530,7 +531,7 @@ def test_a_reader_whose_load_straddles_an_export_reads_again(tmp_path, monkeypat
     into it file by file meanwhile (no exchange: its stamp is another)."""
     from streamgen import folders
     from streamgen.model import files as model_files
-    from streamgen.models import save_model
+    from streamgen.model_export import save_model
 
     models = [_model("old", "wan+td", 0), _model("new", "tiny", 1)]
     d = tmp_path / "model"
@@ -558,7 +559,7 @@ def test_a_distill_stage_loads_its_dit_from_one_export(tmp_path, monkeypatch):
 
     from distill.build import load_dit
     from streamgen.model import files as model_files
-    from streamgen.models import save_model
+    from streamgen.model_export import save_model
 
     old = _model("old", "tiny", 0)
     torch.manual_seed(1)
@@ -589,7 +590,7 @@ def test_a_re_export_keeps_what_else_the_directory_holds_and_a_symlink_to_it(
     exchange folders (not Linux, overlayfs' lower layers), the export is written into the
     directory in place, file by file, model.json last."""
     from streamgen import folders
-    from streamgen.models import save_model
+    from streamgen.model_export import save_model
 
     models = [_model("old", "wan+td", 0), _model("new", "tiny", 1)]
     real = tmp_path / "store" / "model"
@@ -617,7 +618,7 @@ def test_ship_takes_one_export_of_its_source(tmp_path, monkeypatch):
     weights. It reads the source through one load, read again where the folder changed."""
     from distill.ship import ship
     from streamgen.model import files as model_files
-    from streamgen.models import save_model
+    from streamgen.model_export import save_model
 
     models = [_model("old", "wan+td", 0), _model("new", "tiny", 1)]
     save_model(models[0], tmp_path / "source")
@@ -737,7 +738,8 @@ def test_a_dit_and_autoencoder_of_other_latents_in_one_folder_are_refused(tmp_pa
     """A convolution's error at the first chunk ("expected input[1, 4, 1, 8, 8] to have 16 channels")."""
     import shutil
 
-    from streamgen.models import MODELS_DIR, load_model, save_model
+    from streamgen.model_export import save_model
+    from streamgen.models import MODELS_DIR, load_model
 
     save_model(load_model("debug"), tmp_path / "mixed")  # a DiT of 4 latent channels
     for name in ("vae.safetensors", "vae_config.json"):  # tiny-avatar's autoencoder: 16

@@ -60,7 +60,8 @@ def test_every_file_of_an_export_is_fsynced_then_renamed_into_place(tmp_path, mo
     """vae_config.json was written in place (a kill mid-write left half a JSON file beside whole
     weights), and no file was fsynced before its rename (a power cut could leave it empty)."""
     from streamgen.model.vae import TinyCausalVAE
-    from streamgen.models import load_model, save_model
+    from streamgen.model_export import save_model
+    from streamgen.models import load_model
 
     synced, replaced = set(), []
     real_fsync, real_replace = os.fsync, os.replace
@@ -142,7 +143,8 @@ def test_an_exports_weights_have_the_umasks_mode(tmp_path):
     from streamgen.model.files import save_safetensors
     from streamgen.model.model import DiT
     from streamgen.model.vae import TinyCausalVAE
-    from streamgen.models import AvatarModel, save_model
+    from streamgen.model_export import save_model
+    from streamgen.models import AvatarModel
 
     umask = os.umask(0o022)
     try:

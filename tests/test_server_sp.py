@@ -565,7 +565,8 @@ def test_serve_refuses_last_step_for_a_model_that_runs_one_step(tmp_path, capsys
     student passed serve's check, reached the sessions as the model's own cache_from (through the
     environment) and was quietly turned into a re-encode, where asked for it is an error."""
     from streamgen.cli import main
-    from streamgen.models import load_model, save_model
+    from streamgen.model_export import save_model
+    from streamgen.models import load_model
 
     model = load_model("debug")
     model.steps = 1
@@ -588,7 +589,8 @@ def test_serve_s_defaults_are_the_model_folder_s_as_its_loader_reads_them(tmp_pa
 
     from streamgen import models
     from streamgen.cli import main
-    from streamgen.models import load_model, model_settings, save_model
+    from streamgen.model_export import save_model
+    from streamgen.models import load_model, model_settings
 
     for name in (models.ATTENTION_ENV, models.DTYPE_ENV, models.FP8_ENV, models.CACHE_FROM_ENV,
                  models.COMPILE_ENV):  # fmt: skip
