@@ -9,6 +9,7 @@ Under torchrun every rank runs this same command (data parallel).
 from __future__ import annotations
 
 import argparse
+import os
 
 from streamgen.cli import positive_int
 
@@ -44,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(find_config(args.config, args.stage), args.stage, args.sets)
-        if args.out:
-            cfg.run.out = args.out
+        if args.out:  # (`--out=~/x`: no shell expands `~` after `=`)
+            cfg.run.out = os.path.expanduser(args.out)
         if args.steps is not None:
             cfg.run.steps = args.steps
         if args.stage == "latents":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -370,8 +371,23 @@ def load_config(path: str | Path, stage: str, sets: list[str] | tuple = ()) -> T
         )
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    _expand_home(cfg)
     _validate(cfg, path)
     return cfg
+
+
+# The folders the trainer opens itself (the model paths go through `resolve_model_dir`, which
+# expands `~`): `--set run.out=~/runs/t` reaches here unexpanded (no shell expands `~` after `=`)
+# and made a folder named `~` in the current one.
+HOME_PATHS = ("run.out", "run.export", "data.root")
+
+
+def _expand_home(cfg: TrainConfig) -> None:
+    for key in HOME_PATHS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(getattr(cfg, section), name, os.path.expanduser(value))
 
 
 def _apply_sets(raw: dict, sets) -> None:

@@ -116,6 +116,24 @@ def test_a_config_under_the_home_folder_is_found_by_its_tilde(tmp_path, monkeypa
     assert find_config("~/mine.yaml", "teacher") == tmp_path / "mine.yaml"
 
 
+def test_the_folders_a_run_writes_and_reads_take_a_tilde(tmp_path, monkeypatch, capsys):
+    """`--set run.out=~/runs/t` (and `--out=~/...`) reach the program unexpanded: the run made a
+    folder named `~` in the current one."""
+    from streamgen.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    sets = ["run.out=~/runs/t", "run.export=~/models/t", "data.root=~/data/world"]
+    cfg = load_config(find_config("debug", "teacher"), "teacher", sets)
+    home = str(tmp_path / "home")
+    assert (cfg.run.out, cfg.run.export, cfg.data.root) == (
+        f"{home}/runs/t", f"{home}/models/t", f"{home}/data/world"
+    )
+    assert main(["distill", "teacher", "--config", "debug", "--steps", "1", "--out=~/runs/u"]) == 0
+    assert (tmp_path / "home" / "runs" / "u" / "model" / "model.json").is_file()
+    assert not (tmp_path / "~").exists()
+
+
 def test_unknown_keys_are_named_with_a_suggestion(tmp_path):
     p = write(tmp_path, "stage: teacher\noptim: {lr: 1.0e-3, warmpu: 10}\n")
     with pytest.raises(ConfigError, match=r"optim\.warmpu \(did you mean optim\.warmup\?\)"):
