@@ -27,10 +27,70 @@ def _model_dir(path: str) -> Path:
 
     d = resolve_model_dir(path)
     if d is None:
-        raise ModelSourceError(
-            f"{path!r} is not a model directory (no model.json); train the stage that makes it first"
-        )
+        raise ModelSourceError(f"{path!r} is not a model directory (no model.json){_run_hint(path)}")
+    if behind := _run_past_export(d):
+        _warn_once(behind)
     return d
+
+
+def _run_hint(path: str) -> str:
+    """What a training run's folder at `path` says of its model ("train the stage that makes it
+    first" was said of a run's folder given for its `model/`, and of a run killed before its export)."""
+    from streamgen.checkpoint import latest_checkpoint
+
+    given = Path(path).expanduser()
+    try:
+        if (given / "model" / "model.json").is_file():
+            return f"; the model of the run in {given} is {given / 'model'}"
+        run = given.parent if given.name == "model" else given
+        newest = latest_checkpoint(run)
+    except OSError:  # (a name too long for the file system)
+        newest = None
+    if newest is None:
+        return "; train the stage that makes it first"
+    return (
+        f"; {run} holds a run that has exported no model yet (newest checkpoint {newest.name}): a run "
+        "exports its model when it finishes, so finish it with --resume"
+    )
+
+
+def _run_past_export(d: Path) -> str | None:
+    """Why the model directory `d`, a run's `model/`, holds older weights than its run's newest
+    checkpoint (resumed with more --steps, then killed or training still), or None: read without
+    a word, a stage trained against the old export as if it were the run's last."""
+    import json
+
+    from streamgen.checkpoint import checkpoint_step, latest_checkpoint
+
+    if d.name != "model":
+        return None
+    try:
+        trained = json.loads((d / "model.json").read_text()).get("trained_steps")
+        newest = latest_checkpoint(d.parent)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(trained, int) or newest is None or checkpoint_step(newest) <= trained:
+        return None
+    return (
+        f"{d} holds the model of step {trained}, while its run trained on to step "
+        f"{checkpoint_step(newest)} ({newest.name}) and has not exported that yet: reading the model "
+        f"of step {trained} (for the newest, finish that run with --resume first)"
+    )
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning on stderr, once a process (a model directory is resolved more than once) and from
+    rank 0 alone (every rank's lines run together)."""
+    import sys
+
+    from distill.distributed import launch_rank
+
+    if message not in _WARNED and launch_rank() == 0:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def load_dit(source: str, **overrides):

@@ -405,6 +405,33 @@ def test_a_student_given_as_the_teacher_is_refused(stage, pipeline, tmp_path):
     run(debug_config(stage, tmp_path / "unmarked", teacher=unmarked, init=student, **{"run.steps": 1}))
 
 
+def test_a_teacher_run_not_yet_exported_or_past_its_export_is_said_so(pipeline, tmp_path, capsys):
+    """A run's folder given for its `model/`, and a run killed before its export, were both
+    "train the stage that makes it first"; a `model/` its run has trained past (resumed with more
+    --steps, killed or training still) was read without a word, as if it were the run's last."""
+    import shutil
+
+    from distill.build import ModelSourceError, load_dit
+
+    with pytest.raises(ModelSourceError, match=r"the model of the run in .*teacher is .*teacher/model$"):
+        load_dit(str(pipeline["teacher"].parent))
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(ckpt.checkpoint_dir(pipeline["teacher"].parent), ckpt.checkpoint_dir(unfinished))
+    with pytest.raises(ModelSourceError, match=r"holds a run that has exported no model yet .*--resume"):
+        load_dit(str(unfinished / "model"))
+    with pytest.raises(ModelSourceError, match=r"train the stage that makes it first"):
+        load_dit(str(tmp_path / "nowhere"))
+    went_on = tmp_path / "went_on"
+    shutil.copytree(pipeline["teacher"].parent, went_on)
+    newest = ckpt.latest_checkpoint(went_on)
+    shutil.copy(newest, ckpt.checkpoint_path(went_on, ckpt.checkpoint_step(newest) + 2))
+    capsys.readouterr()
+    load_dit(str(went_on / "model"))
+    load_dit(str(went_on / "model"))
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "has not exported that yet" in err, err
+
+
 def test_the_critic_starts_from_the_teacher_the_stage_loaded(pipeline, tmp_path, monkeypatch):
     """With no `critic_init` the critic starts as the teacher. It was read from the teacher's path
     a second time, so a teacher exported in between gave the critic other weights than those of
