@@ -40,6 +40,14 @@ class Stage(DmdStage):
             )
         if longest < f:
             raise ConfigError("self_forcing.rollout_frames must be 0 or at least data.latent_frames")
+        # (the length is drawn per step: a rollout longer than the clips stopped the run at the
+        # first step that drew it, any number of steps in)
+        if longest > self.bank.frames:
+            key = "self_forcing.rollout_frames" if self.opts.rollout_frames else "data.latent_frames"
+            raise ConfigError(
+                f"{key} {longest}: rollouts that long do not fit the clips, of {self.bank.frames} "
+                f"latent frames: set it to at most {self.bank.frames - self.bank.frames % c}"
+            )
         self.window_chunks, self.max_chunks = f // c, longest // c
         check_cache_from(self.opts.cache_from)
 

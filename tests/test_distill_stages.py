@@ -167,6 +167,17 @@ def test_self_forcing_rollout_length_is_drawn_per_step(tmp_path, pipeline):
         run(stage_config("self_forcing", tmp_path / "bad", pipeline, **{"self_forcing.rollout_frames": 5}))
 
 
+def test_rollouts_longer_than_the_clips_are_refused_before_the_first_step(tmp_path, pipeline):
+    """The length is drawn per step: rollout_frames past the clips' length trained until a step
+    drew it (here step 3 of 30), then stopped with "crops of 10 latent frames do not fit"."""
+    from distill.config import ConfigError
+
+    edits = {"run.steps": 30, "run.checkpoint_every": 1, "self_forcing.rollout_frames": 10}
+    with pytest.raises(ConfigError, match=r"self_forcing.rollout_frames 10: .* of 8 latent frames: set it to at most 8"):
+        run(stage_config("self_forcing", tmp_path / "long", pipeline, **edits))
+    assert ckpt.latest_checkpoint(tmp_path / "long") is None
+
+
 def test_a_student_trained_to_keep_its_last_step_streams_that_way(tmp_path, pipeline):
     from distill.config import ConfigError
     from streamgen.stream import StreamSession
