@@ -308,6 +308,9 @@ def _check_type(value, hint, where: str):
             return float(value)
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             return value
+        # (`--set run.steps=1e4`: a whole number written as a float was "expected int, got 10000.0")
+        if base is int and isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)
         if base in (str, bool, list, dict) and isinstance(value, base):
             return value
     names = "/".join(getattr(t, "__name__", str(t)) for t in allowed)

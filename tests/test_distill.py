@@ -134,6 +134,15 @@ def test_the_folders_a_run_writes_and_reads_take_a_tilde(tmp_path, monkeypatch, 
     assert not (tmp_path / "~").exists()
 
 
+def test_a_whole_number_written_as_a_float_is_taken_for_a_count(tmp_path):
+    """`--set run.steps=1e4` was "run.steps: expected int, got 10000.0"; 2.5 steps still is refused."""
+    cfg = load_config(find_config("debug", "teacher"), "teacher", ["run.steps=1e4", "optim.warmup=1.0e3"])
+    assert (cfg.run.steps, cfg.optim.warmup) == (10000, 1000)
+    assert type(cfg.run.steps) is int and type(cfg.optim.warmup) is int
+    with pytest.raises(ConfigError, match=r"run.steps: expected int, got 2.5"):
+        load_config(find_config("debug", "teacher"), "teacher", ["run.steps=2.5"])
+
+
 def test_unknown_keys_are_named_with_a_suggestion(tmp_path):
     p = write(tmp_path, "stage: teacher\noptim: {lr: 1.0e-3, warmpu: 10}\n")
     with pytest.raises(ConfigError, match=r"optim\.warmpu \(did you mean optim\.warmup\?\)"):
