@@ -72,6 +72,15 @@ class Stage:
             decoder.made_for = None  # fine-tuned here to the teacher's own latents
         else:
             space_stages = len(self.opts.widths) - 1
+            # one x2 stage per width after the first, the last two also x2 in time (1 or 2 widths
+            # were "1 stages need 1 time_upscale and space_upscale flags")
+            wanted = max(int(self.teacher.spatial_factor).bit_length() - 1, 2)
+            if space_stages != wanted:
+                raise ConfigError(
+                    f"tiny_decoder.widths {self.opts.widths}: a taehv decoder upsamples x2 per width "
+                    f"after the first, so this autoencoder's x{self.teacher.spatial_factor} takes "
+                    f"{wanted + 1} widths"
+                )
             decoder = TinyDecoder(
                 TinyDecoderConfig(
                     latent_channels=self.teacher.latent_channels,

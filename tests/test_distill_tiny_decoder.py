@@ -51,9 +51,12 @@ def test_it_learns_the_teachers_frames_and_exports_what_streams(tmp_path):
     assert report["psnr_db_student_vs_teacher"] > steps[0]["psnr_vs_teacher"]
 
 
-def test_a_decoder_that_does_not_fit_the_teachers_latents_is_refused(tmp_path):
-    cfg = debug_config("tiny_decoder", tmp_path / "run", **{"tiny_decoder.widths": [16, 8, 8]})  # /4, not /8
-    with pytest.raises(ValueError, match="spatial factor 4 != 8"):
+@pytest.mark.parametrize("widths", [[16, 8, 8], [8, 8], [8]])  # x4, x2 and x1, not x8
+def test_a_decoder_that_does_not_fit_the_teachers_latents_is_refused(tmp_path, widths):
+    """Named by its setting and the count it takes (two widths or one were "1 stages need 1
+    time_upscale and space_upscale flags", three "spatial factor 4 != 8")."""
+    cfg = debug_config("tiny_decoder", tmp_path / "run", **{"tiny_decoder.widths": widths})
+    with pytest.raises(ValueError, match=r"tiny_decoder.widths .*autoencoder's x8 takes 4 widths"):
         run(cfg)
 
 
