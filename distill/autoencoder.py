@@ -94,6 +94,8 @@ class Stage:
         self.vae = TinyCausalVAE(
             mcfg.in_channels, tuple(cfg.model.vae_widths), mcfg.temporal_compression, cfg.model.vae_res_blocks
         )
+        # (a frame size it cannot encode trained into a shape mismatch's traceback at the first step)
+        self.vae.latent_hw(cfg.model.height, cfg.model.width)
         self.vae.to(world.device).train()
         broadcast_module(self.vae, world)
         self.source = VideoSource(cfg)

@@ -55,6 +55,8 @@ class Stage:
         mcfg = get_config(cfg.model.flavor, **cfg.model.overrides)
         self.teacher = load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
         self.teacher.to(world.device)
+        # (a frame size it cannot encode trained into a shape mismatch's traceback at the first step)
+        self.teacher.latent_hw(cfg.model.height, cfg.model.width)
         torch.manual_seed(cfg.run.seed)
         if self.opts.architecture not in ARCHITECTURES:
             raise ConfigError(

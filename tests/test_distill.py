@@ -693,6 +693,20 @@ def test_a_config_the_stage_cannot_take_is_one_line_before_training(tmp_path, ex
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("stage", ["autoencoder", "tiny_decoder"])
+def test_a_frame_size_the_autoencoder_cannot_take_is_one_line_before_training(stage, tmp_path, capsys):
+    """The stages that train an autoencoder or its decoder did not check the frame size: a
+    shape mismatch's traceback at the first step ("The size of tensor a (16) must match ...")."""
+    from streamgen.cli import main
+
+    argv = ["distill", stage, "--config", "debug", "--out", str(tmp_path / "run"), "--set", "model.height=17"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"cannot build the {stage} stage from this config: frame size 17x" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_the_results_table_keeps_each_row_as_it_is_made(tmp_path, monkeypatch, capsys):
     """results.json was written once every row was evaluated: a failure on a late row (hours in)
     lost the others, and --missing-only had nothing to go on from; --render-only without it was
