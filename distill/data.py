@@ -203,10 +203,24 @@ def identity_change(key: str, cfg, then: str, now: str) -> str:
     return f"the latents {cfg.data.latents} were encoded again since, by another autoencoder ({change})"
 
 
+def _check_patches_tile(cfg, model_cfg, latent_hw) -> None:
+    """ConfigError unless the model's patches tile the latents of model.height x model.width: a
+    latent frame smaller than a patch was a convolution's traceback at the first step, one they do
+    not tile lost its last rows and columns."""
+    (h, w), (ph, pw) = latent_hw, tuple(model_cfg.patch_size[1:])
+    if h % ph or w % pw:
+        fh, fw = cfg.model.height // h, cfg.model.width // w
+        raise ConfigError(
+            f"model.height x model.width ({cfg.model.height}x{cfg.model.width}) make latents of {h}x{w}, "
+            f"which the model's {ph}x{pw} patches do not tile: set them to multiples of {fh * ph}x{fw * pw}"
+        )
+
+
 def load_bank(cfg, model_cfg, latent_hw, vae=None) -> LatentBank:
     """The run's latent bank. vae: the autoencoder the stage decodes with and exports, checked to be
     the one that encoded the bank (`check_bank_autoencoder`)."""
     d = cfg.data
+    _check_patches_tile(cfg, model_cfg, latent_hw)
     if d.source == "synthetic":
         return LatentBank.synthetic(
             model_cfg, d.synthetic_clips, d.synthetic_clip_latents, latent_hw, cfg.run.seed

@@ -664,6 +664,9 @@ def test_a_resumed_ema_lives_where_its_module_does():
     "extra, says",
     [
         (["--set", "model.height=17"], "cannot build the teacher stage from this config: frame size 17x"),
+        # latents smaller than a patch, or not a whole number of patches (a convolution's traceback)
+        (["--set", "model.width=2"], "make latents of 8x1, which the model's 2x2 patches do not tile: set them to multiples of 4x4"),
+        (["--set", "model.width=6"], "make latents of 8x3, which the model's 2x2 patches do not tile"),
         (["--set", "model.overrides.num_layers=0"], "num_layers must be at least 1, not 0"),
         # (was "model.overrides: '<' not supported between instances of 'str' and 'int'")
         (["--set", "model.overrides.window_frames=abc"], "overrides.window_frames: expected int, got 'abc'"),
