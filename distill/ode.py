@@ -143,7 +143,11 @@ class Stage:
         states, ends, clips, starts = [], [], [], []
         seed = self.cfg.run.seed + 7919  # trajectories draw apart from the training batches
         for n in range(-(-o.trajectories // o.trajectory_batch)):
-            batch = self.bank.batch(seed, n, o.trajectory_batch, f, 0, 1).to(self.world.device)
+            # (the last batch cut to what is left: a whole one was sampled and cut off after, and a
+            # trajectory_batch above trajectories sampled all of it; each sample draws by its own
+            # index, so those kept are the same)
+            size = min(o.trajectory_batch, o.trajectories - n * o.trajectory_batch)
+            batch = self.bank.batch(seed, n, size, f, 0, 1).to(self.world.device)
             rnd = SampleRandom(seed, n, batch.ids, self.world.device)
             audio = audio_windows(teacher, batch.audio, batch.latent_start, f)
             cond = Conditions.full(batch.reference, audio, batch.context)

@@ -201,6 +201,31 @@ def test_trajectory_schedule_holds_the_student_sigmas():
         assert all(bool((grid == v).any()) for v in s)
 
 
+def test_ode_samples_only_the_trajectories_it_keeps(pipeline, tmp_path, monkeypatch):
+    """The last batch was sampled whole and cut after (trajectory_batch 1000 for 3 trajectories
+    ran the teacher on 1000); the trajectories kept are the same as with a batch of three."""
+    from safetensors.torch import load_file
+
+    import distill.ode
+
+    rows = []
+    velocity = distill.ode.guided_velocity
+
+    def counted(model, x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return velocity(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(distill.ode, "guided_velocity", counted)
+    made = {}
+    for size in (1000, 3):
+        rows.clear()
+        edits = {"run.steps": 1, "ode.trajectories": 3, "ode.trajectory_batch": size}
+        run(stage_config("ode", tmp_path / str(size), pipeline, **edits))
+        assert sum(rows) == 3 * 6  # 3 trajectories of teacher_steps 6
+        made[size] = load_file(str(tmp_path / str(size) / "trajectories.safetensors"))
+    assert all(torch.equal(made[1000][k], made[3][k]) for k in made[3])
+
+
 def test_ode_trajectories_are_sampled_once(pipeline, tmp_path):
     from safetensors.torch import load_file
 
