@@ -222,9 +222,11 @@ def load_bank(cfg, model_cfg, latent_hw, vae=None) -> LatentBank:
     d = cfg.data
     _check_patches_tile(cfg, model_cfg, latent_hw)
     if d.source == "synthetic":
-        return LatentBank.synthetic(
+        bank = LatentBank.synthetic(
             model_cfg, d.synthetic_clips, d.synthetic_clip_latents, latent_hw, cfg.run.seed
         )
+        _check_crops_fit(d, bank, "data.synthetic_clip_latents")
+        return bank
     bank = LatentBank.load(d.root, d.latents, d.split)
     if vae is not None:
         check_bank_autoencoder(cfg, vae)
@@ -235,4 +237,15 @@ def load_bank(cfg, model_cfg, latent_hw, vae=None) -> LatentBank:
             f"({cfg.model.height}x{cfg.model.width}) make {latent_hw[0]}x{latent_hw[1]}: set them to the "
             "size of the frames it was encoded from"
         )
+    _check_crops_fit(d, bank, f"the {d.split} bank of {d.latents!r}")
     return bank
+
+
+def _check_crops_fit(d, bank: LatentBank, clips: str) -> None:
+    """ConfigError naming data.latent_frames where its crops are longer than the clips (found at
+    the first step, it named no setting: "crops of 12 latent frames do not fit clips of 8")."""
+    if d.latent_frames > bank.frames:
+        raise ConfigError(
+            f"data.latent_frames {d.latent_frames}: crops that long do not fit the clips ({clips}: "
+            f"{bank.frames} latent frames); set it to at most {bank.frames}"
+        )

@@ -667,6 +667,9 @@ def test_a_resumed_ema_lives_where_its_module_does():
         # latents smaller than a patch, or not a whole number of patches (a convolution's traceback)
         (["--set", "model.width=2"], "make latents of 8x1, which the model's 2x2 patches do not tile: set them to multiples of 4x4"),
         (["--set", "model.width=6"], "make latents of 8x3, which the model's 2x2 patches do not tile"),
+        # (at the first step, naming no setting: "crops of 12 latent frames do not fit clips of 8")
+        (["--set", "data.latent_frames=12"], "data.latent_frames 12: crops that long do not fit the clips "
+         "(data.synthetic_clip_latents: 8 latent frames); set it to at most 8"),  # fmt: skip
         (["--set", "model.overrides.num_layers=0"], "num_layers must be at least 1, not 0"),
         # (was "model.overrides: '<' not supported between instances of 'str' and 'int'")
         (["--set", "model.overrides.window_frames=abc"], "overrides.window_frames: expected int, got 'abc'"),
