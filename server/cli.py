@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from streamgen.cli import (
@@ -286,6 +287,10 @@ def _tls_files(certfile: str | None, keyfile: str | None) -> dict:
     for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
         if not Path(path).is_file():
             raise UserError(f"{flag}: no such file: {path}")
+    # (OpenSSL says only "[SSL] PEM lib" of a file without its PEM block: the two swapped, an empty
+    # file, a DER certificate)
+    _require_pem_block("--ssl-certfile", certfile, "CERTIFICATE", "a certificate")
+    _require_pem_block("--ssl-keyfile", keyfile, "PRIVATE KEY", "a private key")
     class Encrypted(Exception):
         pass
 
@@ -301,6 +306,27 @@ def _tls_files(certfile: str | None, keyfile: str | None) -> dict:
     except (ssl.SSLError, ValueError, OSError) as e:
         raise UserError(f"cannot use {certfile} with {keyfile}: {e}") from None
     return {"ssl_certfile": certfile, "ssl_keyfile": keyfile}
+
+
+def _require_pem_block(flag: str, path: str, label: str, what: str) -> None:
+    """A one-line error unless the file at `path` holds a PEM block whose label ends with `label`
+    ("-----BEGIN CERTIFICATE-----", "-----BEGIN EC PRIVATE KEY-----")."""
+    from streamgen.cli import UserError
+
+    try:
+        text = Path(path).read_bytes().decode("latin-1")
+    except OSError as e:
+        raise UserError(f"{flag}: cannot read {path}: {e.strerror or e}") from None
+    if re.search(rf"-----BEGIN [A-Z0-9 ]*{label}-----", text):
+        return
+    holds = "nothing" if not text.strip() else "no PEM block (DER? openssl x509 -inform der -in F -out F.pem)"
+    if label == "CERTIFICATE" and "PRIVATE KEY-----" in text:
+        holds = "a private key and no certificate (are --ssl-certfile and --ssl-keyfile swapped?)"
+    elif label == "PRIVATE KEY" and "CERTIFICATE-----" in text:
+        holds = "a certificate and no private key (are --ssl-certfile and --ssl-keyfile swapped?)"
+    elif "-----BEGIN " in text:
+        holds = f"no {label} block"
+    raise UserError(f"{flag} {path} holds {holds}: it takes {what} in PEM form")
 
 
 def _model_steps(name: str) -> int | None:

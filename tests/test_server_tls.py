@@ -106,3 +106,21 @@ def test_a_certificate_that_cannot_serve_is_refused_before_starting(tmp_path, ca
     assert "Traceback" not in out
     if case == "encrypted key":
         assert f"--ssl-keyfile {locked_key} is encrypted: give it decrypted" in out
+
+
+@pytest.mark.parametrize("case", ["swapped", "empty certificate", "certificate for the key"])
+def test_a_file_without_its_pem_block_is_named_with_what_it_holds(tmp_path, capsys, case):
+    """OpenSSL says "[SSL] PEM lib (_ssl.c:3905)" of all three, naming neither file nor cause."""
+    from streamgen.cli import main
+
+    cert, key = self_signed(tmp_path)
+    (tmp_path / "empty.pem").write_text("")
+    args, says = {
+        "swapped": ([key, cert], f"--ssl-certfile {key} holds a private key and no certificate (are "
+                    "--ssl-certfile and --ssl-keyfile swapped?)"),
+        "empty certificate": ([str(tmp_path / "empty.pem"), key], "holds nothing: it takes a certificate"),
+        "certificate for the key": ([cert, cert], f"--ssl-keyfile {cert} holds a certificate and no private key"),
+    }[case]  # fmt: skip
+    assert main(["serve", "--model", "debug", "--ssl-certfile", args[0], "--ssl-keyfile", args[1]]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "PEM lib" not in err, err
