@@ -51,6 +51,7 @@ class SessionRegistry:
         self.ready = False
         self.load_error: str | None = None  # why the model did not load or warm up: it never will here
         self._creating = 0
+        self.down_logged = False  # whether the log has said the model host went down (`enforce_limits`)
 
     # --- admission -------------------------------------------------------------------------------
     def capacity(self) -> int:
@@ -326,6 +327,11 @@ class SessionRegistry:
         (a chunk in progress), and one after another they held the others past their limits."""
         now, expired = time.monotonic(), []
         down = self.host_down
+        if down and not self.down_logged:  # (a process killed while no session streamed, the OOM
+            # killer's way, left no line in the log: only /healthz and each refused request said it)
+            self.down_logged = True
+            log.error("the model is down: %s; /healthz says so, and the server admits no session until "
+                      "it is restarted", down)  # fmt: skip
         for session in list(self.sessions.values()):
             if down:  # the model process died: no session of it can stream again
                 expired.append((session, f"host_down: {down}"))

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from server_helpers import auth, block_lane, make_app, new_session, ready_client, wait_ready
+from server_helpers import auth, block_lane, make_app, new_session, ready_client, server_config, wait_ready
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -446,3 +446,24 @@ def test_a_first_chunk_the_model_fails_ends_its_session_and_is_logged(caplog, er
         asyncio.run(SessionRegistry._first_chunk(registry, SimpleNamespace(id="s1", lane=0)))
     assert ended == (["generation failed: CUDA error: out of memory"] if closed else [])
     assert ("first chunk failed" in caplog.text) == closed
+
+
+async def test_a_model_process_that_dies_with_no_session_is_logged_once(caplog):
+    """Killed while idle (the out-of-memory killer), it was in no line of the log: /healthz said
+    down and each refused request said why, at INFO."""
+    from types import SimpleNamespace
+
+    from server.metrics import ServerMetrics
+    from server.registry import SessionRegistry
+    from server.scheduler import InferenceWorker
+
+    metrics = ServerMetrics()
+    registry = SessionRegistry(server_config(), InferenceWorker(metrics), metrics)
+    registry.host = SimpleNamespace(down=None)
+    with caplog.at_level("INFO", logger="streamgen.server"):
+        await registry.enforce_limits()
+        registry.host.down = "the model process exited (code -9: killed by SIGKILL)"
+        for _ in range(3):
+            await registry.enforce_limits()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "the model is down: the model process exited (code -9" in errors[0], errors
