@@ -27,7 +27,7 @@ from .avatars import ReferenceImageError, avatar_image, decode_reference
 from .config import ServerConfig
 from .ice import warn_if_ice_servers_fail
 from .metrics import ServerMetrics
-from .model_host import freeze_loaded_heap, load_error_line
+from .model_host import HostDown, freeze_loaded_heap, load_error_line
 from .origins import ForeignOriginGuard, as_browsers_send
 from .registry import AdmissionError, SessionRegistry
 from .scheduler import InferenceWorker, WorkerBusy
@@ -247,6 +247,11 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
             log.info("compiled the DiT blocks of batches of up to %d sessions: %d graphs in %.1f s",
                      per_lane, graphs, time.perf_counter() - t)  # fmt: skip
     except (WorkerBusy, asyncio.CancelledError):
+        return
+    except HostDown as e:  # the model process died loading (the OOM killer): it said why, and the
+        # traceback of the pipe it died on said nothing more
+        registry.load_error = load_error_line(e)
+        log.error("model failed to load: %s", e)
         return
     except Exception as e:
         registry.load_error = load_error_line(e)

@@ -467,3 +467,23 @@ async def test_a_model_process_that_dies_with_no_session_is_logged_once(caplog):
             await registry.enforce_limits()
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "the model is down: the model process exited (code -9" in errors[0], errors
+
+
+def test_a_model_process_that_dies_loading_is_one_line_in_the_log(monkeypatch, caplog):
+    """It was logged with the traceback of the pipe it died on, which says nothing more."""
+    import time
+
+    from server import model_host
+
+    def killed(*args, **kwargs):
+        raise model_host.HostDown("the model process exited (code -9: killed by SIGKILL)")
+
+    monkeypatch.setattr(model_host, "ModelHost", killed)
+    with caplog.at_level("INFO", logger="streamgen.server"), TestClient(make_app(inference_process=True)) as c:
+        deadline = time.monotonic() + 30
+        while "error" not in (ready := c.get("/readyz")).json() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert ready.json()["error"] == "HostDown: the model process exited (code -9: killed by SIGKILL)"
+    failed = [r for r in caplog.records if r.getMessage().startswith("model failed to load")]
+    assert len(failed) == 1 and failed[0].exc_info is None
+    assert failed[0].getMessage() == "model failed to load: the model process exited (code -9: killed by SIGKILL)"
