@@ -193,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if tls and (problem := _certificate_dates_problem(tls["ssl_certfile"])):
+        logging.getLogger("streamgen.server").warning("--ssl-certfile %s: %s", tls["ssl_certfile"], problem)
     for name in ("aiortc", "aioice", "PIL"):  # at debug they log every packet: enough to make streams late
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
     threads = args.threads or (1 if on_cpu else None)
@@ -306,6 +308,28 @@ def _tls_files(certfile: str | None, keyfile: str | None) -> dict:
     except (ssl.SSLError, ValueError, OSError) as e:
         raise UserError(f"cannot use {certfile} with {keyfile}: {e}") from None
     return {"ssl_certfile": certfile, "ssl_keyfile": keyfile}
+
+
+def _certificate_dates_problem(certfile: str, now=None) -> str | None:
+    """Why browsers and WHEP players will refuse the first certificate of `certfile` for its dates
+    (expired: a renewal that did not happen; not yet valid: a clock behind), or None. OpenSSL loads
+    such a certificate without a word, and the server started; every page then failed to connect."""
+    import datetime
+
+    from cryptography import x509  # (aiortc's DTLS needs it: always there with the server)
+
+    try:
+        cert = x509.load_pem_x509_certificate(Path(certfile).read_bytes())
+    except (ValueError, OSError):  # (OpenSSL took it: its dates are left to the clients)
+        return None
+    now = now or datetime.datetime.now(datetime.UTC)
+    if cert.not_valid_after_utc < now:
+        return (f"the certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: browsers and WHEP "
+                "players will refuse to connect until it is renewed")  # fmt: skip
+    if cert.not_valid_before_utc > now:
+        return (f"the certificate is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (is this "
+                "machine's clock right?): browsers and WHEP players will refuse to connect until then")  # fmt: skip
+    return None
 
 
 def _require_pem_block(flag: str, path: str, label: str, what: str) -> None:

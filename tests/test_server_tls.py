@@ -21,7 +21,8 @@ from server.protocol import MsgType
 pytestmark = pytest.mark.timeout(120)
 
 
-def self_signed(tmp_path, name: str = "127.0.0.1", passphrase: bytes | None = None) -> tuple[str, str]:
+def self_signed(tmp_path, name: str = "127.0.0.1", passphrase: bytes | None = None,
+                valid_from_days: float = 0) -> tuple[str, str]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -29,7 +30,7 @@ def self_signed(tmp_path, name: str = "127.0.0.1", passphrase: bytes | None = No
 
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
+    now = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=valid_from_days)
     cert = (
         x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
@@ -124,3 +125,22 @@ def test_a_file_without_its_pem_block_is_named_with_what_it_holds(tmp_path, caps
     assert main(["serve", "--model", "debug", "--ssl-certfile", args[0], "--ssl-keyfile", args[1]]) == 2
     err = capsys.readouterr().err
     assert says in err and "PEM lib" not in err, err
+
+
+@pytest.mark.parametrize("valid_from_days, says", [(-3, "the certificate expired on "),
+                                                    (3, "the certificate is not valid before ")])  # fmt: skip
+def test_a_certificate_out_of_its_dates_is_a_warning_at_the_start(tmp_path, monkeypatch, caplog, valid_from_days, says):
+    """OpenSSL loads an expired certificate without a word: the server started, and every page
+    and player failed to connect to it with nothing in the log."""
+    import server.app
+    from streamgen.cli import main
+
+    cert, key = self_signed(tmp_path, valid_from_days=valid_from_days)
+    monkeypatch.setattr(server.app, "create_app", lambda config: None)
+    # as if it had served until stopped
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    args = ["--port", str(free_port()), "--ssl-certfile", cert, "--ssl-keyfile", key]
+    with caplog.at_level("WARNING", logger="streamgen.server"):
+        assert main(["serve", "--model", "debug", *args]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and cert in r.getMessage()]
+    assert len(warned) == 1 and says in warned[0], warned
