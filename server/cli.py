@@ -86,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "for its supervisor to restart (0: no limit)")  # fmt: skip
     parser.add_argument("--sp", type=int, default=1,
                         help="shard the model over N processes (sequence parallelism; restarts under torchrun)")
-    parser.add_argument("--log-level", default="info",
+    # (a name logging does not know, uvicorn's own "trace" too, was a traceback after the checks)
+    parser.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS,
                         help="debug adds late chunks and playout-delay changes (aiortc and aioice stay at info)")
     # benchmark switches (bench/server.py)
     parser.add_argument("--stamp-frames", action="store_true", help=argparse.SUPPRESS)
@@ -256,6 +257,7 @@ def _check_address(host: str, port: int) -> None:
 MIN_PEER_TIMEOUT_S = 3.0
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 URL_SPECIAL = "+&#%?"  # what a URL's query does not carry as it is
 
 

@@ -703,3 +703,13 @@ def test_origin_host(origin, host):
     from server.origins import origin_host
 
     assert origin_host(origin) == host
+
+
+@pytest.mark.parametrize("level", ["bogus", "trace"])
+def test_a_log_level_that_logging_does_not_know_is_refused_by_the_parser(level, capsys):
+    """It was `logging.basicConfig`'s ValueError traceback, after every other check had passed."""
+    from streamgen.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["serve", "--model", "debug", "--port", "0", "--log-level", level])
+    assert exit.value.code == 2 and "argument --log-level: invalid choice" in capsys.readouterr().err
