@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 
@@ -21,7 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-sessions", type=int, default=8, help="upper bound on concurrent sessions")
-    parser.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' to create sessions")
+    # (the environment rather than the command line, which every user of the machine reads in `ps`)
+    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None,
+                        help=f"require 'Authorization: Bearer TOKEN' to create sessions (default: ${TOKEN_ENV}, "
+                        "which, unlike the command line, other users of the machine cannot read)")  # fmt: skip
     parser.add_argument("--ssl-certfile", default=None, metavar="PEM",
                         help="serve HTTPS/WSS with this certificate (chain); browsers give a page of another "
                         "machine the microphone only over HTTPS")  # fmt: skip
@@ -96,7 +100,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import logging
-    import os
     import re
 
     import uvicorn
@@ -257,6 +260,7 @@ def _check_address(host: str, port: int) -> None:
 MIN_PEER_TIMEOUT_S = 3.0
 
 
+TOKEN_ENV = "STREAMGEN_TOKEN"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 URL_SPECIAL = "+&#%?"  # what a URL's query does not carry as it is
 

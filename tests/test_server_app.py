@@ -8,7 +8,7 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from server_helpers import auth, make_app, new_session, png_bytes, ready_client, wait_ready
+from server_helpers import auth, free_port, make_app, new_session, png_bytes, ready_client, wait_ready
 
 from server.config import WEB_DIR
 
@@ -713,3 +713,19 @@ def test_a_log_level_that_logging_does_not_know_is_refused_by_the_parser(level, 
     with pytest.raises(SystemExit) as exit:
         main(["serve", "--model", "debug", "--port", "0", "--log-level", level])
     assert exit.value.code == 2 and "argument --log-level: invalid choice" in capsys.readouterr().err
+
+
+def test_the_server_token_may_come_from_the_environment(monkeypatch):
+    """Given only as --token it was in the command line, which any user of the machine reads (ps)."""
+    import server.app
+    from streamgen.cli import main
+
+    configs = []
+    monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    monkeypatch.setenv("STREAMGEN_TOKEN", "from-the-environment")
+    assert main(["serve", "--model", "debug", "--port", str(free_port())]) == 0
+    assert main(["serve", "--model", "debug", "--port", str(free_port()), "--token", "given"]) == 0
+    monkeypatch.setenv("STREAMGEN_TOKEN", "")  # (an empty variable: no token, as without it)
+    assert main(["serve", "--model", "debug", "--port", str(free_port())]) == 0
+    assert [c.token for c in configs] == ["from-the-environment", "given", None]
