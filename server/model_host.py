@@ -18,6 +18,7 @@ import gc
 import logging
 import multiprocessing
 import signal
+import sys
 import uuid
 
 import numpy as np
@@ -68,8 +69,8 @@ class ModelHost:
     def __init__(self, model: str, device: str, threads: int | None, decode_dtype: str = "auto"):
         ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no copied threads or locks
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_child_main, args=(child, model, device, threads, decode_dtype), daemon=True,
-                                   name="streamgen-model")  # fmt: skip
+        self.process = ctx.Process(target=_child_main, args=(child, model, device, threads, decode_dtype, log_setup()),
+                                   daemon=True, name="streamgen-model")  # fmt: skip
         self.process.start()
         child.close()
         self._down: str | None = None  # why the host can run nothing more (the server reports it unhealthy)
@@ -235,7 +236,20 @@ def raise_reported(result) -> None:
     raise CLIENT_ERRORS.get(kind, RuntimeError)(message)
 
 
-def _child_main(conn, model_name: str, device: str, threads: int | None, decode_dtype: str) -> None:
+def log_setup() -> tuple[int, str | None]:
+    """This process's log level and its first handler's format, for the model process to log as it
+    does: a spawned process starts with no handler, and its warnings came out bare (no time, level
+    or logger), its infos not at all."""
+    root = logging.getLogger()
+    # (the one that writes where the child's log goes, the standard error it inherits)
+    writers = [h for h in root.handlers if getattr(h, "stream", None) is sys.stderr and h.formatter is not None]
+    formatter = writers[0].formatter if writers else None
+    return root.getEffectiveLevel(), getattr(formatter, "_fmt", None)
+
+
+def _child_main(conn, model_name: str, device: str, threads: int | None, decode_dtype: str,
+                logs: tuple[int, str | None] = (logging.WARNING, None)) -> None:  # fmt: skip
+    logging.basicConfig(level=logs[0], format=logs[1] or logging.BASIC_FORMAT)
     # the server ends this process (`exit`, or its end of the pipe closing) once its sessions are
     # closed. A Ctrl-C in the terminal reaches the whole process group: taken here too, it printed
     # a KeyboardInterrupt traceback, and one in a chunk ended its session as the model process's

@@ -487,3 +487,23 @@ def test_a_model_process_that_dies_loading_is_one_line_in_the_log(monkeypatch, c
     failed = [r for r in caplog.records if r.getMessage().startswith("model failed to load")]
     assert len(failed) == 1 and failed[0].exc_info is None
     assert failed[0].getMessage() == "model failed to load: the model process exited (code -9: killed by SIGKILL)"
+
+
+def test_the_model_process_logs_in_the_servers_format_and_level(capfd):
+    """A spawned process starts with no log handler: its warnings came out bare (no time, level or
+    logger: "no trained weights for 'debug'; ..."), and its infos not at all."""
+    from server.model_host import ModelHost
+
+    root = logging.getLogger()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        ModelHost("debug", "cpu", 1).stop()
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    err = capfd.readouterr().err
+    assert "WARNING streamgen.models: no trained weights for 'debug'" in err, err
