@@ -46,7 +46,8 @@ class TokenRedactingLog(logging.Filter):
     """The access log's request lines without their `?token=` (a WebSocket's, a WHEP resource's):
     logged as they came, every session's token was in the log for whoever reads it."""
 
-    TOKEN = re.compile(r"(token=)[^&\s\"']+")
+    # the name as the server reads it: percent-encoded letters too (`?%74oken=` is a token)
+    TOKEN = re.compile(r"((?:t|%74)(?:o|%6f)(?:k|%6b)(?:e|%65)(?:n|%6e)=)[^&\s\"']+", re.IGNORECASE)
 
     def filter(self, record: logging.LogRecord) -> bool:
         # in the arguments, where they are: uvicorn's access formatter reads its five of them
@@ -57,7 +58,7 @@ class TokenRedactingLog(logging.Filter):
         return True
 
     def _redact(self, text: str) -> str:
-        return self.TOKEN.sub(r"\1...", text) if "token=" in text else text
+        return self.TOKEN.sub(r"\1...", text) if "=" in text else text
 
 
 if WebSocketsSansIOProtocol is not None:

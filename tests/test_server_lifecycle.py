@@ -507,3 +507,17 @@ def test_the_model_process_logs_in_the_servers_format_and_level(capfd):
         root.setLevel(level)
     err = capfd.readouterr().err
     assert "WARNING streamgen.models: no trained weights for 'debug'" in err, err
+
+
+def test_a_token_whose_name_is_percent_encoded_is_not_in_the_log_either():
+    """`?%74oken=` is read as `token` (the query's names are decoded): it was logged as it came."""
+    from starlette.datastructures import QueryParams
+
+    from server.uvicorn_server import TokenRedactingLog
+
+    for query in ("%74oken=Se-cr_et", "to%6Ben=Se-cr_et", "%74%6F%6B%65%6E=Se-cr_et"):
+        assert QueryParams(query).get("token") == "Se-cr_et"
+        record = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, '%s - "WebSocket %s" [accepted]',
+                                   ("127.0.0.1:5", f"/v1/sessions/ab/stream?{query}"), None)  # fmt: skip
+        assert TokenRedactingLog().filter(record)
+        assert "Se-cr_et" not in record.getMessage() and "=..." in record.getMessage(), record.getMessage()
