@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, height=args.size, width=args.size, steps=args.steps, device=args.device,
         decode_dtype=args.decode_dtype,
         max_sessions=args.max_sessions, token=args.token,
-        torch_threads=threads, lanes=args.lanes, loopback=args.loopback or args.host == "127.0.0.1", sp=args.sp,
+        torch_threads=threads, lanes=args.lanes, loopback=args.loopback or _is_loopback(args.host), sp=args.sp,
         idle_timeout_s=args.idle_timeout, max_duration_s=args.max_duration, peer_timeout_s=args.peer_timeout,
         stamp_frames=args.stamp_frames, measure_capacity=not args.admit_max, inference_process=args.model_process,
         model_timeout_s=args.model_timeout,
@@ -238,6 +238,20 @@ def run(args: argparse.Namespace) -> int:
     if server.load_error:
         raise UserError(f"the model did not load: {server.load_error} (the log above has all of it)")
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine alone: then WebRTC must offer 127.0.0.1 too
+    (`--loopback`). Only 127.0.0.1 counted: `--host localhost` served the page, and its WebRTC
+    offered the other interfaces only (none, in a container without a network: no stream)."""
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_address(host: str, port: int) -> None:

@@ -729,3 +729,17 @@ def test_the_server_token_may_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("STREAMGEN_TOKEN", "")  # (an empty variable: no token, as without it)
     assert main(["serve", "--model", "debug", "--port", str(free_port())]) == 0
     assert [c.token for c in configs] == ["from-the-environment", "given", None]
+
+
+def test_a_host_of_this_machine_alone_makes_webrtc_offer_loopback(monkeypatch):
+    """Only 127.0.0.1 did: `--host localhost` served the page, and WebRTC offered only the other
+    interfaces, where a container without a network has none."""
+    import server.app
+    from streamgen.cli import main
+
+    configs = []
+    monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    for host in ("127.0.0.1", "localhost", "127.0.0.2", "0.0.0.0"):
+        assert main(["serve", "--model", "debug", "--host", host, "--port", str(free_port())]) == 0
+    assert [c.loopback for c in configs] == [True, True, True, False]
