@@ -161,8 +161,11 @@ def run(args: argparse.Namespace) -> int:
             f"--cache-from last_step needs 2 or more --steps{runs}: a 1-step chunk's last step sees only noise"
         )
     check_device(args.device)  # (after the options' own conflicts, which hold on any machine)
+    from .origins import scheme_and_host
+
     for origin in args.cors_origin:
-        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+        # (scheme_and_host: a port out of range passed here, and then matched no page's Origin)
+        if origin != "*" and not (re.fullmatch(r"https?://[^/\s]+", origin) and scheme_and_host(origin)):
             raise UserError(f"--cors-origin {origin!r}: an origin is scheme://host[:port], e.g. https://app.example.org")
     tls = _tls_files(args.ssl_certfile, args.ssl_keyfile)
     from .ice import IceConfigError, parse_ice_servers

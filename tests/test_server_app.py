@@ -743,3 +743,15 @@ def test_a_host_of_this_machine_alone_makes_webrtc_offer_loopback(monkeypatch):
     for host in ("127.0.0.1", "localhost", "127.0.0.2", "0.0.0.0"):
         assert main(["serve", "--model", "debug", "--host", host, "--port", str(free_port())]) == 0
     assert [c.loopback for c in configs] == [True, True, True, False]
+
+
+@pytest.mark.parametrize("origin", ["https://app.example.org:99999", "http://app.example.org:http"])
+def test_a_cors_origin_with_a_port_no_page_can_have_is_refused(origin, capsys, monkeypatch):
+    """It was taken, and matched no page's Origin header: each page's calls were blocked."""
+    import server.app
+    from streamgen.cli import main
+
+    monkeypatch.setattr(server.app, "create_app", lambda config: None)
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    assert main(["serve", "--model", "debug", "--cors-origin", origin]) == 2
+    assert f"--cors-origin {origin!r}: an origin is scheme://host[:port]" in capsys.readouterr().err
