@@ -28,7 +28,7 @@ def _model_dir(path: str) -> Path:
     d = resolve_model_dir(path)
     if d is None:
         raise ModelSourceError(f"{path!r} is not a model directory (no model.json){_run_hint(path)}")
-    if behind := _run_past_export(d):
+    if behind := run_past_export(d, None, "reading the model of step {step} (for the newest, finish that run with --resume first)"):
         _warn_once(behind)
     return d
 
@@ -54,10 +54,12 @@ def _run_hint(path: str) -> str:
     )
 
 
-def _run_past_export(d: Path) -> str | None:
+def run_past_export(d: Path, meta: dict | None, then: str) -> str | None:
     """Why the model directory `d`, a run's `model/`, holds older weights than its run's newest
-    checkpoint (resumed with more --steps, then killed or training still), or None: read without
-    a word, a stage trained against the old export as if it were the run's last."""
+    checkpoint (resumed with more --steps, then killed or training still: its export is written when
+    it finishes), ending with `then` (what is done instead; `{step}`: the export's step), or None.
+    Read or shipped without a word, it was taken for the run's last. `meta`: its model.json, where
+    read already. An export that does not record its steps (from before they were) is not checked."""
     import json
 
     from streamgen.checkpoint import checkpoint_step, latest_checkpoint
@@ -65,7 +67,7 @@ def _run_past_export(d: Path) -> str | None:
     if d.name != "model":
         return None
     try:
-        trained = json.loads((d / "model.json").read_text()).get("trained_steps")
+        trained = (meta if meta is not None else json.loads((d / "model.json").read_text())).get("trained_steps")
         newest = latest_checkpoint(d.parent)
     except (OSError, ValueError, AttributeError):
         return None
@@ -73,8 +75,7 @@ def _run_past_export(d: Path) -> str | None:
         return None
     return (
         f"{d} holds the model of step {trained}, while its run trained on to step "
-        f"{checkpoint_step(newest)} ({newest.name}) and has not exported that yet: reading the model "
-        f"of step {trained} (for the newest, finish that run with --resume first)"
+        f"{checkpoint_step(newest)} ({newest.name}) and has not exported that yet: {then.format(step=trained)}"
     )
 
 

@@ -23,7 +23,7 @@ def ship(source: str, name: str, assets: Path | None = None) -> Path:
     weights)."""
     import torch
 
-    from distill.build import export_model
+    from distill.build import export_model, run_past_export
     from streamgen.models import MODEL_META_DEFAULTS, MODELS_DIR, load_model_dir, resolve_model_dir
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
@@ -38,7 +38,8 @@ def ship(source: str, name: str, assets: Path | None = None) -> Path:
         raise FileNotFoundError(f"{source} is not a model directory (no model.json){hint}")
     model = load_model_dir(src, dtype=torch.float32)
     meta = model.meta
-    if behind := _run_past_export(src, meta):
+    then = "shipping the model of step {step} (to ship the newest, finish the run with --resume and ship again)"
+    if behind := run_past_export(src, meta, then):
         print(f"warning: {behind}", file=sys.stderr)
     run = {key: meta.get(key, default) for key, default in MODEL_META_DEFAULTS.items()}
     extra = {k: v for k, v in meta.items() if k not in ("name", "config", *run)}
@@ -48,24 +49,6 @@ def ship(source: str, name: str, assets: Path | None = None) -> Path:
         run["steps"], {**extra, "trained_from": str(source)}, compact=True,
     )  # fmt: skip
     return dst
-
-
-def _run_past_export(src: Path, meta: dict) -> str | None:
-    """Why the model directory `src`, a run's `model/`, holds older weights than its run's newest
-    checkpoint (the run trained on since, with more --steps, and was killed or is training still:
-    its export is written when it finishes), or None. Shipped without a word, it was taken for the
-    newest. An export that does not record its steps (from before they were) is not checked."""
-    from streamgen.checkpoint import checkpoint_step, latest_checkpoint
-
-    trained = meta.get("trained_steps")
-    newest = latest_checkpoint(src.parent) if src.name == "model" else None
-    if not isinstance(trained, int) or newest is None or checkpoint_step(newest) <= trained:
-        return None
-    return (
-        f"{src} holds the model of step {trained}, while its run trained on to step "
-        f"{checkpoint_step(newest)} ({newest.name}) and has not exported that yet: shipping the model "
-        f"of step {trained} (to ship the newest, finish the run with --resume and ship again)"
-    )
 
 
 def _run_hint(source: str) -> str:
