@@ -218,9 +218,11 @@ def _check_patches_tile(cfg, model_cfg, latent_hw) -> None:
 
 def load_bank(cfg, model_cfg, latent_hw, vae=None) -> LatentBank:
     """The run's latent bank. vae: the autoencoder the stage decodes with and exports, checked to be
-    the one that encoded the bank (`check_bank_autoencoder`)."""
+    the one that encoded the bank (`check_bank_autoencoder`). model_cfg: the DiT's config, whose
+    patches must tile the latents (None: not checked; a world bank needs it for nothing else)."""
     d = cfg.data
-    _check_patches_tile(cfg, model_cfg, latent_hw)
+    if model_cfg is not None:
+        _check_patches_tile(cfg, model_cfg, latent_hw)
     if d.source == "synthetic":
         bank = LatentBank.synthetic(
             model_cfg, d.synthetic_clips, d.synthetic_clip_latents, latent_hw, cfg.run.seed
