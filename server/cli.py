@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-sessions", type=int, default=8, help="upper bound on concurrent sessions")
     # (the environment rather than the command line, which every user of the machine reads in `ps`)
-    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None,
+    parser.add_argument("--token", default=None,
                         help=f"require 'Authorization: Bearer TOKEN' to create sessions (default: ${TOKEN_ENV}, "
                         "which, unlike the command line, other users of the machine cannot read)")  # fmt: skip
     parser.add_argument("--ssl-certfile", default=None, metavar="PEM",
@@ -113,14 +113,19 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_sessions < 1:
         raise UserError("--max-sessions must be at least 1")
+    # (an empty variable counts as none, as an unset one; the checks name where the token came from)
+    token_from = "--token" if args.token is not None else f"${TOKEN_ENV}"
+    if args.token is None:
+        args.token = os.environ.get(TOKEN_ENV) or None
     if args.token is not None and (bad := sorted(set(args.token) & set(URL_SPECIAL))):
         # (the web page and WHEP send it as ?token=, where '+' reads as a space: a 403 "wrong token")
-        raise UserError(f"--token: {bad[0]!r} changes meaning in a URL's ?token= (the web page, WHEP): use letters, "
-                        "digits and -._~ (e.g. openssl rand -hex 24)")  # fmt: skip
+        raise UserError(f"{token_from}: {bad[0]!r} changes meaning in a URL's ?token= (the web page, WHEP): use "
+                        "letters, digits and -._~ (e.g. openssl rand -hex 24)")  # fmt: skip
     if args.token is not None and not re.fullmatch(r"[!-~]+", args.token):
         # ("" from an unset variable counts as no token in a request: nothing could be created)
-        raise UserError(f"--token {args.token!r}: a token is one or more printable ASCII characters, "
-                        "no spaces (it is sent in 'Authorization: Bearer'); leave --token out for none")  # fmt: skip
+        raise UserError(f"{token_from} {args.token!r}: a token is one or more printable ASCII characters, "
+                        "no spaces (it is sent in 'Authorization: Bearer'); "
+                        + ("leave --token out" if token_from == "--token" else f"unset ${TOKEN_ENV}") + " for none")  # fmt: skip
     require_models(args.model)  # (one line that says what it is instead, before anything loads)
     from streamgen.models import model_kind
 

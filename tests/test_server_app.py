@@ -416,6 +416,21 @@ def test_a_server_token_a_url_would_change_is_refused_at_start(token, capsys, mo
     assert "changes meaning in a URL's ?token=" in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("token, problem", [("a b", "printable ASCII"), ("ab+c", "changes meaning in a URL")])
+def test_a_bad_token_from_the_environment_is_said_to_come_from_it(token, problem, capsys, monkeypatch):
+    """It was said to be --token's, which the command line did not have."""
+    from streamgen.cli import main
+
+    def serve(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
+    monkeypatch.setenv("STREAMGEN_TOKEN", token)
+    assert main(["serve", "--model", "debug"]) == 2
+    err = capsys.readouterr().err
+    assert "error: $STREAMGEN_TOKEN" in err and problem in err and "--token" not in err, err
+
+
 @pytest.mark.parametrize(
     "sdp, content_type, status",
     [
