@@ -51,3 +51,30 @@ def test_the_face_chosen_last_is_the_one_streamed(browser_page, tmp_path):
             assert created == ["ada", "upload"]
         finally:
             page.close()
+
+
+def test_an_avatar_the_server_does_not_have_is_said_in_the_pages_words(browser_page):
+    """`?avatar=nobody` was sent, and the page showed the server's words for programs ("unknown
+    avatar 'nobody'; see GET /v1/avatars") after a connect. The page says it as it loads, refuses
+    a connect with it (no session made), and an avatar clicked then is the one streamed."""
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        created: list[str] = []
+        page.on("request", lambda r: r.method == "POST" and r.url.endswith("/v1/sessions") and created.append(
+            json.loads(r.post_data)["avatar"]))  # fmt: skip
+        try:
+            page.goto(f"{url}/?mic=0&transport=ws&avatar=nobody")
+            page.wait_for_selector("#avatars button[title='Ada']")
+            said = 'no avatar "nobody" on this server'
+            assert said in page.text_content("#notice")
+            page.click("#connect")
+            page.wait_for_function("window.streamgenStats.state.startsWith('failed')", timeout=30_000)
+            assert said in page.text_content("#status") and "GET /v1/avatars" not in page.text_content("#status")
+            assert created == [] and page.is_enabled("#connect")
+            page.click("#avatars button[title='Ada']")
+            page.click("#connect")
+            page.wait_for_function("window.streamgenStats.state.startsWith('streaming')", timeout=60_000)
+            assert created == ["ada"] and page.text_content("#notice") == ""
+            page.click("#hangup")
+        finally:
+            page.close()

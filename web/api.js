@@ -1,5 +1,5 @@
 // The HTTP API as the page uses it: its answers, and a session's creation and end.
-import { $, params, state } from "./page.js";
+import { $, params, state, unknownAvatar } from "./page.js";
 
 export function authHeaders(s, extra = {}) {
   return { Authorization: `Bearer ${s.token}`, ...extra };
@@ -37,6 +37,7 @@ export async function createSession() {
     body.append("reference", file);
     if (caption) body.append("caption", caption);
   } else {
+    if (state.avatars && !state.avatars.has(state.avatar)) throw new Error(unknownAvatar());
     body = JSON.stringify({ avatar: state.avatar, caption: caption || undefined });
     headers["Content-Type"] = "application/json";
   }

@@ -7,7 +7,7 @@
 // avatars, the controls, and a connection's start and end.
 import { apiFetch, apiJson, authHeaders, createSession, deleteSession } from "./api.js";
 import {
-  $, getMic, params, setNotice, setStatus, showOverlay, soundNoLongerWaits, speakTaken, state, stats,
+  $, getMic, params, setNotice, setStatus, showOverlay, soundNoLongerWaits, speakTaken, state, stats, unknownAvatar,
 } from "./page.js";
 import { closePeer, connectWebRTC } from "./webrtc.js";
 import {
@@ -35,12 +35,15 @@ async function loadAvatars() {
     img.src = a.image;
     b.append(img);
     b.onclick = () => {
+      if (stats.notice === unknownAvatar()) setNotice("");  // (chosen now)
       state.avatar = a.id;
       $("upload").value = "";
       showChosenAvatar();
     };
     box.append(b);
   }
+  state.avatars = new Set(avatars.map((a) => a.id));
+  if (!state.avatars.has(state.avatar) && !$("upload").files.length) setNotice(unknownAvatar());
   showChosenAvatar();
 }
 

@@ -13,6 +13,7 @@ window.streamgenStats = stats;
 // One object, not variables: the page's modules share it, and a module cannot assign another's.
 export const state = {
   avatar: params.get("avatar") || "sample",
+  avatars: null,      // the server's avatar ids, once its list came (a wrong ?avatar= is said at once)
   session: null,      // {id, token, resource, whep, stream, ice_servers}
   pc: null,           // RTCPeerConnection (WebRTC)
   ws: null,           // WebSocket (fallback)
@@ -41,6 +42,10 @@ export function setStatus(text) {
 // What the server said of one request while the stream goes on (a speak refused, a message it
 // did not take): beside the status, not in its place. In its place, "error: ..." was left where
 // "streaming" had been, for as long as the stream went on.
+// An ?avatar= the server does not have: said by the page, in its own words (the server's were for
+// programs: "see GET /v1/avatars"), before a connect and by one.
+export const unknownAvatar = () => `no avatar "${state.avatar}" on this server (the address's ?avatar=): choose one`;
+
 export function setNotice(text) {
   stats.notice = text;
   $("notice").textContent = text;
