@@ -485,6 +485,8 @@ def _optim_problems(optim: OptimConfig, where: str) -> list[str]:
         return [f"{where}.betas must be two numbers, got {betas!r}"]
     if not all(0 <= b < 1 for b in betas):
         return [f"{where}.betas must each be >= 0 and < 1, got {betas!r}"]
+    if optim.decay_steps and optim.min_lr > optim.lr:  # (the cosine would climb to it: no decay)
+        return [f"{where}.min_lr ({optim.min_lr:g}) is where the decay ends: it must be <= lr ({optim.lr:g})"]
     return []
 
 

@@ -174,6 +174,7 @@ def test_unknown_section_wrong_type_and_wrong_stage(tmp_path):
         ("teacher", "optim: {lr: -1.0e-3}", "optim.lr must be >= 0"),
         ("teacher", "optim: {betas: [1.5, 0.9]}", "optim.betas must each be >= 0 and < 1"),
         ("teacher", "optim: {betas: [a, b]}", "optim.betas must be two numbers"),
+        ("teacher", "optim: {lr: 1.0e-4, min_lr: 1.0e-3, decay_steps: 10}", "optim.min_lr (0.001) is where the"),
         ("teacher", "optim: {ema: 1.5}", "optim.ema is a decay"),  # exported weights of 1e4
         ("teacher", "optim: {lr: .inf}", "optim.lr must be a finite number, got inf"),  # a nan loss
         ("teacher", "teacher: {cfg_scale: .inf}", "teacher.cfg_scale must be a finite number"),
