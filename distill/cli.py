@@ -65,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     if not trainer.is_main:  # (under torchrun every rank printed it, the lines run together)
         return 0
+    steps = f"{cfg.run.steps} step{'s' * (cfg.run.steps != 1)}"
+    if not last:  # (a resume of a run that had taken them all: no step ran, no loss to show)
+        print(f"{args.stage}: {cfg.run.out} had finished its {steps} already: its model was exported again "
+              "(--steps N for more)")  # fmt: skip
+        return 0
     shown = "  ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith("loss"))
-    print(f"{args.stage}: finished {cfg.run.steps} step{'s' * (cfg.run.steps != 1)} in {cfg.run.out}  {shown}")
+    print(f"{args.stage}: finished {steps} in {cfg.run.out}  {shown}")
     return 0

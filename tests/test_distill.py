@@ -782,6 +782,8 @@ def test_an_export_that_another_export_keeps_out_is_one_line_and_resume_exports(
     assert not (export / "model.json").exists()
     assert main([*argv, "--resume"]) == 0
     assert (export / "model.json").exists()
+    # (it said "finished 1 step in ..." and no loss: no step ran)
+    assert "had finished its 1 step already: its model was exported again" in capsys.readouterr().out
 
 
 def test_a_full_disk_at_the_export_says_the_run_is_kept_and_resume_exports(tmp_path, monkeypatch, capsys):
