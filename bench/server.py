@@ -42,7 +42,8 @@ chunk at a time, so there is no A/V offset, answer, or stutter to read):
 - browser_*: the web client in headless chromium (when /usr/bin/chromium exists): first frame,
   fps, A/V offset (estimatedPlayoutTimestamp of the two tracks) and RTT from getStats()
 
-Numbers are printed as one JSON object; nothing is asserted.
+Numbers are printed as one JSON object; nothing is asserted. A Ctrl-C during the probes prints
+the figures of those finished (`interrupted` says where the ladder stopped) and exits with 130.
 """
 
 from __future__ import annotations
@@ -345,12 +346,13 @@ async def _served(args, model: str, extra: list[str] = ()):
             proc.kill()
 
 
-async def _bench(args) -> dict:
+async def _bench(args, kept: dict) -> dict:
+    """The figures; `kept` holds those measured so far, for a Ctrl-C's output (`run`)."""
     from server.loopback import use_loopback_ice
 
     use_loopback_ice()  # the clients, too, talk over 127.0.0.1 only
     if args.against or args.against_args:
-        return await _bench_against(args)
+        return await _bench_against(args, kept)
     async with _served(args, args.model) as (http, ready, ready_s):
         _progress(args, f"{args.model} served, ready in {ready_s:.1f} s; watching one session for {args.seconds:g} s")
         await _require_measurable_watch(http, args, args.model)
@@ -377,15 +379,21 @@ async def _bench(args) -> dict:
         _progress(args, f"one session: {out['fps']} fps; adding sessions until one falls out of real time")
         if args.browser and os.path.exists(args.browser):
             out.update(await asyncio.to_thread(_browser_figures, f"http://127.0.0.1:{http.base_url.port}", args))
-        out["max_realtime_sessions"], per_n = await _max_sessions(http, args)
-        return out | _ladder_figures(per_n, args.seconds)
+        kept["one"], kept["per_n"] = out, {}
+        await _max_sessions(http, args, kept["per_n"])
+        return _one_model_figures(out, kept["per_n"], args)
 
 
-async def _bench_against(args) -> dict:
+def _one_model_figures(one: dict, per_n: dict, args) -> dict:
+    return one | {"max_realtime_sessions": _realtime(per_n, args.seconds), **_ladder_figures(per_n, args.seconds)}
+
+
+async def _bench_against(args, kept: dict | None = None) -> dict:
     """Both models served at once (the idle one waits without work), each number of sessions
     probed on one and then the other, the order flipped at every step (A B, B A, A B, ...): the
     machine's speed drifts by the hour here, and a ratio of figures taken a minute apart is what
     survives it. A model's ladder stops where its sessions fall out of real time."""
+    kept = {} if kept is None else kept
     names = {"model": args.model, "against": args.against or args.model}
     extra = {"model": [], "against": shlex.split(args.against_args)}
     async with contextlib.AsyncExitStack() as stack:
@@ -393,6 +401,7 @@ async def _bench_against(args) -> dict:
         for side, model in names.items():
             await _require_measurable_watch(served[side][0], args, model)
         per_n = {side: {} for side in names}
+        kept["against"] = (names, {side: served[side][1:] for side in names}, per_n)
         going = set(names)
         for n in range(1, args.max_probe + 1):
             order = ("model", "against") if n % 2 else ("against", "model")
@@ -403,13 +412,18 @@ async def _bench_against(args) -> dict:
                     going.discard(side)
             if not going:
                 break
+    return _against_figures(args, *kept["against"])
+
+
+def _against_figures(args, names: dict, ready: dict, per_n: dict) -> dict:
+    """`_bench_against`'s figures from each side's (/readyz, start seconds) and probe ladder."""
     out = {"model": args.model, "against": names["against"], "against_args": args.against_args,
            "transport": args.transport, "order": "alternating"}  # fmt: skip
     for side in names:
         ladder = per_n[side]
         out[f"{side}_figures"] = {
-            "ready_s": round(served[side][2], 1),
-            "chunk_ms": served[side][1].get("chunk_ms"),
+            "ready_s": round(ready[side][1], 1),
+            "chunk_ms": ready[side][0].get("chunk_ms"),
             "max_realtime_sessions": _realtime(ladder, args.seconds),
             **_ladder_figures(ladder, args.seconds),
         }
@@ -551,11 +565,11 @@ def _said_probe(args, n: int, figures: dict, model: str = "") -> None:
     _progress(args, f"{model}{n} session{'s' * (n > 1)}: the slowest {fps}, {figures['late_chunks']} chunks late")
 
 
-async def _max_sessions(http, args) -> tuple[int, dict]:
+async def _max_sessions(http, args, per_n: dict | None = None) -> tuple[int, dict]:
     """Add sessions until one of them generates fewer than 24 frames per second (`_probe` at
-    each number). A slow session whose server was neither busy nor late was held back
-    elsewhere: the transport, or the clients, which share this machine."""
-    per_n = {}
+    each number, its figures into `per_n`). A slow session whose server was neither busy nor
+    late was held back elsewhere: the transport, or the clients, which share this machine."""
+    per_n = {} if per_n is None else per_n
     for n in range(1, args.max_probe + 1):
         per_n[n] = await _probe(http, args, n)
         _said_probe(args, n, per_n[n])
@@ -564,8 +578,8 @@ async def _max_sessions(http, args) -> tuple[int, dict]:
     return _realtime(per_n, args.seconds), per_n
 
 
-def main(args: argparse.Namespace) -> dict:
-    """`streamgen bench server`: the measured figures as one dict."""
+def main(args: argparse.Namespace, kept: dict | None = None) -> dict:
+    """`streamgen bench server`: the measured figures as one dict (those so far into `kept`)."""
     from streamgen.cli import UserError, require_models
 
     # (a server that will not start was a RuntimeError with its stderr, after the other's probes)
@@ -579,12 +593,34 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError("--against-args: give the second server's model with --against MODEL")
     # the figures are this CPU's, and of the settings the environment gives the served model
     # (STREAMGEN_FP8, STREAMGEN_ATTENTION, ...: the JSON did not say)
-    return asyncio.run(_bench(args)) | {"cpu": cpu_description(), "environment": streamgen_environment()}
+    return asyncio.run(_bench(args, {} if kept is None else kept)) | _machine_figures()
+
+
+def _machine_figures() -> dict:
+    return {"cpu": cpu_description(), "environment": streamgen_environment()}
 
 
 def run(args: argparse.Namespace) -> int:
-    print(json.dumps(main(args)))
+    kept = {}
+    try:
+        result = main(args, kept)
+    except KeyboardInterrupt:  # (minutes of probes were lost: the figures so far, and said so)
+        if "against" in kept:
+            so_far = _against_figures(args, *kept["against"])
+        elif "one" in kept:
+            so_far = _one_model_figures(kept["one"], kept["per_n"], args)
+        else:
+            raise
+        probed = max((max(p, default=0) for p in _ladders(kept)), default=0)
+        said = f"Ctrl-C after the probe of {probed} session{'s' * (probed != 1)}: the ladder stops there"
+        print(json.dumps(so_far | {"interrupted": said} | _machine_figures()))
+        raise
+    print(json.dumps(result))
     return 0
+
+
+def _ladders(kept: dict) -> list[dict]:
+    return list(kept["against"][2].values()) if "against" in kept else [kept["per_n"]]
 
 
 if __name__ == "__main__":

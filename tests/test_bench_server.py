@@ -1,6 +1,7 @@
 """The serving benchmark's stutter count, from the run lengths of the chunk stamps."""
 
 import asyncio
+import json
 
 import pytest
 
@@ -194,7 +195,7 @@ def test_the_figures_name_the_cpu_they_ran_on(monkeypatch):
 
     import bench.server as bench
 
-    async def measured(args):
+    async def measured(args, kept):
         return {"model": args.model, "max_realtime_sessions": 3}
 
     monkeypatch.setattr(bench, "_bench", measured)
@@ -367,3 +368,51 @@ async def test_the_ladder_says_each_probe_on_stderr_unless_json(monkeypatch, cap
                 "bench server: 1 session: the slowest 25.0 fps, 0 chunks late",
                 "bench server: 2 sessions: the slowest 20.5 fps, 1 chunks late",
             ]
+
+
+@pytest.mark.parametrize("against", [False, True])
+def test_a_ctrl_c_during_the_ladder_prints_the_figures_so_far(against, monkeypatch, capsys):
+    """Minutes of probes were lost to a Ctrl-C: only "interrupted". The JSON of the probes
+    finished is printed, saying where the ladder stopped, and the command still ends as Ctrl-C."""
+    import argparse
+    import contextlib
+
+    import bench.server as bench
+
+    @contextlib.asynccontextmanager
+    async def served(args, model, extra=()):
+        yield None, {"chunk_ms": 100.0}, 0.5
+
+    async def probe(http, args, n):
+        if n == 3:
+            raise KeyboardInterrupt
+        figures = dict.fromkeys(("first_frame_ms", "glass_to_glass_ms", "playout_delay_ms", "av_offset_ms",
+                                 "repeated_frames", "worker_busy", "server_cpu_ms_per_chunk", "chunk_ms",
+                                 "server_cpu_cores", "batch_mean"), 1.0)  # fmt: skip
+        return figures | {"fps": 25.0, "late_chunks": 0, "chunks": 40, "elapsed_s": 2.0, "worker_ms_per_chunk": 50.0 * n}
+
+    async def chunk_shape(http):
+        return 3, 0.12
+
+    monkeypatch.setattr(bench, "_served", served)
+    monkeypatch.setattr(bench, "_probe", probe)
+    monkeypatch.setattr(bench, "_chunk_shape", chunk_shape)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--model", "debug", "--browser", "", "--transport", "ws", "--seconds", "2"]
+                             + (["--against", "debug"] if against else []))  # fmt: skip
+    args.json = True  # (the bench command's own option: no progress lines)
+    if not against:  # the one session watched first, then the ladder
+
+        async def watch(http, seconds, seed):
+            return {"first_frame": 0.2, "frames": [], "markers": [], "chunk_seconds": 0.12, "frames_per_chunk": 3}
+
+        monkeypatch.setattr(bench, "WATCH", {"ws": watch})
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(args)
+    out = json.loads(capsys.readouterr().out)
+    assert out["interrupted"] == "Ctrl-C after the probe of 2 sessions: the ladder stops there"
+    figures = [out["model_figures"], out["against_figures"]] if against else [out]
+    for f in figures:
+        assert f["max_realtime_sessions"] == 2 and set(f["sessions_worker_ms_per_chunk"]) == {"1", "2"}
+    assert out["cpu"]["model"]
