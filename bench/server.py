@@ -64,13 +64,14 @@ import numpy as np
 
 from bench.machine import cpu_description, streamgen_environment
 from bench.server_figures import (
+    _against_figures,
     _av_offset,
     _chunk_starts,
     _decoded_fps,
     _generated_fps,
     _glass_to_glass_ms,
     _in_real_time,
-    _on_time,
+    _one_model_figures,
     _realtime,
     _rounded,
     _stutter,
@@ -325,6 +326,7 @@ async def _watch_ws(http, seconds: float, seed: int) -> dict:
 
 WATCH = {"webrtc": _watch, "ws": _watch_ws}  # --transport
 
+
 @contextlib.asynccontextmanager
 async def _served(args, model: str, extra: list[str] = ()):
     """`streamgen serve --model MODEL` on a free 127.0.0.1 port until the block ends: an HTTP
@@ -384,10 +386,6 @@ async def _bench(args, kept: dict) -> dict:
         return _one_model_figures(out, kept["per_n"], args)
 
 
-def _one_model_figures(one: dict, per_n: dict, args) -> dict:
-    return one | {"max_realtime_sessions": _realtime(per_n, args.seconds), **_ladder_figures(per_n, args.seconds)}
-
-
 async def _bench_against(args, kept: dict | None = None) -> dict:
     """Both models served at once (the idle one waits without work), each number of sessions
     probed on one and then the other, the order flipped at every step (A B, B A, A B, ...): the
@@ -415,26 +413,6 @@ async def _bench_against(args, kept: dict | None = None) -> dict:
     return _against_figures(args, *kept["against"])
 
 
-def _against_figures(args, names: dict, ready: dict, per_n: dict) -> dict:
-    """`_bench_against`'s figures from each side's (/readyz, start seconds) and probe ladder."""
-    out = {"model": args.model, "against": names["against"], "against_args": args.against_args,
-           "transport": args.transport, "order": "alternating"}  # fmt: skip
-    for side in names:
-        ladder = per_n[side]
-        out[f"{side}_figures"] = {
-            "ready_s": round(ready[side][1], 1),
-            "chunk_ms": ready[side][0].get("chunk_ms"),
-            "max_realtime_sessions": _realtime(ladder, args.seconds),
-            **_ladder_figures(ladder, args.seconds),
-        }
-    # > 1: the second server's chunks cost less at that load, the worker's time (against_speedup)
-    # or the whole process's CPU time (against_cpu_speedup)
-    for key, figure in (("against_speedup", "worker_ms_per_chunk"), ("against_cpu_speedup", "server_cpu_ms_per_chunk")):
-        own, other = (out[f"{side}_figures"][f"sessions_{figure}"] for side in names)
-        out[key] = {n: round(own[n] / other[n], 3) for n in own if own[n] and other.get(n)}
-    return out
-
-
 MIN_WATCH_CHUNKS = 3  # the fps times the chunks after the first: a watch must span two more
 
 
@@ -448,16 +426,6 @@ async def _require_measurable_watch(http, args, model: str) -> None:
             f"--seconds {args.seconds:g} is too short to measure {model}: its fps is timed over whole chunks of "
             f"{frames} frames ({seconds:g} s); watch at least {MIN_WATCH_CHUNKS * seconds:.2f} s"
         )
-
-
-def _ladder_figures(per_n: dict, seconds: float) -> dict:
-    """The probe ladder's figures, one dict per figure keyed by the number of sessions."""
-    out = {"max_on_time_sessions": _on_time(per_n, seconds)}
-    for key in ("fps", "first_frame_ms", "glass_to_glass_ms", "playout_delay_ms", "av_offset_ms", "repeated_frames",
-                "worker_busy", "worker_ms_per_chunk", "server_cpu_ms_per_chunk", "late_chunks", "chunk_ms",
-                "server_cpu_cores", "batch_mean"):  # fmt: skip
-        out[f"sessions_{key}"] = {n: figures[key] for n, figures in per_n.items()}
-    return out
 
 
 def _browser_figures(url: str, args) -> dict:

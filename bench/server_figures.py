@@ -97,3 +97,37 @@ def _realtime(per_n: dict, seconds: float) -> int:
             break
         best = n
     return best
+
+
+def _ladder_figures(per_n: dict, seconds: float) -> dict:
+    """The probe ladder's figures, one dict per figure keyed by the number of sessions."""
+    out = {"max_on_time_sessions": _on_time(per_n, seconds)}
+    for key in ("fps", "first_frame_ms", "glass_to_glass_ms", "playout_delay_ms", "av_offset_ms", "repeated_frames",
+                "worker_busy", "worker_ms_per_chunk", "server_cpu_ms_per_chunk", "late_chunks", "chunk_ms",
+                "server_cpu_cores", "batch_mean"):  # fmt: skip
+        out[f"sessions_{key}"] = {n: figures[key] for n, figures in per_n.items()}
+    return out
+
+
+def _one_model_figures(one: dict, per_n: dict, args) -> dict:
+    return one | {"max_realtime_sessions": _realtime(per_n, args.seconds), **_ladder_figures(per_n, args.seconds)}
+
+
+def _against_figures(args, names: dict, ready: dict, per_n: dict) -> dict:
+    """`_bench_against`'s figures from each side's (/readyz, start seconds) and probe ladder."""
+    out = {"model": args.model, "against": names["against"], "against_args": args.against_args,
+           "transport": args.transport, "order": "alternating"}  # fmt: skip
+    for side in names:
+        ladder = per_n[side]
+        out[f"{side}_figures"] = {
+            "ready_s": round(ready[side][1], 1),
+            "chunk_ms": ready[side][0].get("chunk_ms"),
+            "max_realtime_sessions": _realtime(ladder, args.seconds),
+            **_ladder_figures(ladder, args.seconds),
+        }
+    # > 1: the second server's chunks cost less at that load, the worker's time (against_speedup)
+    # or the whole process's CPU time (against_cpu_speedup)
+    for key, figure in (("against_speedup", "worker_ms_per_chunk"), ("against_cpu_speedup", "server_cpu_ms_per_chunk")):
+        own, other = (out[f"{side}_figures"][f"sessions_{figure}"] for side in names)
+        out[key] = {n: round(own[n] / other[n], 3) for n in own if own[n] and other.get(n)}
+    return out

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bench.server import _on_time, _stutter
+from bench.server_figures import _on_time, _stutter
 
 
 def frames(*runs):
