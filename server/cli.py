@@ -9,6 +9,7 @@ from pathlib import Path
 
 from streamgen.cli import (
     add_dtype_option,
+    check_cache_from,
     frame_size,
     positive_int,
     positive_number,
@@ -159,12 +160,7 @@ def run(args: argparse.Namespace) -> int:
     on_cpu = args.device.split(":")[0] == "cpu"  # (cpu:0 was taken for a GPU)
     if args.compile and (not on_cpu or args.sp > 1):
         raise UserError("--compile runs on the CPU in one process: it cannot be combined with --sp or a GPU device")
-    if args.cache_from == "last_step" and (args.steps or _model_steps(args.model)) == 1:
-        # (without --steps, the model's own: a 1-step student would quietly re-encode instead)
-        runs = "" if args.steps else f" ({args.model} runs 1 step unless --steps says otherwise)"
-        raise UserError(
-            f"--cache-from last_step needs 2 or more --steps{runs}: a 1-step chunk's last step sees only noise"
-        )
+    check_cache_from(args.cache_from, args.steps, args.model)
     check_device(args.device)  # (after the options' own conflicts, which hold on any machine)
     from .origins import scheme_and_host
 
@@ -379,15 +375,3 @@ def _require_pem_block(flag: str, path: str, label: str, what: str) -> None:
     elif "-----BEGIN " in text:
         holds = f"no {label} block"
     raise UserError(f"{flag} {path} holds {holds}: it takes {what} in PEM form")
-
-
-def _model_steps(name: str) -> int | None:
-    """The denoising steps a model's sessions run without --steps, read without loading it; None
-    where its model.json does not say (loading it says what is wrong)."""
-    from streamgen.models import model_settings
-
-    try:
-        steps = model_settings(name)["steps"]
-    except (OSError, ValueError):
-        return None
-    return steps if isinstance(steps, int) else None

@@ -180,6 +180,26 @@ def require_models(*names: str | None) -> None:
         raise UserError(str(e)) from None
 
 
+def check_cache_from(cache_from: str | None, steps: int | None, model: str) -> None:
+    """A UserError where `--cache-from last_step` meets 1 step (`--steps`, or without it the model's
+    own, read without loading it): said before a long start, not once the model has loaded."""
+    if cache_from != "last_step":
+        return
+    given = steps is not None
+    if not given:
+        from streamgen.models import model_settings
+
+        try:
+            steps = model_settings(model)["steps"]
+        except (OSError, ValueError):  # (loading the model says what is wrong with it)
+            return
+    if steps == 1:  # (a 1-step student would quietly re-encode instead)
+        runs = "" if given else f" ({model} runs 1 step unless --steps says otherwise)"
+        raise UserError(
+            f"--cache-from last_step needs 2 or more --steps{runs}: a 1-step chunk's last step sees only noise"
+        )
+
+
 def check_device(name: str, meta: bool = False) -> None:
     """A `--device` this machine has, or a UserError that says why not (before a model loads:
     torch would otherwise fail deep inside, with a traceback). `meta` (shapes, no data) only where

@@ -176,3 +176,13 @@ def test_serve_of_a_teacher_is_refused_before_anything_starts(sp, launcher, monk
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.endswith("tiny-avatar-teacher is a bidirectional teacher: it generates whole clips and cannot "
                          "stream; use a distilled student")  # fmt: skip
+
+
+@pytest.mark.parametrize("sp", ["1", "2"])
+def test_generate_of_last_step_with_one_step_is_refused_before_the_model_loads(sp, launcher, tmp_path, capsys):
+    """It was said by the session, once the model had loaded (in each of --sp N's processes)."""
+    from streamgen import cli
+
+    argv = _argv("generate", tmp_path, "--model", "debug", "--sp", sp, "--cache-from", "last_step", "--steps", "1")
+    assert cli.main(argv) == 2
+    assert "--cache-from last_step needs 2 or more --steps" in capsys.readouterr().err

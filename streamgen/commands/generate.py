@@ -74,7 +74,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import time
 
-    from streamgen.cli import UserError, check_device, require_models, terminate_as_exit
+    from streamgen.cli import UserError, check_cache_from, check_device, require_models, terminate_as_exit
     from streamgen.media import MediaError, Mp4Writer, from_time_zero, output_path, read_audio, read_image
 
     # before any relaunch: a bad file is one clear error, not one per process
@@ -117,6 +117,7 @@ def run(args) -> int:
         raise UserError("--fp8 on a GPU needs --dtype bfloat16 (its FP8 products give bfloat16)")
     check_device(args.device)  # (after the options' own conflicts, which hold on any machine)
     require_models(args.model)  # (before any relaunch: --sp N's processes each said it, after starting)
+    check_cache_from(args.cache_from, args.steps, args.model)  # (each process said it, once it had loaded)
     from streamgen.models import use_attention_backend, use_precision
 
     try:
