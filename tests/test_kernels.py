@@ -478,3 +478,16 @@ def test_a_call_with_no_keys_at_all_gets_zeros_from_every_backend(backend, maske
     assert torch.equal(out.detach(), torch.zeros_like(q))
     (grad_q,) = torch.autograd.grad(out.square().sum() + out.sum(), q)
     assert torch.equal(grad_q, torch.zeros_like(q))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("backend", kernels.ATTENTION_BACKENDS)
+def test_a_call_with_no_queries_gets_an_empty_output_from_every_backend(backend, masked):
+    """Lq = 0 (no query frame): flex's block mask was an IndexError, where the others gave [B, 0, H, D]."""
+    s = 3
+    q, k, v = _qkv(0, 2 * s, seed=9)
+    mask = (torch.tensor([], dtype=torch.long), torch.tensor([0, 1])) if masked else None
+    out = kernels.attention(q, k, v, mask, s, backend=backend)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    out, lse = attention_backends.attention_with_lse(q, k, v, mask, s, backend)
+    assert out.shape == q.shape and lse.shape == (2, 2, 0)

@@ -54,7 +54,7 @@ def attention(
     q, k, v, block_mask_frames=None, tokens_per_frame: int = 1, backend: str = "sdpa", kv_cache=None
 ):  # fmt: skip
     run = _BY_NAME[check_attention_backend(backend)]
-    if k.shape[1] == 0:
+    if k.shape[1] == 0 or q.shape[1] == 0:  # (no query: flex's block mask of no rows failed)
         return _attention_of_no_keys(q, k, v)[0].to(q.dtype)
     if kv_cache is not None and backend in FP8_BACKENDS:
         run = functools.partial(run, kv_cache=kv_cache)
@@ -77,7 +77,7 @@ def _seeing_every_key(block_mask_frames, tokens_per_frame: int):
 
 def _attention_of_no_keys(q, k, v):
     """Lk = 0, every row empty: (out 0 [B, Lq, H, Dv] fp32, lse -inf [B, H, Lq] fp32), the empty
-    sums (several backends refuse the empty reduction, and the mask's rule takes a minimum over the
+    sums (and where Lq = 0, no row: both empty) (several backends refuse the empty reduction, and the mask's rule takes a minimum over the
     key frames). Computed from q, k and v, so that the output is in their graph (gradients 0)."""
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float())  # [B, H, Lq, 0]
     return torch.einsum("bhqk,bkhd->bqhd", scores, v.float()), scores.logsumexp(-1)
@@ -396,7 +396,7 @@ def attention_with_lse(q, k, v, block_mask_frames=None, tokens_per_frame: int = 
     The FP8 backends quantize once per ring instead (`fp8_ops`), so they are not served here.
     """
     check_attention_backend(backend)
-    if k.shape[1] == 0:
+    if k.shape[1] == 0 or q.shape[1] == 0:
         return _attention_of_no_keys(q, k, v)
     if block_mask_frames is None:
         return _attention_with_lse(q, k, v, None, tokens_per_frame, backend)
