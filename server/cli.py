@@ -231,10 +231,9 @@ def run(args: argparse.Namespace) -> int:
                                 timeout_graceful_shutdown=5, ws_per_message_deflate=args.ws_compression,
                                 ws_max_size=MAX_WEBSOCKET_MESSAGE_BYTES, **tls)  # fmt: skip
         server = SessionClosingServer(config)
-        try:
-            server.run()
-        except KeyboardInterrupt:  # (a second Ctrl-C during the shutdown, as uvicorn.run takes it)
-            pass
+        # (a Ctrl-C: uvicorn shuts down, then raises it again as KeyboardInterrupt, which ends the
+        # command as Ctrl-C ends any, exit code 130; a SIGTERM it raises again as the signal, 143)
+        server.run()
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e}") from None
     if not server.started:  # (uvicorn logged why)

@@ -416,6 +416,20 @@ def test_a_server_token_a_url_would_change_is_refused_at_start(token, capsys, mo
     assert "changes meaning in a URL's ?token=" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_ctrl_c_ends_serve_with_130_as_any_command(monkeypatch, capsys):
+    """uvicorn shuts down on a Ctrl-C and then raises it again: serve took that for a clean end
+    (exit code 0), where a SIGTERM, raised again as the signal, ended it with 143."""
+    from streamgen.cli import main
+
+    def interrupted(server):
+        server.started = True
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", interrupted)
+    assert main(["serve", "--model", "debug", "--port", str(free_port())]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+
+
 @pytest.mark.parametrize("token, problem", [("a b", "printable ASCII"), ("ab+c", "changes meaning in a URL")])
 def test_a_bad_token_from_the_environment_is_said_to_come_from_it(token, problem, capsys, monkeypatch):
     """It was said to be --token's, which the command line did not have."""
