@@ -38,7 +38,7 @@ log = logging.getLogger("streamgen.server")
 # what aiortc can gather with: stun:host[:port], turn:host[:port][?transport=udp|tcp],
 # turns:host[:port]?transport=tcp (aioice has no STUN over TLS)
 _URL = re.compile(
-    r"^(?P<scheme>stun|turns?):(?P<host>[^?:/\s]+)(?::(?P<port>\d{1,5}))?(?:\?transport=(?P<transport>udp|tcp))?$"
+    r"^(?P<scheme>stun|turns?):(?P<host>[^?:/@\s]+)(?::(?P<port>\d{1,5}))?(?:\?transport=(?P<transport>udp|tcp))?$"
 )
 
 
@@ -102,6 +102,11 @@ def _checked(i: int, entry) -> dict:
         raise IceConfigError(f"{where}: 'urls' must be a URL or a non-empty list of them")
     for url in urls:
         m = _URL.match(url)
+        if m is None and "@" in url:  # (RFC 7065 has no user part: its host was taken as "user@host")
+            raise IceConfigError(
+                f"{where}: {url[:80]!r}: a stun:/turn: URL names no user; give 'username' and "
+                "'credential' beside 'urls'"
+            )
         if m is None:
             raise IceConfigError(
                 f"{where}: {url[:80]!r} is not a stun:, turn: or turns: URL the server can use"

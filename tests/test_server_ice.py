@@ -58,6 +58,9 @@ def test_the_forms_an_operator_can_give(tmp_path):
         ('[{"urls": "stun:x", "username": "u"}]', "ICE server 1: a 'username' needs its 'credential'"),
         ('[{"urls": "stun:x", "username": 1, "credential": "p"}]', "its 'username' must be a string, not 1"),
         ("[" * 100_000, "not valid JSON"),  # (a RecursionError's traceback)
+        # (its host was taken as "u@relay.example.org": the start-up's check warned of that name)
+        ('[{"urls": "turn:u@relay.example.org", "username": "u", "credential": "p"}]', "names no user"),
+        ("stun:u@relay.example.org", "names no user"),
     ],
 )
 def test_a_list_the_server_cannot_use_is_refused_with_its_reason(text, says):
