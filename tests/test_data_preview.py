@@ -72,3 +72,20 @@ def test_options_for_clips_made_on_the_fly_are_refused_with_data(tmp_path, capsy
         assert f"{says} clips on the fly: not with --data" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
     assert main(["data", "preview", "--data", str(root), "--split", "test", "--out", str(out)]) == 0
+
+
+def test_a_preview_of_many_clips_shows_evenly_spaced_ones_on_its_sheet(tmp_path, monkeypatch, capsys):
+    """The sheet had a row for each clip: 10 000 clips made one 1.3 million pixels tall, its rows
+    held in memory meanwhile (4 GB). The video has them all; the sheet at most SHEET_ROWS."""
+    from streamgen.data import cli
+
+    make_clip = world.make_clip
+    monkeypatch.setattr(world, "make_clip", lambda *args: make_clip(*args, seconds=0.2))
+    monkeypatch.setattr(cli, "SHEET_ROWS", 3)
+    out = tmp_path / "p"
+    assert main(["data", "preview", "--clips", "7", "--size", "16", "--out", str(out)]) == 0
+    assert "(7 clips; the sheet shows 3 of them, one in 3)" in capsys.readouterr().out
+    one_row = tmp_path / "one"
+    assert main(["data", "preview", "--clips", "1", "--size", "16", "--out", str(one_row)]) == 0
+    row_height = Image.open(one_row / "contact_sheet.png").height
+    assert Image.open(out / "contact_sheet.png").height == 3 * row_height + 2 * 2  # (2-pixel gaps)
