@@ -84,7 +84,7 @@ def _make(args) -> int:
     from .shards import clip_count, make_dataset, partly_made, planned_shards
 
     output_folder(args.out, make=False)  # (it makes the folder itself, and removes it on failure)
-    before = partly_made(args.out)  # (an unfinished make's clips, which this one goes on from)
+    before = [0]  # (an unfinished make's clips still there as it wrote them, which this one goes on from)
     # (make_dataset starts no more workers than shards to make)
     workers = min(args.workers, sum(planned_shards(args.clips, args.shard_size).values()))
     start = time.perf_counter()
@@ -97,6 +97,7 @@ def _make(args) -> int:
             manifest = make_dataset(
                 args.out, args.clips, args.seed, args.size, args.size, args.seconds,
                 args.shard_size, args.identities, args.workers, progress=bar.update,
+                resumed=lambda clips: before.__setitem__(0, clips),
             )  # fmt: skip
     except (KeyboardInterrupt, SystemExit):
         kept = partly_made(args.out)
@@ -122,6 +123,7 @@ def _make(args) -> int:
             signal.signal(signal.SIGTERM, terminated_before)
     elapsed = time.perf_counter() - start
     counts = ", ".join(f"{s} {v['clips']}" for s, v in manifest["splits"].items())
+    before = before[0]
     kept = f", {before} of them made before" if before else ""
     print(f"wrote {args.clips} clips ({counts}) to {args.out} in {elapsed:.1f} s{kept}")
     if args.clips > before:

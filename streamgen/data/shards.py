@@ -263,10 +263,12 @@ def make_dataset(
     n_identities: int = 500,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
+    resumed: Callable[[int], None] | None = None,
 ) -> dict:
     """Generate `n_clips` clips into `out`; returns the manifest. Goes on from the shards an
-    unfinished make of the same settings left there (PARTIAL); if this one does not finish, the
-    shards it finished are kept for the next (and nothing else: no folder made for nothing)."""
+    unfinished make of the same settings left there (PARTIAL), their clips given to `resumed`
+    (those still there as it wrote them); if this one does not finish, the shards it finished
+    are kept for the next (and nothing else: no folder made for nothing)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file, not a folder; choose another --out")
@@ -294,7 +296,7 @@ def make_dataset(
     try:
         out.mkdir(parents=True, exist_ok=True)
         with no_other_writer(out, lambda: FolderBusy(busy)):
-            written = _write_shards(out, settings, workers, progress)
+            written = _write_shards(out, settings, workers, progress, resumed)
             return _write_manifest(out, settings, written)  # (before another make may begin)
     except BaseException as e:
         made = [out / split for split in SPLITS] + ([out] if made_out else [])
@@ -313,7 +315,7 @@ def make_dataset(
         raise
 
 
-def _write_shards(out: Path, settings: dict, workers: int, progress) -> list[dict]:
+def _write_shards(out: Path, settings: dict, workers: int, progress, resumed=None) -> list[dict]:
     """The shards of the make of `settings` that `out` lacks, written (those an unfinished make left
     are kept), each recorded in PARTIAL as it is finished; every shard's record."""
     if (out / "manifest.json").exists():  # (made by a make that held the lock before this one)
@@ -327,6 +329,7 @@ def _write_shards(out: Path, settings: dict, workers: int, progress) -> list[dic
     )
     written = list(finished.values())
     progress and written and progress(sum(w["clips"] for w in written))
+    resumed and resumed(sum(w["clips"] for w in written))
 
     partial = None  # (written anew at the first shard finished, with those still there, then appended to)
 
