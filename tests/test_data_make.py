@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from streamgen.data import pool as pool_module
 from streamgen.data import shards
 from streamgen.data.shards import make_dataset
 
@@ -63,7 +64,7 @@ def test_a_pool_is_handed_jobs_as_it_finishes_them():
             yield i
 
     with ThreadPool(2) as pool:
-        results = shards.results_as_done(pool, abs, jobs(), ahead=4)
+        results = pool_module.results_as_done(pool, abs, jobs(), ahead=4)
         first = [next(results) for _ in range(3)]
         assert len(drawn) <= 4 + 2
         assert sorted(first + list(results)) == list(range(200))
@@ -74,7 +75,7 @@ def test_a_pool_is_handed_jobs_as_it_finishes_them():
             return job
 
         with pytest.raises(Stop):
-            list(shards.results_as_done(pool, fails, range(10), ahead=3))
+            list(pool_module.results_as_done(pool, fails, range(10), ahead=3))
 
 
 def test_a_shard_holds_one_clip_in_memory_at_a_time(tmp_path, monkeypatch):
@@ -198,12 +199,12 @@ def test_a_make_whose_worker_is_killed_says_so_and_does_not_wait_for_ever(monkey
     import multiprocessing
     import threading
 
-    monkeypatch.setattr(shards, "_WORKER_CHECK_S", 0.05, raising=False)
+    monkeypatch.setattr(pool_module, "WORKER_CHECK_S", 0.05)
     outcome = []
 
     def consume(pool, processes):
         try:
-            results = shards.results_as_done(pool, _ends_its_process, range(8), ahead=4, processes=processes)
+            results = pool_module.results_as_done(pool, _ends_its_process, range(8), ahead=4, processes=processes)
             outcome.append(sorted(results))
         except shards.DataError as e:
             outcome.append(e)
@@ -213,13 +214,13 @@ def test_a_make_whose_worker_is_killed_says_so_and_does_not_wait_for_ever(monkey
     fork = multiprocessing.get_context("fork")
     other = fork.Process(target=time.sleep, args=(60,))
     other.start()
-    before = shards.pool_processes()
+    before = pool_module.pool_processes()
     with fork.Pool(2) as pool:
-        processes = shards.pool_processes() - before
+        processes = pool_module.pool_processes() - before
         assert len(processes) == 2 and other.pid not in processes
         other.kill()  # a child of the caller's, not the pool's, that ends: none of the make's
         other.join()
-        results = shards.results_as_done(pool, time.sleep, [0.2] * 4, ahead=2, processes=processes)
+        results = pool_module.results_as_done(pool, time.sleep, [0.2] * 4, ahead=2, processes=processes)
         assert list(results) == [None] * 4
         waiting = threading.Thread(target=consume, args=(pool, processes), daemon=True)
         waiting.start()

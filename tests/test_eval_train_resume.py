@@ -111,7 +111,7 @@ def test_the_clip_workers_leave_a_ctrl_c_to_the_command(monkeypatch):
     `data make`'s do, and the command, interrupted, ends them."""
     import multiprocessing
 
-    from streamgen.data.shards import _leave_interrupts_to_the_parent
+    from streamgen.data.pool import leave_interrupts_to_the_parent
 
     started = []
 
@@ -131,7 +131,7 @@ def test_the_clip_workers_leave_a_ctrl_c_to_the_command(monkeypatch):
     monkeypatch.setattr(multiprocessing.get_context("spawn"), "Pool", Pool, raising=False)
     monkeypatch.setattr(train, "_make", lambda job: job)
     assert len(train.training_clips(3, 0, 32, workers=2)) == 3
-    assert started == [_leave_interrupts_to_the_parent]
+    assert started == [leave_interrupts_to_the_parent]
 
 
 def test_a_resumed_phase_shows_the_rate_of_the_steps_it_runs(monkeypatch):

@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import math
 import os
-import queue
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -355,8 +353,10 @@ def _write_shards(out: Path, settings: dict, workers: int, progress, resumed=Non
         else:
             import multiprocessing as mp
 
+            from .pool import leave_interrupts_to_the_parent, pool_processes, results_as_done
+
             before = pool_processes()
-            with mp.get_context("spawn").Pool(workers, initializer=_leave_interrupts_to_the_parent) as pool:
+            with mp.get_context("spawn").Pool(workers, initializer=leave_interrupts_to_the_parent) as pool:
                 watched = pool_processes() - before  # (the pool's own: not other children of a caller's)
                 for info in results_as_done(pool, _make_shard, jobs, ahead=2 * workers, processes=watched):
                     record(info)
@@ -367,54 +367,6 @@ def _write_shards(out: Path, settings: dict, workers: int, progress, resumed=Non
         if partial is not None:
             partial.close()
     return written
-
-
-# how often a make waiting for its pool's next shard looks whether a worker is gone
-_WORKER_CHECK_S = 1.0
-
-
-def pool_processes() -> set[int]:
-    """The pids of this process's live multiprocessing children (a Pool's workers among them)."""
-    import multiprocessing
-
-    return {p.pid for p in multiprocessing.active_children()}
-
-
-def results_as_done(
-    pool, func: Callable, jobs: Iterable, ahead: int, processes: set[int] = frozenset()
-) -> Iterator:
-    """`func(job)` of each of `jobs` in the processes of `pool` (a multiprocessing Pool), each result
-    as soon as it is done, with no more than `ahead` jobs taken from `jobs` before their results are
-    given: jobs that are a plan's, made as it is walked, are not all made first. A DataError if one
-    of `processes` (the pool's, by pid: `pool_processes`) ends (killed: the out-of-memory killer, a
-    kill -9): the pool starts another, and the job it had is never done, which was waited for for ever."""
-    done: queue.SimpleQueue = queue.SimpleQueue()
-
-    def done_badly(e: BaseException) -> None:
-        done.put((False, e))
-
-    jobs = iter(jobs)
-    running = 0
-    while True:
-        for job in itertools.islice(jobs, max(0, ahead - running)):
-            pool.apply_async(func, (job,), callback=lambda r: done.put((True, r)), error_callback=done_badly)
-            running += 1
-        if not running:
-            return
-        try:
-            ok, result = done.get(timeout=_WORKER_CHECK_S)
-        except queue.Empty:
-            gone = processes - pool_processes()
-            if gone:
-                raise DataError(
-                    f"a worker process (pid {min(gone)}) ended before its shard was finished (killed? "
-                    "out of memory?); run the same command again to go on from the shards finished"
-                ) from None
-            continue
-        running -= 1
-        if not ok:
-            raise result
-        yield result
 
 
 def _remove_unrecorded(out: Path, settings: dict, recorded: set[str]) -> None:
@@ -430,15 +382,6 @@ def _remove_unrecorded(out: Path, settings: dict, recorded: set[str]) -> None:
                 path.unlink(missing_ok=True)
         for path in (out / split).glob(".shard-*.npz.*.tmp"):  # (temp_files_beside's, of every shard)
             path.unlink(missing_ok=True)
-
-
-def _leave_interrupts_to_the_parent() -> None:
-    """A pool worker's start. A Ctrl-C goes to the terminal's whole process group: each worker
-    printed its KeyboardInterrupt's traceback over what the command said; the parent, interrupted,
-    stops them (the pool's terminate)."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _write_manifest(out: Path, settings: dict, written: list[dict]) -> dict:

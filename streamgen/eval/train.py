@@ -66,11 +66,11 @@ def training_clips(
         return out
     import multiprocessing as mp
 
-    from streamgen.data.shards import _leave_interrupts_to_the_parent
+    from streamgen.data.pool import leave_interrupts_to_the_parent
 
     # (a Ctrl-C reaches the workers too: each printed "Process SpawnPoolWorker-N:" and its traceback
     # over the command's "interrupted"; the parent, interrupted, ends them)
-    with mp.get_context("spawn").Pool(workers, initializer=_leave_interrupts_to_the_parent) as pool:
+    with mp.get_context("spawn").Pool(workers, initializer=leave_interrupts_to_the_parent) as pool:
         out = []
         for item in pool.imap(_make, jobs, chunksize=4):
             out.append(item)

@@ -1,0 +1,67 @@
+"""A multiprocessing pool's work given as it is done, and its workers watched: `data make`'s shards
+(and `eval train-evaluators`' clips) made in worker processes that a kill or the out-of-memory
+killer may end."""
+
+from __future__ import annotations
+
+import itertools
+import queue
+from collections.abc import Callable, Iterable, Iterator
+
+# how often a make waiting for its pool's next shard looks whether a worker is gone
+WORKER_CHECK_S = 1.0
+
+
+def pool_processes() -> set[int]:
+    """The pids of this process's live multiprocessing children (a Pool's workers among them)."""
+    import multiprocessing
+
+    return {p.pid for p in multiprocessing.active_children()}
+
+
+def results_as_done(
+    pool, func: Callable, jobs: Iterable, ahead: int, processes: set[int] = frozenset()
+) -> Iterator:
+    """`func(job)` of each of `jobs` in the processes of `pool` (a multiprocessing Pool), each result
+    as soon as it is done, with no more than `ahead` jobs taken from `jobs` before their results are
+    given: jobs that are a plan's, made as it is walked, are not all made first. A DataError if one
+    of `processes` (the pool's, by pid: `pool_processes`) ends (killed: the out-of-memory killer, a
+    kill -9): the pool starts another, and the job it had is never done, which was waited for for ever."""
+    done: queue.SimpleQueue = queue.SimpleQueue()
+
+    def done_badly(e: BaseException) -> None:
+        done.put((False, e))
+
+    jobs = iter(jobs)
+    running = 0
+    while True:
+        for job in itertools.islice(jobs, max(0, ahead - running)):
+            pool.apply_async(func, (job,), callback=lambda r: done.put((True, r)), error_callback=done_badly)
+            running += 1
+        if not running:
+            return
+        try:
+            ok, result = done.get(timeout=WORKER_CHECK_S)
+        except queue.Empty:
+            gone = processes - pool_processes()
+            if gone:
+                from .shards import DataError
+
+                raise DataError(
+                    f"a worker process (pid {min(gone)}) ended before its shard was finished (killed? "
+                    "out of memory?); run the same command again to go on from the shards finished"
+                ) from None
+            continue
+        running -= 1
+        if not ok:
+            raise result
+        yield result
+
+
+def leave_interrupts_to_the_parent() -> None:
+    """A pool worker's start. A Ctrl-C goes to the terminal's whole process group: each worker
+    printed its KeyboardInterrupt's traceback over what the command said; the parent, interrupted,
+    stops them (the pool's terminate)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
