@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from file_steps import check_after_each_file_step
+from server_helpers import free_port
 
 pytest.importorskip("diffusers")
 
@@ -316,7 +317,7 @@ def test_a_folder_that_is_no_model_is_named_for_what_it_is(tmp_path, capsys):
         with pytest.raises(FileNotFoundError) as refused:
             require_model(str(folder))
         assert says in str(refused.value)
-    assert main(["serve", "--model", str(empty)]) == 2  # (its own message, that said less)
+    assert main(["serve", "--port", str(free_port()), "--model", str(empty)]) == 2  # (its own message, that said less)
     assert f"{empty} is a folder without model.json" in capsys.readouterr().err
 
 

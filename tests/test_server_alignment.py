@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from server_helpers import server_config
+from server_helpers import free_port, server_config
 
 from server.batching import (
     SAME_SCHEDULE,
@@ -361,8 +361,8 @@ def test_serve_no_align_batches_reaches_the_server_config(monkeypatch):
     configs = []
     monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", served)
-    assert main(["serve", "--model", "debug"]) == 0
-    assert main(["serve", "--model", "debug", "--no-align-batches"]) == 0
+    assert main(["serve", "--port", str(free_port()), "--model", "debug"]) == 0
+    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--no-align-batches"]) == 0
     assert [c.align_batches for c in configs] == [True, False]
 
 
@@ -373,8 +373,8 @@ def test_serve_offers_websocket_compression_only_when_asked(monkeypatch):
     configs = []
     run = "server.uvicorn_server.SessionClosingServer.run"
     monkeypatch.setattr(run, lambda server: configs.append(server.config) or served(server))
-    assert main(["serve", "--model", "debug"]) == 0
-    assert main(["serve", "--model", "debug", "--ws-compression"]) == 0
+    assert main(["serve", "--port", str(free_port()), "--model", "debug"]) == 0
+    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--ws-compression"]) == 0
     assert [c.ws_per_message_deflate for c in configs] == [False, True]
 
 

@@ -396,7 +396,7 @@ def test_a_server_token_no_request_can_carry_is_refused_at_start(token, capsys, 
         raise AssertionError("the server started")
 
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
-    assert main(["serve", "--model", "debug", "--token", token]) == 2
+    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--token", token]) == 2
     err = capsys.readouterr().err
     assert "--token" in err and "printable ASCII" in err and len(err.strip().splitlines()) == 1, err
 
@@ -411,7 +411,7 @@ def test_a_server_token_a_url_would_change_is_refused_at_start(token, capsys, mo
         raise AssertionError("the server started")
 
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
-    assert main(["serve", "--model", "debug", "--token", token]) == 2
+    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--token", token]) == 2
     err = capsys.readouterr().err
     assert "changes meaning in a URL's ?token=" in err and len(err.strip().splitlines()) == 1, err
 
@@ -440,7 +440,7 @@ def test_a_bad_token_from_the_environment_is_said_to_come_from_it(token, problem
 
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
     monkeypatch.setenv("STREAMGEN_TOKEN", token)
-    assert main(["serve", "--model", "debug"]) == 2
+    assert main(["serve", "--port", str(free_port()), "--model", "debug"]) == 2
     err = capsys.readouterr().err
     assert "error: $STREAMGEN_TOKEN" in err and problem in err and "--token" not in err, err
 
@@ -632,7 +632,7 @@ def test_a_server_allowing_any_origin_serves_every_page():
 def test_cors_origin_must_be_an_origin():
     from streamgen.cli import main
 
-    assert main(["serve", "--cors-origin", "app.example.org/path"]) == 2
+    assert main(["serve", "--port", str(free_port()), "--cors-origin", "app.example.org/path"]) == 2
 
 
 def test_phone_photos_are_taken_upright_and_multi_picture_jpegs_accepted(tmp_path):
@@ -782,5 +782,5 @@ def test_a_cors_origin_with_a_port_no_page_can_have_is_refused(origin, capsys, m
 
     monkeypatch.setattr(server.app, "create_app", lambda config: None)
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
-    assert main(["serve", "--model", "debug", "--cors-origin", origin]) == 2
+    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--cors-origin", origin]) == 2
     assert f"--cors-origin {origin!r}: an origin is scheme://host[:port]" in capsys.readouterr().err

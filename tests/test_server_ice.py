@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
-from server_helpers import live_server
+from server_helpers import free_port, live_server
 
 from server.ice import IceConfigError, link_header, parse_ice_servers, server_side
 
@@ -71,14 +71,14 @@ def test_a_list_the_server_cannot_use_is_refused_with_its_reason(text, says):
 def test_serve_refuses_a_bad_list_before_starting():
     from streamgen.cli import main
 
-    assert main(["serve", "--ice-servers", '[{"urls": "turn:x"}]']) == 2
+    assert main(["serve", "--port", str(free_port()), "--ice-servers", '[{"urls": "turn:x"}]']) == 2
 
 
 def test_serve_refuses_a_turn_secrets_ttl_shorter_than_a_session(capsys):
     from streamgen.cli import main
 
     short = '[{"urls": "turn:x", "secret": "s", "ttl": 600}]'
-    assert main(["serve", "--ice-servers", short, "--max-duration", "900"]) == 2
+    assert main(["serve", "--port", str(free_port()), "--ice-servers", short, "--max-duration", "900"]) == 2
     assert "'ttl' 600 s is shorter than --max-duration 900 s" in capsys.readouterr().err
 
 
@@ -197,7 +197,7 @@ async def test_a_silent_stun_server_is_reported_at_startup(caplog):
 async def test_a_turn_server_that_gives_no_relay_is_reported_at_startup(caplog):
     """Only STUN was checked: an unreachable TURN server added 5 s to every WebRTC answer, and a
     wrong credential left every answer without a relay, with nothing in the log."""
-    from server_helpers import free_port, turn_server
+    from server_helpers import turn_server
 
     from server.ice import for_peer, turn_problem, warn_if_ice_servers_fail
 

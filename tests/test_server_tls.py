@@ -100,7 +100,7 @@ def test_a_certificate_that_cannot_serve_is_refused_before_starting(tmp_path, ca
         "key of another certificate": ["--ssl-certfile", cert, "--ssl-keyfile", other_key],
         "encrypted key": ["--ssl-certfile", locked_cert, "--ssl-keyfile", locked_key],
     }[case]
-    proc = serve(*args)
+    proc = serve("--port", str(free_port()), *args)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2, out
     assert out.strip().splitlines()[-1].startswith("streamgen serve: error: "), out
@@ -122,7 +122,7 @@ def test_a_file_without_its_pem_block_is_named_with_what_it_holds(tmp_path, caps
         "empty certificate": ([str(tmp_path / "empty.pem"), key], "holds nothing: it takes a certificate"),
         "certificate for the key": ([cert, cert], f"--ssl-keyfile {cert} holds a certificate and no private key"),
     }[case]  # fmt: skip
-    assert main(["serve", "--model", "debug", "--ssl-certfile", args[0], "--ssl-keyfile", args[1]]) == 2
+    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--ssl-certfile", args[0], "--ssl-keyfile", args[1]]) == 2
     err = capsys.readouterr().err
     assert says in err and "PEM lib" not in err, err
 
@@ -141,6 +141,6 @@ def test_a_certificate_out_of_its_dates_is_a_warning_at_the_start(tmp_path, monk
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
     args = ["--port", str(free_port()), "--ssl-certfile", cert, "--ssl-keyfile", key]
     with caplog.at_level("WARNING", logger="streamgen.server"):
-        assert main(["serve", "--model", "debug", *args]) == 0
+        assert main(["serve", "--port", str(free_port()), "--model", "debug", *args]) == 0
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and cert in r.getMessage()]
     assert len(warned) == 1 and says in warned[0], warned
