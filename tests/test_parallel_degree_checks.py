@@ -157,7 +157,13 @@ def test_generate_sp_with_a_bad_tiny_decoder_is_refused_before_the_relaunch(laun
         assert line in capsys.readouterr().err
     from streamgen.model.tiny_decoder import TinyDecoder, TinyDecoderConfig
 
-    TinyDecoder(TinyDecoderConfig(latent_channels=4, widths=(8, 8, 8, 8), blocks_per_stage=1)).save(tmp_path / "good.safetensors")
+    # one that does not fit tiny-avatar's autoencoder (4 latent channels, not 16): each process said
+    # so once it had loaded the whole model; its autoencoder alone is loaded to say it before
+    small = dict(widths=(8, 8, 8, 8), blocks_per_stage=1)
+    TinyDecoder(TinyDecoderConfig(latent_channels=4, **small)).save(tmp_path / "other.safetensors")
+    assert cli.main(_argv("generate", tmp_path, "--sp", "2", "--tiny-decoder", str(tmp_path / "other.safetensors"))) == 2
+    assert "does not fit the autoencoder's latents: latent channels 4 != 16" in capsys.readouterr().err
+    TinyDecoder(TinyDecoderConfig(latent_channels=16, **small)).save(tmp_path / "good.safetensors")
     with pytest.raises(Relaunched):
         cli.main(_argv("generate", tmp_path, "--sp", "2", "--tiny-decoder", str(tmp_path / "good.safetensors")))
 

@@ -139,12 +139,7 @@ def run(args) -> int:
                 raise ValueError(TEACHER_IN_ONE_PROCESS)
             check_sequence_parallel(args.sp, args.model, args.height, args.width)
             if args.tiny_decoder:  # (a small file: read here too, for a bad one's line before any process)
-                from streamgen.model.tiny_decoder import TinyDecoder
-
-                try:
-                    TinyDecoder.from_checkpoint(args.tiny_decoder)
-                except FileNotFoundError as e:
-                    raise ValueError(str(e)) from None
+                _check_tiny_decoder(args.tiny_decoder, args.model)
             # does not return in the launcher
             relaunch_under_torchrun(args.sp, args._argv, device=args.device)
             # before the model loads: each rank's "cuda" is its own GPU
@@ -228,6 +223,22 @@ def run(args) -> int:
         f"{n_chunks * session.frames_per_chunk / elapsed:.1f} frames/s)"
     )
     return 0
+
+
+def _check_tiny_decoder(checkpoint: str, model: str) -> None:
+    """A ValueError where the tiny decoder at `checkpoint` cannot be read, or does not fit the
+    autoencoder of `model` (a model directory's, loaded alone: no DiT), as each process would find
+    once it had loaded the whole model. A flavor's stand-in (random weights) is left to them."""
+    from streamgen.model.tiny_decoder import TinyDecoder, TinyDecoderVAE
+    from streamgen.models import load_autoencoder, resolve_model_dir
+
+    try:
+        decoder = TinyDecoder.from_checkpoint(checkpoint)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+    directory = resolve_model_dir(model)
+    if directory is not None:
+        TinyDecoderVAE(load_autoencoder(directory), decoder)  # (its ValueError says what does not fit)
 
 
 def _with_tiny_decoder(args):
