@@ -412,7 +412,10 @@ def run(
                 expected = gpu_variants.expected_seconds(name, result["variants"])
                 _variant(name, fn, budget_s, started, result, out, expected)
                 figures = result["variants"].get(name, {})
-                if "fps_steady" in figures and counts() is not None:  # its own floor's rates
+                # its own floor's rates; without the ceilings there are none, so no counts either
+                # (--quick counts five configurations here: half a minute on a CPU)
+                measured_rates = "error" not in result["ceilings"]
+                if "fps_steady" in figures and measured_rates and counts() is not None:
                     figures.update(variant_floor.own_ceilings(counts(), figures, result["ceilings"], steps))
                     summarize(result)
                     write_partial(result, out)

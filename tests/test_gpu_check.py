@@ -154,9 +154,10 @@ def test_a_failing_ceiling_measurement_costs_no_variant(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ceilings, "measure_ceilings", fails)
     out = str(tmp_path / "r.json")
-    result = gpu.run("cpu", quick=True, chunks=1, backends=("sdpa",), kernel_bench=False,
+    result = gpu.run("cpu", quick=True, chunks=1, warmup_chunks=0, backends=("sdpa",), kernel_bench=False,
                      only={"sdpa+fused_kernels"}, out=out)  # fmt: skip
     assert result["ceilings"] == {"error": "RuntimeError: no FP8 product here"}
+    assert "floor_counts" not in result  # no rates, so no floor of its own: nothing counted for one
     assert result["variants"]["sdpa+fused_kernels"]["fps"] > 0
     assert json.loads(Path(out).read_text())["best_variant"] == "sdpa+fused_kernels"
 
