@@ -186,6 +186,11 @@ def with_attributes(obj, values: dict, fn):
             setattr(obj, name, value)
 
 
+# the Wan2.1 VAE's channel multipliers, one per scale (AutoencoderKLWan's default, which
+# `build_wan_vae` builds): its spatial factor, 8
+WAN21_DIM_MULT = (1, 2, 4, 4)
+
+
 def build_wan_vae(device, dtype):
     """The Wan2.1 VAE's architecture (diffusers' defaults), seeded random weights."""
     from diffusers import AutoencoderKLWan
@@ -226,8 +231,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> dict:
     from streamgen.cli import UserError, check_device
+    from streamgen.model.wan_vae import WanVAE
 
     check_device(args.device)
+    # the frame size before the VAE's build (seconds: diffusers' import, 127M random weights), by
+    # the Wan2.1 VAE's factor; the built one's check below stays the word on it
+    factor = WanVAE.spatial_factor_of(WAN21_DIM_MULT)
+    if args.height % factor or args.width % factor:
+        raise UserError(f"frame size {args.height}x{args.width} must be a multiple of {factor}")
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
