@@ -85,7 +85,7 @@ else
   echo "bench gpu: not run, ${bench_s} s left before the deadline" >> "$OUT/bench-gpu.log"
 fi
 # the plot from whatever the JSON holds, so a run cut short still gets one
-timeout -k 5 $PLOT_S "$PY" -c "import json, sys; from bench.gpu import plot; plot(json.load(open(sys.argv[1])), sys.argv[2])" \
+timeout -k 5 $PLOT_S "$PY" -c "import json, sys; from bench.gpu_plot import plot; plot(json.load(open(sys.argv[1])), sys.argv[2])" \
   "$results.json" "$results.png" 2> "$OUT/plot.log" || echo "plot: failed (plot.log)" >> "$OUT/bench-gpu.log"
 rm -rf "$site"
 tail -c 3000 "$results.json"

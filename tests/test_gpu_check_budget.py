@@ -368,5 +368,5 @@ def test_the_benchmarks_files_are_named_after_the_gpu_that_ran_them(tmp_path, gp
     (bench,) = [line.split() for line in unbounded.read_text().splitlines() if "-m bench.gpu" in line]
     out = Path(bench[bench.index("--out") + 1])
     assert out.parent == tmp_path / "out" and re.fullmatch(rf"{prefix}-\d{{4}}-\d\d-\d\d\.json", out.name)
-    (plot,) = [line.split() for line in unbounded.read_text().splitlines() if "bench.gpu import plot" in line]
+    (plot,) = [line.split() for line in unbounded.read_text().splitlines() if "bench.gpu_plot import plot" in line]
     assert plot[-2:] == [str(out), str(out.with_suffix(".png"))]
