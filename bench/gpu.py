@@ -455,9 +455,11 @@ def variant_plan(
                 model, steps, chunks, warmup, device, dtype, text_tokens, prepare, clip_frames
             )
 
+        # the decoder's ways each over as many chunks as a stream times, at most 5 (the GPU run's
+        # 12: 5; a short --chunks on a CPU, as few as it)
         new, measured = gpu_variants.lever_variants(
             model, measure, result["variants"], device, dtype, steps, model.height, model.width, fp8,
-            compile_blocks,
+            compile_blocks, decoder_chunks=min(chunks, 5),
         )  # fmt: skip
         # the default configuration stage by stage against its floor: measured on 2026-11-30
         measured = {

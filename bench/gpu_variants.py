@@ -186,14 +186,15 @@ def compiled_blocks(model, measure, backend: str = "inductor"):
 
 
 def lever_variants(
-    model, measure, variants, device, dtype, steps, height, width, fp8, compile_blocks
+    model, measure, variants, device, dtype, steps, height, width, fp8, compile_blocks, decoder_chunks=5
 ) -> tuple[dict, dict]:
     """(new, measured): name -> measurement(prepare), each in the order they run. `new`: the levers
     one by one on the default configuration, then together, none of which has run on a GPU yet
     (FP8, the tiny decoder, the Wan decoder's fused kernels, the last step's cache first: within
     the time budget before anything else); `measured`: what the H200 runs of 2026-11-30
     measured (bench/results/h200-2026-11-30*.json). `variants` is the run's result so far, read as
-    they run (the fastest attention and decoder way are those timed before)."""
+    they run (the fastest attention and decoder way are those timed before). The decoder's ways
+    are each timed over `decoder_chunks` chunks (`decoder_variants`)."""
     dev = torch.device(device)
     extras = {}
 
@@ -245,7 +246,7 @@ def lever_variants(
     # the decoder's ways (and the tiny decoder beside them), then every lever with the fastest:
     # the likeliest to reach the target with the Wan decoder, before what is never the headline
     fast_ways = [name for name in DECODER_WAYS if name not in SLOW_DECODER_WAYS] + [TINY_DECODER]
-    extras["decoder"] = lambda _prepare: decoder_variants(model, device, dtype, fast_ways)
+    extras["decoder"] = lambda _prepare: decoder_variants(model, device, dtype, fast_ways, decoder_chunks)
 
     def with_fastest_decoder(measurement, required=True):
         def fn(prepare):
@@ -285,7 +286,7 @@ def lever_variants(
     )
     if compile_blocks:  # the decoder under Inductor: a minute of compiling
         extras["decoder_compiled"] = lambda _prepare: decoder_variants(
-            model, device, dtype, SLOW_DECODER_WAYS
+            model, device, dtype, SLOW_DECODER_WAYS, decoder_chunks
         )
     measured = {}
     if steps > 2:  # what the 2-step student would stream at (docs/results.md: it loses little)

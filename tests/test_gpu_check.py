@@ -174,7 +174,7 @@ def gpu_check_run(tmp_path_factory):
         os.environ,
         OUT=str(out),
         PYTHON=str(python),
-        GPU_CHECK_BENCH_ARGS="--device cpu --quick --no-compile --backends sdpa --chunks 2 --warmup-chunks 1",
+        GPU_CHECK_BENCH_ARGS="--device cpu --quick --no-compile --backends sdpa --chunks 2 --warmup-chunks 0",
     )
     env.pop("PYTHONPATH", None)
     r = subprocess.run(
