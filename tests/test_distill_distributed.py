@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -28,34 +29,72 @@ teacher: {{p_motion_prefix: 0.5, p_drop_reference: 0.5}}
 # scale up to a full step of +-lr in either run; the comparison is about the gradient arithmetic.
 
 
-def launch(tmp_path, name: str, procs: int, fsdp: bool = False, extra=()):
-    cfg = tmp_path / f"{name}.yaml"
-    cfg.write_text(CONFIG.format(out=tmp_path / name, fsdp=str(fsdp).lower()))
+def write_config(root, name: str, fsdp: bool = False):
+    cfg = root / f"{name}.yaml"
+    cfg.write_text(CONFIG.format(out=root / name, fsdp=str(fsdp).lower()))
+    return cfg
+
+
+def launch(root, name: str, procs: int, fsdp: bool = False, extra=()):
+    cfg = write_config(root, name, fsdp)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
            "-m", "streamgen", "distill", "teacher", "--config", str(cfg), *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("teacher: finished") == 1  # (rank 0's: every rank's ran together)
-    return final_tensors(tmp_path / name)
+    return final_tensors(root / name)
 
 
-def test_two_gloo_processes_equal_one_with_the_doubled_batch(tmp_path):
-    one = launch(tmp_path, "one", 1)  # global batch 4 in one process
-    two = launch(tmp_path, "two", 2)  # 2 per rank, gradients all-reduced
+def run_here(root, name: str, steps: int, resume: bool = False):
+    """The same config's run in this process (one process, the whole batch): the reference the
+    launched ranks are compared with, where a torchrun of one process would only add its start-up."""
+    from distill.config import load_config
+    from distill.trainer import Trainer
+
+    cfg = load_config(write_config(root, name), "teacher")
+    cfg.run.steps = steps
+    Trainer(cfg, resume=resume).run()
+    return final_tensors(root / name)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The runs several tests compare (each made once, on first use): "one" and "one_2" (1 process,
+    1 and 2 steps), "two" (2 gloo processes, 1 step)."""
+    root = tmp_path_factory.mktemp("runs")
+    makers = {
+        "one": lambda: run_here(root, "one", steps=1),
+        "one_2": lambda: run_here(root, "one_2", steps=2),
+        "two": lambda: launch(root, "two", 2),
+    }
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = makers[name]()
+        return made[name]
+
+    get.root = root
+    return get
+
+
+def test_two_gloo_processes_equal_one_with_the_doubled_batch(runs):
+    one = runs("one")  # global batch 4 in one process
+    two = runs("two")  # 2 per rank, gradients all-reduced
     assert max_difference(one, two) <= 1e-6
     # and the step moved the weights by much more than the tolerance
     from distill.build import new_dit
     from distill.config import load_config
 
-    initial = new_dit(load_config(tmp_path / "one.yaml", "teacher").model, seed=3).state_dict()
+    initial = new_dit(load_config(runs.root / "one.yaml", "teacher").model, seed=3).state_dict()
     moved = max(float((one[f"module/teacher/{k}"] - v).abs().max()) for k, v in initial.items())
     assert moved > 1e-4
 
 
-def test_fsdp2_shards_take_the_same_steps_and_resume_exactly(tmp_path):
+def test_fsdp2_shards_take_the_same_steps_and_resume_exactly(runs, tmp_path):
     """run.fsdp: 2 sharded processes = 1 process with the whole batch; killed + resumed = uninterrupted."""
-    one = launch(tmp_path, "one", 1, extra=["--steps", "2"])
+    one = runs("one_2")
     whole = launch(tmp_path, "whole", 2, fsdp=True, extra=["--steps", "2"])
     launch(tmp_path, "split", 2, fsdp=True)  # stops after step 1 with its checkpoint
     split = launch(tmp_path, "split", 2, fsdp=True, extra=["--steps", "2", "--resume"])
@@ -68,12 +107,18 @@ def test_fsdp2_shards_take_the_same_steps_and_resume_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_resumed_on_another_number_of_ranks_equals_one_never_interrupted(tmp_path):
+def test_a_run_resumed_on_another_number_of_ranks_equals_one_never_interrupted(runs, tmp_path):
     """docs/distill.md: sample i of the global batch draws the same numbers on whichever rank holds it."""
-    one = launch(tmp_path, "one", 1, extra=["--steps", "2"])
-    launch(tmp_path, "moved", 2)  # step 1 on 2 ranks, then step 2 on 1
-    moved = launch(tmp_path, "moved", 1, extra=["--steps", "2", "--resume"])
+    one = runs("one_2")
+    runs("two")  # step 1 on 2 ranks, then step 2 on 1 (a copy: "two" is another test's too)
+    shutil.copytree(runs.root / "two", tmp_path / "moved")
+    moved = run_here(tmp_path, "moved", steps=2, resume=True)
     assert max_difference(one, moved) <= 1e-6
+    # (resumed, not started again: the first step is still the 2 ranks' checkpoint)
+    from streamgen.checkpoint import list_checkpoints, load_checkpoint
+
+    first, last = (load_checkpoint(path)[1] for path in list_checkpoints(tmp_path / "moved"))
+    assert (first["world_size"], last["world_size"]) == (2, 1)
 
 
 def _average_on_two_ranks(rank: int, port: int, out: str) -> None:
