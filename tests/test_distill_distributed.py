@@ -306,16 +306,26 @@ def test_the_other_ranks_wait_for_rank_0s_own_work_longer_than_the_groups_timeou
     assert (tmp_path / "ode" / "model").is_dir()
 
 
-def _logged(tmp_path, stage: str, procs: int, extra=()) -> dict:
-    """The scalars rank 0 logged at step 0 of `stage`'s debug config on `procs` gloo processes."""
+def _logged(tmp_path, stage: str, procs: int, sets=()) -> dict:
+    """The scalars rank 0 logged at step 0 of `stage`'s debug config on `procs` gloo processes
+    (1: in this process)."""
     import json
 
     out = tmp_path / f"{stage}-{procs}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-           "-m", "streamgen", "distill", stage, "--config", "debug", "--out", str(out), "--steps", "1", *extra]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    if procs == 1:
+        from distill.config import find_config, load_config
+        from distill.trainer import Trainer
+
+        cfg = load_config(find_config("debug", stage), stage, sets)
+        cfg.run.out, cfg.run.steps = str(out), 1
+        Trainer(cfg).run()
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+               "-m", "streamgen", "distill", stage, "--config", "debug", "--out", str(out), "--steps", "1"]  # fmt: skip
+        cmd += [arg for s in sets for arg in ("--set", s)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "scalars.jsonl").read_text().splitlines()[0])
 
 
@@ -324,14 +334,14 @@ def _logged(tmp_path, stage: str, procs: int, extra=()) -> dict:
 def test_scalars_logged_on_two_ranks_are_of_the_whole_batch(tmp_path, stage, key):
     """A stage's own scalars (a PSNR, the DMD gradient norm) were of rank 0's slice alone: on 2 ranks
     scalars.jsonl and TensorBoard showed another number than 1 process with the same batch."""
-    extra = []
+    sets = []
     if stage == "self_forcing":
         from test_distill_helpers import debug_config, run
 
         run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
         teacher = str(tmp_path / "teacher" / "model")
-        extra = ["--set", f"self_forcing.teacher={teacher}", "--set", f"model.init={teacher}"]
-    one, two = (_logged(tmp_path, stage, procs, extra) for procs in (1, 2))
+        sets = [f"self_forcing.teacher={teacher}", f"model.init={teacher}"]
+    one, two = (_logged(tmp_path, stage, procs, sets) for procs in (1, 2))
     loss = next(k for k in one if k.startswith("loss_"))
     assert two[loss] == pytest.approx(one[loss], rel=1e-5)  # (the loss was averaged already)
     assert two[key] == pytest.approx(one[key], rel=1e-5)
