@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_distill_helpers import final_tensors, max_difference
 
+from streamgen.checkpoint import list_checkpoints
 from streamgen.parallel.launch import join_process_group
 
 pytestmark = pytest.mark.distributed
@@ -96,7 +97,11 @@ def test_fsdp2_shards_take_the_same_steps_and_resume_exactly(runs, tmp_path):
     """run.fsdp: 2 sharded processes = 1 process with the whole batch; killed + resumed = uninterrupted."""
     one = runs("one_2")
     whole = launch(tmp_path, "whole", 2, fsdp=True, extra=["--steps", "2"])
-    launch(tmp_path, "split", 2, fsdp=True)  # stops after step 1 with its checkpoint
+    # killed after step 1's checkpoint: what that run left is the uninterrupted run's, up to there
+    shutil.copytree(tmp_path / "whole", tmp_path / "split")
+    shutil.rmtree(tmp_path / "split" / "model")
+    list_checkpoints(tmp_path / "split")[-1].unlink()
+    assert len(list_checkpoints(tmp_path / "split")) == 1
     split = launch(tmp_path, "split", 2, fsdp=True, extra=["--steps", "2", "--resume"])
     assert max_difference(one, whole) <= 1e-6
     assert max_difference(whole, split) <= 1e-6
@@ -115,7 +120,7 @@ def test_a_run_resumed_on_another_number_of_ranks_equals_one_never_interrupted(r
     moved = run_here(tmp_path, "moved", steps=2, resume=True)
     assert max_difference(one, moved) <= 1e-6
     # (resumed, not started again: the first step is still the 2 ranks' checkpoint)
-    from streamgen.checkpoint import list_checkpoints, load_checkpoint
+    from streamgen.checkpoint import load_checkpoint
 
     first, last = (load_checkpoint(path)[1] for path in list_checkpoints(tmp_path / "moved"))
     assert (first["world_size"], last["world_size"]) == (2, 1)
