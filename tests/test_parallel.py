@@ -272,7 +272,9 @@ def _worker(rank, world, port, case_path, result_dir):
         dist.destroy_process_group()
 
 
-def run_parallel(tmp_path, world) -> list[dict]:
+def single_process_case(tmp_path) -> tuple[str, dict]:
+    """The weights, inputs and single-process outputs every world size is compared with, saved for
+    the processes: (the file, the DiT's outputs by reference_key)."""
     cfg = tiny_config()
     torch.manual_seed(0)
     model = DiT(cfg).eval()
@@ -302,7 +304,12 @@ def run_parallel(tmp_path, world) -> list[dict]:
     case.update(vae_state=vae.state_dict(), latents=latents, decoded=decoded)
     case.update(wan_latents=wan_latents, wan_decoded=wan_decoded)
     torch.save(case, case_path)
+    return case_path, references
+
+
+def run_parallel(case_path: str, references: dict, tmp_path, world) -> list[dict]:
     spawn(_worker, (world, free_port(), case_path, str(tmp_path)), nprocs=world)
+    reference = references[reference_key("sdpa", False)]
     results = []
     for rank in range(world):
         with open(tmp_path / f"rank{rank}.json") as f:
@@ -319,11 +326,24 @@ def run_parallel(tmp_path, world) -> list[dict]:
     return results
 
 
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """single_process_case, once for both world sizes; on one thread, as each process runs: on a
+    2-core machine shared with other tests, torch's default threads wait for each other's cores
+    (7x slower there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return single_process_case(tmp_path_factory.mktemp("single_process"))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(
     scope="module", params=[2, pytest.param(4, marks=pytest.mark.distributed)], ids=lambda w: f"{w}proc"
 )
-def parallel_results(request, tmp_path_factory):
-    return run_parallel(tmp_path_factory.mktemp(f"parallel{request.param}"), request.param)
+def parallel_results(request, single_process, tmp_path_factory):
+    return run_parallel(*single_process, tmp_path_factory.mktemp(f"parallel{request.param}"), request.param)
 
 
 @pytest.mark.timeout(240)
