@@ -39,10 +39,26 @@ def _gloo_threads_now() -> int | None:
     return count
 
 
-def spawn(fn, args: tuple, nprocs: int) -> None:
+# what a forked server imports for its processes (torch._dynamo first: see join_process_group)
+PRELOAD = ["torch", "torch._dynamo", "torch.distributed"]
+
+
+def spawn(fn, args: tuple, nprocs: int, preload: tuple[str, ...] = ()) -> None:
     """`mp.spawn(fn, args, nprocs)`, each process's process group gone before its interpreter
-    shuts down (`_run_then_collect`)."""
-    mp.spawn(_run_then_collect, args=(fn, *args), nprocs=nprocs)
+    shuts down (`_run_then_collect`).
+
+    With `preload` (module names), the processes are forked from a fresh server process that
+    imported torch and those modules once (multiprocessing's forkserver), not started as fresh
+    interpreters that each import them again: seconds of a 2-core machine per process. The server
+    is this test process's, started by the first such spawn: `preload` counts only there, and the
+    processes' stdout and stderr are the server's (a capfd of a later test does not see them)."""
+    if not preload:
+        mp.spawn(_run_then_collect, args=(fn, *args), nprocs=nprocs)
+        return
+    import multiprocessing
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload([*PRELOAD, *preload])
+    mp.start_processes(_run_then_collect, args=(fn, *args), nprocs=nprocs, start_method="forkserver")
 
 
 def _run_then_collect(rank: int, fn, *args) -> None:

@@ -126,6 +126,10 @@ def test_a_run_resumed_on_another_number_of_ranks_equals_one_never_interrupted(r
     assert (first["world_size"], last["world_size"]) == (2, 1)
 
 
+# what the spawned ranks import: once, in the process they are forked from (spawn_helpers.spawn)
+RANK_IMPORTS = ("distill.trainer", "distill.ode", "distill.dmd", __name__)
+
+
 def _average_on_two_ranks(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -150,7 +154,7 @@ def test_average_gradients_keeps_none_where_no_rank_has_a_gradient(tmp_path):
     from server_helpers import free_port
     from spawn_helpers import spawn
 
-    spawn(_average_on_two_ranks, (free_port(), str(tmp_path)), nprocs=2)
+    spawn(_average_on_two_ranks, (free_port(), str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
     for rank in (0, 1):
         grads = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.equal(grads["both"], torch.full((3,), 1.5))
@@ -203,7 +207,7 @@ def test_every_rank_of_a_dmd_stage_holds_rank_0s_teacher_and_its_digest(tmp_path
     from test_distill_helpers import debug_config, run
 
     run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
-    spawn(_dmd_stage_on_two_ranks, (free_port(), str(tmp_path)), nprocs=2)
+    spawn(_dmd_stage_on_two_ranks, (free_port(), str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
     assert second["digest"] == first["digest"] != "0123456789abcdef"
     assert first["teacher"].keys() == second["teacher"].keys()
@@ -260,7 +264,7 @@ def test_every_rank_of_an_ode_stage_checks_the_trajectories_against_rank_0s_dige
     from test_distill_helpers import debug_config, run
 
     run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
-    spawn(_ode_stage_on_two_ranks, (free_port(), str(tmp_path)), nprocs=2)
+    spawn(_ode_stage_on_two_ranks, (free_port(), str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
     assert first.keys() == second.keys() == {"states", "clean", "clips", "starts"}
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -307,7 +311,7 @@ def test_the_other_ranks_wait_for_rank_0s_own_work_longer_than_the_groups_timeou
     from test_distill_helpers import debug_config, run
 
     run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
-    spawn(_slow_rank_0_work, (free_port(), str(tmp_path)), nprocs=2)
+    spawn(_slow_rank_0_work, (free_port(), str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
     assert (tmp_path / "ode" / "model").is_dir()
 
 

@@ -32,6 +32,9 @@ from streamgen.parallel.launch import join_process_group
 from streamgen.parallel.vae import decoder_receptive_radius
 from streamgen.sampling import encode_sink, generate_chunk, student_sigmas
 
+# what the spawned processes import: once, in the process they are forked from (the Wan VAE's
+# diffusers alone takes seconds)
+WORKER_IMPORTS = ("diffusers.models.autoencoders.autoencoder_kl_wan", "streamgen.parallel", __name__)
 HW = (4, 8)  # latent 4x8 -> 2x4 patches = 8 tokens per frame, divisible by 4 processes
 CHUNKS = 4  # window 6 frames = 3 chunks of 2: the 4th chunk overwrites the oldest ring slots
 TOL = 1e-5
@@ -308,7 +311,7 @@ def single_process_case(tmp_path) -> tuple[str, dict]:
 
 
 def run_parallel(case_path: str, references: dict, tmp_path, world) -> list[dict]:
-    spawn(_worker, (world, free_port(), case_path, str(tmp_path)), nprocs=world)
+    spawn(_worker, (world, free_port(), case_path, str(tmp_path)), nprocs=world, preload=WORKER_IMPORTS)
     reference = references[reference_key("sdpa", False)]
     results = []
     for rank in range(world):
@@ -509,7 +512,7 @@ def test_ring_and_ulysses_attention_gradients_equal_a_single_process(tmp_path, w
     keys and values of the next block are too). Ulysses: its all-to-alls carried no gradients (q,
     k and v got none); their backward is the inverse all-to-all. Hybrid (4 processes: a ring of
     2 over Ulysses groups of 2): both, the ring's backward inside the all-to-alls'."""
-    spawn(_gradient_worker, (world, free_port(), str(tmp_path)), nprocs=world)
+    spawn(_gradient_worker, (world, free_port(), str(tmp_path)), nprocs=world, preload=WORKER_IMPORTS)
     for rank in range(world):
         with open(tmp_path / f"grad{rank}.json") as f:
             errors = json.load(f)
@@ -590,7 +593,7 @@ def _no_keys_worker(rank, port, result_dir):
 def test_ring_attention_with_no_keys_at_all_gives_zeros_on_two_processes(tmp_path):
     """Lk = 0 on both processes of a ring: empty messages go around it (forward, and the backward's
     second ring with the gradient sums); the output and every gradient are 0."""
-    spawn(_no_keys_worker, (free_port(), str(tmp_path)), nprocs=2)
+    spawn(_no_keys_worker, (free_port(), str(tmp_path)), nprocs=2, preload=WORKER_IMPORTS)
     for rank in range(2):
         with open(tmp_path / f"no_keys{rank}.json") as f:
             results = json.load(f)
