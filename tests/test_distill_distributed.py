@@ -272,8 +272,9 @@ def test_every_rank_of_an_ode_stage_checks_the_trajectories_against_rank_0s_dige
 
 def _slow_rank_0_work(rank: int, port: int, root: str) -> None:
     """A 1-step ode run on two ranks whose group gives up waiting after 3 s, where rank 0's work
-    alone takes 6 s each time: the teacher's trajectories, the checkpoint and the export (a large
-    model's, or an export waiting for another's lock)."""
+    alone takes 4 s each time (the others wait a second longer than the timeout): the teacher's
+    trajectories, the checkpoint and the export (a large model's, or an export waiting for
+    another's lock)."""
     import time
 
     import torch.distributed as dist
@@ -289,7 +290,7 @@ def _slow_rank_0_work(rank: int, port: int, root: str) -> None:
     try:
         torch.set_num_threads(1)
         if rank == 0:
-            slow = lambda work: lambda *a, **k: time.sleep(6) or work(*a, **k)  # noqa: E731
+            slow = lambda work: lambda *a, **k: time.sleep(4) or work(*a, **k)  # noqa: E731
             checkpoint.save_checkpoint = slow(checkpoint.save_checkpoint)
             distill.ode.Stage.export = slow(distill.ode.Stage.export)
             distill.ode.Stage._sample_trajectories = slow(distill.ode.Stage._sample_trajectories)
