@@ -287,10 +287,24 @@ def test_a_session_deleted_while_the_queue_is_full_still_closes_its_stream(clien
         raise AssertionError("the queue did not fill")
     except WorkerBusy:
         pass
+    submit, queue_full_at_close = worker.submit, []
+
+    def submit_then_release(fn, *args, **kwargs):
+        # the DELETE awaits the close job: free the lane once the job is queued, not when the
+        # blocking job gives up waiting
+        future = submit(fn, *args, **kwargs)
+        if fn == stream.close:
+            queue_full_at_close.append(worker.waiting() > worker.max_jobs)
+            release.set()
+        return future
+
+    worker.submit = submit_then_release
     try:
         assert client.delete(s["resource"], headers=auth(s["token"])).status_code == 204
     finally:
+        del worker.submit
         release.set()
+    assert queue_full_at_close == [True]  # queued past the full queue, not dropped
     for _ in range(200):  # bounded: 10 s
         if stream.cache is None:
             break
