@@ -202,7 +202,9 @@ async def test_client_that_never_reads_is_dropped(monkeypatch):
             s = await create(http)
             other = await create(http, 1)
             lazy = lazy_socket(url, f"{s['stream']}?token={s['token']}")
-            async with websockets.connect(ws_url(url, other)) as good:
+            # no flow control: with its reading paused at a full queue, its close waited out the
+            # 10 s close timeout for the server's close frame, queued behind frames it never read
+            async with websockets.connect(ws_url(url, other), max_queue=None) as good:
                 await good.send(json.dumps({"type": "start"}))
                 for _ in range(300):  # bounded: about 30 s
                     if s["id"] not in app.state.registry.sessions:
