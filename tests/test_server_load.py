@@ -88,7 +88,8 @@ async def test_full_server_refuses_one_more_and_keeps_streaming():
 @pytest.mark.slow
 async def test_connect_disconnect_cycles_do_not_leak():
     """200 WebSocket sessions (half closed cleanly, half dropped like a killed tab) + 10 WebRTC ones."""
-    with live_server(max_sessions=4) as (url, app):
+    # the smallest picture in one step: what leaks is the sessions', not the model's work
+    with live_server(max_sessions=4, height=32, width=32, steps=1) as (url, app):
         registry = app.state.registry
         samples = {}
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
