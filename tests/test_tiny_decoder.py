@@ -251,7 +251,9 @@ def test_a_stream_session_streams_through_it():
     assert first.std() > 0
 
 
-def test_generate_decodes_through_a_tiny_decoder_in_one_process_or_several_and_refuses_a_wrong_one(tmp_path):
+def test_generate_decodes_through_a_tiny_decoder_in_one_process_or_several_and_refuses_a_wrong_one(
+    tmp_path, capsys
+):
     import av
     from cli_helpers import streamgen
 
@@ -288,10 +290,13 @@ def test_generate_decodes_through_a_tiny_decoder_in_one_process_or_several_and_r
             "this tiny decoder does not fit the autoencoder's latents: latent channels 16 != 4",
         ),
     ):
-        r = streamgen("generate", "--model", "debug", "--tiny-decoder", str(checkpoint),
-                      "--out", str(tmp_path / "x.mp4"), "--quiet")  # fmt: skip
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-        assert r.stderr.strip().splitlines()[-1].startswith(f"streamgen generate: error: {message}"), r.stderr
+        # in this process: the command's error, not a fresh process's start, is what is checked
+        capsys.readouterr()
+        code = main(["generate", "--model", "debug", "--tiny-decoder", str(checkpoint),
+                     "--out", str(tmp_path / "x.mp4"), "--quiet"])  # fmt: skip
+        stderr = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in stderr, stderr
+        assert stderr.strip().splitlines()[-1].startswith(f"streamgen generate: error: {message}"), stderr
 
 
 @torch.no_grad()
