@@ -58,10 +58,10 @@ def relay(port: int):
             cut()
 
 
-def streaming_through_a_relay(context, url: str, relay_port: int):
+def streaming_through_a_relay(context, url: str, relay_port: int, silent_s: int):
     page = context.new_page()
     page.add_init_script(HELD + STREAM_ELSEWHERE + f"window.streamAt = 'http://127.0.0.1:{relay_port}';")
-    page.goto(f"{url}/?autostart=1&transport=ws")
+    page.goto(f"{url}/?autostart=1&transport=ws&silent_s={silent_s}")
     page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
     return page
 
@@ -74,15 +74,15 @@ def streaming_through_a_relay(context, url: str, relay_port: int):
         # a network that went away closes no socket: the page said 'streaming' on its last frame, the
         # microphone on, for as long as TCP took to give up (minutes; here, for good). A stream hears
         # its server 25 times a second (frames) and at least once (the pong to its ping): after 10 s
-        # of nothing the page gives the connection up and says so
-        ("stall", "closed: 1006 the server sent nothing for 10 s"),
+        # of nothing (3 s here: ?silent_s=3) the page gives the connection up and says so
+        ("stall", "closed: 1006 the server sent nothing for 3 s"),
     ],
 )
 def test_a_websocket_whose_connection_fails_says_how(browser_page, fault, says):
     with live_server(max_sessions=2) as (url, app), relay(int(url.rsplit(":", 1)[1])) as (port, cut, stall):
-        page = streaming_through_a_relay(browser_page, url, port)
+        page = streaming_through_a_relay(browser_page, url, port, silent_s=3)
         try:
-            page.wait_for_timeout(2000)  # (a stream that plays for a while is not given up)
+            page.wait_for_timeout(4000)  # (a stream that plays longer than that is not given up)
             assert page.evaluate("window.streamgenStats.state") == "streaming (websocket)"
             {"cut": cut, "stall": stall}[fault]()
             page.wait_for_function("window.streamgenStats.state.startsWith('closed')", timeout=30_000)

@@ -1,7 +1,7 @@
 // The WebSocket API, the fallback: its session and stream, the playout of its frames and sound on
 // the audio clock, the microphone sent over it, and what its close codes say about the session.
 import { createSession, deleteSession } from "./api.js";
-import { $, abandoned, setNotice, showOverlay, speakTaken, state, stats, waitForClickForSound } from "./page.js";
+import { $, abandoned, params, setNotice, showOverlay, speakTaken, state, stats, waitForClickForSound } from "./page.js";
 import { Resampler, toPcm16 } from "./resample.js";
 
 const SAMPLE_RATE = 16000;
@@ -17,8 +17,10 @@ const SOCKET_CLOSE_ANSWER_MS = 2000;
 // How long a streaming WebSocket may hear nothing from its server (frames come 25 a second, and the
 // answer to the page's ping each second) before the page gives it up. A network that went away (a
 // laptop's Wi-Fi dropped, a NAT that forgot the connection) closes no socket: the page said
-// 'streaming' on its last frame for as long as TCP took to give up, minutes.
-const WEBSOCKET_SILENT_MS = 10000;
+// 'streaming' on its last frame for as long as TCP took to give up, minutes. The page's `?silent_s=`
+// sets it in seconds (a network known to pause longer, or a test), at least 2: the pong comes each
+// second.
+const WEBSOCKET_SILENT_MS = Math.max(2, Number(params.get("silent_s")) || 10) * 1000;
 
 let playStart = null, playClockRuns = null, seqOut = 0, micPath = null, frameTimes = [];
 // the field's text of each speak sent and not answered yet: the server answers them in order, each
