@@ -267,14 +267,24 @@ async def test_graceful_shutdown_closes_sockets_and_peers():
     await pc.close()
 
 
-async def test_model_in_a_child_process():
-    """`streamgen serve --model-process`: sessions, speech, captions and teardown work the same."""
+async def test_model_in_a_child_process_and_its_memory_and_cpu_in_the_metrics():
+    """`streamgen serve --model-process`: sessions, speech, captions and teardown work the same.
+
+    Under --model-process the model and every stream's cache live in the model process, and
+    process_* is the server's alone: a model process growing to the out-of-memory killer showed
+    nowhere in /metrics. (One test: each starts a model process, seconds of imports.)"""
     with live_server(inference_process=True) as (url, app):
         host = app.state.registry.host
         assert host is not None and host.process.is_alive()
         # no session yet, so the worker is not using the pipe: the loaded heap is out of collections
         assert host.call("ping")["frozen_objects"] > 10_000
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            with open(f"/proc/{host.process.pid}/status") as f:
+                rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            metrics = (await http.get("/metrics")).text
+            lines = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line[:1] != "#"}
+            assert 0.5 * rss < lines["streamgen_model_process_resident_memory_bytes"] < 2 * rss
+            assert lines["streamgen_model_process_cpu_seconds_total"] > 0
             s = await create(http, 3)
             async with websockets.connect(ws_url(url, s)) as ws:
                 await ws.send(json.dumps({"type": "start", "format": "rgb"}))
@@ -301,6 +311,8 @@ async def test_model_in_a_child_process():
             assert health.status_code == 503 and health.json()["status"] == "down"
             ready = await http.get("/readyz")
             assert ready.status_code == 503 and "model process exited" in ready.json()["error"]
+            metrics = (await http.get("/metrics")).text
+            assert "streamgen_model_process_resident_memory_bytes" not in metrics
     assert not host.process.is_alive()
 
 
@@ -411,23 +423,6 @@ def test_a_ctrl_c_leaves_the_model_process_to_the_server():
     finally:
         host.stop()
     assert host.process.exitcode == 0
-
-
-def test_the_model_processs_memory_and_cpu_are_in_the_metrics():
-    """Under --model-process the model and every stream's cache live in the model process, and
-    process_* is the server's alone: a model process growing to the out-of-memory killer showed
-    nowhere in /metrics."""
-    with live_server(inference_process=True) as (url, app):
-        host = app.state.registry.host
-        with open(f"/proc/{host.process.pid}/status") as f:
-            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-        metrics = httpx.get(f"{url}/metrics").text
-        lines = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line[:1] != "#"}
-        assert 0.5 * rss < lines["streamgen_model_process_resident_memory_bytes"] < 2 * rss
-        assert lines["streamgen_model_process_cpu_seconds_total"] > 0
-        host.process.kill()
-        host.process.join(10)
-        assert "streamgen_model_process_resident_memory_bytes" not in httpx.get(f"{url}/metrics").text
 
 
 def test_an_operation_that_fails_in_the_model_process_logs_where(capfd):
