@@ -406,10 +406,15 @@ async def test_a_stuck_model_process_ends_its_sessions_and_the_health():
     assert not host.process.is_alive()
 
 
-def test_a_ctrl_c_leaves_the_model_process_to_the_server():
+def test_a_ctrl_c_leaves_the_model_process_to_the_server_and_its_failures_log_where(capfd):
     """A Ctrl-C in the terminal of `serve --model-process` reaches the model process too (one
     process group): it printed a KeyboardInterrupt traceback and died, and one in a chunk ended
-    that chunk's session as a dead model process's (an ERROR) while the server was closing it."""
+    that chunk's session as a dead model process's (an ERROR) while the server was closing it.
+
+    The server logged the message of a failure in the model process with a traceback of its own
+    (the pipe's, in model_host.py): where the model failed was nowhere. A client's error (a bad
+    caption, an unknown stream) is the client's, reported to it, with no traceback. (One test:
+    each starts a model process, seconds of imports.)"""
     import os
     import signal
 
@@ -420,19 +425,6 @@ def test_a_ctrl_c_leaves_the_model_process_to_the_server():
         os.kill(host.process.pid, signal.SIGINT)
         host.process.join(1)
         assert host.call("ping")["frozen_objects"] > 0 and host.down is None
-    finally:
-        host.stop()
-    assert host.process.exitcode == 0
-
-
-def test_an_operation_that_fails_in_the_model_process_logs_where(capfd):
-    """The server logged the message of a failure in the model process with a traceback of its own
-    (the pipe's, in model_host.py): where the model failed was nowhere. A client's error (a bad
-    caption, an unknown stream) is the client's, reported to it, with no traceback."""
-    from server.model_host import ModelHost
-
-    host = ModelHost("debug", "cpu", 1)
-    try:
         with pytest.raises(RuntimeError):  # a TypeError there, not a client's error: a bug of the server's
             host.call("create", "s1", np.zeros((64, 64, 3), np.uint8), None, 0, 64, 64, "two")
         with pytest.raises(KeyError):
@@ -440,6 +432,7 @@ def test_an_operation_that_fails_in_the_model_process_logs_where(capfd):
         assert host.call("ping")["frozen_objects"] > 0  # the host carries on
     finally:
         host.stop()
+    assert host.process.exitcode == 0
     err = capfd.readouterr().err
     assert "model process: create failed" in err and "Traceback" in err and "TypeError: steps must be" in err
     assert "caption failed" not in err
