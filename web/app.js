@@ -3,6 +3,7 @@
 //   ?autostart=1  connect on load      ?avatar=ada   preselect an avatar
 //   ?mic=0        start without mic    ?transport=ws skip WebRTC
 //   ?token=T      the server token, on a server started with --token
+//   ?silent_s=10  seconds a WebSocket stream may hear nothing before the page gives it up (>= 2)
 // The page's modules: page.js (what they share), api.js, webrtc.js, websocket.js; this one: the
 // avatars, the controls, and a connection's start and end.
 import { apiFetch, apiJson, authHeaders, createSession, deleteSession } from "./api.js";
