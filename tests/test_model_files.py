@@ -193,3 +193,16 @@ def test_a_model_json_that_cannot_be_read_says_why(tmp_path):
         read_json(tmp_path / "model.json")
     with pytest.raises(FileNotFoundError):  # (not there stays not there: callers tell it apart)
         read_json(tmp_path / "missing.json")
+
+
+def test_loading_a_model_leaves_torch_dynamo_unimported():
+    """The DiT's shapes, checked on the meta device before its weights load, divided two of its
+    parameters out of place: on meta tensors that goes through torch's Python references, which
+    import torch._dynamo (and Triton): 2-3 s more for every process that loads a model (a
+    server, each --sp rank, the model process)."""
+    import subprocess
+    import sys
+
+    probe = "import sys; from streamgen.models import load_model; load_model('tiny-avatar'); print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

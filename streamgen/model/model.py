@@ -179,7 +179,7 @@ class Block(nn.Module):
         d = cfg.dim
         self.eps = cfg.eps
         # 6-way adaLN: shift/scale/gate for self-attention, then for the MLP
-        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+        self.modulation = nn.Parameter(torch.randn(1, 6, d).div_(d**0.5))
         self.self_attn = SelfAttention(cfg)
         self.cross_norm = nn.LayerNorm(d, eps=cfg.eps) if cfg.cross_attn_norm else None
         self.cross_attn = CrossAttention(d, d, cfg.num_heads, cfg.eps, cfg.attn_backend)
@@ -258,7 +258,7 @@ class Block(nn.Module):
 class Head(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim).div_(cfg.dim**0.5))
         self.proj = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
 
     def shift_scale(self, temb):
