@@ -85,13 +85,17 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def kernel_cases(shapes: dict, device, dtype) -> dict:
-    """name -> (eager fn, triton op name, args, bytes moved or None, flops or None)."""
+def kernel_cases(shapes: dict, device, dtype, values: bool = True) -> dict:
+    """name -> (eager fn, triton op name, args, bytes moved or None, flops or None). values=False:
+    the tensors' values uninitialised, for compiling the kernels, which reads only their shapes,
+    strides and dtypes (random values at the Wan sizes were 4.5 s of CPU)."""
     b, f, (hp, wp), d = shapes["batch"], shapes["frames"], shapes["grid"], shapes["width"]
     s, heads = hp * wp, shapes["heads"]
     head_dim = d // heads
 
     def rnd(*shape, dt=dtype):
+        if not values:
+            return torch.empty(*shape, device=device, dtype=dt)
         return torch.randn(*shape, device=device).to(dt)
 
     x, y = rnd(b, f, s, d), rnd(b, f, s, d)
