@@ -84,17 +84,29 @@ def test_every_kernel_builds_for_hopper_without_spills_within_shared_memory():
     ]
 
 
-@pytest.mark.slow
-def test_exact_fp32_attention_builds_one_config_instead_of_autotuning():
-    q, k = torch.randn(1, 40, 2, 128), torch.randn(1, 70, 2, 128)
+@pytest.fixture(scope="module")
+def fp32_attention_builds():
+    """What each of two exact fp32 attention calls built, query lengths 5 and 40 (length buckets
+    8 and 64) against the same keys: the fp32 kernel is built once for the two tests below."""
+    k = torch.randn(1, 70, 2, 128)
+    builds = []
     with resources.compile_only(90) as compiled:
-        triton_attention.attention(q, k, k)
-    ((_name, variant, kernel, _seconds, _report),) = compiled
+        for lq in (5, 40):
+            before = len(compiled)
+            triton_attention.attention(torch.randn(1, lq, 2, 128), k, k)
+            builds.append(compiled[before:])
+    return builds
+
+
+@pytest.mark.slow
+def test_exact_fp32_attention_builds_one_config_instead_of_autotuning(fp32_attention_builds):
     smallest = triton_attention._ATTN_CONFIGS[-1]
-    assert variant["DOT_FP32"] and (variant["BLOCK_M"], variant["BLOCK_N"]) == (64, 32) == tuple(
-        smallest.kwargs.values()
-    )
-    assert kernel.metadata.shared <= resources.SHARED_BYTES_PER_BLOCK[90]
+    for built in fp32_attention_builds:
+        ((_name, variant, kernel, _seconds, _report),) = built
+        assert variant["DOT_FP32"] and (variant["BLOCK_M"], variant["BLOCK_N"]) == (64, 32) == tuple(
+            smallest.kwargs.values()
+        )
+        assert kernel.metadata.shared <= resources.SHARED_BYTES_PER_BLOCK[90]
 
 
 @pytest.mark.slow
@@ -146,20 +158,22 @@ def test_the_attention_tile_is_tuned_per_power_of_two_of_the_lengths(monkeypatch
 
 
 @pytest.mark.slow
-def test_a_new_length_bucket_builds_nothing_new():
+def test_a_new_length_bucket_builds_nothing_new(fp32_attention_builds):
     """The buckets are for the autotuner's key only: query lengths of 5 and 40 (buckets 8 and 64)
     run one binary (fp32 inputs: one config, built once)."""
-    k = torch.randn(1, 70, 2, 128)
-    with resources.compile_only(90) as compiled:
-        for lq in (5, 40):
-            triton_attention.attention(torch.randn(1, lq, 2, 128), k, k)
-    assert len(compiled) == 2 and compiled[0][2] is compiled[1][2]
+    (first,), (second,) = fp32_attention_builds
+    assert first[2] is second[2]
 
 
-def test_an_unknown_case_is_one_line_and_exit_code_2():
-    r = streamgen("bench", "resources", "--only", "layernorm", "--json")
-    assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.startswith("streamgen bench: error: --only: unknown case(s) layernorm; the cases are layernorm_")
+def test_an_unknown_case_is_one_line_and_exit_code_2(capsys):
+    from streamgen.cli import main
+
+    assert main(["bench", "resources", "--only", "layernorm", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(
+        "streamgen bench: error: --only: unknown case(s) layernorm; the cases are layernorm_"
+    )
 
 
 def test_the_head_dim_tile_is_at_least_32_for_fp8_products():
