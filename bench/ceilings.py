@@ -17,14 +17,25 @@ def synchronize(device):
     return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
 
-def measure_ceilings(device, dtypes, repeats: int = 10, float8: bool = False) -> dict:
+def measure_ceilings(
+    device,
+    dtypes,
+    repeats: int = 10,
+    float8: bool = False,
+    size: int | None = None,
+    copy_mib: int | None = None,
+) -> dict:
     """This device's matrix rate (one large product on random data, in the fastest of `dtypes`:
     the floor is a bound for any of them) and copy bandwidth (bytes read + written); with
-    `float8`, also the rate of e4m3 products with row-wise scales (`reference.fp8_matmul`)."""
+    `float8`, also the rate of e4m3 products with row-wise scales (`reference.fp8_matmul`).
+
+    `size`: the side of the square products, `copy_mib`: the copy's MiB (None: 8192 and 2 GiB on
+    CUDA, 1024 and 256 MiB elsewhere, large enough to reach the rates; a bfloat16 product of 1024
+    takes seconds on a CPU without native bf16)."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     sync = synchronize(device)
-    n = 8192 if cuda else 1024
+    n = size or (8192 if cuda else 1024)
 
     def median_seconds(fn):
         for _ in range(3):
@@ -42,7 +53,8 @@ def measure_ceilings(device, dtypes, repeats: int = 10, float8: bool = False) ->
     for dtype in dict.fromkeys(dtypes):
         a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
         rates[str(dtype).removeprefix("torch.")] = 2 * n**3 / median_seconds(lambda a=a, b=b: a @ b) / 1e12
-    src = torch.empty((2 << 30) if cuda else (256 << 20), dtype=torch.uint8, device=dev)
+    copy_mib = copy_mib or ((2 << 10) if cuda else 256)
+    src = torch.empty(copy_mib << 20, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
     copy_s = median_seconds(lambda: dst.copy_(src))
     ceilings = {
