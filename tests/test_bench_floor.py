@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from cli_helpers import streamgen
 from torch import nn
 
 from bench import ceilings as device_ceilings
@@ -15,6 +14,24 @@ from streamgen.stream import CHUNK_STAGES, StreamSession
 
 STEPS = 4
 MODELS = Path(__file__).resolve().parents[1] / "streamgen" / "assets" / "models"
+
+
+def bench_floor(capsys, *args, env=None) -> dict:
+    """`streamgen bench floor --json *args`'s JSON, run in this process (a fresh one took seconds
+    to import torch), with `env`'s variables set for it."""
+    import logging
+
+    from streamgen.cli import main
+
+    logging_off = logging.root.manager.disable
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (env or {}).items():
+            mp.setenv(name, value)
+        try:
+            assert main(["bench", "floor", "--json", *args]) == 0, capsys.readouterr().err
+        finally:
+            logging.disable(logging_off)  # (--json turns the warnings of the whole process off)
+    return json.loads(capsys.readouterr().out)
 
 
 def counted(device):
@@ -286,11 +303,12 @@ def test_measured_ceilings_are_positive_rates():
     assert ceilings["matmul_tflop_per_s"] == max(by_dtype.values()) and ceilings["copy_gb_per_s"] > 0
 
 
-def test_command_line_for_the_shipped_model_counts_and_times_each_stage(tmp_path):
+def test_command_line_for_the_shipped_model_counts_and_times_each_stage(tmp_path, capsys):
     png = tmp_path / "floor.png"
-    r = streamgen("bench", "floor", "--model", "tiny-avatar", "--time", "2", "--json", "--plot", str(png))
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)
+    # a one-chunk clip: each chunk of the default 81 frames is counted too
+    result = bench_floor(
+        capsys, "--model", "tiny-avatar", "--time", "2", "--clip-frames", "9", "--plot", str(png)
+    )
     assert result["counted_on"] == "cpu" and result["target_fps"] == 25
     # counted on a real device: every block of it, not extrapolated
     assert (
@@ -395,12 +413,10 @@ def test_command_line_mistakes_are_one_line_and_exit_code_2(args, message, capsy
 
 
 @pytest.mark.slow
-def test_command_line_for_wan_counts_on_the_meta_device():
+def test_command_line_for_wan_counts_on_the_meta_device(capsys):
     # the real flavor at a small size, a one-chunk ring and a one-chunk clip, so it runs in seconds
     args = ("--height", "64", "--width", "96", "--window", "3", "--text-tokens", "8", "--clip-frames", "9")
-    r = streamgen("bench", "floor", "--json", *args)
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)
+    result = bench_floor(capsys, *args)
     assert (result["model"], result["counted_on"], result["dtype"]) == ("wan2.1-1.3b", "meta", "bfloat16")
     assert result["blocks_counted"] == [1, 2]  # and extrapolated to its 30 (test above)
     assert result["window_frames"] == 3 and result["target_fps"] == floor.TARGET_FPS
@@ -412,20 +428,20 @@ def test_command_line_for_wan_counts_on_the_meta_device():
     # a known avatar's first chunk starts from its kept sink: no reference encode, no sink forward
     assert 0 < result["first_chunk_floor_ms_known_avatar"] < result["first_chunk_floor_ms"]
     # the decoder's upsamplers at low resolution: fewer decoder FLOPs, the rest the same
-    phases = json.loads(streamgen("bench", "floor", "--json", *args, "--upsample-phases").stdout)
+    phases = bench_floor(capsys, *args, "--upsample-phases")
     assert (result["decoder"], phases["decoder"]) == ("wan", "wan, upsample_phases")
     stages, fewer = steady["stages"], phases["work"]["steady_chunk"]["stages"]
     assert fewer["decode"]["tflop"] < 0.97 * stages["decode"]["tflop"]
     assert fewer["denoise"] == stages["denoise"]
 
 
-def test_command_line_with_fp8_linears_or_attention_counts_their_products_at_their_own_rate():
+def test_command_line_with_fp8_linears_or_attention_counts_their_products_at_their_own_rate(capsys):
     # with the block linears in FP8 most of the linear work moves to the FP8 products, whose rate
     # (Hopper's nominal ratio unless measured) lowers the floor; with QK^T in FP8 (the CPU runs
     # the kernel's numerics, emulated), half the DiT's attention does
-    args = ("--json", "--model", "debug", "--clip-frames", "9")
+    args = ("--model", "debug", "--clip-frames", "9")
     more = ((), ("--fp8",), ("--fp8-attention", "fp8_qk"))
-    plain, fp8, fp8_qk = (json.loads(streamgen("bench", "floor", *args, *m).stdout) for m in more)
+    plain, fp8, fp8_qk = (bench_floor(capsys, *args, *m) for m in more)
     kinds, fp8_kinds, qk_kinds = (
         r["work"]["steady_chunk"]["stages"]["denoise"]["tflop_by_kind"] for r in (plain, fp8, fp8_qk)
     )
@@ -446,13 +462,10 @@ def test_command_line_with_fp8_linears_or_attention_counts_their_products_at_the
     assert fp8["fps_ceiling"] > plain["fps_ceiling"]
 
 
-def test_the_environments_fp8_linears_are_named_and_counted_at_their_rate():
+def test_the_environments_fp8_linears_are_named_and_counted_at_their_rate(capsys):
     # $STREAMGEN_FP8 (exported for a shell) loaded FP8 linears, counted as FP8 products, while the
     # JSON said "fp8_linears": false and its ceilings had no FP8 rate for them
-    import os
-
-    args = ("bench", "floor", "--json", "--model", "debug")
-    r = json.loads(streamgen(*args, env={**os.environ, "STREAMGEN_FP8": "1"}).stdout)
+    r = bench_floor(capsys, "--model", "debug", "--clip-frames", "9", env={"STREAMGEN_FP8": "1"})
     assert r["work"]["steady_chunk"]["stages"]["denoise"]["tflop_by_kind"]["fp8_linear"] > 0
     assert r["fp8_linears"] and r["ceilings"]["matmul_tflop_per_s_float8"] > 0
 
@@ -485,9 +498,13 @@ def test_fp8_attention_moves_its_share_of_the_dits_attention_to_the_fp8_rate():
     )
 
 
-def test_command_line_refuses_an_unknown_fp8_attention():
-    r = streamgen("bench", "floor", "--json", "--model", "debug", "--fp8-attention", "fp16")
-    assert r.returncode == 2 and "invalid choice" in r.stderr and r.stdout == ""
+def test_command_line_refuses_an_unknown_fp8_attention(capsys):
+    from streamgen.cli import main  # in this process: a fresh one took seconds to import torch
+
+    with pytest.raises(SystemExit) as refused:  # argparse's
+        main(["bench", "floor", "--json", "--model", "debug", "--fp8-attention", "fp16"])
+    out, err = capsys.readouterr()
+    assert refused.value.code == 2 and "invalid choice" in err and out == ""
 
 
 def test_a_random_wan_vae_is_cast_without_diffusers_warning(capfd):
