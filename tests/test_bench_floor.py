@@ -71,9 +71,11 @@ def test_one_block_and_two_extrapolate_to_the_counts_of_every_block(on_cpu):
     def work_with_layers(layers):
         shallow = floor.with_layers(model, layers)
         assert shallow.cfg.num_layers == layers and shallow.vae is model.vae
-        session = StreamSession(shallow, steps=STEPS, device="cpu", dtype=torch.float32)
+        # frames of 32x32 and a clip of two chunks (the second re-encodes into a ring not yet
+        # full): the autoencoder's convolutions at 64x96 over 81 frames took most of a minute
+        session = StreamSession(shallow, 32, 32, steps=STEPS, device="cpu", dtype=torch.float32)
         context = torch.zeros(1, 8, model.cfg.text_dim)
-        return floor.chunk_work(session, lambda: gpu.start_stream(session, context, 10.0), STEPS)
+        return floor.chunk_work(session, lambda: gpu.start_stream(session, context, 10.0), STEPS, 21)
 
     extrapolated = numbers(floor.layer_extrapolated(work_with_layers, 5))
     counted = numbers(work_with_layers(5))
