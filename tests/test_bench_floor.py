@@ -416,10 +416,13 @@ def test_command_line_mistakes_are_one_line_and_exit_code_2(args, message, capsy
 
 @pytest.mark.slow
 def test_command_line_for_wan_counts_on_the_meta_device(capsys):
-    # the real flavor at a small size, a one-chunk ring and a one-chunk clip, so it runs in seconds
+    # the real flavor at a small size, a one-chunk ring, a one-chunk clip and two steps (each
+    # forward of a block is seconds of Python on meta), so it runs in seconds
     args = ("--height", "64", "--width", "96", "--window", "3", "--text-tokens", "8", "--clip-frames", "9")
+    args += ("--steps", "2")
     result = bench_floor(capsys, *args)
     assert (result["model"], result["counted_on"], result["dtype"]) == ("wan2.1-1.3b", "meta", "bfloat16")
+    assert result["steps"] == 2
     assert result["blocks_counted"] == [1, 2]  # and extrapolated to its 30 (test above)
     assert result["window_frames"] == 3 and result["target_fps"] == floor.TARGET_FPS
     assert result["ceilings"]["matmul_tflop_per_s"] == device_ceilings.H200_MATMUL_TFLOPS
