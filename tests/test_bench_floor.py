@@ -25,14 +25,11 @@ def bench_floor(capsys, *args, env=None) -> dict:
 
     from streamgen.cli import main
 
-    logging_off = logging.root.manager.disable
     with pytest.MonkeyPatch.context() as mp:
         for name, value in (env or {}).items():
             mp.setenv(name, value)
-        try:
-            assert main(["bench", "floor", "--json", *args]) == 0, capsys.readouterr().err
-        finally:
-            logging.disable(logging_off)  # (--json turns the warnings of the whole process off)
+        assert main(["bench", "floor", "--json", *args]) == 0, capsys.readouterr().err
+    assert logging.root.manager.disable == logging.NOTSET  # (--json's for the benchmark alone)
     return json.loads(capsys.readouterr().out)
 
 
@@ -408,12 +405,16 @@ def test_stage_activity_counts_the_host_operators_and_the_gpu_busy_time_in_each_
     ],
 )
 def test_command_line_mistakes_are_one_line_and_exit_code_2(args, message, capsys):
+    import logging
+
     from streamgen.cli import main  # in this process: a fresh one per case took 3 s to import torch
 
     assert main(["bench", "floor", "--json", *args]) == 2
     out, err = capsys.readouterr()
     (line,) = err.strip().splitlines()
     assert out == "" and line.startswith("streamgen bench: error: ") and message in line
+    # --json turned the warnings off for the benchmark alone: they were left off for every test after
+    assert logging.root.manager.disable == logging.NOTSET
 
 
 @pytest.mark.slow

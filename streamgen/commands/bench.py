@@ -94,8 +94,12 @@ def run(args) -> int:
     opts = parser.parse_args(args.options)
     _check_output("--plot", getattr(opts, "plot", None), "plot.png", UserError)
     _check_output("--out", getattr(opts, "out", None), "result.json", UserError)
+    disabled = logging.root.manager.disable
     if opts.json:
         logging.disable(logging.WARNING)
-    result = mod.main(opts)
+    try:
+        result = mod.main(opts)
+    finally:  # (this command's own setting: a caller in the same process, a test, gets its logs back)
+        logging.disable(disabled)
     print(json.dumps(result) if opts.json else json.dumps(result, indent=2))
     return 0
