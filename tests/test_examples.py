@@ -215,6 +215,7 @@ def server_that(then: str):
     "drops" the connection (no close frame, as a killed server) or "freezes" (reads nothing and
     answers nothing more, as a stopped or unplugged one)."""
     import base64
+    import contextlib
     import hashlib
     import json
     import socket
@@ -224,6 +225,29 @@ def server_that(then: str):
     def frame(opcode: int, payload: bytes) -> bytes:
         n = len(payload)
         return bytes([0x80 | opcode]) + (bytes([n]) if n < 126 else b"\x7e" + struct.pack(">H", n)) + payload
+
+    def wait_for_pong(conn: socket.socket) -> None:
+        """Read the client's frames (masked; the start message, audio) until a pong, 10 s at most."""
+        conn.settimeout(10)
+        data = b""
+
+        def take(n: int) -> bytes:
+            nonlocal data
+            while len(data) < n:
+                if not (more := conn.recv(65536)):
+                    raise ConnectionError("the client is gone")
+                data += more
+            taken, data = data[:n], data[n:]
+            return taken
+
+        with contextlib.suppress(OSError):  # (the client gone, or 10 s: the reset all the same)
+            while True:
+                head = take(2)
+                n = head[1] & 0x7F
+                n = struct.unpack(">H", take(2))[0] if n == 126 else struct.unpack(">Q", take(8))[0] if n == 127 else n
+                take(4 + n)  # the mask and the payload
+                if head[0] & 0x0F == 0xA:  # the pong
+                    return
 
     def handle(conn: socket.socket) -> None:
         request = b""
@@ -255,6 +279,11 @@ def server_that(then: str):
             for seq in range(3):
                 conn.sendall(frame(2, struct.pack("<BBHIq", 2, 0, 0, seq, seq * 40000) + b"jpeg"))
             if then == "drops":
+                # a ping, and the reset only once its pong is back: the client has taken the three
+                # frames in by then (a reset throws away what the receiver has not read yet: under
+                # load, the client saved fewer than three)
+                conn.sendall(frame(9, b"p"))
+                wait_for_pong(conn)
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 conn.close()  # a reset: no close frame
                 return
