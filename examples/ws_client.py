@@ -93,7 +93,8 @@ class Received:
         self.frames, self.audio_bytes, self.fps = 0, 0, 25.0
 
     def __str__(self) -> str:
-        return f"{self.frames} frames ({self.frames / self.fps:.1f} s of video), {self.audio_bytes / 32000:.1f} s of audio"
+        frames = f"{self.frames} frame{'s' * (self.frames != 1)}"
+        return f"{frames} ({self.frames / self.fps:.1f} s of video), {self.audio_bytes / 32000:.1f} s of audio"
 
 
 async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Received) -> None:

@@ -347,3 +347,14 @@ def test_a_stream_that_cannot_be_opened_is_one_line(tmp_path):
         r = ws_client("--server", url, "--seconds", "1", "--out", str(tmp_path))
     assert_one_line_error(r, f"cannot open the stream at {url.replace('http', 'ws')}/v1/sessions/s/ws", "404")
     assert "token=" not in r.stderr
+
+
+def test_what_was_received_is_said_in_whole_words():
+    """One frame was "1 frames"."""
+    import runpy
+
+    received = runpy.run_path(str(CLIENT))["Received"]()
+    received.frames, received.audio_bytes = 1, 32000
+    assert str(received) == "1 frame (0.0 s of video), 1.0 s of audio"
+    received.frames = 3
+    assert str(received).startswith("3 frames (0.1 s of video)")
