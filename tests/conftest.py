@@ -31,3 +31,28 @@ def browser_page(playwright):
 
     with chromium(playwright, chromium_args(SPEECH_WAV)) as context:
         yield context
+
+
+# `./run test` hands whole files to its two workers (--dist loadfile) in the order of the items,
+# with xdist's own reordering (by number of tests) off: the files recorded as longest go first, so
+# that no long file is started last while the other worker has nothing left. The seconds are a
+# run's own (scripts/test_file_seconds.py writes tests/file_seconds.json from its --junitxml);
+# stale ones cost only balance. Files not recorded go after, in their own order.
+FILE_SECONDS = os.path.join(os.path.dirname(__file__), "file_seconds.json")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    import json
+
+    try:
+        with open(FILE_SECONDS) as f:
+            seconds = json.load(f)["seconds"]
+    except (OSError, ValueError, KeyError):
+        return
+    def file(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(file(item), i)
+    items.sort(key=lambda item: (-seconds.get(file(item), 0.0), first[file(item)]))  # (stable: a file's own order)
