@@ -387,9 +387,7 @@ class Trainer:
                     monitor.log(step, last)
                 monitor.advance()
                 if done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps:
-                    self._save(stage, world, out, done)
-                    if world.is_main:
-                        monitor.plot()
+                    self._save(stage, world, out, done, monitor)
                 if self.stop_after is not None and done >= self.stop_after:
                     return last
             for up in stage.updaters.values():
@@ -425,7 +423,8 @@ class Trainer:
                 "to export them"
             ) from None
 
-    def _save(self, stage, world: World, out: Path, step: int) -> None:
+    def _save(self, stage, world: World, out: Path, step: int, monitor=None) -> None:
+        """The checkpoint of `step`, and the loss curves' plot (`monitor`), both rank 0's alone."""
         # gathering shards is a collective (every rank); replicated state is rank 0's alone
         if world.is_main or any(up.sharded for up in stage.updaters.values()):
             states = {name: up.state() for name, up in stage.updaters.items()}
@@ -444,6 +443,8 @@ class Trainer:
                 meta["data_identity"] = self.data_identity
                 meta["input_identity"] = self.input_identity
                 ckpt.save_checkpoint(out, step, tensors, meta, self.cfg.run.keep_checkpoints)
+                if monitor is not None:  # (seconds under load, matplotlib's import: inside the wait too)
+                    monitor.plot()
 
     def _checkpoint_to_resume(self, out: Path, world: World) -> Path | None:
         """The checkpoint this run continues (None: a fresh start), or why run.out is not this run's

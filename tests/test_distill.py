@@ -841,3 +841,28 @@ def test_another_stages_model_is_not_written_into_when_its_checkpoints_are_gone(
         run(debug_config("autoencoder", out, **{"run.steps": 2}))
     assert (out / "model" / "vae.safetensors").read_bytes() == before
     run(debug_config("teacher", out, **{"run.steps": 2}))  # its own stage: a fresh run, as before
+
+
+def test_the_loss_plot_is_drawn_while_the_other_ranks_wait_for_rank_0(tmp_path, monkeypatch):
+    """Rank 0 drew the loss curves (matplotlib's import, seconds under load) after the checkpoint's
+    wait had ended: the other ranks' next collective waited under the process group's timeout."""
+    import contextlib
+
+    import distill.trainer
+    from distill.monitor import Monitor
+
+    waiting, plotted = [False], []
+
+    @contextlib.contextmanager
+    def others_wait(world):
+        waiting[0] = True
+        try:
+            yield
+        finally:
+            waiting[0] = False
+
+    plot = Monitor.plot
+    monkeypatch.setattr(distill.trainer, "others_wait_for_main", others_wait)
+    monkeypatch.setattr(Monitor, "plot", lambda self: (plotted.append(waiting[0]), plot(self)))
+    run(debug_config("teacher", tmp_path / "t", **{"run.steps": 2, "run.checkpoint_every": 1}))
+    assert plotted == [True, True] and (tmp_path / "t" / "loss_curves.png").is_file()
