@@ -127,6 +127,10 @@ def _free_port() -> int:
 
 
 def _start_server(args, port: int, model: str, extra: list[str] = ()) -> subprocess.Popen:
+    """`streamgen serve` for the benchmark; its stderr goes to a temporary file (`proc.stderr_log`,
+    which `_wait_ready` reads if it exits): a pipe nobody read filled at 64 KiB of log lines (late
+    chunks at a load past real time) and blocked the server at its next one."""
+    import tempfile
     cmd = [sys.executable, "-m", "streamgen.cli", "serve", "--port", str(port), "--loopback", "--stamp-frames",
            "--admit-max", "--max-sessions", str(max(args.max_probe + 1, args.lanes)), "--model", model, "--log-level", "warning"]  # fmt: skip
     # (serve refuses more --lanes than --max-sessions: a lane past them never gets a session)
@@ -149,7 +153,10 @@ def _start_server(args, port: int, model: str, extra: list[str] = ()) -> subproc
     # it ends with this process (`end_with_the_launcher`): a benchmark stopped by SIGTERM (`timeout`,
     # a CI job's end) or SIGKILL left its server running, holding its port, with nothing to stop it
     env = {**os.environ, LAUNCHER_ENV: str(os.getpid())}
-    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    proc.stderr_log = log
+    return proc
 
 
 async def _wait_ready(http, proc, timeout=300.0) -> dict:
@@ -158,7 +165,8 @@ async def _wait_ready(http, proc, timeout=300.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            said = proc.stderr.read().decode(errors="replace")
+            proc.stderr_log.seek(0)
+            said = proc.stderr_log.read().decode(errors="replace")
             if proc.returncode == 2:  # serve refused its options (--against-args): the user's to fix
                 from streamgen.cli import UserError
 
@@ -346,6 +354,7 @@ async def _served(args, model: str, extra: list[str] = ()):
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+        proc.stderr_log.close()
 
 
 async def _bench(args, kept: dict) -> dict:

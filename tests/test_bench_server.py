@@ -416,3 +416,31 @@ def test_a_ctrl_c_during_the_ladder_prints_the_figures_so_far(against, monkeypat
     for f in figures:
         assert f["max_realtime_sessions"] == 2 and set(f["sessions_worker_ms_per_chunk"]) == {"1", "2"}
     assert out["cpu"]["model"]
+
+
+async def test_a_server_that_says_much_on_stderr_is_not_held_up_by_it(tmp_path, monkeypatch):
+    """The server's stderr was a pipe nobody read: past 64 KiB (late-chunk lines at a load past
+    real time) the server blocked at its next line. Here a stand-in says 200 KB and exits: it was
+    blocked until the wait gave up; now its exit is seen, with the end of what it said."""
+    import argparse
+    import stat
+    import sys
+
+    import httpx
+
+    import bench.server as bench
+
+    talker = tmp_path / "python"
+    talker.write_text("#!/bin/sh\nyes x | head -c 200000 | tr -d '\\n' >&2\necho ' the end' >&2\nexit 1\n")
+    talker.chmod(talker.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(sys, "executable", str(talker))
+    args = argparse.Namespace(max_probe=1, size=None, lanes=1, threads=None, model_process=False, compile=False,
+                              align_batches=True)  # fmt: skip
+    proc = bench._start_server(args, bench._free_port(), "debug")
+    try:
+        async with httpx.AsyncClient(base_url="http://127.0.0.1:9", timeout=1) as http:
+            with pytest.raises(RuntimeError, match="server exited: x+ the end"):
+                await bench._wait_ready(http, proc, timeout=10)
+    finally:
+        proc.kill()
+        proc.wait()
