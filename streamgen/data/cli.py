@@ -84,7 +84,7 @@ def _make(args) -> int:
     from .shards import clip_count, make_dataset, partly_made, planned_shards
 
     output_folder(args.out, make=False)  # (it makes the folder itself, and removes it on failure)
-    before = [0]  # (an unfinished make's clips still there as it wrote them, which this one goes on from)
+    resumed = []  # (an unfinished make's clips still there as it wrote them, which this one goes on from)
     # (make_dataset starts no more workers than shards to make)
     workers = min(args.workers, sum(planned_shards(args.clips, args.shard_size).values()))
     start = time.perf_counter()
@@ -97,7 +97,7 @@ def _make(args) -> int:
             manifest = make_dataset(
                 args.out, args.clips, args.seed, args.size, args.size, args.seconds,
                 args.shard_size, args.identities, args.workers, progress=bar.update,
-                resumed=lambda clips: before.__setitem__(0, clips),
+                resumed=resumed.append,
             )  # fmt: skip
     except (KeyboardInterrupt, SystemExit):
         kept = partly_made(args.out)
@@ -123,7 +123,7 @@ def _make(args) -> int:
             signal.signal(signal.SIGTERM, terminated_before)
     elapsed = time.perf_counter() - start
     counts = ", ".join(f"{s} {v['clips']}" for s, v in manifest["splits"].items())
-    before = before[0]
+    before = sum(resumed)
     kept = f", {before} of them made before" if before else ""
     print(f"wrote {args.clips} clips ({counts}) to {args.out} in {elapsed:.1f} s{kept}")
     if args.clips > before:
@@ -167,14 +167,15 @@ def _preview(args) -> int:
     # every clip in the video; on the sheet, evenly spaced ones, no more than SHEET_ROWS (a row a
     # clip made 10 000 clips a sheet 1.3 million pixels tall, and their rows 4 GB held meanwhile)
     every = math.ceil(args.clips / SHEET_ROWS)
-    counted = [0]
+    counted = 0
 
     def shown():
+        nonlocal counted
         for i, (video, audio, reference) in enumerate(clips):
             frames = media.upscale(np.concatenate([reference[None], video]), factor)
             if i % every == 0:
                 rows.append(media.contact_row(frames))
-            counted[0] = i + 1
+            counted = i + 1
             yield frames[1:], audio
 
     video, sheet = args.out / "preview.mp4", args.out / "contact_sheet.png"
@@ -191,7 +192,7 @@ def _preview(args) -> int:
                 args.out.rmdir()
         raise
     on_sheet = "" if every == 1 else f"; the sheet shows {len(rows)} of them, one in {every}"
-    print(f"wrote {sheet} and {video} ({counted[0]} clips{on_sheet})")
+    print(f"wrote {sheet} and {video} ({counted} clips{on_sheet})")
     return 0
 
 

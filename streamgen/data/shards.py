@@ -326,8 +326,9 @@ def _write_shards(out: Path, settings: dict, workers: int, progress, resumed=Non
         if shard_file(split, k) not in finished
     )
     written = list(finished.values())
-    progress and written and progress(sum(w["clips"] for w in written))
-    resumed and resumed(sum(w["clips"] for w in written))
+    kept = sum(w["clips"] for w in written)
+    progress and kept and progress(kept)
+    resumed and resumed(kept)
 
     partial = None  # (written anew at the first shard finished, with those still there, then appended to)
 

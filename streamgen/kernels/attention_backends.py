@@ -77,8 +77,8 @@ def _seeing_every_key(block_mask_frames, tokens_per_frame: int):
 
 def _attention_of_no_keys(q, k, v):
     """Lk = 0, every row empty: (out 0 [B, Lq, H, Dv] fp32, lse -inf [B, H, Lq] fp32), the empty
-    sums (and where Lq = 0, no row: both empty) (several backends refuse the empty reduction, and the mask's rule takes a minimum over the
-    key frames). Computed from q, k and v, so that the output is in their graph (gradients 0)."""
+    sums (several backends refuse the empty reduction, and the mask's rule takes a minimum over the
+    key frames); Lq = 0, no row: both empty. Computed from q, k and v, so that the output is in their graph (gradients 0)."""
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float())  # [B, H, Lq, 0]
     return torch.einsum("bhqk,bkhd->bqhd", scores, v.float()), scores.logsumexp(-1)
 

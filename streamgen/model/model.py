@@ -178,7 +178,9 @@ class Block(nn.Module):
         super().__init__()
         d = cfg.dim
         self.eps = cfg.eps
-        # 6-way adaLN: shift/scale/gate for self-attention, then for the MLP
+        # 6-way adaLN: shift/scale/gate for self-attention, then for the MLP. (Divided in place: on
+        # the meta device, where models.weights_problem builds a DiT, an out-of-place division runs
+        # torch's Python references, which import torch._dynamo: 2 s of every model's load.)
         self.modulation = nn.Parameter(torch.randn(1, 6, d).div_(d**0.5))
         self.self_attn = SelfAttention(cfg)
         self.cross_norm = nn.LayerNorm(d, eps=cfg.eps) if cfg.cross_attn_norm else None
