@@ -306,8 +306,8 @@ def require_session(request: Request, session_id: str) -> Session:
     offered = offered_tokens(request)
     server_token = [registry.config.token] if registry.config.token else []
     if session is None:
-        token, reason = registry.ended.get(session_id, (None, None))
-        if token is not None and _token_accepted(offered, [token] + server_token):  # (told only its client)
+        reason = ended_reason(request, session_id)
+        if reason is not None:  # (told only its client)
             raise ApiError(404, "not_found", f"session ended: {reason}")
         raise ApiError(404, "not_found", f"unknown session {session_id[:40]!r}")
     if not offered:
@@ -316,6 +316,15 @@ def require_session(request: Request, session_id: str) -> Session:
     if not _token_accepted(offered, [session.token] + server_token):
         raise ApiError(403, "forbidden", "wrong session token")
     return session
+
+
+def ended_reason(request: Request, session_id: str) -> str | None:
+    """Why the session ended, if it ended lately (`SessionRegistry.ended`) and the request carries
+    its token or the server's; None otherwise (unknown, long gone, or asked by someone else)."""
+    registry = request.app.state.registry
+    token, reason = registry.ended.get(session_id, (None, None))
+    accepted = [token] + ([registry.config.token] if registry.config.token else [])
+    return reason if token is not None and _token_accepted(offered_tokens(request), accepted) else None
 
 
 def _token_accepted(offered: list[str], accepted: list[str]) -> bool:

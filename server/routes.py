@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE, text_problem
 
-from .app import ApiError, bearer_token, decode_upload, read_body, require_session
+from .app import ApiError, bearer_token, decode_upload, ended_reason, read_body, require_session
 from .avatars import avatar_image, avatar_png, list_avatars
 from .ice import for_peer, link_header
 from .model_host import HostDown
@@ -207,7 +207,13 @@ async def session_status(session_id: str, request: Request):
 
 @router.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"])
 async def end_session(session_id: str, request: Request):
-    """End the session: closes its peer connection or socket and frees its model state."""
+    """End the session: closes its peer connection or socket and frees its model state.
+
+    Idempotent: a session that has already ended answers 204 to its own token as well (its GET
+    says why). A page hanging up sends this DELETE and closes its peer connection at once, and the
+    server may see the peer's close first: a 404 there was an error in the browser's console."""
+    if request.app.state.registry.get(session_id) is None and ended_reason(request, session_id) is not None:
+        return Response(status_code=204)
     session = require_session(request, session_id)
     await request.app.state.registry.close(session, "deleted by client")
     return Response(status_code=204)
