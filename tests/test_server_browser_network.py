@@ -117,3 +117,49 @@ def test_a_watch_only_websocket_whose_timers_are_held_keeps_its_session(browser_
             assert len(app.state.registry.sessions) == 1
         finally:
             page.close()
+
+
+def test_a_webrtc_page_whose_server_is_killed_says_so(browser_page):
+    """A server killed outright (SIGKILL, its machine gone) sends no DTLS close and answers no
+    session check: the page said 'ended: the connection was lost' once ICE gave the connection up,
+    about 11 s later. Two unanswered checks with no frame between them now say what happened."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+    from server_helpers import free_port
+
+    port = free_port()
+    served = subprocess.Popen(
+        [sys.executable, "-m", "streamgen", "serve", "--model", "debug", "--port", str(port), "--loopback",
+         "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    page = browser_page.new_page()
+    page.add_init_script(HELD)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(1200):  # (its model loads and warms up; at most 120 s)
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert served.poll() is None, "the server exited"
+            page.wait_for_timeout(100)
+        page.goto(f"{url}/?autostart=1&avatar=ada&mic=0")
+        page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
+        assert page.evaluate("window.streamgenStats.transport") == "webrtc"
+        os.kill(served.pid, signal.SIGKILL)
+        served.wait(10)
+        page.wait_for_function("window.streamgenStats.state.startsWith('ended')", timeout=30_000)
+        assert page.evaluate("held()") == {
+            "mics": 0, "contexts": 0, "state": "ended: the server is not answering", "connect": True, "hangup": False,
+        }  # fmt: skip
+    finally:
+        page.close()
+        if served.poll() is None:
+            served.kill()
+            served.wait(10)

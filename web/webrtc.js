@@ -108,11 +108,21 @@ export async function connectWebRTC(mine, ended) {
     video.play().catch(() => {});
     waitForClickForSound();
   });
-  let ticks = 0;
+  // A server gone without a word (killed, its machine down) sends no DTLS close and stops the
+  // frames: ICE called the connection lost ~11 s later. Two session checks in a row unanswered,
+  // no frame decoded between them, say it in 2-4 s (one failed check alone may be a network blip).
+  let ticks = 0, unanswered = 0, framesAtCheck = -1;
   state.statsTimer = setInterval(() => {
     readRtcStats(peer, mine);
     // a session the server ended while the peer connection lingers (ICE takes its time to fail)
-    if (++ticks % 4 === 0) checkSessionAlive(s, cutOff, mine, ended);
+    if (++ticks % 4 === 0) {
+      checkSessionAlive(s, cutOff, mine, ended).then((answered) => {
+        const frozen = stats.framesDecoded === framesAtCheck;
+        framesAtCheck = stats.framesDecoded;
+        unanswered = answered || !frozen ? 0 : unanswered + 1;
+        if (unanswered >= 2 && mine === state.generation) ended("the server is not answering");
+      });
+    }
   }, 500);
   // A server that closes the connection (a limit, a DELETE, its shutdown) sends DTLS's close_notify:
   // the transport is "closed" at once, where the peer connection stays "connected" until ICE gives
@@ -126,22 +136,24 @@ export async function connectWebRTC(mine, ended) {
 }
 
 // closed: the server closed the connection, so the session ends whatever the check finds (a server
-// gone answers nothing; one that answers says why where it knows)
+// gone answers nothing; one that answers says why where it knows). Whether the server answered.
 async function checkSessionAlive(s, cutOff, mine, ended, closed = false) {
   try {
     const res = await fetch(s.resource, { headers: authHeaders(s), signal: cutOff });
     if (res.status !== 404) {
       if (closed && mine === state.generation) ended("the server closed the connection");
-      return;
+      return true;
     }
     // the server says why where it knows (a limit, a DELETE from elsewhere, its model gone)
     const { message = "" } = await res.json().catch(() => ({}));
     const why = message.startsWith("session ended: ") ? ` (${message.slice(15)})` : "";
     if (mine === state.generation) ended(`the server ended the session${why}`);
+    return true;
   } catch (e) {
-    if (cutOff.aborted) return;  // cut off: the connection ended, nothing to say
+    if (cutOff.aborted) return true;  // cut off: the connection ended, nothing to say
     if (closed && mine === state.generation) ended("the server closed the connection and is not answering");
     else console.warn("session check:", e);
+    return false;
   }
 }
 
