@@ -242,6 +242,21 @@ def narrower_decoder(teacher, widths) -> torch.nn.Module:
         raise ConfigError(
             f"tiny_decoder.architecture causal_vae needs a TinyCausalVAE teacher, not {type(teacher).__name__}"
         )
+    theirs_widths = list(teacher.config.get("decoder_widths", teacher.config["widths"]))
+    if len(widths) != len(theirs_widths):
+        raise ConfigError(
+            f"tiny_decoder.widths {list(widths)}: a causal_vae decoder takes one width per scale of "
+            f"the teacher's decoder, {theirs_widths} ({len(theirs_widths)} widths)"
+        )
+    # A wider layer has no teacher channels to start from: it started random, and the decoder it
+    # made was slower than the teacher's, trained without a word. (The same widths: the teacher's
+    # own decoder, fine-tuned, as with video_weight.)
+    wider = [f"{w} > {t}" for w, t in zip(widths, theirs_widths) if w > t]
+    if wider:
+        raise ConfigError(
+            f"tiny_decoder.widths {list(widths)} is wider than the teacher's decoder {theirs_widths} "
+            f"({', '.join(wider)}): a causal_vae decoder is the teacher's narrowed, each width at most its own"
+        )
     student = TinyCausalVAE(**{**teacher.config, "decoder_widths": list(widths)})
     theirs = teacher.state_dict()
     state = {}

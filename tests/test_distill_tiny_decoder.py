@@ -178,3 +178,37 @@ def test_a_missing_init_checkpoint_is_one_line(tmp_path):
     missing = tmp_path / "nope.pth"
     with pytest.raises(ConfigError, match=rf"tiny_decoder.init: no tiny decoder checkpoint at {missing}"):
         run(debug_config("tiny_decoder", tmp_path / "td", **{"tiny_decoder.init": str(missing)}))
+
+
+@pytest.mark.parametrize(
+    "widths, message",
+    [
+        ([32, 8, 16, 16], r"tiny_decoder.widths \[32, 8, 16, 16\] is wider than the teacher's decoder "
+                          r"\[8, 8, 16, 16\] \(32 > 8\)"),
+        ([8, 8, 16, 24], r"is wider than the teacher's decoder \[8, 8, 16, 16\] \(24 > 16\)"),
+        ([8, 16], r"tiny_decoder.widths \[8, 16\]: a causal_vae decoder takes one width per scale of the "
+                  r"teacher's decoder, \[8, 8, 16, 16\] \(4 widths\)"),
+    ],
+)  # fmt: skip
+def test_a_causal_vae_decoder_wider_than_its_teacher_is_refused_before_training(tmp_path, widths, message):
+    """A wider layer has no teacher channels to start from: it trained from random weights, into a
+    decoder slower than the teacher's, without a word."""
+    from distill.config import ConfigError
+    from streamgen.checkpoint import latest_checkpoint
+
+    edits = {"tiny_decoder.architecture": "causal_vae", "tiny_decoder.widths": widths}
+    cfg = debug_config("tiny_decoder", tmp_path / "run", **edits)
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)
+    assert latest_checkpoint(tmp_path / "run") is None and not (tmp_path / "run" / "scalars.jsonl").exists()
+
+
+def test_a_causal_vae_decoder_as_wide_as_its_teacher_starts_as_the_teacher():
+    """The same widths are allowed: the teacher's own decoder, fine-tuned (video_weight)."""
+    from distill.tiny_decoder import narrower_decoder
+    from streamgen.model.vae import TinyCausalVAE
+
+    torch.manual_seed(0)
+    teacher = TinyCausalVAE(latent_channels=4, widths=(8, 16))
+    student = narrower_decoder(teacher, [8, 16])
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in student.state_dict().items())
