@@ -523,6 +523,10 @@ def _validate(cfg: TrainConfig, path) -> None:
     for name, values in splits.items():
         if not isinstance(values, list) or not values or any(v not in SPLITS for v in values):
             problems.append(f"{name} must name splits of {', '.join(SPLITS)}, got {values!r}")
+    if cfg.run.export_name is not None:
+        problem = model_name_problem(cfg.run.export_name)
+        if problem:
+            problems.append(f"run.export_name {problem}")
     if cfg.run.device not in ("auto", "cpu", "cuda"):
         problems.append(f"run.device must be auto, cpu or cuda, got {cfg.run.device!r}")
     override_problems = [f"model.overrides.{problem}" for problem in type_problems(cfg.model.overrides)]
@@ -542,6 +546,22 @@ def _validate(cfg: TrainConfig, path) -> None:
             problems.append(f"model.overrides: {e}")
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
+
+
+# A model's name (model.json's `name`, a shipped model's folder under streamgen/assets/models): what a
+# listing, a log line and `distill.ship` can take as it is. ('', '../x', 'a/b' or a newline went into
+# model.json unchecked, and the same name shipped was written outside the shipped models or failed.)
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MODEL_NAME_MAX = 255  # a folder's name on the usual file systems (NAME_MAX)
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why `name` is not a model name (a phrase after it), or None."""
+    if not MODEL_NAME.fullmatch(name):
+        return f"{name!r} is not a model name: letters, digits, '.', '_' and '-', e.g. tiny-avatar"
+    if len(name) > MODEL_NAME_MAX:
+        return f"{name[:20]!r}... is not a model name: {len(name)} characters, over {MODEL_NAME_MAX}"
+    return None
 
 
 def find_config(name_or_path: str, stage: str) -> Path:

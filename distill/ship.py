@@ -10,7 +10,6 @@ written only when someone decides the trained model is worth shipping.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -24,11 +23,13 @@ def ship(source: str, name: str, assets: Path | None = None) -> Path:
     import torch
 
     from distill.build import export_model, run_past_export
+    from distill.config import model_name_problem
     from streamgen.models import MODEL_META_DEFAULTS, MODELS_DIR, load_model_dir, resolve_model_dir
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        # ('', '../evaluators', 'a/b', an absolute path: written beside or outside the shipped models)
-        raise ValueError(f"{name!r} is not a model name: letters, digits, '.', '_' and '-', e.g. tiny-avatar")
+    # ('', '../evaluators', 'a/b', an absolute path: written beside or outside the shipped models)
+    problem = model_name_problem(name)
+    if problem:
+        raise ValueError(problem)
     src = resolve_model_dir(source)
     if src is None:
         try:

@@ -217,6 +217,39 @@ def test_values_out_of_range_are_named_before_any_work(tmp_path, stage, text, sa
     assert says in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "name, says",
+    [
+        ("../x", "run.export_name '../x' is not a model name: letters, digits"),
+        ("", "run.export_name '' is not a model name"),  # (exported as the folder's name, silently)
+        ("my\nmodel", "run.export_name 'my\\nmodel' is not a model name"),  # (a newline: JSON's escape below)
+        ("a/b", "run.export_name 'a/b' is not a model name"),
+        ("-x", "run.export_name '-x' is not a model name"),
+        ("a" * 300, "run.export_name 'aaaaaaaaaaaaaaaaaaaa'... is not a model name: 300 characters, over 255"),
+    ],
+)
+def test_an_export_name_that_is_no_model_name_is_one_line_before_any_work(tmp_path, capsys, name, says):
+    """run.export_name went into model.json unchecked: a path, an empty name, a newline or a name
+    no folder can have, which `distill.ship` then refused (or wrote outside the shipped models)."""
+    from streamgen.cli import main
+
+    out = tmp_path / "run"
+    argv = ["distill", "teacher", "--config", "debug", "--out", str(out), "--set", f"run.export={tmp_path / 'm'}"]
+    assert main([*argv, "--set", f"run.export_name={json.dumps(name)}"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not (tmp_path / "m").exists()
+
+
+def test_an_export_name_names_the_exported_model(tmp_path):
+    from streamgen.models import load_model
+
+    cfg = load_config(find_config("debug", "teacher"), "teacher", ["run.export_name=my-avatar_2.1"])
+    cfg.run.out, cfg.run.export, cfg.run.steps = str(tmp_path / "run"), str(tmp_path / "m"), 1
+    run(cfg)
+    assert load_model(str(tmp_path / "m")).name == "my-avatar_2.1"
+
+
 def test_distill_steps_take_positive_numbers(tmp_path, capsys):
     """`--steps 0` ran the config's steps; `--steps -3` exported the untrained model as finished."""
     from streamgen.cli import main
