@@ -63,6 +63,15 @@ def run(args: argparse.Namespace) -> int:
     # (DataError: a shard found corrupted during training, where the stages read clips as they go)
     except (ConfigError, DataMissing, DataError, CheckpointError, TrainingError, ModelSourceError) as e:
         raise UserError(str(e)) from None
+    except RuntimeError as e:
+        from distill.distributed import launch_rank
+        from streamgen.parallel.torchrun import ANOTHER_RANK_FAILED, another_rank_failed, report_error
+
+        if os.environ.get("WORLD_SIZE", "1") == "1" or not another_rank_failed(e):
+            raise
+        # (its traceback, of gloo's "Connection closed by peer", came below the failed rank's own)
+        report_error(f"streamgen distill: rank {launch_rank()} stopped: another rank failed (see its error above)")
+        return ANOTHER_RANK_FAILED
     if not trainer.is_main:  # (under torchrun every rank printed it, the lines run together)
         return 0
     steps = f"{cfg.run.steps} step{'s' * (cfg.run.steps != 1)}"

@@ -355,3 +355,82 @@ def test_scalars_logged_on_two_ranks_are_of_the_whole_batch(tmp_path, stage, key
     loss = next(k for k in one if k.startswith("loss_"))
     assert two[loss] == pytest.approx(one[loss], rel=1e-5)  # (the loss was averaged already)
     assert two[key] == pytest.approx(one[key], rel=1e-5)
+
+
+# A rank that fails of its own error at its first step (rank 1), run as the streamgen command
+FAILING_RANK = """import os, sys
+import distill.teacher
+def fail(self, step):
+    raise RuntimeError("the failing rank's own error")
+if os.environ["RANK"] == "1":
+    distill.teacher.Stage.train_step = fail
+from streamgen.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(200)
+def test_a_rank_that_fails_is_the_one_named_and_the_others_add_no_traceback(tmp_path):
+    """Rank 0, in a collective with rank 1 when rank 1 died of its own error, printed a gloo
+    traceback below rank 1's ("Connection closed by peer ... GLHF"), and the launcher named it as
+    the failed rank ("rank 0 failed (exit code 1)"): now rank 1 is named, its error the one traceback."""
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    cfg = write_config(tmp_path, "run")
+    cmd = [sys.executable, "-m", "streamgen.parallel.torchrun", "--standalone", "--nproc_per_node=2",
+           str(script), "distill", "teacher", "--config", str(cfg)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    err = done.stderr
+    assert done.returncode == 1, err[-3000:]
+    assert "the failing rank's own error" in err and err.count("Traceback") == 1, err[-3000:]
+    assert "Connection closed" not in err and "[rank0]" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "streamgen: rank 1 failed (exit code 1); the other ranks were stopped"
+
+
+def test_a_rank_whose_peer_ended_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """What rank 0 does where gloo's collective finds its peer gone (under plain torchrun too)."""
+    from distill.trainer import Trainer
+    from streamgen.cli import main
+    from streamgen.parallel import torchrun
+
+    def peer_gone(self):
+        raise RuntimeError(
+            "[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:20371. This is typically "
+            "caused by a remote worker crashing. Check the logs of the remote worker before reporting an error."
+        )
+
+    monkeypatch.setattr(Trainer, "run", peer_gone)
+    monkeypatch.delenv(torchrun.LAUNCHER_ENV, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    argv = ["distill", "teacher", "--config", "debug", "--out", str(tmp_path / "run")]
+    assert main(argv) == torchrun.ANOTHER_RANK_FAILED
+    err = capsys.readouterr().err
+    assert err == "streamgen distill: rank 0 stopped: another rank failed (see its error above)\n"
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no other rank, the error is its own
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        main(argv)
+
+
+def test_the_launcher_names_the_rank_that_failed_not_one_whose_peer_ended(monkeypatch, capsys, tmp_path):
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from streamgen.parallel import torchrun
+
+    peer_line = tmp_path / "error-0.json"
+    monkeypatch.setenv(torchrun.LAUNCHER_ENV, "1")
+    monkeypatch.setenv(torchrun.ERROR_FILE_ENV, str(peer_line))
+    torchrun.report_error("streamgen distill: rank 0 stopped: another rank failed (see its error above)")
+    failures = {  # (torchrun's times are whole seconds: both failed in the same one)
+        0: ProcessFailure(0, 40, torchrun.ANOTHER_RANK_FAILED, str(peer_line)),
+        1: ProcessFailure(1, 41, 1, "<N/A>"),
+    }
+
+    def fake_main(argv):
+        raise ChildFailedError("failing_rank.py", failures)
+
+    monkeypatch.setattr(torch.distributed.run, "main", fake_main)
+    assert torchrun.main([]) == 1
+    assert capsys.readouterr().err == "streamgen: rank 1 failed (exit code 1); the other ranks were stopped\n"

@@ -8,7 +8,10 @@ the signal (130 for SIGINT, 143 for SIGTERM) and one line. A rank that fails
 has already printed its own error; torchrun's report of it (a traceback of
 the launcher and a table) is cut to one line naming the rank, and the
 launcher ends with that rank's exit code, so `--sp 2` fails the way `--sp 1`
-does (2 for a usage error). Anything else is raised as usual.
+does (2 for a usage error). A rank whose collective broke because another rank
+had ended says so in one line and exits with `ANOTHER_RANK_FAILED` (distill's
+ranks do: `another_rank_failed`), so the rank named is the one that failed.
+Anything else is raised as usual.
 
 A usage error (bad size, unknown model) is the same on every rank: each rank
 hands its error line to the launcher (`report_error`, through torchrun's error
@@ -28,6 +31,16 @@ import signal
 import sys
 import time
 
+# The exit code of a rank whose collective failed because another rank had ended (`another_rank_failed`):
+# not the run's error, which the launcher looks for among the other ranks
+ANOTHER_RANK_FAILED = 3
+# What gloo (and NCCL) say in a collective whose peer process has ended
+PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote worker crashing",
+    "remote process exited",
+)
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # torchrun gives each worker a file for its error
 LAUNCHER_ENV = "STREAMGEN_LAUNCHER"  # this launcher's process id: its ranks hand it their errors, end with it
 
@@ -49,6 +62,19 @@ def report_error(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+def another_rank_failed(e: BaseException) -> bool:
+    """Whether `e` (or an error it was raised from, or while handling) is a collective's failure
+    because a peer process has ended: an error of that rank's own, printed by it. (Rank 0 printed a
+    gloo traceback of its own below the failed rank's, ending "GLHF", and was named as the failed one.)"""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, RuntimeError) and any(text in str(e) for text in PEER_GONE):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def end_with_the_launcher() -> None:
     """In a rank of this launcher (Linux): be sent SIGTERM when the launcher ends. torchrun stops
     its ranks when it is stopped, but starts each in a session of its own, so a launcher killed
@@ -67,7 +93,7 @@ def end_with_the_launcher() -> None:
 def _reported_errors(failures: dict) -> list[str]:
     """The distinct error lines the failed ranks reported (`report_error`), in rank order."""
     lines: list[str] = []
-    for _, failure in sorted(failures.items()):
+    for _, failure in sorted(_own_failures(failures).items()):
         data = failure.error_file_data
         if data.get("streamgen") and data.get("message") not in lines:
             lines.append(data["message"])
@@ -78,10 +104,16 @@ def _first_failure(failures: dict):
     """(rank, failure) of the rank that failed first of its own accord. Once one has failed, torchrun
     stops the others with SIGTERM, and its failures' times are whole seconds: one it stopped came
     first by torchrun's own choice ('rank 0 failed (signal 15)' where rank 1 could not load the model)."""
-    stopped = -int(signal.SIGTERM)
-    own = {rank: f for rank, f in failures.items() if f.exitcode != stopped} or failures
+    own = _own_failures(failures)
     rank = min(own, key=lambda r: (own[r].timestamp, r))
     return rank, own[rank]
+
+
+def _own_failures(failures: dict) -> dict:
+    """The ranks that failed of their own accord: not stopped by torchrun (SIGTERM) once another
+    had failed, nor ended because another had (`ANOTHER_RANK_FAILED`). All of them where none did."""
+    others = (-int(signal.SIGTERM), ANOTHER_RANK_FAILED)
+    return {rank: f for rank, f in failures.items() if f.exitcode not in others} or failures
 
 
 def _quiet_torchrun_logs() -> None:
