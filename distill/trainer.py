@@ -481,6 +481,11 @@ class Trainer:
                     f"warning: {why}; set aside as {aside.name}, resuming from {latest.name}", file=sys.stderr
                 )
         written_by = header.get("stage")
+        if not header:  # (a safetensors file of another kind, a model's weights say: "written by stage None")
+            raise ckpt.CheckpointError(
+                f"{latest} is not a streamgen training checkpoint (no streamgen metadata in its header): "
+                f"move it out of {ckpt.checkpoint_dir(out)}, or set run.out to a new folder"
+            )
         if written_by != self.cfg.stage:
             raise ckpt.CheckpointError(
                 f"{latest} was written by stage {written_by!r}, not {self.cfg.stage!r}"

@@ -192,3 +192,20 @@ def test_a_resume_that_turns_the_ema_on_starts_it_from_the_weights_resumed(tmp_p
     ema = {k.removeprefix("ema/"): v for k, v in tensors.items() if k.startswith("ema/")}
     module = {k.removeprefix("module/"): v for k, v in tensors.items() if k.startswith("module/")}
     assert ema.keys() == module.keys() and ckpt.checkpoint_header(ckpt.latest_checkpoint(out))["step"] == 3
+
+
+def test_a_resume_over_a_safetensors_file_that_is_no_checkpoint_says_so(tmp_path):
+    """A model's weights (or any safetensors file) in checkpoints/ was "written by stage None"."""
+    from safetensors.torch import save_file
+
+    from distill.trainer import Trainer
+
+    folder = ckpt.checkpoint_dir(tmp_path / "run")
+    folder.mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(folder / "step-00000002.safetensors"))
+    with pytest.raises(ckpt.CheckpointError) as e:
+        Trainer(debug_config("teacher", tmp_path / "run"), resume=True).run()
+    assert str(e.value) == (
+        f"{folder / 'step-00000002.safetensors'} is not a streamgen training checkpoint (no streamgen "
+        f"metadata in its header): move it out of {folder}, or set run.out to a new folder"
+    )
