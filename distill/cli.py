@@ -45,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(find_config(args.config, args.stage), args.stage, args.sets)
-        if args.out:  # (`--out=~/x`: no shell expands `~` after `=`)
+        if args.out is not None:  # (`--out=~/x`: no shell expands `~` after `=`)
+            if not args.out.strip():  # (`--out "$UNSET"` trained into the config's run.out)
+                raise ConfigError("--out is empty: give the run's folder")
             cfg.run.out = os.path.expanduser(args.out)
         if args.steps is not None:
             cfg.run.steps = args.steps

@@ -446,6 +446,9 @@ PROBABILITIES = {
 BELOW_ONE = {"ema"}  # [0, 1): a decay
 INSIDE_ZERO_ONE = {"score_t_min", "score_t_max"}  # (0, 1): noise levels
 WIDTHS = {"vae_widths", "widths"}
+# folders and files (and the latent bank's name, a folder's): an empty one was the current folder
+# (`run.out: ""` trained into it, "finished 4 steps in  ") or a message about a model named ''
+PATHS = {"out", "export", "root", "latents", "init", "vae", "teacher", "critic_init"}
 
 
 def _range_problems(obj, where: str) -> list[str]:
@@ -455,6 +458,9 @@ def _range_problems(obj, where: str) -> list[str]:
         value, name = getattr(obj, f.name), f"{where}.{f.name}"
         if dataclasses.is_dataclass(value):
             problems += _range_problems(value, name)
+        elif isinstance(value, str) and f.name in PATHS and not value.strip():
+            optional = f.default is None
+            problems.append(f"{name} is empty: give a path" + (", or leave it out for none" if optional else ""))
         elif not isinstance(value, int | float) or isinstance(value, bool):
             if f.name in WIDTHS and not (
                 value and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in value)

@@ -241,6 +241,35 @@ def test_an_export_name_that_is_no_model_name_is_one_line_before_any_work(tmp_pa
     assert not out.exists() and not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize(
+    "stage, setting, says",
+    [
+        ("teacher", "run.out", "run.out is empty: give a path"),  # (trained into the current folder)
+        ("teacher", "run.export", "run.export is empty: give a path, or leave it out for none"),
+        ("teacher", "data.root", "data.root is empty: give a path"),
+        ("teacher", "data.latents", "data.latents is empty: give a path"),
+        ("teacher", "model.vae", "model.vae is empty: give a path, or leave it out for none"),
+        ("ode", "ode.teacher", "ode.teacher is empty: give a path"),
+        ("chunk", "chunk.critic_init", "chunk.critic_init is empty: give a path, or leave it out for none"),
+        ("tiny_decoder", "tiny_decoder.init", "tiny_decoder.init is empty: give a path, or leave it out"),
+    ],
+)
+def test_an_empty_path_is_named_at_config_load(tmp_path, stage, setting, says):
+    """An empty path was the current folder (`run.out: ""` trained into it), or ignored as unset."""
+    with pytest.raises(ConfigError, match=says):
+        load_config(find_config("debug", stage), stage, [f'{setting}=" "'])
+
+
+def test_an_empty_out_is_one_line_not_the_configs_folder(tmp_path, capsys, monkeypatch):
+    """`--out "$UNSET"` trained into the config's run.out."""
+    from streamgen.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["distill", "teacher", "--config", "debug", "--out", ""]) == 2
+    assert capsys.readouterr().err == "streamgen distill: error: --out is empty: give the run's folder\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_export_name_names_the_exported_model(tmp_path):
     from streamgen.models import load_model
 
