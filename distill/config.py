@@ -177,7 +177,7 @@ class TinyDecoderOptions:
     architecture: str = "taehv"
     widths: list = field(default_factory=lambda: [256, 128, 64, 64])  # TAEHV's (taew2_1)
     blocks_per_stage: int = 3  # taehv only: a causal_vae decoder has the teacher's res_blocks
-    init: str | None = None  # a TAEHV checkpoint (taew2_1.pth) or ours to start from
+    init: str | None = None  # taehv only: a TAEHV checkpoint (taew2_1.pth) or ours to start from
     l1_weight: float = 1.0
     mse_weight: float = 1.0
     video_weight: float = 0.0  # the same distance to the training video, beside the teacher's frames
@@ -519,6 +519,12 @@ def _validate(cfg: TrainConfig, path) -> None:
         problems.append("self_forcing.cache_from last_step needs student_steps 2 or more (1 step sees only noise)")
     if isinstance(opts, TinyDecoderOptions) and opts.architecture not in ("taehv", "causal_vae"):
         problems.append(f"tiny_decoder.architecture must be taehv or causal_vae, got {opts.architecture!r}")
+    if isinstance(opts, TinyDecoderOptions) and opts.architecture == "causal_vae" and opts.init is not None:
+        # (it was ignored: the run trained from the teacher's weights, not the checkpoint given)
+        problems.append(
+            "tiny_decoder.init starts a taehv decoder; a causal_vae one starts from its teacher's "
+            "weights (model.vae): leave init out"
+        )
     if cfg.data.source not in ("world", "synthetic"):
         problems.append(f"data.source must be 'world' or 'synthetic', got {cfg.data.source!r}")
     splits = {"data.split": [cfg.data.split]}

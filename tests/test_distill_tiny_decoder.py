@@ -212,3 +212,13 @@ def test_a_causal_vae_decoder_as_wide_as_its_teacher_starts_as_the_teacher():
     teacher = TinyCausalVAE(latent_channels=4, widths=(8, 16))
     student = narrower_decoder(teacher, [8, 16])
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in student.state_dict().items())
+
+
+def test_an_init_checkpoint_for_a_causal_vae_decoder_is_refused_at_config_load(tmp_path):
+    """tiny_decoder.init is a taehv decoder's start: with causal_vae it was ignored without a word
+    (the decoder trained from the teacher's weights)."""
+    from distill.config import ConfigError, find_config, load_config
+
+    sets = ["tiny_decoder.architecture=causal_vae", f"tiny_decoder.init={tmp_path / 'taew2_1.pth'}"]
+    with pytest.raises(ConfigError, match="tiny_decoder.init starts a taehv decoder; a causal_vae one starts"):
+        load_config(find_config("debug", "tiny_decoder"), "tiny_decoder", sets)
