@@ -114,8 +114,13 @@ class Stage:
         noise levels. A file from before the settings were kept is taken as it is."""
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as f:
-            kept = f.metadata() or {}
+        try:
+            with safe_open(str(path), "pt") as f:
+                kept = f.metadata() or {}
+        except Exception as e:  # (safetensors' own error type: a copy cut short was a traceback)
+            raise ConfigError(
+                f"cannot read {path} ({e}): delete it to sample the trajectories again, or choose another run.out"
+            ) from None
         unknown = {"teacher_weights": NO_FILE_DIGEST}  # (a record that says nothing)
         weights = kept.get("teacher_weights")
         # the teacher by its weights where both know them: the same one spelt otherwise (absolute,

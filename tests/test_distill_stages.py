@@ -257,6 +257,24 @@ def test_ode_trajectories_are_sampled_once(pipeline, tmp_path):
     assert path.stat().st_mtime_ns == mtime
 
 
+def test_ode_trajectories_cut_short_are_one_line(pipeline, tmp_path):
+    """A trajectories file that does not read (a copy cut short) was safetensors' traceback."""
+    import shutil
+
+    from distill.config import ConfigError
+
+    path = tmp_path / "ode" / "trajectories.safetensors"
+    path.parent.mkdir()
+    shutil.copy(pipeline["root"] / "ode" / "trajectories.safetensors", path)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 50)
+    with pytest.raises(ConfigError) as e:
+        run(stage_config("ode", tmp_path / "ode", pipeline))
+    assert str(e.value).startswith(f"cannot read {path} (") and str(e.value).endswith(
+        "): delete it to sample the trajectories again, or choose another run.out"
+    )
+
+
 def test_ode_trajectories_of_a_teacher_retrained_at_the_same_path_are_refused(pipeline, tmp_path):
     import shutil
 
