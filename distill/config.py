@@ -341,7 +341,7 @@ def load_config(path: str | Path, stage: str, sets: list[str] | tuple = ()) -> T
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections")
     file_stage = raw.pop("stage", stage)
@@ -411,7 +411,21 @@ def _apply_sets(raw: dict, sets) -> None:
         try:
             node[names[-1]] = _number_or(yaml.safe_load(value), value)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {yaml_problem(e)}") from None
+
+
+def yaml_problem(e) -> str:
+    """A YAML error in one line: where, what, and in what ("line 2, column 6: expected ',' or '}',
+    but got '<stream end>' (while parsing a flow mapping)"). PyYAML's own text was six lines, with
+    the line quoted, a caret under it, and "<unicode string>" for the file."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if not problem:
+        return " ".join(str(e).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context, opened = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and opened is not None and (mark is None or (opened.line, opened.column) != (mark.line, mark.column)):
+        context += f" from line {opened.line + 1}, column {opened.column + 1}"  # (the `{` left open)
+    return where + " ".join(problem.split()) + (f" ({' '.join(context.split())})" if context else "")
 
 
 def _number_or(value, text: str):

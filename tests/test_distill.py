@@ -168,6 +168,29 @@ def test_unknown_section_wrong_type_and_wrong_stage(tmp_path):
         load_config(write(tmp_path, "run: {steps: [\n"), "teacher")
 
 
+def test_yaml_that_does_not_parse_is_one_line_naming_where(tmp_path, capsys):
+    """PyYAML's error was six lines: the line quoted, a caret, and "<unicode string>" for the file."""
+    from streamgen.cli import main
+
+    p = write(tmp_path, "run: {out: x, steps: 4\n")
+    assert main(["distill", "teacher", "--config", str(p)]) == 2
+    assert capsys.readouterr().err == (
+        f"streamgen distill: error: {p}: not valid YAML: line 2, column 1: expected ',' or '}}', but got "
+        "'<stream end>' (while parsing a flow mapping from line 1, column 6)\n"
+    )
+    p = write(tmp_path, "run:\n\tout: x\n")
+    assert main(["distill", "teacher", "--config", str(p)]) == 2
+    assert capsys.readouterr().err.endswith(
+        "not valid YAML: line 2, column 1: found character '\\t' that cannot start any token "
+        "(while scanning for the next token)\n"
+    )
+    assert main(["distill", "teacher", "--config", "debug", "--set", "run.steps=[1"]) == 2
+    assert capsys.readouterr().err == (
+        "streamgen distill: error: --set 'run.steps=[1': the value is not valid YAML: line 1, column 3: "
+        "expected ',' or ']', but got '<stream end>' (while parsing a flow sequence from line 1, column 1)\n"
+    )
+
+
 @pytest.mark.parametrize(
     "stage, text, says",
     [
