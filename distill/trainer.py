@@ -253,6 +253,20 @@ def _check_writable(folder: Path, key: str, make: bool) -> None:
             raise TrainingError(f"{key}: cannot make {folder}: {e.strerror}") from None
 
 
+def _check_not_shipped(folder: Path, key: str) -> None:
+    """TrainingError where `folder` is in the shipped models (streamgen/assets/models): a run.export
+    there overwrote a shipped model (the default of every command) with the run's, as `distill.ship`
+    only does when asked; a run.out there wrote its checkpoints and `model/` among them."""
+    from streamgen.models import MODELS_DIR
+
+    shipped = os.path.realpath(MODELS_DIR)
+    if os.path.commonpath([os.path.realpath(folder), shipped]) == shipped:
+        raise TrainingError(
+            f"{key} {folder} is in the shipped models ({MODELS_DIR}): give another folder, and ship a "
+            "trained model with python -m distill.ship MODEL_DIR NAME"
+        )
+
+
 def _check_batch_splits(cfg: TrainConfig, world: World) -> None:
     """ConfigError unless data.batch_size (the global batch) splits evenly over the ranks: the ode
     stage trained on batch_size // N samples a rank, so 3 on 2 ranks on samples 0 and 1 alone, and
@@ -338,6 +352,9 @@ class Trainer:
     def _run(self, world: World) -> dict:
         _check_batch_splits(self.cfg, world)
         out = Path(self.cfg.run.out)
+        _check_not_shipped(out, "run.out")
+        if self.cfg.run.export:
+            _check_not_shipped(Path(self.cfg.run.export), "run.export")
         _check_writable(out, "run.out", make=True)
         with one_run_at_a_time(out) if world.is_main else contextlib.nullcontext():
             return self._run_in(out, world)

@@ -785,6 +785,32 @@ def test_a_config_the_stage_cannot_take_is_one_line_before_training(tmp_path, ex
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("key", ["run.export", "run.out"])
+def test_a_run_that_would_write_into_the_shipped_models_is_one_line_before_training(
+    tmp_path, monkeypatch, capsys, key
+):
+    """run.export into streamgen/assets/models overwrote a shipped model (tiny-avatar-teacher, the
+    default of every command that takes a teacher) with the run's, which only `distill.ship` does."""
+    import streamgen.models
+    from streamgen.cli import main
+
+    shipped = tmp_path / "assets" / "models"
+    (shipped / "tiny-avatar-teacher").mkdir(parents=True)
+    (shipped / "tiny-avatar-teacher" / "model.json").write_text("{}")
+    monkeypatch.setattr(streamgen.models, "MODELS_DIR", shipped)
+    into = shipped / "tiny-avatar-teacher"
+    out = into if key == "run.out" else tmp_path / "run"
+    argv = ["distill", "teacher", "--config", "debug", "--out", str(out), "--steps", "1"]
+    assert main([*argv, "--set", f"run.export={into}"] if key == "run.export" else argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"streamgen distill: error: {key} {into} is in the shipped models ({shipped}): give another folder, "
+        "and ship a trained model with python -m distill.ship MODEL_DIR NAME\n"
+    )
+    assert sorted(p.name for p in shipped.rglob("*")) == ["model.json", "tiny-avatar-teacher"]
+    assert (into / "model.json").read_text() == "{}" and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("stage", ["autoencoder", "tiny_decoder"])
 def test_a_frame_size_the_autoencoder_cannot_take_is_one_line_before_training(stage, tmp_path, capsys):
     """The stages that train an autoencoder or its decoder did not check the frame size: a
