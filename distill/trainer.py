@@ -267,6 +267,27 @@ def _check_not_shipped(folder: Path, key: str) -> None:
         )
 
 
+def _check_export_reads_nothing(cfg: TrainConfig) -> None:
+    """TrainingError where run.export is a model the run reads (its teacher, model.init, ...): the
+    export at the end overwrote it (an ode run exported over its teacher: the teacher trained for
+    hours, gone, and the later stages' teacher a student)."""
+    from streamgen.models import resolve_model_dir
+
+    export = os.path.realpath(os.path.expanduser(cfg.run.export))
+    inputs = ["model.init", "model.vae"]
+    inputs += [f"{cfg.stage}.{name}" for name in ("teacher", "critic_init") if hasattr(cfg.options, name)]
+    for key in inputs:
+        value = setting(cfg, key)
+        if not isinstance(value, str) or value.startswith("wan:"):
+            continue
+        found = resolve_model_dir(value)
+        if found is not None and os.path.realpath(found) == export:
+            raise TrainingError(
+                f"run.export {cfg.run.export} is the model this run reads as {key}: the export would "
+                "overwrite it; give another folder"
+            )
+
+
 def _check_batch_splits(cfg: TrainConfig, world: World) -> None:
     """ConfigError unless data.batch_size (the global batch) splits evenly over the ranks: the ode
     stage trained on batch_size // N samples a rank, so 3 on 2 ranks on samples 0 and 1 alone, and
@@ -355,6 +376,7 @@ class Trainer:
         _check_not_shipped(out, "run.out")
         if self.cfg.run.export:
             _check_not_shipped(Path(self.cfg.run.export), "run.export")
+            _check_export_reads_nothing(self.cfg)
         _check_writable(out, "run.out", make=True)
         with one_run_at_a_time(out) if world.is_main else contextlib.nullcontext():
             return self._run_in(out, world)

@@ -257,6 +257,20 @@ def test_ode_trajectories_are_sampled_once(pipeline, tmp_path):
     assert path.stat().st_mtime_ns == mtime
 
 
+def test_an_export_over_a_model_the_run_reads_is_refused_before_any_work(pipeline, tmp_path):
+    """An ode run with run.export at its teacher (here also its model.init; spelt with a trailing
+    slash) overwrote the teacher with the student at the end."""
+    from distill.trainer import TrainingError
+
+    teacher = pipeline["teacher"]
+    mtime = (teacher / "dit.safetensors").stat().st_mtime_ns
+    cfg = stage_config("ode", tmp_path / "ode", pipeline, **{"run.export": f"{teacher}/"})
+    with pytest.raises(TrainingError, match=rf"run.export {teacher}/ is the model this run reads as model.init: "):
+        run(cfg)
+    assert (teacher / "dit.safetensors").stat().st_mtime_ns == mtime
+    assert not (tmp_path / "ode" / "trajectories.safetensors").exists()
+
+
 def test_ode_trajectories_cut_short_are_one_line(pipeline, tmp_path):
     """A trajectories file that does not read (a copy cut short) was safetensors' traceback."""
     import shutil
