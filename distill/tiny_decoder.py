@@ -77,6 +77,12 @@ class Stage:
             # one x2 stage per width after the first, the last two also x2 in time (1 or 2 widths
             # were "1 stages need 1 time_upscale and space_upscale flags")
             wanted = max(int(self.teacher.spatial_factor).bit_length() - 1, 2)
+            if self.teacher.spatial_factor < 4:  # (it said "takes 3 widths", then "spatial factor 4 != 2")
+                raise ConfigError(
+                    f"a taehv decoder upsamples x4 at least (its last two stages double time too), more "
+                    f"than this autoencoder's x{self.teacher.spatial_factor}: set tiny_decoder.architecture "
+                    "causal_vae"
+                )
             if space_stages != wanted:
                 raise ConfigError(
                     f"tiny_decoder.widths {self.opts.widths}: a taehv decoder upsamples x2 per width "

@@ -222,3 +222,15 @@ def test_an_init_checkpoint_for_a_causal_vae_decoder_is_refused_at_config_load(t
     sets = ["tiny_decoder.architecture=causal_vae", f"tiny_decoder.init={tmp_path / 'taew2_1.pth'}"]
     with pytest.raises(ConfigError, match="tiny_decoder.init starts a taehv decoder; a causal_vae one starts"):
         load_config(find_config("debug", "tiny_decoder"), "tiny_decoder", sets)
+
+
+@pytest.mark.parametrize("widths", [[16, 8], [16, 8, 8]])
+def test_a_taehv_decoder_of_an_autoencoder_that_upsamples_x2_is_refused_saying_why(tmp_path, widths):
+    """No taehv decoder fits an x2 autoencoder: two widths were told "takes 3 widths", and three
+    then "spatial factor 4 != 2"."""
+    from distill.config import ConfigError
+
+    cfg = debug_config("tiny_decoder", tmp_path / "run", **{"model.vae_widths": [8, 16], "tiny_decoder.widths": widths})
+    with pytest.raises(ConfigError, match=r"a taehv decoder upsamples x4 at least .* this autoencoder's x2: set "
+                                          r"tiny_decoder.architecture causal_vae"):  # fmt: skip
+        run(cfg)
