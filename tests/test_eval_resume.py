@@ -133,3 +133,43 @@ def test_a_stopped_eval_run_again_without_its_stream_goes_on_from_its_clips(tmp_
     made.clear()
     assert evaluate(out) == 0
     assert {index for seed, index in made} == {2}
+
+
+def test_a_finished_report_of_other_eval_code_is_measured_again(tmp_path, made, monkeypatch, capsys):
+    """report.json was reused by the same command run after a change to what eval measures: its
+    settings named the model, the weights and the options, not the code that measured them."""
+    from streamgen.eval import report
+
+    out = tmp_path / "e"
+    assert evaluate(out) == 0
+    made.clear()
+    capsys.readouterr()
+    monkeypatch.setattr(report, "EVAL_VERSION", getattr(report, "EVAL_VERSION", 0) + 1, raising=False)
+    assert evaluate(out) == 0
+    assert {index for seed, index in made} == {0, 1, 2}
+    printed = capsys.readouterr()
+    assert f"replacing {out / 'report.json'}, an evaluation of other settings (eval_version)" in printed.err
+    assert printed.out.startswith("wrote")
+    assert json.loads((out / "report.json").read_text())["settings"]["eval_version"] == report.EVAL_VERSION
+
+
+def test_a_finished_report_of_a_model_json_since_edited_is_measured_again(tmp_path, made, capsys):
+    """The same weights under an edited model.json (its default steps, its shift) make other frames:
+    the report of the model.json before was taken for the edited one's."""
+    import shutil
+
+    from streamgen.models import resolve_model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model_dir("tiny-avatar"), model)
+    out = tmp_path / "e"
+    argv = ["eval", "--model", str(model), "--clips", "1", "--size", "32", "--out", str(out)]
+    assert main(argv) == 0
+    meta = json.loads((model / "model.json").read_text())
+    (model / "model.json").write_text(json.dumps({**meta, "steps": 1}))
+    made.clear()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert {index for seed, index in made} == {0}
+    assert "an evaluation of other settings (model_meta)" in capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["settings"]["model_meta"] is not None

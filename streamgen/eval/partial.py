@@ -8,7 +8,7 @@ hours: a student's 60-minute drift stream, a teacher's 50 steps).
 
 Clip i of a split is the same clip whatever --clips says, so a run of more clips goes on from the
 ones of a run of fewer (and whatever --minutes says). The folder goes once report.json is written; the same command run after
-that finds report.json of the same settings and clips, and measures nothing again.
+that finds report.json of the same settings (`EVAL_VERSION` among them) and clips, and measures nothing again.
 """
 
 from __future__ import annotations
@@ -51,6 +51,18 @@ def files_digest(paths) -> str:
     return h.hexdigest()[:16]
 
 
+def json_digest(value) -> str:
+    """A digest of a JSON value, whatever the order of its objects' keys."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def changed_settings(saved, settings: dict) -> list[str]:
+    """The keys whose values differ between `saved` (anything read back: not a dict has none) and
+    `settings`."""
+    theirs = saved if isinstance(saved, dict) else {}
+    return [k for k in sorted(set(theirs) | set(settings)) if theirs.get(k) != settings.get(k)]
+
+
 class MeasuredFolderError(RuntimeError):
     """OUT/partial cannot be the folder of measured clips (a file of that name is there)."""
 
@@ -77,15 +89,9 @@ class Measured:
         if saved != self.settings:
             others = len(list(self.folder.glob("clip-*.npz")))
             if others and note:  # (not without a word: the same command would have gone on from them)
-                theirs = saved if isinstance(saved, dict) else {}
-                changed = [
-                    k
-                    for k in sorted(set(theirs) | set(self.settings))
-                    if theirs.get(k) != self.settings.get(k)
-                ]
                 note(
                     f"removing the {others} clip{'s' * (others != 1)} an unfinished evaluation of other "
-                    f"settings ({', '.join(changed)}) left in {self.folder}"
+                    f"settings ({', '.join(changed_settings(saved, self.settings))}) left in {self.folder}"
                 )
             shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,11 @@ import numpy as np
 from streamgen.files import write_text_atomically
 
 EVAL_SEED = 20240
+# the version of what eval measures: bump it with any change that changes a number in report.json
+# for the same model and evaluators (a metric, a detector, the clips made, what a clip keeps in
+# partial/), so that a report.json, or an unfinished run's clips, measured by the code before the
+# change are measured again rather than taken for this code's
+EVAL_VERSION = 1
 # what a run writes into --out, report.json last
 OUTPUTS = ("drift.png", "sync.png", "samples.png", "report.md", "report.json")
 GROUND_TRUTH = "ground-truth"
@@ -208,11 +213,13 @@ def evaluate(
     # its report.md and plots, which name that run's model beside no report.json
     Path(out).mkdir(parents=True, exist_ok=True)
     with one_eval_at_a_time(Path(out)):  # (another eval's outputs are not removed, nor mixed with ours)
-        finished = _finished_report(Path(out), settings, n_clips)
+        finished, earlier = _finished_report(Path(out), settings, n_clips)
         if finished is not None:  # (the same command run again: nothing to measure)
             note and note(f"{Path(out) / 'report.json'} is already this evaluation's: nothing measured again "
                           "(delete it to evaluate again)")  # fmt: skip
             return finished
+        if earlier is not None and note:  # (not without a word: it is measured again, and replaced)
+            note(f"replacing {Path(out) / 'report.json'}, an evaluation of other settings ({earlier})")
         for name in OUTPUTS:
             (Path(out) / name).unlink(missing_ok=True)
         # (the clips' results are not a function of --minutes: a stream asked for, or not, or
@@ -384,30 +391,44 @@ SAMPLE_FRAMES = 8  # frames of each sample clip in samples.png (contact_sheet's 
 def eval_settings(model, split, size, minutes, ev, session, roundtrip, device, steps) -> dict:
     """What an evaluation's results are a function of, the clip count aside (clip i is the same
     clip whatever the count): the weights by digest, so a model or evaluators trained again at the
-    same path are another evaluation."""
-    from .partial import files_digest, weights_digest
+    same path are another evaluation; the model's model.json by digest (its default steps, shift,
+    cfg_scale: a model.json edited beside the same weights scored otherwise); and `EVAL_VERSION`,
+    the code's."""
+    from .partial import files_digest, json_digest, weights_digest
 
     weights = (session.dit, session.vae) if session is not None else (getattr(roundtrip, "vae", None),)
     return {
+        "eval_version": EVAL_VERSION,
         "model": model, "split": split, "size": size, "minutes": minutes,
         "device": device if session is not None else None, "steps": steps,
         "cache_from": getattr(session, "cache_from", None), **_session_dtypes(session),
         "model_weights": weights_digest(*weights),
+        "model_meta": json_digest(session.model.meta) if session is not None else None,
         "evaluators": files_digest([ev.folder / "syncnet.safetensors", ev.folder / "identity.safetensors"]),
     }  # fmt: skip
 
 
-def _finished_report(out: Path, settings: dict, n_clips: int) -> dict | None:
-    """report.json in `out` where it is of this evaluation, finished (None: not)."""
+def _finished_report(out: Path, settings: dict, n_clips: int) -> tuple[dict | None, str | None]:
+    """report.json in `out` where it is of this evaluation, finished (else None), and where it is
+    of another, what differs (its changed settings, said in a few words; else None)."""
+    from .partial import changed_settings
+
     try:
         report = json.loads((out / "report.json").read_text())
     except (OSError, ValueError):
-        return None
-    if not isinstance(report, dict) or report.get("settings") != settings or report.get("clips") != n_clips:
-        return None
+        return None, None
+    if not isinstance(report, dict):
+        return None, None
+    if report.get("settings") != settings or report.get("clips") != n_clips:
+        if not isinstance(report.get("settings"), dict):
+            return None, "none recorded"
+        changed = changed_settings(report["settings"], settings)
+        if report.get("clips") != n_clips:
+            changed.append("clips")
+        return None, ", ".join(changed)
     if not all((out / name).exists() for name in OUTPUTS):
-        return None
-    return report
+        return None, None
+    return report, None
 
 
 def autoencoder_roundtrip(name: str):
