@@ -139,3 +139,19 @@ def test_a_stream_scored_chunk_by_chunk_scores_as_the_whole_stream():
     np.testing.assert_array_equal(got["colour"], colour_stats(frames))
     whole = [black_frames(frames).sum(), frozen_frames(frames[3:]).sum(), flicker_frames(frames).sum()]
     assert got["counts"].tolist() == [int(n) for n in whole] and whole[1] == 4 and whole[2] >= 1
+    # stopped after any chunk and restored (from its state, kept in partial/), the same counts
+    for stop in (1, 2, 3):
+        first = StreamScores(ev, reference, lead=3)
+        bounds = ((0, 2), (2, 9), (9, 21), (21, 33), (33, 40))
+        for start, end in bounds[:stop]:
+            first.add(frames[start:end])
+        again = StreamScores(ev, reference, lead=3)
+        assert again.restore(first.state()) and again.seen == bounds[stop - 1][1]
+        for start, end in bounds[stop:]:
+            again.add(frames[start:end])
+        resumed = again.result()
+        assert resumed["counts"].tolist() == got["counts"].tolist()
+        np.testing.assert_array_equal(resumed["csim"], got["csim"])
+    # an add cut short (a Ctrl-C inside it) has no state to go on from; another lead's is refused
+    first.csim.append(first.csim[-1])
+    assert first.state() is None and not StreamScores(ev, reference, lead=0).restore(scores.state())

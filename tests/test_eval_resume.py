@@ -173,3 +173,82 @@ def test_a_finished_report_of_a_model_json_since_edited_is_measured_again(tmp_pa
     assert {index for seed, index in made} == {0}
     assert "an evaluation of other settings (model_meta)" in capsys.readouterr().err
     assert json.loads((out / "report.json").read_text())["settings"]["model_meta"] is not None
+
+
+def test_a_stopped_drift_stream_goes_on_from_the_frames_it_had_scored(tmp_path, made, monkeypatch, capsys):
+    """A Ctrl-C in the --minutes stream (up to an hour of video) lost all of it: the same command run
+    again made and scored it from its start."""
+    from streamgen.data import render
+    from streamgen.eval import metrics, report
+
+    monkeypatch.setattr(report, "STREAM_SLICE", 8)  # (30 frames: slices of 8, their scores kept each 16)
+    monkeypatch.setattr(report, "STREAM_KEEP_FRAMES", 16, raising=False)
+    rendered = []
+    real_render = render.render_frame
+    monkeypatch.setattr(render, "render_frame", lambda *a: rendered.append(a[1]) or real_render(*a))
+    assert evaluate(tmp_path / "whole", "--minutes", "0.02") == 0
+    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    real_add = metrics.StreamScores.add
+
+    def stopped(self, frames):
+        if self.seen == 24:
+            raise KeyboardInterrupt  # (a Ctrl-C once 24 frames are scored: 16 kept on the way, then 24)
+        real_add(self, frames)
+
+    monkeypatch.setattr(metrics.StreamScores, "add", stopped)
+    out = tmp_path / "cut"
+    assert evaluate(out, "--minutes", "0.02") == 130
+    monkeypatch.setattr(metrics.StreamScores, "add", real_add)
+    rendered.clear()
+    capsys.readouterr()
+    assert evaluate(out, "--minutes", "0.02") == 0
+    assert "resuming: the drift stream's first 24 of 30 frames are already scored" in capsys.readouterr().err
+    assert len(rendered) == 1 + 6  # its reference image and frames 24 to 29, not the 30
+    assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
+
+
+def test_a_models_stopped_drift_stream_is_made_again_and_scored_from_where_it_stopped(
+    tmp_path, made, monkeypatch, capsys
+):
+    """A model's stream is made again from its start (its KV cache is not kept), its frames already
+    scored not scored again; made otherwise (its last scored frame differs), it is scored afresh."""
+    from streamgen.eval import metrics, partial, report
+
+    monkeypatch.setattr(report, "STREAM_KEEP_FRAMES", 1, raising=False)  # (its scores kept after every chunk)
+    argv = ["--model", "tiny-avatar", "--clips", "1", "--minutes", "0.02"]
+    evaluate = lambda out: main(["eval", *argv, "--size", "32", "--out", str(out)])  # noqa: E731
+    assert evaluate(tmp_path / "whole") == 0
+    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    real_add, scored = metrics.StreamScores.add, []
+
+    def counted(self, frames):
+        if self.seen >= 16 and stop:
+            raise KeyboardInterrupt
+        scored.append(len(frames))
+        real_add(self, frames)
+
+    monkeypatch.setattr(metrics.StreamScores, "add", counted)
+    out = tmp_path / "cut"
+    stop = True
+    assert evaluate(out) == 130
+    so_far = partial.Measured(out, {}).load("stream-0.02-so-far")
+    stop, scored[:] = False, []
+    capsys.readouterr()
+    assert evaluate(out) == 0
+    err = capsys.readouterr().err
+    start = int(so_far["seen"])
+    assert 0 < start < 30
+    assert f"resuming: the drift stream's first {start} of 30 frames are already scored" in err, err
+    assert sum(scored) == 30 - start
+    assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
+    # scores of another stream's frames (its last scored frame not the one the model makes again)
+    out = tmp_path / "other"
+    stop = True
+    assert evaluate(out) == 130
+    kept = partial.Measured(out, {})
+    kept.save("stream-0.02-so-far", {**kept.load("stream-0.02-so-far"), "last": so_far["last"] ^ 1})
+    stop, scored[:] = False, []
+    assert evaluate(out) == 0
+    assert "differs from the one scored before: scoring it from its start" in capsys.readouterr().err
+    assert sum(scored) == 30
+    assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)

@@ -124,6 +124,7 @@ class StreamScores:
         self.csim, self.colour, self.means = [], [], []
         self.black = self.frozen = self.seen = 0
         self.previous = None  # the last frame scored for frozen (from `lead` on)
+        self.last = None  # the last frame scored (a resumed stream made again is checked against it)
 
     def add(self, frames: np.ndarray) -> None:
         emb, _ = self.ev.identity_embeddings(frames)
@@ -138,7 +139,39 @@ class StreamScores:
             # (the first is the previous chunk's last: frozen_frames never counts a first frame)
             self.frozen += int(frozen_frames(held).sum())
             self.previous = held[-1:]
-        self.seen += len(frames)
+        self.last = frames[-1:]
+        self.seen += len(frames)  # (last: `state` takes an add cut short before this for none)
+
+    def state(self) -> dict | None:
+        """What it has scored so far, as arrays (kept in partial/ for a stopped stream to go on
+        from, `restore`); None before the first frame, or where an add was cut short midway (a
+        Ctrl-C): its lists and counts are not of the same frames."""
+        lists = (self.csim, self.colour, self.means)
+        if not self.seen or any(sum(len(a) for a in part) != self.seen for part in lists):
+            return None
+        return {
+            "seen": np.array(self.seen), "lead": np.array(self.lead),
+            "csim": np.concatenate(self.csim), "colour": np.concatenate(self.colour),
+            "means": np.concatenate(self.means), "black": np.array(self.black),
+            "frozen": np.array(self.frozen), "last": self.last,
+            "previous": self.previous if self.previous is not None else self.last[:0],
+        }  # fmt: skip
+
+    def restore(self, state: dict) -> bool:
+        """Go on from a `state` of the same stream (False, and nothing changed, where it is not
+        one: another lead, or arrays of other lengths)."""
+        try:
+            seen, lead = int(state["seen"]), int(state["lead"])
+            lists = [state["csim"], state["colour"], state["means"]]
+            if lead != self.lead or seen < 1 or any(len(a) != seen for a in lists) or len(state["last"]) != 1:
+                return False
+            previous = state["previous"] if len(state["previous"]) else None
+            black, frozen, last = int(state["black"]), int(state["frozen"]), state["last"]
+        except (KeyError, TypeError, ValueError):
+            return False
+        self.csim, self.colour, self.means = [[a] for a in lists]
+        self.black, self.frozen, self.seen, self.previous, self.last = black, frozen, seen, previous, last
+        return True
 
     def result(self) -> dict:
         means = np.concatenate(self.means)
