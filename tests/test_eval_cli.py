@@ -301,3 +301,13 @@ def test_session_options_for_what_runs_no_session_are_refused(tmp_path, capsys):
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+
+
+def test_an_out_folder_that_cannot_be_made_is_one_line(capsys):
+    """An --out under a folder no one may write into (here /proc) was mkdir's traceback, once the
+    model and the evaluators had loaded."""
+    out = "/proc/streamgen-eval-out"
+    assert main(["eval", "--model", "ground-truth", "--clips", "1", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert f"--out: cannot make {out}: No such file or directory" in err, err
+    assert len(err.strip().splitlines()) == 1, err

@@ -154,7 +154,7 @@ def _evaluate(args) -> int:
 
     from .evaluators import EvaluatorError
     from .partial import MeasuredFolderError
-    from .report import ModelLoadError, OutputInUse, evaluate
+    from .report import ModelLoadError, OutFolderError, OutputInUse, evaluate
 
     clips = args.clips or 8
     bars = []
@@ -178,7 +178,7 @@ def _evaluate(args) -> int:
             encode_dtype=args.encode_dtype, stream_progress=stream_progress,
             note=lambda line: print(line, file=sys.stderr),
         )  # fmt: skip
-    except (EvaluatorError, ModelLoadError, OutputInUse, MeasuredFolderError) as e:
+    except (EvaluatorError, ModelLoadError, OutputInUse, OutFolderError, MeasuredFolderError) as e:
         raise UserError(str(e)) from None
     finally:
         for bar in bars:

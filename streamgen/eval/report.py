@@ -94,6 +94,10 @@ class OutputInUse(RuntimeError):
     """Another evaluation is writing into the --out folder."""
 
 
+class OutFolderError(RuntimeError):
+    """The --out folder cannot be made."""
+
+
 def one_eval_at_a_time(out: Path):
     """The folder `out` for this evaluation alone: a second one into it at once removed the first's
     outputs as it began, and the two wrote theirs over each other's (one's report.json beside the
@@ -211,7 +215,10 @@ def evaluate(
     # alone, and no --out made for it): from here a run that fails (a crash on the way, a Ctrl-C)
     # must not leave an earlier run's report in --out, whose presence says the run finished, nor
     # its report.md and plots, which name that run's model beside no report.json
-    Path(out).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # (a traceback: a folder under /proc, one the user may not write into)
+        raise OutFolderError(f"--out: cannot make {out}: {e.strerror}") from None
     with one_eval_at_a_time(Path(out)):  # (another eval's outputs are not removed, nor mixed with ours)
         finished, earlier = _finished_report(Path(out), settings, n_clips)
         if finished is not None:  # (the same command run again: nothing to measure)
