@@ -202,7 +202,9 @@ def test_a_stopped_drift_stream_goes_on_from_the_frames_it_had_scored(tmp_path, 
     rendered.clear()
     capsys.readouterr()
     assert evaluate(out, "--minutes", "0.02") == 0
-    assert "resuming: the drift stream's first 24 of 30 frames are already scored" in capsys.readouterr().err
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    # (on a line of its own: it was printed after the clips' bar, on its line)
+    assert "resuming: the drift stream's first 24 of 30 frames are already scored" in lines, lines
     assert len(rendered) == 1 + 6  # its reference image and frames 24 to 29, not the 30
     assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
 

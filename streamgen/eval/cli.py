@@ -176,7 +176,7 @@ def _evaluate(args) -> int:
             args.evaluators, args.device, args.steps, progress=progress,
             decode_dtype=args.decode_dtype, cache_from=args.cache_from, dtype=args.dtype,
             encode_dtype=args.encode_dtype, stream_progress=stream_progress,
-            note=lambda line: print(line, file=sys.stderr),
+            note=lambda line: tqdm.write(line, file=sys.stderr),  # (on a line of its own, the bars kept)
         )  # fmt: skip
     except (EvaluatorError, ModelLoadError, OutputInUse, OutFolderError, MeasuredFolderError) as e:
         raise UserError(str(e)) from None
