@@ -187,3 +187,40 @@ def test_evaluators_of_a_stopped_run_say_it_did_not_finish(tmp_path):
     ckpt.checkpoint_dir(tmp_path).mkdir()
     with pytest.raises(EvaluatorError, match="did not finish .*run it again to go on from them"):
         Evaluators(tmp_path)
+
+
+def test_evaluators_trained_by_other_training_code_are_trained_again(dataset, tmp_path, capsys, monkeypatch):
+    """A finished run was recognised by its settings alone: the same command run after a change to
+    how the evaluators train said they were already trained, and kept the old weights."""
+    out = tmp_path / "ev"
+    assert main(command(dataset, out)) == 0
+    monkeypatch.setattr(train, "TRAINING_VERSION", getattr(train, "TRAINING_VERSION", 0) + 1, raising=False)
+    capsys.readouterr()
+    assert main(command(dataset, out)) == 0
+    assert capsys.readouterr().out.startswith("wrote ")
+    # an unfinished run of the code before: refused in one line (no options of this code finish it)
+    monkeypatch.setattr(train, "CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(ckpt, "save_checkpoint", killed_at_step_2 := _killed_at(2))
+    with pytest.raises(SystemExit):
+        main(command(dataset, tmp_path / "cut"))
+    monkeypatch.setattr(ckpt, "save_checkpoint", killed_at_step_2.real)
+    monkeypatch.setattr(train, "TRAINING_VERSION", train.TRAINING_VERSION + 1)
+    capsys.readouterr()
+    assert main(command(dataset, tmp_path / "cut")) == 2
+    err = capsys.readouterr().err
+    assert "holds an unfinished train-evaluators run of another version of its code" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def _killed_at(step: int):
+    """ckpt.save_checkpoint, and a SystemExit once it has saved `step` (a kill between two steps)."""
+    real = ckpt.save_checkpoint
+
+    def killed(out, at, *args, **kwargs):
+        path = real(out, at, *args, **kwargs)
+        if at == step:
+            raise SystemExit("killed")
+        return path
+
+    killed.real = real
+    return killed

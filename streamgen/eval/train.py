@@ -247,7 +247,13 @@ class _Checkpoints:
         if saved != self.settings:
             theirs = saved if isinstance(saved, dict) else {}
             diffs = [f"{k}: checkpoint {theirs.get(k)!r}, now {v!r}" for k, v in self.settings.items()
-                     if theirs.get(k) != v]  # fmt: skip
+                     if theirs.get(k) != v and k != "version"]  # fmt: skip
+            if not diffs:  # (the version alone: no options of this code finish it)
+                raise TrainingResumeError(
+                    f"{self.out} holds an unfinished train-evaluators run of another version of its code "
+                    f"({theirs.get('version')}, this one's {TRAINING_VERSION}): delete "
+                    f"{ckpt.checkpoint_dir(self.out)} to train afresh (or choose another --out)"
+                )
             raise TrainingResumeError(
                 f"{self.out} holds an unfinished train-evaluators run of other settings "
                 f"({'; '.join(diffs)}): run it again with those to finish it, or delete "
@@ -309,6 +315,12 @@ class _Checkpoints:
         shutil.rmtree(self.ckpt.checkpoint_dir(self.out), ignore_errors=True)
 
 
+# the version of how the evaluators are trained: bump it with any change that changes the weights
+# the same settings train to (a loss, a batch, an architecture), so that evaluators (and an
+# unfinished run's checkpoints) trained by the code before are not taken for this code's
+TRAINING_VERSION = 1
+
+
 def training_settings(
     n_clips: int, sync_steps: int, identity_steps: int, seed: int, data: Path | None
 ) -> dict:
@@ -319,7 +331,8 @@ def training_settings(
     if data is not None:  # (a dataset made again in the same folder is other clips)
         manifest = hashlib.sha256((Path(data) / "manifest.json").read_bytes()).hexdigest()[:16]
     return {"clips": n_clips, "syncnet_steps": sync_steps, "identity_steps": identity_steps, "seed": seed,
-            "data": str(Path(data).resolve()) if data is not None else None, "data_manifest": manifest}  # fmt: skip
+            "data": str(Path(data).resolve()) if data is not None else None, "data_manifest": manifest,
+            "version": TRAINING_VERSION}  # fmt: skip
 
 
 def finished_with(out: Path, settings: dict) -> bool:
