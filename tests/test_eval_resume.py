@@ -179,10 +179,10 @@ def test_a_stopped_drift_stream_goes_on_from_the_frames_it_had_scored(tmp_path, 
     """A Ctrl-C in the --minutes stream (up to an hour of video) lost all of it: the same command run
     again made and scored it from its start."""
     from streamgen.data import render
-    from streamgen.eval import metrics, report
+    from streamgen.eval import drift, metrics
 
-    monkeypatch.setattr(report, "STREAM_SLICE", 8)  # (30 frames: slices of 8, their scores kept each 16)
-    monkeypatch.setattr(report, "STREAM_KEEP_FRAMES", 16, raising=False)
+    monkeypatch.setattr(drift, "STREAM_SLICE", 8)  # (30 frames: slices of 8, their scores kept each 16)
+    monkeypatch.setattr(drift, "STREAM_KEEP_FRAMES", 16)
     rendered = []
     real_render = render.render_frame
     monkeypatch.setattr(render, "render_frame", lambda *a: rendered.append(a[1]) or real_render(*a))
@@ -214,9 +214,9 @@ def test_a_models_stopped_drift_stream_is_made_again_and_scored_from_where_it_st
 ):
     """A model's stream is made again from its start (its KV cache is not kept), its frames already
     scored not scored again; made otherwise (its last scored frame differs), it is scored afresh."""
-    from streamgen.eval import metrics, partial, report
+    from streamgen.eval import drift, metrics, partial
 
-    monkeypatch.setattr(report, "STREAM_KEEP_FRAMES", 1, raising=False)  # (its scores kept after every chunk)
+    monkeypatch.setattr(drift, "STREAM_KEEP_FRAMES", 1)  # (its scores kept after every chunk)
     argv = ["--model", "tiny-avatar", "--clips", "1", "--minutes", "0.02"]
     evaluate = lambda out: main(["eval", *argv, "--size", "32", "--out", str(out)])  # noqa: E731
     assert evaluate(tmp_path / "whole") == 0
