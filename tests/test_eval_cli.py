@@ -311,3 +311,24 @@ def test_an_out_folder_that_cannot_be_made_is_one_line(capsys):
     err = capsys.readouterr().err
     assert f"--out: cannot make {out}: No such file or directory" in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_an_empty_out_is_refused_not_the_current_folder(tmp_path, capsys, monkeypatch):
+    """`--out "$UNSET"`: Path("") is the current folder, which eval wrote its report and plots into
+    (removing those an earlier run had left there), and train-evaluators its checkpoints."""
+    from streamgen.eval import report, train
+
+    def worked(*args, **kwargs):
+        raise AssertionError("the work ran")
+
+    monkeypatch.setattr(report, "evaluate", worked)
+    monkeypatch.setattr(train, "train_evaluators", worked)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "report.json").write_text("mine")
+    for argv in (["--model", "ground-truth", "--clips", "1"], ["train-evaluators", "--clips", "2"]):
+        with pytest.raises(SystemExit) as exited:
+            main(["eval", *argv, "--out", ""])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and "argument --out: '' names no folder" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    assert (tmp_path / "report.json").read_text() == "mine"
