@@ -17,8 +17,11 @@ from __future__ import annotations
 import gc
 import logging
 import multiprocessing
+import os
 import signal
 import sys
+import threading
+import time
 import uuid
 
 import numpy as np
@@ -27,6 +30,15 @@ import numpy as np
 CLIENT_ERRORS = {"ValueError": ValueError, "BufferError": BufferError, "KeyError": KeyError}
 
 log = logging.getLogger("streamgen.server")
+
+# seconds `ModelHost.stop` waits for the operation running (after the server's worker has waited
+# 10 s for it), then for the answer to `exit`, which the model process gives as it leaves its loop
+STOP_WAIT = 10.0
+# once it has answered, its teardown (the model, torch: 2 s on an idle 2-core machine, 5.4 s beside
+# two busy loops) is waited for as long as it uses the CPU, up to EXIT_LIMIT_S in all; a process
+# that uses none for EXIT_STALL_S is taken for stuck
+EXIT_STALL_S = 5.0
+EXIT_LIMIT_S = 60.0
 
 
 def freeze_loaded_heap() -> None:
@@ -74,6 +86,7 @@ class ModelHost:
         self.process.start()
         child.close()
         self._down: str | None = None  # why the host can run nothing more (the server reports it unhealthy)
+        self._calling = threading.Lock()  # held while an operation is on the pipe: `stop` waits for it
         # seconds an operation may take before the process is taken for stuck and killed; None
         # while the model loads and warms up (a first chunk may take minutes): the server sets it
         # once it is ready (ServerConfig.model_timeout_s)
@@ -90,17 +103,18 @@ class ModelHost:
         return self._down
 
     def call(self, op: str, *args):
-        if self.down:
-            raise HostDown(self.down)
-        try:
-            self._conn.send((op, args))
-            if self.answer_timeout is not None and not self._conn.poll(self.answer_timeout):
-                self._stop_stuck(op)
-            ok, result = self._conn.recv()
-        except (EOFError, OSError):
-            self.process.join(1)
-            self._down = exit_line(self.process.exitcode)
-            raise HostDown(self.down) from None
+        with self._calling:  # (the worker's operation, and the stop's `exit`, one at a time)
+            if self.down:
+                raise HostDown(self.down)
+            try:
+                self._conn.send((op, args))
+                if self.answer_timeout is not None and not self._conn.poll(self.answer_timeout):
+                    self._stop_stuck(op)
+                ok, result = self._conn.recv()
+            except (EOFError, OSError):
+                self.process.join(1)
+                self._down = exit_line(self.process.exitcode)
+                raise HostDown(self.down) from None
         if ok:
             return result
         raise_reported(result)
@@ -115,15 +129,66 @@ class ModelHost:
         raise HostDown(self._down)
 
     def stop(self) -> None:
+        """End the model process: it answers `exit` between operations, then tears down. It is
+        waited for while it works: a flat 5 s, then SIGTERM, ended it mid-teardown on a loaded
+        machine (exit code -15), and its `exit` raced an operation the worker still had running.
+        One that does not answer, or stops using the CPU, is killed."""
         self._down = self._down or "the model process was stopped (the server is shutting down)"
+        stuck = self._ask_to_exit()
+        if stuck is None and self.process.exitcode is None:
+            stuck = self._wait_for_exit()
+        self._conn.close()
+        if stuck is None:
+            return
+        log.warning("the model process %s: killing it", stuck)
+        self.process.kill()  # (SIGKILL: SIGTERM runs no handler in it, and a stopped process ignores it)
+        self.process.join(5)
+
+    def _ask_to_exit(self) -> str | None:
+        """Send `exit` once no operation is running, and wait for its answer; None once it is
+        answered (or the process is gone already), else why the process is taken for stuck."""
+        if self.process.exitcode is not None:
+            return None
+        if not self._calling.acquire(timeout=STOP_WAIT):
+            return f"was still running an operation {STOP_WAIT:g} s into the stop"
         try:
             self._conn.send(("exit", ()))
-        except (OSError, ValueError):
+            if not self._conn.poll(STOP_WAIT):
+                return f"gave no answer to 'exit' in {STOP_WAIT:g} s"
+            self._conn.recv()
+        except (EOFError, OSError):  # it ended meanwhile (it died, or was killed as stuck)
             pass
-        self.process.join(5)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(5)
+        finally:
+            self._calling.release()
+        return None
+
+    def _wait_for_exit(self) -> str | None:
+        """Wait for a process that has answered `exit` to end, as long as it uses the CPU (where
+        /proc tells: elsewhere up to EXIT_LIMIT_S); None once it has ended, else why not."""
+        pid = self.process.pid
+        used, last_used_at = cpu_seconds(pid), time.monotonic()
+        deadline = last_used_at + EXIT_LIMIT_S
+        while True:
+            self.process.join(min(0.5, EXIT_STALL_S))
+            if self.process.exitcode is not None:
+                return None
+            now, used_now = time.monotonic(), cpu_seconds(pid)
+            if used_now is None or used_now != used:
+                used, last_used_at = used_now, now
+            elif now - last_used_at >= EXIT_STALL_S:
+                return f"used no CPU for {EXIT_STALL_S:g} s after it answered 'exit' (stuck)"
+            if now >= deadline:
+                return f"had not ended {EXIT_LIMIT_S:g} s after it answered 'exit'"
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """The CPU seconds a process has used (user and system), or None where /proc does not tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # (after the name, which may hold spaces)
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class RemoteStream:
@@ -286,7 +351,11 @@ def _serve_ops(conn, ops: ModelOps) -> None:
             op, args = conn.recv()
         except (EOFError, OSError):  # the server is gone
             return
-        if op == "exit":
+        if op == "exit":  # answered: the server waits for the teardown as long as it works
+            try:
+                conn.send((True, None))
+            except OSError:
+                pass
             return
         try:
             conn.send((True, ops.handle(op, args)))

@@ -9,6 +9,7 @@ import asyncio
 import errno
 import gc
 import json
+import logging
 import socket
 import threading
 
@@ -436,3 +437,74 @@ def test_a_ctrl_c_leaves_the_model_process_to_the_server_and_its_failures_log_wh
     err = capfd.readouterr().err
     assert "model process: create failed" in err and "Traceback" in err and "TypeError: steps must be" in err
     assert "caption failed" not in err
+
+
+@pytest.mark.timeout(90)
+def test_a_model_process_kept_off_the_cpu_through_the_stop_ends_by_itself():
+    """A loaded machine: the stop came while the worker's operation was still running and the
+    model process got no CPU (here a SIGSTOP) for longer than the 5 s the stop gave it; it was
+    sent SIGTERM mid-operation (exit code -15) and its `exit` raced the operation on the pipe.
+    Now the stop waits for the operation, then for the process's answer, then for its teardown."""
+    import os
+    import signal
+
+    from server.model_host import ModelHost
+
+    host = ModelHost("debug", "cpu", 1)
+    sent = threading.Event()
+
+    class SeenSending:  # the pipe, telling when the operation is on it
+        def __init__(self, conn):
+            self.conn = conn
+
+        def send(self, message):
+            self.conn.send(message)
+            sent.set()
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    host._conn = SeenSending(host._conn)
+    answers = []
+    os.kill(host.process.pid, signal.SIGSTOP)
+    resume = threading.Timer(6.0, os.kill, (host.process.pid, signal.SIGCONT))
+    resume.start()
+    try:
+        operation = threading.Thread(target=lambda: answers.append(host.call("ping")))
+        operation.start()
+        assert sent.wait(10)
+        host.stop()
+        operation.join(10)
+    finally:
+        resume.join()
+        host.process.kill()
+    assert answers and answers[0]["frozen_objects"] > 0  # the operation's own answer, not the exit's
+    assert host.process.exitcode == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_model_process_stuck_in_its_teardown_is_killed(monkeypatch, caplog):
+    """It answered `exit`, then used no CPU (a deadlock in a finalizer; here a SIGSTOP): the stop
+    says so, and kills it (its SIGTERM left a stopped process alive for good)."""
+    import os
+    import signal
+
+    from server import model_host
+
+    monkeypatch.setattr(model_host, "EXIT_STALL_S", 0.5)
+    host = model_host.ModelHost("debug", "cpu", 1)
+    ask_to_exit = host._ask_to_exit
+
+    def then_stuck():
+        stuck = ask_to_exit()
+        os.kill(host.process.pid, signal.SIGSTOP)
+        return stuck
+
+    host._ask_to_exit = then_stuck
+    try:
+        with caplog.at_level(logging.WARNING, "streamgen.server"):
+            host.stop()
+        assert host.process.exitcode == -signal.SIGKILL
+    finally:
+        host.process.kill()
+    assert "used no CPU for 0.5 s after it answered 'exit' (stuck): killing it" in caplog.text
