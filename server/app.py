@@ -260,7 +260,7 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
     registry.chunk_seconds = chunk_seconds
     if config.inference_process and config.model_timeout_s:  # (from now on: the warm-up may take minutes)
         registry.host.answer_timeout = config.model_timeout_s
-    registry.worker.chunk_time_ema = statistics.median(steady_times)
+    registry.worker.chunk_time_ema = registry.alone_chunk_seconds = statistics.median(steady_times)
     # (a warm-up chunk re-encodes the one before it first: to publish, the batches soon say)
     registry.worker.batch_times.observe(1, registry.worker.chunk_time_ema)
     registry.worker.ready_times.observe(1, registry.worker.chunk_time_ema)

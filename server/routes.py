@@ -431,8 +431,13 @@ async def readyz(request: Request):
     body = {
         "ready": ready, "model": registry.config.model, "sessions": len(registry.sessions),
         "capacity": registry.admitting(),
+        # the worker's time per session's chunk now: a batch's time over its sessions (moving average)
         "chunk_ms": round(1000 * (registry.worker.chunk_time_ema or 0), 1),
-        "real_time": registry.real_time if ready else None,  # (false: even one session plays slower)
+        # how long a chunk plays, and one session's chunk made alone at the warm-up: `real_time`
+        # (false: even one session alone plays slower) is the second no longer than the first
+        "chunk_play_ms": round(1000 * registry.chunk_seconds, 1) if ready else None,
+        "alone_chunk_ms": round(1000 * (registry.alone_chunk_seconds or 0), 1) if ready else None,
+        "real_time": registry.real_time if ready else None,
     }  # fmt: skip
     if error:
         body["error"] = error

@@ -25,6 +25,7 @@ def test_health_ready_docs_and_avatars(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["ready"] is True and ready["capacity"] >= 1 and ready["real_time"] is True
+    assert 0 < ready["alone_chunk_ms"] <= ready["chunk_play_ms"]
     paths = client.get("/openapi.json").json()["paths"]
     assert "/v1/sessions" in paths and "/v1/sessions/{session_id}/whep" in paths
     assert client.get("/docs").status_code == 200
@@ -54,7 +55,14 @@ def test_a_server_too_slow_for_one_session_says_so(monkeypatch, caplog):
     caplog.set_level(logging.WARNING, "streamgen.server")
     with ready_client(max_sessions=2) as c:
         ready = c.get("/readyz").json()
-    assert ready["ready"] is True and ready["real_time"] is False
+        assert ready["ready"] is True and ready["real_time"] is False
+        chunk_play_ms = pytest.approx(1000 * c.app.state.registry.chunk_seconds, abs=0.05)
+        assert ready["alone_chunk_ms"] > ready["chunk_play_ms"] == chunk_play_ms
+        # batches share a pass's cost among their sessions: the worker's time per session falls
+        # (`chunk_ms`), and /readyz said real_time true where one session alone still played slower
+        c.app.state.registry.worker.chunk_time_ema = 0.01
+        ready = c.get("/readyz").json()
+        assert ready["chunk_ms"] == 10.0 and ready["real_time"] is False
     assert any("not one session can stream in real time" in r.getMessage() for r in caplog.records)
 
 
