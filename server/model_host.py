@@ -87,6 +87,7 @@ class ModelHost:
         child.close()
         self._down: str | None = None  # why the host can run nothing more (the server reports it unhealthy)
         self._calling = threading.Lock()  # held while an operation is on the pipe: `stop` waits for it
+        self._killed_at_stop: str | None = None  # why the stop killed the process, once it has
         # seconds an operation may take before the process is taken for stuck and killed; None
         # while the model loads and warms up (a first chunk may take minutes): the server sets it
         # once it is ready (ServerConfig.model_timeout_s)
@@ -113,7 +114,8 @@ class ModelHost:
                 ok, result = self._conn.recv()
             except (EOFError, OSError):
                 self.process.join(1)
-                self._down = exit_line(self.process.exitcode)
+                # (one the stop killed keeps the stop's reason: its SIGKILL read as the OOM killer's)
+                self._down = self._killed_at_stop or exit_line(self.process.exitcode)
                 raise HostDown(self.down) from None
         if ok:
             return result
@@ -141,6 +143,7 @@ class ModelHost:
         if stuck is None:
             return
         log.warning("the model process %s: killing it", stuck)
+        self._down = self._killed_at_stop = f"the model process {stuck}: it was killed at the stop"
         self.process.kill()  # (SIGKILL: SIGTERM runs no handler in it, and a stopped process ignores it)
         self.process.join(5)
 

@@ -439,6 +439,20 @@ def test_a_ctrl_c_leaves_the_model_process_to_the_server_and_its_failures_log_wh
     assert "caption failed" not in err
 
 
+class SeenSending:
+    """A model host's pipe, telling when an operation is on it (`sent`)."""
+
+    def __init__(self, conn):
+        self.conn, self.sent = conn, threading.Event()
+
+    def send(self, message):
+        self.conn.send(message)
+        self.sent.set()
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
 @pytest.mark.timeout(90)
 def test_a_model_process_kept_off_the_cpu_through_the_stop_ends_by_itself():
     """A loaded machine: the stop came while the worker's operation was still running and the
@@ -451,20 +465,8 @@ def test_a_model_process_kept_off_the_cpu_through_the_stop_ends_by_itself():
     from server.model_host import ModelHost
 
     host = ModelHost("debug", "cpu", 1)
-    sent = threading.Event()
-
-    class SeenSending:  # the pipe, telling when the operation is on it
-        def __init__(self, conn):
-            self.conn = conn
-
-        def send(self, message):
-            self.conn.send(message)
-            sent.set()
-
-        def __getattr__(self, name):
-            return getattr(self.conn, name)
-
     host._conn = SeenSending(host._conn)
+    sent = host._conn.sent
     answers = []
     os.kill(host.process.pid, signal.SIGSTOP)
     resume = threading.Timer(6.0, os.kill, (host.process.pid, signal.SIGCONT))
@@ -508,3 +510,36 @@ def test_a_model_process_stuck_in_its_teardown_is_killed(monkeypatch, caplog):
     finally:
         host.process.kill()
     assert "used no CPU for 0.5 s after it answered 'exit' (stuck): killing it" in caplog.text
+
+
+@pytest.mark.timeout(60)
+def test_an_operation_the_stop_gave_up_on_says_why_the_process_ended(monkeypatch):
+    """The stop waited for the worker's operation, gave up and killed the model process: the
+    operation's HostDown said "killed by SIGKILL, as the kernel's out-of-memory killer does", an
+    ERROR in a shutdown's log that sent its reader after memory."""
+    import os
+    import signal
+
+    from server import model_host
+
+    monkeypatch.setattr(model_host, "STOP_WAIT", 0.5)
+    host = model_host.ModelHost("debug", "cpu", 1)
+    errors = []
+
+    def operation():
+        try:
+            host.call("ping")
+        except model_host.HostDown as e:
+            errors.append(str(e))
+
+    host._conn = SeenSending(host._conn)
+    os.kill(host.process.pid, signal.SIGSTOP)  # (an operation that runs on past the stop's wait)
+    running = threading.Thread(target=operation)
+    try:
+        running.start()
+        assert host._conn.sent.wait(10)
+        host.stop()
+        running.join(10)
+    finally:
+        host.process.kill()
+    assert errors == ["the model process was still running an operation 0.5 s into the stop: it was killed at the stop"]
