@@ -99,6 +99,24 @@ def _require_server_token(request: Request, token: str | None) -> None:
 SESSION_FIELDS = ("avatar", "caption", "seed")  # and, in a multipart body, the `reference` file
 
 
+class RepeatedField(Exception):
+    """A session request names a field twice: which one counts is a guess (the last one was taken)."""
+
+
+def _once_each(pairs) -> dict:
+    """A JSON object's pairs -> dict, or RepeatedField (`json.loads`' object_pairs_hook)."""
+    fields = {}
+    for name, value in pairs:
+        if name in fields:
+            raise RepeatedField(name)
+        fields[name] = value
+    return fields
+
+
+def _repeated(name: str) -> ApiError:
+    return ApiError(422, "repeated_field", f"field {str(name)[:40]!r} is given more than once: give each once")
+
+
 def _session_params(fields: dict, has_reference: bool) -> tuple[str, str | None, int | None]:
     """A session request's fields -> (avatar, caption, seed), or a 422 naming what is wrong: a
     misspelt or misplaced field is refused rather than ignored (the stream would silently use the
@@ -153,9 +171,11 @@ async def _session_fields(request: Request, config) -> tuple[dict, bytes | None]
         return {}, None
     if content_type == "application/json":
         try:
-            fields = json.loads(body)
+            fields = json.loads(body, object_pairs_hook=_once_each)
         except (ValueError, RecursionError):  # (an array nested 100,000 deep)
             raise ApiError(400, "bad_json", "request body is not valid JSON") from None
+        except RepeatedField as e:
+            raise _repeated(e.args[0]) from None
         if not isinstance(fields, dict):
             raise ApiError(400, "bad_json", "request body must be a JSON object")
         return fields, None
@@ -179,6 +199,8 @@ async def _session_fields(request: Request, config) -> tuple[dict, bytes | None]
                 if upload is not None:  # (the last one was taken, the others ignored)
                     raise ApiError(400, "bad_form", "two 'reference' files: send one image")
                 upload = await value.read()
+            elif key in fields:
+                raise _repeated(key)
             else:
                 fields[key] = value
         return fields, upload
@@ -297,7 +319,10 @@ async def whep_new_session(request: Request, avatar: str | None = None, caption:
     _require_server_token(request, registry.config.token)
     registry.admit()
     sdp = await _read_offer(request)  # before a session exists: a bad offer leaves nothing behind
-    fields = {k: v for k, v in request.query_params.items() if k != "token"}
+    try:
+        fields = _once_each((k, v) for k, v in request.query_params.multi_items() if k != "token")
+    except RepeatedField as e:  # (`?avatar=ada&avatar=sample` streamed the sample avatar)
+        raise _repeated(e.args[0]) from None
     name, caption, seed = _session_params(fields, has_reference=False)
     session = await _new_session(registry, _avatar_reference(name), caption, seed)
     answered = await _answer(registry, session, sdp, f"/v1/sessions/{session.id}?token={session.token}")

@@ -286,6 +286,22 @@ def test_files_other_than_one_reference_are_named(client):
     assert r.status_code == 400 and "two 'reference' files" in r.json()["message"], r.text
 
 
+def test_a_field_given_twice_is_a_422(client):
+    """The last one was taken without a word: `{"avatar": "ada", "avatar": "sample"}` (and a form's
+    two `seed` fields) made a session of the sample avatar (of the second seed)."""
+    registry = client.app.state.registry
+    before = set(registry.sessions)
+    r = client.post("/v1/sessions", content=b'{"avatar": "ada", "avatar": "sample"}',
+                    headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 422 and r.json()["error"] == "repeated_field", r.text
+    assert "'avatar' is given more than once" in r.json()["message"]
+    seeds = b"".join(b'--XyZ\r\nContent-Disposition: form-data; name="seed"\r\n\r\n%d\r\n' % n for n in (1, 2))
+    r = client.post("/v1/sessions", content=seeds + _multipart("XyZ", png_bytes()),
+                    headers={"content-type": "multipart/form-data; boundary=XyZ"})  # fmt: skip
+    assert r.status_code == 422 and r.json()["error"] == "repeated_field", r.text
+    assert set(registry.sessions) == before
+
+
 def test_a_caption_that_is_not_unicode_text_is_a_422(client):
     """JSON may spell a lone surrogate ("\\ud800"): the caption encoder's tokenizer raised a
     TypeError on it, a 500 with a traceback (here and in control messages)."""

@@ -168,6 +168,8 @@ async def test_any_whep_player_streams_from_one_url(server):
         assert r.status_code == 404
         r = await http.post("/v1/whep?avatr=ada", content=offer, headers=sdp_headers)
         assert r.status_code == 422 and r.json()["error"] == "unknown_field"
+        r = await http.post("/v1/whep?avatar=ada&avatar=sample", content=offer, headers=sdp_headers)
+        assert r.status_code == 422 and r.json()["error"] == "repeated_field"  # (it streamed the sample)
         await pc.close()
         assert app.state.registry.sessions == {}
 
