@@ -4,6 +4,7 @@ OUT/partial), to the same report; a finished evaluation run again measures nothi
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -206,6 +207,17 @@ def test_a_stopped_drift_stream_goes_on_from_the_frames_it_had_scored(tmp_path, 
     # (on a line of its own: it was printed after the clips' bar, on its line)
     assert "resuming: the drift stream's first 24 of 30 frames are already scored" in lines, lines
     assert len(rendered) == 1 + 6  # its reference image and frames 24 to 29, not the 30
+    assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
+    # killed there (no Ctrl-C to keep the scores at): it goes on from those kept on the way, at 16
+    killed = lambda self, frames: sys.exit("killed") if self.seen == 24 else real_add(self, frames)  # noqa: E731
+    monkeypatch.setattr(metrics.StreamScores, "add", killed)
+    out = tmp_path / "killed"
+    with pytest.raises(SystemExit):
+        evaluate(out, "--minutes", "0.02")
+    monkeypatch.setattr(metrics.StreamScores, "add", real_add)
+    capsys.readouterr()
+    assert evaluate(out, "--minutes", "0.02") == 0
+    assert "resuming: the drift stream's first 16 of 30 frames are already scored" in capsys.readouterr().err
     assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
 
 
