@@ -410,7 +410,15 @@ def load_model_dir(d: Path, device="cpu", dtype=None, **cfg_overrides) -> Avatar
     its files all of one export: read again where one put its folder in place meanwhile
     (`streamgen.folders.read_folder`; `streamgen.model_export.save_model`)."""
     d = Path(d)
-    meta, dit, vae = read_folder(d, lambda folder: _read_dir(folder, cfg_overrides))
+    try:
+        meta, dit, vae = read_folder(d, lambda folder: _read_dir(folder, cfg_overrides))
+    except FileNotFoundError as e:  # (it was "[Errno 2] No such file or directory: '.../vae.safetensors'")
+        if e.filename is None or not Path(e.filename).is_relative_to(d):
+            raise
+        raise FileNotFoundError(
+            f"{d}: the model directory has no {Path(e.filename).relative_to(d)}: copy or export the whole "
+            "model again"
+        ) from None
     return AvatarModel(
         name=meta.get("name", d.name),
         dit=dit.to(device, dtype).eval(),

@@ -265,6 +265,26 @@ def test_a_spoilt_model_directory_names_its_file(tmp_path, spoil, says, capsys):
     assert says in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("missing", ["vae.safetensors", "dit.safetensors"])
+def test_a_model_directory_missing_a_file_says_which(tmp_path, missing, capsys):
+    """A model copied without one of its files said "[Errno 2] No such file or directory:
+    '.../vae.safetensors'", as if the command had been given a wrong path."""
+    import shutil
+
+    from streamgen.cli import main
+    from streamgen.models import MODELS_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(MODELS_DIR / "tiny-avatar", model)
+    (model / missing).unlink()
+    says = f"{model}: the model directory has no {missing}: copy or export the whole model again"
+    with pytest.raises(FileNotFoundError) as e:
+        load_model(str(model))
+    assert str(e.value) == says
+    assert main(["generate", "--model", str(model), "--out", str(tmp_path / "x.mp4"), "--quiet"]) == 2
+    assert says in capsys.readouterr().err
+
+
 def test_the_precision_switches_of_the_environment_are_read_as_meant(monkeypatch, tmp_path):
     """STREAMGEN_FP8=0 turned FP8 on; STREAMGEN_DTYPE=bf16 was an AttributeError and float16 a
     dtype no option offers; a teacher took it and ran in bfloat16; a STREAMGEN_MODELS entry that
