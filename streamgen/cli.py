@@ -139,6 +139,15 @@ class UserError(Exception):
     """An error the user caused (bad file, bad argument): printed as one line, exit code 2."""
 
 
+def named_folder(text: str) -> Path:
+    """A folder's name, not empty (Path("") is the current folder: `--out "$UNSET"` wrote eval's
+    report into it and removed the one an earlier run had left there; `data make` made its
+    dataset there)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} names no folder: give the folder to write into")
+    return Path(text)
+
+
 def folder_problem(path: Path) -> str | None:
     """Why `path` cannot be (or become) a folder to write in, or None."""
     existing = next(p for p in (path, *path.parents) if p.exists())

@@ -89,3 +89,17 @@ def test_a_preview_of_many_clips_shows_evenly_spaced_ones_on_its_sheet(tmp_path,
     assert main(["data", "preview", "--clips", "1", "--size", "16", "--out", str(one_row)]) == 0
     row_height = Image.open(one_row / "contact_sheet.png").height
     assert Image.open(out / "contact_sheet.png").height == 3 * row_height + 2 * 2  # (2-pixel gaps)
+
+
+def test_an_empty_out_is_refused_not_taken_for_the_current_folder(tmp_path, monkeypatch, capsys):
+    """`data make --out "$UNSET"` made its dataset in the current folder (Path("") is "."), and
+    `data preview --out ""` wrote its sheet and video there."""
+    import pytest
+
+    monkeypatch.chdir(tmp_path)
+    for argv in (["make", "--clips", "1", "--seconds", "0.04", "--size", "16"], ["preview", "--clips", "1"]):
+        with pytest.raises(SystemExit) as exited:
+            main(["data", *argv, "--out", ""])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and "argument --out: '' names no folder" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from streamgen.cli import frame_size, positive_int, seed_number
+from streamgen.cli import frame_size, named_folder, positive_int, seed_number
 
 from . import SPLITS
 
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
     sub.required = True
     make = sub.add_parser("make", help="generate a sharded dataset of talking-head clips")
-    make.add_argument("--out", type=Path, required=True, help="output folder (must not hold a dataset)")
+    make.add_argument("--out", type=named_folder, required=True, help="output folder (must not hold a dataset)")
     make.add_argument("--clips", type=positive_int, required=True, help="number of clips over all splits")
     make.add_argument("--seed", type=seed_number, default=0)
     make.add_argument("--size", type=frame_size, default=64, help="frame height and width in pixels")
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # (no defaults here: given with --data, whose clips are the dataset's, they were ignored without a word)
     preview.add_argument("--seed", type=seed_number, help="with no --data: the world's seed (default 0)")
     preview.add_argument("--size", type=frame_size, help="with no --data: frame size (default 128)")
-    preview.add_argument("--out", type=Path, default=Path("preview"), help="output folder")
+    preview.add_argument("--out", type=named_folder, default=Path("preview"), help="output folder")
 
 
 def run(args: argparse.Namespace) -> int:

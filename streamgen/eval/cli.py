@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from streamgen.cli import add_dtype_option, frame_size, positive_int, seed_number
+from streamgen.cli import add_dtype_option, frame_size, named_folder, positive_int, seed_number
 from streamgen.data import SPLITS
 
 
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--model", help="model name or path, or 'ground-truth' for the renderer itself")
     parser.add_argument("--split", default="test", choices=SPLITS)
-    parser.add_argument("--out", type=_named_folder, help="output folder")
+    parser.add_argument("--out", type=named_folder, help="output folder")
     parser.add_argument("--clips", type=int, help="number of clips (eval default 8, training default 400)")
     parser.add_argument("--size", type=frame_size, default=64, help="frame size for generation")
     parser.add_argument(
@@ -50,14 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--identity-steps", type=positive_int, help="default 1500")
     training.add_argument("--seed", type=seed_number, help="default 0")
     training.add_argument("--workers", type=positive_int, help="default 2")
-
-
-def _named_folder(text: str) -> Path:
-    """A folder's name, not empty (Path("") is the current folder: `--out "$UNSET"` wrote the
-    report into it, and removed the report and plots an earlier run had left there)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} names no folder: give the folder to write into")
-    return Path(text)
 
 
 MAX_MINUTES = 60.0
