@@ -74,6 +74,20 @@ def close_reason(text: str) -> str:
     return text.encode()[:123].decode("utf-8", "ignore")
 
 
+class RepeatedField(Exception):
+    """A JSON object names a field twice: which one counts is a guess (json.loads takes the last)."""
+
+
+def once_each(pairs) -> dict:
+    """A JSON object's pairs -> dict, or RepeatedField (`json.loads`' object_pairs_hook)."""
+    fields = {}
+    for name, value in pairs:
+        if name in fields:
+            raise RepeatedField(name)
+        fields[name] = value
+    return fields
+
+
 class ProtocolError(Exception):
     def __init__(self, code: CloseCode, reason: str):
         super().__init__(reason)
@@ -133,9 +147,11 @@ def parse_control(text: str) -> dict:
     if len(text) > MAX_TEXT_MESSAGE_CHARS:
         raise ProtocolError(CloseCode.TOO_BIG, f"text message of {len(text)} characters; at most 8192")
     try:
-        msg = json.loads(text)
+        msg = json.loads(text, object_pairs_hook=once_each)
     except (ValueError, RecursionError):
         raise ProtocolError(CloseCode.BAD_MESSAGE, "text message is not valid JSON") from None
+    except RepeatedField as e:  # (`{"type": "speak", "text": "a", "text": "b"}` spoke "b")
+        raise ProtocolError(CloseCode.BAD_MESSAGE, f"field {str(e.args[0])[:40]!r} is given more than once") from None
     if not isinstance(msg, dict):
         raise ProtocolError(CloseCode.BAD_MESSAGE, "control message must be a JSON object")
     kind = msg.get("type")

@@ -16,6 +16,7 @@ from .app import ApiError, bearer_token, decode_upload, ended_reason, read_body,
 from .avatars import avatar_image, avatar_png, list_avatars
 from .ice import for_peer, link_header
 from .model_host import HostDown
+from .protocol import RepeatedField, once_each
 from .registry import SessionEnded, SessionRegistry
 from .scheduler import WorkerBusy
 
@@ -99,20 +100,6 @@ def _require_server_token(request: Request, token: str | None) -> None:
 SESSION_FIELDS = ("avatar", "caption", "seed")  # and, in a multipart body, the `reference` file
 
 
-class RepeatedField(Exception):
-    """A session request names a field twice: which one counts is a guess (the last one was taken)."""
-
-
-def _once_each(pairs) -> dict:
-    """A JSON object's pairs -> dict, or RepeatedField (`json.loads`' object_pairs_hook)."""
-    fields = {}
-    for name, value in pairs:
-        if name in fields:
-            raise RepeatedField(name)
-        fields[name] = value
-    return fields
-
-
 def _repeated(name: str) -> ApiError:
     return ApiError(422, "repeated_field", f"field {str(name)[:40]!r} is given more than once: give each once")
 
@@ -171,7 +158,7 @@ async def _session_fields(request: Request, config) -> tuple[dict, bytes | None]
         return {}, None
     if content_type == "application/json":
         try:
-            fields = json.loads(body, object_pairs_hook=_once_each)
+            fields = json.loads(body, object_pairs_hook=once_each)
         except (ValueError, RecursionError):  # (an array nested 100,000 deep)
             raise ApiError(400, "bad_json", "request body is not valid JSON") from None
         except RepeatedField as e:
@@ -320,7 +307,7 @@ async def whep_new_session(request: Request, avatar: str | None = None, caption:
     registry.admit()
     sdp = await _read_offer(request)  # before a session exists: a bad offer leaves nothing behind
     try:
-        fields = _once_each((k, v) for k, v in request.query_params.multi_items() if k != "token")
+        fields = once_each((k, v) for k, v in request.query_params.multi_items() if k != "token")
     except RepeatedField as e:  # (`?avatar=ada&avatar=sample` streamed the sample avatar)
         raise _repeated(e.args[0]) from None
     name, caption, seed = _session_params(fields, has_reference=False)

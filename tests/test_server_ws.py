@@ -75,12 +75,20 @@ def test_bad_binary_messages(data, code):
         # a caption as long as speech may be (1000) was taken, where POST /v1/sessions refuses one
         # over 500 characters: the encoder kept its first 128 tokens
         ('{"type": "caption", "text": "%s"}' % ("x" * 501), CloseCode.TOO_BIG),
+        # a field given twice: the last one was taken without a word (over /control too)
+        ('{"type": "speak", "text": "hello", "text": "goodbye"}', CloseCode.BAD_MESSAGE),
+        ('{"type": "start", "type": "stop"}', CloseCode.BAD_MESSAGE),
     ],
 )
 def test_bad_control_messages(text, code):
     with pytest.raises(ProtocolError) as e:
         parse_control(text)
     assert e.value.code == code
+
+
+def test_a_field_given_twice_says_which():
+    with pytest.raises(ProtocolError, match=r"^field 'text' is given more than once$"):
+        parse_control('{"type": "speak", "text": "hello", "text": "goodbye"}')
 
 
 def test_a_close_reason_fits_a_close_frame_whatever_the_client_sent():
