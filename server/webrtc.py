@@ -21,6 +21,7 @@ import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcdtlstransport import X509_DIGEST_ALGORITHMS
 from aiortc.sdp import SessionDescription
 
 from .ice import for_peer, server_side
@@ -70,8 +71,17 @@ def check_offer(sdp: str) -> set[str]:
     for m in video:
         if not m.dtls or not m.dtls.fingerprints:
             raise OfferError("malformed SDP: the video m-line has no a=fingerprint (DTLS-SRTP is required)")
+        if not any(f.algorithm.lower() in X509_DIGEST_ALGORITHMS for f in m.dtls.fingerprints):
+            # (answered 201, its DTLS handshake failed: the session ended 20 s later, never connected)
+            got = ", ".join(f.algorithm[:20] for f in m.dtls.fingerprints[:4])
+            raise OfferError(f"the video m-line's a=fingerprint uses no hash the server checks "
+                             f"({', '.join(X509_DIGEST_ALGORITHMS)}): got {got}")  # fmt: skip
         if not m.ice or not m.ice.usernameFragment or not m.ice.password:
             raise OfferError("malformed SDP: the video m-line has no a=ice-ufrag / a=ice-pwd")
+        # RFC 8839's lengths: a longer ufrag made STUN usernames no check could carry (201, never connected)
+        if not 4 <= len(m.ice.usernameFragment) <= 256 or not 22 <= len(m.ice.password) <= 256:
+            raise OfferError("malformed SDP: a=ice-ufrag must be 4 to 256 characters and a=ice-pwd 22 to 256 "
+                             f"(got {len(m.ice.usernameFragment)} and {len(m.ice.password)})")  # fmt: skip
     mids = {m.rtp.muxId for m in parsed.media}
     for group in parsed.group:  # (aiortc failed on a BUNDLE of a mid no m-line has: an AttributeError)
         unknown = [mid for mid in group.items if mid not in mids]

@@ -271,6 +271,30 @@ def test_offers_are_checked_for_what_the_transports_assert_on_later():
     assert check_offer("\r\n".join(rest[:first_media] + moved + rest[first_media:]) + "\r\n") == {"video"}
 
 
+def test_offers_that_could_never_connect_are_refused_before_the_answer():
+    """An offer whose fingerprint's hash aiortc does not check (md9), or whose ICE username
+    fragment is longer than RFC 8839's 256 characters, was answered 201: its DTLS or ICE failed,
+    and the session ended 20 s later as never_connected."""
+    import re
+
+    from server.webrtc import OfferError, check_offer
+
+    sdp = "\r\n".join(_offer_lines()) + "\r\n"
+    for spoil, says in (
+        (lambda t: re.sub(r"a=fingerprint:sha-\d+", "a=fingerprint:md9", t), "uses no hash the server checks"),
+        (lambda t: re.sub(r"a=ice-ufrag:(\S+)", "a=ice-ufrag:" + "u" * 3000, t), "4 to 256 characters"),
+        (lambda t: re.sub(r"a=ice-ufrag:(\S+)", "a=ice-ufrag:abc", t), "4 to 256 characters"),
+        (lambda t: re.sub(r"a=ice-pwd:(\S+)", "a=ice-pwd:short", t), "a=ice-pwd 22 to 256"),
+    ):
+        spoilt = spoil(sdp)
+        assert spoilt != sdp
+        with pytest.raises(OfferError, match=says):
+            check_offer(spoilt)
+    # another hash beside a checked one is fine (aiortc checks those it knows)
+    fingerprint = next(line for line in sdp.split("\r\n") if line.startswith("a=fingerprint:"))
+    assert check_offer(sdp.replace(fingerprint, "a=fingerprint:md9 00:11\r\n" + fingerprint)) == {"video"}
+
+
 @pytest.mark.parametrize(
     "fmtp", ["packetization-mode=0;profile-level-id=42e01f", "packetization-mode=1;profile-level-id=640032"]
 )
