@@ -20,6 +20,10 @@ def test_eval_ground_truth_writes_a_complete_report(tmp_path, capsys):
     assert report["black_frames"] == 0 and report["frozen_frames"] < 5
     for name in ["report.md", "drift.png", "sync.png", "samples.png"]:
         assert (out / name).stat().st_size > 100
+    # (every float to four decimals: "| seconds | 4.0000 |", a drift slope of 2e-5 "0.0000")
+    table = dict(line.strip("|").replace(" ", "").split("|") for line in (out / "report.md").read_text().splitlines()
+                 if line.startswith("| ") and not line.startswith("| metric"))  # fmt: skip
+    assert table["seconds"] == "4.0" and float(table["drift_slope"]) == float(f"{report['drift_slope']:.4g}")
 
 
 def test_eval_errors_leave_no_report(tmp_path, capsys):

@@ -484,13 +484,17 @@ def _write_outputs(out: Path, report: dict, mean_curve, stream, samples, sync_cu
 
 
 def _markdown(r: dict) -> str:
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    def fmt(v, key: str) -> str:  # (four decimals of every float said seconds as "11.0000", a slope of 2e-5 "0.0000")
+        if not isinstance(v, float):
+            return "n/a" if v is None else str(v)
+        return f"{v:.1f}" if key.endswith("seconds") else f"{v:.4g}"
+
     keys = ["sync_c", "sync_d", "av_offset_frames", "csim", "fid", "fvd", "drift_slope", "colour_drift_slope",
             "black_frames", "frozen_frames", "flicker_frames", "clips", "seconds", "wall_seconds"]  # fmt: skip
     lines = [f"# Evaluation of `{r['model']}` on the {r['split']} split", "",
              f"{r['clips']} clips at {r['size']}x{r['size']}, drift from {r['drift_source']}.", "",
              "| metric | value |", "|---|---|"]  # fmt: skip
-    lines += [f"| {k} | {fmt(r[k])} |" for k in keys]
+    lines += [f"| {k} | {fmt(r[k], k)} |" for k in keys]
     lines += ["", "Sync-C higher is better, Sync-D lower; offset > 0 means the audio is late.",
               "", "![drift](drift.png)", "", "![sync](sync.png)", "",
               "Samples (odd rows ground truth, even rows the model):", "", "![samples](samples.png)", ""]  # fmt: skip
