@@ -23,7 +23,9 @@ transformer is counted with one block and with two (`layer_extrapolated`): its
 blocks are identical, so every count is the one-block count plus the second
 block's share once for each further block, the same numbers as counting all 30
 (tested; `--every-layer` counts them all: 76 s against 17 s at 832x480 on the
-2-core CPU). The first chunk is counted on a fresh stream,
+2-core CPU). The autoencoder's decodes run in the one-block count alone, the
+two-block count takes them (`KeptDecodes`: they were 40% of its CPU time, run in
+both). The first chunk is counted on a fresh stream,
 the steady chunk once the ring holds `window_frames`, and every chunk of a fresh
 81-frame clip: the setting of Self-Forcing's published rate (`clip`, below).
 
@@ -37,7 +39,7 @@ same run and sets its timings against this floor.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import copy
 import time
 
 import torch
@@ -47,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from bench.blocks import layer_extrapolated, with_layers
 from bench.ceilings import H200_COPY_GBPS, H200_MATMUL_TFLOPS, measure_ceilings
 from streamgen.cli import frame_size, positive_int, positive_number, whole_number
 from streamgen.model.audio import VIDEO_FPS
@@ -59,6 +62,13 @@ TARGET_FPS = 34  # issue 6: wan2.1-1.3b, 832x480, 4 steps on one H200
 # frames on average where a stream's steady chunks attend to the sink, the chunk and a full ring
 CLIP_FRAMES = 81
 WAN_FLAVORS = ("wan2.1-1.3b", "wan2.1-14b")  # random weights, counted on the meta device
+# the ceilings a count is set against unless --measure or --time measures this device's (the FP8
+# rate: twice the bf16 rate, Hopper's nominal ratio)
+_RATE_DEFAULTS = {
+    "matmul_tflops": H200_MATMUL_TFLOPS,
+    "copy_gbps": H200_COPY_GBPS,
+    "fp8_tflops": 2 * H200_MATMUL_TFLOPS,
+}
 
 
 class WeightReads(TorchDispatchMode):
@@ -145,66 +155,52 @@ def _kind(op: str) -> str:
     return "attention" if "attention" in op or "bmm" in op else "linear"
 
 
-def chunk_work(session: StreamSession, start, steps: int, clip_frames: int = CLIP_FRAMES) -> dict:
+def chunk_work(
+    session: StreamSession, start, steps: int, clip_frames: int = CLIP_FRAMES, decodes=None
+) -> dict:
     """The work of starting `session` (start() prepares it), of each chunk of a fresh clip of
-    `clip_frames` video frames (its first chunk first), and of a chunk at the full ring."""
+    `clip_frames` video frames (its first chunk first), and of a chunk at the full ring.
+    `decodes`: a `KeptDecodes` shared by counts of the same chunks (another number of blocks),
+    its decodes run and counted in the first of them only."""
+    decodes = decodes or KeptDecodes()
+    decodes.rewind()
     _, start_work = count(start)
     clip, frames = [], 0
     while frames < clip_frames:
-        clip.append(_counted_chunk(session, steps))
+        clip.append(_counted_chunk(session, steps, decodes))
         frames += clip[-1]["frames"]
     while session.cache.filled < session.cache.window_frames:  # fill the ring as a stream does
-        session.next_chunk(observe=_skip_host)
-    steady = _counted_chunk(session, steps)
+        session.next_chunk(observe=_uncounted(session, decodes))
+    steady = _counted_chunk(session, steps, decodes)
     return {"start": start_work, "first_chunk": clip[0], "steady_chunk": steady, "clip": clip}
 
 
-def with_layers(model, layers: int):
-    """`model` with a freshly built DiT of `layers` blocks, the rest of its configuration and its
-    autoencoder the same (on the device and in the dtype of `model`'s DiT)."""
-    from streamgen.model.model import DiT
-    from streamgen.models import AvatarModel
+class KeptDecodes:
+    """The decodes of a count of a stream's chunks (their frames and work), kept to stand in for
+    those of a later count of the same chunks: the decoder's work follows the latents' shapes and
+    its own state, never the transformer's depth, so the count with two blocks takes the
+    one-block count's decodes rather than running the decoder again (on meta, half the time of
+    a Wan count)."""
 
-    param = next(model.dit.parameters())
-    with torch.device(param.device):
-        dit = DiT(dataclasses.replace(model.cfg, num_layers=layers)).to(param.dtype).eval()
-    return AvatarModel(
-        model.name,
-        dit,
-        model.vae,
-        model.height,
-        model.width,
-        shift=model.shift,
-        steps=model.steps,
-        meta=model.meta,
-    )
+    def __init__(self):
+        self.kept: list[tuple] = []  # (chunk index, frames, work or None where not counted)
+        self.next = 0
 
+    def rewind(self) -> None:
+        """From the first chunk again: a new count of the same chunks."""
+        self.next = 0
 
-def layer_extrapolated(work_with_layers, layers: int):
-    """The work of a DiT of `layers` identical blocks from `work_with_layers(1)` and
-    `work_with_layers(2)` (each a nested dict of counts, as `chunk_work`'s): every count is affine
-    in the number of blocks (each adds the same products, weights and cached keys and values;
-    what runs once per forward, or only in the last block, the start and the autoencoder, do not
-    change with it), so count(L) = count(1) + (L - 1) * (count(2) - count(1)). What is not a
-    number (names) must be the same in both."""
-    one, two = work_with_layers(1), work_with_layers(2)
-
-    def combine(a, b):
-        if isinstance(a, dict):
-            if a.keys() != b.keys():
-                raise ValueError(f"the counts differ in their parts: {sorted(a)} and {sorted(b)}")
-            return {k: combine(a[k], b[k]) for k in a}
-        if isinstance(a, list):
-            if len(a) != len(b):
-                raise ValueError("the counts differ in their number of chunks")
-            return [combine(x, y) for x, y in zip(a, b)]
-        if isinstance(a, (int, float)) and not isinstance(a, bool):
-            return a + (layers - 1) * (b - a)
-        if a != b:
-            raise ValueError(f"the counts differ: {a!r} and {b!r}")
-        return a
-
-    return combine(one, two)
+    def decode(self, chunk_index: int, fn, counted: bool):
+        """(fn()'s frames, their work where `counted`): run, or the kept ones in their place."""
+        if self.next < len(self.kept):
+            index, frames, work = self.kept[self.next]
+            if index != chunk_index or (work is not None) != counted:
+                raise ValueError(f"this count decodes other chunks than the first (chunk {chunk_index})")
+        else:
+            frames, work = count(fn) if counted else (fn(), None)
+            self.kept.append((chunk_index, frames, work))
+        self.next += 1
+        return frames, copy.deepcopy(work)
 
 
 def attention_in_fp8(work: dict, backend: str) -> dict:
@@ -227,12 +223,17 @@ def attention_in_fp8(work: dict, backend: str) -> dict:
     return work
 
 
-def _skip_host(stage, fn):
-    # meta tensors have no values to copy; elsewhere the copy is timed, never counted
-    return None if stage == "to_host" else fn()
+def _uncounted(session, decodes):
+    def observe(stage, fn):
+        # meta tensors have no values to copy; elsewhere the copy is timed, never counted
+        if stage == "to_host":
+            return None
+        return decodes.decode(session.chunk_index, fn, counted=False)[0] if stage == "decode" else fn()
+
+    return observe
 
 
-def _counted_chunk(session, steps) -> dict:
+def _counted_chunk(session, steps, decodes) -> dict:
     stages = {}
     frames_per_chunk = session.frames_per_chunk
 
@@ -245,11 +246,12 @@ def _counted_chunk(session, steps) -> dict:
             # a cache write's last layer stores keys and values and attends to none
             cache = session.cache if session.chunk_pending else None
             result, stages[stage] = count(fn, 1, cache, kv_layers=len(session.cache.layers) - 1)
+        elif stage == "decode":
+            nonlocal frames_per_chunk
+            result, stages[stage] = decodes.decode(session.chunk_index, fn, counted=True)
+            frames_per_chunk = result.shape[0]
         else:
             result, stages[stage] = count(fn)
-        if stage == "decode":
-            nonlocal frames_per_chunk
-            frames_per_chunk = result.shape[0]
         return result
 
     session.next_chunk(observe=observe)
@@ -374,8 +376,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--device", help="where to count: default meta for the Wan flavors (shapes only), else cpu"
     )
     p.add_argument("--measure", action="store_true", help="measure this machine's ceilings (else an H200's)")
-    p.add_argument("--matmul-tflops", type=positive_number, default=H200_MATMUL_TFLOPS)
-    p.add_argument("--copy-gbps", type=positive_number, default=H200_COPY_GBPS)
+    p.add_argument("--matmul-tflops", type=positive_number, default=_RATE_DEFAULTS["matmul_tflops"])
+    p.add_argument("--copy-gbps", type=positive_number, default=_RATE_DEFAULTS["copy_gbps"])
     p.add_argument(
         "--fp8",
         action="store_true",
@@ -390,7 +392,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fp8-tflops",
         type=positive_number,
-        default=2 * H200_MATMUL_TFLOPS,
+        default=_RATE_DEFAULTS["fp8_tflops"],
         help="the FP8 products' rate (default: twice the bf16 rate, Hopper's nominal ratio)",
     )
     p.add_argument(
@@ -450,6 +452,15 @@ def main(args) -> dict:
     for flag, given in (("--measure", args.measure), ("--time", args.time)):
         if given and device == "meta":
             raise UserError(f"{flag} needs a real device (--device cuda or cpu), not meta")
+        given_rates = [
+            f"--{name.replace('_', '-')}"
+            for name, default in _RATE_DEFAULTS.items()
+            if getattr(args, name) != default
+        ]
+        if given and given_rates:  # (they were ignored: the JSON's ceilings were the measured ones)
+            raise UserError(
+                f"{' and '.join(given_rates)}: {flag} measures this device's ceilings, give one or the other"
+            )
     context = None
     attention = args.fp8_attention or "sdpa"  # what --time runs; the count is the same for both
     if wan:
@@ -512,9 +523,11 @@ def main(args) -> dict:
         speech_s = (chunks + 3) * session.chunk_seconds
         return lambda observe=None: start_stream(session, context, speech_s, observe=observe)
 
+    decodes = KeptDecodes()  # the autoencoder's decodes counted once, in the one-block count
+
     def work_with_layers(layers):
         shallow = session_of(with_layers(model, layers))
-        return chunk_work(shallow, starter(shallow), shallow.steps, args.clip_frames)
+        return chunk_work(shallow, starter(shallow), shallow.steps, args.clip_frames, decodes)
 
     session = session_of(model)
     start = starter(session)

@@ -5,6 +5,11 @@ chunk under `torch.profiler` (operators, kernels, the GPU's busy time, its longe
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -122,7 +127,7 @@ def profile_chunk(session: StreamSession) -> dict:
     """One more chunk under torch.profiler, each stage in its own range and synchronised at its
     end: per stage, the operators the host dispatched and, on CUDA, the kernels the GPU ran and
     the time it was busy with them (`stage_activity`)."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import ProfilerActivity, record_function
 
     cuda = session.device.type == "cuda"
     sync = synchronize(session.device)
@@ -134,9 +139,55 @@ def profile_chunk(session: StreamSession) -> dict:
         return out
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with quiet_profile(activities) as prof:
         session.next_chunk(observe=observe)
     return stage_activity(prof.events(), cuda)
+
+
+# libkineto's marks of the profiler's start and stop, "USDT:2026-12-06 13:41:56 22481:22481
+# SyncActivityProfilerHandler.cpp:52] profiler_start", written to stderr whatever
+# KINETO_LOG_LEVEL says (it adds lines, never takes these away)
+KINETO_MARK = re.compile(r"USDT:\d{4}-\d\d-\d\d [\d:]+ \d+:\d+ \S+\] profiler_(start|stop)$")
+
+
+@contextlib.contextmanager
+def quiet_profile(activities):
+    """`torch.profiler.profile(activities=activities)`, started and stopped without libkineto's
+    two marks on the terminal (`KINETO_MARK`)."""
+    from torch.profiler import profile
+
+    prof = profile(activities=activities)
+    with kineto_marks_dropped():
+        prof.start()
+    try:
+        yield prof
+    finally:
+        with kineto_marks_dropped():
+            prof.stop()
+
+
+@contextlib.contextmanager
+def kineto_marks_dropped():
+    """Inside it, file descriptor 2 (where libkineto writes, below Python) goes to a temporary
+    file; at its end what was written there, but `KINETO_MARK`'s lines, goes on to stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as written:
+            os.dup2(written.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                written.seek(0)
+                lines = written.read().decode(errors="replace").splitlines(keepends=True)
+                kept = "".join(line for line in lines if not KINETO_MARK.match(line.rstrip("\n")))
+                if kept:
+                    sys.stderr.write(kept)
+                    sys.stderr.flush()
+    finally:
+        os.close(saved)
 
 
 STAGE_RANGE = "streamgen.stage:"

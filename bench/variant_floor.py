@@ -67,12 +67,14 @@ def counted_work(quick: bool, steps: int = 4, fp8_linears=False, decoder=None, c
         model.vae.upsample_phases = True
     context = torch.zeros(1, text_tokens, model.cfg.text_dim, device=device, dtype=dtype)
 
+    decodes = floor.KeptDecodes()  # (extrapolated: the decoder runs in the one-block count only)
+
     def work(m):
         if fp8_linears:
             float8_linears(m.dit)
         session = StreamSession(m, steps=steps, device=device, dtype=dtype, cache_from=cache_from)
         start = lambda observe=None: start_stream(session, context, observe=observe)  # noqa: E731
-        return floor.chunk_work(session, start, session.steps, clip_frames)
+        return floor.chunk_work(session, start, session.steps, clip_frames, decodes)
 
     if quick:
         return work(model)

@@ -1,6 +1,7 @@
 """bench/floor.py: the work of each stage of a chunk, counted, and the floor it sets."""
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from bench import ceilings as device_ceilings
 from bench import floor, gpu, stage_timing
+from streamgen.model.wan_vae import WanVAE
 from streamgen.stream import CHUNK_STAGES, StreamSession
 
 STEPS = 4
@@ -61,25 +63,34 @@ def numbers(tree, path=""):
     return {path: tree}
 
 
-def test_one_block_and_two_extrapolate_to_the_counts_of_every_block(on_cpu):
+def test_one_block_and_two_extrapolate_to_the_counts_of_every_block(on_cpu, monkeypatch):
     # bench floor counts the Wan flavors on meta from one block and two: the blocks are identical,
     # so every count is affine in their number (the start, the autoencoder and what a forward runs
     # once do not change with it; a cache write's last block stores keys and values only)
     model, _ = on_cpu
+    decoded = []
+    decode_stream = model.vae.decode_stream
+    monkeypatch.setattr(model.vae, "decode_stream", lambda *a: decoded.append(1) or decode_stream(*a))
 
-    def work_with_layers(layers):
+    def work_with_layers(layers, decodes=None):
         shallow = floor.with_layers(model, layers)
         assert shallow.cfg.num_layers == layers and shallow.vae is model.vae
         # frames of 32x32 and a clip of two chunks (the second re-encodes into a ring not yet
         # full): the autoencoder's convolutions at 64x96 over 81 frames took most of a minute
         session = StreamSession(shallow, 32, 32, steps=STEPS, device="cpu", dtype=torch.float32)
         context = torch.zeros(1, 8, model.cfg.text_dim)
-        return floor.chunk_work(session, lambda: gpu.start_stream(session, context, 10.0), STEPS, 21)
+        start = lambda: gpu.start_stream(session, context, 10.0)  # noqa: E731
+        return floor.chunk_work(session, start, STEPS, 21, decodes)
 
-    extrapolated = numbers(floor.layer_extrapolated(work_with_layers, 5))
     counted = numbers(work_with_layers(5))
+    decoded_per_count = len(decoded)
+    decodes = floor.KeptDecodes()
+    extrapolated = numbers(floor.layer_extrapolated(lambda n: work_with_layers(n, decodes), 5))
     assert extrapolated.keys() == counted.keys() and len(counted) > 100
     assert extrapolated == pytest.approx(counted, rel=1e-9, abs=1e-15)
+    # the autoencoder ran in the one-block count alone, the two-block count took its decodes (it
+    # ran in both: half of a Wan count's time on meta)
+    assert len(decoded) == 2 * decoded_per_count
     # and where the two counts do not have the same parts, it says so rather than guess
     with pytest.raises(ValueError, match="differ"):
         floor.layer_extrapolated(
@@ -402,6 +413,12 @@ def test_stage_activity_counts_the_host_operators_and_the_gpu_busy_time_in_each_
         # a streamgen model counts its own ring and text: these were ignored
         (["--model", "tiny-avatar", "--window", "8"], "--window is about Wan's latents"),
         (["--model", "tiny-avatar", "--text-tokens", "8"], "--text-tokens is about Wan's latents"),
+        # rates given beside a measure of them: ignored, the JSON's ceilings were the measured ones
+        (
+            ["--model", "debug", "--time", "1", "--copy-gbps", "100"],
+            "--copy-gbps: --time measures this device's ceilings",
+        ),
+        (["--model", "debug", "--measure", "--matmul-tflops", "9"], "--matmul-tflops: --measure measures"),
     ],
 )
 def test_command_line_mistakes_are_one_line_and_exit_code_2(args, message, capsys):
@@ -423,7 +440,14 @@ def test_command_line_for_wan_counts_on_the_meta_device(capsys):
     # forward of a block is seconds of Python on meta), so it runs in seconds
     args = ("--height", "64", "--width", "96", "--window", "3", "--text-tokens", "8", "--clip-frames", "9")
     args += ("--steps", "2")
-    result = bench_floor(capsys, *args)
+    decoded = []
+    with pytest.MonkeyPatch.context() as mp:
+        decode_stream = WanVAE.decode_stream
+        mp.setattr(WanVAE, "decode_stream", lambda *a: decoded.append(1) or decode_stream(*a))
+        result = bench_floor(capsys, *args)
+    # one decode per chunk (a clip's, the ring's fill and a steady chunk): the autoencoder ran in
+    # the one-block count alone (in both, it was half of the count's time)
+    assert len(decoded) == 3
     assert (result["model"], result["counted_on"], result["dtype"]) == ("wan2.1-1.3b", "meta", "bfloat16")
     assert result["steps"] == 2
     assert result["blocks_counted"] == [1, 2]  # and extrapolated to its 30 (test above)
@@ -544,3 +568,18 @@ def test_a_wan_model_larger_than_the_memory_is_refused_in_one_line(monkeypatch, 
     assert main(["bench", "floor", "--json", "--model", "wan2.1-14b", "--device", "cpu"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "wan2.1-14b: its DiT takes" in captured.err, captured.err
+
+
+def test_the_profilers_marks_stay_off_the_terminal_and_nothing_else_does(capfd):
+    # `bench floor --time` printed libkineto's "USDT:... profiler_start" and "... profiler_stop"
+    # on stderr (below Python, whatever KINETO_LOG_LEVEL says)
+    from torch.profiler import ProfilerActivity
+
+    with stage_timing.quiet_profile([ProfilerActivity.CPU]) as prof:
+        torch.ones(4) + 1
+    assert prof.events() and "USDT" not in capfd.readouterr().err
+    # what else reaches the file descriptor meanwhile goes on to stderr
+    with stage_timing.kineto_marks_dropped():
+        mark = "USDT:2026-12-06 13:41:56 22481:22481 SyncActivityProfilerHandler.cpp:52] profiler_start"
+        os.write(2, f"{mark}\nW1206 a warning\nUSDT: not a mark\n".encode())
+    assert capfd.readouterr().err == "W1206 a warning\nUSDT: not a mark\n"
