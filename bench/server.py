@@ -20,7 +20,8 @@ chunk at a time, so there is no A/V offset, answer, or stutter to read):
   got (decoded_fps: frames the client decoded, which include repeats of the last picture when
   generation is late); --seconds must span 3 of the model's chunks
 - av_offset_ms: arrival of a chunk's first frame minus arrival of its audio marker (median; > 0: video late)
-- max_realtime_sessions: most concurrent sessions that all generate >= 24 fps (server-side count);
+- max_realtime_sessions: most concurrent sessions that all generate >= 24 fps (server-side count;
+  ladder_capped: every probe up to --max-probe was in real time, so the most may be more);
   max_on_time_sessions: the same with no more than 1% of their chunks published late;
   sessions_fps / _glass_to_glass_ms / _av_offset_ms / _repeated_frames: per number of concurrent
   sessions, the slowest one's fps and each one's latency, A/V offset and repeated frames;
@@ -399,6 +400,8 @@ async def _max_sessions(http, args, per_n: dict | None = None) -> tuple[int, dic
         _said_probe(args, n, per_n[n])
         if not _in_real_time(per_n[n], args.seconds):
             break
+    else:  # (the JSON's `ladder_capped`)
+        _progress(args, f"every probe up to --max-probe {args.max_probe} in real time: the most may be more")
     return _realtime(per_n, args.seconds), per_n
 
 

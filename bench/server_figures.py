@@ -109,8 +109,16 @@ def _ladder_figures(per_n: dict, seconds: float) -> dict:
     return out
 
 
+def _realtime_figures(per_n: dict, args) -> dict:
+    """`max_realtime_sessions`, and `ladder_capped`: whether the ladder ended at --max-probe with
+    every probe in real time (then the most is that many or more: a bare 6 read as the machine's
+    limit)."""
+    most = _realtime(per_n, args.seconds)
+    return {"max_realtime_sessions": most, "ladder_capped": most == args.max_probe}
+
+
 def _one_model_figures(one: dict, per_n: dict, args) -> dict:
-    return one | {"max_realtime_sessions": _realtime(per_n, args.seconds), **_ladder_figures(per_n, args.seconds)}
+    return one | _realtime_figures(per_n, args) | _ladder_figures(per_n, args.seconds)
 
 
 def _against_figures(args, names: dict, ready: dict, per_n: dict) -> dict:
@@ -122,7 +130,7 @@ def _against_figures(args, names: dict, ready: dict, per_n: dict) -> dict:
         out[f"{side}_figures"] = {
             "ready_s": round(ready[side][1], 1),
             "chunk_ms": ready[side][0].get("chunk_ms"),
-            "max_realtime_sessions": _realtime(ladder, args.seconds),
+            **_realtime_figures(ladder, args),
             **_ladder_figures(ladder, args.seconds),
         }
     # > 1: the second server's chunks cost less at that load, the worker's time (against_speedup)

@@ -370,6 +370,33 @@ async def test_the_ladder_says_each_probe_on_stderr_unless_json(monkeypatch, cap
             ]
 
 
+async def test_a_ladder_that_ends_at_max_probe_in_real_time_says_the_most_may_be_more(monkeypatch, capsys):
+    # `--max-probe 2` on a machine that serves more: "max_realtime_sessions": 2, read as its limit
+    import argparse
+
+    import bench.server as bench
+    from bench.server_figures import _one_model_figures
+
+    async def probe(http, args, n):
+        return {"fps": 25.0, "late_chunks": 0, "chunks": 10, "elapsed_s": 3.0}
+
+    monkeypatch.setattr(bench, "_probe", probe)
+    args = argparse.Namespace(max_probe=2, seconds=2.0, json=False)
+    most, per_n = await bench._max_sessions(None, args)
+    assert most == 2 and capsys.readouterr().err.splitlines()[-1] == (
+        "bench server: every probe up to --max-probe 2 in real time: the most may be more"
+    )
+    figures = {key: {} for key in ("first_frame_ms", "glass_to_glass_ms", "playout_delay_ms", "av_offset_ms")}
+    figures |= dict.fromkeys(("repeated_frames", "worker_busy", "worker_ms_per_chunk", "server_cpu_ms_per_chunk"))
+    figures |= dict.fromkeys(("chunk_ms", "server_cpu_cores", "batch_mean"))
+    ladder = {n: {**figures, **f} for n, f in per_n.items()}
+    assert _one_model_figures({}, ladder, args)["ladder_capped"] is True
+    args.max_probe = 3  # the same two probes, the third out of real time
+    ladder[3] = {**ladder[2], "fps": 20.0}
+    out = _one_model_figures({}, ladder, args)
+    assert out["max_realtime_sessions"] == 2 and out["ladder_capped"] is False
+
+
 @pytest.mark.parametrize("against", [False, True])
 def test_a_ctrl_c_during_the_ladder_prints_the_figures_so_far(against, monkeypatch, capsys):
     """Minutes of probes were lost to a Ctrl-C: only "interrupted". The JSON of the probes
