@@ -375,7 +375,6 @@ def run(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    offered = set()  # every part this run could have run: `only` names outside it are typos
     # this device's matrix rates (its dtype's, FP8's where it has them) and copy bandwidth: the
     # ceilings of the floor below
     fp8 = dev.type == "cpu" or torch.cuda.get_device_capability(dev) >= (8, 9)
@@ -405,9 +404,18 @@ def run(
         warmup_chunks=warmup_chunks, text_tokens=text_tokens, clip_frames=clip_frames, fp8=fp8,
         compile_blocks=compile_blocks, kernel_bench=kernel_bench, backends=backends,
     )  # fmt: skip
+    # `only` names outside the parts this run can run are typos: said before the run (they were
+    # said after it, minutes later), and a run with none of its parts named is refused
+    unknown = sorted((only or set()) - set(plan))
+    if unknown and model is not None and not only & set(plan):
+        from streamgen.cli import UserError
+
+        raise UserError(f"--only {' '.join(unknown)}: no part of this run; its parts are {', '.join(plan)}")
+    if unknown:
+        result["only_unknown"] = unknown
+        print(f"bench gpu: --only names no part of this run: {unknown}", file=sys.stderr, flush=True)
     try:
         for name, fn in plan.items():
-            offered.add(name)
             if only is None or name in only:
                 expected = gpu_variants.expected_seconds(name, result["variants"])
                 _variant(name, fn, budget_s, started, result, out, expected)
@@ -427,9 +435,6 @@ def run(
                 result[part] = result["variants"].pop(part)
         summarize(result)
         result["seconds"] = round(time.perf_counter() - started, 1)
-        write_partial(result, out)
-    if only is not None and only - offered:
-        result["only_unknown"] = sorted(only - offered)
         write_partial(result, out)
     return result
 
@@ -530,8 +535,6 @@ def main(args) -> dict:
         warmup_chunks=args.warmup_chunks,
         floor_work=args.floor_work,
     )
-    if result.get("only_unknown"):
-        print(f"bench gpu: --only names no part of this run: {result['only_unknown']}", file=sys.stderr)
     if args.plot and any("fps" in v for v in result["variants"].values()):
         plot(result, args.plot)
     elif args.plot:  # (the plot is of the streams' fps: asked for, and left unwritten without a word)

@@ -39,3 +39,29 @@ def test_only_without_a_part_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "gpu", "--json", "--device", "cpu", "--quick", "--only"])
     assert exit_.value.code == 2 and "argument --only: expected at least one argument" in capsys.readouterr().err
+
+
+def test_only_naming_no_part_of_the_run_is_refused_before_it(monkeypatch, capsys):
+    # `--only sdpa+fused_kernel` (a typo) ran every part's setup and then none, and said so after
+    # the run, with exit code 0 and an empty JSON
+
+    from bench import gpu
+    from streamgen.cli import main
+
+    monkeypatch.setattr(gpu.device_ceilings, "measure_ceilings", lambda *a, **k: {"matmul_tflop_per_s": 1.0})
+
+    def never(*args, **kwargs):
+        raise AssertionError("a part ran")
+
+    monkeypatch.setattr(gpu, "_variant", never)
+    assert main(["bench", "gpu", "--json", "--device", "cpu", "--quick", "--no-kernels", "--only", "nope"]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert captured.out == "" and line.startswith("streamgen bench: error: --only nope: no part of this run")
+    assert "stages" in line  # the parts it has
+    # a name beside a part it has is said at once, and the run goes on
+    ran = []
+    monkeypatch.setattr(gpu, "_variant", lambda name, *args: ran.append(name))
+    result = gpu.run("cpu", True, 4, 2, kernel_bench=False, only={"nope", "stages"})
+    assert ran == ["stages"] and result["only_unknown"] == ["nope"]
+    assert "--only names no part of this run: ['nope']" in capsys.readouterr().err
