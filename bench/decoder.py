@@ -294,6 +294,13 @@ def plot(result: dict, path) -> None:
         left.bar(xs, [r[name]["ms_median"] for r in rows], width, label=name, color=colours[name])
     left.set_xticks(range(len(rows)), labels)
     left.set_yscale("log")
+    # plain numbers on the log axis, 1, 2, 3 and 5 of each decade (its default minor labels read
+    # "2x10^0", "3x10^0", ...)
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "1235" else "")
+    left.yaxis.set_major_formatter(plain)
+    left.yaxis.set_minor_formatter(plain)
     streams = f" x {rows[0]['batch']} streams" if rows[0]["batch"] > 1 else ""
     left.set_ylabel(f"ms per chunk ({rows[0]['frames']} frames{streams}), median", fontsize=8)
     against = f" (against: {result['against']})" if "against" in result else ""

@@ -466,6 +466,13 @@ def plot_sizes(result: dict, path) -> None:
         right.plot(sizes, [r[key] for r in rows], "o-", label=label)
     right.axhline(20, color="grey", ls="--", lw=0.8)
     right.set_yscale("log")
+    # plain numbers on the log axis, 1, 2, 3 and 5 of each decade (its default minor labels read
+    # "2x10^0", "3x10^0", ...)
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "1235" else "")
+    right.yaxis.set_major_formatter(plain)
+    right.yaxis.set_minor_formatter(plain)
     right.set_ylabel("speedup (wall time, same run)")
     right.legend(fontsize=8)
     fig.tight_layout()

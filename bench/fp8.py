@@ -152,12 +152,14 @@ def plot(result: dict, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for name, v in result["variants"].items():
         if "mean_levels_by_chunk" in v:
             ax.plot(range(1, len(v["mean_levels_by_chunk"]) + 1), v["mean_levels_by_chunk"], "o-", label=name)
     ax.set_xlabel("chunk of the stream")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # (a few chunks: ticks at 1.2, 1.4, ...)
     ax.set_ylabel("mean |difference| to float32, levels of 255")
     ax.set_title(f"{result['model']}: the DiT's precision along a stream")
     ax.set_ylim(bottom=0)
