@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -45,21 +46,31 @@ def without_wall_time(report: dict) -> dict:
     return {k: v for k, v in report.items() if k != "wall_seconds"}
 
 
-def test_a_stopped_eval_run_again_scores_only_the_clips_left(tmp_path, made, monkeypatch, capsys):
-    assert evaluate(tmp_path / "whole") == 0
-    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+@contextmanager
+def stopped_after_saving(monkeypatch, clip: str | None = None):
+    """A Ctrl-C (KeyboardInterrupt) once `clip`'s results are saved in partial/ (any one's where
+    None) inside the block; saved as usual after it."""
     real_save = partial.Measured.save
 
     def stopped(self, name, arrays):
         real_save(self, name, arrays)
-        if name == "clip-00001":
-            raise KeyboardInterrupt  # (Ctrl-C once the second clip is scored)
+        if clip is None or name == clip:
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(partial.Measured, "save", stopped)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(partial.Measured, "save", real_save)
+
+
+def test_a_stopped_eval_run_again_scores_only_the_clips_left(tmp_path, made, monkeypatch, capsys):
+    assert evaluate(tmp_path / "whole") == 0
+    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
     out = tmp_path / "cut"
-    assert evaluate(out) == 130  # ("interrupted")
+    with stopped_after_saving(monkeypatch, "clip-00001"):  # (Ctrl-C once the second clip is scored)
+        assert evaluate(out) == 130  # ("interrupted")
     assert not (out / "report.json").exists()
-    monkeypatch.setattr(partial.Measured, "save", real_save)
     made.clear()
     capsys.readouterr()
     assert evaluate(out) == 0
@@ -80,16 +91,9 @@ def test_a_stopped_eval_run_again_scores_only_the_clips_left(tmp_path, made, mon
 def test_another_evaluation_into_the_out_of_a_stopped_one_scores_its_own_clips(
     tmp_path, made, monkeypatch, capsys
 ):
-    real_save = partial.Measured.save
-
-    def stopped(self, name, arrays):
-        real_save(self, name, arrays)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(partial.Measured, "save", stopped)
     out = tmp_path / "e"
-    assert evaluate(out, "--split", "val") == 130
-    monkeypatch.setattr(partial.Measured, "save", real_save)
+    with stopped_after_saving(monkeypatch):
+        assert evaluate(out, "--split", "val") == 130
     made.clear()
     capsys.readouterr()
     assert evaluate(out) == 0  # the test split: the val split's clip is not taken for its own
@@ -102,16 +106,9 @@ def test_another_evaluation_into_the_out_of_a_stopped_one_scores_its_own_clips(
 def test_only_the_clips_samples_png_shows_keep_frames(tmp_path, made, monkeypatch):
     """Every clip's results in partial/ kept 16 of its frames for samples.png, which shows the first
     four: 12 MB a clip at 512x512, gigabytes for an evaluation of hundreds of clips."""
-    real_save = partial.Measured.save
-
-    def stopped(self, name, arrays):
-        real_save(self, name, arrays)
-        if name == "clip-00004":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(partial.Measured, "save", stopped)
     out = tmp_path / "e"
-    assert evaluate(out, "--clips", "6") == 130
+    with stopped_after_saving(monkeypatch, "clip-00004"):
+        assert evaluate(out, "--clips", "6") == 130
     kept = partial.Measured(out, {})
     assert "sample_generated" in kept.load("clip-00003")
     assert "sample_generated" not in kept.load("clip-00004")
@@ -120,17 +117,9 @@ def test_only_the_clips_samples_png_shows_keep_frames(tmp_path, made, monkeypatc
 def test_a_stopped_eval_run_again_without_its_stream_goes_on_from_its_clips(tmp_path, made, monkeypatch):
     """The clips' results are not a function of --minutes: a run asked again without the drift
     stream (or with another length) scored every clip again."""
-    real_save = partial.Measured.save
-
-    def stopped(self, name, arrays):
-        real_save(self, name, arrays)
-        if name == "clip-00001":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(partial.Measured, "save", stopped)
     out = tmp_path / "e"
-    assert evaluate(out, "--minutes", "0.01") == 130
-    monkeypatch.setattr(partial.Measured, "save", real_save)
+    with stopped_after_saving(monkeypatch, "clip-00001"):
+        assert evaluate(out, "--minutes", "0.01") == 130
     made.clear()
     assert evaluate(out) == 0
     assert {index for seed, index in made} == {2}
