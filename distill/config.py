@@ -474,7 +474,8 @@ def _range_problems(obj, where: str) -> list[str]:
             problems += _range_problems(value, name)
         elif isinstance(value, str) and f.name in PATHS and not value.strip():
             optional = f.default is None
-            problems.append(f"{name} is empty: give a path" + (", or leave it out for none" if optional else ""))
+            what = "a name" if f.name == "latents" else "a path"
+            problems.append(f"{name} is empty: give {what}" + (", or leave it out for none" if optional else ""))
         elif not isinstance(value, int | float) or isinstance(value, bool):
             if f.name in WIDTHS and not (
                 value and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in value)

@@ -270,7 +270,7 @@ def test_an_export_name_that_is_no_model_name_is_one_line_before_any_work(tmp_pa
         ("teacher", "run.out", "run.out is empty: give a path"),  # (trained into the current folder)
         ("teacher", "run.export", "run.export is empty: give a path, or leave it out for none"),
         ("teacher", "data.root", "data.root is empty: give a path"),
-        ("teacher", "data.latents", "data.latents is empty: give a path"),
+        ("teacher", "data.latents", "data.latents is empty: give a name"),
         ("teacher", "model.vae", "model.vae is empty: give a path, or leave it out for none"),
         ("ode", "ode.teacher", "ode.teacher is empty: give a path"),
         ("chunk", "chunk.critic_init", "chunk.critic_init is empty: give a path, or leave it out for none"),
