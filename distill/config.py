@@ -60,7 +60,7 @@ class DataConfig:
     synthetic_clips: int = 8
     synthetic_clip_latents: int = 10  # latent frames per synthetic clip
     # resume over a dataset (data.root) or latent bank (data.latents) made again since the checkpoint,
-    # or against a teacher with other weights (self_forcing, chunk): refused unless this is given
+    # or against a teacher with other weights (self_forcing, chunk, tiny_decoder): refused unless this is given
     # (`--set data.accept_remade=true`), as the paths are by every command
     accept_remade: bool = False
 

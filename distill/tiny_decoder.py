@@ -35,7 +35,7 @@ import torch
 
 from distill.autoencoder import VideoSource, video_crops, video_to_input
 from distill.config import ConfigError
-from distill.distributed import broadcast_module, mean_across
+from distill.distributed import broadcast_module, broadcast_text, mean_across
 from distill.trainer import Updater
 from streamgen.model.files import write_atomically, write_text_atomically
 
@@ -113,6 +113,17 @@ class Stage:
 
     def model_configs(self) -> dict:
         return {"decoder": _decoder_config(self.decoder)}
+
+    def input_identity(self) -> dict[str, str]:
+        """The frozen teacher autoencoder's weights digest: every step distills toward its frames,
+        and a resume against one retrained at the same path went on without a word."""
+        import hashlib
+
+        h = hashlib.sha1()
+        for key, tensor in sorted(self.teacher.state_dict().items()):
+            h.update(key.encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return {"model.vae": broadcast_text(h.hexdigest()[:16], self.world)}
 
     def train_step(self, step: int) -> dict:
         if self.cfg.data.batch_size % self.world.size:

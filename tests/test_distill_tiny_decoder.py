@@ -234,3 +234,24 @@ def test_a_taehv_decoder_of_an_autoencoder_that_upsamples_x2_is_refused_saying_w
     with pytest.raises(ConfigError, match=r"a taehv decoder upsamples x4 at least .* this autoencoder's x2: set "
                                           r"tiny_decoder.architecture causal_vae"):  # fmt: skip
         run(cfg)
+
+
+def test_a_resume_against_a_teacher_autoencoder_retrained_at_the_same_path_is_refused(tmp_path):
+    """The tiny decoder distills toward its teacher's frames: resumed against another autoencoder
+    at model.vae (retrained since), the run went on toward that one without a word."""
+    from streamgen.checkpoint import CheckpointError
+    from streamgen.model import get_config
+    from streamgen.model.vae import TinyCausalVAE
+
+    mcfg, teacher = get_config("debug"), tmp_path / "vae"
+    torch.manual_seed(0)
+    TinyCausalVAE(mcfg.in_channels, (8, 8, 16, 16), mcfg.temporal_compression).save(teacher)
+    cfg = lambda: debug_config("tiny_decoder", tmp_path / "run", **{"model.vae": str(teacher)})  # noqa: E731
+    run(cfg(), stop_after=2)
+    run(cfg(), resume=True, stop_after=3)  # the same teacher: it goes on
+    TinyCausalVAE(mcfg.in_channels, (8, 8, 16, 16), mcfg.temporal_compression).save(teacher)  # retrained
+    with pytest.raises(CheckpointError, match=rf"the vae {teacher} \(model.vae\) has other weights than the run's"):
+        run(cfg(), resume=True)
+    accepted = cfg()
+    accepted.data.accept_remade = True
+    run(accepted, resume=True)
