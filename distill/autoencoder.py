@@ -41,7 +41,8 @@ def video_crops(source, cfg, world, step: int, frames: int, stride: int) -> torc
 class VideoSource:
     """Uniform access to training video: the avatar world's clips, or synthetic moving blobs."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, split_key: str = "data.split"):
+        """split_key: the setting that chose `cfg.data.split`, named where the split holds no clips."""
         d = cfg.data
         self.synthetic = d.source == "synthetic"
         if self.synthetic:
@@ -64,6 +65,11 @@ class VideoSource:
             except DataError as e:
                 raise DataMissing(str(e)) from None
             self.num = len(self.ds)
+            if not self.num:  # (a traceback from torch.randint at the first step, or a report of 0 clips)
+                raise DataMissing(
+                    f"the {d.split} split of {d.root} holds no clips ({split_key}): choose another split, "
+                    "or make the dataset with more clips (streamgen data make --clips N)"
+                )
 
     def clip(self, index: int) -> torch.Tensor:
         """uint8 [T, H, W, 3]."""

@@ -109,6 +109,9 @@ class Stage:
         # a crop of n latent frames: the first holds first_latent_frames video frames (Wan: 1)
         self.crop = self.teacher.first_latent_frames + tf * (cfg.data.video_frames // tf - 1)
         self.source = VideoSource(cfg)
+        # (read at the end, for the report: a split with no clips was found after the training)
+        eval_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split=self.opts.eval_split))
+        self.eval_source = VideoSource(eval_cfg, "tiny_decoder.eval_split")
         self.updaters = {"decoder": Updater("decoder", self.decoder, cfg.optim, world)}
 
     def model_configs(self) -> dict:
@@ -172,10 +175,7 @@ class Stage:
     @torch.no_grad()
     def evaluate(self) -> tuple[dict, tuple]:
         """Whole clips of `eval_split`, from their first frame (the frames a stream would show)."""
-        cfg = dataclasses.replace(
-            self.cfg, data=dataclasses.replace(self.cfg.data, split=self.opts.eval_split)
-        )
-        source = VideoSource(cfg)
+        source = self.eval_source
         tf, first = self.teacher.temporal_factor, self.teacher.first_latent_frames
         sums = {"student_vs_teacher": 0.0, "student_vs_video": 0.0, "teacher_vs_video": 0.0}
         seconds = {"teacher": 0.0, "student": 0.0}

@@ -351,3 +351,28 @@ def test_a_bank_cut_short_is_one_error_naming_it_and_the_latents_stage_makes_it_
     assert build_latents(cfg) == [bank] and "cannot be read" in capsys.readouterr().out
     again = LatentBank.load(root, "dbg", "train")  # (gathered again from the cached latents)
     assert torch.equal(again.latents, whole.latents) and torch.equal(again.audio, whole.audio)
+
+
+@pytest.mark.parametrize(
+    "stage, edits, key",
+    [
+        ("autoencoder", {}, "data.split"),
+        ("tiny_decoder", {"tiny_decoder.eval_split": "val"}, "data.split"),
+        # (found after the training: a report of 0 clips, its PSNRs 0.0)
+        ("tiny_decoder", {"data.split": "val", "tiny_decoder.eval_split": "train"}, "tiny_decoder.eval_split"),
+    ],
+)
+def test_a_split_with_no_clips_is_one_line_before_training(tmp_path, stage, edits, key):
+    """A dataset of 2 clips has none in train: the video stages trained into a traceback of
+    torch.randint ("random_ expects 'from' to be less than 'to'") at their first step."""
+    from distill.data import DataMissing
+    from streamgen.data.shards import make_dataset
+
+    root = tmp_path / "world"
+    make_dataset(root, 2, 0, 32, 32, 1.0, 4, 50, 1)  # train 0, val 1, test 1
+    cfg = world_config(stage, tmp_path / "run", root, **edits)
+    if stage == "tiny_decoder":
+        cfg.model.vae_widths = [8, 8, 16, 16]
+    with pytest.raises(DataMissing, match=rf"the train split of {root} holds no clips \({key}\): choose another"):
+        run(cfg)
+    assert not ckpt.list_checkpoints(tmp_path / "run")
