@@ -86,7 +86,7 @@ def _encode_splits(cfg, root: Path, vae, mcfg) -> list[Path]:
                 continue
             print(f"latents: {split}: {path} {problem}: made again")
         if len(ds) == 0:
-            raise DataMissing(f"{root} has no {split} clips to encode (options.splits names the splits)")
+            raise DataMissing(f"{root} has no {split} clips to encode (latents.splits names the splits)")
         # what the bank holds of each clip, read one clip at a time: every item, held whole (its video,
         # five times the rest) until the bank was made, was the split's frames in memory
         latents, audio, refs, texts = [], [], [], []

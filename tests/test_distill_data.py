@@ -376,3 +376,17 @@ def test_a_split_with_no_clips_is_one_line_before_training(tmp_path, stage, edit
     with pytest.raises(DataMissing, match=rf"the train split of {root} holds no clips \({key}\): choose another"):
         run(cfg)
     assert not ckpt.list_checkpoints(tmp_path / "run")
+
+
+def test_latents_of_a_split_with_no_clips_name_the_setting(tmp_path, autoencoder):
+    """It said "options.splits", a name of the code's, not of the config."""
+    from distill.data import DataMissing
+    from distill.latents import build_latents
+    from streamgen.data.shards import make_dataset
+
+    root = tmp_path / "world"
+    make_dataset(root, 2, 0, 32, 32, 1.0, 4, 50, 1)  # train 0, val 1, test 1
+    cfg = latents_config(root, autoencoder)
+    cfg.options.captions = False
+    with pytest.raises(DataMissing, match=r"has no train clips to encode \(latents.splits names the splits\)"):
+        build_latents(cfg)
