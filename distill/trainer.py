@@ -44,6 +44,7 @@ from distill.distributed import (
 )
 from streamgen import checkpoint as ckpt
 from streamgen.cli import MACHINE_ERRNOS
+from streamgen.data.shards import DataError
 from streamgen.folder_lock import ExportLocked
 
 STAGE_MODULES = {
@@ -389,7 +390,9 @@ class Trainer:
         latest = self._checkpoint_to_resume(out, world)  # before the stage writes anything there
         try:
             stage = build_stage(cfg, world)
-        except ConfigError:  # the stage's own checks: they say what is wrong already
+        # the stage's own checks, and data found damaged: they say what is wrong already (a
+        # corrupted bank was "cannot build the teacher stage from this config: corrupted ...")
+        except (ConfigError, DataError):
             raise
         except ValueError as e:  # a size or shape the model or autoencoder cannot take
             raise StageConfigError(f"cannot build the {cfg.stage} stage from this config: {e}") from None

@@ -351,6 +351,13 @@ def test_a_bank_cut_short_is_one_error_naming_it_and_the_latents_stage_makes_it_
     assert build_latents(cfg) == [bank] and "cannot be read" in capsys.readouterr().out
     again = LatentBank.load(root, "dbg", "train")  # (gathered again from the cached latents)
     assert torch.equal(again.latents, whole.latents) and torch.equal(again.audio, whole.audio)
+    # a stage that reads it says so as it is (it was "cannot build the teacher stage from this config: ...")
+    cut.write_bytes(bank.read_bytes()[: bank.stat().st_size // 2])
+    cut.replace(bank)
+    edits = {"data.latents": "dbg", "model.vae": str(autoencoder), "data.batch_size": 2}
+    with pytest.raises(DataError) as e:
+        run(world_config("teacher", tmp_path / "t", root, **edits))
+    assert str(e.value).startswith(f"corrupted latent bank {bank}: "), e.value
 
 
 @pytest.mark.parametrize(
