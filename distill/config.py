@@ -43,7 +43,8 @@ class RunConfig:
     threads: int = 0  # torch.set_num_threads; 0 leaves the default
     device: str = "auto"  # auto | cpu | cuda
     export: str | None = None  # model directory written at the end (EMA weights)
-    export_name: str | None = None  # the model's name in model.json (default: the directory's)
+    # the name in run.export's model.json (default: the folder's); of a model: not an autoencoder or a taehv decoder
+    export_name: str | None = None
     progress: bool = True
     fsdp: bool = False  # under torchrun: shard the trainable modules with FSDP2 (large flavors)
 
@@ -554,6 +555,13 @@ def _validate(cfg: TrainConfig, path) -> None:
         problem = model_name_problem(cfg.run.export_name)
         if problem:
             problems.append(f"run.export_name {problem}")
+        exports = {"autoencoder": "an autoencoder", "latents": "no model", "tiny_decoder": "a tiny decoder"}
+        taehv = isinstance(opts, TinyDecoderOptions) and opts.architecture == "taehv"
+        if cfg.stage in ("autoencoder", "latents") or taehv:  # (it was ignored: nothing exported has a name)
+            problems.append(
+                f"run.export_name names an exported model (its model.json); the {cfg.stage} stage "
+                f"exports {exports[cfg.stage]}, which has none"
+            )
     if cfg.run.device not in ("auto", "cpu", "cuda"):
         problems.append(f"run.device must be auto, cpu or cuda, got {cfg.run.device!r}")
     override_problems = [f"model.overrides.{problem}" for problem in type_problems(cfg.model.overrides)]

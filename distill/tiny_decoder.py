@@ -157,7 +157,7 @@ class Stage:
         averaged = self.updaters["decoder"].averaged_module().eval()
         if self.opts.architecture == "causal_vae":
             averaged.save(d)
-            self._export_model(averaged, d / "model")
+            self._export_model(averaged, d / "model", name)
             saved, self.student = self.student, averaged
         else:
             averaged.save(d / "tiny_decoder.safetensors")
@@ -211,9 +211,9 @@ class Stage:
             },
         }, sample
 
-    def _export_model(self, vae, directory: Path) -> None:
+    def _export_model(self, vae, directory: Path, name: str | None = None) -> None:
         """The teacher's model directory (`model.vae`, else `model.init`), with `vae` as its
-        autoencoder: put in place whole (`write_model_dir`; it was written file by file, and a
+        autoencoder, named `name` (run.export_name; else the teacher's, "-narrow-decoder"): put in place whole (`write_model_dir`; it was written file by file, and a
         reader meanwhile found the new decoder beside the previous export's DiT)."""
         from streamgen.folders import read_folder
         from streamgen.model_export import write_model_dir
@@ -237,8 +237,7 @@ class Stage:
 
         try:
             meta, dit = read_folder(model_dir, read)
-            name = f"{meta.get('name', model_dir.name)}-narrow-decoder"
-            meta.update(name=name, decoder_from=str(model_dir))
+            meta.update(name=name or f"{meta.get('name', model_dir.name)}-narrow-decoder", decoder_from=str(model_dir))
             write_model_dir(directory, write_dit, vae, meta)
         finally:
             for f in opened:

@@ -255,3 +255,35 @@ def test_a_resume_against_a_teacher_autoencoder_retrained_at_the_same_path_is_re
     accepted = cfg()
     accepted.data.accept_remade = True
     run(accepted, resume=True)
+
+
+@pytest.mark.parametrize(
+    "stage, sets, exports",
+    [("autoencoder", [], "an autoencoder"), ("tiny_decoder", [], "a tiny decoder")],
+)
+def test_an_export_name_where_nothing_exported_has_a_name_is_refused(stage, sets, exports):
+    """The autoencoder stage and a taehv tiny decoder export no model.json: run.export_name was
+    ignored without a word."""
+    from distill.config import ConfigError, find_config, load_config
+
+    with pytest.raises(ConfigError, match=rf"the {stage} stage exports {exports}, which has none"):
+        load_config(find_config("debug", stage), stage, [*sets, "run.export_name=mine", "run.export=/tmp/x"])
+
+
+def test_a_narrower_decoders_model_takes_the_export_name(tmp_path):
+    """A causal_vae decoder's exported model/ was named after the teacher whatever run.export_name said."""
+    from distill.build import export_model
+    from streamgen.model import DiT, get_config
+    from streamgen.model.vae import TinyCausalVAE
+    from streamgen.models import load_model
+
+    mcfg = get_config("debug")
+    torch.manual_seed(0)
+    teacher = TinyCausalVAE(mcfg.in_channels, (8, 8, 16, 16), mcfg.temporal_compression).eval()
+    export_model(DiT(mcfg).eval(), teacher, tmp_path / "teacher", "debug", 32, 32, 5.0, 2)
+    edits = {"tiny_decoder.architecture": "causal_vae", "tiny_decoder.widths": [4, 4, 8, 16], "run.steps": 1}
+    edits.update({"model.vae": str(tmp_path / "teacher"), "run.export": str(tmp_path / "export")})
+    edits["run.export_name"] = "slim-avatar"
+    run(debug_config("tiny_decoder", tmp_path / "run", **edits))
+    assert load_model(str(tmp_path / "export" / "model")).name == "slim-avatar"
+    assert load_model(str(tmp_path / "run" / "model" / "model")).name == "debug-narrow-decoder"
