@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from streamgen.cli import positive_int
 
@@ -32,6 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override one config value (repeatable), e.g. --set data.root=data/mine",
     )
     parser.add_argument("--steps", type=positive_int, help="override run.steps")
+
+
+def _say_where_to_go_on(args: argparse.Namespace, out: str, is_main: bool) -> None:
+    """After a Ctrl-C: the checkpoint a --resume goes on from (all it said was "interrupted")."""
+    from streamgen.checkpoint import checkpoint_step, latest_checkpoint
+
+    latest = latest_checkpoint(out) if is_main else None
+    if latest is None:
+        return
+    again = "the same command" + ("" if args.resume else " with --resume")
+    print(f"{args.stage}: the newest checkpoint is {latest} (step {checkpoint_step(latest)}); {again} goes on "
+          "from it", file=sys.stderr)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +74,11 @@ def run(args: argparse.Namespace) -> int:
                 build_latents(cfg)
             return 0
         trainer = Trainer(cfg, resume=args.resume)
-        last = trainer.run()
+        try:
+            last = trainer.run()
+        except KeyboardInterrupt:
+            _say_where_to_go_on(args, cfg.run.out, trainer.is_main)
+            raise
     # (DataError: a shard found corrupted during training, where the stages read clips as they go)
     except (ConfigError, DataMissing, DataError, CheckpointError, TrainingError, ModelSourceError) as e:
         raise UserError(str(e)) from None

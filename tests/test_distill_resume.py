@@ -209,3 +209,26 @@ def test_a_resume_over_a_safetensors_file_that_is_no_checkpoint_says_so(tmp_path
         f"{folder / 'step-00000002.safetensors'} is not a streamgen training checkpoint (no streamgen "
         f"metadata in its header): move it out of {folder}, or set run.out to a new folder"
     )
+
+
+def test_a_ctrl_c_says_which_checkpoint_a_resume_goes_on_from(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C said "interrupted" and no more: nothing said that a run goes on with --resume, nor
+    from which step."""
+    from streamgen.cli import main
+
+    real_save = ckpt.save_checkpoint
+
+    def stopped_after_the_first(out, step, *args, **kwargs):
+        real_save(out, step, *args, **kwargs)
+        raise KeyboardInterrupt  # (a Ctrl-C right after the checkpoint)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", stopped_after_the_first)
+    out = tmp_path / "t"
+    command = ["distill", "teacher", "--config", "debug", "--out", str(out)]
+    assert main(command) == 130
+    err = capsys.readouterr().err
+    newest = ckpt.latest_checkpoint(out)
+    assert f"teacher: the newest checkpoint is {newest} (step 2); the same command with --resume goes on from it" in err
+    assert err.rstrip().endswith("interrupted"), err
+    assert main([*command, "--resume"]) == 130  # (stopped again: a --resume is the same command)
+    assert "(step 4); the same command goes on from it" in capsys.readouterr().err
