@@ -406,7 +406,9 @@ async def _max_sessions(http, args, per_n: dict | None = None) -> tuple[int, dic
 
 
 def main(args: argparse.Namespace, kept: dict | None = None) -> dict:
-    """`streamgen bench server`: the measured figures as one dict (those so far into `kept`)."""
+    """`streamgen bench server`: the measured figures as one dict (those so far into `kept`). A
+    Ctrl-C during the probes prints the figures of those finished, then goes on as a Ctrl-C (it
+    was caught in `run` alone, which `streamgen bench server` does not call: its figures were lost)."""
     from streamgen.cli import UserError, require_models
 
     # (a server that will not start was a RuntimeError with its stderr, after the other's probes)
@@ -418,9 +420,30 @@ def main(args: argparse.Namespace, kept: dict | None = None) -> dict:
     if any(a == "--model" or a.startswith("--model=") for a in shlex.split(args.against_args)):
         # (the second server served it, and the JSON named the first's model as `against`)
         raise UserError("--against-args: give the second server's model with --against MODEL")
-    # the figures are this CPU's, and of the settings the environment gives the served model
-    # (STREAMGEN_FP8, STREAMGEN_ATTENTION, ...: the JSON did not say)
-    return asyncio.run(_bench(args, {} if kept is None else kept)) | _machine_figures()
+    kept = {} if kept is None else kept
+    try:
+        # the figures are this CPU's, and of the settings the environment gives the served model
+        # (STREAMGEN_FP8, STREAMGEN_ATTENTION, ...: the JSON did not say)
+        return asyncio.run(_bench(args, kept)) | _machine_figures()
+    except KeyboardInterrupt:  # (minutes of probes were lost: the figures so far, and said so)
+        so_far = _figures_so_far(args, kept)
+        if so_far is not None:  # as the bench command prints its JSON: one line with --json
+            print(json.dumps(so_far, indent=None if getattr(args, "json", False) else 2), flush=True)
+        raise
+
+
+def _figures_so_far(args, kept: dict) -> dict | None:
+    """The figures of the probes finished before a Ctrl-C, and where the ladder stopped; None
+    before the first."""
+    if "against" in kept:
+        so_far = _against_figures(args, *kept["against"])
+    elif "one" in kept:
+        so_far = _one_model_figures(kept["one"], kept["per_n"], args)
+    else:
+        return None
+    probed = max((max(p, default=0) for p in _ladders(kept)), default=0)
+    said = f"Ctrl-C after the probe of {probed} session{'s' * (probed != 1)}: the ladder stops there"
+    return so_far | {"interrupted": said} | _machine_figures()
 
 
 def _machine_figures() -> dict:
@@ -428,21 +451,7 @@ def _machine_figures() -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    kept = {}
-    try:
-        result = main(args, kept)
-    except KeyboardInterrupt:  # (minutes of probes were lost: the figures so far, and said so)
-        if "against" in kept:
-            so_far = _against_figures(args, *kept["against"])
-        elif "one" in kept:
-            so_far = _one_model_figures(kept["one"], kept["per_n"], args)
-        else:
-            raise
-        probed = max((max(p, default=0) for p in _ladders(kept)), default=0)
-        said = f"Ctrl-C after the probe of {probed} session{'s' * (probed != 1)}: the ladder stops there"
-        print(json.dumps(so_far | {"interrupted": said} | _machine_figures()))
-        raise
-    print(json.dumps(result))
+    print(json.dumps(main(args)))
     return 0
 
 

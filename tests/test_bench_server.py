@@ -424,10 +424,11 @@ def test_a_ctrl_c_during_the_ladder_prints_the_figures_so_far(against, monkeypat
     monkeypatch.setattr(bench, "_served", served)
     monkeypatch.setattr(bench, "_probe", probe)
     monkeypatch.setattr(bench, "_chunk_shape", chunk_shape)
+    options = ["--model", "debug", "--browser", "", "--transport", "ws", "--seconds", "2"]
+    options += ["--against", "debug"] if against else []
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(["--model", "debug", "--browser", "", "--transport", "ws", "--seconds", "2"]
-                             + (["--against", "debug"] if against else []))  # fmt: skip
+    args = parser.parse_args(options)
     args.json = True  # (the bench command's own option: no progress lines)
     if not against:  # the one session watched first, then the ladder
 
@@ -435,14 +436,22 @@ def test_a_ctrl_c_during_the_ladder_prints_the_figures_so_far(against, monkeypat
             return {"first_frame": 0.2, "frames": [], "markers": [], "chunk_seconds": 0.12, "frames_per_chunk": 3}
 
         monkeypatch.setattr(bench, "WATCH", {"ws": watch})
+    from streamgen.cli import main
+
+    # as `streamgen bench server` runs it (main, not run: there the figures were lost), then as
+    # `python -m bench.server` does
+    assert main(["bench", "server", "--json", *options]) == 130
+    captured = capsys.readouterr()
+    assert captured.err == "interrupted\n"
     with pytest.raises(KeyboardInterrupt):
         bench.run(args)
-    out = json.loads(capsys.readouterr().out)
-    assert out["interrupted"] == "Ctrl-C after the probe of 2 sessions: the ladder stops there"
-    figures = [out["model_figures"], out["against_figures"]] if against else [out]
-    for f in figures:
-        assert f["max_realtime_sessions"] == 2 and set(f["sessions_worker_ms_per_chunk"]) == {"1", "2"}
-    assert out["cpu"]["model"]
+    for printed in (captured.out, capsys.readouterr().out):
+        out = json.loads(printed)
+        assert out["interrupted"] == "Ctrl-C after the probe of 2 sessions: the ladder stops there"
+        figures = [out["model_figures"], out["against_figures"]] if against else [out]
+        for f in figures:
+            assert f["max_realtime_sessions"] == 2 and set(f["sessions_worker_ms_per_chunk"]) == {"1", "2"}
+        assert out["cpu"]["model"]
 
 
 async def test_a_server_that_says_much_on_stderr_is_not_held_up_by_it(tmp_path, monkeypatch):
