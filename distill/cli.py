@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from streamgen.cli import positive_int
+from streamgen.cli import named_folder, positive_int
 
 STAGES = ("autoencoder", "latents", "teacher", "ode", "self_forcing", "chunk", "tiny_decoder")
 
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in run.out"
     )
-    parser.add_argument("--out", help="override run.out")
+    parser.add_argument("--out", type=named_folder, help="override run.out")
     parser.add_argument(
         "--set",
         dest="sets",
@@ -59,8 +59,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(find_config(args.config, args.stage), args.stage, args.sets)
         if args.out is not None:  # (`--out=~/x`: no shell expands `~` after `=`)
-            if not args.out.strip():  # (`--out "$UNSET"` trained into the config's run.out)
-                raise ConfigError("--out is empty: give the run's folder")
             cfg.run.out = os.path.expanduser(args.out)
         if args.steps is not None:
             cfg.run.steps = args.steps
