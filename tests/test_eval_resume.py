@@ -210,19 +210,19 @@ def test_a_stopped_drift_stream_goes_on_from_the_frames_it_had_scored(tmp_path, 
     assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
 
 
-def test_a_models_stopped_drift_stream_is_made_again_and_scored_from_where_it_stopped(
-    tmp_path, made, monkeypatch, capsys
-):
-    """A model's stream is made again from its start (its KV cache is not kept), its frames already
-    scored not scored again; made otherwise (its last scored frame differs), it is scored afresh."""
-    from streamgen.eval import drift, metrics, partial
+def test_a_models_stopped_drift_stream_goes_on_from_its_kept_state(tmp_path, made, monkeypatch, capsys):
+    """A model's stream was made again from its start after a stop (its KV cache was not kept: the
+    frames of an hour's stream made twice). Its session's state is kept with its scores, and the
+    stream goes on from there, to the same report."""
+    from streamgen.eval import drift, metrics
+    from streamgen.stream import StreamSession
 
-    monkeypatch.setattr(drift, "STREAM_KEEP_FRAMES", 1)  # (its scores kept after every chunk)
+    monkeypatch.setattr(drift, "STREAM_KEEP_FRAMES", 1)  # (its scores and state kept after every chunk)
     argv = ["--model", "tiny-avatar", "--clips", "1", "--minutes", "0.02"]
     evaluate = lambda out: main(["eval", *argv, "--size", "32", "--out", str(out)])  # noqa: E731
     assert evaluate(tmp_path / "whole") == 0
     whole = json.loads((tmp_path / "whole" / "report.json").read_text())
-    real_add, scored = metrics.StreamScores.add, []
+    real_add, real_chunk, scored, chunks = metrics.StreamScores.add, StreamSession.next_chunk, [], []
 
     def counted(self, frames):
         if self.seen >= 16 and stop:
@@ -231,26 +231,90 @@ def test_a_models_stopped_drift_stream_is_made_again_and_scored_from_where_it_st
         real_add(self, frames)
 
     monkeypatch.setattr(metrics.StreamScores, "add", counted)
+    monkeypatch.setattr(StreamSession, "next_chunk", lambda self: chunks.append(1) or real_chunk(self))
     out = tmp_path / "cut"
     stop = True
     assert evaluate(out) == 130
-    so_far = partial.Measured(out, {}).load("stream-0.02-so-far")
-    stop, scored[:] = False, []
+    start = int(partial.Measured(out, {}).load("stream-0.02-so-far")["seen"])
+    assert 0 < start < 30 and (out / "partial" / "stream-0.02-so-far.pt").exists()
+    stop, scored[:], chunks[:] = False, [], []
     capsys.readouterr()
     assert evaluate(out) == 0
     err = capsys.readouterr().err
-    start = int(so_far["seen"])
-    assert 0 < start < 30
-    assert f"resuming: the drift stream's first {start} of 30 frames are already scored" in err, err
+    assert f"resuming: the drift stream's first {start} of 30 frames are already scored\n" in err, err
     assert sum(scored) == 30 - start
+    per_chunk = 8  # (tiny-avatar's: 2 latent frames of 4)
+    assert len(chunks) == -(-(30 - start) // per_chunk)  # the ones left (the clip is scored already)
+    assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
+
+
+def test_a_models_stopped_drift_stream_without_a_kept_state_is_made_again(
+    tmp_path, made, monkeypatch, capsys
+):
+    """Its state kept before its last scores (killed between the two saves) or not at all (kept by
+    code before it was): the stream is made again up to its scored frames, unscored, and checked to
+    be the one scored (else scored afresh)."""
+    from streamgen.eval import drift, metrics
+
+    monkeypatch.setattr(drift, "STREAM_KEEP_FRAMES", 1)
+    argv = ["--model", "tiny-avatar", "--clips", "1", "--minutes", "0.02"]
+    evaluate = lambda out: main(["eval", *argv, "--size", "32", "--out", str(out)])  # noqa: E731
+    assert evaluate(tmp_path / "whole") == 0
+    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    real_add, real_save, scored, stop = metrics.StreamScores.add, partial.Measured.save, [], [True]
+
+    def counted(self, frames):
+        if self.seen >= 16 and stop[0]:
+            raise KeyboardInterrupt
+        scored.append(len(frames))
+        real_add(self, frames)
+
+    def run_stopped(out, between: bool):
+        """Stopped once 16 frames are scored; `between`: killed as the scores of the chunk after
+        the first are saved (the state kept with the first chunk's scores only)."""
+
+        def save(self, name, arrays):
+            real_save(self, name, arrays)
+            if between and name.endswith("so-far") and int(arrays["seen"]) > 8:
+                raise SystemExit("killed")
+
+        stop[0] = True
+        monkeypatch.setattr(partial.Measured, "save", save)
+        if between:
+            with pytest.raises(SystemExit):
+                evaluate(out)
+        else:
+            assert evaluate(out) == 130
+        monkeypatch.setattr(partial.Measured, "save", real_save)
+        stop[0], scored[:] = False, []
+        capsys.readouterr()
+
+    monkeypatch.setattr(metrics.StreamScores, "add", counted)
+    out = tmp_path / "between"
+    run_stopped(out, between=True)
+    start = int(partial.Measured(out, {}).load("stream-0.02-so-far")["seen"])
+    assert evaluate(out) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"already scored (the model goes on from its state at frame 8: frames 8-{start - 1} are made again"
+        in err
+    )
+    assert sum(scored) == 30 - start
+    assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
+
+    out = tmp_path / "stateless"
+    run_stopped(out, between=False)
+    (out / "partial" / "stream-0.02-so-far.pt").unlink()
+    assert evaluate(out) == 0
+    assert "(the model makes it again up to there, unscored)" in capsys.readouterr().err
     assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
     # scores of another stream's frames (its last scored frame not the one the model makes again)
     out = tmp_path / "other"
-    stop = True
-    assert evaluate(out) == 130
+    run_stopped(out, between=False)
+    (out / "partial" / "stream-0.02-so-far.pt").unlink()
     kept = partial.Measured(out, {})
-    kept.save("stream-0.02-so-far", {**kept.load("stream-0.02-so-far"), "last": so_far["last"] ^ 1})
-    stop, scored[:] = False, []
+    so_far = kept.load("stream-0.02-so-far")
+    kept.save("stream-0.02-so-far", {**so_far, "last": so_far["last"] ^ 1})
     assert evaluate(out) == 0
     assert "differs from the one scored before: scoring it from its start" in capsys.readouterr().err
     assert sum(scored) == 30

@@ -4,6 +4,8 @@ its scores so far kept for a stopped run to go on from."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 # frames of the renderer's drift stream rendered (and scored) at a time
@@ -14,19 +16,21 @@ STREAM_KEEP_FRAMES = 1500
 
 
 def score_stream(
-    ev, split, minutes, size, session, roundtrip, lead, stream_progress, kept=None, keep=None, note=None
-) -> dict:
+    ev, split, minutes, size, session, roundtrip, lead, stream_progress, kept=None, keep=None, note=None,
+    state_file=None,
+) -> dict:  # fmt: skip
     """The --minutes stream's per-frame CSIM and colour and its detectors' counts, scored chunk by
     chunk as it is made: only an autoencoder's round trip holds it whole (it encodes it at once).
     Its scores so far go to `keep` every STREAM_KEEP_FRAMES frames and when it is stopped (a
     Ctrl-C); `kept`, such scores of a stopped run, are gone on from: the renderer's stream (and a
-    round trip's) from the frame after them; a model's is made again from its start (its session's
-    state, a KV cache, is not kept), its frames up to there not scored again."""
+    round trip's) from the frame after them. A model's session state goes to `state_file` with
+    each `keep` (not at a Ctrl-C, which may come mid-chunk); its stream goes on from there, making
+    the frames from there to the scored ones again unscored (from its start without such a state)."""
     from streamgen.data.render import Identity, render_frame
     from streamgen.data.world import make_stream
 
     from .metrics import StreamScores
-    from .report import EVAL_SEED, stream_session_chunks
+    from .report import EVAL_SEED, SessionChunks
 
     clip = make_stream(EVAL_SEED, _first_identity(split), minutes, size, size, render=roundtrip is not None)
     n_frames = len(clip.motion)
@@ -35,17 +39,25 @@ def score_stream(
     if kept is not None and not (scores.restore(kept) and scores.seen <= n_frames):
         scores = StreamScores(ev, clip.reference, lead)  # (not this stream's: scored afresh)
     start = scores.seen
-    if start and note:
-        again = " (the model makes it again up to there, unscored)" if session is not None else ""
-        note(f"resuming: the drift stream's first {start} of {n_frames} frames are already scored{again}")
+    model_chunks = None
     if session is not None:
-        chunks = stream_session_chunks(
+        model_chunks = SessionChunks(
             session, clip.reference, clip.audio, clip.caption, n_frames, EVAL_SEED, made
         )
-        chunks = _after(chunks, start, scores.last) if start else chunks
+        resumed_at = _resumed(model_chunks, state_file, start, note) if start and state_file else 0
+        made and resumed_at and made(resumed_at)  # (the frames made before: the bar goes on from them)
+        chunks = iter(model_chunks)
+        chunks = _after(chunks, start - resumed_at, scores.last) if start > resumed_at else chunks
+        again = (
+            "" if resumed_at == start
+            else f" (the model goes on from its state at frame {resumed_at}: frames {resumed_at}-{start - 1} are made again, unscored)"
+            if resumed_at
+            else " (the model makes it again up to there, unscored)"
+        )  # fmt: skip
     else:
         identity = Identity.from_id(clip.meta["identity_id"])
         whole = roundtrip(clip.video) if roundtrip is not None else None
+        again = ""
 
         def slices():
             made and start and made(start)  # (the frames scored before: the bar goes on from them)
@@ -61,6 +73,8 @@ def score_stream(
                 yield chunk
 
         chunks = slices()
+    if start and note:
+        note(f"resuming: the drift stream's first {start} of {n_frames} frames are already scored{again}")
     kept_at = start
     try:
         for chunk in chunks:
@@ -68,11 +82,16 @@ def score_stream(
             if keep is not None and scores.seen - kept_at >= STREAM_KEEP_FRAMES:
                 keep(scores.state())
                 kept_at = scores.seen
+                if model_chunks is not None and state_file is not None:
+                    # (after the scores: a kill between the two costs frames made again, not wrong scores)
+                    model_chunks.save(state_file)
     except StreamMadeOtherwise:
         note and note(
             "the drift stream made again differs from the one scored before: scoring it from its start"
         )
-        return score_stream(ev, split, minutes, size, session, roundtrip, lead, stream_progress, None, keep)
+        return score_stream(
+            ev, split, minutes, size, session, roundtrip, lead, stream_progress, None, keep, note, state_file
+        )
     except KeyboardInterrupt:
         if keep is not None and scores.seen > kept_at and (state := scores.state()) is not None:
             keep(state)  # (what was scored up to the Ctrl-C: the same command goes on from there)
@@ -83,6 +102,20 @@ def score_stream(
 class StreamMadeOtherwise(Exception):
     """A model's drift stream made again is not the one whose first frames were scored (the frame
     before the resumed one differs)."""
+
+
+def _resumed(chunks, state_file, scored: int, note) -> int:
+    """The frame the model's stream goes on from: that of the state in `state_file` (at most the
+    `scored` ones), else 0 (the stream made from its start, as without one)."""
+    from streamgen.stream_state import SessionStateError
+
+    if not Path(state_file).exists():
+        return 0
+    try:
+        return chunks.resume(state_file, scored)
+    except SessionStateError as e:
+        note and note(f"the model's stream is made again from its start: {e}")
+        return 0
 
 
 def _after(chunks, start: int, last: np.ndarray):

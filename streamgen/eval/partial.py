@@ -6,6 +6,7 @@ hours: a student's 60-minute drift stream, a teacher's 50 steps).
     OUT/partial/clip-00003.npz  one clip's measurements (written whole: `write_atomically`)
     OUT/partial/stream-1.5.npz  the --minutes stream's (of 1.5 minutes)
     OUT/partial/stream-1.5-so-far.npz  its scores so far, while it is made (`StreamScores.state`)
+    OUT/partial/stream-1.5-so-far.pt   a model's session state with them (`streamgen.stream_state`)
 
 Clip i of a split is the same clip whatever --clips says, so a run of more clips goes on from the
 ones of a run of fewer (and whatever --minutes says). The folder goes once report.json is written; the same command run after

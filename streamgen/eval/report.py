@@ -52,38 +52,68 @@ def generate_with_stream_session(
     The clip's caption conditions models that take sentence embeddings; models
     without that width (the debug flavor) are scored uncaptioned.
     """
-    chunks = stream_session_chunks(session, reference, audio, caption, n_frames, seed, progress)
+    chunks = SessionChunks(session, reference, audio, caption, n_frames, seed, progress)
     return np.concatenate(list(chunks))
 
 
-def stream_session_chunks(session, reference, audio, caption, n_frames, seed, progress=None):
-    """`generate_with_stream_session`'s frames chunk by chunk, `n_frames` in all: for a stream
-    scored as it is made (an hour's frames were held whole, 10x their bytes at the peak)."""
-    from streamgen.media import from_time_zero
-    from streamgen.model.text import TEXT_DIM
+class SessionChunks:
+    """`generate_with_stream_session`'s frames chunk by chunk, `n_frames` in all, iterated once: for
+    a stream scored as it is made (an hour's frames were held whole, 10x their bytes at the peak).
+    Between two chunks `save(path)` keeps where it is (the session's state, the frames made, the
+    audio pushed), and `resume(path)` before the first makes the stream go on from there."""
 
-    text = caption if caption and session.cfg.text_dim == TEXT_DIM else None
-    session.start(reference, text=text, seed=seed)
-    pushed, got = 0, 0
-    samples_per_frame = 640
-    try:
-        while got < n_frames:
-            # keep the audio 2 s ahead of the video, as a live caller would
-            want = min(len(audio), (got + 50) * samples_per_frame)
-            if want > pushed:
-                session.push_audio(audio[pushed:want])
-                pushed = want
-            chunk, pts = session.next_chunk()
-            if len(chunk) == 0:
-                raise RuntimeError("the model returned an empty chunk")
-            if got == 0:  # frame i of the result is the audio's frame i (scored for lip sync)
-                chunk = from_time_zero(chunk, pts)
-            chunk = chunk[: n_frames - got]
-            progress and progress(len(chunk))
-            got += len(chunk)
-            yield chunk
-    finally:
-        session.close()
+    def __init__(self, session, reference, audio, caption, n_frames, seed, progress=None):
+        self.session, self.reference, self.audio, self.caption = session, reference, audio, caption
+        self.n_frames, self.seed, self.progress = n_frames, seed, progress
+        self.made = self.pushed = 0  # frames made (and given out), audio samples pushed
+        self._resumed = False
+
+    def save(self, path) -> None:
+        from streamgen.stream_state import save_session_state
+
+        extra = {"made": self.made, "pushed": self.pushed, "n_frames": self.n_frames, "seed": self.seed}
+        save_session_state(self.session, path, extra)
+
+    def resume(self, path, at_most: int) -> int:
+        """Go on from the state `save` left in `path` (of this stream, at most `at_most` frames
+        in): the frames made up to it. A SessionStateError where it is not such a state."""
+        from streamgen.stream_state import SessionStateError, restore_session_state
+
+        extra = restore_session_state(self.session, path)
+        if extra.get("n_frames") != self.n_frames or extra.get("seed") != self.seed:
+            raise SessionStateError(f"{path}: the state of another stream")
+        if not 0 < extra.get("made", 0) <= at_most:
+            raise SessionStateError(f"{path}: a state {extra.get('made')} frames in, not 1 to {at_most}")
+        self.made, self.pushed, self._resumed = extra["made"], extra["pushed"], True
+        return self.made
+
+    def __iter__(self):
+        from streamgen.media import from_time_zero
+        from streamgen.model.text import TEXT_DIM
+
+        session, audio = self.session, self.audio
+        if not self._resumed:
+            text = self.caption if self.caption and session.cfg.text_dim == TEXT_DIM else None
+            session.start(self.reference, text=text, seed=self.seed)
+        samples_per_frame = 640
+        try:
+            while self.made < self.n_frames:
+                # keep the audio 2 s ahead of the video, as a live caller would
+                want = min(len(audio), (self.made + 50) * samples_per_frame)
+                if want > self.pushed:
+                    session.push_audio(audio[self.pushed : want])
+                    self.pushed = want
+                chunk, pts = session.next_chunk()
+                if len(chunk) == 0:
+                    raise RuntimeError("the model returned an empty chunk")
+                if self.made == 0:  # frame i of the result is the audio's frame i (scored for lip sync)
+                    chunk = from_time_zero(chunk, pts)
+                chunk = chunk[: self.n_frames - self.made]
+                self.progress and self.progress(len(chunk))
+                self.made += len(chunk)
+                yield chunk
+        finally:
+            session.close()
 
 
 class ModelLoadError(ValueError):
@@ -314,7 +344,7 @@ def evaluate(
                 name = f"stream-{minutes!r}-so-far"
                 keep = lambda state: measured.save(name, state)  # noqa: E731
                 scored = score_stream(ev, split, minutes, size, session, roundtrip, lead, stream_progress,
-                                       measured.load(name), keep, note)  # fmt: skip
+                                       measured.load(name), keep, note, measured.folder / f"{name}.pt")  # fmt: skip
                 measured.save(f"stream-{minutes!r}", scored)
             stream = {"csim": scored["csim"], "colour": scored["colour"]}
             black, frozen, flicker = (int(n) for n in np.array([black, frozen, flicker]) + scored["counts"])
