@@ -4,6 +4,7 @@ OUT/partial), to the same report; a finished evaluation run again measures nothi
 from __future__ import annotations
 
 import json
+import re
 import sys
 from contextlib import contextmanager
 
@@ -316,6 +317,9 @@ def test_a_models_stopped_drift_stream_without_a_kept_state_is_made_again(
     so_far = kept.load("stream-0.02-so-far")
     kept.save("stream-0.02-so-far", {**so_far, "last": so_far["last"] ^ 1})
     assert evaluate(out) == 0
-    assert "differs from the one scored before: scoring it from its start" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "differs from the one scored before: scoring it from its start" in err
     assert sum(scored) == 30
+    # (its bar starts again: it went on past the end, to "46frame")
+    assert "30/30" in re.findall(r"drift stream:[^\r\n]*", err)[-1], err
     assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)

@@ -34,7 +34,13 @@ def score_stream(
 
     clip = make_stream(EVAL_SEED, _first_identity(split), minutes, size, size, render=roundtrip is not None)
     n_frames = len(clip.motion)
-    made = (lambda n: stream_progress(n, n_frames)) if stream_progress else None
+    shown = [0]  # frames the bar counts (taken back where the stream is scored afresh)
+
+    def made(n: int) -> None:
+        shown[0] += n
+        stream_progress(n, n_frames)
+
+    made = made if stream_progress else None
     scores = StreamScores(ev, clip.reference, lead)
     if kept is not None and not (scores.restore(kept) and scores.seen <= n_frames):
         scores = StreamScores(ev, clip.reference, lead)  # (not this stream's: scored afresh)
@@ -89,6 +95,7 @@ def score_stream(
         note and note(
             "the drift stream made again differs from the one scored before: scoring it from its start"
         )
+        made and made(-shown[0])  # (its bar went on past its end, to "46frame" of 30)
         return score_stream(
             ev, split, minutes, size, session, roundtrip, lead, stream_progress, None, keep, note, state_file
         )
