@@ -513,6 +513,7 @@ def _optim_problems(optim: OptimConfig, where: str) -> list[str]:
 
 
 def _validate(cfg: TrainConfig, path) -> None:
+    from streamgen.cli import usable_cpus
     from streamgen.data import SPLITS
     from streamgen.model.config import ModelConfig, get_config, type_problems
     from streamgen.sampling import CACHE_FROM
@@ -562,6 +563,11 @@ def _validate(cfg: TrainConfig, path) -> None:
                 f"run.export_name names an exported model (its model.json); the {cfg.stage} stage "
                 f"exports {exports[cfg.stage]}, which has none"
             )
+    threads, cpus = cfg.run.threads, usable_cpus()
+    if isinstance(threads, int) and threads > cpus:  # (99999 crashed inside OpenMP with no message)
+        problems.append(
+            f"run.threads is {threads}: this process may use {cpus} CPUs; give at most {cpus} (0: torch's default)"
+        )
     if cfg.run.device not in ("auto", "cpu", "cuda"):
         problems.append(f"run.device must be auto, cpu or cuda, got {cfg.run.device!r}")
     override_problems = [f"model.overrides.{problem}" for problem in type_problems(cfg.model.overrides)]

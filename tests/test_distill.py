@@ -203,6 +203,7 @@ def test_yaml_that_does_not_parse_is_one_line_naming_where(tmp_path, capsys):
         ("teacher", "teacher: {cfg_scale: .inf}", "teacher.cfg_scale must be a finite number"),
         ("teacher", "run: {log_every: 0}", "run.log_every must be >= 1"),  # ZeroDivisionError
         ("teacher", "run: {seed: -1}", "run.seed must be >= 0"),
+        ("teacher", "run: {threads: 99999}", "run.threads is 99999: this process may use"),  # OpenMP crashed
         ("teacher", "run: {device: gpu}", "run.device must be auto, cpu or cuda"),
         ("teacher", "data: {latent_frames: 0}", "data.latent_frames must be >= 1"),
         ("teacher", "data: {split: bogus}", "data.split must name splits"),
