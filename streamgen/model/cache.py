@@ -263,6 +263,10 @@ class StreamCache(nn.Module):
     def advance(self):
         """After the clean re-encode wrote the chunk: move the ring on and re-rotate it."""
         self.frames_written += self.chunk_frames
+        self.rotate_ring()
+
+    def rotate_ring(self):
+        """Every layer's ring keys rotated for the positions its slots have now (from `k_ring_raw`)."""
         # the rotations made once for every layer (`Rope`), not once per layer
         angles = Rope.of(
             rope_angles(self.ring_frame_positions(), self.grid_hw, self.cfg.head_dim, self.cfg.rope_theta)
