@@ -175,7 +175,8 @@ def test_cli_make_preview_and_errors(tmp_path, capsys):
     assert json.loads((out / "manifest.json").read_text())["clips"] == 3
     assert re.search(r"speed: [0-9]+ clips of 4 s per minute", capsys.readouterr().out)
     assert main(["data", "make", "--out", str(out), "--clips", "3"]) == 2  # refuses to overwrite
-    assert "already holds a dataset" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds a dataset" in err and "data make:" not in err  # (its bar showed, at 0/3)
     assert main(["data", "make", "--out", str(out / "manifest.json"), "--clips", "3"]) == 2  # a file
     assert "is a file, not a folder" in capsys.readouterr().err
     assert (

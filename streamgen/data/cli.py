@@ -92,13 +92,18 @@ def _make(args) -> int:
     # ended this process alone, its pool's workers left to finish their shards unrecorded and print
     # a traceback each over the shell's prompt
     terminated_before = terminate_as_exit()
+    bars = []  # (opened as make_dataset begins the work, its checks passed: a refused make showed one)
+
+    def begun(clips_kept: int) -> None:
+        resumed.append(clips_kept)
+        bars.append(tqdm(total=args.clips, unit="clip", desc="data make"))
+
     try:
-        with tqdm(total=args.clips, unit="clip", desc="data make") as bar:
-            manifest = make_dataset(
-                args.out, args.clips, args.seed, args.size, args.size, args.seconds,
-                args.shard_size, args.identities, args.workers, progress=bar.update,
-                resumed=resumed.append,
-            )  # fmt: skip
+        manifest = make_dataset(
+            args.out, args.clips, args.seed, args.size, args.size, args.seconds,
+            args.shard_size, args.identities, args.workers, progress=lambda n: bars[0].update(n),
+            resumed=begun,
+        )  # fmt: skip
     except (KeyboardInterrupt, SystemExit):
         kept = partly_made(args.out)
         if kept:
@@ -119,6 +124,8 @@ def _make(args) -> int:
             f"--size or fewer --workers{again}"
         ) from None
     finally:
+        for bar in bars:
+            bar.close()
         if terminated_before is not None:
             signal.signal(signal.SIGTERM, terminated_before)
     elapsed = time.perf_counter() - start

@@ -333,8 +333,8 @@ def _write_shards(out: Path, settings: dict, workers: int, progress, resumed=Non
     )
     written = list(finished.values())
     kept = sum(w["clips"] for w in written)
+    resumed and resumed(kept)  # (first: every check passed, the work begins)
     progress and kept and progress(kept)
-    resumed and resumed(kept)
 
     partial = None  # (written anew at the first shard finished, with those still there, then appended to)
 
