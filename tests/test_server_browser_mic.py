@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from server_helpers import live_server
 from test_server_browser import HELD, wait_for
+from test_server_browser_hangup import wait_in_page
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
@@ -139,3 +140,43 @@ def heard(url: str) -> float:
     lines = httpx.get(f"{url}/metrics").text.splitlines()
     received = [line for line in lines if line.startswith("streamgen_audio_received_seconds_total")]
     return sum(float(line.split()[-1]) for line in received)
+
+
+@pytest.mark.parametrize("transport", ["webrtc", "ws"])
+def test_a_microphone_box_flipped_while_the_session_is_requested_is_followed(browser_page, transport):
+    """Flipped while a connect's session request waited (after the microphone was asked for, before
+    the transport existed), the box did nothing: unticked, the microphone stayed on (and a WebRTC
+    avatar heard it); ticked, none was taken and the box said it was on."""
+    with live_server(max_sessions=2) as (url, app):
+        page = page_with(browser_page, f"{url}/?transport={transport}", "")
+        requests = []  # the session requests, held until the box is flipped
+        page.route(
+            "**/v1/sessions", lambda r: requests.append(r) if r.request.method == "POST" else r.continue_()
+        )
+        try:
+            for ticked, flip in ((True, "uncheck"), (False, "check")):
+                page.set_checked("#mic", ticked)
+                page.click("#connect")
+                wait_in_page(page, lambda: len(requests) == 1, failed="the connect requested no session")
+                getattr(page, flip)("#mic")
+                requests.pop().continue_()
+                page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+                mics = 0 if flip == "uncheck" else 1
+                wait_in_page(
+                    page,
+                    lambda mics=mics: page.evaluate("held()")["mics"] == mics,
+                    failed=f"{flip}ed: not {mics} microphones",
+                )
+                if flip == "uncheck":
+                    page.wait_for_timeout(1000)
+                    assert heard(url) == 0
+                else:
+                    wait_in_page(page, lambda: heard(url) > 0.5, failed="the microphone ticked was not heard")
+                page.click("#hangup")
+                wait_in_page(
+                    page,
+                    lambda: page.evaluate("held()")["mics"] == 0,
+                    failed="the hang-up kept the microphone",
+                )
+        finally:
+            page.close()

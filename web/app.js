@@ -105,13 +105,14 @@ async function connect() {
   setStatus("connecting");
   try {
     let stream = await getMic();
-    // the box unticked while the browser asked: not taken (it went to the avatar, the box unticked)
-    if (stream && (mine !== state.generation || !$("mic").checked)) {
+    // the box unticked while the browser asked: not taken (it went to the avatar, the box unticked);
+    // unticked and ticked again, the box's change took one of its own meanwhile: this one is not needed
+    if (stream && (mine !== state.generation || !$("mic").checked || state.mic)) {
       stream.getTracks().forEach((t) => t.stop());
       stream = null;
     }
     if (mine !== state.generation) return;  // another connect (or a hang-up) came while the browser asked
-    holdMic(stream);
+    if (stream) holdMic(stream);
     if (params.get("transport") === "ws") {
       await connectWebSocket(mine, closed);
     } else {
@@ -229,9 +230,12 @@ $("upload").onchange = showChosenAvatar;
 $("hangup").onclick = hangUp;
 $("speak-form").onsubmit = speak;
 $("mic").onchange = async () => {
-  // only while connected: the microphone is taken for a connection and given back with it
+  // only while connecting or connected (the hang-up button is enabled from a connect's start): the
+  // microphone is taken for a connection and given back with it. Flipped while the connection has no
+  // transport yet (its session requested), the box did nothing: unticked, the microphone was sent all
+  // the same; ticked, none was taken. The transports take state.mic as they start.
   const mine = state.generation, on = $("mic").checked;
-  if (!(state.pc && state.audioSender) && !(state.ws && state.audioCtx)) return;
+  if ($("hangup").disabled) return;
   if (on && !state.mic) {
     const stream = await getMic();
     // hung up while the browser asked, or the box unticked meanwhile (and maybe ticked again, which
