@@ -180,3 +180,39 @@ def test_a_microphone_box_flipped_while_the_session_is_requested_is_followed(bro
                 )
         finally:
             page.close()
+
+
+# The WebSocket's messages to the listeners added with addEventListener (the page's wait for the
+# server's "ready") held while __heldMessages is an array; the microphone sources the page made
+HELD_READY = """
+window.__heldMessages = null;
+const addListener = WebSocket.prototype.addEventListener;
+WebSocket.prototype.addEventListener = function (type, listener, ...rest) {
+  if (type !== "message") return addListener.call(this, type, listener, ...rest);
+  const held = (e) => (window.__heldMessages ? __heldMessages.push(() => listener(e)) : listener(e));
+  return addListener.call(this, type, held, ...rest);
+};
+window.__sources = 0;
+const createSource = AudioContext.prototype.createMediaStreamSource;
+AudioContext.prototype.createMediaStreamSource = function (s) { __sources++; return createSource.call(this, s); };
+"""
+
+
+def test_a_microphone_ticked_while_the_websocket_starts_is_sent_through_one_path(browser_page):
+    """Ticked while the socket waited for the server's "ready", the box started the microphone's
+    path to it, and the connect's end started a second one: the first stayed connected, its
+    worklet running, until the hang-up."""
+    with live_server(max_sessions=2) as (url, app):
+        page = page_with(browser_page, f"{url}/?transport=ws&mic=0", HELD_READY)
+        try:
+            page.evaluate("window.__heldMessages = []")
+            page.click("#connect")
+            wait_for(lambda: page.evaluate("__heldMessages.length") >= 1, 20, "no ready came")
+            page.check("#mic")
+            wait_for(lambda: page.evaluate("__sources") == 1, 10, "the ticked box took no microphone")
+            page.evaluate("const m = __heldMessages; __heldMessages = null; m.forEach((f) => f())")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            wait_for(lambda: heard(url) > 0.5, 20, "the microphone was not heard")
+            assert page.evaluate("__sources") == 1
+        finally:
+            page.close()

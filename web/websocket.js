@@ -185,8 +185,9 @@ export async function connectWebSocket(mine, closed) {
     showOverlay();
   }, 1000);
   // (not awaited: the stream needs no microphone, and one that cannot be connected is said on the
-  // console; the worklet's module loads meanwhile)
-  if (state.mic) startWsMic().catch((e) => console.warn("microphone:", e));
+  // console; the worklet's module loads meanwhile. One the box's change started while the socket
+  // waited for its ready runs already: a second one left the first connected, its worklet running.)
+  if (state.mic && !wsMicRunning()) startWsMic().catch((e) => console.warn("microphone:", e));
 }
 
 // The clock the WebSocket stream plays on: the AudioContext's, and the page's own while the
