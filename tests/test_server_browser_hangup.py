@@ -668,3 +668,27 @@ def test_a_hang_up_cuts_off_the_session_check_in_flight(browser_page):
         assert hang_up_and_let_go(page, app.state.registry.sessions, deletes, requests) == []
         assert logs == []
         assert page.evaluate("held()") == IDLE
+
+
+def test_a_connect_shows_no_figures_of_the_connection_before(browser_page):
+    """The overlay is drawn by a stream's stats timer only: connecting again after a hang-up, and
+    failed (refused: 503), the page showed the last stream's figures (its fps, its frames) beside
+    'failed: ...'."""
+    with live_server(max_sessions=2) as (url, _):
+        page = browser_page.new_page()
+        try:
+            page.goto(f"{url}/?autostart=1&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
+            page.wait_for_function("document.getElementById('overlay').textContent.includes('webrtc')")
+            page.click("#hangup")
+            full = {"status": 503, "json": {"error": "unavailable", "message": "server is at capacity"}}
+            page.route(
+                "**/v1/sessions", lambda r: r.fulfill(**full) if r.request.method == "POST" else r.continue_()
+            )
+            page.click("#connect")
+            page.wait_for_function("window.streamgenStats.state.startsWith('failed')", timeout=20_000)
+            assert page.text_content("#overlay").splitlines() == [
+                "transport  –", "startup    –", "fps        –", "A/V offset –", "RTT        –", "frames     0",
+            ]  # fmt: skip
+        finally:
+            page.close()

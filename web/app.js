@@ -20,6 +20,8 @@ function resetStats() {
   Object.assign(stats, { transport: null, firstFrameMs: null, framesDecoded: 0, fps: 0, avOffsetMs: null,
     rttMs: null, error: null, trickled: 0, avMethod: undefined });
   forgetFrameTimes();
+  // (drawn only by a stream's stats timer: a connect that failed showed the last stream's figures)
+  showOverlay();
 }
 
 async function loadAvatars() {
