@@ -78,3 +78,20 @@ def test_an_avatar_the_server_does_not_have_is_said_in_the_pages_words(browser_p
             page.click("#hangup")
         finally:
             page.close()
+
+
+def test_a_picture_chosen_instead_of_an_unknown_avatar_takes_its_notice_away(browser_page, tmp_path):
+    """`?avatar=nobody` is said as the page loads ('... choose one'); a picture chosen then left it
+    there, asking for a face already chosen, until a connect (an avatar clicked took it away)."""
+    picture = tmp_path / "me.png"
+    picture.write_bytes(png_bytes())
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        try:
+            page.goto(f"{url}/?mic=0&transport=ws&avatar=nobody")
+            page.wait_for_selector("#avatars button[title='Ada']")
+            assert 'no avatar "nobody" on this server' in page.text_content("#notice")
+            page.set_input_files("#upload", str(picture))
+            assert page.text_content("#notice") == ""
+        finally:
+            page.close()

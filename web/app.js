@@ -228,7 +228,12 @@ async function speak(e) {
 }
 
 $("connect").onclick = connect;
-$("upload").onchange = showChosenAvatar;
+$("upload").onchange = () => {
+  // a picture chosen is the face now: the notice that the address's avatar is unknown asked for one
+  // still, until a connect (an avatar clicked takes it away as well)
+  if ($("upload").files.length && stats.notice === unknownAvatar()) setNotice("");
+  showChosenAvatar();
+};
 $("hangup").onclick = hangUp;
 $("speak-form").onsubmit = speak;
 $("mic").onchange = async () => {
