@@ -170,6 +170,8 @@ def run(args) -> int:
         session.start(face, text=args.text, seed=args.seed)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         _leave_sequence_parallel(args.sp, finished=False)
+        if _another_rank_failed(args.sp, e):
+            return _stopped_by_another_rank()
         raise UserError(str(e)) from None
 
     n_chunks = math.ceil(len(pcm) / SAMPLE_RATE / session.chunk_seconds)
@@ -204,6 +206,12 @@ def run(args) -> int:
         if writer:
             writer.abort()
         raise UserError(str(e)) from None
+    except RuntimeError as e:
+        if writer:
+            writer.abort()
+        if not _another_rank_failed(args.sp, e):
+            raise
+        return _stopped_by_another_rank()
     except BaseException:
         if writer:
             writer.abort()
@@ -250,6 +258,22 @@ def _with_tiny_decoder(args):
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     model.vae = TinyDecoderVAE(model.vae, decoder)
     return model
+
+
+def _another_rank_failed(sp: int, e: BaseException) -> bool:
+    """Whether `e` is this --sp rank's collective failing because another rank had ended: that
+    rank's error is the run's (this one printed a gloo traceback below it, ending "GLHF")."""
+    from streamgen.parallel.torchrun import another_rank_failed
+
+    return sp > 1 and another_rank_failed(e)
+
+
+def _stopped_by_another_rank() -> int:
+    from streamgen.parallel.torchrun import ANOTHER_RANK_FAILED, report_error
+
+    rank = os.environ.get("RANK", "?")
+    report_error(f"streamgen generate: rank {rank} stopped: another rank failed (see its error above)")
+    return ANOTHER_RANK_FAILED
 
 
 def _leave_sequence_parallel(sp: int, finished: bool) -> None:

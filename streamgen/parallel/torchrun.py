@@ -10,7 +10,7 @@ the launcher and a table) is cut to one line naming the rank, and the
 launcher ends with that rank's exit code, so `--sp 2` fails the way `--sp 1`
 does (2 for a usage error). A rank whose collective broke because another rank
 had ended says so in one line and exits with `ANOTHER_RANK_FAILED` (distill's
-ranks do: `another_rank_failed`), so the rank named is the one that failed.
+and generate's ranks do: `another_rank_failed`), so the rank named is the one that failed.
 Anything else is raised as usual.
 
 A usage error (bad size, unknown model) is the same on every rank: each rank

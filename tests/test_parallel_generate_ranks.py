@@ -1,0 +1,82 @@
+"""`generate --sp N` as one of its ranks sees it: how a rank ends when another rank, or its launcher,
+ends first. In this process, as rank 0 of two with no process group: the collectives' failures are
+raised where a chunk is made."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamgen.parallel.torchrun import ANOTHER_RANK_FAILED
+
+# what gloo raises in a collective whose peer process has ended (a rank killed mid-run)
+PEER_GONE = (
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+    "[127.0.0.1]:25235: Connection reset by peer. This is typically caused by a remote worker hanging "
+    "or bugs in the application. Check the logs of the remote worker before reporting an error. GLHF!"
+)
+RANK_0_OF_2 = {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "RANK": "0"}
+
+
+@pytest.fixture
+def rank_0(monkeypatch):
+    """This process as rank 0 of `generate --sp 2` under the launcher, the group left out."""
+    from streamgen.commands import generate
+    from streamgen.parallel import launch
+
+    for name, value in RANK_0_OF_2.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    monkeypatch.setattr(launch, "init_process_group", lambda device="cpu": device)
+    monkeypatch.setattr(generate, "_apply_sequence_parallel", lambda session, sp: True)
+
+
+def _argv(tmp_path):
+    return ["generate", "--model", "debug", "--sp", "2", "--quiet", "--out", str(tmp_path / "a.mp4")]
+
+
+def test_a_rank_whose_peer_ended_mid_run_says_so_in_one_line(rank_0, monkeypatch, tmp_path, capsys):
+    """Rank 1 killed while the ranks generated: rank 0 printed gloo's traceback (40 lines, ending
+    "GLHF") below the launcher's "rank 1 failed", and left its unfinished MP4 to the exit."""
+    from streamgen import cli
+    from streamgen.stream import StreamSession
+
+    made = StreamSession.next_chunk
+    chunks = []
+
+    def next_chunk(self, *args, **kwargs):
+        if chunks:
+            raise RuntimeError(PEER_GONE)
+        chunks.append(1)
+        return made(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", next_chunk)
+    assert cli.main(_argv(tmp_path)) == ANOTHER_RANK_FAILED
+    err = capsys.readouterr().err
+    assert err == "streamgen generate: rank 0 stopped: another rank failed (see its error above)\n", err
+    assert list(tmp_path.iterdir()) == []  # the unfinished MP4 removed
+
+
+def test_a_rank_whose_peer_ended_while_it_started_says_so_in_one_line(rank_0, monkeypatch, tmp_path, capsys):
+    """A peer gone while the session started (its reference encoded): gloo's message was the
+    "usage error" (exit code 2), so this rank could be named as the failed one."""
+    from streamgen import cli
+    from streamgen.stream import StreamSession
+
+    def start(self, *args, **kwargs):
+        raise RuntimeError(PEER_GONE)
+
+    monkeypatch.setattr(StreamSession, "start", start)
+    assert cli.main(_argv(tmp_path)) == ANOTHER_RANK_FAILED
+    assert "rank 0 stopped: another rank failed" in capsys.readouterr().err
+
+
+def test_other_runtime_errors_are_not_taken_for_a_peer_gone(rank_0, monkeypatch, tmp_path):
+    from streamgen import cli
+    from streamgen.stream import StreamSession
+
+    def next_chunk(self, *args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(StreamSession, "next_chunk", next_chunk)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(_argv(tmp_path))
