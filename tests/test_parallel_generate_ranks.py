@@ -80,3 +80,30 @@ def test_other_runtime_errors_are_not_taken_for_a_peer_gone(rank_0, monkeypatch,
     monkeypatch.setattr(StreamSession, "next_chunk", next_chunk)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(_argv(tmp_path))
+
+
+def test_a_rank_stopped_by_sigterm_removes_its_unfinished_file(rank_0, monkeypatch, tmp_path):
+    """torchrun stops its ranks by SIGTERM (the launcher stopped by `kill` or `timeout`, or another
+    rank failed): rank 0 died of it where it stood, leaving its hidden temp file beside --out."""
+    import signal
+
+    from streamgen import cli
+    from streamgen.stream import StreamSession
+
+    made = StreamSession.next_chunk
+    chunks = []
+
+    def next_chunk(self, *args, **kwargs):
+        if chunks:  # the writer has its file: SIGTERM, as its handler takes it (not this test's process)
+            handler = signal.getsignal(signal.SIGTERM)
+            assert callable(handler), f"SIGTERM would end the rank where it stands ({handler!r})"
+            handler(signal.SIGTERM, None)
+        chunks.append(1)
+        return made(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", next_chunk)
+    with pytest.raises(SystemExit) as ended:
+        cli.main(_argv(tmp_path))
+    assert ended.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # (as it was)

@@ -235,6 +235,14 @@ def test_a_bad_input_file_fails_before_any_process_starts(tmp_path):
             2,
             "rank 1 failed (exit code 2)",
         ),
+        (  # the same, rank 0 ending on SIGTERM as on Ctrl-C (generate: 143, its unfinished file removed)
+            ChildFailedError(
+                "streamgen.cli",
+                {0: ProcessFailure(0, 42, 143, "<N/A>"), 1: ProcessFailure(1, 43, -9, "<N/A>")},
+            ),
+            1,
+            "rank 1 failed (signal 9)",
+        ),
     ],
 )
 def test_the_launcher_ends_with_the_signal_or_the_failed_rank_code(monkeypatch, capsys, raised, code, line):

@@ -183,7 +183,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     finished = False  # every rank meets the others at the end only when none of them failed
     writer = None
-    terminated_before = terminate_as_exit() if args.sp == 1 else None
+    # (an --sp rank too: torchrun stops its ranks by SIGTERM, when it is stopped or another rank failed)
+    terminated_before = terminate_as_exit()
     try:
         # every process runs the same stream on its shard of the tokens; one writes the file
         writer = Mp4Writer(out, session.width, session.height) if main_process else None

@@ -110,9 +110,10 @@ def _first_failure(failures: dict):
 
 
 def _own_failures(failures: dict) -> dict:
-    """The ranks that failed of their own accord: not stopped by torchrun (SIGTERM) once another
-    had failed, nor ended because another had (`ANOTHER_RANK_FAILED`). All of them where none did."""
-    others = (-int(signal.SIGTERM), ANOTHER_RANK_FAILED)
+    """The ranks that failed of their own accord: not stopped by torchrun (SIGTERM: by it, or by the
+    exit code 143 of a command that ends on it as on Ctrl-C) once another had failed, nor ended because
+    another had (`ANOTHER_RANK_FAILED`). All of them where none did."""
+    others = (-int(signal.SIGTERM), 128 + int(signal.SIGTERM), ANOTHER_RANK_FAILED)
     return {rank: f for rank, f in failures.items() if f.exitcode not in others} or failures
 
 
