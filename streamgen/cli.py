@@ -259,11 +259,14 @@ def terminate_as_exit():
     import signal
     import threading
 
+    from streamgen.parallel.torchrun import is_launcher_rank
+
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def stop(signum, frame):
-        print("terminated", file=sys.stderr)  # (as Ctrl-C says "interrupted")
+        if not is_launcher_rank():  # (the launcher says it once, for every rank)
+            print("terminated", file=sys.stderr)  # (as Ctrl-C says "interrupted")
         raise SystemExit(128 + signal.SIGTERM)
 
     return signal.signal(signal.SIGTERM, stop)
@@ -321,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
             report_error(f"streamgen {args.command}: error: {e.strerror or e}{where}")
             return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        from streamgen.parallel.torchrun import is_launcher_rank
+
+        if not is_launcher_rank():  # (a terminal's Ctrl-C reaches every rank: the launcher says it once)
+            print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         if _stdout_is_open():

@@ -4,6 +4,8 @@ raised where a chunk is made."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from streamgen.parallel.torchrun import ANOTHER_RANK_FAILED
@@ -107,3 +109,34 @@ def test_a_rank_stopped_by_sigterm_removes_its_unfinished_file(rank_0, monkeypat
     assert ended.value.code == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # (as it was)
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("rank_of_the_launcher", [True, False])
+def test_a_stopped_rank_leaves_the_word_to_its_launcher(stop, rank_of_the_launcher, monkeypatch, capsys):
+    """A terminal's Ctrl-C reaches every rank: each printed "interrupted" (as SIGTERM's "terminated")
+    above the launcher's one line that says it for all of them, `--sp 8` nine lines."""
+    import os
+    import signal
+
+    from streamgen import cli
+    from streamgen.commands import generate
+    from streamgen.parallel import torchrun
+
+    installed = {}  # the handlers, kept from this test's process
+
+    def run(args):
+        if stop == "SIGINT":
+            raise KeyboardInterrupt
+        cli.terminate_as_exit()
+        installed[signal.SIGTERM](signal.SIGTERM, None)
+
+    monkeypatch.setattr(generate, "run", run)
+    monkeypatch.setattr(torchrun, "end_with_the_launcher", lambda: None)  # (not this test's process)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.setdefault(signum, handler))
+    launcher = str(os.getppid()) if rank_of_the_launcher else str(os.getppid() + 1)
+    monkeypatch.setenv(torchrun.LAUNCHER_ENV, launcher)
+    with pytest.raises(SystemExit) if stop == "SIGTERM" else contextlib.nullcontext():
+        cli.main(["generate"])
+    said = "interrupted" if stop == "SIGINT" else "terminated"
+    assert capsys.readouterr().err == ("" if rank_of_the_launcher else f"{said}\n")

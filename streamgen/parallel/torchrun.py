@@ -75,14 +75,18 @@ def another_rank_failed(e: BaseException) -> bool:
     return False
 
 
+def is_launcher_rank() -> bool:
+    """Whether this process is a rank this launcher started (not a process a rank started, which
+    inherits the variable too)."""
+    return os.environ.get(LAUNCHER_ENV, "") == str(os.getppid())
+
+
 def end_with_the_launcher() -> None:
     """In a rank of this launcher (Linux): be sent SIGTERM when the launcher ends. torchrun stops
     its ranks when it is stopped, but starts each in a session of its own, so a launcher killed
     outright (SIGKILL: the OOM killer, a supervisor's last resort) left them running: `serve --sp`'s
     rank 0 served on, holding its port against the restarted service, with nothing to stop it."""
-    launcher = os.environ.get(LAUNCHER_ENV, "")
-    # (not a rank: a process a rank started inherits the variable too)
-    if not sys.platform.startswith("linux") or launcher != str(os.getppid()):
+    if not sys.platform.startswith("linux") or not is_launcher_rank():
         return
     import ctypes
 
