@@ -523,3 +523,27 @@ def test_a_destroyed_process_group_leaves_no_gloo_threads_behind():
     if left == "None":
         pytest.skip("no /proc/self/task to count threads in")
     assert left == "0"
+
+
+@pytest.mark.parametrize("sp, device, warned", [(4, "cpu", True), (2, "cpu", False), (4, "cuda", False)])
+def test_more_cpu_processes_than_cpus_are_warned_of(sp, device, warned, monkeypatch, capsys):
+    """`--sp 64` on a 2-core machine started 64 processes, each loading torch and the model, without a
+    word (`--sp 16` of tiny-avatar: 2.8 frames/s against one process's 32)."""
+    from streamgen.parallel import launch
+
+    class Relaunched(Exception):
+        pass
+
+    def execv(path, cmd):
+        raise Relaunched(cmd)
+
+    monkeypatch.setattr(launch.os, "execv", execv)
+    monkeypatch.setattr("streamgen.cli.usable_cpus", lambda: 2)
+    monkeypatch.setattr(launch.torch.cuda, "device_count", lambda: 8)
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(Relaunched):
+        relaunch_under_torchrun(sp, ["--version"], device=device)
+    err = capsys.readouterr().err
+    line = f"streamgen: warning: --sp {sp} runs {sp} processes on 2 CPUs"
+    assert (line in err and err.count("\n") == 1) if warned else err == "", err
