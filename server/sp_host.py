@@ -232,17 +232,18 @@ def follow(model: str, device: str, threads: int | None, sp: int, height: int | 
     box = [None, None]
     dist.broadcast_object_list(box, src=0)
     address, authkey = box
-    with Client(address, authkey=authkey) as conn:
-        code = replay(conn, ops, dist.get_rank())
-    ops.close_all()
-    dist.destroy_process_group()
-    # the model's parallel layers hold the group, and the frozen heap the model: let both go now,
-    # so the group's threads end here, not in the interpreter's shutdown, where one still freeing
-    # a collective's tensors aborts the process (docs/parallel.md)
-    del ops, loaded
-    gc.unfreeze()
-    gc.collect()
-    return code
+    try:
+        with Client(address, authkey=authkey) as conn:
+            return replay(conn, ops, dist.get_rank())
+    finally:  # (a Ctrl-C too: it left both to the shutdown, which printed triton's 600 "leaked" lines)
+        ops.close_all()
+        dist.destroy_process_group()
+        # the model's parallel layers hold the group, and the frozen heap the model: let both go now,
+        # so the group's threads end here, not in the interpreter's shutdown, where one still freeing
+        # a collective's tensors aborts the process (docs/parallel.md)
+        del ops, loaded
+        gc.unfreeze()
+        gc.collect()
 
 
 def replay(conn, ops: ModelOps, rank: int) -> int:

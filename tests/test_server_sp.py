@@ -732,3 +732,39 @@ def test_a_remote_stream_knows_how_many_chunks_fill_its_ring():
 
     remote = RemoteStream(Host(), inputs()[0], None, 0, None, None, None)
     assert remote.chunks_to_full_ring == ops.streams[remote.id].chunks_to_full_ring == 4
+
+
+def test_a_follower_stopped_by_ctrl_c_lets_go_of_its_model_and_group(monkeypatch):
+    """A terminal's Ctrl-C reaches every rank: a follower waiting for its next command left its
+    model and process group to the interpreter's shutdown, which printed 600 lines of triton's
+    "nanobind: leaked" (and risks a gloo thread aborting the process: docs/parallel.md)."""
+    import contextlib
+
+    from server import sp_host
+
+    let_go = []
+
+    class Ops:
+        def __init__(self, loaded, device, lanes):
+            pass
+
+        def close_all(self):
+            let_go.append("streams")
+
+    def interrupted(conn, ops, rank):
+        raise KeyboardInterrupt
+
+    def broadcast(box, src):
+        box[:] = [("127.0.0.1", 1), b"key"]
+
+    monkeypatch.setattr(sp_host, "load_sharded", lambda *args: (object(), "cpu"))
+    monkeypatch.setattr(sp_host, "ModelOps", Ops)
+    monkeypatch.setattr(sp_host, "freeze_loaded_heap", lambda: None)
+    monkeypatch.setattr(sp_host, "Client", lambda address, authkey: contextlib.nullcontext())
+    monkeypatch.setattr(sp_host, "replay", interrupted)
+    monkeypatch.setattr(sp_host.dist, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(sp_host.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(sp_host.dist, "destroy_process_group", lambda: let_go.append("group"))
+    with pytest.raises(KeyboardInterrupt):
+        sp_host.follow("debug", "cpu", 1, 2)
+    assert let_go == ["streams", "group"]
