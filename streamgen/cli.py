@@ -252,10 +252,11 @@ def _available(module: str) -> bool:
 
 
 def terminate_as_exit():
-    """SIGTERM (`timeout`, `kill`, a job scheduler) ends a command as Ctrl-C does, its `finally`
-    blocks run (Python's default ended the process there: `generate` left its unfinished file beside
-    --out, `data make` its pool's workers going on unrecorded); exit code 143. Returns the handler
-    it replaced (None outside the main thread: nothing changed)."""
+    """SIGTERM (`timeout`, `kill`, a job scheduler) and SIGHUP (its terminal closed) end a command as
+    Ctrl-C does, its `finally` blocks run (Python's default ended the process there: `generate` left
+    its unfinished file beside --out, `data make` its pool's workers going on unrecorded); exit code
+    128 + the signal's number (143, 129). Returns the handlers it replaced, for `restore_handlers`
+    (None outside the main thread: nothing changed)."""
     import signal
     import threading
 
@@ -266,10 +267,22 @@ def terminate_as_exit():
 
     def stop(signum, frame):
         if not is_launcher_rank():  # (the launcher says it once, for every rank)
-            print("terminated", file=sys.stderr)  # (as Ctrl-C says "interrupted")
-        raise SystemExit(128 + signal.SIGTERM)
+            try:  # (as Ctrl-C says "interrupted"; a closed terminal cannot be written to)
+                print("terminated" if signum == signal.SIGTERM else "hung up", file=sys.stderr)
+            except OSError:
+                pass
+        raise SystemExit(128 + signum)
 
-    return signal.signal(signal.SIGTERM, stop)
+    return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+
+
+def restore_handlers(before: dict | None) -> None:
+    """Put back the signal handlers `terminate_as_exit` replaced."""
+    import signal
+
+    for signum, handler in (before or {}).items():
+        if handler is not None:
+            signal.signal(signum, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:

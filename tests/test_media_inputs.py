@@ -277,9 +277,11 @@ def test_a_full_disk_under_any_command_is_one_line(tmp_path, monkeypatch, capsys
     assert err.strip() == f"streamgen data: error: No space left on device: {out / 'contact_sheet.png'}", err
 
 
-def test_a_run_ended_by_sigterm_leaves_no_file(tmp_path):
-    """`timeout`, `kill` or a scheduler's SIGTERM left the unfinished MP4 beside --out (a hidden
-    temp file as big as the video so far); it ends as Ctrl-C does now, exit code 143."""
+@pytest.mark.parametrize("stop, code, said", [("SIGTERM", 143, "terminated"), ("SIGHUP", 129, "hung up")])
+def test_a_run_ended_by_sigterm_leaves_no_file(tmp_path, stop, code, said):
+    """`timeout`, `kill` or a scheduler's SIGTERM, or SIGHUP (the terminal closed), left the
+    unfinished MP4 beside --out (a hidden temp file as big as the video so far); it ends as Ctrl-C
+    does now, exit code 128 + the signal's."""
     import signal
     import subprocess
     import sys
@@ -296,9 +298,9 @@ def test_a_run_ended_by_sigterm_leaves_no_file(tmp_path):
         while not list(out_dir.iterdir()) and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)  # until the writer has made its file
         time.sleep(0.5)
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(getattr(signal, stop))
         _, err = p.communicate(timeout=60)
     finally:
         p.kill()
-    assert p.returncode == 143, err
-    assert list(out_dir.iterdir()) == [] and err.strip().splitlines()[-1] == "terminated", err
+    assert p.returncode == code, err
+    assert list(out_dir.iterdir()) == [] and err.strip().splitlines()[-1] == said, err

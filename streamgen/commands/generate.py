@@ -74,7 +74,14 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import time
 
-    from streamgen.cli import UserError, check_cache_from, check_device, require_models, terminate_as_exit
+    from streamgen.cli import (
+        UserError,
+        check_cache_from,
+        check_device,
+        require_models,
+        restore_handlers,
+        terminate_as_exit,
+    )
     from streamgen.media import MediaError, Mp4Writer, from_time_zero, output_path, read_audio, read_image
 
     # before any relaunch: a bad file is one clear error, not one per process
@@ -218,10 +225,7 @@ def run(args) -> int:
             writer.abort()
         raise
     finally:
-        if terminated_before is not None:
-            import signal
-
-            signal.signal(signal.SIGTERM, terminated_before)
+        restore_handlers(terminated_before)
         session.close()
         _leave_sequence_parallel(args.sp, finished)
     if not main_process:

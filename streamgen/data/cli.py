@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -79,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 def _make(args) -> int:
     from tqdm import tqdm
 
-    from streamgen.cli import output_folder, terminate_as_exit
+    from streamgen.cli import output_folder, restore_handlers, terminate_as_exit
 
     from .shards import clip_count, make_dataset, partly_made, planned_shards
 
@@ -126,8 +125,7 @@ def _make(args) -> int:
     finally:
         for bar in bars:
             bar.close()
-        if terminated_before is not None:
-            signal.signal(signal.SIGTERM, terminated_before)
+        restore_handlers(terminated_before)
     elapsed = time.perf_counter() - start
     counts = ", ".join(f"{s} {v['clips']}" for s, v in manifest["splits"].items())
     before = sum(resumed)
