@@ -733,6 +733,13 @@ def _edited_tiny_avatar(tmp_path, **changes):
         ({"config.dim": "192"}, "model config dim: expected int, got '192'"),  # '<' not supported ...
         ({"config.patch_size": 2}, "model config patch_size: expected tuple, got 2"),
         ({"config.num_heads": 3.0}, "model config num_heads: expected int, got 3.0"),  # torch.zeros'
+        # values of the right kind the model cannot run with: a tensor's or torch.arange's error at
+        # the first chunk, a traceback, or a video made of NaN rotary angles without a word
+        ({"config.sink_frames": 0}, "model.json: sink_frames must be at least 1, not 0"),
+        ({"config.audio_context_frames": -9}, "audio_context_frames must be at least 0, not -9"),
+        ({"config.rope_theta": 0.0}, "rope_theta must be a positive number, not 0.0"),
+        ({"config.eps": -1.0}, "eps must be a positive number, not -1.0"),
+        ({"config.patch_size": [1, 2]}, "patch_size must be 3 positive sizes (t, h, w), not (1, 2)"),
         ({"height": "64"}, "its height is '64', not a positive whole number"),  # a log line's TypeError
         ({"shift": "x"}, "its shift is 'x', not a positive number"),  # the sigma schedule's
         ({"steps": 0}, "its steps is 0, not a positive whole number"),

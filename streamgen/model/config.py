@@ -60,11 +60,24 @@ class ModelConfig:
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)
-        counts = ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "freq_dim", "audio_dim",
-                  "temporal_compression", "frames_per_chunk", "window_frames")  # fmt: skip
+        counts = ("in_channels", "out_channels", "dim", "ffn_dim", "num_heads", "num_layers", "text_dim",
+                  "freq_dim", "audio_dim", "audio_mels", "temporal_compression", "frames_per_chunk",
+                  "sink_frames", "window_frames")  # fmt: skip
         small = [name for name in counts if getattr(self, name) < 1]
-        if small:  # (num_layers 0 was an IndexError from inside the forward)
+        if small:  # (num_layers 0 was an IndexError from inside the forward; sink_frames 0 or less
+            # a tensor size mismatch or a torch.arange error at a stream's first chunk)
             raise ValueError(f"{small[0]} must be at least 1, not {getattr(self, small[0])}")
+        offsets = ("audio_context_frames", "audio_lookahead_frames")
+        negative = [name for name in offsets if getattr(self, name) < 0]
+        if negative:  # (a negative context was a torch.arange traceback as the audio windows were cut)
+            raise ValueError(f"{negative[0]} must be at least 0, not {getattr(self, negative[0])}")
+        for name in ("eps", "rope_theta"):
+            # (eps <= 0 divides by 0, or takes the root of a negative, in the norm of a row of
+            # small variance; a rope_theta <= 0 makes NaN rotary angles: both loaded without a word)
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number, not {getattr(self, name)}")
+        if len(self.patch_size) != 3 or any(p < 1 for p in self.patch_size):
+            raise ValueError(f"patch_size must be 3 positive sizes (t, h, w), not {self.patch_size}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2 or self.head_dim < 6:
