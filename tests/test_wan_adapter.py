@@ -574,6 +574,31 @@ def test_a_wan_checkpoint_missing_a_weight_or_with_a_foreign_one_is_named_in_one
     assert "\"" not in str(refused.value)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_a_wan_checkpoint_with_a_weight_that_is_not_floating_point_is_named_in_one_line(
+    tmp_path, capsys, dtype
+):  # fmt: skip
+    """An integer or boolean weight was load_state_dict's RuntimeError ("Only Tensors of floating
+    point and complex dtype can require gradients"), several lines and a traceback from
+    `streamgen distill`. It is one line naming the folder, the weight and its dtype."""
+    from safetensors.torch import load_file, save_file
+
+    from distill.build import ModelSourceError, load_dit
+
+    folder = tmp_path / "wan"
+    tiny_wan(3).save_pretrained(folder, safe_serialization=True)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["proj_out.bias"] = tensors["proj_out.bias"].to(dtype)
+    save_file(tensors, weights)
+    name = str(dtype).removeprefix("torch.")
+    says = f"{folder}: 1 of its weights are not floating-point numbers, e.g. proj_out.bias ({name})"
+    with pytest.raises(ModelSourceError, match=re.escape(says)):
+        load_dit(f"wan:{folder}")
+    err = _teacher_command_error(folder, tmp_path / "out", capsys)
+    assert says in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_a_pipelines_transformer_without_its_config_is_the_folder_named(tmp_path):
     """A pipeline whose transformer/ lacks config.json (a download cut short) was said to be the
     pipeline folder without one, which a pipeline's folder never has."""

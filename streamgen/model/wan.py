@@ -321,6 +321,14 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", weights_hash=None, 
         raise ValueError(
             f"{d}: its weights are not of the sizes of {sizes}: {'; '.join(other_sizes[:4])}"
         )
+    # (an integer or boolean weight was load_state_dict's RuntimeError, a traceback of several lines)
+    not_floating = [k for k in sd if not sd[k].is_floating_point()]
+    if not_floating:
+        k = not_floating[0]
+        raise ValueError(
+            f"{d}: {len(not_floating)} of its weights are not floating-point numbers, e.g. "
+            f"{next(iter(to_diffusers({k: sd[k]})), k)} ({str(sd[k].dtype).removeprefix('torch.')})"
+        )
     # each weight one tensor in `dtype` on `device` (none copied where the checkpoint's agree): a
     # second whole model in float32 beside them was ~3x Wan-14B's 56 GB of CPU memory at the peak
     weights = {
