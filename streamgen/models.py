@@ -484,14 +484,20 @@ def _meta_dit(cfg: ModelConfig) -> DiT:
 
 
 def weights_problem(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> str | None:
-    """How `weights` differ from what a DiT of `cfg` holds (names, shapes), said briefly, or None."""
+    """How `weights` differ from what a DiT of `cfg` holds (names, shapes, floating-point), said
+    briefly, or None."""
     wanted = {name: tuple(t.shape) for name, t in _meta_dit(cfg).state_dict().items()}
     missing = [name for name in wanted if name not in weights]
     extra = [name for name in weights if name not in wanted]
     other = [f"{name} {tuple(weights[name].shape)} (the config's: {shape})"
              for name, shape in wanted.items() if name in weights and tuple(weights[name].shape) != shape]  # fmt: skip
+    # (an integer or boolean weight was copied into the float parameter as it was, 0s and 1s and
+    # all, without a word)
+    not_floating = [f"{name} ({str(t.dtype).removeprefix('torch.')})"
+                    for name, t in weights.items() if name in wanted and not t.is_floating_point()]  # fmt: skip
     said = [f"{len(found)} {what}, e.g. {found[0]}" for what, found in
-            (("of other shapes", other), ("missing", missing), ("it has no place for", extra)) if found]  # fmt: skip
+            (("of other shapes", other), ("not floating-point", not_floating), ("missing", missing),
+             ("it has no place for", extra)) if found]  # fmt: skip
     return "; ".join(said) or None
 
 
