@@ -200,6 +200,19 @@ def check_rmsnorm_rope_start_frame_and_strided_input(ops):
     close(reference.rmsnorm_rope_positions(q, weight, heads, 7, grid), expected, torch.float32)
 
 
+def check_rmsnorm_rope_strided_weight(ops):
+    """A norm weight that is a strided view (every other value of a buffer) is read as its values:
+    the kernel read the D values after its first, at unit stride (all wrong but the first)."""
+    torch.manual_seed(7)
+    heads, head_dim, grid = 2, 24, (2, 2)
+    x = rand(1, 2 * 4, heads * head_dim)
+    weight = rand(2 * heads * head_dim)[::2]
+    angles = reference.rope_angles(torch.tensor([3, 4]), grid, head_dim)
+    expected = reference.rmsnorm_rope(x, weight, heads, angles)
+    close(ops.rmsnorm_rope(x, weight, heads, angles), expected, torch.float32)
+    close(ops.rmsnorm_rope_positions(x, weight, heads, 3, grid), expected, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def check_apply_rope(ops, dtype):
     """RoPE alone: the cache rotates its un-rotated ring keys [B, L, H, Dh] at read time."""

@@ -240,6 +240,8 @@ def _rmsnorm_rope_launch(
     assert head_dim * num_heads == d and head_dim % 2 == 0, (d, num_heads)
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if norm:  # (the kernel reads the weight's D values at unit stride: a strided one read others)
+        weight = weight.contiguous()
     out = torch.empty(bsz, length, num_heads, head_dim, device=x.device, dtype=x.dtype)
     t_dim, h_dim, _ = rope_split(head_dim)
     not_read = out  # the pointer passed for the arguments this mode's kernel never reads
