@@ -450,6 +450,11 @@ def _read_dir(d: Path, cfg_overrides: dict) -> tuple[dict, DiT, VideoAutoencoder
     if vae.latent_channels != cfg.in_channels:  # (else a convolution's error at the first chunk)
         raise ValueError(f"{d}: the DiT takes {cfg.in_channels} latent channels, its autoencoder gives "
                          f"{vae.latent_channels}")  # fmt: skip
+    if vae.temporal_factor != cfg.temporal_compression:
+        # (else each latent frame's audio window was cut for temporal_compression video frames
+        # while it decoded to temporal_factor: the lips drifted off the speech, without a word)
+        raise ValueError(f"{where}: its temporal_compression is {cfg.temporal_compression}, its autoencoder "
+                         f"makes {vae.temporal_factor} video frames of each latent frame")  # fmt: skip
     check_memory_for(sum(t.numel() for t in sd.values()), str(d))  # (the weights' count, checked above)
     dit = DiT(cfg)
     dit.load_state_dict(sd)

@@ -752,6 +752,9 @@ def _edited_tiny_avatar(tmp_path, **changes):
         ({"config.rope_theta": 0.0}, "rope_theta must be a positive number, not 0.0"),
         ({"config.eps": -1.0}, "eps must be a positive number, not -1.0"),
         ({"config.patch_size": [1, 2]}, "patch_size must be 3 positive sizes (t, h, w), not (1, 2)"),
+        # (the audio windows cut for 3 video frames a latent frame, the video decoded 4: out of step)
+        ({"config.temporal_compression": 3}, "model.json: its temporal_compression is 3, its autoencoder "
+         "makes 4 video frames of each latent frame"),  # fmt: skip
         ({"height": "64"}, "its height is '64', not a positive whole number"),  # a log line's TypeError
         ({"shift": "x"}, "its shift is 'x', not a positive number"),  # the sigma schedule's
         ({"steps": 0}, "its steps is 0, not a positive whole number"),
