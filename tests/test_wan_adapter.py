@@ -63,6 +63,21 @@ def test_same_weights_same_output_bidirectional():
 
 
 @torch.no_grad()
+def test_an_odd_freq_dim_embeds_timesteps_as_diffusers_does():
+    """diffusers pads an odd timestep embedding with a zero; ours was one value short, and the
+    first forward a shape error ("mat1 and mat2 shapes cannot be multiplied (2x32 and 33x48)")."""
+    torch.manual_seed(0)
+    ref = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+        out_channels=4, text_dim=24, freq_dim=33, ffn_dim=64, num_layers=1,
+    ).eval()  # fmt: skip
+    ours = DiT(config_from_diffusers(dict(ref.config))).eval()
+    ours.load_state_dict(from_diffusers(ref.state_dict()), strict=False)
+    x, t, ctx = inputs()
+    assert (ours(x, t, ctx) - ref(x, t, ctx).sample).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
 def test_per_frame_timesteps_match_a_uniform_timestep():
     ref = tiny_wan()
     ours = DiT(config_from_diffusers(dict(ref.config))).eval()

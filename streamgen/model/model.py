@@ -36,11 +36,16 @@ MODES = ("bidirectional", "block_causal", "cached")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of timesteps in [0, 1000], cos first (diffusers' flip_sin_to_cos)."""
+    """Sinusoidal embedding of timesteps in [0, 1000], cos first (diffusers' flip_sin_to_cos); an
+    odd `dim` ends with a zero, as diffusers pads it (without, an odd freq_dim was a shape error
+    in the time embedding's first linear, where Wan's own model runs)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[..., None] * freqs
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    parts = [torch.cos(args), torch.sin(args)]
+    if dim % 2:
+        parts.append(args.new_zeros(*args.shape[:-1], 1))
+    return torch.cat(parts, dim=-1)
 
 
 class SelfAttention(nn.Module):
