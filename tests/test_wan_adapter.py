@@ -196,6 +196,22 @@ def test_a_wan_vae_folder_that_is_not_whole_is_one_line(tmp_path):
         WanVAE.from_pretrained(tmp_path / "vae")
 
 
+@pytest.mark.parametrize("key", ["latents_mean", "latents_std"])
+def test_a_wan_vae_whose_latent_statistics_are_not_one_per_channel_is_one_line(tmp_path, key):
+    """A config.json with 3 means for 4 latent channels loaded, then the first encode failed with
+    "The size of tensor a (4) must match the size of tensor b (3)", naming nothing."""
+    from streamgen.model.wan_vae import WanVAE
+
+    diffusers = pytest.importorskip("diffusers")
+    stats = {"latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}
+    stats[key] = stats[key][:3]
+    diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                               **stats).save_pretrained(tmp_path / "vae")  # fmt: skip
+    says = f"{tmp_path / 'vae'}: its config.json's {key} is not 4 numbers (z_dim), one per latent channel"
+    with pytest.raises(ValueError, match=re.escape(says)):
+        WanVAE.from_pretrained(tmp_path / "vae")
+
+
 def test_bad_checkpoints_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_pretrained(tmp_path)

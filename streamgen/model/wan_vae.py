@@ -243,6 +243,12 @@ class WanVAE(VideoAutoencoder):
                                    ("unexpected_keys", "with no place in it")) if info.get(key)]  # fmt: skip
         if wrong:
             raise ValueError(f"{path}: its weights do not match its config.json: {'; '.join(wrong)}")
+        # (one a channel: other counts were a tensor size error at the first encode or decode)
+        for key in ("latents_mean", "latents_std"):
+            values = vae.config.get(key)
+            if not isinstance(values, (list, tuple)) or len(values) != vae.config.z_dim:
+                raise ValueError(f"{path}: its config.json's {key} is not {vae.config.z_dim} numbers (z_dim), "
+                                 "one per latent channel")  # fmt: skip
         return cls(vae)
 
     # --- persistence: a diffusers folder inside a model directory --------------------------------
