@@ -237,6 +237,16 @@ def test_a_re_export_cut_short_leaves_the_previous_weights_whole(tmp_path, monke
     assert load_model(str(tmp_path / "m")).cfg == model.cfg
 
 
+def _a_vae_weight_dropped(d):
+    """d's vae.safetensors without one of its weights (load_state_dict's two lines, naming no file)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(d / "vae.safetensors"), framework="pt") as f:
+        metadata, weights = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if k != "dec.0.conv1.bias"}
+    save_file(weights, d / "vae.safetensors", metadata=metadata)
+
+
 def _an_integer_weight(d):
     """d's dit.safetensors with one weight turned to integers (it was copied into the float
     parameter as it was, and the model streamed without a word)."""
@@ -259,6 +269,8 @@ def _an_integer_weight(d):
         (lambda d: (d / "vae_config.json").write_text("{not json"), "vae_config.json: not valid JSON"),
         (_an_integer_weight, "dit.safetensors does not match the model config in model.json: 1 not "
          "floating-point, e.g. head.proj.bias (int32)"),  # fmt: skip
+        (_a_vae_weight_dropped, 'vae.safetensors: its weights do not fit its config: Missing key(s) in '
+         'state_dict: "dec.0.conv1.bias".'),  # fmt: skip
     ],
 )
 def test_a_spoilt_model_directory_names_its_file(tmp_path, spoil, says, capsys):

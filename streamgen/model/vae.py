@@ -274,5 +274,9 @@ class TinyCausalVAE(VideoAutoencoder):
             vae = cls(**config)
         except TypeError as e:  # (an argument it does not take, or lacks)
             raise ValueError(f"{where} does not fit {cls.__name__} ({e})") from None
-        vae.load_state_dict(state)
+        try:  # (checked by load_state_dict itself: its hook renumbers an older export's keys first)
+            vae.load_state_dict(state)
+        except RuntimeError as e:  # (its message was two lines and named no file)
+            said = "; ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip())
+            raise ValueError(f"{d / 'vae.safetensors'}: its weights do not fit its config: {said[:500]}") from None
         return vae
