@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch CPU threads (default on CPU: 1, leaving the other cores to encoding and networking; "
         "torch's spinning thread pool is many times slower on a shared CPU)",
     )  # fmt: skip
-    parser.add_argument("--lanes", type=int, default=1,
+    parser.add_argument("--lanes", type=positive_int, default=1,
                         help="threads that generate, each for its own sessions: 2 made 1.6-1.8x the frames of 1 "
                         "at 192x192 and 256x256 on 2 cores, 0.95x at 64x64 (docs/serving.md)")  # fmt: skip
     parser.add_argument("--no-align-batches", dest="align_batches", action="store_false",
@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --model-process: a model process that answers no operation for this long "
                         "(once the server is ready) is stuck; it is killed and /healthz reports the server down, "
                         "for its supervisor to restart (0: no limit)")  # fmt: skip
-    parser.add_argument("--sp", type=int, default=1,
+    parser.add_argument("--sp", type=positive_int, default=1,
                         help="shard the model over N processes (sequence parallelism; restarts under torchrun)")
     # (a name logging does not know, uvicorn's own "trace" too, was a traceback after the checks)
     parser.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS,
@@ -140,10 +140,6 @@ def run(args: argparse.Namespace) -> int:
     follower = args.sp > 1 and int(os.environ.get("RANK", 0)) > 0
     if not follower:
         _check_address(args.host, args.port)
-    if args.sp < 1:
-        raise UserError("--sp must be at least 1")
-    if args.lanes < 1:
-        raise UserError("--lanes must be at least 1")
     if args.lanes > args.max_sessions:
         # a session goes to the lane with the most room, so lanes past --max-sessions never get one;
         # yet the warm-up ran a stream on every lane at once, and the chunk time it measured (the

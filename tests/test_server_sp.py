@@ -528,9 +528,7 @@ def threading_start(fn):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--sp", "0"], "--sp must be at least 1"),
         (["--sp", "2", "--model-process"], "cannot be combined"),
-        (["--lanes", "0"], "--lanes must be at least 1"),
         (["--lanes", "3", "--max-sessions", "2"], "--lanes 3 is more than --max-sessions 2"),
         (["--lanes", "2", "--model-process"], "--lanes runs the model in this process"),
         (["--lanes", "2", "--sp", "2"], "--lanes runs the model in this process"),
@@ -546,6 +544,23 @@ def test_serve_refuses_bad_options_before_launching_anything(extra, message, cap
 
     assert main(["serve", "--model", "debug", "--port", str(free_port()), *extra]) == 2  # before anything is launched or loaded
     assert message in capsys.readouterr().err
+
+
+def test_a_count_below_one_is_said_before_a_port_in_use(capsys):
+    """`serve --sp 0` on a port in use said the port was in use: the count is argparse's to refuse."""
+    import socket
+
+    from streamgen.cli import main
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        for option in ("--sp", "--lanes"):
+            with pytest.raises(SystemExit) as stopped:
+                main(["serve", "--model", "debug", "--host", "127.0.0.1", "--port", str(port), option, "0"])
+            assert stopped.value.code == 2
+            assert f"argument {option}: '0' is not a positive whole number" in capsys.readouterr().err
 
 
 def test_cpu_0_is_the_cpu(monkeypatch):
