@@ -37,8 +37,8 @@ def add_arguments(p) -> None:
     add_dtype_option(
         p,
         "--dtype",
-        "the DiT's weights and cache (auto: bfloat16 from 224x224 up on CPUs with AMX, else float32; "
-        "bfloat16: AMX CPUs, GPUs)",
+        "the DiT's weights and cache (auto: bfloat16 from 224x224 up on CPUs with AMX in one process, "
+        "else float32, --sp N included; bfloat16: AMX CPUs, GPUs)",
     )
     add_dtype_option(
         p,
