@@ -57,6 +57,7 @@ from streamgen.stream_inputs import (
     positive_size,
     prepare_reference,
     session_device,
+    session_frame_size,
     to_pcm_float,
 )
 
@@ -121,11 +122,7 @@ class StreamSession:
         self.cfg = self.model.cfg
         self.vae = self.model.session_vae(decode_dtype, encode_dtype)
         # (None: the model's; 0 was taken as None)
-        self.height = self.model.height if height is None else positive_size(height, "height")
-        self.width = self.model.width if width is None else positive_size(width, "width")
-        unit = self.vae.spatial_factor * self.cfg.patch_size[1]
-        if self.height % unit or self.width % unit:
-            raise ValueError(f"height and width must be multiples of {unit}, got {self.height}x{self.width}")
+        self.height, self.width = session_frame_size(height, width, self.model, self.vae)
         self.latent_hw = self.vae.latent_hw(self.height, self.width)
         if dtype == "auto":
             dtype = default_dit_dtype(self.model, device, self.latent_hw)

@@ -115,6 +115,17 @@ def positive_size(value, what: str) -> int:
     return n
 
 
+def session_frame_size(height, width, model, vae) -> tuple[int, int]:
+    """A session's (height, width): as given (None: the model's own), whole, positive, and
+    multiples of what the autoencoder and the DiT's patches tile, or a TypeError / ValueError."""
+    height = model.height if height is None else positive_size(height, "height")
+    width = model.width if width is None else positive_size(width, "width")
+    unit = vae.spatial_factor * model.cfg.patch_size[1]
+    if height % unit or width % unit:
+        raise ValueError(f"height and width must be multiples of {unit}, got {height}x{width}")
+    return height, width
+
+
 def session_device(device) -> torch.device:
     """A session's device as a torch.device, or a ValueError that says why it cannot be (an unknown
     name, a CUDA device this torch or machine lacks), before any model loads onto it."""

@@ -39,6 +39,7 @@ from streamgen.stream_inputs import (
     positive_size,
     prepare_reference,
     session_device,
+    session_frame_size,
     to_pcm_float,
 )
 
@@ -60,8 +61,9 @@ class TeacherSession:
         self.model = model if isinstance(model, AvatarModel) else load_model(model, device=device)
         check_model_device(self.model, device)
         self.dit, self.vae, self.cfg = self.model.dit, self.model.vae, self.model.cfg
-        self.height = height or self.model.height
-        self.width = width or self.model.width
+        # as StreamSession's (0 was the model's size, a float failed at the first window, a size
+        # the DiT's patches do not tile failed in it)
+        self.height, self.width = session_frame_size(height, width, self.model, self.vae)
         self.latent_hw = self.vae.latent_hw(self.height, self.width)
         if window <= motion:
             raise ValueError(f"window ({window}) must be longer than the motion frames ({motion})")

@@ -540,3 +540,20 @@ def test_the_teacher_session_checks_its_window_and_device_as_a_stream_does(model
     with pytest.raises(ValueError, match="debug is loaded on cpu, the session asked for meta"):
         TeacherSession(model, steps=2, device="meta")
     assert TeacherSession(model, steps=2, device="cpu:0").device.type == "cpu"
+
+
+def test_the_teacher_session_checks_its_frame_size_as_a_stream_does(model):
+    """TeacherSession took a height of 0 as the model's, a float failed at the first window in
+    torch.randn, and a size the DiT's 2x2 patches do not tile failed in the DiT on a tensor mismatch."""
+    from streamgen.teacher import TeacherSession
+
+    with pytest.raises(ValueError, match="height must be positive, got 0"):
+        TeacherSession(model, height=0, steps=2, window=2, motion=1)
+    with pytest.raises(TypeError, match="width must be a whole number, got float"):
+        TeacherSession(model, width=32.0, steps=2, window=2, motion=1)
+    unit = model.vae.spatial_factor * model.cfg.patch_size[1]
+    with pytest.raises(ValueError, match=f"height and width must be multiples of {unit}, got {unit + 8}x"):
+        TeacherSession(model, height=unit + 8, steps=2, window=2, motion=1)
+    teacher = TeacherSession(model, height=2 * unit, width=unit, steps=1, window=2, motion=1)
+    teacher.start(face())
+    assert teacher.next_chunk()[0].shape[1:] == (2 * unit, unit, 3)
