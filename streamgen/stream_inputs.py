@@ -39,11 +39,13 @@ def prepare_reference(image, height: int, width: int) -> np.ndarray:
     h, w = arr.shape[:2]
     target = width / height
     if abs(w / h - target) > 1e-3:  # centre crop to the output aspect
+        # (a pixel at least: a small image cropped to a frame far narrower or wider than it, 12x12
+        # to 16x512, kept none of it, and the stream's face was black)
         if w / h > target:
-            cw = round(h * target)
+            cw = max(1, round(h * target))
             arr = arr[:, (w - cw) // 2 : (w - cw) // 2 + cw]
         else:
-            ch = round(w / target)
+            ch = max(1, round(w / target))
             arr = arr[(h - ch) // 2 : (h - ch) // 2 + ch]
     if arr.shape[:2] != (height, width):
         arr = np.asarray(Image.fromarray(np.ascontiguousarray(arr)).resize((width, height), Image.BICUBIC))

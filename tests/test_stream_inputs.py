@@ -168,3 +168,12 @@ def test_audio_pushed_to_a_model_without_an_audio_encoder_is_used_up():
         s.next_chunk()
     assert s.audio_buffered_seconds <= 2 * s.chunk_seconds
     assert s._pcm.size <= 2 * chunk.size
+
+
+def test_a_small_reference_cropped_to_a_far_narrower_or_wider_frame_keeps_its_centre():
+    """A 12x12 image cropped to a 16x512 frame kept a strip of round(0.375) = 0 pixels of it:
+    the reference came out black, without a word."""
+    grey = np.full((12, 12, 3), 200, np.uint8)
+    for height, width in ((16, 512), (512, 16)):
+        ref = prepare_reference(grey, height, width)
+        assert ref.shape == (height, width, 3) and (ref == 200).all()
