@@ -76,6 +76,7 @@ class TeacherSession:
         if not math.isfinite(self.cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale}")
         self.device = device
+        self.started = False
 
     @property
     def frames_per_chunk(self) -> int:
@@ -99,20 +100,29 @@ class TeacherSession:
         self.generator = torch.Generator().manual_seed(seed)
         self.pcm = np.zeros(0, np.float32)
         self.position, self.previous, self.state = 0, None, self.vae.init_state(1)
+        self.started = True
+
+    def _require_started(self):
+        """As StreamSession's (before a start, an AttributeError; after a close, the stream went
+        on from where it was, without its motion frames)."""
+        if not self.started:
+            raise RuntimeError("call start(reference) first")
 
     def push_audio(self, pcm):
         """As StreamSession's: after the audio pushed before, and audio that comes late starts at
         the video not yet made (it went to time 0, under windows already made, and was not heard)."""
+        self._require_started()
         made = self.position * self.vae.temporal_factor * SAMPLES_PER_FRAME
         if len(self.pcm) < made:
             self.pcm = np.concatenate([self.pcm, np.zeros(made - len(self.pcm), np.float32)])
         self.pcm = np.concatenate([self.pcm, to_pcm_float(pcm)])
 
     def close(self):
-        self.previous = None
+        self.previous, self.started = None, False
 
     @torch.no_grad()
     def next_chunk(self):
+        self._require_started()
         cfg, w = self.cfg, self.window
         m = 0 if self.previous is None else self.motion
         first = self.position - m

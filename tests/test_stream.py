@@ -557,3 +557,22 @@ def test_the_teacher_session_checks_its_frame_size_as_a_stream_does(model):
     teacher = TeacherSession(model, height=2 * unit, width=unit, steps=1, window=2, motion=1)
     teacher.start(face())
     assert teacher.next_chunk()[0].shape[1:] == (2 * unit, unit, 3)
+
+
+def test_the_teacher_session_refuses_audio_and_chunks_outside_a_stream_as_a_stream_does(model):
+    """Before a start, push_audio and next_chunk were AttributeErrors; after a close, next_chunk
+    went on from where the stream was, its motion frames dropped."""
+    from streamgen.teacher import TeacherSession
+
+    teacher = TeacherSession(model, steps=1, window=2, motion=1)
+    for call in (lambda: teacher.push_audio(speech(0.1)), teacher.next_chunk):
+        with pytest.raises(RuntimeError, match=r"call start\(reference\) first"):
+            call()
+    teacher.start(face())
+    teacher.push_audio(speech(0.1))
+    teacher.next_chunk()
+    teacher.close()
+    with pytest.raises(RuntimeError, match=r"call start\(reference\) first"):
+        teacher.next_chunk()
+    teacher.start(face())
+    assert teacher.next_chunk()[1] == 0.0
