@@ -29,9 +29,13 @@ MIN_AUDIO_RATE = 4000
 def _check_input_file(path: Path, kind: str) -> None:
     """A file to read: a folder is named as one ("not found" sent people looking for a typo). A
     pipe is read as it comes (`--reference /dev/stdin`, `--audio <(...)`: they were "not found")."""
-    if path.is_dir():
+    try:
+        is_dir, exists = path.is_dir(), path.exists()
+    except OSError as e:  # a name the file system cannot hold (ENAMETOOLONG: a traceback)
+        raise MediaError(f"cannot read {kind} file {path}: {e.strerror or e}") from None
+    if is_dir:
         raise MediaError(f"{path} is a directory, not an {kind} file")
-    if not path.exists():
+    if not exists:
         raise MediaError(f"{kind} file not found: {path}")
 
 

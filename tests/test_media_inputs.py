@@ -213,6 +213,16 @@ def test_an_image_or_audio_from_a_pipe_is_read(tmp_path):
     assert abs(len(pcm) - 4000) <= 1
 
 
+@pytest.mark.parametrize("flag, suffix", [("--audio", ".wav"), ("--reference", ".png")])
+def test_an_input_name_too_long_for_the_file_system_is_one_line(tmp_path, flag, suffix, capsys):
+    """A name past the file system's limit (ENAMETOOLONG) was a traceback from Path.is_dir."""
+    too_long = tmp_path / ("a" * 300 + suffix)
+    argv = ["generate", "--model", "debug", flag, str(too_long), "--out", str(tmp_path / "x.mp4"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "File name too long" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_the_output_may_not_be_an_input(tmp_path, capsys):
     """`--out` naming the --audio file (a video whose speech is to be used) replaced it, exit 0."""
     wav = tmp_path / "speech.wav"
