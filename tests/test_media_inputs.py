@@ -246,6 +246,9 @@ def test_the_output_may_not_be_an_input(tmp_path, capsys):
     [
         (lambda tmp: f"{tmp}/new/", "names a folder, which does not exist"),  # wrote a file named 'new'
         (lambda tmp: tmp / "file.mp4" / "x.mp4", "file.mp4 is a file, not a folder"),  # "does not exist"
+        # (ENAMETOOLONG: a traceback from Path.is_dir)
+        (lambda tmp: tmp / ("a" * 300 + ".mp4"), "File name too long"),
+        (lambda tmp: f"{tmp}/{'a' * 300}/", "File name too long"),
     ],
 )
 def test_an_output_path_through_a_file_or_to_a_folder_is_named(tmp_path, out, says, capsys):

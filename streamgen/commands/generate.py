@@ -94,6 +94,10 @@ def run(args) -> int:
         raise UserError("--out -: generate writes a file (an MP4 is finished by going back to its start), "
                         "not to standard output; give the file's name")  # fmt: skip
     out = Path(args.out)
+    try:
+        out.exists()  # (the checks below stat it: a name the file system cannot hold raised there)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     if (
         str(args.out).endswith(("/", os.sep)) and not out.is_dir()
     ):  # (Path drops the slash: a file was written)
