@@ -209,7 +209,12 @@ def output_path(path) -> Path:
             f"{path} is not a regular file (a directory, a device, a pipe): give a file to write"
         )
     if path.is_symlink():
-        path = path.resolve()
+        try:
+            path = path.resolve()
+        except (RuntimeError, OSError):  # (3.11's RuntimeError for a loop was a traceback)
+            raise MediaError(
+                f"{path} is a symbolic link that leads back to itself: give a file to write"
+            ) from None
     return path
 
 

@@ -249,14 +249,26 @@ def test_the_output_may_not_be_an_input(tmp_path, capsys):
         # (ENAMETOOLONG: a traceback from Path.is_dir)
         (lambda tmp: tmp / ("a" * 300 + ".mp4"), "File name too long"),
         (lambda tmp: f"{tmp}/{'a' * 300}/", "File name too long"),
+        # (a RuntimeError from Path.resolve: a traceback)
+        (
+            lambda tmp: _symlink_loop(tmp / "loop.mp4"),
+            "loop.mp4 is a symbolic link that leads back to itself",
+        ),
     ],
 )
 def test_an_output_path_through_a_file_or_to_a_folder_is_named(tmp_path, out, says, capsys):
     (tmp_path / "file.mp4").write_bytes(b"a video")
-    assert main(["generate", "--model", "debug", "--out", str(out(tmp_path)), "--quiet"]) == 2
+    out = str(out(tmp_path))
+    assert main(["generate", "--model", "debug", "--out", out, "--quiet"]) == 2
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.mp4"]
+    made = {"file.mp4"} | ({os.path.basename(out)} if os.path.islink(out) else set())
+    assert {p.name for p in tmp_path.iterdir()} == made
+
+
+def _symlink_loop(path):
+    path.symlink_to(path.name)
+    return path
 
 
 def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
