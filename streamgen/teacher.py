@@ -26,6 +26,7 @@ import torch
 
 from streamgen.conditioning import Conditions, guided_velocity
 from streamgen.model.audio import SAMPLES_PER_FRAME, VIDEO_FPS, frame_windows, needed_video_frames
+from streamgen.model.float8 import float8_layers
 from streamgen.model.text import text_context
 from streamgen.models import AvatarModel, load_model
 from streamgen.precision import dit_dtype_arg
@@ -178,6 +179,9 @@ def open_session(
         loaded_in = next(loaded.dit.parameters()).dtype  # ($STREAMGEN_DTYPE applies to "auto" too)
         if dtype not in ("auto", None, torch.float32) or loaded_in != torch.float32:
             raise ValueError(f"a teacher runs in float32 only (asked: {dtype}, loaded in {loaded_in})")
+        if float8_layers(loaded.dit):  # (its patch embedding, the dtype above, is never FP8: it ran so)
+            raise ValueError("a teacher runs in float32 only: its block linears are in FP8 (--fp8, "
+                             "$STREAMGEN_FP8), which apply to students")  # fmt: skip
         if cache_from is not None:
             raise ValueError(
                 "a teacher samples whole windows without a KV cache: cache_from applies to students"

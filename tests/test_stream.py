@@ -576,3 +576,15 @@ def test_the_teacher_session_refuses_audio_and_chunks_outside_a_stream_as_a_stre
         teacher.next_chunk()
     teacher.start(face())
     assert teacher.next_chunk()[1] == 0.0
+
+
+def test_a_teacher_refuses_fp8_linears_as_it_refuses_bfloat16(monkeypatch):
+    """--fp8 (or $STREAMGEN_FP8) put a teacher's block linears in FP8 and it sampled so, without a
+    word, where a bfloat16 asked for is refused: its patch embedding, the dtype checked, stays float32."""
+    from streamgen.model.float8 import float8_layers
+    from streamgen.teacher import open_session
+
+    monkeypatch.setenv("STREAMGEN_FP8", "1")
+    with pytest.raises(ValueError, match="a teacher runs in float32 only: its block linears are in FP8"):
+        open_session("tiny-avatar-teacher")
+    assert float8_layers(open_session("tiny-avatar").dit) > 0  # a student runs them
