@@ -186,7 +186,7 @@ def open_session(
             raise ValueError(
                 "a teacher samples whole windows without a KV cache: cache_from applies to students"
             )
-        return TeacherSession(loaded, height, width, steps=steps or 50, device=device)
+        return TeacherSession(loaded, height, width, steps=50 if steps is None else steps, device=device)
     return StreamSession(
         loaded, height=height, width=width, steps=steps, device=device, dtype=dtype,
         decode_dtype=decode_dtype, cache_from=cache_from, encode_dtype=encode_dtype,

@@ -588,3 +588,16 @@ def test_a_teacher_refuses_fp8_linears_as_it_refuses_bfloat16(monkeypatch):
     with pytest.raises(ValueError, match="a teacher runs in float32 only: its block linears are in FP8"):
         open_session("tiny-avatar-teacher")
     assert float8_layers(open_session("tiny-avatar").dit) > 0  # a student runs them
+
+
+def test_a_teacher_opened_with_0_steps_is_refused_as_a_student_is(model):
+    """open_session took steps=0 for a teacher as its default 50 (`steps or 50`), without a word,
+    where a student's 0 steps is refused."""
+    from streamgen.teacher import TeacherSession, open_session
+
+    teacher = dataclasses.replace(model, meta={**model.meta, "kind": "teacher"})
+    for steps, expect in ((None, 50), (3, 3)):
+        opened = open_session(teacher, steps=steps)
+        assert isinstance(opened, TeacherSession) and len(opened.sigmas) == expect + 1
+    with pytest.raises(ValueError, match="num_steps must be a whole number >= 1, got 0"):
+        open_session(teacher, steps=0)
