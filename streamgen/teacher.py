@@ -94,9 +94,11 @@ class TeacherSession:
         seed = random.randrange(SEED_END) if seed is None else check_seed(seed)
         check_caption(text)
         ref = prepare_reference(reference, self.height, self.width)
+        # as StreamSession: a caption for a model without sentence-embedding width is an error, and
+        # one refused leaves a running stream as it was (it went on with the new reference)
+        context = text_context(text, self.cfg.text_dim).to(self.device)
         self.reference = encode_reference(self.vae, ref, self.device)
-        # as StreamSession: a caption for a model without sentence-embedding width is an error
-        self.context = text_context(text, self.cfg.text_dim).to(self.device)
+        self.context = context
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.pcm = np.zeros(0, np.float32)

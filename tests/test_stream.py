@@ -601,3 +601,19 @@ def test_a_teacher_opened_with_0_steps_is_refused_as_a_student_is(model):
         assert isinstance(opened, TeacherSession) and len(opened.sigmas) == expect + 1
     with pytest.raises(ValueError, match="num_steps must be a whole number >= 1, got 0"):
         open_session(teacher, steps=0)
+
+
+def test_a_refused_teacher_start_leaves_its_stream_as_it_was(model):
+    """A start refused for its caption (a model without sentence-embedding width) had put its
+    reference in already: the running stream went on with the other face."""
+    from streamgen.teacher import TeacherSession
+
+    teacher = TeacherSession(model, steps=1, window=2, motion=1)
+    teacher.start(face(0), seed=1)
+    teacher.next_chunk()
+    unbroken = teacher.next_chunk()[0]
+    teacher.start(face(0), seed=1)
+    teacher.next_chunk()
+    with pytest.raises(ValueError, match="text features"):
+        teacher.start(face(1), text="smiling")
+    assert np.array_equal(teacher.next_chunk()[0], unbroken)
