@@ -141,6 +141,7 @@ def test_standard_output_is_refused_in_one_line(tmp_path, out):
         lambda p: p.with_suffix(".safetensors").write_bytes(b"\xff" * 16) or p.with_suffix(".safetensors"),
         lambda p: p.mkdir() or p,  # a folder
         lambda p: __import__("torch").save({"w": __import__("torch").zeros(2)}, p),  # other weights
+        lambda p: p.with_name("a" * 300 + ".pth"),  # a name the file system cannot hold: a traceback
     ],
 )
 def test_a_bad_tiny_decoder_is_one_line(tmp_path, make_bad, capsys):

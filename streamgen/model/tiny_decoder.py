@@ -162,9 +162,13 @@ class TinyDecoder(nn.Module):
         config is read off the tensors' shapes; `overrides` may turn stages' upsampling off
         (TAEHV's cheaper previews: time_upscale=(False, False, False) keeps 1 frame a latent)."""
         path = Path(path)
-        if not path.exists():
+        try:
+            exists, is_file = path.exists(), path.is_file()
+        except OSError as e:  # (a name the file system cannot hold, ENAMETOOLONG: a traceback)
+            raise ValueError(f"cannot read a tiny decoder checkpoint at {path}: {e.strerror or e}") from None
+        if not exists:
             raise FileNotFoundError(f"no tiny decoder checkpoint at {path}")
-        if not path.is_file():
+        if not is_file:
             raise ValueError(f"{path} is not a file (a tiny decoder checkpoint: .pth or .safetensors)")
         try:
             return cls._from_file(path, overrides)
