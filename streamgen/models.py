@@ -455,6 +455,10 @@ def _read_dir(d: Path, cfg_overrides: dict) -> tuple[dict, DiT, VideoAutoencoder
         # while it decoded to temporal_factor: the lips drifted off the speech, without a word)
         raise ValueError(f"{where}: its temporal_compression is {cfg.temporal_compression}, its autoencoder "
                          f"makes {vae.temporal_factor} video frames of each latent frame")  # fmt: skip
+    unit, settings = vae.spatial_factor * cfg.patch_size[1], _settings(meta, where)
+    if settings["height"] % unit or settings["width"] % unit:  # (a session's error, naming no file)
+        raise ValueError(f"{where}: its height and width ({settings['height']}x{settings['width']}) must be "
+                         f"multiples of {unit}, what its autoencoder and patches tile")  # fmt: skip
     check_memory_for(sum(t.numel() for t in sd.values()), str(d))  # (the weights' count, checked above)
     dit = DiT(cfg)
     dit.load_state_dict(sd)

@@ -769,6 +769,7 @@ def _edited_tiny_avatar(tmp_path, **changes):
         ({"config.temporal_compression": 3}, "model.json: its temporal_compression is 3, its autoencoder "
          "makes 4 video frames of each latent frame"),  # fmt: skip
         ({"height": "64"}, "its height is '64', not a positive whole number"),  # a log line's TypeError
+        ({"height": 56}, "model.json: its height and width (56x64) must be multiples of 16"),  # no file named
         ({"shift": "x"}, "its shift is 'x', not a positive number"),  # the sigma schedule's
         ({"steps": 0}, "its steps is 0, not a positive whole number"),
         ({"kind": "Teacher"}, "its kind 'Teacher' is none of teacher, student-ode"),  # streamed as a student
