@@ -26,7 +26,9 @@ let playStart = null, playClockRuns = null, seqOut = 0, micPath = null, frameTim
 // the field's text of each speak sent and not answered yet: the server answers them in order, each
 // with "speaking" or an error for it
 let speaksSent = [];
-const queuedFrames = new Set();   // timers that draw frames at their play time
+// timers that draw frames at their play time, each with its decoded frame: an ImageBitmap holds its
+// pixels until closed (25 a second left to the garbage collector), closed once drawn or dropped
+const queuedFrames = new Map();
 const queuedSounds = new Set();   // audio buffers scheduled on state.audioCtx
 
 export function forgetFrameTimes() {
@@ -152,10 +154,14 @@ export async function connectWebSocket(mine, closed) {
       src.start(Math.max(at, state.audioCtx.currentTime));
     } else if (kind === 2) {  // JPEG frame: draw it when its audio plays
       const bitmap = await createImageBitmap(new Blob([new Uint8Array(e.data, HEADER_BYTES)], { type: "image/jpeg" }));
-      if (socket !== state.ws) return;  // hung up while it decoded
+      if (socket !== state.ws) {  // hung up while it decoded
+        bitmap.close();
+        return;
+      }
       const timer = setTimeout(() => {
         queuedFrames.delete(timer);
         ctx2d.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+        bitmap.close();
         stats.framesDecoded++;
         stats.firstFrameMs ??= performance.now() - openedAt;
         const now = performance.now();
@@ -164,7 +170,7 @@ export async function connectWebSocket(mine, closed) {
         stats.fps = frameTimes.length / 2;
         stats.avOffsetMs = 0;  // both scheduled on the same clock
       }, Math.max(0, (at - ((state.audioCtx.state === "running") === runs ? playClock() : now)) * 1000));
-      queuedFrames.add(timer);
+      queuedFrames.set(timer, bitmap);
     }
   };
   socket.onclose = (e) => {
@@ -297,7 +303,10 @@ export function closeWebSocket() {
     ws.close();
   }
   stopWsMic();
-  queuedFrames.forEach(clearTimeout);
+  queuedFrames.forEach((bitmap, timer) => {
+    clearTimeout(timer);
+    bitmap.close();
+  });
   queuedFrames.clear();
   queuedSounds.forEach((src) => { try { src.stop(); } catch { /* not started */ } });
   queuedSounds.clear();

@@ -1,0 +1,37 @@
+"""The web page's smaller matters in real headless Chromium (as test_server_browser.py; skipped
+without it): what it holds of a WebSocket stream's frames, and what it says."""
+
+from __future__ import annotations
+
+import pytest
+from server_helpers import live_server
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
+
+# Every ImageBitmap the page decodes, kept: a closed one is 0 x 0.
+BITMAPS = """
+window.__bitmaps = [];
+const realCreateImageBitmap = window.createImageBitmap;
+window.createImageBitmap = async (...a) => { const b = await realCreateImageBitmap(...a); __bitmaps.push(b); return b; };
+window.openBitmaps = () => __bitmaps.filter((b) => b.width > 0).length;
+"""
+
+
+def test_a_websocket_streams_decoded_frames_are_closed(browser_page):
+    """Each JPEG frame of a WebSocket stream is decoded into an ImageBitmap, which holds its pixels
+    until closed: none was, and at 25 fps they waited for the garbage collector. Each is closed once
+    drawn now, and those still waiting for their play time as the page hangs up."""
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        page.add_init_script(BITMAPS)
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 20", timeout=60_000)
+            # those drawn are closed; those waiting for their play time, not yet
+            drawn = page.evaluate("[window.__bitmaps.length - openBitmaps(), window.streamgenStats.framesDecoded]")
+            assert drawn[0] == drawn[1], drawn
+            page.click("#hangup")
+            # (a frame decoding at the hang-up comes after it)
+            page.wait_for_function("openBitmaps() === 0", timeout=5_000)
+        finally:
+            page.close()
