@@ -138,6 +138,19 @@ def test_the_pages_picture_chooser_offers_each_format_the_server_takes(client):
         assert decode_reference(buf.getvalue(), 1 << 24).shape == (16, 16, 3), name
 
 
+def test_each_element_of_the_page_is_one_its_scripts_or_style_use(client):
+    """An `<audio id="audio" autoplay>` stood on the page that nothing used (a WebRTC stream's sound
+    plays from the <video>, a WebSocket stream's from an AudioContext): an element a reader of the
+    page looked for a use of. Each element with an id is one a script takes or the style names."""
+    used = "\n".join(path.read_text() for path in WEB_DIR.glob("*.js"))
+    style = (WEB_DIR / "style.css").read_text()
+    unused = [
+        name for name in page_elements(client.get("/").text)
+        if f'$("{name}")' not in used and not re.search(rf"#{re.escape(name)}\b", style)
+    ]  # fmt: skip
+    assert unused == []
+
+
 def test_create_inspect_delete(client):
     s = new_session(client, avatar="ada", seed=3)
     assert s["width"] == 64 and s["fps"] == 25.0 and s["whep"].endswith("/whep")
