@@ -35,3 +35,23 @@ def test_a_websocket_streams_decoded_frames_are_closed(browser_page):
             page.wait_for_function("openBitmaps() === 0", timeout=5_000)
         finally:
             page.close()
+
+
+def test_a_full_server_is_said_with_when_to_try_again(browser_page):
+    """A server at capacity answers 503 with Retry-After (docs/api.md): the page said 'failed: 503:
+    server is at capacity (1 of 1 ...)' and not when a connect would find room. It says so now."""
+    import httpx
+
+    with live_server(max_sessions=1) as (url, app):
+        taken = httpx.post(f"{url}/v1/sessions", json={}).json()
+        wait = httpx.post(f"{url}/v1/sessions", json={}).headers["retry-after"]
+        page = browser_page.new_page()
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            page.wait_for_function("window.streamgenStats.state.startsWith('failed')", timeout=20_000)
+            said = page.text_content("#status")
+            assert said.startswith("failed: 503: server is at capacity (1 of 1"), said
+            assert said.endswith(f"; try again in {wait} s"), said
+        finally:
+            page.close()
+            httpx.delete(url + taken["resource"], headers={"Authorization": f"Bearer {taken['token']}"})

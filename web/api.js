@@ -11,7 +11,12 @@ export function authHeaders(s, extra = {}) {
 export async function apiJson(res) {
   const isJson = (res.headers.get("Content-Type") || "").includes("json");
   const json = isJson ? await res.json().catch(() => null) : null;
-  if (!res.ok) throw new Error(`${res.status}: ${(json && (json.message || json.error)) || res.statusText || "error"}`);
+  if (!res.ok) {
+    // a refusal for now (503 full, 429 busy) says when to ask again, as the server does (Retry-After)
+    const retry = res.headers.get("Retry-After") || "";
+    const when = /^\d+$/.test(retry) ? `; try again in ${retry} s` : "";
+    throw new Error(`${res.status}: ${(json && (json.message || json.error)) || res.statusText || "error"}${when}`);
+  }
   if (json === null) throw new Error(`${res.status}: the answer is not JSON`);
   return json;
 }
