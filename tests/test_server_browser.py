@@ -315,7 +315,7 @@ def test_the_page_says_when_the_server_ends_its_webrtc_session(browser_page):
             assert page.evaluate("held()")["mics"] == 1
             page.fill("#speak-text", "hello there, " * 76)  # refused: a minute of speech
             page.click("#speak")
-            page.wait_for_function("window.streamgenStats.notice.startsWith('speak: 422')", timeout=10_000)
+            page.wait_for_function("window.streamgenStats.notice.startsWith('speak: text too long')", timeout=10_000)
             page.wait_for_function("window.streamgenStats.state.startsWith('ended')", timeout=30_000)
             assert page.evaluate("held()") == {
                 "mics": 0, "contexts": 0, "connect": True, "hangup": False,
@@ -585,7 +585,7 @@ def test_a_websocket_pages_refused_speak_is_said_beside_the_status(browser_page)
             page.fill("#speak-text", "hello there, " * 76)  # 988 characters: a minute of speech
             page.click("#speak")
             page.wait_for_function("window.streamgenStats.notice !== ''", timeout=20_000)
-            assert page.text_content("#notice").startswith("error: text too long"), page.text_content("#notice")
+            assert page.text_content("#notice").startswith("speak: text too long"), page.text_content("#notice")
             # kept, to be sent again in parts (it was emptied as it was sent, whatever the answer)
             assert page.input_value("#speak-text") == "hello there, " * 76
             assert page.is_enabled("#speak")  # (disabled while it waited for the answer)

@@ -55,3 +55,27 @@ def test_a_full_server_is_said_with_when_to_try_again(browser_page):
         finally:
             page.close()
             httpx.delete(url + taken["resource"], headers={"Authorization": f"Bearer {taken['token']}"})
+
+
+def test_a_speak_too_long_is_refused_in_the_same_words_on_both_transports(browser_page):
+    """The same refusal read 'speak: 422: text too long ...' on a WebRTC page (its speak a POST of
+    /control) and 'error: text too long ...' on a WebSocket page (an in-band error): one said it as
+    an HTTP status, the other as if the stream had failed. Both say the server's words for the speak
+    now."""
+    said = {}
+    with live_server(max_sessions=2) as (url, app):
+        for transport in ("webrtc", "ws"):
+            page = browser_page.new_page()
+            try:
+                page.goto(f"{url}/?autostart=1&mic=0&transport={transport}")
+                page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+                page.fill("#speak-text", "hello there, " * 76)  # 988 characters: a minute of speech
+                page.click("#speak")
+                page.wait_for_function("window.streamgenStats.notice !== ''", timeout=20_000)
+                said[transport] = page.text_content("#notice")
+                assert page.text_content("#status").startswith("streaming"), transport
+                page.click("#hangup")
+            finally:
+                page.close()
+    assert said["webrtc"] == said["ws"], said
+    assert said["ws"].startswith("speak: text too long: at least "), said

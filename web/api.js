@@ -15,7 +15,12 @@ export async function apiJson(res) {
     // a refusal for now (503 full, 429 busy) says when to ask again, as the server does (Retry-After)
     const retry = res.headers.get("Retry-After") || "";
     const when = /^\d+$/.test(retry) ? `; try again in ${retry} s` : "";
-    throw new Error(`${res.status}: ${(json && (json.message || json.error)) || res.statusText || "error"}${when}`);
+    const said = json && (json.message || json.error);
+    const error = new Error(`${res.status}: ${said || res.statusText || "error"}${when}`);
+    // the server's own words, for what the page says as the WebSocket API does, which has no status
+    // (a speak refused)
+    if (said) error.said = `${said}${when}`;
+    throw error;
   }
   if (json === null) throw new Error(`${res.status}: the answer is not JSON`);
   return json;

@@ -218,7 +218,10 @@ async function speak(e) {
     if (!res.ok) await apiJson(res);
   } catch (err) {
     if (mine !== state.generation) return;
-    setNotice(`speak: ${err.message}`);
+    // in the server's words, as a WebSocket page says a speak refused ("speak: text too long ..."):
+    // the same refusal read "speak: 422: ..." here and "error: ..." there. An answer that is not the
+    // API's (a proxy's 502 page) is its status.
+    setNotice(`speak: ${err.said || err.message}`);
     $("speak").disabled = false;
     return;  // the text stays, to be sent again
   }

@@ -124,8 +124,10 @@ export async function connectWebSocket(mine, closed) {
     ping(heardAt);
     if (typeof e.data === "string") {
       const msg = JSON.parse(e.data);
-      if (msg.type === "error") setNotice(`error: ${msg.message}`);
-      const speak = msg.type === "speaking" || (msg.type === "error" && msg.for === "speak");
+      const speakRefused = msg.type === "error" && msg.for === "speak";
+      // (a speak refused is said as a WebRTC page says it, whose speak goes over HTTP)
+      if (msg.type === "error") setNotice(`${speakRefused ? "speak" : "error"}: ${msg.message}`);
+      const speak = msg.type === "speaking" || speakRefused;
       if (speak && speaksSent.length) {
         const typed = speaksSent.shift();
         $("speak").disabled = false;
