@@ -79,3 +79,22 @@ def test_a_speak_too_long_is_refused_in_the_same_words_on_both_transports(browse
                 page.close()
     assert said["webrtc"] == said["ws"], said
     assert said["ws"].startswith("speak: text too long: at least "), said
+
+
+def test_a_stream_ended_shows_no_live_rates_beside_idle(browser_page):
+    """Hung up (or ended), the overlay went on showing the stream's last fps and A/V offset (and RTT,
+    over WebRTC) beside 'idle', as if something still streamed at that rate. The rates go; what the
+    stream came to (its transport, startup, frames) stays."""
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
+            page.wait_for_function("!document.getElementById('overlay').textContent.includes('fps        –')")
+            page.click("#hangup")
+            overlay = page.text_content("#overlay").splitlines()
+            assert overlay[2:5] == ["fps        –", "A/V offset –", "RTT        –"], overlay
+            assert overlay[0] == "transport  websocket" and int(overlay[5].split()[1]) >= 10, overlay
+            assert page.evaluate("[window.streamgenStats.fps, window.streamgenStats.avOffsetMs]") == [0, None]
+        finally:
+            page.close()

@@ -173,6 +173,10 @@ function cleanup(sendDelete = true) {
   if (state.mic) state.mic.getTracks().forEach((t) => t.stop());
   // no last frame left on the stage, looking live: a <video> keeps showing its ended stream's
   clearStage();
+  // the live rates go with the stream (they read as current beside 'idle'); what it came to stays
+  Object.assign(stats, { fps: 0, avOffsetMs: null, rttMs: null });
+  forgetFrameTimes();
+  showOverlay();
   state.pc = state.mic = state.audioSender = state.session = state.peerRequests = null;
   soundNoLongerWaits();
   setNotice("");  // what the server said of a request of this connection (it stayed beside 'ended: ...')
