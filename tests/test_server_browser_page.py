@@ -98,3 +98,30 @@ def test_a_stream_ended_shows_no_live_rates_beside_idle(browser_page):
             assert page.evaluate("[window.streamgenStats.fps, window.streamgenStats.avOffsetMs]") == [0, None]
         finally:
             page.close()
+
+
+def test_a_phones_narrow_page_fits_its_width(browser_page):
+    """On a phone (320 px wide), the row of Connect, Hang up and the microphone's box did not wrap:
+    with the note of a microphone not given beside it, it ran past the screen's edge (the page
+    scrolled sideways, the note cut off), and Hang up was squeezed onto two lines."""
+    from test_server_browser_mic import INSECURE
+
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        page.set_viewport_size({"width": 320, "height": 640})
+        page.add_init_script(INSECURE)
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 1", timeout=60_000)
+            assert page.text_content("#mic-note").startswith("no microphone: the browser gives")
+            past_the_edge = """[...document.querySelectorAll('body *')].filter((e) => {
+              const r = e.getBoundingClientRect();
+              return r.width > 0 && r.right > innerWidth + 0.5;
+            }).map((e) => e.id || e.tagName)"""
+            assert page.evaluate(past_the_edge) == []
+            assert page.evaluate("document.documentElement.scrollWidth") <= 320
+            height = "document.getElementById('%s').getBoundingClientRect().height"
+            assert page.evaluate(height % "hangup") == page.evaluate(height % "connect")  # (one line each)
+            page.click("#hangup")
+        finally:
+            page.close()
