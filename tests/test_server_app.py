@@ -151,6 +151,17 @@ def test_each_element_of_the_page_is_one_its_scripts_or_style_use(client):
     assert unused == []
 
 
+def test_the_pages_text_fields_take_as_much_as_the_server(client):
+    """The caption field took 200 characters, where the server takes 500: a longer caption pasted
+    was cut to 200 by the browser without a word. Each field takes what the API takes."""
+    from server.protocol import MAX_SPEAK_CHARS
+    from streamgen.session_limits import MAX_CAPTION_CHARS
+
+    elements = page_elements(client.get("/").text)
+    assert int(elements["caption"]["maxlength"]) == MAX_CAPTION_CHARS
+    assert int(elements["speak-text"]["maxlength"]) == MAX_SPEAK_CHARS
+
+
 def test_create_inspect_delete(client):
     s = new_session(client, avatar="ada", seed=3)
     assert s["width"] == 64 and s["fps"] == 25.0 and s["whep"].endswith("/whep")
