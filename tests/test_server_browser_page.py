@@ -125,3 +125,28 @@ def test_a_phones_narrow_page_fits_its_width(browser_page):
             page.click("#hangup")
         finally:
             page.close()
+
+
+def test_a_websocket_stream_wider_than_high_keeps_its_shape(browser_page):
+    """The square stage's canvas was stretched to it: a WebSocket stream of 128x64 (Wan's 832x480)
+    was drawn squeezed into a square, the face twice as tall as it is. It keeps its shape now,
+    with bands above and below (as the <video> of a WebRTC stream has always shown it)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    with live_server(max_sessions=1, width=128, height=64) as (url, app):
+        page = browser_page.new_page()
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
+            page.evaluate("document.getElementById('overlay').hidden = true")
+            shot = Image.open(BytesIO(page.locator("#canvas").screenshot())).convert("L")
+            width, height = shot.size
+            band = shot.crop((0, 0, width, height // 5))  # a fifth: the band is a quarter of the square
+            middle = shot.crop((0, 2 * height // 5, width, 3 * height // 5))
+            assert band.getextrema()[1] <= 8, band.getextrema()  # black: nothing drawn there
+            assert middle.getextrema()[1] > 8, middle.getextrema()  # the stream
+            page.click("#hangup")
+        finally:
+            page.close()
