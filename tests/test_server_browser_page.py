@@ -150,3 +150,24 @@ def test_a_websocket_stream_wider_than_high_keeps_its_shape(browser_page):
             page.click("#hangup")
         finally:
             page.close()
+
+
+def test_a_phones_status_and_notice_read_as_lines(browser_page):
+    """On a phone (320 px wide) the header set the title, the status and the notice side by side:
+    a speak refused was said in a column a word or two wide, twenty lines down the screen. The
+    status and the notice wrap under the title now, as wide as the screen."""
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        page.set_viewport_size({"width": 320, "height": 640})
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            page.fill("#speak-text", "hello there, " * 76)  # refused: a minute of speech
+            page.click("#speak")
+            page.wait_for_function("window.streamgenStats.notice !== ''", timeout=20_000)
+            width = "document.getElementById('%s').getBoundingClientRect().width"
+            assert page.evaluate(width % "notice") > 0.7 * 320, page.evaluate(width % "notice")
+            assert page.evaluate("document.documentElement.scrollWidth") <= 320
+            page.click("#hangup")
+        finally:
+            page.close()
