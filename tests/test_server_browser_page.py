@@ -100,15 +100,17 @@ def test_a_stream_ended_shows_no_live_rates_beside_idle(browser_page):
             page.close()
 
 
-def test_a_phones_narrow_page_fits_its_width(browser_page):
+@pytest.mark.parametrize("width", [320, 280])
+def test_a_phones_narrow_page_fits_its_width(browser_page, width):
     """On a phone (320 px wide), the row of Connect, Hang up and the microphone's box did not wrap:
     with the note of a microphone not given beside it, it ran past the screen's edge (the page
-    scrolled sideways, the note cut off), and Hang up was squeezed onto two lines."""
+    scrolled sideways, the note cut off), and Hang up was squeezed onto two lines. Narrower still
+    (280 px, a folded phone's), the controls were 280 px wide beside the page's margins."""
     from test_server_browser_mic import INSECURE
 
     with live_server(max_sessions=1) as (url, app):
         page = browser_page.new_page()
-        page.set_viewport_size({"width": 320, "height": 640})
+        page.set_viewport_size({"width": width, "height": 640})
         page.add_init_script(INSECURE)
         try:
             page.goto(f"{url}/?autostart=1&transport=ws")
@@ -119,7 +121,7 @@ def test_a_phones_narrow_page_fits_its_width(browser_page):
               return r.width > 0 && r.right > innerWidth + 0.5;
             }).map((e) => e.id || e.tagName)"""
             assert page.evaluate(past_the_edge) == []
-            assert page.evaluate("document.documentElement.scrollWidth") <= 320
+            assert page.evaluate("document.documentElement.scrollWidth") <= width
             height = "document.getElementById('%s').getBoundingClientRect().height"
             assert page.evaluate(height % "hangup") == page.evaluate(height % "connect")  # (one line each)
             page.click("#hangup")
