@@ -173,3 +173,21 @@ def test_a_phones_status_and_notice_read_as_lines(browser_page):
             page.click("#hangup")
         finally:
             page.close()
+
+
+def test_a_silent_limit_asked_below_two_seconds_is_two(browser_page):
+    """`?silent_s=0` (or 1) gave 10 s, not the 2 s the page's comment and docs/serving.md name as the
+    least (`Number("0") || 10`)."""
+    with live_server() as (url, app):
+        page = browser_page.new_page()
+        try:
+            page.goto(f"{url}/")
+            asked = ["0", "1", "3", "2.5", None, "", "x", "-4"]
+            got = page.evaluate(
+                "async (asked) => { const ws = await import('./websocket.js');"
+                " return asked.map((a) => ws.silentLimitMs(a)); }",
+                asked,
+            )
+            assert got == [2000, 2000, 3000, 2500, 10000, 10000, 10000, 2000]
+        finally:
+            page.close()

@@ -20,7 +20,12 @@ const SOCKET_CLOSE_ANSWER_MS = 2000;
 // 'streaming' on its last frame for as long as TCP took to give up, minutes. The page's `?silent_s=`
 // sets it in seconds (a network known to pause longer, or a test), at least 2: the pong comes each
 // second.
-const WEBSOCKET_SILENT_MS = Math.max(2, Number(params.get("silent_s")) || 10) * 1000;
+export function silentLimitMs(asked) {
+  // (absent, empty or no number: 10 s; any number below 2, 0 included, is 2: `Number("0") || 10` gave 10)
+  const seconds = asked === null || asked.trim() === "" ? NaN : Number(asked);
+  return Math.max(2, Number.isFinite(seconds) ? seconds : 10) * 1000;
+}
+const WEBSOCKET_SILENT_MS = silentLimitMs(params.get("silent_s"));
 
 let playStart = null, playClockRuns = null, seqOut = 0, micPath = null, frameTimes = [];
 // the field's text of each speak sent and not answered yet: the server answers them in order, each
