@@ -162,6 +162,31 @@ def test_the_pages_text_fields_take_as_much_as_the_server(client):
     assert int(elements["speak-text"]["maxlength"]) == MAX_SPEAK_CHARS
 
 
+def test_each_field_of_the_page_has_a_name_to_read_out(client):
+    """The speak box had a placeholder only, which a screen reader reads as its name at best and
+    which goes once something is typed: each field is in a <label> or has an aria-label."""
+    from html.parser import HTMLParser
+
+    unnamed = []
+
+    class Fields(HTMLParser):
+        labels = 0
+
+        def handle_starttag(self, tag, attrs):
+            attributes = dict(attrs)
+            if tag == "label":
+                self.labels += 1
+            elif tag in ("input", "textarea", "select") and not self.labels and not attributes.get("aria-label"):
+                unnamed.append(attributes.get("id"))
+
+        def handle_endtag(self, tag):
+            if tag == "label":
+                self.labels -= 1
+
+    Fields().feed(client.get("/").text)
+    assert unnamed == []
+
+
 def test_create_inspect_delete(client):
     s = new_session(client, avatar="ada", seed=3)
     assert s["width"] == 64 and s["fps"] == 25.0 and s["whep"].endswith("/whep")
