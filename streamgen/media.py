@@ -120,6 +120,9 @@ def read_image(path_or_bytes) -> np.ndarray:
     # Pillow warns of a picture past that limit (three lines on stderr) and refuses one past twice
     # it; the size is checked below in one line, so its warning only said the same thing first
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    # a damaged EXIF block (a tag past the file's end) is skipped by Pillow with a warning, two lines
+    # naming TiffImagePlugin.py above `generate`'s "wrote ...": the picture itself reads whole
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
     name = "image" if isinstance(path_or_bytes, bytes | bytearray) else str(path_or_bytes)
     src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes | bytearray) else path_or_bytes
     if not isinstance(src, io.BytesIO):

@@ -329,3 +329,22 @@ def test_a_run_ended_by_sigterm_leaves_no_file(tmp_path, stop, code, said):
         p.kill()
     assert p.returncode == code, err
     assert list(out_dir.iterdir()) == [] and err.strip().splitlines()[-1] == said, err
+
+
+def test_a_pictures_damaged_exif_is_read_without_pillows_warning(tmp_path):
+    """An EXIF tag past the file's end: Pillow skips it with a UserWarning, two lines naming
+    TiffImagePlugin.py on stderr, where the picture itself reads whole."""
+    import struct
+    import warnings
+
+    from PIL import Image
+
+    from streamgen.media import read_image
+
+    tiff = struct.pack("<2sHIH", b"II", 42, 8, 1) + struct.pack("<HHII", 0x010E, 2, 100, 9999) + bytes(4)
+    path = tmp_path / "face.jpg"
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(path, exif=b"Exif\x00\x00" + tiff)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert read_image(path).shape == (32, 32, 3)
+    assert [str(w.message) for w in caught] == []
