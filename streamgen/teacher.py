@@ -184,6 +184,11 @@ def open_session(
         if float8_layers(loaded.dit):  # (its patch embedding, the dtype above, is never FP8: it ran so)
             raise ValueError("a teacher runs in float32 only: its block linears are in FP8 (--fp8, "
                              "$STREAMGEN_FP8), which apply to students")  # fmt: skip
+        for name, asked in (("decode", decode_dtype), ("encode", encode_dtype)):
+            # (a bfloat16 asked was ignored without a word: the teacher decoded in float32)
+            if dit_dtype_arg(asked) not in ("auto", None, torch.float32):
+                raise ValueError(f"a teacher {name}s as loaded, in float32 only (asked: {asked}): "
+                                 f"--{name}-dtype applies to students")  # fmt: skip
         if cache_from is not None:
             raise ValueError(
                 "a teacher samples whole windows without a KV cache: cache_from applies to students"

@@ -327,6 +327,12 @@ def test_the_precision_switches_of_the_environment_are_read_as_meant(monkeypatch
     with pytest.raises(ValueError, match="a teacher runs in float32 only"):
         open_session("tiny-avatar-teacher")
     monkeypatch.delenv("STREAMGEN_DTYPE")
+    # (ignored without a word: the teacher decoded and encoded in float32 all the same)
+    with pytest.raises(ValueError, match="a teacher decodes as loaded, in float32 only .*--decode-dtype"):
+        open_session("tiny-avatar-teacher", decode_dtype="bfloat16")
+    with pytest.raises(ValueError, match="a teacher encodes as loaded, in float32 only .*--encode-dtype"):
+        open_session("tiny-avatar-teacher", encode_dtype=torch.bfloat16)
+    assert open_session("tiny-avatar-teacher", decode_dtype="float32", encode_dtype=None).height > 0
     a_file = tmp_path / "afile"
     a_file.write_text("")
     monkeypatch.setenv("STREAMGEN_MODELS", str(a_file))
