@@ -39,6 +39,10 @@ def _check_input_file(path: Path, kind: str) -> None:
         raise MediaError(f"{kind} file not found: {path}")
 
 
+# float audio louder than this is on another scale (int16's), not a hot recording's overs
+MAX_FLOAT_PEAK = 2.0
+
+
 def read_audio(path, rate: int = SAMPLE_RATE, max_seconds: float = 3600.0) -> np.ndarray:
     """Decode any audio file PyAV reads, resampled once to `rate` Hz mono float32 in [-1, 1]."""
     import av
@@ -86,6 +90,9 @@ def read_audio(path, rate: int = SAMPLE_RATE, max_seconds: float = 3600.0) -> np
     peak = float(np.abs(pcm[np.isfinite(pcm)]).max(initial=0.0))
     if surround and peak > 1.0:  # (its mix can pass full scale where its channels did not)
         pcm /= peak
+    elif peak > MAX_FLOAT_PEAK:  # (a float file of int16's scale was clipped into a square wave)
+        raise MediaError(f"{path}: its samples peak at {peak:.4g}, where a float file's are in [-1, 1] "
+                         "(integer samples stored as floats?): write it again scaled to [-1, 1]")  # fmt: skip
     return np.clip(pcm, -1.0, 1.0)
 
 

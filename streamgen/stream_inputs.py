@@ -10,6 +10,7 @@ import os
 import numpy as np
 import torch
 
+from streamgen.media import MAX_FLOAT_PEAK
 from streamgen.model.audio import SAMPLE_RATE
 from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE, text_problem
 
@@ -71,10 +72,6 @@ def to_pcm_float(pcm) -> np.ndarray:
             "int16, or divide them by 32768"
         )
     return np.clip(a, -1.0, 1.0)
-
-
-# float audio louder than this is on another scale (int16's), not a hot recording's overs
-MAX_FLOAT_PEAK = 2.0
 
 
 def check_seed(seed) -> int:

@@ -140,9 +140,13 @@ def test_a_float_wav_with_nan_samples_is_one_line(tmp_path, capsys):
     assert main(["generate", "--model", "debug", "--audio", str(wav), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "NaN samples" in err and len(err.strip().splitlines()) == 1 and not out.exists()
-    # past full scale (a float file may hold it) is clipped, as before
-    write_wav(wav, np.full(1600, 4.0), dtype=np.float32)
+    # a little past full scale (a float file's overs) is clipped, as before
+    write_wav(wav, np.full(1600, 1.5), dtype=np.float32)
     assert read_audio(wav).max() == 1.0
+    # on int16's scale it was clipped into a square wave, without a word (as StreamSession refuses it)
+    write_wav(wav, tone(1.0, peak=20000.0), dtype=np.float32)
+    with pytest.raises(MediaError, match="its samples peak at 2e[+]04, where a float file's are in"):
+        read_audio(wav)
 
 
 @pytest.mark.parametrize(
