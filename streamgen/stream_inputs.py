@@ -58,7 +58,7 @@ def to_pcm_float(pcm) -> np.ndarray:
     a = np.asarray(pcm)
     if a.ndim != 1:
         raise ValueError(f"audio must be mono 1-D samples at {SAMPLE_RATE} Hz, got shape {a.shape}")
-    if a.dtype == np.int16:
+    if a.dtype.kind == "i" and a.dtype.itemsize == 2:  # (int16 of either byte order: a WAV's '>i2' too)
         return a.astype(np.float32) / 32768.0
     if not np.issubdtype(a.dtype, np.floating):
         raise ValueError(f"audio must be int16 or float samples, got {a.dtype}")

@@ -177,3 +177,16 @@ def test_a_small_reference_cropped_to_a_far_narrower_or_wider_frame_keeps_its_ce
     for height, width in ((16, 512), (512, 16)):
         ref = prepare_reference(grey, height, width)
         assert ref.shape == (height, width, 3) and (ref == 200).all()
+
+
+def test_int16_audio_of_either_byte_order_is_int16():
+    """Big-endian int16 ('>i2', as numpy reads an AIFF's or a network's samples) was refused:
+    "audio must be int16 or float samples, got >i2"."""
+    from streamgen.stream_inputs import to_pcm_float
+
+    samples = np.array([0, 16384, -32768, 32767], np.int16)
+    expected = samples.astype(np.float32) / 32768
+    np.testing.assert_array_equal(to_pcm_float(samples.astype(">i2")), expected)
+    np.testing.assert_array_equal(to_pcm_float(samples), expected)
+    with pytest.raises(ValueError, match="int16 or float samples, got uint16"):
+        to_pcm_float(samples.view(np.uint16))
