@@ -78,7 +78,9 @@ def test_a_stopped_eval_run_again_scores_only_the_clips_left(tmp_path, made, mon
     assert "resuming: the clips already scored" in capsys.readouterr().err
     assert {index for seed, index in made} == {2}  # clips 0 and 1 were not made (nor scored) again
     assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
-    assert not (out / partial.FOLDER).exists()
+    assert sorted(p.name for p in (out / partial.FOLDER).iterdir()) == [
+        "clip-00000.npz", "clip-00001.npz", "clip-00002.npz", "settings.json"
+    ]
     # run again once finished: nothing made, the report as it was
     made.clear()
     assert evaluate(out, "--json") == 0
@@ -87,6 +89,33 @@ def test_a_stopped_eval_run_again_scores_only_the_clips_left(tmp_path, made, mon
     assert made == [] and json.loads(printed.out.splitlines()[-1]) == json.loads(
         (out / "report.json").read_text()
     )
+
+
+def test_a_finished_eval_asked_for_more_clips_measures_only_the_new_ones(tmp_path, made, monkeypatch, capsys):
+    """Its clips went with its report: `--clips 24` after `--clips 8` measured all 24 again. They
+    stay; so does the stream's result, its progress files go."""
+    from streamgen.data import render
+    from streamgen.eval import drift
+
+    monkeypatch.setattr(drift, "STREAM_SLICE", 8)
+    monkeypatch.setattr(drift, "STREAM_KEEP_FRAMES", 16)
+    rendered = []
+    real_render = render.render_frame
+    monkeypatch.setattr(render, "render_frame", lambda *a: rendered.append(a[1]) or real_render(*a))
+    argv = ["eval", "--model", "ground-truth", "--size", "32", "--minutes", "0.02"]
+    assert main([*argv, "--clips", "5", "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "grown"
+    assert main([*argv, "--clips", "3", "--out", str(out)]) == 0
+    assert not list((out / partial.FOLDER).glob("*-so-far*")) and (out / partial.FOLDER / "stream-0.02.npz").exists()
+    made.clear()
+    rendered.clear()
+    capsys.readouterr()
+    assert main([*argv, "--clips", "5", "--out", str(out)]) == 0
+    assert "replacing" in capsys.readouterr().err
+    # clips 3 and 4 (each made twice: its clip and the real set's draw), and no frame of the stream
+    assert sorted({index for seed, index in made}) == [3, 4] and rendered == []
+    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
 
 
 def test_another_evaluation_into_the_out_of_a_stopped_one_scores_its_own_clips(
@@ -99,7 +128,7 @@ def test_another_evaluation_into_the_out_of_a_stopped_one_scores_its_own_clips(
     capsys.readouterr()
     assert evaluate(out) == 0  # the test split: the val split's clip is not taken for its own
     err = capsys.readouterr().err
-    assert f"removing the 1 clip an unfinished evaluation of other settings (split) left in {out}" in err, err
+    assert f"removing the 1 clip an evaluation of other settings (split) left in {out}" in err, err
     assert {index for seed, index in made} == {0, 1, 2}
     assert json.loads((out / "report.json").read_text())["split"] == "test"
 

@@ -9,8 +9,9 @@ hours: a student's 60-minute drift stream, a teacher's 50 steps).
     OUT/partial/stream-1.5-so-far.pt   a model's session state with them (`streamgen.stream_state`)
 
 Clip i of a split is the same clip whatever --clips says, so a run of more clips goes on from the
-ones of a run of fewer (and whatever --minutes says). The folder goes once report.json is written; the same command run after
-that finds report.json of the same settings (`EVAL_VERSION` among them) and clips, and measures nothing again.
+ones of a run of fewer, finished or not (and whatever --minutes says). The measurements stay once
+report.json is written (the progress files of the stream go); the same command run after that finds
+report.json of the same settings (`EVAL_VERSION` among them) and clips, and measures nothing again.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class Measured:
             others = len(list(self.folder.glob("clip-*.npz")))
             if others and note:  # (not without a word: the same command would have gone on from them)
                 note(
-                    f"removing the {others} clip{'s' * (others != 1)} an unfinished evaluation of other "
+                    f"removing the {others} clip{'s' * (others != 1)} an evaluation of other "
                     f"settings ({', '.join(changed_settings(saved, self.settings))}) left in {self.folder}"
                 )
             shutil.rmtree(self.folder, ignore_errors=True)
@@ -118,5 +119,9 @@ class Measured:
         np.savez(buffer, **arrays)
         write_atomically(self._path(name), lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+    def keep_finished(self) -> None:
+        """Once the report is written: the measurements stay (a later run of more clips, or with a
+        stream, measures only what they lack), the stream's progress files go (its results are in
+        their place)."""
+        for path in self.folder.glob("*-so-far.*"):
+            path.unlink(missing_ok=True)

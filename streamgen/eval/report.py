@@ -379,7 +379,9 @@ def evaluate(
             "settings": settings,
         }
         _write_outputs(Path(out), report, mean_curve, stream, samples, sync_curves)
-        measured.remove()  # (after: a kill between the two leaves the results to write again)
+        # (after: a kill between the two leaves the results to write again; the clips stay for a
+        # later run of more: it measured them all again)
+        measured.keep_finished()
         return report
 
 
