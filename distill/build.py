@@ -237,20 +237,27 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int):
             vae = read_folder(folder, WanVAE.from_pretrained)
         except (OSError, ValueError) as e:
             raise ModelSourceError(f"cannot load the Wan VAE {source[4:]}: {e}") from None
-        return vae.eval().requires_grad_(False)
-    if source is None and section.init and not section.init.startswith("wan:"):
-        d = _model_dir(section.init)
-        if has_autoencoder(d):
-            source = str(d)
-    if source is not None:
-        p = Path(source).expanduser()
-        vae = load_autoencoder(p if has_autoencoder(p) else _model_dir(source))
     else:
-        torch.manual_seed(seed + 1)
-        vae = TinyCausalVAE(latent_channels, tuple(section.vae_widths), temporal, section.vae_res_blocks)
+        if source is None and section.init and not section.init.startswith("wan:"):
+            d = _model_dir(section.init)
+            if has_autoencoder(d):
+                source = str(d)
+        if source is not None:
+            p = Path(source).expanduser()
+            vae = load_autoencoder(p if has_autoencoder(p) else _model_dir(source))
+        else:
+            torch.manual_seed(seed + 1)
+            vae = TinyCausalVAE(latent_channels, tuple(section.vae_widths), temporal, section.vae_res_blocks)
+    # (as streamgen.models._read_dir refuses in a model directory: a Wan VAE of another z_dim was
+    # a convolution's traceback at the first batch, one of another temporal factor cut each latent
+    # frame's audio window for temporal_compression video frames while it decoded to another count)
+    where = f"the autoencoder of {source}" if source else "the autoencoder"
     if vae.latent_channels != latent_channels:
+        raise ConfigError(f"{where} has {vae.latent_channels} latent channels, the model {latent_channels}")
+    if vae.temporal_factor != temporal:
         raise ConfigError(
-            f"the autoencoder has {vae.latent_channels} latent channels, the model {latent_channels}"
+            f"{where} makes {vae.temporal_factor} video frames of each latent frame, the model's "
+            f"temporal_compression is {temporal}"
         )
     return vae.eval().requires_grad_(False)
 

@@ -697,6 +697,42 @@ def test_the_teacher_starts_from_a_wan_checkpoint_through_the_adapter(tmp_path):
         run(cfg)
 
 
+@pytest.mark.parametrize(
+    "kind, says",
+    [
+        ("wan z_dim 8", r"wan:.* has 8 latent channels, the model 4"),
+        ("wan temporal 2", r"wan:.* makes 2 video frames of each latent frame, the model's temporal_compression is 4"),
+        ("autoencoder temporal 2", r"makes 2 video frames of each latent frame, the model's temporal_compression is 4"),
+    ],
+)
+def test_a_model_vae_of_other_latents_or_frames_is_one_line_before_any_work(tmp_path, kind, says):
+    """load_vae returned a `wan:` VAE before its latent channels were compared, and compared no
+    autoencoder's temporal factor with the model's temporal_compression (the model directory's
+    loader refuses both)."""
+    from distill.build import load_vae
+    from streamgen.model.config import get_config
+    from streamgen.model.vae import TinyCausalVAE
+
+    torch.manual_seed(0)
+    if kind.startswith("wan"):
+        diffusers = pytest.importorskip("diffusers")
+        z_dim = 8 if "z_dim" in kind else 4
+        downsample = [False, True, False] if "temporal" in kind else [False, True, True]
+        wan = diffusers.AutoencoderKLWan(
+            base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=downsample,
+            latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim,
+        )  # fmt: skip
+        wan.save_pretrained(tmp_path / "vae")  # (diffusers' AutoencoderKLWan folder)
+        source = f"wan:{tmp_path / 'vae'}"
+    else:
+        TinyCausalVAE(4, (8, 16), 2).save(tmp_path / "vae")
+        source = str(tmp_path / "vae")
+    cfg = debug_config("teacher", tmp_path / "t", **{"model.vae": source})
+    mcfg = get_config("debug")
+    with pytest.raises(ConfigError, match=says):
+        load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
+
+
 def test_learning_rate_warms_up_then_decays_on_a_cosine():
     from distill.config import OptimConfig
     from distill.trainer import learning_rate
