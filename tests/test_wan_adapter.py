@@ -183,8 +183,9 @@ def test_a_wan_vae_folder_that_is_not_whole_is_one_line(tmp_path):
     vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                                      latents_mean=[0.0] * 4, latents_std=[1.0] * 4)  # fmt: skip
     vae.save_pretrained(tmp_path / "vae")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no config.json in it"):
-        WanVAE.from_pretrained(tmp_path / "nothing")
+        WanVAE.from_pretrained(tmp_path / "empty")
     weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
     save_file({k: v for k, v in load_file(weights).items() if not k.startswith("decoder.conv_in")}, weights)
     with pytest.raises(
@@ -642,6 +643,24 @@ def test_a_pipelines_transformer_without_its_config_is_the_folder_named(tmp_path
     says = f"{pipeline / 'transformer'} has no config.json"
     with pytest.raises(ModelSourceError, match=re.escape(says)):
         load_dit(f"wan:{pipeline}")
+
+
+@pytest.mark.parametrize("given", ["nowhere", "weights.safetensors"])
+def test_a_wan_path_that_is_no_folder_says_so(tmp_path, given):
+    """`model.init: wan:PATH` (and `model.vae`) of no such path, or of a checkpoint's .safetensors
+    file, said "PATH has no config.json", sending one to look for a file in a folder not there."""
+    from distill.build import ModelSourceError, load_dit, load_vae
+    from distill.config import find_config, load_config
+
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    path = tmp_path / given
+    says = f"{path}: no such folder" if given == "nowhere" else f"{path} is a file, not a folder"
+    with pytest.raises(ModelSourceError, match=re.escape(says)):
+        load_dit(f"wan:{path}")
+    section = load_config(find_config("debug", "teacher"), "teacher").model
+    section.vae = f"wan:{path}"
+    with pytest.raises(ModelSourceError, match=re.escape(says)):
+        load_vae(section, 4, 4, 0)
 
 
 def test_a_wan_index_naming_shards_that_are_not_there_says_so(tmp_path):

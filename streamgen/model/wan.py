@@ -186,6 +186,16 @@ def transformer_dir(path) -> Path:
     return d / "transformer" if (d / "transformer" / "config.json").exists() else d
 
 
+def folder_problem(d: Path) -> None:
+    """A FileNotFoundError where `d` is no folder: a path given wrong, or a checkpoint's
+    .safetensors file given for its folder, was "has no config.json", which sent one looking
+    for a file in a folder that is not there."""
+    if not d.exists():
+        raise FileNotFoundError(f"{d}: no such folder")
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d} is a file, not a folder: give the folder that holds its config.json")
+
+
 def _is_plain_file_name(name) -> bool:
     """Whether `name` names a file of the folder it is read in: no path (either separator), not
     the folder or its parent."""
@@ -273,6 +283,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", weights_hash=None, 
     tensors are loaded from, in `weight_files`' order: a digest of the weights loaded, which a
     second read of the files (replaced meanwhile) might not be."""
     d = transformer_dir(path)
+    folder_problem(d)
     if not (d / "config.json").exists():
         # (a pipeline's transformer/ without its config, a download cut short: the pipeline's
         # folder was named as the one lacking it, which a pipeline's never has)

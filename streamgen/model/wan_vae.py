@@ -226,6 +226,12 @@ class WanVAE(VideoAutoencoder):
 
         from diffusers import AutoencoderKLWan
 
+        from streamgen.model.wan import folder_problem
+
+        try:
+            folder_problem(Path(path))
+        except FileNotFoundError as e:  # (this loader's errors are ValueErrors naming the folder)
+            raise ValueError(str(e)) from None
         if not (Path(path) / "config.json").is_file():  # (diffusers then looked for it on the Hub)
             raise ValueError(f"{path}: no config.json in it (not a diffusers AutoencoderKLWan folder)")
         quiet = logging.getLogger("diffusers.models.modeling_utils")  # (the names of what is missing)
