@@ -197,6 +197,20 @@ def test_a_wan_vae_folder_that_is_not_whole_is_one_line(tmp_path):
         WanVAE.from_pretrained(tmp_path / "vae")
 
 
+def test_a_wan_vae_folder_of_another_class_or_a_config_that_is_no_object_is_one_line(tmp_path):
+    """A transformer's folder given for a Wan VAE (`model.vae: wan:PIPELINE/transformer`) was "its
+    weights do not match its config.json: 194 missing"; a config.json of `null` diffusers'
+    TypeError."""
+    from streamgen.model.wan_vae import WanVAE
+
+    tiny_wan(1).save_pretrained(tmp_path / "transformer")
+    with pytest.raises(ValueError, match="config.json is of a WanTransformer3DModel, not a Wan VAE"):
+        WanVAE.from_pretrained(tmp_path / "transformer")
+    (tmp_path / "transformer" / "config.json").write_text("null")
+    with pytest.raises(ValueError, match="config.json: not a JSON object"):
+        WanVAE.from_pretrained(tmp_path / "transformer")
+
+
 @pytest.mark.parametrize("key", ["latents_mean", "latents_std"])
 def test_a_wan_vae_whose_latent_statistics_are_not_one_per_channel_is_one_line(tmp_path, key):
     """A config.json with 3 means for 4 latent channels loaded, then the first encode failed with

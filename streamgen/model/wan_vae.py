@@ -226,6 +226,7 @@ class WanVAE(VideoAutoencoder):
 
         from diffusers import AutoencoderKLWan
 
+        from streamgen.model.files import read_json
         from streamgen.model.wan import folder_problem
 
         try:
@@ -234,6 +235,12 @@ class WanVAE(VideoAutoencoder):
             raise ValueError(str(e)) from None
         if not (Path(path) / "config.json").is_file():  # (diffusers then looked for it on the Hub)
             raise ValueError(f"{path}: no config.json in it (not a diffusers AutoencoderKLWan folder)")
+        # (a config.json that is no JSON object was diffusers' TypeError; one of another class, a
+        # transformer's folder given for its pipeline's vae/, "194 [weights] missing")
+        kind = read_json(Path(path) / "config.json").get("_class_name")
+        if kind is not None and kind != "AutoencoderKLWan":
+            raise ValueError(f"{path}: its config.json is of a {kind}, not a Wan VAE (AutoencoderKLWan): give "
+                             "the pipeline's folder or its vae/")  # fmt: skip
         quiet = logging.getLogger("diffusers.models.modeling_utils")  # (the names of what is missing)
         level = quiet.level
         quiet.setLevel(logging.ERROR)
