@@ -258,6 +258,28 @@ def test_a_variant_beside_the_plain_checkpoint_is_not_read_over_it(tmp_path):
     assert (only(x, t, ctx) - other(x, t, ctx).sample).abs().max().item() <= 1e-4
 
 
+def test_a_sharded_variant_is_read_through_its_index(tmp_path):
+    """save_pretrained(variant="fp16") of a sharded model writes NAME.safetensors.index.fp16.json and
+    NAME.fp16-0000k-of-N.safetensors, which were read as whole files: a shard gone was "its weights
+    lack N", and beside a whole checkpoint their tensors replaced its own without a word."""
+    plain, other = tiny_wan(seed=3), tiny_wan(seed=4)
+    other.save_pretrained(tmp_path / "wan", variant="fp16", max_shard_size="20KB")
+    x, t, ctx = inputs()
+    ours = load_pretrained(tmp_path / "wan").eval()
+    assert (ours(x, t, ctx) - other(x, t, ctx).sample).abs().max().item() <= 1e-4
+    plain.save_pretrained(tmp_path / "plain")  # (a whole checkpoint beside them is the one read)
+    name = "diffusion_pytorch_model.safetensors"
+    (tmp_path / "wan" / name).write_bytes((tmp_path / "plain" / name).read_bytes())
+    ours = load_pretrained(tmp_path / "wan").eval()
+    assert (ours(x, t, ctx) - plain(x, t, ctx).sample).abs().max().item() <= 1e-4
+    (tmp_path / "wan" / "diffusion_pytorch_model.safetensors").unlink()
+    shard = sorted((tmp_path / "wan").glob("*.fp16-*-of-*.safetensors"))[1]
+    shard.unlink()
+    says = f"shards it names are not in {tmp_path / 'wan'}, e.g. {shard.name}"
+    with pytest.raises(FileNotFoundError, match=re.escape(says)):
+        load_pretrained(tmp_path / "wan")
+
+
 def test_a_checkpoint_the_size_of_a_flavor_gets_its_audio_width():
     """Wan2.1-1.3B's config.json makes the wan2.1-1.3b flavor's model, avatar branch included
     (the GPU benchmark times that flavor); a size no flavor has keeps the default width."""

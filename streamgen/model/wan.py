@@ -205,30 +205,58 @@ def _is_plain_file_name(name) -> bool:
 
 
 def weight_files(d: Path) -> list[Path]:
-    """The .safetensors files of the transformer folder `d` (an index's shards where it has one)."""
-    from streamgen.model.files import read_json
-
+    """The .safetensors files of the transformer folder `d`: an index's shards where it has one;
+    else its whole files (`_one_variant`); else the shards of a variant's index
+    (`save_pretrained(..., variant="fp16")` of a sharded model writes NAME.safetensors.index.fp16.json
+    and NAME.fp16-0000k-of-N.safetensors)."""
     index = sorted(d.glob("*.safetensors.index.json"))
     if index:
-        weight_map = read_json(index[0], required=("weight_map",))["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index[0]}: its weight_map is not a JSON object")
-        for weight, shard in weight_map.items():
-            # (a number or a list was a TypeError from sorting the names, naming neither; "" the
-            # folder; a path, "../x" or "/x", a file outside the folder read as the model's)
-            if not _is_plain_file_name(shard):
-                raise ValueError(f"{index[0]}: its weight_map's {weight!r} is {shard!r}, not a file name")
-        shards = sorted(set(weight_map.values()))
-        files = [d / s for s in shards]
-        absent = [f.name for f in files if not f.exists()]
-        if absent:  # (a download cut short; an index left by a sharded save that a whole one replaced)
-            unindexed = sorted(f.name for f in d.glob("*.safetensors") if f.name not in shards)
-            also = f"; it holds {', '.join(unindexed)}, which the index does not name" if unindexed else ""
-            raise FileNotFoundError(
-                f"{index[0]}: {len(absent)} of the {len(files)} shards it names are not in {d}, e.g. {absent[0]}{also}"
-            )
-    else:
-        files = _one_variant(d, sorted(d.glob("*.safetensors")))
+        return _indexed_shards(d, index[0])
+    variant_indexes = sorted(d.glob("*.safetensors.index.*.json"))
+    # (a variant's shards were read as whole files: one gone, "its weights lack N"; beside a
+    # whole checkpoint, read over its tensors without a word)
+    sharded = set()
+    for variant_index in variant_indexes:
+        sharded.update(_index_weight_map(variant_index).values())
+    files = _one_variant(d, sorted(f for f in d.glob("*.safetensors") if f.name not in sharded))
+    if not files and len(variant_indexes) > 1:
+        raise ValueError(
+            f"{d} holds {len(variant_indexes)} variants' indexes ({', '.join(f.name for f in variant_indexes)}) "
+            "and no plain index or whole checkpoint: keep one of them"
+        )
+    if not files and variant_indexes:
+        return _indexed_shards(d, variant_indexes[0])
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {d}")
+    return files
+
+
+def _index_weight_map(index: Path) -> dict:
+    """The weight_map of a sharded checkpoint's index, each shard checked to be a file's name."""
+    from streamgen.model.files import read_json
+
+    weight_map = read_json(index, required=("weight_map",))["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: its weight_map is not a JSON object")
+    for weight, shard in weight_map.items():
+        # (a number or a list was a TypeError from sorting the names, naming neither; "" the
+        # folder; a path, "../x" or "/x", a file outside the folder read as the model's)
+        if not _is_plain_file_name(shard):
+            raise ValueError(f"{index}: its weight_map's {weight!r} is {shard!r}, not a file name")
+    return weight_map
+
+
+def _indexed_shards(d: Path, index: Path) -> list[Path]:
+    """The shards `index` names, all of them in `d`."""
+    shards = sorted(set(_index_weight_map(index).values()))
+    files = [d / s for s in shards]
+    absent = [f.name for f in files if not f.exists()]
+    if absent:  # (a download cut short; an index left by a sharded save that a whole one replaced)
+        unindexed = sorted(f.name for f in d.glob("*.safetensors") if f.name not in shards)
+        also = f"; it holds {', '.join(unindexed)}, which the index does not name" if unindexed else ""
+        raise FileNotFoundError(
+            f"{index}: {len(absent)} of the {len(files)} shards it names are not in {d}, e.g. {absent[0]}{also}"
+        )
     if not files:
         raise FileNotFoundError(f"no .safetensors weights in {d}")
     return files
