@@ -211,6 +211,27 @@ def test_a_wan_vae_folder_of_another_class_or_a_config_that_is_no_object_is_one_
         WanVAE.from_pretrained(tmp_path / "transformer")
 
 
+def test_a_wan_vae_folder_without_its_weights_says_which_file_it_lacks(tmp_path, capfd):
+    """diffusers logged "An error occurred while trying to fetch" above its error, which named the
+    diffusion_pytorch_model.bin it looked for last (of a folder of safetensors checkpoints)."""
+    from streamgen.model.wan_vae import WanVAE
+
+    diffusers = pytest.importorskip("diffusers")
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                     latents_mean=[0.0] * 4, latents_std=[1.0] * 4)  # fmt: skip
+    vae.save_pretrained(tmp_path / "vae")
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.rename(tmp_path / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+    capfd.readouterr()
+    says = "no diffusion_pytorch_model.safetensors in it (it holds diffusion_pytorch_model.fp16.safetensors"
+    with pytest.raises(ValueError, match=re.escape(says)):
+        WanVAE.from_pretrained(tmp_path / "vae")
+    (tmp_path / "vae" / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    with pytest.raises(ValueError, match="no diffusion_pytorch_model.safetensors in it$"):
+        WanVAE.from_pretrained(tmp_path / "vae")
+    assert capfd.readouterr().err == ""
+
+
 @pytest.mark.parametrize("key", ["latents_mean", "latents_std"])
 def test_a_wan_vae_whose_latent_statistics_are_not_one_per_channel_is_one_line(tmp_path, key):
     """A config.json with 3 means for 4 latent channels loaded, then the first encode failed with

@@ -241,6 +241,13 @@ class WanVAE(VideoAutoencoder):
         if kind is not None and kind != "AutoencoderKLWan":
             raise ValueError(f"{path}: its config.json is of a {kind}, not a Wan VAE (AutoencoderKLWan): give "
                              "the pipeline's folder or its vae/")  # fmt: skip
+        # (diffusers logged "An error occurred while trying to fetch" above its error, which named the
+        # .bin it looked for last: "no file named diffusion_pytorch_model.bin")
+        weights = "diffusion_pytorch_model.safetensors"
+        if not any((Path(path) / name).is_file() for name in _WEIGHT_NAMES):
+            others = sorted(f.name for f in Path(path).glob("*.safetensors"))
+            held = f" (it holds {', '.join(others)}: name the one to load {weights})" if others else ""
+            raise ValueError(f"{path}: no {weights} in it{held}")
         quiet = logging.getLogger("diffusers.models.modeling_utils")  # (the names of what is missing)
         level = quiet.level
         quiet.setLevel(logging.ERROR)
@@ -335,6 +342,12 @@ class WanVAE(VideoAutoencoder):
             i += n
         # diffusers clamps inside decode(); decoding through its decoder we clamp ourselves
         return torch.cat(outs, 2).clamp(-1, 1), state
+
+
+# the weight files AutoencoderKLWan.from_pretrained reads (whole or sharded, safetensors or pickle)
+_WEIGHT_NAMES = tuple(
+    f"diffusion_pytorch_model.{kind}{index}" for kind in ("safetensors", "bin") for index in ("", ".index.json")
+)
 
 
 def _replace_forward(modules, forward) -> None:
