@@ -464,6 +464,7 @@ WIDTHS = {"vae_widths", "widths"}
 # folders and files (and the latent bank's name, a folder's): an empty one was the current folder
 # (`run.out: ""` trained into it, "finished 4 steps in  ") or a message about a model named ''
 PATHS = {"out", "export", "root", "latents", "init", "vae", "teacher", "critic_init"}
+WAN_PATHS = {"init", "vae", "teacher", "critic_init"}  # the DiT and autoencoder paths that take wan:DIR
 
 
 def _range_problems(obj, where: str) -> list[str]:
@@ -477,6 +478,9 @@ def _range_problems(obj, where: str) -> list[str]:
             optional = f.default is None
             what = "a name" if f.name == "latents" else "a path"
             problems.append(f"{name} is empty: give {what}" + (", or leave it out for none" if optional else ""))
+        elif isinstance(value, str) and f.name in WAN_PATHS and value.startswith("wan:") and not value[4:].strip():
+            # (was the current folder: ". has no config.json")
+            problems.append(f"{name} is {value!r}: give the Wan checkpoint's folder after wan:")
         elif not isinstance(value, int | float) or isinstance(value, bool):
             if f.name in WIDTHS and not (
                 value and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in value)

@@ -284,6 +284,14 @@ def test_an_empty_path_is_named_at_config_load(tmp_path, stage, setting, says):
         load_config(find_config("debug", stage), stage, [f'{setting}=" "'])
 
 
+@pytest.mark.parametrize("stage, setting", [("teacher", "model.init"), ("teacher", "model.vae"), ("ode", "ode.teacher")])
+def test_a_wan_path_without_its_folder_is_named_at_config_load(tmp_path, stage, setting):
+    """`wan:` with no folder after it was the current folder: "cannot load the Wan checkpoint : .
+    has no config.json"."""
+    with pytest.raises(ConfigError, match=f"{setting} is 'wan: ': give the Wan checkpoint's folder after wan:"):
+        load_config(find_config("debug", stage), stage, [f'{setting}="wan: "'])
+
+
 def test_an_empty_out_is_one_line_not_the_configs_folder(tmp_path, capsys, monkeypatch):
     """`--out "$UNSET"` trained into the config's run.out."""
     from streamgen.cli import main
