@@ -232,8 +232,11 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int):
             # config and weights of one save (WanVAE.save puts a folder in place whole, or writes
             # it file by file under an export stamp: ExportUnderWay, a ValueError, where cut short)
             folder = Path(source[4:]).expanduser()
-            if (folder / "vae" / "config.json").is_file():  # (a pipeline's: "no config.json in it")
-                folder = folder / "vae"
+            vae_dir = folder / "vae"  # (a pipeline's: "no config.json in it")
+            # (and a pipeline's vae/ without its config, a download cut short: the pipeline's folder
+            # was named as the one lacking it, which a pipeline's never has)
+            if (vae_dir / "config.json").is_file() or (vae_dir.is_dir() and not (folder / "config.json").is_file()):
+                folder = vae_dir
             vae = read_folder(folder, WanVAE.from_pretrained)
         except (OSError, ValueError) as e:
             raise ModelSourceError(f"cannot load the Wan VAE {source[4:]}: {e}") from None

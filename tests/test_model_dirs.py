@@ -911,7 +911,7 @@ def test_a_model_json_of_a_wrong_cfg_scale_or_cache_from_names_it(tmp_path, meta
 def test_distillation_takes_the_wan_vae_of_a_pipeline_folder(tmp_path):
     """`model.init: wan:DIR` takes a pipeline's folder (its transformer in transformer/), while
     `model.vae: wan:DIR` of the same folder said "no config.json in it": its autoencoder is in vae/."""
-    from distill.build import load_vae
+    from distill.build import ModelSourceError, load_vae
     from distill.config import ModelConfigSection
 
     model = wan_based_model()
@@ -922,6 +922,10 @@ def test_distillation_takes_the_wan_vae_of_a_pipeline_folder(tmp_path):
     theirs = model.vae.state_dict()
     assert vae.state_dict().keys() == theirs.keys()
     assert all(torch.equal(v, theirs[k]) for k, v in vae.state_dict().items())
+    # a pipeline's vae/ without its config (a download cut short) is the folder named
+    (pipeline / "vae" / "config.json").unlink()
+    with pytest.raises(ModelSourceError, match=re.escape(f"{pipeline / 'vae'}: no config.json in it")):
+        load_vae(ModelConfigSection(vae=f"wan:{pipeline}"), latent_channels=4, temporal=4, seed=0)
 
 
 def test_an_empty_model_name_is_said_to_be_empty(tmp_path, monkeypatch, capsys):
