@@ -39,6 +39,8 @@ def _run_hint(path: str) -> str:
     from streamgen.checkpoint import latest_checkpoint
 
     given = Path(path).expanduser()
+    if _is_diffusers_wan(given):  # (was "train the stage that makes it first")
+        return f"; it is a diffusers Wan checkpoint: give it as wan:{path}"
     try:
         if (given / "model" / "model.json").is_file():
             return f"; the model of the run in {given} is {given / 'model'}"
@@ -52,6 +54,20 @@ def _run_hint(path: str) -> str:
         f"; {run} holds a run that has exported no model yet (newest checkpoint {newest.name}): a run "
         "exports its model when it finishes, so finish it with --resume"
     )
+
+
+def _is_diffusers_wan(folder: Path) -> bool:
+    """A diffusers Wan folder: a pipeline's, its transformer's or its VAE's."""
+    import json
+
+    for config in ("config.json", "transformer/config.json", "vae/config.json", "model_index.json"):
+        try:
+            kind = json.loads((folder / config).read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(kind, str) and (kind.startswith("Wan") or kind == "AutoencoderKLWan"):
+            return True
+    return False
 
 
 def run_past_export(d: Path, meta: dict | None, then: str) -> str | None:

@@ -720,6 +720,22 @@ def test_a_wan_path_that_is_no_folder_says_so(tmp_path, given):
         load_vae(section, 4, 4, 0)
 
 
+def test_a_wan_folder_given_without_its_prefix_is_told_to_take_it(tmp_path):
+    """A diffusers Wan folder given as a model directory (`model.init: DIR`, no `wan:`) was told
+    "train the stage that makes it first"."""
+    from distill.build import ModelSourceError, load_dit, load_frozen_and_digest
+
+    pipeline = tmp_path / "pipeline"
+    tiny_wan(3).save_pretrained(pipeline / "transformer")
+    (pipeline / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    for given in (pipeline, pipeline / "transformer"):
+        says = f"it is a diffusers Wan checkpoint: give it as wan:{given}"
+        with pytest.raises(ModelSourceError, match=re.escape(says)):
+            load_dit(str(given))
+        with pytest.raises(ModelSourceError, match=re.escape(says)):
+            load_frozen_and_digest(str(given))
+
+
 def test_a_wan_index_naming_shards_that_are_not_there_says_so(tmp_path):
     """diffusers' save_pretrained of a whole checkpoint over a sharded one removes the shards but
     leaves their index, which the loader reads first: "[Errno 2] No such file or directory" of a
