@@ -56,6 +56,15 @@ def _run_hint(path: str) -> str:
     )
 
 
+def _not_a_model_dir(source: str) -> None:
+    """A ModelSourceError where the `wan:` path `source` is a streamgen model directory (it was
+    "has no config.json")."""
+    given = source[4:]
+    if (Path(given).expanduser() / "model.json").is_file():
+        raise ModelSourceError(f"{given} is a streamgen model directory, not a diffusers Wan checkpoint: "
+                               "give it without wan:")  # fmt: skip
+
+
 def _is_diffusers_wan(folder: Path) -> bool:
     """A diffusers Wan folder: a pipeline's, its transformer's or its VAE's."""
     import json
@@ -146,6 +155,7 @@ def _read_dit(source: str, overrides: dict, digest: bool, teacher: bool = False)
             dit = load_pretrained(d, weights_hash=weights_hash, **overrides)
             return dit, weights_hash.hexdigest()[:16] if digest else None
 
+        _not_a_model_dir(source)
         try:
             # config and weights from one save (streamgen.model.wan.save_pretrained swaps the folder)
             return read_folder(transformer_dir(source[4:]), read_wan)
@@ -244,6 +254,7 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int):
     if source is not None and source.startswith("wan:"):
         from streamgen.folders import read_folder
 
+        _not_a_model_dir(source)
         try:
             # config and weights of one save (WanVAE.save puts a folder in place whole, or writes
             # it file by file under an export stamp: ExportUnderWay, a ValueError, where cut short)

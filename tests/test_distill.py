@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -738,6 +739,26 @@ def test_a_model_vae_of_other_latents_or_frames_is_one_line_before_any_work(tmp_
     cfg = debug_config("teacher", tmp_path / "t", **{"model.vae": source})
     mcfg = get_config("debug")
     with pytest.raises(ConfigError, match=says):
+        load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
+
+
+def test_a_model_directory_given_as_wan_is_told_to_drop_the_prefix(tmp_path):
+    """`model.init: wan:DIR` (or `model.vae`) of a streamgen model directory said "DIR has no
+    config.json", as if the folder were damaged."""
+    from distill.build import ModelSourceError, export_model, load_dit, load_vae
+    from streamgen.model.config import get_config
+    from streamgen.model.model import DiT
+    from streamgen.model.vae import TinyCausalVAE
+
+    mcfg = get_config("debug")
+    torch.manual_seed(0)
+    vae = TinyCausalVAE(mcfg.in_channels, (8, 16), mcfg.temporal_compression)
+    model = export_model(DiT(mcfg).eval(), vae, tmp_path / "model", "debug", 32, 32, 5.0, 2)
+    says = f"{model} is a streamgen model directory, not a diffusers Wan checkpoint: give it without wan:"
+    with pytest.raises(ModelSourceError, match=re.escape(says)):
+        load_dit(f"wan:{model}")
+    cfg = debug_config("teacher", tmp_path / "t", **{"model.vae": f"wan:{model}"})
+    with pytest.raises(ModelSourceError, match=re.escape(says)):
         load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
 
 
