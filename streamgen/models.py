@@ -374,6 +374,9 @@ def _not_a_model(name: str) -> str:
     checkpoint's folder, a run's folder and an empty one were all "unknown model")."""
     if not name.strip():  # (was " is a folder without model.json", of the current folder)
         return f"the model's name is empty ({name!r}): give a model name or a model directory"
+    if name.startswith("wan:"):  # (distill's name of a Wan checkpoint: "unknown model 'wan:...'")
+        return (f"{name}: wan:DIR names a diffusers Wan2.1 checkpoint to distill a model from (a distill "
+                "config's model.init, docs/distill.md), not a streamgen model: give the distilled model's directory")  # fmt: skip
     folder = Path(name).expanduser()
     if not _is_there(folder) and _is_a_path(name):
         return f"no model directory {name}: there is no such folder"

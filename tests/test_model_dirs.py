@@ -369,6 +369,9 @@ def test_a_folder_that_is_no_model_is_named_for_what_it_is(tmp_path, capsys):
         assert says in str(refused.value)
     assert main(["serve", "--port", str(free_port()), "--model", str(empty)]) == 2  # (its own message, that said less)
     assert f"{empty} is a folder without model.json" in capsys.readouterr().err
+    # distill's wan:DIR given as the model was "unknown model 'wan:...'"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"wan:{wan}: wan:DIR names a diffusers Wan2.1 checkpoint")):
+        require_model(f"wan:{wan}")
 
 
 def test_an_export_over_a_model_directory_replaces_its_whole_autoencoder(tmp_path):
