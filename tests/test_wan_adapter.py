@@ -301,6 +301,19 @@ def test_a_sharded_variant_is_read_through_its_index(tmp_path):
         load_pretrained(tmp_path / "wan")
 
 
+def test_shards_without_their_index_and_one_gone_name_the_one_gone(tmp_path):
+    """A sharded checkpoint whose index was lost read its shards as whole files: one gone was "its
+    weights lack 13 of a Wan transformer", naming no file."""
+    tiny_wan(3).save_pretrained(tmp_path / "wan", max_shard_size="20KB")
+    (tmp_path / "wan" / "diffusion_pytorch_model.safetensors.index.json").unlink()
+    load_pretrained(tmp_path / "wan")  # (all of them: read without the index)
+    shards = sorted((tmp_path / "wan").glob("*-of-*.safetensors"))
+    shards[2].unlink()
+    says = f"1 of the {len(shards)} shards of diffusion_pytorch_model are not in it and it has no index, e.g. {shards[2].name}"
+    with pytest.raises(FileNotFoundError, match=re.escape(says)):
+        load_pretrained(tmp_path / "wan")
+
+
 def test_a_checkpoint_the_size_of_a_flavor_gets_its_audio_width():
     """Wan2.1-1.3B's config.json makes the wan2.1-1.3b flavor's model, avatar branch included
     (the GPU benchmark times that flavor); a size no flavor has keeps the default width."""

@@ -228,7 +228,29 @@ def weight_files(d: Path) -> list[Path]:
         return _indexed_shards(d, variant_indexes[0])
     if not files:
         raise FileNotFoundError(f"no .safetensors weights in {d}")
+    _all_shards(d, files)
     return files
+
+
+_SHARD_NAME = re.compile(r"^(.+)-(\d+)-of-(\d+)\.safetensors$")
+
+
+def _all_shards(d: Path, files: list[Path]) -> None:
+    """A FileNotFoundError where the shards NAME-0000k-of-N.safetensors read without their index
+    (a download that lost it) are fewer than N: a shard gone was "its weights lack M of a Wan
+    transformer", naming no file."""
+    held: dict[tuple[str, int], set[int]] = {}
+    for f in files:
+        if m := _SHARD_NAME.match(f.name):
+            held.setdefault((m.group(1), int(m.group(3))), set()).add(int(m.group(2)))
+    for (stem, total), numbers in held.items():
+        absent = [k for k in range(1, total + 1) if k not in numbers]
+        if absent:
+            width = len(str(total).zfill(5))
+            raise FileNotFoundError(
+                f"{d}: {len(absent)} of the {total} shards of {stem} are not in it and it has no index, e.g. "
+                f"{stem}-{absent[0]:0{width}d}-of-{total:0{width}d}.safetensors"
+            )
 
 
 def _index_weight_map(index: Path) -> dict:
