@@ -241,11 +241,13 @@ def new_dit(section, seed: int):
     return DiT(cfg)
 
 
-def load_vae(section, latent_channels: int, temporal: int, seed: int):
+def load_vae(section, latent_channels: int, temporal: int, seed: int, match_model: bool = True):
     """`model.vae`: an autoencoder directory, a model directory (its autoencoder), or `wan:DIR`
     (diffusers' AutoencoderKLWan folder, or a pipeline's folder holding it in vae/, as
     `model.init: wan:DIR` takes a pipeline's transformer/); none: the `model.init` model's, else a
-    seeded random TinyCausalVAE. Frozen."""
+    seeded random TinyCausalVAE. Frozen. `match_model`: its latent channels and temporal factor
+    must be the model's (`latent_channels`, `temporal`), a ConfigError where not; off for a stage
+    that trains nothing on its latents but a decoder of its own (a taehv tiny decoder)."""
     from streamgen.model.vae import TinyCausalVAE
     from streamgen.model.wan_vae import WanVAE
     from streamgen.models import has_autoencoder, load_autoencoder
@@ -282,6 +284,8 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int):
     # a convolution's traceback at the first batch, one of another temporal factor cut each latent
     # frame's audio window for temporal_compression video frames while it decoded to another count)
     where = f"the autoencoder of {source}" if source else "the autoencoder"
+    if not match_model:
+        return vae.eval().requires_grad_(False)
     if vae.latent_channels != latent_channels:
         raise ConfigError(f"{where} has {vae.latent_channels} latent channels, the model {latent_channels}")
     if vae.temporal_factor != temporal:

@@ -53,7 +53,10 @@ class Stage:
 
         self.cfg, self.world, self.opts = cfg, world, cfg.options
         mcfg = get_config(cfg.model.flavor, **cfg.model.overrides)
-        self.teacher = load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
+        # (a taehv decoder is made for the teacher's latents whatever model.flavor says: the real Wan
+        # VAE's 16 channels under the debug config's 4 were refused)
+        self.teacher = load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed,
+                                match_model=cfg.options.architecture != "taehv")  # fmt: skip
         self.teacher.to(world.device)
         # (a frame size it cannot encode trained into a shape mismatch's traceback at the first step)
         self.teacher.latent_hw(cfg.model.height, cfg.model.width)

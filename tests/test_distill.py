@@ -740,6 +740,12 @@ def test_a_model_vae_of_other_latents_or_frames_is_one_line_before_any_work(tmp_
     mcfg = get_config("debug")
     with pytest.raises(ConfigError, match=says):
         load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
+    if kind == "wan z_dim 8":  # a taehv tiny decoder is made for the teacher's latents, whatever the flavor
+        from distill.distributed import World
+        from distill.tiny_decoder import Stage
+
+        cfg = debug_config("tiny_decoder", tmp_path / "td", **{"model.vae": source})
+        assert Stage(cfg, World()).teacher.latent_channels == 8
 
 
 def test_a_model_directory_given_as_wan_is_told_to_drop_the_prefix(tmp_path):
