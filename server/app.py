@@ -22,6 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .avatars import ReferenceImageError, avatar_image, decode_reference
 from .config import ServerConfig
@@ -86,6 +88,7 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.config, app.state.registry, app.state.metrics = config, registry, metrics
+    app.add_middleware(HeadAsGet, routes=app.router.routes)
     # a foreign page's form POST is refused (server/origins.py); CORS, added after, runs outside it
     app.add_middleware(ForeignOriginGuard, allowed_origins=config.cors_origins)
     if config.cors_origins:
@@ -133,6 +136,24 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
     else:  # the API serves on; the page is what a person would miss
         log.warning("no web client at %s: / has no page (the API is unchanged)", config.web_dir)
     return app
+
+
+class HeadAsGet:
+    """ASGI middleware: a HEAD of an API GET route is answered as its GET, without the body (the
+    server sends none to a HEAD). FastAPI's GET routes take no HEAD, so the web page's files,
+    mounted at /, answered it: 404 `nothing at /healthz` to a monitor's HEAD of a path that is there."""
+
+    def __init__(self, app: ASGIApp, routes: list):
+        self.app = app
+        self.routes = routes  # the app's, filled in as its routers are included
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            as_get = {**scope, "method": "GET"}  # a copy: the server reads the method it got from its own
+            # (the mount of the page's files, at /, takes any path: a HEAD there stays one)
+            if any(not isinstance(r, Mount) and r.matches(as_get)[0] == Match.FULL for r in self.routes):
+                scope = as_get
+        await self.app(scope, receive, send)
 
 
 class WebFiles(StaticFiles):

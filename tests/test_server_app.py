@@ -757,6 +757,21 @@ def test_routing_errors_have_the_api_error_shape(client):
     assert "GET" in client.delete("/v1/avatars").headers["allow"]
 
 
+def test_a_head_of_an_api_get_route_is_answered_as_its_get(client):
+    """A monitor's HEAD of /healthz (or an avatar's picture) was answered by the web page's files,
+    mounted at /: 404 `nothing at /healthz`, a path that is there."""
+    s = new_session(client)
+    for path, headers in (("/healthz", {}), ("/readyz", {}), ("/v1/avatars", {}), ("/v1/avatars/ada.png", {}),
+                          (f"/v1/sessions/{s['id']}", auth(s["token"]))):  # fmt: skip
+        got, head = client.get(path, headers=headers), client.head(path, headers=headers)
+        assert head.status_code == got.status_code == 200, (path, head.text)
+        assert head.headers["content-type"] == got.headers["content-type"], path
+    assert client.head("/v1/avatars/nobody.png").status_code == 404
+    assert client.head(f"/v1/sessions/{s['id']}").status_code == 401  # (its token, as its GET)
+    assert client.head("/").status_code == 200  # (the page, as before)
+    client.delete(f"/v1/sessions/{s['id']}", headers=auth(s["token"]))
+
+
 def test_any_request_a_client_can_make_is_answered_in_json_without_a_5xx(client):
     """Random methods, routes, bodies and content types, with and without the session's token: a
     refusal (4xx, or 503 at capacity) with a JSON body naming the error, never a 500."""
