@@ -56,6 +56,17 @@ def seconds(text: str) -> float:
     return value
 
 
+def wait_seconds(text: str) -> float:
+    """0 or more seconds, inf to ask for good (nan never ran out: a full server was asked forever)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 or more seconds")
+    return value
+
+
 async def create_session(http: httpx.AsyncClient, body: dict, wait_s: float) -> dict:
     """POST /v1/sessions; a 503 (model loading, or at capacity) is retried after its Retry-After
     until `wait_s` is spent."""
@@ -197,6 +208,6 @@ if __name__ == "__main__":
         type=seconds,
         help=f"how long to stream (default: the --wav file's length and {TAIL_S:g} s, else 5)",
     )
-    p.add_argument("--wait", type=float, default=30.0, help="seconds to keep asking a busy server")
+    p.add_argument("--wait", type=wait_seconds, default=30.0, help="seconds to keep asking a busy server")
     p.add_argument("--out", default="frames")
     asyncio.run(main(p.parse_args()))

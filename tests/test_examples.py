@@ -83,6 +83,15 @@ def test_seconds_that_would_save_nothing_are_refused(server, tmp_path, seconds):
     assert app.state.registry.sessions == {} and not (tmp_path / "f").exists()
 
 
+@pytest.mark.parametrize("wait", ["nan", "-1", "soon"])
+def test_a_wait_that_is_not_a_time_to_wait_is_refused(server, tmp_path, wait):
+    """--wait nan never ran out: a full server was asked again forever."""
+    url, app = server
+    r = ws_client("--server", url, "--wait", wait, "--seconds", "0.5", "--out", str(tmp_path / "f"))
+    assert r.returncode == 2 and "--wait" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert app.state.registry.sessions == {} and not (tmp_path / "f").exists()
+
+
 def test_the_client_asks_the_server_to_speak(server, tmp_path):
     url, _ = server
     # (a trailing slash went into the socket's URL: ws://host//v1/..., refused with a traceback)
