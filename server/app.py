@@ -88,7 +88,8 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.config, app.state.registry, app.state.metrics = config, registry, metrics
-    app.add_middleware(HeadAsGet, routes=app.router.routes)
+    # (inside the guard below: a foreign page's PUT is refused as its POST is)
+    app.add_middleware(ApiMethods, routes=app.router.routes)
     # a foreign page's form POST is refused (server/origins.py); CORS, added after, runs outside it
     app.add_middleware(ForeignOriginGuard, allowed_origins=config.cors_origins)
     if config.cors_origins:
@@ -138,21 +139,36 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
     return app
 
 
-class HeadAsGet:
-    """ASGI middleware: a HEAD of an API GET route is answered as its GET, without the body (the
-    server sends none to a HEAD). FastAPI's GET routes take no HEAD, so the web page's files,
-    mounted at /, answered it: 404 `nothing at /healthz` to a monitor's HEAD of a path that is there."""
+class ApiMethods:
+    """ASGI middleware: an API path answers for itself whatever the method. The web page's files,
+    mounted at /, took every request no route took whole: a HEAD of an API GET route (FastAPI's
+    take none) was a 404 `nothing at /healthz`, a path that is there; a GET of /v1/sessions a 404
+    too, and a PUT of it a 405 whose Allow header named the files' methods, `GET, HEAD`.
+    Now a HEAD is answered as the GET, without the body (the server sends none to a HEAD), and
+    another method the path does not take is a 405 naming those it does."""
+
+    METHODS = ("GET", "POST", "PATCH", "DELETE")
 
     def __init__(self, app: ASGIApp, routes: list):
         self.app = app
         self.routes = routes  # the app's, filled in as its routers are included
 
+    def takes(self, scope: Scope, method: str) -> bool:
+        as_method = {**scope, "method": method}  # a copy: the server reads the method it got from its own
+        # (the mount of the page's files, at /, takes any path)
+        return any(not isinstance(r, Mount) and r.matches(as_method)[0] == Match.FULL for r in self.routes)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "HEAD":
-            as_get = {**scope, "method": "GET"}  # a copy: the server reads the method it got from its own
-            # (the mount of the page's files, at /, takes any path: a HEAD there stays one)
-            if any(not isinstance(r, Mount) and r.matches(as_get)[0] == Match.FULL for r in self.routes):
-                scope = as_get
+        if scope["type"] == "http" and not self.takes(scope, scope["method"]):
+            allowed = [method for method in self.METHODS if self.takes(scope, method)]
+            if scope["method"] == "HEAD" and "GET" in allowed:
+                scope = {**scope, "method": "GET"}
+            elif allowed:  # an API path: not the page's files' answer
+                message = f"{scope['method'][:20]} is not allowed on {scope['path'][:80]}"
+                allow = ", ".join(allowed + ["HEAD"] * ("GET" in allowed))
+                response = JSONResponse({"error": "method_not_allowed", "message": message}, status_code=405,
+                                        headers={"Allow": allow})  # fmt: skip
+                return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
 

@@ -772,6 +772,25 @@ def test_a_head_of_an_api_get_route_is_answered_as_its_get(client):
     client.delete(f"/v1/sessions/{s['id']}", headers=auth(s["token"]))
 
 
+def test_a_method_an_api_path_does_not_take_is_a_405_naming_those_it_does(client):
+    """The web page's files, mounted at /, answered them: a GET of /v1/sessions was a 404 `nothing
+    at /v1/sessions`, and a PUT a 405 whose Allow said `GET, HEAD`, the files' methods."""
+    for method, path, allow in (
+        ("GET", "/v1/sessions", "POST"),
+        ("PUT", "/v1/sessions", "POST"),
+        ("HEAD", "/v1/sessions", "POST"),
+        ("PUT", "/v1/sessions/abc", "GET, PATCH, DELETE, HEAD"),
+        ("GET", "/v1/sessions/abc/control", "POST"),
+        ("POST", "/healthz", "GET, HEAD"),
+    ):
+        r = client.request(method, path)
+        assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.status_code, r.headers)
+        if method != "HEAD":
+            assert r.json()["error"] == "method_not_allowed" and method in r.json()["message"], r.text
+    assert client.put("/index.html").status_code == 405  # (the page's files: their own answer)
+    assert client.get("/v1/nothing").json()["error"] == "not_found"
+
+
 def test_any_request_a_client_can_make_is_answered_in_json_without_a_5xx(client):
     """Random methods, routes, bodies and content types, with and without the session's token: a
     refusal (4xx, or 503 at capacity) with a JSON body naming the error, never a 500."""
