@@ -162,7 +162,10 @@ async def main(args) -> None:
         raise SystemExit(f"--out {out} is a file: give the folder to write the frames into")
     if out.is_dir() and any(out.glob(FRAME_NAMES)):  # (a shorter run left the longer one's last frames)
         raise SystemExit(f"--out {out} holds another run's frames: give a new or empty folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # (a path under a file, or where this user may not write: a traceback)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot make the folder ({e.strerror or e})") from None
     args.server = args.server.rstrip("/")  # (the socket's URL took the slash: ws://host//v1/..., a 403)
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     body = {"avatar": args.avatar, "seed": args.seed, **({"caption": args.caption} if args.caption else {})}

@@ -124,6 +124,15 @@ def test_an_out_that_is_a_file_is_one_line(server, tmp_path):
     assert (tmp_path / "afile").read_text() == "mine" and app.state.registry.sessions == {}
 
 
+def test_an_out_that_cannot_be_made_is_one_line(server, tmp_path):
+    """A folder under a file (or one the user may not make) was mkdir's traceback."""
+    url, app = server
+    (tmp_path / "afile").write_text("mine")
+    r = ws_client("--server", url, "--seconds", "0.5", "--out", str(tmp_path / "afile" / "frames"))
+    assert_one_line_error(r, "--out", "cannot make the folder")
+    assert app.state.registry.sessions == {}
+
+
 def test_an_out_holding_another_runs_frames_is_one_line(server, tmp_path):
     """A second run into the folder of a longer one left its last frames there, mixed with its own."""
     url, app = server
