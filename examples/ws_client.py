@@ -116,7 +116,10 @@ async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Receive
         raise SystemExit(f"cannot open the stream at {url.split('?')[0]}: {e or type(e).__name__}") from None
     async with ws:
         await ws.send(json.dumps({"type": "start", "format": "jpeg"}))
-        ready = json.loads(await ws.recv())
+        try:  # bounded: a server that answers nothing held the client for good
+            ready = json.loads(await asyncio.wait_for(ws.recv(), args.seconds + CLOSE_S))
+        except TimeoutError:
+            raise SystemExit(f"the server did not answer the stream's start in {args.seconds + CLOSE_S:g} s") from None
         print("ready:", ready)
         got.fps = ready.get("fps", got.fps)
         if args.say:

@@ -231,7 +231,7 @@ def server_that(then: str):
     """A stand-in server on 127.0.0.1 that makes a session and then, as `then` says: "refuses" its
     stream (404: the session gone meanwhile), or opens it, sends `ready` and three frames, and
     "drops" the connection (no close frame, as a killed server) or "freezes" (reads nothing and
-    answers nothing more, as a stopped or unplugged one)."""
+    answers nothing more, as a stopped or unplugged one); or opens it and is "mute" from then on."""
     import base64
     import contextlib
     import hashlib
@@ -293,6 +293,9 @@ def server_that(then: str):
             )
             conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                          b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")  # fmt: skip
+            if then == "mute":
+                held.append(conn)
+                return
             conn.sendall(frame(1, json.dumps({"type": "ready", "fps": 25.0}).encode()))
             for seq in range(3):
                 conn.sendall(frame(2, struct.pack("<BBHIq", 2, 0, 0, seq, seq * 40000) + b"jpeg"))
@@ -356,6 +359,18 @@ def test_a_server_that_stops_answering_holds_the_client_little_past_seconds(tmp_
         took = time.monotonic() - start
     assert r.returncode == 0 and len(saved_frames(tmp_path / "f")) == 3, r.stderr
     assert took < 1 + 10, took
+
+
+def test_a_server_that_never_answers_the_start_is_one_line_little_past_seconds(tmp_path):
+    """A stream opened that never brought its `ready` held the client for good."""
+    import time
+
+    with server_that("mute") as url:
+        start = time.monotonic()
+        r = ws_client("--server", url, "--seconds", "1", "--out", str(tmp_path / "f"), timeout=30)
+        took = time.monotonic() - start
+    assert_one_line_error(r, "did not answer the stream's start")
+    assert took < 1 + 15, took
 
 
 def test_a_stream_that_cannot_be_opened_is_one_line(tmp_path):
