@@ -145,7 +145,8 @@ class ApiMethods:
     take none) was a 404 `nothing at /healthz`, a path that is there; a GET of /v1/sessions a 404
     too, and a PUT of it a 405 whose Allow header named the files' methods, `GET, HEAD`.
     Now a HEAD is answered as the GET, without the body (the server sends none to a HEAD), and
-    another method the path does not take is a 405 naming those it does."""
+    another method the path does not take is a 405 naming those it does; any method of a /v1/ path
+    no route has is a 404 (the files' 405 to a POST of one sent a client looking for a wrong method)."""
 
     METHODS = ("GET", "POST", "PATCH", "DELETE")
 
@@ -168,6 +169,10 @@ class ApiMethods:
                 allow = ", ".join(allowed + ["HEAD"] * ("GET" in allowed))
                 response = JSONResponse({"error": "method_not_allowed", "message": message}, status_code=405,
                                         headers={"Allow": allow})  # fmt: skip
+                return await response(scope, receive, send)
+            elif scope["path"].startswith("/v1/"):  # the API's, and no file's: nothing there, whatever the method
+                message = f"nothing at {scope['path'][:80]}"
+                response = JSONResponse({"error": "not_found", "message": message}, status_code=404)
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
 

@@ -791,6 +791,14 @@ def test_a_method_an_api_path_does_not_take_is_a_405_naming_those_it_does(client
     assert client.get("/v1/nothing").json()["error"] == "not_found"
 
 
+def test_an_unknown_api_path_is_a_404_whatever_the_method(client):
+    """The page's files answered a POST of one with their 405 (Allow: GET, HEAD): a client given
+    the server's URL with /v1 on its end heard `POST is not allowed on /v1/v1/sessions`."""
+    for method in ("GET", "POST", "PUT", "DELETE", "PATCH"):
+        r = client.request(method, "/v1/v1/sessions")
+        assert r.status_code == 404 and r.json() == {"error": "not_found", "message": "nothing at /v1/v1/sessions"}, r.text
+
+
 def test_any_request_a_client_can_make_is_answered_in_json_without_a_5xx(client):
     """Random methods, routes, bodies and content types, with and without the session's token: a
     refusal (4xx, or 503 at capacity) with a JSON body naming the error, never a 500."""
