@@ -124,6 +124,30 @@ def test_a_manifest_that_is_not_one_is_one_error_naming_it(tmp_path, text, capsy
     assert "corrupted manifest" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["splits"].update(train=5),
+        lambda m: m["splits"]["train"].pop("shards"),
+        lambda m: m["splits"]["train"]["shards"][0].pop("file"),
+        lambda m: m["splits"]["train"]["shards"][0].update(clips="8"),
+        lambda m: m["splits"]["train"]["shards"].append(None),
+        lambda m: m.pop("motion_names"),
+    ],
+)
+def test_an_edited_manifest_is_one_error_naming_it(world, tmp_path, edit, capsys):
+    """A manifest edited by hand (a split or a shard record not an object, a field gone) was a
+    TypeError's or a KeyError's traceback in data preview and the Dataset."""
+    manifest = json.loads((world / "manifest.json").read_text())
+    edit(manifest)
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"corrupted manifest .*manifest.json: "):
+        AvatarWorldDataset(tmp_path / "ds", "train")
+    assert main(["data", "preview", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "pv")]) == 2
+    assert "corrupted manifest" in capsys.readouterr().err
+
+
 def test_a_shard_the_system_will_not_read_is_not_called_corrupted(world, monkeypatch):
     """Too many open files, an I/O error or no permission was "corrupted shard ...": a whole
     dataset to remake, for a limit or a disk to look at."""

@@ -437,7 +437,31 @@ def load_manifest(root: Path) -> dict:
         raise DataError(f"corrupted manifest {path}: not the JSON object of a dataset's manifest")
     if manifest.get("format") != FORMAT:
         raise DataError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT}")
+    wrong = _manifest_fault(manifest)
+    if wrong:  # (an edited manifest: a TypeError's or a KeyError's traceback where it was read)
+        raise DataError(f"corrupted manifest {path}: {wrong}")
     return manifest
+
+
+def _manifest_fault(manifest: dict) -> str | None:
+    """What in `manifest` is not as `_write_manifest` writes it, of what readers index (None: nothing)."""
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(manifest.get("motion_names"), list):
+        return "its motion_names are missing or not a list"
+    for split, entry in manifest["splits"].items():
+        if not (
+            isinstance(entry, dict) and count(entry.get("clips")) and isinstance(entry.get("shards"), list)
+        ):
+            return f"split {split!r} is not an object with a clip count and a list of shards"
+        for k, shard in enumerate(entry["shards"]):
+            if not (
+                isinstance(shard, dict) and isinstance(shard.get("file"), str) and count(shard.get("clips"))
+            ):
+                return f"shard {k} of split {split!r} is not an object with a file and a clip count"
+    return None
 
 
 def check_shard(
