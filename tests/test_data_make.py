@@ -172,6 +172,23 @@ def test_an_older_makes_partial_json_is_gone_on_from(tmp_path, monkeypatch):
         make_dataset(out, 8, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20)
 
 
+@pytest.mark.parametrize("edited", ["5", "[1]", '{"file": "train/shard-00000.npz"}'])
+def test_an_edited_partial_json_is_one_error_naming_it(tmp_path, monkeypatch, edited):
+    """A partial.json whose settings or a shard's line is not an object of theirs (edited by hand)
+    was an AttributeError's or a TypeError's traceback from the next `data make`."""
+    _one_clip_for_all(monkeypatch)
+    out = tmp_path / "ds"
+    with pytest.raises(Stop):
+        make_dataset(out, 8, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20,
+                     progress=lambda clips: (_ for _ in ()).throw(Stop))  # fmt: skip
+    settings, _ = shards._read_partial(out / "partial.json")
+    first = json.dumps({"settings": 5 if edited == "5" else settings})
+    (out / "partial.json").write_text(first + "\n" + ("" if edited == "5" else edited + "\n"))
+    with pytest.raises(shards.DataError, match="partial.json: unreadable"):
+        make_dataset(out, 8, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20)
+    assert shards.partly_made(out) == 0
+
+
 def test_the_manifest_lists_a_splits_shards_in_the_order_of_their_numbers(tmp_path):
     """By name, shard-100000 came before shard-10001: a split of more than 100000 shards (a million
     clips in shards of 8) read its clips out of order."""

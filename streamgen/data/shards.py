@@ -223,6 +223,12 @@ def _read_partial(path: Path) -> tuple[dict, list[dict]]:
         except ValueError:
             if n < len(lines) or text.endswith("\n"):
                 raise
+    # (an edited one: an AttributeError's or a TypeError's traceback where it was read)
+    if not isinstance(settings, dict):
+        raise ValueError("its settings are not an object")
+    for shard in shards:
+        if not (isinstance(shard, dict) and {"file", "clips", "bytes", "sha256"} <= shard.keys()):
+            raise ValueError(f"{json.dumps(shard)[:80]} is not a shard's record")
     return settings, shards
 
 
