@@ -91,6 +91,19 @@ def test_a_preview_of_many_clips_shows_evenly_spaced_ones_on_its_sheet(tmp_path,
     assert Image.open(out / "contact_sheet.png").height == 3 * row_height + 2 * 2  # (2-pixel gaps)
 
 
+def test_the_sheet_of_a_split_of_fewer_clips_than_asked_for_shows_what_it_can(tmp_path, monkeypatch, capsys):
+    """`--clips 1000` of a split of 16 clips spaced the sheet's rows as if 1000 were there: it showed
+    one of them (at most SHEET_ROWS of 1000: one in 334), where it had room for them all."""
+    from streamgen.data import cli
+
+    monkeypatch.setattr(cli, "SHEET_ROWS", 8)
+    root = tmp_path / "ds"
+    make_dataset(root, 20, seed=3, height=16, width=16, seconds=0.04, shard_size=8, n_identities=40)
+    out = tmp_path / "p"
+    assert main(["data", "preview", "--data", str(root), "--clips", "1000", "--out", str(out)]) == 0
+    assert "(16 clips; the sheet shows 8 of them, one in 2)" in capsys.readouterr().out
+
+
 def test_an_empty_out_is_refused_not_taken_for_the_current_folder(tmp_path, monkeypatch, capsys):
     """`data make --out "$UNSET"` made its dataset in the current folder (Path("") is "."), and
     `data preview --out ""` wrote its sheet and video there."""

@@ -171,7 +171,14 @@ def _preview(args) -> int:
     rows = []  # (of each clip on the contact sheet, its row: not its frames)
     # every clip in the video; on the sheet, evenly spaced ones, no more than SHEET_ROWS (a row a
     # clip made 10 000 clips a sheet 1.3 million pixels tall, and their rows 4 GB held meanwhile)
-    every = math.ceil(args.clips / SHEET_ROWS)
+    # (of a split with fewer, as many as it has: spaced as if --clips were there, 1000 of a split of
+    # 60 showed 3 of them)
+    previewed = args.clips
+    if args.data is not None:
+        from .shards import load_manifest
+
+        previewed = min(previewed, load_manifest(args.data)["splits"][args.split]["clips"])
+    every = max(1, math.ceil(previewed / SHEET_ROWS))  # (1: a split whose count was edited to 0)
     counted = 0
 
     def shown():
