@@ -104,6 +104,18 @@ def test_the_sheet_of_a_split_of_fewer_clips_than_asked_for_shows_what_it_can(tm
     assert "(16 clips; the sheet shows 8 of them, one in 2)" in capsys.readouterr().out
 
 
+def test_one_clip_is_said_as_one(tmp_path, monkeypatch, capsys):
+    """`data make --clips 1` said "wrote 1 clips", and a preview of it "(1 clips)"."""
+    root = tmp_path / "ds"
+    tiny = ["--size", "16", "--seconds", "0.04"]
+    assert main(["data", "make", "--out", str(root), "--clips", "1", *tiny]) == 0
+    assert "wrote 1 clip (train 0, val 0, test 1)" in capsys.readouterr().out
+    make_clip = world.make_clip  # (the preview's clip made on the fly: as short)
+    monkeypatch.setattr(world, "make_clip", lambda *args: make_clip(*args, seconds=0.04))
+    assert main(["data", "preview", "--clips", "1", "--size", "16", "--out", str(tmp_path / "p")]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("(1 clip)")
+
+
 def test_an_empty_out_is_refused_not_taken_for_the_current_folder(tmp_path, monkeypatch, capsys):
     """`data make --out "$UNSET"` made its dataset in the current folder (Path("") is "."), and
     `data preview --out ""` wrote its sheet and video there."""

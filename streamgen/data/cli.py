@@ -130,7 +130,7 @@ def _make(args) -> int:
     counts = ", ".join(f"{s} {v['clips']}" for s, v in manifest["splits"].items())
     before = sum(resumed)
     kept = f", {before} of them made before" if before else ""
-    print(f"wrote {args.clips} clips ({counts}) to {args.out} in {elapsed:.1f} s{kept}")
+    print(f"wrote {clip_count(args.clips)} ({counts}) to {args.out} in {elapsed:.1f} s{kept}")
     if args.clips > before:
         per_minute = clips_of_4s_per_minute(args.clips - before, args.seconds, elapsed)
         size = f"{args.size}x{args.size}"
@@ -158,6 +158,7 @@ def _preview(args) -> int:
     from streamgen.cli import output_folder
 
     from . import media
+    from .shards import clip_count
 
     clips = _clips_to_preview(args)
     first = next(clips, None)
@@ -204,7 +205,7 @@ def _preview(args) -> int:
                 args.out.rmdir()
         raise
     on_sheet = "" if every == 1 else f"; the sheet shows {len(rows)} of them, one in {every}"
-    print(f"wrote {sheet} and {video} ({counted} clips{on_sheet})")
+    print(f"wrote {sheet} and {video} ({clip_count(counted)}{on_sheet})")
     return 0
 
 
