@@ -189,6 +189,17 @@ def test_an_edited_partial_json_is_one_error_naming_it(tmp_path, monkeypatch, ed
     assert shards.partly_made(out) == 0
 
 
+def test_a_make_with_workers_leaves_nothing_in_the_temp_folder(tmp_path, monkeypatch):
+    """Each pool worker's espeak-ng data view (a temp folder of 244 files) was left behind: the pool's
+    exit terminated its workers (SIGTERM), which ran no clean-up."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))  # (the spawned workers' temp folder)
+    make_dataset(tmp_path / "ds", 2, height=16, width=16, seconds=0.04, shard_size=1, n_identities=20,
+                 workers=2)  # fmt: skip
+    assert list(temp.iterdir()) == []
+
+
 def test_the_manifest_lists_a_splits_shards_in_the_order_of_their_numbers(tmp_path):
     """By name, shard-100000 came before shard-10001: a split of more than 100000 shards (a million
     clips in shards of 8) read its clips out of order."""

@@ -373,6 +373,11 @@ def _write_shards(out: Path, settings: dict, workers: int, progress, resumed=Non
                 watched = pool_processes() - before  # (the pool's own: not other children of a caller's)
                 for info in results_as_done(pool, _make_shard, jobs, ahead=2 * workers, processes=watched):
                     record(info)
+                # the workers let end on their own, not terminated as the pool's exit does (SIGTERM):
+                # killed, each left its espeak-ng data view behind in the temp folder (244 files a worker,
+                # every make)
+                pool.close()
+                pool.join()
     except BaseException:
         _remove_unrecorded(out, settings, {w["file"] for w in written})
         raise
