@@ -401,6 +401,10 @@ def test_an_interrupted_make_is_gone_on_from_by_the_same_command(tmp_path, capsy
             ["data", "make", "--clips", "1", "--seconds", "inf"],
             "argument --seconds: 'inf' is not a finite number of seconds",
         ),
+        (  # (was numpy's "Maximum allowed dimension exceeded" traceback, as the clip was made)
+            ["data", "make", "--clips", "1", "--seconds", "1e20"],
+            "argument --seconds: 1e20 s is too long: no array could hold a clip's sound",
+        ),
         (["data", "make", "--clips", "0"], "argument --clips: '0' is not a positive"),
         (["eval", "train-evaluators", "--sync-steps", "0"], "argument --sync-steps: '0' is not a positive"),
         (["eval", "train-evaluators", "--identity-steps", "-3"], "argument --identity-steps: '-3' is not a"),
@@ -424,6 +428,7 @@ def test_the_library_refuses_what_the_command_line_does(tmp_path):
     for kwargs, says in [
         ({"shard_size": 0}, "--shard-size"),
         ({"seconds": 0.01}, "shorter than one frame"),
+        ({"seconds": 1e20}, "too long"),
         ({"height": 8}, "too small"),
     ]:
         with pytest.raises(DataError, match=says):

@@ -27,6 +27,10 @@ def clip_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds")
     if round(value * FPS) < 1:
         raise argparse.ArgumentTypeError(f"{text} s is shorter than one frame (1/{FPS} s)")
+    from .shards import too_long_for_an_array
+
+    if too_long_for_an_array(value):  # (numpy's "Maximum allowed dimension exceeded": a traceback)
+        raise argparse.ArgumentTypeError(f"{text} s is too long: no array could hold a clip's sound")
     return value
 
 

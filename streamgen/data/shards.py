@@ -262,6 +262,12 @@ def clip_count(n: int) -> str:
     return f"{n} clip" if n == 1 else f"{n} clips"
 
 
+def too_long_for_an_array(seconds: float) -> bool:
+    """Whether a clip of `seconds` has more sound (float32 at 16 kHz) than a numpy array may hold: a
+    shorter one too big for the memory is a MemoryError (said as such), this a ValueError."""
+    return round(seconds * FPS) * (16000 // FPS) * 4 > np.iinfo(np.intp).max
+
+
 def make_dataset(
     out: Path,
     n_clips: int,
@@ -294,6 +300,8 @@ def make_dataset(
         raise DataError(f"frames of {height}x{width} are too small to draw a face (16x16 at least)")
     if not (math.isfinite(seconds) and round(seconds * FPS) >= 1):
         raise DataError(f"clips of {seconds} s are shorter than one frame (1/{FPS} s)")
+    if too_long_for_an_array(seconds):
+        raise DataError(f"clips of {seconds} s are too long: no array could hold a clip's sound")
     settings = {
         "format": FORMAT, "seed": seed, "clips": n_clips, "height": height, "width": width,
         "seconds": seconds, "identities": n_identities, "shard_size": shard_size,
