@@ -430,6 +430,8 @@ def test_the_library_refuses_what_the_command_line_does(tmp_path):
         ({"seconds": 0.01}, "shorter than one frame"),
         ({"seconds": 1e20}, "too long"),
         ({"height": 8}, "too small"),
+        # (was numpy's "high is out of bounds for int64" traceback, as the first clip was made)
+        ({"n_identities": 2**63}, r"--identities 9223372036854775808 is more than 2\*\*63 - 1"),
     ]:
         with pytest.raises(DataError, match=says):
             make_dataset(tmp_path / "ds", 2, **kwargs)

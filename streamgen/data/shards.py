@@ -294,6 +294,8 @@ def make_dataset(
         raise DataError("--clips must be at least 1")
     if n_identities < 10:
         raise DataError("need at least 10 identities so every split has some")
+    if n_identities > np.iinfo(np.int64).max:  # (numpy's draw of one: "high is out of bounds", a traceback)
+        raise DataError(f"--identities {n_identities} is more than 2**63 - 1 (numpy's largest integer)")
     if shard_size < 1:
         raise DataError("--shard-size must be at least 1")
     if min(height, width) < 16:
