@@ -57,3 +57,26 @@ def test_synthesis_is_a_function_of_text_and_voice():
 def test_bad_input_is_one_clear_error(text, voice, message):
     with pytest.raises(SpeechError, match=message):
         synthesize(text, voice)
+
+
+def test_a_ctrl_c_during_synthesis_stops_it():
+    """A signal that came while espeak-ng spoke was handled in its synthesis callback, where the
+    KeyboardInterrupt was "Exception ignored on calling ctypes callback function": printed, and lost
+    (`data make` and `data preview` went on after a Ctrl-C or a SIGTERM)."""
+    import signal
+
+    before = synthesize("Hello there.")
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    handler = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.02)  # (a long text: still being spoken then)
+        with pytest.raises(KeyboardInterrupt):
+            synthesize("This sentence is spoken again and again. " * 200)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, handler)
+    after = synthesize("Hello there.")  # (the engine speaks as before)
+    assert np.array_equal(before.audio, after.audio) and before.phonemes == after.phonemes

@@ -23,6 +23,7 @@ import ctypes.util
 import logging
 import os
 import re
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -180,10 +181,13 @@ class _Engine:
             raise SpeechError(f"espeak-ng failed to initialise (data path {data_path})")
         self._chunks: list[np.ndarray] = []
         self._events: list[tuple[int, int, int, bytes]] = []
+        self._stopped: BaseException | None = None  # a Ctrl-C or a SystemExit met in the callback
         self._callback = _CALLBACK(self._on_synth)  # keep a reference: the library holds the pointer
         self.lib.espeak_SetSynthCallback(self._callback)
 
     def _on_synth(self, wav, num_samples, events) -> int:
+        if self._stopped is not None:
+            return 1  # (1 = stop: a Ctrl-C or a SystemExit came in a callback before, see _speak)
         if num_samples > 0 and wav:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
         i = 0
@@ -208,12 +212,35 @@ class _Engine:
         # a pure function of (text, voice), which per-seed determinism of the dataset needs
         self.lib.espeak_ng_SetRandSeed(ctypes.c_long(0x5EED))
         self.libc.srand(0x5EED)
-        data = text.encode("utf-8") + b"\0"
-        status = self.lib.espeak_Synth(data, len(data), 0, 1, 0, _CHARS_UTF8, None, None)
+        status = self._speak(text.encode("utf-8") + b"\0")
         if status != 0:
             raise SpeechError(f"espeak-ng synthesis failed (status {status}) for text {text[:40]!r}")
         pcm = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
         return pcm, self._events
+
+    def _speak(self, data: bytes) -> int:
+        """espeak_Synth of `data`, its status. A signal that comes while it runs is handled in the next
+        call of the synthesis callback: its KeyboardInterrupt (Ctrl-C) or SystemExit (SIGTERM, see
+        `terminate_as_exit`) was "Exception ignored on calling ctypes callback function", a traceback
+        printed and the command going on as if not stopped. Here it ends the synthesis and is raised."""
+        self._stopped = None
+        unraisable_before = sys.unraisablehook
+
+        def catch_stops(unraisable) -> None:
+            if isinstance(unraisable.exc_value, KeyboardInterrupt | SystemExit):
+                self._stopped = self._stopped or unraisable.exc_value
+            else:
+                unraisable_before(unraisable)
+
+        sys.unraisablehook = catch_stops
+        try:
+            status = self.lib.espeak_Synth(data, len(data), 0, 1, 0, _CHARS_UTF8, None, None)
+        finally:
+            sys.unraisablehook = unraisable_before
+        stopped, self._stopped = self._stopped, None
+        if stopped is not None:
+            raise stopped
+        return status
 
     def clauses(self, text: str, voice: Voice) -> list[Clause]:
         """The phonemes espeak-ng would speak for `text`, clause by clause (`_read_clauses`). Where its
