@@ -128,3 +128,29 @@ def test_an_empty_out_is_refused_not_taken_for_the_current_folder(tmp_path, monk
         err = capsys.readouterr().err
         assert exited.value.code == 2 and "argument --out: '' names no folder" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_preview_sent_sigterm_leaves_nothing(tmp_path):
+    """SIGTERM (`timeout`, `kill`) ended a preview where it was: the folder it made was left, with the
+    video's temp file in it. It ends as a Ctrl-C does: nothing left, exit 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "p"
+    argv = ["data", "preview", "--clips", "400", "--size", "16", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "streamgen", *argv], stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):  # (the imports and the first clip: seconds)
+            if (out.exists() and any(out.iterdir())) or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the preview ended before it could be stopped"
+        os.kill(proc.pid, signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert not out.exists()

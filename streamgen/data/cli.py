@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streamgen.cli import UserError, output_folder
+    from streamgen.cli import UserError, output_folder, restore_handlers, terminate_as_exit
 
     from .shards import DataError
     from .speech import SpeechError
@@ -74,7 +74,13 @@ def run(args: argparse.Namespace) -> int:
             )
         args.seed = 0 if args.seed is None else args.seed
         args.size = 128 if args.size is None else args.size
-        return _preview(args)
+        # SIGTERM ends it as Ctrl-C does: Python's default left the folder it made and the video's
+        # temp file in it
+        terminated_before = terminate_as_exit()
+        try:
+            return _preview(args)
+        finally:
+            restore_handlers(terminated_before)
     except (DataError, SpeechError) as e:
         raise UserError(str(e)) from None
 
