@@ -200,6 +200,21 @@ def test_a_make_with_workers_leaves_nothing_in_the_temp_folder(tmp_path, monkeyp
     assert list(temp.iterdir()) == []
 
 
+def test_an_interrupted_make_with_workers_leaves_nothing_in_the_temp_folder(tmp_path, monkeypatch):
+    """A make interrupted (Ctrl-C, SIGTERM, a worker killed) terminates its pool's workers, which run
+    no clean-up: each left its espeak-ng data view (a temp folder of 244 files) behind."""
+    import tempfile
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))  # (the spawned workers' temp folder)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # (and this process's)
+    with pytest.raises(Stop):
+        make_dataset(tmp_path / "ds", 20, height=16, width=16, seconds=0.04, shard_size=1, n_identities=20,
+                     workers=2, progress=lambda clips: (_ for _ in ()).throw(Stop))  # fmt: skip
+    assert list(temp.iterdir()) == []
+
+
 def test_the_manifest_lists_a_splits_shards_in_the_order_of_their_numbers(tmp_path):
     """By name, shard-100000 came before shard-10001: a split of more than 100000 shards (a million
     clips in shards of 8) read its clips out of order."""
@@ -271,7 +286,7 @@ def test_a_make_starts_no_more_workers_than_shards_to_make(tmp_path, monkeypatch
     sizes = []
 
     class Context:
-        def Pool(self, processes, initializer=None):
+        def Pool(self, processes, initializer=None, initargs=()):
             sizes.append(processes)
             return ThreadPool(processes)
 
