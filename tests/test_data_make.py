@@ -298,6 +298,26 @@ def test_a_make_starts_no_more_workers_than_shards_to_make(tmp_path, monkeypatch
     assert sizes == [3] and "with 1 worker\n" in capsys.readouterr().out  # (made in this process)
 
 
+def test_a_make_gone_on_from_says_the_workers_it_used(tmp_path, capsys):
+    """A make with one shard left to make said "with 2 workers" (of --workers 2) and made it in one."""
+    from streamgen.cli import main
+
+    out = tmp_path / "ds"
+    finished = []
+
+    def stop_at_the_second(clips):
+        finished.append(clips)
+        if len(finished) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):  # (2 of its 3 shards made: a split's each)
+        make_dataset(out, 3, height=16, width=16, seconds=0.04, shard_size=1, n_identities=20,
+                     progress=stop_at_the_second)  # fmt: skip
+    argv = ["data", "make", "--out", str(out), "--clips", "3", "--size", "16", "--seconds", "0.04"]
+    assert main([*argv, "--identities", "20", "--shard-size", "1", "--workers", "2"]) == 0
+    assert "2 of them made before" in (said := capsys.readouterr().out) and "with 1 worker\n" in said, said
+
+
 def test_clips_too_long_for_the_memory_are_one_line(tmp_path, monkeypatch, capsys):
     """`--seconds 1e7` was numpy's MemoryError traceback ('Unable to allocate 596. GiB')."""
     from streamgen.cli import main

@@ -95,7 +95,8 @@ def _make(args) -> int:
     output_folder(args.out, make=False)  # (it makes the folder itself, and removes it on failure)
     resumed = []  # (an unfinished make's clips still there as it wrote them, which this one goes on from)
     # (make_dataset starts no more workers than shards to make)
-    workers = min(args.workers, sum(planned_shards(args.clips, args.shard_size).values()))
+    planned = sum(planned_shards(args.clips, args.shard_size).values())
+    workers = min(args.workers, planned)
     start = time.perf_counter()
     # SIGTERM (`timeout`, `kill`, a job scheduler) ends it as Ctrl-C does (exit 143): Python's default
     # ended this process alone, its pool's workers left to finish their shards unrecorded and print
@@ -103,8 +104,10 @@ def _make(args) -> int:
     terminated_before = terminate_as_exit()
     bars = []  # (opened as make_dataset begins the work, its checks passed: a refused make showed one)
 
-    def begun(clips_kept: int) -> None:
+    def begun(clips_kept: int, shards_kept: int) -> None:
+        nonlocal workers  # (of the shards left: a make with one to go said "with 2 workers" and used 1)
         resumed.append(clips_kept)
+        workers = max(1, min(workers, planned - shards_kept))
         bars.append(tqdm(total=args.clips, unit="clip", desc="data make"))
 
     try:

@@ -279,10 +279,10 @@ def make_dataset(
     n_identities: int = 500,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
-    resumed: Callable[[int], None] | None = None,
+    resumed: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Generate `n_clips` clips into `out`; returns the manifest. Goes on from the shards an
-    unfinished make of the same settings left there (PARTIAL), their clips given to `resumed`
+    unfinished make of the same settings left there (PARTIAL), their clips and shards given to `resumed`
     (those still there as it wrote them); if this one does not finish, the shards it finished
     are kept for the next (and nothing else: no folder made for nothing)."""
     out = Path(out)
@@ -349,7 +349,7 @@ def _write_shards(out: Path, settings: dict, workers: int, progress, resumed=Non
     )
     written = list(finished.values())
     kept = sum(w["clips"] for w in written)
-    resumed and resumed(kept)  # (first: every check passed, the work begins)
+    resumed and resumed(kept, len(finished))  # (first: every check passed, the work begins)
     progress and kept and progress(kept)
 
     partial = None  # (written anew at the first shard finished, with those still there, then appended to)
