@@ -110,13 +110,13 @@ def test_the_clip_workers_leave_a_ctrl_c_to_the_command(monkeypatch):
     printed 'Process SpawnPoolWorker-N:' over the command's 'interrupted'. They ignore it, as
     `data make`'s do, and the command, interrupted, ends them."""
     import multiprocessing
+    import signal
+    import tempfile
 
-    from streamgen.data.pool import leave_interrupts_to_the_parent
-
-    started = []
+    started, ignored = [], []
 
     class Pool:  # (in this process: what matters is how the workers start)
-        def __init__(self, workers, initializer=None):
+        def __init__(self, workers, initializer=None, initargs=()):
             started.append(initializer)
 
         def __enter__(self):
@@ -128,10 +128,32 @@ def test_the_clip_workers_leave_a_ctrl_c_to_the_command(monkeypatch):
         def imap(self, function, jobs, chunksize=1):
             return map(function, jobs)
 
+        def close(self):
+            pass
+
+        def join(self):
+            pass
+
     monkeypatch.setattr(multiprocessing.get_context("spawn"), "Pool", Pool, raising=False)
     monkeypatch.setattr(train, "_make", lambda job: job)
     assert len(train.training_clips(3, 0, 32, workers=2)) == 3
-    assert started == [leave_interrupts_to_the_parent]
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: ignored.append((signum, handler)))
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)  # (put back after the worker's start sets it)
+    started[0]("/nowhere")  # (a worker's start, here)
+    assert ignored == [(signal.SIGINT, signal.SIG_IGN)] and tempfile.tempdir == "/nowhere"
+
+
+def test_the_clip_workers_leave_nothing_in_the_temp_folder(tmp_path, monkeypatch):
+    """Each pool worker's espeak-ng data view (a temp folder of 244 files) was left behind at every
+    run: the pool's exit terminated its workers, which ran no clean-up (as `data make`'s did)."""
+    import tempfile
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))  # (the spawned workers' temp folder)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # (and this process's)
+    assert len(train.training_clips(2, 0, 16, workers=2)) == 2
+    assert list(temp.iterdir()) == []
 
 
 def test_a_resumed_phase_shows_the_rate_of_the_steps_it_runs(monkeypatch):

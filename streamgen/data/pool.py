@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import queue
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 # how often a make waiting for its pool's next shard looks whether a worker is gone
 WORKER_CHECK_S = 1.0
@@ -56,6 +57,33 @@ def results_as_done(
         if not ok:
             raise result
         yield result
+
+
+@contextmanager
+def worker_pool(workers: int, prefix: str):
+    """A spawn Pool of `workers` whose temp files go to a folder of the caller's, removed after them
+    (a worker ended by the pool's terminate, as an interrupted run's are, runs no clean-up: each
+    left its espeak-ng data view, 244 files, in the system's temp folder), and whose workers leave
+    interrupts to the parent. Left without an error, the workers end on their own (close and join),
+    not terminated."""
+    import multiprocessing as mp
+    import tempfile
+
+    with (
+        tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as temp,
+        mp.get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(temp,)) as pool,
+    ):
+        yield pool
+        pool.close()
+        pool.join()
+
+
+def _start_worker(temp: str) -> None:
+    """A pool worker's start: its temp files in `temp`, interrupts left to the parent."""
+    import tempfile
+
+    tempfile.tempdir = temp
+    leave_interrupts_to_the_parent()
 
 
 def leave_interrupts_to_the_parent() -> None:

@@ -374,27 +374,13 @@ def _write_shards(out: Path, settings: dict, workers: int, progress, resumed=Non
             for job in jobs:
                 record(_make_shard(job))
         else:
-            import multiprocessing as mp
-            import tempfile
-
-            from .pool import pool_processes, results_as_done
+            from .pool import pool_processes, results_as_done, worker_pool
 
             before = pool_processes()
-            # the workers' temp files in a folder of this make's, removed after them: a worker ended by
-            # the pool's terminate (a make interrupted, a worker killed) runs no clean-up, and left its
-            # espeak-ng data view (244 files) in the system's temp folder
-            with (
-                tempfile.TemporaryDirectory(prefix="streamgen-make-", ignore_cleanup_errors=True) as temp,
-                mp.get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(temp,)) as pool,
-            ):
+            with worker_pool(workers, "streamgen-make-") as pool:  # (their temp files removed after them)
                 watched = pool_processes() - before  # (the pool's own: not other children of a caller's)
                 for info in results_as_done(pool, _make_shard, jobs, ahead=2 * workers, processes=watched):
                     record(info)
-                # the workers let end on their own, not terminated as the pool's exit does (SIGTERM):
-                # killed, each left its espeak-ng data view behind in the temp folder (244 files a worker,
-                # every make)
-                pool.close()
-                pool.join()
     except BaseException:
         _remove_unrecorded(out, settings, {w["file"] for w in written})
         raise
@@ -402,16 +388,6 @@ def _write_shards(out: Path, settings: dict, workers: int, progress, resumed=Non
         if partial is not None:
             partial.close()
     return written
-
-
-def _start_worker(temp: str) -> None:
-    """A make's pool worker's start: its temp files in `temp`, interrupts left to the parent."""
-    import tempfile
-
-    from .pool import leave_interrupts_to_the_parent
-
-    tempfile.tempdir = temp
-    leave_interrupts_to_the_parent()
 
 
 def _remove_unrecorded(out: Path, settings: dict, recorded: set[str]) -> None:

@@ -64,13 +64,12 @@ def training_clips(
             out.append(_make(job))
             bar and bar.update(1)
         return out
-    import multiprocessing as mp
-
-    from streamgen.data.pool import leave_interrupts_to_the_parent
+    from streamgen.data.pool import worker_pool
 
     # (a Ctrl-C reaches the workers too: each printed "Process SpawnPoolWorker-N:" and its traceback
-    # over the command's "interrupted"; the parent, interrupted, ends them)
-    with mp.get_context("spawn").Pool(workers, initializer=leave_interrupts_to_the_parent) as pool:
+    # over the command's "interrupted"; the parent, interrupted, ends them. Their temp files are
+    # removed after them: each left its espeak-ng data view in the system's temp folder, every run)
+    with worker_pool(workers, "streamgen-evaluators-") as pool:
         out = []
         for item in pool.imap(_make, jobs, chunksize=4):
             out.append(item)
