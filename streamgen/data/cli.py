@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     make.add_argument("--out", type=named_folder, required=True, help="output folder (must not hold a dataset)")
     make.add_argument("--clips", type=positive_int, required=True, help="number of clips over all splits")
     make.add_argument("--seed", type=seed_number, default=0)
-    make.add_argument("--size", type=frame_size, default=64, help="frame height and width in pixels")
+    make.add_argument("--size", type=frame_size, default=64, help="frame height and width in pixels (a multiple of 16)")
     make.add_argument("--seconds", type=clip_seconds, default=4.0, help="clip length")
     make.add_argument("--identities", type=positive_int, default=500, help="size of the identity pool")
     make.add_argument("--shard-size", type=positive_int, default=32, help="clips per shard")
