@@ -191,3 +191,29 @@ def test_a_silent_limit_asked_below_two_seconds_is_two(browser_page):
             assert got == [2000, 2000, 3000, 2500, 10000, 10000, 10000, 2000]
         finally:
             page.close()
+
+
+@pytest.mark.parametrize("width,height", [(844, 390), (667, 375)])
+def test_a_landscape_phones_stage_fits_its_height(browser_page, width, height):
+    """On a phone held sideways (844x390, 667x375) the square stage was 512 px (as wide as the
+    screen allowed), taller than the screen: the face's lower half was under its edge. The stage
+    fits the screen's height now, square, with the controls beside it."""
+    box = "(s) => { const r = document.querySelector(s).getBoundingClientRect(); return [r.width, r.height, r.right, r.bottom]; }"
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        page.set_viewport_size({"width": width, "height": height})
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 1", timeout=60_000)
+            stage_width, stage_height, _, stage_bottom = page.evaluate(box, ".stage")
+            assert stage_bottom <= height and stage_width >= 200, (stage_width, stage_height, stage_bottom)
+            assert abs(stage_width - stage_height) < 0.5, (stage_width, stage_height)  # square
+            assert page.evaluate(box, "#canvas")[3] <= height
+            # the controls beside the stage, not under it, nor past the screen's edge
+            stage_right = page.evaluate(box, ".stage")[2]
+            hangup_width, _, hangup_right, _ = page.evaluate(box, "#hangup")
+            assert stage_right <= hangup_right - hangup_width and hangup_right <= width, (stage_right, hangup_right)
+            assert page.evaluate("document.documentElement.scrollWidth") <= width
+            page.click("#hangup")
+        finally:
+            page.close()
