@@ -95,3 +95,37 @@ def test_a_picture_chosen_instead_of_an_unknown_avatar_takes_its_notice_away(bro
             assert page.text_content("#notice") == ""
         finally:
             page.close()
+
+
+def test_a_picture_too_large_is_said_in_the_pages_words_with_the_limit(browser_page, tmp_path):
+    """A picture over 4 MiB, or over 16 Mpixel, was refused in the server's words for programs:
+    'failed: 413: request body of 4.84 MiB; the limit is 4 MiB', 'failed: 413: reference image is
+    4100x4100 pixels; at most 16777216 pixels are accepted'. The page says what is wrong with the
+    picture, and the server's limit, in a user's words now."""
+    import numpy as np
+    from PIL import Image
+
+    heavy = tmp_path / "heavy.png"  # noise does not compress: 4.84 MiB
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1300, 1300, 3), np.uint8)).save(heavy)
+    wide = tmp_path / "wide.png"  # one colour: 48 KiB, but 16.8 Mpixel
+    Image.new("RGB", (4100, 4100)).save(wide)
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        try:
+            page.goto(f"{url}/?mic=0&transport=ws")
+            page.wait_for_selector("#avatars button[title='Ada']")
+            said = []
+            for picture in (heavy, wide):
+                page.set_input_files("#upload", str(picture))
+                page.click("#connect")
+                page.wait_for_function("window.streamgenStats.state.startsWith('failed')", timeout=30_000)
+                said.append(page.text_content("#status"))
+                assert page.is_enabled("#connect") and page.is_enabled("#upload")
+            assert said == [
+                "failed: your picture is 4.84 MiB, larger than this server takes (at most 4 MiB): choose a smaller one",
+                "failed: your picture is 4100x4100 pixels, more than this server takes (at most 16.8 megapixels,"
+                " as 4096x4096): choose a smaller one",
+            ], said
+            assert not app.state.registry.sessions
+        finally:
+            page.close()

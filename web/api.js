@@ -55,7 +55,33 @@ export async function createSession() {
   if (res.status === 401) {  // the server's words are for programs (a header): a page takes it from its address
     throw new Error(`401: this server needs its token: open the page as ${location.pathname}?token=<server token>`);
   }
+  if (file && res.status === 413) throw await pictureTooLarge(res, file);
   return apiJson(res);
+}
+
+// A picture too large, said in a user's words with the server's limit: its own are for programs
+// ("413: request body of 4.84 MiB; the limit is 4 MiB", "413: reference image is 4100x4100 pixels;
+// at most 16777216 pixels are accepted"). A 413 that is not the API's (a proxy's page) names no limit.
+async function pictureTooLarge(res, file) {
+  const said = (await res.json().catch(() => null))?.message || "";
+  const pixels = said.match(/(?:is (\d+x\d+) pixels|too many pixels); at most (\d+) pixels/);
+  if (pixels) {
+    const most = Number(pixels[2]), side = Math.floor(Math.sqrt(most));
+    const what = pixels[1] ? `is ${pixels[1]} pixels, more` : "has more pixels";
+    return new Error(`your picture ${what} than this server takes (at most ${Number((most / 1e6).toPrecision(3))} `
+      + `megapixels, as ${side}x${side}): choose a smaller one`);
+  }
+  const limit = said.match(/limit (?:is|of) (\d[\d.]* (?:bytes|KiB|MiB|GiB))/);
+  return new Error(`your picture is ${sizeText(file.size)}, larger than this server takes`
+    + `${limit ? ` (at most ${limit[1]})` : ""}: choose a smaller one`);
+}
+
+// a byte count as the server says it (server/app.py's size_text): "4.84 MiB"
+function sizeText(n) {
+  for (const [unit, size] of [["GiB", 2 ** 30], ["MiB", 2 ** 20], ["KiB", 2 ** 10]]) {
+    if (n >= size) return `${Number((n / size).toPrecision(3))} ${unit}`;
+  }
+  return `${n} bytes`;
 }
 
 export function deleteSession(s) {
