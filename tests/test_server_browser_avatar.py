@@ -129,3 +129,32 @@ def test_a_picture_too_large_is_said_in_the_pages_words_with_the_limit(browser_p
             assert not app.state.registry.sessions
         finally:
             page.close()
+
+
+def test_a_file_that_is_no_picture_is_said_as_the_users_picture(browser_page, tmp_path):
+    """A file chosen that is not an image (or is cut short, or too small) was said in the API's
+    words for its field: 'failed: 415: reference is not an image (...)'. It is 'your picture' now,
+    as the page calls it."""
+    notes = tmp_path / "notes.png"
+    notes.write_text("not a picture")
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(png_bytes()[:60])
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        try:
+            page.goto(f"{url}/?mic=0&transport=ws")
+            page.wait_for_selector("#avatars button[title='Ada']")
+            said = []
+            for picture in (notes, cut):
+                page.set_input_files("#upload", str(picture))
+                page.click("#connect")
+                page.wait_for_function("window.streamgenStats.state.startsWith('failed')", timeout=30_000)
+                said.append(page.text_content("#status"))
+                page.evaluate("window.streamgenStats.state = ''")
+            assert said == [
+                "failed: your picture is not an image (PNG, JPEG, WebP, BMP or GIF)",
+                "failed: your picture could not be decoded: image file is truncated",
+            ], said
+            assert not app.state.registry.sessions
+        finally:
+            page.close()

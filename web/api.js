@@ -56,6 +56,13 @@ export async function createSession() {
     throw new Error(`401: this server needs its token: open the page as ${location.pathname}?token=<server token>`);
   }
   if (file && res.status === 413) throw await pictureTooLarge(res, file);
+  if (file && (res.status === 415 || res.status === 422)) {
+    // a picture the server cannot read (not an image, corrupt, too small), in the page's words for
+    // it: "415: reference is not an image ..." named the API's field, not the picture chosen. (A
+    // caption refused is said in the server's words.)
+    const json = await res.clone().json().catch(() => null);
+    if (json?.error === "bad_image") throw new Error(json.message.replace(/^reference( image)?/, "your picture"));
+  }
   return apiJson(res);
 }
 
