@@ -184,6 +184,13 @@ class WebFiles(StaticFiles):
     one, whose imports then named nothing (a dead page)."""
 
     async def get_response(self, path: str, scope) -> Response:
+        if scope["method"] not in ("GET", "HEAD"):
+            # a file's other methods are a 405, as starlette answers; but a path no file has is a
+            # 404 whatever the method (`POST /nope` was a 405: the client looked for a wrong method)
+            found = await super().get_response(path, {**scope, "method": "GET"})  # (raises its 404)
+            if found.status_code == 404:
+                raise StarletteHTTPException(status_code=404)
+            raise StarletteHTTPException(status_code=405, headers={"Allow": "GET, HEAD"})
         response = await super().get_response(path, scope)
         response.headers["Cache-Control"] = "no-cache"
         return response

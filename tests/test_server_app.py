@@ -915,3 +915,14 @@ def test_a_cors_origin_with_a_port_no_page_can_have_is_refused(origin, capsys, m
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
     assert main(["serve", "--port", str(free_port()), "--model", "debug", "--cors-origin", origin]) == 2
     assert f"--cors-origin {origin!r}: an origin is scheme://host[:port]" in capsys.readouterr().err
+
+
+def test_a_path_no_file_has_is_a_404_whatever_the_method(client):
+    """docs/api.md: unknown paths are `not_found`. Outside /v1/ the page's files answered any
+    method but GET and HEAD with their 405 before looking: `POST /nope` was `method_not_allowed`."""
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        r = client.request(method, "/nope")
+        assert r.status_code == 404 and r.json() == {"error": "not_found", "message": "nothing at /nope"}, r.text
+        r = client.request(method, "/index.html")  # a file: its methods are GET and HEAD
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD", (method, r.status_code, r.text)
+    assert client.post("/").status_code == 405  # (the page itself)
