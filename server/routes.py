@@ -63,14 +63,16 @@ async def create_session(request: Request):
     registry: SessionRegistry = request.app.state.registry
     config = registry.config
     _require_server_token(request, config.token)
-    registry.admit()  # before reading an upload: refuse cheaply when full
     fields, upload = await _session_fields(request, config)
     avatar, caption, seed = _session_params(fields, upload is not None)
+    reference = None if upload is not None else _avatar_reference(avatar)
+    # after the checks that cost nothing: a full server's 503 sent a request that can never succeed
+    # (an unknown avatar, a bad seed) to be retried after Retry-After, for good. Before the upload's
+    # decoding, which a full server is spared
+    registry.admit()
     # a small file can hold 16 Mpixels: decoded off the event loop, which every stream's frames wait on
     if upload is not None:
         reference = await asyncio.to_thread(decode_upload, upload, config)
-    else:
-        reference = _avatar_reference(avatar)
     session = await _new_session(registry, reference, caption, seed)
     if await request.is_disconnected():  # (a page reloaded while its stream was made): nobody will
         # hear of this session, which held a place until the idle limit
@@ -304,14 +306,16 @@ async def whep_new_session(request: Request, avatar: str | None = None, caption:
     # string itself, so that a misspelt parameter is refused rather than ignored)
     registry: SessionRegistry = request.app.state.registry
     _require_server_token(request, registry.config.token)
-    registry.admit()
     sdp = await _read_offer(request)  # before a session exists: a bad offer leaves nothing behind
     try:
         fields = once_each((k, v) for k, v in request.query_params.multi_items() if k != "token")
     except RepeatedField as e:  # (`?avatar=ada&avatar=sample` streamed the sample avatar)
         raise _repeated(e.args[0]) from None
     name, caption, seed = _session_params(fields, has_reference=False)
-    session = await _new_session(registry, _avatar_reference(name), caption, seed)
+    reference = _avatar_reference(name)
+    # (admitted only now, as POST /v1/sessions: a full server's 503 sent a player to retry an offer
+    # or an avatar that can never work)
+    session = await _new_session(registry, reference, caption, seed)
     answered = await _answer(registry, session, sdp, f"/v1/sessions/{session.id}?token={session.token}")
     if await request.is_disconnected():  # nobody has its answer, nor the Location to end it with
         await registry.close(session, "client left before the answer")

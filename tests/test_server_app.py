@@ -604,6 +604,36 @@ def test_admission_control_503(client):
     assert client.post("/v1/sessions", json={}).status_code == 201
 
 
+def test_a_full_server_refuses_a_request_that_can_never_work_with_its_4xx(client):
+    """An unknown avatar, a bad seed, a misspelt field or a bad offer got the full server's 503 with
+    Retry-After, which sent a client (a WHEP player) to retry for good what could never work."""
+    registry = client.app.state.registry
+    held = [new_session(client) for _ in range(registry.admitting() - len(registry.sessions))]
+    offer = _offer("0", "m=video 9 UDP/TLS/RTP/SAVPF 96", "a=recvonly\r\na=rtpmap:96 VP8/90000")
+    sdp = {"content-type": "application/sdp"}
+    try:
+        assert client.post("/v1/sessions", json={}).status_code == 503  # full
+        for r, status, error in (
+            (client.post("/v1/sessions", json={"avatar": "nobody"}), 404, "unknown_avatar"),
+            (client.post("/v1/sessions", json={"seed": -1}), 422, "bad_seed"),
+            (client.post("/v1/sessions", json={"avatr": "ada"}), 422, "unknown_field"),
+            (client.post("/v1/sessions", content=b"{", headers={"content-type": "application/json"}), 400, "bad_json"),
+            (client.post("/v1/sessions", content=b"x", headers={"content-type": "text/plain"}), 415,
+             "unsupported_media_type"),
+            (client.post("/v1/whep?avatar=nobody", content=offer.encode(), headers=sdp), 404, "unknown_avatar"),
+            (client.post("/v1/whep?seed=x", content=offer.encode(), headers=sdp), 422, "bad_seed"),
+            (client.post("/v1/whep", content=b"v=0 garbage", headers=sdp), 400, "bad_sdp"),
+        ):  # fmt: skip
+            assert (r.status_code, r.json()["error"]) == (status, error), r.text
+        # what passes the checks is refused for the room it needs (an upload before its decoding)
+        assert client.post("/v1/whep?avatar=ada", content=offer.encode(), headers=sdp).status_code == 503
+        upload = client.post("/v1/sessions", files={"reference": ("a.png", b"not a picture", "image/png")})
+        assert upload.status_code == 503, upload.text
+    finally:
+        for s in held:
+            client.delete(s["resource"], headers=auth(s["token"]))
+
+
 def test_metrics_names(client):
     text = client.get("/metrics").text
     for name in ("streamgen_sessions_active", "streamgen_chunk_latency_seconds_bucket", "streamgen_generated_fps",
