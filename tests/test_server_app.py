@@ -423,6 +423,11 @@ def test_server_token():
         assert c.post("/v1/sessions", json={}, headers=auth("nope")).status_code == 403
         r = c.post("/v1/sessions", json={}, headers=auth("sekrit"))
         assert r.status_code == 201
+        # or in the URL, as docs/api.md says (a WHEP player given only a URL; the web page's ?token=)
+        assert c.post("/v1/sessions?token=nope", json={}).status_code == 403
+        made = c.post("/v1/sessions?token=sekrit", json={})
+        assert made.status_code == 201, made.text
+        c.delete(made.json()["resource"], headers=auth("sekrit"))
         # accepted for any session on the WebSocket too, as over HTTP (it was refused: 4403)
         with c.websocket_connect(f"{r.json()['stream']}?token=sekrit") as ws:
             ws.send_text('{"type": "start"}')
