@@ -10,7 +10,7 @@ import secrets
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE, text_problem
+from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE, caption_problem
 
 from .app import ApiError, bearer_token, decode_upload, ended_reason, read_body, require_session
 from .avatars import avatar_image, avatar_png, list_avatars
@@ -122,7 +122,7 @@ def _session_params(fields: dict, has_reference: bool) -> tuple[str, str | None,
         raise ApiError(422, "bad_avatar", "send either an avatar or a reference image, not both")
     if caption is not None and len(caption) > MAX_CAPTION_CHARS:
         raise ApiError(422, "bad_caption", f"caption longer than {MAX_CAPTION_CHARS} characters")
-    problem = None if caption is None else text_problem(caption)
+    problem = None if caption is None else caption_problem(caption)
     if problem:
         raise ApiError(422, "bad_caption", f"caption: {problem}")
     if seed is not None:

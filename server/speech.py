@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 
 from streamgen.data.speech import SpeechError, Voice, count_phonemes, synthesize
+from streamgen.session_limits import caption_problem
 
 from .scheduler import WorkerBusy
 from .session import Session
@@ -160,7 +161,12 @@ async def set_caption(registry, session: Session, text: str) -> None:
     WorkerBusy when the worker has no room for it, or drops it (shutdown). One job per session
     waits in the worker's queue at a time: a caption sent while one waits
     replaces its text (the latest is what the stream gets) rather than queueing another, so one
-    client's burst cannot fill the queue all sessions share."""
+    client's burst cannot fill the queue all sessions share.
+
+    ValueError for a text that cannot be a caption (a NUL character: as a speak's text is refused)."""
+    problem = caption_problem(text)
+    if problem:
+        raise ValueError(f"caption: {problem}")
     session.caption_wanted = text  # (before the check: a job that has started reads it after)
     job = session.caption_job
     if job is None:

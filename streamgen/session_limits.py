@@ -20,3 +20,12 @@ def text_problem(text: str) -> str | None:
     except UnicodeEncodeError as e:
         return f"text holds a lone surrogate ({text[e.start]!r} at character {e.start}), which is not Unicode text"
     return None
+
+
+def caption_problem(text: str) -> str | None:
+    """Why `text` cannot be a caption, or None: `text_problem`, or a NUL character, which a speak's
+    text is refused for too (streamgen.data.speech.check_text): it has no meaning in a caption, and
+    one there is a client's bug (a whole C buffer sent), what follows it as likely garbage as words."""
+    if "\0" in text:
+        return f"text contains a NUL character (at character {text.index(chr(0))}); remove it"
+    return text_problem(text)

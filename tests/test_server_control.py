@@ -269,3 +269,29 @@ def test_an_interrupt_posted_during_a_speaks_synthesis_drops_it_with_a_409(clien
     r = client.post(s["resource"] + "/control", json={"type": "speak", "text": "After it."}, headers=h)
     assert r.status_code == 200 and queued == ["speech"]
     assert client.delete(s["resource"], headers=h).status_code == 204
+
+
+def test_a_caption_with_a_nul_is_refused_as_a_speak_is(client):
+    """A speak's text with a NUL was a 422 (a WebSocket's an error), a caption's was taken: at a
+    session's start, over /control and over the WebSocket alike."""
+    import json
+
+    from server_helpers import next_json, started_socket
+
+    said = "text contains a NUL character (at character 1)"
+    r = client.post("/v1/sessions", json={"caption": "a\0b"})
+    assert r.status_code == 422 and said in r.json()["message"], r.text
+    s = new_session(client)
+    h = auth(s["token"])
+    for kind in ("speak", "caption"):
+        r = client.post(s["resource"] + "/control", json={"type": kind, "text": "a\0b"}, headers=h)
+        assert r.status_code == 422 and said in r.json()["message"], (kind, r.text)
+    assert client.app.state.registry.get(s["id"]).caption_wanted is None  # nothing changed
+    client.delete(s["resource"], headers=h)
+    s = new_session(client)
+    with started_socket(client, s) as ws:
+        for kind in ("speak", "caption"):
+            ws.send_text(json.dumps({"type": kind, "text": "a\0b"}))
+            answer = next_json(ws)
+            assert answer["type"] == "error" and answer["for"] == kind and said in answer["message"], answer
+    client.delete(s["resource"], headers=auth(s["token"]))
