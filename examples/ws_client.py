@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import struct
 import time
 import wave
@@ -143,7 +144,11 @@ async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Receive
                     continue
                 kind, _, _, seq, pts_us = HEADER.unpack_from(message)
                 if kind == VIDEO_JPEG:
-                    (out / f"{seq:06d}_{pts_us // 1000:08d}ms.jpg").write_bytes(message[HEADER.size :])
+                    try:  # (a disk that fills up: a traceback, what was saved unsaid)
+                        (out / f"{seq:06d}_{pts_us // 1000:08d}ms.jpg").write_bytes(message[HEADER.size :])
+                    except OSError as e:
+                        print(f"{got} -> {out}/")
+                        raise SystemExit(f"--out {out}: cannot save a frame ({e.strerror or e})") from None
                     got.frames += 1
                 elif kind == AUDIO_OUT:
                     got.audio_bytes += len(message) - HEADER.size
@@ -169,6 +174,12 @@ async def main(args) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"--out {out}: cannot make the folder ({e.strerror or e})") from None
+    probe = out / f".ws_client_{os.getpid()}"
+    try:  # before a session is made: a folder this user may not write to was the first frame's traceback
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot write into the folder ({e.strerror or e})") from None
     args.server = args.server.rstrip("/")  # (the socket's URL took the slash: ws://host//v1/..., a 403)
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     body = {"avatar": args.avatar, "seed": args.seed, **({"caption": args.caption} if args.caption else {})}

@@ -133,6 +133,41 @@ def test_an_out_that_cannot_be_made_is_one_line(server, tmp_path):
     assert app.state.registry.sessions == {}
 
 
+def ws_client_that_cannot_write(names: str, *args: str) -> subprocess.CompletedProcess:
+    """The client run with every file whose name matches `names` refused (PermissionError), as in a
+    folder it may not write to or on a full disk (chmod does not refuse root, whom tests may run as)."""
+    refuse = (
+        "import fnmatch, pathlib, runpy, sys\n"
+        "write = pathlib.Path.write_bytes\n"
+        "def refused(path, data):\n"
+        f"    if fnmatch.fnmatch(path.name, {names!r}):\n"
+        "        raise PermissionError(13, 'Permission denied', str(path))\n"
+        "    return write(path, data)\n"
+        "pathlib.Path.write_bytes = refused\n"
+        f"sys.argv = [{str(CLIENT)!r}, *sys.argv[1:]]\n"
+        f"runpy.run_path({str(CLIENT)!r}, run_name='__main__')\n"
+    )
+    return subprocess.run([sys.executable, "-c", refuse, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_an_out_the_client_may_not_write_into_is_one_line_before_a_session(server, tmp_path):
+    """A folder that is there but not this user's to write was the first frame's PermissionError
+    traceback, after a session had been made."""
+    url, app = server
+    created = app.state.metrics.sessions_created._value.get()
+    r = ws_client_that_cannot_write("*", "--server", url, "--seconds", "0.5", "--out", str(tmp_path))
+    assert_one_line_error(r, "--out", "cannot write into the folder", "Permission denied")
+    assert app.state.metrics.sessions_created._value.get() == created and list(tmp_path.iterdir()) == []
+
+
+def test_a_frame_that_cannot_be_saved_is_one_line_after_what_was_saved(server, tmp_path):
+    """A disk that fills up mid-stream was a traceback; the session is ended all the same."""
+    url, app = server
+    r = ws_client_that_cannot_write("*.jpg", "--server", url, "--seconds", "1", "--out", str(tmp_path))
+    assert_one_line_error(r, "--out", "cannot save a frame", "Permission denied")
+    assert "0 frames" in r.stdout and app.state.registry.sessions == {}
+
+
 def test_an_out_holding_another_runs_frames_is_one_line(server, tmp_path):
     """A second run into the folder of a longer one left its last frames there, mixed with its own."""
     url, app = server
