@@ -63,6 +63,12 @@ async def create_session(request: Request):
     registry: SessionRegistry = request.app.state.registry
     config = registry.config
     _require_server_token(request, config.token)
+    # (`POST /v1/sessions?avatar=nobody&seed=x`, as /v1/whep takes them, made a session of the sample
+    # avatar: its query was never read)
+    misplaced = [name for name in request.query_params if name != "token"]
+    if misplaced:
+        raise ApiError(422, "unknown_field", f"query parameter {misplaced[0][:40]!r}: a session's avatar, caption and "
+                       "seed go in the body (JSON or multipart/form-data); only POST /v1/whep takes them in the URL")  # fmt: skip
     fields, upload = await _session_fields(request, config)
     avatar, caption, seed = _session_params(fields, upload is not None)
     reference = None if upload is not None else _avatar_reference(avatar)

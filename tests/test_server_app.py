@@ -639,6 +639,17 @@ def test_a_full_server_refuses_a_request_that_can_never_work_with_its_4xx(client
             client.delete(s["resource"], headers=auth(s["token"]))
 
 
+def test_session_fields_in_the_url_are_refused_not_ignored(client):
+    """`POST /v1/sessions?avatar=nobody&seed=x` (as /v1/whep takes them) made a session of the
+    sample avatar: the query was never read. Only the server token may come there."""
+    sessions = set(client.app.state.registry.sessions)
+    for query in ("avatar=ada", "avatar=nobody&seed=x", "caption=smiling", "tokn=abc"):
+        r = client.post(f"/v1/sessions?{query}", json={})
+        assert r.status_code == 422 and r.json()["error"] == "unknown_field", (query, r.text)
+        assert "only POST /v1/whep takes them in the URL" in r.json()["message"], r.text
+    assert set(client.app.state.registry.sessions) == sessions
+
+
 def test_metrics_names(client):
     text = client.get("/metrics").text
     for name in ("streamgen_sessions_active", "streamgen_chunk_latency_seconds_bucket", "streamgen_generated_fps",
