@@ -170,6 +170,11 @@ class ApiMethods:
                 response = JSONResponse({"error": "method_not_allowed", "message": message}, status_code=405,
                                         headers={"Allow": allow})  # fmt: skip
                 return await response(scope, receive, send)
+            elif self.takes({**scope, "type": "websocket"}, "GET"):  # (a 404 `nothing at` a path that is there)
+                message = f"{scope['path'][:80]} is a WebSocket: connect to it with ws:// (Upgrade: websocket)"
+                response = JSONResponse({"error": "upgrade_required", "message": message}, status_code=426,
+                                        headers={"Upgrade": "websocket"})  # fmt: skip
+                return await response(scope, receive, send)
             elif scope["path"].startswith("/v1/"):  # the API's, and no file's: nothing there, whatever the method
                 message = f"nothing at {scope['path'][:80]}"
                 response = JSONResponse({"error": "not_found", "message": message}, status_code=404)

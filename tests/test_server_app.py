@@ -845,6 +845,16 @@ def test_an_unknown_api_path_is_a_404_whatever_the_method(client):
         assert r.status_code == 404 and r.json() == {"error": "not_found", "message": "nothing at /v1/v1/sessions"}, r.text
 
 
+def test_a_plain_http_request_of_the_websocket_path_says_it_is_one(client):
+    """`GET /v1/sessions/{id}/stream` without the upgrade (a client given the `stream` path) was
+    a 404 `nothing at`, a path that is there: now 426, naming what to do."""
+    for method in ("GET", "POST"):
+        r = client.request(method, "/v1/sessions/abc/stream?token=x")
+        assert r.status_code == 426 and r.json()["error"] == "upgrade_required", r.text
+        assert r.headers["upgrade"] == "websocket" and "ws://" in r.json()["message"], r.headers
+    assert client.get("/v1/sessions/abc/stream/x").status_code == 404
+
+
 def test_any_request_a_client_can_make_is_answered_in_json_without_a_5xx(client):
     """Random methods, routes, bodies and content types, with and without the session's token: a
     refusal (4xx, or 503 at capacity) with a JSON body naming the error, never a 500."""
