@@ -32,6 +32,9 @@ CLOSE_S = 3.0
 # how long past --seconds the answer to --say is waited for (its synthesis on a busy server)
 SPEAK_ANSWER_S = 15.0
 FRAME_NAMES = "[0-9]*_[0-9]*ms.jpg"  # the frames saved: sequence_pts
+# a ping this often: a run that sends no audio (--say, or neither) is a watch-only socket, which
+# the server closes after its --idle-timeout without a message (4408: 60 s by default)
+KEEPALIVE_S = 1.0
 HEADER = struct.Struct("<BBHIq")  # type, flags, reserved, sequence, pts (microseconds)
 AUDIO_IN, VIDEO_JPEG, AUDIO_OUT = 1, 2, 4
 
@@ -98,6 +101,18 @@ async def send_audio(ws, pcm: np.ndarray) -> None:
         await asyncio.sleep(max(0.0, start + (i + step) / 16000 - time.monotonic()))
 
 
+async def keep_alive(ws) -> None:
+    """A ping every KEEPALIVE_S, until the stream ends (its pongs are not printed)."""
+    n = 0
+    try:
+        while True:
+            await asyncio.sleep(KEEPALIVE_S)
+            await ws.send(json.dumps({"type": "ping", "id": n}))
+            n += 1
+    except websockets.ConnectionClosed:
+        pass  # (the receive loop says how it ended)
+
+
 class Received:
     """What the stream has brought so far: frames saved, audio-out bytes, the stream's fps."""
 
@@ -126,6 +141,7 @@ async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Receive
         if args.say:
             await ws.send(json.dumps({"type": "speak", "text": args.say}))
         sender = asyncio.create_task(send_audio(ws, pcm)) if pcm is not None else None
+        pinger = asyncio.create_task(keep_alive(ws))
         deadline = time.monotonic() + args.seconds
         # the answer to --say (its speech's duration, or why not) is waited for past --seconds: on a
         # busy server it came after a short run's end, which then said nothing of the speech
@@ -137,8 +153,10 @@ async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Receive
                 except TimeoutError:
                     break
                 if isinstance(message, str):
-                    print("server:", message)
-                    answered = answered or json.loads(message).get("type") in ("speaking", "error")
+                    kind = json.loads(message).get("type")
+                    if kind != "pong":  # (the keep-alive's)
+                        print("server:", message)
+                    answered = answered or kind in ("speaking", "error")
                     continue
                 if time.monotonic() > deadline:  # (waiting for the answer: the frames asked for are saved)
                     continue
@@ -153,6 +171,7 @@ async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Receive
                 elif kind == AUDIO_OUT:
                     got.audio_bytes += len(message) - HEADER.size
         finally:
+            pinger.cancel()
             if sender:
                 sender.cancel()
         try:  # (to a server that reads nothing, a send waits for room that never comes)

@@ -116,6 +116,17 @@ def test_the_answer_to_say_is_waited_for_past_seconds(server, tmp_path, monkeypa
     assert all(int(f.name.split("_")[1][:-6]) <= 1500 for f in tmp_path.glob("*.jpg"))  # (--seconds' frames)
 
 
+def test_a_run_that_sends_no_audio_is_not_closed_as_idle(server, tmp_path, monkeypatch):
+    """Without --wav the client sent nothing after its start (and its speak): the server closed
+    the watch-only socket at its --idle-timeout (4408), a --say run of more than 60 s by default."""
+    url, app = server
+    monkeypatch.setattr(app.state.registry.config, "idle_timeout_s", 1.5)
+    r = ws_client("--server", url, "--say", "hi", "--seconds", "4", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert saved_frames(tmp_path)[-1][1] >= 3000 and '"pong"' not in r.stdout, r.stdout
+    assert app.state.registry.sessions == {}
+
+
 def test_an_out_that_is_a_file_is_one_line(server, tmp_path):
     """It was FileExistsError's traceback."""
     url, app = server
