@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import struct
+import sys
 import time
 import wave
 from pathlib import Path
@@ -218,6 +219,9 @@ async def main(args) -> None:
             raise SystemExit(
                 f"the server closed the stream: {e.rcvd.code} {e.rcvd.reason}".rstrip()
             ) from None
+        except asyncio.CancelledError:  # a Ctrl-C (asyncio.run cancels this task): what was saved
+            print(f"{got} -> {out}/")
+            raise
         finally:  # the stream's close ends the session; this ends it where the socket never opened
             try:
                 await http.delete(
@@ -246,4 +250,8 @@ if __name__ == "__main__":
     )
     p.add_argument("--wait", type=wait_seconds, default=30.0, help="seconds to keep asking a busy server")
     p.add_argument("--out", default="frames")
-    asyncio.run(main(p.parse_args()))
+    try:
+        asyncio.run(main(p.parse_args()))
+    except KeyboardInterrupt:  # (asyncio's traceback; the session was ended on the way out)
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

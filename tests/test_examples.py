@@ -127,6 +127,33 @@ def test_a_run_that_sends_no_audio_is_not_closed_as_idle(server, tmp_path, monke
     assert app.state.registry.sessions == {}
 
 
+def test_a_ctrl_c_says_what_was_saved_and_ends_the_session(server, tmp_path):
+    """A Ctrl-C was asyncio's KeyboardInterrupt traceback, what had been saved unsaid."""
+    import os
+    import signal
+    import time
+
+    url, app = server
+    client = subprocess.Popen([sys.executable, str(CLIENT), "--server", url, "--seconds", "30", "--out", str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})  # (its `ready` line as it comes) # fmt: skip
+    try:
+        assert client.stdout.readline().startswith("ready:")
+        deadline = time.monotonic() + 30
+        while not saved_frames(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client.send_signal(signal.SIGINT)
+        out, err = client.communicate(timeout=30)
+    finally:
+        client.kill()
+    assert client.returncode == 130 and err.strip() == "interrupted", err
+    assert " frames (" in out and saved_frames(tmp_path), out
+    deadline = time.monotonic() + 10
+    while app.state.registry.sessions and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.state.registry.sessions == {}
+
+
 def test_an_out_that_is_a_file_is_one_line(server, tmp_path):
     """It was FileExistsError's traceback."""
     url, app = server
