@@ -63,11 +63,17 @@ async def stream_socket(ws: WebSocket, session_id: str):
     session = registry.get(session_id)
     token = ws.query_params.get("token") or _bearer(ws.headers.get("authorization"))
     if session is None:
+        ended_token, reason = registry.ended.get(session_id, (None, None))
+        accepted = [ended_token] + ([registry.config.token] if registry.config.token else [])
+        if ended_token is not None and token and _accepted(token, accepted):
+            # (told its client only, as the session's 404 over HTTP: a client that reconnects after its
+            # session ended heard "unknown session", a session it had just streamed)
+            return await _refuse(ws, CloseCode.NOT_FOUND, f"session ended: {reason}")
         return await _refuse(ws, CloseCode.NOT_FOUND, f"unknown session {session_id[:40]!r}")
     if not token:
         return await _refuse(ws, CloseCode.UNAUTHORIZED, "missing session token (?token= or Authorization)")
     accepted = [session.token] + ([registry.config.token] if registry.config.token else [])  # as over HTTP
-    if not any(secrets.compare_digest(token.encode(), a.encode()) for a in accepted):
+    if not _accepted(token, accepted):
         return await _refuse(ws, CloseCode.FORBIDDEN, "wrong session token")
     if session.transport is not None:
         return await _refuse(ws, CloseCode.CONFLICT, f"session is already streaming over {session.transport}")
@@ -77,6 +83,10 @@ async def stream_socket(ws: WebSocket, session_id: str):
     connection = SocketConnection(ws, session, registry)
     session.on_close(connection.close_for_session)
     await connection.run()
+
+
+def _accepted(token: str, accepted: list[str]) -> bool:
+    return any(secrets.compare_digest(token.encode(), a.encode()) for a in accepted)
 
 
 def _bearer(header: str | None) -> str | None:

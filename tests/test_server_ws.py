@@ -250,6 +250,18 @@ def test_refused_connections(client, which, code):
     client.delete(s["resource"], headers={"Authorization": f"Bearer {s['token']}"})
 
 
+def test_a_socket_to_a_session_that_ended_says_why_to_its_client(client):
+    """A client reconnecting after its session ended heard 4404 "unknown session" (a session it
+    had just streamed) where the session's 404 over HTTP says why it ended; anyone else still
+    hears of an unknown session."""
+    s = socket_session(client)
+    client.delete(s["resource"], headers={"Authorization": f"Bearer {s['token']}"})
+    with client.websocket_connect(stream_url(s)) as ws:
+        assert expect_close(ws) == (CloseCode.NOT_FOUND, "session ended: deleted by client")
+    with client.websocket_connect(stream_url(s, "wrong")) as ws:
+        assert expect_close(ws) == (CloseCode.NOT_FOUND, f"unknown session {s['id']!r}")
+
+
 def test_second_socket_on_a_session_is_refused(client):
     s = socket_session(client)
     with client.websocket_connect(stream_url(s)) as ws:
