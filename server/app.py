@@ -344,10 +344,6 @@ def offered_tokens(request: Request) -> list[str]:
     return [t for t in (bearer, request.query_params.get("token")) if t]
 
 
-def bearer_token(request: Request) -> str | None:
-    return next(iter(offered_tokens(request)), None)
-
-
 def require_session(request: Request, session_id: str) -> Session:
     """The session, if the request carries its token: 404 / 401 / 403 otherwise (the 404 of one
     that closed lately says why it ended, to a request with its token: `SessionRegistry.ended`).
@@ -424,4 +420,4 @@ def decode_upload(data: bytes, config: ServerConfig):
         raise ApiError(e.status, "bad_image", str(e)) from None
 
 
-__all__ = ["ApiError", "create_app", "require_session", "read_body", "decode_upload", "bearer_token"]
+__all__ = ["ApiError", "create_app", "require_session", "read_body", "decode_upload", "offered_tokens"]

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE, caption_problem
 
-from .app import ApiError, bearer_token, decode_upload, ended_reason, read_body, require_session
+from .app import ApiError, decode_upload, ended_reason, offered_tokens, read_body, require_session
 from .avatars import avatar_image, avatar_png, list_avatars
 from .ice import for_peer, link_header
 from .model_host import HostDown
@@ -98,10 +98,12 @@ def _require_server_token(request: Request, token: str | None) -> None:
     """Creating a session on a server started with --token needs that token: 401 / 403."""
     if token is None:
         return
-    given = bearer_token(request)
-    if not given:
+    # either way it may come, as a session's calls take theirs: a stale header beside the right
+    # ?token= (or the reverse) was a 403 here and accepted on the session it made
+    offered = offered_tokens(request)
+    if not offered:
         raise ApiError(401, "unauthorized", "this server needs 'Authorization: Bearer <server token>'")
-    if not secrets.compare_digest(given.encode(), token.encode()):
+    if not any(secrets.compare_digest(given.encode(), token.encode()) for given in offered):
         raise ApiError(403, "forbidden", "wrong server token")
 
 

@@ -61,19 +61,20 @@ async def stream_socket(ws: WebSocket, session_id: str):
     registry: SessionRegistry = ws.app.state.registry
     await ws.accept()  # accept first: a close code with a reason is only possible on an open socket
     session = registry.get(session_id)
-    token = ws.query_params.get("token") or _bearer(ws.headers.get("authorization"))
+    # either may carry it, as over HTTP (a wrong ?token= beside the right header was a 4403)
+    tokens = [t for t in (ws.query_params.get("token"), _bearer(ws.headers.get("authorization"))) if t]
     if session is None:
         ended_token, reason = registry.ended.get(session_id, (None, None))
         accepted = [ended_token] + ([registry.config.token] if registry.config.token else [])
-        if ended_token is not None and token and _accepted(token, accepted):
+        if ended_token is not None and _accepted(tokens, accepted):
             # (told its client only, as the session's 404 over HTTP: a client that reconnects after its
             # session ended heard "unknown session", a session it had just streamed)
             return await _refuse(ws, CloseCode.NOT_FOUND, f"session ended: {reason}")
         return await _refuse(ws, CloseCode.NOT_FOUND, f"unknown session {session_id[:40]!r}")
-    if not token:
+    if not tokens:
         return await _refuse(ws, CloseCode.UNAUTHORIZED, "missing session token (?token= or Authorization)")
     accepted = [session.token] + ([registry.config.token] if registry.config.token else [])  # as over HTTP
-    if not _accepted(token, accepted):
+    if not _accepted(tokens, accepted):
         return await _refuse(ws, CloseCode.FORBIDDEN, "wrong session token")
     if session.transport is not None:
         return await _refuse(ws, CloseCode.CONFLICT, f"session is already streaming over {session.transport}")
@@ -85,8 +86,8 @@ async def stream_socket(ws: WebSocket, session_id: str):
     await connection.run()
 
 
-def _accepted(token: str, accepted: list[str]) -> bool:
-    return any(secrets.compare_digest(token.encode(), a.encode()) for a in accepted)
+def _accepted(tokens: list[str], accepted: list[str]) -> bool:
+    return any(secrets.compare_digest(t.encode(), a.encode()) for t in tokens for a in accepted)
 
 
 def _bearer(header: str | None) -> str | None:

@@ -428,8 +428,19 @@ def test_server_token():
         made = c.post("/v1/sessions?token=sekrit", json={})
         assert made.status_code == 201, made.text
         c.delete(made.json()["resource"], headers=auth("sekrit"))
+        # either way, as a session's calls take theirs: a stale one beside the right one was a 403
+        for url, headers in (("/v1/sessions?token=sekrit", auth("stale")), ("/v1/sessions?token=stale", auth("sekrit"))):
+            made = c.post(url, json={}, headers=headers)
+            assert made.status_code == 201, (url, made.text)
+            c.delete(made.json()["resource"], headers=auth("sekrit"))
         # accepted for any session on the WebSocket too, as over HTTP (it was refused: 4403)
         with c.websocket_connect(f"{r.json()['stream']}?token=sekrit") as ws:
+            ws.send_text('{"type": "start"}')
+            assert '"ready"' in ws.receive_text()
+            ws.send_text('{"type": "stop"}')
+        # a stale ?token= beside the right header, as over HTTP (it was 4403)
+        s = c.post("/v1/sessions", json={}, headers=auth("sekrit")).json()
+        with c.websocket_connect(f"{s['stream']}?token=stale", headers=auth(s["token"])) as ws:
             ws.send_text('{"type": "start"}')
             assert '"ready"' in ws.receive_text()
             ws.send_text('{"type": "stop"}')
