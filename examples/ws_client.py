@@ -119,6 +119,7 @@ class Received:
 
     def __init__(self) -> None:
         self.frames, self.audio_bytes, self.fps = 0, 0, 25.0
+        self.refused: str | None = None  # why the server refused --say, if it did
 
     def __str__(self) -> str:
         frames = f"{self.frames} frame{'s' * (self.frames != 1)}"
@@ -154,9 +155,12 @@ async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Receive
                 except TimeoutError:
                     break
                 if isinstance(message, str):
-                    kind = json.loads(message).get("type")
+                    answer = json.loads(message)
+                    kind = answer.get("type")
                     if kind != "pong":  # (the keep-alive's)
                         print("server:", message)
+                    if kind == "error" and answer.get("for") == "speak":
+                        got.refused = str(answer.get("message"))
                     answered = answered or kind in ("speaking", "error")
                     continue
                 if time.monotonic() > deadline:  # (waiting for the answer: the frames asked for are saved)
@@ -232,6 +236,8 @@ async def main(args) -> None:
             except httpx.HTTPError:
                 pass  # the server went away: so did the session
     print(f"{got} -> {out}/")
+    if got.refused:  # (the run exited 0 with a silent avatar: as a --say too long for the socket, 4413, does not)
+        raise SystemExit(f"the server did not speak --say: {got.refused}")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,16 @@ def test_the_client_asks_the_server_to_speak(server, tmp_path):
     assert '"speaking"' in r.stdout and saved_frames(tmp_path)
 
 
+def test_a_say_the_server_refuses_is_one_line_after_what_was_saved(server, tmp_path):
+    """A --say of which espeak-ng makes no sound was answered with an error, printed among the
+    server's messages, and the run exited 0 with a silent avatar."""
+    url, app = server
+    r = ws_client("--server", url, "--say", "...", "--seconds", "1", "--out", str(tmp_path))
+    assert_one_line_error(r, "the server did not speak --say", "nothing to speak")
+    assert " frames (" in r.stdout and saved_frames(tmp_path), r.stdout
+    assert app.state.registry.sessions == {}
+
+
 def test_the_answer_to_say_is_waited_for_past_seconds(server, tmp_path, monkeypatch):
     """On a busy server the speech's synthesis took longer than a short run: the client ended
     without the answer (no "speaking", nothing said of the speech); a flaky test on a loaded CI."""
