@@ -147,9 +147,9 @@ def test_positions_after_ten_hours_equal_those_after_one_minute():
 
 
 def test_chunk_must_fit_in_ring():
-    model, cfg = make(window_frames=1, frames_per_chunk=2)
-    with pytest.raises(ValueError, match="window"):
-        model.new_cache(1, HW)
+    """Refused as the config is made (a model.json's, a flavor's overrides), not at a stream's start."""
+    with pytest.raises(ValueError, match=r"frames_per_chunk \(2\) must not exceed window_frames \(1\)"):
+        get_config("debug", window_frames=1, frames_per_chunk=2)
 
 
 def test_a_denoising_step_with_gradient_through_the_cache():

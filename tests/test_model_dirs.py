@@ -771,6 +771,8 @@ def _edited_tiny_avatar(tmp_path, **changes):
         # the first chunk, a traceback, or a video made of NaN rotary angles without a word
         ({"config.sink_frames": 0}, "model.json: sink_frames must be at least 1, not 0"),
         ({"config.audio_context_frames": -9}, "audio_context_frames must be at least 0, not -9"),
+        # (a stream's first chunk said it, once the model had loaded, naming no file)
+        ({"config.window_frames": 1}, "model.json: frames_per_chunk (2) must not exceed window_frames (1)"),
         ({"config.rope_theta": 0.0}, "rope_theta must be a positive number, not 0.0"),
         ({"config.eps": -1.0}, "eps must be a positive number, not -1.0"),
         ({"config.patch_size": [1, 2]}, "patch_size must be 3 positive sizes (t, h, w), not (1, 2)"),

@@ -78,6 +78,12 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a positive number, not {getattr(self, name)}")
         if len(self.patch_size) != 3 or any(p < 1 for p in self.patch_size):
             raise ValueError(f"patch_size must be 3 positive sizes (t, h, w), not {self.patch_size}")
+        if self.frames_per_chunk > self.window_frames:
+            # (said only once a stream started, as its KV cache was made: after a model had loaded)
+            raise ValueError(
+                f"frames_per_chunk ({self.frames_per_chunk}) must not exceed window_frames ({self.window_frames}): "
+                "a chunk's frames go into the cache's ring of past frames"
+            )
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2 or self.head_dim < 6:
