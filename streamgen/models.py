@@ -433,7 +433,7 @@ def load_model_dir(d: Path, device="cpu", dtype=None, **cfg_overrides) -> Avatar
 
 
 def _read_dir(d: Path, cfg_overrides: dict) -> tuple[dict, DiT, VideoAutoencoder]:
-    from streamgen.model.files import load_safetensors, read_json
+    from streamgen.model.files import load_safetensors, non_finite_tensor, read_json
 
     where = d / "model.json"
     meta = read_json(where, required=("config",))
@@ -449,6 +449,9 @@ def _read_dir(d: Path, cfg_overrides: dict) -> tuple[dict, DiT, VideoAutoencoder
     # random model (6.5 GB for wan2.1-1.3b's) before a page of missing keys
     if problem := weights_problem(cfg, sd):
         raise ValueError(f"{d}: dit.safetensors does not match the model config in model.json: {problem}")
+    if bad := non_finite_tensor(sd):  # (it loaded without a word, and made a black video)
+        raise ValueError(f"{d / 'dit.safetensors'}: its {bad} holds NaN or infinite values (from a training "
+                         "run that diverged?): the model cannot generate with them")  # fmt: skip
     vae = _read_autoencoder(d)
     if vae.latent_channels != cfg.in_channels:  # (else a convolution's error at the first chunk)
         raise ValueError(f"{d}: the DiT takes {cfg.in_channels} latent channels, its autoencoder gives "

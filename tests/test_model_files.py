@@ -207,3 +207,37 @@ def test_loading_a_model_leaves_torch_dynamo_unimported():
     probe = "import sys; from streamgen.models import load_model; load_model('tiny-avatar'); print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("file, bad", [("dit.safetensors", float("nan")), ("vae.safetensors", float("-inf"))])
+def test_weights_that_are_not_finite_are_refused_naming_the_tensor(tmp_path, file, bad):
+    """A diverged run's NaN or infinite weights loaded without a word: generate wrote a black video."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from streamgen.models import MODELS_DIR, load_model
+
+    d = tmp_path / "m"
+    shutil.copytree(MODELS_DIR / "tiny-avatar", d)
+    tensors = load_file(str(d / file))
+    with safe_open(str(d / file), "pt") as f:
+        metadata = f.metadata()  # (the autoencoder's config)
+    name = sorted(tensors)[3]
+    tensors[name].view(-1)[-1] = bad
+    save_file(tensors, str(d / file), metadata=metadata)
+    with pytest.raises(ValueError) as e:
+        load_model(str(d))
+    assert str(e.value).startswith(f"{d / file}: its {name} holds NaN or infinite values"), e.value
+
+
+def test_large_finite_half_precision_weights_are_finite():
+    """The check reads each tensor's least and greatest value: a sum of float16 weights overflowed."""
+    from streamgen.model.files import non_finite_tensor
+
+    tensors = {"big": torch.full((4096,), 60000.0, dtype=torch.float16), "empty": torch.zeros(0),
+               "steps": torch.arange(3), "low": torch.full((8,), -3e38)}  # fmt: skip
+    assert non_finite_tensor(tensors) is None
+    tensors["later"] = torch.tensor([1.0, float("inf"), -float("inf")], dtype=torch.bfloat16)
+    assert non_finite_tensor(tensors) == "later"

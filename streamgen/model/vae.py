@@ -260,7 +260,12 @@ class TinyCausalVAE(VideoAutoencoder):
     @classmethod
     def load(cls, directory) -> TinyCausalVAE:
         """The config the weights carry (vae_config.json for weights saved before they did)."""
-        from streamgen.model.files import json_object, load_safetensors_and_metadata, read_json
+        from streamgen.model.files import (
+            json_object,
+            load_safetensors_and_metadata,
+            non_finite_tensor,
+            read_json,
+        )
 
         d = Path(directory)
         state, metadata = load_safetensors_and_metadata(d / "vae.safetensors")
@@ -279,4 +284,7 @@ class TinyCausalVAE(VideoAutoencoder):
         except RuntimeError as e:  # (its message was two lines and named no file)
             said = "; ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip())
             raise ValueError(f"{d / 'vae.safetensors'}: its weights do not fit its config: {said[:500]}") from None
+        if bad := non_finite_tensor(state):  # (it loaded without a word, and decoded black frames)
+            raise ValueError(f"{d / 'vae.safetensors'}: its {bad} holds NaN or infinite values (from a training "
+                             "run that diverged?): the autoencoder cannot decode with them")  # fmt: skip
         return vae
