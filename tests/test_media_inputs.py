@@ -332,7 +332,38 @@ def test_a_run_ended_by_sigterm_leaves_no_file(tmp_path, stop, code, said):
     finally:
         p.kill()
     assert p.returncode == code, err
-    assert list(out_dir.iterdir()) == [] and err.strip().splitlines()[-1] == said, err
+    # (the handler says the signal at once; generate says what became of --out as it ends)
+    said_last = err.strip().splitlines()[-2:]
+    assert list(out_dir.iterdir()) == [] and said_last[0] == said, err
+    assert said_last[1].startswith(f"streamgen generate: stopped: {out_dir / 'a.mp4'} not written, "), err
+
+
+@pytest.mark.parametrize("there_before", [False, True])
+def test_a_ctrl_c_says_that_out_was_not_written(tmp_path, monkeypatch, capsys, there_before):
+    """All it said was "interrupted": whether --out was made, whole or in part, or an older file
+    replaced, was left to its user to find out."""
+    from streamgen.stream import StreamSession
+
+    made = StreamSession.next_chunk
+    chunks = []
+
+    def next_chunk(self):
+        if len(chunks) == 2:
+            raise KeyboardInterrupt
+        chunks.append(1)
+        return made(self)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", next_chunk)
+    out = tmp_path / "a.mp4"
+    if there_before:
+        out.write_bytes(b"an older video")
+    assert main(["generate", "--model", "debug", "--out", str(out), "--quiet"]) == 130
+    before = " (the file there is the one from before)" if there_before else ""
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        f"streamgen generate: stopped: {out} not written, 0.64 s of 4.12 s of video made{before}",
+        "interrupted",
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == (["a.mp4"] if there_before else [])
 
 
 def test_a_pictures_damaged_exif_is_read_without_pillows_warning(tmp_path):

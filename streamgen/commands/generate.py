@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 from streamgen.cli import add_dtype_option, caption, frame_size, positive_int, seed_number
@@ -224,6 +225,14 @@ def run(args) -> int:
         if not _another_rank_failed(args.sp, e):
             raise
         return _stopped_by_another_rank()
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM, SIGHUP (`terminate_as_exit`)
+        if writer:
+            writer.abort()
+            # ("interrupted" alone left its user to look whether --out was made, whole or in part)
+            before = " (the file there is the one from before)" if out.exists() else ""
+            print(f"streamgen generate: stopped: {out} not written, {written / VIDEO_FPS:.2f} s of "
+                  f"{video_frames / VIDEO_FPS:.2f} s of video made{before}", file=sys.stderr)  # fmt: skip
+        raise
     except BaseException:
         if writer:
             writer.abort()
