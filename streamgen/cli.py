@@ -341,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if not is_launcher_rank():  # (a terminal's Ctrl-C reaches every rank: the launcher says it once)
             print("interrupted", file=sys.stderr)
+        # A KeyboardInterrupt that came up through code run from a string (exec, eval: each dataclass
+        # made as a module imports) set CPython's "unhandled Ctrl-C" flag on its way, and `python -m
+        # streamgen` then killed itself by SIGINT as it exited (-2 for its parent, not 130). Running
+        # any string clears that flag.
+        exec("")
         return 130
     except BrokenPipeError:
         if _stdout_is_open():

@@ -338,6 +338,27 @@ def test_a_run_ended_by_sigterm_leaves_no_file(tmp_path, stop, code, said):
     assert said_last[1].startswith(f"streamgen generate: stopped: {out_dir / 'a.mp4'} not written, "), err
 
 
+def test_a_ctrl_c_that_came_through_a_dataclass_made_ends_with_exit_code_130(tmp_path):
+    """About one Ctrl-C in 16 ended `python -m streamgen generate` by SIGINT (exit -2) after its
+    "interrupted": the KeyboardInterrupt had come up through an exec (a dataclass made as a module
+    imported), which set CPython's unhandled-interrupt flag though the command caught it."""
+    import subprocess
+    import sys
+
+    (tmp_path / "runs_streamgen").mkdir()
+    (tmp_path / "runs_streamgen" / "__main__.py").write_text(
+        "import sys\n"
+        "from streamgen import cli\n"
+        "from streamgen.commands import generate\n"
+        "generate.run = lambda args: exec('raise KeyboardInterrupt')\n"
+        "sys.exit(cli.main(['generate']))\n"
+    )  # (run with -m, as `python -m streamgen`: a script or -c exits at once on SystemExit)
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    ended = subprocess.run([sys.executable, "-m", "runs_streamgen"], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": path})  # fmt: skip
+    assert (ended.returncode, ended.stderr) == (130, "interrupted\n")
+
+
 @pytest.mark.parametrize("there_before", [False, True])
 def test_a_ctrl_c_says_that_out_was_not_written(tmp_path, monkeypatch, capsys, there_before):
     """All it said was "interrupted": whether --out was made, whole or in part, or an older file
