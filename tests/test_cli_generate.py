@@ -489,6 +489,22 @@ def test_the_shipped_models_answer_to_their_names(tmp_path):
     assert main([*args, "--dtype", "bfloat16", "--out", str(tmp_path / "x.mp4"), "--quiet"]) == 2
 
 
+def test_steps_are_those_the_model_can_run(tmp_path, capsys):
+    """--steps took 1, 2 or 4 of every model: a teacher could not be given 3 (or eval's 25), and the
+    message did not say what a student can run."""
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, 16000, 0.3)
+    args = ["generate", "--audio", str(wav), "--quiet", "--out"]
+    assert main([*args, str(tmp_path / "t.mp4"), "--model", "tiny-avatar-teacher", "--steps", "3"]) == 0
+    capsys.readouterr()
+    assert main([*args, str(tmp_path / "s.mp4"), "--model", "tiny-avatar", "--steps", "3"]) == 2
+    assert capsys.readouterr().err == (
+        "streamgen generate: error: --steps 3: tiny-avatar runs 1, 2 or 4 steps, the levels of the 4-step "
+        "schedule it was distilled for (a teacher takes any number)\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav", "t.mp4"]
+
+
 def test_generate_with_fp8_linears(tmp_path, monkeypatch):
     from streamgen.model import float8
 

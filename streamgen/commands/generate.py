@@ -25,7 +25,13 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default="tiny-avatar", help="model name or directory")
     p.add_argument("--height", type=frame_size, default=None, help="default: the model's")
     p.add_argument("--width", type=frame_size, default=None, help="default: the model's")
-    p.add_argument("--steps", type=int, default=None, choices=[1, 2, 4], help="denoising steps per chunk")
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="denoising steps (default: the model's): a distilled student takes the steps it was distilled for "
+        "or a count that divides them (1, 2 or 4 of 4: its schedule's levels), a teacher any number",
+    )
     p.add_argument("--seed", type=seed_number, default=0)
     p.add_argument(
         "--cache-from",
@@ -130,6 +136,7 @@ def run(args) -> int:
     check_device(args.device)  # (after the options' own conflicts, which hold on any machine)
     require_models(args.model)  # (before any relaunch: --sp N's processes each said it, after starting)
     check_cache_from(args.cache_from, args.steps, args.model)  # (each process said it, once it had loaded)
+    _check_steps(args.steps, args.model)
     from streamgen.models import use_attention_backend, use_precision
 
     try:
@@ -249,6 +256,27 @@ def run(args) -> int:
         f"{n_chunks * session.frames_per_chunk / elapsed:.1f} frames/s)"
     )
     return 0
+
+
+def _check_steps(steps: int | None, model: str) -> None:
+    """A UserError where a student (any model but a teacher) is asked for steps off the schedule it was
+    distilled for: its k steps are the levels of its own n (`student_sigmas`) only where k divides n
+    (2 of 4: 1000 and 500; 3 would be 1000, 667, 333, levels it never learned). A teacher samples
+    any number of Euler steps (--steps had taken 1, 2 or 4 for every model, so no teacher's 25)."""
+    from streamgen.cli import UserError
+    from streamgen.models import model_kind, model_settings
+
+    if steps is None or model_kind(model) == "teacher":
+        return
+    try:
+        distilled = model_settings(model)["steps"]
+    except (OSError, ValueError):  # (loading the model says what is wrong with it)
+        return
+    if distilled % steps:
+        counts = [str(k) for k in range(1, distilled + 1) if distilled % k == 0]
+        said = " or ".join(counts) if len(counts) < 3 else f"{', '.join(counts[:-1])} or {counts[-1]}"
+        raise UserError(f"--steps {steps}: {model} runs {said} steps, the levels of the {distilled}-step "
+                        "schedule it was distilled for (a teacher takes any number)")  # fmt: skip
 
 
 def _check_tiny_decoder(checkpoint: str, model: str) -> None:
