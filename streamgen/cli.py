@@ -276,6 +276,30 @@ def terminate_as_exit():
     return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
 
 
+def import_with_ctrl_c_held(modules) -> None:
+    """Import `modules`, a Ctrl-C (SIGINT) in the meantime held until they are in, then raised: one
+    inside torch's C++ import aborted the process ("terminate called after throwing an instance of
+    'pybind11::error_already_set'", exit -6), one inside numpy's became an ImportError's traceback.
+    (Held by a handler that notes it, not by a signal mask: the kernel gives a signal another thread
+    does not block, and its handler then ran in this one all the same.)"""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # (signal handlers are the main thread's)
+        for module in modules:
+            importlib.import_module(module)
+        return
+    asked = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: asked.append(signum))
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    if asked:
+        signal.raise_signal(signal.SIGINT)  # (as the handler before would have had it)
+
+
 def restore_handlers(before: dict | None) -> None:
     """Put back the signal handlers `terminate_as_exit` replaced."""
     import signal

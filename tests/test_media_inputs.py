@@ -359,6 +359,30 @@ def test_a_ctrl_c_that_came_through_a_dataclass_made_ends_with_exit_code_130(tmp
     assert (ended.returncode, ended.stderr) == (130, "interrupted\n")
 
 
+def test_a_ctrl_c_while_torch_imports_waits_for_the_import(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C inside torch's C++ import aborted generate (pybind11's "terminate called", exit -6),
+    inside numpy's it was an ImportError's traceback: it is raised once they are in."""
+    import signal
+    import sys
+
+    from streamgen.commands import generate
+
+    (tmp_path / "slow_to_import.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C as it imports\nwhole = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(generate, "HEAVY_IMPORTS", ("slow_to_import",))
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(["generate", "--model", "debug", "--out", str(tmp_path / "a.mp4"), "--quiet"]) == 130
+        assert sys.modules["slow_to_import"].whole  # (imported whole, then interrupted)
+    finally:
+        signal.signal(signal.SIGINT, before)
+        sys.modules.pop("slow_to_import", None)
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
+    assert not (tmp_path / "a.mp4").exists()
+
+
 @pytest.mark.parametrize("there_before", [False, True])
 def test_a_ctrl_c_says_that_out_was_not_written(tmp_path, monkeypatch, capsys, there_before):
     """All it said was "interrupted": whether --out was made, whole or in part, or an older file

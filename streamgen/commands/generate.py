@@ -78,6 +78,10 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+# imported before the rest, a Ctrl-C held meanwhile (`import_with_ctrl_c_held`)
+HEAVY_IMPORTS = ("numpy", "torch")
+
+
 def run(args) -> int:
     import time
 
@@ -85,10 +89,13 @@ def run(args) -> int:
         UserError,
         check_cache_from,
         check_device,
+        import_with_ctrl_c_held,
         require_models,
         restore_handlers,
         terminate_as_exit,
     )
+
+    import_with_ctrl_c_held(HEAVY_IMPORTS)
     from streamgen.media import MediaError, Mp4Writer, from_time_zero, output_path, read_audio, read_image
 
     # before any relaunch: a bad file is one clear error, not one per process
