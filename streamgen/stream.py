@@ -120,6 +120,10 @@ class StreamSession:
         decode_dtype = autoencoder_dtype(decode_dtype, self.model.vae, device, "decode dtype")
         encode_dtype = autoencoder_dtype(encode_dtype, self.model.vae, device, "encode dtype")
         self.cfg = self.model.cfg
+        if self.cfg.out_channels != self.cfg.in_channels:  # (a tensor size error at the first chunk)
+            raise ValueError(f"{self.model.name}: its DiT predicts {self.cfg.out_channels} latent channels of "
+                             f"{self.cfg.in_channels}: a stream denoises its latents with them (a model.json's "
+                             "out_channels must equal its in_channels)")  # fmt: skip
         self.vae = self.model.session_vae(decode_dtype, encode_dtype)
         # (None: the model's; 0 was taken as None)
         self.height, self.width = session_frame_size(height, width, self.model, self.vae)

@@ -195,6 +195,13 @@ def test_a_teacher_model_refuses_to_stream(model):
         StreamSession(teacher)
 
 
+def test_a_model_predicting_other_channels_than_it_takes_refuses_to_stream():
+    """out_channels != in_channels (a Wan config field; a model.json may say it): a tensor size error
+    at the first chunk, a traceback from generate."""
+    with pytest.raises(ValueError, match="its DiT predicts 8 latent channels of 4: "):
+        StreamSession(load_model("debug", out_channels=8))
+
+
 @pytest.mark.parametrize("cache_from", ["reencode", "last_step"])
 def test_batched_sessions_make_the_frames_they_would_make_alone(model, cache_from):
     from streamgen.stream_batch import next_chunks
