@@ -383,6 +383,32 @@ def test_a_ctrl_c_while_torch_imports_waits_for_the_import(tmp_path, monkeypatch
     assert not (tmp_path / "a.mp4").exists()
 
 
+def test_a_hang_up_whose_terminal_is_gone_ends_with_its_exit_code(tmp_path, monkeypatch):
+    """SIGHUP: its terminal closed, the line saying that --out was not written cannot be written
+    (EIO); the run ends by the signal's exit code all the same, not by that OSError."""
+    import signal
+    import sys
+
+    from streamgen.stream import StreamSession
+
+    class Gone:
+        def write(self, text):
+            raise OSError(errno.EIO, "Input/output error")
+
+        def flush(self):
+            pass
+
+    def next_chunk(self):
+        sys.stderr = Gone()  # (as the terminal goes)
+        raise SystemExit(128 + signal.SIGHUP)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", next_chunk)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)  # (put back after)
+    with pytest.raises(SystemExit) as ended:
+        main(["generate", "--model", "debug", "--out", str(tmp_path / "a.mp4"), "--quiet"])
+    assert ended.value.code == 129 and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("there_before", [False, True])
 def test_a_ctrl_c_says_that_out_was_not_written(tmp_path, monkeypatch, capsys, there_before):
     """All it said was "interrupted": whether --out was made, whole or in part, or an older file

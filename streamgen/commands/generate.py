@@ -244,8 +244,11 @@ def run(args) -> int:
             writer.abort()
             # ("interrupted" alone left its user to look whether --out was made, whole or in part)
             before = " (the file there is the one from before)" if out.exists() else ""
-            print(f"streamgen generate: stopped: {out} not written, {written / VIDEO_FPS:.2f} s of "
-                  f"{video_frames / VIDEO_FPS:.2f} s of video made{before}", file=sys.stderr)  # fmt: skip
+            try:  # (after SIGHUP its terminal may be gone: the stop is the thing to end with)
+                print(f"streamgen generate: stopped: {out} not written, {written / VIDEO_FPS:.2f} s of "
+                      f"{video_frames / VIDEO_FPS:.2f} s of video made{before}", file=sys.stderr)  # fmt: skip
+            except OSError:
+                pass
         raise
     except BaseException:
         if writer:
