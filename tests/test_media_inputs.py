@@ -383,6 +383,14 @@ def test_a_ctrl_c_while_torch_imports_waits_for_the_import(tmp_path, monkeypatch
     assert not (tmp_path / "a.mp4").exists()
 
 
+def test_the_extensions_generate_imports_are_imported_with_ctrl_c_held():
+    """A Ctrl-C inside av's (Cython) import was an ImportError, "Failed to import 'zlib.decompress' -
+    cannot initialise module strings", and generate's traceback."""
+    from streamgen.commands import generate
+
+    assert {"numpy", "torch", "av"} <= set(generate.HEAVY_IMPORTS)
+
+
 def test_a_hang_up_whose_terminal_is_gone_ends_with_its_exit_code(tmp_path, monkeypatch):
     """SIGHUP: its terminal closed, the line saying that --out was not written cannot be written
     (EIO); the run ends by the signal's exit code all the same, not by that OSError."""

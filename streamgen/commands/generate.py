@@ -78,8 +78,10 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-# imported before the rest, a Ctrl-C held meanwhile (`import_with_ctrl_c_held`)
-HEAVY_IMPORTS = ("numpy", "torch")
+# imported before the rest, a Ctrl-C held meanwhile (`import_with_ctrl_c_held`): the extensions a
+# Ctrl-C inside whose import was an abort (torch) or an ImportError's traceback (numpy; av, Cython's
+# "Failed to import 'zlib.decompress'")
+HEAVY_IMPORTS = ("numpy", "torch", "av")
 
 
 def run(args) -> int:
