@@ -154,3 +154,15 @@ def test_a_preview_sent_sigterm_leaves_nothing(tmp_path):
         proc.kill()
     assert proc.returncode == 143 and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_a_preview_into_a_folder_with_an_earlier_one_says_it_replaces_it(tmp_path, capsys):
+    """A second preview into the same --out replaced the first's video and sheet without a word."""
+    out = tmp_path / "p"
+    command = ["data", "preview", "--clips", "1", "--size", "16", "--out", str(out)]
+    assert main(command) == 0
+    assert "replacing" not in capsys.readouterr().err
+    assert main([*command[:-2], "--seed", "1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"replacing the earlier preview in {out}" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["contact_sheet.png", "preview.mp4"]

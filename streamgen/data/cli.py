@@ -53,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # (no defaults here: given with --data, whose clips are the dataset's, they were ignored without a word)
     preview.add_argument("--seed", type=seed_number, help="with no --data: the world's seed (default 0)")
     preview.add_argument("--size", type=frame_size, help="with no --data: frame size (default 128)")
-    preview.add_argument("--out", type=named_folder, default=Path("preview"), help="output folder")
+    preview.add_argument(
+        "--out", type=named_folder, default=Path("preview"), help="output folder (an earlier preview in it is replaced)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -205,6 +207,8 @@ def _preview(args) -> int:
             yield frames[1:], audio
 
     video, sheet = args.out / "preview.mp4", args.out / "contact_sheet.png"
+    if video.exists() or sheet.exists():  # (not without a word, as eval's report replaced is said)
+        print(f"data preview: replacing the earlier preview in {args.out}", file=sys.stderr)
     try:
         media.write_mp4(video, shown())
         try:
