@@ -423,3 +423,11 @@ def test_the_manifest_records_no_list_of_every_clip(tmp_path, monkeypatch):
     for r in records:
         assert not any(isinstance(v, list) for v in r.values()), r
         assert (r["first_index"], r["last_index"]) == (planned[r["file"]][0], planned[r["file"]][-1])
+
+
+@pytest.mark.parametrize("height, width", [(20, 32), (32, 40)])
+def test_the_library_refuses_frames_that_are_not_multiples_of_16(tmp_path, height, width):
+    """The CLI's --size refuses them; make_dataset made such a dataset, which no model could train on."""
+    with pytest.raises(ValueError, match=f"frames of {height}x{width} are not multiples of 16"):
+        make_dataset(tmp_path / "ds", 1, height=height, width=width, seconds=0.04, n_identities=10)
+    assert not (tmp_path / "ds").exists()

@@ -300,6 +300,11 @@ def make_dataset(
         raise DataError("--shard-size must be at least 1")
     if min(height, width) < 16:
         raise DataError(f"frames of {height}x{width} are too small to draw a face (16x16 at least)")
+    if height % 16 or width % 16:  # (as the CLI's --size: a dataset no model could be trained on)
+        raise DataError(
+            f"frames of {height}x{width} are not multiples of 16 on each side (the autoencoders' "
+            "downsampling times the DiT's 2x2 patches)"
+        )
     if not (math.isfinite(seconds) and round(seconds * FPS) >= 1):
         raise DataError(f"clips of {seconds} s are shorter than one frame (1/{FPS} s)")
     if too_long_for_an_array(seconds):
