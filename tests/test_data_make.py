@@ -431,3 +431,26 @@ def test_the_library_refuses_frames_that_are_not_multiples_of_16(tmp_path, heigh
     with pytest.raises(ValueError, match=f"frames of {height}x{width} are not multiples of 16"):
         make_dataset(tmp_path / "ds", 1, height=height, width=width, seconds=0.04, n_identities=10)
     assert not (tmp_path / "ds").exists()
+
+
+def test_a_make_with_more_workers_than_cpus_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """`--workers 8` on 2 CPUs was not warned of (distill refuses run.threads above the CPUs, --sp warns):
+    the workers past the CPUs only wait for a core, each holding a clip's memory."""
+    import multiprocessing
+    from multiprocessing.pool import ThreadPool
+
+    from streamgen import cli
+    from streamgen.cli import main
+
+    class Context:
+        def Pool(self, processes, initializer=None, initargs=()):
+            return ThreadPool(processes)
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: Context())
+    monkeypatch.setattr(cli, "usable_cpus", lambda: 2)
+    argv = ["data", "make", "--clips", "3", "--size", "16", "--seconds", "0.04", "--identities", "20"]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--workers", "8"]) == 0  # (3 shards: 3 workers)
+    err = capsys.readouterr().err
+    assert "warning: 3 workers on 2 CPUs" in err and "--workers 2" in err
+    assert main([*argv, "--out", str(tmp_path / "b"), "--workers", "2"]) == 0
+    assert "warning" not in capsys.readouterr().err

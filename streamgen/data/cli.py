@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
-from streamgen.cli import frame_size, named_folder, positive_int, seed_number
+from streamgen.cli import frame_size, named_folder, positive_int, seed_number, usable_cpus
 
 from . import SPLITS
 
@@ -45,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     make.add_argument("--seconds", type=clip_seconds, default=4.0, help="clip length")
     make.add_argument("--identities", type=positive_int, default=500, help="size of the identity pool")
     make.add_argument("--shard-size", type=positive_int, default=32, help="clips per shard")
-    make.add_argument("--workers", type=positive_int, default=min(2, os.cpu_count() or 1))
+    make.add_argument(
+        "--workers", type=positive_int, default=min(2, usable_cpus()), help="processes making shards"
+    )
     preview = sub.add_parser("preview", help="write a contact sheet PNG and an MP4 with sound")
     preview.add_argument("--data", type=Path, help="a dataset folder; without it, clips are made on the fly")
     preview.add_argument("--split", choices=SPLITS, default="train")
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 def _make(args) -> int:
     from tqdm import tqdm
 
-    from streamgen.cli import output_folder, restore_handlers, terminate_as_exit
+    from streamgen.cli import output_folder, restore_handlers, terminate_as_exit, usable_cpus
 
     from .shards import clip_count, make_dataset, partly_made, planned_shards
 
@@ -110,6 +111,10 @@ def _make(args) -> int:
         nonlocal workers  # (of the shards left: a make with one to go said "with 2 workers" and used 1)
         resumed.append(clips_kept)
         workers = max(1, min(workers, planned - shards_kept))
+        cpus = usable_cpus()
+        if workers > cpus:  # (each one more only waits for a core, and holds its clip's memory meanwhile)
+            print(f"data make: warning: {workers} workers on {cpus} CPUs: at most {cpus} run at once, "
+                  f"no faster than --workers {cpus}", file=sys.stderr)  # fmt: skip
         bars.append(tqdm(total=args.clips, unit="clip", desc="data make"))
 
     try:
