@@ -16,6 +16,7 @@ spelling, so a typo never silently trains with a default.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import math
 import os
@@ -30,6 +31,14 @@ STAGES = ("autoencoder", "latents", "teacher", "ode", "self_forcing", "chunk", "
 
 class ConfigError(ValueError):
     """The YAML file is unreadable, or holds an unknown key or a bad value."""
+
+
+class ValueTypeError(ConfigError):
+    """A value of the wrong type; `key` is its SECTION.KEY (a --set's is named, not the file)."""
+
+    def __init__(self, message: str, key: str, wants_text: bool = False):
+        super().__init__(message)
+        self.key, self.wants_text = key, wants_text  # (wants_text: a str would have done)
 
 
 @dataclass
@@ -302,7 +311,7 @@ def _check_type(value, hint, where: str):
     if value is None:
         if type(None) in allowed:
             return None
-        raise ConfigError(f"{where}: must not be empty")
+        raise ValueTypeError(f"{where}: must not be empty", where, str in allowed)
     for t in allowed:
         base = typing.get_origin(t) or t
         if base is float and isinstance(value, int | float) and not isinstance(value, bool):
@@ -324,7 +333,7 @@ def _check_type(value, hint, where: str):
         else:  # ("nan" and "inf" read as floats; YAML's own .nan and .inf are refused below)
             hint = (f" (YAML reads {value} as text: give it a decimal point, as in 1.0e-3)" if math.isfinite(number)
                     else " (not a finite number)")  # fmt: skip
-    raise ConfigError(f"{where}: expected {names}, got {value!r}{hint}")
+    raise ValueTypeError(f"{where}: expected {names}, got {value!r}{hint}", where, str in allowed)
 
 
 def load_config(path: str | Path, stage: str, sets: list[str] | tuple = ()) -> TrainConfig:
@@ -374,9 +383,14 @@ def load_config(path: str | Path, stage: str, sets: list[str] | tuple = ()) -> T
             set_keys=tuple(item.partition("=")[0].strip() for item in sets),
         )
     except ConfigError as e:
+        given = {item.partition("=")[0].strip(): item for item in sets}  # (the last of a key's wins)
+        item = given.get(getattr(e, "key", None))
+        if item is not None:  # (the file was blamed for a value it does not hold)
+            reading = _yaml_reading(item.partition("=")[2]) if e.wants_text else ""
+            raise ConfigError(f"--set {item!r}: {e}{reading}") from None
         raise ConfigError(f"{path}: {e}") from None
     _expand_home(cfg)
-    _validate(cfg, path)
+    _validate(cfg, path, sets)
     return cfg
 
 
@@ -413,6 +427,29 @@ def _apply_sets(raw: dict, sets) -> None:
             node[names[-1]] = _number_or(yaml.safe_load(value), value)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML: {yaml_problem(e)}") from None
+
+
+def _yaml_reading(text: str) -> str:
+    """Why YAML read a --set's `text` as other than the text it looks like, or ''."""
+    import yaml
+
+    text = text.strip()
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return ""
+    if text.startswith("wan:") and isinstance(value, dict):  # (`wan:`, `wan: DIR`: a mapping)
+        return " (YAML reads it as a mapping: give the Wan checkpoint's folder right after wan:, as in wan:DIR)"
+    if isinstance(value, bool) or (value is None and text):  # (`~`, the home folder: null to YAML)
+        read = "null" if value is None else str(value).lower()
+        return f" (YAML reads {text} as {read}: quote it for text, as in '{text}')"
+    if isinstance(value, dict) and ":" in text:
+        return f" (YAML reads {text} as a mapping: quote it for text, as in '{text}')"
+    if isinstance(value, int) and ":" in text:
+        return f" (YAML reads {text} as the base-60 number {value}: quote it for text, as in '{text}')"
+    if isinstance(value, datetime.date):
+        return f" (YAML reads {text} as a date: quote it for text, as in '{text}')"
+    return ""
 
 
 def yaml_problem(e) -> str:
@@ -516,7 +553,7 @@ def _optim_problems(optim: OptimConfig, where: str) -> list[str]:
     return []
 
 
-def _validate(cfg: TrainConfig, path) -> None:
+def _validate(cfg: TrainConfig, path, sets=()) -> None:
     from streamgen.cli import usable_cpus
     from streamgen.data import SPLITS
     from streamgen.model.config import ModelConfig, get_config, type_problems
@@ -590,7 +627,20 @@ def _validate(cfg: TrainConfig, path) -> None:
         if not override_problems:  # (said already, field by field)
             problems.append(f"model.overrides: {e}")
     if problems:
-        raise ConfigError(f"{path}: " + "; ".join(problems))
+        raise ConfigError(f"{_blamed(problems, sets, path)}: " + "; ".join(problems))
+
+
+def _blamed(problems: list[str], sets, path) -> str:
+    """Where `problems` come from: the --set options `sets`, where each problem begins with a key one
+    of them set (the file was blamed for a value it does not hold), else the config file."""
+    given = {item.partition("=")[0].strip(): item for item in sets}  # (the last of a key's wins)
+    items = []
+    for problem in problems:
+        key = next((k for k in given if re.match(rf"{re.escape(k)}(?![\w.])", problem)), None)
+        if key is None:
+            return str(path)
+        items.append(f"--set {given[key]!r}")
+    return ", ".join(dict.fromkeys(items))
 
 
 # A model's name (model.json's `name`, a shipped model's folder under streamgen/assets/models): what a

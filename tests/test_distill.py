@@ -293,6 +293,36 @@ def test_a_wan_path_without_its_folder_is_named_at_config_load(tmp_path, stage, 
         load_config(find_config("debug", stage), stage, [f'{setting}="wan: "'])
 
 
+@pytest.mark.parametrize(
+    "item, says",
+    [
+        # (was "teacher-debug.yaml: model.init: expected str/NoneType, got {'wan': None}")
+        ("model.init=wan:", "give the Wan checkpoint's folder right after wan:"),
+        ("model.vae=wan: /w", "give the Wan checkpoint's folder right after wan:"),
+        ("run.out=off", "YAML reads off as false: quote it for text, as in 'off'"),
+        ("run.out=~", "run.out: must not be empty (YAML reads ~ as null: quote it for text, as in '~')"),
+        ("run.out=12:30", "YAML reads 12:30 as the base-60 number 750: quote it"),
+        ("run.out=2024-01-01", "YAML reads 2024-01-01 as a date: quote it"),
+        ("run.out=a: b", "YAML reads a: b as a mapping: quote it"),
+        ("run.steps=0", "run.steps must be >= 1, got 0"),  # (the range checks too)
+    ],
+)
+def test_a_set_value_yaml_reads_as_another_type_names_the_set_not_the_file(tmp_path, item, says):
+    """The message of a --set value's problem named the config file, which does not hold it, and
+    said nothing of how YAML had read it."""
+    path = find_config("debug", "teacher")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, "teacher", [item, "run.seed=3"])
+    said = str(refused.value)
+    assert said.startswith(f"--set {item!r}: ") and says in said and str(path) not in said, said
+    with pytest.raises(ConfigError) as refused:  # (not a field of text: no advice to quote it)
+        load_config(path, "teacher", ["run.threads=on"])
+    assert str(refused.value) == "--set 'run.threads=on': run.threads: expected int, got True"
+    own = write(tmp_path, "stage: teacher\nrun: {steps: 0}\n")  # (the file's own value: the file named)
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(own))}: run.steps must be >= 1"):
+        load_config(own, "teacher", ["run.seed=3"])
+
+
 def test_an_empty_out_is_one_line_not_the_configs_folder(tmp_path, capsys, monkeypatch):
     """`--out "$UNSET"` trained into the config's run.out."""
     from streamgen.cli import main
