@@ -156,6 +156,12 @@ def _read_dit(source: str, overrides: dict, digest: bool, teacher: bool = False)
             return dit, weights_hash.hexdigest()[:16] if digest else None
 
         _not_a_model_dir(source)
+        folder = Path(source[4:]).expanduser()
+        if (folder / "transformer_2").is_dir():  # (a Wan2.2 A14B pipeline: two experts, by noise level)
+            _warn_once(
+                f"{folder} holds transformer_2/ (Wan2.2's low-noise expert), which is not loaded: only "
+                "transformer/ (the high-noise expert) is read, and used at every noise level"
+            )
         try:
             # config and weights from one save (streamgen.model.wan.save_pretrained swaps the folder)
             return read_folder(transformer_dir(source[4:]), read_wan)

@@ -785,3 +785,20 @@ def test_a_wan_checkpoint_larger_than_the_free_memory_is_refused_before_it_is_re
     assert load_dit(f"wan:{folder}").cfg.num_layers == 2
     # (stored as loaded: the files' bytes alone)
     load_pretrained(folder, dtype=torch.bfloat16)
+
+
+def test_a_wan22_pipelines_second_expert_is_said_to_be_left_out(tmp_path, capsys):
+    """A Wan2.2 pipeline's transformer_2/ (its low-noise expert) was ignored without a word: the
+    high-noise expert in transformer/ was distilled from as if it denoised every noise level."""
+    from distill.build import load_dit
+
+    pipeline = tmp_path / "wan22"
+    tiny_wan(3).save_pretrained(pipeline / "transformer", safe_serialization=True)
+    assert load_dit(f"wan:{pipeline}") is not None
+    assert "transformer_2" not in capsys.readouterr().err
+    tiny_wan(4).save_pretrained(pipeline / "transformer_2", safe_serialization=True)
+    load_dit(f"wan:{pipeline}")
+    load_dit(f"wan:{pipeline}")  # (said once)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"warning: {pipeline} holds transformer_2/"), err
+    assert "low-noise expert), which is not loaded" in err
