@@ -802,3 +802,17 @@ def test_a_wan22_pipelines_second_expert_is_said_to_be_left_out(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"warning: {pipeline} holds transformer_2/"), err
     assert "low-noise expert), which is not loaded" in err
+
+
+def test_a_wan22_vae_is_refused_in_one_line(tmp_path):
+    """The Wan2.2 VAE (patch_size 2) loaded, said its spatial factor was 8, and decoded 32x32 frames
+    to 12 channels of 16x16: its decoder is driven here without diffusers' unpatchify."""
+    from diffusers import AutoencoderKLWan
+
+    from streamgen.model.wan_vae import WanVAE
+
+    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, latents_mean=[0.0] * 4,
+                     latents_std=[1.0] * 4, is_residual=True, patch_size=2, in_channels=12,
+                     out_channels=12).save_pretrained(tmp_path / "vae")  # fmt: skip
+    with pytest.raises(ValueError, match=r"config.json is of the Wan2.2 VAE \(patch_size 2\)"):
+        WanVAE.from_pretrained(tmp_path / "vae")

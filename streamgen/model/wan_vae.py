@@ -237,10 +237,16 @@ class WanVAE(VideoAutoencoder):
             raise ValueError(f"{path}: no config.json in it (not a diffusers AutoencoderKLWan folder)")
         # (a config.json that is no JSON object was diffusers' TypeError; one of another class, a
         # transformer's folder given for its pipeline's vae/, "194 [weights] missing")
-        kind = read_json(Path(path) / "config.json").get("_class_name")
+        config = read_json(Path(path) / "config.json")
+        kind = config.get("_class_name")
         if kind is not None and kind != "AutoencoderKLWan":
             raise ValueError(f"{path}: its config.json is of a {kind}, not a Wan VAE (AutoencoderKLWan): give "
                              "the pipeline's folder or its vae/")  # fmt: skip
+        # (Wan2.2's VAE folds 2x2 pixels into channels around its encoder and decoder: decoded through
+        # the decoder as here, its frames came out with 12 channels at half the size, without a word)
+        if config.get("patch_size") not in (None, 1):
+            raise ValueError(f"{path}: its config.json is of the Wan2.2 VAE (patch_size {config['patch_size']}), "
+                             "which this loader does not read: give the Wan2.1 VAE")  # fmt: skip
         # (diffusers logged "An error occurred while trying to fetch" above its error, which named the
         # .bin it looked for last: "no file named diffusion_pytorch_model.bin")
         weights = "diffusion_pytorch_model.safetensors"
