@@ -413,7 +413,8 @@ def _apply_sets(raw: dict, sets) -> None:
 
     for item in sets:
         key, sep, value = item.partition("=")
-        names = key.split(".")
+        # (`run.out = x`, as a YAML file spaces it: "unknown config key(s): run.out  (did you mean run.out?)")
+        names = [name.strip() for name in key.split(".")]
         if not sep or len(names) < 2 or not all(names):
             raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. run.out=runs/mine")
         node = raw

@@ -61,6 +61,8 @@ def test_set_overrides_config_values_and_is_kept_with_the_config(tmp_path):
     assert cfg.run.out == "runs/b" and cfg.run.steps == 10 and cfg.data.root == "data/mine"
     assert cfg.model.overrides == {"window_frames": 2} and list(cfg.optim.betas) == [0.0, 0.9]
     assert "# --set run.out=runs/b" in cfg.source  # the checkpoints' record of the config
+    spaced = load_config(p, "ode", ["run.out = runs/c", " optim.lr =2.0e-4"])  # (as a YAML file spaces it)
+    assert (spaced.run.out, spaced.optim.lr) == ("runs/c", 2e-4)
     for bad, says in (
         ("run=3", "expected SECTION.KEY=VALUE"),
         ("run.out", "expected SECTION.KEY=VALUE"),
