@@ -293,7 +293,8 @@ def _build(cls, values, where: str):
         for k in unknown:
             close = difflib.get_close_matches(str(k), list(fields), n=1)
             hints.append(f"{where}.{k}" + (f" (did you mean {where}.{close[0]}?)" if close else ""))
-        raise ConfigError(f"unknown config key(s): {', '.join(hints)}")
+        message = f"unknown config key(s): {', '.join(hints)}"
+        raise ValueTypeError(message, f"{where}.{unknown[0]}") if len(unknown) == 1 else ConfigError(message)
     hints_by_name = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
@@ -357,6 +358,7 @@ def load_config(path: str | Path, stage: str, sets: list[str] | tuple = ()) -> T
     file_stage = raw.pop("stage", stage)
     if file_stage != stage:
         raise ConfigError(f"{path} is a config for stage {file_stage!r}, not {stage!r}")
+    in_file = set(raw)
     _apply_sets(raw, sets)
     if sets:  # kept with the checkpoints' config text: what the run was made of
         text += "".join(f"\n# --set {item}" for item in sets) + "\n"
@@ -370,7 +372,10 @@ def load_config(path: str | Path, stage: str, sets: list[str] | tuple = ()) -> T
             if k in STAGE_OPTIONS:
                 hint = f" (a section of stage {k!r}, not {stage!r})"
             hints.append(f"{k}{hint}")
-        raise ConfigError(f"{path}: unknown config section(s): {', '.join(hints)}")
+        given = {item.partition("=")[0].split(".")[0].strip(): item for item in sets}
+        # (the file was blamed for a section a --set named)
+        where = ", ".join(f"--set {given[k]!r}" for k in unknown) if in_file.isdisjoint(unknown) else path
+        raise ConfigError(f"{where}: unknown config section(s): {', '.join(hints)}")
     try:
         cfg = TrainConfig(
             stage=stage,

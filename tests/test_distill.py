@@ -325,6 +325,22 @@ def test_a_set_value_yaml_reads_as_another_type_names_the_set_not_the_file(tmp_p
         load_config(own, "teacher", ["run.seed=3"])
 
 
+def test_an_unknown_key_or_section_given_with_set_names_the_set_not_the_file(tmp_path):
+    """`--set runn.out=x` was "teacher-debug.yaml: unknown config section(s): runn": the file blamed."""
+    path = find_config("debug", "teacher")
+    for item, says in [
+        ("runn.out=x", "unknown config section(s): runn (did you mean run?)"),
+        ("ode.teacher=x", "unknown config section(s): ode (a section of stage 'ode', not 'teacher')"),
+        ("run.stpes=3", "unknown config key(s): run.stpes (did you mean run.steps?)"),
+    ]:
+        with pytest.raises(ConfigError) as refused:
+            load_config(path, "teacher", ["run.seed=3", item])
+        assert str(refused.value) == f"--set {item!r}: {says}"
+    own = write(tmp_path, "stage: teacher\nrunn: {out: x}\n")  # (the file's own: the file named)
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(own))}: unknown config section"):
+        load_config(own, "teacher", ["run.seed=3"])
+
+
 def test_an_empty_out_is_one_line_not_the_configs_folder(tmp_path, capsys, monkeypatch):
     """`--out "$UNSET"` trained into the config's run.out."""
     from streamgen.cli import main
