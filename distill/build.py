@@ -284,6 +284,12 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int, match_mode
             p = Path(source).expanduser()
             vae = load_autoencoder(p if has_autoencoder(p) else _model_dir(source))
         else:
+            pipeline = Path(section.init[4:]).expanduser() if section.init and section.init.startswith("wan:") else None
+            if pipeline is not None and (pipeline / "vae").is_dir():  # (its transformer/ taken, its vae/ not)
+                _warn_once(
+                    f"model.init is the Wan pipeline {pipeline}, but model.vae is not set: its vae/ is not "
+                    f"used, the latents are a new random TinyCausalVAE's; set model.vae: wan:{pipeline} for it"
+                )
             torch.manual_seed(seed + 1)
             vae = TinyCausalVAE(latent_channels, tuple(section.vae_widths), temporal, section.vae_res_blocks)
     # (as streamgen.models._read_dir refuses in a model directory: a Wan VAE of another z_dim was

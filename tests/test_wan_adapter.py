@@ -816,3 +816,22 @@ def test_a_wan22_vae_is_refused_in_one_line(tmp_path):
                      out_channels=12).save_pretrained(tmp_path / "vae")  # fmt: skip
     with pytest.raises(ValueError, match=r"config.json is of the Wan2.2 VAE \(patch_size 2\)"):
         WanVAE.from_pretrained(tmp_path / "vae")
+
+
+def test_a_wan_pipeline_given_as_model_init_alone_says_its_vae_is_not_used(tmp_path, capsys):
+    """`model.init: wan:PIPELINE` without model.vae trained on a new random TinyCausalVAE's latents,
+    the pipeline's own vae/ beside its transformer/ left unused without a word."""
+    from distill.build import load_vae
+    from distill.config import ModelConfigSection
+
+    pipeline = tmp_path / "pipeline"
+    section = ModelConfigSection(init=f"wan:{pipeline}")
+    (pipeline / "transformer").mkdir(parents=True)
+    load_vae(section, 4, 4, seed=0)
+    assert capsys.readouterr().err == ""  # (a transformer folder alone: no VAE to take)
+    (pipeline / "vae").mkdir()
+    vae = load_vae(section, 4, 4, seed=0)
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: model.init is the Wan pipeline {pipeline}, but model.vae is not set")
+    assert f"set model.vae: wan:{pipeline}" in err and err.count("\n") == 1
+    assert type(vae).__name__ == "TinyCausalVAE"
