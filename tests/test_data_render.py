@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from streamgen.data.motion import Motion, mouth_curves, neutral_motion, plan_motion
 from streamgen.data.render import Identity, render_clip, render_frame, render_reference
@@ -56,3 +57,15 @@ def test_captions_drive_expression():
     clip = render_clip(Identity.from_id(2), smiling, 32, 32)
     assert clip.shape == (50, 32, 32, 3)
     assert Motion.from_array(smiling.as_array()).smile.tolist() == smiling.smile.tolist()
+
+
+def test_make_assets_into_a_file_is_one_line(tmp_path, capsys):
+    """`python -m streamgen.data.make_assets --out FILE` was a FileExistsError's traceback."""
+    from streamgen.data.make_assets import main
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path / "file")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"cannot write into --out {tmp_path / 'file'}" in err
+    assert len(err.strip().splitlines()) == 1

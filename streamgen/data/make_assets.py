@@ -10,6 +10,7 @@ Both are deterministic, so re-running this reproduces the committed files.
 from __future__ import annotations
 
 import argparse
+import sys
 import wave
 from pathlib import Path
 
@@ -44,11 +45,16 @@ def make_assets(out: Path) -> list[Path]:
     return [wav_path, png_path]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets")
-    args = parser.parse_args()
-    for path in make_assets(args.out):
+    args = parser.parse_args(argv)
+    try:
+        paths = make_assets(args.out)
+    except OSError as e:  # (a file in the way of --out, a folder not writable: was a traceback)
+        print(f"make_assets: error: cannot write into --out {args.out}: {e.strerror or e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for path in paths:
         print(path, path.stat().st_size, "bytes")
 
 
