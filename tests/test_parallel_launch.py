@@ -243,6 +243,21 @@ def test_a_bad_input_file_fails_before_any_process_starts(tmp_path):
             1,
             "rank 1 failed (signal 9)",
         ),
+        (  # one rank sent SIGINT by itself (`kill -INT`): stopped, not a crash ("failed (exit code 130)")
+            ChildFailedError("streamgen.cli", {1: ProcessFailure(1, 42, 130, "<N/A>")}),
+            130,
+            "rank 1 was interrupted (SIGINT); the other ranks were stopped",
+        ),
+        (  # the same while it joined the group (the signal's default action there)
+            ChildFailedError("streamgen.cli", {1: ProcessFailure(1, 42, -2, "<N/A>")}),
+            1,
+            "rank 1 was interrupted (SIGINT)",
+        ),
+        (  # one rank alone sent SIGTERM: the others are stopped by torchrun, by SIGTERM too
+            ChildFailedError("streamgen.cli", {0: ProcessFailure(0, 42, 143, "<N/A>")}),
+            143,
+            "rank 0 was stopped by SIGTERM; the other ranks were stopped",
+        ),
     ],
 )
 def test_the_launcher_ends_with_the_signal_or_the_failed_rank_code(monkeypatch, capsys, raised, code, line):

@@ -161,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             print(line, file=sys.stderr)
         rank, failure = _first_failure(e.failures)
         code = failure.exitcode
-        how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        print(f"streamgen: rank {rank} failed ({how}); the other ranks were stopped", file=sys.stderr)
+        print(f"streamgen: rank {rank} {_how_it_ended(code)}; the other ranks were stopped", file=sys.stderr)
         return code if code > 0 else 1
     except KeyboardInterrupt:  # Ctrl-C before the agent had its own handlers; it stops the ranks it started
         print("streamgen: stopped by SIGINT; every rank has ended", file=sys.stderr)
@@ -176,6 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         os.environ.pop(LAUNCHER_ENV, None)
     return 0
+
+
+def _how_it_ended(code: int) -> str:
+    """How a failed rank ended, in words. A rank sent SIGINT, SIGTERM or SIGHUP by itself (not by
+    the launcher, which stops them all) ends with 128 + the signal (`streamgen.cli`), or by the
+    signal itself while it joins the group: it was stopped, which "failed (exit code 130)" read as
+    a crash."""
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    stopped_by = next((s for s in stops if code in (128 + int(s), -int(s))), None)
+    if stopped_by == signal.SIGINT:
+        return "was interrupted (SIGINT)"
+    if stopped_by is not None:
+        return f"was stopped by {stopped_by.name}"
+    return f"failed (signal {-code})" if code < 0 else f"failed (exit code {code})"
 
 
 def _signal_behind(e: BaseException | None, signal_exception: type) -> BaseException | None:
