@@ -257,9 +257,10 @@ def _load(name_or_path: str, device, dtype, seed: int, **cfg_overrides) -> Avata
         return load_model_dir(directory, device, dtype, **cfg_overrides)
     flavor = name_or_path.removesuffix("-teacher")
     if flavor in FLAVORS:
-        log.warning(
-            "no trained weights for %r; using randomly initialised weights (seed %d)", name_or_path, seed
-        )
+        if os.environ.get("RANK", "0") == "0":  # (torchrun's ranks all load it: said once, not once per rank)
+            log.warning(
+                "no trained weights for %r; using randomly initialised weights (seed %d)", name_or_path, seed
+            )
         torch.manual_seed(seed)
         cfg = get_config(flavor, **cfg_overrides)
         check_memory_for(sum(p.numel() for p in _meta_dit(cfg).parameters()), name_or_path)

@@ -140,3 +140,17 @@ def test_a_stopped_rank_leaves_the_word_to_its_launcher(stop, rank_of_the_launch
         cli.main(["generate"])
     said = "interrupted" if stop == "SIGINT" else "terminated"
     assert capsys.readouterr().err == ("" if rank_of_the_launcher else f"{said}\n")
+
+
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False), (None, True)])
+def test_only_the_first_rank_says_the_model_has_no_trained_weights(rank, said, monkeypatch, caplog):
+    """Every rank of `--sp N` loads the model: a stand-in's warning came N times, word for word."""
+    from streamgen.models import load_model
+
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    with caplog.at_level("WARNING", logger="streamgen.models"):
+        load_model("debug")
+    assert ("no trained weights for 'debug'" in caplog.text) == said, caplog.text

@@ -327,6 +327,7 @@ def test_while_joining_the_group_a_signal_ends_the_process_at_once():
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
 def test_ctrl_c_with_the_ranks_running_ends_every_one(tmp_path):
+    import re
     import threading
     import time
     import wave
@@ -349,21 +350,24 @@ def test_ctrl_c_with_the_ranks_running_ends_every_one(tmp_path):
         "--out",
         str(tmp_path / "a.mp4"),
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamgen", *cmd, "--quiet"],
+    proc = subprocess.Popen(  # (not --quiet: rank 0's progress bar says when both ranks generate)
+        [sys.executable, "-m", "streamgen", *cmd],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        text=True,
         start_new_session=True,
     )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    chunks: list[bytes] = []  # (as written: the bar redraws itself with \r, not line by line)
+    reader = threading.Thread(
+        target=lambda: chunks.extend(iter(lambda: os.read(proc.stderr.fileno(), 4096), b"")), daemon=True
+    )
     reader.start()
     try:
         deadline = time.monotonic() + 120
-        while sum("no trained weights" in line for line in lines) < 2:  # each rank has loaded its model
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+        # a chunk counted on rank 0's bar: both ranks have loaded and sharded their models and are
+        # generating (each chunk is made by the two together)
+        while not re.search(rb"generating: .*\| *[1-9][0-9]*/", b"".join(chunks)):
+            assert proc.poll() is None and time.monotonic() < deadline, b"".join(chunks)[-3000:]
             time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         proc.wait(60)
@@ -371,7 +375,7 @@ def test_ctrl_c_with_the_ranks_running_ends_every_one(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     reader.join(10)
-    err = "".join(lines)
+    err = b"".join(chunks).decode(errors="replace")
     assert proc.returncode == 130 and "stopped by SIGINT" in err and "Traceback" not in err, err[-3000:]
     # no rank had to be killed (one waiting to join the group for a peer that had stopped used to be)
     assert "forcefully exiting" not in err, err[-3000:]
