@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
             # now, in one line, rather than from the ranks once they have loaded the model (and rank 0 listens)
             check_sequence_parallel(args.sp, args.model, args.size, args.size)
             # does not return in the launcher
-            relaunch_under_torchrun(args.sp, args._argv, device=args.device)
+            relaunch_under_torchrun(args.sp, args._argv, device=args.device, model=args.model)
     except ValueError as e:
         raise UserError(str(e)) from None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

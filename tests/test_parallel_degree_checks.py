@@ -30,7 +30,7 @@ class Relaunched(Exception):
 def launcher(monkeypatch):
     """This process as a user's shell starts it; a relaunch raises Relaunched, a model load fails."""
 
-    def relaunch(nproc, argv=None, module="streamgen.cli", device="cpu"):
+    def relaunch(nproc, argv=None, module="streamgen.cli", device="cpu", model=None):
         raise Relaunched(nproc)
 
     def load_model(*args, **kwargs):

@@ -566,3 +566,56 @@ def test_more_cpu_processes_than_cpus_are_warned_of(sp, device, warned, monkeypa
     err = capsys.readouterr().err
     line = f"streamgen: warning: --sp {sp} runs {sp} processes on 2 CPUs"
     assert (line in err and err.count("\n") == 1) if warned else err == "", err
+
+
+@pytest.mark.parametrize(
+    "sp, model, free_gib, refused",
+    [
+        (8, None, 1.0, True),  # 8 x torch's 0.25 GiB
+        (2, None, 1.0, False),
+        (2, "wan2.1-1.3b", 4.0, True),  # each process its own 1.3 B weights: 2.6 GB at the least
+        (2, "tiny-avatar", 4.0, False),
+    ],
+)
+def test_more_cpu_processes_than_fit_in_memory_are_refused(sp, model, free_gib, refused, monkeypatch, capsys):
+    """`--sp 64` on a 2-core machine started 64 processes, each holding torch and the whole model, with
+    a warning only: only the kernel's OOM killer stopped them."""
+    from streamgen.parallel import launch
+
+    class Relaunched(Exception):
+        pass
+
+    def execv(path, cmd):
+        raise Relaunched(cmd)
+
+    monkeypatch.setattr(launch.os, "execv", execv)
+    monkeypatch.setattr("streamgen.cli.usable_cpus", lambda: 8)
+    monkeypatch.setattr("streamgen.models.free_memory", lambda: int(free_gib * 2**30))
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    if refused:
+        with pytest.raises(ValueError, match=rf"--sp {sp} needs at least .* GiB free$") as e:
+            relaunch_under_torchrun(sp, ["--version"], device="cpu", model=model)
+        assert f"this machine has {free_gib:.1f} GiB free" in str(e.value)
+    else:
+        with pytest.raises(Relaunched):
+            relaunch_under_torchrun(sp, ["--version"], device="cpu", model=model)
+    with pytest.raises(Relaunched):  # a CUDA run's weights are on its GPUs, one to each process
+        monkeypatch.setattr(launch.torch.cuda, "device_count", lambda: 8)
+        relaunch_under_torchrun(sp, ["--version"], device="cuda", model=model)
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_an_sp_that_cannot_fit_in_memory_is_one_line(command, monkeypatch, capsys, tmp_path):
+    from streamgen import cli
+    from streamgen.parallel import launch
+    from tests.server_helpers import free_port
+
+    monkeypatch.setattr(launch.os, "execv", lambda *a: pytest.fail("relaunched"))
+    monkeypatch.setattr("streamgen.models.free_memory", lambda: 2**28)  # 0.25 GiB: not even 2 x torch
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    options = ["--out", str(tmp_path / "a.mp4")] if command == "generate" else ["--port", str(free_port())]
+    assert cli.main([command, "--model", "debug", "--sp", "2", *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"streamgen {command}: error: --sp 2 needs at least 0.5 GiB") and err.count("\n") == 1, err

@@ -169,7 +169,7 @@ def run(args) -> int:
             if args.tiny_decoder:  # (a small file: read here too, for a bad one's line before any process)
                 _check_tiny_decoder(args.tiny_decoder, args.model)
             # does not return in the launcher
-            relaunch_under_torchrun(args.sp, args._argv, device=args.device)
+            relaunch_under_torchrun(args.sp, args._argv, device=args.device, model=args.model)
             # before the model loads: each rank's "cuda" is its own GPU
             args.device = init_process_group(args.device)
     except ValueError as e:

@@ -50,10 +50,16 @@ def torchrun_command(nproc: int, argv: list[str] | None = None, module: str = "s
 
 
 def relaunch_under_torchrun(
-    nproc: int, argv: list[str] | None = None, module: str = "streamgen.cli", device: str = "cpu"
+    nproc: int,
+    argv: list[str] | None = None,
+    module: str = "streamgen.cli",
+    device: str = "cpu",
+    model: str | None = None,
 ) -> None:
     """Re-execute the current `streamgen` command under torchrun with `nproc` processes, on
     `device` (the command's --device: a CUDA one needs a GPU per process; ValueError otherwise).
+    On a CPU, a ValueError too where `nproc` processes, each holding torch and a copy of `model`
+    (the command's --model), clearly cannot fit in the memory free (`check_memory_for_processes`).
 
     Does not return when it relaunches (the process is replaced; the exit code
     is torchrun's). Returns immediately when nproc <= 1 or when this process is
@@ -65,11 +71,43 @@ def relaunch_under_torchrun(
     if _uses_cuda(device) and torch.cuda.device_count() < nproc:
         raise ValueError(f"--sp {nproc} needs {nproc} GPUs, this machine has {torch.cuda.device_count()}")
     if not _uses_cuda(device):
+        check_memory_for_processes(nproc, model)
         _warn_of_more_processes_than_cpus(nproc)
     cmd = torchrun_command(nproc, argv, module)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(cmd[0], cmd)
+
+
+# The memory of its own a CPU rank holds besides its model's weights: torch, gloo, the command (each
+# tiny-avatar rank of `generate --sp 2`: 265-275 MiB, USS). A floor, so that only a count that clearly
+# cannot fit is refused: one that may fit is left to the warning of more processes than CPUs.
+RANK_MEMORY_FLOOR = 256 * 2**20
+
+
+def check_memory_for_processes(nproc: int, model: str | None = None) -> None:
+    """A ValueError where `nproc` CPU processes clearly cannot fit in the memory this machine has free:
+    each holds torch and a whole copy of `model`'s DiT (counted at 2 bytes a weight, bfloat16's: the
+    least the weights are loaded in). Past the memory free, `--sp N` started its N processes with a warning only (of more
+    processes than CPUs), for the kernel's OOM killer to end them (or the machine's other work)."""
+    from streamgen.model.model import DiT
+    from streamgen.models import free_memory, model_shape
+
+    free = free_memory()
+    if free is None:
+        return
+    shape = model_shape(model) if model else None
+    weights = 0
+    if shape is not None:
+        with torch.device("meta"):
+            weights = 2 * sum(p.numel() for p in DiT(shape[0]).parameters())
+    each = RANK_MEMORY_FLOOR + weights
+    if nproc * each > free:
+        raise ValueError(
+            f"--sp {nproc} needs at least {nproc * each / 2**30:.1f} GiB of memory ({nproc} processes, each with "
+            f"torch and its own copy of the model: {each / 2**30:.2f} GiB); this machine has "
+            f"{free / 2**30:.1f} GiB free"
+        )
 
 
 def _warn_of_more_processes_than_cpus(nproc: int) -> None:
