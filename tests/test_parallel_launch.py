@@ -248,9 +248,10 @@ def test_a_bad_input_file_fails_before_any_process_starts(tmp_path):
             130,
             "rank 1 was interrupted (SIGINT); the other ranks were stopped",
         ),
-        (  # the same while it joined the group (the signal's default action there)
+        (  # the same while it waited in the group's join (`serve --sp`'s follower while rank 0 loads):
+            # the signal's default action there, which ended the launcher with 1
             ChildFailedError("streamgen.cli", {1: ProcessFailure(1, 42, -2, "<N/A>")}),
-            1,
+            130,
             "rank 1 was interrupted (SIGINT)",
         ),
         (  # one rank alone sent SIGTERM: the others are stopped by torchrun, by SIGTERM too

@@ -162,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         rank, failure = _first_failure(e.failures)
         code = failure.exitcode
         print(f"streamgen: rank {rank} {_how_it_ended(code)}; the other ranks were stopped", file=sys.stderr)
-        return code if code > 0 else 1
+        if code > 0:
+            return code
+        stopped_by = _stopped_by(code)  # (a shell's code for it, as for the launcher's own Ctrl-C)
+        return 128 + int(stopped_by) if stopped_by is not None else 1
     except KeyboardInterrupt:  # Ctrl-C before the agent had its own handlers; it stops the ranks it started
         print("streamgen: stopped by SIGINT; every rank has ended", file=sys.stderr)
         return 128 + int(signal.SIGINT)
@@ -177,13 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _how_it_ended(code: int) -> str:
-    """How a failed rank ended, in words. A rank sent SIGINT, SIGTERM or SIGHUP by itself (not by
-    the launcher, which stops them all) ends with 128 + the signal (`streamgen.cli`), or by the
-    signal itself while it joins the group: it was stopped, which "failed (exit code 130)" read as
-    a crash."""
+def _stopped_by(code: int) -> signal.Signals | None:
+    """The stop (SIGINT, SIGTERM, SIGHUP) a rank that ended with exit code `code` was sent by itself
+    (not by the launcher, which stops them all): it ends with 128 + the signal (`streamgen.cli`), or
+    by the signal itself where it waits for the group (joining it; `serve --sp`'s followers while
+    rank 0 loads the model), where `signals_end_the_process` leaves the signal its default action."""
     stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    stopped_by = next((s for s in stops if code in (128 + int(s), -int(s))), None)
+    return next((s for s in stops if code in (128 + int(s), -int(s))), None)
+
+
+def _how_it_ended(code: int) -> str:
+    """How a failed rank ended, in words: a rank stopped (`_stopped_by`) was not a crash, which
+    "failed (exit code 130)" read as."""
+    stopped_by = _stopped_by(code)
     if stopped_by == signal.SIGINT:
         return "was interrupted (SIGINT)"
     if stopped_by is not None:
