@@ -192,3 +192,32 @@ def test_generate_of_last_step_with_one_step_is_refused_before_the_model_loads(s
     argv = _argv("generate", tmp_path, "--model", "debug", "--sp", sp, "--cache-from", "last_step", "--steps", "1")
     assert cli.main(argv) == 2
     assert "--cache-from last_step needs 2 or more --steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, asset", [("--audio", "sample_speech.wav"), ("--reference", "sample_face.png")])
+def test_generate_sp_of_an_input_from_a_pipe_is_refused_before_the_relaunch(flag, asset, launcher, tmp_path, capsys):
+    """Each rank reads --audio and --reference again, after the launcher: from a pipe (stdin, `<(...)`)
+    they got nothing ("Invalid data found", "audio file not found: /dev/fd/63"), from a FIFO they waited
+    for ever. One process reads a pipe fine."""
+    import os
+    import threading
+
+    from streamgen import cli
+
+    read_end, write_end = os.pipe()
+    data = (ROOT / "streamgen/assets" / asset).read_bytes()
+
+    def write():
+        with os.fdopen(write_end, "wb") as f:
+            f.write(data)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        pipe = f"/dev/fd/{read_end}"
+        assert cli.main(_argv("generate", tmp_path, "--model", "debug", "--sp", "2", flag, pipe)) == 2
+    finally:
+        writer.join(10)
+        os.close(read_end)
+    err = capsys.readouterr().err
+    assert f"{flag} {pipe} is not a file (a pipe?): --sp 2 starts 2 processes" in err and err.count("\n") == 1, err

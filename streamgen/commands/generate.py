@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -166,6 +167,7 @@ def run(args) -> int:
             if model_kind(args.model) == "teacher":
                 raise ValueError(TEACHER_IN_ONE_PROCESS)
             check_sequence_parallel(args.sp, args.model, args.height, args.width)
+            _check_inputs_read_again(args.sp, args.audio, args.reference)
             if args.tiny_decoder:  # (a small file: read here too, for a bad one's line before any process)
                 _check_tiny_decoder(args.tiny_decoder, args.model)
             # does not return in the launcher
@@ -289,6 +291,19 @@ def _check_steps(steps: int | None, model: str) -> None:
         said = " or ".join(counts) if len(counts) < 3 else f"{', '.join(counts[:-1])} or {counts[-1]}"
         raise UserError(f"--steps {steps}: {model} runs {said} steps, the levels of the {distilled}-step "
                         "schedule it was distilled for (a teacher takes any number)")  # fmt: skip
+
+
+def _check_inputs_read_again(sp: int, audio: str, reference: str) -> None:
+    """A ValueError where --audio or --reference is not a file (a pipe: `cat a.wav | ... --audio /dev/stdin`,
+    `<(...)`, a FIFO), which each of the `sp` processes reads again after this one has: a pipe on stdin gave
+    them no data ("Invalid data found"), `<(...)`'s /dev/fd/63 was not there, and a FIFO left them
+    waiting for a writer for ever."""
+    for flag, given in (("--audio", audio), ("--reference", reference)):
+        if not stat.S_ISREG(os.stat(given).st_mode):
+            raise ValueError(
+                f"{flag} {given} is not a file (a pipe?): --sp {sp} starts {sp} processes that each read it "
+                "again, after this one; save it to a file and give that"
+            )
 
 
 def _check_tiny_decoder(checkpoint: str, model: str) -> None:
