@@ -10,6 +10,7 @@ from pathlib import Path
 from streamgen.cli import (
     add_dtype_option,
     check_cache_from,
+    check_steps,
     frame_size,
     positive_int,
     positive_number,
@@ -157,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compile and (not on_cpu or args.sp > 1):
         raise UserError("--compile runs on the CPU in one process: it cannot be combined with --sp or a GPU device")
     check_cache_from(args.cache_from, args.steps, args.model)
+    check_steps(args.steps, args.model)
     check_device(args.device)  # (after the options' own conflicts, which hold on any machine)
     from .origins import scheme_and_host
 

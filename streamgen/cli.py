@@ -209,6 +209,26 @@ def check_cache_from(cache_from: str | None, steps: int | None, model: str) -> N
         )
 
 
+def check_steps(steps: int | None, model: str) -> None:
+    """A UserError where a student (any model but a teacher) is asked for steps off the schedule it was
+    distilled for: its k steps are the levels of its own n (`student_sigmas`) only where k divides n
+    (2 of 4: 1000 and 500; 3 would be 1000, 667, 333, levels it never learned). A teacher samples
+    any number of Euler steps (--steps had taken 1, 2 or 4 for every model, so no teacher's 25)."""
+    from streamgen.models import model_kind, model_settings
+
+    if steps is None or model_kind(model) == "teacher":
+        return
+    try:
+        distilled = model_settings(model)["steps"]
+    except (OSError, ValueError):  # (loading the model says what is wrong with it)
+        return
+    if distilled % steps:
+        counts = [str(k) for k in range(1, distilled + 1) if distilled % k == 0]
+        said = " or ".join(counts) if len(counts) < 3 else f"{', '.join(counts[:-1])} or {counts[-1]}"
+        raise UserError(f"--steps {steps}: {model} runs {said} steps, the levels of the {distilled}-step "
+                        "schedule it was distilled for (a teacher takes any number)")  # fmt: skip
+
+
 def check_device(name: str, meta: bool = False) -> None:
     """A `--device` this machine has, or a UserError that says why not (before a model loads:
     torch would otherwise fail deep inside, with a traceback). `meta` (shapes, no data) only where

@@ -336,3 +336,15 @@ def test_an_empty_out_is_refused_not_the_current_folder(tmp_path, capsys, monkey
         assert exited.value.code == 2 and "argument --out: '' names no folder" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
     assert (tmp_path / "report.json").read_text() == "mine"
+
+
+def test_eval_refuses_steps_off_the_students_schedule(tmp_path, capsys):
+    """--steps 3 of the 4-step tiny-avatar was scored (generate refused it), at levels it never
+    learned; refused in one line before anything loads, no --out made."""
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", "tiny-avatar", "--steps", "3", "--clips", "1", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "streamgen eval: error: --steps 3: tiny-avatar runs 1, 2 or 4 steps, the levels of the 4-step "
+        "schedule it was distilled for (a teacher takes any number)\n"
+    )
+    assert not out.exists()

@@ -993,3 +993,19 @@ def test_a_path_no_file_has_is_a_404_whatever_the_method(client):
         r = client.request(method, "/index.html")  # a file: its methods are GET and HEAD
         assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD", (method, r.status_code, r.text)
     assert client.post("/").status_code == 405  # (the page itself)
+
+
+def test_serve_refuses_steps_off_the_students_schedule(capsys, monkeypatch):
+    """--steps 3 of the 4-step tiny-avatar was taken (generate refused it): every session then ran
+    noise levels the student never learned."""
+    from streamgen.cli import main
+
+    def serve(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
+    assert main(["serve", "--port", str(free_port()), "--model", "tiny-avatar", "--steps", "3"]) == 2
+    assert capsys.readouterr().err == (
+        "streamgen serve: error: --steps 3: tiny-avatar runs 1, 2 or 4 steps, the levels of the 4-step "
+        "schedule it was distilled for (a teacher takes any number)\n"
+    )

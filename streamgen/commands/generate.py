@@ -92,6 +92,7 @@ def run(args) -> int:
         UserError,
         check_cache_from,
         check_device,
+        check_steps,
         import_with_ctrl_c_held,
         require_models,
         restore_handlers,
@@ -146,7 +147,7 @@ def run(args) -> int:
     check_device(args.device)  # (after the options' own conflicts, which hold on any machine)
     require_models(args.model)  # (before any relaunch: --sp N's processes each said it, after starting)
     check_cache_from(args.cache_from, args.steps, args.model)  # (each process said it, once it had loaded)
-    _check_steps(args.steps, args.model)
+    check_steps(args.steps, args.model)
     from streamgen.models import use_attention_backend, use_precision
 
     try:
@@ -270,27 +271,6 @@ def run(args) -> int:
         f"{n_chunks * session.frames_per_chunk / elapsed:.1f} frames/s)"
     )
     return 0
-
-
-def _check_steps(steps: int | None, model: str) -> None:
-    """A UserError where a student (any model but a teacher) is asked for steps off the schedule it was
-    distilled for: its k steps are the levels of its own n (`student_sigmas`) only where k divides n
-    (2 of 4: 1000 and 500; 3 would be 1000, 667, 333, levels it never learned). A teacher samples
-    any number of Euler steps (--steps had taken 1, 2 or 4 for every model, so no teacher's 25)."""
-    from streamgen.cli import UserError
-    from streamgen.models import model_kind, model_settings
-
-    if steps is None or model_kind(model) == "teacher":
-        return
-    try:
-        distilled = model_settings(model)["steps"]
-    except (OSError, ValueError):  # (loading the model says what is wrong with it)
-        return
-    if distilled % steps:
-        counts = [str(k) for k in range(1, distilled + 1) if distilled % k == 0]
-        said = " or ".join(counts) if len(counts) < 3 else f"{', '.join(counts[:-1])} or {counts[-1]}"
-        raise UserError(f"--steps {steps}: {model} runs {said} steps, the levels of the {distilled}-step "
-                        "schedule it was distilled for (a teacher takes any number)")  # fmt: skip
 
 
 def _check_inputs_read_again(sp: int, audio: str, reference: str) -> None:

@@ -78,7 +78,7 @@ def _given(options, args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streamgen.cli import UserError, check_device, output_folder
+    from streamgen.cli import UserError, check_device, check_steps, output_folder
 
     if args.out is None:
         raise UserError("--out is required")
@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"{_given(SESSION_OPTIONS, args)} for a model's session, which {args.model} does not run"
         )
+    check_steps(args.steps, args.model)  # (not given for those: refused above)
     check_device(args.device)
     if args.minutes is not None and (problem := stream_memory_problem(args.model, args.minutes, args.size)):
         raise UserError(problem)
