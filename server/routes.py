@@ -158,7 +158,7 @@ async def _new_session(registry: SessionRegistry, reference, caption: str | None
     try:
         return await registry.create(reference, caption, seed)
     except ValueError as e:  # e.g. a caption the model cannot take
-        raise ApiError(422, "bad_request", str(e)) from None
+        raise ApiError(422, "bad_caption", str(e)) from None
 
 
 async def _session_fields(request: Request, config) -> tuple[dict, bytes | None]:

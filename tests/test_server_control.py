@@ -295,3 +295,16 @@ def test_a_caption_with_a_nul_is_refused_as_a_speak_is(client):
             answer = next_json(ws)
             assert answer["type"] == "error" and answer["for"] == kind and said in answer["message"], answer
     client.delete(s["resource"], headers=auth(s["token"]))
+
+
+def test_a_caption_the_model_cannot_take_is_bad_caption_at_a_sessions_start_as_over_control(client, monkeypatch):
+    """POST /v1/sessions (and /v1/whep) called it `bad_request`, /control `bad_caption`."""
+    registry = client.app.state.registry
+
+    async def cannot_take(reference, caption, seed):
+        raise ValueError("caption: the model cannot take it")
+
+    monkeypatch.setattr(registry, "create", cannot_take)
+    r = client.post("/v1/sessions", json={"caption": "smiling"})
+    assert r.status_code == 422 and r.json()["error"] == "bad_caption", r.text
+    assert "cannot take it" in r.json()["message"]
