@@ -393,6 +393,8 @@ async def control(session_id: str, request: Request):
     except ProtocolError as e:
         raise ApiError(413 if e.code == 4413 else 400, "bad_message", e.reason) from None
     kind = msg["type"]
+    if kind not in ("speak", "caption", "interrupt", "clear"):  # (before the touch: refused, not activity)
+        raise ApiError(400, "bad_message", f"{kind!r} is a WebSocket message; use speak, caption or interrupt here")
     session.touch()
     if kind == "speak":
         clears = session.timeline.clears  # an interrupt posted during the synthesis drops the speech
@@ -420,10 +422,8 @@ async def control(session_id: str, request: Request):
         if session.closed:  # while it waited for the worker: its job found no stream to change
             raise ApiError(404, "not_found", f"session ended: {session.close_reason}")
         return {"type": "caption", "text": msg["text"]}
-    if kind in ("interrupt", "clear"):
-        session.timeline.clear_ahead()
-        return {"type": kind}
-    raise ApiError(400, "bad_message", f"{kind!r} is a WebSocket message; use speak, caption or interrupt here")
+    session.timeline.clear_ahead()  # interrupt, clear
+    return {"type": kind}
 
 
 @router.get("/v1/avatars", tags=["avatars"])

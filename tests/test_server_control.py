@@ -308,3 +308,18 @@ def test_a_caption_the_model_cannot_take_is_bad_caption_at_a_sessions_start_as_o
     r = client.post("/v1/sessions", json={"caption": "smiling"})
     assert r.status_code == 422 and r.json()["error"] == "bad_caption", r.text
     assert "cannot take it" in r.json()["message"]
+
+
+def test_a_refused_control_request_is_no_activity_for_the_idle_limit(client):
+    """A {"type": "start"} (a WebSocket message) was a 400 that kept the session from its idle
+    limit all the same; an accepted one counts."""
+    s = new_session(client)
+    h = auth(s["token"])
+    session = client.app.state.registry.get(s["id"])
+    before = session.last_input
+    for refused in ({"type": "start"}, {"type": "ping"}):
+        assert client.post(s["resource"] + "/control", json=refused, headers=h).status_code == 400
+        assert session.last_input == before, refused
+    assert client.post(s["resource"] + "/control", json={"type": "interrupt"}, headers=h).status_code == 200
+    assert session.last_input > before
+    client.delete(s["resource"], headers=h)
