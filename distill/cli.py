@@ -48,6 +48,9 @@ def _say_where_to_go_on(args: argparse.Namespace, out: str, is_main: bool) -> No
 
 
 def run(args: argparse.Namespace) -> int:
+    from streamgen.cli import HEAVY_IMPORTS, import_with_ctrl_c_held
+
+    import_with_ctrl_c_held(HEAVY_IMPORTS)  # (a Ctrl-C inside torch's import aborted the process)
     from distill.build import ModelSourceError
     from distill.config import ConfigError, find_config, load_config
     from distill.data import DataMissing

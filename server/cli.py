@@ -104,9 +104,10 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import re
 
-    import uvicorn
+    from streamgen.cli import HEAVY_IMPORTS, UserError, check_device, import_with_ctrl_c_held
 
-    from streamgen.cli import UserError, check_device
+    import_with_ctrl_c_held(HEAVY_IMPORTS)  # (a Ctrl-C inside torch's import aborted the process)
+    import uvicorn
 
     from .app import create_app
     from .config import ServerConfig

@@ -296,6 +296,12 @@ def terminate_as_exit():
     return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
 
 
+# imported before the rest of a command, a Ctrl-C held meanwhile (`import_with_ctrl_c_held`): the
+# extensions a Ctrl-C inside whose import was an abort (torch) or an ImportError's traceback (numpy;
+# av, Cython's "Failed to import 'zlib.decompress'")
+HEAVY_IMPORTS = ("numpy", "torch", "av")
+
+
 def import_with_ctrl_c_held(modules) -> None:
     """Import `modules`, a Ctrl-C (SIGINT) in the meantime held until they are in, then raised: one
     inside torch's C++ import aborted the process ("terminate called after throwing an instance of

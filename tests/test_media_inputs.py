@@ -462,3 +462,30 @@ def test_a_pictures_damaged_exif_is_read_without_pillows_warning(tmp_path):
         warnings.simplefilter("always")
         assert read_image(path).shape == (32, 32, 3)
     assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["serve", "--model", "debug", "--port", "70000"], ["eval", "--model", "debug"], ["distill", "teacher", "--config", "nonesuch"]],
+)
+def test_serve_eval_and_distill_hold_a_ctrl_c_while_torch_imports(command, tmp_path, monkeypatch, capsys):
+    """As generate: a Ctrl-C inside torch's C++ import aborted them (exit -6); it is raised once the
+    extensions are in, "interrupted" and 130."""
+    import signal
+    import sys
+
+    import streamgen.cli
+
+    (tmp_path / "slow_to_import.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C as it imports\nwhole = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(streamgen.cli, "HEAVY_IMPORTS", ("slow_to_import",))
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:  # (the commands as given would be refused, in one line, were the Ctrl-C not raised first)
+        assert main(command) == 130
+        assert sys.modules["slow_to_import"].whole
+    finally:
+        signal.signal(signal.SIGINT, before)
+        sys.modules.pop("slow_to_import", None)
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"

@@ -8,7 +8,7 @@ import stat
 import sys
 from pathlib import Path
 
-from streamgen.cli import add_dtype_option, caption, frame_size, positive_int, seed_number
+from streamgen.cli import HEAVY_IMPORTS, add_dtype_option, caption, frame_size, positive_int, seed_number
 from streamgen.files import new_file_beside
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -77,12 +77,6 @@ def add_arguments(p) -> None:
         "--sp", type=positive_int, default=1, help="sequence-parallel processes (restarts under torchrun)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-# imported before the rest, a Ctrl-C held meanwhile (`import_with_ctrl_c_held`): the extensions a
-# Ctrl-C inside whose import was an abort (torch) or an ImportError's traceback (numpy; av, Cython's
-# "Failed to import 'zlib.decompress'")
-HEAVY_IMPORTS = ("numpy", "torch", "av")
 
 
 def run(args) -> int:

@@ -78,8 +78,16 @@ def _given(options, args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streamgen.cli import UserError, check_device, check_steps, output_folder
+    from streamgen.cli import (
+        HEAVY_IMPORTS,
+        UserError,
+        check_device,
+        check_steps,
+        import_with_ctrl_c_held,
+        output_folder,
+    )
 
+    import_with_ctrl_c_held(HEAVY_IMPORTS)  # (a Ctrl-C inside torch's import aborted the process)
     if args.out is None:
         raise UserError("--out is required")
     output_folder(args.out, make=False)  # a file in its way: now; the folder made once all is checked
