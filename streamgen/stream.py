@@ -53,6 +53,7 @@ from streamgen.start_memo import StartState
 from streamgen.stream_inputs import (
     check_caption,
     check_model_device,
+    check_predicted_channels,
     check_seed,
     positive_size,
     prepare_reference,
@@ -120,10 +121,7 @@ class StreamSession:
         decode_dtype = autoencoder_dtype(decode_dtype, self.model.vae, device, "decode dtype")
         encode_dtype = autoencoder_dtype(encode_dtype, self.model.vae, device, "encode dtype")
         self.cfg = self.model.cfg
-        if self.cfg.out_channels != self.cfg.in_channels:  # (a tensor size error at the first chunk)
-            raise ValueError(f"{self.model.name}: its DiT predicts {self.cfg.out_channels} latent channels of "
-                             f"{self.cfg.in_channels}: a stream denoises its latents with them (a model.json's "
-                             "out_channels must equal its in_channels)")  # fmt: skip
+        check_predicted_channels(self.model)
         self.vae = self.model.session_vae(decode_dtype, encode_dtype)
         # (None: the model's; 0 was taken as None)
         self.height, self.width = session_frame_size(height, width, self.model, self.vae)

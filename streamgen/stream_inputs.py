@@ -142,6 +142,17 @@ def session_device(device) -> torch.device:
     return device
 
 
+def check_predicted_channels(model) -> None:
+    """A ValueError where `model`'s DiT predicts other latent channels than it takes (a Wan config
+    field; a model.json may say it): a session denoises its latents with its predictions, a tensor
+    size error at its first chunk or window."""
+    cfg = model.cfg
+    if cfg.out_channels != cfg.in_channels:
+        raise ValueError(f"{model.name}: its DiT predicts {cfg.out_channels} latent channels of "
+                         f"{cfg.in_channels}: a session denoises its latents with them (a model.json's "
+                         "out_channels must equal its in_channels)")  # fmt: skip
+
+
 def check_model_device(model, device: torch.device) -> None:
     """A ValueError unless `model` is loaded on `device` (a session on another device failed at
     start() on a device mismatch deep in the DiT)."""

@@ -36,6 +36,7 @@ from streamgen.stream import encode_reference
 from streamgen.stream_inputs import (
     check_caption,
     check_model_device,
+    check_predicted_channels,
     check_seed,
     positive_size,
     prepare_reference,
@@ -61,6 +62,7 @@ class TeacherSession:
         window, motion = positive_size(window, "window"), operator.index(motion)
         self.model = model if isinstance(model, AvatarModel) else load_model(model, device=device)
         check_model_device(self.model, device)
+        check_predicted_channels(self.model)  # (as StreamSession: a tensor size error at the first window)
         self.dit, self.vae, self.cfg = self.model.dit, self.model.vae, self.model.cfg
         # as StreamSession's (0 was the model's size, a float failed at the first window, a size
         # the DiT's patches do not tile failed in it)

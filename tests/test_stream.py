@@ -624,3 +624,12 @@ def test_a_refused_teacher_start_leaves_its_stream_as_it_was(model):
     with pytest.raises(ValueError, match="text features"):
         teacher.start(face(1), text="smiling")
     assert np.array_equal(teacher.next_chunk()[0], unbroken)
+
+
+def test_a_teacher_predicting_other_channels_than_it_takes_is_refused_as_it_is_made():
+    """As StreamSession: TeacherSession took it and failed with a tensor size error at its first
+    window."""
+    from streamgen.teacher import TeacherSession
+
+    with pytest.raises(ValueError, match="its DiT predicts 8 latent channels of 4: "):
+        TeacherSession(load_model("debug", out_channels=8))
