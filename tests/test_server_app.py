@@ -1009,3 +1009,13 @@ def test_serve_refuses_steps_off_the_students_schedule(capsys, monkeypatch):
         "streamgen serve: error: --steps 3: tiny-avatar runs 1, 2 or 4 steps, the levels of the 4-step "
         "schedule it was distilled for (a teacher takes any number)\n"
     )
+
+
+def test_an_empty_avatar_is_the_sample_avatar_as_api_md_says():
+    """docs/api.md: an empty avatar (JSON "", /v1/whep's ?avatar=) counts as none, the sample avatar,
+    in both endpoints (each reads its fields with _session_params); beside a reference, no conflict."""
+    from server.routes import _session_params
+
+    assert _session_params({"avatar": ""}, has_reference=False) == ("sample", None, None)
+    assert _session_params({"avatar": "", "caption": ""}, has_reference=True)[1] is None
+    assert "an empty\n`avatar`" in (WEB_DIR.parent / "docs" / "api.md").read_text()
