@@ -489,3 +489,20 @@ def test_serve_eval_and_distill_hold_a_ctrl_c_while_torch_imports(command, tmp_p
         signal.signal(signal.SIGINT, before)
         sys.modules.pop("slow_to_import", None)
     assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
+
+
+def test_a_ctrl_c_while_the_command_line_loads_is_interrupted_and_130(tmp_path):
+    """`python -m streamgen` interrupted in its first moments, while streamgen/__main__.py imported
+    streamgen.cli (before main() handles a Ctrl-C), printed a traceback and ended by SIGINT (-2)."""
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "argparse.py").write_text(  # (one of streamgen.cli's imports, stood in for)
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C as it imports\n"
+    )
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    ended = subprocess.run([sys.executable, "-m", "streamgen", "--help"], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "PYTHONPATH": path},
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    assert (ended.returncode, ended.stderr) == (130, "interrupted\n")
