@@ -154,6 +154,8 @@ def parse_control(text: str) -> dict:
         raise ProtocolError(CloseCode.BAD_MESSAGE, f"field {str(e.args[0])[:40]!r} is given more than once") from None
     if not isinstance(msg, dict):
         raise ProtocolError(CloseCode.BAD_MESSAGE, "control message must be a JSON object")
+    if "type" not in msg:  # (it was said to be of "unknown control message type 'None'")
+        raise ProtocolError(CloseCode.BAD_MESSAGE, "control message has no 'type' field (speak, caption, ...)")
     kind = msg.get("type")
     if not isinstance(kind, str) or kind not in _FIELDS:
         raise ProtocolError(CloseCode.BAD_MESSAGE, f"unknown control message type {str(kind)[:40]!r}")

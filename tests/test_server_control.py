@@ -323,3 +323,12 @@ def test_a_refused_control_request_is_no_activity_for_the_idle_limit(client):
     assert client.post(s["resource"] + "/control", json={"type": "interrupt"}, headers=h).status_code == 200
     assert session.last_input > before
     client.delete(s["resource"], headers=h)
+
+
+def test_a_control_message_without_a_type_says_so(client):
+    """{} was refused as "unknown control message type 'None'", a type it had not sent."""
+    s = new_session(client)
+    h = auth(s["token"])
+    r = client.post(s["resource"] + "/control", json={"text": "hello"}, headers=h)
+    assert r.status_code == 400 and r.json()["message"] == "control message has no 'type' field (speak, caption, ...)"
+    client.delete(s["resource"], headers=h)
