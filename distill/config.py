@@ -610,6 +610,11 @@ def _validate(cfg: TrainConfig, path, sets=()) -> None:
                 f"run.export_name names an exported model (its model.json); the {cfg.stage} stage "
                 f"exports {exports[cfg.stage]}, which has none"
             )
+        elif not cfg.run.export:  # (it was ignored: OUT/model is exported under its folder's name)
+            problems.append(
+                "run.export_name names the model exported to run.export, which is not given: set "
+                "run.export too, or leave export_name out"
+            )
     threads, cpus = cfg.run.threads, usable_cpus()
     if isinstance(threads, int) and threads > cpus:  # (99999 crashed inside OpenMP with no message)
         problems.append(

@@ -53,7 +53,7 @@ def test_set_overrides_config_values_and_is_kept_with_the_config(tmp_path):
     ]
     cfg = load_config(p, "ode", [*sets, "optim.lr=1e-4"])
     assert cfg.optim.lr == 1e-4  # (YAML alone reads 1e-4 as text)
-    texts = load_config(p, "ode", ['data.latents="1e4"', "run.out=nan", 'run.export_name="2024"'])
+    texts = load_config(p, "ode", ['data.latents="1e4"', "run.out=nan", "run.export=m", 'run.export_name="2024"'])
     assert (texts.data.latents, texts.run.out, texts.run.export_name) == ("1e4", "nan", "2024")
     empty = tmp_path / "empty.yaml"
     empty.write_text("stage: ode\noptim:\n")  # a section left empty
@@ -356,10 +356,23 @@ def test_an_empty_out_is_one_line_not_the_configs_folder(tmp_path, capsys, monke
 def test_an_export_name_names_the_exported_model(tmp_path):
     from streamgen.models import load_model
 
-    cfg = load_config(find_config("debug", "teacher"), "teacher", ["run.export_name=my-avatar_2.1"])
-    cfg.run.out, cfg.run.export, cfg.run.steps = str(tmp_path / "run"), str(tmp_path / "m"), 1
+    sets = [f"run.export={tmp_path / 'm'}", "run.export_name=my-avatar_2.1"]
+    cfg = load_config(find_config("debug", "teacher"), "teacher", sets)
+    cfg.run.out, cfg.run.steps = str(tmp_path / "run"), 1
     run(cfg)
     assert load_model(str(tmp_path / "m")).name == "my-avatar_2.1"
+
+
+def test_an_export_name_without_an_export_is_one_line_before_any_work(tmp_path, capsys):
+    """run.export_name names run.export's model: without run.export it was ignored without a word
+    (OUT/model is exported under its folder's name)."""
+    from streamgen.cli import main
+
+    out = tmp_path / "run"
+    assert main(["distill", "teacher", "--config", "debug", "--out", str(out), "--set", "run.export_name=mine"]) == 2
+    err = capsys.readouterr().err
+    assert "run.export_name names the model exported to run.export, which is not given" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_distill_steps_take_positive_numbers(tmp_path, capsys):
