@@ -195,6 +195,10 @@ def test_a_finished_report_of_a_model_json_since_edited_is_measured_again(tmp_pa
     assert json.loads((out / "report.json").read_text())["settings"]["model_meta"] is not None
 
 
+class Killed(BaseException):
+    """The process killed where it is (SIGKILL, a power cut): nothing of it runs after."""
+
+
 def test_a_stopped_drift_stream_goes_on_from_the_frames_it_had_scored(tmp_path, made, monkeypatch, capsys):
     """A Ctrl-C in the --minutes stream (up to an hour of video) lost all of it: the same command run
     again made and scored it from its start."""
@@ -228,10 +232,15 @@ def test_a_stopped_drift_stream_goes_on_from_the_frames_it_had_scored(tmp_path, 
     assert len(rendered) == 1 + 6  # its reference image and frames 24 to 29, not the 30
     assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
     # killed there (no Ctrl-C to keep the scores at): it goes on from those kept on the way, at 16
-    killed = lambda self, frames: sys.exit("killed") if self.seen == 24 else real_add(self, frames)  # noqa: E731
+    # (not SystemExit: a SIGTERM's, which keeps them as a Ctrl-C does)
+    def killed(self, frames):
+        if self.seen == 24:
+            raise Killed
+        real_add(self, frames)
+
     monkeypatch.setattr(metrics.StreamScores, "add", killed)
     out = tmp_path / "killed"
-    with pytest.raises(SystemExit):
+    with pytest.raises(Killed):
         evaluate(out, "--minutes", "0.02")
     monkeypatch.setattr(metrics.StreamScores, "add", real_add)
     capsys.readouterr()
@@ -306,12 +315,12 @@ def test_a_models_stopped_drift_stream_without_a_kept_state_is_made_again(
         def save(self, name, arrays):
             real_save(self, name, arrays)
             if between and name.endswith("so-far") and int(arrays["seen"]) > 8:
-                raise SystemExit("killed")
+                raise Killed
 
         stop[0] = True
         monkeypatch.setattr(partial.Measured, "save", save)
         if between:
-            with pytest.raises(SystemExit):
+            with pytest.raises(Killed):
                 evaluate(out)
         else:
             assert evaluate(out) == 130
@@ -352,3 +361,38 @@ def test_a_models_stopped_drift_stream_without_a_kept_state_is_made_again(
     # (its bar starts again: it went on past the end, to "46frame")
     assert "30/30" in re.findall(r"drift stream:[^\r\n]*", err)[-1], err
     assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
+
+
+@pytest.mark.slow  # about 15 s: a process's imports, a clip and a third of a minute's stream
+def test_a_drift_stream_sent_sigterm_keeps_what_it_had_scored(tmp_path):
+    """SIGTERM (`timeout`, `kill`, a job scheduler) ended eval where it was, without a word: the
+    drift stream's scores since its last minute were lost, where a Ctrl-C keeps them. It ends as a
+    Ctrl-C does: they are kept, "terminated", exit 143."""
+    import os
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    out = tmp_path / "e"
+    argv = ["eval", "--model", "ground-truth", "--clips", "1", "--size", "16", "--minutes", "1", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "streamgen", *argv], stderr=subprocess.PIPE, text=True)
+    said = []
+    reader = threading.Thread(target=lambda: said.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    try:
+        for _ in range(2400):  # (the imports, the clip, then 500 of the stream's frames: seconds)
+            shown = [int(n) for n in re.findall(r"(\d+)/1500", "".join(said))]
+            if (shown and max(shown) >= 500) or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the evaluation ended before it could be stopped"
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    reader.join(timeout=10)
+    err = "".join(said)
+    assert proc.returncode == 143 and "terminated" in err and "Traceback" not in err, err
+    kept = partial.Measured(out, {}).load("stream-1.0-so-far")
+    assert kept is not None and int(kept["seen"]) >= 250  # (the bar counts a slice as it is made, before it is scored)

@@ -159,7 +159,7 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from tqdm import tqdm
 
-    from streamgen.cli import UserError
+    from streamgen.cli import UserError, restore_handlers, terminate_as_exit
 
     from .evaluators import EvaluatorError
     from .partial import MeasuredFolderError
@@ -179,6 +179,10 @@ def _evaluate(args) -> int:
             bars.append(tqdm(total=of_frames, desc="drift stream", unit="frame"))
         bars[1].update(n)
 
+    # SIGTERM (`timeout`, `kill`, a job scheduler) ends it as Ctrl-C does (exit 143): Python's default
+    # ended it where it was, the drift stream's scores since the last minute kept lost, and a report
+    # being written left as some of its files with no report.json
+    terminated_before = terminate_as_exit()
     try:
         report = evaluate(
             args.model, args.out, args.split, clips, args.size, args.minutes,
@@ -190,6 +194,7 @@ def _evaluate(args) -> int:
     except (EvaluatorError, ModelLoadError, OutputInUse, OutFolderError, MeasuredFolderError) as e:
         raise UserError(str(e)) from None
     finally:
+        restore_handlers(terminated_before)
         for bar in bars:
             bar.close()
     keys = ["sync_c", "sync_d", "av_offset_frames", "csim", "fid", "fvd", "drift_slope", "black_frames"]

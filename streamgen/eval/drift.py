@@ -99,7 +99,7 @@ def score_stream(
         return score_stream(
             ev, split, minutes, size, session, roundtrip, lead, stream_progress, None, keep, note, state_file
         )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # (SystemExit: a SIGTERM, `streamgen.cli.terminate_as_exit`)
         if keep is not None and scores.seen > kept_at and (state := scores.state()) is not None:
             keep(state)  # (what was scored up to the Ctrl-C: the same command goes on from there)
         raise
