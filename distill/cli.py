@@ -59,6 +59,14 @@ def run(args: argparse.Namespace) -> int:
     from streamgen.cli import UserError
     from streamgen.data.shards import DataError
 
+    if args.stage == "latents":  # (they were ignored without a word: it trains nothing, into no run.out)
+        given = [flag for flag, value in (("--steps", args.steps), ("--resume", args.resume), ("--out", args.out))
+                 if value not in (None, False)]  # fmt: skip
+        if given:
+            raise UserError(
+                f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for the training stages: latents "
+                "encodes data.root into DATA/latents/NAME (data.latents), and run again keeps what it has encoded"
+            )
     try:
         cfg = load_config(find_config(args.config, args.stage), args.stage, args.sets)
         if args.out is not None:  # (`--out=~/x`: no shell expands `~` after `=`)

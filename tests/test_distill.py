@@ -634,6 +634,28 @@ def test_missing_data_directory(tmp_path):
         run(cfg)
 
 
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--steps", "5"], "--steps is for the training stages"),
+        (["--resume"], "--resume is for the training stages"),
+        (["--out", "OUT", "--resume"], "--resume, --out are for the training stages"),
+    ],
+)
+def test_the_latents_stage_refuses_the_training_stages_options(tmp_path, capsys, monkeypatch, flags, says):
+    """`distill latents --steps 5 --resume --out DIR` encoded the dataset as ever, the three ignored
+    without a word (it trains nothing and writes into DATA/latents/NAME, not a run.out)."""
+    from distill import latents
+    from streamgen.cli import main
+
+    monkeypatch.setattr(latents, "build_latents", lambda cfg: pytest.fail("it went on to encode"))
+    flags = [str(tmp_path / "out") if flag == "OUT" else flag for flag in flags]
+    assert main(["distill", "latents", "--config", "tiny-avatar", *flags]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     from streamgen.cli import main
 
