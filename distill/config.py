@@ -486,11 +486,12 @@ AT_LEAST_ONE = {
     "video_frames", "synthetic_clips", "synthetic_clip_latents", "height", "width", "stats_clips",
     "sample_steps", "trajectories", "teacher_steps", "student_steps", "trajectory_batch",
     "critic_updates", "blocks_per_stage", "eval_clips",
+    "max_motion_frames",  # (0 trained with one, as 1 does: `p_motion_prefix: 0` trains with none)
 }  # fmt: skip
 NOT_NEGATIVE = {
     "seed", "threads", "lr", "weight_decay", "eps", "warmup", "decay_steps", "min_lr", "grad_clip",
     "max_chunks_back", "rollout_frames", "l1_weight", "mse_weight", "latent_penalty", "mouth_weight",
-    "video_weight", "cfg_scale", "max_motion_frames", "vae_res_blocks", "motion_frames",
+    "video_weight", "cfg_scale", "vae_res_blocks", "motion_frames",
 }  # fmt: skip
 POSITIVE = {"shift", "train_shift"}
 PROBABILITIES = {

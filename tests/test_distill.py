@@ -219,6 +219,8 @@ def test_yaml_that_does_not_parse_is_one_line_naming_where(tmp_path, capsys):
         ),
         ("teacher", "teacher: {sample_steps: 0}", "teacher.sample_steps must be >= 1"),
         ("teacher", "teacher: {p_drop_audio: 1.5}", "teacher.p_drop_audio is a probability"),
+        # (0 trained with one motion frame, as 1 does: p_motion_prefix 0 is none)
+        ("teacher", "teacher: {max_motion_frames: 0}", "teacher.max_motion_frames must be >= 1, got 0"),
         ("autoencoder", "autoencoder: {stats_clips: 0}", "autoencoder.stats_clips must be >= 1"),
         ("ode", "ode: {trajectory_batch: 0}", "ode.trajectory_batch must be >= 1"),
         ("ode", "ode: {trajectories: 0}", "ode.trajectories must be >= 1"),
