@@ -133,6 +133,21 @@ def test_another_evaluation_into_the_out_of_a_stopped_one_scores_its_own_clips(
     assert json.loads((out / "report.json").read_text())["split"] == "test"
 
 
+def test_clips_beside_a_settings_json_that_does_not_read_are_not_said_to_be_of_other_settings(
+    tmp_path, made, monkeypatch, capsys
+):
+    """A settings.json cut short was said to be "an evaluation of other settings (eval_version,
+    evaluators, model, size, split)": every key, whatever the clips were of."""
+    out = tmp_path / "e"
+    with stopped_after_saving(monkeypatch):
+        assert evaluate(out) == 130
+    (out / "partial" / "settings.json").write_text('{"eval_ver')
+    capsys.readouterr()
+    assert evaluate(out) == 0
+    err = capsys.readouterr().err
+    assert f"removing the 1 clip an evaluation whose settings.json does not read left in {out}" in err, err
+
+
 def test_only_the_clips_samples_png_shows_keep_frames(tmp_path, made, monkeypatch):
     """Every clip's results in partial/ kept 16 of its frames for samples.png, which shows the first
     four: 12 MB a clip at 512x512, gigabytes for an evaluation of hundreds of clips."""

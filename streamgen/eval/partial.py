@@ -92,10 +92,10 @@ class Measured:
         if saved != self.settings:
             others = len(list(self.folder.glob("clip-*.npz")))
             if others and note:  # (not without a word: the same command would have gone on from them)
-                note(
-                    f"removing the {others} clip{'s' * (others != 1)} an evaluation of other "
-                    f"settings ({', '.join(changed_settings(saved, self.settings))}) left in {self.folder}"
-                )
+                # (one that does not read was said to be of other settings, every key named as changed)
+                of = (f"an evaluation of other settings ({', '.join(changed_settings(saved, self.settings))})"
+                      if isinstance(saved, dict) else "an evaluation whose settings.json does not read")  # fmt: skip
+                note(f"removing the {others} clip{'s' * (others != 1)} {of} left in {self.folder}")
             shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True, exist_ok=True)
         if saved != self.settings:
