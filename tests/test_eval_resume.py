@@ -411,3 +411,33 @@ def test_a_drift_stream_sent_sigterm_keeps_what_it_had_scored(tmp_path):
     assert proc.returncode == 143 and "terminated" in err and "Traceback" not in err, err
     kept = partial.Measured(out, {}).load("stream-1.0-so-far")
     assert kept is not None and int(kept["seen"]) >= 250  # (the bar counts a slice as it is made, before it is scored)
+
+
+@pytest.mark.slow  # about 15 s: a teacher's clip and stream at 16x16, 1 step, twice
+def test_a_teachers_drift_stream_keeps_its_scores_and_is_made_again_from_its_start(tmp_path, monkeypatch, capsys):
+    """A teacher's stream failed with a traceback once its first minute was scored: its session
+    (TeacherSession) has no state to keep. Its scores are kept; its stream is made again."""
+    from streamgen.eval import drift, metrics
+
+    monkeypatch.setattr(drift, "STREAM_KEEP_FRAMES", 8)
+    argv = ["eval", "--model", "tiny-avatar-teacher", "--steps", "1", "--clips", "1", "--size", "16"]
+    evaluate = lambda out: main([*argv, "--minutes", "0.02", "--out", str(out)])  # noqa: E731
+    assert evaluate(tmp_path / "whole") == 0
+    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    real_add = metrics.StreamScores.add
+
+    def stopped(self, frames):
+        if self.seen >= 16:
+            raise Killed
+        real_add(self, frames)
+
+    monkeypatch.setattr(metrics.StreamScores, "add", stopped)
+    out = tmp_path / "cut"
+    with pytest.raises(Killed):
+        evaluate(out)
+    monkeypatch.setattr(metrics.StreamScores, "add", real_add)
+    assert not list((out / "partial").glob("*.pt"))
+    capsys.readouterr()
+    assert evaluate(out) == 0
+    assert "(the model makes it again up to there, unscored)" in capsys.readouterr().err
+    assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)

@@ -88,7 +88,7 @@ def score_stream(
             if keep is not None and scores.seen - kept_at >= STREAM_KEEP_FRAMES:
                 keep(scores.state())
                 kept_at = scores.seen
-                if model_chunks is not None and state_file is not None:
+                if model_chunks is not None and state_file is not None and model_chunks.keeps_state:
                     # (after the scores: a kill between the two costs frames made again, not wrong scores)
                     model_chunks.save(state_file)
     except StreamMadeOtherwise:

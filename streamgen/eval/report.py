@@ -74,6 +74,15 @@ class SessionChunks:
         extra = {"made": self.made, "pushed": self.pushed, "n_frames": self.n_frames, "seed": self.seed}
         save_session_state(self.session, path, extra)
 
+    @property
+    def keeps_state(self) -> bool:
+        """Whether `save` can keep the session's state: a StreamSession's. A teacher's TeacherSession
+        (offline windows) has none to save (save_session_state failed on it with a traceback, the
+        first minute of its stream scored): its stream is made again from its start."""
+        from streamgen.stream import StreamSession
+
+        return isinstance(self.session, StreamSession)
+
     def resume(self, path, at_most: int) -> int:
         """Go on from the state `save` left in `path` (of this stream, at most `at_most` frames
         in): the frames made up to it. A SessionStateError where it is not such a state."""
