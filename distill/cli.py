@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from distill.data import DataMissing
     from distill.trainer import Trainer, TrainingError
     from streamgen.checkpoint import CheckpointError
-    from streamgen.cli import UserError
+    from streamgen.cli import UserError, restore_handlers, terminate_as_exit
     from streamgen.data.shards import DataError
 
     if args.stage == "latents":  # (they were ignored without a word: it trains nothing, into no run.out)
@@ -83,11 +83,19 @@ def run(args: argparse.Namespace) -> int:
                 build_latents(cfg)
             return 0
         trainer = Trainer(cfg, resume=args.resume)
+        # SIGTERM (`timeout`, `kill`, a job scheduler) ends a run of one process as a Ctrl-C does, saying
+        # where a --resume goes on from (Python's default ended it without a word). Under torchrun
+        # the ranks keep the default: the launcher ends them, and one inside a collective would
+        # not see a handler's exit until the collective returned
+        one_process = os.environ.get("WORLD_SIZE", "1") == "1"
+        terminated_before = terminate_as_exit() if one_process else None
         try:
             last = trainer.run()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):
             _say_where_to_go_on(args, cfg.run.out, trainer.is_main)
             raise
+        finally:
+            restore_handlers(terminated_before)
     # (DataError: a shard found corrupted during training, where the stages read clips as they go)
     except (ConfigError, DataMissing, DataError, CheckpointError, TrainingError, ModelSourceError) as e:
         raise UserError(str(e)) from None
