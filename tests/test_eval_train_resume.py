@@ -156,6 +156,37 @@ def test_the_clip_workers_leave_nothing_in_the_temp_folder(tmp_path, monkeypatch
     assert list(temp.iterdir()) == []
 
 
+@pytest.mark.slow  # about 20 s: a process's imports and its clip workers' start
+def test_a_sigterm_ends_the_clip_workers_and_leaves_nothing_in_the_temp_folder(tmp_path):
+    """SIGTERM (`timeout`, `kill`, a job scheduler) ended the command's process alone: its clip
+    workers went on to finish their clips, and their temp folder was left. It ends as a Ctrl-C does:
+    the workers ended, the folder removed, "terminated", exit 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    argv = ["eval", "train-evaluators", "--out", str(tmp_path / "e"), "--clips", "60", "--workers", "2"]
+    env = {**os.environ, "TMPDIR": str(temp)}
+    proc = subprocess.Popen([sys.executable, "-m", "streamgen", *argv], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for _ in range(2400):  # (the imports, then the pool's temp folder: seconds)
+            if any(temp.iterdir()) or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the training ended before it could be stopped"
+        time.sleep(1)  # (the workers started)
+        os.kill(proc.pid, signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "terminated" in err and "Traceback" not in err, err
+    assert list(temp.iterdir()) == []
+
+
 def test_a_resumed_phase_shows_the_rate_of_the_steps_it_runs(monkeypatch):
     """The bar of a resumed phase was moved on by the steps done before, in one update: it showed
     hundreds of steps a second, and an end minutes too early. It starts there instead."""

@@ -128,12 +128,15 @@ def _train(args) -> int:
     import torch
 
     from streamgen.checkpoint import CheckpointError
-    from streamgen.cli import UserError, output_folder
+    from streamgen.cli import UserError, output_folder, restore_handlers, terminate_as_exit
     from streamgen.data.shards import DataError
 
     from .train import TrainingResumeError, check_training_data, train_evaluators
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    # SIGTERM (`timeout`, `kill`, a job scheduler) ends it as Ctrl-C does (exit 143): Python's default
+    # ended this process alone, its clip workers left to finish their clips and their temp folder left
+    terminated_before = terminate_as_exit()
     try:
         check_training_data(args.data)
         output_folder(args.out)  # (once --data is checked: a refused run left it made, and empty)
@@ -148,6 +151,8 @@ def _train(args) -> int:
         )
     except (DataError, TrainingResumeError, CheckpointError) as e:
         raise UserError(str(e)) from None
+    finally:
+        restore_handlers(terminated_before)
     written = f"{args.out / 'syncnet.safetensors'} and {args.out / 'identity.safetensors'}"
     if info.get("already_trained"):  # (the same command run again: nothing to train)
         print(f"{written} are already trained with these settings: nothing to do (delete them to retrain)")
