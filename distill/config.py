@@ -600,6 +600,12 @@ def _validate(cfg: TrainConfig, path, sets=()) -> None:
     for name, values in splits.items():
         if not isinstance(values, list) or not values or any(v not in SPLITS for v in values):
             problems.append(f"{name} must name splits of {', '.join(SPLITS)}, got {values!r}")
+    if isinstance(cfg.data.latents, str) and not _folder_name(cfg.data.latents):
+        # (a path: `../x` wrote its latent bank outside DATA/latents/, where no stage looks)
+        problems.append(
+            f"data.latents {cfg.data.latents[:40]!r} is not a name for a folder of DATA/latents/: letters, "
+            "digits, '.', '_' and '-', e.g. tiny-vae"
+        )
     if cfg.run.export_name is not None:
         problem = model_name_problem(cfg.run.export_name)
         if problem:
@@ -660,6 +666,11 @@ def _blamed(problems: list[str], sets, path) -> str:
 # model.json unchecked, and the same name shipped was written outside the shipped models or failed.)
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MODEL_NAME_MAX = 255  # a folder's name on the usual file systems (NAME_MAX)
+
+
+def _folder_name(name: str) -> bool:
+    """Whether `name` names one folder, as a model's name does (no path, not `..`)."""
+    return bool(MODEL_NAME.fullmatch(name)) and len(name) <= MODEL_NAME_MAX
 
 
 def model_name_problem(name: str) -> str | None:

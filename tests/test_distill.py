@@ -246,6 +246,19 @@ def test_values_out_of_range_are_named_before_any_work(tmp_path, stage, text, sa
     assert says in str(e.value)
 
 
+@pytest.mark.parametrize("name", ["../x", "a/b", "", ".."])
+def test_a_latents_name_that_is_a_path_is_one_line_before_any_work(tmp_path, capsys, name):
+    """data.latents went into DATA/latents/NAME unchecked: `../x` wrote a latent bank outside
+    DATA/latents/, where no stage looks for it."""
+    from streamgen.cli import main
+
+    argv = ["distill", "latents", "--config", "tiny-avatar", "--set", f"data.root={tmp_path / 'data'}"]
+    assert main([*argv, "--set", f"data.latents={json.dumps(name)}"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a name for a folder of DATA/latents/" in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "name, says",
     [
