@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if args.minutes is not None and not args.minutes * 60 * 25 >= 2:  # (nan too)
         raise UserError("--minutes must give a stream of at least two frames (0.08 s: 0.0014 minutes)")
     if args.minutes is not None and not args.minutes <= MAX_MINUTES:  # (inf failed after scoring every clip)
-        raise UserError(f"--minutes is at most {MAX_MINUTES} (a stream that long per clip)")
+        raise UserError(f"--minutes is at most {MAX_MINUTES:g}: the drift stream is one stream that long")
     if _given(TRAINING_OPTIONS, args):  # (--data: the clips came from the world, made on the fly)
         raise UserError(
             f"{_given(TRAINING_OPTIONS, args)} for train-evaluators; eval makes its clips from the world "
