@@ -254,6 +254,31 @@ def _check_writable(folder: Path, key: str, make: bool) -> None:
             raise TrainingError(f"{key}: cannot make {folder}: {e.strerror}") from None
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that are not there yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _unmake_unused(out: Path, made: list[Path]) -> None:
+    """Remove the folders this run made (`made`, deepest first, run.out the first) where it ended
+    before writing anything but its lock: a run refused as its stage was built (a teacher not yet
+    trained) left run.out holding `.run.lock` alone, and the folders above it."""
+    if not made:
+        return
+    try:
+        if {p.name for p in out.iterdir()} - {RUN_LOCK}:
+            return
+        (out / RUN_LOCK).unlink(missing_ok=True)
+        for folder in made:
+            folder.rmdir()  # (OSError where another process has written into it meanwhile: kept)
+    except OSError:
+        pass
+
+
 def _check_not_shipped(folder: Path, key: str) -> None:
     """TrainingError where `folder` is in the shipped models (streamgen/assets/models): a run.export
     there overwrote a shipped model (the default of every command) with the run's, as `distill.ship`
@@ -378,9 +403,15 @@ class Trainer:
         if self.cfg.run.export:
             _check_not_shipped(Path(self.cfg.run.export), "run.export")
             _check_export_reads_nothing(self.cfg)
+        made = _missing_folders(out)
         _check_writable(out, "run.out", make=True)
-        with one_run_at_a_time(out) if world.is_main else contextlib.nullcontext():
-            return self._run_in(out, world)
+        try:
+            with one_run_at_a_time(out) if world.is_main else contextlib.nullcontext():
+                return self._run_in(out, world)
+        except BaseException:
+            if world.is_main:
+                _unmake_unused(out, made)
+            raise
 
     def _run_in(self, out: Path, world: World) -> dict:
         cfg = self.cfg

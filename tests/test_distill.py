@@ -1149,3 +1149,17 @@ def test_the_loss_plot_is_drawn_while_the_other_ranks_wait_for_rank_0(tmp_path, 
     monkeypatch.setattr(Monitor, "plot", lambda self: (plotted.append(waiting[0]), plot(self)))
     run(debug_config("teacher", tmp_path / "t", **{"run.steps": 2, "run.checkpoint_every": 1}))
     assert plotted == [True, True] and (tmp_path / "t" / "loss_curves.png").is_file()
+
+
+def test_a_run_refused_as_its_stage_is_built_leaves_no_folder_it_made(tmp_path, monkeypatch, capsys):
+    """The ode stage without its teacher: refused once run.out was made and locked, which was left
+    holding `.run.lock` alone (and the folders above it). A run.out there before stays."""
+    from streamgen.cli import main
+
+    monkeypatch.chdir(tmp_path)  # (the debug config's teacher, runs/debug/teacher/model: not there)
+    assert main(["distill", "ode", "--config", "debug", "--out", "a/b/run"]) == 2
+    assert "not a model directory" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()
+    assert main(["distill", "ode", "--config", "debug", "--out", "mine"]) == 2
+    assert (tmp_path / "mine").is_dir()
