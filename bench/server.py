@@ -275,9 +275,24 @@ MIN_WATCH_CHUNKS = 3  # the fps times the chunks after the first: a watch must s
 
 async def _require_measurable_watch(http, args, model: str) -> None:
     """A UserError where --seconds is too short for a watch to time the served model's chunks."""
+    _require_watch_of(args, model, *await _chunk_shape(http))
+
+
+def _require_measurable_watch_before_serving(args, model: str) -> None:
+    """`_require_measurable_watch` from the model's files, where they say its chunk: the served
+    check came after the server's start and warm-up (two minutes on a loaded 2-core machine)."""
+    from streamgen.model.audio import VIDEO_FPS
+    from streamgen.models import model_shape
+
+    shape = model_shape(model)
+    if shape is not None:
+        frames = shape[0].frames_per_chunk * shape[0].temporal_compression
+        _require_watch_of(args, model, frames, frames / VIDEO_FPS)
+
+
+def _require_watch_of(args, model: str, frames: int, seconds: float) -> None:
     from streamgen.cli import UserError
 
-    frames, seconds = await _chunk_shape(http)
     if args.seconds < MIN_WATCH_CHUNKS * seconds:
         raise UserError(
             f"--seconds {args.seconds:g} is too short to measure {model}: its fps is timed over whole chunks of "
@@ -420,6 +435,8 @@ def main(args: argparse.Namespace, kept: dict | None = None) -> dict:
     if any(a == "--model" or a.startswith("--model=") for a in shlex.split(args.against_args)):
         # (the second server served it, and the JSON named the first's model as `against`)
         raise UserError("--against-args: give the second server's model with --against MODEL")
+    for model in dict.fromkeys([args.model, args.against or args.model]):
+        _require_measurable_watch_before_serving(args, model)
     kept = {} if kept is None else kept
     try:
         # the figures are this CPU's, and of the settings the environment gives the served model

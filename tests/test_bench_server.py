@@ -170,7 +170,7 @@ def test_serve_options_the_server_refuses_are_one_line(capsys):
     RuntimeError traceback carrying the server's whole stderr; they are one line with its reason."""
     from streamgen.cli import main
 
-    argv = ["bench", "server", "--json", "--model", "debug", "--max-probe", "1", "--seconds", "0.5",
+    argv = ["bench", "server", "--json", "--model", "debug", "--max-probe", "1", "--seconds", "1",
             "--against-args=--no-such-option"]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -344,6 +344,24 @@ def test_a_watch_too_short_to_time_a_chunk_is_refused_in_one_line(capsys):
     assert captured.out == "" and "Traceback" not in captured.err, captured.err
     assert len(captured.err.strip().splitlines()) == 1, captured.err
     assert "--seconds 0.5 is too short to measure debug" in captured.err and "0.96 s" in captured.err, captured.err
+
+
+@pytest.mark.parametrize("against", [[], ["--against", "tiny-avatar"]])
+def test_a_watch_too_short_for_the_models_chunks_is_refused_before_a_server_starts(against, monkeypatch, capsys):
+    """The models' files say their chunk: the served check came after the start and warm-up."""
+    import bench.server
+    from streamgen.cli import main
+
+    def no_server(*_):
+        raise AssertionError("a server was started")
+
+    monkeypatch.setattr(bench.server, "_start_server", no_server)
+    argv = ["bench", "server", "--json", "--max-probe", "1", "--seconds", "0.9", "--transport", "ws",
+            "--browser", "", *against]  # fmt: skip
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1, captured.err
+    assert "--seconds 0.9 is too short to measure tiny-avatar" in captured.err and "0.96 s" in captured.err
 
 
 async def test_the_ladder_says_each_probe_on_stderr_unless_json(monkeypatch, capsys):
