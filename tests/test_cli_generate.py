@@ -769,3 +769,13 @@ def test_bench_alone_names_only_the_benchmark_as_missing(capsys):
         main(["bench"])
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.strip().endswith("the following arguments are required: benchmark"), err
+
+
+def test_bench_json_before_the_benchmarks_name_is_taken_as_after_it(monkeypatch, capsys):
+    """`streamgen bench --json floor` said "streamgen: error: unrecognized arguments: --json"."""
+    import bench.floor
+
+    monkeypatch.setattr(bench.floor, "main", lambda opts: {"json": opts.json})
+    assert main(["bench", "--json", "floor"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"json": True}
+

@@ -38,6 +38,9 @@ BENCHMARKS = {
 
 
 def add_arguments(p) -> None:
+    # (`streamgen bench --json engine` said "streamgen: error: unrecognized arguments: --json":
+    # every benchmark takes it, so before the name it is taken as after it)
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "benchmark", choices=list(BENCHMARKS), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items())
     )
@@ -91,7 +94,7 @@ def run(args) -> int:
     parser = argparse.ArgumentParser(prog=f"streamgen bench {args.benchmark}", description=help_text)
     parser.add_argument("--json", action="store_true", help="print the JSON object on one line, no logs")
     mod.add_arguments(parser)
-    opts = parser.parse_args(args.options)
+    opts = parser.parse_args(["--json"] * args.json + args.options)
     _check_output("--plot", getattr(opts, "plot", None), "plot.png", UserError)
     _check_output("--out", getattr(opts, "out", None), "result.json", UserError)
     disabled = logging.root.manager.disable
