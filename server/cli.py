@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ from streamgen.cli import (
     check_cache_from,
     check_steps,
     frame_size,
+    number_where,
     positive_int,
     positive_number,
     require_models,
@@ -283,12 +285,13 @@ URL_SPECIAL = "+&#%?"  # what a URL's query does not carry as it is
 
 def model_timeout(text: str) -> float:
     """An argparse type: --model-timeout, 0 (no limit) or a positive number of seconds."""
-    return 0.0 if text.strip() in ("0", "0.0") else positive_number(text)
+    return number_where(text, lambda v: math.isfinite(v) and v >= 0, "0 (no limit) or a positive number of seconds")
 
 
 def peer_timeout(text: str) -> float:
     """An argparse type: --peer-timeout, 0 (off) or at least MIN_PEER_TIMEOUT_S seconds."""
-    seconds = 0.0 if text.strip() in ("0", "0.0") else positive_number(text)
+    # (`0.00` or `0e0` was refused as "not a positive finite number", where 0 and 0.0 turned it off)
+    seconds = number_where(text, lambda v: math.isfinite(v) and v >= 0, "0 (off) or a positive number of seconds")
     if 0 < seconds < MIN_PEER_TIMEOUT_S:
         raise argparse.ArgumentTypeError(
             f"{seconds:g} s would cut live viewers (their reports come every second or so): give at least "

@@ -701,6 +701,21 @@ def test_a_peer_timeout_of_0_turns_it_off():
     assert peer_timeout("0") == 0 and peer_timeout("3") == 3  # (0: ICE's own consent checks only)
 
 
+@pytest.mark.parametrize("zero", ["0", "0.0", "0.00", "0e0"])
+def test_a_timeout_of_0_spelt_any_way_turns_it_off(zero):
+    """`--model-timeout 0.00` was refused as "not a positive finite number" where 0 and 0.0 were taken."""
+    from server.cli import model_timeout, peer_timeout
+
+    assert model_timeout(zero) == 0 and peer_timeout(zero) == 0
+
+
+@pytest.mark.parametrize("option", ["--model-timeout", "--peer-timeout"])
+def test_a_negative_timeout_says_that_0_is_taken_too(option, capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", option, "-1"])
+    assert f"argument {option}: '-1' is not 0 (" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, says",
     [
