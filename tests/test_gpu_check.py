@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_helpers import streamgen
 
 from bench import gpu, gpu_variants, wan_decoder
 from streamgen.stream import CHUNK_STAGES, START_STAGES, StreamSession
@@ -375,14 +374,26 @@ def test_the_tiny_decoder_asked_alone_is_timed_without_diffusers_way():
     assert list(ways) == [wan_decoder.TINY_DECODER] and ways[wan_decoder.TINY_DECODER]["ms_p50"] > 0
 
 
-def test_bench_wan_decoder_runs_the_real_decoder_each_way_on_this_cpu():
+def bench_here(capsys, *args) -> tuple[int, str, str]:
+    """`streamgen bench *args`' (exit code, stdout, stderr), run in this process: a fresh one
+    spent seconds importing torch and diffusers again. (Imported here, not above: the GPU image
+    runs this file's GPU tests with only its own packages.)"""
+    from streamgen.cli import main
+
+    capsys.readouterr()  # what came before is not the command's
+    code = main(["bench", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bench_wan_decoder_runs_the_real_decoder_each_way_on_this_cpu(capsys):
     # the Wan2.1 VAE's own architecture (random weights) at a tiny size: every way gives
     # diffusers' frames, each timed
-    r = streamgen("bench", "wan-decoder", "--json", "--device", "cpu", "--height", "16", "--width", "16",
-                  "--chunks", "1", "--ways", "chunk_per_call+fused_norms+pad_in_conv+channels_last",
-                  "tiny_decoder")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    result = json.loads(r.stdout)
+    code, out, err = bench_here(capsys, "wan-decoder", "--json", "--device", "cpu", "--height", "16",
+                                "--width", "16", "--chunks", "1", "--ways",
+                                "chunk_per_call+fused_norms+pad_in_conv+channels_last", "tiny_decoder")  # fmt: skip
+    assert code == 0, err[-2000:]
+    result = json.loads(out)
     assert (result["height"], result["width"], result["dtype"]) == (16, 16, "float32")
     ways = result["ways"]
     tiny = ways.pop("tiny_decoder")
@@ -393,9 +404,11 @@ def test_bench_wan_decoder_runs_the_real_decoder_each_way_on_this_cpu():
     encode = result["reference_encode"]
     assert encode["single_frame_2d"]["tflop"] < 0.5 * encode["diffusers"]["tflop"]
     assert encode["single_frame_2d"]["max_abs_diff"] < 1e-4 and encode["diffusers"]["ms_p50"] > 0
-    bad = streamgen("bench", "wan-decoder", "--json", "--device", "cpu", "--height", "60", "--width", "96")
-    assert bad.returncode == 2 and bad.stdout == ""
-    assert bad.stderr.strip() == "streamgen bench: error: frame size 60x96 must be a multiple of 8"
+    code, out, err = bench_here(
+        capsys, "wan-decoder", "--json", "--device", "cpu", "--height", "60", "--width", "96"
+    )
+    assert code == 2 and out == ""
+    assert err.strip() == "streamgen bench: error: frame size 60x96 must be a multiple of 8"
 
 
 def test_bench_gpu_only_runs_the_parts_it_is_given():
@@ -423,10 +436,10 @@ def test_the_variants_run_the_defaults_figures_before_newer_kernels_and_compilin
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_bench_gpu_without_a_gpu_is_one_line_and_exit_code_2():
-    r = streamgen("bench", "gpu", "--json")
-    assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.strip().splitlines() == [
+def test_bench_gpu_without_a_gpu_is_one_line_and_exit_code_2(capsys):
+    code, out, err = bench_here(capsys, "gpu", "--json")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
         "streamgen bench: error: no CUDA device here; `--device cpu --quick` runs the same code at tiny sizes"
     ]
 
