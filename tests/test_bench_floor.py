@@ -35,11 +35,12 @@ def bench_floor(capsys, *args, env=None) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def counted(device):
+def counted(device, clip_frames=floor.CLIP_FRAMES):
     model = gpu.build_model("wan2.1-1.3b", HEIGHT, WIDTH, device, torch.float32, quick=True, backend="sdpa")
     session = StreamSession(model, steps=STEPS, device=device, dtype=torch.float32)
     context = torch.zeros(1, 8, model.cfg.text_dim, device=device)
-    return model, floor.chunk_work(session, lambda: gpu.start_stream(session, context, 10.0), STEPS)
+    start = lambda: gpu.start_stream(session, context, 10.0)  # noqa: E731
+    return model, floor.chunk_work(session, start, STEPS, clip_frames)
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +49,14 @@ def on_cpu():
 
 
 def test_counting_on_the_meta_device_gives_what_running_gives(on_cpu):
-    # the wan2.1-1.3b floor is counted on meta (no values); here both run the same small model
-    _, on_meta = counted("meta")
+    # the wan2.1-1.3b floor is counted on meta (no values); here both run the same small model.
+    # On meta a clip of 21 frames: the first chunk and one as the ring grows (this model's ring
+    # is full from the third, each later chunk of the 81 frames counted as the steady chunk is,
+    # compared below), then the ring filled by uncounted chunks; half the time of the 81 frames
+    _, on_meta = counted("meta", clip_frames=21)
     _, real = on_cpu
-    assert on_meta == real
+    assert [chunk["frames"] for chunk in on_meta["clip"]] == [9, 12]
+    assert on_meta == {**real, "clip": real["clip"][:2]}
 
 
 def numbers(tree, path=""):
