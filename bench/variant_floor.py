@@ -42,16 +42,26 @@ CONFIGURATIONS = {
 def count_configurations(quick: bool, steps: int = 4, names=None) -> dict:
     """name -> `floor.chunk_work` of `bench gpu`'s model in that configuration (`CONFIGURATIONS`,
     or `names` of them): wan2.1-1.3b at 832x480 on the meta device, extrapolated from one block
-    and two; `quick`: its tiny model on the CPU, every block."""
-    return {
-        name: counted_work(quick, **{"steps": steps, **CONFIGURATIONS[name]})
-        for name in names or CONFIGURATIONS
-    }
+    and two; `quick`: its tiny model on the CPU, every block. The configurations of one decoder
+    share its decodes (`floor.KeptDecodes`: the same latents' shapes whatever the DiT does with
+    them), run and counted in the first of them only: with the CPU's real values, the decodes
+    were most of a count."""
+    decodes = {}  # decoder -> its kept decodes
+    counts = {}
+    for name in names or CONFIGURATIONS:
+        configuration = {"steps": steps, **CONFIGURATIONS[name]}
+        kept = decodes.setdefault(configuration.get("decoder"), floor.KeptDecodes())
+        counts[name] = counted_work(quick, **configuration, decodes=kept)
+    return counts
 
 
-def counted_work(quick: bool, steps: int = 4, fp8_linears=False, decoder=None, cache_from=None) -> dict:
+def counted_work(
+    quick: bool, steps: int = 4, fp8_linears=False, decoder=None, cache_from=None, decodes=None
+) -> dict:
     """`floor.chunk_work` of `bench gpu`'s model (see `count_configurations`) with its block
-    linears in FP8, `decoder` "tiny" or "upsample_phases", its cache from `cache_from`."""
+    linears in FP8, `decoder` "tiny" or "upsample_phases", its cache from `cache_from`.
+    `decodes`: a `floor.KeptDecodes` of another count with the same decoder, to take its decodes
+    from (None: its own)."""
     from bench.gpu import build_model, start_stream
     from bench.wan_decoder import tiny_decoder_vae
     from streamgen.model.float8 import float8_linears
@@ -67,7 +77,8 @@ def counted_work(quick: bool, steps: int = 4, fp8_linears=False, decoder=None, c
         model.vae.upsample_phases = True
     context = torch.zeros(1, text_tokens, model.cfg.text_dim, device=device, dtype=dtype)
 
-    decodes = floor.KeptDecodes()  # (extrapolated: the decoder runs in the one-block count only)
+    if decodes is None:  # (extrapolated: the decoder runs in the one-block count only)
+        decodes = floor.KeptDecodes()
 
     def work(m):
         if fp8_linears:
