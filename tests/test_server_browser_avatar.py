@@ -97,6 +97,28 @@ def test_a_picture_chosen_instead_of_an_unknown_avatar_takes_its_notice_away(bro
             page.close()
 
 
+def statuses_for_pictures(browser_page, pictures) -> list[str]:
+    """The page's status after a connect with each of `pictures` chosen in turn, each refused (the
+    page left ready for the next); and that the server made no session of any."""
+    said = []
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        try:
+            page.goto(f"{url}/?mic=0&transport=ws")
+            page.wait_for_selector("#avatars button[title='Ada']")
+            for picture in pictures:
+                page.set_input_files("#upload", str(picture))
+                page.click("#connect")
+                page.wait_for_function("window.streamgenStats.state.startsWith('failed')", timeout=30_000)
+                said.append(page.text_content("#status"))
+                assert page.is_enabled("#connect") and page.is_enabled("#upload")
+                page.evaluate("window.streamgenStats.state = ''")
+            assert not app.state.registry.sessions
+        finally:
+            page.close()
+    return said
+
+
 def test_a_picture_too_large_is_said_in_the_pages_words_with_the_limit(browser_page, tmp_path):
     """A picture over 4 MiB, or over 16 Mpixel, was refused in the server's words for programs:
     'failed: 413: request body of 4.84 MiB; the limit is 4 MiB', 'failed: 413: reference image is
@@ -109,26 +131,11 @@ def test_a_picture_too_large_is_said_in_the_pages_words_with_the_limit(browser_p
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (1300, 1300, 3), np.uint8)).save(heavy)
     wide = tmp_path / "wide.png"  # one colour: 48 KiB, but 16.8 Mpixel
     Image.new("RGB", (4100, 4100)).save(wide)
-    with live_server(max_sessions=1) as (url, app):
-        page = browser_page.new_page()
-        try:
-            page.goto(f"{url}/?mic=0&transport=ws")
-            page.wait_for_selector("#avatars button[title='Ada']")
-            said = []
-            for picture in (heavy, wide):
-                page.set_input_files("#upload", str(picture))
-                page.click("#connect")
-                page.wait_for_function("window.streamgenStats.state.startsWith('failed')", timeout=30_000)
-                said.append(page.text_content("#status"))
-                assert page.is_enabled("#connect") and page.is_enabled("#upload")
-            assert said == [
-                "failed: your picture is 4.84 MiB, larger than this server takes (at most 4 MiB): choose a smaller one",
-                "failed: your picture is 4100x4100 pixels, more than this server takes (at most 16.8 megapixels,"
-                " as 4096x4096): choose a smaller one",
-            ], said
-            assert not app.state.registry.sessions
-        finally:
-            page.close()
+    assert statuses_for_pictures(browser_page, [heavy, wide]) == [
+        "failed: your picture is 4.84 MiB, larger than this server takes (at most 4 MiB): choose a smaller one",
+        "failed: your picture is 4100x4100 pixels, more than this server takes (at most 16.8 megapixels,"
+        " as 4096x4096): choose a smaller one",
+    ]
 
 
 def test_a_file_that_is_no_picture_is_said_as_the_users_picture(browser_page, tmp_path):
@@ -139,22 +146,7 @@ def test_a_file_that_is_no_picture_is_said_as_the_users_picture(browser_page, tm
     notes.write_text("not a picture")
     cut = tmp_path / "cut.png"
     cut.write_bytes(png_bytes()[:60])
-    with live_server(max_sessions=1) as (url, app):
-        page = browser_page.new_page()
-        try:
-            page.goto(f"{url}/?mic=0&transport=ws")
-            page.wait_for_selector("#avatars button[title='Ada']")
-            said = []
-            for picture in (notes, cut):
-                page.set_input_files("#upload", str(picture))
-                page.click("#connect")
-                page.wait_for_function("window.streamgenStats.state.startsWith('failed')", timeout=30_000)
-                said.append(page.text_content("#status"))
-                page.evaluate("window.streamgenStats.state = ''")
-            assert said == [
-                "failed: your picture is not an image (PNG, JPEG, WebP, BMP or GIF)",
-                "failed: your picture could not be decoded: image file is truncated",
-            ], said
-            assert not app.state.registry.sessions
-        finally:
-            page.close()
+    assert statuses_for_pictures(browser_page, [notes, cut]) == [
+        "failed: your picture is not an image (PNG, JPEG, WebP, BMP or GIF)",
+        "failed: your picture could not be decoded: image file is truncated",
+    ]
