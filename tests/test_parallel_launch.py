@@ -26,6 +26,15 @@ from streamgen.parallel.launch import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
+class Relaunched(Exception):
+    """What `execv_as_raise` raises in place of the relaunch (its args: the command)."""
+
+
+def execv_as_raise(path, cmd):
+    raise Relaunched(cmd)
+
+
 def test_torchrun_command_reruns_the_same_arguments_as_a_module():
     cmd = torchrun_command(4, ["generate", "--sp", "4", "--out", "a.mp4"])
     assert cmd[:3] == [sys.executable, "-m", "streamgen.parallel.torchrun"]
@@ -124,13 +133,7 @@ def test_main_given_arguments_runs_those_on_every_process(command, monkeypatch, 
     from streamgen.parallel import launch
     from tests.server_helpers import free_port
 
-    class Relaunched(Exception):
-        pass
-
-    def execv(path, cmd):
-        raise Relaunched(cmd)
-
-    monkeypatch.setattr(launch.os, "execv", execv)
+    monkeypatch.setattr(launch.os, "execv", execv_as_raise)
     monkeypatch.setattr(sys, "argv", ["my_program.py", "--verbose"])
     for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE", "RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -551,13 +554,7 @@ def test_more_cpu_processes_than_cpus_are_warned_of(sp, device, warned, monkeypa
     word (`--sp 16` of tiny-avatar: 2.8 frames/s against one process's 32)."""
     from streamgen.parallel import launch
 
-    class Relaunched(Exception):
-        pass
-
-    def execv(path, cmd):
-        raise Relaunched(cmd)
-
-    monkeypatch.setattr(launch.os, "execv", execv)
+    monkeypatch.setattr(launch.os, "execv", execv_as_raise)
     monkeypatch.setattr("streamgen.cli.usable_cpus", lambda: 2)
     monkeypatch.setattr(launch.torch.cuda, "device_count", lambda: 8)
     for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE"):
@@ -583,13 +580,7 @@ def test_more_cpu_processes_than_fit_in_memory_are_refused(sp, model, free_gib, 
     a warning only: only the kernel's OOM killer stopped them."""
     from streamgen.parallel import launch
 
-    class Relaunched(Exception):
-        pass
-
-    def execv(path, cmd):
-        raise Relaunched(cmd)
-
-    monkeypatch.setattr(launch.os, "execv", execv)
+    monkeypatch.setattr(launch.os, "execv", execv_as_raise)
     monkeypatch.setattr("streamgen.cli.usable_cpus", lambda: 8)
     monkeypatch.setattr("streamgen.models.free_memory", lambda: int(free_gib * 2**30))
     for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE"):
