@@ -87,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
         output_folder,
     )
 
-    import_with_ctrl_c_held(HEAVY_IMPORTS)  # (a Ctrl-C inside torch's import aborted the process)
     if args.out is None:
         raise UserError("--out is required")
     output_folder(args.out, make=False)  # a file in its way: now; the folder made once all is checked
@@ -99,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{_given(EVAL_OPTIONS, args)} for eval, not train-evaluators (it trains on the CPU, on "
                 "the train split's clips at 64x64)"
             )
+        import_with_ctrl_c_held(HEAVY_IMPORTS)  # (a Ctrl-C inside torch's import aborted the process)
         return _train(args)
     if args.minutes is not None and not args.minutes * 60 * 25 >= 2:  # (nan too)
         raise UserError("--minutes must give a stream of at least two frames (0.08 s: 0.0014 minutes)")
@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if not args.model:
         raise UserError("--model is required (a model name or path, or 'ground-truth')")
+    # (after the checks that need no torch: they answered at once, not after its ~2 s import)
+    import_with_ctrl_c_held(HEAVY_IMPORTS)  # (a Ctrl-C inside torch's import aborted the process)
     from .report import GROUND_TRUTH, ROUNDTRIP, stream_memory_problem
 
     if (args.model == GROUND_TRUTH or args.model.startswith(ROUNDTRIP)) and _given(SESSION_OPTIONS, args):
