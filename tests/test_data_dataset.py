@@ -256,10 +256,10 @@ def test_a_make_that_cannot_write_is_one_line_and_keeps_finished_shards(tmp_path
     written = shards._write_shard
     full_at = ["val"]
 
-    def fills_the_disk(path, clips):
+    def fills_the_disk(path, clips, *made_for):
         if path.parent.name in full_at:  # (after the train shards are written)
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        written(path, clips)
+        written(path, clips, *made_for)
 
     monkeypatch.setattr(shards, "_write_shard", fills_the_disk)
     out = tmp_path / "ds"
@@ -340,10 +340,10 @@ def test_an_interrupted_make_is_gone_on_from_by_the_same_command(tmp_path, capsy
     assert main([*argv, "--out", str(whole)]) == 0
     written, made = shards._write_shard, []
 
-    def interrupted(path, clips):
+    def interrupted(path, clips, *made_for):
         if len(made) == 2:
             raise KeyboardInterrupt
-        written(path, clips)
+        written(path, clips, *made_for)
         made.append(path)
 
     monkeypatch.setattr(shards, "_write_shard", interrupted)
@@ -365,7 +365,7 @@ def test_an_interrupted_make_is_gone_on_from_by_the_same_command(tmp_path, capsy
         load_manifest(out)  # (said 'no manifest.json; run `streamgen data make`', as of any folder)
     made.pop().unlink()  # a kept shard deleted since: made again, and not counted as made before
     made.clear()
-    monkeypatch.setattr(shards, "_write_shard", lambda path, clips: (made.append(path), written(path, clips)))
+    monkeypatch.setattr(shards, "_write_shard", lambda path, *clips: (made.append(path), written(path, *clips)))
     assert main([*argv, "--out", str(out)]) == 0
     assert "2 of them made before" in capsys.readouterr().out and len(made) == 3  # (of 4 shards)
     for path in whole.rglob("*"):

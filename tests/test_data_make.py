@@ -25,7 +25,7 @@ def test_the_plan_of_a_huge_make_is_walked_as_its_shards_are_made(tmp_path, monk
             raise AssertionError("the plan was walked far ahead of the shards made")
         return split_of(i)
 
-    def first_shard(path, clips):
+    def first_shard(path, clips, *made_for):
         raise Stop
 
     monkeypatch.setattr(shards, "clip_split", walking)
@@ -142,7 +142,7 @@ def test_partial_json_is_appended_to_as_each_shard_is_finished(tmp_path, monkeyp
     assert shards.partly_made(out) == 12
     made = []
     write = shards._write_shard
-    monkeypatch.setattr(shards, "_write_shard", lambda path, clips: (made.append(path), write(path, clips)))
+    monkeypatch.setattr(shards, "_write_shard", lambda path, *clips: (made.append(path), write(path, *clips)))
     manifest = make_dataset(out, 40, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20)
     assert len(made) == 20 - 6 and sum(v["clips"] for v in manifest["splits"].values()) == 40
     assert not (out / "partial.json").exists()
@@ -160,7 +160,7 @@ def test_an_older_makes_partial_json_is_gone_on_from(tmp_path, monkeypatch):
     assert shards.partly_made(out) == 2
     made = []
     write = shards._write_shard
-    monkeypatch.setattr(shards, "_write_shard", lambda path, clips: (made.append(path), write(path, clips)))
+    monkeypatch.setattr(shards, "_write_shard", lambda path, *clips: (made.append(path), write(path, *clips)))
     make_dataset(out, 8, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20)
     assert len(made) == 5 - 1  # (of 5 shards: train 3, val 1, test 1)
     (out / "manifest.json").unlink()
@@ -454,3 +454,50 @@ def test_a_make_with_more_workers_than_cpus_says_so_in_one_line(tmp_path, monkey
     assert "warning: 3 workers on 2 CPUs" in err and "--workers 2" in err
     assert main([*argv, "--out", str(tmp_path / "b"), "--workers", "2"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_shard_a_killed_make_finished_but_did_not_record_is_not_made_again(tmp_path, monkeypatch):
+    """A make killed (kill -9, the out-of-memory killer) after a worker put its shard in place and
+    before the make recorded it in partial.json: the shard was made again. Its own record of what it
+    was made for (settings, file) lets the next make take it; another make's shard, one cut short, one
+    with a member spoilt and a recorded one changed since are made again, and the dataset is the one
+    made in one go."""
+    import shutil
+
+    _one_clip_for_all(monkeypatch)
+    kw = dict(height=16, width=16, seconds=0.04, shard_size=2, n_identities=20)
+    whole, other, out = tmp_path / "whole", tmp_path / "other", tmp_path / "ds"
+    make_dataset(whole, 8, **kw)
+    make_dataset(other, 8, seed=1, **kw)
+    with pytest.raises(Stop):
+        make_dataset(out, 8, **kw, progress=lambda clips: (_ for _ in ()).throw(Stop))
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*.npz")] == ["train/shard-00000.npz"]
+    (out / "val").mkdir(), (out / "test").mkdir()
+    shutil.copy(whole / "train/shard-00001.npz", out / "train")  # finished, not recorded
+    shutil.copy(other / "train/shard-00002.npz", out / "train")  # another make's (seed 1)
+    cut = (whole / "val/shard-00000.npz").read_bytes()
+    (out / "val/shard-00000.npz").write_bytes(cut[: len(cut) // 2])
+    spoilt = bytearray((whole / "test/shard-00000.npz").read_bytes())
+    spoilt[200] ^= 0xFF  # (in the first member's data: its CRC no longer holds)
+    (out / "test/shard-00000.npz").write_bytes(bytes(spoilt))
+    # the recorded shard written again since, whole and of these settings by its own record, but not as
+    # partial.json records it (another streamgen's clips): made again, not taken
+    settings, _ = shards._read_partial(out / "partial.json")
+    of = {k: settings[k] for k in ("format", "seed", "height", "width", "seconds", "identities")}
+    made_for = {"of": of, "file": "train/shard-00000.npz", "clips": 2, "first_index": 2, "last_index": 3}
+    from streamgen.data.world import make_clip
+
+    other_clip = make_clip(1, 2, "train", 16, 16, 0.04, 20)
+    shards._write_shard(out / "train/shard-00000.npz", [other_clip, other_clip], made_for)
+    made, kept = [], []
+    write = shards._write_shard
+    monkeypatch.setattr(shards, "_write_shard", lambda path, *clips: (made.append(path), write(path, *clips)))
+    make_dataset(out, 8, **kw, resumed=lambda clips, shards_kept: kept.append(shards_kept))
+    assert kept == [1]
+    assert sorted(p.relative_to(out).as_posix() for p in made) == [
+        "test/shard-00000.npz", "train/shard-00000.npz", "train/shard-00002.npz", "val/shard-00000.npz"
+    ]  # fmt: skip
+    for path in whole.rglob("*.npz"):
+        assert path.read_bytes() == (out / path.relative_to(whole)).read_bytes(), path
+    manifests = [json.loads((root / "manifest.json").read_text()) for root in (whole, out)]
+    assert manifests[0] == manifests[1]

@@ -135,7 +135,7 @@ def test_a_killed_dataset_make_leaves_no_temp_file_of_its_shards(tmp_path, monke
     from streamgen.data import shards
     from streamgen.files import new_file_beside
 
-    def killed(path, clips):
+    def killed(path, clips, *made_for):
         new_file_beside(path).write_bytes(b"half a shard")
         raise KeyboardInterrupt
 

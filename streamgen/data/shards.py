@@ -20,6 +20,9 @@ of the shard, the members
     {i:04d}.meta       JSON bytes             caption, text, voice, identity id, split,
                                               phonemes [(ipa, start_s, end_s)], ...
 
+and last, `made_for` (JSON bytes): the settings its clips are made of (`clip_settings`), its file and
+its clips (a shard a killed make finished but did not record is known by it: `_finished_unrecorded`).
+
 Members load lazily, so random access reads one clip. manifest.json records the format,
 seed, sizes, motion names and, per split, each shard's file, clip count, size and
 sha256. Splits are disjoint by identity and by sentence (see world.py).
@@ -72,10 +75,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_shard(path: Path, clips: Iterable[Clip]) -> None:
+def _write_shard(path: Path, clips: Iterable[Clip], made_for: dict | None = None) -> None:
     """Write clips to `path`, whole or not at all (`write_atomically`), each as it comes and let go:
     the shard's clips, all made first and held together, were a shard's worth of memory (32 clips of
-    256x256 and 4 s: 630 MB). The members and their bytes are np.savez_compressed's."""
+    256x256 and 4 s: 630 MB). The members and their bytes are np.savez_compressed's. `made_for`,
+    the shard's own record of what it was made for, is its last member."""
 
     def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as npz:
@@ -95,6 +99,9 @@ def _write_shard(path: Path, clips: Iterable[Clip]) -> None:
                         np.lib.format.write_array(member, np.asanyarray(array))
                 del members
                 i += 1
+            if made_for is not None:
+                with npz.open(f"{MADE_FOR}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.frombuffer(json.dumps(made_for).encode(), np.uint8))
 
     write_atomically(path, write)
 
@@ -111,17 +118,25 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray], compressed: bool = False
 
 
 def _make_shard(job) -> dict:
-    seed, indices, split, path, height, width, seconds, n_identities = job
+    seed, indices, split, path, height, width, seconds, n_identities, *made_of = job
     clips = (make_clip(seed, i, split, height, width, seconds, n_identities) for i in indices)
-    _write_shard(Path(path), clips)  # (made one at a time, as they are written)
-    return {
+    made = {
         "file": f"{split}/{Path(path).name}",
         "clips": len(indices),
         # the first and last only: the rest follow from the plan (plan_shards), and a list per shard
         # made the manifest, read whole by every reader, 47 MiB at 1M clips
         "first_index": indices[0],
         "last_index": indices[-1],
-        "bytes": Path(path).stat().st_size,
+    }
+    made_for = {"of": made_of[0], **made} if made_of else None
+    _write_shard(Path(path), clips, made_for)  # (made one at a time, as they are written)
+    return _shard_record(Path(path), made)
+
+
+def _shard_record(path: Path, made: dict) -> dict:
+    return {
+        **made,
+        "bytes": path.stat().st_size,
         "sha256": _sha256(Path(path)),  # (hashed in the worker that wrote it, while it is in the page cache)
     }
 
@@ -174,9 +189,10 @@ _SETTING_FLAGS = {
 }  # fmt: skip
 
 
-def _finished_shards(out: Path, settings: dict) -> dict[str, dict]:
+def _finished_shards(out: Path, settings: dict, changed: set[str] | None = None) -> dict[str, dict]:
     """The shards an unfinished make of these `settings` left in `out` (PARTIAL) that are still
-    there as it wrote them, by file; a DataError if it was a make of other settings."""
+    there as it wrote them, by file; a DataError if it was a make of other settings. `changed`: given
+    the files PARTIAL records that are gone or not as it recorded them."""
     path = out / PARTIAL
     if not path.is_file():
         return {}
@@ -199,6 +215,8 @@ def _finished_shards(out: Path, settings: dict) -> dict[str, dict]:
         try:
             check_shard(out / shard["file"], shard["bytes"], shard["sha256"])
         except DataError:  # (gone or changed since: made again)
+            if changed is not None:
+                changed.add(shard["file"])
             continue
         if "indices" in shard:  # (recorded by an older make: every clip's index)
             indices = shard.pop("indices")
@@ -345,10 +363,13 @@ def _write_shards(out: Path, settings: dict, workers: int, progress, resumed=Non
     are kept), each recorded in PARTIAL as it is finished; every shard's record."""
     if (out / "manifest.json").exists():  # (made by a make that held the lock before this one)
         raise DataError(f"{out} already holds a dataset (manifest.json); choose another --out or delete it")
-    finished = _finished_shards(out, settings)
+    changed: set[str] = set()  # (recorded, and not as recorded since: made again, not taken)
+    finished = _finished_shards(out, settings, changed)
+    finished.update(_finished_unrecorded(out, settings, finished.keys() | changed))
     made_like = settings["height"], settings["width"], settings["seconds"], settings["identities"]
+    made_of = clip_settings(settings)  # (each shard's record of what it was made for: MADE_FOR)
     jobs = (  # (lazy, as the plan: a job is made when a worker is free for it)
-        (settings["seed"], indices, split, str(out / shard_file(split, k)), *made_like)
+        (settings["seed"], indices, split, str(out / shard_file(split, k)), *made_like, made_of)
         for split, k, indices in plan_shards(settings["clips"], settings["shard_size"])
         if shard_file(split, k) not in finished
     )
@@ -393,6 +414,63 @@ def _write_shards(out: Path, settings: dict, workers: int, progress, resumed=Non
         if partial is not None:
             partial.close()
     return written
+
+
+# the member of a shard that says what it was made for: the settings its clips are made of, its
+# file and clips
+MADE_FOR = "made_for"
+_CLIP_MEMBERS = ("video", "audio", "reference", "motion", "meta")
+
+
+def clip_settings(settings: dict) -> dict:
+    """Of a make's `settings`, those its clips are made of. Not the count of clips nor the shard
+    size, which say which clips a shard holds (its record says that): a dataset made again with more
+    clips has the same first shards, byte for byte, whose cached latents are kept."""
+    return {k: settings[k] for k in ("format", "seed", "height", "width", "seconds", "identities")}
+
+
+def _finished_unrecorded(out: Path, settings: dict, recorded: set[str]) -> dict[str, dict]:
+    """The shards of the make of `settings` in `out` that PARTIAL does not record, whole: those a make
+    killed (kill -9, the out-of-memory killer) finished but had not recorded yet, made again, by
+    file. A shard is taken only if its own record (MADE_FOR) is of these settings' clips and its file
+    and clips are the plan's, and every member it should have is there and whole (CRCs); another
+    make's, an older streamgen's (no record) or a damaged one is made again."""
+    planned = planned_shards(settings["clips"], settings["shard_size"])
+    unrecorded = {}
+    for split in SPLITS:
+        for path in (out / split).glob("shard-*.npz"):
+            number = path.name[len("shard-") : -len(".npz")]
+            if not (number.isdigit() and int(number) < planned[split]):
+                continue
+            file = shard_file(split, int(number))
+            if file == f"{split}/{path.name}" and file not in recorded:
+                unrecorded[file] = path
+    finished = {}
+    # (the plan walked once, as far as the last of them: a shard's clips are the plan's)
+    for split, k, indices in plan_shards(settings["clips"], settings["shard_size"]):
+        if not unrecorded:
+            break
+        path = unrecorded.pop(shard_file(split, k), None)
+        if path is None:
+            continue
+        made = {"file": shard_file(split, k), "clips": len(indices), "first_index": indices[0],
+                "last_index": indices[-1]}  # fmt: skip
+        if _made_for(path, {"of": clip_settings(settings), **made}):
+            finished[made["file"]] = _shard_record(path, made)
+    return finished
+
+
+def _made_for(path: Path, made_for: dict) -> bool:
+    """Whether the shard at `path` says it was made for `made_for` and is whole."""
+    try:
+        with zipfile.ZipFile(path) as npz:
+            with npz.open(f"{MADE_FOR}.npy") as member:
+                if json.loads(np.lib.format.read_array(member, allow_pickle=False).tobytes()) != made_for:
+                    return False
+            members = {f"{i:04d}.{m}.npy" for i in range(made_for["clips"]) for m in _CLIP_MEMBERS}
+            return set(npz.namelist()) == members | {f"{MADE_FOR}.npy"} and npz.testzip() is None
+    except (*NPZ_ERRORS, KeyError):
+        return False
 
 
 def _remove_unrecorded(out: Path, settings: dict, recorded: set[str]) -> None:
