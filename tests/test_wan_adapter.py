@@ -835,3 +835,23 @@ def test_a_wan_pipeline_given_as_model_init_alone_says_its_vae_is_not_used(tmp_p
     assert err.startswith(f"warning: model.init is the Wan pipeline {pipeline}, but model.vae is not set")
     assert f"set model.vae: wan:{pipeline}" in err and err.count("\n") == 1
     assert type(vae).__name__ == "TinyCausalVAE"
+
+
+def test_a_wan_folder_holding_a_second_checkpoint_is_refused_not_read_over_the_first(tmp_path):
+    """A folder with a second whole checkpoint beside the first (a copy of other weights, kept under
+    another name) loaded both, the later file's tensors over the other's without a word: weights
+    that are neither. A weight in two files is one error naming both."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "wan"
+    tiny_wan(3).save_pretrained(folder, safe_serialization=True)
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+    save_file({k: v * 0 for k, v in weights.items()}, folder / "older.safetensors")
+    says = (
+        rf"{re.escape(str(folder))}: its weight \S+ is in both diffusion_pytorch_model\.safetensors and "
+        r"older\.safetensors: the folder holds more than one checkpoint; keep one of them$"
+    )
+    with pytest.raises(ValueError, match=says):
+        load_pretrained(folder)
+    (folder / "older.safetensors").unlink()
+    assert torch.equal(load_pretrained(folder).patch_embed.weight, weights["patch_embedding.weight"])

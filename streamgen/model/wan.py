@@ -309,21 +309,31 @@ def _one_variant(d: Path, files: list[Path]) -> list[Path]:
 
 def _read_safetensors_dir(d: Path, weights_hash=None) -> dict[str, torch.Tensor]:
     """The tensors of `weight_files(d)`; one safetensors cannot read (a download cut short) is a
-    ValueError naming it."""
+    ValueError naming it, as is a weight in two of them (a second checkpoint in the folder, a
+    copy kept beside the first: the later file's tensors replaced the other's without a word)."""
     from streamgen.model.files import load_safetensors, load_safetensors_from_bytes
 
-    sd = {}
+    sd, read_from = {}, {}
     for f in weight_files(d):
         if weights_hash is None:
-            sd.update(load_safetensors(f))
-            continue
-        # the tensors from the very bytes hashed (the tensors are copies: one file's bytes are held
-        # at a time beside them)
-        data = f.read_bytes()
-        weights_hash.update(f.name.encode())
-        weights_hash.update(data)
-        sd.update(load_safetensors_from_bytes(data, f))
-        del data
+            tensors = load_safetensors(f)
+        else:
+            # the tensors from the very bytes hashed (the tensors are copies: one file's bytes are
+            # held at a time beside them)
+            data = f.read_bytes()
+            weights_hash.update(f.name.encode())
+            weights_hash.update(data)
+            tensors = load_safetensors_from_bytes(data, f)
+            del data
+        twice = next((k for k in tensors if k in sd), None)
+        if twice is not None:
+            raise ValueError(
+                f"{d}: its weight {twice} is in both {read_from[twice]} and {f.name}: the folder holds "
+                "more than one checkpoint; keep one of them"
+            )
+        sd.update(tensors)
+        read_from.update(dict.fromkeys(tensors, f.name))
+        del tensors
     return sd
 
 
