@@ -855,3 +855,24 @@ def test_a_wan_folder_holding_a_second_checkpoint_is_refused_not_read_over_the_f
         load_pretrained(folder)
     (folder / "older.safetensors").unlink()
     assert torch.equal(load_pretrained(folder).patch_embed.weight, weights["patch_embedding.weight"])
+
+
+@pytest.mark.parametrize(
+    "key, value, holds",
+    [("latents_std", 0.0, "0.0"), ("latents_std", None, "null"), ("latents_mean", "a", '"a"')],
+)
+def test_a_wan_vae_whose_latent_statistics_are_not_numbers_is_one_line(tmp_path, key, value, holds):
+    """A latents_std of 0 loaded, and every latent it normalised was inf or nan; a string or a null
+    in the statistics was torch's "too many dimensions 'str'" (naming nothing) or its RuntimeError's
+    traceback."""
+    from streamgen.model.wan_vae import WanVAE
+
+    diffusers = pytest.importorskip("diffusers")
+    stats = {"latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}
+    stats[key] = [*stats[key][:3], value]
+    diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                               **stats).save_pretrained(tmp_path / "vae")  # fmt: skip
+    what = "positive numbers" if key == "latents_std" else "finite numbers"
+    says = f"{tmp_path / 'vae'}: its config.json's {key} holds {holds}: they must be {what}"
+    with pytest.raises(ValueError, match=re.escape(says) + "$"):
+        WanVAE.from_pretrained(tmp_path / "vae")

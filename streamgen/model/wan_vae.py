@@ -7,6 +7,8 @@ diffusers folder inside a model directory.
 from __future__ import annotations
 
 import functools
+import json
+import math
 from pathlib import Path
 
 import torch
@@ -275,6 +277,12 @@ class WanVAE(VideoAutoencoder):
             if not isinstance(values, (list, tuple)) or len(values) != vae.config.z_dim:
                 raise ValueError(f"{path}: its config.json's {key} is not {vae.config.z_dim} numbers (z_dim), "
                                  "one per latent channel")  # fmt: skip
+            # (a string or a null was torch's "too many dimensions 'str'" or its RuntimeError's
+            # traceback, naming nothing; a standard deviation of 0 made every latent inf or nan)
+            bad = [v for v in values if not _is_finite_number(v) or (key == "latents_std" and v <= 0)]
+            if bad:
+                what = "positive numbers" if key == "latents_std" else "finite numbers"
+                raise ValueError(f"{path}: its config.json's {key} holds {json.dumps(bad[0])}: they must be {what}")
         return cls(vae)
 
     # --- persistence: a diffusers folder inside a model directory --------------------------------
@@ -348,6 +356,10 @@ class WanVAE(VideoAutoencoder):
             i += n
         # diffusers clamps inside decode(); decoding through its decoder we clamp ourselves
         return torch.cat(outs, 2).clamp(-1, 1), state
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # the weight files AutoencoderKLWan.from_pretrained reads (whole or sharded, safetensors or pickle)
