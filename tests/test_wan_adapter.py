@@ -876,3 +876,25 @@ def test_a_wan_vae_whose_latent_statistics_are_not_numbers_is_one_line(tmp_path,
     says = f"{tmp_path / 'vae'}: its config.json's {key} holds {holds}: they must be {what}"
     with pytest.raises(ValueError, match=re.escape(says) + "$"):
         WanVAE.from_pretrained(tmp_path / "vae")
+
+
+@pytest.mark.parametrize(
+    "key, value, says",
+    [
+        ("z_dim", "4", "its config.json's z_dim is \"4\", not an integer of at least 1"),
+        ("dim_mult", [1, "2", 2, 2], "its config.json's dim_mult is [1, \"2\", 2, 2], not a list of positive integers"),
+        ("temperal_downsample", "ab", "not a readable diffusers AutoencoderKLWan folder (string index out of range)"),
+    ],
+)
+def test_a_wan_vae_config_with_a_value_of_another_type_is_one_line(tmp_path, key, value, says):
+    """A size given as a string in a Wan VAE's config.json (an edit, a tool that writes every value
+    quoted) was diffusers' TypeError or IndexError from deep in its constructor, a traceback."""
+    from streamgen.model.wan_vae import WanVAE
+
+    diffusers = pytest.importorskip("diffusers")
+    diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                               latents_mean=[0.0] * 4, latents_std=[1.0] * 4).save_pretrained(tmp_path / "vae")  # fmt: skip
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'vae'}: {says}")):
+        WanVAE.from_pretrained(tmp_path / "vae")

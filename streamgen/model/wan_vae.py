@@ -249,6 +249,15 @@ class WanVAE(VideoAutoencoder):
         if config.get("patch_size") not in (None, 1):
             raise ValueError(f"{path}: its config.json is of the Wan2.2 VAE (patch_size {config['patch_size']}), "
                              "which this loader does not read: give the Wan2.1 VAE")  # fmt: skip
+        # (a string or a float was diffusers' TypeError from deep in its constructor, a traceback)
+        for key, least in (("base_dim", 1), ("z_dim", 1), ("num_res_blocks", 0)):
+            if key in config and not _is_integer(config[key], least):
+                raise ValueError(f"{path}: its config.json's {key} is {json.dumps(config[key])}, not an integer "
+                                 f"of at least {least}")  # fmt: skip
+        dim_mult = config.get("dim_mult", [1])
+        if not (isinstance(dim_mult, list) and dim_mult and all(_is_integer(m, 1) for m in dim_mult)):
+            raise ValueError(f"{path}: its config.json's dim_mult is {json.dumps(dim_mult)}, not a list of "
+                             "positive integers")  # fmt: skip
         # (diffusers logged "An error occurred while trying to fetch" above its error, which named the
         # .bin it looked for last: "no file named diffusion_pytorch_model.bin")
         weights = "diffusion_pytorch_model.safetensors"
@@ -261,7 +270,8 @@ class WanVAE(VideoAutoencoder):
         quiet.setLevel(logging.ERROR)
         try:
             vae, info = AutoencoderKLWan.from_pretrained(path, output_loading_info=True, **kwargs)
-        except (OSError, ValueError, RuntimeError, NotImplementedError) as e:
+        # (a config.json's value of another type: diffusers' TypeError, IndexError, ... from its constructor)
+        except (OSError, ValueError, RuntimeError, NotImplementedError, TypeError, IndexError, KeyError) as e:
             first = (str(e).strip().splitlines() or [""])[0][:300]
             raise ValueError(f"{path}: not a readable diffusers AutoencoderKLWan folder ({first})") from None
         finally:
@@ -356,6 +366,10 @@ class WanVAE(VideoAutoencoder):
             i += n
         # diffusers clamps inside decode(); decoding through its decoder we clamp ourselves
         return torch.cat(outs, 2).clamp(-1, 1), state
+
+
+def _is_integer(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def _is_finite_number(value) -> bool:
