@@ -209,7 +209,7 @@ def test_cli_make_preview_and_errors(tmp_path, capsys):
     assert (tmp_path / "p" / "contact_sheet.png").stat().st_size > 1000
     assert (tmp_path / "p" / "preview.mp4").stat().st_size > 1000
     assert main(["data", "preview", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "q")]) == 2
-    assert "no manifest.json" in capsys.readouterr().err
+    assert "is not a finished dataset: there is no such folder" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()  # (it was made, and left empty)
 
 

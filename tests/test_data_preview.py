@@ -166,3 +166,16 @@ def test_a_preview_into_a_folder_with_an_earlier_one_says_it_replaces_it(tmp_pat
     err = capsys.readouterr().err
     assert f"replacing the earlier preview in {out}" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in out.iterdir()) == ["contact_sheet.png", "preview.mp4"]
+
+
+def test_a_data_path_that_is_no_folder_says_so_not_to_run_data_make(tmp_path, capsys):
+    """A --data mistyped, or a file, was "not a finished dataset (no manifest.json); run `streamgen
+    data make`", as of an empty folder: it sent one making a dataset that is there under another name."""
+    (tmp_path / "a_file").write_text("x")
+    for data, says in (
+        (tmp_path / "typo", f"{tmp_path / 'typo'} is not a finished dataset: there is no such folder"),
+        (tmp_path / "a_file", f"{tmp_path / 'a_file'} is not a finished dataset: it is a file, not a dataset's folder"),
+    ):
+        assert main(["data", "preview", "--data", str(data), "--out", str(tmp_path / "p")]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == [f"streamgen data: error: {says}"]

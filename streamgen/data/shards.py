@@ -525,6 +525,11 @@ def load_manifest(root: Path) -> dict:
                 f"{root} is not a finished dataset: the `streamgen data make` that wrote it did not finish "
                 f"({clip_count(partly_made(root))} made, in {root / PARTIAL}); run it again to finish it"
             )
+        # (a path mistyped, or a file, was told to run `streamgen data make`, as an empty folder is)
+        if not root.exists():
+            raise DataError(f"{root} is not a finished dataset: there is no such folder")
+        if not root.is_dir():
+            raise DataError(f"{root} is not a finished dataset: it is a file, not a dataset's folder")
         raise DataError(f"{root} is not a finished dataset (no manifest.json); run `streamgen data make`")
     try:
         manifest = json.loads(path.read_text())
