@@ -501,3 +501,29 @@ def test_a_shard_a_killed_make_finished_but_did_not_record_is_not_made_again(tmp
         assert path.read_bytes() == (out / path.relative_to(whole)).read_bytes(), path
     manifests = [json.loads((root / "manifest.json").read_text()) for root in (whole, out)]
     assert manifests[0] == manifests[1]
+
+
+def test_an_interrupted_make_says_what_it_kept_last_not_above_its_bar(tmp_path, monkeypatch, capsys):
+    """The progress bar was closed after the interrupted make said what it kept: drawn again under
+    the line that says to run the command again (which began on the bar's line), the bar was the last
+    thing on the terminal before "interrupted"."""
+    from streamgen.cli import main
+
+    _one_clip_for_all(monkeypatch)
+    written, made = shards._write_shard, []
+
+    def interrupted(path, clips, *made_for):
+        if made:
+            raise KeyboardInterrupt
+        written(path, clips, *made_for)
+        made.append(path)
+
+    monkeypatch.setattr(shards, "_write_shard", interrupted)
+    out = tmp_path / "ds"
+    argv = ["data", "make", "--out", str(out), "--clips", "6", "--size", "16", "--seconds", "0.04",
+            "--shard-size", "2", "--workers", "1", "--identities", "20"]  # fmt: skip
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "data make:" in err  # (its bar)
+    kept = f"data make: 2 clips made so far kept in {out}: run the same command again to go on from them"
+    assert err.replace("\r", "\n").rstrip().splitlines()[-2:] == [kept, "interrupted"]

@@ -117,6 +117,10 @@ def _make(args) -> int:
                   f"no faster than --workers {cpus}", file=sys.stderr)  # fmt: skip
         bars.append(tqdm(total=args.clips, unit="clip", desc="data make"))
 
+    def close_bars() -> None:
+        while bars:
+            bars.pop().close()
+
     try:
         manifest = make_dataset(
             args.out, args.clips, args.seed, args.size, args.size, args.seconds,
@@ -124,6 +128,7 @@ def _make(args) -> int:
             resumed=begun,
         )  # fmt: skip
     except (KeyboardInterrupt, SystemExit):
+        close_bars()  # (before what is said: closed after, the bar was drawn again under it)
         kept = partly_made(args.out)
         if kept:
             print(f"data make: {clip_count(kept)} made so far kept in {args.out}: "
@@ -143,8 +148,7 @@ def _make(args) -> int:
             f"--size or fewer --workers{again}"
         ) from None
     finally:
-        for bar in bars:
-            bar.close()
+        close_bars()
         restore_handlers(terminated_before)
     elapsed = time.perf_counter() - start
     counts = ", ".join(f"{s} {v['clips']}" for s, v in manifest["splits"].items())
