@@ -59,8 +59,10 @@ def _run_hint(path: str) -> str:
 def _not_a_model_dir(source: str) -> None:
     """A ModelSourceError where the `wan:` path `source` is a streamgen model directory (it was
     "has no config.json")."""
+    from streamgen.model.wan import home_expanded
+
     given = source[4:]
-    if (Path(given).expanduser() / "model.json").is_file():
+    if (home_expanded(given) / "model.json").is_file():
         raise ModelSourceError(f"{given} is a streamgen model directory, not a diffusers Wan checkpoint: "
                                "give it without wan:")  # fmt: skip
 
@@ -148,7 +150,7 @@ def _read_dit(source: str, overrides: dict, digest: bool, teacher: bool = False)
     from streamgen.folders import read_folder
 
     if source.startswith("wan:"):
-        from streamgen.model.wan import load_pretrained, transformer_dir
+        from streamgen.model.wan import home_expanded, load_pretrained, transformer_dir
 
         def read_wan(d):
             weights_hash = hashlib.sha1() if digest else None  # (weights_digest's, of the bytes loaded)
@@ -156,7 +158,7 @@ def _read_dit(source: str, overrides: dict, digest: bool, teacher: bool = False)
             return dit, weights_hash.hexdigest()[:16] if digest else None
 
         _not_a_model_dir(source)
-        folder = Path(source[4:]).expanduser()
+        folder = home_expanded(source[4:])
         if (folder / "transformer_2").is_dir():  # (a Wan2.2 A14B pipeline: two experts, by noise level)
             _warn_once(
                 f"{folder} holds transformer_2/ (Wan2.2's low-noise expert), which is not loaded: only "
@@ -255,6 +257,7 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int, match_mode
     must be the model's (`latent_channels`, `temporal`), a ConfigError where not; off for a stage
     that trains nothing on its latents but a decoder of its own (a taehv tiny decoder)."""
     from streamgen.model.vae import TinyCausalVAE
+    from streamgen.model.wan import home_expanded
     from streamgen.model.wan_vae import WanVAE
     from streamgen.models import has_autoencoder, load_autoencoder
 
@@ -266,7 +269,7 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int, match_mode
         try:
             # config and weights of one save (WanVAE.save puts a folder in place whole, or writes
             # it file by file under an export stamp: ExportUnderWay, a ValueError, where cut short)
-            folder = Path(source[4:]).expanduser()
+            folder = home_expanded(source[4:])
             vae_dir = folder / "vae"  # (a pipeline's: "no config.json in it")
             # (and a pipeline's vae/ without its config, a download cut short: the pipeline's folder
             # was named as the one lacking it, which a pipeline's never has)
@@ -284,7 +287,7 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int, match_mode
             p = Path(source).expanduser()
             vae = load_autoencoder(p if has_autoencoder(p) else _model_dir(source))
         else:
-            pipeline = Path(section.init[4:]).expanduser() if section.init and section.init.startswith("wan:") else None
+            pipeline = home_expanded(section.init[4:]) if section.init and section.init.startswith("wan:") else None
             if pipeline is not None and (pipeline / "vae").is_dir():  # (its transformer/ taken, its vae/ not)
                 _warn_once(
                     f"model.init is the Wan pipeline {pipeline}, but model.vae is not set: its vae/ is not "

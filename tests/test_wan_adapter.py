@@ -898,3 +898,18 @@ def test_a_wan_vae_config_with_a_value_of_another_type_is_one_line(tmp_path, key
     (tmp_path / "vae" / "config.json").write_text(json.dumps({**config, key: value}))
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'vae'}: {says}")):
         WanVAE.from_pretrained(tmp_path / "vae")
+
+
+def test_a_wan_path_under_the_home_of_no_such_user_says_it_is_not_there():
+    """`model.init: wan:~someone/wan` (a config from another machine, whose user this one has not)
+    was pathlib's RuntimeError "Could not determine home directory.", a traceback."""
+    from distill.build import ModelSourceError, load_dit, load_vae
+    from distill.config import find_config, load_config
+
+    path = "~no-such-user-of-streamgen/wan"
+    with pytest.raises(ModelSourceError, match=re.escape(f"{path}: no such folder")):
+        load_dit(f"wan:{path}")
+    section = load_config(find_config("debug", "teacher"), "teacher").model
+    section.vae = f"wan:{path}"
+    with pytest.raises(ModelSourceError, match=re.escape(f"{path}: no such folder")):
+        load_vae(section, 4, 4, 0)

@@ -10,6 +10,7 @@ loaded model's output exactly as Wan's.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -179,10 +180,17 @@ def diffusers_config(cfg: ModelConfig) -> dict:
     }
 
 
+def home_expanded(path) -> Path:
+    """`path` with a leading `~` or `~user` as the home folder (a config's `model.init: wan:~/...`).
+    os.path's: pathlib's raised a RuntimeError, a traceback, for a `~user` of no such user (a config
+    from another machine); this leaves it as it is, a folder that is not there."""
+    return Path(os.path.expanduser(path))
+
+
 def transformer_dir(path) -> Path:
     """The diffusers-format Wan transformer folder `path` names: itself, or a pipeline folder's
-    transformer/. A leading `~` is the home folder (a config's `model.init: wan:~/...`)."""
-    d = Path(path).expanduser()
+    transformer/. A leading `~` is the home folder (`home_expanded`)."""
+    d = home_expanded(path)
     return d / "transformer" if (d / "transformer" / "config.json").exists() else d
 
 
