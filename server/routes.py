@@ -133,6 +133,8 @@ def _session_params(fields: dict, has_reference: bool) -> tuple[str, str | None,
     problem = None if caption is None else caption_problem(caption)
     if problem:
         raise ApiError(422, "bad_caption", f"caption: {problem}")
+    if isinstance(seed, str) and not seed.strip():  # a form's or a URL template's field left blank:
+        seed = None  # none, as an empty avatar or caption (it was a 422, "seed must be an integer")
     if seed is not None:
         # an integer, or its decimal digits (form fields are text); not 1.5, not true
         if isinstance(seed, str) and re.fullmatch(r"-?[0-9]+", seed.strip()):

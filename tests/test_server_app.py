@@ -1019,3 +1019,17 @@ def test_an_empty_avatar_is_the_sample_avatar_as_api_md_says():
     assert _session_params({"avatar": ""}, has_reference=False) == ("sample", None, None)
     assert _session_params({"avatar": "", "caption": ""}, has_reference=True)[1] is None
     assert "an empty\n`avatar`" in (WEB_DIR.parent / "docs" / "api.md").read_text()
+
+
+def test_an_empty_seed_is_none_as_an_empty_avatar_or_caption(client):
+    """A form's seed field left blank (or `/v1/whep?seed=`, a player's URL template) was a 422
+    "seed must be an integer", where a blank avatar or caption beside it counts as none."""
+    from server.routes import _session_params
+
+    for blank in ("", " "):
+        assert _session_params({"avatar": "", "caption": "", "seed": blank}, has_reference=False) == ("sample", None, None)
+    face = ("f.png", png_bytes(), "image/png")
+    for kwargs in ({"json": {"seed": ""}}, {"data": {"seed": "", "caption": ""}, "files": {"reference": face}}):
+        r = client.post("/v1/sessions", **kwargs)
+        assert r.status_code == 201, r.text
+        client.delete(r.json()["resource"], headers=auth(r.json()["token"]))
