@@ -26,8 +26,10 @@ import uuid
 
 import numpy as np
 
+from streamgen.session_limits import CaptionError
+
 # errors a client causes (bad reference, unknown stream): reported to that client; the host carries on
-CLIENT_ERRORS = {"ValueError": ValueError, "BufferError": BufferError, "KeyError": KeyError}
+CLIENT_ERRORS = {"ValueError": ValueError, "CaptionError": CaptionError, "BufferError": BufferError, "KeyError": KeyError}
 
 log = logging.getLogger("streamgen.server")
 

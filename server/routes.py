@@ -10,7 +10,7 @@ import secrets
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE, caption_problem
+from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE, CaptionError, caption_problem
 
 from .app import ApiError, decode_upload, ended_reason, offered_tokens, read_body, require_session
 from .avatars import avatar_image, avatar_png, list_avatars
@@ -159,7 +159,8 @@ def _avatar_reference(name: str):
 async def _new_session(registry: SessionRegistry, reference, caption: str | None, seed: int | None):
     try:
         return await registry.create(reference, caption, seed)
-    except ValueError as e:  # e.g. a caption the model cannot take
+    except CaptionError as e:  # a caption the model cannot take; a stream's other errors are not the
+        # caption's (any ValueError was a 422 bad_caption, a server's fault among them)
         raise ApiError(422, "bad_caption", str(e)) from None
 
 

@@ -11,6 +11,11 @@ SEED_RANGE = f"[0, 2**{SEED_END.bit_length() - 1})"  # as the error messages wri
 MAX_CAPTION_CHARS = 500
 
 
+class CaptionError(ValueError):
+    """A caption a stream cannot take (too long, not text, or text the model has no encoder for):
+    the API's 422 `bad_caption`, told from a stream's other ValueErrors, which are not the caption's."""
+
+
 def text_problem(text: str) -> str | None:
     """Why `text` cannot be spoken or used as a caption, or None. JSON's "\\ud800" and a command
     line's invalid UTF-8 bytes (decoded with surrogateescape) give strings with lone surrogates,

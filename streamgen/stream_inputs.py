@@ -12,7 +12,7 @@ import torch
 
 from streamgen.media import MAX_FLOAT_PEAK
 from streamgen.model.audio import SAMPLE_RATE
-from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE, text_problem
+from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE, CaptionError, text_problem
 
 
 def prepare_reference(image, height: int, width: int) -> np.ndarray:
@@ -92,9 +92,9 @@ def check_caption(text) -> None:
     if not isinstance(text, str):
         raise TypeError(f"text must be a string, got {type(text).__name__}")
     if len(text) > MAX_CAPTION_CHARS:  # (the text encoder kept its first 128 tokens, without a word)
-        raise ValueError(f"caption longer than {MAX_CAPTION_CHARS} characters")
+        raise CaptionError(f"caption longer than {MAX_CAPTION_CHARS} characters")
     if problem := text_problem(text):
-        raise ValueError(problem)
+        raise CaptionError(problem)
 
 
 def _whole_number(value) -> int:

@@ -297,17 +297,33 @@ def test_a_caption_with_a_nul_is_refused_as_a_speak_is(client):
     client.delete(s["resource"], headers=auth(s["token"]))
 
 
-def test_a_caption_the_model_cannot_take_is_bad_caption_at_a_sessions_start_as_over_control(client, monkeypatch):
-    """POST /v1/sessions (and /v1/whep) called it `bad_request`, /control `bad_caption`."""
-    registry = client.app.state.registry
-
-    async def cannot_take(reference, caption, seed):
-        raise ValueError("caption: the model cannot take it")
-
-    monkeypatch.setattr(registry, "create", cannot_take)
+def test_a_caption_the_model_cannot_take_is_bad_caption_at_a_sessions_start_as_over_control(client):
+    """POST /v1/sessions (and /v1/whep) called it `bad_request`, /control `bad_caption`. (The
+    `debug` model's text is 16-d: no caption encoder gives that.)"""
     r = client.post("/v1/sessions", json={"caption": "smiling"})
     assert r.status_code == 422 and r.json()["error"] == "bad_caption", r.text
-    assert "cannot take it" in r.json()["message"]
+    assert "16-d text features" in r.json()["message"]
+
+
+def test_a_streams_error_that_is_not_its_captions_is_not_bad_caption(client, monkeypatch):
+    """Any ValueError in making a stream was a 422 `bad_caption`, of a session asked for no caption
+    too: the server's own fault, told to the client as its caption's."""
+    registry = client.app.state.registry
+    before = set(registry.sessions)
+
+    def fails(reference, caption, seed):
+        raise ValueError("reference image must be uint8, got float32")
+
+    monkeypatch.setattr(registry, "_new_stream", fails)
+    with pytest.raises(ValueError, match="must be uint8"):  # a 500, the server's error
+        client.post("/v1/sessions", json={})
+    assert registry._creating == 0 and set(registry.sessions) == before
+    # a caption's error from a model process (serve --model-process) is still the caption's
+    from server.model_host import raise_reported
+    from streamgen.session_limits import CaptionError
+
+    with pytest.raises(CaptionError, match="16-d"):
+        raise_reported(("CaptionError", "this model expects 16-d text features"))
 
 
 def test_a_refused_control_request_is_no_activity_for_the_idle_limit(client):

@@ -12,6 +12,8 @@ import threading
 
 import torch
 
+from streamgen.session_limits import CaptionError
+
 TEXT_DIM = 384
 
 
@@ -56,5 +58,5 @@ def text_context(text: str | None, text_dim: int, batch: int = 1) -> torch.Tenso
     if not text or not text.strip():
         return torch.zeros(batch, 1, text_dim)
     if text_dim != TEXT_DIM:
-        raise ValueError(f"this model expects {text_dim}-d text features; captions give {TEXT_DIM}-d")
+        raise CaptionError(f"this model expects {text_dim}-d text features; captions give {TEXT_DIM}-d")
     return embed_sentences([text])[:, None].expand(batch, -1, -1).clone()
