@@ -89,10 +89,13 @@ def once_each(pairs) -> dict:
 
 
 class ProtocolError(Exception):
-    def __init__(self, code: CloseCode, reason: str):
+    def __init__(self, code: CloseCode, reason: str, too_long: str | None = None):
         super().__init__(reason)
         self.code = code
         self.reason = close_reason(reason)
+        # the field whose text is too long, in a message of a size that is taken: over HTTP a 422
+        # (a field's value refused), not the 413 of a body too large
+        self.too_long = too_long
 
 
 def pack(kind: MsgType, seq: int, pts_seconds: float, payload: bytes) -> bytes:
@@ -198,7 +201,7 @@ def _check_values(kind: str, msg: dict) -> dict:
     elif kind in ("speak", "caption"):
         longest = MAX_SPEAK_CHARS if kind == "speak" else MAX_CAPTION_CHARS
         if len(msg["text"]) > longest:
-            raise ProtocolError(CloseCode.TOO_BIG, f"{kind}: text longer than {longest} characters")
+            raise ProtocolError(CloseCode.TOO_BIG, f"{kind}: text longer than {longest} characters", too_long=kind)
         if kind == "speak" and not msg["text"].strip():
             raise ProtocolError(CloseCode.BAD_MESSAGE, "speak: text is empty")
         problem = text_problem(msg["text"])

@@ -394,6 +394,8 @@ async def control(session_id: str, request: Request):
     except UnicodeDecodeError as e:
         raise ApiError(400, "bad_message", f"request body is not UTF-8 text (byte {e.start})") from None
     except ProtocolError as e:
+        if e.too_long:  # a speak's or caption's text: 422, as POST /v1/sessions refuses a caption over 500
+            raise ApiError(422, "bad_speech" if e.too_long == "speak" else "bad_caption", e.reason) from None
         raise ApiError(413 if e.code == 4413 else 400, "bad_message", e.reason) from None
     kind = msg["type"]
     if kind not in ("speak", "caption", "interrupt", "clear"):  # (before the touch: refused, not activity)

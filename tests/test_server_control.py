@@ -348,3 +348,18 @@ def test_a_control_message_without_a_type_says_so(client):
     r = client.post(s["resource"] + "/control", json={"text": "hello"}, headers=h)
     assert r.status_code == 400 and r.json()["message"] == "control message has no 'type' field (speak, caption, ...)"
     client.delete(s["resource"], headers=h)
+
+
+def test_a_text_too_long_is_a_422_as_at_a_sessions_start_and_a_body_too_large_a_413(client):
+    """A caption over 500 characters was a 413 here (and a speak over 1000) and a 422 at a
+    session's start: 413 is for a body too large, and these bodies were a few KiB."""
+    s = new_session(client)
+    h = auth(s["token"])
+    for kind, longest, error in (("caption", 500, "bad_caption"), ("speak", 1000, "bad_speech")):
+        r = client.post(s["resource"] + "/control", json={"type": kind, "text": "x" * (longest + 1)}, headers=h)
+        assert (r.status_code, r.json()["error"]) == (422, error), r.text
+        assert f"text longer than {longest} characters" in r.json()["message"]
+    assert client.post("/v1/sessions", json={"caption": "x" * 501}).status_code == 422  # as here
+    r = client.post(s["resource"] + "/control", json={"type": "caption", "text": "x" * 9000}, headers=h)
+    assert r.status_code == 413 and "at most 8192" in r.json()["message"], r.text  # the message itself
+    client.delete(s["resource"], headers=h)
