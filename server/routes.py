@@ -196,9 +196,14 @@ async def _session_fields(request: Request, config) -> tuple[dict, bytes | None]
                 if key != "reference":
                     raise ApiError(400, "bad_form", f"unexpected file field {key[:40]!r}: the reference image "
                                    "goes as the 'reference' file, avatar, caption and seed as text fields")  # fmt: skip
+                data = await value.read()
+                if not data and not value.filename:  # a form's file input left blank, sent as HTML sends
+                    # it (an empty part, its filename ""): no file, as an empty avatar is none. It was a
+                    # 422 "reference image is empty", or "not both" beside the form's avatar
+                    continue
                 if upload is not None:  # (the last one was taken, the others ignored)
                     raise ApiError(400, "bad_form", "two 'reference' files: send one image")
-                upload = await value.read()
+                upload = data
             elif key in fields:
                 raise _repeated(key)
             else:

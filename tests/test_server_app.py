@@ -1033,3 +1033,23 @@ def test_an_empty_seed_is_none_as_an_empty_avatar_or_caption(client):
         r = client.post("/v1/sessions", **kwargs)
         assert r.status_code == 201, r.text
         client.delete(r.json()["resource"], headers=auth(r.json()["token"]))
+
+
+def test_a_file_input_left_blank_is_no_reference(client):
+    """An HTML form's file input with no file chosen is sent as an empty part whose filename is "":
+    a 422 "reference image is empty" (and, beside the form's avatar, "not both"), where an empty
+    avatar or caption counts as none. An empty file that has a name is still refused."""
+
+    def form(filename: str, **fields) -> bytes:  # as a browser sends it
+        parts = [f'--XyZ\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n' for name, value in fields.items()]
+        parts.append(f'--XyZ\r\nContent-Disposition: form-data; name="reference"; filename="{filename}"\r\n'
+                     "Content-Type: application/octet-stream\r\n\r\n\r\n--XyZ--\r\n")  # fmt: skip
+        return "".join(parts).encode()
+
+    headers = {"content-type": "multipart/form-data; boundary=XyZ"}
+    for fields in ({}, {"avatar": "ada", "caption": "", "seed": ""}):
+        r = client.post("/v1/sessions", content=form("", **fields), headers=headers)
+        assert r.status_code == 201, r.text
+        client.delete(r.json()["resource"], headers=auth(r.json()["token"]))
+    r = client.post("/v1/sessions", content=form("me.png"), headers=headers)
+    assert r.status_code == 422 and "reference image is empty" in r.json()["message"], r.text
