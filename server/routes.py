@@ -102,7 +102,9 @@ def _require_server_token(request: Request, token: str | None) -> None:
     # ?token= (or the reverse) was a 403 here and accepted on the session it made
     offered = offered_tokens(request)
     if not offered:
-        raise ApiError(401, "unauthorized", "this server needs 'Authorization: Bearer <server token>'")
+        # (with the challenge a 401 must carry, RFC 9110 11.6.1, as a session's calls send it)
+        raise ApiError(401, "unauthorized", "this server needs 'Authorization: Bearer <server token>'",
+                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
     if not any(secrets.compare_digest(given.encode(), token.encode()) for given in offered):
         raise ApiError(403, "forbidden", "wrong server token")
 

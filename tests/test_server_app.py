@@ -420,6 +420,10 @@ def test_server_token():
     with TestClient(make_app(token="sekrit")) as c:
         wait_ready(c)
         assert c.post("/v1/sessions", json={}).status_code == 401
+        # with the challenge a 401 must carry (RFC 9110), as a session's calls' 401s have it
+        for path in ("/v1/sessions", "/v1/whep"):
+            refused = c.post(path, content=b"")
+            assert refused.status_code == 401 and refused.headers.get("www-authenticate") == "Bearer", path
         assert c.post("/v1/sessions", json={}, headers=auth("nope")).status_code == 403
         r = c.post("/v1/sessions", json={}, headers=auth("sekrit"))
         assert r.status_code == 201
