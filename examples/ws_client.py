@@ -135,7 +135,8 @@ async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Receive
     async with ws:
         await ws.send(json.dumps({"type": "start", "format": "jpeg"}))
         try:  # bounded: a server that answers nothing held the client for good
-            ready = json.loads(await asyncio.wait_for(ws.recv(), args.seconds + CLOSE_S))
+            async with asyncio.timeout(args.seconds + CLOSE_S):  # (not wait_for: see the loop below)
+                ready = json.loads(await ws.recv())
         except TimeoutError:
             raise SystemExit(f"the server did not answer the stream's start in {args.seconds + CLOSE_S:g} s") from None
         print("ready:", ready)
@@ -151,7 +152,10 @@ async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Receive
         try:
             while (left := deadline + (0 if answered else SPEAK_ANSWER_S) - time.monotonic()) > 0:
                 try:  # bounded: a stream that goes quiet does not hold the client past --seconds
-                    message = await asyncio.wait_for(ws.recv(), left)
+                    # (asyncio.wait_for, on Python 3.11, dropped a Ctrl-C that came as a message
+                    # did: the client streamed on to --seconds' end)
+                    async with asyncio.timeout(left):
+                        message = await ws.recv()
                 except TimeoutError:
                     break
                 if isinstance(message, str):

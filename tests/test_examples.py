@@ -464,3 +464,63 @@ def test_what_was_received_is_said_in_whole_words():
     assert str(received) == "1 frame (0.0 s of video), 1.0 s of audio"
     received.frames = 3
     assert str(received).startswith("3 frames (0.1 s of video)")
+
+
+def test_a_ctrl_c_as_a_frame_arrives_is_not_lost(tmp_path, monkeypatch):
+    """asyncio.wait_for (Python 3.11) swallows its caller's cancellation when what it waits for
+    is done by then: a Ctrl-C as a frame came in (25 a second) was lost, and the client streamed
+    on to --seconds' end (a flaky test_a_ctrl_c_says_what_was_saved_and_ends_the_session)."""
+    import argparse
+    import asyncio
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("ws_client", CLIENT)
+    ws_client = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ws_client)
+
+    class Socket:  # a stream whose next frame the test hands over
+        def __init__(self):
+            self.answered_start, self.frame = False, None
+
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return False
+
+        async def send(self, data):
+            pass
+
+        async def recv(self):
+            if not self.answered_start:
+                self.answered_start = True
+                return json.dumps({"type": "ready", "fps": 25.0})
+            self.frame = asyncio.get_running_loop().create_future()
+            return await self.frame
+
+    async def run() -> bool:
+        ws = Socket()
+
+        async def connect(url, **kwargs):
+            return ws
+
+        monkeypatch.setattr(ws_client.websockets, "connect", connect)
+        args = argparse.Namespace(seconds=30.0, say=None)
+        task = asyncio.ensure_future(ws_client.stream("ws://x", args, None, tmp_path, ws_client.Received()))
+        for _ in range(100):
+            if ws.frame is not None:
+                break
+            await asyncio.sleep(0)
+        ws.frame.set_result(ws_client.HEADER.pack(ws_client.VIDEO_JPEG, 0, 0, 0, 0) + b"jpeg")
+        task.cancel()  # (asyncio.run's answer to a Ctrl-C), as the frame comes
+        for _ in range(100):
+            if task.done():
+                break
+            await asyncio.sleep(0)
+        cancelled = task.cancelled()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return cancelled
+
+    assert asyncio.run(run()), "the Ctrl-C was lost: the client streams on"
