@@ -20,6 +20,9 @@ from tests.server_helpers import free_port
 from tests.spawn_helpers import gloo_threads, spawn
 
 SEED, CHUNKS = 7, 3
+# what the spawned ranks import: once, in the process they are forked from (each fresh
+# interpreter importing torch, the server and the model again took seconds of a 2-core machine)
+RANK_IMPORTS = ("server.model_host", "server.sp_host", "streamgen.models", __name__)
 
 
 def inputs():
@@ -90,7 +93,7 @@ def test_followers_replay_the_stream_of_rank_0(tmp_path):
     alone.push_audio(speech)
     expected = np.concatenate([alone.next_chunk()[0] for _ in range(CHUNKS)])
 
-    spawn(_worker, (2, free_port(), str(tmp_path)), nprocs=2)
+    spawn(_worker, (2, free_port(), str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
     got = np.load(tmp_path / "frames.npy")
     assert got.shape == expected.shape
     diff = np.abs(got.astype(int) - expected.astype(int))
