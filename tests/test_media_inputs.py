@@ -508,3 +508,29 @@ def test_a_ctrl_c_while_the_command_line_loads_is_interrupted_and_130(tmp_path):
                            timeout=120, env={**os.environ, "PYTHONPATH": path},
                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     assert (ended.returncode, ended.stderr) == (130, "interrupted\n")
+
+
+def test_a_ctrl_c_while_the_installed_command_loads_is_interrupted_and_130(tmp_path):
+    """The installed `streamgen` script (pip writes it from pyproject's [project.scripts]: it imports
+    the entry's module, then calls it) printed a traceback for a Ctrl-C inside `import streamgen.cli`:
+    its entry was cli.main, whose module that import is."""
+    import signal
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    entry = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    module, function = entry["project"]["scripts"]["streamgen"].split(":")
+    script = tmp_path / "streamgen"  # as pip's console script has it
+    script.write_text(f"import sys\nfrom {module} import {function}\nif __name__ == '__main__':\n"
+                      f"    sys.exit({function}())\n")  # fmt: skip
+    (tmp_path / "stand_in").mkdir()
+    (tmp_path / "stand_in" / "argparse.py").write_text(  # (one of streamgen.cli's imports, stood in for)
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C as it imports\n"
+    )
+    path = os.pathsep.join([str(tmp_path / "stand_in"), os.environ.get("PYTHONPATH", "")])
+    ended = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "PYTHONPATH": path},
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    assert (ended.returncode, ended.stderr) == (130, "interrupted\n")
