@@ -6,7 +6,7 @@ sampling defaults), `dit.safetensors` and the autoencoder (`vae_config.json` +
 with `tiny_decoder.safetensors` beside it: `load_autoencoder`). Names resolve to the
 directories shipped in `streamgen/assets/models/`; a flavor name with no shipped weights
 gives a randomly initialised (seeded) model, flagged `trained=False`, so every path can
-run before training has produced weights.
+run before training has produced weights (FLAVOR-teacher: a teacher, with a teacher's schedule).
 """
 
 from __future__ import annotations
@@ -272,7 +272,8 @@ def _load(name_or_path: str, device, dtype, seed: int, **cfg_overrides) -> Avata
                 torch.nn.init.normal_(blk.audio_attn.o.weight, std=0.5 / cfg.dim**0.5)
         vae = TinyCausalVAE(latent_channels=cfg.in_channels, temporal_factor=cfg.temporal_compression)
         dit, vae = dit.to(device, dtype).eval(), vae.to(device).eval()
-        return AvatarModel(name_or_path, dit, vae, **_stand_in_settings(flavor))
+        meta = {"kind": "teacher"} if _is_stand_in_teacher(name_or_path) else {}
+        return AvatarModel(name_or_path, dit, vae, **_stand_in_settings(name_or_path), meta=meta)
     require_model(name_or_path)
 
 
@@ -287,7 +288,7 @@ def model_settings(name_or_path: str) -> dict:
     directory = resolve_model_dir(name_or_path)
     if directory is None:
         require_model(name_or_path)
-        return _stand_in_settings(name_or_path.removesuffix("-teacher"))
+        return _stand_in_settings(name_or_path)
     return _settings(read_json(directory / "model.json"), directory / "model.json")
 
 
@@ -322,17 +323,32 @@ def _settings(meta: dict, where: Path | None = None) -> dict:
 MODEL_KINDS = ("teacher", "student-ode", "student", "student-chunk")
 
 
-def _stand_in_settings(flavor: str) -> dict:
-    size = 64 if flavor == "debug" else 128
-    return {**MODEL_META_DEFAULTS, "height": size, "width": size}
+# a stand-in teacher's steps: a trained teacher's (its model.json's, TeacherSession's default)
+TEACHER_STEPS = 50
+
+
+def _stand_in_settings(name: str) -> dict:
+    """The settings of a flavor's stand-in (`name`: FLAVOR, or FLAVOR-teacher: a teacher, which had
+    run as a student, 4 steps with a KV cache and no guidance)."""
+    size = 64 if name.removesuffix("-teacher") == "debug" else 128
+    steps = TEACHER_STEPS if _is_stand_in_teacher(name) else MODEL_META_DEFAULTS["steps"]
+    return {**MODEL_META_DEFAULTS, "height": size, "width": size, "steps": steps}
+
+
+def _is_stand_in_teacher(name: str) -> bool:
+    """Whether `name` (one no model directory holds) asks for a flavor's teacher: FLAVOR-teacher."""
+    return name.endswith("-teacher") and name.removesuffix("-teacher") in FLAVORS
 
 
 def model_kind(name_or_path: str) -> str | None:
     """A model directory's kind (model.json's, `MODEL_KINDS`), read without loading its weights;
-    None for a stand-in flavor, an export that does not say, or a model.json that cannot be read."""
+    "teacher" for a flavor's stand-in teacher (FLAVOR-teacher), None for a stand-in student, an
+    export that does not say, or a model.json that cannot be read."""
     from streamgen.model.files import read_json
 
     directory = resolve_model_dir(os.fspath(name_or_path))
+    if directory is None and _is_stand_in_teacher(os.fspath(name_or_path)):
+        return "teacher"
     try:
         return read_json(directory / "model.json").get("kind") if directory is not None else None
     except (OSError, ValueError):

@@ -976,3 +976,20 @@ def test_a_model_name_too_long_for_the_file_system_is_an_unknown_model(tmp_path,
         ship([name, "x"])
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "is not a model directory" in err and "cannot write" not in err
+
+
+def test_a_flavors_stand_in_teacher_runs_as_a_teacher(capsys):
+    """FLAVOR-teacher without trained weights (debug-teacher) ran as a student: 4 steps with a KV
+    cache and no guidance, served as a stream, its --steps held to a student's schedule."""
+    from streamgen.cli import check_steps, main
+    from streamgen.models import model_kind, model_settings
+    from streamgen.teacher import TeacherSession, open_session
+
+    assert (model_kind("debug-teacher"), model_kind("debug")) == ("teacher", None)
+    assert (model_settings("debug-teacher")["steps"], model_settings("debug")["steps"]) == (50, 4)
+    session = open_session("debug-teacher", steps=2)
+    assert isinstance(session, TeacherSession) and session.cfg_scale == 3.0
+    session.close()
+    check_steps(3, "debug-teacher")  # (a teacher takes any number)
+    assert main(["serve", "--model", "debug-teacher", "--port", str(free_port())]) == 2
+    assert "debug-teacher is a bidirectional teacher" in capsys.readouterr().err
