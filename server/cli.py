@@ -140,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(teacher_cannot_stream(args.model))
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a TCP port")
+    if not args.host.strip():  # (uvicorn took "" for every interface: `--host "$UNSET"` served the network)
+        raise UserError(f"--host {args.host!r} names no address: give 127.0.0.1 (this machine only, the default) "
+                        "or 0.0.0.0 (every interface)")  # fmt: skip
     # an --sp follower rank serves nothing: rank 0 listens, maybe already (torchrun starts them apart)
     follower = args.sp > 1 and int(os.environ.get("RANK", 0)) > 0
     if not follower:

@@ -472,6 +472,21 @@ def test_a_port_in_use_or_an_unknown_host_is_refused_before_the_model_loads(host
     assert len(err.strip().splitlines()) == 1, err
 
 
+def test_an_empty_host_is_refused_not_taken_for_every_interface(capsys, monkeypatch):
+    """`--host "$UNSET"` listened on every interface (0.0.0.0 and ::, uvicorn's reading of ""),
+    serving the network where the default serves this machine alone."""
+    from streamgen.cli import main
+
+    def serve(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
+    assert main(["serve", "--model", "debug", "--host", "", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err == "streamgen serve: error: --host '' names no address: give 127.0.0.1 (this machine only, " \
+        "the default) or 0.0.0.0 (every interface)\n", err
+
+
 def test_an_sp_follower_rank_does_not_check_the_port_rank_0_listens_on(capsys, monkeypatch):
     """Under `serve --sp N` only rank 0 listens. A follower that checked the address raced rank
     0's listening socket: on a loaded machine it got there after rank 0 listened, said 'Address
