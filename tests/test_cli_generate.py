@@ -153,6 +153,14 @@ def test_a_bad_tiny_decoder_is_one_line(tmp_path, make_bad, capsys):
     assert str(bad) in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_an_empty_tiny_decoder_is_refused_not_passed_over(tmp_path, capsys):
+    """`--tiny-decoder "$UNSET"` generated with the model's own decoder, without a word."""
+    out = tmp_path / "x.mp4"
+    assert main(["generate", "--model", "debug", "--tiny-decoder", "", "--out", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("streamgen generate: error: --tiny-decoder '' names no checkpoint")
+    assert not out.exists()
+
+
 def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys):
     """`--device cuda` without CUDA was torch's AssertionError, raised from deep inside the model load."""
     out = str(tmp_path / "x.mp4")

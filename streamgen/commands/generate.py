@@ -135,6 +135,9 @@ def run(args) -> int:
         new_file_beside(out).unlink()
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror}") from None
+    if args.tiny_decoder is not None and not args.tiny_decoder.strip():  # (it was passed over without a word)
+        raise UserError(f"--tiny-decoder {args.tiny_decoder!r} names no checkpoint: give the file `streamgen "
+                        "distill tiny_decoder` made, or leave --tiny-decoder out for the model's own decoder")  # fmt: skip
     if args.fp8 and args.device.startswith("cuda") and args.dtype != "bfloat16":
         # (as serve says it: before the model loads, which then refused its float32 DiT in FP8)
         raise UserError("--fp8 on a GPU needs --dtype bfloat16 (its FP8 products give bfloat16)")
