@@ -190,8 +190,16 @@ def require_models(*names: str | None) -> None:
 
 
 def check_cache_from(cache_from: str | None, steps: int | None, model: str) -> None:
-    """A UserError where `--cache-from last_step` meets 1 step (`--steps`, or without it the model's
-    own, read without loading it): said before a long start, not once the model has loaded."""
+    """A UserError where `--cache-from` meets a teacher (which has no KV cache), or `last_step` meets
+    1 step (`--steps`, or without it the model's own, read without loading it): said before a long
+    start, not once the model has loaded."""
+    if cache_from is None:
+        return
+    from streamgen.models import model_kind
+
+    if model_kind(model) == "teacher":
+        raise UserError(f"--cache-from {cache_from}: {model} is a teacher, which samples whole windows without "
+                        "a KV cache; --cache-from applies to students")  # fmt: skip
     if cache_from != "last_step":
         return
     given = steps is not None

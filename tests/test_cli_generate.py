@@ -161,6 +161,20 @@ def test_an_empty_tiny_decoder_is_refused_not_passed_over(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_cache_from_for_a_teacher_is_refused_before_it_loads(tmp_path, monkeypatch, capsys):
+    """--cache-from given a teacher was refused once the teacher had loaded (a Wan teacher's minutes)."""
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr("streamgen.teacher.load_model", load_model)
+    argv = ["generate", "--model", "tiny-avatar-teacher", "--cache-from", "reencode", "--out", str(tmp_path / "x.mp4")]
+    assert main([*argv, "--quiet"]) == 2
+    assert capsys.readouterr().err == ("streamgen generate: error: --cache-from reencode: tiny-avatar-teacher is a "
+                                       "teacher, which samples whole windows without a KV cache; --cache-from "
+                                       "applies to students\n")  # fmt: skip
+
+
 def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys):
     """`--device cuda` without CUDA was torch's AssertionError, raised from deep inside the model load."""
     out = str(tmp_path / "x.mp4")
