@@ -55,6 +55,16 @@ def test_the_video_lasts_as_long_as_the_audio(tmp_path, capsys, seconds):
     assert f"({frames / 25:.2f} s of video" in capsys.readouterr().out
 
 
+def test_generate_without_a_standard_error_writes_its_video(tmp_path, monkeypatch):
+    """Run with standard error closed (`2>&-`: Python's sys.stderr is None), the progress bar's first
+    write was an AttributeError, exit 1, unsaid and with no video."""
+    wav, out = tmp_path / "speech.wav", tmp_path / "avatar.mp4"
+    write_wav(wav, 16000, 0.3)
+    monkeypatch.setattr(sys, "stderr", None)
+    assert main(["generate", "--model", "debug", "--audio", str(wav), "--out", str(out)]) == 0
+    assert out.is_file()
+
+
 @pytest.mark.parametrize(
     "make_bad, flag, message",
     [

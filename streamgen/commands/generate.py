@@ -218,9 +218,9 @@ def run(args) -> int:
         writer = Mp4Writer(out, session.width, session.height) if main_process else None
         # feed audio one chunk ahead of generation, as a live stream would
         session.push_audio(pcm[: 2 * per_chunk])
-        for k in tqdm(
-            range(n_chunks), desc="generating", unit="chunk", disable=args.quiet or not main_process
-        ):
+        # (without a standard error, `2>&-`, the bar's first write was an AttributeError: no video)
+        no_bar = args.quiet or not main_process or sys.stderr is None
+        for k in tqdm(range(n_chunks), desc="generating", unit="chunk", disable=no_bar):
             session.push_audio(pcm[(k + 2) * per_chunk : (k + 3) * per_chunk])
             frames, pts = session.next_chunk()
             frames = (from_time_zero(frames, pts, VIDEO_FPS) if k == 0 else frames)[: video_frames - written]
