@@ -231,9 +231,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         # permessage-deflate (uvicorn's default) would compress every frame in the event loop's
         # thread: raw RGB at 256x256 took 7.5-10.6 ms a frame for 1.33x; a JPEG is compressed already
+        # (NO_COLOR, https://no-color.org: uvicorn coloured its log on a terminal all the same)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 timeout_graceful_shutdown=5, ws_per_message_deflate=args.ws_compression,
-                                ws_max_size=MAX_WEBSOCKET_MESSAGE_BYTES, **tls)  # fmt: skip
+                                ws_max_size=MAX_WEBSOCKET_MESSAGE_BYTES,
+                                use_colors=False if os.environ.get("NO_COLOR") else None, **tls)  # fmt: skip
         server = SessionClosingServer(config)
         # (a Ctrl-C: uvicorn shuts down, then raises it again as KeyboardInterrupt, which ends the
         # command as Ctrl-C ends any, exit code 130; a SIGTERM it raises again as the signal, 143)

@@ -487,6 +487,18 @@ def test_an_empty_host_is_refused_not_taken_for_every_interface(capsys, monkeypa
         "the default) or 0.0.0.0 (every interface)\n", err
 
 
+@pytest.mark.parametrize("no_color, colours", [("1", False), ("", None)])
+def test_no_color_turns_off_the_colours_of_the_servers_log(no_color, colours, monkeypatch):
+    """uvicorn coloured its log lines on a terminal whatever NO_COLOR said (None: where a terminal)."""
+    from streamgen.cli import main
+
+    used = []
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda server: used.append(server.config.use_colors))
+    monkeypatch.setenv("NO_COLOR", no_color)
+    main(["serve", "--model", "debug", "--port", str(free_port())])  # (2: "did not start", not having run)
+    assert used == [colours]
+
+
 def test_an_sp_follower_rank_does_not_check_the_port_rank_0_listens_on(capsys, monkeypatch):
     """Under `serve --sp N` only rank 0 listens. A follower that checked the address raced rank
     0's listening socket: on a loaded machine it got there after rank 0 listened, said 'Address
