@@ -627,6 +627,9 @@ def test_a_frame_size_that_cannot_be_generated_is_refused_in_one_line(argv, says
             "--plot: the folder no/such/folder does not exist",
         ),
         (["bench", "fp8", "--plot", "."], "--plot . is a directory"),
+        # (an unset variable: the benchmark ran, and wrote no plot without a word)
+        (["bench", "engine", "--plot", ""], "--plot '' names no file: give the file to write, e.g. plot.png"),
+        (["bench", "gpu", "--device", "cpu", "--quick", "--out", ""], "--out '' names no file"),
         (["bench", "engine", "--model", "nonexistent"], "unknown model 'nonexistent'"),
         (["bench", "decoder", "--against", "nonexistent"], "unknown model 'nonexistent'"),
         # (a folder there in which no file can be made: os.access said yes to root)

@@ -56,8 +56,10 @@ def _check_output(flag: str, path, example: str, UserError) -> None:
     """A file the benchmark writes (--plot's PNG, bench gpu's --out JSON), checked before it
     measures: a plot is written last, and a folder that is not there lost every measurement after
     tens of minutes; bench gpu's --out failed after the device's ceilings were measured."""
-    if not path:
+    if path is None:
         return
+    if not str(path).strip():  # (`--plot "$UNSET"`: the benchmark ran, and no plot was written without a word)
+        raise UserError(f"{flag} {path!r} names no file: give the file to write, e.g. {example}")
     file, folder = Path(path), Path(path).parent
     if file.is_dir():
         raise UserError(f"{flag} {file} is a directory; give the file to write, e.g. {file / example}")
