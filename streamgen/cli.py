@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import io
 import math
 import os
 import sys
@@ -371,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     from streamgen.parallel.torchrun import end_with_the_launcher
 
     end_with_the_launcher()  # (an --sp N rank: not left running when its launcher is killed)
+    # a name the output's encoding cannot hold (a Latin-1 locale's, of `--out ☺.mp4`) is written
+    # escaped, as Python writes it to standard error: it was a UnicodeEncodeError once the work was done
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:  # a Ctrl-C while the subcommands load is a stop too, not a traceback
         argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser().parse_args(argv)

@@ -65,6 +65,20 @@ def test_generate_without_a_standard_error_writes_its_video(tmp_path, monkeypatc
     assert out.is_file()
 
 
+def test_a_name_the_outputs_encoding_cannot_hold_is_written_escaped(tmp_path, monkeypatch):
+    """Where standard output is not UTF-8 (a Latin-1 locale), 'wrote ☺.mp4' was a UnicodeEncodeError
+    traceback, exit 1, after the video had been written."""
+    import io
+
+    wav, out = tmp_path / "speech.wav", tmp_path / "\u263a.mp4"
+    write_wav(wav, 16000, 0.3)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="latin-1")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["generate", "--model", "debug", "--audio", str(wav), "--out", str(out), "--quiet"]) == 0
+    stdout.flush()
+    assert b"wrote " + str(tmp_path).encode() + b"/\\u263a.mp4 (" in stdout.buffer.getvalue()
+
+
 @pytest.mark.parametrize(
     "make_bad, flag, message",
     [
