@@ -217,3 +217,30 @@ def test_a_landscape_phones_stage_fits_its_height(browser_page, width, height):
             page.click("#hangup")
         finally:
             page.close()
+
+
+@pytest.mark.parametrize("width,height", [(844, 390), (667, 375)])
+def test_a_landscape_phones_stage_fits_under_a_header_of_two_lines(browser_page, width, height):
+    """The stage's height allowed for a header of one line (2.5rem): a notice beside the status (a
+    speak refused) wrapped the header to two lines on a phone held sideways, and the stage's lower
+    edge went ~20 px past the screen's. It fits under the header whatever its height now."""
+    # (the bottom in the page's coordinates: the click on Speak may scroll it)
+    box = "(s) => { const r = document.querySelector(s).getBoundingClientRect(); return [r.width, r.height, r.bottom + scrollY]; }"
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        page.set_viewport_size({"width": width, "height": height})
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 1", timeout=60_000)
+            page.fill("#speak-text", "hello there, " * 76)  # refused: a minute of speech
+            page.click("#speak")
+            page.wait_for_function("window.streamgenStats.notice !== ''", timeout=20_000)
+            one_line = page.evaluate(box, "header h1")[1]
+            assert page.evaluate(box, "header")[1] > 2 * one_line  # (wrapped: what this is about)
+            page.evaluate("new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))")  # (laid out)
+            stage_width, stage_height, stage_bottom = page.evaluate(box, ".stage")
+            assert stage_bottom <= height + 0.5 and stage_width >= 200, (stage_width, stage_height, stage_bottom)
+            assert abs(stage_width - stage_height) < 0.5, (stage_width, stage_height)  # square
+            page.click("#hangup")
+        finally:
+            page.close()

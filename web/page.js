@@ -34,6 +34,13 @@ export const abandoned = (mine) => {
   if (mine !== state.generation) throw new Error("hung up while connecting");
 };
 
+// The header's height, for the stage's (style.css): a long status or notice wraps it (on a phone held
+// sideways the stage, sized for a header of one line, ran past the screen's lower edge).
+const header = document.querySelector("header");
+new ResizeObserver(() => {
+  document.documentElement.style.setProperty("--header-height", `${header.getBoundingClientRect().height}px`);
+}).observe(header);
+
 export function setStatus(text) {
   stats.state = text;
   $("status").textContent = text;
