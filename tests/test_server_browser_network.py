@@ -163,3 +163,33 @@ def test_a_webrtc_page_whose_server_is_killed_says_so(browser_page):
         if served.poll() is None:
             served.kill()
             served.wait(10)
+
+
+@pytest.mark.parametrize("transport", ["webrtc", "ws"])
+def test_a_session_the_server_never_answers_is_given_up(browser_page, transport):
+    """A server (or proxy) that took the connection of a connect's POST /v1/sessions and never
+    answered left the page 'connecting' for good, Connect disabled and the microphone on. The page
+    gives it up after 10 s now, says so, and gives the controls and the microphone back."""
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        page.add_init_script(HELD)
+        page.clock.install()  # (the page's 10 s run at once)
+        unanswered = []
+        try:
+            page.goto(f"{url}/?transport={transport}")
+            page.wait_for_selector("#avatars button")
+            page.route("**/v1/sessions", lambda route: unanswered.append(route))  # (taken, never answered)
+            with page.expect_request("**/v1/sessions"):
+                page.click("#connect")
+            assert page.evaluate("held().state") == "connecting"
+            page.clock.run_for(9_000)
+            assert page.evaluate("held().state") == "connecting"
+            page.clock.run_for(2_000)
+            page.wait_for_function("window.streamgenStats.state !== 'connecting'", timeout=5_000)
+            assert page.evaluate("held()") == {
+                "mics": 0, "contexts": 0, "state": "failed: the server does not answer (no answer in 10 s)",
+                "connect": True, "hangup": False,
+            }  # fmt: skip
+            assert page.evaluate("document.getElementById('face').disabled") is False
+        finally:
+            page.close()

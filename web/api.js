@@ -37,6 +37,11 @@ export async function apiFetch(url, init) {
   }
 }
 
+// How long a session's creation may wait for the server's answer. The browser sets no limit of its
+// own: a server (or proxy) that took the connection and never answered left the page "connecting" for
+// good. Generous: a real server answers within a second (as the WebSocket's start, websocket.js).
+const SESSION_ANSWER_MS = 10000;
+
 export async function createSession() {
   const caption = $("caption").value.trim();
   const file = $("upload").files[0];
@@ -51,7 +56,14 @@ export async function createSession() {
     body = JSON.stringify({ avatar: state.avatar, caption: caption || undefined });
     headers["Content-Type"] = "application/json";
   }
-  const res = await apiFetch("/v1/sessions", { method: "POST", body, headers });
+  const limit = new AbortController();
+  const limitTimer = setTimeout(() => limit.abort(new Error(`no answer in ${SESSION_ANSWER_MS / 1000} s`)), SESSION_ANSWER_MS);
+  let res;
+  try {
+    res = await apiFetch("/v1/sessions", { method: "POST", body, headers, signal: limit.signal });
+  } finally {
+    clearTimeout(limitTimer);
+  }
   if (res.status === 401) {  // the server's words are for programs (a header): a page takes it from its address
     throw new Error(`401: this server needs its token: open the page as ${location.pathname}?token=<server token>`);
   }
