@@ -193,3 +193,25 @@ def test_a_session_the_server_never_answers_is_given_up(browser_page, transport)
             assert page.evaluate("document.getElementById('face').disabled") is False
         finally:
             page.close()
+
+
+def test_a_whep_offer_the_server_never_answers_falls_back_to_the_websocket(browser_page):
+    """A WHEP offer (POST .../whep) the server or a proxy took and never answered left the page
+    'connecting' for good: the 5 s limit to connect started only with the answer. The offer is
+    given up after 10 s now, and the page streams over the WebSocket, as for any WebRTC failure."""
+    with live_server(max_sessions=2) as (url, app):
+        page = browser_page.new_page()
+        page.clock.install()  # (the page's 10 s run at once)
+        unanswered = []
+        try:
+            page.goto(f"{url}/?mic=0")
+            page.wait_for_selector("#avatars button")
+            page.route("**/whep", lambda route: unanswered.append(route))  # (taken, never answered)
+            with page.expect_request("**/whep"):
+                page.click("#connect")
+            page.clock.run_for(11_000)
+            page.wait_for_function("window.streamgenStats.state !== 'connecting'", timeout=10_000)
+            assert page.evaluate("window.streamgenStats.state") == "streaming (websocket)"
+            page.click("#hangup")
+        finally:
+            page.close()

@@ -4,6 +4,8 @@ import { authHeaders, deleteSession } from "./api.js";
 import { $, abandoned, showOverlay, state, stats, waitForClickForSound } from "./page.js";
 
 let offerPostedAt = 0;
+// How long the WHEP offer may wait for the server's answer (a real server's comes within a second)
+const WHEP_ANSWER_MS = 10000;
 
 function trickleCandidates(peer, s, cutOff) {
   // Trickle ICE (server/trickle.py): the offer goes at once, with the candidates gathered by
@@ -55,19 +57,28 @@ export async function connectWebRTC(mine, ended) {
   state.audioSender = audio.sender;
   if (state.mic) await audio.sender.replaceTrack(state.mic.getAudioTracks()[0]);
   abandoned(mine);
-  state.peerRequests = new AbortController();  // (aborted as it ends: `cleanup`, `closePeer`)
+  const requests = state.peerRequests = new AbortController();  // (aborted as it ends: `cleanup`, `closePeer`)
   // every request of this connection is cut off as it ends: one still on its way then went after
   // the hang-up's DELETE and found the session gone (a 404 on the console)
-  const cutOff = state.peerRequests.signal;
+  const cutOff = requests.signal;
   const trickle = trickleCandidates(peer, s, cutOff);
   await peer.setLocalDescription(await peer.createOffer());
   abandoned(mine);
   offerPostedAt = performance.now();
   const offer = peer.localDescription.sdp;
   trickle.posted(offer);
-  const res = await fetch(s.whep, {
-    method: "POST", body: offer, signal: cutOff, headers: authHeaders(s, { "Content-Type": "application/sdp" }),
-  });
+  // an offer the server never answers (a proxy that holds it) is given up, as the 5 s to connect are:
+  // the page said 'connecting' for good, with no fallback to the WebSocket
+  const answerTimer = setTimeout(() => requests.abort(new Error(`WHEP: no answer in ${WHEP_ANSWER_MS / 1000} s`)),
+    WHEP_ANSWER_MS);
+  let res;
+  try {
+    res = await fetch(s.whep, {
+      method: "POST", body: offer, signal: cutOff, headers: authHeaders(s, { "Content-Type": "application/sdp" }),
+    });
+  } finally {
+    clearTimeout(answerTimer);
+  }
   abandoned(mine);
   if (res.status !== 201) throw new Error(`WHEP ${res.status}: ${await res.text()}`);
   trickle.answered(s.resource, res.headers.get("ETag"));
