@@ -215,3 +215,24 @@ def test_a_whep_offer_the_server_never_answers_falls_back_to_the_websocket(brows
             page.click("#hangup")
         finally:
             page.close()
+
+
+def test_an_avatar_list_the_server_never_answers_is_given_up(browser_page):
+    """`?autostart=1` connects once the avatar list came (or failed): a list the server (or a proxy)
+    never answered left the page idle for good, with no list and nothing said. It is given up after
+    10 s now, said in the list's place, and the page connects."""
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        page.clock.install()  # (the page's 10 s run at once)
+        unanswered = []
+        try:
+            page.route("**/v1/avatars", lambda route: unanswered.append(route))  # (taken, never answered)
+            with page.expect_request("**/v1/avatars"):
+                page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            page.clock.run_for(11_000)
+            page.wait_for_function("window.streamgenStats.state.startsWith('streaming')", timeout=20_000)
+            said = page.text_content("#avatars")
+            assert said == "no avatars to choose from (the server does not answer (no answer in 10 s))", said
+            page.click("#hangup")
+        finally:
+            page.close()

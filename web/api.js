@@ -26,21 +26,31 @@ export async function apiJson(res) {
   return json;
 }
 
+// How long a request that a server answers at once (the avatars, a session's creation) may wait for
+// its answer. The browser sets no limit of its own: a server (or proxy) that took the connection and
+// never answered left the page "connecting" for good. Generous: a real server answers within a second
+// (as the WebSocket's start, websocket.js).
+const ANSWER_MS = 10000;
+
 // fetch, a server it cannot reach said as such: the browser's own words for it ("Failed to fetch",
-// "NetworkError when attempting to fetch resource.") were all the page said of a server down.
-export async function apiFetch(url, init) {
+// "NetworkError when attempting to fetch resource.") were all the page said of a server down. With
+// `answerMs` (for a request without a signal of its own), one not answered within it is given up.
+export async function apiFetch(url, init = {}, answerMs = 0) {
+  const limit = answerMs ? new AbortController() : null;
+  const limitTimer = limit && setTimeout(() => limit.abort(), answerMs);
   try {
-    return await fetch(url, init);
+    return await fetch(url, limit ? { ...init, signal: limit.signal } : init);
   } catch (e) {
+    // (said here, not as the abort's reason: a browser may reject with its own AbortError instead)
+    if (limit?.signal.aborted) throw new Error(`the server does not answer (no answer in ${answerMs / 1000} s)`);
     if (e.name === "AbortError") throw e;  // cut off by the page itself: nothing to say
     throw new Error(`the server does not answer (${e.message})`);
+  } finally {
+    clearTimeout(limitTimer);
   }
 }
 
-// How long a session's creation may wait for the server's answer. The browser sets no limit of its
-// own: a server (or proxy) that took the connection and never answered left the page "connecting" for
-// good. Generous: a real server answers within a second (as the WebSocket's start, websocket.js).
-const SESSION_ANSWER_MS = 10000;
+export const answeredFetch = (url, init) => apiFetch(url, init, ANSWER_MS);
 
 export async function createSession() {
   const caption = $("caption").value.trim();
@@ -56,14 +66,7 @@ export async function createSession() {
     body = JSON.stringify({ avatar: state.avatar, caption: caption || undefined });
     headers["Content-Type"] = "application/json";
   }
-  const limit = new AbortController();
-  const limitTimer = setTimeout(() => limit.abort(new Error(`no answer in ${SESSION_ANSWER_MS / 1000} s`)), SESSION_ANSWER_MS);
-  let res;
-  try {
-    res = await apiFetch("/v1/sessions", { method: "POST", body, headers, signal: limit.signal });
-  } finally {
-    clearTimeout(limitTimer);
-  }
+  const res = await answeredFetch("/v1/sessions", { method: "POST", body, headers });
   if (res.status === 401) {  // the server's words are for programs (a header): a page takes it from its address
     throw new Error(`401: this server needs its token: open the page as ${location.pathname}?token=<server token>`);
   }

@@ -6,7 +6,7 @@
 //   ?silent_s=10  seconds a WebSocket stream may hear nothing before the page gives it up (>= 2)
 // The page's modules: page.js (what they share), api.js, webrtc.js, websocket.js; this one: the
 // avatars, the controls, and a connection's start and end.
-import { apiFetch, apiJson, authHeaders, createSession, deleteSession } from "./api.js";
+import { answeredFetch, apiFetch, apiJson, authHeaders, createSession, deleteSession } from "./api.js";
 import {
   $, getMic, params, setNotice, setStatus, showOverlay, soundNoLongerWaits, speakTaken, state, stats, unknownAvatar,
 } from "./page.js";
@@ -25,7 +25,8 @@ function resetStats() {
 }
 
 async function loadAvatars() {
-  const { avatars } = await apiJson(await apiFetch("/v1/avatars"));
+  // (limited: ?autostart=1 connects once the list came or failed, and waited for good on one not answered)
+  const { avatars } = await apiJson(await answeredFetch("/v1/avatars"));
   const box = $("avatars");
   box.replaceChildren();
   for (const a of avatars) {
