@@ -236,3 +236,29 @@ def test_an_avatar_list_the_server_never_answers_is_given_up(browser_page):
             page.click("#hangup")
         finally:
             page.close()
+
+
+def test_a_webrtc_attempt_that_fails_frees_its_session_before_the_websocket_asks(browser_page):
+    """On a server of one session, a WebRTC attempt that failed (here its offer refused) DELETEd
+    its session as the WebSocket fallback POSTed its own: the POST, first there, was refused ('503:
+    server is at capacity (1 of 1 ...)'), as often as not. The fallback waits for the DELETE now
+    (held 1 s here, as on a slow network)."""
+    import time
+
+    def refused_offer_slow_delete(route):
+        if route.request.url.endswith("/whep"):
+            return route.fulfill(status=500, body="refused")
+        if route.request.method == "DELETE":
+            time.sleep(1.0)
+        route.continue_()
+
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        try:
+            page.route(lambda address: "/v1/sessions/" in address, refused_offer_slow_delete)
+            page.goto(f"{url}/?autostart=1&mic=0")
+            page.wait_for_function("!['idle', 'connecting'].includes(window.streamgenStats.state)", timeout=30_000)
+            assert page.evaluate("window.streamgenStats.state") == "streaming (websocket)"
+            page.click("#hangup")
+        finally:
+            page.close()

@@ -110,8 +110,8 @@ export function deleteSession(s) {
   // keepalive: a DELETE sent as the page goes (pagehide) outlives it, as the Fetch spec promises
   // only such requests. One that fails is said on the console, not on the page: the peer
   // connection's closing ends the session on the server as well. (A 404 is a session the server
-  // ended already.)
-  fetch(s.resource, { method: "DELETE", headers: authHeaders(s), keepalive: true }).then((res) => {
+  // ended already.) Resolved once answered, or failed.
+  return fetch(s.resource, { method: "DELETE", headers: authHeaders(s), keepalive: true }).then((res) => {
     if (!res.ok && res.status !== 404) console.warn(`ending the session: DELETE ${res.status}`);
   }, (e) => console.warn("ending the session: DELETE failed:", e));
 }

@@ -91,6 +91,9 @@ function holdMic(stream) {
   });
 }
 
+// How long the WebSocket fallback waits for the failed WebRTC attempt's session to be DELETEd
+const FALLBACK_DELETE_MS = 2000;
+
 // --- controls -------------------------------------------------------------------------------------
 async function connect() {
   const mine = ++state.generation;
@@ -130,7 +133,11 @@ async function connect() {
       } catch (e) {
         if (mine !== state.generation) return;
         console.warn("WebRTC unavailable, using the WebSocket API:", e);
-        closePeer();
+        // its session ended before the WebSocket's is asked for: on a server of one session the
+        // DELETE raced the fallback's POST, which was refused (503: at capacity). (A DELETE not
+        // answered is waited for 2 s at most: the fallback's own request says what became of it.)
+        await Promise.race([closePeer(), new Promise((resolve) => setTimeout(resolve, FALLBACK_DELETE_MS))]);
+        if (mine !== state.generation) return;
         await connectWebSocket(mine, closed);
       }
     }

@@ -199,9 +199,11 @@ async function readRtcStats(peer, mine) {
 }
 
 export function closePeer() {
-  // a failed WebRTC attempt: its peer connection and its session (bound to WHEP once offered)
+  // a failed WebRTC attempt: its peer connection and its session (bound to WHEP once offered).
+  // Resolved once the session's DELETE is answered (or failed).
   if (state.peerRequests) state.peerRequests.abort();
   if (state.pc) { state.pc.onconnectionstatechange = null; state.pc.close(); }
-  if (state.session) deleteSession(state.session);
+  const ended = state.session ? deleteSession(state.session) : Promise.resolve();
   state.pc = state.audioSender = state.session = state.peerRequests = null;
+  return ended;
 }
