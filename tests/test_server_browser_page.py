@@ -244,3 +244,27 @@ def test_a_landscape_phones_stage_fits_under_a_header_of_two_lines(browser_page,
             page.click("#hangup")
         finally:
             page.close()
+
+
+def test_a_phones_status_with_a_word_longer_than_the_screen_fits_its_width(browser_page):
+    """A status or notice holding a word wider than a phone's screen (an `?avatar=` of 75 letters,
+    said back in both) was not broken: the page was 727 px wide on a 320 px screen, scrolled
+    sideways, the rest of the words past its edge. The word breaks now."""
+    past_the_edge = """[...document.querySelectorAll('body *')].filter((e) => {
+      const r = e.getBoundingClientRect();
+      return r.width > 0 && r.right > innerWidth + 0.5;
+    }).map((e) => e.id || e.tagName)"""
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        page.set_viewport_size({"width": 320, "height": 640})
+        try:
+            page.goto(f"{url}/?transport=ws&mic=0&avatar=" + "a_long_avatar_name_" * 4)
+            page.wait_for_function("window.streamgenStats.notice.startsWith('no avatar')")
+            assert page.evaluate(past_the_edge) == []
+            assert page.evaluate("document.documentElement.scrollWidth") <= 320
+            page.click("#connect")
+            page.wait_for_function("window.streamgenStats.state.startsWith('failed: no avatar')")
+            assert page.evaluate(past_the_edge) == []
+            assert page.evaluate("document.documentElement.scrollWidth") <= 320
+        finally:
+            page.close()
