@@ -262,3 +262,29 @@ def test_a_webrtc_attempt_that_fails_frees_its_session_before_the_websocket_asks
             page.click("#hangup")
         finally:
             page.close()
+
+
+def test_a_pictures_upload_counts_in_the_wait_for_the_sessions_answer(browser_page, tmp_path):
+    """A session's creation is given up 10 s after its request: with a picture, that counted its
+    upload too, and a phone on a slow uplink (64 KiB/s) sending a picture of 640 KiB was told the
+    server did not answer while it still sent it. The wait is 10 s and a second per 64 KiB now."""
+    picture = tmp_path / "face.png"
+    picture.write_bytes(b"\0" * (640 * 1024))  # (not sent: the test holds the request)
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        page.clock.install()  # (the page's 20 s run at once)
+        unanswered = []
+        try:
+            page.goto(f"{url}/?transport=ws&mic=0")
+            page.wait_for_selector("#avatars button")
+            page.set_input_files("#upload", str(picture))
+            page.route("**/v1/sessions", lambda route: unanswered.append(route))  # (taken, never answered)
+            with page.expect_request("**/v1/sessions"):
+                page.click("#connect")
+            page.clock.run_for(19_000)
+            assert page.evaluate("window.streamgenStats.state") == "connecting"
+            page.clock.run_for(2_000)
+            page.wait_for_function("window.streamgenStats.state !== 'connecting'", timeout=5_000)
+            assert page.evaluate("window.streamgenStats.state") == "failed: the server does not answer (no answer in 20 s)"
+        finally:
+            page.close()

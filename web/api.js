@@ -51,6 +51,9 @@ export async function apiFetch(url, init = {}, answerMs = 0) {
 }
 
 export const answeredFetch = (url, init) => apiFetch(url, init, ANSWER_MS);
+// A picture's upload counts in that wait: at a slow uplink's 64 KiB/s (a phone's on a poor signal) a
+// picture of 4 MiB, the most a server takes by default, takes a minute to send, and was given up at 10 s
+const UPLOAD_BYTES_PER_S = 64 * 1024;
 
 export async function createSession() {
   const caption = $("caption").value.trim();
@@ -66,7 +69,8 @@ export async function createSession() {
     body = JSON.stringify({ avatar: state.avatar, caption: caption || undefined });
     headers["Content-Type"] = "application/json";
   }
-  const res = await answeredFetch("/v1/sessions", { method: "POST", body, headers });
+  const answerMs = ANSWER_MS + (file ? Math.ceil(file.size / UPLOAD_BYTES_PER_S) * 1000 : 0);
+  const res = await apiFetch("/v1/sessions", { method: "POST", body, headers }, answerMs);
   if (res.status === 401) {  // the server's words are for programs (a header): a page takes it from its address
     throw new Error(`401: this server needs its token: open the page as ${location.pathname}?token=<server token>`);
   }
