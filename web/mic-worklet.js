@@ -1,8 +1,8 @@
 // The microphone's way to the WebSocket API on the audio thread: an AudioWorklet processor
-// (loaded by app.js) that gathers the 128-frame blocks it is given into ~20 ms, resamples them
+// (loaded by websocket.js) that gathers the 128-frame blocks it is given into ~20 ms, resamples them
 // from the context's rate to the API's 16 kHz (web/resample.js) and posts them to the page as
 // 16-bit PCM, which the page only sends. The ScriptProcessorNode it replaces is deprecated and
-// runs on the page's main thread; app.js keeps it only for contexts without an audioWorklet.
+// runs on the page's main thread; websocket.js keeps it only for contexts without an audioWorklet.
 import { Resampler, toPcm16 } from "./resample.js";
 
 class MicrophoneTo16k extends AudioWorkletProcessor {

@@ -1,5 +1,5 @@
 // Streaming resampler for the microphone over the WebSocket API, which takes 16 kHz PCM (in
-// web/mic-worklet.js on the audio thread, or in app.js's ScriptProcessorNode where there is none).
+// web/mic-worklet.js on the audio thread, or in websocket.js's ScriptProcessorNode where there is none).
 // The page's AudioContext runs at the device's rate: Firefox refuses to connect a microphone to
 // a context made at another rate ("Connecting AudioNodes from AudioContexts with different
 // sample-rate is currently not supported"), so the page converts here instead of asking the
