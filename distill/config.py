@@ -560,6 +560,9 @@ def _optim_problems(optim: OptimConfig, where: str) -> list[str]:
     return []
 
 
+UNKNOWN_OVERRIDE = "unknown model config key "
+
+
 def _validate(cfg: TrainConfig, path, sets=()) -> None:
     from streamgen.cli import usable_cpus
     from streamgen.data import SPLITS
@@ -635,7 +638,7 @@ def _validate(cfg: TrainConfig, path, sets=()) -> None:
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean model.overrides.{close[0]}?)" if close else ""
-            override_problems.append(f"unknown model config key model.overrides.{key}{hint}")
+            override_problems.append(f"{UNKNOWN_OVERRIDE}model.overrides.{key}{hint}")
     problems += override_problems
     try:  # the flavor and its overrides make a model config
         get_config(cfg.model.flavor, **cfg.model.overrides)
@@ -654,7 +657,9 @@ def _blamed(problems: list[str], sets, path) -> str:
     given = {item.partition("=")[0].strip(): item for item in sets}  # (the last of a key's wins)
     items = []
     for problem in problems:
-        key = next((k for k in given if re.match(rf"{re.escape(k)}(?![\w.])", problem)), None)
+        # (an unknown override begins with what it is: `--set model.overrides.bogus=1` blamed the file)
+        named = problem.removeprefix(UNKNOWN_OVERRIDE)
+        key = next((k for k in given if re.match(rf"{re.escape(k)}(?![\w.])", named)), None)
         if key is None:
             return str(path)
         items.append(f"--set {given[key]!r}")

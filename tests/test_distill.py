@@ -347,6 +347,12 @@ def test_an_unknown_key_or_section_given_with_set_names_the_set_not_the_file(tmp
         ("runn.out=x", "unknown config section(s): runn (did you mean run?)"),
         ("ode.teacher=x", "unknown config section(s): ode (a section of stage 'ode', not 'teacher')"),
         ("run.stpes=3", "unknown config key(s): run.stpes (did you mean run.steps?)"),
+        # (the model's own keys are checked later, against its config: they too blamed the file)
+        ("model.overrides.bogus=1", "unknown model config key model.overrides.bogus"),
+        (
+            "model.overrides.windw_frames=2",
+            "unknown model config key model.overrides.windw_frames (did you mean model.overrides.window_frames?)",
+        ),
     ]:
         with pytest.raises(ConfigError) as refused:
             load_config(path, "teacher", ["run.seed=3", item])
