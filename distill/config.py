@@ -430,9 +430,20 @@ def _apply_sets(raw: dict, sets) -> None:
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {'.'.join(names[: depth + 1])} is not a section")
         try:
-            node[names[-1]] = _number_or(yaml.safe_load(value), value)
+            node[names[-1]] = value.strip() if _ends_in_comment(value) else _number_or(yaml.safe_load(value), value)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML: {yaml_problem(e)}") from None
+
+
+def _ends_in_comment(text: str) -> bool:
+    """Whether YAML reads the end of a --set's `text` as a comment. A shell drops its own comments,
+    so a ` #` that reaches a --set was quoted on purpose: part of the value (`run.out=runs/a #1` was
+    read as runs/a, the rest dropped without a word)."""
+    import yaml
+
+    node = yaml.compose(text)  # (the value as YAML reads it, with where it ends)
+    rest = text[node.end_mark.index :] if node is not None else text
+    return rest.strip().startswith("#")
 
 
 def _yaml_reading(text: str) -> str:

@@ -55,6 +55,12 @@ def test_set_overrides_config_values_and_is_kept_with_the_config(tmp_path):
     assert cfg.optim.lr == 1e-4  # (YAML alone reads 1e-4 as text)
     texts = load_config(p, "ode", ['data.latents="1e4"', "run.out=nan", "run.export=m", 'run.export_name="2024"'])
     assert (texts.data.latents, texts.run.out, texts.run.export_name) == ("1e4", "nan", "2024")
+    # (a shell drops its own comments: a ` #` that reaches a --set was quoted, part of the value;
+    # YAML read it as a comment, and `runs/a #1` trained into runs/a)
+    hashes = load_config(p, "ode", ["run.out=runs/a #1", "run.export=#2", "data.root= data/w #3 "])
+    assert (hashes.run.out, hashes.run.export, hashes.data.root) == ("runs/a #1", "#2", "data/w #3")
+    with pytest.raises(ConfigError, match=r"^--set 'run.steps=5 # five': run.steps: expected int, got '5 # five'$"):
+        load_config(p, "ode", ["run.steps=5 # five"])
     empty = tmp_path / "empty.yaml"
     empty.write_text("stage: ode\noptim:\n")  # a section left empty
     assert load_config(empty, "ode", ["optim.lr=1.0e-3"]).optim.lr == 1e-3
