@@ -662,6 +662,36 @@ def _validate(cfg: TrainConfig, path, sets=()) -> None:
         raise ConfigError(f"{_blamed(problems, sets, path)}: " + "; ".join(problems))
 
 
+PIXEL_STAGES = ("autoencoder", "tiny_decoder")  # they read video, in crops of data.video_frames
+
+
+def ignored_settings(cfg: TrainConfig, processes: int) -> list[str]:
+    """The settings of `cfg` this run of `processes` processes does not use, each a line to warn
+    with: they were ignored without a word, and a run trained as if they had not been given. (The
+    data settings warn only where they differ from the default: a shared data section is fine.)"""
+    notes, default, opts = [], DataConfig(), cfg.options
+    if cfg.run.fsdp and processes == 1:
+        notes.append("run.fsdp shards over the processes of a torchrun launch; this run is one process: "
+                     "it trains unsharded")  # fmt: skip
+    if isinstance(opts, ChunkOptions) and opts.max_chunks_back == 0 and opts.p_self_correct > 0:
+        notes.append("chunk.p_self_correct does nothing with chunk.max_chunks_back 0: every step trains the "
+                     "first chunk, which has no chunks before it to roll out")  # fmt: skip
+    if isinstance(opts, TinyDecoderOptions) and opts.architecture == "causal_vae":
+        if opts.blocks_per_stage != TinyDecoderOptions.blocks_per_stage:
+            notes.append("tiny_decoder.blocks_per_stage is for a taehv decoder; a causal_vae one has its "
+                         "teacher's residual blocks")  # fmt: skip
+    if cfg.stage in PIXEL_STAGES:
+        unused, reads = ("latents", "latent_frames"), "video, in crops of data.video_frames"
+    elif cfg.stage in BANK_STAGES:
+        unused, reads = ("video_frames",), "a latent bank, in crops of data.latent_frames"
+    else:
+        unused, reads = (), ""
+    for name in unused:
+        if getattr(cfg.data, name) != getattr(default, name):
+            notes.append(f"data.{name} does not apply to the {cfg.stage} stage, which reads {reads}")
+    return notes
+
+
 def _blamed(problems: list[str], sets, path) -> str:
     """Where `problems` come from: the --set options `sets`, where each problem begins with a key one
     of them set (the file was blamed for a value it does not hold), else the config file."""

@@ -29,6 +29,7 @@ from distill.config import (
     ConfigError,
     OptimConfig,
     TrainConfig,
+    ignored_settings,
     resume_settings,
     resume_settings_in_text,
     setting,
@@ -398,6 +399,9 @@ class Trainer:
 
     def _run(self, world: World) -> dict:
         _check_batch_splits(self.cfg, world)
+        if world.is_main:
+            for note in ignored_settings(self.cfg, world.size):
+                print(f"warning: {note}", file=sys.stderr)
         out = Path(self.cfg.run.out)
         _check_not_shipped(out, "run.out")
         if self.cfg.run.export:

@@ -368,6 +368,38 @@ def test_an_unknown_key_or_section_given_with_set_names_the_set_not_the_file(tmp
         load_config(own, "teacher", ["run.seed=3"])
 
 
+@pytest.mark.parametrize(
+    "stage, sets, says",
+    [
+        ("teacher", ["run.fsdp=true"], "run.fsdp shards over the processes of a torchrun launch"),
+        ("chunk", ["chunk.max_chunks_back=0"], "chunk.p_self_correct does nothing with chunk.max_chunks_back 0"),
+        ("autoencoder", ["data.latent_frames=3"], "data.latent_frames does not apply to the autoencoder stage"),
+        ("tiny_decoder", ["data.latents=other"], "data.latents does not apply to the tiny_decoder stage"),
+        ("ode", ["data.video_frames=4"], "data.video_frames does not apply to the ode stage"),
+        (
+            "tiny_decoder",
+            ["tiny_decoder.architecture=causal_vae", "tiny_decoder.blocks_per_stage=2"],
+            "tiny_decoder.blocks_per_stage is for a taehv decoder",
+        ),
+    ],
+)
+def test_a_setting_that_does_not_apply_is_named_in_a_warning(stage, sets, says):
+    """They were ignored without a word: the run trained as if they had not been given."""
+    from distill.config import ignored_settings
+
+    cfg = load_config(find_config("debug", stage), stage, sets)
+    assert [note for note in ignored_settings(cfg, 1) if says in note], ignored_settings(cfg, 1)
+    plain = load_config(find_config("debug", stage), stage)  # (the debug configs use all they set)
+    assert ignored_settings(plain, 1) == []
+    if stage == "teacher":
+        assert ignored_settings(cfg, 2) == []  # (sharded under torchrun)
+
+
+def test_a_run_warns_of_the_settings_it_does_not_use(tmp_path, capsys):
+    run(debug_config("teacher", tmp_path / "t", **{"run.steps": 1, "run.fsdp": True}))
+    assert "warning: run.fsdp shards over the processes of a torchrun launch" in capsys.readouterr().err
+
+
 def test_an_empty_out_is_one_line_not_the_configs_folder(tmp_path, capsys, monkeypatch):
     """`--out "$UNSET"` trained into the config's run.out."""
     from streamgen.cli import main
