@@ -10,6 +10,8 @@ diffusion stages see roughly unit-variance latents.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from distill.config import ConfigError
@@ -38,6 +40,14 @@ def video_crops(source, cfg, world, step: int, frames: int, stride: int) -> torc
     return video_to_input(torch.stack(crops)).to(world.device)
 
 
+def warn_if_capped(count: int, key: str, source: VideoSource, world, use: str) -> None:
+    """A warning where `key` asks for more clips than `source` holds: all it holds are used
+    (`use` those N), which was said nowhere (a report of 8 clips, 64 asked for)."""
+    if count > source.num and world.is_main:
+        print(f"warning: {key} is {count}, more than the {source.num} clips of {source.where}: {use} "
+              f"those {source.num}", file=sys.stderr)  # fmt: skip
+
+
 class VideoSource:
     """Uniform access to training video: the avatar world's clips, or synthetic moving blobs."""
 
@@ -49,6 +59,7 @@ class VideoSource:
             self.num = d.synthetic_clips
             self.size = cfg.model.height
             self.frames = d.synthetic_clip_latents * 4
+            self.where = "the synthetic data (data.synthetic_clips)"
         else:
             from pathlib import Path
 
@@ -65,6 +76,7 @@ class VideoSource:
             except DataError as e:
                 raise DataMissing(str(e)) from None
             self.num = len(self.ds)
+            self.where = f"the {d.split} split of {d.root} ({split_key})"
             if not self.num:  # (a traceback from torch.randint at the first step, or a report of 0 clips)
                 raise DataMissing(
                     f"the {d.split} split of {d.root} holds no clips ({split_key}): choose another split, "
@@ -105,6 +117,8 @@ class Stage:
         self.vae.to(world.device).train()
         broadcast_module(self.vae, world)
         self.source = VideoSource(cfg)
+        warn_if_capped(self.opts.stats_clips, "autoencoder.stats_clips", self.source, world,
+                       "the latent statistics are measured over")  # fmt: skip
         self.updaters = {"vae": Updater("vae", self.vae, cfg.optim, world)}
         from streamgen.eval.evaluators import MOUTH_BOX
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from distill.autoencoder import VideoSource, video_crops, video_to_input
+from distill.autoencoder import VideoSource, video_crops, video_to_input, warn_if_capped
 from distill.config import ConfigError
 from distill.distributed import broadcast_module, broadcast_text, mean_across
 from distill.trainer import Updater
@@ -115,6 +115,7 @@ class Stage:
         # (read at the end, for the report: a split with no clips was found after the training)
         eval_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split=self.opts.eval_split))
         self.eval_source = VideoSource(eval_cfg, "tiny_decoder.eval_split")
+        warn_if_capped(self.opts.eval_clips, "tiny_decoder.eval_clips", self.eval_source, world, "the report scores")
         self.updaters = {"decoder": Updater("decoder", self.decoder, cfg.optim, world)}
 
     def model_configs(self) -> dict:

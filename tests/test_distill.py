@@ -400,6 +400,19 @@ def test_a_run_warns_of_the_settings_it_does_not_use(tmp_path, capsys):
     assert "warning: run.fsdp shards over the processes of a torchrun launch" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "stage, edit, says",
+    [
+        ("autoencoder", {"autoencoder.stats_clips": 9}, "autoencoder.stats_clips is 9, more than the 4 clips of"),
+        ("tiny_decoder", {"tiny_decoder.eval_clips": 9}, "tiny_decoder.eval_clips is 9, more than the 4 clips of"),
+    ],
+)
+def test_a_count_of_clips_over_the_clips_there_are_is_a_warning(tmp_path, capsys, stage, edit, says):
+    """All the clips there were were used, and nothing said the count asked for was not."""
+    run(debug_config(stage, tmp_path / "run", **{"run.steps": 1, **edit}))
+    assert f"warning: {says} the synthetic data (data.synthetic_clips)" in capsys.readouterr().err
+
+
 def test_an_empty_out_is_one_line_not_the_configs_folder(tmp_path, capsys, monkeypatch):
     """`--out "$UNSET"` trained into the config's run.out."""
     from streamgen.cli import main
