@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from streamgen.cli import main
@@ -184,6 +185,27 @@ def test_train_evaluators_on_data_it_cannot_train_on_is_one_line_and_makes_no_fo
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+
+
+def test_train_evaluators_on_clips_of_one_identity_is_one_line(tmp_path, capsys, monkeypatch):
+    """--clips 1 trained evaluators that measure nothing, without a word: the identity encoder learns
+    by telling the clips' identities apart, and its loss was 0 at every step."""
+    from streamgen.eval import train
+
+    out = tmp_path / "ev"
+    assert main(["eval", "train-evaluators", "--clips", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--clips 1: the identity encoder learns by telling the clips' identities apart" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    video = np.zeros((8, 64, 64, 3), np.uint8)
+    same = [(video, np.zeros(5000, np.float32), video[0], 7)] * 3  # (a dataset's clips of one person)
+    monkeypatch.setattr(train, "training_clips", lambda *args: same)
+    assert main(["eval", "train-evaluators", "--clips", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith("the 3 training clips hold one identity (7): the identity encoder learns by "
+                                "telling identities apart: give more clips (--clips), or --data with more "
+                                "identities"), err  # fmt: skip
+    assert not (out / "identity.safetensors").exists()
 
 
 def test_an_eval_refused_at_its_set_up_makes_no_folder(tmp_path, capsys):

@@ -140,7 +140,7 @@ def _train(args) -> int:
     # ended this process alone, its clip workers left to finish their clips and their temp folder left
     terminated_before = terminate_as_exit()
     try:
-        check_training_data(args.data)
+        check_training_data(args.data, args.clips or 400)
         output_folder(args.out)  # (once --data is checked: a refused run left it made, and empty)
         info = train_evaluators(
             args.out,

@@ -184,12 +184,19 @@ def train_identity(
     return model.eval()
 
 
-def check_training_data(data: Path | None) -> None:
-    """A DataError for a dataset the evaluators cannot train on, from its manifest: before a clip
-    is read, a progress bar shown or --out made (each came first, and --out was left empty)."""
+def check_training_data(data: Path | None, n_clips: int = 2) -> None:
+    """A DataError for a dataset the evaluators cannot train on, from its manifest, or for too few
+    clips: before a clip is read, a progress bar shown or --out made (each came first, and --out
+    was left empty)."""
+    from streamgen.data.shards import DataError, load_manifest
+
+    if n_clips < 2:  # (its loss was 0 at every step: evaluators that measure nothing, without a word)
+        raise DataError(
+            f"--clips {n_clips}: the identity encoder learns by telling the clips' identities apart, and one "
+            "clip holds one identity: give --clips 2 or more (the bundled evaluators: 400)"
+        )
     if data is None:  # (the world's clips, made on the fly: 4 s each)
         return
-    from streamgen.data.shards import DataError, load_manifest
 
     manifest = load_manifest(data)
     if not manifest["splits"].get("train", {}).get("clips"):
@@ -363,7 +370,7 @@ def train_evaluators(
     "resumed_from" (the step gone on from) or "already_trained" (nothing to do) where so."""
     from streamgen.folder_lock import no_other_writer
 
-    check_training_data(data)
+    check_training_data(data, n_clips)
     Path(out).mkdir(parents=True, exist_ok=True)
     # (two runs into one --out wrote each other's checkpoints, went on from them, and the first to
     # end removed the other's from under it)
@@ -393,6 +400,14 @@ def _train_evaluators(
         )
     with tqdm(total=n_clips, desc="training clips", unit="clip") as bar:
         clips = training_clips(n_clips, seed, 64, workers, data, bar)
+    identities = {c[3] for c in clips}
+    if len(identities) < 2:  # (a dataset's train clips all of one person: the same loss of 0)
+        from streamgen.data.shards import DataError
+
+        raise DataError(
+            f"the {len(clips)} training clips hold one identity ({identities.pop()}): the identity encoder "
+            "learns by telling identities apart: give more clips (--clips), or --data with more identities"
+        )
     with tqdm(total=sync_steps, desc="syncnet", unit="step") as bar:
         sync = train_syncnet(clips, sync_steps, seed=seed, bar=bar, checkpoints=checkpoints)
     with tqdm(total=identity_steps, desc="identity", unit="step") as bar:
