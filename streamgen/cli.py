@@ -280,6 +280,29 @@ def _available(module: str) -> bool:
     return importlib.util.find_spec(module.rsplit(".", 1)[0]) is not None
 
 
+class Terminated(SystemExit):
+    """SystemExit(128 + the signal's number) raised by `terminate_as_exit`'s handler."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+def _raise_swallowed_termination_again(unraisable) -> None:
+    """sys.unraisablehook: a signal that came while a finalizer ran (a weakref callback, a `__del__`:
+    torch's run many) raised Terminated inside it, where Python prints "Exception ignored in" and goes
+    on: the process went on training, the SIGTERM lost. The signal is sent again, a moment later, from
+    another thread (sent from here, its handler would run here, in the hook: swallowed again)."""
+    import threading
+
+    if isinstance(unraisable.exc_value, Terminated):
+        again = threading.Timer(0.05, os.kill, (os.getpid(), unraisable.exc_value.signum))
+        again.daemon = True
+        again.start()
+    else:
+        _raise_swallowed_termination_again.before(unraisable)
+
+
 def terminate_as_exit():
     """SIGTERM (`timeout`, `kill`, a job scheduler) and SIGHUP (its terminal closed) end a command as
     Ctrl-C does, its `finally` blocks run (Python's default ended the process there: `generate` left
@@ -294,14 +317,20 @@ def terminate_as_exit():
     if threading.current_thread() is not threading.main_thread():
         return None
 
+    said = []
+
     def stop(signum, frame):
-        if not is_launcher_rank():  # (the launcher says it once, for every rank)
+        if not is_launcher_rank() and not said:  # (the launcher says it once, for every rank)
             try:  # (as Ctrl-C says "interrupted"; a closed terminal cannot be written to)
                 print("terminated" if signum == signal.SIGTERM else "hung up", file=sys.stderr)
             except OSError:
                 pass
-        raise SystemExit(128 + signum)
+        said.append(signum)  # (raised again where a finalizer swallowed it: said once)
+        raise Terminated(signum)
 
+    if sys.unraisablehook is not _raise_swallowed_termination_again:
+        _raise_swallowed_termination_again.before = sys.unraisablehook
+        sys.unraisablehook = _raise_swallowed_termination_again
     return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
 
 

@@ -239,6 +239,32 @@ def test_a_sigterm_says_which_checkpoint_a_resume_goes_on_from(tmp_path):
     assert "terminated" in err
 
 
+def test_a_sigterm_that_comes_while_a_finalizer_runs_still_ends_the_run(tmp_path):
+    """A SIGTERM that came while a finalizer ran (a weakref callback of torch's, once in a few tries
+    of the test above) raised its SystemExit inside it, where Python prints "Exception ignored in"
+    and goes on: the run trained on, the signal lost."""
+    import subprocess
+    import sys
+
+    script = """
+import os, signal, sys, time
+from streamgen.cli import terminate_as_exit
+terminate_as_exit()
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # (its handler runs here, inside the finalizer)
+        sum(range(1000))
+Finalized()
+end = time.monotonic() + 20
+while time.monotonic() < end:  # (the training going on)
+    pass
+print("went on", file=sys.stderr)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143 and "went on" not in done.stderr, done.stderr
+    assert done.stderr.count("terminated") == 1, done.stderr
+
+
 def test_a_ctrl_c_says_which_checkpoint_a_resume_goes_on_from(tmp_path, monkeypatch, capsys):
     """A Ctrl-C said "interrupted" and no more: nothing said that a run goes on with --resume, nor
     from which step."""
