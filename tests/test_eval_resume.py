@@ -91,6 +91,21 @@ def test_a_stopped_eval_run_again_scores_only_the_clips_left(tmp_path, made, mon
     )
 
 
+def test_a_clip_file_in_partial_without_its_measurements_is_measured_again(tmp_path, made, monkeypatch):
+    """A file of something else where a clip's measurements belong (it reads, but holds none of
+    them) ended the evaluation in a KeyError's traceback."""
+    assert evaluate(tmp_path / "whole") == 0
+    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    out = tmp_path / "cut"
+    with stopped_after_saving(monkeypatch, "clip-00001"):
+        assert evaluate(out) == 130
+    np.savez(out / partial.FOLDER / "clip-00000.npz", other=np.zeros(3))
+    made.clear()
+    assert evaluate(out) == 0
+    assert {index for seed, index in made} == {0, 2}  # clip 0 measured again, 1 kept
+    assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
+
+
 def test_a_finished_eval_asked_for_more_clips_measures_only_the_new_ones(tmp_path, made, monkeypatch, capsys):
     """Its clips went with its report: `--clips 24` after `--clips 8` measured all 24 again. They
     stay; so does the stream's result, its progress files go."""

@@ -106,13 +106,16 @@ class Measured:
     def _path(self, name: str) -> Path:
         return self.folder / f"{name}.npz"
 
-    def load(self, name: str) -> dict | None:
-        """The arrays saved as `name`, or None (not measured, or unreadable: measured again)."""
+    def load(self, name: str, needs=()) -> dict | None:
+        """The arrays saved as `name`, or None (not measured, or unreadable, or without one of the
+        arrays `needs`, a file of something else: measured again)."""
         try:
             with np.load(self._path(name), allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
+                arrays = {k: z[k] for k in z.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
             return None
+        # (one without them ended the evaluation in a KeyError's traceback)
+        return arrays if set(needs) <= set(arrays) else None
 
     def save(self, name: str, arrays: dict) -> None:
         buffer = io.BytesIO()

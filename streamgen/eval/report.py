@@ -331,7 +331,7 @@ def evaluate(
         csim_curves, samples, sync_curves = [], [], []
         black = frozen = flicker = 0
         for i in range(n_clips):
-            scored = measured.load(f"clip-{i:05d}")
+            scored = measured.load(f"clip-{i:05d}", CLIP_ARRAYS + (SAMPLE_ARRAYS if i < SAMPLE_CLIPS else ()))
             if scored is None:
                 scored = score_clip(i)
                 measured.save(f"clip-{i:05d}", scored)
@@ -396,6 +396,10 @@ def evaluate(
 
 SAMPLE_CLIPS = 4  # clips shown in samples.png
 SAMPLE_FRAMES = 8  # frames of each sample clip in samples.png (contact_sheet's columns)
+# the arrays of a clip's measurements in OUT/partial (and, for the first SAMPLE_CLIPS, its samples)
+CLIP_ARRAYS = ("per_clip", "gen_feats", "real_feats", "gen_clip_feats", "real_clip_feats", "counts",
+               "csim_curve", "sync_curve")  # fmt: skip
+SAMPLE_ARRAYS = ("sample_real", "sample_generated")
 
 
 def eval_settings(model, split, size, minutes, ev, session, roundtrip, device, steps) -> dict:
