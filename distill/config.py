@@ -676,6 +676,11 @@ def ignored_settings(cfg: TrainConfig, processes: int) -> list[str]:
     if isinstance(opts, ChunkOptions) and opts.max_chunks_back == 0 and opts.p_self_correct > 0:
         notes.append("chunk.p_self_correct does nothing with chunk.max_chunks_back 0: every step trains the "
                      "first chunk, which has no chunks before it to roll out")  # fmt: skip
+    most = max(1, cfg.data.latent_frames - 1)  # (distill/teacher.py: a prefix leaves a frame to denoise)
+    if isinstance(opts, TeacherOptions) and opts.p_motion_prefix > 0 and opts.max_motion_frames > most:
+        notes.append(f"teacher.max_motion_frames {opts.max_motion_frames} is more than crops of "
+                     f"data.latent_frames {cfg.data.latent_frames} take: motion prefixes are at most {most} "
+                     f"frame{'s' * (most != 1)}")  # fmt: skip
     if isinstance(opts, TinyDecoderOptions) and opts.architecture == "causal_vae":
         if opts.blocks_per_stage != TinyDecoderOptions.blocks_per_stage:
             notes.append("tiny_decoder.blocks_per_stage is for a taehv decoder; a causal_vae one has its "
