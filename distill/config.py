@@ -746,4 +746,7 @@ def find_config(name_or_path: str, stage: str) -> Path:
     ):
         if candidate.exists():
             return candidate
-    raise ConfigError(f"config {name_or_path!r} not found (not a file, nor a name in {here})")
+    # (`latents --config debug`: that stage has none, and nothing said which names it has)
+    names = sorted(p.name.removeprefix(f"{stage}-").removesuffix(".yaml") for p in here.glob(f"{stage}-*.yaml"))
+    theirs = f"; the {stage} stage's: {', '.join(names)}" if names else ""
+    raise ConfigError(f"config {name_or_path!r} not found (not a file, nor a name in {here}{theirs})")

@@ -43,6 +43,16 @@ def test_every_shipped_config_loads():
         assert cfg.stage == stage
 
 
+def test_a_config_name_a_stage_has_not_names_the_ones_it_has(tmp_path, monkeypatch):
+    """`distill latents --config debug` (no stage but latents has a debug config) said "not found"
+    and no more."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"; the latents stage's: tiny-avatar\)$"):
+        find_config("debug", "latents")
+    with pytest.raises(ConfigError, match=r"; the self_forcing stage's: debug, tiny-avatar, tiny-avatar-last-step\)$"):
+        find_config("nope", "self_forcing")
+
+
 def test_set_overrides_config_values_and_is_kept_with_the_config(tmp_path):
     p = write(tmp_path, "stage: ode\nrun: {out: runs/a, steps: 10}\nmodel: {overrides: {window_frames: 6}}\n")
     sets = [
