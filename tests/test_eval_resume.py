@@ -104,6 +104,14 @@ def test_a_clip_file_in_partial_without_its_measurements_is_measured_again(tmp_p
     assert evaluate(out) == 0
     assert {index for seed, index in made} == {0, 2}  # clip 0 measured again, 1 kept
     assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
+    # the --minutes stream's likewise
+    assert evaluate(tmp_path / "whole", "--minutes", "0.01") == 0
+    assert evaluate(out, "--minutes", "0.01") == 0
+    np.savez(out / partial.FOLDER / "stream-0.01.npz", other=np.zeros(3))
+    (out / "report.json").unlink()
+    assert evaluate(out, "--minutes", "0.01") == 0
+    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
 
 
 def test_a_finished_eval_asked_for_more_clips_measures_only_the_new_ones(tmp_path, made, monkeypatch, capsys):

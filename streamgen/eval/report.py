@@ -348,7 +348,7 @@ def evaluate(
             progress and progress(1)
         stream = None
         if minutes:
-            scored = measured.load(f"stream-{minutes!r}")
+            scored = measured.load(f"stream-{minutes!r}", STREAM_ARRAYS)
             if scored is None:
                 name = f"stream-{minutes!r}-so-far"
                 keep = lambda state: measured.save(name, state)  # noqa: E731
@@ -400,6 +400,7 @@ SAMPLE_FRAMES = 8  # frames of each sample clip in samples.png (contact_sheet's 
 CLIP_ARRAYS = ("per_clip", "gen_feats", "real_feats", "gen_clip_feats", "real_clip_feats", "counts",
                "csim_curve", "sync_curve")  # fmt: skip
 SAMPLE_ARRAYS = ("sample_real", "sample_generated")
+STREAM_ARRAYS = ("csim", "colour", "counts")  # the --minutes stream's
 
 
 def eval_settings(model, split, size, minutes, ev, session, roundtrip, device, steps) -> dict:
