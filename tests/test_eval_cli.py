@@ -25,6 +25,7 @@ def test_eval_ground_truth_writes_a_complete_report(tmp_path, capsys):
     table = dict(line.strip("|").replace(" ", "").split("|") for line in (out / "report.md").read_text().splitlines()
                  if line.startswith("| ") and not line.startswith("| metric"))  # fmt: skip
     assert table["seconds"] == "4.0" and float(table["drift_slope"]) == float(f"{report['drift_slope']:.4g}")
+    assert "\n1 clip at " in (out / "report.md").read_text()  # (it said "1 clips")
 
 
 def test_eval_errors_leave_no_report(tmp_path, capsys):

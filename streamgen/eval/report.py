@@ -538,7 +538,7 @@ def _markdown(r: dict) -> str:
     keys = ["sync_c", "sync_d", "av_offset_frames", "csim", "fid", "fvd", "drift_slope", "colour_drift_slope",
             "black_frames", "frozen_frames", "flicker_frames", "clips", "seconds", "wall_seconds"]  # fmt: skip
     lines = [f"# Evaluation of `{r['model']}` on the {r['split']} split", "",
-             f"{r['clips']} clips at {r['size']}x{r['size']}, drift from {r['drift_source']}.", "",
+             f"{r['clips']} clip{'s' * (r['clips'] != 1)} at {r['size']}x{r['size']}, drift from {r['drift_source']}.", "",
              "| metric | value |", "|---|---|"]  # fmt: skip
     lines += [f"| {k} | {fmt(r[k], k)} |" for k in keys]
     lines += ["", "Sync-C higher is better, Sync-D lower; offset > 0 means the audio is late.",
