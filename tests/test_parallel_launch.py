@@ -465,6 +465,37 @@ def test_each_distinct_error_the_ranks_report_is_printed_once(monkeypatch, capsy
     assert not (tmp_path / "plain.json").exists()
 
 
+@pytest.mark.parametrize("signalled", [0, 1])
+@pytest.mark.parametrize("peer_code", [143, -15, torchrun.ANOTHER_RANK_FAILED])
+def test_the_rank_sent_sigterm_alone_is_named_not_the_one_that_saw_it_go(
+    signalled, peer_code, monkeypatch, capsys, tmp_path
+):
+    """`kill -TERM` to one rank: its peer's collective fails ('another rank failed', in its error file),
+    and torchrun's SIGTERM may reach it as it ends (its exit code 143, not 3). Both ended on SIGTERM,
+    in the same second: the peer was named, its 'another rank failed (see its error above)' printed."""
+    peer = 1 - signalled
+    monkeypatch.setenv(torchrun.LAUNCHER_ENV, "1")
+    monkeypatch.setenv(torchrun.ERROR_FILE_ENV, str(tmp_path / f"error-{peer}.json"))
+    monkeypatch.setenv("RANK", str(peer))
+    from streamgen.commands.generate import _stopped_by_another_rank
+
+    assert _stopped_by_another_rank() == torchrun.ANOTHER_RANK_FAILED
+    failures = {
+        signalled: ProcessFailure(signalled, 40, 143, str(tmp_path / "none.json")),
+        peer: ProcessFailure(peer, 41, peer_code, str(tmp_path / f"error-{peer}.json")),
+    }
+    for failure in failures.values():
+        failure.timestamp = 1000  # (whole seconds: the same)
+
+    def fake_main(argv):
+        raise ChildFailedError("streamgen.cli", failures)
+
+    monkeypatch.setattr(torch.distributed.run, "main", fake_main)
+    assert torchrun.main([]) == 143
+    err = capsys.readouterr().err
+    assert err == f"streamgen: rank {signalled} was stopped by SIGTERM; the other ranks were stopped\n", err
+
+
 # a launcher (as torchrun starts its ranks: a session of their own), and one rank that waits
 _LAUNCHER = """
 import os, subprocess, sys

@@ -322,7 +322,10 @@ def _stopped_by_another_rank() -> int:
     from streamgen.parallel.torchrun import ANOTHER_RANK_FAILED, report_error
 
     rank = os.environ.get("RANK", "?")
-    report_error(f"streamgen generate: rank {rank} stopped: another rank failed (see its error above)")
+    report_error(
+        f"streamgen generate: rank {rank} stopped: another rank failed (see its error above)",
+        another_rank_failed=True,
+    )
     return ANOTHER_RANK_FAILED
 
 

@@ -41,19 +41,25 @@ PEER_GONE = (
     "remote worker crashing",
     "remote process exited",
 )
+# In a rank's error file: the rank ended because another had (`report_error`)
+ANOTHER_RANK_FAILED_KEY = "another_rank_failed"
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # torchrun gives each worker a file for its error
 LAUNCHER_ENV = "STREAMGEN_LAUNCHER"  # this launcher's process id: its ranks hand it their errors, end with it
 
 
-def report_error(line: str) -> None:
+def report_error(line: str, another_rank_failed: bool = False) -> None:
     """A command's error line: to stderr, or in a worker of this launcher to the launcher (which
     prints each distinct one once, instead of once per rank). Under plain torchrun (distill on
-    several processes) each rank prints its own, as torchrun shows no error file's line by itself."""
+    several processes) each rank prints its own, as torchrun shows no error file's line by itself.
+    `another_rank_failed`: the line of a rank that ended because another had (`ANOTHER_RANK_FAILED`),
+    marked so for the launcher, as its exit code may not say it: torchrun stops it by SIGTERM too."""
     path = os.environ.get(ERROR_FILE_ENV)
     if path and os.environ.get(LAUNCHER_ENV):
         from streamgen.files import write_text_atomically
 
         message = {"message": line, "timestamp": int(time.time()), "streamgen": True}
+        if another_rank_failed:
+            message[ANOTHER_RANK_FAILED_KEY] = True
         try:  # whole or not at all: the launcher fails on a half-written file (a rank killed meanwhile)
             write_text_atomically(path, json.dumps(message))
             return
@@ -116,9 +122,19 @@ def _first_failure(failures: dict):
 def _own_failures(failures: dict) -> dict:
     """The ranks that failed of their own accord: not stopped by torchrun (SIGTERM: by it, or by the
     exit code 143 of a command that ends on it as on Ctrl-C) once another had failed, nor ended because
-    another had (`ANOTHER_RANK_FAILED`). All of them where none did."""
+    another had (`ANOTHER_RANK_FAILED`, or its error file says so: torchrun's SIGTERM may have come
+    while it ended, for an exit code 143). Where none did (one rank alone sent SIGTERM), those that
+    did not say another rank had failed: the one sent SIGTERM was named 'rank 0', and the rank 0
+    that had seen it go said 'another rank failed' above it."""
     others = (-int(signal.SIGTERM), 128 + int(signal.SIGTERM), ANOTHER_RANK_FAILED)
-    return {rank: f for rank, f in failures.items() if f.exitcode not in others} or failures
+    not_after_another = {
+        rank: f for rank, f in failures.items() if not f.error_file_data.get(ANOTHER_RANK_FAILED_KEY)
+    }
+    return (
+        {rank: f for rank, f in not_after_another.items() if f.exitcode not in others}
+        or not_after_another
+        or failures
+    )
 
 
 def _quiet_torchrun_logs() -> None:
