@@ -273,6 +273,24 @@ def test_the_launcher_ends_with_the_signal_or_the_failed_rank_code(monkeypatch, 
     assert line in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "codes, cut_off",
+    [({0: -9, 1: -15}, True), ({0: -11}, True), ({0: 3, 1: -9}, False), ({0: -15, 1: 2}, False), ({0: 143}, False)],
+)
+def test_the_launcher_line_starts_on_a_line_of_its_own(codes, cut_off, monkeypatch, capsys):
+    """Rank 0 killed (SIGKILL) mid-run left its progress bar without its newline: the launcher's line
+    was printed at the bar's end. Where rank 0 closed its bar (stopped, or after another rank), no blank line."""
+    failures = {rank: ProcessFailure(rank, 40 + rank, code, "<N/A>") for rank, code in codes.items()}
+
+    def fake_main(argv):
+        raise ChildFailedError("streamgen.cli", failures)
+
+    monkeypatch.setattr(torch.distributed.run, "main", fake_main)
+    torchrun.main([])
+    err = capsys.readouterr().err
+    assert err.startswith("\nstreamgen: rank ") == cut_off and err.lstrip("\n").startswith("streamgen: rank "), err
+
+
 def test_a_signal_behind_another_error_is_still_a_stop(monkeypatch, capsys):
     def fake_main(argv):
         # what torchrun's metrics wrapper raises when SIGINT lands before it has read the clock

@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         torchrun_main(argv)
     except ChildFailedError as e:
+        if _cut_off_mid_line(e.failures):
+            print(file=sys.stderr)
         for line in _reported_errors(e.failures):
             print(line, file=sys.stderr)
         rank, failure = _first_failure(e.failures)
@@ -194,6 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         os.environ.pop(LAUNCHER_ENV, None)
     return 0
+
+
+def _cut_off_mid_line(failures: dict) -> bool:
+    """Whether rank 0, which draws the progress bar (`generate`), ended by a signal it could not
+    act on (SIGKILL, a crash): its bar was cut off without its newline, and the launcher's line was
+    glued to its end. (Stopped by SIGINT, SIGTERM or SIGHUP, or after another rank failed, it closes
+    its bar.)"""
+    rank_0 = failures.get(0)
+    return rank_0 is not None and rank_0.exitcode < 0 and _stopped_by(rank_0.exitcode) is None
 
 
 def _stopped_by(code: int) -> signal.Signals | None:
