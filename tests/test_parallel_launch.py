@@ -273,6 +273,22 @@ def test_the_launcher_ends_with_the_signal_or_the_failed_rank_code(monkeypatch, 
     assert line in capsys.readouterr().err
 
 
+def test_of_ranks_ending_in_the_same_second_the_one_torchrun_found_first_is_named(monkeypatch, capsys):
+    """`serve --sp 2`'s rank 1 sent SIGTERM alone, in its replay: it ends (no error file), torchrun
+    finds it and stops rank 0 by SIGTERM too, and lists it after rank 1. Both 143, in the same whole
+    second: rank 0 was named, by its rank."""
+    failures = {1: ProcessFailure(1, 41, 143, "<N/A>"), 0: ProcessFailure(0, 40, 143, "<N/A>")}
+    for failure in failures.values():
+        failure.timestamp = 1000
+
+    def fake_main(argv):
+        raise ChildFailedError("streamgen.cli", failures)
+
+    monkeypatch.setattr(torch.distributed.run, "main", fake_main)
+    assert torchrun.main([]) == 143
+    assert "streamgen: rank 1 was stopped by SIGTERM" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "codes, cut_off",
     [({0: -9, 1: -15}, True), ({0: -11}, True), ({0: 3, 1: -9}, False), ({0: -15, 1: 2}, False), ({0: 143}, False)],

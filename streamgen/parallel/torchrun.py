@@ -113,9 +113,13 @@ def _reported_errors(failures: dict) -> list[str]:
 def _first_failure(failures: dict):
     """(rank, failure) of the rank that failed first of its own accord. Once one has failed, torchrun
     stops the others with SIGTERM, and its failures' times are whole seconds: one it stopped came
-    first by torchrun's own choice ('rank 0 failed (signal 15)' where rank 1 could not load the model)."""
+    first by torchrun's own choice ('rank 0 failed (signal 15)' where rank 1 could not load the model).
+    In the same second, the one torchrun found first: it lists the ranks that had ended when it
+    looked before those it then stopped (by rank, the lower one was named: `serve --sp 2`'s rank 1
+    sent SIGTERM alone, both ending on it, read 'rank 0 was stopped by SIGTERM')."""
     own = _own_failures(failures)
-    rank = min(own, key=lambda r: (own[r].timestamp, r))
+    found = list(failures)  # (in the order torchrun found them)
+    rank = min(own, key=lambda r: (own[r].timestamp, found.index(r)))
     return rank, own[rank]
 
 
