@@ -48,6 +48,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from streamgen.parallel.torchrun import another_rank_failed
 from streamgen.session_limits import SEED_END
 
 from .model_host import CLIENT_ERRORS, HostDown, ModelOps, freeze_loaded_heap, load_error_line
@@ -154,6 +155,10 @@ class SequenceParallelHost:
         except Exception as e:
             error = e
         mine = outcome(error)
+        if error is not None and another_rank_failed(error):
+            # (gloo's words for it, "Connection reset by peer [...] GLHF! 🏖️", went to /healthz and
+            # the sessions' close reasons as rank 0's own failure)
+            self._fail(f"{op}: a follower rank is gone")
         if error is not None and mine not in CLIENT_ERRORS:
             # at once: the followers may wait in a collective this rank never reached, and would
             # answer only when the group's timeout ends it (30 minutes on gloo)

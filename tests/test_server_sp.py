@@ -308,6 +308,22 @@ def test_a_failure_on_rank_0_takes_the_host_down_without_waiting_for_the_followe
     assert failed and host.down
 
 
+def test_a_follower_that_vanished_mid_forward_is_said_so_not_in_gloo_s_words():
+    """A follower killed in a chunk: rank 0's collective fails with gloo's error, which /healthz and
+    the sessions' close reasons gave as rank 0's own failure ('Connection reset by peer ... GLHF!')."""
+    from server.model_host import HostDown
+
+    gloo = RuntimeError(
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:53939: Connection reset "
+        "by peer. This is typically caused by a remote worker hanging or bugs in the application. GLHF!"
+    )
+    host, _, _ = lockstep(ScriptedOps({"chunk": gloo}), ScriptedOps())
+    with pytest.raises(HostDown) as down:
+        host.call("chunk", "id", None)
+    assert "(chunk: a follower rank is gone)" in str(down.value) and "GLHF" not in host.down, host.down
+    host.stop()
+
+
 def test_a_follower_that_vanished_takes_the_host_down():
     from multiprocessing import Pipe
 
