@@ -466,6 +466,32 @@ def test_leaving_after_a_peer_has_gone_is_one_line(tmp_path, capfd):
     assert "rank 0: a peer left before the end" in err and "Traceback" not in err, err
 
 
+def test_a_finished_rank_whose_peer_failed_leaves_the_word_to_the_launcher(monkeypatch, capsys, tmp_path):
+    """Rank 0 failed writing the file (a full disk) after rank 1 had finished: rank 1's barrier found
+    it gone, and rank 1 printed 'a peer left before the end (... GLHF!)' above rank 0's own error."""
+    import torch.distributed as dist
+
+    from streamgen.parallel.launch import leave_process_group
+
+    def barrier():
+        raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:25003. GLHF!")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "barrier", barrier)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    monkeypatch.setenv(torchrun.LAUNCHER_ENV, "1")
+    monkeypatch.setenv(torchrun.ERROR_FILE_ENV, str(tmp_path / "error-1.json"))
+    leave_process_group(finished=True)
+    assert capsys.readouterr().err == ""
+    failure = ProcessFailure(1, 41, -15, str(tmp_path / "error-1.json"))
+    assert "a peer left before the end" in failure.message
+    assert torchrun._own_failures({0: ProcessFailure(0, 40, 2, "<N/A>"), 1: failure}).keys() == {0}
+    monkeypatch.delenv(torchrun.LAUNCHER_ENV)  # under plain torchrun: printed, as before
+    leave_process_group(finished=True)
+    assert "streamgen: rank 1: a peer left before the end" in capsys.readouterr().err
+
+
 def test_each_distinct_error_the_ranks_report_is_printed_once(monkeypatch, capsys, tmp_path):
     """Ranks hand their error lines to the launcher (`report_error`): the same one from every rank
     is printed once, a different one too; a rank stopped by a signal reports none."""

@@ -290,7 +290,9 @@ def leave_process_group(finished: bool) -> None:
     rank closes its sockets while another still talks; after an error the
     others may be gone, so no barrier. The barrier waits in C++ with nothing
     left to clean up, so a signal ends the process there at once, and a peer
-    that ended meanwhile is one line here (torchrun reports why it ended).
+    that ended meanwhile is one line here (torchrun reports why it ended), handed
+    to `--sp N`'s launcher, which names the rank that failed instead: printed, it
+    came before that rank's own error, in gloo's words ("... GLHF!").
     """
     if not dist.is_initialized():
         return
@@ -299,5 +301,10 @@ def leave_process_group(finished: bool) -> None:
             with signals_end_the_process():
                 dist.barrier()
         except RuntimeError as e:
-            print(f"streamgen: rank {dist.get_rank()}: a peer left before the end ({e})", file=sys.stderr)
+            from streamgen.parallel.torchrun import report_error
+
+            report_error(
+                f"streamgen: rank {dist.get_rank()}: a peer left before the end ({e})",
+                another_rank_failed=True,
+            )
     dist.destroy_process_group()
