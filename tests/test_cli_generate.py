@@ -846,3 +846,22 @@ def test_bench_json_before_the_benchmarks_name_is_taken_as_after_it(monkeypatch,
     assert main(["bench", "--json", "floor"]) == 0
     assert json.loads(capsys.readouterr().out) == {"json": True}
 
+
+
+def test_a_file_that_is_not_a_video_is_not_replaced(tmp_path, capsys):
+    """A name without a suffix replaced any file there (/etc/passwd, run as root); an earlier video
+    under such a name is replaced as before."""
+    wav, out = tmp_path / "speech.wav", tmp_path / "passwd"
+    write_wav(wav, 16000, 0.3)
+    out.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    link = tmp_path / "link.mp4"
+    link.symlink_to(out)
+    for given in (out, link):
+        assert main(["generate", "--model", "debug", "--audio", str(wav), "--out", str(given), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} is a file that is not an MP4" in err and len(err.strip().splitlines()) == 1
+    assert out.read_text() == "root:x:0:0:root:/root:/bin/bash\n"
+    out.unlink()
+    assert main(["generate", "--model", "debug", "--audio", str(wav), "--out", str(out), "--quiet"]) == 0
+    assert main(["generate", "--model", "debug", "--audio", str(wav), "--out", str(out), "--quiet"]) == 0
+    assert out.read_bytes()[4:8] == b"ftyp"

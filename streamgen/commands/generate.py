@@ -123,6 +123,7 @@ def run(args) -> int:
         out = output_path(out)
     except MediaError as e:
         raise UserError(f"--out {e}") from None
+    _check_replaceable(out)
     if out.parent.exists() and not out.parent.is_dir():
         raise UserError(f"--out {out}: {out.parent} is a file, not a folder")
     if not out.parent.is_dir():
@@ -268,6 +269,24 @@ def run(args) -> int:
         f"{n_chunks * session.frames_per_chunk / elapsed:.1f} frames/s)"
     )
     return 0
+
+
+def _check_replaceable(out: Path) -> None:
+    """A UserError where `out` (a name without an MP4 suffix, or a link to one) is a file that is not
+    empty and not an MP4 (ISO-BMFF: its first box, `ftyp`, at byte 4): a suffix-less name replaced any
+    file at all, /etc/passwd run as root. A video from before, or a file named as one, is replaced."""
+    from streamgen.cli import UserError
+
+    if out.suffix.lower() in MP4_SUFFIXES or not out.is_file():
+        return
+    try:
+        with open(out, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    if head and head[4:8] != b"ftyp":
+        raise UserError(f"--out {out} is a file that is not an MP4: generate replaces only a video it "
+                        "could have written; give another name (or remove the file)")  # fmt: skip
 
 
 def _check_inputs_read_again(sp: int, audio: str, reference: str) -> None:
