@@ -28,7 +28,7 @@ from streamgen.conditioning import Conditions, guided_velocity
 from streamgen.model.audio import SAMPLES_PER_FRAME, VIDEO_FPS, frame_windows, needed_video_frames
 from streamgen.model.float8 import float8_layers
 from streamgen.model.text import text_context
-from streamgen.models import AvatarModel, load_model
+from streamgen.models import TEACHER_STEPS, AvatarModel, load_model
 from streamgen.precision import dit_dtype_arg
 from streamgen.sampling import euler_sigmas, sample_euler
 from streamgen.session_limits import SEED_END
@@ -52,7 +52,7 @@ class TeacherSession:
         model: str | AvatarModel = "tiny-avatar-teacher",
         height: int | None = None,
         width: int | None = None,
-        steps: int = 50,
+        steps: int | None = None,
         cfg_scale: float | None = None,
         window: int = 6,
         motion: int = 2,
@@ -72,6 +72,8 @@ class TeacherSession:
             raise ValueError(f"window ({window}) must be longer than the motion frames ({motion})")
         if motion < 0:
             raise ValueError(f"motion must be >= 0 latent frames, got {motion}")
+        if steps is None:  # (50 was taken whatever the model.json said, --help's "the model's" or not)
+            steps = self.model.meta.get("steps", TEACHER_STEPS)
         self.steps, self.window, self.motion = steps, window, motion
         # (checked here, not at the first window: 0 steps sampled nothing and returned the noise)
         self.sigmas = euler_sigmas(steps, self.model.shift)
@@ -195,7 +197,7 @@ def open_session(
             raise ValueError(
                 "a teacher samples whole windows without a KV cache: cache_from applies to students"
             )
-        return TeacherSession(loaded, height, width, steps=50 if steps is None else steps, device=device)
+        return TeacherSession(loaded, height, width, steps=steps, device=device)
     return StreamSession(
         loaded, height=height, width=width, steps=steps, device=device, dtype=dtype,
         decode_dtype=decode_dtype, cache_from=cache_from, encode_dtype=encode_dtype,

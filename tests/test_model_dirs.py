@@ -993,3 +993,24 @@ def test_a_flavors_stand_in_teacher_runs_as_a_teacher(capsys):
     check_steps(3, "debug-teacher")  # (a teacher takes any number)
     assert main(["serve", "--model", "debug-teacher", "--port", str(free_port())]) == 2
     assert "debug-teacher is a bidirectional teacher" in capsys.readouterr().err
+
+
+def test_a_teacher_samples_the_steps_its_model_json_names(tmp_path):
+    """Without --steps a teacher took 50 Euler steps whatever its model.json said ("default: the
+    model's"); 50 where it names none, the count given where one is."""
+    import json
+    import shutil
+
+    from streamgen.models import resolve_model_dir
+    from streamgen.teacher import open_session
+
+    shipped = resolve_model_dir("tiny-avatar-teacher")
+    for steps in (8, None):
+        d = tmp_path / f"teacher-{steps}"
+        shutil.copytree(shipped, d)
+        meta = json.loads((d / "model.json").read_text())
+        meta.pop("steps")
+        (d / "model.json").write_text(json.dumps({**meta, **({"steps": steps} if steps else {})}))
+        session = open_session(str(d))
+        assert (session.steps, len(session.sigmas)) == (steps or 50, (steps or 50) + 1)
+        assert open_session(str(d), steps=3).steps == 3

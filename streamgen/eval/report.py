@@ -158,7 +158,7 @@ def open_session(
     dtype="auto",
     encode_dtype="auto",
 ):
-    """A student's StreamSession, or a teacher's TeacherSession (offline windows, 50 steps + CFG)."""
+    """A student's StreamSession, or a teacher's TeacherSession (offline windows, its model.json's steps + CFG)."""
     from streamgen.teacher import open_session as open_any
 
     try:
