@@ -88,10 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "RGB, which deflate shrinks by a fifth to a half at a CPU cost the server's cores pay)")  # fmt: skip
     parser.add_argument("--model-process", action="store_true",
                         help="run the model in a child process instead of a thread of the server")
-    parser.add_argument("--model-timeout", type=model_timeout, default=60.0, metavar="SECONDS",
+    parser.add_argument("--model-timeout", type=model_timeout, default=None, metavar="SECONDS",
                         help="with --model-process: a model process that answers no operation for this long "
                         "(once the server is ready) is stuck; it is killed and /healthz reports the server down, "
-                        "for its supervisor to restart (0: no limit)")  # fmt: skip
+                        "for its supervisor to restart (0: no limit; default: 60)")  # fmt: skip
     parser.add_argument("--sp", type=positive_int, default=1,
                         help="shard the model over N processes (sequence parallelism; restarts under torchrun)")
     # (a name logging does not know, uvicorn's own "trace" too, was a traceback after the checks)
@@ -158,6 +158,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--lanes runs the model in this process: it cannot be combined with --model-process or --sp")
     if args.sp > 1 and args.model_process:
         raise UserError("--model-process and --sp cannot be combined: with --sp the model runs in its own ranks")
+    if args.model_timeout is not None and not args.model_process:  # (it was taken, and nothing timed)
+        raise UserError(f"--model-timeout {args.model_timeout:g} applies with --model-process only (a model in "
+                        "this process cannot be killed apart from the server): add --model-process or leave it out")  # fmt: skip
     if args.fp8 and args.device.startswith("cuda") and args.dtype != "bfloat16":
         raise UserError("--fp8 on a GPU needs --dtype bfloat16 (its FP8 products give bfloat16)")
     on_cpu = args.device.split(":")[0] == "cpu"  # (cpu:0 was taken for a GPU)
@@ -224,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         torch_threads=threads, lanes=args.lanes, loopback=args.loopback or _is_loopback(args.host), sp=args.sp,
         idle_timeout_s=args.idle_timeout, max_duration_s=args.max_duration, peer_timeout_s=args.peer_timeout,
         stamp_frames=args.stamp_frames, measure_capacity=not args.admit_max, inference_process=args.model_process,
-        model_timeout_s=args.model_timeout,
+        model_timeout_s=ServerConfig.model_timeout_s if args.model_timeout is None else args.model_timeout,
         ice_servers=ice_servers, cors_origins=args.cors_origin, align_batches=args.align_batches,
     )  # fmt: skip
     app = create_app(config)

@@ -1084,3 +1084,22 @@ def test_a_file_input_left_blank_is_no_reference(client):
         client.delete(r.json()["resource"], headers=auth(r.json()["token"]))
     r = client.post("/v1/sessions", content=form("me.png"), headers=headers)
     assert r.status_code == 422 and "reference image is empty" in r.json()["message"], r.text
+
+
+def test_a_model_timeout_without_a_model_process_is_refused_not_ignored(capsys, monkeypatch):
+    """docs/serving.md: --model-timeout is "with --model-process"; without it, it was taken and timed nothing."""
+    import server.app
+    from streamgen.cli import main
+
+    configs = []
+    monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--model-timeout", "30"]) == 2
+    assert capsys.readouterr().err == (
+        "streamgen serve: error: --model-timeout 30 applies with --model-process only (a model in this process "
+        "cannot be killed apart from the server): add --model-process or leave it out\n"
+    )
+    assert main(["serve", "--port", str(free_port()), "--model", "debug"]) == 0
+    argv = ["serve", "--port", str(free_port()), "--model", "debug", "--model-process", "--model-timeout", "5"]
+    assert main(argv) == 0
+    assert [(c.inference_process, c.model_timeout_s) for c in configs] == [(False, 60.0), (True, 5.0)]
