@@ -299,10 +299,11 @@ def test_a_caption_with_a_nul_is_refused_as_a_speak_is(client):
 
 def test_a_caption_the_model_cannot_take_is_bad_caption_at_a_sessions_start_as_over_control(client):
     """POST /v1/sessions (and /v1/whep) called it `bad_request`, /control `bad_caption`. (The
-    `debug` model's text is 16-d: no caption encoder gives that.)"""
+    `debug` model's text is 16-d: no caption encoder gives that.) Its message is for the page's user, who
+    was told "this model expects 16-d text features; captions give 384-d"."""
     r = client.post("/v1/sessions", json={"caption": "smiling"})
     assert r.status_code == 422 and r.json()["error"] == "bad_caption", r.text
-    assert "16-d text features" in r.json()["message"]
+    assert r.json()["message"].startswith("this model takes no captions: give it none (it was made for 16-d")
 
 
 def test_a_streams_error_that_is_not_its_captions_is_not_bad_caption(client, monkeypatch):

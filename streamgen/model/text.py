@@ -57,6 +57,7 @@ def text_context(text: str | None, text_dim: int, batch: int = 1) -> torch.Tenso
     """Context tokens [B, 1, text_dim] for the cross-attention."""
     if not text or not text.strip():
         return torch.zeros(batch, 1, text_dim)
-    if text_dim != TEXT_DIM:
-        raise CaptionError(f"this model expects {text_dim}-d text features; captions give {TEXT_DIM}-d")
+    if text_dim != TEXT_DIM:  # (said to a person, on the web page: what to do first, the why after)
+        raise CaptionError(f"this model takes no captions: give it none (it was made for {text_dim}-d "
+                           f"text features, not the {TEXT_DIM}-d sentence embeddings a caption becomes)")  # fmt: skip
     return embed_sentences([text])[:, None].expand(batch, -1, -1).clone()
