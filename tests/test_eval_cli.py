@@ -117,7 +117,7 @@ def test_eval_of_a_student_says_where_its_cache_came_from(tmp_path, capsys):
     assert report["dtype"] == "bfloat16" and report["encode_dtype"] == "float32"
     teacher = ["eval", "--model", "tiny-avatar-teacher", "--cache-from", "last_step", "--clips", "1"]
     assert main([*teacher, "--out", str(tmp_path / "teacher")]) == 2
-    assert "cache_from applies to students" in capsys.readouterr().err
+    assert "--cache-from applies to students" in capsys.readouterr().err
 
 
 def test_eval_autoencoder_roundtrip(tmp_path, capsys):
@@ -370,4 +370,19 @@ def test_eval_refuses_steps_off_the_students_schedule(tmp_path, capsys):
         "streamgen eval: error: --steps 3: tiny-avatar runs 1, 2 or 4 steps, the levels of the 4-step "
         "schedule it was distilled for (a teacher takes any number)\n"
     )
+    assert not out.exists()
+
+
+def test_a_cache_from_for_a_teacher_is_refused_before_it_loads(tmp_path, capsys, monkeypatch):
+    """It was refused once the teacher had loaded (a Wan teacher's minutes), as generate no longer did."""
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr("streamgen.teacher.load_model", load_model)
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", "tiny-avatar-teacher", "--cache-from", "reencode", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == ("streamgen eval: error: --cache-from reencode: tiny-avatar-teacher is a "
+                                       "teacher, which samples whole windows without a KV cache; --cache-from "
+                                       "applies to students\n")  # fmt: skip
     assert not out.exists()

@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from streamgen.cli import (
         HEAVY_IMPORTS,
         UserError,
+        check_cache_from,
         check_device,
         check_steps,
         import_with_ctrl_c_held,
@@ -119,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"{_given(SESSION_OPTIONS, args)} for a model's session, which {args.model} does not run"
         )
+    check_cache_from(args.cache_from, args.steps, args.model)  # (a teacher's: once it had loaded)
     check_steps(args.steps, args.model)  # (not given for those: refused above)
     check_device(args.device)
     if args.minutes is not None and (problem := stream_memory_problem(args.model, args.minutes, args.size)):
