@@ -218,6 +218,21 @@ def check_cache_from(cache_from: str | None, steps: int | None, model: str) -> N
         )
 
 
+def check_teacher_precision(model: str, **asked) -> None:
+    """A UserError where a teacher (float32 only, decoding and encoding as loaded) is asked for another
+    precision: `asked` maps an option's dest (dtype, decode_dtype, encode_dtype, fp8) to its value. Said
+    in the options' own spelling before the model loads, not once it had ("asked: torch.bfloat16")."""
+    given = [f"--{dest.replace('_', '-')}" + ("" if value is True else f" {value}")
+             for dest, value in asked.items() if value not in (None, False, "auto", "float32")]  # fmt: skip
+    if not given:
+        return
+    from streamgen.models import model_kind
+
+    if model_kind(model) == "teacher":
+        they = "it applies" if len(given) == 1 else "they apply"
+        raise UserError(f"{', '.join(given)}: {model} is a teacher, which runs in float32 only; {they} to students")
+
+
 def check_steps(steps: int | None, model: str) -> None:
     """A UserError where a student (any model but a teacher) is asked for steps off the schedule it was
     distilled for: its k steps are the levels of its own n (`student_sigmas`) only where k divides n

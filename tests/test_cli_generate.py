@@ -199,6 +199,29 @@ def test_a_cache_from_for_a_teacher_is_refused_before_it_loads(tmp_path, monkeyp
                                        "applies to students\n")  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "options, said",
+    [
+        (["--dtype", "bfloat16"], "--dtype bfloat16: tiny-avatar-teacher is a teacher, which runs in float32 only; "
+         "it applies to students"),
+        (["--decode-dtype", "bfloat16", "--fp8"], "--decode-dtype bfloat16, --fp8: tiny-avatar-teacher is a "
+         "teacher, which runs in float32 only; they apply to students"),
+    ],
+)
+def test_a_teachers_precision_options_are_refused_before_it_loads(tmp_path, monkeypatch, capsys, options, said):
+    """They were refused once the teacher had loaded (a Wan teacher's minutes), as "asked: torch.bfloat16"."""
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr("streamgen.teacher.load_model", load_model)
+    argv = ["generate", "--model", "tiny-avatar-teacher", *options, "--out", str(tmp_path / "x.mp4"), "--quiet"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"streamgen generate: error: {said}\n"
+    with pytest.raises(AssertionError, match="the model loaded"):  # (float32 is a teacher's: taken)
+        main(["generate", "--model", "tiny-avatar-teacher", "--dtype", "float32", "--out", str(tmp_path / "x.mp4")])
+
+
 def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys):
     """`--device cuda` without CUDA was torch's AssertionError, raised from deep inside the model load."""
     out = str(tmp_path / "x.mp4")

@@ -386,3 +386,17 @@ def test_a_cache_from_for_a_teacher_is_refused_before_it_loads(tmp_path, capsys,
                                        "teacher, which samples whole windows without a KV cache; --cache-from "
                                        "applies to students\n")  # fmt: skip
     assert not out.exists()
+
+
+def test_a_teachers_precision_options_are_refused_before_it_loads(tmp_path, capsys, monkeypatch):
+    """--dtype, --decode-dtype, --encode-dtype bfloat16 were refused once the teacher had loaded."""
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr("streamgen.teacher.load_model", load_model)
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", "tiny-avatar-teacher", "--encode-dtype", "bfloat16", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == ("streamgen eval: error: --encode-dtype bfloat16: tiny-avatar-teacher is a "
+                                       "teacher, which runs in float32 only; it applies to students\n")  # fmt: skip
+    assert not out.exists()

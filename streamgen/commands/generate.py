@@ -87,6 +87,7 @@ def run(args) -> int:
         check_cache_from,
         check_device,
         check_steps,
+        check_teacher_precision,
         import_with_ctrl_c_held,
         require_models,
         restore_handlers,
@@ -146,6 +147,7 @@ def run(args) -> int:
     require_models(args.model)  # (before any relaunch: --sp N's processes each said it, after starting)
     check_cache_from(args.cache_from, args.steps, args.model)  # (each process said it, once it had loaded)
     check_steps(args.steps, args.model)
+    check_teacher_precision(args.model, dtype=args.dtype, decode_dtype=args.decode_dtype, fp8=args.fp8)
     from streamgen.models import use_attention_backend, use_precision
 
     try:

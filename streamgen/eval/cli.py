@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         check_cache_from,
         check_device,
         check_steps,
+        check_teacher_precision,
         import_with_ctrl_c_held,
         output_folder,
     )
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         )
     check_cache_from(args.cache_from, args.steps, args.model)  # (a teacher's: once it had loaded)
     check_steps(args.steps, args.model)  # (not given for those: refused above)
+    check_teacher_precision(args.model, dtype=args.dtype, decode_dtype=args.decode_dtype, encode_dtype=args.encode_dtype)
     check_device(args.device)
     if args.minutes is not None and (problem := stream_memory_problem(args.model, args.minutes, args.size)):
         raise UserError(problem)
