@@ -6,6 +6,7 @@ and the problem; callers turn it into a clean CLI error or a 4xx.
 
 from __future__ import annotations
 
+import errno
 import warnings
 from pathlib import Path
 
@@ -74,6 +75,9 @@ def read_audio(path, rate: int = SAMPLE_RATE, max_seconds: float = 3600.0) -> np
     except MediaError:
         raise
     except av.error.FFmpegError as e:  # (its str: "[Errno 1094995529] ...: '<the path again>'")
+        if e.errno == errno.EINTR:  # Ctrl-C while FFmpeg waited (a FIFO with no writer yet): PyAV said
+            # it as its own error, "cannot read audio ...: Interrupted system call", exit 2 not 130
+            raise KeyboardInterrupt from None
         empty = path.is_file() and path.stat().st_size == 0
         raise MediaError(
             f"{path} is empty (0 bytes)" if empty else f"cannot read audio from {path}: {e.strerror or e}"

@@ -534,3 +534,31 @@ def test_a_ctrl_c_while_the_installed_command_loads_is_interrupted_and_130(tmp_p
                            timeout=120, env={**os.environ, "PYTHONPATH": path},
                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     assert (ended.returncode, ended.stderr) == (130, "interrupted\n")
+
+
+def test_ctrl_c_while_the_audio_fifo_has_no_writer_is_an_interrupt(tmp_path):
+    """FFmpeg waiting to open a FIFO nothing writes to: Ctrl-C was said by PyAV as its own error,
+    "cannot read audio from ...: Interrupted system call" with exit 2, not "interrupted" and 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fifo = tmp_path / "speech.wav"
+    os.mkfifo(fifo)
+    argv = [sys.executable, "-m", "streamgen", "generate", "--model", "debug", "--audio", str(fifo),
+            "--out", str(tmp_path / "x.mp4"), "--quiet"]  # fmt: skip
+    # (a child of a shell started in the background ignores SIGINT: as a terminal's would, it takes it)
+    with subprocess.Popen(argv, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as p:  # fmt: skip
+        try:
+            wchan = f"/proc/{p.pid}/wchan"
+            for _ in range(600):  # until it waits in the FIFO's open (Linux: wait_for_partner)
+                if p.poll() is not None or "partner" in open(wchan).read():
+                    break
+                time.sleep(0.05)
+            p.send_signal(signal.SIGINT)
+            err = p.communicate(timeout=60)[1]
+        finally:
+            p.kill()
+    assert (p.returncode, err) == (130, "interrupted\n")
