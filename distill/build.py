@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from distill.config import ConfigError
+from streamgen.files import home_expanded
 from streamgen.model.config import ModelConfig, get_config
 
 
@@ -38,7 +39,7 @@ def _run_hint(path: str) -> str:
     first" was said of a run's folder given for its `model/`, and of a run killed before its export)."""
     from streamgen.checkpoint import latest_checkpoint
 
-    given = Path(path).expanduser()
+    given = home_expanded(path)
     if _is_diffusers_wan(given):  # (was "train the stage that makes it first")
         return f"; it is a diffusers Wan checkpoint: give it as wan:{path}"
     try:
@@ -59,8 +60,6 @@ def _run_hint(path: str) -> str:
 def _not_a_model_dir(source: str) -> None:
     """A ModelSourceError where the `wan:` path `source` is a streamgen model directory (it was
     "has no config.json")."""
-    from streamgen.model.wan import home_expanded
-
     given = source[4:]
     if (home_expanded(given) / "model.json").is_file():
         raise ModelSourceError(f"{given} is a streamgen model directory, not a diffusers Wan checkpoint: "
@@ -150,7 +149,7 @@ def _read_dit(source: str, overrides: dict, digest: bool, teacher: bool = False)
     from streamgen.folders import read_folder
 
     if source.startswith("wan:"):
-        from streamgen.model.wan import home_expanded, load_pretrained, transformer_dir
+        from streamgen.model.wan import load_pretrained, transformer_dir
 
         def read_wan(d):
             weights_hash = hashlib.sha1() if digest else None  # (weights_digest's, of the bytes loaded)
@@ -257,7 +256,6 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int, match_mode
     must be the model's (`latent_channels`, `temporal`), a ConfigError where not; off for a stage
     that trains nothing on its latents but a decoder of its own (a taehv tiny decoder)."""
     from streamgen.model.vae import TinyCausalVAE
-    from streamgen.model.wan import home_expanded
     from streamgen.model.wan_vae import WanVAE
     from streamgen.models import has_autoencoder, load_autoencoder
 
@@ -284,7 +282,7 @@ def load_vae(section, latent_channels: int, temporal: int, seed: int, match_mode
             if has_autoencoder(d):
                 source = str(d)
         if source is not None:
-            p = Path(source).expanduser()
+            p = home_expanded(source)
             vae = load_autoencoder(p if has_autoencoder(p) else _model_dir(source))
         else:
             pipeline = home_expanded(section.init[4:]) if section.init and section.init.startswith("wan:") else None

@@ -26,6 +26,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from streamgen.files import home_expanded
+
 STAGES = ("autoencoder", "latents", "teacher", "ode", "self_forcing", "chunk", "tiny_decoder")
 
 
@@ -735,7 +737,7 @@ def model_name_problem(name: str) -> str | None:
 
 def find_config(name_or_path: str, stage: str) -> Path:
     """A path, or a config name from distill/configs (e.g. 'debug' -> configs/<stage>-debug.yaml)."""
-    p = Path(name_or_path).expanduser()  # (`--config=~/x.yaml`: no shell expands it there)
+    p = home_expanded(name_or_path)  # (`--config=~/x.yaml`: no shell expands it there)
     if p.is_file():  # (not a folder named as a config: `--config debug` beside a run's ./debug)
         return p
     here = Path(__file__).parent / "configs"

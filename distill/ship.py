@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from streamgen.files import home_expanded
+
 
 def ship(source: str, name: str, assets: Path | None = None) -> Path:
     """The model directory `source` as NAME, its autoencoder as it loads (the Wan VAE, or a tiny
@@ -59,7 +61,7 @@ def _run_hint(source: str) -> str:
     from streamgen.checkpoint import checkpoint_header, latest_checkpoint
     from streamgen.models import _is_diffusers_wan
 
-    given = Path(source).expanduser()
+    given = home_expanded(source)
     if (given / "model" / "model.json").exists():
         return f"; the model of the run in {given} is {given / 'model'}"
     if _is_diffusers_wan(given):  # (what ships is a model distilled from it)

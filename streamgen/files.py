@@ -134,6 +134,14 @@ def put_in_place(tmp, path) -> None:
     fsync_folder(Path(path).parent)
 
 
+def home_expanded(path) -> Path:
+    """`path` with a leading `~` or `~user` as the home folder, as a shell would (`--model=~/m`, a
+    config's `model.init: wan:~/...` reach the code unexpanded). os.path's: pathlib's raised a
+    RuntimeError, a traceback, for a `~user` of no such user (a config from another machine); this
+    leaves it as it is, a folder that is not there."""
+    return Path(os.path.expanduser(path))
+
+
 def followed(path) -> Path:
     """`path`, or where the symlink at `path` leads (through links to links; a dangling one's target
     too, which open() would have created). The writers that wrote in place (results.json,

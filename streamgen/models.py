@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from streamgen.files import home_expanded
 from streamgen.folders import (
     read_folder,
 )
@@ -172,7 +173,7 @@ def resolve_model_dir(name_or_path: str) -> Path | None:
     if not name_or_path.strip():  # (Path("") is the current folder: `--model "$UNSET"` loaded it)
         return None
     # (`~` as a shell would: `--model=~/m`, a config's `model.init: ~/m` reach here unexpanded)
-    p = Path(name_or_path).expanduser()
+    p = home_expanded(name_or_path)
     if _is_there(p / "model.json"):
         return p
     if _is_a_path(name_or_path):  # (`./tiny-avatar` with no such folder loaded the shipped model)
@@ -250,7 +251,7 @@ def load_model(
 def _load(name_or_path: str, device, dtype, seed: int, **cfg_overrides) -> AvatarModel:
     directory = resolve_model_dir(name_or_path)
     if directory is not None:
-        given = Path(name_or_path).expanduser()
+        given = home_expanded(name_or_path)
         if directory != given and given.is_dir():  # (a run's folder named as a shipped model, say)
             log.warning("%s; loading the model named %s in %s instead", _not_a_model(name_or_path),
                         name_or_path, directory.parent)  # fmt: skip
@@ -394,7 +395,7 @@ def _not_a_model(name: str) -> str:
     if name.startswith("wan:"):  # (distill's name of a Wan checkpoint: "unknown model 'wan:...'")
         return (f"{name}: wan:DIR names a diffusers Wan2.1 checkpoint to distill a model from (a distill "
                 "config's model.init, docs/distill.md), not a streamgen model: give the distilled model's directory")  # fmt: skip
-    folder = Path(name).expanduser()
+    folder = home_expanded(name)
     if not _is_there(folder) and _is_a_path(name):
         return f"no model directory {name}: there is no such folder"
     if not _is_there(folder):

@@ -851,6 +851,34 @@ def test_a_model_path_under_the_home_folder_is_found_by_its_tilde(tmp_path, monk
         require_model("~/empty")
 
 
+def test_a_path_under_the_home_of_no_such_user_says_it_is_not_there(tmp_path, capsys):
+    """`--set model.init=~someone/m`, `--model ~someone/m`, `--config ~someone/c.yaml` (a config or
+    a command line from another machine, whose user this one has not) was pathlib's RuntimeError
+    "Could not determine home directory.", a traceback. It is a folder that is not there."""
+    from distill.build import ModelSourceError, load_dit, load_vae
+    from distill.config import ConfigError, ModelConfigSection, find_config
+    from distill.ship import _run_hint
+    from streamgen.cli import main
+    from streamgen.models import require_model, resolve_model_dir
+
+    path = "~no-such-user-of-streamgen/m"
+    assert resolve_model_dir(path) is None
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no model directory {path}: there is no such folder")):
+        require_model(path)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no model directory {path}")):
+        load_model(path)
+    with pytest.raises(ModelSourceError, match=re.escape(f"'{path}' is not a model directory")):
+        load_dit(path)
+    with pytest.raises(ModelSourceError, match=re.escape(f"'{path}' is not a model directory")):
+        load_vae(ModelConfigSection(vae=path), latent_channels=4, temporal=4, seed=0)
+    with pytest.raises(ConfigError, match=re.escape(f"config '{path}.yaml' not found")):
+        find_config(f"{path}.yaml", "teacher")
+    assert _run_hint(path) == ""
+    out = str(tmp_path / "run")
+    assert main(["distill", "teacher", "--config", "debug", "--set", f"model.init={path}", "--out", out]) == 2
+    assert f"'{path}' is not a model directory" in capsys.readouterr().err
+
+
 def test_a_folder_here_named_as_a_shipped_model_is_not_passed_over_unsaid(tmp_path, monkeypatch, caplog):
     """`--model tiny-avatar` beside a run's folder ./tiny-avatar (its model in tiny-avatar/model)
     loaded the shipped tiny-avatar without a word: the run's model was taken to be streaming. The

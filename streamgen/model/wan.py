@@ -10,12 +10,12 @@ loaded model's output exactly as Wan's.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
 
+from streamgen.files import home_expanded
 from streamgen.model.audio import AudioEncoder
 from streamgen.model.config import FLAVORS, ModelConfig
 from streamgen.model.model import Block, DiT
@@ -178,13 +178,6 @@ def diffusers_config(cfg: ModelConfig) -> dict:
         "qk_norm": "rms_norm_across_heads",
         "eps": cfg.eps,
     }
-
-
-def home_expanded(path) -> Path:
-    """`path` with a leading `~` or `~user` as the home folder (a config's `model.init: wan:~/...`).
-    os.path's: pathlib's raised a RuntimeError, a traceback, for a `~user` of no such user (a config
-    from another machine); this leaves it as it is, a folder that is not there."""
-    return Path(os.path.expanduser(path))
 
 
 def transformer_dir(path) -> Path:
