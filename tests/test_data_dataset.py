@@ -192,6 +192,18 @@ def test_corrupted_shard_is_one_clear_error(world, tmp_path):
         ShardReader(flipped, sha256=manifest["splits"]["train"]["shards"][0]["sha256"])
 
 
+def test_cli_make_warns_of_a_train_split_with_no_clips(tmp_path, capsys):
+    """`data make --clips 2` made test 1, val 1, train 0 without a word: distill, which trains on
+    train, refused the dataset only when a stage started on it."""
+    out = tmp_path / "ds"
+    assert main(["data", "make", "--out", str(out), "--clips", "2", "--size", "16", "--seconds", "0.2",
+                 "--workers", "1", "--identities", "20"]) == 0  # fmt: skip
+    assert "warning: its train split holds no clips" in capsys.readouterr().err
+    assert main(["data", "make", "--out", str(tmp_path / "ds3"), "--clips", "3", "--size", "16", "--seconds",
+                 "0.2", "--workers", "1", "--identities", "20"]) == 0  # fmt: skip
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_cli_make_preview_and_errors(tmp_path, capsys):
     out = tmp_path / "ds"
     assert main(["data", "make", "--out", str(out), "--clips", "3", "--size", "32", "--seconds", "0.4",

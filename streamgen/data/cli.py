@@ -155,6 +155,9 @@ def _make(args) -> int:
     before = sum(resumed)
     kept = f", {before} of them made before" if before else ""
     print(f"wrote {clip_count(args.clips)} ({counts}) to {args.out} in {elapsed:.1f} s{kept}")
+    if not manifest["splits"]["train"]["clips"]:  # (distill refuses it only when a stage starts on it)
+        print("data make: warning: its train split holds no clips (clip i is test where i % 10 == 0, val "
+              "where i % 10 == 1): distill trains on train; make 3 clips or more", file=sys.stderr)  # fmt: skip
     if args.clips > before:
         per_minute = clips_of_4s_per_minute(args.clips - before, args.seconds, elapsed)
         size = f"{args.size}x{args.size}"
