@@ -404,6 +404,22 @@ async def read_body(request: Request, limit: int) -> bytes:
     return request._body
 
 
+def json_text(body: bytes, code: str) -> str:
+    """`body` as the UTF-8 text a JSON body is (RFC 8259), else a 400 `code`: json.loads took the bytes
+    of UTF-16 and UTF-32 too, so POST /v1/sessions made a session of a body that /control refused.
+    A UTF-8 byte order mark is let pass (RFC 8259 lets a parser ignore it; json.loads' bytes did)."""
+    unmarked = body.removeprefix(b"\xef\xbb\xbf")
+    try:
+        text = unmarked.decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = e.start + len(body) - len(unmarked)
+        raise ApiError(400, code, f"request body is not UTF-8 text (byte {at}): JSON is sent as UTF-8") from None
+    if "\x00" in text:  # (UTF-16 or UTF-32 without a byte order mark: ASCII's are UTF-8 with NULs)
+        raise ApiError(400, code, "request body is not UTF-8 text (it holds NUL bytes: UTF-16 or UTF-32?): "
+                       "JSON is sent as UTF-8")  # fmt: skip
+    return text
+
+
 def size_text(n: int) -> str:
     """A byte count as a person reads it: the page showed "request body of 75039349 bytes; the limit
     is 4194304" to whoever had picked too large a picture."""
@@ -420,4 +436,4 @@ def decode_upload(data: bytes, config: ServerConfig):
         raise ApiError(e.status, "bad_image", str(e)) from None
 
 
-__all__ = ["ApiError", "create_app", "require_session", "read_body", "decode_upload", "offered_tokens"]
+__all__ = ["ApiError", "create_app", "require_session", "read_body", "json_text", "decode_upload", "offered_tokens"]

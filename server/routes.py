@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE, CaptionError, caption_problem
 
-from .app import ApiError, decode_upload, ended_reason, offered_tokens, read_body, require_session
+from .app import ApiError, decode_upload, ended_reason, json_text, offered_tokens, read_body, require_session
 from .avatars import avatar_image, avatar_png, list_avatars
 from .ice import for_peer, link_header
 from .model_host import HostDown
@@ -172,8 +172,9 @@ async def _session_fields(request: Request, config) -> tuple[dict, bytes | None]
     if not body:
         return {}, None
     if content_type == "application/json":
+        text = json_text(body, "bad_json")
         try:
-            fields = json.loads(body, object_pairs_hook=once_each)
+            fields = json.loads(text, object_pairs_hook=once_each)
         except (ValueError, RecursionError):  # (an array nested 100,000 deep)
             raise ApiError(400, "bad_json", "request body is not valid JSON") from None
         except RepeatedField as e:
@@ -395,11 +396,11 @@ async def control(session_id: str, request: Request):
     registry: SessionRegistry = request.app.state.registry
     session = require_session(request, session_id)
     body = await read_body(request, 16 * 1024)
+    if not body:  # (parse_control's "text message is not valid JSON" is the WebSocket's wording)
+        raise ApiError(400, "bad_message", 'empty body: send a JSON object, such as {"type": "interrupt"}')
     try:
         # strictly: a text in another encoding, its bytes replaced, was spoken garbled (JSON is UTF-8)
-        msg = parse_control(body.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ApiError(400, "bad_message", f"request body is not UTF-8 text (byte {e.start})") from None
+        msg = parse_control(json_text(body, "bad_message"))
     except ProtocolError as e:
         if e.too_long:  # a speak's or caption's text: 422, as POST /v1/sessions refuses a caption over 500
             raise ApiError(422, "bad_speech" if e.too_long == "speak" else "bad_caption", e.reason) from None

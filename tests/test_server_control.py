@@ -43,6 +43,21 @@ def test_a_body_that_is_not_utf8_is_a_400_not_spoken_garbled(client):
     assert client.delete(s["resource"], headers=h).status_code == 204
 
 
+def test_an_empty_or_utf16_body_says_what_is_wrong_with_it(client):
+    """An empty body was "text message is not valid JSON" (the WebSocket's wording, of no text
+    message); a UTF-16 one without a byte order mark (valid UTF-8 with NULs) "not valid JSON" too."""
+    s = new_session(client)
+    h = auth(s["token"])
+    r = client.post(s["resource"] + "/control", content=b"", headers=h)
+    assert (r.status_code, r.json()["error"]) == (400, "bad_message"), r.text
+    assert r.json()["message"].startswith("empty body: send a JSON object"), r.text
+    r = client.post(s["resource"] + "/control", content='{"type": "interrupt"}'.encode("utf-16-le"), headers=h)
+    assert r.status_code == 400 and "not UTF-8 text" in r.json()["message"], r.text
+    r = client.post(s["resource"] + "/control", content=b'\xef\xbb\xbf{"type": "interrupt"}', headers=h)
+    assert r.status_code == 200, r.text
+    assert client.delete(s["resource"], headers=h).status_code == 204
+
+
 def test_a_caption_the_worker_has_no_room_for_is_a_503(client, monkeypatch):
     """A full inference queue (64 jobs: 400 caption POSTs at once) was a 500."""
     from server.scheduler import WorkerBusy
