@@ -503,6 +503,34 @@ def test_a_shard_a_killed_make_finished_but_did_not_record_is_not_made_again(tmp
     assert manifests[0] == manifests[1]
 
 
+def test_a_shard_finished_but_not_recorded_at_a_ctrl_c_is_kept(tmp_path, monkeypatch):
+    """A Ctrl-C after a shard was put in place and before it was recorded (a pool's workers finish
+    theirs meanwhile) removed it with the shards cut short: it was made again. Whole, it is recorded
+    and kept; the next make goes on after it."""
+    _one_clip_for_all(monkeypatch)
+    kw = dict(height=16, width=16, seconds=0.04, shard_size=2, n_identities=20)
+    out = tmp_path / "ds"
+    make_shard = shards._make_shard
+
+    def interrupted_after_the_second(job):
+        info = make_shard(job)
+        if (out / "partial.json").exists():  # (the first one recorded)
+            raise KeyboardInterrupt
+        return info
+
+    monkeypatch.setattr(shards, "_make_shard", interrupted_after_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        make_dataset(out, 8, **kw)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npz")) == [
+        "train/shard-00000.npz", "train/shard-00001.npz"
+    ]  # fmt: skip
+    assert shards.partly_made(out) == 4
+    monkeypatch.setattr(shards, "_make_shard", make_shard)
+    kept = []
+    make_dataset(out, 8, **kw, resumed=lambda clips, shards_kept: kept.append(shards_kept))
+    assert kept == [2]
+
+
 def test_an_interrupted_make_says_what_it_kept_last_not_above_its_bar(tmp_path, monkeypatch, capsys):
     """The progress bar was closed after the interrupted make said what it kept: drawn again under
     the line that says to run the command again (which began on the bar's line), the bar was the last

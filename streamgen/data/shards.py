@@ -380,13 +380,16 @@ def _write_shards(out: Path, settings: dict, workers: int, progress, resumed=Non
 
     partial = None  # (written anew at the first shard finished, with those still there, then appended to)
 
-    def record(info: dict) -> None:
+    def keep(info: dict) -> None:
         nonlocal partial
         written.append(info)
         if partial is None:
             partial = _write_partial(out, settings, written)
         else:
             _append_to_partial(partial, info)
+
+    def record(info: dict) -> None:
+        keep(info)
         progress and progress(info["clips"])
 
     try:
@@ -408,6 +411,12 @@ def _write_shards(out: Path, settings: dict, workers: int, progress, resumed=Non
                 for info in results_as_done(pool, _make_shard, jobs, ahead=2 * workers, processes=watched):
                     record(info)
     except BaseException:
+        # the whole shards finished but not recorded yet (a Ctrl-C between a shard put in place and
+        # its record; the pool's workers, ended with it: nothing writes beside this now) are kept,
+        # recorded, not removed and made again; one that cannot be is removed, as the others
+        with contextlib.suppress(Exception):
+            for info in _finished_unrecorded(out, settings, {w["file"] for w in written} | changed).values():
+                keep(info)
         _remove_unrecorded(out, settings, {w["file"] for w in written})
         raise
     finally:
@@ -446,6 +455,8 @@ def _finished_unrecorded(out: Path, settings: dict, recorded: set[str]) -> dict[
             if file == f"{split}/{path.name}" and file not in recorded:
                 unrecorded[file] = path
     finished = {}
+    if not unrecorded:  # (nothing to walk the plan for: it is walked as its shards are made)
+        return finished
     # (the plan walked once, as far as the last of them: a shard's clips are the plan's)
     for split, k, indices in plan_shards(settings["clips"], settings["shard_size"]):
         if not unrecorded:
