@@ -72,6 +72,7 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
         try:
             yield
         finally:
+            registry.stopping.set()
             checking_stun.cancel()
             limits.cancel()
             loading.cancel()
@@ -220,7 +221,7 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
             from .sp_host import SequenceParallelHost
 
             return SequenceParallelHost.start(config.model, config.device, config.torch_threads, config.sp, config.height,
-                                              config.decode_dtype)  # fmt: skip
+                                              config.decode_dtype, registry.stopping)  # fmt: skip
         from .model_host import ModelHost
 
         return ModelHost(config.model, config.device, config.torch_threads, config.decode_dtype)

@@ -75,6 +75,11 @@ class HostDown(RuntimeError):
     """The model host can no longer run operations (its process died, or the ranks fell out of step)."""
 
 
+class HostStopped(HostDown):
+    """The model host ended with the server's stop, not by a failure: a SIGINT/SIGTERM reaches every
+    `serve --sp` rank at once, and a follower that has ended is found gone by rank 0's next call."""
+
+
 class ModelHost:
     # the child process writes each chunk into its stream's cache right after replying with its
     # frames (ModelOps.after_reply), while the server publishes them

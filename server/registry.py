@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import logging
 import secrets
+import threading
 import time
 from collections import OrderedDict
 
@@ -55,6 +56,9 @@ class SessionRegistry:
         self.load_error: str | None = None  # why the model did not load or warm up: it never will here
         self._creating = 0
         self.down_logged = False  # whether the log has said the model host went down (`enforce_limits`)
+        # set as the server begins to stop (a SIGINT/SIGTERM reached it): a `serve --sp` host then
+        # takes a follower rank found gone for the stop, which reached the follower too
+        self.stopping = threading.Event()
 
     # --- admission -------------------------------------------------------------------------------
     def capacity(self) -> int:
@@ -332,7 +336,8 @@ class SessionRegistry:
         """The sessions past a limit, closed together: each teardown waits for its lane's worker
         (a chunk in progress), and one after another they held the others past their limits."""
         now, expired = time.monotonic(), []
-        down = self.host_down
+        # a host down at a stop is the stop (`SequenceParallelHost._gone`): the shutdown closes the sessions
+        down = None if self.stopping.is_set() else self.host_down
         if down and not self.down_logged:  # (a process killed while no session streamed, the OOM
             # killer's way, left no line in the log: only /healthz and each refused request said it)
             self.down_logged = True

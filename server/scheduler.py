@@ -49,7 +49,7 @@ from .batching import (
     sessions_that_fit,
 )
 from .metrics import ServerMetrics
-from .model_host import HostDown
+from .model_host import HostDown, HostStopped
 from .session import Session
 
 log = logging.getLogger("streamgen.server")
@@ -377,7 +377,9 @@ class InferenceWorker:
                 sessions, publish=lambda session, chunk: _call_soon(session, session.publish, chunk)
             )
         except Exception as e:  # one broken batch must not take the worker down
-            if isinstance(e, HostDown):  # the model host said why when it went down: no traceback
+            if isinstance(e, HostStopped):  # the server's stop, which closes every session anyway
+                log.info("sessions %s: generation ended with the server's stop", [s.id for s in sessions])
+            elif isinstance(e, HostDown):  # the model host said why when it went down: no traceback
                 log.error("sessions %s: generation stopped: %s", [s.id for s in sessions], e)
             else:
                 log.exception("sessions %s: generation failed", [s.id for s in sessions])
@@ -387,6 +389,8 @@ class InferenceWorker:
         # a dead model host ends its streaming sessions as it ends the others (`enforce_limits`):
         # as "generation failed" they were counted with the model's own errors
         reason = f"host_down: {error}" if isinstance(error, HostDown) else f"generation failed: {error}"
+        if isinstance(error, HostStopped):  # as the shutdown closes the others (uvicorn_server.py)
+            reason = "server shutting down"
         for session in sessions:
             self.remove(session.id)
             session.streaming = False

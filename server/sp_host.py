@@ -32,7 +32,10 @@ down when its own operation fails or a follower's outcome differs from its
 own; from then on every call raises `HostDown` and /healthz answers 503, for
 the supervisor to restart the service. When rank 0's own operation fails it
 does not wait for the followers' outcomes: they may be inside a collective
-rank 0 never reached, which only the group's timeout would end.
+rank 0 never reached, which only the group's timeout would end. A stop is
+not a failure: torchrun passes a SIGINT/SIGTERM to every rank at once, and a
+follower rank 0 finds gone once the server is stopping ended with the stop
+(an INFO line, `HostStopped`; the sessions close as "server shutting down").
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ import torch.distributed as dist
 from streamgen.parallel.torchrun import another_rank_failed
 from streamgen.session_limits import SEED_END
 
-from .model_host import CLIENT_ERRORS, HostDown, ModelOps, freeze_loaded_heap, load_error_line
+from .model_host import CLIENT_ERRORS, HostDown, HostStopped, ModelOps, freeze_loaded_heap, load_error_line
 
 log = logging.getLogger("streamgen.server")
 
@@ -96,9 +99,12 @@ class SequenceParallelHost:
     # may do on its own after replying
     writes_chunks_itself = False
 
-    def __init__(self, ops: ModelOps, followers: list):
+    def __init__(self, ops: ModelOps, followers: list, stopping: threading.Event | None = None):
         self.ops = ops
         self.followers = followers  # one connection per follower rank, in rank order
+        # set once the server is stopping (a SIGINT/SIGTERM reached it): torchrun passed the signal to
+        # every rank, so a follower found gone from then on ended with the stop (`_gone`)
+        self.stopping = stopping if stopping is not None else threading.Event()
         self.down: str | None = None  # why the ranks can run nothing more together
         self._calling = threading.Lock()  # held by the operation running: `stop` waits for it
         # guards the hand-over below: a stop that gives up waiting and a call that ends meanwhile
@@ -109,7 +115,7 @@ class SequenceParallelHost:
 
     @classmethod
     def start(cls, model: str, device: str, threads: int | None, sp: int, height: int | None = None,
-              decode_dtype: str = "auto"):  # fmt: skip
+              decode_dtype: str = "auto", stopping: threading.Event | None = None):  # fmt: skip
         """Load and shard the model (every rank does the same), then connect to the followers."""
         loaded, device = load_sharded(model, device, threads, sp, height, decode_dtype)
         authkey = secrets.token_bytes(16)
@@ -117,7 +123,7 @@ class SequenceParallelHost:
         dist.broadcast_object_list([listener.address, authkey], src=0)
         followers = [listener.accept() for _ in range(sp - 1)]
         listener.close()
-        return cls(ModelOps(loaded, device, None), followers)
+        return cls(ModelOps(loaded, device, None), followers, stopping)
 
     def call(self, op: str, *args):
         with self._calling:
@@ -148,7 +154,7 @@ class SequenceParallelHost:
             for conn in self.followers:
                 conn.send((op, args))
         except OSError:
-            self._fail(f"{op}: a follower rank is gone")
+            self._gone(f"{op}: a follower rank is gone")
         error = None
         try:
             result = self.ops.handle(op, args)
@@ -158,7 +164,7 @@ class SequenceParallelHost:
         if error is not None and another_rank_failed(error):
             # (gloo's words for it, "Connection reset by peer [...] GLHF! 🏖️", went to /healthz and
             # the sessions' close reasons as rank 0's own failure)
-            self._fail(f"{op}: a follower rank is gone")
+            self._gone(f"{op}: a follower rank is gone")
         if error is not None and mine not in CLIENT_ERRORS:
             # at once: the followers may wait in a collective this rank never reached, and would
             # answer only when the group's timeout ends it (30 minutes on gloo)
@@ -167,12 +173,24 @@ class SequenceParallelHost:
             try:
                 theirs = conn.recv()
             except (EOFError, OSError):
-                self._fail(f"{op}: rank {rank} is gone")
+                self._gone(f"{op}: rank {rank} is gone")
             if theirs != mine:
                 self._fail(f"{op}: rank 0 {describe(mine)}, rank {rank} {describe(theirs)}")
         if error is None:
             return result
         raise error
+
+    def _gone(self, reason: str) -> NoReturn:
+        """A follower rank is gone: a failure, unless the server is stopping (then it ended with the
+        stop, and the operation, the closing of a session say, ends here without one)."""
+        if not self.stopping.is_set():
+            self._fail(reason)
+        # (it said "the sequence-parallel ranks cannot go on together", CRITICAL, at every Ctrl-C). Not
+        # "ended with the stop": a follower killed alone has torchrun stop rank 0 too, which may come
+        # first; the launcher's last line names the rank that failed
+        self.down = "the sequence-parallel host has stopped"
+        log.info("%s, as the server stops (torchrun stops every rank)", reason)
+        raise HostStopped(f"{self.down} ({reason}, as the server stops)")
 
     def _fail(self, reason: str) -> NoReturn:
         self.down = f"the sequence-parallel ranks cannot go on together ({reason})"

@@ -114,7 +114,14 @@ class SessionClosingServer(uvicorn.Server):
             self.should_exit = True
         return await super().on_tick(counter)
 
+    def handle_exit(self, sig: int, frame) -> None:
+        # now, as the signal arrives, not at the shutdown a tick later: `serve --sp`'s followers got
+        # it too, and a chunk running meanwhile finds them gone (SequenceParallelHost._gone)
+        self.config.app.state.registry.stopping.set()
+        super().handle_exit(sig, frame)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.config.app.state.registry.stopping.set()
         for server in self.servers:  # no new session while the others close
             server.close()
         # (the app as given: the one `serve` and the tests make, with its session registry)

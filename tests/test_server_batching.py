@@ -242,6 +242,45 @@ def test_streaming_sessions_whose_model_process_died_end_as_host_down(monkeypatc
         loop.close()
 
 
+def test_streaming_sessions_of_a_host_ended_by_the_servers_stop_end_as_shut_down(monkeypatch, caplog):
+    """`serve --sp`: the signal that stops the server ends the follower ranks too, and a chunk in
+    progress then finds them gone: its sessions ended as host_down, with an ERROR line, and the
+    limits closed the others as host_down too, before the shutdown closed them."""
+    from server.config import ServerConfig
+    from server.model_host import HostStopped
+
+    loop = asyncio.new_event_loop()
+    try:
+        worker = InferenceWorker(ServerMetrics())
+        sessions = make_sessions(loop, [1])
+        failed, _ = fail_each_on_its_own(sessions, worker)
+
+        def stopped(stamp_frames):
+            raise HostStopped("the sequence-parallel host has stopped (chunk: rank 1 is gone, as the server stops)")
+
+        sessions[0].stream = SimpleNamespace(close=lambda: None)
+        monkeypatch.setattr(sessions[0], "generate", stopped)
+        with caplog.at_level("INFO", "streamgen.server"):
+            worker._generate(sessions)
+        loop.run_until_complete(asyncio.sleep(0))
+        assert failed == {"s1": "server shutting down"}
+        assert [r.levelname for r in caplog.records if r.name == "streamgen.server"] == ["INFO"], caplog.text
+        registry = SessionRegistry(ServerConfig(), None, None)
+        registry.host = SimpleNamespace(down="the sequence-parallel host has stopped")
+        registry.sessions["s2"] = SimpleNamespace(id="s2", created=1e18, last_input=1e18, transport="websocket")
+        closed = []
+
+        async def close(session, reason):
+            closed.append(reason)
+
+        monkeypatch.setattr(registry, "close", close)
+        registry.stopping.set()
+        loop.run_until_complete(registry.enforce_limits())
+        assert closed == [] and not registry.down_logged
+    finally:
+        loop.close()
+
+
 @pytest.mark.parametrize("broken", ["cached_velocity", "_finish_chunks", "reencode_chunk"])
 def test_a_groups_failed_pass_fails_its_sessions_and_the_other_groups_keep_their_chunks(monkeypatch, broken):
     """A pass that one group of a batch shares (its forward, its decode, its re-encode once the chunks

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 
 import numpy as np
@@ -190,6 +191,9 @@ async def test_serve_with_sp_streams_and_shuts_down(tmp_path):
             log.close()
     text = (tmp_path / "serve.log").read_text()
     assert rc == 130 and "stopped by SIGINT" in text and "Traceback" not in text, text[-3000:]
+    # the follower got the signal too and ended at once: the session's close at the shutdown then
+    # found it gone, which is the stop, not the ranks failing ("cannot go on together", CRITICAL)
+    assert "CRITICAL" not in text and "cannot go on together" not in text, text[-3000:]
     deadline = time.monotonic() + 30
     while _group_alive(proc.pid):
         assert time.monotonic() < deadline, "a rank outlived torchrun"
@@ -340,6 +344,51 @@ def test_a_follower_that_vanished_takes_the_host_down():
         host.call("chunk", "id", None)
     assert rank0.ran in ([], ["chunk"])  # at most the one operation that found the follower gone
     host.stop()
+
+
+def test_a_follower_gone_once_the_server_is_stopping_ended_with_the_stop(caplog):
+    """Ctrl-C reaches every rank at once: the follower ends, and rank 0's shutdown (the sessions'
+    close) found it gone, logged CRITICAL as if the ranks had failed."""
+    import threading
+    from multiprocessing import Pipe
+
+    from server.model_host import HostDown, HostStopped
+    from server.sp_host import SequenceParallelHost
+
+    stopping = threading.Event()
+    here, there = Pipe()
+    there.close()  # the follower has ended
+    stopping.set()  # the signal reached rank 0 too
+    host = SequenceParallelHost(ScriptedOps(), [here], stopping)
+    with caplog.at_level(logging.INFO, "streamgen.server"), pytest.raises(HostStopped):
+        host.call("close", "id")
+    assert [r.levelname for r in caplog.records] == ["INFO"], caplog.text
+    assert "is gone, as the server stops" in caplog.text and "cannot go on together" not in caplog.text
+    with pytest.raises(HostDown):  # nothing more runs
+        host.call("close", "id")
+    host.stop()
+    # mid-forward, gloo's error says it
+    host, _, _ = lockstep(ScriptedOps({"chunk": RuntimeError("Connection reset by peer. GLHF!")}), ScriptedOps())
+    host.stopping.set()
+    with pytest.raises(HostStopped):
+        host.call("chunk", "id", None)
+    host.stop()
+
+
+def test_the_signal_that_stops_the_server_marks_it_stopping_at_once():
+    """Not at the shutdown, a tick of uvicorn's loop later: a chunk running meanwhile finds the
+    followers, who got the signal too, gone."""
+    import signal
+
+    import uvicorn
+
+    from server.uvicorn_server import SessionClosingServer
+    from tests.server_helpers import make_app
+
+    app = make_app()
+    server = SessionClosingServer(uvicorn.Config(app))
+    server.handle_exit(signal.SIGTERM, None)
+    assert server.should_exit and app.state.registry.stopping.is_set()
 
 
 class HeldOps(ScriptedOps):
