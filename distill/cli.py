@@ -106,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
         if os.environ.get("WORLD_SIZE", "1") == "1" or not another_rank_failed(e):
             raise
         # (its traceback, of gloo's "Connection closed by peer", came below the failed rank's own)
-        report_error(f"streamgen distill: rank {launch_rank()} stopped: another rank failed (see its error above)")
+        # marked for the launcher (`python -m streamgen.parallel.torchrun`), as generate's is: torchrun's
+        # SIGTERM may reach this rank as it ends (exit code 143, not 3), and it was then named as the failed one
+        report_error(f"streamgen distill: rank {launch_rank()} stopped: another rank failed (see its error above)",
+                     another_rank_failed=True)  # fmt: skip
         return ANOTHER_RANK_FAILED
     if not trainer.is_main:  # (under torchrun every rank printed it, the lines run together)
         return 0

@@ -413,6 +413,32 @@ def test_a_rank_whose_peer_ended_says_so_in_one_line(tmp_path, monkeypatch, caps
         main(argv)
 
 
+def test_a_rank_whose_peer_ended_under_the_launcher_marks_its_line_so(tmp_path, monkeypatch):
+    """Under `python -m streamgen.parallel.torchrun` the line goes to the launcher marked as a rank
+    that ended because another had (as generate's is): torchrun's SIGTERM reaching it as it ends
+    (exit code 143, not 3) named it as the rank that failed, its line printed above the real one's."""
+    import json
+
+    from distill.trainer import Trainer
+    from streamgen.cli import main
+    from streamgen.parallel import torchrun
+
+    def peer_gone(self):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:20371.")
+
+    monkeypatch.setattr(Trainer, "run", peer_gone)
+    error_file = tmp_path / "error-0.json"
+    monkeypatch.setenv(torchrun.LAUNCHER_ENV, "1")
+    monkeypatch.setenv(torchrun.ERROR_FILE_ENV, str(error_file))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    argv = ["distill", "teacher", "--config", "debug", "--out", str(tmp_path / "run")]
+    assert main(argv) == torchrun.ANOTHER_RANK_FAILED
+    reported = json.loads(error_file.read_text())
+    assert reported["message"] == "streamgen distill: rank 0 stopped: another rank failed (see its error above)"
+    assert reported.get(torchrun.ANOTHER_RANK_FAILED_KEY) is True, reported
+
+
 def test_the_launcher_names_the_rank_that_failed_not_one_whose_peer_ended(monkeypatch, capsys, tmp_path):
     import torch.distributed.run
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
