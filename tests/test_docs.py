@@ -192,3 +192,27 @@ def test_run_answers_an_unknown_command_with_its_usage_before_any_setup(tmp_path
         )
         assert (done.returncode, done.stderr) == (2, "usage: ./run generate|test [options]\n")
     assert not venv.exists()
+
+
+# a test command with its time: `python -m pytest tests/test_x*.py -q   # ... ~N min in one process ...`
+TEST_COMMAND = re.compile(r"-m pytest ((?:tests/\S+\s+)+)-q\s*#[^~\n]*~([\d.]+) min")
+
+
+def test_documented_test_times_are_those_of_the_files():
+    """A doc's `pytest tests/...` line that says how long it takes says about what the files took
+    (tests/file_seconds.json, one process: the command as written has no -n): the server's said
+    ~1.5 min where its files took 9, as if on 2 cores, which the command does not use."""
+    import glob
+    import json
+
+    seconds = json.loads((ROOT / "tests" / "file_seconds.json").read_text())["seconds"]
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    claims = [(d.name, *m.groups()) for d in docs for m in TEST_COMMAND.finditer(d.read_text())]
+    assert len(claims) >= 2
+    wrong = {}
+    for doc, patterns, said in claims:
+        files = {f for p in patterns.split() for f in glob.glob(p, root_dir=ROOT)}
+        took = sum(seconds.get(f, 0.0) for f in files) / 60
+        if not 0.75 <= float(said) / took <= 1.33:
+            wrong[f"{doc}: {patterns.strip()}"] = f"says ~{said} min, its files took {took:.1f}"
+    assert wrong == {}
