@@ -89,7 +89,7 @@ def read_audio(path, rate: int = SAMPLE_RATE, max_seconds: float = 3600.0) -> np
         raise MediaError(f"{path} contains no audio samples")
     bad = int(np.isnan(pcm).sum())
     if bad:  # (a float WAV's; infinities are clipped like any sample past full scale)
-        raise MediaError(f"{path} holds {bad} NaN samples (from {bad / rate:.3f} s of {pcm.size / rate:.1f}): "
+        raise MediaError(f"{path} holds {bad} NaN sample{'s' * (bad != 1)} (from {bad / rate:.3f} s of {pcm.size / rate:.1f}): "
                          "not audio; write it again from its source")  # fmt: skip
     peak = float(np.abs(pcm[np.isfinite(pcm)]).max(initial=0.0))
     if surround and peak > 1.0:  # (its mix can pass full scale where its channels did not)

@@ -143,6 +143,10 @@ def test_a_float_wav_with_nan_samples_is_one_line(tmp_path, capsys):
     # a little past full scale (a float file's overs) is clipped, as before
     write_wav(wav, np.full(1600, 1.5), dtype=np.float32)
     assert read_audio(wav).max() == 1.0
+    pcm[9001:9010] = 0.0  # (one of them: it said "1 NaN samples")
+    write_wav(wav, pcm, dtype=np.float32)
+    with pytest.raises(MediaError, match="holds 1 NaN sample "):
+        read_audio(wav)
     # on int16's scale it was clipped into a square wave, without a word (as StreamSession refuses it)
     write_wav(wav, tone(1.0, peak=20000.0), dtype=np.float32)
     with pytest.raises(MediaError, match="its samples peak at 2e[+]04, where a float file's are in"):
