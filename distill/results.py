@@ -225,7 +225,8 @@ def markdown(rows: list[dict], clips: int, minutes: float | None, threads: int, 
 def main(argv=None) -> int:
     from streamgen.eval.report import ModelLoadError
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # (named as it is run: it said "usage: results.py", a file no one types)
+    p = argparse.ArgumentParser(prog="python -m distill.results", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=Path, default=Path("runs/tiny-avatar"))
     p.add_argument("--out", type=Path, default=Path("runs/results"))
     p.add_argument("--doc", type=Path, default=Path("docs/results.md"))

@@ -49,6 +49,14 @@ def test_the_results_table_refuses_what_it_cannot_make_before_the_first_row(
     assert exited.value.code == 2 and says in err and "Traceback" not in err, err
 
 
+def test_its_usage_names_the_command_as_it_is_run(capsys):
+    from distill import results
+
+    with pytest.raises(SystemExit):
+        results.main(["--clips", "0"])
+    assert capsys.readouterr().err.startswith("usage: python -m distill.results ")
+
+
 def test_missing_only_refuses_rows_made_with_other_settings(tmp_path, monkeypatch, capsys):
     """--missing-only kept the stored rows whatever they were made with: a table of 8-clip rows
     and 24-clip rows, or of another --runs' models, under one note."""
