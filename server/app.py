@@ -392,17 +392,32 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(413, "too_large", f"request body of {size_text(int(declared))}; the limit is {size_text(limit)}")
     from starlette.requests import ClientDisconnect
 
+    # (a body sent chunked declares no size: given the time of one of the largest taken)
+    deadline_s = body_deadline_s(request.app.state.config, int(declared) if declared is not None else limit)
     body = bytearray()
     try:
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise ApiError(413, "too_large", f"request body larger than the limit of {size_text(limit)}")
+        async with asyncio.timeout(deadline_s):
+            async for part in request.stream():
+                body += part
+                if len(body) > limit:
+                    raise ApiError(413, "too_large", f"request body larger than the limit of {size_text(limit)}")
+    except TimeoutError:
+        # (the rest of the body is not read: the connection closes after the answer)
+        raise ApiError(408, "body_timeout", f"request body not received within {deadline_s:.0f} s "
+                       f"({size_text(len(body))} of it arrived)", headers={"Connection": "close"}) from None
     except ClientDisconnect:  # (its upload cut short: an ERROR and a page of traceback in the log)
         log.info("%s %s: the client left during its upload", request.method, request.url.path)
         raise ApiError(400, "client_gone", "the client left before its request was read") from None
     request._body = bytes(body)  # starlette re-reads this for form parsing
     return request._body
+
+
+BODY_BYTES_PER_S = 64 * 1024  # a slow uplink's (a phone's on a poor signal), as web/api.js assumes
+
+
+def body_deadline_s(config: ServerConfig, size: int) -> float:
+    """How long a request body of `size` bytes may take to arrive: `body_timeout_s`, plus 1 s per 64 KiB."""
+    return config.body_timeout_s + size / BODY_BYTES_PER_S
 
 
 def json_text(body: bytes, code: str) -> str:

@@ -41,6 +41,10 @@ class ServerConfig:
     # session is closed (server/webrtc.py, watch_peer); 0: only ICE consent ends it (~30 s)
     peer_timeout_s: float = 10.0
     max_upload_bytes: int = 4 * 1024 * 1024
+    # a request body not all received within this long, plus 1 s per 64 KiB it declares (a slow
+    # uplink's upload: web/api.js waits as long), is answered 408: a client that sent its headers and
+    # then a body a byte at a time, or part of one and nothing more, held its socket and buffer for good
+    body_timeout_s: float = 30.0
     max_image_pixels: int = 4096 * 4096  # refuse larger references before decoding them
     max_audio_ahead_s: float = 30.0  # audio queued beyond the video position (speech, fast clients)
     playout_delay_s: float | None = None  # None: from the measured chunk time

@@ -1120,3 +1120,33 @@ def test_a_model_timeout_without_a_model_process_is_refused_not_ignored(capsys, 
     argv = ["serve", "--port", str(free_port()), "--model", "debug", "--model-process", "--model-timeout", "5"]
     assert main(argv) == 0
     assert [(c.inference_process, c.model_timeout_s) for c in configs] == [(False, 60.0), (True, 5.0)]
+
+
+def _raw_answer(sock) -> bytes:
+    """All a server sends on `sock` until it closes it (bounded by the socket's timeout)."""
+    answer = b""
+    while part := sock.recv(65536):
+        answer += part
+    return answer
+
+
+@pytest.mark.parametrize("path, content_type", [("/v1/sessions", "application/json"), ("/v1/whep", "application/sdp")])
+def test_a_body_that_stops_coming_is_answered_408_not_waited_for_for_good(path, content_type):
+    """A client that sent its headers and part of its body, then nothing, held its socket and up
+    to 4 MiB of buffered body for as long as it liked (a slowloris): now the body has a deadline."""
+    import json
+    import socket
+
+    from server_helpers import live_server
+
+    with live_server(body_timeout_s=0.3) as (url, app):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+                         "Content-Length: 100\r\n\r\n{\"avatar\": ".encode())  # fmt: skip
+            answer = _raw_answer(sock)  # (the server closes the connection: the body's rest is unread)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), answer
+    assert b"connection: close" in head.lower(), head
+    said = json.loads(body)
+    assert said["error"] == "body_timeout" and "11 bytes of it arrived" in said["message"], said
