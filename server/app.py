@@ -420,6 +420,16 @@ def body_deadline_s(config: ServerConfig, size: int) -> float:
     return config.body_timeout_s + size / BODY_BYTES_PER_S
 
 
+def refuse_other_charset(content_type: str) -> None:
+    """415 for a Content-Type that names a charset other than UTF-8: JSON is UTF-8 (RFC 8259), and a
+    body sent as `application/json; charset=utf-16` was read as UTF-8 all the same, its label ignored."""
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() != "utf-8":
+            said = f"charset {value.strip()[:40]!r} in Content-Type"
+            raise ApiError(415, "unsupported_media_type", f"{said}: JSON is sent as UTF-8")
+
+
 def json_text(body: bytes, code: str) -> str:
     """`body` as the UTF-8 text a JSON body is (RFC 8259), else a 400 `code`: json.loads took the bytes
     of UTF-16 and UTF-32 too, so POST /v1/sessions made a session of a body that /control refused.
@@ -452,4 +462,5 @@ def decode_upload(data: bytes, config: ServerConfig):
         raise ApiError(e.status, "bad_image", str(e)) from None
 
 
-__all__ = ["ApiError", "create_app", "require_session", "read_body", "json_text", "decode_upload", "offered_tokens"]
+__all__ = ["ApiError", "create_app", "require_session", "read_body", "json_text", "refuse_other_charset",
+           "decode_upload", "offered_tokens"]  # fmt: skip

@@ -12,7 +12,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE, CaptionError, caption_problem
 
-from .app import ApiError, decode_upload, ended_reason, json_text, offered_tokens, read_body, require_session
+from .app import (
+    ApiError,
+    decode_upload,
+    ended_reason,
+    json_text,
+    offered_tokens,
+    read_body,
+    refuse_other_charset,
+    require_session,
+)
 from .avatars import avatar_image, avatar_png, list_avatars
 from .ice import for_peer, link_header
 from .model_host import HostDown
@@ -172,6 +181,7 @@ async def _session_fields(request: Request, config) -> tuple[dict, bytes | None]
     if not body:
         return {}, None
     if content_type == "application/json":
+        refuse_other_charset(request.headers.get("content-type", ""))
         text = json_text(body, "bad_json")
         try:
             fields = json.loads(text, object_pairs_hook=once_each)
@@ -398,6 +408,7 @@ async def control(session_id: str, request: Request):
     body = await read_body(request, 16 * 1024)
     if not body:  # (parse_control's "text message is not valid JSON" is the WebSocket's wording)
         raise ApiError(400, "bad_message", 'empty body: send a JSON object, such as {"type": "interrupt"}')
+    refuse_other_charset(request.headers.get("content-type", ""))  # (whatever the type: as the body's)
     try:
         # strictly: a text in another encoding, its bytes replaced, was spoken garbled (JSON is UTF-8)
         msg = parse_control(json_text(body, "bad_message"))

@@ -383,6 +383,23 @@ def test_a_json_body_that_is_not_utf8_is_a_400_as_over_control(client):
     client.delete(r.json()["resource"], headers=auth(r.json()["token"]))
 
 
+@pytest.mark.parametrize("charset, status", [("utf-16", 415), ('"UTF-16LE"', 415), ("latin-1", 415),
+                                             ("UTF-8", 201), ('"utf-8"', 201)])  # fmt: skip
+def test_a_json_body_labelled_with_another_charset_is_a_415(client, charset, status):
+    """`application/json; charset=utf-16` was ignored: its body read as UTF-8 all the same, a session
+    made of what the client said was UTF-16. JSON is UTF-8 (RFC 8259): another charset is refused."""
+    before = set(client.app.state.registry.sessions)
+    labelled = {"content-type": f"application/json; charset={charset}"}
+    r = client.post("/v1/sessions", content=b'{"seed": 7}', headers=labelled)
+    if r.status_code == 201:  # (given back whether it should have been made or not)
+        client.delete(r.json()["resource"], headers=auth(r.json()["token"]))
+    assert r.status_code == status, r.text
+    if status == 415:
+        assert r.json()["error"] == "unsupported_media_type", r.text
+        assert "JSON is sent as UTF-8" in r.json()["message"], r.text
+        assert set(client.app.state.registry.sessions) == before
+
+
 def _multipart(boundary: str, png: bytes) -> bytes:
     return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"reference\"; filename=\"me.png\"\r\n"
             f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()  # fmt: skip

@@ -58,6 +58,22 @@ def test_an_empty_or_utf16_body_says_what_is_wrong_with_it(client):
     assert client.delete(s["resource"], headers=h).status_code == 204
 
 
+def test_a_body_labelled_with_another_charset_is_a_415_as_for_a_session(client):
+    """`charset=utf-16` in the Content-Type was ignored (the body read as UTF-8): refused as
+    POST /v1/sessions refuses it; UTF-8 named, or no charset, as before."""
+    s = new_session(client)
+    h = auth(s["token"])
+    body = b'{"type": "interrupt"}'
+    utf16 = {**h, "content-type": "application/json; charset=utf-16"}
+    r = client.post(s["resource"] + "/control", content=body, headers=utf16)
+    assert (r.status_code, r.json()["error"]) == (415, "unsupported_media_type"), r.text
+    assert "JSON is sent as UTF-8" in r.json()["message"], r.text
+    for content_type in ("application/json; charset=utf-8", "application/json", "text/plain"):
+        r = client.post(s["resource"] + "/control", content=body, headers={**h, "content-type": content_type})
+        assert r.status_code == 200, (content_type, r.text)
+    assert client.delete(s["resource"], headers=h).status_code == 204
+
+
 def test_a_caption_the_worker_has_no_room_for_is_a_503(client, monkeypatch):
     """A full inference queue (64 jobs: 400 caption POSTs at once) was a 500."""
     from server.scheduler import WorkerBusy
