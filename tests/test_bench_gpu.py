@@ -65,3 +65,19 @@ def test_only_naming_no_part_of_the_run_is_refused_before_it(monkeypatch, capsys
     result = gpu.run("cpu", True, 4, 2, kernel_bench=False, only={"nope", "stages"})
     assert ran == ["stages"] and result["only_unknown"] == ["nope"]
     assert "--only names no part of this run: ['nope']" in capsys.readouterr().err
+
+
+def test_out_replaces_an_earlier_json_and_refuses_a_file_that_is_not_json(monkeypatch, tmp_path, capsys):
+    # `--out notes.txt` (or a system file, run as root) was written over whatever it held
+    from bench import gpu
+    from streamgen.cli import main
+
+    monkeypatch.setattr(gpu, "run", lambda *args, **kwargs: {"variants": {}})
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a result\n")
+    assert main(["bench", "gpu", "--json", "--device", "cpu", "--quick", "--out", str(notes)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"--out {notes} is a file that is not JSON" in line and notes.read_text() == "not a result\n"
+    for earlier in (tmp_path / "result.json", tmp_path / "empty"):
+        earlier.write_text('{"variants": {"old": 1}}\n' if earlier.suffix else "")
+        assert main(["bench", "gpu", "--json", "--device", "cpu", "--quick", "--out", str(earlier)]) == 0

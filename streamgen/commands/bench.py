@@ -75,12 +75,30 @@ def _check_output(flag: str, path, example: str, UserError) -> None:
             )
     if not folder.is_dir():
         raise UserError(f"{flag}: the folder {folder} does not exist")
+    if flag == "--out":
+        _check_replaceable_json(file, UserError)
     from streamgen.files import new_file_beside
 
     try:  # (a file made and removed: os.access says yes to root where none can be made, as in /proc)
         new_file_beside(file).unlink()
     except OSError as e:
         raise UserError(f"{flag}: cannot write {file}: {e.strerror}") from None
+
+
+def _check_replaceable_json(file: Path, UserError) -> None:
+    """A UserError where --out names a file that is not empty and not a JSON object (what every
+    benchmark writes): it was replaced whatever it held, /etc/passwd run as root. An earlier result
+    is replaced. (As generate's _check_replaceable does for its MP4.)"""
+    if not file.is_file():
+        return
+    try:
+        with open(file, "rb") as f:
+            head = f.read(4096).lstrip()
+    except OSError as e:
+        raise UserError(f"--out: cannot write {file}: {e.strerror or e}") from None
+    if head and not head.startswith(b"{"):
+        raise UserError(f"--out {file} is a file that is not JSON: bench replaces only a JSON result it "
+                        "could have written; give another name (or remove the file)")  # fmt: skip
 
 
 def run(args) -> int:
