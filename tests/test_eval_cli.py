@@ -131,6 +131,17 @@ def test_eval_autoencoder_roundtrip(tmp_path, capsys):
     assert "cannot load the autoencoder of 'no-such-model'" in capsys.readouterr().err
 
 
+def test_eval_of_an_autoencoder_export_as_a_model_says_roundtrip(tmp_path, capsys):
+    # `--model runs/x/autoencoder/model` said "a folder without model.json: not a streamgen model"
+    from streamgen.models import load_model
+
+    export = tmp_path / "autoencoder" / "model"
+    load_model("tiny-avatar").vae.save(export)
+    assert main(["eval", "--model", str(export), "--clips", "1", "--out", str(tmp_path / "e")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"--model roundtrip:{export}" in line, line
+
+
 def test_autoencoder_roundtrip_keeps_length_and_range():
     import numpy as np
 

@@ -164,7 +164,18 @@ def open_session(
     try:
         return open_any(model, height, width, steps, device, dtype, decode_dtype, cache_from, encode_dtype)
     except (FileNotFoundError, ValueError, KeyError) as e:
+        if _is_autoencoder_export(model):  # (was "a folder without model.json: not a streamgen model")
+            raise ModelLoadError(
+                f"cannot load model {model!r}: it is an autoencoder's export (vae_config.json, no model.json); "
+                f"eval scores an autoencoder with --model {ROUNDTRIP}{model}"
+            ) from None
         raise ModelLoadError(f"cannot load model {model!r}: {e}") from None
+
+
+def _is_autoencoder_export(model: str) -> bool:
+    """A folder that `autoencoder_roundtrip` takes (an autoencoder stage's export) and no model."""
+    folder = Path(model)
+    return (folder / "vae_config.json").is_file() and not (folder / "model.json").exists()
 
 
 # the memory an autoencoder's round trip of the --minutes stream peaks at, in bytes of its frames
