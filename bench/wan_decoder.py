@@ -210,10 +210,21 @@ def in_dtype(vae, dtype: torch.dtype):
     return torch.nn.Module.to(vae, dtype)
 
 
+def wan_frame_side(text: str) -> int:
+    """An argparse type: a frame height or width the Wan2.1 VAE takes, a positive multiple of its
+    spatial factor (checked in main, it said "frame size 17x832 ..." without naming the option)."""
+    from streamgen.model.wan_vae import WanVAE
+
+    side, factor = positive_int(text), WanVAE.spatial_factor_of(WAN21_DIM_MULT)
+    if side % factor:
+        raise argparse.ArgumentTypeError(f"{side} is not a multiple of {factor} (the Wan2.1 VAE's spatial factor)")
+    return side
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--height", type=positive_int, default=480)
-    p.add_argument("--width", type=positive_int, default=832)
+    p.add_argument("--height", type=wan_frame_side, default=480)
+    p.add_argument("--width", type=wan_frame_side, default=832)
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on CUDA, else fp32"
     )
@@ -231,14 +242,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> dict:
     from streamgen.cli import UserError, check_device
-    from streamgen.model.wan_vae import WanVAE
 
     check_device(args.device)
-    # the frame size before the VAE's build (seconds: diffusers' import, 127M random weights), by
-    # the Wan2.1 VAE's factor; the built one's check below stays the word on it
-    factor = WanVAE.spatial_factor_of(WAN21_DIM_MULT)
-    if args.height % factor or args.width % factor:
-        raise UserError(f"frame size {args.height}x{args.width} must be a multiple of {factor}")
+    # (the frame size is checked as it is parsed, wan_frame_side, before the VAE's build: seconds of
+    # diffusers' import and 127M random weights; the built one's check below stays the word on it)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

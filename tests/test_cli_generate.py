@@ -745,6 +745,9 @@ def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, cap
         (["bench", "wan-decoder", "--chunks", "0"], "argument --chunks: '0' is not a positive"),
         (["bench", "wan-decoder", "--height", "0"], "argument --height: '0' is not a positive"),
         (["bench", "wan-decoder", "--width", "-16"], "argument --width: '-16' is not a positive"),
+        # "frame size 17x832 must be a multiple of 8", naming neither option
+        (["bench", "wan-decoder", "--height", "17"], "argument --height: 17 is not a multiple of 8"),
+        (["bench", "wan-decoder", "--width", "20"], "argument --width: 20 is not a multiple of 8"),
         # every session closed within a second ("no limit", as --peer-timeout 0 is, was the reading);
         # nan: a traceback in the log and a close said to be the client's
         (["serve", "--idle-timeout", "0"], "argument --idle-timeout: '0' is not a positive finite number"),
