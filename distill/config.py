@@ -645,6 +645,7 @@ def _validate(cfg: TrainConfig, path, sets=()) -> None:
         )
     if cfg.run.device not in ("auto", "cpu", "cuda"):
         problems.append(f"run.device must be auto, cpu or cuda, got {cfg.run.device!r}")
+    sets_blamed = {}  # a problem: the keys of the --set options it comes from ([]: the file's)
     override_problems = [f"model.overrides.{problem}" for problem in type_problems(cfg.model.overrides)]
     fields = [f.name for f in dataclasses.fields(ModelConfig)]
     for key in cfg.model.overrides:  # (was "ModelConfig.__init__() got an unexpected keyword argument")
@@ -660,8 +661,30 @@ def _validate(cfg: TrainConfig, path, sets=()) -> None:
     except (TypeError, ValueError) as e:
         if not override_problems:  # (said already, field by field)
             problems.append(f"model.overrides: {e}")
+            # (`--set model.overrides.dim=-1` blamed the file, which does not hold it)
+            sets_blamed[problems[-1]] = _override_sets_to_blame(cfg.model, sets, e)
     if problems:
-        raise ConfigError(f"{_blamed(problems, sets, path)}: " + "; ".join(problems))
+        raise ConfigError(f"{_blamed(problems, sets, path, sets_blamed)}: " + "; ".join(problems))
+
+
+def _override_sets_to_blame(model: ModelConfigSection, sets, error: Exception) -> list[str]:
+    """The keys of the --set options of model.overrides behind the model config's `error`: those whose
+    field it names, else all of them where the overrides without them make a config; [] where the
+    config file's own overrides are to blame."""
+    from streamgen.model.config import get_config
+
+    given = [item.partition("=")[0].strip() for item in sets]
+    if "model.overrides" in given:  # (`--set 'model.overrides={dim: -1}'`: all of them)
+        return ["model.overrides"]
+    names = list(dict.fromkeys(k.removeprefix("model.overrides.") for k in given if k.startswith("model.overrides.")))
+    named = [name for name in names if re.search(rf"(?<!\w){re.escape(name)}(?!\w)", str(error))]
+    if named or not names:
+        return [f"model.overrides.{name}" for name in named]
+    try:
+        get_config(model.flavor, **{k: v for k, v in model.overrides.items() if k not in names})
+    except (KeyError, TypeError, ValueError):
+        return []
+    return [f"model.overrides.{name}" for name in names]
 
 
 PIXEL_STAGES = ("autoencoder", "tiny_decoder")  # they read video, in crops of data.video_frames
@@ -699,12 +722,18 @@ def ignored_settings(cfg: TrainConfig, processes: int) -> list[str]:
     return notes
 
 
-def _blamed(problems: list[str], sets, path) -> str:
+def _blamed(problems: list[str], sets, path, sets_blamed: dict | None = None) -> str:
     """Where `problems` come from: the --set options `sets`, where each problem begins with a key one
-    of them set (the file was blamed for a value it does not hold), else the config file."""
+    of them set (the file was blamed for a value it does not hold), or `sets_blamed` gives the keys
+    of a problem that begins with none; else the config file."""
     given = {item.partition("=")[0].strip(): item for item in sets}  # (the last of a key's wins)
     items = []
     for problem in problems:
+        if sets_blamed and problem in sets_blamed:
+            if not sets_blamed[problem]:
+                return str(path)
+            items += [f"--set {given[key]!r}" for key in sets_blamed[problem]]
+            continue
         # (an unknown override begins with what it is: `--set model.overrides.bogus=1` blamed the file)
         named = problem.removeprefix(UNKNOWN_OVERRIDE)
         key = next((k for k in given if re.match(rf"{re.escape(k)}(?![\w.])", named)), None)

@@ -378,6 +378,24 @@ def test_an_unknown_key_or_section_given_with_set_names_the_set_not_the_file(tmp
         load_config(own, "teacher", ["run.seed=3"])
 
 
+def test_a_set_override_the_model_config_refuses_names_the_set_not_the_file(tmp_path):
+    """`--set model.overrides.dim=-1` was "teacher-debug.yaml: model.overrides: dim must be at least 1"."""
+    path = find_config("debug", "teacher")
+    for items, blamed, says in [
+        (["model.overrides.dim=-1"], ["model.overrides.dim=-1"], "dim must be at least 1, not -1"),
+        # (a field the message does not name, head_dim: the sets without which the config is made)
+        (["model.overrides.dim=12", "model.overrides.num_heads=6"], ["model.overrides.dim=12", "model.overrides.num_heads=6"],
+         "head_dim 2 must be even"),  # fmt: skip
+    ]:
+        with pytest.raises(ConfigError) as refused:
+            load_config(path, "teacher", ["run.seed=3", *items])
+        sets = ", ".join(f"--set {item!r}" for item in blamed)
+        assert str(refused.value).startswith(f"{sets}: model.overrides: {says}"), str(refused.value)
+    own = write(tmp_path, "stage: teacher\nmodel: {flavor: tiny-avatar, overrides: {dim: -1}}\n")  # (the file's own)
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(own))}: model.overrides: dim must be at least 1"):
+        load_config(own, "teacher", ["run.seed=3", "model.overrides.window_frames=2"])
+
+
 @pytest.mark.parametrize(
     "stage, sets, says",
     [
