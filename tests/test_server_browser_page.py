@@ -268,3 +268,28 @@ def test_a_phones_status_with_a_word_longer_than_the_screen_fits_its_width(brows
             assert page.evaluate("document.documentElement.scrollWidth") <= 320
         finally:
             page.close()
+
+
+def test_a_caption_is_sent_whole_and_counted_as_the_server_counts_it(browser_page):
+    """The caption's field had maxlength=500, which counts UTF-16 code units: a caption of 300 emoji
+    (300 characters, the server's count, under its 500) was cut at 250 without a word. It is sent
+    whole now, and one over the server's limit is refused in its words, which count characters."""
+    import json
+
+    caption = "\N{GRINNING FACE}" * 300
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        try:
+            page.goto(f"{url}/?transport=ws&mic=0")
+            page.fill("#caption", caption)
+            with page.expect_request(lambda r: r.url.endswith("/v1/sessions") and r.method == "POST") as sent:
+                page.click("#connect")
+            assert json.loads(sent.value.post_data)["caption"] == caption
+            # (this test server's model takes no captions: it is the length that is to be said here)
+            page.wait_for_function("window.streamgenStats.state.startsWith('failed')", timeout=20_000)
+            page.fill("#caption", "\N{GRINNING FACE}" * 501)
+            page.click("#connect")
+            page.wait_for_function("document.getElementById('status').textContent.includes('longer')", timeout=20_000)
+            assert page.text_content("#status") == "failed: 422: caption longer than 500 characters"
+        finally:
+            page.close()
