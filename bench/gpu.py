@@ -410,7 +410,10 @@ def run(
     if unknown and model is not None and not only & set(plan):
         from streamgen.cli import UserError
 
-        raise UserError(f"--only {' '.join(unknown)}: no part of this run; its parts are {', '.join(plan)}")
+        # (each name quoted: a variant's name holds ", " itself, "sdpa+fused_kernels, fp8 linears", and
+        # the names joined with ", " read as a list of one name over and over)
+        parts = ", ".join(f"'{name}'" for name in plan)
+        raise UserError(f"--only {' '.join(unknown)}: no part of this run; its parts are {parts}")
     if unknown:
         result["only_unknown"] = unknown
         print(f"bench gpu: --only names no part of this run: {unknown}", file=sys.stderr, flush=True)
