@@ -140,6 +140,10 @@ def test_eval_of_an_autoencoder_export_as_a_model_says_roundtrip(tmp_path, capsy
     assert main(["eval", "--model", str(export), "--clips", "1", "--out", str(tmp_path / "e")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"--model roundtrip:{export}" in line, line
+    # the stage's run folder: its model folder is the one to give
+    assert main(["eval", "--model", str(export.parent), "--clips", "1", "--out", str(tmp_path / "e")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"its model, {export}, is an autoencoder" in line and line.endswith(f"--model roundtrip:{export}"), line
 
 
 def test_autoencoder_roundtrip_keeps_length_and_range():

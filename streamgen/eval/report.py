@@ -164,18 +164,23 @@ def open_session(
     try:
         return open_any(model, height, width, steps, device, dtype, decode_dtype, cache_from, encode_dtype)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        if _is_autoencoder_export(model):  # (was "a folder without model.json: not a streamgen model")
+        export = _autoencoder_export(model)
+        if export is not None:  # (was "a folder without model.json: not a streamgen model")
+            what = "it is an autoencoder's export" if export == model else f"its model, {export}, is an autoencoder"
             raise ModelLoadError(
-                f"cannot load model {model!r}: it is an autoencoder's export (vae_config.json, no model.json); "
-                f"eval scores an autoencoder with --model {ROUNDTRIP}{model}"
+                f"cannot load model {model!r}: {what} (vae_config.json, no model.json); "
+                f"eval scores an autoencoder with --model {ROUNDTRIP}{export}"
             ) from None
         raise ModelLoadError(f"cannot load model {model!r}: {e}") from None
 
 
-def _is_autoencoder_export(model: str) -> bool:
-    """A folder that `autoencoder_roundtrip` takes (an autoencoder stage's export) and no model."""
-    folder = Path(model)
-    return (folder / "vae_config.json").is_file() and not (folder / "model.json").exists()
+def _autoencoder_export(model: str) -> str | None:
+    """`model`, or its run's model folder, where it is a folder `autoencoder_roundtrip` takes (an
+    autoencoder stage's export, or that stage's run folder) and no model; else None."""
+    for folder in (Path(model), Path(model) / "model"):
+        if (folder / "vae_config.json").is_file() and not (folder / "model.json").exists():
+            return model if folder == Path(model) else str(folder)
+    return None
 
 
 # the memory an autoencoder's round trip of the --minutes stream peaks at, in bytes of its frames
