@@ -293,3 +293,16 @@ def test_a_caption_is_sent_whole_and_counted_as_the_server_counts_it(browser_pag
             assert page.text_content("#status") == "failed: 422: caption longer than 500 characters"
         finally:
             page.close()
+
+
+def test_a_speak_of_emoji_is_not_cut_at_half_the_servers_limit(browser_page):
+    """The speak field had maxlength=1000, which counts UTF-16 code units where the server counts
+    characters (server/protocol.py MAX_SPEAK_CHARS): 600 emoji were cut to 500 without a word."""
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        try:
+            page.goto(f"{url}/?transport=ws&mic=0")
+            page.fill("#speak-text", "\N{GRINNING FACE}" * 600)
+            assert page.evaluate("[...document.getElementById('speak-text').value].length") == 600
+        finally:
+            page.close()
