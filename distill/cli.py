@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from distill.data import DataMissing
     from distill.trainer import Trainer, TrainingError
     from streamgen.checkpoint import CheckpointError
-    from streamgen.cli import UserError, restore_handlers, terminate_as_exit
+    from streamgen.cli import UserError, restore_handlers, stop_behind, terminate_as_exit
     from streamgen.data.shards import DataError
 
     if args.stage == "latents":  # (they were ignored without a word: it trains nothing, into no run.out)
@@ -91,9 +91,15 @@ def run(args: argparse.Namespace) -> int:
         terminated_before = terminate_as_exit() if one_process else None
         try:
             last = trainer.run()
-        except (KeyboardInterrupt, SystemExit):
+        except BaseException as e:
+            # (a stop that came as the first plot imported matplotlib failed that import: an ImportError)
+            stop = e if isinstance(e, (KeyboardInterrupt, SystemExit)) else stop_behind(e)
+            if stop is None:
+                raise
             _say_where_to_go_on(args, cfg.run.out, trainer.is_main)
-            raise
+            if stop is e:
+                raise
+            raise stop from None
         finally:
             restore_handlers(terminated_before)
     # (DataError: a shard found corrupted during training, where the stages read clips as they go)

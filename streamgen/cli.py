@@ -303,6 +303,20 @@ class Terminated(SystemExit):
         self.signum = signum
 
 
+def stop_behind(error: BaseException) -> BaseException | None:
+    """The Ctrl-C (KeyboardInterrupt) or SIGTERM/SIGHUP (`Terminated`) that caused `error`, or None. A
+    stop that came while an extension module initialised (matplotlib's, imported by the first plot)
+    failed its import: an ImportError "initialization failed" caused by the stop, which ended the
+    command in a traceback and exit 1 where the stop's 130/143 was due."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (KeyboardInterrupt, Terminated)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__
+    return None
+
+
 def _raise_swallowed_termination_again(unraisable) -> None:
     """sys.unraisablehook: a signal that came while a finalizer ran (a weakref callback, a `__del__`:
     torch's run many) raised Terminated inside it, where Python prints "Exception ignored in" and goes
@@ -443,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
             where = f": {e.filename}" if e.filename else ""
             report_error(f"streamgen {args.command}: error: {e.strerror or e}{where}")
             return 2
+        except Exception as e:
+            stop = stop_behind(e)
+            if stop is None:
+                raise
+            raise stop from None  # (ends it as the stop does: "interrupted", 130; or 143, 129)
     except KeyboardInterrupt:
         from streamgen.parallel.torchrun import is_launcher_rank
 

@@ -239,6 +239,27 @@ def test_a_sigterm_says_which_checkpoint_a_resume_goes_on_from(tmp_path):
     assert "terminated" in err
 
 
+def test_a_sigterm_that_failed_an_import_says_where_a_resume_goes_on_from(tmp_path, monkeypatch):
+    """The SIGTERM of the test above came once (CI) as the first checkpoint's plot imported
+    matplotlib: its import failed, an ImportError caused by the stop, and the run ended in that
+    traceback, exit 1, saying nothing of the checkpoint to go on from."""
+    import distill.cli
+    import streamgen.cli
+    from distill.trainer import Trainer
+    from streamgen.cli import main
+
+    def run(self):
+        raise ImportError("initialization failed") from streamgen.cli.Terminated(15)
+
+    said = []
+    monkeypatch.setattr(Trainer, "run", run)
+    monkeypatch.setattr(distill.cli, "_say_where_to_go_on", lambda args, out, is_main: said.append(out))
+    out = tmp_path / "t"
+    with pytest.raises(SystemExit) as ended:
+        main(["distill", "teacher", "--config", "debug", "--out", str(out), "--steps", "4"])
+    assert ended.value.code == 143 and said == [str(out)]
+
+
 def test_a_sigterm_that_comes_while_a_finalizer_runs_still_ends_the_run(tmp_path):
     """A SIGTERM that came while a finalizer ran (a weakref callback of torch's, once in a few tries
     of the test above) raised its SystemExit inside it, where Python prints "Exception ignored in"

@@ -497,6 +497,33 @@ def test_serve_eval_and_distill_hold_a_ctrl_c_while_torch_imports(command, tmp_p
     assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
 
 
+@pytest.mark.parametrize("stop", ["ctrl_c", "sigterm"])
+def test_a_stop_that_failed_an_extensions_import_ends_the_command_as_the_stop(stop, monkeypatch, capsys):
+    """A stop while an extension module initialised (matplotlib's, at a run's first plot) failed
+    that import: an ImportError "initialization failed" caused by it, which ended the command in a
+    traceback and exit 1 (a CI run's SIGTERM of distill) where the stop's 130 or 143 was due."""
+    import streamgen.cli
+    from streamgen.commands import generate
+
+    cause = KeyboardInterrupt() if stop == "ctrl_c" else streamgen.cli.Terminated(15)
+
+    def run(args):
+        raise ImportError("initialization failed") from cause
+
+    monkeypatch.setattr(generate, "run", run)
+    if stop == "ctrl_c":
+        assert main(["generate"]) == 130
+        assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
+    else:
+        with pytest.raises(SystemExit) as ended:
+            main(["generate"])
+        assert ended.value.code == 143
+    # an error of its own, not a stop's, is still the traceback it is
+    monkeypatch.setattr(generate, "run", lambda args: (_ for _ in ()).throw(ImportError("no such module")))
+    with pytest.raises(ImportError, match="no such module"):
+        main(["generate"])
+
+
 def test_a_ctrl_c_while_the_command_line_loads_is_interrupted_and_130(tmp_path):
     """`python -m streamgen` interrupted in its first moments, while streamgen/__main__.py imported
     streamgen.cli (before main() handles a Ctrl-C), printed a traceback and ended by SIGINT (-2)."""
