@@ -10,8 +10,7 @@ from pathlib import Path
 
 from streamgen.cli import (
     add_dtype_option,
-    check_cache_from,
-    check_steps,
+    check_session_options,
     frame_size,
     number_where,
     positive_int,
@@ -166,8 +165,7 @@ def run(args: argparse.Namespace) -> int:
     on_cpu = args.device.split(":")[0] == "cpu"  # (cpu:0 was taken for a GPU)
     if args.compile and (not on_cpu or args.sp > 1):
         raise UserError("--compile runs on the CPU in one process: it cannot be combined with --sp or a GPU device")
-    check_cache_from(args.cache_from, args.steps, args.model)
-    check_steps(args.steps, args.model)
+    check_session_options(args.model, args.steps, args.cache_from)  # (a teacher is refused above)
     check_device(args.device)  # (after the options' own conflicts, which hold on any machine)
     from .origins import scheme_and_host
 

@@ -233,6 +233,15 @@ def check_teacher_precision(model: str, **asked) -> None:
         raise UserError(f"{', '.join(given)}: {model} is a teacher, which runs in float32 only; {they} to students")
 
 
+def check_session_options(model: str, steps: int | None, cache_from: str | None, **precision) -> None:
+    """A UserError where a model's session options do not fit the model, read without loading it
+    (generate, serve and eval, before a long start): `--cache-from` (`check_cache_from`), `--steps`
+    (`check_steps`), and a teacher's precision options (`precision`: `check_teacher_precision`)."""
+    check_cache_from(cache_from, steps, model)
+    check_steps(steps, model)
+    check_teacher_precision(model, **precision)
+
+
 def check_steps(steps: int | None, model: str) -> None:
     """A UserError where a student (any model but a teacher) is asked for steps off the schedule it was
     distilled for: its k steps are the levels of its own n (`student_sigmas`) only where k divides n

@@ -84,10 +84,8 @@ def run(args) -> int:
 
     from streamgen.cli import (
         UserError,
-        check_cache_from,
         check_device,
-        check_steps,
-        check_teacher_precision,
+        check_session_options,
         import_with_ctrl_c_held,
         require_models,
         restore_handlers,
@@ -145,9 +143,9 @@ def run(args) -> int:
         raise UserError("--fp8 on a GPU needs --dtype bfloat16 (its FP8 products give bfloat16)")
     check_device(args.device)  # (after the options' own conflicts, which hold on any machine)
     require_models(args.model)  # (before any relaunch: --sp N's processes each said it, after starting)
-    check_cache_from(args.cache_from, args.steps, args.model)  # (each process said it, once it had loaded)
-    check_steps(args.steps, args.model)
-    check_teacher_precision(args.model, dtype=args.dtype, decode_dtype=args.decode_dtype, fp8=args.fp8)
+    # (each process said a --cache-from that does not fit, once it had loaded)
+    check_session_options(args.model, args.steps, args.cache_from, dtype=args.dtype, decode_dtype=args.decode_dtype,
+                          fp8=args.fp8)  # fmt: skip
     from streamgen.models import use_attention_backend, use_precision
 
     try:

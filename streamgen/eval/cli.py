@@ -81,10 +81,8 @@ def run(args: argparse.Namespace) -> int:
     from streamgen.cli import (
         HEAVY_IMPORTS,
         UserError,
-        check_cache_from,
         check_device,
-        check_steps,
-        check_teacher_precision,
+        check_session_options,
         import_with_ctrl_c_held,
         output_folder,
     )
@@ -121,9 +119,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"{_given(SESSION_OPTIONS, args)} for a model's session, which {args.model} does not run"
         )
-    check_cache_from(args.cache_from, args.steps, args.model)  # (a teacher's: once it had loaded)
-    check_steps(args.steps, args.model)  # (not given for those: refused above)
-    check_teacher_precision(args.model, dtype=args.dtype, decode_dtype=args.decode_dtype, encode_dtype=args.encode_dtype)
+    # (not given for those: refused above; a teacher's --cache-from and dtypes were said once it had loaded)
+    check_session_options(args.model, args.steps, args.cache_from, dtype=args.dtype, decode_dtype=args.decode_dtype,
+                          encode_dtype=args.encode_dtype)  # fmt: skip
     check_device(args.device)
     if args.minutes is not None and (problem := stream_memory_problem(args.model, args.minutes, args.size)):
         raise UserError(problem)
