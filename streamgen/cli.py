@@ -469,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             stop = stop_behind(e)
             if stop is None:
+                from streamgen.parallel.torchrun import report_own_failure
+
+                report_own_failure(e)  # (an --sp N rank: the launcher names it, even if stopped as it ends)
                 raise
             raise stop from None  # (ends it as the stop does: "interrupted", 130; or 143, 129)
     except KeyboardInterrupt:

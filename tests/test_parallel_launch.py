@@ -556,6 +556,53 @@ def test_the_rank_sent_sigterm_alone_is_named_not_the_one_that_saw_it_go(
     assert err == f"streamgen: rank {signalled} was stopped by SIGTERM; the other ranks were stopped\n", err
 
 
+@pytest.mark.parametrize("own_code", [-15, 143, 1])
+def test_a_rank_failing_of_its_own_is_named_even_when_torchrun_stops_it_as_it_ends(
+    own_code, monkeypatch, capsys, tmp_path
+):
+    """Rank 1 raised an error of its own; rank 0's collective then failed ('another rank failed') and
+    it ended first, so torchrun sent rank 1 SIGTERM while it ended (-15): the launcher named rank 1
+    'stopped by SIGTERM' and ended with 143. Rank 1's uncaught error marks its error file (through
+    `streamgen.cli.main`), so it is named as the rank that failed, with Python's exit code 1."""
+    from distill.trainer import Trainer
+    from streamgen.cli import main
+
+    def own_error(self):
+        raise RuntimeError("the failing rank's own error")
+
+    monkeypatch.setattr(Trainer, "run", own_error)
+    monkeypatch.setenv(torchrun.LAUNCHER_ENV, str(os.getppid()))  # (as a rank of this launcher)
+    monkeypatch.setenv(torchrun.ERROR_FILE_ENV, str(tmp_path / "error-1.json"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(RuntimeError, match="own error"):
+        main(["distill", "teacher", "--config", "debug", "--out", str(tmp_path / "run")])
+    monkeypatch.setenv(torchrun.ERROR_FILE_ENV, str(tmp_path / "error-0.json"))
+    torchrun.report_error("streamgen distill: rank 0 stopped: another rank failed", another_rank_failed=True)
+    failures = {
+        0: ProcessFailure(0, 40, torchrun.ANOTHER_RANK_FAILED, str(tmp_path / "error-0.json")),
+        1: ProcessFailure(1, 41, own_code, str(tmp_path / "error-1.json")),
+    }
+
+    def fake_main(argv):
+        raise ChildFailedError("streamgen.cli", failures)
+
+    monkeypatch.setattr(torch.distributed.run, "main", fake_main)
+    assert torchrun.main([]) == 1
+    assert capsys.readouterr().err == "streamgen: rank 1 failed (exit code 1); the other ranks were stopped\n"
+
+
+def test_an_error_a_rank_saw_because_another_ended_is_not_marked_its_own(monkeypatch, tmp_path):
+    """A peer-gone error raised by a command that does not look for it is not the rank's own failure."""
+    monkeypatch.setenv(torchrun.LAUNCHER_ENV, str(os.getppid()))
+    monkeypatch.setenv(torchrun.ERROR_FILE_ENV, str(tmp_path / "error-0.json"))
+    torchrun.report_own_failure(RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:1"))
+    assert not (tmp_path / "error-0.json").exists()
+    monkeypatch.setenv(torchrun.LAUNCHER_ENV, "1")  # (not this process's launcher: a process a rank started)
+    torchrun.report_own_failure(RuntimeError("its own"))
+    assert not (tmp_path / "error-0.json").exists()
+
+
 # a launcher (as torchrun starts its ranks: a session of their own), and one rank that waits
 _LAUNCHER = """
 import os, subprocess, sys

@@ -43,6 +43,8 @@ PEER_GONE = (
 )
 # In a rank's error file: the rank ended because another had (`report_error`)
 ANOTHER_RANK_FAILED_KEY = "another_rank_failed"
+# In a rank's error file: the rank is ending on an error of its own, its traceback printed (`report_own_failure`)
+OWN_FAILURE_KEY = "failed_of_its_own"
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # torchrun gives each worker a file for its error
 LAUNCHER_ENV = "STREAMGEN_LAUNCHER"  # this launcher's process id: its ranks hand it their errors, end with it
 
@@ -53,19 +55,35 @@ def report_error(line: str, another_rank_failed: bool = False) -> None:
     several processes) each rank prints its own, as torchrun shows no error file's line by itself.
     `another_rank_failed`: the line of a rank that ended because another had (`ANOTHER_RANK_FAILED`),
     marked so for the launcher, as its exit code may not say it: torchrun stops it by SIGTERM too."""
-    path = os.environ.get(ERROR_FILE_ENV)
-    if path and os.environ.get(LAUNCHER_ENV):
-        from streamgen.files import write_text_atomically
+    key = ANOTHER_RANK_FAILED_KEY if another_rank_failed else None
+    if not (os.environ.get(LAUNCHER_ENV) and _write_error_file(line, key)):
+        print(line, file=sys.stderr)
 
-        message = {"message": line, "timestamp": int(time.time()), "streamgen": True}
-        if another_rank_failed:
-            message[ANOTHER_RANK_FAILED_KEY] = True
-        try:  # whole or not at all: the launcher fails on a half-written file (a rank killed meanwhile)
-            write_text_atomically(path, json.dumps(message))
-            return
-        except OSError:
-            pass
-    print(line, file=sys.stderr)
+
+def report_own_failure(e: BaseException) -> None:
+    """In a rank of this launcher ending on an error of its own (an uncaught exception, whose traceback
+    Python prints): tell the launcher so. Its peers' collectives then fail, they end first, and
+    torchrun stops this rank by SIGTERM as it ends (exit code -15, not 1): the launcher named it
+    'stopped by SIGTERM' and ended with 143, as though the run had been stopped."""
+    if is_launcher_rank() and not another_rank_failed(e):
+        _write_error_file("", OWN_FAILURE_KEY)  # (no line: the traceback is the rank's own)
+
+
+def _write_error_file(line: str, key: str | None) -> bool:
+    """Write `line` (and `key`: True) to torchrun's error file of this rank; whether it was."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if not path:
+        return False
+    from streamgen.files import write_text_atomically
+
+    message = {"message": line, "timestamp": int(time.time()), "streamgen": True}
+    if key:
+        message[key] = True
+    try:  # whole or not at all: the launcher fails on a half-written file (a rank killed meanwhile)
+        write_text_atomically(path, json.dumps(message))
+    except OSError:
+        return False
+    return True
 
 
 def another_rank_failed(e: BaseException) -> bool:
@@ -105,7 +123,7 @@ def _reported_errors(failures: dict) -> list[str]:
     lines: list[str] = []
     for _, failure in sorted(_own_failures(failures).items()):
         data = failure.error_file_data
-        if data.get("streamgen") and data.get("message") not in lines:
+        if data.get("streamgen") and data.get("message") and data["message"] not in lines:
             lines.append(data["message"])
     return lines
 
@@ -127,18 +145,32 @@ def _own_failures(failures: dict) -> dict:
     """The ranks that failed of their own accord: not stopped by torchrun (SIGTERM: by it, or by the
     exit code 143 of a command that ends on it as on Ctrl-C) once another had failed, nor ended because
     another had (`ANOTHER_RANK_FAILED`, or its error file says so: torchrun's SIGTERM may have come
-    while it ended, for an exit code 143). Where none did (one rank alone sent SIGTERM), those that
-    did not say another rank had failed: the one sent SIGTERM was named 'rank 0', and the rank 0
-    that had seen it go said 'another rank failed' above it."""
+    while it ended, for an exit code 143). A rank whose error file says it failed of its own
+    (`report_own_failure`) did, whatever its exit code: torchrun's SIGTERM may have come as it ended.
+    Where none did (one rank alone sent SIGTERM), those that did not say another rank had failed:
+    the one sent SIGTERM was named 'rank 0', and the rank 0 that had seen it go said 'another rank
+    failed' above it."""
     others = (-int(signal.SIGTERM), 128 + int(signal.SIGTERM), ANOTHER_RANK_FAILED)
     not_after_another = {
         rank: f for rank, f in failures.items() if not f.error_file_data.get(ANOTHER_RANK_FAILED_KEY)
     }
     return (
-        {rank: f for rank, f in not_after_another.items() if f.exitcode not in others}
+        {
+            rank: f
+            for rank, f in not_after_another.items()
+            if f.exitcode not in others or f.error_file_data.get(OWN_FAILURE_KEY)
+        }
         or not_after_another
         or failures
     )
+
+
+def _exit_code(failure) -> int:
+    """A failed rank's exit code; 1 (Python's, for an uncaught exception) for one that failed of its
+    own, but that torchrun's SIGTERM reached as it ended."""
+    if failure.error_file_data.get(OWN_FAILURE_KEY) and _stopped_by(failure.exitcode) is not None:
+        return 1
+    return failure.exitcode
 
 
 def _quiet_torchrun_logs() -> None:
@@ -182,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in _reported_errors(e.failures):
             print(line, file=sys.stderr)
         rank, failure = _first_failure(e.failures)
-        code = failure.exitcode
+        code = _exit_code(failure)
         print(f"streamgen: rank {rank} {_how_it_ended(code)}; the other ranks were stopped", file=sys.stderr)
         if code > 0:
             return code
