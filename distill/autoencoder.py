@@ -17,7 +17,7 @@ import torch
 from distill.config import ConfigError
 from distill.distributed import broadcast_module, mean_across
 from distill.rng import generator
-from distill.trainer import Updater
+from distill.updater import Updater
 
 
 def video_to_input(video_uint8: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from distill.data import load_bank
 from distill.distributed import broadcast_module, broadcast_text, mean_across
 from distill.flow import Conditions, audio_windows, flow_loss
 from distill.rng import SampleRandom
-from distill.trainer import Updater
+from distill.updater import Updater
 from streamgen.conditioning import guided_velocity, sequence_velocity
 from streamgen.sampling import shift_sigma, student_sigmas
 

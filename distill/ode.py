@@ -32,7 +32,7 @@ from distill.distributed import broadcast_module, broadcast_text, others_wait_fo
 from distill.flow import Conditions, audio_windows
 from distill.rng import SampleRandom, generator
 from distill.rollout import reencode, start_stream
-from distill.trainer import Updater
+from distill.updater import Updater
 from streamgen.conditioning import guided_velocity
 from streamgen.model.files import save_safetensors
 from streamgen.sampling import euler_sigmas, student_sigmas

@@ -21,7 +21,7 @@ from distill.data import load_bank
 from distill.distributed import broadcast_module
 from distill.flow import Conditions, audio_windows, flow_loss, training_sigmas
 from distill.rng import SampleRandom
-from distill.trainer import Updater
+from distill.updater import Updater
 
 
 def dropout_conditions(rnd: SampleRandom, opts, reference, audio, context) -> Conditions:

@@ -36,7 +36,7 @@ import torch
 from distill.autoencoder import VideoSource, video_crops, video_to_input, warn_if_capped
 from distill.config import ConfigError
 from distill.distributed import broadcast_module, broadcast_text, mean_across
-from distill.trainer import Updater
+from distill.updater import Updater
 from streamgen.model.files import write_atomically, write_text_atomically
 
 
