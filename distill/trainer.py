@@ -77,16 +77,12 @@ class StageConfigError(TrainingError, ValueError):
 
 def _check_writable(folder: Path, key: str, make: bool) -> None:
     """TrainingError unless `folder` is (or can become) a folder to write in; `make`: made now."""
-    from streamgen.cli import folder_problem
+    from streamgen.cli import UserError, output_folder
 
-    problem = folder_problem(folder)
-    if problem:
-        raise TrainingError(f"{key} {problem}")
-    if make:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:  # (a folder no folder can be made in, a read-only disk)
-            raise TrainingError(f"{key}: cannot make {folder}: {e.strerror}") from None
+    try:
+        output_folder(folder, key, make)
+    except UserError as e:  # (a file in the way, a read-only disk: said as the other commands say it)
+        raise TrainingError(str(e)) from None
 
 
 def _missing_folders(folder: Path) -> list[Path]:
