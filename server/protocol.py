@@ -163,12 +163,18 @@ def parse_control(text: str) -> dict:
     if not isinstance(kind, str) or kind not in _FIELDS:
         raise ProtocolError(CloseCode.BAD_MESSAGE, f"unknown control message type {str(kind)[:40]!r}")
     fields = _FIELDS[kind]
-    for name, value in msg.items():
+    for name, value in list(msg.items()):
         if name == "type":
             continue
         if name not in fields:
             raise ProtocolError(CloseCode.BAD_MESSAGE, f"{kind}: unknown field {name[:40]!r}")
         types, _ = fields[name]
+        if types == (int,) and isinstance(value, float):
+            # JSON has numbers, not integers: many clients (Python's arithmetic, a JSON library's
+            # doubles) write 16000.0, which was refused as 'the wrong type' while 16000 was taken
+            if not value.is_integer():
+                raise ProtocolError(CloseCode.BAD_MESSAGE, f"{kind}: {name} must be a whole number, not {value!r}")
+            msg[name] = value = int(value)
         if not isinstance(value, types) or isinstance(value, bool):
             raise ProtocolError(CloseCode.BAD_MESSAGE, f"{kind}: field {name!r} has the wrong type")
     for name, (_, required) in fields.items():

@@ -86,6 +86,24 @@ def test_bad_control_messages(text, code):
     assert e.value.code == code
 
 
+def test_a_whole_number_written_as_a_float_is_taken_and_a_fraction_refused_in_words():
+    """16000.0 (Python's arithmetic, a JSON library's doubles) was refused as 'the wrong type'."""
+    msg = parse_control('{"type": "start", "sample_rate": 16000.0, "credit": 25.0, "jpeg_quality": 8e1}')
+    assert (msg["sample_rate"], msg["credit"], msg["jpeg_quality"]) == (16000, 25, 80)
+    assert all(type(msg[name]) is int for name in ("sample_rate", "credit", "jpeg_quality"))
+    assert parse_control('{"type": "credit", "frames": 10.0}')["frames"] == 10
+    for text, reason in [
+        ('{"type": "start", "sample_rate": 16000.5}', "start: sample_rate must be a whole number, not 16000.5"),
+        ('{"type": "credit", "frames": 2.5}', "credit: frames must be a whole number, not 2.5"),
+    ]:
+        with pytest.raises(ProtocolError) as e:
+            parse_control(text)
+        assert (e.value.code, e.value.reason) == (CloseCode.BAD_MESSAGE, reason)
+    with pytest.raises(ProtocolError) as e:  # a whole number, of another rate
+        parse_control('{"type": "start", "sample_rate": 48000.0}')
+    assert e.value.code == CloseCode.UNSUPPORTED and "not 48000 Hz" in e.value.reason
+
+
 def test_a_field_given_twice_says_which():
     with pytest.raises(ProtocolError, match=r"^field 'text' is given more than once$"):
         parse_control('{"type": "speak", "text": "hello", "text": "goodbye"}')
