@@ -94,6 +94,13 @@ async def create_session(http: httpx.AsyncClient, body: dict, wait_s: float) -> 
         await asyncio.sleep(retry_after)
 
 
+def socket_url(server: str, stream_path: str, token: str) -> str:
+    """The session's WebSocket URL on `server` (http -> ws, https -> wss). The scheme as httpx reads
+    it, in any case: replacing the text "http" left HTTP://HOST as it was, websockets' InvalidURI traceback."""
+    base = httpx.URL(server)
+    return str(base.copy_with(scheme="wss" if base.scheme == "https" else "ws")) + f"{stream_path}?token={token}"
+
+
 async def send_audio(ws, pcm: np.ndarray) -> None:
     """20 ms per message, paced in real time."""
     step, start = 320, time.monotonic()
@@ -216,7 +223,7 @@ async def main(args) -> None:
             session = await create_session(http, body, args.wait)
         except httpx.TransportError as e:
             raise SystemExit(f"cannot reach {args.server}: {e or type(e).__name__}") from None
-        url = args.server.replace("http", "ws", 1) + f"{session['stream']}?token={session['token']}"
+        url = socket_url(args.server, session["stream"], session["token"])
         got = Received()
         try:
             await stream(url, args, pcm, out, got)

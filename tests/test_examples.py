@@ -65,6 +65,15 @@ def test_the_client_streams_a_wav_and_saves_the_frames_with_their_times(server, 
     assert app.state.registry.sessions == {}, "the client's stop ends its session"
 
 
+def test_a_server_url_of_an_upper_case_scheme_streams(server, tmp_path):
+    """HTTP://HOST made its session, then the socket's URL kept the scheme (websockets' InvalidURI traceback)."""
+    url, app = server
+    out = tmp_path / "frames"
+    r = ws_client("--server", url.replace("http://", "HTTP://"), "--seconds", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert saved_frames(out) and app.state.registry.sessions == {}
+
+
 def test_a_wav_is_streamed_whole_with_its_last_frames(server, tmp_path):
     """Without --seconds the client streamed 5 s of any file, and saved 5 s of a longer one."""
     url, _ = server
