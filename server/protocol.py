@@ -17,6 +17,7 @@ ProtocolError with the close code and reason the connection ends with.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -140,7 +141,9 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "interrupt": {},
     "clear": {},
     "credit": {"frames": ((int,), True)},
-    "ping": {"id": ((int, str), False)},
+    # (a number of any kind: a client timing its round trips by its clock's fractional
+    # milliseconds, performance.now(), was closed with 4400)
+    "ping": {"id": ((int, float, str), False)},
     "stop": {},
 }
 
@@ -177,6 +180,8 @@ def parse_control(text: str) -> dict:
             msg[name] = value = int(value)
         if not isinstance(value, types) or isinstance(value, bool):
             raise ProtocolError(CloseCode.BAD_MESSAGE, f"{kind}: field {name!r} has the wrong type")
+        if isinstance(value, float) and not math.isfinite(value):  # (json.loads takes NaN, JSON has none)
+            raise ProtocolError(CloseCode.BAD_MESSAGE, f"{kind}: {name} must be a finite number, not {value!r}")
     for name, (_, required) in fields.items():
         if required and name not in msg:
             raise ProtocolError(CloseCode.BAD_MESSAGE, f"{kind}: missing field {name!r}")

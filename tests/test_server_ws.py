@@ -104,6 +104,20 @@ def test_a_whole_number_written_as_a_float_is_taken_and_a_fraction_refused_in_wo
     assert e.value.code == CloseCode.UNSUPPORTED and "not 48000 Hz" in e.value.reason
 
 
+def test_a_ping_s_id_may_be_a_fractional_timestamp_and_comes_back_as_sent(client):
+    """A client timing its round trips by performance.now() (fractional milliseconds) was closed with 4400."""
+    assert parse_control('{"type": "ping", "id": 1234.567}')["id"] == 1234.567
+    with pytest.raises(ProtocolError) as e:  # (not JSON, but json.loads takes it; it could not be sent back)
+        parse_control('{"type": "ping", "id": NaN}')
+    assert (e.value.code, e.value.reason) == (CloseCode.BAD_MESSAGE, "ping: id must be a finite number, not nan")
+    s = socket_session(client)
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text('{"type": "ping", "id": 1234.567}')  # (before start: answered at any time)
+        assert json.loads(ws.receive_text()) == {"type": "pong", "id": 1234.567, "video_time": 0.0}
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.BAD_MESSAGE  # (a stop before start, as before)
+
+
 def test_a_field_given_twice_says_which():
     with pytest.raises(ProtocolError, match=r"^field 'text' is given more than once$"):
         parse_control('{"type": "speak", "text": "hello", "text": "goodbye"}')
