@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 
-from streamgen.data.speech import SpeechError, Voice, count_phonemes, synthesize
+from streamgen.data.speech import LANGUAGES, SpeechError, Voice, count_phonemes, synthesize
 from streamgen.session_limits import caption_problem
 
 from .scheduler import WorkerBusy
@@ -81,6 +81,13 @@ def speech_seconds_at_least(text: str, voice: Voice) -> float:
     return ms / 1000
 
 
+def language_tag(language: str) -> str:
+    """A language as espeak-ng names it: language tags are case-insensitive (RFC 5646, 2.1.1), and a
+    browser's navigator.language, "en-US", was refused as an unknown language. One that is not known
+    in any case stays as it was sent, for the error to name it."""
+    return language.lower() if language.lower() in LANGUAGES else language
+
+
 class SpeechBusy(SpeechError):
     """The session's previous speak is still being synthesised."""
 
@@ -111,7 +118,7 @@ async def speak(
     speak in hand, being synthesised or waiting its turn, else a turn of its own."""
     turns = session.speech_turns
     try:
-        voice = Voice(language=language, variant=variant)
+        voice = Voice(language=language_tag(language), variant=variant)
         voice.validate()
         if turn is None:
             if turns.busy:

@@ -50,6 +50,19 @@ def test_speak_errors_are_reported_not_fatal(client):
         ws.send_text(json.dumps({"type": "stop"}))
 
 
+def test_a_language_tag_in_any_case_is_the_language(client):
+    """A browser's navigator.language, "en-US", was 'unknown language': tags are case-insensitive."""
+    s = socket_session(client)
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
+        next_json(ws)
+        ws.send_text(json.dumps({"type": "speak", "text": "hi", "language": "en-US"}))
+        assert next_json(ws)["type"] == "speaking"
+        ws.send_text(json.dumps({"type": "speak", "text": "hi", "language": "EN-GB"}))  # named as it was sent
+        assert next_json(ws)["message"].startswith("unknown language 'EN-GB'; choose one of en-us, en,")
+        ws.send_text(json.dumps({"type": "stop"}))
+
+
 # --- speak off the receive loop -----------------------------------------------------------------------
 @pytest.fixture
 def held_synthesis(monkeypatch):
