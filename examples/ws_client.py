@@ -40,13 +40,24 @@ HEADER = struct.Struct("<BBHIq")  # type, flags, reserved, sequence, pts (micros
 AUDIO_IN, VIDEO_JPEG, AUDIO_OUT = 1, 2, 4
 
 
+NEED_PCM16 = "need 16 kHz mono 16-bit PCM (e.g. ffmpeg -ar 16000 -ac 1)"
+# the WAV formats Python's wave module reads no further than their header (it reads PCM alone)
+WAV_FORMATS = {3: "float samples", 6: "A-law samples", 7: "mu-law samples", 0xFFFE: "WAVE_FORMAT_EXTENSIBLE"}
+
+
 def read_wav_16k(path: str) -> np.ndarray:
     try:
         with wave.open(path) as w:
             if w.getframerate() != 16000 or w.getsampwidth() != 2 or w.getnchannels() != 1:
-                raise SystemExit(f"{path}: need 16 kHz mono 16-bit PCM (e.g. ffmpeg -ar 16000 -ac 1)")
+                raise SystemExit(f"{path}: {NEED_PCM16}")
             return np.frombuffer(w.readframes(w.getnframes()), "<i2")
-    except (OSError, EOFError, wave.Error) as e:
+    except wave.Error as e:
+        # a WAV of float samples (scipy.io.wavfile's of a float array) was "not a readable WAV file
+        # (unknown format: 3)": it is one, of samples the client does not take
+        if (code := str(e).removeprefix("unknown format: ")).isdigit():
+            raise SystemExit(f"{path}: {NEED_PCM16}; this one holds {WAV_FORMATS.get(int(code), f'format {code}')}") from None
+        raise SystemExit(f"{path}: not a readable WAV file ({e})") from None
+    except (OSError, EOFError) as e:
         raise SystemExit(f"{path}: not a readable WAV file ({e})") from None
 
 

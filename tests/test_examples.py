@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 import wave
@@ -237,7 +238,7 @@ def test_an_out_holding_another_runs_frames_is_one_line(server, tmp_path):
     assert r.returncode == 0 and saved_frames(tmp_path), r.stderr
 
 
-@pytest.mark.parametrize("wav", ["missing", "8k", "not-a-wav"])
+@pytest.mark.parametrize("wav", ["missing", "8k", "not-a-wav", "float"])
 def test_a_bad_wav_is_one_line_and_makes_no_session(server, tmp_path, wav):
     url, app = server
     path = tmp_path / "in.wav"
@@ -245,8 +246,15 @@ def test_a_bad_wav_is_one_line_and_makes_no_session(server, tmp_path, wav):
         write_wav(path, 0.5, rate=8000)
     elif wav == "not-a-wav":
         path.write_bytes(b"RIFF but not really")
+    elif wav == "float":  # (format 3, as scipy.io.wavfile writes a float array: "unknown format: 3")
+        samples = np.zeros(1600, "<f4").tobytes()
+        fmt = struct.pack("<HHIIHH", 3, 1, 16000, 16000 * 4, 4, 32)
+        chunks = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(samples))
+        path.write_bytes(b"RIFF" + struct.pack("<I", len(chunks) + len(samples)) + chunks + samples)
     r = ws_client("--server", url, "--wav", str(path), "--out", str(tmp_path / "f"))
     assert_one_line_error(r, str(path))
+    if wav == "float":
+        assert "need 16 kHz mono 16-bit PCM" in r.stderr and "holds float samples" in r.stderr, r.stderr
     assert app.state.registry.sessions == {}
 
 
