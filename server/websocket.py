@@ -195,7 +195,13 @@ class SocketConnection:
         dropped = self.session.timeline.append(audio.pcm.astype(np.float32) / 32768.0, source="client", live=True)
         if dropped:
             ahead = self.config.max_audio_ahead_s
-            raise ProtocolError(CloseCode.TOO_FAST, f"audio is more than {ahead:.0f} s ahead of the video")
+            # (the likeliest cause a client cannot see: audio of another rate, 48 kHz taken as 16 kHz
+            # runs three times as long as it was sent)
+            raise ProtocolError(
+                CloseCode.TOO_FAST,
+                f"audio is more than {ahead:.0f} s ahead of the video: send 16 kHz mono PCM16 (32000 bytes a second) "
+                "in real time",
+            )
 
     async def on_control(self, msg: dict) -> bool:
         """Handle one control message; True when the client asked to stop."""

@@ -271,6 +271,21 @@ def test_bad_messages_close_with_a_code(client, messages, code):
     assert s["id"] not in client.app.state.registry.sessions
 
 
+def test_audio_far_ahead_of_the_video_says_what_to_send(client):
+    """Audio of another rate (48 kHz, taken as 16 kHz, runs three times as long as it was sent) was
+    closed with 'audio is more than 30 s ahead of the video', the cause left to guess."""
+    s = socket_session(client)
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
+        ws.receive_text()
+        two_seconds = pack(MsgType.AUDIO_IN, 0, 0, np.zeros(32000, np.int16).tobytes())
+        for _ in range(16):
+            ws.send_bytes(two_seconds)
+        code, reason = expect_close(ws)
+    assert code == CloseCode.TOO_FAST and len(reason.encode()) <= 123
+    assert reason == "audio is more than 30 s ahead of the video: send 16 kHz mono PCM16 (32000 bytes a second) in real time"
+
+
 @pytest.mark.parametrize("which, code", [("unknown", 4404), ("missing", 4401), ("wrong", 4403), ("emoji", 4404)])
 def test_refused_connections(client, which, code):
     s = socket_session(client)
