@@ -29,7 +29,10 @@ from streamgen.session_limits import MAX_CAPTION_CHARS, text_problem
 HEADER = struct.Struct("<BBHIq")
 SAMPLE_RATE = 16000
 MAX_AUDIO_MESSAGE_BYTES = SAMPLE_RATE * 2 * 2  # two seconds of PCM16 per message
-MAX_TEXT_MESSAGE_CHARS = 8192
+# room for the longest message taken as JSON encoders write it: a speak of 1000 emoji is 12,000 characters
+# of \ud83d\ude00 escapes from Python's json.dumps (8192 closed a speak of 700 emoji with 4413, its
+# text well within the 1000 characters a speak may hold)
+MAX_TEXT_MESSAGE_CHARS = 16384
 # what the WebSocket transport takes in one message (uvicorn's ws_max_size; its default, 16 MiB, let
 # a client make the server buffer that much before the protocol's 4413): past it, closed with 1009
 MAX_WEBSOCKET_MESSAGE_BYTES = 4 * MAX_AUDIO_MESSAGE_BYTES
@@ -151,7 +154,7 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
 def parse_control(text: str) -> dict:
     """A client text message -> validated dict with defaults filled in."""
     if len(text) > MAX_TEXT_MESSAGE_CHARS:
-        raise ProtocolError(CloseCode.TOO_BIG, f"text message of {len(text)} characters; at most 8192")
+        raise ProtocolError(CloseCode.TOO_BIG, f"text message of {len(text)} characters; at most {MAX_TEXT_MESSAGE_CHARS}")
     try:
         msg = json.loads(text, object_pairs_hook=once_each)
     except (ValueError, RecursionError):

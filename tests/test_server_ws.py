@@ -71,7 +71,7 @@ def test_bad_binary_messages(data, code):
         ('{"type": "speak", "text": 5}', CloseCode.BAD_MESSAGE),
         ('{"type": "speak", "text": "   "}', CloseCode.BAD_MESSAGE),
         ('{"type": "credit", "frames": true}', CloseCode.BAD_MESSAGE),
-        ("x" * 9000, CloseCode.TOO_BIG),
+        ("x" * 17000, CloseCode.TOO_BIG),
         # a caption as long as speech may be (1000) was taken, where POST /v1/sessions refuses one
         # over 500 characters: the encoder kept its first 128 tokens
         ('{"type": "caption", "text": "%s"}' % ("x" * 501), CloseCode.TOO_BIG),
@@ -116,6 +116,14 @@ def test_a_ping_s_id_may_be_a_fractional_timestamp_and_comes_back_as_sent(client
         assert json.loads(ws.receive_text()) == {"type": "pong", "id": 1234.567, "video_time": 0.0}
         ws.send_text(json.dumps({"type": "stop"}))
         assert expect_close(ws)[0] == CloseCode.BAD_MESSAGE  # (a stop before start, as before)
+
+
+def test_the_longest_speak_is_taken_as_json_dumps_escapes_it():
+    """A speak of 700 emoji (1000 may be spoken) was closed with 4413: json.dumps writes each as 12
+    characters of escapes, and the text message was over 8192 characters."""
+    for text in ("\U0001f600" * 1000, "\u00e9" * 1000):
+        message = json.dumps({"type": "speak", "text": text, "language": "en-us", "variant": "whisper"})
+        assert parse_control(message)["text"] == text
 
 
 def test_a_field_given_twice_says_which():
@@ -258,7 +266,7 @@ def test_credit_flow_control(client):
         ([("bytes", pack(MsgType.AUDIO_IN, 0, 0, b"\x00\x00"))], 4400),  # audio before start
         ([("text", '{"type":"speak","text":"hi"}')], 4400),  # control before start
         ([("text", '{"type":"start"}'), ("text", '{"type":"start"}')], 4400),
-        ([("text", "{" * 10000)], 4413),
+        ([("text", "{" * 17000)], 4413),
     ],
 )
 def test_bad_messages_close_with_a_code(client, messages, code):
