@@ -208,15 +208,16 @@ class SocketConnection:
         kind = msg["type"]
         if kind == "ping":
             await self.send_json({"type": "pong", "id": msg.get("id"), "video_time": self.video_time()})
+        elif kind == "stop":  # at any time: a client that hung up before its stream started was
+            # closed with 4400, its session's end logged and counted as a protocol error
+            await self.close(CloseCode.NORMAL, "stopped")
+            return True
         elif kind == "start":
             if self.session.streaming:
                 raise ProtocolError(CloseCode.BAD_MESSAGE, "start was already sent")
             self.start(msg)
         elif not self.session.streaming:
             raise ProtocolError(CloseCode.BAD_MESSAGE, f"send a start message before {kind}")
-        elif kind == "stop":
-            await self.close(CloseCode.NORMAL, "stopped")
-            return True
         elif kind == "credit":
             self.credit = min(self.credit + msg["frames"], 10_000)
             self.credit_changed.set()

@@ -115,7 +115,7 @@ def test_a_ping_s_id_may_be_a_fractional_timestamp_and_comes_back_as_sent(client
         ws.send_text('{"type": "ping", "id": 1234.567}')  # (before start: answered at any time)
         assert json.loads(ws.receive_text()) == {"type": "pong", "id": 1234.567, "video_time": 0.0}
         ws.send_text(json.dumps({"type": "stop"}))
-        assert expect_close(ws)[0] == CloseCode.BAD_MESSAGE  # (a stop before start, as before)
+        assert expect_close(ws)[0] == CloseCode.NORMAL
 
 
 def test_the_longest_speak_is_taken_as_json_dumps_escapes_it():
@@ -277,6 +277,17 @@ def test_bad_messages_close_with_a_code(client, messages, code):
         got, reason = expect_close(ws)
     assert got == code and reason
     assert s["id"] not in client.app.state.registry.sessions
+
+
+def test_a_stop_before_start_ends_the_session_as_a_stop(client):
+    """A client that hung up before its stream started was closed with 4400, its session's end
+    counted as a protocol error ('send a start message before stop')."""
+    s = socket_session(client)
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws) == (CloseCode.NORMAL, "stopped")
+    r = client.get(s["resource"], headers={"Authorization": f"Bearer {s['token']}"})
+    assert r.status_code == 404 and r.json()["message"] == "session ended: stopped by client", r.text
 
 
 def test_audio_far_ahead_of_the_video_says_what_to_send(client):
