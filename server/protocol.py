@@ -174,7 +174,12 @@ def parse_control(text: str) -> dict:
             continue
         if name not in fields:
             raise ProtocolError(CloseCode.BAD_MESSAGE, f"{kind}: unknown field {name[:40]!r}")
-        types, _ = fields[name]
+        types, required = fields[name]
+        if value is None and not required:
+            # not given, as in POST /v1/sessions: a client's unset option ({"variant": null}, Python's
+            # None) closed the socket as 'the wrong type'
+            del msg[name]
+            continue
         if types == (int,) and isinstance(value, float):
             # JSON has numbers, not integers: many clients (Python's arithmetic, a JSON library's
             # doubles) write 16000.0, which was refused as 'the wrong type' while 16000 was taken

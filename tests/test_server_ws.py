@@ -126,6 +126,19 @@ def test_the_longest_speak_is_taken_as_json_dumps_escapes_it():
         assert parse_control(message)["text"] == text
 
 
+def test_an_optional_field_given_as_null_is_not_given():
+    """{"variant": null} (a client's unset option: Python's None) closed the socket as 'the wrong
+    type'; POST /v1/sessions takes a null avatar, caption or seed as none."""
+    msg = parse_control('{"type": "speak", "text": "hi", "language": null, "variant": null}')
+    assert msg == {"type": "speak", "text": "hi"}
+    assert parse_control('{"type": "start", "format": null, "sample_rate": null}') == parse_control('{"type": "start"}')
+    assert parse_control('{"type": "ping", "id": null}') == {"type": "ping"}
+    for text in ('{"type": "speak", "text": null}', '{"type": "credit", "frames": null}'):  # (required)
+        with pytest.raises(ProtocolError) as e:
+            parse_control(text)
+        assert e.value.code == CloseCode.BAD_MESSAGE and "wrong type" in e.value.reason
+
+
 def test_a_field_given_twice_says_which():
     with pytest.raises(ProtocolError, match=r"^field 'text' is given more than once$"):
         parse_control('{"type": "speak", "text": "hello", "text": "goodbye"}')
