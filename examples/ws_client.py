@@ -40,6 +40,14 @@ HEADER = struct.Struct("<BBHIq")  # type, flags, reserved, sequence, pts (micros
 AUDIO_IN, VIDEO_JPEG, AUDIO_OUT = 1, 2, 4
 
 
+def bad_input(message: str) -> SystemExit:
+    """One line for a mistake in what the run was given (a --wav, an --out, an avatar or seed the server
+    refuses): exit code 2, as argparse's own and streamgen's commands give; they were 1, as the server's
+    and the network's failures still are."""
+    print(message, file=sys.stderr)
+    return SystemExit(2)
+
+
 NEED_PCM16 = "need 16 kHz mono 16-bit PCM (e.g. ffmpeg -ar 16000 -ac 1)"
 # the WAV formats Python's wave module reads no further than their header (it reads PCM alone)
 WAV_FORMATS = {3: "float samples", 6: "A-law samples", 7: "mu-law samples", 0xFFFE: "WAVE_FORMAT_EXTENSIBLE"}
@@ -49,16 +57,16 @@ def read_wav_16k(path: str) -> np.ndarray:
     try:
         with wave.open(path) as w:
             if w.getframerate() != 16000 or w.getsampwidth() != 2 or w.getnchannels() != 1:
-                raise SystemExit(f"{path}: {NEED_PCM16}")
+                raise bad_input(f"{path}: {NEED_PCM16}")
             return np.frombuffer(w.readframes(w.getnframes()), "<i2")
     except wave.Error as e:
         # a WAV of float samples (scipy.io.wavfile's of a float array) was "not a readable WAV file
         # (unknown format: 3)": it is one, of samples the client does not take
         if (code := str(e).removeprefix("unknown format: ")).isdigit():
-            raise SystemExit(f"{path}: {NEED_PCM16}; this one holds {WAV_FORMATS.get(int(code), f'format {code}')}") from None
-        raise SystemExit(f"{path}: not a readable WAV file ({e})") from None
+            raise bad_input(f"{path}: {NEED_PCM16}; this one holds {WAV_FORMATS.get(int(code), f'format {code}')}") from None
+        raise bad_input(f"{path}: not a readable WAV file ({e})") from None
     except (OSError, EOFError) as e:
-        raise SystemExit(f"{path}: not a readable WAV file ({e})") from None
+        raise bad_input(f"{path}: not a readable WAV file ({e})") from None
 
 
 def seconds(text: str) -> float:
@@ -98,7 +106,8 @@ async def create_session(http: httpx.AsyncClient, body: dict, wait_s: float) -> 
             message = r.text[:200]
         left = deadline - time.monotonic()
         if r.status_code != 503 or left <= 0:
-            raise SystemExit(f"session refused: {r.status_code} {message}")
+            refused = f"session refused: {r.status_code} {message}"
+            raise bad_input(refused) if 400 <= r.status_code < 500 else SystemExit(refused)
         # the last ask at the deadline (a --wait shorter than Retry-After, or just as long, asked once)
         retry_after = min(float(r.headers.get("Retry-After", 1)), left)
         print(f"server busy ({message}); asking again in {retry_after:.3g} s")
@@ -193,7 +202,7 @@ async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Receive
                         (out / f"{seq:06d}_{pts_us // 1000:08d}ms.jpg").write_bytes(message[HEADER.size :])
                     except OSError as e:
                         print(f"{got} -> {out}/")
-                        raise SystemExit(f"--out {out}: cannot save a frame ({e.strerror or e})") from None
+                        raise bad_input(f"--out {out}: cannot save a frame ({e.strerror or e})") from None
                     got.frames += 1
                 elif kind == AUDIO_OUT:
                     got.audio_bytes += len(message) - HEADER.size
@@ -213,19 +222,19 @@ async def main(args) -> None:
         args.seconds = len(pcm) / 16000 + TAIL_S if pcm is not None else 5.0
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"--out {out} is a file: give the folder to write the frames into")
+        raise bad_input(f"--out {out} is a file: give the folder to write the frames into")
     if out.is_dir() and any(out.glob(FRAME_NAMES)):  # (a shorter run left the longer one's last frames)
-        raise SystemExit(f"--out {out} holds another run's frames: give a new or empty folder")
+        raise bad_input(f"--out {out} holds another run's frames: give a new or empty folder")
     try:  # (a path under a file, or where this user may not write: a traceback)
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"--out {out}: cannot make the folder ({e.strerror or e})") from None
+        raise bad_input(f"--out {out}: cannot make the folder ({e.strerror or e})") from None
     probe = out / f".ws_client_{os.getpid()}"
     try:  # before a session is made: a folder this user may not write to was the first frame's traceback
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise SystemExit(f"--out {out}: cannot write into the folder ({e.strerror or e})") from None
+        raise bad_input(f"--out {out}: cannot write into the folder ({e.strerror or e})") from None
     args.server = args.server.rstrip("/")  # (the socket's URL took the slash: ws://host//v1/..., a 403)
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     body = {"avatar": args.avatar, "seed": args.seed, **({"caption": args.caption} if args.caption else {})}

@@ -39,8 +39,10 @@ def write_wav(path: Path, seconds: float, rate: int = 16000) -> Path:
     return path
 
 
-def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
+def assert_one_line_error(r: subprocess.CompletedProcess, *words: str, code: int | None = None) -> None:
+    """`code`: 2 for a mistake in what the run was given, as argparse's and streamgen's; else any but 0."""
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert code is None or r.returncode == code, (r.returncode, r.stderr)
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     for word in words:
         assert word in r.stderr, r.stderr
@@ -178,7 +180,7 @@ def test_an_out_that_is_a_file_is_one_line(server, tmp_path):
     """It was FileExistsError's traceback."""
     url, app = server
     (tmp_path / "afile").write_text("mine")
-    assert_one_line_error(ws_client("--server", url, "--out", str(tmp_path / "afile")), "is a file")
+    assert_one_line_error(ws_client("--server", url, "--out", str(tmp_path / "afile")), "is a file", code=2)
     assert (tmp_path / "afile").read_text() == "mine" and app.state.registry.sessions == {}
 
 
@@ -187,7 +189,7 @@ def test_an_out_that_cannot_be_made_is_one_line(server, tmp_path):
     url, app = server
     (tmp_path / "afile").write_text("mine")
     r = ws_client("--server", url, "--seconds", "0.5", "--out", str(tmp_path / "afile" / "frames"))
-    assert_one_line_error(r, "--out", "cannot make the folder")
+    assert_one_line_error(r, "--out", "cannot make the folder", code=2)
     assert app.state.registry.sessions == {}
 
 
@@ -214,7 +216,7 @@ def test_an_out_the_client_may_not_write_into_is_one_line_before_a_session(serve
     url, app = server
     created = app.state.metrics.sessions_created._value.get()
     r = ws_client_that_cannot_write("*", "--server", url, "--seconds", "0.5", "--out", str(tmp_path))
-    assert_one_line_error(r, "--out", "cannot write into the folder", "Permission denied")
+    assert_one_line_error(r, "--out", "cannot write into the folder", "Permission denied", code=2)
     assert app.state.metrics.sessions_created._value.get() == created and list(tmp_path.iterdir()) == []
 
 
@@ -222,7 +224,7 @@ def test_a_frame_that_cannot_be_saved_is_one_line_after_what_was_saved(server, t
     """A disk that fills up mid-stream was a traceback; the session is ended all the same."""
     url, app = server
     r = ws_client_that_cannot_write("*.jpg", "--server", url, "--seconds", "1", "--out", str(tmp_path))
-    assert_one_line_error(r, "--out", "cannot save a frame", "Permission denied")
+    assert_one_line_error(r, "--out", "cannot save a frame", "Permission denied", code=2)
     assert "0 frames" in r.stdout and app.state.registry.sessions == {}
 
 
@@ -231,7 +233,7 @@ def test_an_out_holding_another_runs_frames_is_one_line(server, tmp_path):
     url, app = server
     (tmp_path / "000000_00000000ms.jpg").write_bytes(b"an earlier run's")
     (tmp_path / "notes.txt").write_text("mine")
-    assert_one_line_error(ws_client("--server", url, "--out", str(tmp_path)), "another run's frames")
+    assert_one_line_error(ws_client("--server", url, "--out", str(tmp_path)), "another run's frames", code=2)
     assert app.state.registry.sessions == {}
     (tmp_path / "000000_00000000ms.jpg").unlink()  # a folder with other files is fine
     r = ws_client("--server", url, "--seconds", "0.5", "--out", str(tmp_path))
@@ -252,9 +254,18 @@ def test_a_bad_wav_is_one_line_and_makes_no_session(server, tmp_path, wav):
         chunks = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(samples))
         path.write_bytes(b"RIFF" + struct.pack("<I", len(chunks) + len(samples)) + chunks + samples)
     r = ws_client("--server", url, "--wav", str(path), "--out", str(tmp_path / "f"))
-    assert_one_line_error(r, str(path))
+    assert_one_line_error(r, str(path), code=2)
     if wav == "float":
         assert "need 16 kHz mono 16-bit PCM" in r.stderr and "holds float samples" in r.stderr, r.stderr
+    assert app.state.registry.sessions == {}
+
+
+@pytest.mark.parametrize("option, value, status", [("--avatar", "nobody", 404), ("--seed", "-1", 422)])
+def test_a_session_the_server_refuses_for_an_option_is_one_line_exit_2(server, tmp_path, option, value, status):
+    """An unknown --avatar or a bad --seed exited 1, as the server's failures do; 2 is a run given what cannot be."""
+    url, app = server
+    r = ws_client("--server", url, option, value, "--seconds", "0.5", "--out", str(tmp_path))
+    assert_one_line_error(r, f"session refused: {status}", code=2)
     assert app.state.registry.sessions == {}
 
 
@@ -278,7 +289,7 @@ def test_a_full_server_is_asked_again_until_wait_is_spent(server, tmp_path):
     held = httpx.post(f"{url}/v1/sessions", json={"avatar": "sample"}).json()  # the one place
     try:
         r = ws_client("--server", url, "--say", "hi", "--wait", "0", "--out", str(tmp_path))
-        assert_one_line_error(r, "session refused: 503")
+        assert_one_line_error(r, "session refused: 503", code=1)  # (the server's state, not the run's input)
     finally:
         httpx.delete(f"{url}{held['resource']}", headers={"Authorization": f"Bearer {held['token']}"})
     assert app.state.registry.sessions == {}
