@@ -83,9 +83,14 @@ def speech_seconds_at_least(text: str, voice: Voice) -> float:
 
 def language_tag(language: str) -> str:
     """A language as espeak-ng names it: language tags are case-insensitive (RFC 5646, 2.1.1), and a
-    browser's navigator.language, "en-US", was refused as an unknown language. One that is not known
-    in any case stays as it was sent, for the error to name it."""
-    return language.lower() if language.lower() in LANGUAGES else language
+    browser's navigator.language, "en-US", was refused as an unknown language. A tag it does not name
+    is looked up without its last subtags (RFC 4647, 3.4): a German browser's "de-DE" was refused too;
+    it is German, "en-GB" espeak's "en". One that is not known so stays as it was sent, for the error to
+    name it."""
+    tag = language.lower()
+    while tag not in LANGUAGES and "-" in tag:
+        tag = tag.rsplit("-", 1)[0]
+    return tag if tag in LANGUAGES else language
 
 
 class SpeechBusy(SpeechError):

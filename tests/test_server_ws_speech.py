@@ -51,15 +51,18 @@ def test_speak_errors_are_reported_not_fatal(client):
 
 
 def test_a_language_tag_in_any_case_is_the_language(client):
-    """A browser's navigator.language, "en-US", was 'unknown language': tags are case-insensitive."""
+    """A browser's navigator.language, "en-US", was 'unknown language': tags are case-insensitive,
+    and a region's tag ("de-DE") is looked up as its language's (RFC 4647)."""
     s = socket_session(client)
     with client.websocket_connect(stream_url(s)) as ws:
         ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
         next_json(ws)
         ws.send_text(json.dumps({"type": "speak", "text": "hi", "language": "en-US"}))
         assert next_json(ws)["type"] == "speaking"
-        ws.send_text(json.dumps({"type": "speak", "text": "hi", "language": "EN-GB"}))  # named as it was sent
-        assert next_json(ws)["message"].startswith("unknown language 'EN-GB'; choose one of en-us, en,")
+        ws.send_text(json.dumps({"type": "speak", "text": "hallo", "language": "de-DE"}))  # (a German browser's)
+        assert next_json(ws)["type"] == "speaking"
+        ws.send_text(json.dumps({"type": "speak", "text": "hi", "language": "zh-CN"}))  # named as it was sent
+        assert next_json(ws)["message"].startswith("unknown language 'zh-CN'; choose one of en-us, en,")
         ws.send_text(json.dumps({"type": "stop"}))
 
 
