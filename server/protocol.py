@@ -118,10 +118,16 @@ def parse_binary(data: bytes) -> AudioMessage:
     if len(data) < HEADER.size:
         raise ProtocolError(CloseCode.BAD_MESSAGE, f"binary message of {len(data)} bytes is shorter than the header")
     kind, flags, reserved, seq, pts_us = HEADER.unpack_from(data)
+    # (raw PCM sent without the header, a likely slip, read as a header of its first samples: the
+    # close said only "type 37 is not audio in (1)")
+    no_header = "; each message is a 16-byte header, then PCM16: was it sent without one?"
     if kind != MsgType.AUDIO_IN:
-        raise ProtocolError(CloseCode.BAD_MESSAGE, f"binary message type {kind} is not audio in (1)")
+        known = kind in MsgType.__members__.values()
+        raise ProtocolError(
+            CloseCode.BAD_MESSAGE, f"binary message type {kind} is not audio in (1)" + ("" if known else no_header)
+        )
     if flags or reserved:
-        raise ProtocolError(CloseCode.BAD_MESSAGE, "header flags and reserved bytes must be 0")
+        raise ProtocolError(CloseCode.BAD_MESSAGE, "header flags and reserved bytes must be 0" + no_header)
     payload = data[HEADER.size :]
     if len(payload) > MAX_AUDIO_MESSAGE_BYTES:
         raise ProtocolError(CloseCode.TOO_BIG, f"audio message of {len(payload)} bytes; at most 2 s per message")

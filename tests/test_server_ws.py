@@ -57,6 +57,19 @@ def test_bad_binary_messages(data, code):
     assert e.value.code == code and e.value.reason
 
 
+def test_raw_pcm_without_the_header_is_told_so():
+    """PCM sent without the 16-byte header was closed with 'binary message type 37 is not audio in (1)'."""
+    pcm = (np.sin(np.arange(1, 321) / 5) * 8000).astype(np.int16)
+    for raw in (pcm.tobytes(), np.zeros(320, np.int16).tobytes(), np.full(320, 257, np.int16).tobytes()):
+        with pytest.raises(ProtocolError) as e:
+            parse_binary(raw)
+        assert e.value.code == CloseCode.BAD_MESSAGE and e.value.reason.endswith("was it sent without one?")
+        assert len(e.value.reason.encode()) <= 123
+    with pytest.raises(ProtocolError) as e:  # a type the server sends: no header missing
+        parse_binary(pack(MsgType.AUDIO_OUT, 0, 0, b""))
+    assert e.value.reason == "binary message type 4 is not audio in (1)"
+
+
 @pytest.mark.parametrize(
     "text, code",
     [
