@@ -157,6 +157,20 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
 }
 
 
+_EXPECTED = {(str,): "a string", (int,): "a whole number", (int, float, str): "a number or a string"}
+
+
+def _json_kind(value) -> str:
+    """What a JSON value is, in JSON's words: a sample_rate of "16000" is 'the string '16000''."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return f"the string {value[:20]!r}"
+    return "an array" if isinstance(value, list) else "an object"
+
+
 def parse_control(text: str) -> dict:
     """A client text message -> validated dict with defaults filled in."""
     if len(text) > MAX_TEXT_MESSAGE_CHARS:
@@ -192,8 +206,9 @@ def parse_control(text: str) -> dict:
             if not value.is_integer():
                 raise ProtocolError(CloseCode.BAD_MESSAGE, f"{kind}: {name} must be a whole number, not {value!r}")
             msg[name] = value = int(value)
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise ProtocolError(CloseCode.BAD_MESSAGE, f"{kind}: field {name!r} has the wrong type")
+        if not isinstance(value, types) or isinstance(value, bool):  # (it said only 'has the wrong type')
+            expected = f"{kind}: {name} must be {_EXPECTED[types]}"
+            raise ProtocolError(CloseCode.BAD_MESSAGE, f"{expected}, not {_json_kind(value)}")
         if isinstance(value, float) and not math.isfinite(value):  # (json.loads takes NaN, JSON has none)
             raise ProtocolError(CloseCode.BAD_MESSAGE, f"{kind}: {name} must be a finite number, not {value!r}")
     for name, (_, required) in fields.items():

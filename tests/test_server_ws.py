@@ -146,10 +146,28 @@ def test_an_optional_field_given_as_null_is_not_given():
     assert msg == {"type": "speak", "text": "hi"}
     assert parse_control('{"type": "start", "format": null, "sample_rate": null}') == parse_control('{"type": "start"}')
     assert parse_control('{"type": "ping", "id": null}') == {"type": "ping"}
-    for text in ('{"type": "speak", "text": null}', '{"type": "credit", "frames": null}'):  # (required)
+    for text, reason in [  # (required)
+        ('{"type": "speak", "text": null}', "speak: text must be a string, not null"),
+        ('{"type": "credit", "frames": null}', "credit: frames must be a whole number, not null"),
+    ]:
         with pytest.raises(ProtocolError) as e:
             parse_control(text)
-        assert e.value.code == CloseCode.BAD_MESSAGE and "wrong type" in e.value.reason
+        assert (e.value.code, e.value.reason) == (CloseCode.BAD_MESSAGE, reason)
+
+
+def test_a_field_of_another_type_says_which_type_it_must_be():
+    """'start: field 'sample_rate' has the wrong type' left the client to guess what it should be."""
+    for text, reason in [
+        ('{"type": "start", "sample_rate": "16000"}',
+         "start: sample_rate must be a whole number, not the string '16000'"),
+        ('{"type": "start", "format": ["jpeg"]}', "start: format must be a string, not an array"),
+        ('{"type": "credit", "frames": true}', "credit: frames must be a whole number, not true"),
+        ('{"type": "speak", "text": 5}', "speak: text must be a string, not a number"),
+        ('{"type": "ping", "id": {}}', "ping: id must be a number or a string, not an object"),
+    ]:
+        with pytest.raises(ProtocolError) as e:
+            parse_control(text)
+        assert (e.value.code, e.value.reason) == (CloseCode.BAD_MESSAGE, reason)
 
 
 def test_a_field_given_twice_says_which():
