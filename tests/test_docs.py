@@ -154,13 +154,14 @@ def test_serving_synopsis_names_every_serve_option_with_its_default():
 
 def test_the_close_code_table_is_the_servers():
     """docs/api.md's WebSocket close codes are the server's (server/protocol.py's CloseCode, and
-    the WebSocket layer's 1007 and 1009): none missing, none the server never sends."""
-    from server.protocol import CloseCode
+    the WebSocket layer's, BROKEN_FRAME_CLOSES: its 1002 was left out): none missing, none the server
+    never sends."""
+    from server.protocol import BROKEN_FRAME_CLOSES, CloseCode
 
     api = (ROOT / "docs" / "api.md").read_text()
     table = api.split("### Close codes", 1)[1].split("\n\n")[1]
     documented = {int(c) for row in re.findall(r"^\| ([0-9 /]+) \|", table, re.M) for c in row.split("/")}
-    assert documented == {int(c) for c in CloseCode} | {1007, 1009}
+    assert documented == {int(c) for c in CloseCode} | set(BROKEN_FRAME_CLOSES)
 
 
 def test_the_control_message_table_is_the_protocols():
