@@ -195,6 +195,44 @@ def test_a_session_the_server_never_answers_is_given_up(browser_page, transport)
             page.close()
 
 
+@pytest.mark.parametrize("transport", ["webrtc", "ws"])
+def test_a_session_answered_after_the_page_gave_up_is_deleted(browser_page, transport):
+    """A session's creation the page gave up (no answer in 10 s) was cut off: a server that had the
+    request made the session all the same, and it stayed until the server's unclaimed timeout (20 s;
+    here a minute), a server of one session refusing the next connect meanwhile. The page waits on
+    for the answer now, and DELETEs the session it names, using it for nothing."""
+    with live_server(max_sessions=1, unclaimed_timeout_s=60.0) as (url, app):
+        page = browser_page.new_page()
+        page.clock.install()  # (the page's 10 s run at once)
+        held, requests = [], []
+        page.on("request", lambda r: requests.append(f"{r.method} {r.url}"))
+        try:
+            page.goto(f"{url}/?transport={transport}&mic=0")
+            page.wait_for_selector("#avatars button")
+            page.route("**/v1/sessions", lambda route: held.append(route))  # (answered once given up)
+            with page.expect_request("**/v1/sessions"):
+                page.click("#connect")
+            page.clock.run_for(11_000)
+            page.wait_for_function("window.streamgenStats.state !== 'connecting'", timeout=5_000)
+            assert page.evaluate("window.streamgenStats.state") == "failed: the server does not answer (no answer in 10 s)"
+            route = held.pop()
+            made = route.fetch()  # the server makes the session, and its answer comes late
+            assert made.status == 201 and len(app.state.registry.sessions) == 1
+            resource = made.json()["resource"]
+            with page.expect_request(lambda r: r.method == "DELETE", timeout=10_000) as deleted:
+                route.fulfill(response=made)
+            assert deleted.value.url == f"{url}{resource}"
+            for _ in range(100):
+                if not app.state.registry.sessions:
+                    break
+                page.wait_for_timeout(50)
+            assert not app.state.registry.sessions, "the late session was left to the server's timeout"
+            assert [r for r in requests if "/whep" in r or "/stream" in r] == []  # (not used)
+            assert page.evaluate("window.streamgenStats.state") == "failed: the server does not answer (no answer in 10 s)"
+        finally:
+            page.close()
+
+
 def test_a_whep_offer_the_server_never_answers_falls_back_to_the_websocket(browser_page):
     """A WHEP offer (POST .../whep) the server or a proxy took and never answered left the page
     'connecting' for good: the 5 s limit to connect started only with the answer. The offer is

@@ -42,7 +42,7 @@ export async function apiFetch(url, init = {}, answerMs = 0) {
     return await fetch(url, limit ? { ...init, signal: limit.signal } : init);
   } catch (e) {
     // (said here, not as the abort's reason: a browser may reject with its own AbortError instead)
-    if (limit?.signal.aborted) throw new Error(`the server does not answer (no answer in ${answerMs / 1000} s)`);
+    if (limit?.signal.aborted) throw noAnswerIn(answerMs);
     if (e.name === "AbortError") throw e;  // cut off by the page itself: nothing to say
     throw new Error(`the server does not answer (${e.message})`);
   } finally {
@@ -50,10 +50,34 @@ export async function apiFetch(url, init = {}, answerMs = 0) {
   }
 }
 
+const noAnswerIn = (answerMs) => new Error(`the server does not answer (no answer in ${answerMs / 1000} s)`);
+
 export const answeredFetch = (url, init) => apiFetch(url, init, ANSWER_MS);
+
 // A picture's upload counts in that wait: at a slow uplink's 64 KiB/s (a phone's on a poor signal) a
 // picture of 4 MiB, the most a server takes by default, takes a minute to send, and was given up at 10 s
 const UPLOAD_BYTES_PER_S = 64 * 1024;
+
+// A session's creation not answered in time is given up, not cut off: a server that has the request
+// makes the session all the same, and with its answer cut off the session was left to the server's
+// unclaimed timeout (20 s), a server of one session refusing the next connect meanwhile (503). The
+// answer that comes after the page gave up is that session's DELETE, and nothing else.
+async function sessionAnswer(answer, answerMs) {
+  let limitTimer, givenUp = false;
+  const limit = new Promise((_, reject) => {
+    limitTimer = setTimeout(() => { givenUp = true; reject(noAnswerIn(answerMs)); }, answerMs);
+  });
+  answer.then(async (res) => {
+    if (!givenUp || !res.ok) return;
+    const made = await res.json().catch(() => null);
+    if (made?.resource) deleteSession(made);
+  }, () => {});  // (failed after the page gave up: nothing to end)
+  try {
+    return await Promise.race([answer, limit]);
+  } finally {
+    clearTimeout(limitTimer);
+  }
+}
 
 export async function createSession() {
   const caption = $("caption").value.trim();
@@ -70,7 +94,7 @@ export async function createSession() {
     headers["Content-Type"] = "application/json";
   }
   const answerMs = ANSWER_MS + (file ? Math.ceil(file.size / UPLOAD_BYTES_PER_S) * 1000 : 0);
-  const res = await apiFetch("/v1/sessions", { method: "POST", body, headers }, answerMs);
+  const res = await sessionAnswer(apiFetch("/v1/sessions", { method: "POST", body, headers }), answerMs);
   if (res.status === 401) {  // the server's words are for programs (a header): a page takes it from its address
     throw new Error(`401: this server needs its token: open the page as ${location.pathname}?token=<server token>`);
   }
