@@ -101,6 +101,33 @@ window.setInterval = (f, ms, ...args) => intervalAsAsked(f, 60000, ...args);
 """
 
 
+def test_a_websocket_that_never_reaches_the_server_says_so_and_ends_its_session(browser_page):
+    """A WebSocket closed without a word before its stream started (the server gone since the
+    session was made, or a proxy that does not pass WebSockets on: no close frame, 1006) failed as
+    'failed: WebSocket failed', which said nothing a user could act on. It says what it was now, and
+    the session its socket never reached is DELETEd."""
+    from server_helpers import free_port
+
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        page.add_init_script(HELD + STREAM_ELSEWHERE + f"window.streamAt = 'http://127.0.0.1:{free_port()}';")
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            page.wait_for_function("window.streamgenStats.state.startsWith('failed')", timeout=20_000)
+            assert page.evaluate("held()") == {
+                "mics": 0, "contexts": 0, "connect": True, "hangup": False,
+                "state": "failed: the WebSocket stream could not connect to the server (it is gone, or a proxy "
+                         "between does not pass WebSockets on)",
+            }  # fmt: skip
+            for _ in range(100):
+                if not app.state.registry.sessions:
+                    break
+                page.wait_for_timeout(50)
+            assert not app.state.registry.sessions
+        finally:
+            page.close()
+
+
 def test_a_watch_only_websocket_whose_timers_are_held_keeps_its_session(browser_page):
     """A WebSocket page without its microphone keeps its session with a ping each second (the
     idle limit counts the client's messages), sent from a timer: in a tab hidden for long, that

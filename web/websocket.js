@@ -11,6 +11,8 @@ const HEADER_BYTES = 16;
 // a server or proxy that took the TCP connection and then said nothing left the page "connecting"
 // (or "streaming" with nothing coming) for good. Generous: a real server answers within a second.
 const WEBSOCKET_START_MS = 10000;
+const WEBSOCKET_UNREACHED = "the WebSocket stream could not connect to the server (it is gone, or a proxy between "
+  + "does not pass WebSockets on)";
 // How long a hang-up waits for the server to answer its WebSocket's close before it DELETEs the
 // session (deleteUnlessTheSocketEndsIt). A real server answers at once.
 const SOCKET_CLOSE_ANSWER_MS = 2000;
@@ -85,9 +87,11 @@ export async function connectWebSocket(mine, closed) {
   let limitTimer = null, readyCame = null;
   const ready = new Promise((resolve) => { readyCame = resolve; });
   const failed = new Promise((_, reject) => {
-    // (a server's refusal is a close with its code and reason: 4404 unknown session, 4409, ...)
+    // (a server's refusal is a close with its code and reason: 4404 unknown session, 4409, ...). One
+    // without a close frame (1006) never reached the API's socket: the page said "failed: WebSocket failed"
     socket.addEventListener("close", (e) => {
-      const error = new Error(e.reason ? `WebSocket closed: ${e.code} ${e.reason}` : "WebSocket failed");
+      const said = e.code === 1006 ? WEBSOCKET_UNREACHED : `WebSocket closed: ${e.code} ${e.reason}`.trimEnd();
+      const error = new Error(said);
       error.sessionGone = sessionGoneWith(e.code);
       reject(error);
     });
