@@ -60,6 +60,30 @@ def test_a_microphone_the_browser_refuses_is_said_beside_its_box(browser_page, t
             page.close()
 
 
+def test_a_refused_microphones_note_goes_as_its_box_is_ticked_again_while_idle(browser_page):
+    """The note of a microphone refused ("no microphone: Permission denied") stayed after the hang-up
+    beside the box ticked again, as though that choice were refused too; the next connect asks the
+    browser anew. The note goes as the box is ticked, and the next connect's refusal says it again."""
+    with live_server(max_sessions=2) as (url, app):
+        page = page_with(browser_page, f"{url}/?transport=ws", REFUSED)
+        try:
+            page.wait_for_selector("#avatars button")
+            page.click("#connect")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            assert page.text_content("#mic-note") == "no microphone: Permission denied"
+            page.click("#hangup")
+            assert page.text_content("#mic-note") == "no microphone: Permission denied"  # (the last connect's)
+            page.check("#mic")
+            assert page.text_content("#mic-note") == ""
+            page.click("#connect")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            assert not page.is_checked("#mic")
+            assert page.text_content("#mic-note") == "no microphone: Permission denied"
+            page.click("#hangup")
+        finally:
+            page.close()
+
+
 def test_a_page_the_browser_gives_no_microphone_at_all_says_why(browser_page):
     with live_server(max_sessions=2) as (url, app):
         page = page_with(browser_page, f"{url}/?autostart=1", INSECURE)

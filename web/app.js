@@ -257,7 +257,12 @@ $("mic").onchange = async () => {
   // transport yet (its session requested), the box did nothing: unticked, the microphone was sent all
   // the same; ticked, none was taken. The transports take state.mic as they start.
   const mine = state.generation, on = $("mic").checked;
-  if ($("hangup").disabled) return;
+  // while idle the box is only the choice for the next connect, which asks the browser then: a note of
+  // the last one's ("no microphone: Permission denied") stayed beside the box ticked again, as if it held
+  if ($("hangup").disabled) {
+    $("mic-note").textContent = "";
+    return;
+  }
   if (on && !state.mic) {
     const stream = await getMic();
     // hung up while the browser asked, or the box unticked meanwhile (and maybe ticked again, which
