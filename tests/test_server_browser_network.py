@@ -128,6 +128,30 @@ def test_a_websocket_that_never_reaches_the_server_says_so_and_ends_its_session(
             page.close()
 
 
+def test_a_fallback_that_fails_too_says_why_webrtc_failed_first(browser_page):
+    """WebRTC failed (here its offer refused), and the WebSocket it fell back to failed too: the page
+    said the WebSocket's reason alone, as though it were the only way tried, and WebRTC's only on the
+    console (its refusal as the body's raw JSON). Both are said now, each in its server's words."""
+    import json
+
+    from server_helpers import free_port
+
+    refusal = json.dumps({"error": "bad_offer", "message": "the offer has no video"})
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        page.add_init_script(HELD + STREAM_ELSEWHERE + f"window.streamAt = 'http://127.0.0.1:{free_port()}';")
+        try:
+            page.route("**/whep", lambda route: route.fulfill(status=400, body=refusal, content_type="application/json"))
+            page.goto(f"{url}/?autostart=1&mic=0")
+            page.wait_for_function("window.streamgenStats.state.startsWith('failed')", timeout=20_000)
+            assert page.evaluate("held()")["state"] == (
+                "failed: the WebSocket stream could not connect to the server (it is gone, or a proxy between does "
+                "not pass WebSockets on); tried first: WHEP 400: the offer has no video"
+            )
+        finally:
+            page.close()
+
+
 def test_a_watch_only_websocket_whose_timers_are_held_keeps_its_session(browser_page):
     """A WebSocket page without its microphone keeps its session with a ping each second (the
     idle limit counts the client's messages), sent from a timer: in a tab hidden for long, that

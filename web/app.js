@@ -138,7 +138,12 @@ async function connect() {
         // answered is waited for 2 s at most: the fallback's own request says what became of it.)
         await Promise.race([closePeer(), new Promise((resolve) => setTimeout(resolve, FALLBACK_DELETE_MS))]);
         if (mine !== state.generation) return;
-        await connectWebSocket(mine, closed);
+        // failed as well, it says why WebRTC did: the WebSocket's reason alone read as though that were
+        // the only way tried (a network without UDP and a proxy without WebSockets needs both said)
+        await connectWebSocket(mine, closed).catch((fallbackError) => {
+          fallbackError.message += `; tried first: ${e.message}`;
+          throw fallbackError;
+        });
       }
     }
   } catch (e) {

@@ -1,6 +1,6 @@
 // The WebRTC (WHEP) connection: the offer and its trickled candidates, the connection's state and
 // the overlay's figures read from it.
-import { authHeaders, deleteSession } from "./api.js";
+import { apiJson, authHeaders, deleteSession } from "./api.js";
 import { $, abandoned, showOverlay, state, stats, waitForClickForSound } from "./page.js";
 
 let offerPostedAt = 0;
@@ -80,7 +80,9 @@ export async function connectWebRTC(mine, ended) {
     clearTimeout(answerTimer);
   }
   abandoned(mine);
-  if (res.status !== 201) throw new Error(`WHEP ${res.status}: ${await res.text()}`);
+  // a refusal in the server's words (its body was the API's JSON, said whole)
+  if (!res.ok) await apiJson(res).catch((e) => { throw new Error(`WHEP ${e.message}`); });
+  if (res.status !== 201) throw new Error(`WHEP ${res.status}: no SDP answer`);
   trickle.answered(s.resource, res.headers.get("ETag"));
   await peer.setRemoteDescription({ type: "answer", sdp: await res.text() });
   abandoned(mine);
