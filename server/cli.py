@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-sessions", type=int, default=8, help="upper bound on concurrent sessions")
+    parser.add_argument("--max-connections", type=positive_int, default=256, metavar="N",
+                        help="connections open at once (WebSockets too): a request on another is answered 503 "
+                        "with Retry-After, so a flood of clients cannot use up the process (default 256)")  # fmt: skip
     # (the environment rather than the command line, which every user of the machine reads in `ps`)
     parser.add_argument("--token", default=None,
                         help=f"require 'Authorization: Bearer TOKEN' to create sessions (default: ${TOKEN_ENV}, "
@@ -146,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
     follower = args.sp > 1 and int(os.environ.get("RANK", 0)) > 0
     if not follower:
         _check_address(args.host, args.port)
+    if args.max_connections <= args.max_sessions:  # (each session's WebSocket holds one, and its page more)
+        raise UserError(f"--max-connections {args.max_connections} leaves no room for --max-sessions "
+                        f"{args.max_sessions}'s clients: give more connections than sessions")  # fmt: skip
     if args.lanes > args.max_sessions:
         # a session goes to the lane with the most room, so lanes past --max-sessions never get one;
         # yet the warm-up ran a stream on every lane at once, and the chunk time it measured (the
@@ -221,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(
         model=args.model, height=args.size, width=args.size, steps=args.steps, device=args.device,
         decode_dtype=args.decode_dtype,
-        max_sessions=args.max_sessions, token=args.token,
+        max_sessions=args.max_sessions, max_connections=args.max_connections, token=args.token,
         torch_threads=threads, lanes=args.lanes, loopback=args.loopback or _is_loopback(args.host), sp=args.sp,
         idle_timeout_s=args.idle_timeout, max_duration_s=args.max_duration, peer_timeout_s=args.peer_timeout,
         stamp_frames=args.stamp_frames, measure_capacity=not args.admit_max, inference_process=args.model_process,

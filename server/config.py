@@ -45,6 +45,14 @@ class ServerConfig:
     # uplink's upload: web/api.js waits as long), is answered 408: a client that sent its headers and
     # then a body a byte at a time, or part of one and nothing more, held its socket and buffer for good
     body_timeout_s: float = 30.0
+    # a request head (the request line and headers) not all received within this long of its first
+    # byte, or a connection that sends none for this long, is answered 408 and closed (server/connections.py):
+    # uvicorn waited for a head without limit, and a few hundred clients sending one a byte at a
+    # time used up the process's file descriptors
+    header_timeout_s: float = 20.0
+    # while this many connections are open (WebSockets too), a request on another is answered 503
+    # (server/connections.py; serve --max-connections); 0: no bound
+    max_connections: int = 256
     max_image_pixels: int = 4096 * 4096  # refuse larger references before decoding them
     max_audio_ahead_s: float = 30.0  # audio queued beyond the video position (speech, fast clients)
     playout_delay_s: float | None = None  # None: from the measured chunk time

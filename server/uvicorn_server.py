@@ -6,7 +6,8 @@ did the lifespan close what was left. Here a shutdown stops taking connections, 
 as the server's doing (WebSocket 1001 "server shutting down", WebRTC peers hung up, the metrics'
 reason "server shutting down"), then goes on as uvicorn does. It also logs a client's text
 message that is not UTF-8 in one line rather than uvicorn's traceback (`BrokenTextFrameLog`), and
-drops the connection of a WebSocket client that stopped reading (`StuckClientDroppingProtocol`).
+drops the connection of a WebSocket client that stopped reading (`StuckClientDroppingProtocol`),
+and times each request's head and bounds the connections open (server/connections.py).
 """
 
 from __future__ import annotations
@@ -101,6 +102,13 @@ class SessionClosingServer(uvicorn.Server):
         self.load_error: str | None = None
         if config.ws == "auto" and WebSocketsSansIOProtocol is not None:
             config.ws = StuckClientDroppingProtocol
+        if isinstance(config.http, str) and config.http in ("auto", "h11", "httptools"):
+            from uvicorn.config import HTTP_PROTOCOLS
+            from uvicorn.importer import import_from_string
+
+            from .connections import limited_protocol
+
+            config.http = limited_protocol(import_from_string(HTTP_PROTOCOLS[config.http]))
         for name, kinds in (("uvicorn.error", (BrokenTextFrameLog, TokenRedactingLog)),
                             ("uvicorn.access", (TokenRedactingLog,))):  # fmt: skip
             log = logging.getLogger(name)

@@ -83,8 +83,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(**overrides):
-    """A real uvicorn server on 127.0.0.1 in a background thread; yields (base_url, app)."""
+def live_server(http: str = "auto", **overrides):
+    """A real uvicorn server on 127.0.0.1 in a background thread, with uvicorn's `http` protocol;
+    yields (base_url, app)."""
     import httpx
     import uvicorn
 
@@ -94,7 +95,7 @@ def live_server(**overrides):
 
     server = SessionClosingServer(  # as `serve` runs it
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=3,
-                       ws_max_size=MAX_WEBSOCKET_MESSAGE_BYTES)  # as `serve` runs it # fmt: skip
+                       ws_max_size=MAX_WEBSOCKET_MESSAGE_BYTES, http=http)  # as `serve` runs it # fmt: skip
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

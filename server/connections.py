@@ -1,0 +1,117 @@
+"""uvicorn's HTTP protocol with a deadline for each request's head and a bound on open connections.
+
+uvicorn times nothing before a request's head is complete: a client that connected and sent
+nothing, or sent its headers a byte at a time and never the blank line that ends them (a
+slowloris), held its socket for as long as it liked, and a few hundred of them used up the
+process's file descriptors, so that no page, session or health check was answered. Here a
+connection whose request head has not all arrived within `ServerConfig.header_timeout_s` (from
+its first byte, or from the connection if it sends none) is answered 408 and closed; and while
+`ServerConfig.max_connections` connections are open (WebSockets included), a request that
+arrives on another is answered 503 with `Retry-After`, in the API's JSON, and its connection
+closed, rather than the server taking on more than it can hold.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi.responses import JSONResponse
+
+log = logging.getLogger("streamgen.server")
+
+RETRY_AFTER_S = 1  # connections come and go by the second: a page's fetches, a health check
+
+
+class ConnectionLimits:
+    """A mixin before uvicorn's HTTP protocol (httptools' or h11's) in the MRO: both parse what
+    `data_received` is given, make `self.cycle` anew for each request whose head is complete, hand
+    the transport to the WebSocket protocol on an upgrade, and take the app to run from `self.app`."""
+
+    def __init__(self, config, server_state, app_state, _loop=None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        settings = config.app.state.config  # (the app as `serve` and the tests make it)
+        self.header_timeout_s = settings.header_timeout_s
+        self.max_connections = settings.max_connections
+        self.awaiting_head = True
+        self.head_bytes = 0  # of the request head awaited now
+        self.head_timer = None
+
+    # --- the head's deadline ------------------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_head_timer()  # (a client that never sends a byte)
+
+    def data_received(self, data: bytes) -> None:
+        if self.awaiting_head and self.head_bytes == 0:
+            self._arm_head_timer()  # from the head's first byte
+        if self.awaiting_head:
+            self.head_bytes += len(data)
+        cycle = self.cycle
+        super().data_received(data)
+        if self.cycle is not cycle or self.transport.get_protocol() is not self:  # a head complete, or an upgrade
+            self.awaiting_head = False
+            self._cancel_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # the next head is awaited, unless one that came meanwhile runs now; uvicorn's keep-alive
+        # timeout closes the connection if nothing comes, and its first byte starts the head's clock
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self.awaiting_head, self.head_bytes = True, 0
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self.head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        if not self.awaiting_head or self.transport.is_closing():
+            return
+        if self.head_bytes:  # (a connection that sent nothing is closed without a word, as a keep-alive one)
+            who = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+            log.info("%s sent %d bytes of a request head in %g s: answered 408 and closed",
+                     who, self.head_bytes, self.header_timeout_s)  # fmt: skip
+            message = f"request headers not received within {self.header_timeout_s:g} s"
+            body = json.dumps({"error": "header_timeout", "message": message}).encode()
+            head = [b"HTTP/1.1 408 Request Timeout\r\n"]
+            head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+            head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
+                     b"connection: close\r\n\r\n"]  # fmt: skip
+            self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+    # --- the bound on connections ---------------------------------------------------------------------------
+    @property
+    def app(self):
+        """The app a request whose head is complete runs: the refusal while too many connections are open."""
+        if self.max_connections and len(self.connections) > self.max_connections:
+            return self._refuse_over_limit
+        return self._app
+
+    @app.setter
+    def app(self, app) -> None:
+        self._app = app
+
+    async def _refuse_over_limit(self, scope, receive, send) -> None:
+        open_now = len(self.connections)
+        log.warning("%s %s -> 503: %d connections open, the limit is %d", scope["method"], scope["path"][:80],
+                    open_now, self.max_connections)  # fmt: skip
+        message = f"the server has {open_now} connections open, its limit: try again shortly"
+        response = JSONResponse({"error": "unavailable", "message": message, "reason": "too many connections"},
+                                status_code=503, headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})  # fmt: skip
+        await response(scope, receive, send)
+
+
+def limited_protocol(base: type) -> type:
+    """`base` (uvicorn's HTTP protocol class) under `ConnectionLimits`."""
+    return type(f"Limited{base.__name__}", (ConnectionLimits, base), {})

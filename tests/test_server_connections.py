@@ -1,0 +1,120 @@
+"""The deadline of a request's head and the bound on open connections (server/connections.py),
+over raw sockets to a live server on 127.0.0.1, with each of uvicorn's HTTP parsers."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+from server_helpers import free_port, live_server
+
+HEADER_TIMEOUT_S = 0.5
+MAX_CONNECTIONS = 3
+
+
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def server(request):
+    with live_server(http=request.param, header_timeout_s=HEADER_TIMEOUT_S, max_connections=MAX_CONNECTIONS) as (url, app):
+        yield int(url.rsplit(":", 1)[1])
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def answer_until_closed(sock: socket.socket) -> bytes:
+    """All the server sends until it closes the connection (bounded by the socket's timeout)."""
+    answer = b""
+    while part := sock.recv(65536):
+        answer += part
+    return answer
+
+
+def read_response(sock: socket.socket) -> tuple[bytes, dict]:
+    """One response with a Content-Length: its head and its JSON body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head, json.loads(body)
+
+
+def test_headers_that_never_end_are_answered_408_and_closed(server):
+    """A client sending its headers a byte at a time, never the blank line, held its connection for good."""
+    with connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        answer = answer_until_closed(sock)  # (a timeout here: held for good)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), answer
+    assert b"connection: close" in head.lower(), head
+    assert json.loads(body)["error"] == "header_timeout"
+
+
+def test_a_connection_that_sends_nothing_is_closed(server):
+    with connect(server) as sock:
+        assert answer_until_closed(sock) == b""
+
+
+def test_the_next_head_on_a_kept_alive_connection_has_the_same_deadline(server):
+    with connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head, _ = read_response(sock)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+        assert answer_until_closed(sock).startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_head_that_arrived_in_time_is_not_cut_while_its_body_comes(server):
+    """The head's deadline ends with the head: its body has the body's (ServerConfig.body_timeout_s)."""
+    with connect(server) as sock:
+        sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 2\r\n\r\n")  # fmt: skip
+        time.sleep(2 * HEADER_TIMEOUT_S)
+        sock.sendall(b"{}")
+        head, said = read_response(sock)
+    assert head.startswith(b"HTTP/1.1 201 "), (head, said)
+
+
+def test_a_request_past_the_connection_limit_is_a_503_in_json(server):
+    held = [connect(server) for _ in range(MAX_CONNECTIONS)]
+    try:
+        for sock in held:  # (each makes a request: the server has taken every connection by its answer)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert read_response(sock)[0].startswith(b"HTTP/1.1 200 ")
+        with connect(server) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = answer_until_closed(sock)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 "), answer
+        assert b"retry-after: 1" in head.lower() and b"connection: close" in head.lower(), head
+        assert json.loads(body)["error"] == "unavailable"
+    finally:
+        for sock in held:
+            sock.close()
+    for _ in range(200):  # (the server sees the held ones closed soon after)
+        with connect(server) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            if answer_until_closed(sock).startswith(b"HTTP/1.1 200 "):
+                break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("requests were refused after the other connections closed")
+
+
+def test_serve_takes_a_bound_on_connections_that_leaves_room_for_its_sessions(capsys, monkeypatch):
+    import server.app
+    from streamgen.cli import main
+
+    configs = []
+    monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    assert main(["serve", "--model", "debug", "--port", str(free_port()), "--max-connections", "20"]) == 0
+    assert main(["serve", "--model", "debug", "--port", str(free_port())]) == 0
+    assert [c.max_connections for c in configs] == [20, 256]
+    assert main(["serve", "--model", "debug", "--port", str(free_port()), "--max-connections", "8"]) == 2
+    assert "--max-connections 8 leaves no room for --max-sessions 8's clients" in capsys.readouterr().err
