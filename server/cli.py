@@ -145,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(teacher_cannot_stream(args.model))
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a TCP port")
+    # ('[::1]', as a URL writes it, did not resolve: uvicorn and asyncio take the address bare)
+    args.host = _unbracketed(args.host)
     if not args.host.strip():  # (uvicorn took "" for every interface: `--host "$UNSET"` served the network)
         raise UserError(f"--host {args.host!r} names no address: give 127.0.0.1 (this machine only, the default) "
                         "or 0.0.0.0 (every interface)")  # fmt: skip
@@ -252,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
         # command as Ctrl-C ends any, exit code 130; a SIGTERM it raises again as the signal, 143)
         server.run()
     except OSError as e:
-        raise UserError(f"cannot listen on {args.host}:{args.port}: {e}") from None
+        raise UserError(f"cannot listen on {_host_port(args.host, args.port)}: {e}") from None
     if not server.started:  # (uvicorn logged why)
         raise UserError("the server did not start: see the log above")
     if server.load_error:
@@ -263,31 +265,82 @@ def run(args: argparse.Namespace) -> int:
 def _is_loopback(host: str) -> bool:
     """Whether `host` is reachable from this machine alone: then WebRTC must offer 127.0.0.1 too
     (`--loopback`). Only 127.0.0.1 counted: `--host localhost` served the page, and its WebRTC
-    offered the other interfaces only (none, in a container without a network: no stream)."""
+    offered the other interfaces only (none, in a container without a network: no stream). A name
+    counts by the addresses it resolves to (`ip6-localhost`: ::1)."""
     import ipaddress
 
     if host.lower() in ("localhost", "localhost."):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
+        addresses = [host] if _ip_address(host) else [info[4][0] for info in _listen_addresses(host, 0)]
+    except (OSError, UnicodeError):  # (one that does not resolve: serve refused it before)
         return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def _ip_address(text: str):
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _unbracketed(host: str) -> str:
+    """An IPv6 address as a URL brackets it (`[::1]`), bare; any other host as it is."""
+    inner = host[1:-1] if host.startswith("[") and host.endswith("]") else None
+    return inner if inner and ":" in inner and _ip_address(inner.split("%")[0]) else host
+
+
+def _host_port(host: str, port: int) -> str:
+    """`host:port` as a URL writes it: an IPv6 address in brackets (`::1:8000` read as an address)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _listen_addresses(host: str, port: int) -> list:
+    """The addresses a server on `host` listens on, as asyncio's create_server (uvicorn's) resolves
+    them: every family, so a name of IPv6 addresses alone (`ip6-localhost`) is found. Raises
+    socket.gaierror (or UnicodeError, for a name IDNA cannot encode) for one that does not resolve."""
+    import socket
+
+    infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    return list(dict.fromkeys(infos))
 
 
 def _check_address(host: str, port: int) -> None:
     """A port in use or a host that does not resolve, found now: uvicorn binds after the app's
     start-up, which loads, warms and measures the model (minutes for a large one), and then ended
-    with its own error. It binds as this does (IPv6 for a host with a colon, SO_REUSEADDR)."""
+    with its own error. It binds as asyncio's create_server does: every address the host resolves
+    to (the IPv4 one alone was tried, with IPv4 for any name: `ip6-localhost`, a name of ::1, was
+    refused as 'Name or service not known', and a port taken on ::1 alone by another server was
+    found only once the model had loaded), SO_REUSEADDR, IPv6 sockets IPv6 only."""
     import socket
 
     from streamgen.cli import UserError
 
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:  # (socket.gaierror for a host that does not resolve)
-            raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    where = _host_port(host, port)
+    try:
+        infos = _listen_addresses(host, port)
+    except (OSError, UnicodeError) as e:
+        raise UserError(f"cannot listen on {where}: {getattr(e, 'strerror', None) or e}") from None
+    held = []
+    try:
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            held.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                bound = _host_port(address[0], address[1])
+                said = where if bound == where else f"{where} ({bound})"
+                raise UserError(f"cannot listen on {said}: {e.strerror or e}") from None
+    finally:
+        for sock in held:
+            sock.close()
 
 
 # players send RTCP reports every 0.5-1.5 s: under this a live viewer's session was cut (2 of 3 at 1 s)
