@@ -5,7 +5,8 @@ nothing, or sent its headers a byte at a time and never the blank line that ends
 slowloris), held its socket for as long as it liked, and a few hundred of them used up the
 process's file descriptors, so that no page, session or health check was answered. Here a
 connection whose request head has not all arrived within `ServerConfig.header_timeout_s` (from
-its first byte, or from the connection if it sends none) is answered 408 and closed; and while
+its first byte, or from the connection if it sends none) is answered 408 and closed, one larger
+than `MAX_HEAD_BYTES` 431 (httptools kept any head whole, however large); and while
 `ServerConfig.max_connections` connections are open (WebSockets included), a request that
 arrives on another is answered 503 with `Retry-After`, in the API's JSON, and its connection
 closed, rather than the server taking on more than it can hold.
@@ -21,6 +22,10 @@ from fastapi.responses import JSONResponse
 log = logging.getLogger("streamgen.server")
 
 RETRY_AFTER_S = 1  # connections come and go by the second: a page's fetches, a health check
+# a request head larger than this is answered 431: httptools (uvicorn's parser where it is installed)
+# keeps a head whole however large, and one header of 13 MB was taken in without a word. nginx takes
+# 32 KiB, a browser sends a few (its cookies at most ~8 KiB on a server that sets none)
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class ConnectionLimits:
@@ -52,6 +57,11 @@ class ConnectionLimits:
         if self.cycle is not cycle or self.transport.get_protocol() is not self:  # a head complete, or an upgrade
             self.awaiting_head = False
             self._cancel_head_timer()
+        elif self.awaiting_head and self.head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            # (all of it the head's, which is not complete: a body's first bytes came after a head)
+            log.info("%s sent a request head of over %d bytes: answered 431 and closed", self._who(), MAX_HEAD_BYTES)
+            self._answer_and_close(b"431 Request Header Fields Too Large", "headers_too_large",
+                                   f"request headers larger than {MAX_HEAD_BYTES // 1024} KiB")  # fmt: skip
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -77,17 +87,26 @@ class ConnectionLimits:
         self.head_timer = None
         if not self.awaiting_head or self.transport.is_closing():
             return
-        if self.head_bytes:  # (a connection that sent nothing is closed without a word, as a keep-alive one)
-            who = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
-            log.info("%s sent %d bytes of a request head in %g s: answered 408 and closed",
-                     who, self.head_bytes, self.header_timeout_s)  # fmt: skip
-            message = f"request headers not received within {self.header_timeout_s:g} s"
-            body = json.dumps({"error": "header_timeout", "message": message}).encode()
-            head = [b"HTTP/1.1 408 Request Timeout\r\n"]
-            head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
-            head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
-                     b"connection: close\r\n\r\n"]  # fmt: skip
-            self.transport.write(b"".join(head) + body)
+        if not self.head_bytes:  # (a connection that sent nothing is closed without a word, as a keep-alive one)
+            self.transport.close()
+            return
+        log.info("%s sent %d bytes of a request head in %g s: answered 408 and closed",
+                 self._who(), self.head_bytes, self.header_timeout_s)  # fmt: skip
+        self._answer_and_close(b"408 Request Timeout", "header_timeout",
+                               f"request headers not received within {self.header_timeout_s:g} s")  # fmt: skip
+
+    def _who(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+
+    def _answer_and_close(self, status: bytes, error: str, message: str) -> None:
+        """An error in the API's JSON, written as it is (the request it answers was never parsed
+        whole), and the connection closed."""
+        body = json.dumps({"error": error, "message": message}).encode()
+        head = [b"HTTP/1.1 " + status + b"\r\n"]
+        head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
+                 b"connection: close\r\n\r\n"]  # fmt: skip
+        self.transport.write(b"".join(head) + body)
         self.transport.close()
 
     # --- the bound on connections ---------------------------------------------------------------------------
