@@ -6,7 +6,8 @@ slowloris), held its socket for as long as it liked, and a few hundred of them u
 process's file descriptors, so that no page, session or health check was answered. Here a
 connection whose request head has not all arrived within `ServerConfig.header_timeout_s` (from
 its first byte, or from the connection if it sends none) is answered 408 and closed, one larger
-than `MAX_HEAD_BYTES` 431 (httptools kept any head whole, however large); and while
+than `MAX_HEAD_BYTES` 431 (httptools kept any head whole, however large), one that does not parse
+400 in the API's JSON; and while
 `ServerConfig.max_connections` connections are open (WebSockets included), a request that
 arrives on another is answered 503 with `Retry-After`, in the API's JSON, and its connection
 closed, rather than the server taking on more than it can hold.
@@ -94,6 +95,12 @@ class ConnectionLimits:
                  self._who(), self.head_bytes, self.header_timeout_s)  # fmt: skip
         self._answer_and_close(b"408 Request Timeout", "header_timeout",
                                f"request headers not received within {self.header_timeout_s:g} s")  # fmt: skip
+
+    def send_400_response(self, msg: str) -> None:
+        """A request the parser refused (a bad Content-Length, a space in a header's name): uvicorn's
+        text/plain "Invalid HTTP request received.", where every other error is the API's JSON."""
+        self._answer_and_close(b"400 Bad Request", "bad_request",
+                               "not a valid HTTP/1.1 request: its request line or a header could not be parsed")  # fmt: skip
 
     def _who(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "a client"

@@ -70,6 +70,18 @@ def test_a_head_too_large_to_be_one_is_refused_not_taken_in_whole(server, reques
     assert json.loads(body)["error"] == "headers_too_large"
 
 
+@pytest.mark.parametrize("head", [b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n\r\n",
+                                  b"GET /healthz HTTP/1.1\r\nHo st: 127.0.0.1\r\n\r\n"])  # fmt: skip
+def test_a_request_that_does_not_parse_is_a_400_in_the_apis_json(server, head):
+    """It was uvicorn's text/plain 'Invalid HTTP request received.', where docs/api.md has every error in JSON."""
+    with connect(server) as sock:
+        sock.sendall(head)
+        answer = answer_until_closed(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head.lower(), answer
+    assert json.loads(body)["error"] == "bad_request"
+
+
 def test_a_connection_that_sends_nothing_is_closed(server):
     with connect(server) as sock:
         assert answer_until_closed(sock) == b""
