@@ -123,6 +123,14 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
         }.get(e.status_code, ("http_error", str(e.detail)))
         return JSONResponse({"error": error, "message": message}, status_code=e.status_code, headers=e.headers)
 
+    @app.exception_handler(Exception)
+    async def server_fault(request: Request, e: Exception):
+        """A fault of the server's own, in the API's shape: it was starlette's text/plain "Internal
+        Server Error", which a client reading the error's JSON (web/api.js, a WHEP player) could not
+        parse. Starlette logs the traceback after this answer, as before."""
+        message = f"{request.method} {request.url.path[:80]} failed in the server (its log has why)"
+        return JSONResponse({"error": "internal_error", "message": message}, status_code=500)
+
     @app.exception_handler(AdmissionError)
     async def refused(request: Request, e: AdmissionError):
         log.info("%s %s -> 503: %s", request.method, request.url.path, e.reason)

@@ -877,6 +877,18 @@ def test_routing_errors_have_the_api_error_shape(client):
     assert "GET" in client.delete("/v1/avatars").headers["allow"]
 
 
+def test_a_fault_of_the_servers_own_is_a_500_in_the_apis_json(client, monkeypatch):
+    """It was starlette's text/plain 'Internal Server Error', which a client reading the error's JSON could not parse."""
+    def broken():
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("server.routes.list_avatars", broken)
+    # (not entered: the app's lifespan is the module client's)
+    r = TestClient(client.app, raise_server_exceptions=False).get("/v1/avatars")
+    assert r.status_code == 500 and r.json() == {
+        "error": "internal_error", "message": "GET /v1/avatars failed in the server (its log has why)"}
+
+
 def test_a_head_of_an_api_get_route_is_answered_as_its_get(client):
     """A monitor's HEAD of /healthz (or an avatar's picture) was answered by the web page's files,
     mounted at /: 404 `nothing at /healthz`, a path that is there."""
