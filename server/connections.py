@@ -32,7 +32,9 @@ MAX_HEAD_BYTES = 64 * 1024
 class ConnectionLimits:
     """A mixin before uvicorn's HTTP protocol (httptools' or h11's) in the MRO: both parse what
     `data_received` is given, make `self.cycle` anew for each request whose head is complete, hand
-    the transport to the WebSocket protocol on an upgrade, and take the app to run from `self.app`."""
+    the transport to the WebSocket protocol on an upgrade, and take the app to run from `self.app`.
+    Whether the parser is in a request's body, `_request_body_pending`, is each parser's own
+    (`HttpToolsBodyState`, `H11BodyState`)."""
 
     def __init__(self, config, server_state, app_state, _loop=None) -> None:
         super().__init__(config, server_state, app_state, _loop)
@@ -63,13 +65,30 @@ class ConnectionLimits:
             log.info("%s sent a request head of over %d bytes: answered 431 and closed", self._who(), MAX_HEAD_BYTES)
             self._answer_and_close(b"431 Request Header Fields Too Large", "headers_too_large",
                                    f"request headers larger than {MAX_HEAD_BYTES // 1024} KiB")  # fmt: skip
+        elif not self.awaiting_head:  # (the rest of a body answered unread may have ended here)
+            self._await_next_head(arm=True)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        # the next head is awaited, unless one that came meanwhile runs now; uvicorn's keep-alive
-        # timeout closes the connection if nothing comes, and its first byte starts the head's clock
-        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
-            self.awaiting_head, self.head_bytes = True, 0
+        # uvicorn's keep-alive timeout closes the connection if nothing comes; the first byte of a
+        # head starts its clock
+        self._await_next_head(arm=False)
+
+    def _await_next_head(self, arm: bool) -> None:
+        """The next head is awaited once the request before it is answered and its body read whole
+        (a request answered before its body, a 413 or a route that reads none: the rest of that body
+        is the parser's to drop, not a head's bytes; `header_timeout_s` is all it is given)."""
+        if self.transport.is_closing() or self.transport.get_protocol() is not self:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:  # (one runs: pipelined, say)
+            return
+        if self._request_body_pending():
+            if self.head_timer is None:  # (each of its bytes put uvicorn's keep-alive timeout off)
+                self._arm_head_timer()
+            return
+        self.awaiting_head, self.head_bytes = True, 0
+        if arm:  # (its keep-alive timeout put off by the body's bytes: this one closes an idle connection)
+            self._arm_head_timer()
 
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()
@@ -86,7 +105,11 @@ class ConnectionLimits:
 
     def _head_timed_out(self) -> None:
         self.head_timer = None
-        if not self.awaiting_head or self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if not self.awaiting_head:  # the rest of a body answered unread: it has had its time
+            if self.cycle is not None and self.cycle.response_complete:
+                self.transport.close()
             return
         if not self.head_bytes:  # (a connection that sent nothing is closed without a word, as a keep-alive one)
             self.transport.close()
@@ -138,6 +161,35 @@ class ConnectionLimits:
         await response(scope, receive, send)
 
 
+class HttpToolsBodyState:
+    """httptools tells of a request's body by its callbacks: between its head's end and its own."""
+
+    body_pending = False
+
+    def on_headers_complete(self) -> None:
+        self.body_pending = True
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self.body_pending = False
+        super().on_message_complete()
+
+    def _request_body_pending(self) -> bool:
+        return self.body_pending
+
+
+class H11BodyState:
+    """h11 keeps the client's state: SEND_BODY until a request's body has all been read."""
+
+    def _request_body_pending(self) -> bool:
+        import h11
+
+        return self.conn.their_state is h11.SEND_BODY
+
+
 def limited_protocol(base: type) -> type:
-    """`base` (uvicorn's HTTP protocol class) under `ConnectionLimits`."""
-    return type(f"Limited{base.__name__}", (ConnectionLimits, base), {})
+    """`base` (uvicorn's HTTP protocol class: httptools' or h11's) under `ConnectionLimits`."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    body_state = H11BodyState if issubclass(base, H11Protocol) else HttpToolsBodyState
+    return type(f"Limited{base.__name__}", (ConnectionLimits, body_state, base), {})

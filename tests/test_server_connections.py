@@ -70,6 +70,39 @@ def test_a_head_too_large_to_be_one_is_refused_not_taken_in_whole(server, reques
     assert json.loads(body)["error"] == "headers_too_large"
 
 
+def test_the_rest_of_a_body_answered_unread_is_not_taken_for_the_next_head(server):
+    """A request answered before its body was read whole (a 413 from its Content-Length, a route that
+    reads none): the rest of that body was counted as the next request's head, a 431 written after
+    the answer and the connection closed under a client still uploading."""
+    from server.connections import MAX_HEAD_BYTES
+
+    body = b"x" * (2 * MAX_HEAD_BYTES)
+    with connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert read_response(sock)[0].startswith(b"HTTP/1.1 200 ")
+        for at in range(0, len(body), 16 * 1024):  # (as an upload comes: not all in one read)
+            sock.sendall(body[at : at + 16 * 1024])
+            time.sleep(0.01)
+        sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head, said = read_response(sock)
+    assert head.startswith(b"HTTP/1.1 200 ") and said["ready"], (head, said)
+
+
+def test_the_rest_of_a_body_answered_unread_has_a_deadline_too(server):
+    """(its bytes ignored as they come, a client trickling them would hold the connection for good)"""
+    with connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n")
+        assert read_response(sock)[0].startswith(b"HTTP/1.1 200 ")
+        for _ in range(100):
+            try:
+                sock.sendall(b"x")
+            except OSError:  # (reset: closed with the byte before unread)
+                break
+            time.sleep(HEADER_TIMEOUT_S / 5)
+        else:
+            raise AssertionError("the connection was held while the body's rest trickled in")
+
+
 @pytest.mark.parametrize("head", [b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n\r\n",
                                   b"GET /healthz HTTP/1.1\r\nHo st: 127.0.0.1\r\n\r\n"])  # fmt: skip
 def test_a_request_that_does_not_parse_is_a_400_in_the_apis_json(server, head):
