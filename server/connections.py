@@ -27,6 +27,8 @@ RETRY_AFTER_S = 1  # connections come and go by the second: a page's fetches, a 
 # keeps a head whole however large, and one header of 13 MB was taken in without a word. nginx takes
 # 32 KiB, a browser sends a few (its cookies at most ~8 KiB on a server that sets none)
 MAX_HEAD_BYTES = 64 * 1024
+# the time a connection opened past `max_connections` has to send its request (to be answered 503)
+PAST_LIMIT_HEAD_S = 1.0
 
 
 class ConnectionLimits:
@@ -48,6 +50,10 @@ class ConnectionLimits:
     # --- the head's deadline ------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        if self.max_connections and len(self.connections) > self.max_connections:
+            # its request is answered 503 as soon as it comes: one past the bound that sends none
+            # held a descriptor for the whole head's time, and a flood of them used them all up
+            self.header_timeout_s = min(self.header_timeout_s, PAST_LIMIT_HEAD_S)
         self._arm_head_timer()  # (a client that never sends a byte)
 
     def data_received(self, data: bytes) -> None:

@@ -166,6 +166,24 @@ def test_a_request_past_the_connection_limit_is_a_503_in_json(server):
         raise AssertionError("requests were refused after the other connections closed")
 
 
+def test_a_connection_past_the_limit_that_sends_nothing_is_not_held_for_the_heads_whole_time():
+    """A flood of connections sending nothing held a descriptor each for the head's whole time
+    (ServerConfig.header_timeout_s), the connection limit refusing only requests."""
+    with live_server(header_timeout_s=60, max_connections=MAX_CONNECTIONS) as (url, app):
+        port = int(url.rsplit(":", 1)[1])
+        held = [connect(port) for _ in range(MAX_CONNECTIONS)]
+        try:
+            for sock in held:  # (answered: the server has taken each, kept alive for 5 s)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert read_response(sock)[0].startswith(b"HTTP/1.1 200 ")
+            with connect(port) as past:
+                past.settimeout(30)  # (a timeout here: held for the head's whole time)
+                assert answer_until_closed(past) == b""
+        finally:
+            for sock in held:
+                sock.close()
+
+
 def test_serve_takes_a_bound_on_connections_that_leaves_room_for_its_sessions(capsys, monkeypatch):
     import server.app
     from streamgen.cli import main
