@@ -150,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.host.strip():  # (uvicorn took "" for every interface: `--host "$UNSET"` served the network)
         raise UserError(f"--host {args.host!r} names no address: give 127.0.0.1 (this machine only, the default) "
                         "or 0.0.0.0 (every interface)")  # fmt: skip
+    if problem := _host_problem(args.host):  # (they were 'cannot listen on ...: Name or service not known')
+        raise UserError(f"--host {args.host!r} {problem}")
     # an --sp follower rank serves nothing: rank 0 listens, maybe already (torchrun starts them apart)
     follower = args.sp > 1 and int(os.environ.get("RANK", 0)) > 0
     if not follower:
@@ -291,6 +293,19 @@ def _unbracketed(host: str) -> str:
     """An IPv6 address as a URL brackets it (`[::1]`), bare; any other host as it is."""
     inner = host[1:-1] if host.startswith("[") and host.endswith("]") else None
     return inner if inner and ":" in inner and _ip_address(inner.split("%")[0]) else host
+
+
+def _host_problem(host: str) -> str | None:
+    """What is wrong with `host` (after `_unbracketed`) as one to listen on, as `--host` says it:
+    a URL, a port (`localhost:8000`), spaces; None for an address or a name."""
+    if "://" in host:
+        return "is a URL: give its host alone (e.g. 127.0.0.1), and its port as --port"
+    if host != host.strip() or any(c.isspace() for c in host):
+        return "holds spaces: give the address or name alone"
+    named, _, port = host.rpartition(":")
+    if named and port.isdigit() and not _ip_address(host.split("%")[0]):  # (an IPv6 address holds colons)
+        return f"holds a port: give --host {named.removeprefix('[').removesuffix(']')} --port {port}"
+    return None
 
 
 def _host_port(host: str, port: int) -> str:

@@ -278,3 +278,15 @@ def test_a_port_taken_on_ipv6_loopback_is_refused_before_the_model_loads(host, n
         assert serve_on(host, port, monkeypatch) == (2, [])
     said = capsys.readouterr().err
     assert said == f"streamgen serve: error: cannot listen on {names_it.format(port=port)}: Address already in use\n"
+
+
+@pytest.mark.parametrize("host, says", [
+    ("127.0.0.1:8123", "holds a port: give --host 127.0.0.1 --port 8123"),
+    ("[::1]:8123", "holds a port: give --host ::1 --port 8123"),
+    ("http://127.0.0.1", "is a URL: give its host alone (e.g. 127.0.0.1), and its port as --port"),
+    ("127.0.0.1 ", "holds spaces: give the address or name alone"),
+])  # fmt: skip
+def test_a_host_with_a_port_a_scheme_or_spaces_is_refused_in_words(host, says, capsys, monkeypatch):
+    """They were 'cannot listen on [127.0.0.1:8123]:8000: Name or service not known'."""
+    assert serve_on(host, free_port(), monkeypatch) == (2, [])
+    assert capsys.readouterr().err == f"streamgen serve: error: --host {host!r} {says}\n"
