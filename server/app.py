@@ -153,7 +153,8 @@ class ApiMethods:
     mounted at /, took every request no route took whole: a HEAD of an API GET route (FastAPI's
     take none) was a 404 `nothing at /healthz`, a path that is there; a GET of /v1/sessions a 404
     too, and a PUT of it a 405 whose Allow header named the files' methods, `GET, HEAD`.
-    Now a HEAD is answered as the GET, without the body (the server sends none to a HEAD), and
+    Now a HEAD is answered as the GET, without the body (the server sends none to a HEAD), an
+    OPTIONS with a 204 naming the methods the path takes (it was a 405 naming them), and
     another method the path does not take is a 405 naming those it does; any method of a /v1/ path
     no route has is a 404 (the files' 405 to a POST of one sent a client looking for a wrong method)."""
 
@@ -171,11 +172,14 @@ class ApiMethods:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not self.takes(scope, scope["method"]):
             allowed = [method for method in self.METHODS if self.takes(scope, method)]
+            allow = ", ".join(allowed + ["HEAD"] * ("GET" in allowed))
             if scope["method"] == "HEAD" and "GET" in allowed:
                 scope = {**scope, "method": "GET"}
+            elif scope["method"] == "OPTIONS" and allowed:  # (RFC 9110 9.3.7; a CORS preflight is
+                # answered before this, by CORSMiddleware, where --cors-origin allows the page)
+                return await Response(status_code=204, headers={"Allow": allow})(scope, receive, send)
             elif allowed:  # an API path: not the page's files' answer
                 message = f"{scope['method'][:20]} is not allowed on {scope['path'][:80]}"
-                allow = ", ".join(allowed + ["HEAD"] * ("GET" in allowed))
                 response = JSONResponse({"error": "method_not_allowed", "message": message}, status_code=405,
                                         headers={"Allow": allow})  # fmt: skip
                 return await response(scope, receive, send)

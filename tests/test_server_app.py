@@ -923,6 +923,14 @@ def test_a_method_an_api_path_does_not_take_is_a_405_naming_those_it_does(client
     assert client.get("/v1/nothing").json()["error"] == "not_found"
 
 
+def test_an_options_of_an_api_path_names_the_methods_it_takes(client):
+    """It was a 405 'OPTIONS is not allowed on /v1/sessions', whose Allow named them all the same."""
+    for path, allow in (("/v1/sessions", "POST"), ("/v1/sessions/abc", "GET, PATCH, DELETE, HEAD"),
+                        ("/v1/whep", "POST"), ("/healthz", "GET, HEAD")):  # fmt: skip
+        r = client.options(path)
+        assert (r.status_code, r.headers.get("allow"), r.content) == (204, allow, b""), (path, r.text)
+
+
 def test_an_unknown_api_path_is_a_404_whatever_the_method(client):
     """The page's files answered a POST of one with their 405 (Allow: GET, HEAD): a client given
     the server's URL with /v1 on its end heard `POST is not allowed on /v1/v1/sessions`."""
