@@ -186,6 +186,9 @@ def run(args: argparse.Namespace) -> int:
         # (scheme_and_host: a port out of range passed here, and then matched no page's Origin)
         if origin != "*" and not (re.fullmatch(r"https?://[^/\s]+", origin) and scheme_and_host(origin)):
             raise UserError(f"--cors-origin {origin!r}: an origin is scheme://host[:port], e.g. https://app.example.org")
+        if origin != "*" and "*" in origin:  # (taken as a host named '*.example.org': no page's Origin matched)
+            raise UserError(f"--cors-origin {origin!r}: a '*' in an origin matches nothing: give each origin "
+                            "(--cors-origin is repeatable), or '*' alone for any")  # fmt: skip
     tls = _tls_files(args.ssl_certfile, args.ssl_keyfile)
     from .ice import IceConfigError, parse_ice_servers
 

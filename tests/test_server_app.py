@@ -1067,6 +1067,19 @@ def test_a_cors_origin_with_a_port_no_page_can_have_is_refused(origin, capsys, m
     assert f"--cors-origin {origin!r}: an origin is scheme://host[:port]" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("origin", ["https://*.example.org", "http://app.*.example.org:8080"])
+def test_a_cors_origin_with_a_wildcard_in_it_is_refused_not_taken_for_a_host(origin, capsys, monkeypatch):
+    """It was taken for a host of that name, which no page's Origin is: every page's calls were blocked."""
+    import server.app
+    from streamgen.cli import main
+
+    monkeypatch.setattr(server.app, "create_app", lambda config: None)
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--cors-origin", origin]) == 2
+    assert capsys.readouterr().err == (f"streamgen serve: error: --cors-origin {origin!r}: a '*' in an origin "
+                                       "matches nothing: give each origin (--cors-origin is repeatable), or '*' alone for any\n")
+
+
 def test_a_path_no_file_has_is_a_404_whatever_the_method(client):
     """docs/api.md: unknown paths are `not_found`. Outside /v1/ the page's files answered any
     method but GET and HEAD with their 405 before looking: `POST /nope` was `method_not_allowed`."""
