@@ -415,7 +415,9 @@ async def control(session_id: str, request: Request):
     except ProtocolError as e:
         if e.too_long:  # a speak's or caption's text: 422, as POST /v1/sessions refuses a caption over 500
             raise ApiError(422, "bad_speech" if e.too_long == "speak" else "bad_caption", e.reason) from None
-        raise ApiError(413 if e.code == 4413 else 400, "bad_message", e.reason) from None
+        # (in the WebSocket's words, of a "text message": "text message is not valid JSON" of a body)
+        reason = e.reason.replace("text message", "request body")
+        raise ApiError(413 if e.code == 4413 else 400, "bad_message", reason) from None
     kind = msg["type"]
     if kind not in ("speak", "caption", "interrupt", "clear"):  # (before the touch: refused, not activity)
         raise ApiError(400, "bad_message", f"{kind!r} is a WebSocket message; use speak, caption or interrupt here")

@@ -58,6 +58,17 @@ def test_an_empty_or_utf16_body_says_what_is_wrong_with_it(client):
     assert client.delete(s["resource"], headers=h).status_code == 204
 
 
+def test_a_body_that_is_not_json_is_said_to_be_the_request_body(client):
+    """It was "text message is not valid JSON", the WebSocket's words, of a form's or a text's body."""
+    s = new_session(client)
+    h = auth(s["token"])
+    for body, status, says in ((b"type=interrupt", 400, "request body is not valid JSON"),
+                               (b'"' + b"a" * 9000 + b'"', 413, "request body of 9002 characters; at most 8192")):  # fmt: skip
+        r = client.post(s["resource"] + "/control", content=body, headers=h)
+        assert (r.status_code, r.json()["message"]) == (status, says), r.text
+    assert client.delete(s["resource"], headers=h).status_code == 204
+
+
 def test_a_body_labelled_with_another_charset_is_a_415_as_for_a_session(client):
     """`charset=utf-16` in the Content-Type was ignored (the body read as UTF-8): refused as
     POST /v1/sessions refuses it; UTF-8 named, or no charset, as before."""
