@@ -25,9 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-sessions", type=int, default=8, help="upper bound on concurrent sessions")
-    parser.add_argument("--max-connections", type=positive_int, default=256, metavar="N",
+    parser.add_argument("--max-connections", type=positive_int, default=None, metavar="N",
                         help="connections open at once (WebSockets too): a request on another is answered 503 "
-                        "with Retry-After, so a flood of clients cannot use up the process (default 256)")  # fmt: skip
+                        "with Retry-After, so a flood of clients cannot use up the process (default 256, or "
+                        "twice --max-sessions if more)")  # fmt: skip
     # (the environment rather than the command line, which every user of the machine reads in `ps`)
     parser.add_argument("--token", default=None,
                         help=f"require 'Authorization: Bearer TOKEN' to create sessions (default: ${TOKEN_ENV}, "
@@ -156,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     follower = args.sp > 1 and int(os.environ.get("RANK", 0)) > 0
     if not follower:
         _check_address(args.host, args.port)
+    if args.max_connections is None:  # (a fixed 256 refused --max-sessions 300, which had served before it)
+        args.max_connections = max(ServerConfig.max_connections, 2 * args.max_sessions)
     if args.max_connections <= args.max_sessions:  # (each session's WebSocket holds one, and its page more)
         raise UserError(f"--max-connections {args.max_connections} leaves no room for --max-sessions "
                         f"{args.max_sessions}'s clients: give more connections than sessions")  # fmt: skip

@@ -193,7 +193,8 @@ def test_serve_takes_a_bound_on_connections_that_leaves_room_for_its_sessions(ca
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
     assert main(["serve", "--model", "debug", "--port", str(free_port()), "--max-connections", "20"]) == 0
     assert main(["serve", "--model", "debug", "--port", str(free_port())]) == 0
-    assert [c.max_connections for c in configs] == [20, 256]
+    assert main(["serve", "--model", "debug", "--port", str(free_port()), "--max-sessions", "300"]) == 0
+    assert [c.max_connections for c in configs] == [20, 256, 600]  # (300 sessions served before the bound)
     assert main(["serve", "--model", "debug", "--port", str(free_port()), "--max-connections", "8"]) == 2
     assert "--max-connections 8 leaves no room for --max-sessions 8's clients" in capsys.readouterr().err
 
