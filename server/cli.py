@@ -348,7 +348,10 @@ def _check_address(host: str, port: int) -> None:
     held = []
     try:
         for family, kind, proto, _, address in infos:
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # (a family this kernel lacks, IPv6 switched off: asyncio skips it too)
+                continue
             held.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:

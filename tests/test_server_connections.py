@@ -281,6 +281,23 @@ def test_a_port_taken_on_ipv6_loopback_is_refused_before_the_model_loads(host, n
     assert said == f"streamgen serve: error: cannot listen on {names_it.format(port=port)}: Address already in use\n"
 
 
+def test_an_address_of_a_family_this_machine_lacks_is_skipped_as_uvicorn_skips_it(monkeypatch):
+    """A name of 127.0.0.1 and of an address no socket can be made for here (IPv6 switched off in the
+    kernel) was a traceback: asyncio's create_server, uvicorn's, listens on the others."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, family=0, kind=0, proto=0, flags=0):
+        if host != "odd-localhost":
+            return real(host, port, family, kind, proto, flags)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+                (socket.AF_INET6, socket.SOCK_STREAM, 254, "", ("::1", port, 0, 0))]  # (254: no such protocol)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    with pytest.raises(OSError):  # (as this kernel answers the family, here made of a protocol)
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM, 254)
+    assert serve_on("odd-localhost", free_port(), monkeypatch) == (0, [("odd-localhost", True)])
+
+
 @pytest.mark.parametrize("host, says", [
     ("127.0.0.1:8123", "holds a port: give --host 127.0.0.1 --port 8123"),
     ("[::1]:8123", "holds a port: give --host ::1 --port 8123"),
