@@ -161,7 +161,8 @@ class ConnectionLimits:
         open_now = len(self.connections)
         log.warning("%s %s -> 503: %d connections open, the limit is %d", scope["method"], scope["path"][:80],
                     open_now, self.max_connections)  # fmt: skip
-        message = f"the server has {open_now} connections open, its limit: try again shortly"
+        message = (f"the server has {open_now} connections open, more than its limit of {self.max_connections}: "
+                   "try again shortly")  # fmt: skip
         response = JSONResponse({"error": "unavailable", "message": message, "reason": "too many connections"},
                                 status_code=503, headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})  # fmt: skip
         await response(scope, receive, send)

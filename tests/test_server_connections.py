@@ -152,7 +152,9 @@ def test_a_request_past_the_connection_limit_is_a_503_in_json(server):
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 503 "), answer
         assert b"retry-after: 1" in head.lower() and b"connection: close" in head.lower(), head
-        assert json.loads(body)["error"] == "unavailable"
+        said = json.loads(body)
+        assert said["error"] == "unavailable", said
+        assert said["message"].endswith(f"connections open, more than its limit of {MAX_CONNECTIONS}: try again shortly")
     finally:
         for sock in held:
             sock.close()
