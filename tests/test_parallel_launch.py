@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class Relaunched(Exception):
-    """What `execv_as_raise` raises in place of the relaunch (its args: the command)."""
+    """What `launch_as_raise` raises in place of the launcher (its args: the launcher's arguments)."""
 
 
-def execv_as_raise(path, cmd):
-    raise Relaunched(cmd)
+def launch_as_raise(argv):
+    raise Relaunched(argv)
 
 
 def test_torchrun_command_reruns_the_same_arguments_as_a_module():
@@ -71,13 +71,14 @@ def test_a_cpu_run_on_a_machine_with_gpus_uses_gloo_and_needs_no_gpus(monkeypatc
     monkeypatch.setattr(launch.torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
-    monkeypatch.setattr(launch.os, "execv", lambda *a: calls.append(("execv",)))
+    monkeypatch.setattr(torchrun, "main", lambda argv: calls.append(("launch",)))
     monkeypatch.setenv("LOCAL_RANK", "1")
 
-    launch.relaunch_under_torchrun(2, ["--version"], device="cpu")
+    with pytest.raises(SystemExit):
+        launch.relaunch_under_torchrun(2, ["--version"], device="cpu")
     with pytest.raises(ValueError, match="--sp 2 needs 2 GPUs, this machine has 1"):
         launch.relaunch_under_torchrun(2, ["--version"], device="cuda")
-    assert calls == [("execv",)]
+    assert calls == [("launch",)]
     calls.clear()
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     assert launch.init_process_group("cpu") == "cpu" and calls == [("init", "gloo")]
@@ -108,7 +109,7 @@ def test_a_rank_without_a_gpu_or_a_gpu_index_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "check_device", lambda name: None)  # as on a machine with two GPUs
     monkeypatch.setattr(launch.torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(launch.torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
-    monkeypatch.setattr(launch.os, "execv", lambda *a: calls.append(("execv",)))
+    monkeypatch.setattr(torchrun, "main", lambda argv: calls.append(("launch",)))
     for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE", "RANK"):
         monkeypatch.delenv(name, raising=False)
     face, speech = ROOT / "streamgen/assets/sample_face.png", ROOT / "streamgen/assets/sample_speech.wav"
@@ -130,10 +131,9 @@ def test_main_given_arguments_runs_those_on_every_process(command, monkeypatch, 
     """`streamgen.cli.main(argv)` called by a program: `--sp 2` re-ran the program's own command line
     (sys.argv) under torchrun, where every rank failed ('the following arguments are required')."""
     from streamgen import cli
-    from streamgen.parallel import launch
     from tests.server_helpers import free_port
 
-    monkeypatch.setattr(launch.os, "execv", execv_as_raise)
+    monkeypatch.setattr(torchrun, "main", launch_as_raise)
     monkeypatch.setattr(sys, "argv", ["my_program.py", "--verbose"])
     for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE", "RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -176,13 +176,20 @@ def _launcher_env() -> dict[str, str]:
 
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
-def test_relaunch_runs_the_command_on_n_processes():
+def test_relaunch_runs_the_command_on_n_processes_from_this_one():
+    """The process that relaunches is the launcher, ending with its exit code: it had re-executed Python
+    for the launcher, which imported torch all over again before any rank started."""
     env = _launcher_env()
-    code = "from streamgen.parallel.launch import relaunch_under_torchrun; relaunch_under_torchrun(2, ['--version'])"
+    code = (
+        "from streamgen.parallel.launch import relaunch_under_torchrun\n"
+        "try:\n    relaunch_under_torchrun(2, ['--version'])\n"
+        "except SystemExit as e:\n    print('the launcher ended with', e.code)"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=110, check=True
     )
     assert out.stdout.count("streamgen 0.1.0") == 2, out.stdout + out.stderr
+    assert "the launcher ended with 0" in out.stdout, out.stdout + out.stderr
 
 
 def _streamgen(*args: str) -> subprocess.CompletedProcess:
@@ -692,7 +699,7 @@ def test_more_cpu_processes_than_cpus_are_warned_of(sp, device, warned, monkeypa
     word (`--sp 16` of tiny-avatar: 2.8 frames/s against one process's 32)."""
     from streamgen.parallel import launch
 
-    monkeypatch.setattr(launch.os, "execv", execv_as_raise)
+    monkeypatch.setattr(torchrun, "main", launch_as_raise)
     monkeypatch.setattr("streamgen.cli.usable_cpus", lambda: 2)
     monkeypatch.setattr(launch.torch.cuda, "device_count", lambda: 8)
     for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE"):
@@ -718,7 +725,7 @@ def test_more_cpu_processes_than_fit_in_memory_are_refused(sp, model, free_gib, 
     a warning only: only the kernel's OOM killer stopped them."""
     from streamgen.parallel import launch
 
-    monkeypatch.setattr(launch.os, "execv", execv_as_raise)
+    monkeypatch.setattr(torchrun, "main", launch_as_raise)
     monkeypatch.setattr("streamgen.cli.usable_cpus", lambda: 8)
     monkeypatch.setattr("streamgen.models.free_memory", lambda: int(free_gib * 2**30))
     for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE"):
@@ -738,10 +745,9 @@ def test_more_cpu_processes_than_fit_in_memory_are_refused(sp, model, free_gib, 
 @pytest.mark.parametrize("command", ["generate", "serve"])
 def test_an_sp_that_cannot_fit_in_memory_is_one_line(command, monkeypatch, capsys, tmp_path):
     from streamgen import cli
-    from streamgen.parallel import launch
     from tests.server_helpers import free_port
 
-    monkeypatch.setattr(launch.os, "execv", lambda *a: pytest.fail("relaunched"))
+    monkeypatch.setattr(torchrun, "main", lambda argv: pytest.fail("relaunched"))
     monkeypatch.setattr("streamgen.models.free_memory", lambda: 2**28)  # 0.25 GiB: not even 2 x torch
     for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE", "RANK"):
         monkeypatch.delenv(name, raising=False)

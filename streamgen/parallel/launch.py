@@ -9,9 +9,9 @@ processes once they run.
     if is_main_process(): write the output
     leave_process_group(finished=True)        # every rank, before it exits
 
-`relaunch_under_torchrun` replaces the current process by
+`relaunch_under_torchrun` makes the current process the launcher of
 `python -m streamgen.parallel.torchrun --standalone --nproc-per-node N -m streamgen.cli <same arguments>`
-(torchrun, ending quietly on Ctrl-C);
+(torchrun, ending quietly on Ctrl-C), run in it rather than in a new Python;
 the workers parse the same arguments, see that they are torchrun workers and
 carry on. One machine only (--standalone); NCCL for a CUDA --device (one
 GPU per worker, by LOCAL_RANK), gloo for a CPU one.
@@ -36,17 +36,14 @@ def is_torchrun_worker() -> bool:
 
 def torchrun_command(nproc: int, argv: list[str] | None = None, module: str = "streamgen.cli") -> list[str]:
     """The command line that runs `python -m module argv...` on `nproc` local processes."""
+    return [sys.executable, "-m", "streamgen.parallel.torchrun", *torchrun_arguments(nproc, argv, module)]
+
+
+def torchrun_arguments(nproc: int, argv: list[str] | None = None, module: str = "streamgen.cli") -> list[str]:
+    """The launcher's arguments (`torchrun_command`'s after the launcher's module) for `python -m module
+    argv...` on `nproc` local processes (argv: default this process's arguments)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    return [
-        sys.executable,
-        "-m",
-        "streamgen.parallel.torchrun",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        module,
-        *argv,
-    ]
+    return ["--standalone", f"--nproc-per-node={nproc}", "-m", module, *argv]
 
 
 def relaunch_under_torchrun(
@@ -56,14 +53,17 @@ def relaunch_under_torchrun(
     device: str = "cpu",
     model: str | None = None,
 ) -> None:
-    """Re-execute the current `streamgen` command under torchrun with `nproc` processes, on
+    """Run the current `streamgen` command again under torchrun with `nproc` processes, on
     `device` (the command's --device: a CUDA one needs a GPU per process; ValueError otherwise).
     On a CPU, a ValueError too where `nproc` processes, each holding torch and a copy of `model`
     (the command's --model), clearly cannot fit in the memory free (`check_memory_for_processes`).
 
-    Does not return when it relaunches (the process is replaced; the exit code
-    is torchrun's). Returns immediately when nproc <= 1 or when this process is
-    already a torchrun worker. argv defaults to this process's arguments.
+    Does not return when it relaunches: this process becomes the launcher (`streamgen.parallel.torchrun`)
+    and raises SystemExit with its exit code once the processes have ended. (It had re-executed
+    Python to run the launcher, which imported torch all over again: 3-4 s of each launch on a
+    2-core machine, before any process started; the checks above have imported it already.)
+    Returns immediately when nproc <= 1 or when this process is already a torchrun worker. argv
+    defaults to this process's arguments.
     """
     if nproc <= 1 or is_torchrun_worker():
         return
@@ -73,10 +73,9 @@ def relaunch_under_torchrun(
     if not _uses_cuda(device):
         check_memory_for_processes(nproc, model)
         _warn_of_more_processes_than_cpus(nproc)
-    cmd = torchrun_command(nproc, argv, module)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(cmd[0], cmd)
+    from streamgen.parallel import torchrun
+
+    raise SystemExit(torchrun.main(torchrun_arguments(nproc, argv, module)))
 
 
 # The memory of its own a CPU rank holds besides its model's weights: torch, gloo, the command (each
