@@ -166,6 +166,10 @@ class SequenceParallelHost:
             # the sessions' close reasons as rank 0's own failure)
             self._gone(f"{op}: a follower rank is gone")
         if error is not None and mine not in CLIENT_ERRORS:
+            if self.stopping.is_set():
+                # a follower ended with the stop, and the collective said so in words PEER_GONE does not
+                # list (gloo's "Socket closed" for a pair already shut, say): it was said CRITICAL
+                self._gone(f"{op} failed on rank 0 ({load_error_line(error)})")
             # at once: the followers may wait in a collective this rank never reached, and would
             # answer only when the group's timeout ends it (30 minutes on gloo)
             self._fail(f"{op} failed on rank 0: {type(error).__name__}: {error}")
@@ -174,15 +178,16 @@ class SequenceParallelHost:
                 theirs = conn.recv()
             except (EOFError, OSError):
                 self._gone(f"{op}: rank {rank} is gone")
-            if theirs != mine:
-                self._fail(f"{op}: rank 0 {describe(mine)}, rank {rank} {describe(theirs)}")
+            if theirs != mine:  # (`_gone`: as the server stops, a collective of theirs met a rank that had ended)
+                self._gone(f"{op}: rank 0 {describe(mine)}, rank {rank} {describe(theirs)}")
         if error is None:
             return result
         raise error
 
     def _gone(self, reason: str) -> NoReturn:
-        """A follower rank is gone: a failure, unless the server is stopping (then it ended with the
-        stop, and the operation, the closing of a session say, ends here without one)."""
+        """A follower rank is gone, or an operation failed as one would: a failure, unless the server
+        is stopping (then it ended with the stop, and the operation, the closing of a session say,
+        ends here without one, in whatever words its collective failed)."""
         if not self.stopping.is_set():
             self._fail(reason)
         # (it said "the sequence-parallel ranks cannot go on together", CRITICAL, at every Ctrl-C). Not

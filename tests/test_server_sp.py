@@ -375,6 +375,33 @@ def test_a_follower_gone_once_the_server_is_stopping_ended_with_the_stop(caplog)
     host.stop()
 
 
+@pytest.mark.parametrize(
+    "rank0_fails, follower_fails",
+    [  # rank 0's collective, in words PEER_GONE does not list (gloo's, for a pair already shut)
+        (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:573] Socket closed [127.0.0.1]:4567"), None),
+        # rank 0's part was done; a follower's collective met a third rank that had ended with the stop
+        (None, RuntimeError("Connection closed by peer [127.0.0.1]:4567. GLHF!")),
+    ],
+)
+def test_a_failure_found_as_the_server_stops_ends_with_the_stop(rank0_fails, follower_fails, caplog):
+    """During a stop, an operation's failure in other words than a follower being gone was logged
+    CRITICAL ("the sequence-parallel ranks cannot go on together"), as if the ranks had failed."""
+    from server.model_host import HostStopped
+
+    host, threads, _ = lockstep(
+        ScriptedOps({"chunk": rank0_fails} if rank0_fails else {}),
+        ScriptedOps({"chunk": follower_fails} if follower_fails else {}),
+    )
+    host.stopping.set()  # the signal reached rank 0
+    with caplog.at_level(logging.INFO, "streamgen.server"), pytest.raises(HostStopped):
+        host.call("chunk", "id", None)
+    ours = [r for r in caplog.records if r.name == "streamgen.server" and r.threadName == "MainThread"]
+    assert [r.levelname for r in ours] == ["INFO"], caplog.text
+    assert "as the server stops" in ours[0].getMessage() and "cannot go on together" not in caplog.text
+    host.stop()
+    threads[0].join(5)
+
+
 def test_the_signal_that_stops_the_server_marks_it_stopping_at_once():
     """Not at the shutdown, a tick of uvicorn's loop later: a chunk running meanwhile finds the
     followers, who got the signal too, gone."""
