@@ -10,7 +10,10 @@ def main() -> int:
     try:
         from streamgen.cli import main as run_command_line
     except KeyboardInterrupt:  # a Ctrl-C as the command line loads, before it handles its own
-        print("interrupted", file=sys.stderr)
+        from streamgen.parallel.torchrun import is_launcher_rank
+
+        if not is_launcher_rank():  # (an --sp N rank: the launcher says it once, for every rank)
+            print("interrupted", file=sys.stderr)
         exec("")  # (clears CPython's unhandled-Ctrl-C flag, set where it came up through an exec: see cli.main)
         return 130
     return run_command_line()

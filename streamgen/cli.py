@@ -436,14 +436,14 @@ MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
 def main(argv: list[str] | None = None) -> int:
-    from streamgen.parallel.torchrun import end_with_the_launcher
-
-    end_with_the_launcher()  # (an --sp N rank: not left running when its launcher is killed)
     # a name the output's encoding cannot hold (a Latin-1 locale's, of `--out ☺.mp4`) is written
     # escaped, as Python writes it to standard error: it was a UnicodeEncodeError once the work was done
     if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
         sys.stdout.reconfigure(errors="backslashreplace")
     try:  # a Ctrl-C while the subcommands load is a stop too, not a traceback
+        from streamgen.parallel.torchrun import end_with_the_launcher
+
+        end_with_the_launcher()  # (an --sp N rank: not left running when its launcher is killed)
         argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser().parse_args(argv)
         # what `--sp N` runs again on each process: these arguments, not this process's (a program

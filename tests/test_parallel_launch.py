@@ -39,7 +39,7 @@ def test_torchrun_command_reruns_the_same_arguments_as_a_module():
     cmd = torchrun_command(4, ["generate", "--sp", "4", "--out", "a.mp4"])
     assert cmd[:3] == [sys.executable, "-m", "streamgen.parallel.torchrun"]
     assert "--nproc-per-node=4" in cmd and "--standalone" in cmd
-    assert cmd[-7:] == ["-m", "streamgen.cli", "generate", "--sp", "4", "--out", "a.mp4"]
+    assert cmd[-7:] == ["-m", "streamgen", "generate", "--sp", "4", "--out", "a.mp4"]
 
 
 @pytest.mark.parametrize(
@@ -142,7 +142,7 @@ def test_main_given_arguments_runs_those_on_every_process(command, monkeypatch, 
     with pytest.raises(Relaunched) as relaunched:
         cli.main(argv)
     cmd = relaunched.value.args[0]
-    assert cmd[cmd.index("streamgen.cli") + 1 :] == argv
+    assert cmd[cmd.index("streamgen") + 1 :] == argv
 
 
 @pytest.mark.parametrize("command", ["generate", "serve"])
@@ -172,6 +172,20 @@ def _launcher_env() -> dict[str, str]:
     }
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def test_a_ctrl_c_as_a_rank_loads_the_command_line_is_the_launcher_s_to_say(tmp_path):
+    """Ctrl-C as the ranks started (torchrun passes it on to them): each printed a KeyboardInterrupt's
+    traceback, as `python -m streamgen.cli` imports the command line before anything can catch it."""
+    module = torchrun_command(2, ["--help"])[-2]
+    (tmp_path / "argparse.py").write_text(  # (one of streamgen.cli's imports, stood in for)
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C as it imports\n"
+    )
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    env = {**_launcher_env(), "PYTHONPATH": path, torchrun.LAUNCHER_ENV: str(os.getpid())}  # (a rank of it)
+    ended = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
+                           timeout=120, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    assert (ended.returncode, ended.stderr) == (130, ""), ended.stderr
 
 
 @pytest.mark.distributed

@@ -10,7 +10,7 @@ processes once they run.
     leave_process_group(finished=True)        # every rank, before it exits
 
 `relaunch_under_torchrun` makes the current process the launcher of
-`python -m streamgen.parallel.torchrun --standalone --nproc-per-node N -m streamgen.cli <same arguments>`
+`python -m streamgen.parallel.torchrun --standalone --nproc-per-node N -m streamgen <same arguments>`
 (torchrun, ending quietly on Ctrl-C), run in it rather than in a new Python;
 the workers parse the same arguments, see that they are torchrun workers and
 carry on. One machine only (--standalone); NCCL for a CUDA --device (one
@@ -34,12 +34,14 @@ def is_torchrun_worker() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def torchrun_command(nproc: int, argv: list[str] | None = None, module: str = "streamgen.cli") -> list[str]:
-    """The command line that runs `python -m module argv...` on `nproc` local processes."""
+def torchrun_command(nproc: int, argv: list[str] | None = None, module: str = "streamgen") -> list[str]:
+    """The command line that runs `python -m module argv...` on `nproc` local processes. `streamgen`, not
+    `streamgen.cli`: its __main__ loads the command line behind a catch for Ctrl-C, where a Ctrl-C as the
+    processes started was a KeyboardInterrupt's traceback from each (`-m streamgen.cli` imports it bare)."""
     return [sys.executable, "-m", "streamgen.parallel.torchrun", *torchrun_arguments(nproc, argv, module)]
 
 
-def torchrun_arguments(nproc: int, argv: list[str] | None = None, module: str = "streamgen.cli") -> list[str]:
+def torchrun_arguments(nproc: int, argv: list[str] | None = None, module: str = "streamgen") -> list[str]:
     """The launcher's arguments (`torchrun_command`'s after the launcher's module) for `python -m module
     argv...` on `nproc` local processes (argv: default this process's arguments)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -49,7 +51,7 @@ def torchrun_arguments(nproc: int, argv: list[str] | None = None, module: str = 
 def relaunch_under_torchrun(
     nproc: int,
     argv: list[str] | None = None,
-    module: str = "streamgen.cli",
+    module: str = "streamgen",
     device: str = "cpu",
     model: str | None = None,
 ) -> None:

@@ -19,7 +19,7 @@ file) instead of printing it, and the launcher prints each distinct line once.
 torchrun's own log lines about stopping the ranks are left out unless $LOGLEVEL
 asks for them.
 
-    python -m streamgen.parallel.torchrun --standalone --nproc-per-node=2 -m streamgen.cli ...
+    python -m streamgen.parallel.torchrun --standalone --nproc-per-node=2 -m streamgen ...
 """
 
 from __future__ import annotations
