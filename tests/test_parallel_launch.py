@@ -249,7 +249,7 @@ def test_a_bad_input_file_fails_before_any_process_starts(tmp_path):
         (
             ChildFailedError("streamgen.cli", {0: ProcessFailure(0, 42, -6, "<N/A>")}),
             1,
-            "rank 0 failed (signal 6)",
+            "rank 0 failed (killed by SIGABRT)",
         ),
         (  # rank 0 stopped by torchrun (SIGTERM) in the second rank 1 failed: rank 1 is named
             ChildFailedError(
@@ -264,8 +264,8 @@ def test_a_bad_input_file_fails_before_any_process_starts(tmp_path):
                 "streamgen.cli",
                 {0: ProcessFailure(0, 42, 143, "<N/A>"), 1: ProcessFailure(1, 43, -9, "<N/A>")},
             ),
-            1,
-            "rank 1 failed (signal 9)",
+            1,  # (the kernel's out-of-memory killer's signal: "signal 9" did not say so)
+            "rank 1 failed (killed by SIGKILL, as the kernel's out-of-memory killer does)",
         ),
         (  # one rank sent SIGINT by itself (`kill -INT`): stopped, not a crash ("failed (exit code 130)")
             ChildFailedError("streamgen.cli", {1: ProcessFailure(1, 42, 130, "<N/A>")}),

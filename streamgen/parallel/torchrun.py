@@ -254,13 +254,21 @@ def _stopped_by(code: int) -> signal.Signals | None:
 
 def _how_it_ended(code: int) -> str:
     """How a failed rank ended, in words: a rank stopped (`_stopped_by`) was not a crash, which
-    "failed (exit code 130)" read as."""
+    "failed (exit code 130)" read as; one killed by a signal names it ("signal 9" said nothing of
+    the out-of-memory killer, which sends SIGKILL)."""
     stopped_by = _stopped_by(code)
     if stopped_by == signal.SIGINT:
         return "was interrupted (SIGINT)"
     if stopped_by is not None:
         return f"was stopped by {stopped_by.name}"
-    return f"failed (signal {-code})" if code < 0 else f"failed (exit code {code})"
+    if code >= 0:
+        return f"failed (exit code {code})"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    oom = ", as the kernel's out-of-memory killer does" if -code == signal.SIGKILL else ""
+    return f"failed (killed by {name}{oom})"
 
 
 def _signal_behind(e: BaseException | None, signal_exception: type) -> BaseException | None:
