@@ -51,7 +51,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from streamgen.parallel.torchrun import another_rank_failed
+from streamgen.parallel.torchrun import another_rank_failed, stopped_by_another_rank
 from streamgen.session_limits import SEED_END
 
 from .model_host import CLIENT_ERRORS, HostDown, HostStopped, ModelOps, freeze_loaded_heap, load_error_line
@@ -293,6 +293,9 @@ def replay(conn, ops: ModelOps, rank: int) -> int:
         except OSError:
             return 0
         if error is not None and outcome(error) not in CLIENT_ERRORS:  # exiting makes torchrun end the group
+            if another_rank_failed(error):  # (rank 0 killed: gloo's traceback, CRITICAL, and exit 1 here,
+                # which the launcher could name as the rank that failed)
+                return stopped_by_another_rank("serve", rank)
             log.critical("rank %d: %s failed; leaving the group", rank, op, exc_info=error)
             return 1
         if error is not None:  # a client's error: rank 0 raised the same and reports it

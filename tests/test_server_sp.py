@@ -328,6 +328,26 @@ def test_a_follower_that_vanished_mid_forward_is_said_so_not_in_gloo_s_words():
     host.stop()
 
 
+def test_a_follower_whose_collective_failed_as_another_rank_ended_says_so_in_one_line(caplog, capsys):
+    """Rank 0 killed mid-chunk (the out-of-memory killer): each follower logged gloo's traceback at
+    CRITICAL and exited 1, a failure of its own the launcher could name instead of rank 0's."""
+    from multiprocessing import Pipe
+
+    from server.sp_host import replay
+    from streamgen.parallel.torchrun import ANOTHER_RANK_FAILED
+
+    gloo = RuntimeError(
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:4567. This "
+        "is typically caused by a remote worker crashing. GLHF!"
+    )
+    rank0, follower = Pipe()
+    rank0.send(("chunk", ("id", None)))
+    with caplog.at_level(logging.DEBUG, "streamgen.server"):
+        assert replay(follower, ScriptedOps({"chunk": gloo}), 1) == ANOTHER_RANK_FAILED
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == [], caplog.text
+    assert capsys.readouterr().err == "streamgen serve: rank 1 stopped: another rank failed (see its error above)\n"
+
+
 def test_a_follower_that_vanished_takes_the_host_down():
     from multiprocessing import Pipe
 

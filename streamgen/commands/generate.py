@@ -338,14 +338,9 @@ def _another_rank_failed(sp: int, e: BaseException) -> bool:
 
 
 def _stopped_by_another_rank() -> int:
-    from streamgen.parallel.torchrun import ANOTHER_RANK_FAILED, report_error
+    from streamgen.parallel.torchrun import stopped_by_another_rank
 
-    rank = os.environ.get("RANK", "?")
-    report_error(
-        f"streamgen generate: rank {rank} stopped: another rank failed (see its error above)",
-        another_rank_failed=True,
-    )
-    return ANOTHER_RANK_FAILED
+    return stopped_by_another_rank("generate", os.environ.get("RANK", "?"))
 
 
 def _leave_sequence_parallel(sp: int, finished: bool) -> None:

@@ -60,6 +60,15 @@ def report_error(line: str, another_rank_failed: bool = False) -> None:
         print(line, file=sys.stderr)
 
 
+def stopped_by_another_rank(command: str, rank: int | str) -> int:
+    """In a rank of `command` whose collective failed because another rank had ended (`another_rank_failed`):
+    its one line, marked for the launcher (`report_error`), and the exit code to end with,
+    `ANOTHER_RANK_FAILED`. (Its gloo traceback, ending "GLHF", came below the failed rank's own error.)"""
+    report_error(f"streamgen {command}: rank {rank} stopped: another rank failed (see its error above)",
+                 another_rank_failed=True)  # fmt: skip
+    return ANOTHER_RANK_FAILED
+
+
 def report_own_failure(e: BaseException) -> None:
     """In a rank of this launcher ending on an error of its own (an uncaught exception, whose traceback
     Python prints): tell the launcher so. Its peers' collectives then fail, they end first, and
