@@ -326,6 +326,12 @@ def stop_behind(error: BaseException) -> BaseException | None:
     return None
 
 
+def is_stop(error: BaseException) -> bool:
+    """Whether `error` ends the command as a stop does: a Ctrl-C, a SystemExit (SIGTERM, SIGHUP:
+    `Terminated`), or an error such a stop caused (`stop_behind`), where a command says what it kept."""
+    return isinstance(error, (KeyboardInterrupt, SystemExit)) or stop_behind(error) is not None
+
+
 def _raise_swallowed_termination_again(unraisable) -> None:
     """sys.unraisablehook: a signal that came while a finalizer ran (a weakref callback, a `__del__`:
     torch's run many) raised Terminated inside it, where Python prints "Exception ignored in" and goes

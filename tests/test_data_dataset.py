@@ -650,3 +650,26 @@ def test_the_dataset_keeps_the_most_recently_read_shards_open_not_every_one(worl
     for k in (0, 1, 2):  # the same shard: opened once
         ds[k]
     assert len(opened) == 1 and not opened[0].closed
+
+
+def test_a_sigterm_that_failed_an_import_says_what_make_kept(tmp_path, monkeypatch, capsys):
+    """A SIGTERM that came while an extension imported failed that import (an ImportError caused by
+    it): the make ended as the stop, 143, without its line saying the clips made so far are kept."""
+    from streamgen.cli import Terminated
+    from streamgen.data import shards
+
+    written, made = shards._write_shard, []
+
+    def stopped(path, clips, *made_for):
+        if made:
+            raise ImportError("initialization failed") from Terminated(15)
+        written(path, clips, *made_for)
+        made.append(path)
+
+    monkeypatch.setattr(shards, "_write_shard", stopped)
+    out = tmp_path / "ds"
+    with pytest.raises(SystemExit) as ended:
+        main(["data", "make", "--clips", "4", "--size", "16", "--seconds", "0.2", "--shard-size", "2",
+              "--workers", "1", "--identities", "20", "--out", str(out)])  # fmt: skip
+    assert ended.value.code == 143 and sorted(out.rglob("*.npz")) == made
+    assert f"data make: 2 clips made so far kept in {out}: run the same command again" in capsys.readouterr().err

@@ -287,6 +287,31 @@ def test_a_stopped_drift_stream_goes_on_from_the_frames_it_had_scored(tmp_path, 
     assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
 
 
+def test_a_stop_that_failed_an_import_in_the_drift_stream_keeps_what_it_had_scored(
+    tmp_path, made, monkeypatch, capsys
+):
+    """A Ctrl-C that came while an extension imported failed that import (an ImportError caused by
+    it): the command ended as the stop, 130, but the stream's scores since the last kept were lost."""
+    from streamgen.eval import drift, metrics
+
+    monkeypatch.setattr(drift, "STREAM_SLICE", 8)
+    monkeypatch.setattr(drift, "STREAM_KEEP_FRAMES", 16)
+    real_add = metrics.StreamScores.add
+
+    def stopped(self, frames):
+        if self.seen == 24:
+            raise ImportError("initialization failed") from KeyboardInterrupt()
+        real_add(self, frames)
+
+    monkeypatch.setattr(metrics.StreamScores, "add", stopped)
+    out = tmp_path / "cut"
+    assert evaluate(out, "--minutes", "0.02") == 130
+    monkeypatch.setattr(metrics.StreamScores, "add", real_add)
+    capsys.readouterr()
+    assert evaluate(out, "--minutes", "0.02") == 0
+    assert "resuming: the drift stream's first 24 of 30 frames are already scored" in capsys.readouterr().err
+
+
 def test_a_models_stopped_drift_stream_goes_on_from_its_kept_state(tmp_path, made, monkeypatch, capsys):
     """A model's stream was made again from its start after a stop (its KV cache was not kept: the
     frames of an hour's stream made twice). Its session's state is kept with its scores, and the

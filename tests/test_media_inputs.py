@@ -449,6 +449,30 @@ def test_a_ctrl_c_says_that_out_was_not_written(tmp_path, monkeypatch, capsys, t
     assert [p.name for p in tmp_path.iterdir()] == (["a.mp4"] if there_before else [])
 
 
+def test_a_stop_that_failed_an_import_says_that_out_was_not_written(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C that came while a chunk imported an extension failed that import (an ImportError
+    caused by it): the command ended as the stop, 130, but without its line saying --out was not written."""
+    from streamgen.stream import StreamSession
+
+    made = StreamSession.next_chunk
+    chunks = []
+
+    def next_chunk(self):
+        if len(chunks) == 2:
+            raise ImportError("initialization failed") from KeyboardInterrupt()
+        chunks.append(1)
+        return made(self)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", next_chunk)
+    out = tmp_path / "a.mp4"
+    assert main(["generate", "--model", "debug", "--out", str(out), "--quiet"]) == 130
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        f"streamgen generate: stopped: {out} not written, 0.64 s of 4.12 s of video made",
+        "interrupted",
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_pictures_damaged_exif_is_read_without_pillows_warning(tmp_path):
     """An EXIF tag past the file's end: Pillow skips it with a UserWarning, two lines naming
     TiffImagePlugin.py on stderr, where the picture itself reads whole."""

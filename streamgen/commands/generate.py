@@ -87,6 +87,7 @@ def run(args) -> int:
         check_device,
         check_session_options,
         import_with_ctrl_c_held,
+        is_stop,
         require_models,
         restore_handlers,
         terminate_as_exit,
@@ -242,9 +243,11 @@ def run(args) -> int:
         if not _another_rank_failed(args.sp, e):
             raise
         return _stopped_by_another_rank()
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM, SIGHUP (`terminate_as_exit`)
+    except BaseException as e:
         if writer:
             writer.abort()
+        # Ctrl-C; SIGTERM, SIGHUP (`terminate_as_exit`); or an import such a stop failed
+        if writer and is_stop(e):
             # ("interrupted" alone left its user to look whether --out was made, whole or in part)
             before = " (the file there is the one from before)" if out.exists() else ""
             try:  # (after SIGHUP its terminal may be gone: the stop is the thing to end with)
@@ -252,10 +255,6 @@ def run(args) -> int:
                       f"{video_frames / VIDEO_FPS:.2f} s of video made{before}", file=sys.stderr)  # fmt: skip
             except OSError:
                 pass
-        raise
-    except BaseException:
-        if writer:
-            writer.abort()
         raise
     finally:
         restore_handlers(terminated_before)

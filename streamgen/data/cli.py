@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 def _make(args) -> int:
     from tqdm import tqdm
 
-    from streamgen.cli import output_folder, restore_handlers, terminate_as_exit, usable_cpus
+    from streamgen.cli import is_stop, output_folder, restore_handlers, terminate_as_exit, usable_cpus
 
     from .shards import clip_count, make_dataset, partly_made, planned_shards
 
@@ -127,13 +127,6 @@ def _make(args) -> int:
             args.shard_size, args.identities, args.workers, progress=lambda n: bars[0].update(n),
             resumed=begun,
         )  # fmt: skip
-    except (KeyboardInterrupt, SystemExit):
-        close_bars()  # (before what is said: closed after, the bar was drawn again under it)
-        kept = partly_made(args.out)
-        if kept:
-            print(f"data make: {clip_count(kept)} made so far kept in {args.out}: "
-                  "run the same command again to go on from them", file=sys.stderr)  # fmt: skip
-        raise
     except MemoryError:  # (numpy's, for a clip's frames: a traceback)
         from .motion import FPS
         from .shards import DataError
@@ -147,6 +140,15 @@ def _make(args) -> int:
             f"({need:.3g} GiB of frames, a clip per worker): choose a shorter --seconds, a smaller "
             f"--size or fewer --workers{again}"
         ) from None
+    except BaseException as e:
+        if not is_stop(e):  # (a Ctrl-C, a SIGTERM, or an import such a stop failed: an ImportError)
+            raise
+        close_bars()  # (before what is said: closed after, the bar was drawn again under it)
+        kept = partly_made(args.out)
+        if kept:
+            print(f"data make: {clip_count(kept)} made so far kept in {args.out}: "
+                  "run the same command again to go on from them", file=sys.stderr)  # fmt: skip
+        raise
     finally:
         close_bars()
         restore_handlers(terminated_before)

@@ -26,6 +26,7 @@ def score_stream(
     round trip's) from the frame after them. A model's session state goes to `state_file` with
     each `keep` (not at a Ctrl-C, which may come mid-chunk); its stream goes on from there, making
     the frames from there to the scored ones again unscored (from its start without such a state)."""
+    from streamgen.cli import is_stop
     from streamgen.data.render import Identity, render_frame
     from streamgen.data.world import make_stream
 
@@ -99,7 +100,9 @@ def score_stream(
         return score_stream(
             ev, split, minutes, size, session, roundtrip, lead, stream_progress, None, keep, note, state_file
         )
-    except (KeyboardInterrupt, SystemExit):  # (SystemExit: a SIGTERM, `streamgen.cli.terminate_as_exit`)
+    except BaseException as e:
+        if not is_stop(e):  # (a Ctrl-C; a SIGTERM, `terminate_as_exit`; or an import such a stop failed)
+            raise
         if keep is not None and scores.seen > kept_at and (state := scores.state()) is not None:
             keep(state)  # (what was scored up to the Ctrl-C: the same command goes on from there)
         raise
