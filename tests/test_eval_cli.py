@@ -146,6 +146,20 @@ def test_eval_of_an_autoencoder_export_as_a_model_says_roundtrip(tmp_path, capsy
     assert f"its model, {export}, is an autoencoder" in line and line.endswith(f"--model roundtrip:{export}"), line
 
 
+def test_an_autoencoder_export_under_the_home_folder_is_found_by_its_tilde(tmp_path, monkeypatch, capsys):
+    """`--model=roundtrip:~/ae` (no shell expands `~` there) was taken for a model's name: "~/ae is a
+    folder without model.json"; and `--model=~/ae` was not told to score it with roundtrip:."""
+    from streamgen.eval.report import autoencoder_roundtrip
+    from streamgen.models import load_model
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    load_model("tiny-avatar").vae.save(tmp_path / "ae" / "model")
+    assert autoencoder_roundtrip("~/ae/model").vae is not None
+    assert main(["eval", "--model", "~/ae", "--clips", "1", "--out", str(tmp_path / "e")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith("--model roundtrip:~/ae/model"), line
+
+
 def test_autoencoder_roundtrip_keeps_length_and_range():
     import numpy as np
 

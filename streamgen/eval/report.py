@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamgen.files import write_text_atomically
+from streamgen.files import home_expanded, write_text_atomically
 
 EVAL_SEED = 20240
 # the version of what eval measures: bump it with any change that changes a number in report.json
@@ -178,7 +178,8 @@ def _autoencoder_export(model: str) -> str | None:
     """`model`, or its run's model folder, where it is a folder `autoencoder_roundtrip` takes (an
     autoencoder stage's export, or that stage's run folder) and no model; else None."""
     for folder in (Path(model), Path(model) / "model"):
-        if (folder / "vae_config.json").is_file() and not (folder / "model.json").exists():
+        found = home_expanded(folder)  # (`--model=~/ae`: no shell expands `~` after `=`)
+        if (found / "vae_config.json").is_file() and not (found / "model.json").exists():
             return model if folder == Path(model) else str(folder)
     return None
 
@@ -469,7 +470,7 @@ def autoencoder_roundtrip(name: str):
     from streamgen.model.vae import TinyCausalVAE
     from streamgen.models import load_model
 
-    path = Path(name)
+    path = home_expanded(name)  # (`roundtrip:~/ae` was taken for a model's name, "not a streamgen model")
     try:
         vae = TinyCausalVAE.load(path) if (path / "vae_config.json").exists() else load_model(name).vae
     except (FileNotFoundError, ValueError) as e:
