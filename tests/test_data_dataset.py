@@ -673,3 +673,31 @@ def test_a_sigterm_that_failed_an_import_says_what_make_kept(tmp_path, monkeypat
               "--workers", "1", "--identities", "20", "--out", str(out)])  # fmt: skip
     assert ended.value.code == 143 and sorted(out.rglob("*.npz")) == made
     assert f"data make: 2 clips made so far kept in {out}: run the same command again" in capsys.readouterr().err
+
+
+def test_a_make_going_on_from_an_older_makes_shards_is_the_dataset_made_in_one_go(tmp_path, monkeypatch):
+    """The shards an older streamgen recorded in partial.json have no made_for member: going on
+    from them made a dataset that mixed shards with and without it, not the same, byte for byte, as
+    one made in one go (nor its shards those of a make of more clips, whose cached latents are kept)."""
+    from streamgen.data import shards
+
+    argv = ["data", "make", "--clips", "6", "--size", "16", "--seconds", "0.2", "--shard-size", "2",
+            "--workers", "1", "--identities", "20"]  # fmt: skip
+    whole, out = tmp_path / "whole", tmp_path / "ds"
+    assert main([*argv, "--out", str(whole)]) == 0
+    written, made = shards._write_shard, []
+
+    def older(path, clips, made_for=None):  # (as an older make wrote them, stopped after two)
+        if len(made) == 2:
+            raise KeyboardInterrupt
+        written(path, clips)
+        made.append(path)
+
+    monkeypatch.setattr(shards, "_write_shard", older)
+    assert main([*argv, "--out", str(out)]) == 130
+    assert len(made) == 2 and (out / "partial.json").exists()
+    monkeypatch.setattr(shards, "_write_shard", written)
+    assert main([*argv, "--out", str(out)]) == 0
+    for path in whole.rglob("*"):
+        if path.is_file():
+            assert path.read_bytes() == (out / path.relative_to(whole)).read_bytes(), path

@@ -38,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -111,10 +112,35 @@ def _write_shard(path: Path, clips: Iterable[Clip], made_for: dict | None = None
                 del members
                 i += 1
             if made_for is not None:
-                with npz.open(f"{MADE_FOR}.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.frombuffer(json.dumps(made_for).encode(), np.uint8))
+                _write_made_for(npz, made_for)
 
     write_atomically(path, write)
+
+
+def _write_made_for(npz: zipfile.ZipFile, made_for: dict) -> None:
+    with npz.open(f"{MADE_FOR}.npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array(member, np.frombuffer(json.dumps(made_for).encode(), np.uint8))
+
+
+def _with_made_for(out: Path, settings: dict, shard: dict) -> dict:
+    """The record of `shard`, one PARTIAL records, once its file ends with its MADE_FOR member: one an
+    older make wrote has none (a dataset going on from it mixed shards with and without, no longer the
+    same, byte for byte, as one made in one go, nor its shards those of a make of more clips). Appended
+    to a copy, the bytes are those of a shard written whole: zipfile dates its members 1980 and writes
+    its central directory again after the new one."""
+    path = out / shard["file"]
+    with zipfile.ZipFile(path) as npz:
+        if f"{MADE_FOR}.npy" in npz.namelist():
+            return shard
+    made = {k: shard[k] for k in ("file", "clips", "first_index", "last_index")}
+
+    def write(tmp: Path) -> None:
+        shutil.copyfile(path, tmp)
+        with zipfile.ZipFile(tmp, "a", zipfile.ZIP_DEFLATED, allowZip64=True) as npz:
+            _write_made_for(npz, {"of": clip_settings(settings), **made})
+
+    write_atomically(path, write)
+    return _shard_record(path, made)
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray], compressed: bool = False) -> None:
@@ -278,6 +304,10 @@ def _write_shards(out: Path, settings: dict, workers: int, progress, resumed=Non
         raise DataError(f"{out} already holds a dataset (manifest.json); choose another --out or delete it")
     changed: set[str] = set()  # (recorded, and not as recorded since: made again, not taken)
     finished = _finished_shards(out, settings, changed)
+    upgraded = {file: _with_made_for(out, settings, shard) for file, shard in finished.items()}
+    if upgraded != finished:  # (recorded at once: a kill before would leave their records not as they are)
+        _write_partial(out, settings, list(upgraded.values())).close()
+        finished = upgraded
     finished.update(_finished_unrecorded(out, settings, finished.keys() | changed))
     made_like = settings["height"], settings["width"], settings["seconds"], settings["identities"]
     made_of = clip_settings(settings)  # (each shard's record of what it was made for: MADE_FOR)
