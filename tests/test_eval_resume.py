@@ -211,6 +211,25 @@ def test_a_finished_report_of_other_eval_code_is_measured_again(tmp_path, made, 
     assert json.loads((out / "report.json").read_text())["settings"]["eval_version"] == report.EVAL_VERSION
 
 
+def test_clips_spoken_by_another_speech_engine_are_measured_again(tmp_path, made, monkeypatch, capsys):
+    """Eval's clips are spoken by espeak-ng, the pip package's library or the system's: the clips
+    of a run stopped before espeak-ng changed were taken by the same command run after it, beside
+    clips spoken otherwise, and the report of such a run was kept as this one's."""
+    from streamgen.data import speech
+
+    out = tmp_path / "e"
+    with stopped_after_saving(monkeypatch, "clip-00001"):
+        assert evaluate(out) == 130
+    made.clear()
+    capsys.readouterr()
+    monkeypatch.setattr(speech, "engine_version", lambda: "espeak-ng 1.49 (espeakng-loader not installed)")
+    assert evaluate(out) == 0
+    assert {index for seed, index in made} == {0, 1, 2}
+    assert f"removing the 2 clips an evaluation of other settings (speech) left in {out / 'partial'}" in (
+        capsys.readouterr().err
+    )
+
+
 def test_a_finished_report_of_a_model_json_since_edited_is_measured_again(tmp_path, made, capsys):
     """The same weights under an edited model.json (its default steps, its shift) make other frames:
     the report of the model.json before was taken for the edited one's."""

@@ -382,6 +382,18 @@ def _loader_version() -> str:
         return "not installed"
 
 
+def engine_version() -> str:
+    """The espeak-ng that speaks the clips, as its library names its version, and the loader it came
+    with ("not installed": the system's library): another one speaks them otherwise (their sound, their
+    phonemes' timing), streamgen's code the same."""
+    with _lock:
+        lib = _engine_instance().lib
+        lib.espeak_Info.restype = ctypes.c_char_p
+        lib.espeak_Info.argtypes = [ctypes.c_void_p]
+        version = lib.espeak_Info(None)
+    return f"espeak-ng {version.decode(errors='replace')} (espeakng-loader {_loader_version()})"
+
+
 def _find_library() -> tuple[str, str | None]:
     try:
         import espeakng_loader

@@ -424,8 +424,11 @@ def eval_settings(model, split, size, minutes, ev, session, roundtrip, device, s
     """What an evaluation's results are a function of, the clip count aside (clip i is the same
     clip whatever the count): the weights by digest, so a model or evaluators trained again at the
     same path are another evaluation; the model's model.json by digest (its default steps, shift,
-    cfg_scale: a model.json edited beside the same weights scored otherwise); and `EVAL_VERSION`,
-    the code's."""
+    cfg_scale: a model.json edited beside the same weights scored otherwise); the speech engine the
+    clips are spoken by (another espeak-ng makes other clips, eval's code the same); and
+    `EVAL_VERSION`, the code's."""
+    from streamgen.data.speech import engine_version
+
     from .partial import files_digest, json_digest, weights_digest
 
     weights = (session.dit, session.vae) if session is not None else (getattr(roundtrip, "vae", None),)
@@ -437,6 +440,7 @@ def eval_settings(model, split, size, minutes, ev, session, roundtrip, device, s
         "model_weights": weights_digest(*weights),
         "model_meta": json_digest(session.model.meta) if session is not None else None,
         "evaluators": files_digest([ev.folder / "syncnet.safetensors", ev.folder / "identity.safetensors"]),
+        "speech": engine_version(),
     }  # fmt: skip
 
 
