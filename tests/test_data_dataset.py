@@ -701,3 +701,30 @@ def test_a_make_going_on_from_an_older_makes_shards_is_the_dataset_made_in_one_g
     for path in whole.rglob("*"):
         if path.is_file():
             assert path.read_bytes() == (out / path.relative_to(whole)).read_bytes(), path
+
+
+def test_the_same_make_run_again_once_finished_has_nothing_to_do(tmp_path, monkeypatch, capsys):
+    """A make stopped as it ended (its manifest written, "interrupted" said) and run again, as one
+    goes on from a stopped make, was refused: "already holds a dataset; choose another --out or
+    delete it", the finished dataset to be deleted. Another make's dataset is refused still."""
+    from streamgen.data import shards
+
+    argv = ["data", "make", "--clips", "5", "--size", "16", "--seconds", "0.2", "--shard-size", "2",
+            "--workers", "1", "--identities", "20", "--out", str(tmp_path / "ds")]  # fmt: skip
+    written = shards._write_manifest
+
+    def stopped(*args):
+        written(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards, "_write_manifest", stopped)
+    assert main(argv) == 130
+    monkeypatch.setattr(shards, "_write_manifest", written)
+    before = {p: p.read_bytes() for p in (tmp_path / "ds").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'ds'} already holds this dataset (5 clips), made with")
+    assert {p: p.read_bytes() for p in (tmp_path / "ds").rglob("*") if p.is_file()} == before
+    for other in (["--seed", "1"], ["--shard-size", "3"], ["--clips", "6"]):
+        assert main([*argv, *other]) == 2
+        assert "already holds a dataset (manifest.json); choose another --out" in capsys.readouterr().err

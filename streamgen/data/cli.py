@@ -93,7 +93,7 @@ def _make(args) -> int:
 
     from streamgen.cli import is_stop, output_folder, restore_handlers, terminate_as_exit, usable_cpus
 
-    from .shards import clip_count, make_dataset, partly_made, planned_shards
+    from .shards import MadeAlready, clip_count, make_dataset, partly_made, planned_shards
 
     output_folder(args.out, make=False)  # (it makes the folder itself, and removes it on failure)
     resumed = []  # (an unfinished make's clips still there as it wrote them, which this one goes on from)
@@ -127,6 +127,10 @@ def _make(args) -> int:
             args.shard_size, args.identities, args.workers, progress=lambda n: bars[0].update(n),
             resumed=begun,
         )  # fmt: skip
+    except MadeAlready:  # (it said to delete the finished dataset, as of another make's)
+        print(f"{args.out} already holds this dataset ({clip_count(args.clips)}), made with these settings: "
+              "nothing to do (delete it to make it again)")  # fmt: skip
+        return 0
     except MemoryError:  # (numpy's, for a clip's frames: a traceback)
         from .motion import FPS
         from .shards import DataError

@@ -72,6 +72,10 @@ class DataError(ValueError):
     """A dataset on disk is missing, incomplete or corrupted."""
 
 
+class MadeAlready(DataError):
+    """The folder holds the dataset of the make asked for, finished."""
+
+
 class FolderBusy(DataError):
     """Another `data make` is writing into the folder."""
 
@@ -245,8 +249,6 @@ def make_dataset(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file, not a folder; choose another --out")
-    if (out / "manifest.json").exists():
-        raise DataError(f"{out} already holds a dataset (manifest.json); choose another --out or delete it")
     if n_clips < 1:
         raise DataError("--clips must be at least 1")
     if n_identities < 10:
@@ -270,6 +272,10 @@ def make_dataset(
         "format": FORMAT, "seed": seed, "clips": n_clips, "height": height, "width": width,
         "seconds": seconds, "identities": n_identities, "shard_size": shard_size,
     }  # fmt: skip
+    if (out / "manifest.json").exists():
+        if _made_already(out, settings):  # (the same command run again: one stopped as it ended said "interrupted")
+            raise MadeAlready(f"{out} already holds this dataset, made with these settings")
+        raise DataError(f"{out} already holds a dataset (manifest.json); choose another --out or delete it")
     _finished_shards(out, settings)  # (another make's work: refused before anything is made)
     made_out = not out.exists()
     # (two makes into one folder wrote over each other's shards, one's clean-up removed the other's,
@@ -295,6 +301,21 @@ def make_dataset(
                 f"cannot write the dataset into {out}: {e.strerror or e}{again if kept else ''}"
             ) from None
         raise
+
+
+def _made_already(out: Path, settings: dict) -> bool:
+    """Whether the manifest in `out` is that of the make of `settings`: its settings, and its shards
+    those it plans (the shard size is not recorded otherwise)."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        made = sorted((s["file"], s["clips"], s["first_index"], s["last_index"])
+                      for split in SPLITS for s in manifest["splits"][split]["shards"])  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    if any(manifest.get(k) != v for k, v in settings.items() if k != "shard_size"):
+        return False
+    planned = plan_shards(settings["clips"], settings["shard_size"])
+    return made == sorted((shard_file(split, k), len(ix), ix[0], ix[-1]) for split, k, ix in planned)
 
 
 def _write_shards(out: Path, settings: dict, workers: int, progress, resumed=None) -> list[dict]:
