@@ -168,7 +168,7 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from tqdm import tqdm
 
-    from streamgen.cli import UserError, restore_handlers, terminate_as_exit
+    from streamgen.cli import UserError, is_stop, restore_handlers, terminate_as_exit
 
     from .evaluators import EvaluatorError
     from .partial import MeasuredFolderError
@@ -202,6 +202,12 @@ def _evaluate(args) -> int:
         )  # fmt: skip
     except (EvaluatorError, ModelLoadError, OutputInUse, OutFolderError, MeasuredFolderError) as e:
         raise UserError(str(e)) from None
+    except BaseException as e:
+        if bars and is_stop(e):  # (the work had begun: OUT/partial is this evaluation's)
+            for bar in bars:  # (before the line: closed after, a bar was drawn again under it)
+                bar.close()
+            _say_what_is_kept(args.out)
+        raise
     finally:
         restore_handlers(terminated_before)
         for bar in bars:
@@ -215,3 +221,22 @@ def _evaluate(args) -> int:
     if args.json:
         print(json.dumps({k: v for k, v in report.items()}))
     return 0
+
+
+def _say_what_is_kept(out: Path) -> None:
+    """What a stopped evaluation keeps for the same command to go on from ("interrupted" alone left
+    its user to find out whether a run of an hour's clips was lost)."""
+    from streamgen.data.shards import clip_count
+
+    from .partial import FOLDER
+
+    folder = out / FOLDER
+    clips = len(list(folder.glob("clip-*.npz")))
+    stream = any(folder.glob("stream-*.npz"))
+    kept = [clip_count(clips) + " scored"] * bool(clips) + ["the drift stream's scores so far"] * stream
+    if kept:
+        try:  # (after SIGHUP its terminal may be gone: the stop is the thing to end with)
+            print(f"streamgen eval: stopped: {' and '.join(kept)} kept in {folder}: run the same command "
+                  "again to go on from them", file=sys.stderr)  # fmt: skip
+        except OSError:
+            pass
