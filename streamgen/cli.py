@@ -143,10 +143,13 @@ class UserError(Exception):
 def named_folder(text: str) -> Path:
     """A folder's name, not empty (Path("") is the current folder: `--out "$UNSET"` wrote eval's
     report into it and removed the one an earlier run had left there; `data make` made its
-    dataset there)."""
+    dataset there). A leading `~` is the home folder: `--out=~/ds`, which no shell expands, made a
+    folder named "~" in the current one."""
+    from streamgen.files import home_expanded
+
     if not text.strip():
         raise argparse.ArgumentTypeError(f"{text!r} names no folder: give the folder to write into")
-    return Path(text)
+    return home_expanded(text)
 
 
 def folder_problem(path: Path) -> str | None:

@@ -130,6 +130,26 @@ def test_an_empty_out_is_refused_not_taken_for_the_current_folder(tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_out_under_the_home_folder_is_written_there_not_into_a_folder_named_tilde(
+    tmp_path, monkeypatch, capsys
+):
+    """`--out=~/x` (no shell expands `~` after `=`) made a folder named "~" in the current one: data
+    make's dataset there, eval's report; generate said "output directory does not exist: ~"."""
+    from streamgen.cli import build_parser
+
+    home, here = tmp_path / "home", tmp_path / "here"
+    home.mkdir(), here.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    assert main(["data", "make", "--clips", "1", "--seconds", "0.04", "--size", "16", "--workers", "1",
+                 "--identities", "10", "--out=~/ds"]) == 0  # fmt: skip
+    assert (home / "ds" / "manifest.json").is_file() and list(here.iterdir()) == []
+    for argv in (["data", "preview", "--out=~/p"], ["eval", "--out=~/e"], ["distill", "teacher", "--config", "debug", "--out=~/t"]):
+        assert build_parser().parse_args(argv).out == home / argv[-1][len("--out=~/") :], argv
+    assert main(["generate", "--model", "debug", "--quiet", "--out=~/a.mp4"]) == 0
+    assert (home / "a.mp4").is_file() and list(here.iterdir()) == []
+
+
 def test_a_preview_sent_sigterm_leaves_nothing(tmp_path):
     """SIGTERM (`timeout`, `kill`) ended a preview where it was: the folder it made was left, with the
     video's temp file in it. It ends as a Ctrl-C does: nothing left, exit 143."""

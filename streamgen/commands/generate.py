@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from streamgen.cli import HEAVY_IMPORTS, add_dtype_option, caption, frame_size, positive_int, seed_number
-from streamgen.files import new_file_beside
+from streamgen.files import home_expanded, new_file_beside
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -105,7 +105,7 @@ def run(args) -> int:
     if args.out == "-":  # (a file named "-" was written)
         raise UserError("--out -: generate writes a file (an MP4 is finished by going back to its start), "
                         "not to standard output; give the file's name")  # fmt: skip
-    out = Path(args.out)
+    out = home_expanded(args.out)  # (`--out=~/a.mp4`, which no shell expands: "output directory does not exist: ~")
     try:
         out.exists()  # (the checks below stat it: a name the file system cannot hold raised there)
     except OSError as e:
