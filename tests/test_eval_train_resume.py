@@ -265,6 +265,19 @@ def test_evaluators_trained_by_other_training_code_are_trained_again(dataset, tm
     assert len(err.strip().splitlines()) == 1, err
 
 
+def test_evaluators_trained_on_clips_spoken_by_another_speech_engine_are_trained_again(tmp_path, monkeypatch):
+    """The clips made without --data are spoken by espeak-ng (the pip package's library or the
+    system's): evaluators trained (or half trained) on another's were taken as this one's, as were
+    eval's scores (`eval_settings`). A dataset's clips are its own, whatever speaks now."""
+    from streamgen.data import speech
+
+    (tmp_path / "manifest.json").write_text("{}")
+    made_here, of_a_dataset = train.training_settings(8, 4, 3, 0, None), train.training_settings(8, 4, 3, 0, tmp_path)
+    monkeypatch.setattr(speech, "engine_version", lambda: "espeak-ng 1.49 (espeakng-loader not installed)")
+    assert train.training_settings(8, 4, 3, 0, None) != made_here
+    assert train.training_settings(8, 4, 3, 0, tmp_path) == of_a_dataset
+
+
 def _killed_at(step: int):
     """ckpt.save_checkpoint, and a SystemExit once it has saved `step` (a kill between two steps)."""
     real = ckpt.save_checkpoint

@@ -330,15 +330,20 @@ TRAINING_VERSION = 1
 def training_settings(
     n_clips: int, sync_steps: int, identity_steps: int, seed: int, data: Path | None
 ) -> dict:
-    """What the trained weights are a function of (not --workers: the clips come back in order)."""
+    """What the trained weights are a function of (not --workers: the clips come back in order); of
+    clips made here (no --data), the speech engine they are spoken by, as eval's (`eval_settings`)."""
     import hashlib
 
-    manifest = None
+    from streamgen.data.speech import engine_version
+
+    manifest = speech = None
     if data is not None:  # (a dataset made again in the same folder is other clips)
         manifest = hashlib.sha256((Path(data) / "manifest.json").read_bytes()).hexdigest()[:16]
+    else:
+        speech = engine_version()
     return {"clips": n_clips, "syncnet_steps": sync_steps, "identity_steps": identity_steps, "seed": seed,
             "data": str(Path(data).resolve()) if data is not None else None, "data_manifest": manifest,
-            "version": TRAINING_VERSION}  # fmt: skip
+            "speech": speech, "version": TRAINING_VERSION}  # fmt: skip
 
 
 def finished_with(out: Path, settings: dict) -> bool:
