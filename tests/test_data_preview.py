@@ -144,10 +144,31 @@ def test_an_out_under_the_home_folder_is_written_there_not_into_a_folder_named_t
     assert main(["data", "make", "--clips", "1", "--seconds", "0.04", "--size", "16", "--workers", "1",
                  "--identities", "10", "--out=~/ds"]) == 0  # fmt: skip
     assert (home / "ds" / "manifest.json").is_file() and list(here.iterdir()) == []
-    for argv in (["data", "preview", "--out=~/p"], ["eval", "--out=~/e"], ["distill", "teacher", "--config", "debug", "--out=~/t"]):
+    distill = ["distill", "teacher", "--config", "debug", "--out=~/t"]
+    for argv in (["data", "preview", "--out=~/p"], ["eval", "--out=~/e"], distill):
         assert build_parser().parse_args(argv).out == home / argv[-1][len("--out=~/") :], argv
     assert main(["generate", "--model", "debug", "--quiet", "--out=~/a.mp4"]) == 0
     assert (home / "a.mp4").is_file() and list(here.iterdir()) == []
+
+
+def test_inputs_under_the_home_folder_are_read_from_there(tmp_path, monkeypatch, capsys):
+    """`--audio=~/a.wav` (no shell expands `~` after `=`) was "No such file or directory: ~/a.wav",
+    the file there all the same; so were data preview's and train-evaluators' --data, eval's --evaluators."""
+    import shutil
+
+    from streamgen.cli import build_parser
+    from streamgen.commands.generate import ASSETS
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copy(ASSETS / "sample_speech.wav", tmp_path / "a.wav")
+    shutil.copy(ASSETS / "sample_face.png", tmp_path / "f.png")
+    out = tmp_path / "a.mp4"
+    argv = ["generate", "--model", "debug", "--quiet", "--audio=~/a.wav", "--reference=~/f.png", "--out", str(out)]
+    assert main(argv) == 0
+    assert out.is_file()
+    for argv, dest in ((["data", "preview", "--data=~/ds"], "data"), (["eval", "--evaluators=~/ev"], "evaluators"),
+                       (["eval", "train-evaluators", "--data=~/ds"], "data")):  # fmt: skip
+        assert getattr(build_parser().parse_args(argv), dest) == tmp_path / argv[-1].split("~/")[1], argv
 
 
 def test_a_preview_sent_sigterm_leaves_nothing(tmp_path):

@@ -96,6 +96,9 @@ def run(args) -> int:
     import_with_ctrl_c_held(HEAVY_IMPORTS)
     from streamgen.media import MediaError, Mp4Writer, from_time_zero, output_path, read_audio, read_image
 
+    # (`--audio=~/a.wav`, which no shell expands: "No such file or directory: ~/a.wav")
+    args.audio, args.reference = (str(home_expanded(given)) for given in (args.audio, args.reference))
+
     # before any relaunch: a bad file is one clear error, not one per process
     try:
         pcm = read_audio(args.audio)
@@ -105,7 +108,7 @@ def run(args) -> int:
     if args.out == "-":  # (a file named "-" was written)
         raise UserError("--out -: generate writes a file (an MP4 is finished by going back to its start), "
                         "not to standard output; give the file's name")  # fmt: skip
-    out = home_expanded(args.out)  # (`--out=~/a.mp4`, which no shell expands: "output directory does not exist: ~")
+    out = home_expanded(args.out)  # (`--out=~/a.mp4`, no shell expands: "output directory does not exist: ~")
     try:
         out.exists()  # (the checks below stat it: a name the file system cannot hold raised there)
     except OSError as e:

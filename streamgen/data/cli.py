@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from streamgen.cli import frame_size, named_folder, positive_int, seed_number, usable_cpus
+from streamgen.files import home_expanded
 
 from . import SPLITS
 
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=positive_int, default=min(2, usable_cpus()), help="processes making shards"
     )
     preview = sub.add_parser("preview", help="write a contact sheet PNG and an MP4 with sound")
-    preview.add_argument("--data", type=Path, help="a dataset folder; without it, clips are made on the fly")
+    preview.add_argument("--data", type=home_expanded, help="a dataset folder; without it, clips are made on the fly")
     preview.add_argument("--split", choices=SPLITS, default="train")
     preview.add_argument("--clips", type=positive_int, default=6)
     # (no defaults here: given with --data, whose clips are the dataset's, they were ignored without a word)

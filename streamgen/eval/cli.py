@@ -9,6 +9,7 @@ from pathlib import Path
 
 from streamgen.cli import add_dtype_option, frame_size, named_folder, positive_int, seed_number
 from streamgen.data import SPLITS
+from streamgen.files import home_expanded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--minutes", type=float, help="also run one long stream of this many minutes for drift"
     )
-    parser.add_argument("--evaluators", type=Path, help="evaluator checkpoint folder (default: bundled)")
+    parser.add_argument(
+        "--evaluators", type=home_expanded, help="evaluator checkpoint folder (default: bundled)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=positive_int, help="denoising steps for the model (default: the model's)")
     add_dtype_option(parser, "--decode-dtype", "a student's decoder (auto: bf16 on AMX, AVX512-BF16)")
@@ -44,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print report.json's object as the last line")
     training = parser.add_argument_group("train-evaluators")
     training.add_argument(
-        "--data", type=Path, help="train on this dataset's train split (default: make clips)"
+        "--data", type=home_expanded, help="train on this dataset's train split (default: make clips)"
     )
     training.add_argument("--sync-steps", type=positive_int, help="default 4000")
     training.add_argument("--identity-steps", type=positive_int, help="default 1500")
