@@ -728,3 +728,32 @@ def test_the_same_make_run_again_once_finished_has_nothing_to_do(tmp_path, monke
     for other in (["--seed", "1"], ["--shard-size", "3"], ["--clips", "6"]):
         assert main([*argv, *other]) == 2
         assert "already holds a dataset (manifest.json); choose another --out" in capsys.readouterr().err
+
+
+def test_a_make_partly_made_by_another_speech_engine_is_refused_not_mixed(tmp_path, monkeypatch, capsys):
+    """The clips are spoken by espeak-ng (the pip package's library or the system's): a make stopped
+    before it changed went on after, its dataset's clips spoken by two without a word."""
+    from streamgen.data import shards, speech
+
+    argv = ["data", "make", "--clips", "4", "--size", "16", "--seconds", "0.2", "--shard-size", "2",
+            "--workers", "1", "--identities", "20", "--out", str(tmp_path / "ds")]  # fmt: skip
+    written, made = shards._write_shard, []
+
+    def stopped(path, *rest):
+        if made:
+            raise KeyboardInterrupt
+        written(path, *rest)
+        made.append(path)
+
+    monkeypatch.setattr(shards, "_write_shard", stopped)
+    assert main(argv) == 130
+    monkeypatch.setattr(shards, "_write_shard", written)
+    engine = speech.engine_version()
+    monkeypatch.setattr(speech, "engine_version", lambda: "espeak-ng 1.49 (espeakng-loader not installed)")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"partly made by another speech engine ({engine} there, espeak-ng 1.49 (espeakng-loader" in err, err
+    assert sorted((tmp_path / "ds").rglob("*.npz")) == made  # (kept, for the engine that made them)
+    monkeypatch.setattr(speech, "engine_version", lambda: engine)
+    assert main(argv) == 0 and "2 of them made before" in capsys.readouterr().out

@@ -215,6 +215,7 @@ def _shard_number(record: dict) -> int:
     return int(record["file"].rsplit("/shard-", 1)[1].removesuffix(".npz"))
 
 
+# what reading a damaged .npz raises (cut short, a byte flipped: zipfile says NotImplementedError
 # for a compression method byte it does not know, zlib.error for a spoilt stream)
 NPZ_ERRORS = (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError)
 
@@ -268,12 +269,15 @@ def make_dataset(
         raise DataError(f"clips of {seconds} s are shorter than one frame (1/{FPS} s)")
     if too_long_for_an_array(seconds):
         raise DataError(f"clips of {seconds} s are too long: no array could hold a clip's sound")
+    from .speech import engine_version
+
     settings = {
         "format": FORMAT, "seed": seed, "clips": n_clips, "height": height, "width": width,
         "seconds": seconds, "identities": n_identities, "shard_size": shard_size,
+        "speech": engine_version(),  # (another espeak-ng speaks the same clips otherwise)
     }  # fmt: skip
     if (out / "manifest.json").exists():
-        if _made_already(out, settings):  # (the same command run again: one stopped as it ended said "interrupted")
+        if _made_already(out, settings):  # (run again: a make stopped as it ended said "interrupted")
             raise MadeAlready(f"{out} already holds this dataset, made with these settings")
         raise DataError(f"{out} already holds a dataset (manifest.json); choose another --out or delete it")
     _finished_shards(out, settings)  # (another make's work: refused before anything is made)
@@ -312,7 +316,7 @@ def _made_already(out: Path, settings: dict) -> bool:
                       for split in SPLITS for s in manifest["splits"][split]["shards"])  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-    if any(manifest.get(k) != v for k, v in settings.items() if k != "shard_size"):
+    if any(manifest.get(k) != v for k, v in settings.items() if k not in ("shard_size", "speech")):
         return False
     planned = plan_shards(settings["clips"], settings["shard_size"])
     return made == sorted((shard_file(split, k), len(ix), ix[0], ix[-1]) for split, k, ix in planned)

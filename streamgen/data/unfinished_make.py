@@ -49,6 +49,13 @@ def _finished_shards(out: Path, settings: dict, changed: set[str] | None = None)
         kept, shards = _read_partial(path)
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise DataError(f"{path}: unreadable ({e}); delete it, or {out}, to make the dataset again") from None
+    speech = kept.setdefault("speech", settings["speech"])  # (an older make's records none: taken as ours)
+    if speech != settings["speech"]:  # (going on, it mixed clips spoken by two, without a word)
+        raise DataError(
+            f"{out} holds a dataset partly made by another speech engine ({speech} there, "
+            f"{settings['speech']} now), whose clips these would not match: delete {out} to make it again "
+            "(or choose another --out)"
+        )
     if kept != settings:
         other = ", ".join(
             f"{_SETTING_FLAGS.get(k, k)} {kept.get(k)} there, {v} now"
