@@ -63,6 +63,7 @@ def test_a_run_that_fails_on_the_way_leaves_no_earlier_report(tmp_path, monkeypa
     earlier = ["report.json", "report.md", "drift.png", "sync.png", "samples.png"]
     for name in earlier:
         (out / name).write_text("the earlier run's")
+    (out / "report.json").write_text('{"model": "ground-truth", "settings": {}}')
     (out / "notes.txt").write_text("mine")
 
     def crash(*args, **kwargs):
@@ -74,6 +75,22 @@ def test_a_run_that_fails_on_the_way_leaves_no_earlier_report(tmp_path, monkeypa
     # nor its report.md and plots, which named the earlier run's model beside no report.json (what
     # this run measured before it failed is kept in partial/, for the same command to go on from)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "partial"]
+
+
+def test_a_report_md_no_evaluation_wrote_is_not_replaced(tmp_path, monkeypatch, capsys):
+    """`eval --out .` in a folder of the user's removed its report.md (or drift.png) as the work
+    began, and wrote its own in its place. An earlier evaluation's outputs are replaced as before."""
+    from streamgen.data import world
+
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "report.md").write_text("# my own report")
+    monkeypatch.setattr(world, "make_clip", lambda *a: pytest.fail("the work began"))
+    assert main(["eval", "--model", "ground-truth", "--clips", "1", "--out", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith(f"--out {out} holds report.md, which no evaluation wrote there (no report.json nor "
+                         "partial/ of one): eval would replace them; give another --out, or move them")  # fmt: skip
+    assert (out / "report.md").read_text() == "# my own report"
 
 
 def test_frozen_frames_leave_out_the_frames_held_before_a_1_plus_4k_stream(tmp_path, monkeypatch):

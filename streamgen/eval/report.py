@@ -282,6 +282,12 @@ def evaluate(
             note and note(f"{Path(out) / 'report.json'} is already this evaluation's: nothing measured again "
                           "(delete it to evaluate again)")  # fmt: skip
             return finished
+        others = _not_an_evaluations(Path(out))
+        if others:  # (removed as this one began, a report.md of the user's in the folder given)
+            raise OutFolderError(
+                f"--out {out} holds {', '.join(others)}, which no evaluation wrote there (no report.json nor "
+                "partial/ of one): eval would replace them; give another --out, or move them"
+            )
         if earlier is not None and note:  # (not without a word: it is measured again, and replaced)
             note(f"replacing {Path(out) / 'report.json'}, an evaluation of other settings ({earlier})")
         for name in OUTPUTS:
@@ -465,6 +471,20 @@ def _finished_report(out: Path, settings: dict, n_clips: int) -> tuple[dict | No
     if not all((out / name).exists() for name in OUTPUTS):
         return None, None
     return report, None
+
+
+def _not_an_evaluations(out: Path) -> list[str]:
+    """The names of OUTPUTS in `out` where no evaluation is known to have written them: neither a
+    report.json of one (its settings) nor the measurements of one (partial/settings.json) are there."""
+    from .partial import FOLDER
+
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        report = None
+    if (isinstance(report, dict) and "settings" in report) or (out / FOLDER / "settings.json").is_file():
+        return []
+    return [name for name in OUTPUTS if (out / name).exists()]
 
 
 def autoencoder_roundtrip(name: str):
