@@ -97,6 +97,27 @@ def test_a_stopped_eval_run_again_scores_only_the_clips_left(tmp_path, made, mon
     )
 
 
+def test_a_full_disk_says_which_clips_are_kept(tmp_path, made, monkeypatch, capsys):
+    """A full disk as the third clip's measurements were written was said of a temp file,
+    "No space left on device: OUT/partial/.clip-00002.npz....tmp", not of the two clips kept."""
+    import errno
+
+    real = partial.write_atomically
+
+    def full(path, write):
+        if path.name == "clip-00002.npz":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path.parent / ".clip-00002.npz.x.tmp"))
+        return real(path, write)
+
+    monkeypatch.setattr(partial, "write_atomically", full)
+    out = tmp_path / "e"
+    assert evaluate(out) == 2
+    assert capsys.readouterr().err.replace("\r", "\n").splitlines()[-1] == (
+        f"streamgen eval: error: cannot write into {out}: No space left on device (2 clips scored kept in "
+        f"{out / partial.FOLDER}: run the same command again to go on from them)"
+    )
+
+
 def test_a_clip_file_in_partial_without_its_measurements_is_measured_again(tmp_path, made, monkeypatch):
     """A file of something else where a clip's measurements belong (it reads, but holds none of
     them) ended the evaluation in a KeyError's traceback."""

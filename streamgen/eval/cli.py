@@ -171,7 +171,7 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from tqdm import tqdm
 
-    from streamgen.cli import UserError, is_stop, restore_handlers, terminate_as_exit
+    from streamgen.cli import MACHINE_ERRNOS, UserError, is_stop, restore_handlers, terminate_as_exit
 
     from .evaluators import EvaluatorError
     from .partial import MeasuredFolderError
@@ -205,6 +205,13 @@ def _evaluate(args) -> int:
         )  # fmt: skip
     except (EvaluatorError, ModelLoadError, OutputInUse, OutFolderError, MeasuredFolderError) as e:
         raise UserError(str(e)) from None
+    except OSError as e:
+        if not bars or e.errno not in MACHINE_ERRNOS:
+            raise
+        # (a full disk under OUT/partial was said of a temp file, ".clip-00002.npz.x1f3.tmp", without a
+        # word of the clips scored before it)
+        kept, said = _what_is_kept(args.out), f"cannot write into {args.out}: {e.strerror or e}"
+        raise UserError(f"{said} ({kept})" if kept else said) from None
     except BaseException as e:
         if bars and is_stop(e):  # (the work had begun: OUT/partial is this evaluation's)
             for bar in bars:  # (before the line: closed after, a bar was drawn again under it)
@@ -229,6 +236,16 @@ def _evaluate(args) -> int:
 def _say_what_is_kept(out: Path) -> None:
     """What a stopped evaluation keeps for the same command to go on from ("interrupted" alone left
     its user to find out whether a run of an hour's clips was lost)."""
+    kept = _what_is_kept(out)
+    if kept:
+        try:  # (after SIGHUP its terminal may be gone: the stop is the thing to end with)
+            print(f"streamgen eval: stopped: {kept}", file=sys.stderr)
+        except OSError:
+            pass
+
+
+def _what_is_kept(out: Path) -> str | None:
+    """What OUT/partial keeps of an evaluation that did not finish, for the same command to go on from."""
     from streamgen.data.shards import clip_count
 
     from .partial import FOLDER
@@ -237,9 +254,6 @@ def _say_what_is_kept(out: Path) -> None:
     clips = len(list(folder.glob("clip-*.npz")))
     stream = any(folder.glob("stream-*.npz"))
     kept = [clip_count(clips) + " scored"] * bool(clips) + ["the drift stream's scores so far"] * stream
-    if kept:
-        try:  # (after SIGHUP its terminal may be gone: the stop is the thing to end with)
-            print(f"streamgen eval: stopped: {' and '.join(kept)} kept in {folder}: run the same command "
-                  "again to go on from them", file=sys.stderr)  # fmt: skip
-        except OSError:
-            pass
+    if not kept:
+        return None
+    return f"{' and '.join(kept)} kept in {folder}: run the same command again to go on from them"
