@@ -55,9 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dtype_option(parser, "--decode-dtype", "the autoencoder's decoder (auto: bfloat16 on CPUs with AMX or "
                      "AVX512-BF16, 2-3x faster with AMX, 1.2-1.35x without)")  # fmt: skip
     parser.add_argument("--compile", action="store_true",
-                        help="run the DiT's blocks under torch.compile, compiled in the warm-up (CPU; 1.15-1.23x the "
-                        "frames at 256x256-320x320 on 2 cores, 1.08x at 128x128; at 256x256 with 5 sessions the warm-up took "
-                        "13 s longer from inductor's cache, 63 s cold)")  # fmt: skip
+                        help="run the DiT's blocks under torch.compile, compiled in the warm-up, which it "
+                        "makes several times longer (CPU; 1.15-1.23x the frames at 256x256-320x320 on 2 "
+                        "cores, 1.08x at 128x128; the warm-up measured: docs/serving.md)")  # fmt: skip
     parser.add_argument(
         "--threads", type=thread_count, default=None,
         help="torch CPU threads (default on CPU: 1, leaving the other cores to encoding and networking; "

@@ -217,3 +217,31 @@ def test_documented_test_times_are_those_of_the_files():
         if not 0.75 <= float(said) / took <= 1.33:
             wrong[f"{doc}: {patterns.strip()}"] = f"says ~{said} min, its files took {took:.1f}"
     assert wrong == {}
+
+
+def test_the_compile_warm_up_is_quoted_from_one_measurement():
+    """`serve --compile`'s warm-up was quoted three ways from runs of different days (its help:
+    13 s longer warm, 63 s cold; performance.md: 18 / 68 s; the README: 41 s): the docs that give
+    it quote one JSON's figures beside its link, and the help, which no reader checks against
+    them, quotes no seconds of its own but points at docs/serving.md."""
+    import argparse
+    import json
+
+    from streamgen.cli import build_parser
+
+    source = "bench/results/cpu-2026-12-07-serve-compile-warmup.json"
+    ready_s = json.loads((ROOT / source).read_text())["summary"]["ready_s"]
+    cold = [f"{s:.0f}" for s in ready_s["cold"]]  # ("325 and 418 s")
+    figures = [*cold, f"{ready_s['warm']:.0f} s", f"{ready_s['eager']:.0f} s"]
+    unquoted = {}
+    for doc in (ROOT / "README.md", ROOT / "docs" / "serving.md", ROOT / "docs" / "performance.md"):
+        text = doc.read_text()
+        at = text.find(source.split("/")[-1])
+        near = text[max(0, at - 500) : at]  # (the sentence the link ends)
+        if at < 0 or (missing := [f for f in figures if f not in near]):
+            unquoted[doc.name] = "no link to the JSON" if at < 0 else f"lacks {missing}"
+    assert unquoted == {}
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    compile_help = next(a.help for a in sub.choices["serve"]._actions if "--compile" in a.option_strings)
+    assert "docs/serving.md" in compile_help
+    assert re.findall(r"\d+ s\b", compile_help) == []
