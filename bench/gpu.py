@@ -546,6 +546,7 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # (named as it is run: it said "usage: gpu.py", a file no one types)
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
     add_arguments(parser)
     print(json.dumps(main(parser.parse_args())))

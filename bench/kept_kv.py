@@ -94,7 +94,10 @@ def run(model_name="tiny-avatar", size=64, batch=16, rounds=8, chunks=8) -> dict
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # (named as it is run, and its first sentence whole: it said "usage: kept_kv.py" and cut the
+    # sentence at its line end, "... computed once (`Block.kept_kv`) against once per")
+    first_sentence = " ".join(__doc__.split("\n\n")[0].split())
+    p = argparse.ArgumentParser(prog="python -m bench.kept_kv", description=first_sentence)
     p.add_argument("--model", default="tiny-avatar")
     p.add_argument("--size", type=frame_size, default=64)
     p.add_argument("--batch", type=positive_int, default=16)

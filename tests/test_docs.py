@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")  # markdown [text](target), anchor dropped
 
@@ -245,3 +247,38 @@ def test_the_compile_warm_up_is_quoted_from_one_measurement():
     compile_help = next(a.help for a in sub.choices["serve"]._actions if "--compile" in a.option_strings)
     assert "docs/serving.md" in compile_help
     assert re.findall(r"\d+ s\b", compile_help) == []
+
+
+# `python -m MODULE ...` of ours in a doc, its options up to a comment or the code span's end (a span
+# may go on over an indented line break)
+PYTHON_M = re.compile(r"python -m ((?:bench|distill|streamgen)\.[\w.]+)((?:[^`#\n]|\n(?= ))*)")
+
+
+def test_documented_python_m_commands_are_their_modules_usage():
+    """A `python -m MODULE` command the README or docs/ show is the one its usage names (bench.gpu's
+    said 'usage: gpu.py', bench.kept_kv's 'kept_kv.py', make_assets' 'make_assets.py': files no one
+    types, run as modules), and each --option the docs give it is one it lists."""
+    import contextlib
+    import io
+    import runpy
+    import sys
+
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    shown = {}
+    for doc in docs:
+        for m in PYTHON_M.finditer(doc.read_text()):
+            shown.setdefault(m.group(1), set()).update(re.findall(r"(?<![\w-])--[a-z][\w-]*", m.group(2)))
+    shown.pop("streamgen.parallel.torchrun")  # (it takes torchrun's options: torchrun's usage)
+    assert len(shown) >= 4, shown
+    wrong = {}
+    for module, options in shown.items():
+        said = io.StringIO()
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(said), pytest.raises(SystemExit):
+            mp.setattr(sys, "argv", [module, "--help"])
+            runpy.run_module(module, run_name="__main__", alter_sys=True)  # (as `python -m` runs it)
+        usage = said.getvalue()
+        if not usage.startswith(f"usage: python -m {module} "):
+            wrong[module] = usage.splitlines()[:1]
+        elif missing := sorted(o for o in options if not re.search(re.escape(o) + r"\b", usage)):
+            wrong[module] = f"lists no {missing}"
+    assert wrong == {}

@@ -46,7 +46,10 @@ def make_assets(out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # (named as it is run: it said "usage: make_assets.py", a file no one types)
+    parser = argparse.ArgumentParser(
+        prog="python -m streamgen.data.make_assets", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets")
     args = parser.parse_args(argv)
     try:
