@@ -159,10 +159,17 @@ def _start_server(args, port: int, model: str, extra: list[str] = ()) -> subproc
     return proc
 
 
-async def _wait_ready(http, proc, timeout=300.0) -> dict:
+# seconds a served model may take to be ready: --compile's warm-up from an empty inductor cache took
+# 325-418 s on a loaded 2-core machine (bench/results/cpu-2026-12-07-serve-compile-warmup.json)
+READY_TIMEOUT_S = 300.0
+COMPILE_READY_TIMEOUT_S = 1800.0
+
+
+async def _wait_ready(http, proc, timeout=READY_TIMEOUT_S) -> dict:
     import httpx
 
     deadline = time.monotonic() + timeout
+    stage = None  # (what the warm-up said it was doing, for a server that is never ready)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             proc.stderr_log.seek(0)
@@ -177,10 +184,16 @@ async def _wait_ready(http, proc, timeout=300.0) -> dict:
             r = await http.get("/readyz")
             if r.status_code == 200:
                 return r.json()
-        except httpx.TransportError:
+            stage = r.json().get("stage", stage)
+        except (httpx.TransportError, ValueError):
             pass
         await asyncio.sleep(0.2)
-    raise RuntimeError("server did not become ready")
+    from streamgen.cli import UserError
+
+    # (it was a traceback, "server did not become ready", after minutes of a cold --compile)
+    doing = f" (its /readyz: {stage})" if stage else ""
+    raise UserError(f"the server was not ready after {timeout:g} s{doing}; a machine busy with other work "
+                    "warms up slower")  # fmt: skip
 
 
 @contextlib.asynccontextmanager
@@ -194,7 +207,7 @@ async def _served(args, model: str, extra: list[str] = ()):
     proc = _start_server(args, port, model, extra)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            ready = await _wait_ready(http, proc)
+            ready = await _wait_ready(http, proc, COMPILE_READY_TIMEOUT_S if args.compile else READY_TIMEOUT_S)
             yield http, ready, time.monotonic() - started
     finally:
         proc.terminate()

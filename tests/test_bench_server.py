@@ -498,3 +498,25 @@ async def test_a_server_that_says_much_on_stderr_is_not_held_up_by_it(tmp_path, 
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_a_server_never_ready_is_one_line_naming_its_warm_up_stage():
+    """A server still warming up when the wait ran out was a traceback ("RuntimeError: server did
+    not become ready") after 300 s, which a --compile warm-up from an empty inductor cache passed
+    on a busy machine; it is one line now, saying what the warm-up was doing, and under --compile
+    the wait is longer."""
+    import types
+
+    import httpx
+
+    import bench.server as bench
+    from streamgen.cli import UserError
+
+    def warming(request):
+        return httpx.Response(503, json={"ready": False, "stage": "compiling batches of up to 5 sessions"})
+
+    running = types.SimpleNamespace(poll=lambda: None)
+    async with httpx.AsyncClient(base_url="http://bench", transport=httpx.MockTransport(warming)) as http:
+        with pytest.raises(UserError, match=r"not ready after 0.3 s \(its /readyz: compiling batches of up to 5"):
+            await bench._wait_ready(http, running, timeout=0.3)
+    assert bench.COMPILE_READY_TIMEOUT_S > 418 > bench.READY_TIMEOUT_S  # (the slowest cold warm-up measured)
