@@ -465,12 +465,18 @@ def _attention_backends(args, nbytes, flops, device, quick) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    # (defaults that depend on the device, which --help left unsaid: --compile and --no-compile
+    # listed side by side, neither marked as the default)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda where there is one, else cpu (which needs --quick)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU tests)")
-    parser.add_argument("--compile", dest="compile", action="store_true", default=None)
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--compile", dest="compile", action="store_true", default=None,
+                        help="also time torch.compile of the reference ops (the default on CUDA)")  # fmt: skip
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="do not (the default on a CPU)")  # fmt: skip
     parser.add_argument("--only", nargs="*", help="case names to run (default: all)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="default: bfloat16 on CUDA, float32 on a CPU")  # fmt: skip
 
 
 def main(args) -> dict:

@@ -204,3 +204,17 @@ def test_the_command_s_help_names_the_command(capsys):
         main(["bench", "kernels", "--help"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith("usage: streamgen bench kernels [-h] [--json]")
+
+
+def test_the_help_says_the_defaults_that_depend_on_the_device(capsys):
+    """--compile and --no-compile were listed side by side with no word of which is the default (it
+    is the device's: on CUDA compiled, on a CPU not), nor what --dtype and --device default to."""
+    import argparse
+
+    from bench.kernels import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    said = {a.option_strings[0]: a.help or "" for a in parser._actions if a.option_strings}
+    assert "default on CUDA" in said["--compile"] and "default on a CPU" in said["--no-compile"]
+    assert "bfloat16 on CUDA, float32 on a CPU" in said["--dtype"] and "needs --quick" in said["--device"]
