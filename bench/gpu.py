@@ -493,19 +493,22 @@ def variant_plan(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="cuda", help="default cuda (`--device cpu --quick`: the same code at tiny sizes)")
     p.add_argument("--quick", action="store_true", help="tiny sizes on any device (tests)")
-    p.add_argument("--steps", type=positive_int, default=4)
-    p.add_argument("--chunks", type=positive_int, default=12)
+    p.add_argument("--steps", type=positive_int, default=4, help="denoising steps (default 4)")
+    p.add_argument("--chunks", type=positive_int, default=12, help="chunks each variant times (default 12)")
     p.add_argument("--warmup-chunks", type=int, default=None,
                    help="chunks before each variant's timing (default: past the first with a full ring)")  # fmt: skip
     # (0 or less ran no part, after the ceilings and the model were built; an unknown backend's
     # variants each failed, after their stream was built)
     p.add_argument("--budget", type=positive_number, default=420.0,
                    help="seconds by which the run ends: no part starts that is expected to end past it")  # fmt: skip
-    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip what runs under Inductor: the DiT's compiled blocks and the compiled decoder")  # fmt: skip
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel micro-benchmarks")
-    p.add_argument("--backends", nargs="*", choices=ATTENTION_BACKENDS, default=["sdpa", "cudnn", "triton", "flex"])
+    p.add_argument("--backends", nargs="*", choices=ATTENTION_BACKENDS, default=["sdpa", "cudnn", "triton", "flex"],
+                   help="attention backends timed with the fused kernels (default: sdpa cudnn triton flex; "
+                   "sdpa's variants run whatever this says)")  # fmt: skip
     p.add_argument(
         "--only",
         nargs="+",  # (`--only` and no name ran no part, after the ceilings and the model were built)

@@ -83,3 +83,16 @@ def test_out_replaces_an_earlier_json_and_refuses_a_file_that_is_not_json(monkey
     for earlier in (tmp_path / "result.json", tmp_path / "empty"):
         earlier.write_text('{"variants": {"old": 1}}\n' if earlier.suffix else "")
         assert main(["bench", "gpu", "--json", "--device", "cpu", "--quick", "--out", str(earlier)]) == 0
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    # --no-compile, --backends, --device, --steps and --chunks had no help: which variants
+    # --no-compile skips and which backends run by default were for the source to say
+    from bench import gpu
+
+    parser = argparse.ArgumentParser()
+    gpu.add_arguments(parser)
+    unsaid = [a.option_strings[-1] for a in parser._actions if a.option_strings and not a.help]
+    assert unsaid == []
+    backends = next(a for a in parser._actions if "--backends" in a.option_strings)
+    assert "default: " + " ".join(backends.default) in backends.help
