@@ -19,11 +19,19 @@ TEACHER_IN_ONE_PROCESS = "--sp applies to streaming students; a teacher runs in 
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--audio", default=str(ASSETS / "sample_speech.wav"), help="speech audio, any format/rate")
-    p.add_argument("--reference", default=str(ASSETS / "sample_face.png"), help="the face to animate")
+    p.add_argument(
+        "--audio",
+        default=str(ASSETS / "sample_speech.wav"),
+        help="speech audio, any format/rate (default: the bundled sample speech)",
+    )
+    p.add_argument(
+        "--reference",
+        default=str(ASSETS / "sample_face.png"),
+        help="the face to animate (default: the bundled sample face)",
+    )
     p.add_argument("--text", type=caption, default=None, help="optional caption, e.g. 'smiling'")
-    p.add_argument("--out", default="out.mp4", help="output MP4 (H.264 + AAC)")
-    p.add_argument("--model", default="tiny-avatar", help="model name or directory")
+    p.add_argument("--out", default="out.mp4", help="output MP4 (H.264 + AAC; default out.mp4)")
+    p.add_argument("--model", default="tiny-avatar", help="model name or directory (default tiny-avatar)")
     p.add_argument("--height", type=frame_size, default=None, help="default: the model's")
     p.add_argument("--width", type=frame_size, default=None, help="default: the model's")
     p.add_argument(
@@ -33,7 +41,7 @@ def add_arguments(p) -> None:
         help="denoising steps (default: the model's): a distilled student takes the steps it was distilled for "
         "or a count that divides them (1, 2 or 4 of 4: its schedule's levels), a teacher any number",
     )
-    p.add_argument("--seed", type=seed_number, default=0)
+    p.add_argument("--seed", type=seed_number, default=0, help="the seed of the noise (default 0)")
     p.add_argument(
         "--cache-from",
         choices=["reencode", "last_step"],
@@ -41,7 +49,7 @@ def add_arguments(p) -> None:
         help="each chunk's keys/values in the KV cache: from a clean re-encode (Self-Forcing's way) or from "
         "its last denoising step (one forward fewer per chunk); default: the model's own",
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (the default), cuda or cuda:N")
     add_dtype_option(
         p,
         "--dtype",
@@ -74,7 +82,10 @@ def add_arguments(p) -> None:
         "`streamgen distill tiny_decoder` made for this model's autoencoder",
     )
     p.add_argument(
-        "--sp", type=positive_int, default=1, help="sequence-parallel processes (restarts under torchrun)"
+        "--sp",
+        type=positive_int,
+        default=1,
+        help="sequence-parallel processes (restarts under torchrun; default 1)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
