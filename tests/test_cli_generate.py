@@ -23,6 +23,13 @@ def write_wav(path, rate, seconds, channels=1):
         w.writeframes(np.repeat(tone[:, None], channels, axis=1).tobytes())
 
 
+def generate_here(capfd, *args) -> tuple[int, str]:
+    """`streamgen generate *args`' (exit code, standard error), run in this process."""
+    capfd.readouterr()  # what came before is not the command's
+    code = main(["generate", *args])
+    return code, capfd.readouterr().err
+
+
 def test_generate_writes_h264_and_aac_at_any_input_rate(tmp_path):
     wav = tmp_path / "speech_44k.wav"
     write_wav(wav, 44100, 1.0, channels=2)  # resampled to 16 kHz mono
@@ -96,14 +103,16 @@ def test_a_name_the_outputs_encoding_cannot_hold_is_written_escaped(tmp_path, mo
         (lambda p: p.write_bytes(b"\x89PNG\r\n garbage"), "--reference", "cannot read image"),
     ],
 )
-def test_bad_files_give_one_clear_line_and_nonzero_exit(tmp_path, make_bad, flag, message):
+def test_bad_files_give_one_clear_line_and_nonzero_exit(tmp_path, make_bad, flag, message, capfd):
     bad = tmp_path / "bad.bin"
     make_bad(bad)
     out = tmp_path / "x.mp4"
-    r = streamgen("generate", "--model", "debug", flag, str(bad), "--out", str(out), "--quiet")
-    assert r.returncode == 2
-    assert message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    # in this process (a fresh one's imports cost seconds a case); capfd also takes what FFmpeg
+    # itself writes to the standard error, and a traceback would fail the call
+    code, err = generate_here(capfd, "--model", "debug", flag, str(bad), "--out", str(out), "--quiet")
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
     assert not out.exists()
 
 
@@ -249,11 +258,11 @@ def test_audio_at_a_rate_too_low_for_speech_is_named(tmp_path, capsys):
     assert "a sample rate of 7 Hz is too low for speech" in capsys.readouterr().err
 
 
-def test_empty_audio_is_an_error(tmp_path):
+def test_empty_audio_is_an_error(tmp_path, capfd):
     wav = tmp_path / "empty.wav"
     write_wav(wav, 16000, 0.0)
-    r = streamgen("generate", "--model", "debug", "--audio", str(wav), "--out", str(tmp_path / "x.mp4"))
-    assert r.returncode == 2 and "no audio" in r.stderr
+    code, err = generate_here(capfd, "--model", "debug", "--audio", str(wav), "--out", str(tmp_path / "x.mp4"))
+    assert code == 2 and "no audio" in err
 
 
 def test_bench_engine_prints_one_json_object(tmp_path):
@@ -383,7 +392,7 @@ def test_bench_decoder_times_a_narrower_decoder_against_the_models_own_on_a_batc
     assert all(v > 0 for v in size["against_speedup"].values())
 
 
-def test_bench_decoder_refuses_a_decoder_for_other_latents(tmp_path):
+def test_bench_decoder_refuses_a_decoder_for_other_latents(tmp_path, capfd):
     from streamgen.model.vae import TinyCausalVAE
     from streamgen.model_export import save_model
     from streamgen.models import load_model
@@ -391,10 +400,12 @@ def test_bench_decoder_refuses_a_decoder_for_other_latents(tmp_path):
     model = load_model("debug")
     model.vae = TinyCausalVAE(latent_channels=model.vae.latent_channels + 4, temporal_factor=4)
     save_model(model, tmp_path / "other")
-    r = streamgen("bench", "decoder", "--json", "--model", "debug", "--against", str(tmp_path / "other"),
-                  "--sizes", "32", "--rounds", "1")  # fmt: skip
-    assert r.returncode != 0 and "latent channels" in r.stderr
-    assert "Traceback" not in r.stderr
+    capfd.readouterr()
+    code = main(["bench", "decoder", "--json", "--model", "debug", "--against", str(tmp_path / "other"),
+                 "--sizes", "32", "--rounds", "1"])  # fmt: skip
+    err = capfd.readouterr().err
+    assert code != 0 and "latent channels" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.slow
