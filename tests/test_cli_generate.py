@@ -23,11 +23,12 @@ def write_wav(path, rate, seconds, channels=1):
         w.writeframes(np.repeat(tone[:, None], channels, axis=1).tobytes())
 
 
-def generate_here(capfd, *args) -> tuple[int, str]:
-    """`streamgen generate *args`' (exit code, standard error), run in this process."""
+def generate_here(capfd, *args) -> tuple[int, str, str]:
+    """`streamgen generate *args`' (exit code, standard output, standard error), run in this process."""
     capfd.readouterr()  # what came before is not the command's
     code = main(["generate", *args])
-    return code, capfd.readouterr().err
+    out, err = capfd.readouterr()
+    return code, out, err
 
 
 def test_generate_writes_h264_and_aac_at_any_input_rate(tmp_path):
@@ -109,7 +110,7 @@ def test_bad_files_give_one_clear_line_and_nonzero_exit(tmp_path, make_bad, flag
     out = tmp_path / "x.mp4"
     # in this process (a fresh one's imports cost seconds a case); capfd also takes what FFmpeg
     # itself writes to the standard error, and a traceback would fail the call
-    code, err = generate_here(capfd, "--model", "debug", flag, str(bad), "--out", str(out), "--quiet")
+    code, _, err = generate_here(capfd, "--model", "debug", flag, str(bad), "--out", str(out), "--quiet")
     assert code == 2
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
@@ -154,17 +155,22 @@ def test_an_output_that_is_not_a_regular_file_is_left_alone(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("out", ["/dev/stdout", "-"])
-def test_standard_output_is_refused_in_one_line(tmp_path, out):
+def test_standard_output_is_refused_in_one_line(tmp_path, out, monkeypatch, capfd):
     """/dev/stdout to a pipe was "cannot write /proc/<pid>/fd/pipe:[N]: No such file or directory";
     "-" wrote a file named "-"."""
-    r = subprocess.run(
-        [sys.executable, "-m", "streamgen", "generate", "--model", "debug", "--out", out, "--quiet"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )  # fmt: skip
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert f"--out {out}" in r.stderr and "/proc/" not in r.stderr
-    assert ("is not a regular file" if out != "-" else "not to standard output") in r.stderr
-    assert list(tmp_path.iterdir()) == [] and r.stdout == ""
+    if out == "-":  # a name, in this process (a fresh one's imports cost seconds)
+        monkeypatch.chdir(tmp_path)
+        code, stdout, err = generate_here(capfd, "--model", "debug", "--out", out, "--quiet")
+    else:  # standard output a pipe: a process of its own
+        r = subprocess.run(
+            [sys.executable, "-m", "streamgen", "generate", "--model", "debug", "--out", out, "--quiet"],
+            capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        )  # fmt: skip
+        code, err, stdout = r.returncode, r.stderr, r.stdout
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--out {out}" in err and "/proc/" not in err
+    assert ("is not a regular file" if out != "-" else "not to standard output") in err
+    assert list(tmp_path.iterdir()) == [] and stdout == ""
 
 
 @pytest.mark.parametrize(
@@ -261,7 +267,7 @@ def test_audio_at_a_rate_too_low_for_speech_is_named(tmp_path, capsys):
 def test_empty_audio_is_an_error(tmp_path, capfd):
     wav = tmp_path / "empty.wav"
     write_wav(wav, 16000, 0.0)
-    code, err = generate_here(capfd, "--model", "debug", "--audio", str(wav), "--out", str(tmp_path / "x.mp4"))
+    code, _, err = generate_here(capfd, "--model", "debug", "--audio", str(wav), "--out", str(tmp_path / "x.mp4"))
     assert code == 2 and "no audio" in err
 
 
