@@ -63,7 +63,7 @@ def test_a_body_that_is_not_json_is_said_to_be_the_request_body(client):
     s = new_session(client)
     h = auth(s["token"])
     for body, status, says in ((b"type=interrupt", 400, "request body is not valid JSON"),
-                               (b'"' + b"a" * 9000 + b'"', 413, "request body of 9002 characters; at most 8192")):  # fmt: skip
+                               (b'"' + b"a" * 17000 + b'"', 413, "request body of 16.6 KiB; the limit is 16 KiB")):  # fmt: skip
         r = client.post(s["resource"] + "/control", content=body, headers=h)
         assert (r.status_code, r.json()["message"]) == (status, says), r.text
     assert client.delete(s["resource"], headers=h).status_code == 204
