@@ -453,8 +453,20 @@ async def control(session_id: str, request: Request):
 
 
 @router.get("/v1/avatars", tags=["avatars"])
-async def avatars():
-    return {"avatars": list_avatars()}
+async def avatars(request: Request):
+    # `captions`: whether a session's caption is taken, for a client to offer one only then (the web
+    # page showed its caption field to a model that takes none, and each connect with one was a 422)
+    return {"avatars": list_avatars(), "captions": _model_takes_captions(request.app.state.registry)}
+
+
+def _model_takes_captions(registry: SessionRegistry) -> bool:
+    from streamgen.model.text import takes_captions
+    from streamgen.models import model_shape
+
+    if registry.model is not None:
+        return takes_captions(registry.model.cfg.text_dim)
+    shape = model_shape(registry.config.model)  # (a model process's or the --sp ranks': its files say)
+    return shape is None or takes_captions(shape[0].text_dim)  # (not said: a caption is refused in words)
 
 
 @router.get("/v1/avatars/{avatar_id}.png", tags=["avatars"], response_class=Response)

@@ -37,6 +37,19 @@ def test_health_ready_docs_and_avatars(client):
     assert client.get("/v1/avatars/nobody.png").status_code == 404
 
 
+def test_the_avatars_answer_says_whether_a_caption_is_taken(client):
+    """A client offered a caption to a model that takes none (the web page's field): each session
+    asked with one was a 422. GET /v1/avatars says whether the model takes captions."""
+    from types import SimpleNamespace
+
+    from server.routes import _model_takes_captions
+
+    assert client.get("/v1/avatars").json()["captions"] is False  # (the debug model's 16-d text features)
+    # a model loaded elsewhere (a model process, the --sp ranks): as its files or flavor say
+    for model, takes in (("tiny-avatar", True), ("debug", False), ("wan2.1-1.3b", False)):
+        assert _model_takes_captions(SimpleNamespace(model=None, config=SimpleNamespace(model=model))) is takes
+
+
 def test_a_server_too_slow_for_one_session_says_so(monkeypatch, caplog):
     """A size the machine cannot make in real time said "capacity 1", and its one session played
     at a third of its speed without a word."""

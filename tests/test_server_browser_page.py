@@ -270,6 +270,31 @@ def test_a_phones_status_with_a_word_longer_than_the_screen_fits_its_width(brows
             page.close()
 
 
+def as_a_server_that_takes_captions(route):
+    """The avatars' answer of a server whose model takes captions (this test server's takes none)."""
+    answer = route.fetch().json()
+    route.fulfill(json={**answer, "captions": True})
+
+
+def test_a_caption_is_offered_only_by_a_server_that_takes_one(browser_page):
+    """The caption's field was there for a model that takes no captions (`--model debug`): each
+    connect with a caption failed, '422: this model takes no captions'. The server says whether
+    its model takes one (GET /v1/avatars), and the page offers the field only then, saying why not."""
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        try:
+            page.goto(f"{url}/?transport=ws&mic=0")
+            page.wait_for_selector("#avatars button")
+            assert page.is_disabled("#caption")
+            assert page.text_content("#caption-note") == "(this server's model takes none)"
+            page.route("**/v1/avatars", as_a_server_that_takes_captions)
+            page.reload()
+            page.wait_for_selector("#avatars button")
+            assert page.is_enabled("#caption") and page.text_content("#caption-note") == ""
+        finally:
+            page.close()
+
+
 def test_a_caption_is_sent_whole_and_counted_as_the_server_counts_it(browser_page):
     """The caption's field had maxlength=500, which counts UTF-16 code units: a caption of 300 emoji
     (300 characters, the server's count, under its 500) was cut at 250 without a word. It is sent
@@ -280,7 +305,9 @@ def test_a_caption_is_sent_whole_and_counted_as_the_server_counts_it(browser_pag
     with live_server(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         try:
+            page.route("**/v1/avatars", as_a_server_that_takes_captions)
             page.goto(f"{url}/?transport=ws&mic=0")
+            page.wait_for_selector("#avatars button")
             page.fill("#caption", caption)
             with page.expect_request(lambda r: r.url.endswith("/v1/sessions") and r.method == "POST") as sent:
                 page.click("#connect")

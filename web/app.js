@@ -26,7 +26,13 @@ function resetStats() {
 
 async function loadAvatars() {
   // (limited: ?autostart=1 connects once the list came or failed, and waited for good on one not answered)
-  const { avatars } = await apiJson(await answeredFetch("/v1/avatars"));
+  const { avatars, captions } = await apiJson(await answeredFetch("/v1/avatars"));
+  // a model that takes no captions refuses each session asked with one (422): not offered then
+  if (captions === false) {
+    $("caption").disabled = true;
+    $("caption").value = "";
+    $("caption-note").textContent = "(this server's model takes none)";
+  }
   const box = $("avatars");
   box.replaceChildren();
   for (const a of avatars) {

@@ -53,11 +53,16 @@ def embed_sentences(texts: list[str]) -> torch.Tensor:
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 
+def takes_captions(text_dim: int) -> bool:
+    """Whether a model cross-attending `text_dim`-d text features takes a caption (MiniLM's)."""
+    return text_dim == TEXT_DIM
+
+
 def text_context(text: str | None, text_dim: int, batch: int = 1) -> torch.Tensor:
     """Context tokens [B, 1, text_dim] for the cross-attention."""
     if not text or not text.strip():
         return torch.zeros(batch, 1, text_dim)
-    if text_dim != TEXT_DIM:  # (said to a person, on the web page: what to do first, the why after)
+    if not takes_captions(text_dim):  # (said to a person, on the web page: what to do first, the why after)
         raise CaptionError(f"this model takes no captions: give it none (it was made for {text_dim}-d "
                            f"text features, not the {TEXT_DIM}-d sentence embeddings a caption becomes)")  # fmt: skip
     return embed_sentences([text])[:, None].expand(batch, -1, -1).clone()
