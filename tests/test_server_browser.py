@@ -319,7 +319,7 @@ def test_the_page_says_when_the_server_ends_its_webrtc_session(browser_page):
             page.wait_for_function("window.streamgenStats.state.startsWith('ended')", timeout=30_000)
             assert page.evaluate("held()") == {
                 "mics": 0, "contexts": 0, "connect": True, "hangup": False,
-                "state": "ended: the server ended the session (max_duration: session reached 4 s)",
+                "state": "ended: the session reached this server's time limit (4 s)",
             }  # fmt: skip
             # the refusal was the ended session's: it stayed beside 'ended: ...' until a connect
             assert page.text_content("#notice") == ""
@@ -335,7 +335,7 @@ def test_a_websocket_page_says_the_server_ended_its_session_as_a_webrtc_page_doe
         try:
             page.wait_for_function("window.streamgenStats.state.startsWith('ended')", timeout=30_000)
             assert page.evaluate("window.streamgenStats.state") == (
-                "ended: the server ended the session (max_duration: session reached 3 s)"
+                "ended: the session reached this server's time limit (3 s)"
             )
             assert page.evaluate("held()")["connect"] is True
         finally:
@@ -356,7 +356,7 @@ def test_a_webrtc_page_says_at_once_that_the_server_shut_down(browser_page):
         # (a check that went out on a connection kept alive may still find the session closed)
         assert held.pop("state") in (
             "ended: the server closed the connection and is not answering",
-            "ended: the server ended the session (server shutting down)",
+            "ended: the server shut down",
         )
         assert held == {"mics": 0, "contexts": 0, "connect": True, "hangup": False}
     finally:

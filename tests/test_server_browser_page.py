@@ -193,6 +193,34 @@ def test_a_silent_limit_asked_below_two_seconds_is_two(browser_page):
             page.close()
 
 
+def test_why_the_server_ended_a_session_is_said_in_a_users_words(browser_page):
+    """The page said the server's reasons as they came, codes for programs: 'ended: the server ended
+    the session (max_duration: session reached 3 s)', '(idle: no input for 30 s)', '(peer_silent:
+    ...)'. It says them in a user's words now, and one it does not know as the server said it."""
+    with live_server() as (url, app):
+        page = browser_page.new_page()
+        try:
+            page.goto(f"{url}/")
+            reasons = ["max_duration: session reached 3 s", "idle: no input for 30 s",
+                       "peer_silent: nothing from the peer for 10 s", "server shutting down",
+                       "host_down: the model process died (exit code -9)", "something new: x"]  # fmt: skip
+            said = page.evaluate(
+                "async (reasons) => { const p = await import('./page.js');"
+                " return reasons.map((r) => p.serverEndedInWords(r)); }",
+                reasons,
+            )
+            assert said == [
+                "the session reached this server's time limit (3 s)",
+                "the server ended the session: it heard and read nothing from you for 30 s",
+                "the server ended the session: it received nothing from this page for 10 s (the connection stalled)",
+                "the server shut down",
+                "the server's model stopped working: the server needs a restart",
+                "the server ended the session (something new: x)",
+            ]
+        finally:
+            page.close()
+
+
 @pytest.mark.parametrize("width,height", [(844, 390), (667, 375)])
 def test_a_landscape_phones_stage_fits_its_height(browser_page, width, height):
     """On a phone held sideways (844x390, 667x375) the square stage was 512 px (as wide as the

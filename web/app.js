@@ -8,7 +8,8 @@
 // avatars, the controls, and a connection's start and end.
 import { answeredFetch, apiFetch, apiJson, authHeaders, createSession, deleteSession } from "./api.js";
 import {
-  $, getMic, params, setNotice, setStatus, showOverlay, soundNoLongerWaits, speakTaken, state, stats, unknownAvatar,
+  $, getMic, params, serverEndedInWords, setNotice, setStatus, showOverlay, soundNoLongerWaits, speakTaken, state, stats,
+  unknownAvatar,
 } from "./page.js";
 import { closePeer, connectWebRTC } from "./webrtc.js";
 import {
@@ -79,7 +80,7 @@ const SERVER_ENDED = new Set([1001, 4408, 4410, 4430]);
 
 function closed(e) {
   cleanup(false);
-  if (SERVER_ENDED.has(e.code) && e.reason) setStatus(`ended: the server ended the session (${e.reason})`);
+  if (SERVER_ENDED.has(e.code) && e.reason) setStatus(`ended: ${serverEndedInWords(e.reason)}`);
   else setStatus(`closed: ${e.code} ${e.reason || "the connection was lost"}`);  // (no reason: no close frame came)
 }
 

@@ -53,6 +53,34 @@ export function setStatus(text) {
 // programs: "see GET /v1/avatars"), before a connect and by one.
 export const unknownAvatar = () => `no avatar "${state.avatar}" on this server (the address's ?avatar=): choose one`;
 
+// Why the server ended a session, in a user's words: its reasons are for programs, a code and its
+// details ("max_duration: session reached 3 s", "peer_silent: nothing from the peer for 10 s"),
+// and were shown as they came. One not here is said as the server says it.
+const SERVER_END_REASONS = [
+  [/^max_duration: session reached (.+)$/, (limit) => `the session reached this server's time limit (${limit})`],
+  [/^idle: no input for (.+)$/, (s) => `the server ended the session: it heard and read nothing from you for ${s}`],
+  [/^peer_silent: nothing from the peer for (.+)$/,
+    (s) => `the server ended the session: it received nothing from this page for ${s} (the connection stalled)`],
+  [/^never_connected: /, () => "the connection could not be made (a firewall or the network may block it)"],
+  [/^unclaimed: no client connected within (.+)$/,
+    (s) => `the server ended the session: no connection came for it within ${s}`],
+  [/^host_down: /, () => "the server's model stopped working: the server needs a restart"],
+  [/^server shutting down/, () => "the server shut down"],
+  [/^slow consumer/, () => "the server ended the session: this page did not keep up with the stream "
+    + "(a slow network or device)"],
+  [/^deleted by client/, () => "the session was ended elsewhere (deleted)"],
+  [/^generation failed: /, () => "the server failed to make the video"],
+];
+
+export function serverEndedInWords(reason) {
+  console.info(`the server ended the session: ${reason}`);  // (its own words, for whoever looks into it)
+  for (const [said, words] of SERVER_END_REASONS) {
+    const found = reason.match(said);
+    if (found) return words(...found.slice(1));
+  }
+  return `the server ended the session (${reason})`;
+}
+
 export function setNotice(text) {
   stats.notice = text;
   $("notice").textContent = text;

@@ -1,7 +1,7 @@
 // The WebRTC (WHEP) connection: the offer and its trickled candidates, the connection's state and
 // the overlay's figures read from it.
 import { apiJson, authHeaders, deleteSession } from "./api.js";
-import { $, abandoned, showOverlay, state, stats, waitForClickForSound } from "./page.js";
+import { $, abandoned, serverEndedInWords, showOverlay, state, stats, waitForClickForSound } from "./page.js";
 
 let offerPostedAt = 0;
 // How long the WHEP offer may wait for the server's answer (a real server's comes within a second)
@@ -159,8 +159,8 @@ async function checkSessionAlive(s, cutOff, mine, ended, closed = false) {
     }
     // the server says why where it knows (a limit, a DELETE from elsewhere, its model gone)
     const { message = "" } = await res.json().catch(() => ({}));
-    const why = message.startsWith("session ended: ") ? ` (${message.slice(15)})` : "";
-    if (mine === state.generation) ended(`the server ended the session${why}`);
+    const why = message.startsWith("session ended: ") ? message.slice(15) : "";
+    if (mine === state.generation) ended(why ? serverEndedInWords(why) : "the server ended the session");
     return true;
   } catch (e) {
     if (cutOff.aborted) return true;  // cut off: the connection ended, nothing to say
