@@ -60,6 +60,15 @@ def reports_of(page) -> list[dict]:
     return reports
 
 
+def report_until(page, reports: list[dict], check, seconds: float) -> None:
+    """Waits for a report the `check` takes (the page's console is read only while Playwright waits)."""
+    for _ in range(int(seconds * 5)):
+        if reports and check(reports[-1]):
+            return
+        page.wait_for_timeout(200)
+    raise AssertionError(f"no such report in {seconds} s: {reports[-1:]}")
+
+
 @pytest.mark.parametrize("transport", ["ws", "webrtc"])
 def test_an_autostarted_page_asks_for_a_click_and_turns_the_sound_on_with_it(browser_that_waits_for_a_click,
                                                                              transport):  # fmt: skip
@@ -82,7 +91,7 @@ def test_an_autostarted_page_asks_for_a_click_and_turns_the_sound_on_with_it(bro
                     break
             waiting = reports[-1]
             assert waiting["state"] == f"streaming ({'websocket' if transport == 'ws' else 'webrtc'})", waiting
-            assert waiting["notice"], waiting  # "Click anywhere for sound"
+            assert waiting["notice"], waiting  # "Click or press a key for sound"
             if transport == "ws":
                 assert waiting["contexts"] == ["suspended"] and waiting["sounds"] == 0, waiting
                 # frames drawn on time: timers no longer than a chunk and the playout buffer
@@ -98,6 +107,29 @@ def test_an_autostarted_page_asks_for_a_click_and_turns_the_sound_on_with_it(bro
                 assert page.evaluate("document.getElementById('video').muted") is False
             frames = page.evaluate("window.streamgenStats.framesDecoded")
             page.wait_for_function(f"window.streamgenStats.framesDecoded >= {frames + 25}", timeout=20_000)
+        finally:
+            page.close()
+
+
+def test_a_key_pressed_turns_the_sound_on_as_the_note_says(browser_that_waits_for_a_click):
+    """The note said "Click anywhere for sound", where a key pressed turns it on too; and Escape,
+    which the browser does not count as the user's interaction, took the note away and left the
+    sound off. The note says a key will do, and Escape leaves it waiting."""
+    with live_server(max_sessions=1) as (url, _):
+        page = browser_that_waits_for_a_click.new_page()
+        page.add_init_script(REPORT)
+        reports = reports_of(page)
+        try:
+            page.goto(f"{url}/?autostart=1&mic=0&transport=ws")
+            report_until(page, reports, lambda r: r["notice"] and r["frames"] >= 5, 60)
+            assert reports[-1]["notice"] and reports[-1]["contexts"] == ["suspended"], reports[-1]
+            page.keyboard.press("Escape")
+            seen = len(reports)
+            report_until(page, reports, lambda r: len(reports) >= seen + 2, 10)  # (one every 200 ms)
+            assert reports[-1]["notice"] and reports[-1]["contexts"] == ["suspended"], reports[-1]
+            page.keyboard.press("a")
+            report_until(page, reports, lambda r: not r["notice"] and r["contexts"] == ["running"], 10)
+            assert page.text_content("#sound") == "Click or press a key for sound"
         finally:
             page.close()
 

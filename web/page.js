@@ -116,7 +116,9 @@ export function waitForClickForSound() {
   $("sound").hidden = false;
 }
 function soundOn() {
-  if (!soundWaits) return;
+  // an event that gave the page no activation (Escape, a key the browser keeps for itself) gives it
+  // no sound either: the note went and the sound stayed off (a WebRTC video paused besides)
+  if (!soundWaits || navigator.userActivation?.isActive === false) return;
   soundWaits = false;
   $("sound").hidden = true;
   const video = $("video");
