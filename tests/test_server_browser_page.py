@@ -193,6 +193,31 @@ def test_a_silent_limit_asked_below_two_seconds_is_two(browser_page):
             page.close()
 
 
+def test_a_speak_the_server_never_answers_gives_speak_back(browser_page):
+    """A speak over WebRTC (a POST of /control) had no limit on its answer: a server that never
+    answered left Speak disabled until a hang-up. Past its limit (the page's clock moved on) Speak
+    is enabled again, the text kept, the speak not sent again, and the page says it may still be said."""
+    with live_server(max_sessions=1) as (url, app):
+        page = browser_page.new_page()
+        page.clock.install()
+        unanswered = []
+        page.route("**/control", lambda route: unanswered.append(route))  # (never answered)
+        try:
+            page.goto(f"{url}/?autostart=1&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            page.fill("#speak-text", "hello")
+            page.click("#speak")
+            page.wait_for_function("document.getElementById('speak').disabled")
+            page.clock.fast_forward(30_000)
+            page.wait_for_function("!document.getElementById('speak').disabled", timeout=10_000)
+            assert page.text_content("#notice") == "speak: no answer from the server in 20 s; it may still be said"
+            assert page.input_value("#speak-text") == "hello" and len(unanswered) == 1
+            assert page.text_content("#status") == "streaming (webrtc)"
+            page.click("#hangup")
+        finally:
+            page.close()
+
+
 def test_why_the_server_ended_a_session_is_said_in_a_users_words(browser_page):
     """The page said the server's reasons as they came, codes for programs: 'ended: the server ended
     the session (max_duration: session reached 3 s)', '(idle: no input for 30 s)', '(peer_silent:

@@ -34,15 +34,20 @@ const ANSWER_MS = 10000;
 
 // fetch, a server it cannot reach said as such: the browser's own words for it ("Failed to fetch",
 // "NetworkError when attempting to fetch resource.") were all the page said of a server down. With
-// `answerMs` (for a request without a signal of its own), one not answered within it is given up.
+// `answerMs`, one not answered within it is given up (as one cut off by its own signal, if any).
 export async function apiFetch(url, init = {}, answerMs = 0) {
   const limit = answerMs ? new AbortController() : null;
-  const limitTimer = limit && setTimeout(() => limit.abort(), answerMs);
+  let timedOut = false;
+  const limitTimer = limit && setTimeout(() => { timedOut = true; limit.abort(); }, answerMs);
+  if (limit && init.signal) {
+    if (init.signal.aborted) limit.abort();
+    else init.signal.addEventListener("abort", () => limit.abort(), { once: true });
+  }
   try {
     return await fetch(url, limit ? { ...init, signal: limit.signal } : init);
   } catch (e) {
     // (said here, not as the abort's reason: a browser may reject with its own AbortError instead)
-    if (limit?.signal.aborted) throw noAnswerIn(answerMs);
+    if (timedOut) throw noAnswerIn(answerMs);
     if (e.name === "AbortError") throw e;  // cut off by the page itself: nothing to say
     throw new Error(`the server does not answer (${e.message})`);
   } finally {
@@ -50,7 +55,8 @@ export async function apiFetch(url, init = {}, answerMs = 0) {
   }
 }
 
-const noAnswerIn = (answerMs) => new Error(`the server does not answer (no answer in ${answerMs / 1000} s)`);
+const noAnswerIn = (answerMs) => Object.assign(new Error(`the server does not answer (no answer in ${answerMs / 1000} s)`),
+  { unanswered: true });
 
 export const answeredFetch = (url, init) => apiFetch(url, init, ANSWER_MS);
 

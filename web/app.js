@@ -214,6 +214,11 @@ function clearStage() {
   canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
 }
 
+// How long a speak over HTTP may wait for its answer, which comes once its speech is made (espeak-ng:
+// well under a second). Without a limit, a server that never answered left Speak disabled until a
+// hang-up.
+const SPEAK_ANSWER_MS = 20000;
+
 async function speak(e) {
   e.preventDefault();
   // blank as the server reads it: Python's str.strip() takes \x1c-\x1f and \x85 away too, which
@@ -238,10 +243,15 @@ async function speak(e) {
     const res = await apiFetch(`${state.session.resource}/control`, {
       method: "POST", body: JSON.stringify(msg), signal: state.peerRequests?.signal,
       headers: authHeaders(state.session, { "Content-Type": "application/json" }),
-    });
+    }, SPEAK_ANSWER_MS);
     if (!res.ok) await apiJson(res);
   } catch (err) {
     if (mine !== state.generation) return;
+    if (err.unanswered) {  // the server may have it still: not sent again, nor its text taken away
+      setNotice(`speak: no answer from the server in ${SPEAK_ANSWER_MS / 1000} s; it may still be said`);
+      $("speak").disabled = false;
+      return;
+    }
     // in the server's words, as a WebSocket page says a speak refused ("speak: text too long ..."):
     // the same refusal read "speak: 422: ..." here and "error: ..." there. An answer that is not the
     // API's (a proxy's 502 page) is its status.
