@@ -54,12 +54,10 @@ def origin_host(origin: str) -> str | None:
     return parsed and parsed[1]
 
 
-def _host_header(value: str) -> str:
-    """A Host header as origin_host gives it: lower case, without ':80' or ':443'."""
-    value = value.strip().lower()
-    for port in DEFAULT_PORTS.values():
-        value = value.removesuffix(f":{port}")
-    return value
+def _host_header(value: str, scheme: str) -> str:
+    """A Host header as origin_host gives it for a page of `scheme`: lower case, without that
+    scheme's default port (only its: a server on plain HTTP at port 443 is 'host:443' to its page)."""
+    return value.strip().lower().removesuffix(f":{DEFAULT_PORTS[scheme]}")
 
 
 class ForeignOriginGuard:
@@ -77,11 +75,11 @@ class ForeignOriginGuard:
         parsed = scheme_and_host(origin)
         if parsed is None:  # "null": a sandboxed frame, a file:// page
             return True
-        host = parsed[1]
-        own = {_host_header(headers.get("host", ""))}
+        scheme, host = parsed
+        own = {_host_header(headers.get("host", ""), scheme)}
         forwarded = headers.get("x-forwarded-host")
         if forwarded:  # a proxy in front that rewrote Host (its first value: the client's)
-            own.add(_host_header(forwarded.split(",")[0]))
+            own.add(_host_header(forwarded.split(",")[0], scheme))
         return host not in own and parsed not in self.allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -843,6 +843,24 @@ def test_requests_of_the_servers_own_origin_or_none_are_served(client, headers):
     assert client.delete(s["resource"], headers={**auth(s["token"]), **headers}).status_code == 204
 
 
+@pytest.mark.parametrize(
+    "host, origin",
+    [("avatar.example:443", "http://avatar.example:443"), ("avatar.example:80", "https://avatar.example:80")],
+    ids=["http-at-443", "https-at-80"],
+)
+def test_a_server_at_the_other_scheme_s_default_port_serves_its_own_page(client, host, origin):
+    """':80' and ':443' were taken off the Host header whatever the page's scheme: a server on plain
+    HTTP at port 443 refused its own page's POSTs as cross_origin. Only the scheme's own default
+    port is left out."""
+    headers = {"host": host, "origin": origin}
+    r = client.post("/v1/sessions", json={}, headers=headers)
+    assert r.status_code == 201, r.text
+    assert client.delete(r.json()["resource"], headers={**auth(r.json()["token"]), **headers}).status_code == 204
+    # a page on the scheme's default port is another server
+    r = client.post("/v1/sessions", json={}, headers={**headers, "origin": origin.rsplit(":", 1)[0]})
+    assert r.status_code == 403 and r.json()["error"] == "cross_origin", r.text
+
+
 def test_a_server_allowing_any_origin_serves_every_page():
     with ready_client(cors_origins=["*"]) as any_origin:
         page = {"origin": "https://a.example"}
