@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--body-timeout", type=positive_number, default=30.0, metavar="SECONDS",
                         help="seconds a request body (a session's JSON or picture, a WHEP offer) may take to arrive, "
                         "plus 1 s per 64 KiB it declares; one that stops coming is answered 408 (default 30)")  # fmt: skip
+    parser.add_argument("--header-timeout", type=positive_number, default=20.0, metavar="SECONDS",
+                        help="seconds a request's line and headers may take to arrive, and a new connection may "
+                        "wait before sending one; one that does not is answered 408 (default 20)")  # fmt: skip
     parser.add_argument("--loopback", action="store_true", help="offer 127.0.0.1 for WebRTC (same machine)")
     parser.add_argument("--ice-servers", default="", metavar="JSON|FILE|stun:URL",
                         help="STUN/TURN servers for WebRTC behind NATs, as the browser's RTCIceServer list, e.g. "
@@ -243,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions, max_connections=args.max_connections, token=args.token,
         torch_threads=threads, lanes=args.lanes, loopback=args.loopback or _is_loopback(args.host), sp=args.sp,
         idle_timeout_s=args.idle_timeout, max_duration_s=args.max_duration, peer_timeout_s=args.peer_timeout,
-        body_timeout_s=args.body_timeout,
+        body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
         stamp_frames=args.stamp_frames, measure_capacity=not args.admit_max, inference_process=args.model_process,
         model_timeout_s=ServerConfig.model_timeout_s if args.model_timeout is None else args.model_timeout,
         ice_servers=ice_servers, cors_origins=args.cors_origin, align_batches=args.align_batches,

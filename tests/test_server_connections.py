@@ -201,22 +201,25 @@ def test_serve_takes_a_bound_on_connections_that_leaves_room_for_its_sessions(ca
     assert "--max-connections 8 leaves no room for --max-sessions 8's clients" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, field, default", [("--body-timeout", "body_timeout_s", 30.0),
+                                                    ("--header-timeout", "header_timeout_s", 20.0)])  # fmt: skip
 @pytest.mark.parametrize("given, says", [("0", "'0' is not a positive finite number"), ("-5", "'-5' is not"),
                                          ("nan", "'nan' is not"), ("1e999", "'1e999' is not")])  # fmt: skip
-def test_serve_takes_the_time_a_request_body_may_take(given, says, capsys, monkeypatch):
-    """ServerConfig.body_timeout_s had no option: a server behind slow uplinks could not give more than 30 s."""
+def test_serve_takes_the_time_a_request_may_take(option, field, default, given, says, capsys, monkeypatch):
+    """ServerConfig.body_timeout_s, then header_timeout_s, had no option: a server behind slow uplinks
+    could not give more than 30 s (20 s for a request's head)."""
     import server.app
     from streamgen.cli import main
 
     configs = []
     monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
-    assert main(["serve", "--model", "debug", "--port", str(free_port()), "--body-timeout", "90.5"]) == 0
+    assert main(["serve", "--model", "debug", "--port", str(free_port()), option, "90.5"]) == 0
     assert main(["serve", "--model", "debug", "--port", str(free_port())]) == 0
-    assert [c.body_timeout_s for c in configs] == [90.5, 30.0]
+    assert [getattr(c, field) for c in configs] == [90.5, default]
     with pytest.raises(SystemExit) as exit:
-        main(["serve", "--model", "debug", "--port", str(free_port()), f"--body-timeout={given}"])
-    assert exit.value.code == 2 and f"argument --body-timeout: {says}" in capsys.readouterr().err
+        main(["serve", "--model", "debug", "--port", str(free_port()), f"{option}={given}"])
+    assert exit.value.code == 2 and f"argument {option}: {says}" in capsys.readouterr().err
 
 
 def ipv6_loopback() -> bool:
