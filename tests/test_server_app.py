@@ -1078,12 +1078,16 @@ def test_a_host_of_this_machine_alone_makes_webrtc_offer_loopback(monkeypatch):
     import server.app
     from streamgen.cli import main
 
-    configs = []
+    configs, checked = [], []
     monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
-    for host in ("127.0.0.1", "localhost", "127.0.0.2", "0.0.0.0"):
+    # (the port check binds its host: a test binds loopback only, never 0.0.0.0's every interface)
+    monkeypatch.setattr("server.cli._check_address", lambda host, port: checked.append(host))
+    hosts = ("127.0.0.1", "localhost", "127.0.0.2", "0.0.0.0")
+    for host in hosts:
         assert main(["serve", "--model", "debug", "--host", host, "--port", str(free_port())]) == 0
     assert [c.loopback for c in configs] == [True, True, True, False]
+    assert checked == list(hosts)
 
 
 @pytest.mark.parametrize("origin", ["https://app.example.org:99999", "http://app.example.org:http"])
