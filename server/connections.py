@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 from fastapi.responses import JSONResponse
 
@@ -29,6 +30,12 @@ RETRY_AFTER_S = 1  # connections come and go by the second: a page's fetches, a 
 MAX_HEAD_BYTES = 64 * 1024
 # the time a connection opened past `max_connections` has to send its request (to be answered 503)
 PAST_LIMIT_HEAD_S = 1.0
+NOT_PARSED = "not a valid HTTP/1.1 request: its request line or a header could not be parsed"
+NO_HOST = "an HTTP/1.1 request must have a Host header (RFC 9112, 3.2)"
+
+
+class MissingHost(ValueError):
+    """An HTTP/1.1 request without a Host header: h11 refuses one, httptools took it."""
 
 
 class ConnectionLimits:
@@ -127,9 +134,11 @@ class ConnectionLimits:
 
     def send_400_response(self, msg: str) -> None:
         """A request the parser refused (a bad Content-Length, a space in a header's name): uvicorn's
-        text/plain "Invalid HTTP request received.", where every other error is the API's JSON."""
-        self._answer_and_close(b"400 Bad Request", "bad_request",
-                               "not a valid HTTP/1.1 request: its request line or a header could not be parsed")  # fmt: skip
+        text/plain "Invalid HTTP request received.", where every other error is the API's JSON.
+        Both parsers call this as they handle their error, which tells why (uvicorn's `msg` does not)."""
+        refused = sys.exc_info()[1]
+        no_host = isinstance(refused and refused.__context__, MissingHost) or "Missing mandatory Host" in str(refused)
+        self._answer_and_close(b"400 Bad Request", "bad_request", NO_HOST if no_host else NOT_PARSED)
 
     def _who(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
@@ -169,11 +178,15 @@ class ConnectionLimits:
 
 
 class HttpToolsBodyState:
-    """httptools tells of a request's body by its callbacks: between its head's end and its own."""
+    """httptools tells of a request's body by its callbacks: between its head's end and its own.
+    It takes an HTTP/1.1 request without a Host header, which h11 refuses: raised here, in its
+    callback, it is a parser error, answered 400 as h11's is."""
 
     body_pending = False
 
     def on_headers_complete(self) -> None:
+        if self.parser.get_http_version() == "1.1" and not any(name == b"host" for name, _ in self.headers):
+            raise MissingHost(NO_HOST)
         self.body_pending = True
         super().on_headers_complete()
 
