@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from .avatars import ReferenceImageError, avatar_image, decode_reference
 from .config import ServerConfig
@@ -31,6 +32,7 @@ from .ice import warn_if_ice_servers_fail
 from .metrics import ServerMetrics
 from .model_host import HostDown, freeze_loaded_heap, load_error_line
 from .origins import ForeignOriginGuard, as_browsers_send
+from .protocol import CloseCode, close_reason
 from .registry import AdmissionError, SessionRegistry
 from .scheduler import InferenceWorker, WorkerBusy
 from .session import Session
@@ -156,7 +158,9 @@ class ApiMethods:
     Now a HEAD is answered as the GET, without the body (the server sends none to a HEAD), an
     OPTIONS with a 204 naming the methods the path takes (it was a 405 naming them), and
     another method the path does not take is a 405 naming those it does; any method of a /v1/ path
-    no route has is a 404 (the files' 405 to a POST of one sent a client looking for a wrong method)."""
+    no route has is a 404 (the files' 405 to a POST of one sent a client looking for a wrong method).
+    A WebSocket to a path that has none is closed 4404 saying so (starlette's bare 403 before the
+    handshake read as a token problem)."""
 
     METHODS = ("GET", "POST", "PATCH", "DELETE")
 
@@ -170,6 +174,8 @@ class ApiMethods:
         return any(not isinstance(r, Mount) and r.matches(as_method)[0] == Match.FULL for r in self.routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and not self.takes(scope, "GET"):
+            return await self.no_websocket_at(scope, receive, send)
         if scope["type"] == "http" and not self.takes(scope, scope["method"]):
             allowed = [method for method in self.METHODS if self.takes(scope, method)]
             allow = ", ".join(allowed + ["HEAD"] * ("GET" in allowed))
@@ -193,6 +199,15 @@ class ApiMethods:
                 response = JSONResponse({"error": "not_found", "message": message}, status_code=404)
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+    @staticmethod
+    async def no_websocket_at(scope: Scope, receive: Receive, send: Send) -> None:
+        # accepted first, as the stream's refusals are: a close code with a reason needs an open socket
+        reason = f"no WebSocket at {scope['path'][:60]}: a session's is /v1/sessions/<id>/stream"
+        log.info("websocket refused: %d %s", CloseCode.NOT_FOUND, reason)
+        websocket = WebSocket(scope, receive, send)
+        await websocket.accept()
+        await websocket.close(int(CloseCode.NOT_FOUND), close_reason(reason))
 
 
 class WebFiles(StaticFiles):

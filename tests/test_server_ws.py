@@ -360,6 +360,18 @@ def test_refused_connections(client, which, code):
     client.delete(s["resource"], headers={"Authorization": f"Bearer {s['token']}"})
 
 
+@pytest.mark.parametrize("path", ["/v1/sessions/x/streams", "/v1/sessions/x/stream/", "/", "/index.html"])
+def test_a_socket_to_a_path_that_has_none_is_told_nothing_is_there(client, path):
+    """It was starlette's bare 403 before the handshake, which reads as a token problem."""
+    with client.websocket_connect(path) as ws:
+        code, reason = expect_close(ws)
+    assert code == CloseCode.NOT_FOUND and reason.startswith(f"no WebSocket at {path}: "), reason
+    # plain HTTP is answered as before: the page, a 404 in the API's JSON, the stream's 426
+    assert client.get("/").status_code == 200
+    assert client.get("/v1/sessions/x/streams").json()["error"] == "not_found"
+    assert client.get("/v1/sessions/x/stream").status_code == 426
+
+
 def test_a_socket_to_a_session_that_ended_says_why_to_its_client(client):
     """A client reconnecting after its session ended heard 4404 "unknown session" (a session it
     had just streamed) where the session's 404 over HTTP says why it ended; anyone else still
