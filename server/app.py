@@ -31,7 +31,7 @@ from .config import ServerConfig
 from .ice import warn_if_ice_servers_fail
 from .metrics import ServerMetrics
 from .model_host import HostDown, freeze_loaded_heap, load_error_line
-from .origins import ForeignOriginGuard, as_browsers_send
+from .origins import ApiCors, ForeignOriginGuard, cors_options
 from .protocol import CloseCode, close_reason
 from .registry import AdmissionError, SessionRegistry
 from .scheduler import InferenceWorker, WorkerBusy
@@ -96,18 +96,9 @@ def create_app(config: ServerConfig | None = None, model=None) -> FastAPI:
     # a foreign page's form POST is refused (server/origins.py); CORS, added after, runs outside it
     app.add_middleware(ForeignOriginGuard, allowed_origins=config.cors_origins)
     if config.cors_origins:
-        # web apps on other origins (an app builder's page, a browser WHEP player): the API calls
-        # carry a bearer token, not cookies; the WHEP answer's Location and Link headers must be
-        # readable by the page. (WebSockets are not subject to CORS.)
-        from fastapi.middleware.cors import CORSMiddleware
-
-        allowed = [as_browsers_send(origin) for origin in config.cors_origins]
-        app.add_middleware(
-            CORSMiddleware, allow_origins=allowed, allow_methods=["GET", "POST", "PATCH", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "If-Match"],
-            expose_headers=["Location", "Link", "Retry-After", "ETag"],
-            max_age=600,
-        )  # fmt: skip
+        # web apps on other origins (an app builder's page, a browser WHEP player). (WebSockets are
+        # not subject to CORS.)
+        app.add_middleware(ApiCors, **cors_options(config.cors_origins))
     app.state.warm_stage = "loading the model"  # what /readyz says while not ready
 
     @app.exception_handler(ApiError)

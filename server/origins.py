@@ -16,7 +16,9 @@ from __future__ import annotations
 import logging
 from urllib.parse import urlsplit
 
-from starlette.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger("streamgen.server")
@@ -46,6 +48,32 @@ def as_browsers_send(origin: str) -> str:
     given otherwise was let past this guard but got no CORS headers, so its pages were blocked."""
     parsed = scheme_and_host(origin) if origin != "*" else None
     return f"{parsed[0]}://{parsed[1]}" if parsed else origin
+
+
+def cors_options(cors_origins: list[str]) -> dict:
+    """CORSMiddleware's arguments for `serve --cors-origin`: the API's calls carry a bearer token, not
+    cookies; the WHEP answer's Location and Link headers, and a 503's Retry-After, must be readable."""
+    return dict(
+        allow_origins=[as_browsers_send(origin) for origin in cors_origins],
+        allow_methods=["GET", "POST", "PATCH", "DELETE"], allow_headers=["Authorization", "Content-Type", "If-Match"],
+        expose_headers=["Location", "Link", "Retry-After", "ETag"], max_age=600,
+    )  # fmt: skip
+
+
+class ApiCors(CORSMiddleware):
+    """CORSMiddleware whose refusal of a preflight is in the API's JSON (starlette's was a text/plain
+    400 'Disallowed CORS origin', where docs/api.md has every error in JSON)."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refused = response.body.decode().removeprefix("Disallowed CORS ")  # "origin, method", say
+        message = f"CORS does not let a page of {request_headers['origin'][:80]!r} make this request (its {refused})"
+        if "origin" in refused:
+            message += "; serve --cors-origin ORIGIN allows the pages of ORIGIN"
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-type", "content-length")}
+        return JSONResponse({"error": "cross_origin", "message": message}, status_code=400, headers=headers)
 
 
 def origin_host(origin: str) -> str | None:

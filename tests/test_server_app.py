@@ -786,6 +786,21 @@ def test_other_origins_may_call_the_api_only_when_allowed():
         assert same_origin_only.app.state.registry.sessions == {}
 
 
+def test_a_preflight_cors_refuses_is_answered_in_the_apis_json():
+    """It was starlette's text/plain 400 'Disallowed CORS origin', where every other error is JSON."""
+    page = "https://app.example.org"
+    with TestClient(make_app(cors_origins=[page])) as c:
+        r = c.options("/v1/sessions", headers={"origin": "https://evil.example", "access-control-request-method": "PUT"})
+        assert r.status_code == 400 and r.headers["content-type"] == "application/json", r.text
+        assert r.json() == {"error": "cross_origin", "message": "CORS does not let a page of 'https://evil.example' "
+                            "make this request (its origin, method); serve --cors-origin ORIGIN allows the pages "
+                            "of ORIGIN"}  # fmt: skip
+        request_headers = {"origin": page, "access-control-request-method": "POST", "access-control-request-headers": "x-y"}
+        r = c.options("/v1/sessions", headers=request_headers)
+        assert r.status_code == 400 and r.json()["message"].endswith("make this request (its headers)"), r.text
+        assert r.headers["access-control-allow-origin"] == page  # (the page can read why)
+
+
 def test_an_allowed_origin_given_in_capitals_or_with_its_default_port_is_the_browser_s():
     """`--cors-origin https://App.Example.org:443` was let past the origin guard, but CORS compared
     the string as given with the browser's 'https://app.example.org': no CORS headers, the page
