@@ -9,8 +9,10 @@ its first byte, or from the connection if it sends none) is answered 408 and clo
 than `MAX_HEAD_BYTES` 431 (httptools kept any head whole, however large), one that does not parse
 400 in the API's JSON; and while
 `ServerConfig.max_connections` connections are open (WebSockets included), a request that
-arrives on another is answered 503 with `Retry-After`, in the API's JSON, and its connection
-closed, rather than the server taking on more than it can hold.
+arrives on another is answered 503 with `Retry-After`, in the API's JSON and with the CORS
+headers of `serve --cors-origin`, and its connection closed, rather than the server taking on
+more than it can hold. (The 408, 431 and 400 answer a head that was never parsed whole: no
+Origin header to answer, and a browser's own requests do not earn them.)
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import logging
 import sys
 
 from fastapi.responses import JSONResponse
+
+from .origins import ApiCors, cors_options
 
 log = logging.getLogger("streamgen.server")
 
@@ -50,6 +54,7 @@ class ConnectionLimits:
         settings = config.app.state.config  # (the app as `serve` and the tests make it)
         self.header_timeout_s = settings.header_timeout_s
         self.max_connections = settings.max_connections
+        self.cors_origins = settings.cors_origins
         self.awaiting_head = True
         self.head_bytes = 0  # of the request head awaited now
         self.head_timer = None
@@ -159,7 +164,10 @@ class ConnectionLimits:
     def app(self):
         """The app a request whose head is complete runs: the refusal while too many connections are open."""
         if self.max_connections and len(self.connections) > self.max_connections:
-            return self._refuse_over_limit
+            if not self.cors_origins:
+                return self._refuse_over_limit
+            # (outside the app, so outside its CORS: a page of an allowed origin could not read the 503)
+            return ApiCors(self._refuse_over_limit, **cors_options(self.cors_origins))
         return self._app
 
     @app.setter

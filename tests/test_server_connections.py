@@ -187,6 +187,27 @@ def test_a_request_past_the_connection_limit_is_a_503_in_json(server):
         raise AssertionError("requests were refused after the other connections closed")
 
 
+def test_a_page_of_an_allowed_origin_can_read_the_503_past_the_connection_limit():
+    """The 503 was written outside the app and its CORS: a page of a --cors-origin could not read it."""
+    page = "https://app.example.org"
+    with live_server(max_connections=MAX_CONNECTIONS, cors_origins=[page]) as (url, app):
+        port = int(url.rsplit(":", 1)[1])
+        held = [connect(port) for _ in range(MAX_CONNECTIONS)]
+        try:
+            for sock in held:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert read_response(sock)[0].startswith(b"HTTP/1.1 200 ")
+            with connect(port) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: " + page.encode() + b"\r\n\r\n")
+                head, said = read_response(sock)
+        finally:
+            for sock in held:
+                sock.close()
+    assert head.startswith(b"HTTP/1.1 503 ") and said["error"] == "unavailable", head
+    assert b"access-control-allow-origin: " + page.encode() in head.lower(), head
+    assert b"retry-after" in head.lower().split(b"access-control-expose-headers: ")[1].split(b"\r\n")[0], head
+
+
 def test_a_connection_past_the_limit_that_sends_nothing_is_not_held_for_the_heads_whole_time():
     """A flood of connections sending nothing held a descriptor each for the head's whole time
     (ServerConfig.header_timeout_s), the connection limit refusing only requests."""
