@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -47,6 +48,12 @@ BROKEN_FRAME_CLOSES = {
 
 MAX_SPEAK_CHARS = 1000
 MAX_CREDIT = 10_000
+# messages a socket may send a second, over any stretch (20 ms of audio a message is 50), and at
+# once beyond that: a backlog a stalled network hands over together (40 s of 20 ms messages, more
+# than audio may run ahead). Empty audio messages sent flat out (11,000 a second) slowed every
+# session's chunks 3.5-fold, the event loop busy taking them in.
+MAX_MESSAGES_PER_S = 500
+MAX_MESSAGE_BURST = 2000
 
 
 class MsgType(IntEnum):
@@ -68,8 +75,27 @@ class CloseCode(IntEnum):
     GONE = 4410  # maximum duration reached / session ended
     TOO_BIG = 4413  # message larger than allowed
     UNSUPPORTED = 4415  # sample rate or format the server does not take
-    TOO_FAST = 4429  # audio sent too far ahead of the video
+    TOO_FAST = 4429  # audio sent too far ahead of the video, or messages too many a second
     SLOW_CONSUMER = 4430  # the client stopped reading
+
+
+class MessageRate:
+    """A token bucket: `take` says whether one more message keeps within `per_s` a second and
+    `burst` at once."""
+
+    def __init__(self, per_s: float, burst: int, clock=time.monotonic):
+        self.per_s, self.burst, self.clock = per_s, burst, clock
+        self.allowance = float(burst)
+        self.last = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.allowance = min(self.burst, self.allowance + (now - self.last) * self.per_s)
+        self.last = now
+        if self.allowance < 1:
+            return False
+        self.allowance -= 1
+        return True
 
 
 def close_reason(text: str) -> str:

@@ -25,7 +25,10 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from .model_host import HostDown
 from .protocol import (
     BROKEN_FRAME_CLOSES,
+    MAX_MESSAGE_BURST,
+    MAX_MESSAGES_PER_S,
     CloseCode,
+    MessageRate,
     MsgType,
     ProtocolError,
     close_reason,
@@ -119,6 +122,7 @@ class SocketConnection:
         self.unanswered = 0
         self.speaks: list[list] = []  # the speaks among them (an interrupt since drops those of its `clears`)
         self.close_sent = False
+        self.message_rate = MessageRate(MAX_MESSAGES_PER_S, MAX_MESSAGE_BURST)
 
     async def run(self) -> None:
         reason = "websocket closed by client"
@@ -178,6 +182,9 @@ class SocketConnection:
                 # sent meanwhile is not a protocol error. Its audio met "send a start message before
                 # audio", logged as the client's 4400 after every max_duration or idle close
                 return self.session.close_reason or "session ended"
+            if not self.message_rate.take():
+                raise ProtocolError(CloseCode.TOO_FAST, f"more than {MAX_MESSAGES_PER_S} messages a second: "
+                                    "send audio in messages of 20 ms or more (50 a second)")  # fmt: skip
             if message.get("bytes") is not None:
                 self.session.touch()
                 self.on_audio(message["bytes"])

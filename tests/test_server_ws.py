@@ -349,6 +349,37 @@ def test_audio_far_ahead_of_the_video_says_what_to_send(client):
     assert reason == "audio is more than 30 s ahead of the video: send 16 kHz mono PCM16 (32000 bytes a second) in real time"
 
 
+def test_messages_sent_flat_out_close_the_socket_saying_how_many_it_may_send(client, monkeypatch):
+    """Empty audio messages sent flat out (11,000 a second) were all taken in, slowing every
+    session's chunks 3.5-fold. (Bounds this small so that the test's own pace exceeds them.)"""
+    import server.websocket
+
+    monkeypatch.setattr(server.websocket, "MAX_MESSAGES_PER_S", 1)
+    monkeypatch.setattr(server.websocket, "MAX_MESSAGE_BURST", 20)
+    s = socket_session(client)
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
+        ws.receive_text()
+        empty = pack(MsgType.AUDIO_IN, 0, 0, b"")
+        for _ in range(40):
+            ws.send_bytes(empty)
+        code, reason = expect_close(ws)
+    assert (code, reason) == (CloseCode.TOO_FAST, "more than 1 messages a second: send audio in messages of 20 ms "
+                              "or more (50 a second)")  # fmt: skip
+
+
+def test_a_message_rate_keeps_to_its_rate_past_its_burst():
+    from server.protocol import MessageRate
+
+    now = [0.0]
+    rate = MessageRate(per_s=50, burst=3, clock=lambda: now[0])
+    assert [rate.take() for _ in range(4)] == [True, True, True, False]
+    now[0] += 0.02  # one message's worth
+    assert [rate.take() for _ in range(2)] == [True, False]
+    now[0] += 60  # no more than the burst after a pause
+    assert [rate.take() for _ in range(4)] == [True, True, True, False]
+
+
 @pytest.mark.parametrize("which, code", [("unknown", 4404), ("missing", 4401), ("wrong", 4403), ("emoji", 4404)])
 def test_refused_connections(client, which, code):
     s = socket_session(client)
