@@ -35,11 +35,11 @@ MAX_HEAD_BYTES = 64 * 1024
 # the time a connection opened past `max_connections` has to send its request (to be answered 503)
 PAST_LIMIT_HEAD_S = 1.0
 NOT_PARSED = "not a valid HTTP/1.1 request: its request line or a header could not be parsed"
-NO_HOST = "an HTTP/1.1 request must have a Host header (RFC 9112, 3.2)"
+NOT_ONE_HOST = "a request must have one Host header, and an HTTP/1.1 one must have it (RFC 9112, 3.2)"
 
 
-class MissingHost(ValueError):
-    """An HTTP/1.1 request without a Host header: h11 refuses one, httptools took it."""
+class NotOneHost(ValueError):
+    """A request with two Host headers, or an HTTP/1.1 one without: h11 refuses it, httptools took it."""
 
 
 class ConnectionLimits:
@@ -142,8 +142,9 @@ class ConnectionLimits:
         text/plain "Invalid HTTP request received.", where every other error is the API's JSON.
         Both parsers call this as they handle their error, which tells why (uvicorn's `msg` does not)."""
         refused = sys.exc_info()[1]
-        no_host = isinstance(refused and refused.__context__, MissingHost) or "Missing mandatory Host" in str(refused)
-        self._answer_and_close(b"400 Bad Request", "bad_request", NO_HOST if no_host else NOT_PARSED)
+        # (h11's: 'Missing mandatory Host: header', 'Found multiple Host: headers')
+        not_one_host = isinstance(refused and refused.__context__, NotOneHost) or "Host: header" in str(refused)
+        self._answer_and_close(b"400 Bad Request", "bad_request", NOT_ONE_HOST if not_one_host else NOT_PARSED)
 
     def _who(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
@@ -187,14 +188,16 @@ class ConnectionLimits:
 
 class HttpToolsBodyState:
     """httptools tells of a request's body by its callbacks: between its head's end and its own.
-    It takes an HTTP/1.1 request without a Host header, which h11 refuses: raised here, in its
-    callback, it is a parser error, answered 400 as h11's is."""
+    It takes an HTTP/1.1 request without a Host header, or any with two, which h11 refuses (a
+    proxy and the routes could each read another): raised here, in its callback, it is a parser
+    error, answered 400 as h11's is."""
 
     body_pending = False
 
     def on_headers_complete(self) -> None:
-        if self.parser.get_http_version() == "1.1" and not any(name == b"host" for name, _ in self.headers):
-            raise MissingHost(NO_HOST)
+        hosts = sum(name == b"host" for name, _ in self.headers)
+        if hosts > 1 or (hosts == 0 and self.parser.get_http_version() == "1.1"):
+            raise NotOneHost(NOT_ONE_HOST)
         self.body_pending = True
         super().on_headers_complete()
 
