@@ -12,6 +12,7 @@ and times each request's head and bounds the connections open (server/connection
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import socket
@@ -63,6 +64,27 @@ class TokenRedactingLog(logging.Filter):
 
 
 if WebSocketsSansIOProtocol is not None:
+    from websockets.server import ServerProtocol
+
+    class JsonRefusingServerProtocol(ServerProtocol):
+        """websockets' refusals of a handshake (a Sec-WebSocket-Version it does not speak, no
+        Sec-WebSocket-Key, a POST) were text/plain 'Failed to open a WebSocket connection: ...',
+        where docs/api.md has every error in the API's JSON."""
+
+        ERRORS = {400: "bad_request", 403: "forbidden", 405: "method_not_allowed", 426: "upgrade_required",
+                  500: "internal_error"}  # fmt: skip
+
+        def reject(self, status, text: str):
+            response = super().reject(status, text)
+            said = text.strip().removeprefix("Failed to open a WebSocket connection: ").rstrip(".")
+            message = f"WebSocket handshake refused: {said or response.reason_phrase}"
+            body = json.dumps({"error": self.ERRORS.get(response.status_code, "http_error"), "message": message})
+            response.body = body.encode()
+            for name, value in (("Content-Length", str(len(response.body))), ("Content-Type", "application/json")):
+                del response.headers[name]
+                response.headers[name] = value
+            return response
+
 
     class StuckClientDroppingProtocol(WebSocketsSansIOProtocol):
         """uvicorn's WebSocket protocol, dropping the connection of a client that stopped reading
@@ -74,9 +96,14 @@ if WebSocketsSansIOProtocol is not None:
         app has finished with that still has unsent bytes `DROP_AFTER_S` later is reset (no linger:
         a plain close would leave the kernel retrying its full buffer for minutes). The wait is
         uvicorn's close handshake timeout: a client that is reading has its last frames and the
-        close frame well before then."""
+        close frame well before then. Its refusals of a handshake are in the API's JSON
+        (`JsonRefusingServerProtocol`)."""
 
         DROP_AFTER_S = 10.0
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.conn.__class__ = JsonRefusingServerProtocol  # (made by uvicorn, with its own arguments)
 
         async def run_asgi(self) -> None:
             await super().run_asgi()

@@ -135,6 +135,27 @@ def test_a_request_without_one_host_is_a_400_that_says_so(server, head):
         assert answer_until_closed(sock).startswith(b"HTTP/1.1 200 ")
 
 
+WEBSOCKET_HEAD = (b"GET /v1/sessions/x/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                  b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+@pytest.mark.parametrize("head, status, error, says", [
+    (WEBSOCKET_HEAD.replace(b"Version: 13", b"Version: 8"), 400, "bad_request", "invalid Sec-WebSocket-Version header: 8"),
+    (WEBSOCKET_HEAD.replace(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b""), 400, "bad_request",
+     "missing Sec-WebSocket-Key header"),
+    (WEBSOCKET_HEAD.replace(b"GET ", b"POST "), 405, "method_not_allowed", "unsupported HTTP method: POST"),
+], ids=["version", "no-key", "post"])  # fmt: skip
+def test_a_websocket_handshake_refused_is_answered_in_the_apis_json(server, head, status, error, says):
+    """It was the websockets library's text/plain 'Failed to open a WebSocket connection: ...'."""
+    with connect(server) as sock:
+        sock.sendall(head)
+        answer = answer_until_closed(sock)
+    status_line, _, body = answer.partition(b"\r\n\r\n")
+    assert status_line.startswith(b"HTTP/1.1 %d " % status), answer
+    assert b"content-type: application/json" in status_line.lower(), answer
+    assert json.loads(body) == {"error": error, "message": f"WebSocket handshake refused: {says}"}
+
+
 def test_a_connection_that_sends_nothing_is_closed(server):
     with connect(server) as sock:
         assert answer_until_closed(sock) == b""
