@@ -133,9 +133,14 @@ class SessionClosingServer(uvicorn.Server):
             from uvicorn.config import HTTP_PROTOCOLS
             from uvicorn.importer import import_from_string
 
-            from .connections import limited_protocol
+            from .connections import MAX_HEAD_BYTES, limited_protocol
 
             config.http = limited_protocol(import_from_string(HTTP_PROTOCOLS[config.http]))
+            if config.h11_max_incomplete_event_size is None:
+                # h11 refused a head over 16 KiB as one that did not parse (a 400), which httptools
+                # serves: the bound is MAX_HEAD_BYTES's 431, which h11's must not come before (a
+                # read, up to 256 KiB, is all parsed before that bound is looked at)
+                config.h11_max_incomplete_event_size = MAX_HEAD_BYTES + 256 * 1024
         for name, kinds in (("uvicorn.error", (BrokenTextFrameLog, TokenRedactingLog)),
                             ("uvicorn.access", (TokenRedactingLog,))):  # fmt: skip
             log = logging.getLogger(name)

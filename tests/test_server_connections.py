@@ -55,7 +55,7 @@ def test_headers_that_never_end_are_answered_408_and_closed(server):
     assert json.loads(body)["error"] == "header_timeout"
 
 
-def test_a_head_too_large_to_be_one_is_refused_not_taken_in_whole(server, request):
+def test_a_head_too_large_to_be_one_is_refused_not_taken_in_whole(server):
     """httptools kept a head whole however large: one header of 13 MB was read in without a word."""
     from server.connections import MAX_HEAD_BYTES
 
@@ -63,11 +63,19 @@ def test_a_head_too_large_to_be_one_is_refused_not_taken_in_whole(server, reques
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Large: " + b"a" * (MAX_HEAD_BYTES + 16 * 1024))
         answer = answer_until_closed(sock)
     head, _, body = answer.partition(b"\r\n\r\n")
-    if "h11" in request.node.callspec.id:  # (h11 refuses one over 16 KiB itself, in its words)
-        assert head.startswith(b"HTTP/1.1 400 "), answer
-        return
     assert head.startswith(b"HTTP/1.1 431 "), answer
     assert json.loads(body)["error"] == "headers_too_large"
+
+
+def test_a_head_within_the_bound_is_served_by_either_parser(server):
+    """h11 refused a head over 16 KiB (its own bound) as a request that did not parse, a 400 that
+    httptools served: a page's cookies of another site on the same host reach that."""
+    with connect(server) as sock:
+        head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: " + b"a" * 40 * 1024 + b"\r\n\r\n"
+        for at in range(0, len(head), 8 * 1024):  # (in parts, as a slow uplink sends it: not one read whole)
+            sock.sendall(head[at : at + 8 * 1024])
+            time.sleep(0.01)
+        assert read_response(sock)[0].startswith(b"HTTP/1.1 200 ")
 
 
 def test_the_rest_of_a_body_answered_unread_is_not_taken_for_the_next_head(server):
