@@ -57,6 +57,7 @@ class ConnectionLimits:
         self.cors_origins = settings.cors_origins
         self.awaiting_head = True
         self.head_bytes = 0  # of the request head awaited now
+        self.head_tail = b""  # its last 3 bytes so far
         self.head_timer = None
 
     # --- the head's deadline ------------------------------------------------------------------------------
@@ -71,7 +72,15 @@ class ConnectionLimits:
     def data_received(self, data: bytes) -> None:
         if self.awaiting_head and self.head_bytes == 0:
             self._arm_head_timer()  # from the head's first byte
+            self.head_tail = b""
         if self.awaiting_head:
+            seen = self.head_tail + data
+            end = seen.find(b"\r\n\r\n")
+            if end >= 0 and self.head_bytes - len(self.head_tail) + end + 4 > MAX_HEAD_BYTES:
+                # a head whose end came in this read: either parser took one of any size whole (h11),
+                # or refused its URL past 64 KiB as one that did not parse (httptools)
+                return self._refuse_head_too_large()
+            self.head_tail = seen[-3:]  # (the blank line that ends a head may come split)
             self.head_bytes += len(data)
         cycle = self.cycle
         super().data_received(data)
@@ -80,9 +89,7 @@ class ConnectionLimits:
             self._cancel_head_timer()
         elif self.awaiting_head and self.head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
             # (all of it the head's, which is not complete: a body's first bytes came after a head)
-            log.info("%s sent a request head of over %d bytes: answered 431 and closed", self._who(), MAX_HEAD_BYTES)
-            self._answer_and_close(b"431 Request Header Fields Too Large", "headers_too_large",
-                                   f"request headers larger than {MAX_HEAD_BYTES // 1024} KiB")  # fmt: skip
+            self._refuse_head_too_large()
         elif not self.awaiting_head:  # (the rest of a body answered unread may have ended here)
             self._await_next_head(arm=True)
 
@@ -145,6 +152,11 @@ class ConnectionLimits:
         # (h11's: 'Missing mandatory Host: header', 'Found multiple Host: headers')
         not_one_host = isinstance(refused and refused.__context__, NotOneHost) or "Host: header" in str(refused)
         self._answer_and_close(b"400 Bad Request", "bad_request", NOT_ONE_HOST if not_one_host else NOT_PARSED)
+
+    def _refuse_head_too_large(self) -> None:
+        log.info("%s sent a request head of over %d bytes: answered 431 and closed", self._who(), MAX_HEAD_BYTES)
+        self._answer_and_close(b"431 Request Header Fields Too Large", "headers_too_large",
+                               f"request headers larger than {MAX_HEAD_BYTES // 1024} KiB")  # fmt: skip
 
     def _who(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "a client"

@@ -67,6 +67,21 @@ def test_a_head_too_large_to_be_one_is_refused_not_taken_in_whole(server):
     assert json.loads(body)["error"] == "headers_too_large"
 
 
+def test_a_head_too_large_whose_end_comes_in_a_read_is_a_431(server):
+    """A head past the bound was refused only while it had not all come: one whose end came in the
+    read that took it past was served under h11, and a 400 'could not be parsed' under httptools,
+    which refuses a URL of 64 KiB or more."""
+    from server.connections import MAX_HEAD_BYTES
+
+    with connect(server) as sock:
+        head = b"GET /v1/" + b"a" * MAX_HEAD_BYTES + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        sock.sendall(head[: MAX_HEAD_BYTES - 1024])  # (the head's end in a later read, past the bound)
+        time.sleep(0.05)
+        sock.sendall(head[MAX_HEAD_BYTES - 1024 :])
+        answer = answer_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:300]
+
+
 def test_a_head_within_the_bound_is_served_by_either_parser(server):
     """h11 refused a head over 16 KiB (its own bound) as a request that did not parse, a 400 that
     httptools served: a page's cookies of another site on the same host reach that."""
