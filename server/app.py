@@ -187,6 +187,9 @@ class ApiMethods:
                 return await response(scope, receive, send)
             elif scope["path"].startswith("/v1/"):  # the API's, and no file's: nothing there, whatever the method
                 message = f"nothing at {scope['path'][:80]}"
+                bare = scope["path"].rstrip("/")
+                if bare != scope["path"] and any(self.takes({**scope, "path": bare}, m) for m in self.METHODS):
+                    message += f": the path is {bare[:80]}, without the trailing slash"
                 response = JSONResponse({"error": "not_found", "message": message}, status_code=404)
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)

@@ -876,6 +876,14 @@ def test_a_server_at_the_other_scheme_s_default_port_serves_its_own_page(client,
     assert r.status_code == 403 and r.json()["error"] == "cross_origin", r.text
 
 
+def test_an_api_path_with_a_trailing_slash_says_the_path_without(client):
+    """It was a 404 'nothing at /v1/sessions/', a path one slash from the one meant."""
+    r = client.post("/v1/sessions/", json={})
+    assert r.status_code == 404, r.text
+    assert r.json()["message"] == "nothing at /v1/sessions/: the path is /v1/sessions, without the trailing slash"
+    assert client.get("/v1/nope/").json()["message"] == "nothing at /v1/nope/"
+
+
 def test_a_server_allowing_any_origin_serves_every_page():
     with ready_client(cors_origins=["*"]) as any_origin:
         page = {"origin": "https://a.example"}
