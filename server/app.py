@@ -405,6 +405,10 @@ def _token_accepted(offered: list[str], accepted: list[str]) -> bool:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) more than `limit` bytes before reading them where possible."""
+    coding = request.headers.get("content-encoding", "identity").strip().lower()
+    if coding not in ("identity", ""):  # (a gzipped JSON was read as it came: 'not UTF-8', or a form that did not parse)
+        raise ApiError(415, "unsupported_media_type", f"Content-Encoding {coding[:40]!r}: send the body as it is, "
+                       "without a content coding", headers={"Accept-Encoding": "identity"})  # fmt: skip
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():

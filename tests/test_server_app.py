@@ -884,6 +884,23 @@ def test_an_api_path_with_a_trailing_slash_says_the_path_without(client):
     assert client.get("/v1/nope/").json()["message"] == "nothing at /v1/nope/"
 
 
+def test_a_body_with_a_content_coding_is_refused_saying_so(client):
+    """Content-Encoding was not looked at: a gzipped JSON body was read as it came ('not UTF-8'), and
+    a body marked gzip that was not made a session."""
+    import gzip
+
+    before = set(client.app.state.registry.sessions)
+    for body in (gzip.compress(b'{"seed": 7}'), b'{"seed": 7}'):
+        r = client.post("/v1/sessions", content=body, headers={"content-type": "application/json",
+                                                               "content-encoding": "gzip"})  # fmt: skip
+        assert r.status_code == 415 and r.headers["accept-encoding"] == "identity", r.text
+        assert r.json()["message"] == "Content-Encoding 'gzip': send the body as it is, without a content coding"
+    assert set(client.app.state.registry.sessions) == before
+    r = client.post("/v1/sessions", json={}, headers={"content-encoding": "identity"})
+    assert r.status_code == 201, r.text
+    client.delete(r.json()["resource"], headers=auth(r.json()["token"]))
+
+
 def test_a_server_allowing_any_origin_serves_every_page():
     with ready_client(cors_origins=["*"]) as any_origin:
         page = {"origin": "https://a.example"}
