@@ -318,7 +318,7 @@ def plot(result: dict, path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny-avatar")
+    p.add_argument("--model", default="tiny-avatar", help="the model of the decoder (default: %(default)s)")
     p.add_argument("--sizes", type=frame_size, nargs="+", default=[128, 192, 256], help="square frame sizes")
     p.add_argument("--latent-frames", type=positive_int, help="per chunk (default: the model's)")
     p.add_argument("--rounds", type=positive_int, default=7, help="timed decodes per variant, alternating")

@@ -481,10 +481,10 @@ def plot_sizes(result: dict, path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny-avatar")
-    p.add_argument("--height", type=frame_size, default=128)
-    p.add_argument("--width", type=frame_size, default=128)
-    p.add_argument("--steps", type=positive_int, default=4)
+    p.add_argument("--model", default="tiny-avatar", help="model name or directory (default: %(default)s)")
+    p.add_argument("--height", type=frame_size, default=128, help="frame height (default: %(default)s)")
+    p.add_argument("--width", type=frame_size, default=128, help="frame width (default: %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=4, help="denoising steps (default: %(default)s)")
     p.add_argument("--chunks", type=positive_int, default=20, help="timed chunks")
     p.add_argument(
         "--context", type=positive_int, default=21, help="latent frames of context for cache_speedup"

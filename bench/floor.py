@@ -365,7 +365,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="wan2.1-1.3b", help=f"{' or '.join(WAN_FLAVORS)}, or a streamgen model")
     p.add_argument("--height", type=frame_size, help="default: 480 for the Wan flavors, else the model's own")
     p.add_argument("--width", type=frame_size, help="default: 832 for the Wan flavors, else the model's own")
-    p.add_argument("--steps", type=positive_int, default=4)
+    p.add_argument("--steps", type=positive_int, default=4, help="denoising steps (default: %(default)s)")
     p.add_argument("--text-tokens", type=positive_int, help="Wan: text context length (T5's; default 512)")
     p.add_argument(
         "--window",
@@ -376,8 +376,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--device", help="where to count: default meta for the Wan flavors (shapes only), else cpu"
     )
     p.add_argument("--measure", action="store_true", help="measure this machine's ceilings (else an H200's)")
-    p.add_argument("--matmul-tflops", type=positive_number, default=_RATE_DEFAULTS["matmul_tflops"])
-    p.add_argument("--copy-gbps", type=positive_number, default=_RATE_DEFAULTS["copy_gbps"])
+    p.add_argument(
+        "--matmul-tflops",
+        type=positive_number,
+        default=_RATE_DEFAULTS["matmul_tflops"],
+        help="the matmul rate a count is set against without --measure or --time (default: %(default)g, "
+        "an H200's)",
+    )
+    p.add_argument(
+        "--copy-gbps",
+        type=positive_number,
+        default=_RATE_DEFAULTS["copy_gbps"],
+        help="the memory copy rate, bytes read + written, a count is set against without --measure or --time "
+        "(default: %(default)g, an H200's)",
+    )
     p.add_argument(
         "--fp8",
         action="store_true",

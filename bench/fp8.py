@@ -170,9 +170,17 @@ def plot(result: dict, path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny-avatar")
-    p.add_argument("--chunks", type=positive_int, default=12)
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--model", default="tiny-avatar", help="model name or directory (default: %(default)s)")
+    p.add_argument("--chunks", type=positive_int, default=12, help="chunks to stream (default: %(default)s)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        metavar="VARIANT",
+        help="the variants compared with float32, which always runs as the reference (default: all): "
+        + ", ".join(VARIANTS),
+    )
     p.add_argument("--plot", help="write the difference per chunk to this PNG")
 
 

@@ -82,7 +82,7 @@ DEFAULT_BROWSER = "/usr/bin/chromium"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny-avatar")
+    parser.add_argument("--model", default="tiny-avatar", help="model to serve (default: %(default)s)")
     parser.add_argument("--size", type=frame_size, default=None, help="output size (default: the model's)")
     parser.add_argument(
         "--seconds", type=positive_number, default=20.0,

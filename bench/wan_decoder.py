@@ -222,9 +222,13 @@ def wan_frame_side(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--height", type=wan_frame_side, default=480)
-    p.add_argument("--width", type=wan_frame_side, default=832)
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda where there is one, else cpu)",
+    )
+    p.add_argument("--height", type=wan_frame_side, default=480, help="frame height (default: %(default)s)")
+    p.add_argument("--width", type=wan_frame_side, default=832, help="frame width (default: %(default)s)")
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on CUDA, else fp32"
     )

@@ -22,8 +22,9 @@ from streamgen.cli import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-avatar", help="model name or directory (default tiny-avatar)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s, this machine only)")  # fmt: skip
+    parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: %(default)s)")
     parser.add_argument("--max-sessions", type=int, default=8, help="upper bound on concurrent sessions")
     parser.add_argument("--max-connections", type=positive_int, default=None, metavar="N",
                         help="connections open at once (WebSockets too): a request on another is answered 503 "
@@ -39,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="the certificate's private key")
     parser.add_argument("--size", type=frame_size, default=None, help="output height and width (default: the model's)")
     parser.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model's)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device to run on: cpu, cuda, cuda:N (default: %(default)s)")  # fmt: skip
     parser.add_argument("--attention", default=None, metavar="BACKEND",
                         help="attention backend: sdpa (the default), flex, triton, flash, cudnn, or in FP8 "
                         "fp8_qk and fp8 (on a CPU triton, flash and cudnn run as sdpa, and the FP8 ones are "

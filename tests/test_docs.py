@@ -313,3 +313,31 @@ def test_generates_help_says_each_default():
         and not ("default" in (a.help or "") or str(a.default) in (a.help or ""))
     ]
     assert unsaid == []
+
+
+def test_every_option_in_each_commands_and_benchmarks_help_says_what_it_does():
+    """`--help` of each streamgen command and benchmark gives every option a line of its own: some
+    24 gave a bare name (`serve --host`, `--port`, `--device`, `data make --seed`, `bench floor
+    --matmul-tflops`, `bench fp8 --variants`...), what they did and their default for the source to say."""
+    import argparse
+    import importlib
+
+    from streamgen.cli import build_parser
+    from streamgen.commands.bench import BENCHMARKS
+
+    parsers = {"streamgen": build_parser()}
+    for name, (module, _) in BENCHMARKS.items():  # (a benchmark's options are parsed apart: bench.py)
+        parsers[f"streamgen bench {name}"] = bench = argparse.ArgumentParser()
+        importlib.import_module(module).add_arguments(bench)
+    options, unsaid = [], []
+    while parsers:
+        command, parser = parsers.popitem()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.update({f"{command} {n}": p for n, p in action.choices.items()})
+            elif action.help != argparse.SUPPRESS:
+                options.append(option := f"{command} {(action.option_strings or [action.dest])[-1]}")
+                if not (action.help or "").strip():
+                    unsaid.append(option)
+    assert len(options) > 200  # (every command's and benchmark's, subcommands' too)
+    assert sorted(unsaid) == []

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     make = sub.add_parser("make", help="generate a sharded dataset of talking-head clips")
     make.add_argument("--out", type=named_folder, required=True, help="output folder (must not hold a dataset)")
     make.add_argument("--clips", type=positive_int, required=True, help="number of clips over all splits")
-    make.add_argument("--seed", type=seed_number, default=0)
+    make.add_argument("--seed", type=seed_number, default=0, help="the world's seed (default: %(default)s)")
     make.add_argument("--size", type=frame_size, default=64, help="frame height and width in pixels (a multiple of 16)")
     make.add_argument("--seconds", type=clip_seconds, default=4.0, help="clip length")
     make.add_argument("--identities", type=positive_int, default=500, help="size of the identity pool")
@@ -50,8 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     preview = sub.add_parser("preview", help="write a contact sheet PNG and an MP4 with sound")
     preview.add_argument("--data", type=home_expanded, help="a dataset folder; without it, clips are made on the fly")
-    preview.add_argument("--split", choices=SPLITS, default="train")
-    preview.add_argument("--clips", type=positive_int, default=6)
+    preview.add_argument("--split", choices=SPLITS, default="train", help="split to preview (default: train)")
+    preview.add_argument(
+        "--clips", type=positive_int, default=6, help="clips to show (default 6; fewer if --data has fewer)"
+    )
     # (no defaults here: given with --data, whose clips are the dataset's, they were ignored without a word)
     preview.add_argument("--seed", type=seed_number, help="with no --data: the world's seed (default 0)")
     preview.add_argument("--size", type=frame_size, help="with no --data: frame size (default 128)")

@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run (default): evaluate --model; train-evaluators: train the SyncNet and identity encoder",
     )  # fmt: skip
     parser.add_argument("--model", help="model name or path, or 'ground-truth' for the renderer itself")
-    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument(
+        "--split", default="test", choices=SPLITS, help="the split to evaluate on (default: %(default)s)"
+    )
     parser.add_argument("--out", type=named_folder, help="output folder")
     parser.add_argument("--clips", type=int, help="number of clips (eval default 8, training default 400)")
     parser.add_argument("--size", type=frame_size, default=64, help="frame size for generation")
@@ -28,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--evaluators", type=home_expanded, help="evaluator checkpoint folder (default: bundled)"
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N (default: cpu)")
     parser.add_argument("--steps", type=positive_int, help="denoising steps for the model (default: the model's)")
     add_dtype_option(parser, "--decode-dtype", "a student's decoder (auto: bf16 on AMX, AVX512-BF16)")
     add_dtype_option(
