@@ -98,10 +98,15 @@ def main(argv=None) -> dict:
     # sentence at its line end, "... computed once (`Block.kept_kv`) against once per")
     first_sentence = " ".join(__doc__.split("\n\n")[0].split())
     p = argparse.ArgumentParser(prog="python -m bench.kept_kv", description=first_sentence)
-    p.add_argument("--model", default="tiny-avatar")
-    p.add_argument("--size", type=frame_size, default=64)
-    p.add_argument("--batch", type=positive_int, default=16)
-    p.add_argument("--rounds", type=positive_int, default=8)
+    p.add_argument("--model", default="tiny-avatar", help="model name or directory (default: %(default)s)")
+    p.add_argument("--size", type=frame_size, default=64, help="frame side (default: %(default)s)")
+    p.add_argument("--batch", type=positive_int, default=16, help="sessions batched (default: %(default)s)")
+    p.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=8,
+        help="timed rounds, the arms alternating (default: %(default)s)",
+    )
     p.add_argument("--chunks", type=positive_int, default=8, help="chunks a round of one session")
     p.add_argument("--json", action="store_true", help="(the output is JSON either way)")
     args = p.parse_args(argv)

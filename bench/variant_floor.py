@@ -192,7 +192,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="count bench gpu's configurations' work (bench/floor.py)")
     parser.add_argument("--out", required=True, help="the JSON to write, for bench gpu --floor-work")
     parser.add_argument("--quick", action="store_true", help="bench gpu --quick's tiny model, on the CPU")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument(
+        "--steps", type=int, default=4, help="denoising steps of a configuration that sets none (default: 4)"
+    )
     parser.add_argument("--only", nargs="*", choices=list(CONFIGURATIONS), help="these configurations alone")
     args = parser.parse_args()
     started = time.perf_counter()

@@ -227,13 +227,28 @@ def main(argv=None) -> int:
 
     # (named as it is run: it said "usage: results.py", a file no one types)
     p = argparse.ArgumentParser(prog="python -m distill.results", description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=Path, default=Path("runs/tiny-avatar"))
-    p.add_argument("--out", type=Path, default=Path("runs/results"))
-    p.add_argument("--doc", type=Path, default=Path("docs/results.md"))
-    p.add_argument("--clips", type=positive_int, default=24)
+    p.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs/tiny-avatar"),
+        help="folder of the stages' runs (autoencoder/, teacher/, ode/, ...) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/results"),
+        help="folder for results.json and each row's evaluation (default: %(default)s)",
+    )
+    p.add_argument(
+        "--doc",
+        type=Path,
+        default=Path("docs/results.md"),
+        help="the file whose table is rewritten (default: %(default)s)",
+    )
+    p.add_argument("--clips", type=positive_int, default=24, help="test clips per row (default: %(default)s)")
     p.add_argument("--minutes", type=float, default=5.0, help="the students' drift stream (0: none)")
-    p.add_argument("--size", type=frame_size, default=64)
-    p.add_argument("--threads", type=thread_count, default=1)
+    p.add_argument("--size", type=frame_size, default=64, help="frame size generated (default: %(default)s)")
+    p.add_argument("--threads", type=thread_count, default=1, help="torch threads (default: %(default)s)")
     p.add_argument(
         "--render-only",
         action="store_true",

@@ -273,11 +273,11 @@ async def main(args) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--server", default="http://127.0.0.1:8000")
+    p.add_argument("--server", default="http://127.0.0.1:8000", help="server URL (default: %(default)s)")
     p.add_argument("--token", help="the server's token, for a server started with --token")
-    p.add_argument("--avatar", default="sample")
+    p.add_argument("--avatar", default="sample", help="avatar to stream (default: %(default)s)")
     p.add_argument("--caption", help="text conditioning, e.g. 'smiling'")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the session's seed (default: %(default)s)")
     p.add_argument("--wav", help="16 kHz mono PCM16 WAV to speak with")
     p.add_argument("--say", help="text for the server to speak")
     p.add_argument(
@@ -286,7 +286,7 @@ if __name__ == "__main__":
         help=f"how long to stream (default: the --wav file's length and {TAIL_S:g} s, else 5)",
     )
     p.add_argument("--wait", type=wait_seconds, default=30.0, help="seconds to keep asking a busy server")
-    p.add_argument("--out", default="frames")
+    p.add_argument("--out", default="frames", help="a folder without another run's frames (default: frames)")
     try:
         asyncio.run(main(p.parse_args()))
     except KeyboardInterrupt:  # (asyncio's traceback; the session was ended on the way out)

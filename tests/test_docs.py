@@ -315,9 +315,27 @@ def test_generates_help_says_each_default():
     assert unsaid == []
 
 
+def options_without_help(parsers: dict) -> tuple[list[str], list[str]]:
+    """Each option `--help` lists of these parsers (by command line), their subcommands' too, and
+    those of them it lists with no help."""
+    import argparse
+
+    parsers, options, unsaid = dict(parsers), [], []
+    while parsers:
+        command, parser = parsers.popitem()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.update({f"{command} {n}": p for n, p in action.choices.items()})
+            elif action.help != argparse.SUPPRESS:
+                options.append(option := f"{command} {(action.option_strings or [action.dest])[-1]}")
+                if not (action.help or "").strip():
+                    unsaid.append(option)
+    return options, sorted(unsaid)
+
+
 def test_every_option_in_each_commands_and_benchmarks_help_says_what_it_does():
-    """`--help` of each streamgen command and benchmark gives every option a line of its own: some
-    24 gave a bare name (`serve --host`, `--port`, `--device`, `data make --seed`, `bench floor
+    """`--help` of each streamgen command and benchmark gives every option a line of its own: 24
+    gave a bare name (`serve --host`, `--port`, `--device`, `data make --seed`, `bench floor
     --matmul-tflops`, `bench fp8 --variants`...), what they did and their default for the source to say."""
     import argparse
     import importlib
@@ -329,15 +347,40 @@ def test_every_option_in_each_commands_and_benchmarks_help_says_what_it_does():
     for name, (module, _) in BENCHMARKS.items():  # (a benchmark's options are parsed apart: bench.py)
         parsers[f"streamgen bench {name}"] = bench = argparse.ArgumentParser()
         importlib.import_module(module).add_arguments(bench)
-    options, unsaid = [], []
-    while parsers:
-        command, parser = parsers.popitem()
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                parsers.update({f"{command} {n}": p for n, p in action.choices.items()})
-            elif action.help != argparse.SUPPRESS:
-                options.append(option := f"{command} {(action.option_strings or [action.dest])[-1]}")
-                if not (action.help or "").strip():
-                    unsaid.append(option)
+    options, unsaid = options_without_help(parsers)
     assert len(options) > 200  # (every command's and benchmark's, subcommands' too)
-    assert sorted(unsaid) == []
+    assert unsaid == []
+
+
+def test_every_option_in_each_scripts_help_says_what_it_does():
+    """So too for each program run on its own (`python -m bench.kept_kv`, `python -m distill.results`,
+    `python -m streamgen.data.make_assets`, `python examples/ws_client.py`...): 16 options were bare."""
+    import argparse
+    import runpy
+    import sys
+
+    class Parsed(Exception):  # (the program's parser, caught as it parses: nothing of the program runs)
+        pass
+
+    def parse_args(parser, *args, **kwargs):
+        raise Parsed(parser)
+
+    scripts = [
+        p
+        for d in ("bench", "distill", "streamgen", "examples")
+        for p in sorted((ROOT / d).rglob("*.py"))
+        if "ArgumentParser(" in (text := p.read_text())
+        and 'if __name__ == "__main__"' in text
+        and p != ROOT / "streamgen" / "cli.py"  # (`streamgen`'s: the test above)
+    ]
+    assert len(scripts) >= 10
+    parsers = {}
+    for script in scripts:
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(Parsed) as parsed:
+            mp.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+            mp.setattr(sys, "argv", [str(script)])
+            runpy.run_path(str(script), run_name="__main__")
+        parsers[str(script.relative_to(ROOT))] = parsed.value.args[0]
+    options, unsaid = options_without_help(parsers)
+    assert len(options) > 100
+    assert unsaid == []

@@ -50,7 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m streamgen.data.make_assets", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "assets",
+        help="folder to write them into (default: streamgen/assets, the bundled ones)",
+    )
     args = parser.parse_args(argv)
     try:
         paths = make_assets(args.out)
