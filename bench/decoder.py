@@ -319,9 +319,17 @@ def plot(result: dict, path) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-avatar", help="the model of the decoder (default: %(default)s)")
-    p.add_argument("--sizes", type=frame_size, nargs="+", default=[128, 192, 256], help="square frame sizes")
+    p.add_argument(
+        "--sizes",
+        type=frame_size,
+        nargs="+",
+        default=[128, 192, 256],
+        help="square frame sizes (default: 128 192 256)",
+    )
     p.add_argument("--latent-frames", type=positive_int, help="per chunk (default: the model's)")
-    p.add_argument("--rounds", type=positive_int, default=7, help="timed decodes per variant, alternating")
+    p.add_argument(
+        "--rounds", type=positive_int, default=7, help="timed decodes per variant, alternating (default: 7)"
+    )
     p.add_argument(
         "--threads", type=thread_count, default=None, help="torch intra-op threads (default: torch's)"
     )
@@ -335,7 +343,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also time this model's decoder on the same latents (e.g. a narrower one)",
     )
     p.add_argument(
-        "--batch", type=positive_int, default=1, help="streams decoded together (a server's batch)"
+        "--batch",
+        type=positive_int,
+        default=1,
+        help="streams decoded together, as a server's batch (default: 1)",
     )
 
 

@@ -485,15 +485,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=frame_size, default=128, help="frame height (default: %(default)s)")
     p.add_argument("--width", type=frame_size, default=128, help="frame width (default: %(default)s)")
     p.add_argument("--steps", type=positive_int, default=4, help="denoising steps (default: %(default)s)")
-    p.add_argument("--chunks", type=positive_int, default=20, help="timed chunks")
+    p.add_argument("--chunks", type=positive_int, default=20, help="timed chunks (default: %(default)s)")
     p.add_argument(
-        "--context", type=positive_int, default=21, help="latent frames of context for cache_speedup"
+        "--context",
+        type=positive_int,
+        default=21,
+        help="latent frames of context, for cache_speedup (default 21)",
     )
     p.add_argument(
         "--teacher-frames",
         type=positive_int,
         default=21,
-        help="latent frames of the clip (Wan: 81 frames = 21 latent)",
+        help="latent frames of the clip (default: 21, as Wan's 81 frames)",
     )
     p.add_argument(
         "--sweep",
@@ -509,7 +512,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--batch-sessions",
         type=positive_int,
         default=3,
-        help="sessions of the batched-throughput measure (a server batches up to ~16 at 64x64)",
+        help="sessions of the batched-throughput measure (a server batches up to ~16 at 64x64; default: 3)",
     )
     add_dtype_option(
         p,

@@ -362,7 +362,11 @@ def report(work: dict, ceilings: dict, target_fps: float = TARGET_FPS) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="wan2.1-1.3b", help=f"{' or '.join(WAN_FLAVORS)}, or a streamgen model")
+    p.add_argument(
+        "--model",
+        default="wan2.1-1.3b",
+        help=f"{' or '.join(WAN_FLAVORS)}, or a streamgen model (default: %(default)s)",
+    )
     p.add_argument("--height", type=frame_size, help="default: 480 for the Wan flavors, else the model's own")
     p.add_argument("--width", type=frame_size, help="default: 832 for the Wan flavors, else the model's own")
     p.add_argument("--steps", type=positive_int, default=4, help="denoising steps (default: %(default)s)")
@@ -428,7 +432,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--clip-frames",
         type=positive_int,
         default=CLIP_FRAMES,
-        help="also count a fresh clip this long (video frames), from its first chunk on",
+        help="also count a fresh clip this long (video frames), from its first chunk on (default: 81)",
     )
     p.add_argument(
         "--every-layer",
@@ -442,7 +446,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=whole_number,
         default=0,
         metavar="CHUNKS",
-        help="also time each stage over CHUNKS chunks against this device's measured floor",
+        help="also time each stage over CHUNKS chunks against this device's measured floor "
+        "(default: 0, none)",
     )
     p.add_argument(
         "--target-fps",

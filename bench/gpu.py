@@ -502,7 +502,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # (0 or less ran no part, after the ceilings and the model were built; an unknown backend's
     # variants each failed, after their stream was built)
     p.add_argument("--budget", type=positive_number, default=420.0,
-                   help="seconds by which the run ends: no part starts that is expected to end past it")  # fmt: skip
+                   help="seconds by which the run ends: no part starts that is expected to end past it "
+                   "(default: %(default)g)")  # fmt: skip
     p.add_argument("--no-compile", action="store_true",
                    help="skip what runs under Inductor: the DiT's compiled blocks and the compiled decoder")  # fmt: skip
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel micro-benchmarks")

@@ -187,7 +187,7 @@ def _variant_text(row: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     archs = ", ".join(map(str, NVIDIA_ARCHS))
     p.add_argument("--arch", type=int, default=90, choices=NVIDIA_ARCHS, metavar="ARCH",
-                   help=f"compute capability x10 (90: H100/H200), one of {archs}")  # fmt: skip
+                   help=f"compute capability x10 (default: 90, H100/H200), one of {archs}")  # fmt: skip
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="the dtype of the kernels' tensors (default: %(default)s)")  # fmt: skip
     p.add_argument("--only", nargs="*", default=[], help="case names of bench/kernels.py")

@@ -86,11 +86,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=frame_size, default=None, help="output size (default: the model's)")
     parser.add_argument(
         "--seconds", type=positive_number, default=20.0,
-        help="seconds to watch per measurement (fps times whole chunks, tiny-avatar's 0.32 s long: at least 3 of them)",
+        help="seconds to watch per measurement (fps times whole chunks, tiny-avatar's 0.32 s long: at least "
+        "3 of them; default: %(default)g)",
     )
-    parser.add_argument("--max-probe", type=positive_int, default=6, help="most concurrent sessions to try")
+    parser.add_argument(
+        "--max-probe",
+        type=positive_int,
+        default=6,
+        help="most concurrent sessions to try (default: %(default)s)",
+    )
     parser.add_argument("--threads", type=thread_count, default=None, help="torch threads in the server")
-    parser.add_argument("--lanes", type=positive_int, default=1, help="the server's generating threads (serve --lanes)")
+    parser.add_argument("--lanes", type=positive_int, default=1,
+                        help="the server's generating threads (serve --lanes; default: 1)")  # fmt: skip
     parser.add_argument("--model-process", action="store_true", help="serve with the model in a child process")
     parser.add_argument("--compile", action="store_true", help="serve with the DiT's blocks compiled (serve --compile)")
     parser.add_argument("--no-align-batches", dest="align_batches", action="store_false",
@@ -107,7 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the same model (or --against's) served another way, probed as --against says")  # fmt: skip
     parser.add_argument("--transport", choices=list(WATCH), default="webrtc",
                         help="the clients: WebRTC (WHEP, decoding VP8), or the WebSocket API with raw RGB frames, "
-                        "which costs the clients next to nothing (a probe of the server alone)")  # fmt: skip
+                        "which costs the clients next to nothing (a probe of the server alone; "
+                        "default: %(default)s)")  # fmt: skip
 
 
 def _serve_options(text: str) -> str:

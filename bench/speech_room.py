@@ -215,15 +215,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--margin",
         type=share_of_speech,
         default=0.90,
-        help="the most of its speech any fitted text's estimate is",
+        help="the most of its speech any fitted text's estimate is (default: %(default)g)",
     )
     # (numpy's generator refused a negative seed with a traceback)
-    p.add_argument("--seed", type=seed_number, default=1, help="of the prose drawn from the sentence banks")
+    p.add_argument(
+        "--seed", type=seed_number, default=1, help="of the prose drawn from the sentence banks (default: 1)"
+    )
     p.add_argument(
         "--pause-allowance",
         type=allowance_ms,
         default=25.0,
-        help="ms a comma's or a full stop's weight may exceed the pause espeak-ng makes there (inf: any)",
+        help="ms a comma's or a full stop's weight may exceed the pause espeak-ng makes there (inf: any; "
+        "default: %(default)g)",
     )
 
 

@@ -233,7 +233,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on CUDA, else fp32"
     )
     p.add_argument(
-        "--chunks", type=positive_int, default=5, help="timed chunks of 3 latent frames (after 2 untimed)"
+        "--chunks",
+        type=positive_int,
+        default=5,
+        help="timed chunks of 3 latent frames, after 2 untimed (default: %(default)s)",
     )
     p.add_argument(
         "--ways",

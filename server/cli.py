@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this machine only)")  # fmt: skip
     parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: %(default)s)")
-    parser.add_argument("--max-sessions", type=int, default=8, help="upper bound on concurrent sessions")
+    parser.add_argument("--max-sessions", type=int, default=8,
+                        help="upper bound on concurrent sessions (default: 8)")  # fmt: skip
     parser.add_argument("--max-connections", type=positive_int, default=None, metavar="N",
                         help="connections open at once (WebSockets too): a request on another is answered 503 "
                         "with Retry-After, so a flood of clients cannot use up the process (default 256, or "
@@ -67,17 +68,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--lanes", type=positive_int, default=1,
                         help="threads that generate, each for its own sessions: 2 made 1.6-1.8x the frames of 1 "
-                        "at 192x192 and 256x256 on 2 cores, 0.95x at 64x64 (docs/serving.md)")  # fmt: skip
+                        "at 192x192 and 256x256 on 2 cores, 0.95x at 64x64 (docs/serving.md; "
+                        "default: 1)")  # fmt: skip
     parser.add_argument("--no-align-batches", dest="align_batches", action="store_false",
                         help="generate each session's chunks when they fall due, rather than lining sessions up to "
                         "generate together (a session's first frame then waits for no schedule; docs/serving.md)")  # fmt: skip
     # (0 closed every session within a second, read as "no limit" as --peer-timeout's 0 is; nan was
     # a traceback in the log and a close "by the client")
-    parser.add_argument("--idle-timeout", type=positive_number, default=60.0, help="seconds without input or viewer")
+    parser.add_argument("--idle-timeout", type=positive_number, default=60.0,
+                        help="seconds without input or viewer (default: 60)")  # fmt: skip
     parser.add_argument("--peer-timeout", type=peer_timeout, default=10.0,
                         help="seconds without a packet from a WebRTC peer (a killed tab) before its session is "
-                        "closed; players send RTCP reports every second or so (0: ICE consent checks only, ~30 s)")  # fmt: skip
-    parser.add_argument("--max-duration", type=positive_number, default=3600.0, help="seconds a session may last")
+                        "closed; players send RTCP reports every second or so (0: ICE consent checks only, "
+                        "~30 s; default: 10)")  # fmt: skip
+    parser.add_argument("--max-duration", type=positive_number, default=3600.0,
+                        help="seconds a session may last (default: 3600)")  # fmt: skip
     parser.add_argument("--body-timeout", type=positive_number, default=30.0, metavar="SECONDS",
                         help="seconds a request body (a session's JSON or picture, a WHEP offer) may take to arrive, "
                         "plus 1 s per 64 KiB it declares; one that stops coming is answered 408 (default 30)")  # fmt: skip
@@ -104,10 +109,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(once the server is ready) is stuck; it is killed and /healthz reports the server down, "
                         "for its supervisor to restart (0: no limit; default: 60)")  # fmt: skip
     parser.add_argument("--sp", type=positive_int, default=1,
-                        help="shard the model over N processes (sequence parallelism; restarts under torchrun)")
+                        help="shard the model over N processes (sequence parallelism; restarts under "
+                        "torchrun; default: 1)")  # fmt: skip
     # (a name logging does not know, uvicorn's own "trace" too, was a traceback after the checks)
     parser.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS,
-                        help="debug adds late chunks and playout-delay changes (aiortc and aioice stay at info)")
+                        help="debug adds late chunks and playout-delay changes (aiortc and aioice stay at "
+                        "info; default: info)")  # fmt: skip
     # benchmark switches (bench/server.py)
     parser.add_argument("--stamp-frames", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--admit-max", action="store_true", help=argparse.SUPPRESS)

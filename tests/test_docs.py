@@ -333,10 +333,9 @@ def options_without_help(parsers: dict) -> tuple[list[str], list[str]]:
     return options, sorted(unsaid)
 
 
-def test_every_option_in_each_commands_and_benchmarks_help_says_what_it_does():
-    """`--help` of each streamgen command and benchmark gives every option a line of its own: 24
-    gave a bare name (`serve --host`, `--port`, `--device`, `data make --seed`, `bench floor
-    --matmul-tflops`, `bench fp8 --variants`...), what they did and their default for the source to say."""
+def commands_and_benchmarks() -> dict:
+    """The parser of `streamgen` and those of its benchmarks (a benchmark's options are parsed apart:
+    streamgen/commands/bench.py), by command line."""
     import argparse
     import importlib
 
@@ -344,12 +343,42 @@ def test_every_option_in_each_commands_and_benchmarks_help_says_what_it_does():
     from streamgen.commands.bench import BENCHMARKS
 
     parsers = {"streamgen": build_parser()}
-    for name, (module, _) in BENCHMARKS.items():  # (a benchmark's options are parsed apart: bench.py)
+    for name, (module, _) in BENCHMARKS.items():
         parsers[f"streamgen bench {name}"] = bench = argparse.ArgumentParser()
         importlib.import_module(module).add_arguments(bench)
-    options, unsaid = options_without_help(parsers)
+    return parsers
+
+
+def test_every_option_in_each_commands_and_benchmarks_help_says_what_it_does():
+    """`--help` of each streamgen command and benchmark gives every option a line of its own: 24
+    gave a bare name (`serve --host`, `--port`, `--device`, `data make --seed`, `bench floor
+    --matmul-tflops`, `bench fp8 --variants`...), what they did and their default for the source to say."""
+    options, unsaid = options_without_help(commands_and_benchmarks())
     assert len(options) > 200  # (every command's and benchmark's, subcommands' too)
     assert unsaid == []
+
+
+def test_every_option_in_each_commands_and_benchmarks_help_says_its_default():
+    """An option with a default says it, as `generate`'s do: 33 did not (`serve --max-sessions`,
+    `--idle-timeout`, `--sp`, `data make --size`, `--workers`, `bench engine --chunks`...)."""
+    import argparse
+
+    parsers, unsaid = commands_and_benchmarks(), []
+    while parsers:
+        command, parser = parsers.popitem()
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                parsers.update({f"{command} {n}": p for n, p in a.choices.items()})
+            elif (
+                a.option_strings
+                and a.help != argparse.SUPPRESS
+                and a.default not in (None, "", argparse.SUPPRESS, (), [])  # ("": none)
+                and not isinstance(a.default, bool)  # (a switch: on or off, as its name says)
+                and "default" not in (a.help or "")
+                and f"{a.default}:" not in (a.help or "")  # (--dtype's "auto: ...", the default's meaning)
+            ):
+                unsaid.append(f"{command} {a.option_strings[-1]} ({a.default!r})")
+    assert sorted(unsaid) == []
 
 
 def test_every_option_in_each_scripts_help_says_what_it_does():

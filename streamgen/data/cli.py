@@ -41,12 +41,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     make.add_argument("--out", type=named_folder, required=True, help="output folder (must not hold a dataset)")
     make.add_argument("--clips", type=positive_int, required=True, help="number of clips over all splits")
     make.add_argument("--seed", type=seed_number, default=0, help="the world's seed (default: %(default)s)")
-    make.add_argument("--size", type=frame_size, default=64, help="frame height and width in pixels (a multiple of 16)")
-    make.add_argument("--seconds", type=clip_seconds, default=4.0, help="clip length")
-    make.add_argument("--identities", type=positive_int, default=500, help="size of the identity pool")
-    make.add_argument("--shard-size", type=positive_int, default=32, help="clips per shard")
     make.add_argument(
-        "--workers", type=positive_int, default=min(2, usable_cpus()), help="processes making shards"
+        "--size",
+        type=frame_size,
+        default=64,
+        help="frame height and width in pixels, a multiple of 16 (default: 64)",
+    )
+    make.add_argument(
+        "--seconds", type=clip_seconds, default=4.0, help="clip length in seconds (default: %(default)g)"
+    )
+    make.add_argument(
+        "--identities", type=positive_int, default=500, help="size of the identity pool (default: 500)"
+    )
+    make.add_argument("--shard-size", type=positive_int, default=32, help="clips per shard (default: 32)")
+    make.add_argument(
+        "--workers",
+        type=positive_int,
+        default=min(2, usable_cpus()),
+        help="processes making shards (default: 2, or the CPUs usable if fewer)",
     )
     preview = sub.add_parser("preview", help="write a contact sheet PNG and an MP4 with sound")
     preview.add_argument("--data", type=home_expanded, help="a dataset folder; without it, clips are made on the fly")
@@ -58,7 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     preview.add_argument("--seed", type=seed_number, help="with no --data: the world's seed (default 0)")
     preview.add_argument("--size", type=frame_size, help="with no --data: frame size (default 128)")
     preview.add_argument(
-        "--out", type=named_folder, default=Path("preview"), help="output folder (an earlier preview in it is replaced)"
+        "--out",
+        type=named_folder,
+        default=Path("preview"),
+        help="output folder (default: preview; an earlier preview in it is replaced)",
     )
 
 

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=named_folder, help="output folder")
     parser.add_argument("--clips", type=int, help="number of clips (eval default 8, training default 400)")
-    parser.add_argument("--size", type=frame_size, default=64, help="frame size for generation")
+    parser.add_argument("--size", type=frame_size, default=64, help="frame size for generation (default: 64)")
     parser.add_argument(
         "--minutes", type=float, help="also run one long stream of this many minutes for drift"
     )
