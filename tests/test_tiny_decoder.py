@@ -130,6 +130,13 @@ def test_from_checkpoint_reads_the_config_off_the_weights(tmp_path):
     torch.testing.assert_close(again(latents)[0], expected, atol=2e-5, rtol=0)
 
 
+def test_from_checkpoint_expands_a_leading_tilde(tmp_path, monkeypatch):
+    # (--tiny-decoder=~/x, of generate, serve and bench, reaches it as the shell left it)
+    TinyDecoder(SMALL).save(tmp_path / "tiny.safetensors")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert TinyDecoder.from_checkpoint("~/tiny.safetensors").cfg == SMALL
+
+
 @torch.no_grad()
 def test_time_upsampling_turned_off_keeps_each_latents_last_frame(tmp_path):
     seq = _taehv_layout(SMALL)

@@ -161,7 +161,9 @@ class TinyDecoder(nn.Module):
         """TAEHV's published weights (`taew2_1.pth`, or its .safetensors), or ours (`save`). The
         config is read off the tensors' shapes; `overrides` may turn stages' upsampling off
         (TAEHV's cheaper previews: time_upscale=(False, False, False) keeps 1 frame a latent)."""
-        path = Path(path)
+        from streamgen.files import home_expanded
+
+        path = home_expanded(path)  # (`--tiny-decoder=~/x` reaches it unexpanded: "no checkpoint at ~/x")
         try:
             exists, is_file = path.exists(), path.is_file()
         except OSError as e:  # (a name the file system cannot hold, ENAMETOOLONG: a traceback)
