@@ -908,3 +908,24 @@ def test_a_file_that_is_not_a_video_is_not_replaced(tmp_path, capsys):
     assert main(["generate", "--model", "debug", "--audio", str(wav), "--out", str(out), "--quiet"]) == 0
     assert main(["generate", "--model", "debug", "--audio", str(wav), "--out", str(out), "--quiet"]) == 0
     assert out.read_bytes()[4:8] == b"ftyp"
+
+
+def test_a_sigterm_as_the_model_loads_ends_it_as_ctrl_c_does(tmp_path):
+    """The SIGTERM handler came once streaming began: a SIGTERM as the model loaded ended the process
+    unsaid (143). It says "terminated", as Ctrl-C says "interrupted", and leaves nothing."""
+    wav, out = tmp_path / "speech.wav", tmp_path / "avatar.mp4"
+    write_wav(wav, 16000, 0.3)
+    script = (
+        "import os, signal, sys, time\n"
+        "import streamgen.teacher\n"
+        "def loading(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "streamgen.teacher.open_session = loading\n"
+        "from streamgen.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    argv = ["generate", "--model", "debug", "--audio", str(wav), "--out", str(out), "--quiet"]
+    done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143 and done.stderr.strip() == "terminated", done.stderr
+    assert list(tmp_path.iterdir()) == [wav]

@@ -191,6 +191,9 @@ def run(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
 
+    # from here, not once streaming starts: a SIGTERM as the model loaded ended it unsaid (143), where
+    # Ctrl-C says "interrupted" (an --sp rank too: torchrun stops its ranks by SIGTERM)
+    terminated_before = terminate_as_exit()
     from tqdm import tqdm
 
     from streamgen.model.audio import SAMPLE_RATE, VIDEO_FPS
@@ -212,7 +215,10 @@ def run(args) -> int:
             raise ValueError(TEACHER_IN_ONE_PROCESS)
         main_process = _apply_sequence_parallel(session, args.sp)
         session.start(face, text=args.text, seed=args.seed)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except BaseException as e:
+        restore_handlers(terminated_before)
+        if is_stop(e) or not isinstance(e, (FileNotFoundError, ValueError, RuntimeError)):
+            raise
         _leave_sequence_parallel(args.sp, finished=False)
         if _another_rank_failed(args.sp, e):
             return _stopped_by_another_rank()
@@ -227,8 +233,6 @@ def run(args) -> int:
     t0 = time.perf_counter()
     finished = False  # every rank meets the others at the end only when none of them failed
     writer = None
-    # (an --sp rank too: torchrun stops its ranks by SIGTERM, when it is stopped or another rank failed)
-    terminated_before = terminate_as_exit()
     try:
         # every process runs the same stream on its shard of the tokens; one writes the file
         writer = Mp4Writer(out, session.width, session.height) if main_process else None
