@@ -107,16 +107,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     except RuntimeError as e:
         from distill.distributed import launch_rank
-        from streamgen.parallel.torchrun import ANOTHER_RANK_FAILED, another_rank_failed, report_error
+        from streamgen.parallel.torchrun import another_rank_failed, stopped_by_another_rank
 
         if os.environ.get("WORLD_SIZE", "1") == "1" or not another_rank_failed(e):
             raise
-        # (its traceback, of gloo's "Connection closed by peer", came below the failed rank's own)
         # marked for the launcher (`python -m streamgen.parallel.torchrun`), as generate's is: torchrun's
         # SIGTERM may reach this rank as it ends (exit code 143, not 3), and it was then named as the failed one
-        report_error(f"streamgen distill: rank {launch_rank()} stopped: another rank failed (see its error above)",
-                     another_rank_failed=True)  # fmt: skip
-        return ANOTHER_RANK_FAILED
+        return stopped_by_another_rank("distill", launch_rank())
     if not trainer.is_main:  # (under torchrun every rank printed it, the lines run together)
         return 0
     steps = f"{cfg.run.steps} step{'s' * (cfg.run.steps != 1)}"
