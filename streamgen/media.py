@@ -237,13 +237,18 @@ class Mp4Writer:
     (`streamgen.files`), so a crashed or interrupted run never leaves a file that looks complete,
     and two runs writing one file do not mux into one temp file."""
 
-    def __init__(self, path, width: int, height: int, fps: int = 25, audio_rate: int | None = SAMPLE_RATE):
+    def __init__(
+        self, path, width: int, height: int, fps: int = 25, audio_rate: int | None = SAMPLE_RATE,
+        comment: str | None = None,
+    ):  # fmt: skip
         import av
 
         self.path = output_path(path)
         self.tmp = new_file_beside(self.path)
         try:
             self.container = av.open(str(self.tmp), mode="w", format="mp4")
+            if comment:  # (the file's comment tag: what wrote it, `data preview`'s `written_by`)
+                self.container.metadata["comment"] = comment
             self.video = self.container.add_stream("libx264", rate=fps)
             self.video.width, self.video.height = width + width % 2, height + height % 2
             self.video.pix_fmt = "yuv420p"

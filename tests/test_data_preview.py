@@ -209,6 +209,19 @@ def test_a_preview_into_a_folder_with_an_earlier_one_says_it_replaces_it(tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["contact_sheet.png", "preview.mp4"]
 
 
+def test_a_preview_into_a_folder_with_the_users_own_files_of_its_names_refuses_it(tmp_path, capsys):
+    """`data preview --out .` replaced a preview.mp4 or contact_sheet.png of the user's own without a word."""
+    for name in ("preview.mp4", "contact_sheet.png"):
+        out = tmp_path / name.split(".")[0]
+        out.mkdir()
+        (out / name).write_bytes(b"the user's own")
+        assert main(["data", "preview", "--clips", "1", "--size", "16", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} holds {name}, which no preview wrote there" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert [p.name for p in out.iterdir()] == [name] and (out / name).read_bytes() == b"the user's own"
+
+
 def test_a_data_path_that_is_no_folder_says_so_not_to_run_data_make(tmp_path, capsys):
     """A --data mistyped, or a file, was "not a finished dataset (no manifest.json); run `streamgen
     data make`", as of an empty folder: it sent one making a dataset that is there under another name."""

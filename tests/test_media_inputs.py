@@ -300,7 +300,7 @@ def test_a_full_disk_under_any_command_is_one_line(tmp_path, monkeypatch, capsys
     """`data preview` and `eval` write PNGs, plots and reports: a full disk was a traceback."""
     import streamgen.data.media as data_media
 
-    def full(path, *args):
+    def full(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(data_media, "save_png", full)

@@ -198,6 +198,7 @@ def clips_of_4s_per_minute(clips: int, seconds: float, elapsed: float) -> float:
 
 
 SHEET_ROWS = 48  # the contact sheet's most rows (clips), about 6 200 pixels tall at 128
+PREVIEW_MARK = "streamgen data preview"  # in the files a preview writes: an earlier one's are replaced
 
 
 def _preview(args) -> int:
@@ -211,6 +212,8 @@ def _preview(args) -> int:
     from . import media
     from .shards import clip_count
 
+    video, sheet = args.out / "preview.mp4", args.out / "contact_sheet.png"
+    _refuse_files_no_preview_wrote(args.out, video, sheet)
     clips = _clips_to_preview(args)
     first = next(clips, None)
     if first is None:
@@ -242,13 +245,12 @@ def _preview(args) -> int:
             counted = i + 1
             yield frames[1:], audio
 
-    video, sheet = args.out / "preview.mp4", args.out / "contact_sheet.png"
     if video.exists() or sheet.exists():  # (not without a word, as eval's report replaced is said)
         print(f"data preview: replacing the earlier preview in {args.out}", file=sys.stderr)
     try:
-        media.write_mp4(video, shown())
+        media.write_mp4(video, shown(), comment=PREVIEW_MARK)
         try:
-            media.save_png(sheet, media.stack_rows(rows))
+            media.save_png(sheet, media.stack_rows(rows), software=PREVIEW_MARK)
         except BaseException:  # the two or neither (the video was left behind, as if the preview were done)
             video.unlink(missing_ok=True)
             raise
@@ -260,6 +262,19 @@ def _preview(args) -> int:
     on_sheet = "" if every == 1 else f"; the sheet shows {len(rows)} of them, one in {every}"
     print(f"wrote {sheet} and {video} ({clip_count(counted)}{on_sheet})")
     return 0
+
+
+def _refuse_files_no_preview_wrote(out, *outputs) -> None:
+    """A UserError where `out` holds one of `outputs` that no preview wrote (a preview.mp4 of the user's
+    own in `--out .` was replaced without a word), as eval refuses a report.md no evaluation wrote."""
+    from streamgen.cli import UserError
+
+    from .media import written_by
+
+    others = [p.name for p in outputs if p.exists() and written_by(p) != PREVIEW_MARK]
+    if others:
+        raise UserError(f"--out {out} holds {', '.join(others)}, which no preview wrote there: data preview "
+                        "would replace them; give another --out, or move them")  # fmt: skip
 
 
 def _clips_to_preview(args):

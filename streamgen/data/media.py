@@ -18,8 +18,9 @@ def upscale(frames: np.ndarray, factor: int) -> np.ndarray:
 
 
 def write_mp4(
-    path: Path, pieces: Iterable[tuple[np.ndarray, np.ndarray | None]], fps: int = 25, rate: int = 16000
-) -> None:
+    path: Path, pieces: Iterable[tuple[np.ndarray, np.ndarray | None]], fps: int = 25, rate: int = 16000,
+    comment: str | None = None,
+) -> None:  # fmt: skip
     """H.264 video (+ AAC audio where the pieces have it) to `path`, written to a temporary name
     first, of `pieces`: (frames [T, H, W, 3], their audio or None), one after the other, each
     written as it comes (clips, all held to be written at once, were a preview of many clips' memory).
@@ -32,7 +33,9 @@ def write_mp4(
         for frames, audio in pieces:
             if writer is None:
                 audio_rate = rate if audio is not None else None
-                writer = Mp4Writer(path, frames.shape[2], frames.shape[1], fps=fps, audio_rate=audio_rate)
+                writer = Mp4Writer(
+                    path, frames.shape[2], frames.shape[1], fps=fps, audio_rate=audio_rate, comment=comment
+                )
             writer.write_frames(frames)
             if audio is not None:
                 pending = np.concatenate([pending, audio])
@@ -76,7 +79,29 @@ def contact_sheet(rows: list[np.ndarray], columns: int = 8, gap: int = 2) -> np.
     return stack_rows([contact_row(frames, columns, gap) for frames in rows], gap)
 
 
-def save_png(path: Path, image: np.ndarray) -> None:
+def save_png(path: Path, image: np.ndarray, software: str | None = None) -> None:
+    """`image` as a PNG at `path`; `software`, what wrote it, in its Software text chunk (`written_by`)."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
-    write_atomically(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+    info = PngInfo()
+    if software:
+        info.add_text("Software", software)
+    write_atomically(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=info))
+
+
+def written_by(path: Path) -> str | None:
+    """What wrote the MP4 or PNG at `path`, as `write_mp4`'s comment or `save_png`'s software said
+    it; None for a file that says nothing, or that is no video or image."""
+    try:
+        if path.suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path) as image:
+                return getattr(image, "text", {}).get("Software")
+        import av
+
+        with av.open(str(path)) as container:
+            return container.metadata.get("comment")
+    except Exception:  # (not a video or image, unreadable: a file of the user's, said to be none of ours)
+        return None
