@@ -26,10 +26,12 @@ import uuid
 
 import numpy as np
 
-from streamgen.session_limits import CaptionError
+from streamgen.session_limits import CaptionError, CaptionsUnavailable
 
-# errors a client causes (bad reference, unknown stream): reported to that client; the host carries on
-CLIENT_ERRORS = {"ValueError": ValueError, "CaptionError": CaptionError, "BufferError": BufferError, "KeyError": KeyError}
+# errors a client causes (bad reference, unknown stream), or that it is told of (captions this install
+# cannot encode): reported to that client; the host carries on
+CLIENT_ERRORS = {"ValueError": ValueError, "CaptionError": CaptionError, "BufferError": BufferError, "KeyError": KeyError,
+                 "CaptionsUnavailable": CaptionsUnavailable}  # fmt: skip
 
 log = logging.getLogger("streamgen.server")
 

@@ -10,7 +10,14 @@ import secrets
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from streamgen.session_limits import MAX_CAPTION_CHARS, SEED_END, SEED_RANGE, CaptionError, caption_problem
+from streamgen.session_limits import (
+    MAX_CAPTION_CHARS,
+    SEED_END,
+    SEED_RANGE,
+    CaptionError,
+    CaptionsUnavailable,
+    caption_problem,
+)
 
 from .app import (
     ApiError,
@@ -173,6 +180,8 @@ async def _new_session(registry: SessionRegistry, reference, caption: str | None
     except CaptionError as e:  # a caption the model cannot take; a stream's other errors are not the
         # caption's (any ValueError was a 422 bad_caption, a server's fault among them)
         raise ApiError(422, "bad_caption", str(e)) from None
+    except CaptionsUnavailable as e:  # (a RuntimeError: a 500, a traceback in the log)
+        raise ApiError(503, "captions_unavailable", str(e)) from None
 
 
 async def _session_fields(request: Request, config) -> tuple[dict, bytes | None]:
@@ -441,6 +450,8 @@ async def control(session_id: str, request: Request):
             await set_caption(registry, session, msg["text"])
         except ValueError as e:
             raise ApiError(422, "bad_caption", str(e)) from None
+        except CaptionsUnavailable as e:
+            raise ApiError(503, "captions_unavailable", f"caption not changed: {e}") from None
         except WorkerBusy as e:
             raise ApiError(503, "busy", f"caption not changed: {e}", headers={"Retry-After": "1"}) from None
         except HostDown as e:  # the model process is gone: the session's streams end with it

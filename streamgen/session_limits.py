@@ -16,6 +16,11 @@ class CaptionError(ValueError):
     the API's 422 `bad_caption`, told from a stream's other ValueErrors, which are not the caption's."""
 
 
+class CaptionsUnavailable(RuntimeError):
+    """Captions this install cannot encode (the caption encoder's package, the 'text' extra, is not
+    there): the server's fault, not the caption's: the API's 503 `captions_unavailable`."""
+
+
 def text_problem(text: str) -> str | None:
     """Why `text` cannot be spoken or used as a caption, or None. JSON's "\\ud800" and a command
     line's invalid UTF-8 bytes (decoded with surrogateescape) give strings with lone surrogates,

