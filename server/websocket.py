@@ -22,6 +22,8 @@ import numpy as np
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from streamgen.session_limits import CaptionsUnavailable
+
 from .model_host import HostDown
 from .protocol import (
     BROKEN_FRAME_CLOSES,
@@ -302,7 +304,9 @@ class SocketConnection:
     async def answer_caption(self, msg: dict) -> dict | None:
         try:
             await set_caption(self.registry, self.session, msg["text"])
-        except (ValueError, WorkerBusy, HostDown) as e:  # a caption the model cannot take, a full queue
+        # a caption the model cannot take, a full queue; a server without the caption encoder (as
+        # POST /v1/sessions and /control say it: it was 'caption failed', a fault with its traceback)
+        except (ValueError, WorkerBusy, HostDown, CaptionsUnavailable) as e:
             return {"type": "error", "for": "caption", "message": str(e)}
         return None
 

