@@ -64,12 +64,9 @@ def exit_line(code: int | None) -> str:
     """How the model process ended, for /healthz and the sessions it ends: a signal by its name
     (Python's exit code -9 said nothing of the out-of-memory killer, which sends SIGKILL)."""
     if code is not None and code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        oom = ", as the kernel's out-of-memory killer does" if -code == signal.SIGKILL else ""
-        return f"the model process exited (code {code}: killed by {name}{oom})"
+        from streamgen.parallel.torchrun import killed_by
+
+        return f"the model process exited (code {code}: {killed_by(-code)})"
     return f"the model process exited (code {code})"
 
 

@@ -272,12 +272,17 @@ def _how_it_ended(code: int) -> str:
         return f"was stopped by {stopped_by.name}"
     if code >= 0:
         return f"failed (exit code {code})"
+    return f"failed ({killed_by(-code)})"
+
+
+def killed_by(signum: int) -> str:
+    """'killed by SIGNAL' of a process a signal ended: SIGKILL's likely sender named (a bare "signal 9"
+    said nothing of the out-of-memory killer)."""
     try:
-        name = signal.Signals(-code).name
+        name = signal.Signals(signum).name
     except ValueError:
-        name = f"signal {-code}"
-    oom = ", as the kernel's out-of-memory killer does" if -code == signal.SIGKILL else ""
-    return f"failed (killed by {name}{oom})"
+        name = f"signal {signum}"
+    return f"killed by {name}" + (", as the kernel's out-of-memory killer does" if signum == signal.SIGKILL else "")
 
 
 def _signal_behind(e: BaseException | None, signal_exception: type) -> BaseException | None:
