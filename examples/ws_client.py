@@ -38,6 +38,7 @@ FRAME_NAMES = "[0-9]*_[0-9]*ms.jpg"  # the frames saved: sequence_pts
 KEEPALIVE_S = 1.0
 HEADER = struct.Struct("<BBHIq")  # type, flags, reserved, sequence, pts (microseconds)
 AUDIO_IN, VIDEO_JPEG, AUDIO_OUT = 1, 2, 4
+SPEAK_MAX_CHARS = 1000  # a speak's text, at most (docs/api.md)
 
 
 def bad_input(message: str) -> SystemExit:
@@ -218,6 +219,8 @@ async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Receive
 
 async def main(args) -> None:
     pcm = read_wav_16k(args.wav) if args.wav else None  # a bad file is refused before a session is made
+    if args.say is not None and len(args.say) > SPEAK_MAX_CHARS:  # (the server's 4413 came after a session's start)
+        raise bad_input(f"--say of {len(args.say)} characters: a speak holds at most {SPEAK_MAX_CHARS}")
     if args.seconds is None:  # the whole file and its last frames (5 s of any file were kept)
         args.seconds = len(pcm) / 16000 + TAIL_S if pcm is not None else 5.0
     out = Path(args.out)

@@ -260,6 +260,14 @@ def test_a_bad_wav_is_one_line_and_makes_no_session(server, tmp_path, wav):
     assert app.state.registry.sessions == {}
 
 
+def test_a_say_too_long_to_speak_is_one_line_and_makes_no_session(server, tmp_path):
+    """It was refused by the server, 4413, only once its session had been made and started."""
+    url, app = server
+    r = ws_client("--server", url, "--say", "a" * 1001, "--seconds", "0.5", "--out", str(tmp_path))
+    assert_one_line_error(r, "--say of 1001 characters: a speak holds at most 1000", code=2)
+    assert app.state.registry.sessions == {}
+
+
 @pytest.mark.parametrize("option, value, status", [("--avatar", "nobody", 404), ("--seed", "-1", 422)])
 def test_a_session_the_server_refuses_for_an_option_is_one_line_exit_2(server, tmp_path, option, value, status):
     """An unknown --avatar or a bad --seed exited 1, as the server's failures do; 2 is a run given what cannot be."""
