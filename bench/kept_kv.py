@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
         default=8,
         help="timed rounds, the arms alternating (default: %(default)s)",
     )
-    p.add_argument("--chunks", type=positive_int, default=8, help="chunks a round of one session")
+    p.add_argument("--chunks", type=positive_int, default=8, help="chunks a round of one session (default 8)")
     p.add_argument("--json", action="store_true", help="(the output is JSON either way)")
     args = p.parse_args(argv)
     return run(args.model, args.size, args.batch, args.rounds, args.chunks)

@@ -246,7 +246,7 @@ def main(argv=None) -> int:
         help="the file whose table is rewritten (default: %(default)s)",
     )
     p.add_argument("--clips", type=positive_int, default=24, help="test clips per row (default: %(default)s)")
-    p.add_argument("--minutes", type=float, default=5.0, help="the students' drift stream (0: none)")
+    p.add_argument("--minutes", type=float, default=5.0, help="minutes of the students' drift stream (0: none; default 5)")
     p.add_argument("--size", type=frame_size, default=64, help="frame size generated (default: %(default)s)")
     p.add_argument("--threads", type=thread_count, default=1, help="torch threads (default: %(default)s)")
     p.add_argument(

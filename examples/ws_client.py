@@ -288,7 +288,7 @@ if __name__ == "__main__":
         type=seconds,
         help=f"how long to stream (default: the --wav file's length and {TAIL_S:g} s, else 5)",
     )
-    p.add_argument("--wait", type=wait_seconds, default=30.0, help="seconds to keep asking a busy server")
+    p.add_argument("--wait", type=wait_seconds, default=30.0, help="seconds to keep asking a busy server (default 30)")
     p.add_argument("--out", default="frames", help="a folder without another run's frames (default: frames)")
     try:
         asyncio.run(main(p.parse_args()))

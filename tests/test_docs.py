@@ -315,22 +315,45 @@ def test_generates_help_says_each_default():
     assert unsaid == []
 
 
-def options_without_help(parsers: dict) -> tuple[list[str], list[str]]:
-    """Each option `--help` lists of these parsers (by command line), their subcommands' too, and
-    those of them it lists with no help."""
+def each_option(parsers: dict):
+    """(command line, action) of each option `--help` lists of these parsers (by command line), their
+    subcommands' too."""
     import argparse
 
-    parsers, options, unsaid = dict(parsers), [], []
+    parsers = dict(parsers)
     while parsers:
         command, parser = parsers.popitem()
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 parsers.update({f"{command} {n}": p for n, p in action.choices.items()})
             elif action.help != argparse.SUPPRESS:
-                options.append(option := f"{command} {(action.option_strings or [action.dest])[-1]}")
-                if not (action.help or "").strip():
-                    unsaid.append(option)
+                yield command, action
+
+
+def options_without_help(parsers: dict) -> tuple[list[str], list[str]]:
+    """Each option `--help` lists of these parsers, and those of them it lists with no help."""
+    options, unsaid = [], []
+    for command, action in each_option(parsers):
+        options.append(option := f"{command} {(action.option_strings or [action.dest])[-1]}")
+        if not (action.help or "").strip():
+            unsaid.append(option)
     return options, sorted(unsaid)
+
+
+def options_without_their_default(parsers: dict) -> list[str]:
+    """The options of these parsers with a default their help does not say (a switch, on or off as its
+    name says, and "" or None, none, aside; "auto: ..." says what the default `auto` means)."""
+    import argparse
+
+    return sorted(
+        f"{command} {a.option_strings[-1]} ({a.default!r})"
+        for command, a in each_option(parsers)
+        if a.option_strings
+        and a.default not in (None, "", argparse.SUPPRESS, (), [])
+        and not isinstance(a.default, bool)
+        and "default" not in (a.help or "")
+        and f"{a.default}:" not in (a.help or "")
+    )
 
 
 def commands_and_benchmarks() -> dict:
@@ -361,34 +384,17 @@ def test_every_option_in_each_commands_and_benchmarks_help_says_what_it_does():
 def test_every_option_in_each_commands_and_benchmarks_help_says_its_default():
     """An option with a default says it, as `generate`'s do: 33 did not (`serve --max-sessions`,
     `--idle-timeout`, `--sp`, `data make --size`, `--workers`, `bench engine --chunks`...)."""
-    import argparse
-
-    parsers, unsaid = commands_and_benchmarks(), []
-    while parsers:
-        command, parser = parsers.popitem()
-        for a in parser._actions:
-            if isinstance(a, argparse._SubParsersAction):
-                parsers.update({f"{command} {n}": p for n, p in a.choices.items()})
-            elif (
-                a.option_strings
-                and a.help != argparse.SUPPRESS
-                and a.default not in (None, "", argparse.SUPPRESS, (), [])  # ("": none)
-                and not isinstance(a.default, bool)  # (a switch: on or off, as its name says)
-                and "default" not in (a.help or "")
-                and f"{a.default}:" not in (a.help or "")  # (--dtype's "auto: ...", the default's meaning)
-            ):
-                unsaid.append(f"{command} {a.option_strings[-1]} ({a.default!r})")
-    assert sorted(unsaid) == []
+    assert options_without_their_default(commands_and_benchmarks()) == []
 
 
-def test_every_option_in_each_scripts_help_says_what_it_does():
-    """So too for each program run on its own (`python -m bench.kept_kv`, `python -m distill.results`,
-    `python -m streamgen.data.make_assets`, `python examples/ws_client.py`...): 16 options were bare."""
+def script_parsers() -> dict:
+    """The parser of each program run on its own (`python -m bench.kept_kv`, `python -m distill.results`,
+    `python examples/ws_client.py`...), by its file, caught as it parses: nothing of the program runs."""
     import argparse
     import runpy
     import sys
 
-    class Parsed(Exception):  # (the program's parser, caught as it parses: nothing of the program runs)
+    class Parsed(Exception):
         pass
 
     def parse_args(parser, *args, **kwargs):
@@ -400,7 +406,7 @@ def test_every_option_in_each_scripts_help_says_what_it_does():
         for p in sorted((ROOT / d).rglob("*.py"))
         if "ArgumentParser(" in (text := p.read_text())
         and 'if __name__ == "__main__"' in text
-        and p != ROOT / "streamgen" / "cli.py"  # (`streamgen`'s: the test above)
+        and p != ROOT / "streamgen" / "cli.py"  # (`streamgen`'s: the tests above)
     ]
     assert len(scripts) >= 10
     parsers = {}
@@ -410,6 +416,18 @@ def test_every_option_in_each_scripts_help_says_what_it_does():
             mp.setattr(sys, "argv", [str(script)])
             runpy.run_path(str(script), run_name="__main__")
         parsers[str(script.relative_to(ROOT))] = parsed.value.args[0]
-    options, unsaid = options_without_help(parsers)
+    return parsers
+
+
+def test_every_option_in_each_scripts_help_says_what_it_does():
+    """So too for each program run on its own (`python -m bench.kept_kv`, `python -m distill.results`,
+    `python -m streamgen.data.make_assets`, `python examples/ws_client.py`...): 16 options were bare."""
+    options, unsaid = options_without_help(script_parsers())
     assert len(options) > 100
     assert unsaid == []
+
+
+def test_every_option_in_each_scripts_help_says_its_default():
+    """So too their defaults: `distill.results --minutes` (5), `bench.kept_kv --chunks` (8), `ws_client --wait`
+    (30) said none."""
+    assert options_without_their_default(script_parsers()) == []
