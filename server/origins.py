@@ -55,7 +55,7 @@ def cors_options(cors_origins: list[str]) -> dict:
     cookies; the WHEP answer's Location and Link headers, and a 503's Retry-After, must be readable."""
     return dict(
         allow_origins=[as_browsers_send(origin) for origin in cors_origins],
-        allow_methods=["GET", "POST", "PATCH", "DELETE"], allow_headers=["Authorization", "Content-Type", "If-Match"],
+        allow_methods=["GET", "POST", "PATCH", "DELETE"], allow_headers=["Authorization", "Content-Type", "If-Match", "Streamgen-Request-Key"],
         expose_headers=["Location", "Link", "Retry-After", "ETag"], max_age=600,
     )  # fmt: skip
 

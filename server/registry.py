@@ -22,6 +22,9 @@ from .session import Session
 log = logging.getLogger("streamgen.server")
 
 
+ABANDONED = "abandoned"  # a request key whose client left while its session was made
+
+
 class SessionEnded(Exception):
     """The session was closed (DELETE, a limit, its transport) while a transport was setting up."""
 
@@ -45,6 +48,11 @@ class SessionRegistry:
         # id -> (token, why it closed), the last closed sessions': a client that asks after its session
         # (the web page's WebRTC check) is told why it ended (require_session), not only that it is unknown
         self.ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        # Streamgen-Request-Key of a POST /v1/sessions -> its session, None while it is made, or
+        # ABANDONED: a client that leaves before it has the answer (a page reloaded just as its
+        # session was answered) ends it by that key (DELETE /v1/sessions), not knowing its id.
+        # Bounded as the sessions are: a key is kept only while its POST runs or its session lives
+        self.requests: dict[str, Session | str | None] = {}
         self.model = None  # AvatarModel, set when loaded in this process
         self.host = None  # ModelHost, when the model runs in a child process
         self.host_start: concurrent.futures.Future | None = None  # the worker's job that starts it
@@ -147,6 +155,36 @@ class SessionRegistry:
             self.host.stop()
         elif self.host_start is not None:
             self.host_start.add_done_callback(_stop_started_host)  # (at once if it has started)
+
+    # --- a creation's request key ----------------------------------------------------------------
+    def begin_request(self, key: str) -> bool:
+        """A POST /v1/sessions with this key begins; False where another holds the key."""
+        if key in self.requests:
+            return False
+        self.requests[key] = None
+        return True
+
+    def made_for_request(self, key: str, session: Session) -> bool:
+        """The session its request made; False where the key was abandoned while it was made."""
+        if self.requests.get(key) is ABANDONED:
+            del self.requests[key]
+            return False
+        self.requests[key] = session
+        session.request_key = key
+        return True
+
+    def forget_request(self, key: str) -> None:
+        """Its POST failed: no session holds the key."""
+        if self.requests.get(key) in (None, ABANDONED):
+            self.requests.pop(key, None)
+
+    def abandon_request(self, key: str) -> Session | None:
+        """DELETE /v1/sessions with the key: its session to close, if made; one being made is
+        closed as it is made (`made_for_request`). An unknown key is no one's: nothing is kept."""
+        held = self.requests.get(key, ABANDONED)
+        if held is None:
+            self.requests[key] = ABANDONED
+        return held if isinstance(held, Session) else None
 
     # --- lifecycle -------------------------------------------------------------------------------
     async def create(self, reference: np.ndarray, caption: str | None, seed: int | None) -> Session:
@@ -293,6 +331,8 @@ class SessionRegistry:
             if was_streaming and self.worker.align_batches:
                 self._leave_lane_group(session)
             self.sessions.pop(session.id, None)
+            if session.request_key is not None:
+                self.requests.pop(session.request_key, None)
             self.ended[session.id] = (session.token, reason)
             while len(self.ended) > self.ENDED_KEPT:
                 self.ended.popitem(last=False)

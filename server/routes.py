@@ -77,14 +77,41 @@ async def create_session(request: Request):
     503 with Retry-After and a JSON reason when the server is at capacity or still loading.
     """
     registry: SessionRegistry = request.app.state.registry
-    config = registry.config
-    _require_server_token(request, config.token)
+    _require_server_token(request, registry.config.token)
     # (`POST /v1/sessions?avatar=nobody&seed=x`, as /v1/whep takes them, made a session of the sample
     # avatar: its query was never read)
     misplaced = [name for name in request.query_params if name != "token"]
     if misplaced:
         raise ApiError(422, "unknown_field", f"query parameter {misplaced[0][:40]!r}: a session's avatar, caption and "
                        "seed go in the body (JSON or multipart/form-data); only POST /v1/whep takes them in the URL")  # fmt: skip
+    key = _request_key(request)
+    if key is not None and not registry.begin_request(key):
+        raise ApiError(409, "conflict", f"{REQUEST_KEY} is another request's: send a new random one with each")
+    try:
+        session = await _create(request, registry)
+    except BaseException:
+        if key is not None:
+            registry.forget_request(key)
+        raise
+    # its client gone: while its stream was made (a page reloaded: its connection closed), or after,
+    # before it had the answer (that connection may live on, for another page: its key's DELETE
+    # says it). Nobody would hear of this session, which held a place for the unclaimed limit
+    abandoned = key is not None and not registry.made_for_request(key, session)
+    if abandoned or await request.is_disconnected():
+        await registry.close(session, "client left before the answer")
+        raise ApiError(400, "client_gone", "the client left before its session was made")
+    base = f"/v1/sessions/{session.id}"
+    body = {
+        "id": session.id, "token": session.token, "width": session.width, "height": session.height,
+        "fps": session.fps, "resource": base, "whep": f"{base}/whep", "stream": f"{base}/stream",
+        # for the client's RTCPeerConnection (serve --ice-servers; a TURN secret: its own credential)
+        "ice_servers": for_peer(registry.config.ice_servers, session.id),
+    }  # fmt: skip
+    return JSONResponse(body, status_code=201, headers={"Location": base})
+
+
+async def _create(request: Request, registry: SessionRegistry):
+    config = registry.config
     fields, upload = await _session_fields(request, config)
     avatar, caption, seed = _session_params(fields, upload is not None)
     reference = None if upload is not None else _avatar_reference(avatar)
@@ -95,19 +122,37 @@ async def create_session(request: Request):
     # a small file can hold 16 Mpixels: decoded off the event loop, which every stream's frames wait on
     if upload is not None:
         reference = await asyncio.to_thread(decode_upload, upload, config)
-    session = await _new_session(registry, reference, caption, seed)
-    if await request.is_disconnected():  # (a page reloaded while its stream was made): nobody will
-        # hear of this session, which held a place until the idle limit
-        await registry.close(session, "client left before the answer")
-        raise ApiError(400, "client_gone", "the client left before its session was made")
-    base = f"/v1/sessions/{session.id}"
-    body = {
-        "id": session.id, "token": session.token, "width": session.width, "height": session.height,
-        "fps": session.fps, "resource": base, "whep": f"{base}/whep", "stream": f"{base}/stream",
-        # for the client's RTCPeerConnection (serve --ice-servers; a TURN secret: its own credential)
-        "ice_servers": for_peer(config.ice_servers, session.id),
-    }  # fmt: skip
-    return JSONResponse(body, status_code=201, headers={"Location": base})
+    return await _new_session(registry, reference, caption, seed)
+
+
+# A key of the client's choosing for the session a POST /v1/sessions makes, by which it can end
+# that session before it knows its id (the web page, gone as its answer came: DELETE /v1/sessions)
+REQUEST_KEY = "Streamgen-Request-Key"
+
+
+def _request_key(request: Request) -> str | None:
+    key = request.headers.get(REQUEST_KEY)
+    if key is not None and not re.fullmatch(r"[A-Za-z0-9_-]{16,128}", key):
+        # (a short one could be guessed, and anyone holding it ends the session)
+        raise ApiError(400, "bad_request_key", f"{REQUEST_KEY} must be 16 to 128 letters, digits, '-' or '_', "
+                       "chosen at random")  # fmt: skip
+    return key
+
+
+@router.delete("/v1/sessions", status_code=204, tags=["sessions"])
+async def end_requested_session(request: Request):
+    """End the session that a POST /v1/sessions with this `Streamgen-Request-Key` header made, or is
+    making, for a client that left before it had the answer (the web page, on `pagehide`): the
+    session's id and token are in that answer. 204 whether or not the key is known."""
+    registry: SessionRegistry = request.app.state.registry
+    key = _request_key(request)
+    if key is None:
+        raise ApiError(400, "bad_request_key", f"send the {REQUEST_KEY} header of the POST /v1/sessions to end")
+    session = registry.abandon_request(key)
+    if session is not None:
+        reason = "client left before the answer" if session.transport is None else "deleted by client"
+        await registry.close(session, reason)
+    return Response(status_code=204)
 
 
 def _require_server_token(request: Request, token: str | None) -> None:

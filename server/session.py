@@ -278,6 +278,7 @@ class Session:
         self.created = time.monotonic()
         self.last_input = self.created
         self.transport: str | None = None  # "whep" or "websocket" once attached
+        self.request_key: str | None = None  # its POST's Streamgen-Request-Key (SessionRegistry.requests)
         self.trickle = None  # WHEP: the peer connection's trickle ICE (server/trickle.py)
         self.streaming = False
         self.closed = False

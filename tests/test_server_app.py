@@ -979,9 +979,9 @@ def test_a_method_an_api_path_does_not_take_is_a_405_naming_those_it_does(client
     """The web page's files, mounted at /, answered them: a GET of /v1/sessions was a 404 `nothing
     at /v1/sessions`, and a PUT a 405 whose Allow said `GET, HEAD`, the files' methods."""
     for method, path, allow in (
-        ("GET", "/v1/sessions", "POST"),
-        ("PUT", "/v1/sessions", "POST"),
-        ("HEAD", "/v1/sessions", "POST"),
+        ("GET", "/v1/sessions", "POST, DELETE"),
+        ("PUT", "/v1/sessions", "POST, DELETE"),
+        ("HEAD", "/v1/sessions", "POST, DELETE"),
         ("PUT", "/v1/sessions/abc", "GET, PATCH, DELETE, HEAD"),
         ("GET", "/v1/sessions/abc/control", "POST"),
         ("POST", "/healthz", "GET, HEAD"),
@@ -996,7 +996,7 @@ def test_a_method_an_api_path_does_not_take_is_a_405_naming_those_it_does(client
 
 def test_an_options_of_an_api_path_names_the_methods_it_takes(client):
     """It was a 405 'OPTIONS is not allowed on /v1/sessions', whose Allow named them all the same."""
-    for path, allow in (("/v1/sessions", "POST"), ("/v1/sessions/abc", "GET, PATCH, DELETE, HEAD"),
+    for path, allow in (("/v1/sessions", "POST, DELETE"), ("/v1/sessions/abc", "GET, PATCH, DELETE, HEAD"),
                         ("/v1/whep", "POST"), ("/healthz", "GET, HEAD")):  # fmt: skip
         r = client.options(path)
         assert (r.status_code, r.headers.get("allow"), r.content) == (204, allow, b""), (path, r.text)

@@ -144,3 +144,91 @@ async def test_a_socket_that_pings_without_starting_is_closed_at_the_idle_limit(
         assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4408, "no start for 1 s")
         await wait_until_empty(app)
         assert app.state.registry.sessions == {}
+
+
+def _closed_reasons(metrics: str) -> dict[str, float]:
+    prefix = 'streamgen_sessions_closed_total{reason="'
+    return {line[len(prefix):].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines() if line.startswith(prefix)}  # fmt: skip
+
+
+async def test_a_page_gone_as_its_session_was_answered_ends_it_by_its_request_key():
+    """A page reloaded just as its POST /v1/sessions was answered: the server had written the answer
+    on a connection still open (a browser keeps it for its next page), so `is_disconnected` said
+    nothing, and the session the page never read held a place for the unclaimed limit (20 s). The
+    page's `pagehide` ends it by the key it sent with the POST, knowing no id."""
+    key = "k" * 20 + "reload"
+    with live_server() as (url, app):
+        port = int(url.rsplit(":", 1)[1])
+        body = b"{}"
+        head = (f"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Streamgen-Request-Key: {key}\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+        with socket.create_connection(("127.0.0.1", port)) as s:  # held open, its answer never read
+            s.sendall(head + body)
+            async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+                for _ in range(100):  # bounded: 10 s for the session to be made
+                    if app.state.registry.sessions:
+                        break
+                    await asyncio.sleep(0.1)
+                assert len(app.state.registry.sessions) == 1
+                r = await http.delete("/v1/sessions", headers={"Streamgen-Request-Key": key})
+                assert r.status_code == 204, r.text
+                again = await http.delete("/v1/sessions", headers={"Streamgen-Request-Key": key})
+                metrics = (await http.get("/metrics")).text
+        sessions, keys = dict(app.state.registry.sessions), dict(app.state.registry.requests)
+    assert again.status_code == 204  # (a page cannot know whether its first one came)
+    assert _closed_reasons(metrics) == {"client left before the answer": 1.0}
+    assert sessions == {} and keys == {}
+
+
+async def test_a_request_key_abandoned_while_its_session_is_made_ends_it_as_it_is_made():
+    """The DELETE by key came while the worker still made the stream (the POST's connection alive):
+    the session is closed as it is made, and its POST answered 400 client_gone."""
+    import threading
+
+    key = "made-meanwhile-" + "0123456789"
+    with live_server() as (url, app):
+        registry, release = app.state.registry, threading.Event()
+        make = registry._new_stream
+
+        def slow_stream(*args):  # worker thread: waits for the DELETE
+            release.wait(10)
+            return make(*args)
+
+        registry._new_stream = slow_stream
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            post = asyncio.ensure_future(http.post("/v1/sessions", json={}, headers={"Streamgen-Request-Key": key}))
+            for _ in range(100):  # bounded: until the POST holds its key
+                if key in registry.requests:
+                    break
+                await asyncio.sleep(0.05)
+            r = await http.delete("/v1/sessions", headers={"Streamgen-Request-Key": key})
+            release.set()
+            answer = await post
+            metrics = (await http.get("/metrics")).text
+        sessions, keys = dict(registry.sessions), dict(registry.requests)
+    assert r.status_code == 204
+    assert answer.status_code == 400 and answer.json()["error"] == "client_gone", answer.text
+    assert _closed_reasons(metrics) == {"client left before the answer": 1.0}
+    assert sessions == {} and keys == {}
+
+
+async def test_a_request_key_is_checked_and_its_session_lives_on_without_its_delete():
+    with live_server() as (url, app):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            bad = await http.post("/v1/sessions", json={}, headers={"Streamgen-Request-Key": "short"})
+            missing = await http.delete("/v1/sessions")
+            unknown = await http.delete("/v1/sessions", headers={"Streamgen-Request-Key": "nobody-" * 4})
+            key = {"Streamgen-Request-Key": "a-random-key-" * 2}
+            made = await http.post("/v1/sessions", json={}, headers=key)
+            twice = await http.post("/v1/sessions", json={}, headers=key)
+            held = dict(app.state.registry.requests)
+            s = made.json()
+            await http.delete(s["resource"], headers={"Authorization": f"Bearer {s['token']}"})
+        sessions, keys = dict(app.state.registry.sessions), dict(app.state.registry.requests)
+    assert bad.status_code == 400 and bad.json()["error"] == "bad_request_key"
+    assert missing.status_code == 400 and missing.json()["error"] == "bad_request_key"
+    assert unknown.status_code == 204
+    assert made.status_code == 201 and list(held) == ["a-random-key-" * 2]
+    assert twice.status_code == 409, twice.text
+    assert sessions == {} and keys == {}  # (its key let go with it)

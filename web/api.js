@@ -68,16 +68,17 @@ const UPLOAD_BYTES_PER_S = 64 * 1024;
 // makes the session all the same, and with its answer cut off the session was left to the server's
 // unclaimed timeout (20 s), a server of one session refusing the next connect meanwhile (503). The
 // answer that comes after the page gave up is that session's DELETE, and nothing else.
-async function sessionAnswer(answer, answerMs) {
+async function sessionAnswer(answer, answerMs, key) {
   let limitTimer, givenUp = false;
   const limit = new Promise((_, reject) => {
     limitTimer = setTimeout(() => { givenUp = true; reject(noAnswerIn(answerMs)); }, answerMs);
   });
   answer.then(async (res) => {
-    if (!givenUp || !res.ok) return;
-    const made = await res.json().catch(() => null);
+    if (!givenUp) return;
+    const made = res.ok ? await res.json().catch(() => null) : null;
     if (made?.resource) deleteSession(made);
-  }, () => {});  // (failed after the page gave up: nothing to end)
+    creating.delete(key);
+  }, () => { if (givenUp) creating.delete(key); });  // (failed after the page gave up: nothing to end)
   try {
     return await Promise.race([answer, limit]);
   } finally {
@@ -100,7 +101,38 @@ export async function createSession() {
     headers["Content-Type"] = "application/json";
   }
   const answerMs = ANSWER_MS + (file ? Math.ceil(file.size / UPLOAD_BYTES_PER_S) * 1000 : 0);
-  const res = await sessionAnswer(apiFetch("/v1/sessions", { method: "POST", body, headers }), answerMs);
+  const key = headers["Streamgen-Request-Key"] = randomKey();
+  creating.add(key);
+  try {
+    const made = await answeredSession(key, body, headers, file, answerMs);
+    creating.delete(key);
+    return made;
+  } catch (e) {
+    if (!e.unanswered) creating.delete(key);  // (one given up is the late answer's to let go: sessionAnswer)
+    throw e;
+  }
+}
+
+// The keys of the sessions asked for whose answers the page has not read yet: a page left (reloaded)
+// as its answer came ended none of them (it knew no id), and each held a place on the server until
+// its unclaimed limit, 20 s, a server of one session refusing the reloaded page. `pagehide` ends
+// them by their keys (DELETE /v1/sessions), keepalive requests, as deleteSession's.
+const creating = new Set();
+
+export function abandonCreations() {
+  for (const key of creating) {
+    fetch("/v1/sessions", { method: "DELETE", headers: { "Streamgen-Request-Key": key }, keepalive: true })
+      .catch(() => {});
+  }
+  creating.clear();
+}
+
+// (crypto.randomUUID is only in secure contexts: a page from http://192.168.1.20:8000 has none)
+const randomKey = () => Array.from(crypto.getRandomValues(new Uint8Array(16)),
+  (b) => b.toString(16).padStart(2, "0")).join("");
+
+async function answeredSession(key, body, headers, file, answerMs) {
+  const res = await sessionAnswer(apiFetch("/v1/sessions", { method: "POST", body, headers }), answerMs, key);
   if (res.status === 401) {  // the server's words are for programs (a header): a page takes it from its address
     throw new Error(`401: this server needs its token: open the page as ${location.pathname}?token=<server token>`);
   }

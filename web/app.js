@@ -6,7 +6,9 @@
 //   ?silent_s=10  seconds a WebSocket stream may hear nothing before the page gives it up (>= 2)
 // The page's modules: page.js (what they share), api.js, webrtc.js, websocket.js; this one: the
 // avatars, the controls, and a connection's start and end.
-import { answeredFetch, apiFetch, apiJson, authHeaders, createSession, deleteSession } from "./api.js";
+import {
+  abandonCreations, answeredFetch, apiFetch, apiJson, authHeaders, createSession, deleteSession,
+} from "./api.js";
 import {
   $, getMic, params, serverEndedInWords, setNotice, setStatus, showOverlay, soundNoLongerWaits, speakTaken, state, stats,
   unknownAvatar,
@@ -305,7 +307,10 @@ $("mic").onchange = async () => {
     state.mic = null;
   }
 };
-window.addEventListener("pagehide", () => cleanup(true));
+window.addEventListener("pagehide", () => {
+  cleanup(true);
+  abandonCreations();  // (a session asked for, its answer not read yet: no id to DELETE)
+});
 if (params.get("mic") === "0") $("mic").checked = false;
 showOverlay();
 loadAvatars().catch((e) => {  // the default avatar is still there: said in the list's place
