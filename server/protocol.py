@@ -9,7 +9,8 @@ Binary messages: a 16-byte little-endian header, then the payload.
     4       4     sequence number (uint32, per direction and type)
     8       8     presentation time, microseconds on the stream timeline (int64)
 
-Text messages are JSON objects with a "type". Everything here is pure (no
+Text messages are JSON objects with a "type"; the server answers each speak, with `speaking` or an
+`error` for it, within speech.SPEAK_ANSWER_S of its arrival. Everything here is pure (no
 I/O), so the parser can be fuzzed on its own; a violation raises
 ProtocolError with the close code and reason the connection ends with.
 """

@@ -454,6 +454,7 @@ async def _answer(registry: SessionRegistry, session, sdp: str, location: str) -
 async def control(session_id: str, request: Request):
     """Control a streaming session over HTTP (WebRTC clients): the WebSocket's JSON messages
     `speak`, `caption`, `interrupt` / `clear`."""
+    from . import speech
     from .protocol import ProtocolError, parse_control
     from .speech import SpeechBusy, SpeechError, SpeechForEndedSession, SpeechInterrupted, set_caption, speak
 
@@ -480,7 +481,10 @@ async def control(session_id: str, request: Request):
         clears = session.timeline.clears  # an interrupt posted during the synthesis drops the speech
         try:
             language, variant = msg.get("language", "en-us"), msg.get("variant")
-            duration = await speak(session, msg["text"], language, variant, clears)
+            speaking = speak(session, msg["text"], language, variant, clears)
+            duration = await asyncio.wait_for(speaking, timeout=speech.SPEAK_ANSWER_S)
+        except TimeoutError:  # cancelled: none of its speech is queued, its turn given back
+            raise ApiError(503, "speech_timeout", speech.not_ready_in_time(), headers={"Retry-After": "1"}) from None
         except SpeechBusy as e:
             raise ApiError(429, "busy", str(e), headers={"Retry-After": "1"}) from None
         except SpeechForEndedSession as e:

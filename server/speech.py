@@ -93,6 +93,20 @@ def language_tag(language: str) -> str:
     return tag if tag in LANGUAGES else language
 
 
+# How long a speak may wait for its answer, from the moment it was accepted: its turn behind the
+# session's speaks before it, and its synthesis on the process's one speech thread. Past it, none of
+# its speech is queued and it is answered as failed: a synthesis that never ended (espeak-ng stuck)
+# left a WebSocket client waiting for its answer for good, every later speak and caption of the
+# socket behind it. Under the web page's own 20 s for a speak over HTTP (web/app.js), for the page to
+# hear why; synthesis takes ~0.1 s, 8 speaks in hand at most a second or two.
+SPEAK_ANSWER_S = 15.0
+
+
+def not_ready_in_time() -> str:
+    return (f"speech not ready within {SPEAK_ANSWER_S:g} s (the server is overloaded): none of it was queued; "
+            "send it again")  # fmt: skip
+
+
 class SpeechBusy(SpeechError):
     """The session's previous speak is still being synthesised."""
 

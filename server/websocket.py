@@ -24,6 +24,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from streamgen.session_limits import CaptionsUnavailable
 
+from . import speech
 from .model_host import HostDown
 from .protocol import (
     BROKEN_FRAME_CLOSES,
@@ -41,7 +42,7 @@ from .protocol import (
 from .registry import SessionEnded, SessionRegistry, seconds
 from .scheduler import WorkerBusy
 from .session import Session
-from .speech import SpeechError, set_caption, speak
+from .speech import SpeechError, not_ready_in_time, set_caption, speak
 
 log = logging.getLogger("streamgen.server")
 router = APIRouter()
@@ -118,7 +119,8 @@ class SocketConnection:
         self.sender: asyncio.Task | None = None
         self.receiver: asyncio.Task | None = None
         self.speaker: asyncio.Task | None = None  # started by the first speak or caption
-        # [speak or caption, timeline clears when it came, a speak's turn in the session's speech]
+        # [speak or caption, timeline clears when it came, a speak's turn in the session's speech,
+        # when its answer is due: speech.SPEAK_ANSWER_S after it came]
         self.requests: asyncio.Queue = asyncio.Queue()
         self.last_request: list | None = None  # the last of them, while it waits its turn
         self.unanswered = 0
@@ -263,7 +265,7 @@ class SocketConnection:
         # a speak's turn from now: the session's speech is queued in the order the speaks were
         # accepted, over this socket or over HTTP (a speak posted while this one waits is refused)
         turn = self.session.speech_turns.take() if msg["type"] == "speak" else None
-        self.last_request = [msg, clears, turn]
+        self.last_request = [msg, clears, turn, time.monotonic() + speech.SPEAK_ANSWER_S]
         self.requests.put_nowait(self.last_request)
         if turn is not None:
             self.speaks.append(self.last_request)
@@ -279,11 +281,20 @@ class SocketConnection:
             request = await self.requests.get()
             if request is self.last_request:  # (its turn: a caption after it is one of its own)
                 self.last_request = None
-            msg, clears, turn = request
+            msg, clears, turn, due = request
             kind = msg["type"]
             try:
                 answer = self.answer_speak(msg, clears, turn) if kind == "speak" else self.answer_caption(msg)
-                reply = await answer
+                # bounded from when it came: a speak behind one that took long (or a caption the
+                # worker did not get to) is answered by its own time as well
+                reply = await asyncio.wait_for(answer, timeout=max(0.0, due - time.monotonic()))
+            except TimeoutError:  # cancelled: a speak's speech is not queued
+                if turn is not None:  # (speak() gives it back, but one cancelled before it began does not)
+                    self.session.speech_turns.give_back(turn)
+                log.warning("session %s: %s not answered within %g s", self.session.id, kind, speech.SPEAK_ANSWER_S)
+                reply = {"type": "error", "for": kind, "message": not_ready_in_time() if kind == "speak" else
+                         f"caption not applied within {speech.SPEAK_ANSWER_S:g} s (the server is overloaded): "
+                         "it is applied when the model gets to it"}  # fmt: skip
             except Exception as e:  # not the client's: logged, answered, and the stream goes on
                 log.exception("session %s: %s failed", self.session.id, kind)
                 failed = "speech" if kind == "speak" else kind

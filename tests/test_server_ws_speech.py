@@ -458,3 +458,50 @@ def test_a_caption_on_a_server_without_the_caption_encoder_is_the_clients_error_
         ws.send_text(json.dumps({"type": "stop"}))
         assert expect_close(ws)[0] == CloseCode.NORMAL
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_speak_not_ready_in_time_is_answered_as_failed_and_none_of_it_plays(client, held_synthesis, monkeypatch):
+    """A synthesis that never ended (espeak-ng stuck) left the socket's client waiting for its answer
+    for good, and every speak sent after it. Each is answered by its time, its speech never queued."""
+    from server import speech
+
+    monkeypatch.setattr(speech, "SPEAK_ANSWER_S", 0.5)
+    s = socket_session(client)
+    session = client.app.state.registry.get(s["id"])
+    queued = queued_speech(client, s)
+    with started_socket(client, s) as ws:
+        ws.send_text(json.dumps({"type": "speak", "text": "Stuck."}))
+        ws.send_text(json.dumps({"type": "speak", "text": "Behind it."}))
+        first, second = next_json(ws), next_json(ws)  # (bounded: the fixture's synthesis waits 10 s at most)
+        assert held_synthesis.finished == []  # answered while the first was still being synthesised
+        held_synthesis.release.set()
+        for answer in (first, second):
+            assert answer["type"] == "error" and answer["for"] == "speak", answer
+            assert answer["message"].startswith("speech not ready within 0.5 s (the server is overloaded): none of it")
+        monkeypatch.setattr(speech, "SPEAK_ANSWER_S", 15.0)  # (the next one's time, on a busy machine)
+        ws.send_text(json.dumps({"type": "speak", "text": "Again."}))
+        assert next_json(ws) == {"type": "speaking", "duration": 0.06}
+        assert held_synthesis.started == ["Stuck.", "Again."]  # the second was never synthesised
+        assert queued == [160 * len("Again.")]
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+    assert not session.speech_turns.busy
+
+
+def test_a_posted_speak_not_ready_in_time_is_a_503_and_none_of_it_plays(client, held_synthesis, monkeypatch):
+    from server import speech
+
+    monkeypatch.setattr(speech, "SPEAK_ANSWER_S", 0.5)
+    s = socket_session(client)
+    session = client.app.state.registry.get(s["id"])
+    queued = queued_speech(client, s)
+    h = auth(s["token"])
+    r = client.post(s["resource"] + "/control", json={"type": "speak", "text": "Stuck."}, headers=h)
+    assert (r.status_code, r.json()["error"], r.headers.get("Retry-After")) == (503, "speech_timeout", "1"), r.text
+    assert not session.speech_turns.busy  # its turn given back: the next speak is not refused as busy
+    held_synthesis.release.set()
+    monkeypatch.setattr(speech, "SPEAK_ANSWER_S", 15.0)
+    r = client.post(s["resource"] + "/control", json={"type": "speak", "text": "Again."}, headers=h)
+    assert r.json() == {"type": "speaking", "duration": 0.06}
+    assert queued == [160 * len("Again.")]
+    client.delete(s["resource"], headers=h)
