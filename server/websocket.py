@@ -15,6 +15,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 import secrets
 import time
 
@@ -373,15 +374,19 @@ class SocketConnection:
                     await asyncio.sleep(max(0.0, self.session.base - self.session.delay - time.monotonic()))
                 await self.send(pack(MsgType.AUDIO_OUT, seq_audio, chunk.pts, chunk.audio.tobytes()))
                 seq_audio += 1
-                for i, frame in enumerate(chunk.frames):
-                    if self.options["flow"] == "credit":
-                        if self.credit <= 0:
-                            self.registry.metrics.dropped_chunks.inc()
-                            break  # no credit: skip the rest of this chunk, the next one is newer
-                        self.credit -= 1
-                    kind, payload = _encode(frame, fmt, quality)
-                    await self.send(pack(kind, seq_video, chunk.pts + i / chunk.fps, payload))
-                    seq_video += 1
+                i, frames = 0, chunk.frames
+                while i < len(frames):
+                    # the frames there is credit for now (credit coming meanwhile: the next pass)
+                    n = len(frames) - i if self.options["flow"] != "credit" else min(len(frames) - i, self.credit)
+                    if n <= 0:
+                        self.registry.metrics.dropped_chunks.inc()
+                        break  # no credit: skip the rest of this chunk, the next one is newer
+                    for kind, payload in await _encoded(frames[i : i + n], fmt, quality):
+                        if self.options["flow"] == "credit":
+                            self.credit -= 1  # (only this task takes credit: there is enough)
+                        await self.send(pack(kind, seq_video, chunk.pts + i / chunk.fps, payload))
+                        seq_video += 1
+                        i += 1
         except TimeoutError:
             timeout = self.config.ws_send_timeout_s
             log.info("session %s: websocket client stopped reading", self.session.id)
@@ -420,11 +425,28 @@ class SocketConnection:
             pass
 
 
+async def _encoded(frames: np.ndarray, fmt: str, quality: int) -> list[tuple[MsgType, bytes]]:
+    """Frames as their messages' payloads, in order. JPEG off the event loop, which every stream's
+    frames and the WebRTC peers wait on: 1.1-1.3 ms a frame at 512x512, 0.4 ms at 256x256, a chunk's
+    8 frames at a time. Raw RGB is a copy, made here."""
+    if fmt == "rgb":
+        return [_encode(frame, fmt, quality) for frame in frames]
+    return await asyncio.to_thread(lambda: [_encode(frame, fmt, quality) for frame in frames])
+
+
 def _encode(frame: np.ndarray, fmt: str, quality: int) -> tuple[MsgType, bytes]:
     if fmt == "rgb":
         return MsgType.VIDEO_RGB, np.ascontiguousarray(frame).tobytes()
     from PIL import Image
 
-    buf = io.BytesIO()
-    Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
-    return MsgType.VIDEO_JPEG, buf.getvalue()
+    image = Image.fromarray(frame)
+    if not hasattr(os, "memfd_create"):  # (not Linux)
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=quality)
+        return MsgType.VIDEO_JPEG, buf.getvalue()
+    # into a file in memory: Pillow compresses into a file descriptor without the GIL, and into a
+    # BytesIO holding it, the event loop's thread waiting on it as if it compressed on the loop
+    with open(os.memfd_create("frame"), "w+b") as file:
+        image.save(file, format="JPEG", quality=quality)
+        file.seek(0)
+        return MsgType.VIDEO_JPEG, file.read()
