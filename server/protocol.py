@@ -172,8 +172,11 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "sample_rate": ((int,), False),
         "jpeg_quality": ((int,), False),
     },
-    "speak": {"text": ((str,), True), "language": ((str,), False), "variant": ((str,), False)},
-    "caption": {"text": ((str,), True)},
+    # `id`: the client's, sent back in the answer for it (a speak refused at once, its hand full,
+    # is answered before the speaks in hand, whose answers a client matching them in order took it for)
+    "speak": {"text": ((str,), True), "language": ((str,), False), "variant": ((str,), False),
+              "id": ((int, float, str), False)},
+    "caption": {"text": ((str,), True), "id": ((int, float, str), False)},
     "interrupt": {},
     "clear": {},
     "credit": {"frames": ((int,), True)},

@@ -493,7 +493,7 @@ async def control(session_id: str, request: Request):
             raise ApiError(409, "interrupted", str(e)) from None
         except SpeechError as e:
             raise ApiError(422, "bad_speech", str(e)) from None
-        return {"type": "speaking", "duration": round(duration, 3)}
+        return {"type": "speaking", "duration": round(duration, 3), **({"id": msg["id"]} if "id" in msg else {})}
     if kind == "caption":
         try:
             await set_caption(registry, session, msg["text"])
@@ -507,7 +507,7 @@ async def control(session_id: str, request: Request):
             raise ApiError(503, "model_down", f"caption not changed: {e}") from None
         if session.closed:  # while it waited for the worker: its job found no stream to change
             raise ApiError(404, "not_found", f"session ended: {session.close_reason}")
-        return {"type": "caption", "text": msg["text"]}
+        return {"type": "caption", "text": msg["text"], **({"id": msg["id"]} if "id" in msg else {})}
     session.timeline.clear_ahead()  # interrupt, clear
     return {"type": kind}
 

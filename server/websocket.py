@@ -260,7 +260,7 @@ class SocketConnection:
             if self.unanswered - dropped < MAX_UNANSWERED:
                 message = (f"{self.unanswered} speaks and captions, {dropped} of them dropped by an interrupt, "
                            "are waiting to be answered: send it once one is")  # fmt: skip
-            await self.send_json({"type": "error", "for": msg["type"], "message": message})
+            await self.send_json(_answering(msg, {"type": "error", "for": msg["type"], "message": message}))
             return
         self.unanswered += 1
         # a speak's turn from now: the session's speech is queued in the order the speaks were
@@ -303,7 +303,7 @@ class SocketConnection:
             self.unanswered -= 1
             self.speaks = [speak for speak in self.speaks if speak is not request]
             if reply is not None:
-                await self.send_json(reply)
+                await self.send_json(_answering(msg, reply))
 
     async def answer_speak(self, msg: dict, clears: int, turn: asyncio.Event) -> dict:
         try:
@@ -423,6 +423,11 @@ class SocketConnection:
             await asyncio.wait_for(self.ws.close(int(code), close_reason(reason)), timeout=2.0)
         except (TimeoutError, RuntimeError, ConnectionError, WebSocketDisconnect):
             pass
+
+
+def _answering(msg: dict, reply: dict) -> dict:
+    """The answer to a speak or caption, with its `id` if it had one."""
+    return reply if "id" not in msg else {**reply, "id": msg["id"]}
 
 
 async def _encoded(frames: np.ndarray, fmt: str, quality: int) -> list[tuple[MsgType, bytes]]:

@@ -505,3 +505,32 @@ def test_a_posted_speak_not_ready_in_time_is_a_503_and_none_of_it_plays(client, 
     assert r.json() == {"type": "speaking", "duration": 0.06}
     assert queued == [160 * len("Again.")]
     client.delete(s["resource"], headers=h)
+
+
+def test_each_answer_names_the_speak_or_caption_it_answers_by_its_id(client, held_synthesis):
+    """A speak refused at once (its hand full) was answered before the speaks in hand: a client
+    matching the answers to its speaks in order took the refusal for its first speak's, and each
+    later answer for the speak before it. Each carries the id its speak or caption was sent with."""
+    from server.websocket import MAX_UNANSWERED
+
+    s = socket_session(client)
+    with started_socket(client, s) as ws:
+        for i in range(MAX_UNANSWERED):
+            ws.send_text(json.dumps({"type": "speak", "text": f"Sentence {i}.", "id": i}))
+        ws.send_text(json.dumps({"type": "speak", "text": "One too many.", "id": "over"}))
+        refused = next_json(ws)  # at once: the first is still being synthesised
+        assert refused["type"] == "error" and refused["id"] == "over", refused
+        held_synthesis.release.set()
+        answers = [next_json(ws) for _ in range(MAX_UNANSWERED)]
+        assert [(a["type"], a["id"]) for a in answers] == [("speaking", i) for i in range(MAX_UNANSWERED)]
+        ws.send_text(json.dumps({"type": "caption", "text": "smiling", "id": 2.5}))  # (the debug model takes none)
+        assert next_json(ws)["id"] == 2.5
+        ws.send_text(json.dumps({"type": "speak", "text": "No id."}))
+        assert next_json(ws) == {"type": "speaking", "duration": 0.06}
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
+    t = socket_session(client)  # over HTTP, the answer is the request's own: the id comes back all the same
+    speak = {"type": "speak", "text": "hi", "id": "x"}
+    assert client.post(t["resource"] + "/control", json=speak, headers=auth(t["token"])).json() == {
+        "type": "speaking", "duration": 0.02, "id": "x"}  # fmt: skip
+    client.delete(t["resource"], headers=auth(t["token"]))
