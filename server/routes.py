@@ -40,7 +40,16 @@ router = APIRouter()
 MAX_SDP_BYTES = 64 * 1024
 
 _SDP_OFFER = {"requestBody": {"content": {"application/sdp": {"schema": {"type": "string"}}}}}
+
+def _request_key_header(required: bool) -> dict:
+    return {"name": "Streamgen-Request-Key", "in": "header", "required": required,
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{16,128}$"},
+            "description": "chosen at random by the client: DELETE /v1/sessions with it ends the session "
+                           "that request made, before its answer is read"}  # fmt: skip
+
+
 _CREATE_BODY = {
+    "parameters": [_request_key_header(required=False)],
     "requestBody": {
         "content": {
             "application/json": {
@@ -139,7 +148,8 @@ def _request_key(request: Request) -> str | None:
     return key
 
 
-@router.delete("/v1/sessions", status_code=204, tags=["sessions"])
+@router.delete("/v1/sessions", status_code=204, tags=["sessions"],
+               openapi_extra={"parameters": [_request_key_header(required=True)]})
 async def end_requested_session(request: Request):
     """End the session that a POST /v1/sessions with this `Streamgen-Request-Key` header made, or is
     making, for a client that left before it had the answer (the web page, on `pagehide`): the

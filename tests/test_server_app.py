@@ -28,6 +28,10 @@ def test_health_ready_docs_and_avatars(client):
     assert 0 < ready["alone_chunk_ms"] <= ready["chunk_play_ms"]
     paths = client.get("/openapi.json").json()["paths"]
     assert "/v1/sessions" in paths and "/v1/sessions/{session_id}/whep" in paths
+    # (a header the route reads itself: OpenAPI said nothing of it, nor of DELETE /v1/sessions' need of it)
+    for method, required in (("post", False), ("delete", True)):
+        assert {"name": "Streamgen-Request-Key", "in": "header", "required": required} in [
+            {k: p[k] for k in ("name", "in", "required")} for p in paths["/v1/sessions"][method]["parameters"]]  # fmt: skip
     assert client.get("/docs").status_code == 200
     avatars = client.get("/v1/avatars").json()["avatars"]
     assert {"sample", "ada"} <= {a["id"] for a in avatars}
