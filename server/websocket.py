@@ -126,6 +126,7 @@ class SocketConnection:
         self.last_request: list | None = None  # the last of them, while it waits its turn
         self.unanswered = 0
         self.speaks: list[list] = []  # the speaks among them (an interrupt since drops those of its `clears`)
+        self.late_captions: set[asyncio.Task] = set()  # answered as late, still waiting for the worker
         self.close_sent = False
         self.message_rate = MessageRate(MAX_MESSAGES_PER_S, MAX_MESSAGE_BURST)
 
@@ -160,6 +161,8 @@ class SocketConnection:
                 self.sender.cancel()
             if self.speaker is not None:  # nothing this socket asked for is spoken after it
                 self.speaker.cancel()
+            for caption in list(self.late_captions):  # (their jobs, on the worker, find the session closed)
+                caption.cancel()
             self.give_back_turns()
             try:
                 await self.registry.close(self.session, reason)
@@ -284,18 +287,14 @@ class SocketConnection:
                 self.last_request = None
             msg, clears, turn, due = request
             kind = msg["type"]
+            # bounded from when it came: a speak behind one that took long (or a caption the worker
+            # did not get to) is answered by its own time as well
+            left = max(0.0, due - time.monotonic())
             try:
-                answer = self.answer_speak(msg, clears, turn) if kind == "speak" else self.answer_caption(msg)
-                # bounded from when it came: a speak behind one that took long (or a caption the
-                # worker did not get to) is answered by its own time as well
-                reply = await asyncio.wait_for(answer, timeout=max(0.0, due - time.monotonic()))
-            except TimeoutError:  # cancelled: a speak's speech is not queued
-                if turn is not None:  # (speak() gives it back, but one cancelled before it began does not)
-                    self.session.speech_turns.give_back(turn)
-                log.warning("session %s: %s not answered within %g s", self.session.id, kind, speech.SPEAK_ANSWER_S)
-                reply = {"type": "error", "for": kind, "message": not_ready_in_time() if kind == "speak" else
-                         f"caption not applied within {speech.SPEAK_ANSWER_S:g} s (the server is overloaded): "
-                         "it is applied when the model gets to it"}  # fmt: skip
+                if kind == "speak":
+                    reply = await self.answer_speak_within(msg, clears, turn, left)
+                else:
+                    reply = await self.answer_caption_within(msg, left)
             except Exception as e:  # not the client's: logged, answered, and the stream goes on
                 log.exception("session %s: %s failed", self.session.id, kind)
                 failed = "speech" if kind == "speak" else kind
@@ -312,6 +311,32 @@ class SocketConnection:
         except SpeechError as e:  # the client's: a bad voice, no room, an interrupt
             return {"type": "error", "for": "speak", "message": str(e)}
         return {"type": "speaking", "duration": round(duration, 3)}
+
+    async def answer_speak_within(self, msg: dict, clears: int, turn: asyncio.Event, seconds: float) -> dict:
+        try:
+            return await asyncio.wait_for(self.answer_speak(msg, clears, turn), timeout=seconds)
+        except TimeoutError:  # cancelled: none of its speech is queued
+            self.session.speech_turns.give_back(turn)  # (speak() does, but not if cancelled before it began)
+            log.warning("session %s: speak not answered within %g s", self.session.id, speech.SPEAK_ANSWER_S)
+            return {"type": "error", "for": "speak", "message": not_ready_in_time()}
+
+    async def answer_caption_within(self, msg: dict, seconds: float) -> dict | None:
+        """A caption's answer, or past `seconds` one that says it is late: it goes on to the worker
+        all the same (a caption job is not taken back; cancelled before it began, it never went)."""
+        caption = asyncio.ensure_future(self.answer_caption(msg))
+        await asyncio.wait([caption], timeout=seconds)
+        if caption.done():
+            return caption.result()
+        self.late_captions.add(caption)
+        caption.add_done_callback(self.late_caption_done)
+        log.warning("session %s: caption not applied within %g s", self.session.id, speech.SPEAK_ANSWER_S)
+        return {"type": "error", "for": "caption", "message": f"caption not applied within {speech.SPEAK_ANSWER_S:g} "
+                "s (the server is overloaded): it is applied when the model gets to it"}  # fmt: skip
+
+    def late_caption_done(self, caption: asyncio.Task) -> None:
+        self.late_captions.discard(caption)
+        if not caption.cancelled() and caption.exception() is not None:  # (answered already: logged)
+            log.error("session %s: caption failed", self.session.id, exc_info=caption.exception())
 
     async def answer_caption(self, msg: dict) -> dict | None:
         try:

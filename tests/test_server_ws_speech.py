@@ -534,3 +534,33 @@ def test_each_answer_names_the_speak_or_caption_it_answers_by_its_id(client, hel
     assert client.post(t["resource"] + "/control", json=speak, headers=auth(t["token"])).json() == {
         "type": "speaking", "duration": 0.02, "id": "x"}  # fmt: skip
     client.delete(t["resource"], headers=auth(t["token"]))
+
+
+def test_a_caption_whose_time_passed_behind_a_speak_is_still_applied(
+    client, held_synthesis, held_caption_jobs, monkeypatch
+):
+    """Its answer, 'not applied within 15 s: it is applied when the model gets to it', was untrue
+    of a caption whose time had passed while a speak before it took long: cancelled before it
+    began, it was never handed to the worker."""
+    import time
+
+    from server import speech
+
+    monkeypatch.setattr(speech, "SPEAK_ANSWER_S", 0.5)
+    s = socket_session(client)
+    with started_socket(client, s) as ws:
+        ws.send_text(json.dumps({"type": "speak", "text": "Stuck.", "id": 1}))
+        ws.send_text(json.dumps({"type": "caption", "text": "smiling", "id": 2}))
+        spoke, captioned = next_json(ws), next_json(ws)
+        assert (spoke["id"], spoke["type"]) == (1, "error") and "speech not ready" in spoke["message"]
+        assert (captioned["id"], captioned["type"]) == (2, "error"), captioned
+        assert "it is applied when the model gets to it" in captioned["message"]
+        held_synthesis.release.set()
+        held_caption_jobs.release.set()
+        for _ in range(100):  # bounded: 10 s for the worker to run it
+            if held_caption_jobs.ran:
+                break
+            time.sleep(0.1)
+        assert held_caption_jobs.ran == [1]
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
