@@ -781,6 +781,11 @@ def test_other_origins_may_call_the_api_only_when_allowed():
         assert "location" in r.headers["access-control-expose-headers"].lower()
         s = r.json()
         allowed.delete(s["resource"], headers={**auth(s["token"]), "origin": page})
+        # a page that leaves before its answer ends the session by its request key (docs/api.md)
+        by_key = {"origin": page, "access-control-request-method": "DELETE",
+                  "access-control-request-headers": "streamgen-request-key"}  # fmt: skip
+        r = allowed.options("/v1/sessions", headers=by_key)
+        assert r.status_code == 200 and "streamgen-request-key" in r.headers["access-control-allow-headers"].lower()
         other = allowed.options("/v1/sessions", headers={**preflight, "origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
         r = same_origin_only.options("/v1/sessions/abc/whep", headers=preflight)
