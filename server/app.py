@@ -295,6 +295,11 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         # the WebRTC stack (aiortc, PyAV) takes a quarter of a second to import: here, not in the
         # first viewer's offer
         await asyncio.to_thread(importlib.import_module, f"{__package__}.webrtc")
+        # as the model loads, and done before the warm-up's chunks, which it would slow (the
+        # capacity is measured from their times)
+        from .speech import warm_speech
+
+        speech_warmed = asyncio.ensure_future(asyncio.to_thread(warm_speech))
         if model is not None and config.torch_threads:
             import torch
 
@@ -305,6 +310,7 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
             registry.host = await asyncio.wrap_future(registry.host_start)
         else:
             registry.model = model or await asyncio.wrap_future(registry.worker.submit(load))
+        await speech_warmed
         compiling = registry.host is None and registry.model.compile_backend
         app.state.warm_stage = "compiling and warming up a stream" if compiling else "warming up a stream"
         # every lane warms a stream at once: the chunk times then count what the lanes take from

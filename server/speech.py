@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 
 from streamgen.data.speech import LANGUAGES, SpeechError, Voice, count_phonemes, synthesize
 from streamgen.session_limits import caption_problem
@@ -91,6 +92,20 @@ def language_tag(language: str) -> str:
     while tag not in LANGUAGES and "-" in tag:
         tag = tag.rsplit("-", 1)[0]
     return tag if tag in LANGUAGES else language
+
+
+log = logging.getLogger("streamgen.server")
+
+
+def warm_speech() -> None:
+    """The speech engine's first use, at the server's start (a thread): espeak-ng's start and the
+    import of scipy.signal, which resamples its speech, took 3.1-3.6 s here (a 2-core machine under
+    load), much of it holding the GIL. The first speak of each server paid it, its client waiting
+    and every stream's frames with it. A machine without espeak-ng is said here, and by each speak."""
+    try:
+        synthesize("ready", Voice())
+    except Exception as e:
+        log.warning("speech is not available: %s", e)
 
 
 # How long a speak may wait for its answer, from the moment it was accepted: its turn behind the

@@ -350,3 +350,26 @@ def test_initials_and_replaced_abbreviations_count_as_dots_and_an_ellipsis_as_a_
     count = count_phonemes("El Sr. Díaz y la Sra. Ruiz. Hola.", Voice(language="es"))
     # ("Ruiz." is a clause of one word)
     assert (count.abbreviation_dots, count.stop_pauses + count.short_stop_pauses) == (2, 1)
+
+
+def test_a_ready_server_has_its_speech_engine_started():
+    """The first speak of each server started espeak-ng and imported scipy.signal (for its
+    resampling) as it came: 3.1-3.6 s here, its client waiting, much of it holding the GIL, every
+    stream's frames waiting with it. A fresh process: this one's may have them loaded already."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    script = (
+        "import sys\n"
+        "from server_helpers import ready_client\n"
+        "from streamgen.data import speech\n"
+        "with ready_client():\n"
+        "    print('scipy.signal' in sys.modules, speech._engine is not None)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "True"], done.stdout
