@@ -470,13 +470,15 @@ def _encode(frame: np.ndarray, fmt: str, quality: int) -> tuple[MsgType, bytes]:
     from PIL import Image
 
     image = Image.fromarray(frame)
-    if not hasattr(os, "memfd_create"):  # (not Linux)
+    # into a file in memory: Pillow compresses into a file descriptor without the GIL, and into a
+    # BytesIO holding it, the event loop's thread waiting on it as if it compressed on the loop
+    try:
+        file = open(os.memfd_create("frame"), "w+b")  # (closed below)
+    except (AttributeError, OSError):  # not Linux; no descriptor left (EMFILE): the frame all the same
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=quality)
         return MsgType.VIDEO_JPEG, buf.getvalue()
-    # into a file in memory: Pillow compresses into a file descriptor without the GIL, and into a
-    # BytesIO holding it, the event loop's thread waiting on it as if it compressed on the loop
-    with open(os.memfd_create("frame"), "w+b") as file:
+    with file:
         image.save(file, format="JPEG", quality=quality)
         file.seek(0)
         return MsgType.VIDEO_JPEG, file.read()

@@ -291,6 +291,24 @@ def test_a_jpeg_frame_compressed_into_a_file_in_memory_is_the_jpeg_pillow_makes(
     assert _encode(frame, "jpeg", 60) == (MsgType.VIDEO_JPEG, buf.getvalue())
 
 
+def test_a_frame_is_sent_when_no_file_in_memory_can_be_made(monkeypatch):
+    """A process at its limit of open files (EMFILE) failed the memfd: the sender task ended with
+    the OSError, and the stream went on with no frames and not a line in the log."""
+    import errno
+    import os
+
+    from server.websocket import _encode
+
+    def no_more_files(name, flags=0):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "memfd_create", no_more_files)
+    frame = np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="JPEG", quality=70)
+    assert _encode(frame, "jpeg", 70) == (MsgType.VIDEO_JPEG, buf.getvalue())
+
+
 def rgb_frames(client, seed, speak=None, n=24, audio_in=None):
     s = socket_session(client, seed)
     with client.websocket_connect(stream_url(s)) as ws:
