@@ -406,7 +406,11 @@ class SocketConnection:
                     if n <= 0:
                         self.registry.metrics.dropped_chunks.inc()
                         break  # no credit: skip the rest of this chunk, the next one is newer
-                    for kind, payload in await _encoded(frames[i : i + n], fmt, quality):
+                    try:
+                        encoded = await _encoded(frames[i : i + n], fmt, quality)
+                    except Exception as e:  # (a RuntimeError too: not the socket's, below)
+                        raise FramesFailed(f"{type(e).__name__}: {e}") from e
+                    for kind, payload in encoded:
                         if self.options["flow"] == "credit":
                             self.credit -= 1  # (only this task takes credit: there is enough)
                         await self.send(pack(kind, seq_video, chunk.pts + i / chunk.fps, payload))
@@ -420,6 +424,9 @@ class SocketConnection:
             closing = asyncio.ensure_future(self.registry.close(self.session, "slow consumer"))
             await self.close(CloseCode.SLOW_CONSUMER, f"client did not read for {timeout:.0f} s")
             await closing
+        except FramesFailed as e:  # the server's fault: the stream went on with no frames, unlogged
+            log.exception("session %s: encoding its frames failed", self.session.id)
+            await self.registry.close(self.session, f"internal error: encoding frames failed: {e}"[:100])
         except (WebSocketDisconnect, RuntimeError, ConnectionError):
             pass  # the receive loop sees the disconnect and ends the session
 
@@ -448,6 +455,10 @@ class SocketConnection:
             await asyncio.wait_for(self.ws.close(int(code), close_reason(reason)), timeout=2.0)
         except (TimeoutError, RuntimeError, ConnectionError, WebSocketDisconnect):
             pass
+
+
+class FramesFailed(Exception):
+    """A chunk's frames could not be encoded (the server's fault, not the socket's)."""
 
 
 def _answering(msg: dict, reply: dict) -> dict:

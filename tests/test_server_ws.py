@@ -309,6 +309,28 @@ def test_a_frame_is_sent_when_no_file_in_memory_can_be_made(monkeypatch):
     assert _encode(frame, "jpeg", 70) == (MsgType.VIDEO_JPEG, buf.getvalue())
 
 
+def test_frames_that_cannot_be_encoded_end_the_session_said_and_logged(client, monkeypatch, caplog):
+    """The sender task ended with the exception (a RuntimeError was taken for the socket's and
+    passed over): the stream went on with its sound and no frames, the client pinging it alive, and
+    the log said nothing until the task was collected."""
+    import logging
+
+    from server import websocket
+
+    def broken(frame, fmt, quality):
+        raise RuntimeError("the encoder broke")
+
+    monkeypatch.setattr(websocket, "_encode", broken)
+    s = socket_session(client)
+    with caplog.at_level(logging.ERROR, logger="streamgen.server"):
+        with client.websocket_connect(stream_url(s)) as ws:
+            ws.send_text(json.dumps({"type": "start"}))
+            code, reason = expect_close(ws)
+    assert code == CloseCode.GONE and reason.startswith("internal error: encoding frames failed: RuntimeError"), reason
+    assert s["id"] not in client.app.state.registry.sessions
+    assert any("encoding its frames failed" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
 def rgb_frames(client, seed, speak=None, n=24, audio_in=None):
     s = socket_session(client, seed)
     with client.websocket_connect(stream_url(s)) as ws:
