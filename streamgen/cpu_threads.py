@@ -24,13 +24,18 @@ before (bench/engine.py times the two against each other).
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import threading
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 CPU_THREADS = ("auto", "all")
+# How the decode stage uses its threads: "split" each convolution over them (an OpenMP region
+# per operator), "frames" the chunk's frames side by side, each on one thread (`side_by_side`)
+DECODE_THREADS = ("split", "frames")
 
 
 def cpu_has_amx() -> bool:
@@ -140,7 +145,75 @@ def codec_threads(frames: int, height: int, width: int, batch: int = 1):
     return intra_op_threads(batch * frames * height * width >= CODEC_PARALLEL_PIXELS)
 
 
+def session_stage_threads(session, stage: str, batch: int = 1):
+    """A context that runs a StreamSession's `stage` (of its `CHUNK_STAGES` or `START_STAGES`) for
+    `batch` streams on the threads its work gains from; a no-op off the CPU, under
+    cpu_threads="all", and for the stages that run no model. A decode that runs its frames side
+    by side (`decodes_frames_apart`) gets all threads, one for each of its frames."""
+    if session.cpu_threads == "all" or session.device.type != "cpu":
+        return nullcontext()
+    cfg = session.cfg
+    if stage == "sink":
+        return dit_threads(session.dit, session.latent_hw, cfg.sink_frames, cfg.sink_frames)
+    if stage in ("reencode", "denoise"):  # the chunk against the sink, the full ring and itself
+        return dit_threads(session.dit, session.latent_hw, cfg.frames_per_chunk, batch=batch)
+    if stage == "decode" and session.decodes_frames_apart:
+        return intra_op_threads(True)
+    if stage in ("decode", "reference_encode"):
+        # the reference is one latent frame's video frames (the tiny autoencoder encodes the
+        # image as that many copies: at 320x320 two threads encode it 1.75x faster than one)
+        frames = session.frames_per_chunk if stage == "decode" else session.vae.first_latent_frames
+        return codec_threads(frames, session.height, session.width, batch)
+    if stage == "audio":  # the audio encoder's few small convolutions, whatever the video's size
+        return intra_op_threads(False)
+    return nullcontext()
+
+
 def check_cpu_threads(value: str) -> str:
     if value not in CPU_THREADS:
         raise ValueError(f"cpu_threads must be one of {CPU_THREADS}, got {value!r}")
     return value
+
+
+def check_decode_threads(value: str) -> str:
+    if value not in DECODE_THREADS:
+        raise ValueError(f"decode_threads must be one of {DECODE_THREADS}, got {value!r}")
+    return value
+
+
+_side_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_side_pool_lock = threading.Lock()
+
+
+def _side_pool_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """One pool for the process (its threads are made as calls need them, up to a core each): a
+    server's lanes share it rather than each session keeping threads of its own."""
+    global _side_pool
+    with _side_pool_lock:
+        if _side_pool is None:
+            _side_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=os.cpu_count() or 2, thread_name_prefix="streamgen-side"
+            )
+        return _side_pool
+
+
+def side_by_side(fn, parts: list) -> list:
+    """[fn(part) for part in parts], each call on a thread of its own that runs its operators on
+    one (the first in the calling thread, the others in a pool): work split into independent
+    parts (the frames of a decode) without an OpenMP region per operator. Each call sees the
+    caller's grad and inference modes (torch keeps them per thread)."""
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def one(part):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad), intra_op_threads(False):
+            return fn(part)
+
+    # the caller's one thread held until every part is done: torch's count for threads made later
+    # is whichever count was set last, by any thread, so the caller's restore comes last
+    with intra_op_threads(False):
+        others = [_side_pool_executor().submit(one, part) for part in parts[1:]]
+        try:
+            first = [one(part) for part in parts[:1]]
+        finally:
+            concurrent.futures.wait(others)  # (none left running past a failure here)
+    return [*first, *(f.result() for f in others)]

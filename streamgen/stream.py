@@ -24,13 +24,13 @@ import logging
 import numbers
 import random
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch.utils._pytree import tree_leaves
 
-from streamgen.cpu_threads import check_cpu_threads, codec_threads, dit_threads, intra_op_threads
+from streamgen.cpu_threads import check_cpu_threads, check_decode_threads, session_stage_threads
 from streamgen.model.audio import (
     SAMPLE_RATE,
     SAMPLES_PER_FRAME,
@@ -98,6 +98,7 @@ class StreamSession:
         cache_from: str | None = None,
         cpu_threads: str = "auto",
         encode_dtype: torch.dtype | str | None = "auto",
+        decode_threads: str = "split",
     ):
         """dtype: the DiT's weights and cache, a dtype or its name (None: the model's own, as
         loaded; "auto": `default_dit_dtype`, bfloat16 for the larger sizes on CPUs with AMX, unless
@@ -109,7 +110,9 @@ class StreamSession:
         the model's own, "reencode" unless it was trained otherwise; at 1 step "last_step" asked
         for is a ValueError, and a model's own re-encodes: `_cache_from`). cpu_threads: on a CPU,
         "auto" runs each stage on one thread unless its work gains from all of them
-        (streamgen/cpu_threads.py), "all" every stage on all."""
+        (streamgen/cpu_threads.py), "all" every stage on all. decode_threads: on a CPU, "split"
+        runs each of the decoder's convolutions over the decode's threads, "frames" decodes the
+        chunk's frames side by side on all threads, one each (an autoencoder that cannot: split)."""
         dtype = dit_dtype_arg(dtype)
         device = session_device(device)
         self.model = (
@@ -135,6 +138,7 @@ class StreamSession:
         self.sigmas = student_sigmas(self.steps, self.model.shift)
         self.device = device
         self.cpu_threads = check_cpu_threads(cpu_threads)
+        self.decode_threads = check_decode_threads(decode_threads)
         # (0 refused every push; NaN and infinity failed in int())
         number = isinstance(max_audio_ahead_s, numbers.Real) and not isinstance(max_audio_ahead_s, bool)
         if not number or not 0 < max_audio_ahead_s < float("inf"):
@@ -220,23 +224,17 @@ class StreamSession:
     # --- CPU threads ----------------------------------------------------------------
     def stage_threads(self, stage: str, batch: int = 1):
         """A context that runs `stage` (of `CHUNK_STAGES` or `START_STAGES`) for `batch` streams on
-        the threads its work gains from (streamgen/cpu_threads.py); a no-op off the CPU, under
-        cpu_threads="all", and for the stages that run no model."""
-        if self.cpu_threads == "all" or self.device.type != "cpu":
-            return nullcontext()
-        cfg = self.cfg
-        if stage == "sink":
-            return dit_threads(self.dit, self.latent_hw, cfg.sink_frames, cfg.sink_frames)
-        if stage in ("reencode", "denoise"):  # the chunk against the sink, the full ring and itself
-            return dit_threads(self.dit, self.latent_hw, cfg.frames_per_chunk, batch=batch)
-        if stage in ("decode", "reference_encode"):
-            # the reference is one latent frame's video frames (the tiny autoencoder encodes the
-            # image as that many copies: at 320x320 two threads encode it 1.75x faster than one)
-            frames = self.frames_per_chunk if stage == "decode" else self.vae.first_latent_frames
-            return codec_threads(frames, self.height, self.width, batch)
-        if stage == "audio":  # the audio encoder's few small convolutions, whatever the video's size
-            return intra_op_threads(False)
-        return nullcontext()
+        the threads its work gains from (`cpu_threads.session_stage_threads`)."""
+        return session_stage_threads(self, stage, batch)
+
+    @property
+    def decodes_frames_apart(self) -> bool:
+        """Whether the decode runs its frames side by side (decode_threads="frames", where it can)."""
+        return self.decode_threads == "frames" and self.device.type == "cpu" and self.vae.frames_decode_apart
+
+    def decode_options(self) -> dict:
+        """The keywords of the decoder's call (on the decode stage's threads)."""
+        return {"frame_threads": torch.get_num_threads()} if self.decodes_frames_apart else {}
 
     def _threaded(self, run):
         """`run(stage, fn)` with each stage on its threads (`stage_threads`)."""
@@ -498,7 +496,8 @@ class StreamSession:
         return frames, self._next_pts()
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        frames, self.decoder_state = self.vae.decode_stream(latents.to(self.vae_dtype), self.decoder_state)
+        latents, state = latents.to(self.vae_dtype), self.decoder_state
+        frames, self.decoder_state = self.vae.decode_stream(latents, state, **self.decode_options())
         return to_uint8(frames)[0]
 
     def _require_started(self):

@@ -194,7 +194,8 @@ def _finish_chunks(group: list[StreamSession], latents: torch.Tensor) -> list[tu
     as one batch."""
     lead = group[0]
     with lead.stage_threads("decode", len(group)):
-        frames, states = lead.vae.decode_streams(latents.to(lead.vae_dtype), [s.decoder_state for s in group])
+        states = [s.decoder_state for s in group]
+        frames, states = lead.vae.decode_streams(latents.to(lead.vae_dtype), states, **lead.decode_options())
         out = to_uint8(frames).cpu()
     results = []
     for row, (s, state) in enumerate(zip(group, states)):

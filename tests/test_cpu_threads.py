@@ -1,5 +1,8 @@
 """Each stage of a chunk on the CPU threads its work gains from (streamgen/cpu_threads.py)."""
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -161,6 +164,80 @@ def test_a_batch_of_streams_runs_its_forward_on_the_batchs_threads(model, two_th
     next_chunks(sessions)
     assert seen and set(seen) == {2}
     assert torch.get_num_threads() == 2
+
+
+def test_side_by_side_runs_each_part_on_a_thread_of_its_own_on_one_thread(two_threads):
+    def record(part):
+        time.sleep(0.05)  # (all parts at once, so that no pool thread takes two)
+        return part, threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled()
+
+    with torch.no_grad():
+        out = cpu_threads.side_by_side(record, [0, 1, 2])
+    assert [part for part, *_ in out] == [0, 1, 2]  # in order
+    assert out[0][1] == threading.get_ident() and len({ident for _, ident, *_ in out}) == 3
+    assert {threads for *_, threads, _ in out} == {1} and not any(grad for *_, grad in out)
+    assert torch.get_num_threads() == 2  # the caller's own again
+    assert all(grad for *_, grad in cpu_threads.side_by_side(record, [0, 1]))
+
+    def fail(part):
+        if part == 1:
+            raise RuntimeError("a part that fails")
+        return part
+
+    with pytest.raises(RuntimeError, match="a part that fails"):
+        cpu_threads.side_by_side(fail, [0, 1])
+    assert torch.get_num_threads() == 2
+
+
+def test_frames_decode_the_chunks_frames_side_by_side_with_the_same_frames(model, two_threads):
+    """decode_threads="frames": the decode stage on all threads, its latent frames each on a
+    thread of its own running on one; the same stream as "split"."""
+    frames, decoded_on = {}, {}
+    for way in ("split", "frames"):
+        s = StreamSession(model, decode_threads=way)
+        seen, observe = thread_recorder()
+        calls = decoded_on[way] = []
+
+        def record(module, args, calls=calls):
+            calls.append((threading.get_ident(), torch.get_num_threads(), len(args[0])))
+
+        hook = s.vae.dec.register_forward_pre_hook(record)
+        try:
+            s.start(face(), seed=3)
+            s.push_audio(speech())
+            frames[way] = np.concatenate([s.next_chunk(observe=observe)[0] for _ in range(3)])
+        finally:
+            hook.remove()
+        assert seen["decode"] == ({1} if way == "split" else {2})
+    latent_frames = model.cfg.frames_per_chunk
+    assert [n for *_, n in decoded_on["split"]] == [latent_frames] * 3
+    assert [n for *_, n in decoded_on["frames"]] == [1] * (3 * latent_frames)
+    assert {threads for _, threads, _ in decoded_on["frames"]} == {1}
+    assert len({ident for ident, *_ in decoded_on["frames"]}) >= 2
+    diff = np.abs(frames["split"].astype(int) - frames["frames"].astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01
+    assert torch.get_num_threads() == 2
+
+
+def test_a_batch_of_streams_decodes_its_frames_side_by_side_as_its_lead_says(model, two_threads):
+    sessions = []
+    for i in range(2):
+        s = StreamSession(model, decode_threads="frames")
+        s.start(face(i), seed=i)
+        s.push_audio(speech())
+        sessions.append(s)
+    calls = []
+    hook = sessions[0].vae.dec.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    try:
+        next_chunks(sessions)
+    finally:
+        hook.remove()
+    assert calls == [model.cfg.frames_per_chunk] * 2  # two streams' frames in two parts
+
+
+def test_an_unknown_decode_threads_is_an_error(model):
+    with pytest.raises(ValueError, match="decode_threads must be one of"):
+        StreamSession(model, decode_threads="many")
 
 
 def test_an_unknown_cpu_threads_is_an_error(model):

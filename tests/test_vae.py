@@ -39,6 +39,27 @@ def test_tiny_vae_chunked_decode_equals_full_decode(res_blocks, decoder_widths):
     assert not torch.equal(vae.decode(z2)[:, :, -4:], full[:, :, -4:])
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+@torch.no_grad()
+def test_tiny_vae_decodes_its_frames_side_by_side_with_the_same_frames_and_state(threads):
+    """frame_threads: the latent frames of every stream decoded on threads of their own (each
+    convolution on one thread) give the frames and the state that one batch does (to 1e-5)."""
+    torch.manual_seed(0)
+    vae = TinyCausalVAE(8, (8, 16, 16, 24), res_blocks=1).eval()
+    z = torch.randn(2, 8, 3, 4, 4)
+    state = torch.randn(2, 1, 24, 4, 4)
+    frames, last = vae.decode_stream(z, state)
+    apart, last_apart = vae.decode_stream(z, state, frame_threads=threads)
+    assert apart.shape == frames.shape == (2, 3, 12, 32, 32)
+    assert (apart - frames).abs().max() <= 1e-5 and torch.equal(last_apart, last)
+    # a batch of streams, states and none
+    for states in ([None, None], list(state.split(1)), [None, state[:1]]):
+        frames, last = vae.decode_streams(z, states)
+        apart, last_apart = vae.decode_streams(z, states, frame_threads=threads)
+        assert (apart - frames).abs().max() <= 1e-5
+        assert all(torch.equal(a, b) for a, b in zip(last_apart, last))
+
+
 @pytest.mark.parametrize("res_blocks", [0, 2])
 @torch.no_grad()
 def test_tiny_vae_save_load(tmp_path, res_blocks):

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from streamgen.cpu_threads import side_by_side
 from streamgen.model.upsample import UpsampleConv2d
 
 
@@ -36,6 +37,8 @@ class VideoAutoencoder(nn.Module):
     # whose code its latents are in, where others make decoders for it ("wan2.1": TAEHV's); None:
     # its own, which only decoders trained on it read (`TinyDecoderVAE` checks)
     latent_space: str | None = None
+    # whether `decode_stream` takes `frame_threads`: its frames decode apart after what joins them
+    frames_decode_apart = False
 
     @property
     def first_latent_frames(self) -> int:
@@ -100,6 +103,7 @@ class TinyCausalVAE(VideoAutoencoder):
     """Spatial /8, temporal /4 causal autoencoder with a kernel-2 temporal mix."""
 
     DEFAULT_WIDTHS = (32, 64, 96, 128)
+    frames_decode_apart = True  # after the temporal mix, `dec` sees each latent frame alone
 
     @staticmethod
     def spatial_factor_of(widths=DEFAULT_WIDTHS) -> int:
@@ -192,30 +196,43 @@ class TinyCausalVAE(VideoAutoencoder):
     def init_state(self, batch: int):
         return None  # the previous latent frame's decoder features; none before the first
 
-    def decode_streams(self, latents: torch.Tensor, states: list) -> tuple[torch.Tensor, list]:
+    def decode_streams(self, latents: torch.Tensor, states: list, frame_threads: int = 1) -> tuple[torch.Tensor, list]:
         """One batch, when every stream has decoded before or none has (a state is the previous
         latent frame's features, [1, 1, Wd, h, w])."""
         if all(state is None for state in states):
-            frames, last = self.decode_stream(latents, None)
+            frames, last = self.decode_stream(latents, None, frame_threads=frame_threads)
         elif any(state is None for state in states):
-            return super().decode_streams(latents, states)
+            decoded = [
+                self.decode_stream(latents[i : i + 1], state, frame_threads=frame_threads)
+                for i, state in enumerate(states)
+            ]
+            return torch.cat([frames for frames, _ in decoded]), [state for _, state in decoded]
         else:
-            frames, last = self.decode_stream(latents, torch.cat(states))
+            frames, last = self.decode_stream(latents, torch.cat(states), frame_threads=frame_threads)
         return frames, list(last.split(1))
 
-    def decode_stream(self, latents: torch.Tensor, state, clamp: bool = True):
-        """clamp=False: the frames unclamped, so that training gives every pixel a gradient."""
+    def decode_stream(self, latents: torch.Tensor, state, clamp: bool = True, frame_threads: int = 1):
+        """clamp=False: the frames unclamped, so that training gives every pixel a gradient.
+        frame_threads > 1: the latent frames (of every stream) decoded side by side on that many
+        threads, each running its convolutions on one (`cpu_threads.side_by_side`), rather than
+        each convolution over the threads the caller runs on; the same frames."""
         b, _, f, h, w = latents.shape
         z = self._denorm(latents.transpose(1, 2).flatten(0, 1))
         feats = self.dec_in(z.to(self.dec_in.weight.dtype)).unflatten(0, (b, f))  # [B, F, Wd, h, w]
         prev_first = state if state is not None else torch.zeros_like(feats[:, :1])
         prev = torch.cat([prev_first, feats[:, :-1]], dim=1)
         mixed = feats + self.dec_mix(torch.cat([feats, prev], 2).flatten(0, 1)).unflatten(0, (b, f))
-        out = self.dec(mixed.flatten(0, 1))  # [B*F, 3*tf, H, W]
+        out = self._decode_frames(mixed.flatten(0, 1), frame_threads)  # [B*F, 3*tf, H, W]
         tf = self.temporal_factor
         hh, ww = out.shape[-2:]
         frames = out.reshape(b, f, tf, 3, hh, ww).permute(0, 3, 1, 2, 4, 5).reshape(b, 3, f * tf, hh, ww)
         return (frames.clamp(-1, 1) if clamp else frames).to(latents.dtype), feats[:, -1:]
+
+    def _decode_frames(self, mixed: torch.Tensor, frame_threads: int) -> torch.Tensor:
+        parts = min(frame_threads, len(mixed))
+        if parts <= 1:
+            return self.dec(mixed)
+        return torch.cat(side_by_side(self.dec, list(mixed.tensor_split(parts))))
 
     DECODER = ("dec_in", "dec_mix", "dec")
     ENCODER = ("enc", "enc_mix", "enc_out")
