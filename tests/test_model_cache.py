@@ -5,9 +5,11 @@ import collections
 import pytest
 import torch
 
+import streamgen.model.cache as cache_module
+from streamgen import kernels
 from streamgen.kernels import Rope
 from streamgen.model import DiT, get_config
-from streamgen.model.cache import KVCache
+from streamgen.model.cache import KVCache, StreamCache
 from streamgen.model.model import CrossAttention
 from streamgen.sampling import (
     cached_velocity,
@@ -319,6 +321,58 @@ def test_a_chunks_forwards_compute_its_audio_keys_and_values_once(monkeypatch):
     again, audio_calls, _ = stream(reuse=False)
     # (the re-encode's last layer only writes its keys and values: no cross-attention)
     assert audio_calls == [steps * layers + layers - 1] * 3
+    assert all(torch.equal(a, b) for a, b in zip(chunks, again))
+
+
+@torch.no_grad()
+def test_a_caches_rotations_are_made_once_and_equal_those_made_for_each_forward(monkeypatch):
+    # The sink's, each chunk's (at every fill level, the ring rolled over) and the ring's rotations
+    # are slices and selections of one table the cache makes on its first forward; the chunks are
+    # those of a model that made them at every forward and ring rotation.
+    model, cfg = make(window_frames=4, frames_per_chunk=2)
+    ctx, ref = torch.randn(1, 2, cfg.text_dim), torch.randn(1, cfg.in_channels, cfg.sink_frames, *HW)
+    inputs = [(torch.randn(1, cfg.in_channels, 2, *HW), rand_audio(cfg, 2)) for _ in range(5)]
+    made_for, grid = [], model.grid(HW)
+    angles = kernels.rope_angles
+
+    def counted(frame_pos, *args):
+        made_for.append(frame_pos.tolist())
+        return angles(frame_pos, *args)
+
+    def fresh(positions, grid_hw):
+        return Rope.of(angles(positions, grid_hw, cfg.head_dim, cfg.rope_theta))
+
+    def every_forward(monkeypatch):  # the cache before the table: its rotations made at each call
+        monkeypatch.setattr(StreamCache, "sink_rope", lambda c, g: fresh(c.sink_frame_positions(), g))
+        monkeypatch.setattr(StreamCache, "chunk_rope", lambda c, g: fresh(c.chunk_frame_positions(), g))
+
+        def rotate_ring(c):
+            angles = fresh(c.ring_frame_positions(), c.grid_hw)
+            for layer in c.layers:
+                layer.rotate_ring(angles)
+
+        monkeypatch.setattr(StreamCache, "rotate_ring", rotate_ring)
+
+    def stream():
+        cache = model.new_cache(1, HW)
+        encode_sink(model, cache, ref, ctx)
+        gen, chunks = torch.Generator().manual_seed(0), []
+        for noise, audio in inputs:
+            for got, want in ((cache.chunk_rope(grid), fresh(cache.chunk_frame_positions(), grid)),
+                              (cache.sink_rope(grid), fresh(cache.sink_frame_positions(), grid))):  # fmt: skip
+                assert torch.equal(got.angles, want.angles) and torch.equal(got.cis, want.cis)
+            chunks.append(generate_chunk(model, cache, noise, ctx, audio, student_sigmas(3), gen))
+        return chunks, cache
+
+    monkeypatch.setattr(cache_module, "rope_angles", counted)
+    monkeypatch.setattr(kernels, "rope_angles", counted)
+    chunks, cache = stream()
+    assert cache.frames_written > cfg.window_frames  # (the ring rolled over)
+    table_frames = cfg.sink_frames + cfg.window_frames + cfg.frames_per_chunk
+    assert made_for == [list(range(table_frames))]  # once, for the stream
+    with monkeypatch.context() as m:
+        every_forward(m)
+        again, _ = stream()
     assert all(torch.equal(a, b) for a, b in zip(chunks, again))
 
 

@@ -370,12 +370,12 @@ class DiT(nn.Module):
 
         # rotary positions and attention pattern
         attn_kwargs = {"tokens_per_frame": s, "mask": None}
-        if mode == "cached":
+        if mode == "cached":  # (the cache's rotations, made once for it)
             if cache_write == "sink":
-                frame_pos = cache.sink_frame_positions()
+                attn_kwargs["angles"] = cache.sink_rope(grid)
                 attn_kwargs["cache_op"] = "write_sink"
             else:
-                frame_pos = cache.chunk_frame_positions()
+                attn_kwargs["angles"] = cache.chunk_rope(grid)
                 attn_kwargs["ring_filled"] = cache.ring_tokens_filled()
                 if cache_write == "ring":
                     attn_kwargs["cache_op"] = "write_ring"
@@ -386,9 +386,9 @@ class DiT(nn.Module):
             if mode == "block_causal":
                 ids = self.block_ids(f, x.device)
                 attn_kwargs["mask"] = (ids, ids)
-        attn_kwargs["angles"] = kernels.Rope.of(
-            kernels.rope_angles(frame_pos, grid, cfg.head_dim, cfg.rope_theta)
-        )
+            attn_kwargs["angles"] = kernels.Rope.of(
+                kernels.rope_angles(frame_pos, grid, cfg.head_dim, cfg.rope_theta)
+            )
         # sequence parallelism keeps only this process's tokens of every frame from here on
         xs, attn_kwargs["angles"] = self.shard_tokens(xs, attn_kwargs["angles"])
         attn_kwargs["tokens_per_frame"] = xs.shape[2]
