@@ -4,6 +4,7 @@ import collections
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import streamgen.model.cache as cache_module
 from streamgen import kernels
@@ -374,6 +375,43 @@ def test_a_caches_rotations_are_made_once_and_equal_those_made_for_each_forward(
         every_forward(m)
         again, _ = stream()
     assert all(torch.equal(a, b) for a, b in zip(chunks, again))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["bidirectional", "cached"])
+def test_audio_without_a_mask_conditions_every_frame_without_multiplying_by_ones(mode):
+    # a stream gives no mask: every layer multiplied its audio output by a mask of ones it made
+    model, cfg = make()
+    for blk in model.blocks:  # (a new audio branch's output is zero: it would change nothing)
+        torch.nn.init.normal_(blk.audio_attn.o.weight, std=0.1)
+    f = cfg.frames_per_chunk
+    x, t = torch.randn(1, cfg.in_channels, f, *HW), torch.full((1, f), 500.0)
+    ctx, audio = torch.randn(1, 2, cfg.text_dim), rand_audio(cfg, f)
+    ref = torch.randn(1, cfg.in_channels, cfg.sink_frames, *HW)
+
+    class MaskProducts(TorchFunctionMode):  # products by a per-frame mask [B, F, 1, 1]
+        count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__):
+                self.count += any(isinstance(a, torch.Tensor) and a.shape == (1, f, 1, 1) for a in args)
+            return func(*args, **(kwargs or {}))
+
+    def forward(mask):
+        cache = None
+        if mode == "cached":
+            cache = model.new_cache(1, HW)
+            encode_sink(model, cache, ref, ctx)
+        with MaskProducts() as products:
+            out = model(x, t, ctx, audio, mask, mode=mode, cache=cache)
+        return out, products.count
+
+    unmasked, products = forward(None)
+    assert products == 0
+    ones, products = forward(torch.ones(1, f))
+    assert products == cfg.num_layers and torch.equal(unmasked, ones)
+    dropped, _ = forward(torch.zeros(1))
+    assert not torch.equal(dropped, unmasked)
 
 
 @torch.no_grad()

@@ -256,7 +256,8 @@ class Block(nn.Module):
             # each latent frame attends only to the audio tokens of its own time window
             ha = kernels.layernorm_affine(x, self.audio_norm.weight, self.audio_norm.bias, self.eps)
             ya = self.audio_attn(ha.reshape(b * f, s, d), audio.flatten(0, 1), audio_kv).view(b, f, s, d)
-            x = x + ya * audio_mask[:, :, None, None].to(ya.dtype)
+            # (no mask: every frame's audio kept, as a mask of ones would, without its product)
+            x = x + (ya if audio_mask is None else ya * audio_mask[:, :, None, None].to(ya.dtype))
 
         h = kernels.layernorm_modulate(x, c_shift, c_scale, self.eps)
         return kernels.gated_residual_layernorm_modulate(x, self.ffn(h), c_gate, *next_mod, self.eps)
@@ -339,7 +340,7 @@ class DiT(nn.Module):
         x: latents [B, C, F, h, w]; t: timesteps in [0, 1000], per frame [B, F] (or [B]);
         context: text tokens [B, Lt, text_dim]; audio: per-frame windows of audio
         features [B, F, audio_window, audio_dim] (see `audio.frame_windows`);
-        audio_mask: [B, F] (or [B]) 1 where audio conditions the frame, 0 to drop it.
+        audio_mask: [B, F] (or [B]) 1 where audio conditions the frame, 0 to drop it (None: all 1).
         mode "cached": x is one chunk (or the sink when cache_write="sink"),
         cache_write in (None, "sink", "ring"). frame_pos overrides the rotary
         frame positions (default 0..F-1 outside the cache).
@@ -363,9 +364,7 @@ class DiT(nn.Module):
         temb = self.time_embed(timestep_embedding(t, cfg.freq_dim).to(xs.dtype))  # [B, F, D]
         e = self.time_proj(temb).unflatten(-1, (6, -1))  # [B, F, 6, D]
         ctx = self.text_embed(context)
-        if audio is not None and audio_mask is None:
-            audio_mask = torch.ones(b, f, device=x.device)
-        elif audio_mask is not None and audio_mask.ndim == 1:
+        if audio_mask is not None and audio_mask.ndim == 1:
             audio_mask = audio_mask[:, None].expand(b, f)
 
         # rotary positions and attention pattern
