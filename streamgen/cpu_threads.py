@@ -181,20 +181,20 @@ def check_decode_threads(value: str) -> str:
     return value
 
 
-_side_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_side_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None  # (its process, it)
 _side_pool_lock = threading.Lock()
 
 
 def _side_pool_executor() -> concurrent.futures.ThreadPoolExecutor:
     """One pool for the process (its threads are made as calls need them, up to a core each): a
-    server's lanes share it rather than each session keeping threads of its own."""
+    server's lanes share it rather than each session keeping threads of its own. A forked child
+    makes its own: the parent's threads are not in it, and work queued for them would wait forever."""
     global _side_pool
     with _side_pool_lock:
-        if _side_pool is None:
-            _side_pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=os.cpu_count() or 2, thread_name_prefix="streamgen-side"
-            )
-        return _side_pool
+        if _side_pool is None or _side_pool[0] != os.getpid():
+            pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="streamgen-side")
+            _side_pool = (os.getpid(), pool)
+        return _side_pool[1]
 
 
 def side_by_side(fn, parts: list) -> list:

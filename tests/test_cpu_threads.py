@@ -189,6 +189,28 @@ def test_side_by_side_runs_each_part_on_a_thread_of_its_own_on_one_thread(two_th
     assert torch.get_num_threads() == 2
 
 
+def _parts_in_a_fork(queue):
+    queue.put(cpu_threads.side_by_side(lambda part: (part, threading.get_ident()), [0, 1]))
+
+
+def test_side_by_side_runs_in_a_process_forked_after_it_ran(two_threads):
+    """The pool's threads stay in the parent: a forked child's parts had nobody to run them."""
+    import multiprocessing
+
+    cpu_threads.side_by_side(lambda part: part, [0, 1])  # the parent's pool, with a thread idle
+    fork = multiprocessing.get_context("fork")
+    queue = fork.Queue()
+    child = fork.Process(target=_parts_in_a_fork, args=(queue,))
+    child.start()
+    try:
+        parts = queue.get(timeout=60)
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    assert [part for part, _ in parts] == [0, 1] and parts[0][1] != parts[1][1]
+
+
 def test_frames_decode_the_chunks_frames_side_by_side_with_the_same_frames(model, two_threads):
     """decode_threads="frames": the decode stage on all threads, its latent frames each on a
     thread of its own running on one; the same stream as "split"."""
