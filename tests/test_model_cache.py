@@ -378,6 +378,35 @@ def test_a_caches_rotations_are_made_once_and_equal_those_made_for_each_forward(
 
 
 @torch.no_grad()
+def test_a_stream_embeds_its_caption_only_until_every_layer_keeps_its_keys_and_values(monkeypatch):
+    # The sink's forward keeps the caption's keys/values in every layer but its last (a cache write
+    # stops at its keys), the first denoising step in that one too: from then on no forward reads
+    # the embedding. The chunks are those of a model that embedded it at every forward.
+    model, cfg = make(window_frames=4, frames_per_chunk=2)
+    ctx, ref = torch.randn(1, 2, cfg.text_dim), torch.randn(1, cfg.in_channels, cfg.sink_frames, *HW)
+    inputs = [(torch.randn(1, cfg.in_channels, 2, *HW), rand_audio(cfg, 2)) for _ in range(3)]
+    embedded = []
+    model.text_embed.register_forward_hook(lambda *_: embedded.append(1))
+
+    def stream():
+        cache = model.new_cache(1, HW)
+        encode_sink(model, cache, ref, ctx)
+        gen = torch.Generator().manual_seed(0)
+        chunks = [generate_chunk(model, cache, n, ctx, a, student_sigmas(3), gen) for n, a in inputs]
+        return chunks, cache
+
+    chunks, cache = stream()
+    assert len(embedded) == 2 and DiT.text_kept(cache)
+    with torch.enable_grad():  # (training: embedded at every forward, whatever a cache keeps)
+        assert not DiT.text_kept(cache)
+    embedded.clear()
+    monkeypatch.setattr(DiT, "text_kept", staticmethod(lambda cache: False))
+    again, _ = stream()
+    assert len(embedded) == 1 + len(inputs) * (3 + 1)  # the sink, then each chunk's steps and re-encode
+    assert all(torch.equal(a, b) for a, b in zip(chunks, again))
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("mode", ["bidirectional", "cached"])
 def test_audio_without_a_mask_conditions_every_frame_without_multiplying_by_ones(mode):
     # a stream gives no mask: every layer multiplied its audio output by a mask of ones it made

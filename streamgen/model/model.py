@@ -236,7 +236,8 @@ class Block(nn.Module):
         e: timestep projection [B, F, 6, D]. next_mod: (shift, scale) of whatever
         norm comes after this block (the next block's, or the head's), so the
         last residual add is fused with it. kv: `kept_kv`'s (text, audio) keys/values, or None
-        for those to compute here. Returns (x, h_next).
+        for those to compute here (from ctx, the text embedding: None where kv holds the text's).
+        Returns (x, h_next).
         """
         b, f, s, d = x.shape
         _, _, gate, c_shift, c_scale, c_gate = (self.modulation + e.float()).unbind(2)
@@ -311,6 +312,14 @@ class DiT(nn.Module):
         y = y.reshape(b, f, hp, wp, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return y.flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
+    @staticmethod
+    def text_kept(cache: StreamCache | None) -> bool:
+        """Whether every layer keeps the caption's cross-attention keys/values (`Block.kept_kv`), so
+        that nothing reads the text embedding: a stream's forwards after its first chunk's first."""
+        if cache is None or torch.is_grad_enabled():
+            return False
+        return all(layer.context_kv is not None for layer in cache.layers)
+
     # Seams for sequence parallelism: identities here. `streamgen.parallel`
     # replaces them on the instance to shard the tokens of every frame after the
     # patch embedding ([B, F, S, D] -> [B, F, S_local, D], with their RoPE
@@ -363,7 +372,7 @@ class DiT(nn.Module):
             t = t[:, None].expand(b, f)
         temb = self.time_embed(timestep_embedding(t, cfg.freq_dim).to(xs.dtype))  # [B, F, D]
         e = self.time_proj(temb).unflatten(-1, (6, -1))  # [B, F, 6, D]
-        ctx = self.text_embed(context)
+        ctx = None if self.text_kept(cache) else self.text_embed(context)
         if audio_mask is not None and audio_mask.ndim == 1:
             audio_mask = audio_mask[:, None].expand(b, f)
 
