@@ -107,9 +107,12 @@ def main(argv=None) -> dict:
     p.add_argument("--height", type=frame_size, default=128, help="frame height (default: %(default)s)")
     p.add_argument("--width", type=frame_size, default=128, help="frame width (default: %(default)s)")
     p.add_argument(
-        "--rounds", type=positive_int, default=8, help="timed rounds, the arms alternating (default: %(default)s)"
+        "--rounds", type=positive_int, default=8,
+        help="timed rounds, the arms alternating (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--chunks", type=positive_int, default=4, help="chunks an arm's round times (default: %(default)s)"
     )
-    p.add_argument("--chunks", type=positive_int, default=4, help="chunks an arm's round times (default: %(default)s)")
     p.add_argument(
         "--threads", type=thread_count, default=None,
         help="torch's threads for the process (default: torch's own, the cores it may use)",

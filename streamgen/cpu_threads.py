@@ -192,7 +192,8 @@ def _side_pool_executor() -> concurrent.futures.ThreadPoolExecutor:
     global _side_pool
     with _side_pool_lock:
         if _side_pool is None or _side_pool[0] != os.getpid():
-            pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="streamgen-side")
+            workers = os.cpu_count() or 2
+            pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="streamgen-side")
             _side_pool = (os.getpid(), pool)
         return _side_pool[1]
 

@@ -196,7 +196,9 @@ class TinyCausalVAE(VideoAutoencoder):
     def init_state(self, batch: int):
         return None  # the previous latent frame's decoder features; none before the first
 
-    def decode_streams(self, latents: torch.Tensor, states: list, frame_threads: int = 1) -> tuple[torch.Tensor, list]:
+    def decode_streams(
+        self, latents: torch.Tensor, states: list, frame_threads: int = 1
+    ) -> tuple[torch.Tensor, list]:
         """One batch, when every stream has decoded before or none has (a state is the previous
         latent frame's features, [1, 1, Wd, h, w])."""
         if all(state is None for state in states):
