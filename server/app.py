@@ -165,6 +165,8 @@ class ApiMethods:
         return any(not isinstance(r, Mount) and r.matches(as_method)[0] == Match.FULL for r in self.routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "*":  # (the asterisk form: no route's, nor a file's)
+            return await self.server_wide(scope, receive, send)
         if scope["type"] == "websocket" and not self.takes(scope, "GET"):
             return await self.no_websocket_at(scope, receive, send)
         if scope["type"] == "http" and not self.takes(scope, scope["method"]):
@@ -193,6 +195,16 @@ class ApiMethods:
                 response = JSONResponse({"error": "not_found", "message": message}, status_code=404)
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+    async def server_wide(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """`OPTIONS * HTTP/1.1` asks what the server as a whole takes (RFC 9110 9.3.7): it was a 404
+        'nothing at /*'. The target `*` is OPTIONS' alone (RFC 9112 3.2.4): with any other method, a 400."""
+        if scope["method"] == "OPTIONS":
+            allow = ", ".join([*self.METHODS, "HEAD", "OPTIONS"])
+            return await Response(status_code=204, headers={"Allow": allow})(scope, receive, send)
+        message = f"the request target '*' is for OPTIONS alone, not {scope['method'][:20]}: a path begins with /"
+        response = JSONResponse({"error": "bad_request", "message": message}, status_code=400)
+        await response(scope, receive, send)
 
     @staticmethod
     async def no_websocket_at(scope: Scope, receive: Receive, send: Send) -> None:

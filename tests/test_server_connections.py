@@ -179,6 +179,21 @@ def test_a_websocket_handshake_refused_is_answered_in_the_apis_json(server, head
     assert json.loads(body) == {"error": error, "message": f"WebSocket handshake refused: {says}"}
 
 
+def test_options_star_is_answered_for_the_server_as_a_whole(server):
+    """'OPTIONS * HTTP/1.1' (RFC 9112 3.2.4, RFC 9110 9.3.7) was a 404 'nothing at /*'."""
+    with connect(server) as sock:
+        sock.sendall(b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        head = answer_until_closed(sock).partition(b"\r\n\r\n")[0].decode()
+    assert head.startswith("HTTP/1.1 204 "), head
+    allow = next(line.split(":", 1)[1] for line in head.split("\r\n") if line.lower().startswith("allow:"))
+    assert {m.strip() for m in allow.split(",")} == {"GET", "HEAD", "POST", "PATCH", "DELETE", "OPTIONS"}, head
+    with connect(server) as sock:  # (the asterisk form is OPTIONS' alone)
+        sock.sendall(b"GET * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head, said = read_response(sock)
+    assert head.startswith(b"HTTP/1.1 400 ") and said["error"] == "bad_request", (head, said)
+    assert "the request target '*' is for OPTIONS alone, not GET" in said["message"], said
+
+
 def test_a_connection_that_sends_nothing_is_closed(server):
     with connect(server) as sock:
         assert answer_until_closed(sock) == b""
