@@ -11,17 +11,21 @@ than `MAX_HEAD_BYTES` 431 (httptools kept any head whole, however large), one th
 `ServerConfig.max_connections` connections are open (WebSockets included), a request that
 arrives on another is answered 503 with `Retry-After`, in the API's JSON and with the CORS
 headers of `serve --cors-origin`, and its connection closed, rather than the server taking on
-more than it can hold. (The 408, 431 and 400 answer a head that was never parsed whole: no
-Origin header to answer, and a browser's own requests do not earn them.)
+more than it can hold. The 408, 431 and 400 answer a head that was never parsed whole: an Origin
+header among the lines that came is answered with the same CORS headers (`connection_cors`), so
+that a page of an allowed origin reads the error, not an opaque network failure.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 import sys
 
 from fastapi.responses import JSONResponse
+from starlette.datastructures import MutableHeaders
 
 from .origins import ApiCors, cors_options
 
@@ -36,6 +40,20 @@ MAX_HEAD_BYTES = 64 * 1024
 PAST_LIMIT_HEAD_S = 1.0
 NOT_PARSED = "not a valid HTTP/1.1 request: its request line or a header could not be parsed"
 NOT_ONE_HOST = "a request must have one Host header, and an HTTP/1.1 one must have it (RFC 9112, 3.2)"
+# an Origin header's line in a head's bytes, whole (its line ended): a name has no space before its colon
+ORIGIN_LINE = re.compile(rb"\norigin:[ \t]*([^\r\n]*?)[ \t]*(?=\r?\n)", re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=8)
+def connection_cors(cors_origins: tuple[str, ...]) -> ApiCors:
+    """The app's CORS (`serve --cors-origin`), for the answers written outside it."""
+    return ApiCors(None, **cors_options(list(cors_origins)))
+
+
+def origin_in_head(head: bytes) -> str | None:
+    """The Origin a head's bytes so far name: None for none, or for two (which to answer?)."""
+    origins = ORIGIN_LINE.findall(head.partition(b"\r\n\r\n")[0])
+    return origins[0].decode("latin-1") if len(origins) == 1 else None
 
 
 class NotOneHost(ValueError):
@@ -58,6 +76,7 @@ class ConnectionLimits:
         self.awaiting_head = True
         self.head_bytes = 0  # of the request head awaited now
         self.head_tail = b""  # its last 3 bytes so far
+        self.head_seen = bytearray()  # its bytes so far, for its Origin (only with --cors-origin)
         self.head_timer = None
 
     # --- the head's deadline ------------------------------------------------------------------------------
@@ -73,7 +92,10 @@ class ConnectionLimits:
         if self.awaiting_head and self.head_bytes == 0:
             self._arm_head_timer()  # from the head's first byte
             self.head_tail = b""
+            self.head_seen.clear()
         if self.awaiting_head:
+            if self.cors_origins and len(self.head_seen) <= MAX_HEAD_BYTES:  # (past it: a 431 below)
+                self.head_seen += data
             seen = self.head_tail + data
             end = seen.find(b"\r\n\r\n")
             if end >= 0 and self.head_bytes - len(self.head_tail) + end + 4 > MAX_HEAD_BYTES:
@@ -87,6 +109,7 @@ class ConnectionLimits:
         if self.cycle is not cycle or self.transport.get_protocol() is not self:  # a head complete, or an upgrade
             self.awaiting_head = False
             self._cancel_head_timer()
+            self.head_seen.clear()
         elif self.awaiting_head and self.head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
             # (all of it the head's, which is not complete: a body's first bytes came after a head)
             self._refuse_head_too_large()
@@ -167,10 +190,32 @@ class ConnectionLimits:
         body = json.dumps({"error": error, "message": message}).encode()
         head = [b"HTTP/1.1 " + status + b"\r\n"]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        head += [name + b": " + value + b"\r\n" for name, value in self._cors_headers()]
         head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
                  b"connection: close\r\n\r\n"]  # fmt: skip
         self.transport.write(b"".join(head) + body)
         self.transport.close()
+
+    def _cors_headers(self) -> list[tuple[bytes, bytes]]:
+        """The CORS headers the app gives a request of the Origin the head being refused names,
+        if `serve --cors-origin` allows it (none for another: a page of it cannot read the answer,
+        as it cannot read the app's)."""
+        if not self.cors_origins:
+            return []
+        if self.awaiting_head:  # (its lines so far)
+            origin = origin_in_head(self.head_seen)
+        else:  # (a head parsed whole, its body refused by the parser: a bad chunk, say)
+            origins = [value for name, value in self.headers or () if name == b"origin"]
+            origin = origins[0].decode("latin-1") if len(origins) == 1 else None
+        cors = connection_cors(tuple(self.cors_origins))
+        if origin is None or not cors.is_allowed_origin(origin):
+            return []
+        message = {"headers": []}
+        headers = MutableHeaders(scope=message)
+        headers.update(cors.simple_headers)
+        if not cors.allow_all_origins:  # (as CORSMiddleware.send: the page's own origin, not '*')
+            cors.allow_explicit_origin(headers, origin)
+        return message["headers"]
 
     # --- the bound on connections ---------------------------------------------------------------------------
     @property

@@ -268,6 +268,44 @@ def test_a_page_of_an_allowed_origin_can_read_the_503_past_the_connection_limit(
     assert b"retry-after" in head.lower().split(b"access-control-expose-headers: ")[1].split(b"\r\n")[0], head
 
 
+PAGE = "https://app.example.org"
+
+
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def cors_server(request):
+    with live_server(http=request.param, header_timeout_s=HEADER_TIMEOUT_S, cors_origins=[PAGE]) as (url, app):
+        yield int(url.rsplit(":", 1)[1])
+
+
+def refused_heads(origin: bytes) -> dict[str, bytes]:
+    """A head of each kind refused before it reaches the app, naming `origin`, by its answer's status."""
+    from server.connections import MAX_HEAD_BYTES
+
+    start = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: " + origin + b"\r\n"
+    return {"408": start + b"X-Slow: ", "431": start + b"X-Large: " + b"a" * (MAX_HEAD_BYTES + 16 * 1024),
+            "400": start.replace(b"GET ", b"POST ") + b"Content-Length: -1\r\n\r\n",
+            "400 in the body": start.replace(b"GET /healthz", b"POST /v1/sessions") +  # (the head parsed whole)
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["408", "431", "400", "400 in the body"])
+def test_a_page_of_an_allowed_origin_can_read_the_connections_own_refusals(cors_server, case):
+    """The 408, 431 and 400 written outside the app had none of its CORS headers: a page of a
+    --cors-origin saw a network error, not the JSON that says what was wrong."""
+    with connect(cors_server) as sock:
+        sock.sendall(refused_heads(PAGE.encode())[case])
+        head, _, body = answer_until_closed(sock).partition(b"\r\n\r\n")
+    status = case.split()[0].encode()
+    assert head.startswith(b"HTTP/1.1 %s " % status), head
+    assert b"access-control-allow-origin: " + PAGE.encode() in head.lower(), head
+    assert b"retry-after" in head.lower().split(b"access-control-expose-headers: ")[1].split(b"\r\n")[0], head
+    assert json.loads(body)["error"]
+    with connect(cors_server) as sock:  # (a page of another origin: nothing, as the app answers it)
+        sock.sendall(refused_heads(b"https://evil.example")[case])
+        head = answer_until_closed(sock).partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 %s " % status) and b"access-control-" not in head.lower(), head
+
+
 def test_a_connection_past_the_limit_that_sends_nothing_is_not_held_for_the_heads_whole_time():
     """A flood of connections sending nothing held a descriptor each for the head's whole time
     (ServerConfig.header_timeout_s), the connection limit refusing only requests."""
