@@ -13,11 +13,13 @@ arrives on another is answered 503 with `Retry-After`, in the API's JSON and wit
 headers of `serve --cors-origin`, and its connection closed, rather than the server taking on
 more than it can hold. The 408, 431 and 400 answer a head that was never parsed whole: an Origin
 header among the lines that came is answered with the same CORS headers (`connection_cors`), so
-that a page of an allowed origin reads the error, not an opaque network failure.
+that a page of an allowed origin reads the error, not an opaque network failure. On a TLS server,
+a connection's handshake has the head's deadline and counts among the open ones (`TlsHandshake`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -78,9 +80,12 @@ class ConnectionLimits:
         self.head_tail = b""  # its last 3 bytes so far
         self.head_seen = bytearray()  # its bytes so far, for its Origin (only with --cors-origin)
         self.head_timer = None
+        self.handshake = None  # its TlsHandshake, on a TLS server
 
     # --- the head's deadline ------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
+        if self.handshake is not None:  # (counted while it was under way: this protocol counts itself now)
+            self.connections.discard(self.handshake)
         super().connection_made(transport)
         if self.max_connections and len(self.connections) > self.max_connections:
             # its request is answered 503 as soon as it comes: one past the bound that sends none
@@ -241,6 +246,77 @@ class ConnectionLimits:
         response = JSONResponse({"error": "unavailable", "message": message, "reason": "too many connections"},
                                 status_code=503, headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})  # fmt: skip
         await response(scope, receive, send)
+
+
+class TlsHandshake(asyncio.Protocol):
+    """A TLS server's connection (`serve --ssl-certfile`) until its handshake is done, when its HTTP
+    protocol (a `ConnectionLimits`) is given the TLS transport.
+
+    The loop's TLS gave a handshake a minute of its own, and the HTTP protocol heard of the
+    connection only once it was done: a client that connected and sent no ClientHello, or stopped
+    in the middle of one, held a socket for 60 s that `max_connections` did not count, and a
+    flood of them used up the descriptors as slowloris heads had. Here the loop listens for plain
+    TCP, and each connection is made TLS as the loop would make it (its own TLS protocol, before
+    a byte is read), its handshake given `header_timeout_s` (`PAST_LIMIT_HEAD_S` past the bound),
+    and counted among the open connections until its HTTP protocol counts itself."""
+
+    def __init__(self, http, context) -> None:
+        self.http, self.context = http, context
+        self.connections = http.server_state.connections
+        self.transport = None
+
+    @classmethod
+    def factory(cls, http_protocol_class: type, context):
+        """uvicorn's `http_protocol_class`, as it calls it: each connection's protocol."""
+        return lambda **kwargs: cls(http_protocol_class(**kwargs), context)
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.connections.add(self)
+        timeout_s = self.http.header_timeout_s
+        if self.http.max_connections and len(self.connections) > self.http.max_connections:
+            timeout_s = min(timeout_s, PAST_LIMIT_HEAD_S)  # (as a head's past the bound)
+        loop = self.http.loop
+        handshake = loop.create_future()  # (done when the handshake is, or the connection gone)
+        tls = tls_protocol_class(loop)(loop, self.http, self.context, handshake, server_side=True,
+                                       ssl_handshake_timeout=timeout_s)  # fmt: skip
+        self.http.handshake = self
+        transport.set_protocol(tls)  # (the loops read a connection once its connection_made returns)
+        tls.connection_made(transport)
+        handshake.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, handshake: asyncio.Future) -> None:
+        self.connections.discard(self)
+        failed = None if handshake.cancelled() else handshake.exception()
+        if failed is None:  # (done: its HTTP protocol counts itself; or the client left as it ended)
+            return
+        peer = self.transport.get_extra_info("peername")
+        who = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "a client"
+        if isinstance(failed, ConnectionAbortedError) and "longer than" in str(failed):
+            log.info("%s did not finish its TLS handshake in %g s: closed", who, self.http.header_timeout_s)
+        else:  # (not TLS, a protocol it does not speak, a reset: the loop's TLS says it at debug too)
+            log.debug("%s: TLS handshake failed: %r", who, failed)
+        if not self.transport.is_closing():
+            self.transport.abort()
+
+    def shutdown(self) -> None:
+        """(uvicorn's, of each open connection as the server stops)"""
+        self.transport.abort()
+
+
+def tls_protocol_class(loop) -> type:
+    """The TLS protocol `loop` makes a server's connections TLS with: uvloop's own, or asyncio's."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is uvicorn[standard]'s
+        uvloop = None
+    if uvloop is not None and isinstance(loop, uvloop.Loop):
+        from uvloop.loop import SSLProtocol
+
+        return SSLProtocol
+    from asyncio.sslproto import SSLProtocol
+
+    return SSLProtocol
 
 
 class HttpToolsBodyState:

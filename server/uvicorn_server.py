@@ -7,7 +7,8 @@ as the server's doing (WebSocket 1001 "server shutting down", WebRTC peers hung 
 reason "server shutting down"), then goes on as uvicorn does. It also logs a client's text
 message that is not UTF-8 in one line rather than uvicorn's traceback (`BrokenTextFrameLog`), and
 drops the connection of a WebSocket client that stopped reading (`StuckClientDroppingProtocol`),
-and times each request's head and bounds the connections open (server/connections.py).
+and times each request's head (and each TLS handshake) and bounds the connections open
+(server/connections.py).
 """
 
 from __future__ import annotations
@@ -147,6 +148,25 @@ class SessionClosingServer(uvicorn.Server):
             for kind in kinds:
                 if not any(isinstance(f, kind) for f in log.filters):
                     log.addFilter(kind())
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        from .connections import ConnectionLimits, TlsHandshake
+
+        self.tls = self.config.ssl
+        http = self.config.http_protocol_class
+        if self.tls is None or not (isinstance(http, type) and issubclass(http, ConnectionLimits)):
+            return await super().startup(sockets)
+        # the loop listens for plain TCP: each connection's handshake is timed and counted (TlsHandshake)
+        self.config.http_protocol_class = TlsHandshake.factory(http, self.tls)
+        self.config.ssl = None
+        try:
+            await super().startup(sockets)
+        finally:
+            self.config.ssl = self.tls
+
+    def _log_started_message(self, listeners) -> None:
+        self.config.ssl = self.tls  # (its line says https://, as it did)
+        super()._log_started_message(listeners)
 
     async def on_tick(self, counter: int) -> bool:
         if (error := self.config.app.state.registry.load_error) and not self.load_error:

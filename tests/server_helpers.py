@@ -83,9 +83,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(http: str = "auto", **overrides):
-    """A real uvicorn server on 127.0.0.1 in a background thread, with uvicorn's `http` protocol;
-    yields (base_url, app)."""
+def live_server(http: str = "auto", tls: tuple[str, str] | None = None, loop: str = "auto", **overrides):
+    """A real uvicorn server on 127.0.0.1 in a background thread, with uvicorn's `http` protocol and
+    event `loop` (on HTTPS with `tls`'s certificate and key files); yields (base_url, app)."""
+    import ssl
+
     import httpx
     import uvicorn
 
@@ -95,16 +97,18 @@ def live_server(http: str = "auto", **overrides):
 
     server = SessionClosingServer(  # as `serve` runs it
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=3,
-                       ws_max_size=MAX_WEBSOCKET_MESSAGE_BYTES, http=http)  # as `serve` runs it # fmt: skip
+                       ws_max_size=MAX_WEBSOCKET_MESSAGE_BYTES, http=http, loop=loop,
+                       **(dict(ssl_certfile=tls[0], ssl_keyfile=tls[1]) if tls else {}))  # as `serve` runs it # fmt: skip
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    trust = ssl.create_default_context(cafile=tls[0]) if tls else True
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/readyz", timeout=2, verify=trust).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

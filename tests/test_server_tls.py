@@ -6,6 +6,7 @@ import datetime
 import ipaddress
 import json
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import time
 import httpx
 import pytest
 import websockets
-from server_helpers import free_port
+from server_helpers import free_port, live_server
 
 from server.protocol import MsgType
 
@@ -144,3 +145,74 @@ def test_a_certificate_out_of_its_dates_is_a_warning_at_the_start(tmp_path, monk
         assert main(["serve", "--port", str(free_port()), "--model", "debug", *args]) == 0
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and cert in r.getMessage()]
     assert len(warned) == 1 and says in warned[0], warned
+
+
+HEADER_TIMEOUT_S = 0.5
+MAX_CONNECTIONS = 3
+
+
+@pytest.fixture(scope="module", params=[("httptools", "uvloop"), ("h11", "asyncio")], ids=["httptools", "h11"])
+def tls_server(request, tmp_path_factory):
+    """(each parser on a loop of its own: uvloop's TLS and asyncio's)"""
+    cert, key = self_signed(tmp_path_factory.mktemp("tls"))
+    http, loop = request.param
+    with live_server(http=http, loop=loop, tls=(cert, key), header_timeout_s=HEADER_TIMEOUT_S) as (url, app):
+        yield url, cert
+
+
+def client_hello() -> bytes:
+    """A TLS client's first flight to 127.0.0.1."""
+    hello = ssl.MemoryBIO()
+    client = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), hello, server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    return hello.read()
+
+
+def closed_by_the_server(sock: socket.socket) -> bool:
+    """Whether the server closes the connection (within the socket's timeout), sending nothing."""
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.parametrize("sends", ["nothing", "half a ClientHello"])
+def test_a_tls_handshake_that_does_not_end_is_cut_at_the_heads_deadline(tls_server, sends):
+    """The loop's TLS gave a handshake 60 s of its own: a client that connected and sent no
+    ClientHello, or half of one, held its socket for a minute whatever --header-timeout said."""
+    url, cert = tls_server
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as sock:
+        if sends != "nothing":
+            hello = client_hello()
+            sock.sendall(hello[: len(hello) // 2])
+        assert closed_by_the_server(sock)  # (a timeout here: held past 10 s)
+    trust = ssl.create_default_context(cafile=cert)
+    with httpx.Client(base_url=url, verify=trust, timeout=10) as http:  # (a client that finishes it is served)
+        assert http.get("/healthz").status_code == 200
+        made = http.post("/v1/sessions", json={})
+        assert made.status_code == 201 and made.json()["stream"].startswith("/v1/sessions/"), made.text
+
+
+def test_a_tls_handshake_under_way_counts_against_the_connection_limit(tmp_path):
+    """Until its handshake was done the HTTP protocol did not know of a TLS connection: any number
+    of clients that never sent a ClientHello were held beside max_connections' others."""
+    cert, key = self_signed(tmp_path)
+    with live_server(tls=(cert, key), header_timeout_s=30, max_connections=MAX_CONNECTIONS) as (url, app):
+        port = int(url.rsplit(":", 1)[1])
+        trust = ssl.create_default_context(cafile=cert)
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(MAX_CONNECTIONS)]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as past:  # past the bound: cut soon
+                assert closed_by_the_server(past)  # (a timeout here: held for the handshake's whole time)
+            answer = httpx.get(f"{url}/healthz", verify=trust, timeout=10)
+            assert answer.status_code == 503 and answer.json()["error"] == "unavailable", answer.text
+        finally:
+            for sock in held:
+                sock.close()
+        for _ in range(200):  # (the server sees the held ones closed soon after: their places are free)
+            if httpx.get(f"{url}/healthz", verify=trust, timeout=10).status_code == 200:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("requests were refused after the handshakes under way were given up")
