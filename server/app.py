@@ -13,6 +13,7 @@ import asyncio
 import gc
 import importlib
 import logging
+import re
 import secrets
 import statistics
 import time
@@ -154,6 +155,8 @@ class ApiMethods:
     handshake read as a token problem)."""
 
     METHODS = ("GET", "POST", "PATCH", "DELETE")
+    # the absolute form of a request target (RFC 9112 3.2.2), as to a proxy: its scheme and authority
+    ABSOLUTE_FORM = re.compile(rb"https?://[^/?#]*", re.IGNORECASE)
 
     def __init__(self, app: ASGIApp, routes: list):
         self.app = app
@@ -165,6 +168,11 @@ class ApiMethods:
         return any(not isinstance(r, Mount) and r.matches(as_method)[0] == Match.FULL for r in self.routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and (absolute := self.ABSOLUTE_FORM.match(scope["raw_path"])):
+            # a server must take it (RFC 9112 3.2.2): h11 gave the whole target as the path, a 404
+            # 'nothing at /http://host/healthz' of a path httptools served; the path is its own
+            scope = {**scope, "raw_path": scope["raw_path"][absolute.end() :] or b"/",
+                     "path": scope["path"][len(absolute[0]) :] or "/"}  # fmt: skip
         if scope["type"] == "http" and scope["path"] == "*":  # (the asterisk form: no route's, nor a file's)
             return await self.server_wide(scope, receive, send)
         if scope["type"] == "websocket" and not self.takes(scope, "GET"):

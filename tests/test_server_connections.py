@@ -194,6 +194,16 @@ def test_options_star_is_answered_for_the_server_as_a_whole(server):
     assert "the request target '*' is for OPTIONS alone, not GET" in said["message"], said
 
 
+@pytest.mark.parametrize("target", [b"http://127.0.0.1/healthz", b"HTTP://127.0.0.1:80/healthz?x=1"])
+def test_a_request_target_in_the_absolute_form_is_served_by_either_parser(server, target):
+    """A server must take 'GET http://host/path' (RFC 9112 3.2.2): h11 gave the whole target as the
+    path, a 404 'nothing at /http://127.0.0.1/healthz' of a path httptools served."""
+    with connect(server) as sock:
+        sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = answer_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status":"ok"}'), answer[:300]
+
+
 def test_a_connection_that_sends_nothing_is_closed(server):
     with connect(server) as sock:
         assert answer_until_closed(sock) == b""
