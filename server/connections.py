@@ -42,6 +42,7 @@ MAX_HEAD_BYTES = 64 * 1024
 PAST_LIMIT_HEAD_S = 1.0
 NOT_PARSED = "not a valid HTTP/1.1 request: its request line or a header could not be parsed"
 NOT_ONE_HOST = "a request must have one Host header, and an HTTP/1.1 one must have it (RFC 9112, 3.2)"
+BOTH_LENGTHS = "a request must not have both Transfer-Encoding and Content-Length (RFC 9112, 6.1)"
 # an Origin header's line in a head's bytes, whole (its line ended): a name has no space before its colon
 ORIGIN_LINE = re.compile(rb"\norigin:[ \t]*([^\r\n]*?)[ \t]*(?=\r?\n)", re.IGNORECASE)
 
@@ -179,7 +180,9 @@ class ConnectionLimits:
         refused = sys.exc_info()[1]
         # (h11's: 'Missing mandatory Host: header', 'Found multiple Host: headers')
         not_one_host = isinstance(refused and refused.__context__, NotOneHost) or "Host: header" in str(refused)
-        self._answer_and_close(b"400 Bad Request", "bad_request", NOT_ONE_HOST if not_one_host else NOT_PARSED)
+        both_lengths = "Content-Length can't be present with Transfer-Encoding" in str(refused)  # (httptools')
+        message = NOT_ONE_HOST if not_one_host else BOTH_LENGTHS if both_lengths else NOT_PARSED
+        self._answer_and_close(b"400 Bad Request", "bad_request", message)
 
     def _refuse_head_too_large(self) -> None:
         log.info("%s sent a request head of over %d bytes: answered 431 and closed", self._who(), MAX_HEAD_BYTES)
@@ -225,13 +228,35 @@ class ConnectionLimits:
     # --- the bound on connections ---------------------------------------------------------------------------
     @property
     def app(self):
-        """The app a request whose head is complete runs: the refusal while too many connections are open."""
-        if self.max_connections and len(self.connections) > self.max_connections:
-            if not self.cors_origins:
-                return self._refuse_over_limit
-            # (outside the app, so outside its CORS: a page of an allowed origin could not read the 503)
-            return ApiCors(self._refuse_over_limit, **cors_options(self.cors_origins))
-        return self._app
+        """The app a request whose head is complete runs: a refusal of a head neither parser refused,
+        or while too many connections are open."""
+        refusal = None
+        if (message := self._head_refused()) is not None:
+            refusal = functools.partial(self._refuse_head, message)
+        elif self.max_connections and len(self.connections) > self.max_connections:
+            refusal = self._refuse_over_limit
+        if refusal is None:
+            return self._app
+        if not self.cors_origins:
+            return refusal
+        # (outside the app, so outside its CORS: a page of an allowed origin could not read the answer)
+        return ApiCors(refusal, **cors_options(self.cors_origins))
+
+    def _head_refused(self) -> str | None:
+        """Why a head parsed whole (`self.headers`) is refused, or None."""
+        names = [name for name, _ in self.headers]
+        if b"transfer-encoding" in names and b"content-length" in names:
+            # h11 read the body by its Transfer-Encoding and kept the connection: where a proxy in
+            # front reads it by its Content-Length, the rest is a request of the client's smuggled
+            # past the proxy (RFC 9112 6.1: the connection must close). httptools refused it.
+            return BOTH_LENGTHS
+        return None
+
+    async def _refuse_head(self, message: str, scope, receive, send) -> None:
+        log.info("%s %s -> 400: %s", scope["method"], scope["path"][:80], message)
+        response = JSONResponse({"error": "bad_request", "message": message}, status_code=400,
+                                headers={"Connection": "close"})  # fmt: skip
+        await response(scope, receive, send)
 
     @app.setter
     def app(self, app) -> None:

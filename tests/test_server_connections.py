@@ -138,6 +138,24 @@ def test_a_request_that_does_not_parse_is_a_400_in_the_apis_json(server, head):
     assert json.loads(body)["error"] == "bad_request"
 
 
+def test_a_request_with_both_transfer_encoding_and_content_length_is_a_400_that_closes(server):
+    """h11 read the body by its Transfer-Encoding and kept the connection, so that a proxy in front
+    reading it by its Content-Length passed a request smuggled in the body (RFC 9112 6.1); httptools
+    refused it as any request that does not parse."""
+    from server.connections import BOTH_LENGTHS
+
+    smuggled = b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    body = b"0\r\n\r\n" + smuggled  # (a proxy by the Content-Length: one body; by the chunks: a request after)
+    with connect(server) as sock:
+        sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n\r\n" % len(body) + body)  # fmt: skip
+        answer = answer_until_closed(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head.lower(), answer
+    said = json.loads(body)  # (one answer: none to the /readyz)
+    assert said == {"error": "bad_request", "message": BOTH_LENGTHS}, answer
+
+
 @pytest.mark.parametrize("head", [b"GET /healthz HTTP/1.1\r\n\r\n",
                                   b"GET /v1/sessions/x/ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
