@@ -43,6 +43,8 @@ PAST_LIMIT_HEAD_S = 1.0
 NOT_PARSED = "not a valid HTTP/1.1 request: its request line or a header could not be parsed"
 NOT_ONE_HOST = "a request must have one Host header, and an HTTP/1.1 one must have it (RFC 9112, 3.2)"
 BOTH_LENGTHS = "a request must not have both Transfer-Encoding and Content-Length (RFC 9112, 6.1)"
+# a Host header's value: uri-host [":" port] (RFC 9110 7.2, RFC 3986 3.2.2), an IP literal in brackets
+HOST = re.compile(rb"(\[[0-9A-Za-z:.%~!$&'()*+,;=_-]+\]|[0-9A-Za-z.%~!$&'()*+,;=_-]*)(:[0-9]*)?")
 # an Origin header's line in a head's bytes, whole (its line ended): a name has no space before its colon
 ORIGIN_LINE = re.compile(rb"\norigin:[ \t]*([^\r\n]*?)[ \t]*(?=\r?\n)", re.IGNORECASE)
 
@@ -250,6 +252,10 @@ class ConnectionLimits:
             # front reads it by its Content-Length, the rest is a request of the client's smuggled
             # past the proxy (RFC 9112 6.1: the connection must close). httptools refused it.
             return BOTH_LENGTHS
+        host = next((value for name, value in self.headers if name == b"host"), None)
+        if host is not None and not HOST.fullmatch(host):
+            # (served as it came: the origin guard and the routes read it; RFC 9112 3.2: a 400)
+            return f"the Host header {host.decode('latin-1')[:80]!r} is not a host[:port] (RFC 9112, 3.2)"
         return None
 
     async def _refuse_head(self, message: str, scope, receive, send) -> None:

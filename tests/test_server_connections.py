@@ -176,6 +176,21 @@ def test_a_request_without_one_host_is_a_400_that_says_so(server, head):
         assert answer_until_closed(sock).startswith(b"HTTP/1.1 200 ")
 
 
+@pytest.mark.parametrize("host", [b"a b", b"app.example.org/v1", b"user@app.example.org", b"app.example.org:80x"])
+def test_a_host_header_that_is_no_host_is_a_400_that_says_so(server, host):
+    """Either parser served it as it came (RFC 9112 3.2: a 400); a host as clients write them is served."""
+    with connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        head, said = read_response(sock)
+    assert head.startswith(b"HTTP/1.1 400 ") and b"connection: close" in head.lower(), (head, said)
+    assert said == {"error": "bad_request", "message": f"the Host header {host.decode()!r} is not a host[:port] "
+                    "(RFC 9112, 3.2)"}  # fmt: skip
+    for good in (b"127.0.0.1:8000", b"[::1]:8000", b"App.Example.org.", b"xn--bcher-kva.example", b""):
+        with connect(server) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: " + good + b"\r\n\r\n")
+            assert read_response(sock)[0].startswith(b"HTTP/1.1 200 "), good
+
+
 WEBSOCKET_HEAD = (b"GET /v1/sessions/x/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                   b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 
