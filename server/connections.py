@@ -183,6 +183,9 @@ class ConnectionLimits:
         # (h11's: 'Missing mandatory Host: header', 'Found multiple Host: headers')
         not_one_host = isinstance(refused and refused.__context__, NotOneHost) or "Host: header" in str(refused)
         both_lengths = "Content-Length can't be present with Transfer-Encoding" in str(refused)  # (httptools')
+        if "Invalid HTTP version" in str(refused):  # (httptools': HTTP/3.0, say)
+            return self._answer_and_close(b"505 HTTP Version Not Supported", "http_version_not_supported",
+                                          "its HTTP version is not spoken here: send HTTP/1.1")  # fmt: skip
         message = NOT_ONE_HOST if not_one_host else BOTH_LENGTHS if both_lengths else NOT_PARSED
         self._answer_and_close(b"400 Bad Request", "bad_request", message)
 
@@ -233,7 +236,10 @@ class ConnectionLimits:
         """The app a request whose head is complete runs: a refusal of a head neither parser refused,
         or while too many connections are open."""
         refusal = None
-        if (message := self._head_refused()) is not None:
+        if not (version := self.scope["http_version"]).startswith("1."):  # (h11 served HTTP/3.0 as 1.1)
+            message = f"HTTP/{version[:10]} is not spoken here: send HTTP/1.1"
+            refusal = functools.partial(self._refuse_head, message, status=505, error="http_version_not_supported")
+        elif (message := self._head_refused()) is not None:
             refusal = functools.partial(self._refuse_head, message)
         elif self.max_connections and len(self.connections) > self.max_connections:
             refusal = self._refuse_over_limit
@@ -258,9 +264,9 @@ class ConnectionLimits:
             return f"the Host header {host.decode('latin-1')[:80]!r} is not a host[:port] (RFC 9112, 3.2)"
         return None
 
-    async def _refuse_head(self, message: str, scope, receive, send) -> None:
-        log.info("%s %s -> 400: %s", scope["method"], scope["path"][:80], message)
-        response = JSONResponse({"error": "bad_request", "message": message}, status_code=400,
+    async def _refuse_head(self, message: str, scope, receive, send, status=400, error="bad_request") -> None:
+        log.info("%s %s -> %d: %s", scope["method"][:20], scope["path"][:80], status, message)
+        response = JSONResponse({"error": error, "message": message}, status_code=status,
                                 headers={"Connection": "close"})  # fmt: skip
         await response(scope, receive, send)
 
