@@ -197,16 +197,12 @@ class ConnectionLimits:
     def _who(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
 
+
     def _answer_and_close(self, status: bytes, error: str, message: str) -> None:
         """An error in the API's JSON, written as it is (the request it answers was never parsed
         whole), and the connection closed."""
-        body = json.dumps({"error": error, "message": message}).encode()
-        head = [b"HTTP/1.1 " + status + b"\r\n"]
-        head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
-        head += [name + b": " + value + b"\r\n" for name, value in self._cors_headers()]
-        head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
-                 b"connection: close\r\n\r\n"]  # fmt: skip
-        self.transport.write(b"".join(head) + body)
+        headers = self.server_state.default_headers + self._cors_headers()
+        self.transport.write(error_answer(status, error, message, headers))
         self.transport.close()
 
     def _cors_headers(self) -> list[tuple[bytes, bytes]]:
@@ -250,6 +246,10 @@ class ConnectionLimits:
         # (outside the app, so outside its CORS: a page of an allowed origin could not read the answer)
         return ApiCors(refusal, **cors_options(self.cors_origins))
 
+    @app.setter
+    def app(self, app) -> None:
+        self._app = app
+
     def _head_refused(self) -> str | None:
         """Why a head parsed whole (`self.headers`) is refused, or None."""
         names = [name for name, _ in self.headers]
@@ -270,10 +270,6 @@ class ConnectionLimits:
                                 headers={"Connection": "close"})  # fmt: skip
         await response(scope, receive, send)
 
-    @app.setter
-    def app(self, app) -> None:
-        self._app = app
-
     async def _refuse_over_limit(self, scope, receive, send) -> None:
         open_now = len(self.connections)
         log.warning("%s %s -> 503: %d connections open, the limit is %d", scope["method"], scope["path"][:80],
@@ -285,6 +281,16 @@ class ConnectionLimits:
         await response(scope, receive, send)
 
 
+def error_answer(status: bytes, error: str, message: str, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A response of an error in the API's JSON, with `headers`, that closes its connection."""
+    body = json.dumps({"error": error, "message": message}).encode()
+    head = [b"HTTP/1.1 " + status + b"\r\n"]
+    head += [name + b": " + value + b"\r\n" for name, value in headers]
+    head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
+             b"connection: close\r\n\r\n"]  # fmt: skip
+    return b"".join(head) + body
+
+
 class TlsHandshake(asyncio.Protocol):
     """A TLS server's connection (`serve --ssl-certfile`) until its handshake is done, when its HTTP
     protocol (a `ConnectionLimits`) is given the TLS transport.
@@ -293,14 +299,19 @@ class TlsHandshake(asyncio.Protocol):
     connection only once it was done: a client that connected and sent no ClientHello, or stopped
     in the middle of one, held a socket for 60 s that `max_connections` did not count, and a
     flood of them used up the descriptors as slowloris heads had. Here the loop listens for plain
-    TCP, and each connection is made TLS as the loop would make it (its own TLS protocol, before
-    a byte is read), its handshake given `header_timeout_s` (`PAST_LIMIT_HEAD_S` past the bound),
-    and counted among the open connections until its HTTP protocol counts itself."""
+    TCP; a connection counts among the open ones from its accept, its first bytes have
+    `header_timeout_s` to come (`PAST_LIMIT_HEAD_S` past the bound) and its handshake as long from
+    them, on the loop's own TLS protocol. A plain HTTP request to the port, which the loop's TLS
+    closed without a word ('Empty reply from server'), is answered 400 saying to use https://."""
+
+    HANDSHAKE_RECORD = 0x16  # the first byte of a TLS record of the handshake (a ClientHello's)
+    PLAIN_REQUEST = re.compile(rb"[A-Z]{3,20} [^ ]")  # a request line's method and target
 
     def __init__(self, http, context) -> None:
         self.http, self.context = http, context
         self.connections = http.server_state.connections
-        self.transport = None
+        self.transport = self.first_bytes_timer = None
+        self.timeout_s = http.header_timeout_s
 
     @classmethod
     def factory(cls, http_protocol_class: type, context):
@@ -310,31 +321,63 @@ class TlsHandshake(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.connections.add(self)
-        timeout_s = self.http.header_timeout_s
         if self.http.max_connections and len(self.connections) > self.http.max_connections:
-            timeout_s = min(timeout_s, PAST_LIMIT_HEAD_S)  # (as a head's past the bound)
+            self.timeout_s = min(self.timeout_s, PAST_LIMIT_HEAD_S)  # (as a head's past the bound)
+        self.http.handshake = self
+        # (one that sends nothing is closed without a word, as a plain one)
+        self.first_bytes_timer = self.http.loop.call_later(self.timeout_s, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        """The connection's first bytes: a ClientHello's, the TLS protocol's from here; or a plain request's."""
+        self.first_bytes_timer.cancel()
+        if data[0] != self.HANDSHAKE_RECORD:
+            return self._refuse_plain_http(data)
         loop = self.http.loop
         handshake = loop.create_future()  # (done when the handshake is, or the connection gone)
         tls = tls_protocol_class(loop)(loop, self.http, self.context, handshake, server_side=True,
-                                       ssl_handshake_timeout=timeout_s)  # fmt: skip
-        self.http.handshake = self
-        transport.set_protocol(tls)  # (the loops read a connection once its connection_made returns)
-        tls.connection_made(transport)
+                                       ssl_handshake_timeout=self.timeout_s)  # fmt: skip
         handshake.add_done_callback(self._handshake_done)
+        self.transport.set_protocol(tls)
+        tls.connection_made(self.transport)
+        unread = memoryview(data)
+        while unread:  # (as the transport gives a TLS protocol its bytes: BufferedProtocol's calls)
+            buffer = tls.get_buffer(len(unread))
+            size = min(len(buffer), len(unread))
+            buffer[:size] = unread[:size]
+            tls.buffer_updated(size)
+            unread = unread[size:]
+
+    def _refuse_plain_http(self, data: bytes) -> None:
+        if not self.PLAIN_REQUEST.match(data):  # (neither TLS nor HTTP: nothing to say it in)
+            self.transport.abort()
+            return
+        log.info("%s sent a plain HTTP request to the HTTPS port: answered 400", self._who())
+        message = "this port speaks HTTPS: send the request to https://, not http://"
+        self.transport.write(error_answer(b"400 Bad Request", "https_required", message, []))
+        self.transport.close()
+
+    def eof_received(self) -> None:
+        return None  # (before a byte: the transport closes)
+
+    def connection_lost(self, exc) -> None:  # (before its first bytes; once TLS, its TLS protocol's)
+        self.first_bytes_timer.cancel()
+        self.connections.discard(self)
 
     def _handshake_done(self, handshake: asyncio.Future) -> None:
         self.connections.discard(self)
         failed = None if handshake.cancelled() else handshake.exception()
         if failed is None:  # (done: its HTTP protocol counts itself; or the client left as it ended)
             return
-        peer = self.transport.get_extra_info("peername")
-        who = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "a client"
         if isinstance(failed, ConnectionAbortedError) and "longer than" in str(failed):
-            log.info("%s did not finish its TLS handshake in %g s: closed", who, self.http.header_timeout_s)
-        else:  # (not TLS, a protocol it does not speak, a reset: the loop's TLS says it at debug too)
-            log.debug("%s: TLS handshake failed: %r", who, failed)
+            log.info("%s did not finish its TLS handshake in %g s: closed", self._who(), self.timeout_s)
+        else:  # (a protocol it does not speak, a reset: the loop's TLS says it at debug too)
+            log.debug("%s: TLS handshake failed: %r", self._who(), failed)
         if not self.transport.is_closing():
             self.transport.abort()
+
+    def _who(self) -> str:
+        peer = self.transport.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "a client"
 
     def shutdown(self) -> None:
         """(uvicorn's, of each open connection as the server stops)"""

@@ -80,8 +80,9 @@ async def test_https_and_wss_with_the_given_certificate(tmp_path):
                 await ws.send(json.dumps({"type": "start", "format": "rgb"}))
                 while not isinstance(frame := await ws.recv(), bytes) or frame[0] != MsgType.VIDEO_RGB:
                     pass
-            with pytest.raises(httpx.TransportError):  # plain HTTP on the TLS port is not served
-                await httpx.AsyncClient(timeout=5).get(f"http://127.0.0.1:{port}/readyz")
+            async with httpx.AsyncClient(timeout=5) as plain:  # plain HTTP on the TLS port is not served
+                refused = await plain.get(f"http://127.0.0.1:{port}/readyz")
+            assert refused.status_code == 400 and refused.json()["error"] == "https_required", refused.text
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(20)
@@ -192,6 +193,20 @@ def test_a_tls_handshake_that_does_not_end_is_cut_at_the_heads_deadline(tls_serv
         assert http.get("/healthz").status_code == 200
         made = http.post("/v1/sessions", json={})
         assert made.status_code == 201 and made.json()["stream"].startswith("/v1/sessions/"), made.text
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_plain_http_request_to_the_https_port_is_a_400_saying_to_use_https(tls_server, method):
+    """The loop's TLS closed the connection without a word: curl said 'Empty reply from server', a
+    browser that the connection was reset."""
+    url, cert = tls_server
+    answer = httpx.request(method, url.replace("https://", "http://") + "/v1/sessions", json={}, timeout=10)
+    assert answer.status_code == 400 and answer.headers["connection"] == "close", answer.text
+    assert answer.json() == {"error": "https_required",
+                             "message": "this port speaks HTTPS: send the request to https://, not http://"}  # fmt: skip
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(b"\x00\x01 neither TLS nor HTTP\r\n\r\n")
+        assert closed_by_the_server(sock)
 
 
 def test_a_tls_handshake_under_way_counts_against_the_connection_limit(tmp_path):
