@@ -334,8 +334,10 @@ class TlsHandshake(asyncio.Protocol):
             return self._refuse_plain_http(data)
         loop = self.http.loop
         handshake = loop.create_future()  # (done when the handshake is, or the connection gone)
+        # (the close too: a client that never answers the server's close_notify held its connection,
+        # and its place among max_connections, for the loop's 30 s after its answer)
         tls = tls_protocol_class(loop)(loop, self.http, self.context, handshake, server_side=True,
-                                       ssl_handshake_timeout=self.timeout_s)  # fmt: skip
+                                       ssl_handshake_timeout=self.timeout_s, ssl_shutdown_timeout=self.timeout_s)  # fmt: skip
         handshake.add_done_callback(self._handshake_done)
         self.transport.set_protocol(tls)
         tls.connection_made(self.transport)

@@ -209,6 +209,41 @@ def test_a_plain_http_request_to_the_https_port_is_a_400_saying_to_use_https(tls
         assert closed_by_the_server(sock)
 
 
+def test_a_client_that_never_answers_the_servers_close_notify_is_not_held_for_long(tls_server):
+    """A TLS connection the server closed (here after its 408) waited for the client's close_notify
+    for the loop's 30 s, holding its socket and its place among --max-connections."""
+    url, cert = tls_server
+    ours, theirs = ssl.MemoryBIO(), ssl.MemoryBIO()  # (TLS by hand: a socket's would answer the close_notify)
+    client = ssl.create_default_context(cafile=cert).wrap_bio(theirs, ours, server_hostname="127.0.0.1")
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as sock:
+
+        def pump(step) -> bytes:
+            """`step` run until it needs no more of the server's bytes; the server's TCP close as b''."""
+            while True:
+                try:
+                    return step()
+                except ssl.SSLWantReadError:
+                    sock.sendall(ours.read())
+                    if not (data := sock.recv(65536)):
+                        return b""
+                    theirs.write(data)
+
+        pump(client.do_handshake)
+        sock.sendall(ours.read())
+        client.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # (answered 408, then closed)
+        answer = b""
+        while True:  # (up to the server's close_notify, not answered)
+            try:
+                if not (part := pump(lambda: client.read(65536))):
+                    break
+            except ssl.SSLZeroReturnError:
+                break
+            answer += part
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        while sock.recv(65536):  # (a timeout here: held for the close_notify)
+            pass
+
+
 def test_a_tls_handshake_under_way_counts_against_the_connection_limit(tmp_path):
     """Until its handshake was done the HTTP protocol did not know of a TLS connection: any number
     of clients that never sent a ClientHello were held beside max_connections' others."""
