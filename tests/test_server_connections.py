@@ -111,6 +111,41 @@ def test_the_rest_of_a_body_answered_unread_is_not_taken_for_the_next_head(serve
     assert head.startswith(b"HTTP/1.1 200 ") and said["ready"], (head, said)
 
 
+def test_a_chunked_bodys_trailers_are_not_taken_in_without_bound(server):
+    """httptools took them in whole, each appended to the request's headers: 20 MB of them grew
+    the server by 400 MB in 4 s."""
+    refused = False
+    with connect(server) as sock:
+        sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n")  # fmt: skip
+        try:
+            for _ in range(800):  # 8 MB, more than the socket's buffers hold
+                sock.sendall(b"X-Trailer: y\r\n" * 700)
+        except OSError:  # (closed, or reset with its bytes unread)
+            refused = True
+    assert refused, "8 MB of trailers were taken in"
+    with connect(server) as sock:  # (its answer: 431 under httptools, h11's own 400 past its bound)
+        sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n")  # fmt: skip
+        answer = b""
+        for _ in range(100):  # 16 KiB at a time, until answered (more, unread, would reset the answer)
+            sock.sendall(b"X-Trailer: y\r\n" * 1170)
+            sock.settimeout(0.1)
+            try:
+                answer = sock.recv(65536)
+                break
+            except TimeoutError:
+                pass
+            finally:
+                sock.settimeout(10)
+        head, _, body = (answer + answer_until_closed(sock)).partition(b"\r\n\r\n")
+    assert head.startswith((b"HTTP/1.1 431 ", b"HTTP/1.1 400 ")) and json.loads(body)["error"], head
+    with connect(server) as sock:  # a few trailers are served, not taken for headers
+        sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Checksum: 1\r\n\r\n")  # fmt: skip
+        assert read_response(sock)[0].startswith(b"HTTP/1.1 201 ")
+
+
 def test_the_rest_of_a_body_answered_unread_has_a_deadline_too(server):
     """(its bytes ignored as they come, a client trickling them would hold the connection for good)"""
     with connect(server) as sock:
