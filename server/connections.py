@@ -81,6 +81,7 @@ class ConnectionLimits:
         self.awaiting_head = True
         self.head_bytes = 0  # of the request head awaited now
         self.head_tail = b""  # its last 3 bytes so far
+        self.request_line_bytes = None  # its request line's length, once it has ended
         self.head_seen = bytearray()  # its bytes so far, for its Origin (only with --cors-origin)
         self.head_timer = None
         self.handshake = None  # its TlsHandshake, on a TLS server
@@ -101,9 +102,12 @@ class ConnectionLimits:
             self._arm_head_timer()  # from the head's first byte
             self.head_tail = b""
             self.head_seen.clear()
+            self.request_line_bytes = None
         if self.awaiting_head:
             if self.cors_origins and len(self.head_seen) <= MAX_HEAD_BYTES:  # (past it: a 431 below)
                 self.head_seen += data
+            if self.request_line_bytes is None and (line_end := data.find(b"\n")) >= 0:
+                self.request_line_bytes = self.head_bytes + line_end
             seen = self.head_tail + data
             end = seen.find(b"\r\n\r\n")
             if end >= 0 and self.head_bytes - len(self.head_tail) + end + 4 > MAX_HEAD_BYTES:
@@ -190,6 +194,12 @@ class ConnectionLimits:
         self._answer_and_close(b"400 Bad Request", "bad_request", message)
 
     def _refuse_head_too_large(self) -> None:
+        if self.request_line_bytes is None or self.request_line_bytes > MAX_HEAD_BYTES:
+            # its URL (a query string built of a whole upload, say): 'request headers larger than
+            # 64 KiB' sent its client looking among headers it had not set (RFC 9110 15.5.15)
+            log.info("%s sent a request line of over %d bytes: answered 414 and closed", self._who(), MAX_HEAD_BYTES)
+            return self._answer_and_close(b"414 URI Too Long", "uri_too_long",
+                                          f"request target (URL) longer than {MAX_HEAD_BYTES // 1024} KiB")  # fmt: skip
         log.info("%s sent a request head of over %d bytes: answered 431 and closed", self._who(), MAX_HEAD_BYTES)
         self._answer_and_close(b"431 Request Header Fields Too Large", "headers_too_large",
                                f"request headers larger than {MAX_HEAD_BYTES // 1024} KiB")  # fmt: skip

@@ -67,10 +67,10 @@ def test_a_head_too_large_to_be_one_is_refused_not_taken_in_whole(server):
     assert json.loads(body)["error"] == "headers_too_large"
 
 
-def test_a_head_too_large_whose_end_comes_in_a_read_is_a_431(server):
+def test_a_head_too_large_whose_end_comes_in_a_read_is_refused_by_its_size(server):
     """A head past the bound was refused only while it had not all come: one whose end came in the
     read that took it past was served under h11, and a 400 'could not be parsed' under httptools,
-    which refuses a URL of 64 KiB or more."""
+    which refuses a URL of 64 KiB or more. (Its URL is what is too long: a 414.)"""
     from server.connections import MAX_HEAD_BYTES
 
     with connect(server) as sock:
@@ -79,7 +79,21 @@ def test_a_head_too_large_whose_end_comes_in_a_read_is_a_431(server):
         time.sleep(0.05)
         sock.sendall(head[MAX_HEAD_BYTES - 1024 :])
         answer = answer_until_closed(sock)
-    assert answer.startswith(b"HTTP/1.1 431 "), answer[:300]
+    assert answer.startswith(b"HTTP/1.1 414 "), answer[:300]
+
+
+@pytest.mark.parametrize("at_once", [True, False], ids=["whole", "in-parts"])
+def test_a_url_too_long_is_a_414_that_says_so(server, at_once):
+    """It was a 431 'request headers larger than 64 KiB', which sent a client looking among headers
+    it had not set; a head too large past a short URL is the 431."""
+    from server.connections import MAX_HEAD_BYTES
+
+    head = b"GET /healthz?q=" + b"a" * MAX_HEAD_BYTES + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with connect(server) as sock:
+        sock.sendall(head if at_once else head[: MAX_HEAD_BYTES + 16])  # (the line not ended: still too long)
+        status, _, body = answer_until_closed(sock).partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 414 "), status
+    assert json.loads(body) == {"error": "uri_too_long", "message": "request target (URL) longer than 64 KiB"}
 
 
 def test_a_head_within_the_bound_is_served_by_either_parser(server):
