@@ -43,6 +43,7 @@ PAST_LIMIT_HEAD_S = 1.0
 NOT_PARSED = "not a valid HTTP/1.1 request: its request line or a header could not be parsed"
 NOT_ONE_HOST = "a request must have one Host header, and an HTTP/1.1 one must have it (RFC 9112, 3.2)"
 BOTH_LENGTHS = "a request must not have both Transfer-Encoding and Content-Length (RFC 9112, 6.1)"
+OLD_CHUNKS = "an HTTP/1.0 request must not have Transfer-Encoding: send its Content-Length (RFC 9112, 6.1)"
 # a Host header's value: uri-host [":" port] (RFC 9110 7.2, RFC 3986 3.2.2), an IP literal in brackets
 HOST = re.compile(rb"(\[[0-9A-Za-z:.%~!$&'()*+,;=_-]+\]|[0-9A-Za-z.%~!$&'()*+,;=_-]*)(:[0-9]*)?")
 # an Origin header's line in a head's bytes, whole (its line ended): a name has no space before its colon
@@ -268,6 +269,9 @@ class ConnectionLimits:
             # front reads it by its Content-Length, the rest is a request of the client's smuggled
             # past the proxy (RFC 9112 6.1: the connection must close). httptools refused it.
             return BOTH_LENGTHS
+        if b"transfer-encoding" in names and self.scope["http_version"] == "1.0":
+            # (read by its chunks, where HTTP/1.0 has none: a proxy of 1.0 in front reads it otherwise)
+            return OLD_CHUNKS
         host = next((value for name, value in self.headers if name == b"host"), None)
         if host is not None and not HOST.fullmatch(host):
             # (served as it came: the origin guard and the routes read it; RFC 9112 3.2: a 400)

@@ -225,6 +225,19 @@ def test_a_request_without_one_host_is_a_400_that_says_so(server, head):
         assert answer_until_closed(sock).startswith(b"HTTP/1.1 200 ")
 
 
+def test_an_http_1_0_request_with_transfer_encoding_is_a_400_that_closes(server):
+    """Either parser read its body by the chunks HTTP/1.0 does not have and served it (RFC 9112 6.1:
+    its framing is faulty, and the connection must close)."""
+    from server.connections import OLD_CHUNKS
+
+    with connect(server) as sock:
+        sock.sendall(b"POST /v1/sessions HTTP/1.0\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+                     b"\r\n2\r\n{}\r\n0\r\n\r\n")  # fmt: skip
+        head, _, body = answer_until_closed(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert json.loads(body) == {"error": "bad_request", "message": OLD_CHUNKS}
+
+
 @pytest.mark.parametrize("host", [b"a b", b"app.example.org/v1", b"user@app.example.org", b"app.example.org:80x"])
 def test_a_host_header_that_is_no_host_is_a_400_that_says_so(server, host):
     """Either parser served it as it came (RFC 9112 3.2: a 400); a host as clients write them is served."""
