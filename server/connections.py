@@ -208,7 +208,6 @@ class ConnectionLimits:
     def _who(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
 
-
     def _answer_and_close(self, status: bytes, error: str, message: str) -> None:
         """An error in the API's JSON, written as it is (the request it answers was never parsed
         whole), and the connection closed."""
