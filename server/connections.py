@@ -188,7 +188,8 @@ class ConnectionLimits:
         # (h11's: 'Missing mandatory Host: header', 'Found multiple Host: headers')
         not_one_host = isinstance(refused and refused.__context__, NotOneHost) or "Host: header" in str(refused)
         both_lengths = "Content-Length can't be present with Transfer-Encoding" in str(refused)  # (httptools')
-        if "Invalid HTTP version" in str(refused):  # (httptools': HTTP/3.0, say)
+        # (httptools': HTTP/3.0, say, or HTTP/2's preface 'PRI * HTTP/2.0' of a client of h2c by prior knowledge)
+        if "Invalid HTTP version" in str(refused) or "Pause on PRI" in str(refused):
             return self._answer_and_close(b"505 HTTP Version Not Supported", "http_version_not_supported",
                                           "its HTTP version is not spoken here: send HTTP/1.1")  # fmt: skip
         message = NOT_ONE_HOST if not_one_host else BOTH_LENGTHS if both_lengths else NOT_PARSED

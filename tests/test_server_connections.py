@@ -253,12 +253,15 @@ def test_a_host_header_that_is_no_host_is_a_400_that_says_so(server, host):
             assert read_response(sock)[0].startswith(b"HTTP/1.1 200 "), good
 
 
-@pytest.mark.parametrize("version", [b"2.0", b"3.0"])
-def test_a_request_of_an_http_version_not_spoken_is_a_505_in_the_apis_json(server, version):
+@pytest.mark.parametrize("head", [b"GET /healthz HTTP/2.0\r\nHost: 127.0.0.1\r\n\r\n",
+                                  b"GET /healthz HTTP/3.0\r\nHost: 127.0.0.1\r\n\r\n",
+                                  b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"], ids=["2.0", "3.0", "h2c-preface"])  # fmt: skip
+def test_a_request_of_an_http_version_not_spoken_is_a_505_in_the_apis_json(server, head):
     """h11 served 'GET /healthz HTTP/3.0' as HTTP/1.1, httptools an HTTP/2.0 one, and refused the
-    other as a request that did not parse (RFC 9110 15.6.6: a 505)."""
+    other, and HTTP/2's preface (h2c by prior knowledge), as a request that did not parse; h11 the
+    preface as a request of the path '*' (RFC 9110 15.6.6: a 505)."""
     with connect(server) as sock:
-        sock.sendall(b"GET /healthz HTTP/" + version + b"\r\nHost: 127.0.0.1\r\n\r\n")
+        sock.sendall(head)
         head, said = read_response(sock)
     assert head.startswith(b"HTTP/1.1 505 "), (head, said)
     assert said["error"] == "http_version_not_supported" and "is not spoken here: send HTTP/1.1" in said["message"]
