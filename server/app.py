@@ -18,6 +18,7 @@ import secrets
 import statistics
 import time
 from contextlib import asynccontextmanager
+from urllib.parse import unquote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -168,6 +169,12 @@ class ApiMethods:
         return any(not isinstance(r, Mount) and r.matches(as_method)[0] == Match.FULL for r in self.routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and b"#" in scope["raw_path"] + scope["query_string"]:
+            # a fragment is the client's, not the server's (RFC 9110 4.2.5): httptools drops one sent
+            # all the same, h11 kept it in the path ('nothing at /healthz%23frag') or the query
+            raw_path, cut, _ = scope["raw_path"].partition(b"#")
+            query = b"" if cut else scope["query_string"].partition(b"#")[0]
+            scope = {**scope, "raw_path": raw_path, "path": unquote(raw_path.decode("latin-1")), "query_string": query}
         if scope["type"] in ("http", "websocket") and (absolute := self.ABSOLUTE_FORM.match(scope["raw_path"])):
             # a server must take it (RFC 9112 3.2.2): h11 gave the whole target as the path, a 404
             # 'nothing at /http://host/healthz' of a path httptools served; the path is its own

@@ -313,6 +313,20 @@ def test_a_request_target_in_the_absolute_form_is_served_by_either_parser(server
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status":"ok"}'), answer[:300]
 
 
+def test_a_fragment_sent_in_a_request_target_is_not_taken_for_its_path_or_query(server):
+    """A fragment is the client's own (RFC 9110 4.2.5): httptools dropped one sent all the same, h11
+    kept it in the path, a 404 'nothing at /healthz%23top', or in the query (a token read as 'T#top')."""
+    with connect(server) as sock:
+        sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
+        made = read_response(sock)[1]
+        for target in (b"/healthz#top", b"%s?token=%s#top" % (made["resource"].encode(), made["token"].encode())):
+            sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            head, said = read_response(sock)
+            assert head.startswith(b"HTTP/1.1 200 "), (target, head, said)
+        sock.sendall(b"DELETE %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n\r\n"
+                     % (made["resource"].encode(), made["token"].encode()))  # fmt: skip
+
+
 def test_a_connection_that_sends_nothing_is_closed(server):
     with connect(server) as sock:
         assert answer_until_closed(sock) == b""
