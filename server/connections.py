@@ -400,6 +400,21 @@ class TlsHandshake(asyncio.Protocol):
         self.transport.abort()
 
 
+def loop_tls_takes_over(loop, context) -> bool:
+    """Whether this loop's TLS protocol can be built as `TlsHandshake` builds it. Its class and
+    arguments are the loop's own (asyncio's `sslproto`, uvloop's `loop.SSLProtocol`), not a public
+    API: a version that changed them would leave a TLS server answering no one, so the server keeps
+    the loop's TLS (and its own handshake minute) then, saying so."""
+    try:
+        tls_protocol_class(loop)(loop, asyncio.Protocol(), context, loop.create_future(), server_side=True,
+                                 ssl_handshake_timeout=1.0)  # fmt: skip
+    except Exception as e:  # (ImportError, TypeError, AttributeError: whichever a change makes)
+        log.warning("TLS handshakes keep the event loop's own time limit, not --header-timeout: "
+                    "its TLS protocol could not be built here (%r)", e)  # fmt: skip
+        return False
+    return True
+
+
 def tls_protocol_class(loop) -> type:
     """The TLS protocol `loop` makes a server's connections TLS with: uvloop's own, or asyncio's."""
     try:

@@ -150,11 +150,15 @@ class SessionClosingServer(uvicorn.Server):
                     log.addFilter(kind())
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        from .connections import ConnectionLimits, TlsHandshake
+        import asyncio
+
+        from .connections import ConnectionLimits, TlsHandshake, loop_tls_takes_over
 
         self.tls = self.config.ssl
         http = self.config.http_protocol_class
         if self.tls is None or not (isinstance(http, type) and issubclass(http, ConnectionLimits)):
+            return await super().startup(sockets)
+        if not loop_tls_takes_over(asyncio.get_running_loop(), self.tls):
             return await super().startup(sockets)
         # the loop listens for plain TCP: each connection's handshake is timed and counted (TlsHandshake)
         self.config.http_protocol_class = TlsHandshake.factory(http, self.tls)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import logging
 import signal
 import socket
 import ssl
@@ -266,3 +267,25 @@ def test_a_tls_handshake_under_way_counts_against_the_connection_limit(tmp_path)
             time.sleep(0.05)
         else:
             raise AssertionError("requests were refused after the handshakes under way were given up")
+
+
+@pytest.mark.parametrize("http, loop", [("httptools", "uvloop"), ("h11", "asyncio")], ids=["httptools", "h11"])
+def test_a_loop_whose_tls_protocol_cannot_be_built_serves_https_with_its_own_handshake_limit(
+    tmp_path, monkeypatch, caplog, http, loop
+):
+    """TlsHandshake builds the loop's own TLS protocol (asyncio's sslproto, uvloop's SSLProtocol),
+    classes whose arguments are no public API: an asyncio or uvloop that changed them would have
+    left a TLS server answering no one. It serves with the loop's TLS then, and says so."""
+    import server.connections as connections
+
+    class Changed:
+        def __init__(self, loop, app_protocol, context, waiter, server_side=False):  # (no handshake timeout)
+            raise AssertionError("not built")
+
+    monkeypatch.setattr(connections, "tls_protocol_class", lambda loop: Changed)
+    cert, key = self_signed(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="streamgen.server"):
+        with live_server(http=http, loop=loop, tls=(cert, key)) as (url, app):
+            trust = ssl.create_default_context(cafile=cert)
+            assert httpx.get(f"{url}/healthz", verify=trust, timeout=10).status_code == 200
+    assert any("TLS handshakes keep the event loop's own time limit" in r.getMessage() for r in caplog.records)
