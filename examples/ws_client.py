@@ -18,7 +18,7 @@ import os
 import struct
 import sys
 import time
-import wave
+import uuid
 from pathlib import Path
 
 import httpx
@@ -50,24 +50,61 @@ def bad_input(message: str) -> SystemExit:
 
 
 NEED_PCM16 = "need 16 kHz mono 16-bit PCM (e.g. ffmpeg -ar 16000 -ac 1)"
-# the WAV formats Python's wave module reads no further than their header (it reads PCM alone)
-WAV_FORMATS = {3: "float samples", 6: "A-law samples", 7: "mu-law samples", 0xFFFE: "WAVE_FORMAT_EXTENSIBLE"}
+# the WAV formats the client does not take, by their code (a format tag, or WAVE_FORMAT_EXTENSIBLE's sub-format's)
+WAV_FORMATS = {3: "float samples", 6: "A-law samples", 7: "mu-law samples", 0x55: "MP3"}
+# WAVE_FORMAT_EXTENSIBLE (0xFFFE: ffmpeg's for more than 2 channels, sox's, Windows') names its samples by
+# a sub-format GUID: a format code in its first two bytes, then these 14 (KSDATAFORMAT_SUBTYPE_PCM is
+# 00000001-0000-0010-8000-00aa00389b71). Python's wave module refused it as "unknown format: 65534" before 3.12.
+EXTENSIBLE, GUID_TAIL = 0xFFFE, bytes.fromhex("000000001000800000aa00389b71")
+
+
+def wav_chunks(data: bytes) -> dict[bytes, bytes]:
+    """A RIFF WAVE file's chunks up to its samples ("data"), by name (the first of a name)."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise ValueError("no RIFF WAVE header")
+    chunks, at = {}, 12
+    while at + 8 <= len(data) and b"data" not in chunks:
+        name, size = data[at : at + 4], int.from_bytes(data[at + 4 : at + 8], "little")
+        chunks.setdefault(name, data[at + 8 : at + 8 + size])  # (a cut-short data chunk: what there is)
+        at += 8 + size + size % 2  # (chunks are padded to an even size)
+    if len(chunks.get(b"fmt ", b"")) < 16:
+        raise ValueError("no format chunk before its samples")
+    if b"data" not in chunks:
+        raise ValueError("no data chunk")
+    return chunks
+
+
+def sample_format(fmt: bytes) -> tuple[int | None, str]:
+    """The code of the samples a WAV's format chunk names (None: a sub-format that has none) and, for a
+    format the client does not take, its name in words."""
+    code = int.from_bytes(fmt[:2], "little")
+    if code != EXTENSIBLE:
+        return code, WAV_FORMATS.get(code, f"format {code}")
+    if len(fmt) < 40:
+        return None, "WAVE_FORMAT_EXTENSIBLE with its sub-format cut off"
+    guid = fmt[24:40]
+    if guid[2:] != GUID_TAIL:
+        return None, f"WAVE_FORMAT_EXTENSIBLE of sub-format {uuid.UUID(bytes_le=guid)}"
+    code = int.from_bytes(guid[:2], "little")
+    return code, f"{WAV_FORMATS.get(code, f'format {code}')} (WAVE_FORMAT_EXTENSIBLE)"
 
 
 def read_wav_16k(path: str) -> np.ndarray:
+    """The samples of a 16 kHz mono 16-bit PCM WAV: a plain one, or WAVE_FORMAT_EXTENSIBLE of PCM."""
     try:
-        with wave.open(path) as w:
-            if w.getframerate() != 16000 or w.getsampwidth() != 2 or w.getnchannels() != 1:
-                raise bad_input(f"{path}: {NEED_PCM16}")
-            return np.frombuffer(w.readframes(w.getnframes()), "<i2")
-    except wave.Error as e:
-        # a WAV of float samples (scipy.io.wavfile's of a float array) was "not a readable WAV file
-        # (unknown format: 3)": it is one, of samples the client does not take
-        if (code := str(e).removeprefix("unknown format: ")).isdigit():
-            raise bad_input(f"{path}: {NEED_PCM16}; this one holds {WAV_FORMATS.get(int(code), f'format {code}')}") from None
+        chunks = wav_chunks(Path(path).read_bytes())
+    except OSError as e:
+        raise bad_input(f"{path}: not a readable WAV file ({e.strerror or e})") from None
+    except ValueError as e:
         raise bad_input(f"{path}: not a readable WAV file ({e})") from None
-    except (OSError, EOFError) as e:
-        raise bad_input(f"{path}: not a readable WAV file ({e})") from None
+    code, name = sample_format(chunks[b"fmt "])
+    if code != 1:  # (a WAV of float samples, scipy.io.wavfile's of a float array, is one the client does not take)
+        raise bad_input(f"{path}: {NEED_PCM16}; this one holds {name}")
+    channels, rate, _, _, bits = struct.unpack_from("<HIIHH", chunks[b"fmt "], 2)
+    if rate != 16000 or (bits + 7) // 8 != 2 or channels != 1:
+        raise bad_input(f"{path}: {NEED_PCM16}")
+    samples = chunks[b"data"]
+    return np.frombuffer(samples[: len(samples) // 2 * 2], "<i2")
 
 
 def seconds(text: str) -> float:

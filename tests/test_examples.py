@@ -240,23 +240,84 @@ def test_an_out_holding_another_runs_frames_is_one_line(server, tmp_path):
     assert r.returncode == 0 and saved_frames(tmp_path), r.stderr
 
 
-@pytest.mark.parametrize("wav", ["missing", "8k", "not-a-wav", "float"])
+def wav_of(fmt: bytes, samples: bytes) -> bytes:
+    """A WAV file of a format chunk and samples, written by hand (the wave module writes PCM alone)."""
+    chunks = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(samples))
+    return b"RIFF" + struct.pack("<I", len(chunks) + len(samples)) + chunks + samples
+
+
+def extensible_fmt(sub_format: bytes, bits: int = 16, channels: int = 1) -> bytes:
+    """WAVE_FORMAT_EXTENSIBLE's format chunk (40 bytes) of 16 kHz samples of `sub_format` (a GUID's 16 bytes)."""
+    block = channels * bits // 8
+    return struct.pack("<HHIIHHHHI", 0xFFFE, channels, 16000, 16000 * block, block, bits, 22, bits, 4) + sub_format
+
+
+# KSDATAFORMAT_SUBTYPE_PCM and _IEEE_FLOAT (00000001- and 00000003-0000-0010-8000-00aa00389b71), as stored
+PCM_GUID = bytes.fromhex("01000000000010008000" + "00aa00389b71")
+FLOAT_GUID = bytes.fromhex("03000000000010008000" + "00aa00389b71")
+
+
+def load_client():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ws_client", CLIENT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_wave_format_extensible_wav_of_pcm_is_read_as_a_plain_one(tmp_path, channels):
+    """WAVE_FORMAT_EXTENSIBLE (what ffmpeg writes for more than 2 channels, sox and Windows for
+    plain PCM) was refused as "holds WAVE_FORMAT_EXTENSIBLE" whatever its samples; of 16-bit PCM
+    it is read as the plain WAV of the same samples (3 channels: refused as any other such)."""
+    client = load_client()
+    samples = (np.arange(1600 * channels) % 300 - 150).astype("<i2")
+    plain, extensible = tmp_path / "plain.wav", tmp_path / "extensible.wav"
+    with wave.open(str(plain), "wb") as w:
+        w.setnchannels(channels), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(samples.tobytes())
+    extensible.write_bytes(wav_of(extensible_fmt(PCM_GUID, channels=channels), samples.tobytes()))
+    if channels == 1:
+        assert np.array_equal(client.read_wav_16k(str(extensible)), samples)
+        assert np.array_equal(client.read_wav_16k(str(plain)), samples)
+        return
+    for path in (plain, extensible):
+        with pytest.raises(SystemExit) as refused:
+            client.read_wav_16k(str(path))
+        assert refused.value.code == 2
+
+
+WAVS = ["missing", "8k", "not-a-wav", "float", "extensible-float", "extensible-other", "extensible-short"]
+
+
+@pytest.mark.parametrize("wav", WAVS)
 def test_a_bad_wav_is_one_line_and_makes_no_session(server, tmp_path, wav):
     url, app = server
     path = tmp_path / "in.wav"
+    floats = np.zeros(1600, "<f4").tobytes()
     if wav == "8k":
         write_wav(path, 0.5, rate=8000)
     elif wav == "not-a-wav":
         path.write_bytes(b"RIFF but not really")
     elif wav == "float":  # (format 3, as scipy.io.wavfile writes a float array: "unknown format: 3")
-        samples = np.zeros(1600, "<f4").tobytes()
-        fmt = struct.pack("<HHIIHH", 3, 1, 16000, 16000 * 4, 4, 32)
-        chunks = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(samples))
-        path.write_bytes(b"RIFF" + struct.pack("<I", len(chunks) + len(samples)) + chunks + samples)
+        path.write_bytes(wav_of(struct.pack("<HHIIHH", 3, 1, 16000, 16000 * 4, 4, 32), floats))
+    elif wav == "extensible-float":
+        path.write_bytes(wav_of(extensible_fmt(FLOAT_GUID, bits=32), floats))
+    elif wav == "extensible-other":  # (a sub-format outside the family of format codes)
+        path.write_bytes(wav_of(extensible_fmt(bytes(range(16))), np.zeros(1600, "<i2").tobytes()))
+    elif wav == "extensible-short":  # (its sub-format cut off)
+        path.write_bytes(wav_of(extensible_fmt(PCM_GUID)[:18], np.zeros(1600, "<i2").tobytes()))
     r = ws_client("--server", url, "--wav", str(path), "--out", str(tmp_path / "f"))
     assert_one_line_error(r, str(path), code=2)
-    if wav == "float":
-        assert "need 16 kHz mono 16-bit PCM" in r.stderr and "holds float samples" in r.stderr, r.stderr
+    said = {
+        "float": "holds float samples",
+        "extensible-float": "holds float samples (WAVE_FORMAT_EXTENSIBLE)",
+        "extensible-other": "holds WAVE_FORMAT_EXTENSIBLE of sub-format 03020100-0504-0706-0809-0a0b0c0d0e0f",
+        "extensible-short": "holds WAVE_FORMAT_EXTENSIBLE with its sub-format cut off",
+    }.get(wav)
+    if said:
+        assert "need 16 kHz mono 16-bit PCM" in r.stderr and said in r.stderr, r.stderr
     assert app.state.registry.sessions == {}
 
 
@@ -509,12 +570,9 @@ def test_a_ctrl_c_as_a_frame_arrives_is_not_lost(tmp_path, monkeypatch):
     on to --seconds' end (a flaky test_a_ctrl_c_says_what_was_saved_and_ends_the_session)."""
     import argparse
     import asyncio
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("ws_client", CLIENT)
-    ws_client = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ws_client)
+    ws_client = load_client()
 
     class Socket:  # a stream whose next frame the test hands over
         def __init__(self):
