@@ -483,8 +483,7 @@ def test_a_shard_a_killed_make_finished_but_did_not_record_is_not_made_again(tmp
     # the recorded shard written again since, whole and of these settings by its own record, but not as
     # partial.json records it (another streamgen's clips): made again, not taken
     settings, _ = shards._read_partial(out / "partial.json")
-    of = {k: settings[k] for k in ("format", "seed", "height", "width", "seconds", "identities")}
-    made_for = {"of": of, "file": "train/shard-00000.npz", "clips": 2, "first_index": 2, "last_index": 3}
+    made_for = {"of": shards.clip_settings(settings), "file": "train/shard-00000.npz", "clips": 2, "first_index": 2, "last_index": 3}
     from streamgen.data.world import make_clip
 
     other_clip = make_clip(1, 2, "train", 16, 16, 0.04, 20)
@@ -501,6 +500,34 @@ def test_a_shard_a_killed_make_finished_but_did_not_record_is_not_made_again(tmp
         assert path.read_bytes() == (out / path.relative_to(whole)).read_bytes(), path
     manifests = [json.loads((root / "manifest.json").read_text()) for root in (whole, out)]
     assert manifests[0] == manifests[1]
+
+
+def test_a_shard_another_speech_engine_finished_but_did_not_record_is_made_again(tmp_path, monkeypatch):
+    """A shard a killed make finished but did not record was taken by the next make if its own record
+    (made_for) was of these settings' clips, whatever espeak-ng spoke them: one written under another
+    engine (no partial.json left to refuse it by, or an older one that records no engine) went into a
+    dataset of this one's clips. The engine is in the shard's record: another's is made again, its
+    own taken."""
+    import shutil
+
+    from streamgen.data import speech
+
+    _one_clip_for_all(monkeypatch)
+    kw = dict(height=16, width=16, seconds=0.04, shard_size=2, n_identities=20)
+    engine, other = speech.engine_version(), "espeak-ng 1.49 (espeakng-loader not installed)"
+    made = []
+    write = shards._write_shard
+    monkeypatch.setattr(shards, "_write_shard", lambda path, *clips: (made.append(path), write(path, *clips)))
+    for spoken_by, taken in ((other, False), (engine, True)):
+        monkeypatch.setattr(speech, "engine_version", lambda spoken_by=spoken_by: spoken_by)
+        make_dataset(tmp_path / spoken_by, 8, **kw)
+        out = tmp_path / f"ds-{taken}"
+        (out / "train").mkdir(parents=True)
+        shutil.copy(tmp_path / spoken_by / "train/shard-00001.npz", out / "train")  # finished, not recorded
+        monkeypatch.setattr(speech, "engine_version", lambda: engine)
+        made.clear()
+        make_dataset(out, 8, **kw)
+        assert (out / "train/shard-00001.npz" in made) is not taken, made
 
 
 def test_a_shard_finished_but_not_recorded_at_a_ctrl_c_is_kept(tmp_path, monkeypatch):

@@ -135,10 +135,12 @@ _CLIP_MEMBERS = ("video", "audio", "reference", "motion", "meta")
 
 
 def clip_settings(settings: dict) -> dict:
-    """Of a make's `settings`, those its clips are made of. Not the count of clips nor the shard
-    size, which say which clips a shard holds (its record says that): a dataset made again with more
-    clips has the same first shards, byte for byte, whose cached latents are kept."""
-    return {k: settings[k] for k in ("format", "seed", "height", "width", "seconds", "identities")}
+    """Of a make's `settings`, those its clips are made of, the espeak-ng that speaks them included
+    (a shard another engine spoke was taken as this one's where no PARTIAL said otherwise). Not the
+    count of clips nor the shard size, which say which clips a shard holds (its record says that): a
+    dataset made again with more clips has the same first shards, byte for byte, whose cached latents
+    are kept."""
+    return {k: settings[k] for k in ("format", "seed", "height", "width", "seconds", "identities", "speech")}
 
 
 def _finished_unrecorded(out: Path, settings: dict, recorded: set[str]) -> dict[str, dict]:
