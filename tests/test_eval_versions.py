@@ -4,7 +4,8 @@
 unfinished run's clips, of another version is measured again. It was bumped by hand alone, so a
 metric changed without a bump left the reports measured before taken for the new code's, without a
 word. Here it is pinned to the code of the metrics: changing that code without looking at the
-version fails the suite, with a message saying what to do. The digest is of the modules' syntax
+version fails the suite, with a message saying what to do. So is `TRAINING_VERSION`
+(streamgen/eval/train.py), in the evaluators' checkpoints, to the code that trains them. The digest is of the modules' syntax
 trees, not their text: a comment, a docstring or a line wrapped otherwise is no change.
 """
 
@@ -25,6 +26,11 @@ PINS = [
         "streamgen/eval/report.py", "EVAL_VERSION",
         ("streamgen/eval/metrics.py", "streamgen/eval/evaluators.py", "streamgen/eval/drift.py"),
         1, "9cb1546f7616054d",
+    ),
+    (
+        "streamgen/eval/train.py", "TRAINING_VERSION",
+        ("streamgen/eval/train.py", "streamgen/eval/evaluators.py"),
+        1, "71f4c18ede00255a",
     ),
 ]  # fmt: skip
 
@@ -73,9 +79,9 @@ def code_digest(paths, leave_out: str = "") -> str:
 
 @pytest.mark.parametrize("holder, name, modules, pinned_version, pinned_digest", PINS, ids=[p[1] for p in PINS])
 def test_a_version_is_pinned_to_the_code_it_versions(holder, name, modules, pinned_version, pinned_digest):
-    import runpy
+    import importlib
 
-    version = runpy.run_path(str(ROOT / holder))[name]
+    version = getattr(importlib.import_module(holder.removesuffix(".py").replace("/", ".")), name)
     digest = code_digest([ROOT / m for m in modules], leave_out=name)
     pin = f"pin ({version}, {digest!r}) as {name}'s in {Path(__file__).relative_to(ROOT)} PINS"
     assert version == pinned_version or digest != pinned_digest, (
