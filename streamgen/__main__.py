@@ -1,13 +1,23 @@
 """`python -m streamgen` and the installed `streamgen` command (pyproject's [project.scripts] names
 `main` here): the command line loaded behind a catch for Ctrl-C. This module and streamgen/__init__.py
 import next to nothing, so the window before that catch is as short as it can be (the script pip
-writes imports its entry's module first, with no catch of its own)."""
+writes imports its entry's module first, with no catch of its own). An `--sp N` rank has no such
+window: its launcher starts it with SIGINT blocked (streamgen/parallel/torchrun.py), held for the
+catch here to take."""
 
 import sys
 
 
 def main() -> int:
+    rank_of_a_launcher = False
     try:
+        import signal
+
+        from streamgen.parallel.torchrun import is_launcher_rank
+
+        rank_of_a_launcher = is_launcher_rank()
+        if hasattr(signal, "pthread_sigmask"):  # (a Ctrl-C its launcher passed on as Python started: now)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
         from streamgen.cli import main as run_command_line
     except KeyboardInterrupt:  # a Ctrl-C as the command line loads, before it handles its own
         from streamgen.parallel.torchrun import is_launcher_rank
@@ -16,7 +26,14 @@ def main() -> int:
             print("interrupted", file=sys.stderr)
         exec("")  # (clears CPython's unhandled-Ctrl-C flag, set where it came up through an exec: see cli.main)
         return 130
-    return run_command_line()
+    try:
+        return run_command_line()
+    finally:
+        if rank_of_a_launcher:
+            # the command has ended: a Ctrl-C its launcher passes on now ends the rank at once, as
+            # the signal (its launcher says it, once), not as a KeyboardInterrupt's traceback from
+            # wherever Python's exit was ("Exception ignored in ...")
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -188,6 +188,94 @@ def test_a_ctrl_c_as_a_rank_loads_the_command_line_is_the_launcher_s_to_say(tmp_
     assert (ended.returncode, ended.stderr) == (130, ""), ended.stderr
 
 
+@pytest.mark.parametrize("module, held", [("streamgen", True), ("streamgen.cli", False)])
+def test_the_ranks_of_streamgen_start_with_sigint_held(tmp_path, monkeypatch, module, held):
+    """The ranks torchrun starts for `-m streamgen` start with SIGINT blocked (held for its
+    __main__ to take: `test_a_ctrl_c_as_the_ranks_start_python_is_one_line`); another module's do
+    not, as nothing there would take it; and the launcher's own mask is as it was."""
+    from torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler import (
+        SubprocessHandler,
+    )
+
+    said = tmp_path / "mask"
+    started = []
+
+    def fake_main(argv):  # (as torchrun starts a rank)
+        code = "import signal; print(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))"
+        handler = SubprocessHandler(sys.executable, ("-c", code), {}, str(said), None, 0, None)
+        started.append(handler.proc.wait(60))
+
+    monkeypatch.setattr(torch.distributed.run, "main", fake_main)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert torchrun.main(["--standalone", "--nproc-per-node=2", "-m", module, "--version"]) == 0
+    assert started == [0] and said.read_text().strip() == str(held)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
+
+
+def test_the_launcher_gives_back_the_signal_handlers_torchrun_took(monkeypatch):
+    """torchrun's agent handles SIGINT, SIGTERM, SIGHUP and SIGQUIT (a SignalException) and left its
+    handlers in place once it returned: a Ctrl-C as the launcher ended (its ranks done) was a
+    SignalException's traceback from wherever the launcher was."""
+    from torch.distributed.elastic.multiprocessing.api import _terminate_process_handler
+
+    taken = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+    def fake_main(argv):
+        for s in taken:
+            signal.signal(s, _terminate_process_handler)
+
+    monkeypatch.setattr(torch.distributed.run, "main", fake_main)
+    before = [signal.getsignal(s) for s in taken]
+    assert torchrun.main(["--standalone", "--nproc-per-node=2", "-m", "streamgen", "--version"]) == 0
+    assert [signal.getsignal(s) for s in taken] == before
+
+
+def test_a_ctrl_c_as_a_rank_exits_ends_it_as_the_signal(tmp_path):
+    """A rank whose command had ended, sent the Ctrl-C its launcher passed on while Python exited,
+    printed "Exception ignored in ..." and a KeyboardInterrupt's traceback below the launcher's line;
+    it ends by the signal, without a word (the launcher says it)."""
+    (tmp_path / "sitecustomize.py").write_text(  # (the last thing Python does as it exits)
+        "import atexit, os, signal, time\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(30)))\n"
+    )
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    env = {**_launcher_env(), "PYTHONPATH": path, torchrun.LAUNCHER_ENV: str(os.getpid())}  # (a rank of it)
+    ended = subprocess.run([sys.executable, "-m", "streamgen", "--version"], capture_output=True, text=True,
+                           timeout=120, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    assert (ended.returncode, ended.stderr) == (-signal.SIGINT, ""), ended.stderr
+    assert ended.stdout.startswith("streamgen ")
+
+
+# (each rank, as Python starts it: rank 0 sends its launcher the Ctrl-C a terminal would, and both
+# wait for torchrun to pass it on to them while they are still starting, in `site`, before any of
+# streamgen's code runs; 30 s at most)
+CTRL_C_AS_THE_RANKS_START = """
+import os, signal, time
+if "TORCHELASTIC_RUN_ID" in os.environ:
+    if os.environ.get("LOCAL_RANK") == "0":
+        os.kill(os.getppid(), signal.SIGINT)
+    deadline = time.monotonic() + 30
+    while signal.SIGINT not in signal.sigpending() and time.monotonic() < deadline:
+        time.sleep(0.05)
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_a_ctrl_c_as_the_ranks_start_python_is_one_line(tmp_path):
+    """torchrun passes a Ctrl-C on to the ranks (SIGINT): one that came while a rank's Python was
+    still starting, before streamgen.__main__ could catch it, was a KeyboardInterrupt's traceback
+    from that rank (Python's start-up, `site`, runpy). The ranks start with SIGINT blocked, held
+    for streamgen.__main__ to take once it can: one line, the launcher's, exit 130."""
+    (tmp_path / "sitecustomize.py").write_text(CTRL_C_AS_THE_RANKS_START)
+    env = {**_launcher_env(), "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run(
+        [sys.executable, "-m", "streamgen", "generate", "--sp", "2", "--model", "debug", "--out", str(tmp_path / "a.mp4")],
+        env=env, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert (r.returncode, r.stderr) == (130, "streamgen: stopped by SIGINT; every rank has ended\n"), r.stderr
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
 def test_relaunch_runs_the_command_on_n_processes_from_this_one():

@@ -11,7 +11,9 @@ launcher ends with that rank's exit code, so `--sp 2` fails the way `--sp 1`
 does (2 for a usage error). A rank whose collective broke because another rank
 had ended says so in one line and exits with `ANOTHER_RANK_FAILED` (distill's
 and generate's ranks do: `another_rank_failed`), so the rank named is the one that failed.
-Anything else is raised as usual.
+Anything else is raised as usual. The ranks of `-m streamgen` start with SIGINT
+blocked (`_ranks_start_with_sigint_held`): a Ctrl-C torchrun passes on to them while
+their Python starts waits for streamgen/__main__.py's catch.
 
 A usage error (bad size, unknown model) is the same on every rank: each rank
 hands its error line to the launcher (`report_error`, through torchrun's error
@@ -24,6 +26,7 @@ asks for them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -204,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from torch.distributed.elastic.multiprocessing.api import SignalException
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
         from torch.distributed.run import main as torchrun_main
     finally:
         for s, handler in before.items():
@@ -215,8 +219,13 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_torchrun_logs()
     os.environ[LAUNCHER_ENV] = str(os.getpid())  # (the workers inherit it)
+    # torchrun's own handlers (a SignalException), left in place once it returns: a Ctrl-C as the
+    # launcher ended was a SignalException's traceback from wherever it was
+    handled = [s for s in TORCHRUN_SIGNALS if hasattr(signal, s)]
+    handlers = {s: signal.getsignal(getattr(signal, s)) for s in handled}
     try:
-        torchrun_main(argv)
+        with _ranks_start_with_sigint_held(subprocess_handler.SubprocessHandler, argv):
+            torchrun_main(argv)
     except ChildFailedError as e:
         if _cut_off_mid_line(e.failures):
             print(file=sys.stderr)
@@ -240,7 +249,42 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + int(stop.sigval)
     finally:
         os.environ.pop(LAUNCHER_ENV, None)
+        for s, handler in handlers.items():
+            signal.signal(getattr(signal, s), handler)
     return 0
+
+
+# the signals torchrun's agent handles (its TORCHELASTIC_SIGNALS_TO_HANDLE's default)
+TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+
+
+@contextlib.contextmanager
+def _ranks_start_with_sigint_held(handler_class, argv: list[str] | None):
+    """Within: the ranks torchrun starts (`python -m streamgen`) start with SIGINT blocked. torchrun
+    passes a Ctrl-C on to its ranks as SIGINT, and one that reached a rank while its Python was still
+    starting (`site`, runpy), before streamgen/__main__.py could catch it, was a KeyboardInterrupt's
+    traceback, or "Fatal Python error: init_import_site". Blocked, it is held, not lost: streamgen's
+    __main__ unblocks it inside its catch, where it ends the rank at once. (Only `-m streamgen`, whose
+    __main__ does so: another module would never hear a Ctrl-C, and be killed 30 s later.)"""
+    argv = sys.argv[1:] if argv is None else argv
+    runs_streamgen = "-m" in argv and argv[argv.index("-m") + 1 :][:1] == ["streamgen"]
+    if not (runs_streamgen and hasattr(signal, "pthread_sigmask")):
+        yield
+        return
+    popen = handler_class._popen
+
+    def popen_with_sigint_held(self, *args, **kwargs):
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])  # (the child inherits the mask)
+        try:
+            return popen(self, *args, **kwargs)
+        finally:  # (the launcher's own Ctrl-C meanwhile comes now)
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    handler_class._popen = popen_with_sigint_held
+    try:
+        yield
+    finally:
+        handler_class._popen = popen
 
 
 def _cut_off_mid_line(failures: dict) -> bool:
