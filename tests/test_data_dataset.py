@@ -703,6 +703,36 @@ def test_a_make_going_on_from_an_older_makes_shards_is_the_dataset_made_in_one_g
             assert path.read_bytes() == (out / path.relative_to(whole)).read_bytes(), path
 
 
+def test_a_finished_make_run_again_by_another_speech_engine_is_refused(tmp_path, monkeypatch, capsys):
+    """A finished dataset made under one espeak-ng, its make run again under another, said it held
+    "this dataset, made with these settings: nothing to do", though the clips this one speaks are not
+    those (the manifest recorded no engine). The manifest records it; another engine's is refused,
+    the make's own still has nothing to do (and one that records none is taken as its)."""
+    import json
+
+    from streamgen.data import speech
+
+    out = tmp_path / "ds"
+    argv = ["data", "make", "--clips", "3", "--size", "16", "--seconds", "0.04", "--shard-size", "2",
+            "--workers", "1", "--identities", "20", "--out", str(out)]  # fmt: skip
+    engine, other = speech.engine_version(), "espeak-ng 1.49 (espeakng-loader not installed)"
+    monkeypatch.setattr(speech, "engine_version", lambda: other)
+    assert main(argv) == 0
+    assert json.loads((out / "manifest.json").read_text())["speech"] == other
+    monkeypatch.setattr(speech, "engine_version", lambda: engine)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"holds this dataset spoken by another speech engine ({other} there, {engine} now)" in err, err
+    monkeypatch.setattr(speech, "engine_version", lambda: other)
+    assert main(argv) == 0 and "nothing to do" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["speech"]  # (as an older make wrote it)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(speech, "engine_version", lambda: engine)
+    assert main(argv) == 0 and "nothing to do" in capsys.readouterr().out
+
+
 def test_the_same_make_run_again_once_finished_has_nothing_to_do(tmp_path, monkeypatch, capsys):
     """A make stopped as it ended (its manifest written, "interrupted" said) and run again, as one
     goes on from a stopped make, was refused: "already holds a dataset; choose another --out or

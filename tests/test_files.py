@@ -123,7 +123,8 @@ def test_the_manifest(tmp_path, monkeypatch):
 
     out = tmp_path / "world"
     out.mkdir()
-    settings = {"seed": 0, "clips": 1, "height": 16, "width": 16, "seconds": 0.04, "identities": 10}
+    settings = {"seed": 0, "clips": 1, "height": 16, "width": 16, "seconds": 0.04, "identities": 10,
+                "speech": "espeak-ng 1.52"}  # fmt: skip
     write = lambda i: _write_manifest(out, {**settings, "seed": i}, [])
     read = lambda path: json.loads(path.read_text())["seed"]
     check_whole_or_not_at_all(monkeypatch, tmp_path, out / "manifest.json", write, read, fresh=True)

@@ -277,7 +277,13 @@ def make_dataset(
         "speech": engine_version(),  # (another espeak-ng speaks the same clips otherwise)
     }  # fmt: skip
     if (out / "manifest.json").exists():
-        if _made_already(out, settings):  # (run again: a make stopped as it ended said "interrupted")
+        if made := _made_already(out, settings):  # (run again: a make stopped as it ended said "interrupted")
+            speech = made.get("speech", settings["speech"])  # (an older make's records none: taken as ours)
+            if speech != settings["speech"]:  # (it was "made with these settings": nothing to do)
+                raise DataError(
+                    f"{out} holds this dataset spoken by another speech engine ({speech} there, "
+                    f"{settings['speech']} now): delete {out} to make it again (or choose another --out)"
+                )
             raise MadeAlready(f"{out} already holds this dataset, made with these settings")
         raise DataError(f"{out} already holds a dataset (manifest.json); choose another --out or delete it")
     _finished_shards(out, settings)  # (another make's work: refused before anything is made)
@@ -307,19 +313,20 @@ def make_dataset(
         raise
 
 
-def _made_already(out: Path, settings: dict) -> bool:
-    """Whether the manifest in `out` is that of the make of `settings`: its settings, and its shards
-    those it plans (the shard size is not recorded otherwise)."""
+def _made_already(out: Path, settings: dict) -> dict | None:
+    """The manifest in `out` where it is that of the make of `settings` (else None): its settings, and
+    its shards those it plans (the shard size is not recorded otherwise); the speech engine aside."""
     try:
         manifest = json.loads((out / "manifest.json").read_text())
         made = sorted((s["file"], s["clips"], s["first_index"], s["last_index"])
                       for split in SPLITS for s in manifest["splits"][split]["shards"])  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+        return None
     if any(manifest.get(k) != v for k, v in settings.items() if k not in ("shard_size", "speech")):
-        return False
-    planned = plan_shards(settings["clips"], settings["shard_size"])
-    return made == sorted((shard_file(split, k), len(ix), ix[0], ix[-1]) for split, k, ix in planned)
+        return None
+    plan = plan_shards(settings["clips"], settings["shard_size"])
+    planned = sorted((shard_file(split, k), len(ix), ix[0], ix[-1]) for split, k, ix in plan)
+    return manifest if made == planned else None
 
 
 def _write_shards(out: Path, settings: dict, workers: int, progress, resumed=None) -> list[dict]:
@@ -406,6 +413,7 @@ def _write_manifest(out: Path, settings: dict, written: list[dict]) -> dict:
         "frames": int(round(settings["seconds"] * FPS)),
         "sample_rate": 16000,
         "identities": settings["identities"],
+        "speech": settings["speech"],  # (the espeak-ng that spoke the clips)
         "motion_names": Motion.names(),
         "splits": {},
     }
