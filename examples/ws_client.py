@@ -102,7 +102,9 @@ def read_wav_16k(path: str) -> np.ndarray:
         raise bad_input(f"{path}: {NEED_PCM16}; this one holds {name}")
     channels, rate, _, _, bits = struct.unpack_from("<HIIHH", chunks[b"fmt "], 2)
     if rate != 16000 or (bits + 7) // 8 != 2 or channels != 1:
-        raise bad_input(f"{path}: {NEED_PCM16}")
+        # (what it is, as for another format: "need 16 kHz mono" alone left the file to be looked into)
+        layout = {1: "mono", 2: "stereo"}.get(channels, f"{channels} channels")
+        raise bad_input(f"{path}: {NEED_PCM16}; this one is {rate} Hz {layout} {bits}-bit")
     samples = chunks[b"data"]
     return np.frombuffer(samples[: len(samples) // 2 * 2], "<i2")
 

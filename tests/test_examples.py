@@ -267,7 +267,7 @@ def load_client():
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_a_wave_format_extensible_wav_of_pcm_is_read_as_a_plain_one(tmp_path, channels):
+def test_a_wave_format_extensible_wav_of_pcm_is_read_as_a_plain_one(tmp_path, channels, capsys):
     """WAVE_FORMAT_EXTENSIBLE (what ffmpeg writes for more than 2 channels, sox and Windows for
     plain PCM) was refused as "holds WAVE_FORMAT_EXTENSIBLE" whatever its samples; of 16-bit PCM
     it is read as the plain WAV of the same samples (3 channels: refused as any other such)."""
@@ -286,6 +286,7 @@ def test_a_wave_format_extensible_wav_of_pcm_is_read_as_a_plain_one(tmp_path, ch
         with pytest.raises(SystemExit) as refused:
             client.read_wav_16k(str(path))
         assert refused.value.code == 2
+    assert capsys.readouterr().err.count("; this one is 16000 Hz 3 channels 16-bit\n") == 2
 
 
 WAVS = ["missing", "8k", "not-a-wav", "float", "extensible-float", "extensible-other", "extensible-short"]
@@ -311,6 +312,7 @@ def test_a_bad_wav_is_one_line_and_makes_no_session(server, tmp_path, wav):
     r = ws_client("--server", url, "--wav", str(path), "--out", str(tmp_path / "f"))
     assert_one_line_error(r, str(path), code=2)
     said = {
+        "8k": "this one is 8000 Hz mono 16-bit",
         "float": "holds float samples",
         "extensible-float": "holds float samples (WAVE_FORMAT_EXTENSIBLE)",
         "extensible-other": "holds WAVE_FORMAT_EXTENSIBLE of sub-format 03020100-0504-0706-0809-0a0b0c0d0e0f",
