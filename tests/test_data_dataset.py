@@ -165,6 +165,26 @@ def test_a_shard_the_system_will_not_read_is_not_called_corrupted(world, monkeyp
         ShardReader(shard)
 
 
+def test_a_shard_the_system_will_not_read_for_its_hash_is_one_line(world, monkeypatch):
+    """The same, as its sha256 is checked (the dataset checks every shard as it is made; a reader
+    given the manifest's sha256, as iter_clips does): no permission or an I/O error there was the
+    OSError's traceback."""
+    import errno
+
+    from streamgen.data import shards
+
+    record = load_manifest(world)["splits"]["train"]["shards"][0]
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(shards, "open", refused, raising=False)  # (the hash's: found before the builtin)
+    with pytest.raises(DataError, match=r"^cannot read shard .*shard-00000\.npz: Permission denied$"):
+        ShardReader(world / record["file"], record["bytes"], record["sha256"])
+    with pytest.raises(DataError, match=r"^cannot read shard .*shard-00000\.npz: Permission denied$"):
+        AvatarWorldDataset(world, "train")
+
+
 def test_corrupted_shard_is_one_clear_error(world, tmp_path):
     import struct
 

@@ -494,15 +494,18 @@ def check_shard(
     path = Path(path)
     if not path.exists():
         raise DataError(f"missing shard {path}")
-    signature = file_signature(path)
-    size = signature[2]
-    if expected_bytes is not None and size != expected_bytes:
-        raise DataError(f"corrupted shard {path}: {size} bytes, manifest says {expected_bytes}")
-    if sha256 is not None and signature != checked and _sha256(path) != sha256:
-        raise DataError(
-            f"corrupted shard {path}: its sha256 is not the one the manifest records "
-            "(checksum mismatch: changed since it was written)"
-        )
+    try:  # (no permission, an I/O error: the OSError's traceback, where ShardReader says it in a line)
+        signature = file_signature(path)
+        size = signature[2]
+        if expected_bytes is not None and size != expected_bytes:
+            raise DataError(f"corrupted shard {path}: {size} bytes, manifest says {expected_bytes}")
+        if sha256 is not None and signature != checked and _sha256(path) != sha256:
+            raise DataError(
+                f"corrupted shard {path}: its sha256 is not the one the manifest records "
+                "(checksum mismatch: changed since it was written)"
+            )
+    except OSError as e:
+        raise DataError(f"cannot read shard {path}: {e.strerror or e}") from None
     return signature
 
 
