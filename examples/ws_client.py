@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.utils
 import json
 import os
 import struct
@@ -131,6 +132,19 @@ def wait_seconds(text: str) -> float:
     return value
 
 
+def retry_after_seconds(value: str | None) -> float:
+    """The seconds a 503's Retry-After asks to wait: a number of them, or an HTTP date (RFC 9110: what a
+    proxy in front of the server may send, a ValueError's traceback); 1 where it says neither."""
+    try:
+        return max(0.0, float(value))
+    except (TypeError, ValueError):
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return 1.0
+
+
 async def create_session(http: httpx.AsyncClient, body: dict, wait_s: float) -> dict:
     """POST /v1/sessions; a 503 (model loading, or at capacity) is retried after its Retry-After
     until `wait_s` is spent."""
@@ -149,7 +163,7 @@ async def create_session(http: httpx.AsyncClient, body: dict, wait_s: float) -> 
             refused = f"session refused: {r.status_code} {message}"
             raise bad_input(refused) if 400 <= r.status_code < 500 else SystemExit(refused)
         # the last ask at the deadline (a --wait shorter than Retry-After, or just as long, asked once)
-        retry_after = min(float(r.headers.get("Retry-After", 1)), left)
+        retry_after = min(retry_after_seconds(r.headers.get("Retry-After")), left)
         print(f"server busy ({message}); asking again in {retry_after:.3g} s")
         await asyncio.sleep(retry_after)
 

@@ -621,3 +621,32 @@ def test_a_ctrl_c_as_a_frame_arrives_is_not_lost(tmp_path, monkeypatch):
         return cancelled
 
     assert asyncio.run(run()), "the Ctrl-C was lost: the client streams on"
+
+
+def test_a_busy_server_s_retry_after_as_an_http_date_is_waited_for_not_a_traceback():
+    """A 503's Retry-After may be an HTTP date (RFC 9110; a proxy in front of the server sends one):
+    float() of it was a ValueError's traceback. A date is the seconds until it, anything else 1 s."""
+    import asyncio
+    import email.utils
+    import time
+
+    import httpx
+
+    client = load_client()
+    soon = email.utils.formatdate(time.time() + 3600, usegmt=True)
+
+    class Busy:  # a server answering 503, with a date to come back at
+        def __init__(self):
+            self.asked = 0
+
+        async def post(self, path, json):
+            self.asked += 1
+            return httpx.Response(503, json={"message": "at capacity"}, headers={"Retry-After": soon})
+
+    server = Busy()
+    with pytest.raises(SystemExit, match="^session refused: 503 at capacity$"):
+        asyncio.run(client.create_session(server, {"avatar": "sample"}, 1.0))
+    assert server.asked == 2  # (asked again at --wait's end, the date being later)
+    assert 3500 < client.retry_after_seconds(soon) <= 3600
+    assert client.retry_after_seconds(email.utils.formatdate(time.time() - 60, usegmt=True)) == 0
+    assert [client.retry_after_seconds(v) for v in ("2", "0.5", None, "soon", "-3")] == [2, 0.5, 1, 1, 0]
