@@ -145,6 +145,18 @@ def retry_after_seconds(value: str | None) -> float:
         return 1.0
 
 
+def server_url(text: str) -> str:
+    """An http:// or https:// URL (one without its scheme, 127.0.0.1:8000, was "cannot reach" and exit 1
+    once the --out folder was made; one httpx cannot parse, http://[::1, its InvalidURL traceback)."""
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a URL ({e})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the server's http:// or https:// URL")
+    return text
+
+
 async def create_session(http: httpx.AsyncClient, body: dict, wait_s: float) -> dict:
     """POST /v1/sessions; a 503 (model loading, or at capacity) is retried after its Retry-After
     until `wait_s` is spent."""
@@ -329,7 +341,9 @@ async def main(args) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--server", default="http://127.0.0.1:8000", help="server URL (default: %(default)s)")
+    p.add_argument(
+        "--server", type=server_url, default="http://127.0.0.1:8000", help="server URL (default: %(default)s)"
+    )
     p.add_argument("--token", help="the server's token, for a server started with --token")
     p.add_argument("--avatar", default="sample", help="avatar to stream (default: %(default)s)")
     p.add_argument("--caption", help="text conditioning, e.g. 'smiling'")

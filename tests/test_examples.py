@@ -95,6 +95,15 @@ def test_seconds_that_would_save_nothing_are_refused(server, tmp_path, seconds):
     assert app.state.registry.sessions == {} and not (tmp_path / "f").exists()
 
 
+@pytest.mark.parametrize("url", ["127.0.0.1:8000", "localhost", "ftp://127.0.0.1:8000", "http://[::1", "http://"])
+def test_a_server_that_is_not_an_http_url_is_refused(tmp_path, url):
+    """One without its scheme was "cannot reach ...: Request URL is missing an 'http://' ..." and exit
+    1, the --out folder made; one httpx cannot parse was its InvalidURL traceback."""
+    r = ws_client("--server", url, "--seconds", "1", "--out", str(tmp_path / "f"))
+    assert r.returncode == 2 and "--server" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "f").exists()
+
+
 @pytest.mark.parametrize("wait", ["nan", "-1", "soon"])
 def test_a_wait_that_is_not_a_time_to_wait_is_refused(server, tmp_path, wait):
     """--wait nan never ran out: a full server was asked again forever."""
