@@ -51,11 +51,13 @@ def bad_input(message: str) -> SystemExit:
 
 
 NEED_PCM16 = "need 16 kHz mono 16-bit PCM (e.g. ffmpeg -ar 16000 -ac 1)"
-# the WAV formats the client does not take, by their code (a format tag, or WAVE_FORMAT_EXTENSIBLE's sub-format's)
+# the WAV formats the client does not take, by their code (a format tag, or the sub-format's code of
+# WAVE_FORMAT_EXTENSIBLE)
 WAV_FORMATS = {3: "float samples", 6: "A-law samples", 7: "mu-law samples", 0x55: "MP3"}
 # WAVE_FORMAT_EXTENSIBLE (0xFFFE: ffmpeg's for more than 2 channels, sox's, Windows') names its samples by
 # a sub-format GUID: a format code in its first two bytes, then these 14 (KSDATAFORMAT_SUBTYPE_PCM is
-# 00000001-0000-0010-8000-00aa00389b71). Python's wave module refused it as "unknown format: 65534" before 3.12.
+# 00000001-0000-0010-8000-00aa00389b71). Python's wave module refused it ("unknown format: 65534")
+# before 3.12.
 EXTENSIBLE, GUID_TAIL = 0xFFFE, bytes.fromhex("000000001000800000aa00389b71")
 
 
@@ -99,7 +101,7 @@ def read_wav_16k(path: str) -> np.ndarray:
     except ValueError as e:
         raise bad_input(f"{path}: not a readable WAV file ({e})") from None
     code, name = sample_format(chunks[b"fmt "])
-    if code != 1:  # (a WAV of float samples, scipy.io.wavfile's of a float array, is one the client does not take)
+    if code != 1:  # (float samples, as scipy.io.wavfile writes a float array: not taken)
         raise bad_input(f"{path}: {NEED_PCM16}; this one holds {name}")
     channels, rate, _, _, bits = struct.unpack_from("<HIIHH", chunks[b"fmt "], 2)
     if rate != 16000 or (bits + 7) // 8 != 2 or channels != 1:
