@@ -9,13 +9,9 @@ import sys
 
 
 def main() -> int:
-    rank_of_a_launcher = False
     try:
         import signal
 
-        from streamgen.parallel.torchrun import is_launcher_rank
-
-        rank_of_a_launcher = is_launcher_rank()
         if hasattr(signal, "pthread_sigmask"):  # (a Ctrl-C its launcher passed on as Python started: now)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
         from streamgen.cli import main as run_command_line
@@ -29,10 +25,11 @@ def main() -> int:
     try:
         return run_command_line()
     finally:
-        if rank_of_a_launcher:
-            # the command has ended: a Ctrl-C its launcher passes on now ends the rank at once, as
-            # the signal (its launcher says it, once), not as a KeyboardInterrupt's traceback from
-            # wherever Python's exit was ("Exception ignored in ...")
+        # the command has ended, whatever it kept said: a Ctrl-C now (an --sp N rank's, passed on by
+        # its launcher, which says it once) ends the process at once, as the signal, not as a
+        # KeyboardInterrupt's traceback from wherever Python's exit was ("Exception ignored in ...").
+        # (Not where it is ignored: a shell script's job in the background takes none.)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 

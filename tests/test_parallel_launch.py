@@ -230,19 +230,26 @@ def test_the_launcher_gives_back_the_signal_handlers_torchrun_took(monkeypatch):
     assert [signal.getsignal(s) for s in taken] == before
 
 
-def test_a_ctrl_c_as_a_rank_exits_ends_it_as_the_signal(tmp_path):
+@pytest.mark.parametrize("rank, ignored", [(True, False), (False, False), (False, True)],
+                         ids=["a rank", "a command of its own", "a background job"])  # fmt: skip
+def test_a_ctrl_c_as_a_rank_exits_ends_it_as_the_signal(tmp_path, rank, ignored):
     """A rank whose command had ended, sent the Ctrl-C its launcher passed on while Python exited,
     printed "Exception ignored in ..." and a KeyboardInterrupt's traceback below the launcher's line;
-    it ends by the signal, without a word (the launcher says it)."""
+    it ends by the signal, without a word (the launcher says it). So does any `python -m streamgen`
+    whose command has ended (a Ctrl-C as a slow exit goes on); one started with SIGINT ignored (a
+    shell script's job in the background) ignores it still."""
     (tmp_path / "sitecustomize.py").write_text(  # (the last thing Python does as it exits)
         "import atexit, os, signal, time\n"
-        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(30)))\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(3)))\n"
     )
     path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
-    env = {**_launcher_env(), "PYTHONPATH": path, torchrun.LAUNCHER_ENV: str(os.getpid())}  # (a rank of it)
+    env = {**_launcher_env(), "PYTHONPATH": path}
+    if rank:
+        env[torchrun.LAUNCHER_ENV] = str(os.getpid())  # (a rank of this process)
+    handler = signal.SIG_IGN if ignored else signal.SIG_DFL
     ended = subprocess.run([sys.executable, "-m", "streamgen", "--version"], capture_output=True, text=True,
-                           timeout=120, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
-    assert (ended.returncode, ended.stderr) == (-signal.SIGINT, ""), ended.stderr
+                           timeout=120, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, handler))  # fmt: skip
+    assert (ended.returncode, ended.stderr) == (0 if ignored else -signal.SIGINT, ""), ended.stderr
     assert ended.stdout.startswith("streamgen ")
 
 
