@@ -212,6 +212,17 @@ def test_the_ranks_of_streamgen_start_with_sigint_held(tmp_path, monkeypatch, mo
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
 
 
+def test_a_torch_whose_handler_has_no_popen_to_wrap_starts_the_ranks_as_before():
+    """The wrap is of torch's own class's `_popen`: where another torch has none, the launch goes on
+    unwrapped (an AttributeError's traceback otherwise, before any rank started)."""
+    class Handler:  # (no _popen)
+        pass
+
+    with torchrun._ranks_start_with_sigint_held(Handler, ["--standalone", "-m", "streamgen", "--version"]):
+        pass
+    assert not hasattr(Handler, "_popen")
+
+
 def test_the_launcher_gives_back_the_signal_handlers_torchrun_took(monkeypatch):
     """torchrun's agent handles SIGINT, SIGTERM, SIGHUP and SIGQUIT (a SignalException) and left its
     handlers in place once it returned: a Ctrl-C as the launcher ended (its ranks done) was a

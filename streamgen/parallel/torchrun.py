@@ -268,7 +268,8 @@ def _ranks_start_with_sigint_held(handler_class, argv: list[str] | None):
     __main__ does so: another module would never hear a Ctrl-C, and be killed 30 s later.)"""
     argv = sys.argv[1:] if argv is None else argv
     runs_streamgen = "-m" in argv and argv[argv.index("-m") + 1 :][:1] == ["streamgen"]
-    if not (runs_streamgen and hasattr(signal, "pthread_sigmask")):
+    # (torch's own class: one that has no `_popen` to wrap, in another torch, starts them as before)
+    if not (runs_streamgen and hasattr(signal, "pthread_sigmask") and hasattr(handler_class, "_popen")):
         yield
         return
     popen = handler_class._popen
