@@ -62,13 +62,13 @@ def counted_work(
     linears in FP8, `decoder` "tiny" or "upsample_phases", its cache from `cache_from`.
     `decodes`: a `floor.KeptDecodes` of another count with the same decoder, to take its decodes
     from (None: its own)."""
-    from bench.gpu import build_model, start_stream
+    from bench.gpu import QUICK_SIZE, build_model, start_stream
     from bench.wan_decoder import tiny_decoder_vae
     from streamgen.model.float8 import float8_linears
     from streamgen.stream import StreamSession
 
     device, dtype = ("cpu", torch.float32) if quick else ("meta", torch.bfloat16)
-    height, width = (64, 96) if quick else (480, 832)
+    height, width = QUICK_SIZE if quick else (480, 832)
     clip_frames, text_tokens = (33, 8) if quick else (floor.CLIP_FRAMES, 512)  # as bench gpu's
     model = build_model("wan2.1-1.3b", height, width, device, dtype, quick, "sdpa")
     if decoder == "tiny":

@@ -199,6 +199,8 @@ def test_gpu_check_runs_with_only_what_the_gpu_image_has(gpu_check_run):
     assert not re.search(r"\d+ errors?\b", log), log[-3000:]
 
     assert "error" not in result, result["error"]
+    # at --quick's size, a quarter of 64x96's pixels: the VAE's convolutions there were most of this run
+    assert (result["height"], result["width"]) == gpu.QUICK_SIZE == (32, 48)
     variant = result["variants"]["sdpa+fused_kernels"]
     assert variant["fps"] > 0 and variant["first_chunk_frames"] == 9  # Wan VAE: 1 + 4k frames
     assert result["best_variant"] in result["variants"]
@@ -451,7 +453,7 @@ def test_compiled_blocks_variant_reports_its_graphs_and_undoes_itself():
     # test_compile.py's batched streams, which compile the same blocks' code, dynamo captured no
     # graph here and ran the blocks eagerly)
     dynamo.reset()
-    model = gpu.build_model("wan2.1-1.3b", 64, 96, "cpu", torch.float32, quick=True, backend="sdpa")
+    model = gpu.build_model("wan2.1-1.3b", *gpu.QUICK_SIZE, "cpu", torch.float32, quick=True, backend="sdpa")
     limit = dynamo.config.recompile_limit
 
     def measure(prepare):
@@ -525,7 +527,7 @@ def test_decoding_beside_the_reencode_gives_the_same_frames_on_cuda():
 def test_the_clip_rate_waits_for_the_work_its_last_chunk_left_queued(monkeypatch):
     """A chunk that decodes beside its re-encode returns with the re-encode still queued, which the
     next chunk pays: fps_clip left the clip's last tail out (2-3% fast with the tiny decoder)."""
-    model = gpu.build_model("wan2.1-1.3b", 64, 96, "cpu", torch.float32, quick=True, backend="sdpa")
+    model = gpu.build_model("wan2.1-1.3b", *gpu.QUICK_SIZE, "cpu", torch.float32, quick=True, backend="sdpa")
     events = []
     monkeypatch.setattr(gpu.device_ceilings, "synchronize", lambda device: lambda: events.append("sync"))
     next_chunk = StreamSession.next_chunk
