@@ -64,11 +64,19 @@ class WorkerBusy(Exception):
 class InferenceWorker:
     def __init__(
         self, metrics: ServerMetrics, stamp_frames: bool = False, max_jobs: int = 64, lanes: int = 1,
-        torch_threads: int | None = None, align_batches: bool = True,
+        torch_threads: int | None = None, align_batches: bool = True, clock=time.monotonic,
+        wait=threading.Condition.wait,
     ):  # fmt: skip
         """lanes: threads that generate, each for its own sessions; torch_threads: torch's
         intra-op threads in each (None: torch's default); align_batches: wait for chunks due soon
-        to generate them together (`plan_batch`), rather than each when it falls due."""
+        to generate them together (`plan_batch`), rather than each when it falls due.
+
+        clock: the seconds the worker plans by (the sessions' due times are on it) and times its
+        batches by; wait(condition, seconds): a lane's sleep on the worker's condition (held) until
+        it is notified or `seconds` of that clock have passed (None: until notified). A test's clock
+        passes both and drives the worker's time: on the machine's, a test of the batches the worker
+        makes failed 2 runs in 3 under load, its sessions' schedules drifting apart as chunks came
+        late (test_server_alignment)."""
         if lanes < 1:
             raise ValueError("an inference worker needs at least one lane")
         self.metrics = metrics
@@ -89,6 +97,7 @@ class InferenceWorker:
         # seconds per batch of k sessions' chunks, measured: in all (re-encodes too), and to publish
         self.batch_times, self.ready_times = BatchTimes(), BatchTimes()
         self.align_batches = align_batches
+        self.clock, self._wait = clock, wait
         # counted when scraped: set by each lane, an idle lane's 0 overwrote a busy one's count
         metrics.queue_depth.set_function(self.waiting)
 
@@ -119,13 +128,13 @@ class InferenceWorker:
                 raise WorkerBusy("server is shutting down")
             if not force and sum(len(q) for q in self._jobs) >= self.max_jobs:
                 raise WorkerBusy("inference queue is full")
-            self._jobs[lane].append((future, fn, args, time.monotonic()))
+            self._jobs[lane].append((future, fn, args, self.clock()))
             self._cond.notify_all()
         return future
 
     def waiting(self) -> int:
         """Jobs queued and chunks due, over every lane (the queue-depth gauge, read when scraped)."""
-        now = time.monotonic()
+        now = self.clock()
         with self._cond:
             due = sum(1 for s in self._sessions.values() if s.streaming and not s.closed and s.next_due <= now)
             return sum(len(q) for q in self._jobs) + due
@@ -237,7 +246,7 @@ class InferenceWorker:
         due go first: a job (a new session's setup, its first chunk) waits for them, unless it has
         waited JOB_PATIENCE already (a saturated lane still starts its sessions). Run first, the
         setups of sessions created together made the chunks of those already streaming late."""
-        now = time.monotonic()
+        now = self.clock()
         live = [s for s in self._sessions.values() if s.streaming and not s.closed and s.lane == lane]
         jobs = self._jobs[lane]
         if jobs and (jobs[0][3] < now - JOB_PATIENCE or all(s.next_due > now for s in live)):
@@ -276,7 +285,7 @@ class InferenceWorker:
                     job, due, wait = self._next(lane)
                     if job is not None or due is not None:
                         break
-                    self._cond.wait(wait)
+                    self._wait(self._cond, wait)
             if job is not None:
                 self._run_job(*job)
             else:
@@ -300,7 +309,7 @@ class InferenceWorker:
         from streamgen.stream import StreamSession
         from streamgen.stream_batch import next_chunks, write_pending_chunks
 
-        t = time.perf_counter()
+        t = self.clock()  # (time.monotonic: on Linux the clock perf_counter reads, CLOCK_MONOTONIC)
         local = [s for s in sessions if isinstance(s.stream, StreamSession)]
         chunks, failed = {}, set()
         alone = len(sessions) == 1  # its failure raises, to run_chunk's caller
@@ -339,7 +348,7 @@ class InferenceWorker:
                     if alone:
                         raise
                     fail_alone(s, e)
-        dt = time.perf_counter() - t
+        dt = self.clock() - t
         sessions = [s for s in sessions if s.id in chunks]
         if not sessions:  # each failed on its own (and was failed)
             return []
@@ -360,7 +369,7 @@ class InferenceWorker:
             if not isinstance(s.stream, StreamSession):
                 s.stream.write_pending_chunk()
         # what one session's chunk costs the worker, its re-encode included (capacity)
-        busy = time.perf_counter() - t
+        busy = self.clock() - t
         self.metrics.worker_busy.inc(busy)
         self.metrics.batch_sessions.observe(len(sessions))
         self.batch_times.observe(len(sessions), busy)

@@ -335,17 +335,14 @@ class TimedStream(SimpleNamespace):
         pass
 
 
-def timed_worker(monkeypatch, sessions: int, per_session, first_chunk_seconds: float, batch=None):
+def timed_worker(sessions: int, per_session, first_chunk_seconds: float, batch=None):
     """A worker on a fake clock, its warm-up's one chunk timed at `first_chunk_seconds`, and
     `sessions` sessions whose chunks cost `per_session(k)` seconds in a batch of `batch[0]`:
     (clock, worker, sessions)."""
     from test_server_clock import make_session
 
-    import server.scheduler as scheduler
-
     clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr(scheduler, "time", SimpleNamespace(perf_counter=lambda: clock.now))
-    worker = InferenceWorker(ServerMetrics())
+    worker = InferenceWorker(ServerMetrics(), clock=lambda: clock.now)
     worker.chunk_time_ema = first_chunk_seconds  # the warm-up: one stream's time (server/app.py)
     worker.batch_times.observe(1, first_chunk_seconds)
     made = []
@@ -365,7 +362,7 @@ def timed_worker(monkeypatch, sessions: int, per_session, first_chunk_seconds: f
     ],
     ids=["fixed_cost_per_pass", "growing_cost_per_session"],
 )
-def test_the_capacity_is_the_largest_batch_measured_to_fit_the_chunk_period(monkeypatch, batch_seconds):
+def test_the_capacity_is_the_largest_batch_measured_to_fit_the_chunk_period(batch_seconds):
     """Batches of 8, then of 2: the capacity is what the measured batch times fit in the chunk
     period, not what the last batches' time per session would (that averaged over the sessions
     streaming now: 3 sessions admitted where batches of 8 were measured to fit; 7 where batches
@@ -373,7 +370,7 @@ def test_the_capacity_is_the_largest_batch_measured_to_fit_the_chunk_period(monk
     from test_server_clock import CHUNK_S
 
     batch = [0]
-    _, worker, streams = timed_worker(monkeypatch, 8, lambda k: batch_seconds(k) / k, batch_seconds(1), batch)
+    _, worker, streams = timed_worker(8, lambda k: batch_seconds(k) / k, batch_seconds(1), batch)
     for streaming in (8, 2):
         batch[0] = streaming
         for _ in range(40):  # the averages settle within a few dozen chunks
@@ -384,14 +381,14 @@ def test_the_capacity_is_the_largest_batch_measured_to_fit_the_chunk_period(monk
     assert measured <= worker.capacity(CHUNK_S, limit=16) <= served
 
 
-def test_a_batch_size_timed_slow_in_a_passing_slowdown_does_not_lower_the_capacity_for_good(monkeypatch):
+def test_a_batch_size_timed_slow_in_a_passing_slowdown_does_not_lower_the_capacity_for_good():
     """Batches of 5 timed during a slowdown (another process on the cores), then only batches of
     4, at the machine's usual speed: no batch of 5 runs again to correct that size's time, since
     it said 5 did not fit. The capacity must come back to what the batches timed since fit."""
     from test_server_clock import CHUNK_S
 
     per_session = SimpleNamespace(seconds=0.03)  # batches of k take 0.03 k s: 9 fit 0.85 x 0.32 s
-    _, worker, sessions = timed_worker(monkeypatch, 5, lambda k: per_session.seconds, per_session.seconds)
+    _, worker, sessions = timed_worker(5, lambda k: per_session.seconds, per_session.seconds)
     per_session.seconds = 0.1  # the slowdown: 5 sessions' batches take 0.5 s
     for _ in range(20):
         worker.run_chunks(sessions)
@@ -403,7 +400,7 @@ def test_a_batch_size_timed_slow_in_a_passing_slowdown_does_not_lower_the_capaci
     assert worker.capacity(CHUNK_S, limit=16) == served
 
 
-def test_the_capacity_counts_a_pass_for_each_group_of_sessions_generated_apart(monkeypatch):
+def test_the_capacity_counts_a_pass_for_each_group_of_sessions_generated_apart():
     """Batches of 8 timed to fit the chunk period (a pass's fixed cost shared by 8); then the lane's
     sessions fall due in two groups 160 ms apart (a clock moved by more than a repeated frame,
     server/batching.py), which the worker generates as two batches, each paying the fixed cost. The
@@ -415,7 +412,7 @@ def test_the_capacity_counts_a_pass_for_each_group_of_sessions_generated_apart(m
         return 0.12 + 0.015 * k
 
     batch = [8]
-    _, worker, sessions = timed_worker(monkeypatch, 8, lambda k: batch_seconds(k) / k, batch_seconds(1), batch)
+    _, worker, sessions = timed_worker(8, lambda k: batch_seconds(k) / k, batch_seconds(1), batch)
     for _ in range(20):
         worker.run_chunks(sessions)
     assert worker.capacity(CHUNK_S, limit=16) >= 8  # one group: a batch of 8 fits 85% of the period

@@ -100,21 +100,17 @@ def test_a_delay_grown_by_the_loop_while_the_worker_pulls_the_session_sooner_is_
     assert on_schedule(s) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_the_worker_plans_from_one_reading_of_a_sessions_clock(monkeypatch):
+def test_the_worker_plans_from_one_reading_of_a_sessions_clock():
     """The loop grew a due session's delay by 100 ms (a chunk late again: the delay longer, the
     next chunk due as much sooner, its play time unchanged) between the worker's reads of its due
     time and its delay: the due time read before and the delay after put its play time 100 ms
     later than either clock did, and the worker held the session's chunk for another one due 60
     ms later, past the play time (the chunk late again). From either clock, both are generated
     now, the other pulled into the batch (server/batching.py)."""
-    from types import SimpleNamespace
-
     import server.scheduler as scheduler
     from server.metrics import ServerMetrics
 
-    now = 100.0
-    monkeypatch.setattr(scheduler, "time", SimpleNamespace(monotonic=lambda: now))
-    worker = scheduler.InferenceWorker(ServerMetrics())
+    worker = scheduler.InferenceWorker(ServerMetrics(), clock=lambda: 100.0)
     for times in (worker.batch_times, worker.ready_times):
         times.observe(2, 0.05)  # held for, the batch of two would be published at 100.05 + 1.2 x 0.05
     due_now, due_soon = pausing_session("delay", before=True), make_session()
