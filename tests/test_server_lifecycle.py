@@ -331,8 +331,9 @@ def test_the_queue_depth_counts_every_lane_and_the_fps_falls_when_streams_stop(m
         release = block_lane(worker, lane=0)
         for _ in range(3):
             worker.submit(lambda: None, lane=0)
-        worker.submit(lambda: None, lane=1)  # wakes lane 1, which set the gauge to its own 0
-        time.sleep(0.2)
+        # wakes lane 1, which set the gauge to its own 0; waited for (after a 0.2 s sleep, a lane
+        # held off the cores 0.3 s had not taken it yet, and the gauge said 4)
+        worker.submit(lambda: None, lane=1).result(timeout=10)
         assert gauge("streamgen_queue_depth") == 3
         release.set()
     finally:
