@@ -151,12 +151,12 @@ def pull_into_batch(
     is skipped; left out, one near its most ran a batch of its own every period with a 0.64 s
     period, and with 0.32 s beside a group at the floor of a batch of its own (too short to hold
     the batch); where the group's delay allows, its batch waits, skipping nothing
-    (test_server_alignment).
+    (test_server_alignment_worker).
 
     With `ready_time` (what publishing a batch of k takes) and `now`, none is pulled that makes a
     batch that was to be published in time late for its first play time (or the pulled one's):
     `plan_batch` holds a batch for a later session only while the grown batch is in time, but the
-    pulls grew it past that, and on random lanes its sessions came late (test_server_alignment)."""
+    pulls grew it past that, and on random lanes its sessions came late (test_server_alignment_worker)."""
     due = max(sessions[i].next_due for i in batch)
     starts = due if now is None else max(now, due)
     first_play = min(sessions[i].plays_at for i in batch)
@@ -226,13 +226,13 @@ def join_schedule(
     after the worker's hold for the group's later sessions (`LaneGroup.held`), unless
     `fixed_delay` (the operator set it) or the given one is smaller. The group's sessions need it
     too (`Session.hold_back`). Sized for the batch alone, a session joining a batch held 76 ms and
-    the group's first were late every period (test_server_alignment).
+    the group's first were late every period (test_server_alignment_worker).
 
     A group is what the worker generates as one batch (`lane_group_indices`, with `max_delay`:
     `Session.MAX_DELAY`), as the capacity counts. By
     due times 5 ms apart, a session joined one of a batch's sessions as a batch of 2, its delay
     sized for that, while the worker made a batch of 4 of them, and its chunks came late every
-    period (test_server_alignment)."""
+    period (test_server_alignment_worker)."""
     ready_time = ready_time or batch_time
     best = Schedule(base, delay)
     for group in lane_groups(lane, chunk_seconds, batch_time, ready_time, max_delay):
@@ -260,14 +260,14 @@ def phase_groups(
     `pull_into_batch`, which pulls those due after the batch, never before, and generates them
     with it from then on). Only after: taken either side of a group's first, due times 80 ms
     before and 80 ms after it were one group, which the worker ran as two batches every period
-    when the one before fell due first (test_server_alignment).
+    when the one before fell due first (test_server_alignment_worker).
 
     The batches are played out from the earliest due time, as the worker meets them, for
     GROUPING_PERIODS periods: each takes the due times within `window` after its own, which move
     to it. Grouped from the period's start instead, (.28, .30 | .01, .08) were two groups of 2
     where the worker made one batch of 4 (the batch at .01 pulls .08, the one at .28 then both):
     a session joining the .28 pair had its delay sized for 3, and its chunks and the pair's came
-    late (test_server_alignment).
+    late (test_server_alignment_worker).
 
     Where the worker lines batches up, the groups are its batches played out (`lane_group_indices`:
     `plan_batch`'s holds, the headroom and the most delay count too); this one is for the batches
