@@ -35,12 +35,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, help="override run.steps")
 
 
-def _say_where_to_go_on(args: argparse.Namespace, out: str, is_main: bool) -> None:
-    """After a Ctrl-C: the checkpoint a --resume goes on from (all it said was "interrupted")."""
+def _say_where_to_go_on(args: argparse.Namespace, out: str, is_main: bool, first_checkpoint: int) -> None:
+    """After a Ctrl-C: the checkpoint a --resume goes on from (all it said was "interrupted"), or
+    that there is none yet, so the steps taken are lost (a tiny-avatar stage checkpoints every 250
+    steps, minutes apart: a stop before the first said nothing of it)."""
     from streamgen.checkpoint import checkpoint_step, latest_checkpoint
 
-    latest = latest_checkpoint(out) if is_main else None
+    if not is_main:
+        return
+    latest = latest_checkpoint(out)
     if latest is None:
+        print(f"{args.stage}: no checkpoint was saved yet in {out} (the first comes after step "
+              f"{first_checkpoint}; --set run.checkpoint_every=N saves more often): the steps taken are not "
+              "kept, and the same command starts the run again from step 0", file=sys.stderr)  # fmt: skip
         return
     again = "the same command" + ("" if args.resume else " with --resume")
     print(f"{args.stage}: the newest checkpoint is {latest} (step {checkpoint_step(latest)}); {again} goes on "
@@ -96,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
             stop = e if isinstance(e, (KeyboardInterrupt, SystemExit)) else stop_behind(e)
             if stop is None:
                 raise
-            _say_where_to_go_on(args, cfg.run.out, trainer.is_main)
+            first_checkpoint = min(cfg.run.checkpoint_every, cfg.run.steps)
+            _say_where_to_go_on(args, cfg.run.out, trainer.is_main, first_checkpoint)
             if stop is e:
                 raise
             raise stop from None

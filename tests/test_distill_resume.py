@@ -253,7 +253,7 @@ def test_a_sigterm_that_failed_an_import_says_where_a_resume_goes_on_from(tmp_pa
 
     said = []
     monkeypatch.setattr(Trainer, "run", run)
-    monkeypatch.setattr(distill.cli, "_say_where_to_go_on", lambda args, out, is_main: said.append(out))
+    monkeypatch.setattr(distill.cli, "_say_where_to_go_on", lambda args, out, *_: said.append(out))
     out = tmp_path / "t"
     with pytest.raises(SystemExit) as ended:
         main(["distill", "teacher", "--config", "debug", "--out", str(out), "--steps", "4"])
@@ -307,3 +307,29 @@ def test_a_ctrl_c_says_which_checkpoint_a_resume_goes_on_from(tmp_path, monkeypa
     assert err.rstrip().endswith("interrupted"), err
     assert main([*command, "--resume"]) == 130  # (stopped again: a --resume is the same command)
     assert "(step 4); the same command goes on from it" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_before_the_first_checkpoint_says_the_steps_taken_are_lost(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C before the first checkpoint (a tiny-avatar stage saves every 250 steps, minutes
+    apart) said "interrupted" alone: nothing said that the steps taken were lost, nor that the same
+    command starts again from step 0."""
+    from streamgen.cli import main
+
+    def stopped_before_the_first(*args, **kwargs):
+        raise KeyboardInterrupt  # (a Ctrl-C at step 2, as its checkpoint was to be written)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", stopped_before_the_first)
+    out = tmp_path / "t"
+    command = ["distill", "teacher", "--config", "debug", "--out", str(out)]
+    assert main(command) == 130
+    err = capsys.readouterr().err
+    assert ckpt.latest_checkpoint(out) is None
+    said = (
+        f"teacher: no checkpoint was saved yet in {out} (the first comes after step 2; --set "
+        "run.checkpoint_every=N saves more often): the steps taken are not kept, and the same command "
+        "starts the run again from step 0"
+    )
+    assert said in err, err
+    assert err.rstrip().endswith("interrupted"), err
+    assert main([*command, "--steps", "1"]) == 130  # (fewer steps than run.checkpoint_every: the last one's)
+    assert "(the first comes after step 1;" in capsys.readouterr().err
