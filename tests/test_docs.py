@@ -1,6 +1,7 @@
 """The README and docs/ point at files that exist: benchmark JSON, plots, each other."""
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,10 @@ INDENTED = re.compile(r"(?:^(?: {4}|\t).*\n?)+", re.M)
 SPAN = re.compile(r"`([^`\n]+)`")
 COMMAND = re.compile(r"(?:^|\s)(?:\.venv/bin/)?streamgen ((?:generate|serve|bench|data|eval|distill)\b.*)")
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_.=-]*$|\.\.\.|[|$<>]")  # N, DIR, SECTION.KEY=VALUE, a|b
+# a value each placeholder of the docs' commands is checked with (a command that held one was not checked
+# at all: `generate --sp N`, `bench resources --dtype bfloat16|float16|float32`, `distill STAGE ...`)
+EXAMPLES = {"N": "2", "DIR": "d", "MODEL": "tiny-avatar", "STAGE": "teacher", "YAML": "debug", "NAME": "debug",
+            "SECTION.KEY=VALUE": "run.seed=1"}  # fmt: skip
 
 
 def documented_commands(text: str) -> list[tuple[str, bool]]:
@@ -82,26 +87,54 @@ def documented_commands(text: str) -> list[tuple[str, bool]]:
     return found
 
 
+def filled_in(argv: list[str]) -> list[list[str]] | str:
+    """The command lines a documented one with placeholders stands for: each placeholder given its
+    example value (EXAMPLES), each of a choice's alternatives (`a|b`, `YAML|NAME`) in turn; or what
+    has no example value."""
+    import itertools
+
+    def values(arg: str) -> list[str] | str:
+        if not PLACEHOLDER.search(arg):
+            return [arg]
+        if "..." in arg or "$" in arg or "<" in arg:  # (a path or value elided: `configs/...yaml`)
+            return ["x"]
+        found = [EXAMPLES.get(a, a) for a in arg.split("|")]
+        if unknown := [a for a in found if re.fullmatch(r"[A-Z][A-Z0-9_.=-]*", a)]:
+            return f"placeholder {unknown[0]!r} has no example value (EXAMPLES in tests/test_docs.py)"
+        return found
+
+    each = [values(a) for a in argv]
+    if unknown := [v for v in each if isinstance(v, str)]:
+        return unknown[0]
+    return [list(line) for line in itertools.product(*each)]
+
+
 def refusal(command: str, whole: bool) -> str | None:
     """What the command line parser says against a documented command, or None. Placeholders
-    (`N`, `DIR`, `a|b`) leave a command unchecked; `[...]` marks optional parts, checked too."""
-    import argparse
-    import contextlib
-    import importlib
-    import io
-    import shlex
-
-    from streamgen.cli import build_parser
-    from streamgen.commands.bench import BENCHMARKS
-
+    (`N`, `DIR`, `a|b`) are checked with their example values and each alternative; `[...]` marks
+    optional parts, checked too."""
     for end in (" && ", "; ", " | ", " > ", " 2>"):
         command = command.split(end)[0]
     try:
         argv = [a for a in shlex.split(command.replace("[", " ").replace("]", " ")) if a != "..."]
     except ValueError:
         return None
-    if any(PLACEHOLDER.search(a) for a in argv):
-        return None
+    lines = filled_in(argv)
+    if isinstance(lines, str):
+        return lines
+    return next(filter(None, (parser_refusal(line, whole) for line in lines)), None)
+
+
+def parser_refusal(argv: list[str], whole: bool) -> str | None:
+    """What the command line parser says against one command line, or None."""
+    import argparse
+    import contextlib
+    import importlib
+    import io
+
+    from streamgen.cli import build_parser
+    from streamgen.commands.bench import BENCHMARKS
+
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
@@ -116,6 +149,18 @@ def refusal(command: str, whole: bool) -> str | None:
         if whole or "required" not in why:  # (a span may leave out what is required)
             return why
     return None
+
+
+def test_a_documented_commands_placeholders_are_checked_with_example_values():
+    """A command with a placeholder was not checked at all: `generate --sp N --bogus` passed. Each
+    placeholder is given its example value, each alternative of a choice is checked in turn, and a
+    placeholder with no example value is said."""
+    assert refusal("generate --sp N", True) is None
+    assert "--bogus" in refusal("generate --sp N --bogus", True)
+    assert refusal("bench resources --json [--dtype bfloat16|float16|float32]", True) is None
+    assert "invalid choice: 'float8'" in refusal("bench resources --json --dtype bfloat16|float8", True)
+    assert refusal("distill STAGE --config YAML|NAME [--out DIR] [--set SECTION.KEY=VALUE ...]", True) is None
+    assert "'FLAVOR' has no example value" in refusal("generate --model FLAVOR", True)
 
 
 def test_documented_commands_parse():
