@@ -2,6 +2,7 @@
 
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -476,3 +477,104 @@ def test_every_option_in_each_scripts_help_says_its_default():
     """So too their defaults: `distill.results --minutes` (5), `bench.kept_kv --chunks` (8), `ws_client --wait`
     (30) said none."""
     assert options_without_their_default(script_parsers()) == []
+
+
+# `make TARGET [VAR=VALUE ...]`: a code block's line or a code span
+MAKE_COMMAND = re.compile(r"^make ([a-z][\w-]*(?: [A-Z]+=\S+)*)(?=\s|$)")
+
+
+def documented_make_commands(text: str) -> set[str]:
+    """The arguments after `make` of each make command in a markdown text."""
+    lines = [line for block in FENCE.findall(text) for line in block.splitlines()]
+    lines += [span.group(1) for span in SPAN.finditer(FENCE.sub("", text))]
+    return {m.group(1) for line in lines if (m := MAKE_COMMAND.match(line.strip()))}
+
+
+def make_commands_refused(make_argv: list[str]) -> dict[str, str]:
+    """What is wrong with each command `make -n` prints for a make command line: a target or
+    variable the Makefile lacks, or a printed command our parsers refuse (a stage's config with
+    its --set values loaded as the stage loads it)."""
+    import subprocess
+    import sys
+
+    from distill.config import ConfigError, find_config, load_config
+
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(ROOT), *make_argv, f"PY={sys.executable}"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    if dry.returncode != 0:
+        return {" ".join(make_argv): dry.stderr.strip()}
+    wrong = {}
+    for line in dry.stdout.replace("\\\n", " ").splitlines():
+        argv = shlex.split(line)[1:]  # (after the python)
+        if argv[:2] == ["-m", "streamgen"]:
+            if why := parser_refusal(argv[2:], whole=True):
+                wrong[line] = why
+            elif argv[2] == "distill":
+                stage, config = argv[3], argv[argv.index("--config") + 1]
+                sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+                try:
+                    load_config(find_config(config, stage), stage, sets)
+                except ConfigError as e:
+                    wrong[line] = str(e)
+        elif argv[:1] == ["-m"] and argv[1].startswith("distill."):
+            if usage_problem := module_usage_problem(argv[1], [a for a in argv[2:] if a.startswith("--")]):
+                wrong[line] = usage_problem
+        else:
+            wrong[line] = "not a command of ours: extend make_commands_refused"
+    return wrong
+
+
+def module_usage_problem(module: str, options: list[str]) -> str | None:
+    """What is wrong with `python -m MODULE` taking these options: its --help does not list one."""
+    import contextlib
+    import io
+    import runpy
+    import sys
+
+    said = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(said), pytest.raises(SystemExit):
+        mp.setattr(sys, "argv", [module, "--help"])
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    missing = [o for o in options if not re.search(re.escape(o) + r"\b", said.getvalue())]
+    return f"its --help lists no {missing}" if missing else None
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_documented_make_commands_run_commands_that_parse():
+    """The README's and docs' `make model`, `make ship`, `make results` (the way to reproduce the
+    shipped models) were checked by nothing: a target renamed, or a stage's --set key or option
+    changed, would be found hours into a `make model`. Each documented make command's targets
+    exist, and every command it runs parses, each stage's config loading with its --set values."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    documented = set().union(*(documented_make_commands(doc.read_text()) for doc in docs))
+    expected = {"model", "train", "ship", "results", "model RUNS=/big/runs DATA=/big/world"}
+    assert expected <= documented, documented
+    wrong = {}
+    for command in sorted(documented):
+        wrong.update(make_commands_refused(command.split()))
+    assert wrong == {}
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_model_elsewhere_gives_every_stage_its_paths():
+    """`make model RUNS=/big/runs DATA=/big/world` (docs/distill.md: "each stage gets its paths by
+    --set"): no command it runs reads or writes the default folders."""
+    import subprocess
+    import sys
+
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(ROOT), "model", "RUNS=/big/runs", "DATA=/big/world",
+                          f"PY={sys.executable}"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.replace("\\\n", " ").splitlines()
+    assert len(lines) >= 10 and all("/big/" in line for line in lines), lines
+    defaults = [line for line in lines if "runs/tiny-avatar" in line or re.search(r"[ =]data/world", line)]
+    assert defaults == []
+    assert [line for line in lines if " distill " in line and "data.root=/big/world" not in line] == []
+
+
+def test_a_make_command_with_a_missing_target_or_a_bad_key_is_refused():
+    """The check above can fail: a target the Makefile lacks, an option no parser takes."""
+    if shutil.which("make") is None:
+        pytest.skip("needs make")
+    assert "No rule to make target" in make_commands_refused(["no-such-target"])["no-such-target"]
+    assert parser_refusal(["distill", "teacher", "--config", "x", "--bogus"], whole=True)
