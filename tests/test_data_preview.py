@@ -57,12 +57,12 @@ def test_a_preview_that_meets_a_corrupted_shard_after_its_first_clips_leaves_not
 
 def test_options_for_clips_made_on_the_fly_are_refused_with_data(tmp_path, capsys):
     """`--size 256` or `--seed 5` with --data were ignored without a word: the preview was the
-    dataset's clips at their own size."""
+    dataset's clips at their own size. (One alone was said as many: "--size make clips".)"""
     root = tmp_path / "ds"
     make_dataset(root, 2, seed=3, height=16, width=16, seconds=0.04, shard_size=4, n_identities=20)
     out = tmp_path / "p"
     for given, says in [
-        (["--size", "256"], "--size make"),
+        (["--size", "256"], "--size makes"),
         (["--seed", "5", "--size", "32"], "--seed and --size make"),
     ]:
         assert (

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         given = [flag for flag, value in (("--seed", args.seed), ("--size", args.size)) if value is not None]
         if args.data is not None and given:
             raise UserError(
-                f"{' and '.join(given)} make clips on the fly: not with --data, whose clips are made "
+                f"{' and '.join(given)} make{'s' * (len(given) == 1)} clips on the fly: not with --data, whose clips are made "
                 "(their size and seed are its manifest's)"
             )
         args.seed = 0 if args.seed is None else args.seed
