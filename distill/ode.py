@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from distill.build import (
     NO_FILE_DIGEST,
@@ -147,28 +148,34 @@ class Stage:
         keep = [int((schedule - s).abs().argmin()) for s in self.sigmas]
         states, ends, clips, starts = [], [], [], []
         seed = self.cfg.run.seed + 7919  # trajectories draw apart from the training batches
-        for n in range(-(-o.trajectories // o.trajectory_batch)):
-            # (the last batch cut to what is left: a whole one was sampled and cut off after, and a
-            # trajectory_batch above trajectories sampled all of it; each sample draws by its own
-            # index, so those kept are the same)
-            size = min(o.trajectory_batch, o.trajectories - n * o.trajectory_batch)
-            batch = self.bank.batch(seed, n, size, f, 0, 1).to(self.world.device)
-            rnd = SampleRandom(seed, n, batch.ids, self.world.device)
-            audio = audio_windows(teacher, batch.audio, batch.latent_start, f)
-            cond = Conditions.full(batch.reference, audio, batch.context)
-            x = rnd.randn("trajectory", *batch.x0.shape[1:])
-            kept = {}
-            for i in range(len(schedule) - 1):
-                if i in keep:
-                    kept[i] = x.clone()
-                t = (schedule[i] * 1000).expand(x.shape[0], f).to(x.device)
-                x = x + (schedule[i + 1] - schedule[i]).item() * guided_velocity(
-                    teacher, x, t, cond, o.cfg_scale
-                )
-            states.append(torch.stack([kept[i] for i in keep], dim=1).cpu())
-            ends.append(x.cpu())
-            clips += batch.clips
-            starts += batch.latent_start
+        # (tiny-avatar's 256 trajectories of 48 guided steps took minutes before the first training
+        # step, and nothing was shown meanwhile; rank 0 alone samples them)
+        shown = self.cfg.run.progress and self.world.is_main
+        with tqdm(total=o.trajectories, desc="ode: teacher trajectories", unit="trajectory", disable=not shown,
+                  dynamic_ncols=True) as bar:  # fmt: skip
+            for n in range(-(-o.trajectories // o.trajectory_batch)):
+                # (the last batch cut to what is left: a whole one was sampled and cut off after, and a
+                # trajectory_batch above trajectories sampled all of it; each sample draws by its own
+                # index, so those kept are the same)
+                size = min(o.trajectory_batch, o.trajectories - n * o.trajectory_batch)
+                batch = self.bank.batch(seed, n, size, f, 0, 1).to(self.world.device)
+                rnd = SampleRandom(seed, n, batch.ids, self.world.device)
+                audio = audio_windows(teacher, batch.audio, batch.latent_start, f)
+                cond = Conditions.full(batch.reference, audio, batch.context)
+                x = rnd.randn("trajectory", *batch.x0.shape[1:])
+                kept = {}
+                for i in range(len(schedule) - 1):
+                    if i in keep:
+                        kept[i] = x.clone()
+                    t = (schedule[i] * 1000).expand(x.shape[0], f).to(x.device)
+                    x = x + (schedule[i + 1] - schedule[i]).item() * guided_velocity(
+                        teacher, x, t, cond, o.cfg_scale
+                    )
+                states.append(torch.stack([kept[i] for i in keep], dim=1).cpu())
+                ends.append(x.cpu())
+                clips += batch.clips
+                starts += batch.latent_start
+                bar.update(size)
         return {
             "states": torch.cat(states)[: o.trajectories],  # [N, S, C, F, h, w]
             "clean": torch.cat(ends)[: o.trajectories],  # [N, C, F, h, w]
