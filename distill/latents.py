@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from distill.autoencoder import video_to_input
 from distill.build import load_vae
@@ -71,7 +72,17 @@ def _encode_splits(cfg, root: Path, vae, mcfg) -> list[Path]:
     for split in cfg.options.splits:
         try:
             ds = AvatarWorldDataset(root, split)
-            ds.cache_latents(encode, cfg.data.latents)
+            # (tiny-avatar's 480 training clips took minutes, shown by nothing until the split's line)
+            cached = sum(shard["clips"] for shard in ds.shards
+                         if (root / "latents" / cfg.data.latents / shard["file"]).exists())  # fmt: skip
+            with _bar(cfg, f"latents: {split}: encoded", len(ds), cached) as bar:
+
+                def encode_counted(video: np.ndarray) -> np.ndarray:
+                    latent = encode(video)
+                    bar.update()
+                    return latent
+
+                ds.cache_latents(encode_counted, cfg.data.latents)
             ds = ds.with_latents(cfg.data.latents)  # (its shards hashed once, above)
         except DataError as e:
             raise DataMissing(str(e)) from None
@@ -90,7 +101,7 @@ def _encode_splits(cfg, root: Path, vae, mcfg) -> list[Path]:
         # what the bank holds of each clip, read one clip at a time: every item, held whole (its video,
         # five times the rest) until the bank was made, was the split's frames in memory
         latents, audio, refs, texts = [], [], [], []
-        with torch.no_grad():
+        with torch.no_grad(), _bar(cfg, f"latents: {split}: gathered into its bank", len(ds)) as bar:
             for i in range(len(ds)):
                 item = ds[i]
                 latents.append(item["latents"])
@@ -99,6 +110,7 @@ def _encode_splits(cfg, root: Path, vae, mcfg) -> list[Path]:
                 refs.append(vae.encode_reference(reference))
                 texts.append(item["caption"])
                 del item
+                bar.update()
         frames = min(lat.shape[1] for lat in latents)
         samples = frames * vae.temporal_factor * 640
         tensors = {
@@ -112,6 +124,12 @@ def _encode_splits(cfg, root: Path, vae, mcfg) -> list[Path]:
         written.append(path)
         print(f"latents: {split}: {len(texts)} clips, {frames} latent frames each -> {path}")
     return written
+
+
+def _bar(cfg, desc: str, clips: int, done: int = 0) -> tqdm:
+    """A bar over a split's clips, shown where a training stage's is (run.progress)."""
+    shown = cfg.run.progress
+    return tqdm(total=clips, initial=done, desc=desc, unit="clip", disable=not shown, dynamic_ncols=True)
 
 
 def autoencoder_digest(vae, half_parameters: bool = False) -> str:

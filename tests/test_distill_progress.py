@@ -17,3 +17,33 @@ def test_the_ode_stage_shows_its_teacher_trajectories_being_sampled(tmp_path, ca
     assert "ode: teacher trajectories: 100%" in err and "4/4" in err, err
     run(debug_config("ode", tmp_path / "quiet", teacher=teacher, init=teacher))  # (progress: false)
     assert "trajectories" not in capsys.readouterr().err
+
+
+def test_the_latents_stage_shows_each_splits_clips_encoded_and_gathered(tmp_path, capsys):
+    """The latents stage said a split's line once the split was done (tiny-avatar's 480 training
+    clips: minutes of nothing). A bar counts each split's clips encoded, those cached before
+    counted as done, then those gathered into its bank."""
+    import torch
+
+    from distill.config import find_config, load_config
+    from distill.latents import build_latents
+    from streamgen.data.shards import make_dataset
+    from streamgen.model.vae import TinyCausalVAE
+
+    root = tmp_path / "world"
+    make_dataset(root, 4, 0, 32, 32, 1.0, 4, 50, 1)  # 4 clips of 1 s at 32x32: 2 train, 1 val, 1 test
+    torch.manual_seed(0)
+    TinyCausalVAE(4, (8, 16), 4).save(tmp_path / "autoencoder")
+    cfg = load_config(find_config("tiny-avatar", "latents"), "latents")
+    cfg.data.root, cfg.data.latents, cfg.model.flavor = str(root), "dbg", "debug"
+    cfg.model.vae, cfg.run.threads, cfg.options.splits = str(tmp_path / "autoencoder"), 0, ["train"]
+    capsys.readouterr()
+    build_latents(cfg)
+    err = capsys.readouterr().err
+    assert "latents: train: encoded: 100%" in err and "2/2" in err, err
+    assert "latents: train: gathered into its bank: 100%" in err, err
+    (root / "latents" / "dbg" / "bank-train.safetensors").unlink()  # (its latents kept: gathered again)
+    build_latents(cfg)
+    err = capsys.readouterr().err
+    assert "latents: train: encoded: 100%" in err and "gathered into its bank: 100%" in err, err
+    assert "encoded:   0%" not in err  # (the clips cached before count as done)
