@@ -47,3 +47,12 @@ def test_the_latents_stage_shows_each_splits_clips_encoded_and_gathered(tmp_path
     err = capsys.readouterr().err
     assert "latents: train: encoded: 100%" in err and "gathered into its bank: 100%" in err, err
     assert "encoded:   0%" not in err  # (the clips cached before count as done)
+
+
+def test_the_tiny_decoder_stage_shows_its_scoring_after_training(tmp_path, capsys):
+    """The tiny_decoder stage scores its decoder on eval_split's clips after the training's bar
+    reached 100% (tiny-avatar: 6 clips of 100 frames, each decoded twice), with nothing said
+    meanwhile. A bar counts the clips scored."""
+    run(debug_config("tiny_decoder", tmp_path / "td", **{"run.progress": True}))
+    err = capsys.readouterr().err
+    assert "tiny_decoder: scoring on train: 100%" in err and "2/2" in err, err
