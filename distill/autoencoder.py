@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from tqdm import tqdm
 
 from distill.config import ConfigError
 from distill.distributed import broadcast_module, mean_across
@@ -162,7 +163,10 @@ class Stage:
         vae.latent_mean.zero_()
         vae.latent_std.fill_(1)
         zs = []
-        for i in range(min(self.opts.stats_clips, self.source.num)):
+        # (after the training's bar, at 100%: tiny-avatar's 64 clips took half a minute, nothing said)
+        clips = range(min(self.opts.stats_clips, self.source.num))
+        shown, desc = self.cfg.run.progress, "autoencoder: latent statistics"
+        for i in tqdm(clips, desc=desc, unit="clip", disable=not shown, dynamic_ncols=True):
             video = self.source.clip(i)
             usable = len(video) - len(video) % vae.temporal_factor
             zs.append(vae.encode(video_to_input(video[None, :usable]).to(vae.latent_mean.device)))

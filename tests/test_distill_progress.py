@@ -56,3 +56,12 @@ def test_the_tiny_decoder_stage_shows_its_scoring_after_training(tmp_path, capsy
     run(debug_config("tiny_decoder", tmp_path / "td", **{"run.progress": True}))
     err = capsys.readouterr().err
     assert "tiny_decoder: scoring on train: 100%" in err and "2/2" in err, err
+
+
+def test_the_autoencoder_stage_shows_its_latent_statistics_being_measured(tmp_path, capsys):
+    """The autoencoder stage measures its latents' mean and std over stats_clips clips at export
+    (tiny-avatar: 64), after the training's bar reached 100%, with nothing said meanwhile. A bar
+    counts the clips."""
+    run(debug_config("autoencoder", tmp_path / "ae", **{"run.progress": True}))
+    err = capsys.readouterr().err
+    assert "autoencoder: latent statistics: 100%" in err and "2/2" in err, err
