@@ -95,13 +95,17 @@ def test_the_makefile_carries_runs_and_data_into_every_stage():
     runs/tiny-avatar (the configs' paths) while make waited on files under RUNS."""
     import shutil
     import subprocess
+    import sys
     from pathlib import Path
 
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     root = Path(__file__).resolve().parents[1]
+    # (PY: this python; the Makefile's default, .venv/bin/python, is not there in a checkout without
+    # ./run's .venv, where the dry run stopped at once and the test failed)
     plan = subprocess.run(
-        ["make", "-n", "-B", "model", "results", "RUNS=/elsewhere/runs", "DATA=/elsewhere/data"],
+        ["make", "-n", "-B", "model", "results", "RUNS=/elsewhere/runs", "DATA=/elsewhere/data",
+         f"PY={sys.executable}"],
         cwd=root, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     stages = [line for line in plan.replace("\\\n", " ").splitlines() if "distill" in line]

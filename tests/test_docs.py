@@ -555,23 +555,6 @@ def test_documented_make_commands_run_commands_that_parse():
     assert wrong == {}
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-def test_make_model_elsewhere_gives_every_stage_its_paths():
-    """`make model RUNS=/big/runs DATA=/big/world` (docs/distill.md: "each stage gets its paths by
-    --set"): no command it runs reads or writes the default folders."""
-    import subprocess
-    import sys
-
-    dry = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(ROOT), "model", "RUNS=/big/runs", "DATA=/big/world",
-                          f"PY={sys.executable}"], capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert dry.returncode == 0, dry.stderr
-    lines = dry.stdout.replace("\\\n", " ").splitlines()
-    assert len(lines) >= 10 and all("/big/" in line for line in lines), lines
-    defaults = [line for line in lines if "runs/tiny-avatar" in line or re.search(r"[ =]data/world", line)]
-    assert defaults == []
-    assert [line for line in lines if " distill " in line and "data.root=/big/world" not in line] == []
-
-
 def test_a_make_command_with_a_missing_target_or_a_bad_key_is_refused():
     """The check above can fail: a target the Makefile lacks, an option no parser takes."""
     if shutil.which("make") is None:
