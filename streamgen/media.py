@@ -36,6 +36,8 @@ def _check_input_file(path: Path, kind: str) -> None:
         raise MediaError(f"cannot read {kind} file {path}: {e.strerror or e}") from None
     if is_dir:
         raise MediaError(f"{path} is a directory, not an {kind} file")
+    if not exists and str(path) == "-":  # (the usual name of standard input, which a path is not)
+        raise MediaError(f"{kind} file not found: -; to read it from a pipe, give /dev/stdin")
     if not exists:
         raise MediaError(f"{kind} file not found: {path}")
 

@@ -221,6 +221,15 @@ def test_an_image_or_audio_from_a_pipe_is_read(tmp_path):
     assert abs(len(pcm) - 4000) <= 1
 
 
+@pytest.mark.parametrize("flag, kind", [("--audio", "audio"), ("--reference", "image")])
+def test_a_dash_for_standard_input_names_dev_stdin(tmp_path, monkeypatch, flag, kind, capsys):
+    """`--audio -` (standard input's usual name) was "audio file not found: -", nothing said of how
+    a pipe is read."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--model", "debug", flag, "-", "--out", "x.mp4", "--quiet"]) == 2
+    assert f"{kind} file not found: -; to read it from a pipe, give /dev/stdin" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag, suffix", [("--audio", ".wav"), ("--reference", ".png")])
 def test_an_input_name_too_long_for_the_file_system_is_one_line(tmp_path, flag, suffix, capsys):
     """A name past the file system's limit (ENAMETOOLONG) was a traceback from Path.is_dir."""
