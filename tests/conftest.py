@@ -33,6 +33,17 @@ def browser_page(playwright):
         yield context
 
 
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads for the test (whatever this machine's default), restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 # `./run test` hands whole files to its two workers (--dist loadfile) in the order of the items,
 # with xdist's own reordering (by number of tests) off: the files recorded as longest go first, so
 # that no long file is started last while the other worker has nothing left. The seconds are a

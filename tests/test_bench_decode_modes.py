@@ -3,19 +3,8 @@ JSON object of their medians and ratios."""
 
 import json
 
-import pytest
-import torch
-
 from bench import decode_modes
 from streamgen.model.vae import TinyCausalVAE
-
-
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_it_times_both_ways_of_decoding_round_by_round(monkeypatch, two_threads):

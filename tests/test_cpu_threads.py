@@ -20,15 +20,6 @@ def model():
     return load_model("debug")
 
 
-@pytest.fixture
-def two_threads():
-    """Two intra-op threads for the test (whatever this machine's default), restored after it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def face(seed=0, size=64):
     return (np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8)
 

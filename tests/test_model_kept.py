@@ -3,26 +3,15 @@ and embedding) or leave out (a mask of ones): each gives the chunks made the way
 
 import pytest
 import torch
+from test_model_cache import HW, make, rand_audio
 from torch.overrides import TorchFunctionMode
 
 import streamgen.model.cache as cache_module
 from streamgen import kernels
 from streamgen.kernels import Rope
-from streamgen.model import DiT, get_config
+from streamgen.model import DiT
 from streamgen.model.cache import StreamCache
 from streamgen.sampling import encode_sink, generate_chunk, student_sigmas
-
-HW = (8, 8)
-
-
-def make(seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = get_config("debug", **overrides)
-    return DiT(cfg).eval(), cfg
-
-
-def rand_audio(cfg, frames):
-    return torch.randn(1, frames, cfg.audio_window, cfg.audio_dim)
 
 
 @torch.no_grad()
