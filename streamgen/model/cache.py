@@ -296,12 +296,15 @@ class StreamCache(nn.Module):
 
     def rotate_ring(self):
         """Every layer's ring keys rotated for the positions its slots have now (from `k_ring_raw`)."""
-        # the rotations made once for the cache (`rope_table`), not once per layer or chunk
-        slots, s = self.ring_frame_positions(), self.tokens_per_frame
-        table = self.rope_table(self.grid_hw)
-        angles = table.map(lambda t: t.unflatten(0, (-1, s))[slots].flatten(0, 1))
+        angles = self.ring_rope()  # (once for every layer)
         for layer in self.layers:
             layer.rotate_ring(angles)
+
+    def ring_rope(self) -> Rope:
+        """The rotations of the ring's tokens, slot by slot: a selection of `rope_table`'s (made once
+        for the cache, not once per layer or chunk)."""
+        slots, s = self.ring_frame_positions(), self.tokens_per_frame
+        return self.rope_table(self.grid_hw).map(lambda t: t.unflatten(0, (-1, s))[slots].flatten(0, 1))
 
     def take_chunk_from(self, batch: StreamCache, row: int, batch_slots: torch.Tensor) -> None:
         """Keep the chunk that a stacked batch's forward wrote into its ring slots `batch_slots`

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from streamgen import kernels
-from streamgen.kernels import Rope, rope_angles
+from streamgen.kernels import Rope
 from streamgen.model.cache import StreamCache
 from streamgen.model.model import SelfAttention
 from streamgen.parallel.ring import ring_attention
@@ -149,7 +149,7 @@ class ShardedStreamCache(StreamCache):
     Built as a plain StreamCache for H/U heads and S/R tokens per frame (so the
     [sink | chunk | ring] slots, fill level and ring index are those of the
     local shard); only the ring's RoPE angles must be the shard's own tokens of
-    the full frame grid, hence `advance` is overridden.
+    the full frame grid, hence `ring_rope` is overridden.
     """
 
     def __init__(
@@ -165,14 +165,14 @@ class ShardedStreamCache(StreamCache):
         self.full_grid_hw = tuple(grid_hw)
         self.token_slice = slice(shard * (s // r), (shard + 1) * (s // r))
 
-    def advance(self):
-        self.frames_written += self.chunk_frames
-        angles = rope_angles(
-            self.ring_frame_positions(), self.full_grid_hw, self.cfg.head_dim, self.cfg.rope_theta
-        )
-        angles = angles.unflatten(0, (self.window_frames, -1))[:, self.token_slice].flatten(0, 1)
-        for layer in self.layers:
-            layer.rotate_ring(angles)
+    def ring_rope(self):
+        # this shard's tokens of the full grid's table (the forward's): the local grid's (1, S/R),
+        # which the inherited `ring_rope` would take, gives every process's ring keys the angles of
+        # a frame's first S/R tokens. Overridden here, not in `advance`, so that every caller of
+        # `rotate_ring` gets these
+        slots, s = self.ring_frame_positions(), self.full_grid_hw[0] * self.full_grid_hw[1]
+        table = self.rope_table(self.full_grid_hw)
+        return table.map(lambda t: t.unflatten(0, (-1, s))[slots][:, self.token_slice].flatten(0, 1))
 
 
 def check_tokens(tokens_per_frame: int, degree: int) -> None:
