@@ -91,3 +91,39 @@ def test_a_state_that_does_not_fit_is_refused_and_the_session_goes_on(tmp_path, 
         with pytest.raises(SessionStateError, match=match):
             restore_session_state(running, path)
     np.testing.assert_array_equal(chunks(running, 2), chunks(twin, 2))  # (as if nothing was tried)
+
+
+def test_a_sequence_parallel_session_neither_saves_nor_takes_a_state(tmp_path, clip):
+    """Its cache holds one process's shard of every frame's tokens (and of the heads): a state of it
+    would be one rank's, and a whole state put into it would be rotated with the shard's grid. Both
+    are refused before anything is read or written (here over a world of one process, which shards
+    the cache all the same: a ShardedStreamCache)."""
+    import socket
+
+    import torch.distributed as dist
+
+    from streamgen.parallel.apply import ShardedStreamCache, apply_sequence_parallel
+    from streamgen.parallel.launch import join_process_group
+
+    whole = StreamSession("tiny-avatar", 64, 64)
+    whole.start(clip.reference, seed=1)
+    chunks(whole, 1)
+    save_session_state(whole, tmp_path / "state.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    join_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        sharded = StreamSession("tiny-avatar", 64, 64)
+        apply_sequence_parallel(sharded.dit, None, "ring")
+        sharded.start(clip.reference, seed=1)
+        assert isinstance(sharded.cache, ShardedStreamCache)
+        with pytest.raises(SessionStateError, match="sequence-parallel"):
+            save_session_state(sharded, tmp_path / "sharded.pt")
+        assert not (tmp_path / "sharded.pt").exists()
+        cache = sharded.cache
+        with pytest.raises(SessionStateError, match="sequence-parallel"):
+            restore_session_state(sharded, tmp_path / "state.pt")
+        assert sharded.cache is cache and sharded.seed == 1
+    finally:
+        dist.destroy_process_group()
