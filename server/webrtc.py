@@ -115,6 +115,7 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
     tasks: list[asyncio.Task] = []  # the microphone's reader, the silence watch, the connect deadline
     peer_timeout = registry.config.peer_timeout_s
     connected, negotiated = asyncio.Event(), asyncio.Event()
+    watcher: asyncio.Task | None = None  # the silence watch: one per peer, however often it reconnects
 
     async def close_peer() -> None:
         for task in tasks:
@@ -135,11 +136,14 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
 
     @pc.on("connectionstatechange")
     async def on_state() -> None:
+        nonlocal watcher
         log.debug("session %s: peer connection %s", session.id, pc.connectionState)
         if pc.connectionState == "connected":
             connected.set()
-        if pc.connectionState == "connected" and (peer_timeout or 0) > 0 and not session.closed:
-            tasks.append(asyncio.ensure_future(watch_peer(pc, session, registry, peer_timeout)))
+        live = watcher is not None and not watcher.done()  # (back from `disconnected` before it saw it)
+        if pc.connectionState == "connected" and (peer_timeout or 0) > 0 and not session.closed and not live:
+            watcher = asyncio.ensure_future(watch_peer(pc, session, registry, peer_timeout))
+            tasks.append(watcher)
         if pc.connectionState in ("failed", "closed"):
             await registry.close(session, f"peer connection {pc.connectionState}")
 

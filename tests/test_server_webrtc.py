@@ -558,3 +558,44 @@ def test_silence_is_counted_in_reads_once_the_peer_has_sent():
     counts = [1, 2, 2, 2, 3, 3, 3, 4]  # still for two reads at a time: never three
     assert not any(watch.observe(c) for c in counts)
     assert SilenceWatch(timeout=2.0, period=0.5).reads_needed == 4
+
+
+async def test_a_peer_that_reconnects_keeps_one_silence_watch(server, monkeypatch):
+    """connected -> disconnected -> connected (a network change ICE recovers from) started a second
+    watch while the first, asleep between its reads, had not yet seen the disconnect: two stats
+    pollers and two timers for one peer. The watch running then goes on watching."""
+    import server.webrtc as webrtc
+
+    started = []
+
+    async def counted_watch(*args):
+        started.append(args)
+        await original(*args)
+
+    original = webrtc.watch_peer
+    monkeypatch.setattr(webrtc, "watch_peer", counted_watch)
+    url, app = server
+    registry = app.state.registry
+    registry.config.peer_timeout_s = 10.0  # (a read a second: the first watch sleeps through the flip)
+    async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+        session_id, pc, track = await streaming_client(url, http)
+        session = registry.sessions[session_id]
+        server_pc = session.trickle.pc
+        assert len(started) == 1
+
+        async def flip() -> int:  # on the server's event loop
+            for state in ("disconnected", "connected"):
+                server_pc._RTCPeerConnection__connectionState = state
+                server_pc.emit("connectionstatechange")
+                for _ in range(5):  # (the handler is a coroutine: it runs on the loop's next turns)
+                    await asyncio.sleep(0)
+            return sum(t.get_coro().__name__ == "counted_watch" for t in asyncio.all_tasks() if not t.done())
+
+        running = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(flip(), session.loop))
+        assert (running, len(started)) == (1, 1)
+        assert not session.closed, session.close_reason
+        await pc.close()  # (DTLS close: the server closes the session)
+        for _ in range(100):
+            if session.closed:
+                break
+            await asyncio.sleep(0.1)
