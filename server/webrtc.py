@@ -33,7 +33,6 @@ log = logging.getLogger("streamgen.server")
 VIDEO_CLOCK = 90000
 AUDIO_FRAME_SAMPLES = 320  # 20 ms at 16 kHz
 SUPPORTED_VIDEO = {"vp8", "h264"}
-SUPPORTED_AUDIO = {"opus", "pcmu", "pcma"}
 
 
 class OfferError(ValueError):
@@ -82,6 +81,14 @@ def check_offer(sdp: str) -> set[str]:
         if not 4 <= len(m.ice.usernameFragment) <= 256 or not 22 <= len(m.ice.password) <= 256:
             raise OfferError("malformed SDP: a=ice-ufrag must be 4 to 256 characters and a=ice-pwd 22 to 256 "
                              f"(got {len(m.ice.usernameFragment)} and {len(m.ice.password)})")  # fmt: skip
+    for m in parsed.media:  # (aiortc's OperationError for any m-line, after the session's peer connection)
+        if m.kind in ("audio", "video") and not _common_codecs(m):
+            from aiortc.codecs import CODECS
+
+            ours = ", ".join(dict.fromkeys(c.name for c in CODECS[m.kind] if c.name.lower() != "rtx"))
+            got = sorted({c.name[:20] for c in m.rtp.codecs})[:8]
+            raise OfferError(f"offer has no usable media: the {m.kind} m-line (mid {str(m.rtp.muxId)[:20]}) offers "
+                             f"no codec the server takes ({ours}): got {got}")  # fmt: skip
     mids = {m.rtp.muxId for m in parsed.media}
     for group in parsed.group:  # (aiortc failed on a BUNDLE of a mid no m-line has: an AttributeError)
         unknown = [mid for mid in group.items if mid not in mids]
@@ -92,6 +99,14 @@ def check_offer(sdp: str) -> set[str]:
     if candidates > MAX_CANDIDATES:
         raise OfferError(f"offer has {candidates} ICE candidates: a session takes at most {MAX_CANDIDATES}")
     return {m.kind for m in parsed.media}
+
+
+def _common_codecs(media) -> list:
+    """The codecs of an m-line that aiortc negotiates: none, and it refuses the offer."""
+    from aiortc.codecs import CODECS
+    from aiortc.rtcpeerconnection import find_common_codecs
+
+    return find_common_codecs(CODECS[media.kind], media.rtp.codecs)
 
 
 def _sendable(codec) -> bool:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from server_helpers import live_server
+from test_server_webrtc_offers import _only_codec
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -238,96 +239,25 @@ async def test_one_url_whep_on_a_server_with_a_token():
         assert app.state.registry.sessions == {}
 
 
-def _offer_lines() -> list[str]:
-    async def offer():
-        pc = RTCPeerConnection()
+async def test_an_offer_refused_for_its_codecs_leaves_the_session_to_offer_again(server):
+    url, app = server
+    async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+        created = (await http.post("/v1/sessions", json={})).json()
+        auth = {"Authorization": f"Bearer {created['token']}"}
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         pc.addTransceiver("video", direction="recvonly")
-        description = await pc.createOffer()
+        pc.addTransceiver("audio", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        refused = await http.post(created["whep"], content=_only_codec(pc.localDescription.sdp, "audio", "ISAC/16000"),
+                                  headers={"content-type": "application/sdp", **auth})  # fmt: skip
+        assert refused.status_code == 400 and refused.json()["error"] == "bad_sdp", refused.text
+        assert "offers no codec the server takes" in refused.json()["message"]
+        assert (await http.get(created["resource"], headers=auth)).status_code == 200  # not ended
+        answered = await http.post(created["whep"], content=pc.localDescription.sdp,
+                                   headers={"content-type": "application/sdp", **auth})  # fmt: skip
+        assert answered.status_code == 201, answered.text
+        assert (await http.delete(created["resource"], headers=auth)).status_code == 204
         await pc.close()
-        return description.sdp
-
-    return asyncio.run(offer()).splitlines()
-
-
-def test_offers_are_checked_for_what_the_transports_assert_on_later():
-    """An offer without a=fingerprint was answered 201 and its session streamed to a peer connection
-    whose connect task had died on an assertion; one without a direction attribute (sendrecv, by
-    the SDP rules) was refused."""
-    from server.webrtc import OfferError, check_offer
-
-    lines = _offer_lines()
-
-    def without(prefix):
-        return "\r\n".join(line for line in lines if not line.startswith(prefix)) + "\r\n"
-
-    for prefix, says in (("a=fingerprint", "no a=fingerprint"), ("a=ice-ufrag", "no a=ice-ufrag")):
-        with pytest.raises(OfferError, match=says):
-            check_offer(without(prefix))
-    assert check_offer(without("a=recvonly")) == {"video"}
-    # Firefox puts the fingerprint and ICE credentials at the session level
-    moved = [line for line in lines if line.startswith(("a=fingerprint", "a=ice-ufrag", "a=ice-pwd"))]
-    rest = [line for line in lines if line not in moved]
-    first_media = next(i for i, line in enumerate(rest) if line.startswith("m="))
-    assert check_offer("\r\n".join(rest[:first_media] + moved + rest[first_media:]) + "\r\n") == {"video"}
-
-
-def test_offers_that_could_never_connect_are_refused_before_the_answer():
-    """An offer whose fingerprint's hash aiortc does not check (md9), or whose ICE username
-    fragment is longer than RFC 8839's 256 characters, was answered 201: its DTLS or ICE failed,
-    and the session ended 20 s later as never_connected."""
-    import re
-
-    from server.webrtc import OfferError, check_offer
-
-    sdp = "\r\n".join(_offer_lines()) + "\r\n"
-    for spoil, says in (
-        (lambda t: re.sub(r"a=fingerprint:sha-\d+", "a=fingerprint:md9", t), "uses no hash the server checks"),
-        (lambda t: re.sub(r"a=ice-ufrag:(\S+)", "a=ice-ufrag:" + "u" * 3000, t), "4 to 256 characters"),
-        (lambda t: re.sub(r"a=ice-ufrag:(\S+)", "a=ice-ufrag:abc", t), "4 to 256 characters"),
-        (lambda t: re.sub(r"a=ice-pwd:(\S+)", "a=ice-pwd:short", t), "a=ice-pwd 22 to 256"),
-    ):
-        spoilt = spoil(sdp)
-        assert spoilt != sdp
-        with pytest.raises(OfferError, match=says):
-            check_offer(spoilt)
-    # another hash beside a checked one is fine (aiortc checks those it knows)
-    fingerprint = next(line for line in sdp.split("\r\n") if line.startswith("a=fingerprint:"))
-    assert check_offer(sdp.replace(fingerprint, "a=fingerprint:md9 00:11\r\n" + fingerprint)) == {"video"}
-
-
-@pytest.mark.parametrize(
-    "fmtp", ["packetization-mode=0;profile-level-id=42e01f", "packetization-mode=1;profile-level-id=640032"]
-)
-def test_an_offer_of_h264_the_server_cannot_send_says_what_it_needs(fmtp):
-    """H264 only, without packetization-mode=1 or in the High profile: aiortc's "OperationError:
-    Failed to set remote video description send parameters", after the session was made."""
-    from server.webrtc import OfferError, check_offer
-
-    lines = [line.replace("VP8/90000", "VP9/90000") for line in _offer_lines()]  # (H264 alone left)
-    h264_only = "\r\n".join(lines) + "\r\n"
-    assert check_offer(h264_only) == {"video"}  # aiortc's own H264 offer: what the server sends
-    h264 = [line.split(":")[1].split()[0] for line in lines if "H264/90000" in line]
-    fmtps = tuple(f"a=fmtp:{p} " for p in h264)
-    other = [line.split(" ")[0] + f" {fmtp}" if line.startswith(fmtps) else line for line in lines]
-    with pytest.raises(OfferError, match="its H264 is not one the server sends .packetization-mode=1"):
-        check_offer("\r\n".join(other) + "\r\n")
-
-
-def test_an_offer_whose_first_video_m_line_only_sends_is_refused():
-    """The avatar's track goes on the first video m-line: an offer with a sendonly one before the
-    receiving one got a 201, a session counted as streaming, and no video."""
-    from server.webrtc import OfferError, check_offer
-
-    async def offer():
-        pc = RTCPeerConnection()
-        pc.addTransceiver("video", direction="sendonly")
-        pc.addTransceiver("video", direction="recvonly")
-        description = await pc.createOffer()
-        await pc.close()
-        return description.sdp
-
-    with pytest.raises(OfferError, match="the first video m-line does not receive"):
-        check_offer(asyncio.run(offer()))
 
 
 class FakeMicTrack:

@@ -1,0 +1,145 @@
+"""The checks an SDP offer passes before the server makes its peer connection (server/webrtc.py's
+check_offer): what aiortc would refuse or fail on only after the session's peer connection was made."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiortc import RTCPeerConnection
+
+
+def _offer_lines() -> list[str]:
+    async def offer():
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="recvonly")
+        description = await pc.createOffer()
+        await pc.close()
+        return description.sdp
+
+    return asyncio.run(offer()).splitlines()
+
+
+def test_offers_are_checked_for_what_the_transports_assert_on_later():
+    """An offer without a=fingerprint was answered 201 and its session streamed to a peer connection
+    whose connect task had died on an assertion; one without a direction attribute (sendrecv, by
+    the SDP rules) was refused."""
+    from server.webrtc import OfferError, check_offer
+
+    lines = _offer_lines()
+
+    def without(prefix):
+        return "\r\n".join(line for line in lines if not line.startswith(prefix)) + "\r\n"
+
+    for prefix, says in (("a=fingerprint", "no a=fingerprint"), ("a=ice-ufrag", "no a=ice-ufrag")):
+        with pytest.raises(OfferError, match=says):
+            check_offer(without(prefix))
+    assert check_offer(without("a=recvonly")) == {"video"}
+    # Firefox puts the fingerprint and ICE credentials at the session level
+    moved = [line for line in lines if line.startswith(("a=fingerprint", "a=ice-ufrag", "a=ice-pwd"))]
+    rest = [line for line in lines if line not in moved]
+    first_media = next(i for i, line in enumerate(rest) if line.startswith("m="))
+    assert check_offer("\r\n".join(rest[:first_media] + moved + rest[first_media:]) + "\r\n") == {"video"}
+
+
+def test_offers_that_could_never_connect_are_refused_before_the_answer():
+    """An offer whose fingerprint's hash aiortc does not check (md9), or whose ICE username
+    fragment is longer than RFC 8839's 256 characters, was answered 201: its DTLS or ICE failed,
+    and the session ended 20 s later as never_connected."""
+    import re
+
+    from server.webrtc import OfferError, check_offer
+
+    sdp = "\r\n".join(_offer_lines()) + "\r\n"
+    for spoil, says in (
+        (lambda t: re.sub(r"a=fingerprint:sha-\d+", "a=fingerprint:md9", t), "uses no hash the server checks"),
+        (lambda t: re.sub(r"a=ice-ufrag:(\S+)", "a=ice-ufrag:" + "u" * 3000, t), "4 to 256 characters"),
+        (lambda t: re.sub(r"a=ice-ufrag:(\S+)", "a=ice-ufrag:abc", t), "4 to 256 characters"),
+        (lambda t: re.sub(r"a=ice-pwd:(\S+)", "a=ice-pwd:short", t), "a=ice-pwd 22 to 256"),
+    ):
+        spoilt = spoil(sdp)
+        assert spoilt != sdp
+        with pytest.raises(OfferError, match=says):
+            check_offer(spoilt)
+    # another hash beside a checked one is fine (aiortc checks those it knows)
+    fingerprint = next(line for line in sdp.split("\r\n") if line.startswith("a=fingerprint:"))
+    assert check_offer(sdp.replace(fingerprint, "a=fingerprint:md9 00:11\r\n" + fingerprint)) == {"video"}
+
+
+@pytest.mark.parametrize(
+    "fmtp", ["packetization-mode=0;profile-level-id=42e01f", "packetization-mode=1;profile-level-id=640032"]
+)
+def test_an_offer_of_h264_the_server_cannot_send_says_what_it_needs(fmtp):
+    """H264 only, without packetization-mode=1 or in the High profile: aiortc's "OperationError:
+    Failed to set remote video description send parameters", after the session was made."""
+    from server.webrtc import OfferError, check_offer
+
+    lines = [line.replace("VP8/90000", "VP9/90000") for line in _offer_lines()]  # (H264 alone left)
+    h264_only = "\r\n".join(lines) + "\r\n"
+    assert check_offer(h264_only) == {"video"}  # aiortc's own H264 offer: what the server sends
+    h264 = [line.split(":")[1].split()[0] for line in lines if "H264/90000" in line]
+    fmtps = tuple(f"a=fmtp:{p} " for p in h264)
+    other = [line.split(" ")[0] + f" {fmtp}" if line.startswith(fmtps) else line for line in lines]
+    with pytest.raises(OfferError, match="its H264 is not one the server sends .packetization-mode=1"):
+        check_offer("\r\n".join(other) + "\r\n")
+
+
+def test_an_offer_whose_first_video_m_line_only_sends_is_refused():
+    """The avatar's track goes on the first video m-line: an offer with a sendonly one before the
+    receiving one got a 201, a session counted as streaming, and no video."""
+    from server.webrtc import OfferError, check_offer
+
+    async def offer():
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="sendonly")
+        pc.addTransceiver("video", direction="recvonly")
+        description = await pc.createOffer()
+        await pc.close()
+        return description.sdp
+
+    with pytest.raises(OfferError, match="the first video m-line does not receive"):
+        check_offer(asyncio.run(offer()))
+
+
+def _offer_with(*transceivers: tuple[str, str]) -> str:
+    async def offer():
+        pc = RTCPeerConnection()
+        for kind, direction in transceivers:
+            pc.addTransceiver(kind, direction=direction)
+        description = await pc.createOffer()
+        await pc.close()
+        return description.sdp
+
+    return asyncio.run(offer())
+
+
+def _only_codec(sdp: str, kind: str, rtpmap: str) -> str:
+    """`sdp` with the codecs of its `kind` m-lines replaced by one, payload type 103: `rtpmap`."""
+    lines, inside = [], False
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            inside = line.startswith(f"m={kind} ")
+            if inside:
+                lines += [" ".join(line.split()[:3] + ["103"]), f"a=rtpmap:103 {rtpmap}"]
+                continue
+        if not (inside and line.startswith(("a=rtpmap:", "a=fmtp:", "a=rtcp-fb:"))):
+            lines.append(line)
+    return "\r\n".join(lines) + "\r\n"
+
+
+def test_an_offer_with_media_the_server_has_no_codec_for_is_refused_before_the_answer():
+    """An audio m-line of codecs aiortc has none of (ISAC alone), or a second video m-line of VP9
+    alone, passed the checks: aiortc's "OperationError: Failed to set remote audio description
+    send parameters" came after the peer connection was made, which ended the session."""
+    from server.webrtc import OfferError, check_offer
+
+    offer = _offer_with(("video", "recvonly"), ("audio", "sendrecv"))
+    assert check_offer(_only_codec(offer, "audio", "G722/8000")) == {"video", "audio"}  # (aiortc's too)
+    with pytest.raises(OfferError, match=r"the audio m-line \(mid 1\) offers no codec the server takes "
+                                         r"\(opus, G722, PCMU, PCMA\): got \['ISAC'\]"):  # fmt: skip
+        check_offer(_only_codec(offer, "audio", "ISAC/16000"))
+    two = _offer_with(("video", "recvonly"), ("video", "recvonly"))
+    second_vp9 = two.replace("\r\nm=video", "\r\nm=audio", 1)  # (the first stays as it was)
+    second_vp9 = _only_codec(second_vp9, "video", "VP9/90000").replace("m=audio", "m=video", 1)
+    with pytest.raises(OfferError, match=r"the video m-line \(mid 1\) offers no codec"):
+        check_offer(second_vp9)
