@@ -167,6 +167,11 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
         pc.addTrack(AvatarVideoTrack(session, slot))
         if "audio" in kinds:
             pc.addTrack(SpeechAudioTrack(session))
+        for transceiver in pc.getTransceivers():
+            # the server takes no video: a camera the player offers is declined (received, aiortc
+            # decoded its every frame into a queue nothing reads, for as long as the session lasted)
+            if transceiver.kind == "video":
+                transceiver.direction = "sendonly" if transceiver.sender.track is not None else "inactive"
         await pc.setLocalDescription(await pc.createAnswer())
     except Exception as e:  # aiortc rejects offers it cannot negotiate with assorted exceptions
         raise OfferError(f"offer could not be negotiated: {type(e).__name__}: {e}"[:200]) from None

@@ -529,3 +529,37 @@ async def test_a_peer_that_reconnects_keeps_one_silence_watch(server, monkeypatc
             if session.closed:
                 break
             await asyncio.sleep(0.1)
+
+
+async def test_a_camera_the_player_offers_is_declined_not_decoded_into_a_pile(server):
+    """A player that offers its camera (a sendrecv video m-line, or a second one that sends) had it
+    received: aiortc decoded every frame into the track's queue, which nothing read, a frame's
+    pixels at a time (640x480: 460 kB, 30 a second) for as long as the session lasted. The
+    answer now takes no video: the avatar's m-line is sendonly, any other video one inactive."""
+    from aiortc.mediastreams import VideoStreamTrack
+
+    url, app = server
+    async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+        created = (await http.post("/v1/sessions", json={})).json()
+        auth = {"Authorization": f"Bearer {created['token']}"}
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver(VideoStreamTrack(), direction="sendrecv")  # the camera, and the avatar back
+        pc.addTransceiver(VideoStreamTrack(), direction="sendonly")  # a second camera
+        got = asyncio.get_running_loop().create_future()
+        pc.on("track", lambda t: t.kind == "video" and not got.done() and got.set_result(t))
+        await pc.setLocalDescription(await pc.createOffer())
+        r = await http.post(created["whep"], content=pc.localDescription.sdp,
+                            headers={"content-type": "application/sdp", **auth})  # fmt: skip
+        assert r.status_code == 201, r.text
+        directions = [line for line in r.text.splitlines()
+                      if line in ("a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive")]  # fmt: skip
+        assert directions == ["a=sendonly", "a=inactive"], directions
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
+        track = await asyncio.wait_for(got, 10)
+        for _ in range(25):  # a second of the avatar, while the camera would send
+            await asyncio.wait_for(track.recv(), 10)
+        server_pc = app.state.registry.sessions[created["id"]].trickle.pc
+        queued = [t.receiver.track._queue.qsize() for t in server_pc.getTransceivers()]
+        assert queued == [0, 0], queued
+        assert (await http.delete(created["resource"], headers=auth)).status_code == 204
+        await pc.close()
