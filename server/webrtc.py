@@ -130,6 +130,7 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
     tasks: list[asyncio.Task] = []  # the microphone's reader, the silence watch, the connect deadline
     peer_timeout = registry.config.peer_timeout_s
     connected, negotiated = asyncio.Event(), asyncio.Event()
+    microphones: list[MediaStreamTrack] = []  # the one the avatar hears
     watcher: asyncio.Task | None = None  # the silence watch: one per peer, however often it reconnects
 
     async def close_peer() -> None:
@@ -146,7 +147,9 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
 
     @pc.on("track")
     def on_track(track: MediaStreamTrack) -> None:
-        if track.kind == "audio":
+        # (in m-line order: the first is the one `take_no_media_but_one_microphone` keeps receiving)
+        if track.kind == "audio" and not microphones:
+            microphones.append(track)
             tasks.append(asyncio.ensure_future(consume_microphone(track, session)))
 
     @pc.on("connectionstatechange")
@@ -167,11 +170,7 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
         pc.addTrack(AvatarVideoTrack(session, slot))
         if "audio" in kinds:
             pc.addTrack(SpeechAudioTrack(session))
-        for transceiver in pc.getTransceivers():
-            # the server takes no video: a camera the player offers is declined (received, aiortc
-            # decoded its every frame into a queue nothing reads, for as long as the session lasted)
-            if transceiver.kind == "video":
-                transceiver.direction = "sendonly" if transceiver.sender.track is not None else "inactive"
+        take_no_media_but_one_microphone(pc, sdp)
         await pc.setLocalDescription(await pc.createAnswer())
     except Exception as e:  # aiortc rejects offers it cannot negotiate with assorted exceptions
         raise OfferError(f"offer could not be negotiated: {type(e).__name__}: {e}"[:200]) from None
@@ -181,6 +180,19 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
     deadline = close_unless_connected(connected, session, registry, CONNECT_DEADLINE_S)
     tasks.append(asyncio.ensure_future(deadline))
     return pc.localDescription.sdp
+
+
+def take_no_media_but_one_microphone(pc: RTCPeerConnection, sdp: str) -> None:
+    """Answer every m-line of the offer `sdp` as not receiving, but the first audio one that sends
+    (the microphone). A camera the player offered was received, and aiortc decoded its every frame
+    into a queue nothing read, for as long as the session lasted; a second microphone was read
+    into the first's place on the timeline, each putting its samples after the other's."""
+    sending = [m.rtp.muxId for m in SessionDescription.parse(sdp).media
+               if m.kind == "audio" and (m.direction or "sendrecv") in ("sendrecv", "sendonly")]  # fmt: skip
+    for transceiver in pc.getTransceivers():
+        if sending and transceiver.mid == sending[0]:
+            continue
+        transceiver.direction = "sendonly" if transceiver.sender.track is not None else "inactive"
 
 
 # a peer that has not connected by then never will: ICE's checks are over in seconds (through a

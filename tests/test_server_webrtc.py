@@ -563,3 +563,48 @@ async def test_a_camera_the_player_offers_is_declined_not_decoded_into_a_pile(se
         assert queued == [0, 0], queued
         assert (await http.delete(created["resource"], headers=auth)).status_code == 204
         await pc.close()
+
+
+async def test_a_second_microphone_the_player_offers_is_declined(server, monkeypatch):
+    """Two audio m-lines that send (a second microphone) were both received, each read by a task
+    that put its samples after the "mic" source's last ones: the two moved one cursor, each
+    placing its 20 ms after the other's, both spread over twice their time. The first is the microphone; the
+    answer takes no audio on the others (sendonly, inactive where no speech goes out on them)."""
+    from aiortc.mediastreams import AudioStreamTrack
+
+    import server.webrtc as webrtc
+
+    heard = []
+
+    async def counted_microphone(track, session):
+        heard.append(track)
+        await original(track, session)
+
+    original = webrtc.consume_microphone
+    monkeypatch.setattr(webrtc, "consume_microphone", counted_microphone)
+    url, app = server
+    async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+        created = (await http.post("/v1/sessions", json={})).json()
+        auth = {"Authorization": f"Bearer {created['token']}"}
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver("video", direction="recvonly")
+        pc.addTransceiver(AudioStreamTrack(), direction="sendrecv")  # the microphone, and the speech back
+        pc.addTransceiver(AudioStreamTrack(), direction="sendonly")  # a second one
+        got = asyncio.get_running_loop().create_future()
+        pc.on("track", lambda t: t.kind == "video" and not got.done() and got.set_result(t))
+        await pc.setLocalDescription(await pc.createOffer())
+        r = await http.post(created["whep"], content=pc.localDescription.sdp,
+                            headers={"content-type": "application/sdp", **auth})  # fmt: skip
+        assert r.status_code == 201, r.text
+        directions = [line for line in r.text.splitlines()
+                      if line in ("a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive")]  # fmt: skip
+        assert directions == ["a=sendonly", "a=sendrecv", "a=inactive"], directions
+        assert len(heard) == 1
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
+        track = await asyncio.wait_for(got, 10)
+        for _ in range(25):  # a second of the avatar, while both microphones would send
+            await asyncio.wait_for(track.recv(), 10)
+        server_pc = app.state.registry.sessions[created["id"]].trickle.pc
+        assert server_pc.getTransceivers()[2].receiver.track._queue.qsize() == 0
+        assert (await http.delete(created["resource"], headers=auth)).status_code == 204
+        await pc.close()
