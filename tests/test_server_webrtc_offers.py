@@ -143,3 +143,21 @@ def test_an_offer_with_media_the_server_has_no_codec_for_is_refused_before_the_a
     second_vp9 = _only_codec(second_vp9, "video", "VP9/90000").replace("m=audio", "m=video", 1)
     with pytest.raises(OfferError, match=r"the video m-line \(mid 1\) offers no codec"):
         check_offer(second_vp9)
+
+
+def test_an_offer_whose_m_lines_have_no_mid_is_refused_before_the_answer():
+    """An offer without a=mid lines (SDP as before WebRTC, which puts one on every m-line) passed
+    the checks: aiortc's answer then failed its own check ("ValueError: Media sections in answer do
+    not match offer") once the peer connection was made, which ended the session. One m-line without
+    it is refused too: WebRTC's SDP has one on each, and an m-line is named by it (trickle ICE)."""
+    import re
+
+    from server.webrtc import OfferError, check_offer
+
+    offer = _offer_with(("video", "recvonly"), ("audio", "sendrecv"))
+    unbundled = re.sub(r"a=group:BUNDLE[^\r\n]*\r\n", "", offer)
+    assert check_offer(unbundled) == {"video", "audio"}
+    with pytest.raises(OfferError, match=r"malformed SDP: m-line 1 \(video\) has no a=mid"):
+        check_offer(re.sub(r"a=mid:[^\r\n]*\r\n", "", unbundled))
+    with pytest.raises(OfferError, match=r"malformed SDP: m-line 2 \(audio\) has no a=mid"):
+        check_offer(re.sub(r"a=mid:1\r\n", "", unbundled))
