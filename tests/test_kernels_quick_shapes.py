@@ -1,0 +1,184 @@
+"""Every Triton kernel at the shapes `bench gpu --quick` gives it on a GPU, against its reference,
+under the Triton interpreter (as tests/test_kernels_triton.py, whose fixtures these checks share).
+
+`--quick` runs at 32x48 pixels (bench.gpu.QUICK_SIZE) since 2026-12-07, 64x96 on the one GPU run
+so far: the debug DiT's latent frame is 4x6, 6 tokens in a 2x3 grid after its 2x2 patches, where
+it was 24. The shapes below were recorded from a CPU `--quick` run with every stream variant
+(each kernel's and attention backend's arguments): chunks of 3 frames (18 queries) against the
+sink and the ring (24, 42, 60 keys), the text (8), a frame's self-attention (6) and the audio's
+per-frame cross-attention (a batch of 3 frames of 6 queries against 8 audio tokens); 2 heads of
+24. None of these lengths is a multiple of a tile, several are under tl.dot's 16, and no call
+has a frame mask (a stream reads its cache without one). A failure on the GPU costs a GPU loan.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+# (`ops` and `attn`: its fixtures, which set up the interpreter, registered here by the import)
+from test_kernels_triton import _qkv, attn, close, ops, rand  # noqa: E402, F401
+
+from streamgen.kernels import reference  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADS, HEAD_DIM, WIDTH, GRID = 2, 24, 48, (2, 3)  # the debug DiT's; a 4x6 latent frame in 2x2 patches
+# (batch, queries, keys) of each attention call of a --quick stream
+ATTENTION_CALLS = [(1, 18, 24), (1, 18, 42), (1, 18, 60), (1, 18, 8), (1, 6, 6), (1, 6, 8), (3, 6, 8)]
+DTYPES = [torch.float32, torch.bfloat16]  # the CPU run's and the GPU run's
+
+
+@pytest.fixture(scope="module")
+def triton_ops(request):  # (by name: a parameter `ops` would shadow the imported fixture)
+    return request.getfixturevalue("ops")
+
+
+@pytest.fixture(scope="module")
+def triton_attention(request):
+    return request.getfixturevalue("attn")
+
+
+def test_triton_kernels_take_the_quick_gpu_runs_shapes_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "python_functions=check_*"]
+    proc = subprocess.run(
+        [*cmd, str(Path(__file__).resolve())], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    assert " passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_the_shapes_are_the_quick_runs():
+    # the debug model at bench gpu's --quick size gives the token grid and widths these checks use
+    from bench import gpu
+    from streamgen.model.config import get_config
+
+    cfg = get_config("debug", frames_per_chunk=3, window_frames=6, in_channels=4)
+    latent = [side // 8 for side in gpu.QUICK_SIZE]  # the Wan VAE's spatial factor
+    assert tuple(side // p for side, p in zip(latent, cfg.patch_size[1:])) == GRID
+    assert (cfg.num_heads, cfg.dim // cfg.num_heads, cfg.dim) == (HEADS, HEAD_DIM, WIDTH)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,lq,lk", ATTENTION_CALLS)
+def check_attention_at_the_quick_shapes(triton_attention, dtype, b, lq, lk):
+    torch.manual_seed(lq * 100 + lk)
+    q, k, v = _qkv(b, lq, lk, HEADS, HEAD_DIM, dtype)
+    close(triton_attention.attention(q, k, v), reference.attention(q, k, v), dtype)
+    out, lse = triton_attention.attention(q, k, v, return_lse=True)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / HEAD_DIM**0.5
+    close(lse, torch.logsumexp(scores, -1), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,lq,lk", ATTENTION_CALLS)
+def check_fp8_attention_at_the_quick_shapes(triton_attention, dtype, b, lq, lk):
+    """QK^T in e4m3 (`fp8_qk`) is the reference's; with PV too (`fp8`) the kernel rounds P against
+    the running max of the key blocks seen so far (the interpreter's blocks are 16 keys), the
+    reference against the row's: the same within one block, as near the exact attention past it."""
+    torch.manual_seed(lq * 100 + lk + 1)
+    q, k, v = _qkv(b, lq, lk, HEADS, HEAD_DIM, dtype)
+    close(
+        triton_attention.fp8_attention(q, k, v, pv=False), reference.fp8_attention(q, k, v, pv=False), dtype
+    )
+    out, ref = triton_attention.fp8_attention(q, k, v, pv=True), reference.fp8_attention(q, k, v, pv=True)
+    assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(out.float()).all()
+    if lk <= 16:
+        close(out, ref, dtype)
+    else:
+        exact = reference.attention_reference_math(q.float(), k.float(), v.float())
+        err, err_ref = (out.float() - exact).abs().max(), (ref.float() - exact).abs().max()
+        assert err < 0.1 and err < 2 * err_ref + 0.02, (err, err_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def check_row_kernels_at_the_quick_shapes(triton_ops, dtype):
+    """The DiT's norms, residuals, RoPE and GELU at a chunk's [1, 3 frames, 6 tokens, 48] (and the
+    sink's single frame), the queries' and keys' [1, 18, 48] and the audio's per-frame [3, 6, 48]."""
+    torch.manual_seed(20)
+    for frames in (3, 1):
+        x, y = rand(1, frames, 6, WIDTH, dtype=dtype, scale=3.0) + 1.5, rand(1, frames, 6, WIDTH, dtype=dtype)
+        gate, shift, scale = (rand(1, frames, WIDTH, dtype=dtype) for _ in range(3))
+        close(
+            triton_ops.layernorm_modulate(x, shift, scale),
+            reference.layernorm_modulate(x, shift, scale),
+            dtype,
+        )
+        weight, bias = rand(WIDTH, dtype=dtype) + 1.0, rand(WIDTH, dtype=dtype)
+        close(
+            triton_ops.layernorm_affine(x, weight, bias), reference.layernorm_affine(x, weight, bias), dtype
+        )
+        close(triton_ops.gated_residual(x, y, gate), reference.gated_residual(x, y, gate), dtype)
+        fused = triton_ops.gated_residual_layernorm_modulate(x, y, gate, shift, scale)
+        for got, expected in zip(
+            fused, reference.gated_residual_layernorm_modulate(x, y, gate, shift, scale)
+        ):
+            close(got, expected, dtype)
+        hidden = rand(1, frames, 6, 2 * WIDTH, dtype=dtype, scale=3.0)
+        close(triton_ops.gelu_tanh(hidden), reference.gelu_tanh(hidden), dtype)
+    weight = rand(WIDTH, dtype=dtype) + 1.0
+    frame_pos = torch.tensor([4, 5, 6])  # a chunk's 3 frames after the sink
+    angles = reference.rope_angles(frame_pos, GRID, HEAD_DIM)
+    for tokens, batch in ((18, 1), (6, 1), (8, 1), (6, 3), (8, 3)):  # chunk, frame, text, audio's
+        x = rand(batch, tokens, WIDTH, dtype=dtype, scale=2.0)
+        expected = reference.rmsnorm_rope(x, weight, HEADS, None)
+        close(triton_ops.rmsnorm_rope(x, weight, HEADS, None), expected, dtype)
+    x = rand(1, 18, WIDTH, dtype=dtype, scale=2.0)
+    close(
+        triton_ops.rmsnorm_rope(x, weight, HEADS, angles),
+        reference.rmsnorm_rope(x, weight, HEADS, angles),
+        dtype,
+    )
+    expected = reference.rmsnorm_rope_positions(x, weight, HEADS, frame_pos, GRID)
+    close(triton_ops.rmsnorm_rope_positions(x, weight, HEADS, frame_pos, GRID), expected, dtype)
+    keys = rand(1, 18, HEADS, HEAD_DIM, dtype=dtype)  # the ring's keys, rotated at read time
+    close(triton_ops.apply_rope(keys, angles), reference.apply_rope(keys, angles), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def check_fp8_quantization_at_the_quick_shapes(triton_ops, dtype):
+    """FP8 linears' rows (the block linears' 48 and 96 wide, the audio's 16) and attention's values
+    (ring lengths 24, 42, 60): the reference's scales and e4m3 values."""
+    torch.manual_seed(21)
+    for shape, gelu in (
+        ((1, 18, 48), False),
+        ((3, 6, 48), False),
+        ((3, 8, 16), False),
+        ((1, 3, 6, 96), True),
+    ):
+        x = rand(*shape, dtype=dtype, scale=3.0)
+        q, scale = triton_ops.quantize_fp8_rows(x, gelu)
+        q_ref, scale_ref = reference.quantize_fp8_rows(x, gelu)
+        torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+        assert reference.fp8_steps_apart(q, q_ref).max() <= int(gelu)
+    for lk in (24, 42, 60):
+        v = rand(1, lk, HEADS, HEAD_DIM, dtype=dtype, scale=3.0)
+        q, scale = triton_ops.quantize_fp8_values(v)
+        q_ref, scale_ref = reference.quantize_fp8_values(v)
+        torch.testing.assert_close(scale, scale_ref, rtol=0, atol=0)
+        assert q.shape == (1, HEADS, HEAD_DIM, lk) and reference.fp8_steps_apart(q, q_ref).max() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def check_vae_channel_norm_at_the_quick_shapes(triton_ops, dtype):
+    """The tiny Wan VAE's channel RMSNorm and SiLU at 32x48: its latent 4x6 (16 channels: the
+    decoder's first layers, its attention's 4D frames) and its output's 8 channels at 32x48."""
+    torch.manual_seed(22)
+    for shape in ((1, 16, 3, 4, 6), (3, 16, 4, 6), (1, 8, 1, 32, 48)):
+        contiguous = rand(*shape, dtype=dtype, scale=3.0)
+        layout = torch.channels_last_3d if contiguous.dim() == 5 else torch.channels_last
+        for x in (contiguous, contiguous.contiguous(memory_format=layout)):
+            gamma = rand(shape[1], *[1] * (len(shape) - 2), dtype=dtype) + 1.0
+            expected = reference.rmsnorm_channels(x, gamma)
+            error = (triton_ops.rmsnorm_channels(x, gamma).float() - expected.float()).abs()
+            # (rounded to the dtype 3-4 times, as test_kernels_triton.py's check_rmsnorm_channels says)
+            assert (error <= 4 * torch.finfo(dtype).eps * expected.float().abs() + 2e-5).all(), error.max()
+            silu = triton_ops.rmsnorm_channels(x, gamma, silu=True)
+            assert silu.shape == x.shape and torch.isfinite(silu.float()).all()
