@@ -182,3 +182,60 @@ def check_vae_channel_norm_at_the_quick_shapes(triton_ops, dtype):
             assert (error <= 4 * torch.finfo(dtype).eps * expected.float().abs() + 2e-5).all(), error.max()
             silu = triton_ops.rmsnorm_channels(x, gamma, silu=True)
             assert silu.shape == x.shape and torch.isfinite(silu.float()).all()
+
+
+@pytest.mark.slow
+def test_every_kernel_builds_for_hopper_at_the_quick_shapes():
+    """The interpreter accepts code the compiler rejects, and Triton builds a kernel anew for each
+    specialization of its integer arguments (1, multiples of 16), which these lengths and strides
+    change: each kernel of a --quick stream, every autotune config, built for sm_90 in the GPU run's
+    bf16 by Triton's compiler (`bench resources`' compile_only: nothing is launched), none spilling."""
+    from bench import resources
+    from streamgen.kernels import triton_attention as attention
+    from streamgen.kernels import triton_ops
+
+    bf16 = torch.bfloat16
+    with resources.compile_only(90) as compiled:
+        for b, lq, lk in ATTENTION_CALLS:
+            q, k, v = _qkv(b, lq, lk, HEADS, HEAD_DIM, bf16)
+            attention.attention(q, k, v)
+            attention.fp8_attention(q, k, v, pv=False)
+            attention.fp8_attention(q, k, v, pv=True)
+        x, modulation = rand(1, 3, 6, WIDTH, dtype=bf16), rand(1, 3, WIDTH, dtype=bf16)
+        triton_ops.layernorm_modulate(x, modulation, modulation)
+        triton_ops.layernorm_affine(x, rand(WIDTH, dtype=bf16), rand(WIDTH, dtype=bf16))
+        triton_ops.gated_residual(x, x, modulation)
+        triton_ops.gated_residual_layernorm_modulate(x, x, modulation, modulation, modulation)
+        triton_ops.gelu_tanh(rand(1, 3, 6, 2 * WIDTH, dtype=bf16))
+        angles = reference.rope_angles(torch.tensor([4, 5, 6]), GRID, HEAD_DIM)
+        triton_ops.rmsnorm_rope(rand(1, 18, WIDTH, dtype=bf16), rand(WIDTH, dtype=bf16), HEADS, angles)
+        triton_ops.rmsnorm_rope(rand(3, 8, WIDTH, dtype=bf16), rand(WIDTH, dtype=bf16), HEADS, None)
+        triton_ops.apply_rope(rand(1, 18, HEADS, HEAD_DIM, dtype=bf16), angles)
+        for shape, gelu in (((1, 18, WIDTH), False), ((3, 8, 16), False), ((1, 3, 6, 2 * WIDTH), True)):
+            triton_ops.quantize_fp8_rows(rand(*shape, dtype=bf16), gelu)
+        triton_ops.quantize_fp8_values(rand(1, 42, HEADS, HEAD_DIM, dtype=bf16))
+        triton_ops.rmsnorm_channels(
+            rand(1, 16, 3, 4, 6, dtype=bf16), rand(16, 1, 1, 1, dtype=bf16), silu=True
+        )
+    built = {name for name, *_ in compiled}
+    assert built == {
+        "_attention_kernel", "_layernorm_modulate_kernel", "_gated_residual_kernel", "_gelu_tanh_kernel",
+        "_rmsnorm_rope_kernel", "_quantize_fp8_rows_kernel", "_quantize_fp8_values_kernel",
+        "_rmsnorm_channels_kernel",
+    }  # fmt: skip
+    # every attention config (the GPU's tiles, not the exact fp32 dots' one), in bf16, FP8 QK^T and FP8
+    # both, for the 32-wide head tile of heads of 24
+    tiles = [
+        (v["BLOCK_M"], v["BLOCK_N"], v["BLOCK_D"]) for name, v, *_ in compiled if name == "_attention_kernel"
+    ]
+    configs = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 32) for c in attention._ATTN_CONFIGS}
+    assert set(tiles) == configs and len(tiles) >= 3 * len(configs)
+    reported = set()
+    for name, variant, kernel, _seconds, report in compiled:
+        # (no report where the build came from Triton's cache: the same binary again)
+        usage = resources.ptxas_usage(report)
+        if usage:
+            reported.add(name)
+            assert usage["spill_stores"] == usage["spill_loads"] == 0, (name, variant, usage)
+        assert kernel.metadata.shared <= 227 * 1024, (name, variant)  # Hopper's shared memory a block
+    assert reported == built
