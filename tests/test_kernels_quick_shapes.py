@@ -98,6 +98,29 @@ def check_fp8_attention_at_the_quick_shapes(triton_attention, dtype, b, lq, lk):
         assert err < 0.1 and err < 2 * err_ref + 0.02, (err, err_ref)
 
 
+@pytest.mark.parametrize("pv", [False, True])
+def check_fp8_attention_of_a_quick_streams_cache(triton_attention, pv):
+    """The FP8 backends read a stream's keys and values from its cache in e4m3 (`KVCache.fp8_keys`,
+    `fp8_values`): --quick's cache of a 6-token sink, an 18-token chunk and a 36-token ring, read to
+    24, 42 and 60 keys, gives what quantizing those keys and values at the call gives."""
+    from streamgen.model.cache import KVCache
+
+    torch.manual_seed(23)
+    cache = KVCache(1, 6, 18, 36, heads=HEADS, head_dim=HEAD_DIM, dtype=torch.float32, device="cpu")
+    cache.k.normal_()
+    cache.v.normal_()
+    q = rand(1, 18, HEADS, HEAD_DIM)
+    for end in (24, 42, 60):
+        k, v = cache.k[:, :end], cache.v[:, :end]
+        q8, q_scale = triton_attention.quantize_fp8_heads(q)
+        k8, k_scale = cache.fp8_keys(triton_attention, end)
+        v_in, v_scale = cache.fp8_values(triton_attention, end) if pv else (v, None)
+        out = triton_attention.fp8_attention_quantized(
+            q8, q_scale, k8, k_scale, v_in, v_scale, dtype=torch.float32
+        )
+        close(out, triton_attention.fp8_attention(q, k, v, pv=pv), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def check_row_kernels_at_the_quick_shapes(triton_ops, dtype):
     """The DiT's norms, residuals, RoPE and GELU at a chunk's [1, 3 frames, 6 tokens, 48] (and the
