@@ -501,7 +501,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sweep",
         type=frame_size,
-        nargs="*",
+        nargs="+",
         default=(),
         help="also measure everything at these square sizes",
     )

@@ -512,7 +512,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", action="store_true",
                    help="skip what runs under Inductor: the DiT's compiled blocks and the compiled decoder")  # fmt: skip
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel micro-benchmarks")
-    p.add_argument("--backends", nargs="*", choices=ATTENTION_BACKENDS, default=["sdpa", "cudnn", "triton", "flex"],
+    p.add_argument("--backends", nargs="+", choices=ATTENTION_BACKENDS, default=["sdpa", "cudnn", "triton", "flex"],
                    help="attention backends timed with the fused kernels (default: sdpa cudnn triton flex; "
                    "sdpa's variants run whatever this says)")  # fmt: skip
     p.add_argument(

@@ -474,7 +474,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time torch.compile of the reference ops (the default on CUDA)")  # fmt: skip
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="do not (the default on a CPU)")  # fmt: skip
-    parser.add_argument("--only", nargs="*", help="case names to run (default: all)")
+    parser.add_argument("--only", nargs="+", help="case names to run (default: all)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on CUDA, float32 on a CPU")  # fmt: skip
 

@@ -69,3 +69,15 @@ def test_the_json_names_the_precision_and_attention_the_environment_chose(monkey
     assert r["attention"] == "fp8_qk" and r["fp8_linears"] > 0
     assert r["environment"][models.FP8_ENV] == "1" and r["cache_from"] in ("reencode", "last_step")
     json.dumps(r)
+
+
+def test_sweep_without_a_size_is_refused(monkeypatch, capsys):
+    # `--sweep` and no size took zero values and ran no sweep, with exit 0 and not a word
+    from streamgen.cli import main
+
+    monkeypatch.setattr(engine, "run", lambda *args: {"sweep": list(args[7])})  # (not the minutes' measure)
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "engine", "--json", "--model", "debug", "--sweep"])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and captured.out == "", captured.err
+    assert "argument --sweep: expected at least one argument" in captured.err, captured.err

@@ -41,6 +41,19 @@ def test_only_without_a_part_is_refused(capsys):
     assert exit_.value.code == 2 and "argument --only: expected at least one argument" in capsys.readouterr().err
 
 
+def test_backends_without_a_backend_is_refused(capsys):
+    # `--backends` and no name took zero values: no fused variant was timed, with exit 0
+    import pytest
+
+    from streamgen.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "gpu", "--json", "--device", "cpu", "--quick", "--backends"])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and captured.out == "", captured.err
+    assert "argument --backends: expected at least one argument" in captured.err, captured.err
+
+
 def test_only_naming_no_part_of_the_run_is_refused_before_it(monkeypatch, capsys):
     # `--only sdpa+fused_kernel` (a typo) ran every part's setup and then none, and said so after
     # the run, with exit code 0 and an empty JSON

@@ -218,3 +218,14 @@ def test_the_help_says_the_defaults_that_depend_on_the_device(capsys):
     said = {a.option_strings[0]: a.help or "" for a in parser._actions if a.option_strings}
     assert "default on CUDA" in said["--compile"] and "default on a CPU" in said["--no-compile"]
     assert "bfloat16 on CUDA, float32 on a CPU" in said["--dtype"] and "needs --quick" in said["--device"]
+
+
+def test_only_without_a_case_is_refused(capsys):
+    # `--only` and no name took zero values: an empty list that ran every case, as if not given
+    from streamgen.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "kernels", "--json", "--device", "cpu", "--quick", "--only"])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and captured.out == "", captured.err
+    assert "argument --only: expected at least one argument" in captured.err, captured.err
