@@ -64,9 +64,10 @@ $(RUNS)/chunk/model/model.json: $(RUNS)/ode/model/model.json
 	$(DISTILL) chunk --config tiny-avatar --resume --set data.root=$(DATA) --set run.out=$(RUNS)/chunk \
 		--set model.init=$(RUNS)/ode/model --set chunk.teacher=$(TEACHER)
 
-# docs/results.md from `streamgen eval` of every row
+# docs/results.md from `streamgen eval` of every row, its reports under RUNS (they were in ./runs/results
+# whatever RUNS said)
 results:
-	$(PY) -m distill.results --runs $(RUNS) --out runs/results --doc docs/results.md
+	$(PY) -m distill.results --runs $(RUNS) --out $(RUNS)/results --doc docs/results.md
 
 clean-runs:
 	rm -rf $(RUNS)

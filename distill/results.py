@@ -1,6 +1,6 @@
 """The results table (docs/results.md): every model of the pipeline scored by `streamgen eval`.
 
-    python -m distill.results --runs runs/tiny-avatar --out runs/results --doc docs/results.md
+    python -m distill.results --runs runs/tiny-avatar --out runs/tiny-avatar/results --doc docs/results.md
 
 Rows: the renderer's ground truth, the clips through the autoencoder and back
 (what any student that decodes with it can reach), the teacher (50 Euler steps + CFG), the
@@ -236,8 +236,10 @@ def main(argv=None) -> int:
     p.add_argument(
         "--out",
         type=Path,
-        default=Path("runs/results"),
-        help="folder for results.json and each row's evaluation (default: %(default)s)",
+        default=None,
+        # (it was runs/results in the current folder, whatever --runs said: `make results RUNS=/x`
+        # wrote there, and --render-only read another run's table)
+        help="folder for results.json and each row's evaluation (default: RUNS/results)",
     )
     p.add_argument(
         "--doc",
@@ -260,6 +262,7 @@ def main(argv=None) -> int:
         help="evaluate only the rows OUT/results.json does not have yet",
     )
     args = p.parse_args(argv)
+    args.out = args.runs / "results" if args.out is None else args.out
     # (nan too) as eval's: a traceback at the first student's stream, after the teacher's row
     if not (args.minutes == 0 or args.minutes * 60 * 25 >= 2) or not args.minutes <= MAX_MINUTES:
         p.error(

@@ -561,3 +561,20 @@ def test_a_make_command_with_a_missing_target_or_a_bad_key_is_refused():
         pytest.skip("needs make")
     assert "No rule to make target" in make_commands_refused(["no-such-target"])["no-such-target"]
     assert parser_refusal(["distill", "teacher", "--config", "x", "--bogus"], whole=True)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_every_make_output_follows_runs_and_data():
+    """`make results RUNS=/x` wrote its reports to ./runs/results, whatever RUNS said: each folder a
+    make command writes (--out, run.out=, data.root=) lies under the RUNS or DATA it was given."""
+    import subprocess
+    import sys
+
+    argv = ["model", "data", "results", "RUNS=/elsewhere/runs", "DATA=/elsewhere/world"]
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(ROOT), *argv, f"PY={sys.executable}"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    words = shlex.split(dry.stdout.replace("\\\n", " "))
+    outputs = [words[i + 1] for i, w in enumerate(words) if w == "--out"]
+    outputs += [w.split("=", 1)[1] for w in words if w.startswith(("run.out=", "data.root="))]
+    assert len(outputs) > 5 and [o for o in outputs if not o.startswith("/elsewhere/")] == [], outputs

@@ -133,3 +133,15 @@ def test_a_stopped_results_run_says_where_its_rows_are(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert "interrupted: the rows made so far are in" in err and "--missing-only" in err, err
     assert len(json.loads((tmp_path / "out" / "results.json").read_text())) == 1
+
+
+def test_the_results_are_kept_under_the_runs_they_score(tmp_path, capsys):
+    # --out was runs/results in the current folder, whatever --runs said: `make results RUNS=/x`
+    # wrote there, and `--render-only --runs /x` read another run's table
+    from distill import results
+
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_:
+        results.main(["--runs", str(runs), "--doc", str(tmp_path / "r.md"), "--render-only"])
+    assert exit_.value.code == 2
+    assert f"{runs / 'results' / 'results.json'} does not exist yet" in capsys.readouterr().err
