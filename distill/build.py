@@ -50,11 +50,30 @@ def _run_hint(path: str) -> str:
     except OSError:  # (a name too long for the file system)
         newest = None
     if newest is None:
-        return "; train the stage that makes it first"
+        return f"; train the stage that makes it first: {stage_that_makes(given)}"
     return (
         f"; {run} holds a run that has exported no model yet (newest checkpoint {newest.name}): a run "
         "exports its model when it finishes, so finish it with --resume"
     )
+
+
+# a run's folder (RUNS/NAME, as the Makefile names them): the stage that exports RUNS/NAME/model,
+# and its config where the Makefile gives another than tiny-avatar
+RUN_STAGES = {"autoencoder": ("autoencoder", "tiny-avatar"), "teacher": ("teacher", "tiny-avatar"),
+              "ode": ("ode", "tiny-avatar"), "self_forcing": ("self_forcing", "tiny-avatar"),
+              "self_forcing_last_step": ("self_forcing", "tiny-avatar-last-step"), "chunk": ("chunk", "tiny-avatar")}  # fmt: skip
+
+
+def stage_that_makes(model_dir: Path) -> str:
+    """Which stage, and which command, exports the model directory `model_dir` ("train the stage
+    that makes it first" named neither)."""
+    run = model_dir.parent if model_dir.name == "model" else model_dir
+    if run.name not in RUN_STAGES:
+        return ("`python -m streamgen distill STAGE --config CONFIG --set run.out=RUN` exports its model to "
+                "RUN/model (docs/distill.md)")  # fmt: skip
+    stage, config = RUN_STAGES[run.name]
+    return (f"the {stage} stage makes it: `make {run.name} RUNS={run.parent}`, or `python -m streamgen distill "
+            f"{stage} --config {config} --set run.out={run}`")  # fmt: skip
 
 
 def _not_a_model_dir(source: str) -> None:

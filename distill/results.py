@@ -160,6 +160,7 @@ def settings_problem(stored: list[dict], runs: Path, asked: dict) -> str | None:
 def model_problem(runs: Path, skip) -> str | None:
     """The first model of a row to evaluate that is not there, or None: said before the first row,
     not where its row comes (a traceback, after the rows before it; the teacher's takes minutes)."""
+    from distill.build import stage_that_makes
     from streamgen.eval.report import GROUND_TRUTH, ROUNDTRIP
     from streamgen.models import require_model
 
@@ -167,8 +168,11 @@ def model_problem(runs: Path, skip) -> str | None:
         model = spec["model"]
         if spec["row"] in skip or model == GROUND_TRUTH:
             continue
-        if model.startswith(ROUNDTRIP) and (Path(model.removeprefix(ROUNDTRIP)) / "vae_config.json").exists():
+        folder = Path(model.removeprefix(ROUNDTRIP))
+        if model.startswith(ROUNDTRIP) and (folder / "vae_config.json").exists():
             continue  # (an autoencoder's own folder)
+        if not folder.exists():  # (a relative one was "unknown model ...: not one of tiny-avatar, ...")
+            return f"row {spec['row']!r}: no model directory {folder}: there is no such folder; {stage_that_makes(folder)}"
         try:
             require_model(model.removeprefix(ROUNDTRIP))
         except FileNotFoundError as e:

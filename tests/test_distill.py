@@ -1258,3 +1258,20 @@ def test_a_run_refused_as_its_stage_is_built_leaves_no_folder_it_made(tmp_path, 
     (tmp_path / "mine").mkdir()
     assert main(["distill", "ode", "--config", "debug", "--out", "mine"]) == 2
     assert (tmp_path / "mine").is_dir()
+
+
+def test_a_missing_model_names_the_stage_and_the_command_that_make_it(tmp_path):
+    """"... is not a model directory (no model.json); train the stage that makes it first" named
+    neither the stage nor its command: a run's folder named as the Makefile names them says both."""
+    from distill.build import ModelSourceError, load_dit
+
+    runs = tmp_path / "runs"
+    for folder, says in (("ode", "the ode stage makes it: `make ode RUNS="),
+                         ("self_forcing_last_step", "the self_forcing stage makes it: `make self_forcing_last_step RUNS="),
+                         ("elsewhere", "`python -m streamgen distill STAGE --config CONFIG --set run.out=RUN`")):  # fmt: skip
+        with pytest.raises(ModelSourceError, match=re.escape(says)) as refused:
+            load_dit(str(runs / folder / "model"))
+        assert "train the stage that makes it first" in str(refused.value)
+    with pytest.raises(ModelSourceError) as refused:
+        load_dit(str(runs / "self_forcing_last_step" / "model"))
+    assert f"--config tiny-avatar-last-step --set run.out={runs / 'self_forcing_last_step'}`" in str(refused.value)

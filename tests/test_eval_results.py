@@ -145,3 +145,23 @@ def test_the_results_are_kept_under_the_runs_they_score(tmp_path, capsys):
         results.main(["--runs", str(runs), "--doc", str(tmp_path / "r.md"), "--render-only"])
     assert exit_.value.code == 2
     assert f"{runs / 'results' / 'results.json'} does not exist yet" in capsys.readouterr().err
+
+
+def test_a_missing_model_is_said_alike_for_every_row_with_the_stage_that_makes_it(tmp_path, monkeypatch, capsys):
+    # a relative --runs: the autoencoder's row said "unknown model 'runs/autoencoder/model': not a
+    # model directory and not one of tiny-avatar, ...", the others "no model directory ...: there
+    # is no such folder", and none said which stage makes the model
+    from distill import results
+
+    monkeypatch.chdir(tmp_path)
+    for made, says in (([], "no model directory runs/autoencoder/model: there is no such folder; "
+                            "the autoencoder stage makes it: `make autoencoder RUNS=runs`"),
+                       (["autoencoder"], "no model directory runs/teacher/model: there is no such folder; "
+                                         "the teacher stage makes it: `make teacher RUNS=runs`")):  # fmt: skip
+        if made:
+            (tmp_path / "runs" / "autoencoder" / "model").mkdir(parents=True)
+            (tmp_path / "runs" / "autoencoder" / "model" / "vae_config.json").write_text("{}")
+        with pytest.raises(SystemExit) as exited:
+            results.main(["--runs", "runs", "--doc", "r.md"])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and says in err, err
