@@ -533,6 +533,11 @@ def main(args) -> dict:
     check_device(args.device)  # (an unknown one was torch's RuntimeError from deep inside)
     if args.warmup_chunks is not None and args.warmup_chunks < 0:
         raise UserError("--warmup-chunks must be 0 or more")
+    if args.floor_work is not None:  # (a file not there, or another run's, was said in the JSON after the run)
+        work, said = variant_floor.counts_for_run(args.floor_work, args.quick, args.steps)
+        if work is None:
+            raise UserError(f"--floor-work {said.removeprefix('none: ')}: write it with `python -m "
+                            "bench.variant_floor --out FILE` and this run's --quick and --steps")  # fmt: skip
     result = run(
         args.device,
         args.quick,

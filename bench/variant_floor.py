@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=4, help="denoising steps of a configuration that sets none (default: 4)"
     )
-    parser.add_argument("--only", nargs="*", choices=list(CONFIGURATIONS), help="these configurations alone")
+    parser.add_argument("--only", nargs="+", choices=list(CONFIGURATIONS), help="these configurations alone")
     args = parser.parse_args()
     started = time.perf_counter()
     counts = count_configurations(args.quick, args.steps, names=args.only)

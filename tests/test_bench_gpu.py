@@ -54,6 +54,27 @@ def test_backends_without_a_backend_is_refused(capsys):
     assert "argument --backends: expected at least one argument" in captured.err, captured.err
 
 
+def test_floor_work_not_there_or_of_another_run_is_refused_before_it(monkeypatch, tmp_path, capsys):
+    # a --floor-work file not there, or counted at other steps, was said in the JSON after the run
+    # ("of_floor": none), minutes of a GPU's time later, with exit 0
+    import json
+
+    import pytest
+
+    from bench import gpu
+    from streamgen.cli import main
+
+    monkeypatch.setattr(gpu, "run", lambda *args, **kwargs: pytest.fail("the run started"))
+    other_steps = tmp_path / "steps-2.json"
+    other_steps.write_text(json.dumps({"quick": True, "steps": 2, "counts": {"default": {}}}))
+    for path, said in ((tmp_path / "none.json", f"--floor-work {tmp_path / 'none.json'} unreadable"),
+                       (other_steps, f"--floor-work {other_steps} counts quick=True, steps=2")):  # fmt: skip
+        assert main(["bench", "gpu", "--json", "--device", "cpu", "--quick", "--floor-work", str(path)]) == 2
+        captured = capsys.readouterr()
+        assert said in captured.err and "python -m bench.variant_floor --out FILE" in captured.err, captured.err
+        assert captured.out == "", captured.out
+
+
 def test_only_naming_no_part_of_the_run_is_refused_before_it(monkeypatch, capsys):
     # `--only sdpa+fused_kernel` (a typo) ran every part's setup and then none, and said so after
     # the run, with exit code 0 and an empty JSON
@@ -109,3 +130,16 @@ def test_every_option_says_what_it_does_and_its_default():
     assert unsaid == []
     backends = next(a for a in parser._actions if "--backends" in a.option_strings)
     assert "default: " + " ".join(backends.default) in backends.help
+
+
+def test_the_floor_counter_s_only_without_a_configuration_is_refused(tmp_path):
+    # `python -m bench.variant_floor --only` and no name took zero values: every configuration was
+    # counted, as if --only were not given
+    import subprocess
+    import sys
+
+    out = tmp_path / "floor-work.json"
+    counted = subprocess.run([sys.executable, "-m", "bench.variant_floor", "--out", str(out), "--quick", "--only"],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert counted.returncode == 2 and "argument --only: expected at least one argument" in counted.stderr
+    assert not out.exists()
