@@ -398,6 +398,8 @@ def _not_a_model(name: str) -> str:
     folder = home_expanded(name)
     if not _is_there(folder) and _is_a_path(name):
         return f"no model directory {name}: there is no such folder"
+    if not _is_there(folder) and "/" in name.replace(os.sep, "/"):  # (a relative path, said to be no model's name)
+        return f"no model directory {name}: there is no such folder in {Path.cwd()}"
     if not _is_there(folder):
         return f"unknown model {name!r}: not a model directory and not one of {', '.join(available_models())}"
     if folder.is_file() and (folder.parent / "model.json").is_file():  # (its model.json, its weights)

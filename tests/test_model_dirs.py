@@ -1042,3 +1042,14 @@ def test_a_teacher_samples_the_steps_its_model_json_names(tmp_path):
         session = open_session(str(d))
         assert (session.steps, len(session.sigmas)) == (steps or 50, (steps or 50) + 1)
         assert open_session(str(d), steps=3).steps == 3
+
+
+def test_a_relative_path_that_is_not_there_is_said_to_be_no_folder(tmp_path, monkeypatch):
+    # `--model runs/tiny-avatar/ode/model` before that stage ran: "unknown model '...': not a model
+    # directory and not one of tiny-avatar, ...", as if a model's name had been mistyped
+    from streamgen.models import require_model
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as refused:
+        require_model("runs/ode/model")
+    assert str(refused.value) == f"no model directory runs/ode/model: there is no such folder in {tmp_path}"
