@@ -190,7 +190,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"compute capability x10 (default: 90, H100/H200), one of {archs}")  # fmt: skip
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="the dtype of the kernels' tensors (default: %(default)s)")  # fmt: skip
-    p.add_argument("--only", nargs="*", default=[], help="case names of bench/kernels.py")
+    p.add_argument("--only", nargs="+", default=[], help="case names of bench/kernels.py")
 
 
 def main(args) -> dict:

@@ -240,7 +240,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--ways",
-        nargs="*",
+        nargs="+",  # (`--ways` and no name took zero values: every default way, as if not given)
         choices=[*DECODER_WAYS, TINY_DECODER],
         help=f"default: all but the compiled one, and {TINY_DECODER} (TAEHV's decoder, random weights)",
     )

@@ -775,6 +775,9 @@ def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, cap
         (["serve", "--threads", "99999"], "argument --threads: 99999 threads: this process may use"),
         # Triton's LLVM aborted the process
         (["bench", "resources", "--arch", "0"], "argument --arch: invalid choice: 0 (choose from 50, 52"),
+        # an empty list took zero values: every case, every way, as if the option were not given
+        (["bench", "resources", "--only"], "argument --only: expected at least one argument"),
+        (["bench", "wan-decoder", "--ways"], "argument --ways: expected at least one argument"),
         # linprog found no weights (a negative margin) or was given a bound below zero: tracebacks
         (["bench", "speech-room", "--margin", "-1"], "argument --margin: '-1' is not a share of the speech"),
         (["bench", "speech-room", "--margin", "1.5"], "argument --margin: '1.5' is not a share"),
