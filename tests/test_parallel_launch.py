@@ -223,6 +223,22 @@ def test_a_torch_whose_handler_has_no_popen_to_wrap_starts_the_ranks_as_before()
     assert not hasattr(Handler, "_popen")
 
 
+def test_a_rank_started_as_the_launchers_ctrl_c_came_does_not_outlive_the_launcher():
+    """The launcher's own Ctrl-C, held while a rank was started, came as the mask was given back:
+    its SignalException left `_popen` before torchrun had the rank, which torchrun never stopped,
+    and which (deaf to SIGINT until streamgen's __main__) lived on, holding the launcher's stderr:
+    its caller waited for the pipe's end (a --sp 2 launch Ctrl-C'd under load)."""
+    class Handler:
+        def _popen(self, args, env):
+            return subprocess.Popen(args, env=env)
+
+    with pytest.raises(KeyboardInterrupt):
+        with torchrun._ranks_start_with_sigint_held(Handler, ["--standalone", "-m", "streamgen", "--version"]):
+            lost = Handler._popen(Handler(), [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ))
+            raise KeyboardInterrupt  # (as the SignalException came: the rank is nobody's)
+    assert lost.poll() == -signal.SIGKILL
+
+
 def test_the_launcher_gives_back_the_signal_handlers_torchrun_took(monkeypatch):
     """torchrun's agent handles SIGINT, SIGTERM, SIGHUP and SIGQUIT (a SignalException) and left its
     handlers in place once it returned: a Ctrl-C as the launcher ended (its ranks done) was a

@@ -273,11 +273,14 @@ def _ranks_start_with_sigint_held(handler_class, argv: list[str] | None):
         yield
         return
     popen = handler_class._popen
+    started = []
 
     def popen_with_sigint_held(self, *args, **kwargs):
         held = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])  # (the child inherits the mask)
         try:
-            return popen(self, *args, **kwargs)
+            process = popen(self, *args, **kwargs)
+            started.append(process)
+            return process
         finally:  # (the launcher's own Ctrl-C meanwhile comes now)
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
@@ -286,6 +289,14 @@ def _ranks_start_with_sigint_held(handler_class, argv: list[str] | None):
         yield
     finally:
         handler_class._popen = popen
+        # torchrun has ended every rank it knows of. A Ctrl-C held while a rank was started comes
+        # as its mask is given back, above, before torchrun has the rank: that rank, never told to
+        # stop and deaf to SIGINT, lived on after the launcher (a rank waiting for its peers, for
+        # the process group's timeout, holding the launcher's stderr for its caller)
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def _cut_off_mid_line(failures: dict) -> bool:
