@@ -531,6 +531,16 @@ async def test_a_peer_that_reconnects_keeps_one_silence_watch(server, monkeypatc
             await asyncio.sleep(0.1)
 
 
+async def answered_directions(http, created, auth, pc) -> tuple[str, list[str]]:
+    """The server's WHEP answer to `pc`'s offer, and the direction of each of its m-lines."""
+    await pc.setLocalDescription(await pc.createOffer())
+    r = await http.post(created["whep"], content=pc.localDescription.sdp,
+                        headers={"content-type": "application/sdp", **auth})  # fmt: skip
+    assert r.status_code == 201, r.text
+    directions = ("a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive")
+    return r.text, [line for line in r.text.splitlines() if line in directions]
+
+
 async def test_a_camera_the_player_offers_is_declined_not_decoded_into_a_pile(server):
     """A player that offers its camera (a sendrecv video m-line, or a second one that sends) had it
     received: aiortc decoded every frame into the track's queue, which nothing read, a frame's
@@ -547,14 +557,9 @@ async def test_a_camera_the_player_offers_is_declined_not_decoded_into_a_pile(se
         pc.addTransceiver(VideoStreamTrack(), direction="sendonly")  # a second camera
         got = asyncio.get_running_loop().create_future()
         pc.on("track", lambda t: t.kind == "video" and not got.done() and got.set_result(t))
-        await pc.setLocalDescription(await pc.createOffer())
-        r = await http.post(created["whep"], content=pc.localDescription.sdp,
-                            headers={"content-type": "application/sdp", **auth})  # fmt: skip
-        assert r.status_code == 201, r.text
-        directions = [line for line in r.text.splitlines()
-                      if line in ("a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive")]  # fmt: skip
+        answer, directions = await answered_directions(http, created, auth, pc)
         assert directions == ["a=sendonly", "a=inactive"], directions
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         track = await asyncio.wait_for(got, 10)
         for _ in range(25):  # a second of the avatar, while the camera would send
             await asyncio.wait_for(track.recv(), 10)
@@ -592,15 +597,10 @@ async def test_a_second_microphone_the_player_offers_is_declined(server, monkeyp
         pc.addTransceiver(AudioStreamTrack(), direction="sendonly")  # a second one
         got = asyncio.get_running_loop().create_future()
         pc.on("track", lambda t: t.kind == "video" and not got.done() and got.set_result(t))
-        await pc.setLocalDescription(await pc.createOffer())
-        r = await http.post(created["whep"], content=pc.localDescription.sdp,
-                            headers={"content-type": "application/sdp", **auth})  # fmt: skip
-        assert r.status_code == 201, r.text
-        directions = [line for line in r.text.splitlines()
-                      if line in ("a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive")]  # fmt: skip
+        answer, directions = await answered_directions(http, created, auth, pc)
         assert directions == ["a=sendonly", "a=sendrecv", "a=inactive"], directions
         assert len(heard) == 1
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         track = await asyncio.wait_for(got, 10)
         for _ in range(25):  # a second of the avatar, while both microphones would send
             await asyncio.wait_for(track.recv(), 10)
