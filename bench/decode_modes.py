@@ -21,9 +21,12 @@ import torch
 
 from bench.machine import cpu_description
 from streamgen.cli import frame_size, positive_int, thread_count
-from streamgen.cpu_threads import DECODE_THREADS
 from streamgen.models import load_model
 from streamgen.stream import StreamSession
+
+
+# the two ways compared ("auto", the default, picks one of them: `cpu_threads.DECODE_THREADS`)
+MODES = ("split", "frames")
 
 
 def load_average() -> list[float] | None:
@@ -37,7 +40,7 @@ def load_average() -> list[float] | None:
 def started_session(model, height: int, width: int, chunks: int) -> StreamSession:
     """A session with a full ring and speech buffered for `chunks` more chunks."""
     rng = np.random.default_rng(0)
-    s = StreamSession(model, height=height, width=width)
+    s = StreamSession(model, height=height, width=width, decode_threads="split")
     s.start((rng.random((height, width, 3)) * 255).astype(np.uint8), seed=0)
     seconds = (s.chunks_to_full_ring + 1 + chunks) * s.chunk_seconds + 2.0
     s.push_audio((rng.standard_normal(int(16000 * seconds)) * 0.1).astype(np.float32))
@@ -68,13 +71,13 @@ def timed_chunks(session: StreamSession, chunks: int) -> tuple[float, float]:
 def run(model_name="tiny-avatar", height=128, width=128, rounds=8, chunks=4) -> dict:
     model = load_model(model_name)
     session = started_session(model, height, width, 2 * rounds * chunks + 2)
-    for mode in DECODE_THREADS:  # each arm's first call (its pool's threads, its kernels) untimed
+    for mode in MODES:  # each arm's first call (its pool's threads, its kernels) untimed
         session.decode_threads = mode
         session.next_chunk()
     load_before = load_average()
-    times = {mode: {"decode": [], "chunk": []} for mode in DECODE_THREADS}
+    times = {mode: {"decode": [], "chunk": []} for mode in MODES}
     for r in range(rounds):
-        for mode in DECODE_THREADS if r % 2 == 0 else DECODE_THREADS[::-1]:
+        for mode in MODES if r % 2 == 0 else MODES[::-1]:
             session.decode_threads = mode
             decode_ms, chunk_ms = timed_chunks(session, chunks)
             times[mode]["decode"].append(decode_ms)
@@ -93,7 +96,7 @@ def run(model_name="tiny-avatar", height=128, width=128, rounds=8, chunks=4) -> 
     for part in ("decode", "chunk"):
         ratios = [a / b for a, b in zip(split[part], frames[part])]
         out[part] = {
-            "ms_median": {mode: round(float(np.median(times[mode][part])), 2) for mode in DECODE_THREADS},
+            "ms_median": {mode: round(float(np.median(times[mode][part])), 2) for mode in MODES},
             "speedup": round(float(np.median(split[part]) / np.median(frames[part])), 3),
             "round_ratios": [round(x, 3) for x in ratios],
         }

@@ -34,8 +34,12 @@ import torch
 
 CPU_THREADS = ("auto", "all")
 # How the decode stage uses its threads: "split" each convolution over them (an OpenMP region
-# per operator), "frames" the chunk's frames side by side, each on one thread (`side_by_side`)
-DECODE_THREADS = ("split", "frames")
+# per operator), "frames" the chunk's frames side by side, each on one thread (`side_by_side`),
+# "auto" frames where there are at least as many latent frames as threads, else split. On 2
+# threads, 3 latent frames decoded side by side (two on one, one on the other) beat splitting every
+# convolution: 1.16x and 1.26x for the decode at 128x128 (bench/results/cpu-2026-12-07-decode-modes.json).
+# With fewer frames than threads side by side would leave threads idle; that is not measured.
+DECODE_THREADS = ("auto", "split", "frames")
 
 
 def cpu_has_amx() -> bool:
@@ -90,7 +94,7 @@ def intra_op_threads(parallel: bool):
     torch's thread count is per OS thread (OpenMP's), so each thread that runs stages keeps
     its own; nested blocks read the count outside the outermost one, not their parent's."""
     outer = getattr(_outermost, "threads", None)
-    allowed = outer if outer is not None else torch.get_num_threads()
+    allowed = allowed_threads()
     before = torch.get_num_threads()
     wanted = allowed if parallel else 1
     _outermost.threads = allowed
@@ -102,6 +106,13 @@ def intra_op_threads(parallel: bool):
         if wanted != before:
             torch.set_num_threads(before)
         _outermost.threads = outer
+
+
+def allowed_threads() -> int:
+    """The threads `intra_op_threads(True)` would run on here: the count outside the outermost
+    block, whatever a block in force has set."""
+    outer = getattr(_outermost, "threads", None)
+    return outer if outer is not None else torch.get_num_threads()
 
 
 def dit_threads(dit, latent_hw: tuple[int, int], frames: int, key_frames: int | None = None, batch: int = 1):
@@ -157,7 +168,7 @@ def session_stage_threads(session, stage: str, batch: int = 1):
         return dit_threads(session.dit, session.latent_hw, cfg.sink_frames, cfg.sink_frames)
     if stage in ("reencode", "denoise"):  # the chunk against the sink, the full ring and itself
         return dit_threads(session.dit, session.latent_hw, cfg.frames_per_chunk, batch=batch)
-    if stage == "decode" and session.decodes_frames_apart:
+    if stage == "decode" and session.decodes_frames_apart(batch):
         return intra_op_threads(True)
     if stage in ("decode", "reference_encode"):
         # the reference is one latent frame's video frames (the tiny autoencoder encodes the

@@ -30,7 +30,12 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_leaves
 
-from streamgen.cpu_threads import check_cpu_threads, check_decode_threads, session_stage_threads
+from streamgen.cpu_threads import (
+    allowed_threads,
+    check_cpu_threads,
+    check_decode_threads,
+    session_stage_threads,
+)
 from streamgen.model.audio import (
     SAMPLE_RATE,
     SAMPLES_PER_FRAME,
@@ -98,7 +103,7 @@ class StreamSession:
         cache_from: str | None = None,
         cpu_threads: str = "auto",
         encode_dtype: torch.dtype | str | None = "auto",
-        decode_threads: str = "split",
+        decode_threads: str = "auto",
     ):
         """dtype: the DiT's weights and cache, a dtype or its name (None: the model's own, as
         loaded; "auto": `default_dit_dtype`, bfloat16 for the larger sizes on CPUs with AMX, unless
@@ -112,7 +117,9 @@ class StreamSession:
         "auto" runs each stage on one thread unless its work gains from all of them
         (streamgen/cpu_threads.py), "all" every stage on all. decode_threads: on a CPU, "split"
         runs each of the decoder's convolutions over the decode's threads, "frames" decodes the
-        chunk's frames side by side on all threads, one each (an autoencoder that cannot: split)."""
+        chunk's frames side by side on all threads, one each (an autoencoder that cannot: split),
+        "auto" frames where the decode has at least as many latent frames as threads, else split
+        (`cpu_threads.DECODE_THREADS`)."""
         dtype = dit_dtype_arg(dtype)
         device = session_device(device)
         self.model = (
@@ -227,14 +234,18 @@ class StreamSession:
         the threads its work gains from (`cpu_threads.session_stage_threads`)."""
         return session_stage_threads(self, stage, batch)
 
-    @property
-    def decodes_frames_apart(self) -> bool:
-        """Whether the decode runs its frames side by side (decode_threads="frames", where it can)."""
-        return self.decode_threads == "frames" and self.device.type == "cpu" and self.vae.frames_decode_apart
+    def decodes_frames_apart(self, batch: int = 1) -> bool:
+        """Whether the decode of `batch` streams' chunks runs its frames side by side
+        (decode_threads="frames", or "auto" with no fewer latent frames than threads; where it can)."""
+        if self.device.type != "cpu" or not self.vae.frames_decode_apart:
+            return False
+        if self.decode_threads == "auto":
+            return batch * self.cfg.frames_per_chunk >= allowed_threads()
+        return self.decode_threads == "frames"
 
-    def decode_options(self) -> dict:
-        """The keywords of the decoder's call (on the decode stage's threads)."""
-        return {"frame_threads": torch.get_num_threads()} if self.decodes_frames_apart else {}
+    def decode_options(self, batch: int = 1) -> dict:
+        """The keywords of the decoder's call for `batch` streams (on the decode stage's threads)."""
+        return {"frame_threads": torch.get_num_threads()} if self.decodes_frames_apart(batch) else {}
 
     def _threaded(self, run):
         """`run(stage, fn)` with each stage on its threads (`stage_threads`)."""

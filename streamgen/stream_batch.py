@@ -195,7 +195,7 @@ def _finish_chunks(group: list[StreamSession], latents: torch.Tensor) -> list[tu
     lead = group[0]
     with lead.stage_threads("decode", len(group)):
         states = [s.decoder_state for s in group]
-        frames, states = lead.vae.decode_streams(latents.to(lead.vae_dtype), states, **lead.decode_options())
+        frames, states = lead.vae.decode_streams(latents.to(lead.vae_dtype), states, **lead.decode_options(len(group)))
         out = to_uint8(frames).cpu()
     results = []
     for row, (s, state) in enumerate(zip(group, states)):

@@ -55,7 +55,7 @@ def test_a_block_runs_on_one_thread_or_all_and_restores_them(two_threads):
 
 
 def test_small_stages_run_on_one_thread_large_ones_on_all(model, two_threads, monkeypatch):
-    s = StreamSession(model)
+    s = StreamSession(model, decode_threads="split")  # (the decode's own threads: below)
     seen, observe = thread_recorder()
     s.start(face(), seed=1, observe=observe)
     s.push_audio(speech())
@@ -246,6 +246,36 @@ def test_a_batch_of_streams_decodes_its_frames_side_by_side_as_its_lead_says(mod
     finally:
         hook.remove()
     assert calls == [model.cfg.frames_per_chunk] * 2  # two streams' frames in two parts
+
+
+def test_auto_decodes_frames_side_by_side_where_there_are_no_fewer_frames_than_threads(model, two_threads):
+    """The default, "auto": a chunk's latent frames side by side on 2 threads (what was measured,
+    bench/results/cpu-2026-12-07-decode-modes.json); with more threads than frames each
+    convolution split over them, unless a batch of streams brings frames enough."""
+    frames = model.cfg.frames_per_chunk
+    assert frames >= 2
+    s = StreamSession(model)
+    assert s.decode_threads == "auto"
+    assert s.decodes_frames_apart() and s.decode_options() == {"frame_threads": 2}
+    seen, observe = thread_recorder()
+    parts = []
+    hook = s.vae.dec.register_forward_pre_hook(lambda m, args: parts.append(len(args[0])))
+    try:
+        s.start(face(), seed=3)
+        s.push_audio(speech())
+        s.next_chunk(observe=observe)
+    finally:
+        hook.remove()
+    assert seen["decode"] == {2} and parts == [1] * frames
+
+    torch.set_num_threads(frames + 1)  # (two_threads gives the count back)
+    assert not s.decodes_frames_apart() and s.decode_options() == {}
+    assert s.decodes_frames_apart(batch=2)
+    with intra_op_threads(False):  # a block in force does not change the choice: the count outside it
+        assert not s.decodes_frames_apart() and s.decodes_frames_apart(batch=2)
+    for way, apart in (("split", False), ("frames", True)):
+        s.decode_threads = way
+        assert s.decodes_frames_apart() == apart
 
 
 def test_an_unknown_decode_threads_is_an_error(model):
