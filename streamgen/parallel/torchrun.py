@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         from torch.distributed.elastic.multiprocessing.api import SignalException
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+        from torch.distributed.elastic.rendezvous import registry as rendezvous_registry
         from torch.distributed.run import main as torchrun_main
     finally:
         for s, handler in before.items():
@@ -224,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     handled = [s for s in TORCHRUN_SIGNALS if hasattr(signal, s)]
     handlers = {s: signal.getsignal(getattr(signal, s)) for s in handled}
     try:
-        with _ranks_start_with_sigint_held(subprocess_handler.SubprocessHandler, argv):
+        with (
+            _ranks_start_with_sigint_held(subprocess_handler.SubprocessHandler, argv),
+            _rendezvous_shut_down_as_torchrun_ends(rendezvous_registry),
+        ):
             torchrun_main(argv)
     except ChildFailedError as e:
         if _cut_off_mid_line(e.failures):
@@ -297,6 +301,37 @@ def _ranks_start_with_sigint_held(handler_class, argv: list[str] | None):
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+@contextlib.contextmanager
+def _rendezvous_shut_down_as_torchrun_ends(registry):
+    """Within: each rendezvous torchrun's agent makes (`registry.get_rendezvous_handler`) is shut down
+    as torchrun ends, however it ends. torchrun leaves it open when it is stopped by a signal (for
+    the agents of other machines to rejoin), and with it its keep-alive thread, which sends a
+    heartbeat through the store every 5 s. One that was inside the store's C++ call (the GIL let go)
+    as the interpreter shut down found the GIL gone as it came back, was ended by Python there, in a
+    destructor that may not be left so: "terminate called without an active exception", SIGABRT
+    (exit -6), after the launcher's "stopped by SIGINT; every rank has ended" (`serve --sp 2` Ctrl-C'd
+    under load). `shutdown` stops that thread, and waits for it, first. (--standalone: the rendezvous
+    is this launcher's alone, its store in this process; nothing rejoins it.)"""
+    get_handler = registry.get_rendezvous_handler
+    handlers = []
+
+    def get_handler_kept(params):
+        handler = get_handler(params)
+        handlers.append(handler)
+        return handler
+
+    registry.get_rendezvous_handler = get_handler_kept
+    try:
+        yield
+    finally:
+        registry.get_rendezvous_handler = get_handler
+        for handler in handlers:
+            # (a second shutdown, where torchrun made one, finds the rendezvous closed and does nothing.
+            # An error closing it is not the run's: its heartbeats were stopped before anything could fail)
+            with contextlib.suppress(Exception):
+                handler.shutdown()
 
 
 def _cut_off_mid_line(failures: dict) -> bool:

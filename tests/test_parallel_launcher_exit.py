@@ -1,0 +1,61 @@
+"""The `--sp N` launcher's own end: nothing torchrun started in it runs on into the interpreter's shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The launcher, its rendezvous's keep-alive thread sending heartbeats back to back, each read from the
+# store: in the store's C++ call (the GIL let go) nearly all the time, where torch's is once in 5 s, for
+# a moment, which a loaded machine stretches. torchrun.main, then the interpreter's shutdown.
+_LAUNCHER = """
+import sys
+from torch.distributed.elastic.rendezvous import dynamic_rendezvous, utils
+from streamgen.parallel import torchrun
+
+def back_to_back(ctx):
+    while not ctx.stop_event.is_set():
+        ctx.function(*ctx.args, **ctx.kwargs)
+
+def heartbeat_read_from_the_store(self):
+    self._state_holder._backend.get_state()
+
+utils._PeriodicTimer._run = staticmethod(back_to_back)
+dynamic_rendezvous.DynamicRendezvousHandler._keep_alive = heartbeat_read_from_the_store
+sys.exit(torchrun.main(["--standalone", "--nproc-per-node=1", sys.argv[1]]))
+"""
+
+# The rank: a Ctrl-C of its launcher while it runs, which torchrun passes on to it (it ends quietly)
+_RANK = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(0))
+os.kill(os.getppid(), signal.SIGINT)
+time.sleep(30)
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(150)
+def test_a_launcher_stopped_by_a_signal_ends_without_its_rendezvous_heartbeats(tmp_path):
+    """torchrun leaves its rendezvous open when a signal stops it, and with it the thread that sends
+    its heartbeats through the store (in this process). One inside the store's call as the interpreter
+    shut down was ended there by Python, in a C++ destructor: "terminate called without an active
+    exception", exit -6, after the launcher's "stopped by SIGINT; every rank has ended" (`serve --sp 2`
+    Ctrl-C'd, once, under load). The launcher shuts the rendezvous down, its thread joined, first."""
+    rank = tmp_path / "rank.py"
+    rank.write_text(_RANK)
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    ended = subprocess.run([sys.executable, "-c", _LAUNCHER, str(rank)], env=env, capture_output=True, text=True,
+                           timeout=120)  # fmt: skip
+    assert (ended.returncode, ended.stderr) == (
+        128 + signal.SIGINT,
+        "streamgen: stopped by SIGINT; every rank has ended\n",
+    ), ended.stderr[-2000:]
