@@ -59,3 +59,48 @@ def test_a_launcher_stopped_by_a_signal_ends_without_its_rendezvous_heartbeats(t
         128 + signal.SIGINT,
         "streamgen: stopped by SIGINT; every rank has ended\n",
     ), ended.stderr[-2000:]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("code", [0, 2])
+def test_a_launch_leaves_no_folder_of_its_own_behind(code, tmp_path, monkeypatch, capfd):
+    """torchrun keeps each launch's error files (a rank's error line for the launcher) in a folder it
+    makes in the temporary directory, torchelastic_*, and never removes: one more at each `--sp N`
+    run, its ranks' errors in it (130 of them in a test machine's /tmp after a day). The launcher's folder goes as it ends,
+    the ranks' error lines read first."""
+    import tempfile
+
+    from streamgen.parallel import torchrun
+
+    rank = tmp_path / "rank.py"
+    rank.write_text(
+        "import sys\n"
+        "from streamgen.parallel.torchrun import report_error\n"
+        f"if {code}:\n"
+        "    report_error('streamgen test: error: a rank failed')\n"
+        f"sys.exit({code})\n"
+    )
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.delenv("PET_LOG_DIR", raising=False)
+    assert torchrun.main(["--standalone", "--nproc-per-node=1", str(rank)]) == code
+    assert ("streamgen test: error: a rank failed" in capfd.readouterr().err) == bool(code)
+    assert os.listdir(temporary) == []
+
+
+def test_a_log_folder_the_launcher_is_given_is_torchrun_s_to_keep(tmp_path, monkeypatch):
+    """--log-dir (or torchrun's $PET_LOG_DIR) names a folder of the caller's: torchrun's folders go
+    there, and stay, as they do under plain torchrun."""
+    import torch.distributed.run
+
+    from streamgen.parallel import torchrun
+
+    given = []
+    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: given.append(torch.distributed.run.parse_args(argv).log_dir))
+    monkeypatch.delenv("PET_LOG_DIR", raising=False)
+    assert torchrun.main(["--standalone", "--log-dir", str(tmp_path / "a"), "-m", "streamgen", "--version"]) == 0
+    monkeypatch.setenv("PET_LOG_DIR", str(tmp_path / "b"))
+    assert torchrun.main(["--standalone", "-m", "streamgen", "--version"]) == 0
+    assert given == [str(tmp_path / "a"), str(tmp_path / "b")]

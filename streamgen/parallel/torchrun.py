@@ -32,6 +32,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 
 # The exit code of a rank whose collective failed because another rank had ended (`another_rank_failed`):
@@ -219,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + int(sig)
 
     _quiet_torchrun_logs()
+    logs = None
+    if "PET_LOG_DIR" not in os.environ:
+        # torchrun's own: a new folder in the temporary directory at each launch (torchelastic_*, its
+        # ranks' error files in it), never removed. This one goes as the launcher ends (torchrun reads
+        # an error file as it finds its rank ended). A folder the caller names, by torchrun's
+        # $PET_LOG_DIR or a --log-dir (which comes after this one, and wins), is torchrun's to keep
+        logs = tempfile.TemporaryDirectory(prefix="streamgen-sp-", ignore_cleanup_errors=True)
+        argv = [f"--log-dir={logs.name}", *(sys.argv[1:] if argv is None else argv)]
     os.environ[LAUNCHER_ENV] = str(os.getpid())  # (the workers inherit it)
     # torchrun's own handlers (a SignalException), left in place once it returns: a Ctrl-C as the
     # launcher ended was a SignalException's traceback from wherever it was
@@ -255,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop(LAUNCHER_ENV, None)
         for s, handler in handlers.items():
             signal.signal(getattr(signal, s), handler)
+        if logs is not None:
+            logs.cleanup()
     return 0
 
 
