@@ -1,0 +1,195 @@
+"""WebRTC (WHEP) peers that go away without a word, stall or reconnect: the silence watch
+(--peer-timeout) that frees a killed tab's session, and keeps a live player's."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from server_helpers import live_server
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with live_server(max_sessions=4) as (url, app):
+        yield url, app
+
+
+def client_sockets(pc: RTCPeerConnection) -> list:
+    """The UDP sockets of a client's ICE agent (every transceiver's: bundled, they share one)."""
+    sockets = {}
+    for transceiver in pc.getTransceivers():
+        connection = transceiver.receiver.transport.transport.iceGatherer._connection
+        sockets |= {id(p.transport): p.transport for p in connection._protocols if p.transport is not None}
+    return list(sockets.values())
+
+
+async def streaming_client(url: str, http: httpx.AsyncClient, mic: bool = False):
+    """A WHEP client that has decoded a frame: (session id, its peer connection, its video track)."""
+    created = (await http.post("/v1/sessions", json={})).json()
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    if mic:  # a microphone that is on: 50 RTP packets a second towards the server
+        from aiortc.mediastreams import AudioStreamTrack
+
+        pc.addTrack(AudioStreamTrack())
+    got = asyncio.get_running_loop().create_future()
+    pc.on("track", lambda t: t.kind == "video" and not got.done() and got.set_result(t))
+    await pc.setLocalDescription(await pc.createOffer())
+    r = await http.post(created["whep"], content=pc.localDescription.sdp,
+                        headers={"content-type": "application/sdp", "Authorization": f"Bearer {created['token']}"})  # fmt: skip
+    assert r.status_code == 201, r.text
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
+    track = await asyncio.wait_for(got, 10)
+    await asyncio.wait_for(track.recv(), 10)
+    return created["id"], pc, track
+
+
+async def test_a_peer_killed_without_a_word_frees_its_session_once_it_falls_silent(server):
+    """A killed tab sends no DELETE and no DTLS close: its session held a slot until aioice's ICE
+    consent checks gave up, about 30 s (measured 29.8 and 31.3 s after a client was SIGKILLed).
+    Now a peer that sent packets (its RTCP receiver reports, its microphone) and then nothing
+    for --peer-timeout seconds is closed. The client here stops as a killed process does: its
+    sockets close, with nothing sent."""
+    url, app = server
+    registry = app.state.registry
+    registry.config.peer_timeout_s = 2.0  # read by each offer
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            session_id, pc, track = await streaming_client(url, http)
+            session = registry.sessions[session_id]
+            for _ in range(30):  # a while of healthy streaming, past the timeout: it stays
+                await asyncio.wait_for(track.recv(), 10)
+            await asyncio.sleep(2.5)
+            assert not session.closed, session.close_reason
+            for sock in client_sockets(pc):
+                sock.abort()  # no DTLS close_notify, no consent answers, no RTCP from here on
+            for _ in range(200):  # (aioice's consent checks would take 24-36 s)
+                if session.closed:
+                    break
+                await asyncio.sleep(0.1)
+            assert session.closed and session.close_reason.startswith("peer_silent"), session.close_reason
+            assert session_id not in registry.sessions
+            await pc.close()
+    finally:
+        registry.config.peer_timeout_s = 10.0
+
+
+async def test_a_peer_that_stalls_for_less_than_the_timeout_keeps_its_session(server):
+    """A network hiccup is not a killed tab: a client whose packets stop for a second, then flow
+    again, keeps streaming with a 3 s --peer-timeout."""
+    url, app = server
+    registry = app.state.registry
+    registry.config.peer_timeout_s = 3.0
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            session_id, pc, track = await streaming_client(url, http, mic=True)
+            session = registry.sessions[session_id]
+            sockets = client_sockets(pc)
+            for sock in sockets:  # every packet the client sends is lost for a second
+                sock.sendto = lambda *args, **kwargs: None
+            await asyncio.sleep(1.0)
+            for sock in sockets:
+                del sock.sendto  # (the instance's, over its class's)
+            for _ in range(100):  # 4 s of video: past the timeout, counted from the stall
+                await asyncio.wait_for(track.recv(), 10)
+            assert not session.closed, session.close_reason
+            await pc.close()  # (DTLS close: the server closes the session)
+            for _ in range(100):
+                if session.closed:
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        registry.config.peer_timeout_s = 10.0
+
+
+async def test_a_live_player_that_sends_no_rtcp_is_not_taken_for_a_silent_one(server, monkeypatch):
+    """A player with no RTCP and no microphone sends the server nothing but STUN, which the count
+    does not hold: the watch is never armed for it (it stays with ICE consent), so it keeps
+    streaming past --peer-timeout. Armed at `connected`, it would be closed while it watches."""
+    from aiortc.rtcrtpreceiver import RTCRtpReceiver
+
+    from server.webrtc import packets_received
+
+    async def send_no_rtcp(receiver, packet):
+        return None
+
+    url, app = server
+    registry = app.state.registry
+    registry.config.peer_timeout_s = 1.0
+    monkeypatch.setattr(RTCRtpReceiver, "_send_rtcp", send_no_rtcp)  # the client's: no receiver reports
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            session_id, pc, track = await streaming_client(url, http)
+            session = registry.sessions[session_id]
+            counted = await packets_received(session.trickle.pc)
+            for _ in range(75):  # 3 s of video: three times the timeout
+                await asyncio.wait_for(track.recv(), 10)
+            assert await packets_received(session.trickle.pc) == counted  # nothing that arms it
+            assert not session.closed, session.close_reason
+            await pc.close()
+            for _ in range(100):
+                if session.closed:
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        registry.config.peer_timeout_s = 10.0
+
+
+def test_silence_is_counted_in_reads_once_the_peer_has_sent():
+    from server.webrtc import SilenceWatch
+
+    watch = SilenceWatch(timeout=3.0, period=1.0)
+    # a peer that sends nothing once connected is left to ICE consent
+    assert not any(watch.observe(5) for _ in range(10))
+    assert not watch.observe(6)  # its first packet arms the watch
+    assert [watch.observe(6) for _ in range(3)] == [False, False, True]
+    watch = SilenceWatch(timeout=3.0, period=1.0)
+    counts = [1, 2, 2, 2, 3, 3, 3, 4]  # still for two reads at a time: never three
+    assert not any(watch.observe(c) for c in counts)
+    assert SilenceWatch(timeout=2.0, period=0.5).reads_needed == 4
+
+
+async def test_a_peer_that_reconnects_keeps_one_silence_watch(server, monkeypatch):
+    """connected -> disconnected -> connected (a network change ICE recovers from) started a second
+    watch while the first, asleep between its reads, had not yet seen the disconnect: two stats
+    pollers and two timers for one peer. The watch running then goes on watching."""
+    import server.webrtc as webrtc
+
+    started = []
+
+    async def counted_watch(*args):
+        started.append(args)
+        await original(*args)
+
+    original = webrtc.watch_peer
+    monkeypatch.setattr(webrtc, "watch_peer", counted_watch)
+    url, app = server
+    registry = app.state.registry
+    registry.config.peer_timeout_s = 10.0  # (a read a second: the first watch sleeps through the flip)
+    async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+        session_id, pc, track = await streaming_client(url, http)
+        session = registry.sessions[session_id]
+        server_pc = session.trickle.pc
+        assert len(started) == 1
+
+        async def flip() -> int:  # on the server's event loop
+            for state in ("disconnected", "connected"):
+                server_pc._RTCPeerConnection__connectionState = state
+                server_pc.emit("connectionstatechange")
+                for _ in range(5):  # (the handler is a coroutine: it runs on the loop's next turns)
+                    await asyncio.sleep(0)
+            return sum(t.get_coro().__name__ == "counted_watch" for t in asyncio.all_tasks() if not t.done())
+
+        running = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(flip(), session.loop))
+        assert (running, len(started)) == (1, 1)
+        assert not session.closed, session.close_reason
+        await pc.close()  # (DTLS close: the server closes the session)
+        for _ in range(100):
+            if session.closed:
+                break
+            await asyncio.sleep(0.1)
