@@ -21,6 +21,7 @@ import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcconfiguration import RTCBundlePolicy
 from aiortc.rtcdtlstransport import X509_DIGEST_ALGORITHMS
 from aiortc.sdp import SessionDescription
 
@@ -123,12 +124,15 @@ def _sendable(codec) -> bool:
 
 async def answer_offer(session: Session, registry, sdp: str) -> str:
     """Create the peer connection for `session`, answer `sdp`, start streaming. OfferError on bad offers."""
-    kinds = check_offer(sdp)
+    check_offer(sdp)
     # no STUN/TURN unless configured: aiortc's default (a public STUN server) would hold every
     # answer up for seconds where it cannot be reached
     servers = for_peer(registry.config.ice_servers, f"server-{session.id}")  # a TURN secret: a credential of its own
     ice = [RTCIceServer(**server) for server in server_side(servers)]
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
+    # a transport for each m-line, then one for those the offer bundles: aiortc's default ("balanced")
+    # made a second audio m-line share the first's transport, which the bundling then discarded
+    # for the first alone (the second's sender never started: a speech m-line after a microphone's)
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=ice, bundlePolicy=RTCBundlePolicy.MAX_COMPAT))
     session.trickle = TrickleIce(pc, sdp)  # the player's later candidates (PATCH)
     slot = session.add_slot(on_drop=registry.metrics.dropped_chunks.inc)
     tasks: list[asyncio.Task] = []  # the microphone's reader, the silence watch, the connect deadline
@@ -172,8 +176,9 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         pc.addTrack(AvatarVideoTrack(session, slot))
-        if "audio" in kinds:
-            pc.addTrack(SpeechAudioTrack(session))
+        speech = speech_m_line(sdp)
+        if speech is not None:
+            send_on(pc, speech, SpeechAudioTrack(session))
         take_no_media_but_one_microphone(pc, sdp)
         await pc.setLocalDescription(await pc.createAnswer())
     except Exception as e:  # aiortc rejects offers it cannot negotiate with assorted exceptions
@@ -184,6 +189,24 @@ async def answer_offer(session: Session, registry, sdp: str) -> str:
     deadline = close_unless_connected(connected, session, registry, CONNECT_DEADLINE_S)
     tasks.append(asyncio.ensure_future(deadline))
     return pc.localDescription.sdp
+
+
+def speech_m_line(sdp: str) -> str | None:
+    """The mid of the offer's first audio m-line the player receives on (recvonly, sendrecv), where
+    the speech goes; None where it receives on none. aiortc's addTrack took the first audio m-line:
+    a microphone's sendonly one before the player's recvonly one, answered recvonly, carried the
+    speech nowhere, and the player heard none."""
+    for m in SessionDescription.parse(sdp).media:
+        if m.kind == "audio" and (m.direction or "sendrecv") in ("recvonly", "sendrecv") and m.port != 0:
+            return m.rtp.muxId
+    return None
+
+
+def send_on(pc: RTCPeerConnection, mid: str, track: MediaStreamTrack) -> None:
+    """Send `track` on the transceiver of m-line `mid` (as addTrack does on the first of its kind)."""
+    transceiver = next(t for t in pc.getTransceivers() if t.mid == mid)
+    transceiver.sender.replaceTrack(track)
+    transceiver.direction = "sendrecv"  # (take_no_media_but_one_microphone takes back what it receives)
 
 
 def take_no_media_but_one_microphone(pc: RTCPeerConnection, sdp: str) -> None:

@@ -8,7 +8,7 @@ import asyncio
 import httpx
 import numpy as np
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCBundlePolicy, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from server_helpers import live_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -192,3 +192,42 @@ async def test_a_second_microphone_the_player_offers_is_declined(server, monkeyp
         assert (await http.delete(created["resource"], headers=auth)).status_code == 204
         await pc.close()
 
+
+async def test_the_speech_goes_on_an_audio_m_line_the_player_receives(server, monkeypatch):
+    """An offer of a microphone alone (sendonly) and then an audio m-line to hear the avatar on
+    (recvonly): aiortc put the speech on the first audio m-line, which the answer could only take
+    as recvonly (the microphone), and the second was inactive: the player heard no speech. The
+    speech goes on the first audio m-line the player receives; the microphone stays heard."""
+    from aiortc.mediastreams import AudioStreamTrack
+
+    import server.webrtc as webrtc
+
+    heard = []
+
+    async def counted_microphone(track, session):
+        heard.append(track)
+        await original(track, session)
+
+    original = webrtc.consume_microphone
+    monkeypatch.setattr(webrtc, "consume_microphone", counted_microphone)
+    url, _ = server
+    async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+        created = (await http.post("/v1/sessions", json={})).json()
+        auth = {"Authorization": f"Bearer {created['token']}"}
+        # (aiortc's "balanced" bundling loses the second audio m-line's transport: a browser's does not)
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_COMPAT))
+        pc.addTransceiver("video", direction="recvonly")
+        pc.addTransceiver(AudioStreamTrack(), direction="sendonly")  # the microphone
+        pc.addTransceiver("audio", direction="recvonly")  # the avatar's speech
+        speech = asyncio.get_running_loop().create_future()
+        pc.on("track", lambda t: t.kind == "audio" and not speech.done() and speech.set_result(t))
+        answer, directions = await answered_directions(http, created, auth, pc)
+        assert directions == ["a=sendonly", "a=recvonly", "a=sendonly"], directions
+        assert len(heard) == 1
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        track = await asyncio.wait_for(speech, 10)
+        assert pc.getTransceivers()[2].receiver.track is track
+        for _ in range(5):  # the speech track's frames (silence: nothing was said) reach the player
+            await asyncio.wait_for(track.recv(), 10)
+        assert (await http.delete(created["resource"], headers=auth)).status_code == 204
+        await pc.close()
