@@ -269,20 +269,21 @@ async def packets_received(pc: RTCPeerConnection) -> int:
     return sum(s.packetsReceived for s in (await pc.getStats()).values() if s.type == "transport")
 
 
-async def watch_peer(pc: RTCPeerConnection, session: Session, registry, timeout: float) -> None:
+async def watch_peer(pc: RTCPeerConnection, session: Session, registry, timeout: float, sleep=asyncio.sleep) -> None:
     """Close the session of a peer that has gone silent for `timeout` seconds (`--peer-timeout`).
 
     A killed tab sends no DELETE and no DTLS close: ICE consent checks end its connection only
     after about 30 s (6 unanswered checks, 5 s apart), and the session held its slot until then.
     A connected player sends RTCP receiver reports about every second (and its microphone 50
-    packets a second), so a few seconds without a packet is a peer that has gone."""
+    packets a second), so a few seconds without a packet is a peer that has gone. `sleep`: what
+    it waits between its reads with (a test's peer in the server's process: on the peer's time)."""
     period = min(1.0, timeout / 4)
     watch = SilenceWatch(timeout, period)
     while not session.closed and pc.connectionState == "connected":
         if watch.observe(await packets_received(pc)):
             await registry.close(session, f"peer_silent: nothing from the peer for {timeout:g} s")
             return
-        await asyncio.sleep(period)
+        await sleep(period)
 
 
 async def consume_microphone(track: MediaStreamTrack, session: Session) -> None:

@@ -49,7 +49,26 @@ async def streaming_client(url: str, http: httpx.AsyncClient, mic: bool = False)
     return created["id"], pc, track
 
 
-async def test_a_peer_killed_without_a_word_frees_its_session_once_it_falls_silent(server):
+@pytest.fixture
+async def watch_on_the_clients_time(monkeypatch):
+    """The silence watch sleeps between its reads on the test's event loop, the client's, where the
+    client's RTCP timer runs: a client there that the loaded machine holds up (a loop busy
+    decoding, a thread not run) holds up the reads as much as its reports, as its own machine
+    would. On the server's loop, the reports (0.5 to 1.5 s apart) came more than the 2 s timeout
+    apart in the server's time when the client's loop lagged, and a live peer was called silent."""
+    import functools
+
+    import server.webrtc as webrtc
+
+    client_loop = asyncio.get_running_loop()
+
+    async def sleep(seconds: float) -> None:  # (on the server's loop)
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(asyncio.sleep(seconds), client_loop))
+
+    monkeypatch.setattr(webrtc, "watch_peer", functools.partial(webrtc.watch_peer, sleep=sleep))
+
+
+async def test_a_peer_killed_without_a_word_frees_its_session_once_it_falls_silent(server, watch_on_the_clients_time):
     """A killed tab sends no DELETE and no DTLS close: its session held a slot until aioice's ICE
     consent checks gave up, about 30 s (measured 29.8 and 31.3 s after a client was SIGKILLed).
     Now a peer that sent packets (its RTCP receiver reports, its microphone) and then nothing
@@ -79,7 +98,7 @@ async def test_a_peer_killed_without_a_word_frees_its_session_once_it_falls_sile
         registry.config.peer_timeout_s = 10.0
 
 
-async def test_a_peer_that_stalls_for_less_than_the_timeout_keeps_its_session(server):
+async def test_a_peer_that_stalls_for_less_than_the_timeout_keeps_its_session(server, watch_on_the_clients_time):
     """A network hiccup is not a killed tab: a client whose packets stop for a second, then flow
     again, keeps streaming with a 3 s --peer-timeout."""
     url, app = server
