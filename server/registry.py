@@ -206,7 +206,8 @@ class SessionRegistry:
             self._creating -= 1
             if stream is None:  # no session holds the lane
                 self.worker.release_lane(lane)
-        session = Session(secrets.token_hex(8), stream, asyncio.get_running_loop(), self.config.max_audio_ahead_s)
+        session = Session(secrets.token_hex(8), stream, asyncio.get_running_loop(), self.config.max_audio_ahead_s,
+                          clock=self.worker.clock)  # (its due times are planned on the worker's clock)
         session.lane = lane
         session.fail_handler = lambda s, reason: asyncio.ensure_future(self.close(s, reason))
         session.on_late = self.metrics.late_chunks.inc

@@ -8,7 +8,7 @@ removes it from the inference worker, frees its StreamSession (cache, decoder
 state) and runs the transport's close callbacks, so nothing outlives it.
 
 Timing. Everything lives on the stream's own timeline (seconds since the first
-chunk). `base` maps it to the wall clock (`time.monotonic()`): stream time `p`
+chunk). `base` maps it to the wall clock (the session's `clock`, `time.monotonic()`): stream time `p`
 plays at `base + p`. The worker generates chunk k at `base - delay + k *
 chunk_seconds` and the tracks play it `delay` later; when anything runs late
 (the transport connects slowly, the worker is overloaded) `base` moves forward
@@ -263,8 +263,15 @@ class Session:
     SLACK_KEEP = 0.02  # seconds of their smallest head start kept when it does
     REWIND_WAIT = SLACK_WINDOW  # chunks a lowering waits for a pause in the sound, then it is applied anyway
 
-    def __init__(self, session_id: str, stream, loop: asyncio.AbstractEventLoop, max_audio_ahead_s: float):
+    def __init__(self, session_id: str, stream, loop: asyncio.AbstractEventLoop, max_audio_ahead_s: float,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):  # fmt: skip
+        """clock: the seconds its playout clock is on (`base`, the due times the worker plans by: the
+        worker's clock, `InferenceWorker(clock=)`), read by its tracks too; sleep: how its tracks
+        wait on that clock. A test's clock moves only as the code runs (tests/test_server_clock.py):
+        on the machine's, a loaded machine's late looks moved what was tested."""
         self.id = session_id
+        self.clock, self.sleep = clock, sleep
         self.token = secrets.token_urlsafe(24)
         self.stream = stream  # streamgen.stream.StreamSession, touched only by its lane's worker thread
         self.lane = 0  # the worker's lane that runs everything of this stream (server/scheduler.py)
@@ -275,7 +282,7 @@ class Session:
         self.chunk_seconds = stream.chunk_seconds
         self.fps = self.frames_per_chunk / self.chunk_seconds
         self.lookahead_samples = round(stream.audio_lookahead_seconds * SAMPLE_RATE)
-        self.created = time.monotonic()
+        self.created = clock()
         self.last_input = self.created
         self.transport: str | None = None  # "whep" or "websocket" once attached
         self.request_key: str | None = None  # its POST's Streamgen-Request-Key (SessionRegistry.requests)
@@ -319,7 +326,7 @@ class Session:
         was started when the session was created (silence: no input can have arrived), so
         the stream starts as soon as that one is ready: now, or `first_delay` from now."""
         self.transport = transport
-        now = time.monotonic()
+        now = self.clock()
         self.reschedule(now + (0.0 if self.first_chunk is not None else min(first_delay, delay)), delay)
         self.streaming = True
         self.touch()
@@ -377,7 +384,7 @@ class Session:
             self.publish(chunk)
 
     def touch(self) -> None:
-        self.last_input = time.monotonic()
+        self.last_input = self.clock()
 
     def add_slot(self, on_drop=None) -> ChunkSlot:
         slot = ChunkSlot(on_drop)
@@ -406,7 +413,7 @@ class Session:
         self._published = max(self._published, chunk.index)
         waiting = self.rewind_pending > 0  # (one this chunk sets waits from the next chunk on)
         if chunk.index > 0:  # the first chunk plays as soon as it is ready, by design
-            head_start = self.base + chunk.pts - time.monotonic()
+            head_start = self.base + chunk.pts - self.clock()
             lateness, self._waited = self._waited + max(0.0, -head_start), 0.0
             if lateness > 0:
                 self._chunk_was_late(chunk.index, lateness)

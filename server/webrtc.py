@@ -15,7 +15,6 @@ import contextlib
 import fractions
 import logging
 import math
-import time
 
 import av
 import numpy as np
@@ -382,7 +381,7 @@ class AvatarVideoTrack(MediaStreamTrack):
             if not self.failed:
                 log.exception("session %s: video track failed; repeating the last frame", self.session.id)
                 self.failed = True
-            await asyncio.sleep(1 / self.session.fps)
+            await self.session.sleep(1 / self.session.fps)
             picture = self._last_picture()
         self.last = picture
         frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
@@ -413,7 +412,7 @@ class AvatarVideoTrack(MediaStreamTrack):
                 # audio track starts at the present position) rather than moving the clock, which
                 # would move the session's chunks off the schedule of the sessions they are
                 # generated with (server/batching.py)
-                self.n = max(self.n, math.floor((time.monotonic() - s.base) * s.fps + 0.5))
+                self.n = max(self.n, math.floor((s.clock() - s.base) * s.fps + 0.5))
             newer = self.slot.take_nowait()
             if newer is not None:
                 self.queued.append(newer)
@@ -427,9 +426,9 @@ class AvatarVideoTrack(MediaStreamTrack):
                 self.n = max(self.n, self.chunk.first_frame)
                 continue
             if self.slot.closed:  # the session is ending; the peer connection closes next
-                await asyncio.sleep(period)
+                await s.sleep(period)
                 return self._last_picture()
-            wait = s.base + self.n / s.fps - time.monotonic()
+            wait = s.base + self.n / s.fps - s.clock()
             if self.last is None:
                 await self.slot.wait(wait if wait > 0 else 1.0)
                 continue
@@ -437,15 +436,15 @@ class AvatarVideoTrack(MediaStreamTrack):
                 if await self.slot.wait(min(wait, period)) or wait <= period:
                     continue
                 return self.last  # not due for longer than a frame: hold the picture for one
-            await asyncio.sleep(period)  # late: repeat the last picture for one frame period
+            await s.sleep(period)  # late: repeat the last picture for one frame period
             s.late_by(period, self.n // s.frames_per_chunk)
             return self.last
-        delay = s.base + self.n / s.fps - time.monotonic()
+        delay = s.base + self.n / s.fps - s.clock()
         if delay > period and self.last is not None:  # the clock moved forward: hold the picture
-            await asyncio.sleep(period)
+            await s.sleep(period)
             return self.last
         if delay > 0:
-            await asyncio.sleep(delay)
+            await s.sleep(delay)
         picture = self.chunk.frames[self.n - self.chunk.first_frame]
         self.n += 1
         s.touch()  # a connected viewer keeps the session alive
@@ -484,7 +483,7 @@ class SpeechAudioTrack(MediaStreamTrack):
             if not self.failed:
                 log.exception("session %s: audio track failed; sending silence", self.session.id)
                 self.failed = True
-            await asyncio.sleep(AUDIO_FRAME_SAMPLES / SAMPLE_RATE)
+            await self.session.sleep(AUDIO_FRAME_SAMPLES / SAMPLE_RATE)
             pcm = np.zeros(AUDIO_FRAME_SAMPLES, np.int16)
         frame = av.AudioFrame(format="s16", layout="mono", samples=AUDIO_FRAME_SAMPLES)
         frame.planes[0].update(pcm.tobytes())
@@ -497,14 +496,14 @@ class SpeechAudioTrack(MediaStreamTrack):
     async def _next_samples(self) -> np.ndarray:
         s = self.session
         if self.start is None:  # start at the present stream position, not at stream time 0
-            self.start = time.monotonic()
+            self.start = s.clock()
             now_samples = (self.start - s.base) * SAMPLE_RATE
             self.m = max(0, round(now_samples / AUDIO_FRAME_SAMPLES) * AUDIO_FRAME_SAMPLES)
             s.rewinds_in_pauses = True  # a playhead now: a lowered delay waits for it to be at a pause
         at = self.start + self.sent * AUDIO_FRAME_SAMPLES / SAMPLE_RATE
-        delay = at - time.monotonic()
+        delay = at - s.clock()
         if delay > 0:
-            await asyncio.sleep(delay)
+            await s.sleep(delay)
         silence = np.zeros(AUDIO_FRAME_SAMPLES, np.int16)
         if self.m + AUDIO_FRAME_SAMPLES > s.generated_until:
             # no video for this time yet (a late chunk, which the video waits for, moving the

@@ -300,18 +300,13 @@ async def stream_two_on_a_manual_clock(monkeypatch, align_batches: bool):
     """Two sessions created and started streaming 100 ms apart, as WebSocket clients start them
     (`SessionRegistry.start_streaming`), then streamed for 2 s, the worker's lane and the sessions
     on a ManualClock: (the sessions, the worker's batch sizes counted by the batch_sessions metric)."""
-    import time
-    from types import SimpleNamespace
-
     from manual_clock import ManualClock
 
-    import server.session as session_module
     from server.metrics import ServerMetrics
     from server.registry import SessionRegistry
     from server.scheduler import InferenceWorker
 
     clock = ManualClock(100.0)
-    monkeypatch.setattr(session_module, "time", SimpleNamespace(monotonic=clock, time=time.time))
     worker = InferenceWorker(ServerMetrics(), align_batches=align_batches, clock=clock, wait=clock.wait)
     # the warm-up's one chunk (server/app.py)
     worker.chunk_time_ema = TimedStream.CHUNK_WORK

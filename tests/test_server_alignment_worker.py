@@ -13,7 +13,7 @@ from test_server_alignment import CS, Stream, timed_worker, times
 from server.batching import Due, plan_batch, playout_delay, pull_into_batch
 
 
-def test_the_capacity_counts_the_batches_the_worker_runs_for_sessions_due_either_side_of_one(monkeypatch):
+def test_the_capacity_counts_the_batches_the_worker_runs_for_sessions_due_either_side_of_one():
     """Three sessions due 80 ms apart, the first to fall due 80 ms before the next (a clock moved:
     a late transport). The worker generates the first and pulls the second (80 ms later) into its
     batch, not the third (160 ms later): two batches a period from then on, 0.285 s of the lane's
@@ -84,29 +84,27 @@ class LongStream(Stream):
     frames_per_chunk, chunk_seconds = 16, 0.64
 
 
-def worker_on_a_fake_clock(monkeypatch, batch_seconds, largest: int, now: float):
+def worker_on_a_fake_clock(batch_seconds, largest: int, now: float):
     """A worker timed by `batch_seconds` for batches up to `largest`, and the clock the scheduler
-    and the sessions read, set to `now` (its `now` is moved by `run_lane`)."""
+    reads, set to `now` (its `now` is moved by `run_lane`): its sessions are made on it
+    (`Session(..., clock=worker.clock)`, as the registry makes them)."""
     from types import SimpleNamespace
 
-    import server.session as session_module
-
     clock = SimpleNamespace(now=now)
-    monkeypatch.setattr(session_module, "time", SimpleNamespace(monotonic=lambda: clock.now, time=lambda: 0.0))
     return clock, timed_worker(lambda: clock.now, **{f"k{k}": batch_seconds(k) for k in range(1, largest + 1)})
 
 
-def near_its_most(monkeypatch, stream, batch_seconds, steady_batch: int, periods: int):
+def near_its_most(stream, batch_seconds, steady_batch: int, periods: int):
     """Two sessions on one schedule, both due at 100.0 (fake clock): one at the delay a batch of
     `steady_batch` needs, the other's delay grown to 0.95 s from there (its chunks came late),
     then its clock moved 80 ms (a late transport: it falls due at 100.08). The lane run for
     `periods` chunk periods: (the grown session, its play time before the run, the batches)."""
     from server.session import Session
 
-    clock, worker = worker_on_a_fake_clock(monkeypatch, batch_seconds, 4, 100.0)
+    clock, worker = worker_on_a_fake_clock(batch_seconds, 4, 100.0)
     loop = asyncio.new_event_loop()
     try:
-        steady, grown = (Session(f"s{i}", stream(), loop, 30.0) for i in range(2))
+        steady, grown = (Session(f"s{i}", stream(), loop, 30.0, clock=worker.clock) for i in range(2))
         for s, delay in ((steady, playout_delay(batch_seconds(steady_batch))), (grown, 0.95)):
             s.streaming = True
             s.reschedule(100.0 + delay, delay)
@@ -120,7 +118,7 @@ def near_its_most(monkeypatch, stream, batch_seconds, steady_batch: int, periods
     return grown, plays_at, batches
 
 
-def test_a_session_whose_delay_is_near_its_most_is_still_generated_with_its_group(monkeypatch):
+def test_a_session_whose_delay_is_near_its_most_is_still_generated_with_its_group():
     """A 0.64 s chunk period and a pass's fixed cost. The other's delay (0.54 s, for their batch)
     leaves no time to hold their batch for the grown one, and pulling it 80 ms sooner grows its
     delay past the most (1 s); due, it cannot wait for the other's next chunk either (0.56 s on,
@@ -130,24 +128,24 @@ def test_a_session_whose_delay_is_near_its_most_is_still_generated_with_its_grou
     down)."""
     from server.session import Session
 
-    grown, plays_at, batches = near_its_most(monkeypatch, LongStream, lambda k: 0.3 + 0.05 * k, 2, 4)
+    grown, plays_at, batches = near_its_most(LongStream, lambda k: 0.3 + 0.05 * k, 2, 4)
     assert [len(batch) for _, batch, _ in batches] == [2, 2, 2, 2]
     assert not any(late for _, _, late in batches)
     assert grown.delay == pytest.approx(Session.MAX_DELAY)
     assert grown.base == pytest.approx(plays_at - 0.03) and grown.rewound == pytest.approx(0.03)
 
 
-def test_a_session_near_its_most_delay_that_can_wait_for_its_group_skips_nothing(monkeypatch):
+def test_a_session_near_its_most_delay_that_can_wait_for_its_group_skips_nothing():
     """As above with a 0.32 s period: its batch can wait for the other's next chunk (published
     before its play time), so it is not pulled, and no speech is skipped to keep its delay at
     the most; it is generated with the other from then on, none late."""
-    grown, plays_at, batches = near_its_most(monkeypatch, Stream, lambda k: 0.1 + 0.02 * k, 2, 6)
+    grown, plays_at, batches = near_its_most(Stream, lambda k: 0.1 + 0.02 * k, 2, 6)
     assert not any(late for _, _, late in batches)
     assert [len(batch) for _, batch, _ in batches][1:] == [2] * (len(batches) - 1)
     assert grown.base == pytest.approx(plays_at) and grown.rewound == 0
 
 
-def test_a_session_near_its_most_delay_whose_group_cannot_hold_its_batch_is_pulled(monkeypatch):
+def test_a_session_near_its_most_delay_whose_group_cannot_hold_its_batch_is_pulled():
     """As above (0.32 s), but the other session's delay is its floor for a batch of its own (it
     streamed alone on its schedule): its play time leaves no room to hold the late one's batch
     for its next chunk (0.19 s of delay, 1.2 x 0.16 s needed), so the late one cannot wait for
@@ -156,14 +154,14 @@ def test_a_session_near_its_most_delay_whose_group_cannot_hold_its_batch_is_pull
     two are one batch from the first period on, its delay at its most and 30 ms skipped."""
     from server.session import Session
 
-    grown, plays_at, batches = near_its_most(monkeypatch, Stream, lambda k: 0.1 + 0.03 * k, 1, 6)
+    grown, plays_at, batches = near_its_most(Stream, lambda k: 0.1 + 0.03 * k, 1, 6)
     assert not any(late for _, _, late in batches)
     assert [len(batch) for _, batch, _ in batches] == [2] * 6
     assert grown.delay == pytest.approx(Session.MAX_DELAY)
     assert grown.base == pytest.approx(plays_at - 0.03) and grown.rewound == pytest.approx(0.03)
 
 
-def test_a_starting_session_joins_the_batch_the_worker_makes_of_sessions_due_close_together(monkeypatch):
+def test_a_starting_session_joins_the_batch_the_worker_makes_of_sessions_due_close_together():
     """A lane's session due at 100.3 and two whose clocks moved 50 ms (due at 100.35): the worker
     makes one batch of the three (it pulls the two into the first one's), and their delays are
     sized for it. A session starting to stream there joined by groups 5 ms wide: the one at
@@ -177,18 +175,18 @@ def test_a_starting_session_joins_the_batch_the_worker_makes_of_sessions_due_clo
     def batch_seconds(k):
         return 0.05 * k
 
-    clock, worker = worker_on_a_fake_clock(monkeypatch, batch_seconds, 5, 100.0)
+    clock, worker = worker_on_a_fake_clock(batch_seconds, 5, 100.0)
     worker.chunk_time_ema = batch_seconds(1)
     registry = SessionRegistry(server_config(playout_delay_s=None), worker, worker.metrics)
     loop = asyncio.new_event_loop()
     try:
-        lane = [Session(f"s{i}", Stream(), loop, 30.0) for i in range(3)]
+        lane = [Session(f"s{i}", Stream(), loop, 30.0, clock=worker.clock) for i in range(3)]
         delay = playout_delay(batch_seconds(3))
         for s, due in zip(lane, (100.3, 100.35, 100.35)):
             s.streaming = True
             s.reschedule(due + delay, delay)
             worker.add(s)
-        joiner = Session("joiner", Stream(), loop, 30.0)
+        joiner = Session("joiner", Stream(), loop, 30.0, clock=worker.clock)
         joiner.chunk_index = 1  # its first chunk was made at its creation
         registry.start_streaming(joiner, "websocket")
         assert joiner.delay == pytest.approx(playout_delay(batch_seconds(4)))
@@ -201,7 +199,7 @@ def test_a_starting_session_joins_the_batch_the_worker_makes_of_sessions_due_clo
 
 
 @contextlib.contextmanager
-def a_lane_and_a_joiner(monkeypatch, batch_seconds, phases, delays):
+def a_lane_and_a_joiner(batch_seconds, phases, delays):
     """A worker on a fake clock at a period's start (99.84) with sessions due at these phases of
     the period with these delays, and a session started on the lane there by
     `SessionRegistry.start_streaming`: (the period's start, the clock, the worker, the lane's
@@ -210,17 +208,17 @@ def a_lane_and_a_joiner(monkeypatch, batch_seconds, phases, delays):
     from server.session import Session
 
     start = 312 * CS
-    clock, worker = worker_on_a_fake_clock(monkeypatch, batch_seconds, 8, start)
+    clock, worker = worker_on_a_fake_clock(batch_seconds, 8, start)
     worker.chunk_time_ema = batch_seconds(1)
     registry = SessionRegistry(server_config(playout_delay_s=None), worker, worker.metrics)
     loop = asyncio.new_event_loop()
     try:
-        lane = [Session(f"s{i}", Stream(), loop, 30.0) for i in range(len(phases))]
+        lane = [Session(f"s{i}", Stream(), loop, 30.0, clock=worker.clock) for i in range(len(phases))]
         for s, phase, delay in zip(lane, phases, delays):
             s.streaming = True
             s.reschedule(start + phase + delay, delay)
             worker.add(s)
-        joiner = Session("joiner", Stream(), loop, 30.0)
+        joiner = Session("joiner", Stream(), loop, 30.0, clock=worker.clock)
         joiner.chunk_index = 1  # its first chunk was made at its creation
         registry.start_streaming(joiner, "websocket")
         yield start, clock, worker, lane, joiner
@@ -233,7 +231,7 @@ def joiners_batches(batches, joiner) -> list[set[str]]:
     return [{s.id for s in batch} for _, batch, _ in batches if joiner in batch]
 
 
-def test_a_starting_session_joins_the_batch_the_worker_makes_of_a_chain_of_pulls(monkeypatch):
+def test_a_starting_session_joins_the_batch_the_worker_makes_of_a_chain_of_pulls():
     """Four sessions due apart in the period (fake clock): .28 and .30, .01 and .08, their delays
     sized for the pairs. Grouped from the period's start they are two pairs, but the worker made
     one batch of them: the batch at .01 pulled the one at .08, and the batch at .28 then both. A
@@ -247,7 +245,7 @@ def test_a_starting_session_joins_the_batch_the_worker_makes_of_a_chain_of_pulls
         return 0.05 + 0.02 * k
 
     delay = playout_delay(batch_seconds(2))
-    with a_lane_and_a_joiner(monkeypatch, batch_seconds, (0.28, 0.30, 0.01, 0.08), [delay] * 4) as (
+    with a_lane_and_a_joiner(batch_seconds, (0.28, 0.30, 0.01, 0.08), [delay] * 4) as (
         start, clock, worker, lane, joiner,
     ):  # fmt: skip
         joined = joiner.delay
@@ -274,17 +272,17 @@ def random_lane(rng, start: float):
     return dues, delays, batch_seconds
 
 
-def worker_groups_on_a_fake_clock(monkeypatch, dues, delays, batch_seconds) -> list[set[int]]:
+def worker_groups_on_a_fake_clock(dues, delays, batch_seconds) -> list[set[int]]:
     """The sessions (indices into `dues`) the real worker last generated in one batch, each, over
     GROUPING_PERIODS chunk periods from the earliest due time (`run_lane`)."""
     from server.batching import GROUPING_PERIODS
     from server.session import Session
 
     first = min(dues)
-    clock, worker = worker_on_a_fake_clock(monkeypatch, batch_seconds, 16, first)
+    clock, worker = worker_on_a_fake_clock(batch_seconds, 16, first)
     loop = asyncio.new_event_loop()
     try:
-        sessions = [Session(f"s{i}", Stream(), loop, 30.0) for i in range(len(dues))]
+        sessions = [Session(f"s{i}", Stream(), loop, 30.0, clock=worker.clock) for i in range(len(dues))]
         for s, due, delay in zip(sessions, dues, delays):
             s.streaming = True
             s.reschedule(due + delay, delay)
@@ -302,7 +300,7 @@ def worker_groups_on_a_fake_clock(monkeypatch, dues, delays, batch_seconds) -> l
     return sorted(groups.values(), key=min)
 
 
-def test_lane_groups_are_the_batches_the_worker_makes(monkeypatch):
+def test_lane_groups_are_the_batches_the_worker_makes():
     """Random lanes (seeded): the groups a starting session joins and the capacity counts are the
     batches the worker makes of the lane's sessions, its holds (`plan_batch`), pulls, headroom and
     most delay (`pull_into_batch`) and all. Played out with the pull window alone, the groups
@@ -313,7 +311,7 @@ def test_lane_groups_are_the_batches_the_worker_makes(monkeypatch):
     differ = []
     for lane_index in range(300):
         dues, delays, batch_seconds = random_lane(rng, 100.0 + lane_index)
-        worker = worker_groups_on_a_fake_clock(monkeypatch, dues, delays, batch_seconds)
+        worker = worker_groups_on_a_fake_clock(dues, delays, batch_seconds)
         lane = [Due(due, due + delay) for due, delay in zip(dues, delays)]
         times_of = times(**{f"k{k}": batch_seconds(k) for k in range(1, 17)})
         played = lane_group_indices(lane, CS, times_of, times_of, 1.0)
@@ -322,7 +320,7 @@ def test_lane_groups_are_the_batches_the_worker_makes(monkeypatch):
     assert not differ, (len(differ), differ[:3])
 
 
-def test_a_starting_session_joining_a_batch_the_worker_holds_has_its_delay_cover_the_hold(monkeypatch):
+def test_a_starting_session_joining_a_batch_the_worker_holds_has_its_delay_cover_the_hold():
     """Four sessions due at .03, .078, .16 and .274 of a period (fake clock), their delays sized
     for batches of 8, 4, 3 and 4. The worker batches the first three at .078, then holds the one
     at .274 for the first's next chunk (.35). (It pulled the other two into that batch too, a
@@ -337,7 +335,7 @@ def test_a_starting_session_joining_a_batch_the_worker_holds_has_its_delay_cover
 
     phases, sized_for = (0.274, 0.03, 0.16, 0.078), (4, 8, 3, 4)
     delays = [playout_delay(batch_seconds(k)) for k in sized_for]
-    with a_lane_and_a_joiner(monkeypatch, batch_seconds, phases, delays) as (start, clock, worker, lane, joiner):
+    with a_lane_and_a_joiner(batch_seconds, phases, delays) as (start, clock, worker, lane, joiner):
         joined = joiner.delay
         batches = run_lane(worker, clock, start + 5 * CS, batch_seconds)
     together = joiners_batches(batches, joiner)
@@ -346,7 +344,7 @@ def test_a_starting_session_joining_a_batch_the_worker_holds_has_its_delay_cover
     assert not any(late for _, _, late in batches)
 
 
-def test_a_pull_does_not_make_a_batch_that_was_in_time_late(monkeypatch):
+def test_a_pull_does_not_make_a_batch_that_was_in_time_late():
     """One session due at 100.0 that plays 0.1 s later (fake clock), another due 30 ms after it
     with a long delay: a batch of 1 is published in 0.08 s, of 2 in 0.12 s. `plan_batch` does not
     hold the first's batch for the second (a batch of 2 would be late), but `pull_into_batch`
@@ -367,10 +365,10 @@ def test_a_pull_does_not_make_a_batch_that_was_in_time_late(monkeypatch):
     # a batch that is late already may still grow (left out, the session would cost a pass alone)
     assert pull_into_batch([0], lane, estimate, CS, 1.0, ready_time=estimate, now=100.03) == [(1, pytest.approx(0.03))]
 
-    clock, worker = worker_on_a_fake_clock(monkeypatch, batch_seconds, 2, 100.0)
+    clock, worker = worker_on_a_fake_clock(batch_seconds, 2, 100.0)
     loop = asyncio.new_event_loop()
     try:
-        sessions = [Session(f"s{i}", Stream(), loop, 30.0) for i in range(2)]
+        sessions = [Session(f"s{i}", Stream(), loop, 30.0, clock=worker.clock) for i in range(2)]
         for s, due in zip(sessions, lane):
             s.streaming = True
             s.reschedule(due.plays_at, due.plays_at - due.next_due)

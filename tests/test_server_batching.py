@@ -2,6 +2,7 @@
 
 import asyncio
 import concurrent.futures
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -437,11 +438,12 @@ class FixedStream(SimpleNamespace):
         pass
 
 
-def inline_registry(monkeypatch, batch_seconds, sizes, lanes: int = 1) -> SessionRegistry:
+def inline_registry(monkeypatch, batch_seconds, sizes, lanes: int = 1, clock=time.monotonic) -> SessionRegistry:
     """A registry whose worker, not started, runs each job at once on the caller's thread, its
     batches of each of `sizes` timed at `batch_seconds(k)`; its streams are FixedStreams and their
-    first chunks are not made (their generation is not what these tests check)."""
-    worker = InferenceWorker(ServerMetrics(), lanes=lanes)
+    first chunks are not made (their generation is not what these tests check). The worker and
+    the sessions are on `clock`."""
+    worker = InferenceWorker(ServerMetrics(), lanes=lanes, clock=clock)
     for times in (worker.batch_times, worker.ready_times):
         for k in sizes:
             times.observe(k, batch_seconds(k))
@@ -490,12 +492,10 @@ async def test_sessions_admitted_together_fit_in_whatever_groups_they_join(monke
     5 takes 50 ms more than one of 4), a lane's groups of 2 and 3: the capacity counted the first
     into the 2 (+10 ms), the second into the 3 (+5 ms) and admitted both; both joined the 3,
     whose batch of 5 took the lane to 0.285 s of its 0.272 s room."""
-    import server.session as session_module
     from server.batching import REGROUP_WINDOW, phase_groups
 
     batch_seconds = [None, 0.1, 0.11, 0.12, 0.125, 0.175, 0.18, 0.185, 0.19]  # by batch size
-    registry = inline_registry(monkeypatch, batch_seconds.__getitem__, range(1, len(batch_seconds)))
-    monkeypatch.setattr(session_module, "time", SimpleNamespace(monotonic=lambda: 100.0, time=lambda: 0.0))
+    registry = inline_registry(monkeypatch, batch_seconds.__getitem__, range(1, len(batch_seconds)), clock=lambda: 100.0)
     worker, face, cs = registry.worker, np.zeros((32, 32, 3), np.uint8), FixedStream.chunk_seconds
     streaming = [await registry.create(face, None, None) for _ in range(5)]
     # two groups, 200 ms apart; the next sessions' own schedules fall due just before the 3's

@@ -15,10 +15,12 @@ from server.webrtc import AUDIO_FRAME_SAMPLES, AvatarVideoTrack, SpeechAudioTrac
 FPS, PER_CHUNK, CHUNK_S = 25, 8, 0.32
 
 
-def make_session(delay=0.1) -> Session:
+def make_session(delay=0.1, clock: "RunningClock | None" = None) -> Session:
+    """A session on `clock` (its tracks sleep on it too), or on the machine's."""
     stream = SimpleNamespace(width=32, height=32, frames_per_chunk=PER_CHUNK, chunk_seconds=CHUNK_S,
                              audio_lookahead_seconds=0.0)  # fmt: skip
-    session = Session("s", stream, asyncio.new_event_loop(), max_audio_ahead_s=30.0)
+    on = {} if clock is None else {"clock": clock.monotonic, "sleep": clock.sleep}
+    session = Session("s", stream, asyncio.new_event_loop(), max_audio_ahead_s=30.0, **on)
     session.loop.close()  # only its identity is kept; these tests drive the clock by hand
     session.attach("whep", delay, first_delay=0.0)
     return session
@@ -32,24 +34,22 @@ def chunk(index: int) -> Chunk:
 
 
 @contextlib.contextmanager
-def clock_stopped():
-    """The session reads one instant as its clock throughout: the play time set from it and the
-    one `publish` weighs differ by no scheduling delay (under load they were 4 ms apart, and a
-    grown delay 0.194 s where 0.19 was due)."""
-    import server.session as session_module
-
-    now, real = time.monotonic(), session_module.time
-    session_module.time = SimpleNamespace(monotonic=lambda: now, time=time.time)
+def clock_stopped(s: Session):
+    """`s` reads one instant as its clock throughout: the play time set from it and the one
+    `publish` weighs differ by no scheduling delay (under load they were 4 ms apart, and a grown
+    delay 0.194 s where 0.19 was due)."""
+    now, running = s.clock(), s.clock
+    s.clock = lambda: now
     try:
         yield now
     finally:
-        session_module.time = real
+        s.clock = running
 
 
 def publish_late(s: Session, k: int, waited: float, after: float = 0.01) -> None:
     """Chunk k is missing at its play time: the video waits `waited` s (moving the clock), then it
     arrives `after` s after the moved play time."""
-    with clock_stopped() as now:
+    with clock_stopped(s) as now:
         s.base = now - k * CHUNK_S
         s.late_by(waited, k)
         s.base -= waited + after
@@ -57,7 +57,7 @@ def publish_late(s: Session, k: int, waited: float, after: float = 0.01) -> None
 
 
 def publish_early(s: Session, k: int, head_start: float) -> None:
-    with clock_stopped() as now:
+    with clock_stopped(s) as now:
         s.base = now - k * CHUNK_S + head_start
         s.publish(chunk(k))
 
@@ -83,19 +83,11 @@ class RunningClock:
 
 
 @pytest.fixture
-def clock(monkeypatch) -> RunningClock:
-    """The session's and its tracks' clock. On the machine's, a track that looked at it 30 ms late
-    (a loaded machine) found another frame due, or repeated one as late: 4 of these tests failed
-    so, one of them once in 5 runs of this file under load."""
-    import server.session as session_module
-    import server.webrtc as webrtc_module
-
-    clock = RunningClock()
-    fake_time = SimpleNamespace(monotonic=clock.monotonic, time=time.time)
-    monkeypatch.setattr(session_module, "time", fake_time)
-    monkeypatch.setattr(webrtc_module, "time", fake_time)
-    monkeypatch.setattr(webrtc_module, "asyncio", SimpleNamespace(sleep=clock.sleep, CancelledError=asyncio.CancelledError))
-    return clock
+def clock() -> RunningClock:
+    """The session's and its tracks' clock (`make_session(clock=clock)`). On the machine's, a track
+    that looked at it 30 ms late (a loaded machine) found another frame due, or repeated one as
+    late: 4 of these tests failed so, one of them once in 5 runs of this file under load."""
+    return RunningClock()
 
 
 def test_the_video_waiting_moves_the_clock_and_generation_with_it():
@@ -170,7 +162,7 @@ def test_a_late_chunk_in_the_window_keeps_the_delay_up():
 async def test_a_video_track_that_connected_after_the_first_play_time_skips_to_the_frame_due_keeping_the_clock(
     clock,
 ):
-    s = make_session()
+    s = make_session(clock=clock)
     slot = s.add_slot()
     track = AvatarVideoTrack(s, slot)
     s.base = clock.now - 0.11  # frame 0 played 110 ms ago: frame 3 (at 120 ms) is the next due
@@ -185,7 +177,7 @@ async def test_a_video_track_that_connected_after_the_first_play_time_skips_to_t
 
 
 async def test_video_track_skips_the_frames_the_clock_jumped_back_over(clock):
-    s = make_session()
+    s = make_session(clock=clock)
     slot = s.add_slot()
     track = AvatarVideoTrack(s, slot)
     s.base = clock.now  # frame 0 plays now
@@ -211,7 +203,7 @@ async def test_video_track_skips_the_frames_the_clock_jumped_back_over(clock):
 async def test_with_a_delay_longer_than_a_chunk_the_video_plays_every_chunk(clock):
     """The next chunk comes while this one plays (a playout delay past ~0.36 s: grown under load,
     or set): the slot replaced the chunk not yet taken, and every other chunk was dropped."""
-    s = make_session(delay=0.8)
+    s = make_session(delay=0.8, clock=clock)
     slot = s.add_slot()
     track = AvatarVideoTrack(s, slot)
     s.base = clock.now
@@ -227,7 +219,7 @@ async def test_with_a_delay_longer_than_a_chunk_the_video_plays_every_chunk(cloc
 async def test_after_the_clock_moves_forward_the_video_keeps_the_frame_clocks_pace(clock):
     """hold_back: frame n is due later than a frame from now. The track sent nothing until then,
     and its RTP clock fell behind the audio's (which sends silence) for good."""
-    s = make_session()
+    s = make_session(clock=clock)
     slot = s.add_slot()
     track = AvatarVideoTrack(s, slot)
     s.base = clock.now
@@ -239,7 +231,7 @@ async def test_after_the_clock_moves_forward_the_video_keeps_the_frame_clocks_pa
 
 
 async def test_audio_track_skips_ahead_when_the_clock_moves_back_and_waits_when_it_moves_forward(clock):
-    s = make_session()
+    s = make_session(clock=clock)
     ramp = (np.arange(16000 * 4) / 64000).astype(np.float32)  # sample m has the value m / 64000
     s.timeline.append(ramp)
     s.timeline.take_until(len(ramp))
@@ -261,7 +253,7 @@ async def test_audio_track_skips_ahead_when_the_clock_moves_back_and_waits_when_
 async def test_the_audio_of_a_late_chunk_waits_for_it_with_its_frames(clock):
     """While a chunk is late the video waits for it, moving the clock; the audio track passed over
     the samples it had no video for, and the chunk's first words were lost while its lips moved."""
-    s = make_session()
+    s = make_session(clock=clock)
     ramp = (0.25 + np.arange(16000 * 2) / 64000).astype(np.float32)  # sample m: 0.25 + m / 64000
     s.timeline.append(ramp)
     s.timeline.take_until(len(ramp))
@@ -335,7 +327,7 @@ async def test_a_caption_for_a_session_closed_meanwhile_changes_nothing():
 async def test_the_video_track_plays_a_first_chunk_that_starts_frames_into_the_stream(clock):
     """Wan's 1 + 4k layout: chunk 0 is frames 3-7 of the stream (pts 120 ms), chunk 1 frames 8-15.
     The track indexed chunks by index * frames_per_chunk and failed (for good) at frame 5."""
-    s = make_session()
+    s = make_session(clock=clock)
     slot = s.add_slot()
     track = AvatarVideoTrack(s, slot)
     s.base = clock.now

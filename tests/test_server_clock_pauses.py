@@ -5,14 +5,11 @@ of the clock)."""
 
 import asyncio
 import math
-import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-import server.session as session_module
-import server.webrtc as webrtc
 from server.session import SAMPLE_RATE, Chunk, Session
 from server.webrtc import AUDIO_FRAME_SAMPLES, AvatarVideoTrack, SpeechAudioTrack
 
@@ -35,15 +32,8 @@ class FakeClock:
 
 
 @pytest.fixture
-def clock(monkeypatch) -> FakeClock:
-    clock = FakeClock()
-    fake_time = SimpleNamespace(monotonic=clock.monotonic, time=time.time)
-    monkeypatch.setattr(session_module, "time", fake_time)
-    monkeypatch.setattr(webrtc, "time", fake_time)
-    monkeypatch.setattr(
-        webrtc, "asyncio", SimpleNamespace(sleep=clock.sleep, CancelledError=asyncio.CancelledError)
-    )
-    return clock
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 def speech(seconds: float) -> np.ndarray:
@@ -70,7 +60,7 @@ def grown_session(clock: FakeClock, sound: np.ndarray, transport: str = "whep") 
     playing now, `sound` on its timeline and all of it generated."""
     stream = SimpleNamespace(width=8, height=8, frames_per_chunk=PER_CHUNK, chunk_seconds=CHUNK_S,
                              audio_lookahead_seconds=0.0)  # fmt: skip
-    s = Session("s", stream, None, max_audio_ahead_s=30.0)
+    s = Session("s", stream, None, max_audio_ahead_s=30.0, clock=clock.monotonic, sleep=clock.sleep)
     s.attach(transport, 0.1, first_delay=0.0)
     s._chunk_was_late(1, 0.2)
     s._chunk_was_late(2, 0.2)
