@@ -394,7 +394,10 @@ async def whep_new_session(request: Request, avatar: str | None = None, caption:
     """WHEP for any player, from one URL: the offer creates a session (`?avatar=ada&caption=...&seed=7`,
     all optional) and gets its answer. The answer's Location, the WHEP resource a player DELETEs to
     hang up, carries the session's token, so a player that knows only this URL (and the server
-    token, on a server started with --token) can end what it started."""
+    token, on a server started with --token) can end what it started. No Streamgen-Request-Key
+    (POST /v1/sessions's, for a page reloaded before its answer): WHEP players are programs that
+    send no such header, a player gone before its answer is closed here, and an answer that no
+    peer connection follows is closed after webrtc.CONNECT_DEADLINE_S (never_connected)."""
     # (the parameters above describe the query for OpenAPI; `_session_params` reads the query
     # string itself, so that a misspelt parameter is refused rather than ignored)
     registry: SessionRegistry = request.app.state.registry
