@@ -25,6 +25,7 @@ import json
 import logging
 import re
 import sys
+from http import HTTPStatus
 
 from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
@@ -209,10 +210,10 @@ class ConnectionLimits:
     def _who(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
 
-    def _answer_and_close(self, status: bytes, error: str, message: str) -> None:
+    def _answer_and_close(self, status: bytes, error: str, message: str, headers=()) -> None:
         """An error in the API's JSON, written as it is (the request it answers was never parsed
-        whole), and the connection closed."""
-        headers = self.server_state.default_headers + self._cors_headers()
+        whole, or is an upgrade's), and the connection closed."""
+        headers = self.server_state.default_headers + list(headers) + self._cors_headers()
         self.transport.write(error_answer(status, error, message, headers))
         self.transport.close()
 
@@ -243,12 +244,10 @@ class ConnectionLimits:
         """The app a request whose head is complete runs: a refusal of a head neither parser refused,
         or while too many connections are open."""
         refusal = None
-        if not (version := self.scope["http_version"]).startswith("1."):  # (h11 served HTTP/3.0 as 1.1)
-            message = f"HTTP/{version[:10]} is not spoken here: send HTTP/1.1"
-            refusal = functools.partial(self._refuse_head, message, status=505, error="http_version_not_supported")
-        elif (message := self._head_refused()) is not None:
-            refusal = functools.partial(self._refuse_head, message)
-        elif self.max_connections and len(self.connections) > self.max_connections:
+        if (refused := self._head_or_version_refused()) is not None:
+            status, error, message = refused
+            refusal = functools.partial(self._refuse_head, message, status=status, error=error)
+        elif self._over_limit():
             refusal = self._refuse_over_limit
         if refusal is None:
             return self._app
@@ -260,6 +259,40 @@ class ConnectionLimits:
     @app.setter
     def app(self, app) -> None:
         self._app = app
+
+    def _over_limit(self) -> bool:
+        return bool(self.max_connections) and len(self.connections) > self.max_connections
+
+    def _head_or_version_refused(self) -> tuple[int, str, str] | None:
+        """(status, error, message) of a head parsed whole that is refused, or None."""
+        if not (version := self.scope["http_version"]).startswith("1."):  # (h11 served HTTP/3.0 as 1.1)
+            return 505, "http_version_not_supported", f"HTTP/{version[:10]} is not spoken here: send HTTP/1.1"
+        if (message := self._head_refused()) is not None:
+            return 400, "bad_request", message
+        return None
+
+    def handle_websocket_upgrade(self, *event) -> None:
+        """A WebSocket's request goes to the WebSocket protocol (and the app) without `self.app`:
+        it had none of the checks above. A Host that is no host, an HTTP/3.0 request line (h11's)
+        or an HTTP/1.0 one (each rewritten as 1.1 by uvicorn) were a 101, and an upgrade past
+        `max_connections` was taken: docs/api.md has any request on such a connection a 503, and
+        `--max-connections` is made more than `--max-sessions` so that each session's socket has
+        its room within the bound, not past it. Each is answered here as a request's is, and closed."""
+        refused = self._head_or_version_refused()
+        if refused is None and self.scope["http_version"] == "1.0":
+            # (RFC 6455 4.1; uvicorn wrote it as 1.1 for the websockets library, which refuses a 1.0)
+            refused = 400, "bad_request", "a WebSocket handshake must be HTTP/1.1 (RFC 6455, 4.1)"
+        headers = []
+        if refused is None and self._over_limit():
+            refused = 503, "unavailable", self._over_limit_message("a WebSocket upgrade")
+            headers = [(b"retry-after", str(RETRY_AFTER_S).encode())]
+        if refused is None:
+            return super().handle_websocket_upgrade(*event)
+        status, error, message = refused
+        if status != 503:  # (logged as a warning by _over_limit_message)
+            log.info("a WebSocket upgrade -> %d: %s", status, message)
+        self.awaiting_head = False  # (its CORS headers are those of its headers, parsed whole)
+        self._answer_and_close(b"%d %s" % (status, HTTPStatus(status).phrase.encode()), error, message, headers)
 
     def _head_refused(self) -> str | None:
         """Why a head parsed whole (`self.headers`) is refused, or None."""
@@ -284,12 +317,15 @@ class ConnectionLimits:
                                 headers={"Connection": "close"})  # fmt: skip
         await response(scope, receive, send)
 
-    async def _refuse_over_limit(self, scope, receive, send) -> None:
+    def _over_limit_message(self, request: str) -> str:
+        """The 503's message past `max_connections`, logged as a warning for `request`."""
         open_now = len(self.connections)
-        log.warning("%s %s -> 503: %d connections open, the limit is %d", scope["method"], scope["path"][:80],
-                    open_now, self.max_connections)  # fmt: skip
-        message = (f"the server has {open_now} connections open, more than its limit of {self.max_connections}: "
-                   "try again shortly")  # fmt: skip
+        log.warning("%s -> 503: %d connections open, the limit is %d", request, open_now, self.max_connections)
+        return (f"the server has {open_now} connections open, more than its limit of {self.max_connections}: "
+                "try again shortly")  # fmt: skip
+
+    async def _refuse_over_limit(self, scope, receive, send) -> None:
+        message = self._over_limit_message(f"{scope['method']} {scope['path'][:80]}")
         response = JSONResponse({"error": "unavailable", "message": message, "reason": "too many connections"},
                                 status_code=503, headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})  # fmt: skip
         await response(scope, receive, send)

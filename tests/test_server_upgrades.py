@@ -1,0 +1,84 @@
+"""A WebSocket upgrade's request at the connection level (server/connections.py): the checks every
+request's head gets, and the bound on open connections, over raw sockets to a live server on
+127.0.0.1, with each of uvicorn's HTTP parsers."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from server_helpers import live_server
+
+MAX_CONNECTIONS = 3
+PAGE = "https://app.example.org"
+UPGRADE = (b"GET /v1/sessions/x/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def server(request):
+    with live_server(http=request.param, max_connections=MAX_CONNECTIONS, cors_origins=[PAGE]) as (url, app):
+        yield int(url.rsplit(":", 1)[1])
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def answer_to(port: int, request: bytes) -> tuple[bytes, bytes]:
+    """The head and the rest of what the server sends to `request` until it closes, or until the
+    close frame of a 101 (the server waits for the client's)."""
+    with connect(port) as sock:
+        sock.sendall(request)
+        answer = b""
+        while b"\x88" not in answer.partition(b"\r\n\r\n")[2] and (part := sock.recv(65536)):
+            answer += part
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    return head, rest
+
+
+@pytest.mark.parametrize("request_head, status, error, says", [
+    (UPGRADE.replace(b"Host: 127.0.0.1", b"Host: a b"), 400, "bad_request", "the Host header 'a b' is not a host"),
+    (UPGRADE.replace(b"Host: 127.0.0.1", b"Host: app.example.org/v1"), 400, "bad_request", "is not a host[:port]"),
+    (UPGRADE.replace(b"\r\n\r\n", b"\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"), 400, "bad_request",
+     "must not have both Transfer-Encoding and Content-Length"),
+    (UPGRADE.replace(b"HTTP/1.1", b"HTTP/3.0"), 505, "http_version_not_supported", "send HTTP/1.1"),
+    (UPGRADE.replace(b"HTTP/1.1", b"HTTP/1.0"), 400, "bad_request", "a WebSocket handshake must be HTTP/1.1"),
+], ids=["host-space", "host-path", "both-lengths", "http-3.0", "http-1.0"])  # fmt: skip
+def test_an_upgrade_gets_the_checks_any_request_gets(server, request_head, status, error, says):
+    """An upgrade went to the WebSocket protocol before the checks of a request's head: a Host that
+    is no host, an HTTP/3.0 (h11's) or 1.0 request line were a 101 (uvicorn rewrote its version as
+    1.1), both lengths (h11's) the websockets library's 'invalid request'."""
+    head, body = answer_to(server, request_head)
+    assert head.startswith(b"HTTP/1.1 %d " % status), (head, body)
+    assert b"connection: close" in head.lower(), head
+    said = json.loads(body)
+    assert said["error"] == error and says in said["message"], said
+
+
+def test_an_upgrade_past_the_connection_limit_is_a_503_in_json(server):
+    """docs/api.md: a request on a connection past --max-connections is answered 503; an upgrade
+    was taken (a 101), so a flood of WebSockets went past the bound the others are held to."""
+    held = [connect(server) for _ in range(MAX_CONNECTIONS)]
+    try:
+        for sock in held:  # (each answered: the server has taken every connection)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        head, body = answer_to(server, UPGRADE.replace(b"\r\n\r\n", b"\r\nOrigin: " + PAGE.encode() + b"\r\n\r\n"))
+    finally:
+        for sock in held:
+            sock.close()
+    assert head.startswith(b"HTTP/1.1 503 "), (head, body)
+    lowered = head.lower()
+    assert b"retry-after: 1" in lowered and b"connection: close" in lowered, head
+    assert b"access-control-allow-origin: " + PAGE.encode() in lowered, head
+    said = json.loads(body)
+    assert said["error"] == "unavailable", said
+    assert said["message"].endswith(f"more than its limit of {MAX_CONNECTIONS}: try again shortly"), said
+
+
+def test_an_upgrade_within_the_bound_is_still_taken(server):
+    head, rest = answer_to(server, UPGRADE)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert b"unknown session 'x'" in rest, rest  # (the route's own refusal, as a close frame)
