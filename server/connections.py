@@ -156,6 +156,20 @@ class ConnectionLimits:
         self._cancel_head_timer()
         super().connection_lost(exc)
 
+    def eof_received(self) -> None:
+        """The client's end of its stream (a FIN) closes the connection, its request unanswered,
+        even one whose body came whole before it (a client that sent its POST and `shutdown(SHUT_WR)`).
+
+        A FIN is all the server hears of a client that closed its socket (a page reloaded or left,
+        a program killed) and of one that only half-closed it: the two differ only once the server
+        writes (the closed one answers with a reset), and a session's creation has nothing to write
+        until it is done. `POST /v1/sessions` and `POST /v1/whep` close the session they made for a
+        client gone (`request.is_disconnected()`, from this close) rather than let it hold its place
+        for the unclaimed limit: keeping a half-closed connection open to answer it would keep every
+        closed one open too, and that signal would be lost. So, as nginx does (its 499 for a client
+        that closed while it proxied), a half-close is a client gone (docs/api.md says so)."""
+        return None  # (falsy: the transport closes)
+
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
         self.head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
