@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
 
 from .origins import ApiCors, cors_options
+from .request_heads import LONGEST_METHOD, lines_refused, method_refused
 
 log = logging.getLogger("streamgen.server")
 
@@ -85,6 +86,7 @@ class ConnectionLimits:
         self.head_tail = b""  # its last 3 bytes so far
         self.request_line_bytes = None  # its request line's length, once it has ended
         self.head_seen = bytearray()  # its bytes so far, for its Origin (only with --cors-origin)
+        self.method_seen = b""  # its first bytes, to its method's end
         self.head_timer = None
         self.handshake = None  # its TlsHandshake, on a TLS server
 
@@ -105,7 +107,13 @@ class ConnectionLimits:
             self.head_tail = b""
             self.head_seen.clear()
             self.request_line_bytes = None
+            self.method_seen = b""
         if self.awaiting_head:
+            if not self.method_seen:  # (RFC 9112 2.2: empty lines before a request line are skipped, as
+                # httptools skips them; h11 refused them. They count among the head's bytes and time)
+                self.head_bytes += len(data) - len(data := data.lstrip(b"\r\n"))
+                if not data:
+                    return
             if self.cors_origins and len(self.head_seen) <= MAX_HEAD_BYTES:  # (past it: a 431 below)
                 self.head_seen += data
             if self.request_line_bytes is None and (line_end := data.find(b"\n")) >= 0:
@@ -116,6 +124,8 @@ class ConnectionLimits:
                 # a head whose end came in this read: either parser took one of any size whole (h11),
                 # or refused its URL past 64 KiB as one that did not parse (httptools)
                 return self._refuse_head_too_large()
+            if (refused := self._head_bytes_refused(seen[: end + 4] if end >= 0 else seen, data)) is not None:
+                return self._answer_and_close(b"400 Bad Request", "bad_request", refused)
             self.head_tail = seen[-3:]  # (the blank line that ends a head may come split)
             self.head_bytes += len(data)
         cycle = self.cycle
@@ -129,6 +139,16 @@ class ConnectionLimits:
             self._refuse_head_too_large()
         elif not self.awaiting_head:  # (the rest of a body answered unread may have ended here)
             self._await_next_head(arm=True)
+
+    def _head_bytes_refused(self, lines: bytes, data: bytes) -> str | None:
+        """Why a head's bytes that came now (`lines`, with the few before them) are refused, the same
+        under either parser (server/request_heads.py), or None."""
+        if b" " not in self.method_seen:
+            self.method_seen += data[: LONGEST_METHOD + 1]
+            method, space, _ = self.method_seen.partition(b" ")
+            if (refused := method_refused(method, whole=bool(space))) is not None:
+                return NOT_PARSED if refused == "not_parsed" else refused
+        return lines_refused(lines)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

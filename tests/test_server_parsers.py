@@ -56,3 +56,41 @@ def test_a_half_closed_request_is_a_client_gone_and_frees_its_session(server):
         sock.sendall(b"DELETE %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n\r\n"
                      % (made["resource"].encode(), made["token"].encode()))  # fmt: skip
         assert sock.recv(65536).startswith(b"HTTP/1.1 204 ")
+
+
+GET = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+FOLDED = "a header line begins with a space or tab (a value folded onto a line of its own, obs-fold): send each header on one line (RFC 9112, 5.2)"  # fmt: skip
+BARE_LF = "a line of the request head ends in a bare LF: end each line with CRLF (RFC 9112, 2.2)"
+CONTROL = "the request head has a control character, other than a tab, in its request line or a header (RFC 9110, 5.5)"
+
+
+def unknown_method(name: str) -> str:
+    return (f"unknown method {name!r}: methods are case-sensitive, and this server's are GET, HEAD, POST, PATCH, "
+            "DELETE and OPTIONS")  # fmt: skip
+
+
+@pytest.mark.parametrize("request_bytes, status, said", [
+    (GET.replace(b"GET ", b"get "), 400, {"error": "bad_request", "message": unknown_method("get")}),
+    (GET.replace(b"GET ", b"Get "), 400, {"error": "bad_request", "message": unknown_method("Get")}),
+    (GET.replace(b"GET ", b"FETCH "), 400, {"error": "bad_request", "message": unknown_method("FETCH")}),
+    (GET.replace(b"Connection", b"X-Folded: a\r\n b\r\nConnection"), 400, {"error": "bad_request", "message": FOLDED}),
+    (GET.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\n X: a\r\n"), 400, {"error": "bad_request", "message": FOLDED}),
+    (GET.replace(b"\r\n", b"\n"), 400, {"error": "bad_request", "message": BARE_LF}),
+    (GET.replace(b"127.0.0.1\r\n", b"127.0.0.1\n"), 400, {"error": "bad_request", "message": BARE_LF}),
+    (GET.replace(b"Connection", b"X-Control: a\x01b\r\nConnection"), 400, {"error": "bad_request", "message": CONTROL}),
+    (GET.replace(b"Connection", b"X-Delete: a\x7fb\r\nConnection"), 400, {"error": "bad_request", "message": CONTROL}),
+    (b"\r\n" + GET, 200, {"status": "ok"}),  # (RFC 9112 2.2: a server SHOULD ignore an empty line before it)
+    (GET.replace(b"Connection", b"X-Tab: a\tb\r\nConnection"), 200, {"status": "ok"}),
+], ids=["get", "Get", "unknown", "folded", "space-after-request-line", "bare-lf", "one-bare-lf", "control",
+        "delete", "empty-line-first", "tab"])  # fmt: skip
+def test_a_head_either_parser_would_refuse_is_answered_the_same_by_both(server, request_bytes, status, said):
+    """h11 served a lowercase or unknown method as a 405 ('get is not allowed'), a folded header,
+    bare LFs and control characters in a value as a 200, and refused an empty line before the
+    request line, where httptools answered a 400 'could not be parsed' (and served that line): a
+    client's request was answered by which parser the server had. Each is the same answer under both."""
+    with connect(server[0]) as sock:
+        sock.sendall(request_bytes)
+        answer = answer_until_closed(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), answer
+    assert json.loads(body) == said

@@ -1,0 +1,56 @@
+"""What a request head's bytes may be, looked at as they come, before either parser has them.
+
+uvicorn's two HTTP parsers took the same bytes differently: httptools (llhttp) refused a lowercase
+or unknown method, a header folded onto a line of its own (obs-fold), a line ended by a bare LF and
+a control character in a header's value, as a request that did not parse (400), where h11 served
+them (a 405 'get is not allowed', a 200), and h11 refused the empty line before a request line that
+httptools skipped, as RFC 9112 2.2 has a server do. Each is the same answer here, whichever parser
+runs (`ConnectionLimits.data_received`): the empty lines skipped, the others a 400 saying which.
+"""
+
+from __future__ import annotations
+
+import re
+
+# the methods llhttp (httptools' parser) knows, which h11 must take no more of: one of them that the
+# API has no route for is the app's 405 or 404 under either parser (PRI, HTTP/2's preface, is a 505)
+METHODS = frozenset(
+    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH SEARCH UNLOCK BIND "
+    b"REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY SUBSCRIBE UNSUBSCRIBE PATCH PURGE "
+    b"MKCALENDAR LINK UNLINK SOURCE QUERY PRI".split()
+)
+LONGEST_METHOD = max(map(len, METHODS))
+TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2
+FOLDED = ("a header line begins with a space or tab (a value folded onto a line of its own, obs-fold): "
+          "send each header on one line (RFC 9112, 5.2)")  # fmt: skip
+BARE_LF = "a line of the request head ends in a bare LF: end each line with CRLF (RFC 9112, 2.2)"
+CONTROL = "the request head has a control character, other than a tab, in its request line or a header (RFC 9110, 5.5)"
+# (CR and LF are the lines' own; a CR alone both parsers refuse alike)
+CONTROL_CHARACTER = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+BARE_LF_END = re.compile(rb"(?<!\r)\n")
+LINE_FOLDED = re.compile(rb"\n[ \t]")
+
+
+def method_refused(method_so_far: bytes, whole: bool) -> str | None:
+    """Why a request line's method (its bytes so far; `whole` once its space has come) is refused,
+    None for one llhttp knows or may yet be. A method that is not a token is a request that does
+    not parse (`not_parsed`)."""
+    if (method_so_far in METHODS) if whole else any(m.startswith(method_so_far) for m in METHODS):
+        return None
+    if not TOKEN.fullmatch(method_so_far):
+        return "not_parsed"
+    name = method_so_far.decode("latin-1")[: LONGEST_METHOD + 8]
+    return (f"unknown method {name!r}: methods are case-sensitive, and this server's are GET, HEAD, POST, PATCH, "
+            "DELETE and OPTIONS")  # fmt: skip
+
+
+def lines_refused(head: bytes) -> str | None:
+    """Why a head's bytes (some of its lines, with the few before them: a CRLF may come split) are
+    refused, or None."""
+    if BARE_LF_END.search(head):
+        return BARE_LF
+    if LINE_FOLDED.search(head):
+        return FOLDED
+    if CONTROL_CHARACTER.search(head):
+        return CONTROL
+    return None
