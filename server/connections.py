@@ -45,6 +45,8 @@ PAST_LIMIT_HEAD_S = 1.0
 NOT_PARSED = "not a valid HTTP/1.1 request: its request line or a header could not be parsed"
 NOT_ONE_HOST = "a request must have one Host header, and an HTTP/1.1 one must have it (RFC 9112, 3.2)"
 BOTH_LENGTHS = "a request must not have both Transfer-Encoding and Content-Length (RFC 9112, 6.1)"
+NOT_CHUNKED = ("a Transfer-Encoding other than chunked is not taken here: send the body with its Content-Length, "
+               "or chunked alone (RFC 9112, 6.1)")  # fmt: skip
 OLD_CHUNKS = "an HTTP/1.0 request must not have Transfer-Encoding: send its Content-Length (RFC 9112, 6.1)"
 # a Host header's value: uri-host [":" port] (RFC 9110 7.2, RFC 3986 3.2.2), an IP literal in brackets
 HOST = re.compile(rb"(\[[0-9A-Za-z:.%~!$&'()*+,;=_-]+\]|[0-9A-Za-z.%~!$&'()*+,;=_-]*)(:[0-9]*)?")
@@ -227,7 +229,10 @@ class ConnectionLimits:
         if "Invalid HTTP version" in str(refused) or "Pause on PRI" in str(refused):
             return self._answer_and_close(b"505 HTTP Version Not Supported", "http_version_not_supported",
                                           "its HTTP version is not spoken here: send HTTP/1.1")  # fmt: skip
-        message = NOT_ONE_HOST if not_one_host else BOTH_LENGTHS if both_lengths else NOT_PARSED
+        # (h11's 'Only Transfer-Encoding: chunked is supported', httptools' 'Request has invalid `Transfer-Encoding`')
+        not_chunked = not both_lengths and "Transfer-Encoding" in str(refused)
+        message = (NOT_ONE_HOST if not_one_host else BOTH_LENGTHS if both_lengths else NOT_CHUNKED if not_chunked
+                   else NOT_PARSED)  # fmt: skip
         self._answer_and_close(b"400 Bad Request", "bad_request", message)
 
     def _refuse_head_too_large(self) -> None:
@@ -339,6 +344,12 @@ class ConnectionLimits:
         if b"transfer-encoding" in names and self.scope["http_version"] == "1.0":
             # (read by its chunks, where HTTP/1.0 has none: a proxy of 1.0 in front reads it otherwise)
             return OLD_CHUNKS
+        codings = [c.strip().lower() for name, value in self.headers if name == b"transfer-encoding"
+                   for c in value.split(b",")]  # fmt: skip
+        if codings and codings != [b"chunked"]:
+            # (httptools read 'gzip, chunked' by its chunks and gave the app the body still coded, as if
+            # it were not; h11 refused it)
+            return NOT_CHUNKED
         host = next((value for name, value in self.headers if name == b"host"), None)
         if host is not None and not HOST.fullmatch(host):
             # (served as it came: the origin guard and the routes read it; RFC 9112 3.2: a 400)

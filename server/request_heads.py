@@ -25,6 +25,7 @@ FOLDED = ("a header line begins with a space or tab (a value folded onto a line 
           "send each header on one line (RFC 9112, 5.2)")  # fmt: skip
 BARE_LF = "a line of the request head ends in a bare LF: end each line with CRLF (RFC 9112, 2.2)"
 CONTROL = "the request head has a control character, other than a tab, in its request line or a header (RFC 9110, 5.5)"
+CONNECT = "CONNECT asks for a tunnel, a proxy's work: this server is not a proxy"
 # (CR and LF are the lines' own; a CR alone both parsers refuse alike)
 CONTROL_CHARACTER = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 BARE_LF_END = re.compile(rb"(?<!\r)\n")
@@ -35,6 +36,8 @@ def method_refused(method_so_far: bytes, whole: bool) -> str | None:
     """Why a request line's method (its bytes so far; `whole` once its space has come) is refused,
     None for one llhttp knows or may yet be. A method that is not a token is a request that does
     not parse (`not_parsed`)."""
+    if whole and method_so_far == b"CONNECT":  # (h11 took its authority for a path: a 404, kept alive)
+        return CONNECT
     if (method_so_far in METHODS) if whole else any(m.startswith(method_so_far) for m in METHODS):
         return None
     if not TOKEN.fullmatch(method_so_far):
