@@ -6,7 +6,8 @@ import pytest
 
 from streamgen.cli import main
 from streamgen.data.dataset import AvatarWorldDataset, collate_clips
-from streamgen.data.shards import DataError, ShardReader, iter_clips, load_manifest, make_dataset, plan_shards
+from streamgen.data.manifest import load_manifest
+from streamgen.data.shards import DataError, ShardReader, iter_clips, make_dataset, plan_shards
 from streamgen.data.world import identity_split, make_clip
 
 

@@ -218,12 +218,14 @@ def test_an_interrupted_make_with_workers_leaves_nothing_in_the_temp_folder(tmp_
 def test_the_manifest_lists_a_splits_shards_in_the_order_of_their_numbers(tmp_path):
     """By name, shard-100000 came before shard-10001: a split of more than 100000 shards (a million
     clips in shards of 8) read its clips out of order."""
+    from streamgen.data.manifest import _write_manifest
+
     settings = {"seed": 0, "clips": 10, "height": 16, "width": 16, "seconds": 1.0, "identities": 20,
                 "speech": "espeak-ng 1.52"}  # (a make's settings)
     numbers = [100000, 9999, 10001, 0, 99999, 100001]
     written = [{"file": shards.shard_file("train", k), "clips": 1} for k in numbers]
     written.append({"file": shards.shard_file("val", 3), "clips": 1})
-    manifest = shards._write_manifest(tmp_path, settings, written)
+    manifest = _write_manifest(tmp_path, settings, written)
     listed = [shard["file"] for shard in manifest["splits"]["train"]["shards"]]
     assert listed == [shards.shard_file("train", k) for k in sorted(numbers)]
     assert [shard["file"] for shard in manifest["splits"]["val"]["shards"]] == ["val/shard-00003.npz"]

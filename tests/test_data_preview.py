@@ -7,7 +7,8 @@ from PIL import Image
 
 from streamgen.cli import main
 from streamgen.data import world
-from streamgen.data.shards import load_manifest, make_dataset
+from streamgen.data.manifest import load_manifest
+from streamgen.data.shards import make_dataset
 
 
 def test_a_preview_reads_its_clips_one_at_a_time(tmp_path, monkeypatch):

@@ -230,7 +230,7 @@ def _preview(args) -> int:
     # 60 showed 3 of them)
     previewed = args.clips
     if args.data is not None:
-        from .shards import load_manifest
+        from .manifest import load_manifest
 
         previewed = min(previewed, load_manifest(args.data)["splits"][args.split]["clips"])
     every = max(1, math.ceil(previewed / SHEET_ROWS))  # (1: a split whose count was edited to 0)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch.utils.data
 
-from .shards import NPZ_ERRORS, DataError, ShardReader, check_shard, load_manifest, save_npz
+from .manifest import load_manifest
+from .shards import NPZ_ERRORS, DataError, ShardReader, check_shard, save_npz
 
 
 def _latent_path(root: Path, name: str, shard_file: str) -> Path:

@@ -25,7 +25,8 @@ its clips (a shard a killed make finished but did not record is known by it: unf
 
 Members load lazily, so random access reads one clip. manifest.json records the format,
 seed, sizes, motion names and, per split, each shard's file, clip count, size and
-sha256. Splits are disjoint by identity and by sentence (see world.py).
+sha256 (written and read by manifest.py). Splits are disjoint by identity and by sentence (see
+world.py).
 
 Generation is deterministic per seed: clip i is `world.make_clip(seed, i)` whatever
 the number of workers.
@@ -46,14 +47,14 @@ from pathlib import Path
 
 import numpy as np
 
-from streamgen.files import write_atomically, write_text_atomically
+from streamgen.files import write_atomically
 from streamgen.folder_lock import no_other_writer
 
 from . import SPLITS
-from .motion import FPS, Motion
+from .manifest import FORMAT, _made_already, _write_manifest, load_manifest
+from .motion import FPS
 from .unfinished_make import (
     MADE_FOR,
-    PARTIAL,
     _append_to_partial,
     _finished_shards,
     _finished_unrecorded,
@@ -64,8 +65,6 @@ from .unfinished_make import (
     partly_made,
 )
 from .world import Clip, clip_split, make_clip
-
-FORMAT = "streamgen-avatar-world/1"
 
 
 class DataError(ValueError):
@@ -211,10 +210,6 @@ def shard_file(split: str, k: int) -> str:
     return f"{split}/shard-{k:05d}.npz"
 
 
-def _shard_number(record: dict) -> int:
-    return int(record["file"].rsplit("/shard-", 1)[1].removesuffix(".npz"))
-
-
 # what reading a damaged .npz raises (cut short, a byte flipped: zipfile says NotImplementedError
 # for a compression method byte it does not know, zlib.error for a spoilt stream)
 NPZ_ERRORS = (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError)
@@ -313,22 +308,6 @@ def make_dataset(
         raise
 
 
-def _made_already(out: Path, settings: dict) -> dict | None:
-    """The manifest in `out` where it is that of the make of `settings` (else None): its settings, and
-    its shards those it plans (the shard size is not recorded otherwise); the speech engine aside."""
-    try:
-        manifest = json.loads((out / "manifest.json").read_text())
-        made = sorted((s["file"], s["clips"], s["first_index"], s["last_index"])
-                      for split in SPLITS for s in manifest["splits"][split]["shards"])  # fmt: skip
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    if any(manifest.get(k) != v for k, v in settings.items() if k not in ("shard_size", "speech")):
-        return None
-    plan = plan_shards(settings["clips"], settings["shard_size"])
-    planned = sorted((shard_file(split, k), len(ix), ix[0], ix[-1]) for split, k, ix in plan)
-    return manifest if made == planned else None
-
-
 def _write_shards(out: Path, settings: dict, workers: int, progress, resumed=None) -> list[dict]:
     """The shards of the make of `settings` that `out` lacks, written (those an unfinished make left
     are kept), each recorded in PARTIAL as it is finished; every shard's record."""
@@ -400,84 +379,7 @@ def _write_shards(out: Path, settings: dict, workers: int, progress, resumed=Non
     return written
 
 
-
-def _write_manifest(out: Path, settings: dict, written: list[dict]) -> dict:
-    manifest = {
-        "format": FORMAT,
-        "seed": settings["seed"],
-        "clips": settings["clips"],
-        "height": settings["height"],
-        "width": settings["width"],
-        "fps": FPS,
-        "seconds": settings["seconds"],
-        "frames": int(round(settings["seconds"] * FPS)),
-        "sample_rate": 16000,
-        "identities": settings["identities"],
-        "speech": settings["speech"],  # (the espeak-ng that spoke the clips)
-        "motion_names": Motion.names(),
-        "splits": {},
-    }
-    for split in SPLITS:
-        # in the order of their numbers: by name, shard-100000 came before shard-10001 (a split of more
-        # than 100000 shards read its clips out of order)
-        shards = sorted((w for w in written if w["file"].startswith(split + "/")), key=_shard_number)
-        manifest["splits"][split] = {"clips": sum(w["clips"] for w in shards), "shards": shards}
-    write_text_atomically(out / "manifest.json", json.dumps(manifest, indent=1))
-    (out / PARTIAL).unlink(missing_ok=True)  # (after: a kill between the two leaves a dataset)
-    return manifest
-
-
 # ---------------------------------------------------------------- reading
-
-
-def load_manifest(root: Path) -> dict:
-    root = Path(root)
-    path = root / "manifest.json"
-    if not path.exists():
-        if (root / PARTIAL).exists():  # (said as any other folder, it read as if nothing were there)
-            raise DataError(
-                f"{root} is not a finished dataset: the `streamgen data make` that wrote it did not finish "
-                f"({clip_count(partly_made(root))} made, in {root / PARTIAL}); run it again to finish it"
-            )
-        # (a path mistyped, or a file, was told to run `streamgen data make`, as an empty folder is)
-        if not root.exists():
-            raise DataError(f"{root} is not a finished dataset: there is no such folder")
-        if not root.is_dir():
-            raise DataError(f"{root} is not a finished dataset: it is a file, not a dataset's folder")
-        raise DataError(f"{root} is not a finished dataset (no manifest.json); run `streamgen data make`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"corrupted manifest {path}: {e}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):  # (an AttributeError)
-        raise DataError(f"corrupted manifest {path}: not the JSON object of a dataset's manifest")
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT}")
-    wrong = _manifest_fault(manifest)
-    if wrong:  # (an edited manifest: a TypeError's or a KeyError's traceback where it was read)
-        raise DataError(f"corrupted manifest {path}: {wrong}")
-    return manifest
-
-
-def _manifest_fault(manifest: dict) -> str | None:
-    """What in `manifest` is not as `_write_manifest` writes it, of what readers index (None: nothing)."""
-
-    def count(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-    if not isinstance(manifest.get("motion_names"), list):
-        return "its motion_names are missing or not a list"
-    for split, entry in manifest["splits"].items():
-        if not (
-            isinstance(entry, dict) and count(entry.get("clips")) and isinstance(entry.get("shards"), list)
-        ):
-            return f"split {split!r} is not an object with a clip count and a list of shards"
-        for k, shard in enumerate(entry["shards"]):
-            if not (
-                isinstance(shard, dict) and isinstance(shard.get("file"), str) and count(shard.get("clips"))
-            ):
-                return f"shard {k} of split {split!r} is not an object with a file and a clip count"
-    return None
 
 
 def check_shard(

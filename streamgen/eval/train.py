@@ -188,7 +188,8 @@ def check_training_data(data: Path | None, n_clips: int = 2) -> None:
     """A DataError for a dataset the evaluators cannot train on, from its manifest, or for too few
     clips: before a clip is read, a progress bar shown or --out made (each came first, and --out
     was left empty)."""
-    from streamgen.data.shards import DataError, load_manifest
+    from streamgen.data.manifest import load_manifest
+    from streamgen.data.shards import DataError
 
     if n_clips < 2:  # (its loss was 0 at every step: evaluators that measure nothing, without a word)
         raise DataError(
