@@ -398,8 +398,11 @@ def _not_a_model(name: str) -> str:
     folder = home_expanded(name)
     if not _is_there(folder) and _is_a_path(name):
         return f"no model directory {name}: there is no such folder"
-    if not _is_there(folder) and "/" in name.replace(os.sep, "/"):  # (a relative path, said to be no model's name)
-        return f"no model directory {name}: there is no such folder in {Path.cwd()}"
+    found = None if _is_there(folder) or _is_a_path(name) else _folder_under_the_models(name)
+    if found is not None:  # (a copy cut short, a run's folder: "unknown model", or "no such folder")
+        name, folder = str(found), found
+    if not _is_there(folder) and "/" in name.replace(os.sep, "/"):  # (a relative path, or a nested model's name)
+        return f"no model directory {name}: there is no such folder in {Path.cwd()}, nor under {_model_folders()}"
     if not _is_there(folder):
         return f"unknown model {name!r}: not a model directory and not one of {', '.join(available_models())}"
     if folder.is_file() and (folder.parent / "model.json").is_file():  # (its model.json, its weights)
@@ -412,6 +415,20 @@ def _not_a_model(name: str) -> str:
     if folder.is_dir():
         return f"{name} is a folder without model.json: not a streamgen model (docs/distill.md says how one is made)"
     return f"unknown model {name!r}: not a model directory and not one of {', '.join(available_models())}"
+
+
+def _folder_under_the_models(name: str) -> Path | None:
+    """The first folder (or file) named `name` under the model folders, model.json or not."""
+    return next((root / name for root in model_search_path() if _is_there(root / name)), None)
+
+
+def _model_folders() -> str:
+    """The folders a model's name is looked for under (`model_search_path`), said with where each is from
+    (an `org/model` not found under STREAMGEN_MODELS was said to be no folder in the current one alone)."""
+    *extra, shipped = model_search_path()
+    if not extra:
+        return f"the shipped models ({shipped}; STREAMGEN_MODELS names more folders to look under)"
+    return f"STREAMGEN_MODELS ({', '.join(map(str, extra))}) or the shipped models ({shipped})"
 
 
 def _is_diffusers_wan(folder: Path) -> bool:

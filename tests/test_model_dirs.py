@@ -4,6 +4,7 @@ distillation that trains with `model.vae: wan:DIR` exports, and every command lo
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -1047,9 +1048,57 @@ def test_a_teacher_samples_the_steps_its_model_json_names(tmp_path):
 def test_a_relative_path_that_is_not_there_is_said_to_be_no_folder(tmp_path, monkeypatch):
     # `--model runs/tiny-avatar/ode/model` before that stage ran: "unknown model '...': not a model
     # directory and not one of tiny-avatar, ...", as if a model's name had been mistyped
-    from streamgen.models import require_model
+    from streamgen.models import MODELS_DIR, require_model
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("STREAMGEN_MODELS", raising=False)
     with pytest.raises(FileNotFoundError) as refused:
         require_model("runs/ode/model")
-    assert str(refused.value) == f"no model directory runs/ode/model: there is no such folder in {tmp_path}"
+    assert str(refused.value) == (
+        f"no model directory runs/ode/model: there is no such folder in {tmp_path}, nor under the shipped "
+        f"models ({MODELS_DIR}; STREAMGEN_MODELS names more folders to look under)"
+    )
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["STREAMGEN_MODELS", "shipped_only"])
+def test_a_nested_model_name_that_is_not_there_says_where_it_was_looked_for(tmp_path, monkeypatch, listed):
+    # `--model org/avatar`, looked for under every model folder (STREAMGEN_MODELS's, then the shipped
+    # models'), was "there is no such folder in <the current folder>", as if no other had been looked in
+    from streamgen import models
+
+    shipped, extra = tmp_path / "shipped", [tmp_path / "mine", tmp_path / "theirs"]
+    monkeypatch.setattr(models, "MODELS_DIR", shipped)
+    monkeypatch.setenv("STREAMGEN_MODELS", os.pathsep.join(map(str, extra)) if listed else "")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as refused:
+        models.require_model("org/avatar")
+    looked_under = f"STREAMGEN_MODELS ({extra[0]}, {extra[1]}) or the shipped models ({shipped})"
+    if not listed:
+        looked_under = f"the shipped models ({shipped}; STREAMGEN_MODELS names more folders to look under)"
+    assert str(refused.value) == (
+        f"no model directory org/avatar: there is no such folder in {tmp_path}, nor under {looked_under}"
+    )
+
+
+def test_a_model_name_whose_folder_under_streamgen_models_is_no_model_is_named_for_what_it_is(
+    tmp_path, monkeypatch
+):
+    # a name found as a folder under STREAMGEN_MODELS without model.json (a copy cut short, a run's
+    # folder) was "unknown model" or, nested, "no such folder", though the folder was there
+    from streamgen.models import require_model
+
+    models_dir, here = tmp_path / "models", tmp_path / "here"
+    (models_dir / "org" / "avatar").mkdir(parents=True)
+    (models_dir / "run" / "model").mkdir(parents=True)
+    (models_dir / "run" / "model" / "model.json").write_text("{}")
+    here.mkdir()
+    monkeypatch.setenv("STREAMGEN_MODELS", str(models_dir))
+    monkeypatch.chdir(here)
+    for name, says in [
+        ("org/avatar", f"{models_dir / 'org' / 'avatar'} is a folder without model.json: not a streamgen model"),
+        ("run", f"{models_dir / 'run'} is a run's folder: its model is {models_dir / 'run' / 'model'}"),
+    ]:
+        with pytest.raises(FileNotFoundError) as refused:
+            require_model(name)
+        assert str(refused.value).startswith(says), str(refused.value)
+    require_model("run/model")
