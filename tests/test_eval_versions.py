@@ -30,7 +30,7 @@ PINS = [
     (
         "streamgen/eval/train.py", "TRAINING_VERSION",
         ("streamgen/eval/train.py", "streamgen/eval/evaluators.py"),
-        1, "71f4c18ede00255a",
+        1, "dc346c8f19904a9f",
     ),
 ]  # fmt: skip
 
