@@ -28,8 +28,9 @@ EVAL_SEED = 20240
 # for the same model and evaluators (a metric, a detector, the clips made, what a clip keeps in
 # partial/), so that a report.json, or an unfinished run's clips, measured by the code before the
 # change are measured again rather than taken for this code's. tests/test_eval_versions.py pins it
-# to a digest of the metrics' code (metrics.py, evaluators.py, drift.py): a change there fails the
-# suite until it is looked at (bumped, or not, and pinned again); a change elsewhere is not watched
+# to a digest of the code its numbers depend on (the metrics, this module, partial.py, the code that
+# makes the clips): a change there fails the suite until it is looked at (bumped, or not, and pinned
+# again)
 EVAL_VERSION = 1
 # what a run writes into --out, report.json last
 OUTPUTS = ("drift.png", "sync.png", "samples.png", "report.md", "report.json")

@@ -325,7 +325,7 @@ class _Checkpoints:
 # the version of how the evaluators are trained: bump it with any change that changes the weights
 # the same settings train to (a loss, a batch, an architecture), so that evaluators (and an
 # unfinished run's checkpoints) trained by the code before are not taken for this code's
-# (tests/test_eval_versions.py pins it to a digest of this module's and evaluators.py's code)
+# (tests/test_eval_versions.py pins it to a digest of this module's, evaluators.py's and the clips' code)
 TRAINING_VERSION = 1
 
 
