@@ -106,7 +106,9 @@ class DmdStage:
         self.sigmas = student_sigmas(self.opts.student_steps, self.opts.shift).to(dev)
         self.updaters = {
             "generator": Updater("generator", self.student, cfg.optim, world),
-            "critic": Updater("critic", self.critic, self.opts.critic_optim, world),
+            "critic": Updater(
+                "critic", self.critic, self.opts.critic_optim, world, f"{cfg.stage}.critic_optim"
+            ),
         }
 
     def model_configs(self) -> dict:

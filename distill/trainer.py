@@ -278,13 +278,16 @@ class Trainer:
                     last = stage.train_step(step)
                 except NonFiniteLoss as e:
                     good = ckpt.latest_checkpoint(out)
-                    # (a resume is exact: "resume with --resume" alone ran into the same nan again)
+                    # (a resume is exact: "resume with --resume" alone ran into the same nan again;
+                    # the settings are the optimizer's that stepped: a critic's said optim.lr, the
+                    # generator's rate)
+                    opt = e.settings
                     raise TrainingError(
                         f"{e} at step {step}; stopped. Last good checkpoint: "
                         + (
                             f"{good}; resumed as it is, the run repeats the same steps: change what "
-                            "made it non-finite (a lower optim.lr, a tighter optim.grad_clip: "
-                            "--set optim.lr=...) and resume with --resume"
+                            f"made it non-finite (a lower {opt}.lr, a tighter {opt}.grad_clip: "
+                            f"--set {opt}.lr=...) and resume with --resume"
                             if good
                             else "none (no checkpoint was saved yet)"
                         )

@@ -17,9 +17,15 @@ from streamgen import checkpoint as ckpt
 
 
 class NonFiniteLoss(ArithmeticError):
-    def __init__(self, name: str, value: float):
-        super().__init__(f"{name} loss is {value}")
-        self.name, self.value = name, value
+    """A non-finite loss, or gradient behind a finite loss (`gradient`). `settings`: the config
+    section of the optimizer that would have stepped (`optim`, or a DMD stage's critic_optim),
+    where a lower rate is set."""
+
+    def __init__(self, name: str, value: float, settings: str = "optim", gradient: bool = False):
+        # (a NaN gradient said "teacher gradient loss is nan", a loss that was finite)
+        what = f"{name} gradient's norm" if gradient else f"{name} loss"
+        super().__init__(f"{what} is {value}")
+        self.name, self.value, self.settings = name, value, settings
 
 
 def learning_rate(cfg: OptimConfig, updates: int) -> float:
@@ -35,8 +41,11 @@ def learning_rate(cfg: OptimConfig, updates: int) -> float:
 class Updater:
     """One trainable module: AdamW, linear warm-up, grad-norm clipping, EMA, gradient all-reduce."""
 
-    def __init__(self, name: str, module: torch.nn.Module, cfg: OptimConfig, world: World):
-        self.name, self.module, self.cfg, self.world = name, module, cfg, world
+    def __init__(
+        self, name: str, module: torch.nn.Module, cfg: OptimConfig, world: World, settings: str = "optim"
+    ):
+        """settings: the config section `cfg` is (`optim`; a DMD stage's critic: STAGE.critic_optim)."""
+        self.name, self.module, self.cfg, self.world, self.settings = name, module, cfg, world, settings
         self.updates = 0
         self.sharded, self.template, self.gathered = False, None, None
         self._build_optimizer_and_ema()
@@ -70,7 +79,7 @@ class Updater:
         """backward, average over ranks, clip, step, EMA. Stops on a non-finite loss before stepping."""
         value = float(mean_across(loss, self.world))
         if not math.isfinite(value):
-            raise NonFiniteLoss(self.name, value)
+            raise NonFiniteLoss(self.name, value, self.settings)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if not self.sharded:  # FSDP2 has averaged them already (reduce-scatter)
@@ -82,7 +91,7 @@ class Updater:
         )
         norm = float(norm.full_tensor() if self.sharded else norm)
         if not math.isfinite(norm):
-            raise NonFiniteLoss(f"{self.name} gradient", norm)
+            raise NonFiniteLoss(self.name, norm, self.settings, gradient=True)
         lr = learning_rate(self.cfg, self.updates)
         for group in self.opt.param_groups:
             group["lr"] = lr

@@ -1,0 +1,53 @@
+"""The updates of a stage's trainable modules: what a run says when one cannot be taken."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_distill_helpers import debug_config, run
+
+from distill.trainer import TrainingError
+from streamgen import checkpoint as ckpt
+
+
+def test_a_nan_gradient_is_said_to_be_its_norm_not_the_loss():
+    """A NaN gradient behind a finite loss said "student gradient loss is nan"."""
+    from distill.config import OptimConfig
+    from distill.distributed import World
+    from distill.updater import NonFiniteLoss, Updater
+
+    module = torch.nn.Linear(2, 1)
+    updater = Updater("student", module, OptimConfig(), World())
+    y = module(torch.tensor([[-1.0, 0.5]])).sum()
+    loss = torch.where(torch.tensor(False), (-y.abs() - 1).sqrt(), torch.zeros(()))  # finite, NaN gradient
+    with pytest.raises(NonFiniteLoss) as stopped:
+        updater.update(loss)
+    assert str(stopped.value) == "student gradient's norm is nan"
+
+
+def test_a_nan_critic_loss_names_the_critics_optimizer_settings(tmp_path, monkeypatch):
+    """A DMD stage's critic steps with STAGE.critic_optim; its NaN loss said to lower optim.lr, the
+    generator's rate, which changed nothing of what made the critic's loss NaN."""
+    import distill.self_forcing
+
+    teacher = tmp_path / "teacher"
+    run(debug_config("teacher", teacher, **{"run.steps": 1}))
+    real = distill.self_forcing.critic_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 5 else loss  # step 2's first (2 a step)
+
+    monkeypatch.setattr(distill.self_forcing, "critic_loss", poisoned)
+    out = tmp_path / "sf"
+    cfg = debug_config("self_forcing", out, teacher=teacher / "model", init=teacher / "model")
+    with pytest.raises(TrainingError) as stopped:
+        run(cfg)
+    said = str(stopped.value)
+    assert said.startswith("critic loss is nan at step 2; stopped. Last good checkpoint: "), said
+    assert ckpt.latest_checkpoint(out).name == "step-00000002.safetensors"
+    lower = "(a lower self_forcing.critic_optim.lr, a tighter self_forcing.critic_optim.grad_clip: "
+    assert lower in said, said
+    assert "--set self_forcing.critic_optim.lr=..." in said, said
