@@ -77,12 +77,25 @@ class VideoSource:
             except DataError as e:
                 raise DataMissing(str(e)) from None
             self.num = len(self.ds)
+            frames = self.ds.manifest.get("frames")  # (every clip's; a manifest from before it: None)
+            self.frames = frames if isinstance(frames, int) else None
             self.where = f"the {d.split} split of {d.root} ({split_key})"
             if not self.num:  # (a traceback from torch.randint at the first step, or a report of 0 clips)
                 raise DataMissing(
                     f"the {d.split} split of {d.root} holds no clips ({split_key}): choose another split, "
                     "or make the dataset with more clips (streamgen data make --clips N)"
                 )
+
+    def check_crops_fit(self, crop: int, video_frames: int, most: int) -> None:
+        """ConfigError naming data.video_frames where its crops, of `crop` frames, are longer than
+        the clips: found at the first step, after the stage was built (a tiny decoder's teacher
+        loaded), it named no setting ("clips of 16 frames are shorter than a crop of 40"; a Wan
+        teacher's crop of 37 frames for a video_frames of 40). `most`: the most that fits."""
+        if self.frames is not None and crop > self.frames:
+            raise ConfigError(
+                f"data.video_frames {video_frames}: crops that long do not fit the clips ({self.where}: "
+                f"{self.frames} frames); set it to at most {most}"
+            )
 
     def clip(self, index: int) -> torch.Tensor:
         """uint8 [T, H, W, 3]."""
@@ -118,6 +131,9 @@ class Stage:
         self.vae.to(world.device).train()
         broadcast_module(self.vae, world)
         self.source = VideoSource(cfg)
+        if self.source.frames is not None:  # (crops start on latent frames: a whole number of them)
+            most = self.source.frames - self.source.frames % mcfg.temporal_compression
+            self.source.check_crops_fit(cfg.data.video_frames, cfg.data.video_frames, most)
         warn_if_capped(self.opts.stats_clips, "autoencoder.stats_clips", self.source, world,
                        "the latent statistics are measured over")  # fmt: skip
         self.updaters = {"vae": Updater("vae", self.vae, cfg.optim, world)}

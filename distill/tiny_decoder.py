@@ -113,6 +113,9 @@ class Stage:
         # a crop of n latent frames: the first holds first_latent_frames video frames (Wan: 1)
         self.crop = self.teacher.first_latent_frames + tf * (cfg.data.video_frames // tf - 1)
         self.source = VideoSource(cfg)
+        if self.source.frames is not None:  # the most video_frames, a multiple of tf, whose crop fits
+            most = tf * ((self.source.frames - self.teacher.first_latent_frames) // tf + 1)
+            self.source.check_crops_fit(self.crop, cfg.data.video_frames, most)
         # (read at the end, for the report: a split with no clips was found after the training)
         eval_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split=self.opts.eval_split))
         self.eval_source = VideoSource(eval_cfg, "tiny_decoder.eval_split")

@@ -397,3 +397,30 @@ def test_latents_of_a_split_with_no_clips_name_the_setting(tmp_path, autoencoder
     cfg.options.captions = False
     with pytest.raises(DataMissing, match=r"has no train clips to encode \(latents.splits names the splits\)"):
         build_latents(cfg)
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "tiny_decoder"])
+@pytest.mark.parametrize("source", ["world", "synthetic"])
+def test_crops_longer_than_the_clips_name_data_video_frames_before_any_work(world, tmp_path, stage, source):
+    """The pixel stages found crops longer than the clips at their first step, after the stage was
+    built, naming no setting: "clips of 25 frames are shorter than a crop of 40"."""
+    from distill.config import ConfigError
+
+    out = tmp_path / "run"
+    if source == "world":  # 1 s clips: 25 frames
+        cfg, clips, most = world_config(stage, out, world, **{"data.video_frames": 40}), 25, 24
+    else:  # debug configs: 4 and 3 latent frames of 4
+        cfg = debug_config(stage, out, **{"data.video_frames": 40})
+        clips = most = 16 if stage == "autoencoder" else 12
+    with pytest.raises(
+        ConfigError,
+        match=rf"^data\.video_frames 40: crops that long do not fit the clips \(.*: {clips} frames\); "
+        rf"set it to at most {most}$",
+    ):
+        run(cfg)
+    assert not out.exists()
+    fits = debug_config(stage, out, **{"data.video_frames": most, "run.steps": 1})
+    if source == "world":
+        fits = world_config(stage, out, world, **{"data.video_frames": most, "run.steps": 1})
+    run(fits)
+    assert ckpt.latest_checkpoint(out).name == "step-00000001.safetensors"
