@@ -230,6 +230,10 @@ def ignored_settings(cfg: TrainConfig, processes: int) -> list[str]:
     if isinstance(opts, ChunkOptions) and opts.max_chunks_back == 0 and opts.p_self_correct > 0:
         notes.append("chunk.p_self_correct does nothing with chunk.max_chunks_back 0: every step trains the "
                      "first chunk, which has no chunks before it to roll out")  # fmt: skip
+    if isinstance(opts, DmdOptions) and opts.critic_optim.ema > 0:  # (only the generator's is exported)
+        notes.append(f"{cfg.stage}.critic_optim.ema keeps an average of the critic that nothing reads: the "
+                     "fake score is the critic as it trains, and the export is the generator's; it costs a copy "
+                     "of the critic's weights, in memory and in every checkpoint")  # fmt: skip
     most = max(1, cfg.data.latent_frames - 1)  # (distill/teacher.py: a prefix leaves a frame to denoise)
     if isinstance(opts, TeacherOptions) and opts.p_motion_prefix > 0 and opts.max_motion_frames > most:
         notes.append(f"teacher.max_motion_frames {opts.max_motion_frames} is more than crops of "

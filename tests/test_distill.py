@@ -419,6 +419,8 @@ def test_a_set_override_the_model_config_refuses_names_the_set_not_the_file(tmp_
             ["tiny_decoder.architecture=causal_vae", "tiny_decoder.blocks_per_stage=2"],
             "tiny_decoder.blocks_per_stage is for a taehv decoder",
         ),
+        ("self_forcing", ["self_forcing.critic_optim.ema=0.99"], "self_forcing.critic_optim.ema keeps an average"),
+        ("chunk", ["chunk.critic_optim.ema=0.99"], "chunk.critic_optim.ema keeps an average of the critic"),
     ],
 )
 def test_a_setting_that_does_not_apply_is_named_in_a_warning(stage, sets, says):
