@@ -168,12 +168,19 @@ class Updater:
                 # trained without (optim.ema 0) until now: the average starts from the weights
                 # resumed (it was refused, with no way on but the run's start over)
                 self.ema = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-                print(f"warning: {path.name} has no EMA weights for {self.name} (trained with optim.ema 0): "
-                      f"the EMA starts from its weights", file=sys.stderr)  # fmt: skip
+                if self.world.is_main:  # (each rank's line, run together)
+                    print(f"warning: {path.name} has no EMA weights for {self.name} (trained with "
+                          f"{self.settings}.ema 0): the EMA starts from its weights", file=sys.stderr)  # fmt: skip
             elif set(ema) != set(self.ema):
                 raise ckpt.CheckpointError(f"checkpoint {path} has EMA weights for another {self.name}")
             else:
                 self.ema = {k: fsdp.shard_like(v.clone(), self.ema[k]) for k, v in ema.items()}
+        elif self.world.is_main and any(k.startswith(f"ema/{self.name}/") for k in tensors):
+            # (dropped without a word: the export, the trained weights, was not the average of the
+            # run's steps it had been until then, nor what the run's config had asked for)
+            print(f"warning: {path.name} holds the EMA weights of {self.name}, which {self.settings}.ema 0 "
+                  f"drops: its export is the trained weights, not their average (give {self.settings}.ema "
+                  "the decay the run had to keep it)", file=sys.stderr)  # fmt: skip
         if self.sharded:
             fsdp.load_full_optimizer_state(self.name, self.module, self.opt, tensors, meta["optimizer"])
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_distill_helpers import debug_config, run
+from test_distill_helpers import debug_config, final_tensors, run
 
 from distill.trainer import TrainingError
 from streamgen import checkpoint as ckpt
@@ -51,3 +51,20 @@ def test_a_nan_critic_loss_names_the_critics_optimizer_settings(tmp_path, monkey
     lower = "(a lower self_forcing.critic_optim.lr, a tighter self_forcing.critic_optim.grad_clip: "
     assert lower in said, said
     assert "--set self_forcing.critic_optim.lr=..." in said, said
+
+
+def test_a_resume_that_turns_the_ema_off_says_the_average_is_dropped(tmp_path, capsys):
+    """A checkpoint's EMA weights were dropped without a word by a resume with optim.ema 0: the export,
+    the trained weights, was no longer the average the run had kept until then."""
+    out = tmp_path / "t"
+    run(debug_config("teacher", out), stop_after=2)  # (the debug config's optim.ema 0.9)
+    capsys.readouterr()
+    run(debug_config("teacher", out, **{"optim.ema": 0.0, "run.steps": 3}), resume=True)
+    err = capsys.readouterr().err
+    assert (
+        "warning: step-00000002.safetensors holds the EMA weights of teacher, which optim.ema 0 drops: its "
+        "export is the trained weights, not their average" in err
+    ), err
+    assert not any(k.startswith("ema/") for k in final_tensors(out))
+    run(debug_config("teacher", out, **{"optim.ema": 0.0, "run.steps": 4}), resume=True)
+    assert "EMA" not in capsys.readouterr().err  # (none to drop)
