@@ -38,6 +38,7 @@ def _run_hint(path: str) -> str:
     """What a training run's folder at `path` says of its model ("train the stage that makes it
     first" was said of a run's folder given for its `model/`, and of a run killed before its export)."""
     from streamgen.checkpoint import latest_checkpoint
+    from streamgen.models import has_autoencoder
 
     given = home_expanded(path)
     if _is_diffusers_wan(given):  # (was "train the stage that makes it first")
@@ -45,6 +46,15 @@ def _run_hint(path: str) -> str:
     try:
         if (given / "model" / "model.json").is_file():
             return f"; the model of the run in {given} is {given / 'model'}"
+        # (the autoencoder's and a tiny decoder's exports were "a run that has exported no model
+        # yet ... finish it with --resume", which only exported them again)
+        if has_autoencoder(given):
+            return "; it is an autoencoder (the autoencoder stage's export), not a model: an autoencoder is model.vae"
+        if (given / "tiny_decoder.safetensors").is_file():
+            return (
+                "; it holds a tiny decoder (the tiny_decoder stage's export), not a model: a tiny decoder "
+                "decodes a model's latents, from that model's directory (docs/distill.md)"
+            )
         run = given.parent if given.name == "model" else given
         newest = latest_checkpoint(run)
     except OSError:  # (a name too long for the file system)
