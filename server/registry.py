@@ -7,7 +7,6 @@ import concurrent.futures
 import logging
 import secrets
 import threading
-import time
 from collections import OrderedDict
 
 import numpy as np
@@ -376,7 +375,7 @@ class SessionRegistry:
     async def enforce_limits(self) -> None:
         """The sessions past a limit, closed together: each teardown waits for its lane's worker
         (a chunk in progress), and one after another they held the others past their limits."""
-        now, expired = time.monotonic(), []
+        expired = []
         # a host down at a stop is the stop (`SequenceParallelHost._gone`): the shutdown closes the sessions
         down = None if self.stopping.is_set() else self.host_down
         if down and not self.down_logged:  # (a process killed while no session streamed, the OOM
@@ -385,6 +384,7 @@ class SessionRegistry:
             log.error("the model is down: %s; /healthz says so, and the server admits no session until "
                       "it is restarted", down)  # fmt: skip
         for session in list(self.sessions.values()):
+            now = session.clock()  # (its times are on its clock: the worker's, `Session(clock=)`)
             if down:  # the model process died: no session of it can stream again
                 expired.append((session, f"host_down: {down}"))
             elif session.transport is None and now - session.created > self.unclaimed_timeout_s:

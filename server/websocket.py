@@ -396,7 +396,8 @@ class SocketConnection:
                     # that joined its lane's schedule starts up to a chunk period later, and its next
                     # chunk comes that much later too: chunk 0 goes no sooner than one delay before it
                     # plays, as every later chunk does
-                    await asyncio.sleep(max(0.0, self.session.base - self.session.delay - time.monotonic()))
+                    s = self.session  # (base is on the session's clock)
+                    await s.sleep(max(0.0, s.base - s.delay - s.clock()))
                 await self.send(pack(MsgType.AUDIO_OUT, seq_audio, chunk.pts, chunk.audio.tobytes()))
                 seq_audio += 1
                 i, frames = 0, chunk.frames

@@ -1073,7 +1073,8 @@ def test_any_request_a_client_can_make_is_answered_in_json_without_a_5xx(client)
             client.delete(made["resource"], headers=auth(made["token"]))
 
     request()
-    assert set(client.app.state.registry.sessions) == sessions  # none made and left behind
+    # none made and left behind (one an earlier test left may have reached its unclaimed limit meanwhile)
+    assert set(client.app.state.registry.sessions) <= sessions and s["id"] in client.app.state.registry.sessions
     client.delete(base, headers=auth(s["token"]))
 
 

@@ -147,7 +147,7 @@ async def test_sessions_past_their_limits_are_closed_together_and_one_failure_st
     now = time.monotonic()
     for i, idle in enumerate((5.0, 0.0, 5.0, 5.0)):
         registry.sessions[f"s{i}"] = SimpleNamespace(
-            id=f"s{i}", created=now - 10, last_input=now - idle, transport="websocket"
+            id=f"s{i}", created=now - 10, last_input=now - idle, transport="websocket", clock=time.monotonic
         )
     running, most, closed = set(), [0], []
 
@@ -268,7 +268,8 @@ def test_streaming_sessions_of_a_host_ended_by_the_servers_stop_end_as_shut_down
         assert [r.levelname for r in caplog.records if r.name == "streamgen.server"] == ["INFO"], caplog.text
         registry = SessionRegistry(ServerConfig(), None, None)
         registry.host = SimpleNamespace(down="the sequence-parallel host has stopped")
-        registry.sessions["s2"] = SimpleNamespace(id="s2", created=1e18, last_input=1e18, transport="websocket")
+        registry.sessions["s2"] = SimpleNamespace(id="s2", created=1e18, last_input=1e18, transport="websocket",
+                                                  clock=time.monotonic)
         closed = []
 
         async def close(session, reason):
@@ -561,7 +562,7 @@ async def test_a_limit_below_a_second_is_named_as_set(monkeypatch):
 
     registry = SessionRegistry(ServerConfig(idle_timeout_s=2.5, max_duration_s=0.5), None, None)
     now = time.monotonic()
-    registry.sessions["old"] = SimpleNamespace(id="old", created=now - 1, last_input=now, transport="whep")
+    registry.sessions["old"] = SimpleNamespace(id="old", created=now - 1, last_input=now, transport="whep", clock=time.monotonic)
     closed = []
 
     async def close(session, reason):
@@ -570,7 +571,8 @@ async def test_a_limit_below_a_second_is_named_as_set(monkeypatch):
     monkeypatch.setattr(registry, "close", close)
     await registry.enforce_limits()
     registry.config.max_duration_s = 3600.0
-    registry.sessions["idle"] = SimpleNamespace(id="idle", created=now, last_input=now - 3, transport="websocket")
+    registry.sessions["idle"] = SimpleNamespace(id="idle", created=now, last_input=now - 3, transport="websocket",
+                                                clock=time.monotonic)
     del registry.sessions["old"]
     await registry.enforce_limits()
     assert closed == ["max_duration: session reached 0.5 s", "idle: no input for 2.5 s"]
@@ -590,8 +592,13 @@ async def test_a_session_no_client_connects_to_is_closed_before_the_idle_limit(m
     registry = SessionRegistry(ServerConfig(idle_timeout_s=60.0, unclaimed_timeout_s=5.0), None, None)
     now = time.monotonic()
     for name, transport in (("orphan", None), ("socket", "websocket"), ("offer", "whep")):
-        registry.sessions[name] = SimpleNamespace(id=name, created=now - 6, last_input=now - 6, transport=transport)
-    registry.sessions["new"] = SimpleNamespace(id="new", created=now - 1, last_input=now - 1, transport=None)
+        registry.sessions[name] = SimpleNamespace(id=name, created=now - 6, last_input=now - 6, transport=transport,
+                                                  clock=time.monotonic)
+    registry.sessions["new"] = SimpleNamespace(id="new", created=now - 1, last_input=now - 1, transport=None,
+                                               clock=time.monotonic)
+    # a session's times are on its own clock (the worker's, `Session(clock=)`): one second old on it
+    registry.sessions["own_clock"] = SimpleNamespace(id="own_clock", created=5.0, last_input=5.0, transport=None,
+                                                     clock=lambda: 6.0)
     closed = []
 
     async def close(session, reason):
