@@ -87,6 +87,7 @@ class ConnectionLimits:
         self.head_bytes = 0  # of the request head awaited now
         self.head_tail = b""  # its last 3 bytes so far
         self.request_line_bytes = None  # its request line's length, once it has ended
+        self.request_line_spaces = 0  # the spaces in it so far: one, an HTTP/0.9 request line's (no version)
         self.head_seen = bytearray()  # its bytes so far, for its Origin (only with --cors-origin)
         self.method_seen = b""  # its first bytes, to its method's end
         self.head_timer = None
@@ -109,6 +110,7 @@ class ConnectionLimits:
             self.head_tail = b""
             self.head_seen.clear()
             self.request_line_bytes = None
+            self.request_line_spaces = 0
             self.method_seen = b""
         if self.awaiting_head:
             if not self.method_seen:  # (RFC 9112 2.2: empty lines before a request line are skipped, as
@@ -118,8 +120,14 @@ class ConnectionLimits:
                     return
             if self.cors_origins and len(self.head_seen) <= MAX_HEAD_BYTES:  # (past it: a 431 below)
                 self.head_seen += data
-            if self.request_line_bytes is None and (line_end := data.find(b"\n")) >= 0:
-                self.request_line_bytes = self.head_bytes + line_end
+            if self.request_line_bytes is None:
+                line_end = data.find(b"\n")
+                self.request_line_spaces += data.count(b" ", 0, line_end if line_end >= 0 else len(data))
+                if line_end >= 0:
+                    self.request_line_bytes = self.head_bytes + line_end
+                    if self.request_line_spaces == 1:  # (no version: h11 refused it as one that did not parse)
+                        return self._answer_and_close(b"505 HTTP Version Not Supported", "http_version_not_supported",
+                                                      "HTTP/0.9 is not spoken here: send HTTP/1.1")  # fmt: skip
             seen = self.head_tail + data
             end = seen.find(b"\r\n\r\n")
             if end >= 0 and self.head_bytes - len(self.head_tail) + end + 4 > MAX_HEAD_BYTES:

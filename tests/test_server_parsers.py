@@ -92,10 +92,12 @@ def unknown_method(name: str) -> str:
      {"error": "bad_request", "message": NOT_CHUNKED}),
     (POST + b"Transfer-Encoding: chunked, chunked" + CHUNKED_BODY, 400, {"error": "bad_request", "message": NOT_CHUNKED}),
     (b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\n\r\n", 400, {"error": "bad_request", "message": CONNECT}),
+    (b"GET /healthz\r\n\r\n", 505, {"error": "http_version_not_supported",
+                                   "message": "HTTP/0.9 is not spoken here: send HTTP/1.1"}),
     (b"\r\n" + GET, 200, {"status": "ok"}),  # (RFC 9112 2.2: a server SHOULD ignore an empty line before it)
     (GET.replace(b"Connection", b"X-Tab: a\tb\r\nConnection"), 200, {"status": "ok"}),
 ], ids=["get", "Get", "unknown", "folded", "space-after-request-line", "bare-lf", "one-bare-lf", "control",
-        "delete", "gzip", "gzip-chunked", "gzip-then-chunked", "chunked-twice", "connect", "empty-line-first",
+        "delete", "gzip", "gzip-chunked", "gzip-then-chunked", "chunked-twice", "connect", "http-0.9", "empty-line-first",
         "tab"])  # fmt: skip
 def test_a_head_either_parser_would_refuse_is_answered_the_same_by_both(server, request_bytes, status, said):
     """h11 served a lowercase or unknown method as a 405 ('get is not allowed'), a folded header,
@@ -104,7 +106,8 @@ def test_a_head_either_parser_would_refuse_is_answered_the_same_by_both(server, 
     client's request was answered by which parser the server had. httptools served a body of a
     coding besides chunked (gzip, chunked) as if it were not coded, h11 refused it as one that did
     not parse; h11 answered CONNECT's authority 404 'nothing at /127.0.0.1:443' and kept the
-    connection. Each is the same answer under both."""
+    connection, and an HTTP/0.9 request line (no version) 400, where httptools said 505 that
+    HTTP/0.9 is not spoken. Each is the same answer under both."""
     with connect(server[0]) as sock:
         sock.sendall(request_bytes)
         answer = answer_until_closed(sock)
