@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
 
 from .origins import ApiCors, cors_options
-from .request_heads import LONGEST_METHOD, lines_refused, method_refused
+from .request_heads import LONGEST_METHOD, lines_refused, method_refused, version_refused
 
 log = logging.getLogger("streamgen.server")
 
@@ -88,6 +88,7 @@ class ConnectionLimits:
         self.head_tail = b""  # its last 3 bytes so far
         self.request_line_bytes = None  # its request line's length, once it has ended
         self.request_line_spaces = 0  # the spaces in it so far: one, an HTTP/0.9 request line's (no version)
+        self.request_line_tail = b""  # its last bytes so far (its version, once it has ended)
         self.head_seen = bytearray()  # its bytes so far, for its Origin (only with --cors-origin)
         self.method_seen = b""  # its first bytes, to its method's end
         self.head_timer = None
@@ -110,7 +111,7 @@ class ConnectionLimits:
             self.head_tail = b""
             self.head_seen.clear()
             self.request_line_bytes = None
-            self.request_line_spaces = 0
+            self.request_line_spaces, self.request_line_tail = 0, b""
             self.method_seen = b""
         if self.awaiting_head:
             if not self.method_seen:  # (RFC 9112 2.2: empty lines before a request line are skipped, as
@@ -120,14 +121,14 @@ class ConnectionLimits:
                     return
             if self.cors_origins and len(self.head_seen) <= MAX_HEAD_BYTES:  # (past it: a 431 below)
                 self.head_seen += data
+            line_ended = False
             if self.request_line_bytes is None:
                 line_end = data.find(b"\n")
-                self.request_line_spaces += data.count(b" ", 0, line_end if line_end >= 0 else len(data))
-                if line_end >= 0:
+                line_end, line_ended = (line_end, True) if line_end >= 0 else (len(data), False)
+                self.request_line_spaces += data.count(b" ", 0, line_end)
+                self.request_line_tail = (self.request_line_tail + data[max(0, line_end - 16) : line_end])[-16:]
+                if line_ended:
                     self.request_line_bytes = self.head_bytes + line_end
-                    if self.request_line_spaces == 1:  # (no version: h11 refused it as one that did not parse)
-                        return self._answer_and_close(b"505 HTTP Version Not Supported", "http_version_not_supported",
-                                                      "HTTP/0.9 is not spoken here: send HTTP/1.1")  # fmt: skip
             seen = self.head_tail + data
             end = seen.find(b"\r\n\r\n")
             if end >= 0 and self.head_bytes - len(self.head_tail) + end + 4 > MAX_HEAD_BYTES:
@@ -136,6 +137,8 @@ class ConnectionLimits:
                 return self._refuse_head_too_large()
             if (refused := self._head_bytes_refused(seen[: end + 4] if end >= 0 else seen, data)) is not None:
                 return self._answer_and_close(b"400 Bad Request", "bad_request", refused)
+            if line_ended and (refused := version_refused(self.request_line_tail, self.request_line_spaces)):
+                return self._answer_and_close(b"505 HTTP Version Not Supported", "http_version_not_supported", refused)
             self.head_tail = seen[-3:]  # (the blank line that ends a head may come split)
             self.head_bytes += len(data)
         cycle = self.cycle

@@ -28,6 +28,7 @@ CONTROL = "the request head has a control character, other than a tab, in its re
 CONNECT = "CONNECT asks for a tunnel, a proxy's work: this server is not a proxy"
 # (CR and LF are the lines' own; a CR alone both parsers refuse alike)
 CONTROL_CHARACTER = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 BARE_LF_END = re.compile(rb"(?<!\r)\n")
 LINE_FOLDED = re.compile(rb"\n[ \t]")
 
@@ -56,4 +57,17 @@ def lines_refused(head: bytes) -> str | None:
         return FOLDED
     if CONTROL_CHARACTER.search(head):
         return CONTROL
+    return None
+
+
+def version_refused(request_line_tail: bytes, spaces: int) -> str | None:
+    """Why a request line (its last bytes, and how many spaces it had) names an HTTP version not
+    spoken here, or None: HTTP/0.9's (no version: h11 refused it as one that did not parse, httptools
+    served it to the app's 505), or one other than 1.0 and 1.1 (h11 served HTTP/1.2, httptools said
+    505 without naming it). A version that is none (`http/1.1`) is a request that does not parse."""
+    if spaces == 1:
+        return "HTTP/0.9 is not spoken here: send HTTP/1.1"
+    version = request_line_tail.rstrip(b"\r").rpartition(b" ")[2]
+    if VERSION.fullmatch(version) and version not in (b"HTTP/1.0", b"HTTP/1.1"):
+        return f"{version.decode()} is not spoken here: send HTTP/1.1"
     return None

@@ -71,6 +71,9 @@ POST = b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: applicat
 CHUNKED_BODY = b"\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
 
 
+NOT_PARSED = "not a valid HTTP/1.1 request: its request line or a header could not be parsed"
+
+
 def unknown_method(name: str) -> str:
     return (f"unknown method {name!r}: methods are case-sensitive, and this server's are GET, HEAD, POST, PATCH, "
             "DELETE and OPTIONS")  # fmt: skip
@@ -94,11 +97,16 @@ def unknown_method(name: str) -> str:
     (b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\n\r\n", 400, {"error": "bad_request", "message": CONNECT}),
     (b"GET /healthz\r\n\r\n", 505, {"error": "http_version_not_supported",
                                    "message": "HTTP/0.9 is not spoken here: send HTTP/1.1"}),
+    (GET.replace(b"HTTP/1.1", b"HTTP/1.2"), 505, {"error": "http_version_not_supported",
+                                                  "message": "HTTP/1.2 is not spoken here: send HTTP/1.1"}),
+    (GET.replace(b"HTTP/1.1", b"HTTP/2.0"), 505, {"error": "http_version_not_supported",
+                                                  "message": "HTTP/2.0 is not spoken here: send HTTP/1.1"}),
+    (GET.replace(b"GET ", b"GET\t"), 400, {"error": "bad_request", "message": NOT_PARSED}),
     (b"\r\n" + GET, 200, {"status": "ok"}),  # (RFC 9112 2.2: a server SHOULD ignore an empty line before it)
     (GET.replace(b"Connection", b"X-Tab: a\tb\r\nConnection"), 200, {"status": "ok"}),
 ], ids=["get", "Get", "unknown", "folded", "space-after-request-line", "bare-lf", "one-bare-lf", "control",
-        "delete", "gzip", "gzip-chunked", "gzip-then-chunked", "chunked-twice", "connect", "http-0.9", "empty-line-first",
-        "tab"])  # fmt: skip
+        "delete", "gzip", "gzip-chunked", "gzip-then-chunked", "chunked-twice", "connect", "http-0.9", "http-1.2",
+        "http-2.0", "tab-after-method", "empty-line-first", "tab"])  # fmt: skip
 def test_a_head_either_parser_would_refuse_is_answered_the_same_by_both(server, request_bytes, status, said):
     """h11 served a lowercase or unknown method as a 405 ('get is not allowed'), a folded header,
     bare LFs and control characters in a value as a 200, and refused an empty line before the
@@ -107,7 +115,8 @@ def test_a_head_either_parser_would_refuse_is_answered_the_same_by_both(server, 
     coding besides chunked (gzip, chunked) as if it were not coded, h11 refused it as one that did
     not parse; h11 answered CONNECT's authority 404 'nothing at /127.0.0.1:443' and kept the
     connection, and an HTTP/0.9 request line (no version) 400, where httptools said 505 that
-    HTTP/0.9 is not spoken. Each is the same answer under both."""
+    HTTP/0.9 is not spoken; h11 served HTTP/1.2, httptools said 505 without naming the version.
+    Each is the same answer under both."""
     with connect(server[0]) as sock:
         sock.sendall(request_bytes)
         answer = answer_until_closed(sock)
