@@ -260,11 +260,11 @@ class ConnectionLimits:
     def _who(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
 
-    def _answer_and_close(self, status: bytes, error: str, message: str, headers=()) -> None:
+    def _answer_and_close(self, status: bytes, error: str, message: str, headers=(), **fields) -> None:
         """An error in the API's JSON, written as it is (the request it answers was never parsed
         whole, or is an upgrade's), and the connection closed."""
         headers = self.server_state.default_headers + list(headers) + self._cors_headers()
-        self.transport.write(error_answer(status, error, message, headers))
+        self.transport.write(error_answer(status, error, message, headers, **fields))
         self.transport.close()
 
     def _cors_headers(self) -> list[tuple[bytes, bytes]]:
@@ -332,17 +332,18 @@ class ConnectionLimits:
         if refused is None and self.scope["http_version"] == "1.0":
             # (RFC 6455 4.1; uvicorn wrote it as 1.1 for the websockets library, which refuses a 1.0)
             refused = 400, "bad_request", "a WebSocket handshake must be HTTP/1.1 (RFC 6455, 4.1)"
-        headers = []
-        if refused is None and self._over_limit():
+        headers, fields = [], {}
+        if refused is None and self._over_limit():  # (as _refuse_over_limit answers a request)
             refused = 503, "unavailable", self._over_limit_message("a WebSocket upgrade")
-            headers = [(b"retry-after", str(RETRY_AFTER_S).encode())]
+            headers, fields = [(b"retry-after", str(RETRY_AFTER_S).encode())], {"reason": "too many connections"}
         if refused is None:
             return super().handle_websocket_upgrade(*event)
         status, error, message = refused
         if status != 503:  # (logged as a warning by _over_limit_message)
             log.info("a WebSocket upgrade -> %d: %s", status, message)
         self.awaiting_head = False  # (its CORS headers are those of its headers, parsed whole)
-        self._answer_and_close(b"%d %s" % (status, HTTPStatus(status).phrase.encode()), error, message, headers)
+        status_line = b"%d %s" % (status, HTTPStatus(status).phrase.encode())
+        self._answer_and_close(status_line, error, message, headers, **fields)
 
     def _head_refused(self) -> str | None:
         """Why a head parsed whole (`self.headers`) is refused, or None."""
@@ -387,9 +388,10 @@ class ConnectionLimits:
         await response(scope, receive, send)
 
 
-def error_answer(status: bytes, error: str, message: str, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """A response of an error in the API's JSON, with `headers`, that closes its connection."""
-    body = json.dumps({"error": error, "message": message}).encode()
+def error_answer(status: bytes, error: str, message: str, headers: list[tuple[bytes, bytes]], **fields) -> bytes:
+    """A response of an error in the API's JSON (with its other `fields`), with `headers`, that closes
+    its connection."""
+    body = json.dumps({"error": error, "message": message, **fields}).encode()
     head = [b"HTTP/1.1 " + status + b"\r\n"]
     head += [name + b": " + value + b"\r\n" for name, value in headers]
     head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),

@@ -74,7 +74,7 @@ def test_an_upgrade_past_the_connection_limit_is_a_503_in_json(server):
     assert b"retry-after: 1" in lowered and b"connection: close" in lowered, head
     assert b"access-control-allow-origin: " + PAGE.encode() in lowered, head
     said = json.loads(body)
-    assert said["error"] == "unavailable", said
+    assert said["error"] == "unavailable" and said["reason"] == "too many connections", said  # (as a request's 503)
     assert said["message"].endswith(f"more than its limit of {MAX_CONNECTIONS}: try again shortly"), said
 
 
