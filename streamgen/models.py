@@ -165,7 +165,8 @@ class AvatarModel:
 
 
 def model_search_path() -> list[Path]:
-    extra = [Path(p) for p in os.environ.get("STREAMGEN_MODELS", "").split(os.pathsep) if p]
+    # (`~` as a shell would: a systemd unit, a Docker env file or a quoted export give it unexpanded)
+    extra = [home_expanded(p) for p in os.environ.get("STREAMGEN_MODELS", "").split(os.pathsep) if p]
     return extra + [MODELS_DIR]
 
 

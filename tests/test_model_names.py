@@ -245,3 +245,20 @@ def test_a_model_name_whose_folder_under_streamgen_models_is_no_model_is_named_f
             require_model(name)
         assert str(refused.value).startswith(says), str(refused.value)
     require_model("run/model")
+
+
+
+def test_model_folders_under_the_home_folder_in_streamgen_models_are_found_by_their_tilde(tmp_path, monkeypatch):
+    # STREAMGEN_MODELS="~/models" as a systemd unit, a Docker env file or a quoted export give it (no
+    # shell expands it there): the folder looked under was ./~/models, no model found in it nor listed
+    from streamgen.models import available_models, resolve_model_dir
+
+    home = tmp_path / "home"
+    model = home / "models" / "avatar"
+    model.mkdir(parents=True)
+    (model / "model.json").write_text("{}")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("STREAMGEN_MODELS", os.pathsep.join(["~/more", "~/models"]))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_dir("avatar") == model
+    assert "avatar" in available_models()
