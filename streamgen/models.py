@@ -200,14 +200,28 @@ def _is_there(path: Path) -> bool:
 
 
 def available_models() -> list[str]:
-    names = {
-        d.name
-        for root in model_search_path()
-        if root.is_dir()
-        for d in root.iterdir()
-        if (d / "model.json").exists() and not d.name.startswith(".")  # (not an export's staging folder)
-    }
-    return sorted(names | {n for n in FLAVORS if n != "debug"})
+    return _listed_models()[0]
+
+
+def _listed_models() -> tuple[list[str], list[str]]:
+    """The models' names, and the model folders that cannot be read, each said with why (a
+    STREAMGEN_MODELS folder of another user's: iterdir's PermissionError was a traceback)."""
+    names, unreadable = {n for n in FLAVORS if n != "debug"}, []
+    for root in model_search_path():
+        try:  # (a name starting with "." is an export's staging folder)
+            names |= {d.name for d in root.iterdir() if _is_there(d / "model.json") and d.name[0] != "."}
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as e:
+            whose = "the shipped models'" if root == MODELS_DIR else "STREAMGEN_MODELS's"
+            unreadable.append(f"{whose} {root} cannot be read: {e.strerror or e}")
+    return sorted(names), unreadable
+
+
+def _unknown_model(name: str) -> str:
+    names, unreadable = _listed_models()
+    return (f"unknown model {name!r}: not a model directory and not one of {', '.join(names)}"
+            + "".join(f" ({problem})" for problem in unreadable))  # fmt: skip
 
 
 def load_model(
@@ -399,13 +413,14 @@ def _not_a_model(name: str) -> str:
     folder = home_expanded(name)
     if not _is_there(folder) and _is_a_path(name):
         return f"no model directory {name}: there is no such folder"
-    found = None if _is_there(folder) or _is_a_path(name) else _folder_under_the_models(name)
-    if found is not None:  # (a copy cut short, a run's folder: "unknown model", or "no such folder")
-        name, folder = str(found), found
+    # the folder under the model folders a name is (a copy cut short, a run's): it was "unknown model"
+    here = _is_there(folder) or _is_a_path(name)
+    under = [] if here else [root / name for root in model_search_path() if _is_there(root / name)]
+    name, folder = (str(under[0]), under[0]) if under else (name, folder)
     if not _is_there(folder) and "/" in name.replace(os.sep, "/"):  # (a relative path, or a nested model's name)
         return f"no model directory {name}: there is no such folder in {Path.cwd()}, nor under {_model_folders()}"
     if not _is_there(folder):
-        return f"unknown model {name!r}: not a model directory and not one of {', '.join(available_models())}"
+        return _unknown_model(name)
     if folder.is_file() and (folder.parent / "model.json").is_file():  # (its model.json, its weights)
         return f"{name} is a file of the model directory {folder.parent}: give the directory"
     if (folder / "model" / "model.json").is_file():
@@ -415,12 +430,7 @@ def _not_a_model(name: str) -> str:
                 f"(a distill config's model.init: wan:{name}, docs/distill.md)")  # fmt: skip
     if folder.is_dir():
         return f"{name} is a folder without model.json: not a streamgen model (docs/distill.md says how one is made)"
-    return f"unknown model {name!r}: not a model directory and not one of {', '.join(available_models())}"
-
-
-def _folder_under_the_models(name: str) -> Path | None:
-    """The first folder (or file) named `name` under the model folders, model.json or not."""
-    return next((root / name for root in model_search_path() if _is_there(root / name)), None)
+    return _unknown_model(name)
 
 
 def _model_folders() -> str:

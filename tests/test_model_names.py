@@ -262,3 +262,29 @@ def test_model_folders_under_the_home_folder_in_streamgen_models_are_found_by_th
     monkeypatch.chdir(tmp_path)
     assert resolve_model_dir("avatar") == model
     assert "avatar" in available_models()
+
+
+def test_a_model_folder_that_cannot_be_read_is_said_so_not_a_traceback(tmp_path, monkeypatch):
+    # STREAMGEN_MODELS naming a folder this user may not read (another user's, 0700): an unknown
+    # model's message, listing the models, was iterdir's PermissionError traceback
+    import errno
+    from pathlib import Path
+
+    from streamgen.models import require_model
+
+    private = tmp_path / "private"
+    private.mkdir()
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):  # (as root, the tests' user here, reads every folder)
+        if self == private:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    monkeypatch.setenv("STREAMGEN_MODELS", str(private))
+    with pytest.raises(FileNotFoundError) as refused:
+        require_model("nothing-here")
+    said = str(refused.value)
+    assert said.startswith("unknown model 'nothing-here': not a model directory and not one of ") and "tiny-avatar" in said
+    assert said.endswith(f" (STREAMGEN_MODELS's {private} cannot be read: Permission denied)"), said
