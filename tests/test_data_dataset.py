@@ -186,6 +186,26 @@ def test_a_shard_the_system_will_not_read_for_its_hash_is_one_line(world, monkey
         AvatarWorldDataset(world, "train")
 
 
+def test_a_manifest_the_system_will_not_read_is_one_line(world, monkeypatch):
+    """No permission (another user's dataset, its files 0600) or an I/O error on manifest.json was
+    the OSError's traceback, from every reader of the dataset (data preview, distill, eval)."""
+    import errno
+    from pathlib import Path
+
+    real_read_text = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self == world / "manifest.json":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    with pytest.raises(DataError, match=r"^cannot read .*manifest\.json: Permission denied$"):
+        load_manifest(world)
+    with pytest.raises(DataError, match=r"^cannot read .*manifest\.json: Permission denied$"):
+        AvatarWorldDataset(world, "train")
+
+
 def test_corrupted_shard_is_one_clear_error(world, tmp_path):
     import struct
 

@@ -84,6 +84,8 @@ def load_manifest(root: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"corrupted manifest {path}: {e}") from None
+    except OSError as e:  # (no permission, an I/O error: the OSError's traceback in every reader)
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):  # (an AttributeError)
         raise DataError(f"corrupted manifest {path}: not the JSON object of a dataset's manifest")
     if manifest.get("format") != FORMAT:
