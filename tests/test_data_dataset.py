@@ -113,6 +113,28 @@ def test_a_corrupted_latent_cache_file_is_one_error_naming_it(world, tmp_path):
         ds.cache_latents(lambda video: video, "tiny")
 
 
+def test_a_latent_cache_file_the_system_will_not_read_is_not_called_corrupted(world, tmp_path, monkeypatch):
+    """Too many open files, no permission or an I/O error on a latent file was "corrupted latent cache
+    file ...: delete it to encode it again": minutes of encoding to redo, for a limit or a disk to
+    look at (as a shard's: test_a_shard_the_system_will_not_read_is_not_called_corrupted)."""
+    import errno
+    import shutil
+
+    from streamgen.data import dataset
+
+    root = tmp_path / "world"
+    shutil.copytree(world, root)
+    AvatarWorldDataset(root, "train").cache_latents(lambda video: video[:, :2, :2, 0].astype(np.float32), "tiny")
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(dataset.np, "load", refused)
+    says = r"^cannot read latent cache file .*shard-00000\.npz: Too many open files$"
+    with pytest.raises(DataError, match=says):
+        AvatarWorldDataset(root, "train", latents="tiny")
+
+
 @pytest.mark.parametrize("text", ["[]", '{"format": "streamgen-avatar-world/1"}', '{"format": '])
 def test_a_manifest_that_is_not_one_is_one_error_naming_it(tmp_path, text, capsys):
     """A manifest.json of valid JSON but no manifest's (a list, an object without its splits) was an

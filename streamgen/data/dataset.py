@@ -186,6 +186,8 @@ def _encoded_from(path: Path) -> str | None:
         with np.load(path) as cached:
             return str(cached["shard_sha256"]) or None if "shard_sha256" in cached.files else None
     except NPZ_ERRORS as e:  # (a file cut short: a copy that stopped)
+        if isinstance(e, OSError) and e.errno is not None:  # (the system's refusal, not the bytes: as ShardReader)
+            raise DataError(f"cannot read latent cache file {path}: {e.strerror or e}") from None
         raise DataError(f"corrupted latent cache file {path}: {e}: delete it to encode it again") from None
 
 
