@@ -198,6 +198,31 @@ def test_clips_beside_a_settings_json_that_does_not_read_are_not_said_to_be_of_o
     assert f"removing the 1 clip an evaluation whose settings.json does not read left in {out}" in err, err
 
 
+def test_clips_beside_a_settings_json_the_system_will_not_read_are_kept(tmp_path, monkeypatch):
+    """No permission (another user's folder), too many open files or an I/O error on
+    partial/settings.json was taken for a settings.json that does not read: every clip measured
+    beside it was removed, hours of measuring to do again for a limit or a disk to look at."""
+    import errno
+    from pathlib import Path
+
+    settings = {"model": "debug", "eval_version": 1}
+    measured = partial.Measured(tmp_path / "e", settings)
+    assert measured.open() == 0
+    measured.save("clip-00000", {"per_clip": np.zeros(3)})
+    real_read_text = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self.name == "settings.json":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    with pytest.raises(partial.MeasuredFolderError, match=r"^cannot read .*settings\.json: Permission denied"):
+        partial.Measured(tmp_path / "e", settings).open()
+    monkeypatch.undo()
+    assert partial.Measured(tmp_path / "e", settings).open() == 1  # (kept)
+
+
 def test_only_the_clips_samples_png_shows_keep_frames(tmp_path, made, monkeypatch):
     """Every clip's results in partial/ kept 16 of its frames for samples.png, which shows the first
     four: 12 MB a clip at 512x512, gigabytes for an evaluation of hundreds of clips."""

@@ -34,7 +34,7 @@ PINS = [
         ("streamgen/eval/metrics.py", "streamgen/eval/evaluators.py", "streamgen/eval/drift.py",
          "streamgen/eval/report.py", "streamgen/eval/partial.py", *CLIPS,
          "streamgen/media.py::from_time_zero"),  # (a stream's frames lined up with its audio, for sync)
-        1, "802a5ce8a92553d3",
+        1, "564c14b4c12d72dc",
     ),
     (
         "streamgen/eval/train.py", "TRAINING_VERSION",

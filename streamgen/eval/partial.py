@@ -87,8 +87,13 @@ class Measured:
         saved = None
         try:
             saved = json.loads((self.folder / "settings.json").read_text())
-        except (OSError, ValueError):
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError):
             pass
+        except OSError as e:  # (no permission, an I/O error: taken as "does not read", every clip went)
+            raise MeasuredFolderError(
+                f"cannot read {self.folder / 'settings.json'}: {e.strerror or e} (the clips measured beside it "
+                "are kept: eval goes on from them once it reads)"
+            ) from None
         if saved != self.settings:
             others = len(list(self.folder.glob("clip-*.npz")))
             if others and note:  # (not without a word: the same command would have gone on from them)
