@@ -104,3 +104,44 @@ def test_a_log_folder_the_launcher_is_given_is_torchrun_s_to_keep(tmp_path, monk
     monkeypatch.setenv("PET_LOG_DIR", str(tmp_path / "b"))
     assert torchrun.main(["--standalone", "-m", "streamgen", "--version"]) == 0
     assert given == [str(tmp_path / "a"), str(tmp_path / "b")]
+
+
+# The launcher, then the names of the threads it still runs (a joined thread may be listed for a
+# moment: see spawn_helpers.gloo_threads), as its interpreter's shutdown begins
+_LAUNCHER_THEN_ITS_THREADS = """
+import os, sys, time
+from streamgen.parallel import torchrun
+
+code = torchrun.main(["--standalone", "--nproc-per-node=1", sys.argv[1]])
+deadline = time.monotonic() + 5
+while True:
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            names.append(open(f"/proc/self/task/{task}/comm").read().strip())
+        except OSError:
+            pass
+    if "pt_tcpstore_uv" not in names or time.monotonic() > deadline:
+        break
+    time.sleep(0.05)
+print(code, *sorted(names))
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(150)
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="no /proc/self/task to list threads in")
+def test_a_launcher_stopped_by_a_signal_ends_its_rendezvous_store_s_threads_first(tmp_path):
+    """Ended by a signal, torchrun's agent was left in a reference cycle with the exception's frames,
+    holding the rendezvous store (in this process), whose server's threads ran on into the
+    interpreter's shutdown, to end in the store's destructor there, or not at all. The launcher
+    collects it before it returns: its threads are joined while Python runs."""
+    rank = tmp_path / "rank.py"
+    rank.write_text(_RANK)
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    ended = subprocess.run([sys.executable, "-c", _LAUNCHER_THEN_ITS_THREADS, str(rank)], env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert ended.returncode == 0, ended.stderr[-2000:]
+    code, *threads = ended.stdout.split()
+    assert code == "130" and "pt_tcpstore_uv" not in threads, ended.stdout

@@ -27,6 +27,7 @@ asks for them.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     # launcher ended was a SignalException's traceback from wherever it was
     handled = [s for s in TORCHRUN_SIGNALS if hasattr(signal, s)]
     handlers = {s: signal.getsignal(getattr(signal, s)) for s in handled}
+    stopped = False
     try:
         with (
             _ranks_start_with_sigint_held(subprocess_handler.SubprocessHandler, argv),
@@ -253,19 +255,27 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + int(stopped_by) if stopped_by is not None else 1
     except KeyboardInterrupt:  # Ctrl-C before the agent had its own handlers; it stops the ranks it started
         print("streamgen: stopped by SIGINT; every rank has ended", file=sys.stderr)
+        stopped = True
         return 128 + int(signal.SIGINT)
     except Exception as e:
-        stop = _signal_behind(e, SignalException)
-        if stop is None:
+        sigval = getattr(_signal_behind(e, SignalException), "sigval", None)  # (not the exception: see below)
+        if sigval is None:
             raise
-        print(f"streamgen: stopped by {stop.sigval.name}; every rank has ended", file=sys.stderr)
-        return 128 + int(stop.sigval)
+        print(f"streamgen: stopped by {sigval.name}; every rank has ended", file=sys.stderr)
+        stopped = True
+        return 128 + int(sigval)
     finally:
         os.environ.pop(LAUNCHER_ENV, None)
         for s, handler in handlers.items():
             signal.signal(getattr(signal, s), handler)
         if logs is not None:
             logs.cleanup()
+        if stopped:
+            # torchrun's agent, ended by the stop, is left in a reference cycle with the exception's
+            # frames, and holds the rendezvous store, whose server's threads (pt_tcpstore_uv) ran on
+            # into the interpreter's shutdown, to end there or not at all. Collected now, the store's
+            # destructor joins them while Python still runs
+            gc.collect()
     return 0
 
 
