@@ -90,20 +90,36 @@ def test_a_launch_leaves_no_folder_of_its_own_behind(code, tmp_path, monkeypatch
     assert os.listdir(temporary) == []
 
 
-def test_a_log_folder_the_launcher_is_given_is_torchrun_s_to_keep(tmp_path, monkeypatch):
-    """--log-dir (or torchrun's $PET_LOG_DIR) names a folder of the caller's: torchrun's folders go
-    there, and stay, as they do under plain torchrun."""
+@pytest.mark.parametrize(
+    "options, environment, folder",
+    [
+        (["--log-dir", "given"], {}, "given"),
+        ([], {"PET_LOG_DIR": "given"}, "given"),
+        (["--tee", "3"], {}, None),  # (the ranks' output, kept in torchrun's own folder)
+        (["--redirects", "0:1"], {}, None),
+        ([], {}, "its own"),
+    ],
+)
+def test_a_log_folder_the_caller_names_or_keeps_output_in_is_torchrun_s(options, environment, folder, monkeypatch):
+    """A folder the caller names (--log-dir, torchrun's $PET_LOG_DIR) is torchrun's, as under plain
+    torchrun; and so is its own where the ranks' output is kept there (--tee, --redirects): the
+    launcher's would have been removed with that output in it."""
     import torch.distributed.run
 
     from streamgen.parallel import torchrun
 
     given = []
-    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: given.append(torch.distributed.run.parse_args(argv).log_dir))
+    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: given.append(torch.distributed.run.parse_args(argv)))
     monkeypatch.delenv("PET_LOG_DIR", raising=False)
-    assert torchrun.main(["--standalone", "--log-dir", str(tmp_path / "a"), "-m", "streamgen", "--version"]) == 0
-    monkeypatch.setenv("PET_LOG_DIR", str(tmp_path / "b"))
-    assert torchrun.main(["--standalone", "-m", "streamgen", "--version"]) == 0
-    assert given == [str(tmp_path / "a"), str(tmp_path / "b")]
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert torchrun.main(["--standalone", *options, "-m", "streamgen", "--version"]) == 0
+    [parsed] = given
+    if folder == "its own":
+        assert os.path.basename(parsed.log_dir).startswith("streamgen-sp-") and not os.path.exists(parsed.log_dir)
+    else:
+        assert parsed.log_dir == folder
+    assert parsed.training_script_args == ["--version"]
 
 
 # The launcher, then the names of the threads it still runs (a joined thread may be listed for a
@@ -145,3 +161,14 @@ def test_a_launcher_stopped_by_a_signal_ends_its_rendezvous_store_s_threads_firs
     assert ended.returncode == 0, ended.stderr[-2000:]
     code, *threads = ended.stdout.split()
     assert code == "130" and "pt_tcpstore_uv" not in threads, ended.stdout
+
+
+def test_arguments_torchrun_refuses_are_its_usage_error_once(capfd):
+    """The launcher reads torchrun's arguments for its log folder as torchrun does: where torchrun
+    refuses them, its usage error comes once, from torchrun."""
+    from streamgen.parallel import torchrun
+
+    with pytest.raises(SystemExit) as exited:
+        torchrun.main(["--nproc-per-node"])
+    err = capfd.readouterr().err
+    assert exited.value.code == 2 and err.count("error: argument --nproc-per-node") == 1, err

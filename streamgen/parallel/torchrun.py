@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import json
 import logging
 import os
@@ -221,14 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + int(sig)
 
     _quiet_torchrun_logs()
-    logs = None
-    if "PET_LOG_DIR" not in os.environ:
-        # torchrun's own: a new folder in the temporary directory at each launch (torchelastic_*, its
-        # ranks' error files in it), never removed. This one goes as the launcher ends (torchrun reads
-        # an error file as it finds its rank ended). A folder the caller names, by torchrun's
-        # $PET_LOG_DIR or a --log-dir (which comes after this one, and wins), is torchrun's to keep
-        logs = tempfile.TemporaryDirectory(prefix="streamgen-sp-", ignore_cleanup_errors=True)
-        argv = [f"--log-dir={logs.name}", *(sys.argv[1:] if argv is None else argv)]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logs = _log_folder_of_its_own(argv)
+    if logs is not None:
+        argv = [f"--log-dir={logs.name}", *argv]
     os.environ[LAUNCHER_ENV] = str(os.getpid())  # (the workers inherit it)
     # torchrun's own handlers (a SignalException), left in place once it returns: a Ctrl-C as the
     # launcher ended was a SignalException's traceback from wherever it was
@@ -277,6 +274,28 @@ def main(argv: list[str] | None = None) -> int:
             # destructor joins them while Python still runs
             gc.collect()
     return 0
+
+
+def _log_folder_of_its_own(argv: list[str]):
+    """A temporary folder (`tempfile.TemporaryDirectory`) for torchrun's logs of the launch of `argv`,
+    for the launcher to remove as it ends; None where the launch keeps logs for the caller to read.
+
+    torchrun's own is a new folder in the temporary directory at each launch (torchelastic_*), never
+    removed; an `--sp N` launch keeps only its ranks' error files there, which torchrun reads as it
+    finds each rank ended. Where the caller names a folder (--log-dir, or torchrun's $PET_LOG_DIR),
+    or keeps the ranks' output in one (--redirects, --tee, --duplicate-*-filters, --logs-specs), it
+    is torchrun's as before."""
+    from torch.distributed.run import parse_args
+
+    try:  # (as torchrun parses them)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            options = vars(parse_args(argv))
+    except SystemExit:  # --help, or arguments torchrun refuses: it says so itself, next
+        return None
+    kept = ("log_dir", "logs_specs", "duplicate_stdout_filters", "duplicate_stderr_filters")
+    if any(options.get(name) for name in kept) or any(options.get(name, "0") != "0" for name in ("redirects", "tee")):
+        return None
+    return tempfile.TemporaryDirectory(prefix="streamgen-sp-", ignore_cleanup_errors=True)
 
 
 # the signals torchrun's agent handles (its TORCHELASTIC_SIGNALS_TO_HANDLE's default)
