@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,64 @@ def test_arguments_torchrun_refuses_are_its_usage_error_once(capfd):
         torchrun.main(["--nproc-per-node"])
     err = capfd.readouterr().err
     assert exited.value.code == 2 and err.count("error: argument --nproc-per-node") == 1, err
+
+
+# a launcher that ends as soon as it has started its rank (a session of its own, as torchrun starts
+# them), and the rank, which asks to end with its launcher only once that has ended: a launcher killed
+# while its ranks' Python was still starting (a second or more under load), before they could ask
+_LAUNCHER_GONE_FIRST = """
+import os, subprocess, sys
+env = {**os.environ, "STREAMGEN_LAUNCHER": str(os.getpid())}
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[1]], env=env, start_new_session=True,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(rank.pid, flush=True)
+"""
+_RANK_ASKING_LATE = """
+import os, time
+launcher = int(os.environ["STREAMGEN_LAUNCHER"])
+deadline = time.monotonic() + 30
+while os.getppid() == launcher and time.monotonic() < deadline:
+    time.sleep(0.02)
+from streamgen.parallel.torchrun import end_with_the_launcher
+end_with_the_launcher()
+time.sleep(60)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # (a zombie has ended: its parent, the init process here, reaps it)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.timeout(90)
+def test_a_rank_whose_launcher_ended_before_it_asked_to_end_with_it_ends():
+    """A rank asks to be sent SIGTERM when its launcher ends (`end_with_the_launcher`) as its command
+    line loads. One whose launcher was killed before then was no longer its child, took itself for a
+    process a rank had started, and ran on: waiting to join its group, whose store (the launcher's)
+    was gone, for the group's timeout (30 minutes on gloo). It ends as the signal would have ended it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    launcher = subprocess.run([sys.executable, "-c", _LAUNCHER_GONE_FIRST, _RANK_ASKING_LATE], env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    rank = int(launcher.stdout)
+    try:
+        deadline = time.monotonic() + 45
+        while _running(rank) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(rank)
+    finally:
+        if _running(rank):
+            os.kill(rank, signal.SIGKILL)
+
+
+def test_a_process_a_rank_started_does_not_end_with_the_launcher(monkeypatch):
+    """A process a rank starts inherits the launcher's variable, its parent not the launcher: while
+    the launcher runs, it is nobody's rank, and goes on (not sent SIGTERM: this test's process)."""
+    from streamgen.parallel import torchrun
+
+    monkeypatch.setenv(torchrun.LAUNCHER_ENV, str(os.getpid()))  # (running, and not this process's parent)
+    torchrun.end_with_the_launcher()

@@ -124,13 +124,34 @@ def end_with_the_launcher() -> None:
     """In a rank of this launcher (Linux): be sent SIGTERM when the launcher ends. torchrun stops
     its ranks when it is stopped, but starts each in a session of its own, so a launcher killed
     outright (SIGKILL: the OOM killer, a supervisor's last resort) left them running: `serve --sp`'s
-    rank 0 served on, holding its port against the restarted service, with nothing to stop it."""
-    if not sys.platform.startswith("linux") or not is_launcher_rank():
-        return
-    import ctypes
+    rank 0 served on, holding its port against the restarted service, with nothing to stop it.
 
-    pr_set_pdeathsig = 1  # <sys/prctl.h>
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    A rank whose launcher had ended before it asked (killed while the ranks' Python started) is its
+    child no longer: it took itself for a process a rank had started, and ran on, waiting to join its
+    group, whose store was the launcher's, for the group's timeout (30 minutes on gloo). It is sent
+    SIGTERM now, as it would have been."""
+    launcher = os.environ.get(LAUNCHER_ENV, "")
+    if not sys.platform.startswith("linux") or not launcher.isdigit():
+        return
+    if is_launcher_rank():
+        import ctypes
+
+        pr_set_pdeathsig = 1  # <sys/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        if is_launcher_rank():  # (asked while the launcher ran: its end sends it)
+            return
+    elif _running(int(launcher)):
+        return  # a process a rank started (it inherits the variable), the launcher running
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs (Linux): not gone, and not a zombie, which has ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _reported_errors(failures: dict) -> list[str]:
