@@ -234,3 +234,34 @@ def test_a_process_a_rank_started_does_not_end_with_the_launcher(monkeypatch):
 
     monkeypatch.setenv(torchrun.LAUNCHER_ENV, str(os.getpid()))  # (running, and not this process's parent)
     torchrun.end_with_the_launcher()
+
+
+def test_a_signal_as_the_launcher_reports_a_failed_rank_is_its_caller_s(monkeypatch, capsys):
+    """torchrun's handlers (a SignalException) stayed in place while the launcher printed how a rank
+    had failed, and were given back only after: a Ctrl-C then (a second one, or one as a rank failed)
+    was a SignalException's traceback, exit 1. They are given back as torchrun ends: the caller's
+    handler has it (the command line's: a KeyboardInterrupt, 'interrupted', 130)."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.api import _terminate_process_handler
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from streamgen.parallel import torchrun
+
+    def fake_main(argv):  # (torchrun's agent takes the signals, and a rank fails)
+        signal.signal(signal.SIGINT, _terminate_process_handler)
+        raise ChildFailedError("streamgen", {0: ProcessFailure(0, 40, 2, "<N/A>")})
+
+    def reported_as_a_ctrl_c_comes(failures):
+        os.kill(os.getpid(), signal.SIGINT)
+        return ["streamgen generate: error: a rank's"]
+
+    monkeypatch.setattr(torch.distributed.run, "main", fake_main)
+    monkeypatch.setattr(torchrun, "_reported_errors", reported_as_a_ctrl_c_comes)
+    caught = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        assert torchrun.main(["--standalone", "-m", "streamgen", "--version"]) == 2
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert caught == [signal.SIGINT]
+    assert "streamgen: rank 0 failed (exit code 2)" in capsys.readouterr().err

@@ -248,13 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     if logs is not None:
         argv = [f"--log-dir={logs.name}", *argv]
     os.environ[LAUNCHER_ENV] = str(os.getpid())  # (the workers inherit it)
-    # torchrun's own handlers (a SignalException), left in place once it returns: a Ctrl-C as the
-    # launcher ended was a SignalException's traceback from wherever it was
-    handled = [s for s in TORCHRUN_SIGNALS if hasattr(signal, s)]
-    handlers = {s: signal.getsignal(getattr(signal, s)) for s in handled}
     stopped = False
     try:
         with (
+            _signal_handlers_given_back(),
             _ranks_start_with_sigint_held(subprocess_handler.SubprocessHandler, argv),
             _rendezvous_shut_down_as_torchrun_ends(rendezvous_registry),
         ):
@@ -284,8 +281,6 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + int(sigval)
     finally:
         os.environ.pop(LAUNCHER_ENV, None)
-        for s, handler in handlers.items():
-            signal.signal(getattr(signal, s), handler)
         if logs is not None:
             logs.cleanup()
         if stopped:
@@ -321,6 +316,22 @@ def _log_folder_of_its_own(argv: list[str]):
 
 # the signals torchrun's agent handles (its TORCHELASTIC_SIGNALS_TO_HANDLE's default)
 TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+
+
+@contextlib.contextmanager
+def _signal_handlers_given_back():
+    """Within: torchrun's agent may take the signals it handles (`TORCHRUN_SIGNALS`, raising its
+    SignalException), which it leaves in place once it returns; they are given back as it ends, before
+    the launcher says how the run ended. (Left in place, a Ctrl-C as the launcher ended was a
+    SignalException's traceback from wherever it was; given back only after the launcher's words, one
+    as it said how a rank had failed was too.)"""
+    handled = [getattr(signal, s) for s in TORCHRUN_SIGNALS if hasattr(signal, s)]
+    handlers = {s: signal.getsignal(s) for s in handled}
+    try:
+        yield
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 @contextlib.contextmanager
