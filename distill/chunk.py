@@ -18,11 +18,27 @@ frames at t = 0 | chunk]). Its motion frames come from
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from distill.config import ConfigError
 from distill.dmd import DmdStage, critic_loss, generator_loss
 from distill.rollout import denoise_chunk, reencode, start_stream
+
+
+def teacher_motion_prefix(source: str) -> int | None:
+    """The longest motion prefix the teacher model at `source` trained with (its model.json's
+    motion_prefix_frames), or None where it does not say (a Wan checkpoint, an older export)."""
+    from streamgen.model.files import read_json
+    from streamgen.models import resolve_model_dir
+
+    folder = None if source.startswith("wan:") else resolve_model_dir(source)
+    try:
+        frames = read_json(folder / "model.json").get("motion_prefix_frames") if folder else None
+    except (OSError, ValueError):
+        return None
+    return frames if isinstance(frames, int) and not isinstance(frames, bool) else None
 
 
 class Stage(DmdStage):
@@ -46,6 +62,15 @@ class Stage(DmdStage):
             raise ConfigError(
                 f"data.latent_frames must hold max_chunks_back + 1 = {o.max_chunks_back + 1} chunks"
             )
+        trained = teacher_motion_prefix(o.teacher)
+        if world.is_main and trained is not None and trained < o.motion_frames and o.max_chunks_back > 0:
+            # (scored all the same, without a word: the real score of a context the teacher never saw)
+            frames = f"{trained} frame{'s' * (trained != 1)}"
+            what = f"clean motion prefixes of at most {frames}" if trained else "no clean motion prefix"
+            print(f"warning: the teacher {o.teacher} trained with {what} (its "
+                  f"teacher.max_motion_frames, p_motion_prefix), and the chunk stage gives it the chunk before, "
+                  f"{o.motion_frames} frames, as its prefix: chunks after the first are scored on contexts it "
+                  "never saw", file=sys.stderr)  # fmt: skip
 
     def _context(self, batch, cond, rnd, tag, k, own: bool):
         """Cache and motion frames for chunk k: the student's own chunks 0..k-1, or the data's."""

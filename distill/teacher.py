@@ -72,13 +72,20 @@ class Stage:
         loss = ((per_frame * scored).sum(1) / scored.sum(1)).mean()
         return self.updaters["teacher"].update(loss)
 
+    def motion_prefix_frames(self) -> int:
+        """The longest clean prefix the teacher trained with (0: none), which the chunk stage's real
+        score gives it: the chunk before, whole (distill/chunk.py)."""
+        f, o = self.cfg.data.latent_frames, self.opts
+        return min(o.max_motion_frames, f - 1) if o.p_motion_prefix > 0 and f > 1 else 0
+
     def export(self, directory, name=None, compact=False):
         o = self.opts
         export_model(
             self.updaters["teacher"].averaged_module(), self.vae, directory, name,
             self.cfg.model.height, self.cfg.model.width, o.shift, o.sample_steps,
             {"kind": "teacher", "cfg_scale": o.cfg_scale, "stage": "teacher",
-             "trained_steps": self.cfg.run.steps}, compact,
+             "trained_steps": self.cfg.run.steps, "motion_prefix_frames": self.motion_prefix_frames()},
+            compact,
         )  # fmt: skip
 
 

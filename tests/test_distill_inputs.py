@@ -47,3 +47,36 @@ def test_a_tiny_decoder_given_as_a_model_or_autoencoder_is_said_to_be_one(export
         "a model's latents, from that model's directory (docs/distill.md)"
     ), said
     assert "--resume" not in said
+
+
+def test_a_chunk_teacher_that_never_saw_a_chunks_motion_prefix_is_a_warning(tmp_path, capsys):
+    """The chunk stage's real score is the teacher on [reference | the chunk before, clean | chunk]; a
+    teacher trained with shorter prefixes (teacher.max_motion_frames) or none (p_motion_prefix 0)
+    scored those contexts all the same, without a word."""
+    import json
+
+    from distill.distributed import World
+    from distill.trainer import build_stage
+
+    def chunk_stage_says(teacher_edits: dict) -> str:
+        teacher = tmp_path / f"teacher{len(list(tmp_path.iterdir()))}"
+        run(debug_config("teacher", teacher, **{"run.steps": 1, **teacher_edits}))
+        capsys.readouterr()
+        build_stage(debug_config("chunk", tmp_path / "chunk", teacher=teacher / "model", init=teacher / "model"),
+                    World())  # fmt: skip
+        return capsys.readouterr().err
+
+    assert "motion prefix" not in chunk_stage_says({})  # (the debug teacher's: up to 2, the chunk's 2)
+    said = chunk_stage_says({"teacher.max_motion_frames": 1})
+    assert (
+        "trained with clean motion prefixes of at most 1 frame (its teacher.max_motion_frames, p_motion_prefix), "
+        "and the chunk stage gives it the chunk before, 2 frames, as its prefix" in said
+    ), said
+    assert "trained with no clean motion prefix (its" in chunk_stage_says({"teacher.p_motion_prefix": 0.0})
+    # an export that does not record it (from before it did) is not checked
+    teacher = tmp_path / "teacher2" / "model"  # (the last one: none)
+    meta = json.loads((teacher / "model.json").read_text())
+    assert meta.pop("motion_prefix_frames") == 0
+    (teacher / "model.json").write_text(json.dumps(meta))
+    build_stage(debug_config("chunk", tmp_path / "chunk", teacher=teacher, init=teacher), World())
+    assert "motion prefix" not in capsys.readouterr().err
