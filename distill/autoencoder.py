@@ -49,6 +49,21 @@ def warn_if_capped(count: int, key: str, source: VideoSource, world, use: str) -
               f"those {source.num}", file=sys.stderr)  # fmt: skip
 
 
+def _check_frame_size(manifest: dict, cfg) -> None:
+    """ConfigError unless the dataset's frames are model.height x model.width: the pixel stages
+    trained on the clips' own frames, of another size, without a word, and laid the mouth box
+    (autoencoder.mouth_weight) out for the config's (a 64x64 box on 32x32 frames weighed the chin
+    corner up). A manifest that does not say its size is not checked."""
+    size = (manifest.get("height"), manifest.get("width"))
+    if not all(isinstance(n, int) for n in size) or size == (cfg.model.height, cfg.model.width):
+        return
+    h, w = size
+    raise ConfigError(
+        f"model.height x model.width ({cfg.model.height}x{cfg.model.width}) are not the size of the frames of "
+        f"{cfg.data.root} ({h}x{w}): set them to it (--set model.height={h} --set model.width={w})"
+    )
+
+
 class VideoSource:
     """Uniform access to training video: the avatar world's clips, or synthetic moving blobs."""
 
@@ -80,6 +95,7 @@ class VideoSource:
             frames = self.ds.manifest.get("frames")  # (every clip's; a manifest from before it: None)
             self.frames = frames if isinstance(frames, int) else None
             self.where = f"the {d.split} split of {d.root} ({split_key})"
+            _check_frame_size(self.ds.manifest, cfg)
             if not self.num:  # (a traceback from torch.randint at the first step, or a report of 0 clips)
                 raise DataMissing(
                     f"the {d.split} split of {d.root} holds no clips ({split_key}): choose another split, "

@@ -424,3 +424,20 @@ def test_crops_longer_than_the_clips_name_data_video_frames_before_any_work(worl
         fits = world_config(stage, out, world, **{"data.video_frames": most, "run.steps": 1})
     run(fits)
     assert ckpt.latest_checkpoint(out).name == "step-00000001.safetensors"
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "tiny_decoder"])
+def test_a_frame_size_other_than_the_datasets_is_one_line_before_any_work(world, tmp_path, stage):
+    """The pixel stages trained on the dataset's own frames (32x32) whatever model.height x model.width
+    said (64x64), and the autoencoder laid its mouth box out for the config's size."""
+    from distill.config import ConfigError
+
+    out = tmp_path / "run"
+    cfg = world_config(stage, out, world, **{"model.height": 64, "model.width": 64})
+    with pytest.raises(
+        ConfigError,
+        match=rf"^model\.height x model\.width \(64x64\) are not the size of the frames of {re.escape(str(world))} "
+        r"\(32x32\): set them to it \(--set model\.height=32 --set model\.width=32\)$",
+    ):
+        run(cfg)
+    assert not out.exists()
