@@ -243,6 +243,12 @@ def ignored_settings(cfg: TrainConfig, processes: int) -> list[str]:
         if opts.blocks_per_stage != TinyDecoderOptions.blocks_per_stage:
             notes.append("tiny_decoder.blocks_per_stage is for a taehv decoder; a causal_vae one has its "
                          "teacher's residual blocks")  # fmt: skip
+    if cfg.stage != "autoencoder" and cfg.model.vae is not None:  # (they shape a new random autoencoder)
+        model = ModelConfigSection()
+        for name in ("vae_widths", "vae_res_blocks"):
+            if getattr(cfg.model, name) != getattr(model, name):
+                notes.append(f"model.{name} shapes the autoencoder the autoencoder stage trains (or a random "
+                             f"one); this run reads model.vae's, {cfg.model.vae}")  # fmt: skip
     if cfg.stage in PIXEL_STAGES:
         unused, reads = ("latents", "latent_frames"), "video, in crops of data.video_frames"
     elif cfg.stage in BANK_STAGES:

@@ -421,6 +421,13 @@ def test_a_set_override_the_model_config_refuses_names_the_set_not_the_file(tmp_
         ),
         ("self_forcing", ["self_forcing.critic_optim.ema=0.99"], "self_forcing.critic_optim.ema keeps an average"),
         ("chunk", ["chunk.critic_optim.ema=0.99"], "chunk.critic_optim.ema keeps an average of the critic"),
+        (
+            "teacher",
+            ["model.vae=runs/ae/model", "model.vae_res_blocks=1"],
+            "model.vae_res_blocks shapes the autoencoder the autoencoder stage trains (or a random one); this "
+            "run reads model.vae's, runs/ae/model",
+        ),
+        ("tiny_decoder", ["model.vae=tiny-avatar", "model.vae_widths=[8, 8]"], "model.vae_widths shapes"),
     ],
 )
 def test_a_setting_that_does_not_apply_is_named_in_a_warning(stage, sets, says):
