@@ -18,6 +18,7 @@ The networks: generator (the student, from `model.init`), critic (from
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 
@@ -74,6 +75,28 @@ def critic_loss(critic, x0, cond_critic, rnd, tag, opts, prefix=None):
     return flow_loss(critic, x0.detach(), noise, sigma, cond_critic, prefix).mean()
 
 
+def _warn_of_another_schedule(cfg) -> None:
+    """A warning where model.init is a student (the ode stage's, or another's) exported for other
+    noise levels than this run's (its model.json's steps and shift): the stages' configs keep them
+    the same by hand ("shift: 1.0  # as the ODE init"), and one changed alone started the run from
+    a student of other levels, without a word. (A teacher as the init has no few-step levels.)"""
+    from streamgen.model.files import read_json
+    from streamgen.models import resolve_model_dir
+
+    init, o = cfg.model.init, cfg.options
+    folder = resolve_model_dir(init) if init and not init.startswith("wan:") else None
+    try:
+        meta = read_json(folder / "model.json") if folder else {}
+    except (OSError, ValueError):
+        return
+    steps, shift = meta.get("steps"), meta.get("shift")
+    if not str(meta.get("kind", "")).startswith("student") or (steps, shift) == (o.student_steps, o.shift):
+        return
+    print(f"warning: model.init {init} is a student of {steps} step{'s' * (steps != 1)} at shift {shift} (its "
+          f"model.json), and this run's takes {o.student_steps} at shift {o.shift} ({cfg.stage}.student_steps, "
+          f"{cfg.stage}.shift): it starts from a student of other noise levels", file=sys.stderr)  # fmt: skip
+
+
 class DmdStage:
     """What Self-Forcing and chunk distillation share: networks, data, updaters, export."""
 
@@ -104,6 +127,8 @@ class DmdStage:
         self.latent_hw = self.vae.latent_hw(cfg.model.height, cfg.model.width)
         self.bank = load_bank(cfg, mcfg, self.latent_hw, self.vae)
         self.sigmas = student_sigmas(self.opts.student_steps, self.opts.shift).to(dev)
+        if world.is_main:
+            _warn_of_another_schedule(cfg)
         self.updaters = {
             "generator": Updater("generator", self.student, cfg.optim, world),
             "critic": Updater(

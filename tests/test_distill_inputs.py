@@ -80,3 +80,31 @@ def test_a_chunk_teacher_that_never_saw_a_chunks_motion_prefix_is_a_warning(tmp_
     (teacher / "model.json").write_text(json.dumps(meta))
     build_stage(debug_config("chunk", tmp_path / "chunk", teacher=teacher, init=teacher), World())
     assert "motion prefix" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["self_forcing", "chunk"])
+def test_a_student_init_of_other_noise_levels_is_a_warning(tmp_path, capsys, stage):
+    """The stages' configs keep student_steps and shift those of the ODE init by hand; one changed
+    alone started a DMD run from a student of other noise levels, without a word."""
+    from distill.distributed import World
+    from distill.trainer import build_stage
+
+    teacher, ode = tmp_path / "teacher" / "model", tmp_path / "ode" / "model"
+    run(debug_config("teacher", teacher.parent, **{"run.steps": 1}))
+    # the ode debug config's student: 2 steps at shift 5
+    run(debug_config("ode", ode.parent, teacher=teacher, init=teacher, **{"run.steps": 1}))
+
+    def says(init, **edits) -> str:
+        capsys.readouterr()
+        build_stage(debug_config(stage, tmp_path / "run", teacher=teacher, init=init, **edits), World())
+        return capsys.readouterr().err
+
+    assert "noise levels" not in says(ode)  # (the debug configs': 2 steps at shift 5)
+    said = says(ode, **{f"{stage}.shift": 1.0})
+    assert (
+        f"warning: model.init {ode} is a student of 2 steps at shift 5.0 (its model.json), and this run's takes "
+        f"2 at shift 1.0 ({stage}.student_steps, {stage}.shift): it starts from a student of other noise levels"
+        in said
+    ), said
+    assert "a student of 2 steps" in says(ode, **{f"{stage}.student_steps": 1})
+    assert "noise levels" not in says(teacher, **{f"{stage}.student_steps": 1})  # (a teacher has none)
