@@ -21,6 +21,14 @@
 # the rest, and `--budget` 25 s less than its timeout (its imports; no part starts that is
 # expected to end past it); the plot 20 + 5: 530 s in all, 60 s inside the call's 590. Tests
 # that end sooner leave their time to the benchmark (~300 s when they take 2:30, as on 2026-11-30).
+# GPU_CHECK_DEADLINE is for a call whose limit is under 590 s: the device tool cuts a call's
+# limit to the device time its session has left (status's budget_left_s, the reply's limit_s), and
+# a call cut at its limit kills the benchmark mid-variant, before the plot and the summary. Set it
+# to that limit less 60 s, e.g.
+#   GPU_CHECK_DEADLINE=$((limit_s - 60)) bash scripts/gpu_check.sh
+# It shortens the benchmark alone: the steps before it take 285 s at worst, so under 356 s the
+# benchmark does not run and the script still takes up to 310 s (shorten GPU_CHECK_TEST_TIMEOUT
+# too, or make the shorter run above).
 # (GPU_CHECK_BENCH_ARGS is split as the shell splits words: quote a name with spaces in it.)
 set -uo pipefail
 OUT=${OUT:-bench/results}
