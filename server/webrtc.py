@@ -66,17 +66,23 @@ def check_offer(sdp: str) -> set[str]:
             "constrained baseline profile: profile-level-id 42e01f or 42001f); offer VP8, or such H264"
         )
     # what aiortc's transports assert on only once the answer is sent (the session would then
-    # stream to a peer connection that can never connect)
-    for m in video:
-        if not m.dtls or not m.dtls.fingerprints:
-            raise OfferError("malformed SDP: the video m-line has no a=fingerprint (DTLS-SRTP is required)")
-        if not any(f.algorithm.lower() in X509_DIGEST_ALGORITHMS for f in m.dtls.fingerprints):
-            # (answered 201, its DTLS handshake failed: the session ended 20 s later, never connected)
-            got = ", ".join(f.algorithm[:20] for f in m.dtls.fingerprints[:4])
-            raise OfferError(f"the video m-line's a=fingerprint uses no hash the server checks "
-                             f"({', '.join(X509_DIGEST_ALGORITHMS)}): got {got}")  # fmt: skip
+    # stream to a peer connection that can never connect), on every m-line with a transport of its
+    # own (the first of a bundle, or one outside any: an audio one's DTLS failed, and neither the
+    # microphone nor the speech came) and every video one; ICE credentials on every m-line
+    # (aiortc's ValueError, for an audio one too, once the session's peer connection was made)
+    bundled = {mid: group.items[0] for group in parsed.group if group.semantic == "BUNDLE" for mid in group.items}
+    for m in (m for m in parsed.media if m.kind in ("audio", "video")):
+        name = f"the {m.kind} m-line (mid {str(m.rtp.muxId)[:20]})"
+        if m.kind == "video" or bundled.get(m.rtp.muxId, m.rtp.muxId) == m.rtp.muxId:
+            if not m.dtls or not m.dtls.fingerprints:
+                raise OfferError(f"malformed SDP: {name} has no a=fingerprint (DTLS-SRTP is required)")
+            if not any(f.algorithm.lower() in X509_DIGEST_ALGORITHMS for f in m.dtls.fingerprints):
+                # (answered 201, its DTLS handshake failed: the session ended 20 s later, never connected)
+                got = ", ".join(f.algorithm[:20] for f in m.dtls.fingerprints[:4])
+                raise OfferError(f"{name}'s a=fingerprint uses no hash the server checks "
+                                 f"({', '.join(X509_DIGEST_ALGORITHMS)}): got {got}")  # fmt: skip
         if not m.ice or not m.ice.usernameFragment or not m.ice.password:
-            raise OfferError("malformed SDP: the video m-line has no a=ice-ufrag / a=ice-pwd")
+            raise OfferError(f"malformed SDP: {name} has no a=ice-ufrag / a=ice-pwd")
         # RFC 8839's lengths: a longer ufrag made STUN usernames no check could carry (201, never connected)
         if not 4 <= len(m.ice.usernameFragment) <= 256 or not 22 <= len(m.ice.password) <= 256:
             raise OfferError("malformed SDP: a=ice-ufrag must be 4 to 256 characters and a=ice-pwd 22 to 256 "

@@ -161,3 +161,39 @@ def test_an_offer_whose_m_lines_have_no_mid_is_refused_before_the_answer():
         check_offer(re.sub(r"a=mid:[^\r\n]*\r\n", "", unbundled))
     with pytest.raises(OfferError, match=r"malformed SDP: m-line 2 \(audio\) has no a=mid"):
         check_offer(re.sub(r"a=mid:1\r\n", "", unbundled))
+
+
+def _spoilt_audio(sdp: str, prefix: str) -> str:
+    """`sdp` without the lines starting with `prefix` under its audio m-line."""
+    lines, kind = [], None
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            kind = line[2:].split()[0]
+        if not (kind == "audio" and line.startswith(prefix)):
+            lines.append(line)
+    return "\r\n".join(lines) + "\r\n"
+
+
+def test_an_audio_m_line_without_what_its_transport_needs_is_refused_before_the_answer():
+    """The checks of ICE credentials and DTLS fingerprints looked at the video m-lines alone. An
+    audio m-line without a=ice-ufrag (bundled or not) passed them: aiortc's "ValueError: ICE
+    username fragment or password is missing" came once the peer connection was made, which ended
+    the session. One outside any bundle without a=fingerprint was answered 201: its own transport's
+    DTLS could not start, and the microphone and the speech never came. A bundled one without a
+    fingerprint takes the bundle's transport (the first m-line's), and stays answered."""
+    import re
+
+    from server.webrtc import OfferError, check_offer
+
+    offer = _offer_with(("video", "recvonly"), ("audio", "sendrecv"))
+    unbundled = re.sub(r"a=group:BUNDLE[^\r\n]*\r\n", "", offer)
+    for sdp in (offer, unbundled):
+        with pytest.raises(OfferError, match=r"the audio m-line \(mid 1\) has no a=ice-ufrag / a=ice-pwd"):
+            check_offer(_spoilt_audio(sdp, "a=ice-ufrag"))
+        spoilt = re.sub(r"(m=audio[\s\S]*a=ice-pwd:)\S+", r"\g<1>short", sdp)
+        assert spoilt != sdp
+        with pytest.raises(OfferError, match="a=ice-pwd 22 to 256"):
+            check_offer(spoilt)
+    with pytest.raises(OfferError, match=r"the audio m-line \(mid 1\) has no a=fingerprint"):
+        check_offer(_spoilt_audio(unbundled, "a=fingerprint"))
+    assert check_offer(_spoilt_audio(offer, "a=fingerprint")) == {"video", "audio"}
