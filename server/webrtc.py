@@ -65,13 +65,17 @@ def check_offer(sdp: str) -> set[str]:
             "offer has no usable media: its H264 is not one the server sends (packetization-mode=1, the "
             "constrained baseline profile: profile-level-id 42e01f or 42001f); offer VP8, or such H264"
         )
+    for m in parsed.media:  # (aiortc answers these alone: its answer failed on another, an AttributeError)
+        if m.kind not in ("audio", "video", "application"):
+            raise OfferError(f"the {m.kind[:20]} m-line (mid {str(m.rtp.muxId)[:20]}) is of a kind the server "
+                             "does not answer (audio, video, application)")  # fmt: skip
     # what aiortc's transports assert on only once the answer is sent (the session would then
     # stream to a peer connection that can never connect), on every m-line with a transport of its
     # own (the first of a bundle, or one outside any: an audio one's DTLS failed, and neither the
     # microphone nor the speech came) and every video one; ICE credentials on every m-line
-    # (aiortc's ValueError, for an audio one too, once the session's peer connection was made)
+    # (aiortc's ValueError, for an audio or a data channel's too, once the session's peer connection was made)
     bundled = {mid: group.items[0] for group in parsed.group if group.semantic == "BUNDLE" for mid in group.items}
-    for m in (m for m in parsed.media if m.kind in ("audio", "video")):
+    for m in parsed.media:
         name = f"the {m.kind} m-line (mid {str(m.rtp.muxId)[:20]})"
         if m.kind == "video" or bundled.get(m.rtp.muxId, m.rtp.muxId) == m.rtp.muxId:
             if not m.dtls or not m.dtls.fingerprints:

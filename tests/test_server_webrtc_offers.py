@@ -197,3 +197,27 @@ def test_an_audio_m_line_without_what_its_transport_needs_is_refused_before_the_
     with pytest.raises(OfferError, match=r"the audio m-line \(mid 1\) has no a=fingerprint"):
         check_offer(_spoilt_audio(unbundled, "a=fingerprint"))
     assert check_offer(_spoilt_audio(offer, "a=fingerprint")) == {"video", "audio"}
+
+
+def test_an_m_line_of_a_kind_the_server_cannot_answer_is_refused_before_the_answer():
+    """An offer with an m-line of real-time text (m=text, RFC 4103) passed the checks: aiortc's
+    answer failed on it with "AttributeError: 'NoneType' object has no attribute 'mid'" once the
+    session's peer connection was made, which ended the session. A data channel's m-line without
+    ICE credentials did too ("ValueError: ICE username fragment or password is missing"); one with
+    them is answered (the server sends nothing on it)."""
+    from server.webrtc import OfferError, check_offer
+
+    offer = _offer_with(("video", "recvonly"))
+    credentials = "".join(line + "\r\n" for line in offer.splitlines()
+                          if line.startswith(("a=ice-ufrag", "a=ice-pwd", "a=fingerprint", "a=setup")))  # fmt: skip
+
+    def with_section(section: str) -> str:
+        return offer.replace("a=group:BUNDLE 0", "a=group:BUNDLE 0 9") + section + "c=IN IP4 0.0.0.0\r\na=mid:9\r\n"
+
+    text = with_section("m=text 9 UDP/TLS/RTP/SAVPF 98\r\na=rtpmap:98 t140/1000\r\n") + credentials
+    with pytest.raises(OfferError, match=r"the text m-line \(mid 9\) is of a kind the server does not answer"):
+        check_offer(text)
+    data = with_section("m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=sctp-port:5000\r\n")
+    with pytest.raises(OfferError, match=r"the application m-line \(mid 9\) has no a=ice-ufrag / a=ice-pwd"):
+        check_offer(data)
+    assert check_offer(data + credentials) == {"video", "application"}
