@@ -205,8 +205,10 @@ def speech_m_line(sdp: str) -> str | None:
     the speech goes; None where it receives on none. aiortc's addTrack took the first audio m-line:
     a microphone's sendonly one before the player's recvonly one, answered recvonly, carried the
     speech nowhere, and the player heard none."""
+    # (port 0 is no sign of a rejected m-line here: a bundle-only one has it, RFC 8843, and aiortc
+    # answers every m-line whatever its port)
     for m in SessionDescription.parse(sdp).media:
-        if m.kind == "audio" and (m.direction or "sendrecv") in ("recvonly", "sendrecv") and m.port != 0:
+        if m.kind == "audio" and (m.direction or "sendrecv") in ("recvonly", "sendrecv"):
             return m.rtp.muxId
     return None
 

@@ -231,3 +231,27 @@ async def test_the_speech_goes_on_an_audio_m_line_the_player_receives(server, mo
             await asyncio.wait_for(track.recv(), 10)
         assert (await http.delete(created["resource"], headers=auth)).status_code == 204
         await pc.close()
+
+
+async def test_the_speech_goes_on_a_bundle_only_audio_m_line(server):
+    """A player that bundles at most (GStreamer's webrtcbin, max-bundle) offers its m-lines after
+    the first with port 0 and a=bundle-only (RFC 8843): bundled, not rejected. The speech goes on
+    such an audio m-line as on any other that receives."""
+    import re
+
+    url, _ = server
+    async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+        created = (await http.post("/v1/sessions", json={})).json()
+        auth = {"Authorization": f"Bearer {created['token']}"}
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver("video", direction="recvonly")
+        pc.addTransceiver("audio", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = re.sub(r"m=audio \d+ ([^\r\n]*)\r\n", r"m=audio 0 \1\r\na=bundle-only\r\n", pc.localDescription.sdp)
+        assert "m=audio 0 " in offer
+        r = await http.post(created["whep"], content=offer, headers={"content-type": "application/sdp", **auth})
+        assert r.status_code == 201, r.text
+        directions = [line for line in r.text.splitlines() if line in ("a=sendonly", "a=recvonly", "a=inactive")]
+        assert directions == ["a=sendonly", "a=sendonly"], directions
+        assert (await http.delete(created["resource"], headers=auth)).status_code == 204
+        await pc.close()
