@@ -50,10 +50,12 @@ def check_offer(sdp: str) -> set[str]:
     video = [m for m in parsed.media if m.kind == "video"]
     if not video:
         raise OfferError("offer has no usable media: it needs a video m-line the server can send on")
+    # port 0: rejected, but for a bundle-only m-line's (RFC 8843: bundled), which aiortc's parser drops
+    rejected = {id(m) for m, only in zip(parsed.media, _bundle_only(sdp)) if m.port == 0 and not only}
     # (no direction attribute: sendrecv, RFC 8866 6.7)
-    if not any((m.direction or "sendrecv") in ("recvonly", "sendrecv") and m.port != 0 for m in video):
+    if not any((m.direction or "sendrecv") in ("recvonly", "sendrecv") and id(m) not in rejected for m in video):
         raise OfferError("offer has no usable media: the video m-line does not receive (recvonly/sendrecv)")
-    if (video[0].direction or "sendrecv") not in ("recvonly", "sendrecv") or video[0].port == 0:
+    if (video[0].direction or "sendrecv") not in ("recvonly", "sendrecv") or id(video[0]) in rejected:
         # (the avatar's track goes on the first: a receiving one after it got a 201 and no video)
         raise OfferError("the first video m-line does not receive (recvonly/sendrecv): the avatar is sent on "
                          "the first; put the receiving one first")  # fmt: skip
@@ -113,6 +115,17 @@ def check_offer(sdp: str) -> set[str]:
     if candidates > MAX_CANDIDATES:
         raise OfferError(f"offer has {candidates} ICE candidates: a session takes at most {MAX_CANDIDATES}")
     return {m.kind for m in parsed.media}
+
+
+def _bundle_only(sdp: str) -> list[bool]:
+    """Whether each m-line of `sdp`, in order, has a=bundle-only."""
+    flags: list[bool] = []
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            flags.append(False)
+        elif line.strip() == "a=bundle-only" and flags:
+            flags[-1] = True
+    return flags
 
 
 def _common_codecs(media) -> list:

@@ -221,3 +221,19 @@ def test_an_m_line_of_a_kind_the_server_cannot_answer_is_refused_before_the_answ
     with pytest.raises(OfferError, match=r"the application m-line \(mid 9\) has no a=ice-ufrag / a=ice-pwd"):
         check_offer(data)
     assert check_offer(data + credentials) == {"video", "application"}
+
+
+def test_a_bundle_only_video_m_line_is_one_that_receives():
+    """An offer that bundles at most, its audio first, has its video m-line bundle-only: port 0 and
+    a=bundle-only (RFC 8843), bundled, not rejected. It was refused as "the video m-line does not
+    receive"; a video m-line with port 0 and no a=bundle-only (rejected) still is."""
+    import re
+
+    from server.webrtc import OfferError, check_offer
+
+    offer = _offer_with(("audio", "recvonly"), ("video", "recvonly"))
+    bundle_only = re.sub(r"m=video \d+ ([^\r\n]*)\r\n", r"m=video 0 \1\r\na=bundle-only\r\n", offer)
+    assert "m=video 0 " in bundle_only
+    assert check_offer(bundle_only) == {"audio", "video"}
+    with pytest.raises(OfferError, match="the video m-line does not receive"):
+        check_offer(bundle_only.replace("a=bundle-only\r\n", ""))
