@@ -101,10 +101,15 @@ def check_offer(sdp: str) -> set[str]:
             got = sorted({c.name[:20] for c in m.rtp.codecs})[:8]
             raise OfferError(f"offer has no usable media: the {m.kind} m-line (mid {str(m.rtp.muxId)[:20]}) offers "
                              f"no codec the server takes ({ours}): got {got}")  # fmt: skip
+    numbers: dict[str, int] = {}  # mid -> its m-line's number
     for number, m in enumerate(parsed.media, 1):  # (WebRTC's SDP has one on each: JSEP 5.2.1)
         if not m.rtp.muxId:  # (none at all: aiortc's answer failed its own check, a ValueError)
             raise OfferError(f"malformed SDP: m-line {number} ({m.kind[:20]}) has no a=mid, "
                              "which WebRTC puts on every m-line")  # fmt: skip
+        if m.rtp.muxId in numbers:  # (aiortc's answer failed on the second: a ValueError, or an AttributeError)
+            raise OfferError(f"malformed SDP: m-lines {numbers[m.rtp.muxId]} and {number} ({m.kind[:20]}) both "
+                             f"have a=mid:{m.rtp.muxId[:20]}")  # fmt: skip
+        numbers[m.rtp.muxId] = number
     mids = {m.rtp.muxId for m in parsed.media}
     for group in parsed.group:  # (aiortc failed on a BUNDLE of a mid no m-line has: an AttributeError)
         unknown = [mid for mid in group.items if mid not in mids]

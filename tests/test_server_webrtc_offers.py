@@ -237,3 +237,17 @@ def test_a_bundle_only_video_m_line_is_one_that_receives():
     assert check_offer(bundle_only) == {"audio", "video"}
     with pytest.raises(OfferError, match="the video m-line does not receive"):
         check_offer(bundle_only.replace("a=bundle-only\r\n", ""))
+
+
+def test_an_offer_with_two_m_lines_of_one_mid_is_refused_before_the_answer():
+    """Two m-lines with the same a=mid passed the checks: aiortc's answer failed on them ("ValueError:
+    Media sections in answer do not match offer", or an AttributeError for two video ones) once
+    the session's peer connection was made, which ended the session."""
+    from server.webrtc import OfferError, check_offer
+
+    for kinds in (("video", "audio"), ("video", "video")):
+        offer = _offer_with((kinds[0], "recvonly"), (kinds[1], "sendrecv"))
+        twice = offer.replace("a=mid:1", "a=mid:0").replace("a=group:BUNDLE 0 1", "a=group:BUNDLE 0")
+        assert twice.count("a=mid:0") == 2
+        with pytest.raises(OfferError, match=rf"malformed SDP: m-lines 1 and 2 \({kinds[1]}\) both have a=mid:0"):
+            check_offer(twice)
