@@ -421,7 +421,7 @@ async def whep_new_session(request: Request, avatar: str | None = None, caption:
 
 async def _read_offer(request: Request) -> str:
     """A WHEP request's SDP offer, checked: 415 / 413 / 400."""
-    from .webrtc import OfferError, check_offer
+    from .offers import OfferError, check_offer
 
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/sdp":

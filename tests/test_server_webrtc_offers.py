@@ -1,4 +1,4 @@
-"""The checks an SDP offer passes before the server makes its peer connection (server/webrtc.py's
+"""The checks an SDP offer passes before the server makes its peer connection (server/offers.py's
 check_offer): what aiortc would refuse or fail on only after the session's peer connection was made."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def test_offers_are_checked_for_what_the_transports_assert_on_later():
     """An offer without a=fingerprint was answered 201 and its session streamed to a peer connection
     whose connect task had died on an assertion; one without a direction attribute (sendrecv, by
     the SDP rules) was refused."""
-    from server.webrtc import OfferError, check_offer
+    from server.offers import OfferError, check_offer
 
     lines = _offer_lines()
 
@@ -48,7 +48,7 @@ def test_offers_that_could_never_connect_are_refused_before_the_answer():
     and the session ended 20 s later as never_connected."""
     import re
 
-    from server.webrtc import OfferError, check_offer
+    from server.offers import OfferError, check_offer
 
     sdp = "\r\n".join(_offer_lines()) + "\r\n"
     for spoil, says in (
@@ -72,7 +72,7 @@ def test_offers_that_could_never_connect_are_refused_before_the_answer():
 def test_an_offer_of_h264_the_server_cannot_send_says_what_it_needs(fmtp):
     """H264 only, without packetization-mode=1 or in the High profile: aiortc's "OperationError:
     Failed to set remote video description send parameters", after the session was made."""
-    from server.webrtc import OfferError, check_offer
+    from server.offers import OfferError, check_offer
 
     lines = [line.replace("VP8/90000", "VP9/90000") for line in _offer_lines()]  # (H264 alone left)
     h264_only = "\r\n".join(lines) + "\r\n"
@@ -87,7 +87,7 @@ def test_an_offer_of_h264_the_server_cannot_send_says_what_it_needs(fmtp):
 def test_an_offer_whose_first_video_m_line_only_sends_is_refused():
     """The avatar's track goes on the first video m-line: an offer with a sendonly one before the
     receiving one got a 201, a session counted as streaming, and no video."""
-    from server.webrtc import OfferError, check_offer
+    from server.offers import OfferError, check_offer
 
     async def offer():
         pc = RTCPeerConnection()
@@ -131,7 +131,7 @@ def test_an_offer_with_media_the_server_has_no_codec_for_is_refused_before_the_a
     """An audio m-line of codecs aiortc has none of (ISAC alone), or a second video m-line of VP9
     alone, passed the checks: aiortc's "OperationError: Failed to set remote audio description
     send parameters" came after the peer connection was made, which ended the session."""
-    from server.webrtc import OfferError, check_offer
+    from server.offers import OfferError, check_offer
 
     offer = _offer_with(("video", "recvonly"), ("audio", "sendrecv"))
     assert check_offer(_only_codec(offer, "audio", "G722/8000")) == {"video", "audio"}  # (aiortc's too)
@@ -152,7 +152,7 @@ def test_an_offer_whose_m_lines_have_no_mid_is_refused_before_the_answer():
     it is refused too: WebRTC's SDP has one on each, and an m-line is named by it (trickle ICE)."""
     import re
 
-    from server.webrtc import OfferError, check_offer
+    from server.offers import OfferError, check_offer
 
     offer = _offer_with(("video", "recvonly"), ("audio", "sendrecv"))
     unbundled = re.sub(r"a=group:BUNDLE[^\r\n]*\r\n", "", offer)
@@ -183,7 +183,7 @@ def test_an_audio_m_line_without_what_its_transport_needs_is_refused_before_the_
     fingerprint takes the bundle's transport (the first m-line's), and stays answered."""
     import re
 
-    from server.webrtc import OfferError, check_offer
+    from server.offers import OfferError, check_offer
 
     offer = _offer_with(("video", "recvonly"), ("audio", "sendrecv"))
     unbundled = re.sub(r"a=group:BUNDLE[^\r\n]*\r\n", "", offer)
@@ -205,7 +205,7 @@ def test_an_m_line_of_a_kind_the_server_cannot_answer_is_refused_before_the_answ
     session's peer connection was made, which ended the session. A data channel's m-line without
     ICE credentials did too ("ValueError: ICE username fragment or password is missing"); one with
     them is answered (the server sends nothing on it)."""
-    from server.webrtc import OfferError, check_offer
+    from server.offers import OfferError, check_offer
 
     offer = _offer_with(("video", "recvonly"))
     credentials = "".join(line + "\r\n" for line in offer.splitlines()
@@ -229,7 +229,7 @@ def test_a_bundle_only_video_m_line_is_one_that_receives():
     receive"; a video m-line with port 0 and no a=bundle-only (rejected) still is."""
     import re
 
-    from server.webrtc import OfferError, check_offer
+    from server.offers import OfferError, check_offer
 
     offer = _offer_with(("audio", "recvonly"), ("video", "recvonly"))
     bundle_only = re.sub(r"m=video \d+ ([^\r\n]*)\r\n", r"m=video 0 \1\r\na=bundle-only\r\n", offer)
@@ -243,7 +243,7 @@ def test_an_offer_with_two_m_lines_of_one_mid_is_refused_before_the_answer():
     """Two m-lines with the same a=mid passed the checks: aiortc's answer failed on them ("ValueError:
     Media sections in answer do not match offer", or an AttributeError for two video ones) once
     the session's peer connection was made, which ended the session."""
-    from server.webrtc import OfferError, check_offer
+    from server.offers import OfferError, check_offer
 
     for kinds in (("video", "audio"), ("video", "video")):
         offer = _offer_with((kinds[0], "recvonly"), (kinds[1], "sendrecv"))
