@@ -7,7 +7,7 @@ from __future__ import annotations
 from aiortc.rtcdtlstransport import X509_DIGEST_ALGORITHMS
 from aiortc.sdp import SessionDescription
 
-from .trickle import MAX_CANDIDATES
+from .trickle import MAX_CANDIDATES, unusable
 
 SUPPORTED_VIDEO = {"vp8", "h264"}
 
@@ -93,6 +93,11 @@ def check_offer(sdp: str) -> set[str]:
         if group.semantic == "BUNDLE" and unknown:
             mid = unknown[0][:20]
             raise OfferError(f"malformed SDP: a=group:BUNDLE names mid {mid!r}, which no m-line has")
+    for m in parsed.media:  # (as a trickled one is: aioice dropped such a candidate, or checked port 99999)
+        for number, candidate in enumerate(m.ice_candidates, 1):
+            problem = unusable(candidate)
+            if problem:
+                raise OfferError(f"the {m.kind} m-line (mid {str(m.rtp.muxId)[:20]})'s candidate {number}: {problem}")
     candidates = sum(len(m.ice_candidates) for m in parsed.media)
     if candidates > MAX_CANDIDATES:
         raise OfferError(f"offer has {candidates} ICE candidates: a session takes at most {MAX_CANDIDATES}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from aiortc import RTCPeerConnection
+from aiortc import RTCConfiguration, RTCPeerConnection
 
 
 def _offer_lines() -> list[str]:
@@ -251,3 +251,34 @@ def test_an_offer_with_two_m_lines_of_one_mid_is_refused_before_the_answer():
         assert twice.count("a=mid:0") == 2
         with pytest.raises(OfferError, match=rf"malformed SDP: m-lines 1 and 2 \({kinds[1]}\) both have a=mid:0"):
             check_offer(twice)
+
+
+def test_an_offer_with_a_candidate_no_ice_agent_can_use_is_refused_before_the_answer():
+    """A trickled candidate the ICE agent cannot use (a host name that is not an mDNS one, port
+    99999, component 0, transport sctp) is refused (server/trickle.py's `unusable`); the same
+    candidate in the offer was answered 201, and aioice dropped it with a line at INFO or checked
+    port 99999: a player whose every candidate was such a one never connected, its session ended
+    20 s later. The offer's candidates are held to the same rules."""
+    import re
+
+    from server.offers import OfferError, check_offer
+
+    async def gathered_offer():  # (with its candidates: those of setLocalDescription's gathering)
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # (no STUN server to reach)
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        await pc.close()
+        return pc.localDescription.sdp
+
+    offer = asyncio.run(gathered_offer())
+    candidate = re.search(r"a=candidate:[^\r\n]*", offer).group(0)
+    for spoil, says in (
+        (lambda c: re.sub(r"(udp \d+ )\S+ (\d+)", r"\1example.com \2", c), "example.com is neither an IP address nor an mDNS name"),
+        (lambda c: re.sub(r"(udp \d+ \S+ )\d+", r"\g<1>99999", c), "port 99999 is not in 1-65535"),
+        (lambda c: c.replace(" 1 udp ", " 0 udp "), "component 0 is not in 1-256"),
+        (lambda c: c.replace(" udp ", " sctp "), "transport 'sctp' is not udp or tcp"),
+    ):
+        spoilt = spoil(candidate)
+        assert spoilt != candidate
+        with pytest.raises(OfferError, match=rf"the video m-line \(mid 0\)'s candidate 1: {says}"):
+            check_offer(offer.replace(candidate, spoilt))
