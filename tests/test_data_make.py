@@ -360,7 +360,7 @@ def test_a_make_sent_sigterm_ends_as_a_ctrl_c_does(tmp_path):
     import signal
     import time
 
-    from test_data_dataset import a_make_under_way
+    from test_data_make_resume import a_make_under_way
 
     proc = a_make_under_way(tmp_path / "ds")
     try:
