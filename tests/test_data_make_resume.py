@@ -282,3 +282,28 @@ def test_a_make_partly_made_by_another_speech_engine_is_refused_not_mixed(tmp_pa
     assert sorted((tmp_path / "ds").rglob("*.npz")) == made  # (kept, for the engine that made them)
     monkeypatch.setattr(speech, "engine_version", lambda: engine)
     assert main(argv) == 0 and "2 of them made before" in capsys.readouterr().out
+
+
+def test_a_partial_json_the_system_will_not_read_is_not_said_to_be_deleted(tmp_path, monkeypatch):
+    """No permission or an I/O error on partial.json was "unreadable (...); delete it, or DIR, to make
+    the dataset again": the record of the shards made so far, or the dataset, deleted for a
+    permission or a disk to look at."""
+    import errno
+    from pathlib import Path
+
+    from streamgen.data.shards import make_dataset
+
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "partial.json").write_text("{}\n")
+    real_read_text = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self == out / "partial.json":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    with pytest.raises(DataError) as refused:
+        make_dataset(out, 4, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20)
+    assert str(refused.value) == f"cannot read {out / 'partial.json'}: Permission denied"

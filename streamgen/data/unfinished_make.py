@@ -47,7 +47,9 @@ def _finished_shards(out: Path, settings: dict, changed: set[str] | None = None)
         return {}
     try:
         kept, shards = _read_partial(path)
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+    except OSError as e:  # (no permission, an I/O error: it said to delete the record, or the dataset)
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, KeyError, TypeError, IndexError) as e:
         raise DataError(f"{path}: unreadable ({e}); delete it, or {out}, to make the dataset again") from None
     speech = kept.setdefault("speech", settings["speech"])  # (an older make's records none: taken as ours)
     if speech != settings["speech"]:  # (going on, it mixed clips spoken by two, without a word)
