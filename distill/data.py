@@ -195,6 +195,41 @@ def check_bank_autoencoder(cfg, vae) -> None:
     )
 
 
+def check_teacher_autoencoder(cfg, key: str) -> None:
+    """ConfigError unless the teacher model at setting `key` was trained on the latents of the
+    autoencoder that encoded the bank (its directory's autoencoder is its teacher stage's, which that
+    stage checked against its own bank): the stage's own autoencoder is checked (`check_bank_autoencoder`),
+    the teacher's was not, and a teacher of another latent space scored the student's latents (or
+    gave the ode stage its trajectories) without a word. A teacher without a TinyCausalVAE of its
+    own (a Wan checkpoint, the Wan VAE), or a bank from before the mark, is not checked;
+    data.accept_remade lets it be."""
+    import json
+
+    from distill.config import setting
+    from distill.latents import same_autoencoder
+    from streamgen.models import load_autoencoder, resolve_model_dir
+
+    source = setting(cfg, key)
+    if cfg.data.source != "world" or cfg.data.accept_remade or source.startswith("wan:"):
+        return
+    folder = resolve_model_dir(source)
+    mark = Path(cfg.data.root) / "latents" / cfg.data.latents / "autoencoder.json"
+    if folder is None or not (folder / "vae_config.json").is_file():
+        return
+    try:
+        kept = json.loads(mark.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(kept, dict) or same_autoencoder(kept, load_autoencoder(folder)):
+        return
+    raise ConfigError(
+        f"the teacher {source} ({key}) was trained on the latents of another autoencoder than the one that "
+        f"encoded the latents {cfg.data.latents!r} in {cfg.data.root} ({kept.get('source')}): it would score "
+        "latents of another space; give the teacher trained on these latents (or pass --set "
+        "data.accept_remade=true to go on with it on purpose)"
+    )
+
+
 def identity_change(key: str, cfg, then: str, now: str) -> str:
     """A data_identity entry that changed since a checkpoint, in words."""
     change = f"{then} then, {now} now"

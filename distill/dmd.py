@@ -24,7 +24,7 @@ import torch
 
 from distill.build import export_model, load_dit, load_frozen_and_digest, load_vae, new_dit
 from distill.config import ConfigError
-from distill.data import load_bank
+from distill.data import check_teacher_autoencoder, load_bank
 from distill.distributed import broadcast_module, broadcast_text, mean_across
 from distill.flow import Conditions, audio_windows, flow_loss
 from distill.rng import SampleRandom
@@ -126,6 +126,7 @@ class DmdStage:
         self.vae = load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
         self.latent_hw = self.vae.latent_hw(cfg.model.height, cfg.model.width)
         self.bank = load_bank(cfg, mcfg, self.latent_hw, self.vae)
+        check_teacher_autoencoder(cfg, f"{cfg.stage}.teacher")
         self.sigmas = student_sigmas(self.opts.student_steps, self.opts.shift).to(dev)
         if world.is_main:
             _warn_of_another_schedule(cfg)

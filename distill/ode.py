@@ -28,7 +28,7 @@ from distill.build import (
     weights_digest,
 )
 from distill.config import ConfigError
-from distill.data import load_bank
+from distill.data import check_teacher_autoencoder, load_bank
 from distill.distributed import broadcast_module, broadcast_text, others_wait_for_main
 from distill.flow import Conditions, audio_windows
 from distill.rng import SampleRandom, generator
@@ -55,6 +55,7 @@ class Stage:
         self.vae = load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
         self.latent_hw = self.vae.latent_hw(cfg.model.height, cfg.model.width)
         self.bank = load_bank(cfg, mcfg, self.latent_hw, self.vae)
+        check_teacher_autoencoder(cfg, "ode.teacher")
         self.sigmas = student_sigmas(self.opts.student_steps, self.opts.shift)
         c = mcfg.frames_per_chunk
         if cfg.data.latent_frames % c:
