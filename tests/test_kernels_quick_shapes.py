@@ -218,7 +218,10 @@ def test_every_kernel_builds_for_hopper_at_the_quick_shapes():
     """The interpreter accepts code the compiler rejects, and Triton builds a kernel anew for each
     specialization of its integer arguments (1, multiples of 16), which these lengths and strides
     change: each kernel of a --quick stream, every autotune config, built for sm_90 in the GPU run's
-    bf16 by Triton's compiler (`bench resources`' compile_only: nothing is launched), none spilling."""
+    bf16 by Triton's compiler (`bench resources`' compile_only: nothing is launched), none spilling.
+    The FP8 builds pad heads of 24 to a 32-wide tile, as heads of 16 and less are padded
+    (test_kernels_offline.py's test_the_head_dim_tile_is_at_least_32_for_fp8_products): the same
+    code but for the head dim's mask bound."""
     from bench import resources
     from streamgen.kernels import triton_attention as attention
     from streamgen.kernels import triton_ops
@@ -258,6 +261,7 @@ def test_every_kernel_builds_for_hopper_at_the_quick_shapes():
         (v["BLOCK_M"], v["BLOCK_N"], v["BLOCK_D"]) for name, v, *_ in compiled if name == "_attention_kernel"
     ]
     configs = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 32) for c in attention._ATTN_CONFIGS}
+    assert attention.head_dim_tile(HEAD_DIM, fp8=True) == 32 > HEAD_DIM  # a padded tile, as below 16
     assert set(tiles) == configs and len(tiles) >= 3 * len(configs)
     reported = set()
     for name, variant, kernel, _seconds, report in compiled:
