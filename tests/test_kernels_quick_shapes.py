@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ import torch
 pytest.importorskip("triton")
 
 # (`ops` and `attn`: its fixtures, which set up the interpreter, registered here by the import)
-from test_kernels_triton import _qkv, attn, close, ops, rand  # noqa: E402, F401
+from test_kernels_triton import CHECKS_PYTEST, _qkv, attn, close, ops, rand  # noqa: E402, F401
 
 from streamgen.kernels import reference  # noqa: E402
 
@@ -47,10 +46,10 @@ def triton_attention(request):
 
 def test_triton_kernels_take_the_quick_gpu_runs_shapes_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "python_functions=check_*"]
     proc = subprocess.run(
-        [*cmd, str(Path(__file__).resolve())], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
+        [*CHECKS_PYTEST, str(Path(__file__).resolve())],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout, proc.stdout[-2000:]
 

@@ -30,10 +30,15 @@ from streamgen.kernels import reference  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# the `check_*` processes' pytest: without the plugins no check uses, hypothesis' and anyio's (their
+# ~100 modules imported and assertion-rewritten in each process, ~1.3 of its ~5 CPU s to start)
+CHECKS_PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest",
+                 "-p", "no:anyio", "-o", "python_functions=check_*"]  # fmt: skip
+
+
 def _run_cases(marker: str = "not gpu"):
     env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "python_functions=check_*"]
-    cmd += ["-m", marker, str(Path(__file__).resolve())]
+    cmd = [*CHECKS_PYTEST, "-m", marker, str(Path(__file__).resolve())]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout, proc.stdout[-2000:]
