@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ def build_latents(cfg) -> list[Path]:
     if cfg.model.vae is None:
         raise DataMissing("model.vae must name the trained autoencoder (the autoencoder stage's OUT/model)")
     mcfg = get_config(cfg.model.flavor, **cfg.model.overrides)
+    _warn_if_captions_unembedded(cfg, mcfg.text_dim)
     vae = load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
     folder = root / "latents" / cfg.data.latents
     try:
@@ -124,6 +126,18 @@ def _encode_splits(cfg, root: Path, vae, mcfg) -> list[Path]:
         written.append(path)
         print(f"latents: {split}: {len(texts)} clips, {frames} latent frames each -> {path}")
     return written
+
+
+def _warn_if_captions_unembedded(cfg, text_dim: int) -> None:
+    """A warning where latents.captions asks for the captions' MiniLM embeddings and the model's text
+    width is not theirs: every caption was a zero context (`_captions`), the bank recorded captions
+    true, and the stages after it trained without text, without a word."""
+    from streamgen.model.text import TEXT_DIM
+
+    if cfg.options.captions and text_dim != TEXT_DIM:
+        print(f"warning: latents.captions embeds each caption with MiniLM ({TEXT_DIM} wide), and the model "
+              f"({cfg.model.flavor}) takes text {text_dim} wide: the captions are left out (zero contexts); set "
+              "latents.captions false to say so", file=sys.stderr)  # fmt: skip
 
 
 def _bar(cfg, desc: str, clips: int, done: int = 0) -> tqdm:

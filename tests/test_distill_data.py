@@ -488,3 +488,25 @@ def test_a_teacher_trained_on_another_autoencoders_latents_is_refused(world, aut
     run(config("dbg"))
     shutil.rmtree(tmp_path / "run")
     run(config("other", **{"data.accept_remade": True}))
+
+
+def test_captions_a_model_cannot_take_are_a_warning(world, autoencoder, tmp_path, capsys):
+    """latents.captions (true by default) with a model whose text width is not MiniLM's 384 (the debug
+    flavor's 16, Wan's 4096) gave every clip a zero context, recorded as captioned, without a word."""
+    import shutil
+
+    from distill.latents import build_latents
+
+    root = tmp_path / "world"
+    shutil.copytree(world, root)
+    cfg = latents_config(root, autoencoder, splits=["train"])  # (the debug flavor: text 16 wide)
+    build_latents(cfg)
+    said = capsys.readouterr().err
+    assert (
+        "warning: latents.captions embeds each caption with MiniLM (384 wide), and the model (debug) takes text "
+        "16 wide: the captions are left out (zero contexts); set latents.captions false to say so" in said
+    ), said
+    cfg = latents_config(root, autoencoder, "plain", splits=["train"])
+    cfg.options.captions = False
+    build_latents(cfg)
+    assert "latents.captions" not in capsys.readouterr().err
