@@ -6,7 +6,8 @@
 
 Creates a session, sends 16 kHz PCM16 audio in real time (or asks the server to
 speak), and saves the JPEG frames it gets back with their presentation times.
-A server that is still loading or full (503) is asked again for up to --wait seconds.
+A server that is still loading or full (503), for the session or its stream, is asked again for up to
+--wait seconds.
 """
 
 from __future__ import annotations
@@ -159,6 +160,15 @@ def server_url(text: str) -> str:
     return text
 
 
+def refusal_message(body: bytes) -> str:
+    """What a refusal's body says: its JSON's message (or a loading server's stage), else its text."""
+    try:
+        answer = json.loads(body)
+        return str(answer.get("message") or answer.get("stage"))
+    except (ValueError, AttributeError):  # not JSON, or not an object: what the server said
+        return body.decode(errors="replace")[:200]
+
+
 async def create_session(http: httpx.AsyncClient, body: dict, wait_s: float) -> dict:
     """POST /v1/sessions; a 503 (model loading, or at capacity) is retried after its Retry-After
     until `wait_s` is spent."""
@@ -167,11 +177,7 @@ async def create_session(http: httpx.AsyncClient, body: dict, wait_s: float) -> 
         r = await http.post("/v1/sessions", json=body)
         if r.status_code == 201:
             return r.json()
-        try:
-            answer = r.json()
-            message = answer.get("message") or answer.get("stage")
-        except (ValueError, AttributeError):  # not JSON, or not an object: what the server said
-            message = r.text[:200]
+        message = refusal_message(r.content)
         left = deadline - time.monotonic()
         if r.status_code != 503 or left <= 0:
             refused = f"session refused: {r.status_code} {message}"
@@ -221,10 +227,26 @@ class Received:
         return f"{frames} ({self.frames / self.fps:.1f} s of video), {self.audio_bytes / 32000:.1f} s of audio"
 
 
+async def open_stream(url: str, wait_s: float):
+    """The session's WebSocket; a 503 (a server at --max-connections answers an upgrade as any request
+    past it) is asked again after its Retry-After until `wait_s` is spent, as the session's POST is."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return await websockets.connect(url, max_size=2**22, close_timeout=CLOSE_S)
+        except websockets.InvalidStatus as e:
+            left = deadline - time.monotonic()
+            if e.response.status_code != 503 or left <= 0:
+                raise
+            retry_after = min(retry_after_seconds(e.response.headers.get("Retry-After")), left)
+            print(f"server busy ({refusal_message(e.response.body)}); opening the stream again in {retry_after:.3g} s")
+            await asyncio.sleep(retry_after)
+
+
 async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Received) -> None:
     """Save the frames and count the audio-out bytes received in `args.seconds` into `got`."""
     try:  # (a session gone by then, a proxy that takes no WebSocket, a server gone: a traceback)
-        ws = await websockets.connect(url, max_size=2**22, close_timeout=CLOSE_S)
+        ws = await open_stream(url, args.wait)
     except (OSError, TimeoutError, websockets.InvalidHandshake) as e:
         raise SystemExit(f"cannot open the stream at {url.split('?')[0]}: {e or type(e).__name__}") from None
     async with ws:

@@ -412,6 +412,30 @@ def test_a_wait_as_long_as_retry_after_asks_again_at_its_end(server, tmp_path):
     assert saved_frames(tmp_path)
 
 
+def test_a_stream_refused_at_the_connection_limit_is_opened_again_after_retry_after(tmp_path):
+    """A server at --max-connections answers a WebSocket's upgrade 503 with Retry-After, as any request
+    (docs/api.md): the client asked again for its session's POST, but gave up at once on its stream's
+    ('cannot open the stream ...: HTTP 503'), the session it had made left to the unclaimed limit. It
+    opens the stream again after each Retry-After until --wait is spent."""
+    import socket
+
+    with live_server(max_sessions=1, max_connections=2) as (url, app):
+        # a connection the server counts (a request's head begun): the client's POST is the second,
+        # its stream's upgrade a third, past the limit
+        host, port = url.removeprefix("http://").split(":")
+        hog = socket.create_connection((host, int(port)))
+        hog.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        argv = ["--server", url, "--wait", "30", "--seconds", "1", "--out", str(tmp_path)]
+        client = subprocess.Popen([sys.executable, str(CLIENT), *argv], stdout=subprocess.PIPE, text=True)
+        try:
+            said = client.stdout.readline()  # the client's first answer: busy, or refused and gone
+        finally:  # the connection frees once the client waits for it
+            hog.close()
+        out, _ = client.communicate(timeout=90)
+    assert "server busy" in said and "connections open" in said and client.returncode == 0, said + out
+    assert saved_frames(tmp_path)
+
+
 @contextmanager
 def server_that(then: str):
     """A stand-in server on 127.0.0.1 that makes a session and then, as `then` says: "refuses" its
@@ -612,7 +636,7 @@ def test_a_ctrl_c_as_a_frame_arrives_is_not_lost(tmp_path, monkeypatch):
             return ws
 
         monkeypatch.setattr(ws_client.websockets, "connect", connect)
-        args = argparse.Namespace(seconds=30.0, say=None)
+        args = argparse.Namespace(seconds=30.0, say=None, wait=0.0)
         task = asyncio.ensure_future(ws_client.stream("ws://x", args, None, tmp_path, ws_client.Received()))
         for _ in range(100):
             if ws.frame is not None:
