@@ -3,6 +3,10 @@ without it): what it holds of a WebSocket stream's frames, and what it says."""
 
 from __future__ import annotations
 
+import socket
+import threading
+from contextlib import contextmanager
+
 import pytest
 from server_helpers import live_server
 
@@ -384,5 +388,73 @@ def test_a_speak_of_emoji_is_not_cut_at_half_the_servers_limit(browser_page):
             page.goto(f"{url}/?transport=ws&mic=0")
             page.fill("#speak-text", "\N{GRINNING FACE}" * 600)
             assert page.evaluate("[...document.getElementById('speak-text').value].length") == 600
+        finally:
+            page.close()
+
+
+@contextmanager
+def refusing_websockets(port: int, refusals: int):
+    """A TCP relay on 127.0.0.1 to `port` that answers the first `refusals` WebSocket upgrades as a
+    server at its --max-connections does (503, Retry-After: 1, the connection closed) and passes
+    everything else on; yields (its port, the upgrades refused so far)."""
+    refused = []
+
+    def pump(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:  # the other side closed
+            pass
+        finally:
+            sink.close()
+
+    def serve(client):
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 65536 and (data := client.recv(65536)):
+            head += data
+        if b"upgrade: websocket" in head.lower() and len(refused) < refusals:
+            refused.append(head.split(b"\r\n")[0])
+            body = b'{"error": "unavailable", "message": "too many connections", "reason": "too many connections"}'
+            client.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n"
+                           b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            client.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", port))
+        upstream.sendall(head)
+        threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+        pump(client, upstream)
+
+    def accept(listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # the listener closed
+                return
+            threading.Thread(target=serve, args=(client,), daemon=True).start()
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        threading.Thread(target=accept, args=(listener,), daemon=True).start()
+        yield listener.getsockname()[1], refused
+
+
+def test_a_websocket_refused_at_the_servers_connection_limit_is_tried_again(browser_page):
+    """A server at --max-connections answers a WebSocket's upgrade 503 with Retry-After: 1, which a
+    browser does not show a page: its socket closes as one that never reached the server (1006). The
+    page said 'failed: the WebSocket stream could not connect to the server' at once, and DELETEd the
+    session it had made. It tries the socket again a second apart (a few times, within the connect's
+    time limit), and streams once the server has room."""
+    from test_server_browser_hangup import STREAM_ELSEWHERE
+
+    with live_server(max_sessions=1) as (url, app), refusing_websockets(int(url.rsplit(":", 1)[1]), 2) as (port, refused):
+        page = browser_page.new_page()
+        page.add_init_script(STREAM_ELSEWHERE + f"window.streamAt = 'http://127.0.0.1:{port}';")
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            page.wait_for_function("/^(streaming|failed|closed)/.test(window.streamgenStats.state)", timeout=60_000)
+            assert page.evaluate("window.streamgenStats.state") == "streaming (websocket)"
+            assert len(refused) == 2, refused
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
         finally:
             page.close()

@@ -13,6 +13,14 @@ const HEADER_BYTES = 16;
 const WEBSOCKET_START_MS = 10000;
 const WEBSOCKET_UNREACHED = "the WebSocket stream could not connect to the server (it is gone, or a proxy between "
   + "does not pass WebSockets on)";
+// How many times a WebSocket closed before it opened is tried, and how far apart. A server at its
+// --max-connections answers the upgrade 503 with Retry-After: 1 (docs/api.md), which a browser does
+// not show a page: the socket closes as one that never reached the server (1006). The page said it
+// could not connect, and its session, made over a connection the browser had already, was left to
+// the server's unclaimed limit. It is tried again a second apart (the server's Retry-After), within
+// the connect's time limit; a server truly gone or a proxy that takes no WebSocket fails them as fast.
+const WEBSOCKET_TRIES = 5;
+const WEBSOCKET_RETRY_MS = 1000;
 // How long a hang-up waits for the server to answer its WebSocket's close before it DELETEs the
 // session (deleteUnlessTheSocketEndsIt). A real server answers at once.
 const SOCKET_CLOSE_ANSWER_MS = 2000;
@@ -73,9 +81,6 @@ export async function connectWebSocket(mine, closed) {
   }, 1000);
   const url = new URL(`${state.session.stream}?token=${encodeURIComponent(state.session.token)}`, location.href);
   url.protocol = url.protocol.replace("http", "ws");
-  const socket = state.ws = new WebSocket(url);
-  seqOut = 0;  // numbered per connection (docs/api.md)
-  state.ws.binaryType = "arraybuffer";
   const canvas = $("canvas");
   const ctx2d = canvas.getContext("2d");
   $("video").hidden = true;
@@ -84,23 +89,29 @@ export async function connectWebSocket(mine, closed) {
   // Listeners, not on* handlers: a hang-up clears those as it closes the socket, and the attempt
   // waited for good. A socket closed before the stream started (refused, or hung up while it
   // connected, when a slow server had not answered) ends the wait, as the time limit does.
-  let limitTimer = null, readyCame = null;
+  let limitTimer = null, readyCame = null, socket = null, failed = null;
   const ready = new Promise((resolve) => { readyCame = resolve; });
-  const failed = new Promise((_, reject) => {
-    // (a server's refusal is a close with its code and reason: 4404 unknown session, 4409, ...). One
-    // without a close frame (1006) never reached the API's socket: the page said "failed: WebSocket failed"
-    socket.addEventListener("close", (e) => {
-      const said = e.code === 1006 ? WEBSOCKET_UNREACHED : `WebSocket closed: ${e.code} ${e.reason}`.trimEnd();
-      const error = new Error(said);
-      error.sessionGone = sessionGoneWith(e.code);
-      reject(error);
-    });
+  const outOfTime = new Promise((_, reject) => {
     limitTimer = setTimeout(() => reject(new Error(
       `the WebSocket stream did not start within ${WEBSOCKET_START_MS / 1000} s: the server does not answer`,
     )), WEBSOCKET_START_MS);
   });
   try {
-    await Promise.race([new Promise((resolve) => socket.addEventListener("open", resolve)), failed]);
+    for (let tries = 1; ; tries++) {
+      socket = state.ws = new WebSocket(url);
+      seqOut = 0;  // numbered per connection (docs/api.md)
+      socket.binaryType = "arraybuffer";
+      failed = Promise.race([closedBeforeItsStream(socket), outOfTime]);
+      try {
+        await Promise.race([new Promise((resolve) => socket.addEventListener("open", resolve)), failed]);
+        break;
+      } catch (e) {
+        abandoned(mine);  // (a hang-up's close of a socket connecting is a 1006 too: not tried again)
+        if (!e.unreached || tries >= WEBSOCKET_TRIES) throw e;
+      }
+      await Promise.race([new Promise((resolve) => setTimeout(resolve, WEBSOCKET_RETRY_MS)), outOfTime]);
+      abandoned(mine);  // (hung up while it waited: no socket more)
+    }
     abandoned(mine);
     socket.send(JSON.stringify({ type: "start", format: "jpeg", flow: "latest" }));
     socket.addEventListener("message", (e) => {
@@ -205,6 +216,18 @@ export async function connectWebSocket(mine, closed) {
   // console; the worklet's module loads meanwhile. One the box's change started while the socket
   // waited for its ready runs already: a second one left the first connected, its worklet running.)
   if (state.mic && !wsMicRunning()) startWsMic().catch((e) => console.warn("microphone:", e));
+}
+
+// A promise the socket's close rejects, with what the page says of it: a server's refusal is a close
+// with its code and reason (4404 unknown session, 4409, ...). One without a close frame (1006) never
+// reached the API's socket (`unreached`): the page said "failed: WebSocket failed".
+function closedBeforeItsStream(socket) {
+  return new Promise((_, reject) => {
+    socket.addEventListener("close", (e) => {
+      const said = e.code === 1006 ? WEBSOCKET_UNREACHED : `WebSocket closed: ${e.code} ${e.reason}`.trimEnd();
+      reject(Object.assign(new Error(said), { sessionGone: sessionGoneWith(e.code), unreached: e.code === 1006 }));
+    });
+  });
 }
 
 // The clock the WebSocket stream plays on: the AudioContext's, and the page's own while the
