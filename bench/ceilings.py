@@ -13,8 +13,11 @@ H200_COPY_GBPS = 4300.0  # KINDS.md: device-to-device copy, bytes read + written
 
 
 def synchronize(device):
-    """A function that waits for `device`'s queued work (nothing to wait for off CUDA)."""
-    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    """A function that waits for `device`'s queued work (nothing to wait for off CUDA). Its own:
+    torch.cuda.synchronize() waits for the current device only, cuda:0 unless set, so the work of
+    `--device cuda:1` was timed as it was queued."""
+    dev = torch.device(device)
+    return (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
 
 
 def measure_ceilings(

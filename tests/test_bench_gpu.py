@@ -143,3 +143,18 @@ def test_the_floor_counter_s_only_without_a_configuration_is_refused(tmp_path):
                              capture_output=True, text=True, timeout=300)  # fmt: skip
     assert counted.returncode == 2 and "argument --only: expected at least one argument" in counted.stderr
     assert not out.exists()
+
+
+def test_the_timers_wait_for_the_device_they_time(monkeypatch):
+    # torch.cuda.synchronize() with no device waits for the current device's work only (cuda:0
+    # unless set): `--device cuda:1` timed its products, chunks and stages as they were queued
+    import torch
+
+    from bench.ceilings import synchronize
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    synchronize("cuda:1")()
+    synchronize(torch.device("cuda", 2))()
+    synchronize("cpu")()
+    assert waited == [torch.device("cuda:1"), torch.device("cuda:2")]
