@@ -137,7 +137,7 @@ def batch_throughput(
     model, height, width, steps, sessions=3, chunks=6, decode_dtype="auto", cpu_threads="auto", dtype="auto"
 ) -> dict:
     """Aggregate frames/s of several streams at full windows: one batched forward per step
-    (`next_chunks`) vs the same streams one after another."""
+    (`next_chunks`) vs the same streams one after another, each way warmed by a chunk untimed."""
     from streamgen.stream_batch import next_chunks
 
     rng = np.random.default_rng(1)
@@ -157,6 +157,11 @@ def batch_throughput(
         return out
 
     batched, alone = started(), started()
+    # the streams alone have run their shapes (their rings filled one by one), the batch not yet:
+    # its first forward at this batch size, with its first-call allocations, untimed as theirs were
+    next_chunks(batched)
+    for s in alone:
+        s.next_chunk()
     t_batched = t_alone = 0.0
     for _ in range(chunks):  # interleaved, so load changes hit both alike
         t = time.perf_counter()

@@ -81,3 +81,44 @@ def test_sweep_without_a_size_is_refused(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert exit_.value.code == 2 and captured.out == "", captured.err
     assert "argument --sweep: expected at least one argument" in captured.err, captured.err
+
+
+def test_batched_throughput_times_the_batch_warmed_as_the_streams_alone_are(monkeypatch):
+    # the streams alone had run their shapes before they were timed (they filled their rings one
+    # by one); the batch's first forward at its batch size, its first-call allocations, was timed
+    # in its sum. A stubbed clock: a session's chunk alone costs 1, a batch of 3 costs 2, and the
+    # batch's first call 100
+    import types
+
+    import streamgen.stream_batch as stream_batch
+
+    clock = [0.0]
+    cfg = types.SimpleNamespace(window_frames=4, frames_per_chunk=2)
+
+    class Session:
+        frames_per_chunk = 8
+
+        def __init__(self, *args, **kwargs):
+            self.cfg = cfg
+
+        def start(self, *args, **kwargs):
+            pass
+
+        def push_audio(self, pcm):
+            pass
+
+        def next_chunk(self):
+            clock[0] += 1.0
+
+    batched_calls = []
+
+    def next_chunks(sessions):
+        clock[0] += 100.0 if not batched_calls else 2.0
+        batched_calls.append(len(sessions))
+
+    monkeypatch.setattr(engine, "StreamSession", Session)
+    monkeypatch.setattr(stream_batch, "next_chunks", next_chunks)
+    monkeypatch.setattr(engine, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    got = engine.batch_throughput(None, 64, 64, 4, sessions=3, chunks=6)
+    assert got["batch_speedup"] == 1.5  # 3 chunks alone against a batch's 2
+    assert got["batched_fps_total"] == 12.0 and got["sequential_fps_total"] == 8.0  # 24 frames in 2 and 3
