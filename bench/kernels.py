@@ -58,9 +58,11 @@ def _time_ms(fn, device: torch.device, quick: bool) -> float:
         try:
             from triton.testing import do_bench
 
-            return float(
-                do_bench(fn, warmup=10 if quick else 25, rep=20 if quick else 100, return_mode="median")
-            )
+            # on `device`: do_bench records its events on, and waits for, the current device
+            with torch.cuda.device(device):
+                return float(
+                    do_bench(fn, warmup=10 if quick else 25, rep=20 if quick else 100, return_mode="median")
+                )
         except ImportError:
             pass
     fn()  # warm-up (and compilation)

@@ -229,3 +229,27 @@ def test_only_without_a_case_is_refused(capsys):
     captured = capsys.readouterr()
     assert exit_.value.code == 2 and captured.out == "", captured.err
     assert "argument --only: expected at least one argument" in captured.err, captured.err
+
+
+def test_cuda_timings_run_on_the_device_timed(bench, monkeypatch):
+    """triton's do_bench records its events on, and waits for, the current device (cuda:0 unless
+    set): `--device cuda:1` timed the calls' launches, not their kernels. It runs on the device."""
+    import contextlib
+
+    import triton.testing
+
+    current = ["cuda:0"]
+
+    @contextlib.contextmanager
+    def device(d):
+        was, current[0] = current[0], str(torch.device(d))
+        try:
+            yield
+        finally:
+            current[0] = was
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: seen.append(current[0]) or 1.0)
+    assert bench._time_ms(lambda: None, torch.device("cuda:1"), quick=True) == 1.0
+    assert seen == ["cuda:1"]
