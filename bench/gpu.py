@@ -175,8 +175,10 @@ def stream_speed(
     sync()
     start_s = time.perf_counter() - t0
     times, chunk_frames = [], []
-    # the first chunk, then past the point where the ring window is full: the steady state
-    for _ in range(1 + chunks):
+    # the first chunk, then `chunks` more, at least to the first that attends to a full ring (a
+    # stream's chunk `full`, its first being 0): fps_steady times those from it on
+    full = session.chunks_to_full_ring - 1
+    for _ in range(1 + max(chunks, full)):
         t = time.perf_counter()
         frames, _ = session.next_chunk()  # next_chunk copies frames to the host: it has synchronised
         if sum(chunk_frames) < clip_frames <= sum(chunk_frames) + len(frames):
@@ -200,11 +202,13 @@ def stream_speed(
         fps_clip = sum(chunk_frames[:clip_chunks]) / sum(times[:clip_chunks])
     (first_s, *times), (first_frames, *chunk_frames) = times, chunk_frames
     n_frames = sum(chunk_frames)
-    steady = times[len(times) // 2 :]
-    steady_frames = n_frames * len(steady) / len(times)
+    # (the second half of the chunks held ring-filling ones, quicker, wherever fewer were timed
+    # than twice the ring's: `--chunks 8` at Wan's window of 21)
+    steady, steady_frames = times[full - 1 :], chunk_frames[full - 1 :]
     return {
         "fps": round(n_frames / sum(times), 2),
-        "fps_steady": round(steady_frames / sum(steady), 2),
+        "fps_steady": round(sum(steady_frames) / sum(steady), 2),
+        "steady_chunks": len(steady),
         "fps_clip": None if fps_clip is None else round(fps_clip, 2),
         "clip_frames": clip_frames,
         "first_chunk_ms": round((start_s + first_s) * 1000, 1),
@@ -501,7 +505,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda", help="default cuda (`--device cpu --quick`: the same code at tiny sizes)")
     p.add_argument("--quick", action="store_true", help="tiny sizes on any device (tests)")
     p.add_argument("--steps", type=positive_int, default=4, help="denoising steps (default 4)")
-    p.add_argument("--chunks", type=positive_int, default=12, help="chunks each variant times (default 12)")
+    p.add_argument("--chunks", type=positive_int, default=12,
+                   help="chunks each variant times, at least to the first on a full ring (default 12)")  # fmt: skip
     p.add_argument("--warmup-chunks", type=int, default=None,
                    help="chunks before each variant's timing (default: past the first with a full ring)")  # fmt: skip
     # (0 or less ran no part, after the ceilings and the model were built; an unknown backend's

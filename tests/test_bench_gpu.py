@@ -158,3 +158,43 @@ def test_the_timers_wait_for_the_device_they_time(monkeypatch):
     synchronize(torch.device("cuda", 2))()
     synchronize("cpu")()
     assert waited == [torch.device("cuda:1"), torch.device("cuda:2")]
+
+
+def test_fps_steady_times_only_chunks_that_attend_to_a_full_ring(monkeypatch):
+    # fps_steady took the second half of the timed chunks, which holds ring-filling chunks (they
+    # attend to fewer frames, so they are quicker) when fewer chunks are timed than twice the
+    # ring's. A stubbed clock: a chunk costs 1 while the ring fills, 2 once it is full
+    import types
+
+    import numpy as np
+    import torch
+
+    from bench import gpu
+
+    clock = [0.0]
+
+    class Session:
+        chunks_to_full_ring = 5  # the 5th chunk of a stream (index 4) is the first on a full ring
+
+        def __init__(self, *args, **kwargs):
+            self.index = 0
+
+        def next_chunk(self):
+            clock[0] += 2.0 if self.index >= self.chunks_to_full_ring - 1 else 1.0
+            self.index += 1
+            return np.zeros((12, 1, 1, 3), np.uint8), 0.0
+
+        def close(self):
+            pass
+
+    def start_stream(session, context=None, known_avatar=False, **kwargs):
+        session.index = 0
+
+    monkeypatch.setattr(gpu, "StreamSession", Session)
+    monkeypatch.setattr(gpu, "start_stream", start_stream)
+    monkeypatch.setattr(gpu, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    model = types.SimpleNamespace(cfg=types.SimpleNamespace(text_dim=4))
+    got = gpu.stream_speed(model, 4, 4, 5, "cpu", torch.float32, 2)
+    # the first chunk aside, chunks 1-3 fill the ring and chunk 4 attends to it full: 12 frames in 2
+    assert got["fps_steady"] == 6.0
+    assert got["fps"] == 48 / 5
