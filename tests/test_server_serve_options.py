@@ -1,0 +1,250 @@
+"""serve's options: a port, host, token, CORS origin, log level or step schedule it cannot serve with
+is refused at start, before the model loads."""
+
+from __future__ import annotations
+
+import pytest
+from server_helpers import free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.mark.parametrize("host, says", [("127.0.0.1", "Address already in use"), ("no-such-host.invalid", "")])
+def test_a_port_in_use_or_an_unknown_host_is_refused_before_the_model_loads(host, says, capsys, monkeypatch):
+    """A port in use or a host that does not resolve was uvicorn's own error (exit 3), after the
+    model had loaded, warmed and measured its capacity: minutes for a large one."""
+    import socket
+
+    from streamgen.cli import main
+
+    def serve(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", "debug", "--host", host, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on {host}:{port}: " in err and says in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_an_empty_host_is_refused_not_taken_for_every_interface(capsys, monkeypatch):
+    """`--host "$UNSET"` listened on every interface (0.0.0.0 and ::, uvicorn's reading of ""),
+    serving the network where the default serves this machine alone."""
+    from streamgen.cli import main
+
+    def serve(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
+    assert main(["serve", "--model", "debug", "--host", "", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err == "streamgen serve: error: --host '' names no address: give 127.0.0.1 (this machine only, " \
+        "the default) or 0.0.0.0 (every interface)\n", err
+
+
+@pytest.mark.parametrize("no_color, colours", [("1", False), ("", None)])
+def test_no_color_turns_off_the_colours_of_the_servers_log(no_color, colours, monkeypatch):
+    """uvicorn coloured its log lines on a terminal whatever NO_COLOR said (None: where a terminal)."""
+    from streamgen.cli import main
+
+    used = []
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda server: used.append(server.config.use_colors))
+    monkeypatch.setenv("NO_COLOR", no_color)
+    main(["serve", "--model", "debug", "--port", str(free_port())])  # (2: "did not start", not having run)
+    assert used == [colours]
+
+
+def test_an_sp_follower_rank_does_not_check_the_port_rank_0_listens_on(capsys, monkeypatch):
+    """Under `serve --sp N` only rank 0 listens. A follower that checked the address raced rank
+    0's listening socket: on a loaded machine it got there after rank 0 listened, said 'Address
+    already in use' and stopped every rank (CI, test_serve_with_sp_streams_and_shuts_down)."""
+    import socket
+
+    import server.sp_host
+    from streamgen.cli import main
+
+    followed = []
+    monkeypatch.setattr(server.sp_host, "follow", lambda *args: followed.append(args) or 0)
+    for name, value in {"TORCHELASTIC_RUN_ID": "test", "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    with socket.socket() as rank_0:  # rank 0's server, listening already
+        rank_0.bind(("127.0.0.1", 0))
+        rank_0.listen()
+        port = rank_0.getsockname()[1]
+        assert main(["serve", "--sp", "2", "--model", "debug", "--port", str(port)]) == 0, capsys.readouterr().err
+    assert len(followed) == 1
+
+
+@pytest.mark.parametrize("token", ["", " sekrit", "se krit", "sekr\u00eft", "sekrit\n"])
+def test_a_server_token_no_request_can_carry_is_refused_at_start(token, capsys, monkeypatch):
+    """`--token ""` (an unset variable: `--token "$TOKEN"`) started a server no session could be
+    made on: an empty bearer counts as none (401 for every request), and a token with white space
+    or a character outside ASCII cannot be sent in `Authorization: Bearer` as it is. Refused in
+    one line before the model loads."""
+    from streamgen.cli import main
+
+    def serve(*args, **kwargs):  # (it would serve until stopped)
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
+    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--token", token]) == 2
+    err = capsys.readouterr().err
+    assert "--token" in err and "printable ASCII" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("token", ["ab+c/d=", "a&b", "a#b", "a%2Bb", "a?b"])
+def test_a_server_token_a_url_would_change_is_refused_at_start(token, capsys, monkeypatch):
+    """The web page and WHEP players send it as ?token=, where '+' reads as a space (openssl rand
+    -base64 makes them): every such request was a 403 "wrong server token"."""
+    from streamgen.cli import main
+
+    def serve(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
+    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--token", token]) == 2
+    err = capsys.readouterr().err
+    assert "changes meaning in a URL's ?token=" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_ctrl_c_ends_serve_with_130_as_any_command(monkeypatch, capsys):
+    """uvicorn shuts down on a Ctrl-C and then raises it again: serve took that for a clean end
+    (exit code 0), where a SIGTERM, raised again as the signal, ended it with 143."""
+    from streamgen.cli import main
+
+    def interrupted(server):
+        server.started = True
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", interrupted)
+    assert main(["serve", "--model", "debug", "--port", str(free_port())]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+
+
+@pytest.mark.parametrize("token, problem", [("a b", "printable ASCII"), ("ab+c", "changes meaning in a URL")])
+def test_a_bad_token_from_the_environment_is_said_to_come_from_it(token, problem, capsys, monkeypatch):
+    """It was said to be --token's, which the command line did not have."""
+    from streamgen.cli import main
+
+    def serve(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
+    monkeypatch.setenv("STREAMGEN_TOKEN", token)
+    assert main(["serve", "--port", str(free_port()), "--model", "debug"]) == 2
+    err = capsys.readouterr().err
+    assert "error: $STREAMGEN_TOKEN" in err and problem in err and "--token" not in err, err
+
+
+def test_cors_origin_must_be_an_origin():
+    from streamgen.cli import main
+
+    assert main(["serve", "--port", str(free_port()), "--cors-origin", "app.example.org/path"]) == 2
+
+
+@pytest.mark.parametrize("level", ["bogus", "trace"])
+def test_a_log_level_that_logging_does_not_know_is_refused_by_the_parser(level, capsys):
+    """It was `logging.basicConfig`'s ValueError traceback, after every other check had passed."""
+    from streamgen.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["serve", "--model", "debug", "--port", "0", "--log-level", level])
+    assert exit.value.code == 2 and "argument --log-level: invalid choice" in capsys.readouterr().err
+
+
+def test_the_server_token_may_come_from_the_environment(monkeypatch):
+    """Given only as --token it was in the command line, which any user of the machine reads (ps)."""
+    import server.app
+    from streamgen.cli import main
+
+    configs = []
+    monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    monkeypatch.setenv("STREAMGEN_TOKEN", "from-the-environment")
+    assert main(["serve", "--model", "debug", "--port", str(free_port())]) == 0
+    assert main(["serve", "--model", "debug", "--port", str(free_port()), "--token", "given"]) == 0
+    monkeypatch.setenv("STREAMGEN_TOKEN", "")  # (an empty variable: no token, as without it)
+    assert main(["serve", "--model", "debug", "--port", str(free_port())]) == 0
+    assert [c.token for c in configs] == ["from-the-environment", "given", None]
+
+
+def test_a_host_of_this_machine_alone_makes_webrtc_offer_loopback(monkeypatch):
+    """Only 127.0.0.1 did: `--host localhost` served the page, and WebRTC offered only the other
+    interfaces, where a container without a network has none."""
+    import server.app
+    from streamgen.cli import main
+
+    configs, checked = [], []
+    monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    # (the port check binds its host: a test binds loopback only, never 0.0.0.0's every interface)
+    monkeypatch.setattr("server.cli._check_address", lambda host, port: checked.append(host))
+    hosts = ("127.0.0.1", "localhost", "127.0.0.2", "0.0.0.0")
+    for host in hosts:
+        assert main(["serve", "--model", "debug", "--host", host, "--port", str(free_port())]) == 0
+    assert [c.loopback for c in configs] == [True, True, True, False]
+    assert checked == list(hosts)
+
+
+@pytest.mark.parametrize("origin", ["https://app.example.org:99999", "http://app.example.org:http"])
+def test_a_cors_origin_with_a_port_no_page_can_have_is_refused(origin, capsys, monkeypatch):
+    """It was taken, and matched no page's Origin header: each page's calls were blocked."""
+    import server.app
+    from streamgen.cli import main
+
+    monkeypatch.setattr(server.app, "create_app", lambda config: None)
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--cors-origin", origin]) == 2
+    assert f"--cors-origin {origin!r}: an origin is scheme://host[:port]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("origin", ["https://*.example.org", "http://app.*.example.org:8080"])
+def test_a_cors_origin_with_a_wildcard_in_it_is_refused_not_taken_for_a_host(origin, capsys, monkeypatch):
+    """It was taken for a host of that name, which no page's Origin is: every page's calls were blocked."""
+    import server.app
+    from streamgen.cli import main
+
+    monkeypatch.setattr(server.app, "create_app", lambda config: None)
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--cors-origin", origin]) == 2
+    assert capsys.readouterr().err == (f"streamgen serve: error: --cors-origin {origin!r}: a '*' in an origin "
+                                       "matches nothing: give each origin (--cors-origin is repeatable), or '*' alone for any\n")
+
+
+def test_serve_refuses_steps_off_the_students_schedule(capsys, monkeypatch):
+    """--steps 3 of the 4-step tiny-avatar was taken (generate refused it): every session then ran
+    noise levels the student never learned."""
+    from streamgen.cli import main
+
+    def serve(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
+    assert main(["serve", "--port", str(free_port()), "--model", "tiny-avatar", "--steps", "3"]) == 2
+    assert capsys.readouterr().err == (
+        "streamgen serve: error: --steps 3: tiny-avatar runs 1, 2 or 4 steps, the levels of the 4-step "
+        "schedule it was distilled for (a teacher takes any number)\n"
+    )
+
+
+def test_a_model_timeout_without_a_model_process_is_refused_not_ignored(capsys, monkeypatch):
+    """docs/serving.md: --model-timeout is "with --model-process"; without it, it was taken and timed nothing."""
+    import server.app
+    from streamgen.cli import main
+
+    configs = []
+    monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--model-timeout", "30"]) == 2
+    assert capsys.readouterr().err == (
+        "streamgen serve: error: --model-timeout 30 applies with --model-process only (a model in this process "
+        "cannot be killed apart from the server): add --model-process or leave it out\n"
+    )
+    assert main(["serve", "--port", str(free_port()), "--model", "debug"]) == 0
+    argv = ["serve", "--port", str(free_port()), "--model", "debug", "--model-process", "--model-timeout", "5"]
+    assert main(argv) == 0
+    assert [(c.inference_process, c.model_timeout_s) for c in configs] == [(False, 60.0), (True, 5.0)]
