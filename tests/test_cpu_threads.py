@@ -278,6 +278,18 @@ def test_auto_decodes_frames_side_by_side_where_there_are_no_fewer_frames_than_t
         assert s.decodes_frames_apart() == apart
 
 
+def test_a_parallel_decoder_decodes_its_band_as_before_not_frames_apart(model, two_threads):
+    """`serve --sp`'s tiled decoder read the wrapped autoencoder's `frames_decode_apart` (True)
+    through its `__getattr__`, and was given `frame_threads`, which its `decode_stream` has not:
+    every chunk failed on every rank (a TypeError), and the ranks went down together."""
+    from streamgen.parallel.vae import TiledParallelDecoder
+
+    s = StreamSession(model)
+    assert s.decodes_frames_apart()
+    s.vae = TiledParallelDecoder(s.vae, group=object(), halo=0)  # (the group is only used when decoding)
+    assert not s.decodes_frames_apart() and s.decode_options() == {}
+
+
 def test_an_unknown_decode_threads_is_an_error(model):
     with pytest.raises(ValueError, match="decode_threads must be one of"):
         StreamSession(model, decode_threads="many")

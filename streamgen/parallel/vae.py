@@ -93,6 +93,9 @@ class _ParallelDecoder:
 
     vae: nn.Module
     group: dist.ProcessGroup
+    # its decode_stream takes no `frame_threads` (a band's frames decode together), whatever the
+    # wrapped autoencoder's does: not read from it through __getattr__
+    frames_decode_apart = False
 
     def __getattr__(self, name):
         if name == "vae":  # not set yet: no recursion
