@@ -1,4 +1,5 @@
-"""Test processes that share a gloo process group, spawned so that they end cleanly."""
+"""Test processes that share a gloo process group, spawned so that they end cleanly, and the
+environment a launcher of ranks starts in (as a user's shell has it)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,12 @@ def _run_then_collect(rank: int, fn, *args) -> None:
     left = gloo_threads()
     if left:
         raise RuntimeError(f"{left} gloo worker threads outlive the process group: something still holds it")
+
+
+def launcher_env() -> dict[str, str]:
+    """This environment as a user's shell has it: not inside a torchrun worker, one thread per rank."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE")
+    }
+    env["OMP_NUM_THREADS"] = "1"
+    return env
