@@ -381,5 +381,3 @@ def test_a_wan_save_into_a_pipeline_folder_writes_its_transformer(tmp_path):
     assert sorted(os.listdir(pipeline)) == ["model_index.json", "transformer"]
     assert _same_weights(load_pretrained(pipeline), new)
     assert _same_weights(load_pretrained(pipeline / "transformer"), new)
-
-
