@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from stream_helpers import face, speech
+from stream_helpers import face, run, speech
 
 from streamgen.model.audio import SAMPLES_PER_FRAME, AudioEncoder
 from streamgen.model.config import get_config
@@ -28,17 +28,6 @@ def recorder():
         return fn()
 
     return seen, observe
-
-
-def run(model, audio_pushes, chunks, seed=0):
-    s = StreamSession(model)
-    s.start(face(), seed=seed)
-    out = []
-    for i in range(chunks):
-        if i < len(audio_pushes):
-            s.push_audio(audio_pushes[i])
-        out.append(s.next_chunk())
-    return s, out
 
 
 def test_frames_shape_pts_and_reproducibility(model):

@@ -5,11 +5,11 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from stream_helpers import face, speech
 
 from streamgen.models import load_model
 from streamgen.stream import StreamSession, prepare_chunks
 from streamgen.stream_batch import write_pending_chunks
-from tests.test_stream import face, speech
 
 
 @pytest.fixture(scope="module")

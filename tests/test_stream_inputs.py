@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_stream import face, run, speech
+from stream_helpers import face, run, speech
 
 from streamgen.media import read_image
 from streamgen.models import load_model
