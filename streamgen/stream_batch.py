@@ -14,9 +14,79 @@ from contextlib import ExitStack, contextmanager
 import numpy as np
 import torch
 
+from streamgen.model.audio import frame_windows
 from streamgen.model.cache import StreamCache
 from streamgen.sampling import cached_velocity, reencode_chunk, sample_few_step
-from streamgen.stream import StreamSession, contained_step, group_indices, prepare_chunks, to_uint8
+from streamgen.stream import StreamSession, to_uint8
+
+
+def group_indices(items: list, key) -> list[list[int]]:
+    """Indices of `items`, grouped by key(item), each group in order."""
+    groups: dict = {}
+    for i, item in enumerate(items):
+        groups.setdefault(key(item), []).append(i)
+    return list(groups.values())
+
+
+def contained_step(on_error, failed: set, members: list[int], step, *args):
+    """step(*args), a step that is sessions `members`' alone among a batch's: one session's own
+    (its audio span, its noise) or a pass one group shares (a forward, a decode, a re-encode). With
+    on_error its failure is theirs, as it would be one by one, not the batch's others': each member
+    not failed yet is reported (on_error(i, exception)) and added to `failed`, and None is
+    returned, so that the batch goes on without them. Without, it raises."""
+    if on_error is None:
+        return step(*args)
+    try:
+        return step(*args)
+    except Exception as e:
+        for i in members:
+            if i not in failed:
+                failed.add(i)
+                on_error(i, e)
+        return None
+
+
+def prepare_chunks(
+    group: list[StreamSession], on_error=None
+) -> list[tuple[torch.Tensor | None, torch.Tensor] | None]:
+    """Each session's next chunk's audio windows and starting noise (advancing its audio timeline
+    and its RNG), for sessions of one DiT: the audio encoder runs once over the sessions whose
+    encoder inputs are as long (all but those near a stream's start).
+
+    on_error(i, exception): session i's own steps (its start check, audio span, windows, noise)
+    fail it alone (`contained_step`): its entry is None. The shared audio encoder's failure raises."""
+    lead = group[0]
+    cfg, enc = lead.cfg, lead.dit.audio_encoder
+    c = cfg.frames_per_chunk
+    failed: set[int] = set()
+
+    def span(s: StreamSession):
+        s._require_started()
+        return s._audio_span(s.chunk_index * c)
+
+    def noise(s: StreamSession) -> torch.Tensor:
+        shape = (1, cfg.in_channels, c, *s.latent_hw)
+        return torch.randn(shape, generator=s.generator).to(s.device, s.dtype)
+
+    spans = [contained_step(on_error, failed, [i], span, s) for i, s in enumerate(group)]
+    audio: list = [None] * len(group)
+    if enc is not None:
+        ok = [i for i in range(len(group)) if i not in failed]
+        for same in group_indices([spans[i] for i in ok], lambda span: len(span[0])):
+            members = [ok[j] for j in same]
+            pcm = torch.from_numpy(np.stack([spans[i][0] for i in members])).to(lead.device)
+            with torch.no_grad(), lead.stage_threads("audio"):
+                tokens = enc(pcm)
+            for row, i in enumerate(members):
+                mine, first, start = tokens[row : row + 1], spans[i][1], group[i].chunk_index * c
+                windows = contained_step(on_error, failed, [i], frame_windows, mine, first, start, c, cfg)
+                if windows is not None:
+                    audio[i] = windows.to(lead.dtype)
+    noises = [
+        None if i in failed else contained_step(on_error, failed, [i], noise, s) for i, s in enumerate(group)
+    ]
+    return [None if i in failed else (audio[i], noises[i]) for i in range(len(group))]
+
 
 
 def _device_key(device: torch.device):

@@ -8,8 +8,8 @@ import torch
 from stream_helpers import face, speech
 
 from streamgen.models import load_model
-from streamgen.stream import StreamSession, prepare_chunks
-from streamgen.stream_batch import write_pending_chunks
+from streamgen.stream import StreamSession
+from streamgen.stream_batch import prepare_chunks, write_pending_chunks
 
 
 @pytest.fixture(scope="module")
