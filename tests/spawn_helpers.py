@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+from pathlib import Path
 
 import torch.multiprocessing as mp
 
@@ -82,3 +83,11 @@ def launcher_env() -> dict[str, str]:
     }
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def process_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # (a zombie has ended: its parent, the init process here, reaps it)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed.run
+from spawn_helpers import process_running
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
@@ -306,14 +307,6 @@ time.sleep(60)
 """
 
 
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"  # (a zombie has ended: its parent, the init process here, reaps it)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 @pytest.mark.timeout(60)
 def test_a_rank_ends_when_its_launcher_is_killed():
@@ -327,13 +320,13 @@ def test_a_rank_ends_when_its_launcher_is_killed():
         launcher.kill()
         launcher.wait()
         deadline = time.monotonic() + 20
-        while _running(rank) and time.monotonic() < deadline:
+        while process_running(rank) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _running(rank)
+        assert not process_running(rank)
     finally:
         launcher.kill()
         launcher.wait()
-        if rank is not None and _running(rank):
+        if rank is not None and process_running(rank):
             os.kill(rank, signal.SIGKILL)
 
 

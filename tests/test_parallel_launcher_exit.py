@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from spawn_helpers import process_running
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,14 +198,6 @@ time.sleep(60)
 """
 
 
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"  # (a zombie has ended: its parent, the init process here, reaps it)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 @pytest.mark.timeout(90)
 def test_a_rank_whose_launcher_ended_before_it_asked_to_end_with_it_ends():
@@ -219,11 +212,11 @@ def test_a_rank_whose_launcher_ended_before_it_asked_to_end_with_it_ends():
     rank = int(launcher.stdout)
     try:
         deadline = time.monotonic() + 45
-        while _running(rank) and time.monotonic() < deadline:
+        while process_running(rank) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _running(rank)
+        assert not process_running(rank)
     finally:
-        if _running(rank):
+        if process_running(rank):
             os.kill(rank, signal.SIGKILL)
 
 
