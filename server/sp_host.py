@@ -34,7 +34,8 @@ the supervisor to restart the service. When rank 0's own operation fails it
 does not wait for the followers' outcomes: they may be inside a collective
 rank 0 never reached, which only the group's timeout would end. A stop is
 not a failure: torchrun passes a SIGINT/SIGTERM to every rank at once, and a
-follower rank 0 finds gone once the server is stopping ended with the stop
+follower rank 0 finds gone once the server is stopping (or is told so within
+`STOP_SIGNAL_WAIT`) ended with the stop
 (an INFO line, `HostStopped`; the sessions close as "server shutting down").
 """
 
@@ -61,6 +62,11 @@ log = logging.getLogger("streamgen.server")
 # seconds `SequenceParallelHost.stop` waits for an operation still running (after the server's
 # worker has waited 10 s for it); past that, the operation lets go of the model when it ends
 STOP_WAIT = 5.0
+# seconds a follower found gone waits for the server's stop to be known before it is a failure: a
+# Ctrl-C reaches every rank at once, and a follower that ended at once was found gone by rank 0's
+# worker thread before rank 0's main thread, on a loaded machine, had run its signal handler
+# (`stopping` unset: "cannot go on together", CRITICAL, at a plain Ctrl-C of `serve --sp 2`)
+STOP_SIGNAL_WAIT = 2.0
 
 
 def load_sharded(model_name: str, device: str, threads: int | None, sp: int, height: int | None,
@@ -188,7 +194,7 @@ class SequenceParallelHost:
         """A follower rank is gone, or an operation failed as one would: a failure, unless the server
         is stopping (then it ended with the stop, and the operation, the closing of a session say,
         ends here without one, in whatever words its collective failed)."""
-        if not self.stopping.is_set():
+        if not self.stopping.wait(STOP_SIGNAL_WAIT):
             self._fail(reason)
         # (it said "the sequence-parallel ranks cannot go on together", CRITICAL, at every Ctrl-C). Not
         # "ended with the stop": a follower killed alone has torchrun stop rank 0 too, which may come

@@ -194,6 +194,28 @@ def test_a_follower_gone_once_the_server_is_stopping_ended_with_the_stop(caplog)
     host.stop()
 
 
+def test_a_follower_gone_just_before_rank_0_knows_the_server_is_stopping_ended_with_the_stop(caplog):
+    """The signal reaches every rank at once; the follower ended, and rank 0's worker found it gone
+    before rank 0's main thread had run its signal handler (a loaded machine): that was "cannot go
+    on together", CRITICAL, at a plain Ctrl-C. A follower found gone waits a moment for the stop."""
+    import threading
+    from multiprocessing import Pipe
+
+    from server.model_host import HostStopped
+    from server.sp_host import SequenceParallelHost
+
+    here, there = Pipe()
+    there.close()  # the follower has ended
+    host = SequenceParallelHost(ScriptedOps(), [here], threading.Event())
+    signal_handled = threading.Timer(0.3, host.stopping.set)  # rank 0's handler, a moment later
+    signal_handled.start()
+    with caplog.at_level(logging.INFO, "streamgen.server"), pytest.raises(HostStopped):
+        host.call("chunk", "id", None)
+    assert [r.levelname for r in caplog.records] == ["INFO"], caplog.text
+    signal_handled.join()
+    host.stop()
+
+
 @pytest.mark.parametrize(
     "rank0_fails, follower_fails",
     [  # rank 0's collective, in words PEER_GONE does not list (gloo's, for a pair already shut)
