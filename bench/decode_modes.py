@@ -24,7 +24,6 @@ from streamgen.cli import frame_size, positive_int, thread_count
 from streamgen.models import load_model
 from streamgen.stream import StreamSession
 
-
 # the two ways compared ("auto", the default, picks one of them: `cpu_threads.DECODE_THREADS`)
 MODES = ("split", "frames")
 

@@ -153,6 +153,21 @@ async def test_a_camera_the_player_offers_is_declined_not_decoded_into_a_pile(se
         await pc.close()
 
 
+def microphones_heard(monkeypatch) -> list:
+    """The microphone tracks the server consumes (`webrtc.consume_microphone`), as it takes them."""
+    import server.webrtc as webrtc
+
+    heard = []
+    original = webrtc.consume_microphone
+
+    async def counted_microphone(track, session):
+        heard.append(track)
+        await original(track, session)
+
+    monkeypatch.setattr(webrtc, "consume_microphone", counted_microphone)
+    return heard
+
+
 async def test_a_second_microphone_the_player_offers_is_declined(server, monkeypatch):
     """Two audio m-lines that send (a second microphone) were both received, each read by a task
     that put its samples after the "mic" source's last ones: the two moved one cursor, each
@@ -160,16 +175,7 @@ async def test_a_second_microphone_the_player_offers_is_declined(server, monkeyp
     answer takes no audio on the others (sendonly, inactive where no speech goes out on them)."""
     from aiortc.mediastreams import AudioStreamTrack
 
-    import server.webrtc as webrtc
-
-    heard = []
-
-    async def counted_microphone(track, session):
-        heard.append(track)
-        await original(track, session)
-
-    original = webrtc.consume_microphone
-    monkeypatch.setattr(webrtc, "consume_microphone", counted_microphone)
+    heard = microphones_heard(monkeypatch)
     url, app = server
     async with httpx.AsyncClient(base_url=url, timeout=20) as http:
         created = (await http.post("/v1/sessions", json={})).json()
@@ -200,16 +206,7 @@ async def test_the_speech_goes_on_an_audio_m_line_the_player_receives(server, mo
     speech goes on the first audio m-line the player receives; the microphone stays heard."""
     from aiortc.mediastreams import AudioStreamTrack
 
-    import server.webrtc as webrtc
-
-    heard = []
-
-    async def counted_microphone(track, session):
-        heard.append(track)
-        await original(track, session)
-
-    original = webrtc.consume_microphone
-    monkeypatch.setattr(webrtc, "consume_microphone", counted_microphone)
+    heard = microphones_heard(monkeypatch)
     url, _ = server
     async with httpx.AsyncClient(base_url=url, timeout=20) as http:
         created = (await http.post("/v1/sessions", json={})).json()
