@@ -259,3 +259,16 @@ def started_socket(client, s):
         ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
         next_json(ws)
         yield ws
+
+
+def connect(port: int) -> socket.socket:
+    """A raw connection to the live server on 127.0.0.1:`port` (10 s a read)."""
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def answer_until_closed(sock: socket.socket) -> bytes:
+    """All the server sends until it closes the connection (bounded by the socket's timeout)."""
+    answer = b""
+    while part := sock.recv(65536):
+        answer += part
+    return answer

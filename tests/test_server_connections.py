@@ -8,7 +8,7 @@ import socket
 import time
 
 import pytest
-from server_helpers import free_port, live_server
+from server_helpers import answer_until_closed, connect, free_port, live_server
 
 HEADER_TIMEOUT_S = 0.5
 MAX_CONNECTIONS = 3
@@ -20,16 +20,6 @@ def server(request):
         yield int(url.rsplit(":", 1)[1])
 
 
-def connect(port: int) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=10)
-
-
-def answer_until_closed(sock: socket.socket) -> bytes:
-    """All the server sends until it closes the connection (bounded by the socket's timeout)."""
-    answer = b""
-    while part := sock.recv(65536):
-        answer += part
-    return answer
 
 
 def read_response(sock: socket.socket) -> tuple[bytes, dict]:

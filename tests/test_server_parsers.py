@@ -8,7 +8,7 @@ import socket
 import time
 
 import pytest
-from server_helpers import live_server
+from server_helpers import answer_until_closed, connect, live_server
 
 SESSION = b'POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}'
 
@@ -19,15 +19,6 @@ def server(request):
         yield int(url.rsplit(":", 1)[1]), app
 
 
-def connect(port: int) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=10)
-
-
-def answer_until_closed(sock: socket.socket) -> bytes:
-    answer = b""
-    while part := sock.recv(65536):
-        answer += part
-    return answer
 
 
 def test_a_half_closed_request_is_a_client_gone_and_frees_its_session(server):

@@ -5,10 +5,9 @@ request's head gets, and the bound on open connections, over raw sockets to a li
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
-from server_helpers import live_server
+from server_helpers import connect, live_server
 
 MAX_CONNECTIONS = 3
 PAGE = "https://app.example.org"
@@ -21,9 +20,6 @@ def server(request):
     with live_server(http=request.param, max_connections=MAX_CONNECTIONS, cors_origins=[PAGE]) as (url, app):
         yield int(url.rsplit(":", 1)[1])
 
-
-def connect(port: int) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=10)
 
 
 def answer_to(port: int, request: bytes) -> tuple[bytes, bytes]:
