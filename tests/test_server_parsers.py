@@ -21,18 +21,43 @@ def server(request):
 
 
 
-def test_a_half_closed_request_is_a_client_gone_and_frees_its_session(server):
+def test_a_half_closed_request_is_a_client_gone_and_frees_its_session(server, monkeypatch):
     """A client that sent its whole POST and shut its side (SHUT_WR) gets no answer: its FIN is a
     closed page's, which the create-session route must hear to free the session it made (see
     ConnectionLimits.eof_received). Served, the half-closed client would have its session, and a
     reloaded page's would hold a place until the unclaimed limit."""
+    import asyncio
+    import threading
+
+    from server.connections import ConnectionLimits
+
     port, app = server
-    metrics = app.state.registry.metrics
+    registry = app.state.registry
+    metrics = registry.metrics
     closed_before = metrics.sessions_closed.labels(reason="client left before the answer")._value.get()
+    # the session is made once the server has the FIN: on a loaded machine the test's shutdown came
+    # after a quick creation's 201, which was then rightly sent (a client that had not yet half-closed)
+    fin_came, eof_received, create = threading.Event(), ConnectionLimits.eof_received, registry.create
+
+    def fin_noted(protocol):
+        fin_came.set()
+        return eof_received(protocol)
+
+    async def create_after_the_fin(*args):
+        for _ in range(200):  # bounded: 10 s
+            if fin_came.is_set():
+                break
+            await asyncio.sleep(0.05)
+        return await create(*args)
+
+    monkeypatch.setattr(ConnectionLimits, "eof_received", fin_noted)
+    monkeypatch.setattr(registry, "create", create_after_the_fin)
     with connect(port) as sock:
         sock.sendall(SESSION)
         sock.shutdown(socket.SHUT_WR)
         assert answer_until_closed(sock) == b""
+    assert fin_came.is_set()
+    monkeypatch.undo()
     for _ in range(300):  # bounded: 30 s for the session to be made and let go (on a loaded machine)
         closed = metrics.sessions_closed.labels(reason="client left before the answer")._value.get()
         if closed > closed_before and not app.state.registry.sessions:
