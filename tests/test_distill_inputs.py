@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
+import torch
 from test_distill_helpers import debug_config, run
 
 from distill.build import ModelSourceError, load_dit, load_vae
+from distill.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +111,107 @@ def test_a_student_init_of_other_noise_levels_is_a_warning(tmp_path, capsys, sta
     ), said
     assert "a student of 2 steps" in says(ode, **{f"{stage}.student_steps": 1})
     assert "noise levels" not in says(teacher, **{f"{stage}.student_steps": 1})  # (a teacher has none)
+
+
+def test_the_teacher_starts_from_a_wan_checkpoint_through_the_adapter(tmp_path):
+    from streamgen.model.config import get_config
+    from streamgen.model.model import DiT
+    from streamgen.model.wan import save_pretrained
+    from streamgen.models import load_model
+
+    torch.manual_seed(5)
+    wan = DiT(get_config("debug"))
+    save_pretrained(wan, tmp_path / "wan")
+    avatar = {"audio_dim": 16, "audio_mels": 16, "frames_per_chunk": 2, "window_frames": 6}
+    cfg = debug_config(
+        "teacher", tmp_path / "t", **{"model.init": f"wan:{tmp_path / 'wan'}", "model.overrides": avatar,
+                                      "optim.lr": 0.0, "optim.ema": 0.0, "run.steps": 1},
+    )  # fmt: skip
+    run(cfg)
+    trained = load_model(str(tmp_path / "t" / "model")).dit.state_dict()
+    assert torch.equal(trained["blocks.1.ffn.up.weight"], wan.state_dict()["blocks.1.ffn.up.weight"])
+    cfg.model.init = f"wan:{tmp_path / 'nowhere'}"
+    cfg.run.out = str(tmp_path / "t2")
+    from distill.build import ModelSourceError
+
+    with pytest.raises(ModelSourceError, match="cannot load the Wan checkpoint"):
+        run(cfg)
+
+
+@pytest.mark.parametrize(
+    "kind, says",
+    [
+        ("wan z_dim 8", r"wan:.* has 8 latent channels, the model 4"),
+        ("wan temporal 2", r"wan:.* makes 2 video frames of each latent frame, the model's temporal_compression is 4"),
+        ("autoencoder temporal 2", r"makes 2 video frames of each latent frame, the model's temporal_compression is 4"),
+    ],
+)
+def test_a_model_vae_of_other_latents_or_frames_is_one_line_before_any_work(tmp_path, kind, says):
+    """load_vae returned a `wan:` VAE before its latent channels were compared, and compared no
+    autoencoder's temporal factor with the model's temporal_compression (the model directory's
+    loader refuses both)."""
+    from distill.build import load_vae
+    from streamgen.model.config import get_config
+    from streamgen.model.vae import TinyCausalVAE
+
+    torch.manual_seed(0)
+    if kind.startswith("wan"):
+        diffusers = pytest.importorskip("diffusers")
+        z_dim = 8 if "z_dim" in kind else 4
+        downsample = [False, True, False] if "temporal" in kind else [False, True, True]
+        wan = diffusers.AutoencoderKLWan(
+            base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=downsample,
+            latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim,
+        )  # fmt: skip
+        wan.save_pretrained(tmp_path / "vae")  # (diffusers' AutoencoderKLWan folder)
+        source = f"wan:{tmp_path / 'vae'}"
+    else:
+        TinyCausalVAE(4, (8, 16), 2).save(tmp_path / "vae")
+        source = str(tmp_path / "vae")
+    cfg = debug_config("teacher", tmp_path / "t", **{"model.vae": source})
+    mcfg = get_config("debug")
+    with pytest.raises(ConfigError, match=says):
+        load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
+    if kind == "wan z_dim 8":  # a taehv tiny decoder is made for the teacher's latents, whatever the flavor
+        from distill.distributed import World
+        from distill.tiny_decoder import Stage
+
+        cfg = debug_config("tiny_decoder", tmp_path / "td", **{"model.vae": source})
+        assert Stage(cfg, World()).teacher.latent_channels == 8
+
+
+def test_a_model_directory_given_as_wan_is_told_to_drop_the_prefix(tmp_path):
+    """`model.init: wan:DIR` (or `model.vae`) of a streamgen model directory said "DIR has no
+    config.json", as if the folder were damaged."""
+    from distill.build import ModelSourceError, export_model, load_dit, load_vae
+    from streamgen.model.config import get_config
+    from streamgen.model.model import DiT
+    from streamgen.model.vae import TinyCausalVAE
+
+    mcfg = get_config("debug")
+    torch.manual_seed(0)
+    vae = TinyCausalVAE(mcfg.in_channels, (8, 16), mcfg.temporal_compression)
+    model = export_model(DiT(mcfg).eval(), vae, tmp_path / "model", "debug", 32, 32, 5.0, 2)
+    says = f"{model} is a streamgen model directory, not a diffusers Wan checkpoint: give it without wan:"
+    with pytest.raises(ModelSourceError, match=re.escape(says)):
+        load_dit(f"wan:{model}")
+    cfg = debug_config("teacher", tmp_path / "t", **{"model.vae": f"wan:{model}"})
+    with pytest.raises(ModelSourceError, match=re.escape(says)):
+        load_vae(cfg.model, mcfg.in_channels, mcfg.temporal_compression, cfg.run.seed)
+
+
+def test_a_missing_model_names_the_stage_and_the_command_that_make_it(tmp_path):
+    """"... is not a model directory (no model.json); train the stage that makes it first" named
+    neither the stage nor its command: a run's folder named as the Makefile names them says both."""
+    from distill.build import ModelSourceError, load_dit
+
+    runs = tmp_path / "runs"
+    for folder, says in (("ode", "the ode stage makes it: `make ode RUNS="),
+                         ("self_forcing_last_step", "the self_forcing stage makes it: `make self_forcing_last_step RUNS="),
+                         ("elsewhere", "`python -m streamgen distill STAGE --config CONFIG --set run.out=RUN`")):  # fmt: skip
+        with pytest.raises(ModelSourceError, match=re.escape(says)) as refused:
+            load_dit(str(runs / folder / "model"))
+        assert "train the stage that makes it first" in str(refused.value)
+    with pytest.raises(ModelSourceError) as refused:
+        load_dit(str(runs / "self_forcing_last_step" / "model"))
+    assert f"--config tiny-avatar-last-step --set run.out={runs / 'self_forcing_last_step'}`" in str(refused.value)

@@ -1,4 +1,4 @@
-"""The updates of a stage's trainable modules: what a run says when one cannot be taken."""
+"""The updates of a stage's trainable modules: their learning rate and EMA, and what a run says when one cannot be taken."""
 
 from __future__ import annotations
 
@@ -68,3 +68,55 @@ def test_a_resume_that_turns_the_ema_off_says_the_average_is_dropped(tmp_path, c
     assert not any(k.startswith("ema/") for k in final_tensors(out))
     run(debug_config("teacher", out, **{"optim.ema": 0.0, "run.steps": 4}), resume=True)
     assert "EMA" not in capsys.readouterr().err  # (none to drop)
+
+
+def test_learning_rate_warms_up_then_decays_on_a_cosine():
+    from distill.config import OptimConfig
+    from distill.trainer import learning_rate
+
+    constant = OptimConfig(lr=1e-3, warmup=10)
+    assert learning_rate(constant, 0) == pytest.approx(1e-4) and learning_rate(constant, 9) == 1e-3
+    assert learning_rate(constant, 10_000) == 1e-3
+    cosine = OptimConfig(lr=1e-3, warmup=10, decay_steps=100, min_lr=1e-5)
+    assert learning_rate(cosine, 10) == pytest.approx(1e-3)
+    assert learning_rate(cosine, 60) == pytest.approx((1e-3 + 1e-5) / 2)  # half way down
+    assert learning_rate(cosine, 110) == pytest.approx(1e-5) and learning_rate(cosine, 500) == pytest.approx(
+        1e-5
+    )
+    rates = [learning_rate(cosine, u) for u in range(10, 111)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_a_nan_gradient_behind_a_finite_loss_stops_the_update(grad_clip):
+    """With grad_clip 0 the gradient's norm was not looked at: a NaN gradient went into the weights."""
+    from distill.config import OptimConfig
+    from distill.distributed import World
+    from distill.trainer import NonFiniteLoss, Updater
+
+    module = torch.nn.Linear(2, 1)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    updater = Updater("student", module, OptimConfig(grad_clip=grad_clip), World())
+    y = module(torch.tensor([[-1.0, 0.5]])).sum()
+    # 0, whose gradient is NaN: where's unchosen branch still sends 0 * d sqrt(-1) back
+    loss = torch.where(torch.tensor(False), (-y.abs() - 1).sqrt(), torch.zeros(()))
+    assert torch.isfinite(loss)
+    with pytest.raises(NonFiniteLoss, match="gradient"):
+        updater.update(loss)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_a_resumed_ema_lives_where_its_module_does():
+    """A checkpoint's tensors load on the CPU; the EMA stayed there, and a resumed GPU run's first
+    update failed (the meta device stands in for the GPU here)."""
+    from distill.config import OptimConfig
+    from distill.distributed import World
+    from distill.trainer import Updater
+
+    cfg = OptimConfig(lr=1e-3, ema=0.9)
+    saved = Updater("m", torch.nn.Linear(3, 3), cfg, World())
+    saved.update(saved.module(torch.ones(2, 3)).square().mean())
+    tensors, meta = saved.state()
+    resumed = Updater("m", torch.nn.Linear(3, 3, device="meta"), cfg, World())
+    resumed.load_state({k: v.cpu() for k, v in tensors.items()}, meta, "ckpt")
+    assert {v.device.type for v in resumed.ema.values()} == {"meta"}

@@ -165,3 +165,44 @@ def test_a_missing_model_is_said_alike_for_every_row_with_the_stage_that_makes_i
             results.main(["--runs", "runs", "--doc", "r.md"])
         err = capsys.readouterr().err
         assert exited.value.code == 2 and says in err, err
+
+
+def test_the_results_table_keeps_each_row_as_it_is_made(tmp_path, monkeypatch, capsys):
+    """results.json was written once every row was evaluated: a failure on a late row (hours in)
+    lost the others, and --missing-only had nothing to go on from; --render-only without it was
+    a traceback."""
+    from distill import results
+
+    def one_row_then_fail(runs, out, clips, minutes, size, skip, on_row):
+        on_row([{"row": "ground truth (renderer)", "model": "ground-truth"}])
+        raise RuntimeError("the next row's model is missing")
+
+    monkeypatch.setattr(results, "evaluate_rows", one_row_then_fail)
+    argv = ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--doc", str(tmp_path / "r.md")]
+    with pytest.raises(RuntimeError):
+        results.main(argv)
+    assert [r["row"] for r in json.loads((tmp_path / "out" / "results.json").read_text())] == [
+        "ground truth (renderer)"
+    ]
+    with pytest.raises(SystemExit) as exited:
+        results.main(["--render-only", "--out", str(tmp_path / "none"), "--doc", str(tmp_path / "r.md")])
+    assert exited.value.code == 2 and "run without --render-only first" in capsys.readouterr().err
+
+
+def test_the_results_table_goes_into_a_document_without_its_markers_keeping_the_text(tmp_path):
+    """A --doc without the table's markers (another document, or results.md from elsewhere) was
+    replaced whole by the table: its text lost. The table is added at its end; a second run
+    replaces that table only."""
+    from distill import results
+
+    row = {k: 0.0 for k in results.REPORT_KEYS} | {"row": "ground truth (renderer)", "nfe": None}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text(json.dumps([row]))
+    doc = tmp_path / "notes.md"
+    doc.write_text("# Notes\n\nhours of writing\n")
+    argv = ["--render-only", "--out", str(tmp_path / "out"), "--doc", str(doc)]
+    for _ in range(2):
+        assert results.main(argv) == 0
+        text = doc.read_text()
+        assert text.startswith("# Notes\n\nhours of writing\n")
+        assert text.count("<!-- results:begin -->") == 1 and text.count("| ground truth (renderer) |") == 1
