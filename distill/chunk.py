@@ -106,7 +106,7 @@ class Stage(DmdStage):
         f = self.cfg.data.latent_frames
         batch, rnd = self.batch(step, f)
         k = rnd.shared_randint("chunk_index", o.max_chunks_back + 1)
-        own = rnd.shared_randint("self_correct", 10_000) < o.p_self_correct * 10_000
+        own = rnd.shared_chance("self_correct", o.p_self_correct)
         lo = k * c - (o.motion_frames if k > 0 else 0)  # frames the score networks see: motion + chunk
         window = slice(lo, (k + 1) * c)
         cond_student = self.conditions(self.student, batch, f)

@@ -10,6 +10,7 @@ global batch draws the same numbers whichever rank holds it.
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import numpy as np
@@ -48,3 +49,16 @@ class SampleRandom:
     def shared_randint(self, purpose: str, high: int) -> int:
         """One draw for the whole step, the same on every rank (e.g. the rollout's gradient step)."""
         return int(torch.randint(high, (), generator=generator(self.seed, self.step, "shared", purpose)))
+
+    def shared_chance(self, purpose: str, p: float) -> bool:
+        """True with probability `p`, for the whole step, the same on every rank. A draw of one of
+        10,000 bins alone (`shared_randint(purpose, 10_000) < p * 10_000`, as the coin was first
+        drawn) took p for the next multiple of 1e-4 above it: 0.00005 was 0.0001, 0.00001 too. Its
+        bins are kept, so that a coin of p a multiple of 1e-4 falls as it did (a run resumed across
+        the change draws the same steps); a draw in the bin p ends in is placed inside it by a
+        second draw, of 2**53 steps."""
+        whole = p * 10_000
+        bin_ = self.shared_randint(purpose, 10_000)
+        if bin_ != math.floor(whole):
+            return bin_ < whole
+        return self.shared_randint(f"{purpose}/inside", 2**53) < (whole - bin_) * 2**53
