@@ -154,6 +154,14 @@ def load_dit(source: str, **overrides):
     return _read_dit(source, overrides, digest=False)[0]
 
 
+def load_critic(source: str, key: str):
+    """The critic's start from `source`, the setting `key` (a stage's critic_init): a model
+    directory whose model.json says it is a student (a run's own export, one path off, or a
+    student meant as model.init) is a ModelSourceError, as a student given as the teacher is; it
+    was trained from without a word, the fake score a causal few-step model's (`_read_dit`)."""
+    return _read_dit(source, {}, digest=False, teacher=key)[0]
+
+
 def load_frozen(source: str):
     dit = load_dit(source)
     return dit.eval().requires_grad_(False)
@@ -169,12 +177,13 @@ def load_frozen_and_digest(source: str) -> tuple[torch.nn.Module, str]:
     return dit.eval().requires_grad_(False), digest
 
 
-def _read_dit(source: str, overrides: dict, digest: bool, teacher: bool = False):
+def _read_dit(source: str, overrides: dict, digest: bool, teacher: bool | str = False):
     """(the DiT, the digest of its weights' bytes when `digest`, else None). `teacher`: the DiT is
     read as a teacher, and a model directory whose model.json says it is another kind (a student
     given as the ode, self_forcing or chunk stage's teacher: it trained and exported as if it were
     one, its students scored against a causal few-step model) is a ModelSourceError; one that
-    says no kind (a hand-made or older export) is taken as it is."""
+    says no kind (a hand-made or older export) is taken as it is. A setting's name (a stage's
+    critic_init) for `teacher`: a teacher's weights read for that setting."""
     from streamgen.folders import read_folder
 
     if source.startswith("wan:"):
@@ -205,9 +214,13 @@ def _read_dit(source: str, overrides: dict, digest: bool, teacher: bool = False)
         meta = read_json(d / "model.json", required=("config",))
         kind = meta.get("kind")
         if teacher and kind is not None and kind != "teacher":
+            given = "as the teacher" if teacher is True else (
+                f"for {teacher} (the critic learns the score of the student's samples at every noise level, "
+                "from a teacher's weights), or leave it out to start the critic from the teacher"
+            )
             raise ModelSourceError(
                 f"{source!r} is not a teacher: its model.json says kind {kind!r} (exported by the "
-                f"{meta.get('stage', '?')} stage); give the teacher stage's model as the teacher"
+                f"{meta.get('stage', '?')} stage); give the teacher stage's model {given}"
             )
         path = d / "dit.safetensors"
         if digest:  # the tensors from the very bytes digested

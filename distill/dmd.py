@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from distill.build import export_model, load_dit, load_frozen_and_digest, load_vae, new_dit
+from distill.build import export_model, load_critic, load_frozen_and_digest, load_vae, new_dit
 from distill.config import ConfigError
 from distill.data import check_teacher_autoencoder, load_bank
 from distill.distributed import broadcast_module, broadcast_text, mean_across
@@ -112,14 +112,25 @@ class DmdStage:
         # score their students against different teachers (and fail a resume's check on one rank)
         broadcast_module(self.teacher, world)
         self.teacher_digest = broadcast_text(digest, world)
+        critic_key = f"{cfg.stage}.critic_init"
         if self.opts.critic_init:
-            self.critic = load_dit(self.opts.critic_init).to(dev).train()
+            self.critic = load_critic(self.opts.critic_init, critic_key).to(dev).train()
         else:  # a copy of the teacher loaded above: read again, the path may hold another export
             self.critic = copy.deepcopy(self.teacher).requires_grad_(True).train()
-        for name, net in (("teacher", self.teacher), ("critic", self.critic)):
+        critic = f"{critic_key} {self.opts.critic_init}" if self.opts.critic_init else "critic"
+        for name, net in ((f"{cfg.stage}.teacher {self.opts.teacher}", self.teacher), (critic, self.critic)):
             for key in ("in_channels", "out_channels", "patch_size", "text_dim", "temporal_compression"):
-                if getattr(net.cfg, key) != getattr(self.student.cfg, key):
-                    raise ConfigError(f"the {name} and the student differ in {key}")
+                theirs, ours = getattr(net.cfg, key), getattr(self.student.cfg, key)
+                if theirs != ours:  # (said without the values or which path: "the critic and the student differ")
+                    raise ConfigError(f"the {name} and the student differ in {key}: {theirs!r} and {ours!r}")
+        if self.teacher.cfg.audio and not self.critic.cfg.audio:
+            # (it trained: a fake score blind to the audio the real score is conditioned on, every
+            # DMD step pushing the student by their difference)
+            raise ConfigError(
+                f"{critic} has no audio branch (its model config's audio: "
+                "false) and the teacher has one: the critic could not follow the audio the teacher scores "
+                "the student's samples by; give a model with audio, or leave it out to start from the teacher"
+            )
         broadcast_module(self.student, world)
         broadcast_module(self.critic, world)
         mcfg = self.student.cfg

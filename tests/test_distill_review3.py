@@ -38,3 +38,81 @@ def test_a_coin_of_a_multiple_of_1e_4_falls_as_it_did_before():
             rnd = SampleRandom(seed=7, step=step, ids=[0, 1])
             assert rnd.shared_chance("self_correct", p) == (rnd.shared_randint("self_correct", 10_000) < p * 10_000)
 
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A debug teacher and its ODE-initialised student, and teachers of other make, one step each."""
+    from distill_pipeline import train_pipeline
+    from test_distill_helpers import debug_config, run
+
+    models = train_pipeline(tmp_path_factory.mktemp("pipeline"))
+    for name, overrides in (("no_audio", {"audio": False}), ("eight_channels", {"in_channels": 8, "out_channels": 8})):
+        out = models["root"] / f"teacher_{name}"
+        run(debug_config("teacher", out, **{"model.overrides": overrides, "run.steps": 1}))
+        models[name] = out / "model"
+    return models
+
+
+def _critic_run(stage, pipeline, out, critic_init):
+    from test_distill_helpers import debug_config
+
+    cfg = debug_config(stage, out, teacher=pipeline["teacher"], init=pipeline["student"], **{"run.steps": 1})
+    cfg.options.critic_init = str(critic_init)
+    return cfg
+
+
+@pytest.mark.parametrize("stage", ["self_forcing", "chunk"])
+def test_a_student_given_as_the_critic_is_refused(stage, pipeline, tmp_path):
+    """critic_init of a student's export (the ode stage's model, meant for model.init) trained
+    without a word, the DMD fake score started from a causal few-step model; a student as the
+    teacher was refused already."""
+    from test_distill_helpers import run
+
+    from distill.build import ModelSourceError
+    from streamgen import checkpoint as ckpt
+
+    with pytest.raises(
+        ModelSourceError,
+        match=rf"is not a teacher: its model.json says kind 'student-ode' \(exported by the ode stage\); give the "
+        rf"teacher stage's model for {stage}\.critic_init .*or leave it out to start the critic from the teacher",
+    ):
+        run(_critic_run(stage, pipeline, tmp_path / stage, pipeline["student"]))
+    assert ckpt.latest_checkpoint(tmp_path / stage) is None
+
+
+def test_a_critic_without_the_teachers_audio_is_refused(pipeline, tmp_path):
+    """A critic_init with no audio branch trained: its fake score blind to the audio the teacher's
+    real score is conditioned on."""
+    from test_distill_helpers import run
+
+    from distill.config import ConfigError
+
+    with pytest.raises(
+        ConfigError,
+        match=rf"^self_forcing\.critic_init {pipeline['no_audio']} has no audio branch .*and the teacher has one",
+    ):
+        run(_critic_run("self_forcing", pipeline, tmp_path / "sf", pipeline["no_audio"]))
+
+
+def test_a_critic_of_other_channels_is_refused_naming_its_path_and_both_values(pipeline, tmp_path):
+    """It was "the critic and the student differ in in_channels": neither the setting nor the values."""
+    from test_distill_helpers import run
+
+    from distill.config import ConfigError
+
+    with pytest.raises(
+        ConfigError,
+        match=rf"^the chunk\.critic_init {pipeline['eight_channels']} and the student differ in in_channels: 8 and 4$",
+    ):
+        run(_critic_run("chunk", pipeline, tmp_path / "chunk", pipeline["eight_channels"]))
+
+
+def test_a_critic_of_another_size_than_the_teacher_still_trains(pipeline, tmp_path):
+    """A smaller fake score than the real one is a way to save memory (a 14B teacher, a 1.3B critic):
+    only what the two must share is checked."""
+    from test_distill_helpers import debug_config, run
+
+    small = tmp_path / "small_teacher"
+    run(debug_config("teacher", small, **{"model.overrides": {"dim": 32, "ffn_dim": 64, "num_layers": 1}, "run.steps": 1}))
+    run(_critic_run("self_forcing", pipeline, tmp_path / "sf", small / "model"))
