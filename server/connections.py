@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
 
 from .origins import ApiCors, cors_options
-from .request_heads import LONGEST_METHOD, lines_refused, method_refused, version_refused
+from .request_heads import LONGEST_METHOD, ContentLengths, lines_refused, method_refused, version_refused
 
 log = logging.getLogger("streamgen.server")
 
@@ -91,6 +91,7 @@ class ConnectionLimits:
         self.request_line_tail = b""  # its last bytes so far (its version, once it has ended)
         self.head_seen = bytearray()  # its bytes so far, for its Origin (only with --cors-origin)
         self.method_seen = b""  # its first bytes, to its method's end
+        self.content_lengths = ContentLengths()  # its Content-Length lines
         self.head_timer = None
         self.handshake = None  # its TlsHandshake, on a TLS server
 
@@ -113,6 +114,7 @@ class ConnectionLimits:
             self.request_line_bytes = None
             self.request_line_spaces, self.request_line_tail = 0, b""
             self.method_seen = b""
+            self.content_lengths = ContentLengths()
         if self.awaiting_head:
             if not self.method_seen:  # (RFC 9112 2.2: empty lines before a request line are skipped, as
                 # httptools skips them; h11 refused them. They count among the head's bytes and time)
@@ -135,7 +137,8 @@ class ConnectionLimits:
                 # a head whose end came in this read: either parser took one of any size whole (h11),
                 # or refused its URL past 64 KiB as one that did not parse (httptools)
                 return self._refuse_head_too_large()
-            if (refused := self._head_bytes_refused(seen[: end + 4] if end >= 0 else seen, data)) is not None:
+            head_data = data[: end + 4 - len(self.head_tail)] if end >= 0 else data  # (not a body's bytes after it)
+            if (refused := self._head_bytes_refused(seen[: end + 4] if end >= 0 else seen, head_data)) is not None:
                 return self._answer_and_close(b"400 Bad Request", "bad_request", refused)
             if line_ended and (refused := version_refused(self.request_line_tail, self.request_line_spaces)):
                 return self._answer_and_close(b"505 HTTP Version Not Supported", "http_version_not_supported", refused)
@@ -161,7 +164,7 @@ class ConnectionLimits:
             method, space, _ = self.method_seen.partition(b" ")
             if (refused := method_refused(method, whole=bool(space))) is not None:
                 return NOT_PARSED if refused == "not_parsed" else refused
-        return lines_refused(lines)
+        return self.content_lengths.refused(data) or lines_refused(lines)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -242,8 +245,11 @@ class ConnectionLimits:
                                           "its HTTP version is not spoken here: send HTTP/1.1")  # fmt: skip
         # (h11's 'Only Transfer-Encoding: chunked is supported', httptools' 'Request has invalid `Transfer-Encoding`')
         not_chunked = not both_lengths and "Transfer-Encoding" in str(refused)
+        # (httptools': 'Duplicate Content-Length', 'Invalid character in Content-Length'; h11's: 'bad
+        # Content-Length', 'conflicting Content-Length headers')
+        not_one_length = not both_lengths and "Content-Length" in str(refused)
         message = (NOT_ONE_HOST if not_one_host else BOTH_LENGTHS if both_lengths else NOT_CHUNKED if not_chunked
-                   else NOT_PARSED)  # fmt: skip
+                   else ContentLengths.REFUSED if not_one_length else NOT_PARSED)  # fmt: skip
         self._answer_and_close(b"400 Bad Request", "bad_request", message)
 
     def _refuse_head_too_large(self) -> None:

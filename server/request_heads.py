@@ -71,3 +71,31 @@ def version_refused(request_line_tail: bytes, spaces: int) -> str | None:
     if VERSION.fullmatch(version) and version not in (b"HTTP/1.0", b"HTTP/1.1"):
         return f"{version.decode()} is not spoken here: send HTTP/1.1"
     return None
+
+
+class ContentLengths:
+    """A head's Content-Length lines, counted as its bytes come: h11 merged a list of equal values
+    ('2, 2') and repeated equal headers into one before anything read its headers, where httptools
+    refused both. More than one, or a list, is refused under either parser."""
+
+    NAME = b"content-length:"
+    # (RFC 9112 6.3 lets a server take repeated equal values as one, or refuse them: httptools refused them)
+    REFUSED = "a request must have one Content-Length header, its value one number (RFC 9112, 6.3)"
+
+    def __init__(self) -> None:
+        self.line_start = b""  # the first bytes of the line that has not ended yet (enough for NAME)
+        self.line_has_comma = False
+        self.lines = 0
+        self.listed = False
+
+    def refused(self, head_data: bytes) -> str | None:
+        """Why the head's lines so far, with `head_data` (its bytes that came now), are refused, or None."""
+        for ended, piece in enumerate(head_data.split(b"\n")):
+            if ended:  # (a line ended before this piece)
+                if self.line_start.lower() == self.NAME:
+                    self.lines += 1
+                    self.listed = self.listed or self.line_has_comma
+                self.line_start, self.line_has_comma = b"", False
+            self.line_start += piece[: len(self.NAME) - len(self.line_start)]
+            self.line_has_comma = self.line_has_comma or b"," in piece
+        return self.REFUSED if self.lines > 1 or self.listed else None

@@ -87,6 +87,7 @@ POST = b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: applicat
 CHUNKED_BODY = b"\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
 
 
+ONE_LENGTH = "a request must have one Content-Length header, its value one number (RFC 9112, 6.3)"
 NOT_PARSED = "not a valid HTTP/1.1 request: its request line or a header could not be parsed"
 
 
@@ -118,11 +119,16 @@ def unknown_method(name: str) -> str:
     (GET.replace(b"HTTP/1.1", b"HTTP/2.0"), 505, {"error": "http_version_not_supported",
                                                   "message": "HTTP/2.0 is not spoken here: send HTTP/1.1"}),
     (GET.replace(b"GET ", b"GET\t"), 400, {"error": "bad_request", "message": NOT_PARSED}),
+    (POST + b"Content-Length: 2, 2\r\n\r\n{}", 400, {"error": "bad_request", "message": ONE_LENGTH}),
+    (POST + b"Content-Length: 2\r\nContent-Length: 2\r\n\r\n{}", 400, {"error": "bad_request", "message": ONE_LENGTH}),
+    (POST + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}", 400, {"error": "bad_request", "message": ONE_LENGTH}),
+    (POST + b"Content-Length: +2\r\n\r\n{}", 400, {"error": "bad_request", "message": ONE_LENGTH}),
     (b"\r\n" + GET, 200, {"status": "ok"}),  # (RFC 9112 2.2: a server SHOULD ignore an empty line before it)
     (GET.replace(b"Connection", b"X-Tab: a\tb\r\nConnection"), 200, {"status": "ok"}),
 ], ids=["get", "Get", "unknown", "folded", "space-after-request-line", "bare-lf", "one-bare-lf", "control",
         "delete", "gzip", "gzip-chunked", "gzip-then-chunked", "chunked-twice", "connect", "http-0.9", "http-1.2",
-        "http-2.0", "tab-after-method", "empty-line-first", "tab"])  # fmt: skip
+        "http-2.0", "tab-after-method", "length-list", "length-twice", "lengths-differ", "length-plus", "empty-line-first",
+        "tab"])  # fmt: skip
 def test_a_head_either_parser_would_refuse_is_answered_the_same_by_both(server, request_bytes, status, said):
     """h11 served a lowercase or unknown method as a 405 ('get is not allowed'), a folded header,
     bare LFs and control characters in a value as a 200, and refused an empty line before the
@@ -139,3 +145,17 @@ def test_a_head_either_parser_would_refuse_is_answered_the_same_by_both(server, 
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 %d " % status), answer
     assert json.loads(body) == said
+
+
+def test_content_length_lines_are_counted_across_reads():
+    """A head's lines come in any pieces: a second Content-Length split over two reads is still a
+    second, and another header whose name ends so (X-Content-Length) or a comma elsewhere is none."""
+    from server.request_heads import ContentLengths
+
+    lengths = ContentLengths()
+    for piece in (b"POST / HTTP/1.1\r\nHost: a, b\r\nX-Content-Length: 1, 2\r\nContent-Le", b"ngth: 2\r\nConte"):
+        assert lengths.refused(piece) is None
+    assert lengths.refused(b"nt-length: 2\r\n\r\n") == ContentLengths.REFUSED
+    lengths = ContentLengths()
+    assert lengths.refused(b"POST / HTTP/1.1\r\nContent-Length: 2,") is None  # (its line not ended yet)
+    assert lengths.refused(b" 2\r\n") == ContentLengths.REFUSED
