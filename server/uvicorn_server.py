@@ -152,7 +152,8 @@ class SessionClosingServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         import asyncio
 
-        from .connections import ConnectionLimits, TlsHandshake, loop_tls_takes_over
+        from .connections import ConnectionLimits
+        from .tls_handshake import TlsHandshake, loop_tls_takes_over
 
         self.tls = self.config.ssl
         http = self.config.http_protocol_class

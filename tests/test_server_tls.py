@@ -276,13 +276,13 @@ def test_a_loop_whose_tls_protocol_cannot_be_built_serves_https_with_its_own_han
     """TlsHandshake builds the loop's own TLS protocol (asyncio's sslproto, uvloop's SSLProtocol),
     classes whose arguments are no public API: an asyncio or uvloop that changed them would have
     left a TLS server answering no one. It serves with the loop's TLS then, and says so."""
-    import server.connections as connections
+    import server.tls_handshake as tls_handshake
 
     class Changed:
         def __init__(self, loop, app_protocol, context, waiter, server_side=False):  # (no handshake timeout)
             raise AssertionError("not built")
 
-    monkeypatch.setattr(connections, "tls_protocol_class", lambda loop: Changed)
+    monkeypatch.setattr(tls_handshake, "tls_protocol_class", lambda loop: Changed)
     cert, key = self_signed(tmp_path)
     with caplog.at_level(logging.WARNING, logger="streamgen.server"):
         with live_server(http=http, loop=loop, tls=(cert, key)) as (url, app):
