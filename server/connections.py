@@ -30,7 +30,15 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
 
 from .origins import ApiCors, cors_options
-from .request_heads import LONGEST_METHOD, ContentLengths, lines_refused, method_refused, version_refused
+from .request_heads import (
+    BARE_LF,
+    LONGEST_METHOD,
+    ContentLengths,
+    chunk_line_bare_lf,
+    lines_refused,
+    method_refused,
+    version_refused,
+)
 
 log = logging.getLogger("streamgen.server")
 
@@ -248,7 +256,8 @@ class ConnectionLimits:
         # Content-Length', 'conflicting Content-Length headers')
         not_one_length = not both_lengths and "Content-Length" in str(refused)
         message = (NOT_ONE_HOST if not_one_host else BOTH_LENGTHS if both_lengths else NOT_CHUNKED if not_chunked
-                   else ContentLengths.REFUSED if not_one_length else NOT_PARSED)  # fmt: skip
+                   else ContentLengths.REFUSED if not_one_length else BARE_LF if chunk_line_bare_lf(str(refused))
+                   else NOT_PARSED)  # fmt: skip
         self._answer_and_close(b"400 Bad Request", "bad_request", message)
 
     def _refuse_head_too_large(self) -> None:
@@ -461,7 +470,19 @@ class HttpToolsBodyState:
 
 
 class H11BodyState:
-    """h11 keeps the client's state: SEND_BODY until a request's body has all been read."""
+    """h11 keeps the client's state: SEND_BODY until a request's body has all been read.
+
+    It waits for a CRLF to end a line of a chunked body's framing (a chunk's size, a trailer): one
+    ended by a bare LF ('2\\n{}\\n0\\n\\n', no CRLF in it) was waited on until the keep-alive timeout's
+    408, where httptools refuses it at once. What h11 holds unread in a body is such a line's bytes
+    (its data it hands on as they come): one with a bare LF is that 400 here."""
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._request_body_pending() and not self.transport.is_closing():
+            unread, _ = self.conn.trailing_data
+            if b"\n" in unread and (refused := lines_refused(unread)) is not None:
+                self._answer_and_close(b"400 Bad Request", "bad_request", refused)
 
     def _request_body_pending(self) -> bool:
         import h11

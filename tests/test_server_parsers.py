@@ -123,11 +123,15 @@ def unknown_method(name: str) -> str:
     (POST + b"Content-Length: 2\r\nContent-Length: 2\r\n\r\n{}", 400, {"error": "bad_request", "message": ONE_LENGTH}),
     (POST + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}", 400, {"error": "bad_request", "message": ONE_LENGTH}),
     (POST + b"Content-Length: +2\r\n\r\n{}", 400, {"error": "bad_request", "message": ONE_LENGTH}),
+    (POST + b"Transfer-Encoding: chunked\r\n\r\n2\n{}\r\n0\r\n\r\n", 400, {"error": "bad_request", "message": BARE_LF}),
+    (POST + b"Transfer-Encoding: chunked\r\n\r\n2\n{}\n0\n\n", 400, {"error": "bad_request", "message": BARE_LF}),
+    (POST + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\n0\r\n\r\n", 400, {"error": "bad_request", "message": BARE_LF}),
     (b"\r\n" + GET, 200, {"status": "ok"}),  # (RFC 9112 2.2: a server SHOULD ignore an empty line before it)
     (GET.replace(b"Connection", b"X-Tab: a\tb\r\nConnection"), 200, {"status": "ok"}),
 ], ids=["get", "Get", "unknown", "folded", "space-after-request-line", "bare-lf", "one-bare-lf", "control",
         "delete", "gzip", "gzip-chunked", "gzip-then-chunked", "chunked-twice", "connect", "http-0.9", "http-1.2",
-        "http-2.0", "tab-after-method", "length-list", "length-twice", "lengths-differ", "length-plus", "empty-line-first",
+        "http-2.0", "tab-after-method", "length-list", "length-twice", "lengths-differ", "length-plus", "chunk-size-bare-lf",
+        "chunk-lines-all-bare-lf", "chunk-data-bare-lf", "empty-line-first",
         "tab"])  # fmt: skip
 def test_a_head_either_parser_would_refuse_is_answered_the_same_by_both(server, request_bytes, status, said):
     """h11 served a lowercase or unknown method as a 405 ('get is not allowed'), a folded header,
