@@ -3,8 +3,8 @@
 The decoder is about half of a chunk's time at 192x192 and up on the 2-core
 CPU. Every variant decodes the same latents (the sample face encoded at each
 size, plus noise, `--latent-frames` per chunk as a stream would) with the same
-weights, in alternating rounds in this process, so the ratios compare like
-with like on a noisy machine:
+weights, in rounds in this process whose order reverses every other round
+(bench/rounds.py), so the ratios compare like with like on a noisy machine:
 
 - `upsample_then_conv`: nn.Upsample + 3x3 Conv2d, how the decoder ran before
   `UpsampleConv2d` (the reference for speed and for values);
@@ -31,8 +31,9 @@ on one thread and on all, in alternating rounds; `session_threads` is what a ses
 gives it (streamgen/cpu_threads.py), `bfloat16_speedup` the ratio there, and
 `latent_relative_difference` how far the bfloat16 latent is from the float32 one.
 
-Per variant: ms per chunk (median, min), speedup against `upsample_then_conv`,
-and how far its frames are from the reference's in 8-bit levels (max, mean,
+Per variant: ms per chunk (median, min), speedup against `upsample_then_conv`
+(the ratio of their medians; `speedup_rounds`: each round's ratio, their median, min and
+max, as `against_speedup_rounds` and `bfloat16_speedup_rounds` are), and how far its frames are from the reference's in 8-bit levels (max, mean,
 before rounding to uint8; `uint8_changed` is the fraction of uint8 values that
 rounding to uint8 then sets differently).
 """
@@ -50,6 +51,7 @@ import torch
 from torch import nn
 
 from bench.machine import cpu_description
+from bench.rounds import balanced_order, ratio_rounds
 from streamgen.cli import frame_size, positive_int, thread_count
 from streamgen.cpu_threads import codec_threads, cpu_has_native_bfloat16, intra_op_threads
 from streamgen.media import read_image
@@ -159,27 +161,27 @@ def measure_size(
 
     frames = {name: fn(z) for name, fn in variants.items()}  # also the warm-up
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            t = time.perf_counter()
-            fn(z)
-            times[name].append(time.perf_counter() - t)
-    base = float(np.median(times["upsample_then_conv"]))
+    for _, name in balanced_order(variants, rounds):
+        t = time.perf_counter()
+        variants[name](z)
+        times[name].append(time.perf_counter() - t)
+    base = times["upsample_then_conv"]
     for name in variants:
         med = float(np.median(times[name]))
         out[name] = {
             "ms_median": round(med * 1000, 1),
             "ms_min": round(min(times[name]) * 1000, 1),
-            "speedup": round(base / med, 3),
+            "speedup": round(float(np.median(base)) / med, 3),
+            "speedup_rounds": ratio_rounds(base, times[name]),
             **_levels(frames[name], frames["upsample_then_conv"]),
         }
     if against is not None:
+        pairs = (("float32", "phase_conv", "against"), ("bfloat16", "bfloat16", "against_bfloat16"))
         out["against_speedup"] = {
-            dtype: round(out[own]["ms_median"] / out[theirs]["ms_median"], 3)
-            for dtype, own, theirs in (
-                ("float32", "phase_conv", "against"),
-                ("bfloat16", "bfloat16", "against_bfloat16"),
-            )
+            dtype: round(out[own]["ms_median"] / out[theirs]["ms_median"], 3) for dtype, own, theirs in pairs
+        }
+        out["against_speedup_rounds"] = {
+            dtype: ratio_rounds(times[own], times[theirs]) for dtype, own, theirs in pairs
         }
     out["reference_encode"] = reference_encode(vae, size, rounds)
     return out
@@ -194,12 +196,11 @@ def reference_encode(vae: TinyCausalVAE, size: int, rounds: int) -> dict:
     latents = {name: encode_reference(e, face, "cpu").float() for name, e in encoders.items()}  # + warm-up
     ways = [(name, threads) for name in encoders for threads in ("one", "all")]
     times: dict[tuple, list[float]] = {way: [] for way in ways}
-    for _ in range(rounds):
-        for name, threads in ways:
-            with intra_op_threads(threads == "all"):
-                t = time.perf_counter()
-                encode_reference(encoders[name], face, "cpu")
-                times[name, threads].append(time.perf_counter() - t)
+    for _, (name, threads) in balanced_order(ways, rounds):
+        with intra_op_threads(threads == "all"):
+            t = time.perf_counter()
+            encode_reference(encoders[name], face, "cpu")
+            times[name, threads].append(time.perf_counter() - t)
     ms = {way: float(np.median(t)) * 1000 for way, t in times.items()}
     with codec_threads(vae.first_latent_frames, size, size) as n:  # as a session's start runs it
         session = "one" if n == 1 else "all"
@@ -208,6 +209,7 @@ def reference_encode(vae: TinyCausalVAE, size: int, rounds: int) -> dict:
         **{f"{name}_ms_{THREADS[threads]}": round(ms[name, threads], 1) for name, threads in ways},
         "session_threads": session,
         "bfloat16_speedup": round(ms["float32", session] / ms["bfloat16", session], 3),
+        "bfloat16_speedup_rounds": ratio_rounds(times["float32", session], times["bfloat16", session]),
         "latent_relative_difference": float(f"{((bf16 - f32).norm() / f32.norm()).item():.3g}"),
     }
 

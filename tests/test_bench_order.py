@@ -1,0 +1,62 @@
+"""The benchmarks' arms in a balanced order (bench/rounds.py), and the ratios they report from it,
+under stubbed clocks: a load that rises steadily through the rounds must hit every arm alike."""
+
+import types
+
+import pytest
+
+from bench.rounds import balanced_order, ratio_rounds
+
+
+class DriftingClock:
+    """perf_counter for loops of `t = clock(); work(); clock() - t`: the i-th span timed lasts
+    1 + i, whatever ran in it (a load that rises steadily through the run, the arms equally fast)."""
+
+    def __init__(self):
+        self.now, self.calls = 0.0, 0
+
+    def __call__(self) -> float:
+        if self.calls % 2:
+            self.now += 1 + self.calls // 2
+        self.calls += 1
+        return self.now
+
+
+def drifting(monkeypatch, module) -> DriftingClock:
+    clock = DriftingClock()
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=clock))
+    return clock
+
+
+def test_the_order_reverses_every_other_round_so_each_arm_has_the_same_mean_place():
+    order = list(balanced_order("ABC", 4))
+    assert [arm for _, arm in order] == list("ABCCBAABCCBA")
+    assert [r for r, _ in order] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    places = {arm: [i for i, (_, a) in enumerate(order) if a == arm] for arm in "ABC"}
+    assert {sum(p) for p in places.values()} == {22}
+
+
+def test_round_ratios_their_median_and_spread():
+    got = ratio_rounds([2.0, 3.0, 9.0], [1.0, 2.0, 3.0])
+    assert got == {"ratios": [2.0, 1.5, 3.0], "median": 2.0, "min": 1.5, "max": 3.0}
+    assert ratio_rounds([1.0], [3.0]) == {"ratios": [0.333], "median": 0.333, "min": 0.333, "max": 0.333}
+    with pytest.raises(ValueError, match="ratios of 2 and 1 rounds"):
+        ratio_rounds([1.0, 2.0], [1.0])
+
+
+def test_decoder_variants_take_turns_so_a_drift_favours_none(monkeypatch):
+    # every variant equally fast on a machine that slows steadily: the order A B C D, A B C D gave
+    # the last one the slowest spans of each round (a "speedup" of 0.5 for autocast_bfloat16)
+    import bench.decoder as decoder
+
+    drifting(monkeypatch, decoder)
+    vae, _ = decoder._load_tiny_vae("debug")
+    size = decoder.measure_size(vae, 32, 1, rounds=2, compile=False)
+    names = ("upsample_then_conv", "phase_conv", "bfloat16", "autocast_bfloat16")
+    assert {size[name]["speedup"] for name in names} == {1.0}
+    # spans 1 2 3 4 (in this order), then 5 6 7 8 in the reverse one: phase_conv's rounds took 2
+    # and 7 against the reference's 1 and 8
+    assert size["phase_conv"]["speedup_rounds"] == {"ratios": [0.5, 1.143], "median": 0.821, "min": 0.5, "max": 1.143}
+    assert size["upsample_then_conv"]["speedup_rounds"]["ratios"] == [1.0, 1.0]
+    encode = size["reference_encode"]
+    assert encode["bfloat16_speedup"] == 1.0 and len(encode["bfloat16_speedup_rounds"]["ratios"]) == 2
