@@ -272,3 +272,58 @@ def answer_until_closed(sock: socket.socket) -> bytes:
     while part := sock.recv(65536):
         answer += part
     return answer
+
+
+# --- WebRTC (WHEP) clients ----------------------------------------------------------------------
+async def created_session(http, **json) -> tuple[dict, dict]:
+    """A session made through `http` (an httpx.AsyncClient of a live server), and its token's header."""
+    r = await http.post("/v1/sessions", json=json)
+    assert r.status_code == 201, r.text
+    created = r.json()
+    return created, auth(created["token"])
+
+
+def client_peer(*receives: str, **configuration):
+    """An aiortc peer connection that receives the media of each kind in `receives` (a recvonly
+    transceiver each); no ICE servers by default, as there is nothing to reach from 127.0.0.1."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    pc = RTCPeerConnection(RTCConfiguration(**{"iceServers": [], **configuration}))
+    for kind in receives:
+        pc.addTransceiver(kind, direction="recvonly")
+    return pc
+
+
+def first_track(pc, kind: str = "video"):
+    """A future of the first remote track of `kind` that `pc` gets."""
+    import asyncio
+
+    got = asyncio.get_running_loop().create_future()
+    pc.on("track", lambda track: track.kind == kind and not got.done() and got.set_result(track))
+    return got
+
+
+async def post_offer(http, created: dict, headers: dict, pc, edit=lambda sdp: sdp):
+    """`pc`'s offer (as `edit` makes it) posted to the WHEP endpoint of the session `created`, with
+    the `headers` of its token: the server's answer, as it is."""
+    await pc.setLocalDescription(await pc.createOffer())
+    return await http.post(created["whep"], content=edit(pc.localDescription.sdp),
+                           headers={"content-type": "application/sdp", **headers})  # fmt: skip
+
+
+async def streaming_peer(http, pc=None, **json) -> tuple[dict, dict, object, object]:
+    """A session made through `http` and a WHEP peer on it (`pc`, or one that receives video) that
+    has decoded a frame: (the session, its token's header, the peer connection, its video track)."""
+    import asyncio
+
+    from aiortc import RTCSessionDescription
+
+    created, headers = await created_session(http, **json)
+    pc = pc or client_peer("video")
+    video = first_track(pc)
+    r = await post_offer(http, created, headers, pc)
+    assert r.status_code == 201, r.text
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
+    track = await asyncio.wait_for(video, 10)
+    await asyncio.wait_for(track.recv(), 10)
+    return created, headers, pc, track

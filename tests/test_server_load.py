@@ -17,8 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from server_helpers import live_server
+from server_helpers import live_server, streaming_peer
 
 from server.protocol import HEADER, MsgType
 from server.uvicorn_server import StuckClientDroppingProtocol
@@ -117,16 +116,7 @@ async def test_connect_disconnect_cycles_do_not_leak():
                         await asyncio.sleep(0.1)
                     samples[cycle] = (min(tasks), threading.active_count(), rss_mb())
             for _ in range(10):
-                s = await create(http)
-                pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-                pc.addTransceiver("video", direction="recvonly")
-                got = asyncio.get_running_loop().create_future()
-                pc.on("track", lambda t, got=got: got.set_result(t))
-                await pc.setLocalDescription(await pc.createOffer())
-                r = await http.post(s["whep"], content=pc.localDescription.sdp,
-                                    headers={"content-type": "application/sdp", "Authorization": f"Bearer {s['token']}"})  # fmt: skip
-                await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
-                await (await asyncio.wait_for(got, 10)).recv()
+                _, _, pc, _ = await streaming_peer(http, seed=0)
                 await pc.close()
             for _ in range(100):
                 if not registry.sessions:
@@ -240,19 +230,10 @@ async def test_graceful_shutdown_closes_sockets_and_peers():
     with live_server() as (url, app):
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
             s = await create(http)
-            w = await create(http, 1)
             ws = await websockets.connect(ws_url(url, s))
             await ws.send(json.dumps({"type": "start"}))
             await first_frame(ws)
-            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-            pc.addTransceiver("video", direction="recvonly")
-            got = asyncio.get_running_loop().create_future()
-            pc.on("track", lambda t: got.set_result(t))
-            await pc.setLocalDescription(await pc.createOffer())
-            r = await http.post(w["whep"], content=pc.localDescription.sdp,
-                                headers={"content-type": "application/sdp", "Authorization": f"Bearer {w['token']}"})  # fmt: skip
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
-            await (await asyncio.wait_for(got, 10)).recv()
+            _, _, pc, _ = await streaming_peer(http, seed=1)
         # leaving the `with` block has stopped the server: its shutdown closed both transports
     try:
         while True:

@@ -8,8 +8,8 @@ import time
 import httpx
 import numpy as np
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from server_helpers import live_server
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from server_helpers import client_peer, created_session, first_track, live_server, post_offer, streaming_peer
 from test_server_webrtc_offers import _only_codec
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,20 +24,14 @@ def server():
 async def watch(url: str, seconds: float = 2.5, speak: str | None = None, seed: int = 7) -> dict:
     """Create a session, connect over WHEP, collect `seconds` of video (and the audio), hang up."""
     async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-        created = (await http.post("/v1/sessions", json={"avatar": "ada", "seed": seed})).json()
-        auth = {"Authorization": f"Bearer {created['token']}"}
+        created, auth = await created_session(http, avatar="ada", seed=seed)
         if speak:
             r = await http.post(created["resource"] + "/control", json={"type": "speak", "text": speak}, headers=auth)
             assert r.status_code == 200, r.text
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        pc.addTransceiver("video", direction="recvonly")
-        pc.addTransceiver("audio", direction="recvonly")
-        tracks: dict[str, asyncio.Future] = {k: asyncio.get_running_loop().create_future() for k in ("audio", "video")}
-        pc.on("track", lambda track: tracks[track.kind].set_result(track))
-        await pc.setLocalDescription(await pc.createOffer())
+        pc = client_peer("video", "audio")
+        tracks = {kind: first_track(pc, kind) for kind in ("audio", "video")}
         posted = time.monotonic()
-        r = await http.post(created["whep"], content=pc.localDescription.sdp,
-                            headers={"content-type": "application/sdp", **auth})  # fmt: skip
+        r = await post_offer(http, created, auth, pc)
         assert r.status_code == 201, r.text
         assert r.headers["content-type"].startswith("application/sdp")
         assert r.headers["location"] == created["resource"]
@@ -94,18 +88,12 @@ async def test_whep_stream_is_the_avatar_and_carries_the_speech(server):
 async def test_second_offer_on_a_streaming_session_is_refused(server):
     url, _ = server
     async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-        created = (await http.post("/v1/sessions", json={})).json()
-        auth = {"Authorization": f"Bearer {created['token']}", "content-type": "application/sdp"}
-        pcs = []
-        for _ in range(2):
-            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-            pc.addTransceiver("video", direction="recvonly")
-            await pc.setLocalDescription(await pc.createOffer())
-            pcs.append(pc)
-        first = await http.post(created["whep"], content=pcs[0].localDescription.sdp, headers=auth)
-        second = await http.post(created["whep"], content=pcs[1].localDescription.sdp, headers=auth)
+        created, auth = await created_session(http)
+        pcs = [client_peer("video"), client_peer("video")]
+        first = await post_offer(http, created, auth, pcs[0])
+        second = await post_offer(http, created, auth, pcs[1])
         assert first.status_code == 201 and second.status_code == 409
-        await http.delete(created["resource"], headers={"Authorization": auth["Authorization"]})
+        await http.delete(created["resource"], headers=auth)
         for pc in pcs:
             await pc.close()
 
@@ -114,17 +102,7 @@ async def test_peer_that_vanishes_frees_its_session(server):
     """Closing the client's peer connection (a closed tab) ends the session on the server."""
     url, app = server
     async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-        created = (await http.post("/v1/sessions", json={})).json()
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        pc.addTransceiver("video", direction="recvonly")
-        got = asyncio.get_running_loop().create_future()
-        pc.on("track", lambda t: got.set_result(t))
-        await pc.setLocalDescription(await pc.createOffer())
-        r = await http.post(created["whep"], content=pc.localDescription.sdp,
-                            headers={"content-type": "application/sdp", "Authorization": f"Bearer {created['token']}"})  # fmt: skip
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
-        track = await asyncio.wait_for(got, 10)
-        await asyncio.wait_for(track.recv(), 10)
+        created, _, pc, _ = await streaming_peer(http)
         await pc.close()  # no DELETE
         for _ in range(100):
             if created["id"] not in app.state.registry.sessions:
@@ -134,10 +112,8 @@ async def test_peer_that_vanishes_frees_its_session(server):
 
 
 async def recvonly_offer() -> tuple[RTCPeerConnection, asyncio.Future, str]:
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("video", direction="recvonly")
-    track: asyncio.Future = asyncio.get_running_loop().create_future()
-    pc.on("track", lambda t: t.kind == "video" and not track.done() and track.set_result(t))
+    pc = client_peer("video")
+    track = first_track(pc)
     await pc.setLocalDescription(await pc.createOffer())
     return pc, track, pc.localDescription.sdp
 
@@ -242,14 +218,9 @@ async def test_one_url_whep_on_a_server_with_a_token():
 async def test_an_offer_refused_for_its_codecs_leaves_the_session_to_offer_again(server):
     url, app = server
     async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-        created = (await http.post("/v1/sessions", json={})).json()
-        auth = {"Authorization": f"Bearer {created['token']}"}
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        pc.addTransceiver("video", direction="recvonly")
-        pc.addTransceiver("audio", direction="recvonly")
-        await pc.setLocalDescription(await pc.createOffer())
-        refused = await http.post(created["whep"], content=_only_codec(pc.localDescription.sdp, "audio", "ISAC/16000"),
-                                  headers={"content-type": "application/sdp", **auth})  # fmt: skip
+        created, auth = await created_session(http)
+        pc = client_peer("video", "audio")
+        refused = await post_offer(http, created, auth, pc, edit=lambda sdp: _only_codec(sdp, "audio", "ISAC/16000"))
         assert refused.status_code == 400 and refused.json()["error"] == "bad_sdp", refused.text
         assert "offers no codec the server takes" in refused.json()["message"]
         assert (await http.get(created["resource"], headers=auth)).status_code == 200  # not ended

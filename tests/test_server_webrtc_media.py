@@ -8,8 +8,8 @@ import asyncio
 import httpx
 import numpy as np
 import pytest
-from aiortc import RTCBundlePolicy, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from server_helpers import live_server
+from aiortc import RTCBundlePolicy, RTCSessionDescription
+from server_helpers import client_peer, created_session, first_track, live_server, post_offer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -116,9 +116,7 @@ async def test_a_microphone_frame_or_track_that_fails_is_logged(caplog):
 
 async def answered_directions(http, created, auth, pc) -> tuple[str, list[str]]:
     """The server's WHEP answer to `pc`'s offer, and the direction of each of its m-lines."""
-    await pc.setLocalDescription(await pc.createOffer())
-    r = await http.post(created["whep"], content=pc.localDescription.sdp,
-                        headers={"content-type": "application/sdp", **auth})  # fmt: skip
+    r = await post_offer(http, created, auth, pc)
     assert r.status_code == 201, r.text
     directions = ("a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive")
     return r.text, [line for line in r.text.splitlines() if line in directions]
@@ -133,13 +131,11 @@ async def test_a_camera_the_player_offers_is_declined_not_decoded_into_a_pile(se
 
     url, app = server
     async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-        created = (await http.post("/v1/sessions", json={})).json()
-        auth = {"Authorization": f"Bearer {created['token']}"}
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        created, auth = await created_session(http)
+        pc = client_peer()
         pc.addTransceiver(VideoStreamTrack(), direction="sendrecv")  # the camera, and the avatar back
         pc.addTransceiver(VideoStreamTrack(), direction="sendonly")  # a second camera
-        got = asyncio.get_running_loop().create_future()
-        pc.on("track", lambda t: t.kind == "video" and not got.done() and got.set_result(t))
+        got = first_track(pc)
         answer, directions = await answered_directions(http, created, auth, pc)
         assert directions == ["a=sendonly", "a=inactive"], directions
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
@@ -178,14 +174,11 @@ async def test_a_second_microphone_the_player_offers_is_declined(server, monkeyp
     heard = microphones_heard(monkeypatch)
     url, app = server
     async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-        created = (await http.post("/v1/sessions", json={})).json()
-        auth = {"Authorization": f"Bearer {created['token']}"}
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        pc.addTransceiver("video", direction="recvonly")
+        created, auth = await created_session(http)
+        pc = client_peer("video")
         pc.addTransceiver(AudioStreamTrack(), direction="sendrecv")  # the microphone, and the speech back
         pc.addTransceiver(AudioStreamTrack(), direction="sendonly")  # a second one
-        got = asyncio.get_running_loop().create_future()
-        pc.on("track", lambda t: t.kind == "video" and not got.done() and got.set_result(t))
+        got = first_track(pc)
         answer, directions = await answered_directions(http, created, auth, pc)
         assert directions == ["a=sendonly", "a=sendrecv", "a=inactive"], directions
         assert len(heard) == 1
@@ -209,15 +202,12 @@ async def test_the_speech_goes_on_an_audio_m_line_the_player_receives(server, mo
     heard = microphones_heard(monkeypatch)
     url, _ = server
     async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-        created = (await http.post("/v1/sessions", json={})).json()
-        auth = {"Authorization": f"Bearer {created['token']}"}
+        created, auth = await created_session(http)
         # (aiortc's "balanced" bundling loses the second audio m-line's transport: a browser's does not)
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_COMPAT))
-        pc.addTransceiver("video", direction="recvonly")
+        pc = client_peer("video", bundlePolicy=RTCBundlePolicy.MAX_COMPAT)
         pc.addTransceiver(AudioStreamTrack(), direction="sendonly")  # the microphone
         pc.addTransceiver("audio", direction="recvonly")  # the avatar's speech
-        speech = asyncio.get_running_loop().create_future()
-        pc.on("track", lambda t: t.kind == "audio" and not speech.done() and speech.set_result(t))
+        speech = first_track(pc, "audio")
         answer, directions = await answered_directions(http, created, auth, pc)
         assert directions == ["a=sendonly", "a=recvonly", "a=sendonly"], directions
         assert len(heard) == 1
@@ -238,15 +228,15 @@ async def test_the_speech_goes_on_a_bundle_only_audio_m_line(server):
 
     url, _ = server
     async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-        created = (await http.post("/v1/sessions", json={})).json()
-        auth = {"Authorization": f"Bearer {created['token']}"}
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        pc.addTransceiver("video", direction="recvonly")
-        pc.addTransceiver("audio", direction="recvonly")
-        await pc.setLocalDescription(await pc.createOffer())
-        offer = re.sub(r"m=audio \d+ ([^\r\n]*)\r\n", r"m=audio 0 \1\r\na=bundle-only\r\n", pc.localDescription.sdp)
-        assert "m=audio 0 " in offer
-        r = await http.post(created["whep"], content=offer, headers={"content-type": "application/sdp", **auth})
+        created, auth = await created_session(http)
+        pc = client_peer("video", "audio")
+
+        def bundle_only(offer: str) -> str:
+            offer = re.sub(r"m=audio \d+ ([^\r\n]*)\r\n", r"m=audio 0 \1\r\na=bundle-only\r\n", offer)
+            assert "m=audio 0 " in offer
+            return offer
+
+        r = await post_offer(http, created, auth, pc, edit=bundle_only)
         assert r.status_code == 201, r.text
         directions = [line for line in r.text.splitlines() if line in ("a=sendonly", "a=recvonly", "a=inactive")]
         assert directions == ["a=sendonly", "a=sendonly"], directions

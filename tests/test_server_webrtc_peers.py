@@ -7,8 +7,8 @@ import asyncio
 
 import httpx
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from server_helpers import live_server
+from aiortc import RTCPeerConnection
+from server_helpers import client_peer, live_server, streaming_peer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,25 +28,23 @@ def client_sockets(pc: RTCPeerConnection) -> list:
     return list(sockets.values())
 
 
-async def streaming_client(url: str, http: httpx.AsyncClient, mic: bool = False):
+async def streaming_client(http: httpx.AsyncClient, mic: bool = False):
     """A WHEP client that has decoded a frame: (session id, its peer connection, its video track)."""
-    created = (await http.post("/v1/sessions", json={})).json()
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("video", direction="recvonly")
+    pc = client_peer("video")
     if mic:  # a microphone that is on: 50 RTP packets a second towards the server
         from aiortc.mediastreams import AudioStreamTrack
 
         pc.addTrack(AudioStreamTrack())
-    got = asyncio.get_running_loop().create_future()
-    pc.on("track", lambda t: t.kind == "video" and not got.done() and got.set_result(t))
-    await pc.setLocalDescription(await pc.createOffer())
-    r = await http.post(created["whep"], content=pc.localDescription.sdp,
-                        headers={"content-type": "application/sdp", "Authorization": f"Bearer {created['token']}"})  # fmt: skip
-    assert r.status_code == 201, r.text
-    await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
-    track = await asyncio.wait_for(got, 10)
-    await asyncio.wait_for(track.recv(), 10)
+    created, _, pc, track = await streaming_peer(http, pc)
     return created["id"], pc, track
+
+
+async def until_closed(session, seconds: float = 10.0) -> None:
+    """Waits (bounded: `seconds`) for the server to close `session`."""
+    for _ in range(int(seconds * 10)):
+        if session.closed:
+            return
+        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -79,7 +77,7 @@ async def test_a_peer_killed_without_a_word_frees_its_session_once_it_falls_sile
     registry.config.peer_timeout_s = 2.0  # read by each offer
     try:
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-            session_id, pc, track = await streaming_client(url, http)
+            session_id, pc, track = await streaming_client(http)
             session = registry.sessions[session_id]
             for _ in range(30):  # a while of healthy streaming, past the timeout: it stays
                 await asyncio.wait_for(track.recv(), 10)
@@ -87,10 +85,7 @@ async def test_a_peer_killed_without_a_word_frees_its_session_once_it_falls_sile
             assert not session.closed, session.close_reason
             for sock in client_sockets(pc):
                 sock.abort()  # no DTLS close_notify, no consent answers, no RTCP from here on
-            for _ in range(200):  # (aioice's consent checks would take 24-36 s)
-                if session.closed:
-                    break
-                await asyncio.sleep(0.1)
+            await until_closed(session, 20.0)  # (aioice's consent checks would take 24-36 s)
             assert session.closed and session.close_reason.startswith("peer_silent"), session.close_reason
             assert session_id not in registry.sessions
             await pc.close()
@@ -106,7 +101,7 @@ async def test_a_peer_that_stalls_for_less_than_the_timeout_keeps_its_session(se
     registry.config.peer_timeout_s = 3.0
     try:
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-            session_id, pc, track = await streaming_client(url, http, mic=True)
+            session_id, pc, track = await streaming_client(http, mic=True)
             session = registry.sessions[session_id]
             sockets = client_sockets(pc)
             for sock in sockets:  # every packet the client sends is lost for a second
@@ -118,10 +113,7 @@ async def test_a_peer_that_stalls_for_less_than_the_timeout_keeps_its_session(se
                 await asyncio.wait_for(track.recv(), 10)
             assert not session.closed, session.close_reason
             await pc.close()  # (DTLS close: the server closes the session)
-            for _ in range(100):
-                if session.closed:
-                    break
-                await asyncio.sleep(0.1)
+            await until_closed(session)
     finally:
         registry.config.peer_timeout_s = 10.0
 
@@ -143,7 +135,7 @@ async def test_a_live_player_that_sends_no_rtcp_is_not_taken_for_a_silent_one(se
     monkeypatch.setattr(RTCRtpReceiver, "_send_rtcp", send_no_rtcp)  # the client's: no receiver reports
     try:
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-            session_id, pc, track = await streaming_client(url, http)
+            session_id, pc, track = await streaming_client(http)
             session = registry.sessions[session_id]
             counted = await packets_received(session.trickle.pc)
             for _ in range(75):  # 3 s of video: three times the timeout
@@ -151,10 +143,7 @@ async def test_a_live_player_that_sends_no_rtcp_is_not_taken_for_a_silent_one(se
             assert await packets_received(session.trickle.pc) == counted  # nothing that arms it
             assert not session.closed, session.close_reason
             await pc.close()
-            for _ in range(100):
-                if session.closed:
-                    break
-                await asyncio.sleep(0.1)
+            await until_closed(session)
     finally:
         registry.config.peer_timeout_s = 10.0
 
@@ -191,7 +180,7 @@ async def test_a_peer_that_reconnects_keeps_one_silence_watch(server, monkeypatc
     registry = app.state.registry
     registry.config.peer_timeout_s = 10.0  # (a read a second: the first watch sleeps through the flip)
     async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-        session_id, pc, track = await streaming_client(url, http)
+        session_id, pc, track = await streaming_client(http)
         session = registry.sessions[session_id]
         server_pc = session.trickle.pc
         assert len(started) == 1
@@ -208,7 +197,4 @@ async def test_a_peer_that_reconnects_keeps_one_silence_watch(server, monkeypatc
         assert (running, len(started)) == (1, 1)
         assert not session.closed, session.close_reason
         await pc.close()  # (DTLS close: the server closes the session)
-        for _ in range(100):
-            if session.closed:
-                break
-            await asyncio.sleep(0.1)
+        await until_closed(session)
