@@ -19,3 +19,17 @@ def streamgen_without_a_compiler(tmp_path, *args) -> subprocess.CompletedProcess
     that no earlier compile is found instead)."""
     env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
     return streamgen(*args, env=env)
+
+
+def refused(capsys, *argv: str) -> str:
+    """What `streamgen *argv`, run in this process, says as it refuses its command line: an exit 2
+    with nothing on stdout (checked), and this on stderr. (pytest imported here: see above.)"""
+    import pytest
+
+    from streamgen.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(list(argv))
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and captured.out == "", captured.err
+    return captured.err

@@ -2,6 +2,10 @@
 
 import argparse
 
+from cli_helpers import refused
+
+QUICK_ON_CPU = ("bench", "gpu", "--json", "--device", "cpu", "--quick")
+
 
 def test_a_plot_with_nothing_to_plot_is_said_not_silently_left_out(monkeypatch, tmp_path, capsys):
     # `--only decoder --plot gpu.png`: no stream variant to plot, and no PNG, without a word
@@ -18,40 +22,21 @@ def test_a_plot_with_nothing_to_plot_is_said_not_silently_left_out(monkeypatch, 
 
 
 def test_options_that_would_run_nothing_or_fail_every_variant_are_refused(capsys):
-    import pytest
-
-    from streamgen.cli import main
-
     for options, said in ((["--budget", "0"], "argument --budget"), (["--budget", "-5"], "argument --budget"),
                           (["--backends", "sdpa", "trtion"], "argument --backends: invalid choice: 'trtion'")):  # fmt: skip
-        with pytest.raises(SystemExit) as exit_:
-            main(["bench", "gpu", "--json", "--device", "cpu", "--quick", *options])
-        assert exit_.value.code == 2
-        captured = capsys.readouterr()
-        assert said in captured.err and captured.out == "", captured.err
+        err = refused(capsys, *QUICK_ON_CPU, *options)
+        assert said in err, err
 
 
 def test_only_without_a_part_is_refused(capsys):
-    import pytest
-
-    from streamgen.cli import main
-
-    with pytest.raises(SystemExit) as exit_:
-        main(["bench", "gpu", "--json", "--device", "cpu", "--quick", "--only"])
-    assert exit_.value.code == 2 and "argument --only: expected at least one argument" in capsys.readouterr().err
+    err = refused(capsys, *QUICK_ON_CPU, "--only")
+    assert "argument --only: expected at least one argument" in err, err
 
 
 def test_backends_without_a_backend_is_refused(capsys):
     # `--backends` and no name took zero values: no fused variant was timed, with exit 0
-    import pytest
-
-    from streamgen.cli import main
-
-    with pytest.raises(SystemExit) as exit_:
-        main(["bench", "gpu", "--json", "--device", "cpu", "--quick", "--backends"])
-    captured = capsys.readouterr()
-    assert exit_.value.code == 2 and captured.out == "", captured.err
-    assert "argument --backends: expected at least one argument" in captured.err, captured.err
+    err = refused(capsys, *QUICK_ON_CPU, "--backends")
+    assert "argument --backends: expected at least one argument" in err, err
 
 
 def test_floor_work_not_there_or_of_another_run_is_refused_before_it(monkeypatch, tmp_path, capsys):
@@ -69,7 +54,7 @@ def test_floor_work_not_there_or_of_another_run_is_refused_before_it(monkeypatch
     other_steps.write_text(json.dumps({"quick": True, "steps": 2, "counts": {"default": {}}}))
     for path, said in ((tmp_path / "none.json", f"--floor-work {tmp_path / 'none.json'} unreadable"),
                        (other_steps, f"--floor-work {other_steps} counts quick=True, steps=2")):  # fmt: skip
-        assert main(["bench", "gpu", "--json", "--device", "cpu", "--quick", "--floor-work", str(path)]) == 2
+        assert main([*QUICK_ON_CPU, "--floor-work", str(path)]) == 2
         captured = capsys.readouterr()
         assert said in captured.err and "python -m bench.variant_floor --out FILE" in captured.err, captured.err
         assert captured.out == "", captured.out
@@ -88,7 +73,7 @@ def test_only_naming_no_part_of_the_run_is_refused_before_it(monkeypatch, capsys
         raise AssertionError("a part ran")
 
     monkeypatch.setattr(gpu, "_variant", never)
-    assert main(["bench", "gpu", "--json", "--device", "cpu", "--quick", "--no-kernels", "--only", "nope"]) == 2
+    assert main([*QUICK_ON_CPU, "--no-kernels", "--only", "nope"]) == 2
     captured = capsys.readouterr()
     (line,) = captured.err.strip().splitlines()
     assert captured.out == "" and line.startswith("streamgen bench: error: --only nope: no part of this run")
@@ -111,12 +96,12 @@ def test_out_replaces_an_earlier_json_and_refuses_a_file_that_is_not_json(monkey
     monkeypatch.setattr(gpu, "run", lambda *args, **kwargs: {"variants": {}})
     notes = tmp_path / "notes.txt"
     notes.write_text("not a result\n")
-    assert main(["bench", "gpu", "--json", "--device", "cpu", "--quick", "--out", str(notes)]) == 2
+    assert main([*QUICK_ON_CPU, "--out", str(notes)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"--out {notes} is a file that is not JSON" in line and notes.read_text() == "not a result\n"
     for earlier in (tmp_path / "result.json", tmp_path / "empty"):
         earlier.write_text('{"variants": {"old": 1}}\n' if earlier.suffix else "")
-        assert main(["bench", "gpu", "--json", "--device", "cpu", "--quick", "--out", str(earlier)]) == 0
+        assert main([*QUICK_ON_CPU, "--out", str(earlier)]) == 0
 
 
 def test_every_option_says_what_it_does_and_its_default():
