@@ -399,30 +399,35 @@ def test_latents_of_a_split_with_no_clips_name_the_setting(tmp_path, autoencoder
         build_latents(cfg)
 
 
+def refused_before_any_work(cfg, message: str) -> None:
+    """The stage refuses `cfg` with a ConfigError that says `message` (a regex), its run folder not made."""
+    from distill.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)
+    assert not Path(cfg.run.out).exists()
+
+
 @pytest.mark.parametrize("stage", ["autoencoder", "tiny_decoder"])
 @pytest.mark.parametrize("source", ["world", "synthetic"])
 def test_crops_longer_than_the_clips_name_data_video_frames_before_any_work(world, tmp_path, stage, source):
     """The pixel stages found crops longer than the clips at their first step, after the stage was
     built, naming no setting: "clips of 25 frames are shorter than a crop of 40"."""
-    from distill.config import ConfigError
-
     out = tmp_path / "run"
     if source == "world":  # 1 s clips: 25 frames
-        cfg, clips, most = world_config(stage, out, world, **{"data.video_frames": 40}), 25, 24
+        clips, most = 25, 24
     else:  # debug configs: 4 and 3 latent frames of 4
-        cfg = debug_config(stage, out, **{"data.video_frames": 40})
         clips = most = 16 if stage == "autoencoder" else 12
-    with pytest.raises(
-        ConfigError,
-        match=rf"^data\.video_frames 40: crops that long do not fit the clips \(.*: {clips} frames\); "
+
+    def config(**edits):
+        return world_config(stage, out, world, **edits) if source == "world" else debug_config(stage, out, **edits)
+
+    refused_before_any_work(
+        config(**{"data.video_frames": 40}),
+        rf"^data\.video_frames 40: crops that long do not fit the clips \(.*: {clips} frames\); "
         rf"set it to at most {most}$",
-    ):
-        run(cfg)
-    assert not out.exists()
-    fits = debug_config(stage, out, **{"data.video_frames": most, "run.steps": 1})
-    if source == "world":
-        fits = world_config(stage, out, world, **{"data.video_frames": most, "run.steps": 1})
-    run(fits)
+    )
+    run(config(**{"data.video_frames": most, "run.steps": 1}))
     assert ckpt.latest_checkpoint(out).name == "step-00000001.safetensors"
 
 
@@ -430,17 +435,11 @@ def test_crops_longer_than_the_clips_name_data_video_frames_before_any_work(worl
 def test_a_frame_size_other_than_the_datasets_is_one_line_before_any_work(world, tmp_path, stage):
     """The pixel stages trained on the dataset's own frames (32x32) whatever model.height x model.width
     said (64x64), and the autoencoder laid its mouth box out for the config's size."""
-    from distill.config import ConfigError
-
-    out = tmp_path / "run"
-    cfg = world_config(stage, out, world, **{"model.height": 64, "model.width": 64})
-    with pytest.raises(
-        ConfigError,
-        match=rf"^model\.height x model\.width \(64x64\) are not the size of the frames of {re.escape(str(world))} "
+    refused_before_any_work(
+        world_config(stage, tmp_path / "run", world, **{"model.height": 64, "model.width": 64}),
+        rf"^model\.height x model\.width \(64x64\) are not the size of the frames of {re.escape(str(world))} "
         r"\(32x32\): set them to it \(--set model\.height=32 --set model\.width=32\)$",
-    ):
-        run(cfg)
-    assert not out.exists()
+    )
 
 
 @pytest.mark.parametrize("stage", ["ode", "self_forcing"])
