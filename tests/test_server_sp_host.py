@@ -302,6 +302,17 @@ def held_call(monkeypatch, stop_wait: float, rank0=None, follower=None):
     return rank0, host, caller, results
 
 
+def stop_begun(host):
+    """The host's stop, run in a thread, once it has begun (bounded: 10 s): the thread."""
+    import time
+
+    stopping = threading_start(host.stop)
+    deadline = time.monotonic() + 10
+    while host.down is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return stopping
+
+
 def _call_in_a_thread(host, results):
     import threading
 
@@ -322,8 +333,6 @@ def test_a_call_still_running_at_stop_ends_before_the_model_is_let_go_of(monkeyp
     chunk still running after that met a model the stop had let go of (its streams closed, its
     process group destroyed under a collective). The stop waits a while for the call, and past
     that leaves the letting go to the call, when it ends; it refuses any call after it."""
-    import time
-
     from server import sp_host
     from server.model_host import HostDown
 
@@ -335,10 +344,7 @@ def test_a_call_still_running_at_stop_ends_before_the_model_is_let_go_of(monkeyp
     caller = _call_in_a_thread(host, results)
     assert rank0.running.wait(10)
     if ends == "within the stop's wait":
-        stopping = threading_start(host.stop)
-        deadline = time.monotonic() + 10
-        while host.down is None and time.monotonic() < deadline:  # the stop has begun
-            time.sleep(0.01)
+        stopping = stop_begun(host)
         rank0.release.set()
         stopping.join(10)
         assert not stopping.is_alive()
@@ -359,13 +365,8 @@ def test_a_call_that_ends_within_the_stops_wait_leaves_the_letting_go_to_the_sto
     """The stop raised its flag as it began, not when it gave up waiting: a call ending within the
     wait let go of the model itself (the process group's teardown and a collection) before its
     caller had its result, then the stop found nothing left to do."""
-    import time
-
     rank0, host, caller, results = held_call(monkeypatch, 30.0)
-    stopping = threading_start(host.stop)
-    deadline = time.monotonic() + 10
-    while host.down is None and time.monotonic() < deadline:  # the stop has begun
-        time.sleep(0.01)
+    stopping = stop_begun(host)
     rank0.release.set()
     caller.join(10)
     stopping.join(10)
