@@ -303,12 +303,16 @@ def first_track(pc, kind: str = "video"):
     return got
 
 
+async def post_sdp(http, created: dict, headers: dict, sdp: str):
+    """The offer `sdp` posted to the WHEP endpoint of the session `created`, with the `headers` of
+    its token: the server's answer, as it is."""
+    return await http.post(created["whep"], content=sdp, headers={"content-type": "application/sdp", **headers})
+
+
 async def post_offer(http, created: dict, headers: dict, pc, edit=lambda sdp: sdp):
-    """`pc`'s offer (as `edit` makes it) posted to the WHEP endpoint of the session `created`, with
-    the `headers` of its token: the server's answer, as it is."""
+    """`pc`'s offer, as `edit` makes it, posted as `post_sdp` does: the server's answer."""
     await pc.setLocalDescription(await pc.createOffer())
-    return await http.post(created["whep"], content=edit(pc.localDescription.sdp),
-                           headers={"content-type": "application/sdp", **headers})  # fmt: skip
+    return await post_sdp(http, created, headers, edit(pc.localDescription.sdp))
 
 
 async def streaming_peer(http, pc=None, **json) -> tuple[dict, dict, object, object]:

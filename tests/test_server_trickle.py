@@ -6,8 +6,8 @@ import asyncio
 
 import httpx
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from server_helpers import live_server
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from server_helpers import client_peer, created_session, first_track, live_server, post_sdp
 
 from server.trickle import FragmentError, parse_fragment
 
@@ -93,8 +93,7 @@ def split_candidates(sdp: str) -> tuple[str, str]:
 
 async def trickling_player() -> tuple[RTCPeerConnection, str, str]:
     """An aiortc peer that receives video: its offer without candidates, and their fragment."""
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("video", direction="recvonly")
+    pc = client_peer("video")
     await pc.setLocalDescription(await pc.createOffer())
     return pc, *split_candidates(pc.localDescription.sdp)
 
@@ -109,16 +108,12 @@ async def test_a_player_that_trickles_its_candidates_streams():
     remote candidates are the ones trickled) and the session streams."""
     with live_server(max_sessions=2) as (url, app):
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-            created = (await http.post("/v1/sessions", json={"avatar": "ada"})).json()
-            auth = {"Authorization": f"Bearer {created['token']}"}
+            created, auth = await created_session(http, avatar="ada")
             pc, offer, fragment = await trickling_player()
-            video = asyncio.get_running_loop().create_future()
-            pc.on("track", lambda track: video.set_result(track))
+            video = first_track(pc)
             assert "a=candidate" not in offer and "a=candidate" in fragment
             try:
-                r = await http.post(
-                    created["whep"], content=offer, headers={"content-type": "application/sdp", **auth}
-                )
+                r = await post_sdp(http, created, auth, offer)
                 assert r.status_code == 201, r.text
                 etag = r.headers["etag"]
                 session = app.state.registry.get(created["id"])
@@ -146,13 +141,10 @@ async def test_a_patch_the_server_cannot_take_gets_its_reason():
     """415 / 428 / 412 / 400 / 422 / 409 / 401, each with a message, and the session goes on."""
     with live_server(max_sessions=3) as (url, app):
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-            created = (await http.post("/v1/sessions", json={"avatar": "ada"})).json()
-            auth = {"Authorization": f"Bearer {created['token']}"}
+            created, auth = await created_session(http, avatar="ada")
             pc, offer, fragment = await trickling_player()
             try:
-                r = await http.post(
-                    created["whep"], content=offer, headers={"content-type": "application/sdp", **auth}
-                )
+                r = await post_sdp(http, created, auth, offer)
                 etag = r.headers["etag"]
                 kind = {"content-type": "application/trickle-ice-sdpfrag"}
 
@@ -226,18 +218,13 @@ async def test_a_session_takes_a_bounded_number_of_candidates():
     assert len(many) > MAX_CANDIDATES
     with live_server(max_sessions=2) as (url, app):
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-            created = (await http.post("/v1/sessions", json={"avatar": "ada"})).json()
-            headers = {"Authorization": f"Bearer {created['token']}"}
+            created, headers = await created_session(http, avatar="ada")
             pc, offer, fragment = await trickling_player()
             try:
                 crowded = offer.replace("a=mid:0\r\n", "a=mid:0\r\n" + "\r\n".join(many) + "\r\n")
-                r = await http.post(
-                    created["whep"], content=crowded, headers={"content-type": "application/sdp", **headers}
-                )
+                r = await post_sdp(http, created, headers, crowded)
                 assert r.status_code == 400 and "65 ICE candidates" in r.json()["message"], r.text
-                r = await http.post(
-                    created["whep"], content=offer, headers={"content-type": "application/sdp", **headers}
-                )
+                r = await post_sdp(http, created, headers, offer)
                 assert r.status_code == 201, r.text
                 headers |= {"content-type": "application/trickle-ice-sdpfrag", "if-match": r.headers["etag"]}
                 crowded = fragment.replace("a=end-of-candidates", "\r\n".join(many))
@@ -370,15 +357,11 @@ async def test_an_ice_restart_is_refused_with_a_reason_and_the_stream_goes_on():
     session; the session is left as it was and its video keeps coming."""
     with live_server(max_sessions=2) as (url, app):
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-            created = (await http.post("/v1/sessions", json={"avatar": "ada"})).json()
-            auth = {"Authorization": f"Bearer {created['token']}"}
+            created, auth = await created_session(http, avatar="ada")
             pc, offer, fragment = await trickling_player()
-            video = asyncio.get_running_loop().create_future()
-            pc.on("track", lambda track: video.set_result(track))
+            video = first_track(pc)
             try:
-                r = await http.post(
-                    created["whep"], content=offer, headers={"content-type": "application/sdp", **auth}
-                )
+                r = await post_sdp(http, created, auth, offer)
                 assert r.status_code == 201, r.text
                 trickle = {"content-type": "application/trickle-ice-sdpfrag", **auth}
                 patched = await http.patch(created["resource"], content=fragment,
@@ -393,8 +376,7 @@ async def test_an_ice_restart_is_refused_with_a_reason_and_the_stream_goes_on():
 
                 restart = await http.patch(created["resource"], content=new_credentials(fragment),
                                            headers={**trickle, "if-match": "*"})  # fmt: skip
-                again = await http.post(created["whep"], content=new_credentials(offer),
-                                        headers={"content-type": "application/sdp", **auth})  # fmt: skip
+                again = await post_sdp(http, created, auth, new_credentials(offer))
                 for response, status in ((restart, 422), (again, 409)):
                     assert response.status_code == status, response.text
                     assert "start a new session" in response.json()["message"], response.text
@@ -478,11 +460,8 @@ async def test_a_player_without_bundle_trickles_each_sections_candidates_under_i
     fragment with new credentials is still a 422."""
     with live_server(max_sessions=2) as (url, app):
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-            created = (await http.post("/v1/sessions", json={"avatar": "ada"})).json()
-            auth = {"Authorization": f"Bearer {created['token']}"}
-            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-            pc.addTransceiver("video", direction="recvonly")
-            pc.addTransceiver("audio", direction="recvonly")
+            created, auth = await created_session(http, avatar="ada")
+            pc = client_peer("video", "audio")
             try:
                 await pc.setLocalDescription(await pc.createOffer())
                 offer, _ = split_candidates(pc.localDescription.sdp)
@@ -490,8 +469,7 @@ async def test_a_player_without_bundle_trickles_each_sections_candidates_under_i
                 assert "a=mid:1" in audio and "a=ice-ufrag:" in audio
                 own = audio.replace("a=ice-ufrag:", "a=ice-ufrag:aud").replace("a=ice-pwd:", "a=ice-pwd:aud")
                 offer = offer.replace(audio, own).replace("a=group:BUNDLE 0 1\r\n", "")
-                sdp = {"content-type": "application/sdp", **auth}
-                r = await http.post(created["whep"], content=offer, headers=sdp)
+                r = await post_sdp(http, created, auth, offer)
                 assert r.status_code == 201, r.text
                 credentials = [line for line in own.splitlines() if line.startswith("a=ice-")]
                 fragment = "\r\n".join(["m=audio 9 UDP/TLS/RTP/SAVPF 0", "a=mid:1", *credentials,

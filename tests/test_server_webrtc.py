@@ -9,7 +9,15 @@ import httpx
 import numpy as np
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
-from server_helpers import client_peer, created_session, first_track, live_server, post_offer, streaming_peer
+from server_helpers import (
+    client_peer,
+    created_session,
+    first_track,
+    live_server,
+    post_offer,
+    post_sdp,
+    streaming_peer,
+)
 from test_server_webrtc_offers import _only_codec
 
 pytestmark = pytest.mark.timeout(120)
@@ -224,8 +232,7 @@ async def test_an_offer_refused_for_its_codecs_leaves_the_session_to_offer_again
         assert refused.status_code == 400 and refused.json()["error"] == "bad_sdp", refused.text
         assert "offers no codec the server takes" in refused.json()["message"]
         assert (await http.get(created["resource"], headers=auth)).status_code == 200  # not ended
-        answered = await http.post(created["whep"], content=pc.localDescription.sdp,
-                                   headers={"content-type": "application/sdp", **auth})  # fmt: skip
+        answered = await post_sdp(http, created, auth, pc.localDescription.sdp)  # the same offer, whole
         assert answered.status_code == 201, answered.text
         assert (await http.delete(created["resource"], headers=auth)).status_code == 204
         await pc.close()
