@@ -4,14 +4,35 @@ tests/test_gpu_check.py uses it where only the GPU image's packages exist)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 
 def streamgen(*args, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "streamgen", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+def terminated_once(args, under_way, env: dict | None = None, polls: int = 2400, settle: float = 0.0):
+    """`streamgen *args` in a process of its own, sent SIGTERM (as `timeout` and `kill` send it, to
+    the command's process alone) once `under_way()` is true, looked at every 50 ms (`polls` times at
+    most), and `settle` seconds after: its exit code and its stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "streamgen", *args], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for _ in range(polls):
+            if under_way() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"`streamgen {' '.join(args[:2])}` ended before it could be stopped"
+        time.sleep(settle)
+        os.kill(proc.pid, signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    return proc.returncode, err
 
 
 def streamgen_without_a_compiler(tmp_path, *args) -> subprocess.CompletedProcess:

@@ -175,26 +175,13 @@ def test_inputs_under_the_home_folder_are_read_from_there(tmp_path, monkeypatch,
 def test_a_preview_sent_sigterm_leaves_nothing(tmp_path):
     """SIGTERM (`timeout`, `kill`) ended a preview where it was: the folder it made was left, with the
     video's temp file in it. It ends as a Ctrl-C does: nothing left, exit 143."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+    from cli_helpers import terminated_once
 
     out = tmp_path / "p"
     argv = ["data", "preview", "--clips", "400", "--size", "16", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "streamgen", *argv], stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(1200):  # (the imports and the first clip: seconds)
-            if (out.exists() and any(out.iterdir())) or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the preview ended before it could be stopped"
-        os.kill(proc.pid, signal.SIGTERM)
-        err = proc.communicate(timeout=120)[1]
-    finally:
-        proc.kill()
-    assert proc.returncode == 143 and "Traceback" not in err, err
+    # (the imports and the first clip: seconds)
+    code, err = terminated_once(argv, lambda: out.exists() and any(out.iterdir()), polls=1200)
+    assert code == 143 and "Traceback" not in err, err
     assert not out.exists()
 
 

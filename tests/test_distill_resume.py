@@ -214,26 +214,13 @@ def test_a_resume_over_a_safetensors_file_that_is_no_checkpoint_says_so(tmp_path
 def test_a_sigterm_says_which_checkpoint_a_resume_goes_on_from(tmp_path):
     """SIGTERM (`timeout`, `kill`, a job scheduler) ended a run without a word (exit 143 and
     nothing said); it ends as a Ctrl-C does, naming the checkpoint a --resume goes on from."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+    from cli_helpers import terminated_once
 
     out = tmp_path / "t"
     argv = ["distill", "teacher", "--config", "debug", "--out", str(out), "--steps", "100000"]
-    proc = subprocess.Popen([sys.executable, "-m", "streamgen", *argv], stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(2400):  # (the imports and the first checkpoint, at step 2: seconds)
-            if ckpt.latest_checkpoint(out) is not None or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be stopped"
-        os.kill(proc.pid, signal.SIGTERM)
-        err = proc.communicate(timeout=120)[1]
-    finally:
-        proc.kill()
-    assert proc.returncode == 143 and "Traceback" not in err, err
+    # (the imports and the first checkpoint, at step 2: seconds)
+    code, err = terminated_once(argv, lambda: ckpt.latest_checkpoint(out) is not None)
+    assert code == 143 and "Traceback" not in err, err
     newest = ckpt.latest_checkpoint(out)
     assert f"teacher: the newest checkpoint is {newest}" in err and "with --resume goes on from it" in err, err
     assert "terminated" in err

@@ -162,28 +162,16 @@ def test_a_sigterm_ends_the_clip_workers_and_leaves_nothing_in_the_temp_folder(t
     workers went on to finish their clips, and their temp folder was left. It ends as a Ctrl-C does:
     the workers ended, the folder removed, "terminated", exit 143."""
     import os
-    import signal
-    import subprocess
-    import sys
-    import time
+
+    from cli_helpers import terminated_once
 
     temp = tmp_path / "temp"
     temp.mkdir()
     argv = ["eval", "train-evaluators", "--out", str(tmp_path / "e"), "--clips", "60", "--workers", "2"]
     env = {**os.environ, "TMPDIR": str(temp)}
-    proc = subprocess.Popen([sys.executable, "-m", "streamgen", *argv], stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        for _ in range(2400):  # (the imports, then the pool's temp folder: seconds)
-            if any(temp.iterdir()) or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the training ended before it could be stopped"
-        time.sleep(1)  # (the workers started)
-        os.kill(proc.pid, signal.SIGTERM)
-        err = proc.communicate(timeout=120)[1]
-    finally:
-        proc.kill()
-    assert proc.returncode == 143 and "terminated" in err and "Traceback" not in err, err
+    # (the imports, then the pool's temp folder: seconds; a second more, the workers started)
+    code, err = terminated_once(argv, lambda: any(temp.iterdir()), env=env, settle=1.0)
+    assert code == 143 and "terminated" in err and "Traceback" not in err, err
     assert list(temp.iterdir()) == []
 
 
