@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from server_helpers import live_server
-from test_server_browser import HELD, wait_for
+from test_server_browser import HELD, held_page, metric, wait_for
 from test_server_browser_hangup import wait_in_page
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
@@ -238,5 +238,51 @@ def test_a_microphone_ticked_while_the_websocket_starts_is_sent_through_one_path
             page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
             wait_for(lambda: heard(url) > 0.5, 20, "the microphone was not heard")
             assert page.evaluate("__sources") == 1
+        finally:
+            page.close()
+
+
+def test_the_microphone_follows_its_box_only_while_connected(browser_page):
+    """Ticked after a WebSocket connect made without it, the microphone now reaches the avatar (it
+    did nothing); ticked while idle, it is not taken (it was, and stayed on for good)."""
+    with live_server(max_sessions=2) as (url, app):
+        page = held_page(browser_page, f"{url}/?autostart=1&transport=ws&mic=0")
+        try:
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
+            heard = 'streamgen_audio_received_seconds_total{source="client"}'
+            assert metric(url, heard) == 0
+            page.check("#mic")
+            wait_for(lambda: metric(url, heard) > 1.0)
+            page.click("#hangup")
+            page.uncheck("#mic")
+            page.check("#mic")
+            page.wait_for_timeout(500)
+            assert page.evaluate("held()")["mics"] == 0
+            assert page.evaluate("window.__mics.length") == 1  # taken once, while connected
+        finally:
+            page.close()
+
+
+def test_a_connect_clicked_before_autostart_and_an_unticked_mic_leave_no_microphone_on(browser_page):
+    """Clicked before the avatar list loaded on an ?autostart=1 page, connect ran twice and the
+    first call's microphone stayed on for good; unticked while connected, the box stopped the
+    audio but left the capture device live (the browser's recording indicator on)."""
+    with live_server(max_sessions=3) as (url, app):
+        page = browser_page.new_page()
+        click_at_once = "document.addEventListener('DOMContentLoaded', () => document.getElementById('connect').click());"
+        page.add_init_script(HELD + click_at_once)
+        page.goto(f"{url}/?autostart=1&transport=ws")
+        try:
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
+            assert page.evaluate("held()")["mics"] == 1
+            page.uncheck("#mic")
+            page.wait_for_timeout(300)
+            assert page.evaluate("held()")["mics"] == 0  # given back, not only muted
+            page.check("#mic")
+            wait_for(lambda: page.evaluate("held()")["mics"] == 1)  # taken again while connected
+            page.click("#hangup")
+            page.wait_for_timeout(500)
+            assert page.evaluate("held()")["mics"] == 0
+            wait_for(lambda: not app.state.registry.sessions)  # no session left behind either
         finally:
             page.close()

@@ -3,9 +3,12 @@ without it): what it holds of a WebSocket stream's frames, and what it says."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from server_helpers import live_server
@@ -456,5 +459,37 @@ def test_a_websocket_refused_at_the_servers_connection_limit_is_tried_again(brow
             assert page.evaluate("window.streamgenStats.state") == "streaming (websocket)"
             assert len(refused) == 2, refused
             page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+        finally:
+            page.close()
+
+
+def test_a_page_whose_files_changed_on_the_server_runs_the_new_ones(browser_page, tmp_path):
+    """The page's files came without Cache-Control, which lets a browser keep them by its own rule
+    (a tenth of their age since modified: days, for an installed package's): after an upgrade it
+    ran the old modules, or an old one with a new one (an import that names nothing: a dead page).
+    They are revalidated at each use now (their ETag: 304 while unchanged)."""
+    import time
+
+    web = tmp_path / "web"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "web", web)
+    month_ago = time.time() - 30 * 86400
+
+    def age(path: Path) -> None:
+        os.utime(path, (month_ago, month_ago))
+
+    for path in web.iterdir():
+        age(path)
+    with live_server(max_sessions=2, web_dir=web) as (url, app):
+        page = browser_page.new_page()
+        try:
+            page.goto(f"{url}/")
+            page.wait_for_function("window.streamgenStats !== undefined")
+            page.goto("about:blank")
+            page_js = web / "page.js"
+            page_js.write_text(page_js.read_text() + "\nwindow.upgraded = true;\n")
+            age(page_js)
+            page.goto(f"{url}/")
+            page.wait_for_function("window.streamgenStats !== undefined")
+            assert page.evaluate("window.upgraded") is True
         finally:
             page.close()

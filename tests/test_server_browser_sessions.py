@@ -1,0 +1,187 @@
+"""The end of a page's session in real headless Chromium (as test_server_browser.py; skipped without
+it): ended by the server or its shutdown, the tab closed, left or killed, hung up and connected again."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from server_helpers import live_server
+from test_server_browser import held_page, metric, wait_for
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
+
+
+def test_the_page_says_when_the_server_ends_its_webrtc_session(browser_page):
+    """A session ended by the server (here its maximum duration) froze the page on its last frame,
+    'streaming', with the microphone on and Connect disabled: the peer connection lingers until
+    ICE gives up. The page checks its session and frees what it holds, and says why it ended (it
+    said only that the server had ended it)."""
+    with live_server(max_sessions=2, max_duration_s=4.0) as (url, app):
+        page = held_page(browser_page, f"{url}/?autostart=1&avatar=ada")
+        try:
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
+            assert page.evaluate("held()")["mics"] == 1
+            page.fill("#speak-text", "hello there, " * 76)  # refused: a minute of speech
+            page.click("#speak")
+            page.wait_for_function("window.streamgenStats.notice.startsWith('speak: text too long')", timeout=10_000)
+            page.wait_for_function("window.streamgenStats.state.startsWith('ended')", timeout=30_000)
+            assert page.evaluate("held()") == {
+                "mics": 0, "contexts": 0, "connect": True, "hangup": False,
+                "state": "ended: the session reached this server's time limit (4 s)",
+            }  # fmt: skip
+            # the refusal was the ended session's: it stayed beside 'ended: ...' until a connect
+            assert page.text_content("#notice") == ""
+        finally:
+            page.close()
+
+
+def test_a_websocket_page_says_the_server_ended_its_session_as_a_webrtc_page_does(browser_page):
+    """A WebSocket session closed at its limit said 'closed: 4410 max_duration: ...', a code where
+    the WebRTC page says the server ended the session, and why."""
+    with live_server(max_sessions=2, max_duration_s=3.0) as (url, app):
+        page = held_page(browser_page, f"{url}/?autostart=1&transport=ws&mic=0")
+        try:
+            page.wait_for_function("window.streamgenStats.state.startsWith('ended')", timeout=30_000)
+            assert page.evaluate("window.streamgenStats.state") == (
+                "ended: the session reached this server's time limit (3 s)"
+            )
+            assert page.evaluate("held()")["connect"] is True
+        finally:
+            page.close()
+
+
+def test_a_webrtc_page_says_at_once_that_the_server_shut_down(browser_page):
+    """A server shut down closes its peer connections (DTLS's close_notify) and answers no session
+    check: the page went on 'streaming' a frozen frame until ICE gave up, ~10 s, then said only
+    that the connection was lost. It now takes the transport's close as the server's."""
+    page = held_page(browser_page, "about:blank")
+    try:
+        with live_server(max_sessions=2) as (url, app):
+            page.goto(f"{url}/?autostart=1&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
+        page.wait_for_function("window.streamgenStats.state.startsWith('ended')", timeout=30_000)
+        held = page.evaluate("held()")
+        # (a check that went out on a connection kept alive may still find the session closed)
+        assert held.pop("state") in (
+            "ended: the server closed the connection and is not answering",
+            "ended: the server shut down",
+        )
+        assert held == {"mics": 0, "contexts": 0, "connect": True, "hangup": False}
+    finally:
+        page.close()
+
+
+# a page whose DELETEs never leave it (answered in the page, as if the request were lost)
+NO_DELETE = """
+const realFetch = window.fetch;
+window.fetch = (url, init) => (init && init.method === "DELETE" ? Promise.resolve(new Response(null, {status: 204}))
+                                                                 : realFetch(url, init));
+"""
+
+
+def test_a_webrtc_page_closed_or_left_ends_its_session_at_once(browser_page):
+    """A closed tab, or a page left for another, must not hold its session (and a model slot) until
+    ICE consent expires (about 30 s, aioice's checks; the waits here are 10 s): the page's pagehide
+    sends the DELETE, and where that is lost, the peer connection's closing ends it on the server."""
+    with live_server(max_sessions=2) as (url, app):
+        sessions = app.state.registry.sessions
+        closed = 'streamgen_sessions_closed_total{reason="%s"}'
+        page = browser_page.new_page()
+        page.goto(f"{url}/?autostart=1&avatar=ada&mic=0")
+        page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
+        page.close(run_before_unload=True)
+        wait_for(lambda: not sessions, 10, "closing the tab left its session on the server")
+        assert metric(url, closed % "deleted by client") == 1
+
+        page = browser_page.new_page()
+        page.add_init_script(NO_DELETE)
+        try:
+            page.goto(f"{url}/?autostart=1&avatar=ada&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
+            page.goto("about:blank")
+            wait_for(lambda: not sessions, 10, "leaving the page left its session on the server")
+            assert metric(url, closed % "peer connection closed") == 1
+        finally:
+            page.close()
+
+
+def our_renderers() -> set[int]:
+    """The pids of the Chromium renderers this process started (through Playwright's driver)."""
+    parents, renderers = {}, set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"--type=renderer" in f.read():
+                    renderers.add(int(entry))
+        except (ValueError, OSError):  # not a process, or gone
+            continue
+
+    def ours(pid: int) -> bool:
+        for _ in range(10):
+            pid = parents.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return {pid for pid in renderers if ours(pid)}
+
+
+def test_a_webrtc_tab_whose_renderer_is_killed_frees_its_session(browser_page):
+    """A killed renderer sends nothing more: no DELETE, no pagehide, no DTLS close, no consent
+    answers. Its session held its slot until ICE consent gave up (about 30 s); now the server
+    closes it once the peer has sent nothing for --peer-timeout seconds (2 here; the wait is 15 s)."""
+    import signal
+
+    with live_server(max_sessions=2, peer_timeout_s=2.0) as (url, app):
+        sessions = app.state.registry.sessions
+        page = browser_page.new_page()
+        try:
+            # no microphone: the page's RTCP receiver reports are all it sends
+            page.goto(f"{url}/?autostart=1&avatar=ada&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
+            page.wait_for_timeout(5000)  # longer than the timeout: a streaming tab is not silent
+            assert len(sessions) == 1
+            # every renderer of the browser (the page's may be the spare one Chromium keeps started;
+            # the other pages of the context crash too, and the next tests open pages of their own)
+            with page.expect_event("crash", timeout=10_000):
+                for pid in our_renderers():
+                    os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not sessions, 15, "a killed tab held its session")
+            assert metric(url, 'streamgen_sessions_closed_total{reason="peer_silent"}') == 1
+        finally:
+            page.close()
+
+
+def test_a_websocket_page_hung_up_and_connected_again_at_once_keeps_the_new_connection(browser_page):
+    """The old socket's close (it comes after the new connection began) ended the new one's UI and
+    re-enabled Connect while it streamed; every connect made and deleted a spare session; the
+    AudioContexts were never closed; the overlay kept the last connection's figures."""
+    with live_server(max_sessions=3) as (url, app):
+        sessions = app.state.registry.sessions
+        page = held_page(browser_page, f"{url}/?autostart=1&transport=ws")
+        try:
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
+            assert metric(url, "streamgen_sessions_created_total") == 1
+            fresh = page.evaluate("""() => {
+                document.getElementById('hangup').click();
+                document.getElementById('connect').click();
+                return [window.streamgenStats.framesDecoded, window.streamgenStats.firstFrameMs];
+            }""")
+            assert fresh == [0, None]  # the new connection's figures start from nothing
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
+            page.wait_for_timeout(1500)  # the first socket's close has long arrived
+            wait_for(lambda: len(sessions) == 1)
+            assert page.evaluate("held()") == {
+                "mics": 1, "contexts": 1, "state": "streaming (websocket)", "connect": False, "hangup": True,
+            }  # fmt: skip
+            assert metric(url, "streamgen_sessions_created_total") == 2
+            page.click("#hangup")
+            wait_for(lambda: not sessions)
+            assert page.evaluate("held()") == {
+                "mics": 0, "contexts": 0, "state": "idle", "connect": True, "hangup": False,
+            }  # fmt: skip
+        finally:
+            page.close()

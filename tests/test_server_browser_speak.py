@@ -1,0 +1,146 @@
+"""The page's speak requests and the server's errors, said in the page's words, in real headless
+Chromium (as test_server_browser.py; skipped without it)."""
+
+from __future__ import annotations
+
+import pytest
+from server_helpers import live_server
+from test_server_browser import held_page
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
+
+
+@pytest.mark.parametrize("refused", ["avatars", "session", "speak", "unreachable"])
+def test_a_server_error_the_page_meets_is_shown_in_its_words(browser_page, refused):
+    """An error answer that is not the API's JSON (a proxy's 502 page, a server restarting): from
+    /v1/avatars it left an ?autostart=1 page 'idle', never connecting, the error on the console
+    only; from POST /v1/sessions the page showed JSON.parse's complaint about the body; from a
+    WebRTC page's speak request, nothing at all (an unhandled rejection). Each now says the status.
+    A server that does not answer at all (down, restarting) was the browser's 'failed: Failed to
+    fetch' (Firefox: 'NetworkError when attempting to fetch resource.'); it is said as such now."""
+    gateway = {"status": 502, "content_type": "text/html", "body": "<html><h1>502 Bad Gateway</h1></html>"}
+    fails = {"avatars": "**/v1/avatars", "session": "**/v1/sessions", "speak": "**/control",
+             "unreachable": "**/v1/sessions"}[refused]  # fmt: skip
+    with live_server(max_sessions=2) as (url, app):
+        page = held_page(browser_page, "about:blank")
+        logs: list[str] = []
+        page.on("console", lambda m: logs.append(f"{m.type}: {m.text}"))
+        if refused == "unreachable":
+            page.route(fails, lambda route: route.abort("connectionrefused"))
+        else:
+            page.route(fails, lambda route: route.fulfill(**gateway))
+        try:
+            page.goto(f"{url}/?autostart=1" + ("&transport=ws" if refused != "speak" else "&mic=0"))
+            if refused in ("session", "unreachable"):
+                page.wait_for_function("window.streamgenStats.state.startsWith('failed')", timeout=20_000)
+                said = {"session": "failed: 502: Bad Gateway",
+                        "unreachable": "failed: the server does not answer (Failed to fetch)"}[refused]  # fmt: skip
+                assert page.evaluate("window.streamgenStats.state") == said, logs
+                assert page.evaluate("held()")["mics"] == 0
+                return
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
+            if refused == "avatars":  # said in the list's place; the default avatar streams
+                assert page.text_content("#avatars") == "no avatars to choose from (502: Bad Gateway)", logs
+            else:
+                page.fill("#speak-text", "hello there")
+                page.click("#speak")
+                page.wait_for_function("window.streamgenStats.notice.startsWith('speak')", timeout=10_000)
+                assert page.text_content("#notice") == "speak: 502: Bad Gateway", logs
+                assert page.evaluate("window.streamgenStats.state") == "streaming (webrtc)"  # it goes on
+                assert page.input_value("#speak-text") == "hello there"  # kept, to be sent again
+        finally:
+            page.close()
+
+
+def test_a_websocket_pages_refused_speak_is_said_beside_the_status(browser_page):
+    """The server's in-band error (a speak too long for the speech queue) replaced the status:
+    'error: ...' stood where 'streaming (websocket)' had been while the stream went on. And a text
+    blank only to the server (separators and NEL, which Python's strip() takes away and JS's trim()
+    keeps) was sent, and the server closed the stream for an empty speak (4400)."""
+    with live_server(max_sessions=2) as (url, app):
+        page = held_page(browser_page, "about:blank")
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            page.evaluate("document.getElementById('speak-text').value = ' \\x1f\\x85 '")
+            page.click("#speak")
+            frames = page.evaluate("window.streamgenStats.framesDecoded")
+            page.wait_for_function(f"window.streamgenStats.framesDecoded > {frames} + 10 "
+                                   "|| !window.streamgenStats.state.startsWith('streaming')", timeout=20_000)  # fmt: skip
+            assert page.text_content("#status") == "streaming (websocket)"
+            page.fill("#speak-text", "hello there, " * 76)  # 988 characters: a minute of speech
+            page.click("#speak")
+            page.wait_for_function("window.streamgenStats.notice !== ''", timeout=20_000)
+            assert page.text_content("#notice").startswith("speak: text too long"), page.text_content("#notice")
+            # kept, to be sent again in parts (it was emptied as it was sent, whatever the answer)
+            assert page.input_value("#speak-text") == "hello there, " * 76
+            assert page.is_enabled("#speak")  # (disabled while it waited for the answer)
+            assert page.text_content("#status") == "streaming (websocket)"
+            frames = page.evaluate("window.streamgenStats.framesDecoded")
+            page.wait_for_function(f"window.streamgenStats.framesDecoded > {frames}", timeout=20_000)
+            page.click("#hangup")
+            assert page.text_content("#notice") == "" and page.text_content("#status") == "idle"
+        finally:
+            page.close()
+
+
+def test_a_speak_answered_after_a_hang_up_is_not_the_next_connections(browser_page):
+    """A WebRTC page's speak is answered once its speech is made (seconds). Hung up and connected
+    again meanwhile, the page showed the old session's 404 ('speak: 404: ...') over the new
+    connection's status. The hang-up cuts the request off now: nothing more comes of it."""
+    from test_server_browser_hangup import HOLD_FETCHES, hold_fetches
+
+    with live_server(max_sessions=2) as (url, app):
+        page = held_page(browser_page, "about:blank")
+        page.add_init_script(HOLD_FETCHES)
+        logs: list[str] = []
+        page.on("console", lambda m: logs.append(f"{m.type}: {m.text}"))
+        try:
+            page.goto(f"{url}/?autostart=1&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            hold_fetches(page, '(url, method) => url.endsWith("/control")')
+            page.fill("#speak-text", "hello there")
+            page.click("#speak")
+            page.wait_for_function("window.heldFetches.length === 1", timeout=10_000)
+            page.click("#hangup")
+            page.click("#connect")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            page.evaluate("window.holdFetches = null; window.heldFetches.splice(0).forEach((go) => go())")
+            page.wait_for_timeout(1000)
+            assert page.evaluate("window.streamgenStats.state") == "streaming (webrtc)"
+            assert page.input_value("#speak-text") == "hello there"
+            assert logs == []
+        finally:
+            page.close()
+
+
+def test_a_sentence_typed_while_a_speak_is_answered_stays(browser_page):
+    """A WebRTC page's speak is answered once its speech is made (seconds): the answer emptied the
+    field, taking with it the next sentence typed meanwhile. It empties only the text it sent now;
+    and Speak waits for the answer, the text being still there to be sent twice."""
+    from test_server_browser_hangup import HOLD_FETCHES, hold_fetches
+
+    with live_server(max_sessions=2) as (url, app):
+        page = held_page(browser_page, "about:blank")
+        page.add_init_script(HOLD_FETCHES)
+        try:
+            page.goto(f"{url}/?autostart=1&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            hold_fetches(page, '(url, method) => url.endsWith("/control")')
+            page.fill("#speak-text", "hello there")
+            page.click("#speak")
+            page.wait_for_function("window.heldFetches.length === 1", timeout=10_000)
+            # not to be sent twice: pressed again meanwhile, it went again (and was refused, 429)
+            assert page.is_disabled("#speak")
+            assert page.evaluate("document.activeElement.id") == "speak-text"  # (a disabled button drops it)
+            page.fill("#speak-text", "and the next one")
+            # (let go, and answered: the first speech takes a second or two)
+            page.evaluate("window.holdFetches = null; Promise.all(window.heldFetches.splice(0).map((go) => go()))")
+            page.wait_for_timeout(300)
+            assert page.input_value("#speak-text") == "and the next one"
+            assert page.is_enabled("#speak")
+            page.click("#speak")  # one not typed over goes as it went
+            page.wait_for_function("document.getElementById('speak-text').value === ''", timeout=10_000)
+            assert page.text_content("#notice") == ""
+        finally:
+            page.close()
