@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 from server_helpers import live_server
 from test_server_browser import HELD
-from test_server_browser_hangup import STREAM_ELSEWHERE
+from test_server_browser_hangup_websocket import STREAM_ELSEWHERE
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 

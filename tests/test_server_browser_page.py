@@ -448,7 +448,7 @@ def test_a_websocket_refused_at_the_servers_connection_limit_is_tried_again(brow
     page said 'failed: the WebSocket stream could not connect to the server' at once, and DELETEd the
     session it had made. It tries the socket again a second apart (a few times, within the connect's
     time limit), and streams once the server has room."""
-    from test_server_browser_hangup import STREAM_ELSEWHERE
+    from test_server_browser_hangup_websocket import STREAM_ELSEWHERE
 
     with live_server(max_sessions=1) as (url, app), refusing_websockets(int(url.rsplit(":", 1)[1]), 2) as (port, refused):
         page = browser_page.new_page()
