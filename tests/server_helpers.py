@@ -331,3 +331,24 @@ async def streaming_peer(http, pc=None, **json) -> tuple[dict, dict, object, obj
     track = await asyncio.wait_for(video, 10)
     await asyncio.wait_for(track.recv(), 10)
     return created, headers, pc, track
+
+
+@contextmanager
+def relay_listener(on_connection):
+    """The front of a TCP relay (the browser tests put one between a page and the live server): a
+    listener on 127.0.0.1 whose every connection goes to `on_connection(client)` on a thread of its
+    own; yields its port."""
+
+    def accept(listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # the listener closed
+                return
+            threading.Thread(target=on_connection, args=(client,), daemon=True).start()
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        threading.Thread(target=accept, args=(listener,), daemon=True).start()
+        yield listener.getsockname()[1]

@@ -9,7 +9,7 @@ import threading
 from contextlib import contextmanager
 
 import pytest
-from server_helpers import live_server
+from server_helpers import live_server, relay_listener
 from test_server_browser import HELD
 from test_server_browser_hangup_websocket import STREAM_ELSEWHERE
 
@@ -31,16 +31,11 @@ def relay(port: int):
         except OSError:  # cut
             pass
 
-    def accept(listener):
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:  # the listener closed
-                return
-            upstream = socket.create_connection(("127.0.0.1", port))
-            connections.extend([client, upstream])
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=pump, args=(source, sink), daemon=True).start()
+    def connect(client):
+        upstream = socket.create_connection(("127.0.0.1", port))
+        connections.extend([client, upstream])
+        for source, sink in ((client, upstream), (upstream, client)):
+            threading.Thread(target=pump, args=(source, sink), daemon=True).start()
 
     def cut():
         while connections:
@@ -48,12 +43,9 @@ def relay(port: int):
             c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # a reset
             c.close()
 
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        threading.Thread(target=accept, args=(listener,), daemon=True).start()
+    with relay_listener(connect) as relay_port:
         try:
-            yield listener.getsockname()[1], cut, stalled.set
+            yield relay_port, cut, stalled.set
         finally:
             cut()
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from server_helpers import live_server
+from server_helpers import live_server, relay_listener
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
@@ -427,19 +427,8 @@ def refusing_websockets(port: int, refusals: int):
         threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
         pump(client, upstream)
 
-    def accept(listener):
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:  # the listener closed
-                return
-            threading.Thread(target=serve, args=(client,), daemon=True).start()
-
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        threading.Thread(target=accept, args=(listener,), daemon=True).start()
-        yield listener.getsockname()[1], refused
+    with relay_listener(serve) as relay_port:
+        yield relay_port, refused
 
 
 def test_a_websocket_refused_at_the_servers_connection_limit_is_tried_again(browser_page):
