@@ -389,11 +389,12 @@ class ConnectionLimits:
         await response(scope, receive, send)
 
     def _over_limit_message(self, request: str) -> str:
-        """The 503's message past `max_connections`, logged as a warning for `request`."""
+        """The 503's message past `max_connections`, logged as a warning for `request`. When to try
+        again is its Retry-After's to say, as the server's other 503s leave it (the page adds 'try again
+        in 1 s' from it, which followed this message's own 'try again shortly')."""
         open_now = len(self.connections)
         log.warning("%s -> 503: %d connections open, the limit is %d", request, open_now, self.max_connections)
-        return (f"the server has {open_now} connections open, more than its limit of {self.max_connections}: "
-                "try again shortly")  # fmt: skip
+        return f"the server has {open_now} connections open, more than its limit of {self.max_connections}"
 
     async def _refuse_over_limit(self, scope, receive, send) -> None:
         message = self._over_limit_message(f"{scope['method']} {scope['path'][:80]}")
