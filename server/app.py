@@ -186,7 +186,8 @@ class ApiMethods:
             return await self.no_websocket_at(scope, receive, send)
         if scope["type"] == "http" and not self.takes(scope, scope["method"]):
             allowed = [method for method in self.METHODS if self.takes(scope, method)]
-            allow = ", ".join(allowed + ["HEAD"] * ("GET" in allowed))
+            # (HEAD where GET is, and OPTIONS: each is answered below on any API path, so each is allowed)
+            allow = ", ".join(allowed + ["HEAD"] * ("GET" in allowed) + ["OPTIONS"])
             if scope["method"] == "HEAD" and "GET" in allowed:
                 scope = {**scope, "method": "GET"}
             elif scope["method"] == "OPTIONS" and allowed:  # (RFC 9110 9.3.7; a CORS preflight is

@@ -363,12 +363,12 @@ def test_a_method_an_api_path_does_not_take_is_a_405_naming_those_it_does(client
     """The web page's files, mounted at /, answered them: a GET of /v1/sessions was a 404 `nothing
     at /v1/sessions`, and a PUT a 405 whose Allow said `GET, HEAD`, the files' methods."""
     for method, path, allow in (
-        ("GET", "/v1/sessions", "POST, DELETE"),
-        ("PUT", "/v1/sessions", "POST, DELETE"),
-        ("HEAD", "/v1/sessions", "POST, DELETE"),
-        ("PUT", "/v1/sessions/abc", "GET, PATCH, DELETE, HEAD"),
-        ("GET", "/v1/sessions/abc/control", "POST"),
-        ("POST", "/healthz", "GET, HEAD"),
+        ("GET", "/v1/sessions", "POST, DELETE, OPTIONS"),
+        ("PUT", "/v1/sessions", "POST, DELETE, OPTIONS"),
+        ("HEAD", "/v1/sessions", "POST, DELETE, OPTIONS"),
+        ("PUT", "/v1/sessions/abc", "GET, PATCH, DELETE, HEAD, OPTIONS"),
+        ("GET", "/v1/sessions/abc/control", "POST, OPTIONS"),
+        ("POST", "/healthz", "GET, HEAD, OPTIONS"),
     ):
         r = client.request(method, path)
         assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.status_code, r.headers)
@@ -379,11 +379,16 @@ def test_a_method_an_api_path_does_not_take_is_a_405_naming_those_it_does(client
 
 
 def test_an_options_of_an_api_path_names_the_methods_it_takes(client):
-    """It was a 405 'OPTIONS is not allowed on /v1/sessions', whose Allow named them all the same."""
-    for path, allow in (("/v1/sessions", "POST, DELETE"), ("/v1/sessions/abc", "GET, PATCH, DELETE, HEAD"),
-                        ("/v1/whep", "POST"), ("/healthz", "GET, HEAD")):  # fmt: skip
+    """It was a 405 'OPTIONS is not allowed on /v1/sessions', whose Allow named them all the same.
+    Allow names every method the path is answered for (RFC 9110 10.2.1): OPTIONS too, and each of
+    them is so answered (not a 405)."""
+    for path, allow in (("/v1/sessions", "POST, DELETE, OPTIONS"),
+                        ("/v1/sessions/abc", "GET, PATCH, DELETE, HEAD, OPTIONS"),
+                        ("/v1/whep", "POST, OPTIONS"), ("/healthz", "GET, HEAD, OPTIONS")):  # fmt: skip
         r = client.options(path)
         assert (r.status_code, r.headers.get("allow"), r.content) == (204, allow, b""), (path, r.text)
+        for method in {"GET", "HEAD", "OPTIONS"} & set(allow.split(", ")):  # (those without effects)
+            assert client.request(method, path).status_code != 405, (method, path)
 
 
 def test_an_unknown_api_path_is_a_404_whatever_the_method(client):
