@@ -354,7 +354,7 @@ async def whep_trickle(session_id: str, request: Request):
     """WHEP trickle ICE: the player's candidates gathered after its offer, as an SDP fragment
     (`application/trickle-ice-sdpfrag`, `If-Match`: the answer's ETag) -> 204. An ICE restart
     (new credentials) -> 422: start a new session."""
-    from .trickle import FRAGMENT_TYPE, FragmentError, IceRestart, parse_fragment
+    from .trickle import FRAGMENT_TYPE, FragmentError, IceRestart, NotAnswered, parse_fragment
 
     session = require_session(request, session_id)
     if session.trickle is None:
@@ -373,12 +373,21 @@ async def whep_trickle(session_id: str, request: Request):
         raise ApiError(400, "bad_fragment", "malformed SDP fragment: not UTF-8 text") from None
     except FragmentError as e:
         raise ApiError(400, "bad_fragment", f"malformed SDP fragment: {e}") from None
+    # (the session may end while the body comes, or while the candidates' mDNS names resolve: the
+    # closed ICE agent ignored them, and the PATCH was a 204 for a session that had ended)
+    if session.closed:
+        raise ApiError(404, "not_found", f"session ended: {session.close_reason}")
     try:
         await session.trickle.add(fragment)
     except FragmentError as e:  # read whole, and its candidates refused: not "malformed"
         raise ApiError(400, "bad_fragment", f"SDP fragment refused: {e}") from None
     except IceRestart:
         raise ApiError(422, "unsupported", "ICE restarts are not supported: start a new session") from None
+    except NotAnswered:
+        raise ApiError(409, "conflict", "the offer's answer is still being made: send the candidates with "
+                                        "its ETag once it has come") from None  # fmt: skip
+    if session.closed:
+        raise ApiError(404, "not_found", f"session ended: {session.close_reason}")
     return Response(status_code=204)
 
 

@@ -41,6 +41,11 @@ class IceRestart(Exception):
     """The fragment carries new ICE credentials: a restart, which this server does not do."""
 
 
+class NotAnswered(Exception):
+    """The offer's answer is still being made: its peer connection has no media sections to add
+    candidates to yet (aiortc's addIceCandidate dropped them without a word)."""
+
+
 Credentials = tuple[str | None, str | None]  # (ice-ufrag, ice-pwd), None where not given
 
 
@@ -215,7 +220,12 @@ class TrickleIce:
 
     async def add(self, frag: Fragment) -> int:
         """Hand the fragment's candidates to the ICE agent; IceRestart for new credentials.
-        Returns how many it added."""
+        Returns how many it added. NotAnswered before the offer's answer is made: a PATCH of
+        `If-Match: *` that came meanwhile (one naming the ETag cannot: the answer brings it) was a
+        204 whose candidates went nowhere, counted as added, so that the player's retry added none
+        of them, and its end-of-candidates refused every later one."""
+        if self.pc.localDescription is None:
+            raise NotAnswered
         self._check_credentials(frag)
         # refused, not dropped: the ICE agent takes neither without a word (and they were counted)
         ended = self.ended or bool(self._ended_in_offer & set(map(self._transport_of, frag.candidates)))

@@ -245,6 +245,8 @@ class SlowResolvingPeer:
     """Stands in for a peer connection whose ICE agent takes a while per candidate, as it does
     resolving a browser's mDNS names: records how many additions run at once, and the order."""
 
+    localDescription = "its answer"  # (answered: TrickleIce takes no candidates before)
+
     def __init__(self):
         self.in_flight = self.most_in_flight = 0
         self.added = []
