@@ -57,6 +57,10 @@ NOT_CHUNKED = ("a Transfer-Encoding other than chunked is not taken here: send t
 OLD_CHUNKS = "an HTTP/1.0 request must not have Transfer-Encoding: send its Content-Length (RFC 9112, 6.1)"
 # a Host header's value: uri-host [":" port] (RFC 9110 7.2, RFC 3986 3.2.2), an IP literal in brackets
 HOST = re.compile(rb"(\[[0-9A-Za-z:.%~!$&'()*+,;=_-]+\]|[0-9A-Za-z.%~!$&'()*+,;=_-]*)(:[0-9]*)?")
+# a request target's absolute form (RFC 9112 3.2.2): its scheme, and its authority
+ABSOLUTE_TARGET = re.compile(rb"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)")
+NOT_HTTP_TARGET = ("a request target of a scheme other than http or https is a proxy's to follow: this server is "
+                   "not a proxy")  # fmt: skip
 # an Origin header's line in a head's bytes, whole (its line ended): a name has no space before its colon
 ORIGIN_LINE = re.compile(rb"\norigin:[ \t]*([^\r\n]*?)[ \t]*(?=\r?\n)", re.IGNORECASE)
 
@@ -380,6 +384,26 @@ class ConnectionLimits:
         if host is not None and not HOST.fullmatch(host):
             # (served as it came: the origin guard and the routes read it; RFC 9112 3.2: a 400)
             return f"the Host header {host.decode('latin-1')[:80]!r} is not a host[:port] (RFC 9112, 3.2)"
+        return self._absolute_target_refused()
+
+    def _absolute_target_refused(self) -> str | None:
+        """Why a request target in absolute form (`GET http://host/path`, as to a proxy) is refused,
+        or None: then its authority is the request's Host, as RFC 9112 3.2.2 has a server take it
+        (the Host header ignored). The origin guard and the routes read the Host header, which
+        named another server than the target's; h11 served an empty authority ('http:///healthz')
+        that httptools refused, and both a userinfo ('http://user@host/', RFC 9110 4.2.4: an error)
+        and another scheme than HTTP's."""
+        if (absolute := ABSOLUTE_TARGET.match(self._request_target())) is None:
+            return None
+        if absolute[1].lower() not in (b"http", b"https"):  # (h11: a 404 'nothing at /ftp://...', httptools: served)
+            return NOT_HTTP_TARGET
+        authority = absolute[2]
+        if not (host := HOST.fullmatch(authority)) or not host[1]:
+            if host:  # (no host: 'http:///healthz', 'http://:80/', which llhttp refuses as it parses them)
+                return NOT_PARSED
+            authority = authority.decode("latin-1")[:80]
+            return f"the request target's authority {authority!r} is not a host[:port] (RFC 9112, 3.2.2)"
+        self.headers[:] = [(name, authority if name == b"host" else value) for name, value in self.headers]
         return None
 
     async def _refuse_head(self, message: str, scope, receive, send, status=400, error="bad_request") -> None:
@@ -469,6 +493,9 @@ class HttpToolsBodyState:
     def _request_body_pending(self) -> bool:
         return self.body_pending
 
+    def _request_target(self) -> bytes:
+        return self.url
+
 
 class H11BodyState:
     """h11 keeps the client's state: SEND_BODY until a request's body has all been read.
@@ -489,6 +516,9 @@ class H11BodyState:
         import h11
 
         return self.conn.their_state is h11.SEND_BODY
+
+    def _request_target(self) -> bytes:
+        return self.scope["raw_path"]  # (uvicorn's: the target to its '?', as it came)
 
 
 def limited_protocol(base: type) -> type:

@@ -87,6 +87,8 @@ POST = b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: applicat
 CHUNKED_BODY = b"\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
 
 
+NOT_HTTP_TARGET = ("a request target of a scheme other than http or https is a proxy's to follow: this server is "
+                   "not a proxy")  # fmt: skip
 ONE_LENGTH = "a request must have one Content-Length header, its value one number (RFC 9112, 6.3)"
 NOT_PARSED = "not a valid HTTP/1.1 request: its request line or a header could not be parsed"
 
@@ -126,12 +128,19 @@ def unknown_method(name: str) -> str:
     (POST + b"Transfer-Encoding: chunked\r\n\r\n2\n{}\r\n0\r\n\r\n", 400, {"error": "bad_request", "message": BARE_LF}),
     (POST + b"Transfer-Encoding: chunked\r\n\r\n2\n{}\n0\n\n", 400, {"error": "bad_request", "message": BARE_LF}),
     (POST + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\n0\r\n\r\n", 400, {"error": "bad_request", "message": BARE_LF}),
+    (GET.replace(b" /healthz", b" http://user@127.0.0.1/healthz"), 400, {"error": "bad_request", "message":
+     "the request target's authority 'user@127.0.0.1' is not a host[:port] (RFC 9112, 3.2.2)"}),
+    (GET.replace(b" /healthz", b" http:///healthz"), 400, {"error": "bad_request", "message": NOT_PARSED}),
+    (GET.replace(b" /healthz", b" http://:80/healthz"), 400, {"error": "bad_request", "message": NOT_PARSED}),
+    (GET.replace(b" /healthz", b" ftp://127.0.0.1/healthz"), 400, {"error": "bad_request", "message": NOT_HTTP_TARGET}),
+    (GET.replace(b" /healthz", b" http://127.0.0.1/healthz"), 200, {"status": "ok"}),
     (b"\r\n" + GET, 200, {"status": "ok"}),  # (RFC 9112 2.2: a server SHOULD ignore an empty line before it)
     (GET.replace(b"Connection", b"X-Tab: a\tb\r\nConnection"), 200, {"status": "ok"}),
 ], ids=["get", "Get", "unknown", "folded", "space-after-request-line", "bare-lf", "one-bare-lf", "control",
         "delete", "gzip", "gzip-chunked", "gzip-then-chunked", "chunked-twice", "connect", "http-0.9", "http-1.2",
         "http-2.0", "tab-after-method", "length-list", "length-twice", "lengths-differ", "length-plus", "chunk-size-bare-lf",
-        "chunk-lines-all-bare-lf", "chunk-data-bare-lf", "empty-line-first",
+        "chunk-lines-all-bare-lf", "chunk-data-bare-lf", "target-userinfo", "target-no-host", "target-port-alone",
+        "target-ftp", "target-absolute", "empty-line-first",
         "tab"])  # fmt: skip
 def test_a_head_either_parser_would_refuse_is_answered_the_same_by_both(server, request_bytes, status, said):
     """h11 served a lowercase or unknown method as a 405 ('get is not allowed'), a folded header,
@@ -163,3 +172,29 @@ def test_content_length_lines_are_counted_across_reads():
     lengths = ContentLengths()
     assert lengths.refused(b"POST / HTTP/1.1\r\nContent-Length: 2,") is None  # (its line not ended yet)
     assert lengths.refused(b" 2\r\n") == ContentLengths.REFUSED
+
+
+@pytest.mark.parametrize("target_host, host, status", [("127.0.0.1:{port}", "other.example", 201),
+                                                       ("other.example", "127.0.0.1:{port}", 403)])
+def test_an_absolute_target_names_the_server_in_place_of_host(server, target_host, host, status):
+    """RFC 9112 3.2.2: a server takes the host of a request target in absolute form
+    (`POST http://host/path`), and ignores its Host header. The origin guard read the Host header:
+    a page's POST to this server was refused as a foreign page's where Host named another, and one
+    addressed to another server was served where Host named this one."""
+    port = server[0]
+    origin = f"http://127.0.0.1:{port}"
+    request = (f"POST http://{target_host.format(port=port)}/v1/sessions HTTP/1.1\r\nHost: {host.format(port=port)}\r\n"
+               f"Origin: {origin}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}")
+    with connect(port) as sock:
+        sock.sendall(request.encode())
+        answer = answer_until_closed(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), answer
+    if status == 201:
+        made = json.loads(body)
+        with connect(port) as sock:
+            sock.sendall(b"DELETE %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\nConnection: close\r\n\r\n"
+                         % (made["resource"].encode(), made["token"].encode()))  # fmt: skip
+            assert answer_until_closed(sock).startswith(b"HTTP/1.1 204 ")
+    else:
+        assert json.loads(body)["error"] == "cross_origin", body
