@@ -1,7 +1,8 @@
 """`streamgen bench engine --json`: the streaming engine on this machine.
 
 Measured in one process, so the ratios compare like with like on a noisy,
-shared machine:
+shared machine; the arms of each ratio take turns in an order reversed every other round
+(bench/rounds.py), and its `*_rounds` gives each round's ratio, their median, min and max:
 - fps, first_chunk_ms, chunk_ms_p50/p95: StreamSession end to end (audio
   encoder, few-step denoise against the cache, clean re-encode, VAE decode).
   first_chunk_ms starts a new avatar; first_chunk_ms_known_avatar starts the
@@ -59,6 +60,7 @@ import torch
 
 from bench.engine_baselines import cache_speedup, session_dit_threads, teacher_speedup
 from bench.machine import cpu_description, model_settings
+from bench.rounds import balanced_order, ratio_rounds
 from streamgen.cli import add_dtype_option, frame_size, positive_int, thread_count
 from streamgen.cpu_threads import cpu_has_amx
 from streamgen.models import load_model
@@ -162,21 +164,23 @@ def batch_throughput(
     next_chunks(batched)
     for s in alone:
         s.next_chunk()
-    t_batched = t_alone = 0.0
-    for _ in range(chunks):  # interleaved, so load changes hit both alike
+    times = {"batched": [], "alone": []}
+    for _, way in balanced_order(times, chunks):  # interleaved, so load changes hit both alike
         t = time.perf_counter()
-        next_chunks(batched)
-        t_batched += time.perf_counter() - t
-        t = time.perf_counter()
-        for s in alone:
-            s.next_chunk()
-        t_alone += time.perf_counter() - t
+        if way == "batched":
+            next_chunks(batched)
+        else:
+            for s in alone:
+                s.next_chunk()
+        times[way].append(time.perf_counter() - t)
+    t_batched, t_alone = sum(times["batched"]), sum(times["alone"])
     frames = chunks * sessions * batched[0].frames_per_chunk
     return {
         "batch_sessions": sessions,
         "batched_fps_total": round(frames / t_batched, 2),
         "sequential_fps_total": round(frames / t_alone, 2),
         "batch_speedup": round(t_alone / t_batched, 2),
+        "batch_speedup_rounds": ratio_rounds(times["alone"], times["batched"]),
     }
 
 
@@ -236,14 +240,16 @@ def alternating_fps(
     model, height, width, steps, chunks, variants: dict, rounds=2, key="fps", **session
 ) -> dict:
     """name -> the session's fps (or another `session_speed` figure, `key`) with those
-    `session_speed` keyword arguments (over `session`'s), the median over rounds that run every
-    variant in turn (the machine's load hits them alike)."""
+    `session_speed` keyword arguments (over `session`'s), one per round, the rounds running every
+    variant in turn, in an order reversed every other round (the machine's load hits them alike)."""
     runs = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, kwargs in variants.items():
-            runs[name].append(
-                session_speed(model, height, width, steps, chunks, **{**session, **kwargs})[key]
-            )
+    for _, name in balanced_order(variants, rounds):
+        kwargs = {**session, **variants[name]}
+        runs[name].append(session_speed(model, height, width, steps, chunks, **kwargs)[key])
+    return runs
+
+
+def _medians(runs: dict) -> dict:
     return {name: float(np.median(v)) for name, v in runs.items()}
 
 
@@ -251,11 +257,13 @@ def cpu_threads_speedup(model, height, width, steps, chunks, rounds=2, **session
     """The session with each stage on its threads (cpu_threads "auto") against the same with every
     stage on all of them ("all", as sessions ran before "auto"), alternating rounds."""
     variants = {way: {"cpu_threads": way} for way in ("all", "auto")}
-    fps = alternating_fps(model, height, width, steps, chunks, variants, rounds, **session)
+    runs = alternating_fps(model, height, width, steps, chunks, variants, rounds, **session)
+    fps = _medians(runs)
     return {
         "fps": round(fps["all"], 2),
         "auto_fps": round(fps["auto"], 2),
         "auto_speedup": round(fps["auto"] / fps["all"], 3),
+        "auto_speedup_rounds": ratio_rounds(runs["auto"], runs["all"]),
         "threads": torch.get_num_threads(),
     }
 
@@ -270,12 +278,14 @@ def float32_speedup(
     variants = {"float32": {setting: torch.float32}, "bfloat16": {}}
     if asked == torch.bfloat16:
         variants = {"float32": {}, "bfloat16": {setting: torch.bfloat16}}
-    got = alternating_fps(model, height, width, steps, chunks, variants, rounds, key, **session)
-    speedup = got["bfloat16"] / got["float32"] if key == "fps" else got["float32"] / got["bfloat16"]
+    runs = alternating_fps(model, height, width, steps, chunks, variants, rounds, key, **session)
+    got = _medians(runs)
+    faster, slower = ("bfloat16", "float32") if key == "fps" else ("float32", "bfloat16")  # (a rate, a time)
     return {
         key: round(got["float32"], 2),
         f"bfloat16_{key}": round(got["bfloat16"], 2),
-        "bfloat16_speedup": round(speedup, 3),
+        "bfloat16_speedup": round(got[faster] / got[slower], 3),
+        "bfloat16_speedup_rounds": ratio_rounds(runs[faster], runs[slower]),
     }
 
 
@@ -287,7 +297,8 @@ def cache_from_speedup(model, height, width, steps, chunks, rounds=2, reps=20, d
     same both ways, are much of a small model's chunk on a CPU, and of its noise)."""
     ways = ("reencode", "last_step")
     variants = {way: {"cache_from": way} for way in ways}
-    fps = alternating_fps(model, height, width, steps, chunks, variants, rounds, **session)
+    runs = alternating_fps(model, height, width, steps, chunks, variants, rounds, **session)
+    fps = _medians(runs)
     dit = dit or model.dit
     cfg = dit.cfg
     cpu_threads = session.get("cpu_threads", "auto")
@@ -307,23 +318,26 @@ def cache_from_speedup(model, height, width, steps, chunks, rounds=2, reps=20, d
             torch.randn(1, cfg.in_channels, cfg.sink_frames, *hw, generator=gen).to(dtype),
             context,
         )
+    shape = (1, cfg.in_channels, cfg.frames_per_chunk, *hw)
+    noises = [torch.randn(shape, generator=gen).to(dtype) for _ in range(reps)]
     times = {way: [] for way in ways}
-    for _ in range(reps):
-        noise = torch.randn(1, cfg.in_channels, cfg.frames_per_chunk, *hw, generator=gen).to(dtype)
-        for way, cache in caches.items():
-            t = time.perf_counter()
-            with session_dit_threads(dit, cpu_threads, hw, cfg.frames_per_chunk):
-                generate_chunk(dit, cache, noise, context, audio, sigmas, cache_from=way)
-            times[way].append(time.perf_counter() - t)
-    # the medians past the first quarter: the ring filled, as in a stream
-    dit_ms = {way: _percentile(t[reps // 4 :], 50) * 1000 for way, t in times.items()}
+    for r, way in balanced_order(ways, reps):
+        t = time.perf_counter()
+        with session_dit_threads(dit, cpu_threads, hw, cfg.frames_per_chunk):
+            generate_chunk(dit, caches[way], noises[r], context, audio, sigmas, cache_from=way)
+        times[way].append(time.perf_counter() - t)
+    # past the first quarter: the ring filled, as in a stream
+    filled = {way: t[reps // 4 :] for way, t in times.items()}
+    dit_ms = {way: _percentile(t, 50) * 1000 for way, t in filled.items()}
     return {
         "reencode_fps": round(fps["reencode"], 2),
         "last_step_fps": round(fps["last_step"], 2),
         "last_step_speedup": round(fps["last_step"] / fps["reencode"], 3),
+        "last_step_speedup_rounds": ratio_rounds(runs["last_step"], runs["reencode"]),
         "reencode_dit_ms": round(dit_ms["reencode"], 2),
         "last_step_dit_ms": round(dit_ms["last_step"], 2),
         "last_step_dit_speedup": round(dit_ms["reencode"] / dit_ms["last_step"], 3),
+        "last_step_dit_speedup_rounds": ratio_rounds(filled["reencode"], filled["last_step"]),
     }
 
 
@@ -353,10 +367,9 @@ def compile_speedup(
         session_speed(model, height, width, steps, 2, **kwargs)  # a stream's every shape
         compile_seconds = time.perf_counter() - t
         warmed = counters["stats"]["unique_graphs"]
-        for _ in range(rounds):
-            for name, backend in (("eager", None), ("compiled", "inductor")):
-                compile_blocks(dit, backend)
-                runs[name].append(session_speed(model, height, width, steps, chunks, **kwargs))
+        for _, name in balanced_order(runs, rounds):
+            compile_blocks(dit, "inductor" if name == "compiled" else None)
+            runs[name].append(session_speed(model, height, width, steps, chunks, **kwargs))
         after_warmup = counters["stats"]["unique_graphs"] - warmed
     except Exception as e:  # (no C++ compiler for inductor, say): said, and the eager figures measured stand
         return {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:400]}
@@ -374,6 +387,7 @@ def compile_speedup(
         "eager_fps": round(median("eager", "fps"), 2),
         "compiled_fps": round(median("compiled", "fps"), 2),
         "speedup": round(median("compiled", "fps") / median("eager", "fps"), 3),
+        "speedup_rounds": ratio_rounds(*([r["fps"] for r in runs[name]] for name in ("compiled", "eager"))),
         "eager_first_chunk_ms": round(median("eager", "first_chunk_ms"), 1),
         "compiled_first_chunk_ms": round(median("compiled", "first_chunk_ms"), 1),
     }

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from bench.rounds import balanced_order, ratio_rounds
 from streamgen.cpu_threads import dit_threads
 from streamgen.sampling import (
     encode_sink,
@@ -73,16 +74,12 @@ def cache_speedup(model, latent_hw, steps, chunks, context, cpu_threads="auto", 
                 generate_chunk(dit, cache, noises[k], ctx, None, sigmas, torch.Generator().manual_seed(k))
             )
 
-        t_cached, t_full, max_diff = 0.0, 0.0, 0.0
-        for k in range(context // c, len(noises)):
+        times, max_diff = {"cached": [], "full": []}, 0.0
+        first = context // c
+        for r, way in balanced_order(times, chunks):  # each chunk both ways, which first alternating
+            k = first + r
             prefix = torch.cat([ref, *history], dim=2)
             n_prefix = prefix.shape[2]
-            t = time.perf_counter()
-            with session_dit_threads(dit, cpu_threads, latent_hw, c, n_prefix + c):
-                x_cached = generate_chunk(
-                    dit, cache, noises[k], ctx, None, sigmas, torch.Generator().manual_seed(k)
-                )
-            t_cached += time.perf_counter() - t
 
             def velocity(x, sigma, prefix=prefix, n_prefix=n_prefix):
                 seq = torch.cat([prefix, x], dim=2)
@@ -90,15 +87,23 @@ def cache_speedup(model, latent_hw, steps, chunks, context, cpu_threads="auto", 
                 return dit(seq, tt, ctx, mode="block_causal")[:, :, n_prefix:]
 
             t = time.perf_counter()
-            with session_dit_threads(dit, cpu_threads, latent_hw, n_prefix + c, n_prefix + c):
-                x_full = sample_few_step(velocity, noises[k], sigmas, torch.Generator().manual_seed(k))
-            t_full += time.perf_counter() - t
-            max_diff = max(max_diff, (x_full - x_cached).abs().max().item())
-            history.append(x_cached)
+            if way == "cached":
+                with session_dit_threads(dit, cpu_threads, latent_hw, c, n_prefix + c):
+                    x_cached = generate_chunk(
+                        dit, cache, noises[k], ctx, None, sigmas, torch.Generator().manual_seed(k)
+                    )
+            else:  # (the whole context again: the cache is neither read nor written)
+                with session_dit_threads(dit, cpu_threads, latent_hw, n_prefix + c, n_prefix + c):
+                    x_full = sample_few_step(velocity, noises[k], sigmas, torch.Generator().manual_seed(k))
+            times[way].append(time.perf_counter() - t)
+            if len(times["cached"]) == len(times["full"]) == r + 1:  # the chunk's second way
+                max_diff = max(max_diff, (x_full - x_cached).abs().max().item())
+                history.append(x_cached)
     finally:
         dit.cfg = saved_cfg
     return {
-        "cache_speedup": round(t_full / t_cached, 2),
+        "cache_speedup": round(sum(times["full"]) / sum(times["cached"]), 2),
+        "cache_speedup_rounds": ratio_rounds(times["full"], times["cached"]),
         "cache_context_frames": context,
         "cache_max_abs_diff": max_diff,
     }
@@ -152,8 +157,9 @@ def teacher_speedup(
                 generate_chunk(dit, cache, chunk_noise, ctx, a, student_sigmas(steps, model.shift))
         return time.perf_counter() - t
 
-    # the student is timed before and after the (long) teacher run and averaged,
-    # so a change in the machine's load during the run biases neither side
+    # the student is timed before and after the (long) teacher run and averaged, the step counts
+    # after it in the reverse order, so a steady change in the machine's load during the run
+    # biases neither side nor any step count (each one's two runs as far from the teacher's)
     student_seconds(steps_list[0])  # warm-up: first-use allocations for every cache fill level
     teacher(noise, torch.ones(1))  # and one teacher evaluation (first use of its shapes)
     before = {steps: student_seconds(steps) for steps in steps_list}
@@ -166,9 +172,11 @@ def teacher_speedup(
         "teacher_seconds": round(t_teacher, 3),
         "teacher_frames": latent_frames,
     }
+    after = {steps: student_seconds(steps) for steps in reversed(steps_list)}
     for steps in steps_list:
-        t_student = (before[steps] + student_seconds(steps)) / 2
         key = "teacher_speedup" if steps == 4 else f"teacher_speedup_{steps}step"
-        out[key] = round(t_teacher / t_student, 2)
+        out[key] = round(t_teacher / ((before[steps] + after[steps]) / 2), 2)
+        # against the student's run before the teacher's and after it
+        out[f"{key}_rounds"] = ratio_rounds([t_teacher] * 2, [before[steps], after[steps]])
         out[f"student_evals_per_chunk_{steps}step"] = steps + 1  # + the clean re-encode
     return out
