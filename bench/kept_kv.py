@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from bench.rounds import balanced_order, ratio_rounds
 from streamgen.cli import frame_size, positive_int
 from streamgen.model.model import Block
 from streamgen.models import load_model
@@ -57,19 +58,20 @@ def started_sessions(model, n: int, size: int, chunks: int) -> list[StreamSessio
 
 
 def alternating(run_chunks, sessions: int, chunks: int, rounds: int) -> dict:
-    """Median ms per session-chunk of each arm, `rounds` rounds in alternating order."""
+    """Median ms per session-chunk of each arm, `rounds` rounds in alternating order; `speedup`
+    the ratio of the medians, `speedup_rounds` each round's, their median, min and max."""
     times = {"kept": [], "every_forward": []}
-    for r in range(rounds):
-        for arm in ("kept", "every_forward") if r % 2 == 0 else ("every_forward", "kept"):
-            with audio_kept(arm == "kept"), torch.no_grad():
-                t = time.perf_counter()
-                for _ in range(chunks):
-                    run_chunks()
-                times[arm].append((time.perf_counter() - t) / chunks / sessions * 1e3)
+    for _, arm in balanced_order(times, rounds):
+        with audio_kept(arm == "kept"), torch.no_grad():
+            t = time.perf_counter()
+            for _ in range(chunks):
+                run_chunks()
+            times[arm].append((time.perf_counter() - t) / chunks / sessions * 1e3)
     med = {arm: float(np.median(ts)) for arm, ts in times.items()}
     return {
         "ms_per_session_chunk": {arm: round(ms, 2) for arm, ms in med.items()},
         "speedup": round(med["every_forward"] / med["kept"], 3),
+        "speedup_rounds": ratio_rounds(times["every_forward"], times["kept"]),
     }
 
 

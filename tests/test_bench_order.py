@@ -60,3 +60,17 @@ def test_decoder_variants_take_turns_so_a_drift_favours_none(monkeypatch):
     assert size["upsample_then_conv"]["speedup_rounds"]["ratios"] == [1.0, 1.0]
     encode = size["reference_encode"]
     assert encode["bfloat16_speedup"] == 1.0 and len(encode["bfloat16_speedup_rounds"]["ratios"]) == 2
+
+
+def test_kept_kv_reports_each_rounds_ratio(monkeypatch):
+    # its arms alternated already; the ratio of medians alone hid how far the rounds spread
+    from bench import kept_kv
+    from streamgen.model.model import Block
+
+    drifting(monkeypatch, kept_kv)
+    arms = []
+    got = kept_kv.alternating(lambda: arms.append(Block.kept_kv is kept_kv._KEPT_KV), 1, 1, 2)
+    assert arms == [True, False, False, True]
+    assert got["ms_per_session_chunk"] == {"kept": 2500.0, "every_forward": 2500.0} and got["speedup"] == 1.0
+    assert got["speedup_rounds"] == {"ratios": [2.0, 0.75], "median": 1.375, "min": 0.75, "max": 2.0}
+
