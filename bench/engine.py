@@ -326,8 +326,10 @@ def cache_from_speedup(model, height, width, steps, chunks, rounds=2, reps=20, d
         with session_dit_threads(dit, cpu_threads, hw, cfg.frames_per_chunk):
             generate_chunk(dit, caches[way], noises[r], context, audio, sigmas, cache_from=way)
         times[way].append(time.perf_counter() - t)
-    # past the first quarter: the ring filled, as in a stream
-    filled = {way: t[reps // 4 :] for way, t in times.items()}
+    # past the first quarter (the ring filled, as in a stream), an even number of reps: the middle
+    # two, whose mean is the median, ran in reverse orders
+    kept = (reps - reps // 4) // 2 * 2 or reps
+    filled = {way: t[reps - kept :] for way, t in times.items()}
     dit_ms = {way: _percentile(t, 50) * 1000 for way, t in filled.items()}
     return {
         "reencode_fps": round(fps["reencode"], 2),
@@ -342,13 +344,13 @@ def cache_from_speedup(model, height, width, steps, chunks, rounds=2, reps=20, d
 
 
 def compile_speedup(
-    model, height, width, steps, chunks, rounds=3, decode_dtype="auto", cpu_threads="auto"
+    model, height, width, steps, chunks, rounds=4, decode_dtype="auto", cpu_threads="auto"
 ) -> dict:
     """StreamSession with its DiT's blocks compiled as `serve --compile` runs them
     (streamgen/model/compile.py) vs eager.
 
     The two run in alternating rounds in this process (the machine's load hits
-    both alike), on the DiT the sessions run (`session_dit`); `graphs` counts
+    both alike; an even number, whose middle two run in reverse orders), on the DiT the sessions run (`session_dit`); `graphs` counts
     what the warm-up compiled, and `graphs_after_warmup` what the timed rounds
     did (0: no stream meets a shape first).
     """

@@ -95,6 +95,19 @@ def test_compiled_and_eager_take_turns(monkeypatch, session_speed):
     assert got["speedup_rounds"]["ratios"] == [round(97 / 98, 3), round(96 / 95, 3)]
 
 
+def test_compiles_default_rounds_balance_its_medians(monkeypatch, session_speed):
+    # 3 rounds (eager, compiled | compiled, eager | eager, compiled): each way's median was its
+    # run in the middle round, where compiled ran first (1.011x for two equal ways)
+    import streamgen.model.compile as compile_module
+
+    monkeypatch.setattr(engine, "session_dit", lambda model, hw: None)
+    monkeypatch.setattr(compile_module, "compiled_backend", lambda dit: None)
+    monkeypatch.setattr(compile_module, "compile_blocks", lambda dit, backend="inductor": None)
+    model = type("Model", (), {"vae": type("VAE", (), {"latent_hw": staticmethod(lambda h, w: (8, 8))})})
+    got = engine.compile_speedup(model, 64, 64, 4, 5)
+    assert got["speedup"] == 1.0 and got["eager_first_chunk_ms"] == got["compiled_first_chunk_ms"]
+
+
 @pytest.fixture(scope="module")
 def debug_model():
     from streamgen.models import load_model
@@ -110,6 +123,14 @@ def test_the_last_steps_dit_and_the_reencodes_take_turns(monkeypatch, session_sp
     assert got["reencode_dit_ms"] == got["last_step_dit_ms"] == 6500.0
     # reps 1-4: last step 3, 6, 7, 10 (the first quarter's 2 left out) against re-encode 4, 5, 8, 9
     assert got["last_step_dit_speedup_rounds"]["ratios"] == [round(4 / 3, 3), round(5 / 6, 3), round(8 / 7, 3), 0.9]
+
+
+def test_the_dits_default_reps_balance_its_medians(monkeypatch, session_speed, debug_model):
+    # the 15 reps past the first quarter of 20: each way's median was the middle rep's alone, in
+    # which the re-encode ran first (0.962x for two equal ways); 14 have reverse orders in the middle
+    drifting(monkeypatch, engine)
+    got = engine.cache_from_speedup(debug_model, 32, 32, 2, 3)
+    assert got["last_step_dit_speedup"] == 1.0 and len(got["last_step_dit_speedup_rounds"]["ratios"]) == 14
 
 
 def test_cached_and_recomputed_chunks_take_turns(monkeypatch, debug_model):
