@@ -42,7 +42,7 @@ def session_dit_threads(dit, cpu_threads: str, latent_hw, frames: int, key_frame
 def cache_speedup(model, latent_hw, steps, chunks, context, cpu_threads="auto", dit=None) -> dict:
     """Cached streaming vs recomputing the whole context at every denoising step.
 
-    The timed chunks see at least `context` clean frames. The ring is sized so
+    The timed chunks (an even number, at least `chunks`) see at least `context` clean frames. The ring is sized so
     nothing is evicted while timing: then the two paths must agree exactly
     (after eviction a rolling cache keeps keys computed against frames that
     have left the window, which no recomputation can reproduce). dit: the DiT both sides run
@@ -53,6 +53,7 @@ def cache_speedup(model, latent_hw, steps, chunks, context, cpu_threads="auto", 
     dit = dit or model.dit
     c = dit.cfg.frames_per_chunk
     context = -(-context // c) * c  # whole chunks
+    chunks += chunks % 2  # an even number: the two ways' sums, each first in half the chunks, balanced
     cfg = dataclasses.replace(dit.cfg, window_frames=context + c * chunks)
     saved_cfg, dit.cfg = dit.cfg, cfg
     try:

@@ -142,6 +142,14 @@ def test_cached_and_recomputed_chunks_take_turns(monkeypatch, debug_model):
     assert got["cache_speedup_rounds"]["ratios"] == [2.0, 0.75]
 
 
+def test_an_odd_number_of_chunks_is_timed_as_one_more(monkeypatch, debug_model):
+    # 3 chunks (cached first, recomputed first, cached first): spans 1 4 5 against 2 3 6, 1.1x
+    drifting(monkeypatch, engine_baselines)
+    latent_hw = debug_model.vae.latent_hw(32, 32)
+    got = engine_baselines.cache_speedup(debug_model, latent_hw, 2, 3, 2)
+    assert got["cache_speedup"] == 1.0 and len(got["cache_speedup_rounds"]["ratios"]) == 4
+
+
 def test_each_student_step_count_is_timed_as_far_before_the_teacher_as_after(monkeypatch, debug_model):
     # the warm-up's span 1, the students' 2 3 4, the teacher's 5, then the students again: in
     # the same order (6 7 8) 4 steps came out 1.25x and 1 step 0.83x for equally fast students
