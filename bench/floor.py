@@ -325,7 +325,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--fp8-tflops",
         type=positive_number,
         default=_RATE_DEFAULTS["fp8_tflops"],
-        help="the FP8 products' rate (default: twice the bf16 rate, Hopper's nominal ratio)",
+        help="the FP8 products' rate, with --fp8 or --fp8-attention (default: twice the bf16 rate, "
+        "Hopper's nominal ratio)",
     )
     p.add_argument(
         "--tiny-decoder",
@@ -434,6 +435,9 @@ def main(args) -> dict:
     # $STREAMGEN_FP8 (load_model's) counts as --fp8: the JSON said "fp8_linears": false, and the
     # ceilings had no FP8 rate, while the linears were counted as FP8
     fp8_linears = args.fp8 or float8_layers(model.dit) > 0
+    fp8 = fp8_linears or args.fp8_attention is not None
+    if not fp8 and args.fp8_tflops != _RATE_DEFAULTS["fp8_tflops"]:  # (ignored: no product was FP8)
+        raise UserError("--fp8-tflops is the FP8 products' rate: give --fp8 or --fp8-attention too")
 
     def session_of(m):
         try:
@@ -473,7 +477,6 @@ def main(args) -> dict:
     if args.fp8_attention:
         attention_in_fp8(work, args.fp8_attention)
     target_fps = args.target_fps or (TARGET_FPS if wan else VIDEO_FPS)
-    fp8 = fp8_linears or args.fp8_attention is not None
     if args.measure or args.time:  # times on this device go against this device's floor
         # every dtype the session computes in (the tiny models decode in bf16 on CPUs with native bf16)
         used = {p.dtype for module in (session.dit, session.vae) for p in module.parameters()}

@@ -1,0 +1,31 @@
+"""`streamgen bench` options that a benchmark would otherwise ignore without a word: refused in one
+line, exit 2, before anything is counted or timed."""
+
+import pytest
+
+
+def refused(capsys, *argv) -> str:
+    from streamgen.cli import main
+
+    assert main(["bench", *argv]) == 2
+    out, err = capsys.readouterr()
+    (line,) = err.strip().splitlines()
+    assert out == "" and line.startswith("streamgen bench: error: ")
+    return line
+
+
+def test_floor_refuses_an_fp8_rate_with_no_fp8_product(capsys):
+    # the JSON's ceilings had no FP8 rate and nothing was counted at it: the option did nothing
+    line = refused(capsys, "floor", "--json", "--model", "debug", "--fp8-tflops", "500")
+    assert "--fp8-tflops is the FP8 products' rate: give --fp8 or --fp8-attention too" in line
+
+
+@pytest.mark.parametrize("fp8", [["--fp8"], ["--fp8-attention", "fp8_qk"]])
+def test_floor_sets_fp8_products_against_the_fp8_rate_given(capsys, fp8):
+    import json
+
+    from streamgen.cli import main
+
+    assert main(["bench", "floor", "--json", "--model", "debug", "--clip-frames", "9", "--fp8-tflops", "500",
+                 *fp8]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["ceilings"]["matmul_tflop_per_s_float8"] == 500
