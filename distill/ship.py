@@ -59,12 +59,12 @@ def _run_hint(source: str) -> str:
     `model/`, or a run that has exported none yet (killed, or still training: its export is
     written when it finishes). "" where it is no run's."""
     from streamgen.checkpoint import checkpoint_header, latest_checkpoint
-    from streamgen.models import _is_diffusers_wan
+    from streamgen.model_names import is_diffusers_wan
 
     given = home_expanded(source)
     if (given / "model" / "model.json").exists():
         return f"; the model of the run in {given} is {given / 'model'}"
-    if _is_diffusers_wan(given):  # (what ships is a model distilled from it)
+    if is_diffusers_wan(given):  # (what ships is a model distilled from it)
         return (f"; it is a diffusers Wan2.1 checkpoint: distill a model from it first (a distill config's "
                 f"model.init: wan:{source}, docs/distill.md) and ship that")  # fmt: skip
     run = given.parent if given.name == "model" else given

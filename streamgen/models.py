@@ -200,28 +200,9 @@ def _is_there(path: Path) -> bool:
 
 
 def available_models() -> list[str]:
-    return _listed_models()[0]
+    from streamgen.model_names import available_models
 
-
-def _listed_models() -> tuple[list[str], list[str]]:
-    """The models' names, and the model folders that cannot be read, each said with why (a
-    STREAMGEN_MODELS folder of another user's: iterdir's PermissionError was a traceback)."""
-    names, unreadable = {n for n in FLAVORS if n != "debug"}, []
-    for root in model_search_path():
-        try:  # (a name starting with "." is an export's staging folder)
-            names |= {d.name for d in root.iterdir() if _is_there(d / "model.json") and d.name[0] != "."}
-        except (FileNotFoundError, NotADirectoryError):
-            pass
-        except OSError as e:
-            whose = "the shipped models'" if root == MODELS_DIR else "STREAMGEN_MODELS's"
-            unreadable.append(f"{whose} {root} cannot be read: {e.strerror or e}")
-    return sorted(names), unreadable
-
-
-def _unknown_model(name: str) -> str:
-    names, unreadable = _listed_models()
-    return (f"unknown model {name!r}: not a model directory and not one of {', '.join(names)}"
-            + "".join(f" ({problem})" for problem in unreadable))  # fmt: skip
+    return available_models()
 
 
 def load_model(
@@ -264,11 +245,13 @@ def load_model(
 
 
 def _load(name_or_path: str, device, dtype, seed: int, **cfg_overrides) -> AvatarModel:
+    from streamgen.model_names import not_a_model
+
     directory = resolve_model_dir(name_or_path)
     if directory is not None:
         given = home_expanded(name_or_path)
         if directory != given and given.is_dir():  # (a run's folder named as a shipped model, say)
-            log.warning("%s; loading the model named %s in %s instead", _not_a_model(name_or_path),
+            log.warning("%s; loading the model named %s in %s instead", not_a_model(name_or_path),
                         name_or_path, directory.parent)  # fmt: skip
         return load_model_dir(directory, device, dtype, **cfg_overrides)
     flavor = name_or_path.removesuffix("-teacher")
@@ -397,63 +380,11 @@ def model_shape(name_or_path: str) -> tuple[ModelConfig, int] | None:
 def require_model(name_or_path: str) -> None:
     """FileNotFoundError, saying what there is, unless `name_or_path` names a model `load_model` loads
     (a check before a long job, which would otherwise fail only where it loads it)."""
+    from streamgen.model_names import not_a_model
+
     name_or_path = os.fspath(name_or_path)
     if resolve_model_dir(name_or_path) is None and name_or_path.removesuffix("-teacher") not in FLAVORS:
-        raise FileNotFoundError(_not_a_model(name_or_path))
-
-
-def _not_a_model(name: str) -> str:
-    """What `name` is instead of a model, said so that its user knows what to give instead (a Wan
-    checkpoint's folder, a run's folder and an empty one were all "unknown model")."""
-    if not name.strip():  # (was " is a folder without model.json", of the current folder)
-        return f"the model's name is empty ({name!r}): give a model name or a model directory"
-    if name.startswith("wan:"):  # (distill's name of a Wan checkpoint: "unknown model 'wan:...'")
-        return (f"{name}: wan:DIR names a diffusers Wan2.1 checkpoint to distill a model from (a distill "
-                "config's model.init, docs/distill.md), not a streamgen model: give the distilled model's directory")  # fmt: skip
-    folder = home_expanded(name)
-    if not _is_there(folder) and _is_a_path(name):
-        return f"no model directory {name}: there is no such folder"
-    # the folder under the model folders a name is (a copy cut short, a run's): it was "unknown model"
-    here = _is_there(folder) or _is_a_path(name)
-    under = [] if here else [root / name for root in model_search_path() if _is_there(root / name)]
-    name, folder = (str(under[0]), under[0]) if under else (name, folder)
-    if not _is_there(folder) and "/" in name.replace(os.sep, "/"):  # (a relative path, or a nested model's name)
-        return f"no model directory {name}: there is no such folder in {Path.cwd()}, nor under {_model_folders()}"
-    if not _is_there(folder):
-        return _unknown_model(name)
-    if folder.is_file() and (folder.parent / "model.json").is_file():  # (its model.json, its weights)
-        return f"{name} is a file of the model directory {folder.parent}: give the directory"
-    if (folder / "model" / "model.json").is_file():
-        return f"{name} is a run's folder: its model is {folder / 'model'}"
-    if _is_diffusers_wan(folder):
-        return (f"{name} is a diffusers Wan2.1 checkpoint, not a streamgen model: distill it into one first "
-                f"(a distill config's model.init: wan:{name}, docs/distill.md)")  # fmt: skip
-    if folder.is_dir():
-        return f"{name} is a folder without model.json: not a streamgen model (docs/distill.md says how one is made)"
-    return _unknown_model(name)
-
-
-def _model_folders() -> str:
-    """The folders a model's name is looked for under (`model_search_path`), said with where each is from
-    (an `org/model` not found under STREAMGEN_MODELS was said to be no folder in the current one alone)."""
-    *extra, shipped = model_search_path()
-    if not extra:
-        return f"the shipped models ({shipped}; STREAMGEN_MODELS names more folders to look under)"
-    return f"STREAMGEN_MODELS ({', '.join(map(str, extra))}) or the shipped models ({shipped})"
-
-
-def _is_diffusers_wan(folder: Path) -> bool:
-    """A diffusers Wan2.1 pipeline's folder, or its transformer's."""
-    import json
-
-    for config in (folder / "config.json", folder / "transformer" / "config.json", folder / "model_index.json"):  # fmt: skip
-        try:
-            meta = json.loads(config.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(meta, dict) and str(meta.get("_class_name", "")).startswith("Wan"):
-            return True
-    return False
+        raise FileNotFoundError(not_a_model(name_or_path))
 
 
 def load_model_dir(d: Path, device="cpu", dtype=None, **cfg_overrides) -> AvatarModel:
