@@ -4,6 +4,7 @@ model.json, ...). Looked up in `streamgen.models`' model folders (`model_search_
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -19,14 +20,29 @@ def _listed_models() -> tuple[list[str], list[str]]:
     STREAMGEN_MODELS folder of another user's: iterdir's PermissionError was a traceback)."""
     names, unreadable = {n for n in models.FLAVORS if n != "debug"}, []
     for root in models.model_search_path():
-        try:  # (a name starting with "." is an export's staging folder)
-            names |= {d.name for d in root.iterdir() if models._is_there(d / "model.json") and d.name[0] != "."}
+        try:
+            names |= _models_in(root)
         except (FileNotFoundError, NotADirectoryError):
             pass
         except OSError as e:
             whose = "the shipped models'" if root == models.MODELS_DIR else "STREAMGEN_MODELS's"
             unreadable.append(f"{whose} {root} cannot be read: {e.strerror or e}")
     return sorted(names), unreadable
+
+
+def _models_in(root: Path) -> set[str]:
+    """The names of the model directories in `root`, and one folder down as `org/model`: `--model
+    org/avatar` loads those (`resolve_model_dir`), and they were left out of the list. Not deeper
+    (a model folder may hold a home folder's worth); a name starting with "." is an export's
+    staging folder."""
+    names = set()
+    for d in (d for d in root.iterdir() if d.name[0] != "."):
+        if models._is_there(d / "model.json"):
+            names.add(d.name)
+        elif d.is_dir():
+            with contextlib.suppress(OSError):  # (an org's folder this user may not read: not listed)
+                names |= {f"{d.name}/{m.name}" for m in d.iterdir() if m.name[0] != "." and models._is_there(m / "model.json")}
+    return names
 
 
 def _unknown_model(name: str) -> str:
