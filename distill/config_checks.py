@@ -234,8 +234,13 @@ def ignored_settings(cfg: TrainConfig, processes: int) -> list[str]:
         notes.append(f"{cfg.stage}.critic_optim.ema keeps an average of the critic that nothing reads: the "
                      "fake score is the critic as it trains, and the export is the generator's; it costs a copy "
                      "of the critic's weights, in memory and in every checkpoint")  # fmt: skip
-    most = max(1, cfg.data.latent_frames - 1)  # (distill/teacher.py: a prefix leaves a frame to denoise)
-    if isinstance(opts, TeacherOptions) and opts.p_motion_prefix > 0 and opts.max_motion_frames > most:
+    most = cfg.data.latent_frames - 1  # (distill/teacher.py: a prefix leaves a frame to denoise)
+    if isinstance(opts, TeacherOptions) and opts.p_motion_prefix > 0 and most == 0:
+        # (was "motion prefixes are at most 1 frame", or nothing with max_motion_frames 1)
+        notes.append("teacher.p_motion_prefix does nothing with crops of data.latent_frames 1: a prefix leaves "
+                     "a frame to denoise, and a crop of one frame has none to spare; the teacher trains, and "
+                     "exports, without motion prefixes")  # fmt: skip
+    elif isinstance(opts, TeacherOptions) and opts.p_motion_prefix > 0 and opts.max_motion_frames > most:
         notes.append(f"teacher.max_motion_frames {opts.max_motion_frames} is more than crops of "
                      f"data.latent_frames {cfg.data.latent_frames} take: motion prefixes are at most {most} "
                      f"frame{'s' * (most != 1)}")  # fmt: skip

@@ -116,3 +116,22 @@ def test_a_critic_of_another_size_than_the_teacher_still_trains(pipeline, tmp_pa
     small = tmp_path / "small_teacher"
     run(debug_config("teacher", small, **{"model.overrides": {"dim": 32, "ffn_dim": 64, "num_layers": 1}, "run.steps": 1}))
     run(_critic_run("self_forcing", pipeline, tmp_path / "sf", small / "model"))
+
+
+@pytest.mark.parametrize("max_motion_frames", [1, 2])
+def test_motion_prefixes_with_crops_of_one_frame_are_said_to_do_nothing(tmp_path, max_motion_frames):
+    """The teacher stage takes no motion prefix from a crop of one latent frame (a prefix leaves a
+    frame to denoise): the warning said "motion prefixes are at most 1 frame" (max_motion_frames 2),
+    or nothing (1), while the teacher trained and exported without them (motion_prefix_frames 0)."""
+    from test_distill_helpers import debug_config
+
+    from distill.config import ignored_settings
+
+    cfg = debug_config("teacher", tmp_path / "t", **{"data.latent_frames": 1, "teacher.max_motion_frames": max_motion_frames})
+    notes = [note for note in ignored_settings(cfg, 1) if "motion" in note]
+    assert notes == [
+        "teacher.p_motion_prefix does nothing with crops of data.latent_frames 1: a prefix leaves a frame to "
+        "denoise, and a crop of one frame has none to spare; the teacher trains, and exports, without motion prefixes"
+    ]
+    cfg = debug_config("teacher", tmp_path / "t", **{"data.latent_frames": 1, "teacher.p_motion_prefix": 0.0})
+    assert not [note for note in ignored_settings(cfg, 1) if "motion" in note]
