@@ -13,6 +13,18 @@ class Stop(Exception):
     pass
 
 
+def stop_at(shard: int):
+    """A make's `progress` that stops it (raises Stop) as its `shard`th shard is finished."""
+    finished = []
+
+    def progress(clips):
+        finished.append(clips)
+        if len(finished) == shard:
+            raise Stop
+
+    return progress
+
+
 def test_the_plan_of_a_huge_make_is_walked_as_its_shards_are_made(tmp_path, monkeypatch):
     """`--clips 100000000` built its whole plan (every clip's index, in lists) before its first clip:
     about 5 GB and a minute. The plan is walked as the shards are made."""
@@ -154,7 +166,7 @@ def test_an_older_makes_partial_json_is_gone_on_from(tmp_path, monkeypatch):
     out = tmp_path / "ds"
     with pytest.raises(Stop):
         make_dataset(out, 8, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20,
-                     progress=lambda clips: (_ for _ in ()).throw(Stop))  # fmt: skip
+                     progress=stop_at(1))  # fmt: skip
     settings, records = shards._read_partial(out / "partial.json")
     (out / "partial.json").write_text(json.dumps({"settings": settings, "shards": records}, indent=1))
     assert shards.partly_made(out) == 2
@@ -180,7 +192,7 @@ def test_an_edited_partial_json_is_one_error_naming_it(tmp_path, monkeypatch, ed
     out = tmp_path / "ds"
     with pytest.raises(Stop):
         make_dataset(out, 8, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20,
-                     progress=lambda clips: (_ for _ in ()).throw(Stop))  # fmt: skip
+                     progress=stop_at(1))  # fmt: skip
     settings, _ = shards._read_partial(out / "partial.json")
     first = json.dumps({"settings": 5 if edited == "5" else settings})
     (out / "partial.json").write_text(first + "\n" + ("" if edited == "5" else edited + "\n"))
@@ -211,7 +223,7 @@ def test_an_interrupted_make_with_workers_leaves_nothing_in_the_temp_folder(tmp_
     monkeypatch.setattr(tempfile, "tempdir", str(temp))  # (and this process's)
     with pytest.raises(Stop):
         make_dataset(tmp_path / "ds", 20, height=16, width=16, seconds=0.04, shard_size=1, n_identities=20,
-                     workers=2, progress=lambda clips: (_ for _ in ()).throw(Stop))  # fmt: skip
+                     workers=2, progress=stop_at(1))  # fmt: skip
     assert list(temp.iterdir()) == []
 
 
@@ -306,16 +318,9 @@ def test_a_make_gone_on_from_says_the_workers_it_used(tmp_path, capsys):
     from streamgen.cli import main
 
     out = tmp_path / "ds"
-    finished = []
-
-    def stop_at_the_second(clips):
-        finished.append(clips)
-        if len(finished) == 2:
-            raise Stop
-
     with pytest.raises(Stop):  # (2 of its 3 shards made: a split's each)
         make_dataset(out, 3, height=16, width=16, seconds=0.04, shard_size=1, n_identities=20,
-                     progress=stop_at_the_second)  # fmt: skip
+                     progress=stop_at(2))  # fmt: skip
     argv = ["data", "make", "--out", str(out), "--clips", "3", "--size", "16", "--seconds", "0.04"]
     assert main([*argv, "--identities", "20", "--shard-size", "1", "--workers", "2"]) == 0
     assert "2 of them made before" in (said := capsys.readouterr().out) and "with 1 worker\n" in said, said
@@ -402,16 +407,9 @@ def test_the_manifest_records_no_list_of_every_clip(tmp_path, monkeypatch):
     make that goes on from an older make's partial.json (lists there) records them the same way."""
     _one_clip_for_all(monkeypatch)
     out = tmp_path / "ds"
-
-    finished = []
-
-    def after_two(clips):
-        finished.append(clips)
-        if len(finished) == 2:
-            raise Stop
-
     with pytest.raises(Stop):
-        make_dataset(out, 30, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20, progress=after_two)
+        make_dataset(out, 30, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20,
+                     progress=stop_at(2))  # fmt: skip
     lines = (out / "partial.json").read_text().splitlines()
     older = [json.loads(lines[0])]
     for line in lines[1:]:  # as an older make recorded them
@@ -473,7 +471,7 @@ def test_a_shard_a_killed_make_finished_but_did_not_record_is_not_made_again(tmp
     make_dataset(whole, 8, **kw)
     make_dataset(other, 8, seed=1, **kw)
     with pytest.raises(Stop):
-        make_dataset(out, 8, **kw, progress=lambda clips: (_ for _ in ()).throw(Stop))
+        make_dataset(out, 8, **kw, progress=stop_at(1))
     assert [p.relative_to(out).as_posix() for p in out.rglob("*.npz")] == ["train/shard-00000.npz"]
     (out / "val").mkdir(), (out / "test").mkdir()
     shutil.copy(whole / "train/shard-00001.npz", out / "train")  # finished, not recorded
