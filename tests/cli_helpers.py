@@ -20,7 +20,8 @@ def terminated_once(args, under_way, env: dict | None = None, polls: int = 2400,
     """`streamgen *args` in a process of its own, sent SIGTERM (as `timeout` and `kill` send it, to
     the command's process alone) once `under_way()` is true, looked at every 50 ms (`polls` times at
     most), and `settle` seconds after: its exit code and its stderr."""
-    proc = subprocess.Popen([sys.executable, "-m", "streamgen", *args], stderr=subprocess.PIPE, text=True, env=env)
+    command = [sys.executable, "-m", "streamgen", *args]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     try:
         for _ in range(polls):
             if under_way() or proc.poll() is not None:

@@ -306,7 +306,8 @@ def first_track(pc, kind: str = "video"):
 async def post_sdp(http, created: dict, headers: dict, sdp: str):
     """The offer `sdp` posted to the WHEP endpoint of the session `created`, with the `headers` of
     its token: the server's answer, as it is."""
-    return await http.post(created["whep"], content=sdp, headers={"content-type": "application/sdp", **headers})
+    return await http.post(created["whep"], content=sdp,
+                           headers={"content-type": "application/sdp", **headers})  # fmt: skip
 
 
 async def post_offer(http, created: dict, headers: dict, pc, edit=lambda sdp: sdp):

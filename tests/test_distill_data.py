@@ -420,7 +420,9 @@ def test_crops_longer_than_the_clips_name_data_video_frames_before_any_work(worl
         clips = most = 16 if stage == "autoencoder" else 12
 
     def config(**edits):
-        return world_config(stage, out, world, **edits) if source == "world" else debug_config(stage, out, **edits)
+        if source == "world":
+            return world_config(stage, out, world, **edits)
+        return debug_config(stage, out, **edits)
 
     refused_before_any_work(
         config(**{"data.video_frames": 40}),

@@ -228,7 +228,8 @@ async def test_an_offer_refused_for_its_codecs_leaves_the_session_to_offer_again
     async with httpx.AsyncClient(base_url=url, timeout=20) as http:
         created, auth = await created_session(http)
         pc = client_peer("video", "audio")
-        refused = await post_offer(http, created, auth, pc, edit=lambda sdp: _only_codec(sdp, "audio", "ISAC/16000"))
+        refused = await post_offer(http, created, auth, pc,
+                                   edit=lambda sdp: _only_codec(sdp, "audio", "ISAC/16000"))  # fmt: skip
         assert refused.status_code == 400 and refused.json()["error"] == "bad_sdp", refused.text
         assert "offers no codec the server takes" in refused.json()["message"]
         assert (await http.get(created["resource"], headers=auth)).status_code == 200  # not ended
