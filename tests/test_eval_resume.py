@@ -308,11 +308,31 @@ class Killed(BaseException):
     """The process killed where it is (SIGKILL, a power cut): nothing of it runs after."""
 
 
+@contextmanager
+def scoring_stopped_at(monkeypatch, frames: int, error):
+    """`error` raised by the drift stream's scoring once `frames` of its frames are scored, inside
+    the block; scored as usual after it."""
+    from streamgen.eval import metrics
+
+    real_add = metrics.StreamScores.add
+
+    def stopped(self, scored):
+        if self.seen >= frames:
+            raise error
+        real_add(self, scored)
+
+    monkeypatch.setattr(metrics.StreamScores, "add", stopped)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(metrics.StreamScores, "add", real_add)
+
+
 def test_a_stopped_drift_stream_goes_on_from_the_frames_it_had_scored(tmp_path, made, monkeypatch, capsys):
     """A Ctrl-C in the --minutes stream (up to an hour of video) lost all of it: the same command run
     again made and scored it from its start."""
     from streamgen.data import render
-    from streamgen.eval import drift, metrics
+    from streamgen.eval import drift
 
     monkeypatch.setattr(drift, "STREAM_SLICE", 8)  # (30 frames: slices of 8, their scores kept each 16)
     monkeypatch.setattr(drift, "STREAM_KEEP_FRAMES", 16)
@@ -321,17 +341,9 @@ def test_a_stopped_drift_stream_goes_on_from_the_frames_it_had_scored(tmp_path, 
     monkeypatch.setattr(render, "render_frame", lambda *a: rendered.append(a[1]) or real_render(*a))
     assert evaluate(tmp_path / "whole", "--minutes", "0.02") == 0
     whole = json.loads((tmp_path / "whole" / "report.json").read_text())
-    real_add = metrics.StreamScores.add
-
-    def stopped(self, frames):
-        if self.seen == 24:
-            raise KeyboardInterrupt  # (a Ctrl-C once 24 frames are scored: 16 kept on the way, then 24)
-        real_add(self, frames)
-
-    monkeypatch.setattr(metrics.StreamScores, "add", stopped)
     out = tmp_path / "cut"
-    assert evaluate(out, "--minutes", "0.02") == 130
-    monkeypatch.setattr(metrics.StreamScores, "add", real_add)
+    with scoring_stopped_at(monkeypatch, 24, KeyboardInterrupt):  # (a Ctrl-C: 16 kept on the way, then 24)
+        assert evaluate(out, "--minutes", "0.02") == 130
     rendered.clear()
     capsys.readouterr()
     assert evaluate(out, "--minutes", "0.02") == 0
@@ -342,16 +354,9 @@ def test_a_stopped_drift_stream_goes_on_from_the_frames_it_had_scored(tmp_path, 
     assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
     # killed there (no Ctrl-C to keep the scores at): it goes on from those kept on the way, at 16
     # (not SystemExit: a SIGTERM's, which keeps them as a Ctrl-C does)
-    def killed(self, frames):
-        if self.seen == 24:
-            raise Killed
-        real_add(self, frames)
-
-    monkeypatch.setattr(metrics.StreamScores, "add", killed)
     out = tmp_path / "killed"
-    with pytest.raises(Killed):
+    with scoring_stopped_at(monkeypatch, 24, Killed), pytest.raises(Killed):
         evaluate(out, "--minutes", "0.02")
-    monkeypatch.setattr(metrics.StreamScores, "add", real_add)
     capsys.readouterr()
     assert evaluate(out, "--minutes", "0.02") == 0
     assert "resuming: the drift stream's first 16 of 30 frames are already scored" in capsys.readouterr().err
@@ -363,21 +368,15 @@ def test_a_stop_that_failed_an_import_in_the_drift_stream_keeps_what_it_had_scor
 ):
     """A Ctrl-C that came while an extension imported failed that import (an ImportError caused by
     it): the command ended as the stop, 130, but the stream's scores since the last kept were lost."""
-    from streamgen.eval import drift, metrics
+    from streamgen.eval import drift
 
     monkeypatch.setattr(drift, "STREAM_SLICE", 8)
     monkeypatch.setattr(drift, "STREAM_KEEP_FRAMES", 16)
-    real_add = metrics.StreamScores.add
-
-    def stopped(self, frames):
-        if self.seen == 24:
-            raise ImportError("initialization failed") from KeyboardInterrupt()
-        real_add(self, frames)
-
-    monkeypatch.setattr(metrics.StreamScores, "add", stopped)
+    failed_import = ImportError("initialization failed")
+    failed_import.__cause__ = KeyboardInterrupt()  # (as `raise ... from` it sets)
     out = tmp_path / "cut"
-    assert evaluate(out, "--minutes", "0.02") == 130
-    monkeypatch.setattr(metrics.StreamScores, "add", real_add)
+    with scoring_stopped_at(monkeypatch, 24, failed_import):
+        assert evaluate(out, "--minutes", "0.02") == 130
     capsys.readouterr()
     assert evaluate(out, "--minutes", "0.02") == 0
     assert "resuming: the drift stream's first 24 of 30 frames are already scored" in capsys.readouterr().err
@@ -536,25 +535,16 @@ def test_a_drift_stream_sent_sigterm_keeps_what_it_had_scored(tmp_path):
 def test_a_teachers_drift_stream_keeps_its_scores_and_is_made_again_from_its_start(tmp_path, monkeypatch, capsys):
     """A teacher's stream failed with a traceback once its first minute was scored: its session
     (TeacherSession) has no state to keep. Its scores are kept; its stream is made again."""
-    from streamgen.eval import drift, metrics
+    from streamgen.eval import drift
 
     monkeypatch.setattr(drift, "STREAM_KEEP_FRAMES", 8)
     argv = ["eval", "--model", "tiny-avatar-teacher", "--steps", "1", "--clips", "1", "--size", "16"]
     evaluate = lambda out: main([*argv, "--minutes", "0.02", "--out", str(out)])  # noqa: E731
     assert evaluate(tmp_path / "whole") == 0
     whole = json.loads((tmp_path / "whole" / "report.json").read_text())
-    real_add = metrics.StreamScores.add
-
-    def stopped(self, frames):
-        if self.seen >= 16:
-            raise Killed
-        real_add(self, frames)
-
-    monkeypatch.setattr(metrics.StreamScores, "add", stopped)
     out = tmp_path / "cut"
-    with pytest.raises(Killed):
+    with scoring_stopped_at(monkeypatch, 16, Killed), pytest.raises(Killed):
         evaluate(out)
-    monkeypatch.setattr(metrics.StreamScores, "add", real_add)
     assert not list((out / "partial").glob("*.pt"))
     capsys.readouterr()
     assert evaluate(out) == 0
