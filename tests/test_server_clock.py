@@ -66,7 +66,7 @@ class RunningClock:
     """time.monotonic for a session and its tracks that moves only as they run: each reading by a
     microsecond (their code's time; at exact frame times a frame's wait is a whole frame period,
     which the video track takes for a clock moved forward, holding its picture) and each sleep by
-    its length, never waited for (test_server_clock_pauses's FakeClock, with the readings' time)."""
+    its length, never waited for (test_server_clock_pauses's FakeClock, without the readings' time)."""
 
     TICK_S = 1e-6
 

@@ -3,32 +3,24 @@ the lowering where its playhead is at silence, so neither track skips speech; wi
 to wait for, or no pause for long, it comes down at once (tests/test_server_clock.py has the rest
 of the clock)."""
 
-import asyncio
 import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from test_server_clock import CHUNK_S, FPS, PER_CHUNK, RunningClock
 
 from server.session import SAMPLE_RATE, Chunk, Session
 from server.webrtc import AUDIO_FRAME_SAMPLES, AvatarVideoTrack, SpeechAudioTrack
 
-FPS, PER_CHUNK, CHUNK_S = 25, 8, 0.32
 FRAME_SAMPLES = SAMPLE_RATE // FPS  # 640: one video frame of audio
 
 
-class FakeClock:
-    """time.monotonic for the session and the tracks; the tracks' sleeps move it on (no real waits)."""
+class FakeClock(RunningClock):
+    """time.monotonic for the session and the tracks; the tracks' sleeps move it on (no real waits),
+    their readings do not."""
 
-    def __init__(self, now: float = 100.0):
-        self.now = now
-
-    def monotonic(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += max(0.0, seconds)
-        await asyncio.sleep(0)
+    TICK_S = 0.0
 
 
 @pytest.fixture
