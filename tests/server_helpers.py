@@ -1,15 +1,19 @@
 """Shared pieces of the server tests: a small model, an app, a real uvicorn server on 127.0.0.1,
-the sessions, requests and sockets of their clients."""
+the sessions, requests and sockets of their clients, and examples/ws_client.py run as a user runs it."""
 
 from __future__ import annotations
 
 import io
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
+import wave
 from contextlib import contextmanager
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -353,3 +357,45 @@ def relay_listener(on_connection):
         listener.listen(8)
         threading.Thread(target=accept, args=(listener,), daemon=True).start()
         yield listener.getsockname()[1]
+
+
+# examples/ws_client.py, the example client of the WebSocket API, run as a user runs it
+WS_CLIENT = Path(__file__).resolve().parents[1] / "examples" / "ws_client.py"
+
+
+def ws_client(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(WS_CLIENT), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def load_ws_client():
+    """examples/ws_client.py as a module, for its pieces."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ws_client", WS_CLIENT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_wav(path: Path, seconds: float, rate: int = 16000) -> Path:
+    t = np.arange(int(rate * seconds)) / rate
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes((np.sin(2 * np.pi * 220 * t) * 8000).astype("<i2").tobytes())
+    return path
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *words: str, code: int | None = None) -> None:
+    """`code`: 2 for a mistake in what the run was given, as argparse's and streamgen's; else any but 0."""
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert code is None or r.returncode == code, (r.returncode, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for word in words:
+        assert word in r.stderr, r.stderr
+
+
+def saved_frames(out: Path) -> list[tuple[int, int]]:
+    """(sequence, milliseconds) of the frames ws_client saved, in order."""
+    return sorted(tuple(int(p) for p in f.stem.replace("ms", "").split("_")) for f in out.glob("*.jpg"))
