@@ -189,3 +189,96 @@ def test_the_head_dim_tile_is_at_least_32_for_fp8_products():
     tile = triton_attention.head_dim_tile
     assert [tile(d, fp8=False) for d in (6, 8, 16, 24, 32, 64, 128)] == [16, 16, 16, 32, 32, 64, 128]
     assert [tile(d, fp8=True) for d in (6, 8, 16, 24, 32, 64, 128)] == [32, 32, 32, 32, 32, 64, 128]
+
+
+# --- every kernel in fp32 (the exact path): the type and lowering errors the interpreter cannot see
+
+
+_FLOAT_ARGS = {"eps", "qk_scale", "scale"}
+
+
+_TYPED_POINTERS = {
+    "frame_pos_ptr": "*i32",
+    "q_block_ptr": "*i32",
+    "k_block_ptr": "*i32",
+    "fp8_ptr": "*fp8e4nv",
+}
+
+
+_FP32_POINTERS = {
+    "cos_sin_ptr",
+    "inv_freq_ptr",
+    "row_scale_ptr",
+    "channel_scale_ptr",
+    "applied_scale_ptr",
+} | {f"{t}_scale_ptr" for t in "qkv"}
+
+
+def _compile_for_hopper(kernel, dtype: str, constexprs: dict, **options):
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    fn = kernel
+    while not isinstance(fn, JITFunction):  # the autotuner wraps the JITFunction
+        fn = fn.fn
+    signature = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = _TYPED_POINTERS.get(name, "*fp32" if name in _FP32_POINTERS else f"*{dtype}")
+        else:
+            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles, does not interpret")
+def test_kernels_compile_for_hopper_in_fp32():
+    # (bf16, every autotune config through the launchers, with ptxas's report: the slow tests above)
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no NVIDIA backend")
+    from streamgen.kernels import triton_attention as attn
+    from streamgen.kernels import triton_ops as ops
+
+    assert not ops.INTERPRET
+    dtype = "fp32"
+    for affine in (False, True):
+        meta = dict(BLOCK_D=2048, AFFINE=affine)
+        _compile_for_hopper(ops._layernorm_modulate_kernel, dtype, meta, num_warps=4)
+    for with_norm in (False, True):
+        _compile_for_hopper(ops._gated_residual_kernel, dtype, dict(BLOCK_D=2048, WITH_NORM=with_norm))
+    for mode in (ops.ROPE_NONE, ops.ROPE_TABLE, ops.ROPE_POSITIONS):
+        _compile_for_hopper(ops._rmsnorm_rope_kernel, dtype, dict(BLOCK_HALF=1024, ROPE_MODE=mode, NORM=True))
+    _compile_for_hopper(
+        ops._rmsnorm_rope_kernel, dtype, dict(BLOCK_HALF=1024, ROPE_MODE=ops.ROPE_TABLE, NORM=False)
+    )
+    _compile_for_hopper(ops._gelu_tanh_kernel, dtype, dict(BLOCK=1024))
+    for gelu in (False, True):
+        for rows, block in ((1, 2048), (16, 128)):  # a linear layer's row; attention's heads
+            meta = dict(GELU=gelu, ROWS=rows, BLOCK_K=block)
+            _compile_for_hopper(ops._quantize_fp8_rows_kernel, dtype, meta, num_warps=4)
+    for changed_only in (False, True):  # a whole call's values; a KV cache's moved channels
+        meta = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_L=64, CHANGED_ONLY=changed_only)
+        _compile_for_hopper(ops._quantize_fp8_values_kernel, dtype, meta, num_warps=4)
+    for with_bias, silu in ((False, False), (True, False), (False, True)):
+        meta = dict(HAS_BIAS=with_bias, SILU=silu, BLOCK_C=32, BLOCK_P=64)
+        _compile_for_hopper(ops._rmsnorm_channels_kernel, dtype, meta, num_warps=4)
+    attention = dict(HEAD_DIM=128, BLOCK_D=128, DOT_FP32=True, FP8_QK=False, FP8_PV=False)
+    for causal in (False, True):  # ring attention's blocks return the log-sum-exp, masked or not
+        meta = dict(attention, BLOCK_CAUSAL=causal, RETURN_LSE=causal)
+        _compile_for_hopper(attn._attention_kernel, dtype, dict(meta, BLOCK_M=64, BLOCK_N=32))
+    # at least one autotune config must fit Hopper's shared memory (227 KiB) for fp32 operands
+    meta = dict(attention, BLOCK_CAUSAL=False, RETURN_LSE=False)
+    smallest = attn._ATTN_CONFIGS[-1]
+    compiled = _compile_for_hopper(
+        attn._attention_kernel, dtype, dict(meta, **smallest.kwargs), num_warps=smallest.num_warps,
+        num_stages=smallest.num_stages,
+    )  # fmt: skip
+    assert compiled.metadata.shared <= 227 * 1024
