@@ -1,4 +1,5 @@
-"""What a distill run refuses in one line before it trains (settings, ranks, folders, data), and the settings it warns of."""
+"""What a distill run refuses in one line before it trains (settings, ranks, folders, data), and the
+settings it warns of."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""A distill run's outputs (checkpoints, logs, curves, its export), its exact resume, and what it says when one fails mid-run."""
+"""A distill run's outputs (checkpoints, logs, curves, its export), its exact resume, and what it says
+when one fails mid-run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The updates of a stage's trainable modules: their learning rate and EMA, and what a run says when one cannot be taken."""
+"""The updates of a stage's trainable modules: their learning rate and EMA, and what a run says when
+one cannot be taken."""
 
 from __future__ import annotations
 
