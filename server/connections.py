@@ -103,6 +103,7 @@ class ConnectionLimits:
         self.head_seen = bytearray()  # its bytes so far, for its Origin (only with --cors-origin)
         self.method_seen = b""  # its first bytes, to its method's end
         self.content_lengths = ContentLengths()  # its Content-Length lines
+        self.pipelined = bytearray()  # the next request's bytes, held while the one before it runs
         self.head_timer = None
         self.handshake = None  # its TlsHandshake (server/tls_handshake.py), on a TLS server
 
@@ -118,6 +119,9 @@ class ConnectionLimits:
         self._arm_head_timer()  # (a client that never sends a byte)
 
     def data_received(self, data: bytes) -> None:
+        if self._next_request_pipelined():
+            return self._hold_pipelined(data)
+        head_end = None  # where the head ends in `data`, if it ends there
         if self.awaiting_head and self.head_bytes == 0:
             self._arm_head_timer()  # from the head's first byte
             self.head_tail = b""
@@ -155,12 +159,19 @@ class ConnectionLimits:
                 return self._answer_and_close(b"505 HTTP Version Not Supported", "http_version_not_supported", refused)
             self.head_tail = seen[-3:]  # (the blank line that ends a head may come split)
             self.head_bytes += len(data)
+            head_end = len(head_data) if end >= 0 else None
         cycle = self.cycle
-        super().data_received(data)
+        super().data_received(data if head_end is None else data[:head_end])
         if self.cycle is not cycle or self.transport.get_protocol() is not self:  # a head complete, or an upgrade
             self.awaiting_head = False
             self._cancel_head_timer()
             self.head_seen.clear()
+            if head_end is not None and (rest := data[head_end:]) and self.transport.get_protocol() is self:
+                # its body's bytes, or where it has none the next request's, pipelined
+                if self._next_request_pipelined():
+                    self._hold_pipelined(rest)
+                else:
+                    super().data_received(rest)
         elif self.awaiting_head and self.head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
             # (all of it the head's, which is not complete: a body's first bytes came after a head)
             self._refuse_head_too_large()
@@ -177,11 +188,30 @@ class ConnectionLimits:
                 return NOT_PARSED if refused == "not_parsed" else refused
         return self.content_lengths.refused(data) or lines_refused(lines)
 
+    def _next_request_pipelined(self) -> bool:
+        """Whether bytes that come now are the next request's, sent before this one's answer: its
+        body read whole, its answer not yet complete."""
+        running = self.cycle is not None and not self.cycle.response_complete
+        return running and not self.awaiting_head and not self._request_body_pending() and not self.transport.is_closing()
+
+    def _hold_pipelined(self, data: bytes) -> None:
+        """The next request's bytes, held until this one is answered and then taken as a head's
+        (`on_response_complete`). Given to the parser, which read them at once (httptools) or when
+        this one was answered (h11), they had none of the checks above: a head too large, an unknown
+        method, a bare LF; and under httptools a second request that did not parse was answered 400
+        before the first, whose answer was lost."""
+        self.pipelined += data
+        if len(self.pipelined) > MAX_HEAD_BYTES:  # (uvicorn reads again once this answer is complete; a 431 then)
+            self.flow.pause_reading()
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         # uvicorn's keep-alive timeout closes the connection if nothing comes; the first byte of a
         # head starts its clock
         self._await_next_head(arm=False)
+        if self.pipelined and self.awaiting_head and not self.transport.is_closing():
+            held, self.pipelined = bytes(self.pipelined), bytearray()
+            self.data_received(held)
 
     def _await_next_head(self, arm: bool) -> None:
         """The next head is awaited once the request before it is answered and its body read whole

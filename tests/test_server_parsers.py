@@ -198,3 +198,28 @@ def test_an_absolute_target_names_the_server_in_place_of_host(server, target_hos
             assert answer_until_closed(sock).startswith(b"HTTP/1.1 204 ")
     else:
         assert json.loads(body)["error"] == "cross_origin", body
+
+
+KEPT = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"  # (its connection kept open for the next)
+
+
+@pytest.mark.parametrize("second, status, said", [
+    (KEPT.replace(b"GET ", b"get "), 400, {"error": "bad_request", "message": unknown_method("get")}),
+    (KEPT.replace(b"127.0.0.1\r\n", b"127.0.0.1\n"), 400, {"error": "bad_request", "message": BARE_LF}),
+    (b"GET /healthz\r\n\r\n", 505, {"error": "http_version_not_supported",
+                                   "message": "HTTP/0.9 is not spoken here: send HTTP/1.1"}),
+    (KEPT.replace(b"\r\n\r\n", b"\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"), 431,
+     {"error": "headers_too_large", "message": "request headers larger than 64 KiB"}),
+    (GET, 200, {"status": "ok"}),
+], ids=["unknown-method", "bare-lf", "http-0.9", "too-large", "served"])  # fmt: skip
+def test_a_pipelined_request_has_the_checks_of_a_first_one(server, second, status, said):
+    """A second request sent in the same packet as the first (pipelined) went to the parser with
+    the first, none of its bytes looked at: h11 served a lowercase method as a 405 and a bare LF as
+    a 200, and a head of any size; under httptools one that did not parse was a 400 sent before the
+    first request's answer, which was lost. The first is answered, then the second as it would be alone."""
+    with connect(server[0]) as sock:
+        sock.sendall(KEPT + second)
+        answer = answer_until_closed(sock)
+    answers = answer.split(b"HTTP/1.1 ")[1:]
+    assert [a[:3] for a in answers] == [b"200", b"%d" % status], answer[:2000]
+    assert json.loads(answers[1].partition(b"\r\n\r\n")[2]) == said
