@@ -24,7 +24,7 @@ shared machine; the arms of each ratio take turns in an order reversed every oth
 
 `--sweep 64 192 256 ...` measures all of these again at each size, and
 `largest_realtime` names the largest measured size that streams at >= 25
-frames/s: on a small CPU the ratios depend on the size (the student's small
+frames/s (null where none does): on a small CPU the ratios depend on the size (the student's small
 per-chunk matrices are dominated by per-op overhead; the teacher's attention
 grows with the square of the clip's tokens). `--compile` adds `compile`: the
 session with its DiT's blocks compiled as `serve --compile` runs them
@@ -454,6 +454,7 @@ def run(
         ]
         measured = [main_size, *result["resolution_sweep"]]
         realtime = [m for m in measured if m["fps"] >= REALTIME_FPS]
+        result["largest_realtime"] = None  # (none in real time: the key was left out, unsaid)
         if realtime:
             best = max(realtime, key=lambda m: m["height"] * m["width"])
             result["largest_realtime"] = {

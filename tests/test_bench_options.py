@@ -29,3 +29,21 @@ def test_floor_sets_fp8_products_against_the_fp8_rate_given(capsys, fp8):
     assert main(["bench", "floor", "--json", "--model", "debug", "--clip-frames", "9", "--fp8-tflops", "500",
                  *fp8]) == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out)["ceilings"]["matmul_tflop_per_s_float8"] == 500
+
+
+def test_engine_sweep_says_that_no_size_streams_in_real_time(monkeypatch):
+    # the docstring promises `largest_realtime` with a sweep; where no size reached 25 frames/s
+    # the key was left out, and a reader's lookup failed
+    from bench import engine
+
+    def measured(model, height, width, *args, **kwargs):
+        return {"height": height, "width": width, "fps": 24.0 if height == 64 else 10.0, "first_chunk_ms": 1.0,
+                "cache_speedup": 2.0, "teacher_speedup": 3.0}  # fmt: skip
+
+    monkeypatch.setattr(engine, "measure_size", measured)
+    monkeypatch.setattr(engine, "batch_throughput", lambda *args, **kwargs: {})
+    result = engine.run("debug", height=32, width=32, sweep=(64,))
+    assert result["largest_realtime"] is None and len(result["resolution_sweep"]) == 1
+    monkeypatch.setattr(engine, "REALTIME_FPS", 20.0)
+    best = engine.run("debug", height=32, width=32, sweep=(64,))["largest_realtime"]
+    assert (best["height"], best["fps"]) == (64, 24.0)
