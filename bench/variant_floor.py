@@ -188,15 +188,26 @@ def counts_for_run(path: str | None, quick: bool, steps: int) -> tuple[dict | No
     return None, "none: a variant that does other work than the default gets no of_floor (--floor-work)"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="count bench gpu's configurations' work (bench/floor.py)")
+def main(argv=None) -> None:
+    from pathlib import Path
+
+    from streamgen.cli import positive_int
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.variant_floor", description="count bench gpu's configurations' work (bench/floor.py)"
+    )
     parser.add_argument("--out", required=True, help="the JSON to write, for bench gpu --floor-work")
     parser.add_argument("--quick", action="store_true", help="bench gpu --quick's tiny model, on the CPU")
     parser.add_argument(
-        "--steps", type=int, default=4, help="denoising steps of a configuration that sets none (default: 4)"
-    )
+        "--steps", type=positive_int, default=4,
+        help="denoising steps of a configuration that sets none (default: 4)",
+    )  # fmt: skip
     parser.add_argument("--only", nargs="+", choices=list(CONFIGURATIONS), help="these configurations alone")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # (--steps 0 was a traceback, and a file that could not be written one after the counts: a minute)
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir():
+        parser.error(f"--out {out}: {'a directory' if out.is_dir() else 'its folder does not exist'}")
     started = time.perf_counter()
     counts = count_configurations(args.quick, args.steps, names=args.only)
     write_text_atomically(args.out, json.dumps({"quick": args.quick, "steps": args.steps, "counts": counts}))
