@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from bench.ceilings import synchronize
+from bench.rounds import balanced_order, ratio_rounds
 from streamgen.cli import positive_int, thread_count
 
 _PLAIN_DECODER = {
@@ -123,11 +124,13 @@ def decoder_variants(model, device, dtype, names=None, chunks: int = 5) -> dict:
     return result
 
 
-def reference_encode_ways(vae, height: int, width: int, device, dtype, rounds: int = 3) -> dict:
+def reference_encode_ways(vae, height: int, width: int, device, dtype, rounds: int = 4) -> dict:
     """A stream's start encodes its reference image with the Wan encoder: diffusers' way (3D
     convolutions over the image and the zeros before it) and as `WanVAE.single_frame_2d` does
-    it, in alternating rounds after one untimed each. Per way: ms (median), TFLOP counted, and
-    for the 2D way how far its latents are from diffusers'."""
+    it, in alternating rounds after one untimed each, the order reversed every other round
+    (bench/rounds.py; an even number of rounds balances the medians). Per way: ms (median), TFLOP
+    counted; for the 2D way how far its latents are from diffusers', and its `speedup` over them
+    (the medians' ratio; `speedup_rounds`: each round's, their median, min and max)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
@@ -143,13 +146,12 @@ def reference_encode_ways(vae, height: int, width: int, device, dtype, rounds: i
         with FlopCounterMode(display=False) as counter:
             latents[name] = encode(name)
         flops[name] = counter.get_total_flops()
-    for _ in range(rounds):
-        for name in ways:
-            sync()
-            t = time.perf_counter()
-            encode(name)
-            sync()
-            times[name].append(time.perf_counter() - t)
+    for _, name in balanced_order(ways, rounds):
+        sync()
+        t = time.perf_counter()
+        encode(name)
+        sync()
+        times[name].append(time.perf_counter() - t)
     result = {
         name: {
             "ms_p50": round(float(np.median(times[name])) * 1000, 2),
@@ -159,6 +161,9 @@ def reference_encode_ways(vae, height: int, width: int, device, dtype, rounds: i
     }
     diff = (latents["single_frame_2d"].float() - latents["diffusers"].float()).abs().max().item()
     result["single_frame_2d"]["max_abs_diff"] = float(f"{diff:.3g}")
+    ms = {name: float(np.median(t)) for name, t in times.items()}
+    result["single_frame_2d"]["speedup"] = round(ms["diffusers"] / ms["single_frame_2d"], 3)
+    result["single_frame_2d"]["speedup_rounds"] = ratio_rounds(times["diffusers"], times["single_frame_2d"])
     return result
 
 

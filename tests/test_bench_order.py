@@ -91,3 +91,23 @@ def test_the_decoders_default_rounds_balance_its_medians(monkeypatch):
     size = decoder.measure_size(vae, 32, 1, rounds=rounds, compile=False)
     assert {size[name]["speedup"] for name in ("phase_conv", "bfloat16", "autocast_bfloat16")} == {1.0}
     assert size["reference_encode"]["bfloat16_speedup"] == 1.0
+
+
+def test_the_wan_reference_encodes_take_turns(monkeypatch):
+    # diffusers' way before the 2D one in each of 3 rounds: spans 1 3 5 against 2 4 6, a 2D way
+    # as fast as diffusers' came out 1.33x slower
+    import torch
+
+    from bench import wan_decoder
+
+    class Encoder:
+        single_frame_2d = False
+
+        def encode_reference(self, image):
+            return image.mean() + (1e-3 if self.single_frame_2d else 0.0)
+
+    drifting(monkeypatch, wan_decoder)
+    got = wan_decoder.reference_encode_ways(Encoder(), 8, 8, torch.device("cpu"), torch.float32)
+    assert got["diffusers"]["ms_p50"] == got["single_frame_2d"]["ms_p50"] == 4500.0
+    assert got["single_frame_2d"]["speedup"] == 1.0 and got["single_frame_2d"]["max_abs_diff"] == 0.001
+    assert got["single_frame_2d"]["speedup_rounds"]["ratios"] == [0.5, 1.333, 0.833, 1.143]
