@@ -81,6 +81,7 @@ class LatentBank:
         if not path.exists():
             raise DataMissing(
                 f"{path} is missing: run `streamgen distill latents` to encode {root} with the autoencoder"
+                + _other_banks(root, latents, split)
             )
         # (a file cut short or spoilt, copied by hand: safetensors' error, or a KeyError, named no file)
         again = "delete it and run `streamgen distill latents` to gather it again from the cached latents"
@@ -138,6 +139,22 @@ class LatentBank:
         """A batch of given clips and crop starts (e.g. those stored with ODE trajectories)."""
         x0 = torch.stack([self.latents[c, :, s : s + crop_frames] for c, s in zip(clips, starts)])
         return Batch(ids, x0, self.reference[clips], self.audio[clips], starts, self.context[clips], clips)
+
+
+def _other_banks(root: Path, latents: str, split: str) -> str:
+    """Where `root` holds the `split` bank under other data.latents names, what to say of them: the
+    latents stage's config names its own (tiny-avatar's tiny-vae-deep), and a stage reading another
+    was told to run the latents stage, which made the banks it had made already, under that name."""
+    try:
+        names = sorted(d.name for d in (root / "latents").iterdir() if d.name != latents
+                       and (d / f"bank-{split}.safetensors").is_file())  # fmt: skip
+    except OSError:
+        return ""
+    if not names:
+        return ""
+    listed = ", ".join(repr(n) for n in names)
+    return (f" (data.latents is {latents!r}; {root / 'latents'} holds the {split} bank of {listed}: set data.latents "
+            "to the name the latents stage encoded with, its config's data.latents)")  # fmt: skip
 
 
 def data_identity(cfg) -> dict[str, str]:

@@ -135,3 +135,25 @@ def test_motion_prefixes_with_crops_of_one_frame_are_said_to_do_nothing(tmp_path
     ]
     cfg = debug_config("teacher", tmp_path / "t", **{"data.latent_frames": 1, "teacher.p_motion_prefix": 0.0})
     assert not [note for note in ignored_settings(cfg, 1) if "motion" in note]
+
+
+def test_a_missing_bank_names_the_banks_there_under_other_latents_names(tmp_path):
+    """The latents stage's config encodes into its own data.latents (tiny-avatar's tiny-vae-deep); a
+    stage reading another name (the default tiny-vae) was told to run the latents stage, which found
+    its banks made already, and the stage failed again the same way."""
+    from distill.data import DataMissing, LatentBank
+
+    for name in ("tiny-vae-deep", "other"):
+        (tmp_path / "latents" / name).mkdir(parents=True)
+        (tmp_path / "latents" / name / "bank-train.safetensors").write_bytes(b"")
+    (tmp_path / "latents" / "val-only").mkdir()
+    (tmp_path / "latents" / "val-only" / "bank-val.safetensors").write_bytes(b"")
+    with pytest.raises(DataMissing) as missing:
+        LatentBank.load(tmp_path, "tiny-vae", "train")
+    assert str(missing.value).endswith(
+        f"(data.latents is 'tiny-vae'; {tmp_path / 'latents'} holds the train bank of 'other', 'tiny-vae-deep': set "
+        "data.latents to the name the latents stage encoded with, its config's data.latents)"
+    ), str(missing.value)
+    with pytest.raises(DataMissing) as missing:
+        LatentBank.load(tmp_path, "tiny-vae", "test")
+    assert str(missing.value).endswith("with the autoencoder"), str(missing.value)
