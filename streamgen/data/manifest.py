@@ -79,6 +79,9 @@ def load_manifest(root: Path) -> dict:
             raise DataError(f"{root} is not a finished dataset: there is no such folder")
         if not root.is_dir():
             raise DataError(f"{root} is not a finished dataset: it is a file, not a dataset's folder")
+        if (dataset := _dataset_above(root)) is not None:  # (a split's folder: told to make a dataset there)
+            raise DataError(f"{root} is not a finished dataset: it is a folder inside the dataset {dataset}; "
+                            f"give the dataset's own folder, {dataset} (a split is chosen apart)")  # fmt: skip
         raise DataError(f"{root} is not a finished dataset (no manifest.json); run `streamgen data make`")
     try:
         manifest = json.loads(path.read_text())
@@ -94,6 +97,15 @@ def load_manifest(root: Path) -> dict:
     if wrong:  # (an edited manifest: a TypeError's or a KeyError's traceback where it was read)
         raise DataError(f"corrupted manifest {path}: {wrong}")
     return manifest
+
+
+def _dataset_above(folder: Path) -> Path | None:
+    """The dataset (a folder with manifest.json) that `folder` is inside, up to three levels up (a
+    split's shards, a latent cache's split: DIR/latents/NAME/train), or None."""
+    for above in list(folder.absolute().parents)[:3]:
+        if (above / "manifest.json").is_file():
+            return above
+    return None
 
 
 def _manifest_fault(manifest: dict) -> str | None:
