@@ -147,9 +147,24 @@ def _check_type(value, hint, where: str):
         except ValueError:
             pass
         else:  # ("nan" and "inf" read as floats; YAML's own .nan and .inf are refused below)
-            hint = (f" (YAML reads {value} as text: give it a decimal point, as in 1.0e-3)" if math.isfinite(number)
-                    else " (not a finite number)")  # fmt: skip
+            hint = _number_text_hint(value, number) if math.isfinite(number) else " (not a finite number)"
     raise ValueTypeError(f"{where}: expected {names}, got {value!r}{hint}", where, str in allowed)
+
+
+def _number_text_hint(text: str, number: float) -> str:
+    """Why a number came as text, and how to write it. YAML 1.1 reads a number with an exponent as a
+    number only with a decimal point and a signed one (1e-4 and 1.0e4 are text); a number that YAML
+    reads as one was quoted. (Both were "give it a decimal point, as in 1.0e-3": 1.0e4 has one, and
+    a quoted 0.001 needed none.)"""
+    import yaml
+
+    if isinstance(yaml.safe_load(text), int | float):
+        return " (a number in quotes is text: write it without them)"
+    spelt = repr(number)
+    if "e" in spelt:  # (Python's 1e-10: text to YAML again)
+        mantissa, exponent = spelt.split("e")
+        spelt = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent if exponent[0] in '+-' else '+' + exponent}"
+    return f" (YAML reads {text} as text: write it as {spelt}; an exponent needs a decimal point and a sign, as in 1.0e-3)"
 
 
 def load_config(path: str | Path, stage: str, sets: list[str] | tuple = ()) -> TrainConfig:

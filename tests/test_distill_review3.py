@@ -157,3 +157,28 @@ def test_a_missing_bank_names_the_banks_there_under_other_latents_names(tmp_path
     with pytest.raises(DataMissing) as missing:
         LatentBank.load(tmp_path, "tiny-vae", "test")
     assert str(missing.value).endswith("with the autoencoder"), str(missing.value)
+
+
+@pytest.mark.parametrize(
+    "written, says",
+    [
+        ("1e-4", "(YAML reads 1e-4 as text: write it as 0.0001; an exponent needs a decimal point and a sign, as in 1.0e-3)"),
+        ("1.0e4", "(YAML reads 1.0e4 as text: write it as 10000.0; an exponent needs a decimal point and a sign, as in 1.0e-3)"),
+        ("1e-10", "(YAML reads 1e-10 as text: write it as 1.0e-10; an exponent needs a decimal point and a sign, as in 1.0e-3)"),
+        ('"0.001"', "(a number in quotes is text: write it without them)"),
+    ],
+)
+def test_a_number_read_as_text_is_said_how_to_write_it(tmp_path, written, says):
+    """It was "give it a decimal point, as in 1.0e-3" for each: 1.0e4 has one (YAML 1.1 wants a
+    signed exponent too), and a quoted 0.001 needed none."""
+    from distill.config import ConfigError, load_config
+
+    path = tmp_path / "teacher.yaml"
+    path.write_text(f"stage: teacher\noptim: {{lr: {written}}}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, "teacher")
+    assert str(refused.value).endswith(says), str(refused.value)
+    if not written.startswith('"'):  # the spelling it gives is a number to YAML
+        fixed = says.split("write it as ")[1].split(";")[0]
+        path.write_text(f"stage: teacher\noptim: {{lr: {fixed}}}\n")
+        assert load_config(path, "teacher").optim.lr == float(written)
