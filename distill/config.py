@@ -141,7 +141,7 @@ def _check_type(value, hint, where: str):
             return value
     names = "/".join(getattr(t, "__name__", str(t)) for t in allowed)
     hint = ""
-    if float in allowed and isinstance(value, str):
+    if (float in allowed or int in allowed) and isinstance(value, str):  # (run.steps: "40" said no more)
         try:
             number = float(value)
         except ValueError:

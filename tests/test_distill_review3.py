@@ -182,3 +182,18 @@ def test_a_number_read_as_text_is_said_how_to_write_it(tmp_path, written, says):
         fixed = says.split("write it as ")[1].split(";")[0]
         path.write_text(f"stage: teacher\noptim: {{lr: {fixed}}}\n")
         assert load_config(path, "teacher").optim.lr == float(written)
+
+
+@pytest.mark.parametrize(
+    "written, says",
+    [('"40"', "(a number in quotes is text: write it without them)"), ("1e4", "(YAML reads 1e4 as text: write it as 10000.0;")],
+)
+def test_a_whole_number_read_as_text_is_said_how_to_write_it(tmp_path, written, says):
+    """run.steps: "40" was "expected int, got '40'", and 1e4 "expected int, got '1e4'", nothing more."""
+    from distill.config import ConfigError, load_config
+
+    path = tmp_path / "teacher.yaml"
+    path.write_text(f"stage: teacher\nrun: {{steps: {written}}}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, "teacher")
+    assert f"run.steps: expected int, got '{written.strip(chr(34))}' {says}" in str(refused.value), str(refused.value)
