@@ -11,13 +11,18 @@ from streamgen.cli import add_dtype_option, frame_size, named_folder, positive_i
 from streamgen.data import SPLITS
 from streamgen.files import home_expanded
 
+# what --model takes besides a model (streamgen.eval.report's GROUND_TRUTH and ROUNDTRIP): the
+# README's and docs/eval.md's rows of the renderer and the autoencoder's ceiling
+MODEL_FORMS = ("'ground-truth' for the renderer itself, 'roundtrip:MODEL' for the clips through MODEL's autoencoder "
+               "(MODEL a model or an autoencoder directory)")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "action", nargs="?", default="run", choices=["run", "train-evaluators"],
         help="run (default): evaluate --model; train-evaluators: train the SyncNet and identity encoder",
     )  # fmt: skip
-    parser.add_argument("--model", help="model name or path, or 'ground-truth' for the renderer itself")
+    parser.add_argument("--model", help=f"model name or path; {MODEL_FORMS}")
     parser.add_argument(
         "--split", default="test", choices=SPLITS, help="the split to evaluate on (default: %(default)s)"
     )
@@ -115,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             "(--split), with seeds of its own"
         )
     if not args.model:
-        raise UserError("--model is required (a model name or path, or 'ground-truth')")
+        raise UserError(f"--model is required: a model name or path; {MODEL_FORMS}")
     # (after the checks that need no torch: they answered at once, not after its ~2 s import)
     import_with_ctrl_c_held(HEAVY_IMPORTS)  # (a Ctrl-C inside torch's import aborted the process)
     from .report import GROUND_TRUTH, ROUNDTRIP, stream_memory_problem
