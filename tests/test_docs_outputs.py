@@ -32,3 +32,32 @@ def test_the_eval_reports_keys_and_files_are_those_the_doc_lists(tmp_path):
     keys, files = eval_outputs_documented()
     assert sorted(json.loads((out / "report.json").read_text())) == sorted(keys)
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == sorted(files)
+
+
+def model_json_keys_documented() -> dict[str, set[str]]:
+    """docs/distill.md's `model.json` keys: every export's, a teacher's and a Self-Forcing student's."""
+    text = (ROOT / "docs" / "distill.md").read_text()
+    said = text.split("`model.json` (keys ", 1)[1].split("), `dit.safetensors`", 1)[0]
+    every = set(re.match(r"`([^`]+)`", said).group(1).split())
+    teacher = set(re.search(r"a teacher's also `([^`]+)`", said).group(1).split())
+    student = set(re.search(r"a Self-Forcing\s+student's `([^`]+)`", said).group(1).split())
+    return {"teacher": every | teacher, "student-ode": every, "student": every | student}
+
+
+@pytest.mark.slow  # about 20 s: a debug teacher, its ODE student and a Self-Forcing one, a step each
+def test_an_exported_model_json_holds_the_keys_the_doc_lists(tmp_path):
+    """docs/distill.md said a model.json held 'config, size, steps; trained_steps': its kind (which
+    eval, generate and the stages read to tell a teacher), stage, shift, a teacher's cfg_scale and
+    motion_prefix_frames and a Self-Forcing student's cache_from were not said."""
+    from test_distill_helpers import debug_config, run
+
+    teacher = tmp_path / "teacher" / "model"
+    run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
+    run(debug_config("ode", tmp_path / "ode", teacher=teacher, init=teacher, **{"run.steps": 1}))
+    ode = tmp_path / "ode" / "model"
+    run(debug_config("self_forcing", tmp_path / "sf", teacher=teacher, init=ode, **{"run.steps": 1}))
+    written = {}
+    for folder in (teacher, ode, tmp_path / "sf" / "model"):
+        meta = json.loads((folder / "model.json").read_text())
+        written[meta["kind"]] = set(meta)
+    assert written == model_json_keys_documented()
