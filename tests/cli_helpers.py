@@ -1,5 +1,6 @@
-"""Running the `streamgen` command line in a fresh process, for the tests (no third-party imports:
-tests/test_gpu_check.py uses it where only the GPU image's packages exist)."""
+"""Running the `streamgen` command line in a fresh process or in this one, for the tests (no
+third-party imports at the top: tests/test_gpu_check.py uses it where only the GPU image's packages
+exist)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,13 @@ def refused(capsys, *argv: str) -> str:
     captured = capsys.readouterr()
     assert exit_.value.code == 2 and captured.out == "", captured.err
     return captured.err
+
+
+def no_teacher_loads(monkeypatch) -> None:
+    """A teacher's load fails the test (AssertionError "the model loaded"): for options a command
+    must refuse before it loads one (a Wan teacher's load takes minutes)."""
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr("streamgen.teacher.load_model", load_model)

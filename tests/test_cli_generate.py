@@ -7,7 +7,7 @@ import wave
 import av
 import numpy as np
 import pytest
-from cli_helpers import streamgen
+from cli_helpers import no_teacher_loads, streamgen
 
 from streamgen.cli import main
 
@@ -201,11 +201,7 @@ def test_an_empty_tiny_decoder_is_refused_not_passed_over(tmp_path, capsys):
 
 def test_a_cache_from_for_a_teacher_is_refused_before_it_loads(tmp_path, monkeypatch, capsys):
     """--cache-from given a teacher was refused once the teacher had loaded (a Wan teacher's minutes)."""
-
-    def load_model(*args, **kwargs):
-        raise AssertionError("the model loaded")
-
-    monkeypatch.setattr("streamgen.teacher.load_model", load_model)
+    no_teacher_loads(monkeypatch)
     argv = ["generate", "--model", "tiny-avatar-teacher", "--cache-from", "reencode", "--out", str(tmp_path / "x.mp4")]
     assert main([*argv, "--quiet"]) == 2
     assert capsys.readouterr().err == ("streamgen generate: error: --cache-from reencode: tiny-avatar-teacher is a "
@@ -224,11 +220,7 @@ def test_a_cache_from_for_a_teacher_is_refused_before_it_loads(tmp_path, monkeyp
 )
 def test_a_teachers_precision_options_are_refused_before_it_loads(tmp_path, monkeypatch, capsys, options, said):
     """They were refused once the teacher had loaded (a Wan teacher's minutes), as "asked: torch.bfloat16"."""
-
-    def load_model(*args, **kwargs):
-        raise AssertionError("the model loaded")
-
-    monkeypatch.setattr("streamgen.teacher.load_model", load_model)
+    no_teacher_loads(monkeypatch)
     argv = ["generate", "--model", "tiny-avatar-teacher", *options, "--out", str(tmp_path / "x.mp4"), "--quiet"]
     assert main(argv) == 2
     assert capsys.readouterr().err == f"streamgen generate: error: {said}\n"

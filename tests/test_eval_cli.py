@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+from cli_helpers import no_teacher_loads
 
 from streamgen.cli import main
 
@@ -421,11 +422,7 @@ def test_eval_refuses_steps_off_the_students_schedule(tmp_path, capsys):
 
 def test_a_cache_from_for_a_teacher_is_refused_before_it_loads(tmp_path, capsys, monkeypatch):
     """It was refused once the teacher had loaded (a Wan teacher's minutes), as generate no longer did."""
-
-    def load_model(*args, **kwargs):
-        raise AssertionError("the model loaded")
-
-    monkeypatch.setattr("streamgen.teacher.load_model", load_model)
+    no_teacher_loads(monkeypatch)
     out = tmp_path / "ev"
     assert main(["eval", "--model", "tiny-avatar-teacher", "--cache-from", "reencode", "--out", str(out)]) == 2
     assert capsys.readouterr().err == ("streamgen eval: error: --cache-from reencode: tiny-avatar-teacher is a "
@@ -436,11 +433,7 @@ def test_a_cache_from_for_a_teacher_is_refused_before_it_loads(tmp_path, capsys,
 
 def test_a_teachers_precision_options_are_refused_before_it_loads(tmp_path, capsys, monkeypatch):
     """--dtype, --decode-dtype, --encode-dtype bfloat16 were refused once the teacher had loaded."""
-
-    def load_model(*args, **kwargs):
-        raise AssertionError("the model loaded")
-
-    monkeypatch.setattr("streamgen.teacher.load_model", load_model)
+    no_teacher_loads(monkeypatch)
     out = tmp_path / "ev"
     assert main(["eval", "--model", "tiny-avatar-teacher", "--encode-dtype", "bfloat16", "--out", str(out)]) == 2
     assert capsys.readouterr().err == ("streamgen eval: error: --encode-dtype bfloat16: tiny-avatar-teacher is a "
