@@ -4,6 +4,7 @@ is refused at start, before the model loads."""
 from __future__ import annotations
 
 import pytest
+from cli_helpers import refused
 from server_helpers import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -149,11 +150,8 @@ def test_cors_origin_must_be_an_origin():
 @pytest.mark.parametrize("level", ["bogus", "trace"])
 def test_a_log_level_that_logging_does_not_know_is_refused_by_the_parser(level, capsys):
     """It was `logging.basicConfig`'s ValueError traceback, after every other check had passed."""
-    from streamgen.cli import main
-
-    with pytest.raises(SystemExit) as exit:
-        main(["serve", "--model", "debug", "--port", "0", "--log-level", level])
-    assert exit.value.code == 2 and "argument --log-level: invalid choice" in capsys.readouterr().err
+    err = refused(capsys, "serve", "--model", "debug", "--port", "0", "--log-level", level)
+    assert "argument --log-level: invalid choice" in err, err
 
 
 def test_the_server_token_may_come_from_the_environment(monkeypatch):
