@@ -104,6 +104,7 @@ class ConnectionLimits:
         self.method_seen = b""  # its first bytes, to its method's end
         self.content_lengths = ContentLengths()  # its Content-Length lines
         self.pipelined = bytearray()  # the next request's bytes, held while the one before it runs
+        self.body_left = None  # of the request's body by its Content-Length, to be read (None: chunked, or none)
         self.head_timer = None
         self.handshake = None  # its TlsHandshake (server/tls_handshake.py), on a TLS server
 
@@ -161,22 +162,46 @@ class ConnectionLimits:
             self.head_bytes += len(data)
             head_end = len(head_data) if end >= 0 else None
         cycle = self.cycle
+        if not self.awaiting_head:  # (a body's bytes)
+            return self._body_received(data)
         super().data_received(data if head_end is None else data[:head_end])
         if self.cycle is not cycle or self.transport.get_protocol() is not self:  # a head complete, or an upgrade
             self.awaiting_head = False
             self._cancel_head_timer()
             self.head_seen.clear()
+            self.body_left = self._content_length() if self._request_body_pending() else None
             if head_end is not None and (rest := data[head_end:]) and self.transport.get_protocol() is self:
-                # its body's bytes, or where it has none the next request's, pipelined
-                if self._next_request_pipelined():
-                    self._hold_pipelined(rest)
-                else:
-                    super().data_received(rest)
+                self._body_received(rest)  # (its body's bytes, or where it has none the next request's)
         elif self.awaiting_head and self.head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
             # (all of it the head's, which is not complete: a body's first bytes came after a head)
             self._refuse_head_too_large()
-        elif not self.awaiting_head:  # (the rest of a body answered unread may have ended here)
-            self._await_next_head(arm=True)
+
+    def _body_received(self, data: bytes) -> None:
+        """Bytes after a request's head: its body's to the parser; those after it, the next request's
+        (pipelined), held until its answer is complete, or taken as its head's where it is already."""
+        after = b""
+        if self.body_left is not None:  # (by its Content-Length: the next request may come in the same read)
+            data, after = data[: self.body_left], data[self.body_left :]
+            self.body_left -= len(data)
+        if self._next_request_pipelined():
+            return self._hold_pipelined(data + after)
+        if data:
+            super().data_received(data)
+        self._await_next_head(arm=True)  # (the rest of a body answered unread may have ended here)
+        if after and self.transport.get_protocol() is self and not self.transport.is_closing():
+            if self._next_request_pipelined():
+                self._hold_pipelined(after)
+            elif self.awaiting_head:
+                self.data_received(after)
+            else:
+                super().data_received(after)
+
+    def _content_length(self) -> int | None:
+        """The body's Content-Length (each parser has refused one that is not a number), None for a
+        chunked one."""
+        if any(name == b"transfer-encoding" for name, _ in self.headers):
+            return None
+        return next((int(value) for name, value in self.headers if name == b"content-length"), None)
 
     def _head_bytes_refused(self, lines: bytes, data: bytes) -> str | None:
         """Why a head's bytes that came now (`lines`, with the few before them) are refused, the same

@@ -223,3 +223,15 @@ def test_a_pipelined_request_has_the_checks_of_a_first_one(server, second, statu
     answers = answer.split(b"HTTP/1.1 ")[1:]
     assert [a[:3] for a in answers] == [b"200", b"%d" % status], answer[:2000]
     assert json.loads(answers[1].partition(b"\r\n\r\n")[2]) == said
+
+
+def test_a_request_pipelined_after_a_body_has_the_checks_too(server):
+    """The next request in the same packet as the last bytes of a body (by its Content-Length)
+    went to the parser with them, unlooked at."""
+    first = b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n[]"
+    with connect(server[0]) as sock:
+        sock.sendall(first + KEPT.replace(b"GET ", b"get "))
+        answer = answer_until_closed(sock)
+    answers = answer.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 2 and answers[0][:1] == b"4" and answers[1][:3] == b"400", answer  # ([]: not a session's)
+    assert json.loads(answers[1].partition(b"\r\n\r\n")[2]) == {"error": "bad_request", "message": unknown_method("get")}
