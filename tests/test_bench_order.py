@@ -111,3 +111,23 @@ def test_the_wan_reference_encodes_take_turns(monkeypatch):
     assert got["diffusers"]["ms_p50"] == got["single_frame_2d"]["ms_p50"] == 4500.0
     assert got["single_frame_2d"]["speedup"] == 1.0 and got["single_frame_2d"]["max_abs_diff"] == 0.001
     assert got["single_frame_2d"]["speedup_rounds"]["ratios"] == [0.5, 1.333, 0.833, 1.143]
+
+
+def test_against_speedup_is_the_ratio_of_the_medians_not_of_their_rounded_ms(monkeypatch):
+    # spans of (1 + i)^2 hundredths of a ms: phase_conv's median 0.625 ms, against's 0.445, printed
+    # 0.6 and 0.4, whose ratio 1.5 was the against_speedup
+    import bench.decoder as decoder
+
+    class Squares(DriftingClock):  # the i-th span lasts (1 + i)^2 units
+        def __call__(self):
+            if self.calls % 2:
+                self.now += (1 + self.calls // 2) ** 2
+            self.calls += 1
+            return self.now * 1e-5
+
+    monkeypatch.setattr(decoder, "time", types.SimpleNamespace(perf_counter=Squares()))
+    vae, _ = decoder._load_tiny_vae("debug")
+    other, _ = decoder._load_tiny_vae("debug")
+    size = decoder.measure_size(vae, 32, 1, rounds=2, compile=False, against=other)
+    assert (size["phase_conv"]["ms_median"], size["against"]["ms_median"]) == (0.6, 0.4)
+    assert size["against_speedup"] == {"float32": round(62.5 / 44.5, 3), "bfloat16": round(54.5 / 42.5, 3)}
