@@ -138,6 +138,8 @@ class DmdStage:
         self.latent_hw = self.vae.latent_hw(cfg.model.height, cfg.model.width)
         self.bank = load_bank(cfg, mcfg, self.latent_hw, self.vae)
         check_teacher_autoencoder(cfg, f"{cfg.stage}.teacher")
+        if self.opts.critic_init:  # (its fake score started in another latent space than the teacher's)
+            check_teacher_autoencoder(cfg, critic_key)
         self.sigmas = student_sigmas(self.opts.student_steps, self.opts.shift).to(dev)
         if world.is_main:
             _warn_of_another_schedule(cfg)
