@@ -61,3 +61,21 @@ def test_an_exported_model_json_holds_the_keys_the_doc_lists(tmp_path):
         meta = json.loads((folder / "model.json").read_text())
         written[meta["kind"]] = set(meta)
     assert written == model_json_keys_documented()
+
+
+def test_a_shards_clip_holds_the_members_and_meta_keys_the_doc_lists(tmp_path):
+    """docs/data.md's `.meta` of a clip left out its index, seed and speech_offset (the silence before
+    the speech): the members of a clip and its meta's keys are those the doc lists."""
+    import numpy as np
+
+    from streamgen.cli import main
+
+    text = (ROOT / "docs" / "data.md").read_text().split("Per clip i\nof a shard:", 1)[1]
+    members = set(re.findall(r"`(?:\{i:04d\})?\.(\w+)`", text.split("Latent caches", 1)[0]))
+    keys = set(re.search(r"`\.meta` \(JSON, keys `([^`]+)`", text).group(1).split())
+    out = tmp_path / "world"
+    argv = ["data", "make", "--out", str(out), "--clips", "1", "--seconds", "0.2", "--size", "16", "--workers", "1"]
+    assert main(argv) == 0
+    shard = np.load(out / "test" / "shard-00000.npz")
+    assert {name.split(".")[1] for name in shard.files if name != "made_for"} == members
+    assert set(json.loads(shard["0000.meta"].tobytes())) == keys
