@@ -106,6 +106,7 @@ class TeacherSession:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.pcm = np.zeros(0, np.float32)
+        self.pcm_origin = 0  # the stream's sample index of pcm[0] (what no window can reach is let go)
         self.position, self.previous, self.state = 0, None, self.vae.init_state(1)
         self.started = True
 
@@ -119,10 +120,34 @@ class TeacherSession:
         """As StreamSession's: after the audio pushed before, and audio that comes late starts at
         the video not yet made (it went to time 0, under windows already made, and was not heard)."""
         self._require_started()
-        made = self.position * self.vae.temporal_factor * SAMPLES_PER_FRAME
+        made = self.position * self.vae.temporal_factor * SAMPLES_PER_FRAME - self.pcm_origin
         if len(self.pcm) < made:
             self.pcm = np.concatenate([self.pcm, np.zeros(made - len(self.pcm), np.float32)])
         self.pcm = np.concatenate([self.pcm, to_pcm_float(pcm)])
+
+    def _first_audio_frame(self, first_latent: int) -> int:
+        """The first video frame of audio the window whose frames (motion ones included) start at
+        latent frame `first_latent` reads: its first token's context, less the audio encoder's
+        receptive field (0 without an audio encoder: none is read)."""
+        enc = self.dit.audio_encoder
+        if enc is None:
+            return max(0, first_latent * self.cfg.temporal_compression)
+        needed = first_latent * self.cfg.temporal_compression - self.cfg.audio_context_frames
+        return max(0, needed - enc.receptive_field_frames)
+
+    def _samples(self, start: int, end: int) -> np.ndarray:
+        """The stream's samples [start, end); any not pushed yet are silence."""
+        out = np.zeros(end - start, np.float32)
+        lo, hi = max(start, self.pcm_origin), min(end, self.pcm_origin + len(self.pcm))
+        if hi > lo:
+            out[lo - start : hi - start] = self.pcm[lo - self.pcm_origin : hi - self.pcm_origin]
+        return out
+
+    def _drop_audio_before(self, sample: int) -> None:
+        drop = sample - self.pcm_origin
+        if drop > 0:
+            self.pcm = self.pcm[drop:].copy()
+            self.pcm_origin += drop
 
     def close(self):
         self.previous, self.started = None, False
@@ -134,13 +159,16 @@ class TeacherSession:
         m = 0 if self.previous is None else self.motion
         first = self.position - m
         end_frame = needed_video_frames(self.position + w, cfg)
-        pcm = np.zeros(end_frame * SAMPLES_PER_FRAME, np.float32)
-        n = min(len(pcm), len(self.pcm))
-        pcm[:n] = self.pcm[:n]  # audio not pushed yet is silence
+        enc = self.dit.audio_encoder
         audio = None  # a DiT without the audio branch (StreamSession's too)
-        if self.dit.audio_encoder is not None:
-            tokens = self.dit.audio_encoder(torch.from_numpy(pcm)[None].to(self.device))
-            audio = frame_windows(tokens, 0, first, m + w, cfg)
+        if enc is not None:
+            # the samples this window's tokens depend on, as StreamSession takes a chunk's: encoding
+            # from the stream's first sample gave the same tokens, in time and memory that grew
+            # with the stream (tiny-avatar's encoder on one thread: 2.3 s and 0.6 GB a window at minute 10)
+            from_frame = self._first_audio_frame(first)
+            pcm = self._samples(from_frame * SAMPLES_PER_FRAME, end_frame * SAMPLES_PER_FRAME)
+            tokens = enc(torch.from_numpy(pcm)[None].to(self.device))
+            audio = frame_windows(tokens, from_frame, first, m + w, cfg)
         cond = Conditions.full(self.reference, audio, self.context)
         prefix = None if m == 0 else self.previous[:, :, -m:]
 
@@ -159,6 +187,7 @@ class TeacherSession:
         lead = self.vae.first_frame_index if self.position == 0 else 0
         pts = (self.position * self.vae.temporal_factor + lead) / VIDEO_FPS
         self.previous, self.position = latents, self.position + w
+        self._drop_audio_before(self._first_audio_frame(self.position - self.motion) * SAMPLES_PER_FRAME)
         out = ((frames[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         return out.cpu().numpy(), pts
 
