@@ -5,8 +5,8 @@ decoded side by side, one thread each ("frames"), in the same process (`StreamSe
 
 One started session (its ring full) runs both arms, switched round by round and in alternating order
 (this machine is shared and noisy): each round times `--chunks` chunks, the decode stage alone and the
-whole chunk. `speedup` is split's median over frames' (above 1: frames is faster); `round_ratios` each
-round's, so that a load that came and went shows. The load averages before and after say how quiet the
+whole chunk. `speedup` is split's median over frames' (above 1: frames is faster); `speedup_rounds` each
+round's ratio and their median, min and max (bench/rounds.py), so that a load that came and went shows. The load averages before and after say how quiet the
 machine was (/proc/loadavg).
 """
 
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from bench.machine import cpu_description
+from bench.rounds import balanced_order, ratio_rounds
 from streamgen.cli import frame_size, positive_int, thread_count
 from streamgen.models import load_model
 from streamgen.stream import StreamSession
@@ -75,12 +76,11 @@ def run(model_name="tiny-avatar", height=128, width=128, rounds=8, chunks=4) -> 
         session.next_chunk()
     load_before = load_average()
     times = {mode: {"decode": [], "chunk": []} for mode in MODES}
-    for r in range(rounds):
-        for mode in MODES if r % 2 == 0 else MODES[::-1]:
-            session.decode_threads = mode
-            decode_ms, chunk_ms = timed_chunks(session, chunks)
-            times[mode]["decode"].append(decode_ms)
-            times[mode]["chunk"].append(chunk_ms)
+    for _, mode in balanced_order(MODES, rounds):
+        session.decode_threads = mode
+        decode_ms, chunk_ms = timed_chunks(session, chunks)
+        times[mode]["decode"].append(decode_ms)
+        times[mode]["chunk"].append(chunk_ms)
     split, frames = times["split"], times["frames"]
     out = {
         "model": model_name,
@@ -93,11 +93,10 @@ def run(model_name="tiny-avatar", height=128, width=128, rounds=8, chunks=4) -> 
         "cpu": cpu_description(),
     }
     for part in ("decode", "chunk"):
-        ratios = [a / b for a, b in zip(split[part], frames[part])]
         out[part] = {
             "ms_median": {mode: round(float(np.median(times[mode][part])), 2) for mode in MODES},
             "speedup": round(float(np.median(split[part]) / np.median(frames[part])), 3),
-            "round_ratios": [round(x, 3) for x in ratios],
+            "speedup_rounds": ratio_rounds(split[part], frames[part]),
         }
     return out
 

@@ -6,7 +6,7 @@ first: timed in the same order every round (A B C, A B C, ...), a drift biased e
 the arm measured last. `balanced_order` reverses the order every other round (A B C, C B A, ...),
 so that over each pair of rounds every arm has the same mean place and a steady drift hits them
 alike. `ratio_rounds` gives each round's ratio of two arms, their median, min and max, so that a
-reader sees how far the rounds spread (as bench/decode_modes.py's `round_ratios` do).
+reader sees how far the rounds spread (in every benchmark that reports a ratio).
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ def test_it_times_both_ways_of_decoding_round_by_round(monkeypatch, two_threads)
     for part in ("decode", "chunk"):
         assert set(result[part]["ms_median"]) == {"split", "frames"}
         assert all(ms > 0 for ms in result[part]["ms_median"].values())
-        assert result[part]["speedup"] > 0 and len(result[part]["round_ratios"]) == 2
+        rounds = result[part]["speedup_rounds"]
+        assert result[part]["speedup"] > 0 and len(rounds["ratios"]) == 2
+        assert rounds["min"] <= rounds["median"] <= rounds["max"]
     # each arm's warm-up chunk, then a chunk of each a round, in alternating order: split's
     # convolutions over the threads (the ring's filling before, too), frames' frames side by side
     assert parts.count(2) == 3 and parts[-6:] == [1, 2, 1, 2, 2, 1]
