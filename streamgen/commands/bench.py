@@ -28,7 +28,7 @@ BENCHMARKS = {
     ),
     "resources": (
         "bench.resources",
-        "registers, spills, shared memory of each Triton kernel built for sm_90",
+        "registers, spills, shared memory of each Triton kernel built for a GPU architecture (--arch; sm_90 by default)",
     ),
     "speech-room": (
         "bench.speech_room",
