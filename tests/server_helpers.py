@@ -278,6 +278,18 @@ def answer_until_closed(sock: socket.socket) -> bytes:
     return answer
 
 
+async def sessions_gone(app, *ids: str, seconds: float = 10.0) -> None:
+    """Waits (bounded: `seconds`) for the sessions `ids`, or every session where none is named, to
+    be gone from the registry of `app` (a live server's): a teardown runs on the server's loop."""
+    import asyncio
+
+    sessions = app.state.registry.sessions
+    for _ in range(int(seconds * 20)):
+        if not (sessions.keys() & set(ids) if ids else sessions):
+            return
+        await asyncio.sleep(0.05)
+
+
 # --- WebRTC (WHEP) clients ----------------------------------------------------------------------
 async def created_session(http, **json) -> tuple[dict, dict]:
     """A session made through `http` (an httpx.AsyncClient of a live server), and its token's header."""

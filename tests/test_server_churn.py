@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 import websockets
-from server_helpers import live_server
+from server_helpers import live_server, sessions_gone
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,13 +36,6 @@ async def recvonly_offer() -> tuple:
     pc.addTransceiver("video", direction="recvonly")
     await pc.setLocalDescription(await pc.createOffer())
     return pc, pc.localDescription.sdp
-
-
-async def wait_until_empty(app, seconds: float = 5.0) -> None:
-    for _ in range(int(seconds * 10)):  # bounded
-        if not app.state.registry.sessions:
-            return
-        await asyncio.sleep(0.1)
 
 
 def test_an_upload_cut_short_is_one_log_line(caplog):
@@ -98,7 +91,7 @@ async def test_an_offer_raced_by_its_delete_is_a_404_and_leaves_no_socket(monkey
                 monkeypatch.setattr(RTCPeerConnection, "setLocalDescription", made)
                 await pc.close()
                 assert r.status_code == 404 and "deleted by client" in r.json()["message"], r.text
-            await wait_until_empty(app)
+            await sessions_gone(app)
             await asyncio.sleep(0.5)  # (sockets close as their transports end)
             after = open_sockets()
     assert app.state.registry.sessions == {}
@@ -142,7 +135,7 @@ async def test_a_socket_that_pings_without_starting_is_closed_at_the_idle_limit(
                     await asyncio.sleep(0.2)
         assert closed.value.rcvd is not None
         assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4408, "no start for 1 s")
-        await wait_until_empty(app)
+        await sessions_gone(app)
         assert app.state.registry.sessions == {}
 
 

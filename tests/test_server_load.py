@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-from server_helpers import live_server, streaming_peer
+from server_helpers import live_server, sessions_gone, streaming_peer
 
 from server.protocol import HEADER, MsgType
 from server.uvicorn_server import StuckClientDroppingProtocol
@@ -78,10 +78,7 @@ async def test_full_server_refuses_one_more_and_keeps_streaming():
             assert all(seq > 0 for seq in seqs)
             for ws in sockets:
                 await ws.close()
-            for _ in range(100):
-                if not app.state.registry.sessions:
-                    break
-                await asyncio.sleep(0.05)
+            await sessions_gone(app)
             assert (await http.post("/v1/sessions", json={})).status_code == 201
 
 
@@ -103,10 +100,7 @@ async def test_connect_disconnect_cycles_do_not_leak():
                 else:
                     ws.transport.abort()  # no close frame: a killed tab
                 if cycle in (49, 199):
-                    for _ in range(100):  # let the last teardown finish
-                        if not registry.sessions:
-                            break
-                        await asyncio.sleep(0.05)
+                    await sessions_gone(app)  # the last teardown finished
                     gc.collect()
                     # the fewest over 2 s: a teardown or a handler still finishing is not a leak (a
                     # loaded machine caught five at one look), a leaked task stays in every look
@@ -118,10 +112,7 @@ async def test_connect_disconnect_cycles_do_not_leak():
             for _ in range(10):
                 _, _, pc, _ = await streaming_peer(http, seed=0)
                 await pc.close()
-            for _ in range(100):
-                if not registry.sessions:
-                    break
-                await asyncio.sleep(0.05)
+            await sessions_gone(app)
         assert registry.sessions == {} and registry.worker.streaming == 0
         (tasks_50, threads_50, rss_50), (tasks_200, threads_200, rss_200) = samples[49], samples[199]
         print(f"tasks {tasks_50}->{tasks_200}, threads {threads_50}->{threads_200}, RSS {rss_50:.0f}->{rss_200:.0f} MB")
@@ -143,10 +134,7 @@ async def test_idle_limits():
                     for _ in range(500):  # read frames, send nothing: idle after 1 s
                         await asyncio.wait_for(ws.recv(), 10)
                 assert closed.value.rcvd.code == 4408
-            for _ in range(60):
-                if never_attached["id"] not in app.state.registry.sessions:
-                    break
-                await asyncio.sleep(0.1)
+            await sessions_gone(app, never_attached["id"])
             assert never_attached["id"] not in app.state.registry.sessions
 
 
@@ -275,10 +263,7 @@ async def test_model_in_a_child_process_and_its_memory_and_cpu_in_the_metrics():
                 assert len(frames[-1]) == HEADER.size + 64 * 64 * 3
                 await ws.send(json.dumps({"type": "caption", "text": "smiling"}))  # debug model: an error reply
                 await ws.send(json.dumps({"type": "stop"}))
-            for _ in range(100):
-                if not app.state.registry.sessions:
-                    break
-                await asyncio.sleep(0.05)
+            await sessions_gone(app)
             assert app.state.registry.sessions == {}
             bad = await http.post("/v1/sessions", json={"caption": "smiling"})  # debug model takes no captions
             assert bad.status_code == 422
@@ -321,10 +306,7 @@ async def test_a_model_process_killed_while_idle_is_reported_without_a_request()
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(asyncio.wait_for(preroll, 20), app.state.loop))
             host.process.kill()
             host.process.join(10)
-            for _ in range(100):  # closed by the limits' check, once a second
-                if not app.state.registry.sessions:
-                    break
-                await asyncio.sleep(0.05)
+            await sessions_gone(app)  # closed by the limits' check, once a second
             health = await http.get("/healthz")
             assert health.status_code == 503 and health.json()["error"] == (
                 "the model process exited (code -9: killed by SIGKILL, as the kernel's out-of-memory killer does)"

@@ -16,6 +16,7 @@ from server_helpers import (
     live_server,
     post_offer,
     post_sdp,
+    sessions_gone,
     streaming_peer,
 )
 from test_server_webrtc_offers import _only_codec
@@ -112,10 +113,7 @@ async def test_peer_that_vanishes_frees_its_session(server):
     async with httpx.AsyncClient(base_url=url, timeout=20) as http:
         created, _, pc, _ = await streaming_peer(http)
         await pc.close()  # no DELETE
-        for _ in range(100):
-            if created["id"] not in app.state.registry.sessions:
-                break
-            await asyncio.sleep(0.1)
+        await sessions_gone(app, created["id"])
         assert created["id"] not in app.state.registry.sessions
 
 
@@ -174,10 +172,7 @@ async def test_an_answer_the_server_fails_to_finish_ends_its_session(server, mon
         r = await http.post("/v1/whep?avatar=ada", content=offer, headers={"content-type": "application/sdp"})
         await pc.close()
     assert r.status_code == 500
-    for _ in range(50):  # bounded: 5 s for the teardown
-        if not app.state.registry.sessions:
-            break
-        await asyncio.sleep(0.1)
+    await sessions_gone(app)
     assert app.state.registry.sessions == {}
 
 
@@ -193,10 +188,7 @@ async def test_a_peer_that_never_connects_frees_its_session(server, monkeypatch)
         r = await http.post("/v1/whep?avatar=ada", content=offer, headers={"content-type": "application/sdp"})
         assert r.status_code == 201
         await pc.close()  # (the answer never applied)
-        for _ in range(100):  # bounded: 10 s
-            if not app.state.registry.sessions:
-                break
-            await asyncio.sleep(0.1)
+        await sessions_gone(app)
         metrics = (await http.get("/metrics")).text
     assert app.state.registry.sessions == {}
     assert 'streamgen_sessions_closed_total{reason="never_connected"} 1.0' in metrics
