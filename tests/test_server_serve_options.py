@@ -10,6 +10,27 @@ from server_helpers import free_port
 pytestmark = pytest.mark.timeout(120)
 
 
+def server_never_starts(monkeypatch) -> None:
+    """`serve`'s server fails the test if it starts (it would serve until stopped): for what serve
+    must refuse before it."""
+
+    def serve(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
+
+
+def configs_served(monkeypatch) -> list:
+    """The ServerConfig each `serve` makes its app of, the app not made and the server ended as it
+    starts."""
+    import server.app
+
+    configs = []
+    monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    return configs
+
+
 @pytest.mark.parametrize("host, says", [("127.0.0.1", "Address already in use"), ("no-such-host.invalid", "")])
 def test_a_port_in_use_or_an_unknown_host_is_refused_before_the_model_loads(host, says, capsys, monkeypatch):
     """A port in use or a host that does not resolve was uvicorn's own error (exit 3), after the
@@ -18,10 +39,7 @@ def test_a_port_in_use_or_an_unknown_host_is_refused_before_the_model_loads(host
 
     from streamgen.cli import main
 
-    def serve(*args, **kwargs):
-        raise AssertionError("the server started")
-
-    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
+    server_never_starts(monkeypatch)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -37,10 +55,7 @@ def test_an_empty_host_is_refused_not_taken_for_every_interface(capsys, monkeypa
     serving the network where the default serves this machine alone."""
     from streamgen.cli import main
 
-    def serve(*args, **kwargs):
-        raise AssertionError("the server started")
-
-    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
+    server_never_starts(monkeypatch)
     assert main(["serve", "--model", "debug", "--host", "", "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
     assert err == "streamgen serve: error: --host '' names no address: give 127.0.0.1 (this machine only, " \
@@ -88,10 +103,7 @@ def test_a_server_token_no_request_can_carry_is_refused_at_start(token, capsys, 
     one line before the model loads."""
     from streamgen.cli import main
 
-    def serve(*args, **kwargs):  # (it would serve until stopped)
-        raise AssertionError("the server started")
-
-    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
+    server_never_starts(monkeypatch)
     assert main(["serve", "--port", str(free_port()), "--model", "debug", "--token", token]) == 2
     err = capsys.readouterr().err
     assert "--token" in err and "printable ASCII" in err and len(err.strip().splitlines()) == 1, err
@@ -103,10 +115,7 @@ def test_a_server_token_a_url_would_change_is_refused_at_start(token, capsys, mo
     -base64 makes them): every such request was a 403 "wrong server token"."""
     from streamgen.cli import main
 
-    def serve(*args, **kwargs):
-        raise AssertionError("the server started")
-
-    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
+    server_never_starts(monkeypatch)
     assert main(["serve", "--port", str(free_port()), "--model", "debug", "--token", token]) == 2
     err = capsys.readouterr().err
     assert "changes meaning in a URL's ?token=" in err and len(err.strip().splitlines()) == 1, err
@@ -131,10 +140,7 @@ def test_a_bad_token_from_the_environment_is_said_to_come_from_it(token, problem
     """It was said to be --token's, which the command line did not have."""
     from streamgen.cli import main
 
-    def serve(*args, **kwargs):
-        raise AssertionError("the server started")
-
-    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
+    server_never_starts(monkeypatch)
     monkeypatch.setenv("STREAMGEN_TOKEN", token)
     assert main(["serve", "--port", str(free_port()), "--model", "debug"]) == 2
     err = capsys.readouterr().err
@@ -156,12 +162,9 @@ def test_a_log_level_that_logging_does_not_know_is_refused_by_the_parser(level, 
 
 def test_the_server_token_may_come_from_the_environment(monkeypatch):
     """Given only as --token it was in the command line, which any user of the machine reads (ps)."""
-    import server.app
     from streamgen.cli import main
 
-    configs = []
-    monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
-    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    configs = configs_served(monkeypatch)
     monkeypatch.setenv("STREAMGEN_TOKEN", "from-the-environment")
     assert main(["serve", "--model", "debug", "--port", str(free_port())]) == 0
     assert main(["serve", "--model", "debug", "--port", str(free_port()), "--token", "given"]) == 0
@@ -173,12 +176,9 @@ def test_the_server_token_may_come_from_the_environment(monkeypatch):
 def test_a_host_of_this_machine_alone_makes_webrtc_offer_loopback(monkeypatch):
     """Only 127.0.0.1 did: `--host localhost` served the page, and WebRTC offered only the other
     interfaces, where a container without a network has none."""
-    import server.app
     from streamgen.cli import main
 
-    configs, checked = [], []
-    monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
-    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    configs, checked = configs_served(monkeypatch), []
     # (the port check binds its host: a test binds loopback only, never 0.0.0.0's every interface)
     monkeypatch.setattr("server.cli._check_address", lambda host, port: checked.append(host))
     hosts = ("127.0.0.1", "localhost", "127.0.0.2", "0.0.0.0")
@@ -191,11 +191,9 @@ def test_a_host_of_this_machine_alone_makes_webrtc_offer_loopback(monkeypatch):
 @pytest.mark.parametrize("origin", ["https://app.example.org:99999", "http://app.example.org:http"])
 def test_a_cors_origin_with_a_port_no_page_can_have_is_refused(origin, capsys, monkeypatch):
     """It was taken, and matched no page's Origin header: each page's calls were blocked."""
-    import server.app
     from streamgen.cli import main
 
-    monkeypatch.setattr(server.app, "create_app", lambda config: None)
-    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    configs_served(monkeypatch)
     assert main(["serve", "--port", str(free_port()), "--model", "debug", "--cors-origin", origin]) == 2
     assert f"--cors-origin {origin!r}: an origin is scheme://host[:port]" in capsys.readouterr().err
 
@@ -203,11 +201,9 @@ def test_a_cors_origin_with_a_port_no_page_can_have_is_refused(origin, capsys, m
 @pytest.mark.parametrize("origin", ["https://*.example.org", "http://app.*.example.org:8080"])
 def test_a_cors_origin_with_a_wildcard_in_it_is_refused_not_taken_for_a_host(origin, capsys, monkeypatch):
     """It was taken for a host of that name, which no page's Origin is: every page's calls were blocked."""
-    import server.app
     from streamgen.cli import main
 
-    monkeypatch.setattr(server.app, "create_app", lambda config: None)
-    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    configs_served(monkeypatch)
     assert main(["serve", "--port", str(free_port()), "--model", "debug", "--cors-origin", origin]) == 2
     assert capsys.readouterr().err == (f"streamgen serve: error: --cors-origin {origin!r}: a '*' in an origin "
                                        "matches nothing: give each origin (--cors-origin is repeatable), or '*' alone for any\n")
@@ -218,10 +214,7 @@ def test_serve_refuses_steps_off_the_students_schedule(capsys, monkeypatch):
     noise levels the student never learned."""
     from streamgen.cli import main
 
-    def serve(*args, **kwargs):
-        raise AssertionError("the server started")
-
-    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
+    server_never_starts(monkeypatch)
     assert main(["serve", "--port", str(free_port()), "--model", "tiny-avatar", "--steps", "3"]) == 2
     assert capsys.readouterr().err == (
         "streamgen serve: error: --steps 3: tiny-avatar runs 1, 2 or 4 steps, the levels of the 4-step "
@@ -231,12 +224,9 @@ def test_serve_refuses_steps_off_the_students_schedule(capsys, monkeypatch):
 
 def test_a_model_timeout_without_a_model_process_is_refused_not_ignored(capsys, monkeypatch):
     """docs/serving.md: --model-timeout is "with --model-process"; without it, it was taken and timed nothing."""
-    import server.app
     from streamgen.cli import main
 
-    configs = []
-    monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
-    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    configs = configs_served(monkeypatch)
     assert main(["serve", "--port", str(free_port()), "--model", "debug", "--model-timeout", "30"]) == 2
     assert capsys.readouterr().err == (
         "streamgen serve: error: --model-timeout 30 applies with --model-process only (a model in this process "
