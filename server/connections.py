@@ -156,6 +156,8 @@ class ConnectionLimits:
             head_data = data[: end + 4 - len(self.head_tail)] if end >= 0 else data  # (not a body's bytes after it)
             if (refused := self._head_bytes_refused(seen[: end + 4] if end >= 0 else seen, head_data)) is not None:
                 return self._answer_and_close(b"400 Bad Request", "bad_request", refused)
+            if line_ended and self.request_line_spaces > 2:  # (httptools served 'GET  /healthz', h11 refused it)
+                return self._answer_and_close(b"400 Bad Request", "bad_request", NOT_PARSED)
             if line_ended and (refused := version_refused(self.request_line_tail, self.request_line_spaces)):
                 return self._answer_and_close(b"505 HTTP Version Not Supported", "http_version_not_supported", refused)
             self.head_tail = seen[-3:]  # (the blank line that ends a head may come split)
@@ -439,17 +441,19 @@ class ConnectionLimits:
         if host is not None and not HOST.fullmatch(host):
             # (served as it came: the origin guard and the routes read it; RFC 9112 3.2: a 400)
             return f"the Host header {host.decode('latin-1')[:80]!r} is not a host[:port] (RFC 9112, 3.2)"
-        return self._absolute_target_refused()
+        return self._target_refused()
 
-    def _absolute_target_refused(self) -> str | None:
-        """Why a request target in absolute form (`GET http://host/path`, as to a proxy) is refused,
-        or None: then its authority is the request's Host, as RFC 9112 3.2.2 has a server take it
-        (the Host header ignored). The origin guard and the routes read the Host header, which
+    def _target_refused(self) -> str | None:
+        """Why a request target is refused, or None. One in origin form must begin with '/' (h11 took
+        'GET healthz' for '/healthz', httptools refused it). One in absolute form (`GET http://host/path`,
+        as to a proxy) has its authority taken for the request's Host, as RFC 9112 3.2.2 has a server
+        take it (the Host header ignored). The origin guard and the routes read the Host header, which
         named another server than the target's; h11 served an empty authority ('http:///healthz')
         that httptools refused, and both a userinfo ('http://user@host/', RFC 9110 4.2.4: an error)
         and another scheme than HTTP's."""
-        if (absolute := ABSOLUTE_TARGET.match(self._request_target())) is None:
-            return None
+        target = self._request_target()
+        if (absolute := ABSOLUTE_TARGET.match(target)) is None:
+            return None if target.startswith(b"/") or target == b"*" else NOT_PARSED
         if absolute[1].lower() not in (b"http", b"https"):  # (h11: a 404 'nothing at /ftp://...', httptools: served)
             return NOT_HTTP_TARGET
         authority = absolute[2]

@@ -134,13 +134,17 @@ def unknown_method(name: str) -> str:
     (GET.replace(b" /healthz", b" http://:80/healthz"), 400, {"error": "bad_request", "message": NOT_PARSED}),
     (GET.replace(b" /healthz", b" ftp://127.0.0.1/healthz"), 400, {"error": "bad_request", "message": NOT_HTTP_TARGET}),
     (GET.replace(b" /healthz", b" http://127.0.0.1/healthz"), 200, {"status": "ok"}),
+    (GET.replace(b"GET ", b"GET  "), 400, {"error": "bad_request", "message": NOT_PARSED}),
+    (GET.replace(b" HTTP/1.1", b"  HTTP/1.1"), 400, {"error": "bad_request", "message": NOT_PARSED}),
+    (GET.replace(b" /healthz", b" healthz"), 400, {"error": "bad_request", "message": NOT_PARSED}),
     (b"\r\n" + GET, 200, {"status": "ok"}),  # (RFC 9112 2.2: a server SHOULD ignore an empty line before it)
     (GET.replace(b"Connection", b"X-Tab: a\tb\r\nConnection"), 200, {"status": "ok"}),
 ], ids=["get", "Get", "unknown", "folded", "space-after-request-line", "bare-lf", "one-bare-lf", "control",
         "delete", "gzip", "gzip-chunked", "gzip-then-chunked", "chunked-twice", "connect", "http-0.9", "http-1.2",
         "http-2.0", "tab-after-method", "length-list", "length-twice", "lengths-differ", "length-plus", "chunk-size-bare-lf",
         "chunk-lines-all-bare-lf", "chunk-data-bare-lf", "target-userinfo", "target-no-host", "target-port-alone",
-        "target-ftp", "target-absolute", "empty-line-first",
+        "target-ftp", "target-absolute", "two-spaces-after-method", "two-spaces-before-version", "target-no-slash",
+        "empty-line-first",
         "tab"])  # fmt: skip
 def test_a_head_either_parser_would_refuse_is_answered_the_same_by_both(server, request_bytes, status, said):
     """h11 served a lowercase or unknown method as a 405 ('get is not allowed'), a folded header,
