@@ -307,6 +307,7 @@ class ConnectionLimits:
         # (h11's: 'Missing mandatory Host: header', 'Found multiple Host: headers')
         not_one_host = isinstance(refused and refused.__context__, NotOneHost) or "Host: header" in str(refused)
         both_lengths = "Content-Length can't be present with Transfer-Encoding" in str(refused)  # (httptools')
+        both_lengths = both_lengths or (self.content_lengths.lines > 0 and self.content_lengths.codings)  # (h11's)
         # (httptools': HTTP/3.0, say, or HTTP/2's preface 'PRI * HTTP/2.0' of a client of h2c by prior knowledge)
         if "Invalid HTTP version" in str(refused) or "Pause on PRI" in str(refused):
             return self._answer_and_close(b"505 HTTP Version Not Supported", "http_version_not_supported",

@@ -87,26 +87,32 @@ def version_refused(request_line_tail: bytes, spaces: int) -> str | None:
 class ContentLengths:
     """A head's Content-Length lines, counted as its bytes come: h11 merged a list of equal values
     ('2, 2') and repeated equal headers into one before anything read its headers, where httptools
-    refused both. More than one, or a list, is refused under either parser."""
+    refused both. More than one, or a list, is refused under either parser. Its Transfer-Encoding
+    lines are noted too: h11 refused one other than chunked beside a Content-Length for its coding
+    before anything read its headers, where httptools refused it for having both."""
 
     NAME = b"content-length:"
+    CODINGS = b"transfer-encoding:"
     # (RFC 9112 6.3 lets a server take repeated equal values as one, or refuse them: httptools refused them)
     REFUSED = "a request must have one Content-Length header, its value one number (RFC 9112, 6.3)"
 
     def __init__(self) -> None:
-        self.line_start = b""  # the first bytes of the line that has not ended yet (enough for NAME)
+        self.line_start = b""  # the first bytes of the line that has not ended yet (enough for the names)
         self.line_has_comma = False
         self.lines = 0
         self.listed = False
+        self.codings = False  # a Transfer-Encoding line came
 
     def refused(self, head_data: bytes) -> str | None:
         """Why the head's lines so far, with `head_data` (its bytes that came now), are refused, or None."""
         for ended, piece in enumerate(head_data.split(b"\n")):
             if ended:  # (a line ended before this piece)
-                if self.line_start.lower() == self.NAME:
+                name = self.line_start.lower()
+                if name.startswith(self.NAME):
                     self.lines += 1
                     self.listed = self.listed or self.line_has_comma
+                self.codings = self.codings or name == self.CODINGS
                 self.line_start, self.line_has_comma = b"", False
-            self.line_start += piece[: len(self.NAME) - len(self.line_start)]
+            self.line_start += piece[: len(self.CODINGS) - len(self.line_start)]
             self.line_has_comma = self.line_has_comma or b"," in piece
         return self.REFUSED if self.lines > 1 or self.listed else None

@@ -134,6 +134,8 @@ def unknown_method(name: str) -> str:
     (GET.replace(b" /healthz", b" http://:80/healthz"), 400, {"error": "bad_request", "message": NOT_PARSED}),
     (GET.replace(b" /healthz", b" ftp://127.0.0.1/healthz"), 400, {"error": "bad_request", "message": NOT_HTTP_TARGET}),
     (GET.replace(b" /healthz", b" http://127.0.0.1/healthz"), 200, {"status": "ok"}),
+    (POST + b"Transfer-Encoding: identity\r\nContent-Length: 2\r\n\r\n[]", 400, {"error": "bad_request",
+     "message": "a request must not have both Transfer-Encoding and Content-Length (RFC 9112, 6.1)"}),
     (GET.replace(b"GET ", b"GET  "), 400, {"error": "bad_request", "message": NOT_PARSED}),
     (GET.replace(b" HTTP/1.1", b"  HTTP/1.1"), 400, {"error": "bad_request", "message": NOT_PARSED}),
     (GET.replace(b" /healthz", b" healthz"), 400, {"error": "bad_request", "message": NOT_PARSED}),
@@ -143,7 +145,7 @@ def unknown_method(name: str) -> str:
         "delete", "gzip", "gzip-chunked", "gzip-then-chunked", "chunked-twice", "connect", "http-0.9", "http-1.2",
         "http-2.0", "tab-after-method", "length-list", "length-twice", "lengths-differ", "length-plus", "chunk-size-bare-lf",
         "chunk-lines-all-bare-lf", "chunk-data-bare-lf", "target-userinfo", "target-no-host", "target-port-alone",
-        "target-ftp", "target-absolute", "two-spaces-after-method", "two-spaces-before-version", "target-no-slash",
+        "target-ftp", "target-absolute", "identity-and-length", "two-spaces-after-method", "two-spaces-before-version", "target-no-slash",
         "empty-line-first",
         "tab"])  # fmt: skip
 def test_a_head_either_parser_would_refuse_is_answered_the_same_by_both(server, request_bytes, status, said):
@@ -172,7 +174,10 @@ def test_content_length_lines_are_counted_across_reads():
     lengths = ContentLengths()
     for piece in (b"POST / HTTP/1.1\r\nHost: a, b\r\nX-Content-Length: 1, 2\r\nContent-Le", b"ngth: 2\r\nConte"):
         assert lengths.refused(piece) is None
-    assert lengths.refused(b"nt-length: 2\r\n\r\n") == ContentLengths.REFUSED
+    assert lengths.refused(b"nt-length: 2\r\n\r\n") == ContentLengths.REFUSED and not lengths.codings
+    lengths = ContentLengths()
+    assert lengths.refused(b"POST / HTTP/1.1\r\nTransfer-Enc") is None and not lengths.codings
+    assert lengths.refused(b"oding: gzip\r\nContent-Length: 2\r\n") is None and lengths.codings and lengths.lines == 1
     lengths = ContentLengths()
     assert lengths.refused(b"POST / HTTP/1.1\r\nContent-Length: 2,") is None  # (its line not ended yet)
     assert lengths.refused(b" 2\r\n") == ContentLengths.REFUSED
