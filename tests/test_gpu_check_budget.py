@@ -315,6 +315,30 @@ def test_gpu_check_ends_within_its_deadline_when_every_step_takes_its_limit(tmp_
     assert limit_s >= 150 and 0 < budget_s <= limit_s - 20, bench  # time for the new levers
 
 
+def test_a_longer_plot_limit_given_with_its_deadline_leaves_the_benchmark_its_time(tmp_path):
+    """The plot (~2.5 CPU s: matplotlib's import, layout and PNG) ran past its 20 s limit in the CPU
+    rehearsal on a loaded 2-core machine, and the rehearsal failed for a missing PNG. A longer
+    GPU_CHECK_PLOT_TIMEOUT, with GPU_CHECK_DEADLINE longer by as much, bounds the plot by it and
+    leaves the benchmark the limit and budget it has by default."""
+    (tmp_path / "default").mkdir()
+    (tmp_path / "longer").mkdir()
+    _, default_s = _gpu_check_on_a_fake_clock(tmp_path / "default")
+    _, longer_s = _gpu_check_on_a_fake_clock(
+        tmp_path / "longer", GPU_CHECK_PLOT_TIMEOUT="120", GPU_CHECK_DEADLINE="630"
+    )
+    assert longer_s == default_s + 100
+
+    def limits(run) -> tuple[list[str], list[str]]:
+        lines = [line.split() for line in (tmp_path / run / "timeouts.log").read_text().splitlines()]
+        (bench,) = [line for line in lines if "bench.gpu" in line]
+        (plot,) = [line for line in lines if "bench.gpu_plot" in " ".join(line)]
+        return bench[:2] + bench[bench.index("--budget") : bench.index("--budget") + 2], plot[:2]
+
+    (default_bench, default_plot), (longer_bench, longer_plot) = limits("default"), limits("longer")
+    assert default_plot == ["20", "5"] and longer_plot == ["120", "5"]
+    assert longer_bench == default_bench
+
+
 @pytest.mark.parametrize("steps", [["--steps", "2"], ["--steps=2"]], ids=["separate", "joined"])
 def test_the_floors_are_counted_at_the_benchmarks_steps(tmp_path, steps):
     """`bench gpu --floor-work` takes counts of its own model and steps alone: with `--steps 2` in
