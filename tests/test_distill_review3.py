@@ -1,4 +1,6 @@
-"""Distillation settings honoured as given: the self-correction coin's probability, the critic's start."""
+"""Distillation settings honoured as given, or refused saying why: the self-correction coin's
+probability, the critic's start, motion prefixes of one-frame crops, a latent bank under another
+name, numbers that YAML read as text."""
 
 from __future__ import annotations
 
