@@ -114,7 +114,7 @@ class DmdStage:
         self.teacher_digest = broadcast_text(digest, world)
         critic_key = f"{cfg.stage}.critic_init"
         if self.opts.critic_init:
-            self.critic = load_critic(self.opts.critic_init, critic_key).to(dev).train()
+            self.critic = self._critic_start(critic_key).to(dev).train()
         else:  # a copy of the teacher loaded above: read again, the path may hold another export
             self.critic = copy.deepcopy(self.teacher).requires_grad_(True).train()
         critic = f"{critic_key} {self.opts.critic_init}" if self.opts.critic_init else "critic"
@@ -149,6 +149,31 @@ class DmdStage:
                 "critic", self.critic, self.opts.critic_optim, world, f"{cfg.stage}.critic_optim"
             ),
         }
+
+    def _critic_start(self, key: str):
+        """critic_init's DiT; where its folder is gone (moved, deleted) and run.out has a checkpoint
+        (the Trainer builds a stage over checkpoints only to resume them), one of the checkpoint's
+        critic config, whose weights the resume loads: the resume stopped on a folder it needs
+        nothing of ("... is not a model directory (no model.json); train the stage that makes it
+        first")."""
+        from pathlib import Path
+
+        from streamgen import checkpoint as ckpt
+        from streamgen.model.config import ModelConfig
+        from streamgen.model.model import DiT
+        from streamgen.models import resolve_model_dir
+
+        source = self.opts.critic_init
+        if source.startswith("wan:") or resolve_model_dir(source) is not None:
+            return load_critic(source, key)
+        latest = ckpt.latest_checkpoint(Path(self.cfg.run.out))
+        config = ckpt.checkpoint_header(latest).get("model_configs", {}).get("critic") if latest else None
+        if not isinstance(config, dict):
+            return load_critic(source, key)  # (its message: what the path is instead)
+        if self.world.is_main:
+            print(f"warning: {key} {source} is not there: the critic is built from {latest.name}'s config, and "
+                  "its weights are the checkpoint's, as they are on any resume", file=sys.stderr)  # fmt: skip
+        return DiT(ModelConfig.from_dict(config))
 
     def model_configs(self) -> dict:
         return {"generator": self.student.cfg.to_dict(), "critic": self.critic.cfg.to_dict()}

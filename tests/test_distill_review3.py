@@ -1,5 +1,5 @@
 """Distillation settings honoured as given, or refused saying why: the self-correction coin's
-probability, the critic's start, motion prefixes of one-frame crops, a latent bank under another
+probability, the critic's start (and its resume), motion prefixes of one-frame crops, a latent bank under another
 name, numbers that YAML read as text."""
 
 from __future__ import annotations
@@ -250,3 +250,35 @@ def test_a_critic_trained_on_another_autoencoders_latents_is_refused(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
     cfg.options.critic_init = str(teacher)
     run(cfg)
+
+
+@pytest.mark.slow
+def test_a_resume_whose_critic_init_is_gone_goes_on_from_the_checkpoints_critic(pipeline, tmp_path, capsys):
+    """The critic's weights and config are in every checkpoint, but a resume read critic_init again
+    to build it: with that folder moved or deleted, the run could not go on ("... is not a model
+    directory (no model.json); train the stage that makes it first"). It goes on, with a warning,
+    to the weights of the run never interrupted."""
+    import shutil
+
+    from test_distill_helpers import final_tensors, max_difference, run
+
+    critic = tmp_path / "critic"
+    shutil.copytree(pipeline["teacher"], critic)
+    run(_whole(pipeline, tmp_path, critic))
+    run(_whole(pipeline, tmp_path, critic, out="cut"), stop_after=2)
+    shutil.rmtree(critic)
+    capsys.readouterr()
+    run(_whole(pipeline, tmp_path, critic, out="cut"), resume=True)
+    err = capsys.readouterr().err
+    assert f"warning: self_forcing.critic_init {critic} is not there: the critic is built" in err, err
+    assert max_difference(final_tensors(tmp_path / "whole"), final_tensors(tmp_path / "cut")) == 0
+    with pytest.raises(Exception, match="is not a model directory"):  # (a fresh run has no critic to go on from)
+        run(_whole(pipeline, tmp_path, critic, out="fresh"))
+
+
+def _whole(pipeline, tmp_path, critic, out="whole"):
+    from test_distill_helpers import debug_config
+
+    cfg = debug_config("self_forcing", tmp_path / out, teacher=pipeline["teacher"], init=pipeline["student"])
+    cfg.options.critic_init = str(critic)
+    return cfg
