@@ -1,4 +1,4 @@
-"""What a command's --help says an option takes is what the docs give it."""
+"""What a command says: its --help, the forms the docs give an option; its last line, in words."""
 
 import argparse
 
@@ -33,3 +33,20 @@ def test_evals_help_and_its_missing_model_line_name_every_form_the_docs_give_mod
     assert main(["eval", "--out", str(tmp_path / "out")]) == 2
     said = capsys.readouterr().err
     assert sorted(f for f in forms if f not in said) == []
+
+
+def test_train_evaluators_says_what_it_trained_in_words(tmp_path, monkeypatch, capsys):
+    """Its last line ended in a Python dict, "({'clips': 400, 'seed': 0, 'seconds': 612.3})"."""
+    from streamgen.eval import train
+
+    monkeypatch.setattr(train, "check_training_data", lambda data, clips: None)
+    monkeypatch.setattr(train, "train_evaluators", lambda out, *args: {"clips": 400, "seed": 0, "seconds": 612.3})
+    out = tmp_path / "ev"
+    assert main(["eval", "train-evaluators", "--out", str(out)]) == 0
+    written = f"{out / 'syncnet.safetensors'} and {out / 'identity.safetensors'}"
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {written} (400 clips, seed 0, in 612.3 s)"
+    monkeypatch.setattr(train, "train_evaluators", lambda out, *args: {"clips": 4, "seed": 1, "seconds": 2.0,
+                                                                        "resumed_from": 250})  # fmt: skip
+    assert main(["eval", "train-evaluators", "--out", str(out)]) == 0
+    said = capsys.readouterr().out.splitlines()[-1]
+    assert said == f"wrote {written} (4 clips, seed 1, in 2 s, resumed from step 250)"
