@@ -50,3 +50,17 @@ def test_train_evaluators_says_what_it_trained_in_words(tmp_path, monkeypatch, c
     assert main(["eval", "train-evaluators", "--out", str(out)]) == 0
     said = capsys.readouterr().out.splitlines()[-1]
     assert said == f"wrote {written} (4 clips, seed 1, in 2 s, resumed from step 250)"
+
+
+def test_data_makes_out_may_hold_the_same_dataset_as_its_help_says(tmp_path, capsys):
+    """`data make --help` said '--out: output folder (must not hold a dataset)', while the same make
+    run again into it has nothing to do (exit 0), and an unfinished one goes on (docs/data.md)."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    data = next(a for a in sub.choices["data"]._actions if isinstance(a, argparse._SubParsersAction))
+    said = next(a.help for a in data.choices["make"]._actions if "--out" in a.option_strings)
+    out = tmp_path / "world"
+    argv = ["data", "make", "--out", str(out), "--clips", "1", "--seconds", "0.2", "--size", "16", "--workers", "1"]
+    assert main(argv) == 0 and main(argv) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert "must not hold" not in said and "the same settings" in said and "unfinished" in said
+    assert main([*argv[:5], "2", *argv[6:]]) == 2  # (another dataset: refused)

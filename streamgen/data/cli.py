@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
     sub.required = True
     make = sub.add_parser("make", help="generate a sharded dataset of talking-head clips")
-    make.add_argument("--out", type=named_folder, required=True, help="output folder (must not hold a dataset)")
+    make.add_argument("--out", type=named_folder, required=True,
+                      help="output folder: a new one, or one a make of the same settings left (an unfinished "
+                      "make goes on from its shards, a finished one has nothing to do; another dataset is refused)")  # fmt: skip
     make.add_argument("--clips", type=positive_int, required=True, help="number of clips over all splits")
     make.add_argument("--seed", type=seed_number, default=0, help="the world's seed (default: %(default)s)")
     make.add_argument(
