@@ -368,7 +368,12 @@ class StreamSession:
             )
         end_rel = start + a.size - self._pcm_origin
         if end_rel > self._pcm.size:
-            self._pcm = np.concatenate([self._pcm, np.zeros(end_rel - self._pcm.size, np.float32)])
+            # grown by doubling: zeros past the pushed audio read as the silence it would be anyway
+            # (growing it to fit copied all of the audio buffered at every push: 120 s pushed ahead
+            # in 20 ms frames took 22 s, and held the audio lock, which the next chunk waits for)
+            grown = np.zeros(max(end_rel, 2 * self._pcm.size), np.float32)
+            grown[: self._pcm.size] = self._pcm
+            self._pcm = grown
         self._pcm[start - self._pcm_origin : end_rel] = a
         self._write_pos = start + a.size
 
