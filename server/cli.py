@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "fp8_qk and fp8 (on a CPU triton, flash and cudnn run as sdpa, and the FP8 ones are "
                         "emulated; `streamgen bench gpu` times them)")  # fmt: skip
     add_dtype_option(parser, "--dtype", "the DiT's weights and cache (auto: float32, and bfloat16 from 224x224 up "
-                     "on CPUs with AMX; bfloat16 on GPUs)")  # fmt: skip
+                     "on CPUs with AMX; on a GPU the model's own, float32 for ours: give bfloat16 there)")  # fmt: skip
     parser.add_argument("--fp8", action="store_true",
                         help="the DiT's block linears in FP8 (sm_89+ GPUs with --dtype bfloat16; on a CPU it runs, "
                         "slower than float32)")  # fmt: skip

@@ -229,3 +229,18 @@ def test_a_dtype_no_model_runs_in_is_a_value_error_that_names_it(model):
     with pytest.raises(ValueError, match="decode dtype must be a torch dtype"):
         StreamSession(model, decode_dtype=16)
     assert StreamSession(model, dtype=torch.float16).dtype == torch.float16  # a float dtype still runs
+
+
+def test_serves_dtype_help_says_what_auto_is_on_a_gpu(model, monkeypatch):
+    """`serve --help` said '--dtype auto: ...; bfloat16 on GPUs', where auto keeps the model's own
+    dtype on a GPU (float32 for ours): `serve --device cuda` ran a float32 DiT its help said was not."""
+    import argparse
+
+    from server.cli import add_arguments
+
+    native_bfloat16(monkeypatch, True)
+    assert precision.default_dit_dtype(model, "cuda", (16, 16), amx=True) is None
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    help_text = next(a.help for a in parser._actions if "--dtype" in a.option_strings)
+    assert "bfloat16 on GPUs" not in help_text and "on a GPU the model's own" in help_text
