@@ -25,9 +25,12 @@ def configs_served(monkeypatch) -> list:
     starts."""
     import server.app
 
+    def run(server):
+        server.started = True
+
     configs = []
     monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
-    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", run)
     return configs
 
 
