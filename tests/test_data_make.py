@@ -13,6 +13,9 @@ class Stop(Exception):
     pass
 
 
+TINY = dict(height=16, width=16, seconds=0.04, n_identities=20)  # a make's smallest clips: 16x16, a frame
+
+
 def stop_at(shard: int):
     """A make's `progress` that stops it (raises Stop) as its `shard`th shard is finished."""
     finished = []
@@ -143,8 +146,7 @@ def test_partial_json_is_appended_to_as_each_shard_is_finished(tmp_path, monkeyp
             raise Stop
 
     with pytest.raises(Stop):
-        make_dataset(out, 40, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20,
-                     progress=finished)  # fmt: skip
+        make_dataset(out, 40, shard_size=2, **TINY, progress=finished)
     assert len(set(files)) == 1  # (one file: appended to, not written anew)
     lines = (out / "partial.json").read_text().splitlines()
     assert len(lines) == 7 and json.loads(lines[0])["settings"]["clips"] == 40
@@ -155,7 +157,7 @@ def test_partial_json_is_appended_to_as_each_shard_is_finished(tmp_path, monkeyp
     made = []
     write = shards._write_shard
     monkeypatch.setattr(shards, "_write_shard", lambda path, *clips: (made.append(path), write(path, *clips)))
-    manifest = make_dataset(out, 40, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20)
+    manifest = make_dataset(out, 40, shard_size=2, **TINY)
     assert len(made) == 20 - 6 and sum(v["clips"] for v in manifest["splits"].values()) == 40
     assert not (out / "partial.json").exists()
 
@@ -165,23 +167,22 @@ def test_an_older_makes_partial_json_is_gone_on_from(tmp_path, monkeypatch):
     _one_clip_for_all(monkeypatch)
     out = tmp_path / "ds"
     with pytest.raises(Stop):
-        make_dataset(out, 8, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20,
-                     progress=stop_at(1))  # fmt: skip
+        make_dataset(out, 8, shard_size=2, **TINY, progress=stop_at(1))
     settings, records = shards._read_partial(out / "partial.json")
     (out / "partial.json").write_text(json.dumps({"settings": settings, "shards": records}, indent=1))
     assert shards.partly_made(out) == 2
     made = []
     write = shards._write_shard
     monkeypatch.setattr(shards, "_write_shard", lambda path, *clips: (made.append(path), write(path, *clips)))
-    make_dataset(out, 8, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20)
+    make_dataset(out, 8, shard_size=2, **TINY)
     assert len(made) == 5 - 1  # (of 5 shards: train 3, val 1, test 1)
     (out / "manifest.json").unlink()
     (out / "partial.json").write_text('{"settings": {"seed": 0}}\n{"file": "train/sh')
     with pytest.raises(shards.DataError, match="other settings"):
-        make_dataset(out, 8, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20)
+        make_dataset(out, 8, shard_size=2, **TINY)
     (out / "partial.json").write_text('{"settings": {"seed": 0}}\n{"file": \n{"file": "x"}\n')
     with pytest.raises(shards.DataError, match="partial.json: unreadable"):
-        make_dataset(out, 8, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20)
+        make_dataset(out, 8, shard_size=2, **TINY)
 
 
 @pytest.mark.parametrize("edited", ["5", "[1]", '{"file": "train/shard-00000.npz"}'])
@@ -191,13 +192,12 @@ def test_an_edited_partial_json_is_one_error_naming_it(tmp_path, monkeypatch, ed
     _one_clip_for_all(monkeypatch)
     out = tmp_path / "ds"
     with pytest.raises(Stop):
-        make_dataset(out, 8, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20,
-                     progress=stop_at(1))  # fmt: skip
+        make_dataset(out, 8, shard_size=2, **TINY, progress=stop_at(1))
     settings, _ = shards._read_partial(out / "partial.json")
     first = json.dumps({"settings": 5 if edited == "5" else settings})
     (out / "partial.json").write_text(first + "\n" + ("" if edited == "5" else edited + "\n"))
     with pytest.raises(shards.DataError, match="partial.json: unreadable"):
-        make_dataset(out, 8, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20)
+        make_dataset(out, 8, shard_size=2, **TINY)
     assert shards.partly_made(out) == 0
 
 
@@ -207,8 +207,7 @@ def test_a_make_with_workers_leaves_nothing_in_the_temp_folder(tmp_path, monkeyp
     temp = tmp_path / "temp"
     temp.mkdir()
     monkeypatch.setenv("TMPDIR", str(temp))  # (the spawned workers' temp folder)
-    make_dataset(tmp_path / "ds", 2, height=16, width=16, seconds=0.04, shard_size=1, n_identities=20,
-                 workers=2)  # fmt: skip
+    make_dataset(tmp_path / "ds", 2, shard_size=1, **TINY, workers=2)
     assert list(temp.iterdir()) == []
 
 
@@ -222,8 +221,7 @@ def test_an_interrupted_make_with_workers_leaves_nothing_in_the_temp_folder(tmp_
     monkeypatch.setenv("TMPDIR", str(temp))  # (the spawned workers' temp folder)
     monkeypatch.setattr(tempfile, "tempdir", str(temp))  # (and this process's)
     with pytest.raises(Stop):
-        make_dataset(tmp_path / "ds", 20, height=16, width=16, seconds=0.04, shard_size=1, n_identities=20,
-                     workers=2, progress=stop_at(1))  # fmt: skip
+        make_dataset(tmp_path / "ds", 20, shard_size=1, **TINY, workers=2, progress=stop_at(1))
     assert list(temp.iterdir()) == []
 
 
@@ -319,8 +317,7 @@ def test_a_make_gone_on_from_says_the_workers_it_used(tmp_path, capsys):
 
     out = tmp_path / "ds"
     with pytest.raises(Stop):  # (2 of its 3 shards made: a split's each)
-        make_dataset(out, 3, height=16, width=16, seconds=0.04, shard_size=1, n_identities=20,
-                     progress=stop_at(2))  # fmt: skip
+        make_dataset(out, 3, shard_size=1, **TINY, progress=stop_at(2))
     argv = ["data", "make", "--out", str(out), "--clips", "3", "--size", "16", "--seconds", "0.04"]
     assert main([*argv, "--identities", "20", "--shard-size", "1", "--workers", "2"]) == 0
     assert "2 of them made before" in (said := capsys.readouterr().out) and "with 1 worker\n" in said, said
@@ -408,8 +405,7 @@ def test_the_manifest_records_no_list_of_every_clip(tmp_path, monkeypatch):
     _one_clip_for_all(monkeypatch)
     out = tmp_path / "ds"
     with pytest.raises(Stop):
-        make_dataset(out, 30, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20,
-                     progress=stop_at(2))  # fmt: skip
+        make_dataset(out, 30, shard_size=2, **TINY, progress=stop_at(2))
     lines = (out / "partial.json").read_text().splitlines()
     older = [json.loads(lines[0])]
     for line in lines[1:]:  # as an older make recorded them
@@ -417,7 +413,7 @@ def test_the_manifest_records_no_list_of_every_clip(tmp_path, monkeypatch):
         first, last = record.pop("first_index"), record.pop("last_index")
         older.append({**record, "indices": [first, last]})
     (out / "partial.json").write_text("".join(json.dumps(r) + "\n" for r in older))
-    manifest = make_dataset(out, 30, height=16, width=16, seconds=0.04, shard_size=2, n_identities=20)
+    manifest = make_dataset(out, 30, shard_size=2, **TINY)
     planned = {shards.shard_file(split, k): indices for split, k, indices in shards.plan_shards(30, 2)}
     records = [r for split in manifest["splits"].values() for r in split["shards"]]
     assert len(records) == len(planned)
@@ -466,7 +462,7 @@ def test_a_shard_a_killed_make_finished_but_did_not_record_is_not_made_again(tmp
     import shutil
 
     _one_clip_for_all(monkeypatch)
-    kw = dict(height=16, width=16, seconds=0.04, shard_size=2, n_identities=20)
+    kw = dict(shard_size=2, **TINY)
     whole, other, out = tmp_path / "whole", tmp_path / "other", tmp_path / "ds"
     make_dataset(whole, 8, **kw)
     make_dataset(other, 8, seed=1, **kw)
@@ -514,7 +510,7 @@ def test_a_shard_another_speech_engine_finished_but_did_not_record_is_made_again
     from streamgen.data import speech
 
     _one_clip_for_all(monkeypatch)
-    kw = dict(height=16, width=16, seconds=0.04, shard_size=2, n_identities=20)
+    kw = dict(shard_size=2, **TINY)
     engine, other = speech.engine_version(), "espeak-ng 1.49 (espeakng-loader not installed)"
     made = []
     write = shards._write_shard
@@ -536,7 +532,7 @@ def test_a_shard_finished_but_not_recorded_at_a_ctrl_c_is_kept(tmp_path, monkeyp
     theirs meanwhile) removed it with the shards cut short: it was made again. Whole, it is recorded
     and kept; the next make goes on after it."""
     _one_clip_for_all(monkeypatch)
-    kw = dict(height=16, width=16, seconds=0.04, shard_size=2, n_identities=20)
+    kw = dict(shard_size=2, **TINY)
     out = tmp_path / "ds"
     make_shard = shards._make_shard
 
