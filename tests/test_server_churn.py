@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 import websockets
-from server_helpers import live_server, sessions_gone
+from server_helpers import client_peer, created_session, live_server, post_sdp, sessions_gone
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,10 +30,7 @@ def open_sockets() -> int:
 
 
 async def recvonly_offer() -> tuple:
-    from aiortc import RTCConfiguration, RTCPeerConnection
-
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("video", direction="recvonly")
+    pc = client_peer("video")
     await pc.setLocalDescription(await pc.createOffer())
     return pc, pc.localDescription.sdp
 
@@ -83,11 +80,10 @@ async def test_an_offer_raced_by_its_delete_is_a_404_and_leaves_no_socket(monkey
             (await http.get("/readyz")).raise_for_status()
             before = open_sockets()
             for _ in range(3):
-                s = (await http.post("/v1/sessions", json={})).json()
+                s, headers = await created_session(http)
                 pc, offer = await recvonly_offer()
                 monkeypatch.setattr(RTCPeerConnection, "setLocalDescription", deleted_meanwhile)
-                r = await http.post(s["whep"], content=offer, headers={
-                    "content-type": "application/sdp", "authorization": f"Bearer {s['token']}"})  # fmt: skip
+                r = await post_sdp(http, s, headers, offer)
                 monkeypatch.setattr(RTCPeerConnection, "setLocalDescription", made)
                 await pc.close()
                 assert r.status_code == 404 and "deleted by client" in r.json()["message"], r.text

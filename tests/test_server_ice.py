@@ -7,8 +7,7 @@ import json
 
 import httpx
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection
-from server_helpers import free_port, live_server
+from server_helpers import client_peer, free_port, live_server
 
 from server.ice import IceConfigError, link_header, parse_ice_servers, server_side
 
@@ -116,8 +115,7 @@ def test_a_turn_secret_gives_each_peer_a_credential_of_its_own_and_stays_in_the_
 
 async def post_offer(http: httpx.AsyncClient, path: str, token: str | None = None) -> httpx.Response:
     """A receive-only WHEP offer from an aiortc client, posted to `path`: the server's answer."""
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("video", direction="recvonly")
+    pc = client_peer("video")
     await pc.setLocalDescription(await pc.createOffer())
     headers = {"content-type": "application/sdp"} | ({"authorization": f"Bearer {token}"} if token else {})
     try:
