@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from streamgen.cli import (
+    FRAME_SIZE_RULE,
     add_dtype_option,
     check_session_options,
     frame_size,
@@ -39,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve HTTPS/WSS with this certificate (chain); browsers give a page of another "
                         "machine the microphone only over HTTPS")  # fmt: skip
     parser.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="the certificate's private key")
-    parser.add_argument("--size", type=frame_size, default=None, help="output height and width (default: the model's)")
+    parser.add_argument("--size", type=frame_size, default=None,
+                        help=f"output height and width, {FRAME_SIZE_RULE} (default: the model's)")  # fmt: skip
     parser.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--device", default="cpu",
                         help="torch device to run on: cpu, cuda, cuda:N (default: %(default)s)")  # fmt: skip

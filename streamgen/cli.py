@@ -44,6 +44,8 @@ def add_dtype_option(parser: argparse.ArgumentParser, flag: str, help: str) -> N
 
 
 MAX_FRAME_SIZE = 4096  # 3x past Wan's largest side (1280): a typo, not a video, beyond it
+# what `frame_size` takes, said in the help of every option of that type
+FRAME_SIZE_RULE = f"a multiple of 16 up to {MAX_FRAME_SIZE}"
 
 
 def frame_size(text: str) -> int:

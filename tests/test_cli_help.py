@@ -64,3 +64,21 @@ def test_data_makes_out_may_hold_the_same_dataset_as_its_help_says(tmp_path, cap
     assert "nothing to do" in capsys.readouterr().out
     assert "must not hold" not in said and "the same settings" in said and "unfinished" in said
     assert main([*argv[:5], "2", *argv[6:]]) == 2  # (another dataset: refused)
+
+
+def test_every_frame_size_option_says_what_sizes_it_takes():
+    """generate's --height/--width, serve's, eval's and data preview's --size took a multiple of 16 up to
+    4096 (`streamgen.cli.frame_size`) and their help said neither: a user learnt it from a refusal."""
+    from streamgen.cli import MAX_FRAME_SIZE, frame_size
+
+    def options(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from options(sub, [*path, name])
+            elif action.type is frame_size:
+                yield " ".join([*path, action.option_strings[0]]), action.help
+
+    found = dict(options(build_parser(), []))
+    assert {"generate --height", "generate --width", "serve --size", "eval --size", "data preview --size"} <= set(found)
+    assert [name for name, text in found.items() if f"multiple of 16 up to {MAX_FRAME_SIZE}" not in text] == []

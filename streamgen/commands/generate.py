@@ -8,7 +8,15 @@ import stat
 import sys
 from pathlib import Path
 
-from streamgen.cli import HEAVY_IMPORTS, add_dtype_option, caption, frame_size, positive_int, seed_number
+from streamgen.cli import (
+    FRAME_SIZE_RULE,
+    HEAVY_IMPORTS,
+    add_dtype_option,
+    caption,
+    frame_size,
+    positive_int,
+    seed_number,
+)
 from streamgen.files import home_expanded, new_file_beside
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -32,8 +40,8 @@ def add_arguments(p) -> None:
     p.add_argument("--text", type=caption, default=None, help="optional caption, e.g. 'smiling'")
     p.add_argument("--out", default="out.mp4", help="output MP4 (H.264 + AAC; default out.mp4)")
     p.add_argument("--model", default="tiny-avatar", help="model name or directory (default tiny-avatar)")
-    p.add_argument("--height", type=frame_size, default=None, help="default: the model's")
-    p.add_argument("--width", type=frame_size, default=None, help="default: the model's")
+    p.add_argument("--height", type=frame_size, default=None, help=f"{FRAME_SIZE_RULE} (default: the model's)")
+    p.add_argument("--width", type=frame_size, default=None, help=f"{FRAME_SIZE_RULE} (default: the model's)")
     p.add_argument(
         "--steps",
         type=positive_int,

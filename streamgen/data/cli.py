@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from streamgen.cli import frame_size, named_folder, positive_int, seed_number, usable_cpus
+from streamgen.cli import FRAME_SIZE_RULE, frame_size, named_folder, positive_int, seed_number, usable_cpus
 from streamgen.files import home_expanded
 
 from . import SPLITS
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--size",
         type=frame_size,
         default=64,
-        help="frame height and width in pixels, a multiple of 16 (default: 64)",
+        help=f"frame height and width in pixels, {FRAME_SIZE_RULE} (default: 64)",
     )
     make.add_argument(
         "--seconds", type=clip_seconds, default=4.0, help="clip length in seconds (default: %(default)g)"
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     # (no defaults here: given with --data, whose clips are the dataset's, they were ignored without a word)
     preview.add_argument("--seed", type=seed_number, help="with no --data: the world's seed (default 0)")
-    preview.add_argument("--size", type=frame_size, help="with no --data: frame size (default 128)")
+    preview.add_argument("--size", type=frame_size, help=f"with no --data: frame size, {FRAME_SIZE_RULE} (default 128)")
     preview.add_argument(
         "--out",
         type=named_folder,

@@ -7,7 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from streamgen.cli import add_dtype_option, frame_size, named_folder, positive_int, seed_number
+from streamgen.cli import (
+    FRAME_SIZE_RULE,
+    add_dtype_option,
+    frame_size,
+    named_folder,
+    positive_int,
+    seed_number,
+)
 from streamgen.data import SPLITS
 from streamgen.files import home_expanded
 
@@ -28,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=named_folder, help="output folder")
     parser.add_argument("--clips", type=int, help="number of clips (eval default 8, training default 400)")
-    parser.add_argument("--size", type=frame_size, default=64, help="frame size for generation (default: 64)")
+    parser.add_argument("--size", type=frame_size, default=64, help=f"frame size for generation, {FRAME_SIZE_RULE} (default: 64)")
     parser.add_argument(
         "--minutes", type=float, help="also run one long stream of this many minutes for drift"
     )
