@@ -197,9 +197,10 @@ def measure_size(
     against the same with every stage on all threads."""
     latent_hw = model.vae.latent_hw(height, width)
     dit = session_dit(model, latent_hw)
-    few = max(5, chunks // 2)
+    few = max(5, chunks // 2)  # each arm of a ratio (as `run` times each --sweep size)
     session = {"decode_dtype": decode_dtype, "cpu_threads": cpu_threads}
     out = {"height": height, "width": width, "dit_dtype": _name(next(dit.parameters()).dtype)}
+    out.update(timed_chunks=chunks, ratio_chunks=few)  # (the JSON said neither)
     out.update(session_speed(model, height, width, steps, chunks, **session))
     if cpu_threads == "auto":
         out["cpu_threads_all"] = cpu_threads_speedup(model, height, width, steps, few, **session)
@@ -507,7 +508,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=frame_size, default=128, help="frame height (default: %(default)s)")
     p.add_argument("--width", type=frame_size, default=128, help="frame width (default: %(default)s)")
     p.add_argument("--steps", type=positive_int, default=4, help="denoising steps (default: %(default)s)")
-    p.add_argument("--chunks", type=positive_int, default=20, help="timed chunks (default: %(default)s)")
+    p.add_argument("--chunks", type=positive_int, default=20,
+                   help="chunks the session times at --height x --width (default: %(default)s); each --sweep size, "
+                   "--compile and each arm of a ratio (float32 or all threads against the default, the last "
+                   "step's cache) time half as many, at least 5 (each size's timed_chunks, ratio_chunks)")  # fmt: skip
     p.add_argument(
         "--context",
         type=positive_int,

@@ -122,3 +122,29 @@ def test_batched_throughput_times_the_batch_warmed_as_the_streams_alone_are(monk
     got = engine.batch_throughput(None, 64, 64, 4, sessions=3, chunks=6)
     assert got["batch_speedup"] == 1.5  # 3 chunks alone against a batch's 2
     assert got["batched_fps_total"] == 12.0 and got["sequential_fps_total"] == 8.0  # 24 frames in 2 and 3
+
+
+def test_the_chunks_each_size_and_ratio_times_are_said_in_help_and_json(monkeypatch):
+    # each --sweep size and every ratio arm timed half of --chunks (at least 5), which neither
+    # --chunks' help nor the JSON said
+    import argparse
+
+    timed = []
+
+    def session_speed(model, height, width, steps, chunks, **kwargs):
+        timed.append((height, chunks))
+        return {"fps": 30.0, "first_chunk_ms": 1.0}
+
+    monkeypatch.setattr(engine, "session_speed", session_speed)
+    monkeypatch.setattr(engine, "cache_speedup", lambda *args, **kwargs: {"cache_speedup": 2.0})
+    monkeypatch.setattr(engine, "teacher_speedup", lambda *args, **kwargs: {"teacher_speedup": 2.0})
+    monkeypatch.setattr(engine, "batch_throughput", lambda *args, **kwargs: {})
+    result = engine.run("debug", 32, 32, steps=2, chunks=24, context=4, teacher_frames=2, sweep=(48,))
+    assert (result["timed_chunks"], result["ratio_chunks"]) == (24, 12)
+    (size,) = result["resolution_sweep"]
+    assert (size["timed_chunks"], size["ratio_chunks"]) == (12, 6)
+    assert {c for h, c in timed if h == 32} == {24, 12} and {c for h, c in timed if h == 48} == {12, 6}
+    parser = argparse.ArgumentParser()
+    engine.add_arguments(parser)
+    chunks = next(a for a in parser._actions if "--chunks" in a.option_strings)
+    assert "half" in chunks.help and "at least 5" in chunks.help and "ratio_chunks" in chunks.help
