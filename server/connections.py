@@ -213,7 +213,7 @@ class ConnectionLimits:
             method, space, _ = self.method_seen.partition(b" ")
             if (refused := method_refused(method, whole=bool(space))) is not None:
                 return NOT_PARSED if refused == "not_parsed" else refused
-        return self.content_lengths.refused(data) or lines_refused(lines)
+        return self.content_lengths.refused(data) or lines_refused(lines, looked_at=len(self.head_tail))
 
     def _next_request_pipelined(self) -> bool:
         """Whether bytes that come now are the next request's, sent before this one's answer: its

@@ -50,10 +50,12 @@ def method_refused(method_so_far: bytes, whole: bool) -> str | None:
             "DELETE and OPTIONS")  # fmt: skip
 
 
-def lines_refused(head: bytes) -> str | None:
+def lines_refused(head: bytes, looked_at: int = 0) -> str | None:
     """Why a head's bytes (some of its lines, with the few before them: a CRLF may come split) are
-    refused, or None."""
-    if BARE_LF_END.search(head):
+    refused, or None. The first `looked_at` of them were looked at before: an LF among them ended a
+    line whose CR may be gone from `head` (which took one read's boundary 2 bytes after a CRLF,
+    '\\nCo' + 'nnection', for a bare LF)."""
+    if BARE_LF_END.search(head, looked_at):  # (its look-behind sees the bytes before `looked_at`)
         return BARE_LF
     if LINE_FOLDED.search(head):
         return FOLDED

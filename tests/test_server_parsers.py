@@ -244,3 +244,16 @@ def test_a_request_pipelined_after_a_body_has_the_checks_too(server):
     answers = answer.split(b"HTTP/1.1 ")[1:]
     assert len(answers) == 2 and answers[0][:1] == b"4" and answers[1][:3] == b"400", answer  # ([]: not a session's)
     assert json.loads(answers[1].partition(b"\r\n\r\n")[2]) == {"error": "bad_request", "message": unknown_method("get")}
+
+
+def test_a_head_split_two_bytes_after_a_crlf_is_served(server):
+    """A read that ended two bytes after a line's CRLF ('...\\r\\nCo', then 'nnection: ...') left the
+    next read's look at its bytes without that line's CR: its LF was taken for a bare one, a 400. Each
+    of a head's lines here comes so (a slow uplink's pieces)."""
+    cuts = [at + 4 for at in range(len(GET)) if GET.startswith(b"\r\n", at) and at + 4 < len(GET)]
+    with connect(server[0]) as sock:
+        for start, end in zip([0, *cuts], [*cuts, len(GET)]):
+            sock.sendall(GET[start:end])
+            time.sleep(0.05)  # (each piece its own read)
+        answer = answer_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
