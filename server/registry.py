@@ -233,8 +233,10 @@ class SessionRegistry:
     def _make_first_chunk(self, session: Session):  # worker thread
         """Chunk 0, unless the stream's schedule made it first: a transport attached while this job
         waited behind due chunks. Then it would make chunk 1 ahead of its time, before its audio
-        could arrive (silence, where the client's speech was due)."""
-        if session.chunk_index > 0:
+        could arrive (silence, where the client's speech was due). Nor for a session closed while
+        it waited (created and deleted at once): its chunk would take a chunk's time from the
+        streaming sessions' for no one."""
+        if session.chunk_index > 0 or session.closed:
             return None
         return self.worker.run_chunk(session)
 

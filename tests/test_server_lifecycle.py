@@ -354,8 +354,8 @@ def test_a_first_chunk_job_after_the_schedule_made_chunk_0_makes_nothing():
 
     made = []
     registry = SimpleNamespace(worker=SimpleNamespace(run_chunk=lambda s: made.append(s.chunk_index) or "chunk"))
-    assert SessionRegistry._make_first_chunk(registry, SimpleNamespace(chunk_index=0)) == "chunk"
-    assert SessionRegistry._make_first_chunk(registry, SimpleNamespace(chunk_index=1)) is None
+    assert SessionRegistry._make_first_chunk(registry, SimpleNamespace(chunk_index=0, closed=False)) == "chunk"
+    assert SessionRegistry._make_first_chunk(registry, SimpleNamespace(chunk_index=1, closed=False)) is None
     assert made == [0]
 
 
