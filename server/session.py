@@ -410,6 +410,8 @@ class Session:
             self._waited += max(0.0, seconds)
 
     def publish(self, chunk: Chunk) -> None:  # event-loop thread
+        if self.closed:  # generated while it closed: into its closed slots, a WebSocket's sender sent
+            return  # it after the session's end, and it was counted late or dropped for a session gone
         self._published = max(self._published, chunk.index)
         waiting = self.rewind_pending > 0  # (one this chunk sets waits from the next chunk on)
         if chunk.index > 0:  # the first chunk plays as soon as it is ready, by design

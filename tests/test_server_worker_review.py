@@ -22,3 +22,36 @@ def test_the_first_chunk_of_a_session_closed_before_its_turn_is_not_generated(cl
     chunk = SessionRegistry._make_first_chunk(registry, session)
     assert (made == [session]) == generated
     assert (chunk == "chunk 0") == generated
+
+
+def test_a_chunk_that_arrives_after_its_session_closed_is_dropped_uncounted():
+    """Closed while the worker generated its chunk (DELETE, a limit, its socket): the chunk still
+    went into its closed slots, where a WebSocket's sender took it and sent it after the session's
+    end, and a chunk past its play time was counted in streamgen_late_chunks_total (or a dropped
+    chunk, over one not taken) for a session that was gone."""
+    import asyncio
+
+    import numpy as np
+
+    from server.session import Chunk, Session
+
+    stream = SimpleNamespace(width=8, height=8, frames_per_chunk=8, chunk_seconds=0.32, audio_lookahead_seconds=0.0)
+    now = [100.0]
+    session = Session("s", stream, asyncio.new_event_loop(), max_audio_ahead_s=30.0, clock=lambda: now[0])
+    session.loop.close()  # only its identity is kept
+    late, dropped = [], []
+    session.on_late = lambda: late.append(1)
+    session.attach("websocket", 0.2, first_delay=0.0)
+    slot = session.add_slot(on_drop=lambda: dropped.append(1))
+    frames = np.zeros((8, 8, 8, 3), np.uint8)
+
+    def chunk(index: int) -> Chunk:
+        return Chunk(frames, index * 0.32, np.zeros(5120, np.int16), 25.0, index, 0.0)
+
+    session.publish(chunk(1))  # not taken yet when the session closes
+    session.closed, session.streaming = True, False  # as SessionRegistry.close does, then its closers
+    asyncio.run(session.run_closers())
+    now[0] += 5.0  # the chunk generated meanwhile arrives well past its play time
+    session.publish(chunk(2))
+    assert late == [] and dropped == []
+    assert slot.take_nowait().index == 1  # chunk 2 never reached the slot
