@@ -326,7 +326,9 @@ class SessionRegistry:
     async def close(self, session: Session, reason: str) -> None:
         """End a session (idempotent): stop generation, close its transport, free the model state."""
         if session.teardown is None:
-            was_streaming = session.streaming
+            # (not `streaming`: the worker's `_fail` clears it, and a failed session left its group
+            # behind held back for the batch it made bigger)
+            was_streaming = session.attached
             session.closed, session.streaming, session.close_reason = True, False, reason
             self.worker.remove(session.id)
             self.worker.close_on_lane(session.lane)

@@ -288,6 +288,7 @@ class Session:
         self.request_key: str | None = None  # its POST's Streamgen-Request-Key (SessionRegistry.requests)
         self.trickle = None  # WHEP: the peer connection's trickle ICE (server/trickle.py)
         self.streaming = False
+        self.attached = False  # it has streamed: on its lane's schedule, even once the worker failed it
         self.closed = False
         self.close_reason = ""
         self.slots: list[ChunkSlot] = []
@@ -325,7 +326,7 @@ class Session:
         """Start the clock. Every chunk is generated `delay` before it plays. The first chunk
         was started when the session was created (silence: no input can have arrived), so
         the stream starts as soon as that one is ready: now, or `first_delay` from now."""
-        self.transport = transport
+        self.transport, self.attached = transport, True
         now = self.clock()
         self.reschedule(now + (0.0 if self.first_chunk is not None else min(first_delay, delay)), delay)
         self.streaming = True

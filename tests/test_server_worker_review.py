@@ -55,3 +55,46 @@ def test_a_chunk_that_arrives_after_its_session_closed_is_dropped_uncounted():
     session.publish(chunk(2))
     assert late == [] and dropped == []
     assert slot.take_nowait().index == 1  # chunk 2 never reached the slot
+
+
+async def test_a_session_the_worker_failed_leaves_its_lane_group_as_a_closed_one_does(monkeypatch):
+    """A streaming session whose chunk failed was closed as no longer streaming (the worker had
+    said so), so it never left its group: the sessions held back to play later for the batch it
+    made bigger (`hold_back`) kept that longer delay for good, the batch smaller without it."""
+    import asyncio
+
+    from server.config import ServerConfig
+    from server.metrics import ServerMetrics
+    from server.registry import SessionRegistry
+    from server.scheduler import InferenceWorker
+    from server.session import Session
+
+    metrics = ServerMetrics()
+    worker = InferenceWorker(metrics)
+    registry = SessionRegistry(ServerConfig(), worker, metrics)
+    left, closed = [], []
+    monkeypatch.setattr(registry, "_leave_lane_group", lambda s: left.append(s.id))
+    worker.start()
+    try:
+        for name, fails in (("deleted", False), ("failed", True)):
+            stream = SimpleNamespace(width=8, height=8, frames_per_chunk=8, chunk_seconds=0.32,
+                                     audio_lookahead_seconds=0.0, close=lambda name=name: closed.append(name))  # fmt: skip
+            session = Session(name, stream, asyncio.get_running_loop(), max_audio_ahead_s=30.0)
+            session.fail_handler = lambda s, reason: asyncio.ensure_future(registry.close(s, reason))
+            session.lane = worker.take_lane()
+            registry.sessions[session.id] = session
+            session.attach("websocket", 0.3, 0.0)
+            worker.add(session)
+            if fails:
+                worker._fail([session], RuntimeError("CUDA error: an illegal memory access"))
+            else:
+                asyncio.ensure_future(registry.close(session, "deleted by client"))
+            for _ in range(500):  # (bounded: the close runs on this loop, its stream's on the worker)
+                if session.teardown is not None and session.teardown.done():
+                    break
+                await asyncio.sleep(0.01)
+            assert closed[-1] == name and session.close_reason.startswith("generation failed" if fails else "deleted")
+        assert left == ["deleted", "failed"]
+        assert worker.streaming == 0 and registry.sessions == {} and worker._lane_load == [0]
+    finally:
+        worker.stop()
