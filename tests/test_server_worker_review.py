@@ -98,3 +98,29 @@ async def test_a_session_the_worker_failed_leaves_its_lane_group_as_a_closed_one
         assert worker.streaming == 0 and registry.sessions == {} and worker._lane_load == [0]
     finally:
         worker.stop()
+
+
+def test_sessions_made_and_deleted_at_once_leave_every_count_as_it_was():
+    """Churn: sessions created and deleted one right after another, some deleted before their first
+    chunk's turn. The registry, the lanes' loads, the gauges and /readyz all come back to none."""
+    import time
+
+    from server_helpers import auth, new_session, ready_client
+
+    with ready_client(max_sessions=3, lanes=2) as client:
+        registry = client.app.state.registry
+        capacity = client.get("/readyz").json()["capacity"]
+        for _ in range(3):
+            made = [new_session(client) for _ in range(3)]
+            for s in made:
+                assert client.delete(s["resource"], headers=auth(s["token"])).status_code == 204
+        deadline = time.monotonic() + 30  # the teardowns run on the lanes (bounded wait)
+        while any(registry.worker._lane_load) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert registry.sessions == {} and registry.worker.streaming == 0
+        assert registry.worker._lane_load == [0, 0] and registry.worker._lane_closed == [0, 0]
+        metrics = client.get("/metrics").text
+        assert "streamgen_sessions_active 0.0" in metrics and "streamgen_sessions_streaming 0.0" in metrics
+        assert 'streamgen_sessions_closed_total{reason="deleted by client"} 9.0' in metrics
+        ready = client.get("/readyz").json()
+        assert ready["sessions"] == 0 and ready["capacity"] == capacity
