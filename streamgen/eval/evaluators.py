@@ -82,11 +82,12 @@ def _mel_filters() -> torch.Tensor:
 
 
 def log_mel(audio: np.ndarray, n_frames: int) -> torch.Tensor:
-    """16 kHz audio -> [MELS, n_frames * 4] log-mel, mel frame m centred at sample m*160 + 80."""
+    """16 kHz audio -> [MELS, n_frames * 4] log-mel, mel frame m centred at sample m*160 + 96 (the
+    400-sample window sits 56 samples into stft's 512: 16 samples, 1 ms, after the hop's middle)."""
     need = n_frames * MEL_PER_FRAME * HOP
     a = np.zeros(need, np.float32)
     a[: min(len(audio), need)] = audio[:need]
-    x = F.pad(torch.from_numpy(a)[None], (160, 192))  # window 400 centred on each hop
+    x = F.pad(torch.from_numpy(a)[None], (160, 192))  # (see the docstring for where each window lies)
     spec = torch.stft(x, 512, HOP, 400, torch.hann_window(400), center=False, return_complex=True).abs() ** 2
     mel = torch.log(_mel_filters() @ spec[0, :, : n_frames * MEL_PER_FRAME] + 1e-6)
     return mel
