@@ -72,10 +72,11 @@ class SessionRegistry:
         return total_capacity(self.lane_fits(), self.config.max_sessions)
 
     def admitting(self) -> int:
-        """The sessions this server admits now: its capacity once ready, none while it loads or
-        once its model is down (/readyz's `capacity`; the capacity gauge, read when scraped: set at
-        each admission, it kept saying the last capacity after the model process died)."""
-        return self.capacity() if self.ready and not self.down else 0
+        """The sessions this server admits now: its capacity once ready, none while it loads, once
+        its model is down or once it has begun to stop (/readyz's `capacity`; the capacity gauge,
+        read when scraped: set at each admission, it kept saying the last capacity after the model
+        process died)."""
+        return self.capacity() if self.ready and not self.down and not self.stopping.is_set() else 0
 
     def lane_fits(self) -> list[int] | None:
         """Sessions that fit on each lane (`InferenceWorker.lane_fits`); None: not measured."""
@@ -112,6 +113,9 @@ class SessionRegistry:
     def admit(self) -> list[int] | None:
         """Refuse a new session unless there is room for it; the sessions that fit on each lane
         (`lane_fits`, what its lane is chosen by)."""
+        if self.stopping.is_set():  # a kept-alive connection's POST during the stop got a session
+            # that the worker set up ahead of the others' teardowns, closed as soon as it was made
+            self._refuse("server is shutting down", 5, "stopping")
         if self.host_down:
             self._refuse(f"the model is unavailable: {self.host_down}", 30, "host_down")
         if self.load_error:  # (it said "still loading", for ever)

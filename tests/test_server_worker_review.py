@@ -124,3 +124,24 @@ def test_sessions_made_and_deleted_at_once_leave_every_count_as_it_was():
         assert 'streamgen_sessions_closed_total{reason="deleted by client"} 9.0' in metrics
         ready = client.get("/readyz").json()
         assert ready["sessions"] == 0 and ready["capacity"] == capacity
+
+
+def test_no_session_is_admitted_once_the_server_has_begun_to_stop():
+    """A request on a connection kept alive through the stop (the listening socket closes first, then
+    the sessions, for seconds, then the connections) made a session: 201, the worker setting up its
+    stream ahead of the others' teardowns, and the session closed as "server shutting down" at once."""
+    from server.config import ServerConfig
+    from server.metrics import ServerMetrics
+    from server.registry import AdmissionError, SessionRegistry
+    from server.scheduler import InferenceWorker
+
+    metrics = ServerMetrics()
+    registry = SessionRegistry(ServerConfig(max_sessions=2), InferenceWorker(metrics), metrics)
+    registry.ready = True
+    assert registry.admitting() == 2
+    registry.admit()  # room for one
+    registry.stopping.set()
+    with pytest.raises(AdmissionError, match="shutting down") as refused:
+        registry.admit()
+    assert refused.value.retry_after >= 1 and registry.admitting() == 0
+    assert metrics.sessions_rejected.labels("stopping")._value.get() == 1
