@@ -571,7 +571,10 @@ async def healthz(request: Request):
 async def readyz(request: Request):
     registry: SessionRegistry = request.app.state.registry
     error = registry.load_error or registry.host_down
-    ready = registry.ready and not registry.host_down
+    # (stopping: a load balancer that still sent here while the sessions close got "ready" with a
+    # capacity of 0, and the sessions it sent were refused; a 503 drains it)
+    stopping = registry.stopping.is_set()
+    ready = registry.ready and not registry.host_down and not stopping
     body = {
         "ready": ready, "model": registry.config.model, "sessions": len(registry.sessions),
         "capacity": registry.admitting(),
@@ -585,6 +588,8 @@ async def readyz(request: Request):
     }  # fmt: skip
     if error:
         body["error"] = error
+    elif stopping:
+        body["stage"] = "stopping"
     elif not ready:
         body["stage"] = request.app.state.warm_stage
     return JSONResponse(body, status_code=200 if ready else 503)

@@ -145,3 +145,20 @@ def test_no_session_is_admitted_once_the_server_has_begun_to_stop():
         registry.admit()
     assert refused.value.retry_after >= 1 and registry.admitting() == 0
     assert metrics.sessions_rejected.labels("stopping")._value.get() == 1
+
+
+def test_readyz_is_not_ready_once_the_server_has_begun_to_stop():
+    """/readyz said ready (200) through the stop, with a capacity of 0: a load balancer kept sending
+    sessions, each refused with a 503, where a not-ready /readyz would have drained the server."""
+    from server_helpers import ready_client
+
+    with ready_client(max_sessions=2) as client:
+        assert client.get("/readyz").status_code == 200
+        client.app.state.registry.stopping.set()
+        try:
+            ready = client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["ready"] is False and ready.json()["stage"] == "stopping"
+            assert ready.json()["capacity"] == 0
+        finally:
+            client.app.state.registry.stopping.clear()  # (the client's own stop sets it again)
