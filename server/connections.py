@@ -29,12 +29,11 @@ from http import HTTPStatus
 from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
 
+from .chunked_bodies import ChunkedBody
 from .origins import ApiCors, cors_options
 from .request_heads import (
-    BARE_LF,
     LONGEST_METHOD,
     ContentLengths,
-    chunk_line_bare_lf,
     lines_refused,
     method_refused,
     version_refused,
@@ -105,6 +104,7 @@ class ConnectionLimits:
         self.content_lengths = ContentLengths()  # its Content-Length lines
         self.pipelined = bytearray()  # the next request's bytes, held while the one before it runs
         self.body_left = None  # of the request's body by its Content-Length, to be read (None: chunked, or none)
+        self.chunks = None  # its ChunkedBody, where it is chunked
         self.head_timer = None
         self.handshake = None  # its TlsHandshake (server/tls_handshake.py), on a TLS server
 
@@ -172,6 +172,7 @@ class ConnectionLimits:
             self._cancel_head_timer()
             self.head_seen.clear()
             self.body_left = self._content_length() if self._request_body_pending() else None
+            self.chunks = ChunkedBody(MAX_HEAD_BYTES) if self._body_chunked() else None
             if head_end is not None and (rest := data[head_end:]) and self.transport.get_protocol() is self:
                 self._body_received(rest)  # (its body's bytes, or where it has none the next request's)
         elif self.awaiting_head and self.head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
@@ -185,6 +186,11 @@ class ConnectionLimits:
         if self.body_left is not None:  # (by its Content-Length: the next request may come in the same read)
             data, after = data[: self.body_left], data[self.body_left :]
             self.body_left -= len(data)
+        elif self.chunks is not None and not self.chunks.done:  # (by its framing, looked at as it comes)
+            parsed, body_end, refused = self.chunks.feed(data)
+            if refused is not None:
+                return self._refuse_chunks(refused)
+            data, after = parsed, data[body_end:]
         if self._next_request_pipelined():
             return self._hold_pipelined(data + after)
         if data:
@@ -197,6 +203,20 @@ class ConnectionLimits:
                 self.data_received(after)
             else:
                 super().data_received(after)
+
+    def _body_chunked(self) -> bool:
+        return self._request_body_pending() and any(name == b"transfer-encoding" for name, _ in self.headers)
+
+    def _refuse_chunks(self, refused: str) -> None:
+        """A chunked body whose framing is refused (server/chunked_bodies.py): answered, and closed."""
+        if self.cycle is not None and self.cycle.response_complete:  # (answered before its body: closed)
+            return self.transport.close()
+        if self.chunks.too_large:
+            log.info("%s sent over %d bytes of a body's trailers or chunk sizes: answered 431 and closed",
+                     self._who(), MAX_HEAD_BYTES)  # fmt: skip
+            return self._answer_and_close(b"431 Request Header Fields Too Large", "headers_too_large",
+                                          f"request trailers larger than {MAX_HEAD_BYTES // 1024} KiB")  # fmt: skip
+        self._answer_and_close(b"400 Bad Request", "bad_request", refused)
 
     def _content_length(self) -> int | None:
         """The body's Content-Length (each parser has refused one that is not a number), None for a
@@ -318,8 +338,7 @@ class ConnectionLimits:
         # Content-Length', 'conflicting Content-Length headers')
         not_one_length = not both_lengths and "Content-Length" in str(refused)
         message = (NOT_ONE_HOST if not_one_host else BOTH_LENGTHS if both_lengths else NOT_CHUNKED if not_chunked
-                   else ContentLengths.REFUSED if not_one_length else BARE_LF if chunk_line_bare_lf(str(refused))
-                   else NOT_PARSED)  # fmt: skip
+                   else ContentLengths.REFUSED if not_one_length else NOT_PARSED)  # fmt: skip
         self._answer_and_close(b"400 Bad Request", "bad_request", message)
 
     def _refuse_head_too_large(self) -> None:
@@ -506,45 +525,20 @@ class HttpToolsBodyState:
 
     It took a chunked body's trailers without bound, each appended to the request's headers (20 MB
     of them grew the server by 400 MB in 4 s; h11 keeps 64 + 256 KiB of them, and drops them):
-    trailers are dropped here, and more than `MAX_HEAD_BYTES` in a row of a body that are not its
-    data (trailers, chunk sizes and extensions) are answered 431 and the connection closed."""
+    trailers are dropped here, and their bytes bounded by `ConnectionLimits` (server/chunked_bodies.py)."""
 
     body_pending = False
-    framing_bytes = 0  # of a body, since its last data
-    body_bytes_read = 0  # of its data, in the read being parsed
 
     def on_headers_complete(self) -> None:
         hosts = sum(name == b"host" for name, _ in self.headers)
         if hosts > 1 or (hosts == 0 and self.parser.get_http_version() == "1.1"):
             raise NotOneHost(NOT_ONE_HOST)
-        self.body_pending, self.framing_bytes = True, 0
+        self.body_pending = True
         super().on_headers_complete()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.body_pending:  # (a trailer, after a chunked body: dropped, as h11 drops them)
             super().on_header(name, value)
-
-    def data_received(self, data: bytes) -> None:
-        in_body, self.body_bytes_read = self.body_pending, 0
-        super().data_received(data)
-        if not (in_body and self.body_pending):  # (the read that ends a head is that head's, bounded)
-            return
-        if self.body_bytes_read:  # (what came after the body's data: all but the data in this read)
-            self.framing_bytes = len(data) - self.body_bytes_read
-        else:
-            self.framing_bytes += len(data)
-        if self.framing_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
-            if self.cycle is not None and not self.cycle.response_complete:
-                log.info("%s sent over %d bytes of a body's trailers or chunk sizes: answered 431 and closed",
-                         self._who(), MAX_HEAD_BYTES)  # fmt: skip
-                self._answer_and_close(b"431 Request Header Fields Too Large", "headers_too_large",
-                                       f"request trailers larger than {MAX_HEAD_BYTES // 1024} KiB")  # fmt: skip
-            else:  # (the rest of a body answered unread: its answer has gone)
-                self.transport.close()
-
-    def on_body(self, body: bytes) -> None:
-        self.body_bytes_read += len(body)
-        super().on_body(body)
 
     def on_message_complete(self) -> None:
         self.body_pending = False
@@ -558,19 +552,7 @@ class HttpToolsBodyState:
 
 
 class H11BodyState:
-    """h11 keeps the client's state: SEND_BODY until a request's body has all been read.
-
-    It waits for a CRLF to end a line of a chunked body's framing (a chunk's size, a trailer): one
-    ended by a bare LF ('2\\n{}\\n0\\n\\n', no CRLF in it) was waited on until the keep-alive timeout's
-    408, where httptools refuses it at once. What h11 holds unread in a body is such a line's bytes
-    (its data it hands on as they come): one with a bare LF is that 400 here."""
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._request_body_pending() and not self.transport.is_closing():
-            unread, _ = self.conn.trailing_data
-            if b"\n" in unread and (refused := lines_refused(unread)) is not None:
-                self._answer_and_close(b"400 Bad Request", "bad_request", refused)
+    """h11 keeps the client's state: SEND_BODY until a request's body has all been read."""
 
     def _request_body_pending(self) -> bool:
         import h11

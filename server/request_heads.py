@@ -31,8 +31,6 @@ CONTROL_CHARACTER = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 BARE_LF_END = re.compile(rb"(?<!\r)\n")
 LINE_FOLDED = re.compile(rb"\n[ \t]")
-# a bare LF in the bytes h11 quotes in its refusal of a chunk's framing ("illegal chunk header: bytearray(b'2\\n')")
-QUOTED_BARE_LF = re.compile(r"(?<!\\r)\\n")
 
 
 def method_refused(method_so_far: bytes, whole: bool) -> str | None:
@@ -62,15 +60,6 @@ def lines_refused(head: bytes, looked_at: int = 0) -> str | None:
     if CONTROL_CHARACTER.search(head):
         return CONTROL
     return None
-
-
-def chunk_line_bare_lf(parser_error: str) -> bool:
-    """Whether a parser's refusal of a chunked body's framing is of a line ended by a bare LF (a chunk's
-    size, its data's end): httptools' 'Missing expected CR after chunk size', h11's 'illegal chunk header'
-    quoting the line."""
-    if "Missing expected CR after chunk" in parser_error:
-        return True
-    return "chunk" in parser_error and QUOTED_BARE_LF.search(parser_error) is not None
 
 
 def version_refused(request_line_tail: bytes, spaces: int) -> str | None:
