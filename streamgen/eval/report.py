@@ -356,11 +356,16 @@ def evaluate(
         per_clip, gen_feats, real_feats, gen_clip_feats, real_clip_feats = [], [], [], [], []
         csim_curves, samples, sync_curves = [], [], []
         black = frozen = flicker = 0
+        kept_seconds = 0.0  # earlier runs' on what is taken from partial/ (0 where older code kept it)
         for i in range(n_clips):
             scored = measured.load(f"clip-{i:05d}", CLIP_ARRAYS + (SAMPLE_ARRAYS if i < SAMPLE_CLIPS else ()))
             if scored is None:
+                began = time.perf_counter()
                 scored = score_clip(i)
+                scored["wall_seconds"] = np.array(time.perf_counter() - began)
                 measured.save(f"clip-{i:05d}", scored)
+            else:
+                kept_seconds += float(scored.get("wall_seconds", 0))
             per_clip.append(json.loads(str(scored["per_clip"])))
             gen_feats.append(scored["gen_feats"])
             real_feats.append(scored["real_feats"])
@@ -377,10 +382,16 @@ def evaluate(
             scored = measured.load(f"stream-{minutes!r}", STREAM_ARRAYS)
             if scored is None:
                 name = f"stream-{minutes!r}-so-far"
-                keep = lambda state: measured.save(name, state)  # noqa: E731
+                so_far, began = measured.load(name), time.perf_counter()
+                earlier = float((so_far or {}).get("wall_seconds", 0))  # (a stopped run's, on its frames)
+                spent = lambda: np.array(earlier + time.perf_counter() - began)  # noqa: E731
+                keep = lambda state: measured.save(name, {**state, "wall_seconds": spent()})  # noqa: E731
                 scored = score_stream(ev, split, minutes, size, session, roundtrip, lead, stream_progress,
-                                       measured.load(name), keep, note, measured.folder / f"{name}.pt")  # fmt: skip
-                measured.save(f"stream-{minutes!r}", scored)
+                                       so_far, keep, note, measured.folder / f"{name}.pt")  # fmt: skip
+                measured.save(f"stream-{minutes!r}", {**scored, "wall_seconds": spent()})
+                kept_seconds += earlier
+            else:
+                kept_seconds += float(scored.get("wall_seconds", 0))
             stream = {"csim": scored["csim"], "colour": scored["colour"]}
             black, frozen, flicker = (int(n) for n in np.array([black, frozen, flicker]) + scored["counts"])
         n_frames = sum(len(c) for c in csim_curves) + (len(stream["csim"]) if stream else 0)
@@ -410,7 +421,8 @@ def evaluate(
             "frozen_frames": frozen,
             "flicker_frames": flicker,
             "per_clip": per_clip,
-            "wall_seconds": round(time.perf_counter() - start_time, 1),
+            # (this run's alone was said: `--clips 24` after `--clips 8` gave the 16 new clips' time)
+            "wall_seconds": round(time.perf_counter() - start_time + kept_seconds, 1),
             "settings": settings,
         }
         _write_outputs(Path(out), report, mean_curve, stream, samples, sync_curves)
