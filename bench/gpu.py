@@ -363,7 +363,8 @@ def run(
     height, width = QUICK_SIZE if quick else (480, 832)
     text_tokens = 8 if quick else 512
     clip_frames = 33 if quick else floor.CLIP_FRAMES  # --quick: 3 chunks
-    if quick:
+    chunks_asked = chunks
+    if quick:  # (capped without a word before: the JSON's chunks_asked and chunks say it)
         chunks = min(chunks, 4)
     result = {
         "date": datetime.date.today().isoformat(),
@@ -376,6 +377,8 @@ def run(
         "frames_per_chunk_latent": 3,
         "window_frames": 21,
         "clip_frames": clip_frames,
+        "chunks": chunks,  # each stream variant's, past its first (--quick: at most 4)
+        "chunks_asked": chunks_asked,
         "dtype": str(dtype).removeprefix("torch."),
         "weights": "random",
         "variants": {},
@@ -506,7 +509,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes on any device (tests)")
     p.add_argument("--steps", type=positive_int, default=4, help="denoising steps (default 4)")
     p.add_argument("--chunks", type=positive_int, default=12,
-                   help="chunks each variant times, at least to the first on a full ring (default 12)")  # fmt: skip
+                   help="chunks each variant times, at least to the first on a full ring "
+                   "(default 12; --quick: at most 4)")  # fmt: skip
     p.add_argument("--warmup-chunks", type=int, default=None,
                    help="chunks before each variant's timing (default: past the first with a full ring)")  # fmt: skip
     # (0 or less ran no part, after the ceilings and the model were built; an unknown backend's

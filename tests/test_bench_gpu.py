@@ -183,3 +183,19 @@ def test_fps_steady_times_only_chunks_that_attend_to_a_full_ring(monkeypatch):
     # the first chunk aside, chunks 1-3 fill the ring and chunk 4 attends to it full: 12 frames in 2
     assert got["fps_steady"] == 6.0
     assert got["fps"] == 48 / 5
+
+
+def test_quick_says_it_times_at_most_4_chunks_in_its_help_and_json():
+    # --quick cut --chunks to 4 without a word: --chunks 12 --quick timed 4 each
+    import torch
+
+    from bench import gpu
+
+    parser = argparse.ArgumentParser()
+    gpu.add_arguments(parser)
+    chunks = next(a for a in parser._actions if "--chunks" in a.option_strings)
+    assert "--quick: at most 4" in chunks.help
+    torch.manual_seed(0)
+    result = gpu.run("cpu", quick=True, chunks=12, kernel_bench=False, only={"reference_encode"})
+    assert (result["chunks"], result["chunks_asked"]) == (4, 12)
+    assert gpu.run("cpu", quick=True, chunks=3, kernel_bench=False, only={"reference_encode"})["chunks"] == 3
