@@ -166,3 +166,13 @@ def test_the_framing_is_found_the_same_whatever_its_reads():
     scanner = ChunkedBody(1024)  # (trailers past the bound: too large)
     assert scanner.feed(b"0\r\n" + b"X-T: 1\r\n" * 100)[2] is None
     assert scanner.feed(b"X-T: 1\r\n" * 100)[2] is not None and scanner.too_large
+
+
+def test_trailers_past_64_kib_are_the_same_431_under_both(server):
+    """httptools answered more than 64 KiB of a body's trailers 431, h11 took them up to its own bound
+    (64 + 256 KiB: then its 400 'could not be parsed')."""
+    with connect(server) as sock:
+        sock.sendall(POST + b"\r\n2\r\n{}\r\n0\r\n")
+        send(sock, b"X-Trailer: y\r\n" * 5000 + b"\r\n", split=False)  # (70 KB)
+        said = answers(answer_of(sock))
+    assert said == [(431, {"error": "headers_too_large", "message": "request trailers larger than 64 KiB"})], said
