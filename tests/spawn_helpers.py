@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -41,8 +42,20 @@ def _gloo_threads_now() -> int | None:
     return count
 
 
-# what a forked server imports for its processes (torch._dynamo first: see join_process_group)
-PRELOAD = ["torch", "torch._dynamo", "torch.distributed"]
+# In a process that `spawn` forked from its server: the modules the server had imported (none of them
+# imports this module); what the process imported itself is the rest.
+MODULES_BEFORE = frozenset(sys.modules)
+
+# What the forked server imports for the processes of every test file that spawns them (torch._dynamo
+# first: see join_process_group), whichever file starts it: it keeps the preload of the first spawn,
+# and a process of another file imported what only that file's preload named itself (the Wan VAE's
+# diffusers, ~3 CPU s, in each of test_parallel's six after test_server_sp or test_distill_distributed).
+PRELOAD = [
+    "torch", "torch._dynamo", "torch.distributed", "pytest",
+    "diffusers.models.autoencoders.autoencoder_kl_wan", "streamgen.model.wan_vae", "streamgen.parallel.vae",  # test_parallel
+    "distill.trainer", "distill.ode", "distill.dmd",  # test_distill_distributed
+    "server.app", "server.model_host", "server.sp_host", "streamgen.models",  # test_server_sp
+]  # fmt: skip
 
 
 def spawn(fn, args: tuple, nprocs: int, preload: tuple[str, ...] = ()) -> None:
@@ -52,8 +65,10 @@ def spawn(fn, args: tuple, nprocs: int, preload: tuple[str, ...] = ()) -> None:
     With `preload` (module names), the processes are forked from a fresh server process that
     imported torch and those modules once (multiprocessing's forkserver), not started as fresh
     interpreters that each import them again: seconds of a 2-core machine per process. The server
-    is this test process's, started by the first such spawn: `preload` counts only there, and the
-    processes' stdout and stderr are the server's (a capfd of a later test does not see them)."""
+    is this test process's, started by the first such spawn: `preload` counts only there (PRELOAD
+    always), and the processes' stdout and stderr are the server's (a capfd of a later test does not
+    see them). A test module's own name is not found there (Python 3.11's forkserver does not take
+    this process's sys.path): each process imports that module itself, hundredths of a second."""
     if not preload:
         mp.spawn(_run_then_collect, args=(fn, *args), nprocs=nprocs)
         return
