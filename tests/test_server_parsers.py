@@ -39,8 +39,13 @@ def test_a_half_closed_request_is_a_client_gone_and_frees_its_session(server, mo
     # after a quick creation's 201, which was then rightly sent (a client that had not yet half-closed)
     fin_came, eof_received, create = threading.Event(), ConnectionLimits.eof_received, registry.create
 
+    ours = {}  # this test's connection (its port): another's FIN (an earlier test's client, closed late on a
+    # loaded machine) let the creation go on before ours, and its 201 went out before our FIN was read
+
     def fin_noted(protocol):
-        fin_came.set()
+        peer = protocol.transport.get_extra_info("peername")
+        if peer is not None and peer[1] == ours.get("port"):
+            fin_came.set()
         return eof_received(protocol)
 
     async def create_after_the_fin(*args):
@@ -53,6 +58,7 @@ def test_a_half_closed_request_is_a_client_gone_and_frees_its_session(server, mo
     monkeypatch.setattr(ConnectionLimits, "eof_received", fin_noted)
     monkeypatch.setattr(registry, "create", create_after_the_fin)
     with connect(port) as sock:
+        ours["port"] = sock.getsockname()[1]
         sock.sendall(SESSION)
         sock.shutdown(socket.SHUT_WR)
         assert answer_until_closed(sock) == b""
