@@ -69,13 +69,47 @@ def worker_pool(workers: int, prefix: str):
     import multiprocessing as mp
     import tempfile
 
-    with (
-        tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as temp,
-        mp.get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(temp,)) as pool,
-    ):
-        yield pool
-        pool.close()
-        pool.join()
+    with tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as temp:
+        with stops_held() as stops:
+            pool = mp.get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(temp,))
+        with pool:  # (left by an error or a stop: its workers terminated)
+            act_on(stops)  # a stop that came as they started: now that they all have
+            yield pool
+            pool.close()
+            pool.join()
+
+
+@contextmanager
+def stops_held():
+    """Within: a Ctrl-C, SIGTERM or SIGHUP is held, not acted on (in the main thread; elsewhere
+    nothing is held); gives the list of those that came, for `act_on` after. One that came as a spawn
+    Pool started its workers stopped the parent between a worker's start and the pickled start it
+    writes to it: the worker, reading it, printed "EOFError: Ran out of input" and its traceback
+    under the command's "terminated"."""
+    import signal
+    import threading
+
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+    stops = [s for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]
+    before = {name: signal.signal(getattr(signal, name), lambda signum, _: came.append(signum)) for name in stops}
+    try:
+        yield came
+    finally:
+        for name, handler in before.items():
+            if handler is not None:  # (None: a handler not set from Python, left as it is)
+                signal.signal(getattr(signal, name), handler)
+
+
+def act_on(stops: list[int]) -> None:
+    """The first of the stops `stops_held` held, given to its own handler now (an exception, or the
+    default's end)."""
+    import signal
+
+    if stops:
+        signal.raise_signal(stops[0])
 
 
 def _start_worker(temp: str) -> None:
