@@ -23,6 +23,28 @@ def test_frechet_distance_of_gaussians():
     assert frechet_distance(a, wide) == pytest.approx(16.0, rel=0.1)
 
 
+def test_frechet_distance_to_a_constant_set_is_the_closed_form():
+    # a constant set's covariance is 0, so the cross term vanishes: |mu_a - c|^2 + tr(cov_a), exactly
+    # (the stabilising eps went into the square root's product only, and took 2 sqrt(eps) tr(sqrt(cov_a))
+    # off it: 0.1-0.2% here)
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(500, 6)) * np.array([0.5, 1, 1, 2, 3, 0.7])
+    constant = np.tile(np.array([1.0, -2, 0, 0.5, 3, 1]), (50, 1))
+    expected = ((a.mean(0) - constant[0]) ** 2).sum() + np.trace(np.cov(a, rowvar=False))
+    assert frechet_distance(a, constant) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(constant, a) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(constant, constant + 1.0) == pytest.approx(6.0, rel=1e-9)
+
+
+def test_frechet_distance_of_a_scaled_set_is_the_closed_form():
+    # b = 3a + s: cov_b = 9 cov_a, sqrt(cov_a cov_b) = 3 cov_a, so FD = |mu_a - mu_b|^2 + 4 tr(cov_a)
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(300, 5)) @ rng.normal(size=(5, 5))  # correlated features
+    b = 3 * a + np.array([1.0, 0, -1, 2, 0])
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + 4 * np.trace(np.cov(a, rowvar=False))
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+
+
 def test_sync_scores_find_the_offset_of_synthetic_embeddings():
     torch.manual_seed(0)
     n, d, k = 60, 16, 4

@@ -44,17 +44,28 @@ def csim(frame_emb: torch.Tensor, reference_emb: torch.Tensor) -> np.ndarray:
     return (frame_emb @ reference_emb.reshape(-1)).numpy()
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
-    """Frechet distance between Gaussians fitted to feature sets a [N, F] and b [M, F]."""
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to feature sets a [N, F] and b [M, F]:
+    |mu_a - mu_b|^2 + tr(A) + tr(B) - 2 tr((A B)^1/2)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if len(a) < 2 or len(b) < 2:
         raise ValueError("Frechet distance needs at least 2 samples per set")
     mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    eye = np.eye(len(mu_a)) * eps
-    covmean = np.real(linalg.sqrtm((cov_a + eye) @ (cov_b + eye)))
-    value = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    value = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * _trace_sqrt_product(cov_a, cov_b)
     return float(max(value, 0.0))
+
+
+def _trace_sqrt_product(cov_a: np.ndarray, cov_b: np.ndarray) -> float:
+    """tr((A B)^1/2) of two covariances, as the sum of the square roots of the eigenvalues of
+    A^1/2 B A^1/2 (the same eigenvalues as A B, of a symmetric positive semi-definite matrix):
+    exact for singular covariances (a constant set's is 0), where sqrtm of the product needed an eps
+    added to both, which went into this term and not into the traces (FID to a constant set read
+    2 sqrt(eps) tr(A^1/2) low)."""
+    w, u = linalg.eigh(cov_a)
+    root_a = (u * np.sqrt(np.clip(w, 0, None))) @ u.T
+    middle = root_a @ cov_b @ root_a
+    return float(np.sqrt(np.clip(linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum())
 
 
 def clip_features(frame_features: np.ndarray, sync_video_emb: np.ndarray) -> np.ndarray:
