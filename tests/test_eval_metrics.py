@@ -8,6 +8,7 @@ from streamgen.eval.metrics import (
     flicker_frames,
     frechet_distance,
     frozen_frames,
+    has_peak,
     slope_per_minute,
     sync_scores,
 )
@@ -56,6 +57,28 @@ def test_sync_scores_find_the_offset_of_synthetic_embeddings():
     assert scores["av_offset_frames"] == k and scores["sync_d"] < 1e-5 and scores["sync_c"] > 1.0
 
 
+def test_a_flat_sync_curve_has_no_offset():
+    # the same audio embedding at every offset (silent audio, a still mouth): equal distances, whose
+    # argmin was the first offset searched, -15
+    torch.manual_seed(0)
+    video = torch.nn.functional.normalize(torch.randn(60, 16), dim=-1)
+    audio = torch.nn.functional.normalize(torch.randn(60, 16), dim=-1)
+    scores = sync_scores(video, audio[None].expand(31, -1, -1))
+    assert scores["av_offset_frames"] is None and scores["sync_c"] == pytest.approx(0, abs=1e-6)
+
+
+def test_a_sync_curve_of_noise_alone_has_no_offset_and_a_dip_in_it_has():
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        noise = 1.2 + 0.02 * rng.normal(size=31)
+        assert not has_peak(noise)
+        dipped = noise.copy()
+        dipped[18] -= 0.25  # a narrow dip, of an in-sync clip's depth in its curve's noise
+        assert has_peak(dipped)
+    # a smooth curve's trend is no noise: its one minimum is a peak
+    assert has_peak(np.abs(np.arange(31) - 20) * 0.01 + 1.0)
+
+
 def test_detectors_on_made_up_frames():
     rng = np.random.default_rng(1)
     frames = rng.integers(60, 200, size=(10, 16, 16, 3), dtype=np.uint8)
@@ -95,6 +118,8 @@ def test_the_reported_offset_is_one_some_clip_had():
     from streamgen.eval.report import median_offset
 
     assert median_offset([-3, 4]) == -3 and median_offset([2, 0, 1]) == 1 and median_offset([1, 1, 5, 5]) == 1
+    # clips with no sync (None) are left out, and of none with one there is none
+    assert median_offset([None, 3, None, -1, 2]) == 2 and median_offset([None, None]) is None
 
 
 def test_an_evaluator_checkpoint_whose_config_does_not_make_its_network_is_one_line(tmp_path):

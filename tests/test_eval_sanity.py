@@ -57,6 +57,13 @@ def test_audio_shift_of_k_frames_is_reported_as_offset_k(ev, clips, truth, k):
     assert at_zero - np.mean([s["sync_d"] for s in truth]) > 0.5 * np.mean([s["sync_c"] for s in truth])
 
 
+def test_silent_audio_has_no_offset_and_real_audio_has(ev, clips, truth):
+    # (silence embeds alike at every offset: a flat curve, which read offset -15)
+    silent = [_sync(ev, c.video, np.zeros_like(c.audio)) for c in clips]
+    assert [s["av_offset_frames"] for s in silent] == [None] * len(clips)
+    assert [s["av_offset_frames"] for s in truth] == [0] * len(clips)
+
+
 def test_csim_same_identity_far_above_other_identity(ev, clips):
     same, other = [], []
     for i, c in enumerate(clips):

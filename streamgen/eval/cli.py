@@ -239,14 +239,18 @@ def _evaluate(args) -> int:
         for bar in bars:
             bar.close()
     keys = ["sync_c", "sync_d", "av_offset_frames", "csim", "fid", "fvd", "drift_slope", "black_frames"]
-    summary = "  ".join(
-        f"{k}={report[k]:.3f}" if isinstance(report[k], float) else f"{k}={report[k]}" for k in keys
-    )
+    summary = "  ".join(f"{k}={_summary_value(k, report[k])}" for k in keys)
     # (no bar: the work never began, report.json was already this evaluation's)
     print(f"{'wrote' if bars else 'already finished:'} {args.out / 'report.json'}: {summary}")
     if args.json:
         print(json.dumps({k: v for k, v in report.items()}))
     return 0
+
+
+def _summary_value(key: str, value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "none (no sync)" if value is None and key == "av_offset_frames" else str(value)
 
 
 def _say_what_is_kept(out: Path) -> None:

@@ -40,10 +40,12 @@ GROUND_TRUTH = "ground-truth"
 ROUNDTRIP = "roundtrip:"
 
 
-def median_offset(offsets: list[int]) -> int:
+def median_offset(offsets: list[int | None]) -> int | None:
     """The clips' median audio-video offset, and one some clip had: of an even count, the lower
-    middle (the mean of the two middles, truncated, was an offset no clip had: -3 and 4 gave 0)."""
-    return int(statistics.median_low(offsets))
+    middle (the mean of the two middles, truncated, was an offset no clip had: -3 and 4 gave 0).
+    Of the clips that have one (None: no sync, `metrics.has_peak`); None where none has."""
+    found = [o for o in offsets if o is not None]
+    return int(statistics.median_low(found)) if found else None
 
 
 def generate_with_stream_session(
@@ -588,7 +590,7 @@ def _write_outputs(out: Path, report: dict, mean_curve, stream, samples, sync_cu
 def _markdown(r: dict) -> str:
     def fmt(v, key: str) -> str:  # (four decimals of every float said seconds as "11.0000", a slope of 2e-5 "0.0000")
         if not isinstance(v, float):
-            return "n/a" if v is None else str(v)
+            return ("no sync" if key == "av_offset_frames" else "n/a") if v is None else str(v)
         return f"{v:.1f}" if key.endswith("seconds") else f"{v:.4g}"
 
     keys = ["sync_c", "sync_d", "av_offset_frames", "csim", "fid", "fvd", "drift_slope", "colour_drift_slope",
