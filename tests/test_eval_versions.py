@@ -34,7 +34,7 @@ PINS = [
         ("streamgen/eval/metrics.py", "streamgen/eval/evaluators.py", "streamgen/eval/drift.py",
          "streamgen/eval/report.py", "streamgen/eval/partial.py", *CLIPS,
          "streamgen/media.py::from_time_zero"),  # (a stream's frames lined up with its audio, for sync)
-        1, "f0d3b273a24eebd8",
+        2, "05c08d0b71ae7610",
     ),
     (
         "streamgen/eval/train.py", "TRAINING_VERSION",
