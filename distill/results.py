@@ -36,7 +36,8 @@ LATENT_FPS = 25 / 4
 def frames_per_second(session, seconds: float = 4.0) -> float:
     """Generation speed on this machine: frames of one test clip per wall second."""
     from streamgen.data.world import make_clip
-    from streamgen.eval.report import EVAL_SEED, generate_with_stream_session
+    from streamgen.eval.report import EVAL_SEED
+    from streamgen.eval.sessions import generate_with_stream_session
 
     clip = make_clip(EVAL_SEED, 0, "test", session.height, session.width)
     n = int(seconds * 25)
@@ -99,7 +100,8 @@ def evaluate_rows(
     runs: Path, out: Path, clips: int, minutes: float | None, size: int, skip=frozenset(), on_row=None
 ) -> list[dict]:
     """Evaluate every row of the table but those named in `skip`; `on_row(rows so far)` after each."""
-    from streamgen.eval.report import ROUNDTRIP, ModelLoadError, evaluate, open_session
+    from streamgen.eval.report import evaluate
+    from streamgen.eval.sessions import ROUNDTRIP, ModelLoadError, open_session
 
     problem = model_problem(runs, skip)
     if problem:
@@ -161,7 +163,7 @@ def model_problem(runs: Path, skip) -> str | None:
     """The first model of a row to evaluate that is not there, or None: said before the first row,
     not where its row comes (a traceback, after the rows before it; the teacher's takes minutes)."""
     from distill.build import stage_that_makes
-    from streamgen.eval.report import GROUND_TRUTH, ROUNDTRIP
+    from streamgen.eval.sessions import GROUND_TRUTH, ROUNDTRIP
     from streamgen.models import require_model
 
     for spec in rows_for(runs):
@@ -227,7 +229,7 @@ def markdown(rows: list[dict], clips: int, minutes: float | None, threads: int, 
 
 
 def main(argv=None) -> int:
-    from streamgen.eval.report import ModelLoadError
+    from streamgen.eval.sessions import ModelLoadError
 
     # (named as it is run: it said "usage: results.py", a file no one types)
     p = argparse.ArgumentParser(prog="python -m distill.results", description=__doc__.splitlines()[0])

@@ -32,9 +32,10 @@ PINS = [
     (
         "streamgen/eval/report.py", "EVAL_VERSION",
         ("streamgen/eval/metrics.py", "streamgen/eval/evaluators.py", "streamgen/eval/drift.py",
-         "streamgen/eval/report.py", "streamgen/eval/partial.py", *CLIPS,
+         "streamgen/eval/report.py", "streamgen/eval/sessions.py", "streamgen/eval/outputs.py",
+         "streamgen/eval/partial.py", *CLIPS,
          "streamgen/media.py::from_time_zero"),  # (a stream's frames lined up with its audio, for sync)
-        2, "05c08d0b71ae7610",
+        2, "ed2e136abc448ffa",
     ),
     (
         "streamgen/eval/train.py", "TRAINING_VERSION",

@@ -262,7 +262,7 @@ def test_the_scalar_log_cut_back_on_resume(tmp_path, monkeypatch):
 
 
 def test_an_eval_report(tmp_path, monkeypatch):
-    from streamgen.eval.report import _write_outputs
+    from streamgen.eval.outputs import write_outputs
 
     def write(i):
         report = {
@@ -271,7 +271,7 @@ def test_an_eval_report(tmp_path, monkeypatch):
                              "black_frames", "frozen_frames", "flicker_frames", "seconds", "wall_seconds"], 0),
         }  # fmt: skip
         frames = np.zeros((2, 8, 8, 3), np.uint8)
-        _write_outputs(tmp_path, report, np.zeros(4), None, [(frames, frames)], [np.zeros(31)])
+        write_outputs(tmp_path, report, np.zeros(4), None, [(frames, frames)], [np.zeros(31)])
 
     read = lambda path: json.loads(path.read_text())["clips"]
     check_whole_or_not_at_all(monkeypatch, tmp_path, tmp_path / "report.json", write, read, fresh=True)

@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--model is required: a model name or path; {MODEL_FORMS}")
     # (after the checks that need no torch: they answered at once, not after its ~2 s import)
     import_with_ctrl_c_held(HEAVY_IMPORTS)  # (a Ctrl-C inside torch's import aborted the process)
-    from .report import GROUND_TRUTH, ROUNDTRIP, stream_memory_problem
+    from .sessions import GROUND_TRUTH, ROUNDTRIP, stream_memory_problem
 
     if (args.model == GROUND_TRUTH or args.model.startswith(ROUNDTRIP)) and _given(SESSION_OPTIONS, args):
         raise UserError(
@@ -191,7 +191,8 @@ def _evaluate(args) -> int:
 
     from .evaluators import EvaluatorError
     from .partial import MeasuredFolderError
-    from .report import ModelLoadError, OutFolderError, OutputInUse, evaluate
+    from .report import OutFolderError, OutputInUse, evaluate
+    from .sessions import ModelLoadError
 
     clips = args.clips or 8
     bars = []

@@ -31,7 +31,8 @@ def score_stream(
     from streamgen.data.world import make_stream
 
     from .metrics import StreamScores
-    from .report import EVAL_SEED, SessionChunks
+    from .report import EVAL_SEED
+    from .sessions import SessionChunks
 
     clip = make_stream(EVAL_SEED, _first_identity(split), minutes, size, size, render=roundtrip is not None)
     n_frames = len(clip.motion)
