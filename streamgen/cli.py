@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("streamgen.commands.bench", "run a benchmark and print JSON"),
     "serve": ("server.cli", "serve avatars over WebRTC and WebSocket"),
     "data": ("streamgen.data.cli", "make and preview the avatar-world dataset"),
+    "models": ("streamgen.commands.models", "list the models a --model NAME can name, where from, flavor and size"),
     "eval": ("streamgen.eval.cli", "evaluate a model on the avatar world"),
     "distill": ("distill.cli", "run a training / distillation stage"),
 }

@@ -18,16 +18,28 @@ def available_models() -> list[str]:
 def _listed_models() -> tuple[list[str], list[str]]:
     """The models' names, and the model folders that cannot be read, each said with why (a
     STREAMGEN_MODELS folder of another user's: iterdir's PermissionError was a traceback)."""
-    names, unreadable = {n for n in models.FLAVORS if n != "debug"}, []
+    found, unreadable = listed_model_folders()
+    return sorted({n for n in models.FLAVORS if n != "debug"} | {name for name, _, _ in found}), unreadable
+
+
+def listed_model_folders() -> tuple[list[tuple[str, Path, str]], list[str]]:
+    """The model directories a name loads, as (name, folder, where from: "STREAMGEN_MODELS" or
+    "shipped"), the first folder's of a name found in two (`resolve_model_dir`'s order); and the
+    model folders that cannot be read, each said with why."""
+    found, seen, unreadable = [], set(), []
     for root in models.model_search_path():
+        whose = "shipped" if root == models.MODELS_DIR else "STREAMGEN_MODELS"
         try:
-            names |= _models_in(root)
+            names = _models_in(root)
         except (FileNotFoundError, NotADirectoryError):
-            pass
+            continue
         except OSError as e:
-            whose = "the shipped models'" if root == models.MODELS_DIR else "STREAMGEN_MODELS's"
-            unreadable.append(f"{whose} {root} cannot be read: {e.strerror or e}")
-    return sorted(names), unreadable
+            said = "the shipped models'" if whose == "shipped" else "STREAMGEN_MODELS's"
+            unreadable.append(f"{said} {root} cannot be read: {e.strerror or e}")
+            continue
+        found += [(name, root / name, whose) for name in sorted(names - seen)]
+        seen |= names
+    return found, unreadable
 
 
 def _models_in(root: Path) -> set[str]:
