@@ -379,9 +379,10 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
     # too); the first viewer's offer set one off.
     freeze_loaded_heap()
     registry.ready = True
+    capacity = registry.capacity()
     log.info(
-        "model %s ready: %.0f ms per %.2f s chunk, capacity %d sessions",
-        config.model, 1000 * registry.worker.chunk_time_ema, chunk_seconds, registry.capacity(),
+        "model %s ready: %.0f ms per %.2f s chunk, capacity %d session%s",
+        config.model, 1000 * registry.worker.chunk_time_ema, chunk_seconds, capacity, "s" * (capacity != 1),
     )  # fmt: skip
     if not registry.real_time:  # (it said "capacity 1", and the one session played at a third of its speed)
         log.warning(
