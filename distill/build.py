@@ -34,6 +34,21 @@ def _model_dir(path: str) -> Path:
     return d
 
 
+def found_source(source: str) -> str | None:
+    """Where the model or autoencoder source `source` (model.init, model.vae: a model directory or
+    name, an autoencoder directory, `wan:DIR`) is now, a folder given by path made absolute (a resume
+    run from another folder finds it); None where it is not there."""
+    from streamgen.models import has_autoencoder, resolve_model_dir
+
+    if source.startswith("wan:"):
+        folder = home_expanded(source[4:])
+        return f"wan:{folder.resolve()}" if folder.is_dir() else None
+    folder = home_expanded(source)
+    if has_autoencoder(folder) or resolve_model_dir(source) == folder:
+        return str(folder.resolve())
+    return source if resolve_model_dir(source) is not None else None  # (a shipped model, by its name)
+
+
 def _run_hint(path: str) -> str:
     """What a training run's folder at `path` says of its model ("train the stage that makes it
     first" was said of a run's folder given for its `model/`, and of a run killed before its export)."""

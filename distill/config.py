@@ -36,8 +36,8 @@ from streamgen.files import home_expanded
 # the config's names, as they are imported from here (the sections' classes are config_schema's)
 __all__ = [
     "BANK_STAGES", "ConfigError", "ModelConfigSection", "OptimConfig", "TrainConfig", "find_config",
-    "ignored_settings", "load_config", "model_name_problem", "resume_settings", "resume_settings_in_text",
-    "setting",
+    "MODEL_SOURCES", "ignored_settings", "load_config", "model_name_problem", "model_sources_in_text",
+    "resume_settings", "resume_settings_in_text", "setting",
 ]  # fmt: skip
 
 
@@ -77,19 +77,38 @@ def resume_settings_in_text(text: str) -> dict | None:
     """LEGACY_SETTINGS as a config's text says them, the YAML and then its `# --set` lines (what
     checkpoints from before "run_settings" keep); None where the text no longer reads. (Not the
     later settings: a checkpoint that does not record one is not checked for it.)"""
+    defaults = {"run": RunConfig(), "data": DataConfig()}
+    return _settings_in_text(text, LEGACY_SETTINGS, lambda section, name: getattr(defaults[section], name))
+
+
+# The model section's sources of what a stage reads but does not train: its frozen autoencoder
+# (model.vae, else model.init's own) and the network it starts from. Kept in checkpoints
+# ("model_sources") for a resume whose config gives none to take the run's: a run begun with
+# --set model.init=DIR and resumed without it went on with a new random autoencoder, without a word.
+MODEL_SOURCES = ("model.init", "model.vae")
+
+
+def model_sources_in_text(text: str) -> dict:
+    """MODEL_SOURCES as a config's text says them (checkpoints from before "model_sources" keep
+    only the text); {} where it no longer reads."""
+    return _settings_in_text(text, MODEL_SOURCES, lambda section, name: None) or {}
+
+
+def _settings_in_text(text: str, keys, default) -> dict | None:
+    """`keys` ("section.key") as a config's text says them, the YAML and then its `# --set` lines,
+    `default(section, name)` where it says none; None where the text does not read."""
     import yaml
 
     if not text.strip():
         return None
     sets = [line.removeprefix("# --set ") for line in text.splitlines() if line.startswith("# --set ")]
-    defaults = {"run": RunConfig(), "data": DataConfig()}
     try:
         raw = yaml.safe_load(text) or {}
         apply_sets(raw, sets)
         settings = {}
-        for key in LEGACY_SETTINGS:
+        for key in keys:
             section, name = key.split(".")
-            settings[key] = (raw.get(section) or {}).get(name, getattr(defaults[section], name))
+            settings[key] = (raw.get(section) or {}).get(name, default(section, name))
         return settings
     except (yaml.YAMLError, ConfigError, AttributeError, TypeError):
         return None

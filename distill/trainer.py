@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
-from distill.build import NO_FILE_DIGEST
+from distill.build import NO_FILE_DIGEST, ModelSourceError, found_source
 from distill.config import (
+    MODEL_SOURCES,
     ConfigError,
     TrainConfig,
     ignored_settings,
+    model_sources_in_text,
     resume_settings,
     resume_settings_in_text,
     setting,
@@ -210,6 +212,12 @@ def build_stage(cfg: TrainConfig, world: World):
     return module.Stage(cfg, world)
 
 
+def _where_now(source: str | None) -> str | None:
+    """A model section source as a checkpoint keeps it: where it is found now (`found_source`), as
+    given where it is not (the stage's build says why)."""
+    return None if source is None else found_source(source) or source
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, stop_after: int | None = None):
         """stop_after: leave the loop after this many steps, as if killed there (for tests)."""
@@ -253,6 +261,8 @@ class Trainer:
             _check_writable(Path(cfg.run.export), "run.export", make=False)
         self.data_identity = data_identity(cfg)  # (before the stage is built: the data it reads)
         latest = self._checkpoint_to_resume(out, world)  # before the stage writes anything there
+        # (where they are as it begins: a relative path found again from another folder)
+        self.model_sources = {key: _where_now(setting(cfg, key)) for key in MODEL_SOURCES}
         try:
             stage = build_stage(cfg, world)
         # the stage's own checks, and data found damaged: they say what is wrong already (a
@@ -350,6 +360,7 @@ class Trainer:
                     meta["updaters"][name] = m
                 meta["config"] = self.cfg.source
                 meta["run_settings"] = resume_settings(self.cfg)
+                meta["model_sources"] = self.model_sources
                 meta["data_identity"] = self.data_identity
                 meta["input_identity"] = self.input_identity
                 ckpt.save_checkpoint(out, step, tensors, meta, self.cfg.run.keep_checkpoints)
@@ -401,7 +412,30 @@ class Trainer:
                 f"{latest} was written by stage {written_by!r}, not {self.cfg.stage!r}"
             )
         self._check_settings(latest, header)
+        self._take_model_sources(latest, header, world)
         return latest
+
+    def _take_model_sources(self, latest: Path, header: dict, world: World) -> None:
+        """The run's own model.init and model.vae (config.MODEL_SOURCES: its frozen autoencoder's
+        source), from its checkpoint, where this config gives none: a resume needed them given again,
+        and without them went on with a new random autoencoder. A ModelSourceError where the run's is
+        no longer there."""
+        saved = header.get("model_sources") or model_sources_in_text(header.get("config", ""))
+        for key in MODEL_SOURCES:
+            kept = saved.get(key)
+            if not kept or setting(self.cfg, key) is not None:
+                continue
+            found = found_source(kept)
+            if found is None:
+                raise ModelSourceError(
+                    f"checkpoint {latest} is of a run that read {key}: {kept}, which is no longer there "
+                    f"(the run's frozen autoencoder came from it, and a resume must read the same one): "
+                    f"put it back, or give where it is now with --set {key}=PATH"
+                )
+            section, name = key.split(".")
+            setattr(getattr(self.cfg, section), name, found)
+            if world.is_main:
+                print(f"resuming with {key}: {found}, the run's (its config gives none)", file=sys.stderr)
 
     def _check_settings(self, latest: Path, header: dict) -> None:
         """CheckpointError if this config changes a setting the run's samples are drawn from

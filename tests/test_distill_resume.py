@@ -320,3 +320,52 @@ def test_a_ctrl_c_before_the_first_checkpoint_says_the_steps_taken_are_lost(tmp_
     assert err.rstrip().endswith("interrupted"), err
     assert main([*command, "--steps", "1"]) == 130  # (fewer steps than run.checkpoint_every: the last one's)
     assert "(the first comes after step 1;" in capsys.readouterr().err
+
+
+# --- the run's own model sources -------------------------------------------------------------------
+
+
+def _model_with_its_own_autoencoder(tmp_path) -> Path:
+    """A teacher model whose autoencoder is not the random one a config without model.init makes
+    (another seed's)."""
+    run(debug_config("teacher", tmp_path / "first", **{"run.seed": 5}))
+    return tmp_path / "first" / "model"
+
+
+def test_a_resume_without_model_init_goes_on_with_the_runs_autoencoder(tmp_path, capsys):
+    """A run begun with model.init and resumed without it went on with a new random autoencoder (and
+    exported it with the model), without a word: the resume takes the run's from its checkpoint."""
+    from safetensors.torch import load_file
+
+    init = _model_with_its_own_autoencoder(tmp_path)
+    run(debug_config("teacher", tmp_path / "whole", init=init))
+    run(debug_config("teacher", tmp_path / "cut", init=init, **{"run.steps": 2}))
+    capsys.readouterr()
+    run(debug_config("teacher", tmp_path / "cut"), resume=True)
+    assert f"resuming with model.init: {init.resolve()}, the run's" in capsys.readouterr().err
+    made, whole = (load_file(tmp_path / out / "model" / "vae.safetensors") for out in ("cut", "whole"))
+    assert made.keys() == whole.keys() and all(torch.equal(made[k], whole[k]) for k in whole)
+    assert max_difference(final_tensors(tmp_path / "whole"), final_tensors(tmp_path / "cut")) == 0
+
+
+def test_a_resume_whose_runs_model_init_is_gone_says_so(tmp_path, capsys):
+    from streamgen.cli import main
+
+    init = _model_with_its_own_autoencoder(tmp_path)
+    run(debug_config("teacher", tmp_path / "cut", init=init, **{"run.steps": 2}))
+    where = init.resolve()
+    init.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["distill", "teacher", "--config", "debug", "--out", str(tmp_path / "cut"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"read model.init: {where}, which is no longer there" in err and "--set model.init=PATH" in err
+    assert "Traceback" not in err
+
+
+def test_the_model_sources_of_a_checkpoint_from_before_they_were_kept_are_read_from_its_config():
+    from distill.config import model_sources_in_text
+
+    text = "stage: teacher\nmodel: {flavor: debug, init: runs/t/model}\n# --set model.vae=runs/ae/model\n"
+    assert model_sources_in_text(text) == {"model.init": "runs/t/model", "model.vae": "runs/ae/model"}
+    assert model_sources_in_text("model: {flavor: debug}\n") == {"model.init": None, "model.vae": None}
+    assert model_sources_in_text("model: [") == {}
