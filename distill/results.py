@@ -140,6 +140,9 @@ def evaluate_rows(
     return results
 
 
+# the repository this module is of: where the defaults of --runs and --doc are (as the Makefile's
+# `make results` names them from its root)
+REPOSITORY = Path(__file__).resolve().parents[1]
 REPORT_KEYS = ("sync_c", "sync_d", "av_offset_frames", "csim", "fid", "fvd", "drift_slope", "drift_source",
                "black_frames", "frozen_frames", "clips", "seconds", "size")  # fmt: skip
 # what a row was made with, beside its model: rows made otherwise are not one table
@@ -236,8 +239,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--runs",
         type=Path,
-        default=Path("runs/tiny-avatar"),
-        help="folder of the stages' runs (autoencoder/, teacher/, ode/, ...) (default: %(default)s)",
+        default=None,
+        help="folder of the stages' runs (autoencoder/, teacher/, ode/, ...) (default: the repository's "
+        "runs/tiny-avatar)",
     )
     p.add_argument(
         "--out",
@@ -250,8 +254,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--doc",
         type=Path,
-        default=Path("docs/results.md"),
-        help="the file whose table is rewritten (default: %(default)s)",
+        default=None,
+        help="the file whose table is rewritten (default: the repository's docs/results.md)",
     )
     p.add_argument("--clips", type=positive_int, default=24, help="test clips per row (default: %(default)s)")
     p.add_argument("--minutes", type=float, default=5.0, help="minutes of the students' drift stream (0: none; default 5)")
@@ -268,6 +272,10 @@ def main(argv=None) -> int:
         help="evaluate only the rows OUT/results.json does not have yet",
     )
     args = p.parse_args(argv)
+    # (the defaults were relative to the current folder: run from anywhere but the repository's
+    # root, --render-only found no results.json and no docs/ to write in)
+    args.runs = REPOSITORY / "runs" / "tiny-avatar" if args.runs is None else args.runs
+    args.doc = REPOSITORY / "docs" / "results.md" if args.doc is None else args.doc
     args.out = args.runs / "results" if args.out is None else args.out
     # (nan too) as eval's: a traceback at the first student's stream, after the teacher's row
     if not (args.minutes == 0 or args.minutes * 60 * 25 >= 2) or not args.minutes <= MAX_MINUTES:

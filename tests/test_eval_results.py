@@ -206,3 +206,23 @@ def test_the_results_table_goes_into_a_document_without_its_markers_keeping_the_
         text = doc.read_text()
         assert text.startswith("# Notes\n\nhours of writing\n")
         assert text.count("<!-- results:begin -->") == 1 and text.count("| ground truth (renderer) |") == 1
+
+
+def test_render_only_with_its_defaults_works_from_any_folder(tmp_path, monkeypatch):
+    """Its defaults (runs/tiny-avatar, docs/results.md) were the current folder's: run outside the
+    repository's root, `python -m distill.results --render-only` found no results.json, nor docs/
+    to write in. They are the repository's (here a stand-in of one)."""
+    from distill import results
+
+    repository = tmp_path / "repository"
+    stored = repository / "runs" / "tiny-avatar" / "results"
+    stored.mkdir(parents=True)
+    (stored / "results.json").write_text(json.dumps([stored_row(tmp_path, clips=8)]))
+    (repository / "docs").mkdir()
+    monkeypatch.setattr(results, "REPOSITORY", repository)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert results.main(["--render-only"]) == 0
+    assert "8 test clips per row" in (repository / "docs" / "results.md").read_text()
+    assert list(elsewhere.iterdir()) == []
