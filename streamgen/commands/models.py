@@ -59,10 +59,14 @@ def _entry(name: str, folder: Path, source: str) -> dict:
 
 
 def _stand_in(name: str) -> dict:
-    from streamgen.models import _meta_dit, _stand_in_settings, get_config
+    import torch
 
-    settings = _stand_in_settings(name)
-    parameters = sum(p.numel() for p in _meta_dit(get_config(name)).parameters())
+    from streamgen.model.model import DiT
+    from streamgen.models import get_config, model_settings
+
+    settings = model_settings(name)
+    with torch.device("meta"):  # (its shapes alone: 14B parameters are not made to be counted)
+        parameters = sum(p.numel() for p in DiT(get_config(name)).parameters())
     return {"name": name, "path": None, "from": "a flavor on seeded random weights (no trained model)",
             "flavor": name, "kind": None, "height": settings["height"], "width": settings["width"],
             "steps": settings["steps"], "parameters": parameters, "weights_bytes": None,
