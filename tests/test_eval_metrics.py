@@ -202,3 +202,17 @@ def test_a_stream_scored_chunk_by_chunk_scores_as_the_whole_stream():
     # an add cut short (a Ctrl-C inside it) has no state to go on from; another lead's is refused
     first.csim.append(first.csim[-1])
     assert first.state() is None and not StreamScores(ev, reference, lead=0).restore(scores.state())
+
+
+def test_a_report_without_an_offset_says_no_sync():
+    """A report whose clips had no sync peak (av_offset_frames null) is said so, not "None"."""
+    from streamgen.eval.cli import _summary_value
+    from streamgen.eval.outputs import markdown
+
+    report = {"model": "m", "split": "test", "clips": 2, "size": 64, "drift_source": "mean over clips",
+              **dict.fromkeys(["sync_c", "sync_d", "csim", "fid", "fvd", "drift_slope", "colour_drift_slope",
+                               "seconds", "wall_seconds"], 0.5),
+              **dict.fromkeys(["black_frames", "frozen_frames", "flicker_frames"], 0), "av_offset_frames": None}  # fmt: skip
+    assert "| av_offset_frames | no sync |" in markdown(report)
+    assert _summary_value("av_offset_frames", None) == "none (no sync)" and _summary_value("fvd", None) == "None"
+    assert _summary_value("av_offset_frames", 3) == "3" and _summary_value("csim", 0.25) == "0.250"
