@@ -254,15 +254,6 @@ def test_a_benchmark_refuses_what_would_fail_it_before_measuring(argv, says, cap
     assert says in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_bench_alone_names_only_the_benchmark_as_missing(capsys):
-    """It said "the following arguments are required: benchmark, options", though no benchmark
-    needs options."""
-    with pytest.raises(SystemExit) as exited:
-        main(["bench"])
-    err = capsys.readouterr().err
-    assert exited.value.code == 2 and err.strip().endswith("the following arguments are required: benchmark"), err
-
-
 def test_bench_json_before_the_benchmarks_name_is_taken_as_after_it(monkeypatch, capsys):
     """`streamgen bench --json floor` said "streamgen: error: unrecognized arguments: --json"."""
     import bench.floor

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import sys
 from pathlib import Path
 
 BENCHMARKS = {
@@ -41,9 +42,12 @@ def add_arguments(p) -> None:
     # (`streamgen bench --json engine` said "streamgen: error: unrecognized arguments: --json":
     # every benchmark takes it, so before the name it is taken as after it)
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    # (optional to argparse: `streamgen bench` alone said "the following arguments are required:
+    # benchmark"; `run` lists them)
     p.add_argument(
-        "benchmark", choices=list(BENCHMARKS), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items())
-    )
+        "benchmark", nargs="?", choices=list(BENCHMARKS),
+        help="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items()),
+    )  # fmt: skip
     options = p.add_argument(
         "options", nargs=argparse.REMAINDER, help="the benchmark's own options (--help lists them)"
     )
@@ -101,11 +105,21 @@ def _check_replaceable_json(file: Path, UserError) -> None:
                         "could have written; give another name (or remove the file)")  # fmt: skip
 
 
+def _benchmarks_list() -> str:
+    width = max(map(len, BENCHMARKS))
+    lines = [f"  {name.ljust(width)}  {help_text}" for name, (_, help_text) in BENCHMARKS.items()]
+    return "\n".join(["streamgen bench: name a benchmark: streamgen bench NAME [--json] [options] "
+                       "(streamgen bench NAME --help: its options). The benchmarks:", *lines])  # fmt: skip
+
+
 def run(args) -> int:
     import logging
 
     from streamgen.cli import UserError
 
+    if args.benchmark is None:
+        print(_benchmarks_list(), file=sys.stderr)
+        return 2
     module, help_text = BENCHMARKS[args.benchmark]
     try:
         mod = importlib.import_module(module)
