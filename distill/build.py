@@ -40,12 +40,15 @@ def found_source(source: str) -> str | None:
     run from another folder finds it); None where it is not there."""
     from streamgen.models import has_autoencoder, resolve_model_dir
 
-    if source.startswith("wan:"):
-        folder = home_expanded(source[4:])
-        return f"wan:{folder.resolve()}" if folder.is_dir() else None
-    folder = home_expanded(source)
-    if has_autoencoder(folder) or resolve_model_dir(source) == folder:
-        return str(folder.resolve())
+    try:
+        if source.startswith("wan:"):
+            folder = home_expanded(source[4:])
+            return f"wan:{folder.resolve()}" if folder.is_dir() else None
+        folder = home_expanded(source)
+        if has_autoencoder(folder) or resolve_model_dir(source) == folder:
+            return str(folder.resolve())
+    except OSError:  # (a name the file system cannot hold: no folder of it)
+        return None
     return source if resolve_model_dir(source) is not None else None  # (a shipped model, by its name)
 
 

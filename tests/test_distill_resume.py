@@ -369,3 +369,17 @@ def test_the_model_sources_of_a_checkpoint_from_before_they_were_kept_are_read_f
     assert model_sources_in_text(text) == {"model.init": "runs/t/model", "model.vae": "runs/ae/model"}
     assert model_sources_in_text("model: {flavor: debug}\n") == {"model.init": None, "model.vae": None}
     assert model_sources_in_text("model: [") == {}
+
+
+def test_where_a_model_source_is_found_again(tmp_path, monkeypatch):
+    """A folder by its absolute path (a resume from another folder finds it), a shipped model by its
+    name, and nothing for what is not there (a name too long for the file system: no OSError)."""
+    from distill.build import found_source
+
+    model = _model_with_its_own_autoencoder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert found_source("first/model") == str(model.resolve())
+    assert found_source(f"wan:{tmp_path / 'first'}") == f"wan:{(tmp_path / 'first').resolve()}"
+    assert found_source("tiny-avatar") == "tiny-avatar"
+    assert found_source("first/none") is None and found_source("x" * 5000) is None
+    assert found_source("wan:" + "x" * 5000) is None
