@@ -24,7 +24,7 @@ import logging
 import numbers
 import random
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -304,6 +304,7 @@ class StreamSession:
             self._pcm_origin = 0  # absolute sample index of _pcm[0]
             self._write_pos = 0  # where the next pushed sample goes
             self._consumed = 0  # samples up to here have been used (or taken as silence)
+            self._keep_after_chunk = 0  # samples before it are dropped once the chunk being made is made
         self.started = True
 
     def _start_sink(self, ref: np.ndarray, run=_run_stage) -> None:
@@ -403,12 +404,10 @@ class StreamSession:
 
     def _drop_used_audio(self, end_frame: int, keep_from: int | None = None) -> None:
         """The timeline used up to video frame `end_frame`; its samples before `keep_from` (else
-        `end_frame`) dropped."""
+        `end_frame`) dropped once the chunk is made (`_next_pts`: a failed chunk's retry reads them)."""
         self._consumed = max(self._consumed, end_frame * SAMPLES_PER_FRAME)
-        drop = (end_frame if keep_from is None else keep_from) * SAMPLES_PER_FRAME - self._pcm_origin
-        if drop > 0:
-            self._pcm = self._pcm[drop:].copy()
-            self._pcm_origin += drop
+        keep = (end_frame if keep_from is None else keep_from) * SAMPLES_PER_FRAME
+        self._keep_after_chunk = max(self._pcm_origin, keep)
 
     def _take_audio_span(self, latent_start: int, cfg, enc) -> tuple[np.ndarray, int]:
         first_needed = latent_start * cfg.temporal_compression - cfg.audio_context_frames
@@ -449,21 +448,48 @@ class StreamSession:
         # server's worker does), or the next chunk does it here, first. The frames are the same;
         # a stream's first frames come that much sooner either way.
         run("reencode", self.write_pending_chunk)
-        audio, noise = run("audio", self._prepare_chunk)
+        beside = self._decode_stream is not None and observe is None  # (a timed stage runs alone)
+        with self._undone_on_failure(cache_written=beside or self.cache_from == "last_step"):
+            audio, noise = run("audio", self._prepare_chunk)
 
-        def denoise():  # the steps read the cache (under "last_step" the last one writes it too)
-            return generate_chunk(
-                self.dit, self.cache, noise, self.context, audio, self.sigmas, self.generator,
-                reencode=False, cache_from=self.cache_from,
-            )  # fmt: skip
+            def denoise():  # the steps read the cache (under "last_step" the last one writes it too)
+                return generate_chunk(
+                    self.dit, self.cache, noise, self.context, audio, self.sigmas, self.generator,
+                    reencode=False, cache_from=self.cache_from,
+                )  # fmt: skip
 
-        with torch.no_grad():
-            latents = run("denoise", denoise)
-        if self.cache_from == "reencode":
-            self._pending = (latents, audio, self.context)
-        if self._decode_stream is not None and observe is None:  # (a timed stage runs alone)
-            return self._finish_chunk_beside_reencode(latents)
-        return self._finish_chunk(latents, run)
+            with torch.no_grad():
+                latents = run("denoise", denoise)
+            if self.cache_from == "reencode":
+                self._pending = (latents, audio, self.context)
+            if beside:
+                return self._finish_chunk_beside_reencode(latents)
+            return self._finish_chunk(latents, run)
+
+    @contextmanager
+    def _undone_on_failure(self, cache_written: bool):
+        """A chunk's block, after its pending re-encode (written, it stays: the same frames follow):
+        where it raises (the model's exception, a CUDA OOM, a Ctrl-C), what it changed is put back,
+        and a retry makes the chunk a first success would have made. It had moved the audio
+        timeline and the generator, and made the retry another chunk, later in the audio.
+        cache_written: the block writes the chunk into the ring (`ring_write_undone_on_failure`);
+        else it only reads the cache (its chunk region is each step's own)."""
+        generator, chunk_index = self.generator.get_state(), self.chunk_index
+        pending, decoder_state = self._pending, self.decoder_state
+        with self._audio_lock:
+            consumed = self._consumed
+        try:
+            with self.cache.ring_write_undone_on_failure() if cache_written else nullcontext():
+                yield
+        except BaseException:
+            self.generator.set_state(generator)
+            self.chunk_index, self._pending, self.decoder_state = chunk_index, pending, decoder_state
+            with self._audio_lock:
+                # (audio pushed meanwhile stays where it went: after what the chunk took, as after
+                # a success; the samples the chunk would have let go were kept until it was made)
+                self._consumed = consumed
+                self._keep_after_chunk = self._pcm_origin
+            raise
 
     @property
     def chunk_pending(self) -> bool:
@@ -476,7 +502,8 @@ class StreamSession:
         with self.in_use():
             if self._pending is not None:
                 latents, audio, context = self._pending
-                with self.stage_threads("reencode"):
+                # (a failed re-encode leaves the chunk pending and the ring as it was)
+                with self.stage_threads("reencode"), self.cache.ring_write_undone_on_failure():
                     reencode_chunk(self.dit, self.cache, latents, context, audio)
                 self._pending = None
 
@@ -485,13 +512,19 @@ class StreamSession:
         """Decode the chunk's clean latents (the cache already holds them) to uint8 frames."""
         run = run or self._threaded(_run_stage)
         out = run("decode", lambda: self._decode(latents))
-        pts = self._next_pts()
-        return run("to_host", lambda: out.cpu().numpy()), pts
+        frames = run("to_host", lambda: out.cpu().numpy())
+        return frames, self._next_pts()
 
     def _next_pts(self) -> float:
-        """The pts of the chunk just made (its first frame's), and the chunk counted."""
+        """The pts of the chunk just made (its first frame's), the chunk counted and the audio only
+        it read dropped: the last of a chunk's work, done once nothing of it can fail."""
         pts = self.chunk_pts(self.chunk_index)
         self.chunk_index += 1
+        with self._audio_lock:
+            drop = self._keep_after_chunk - self._pcm_origin
+            if drop > 0:
+                self._pcm = self._pcm[drop:].copy()
+                self._pcm_origin += drop
         return pts
 
     @torch.no_grad()

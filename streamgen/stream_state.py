@@ -148,7 +148,7 @@ def _put(session, state, cache) -> None:
     audio = state["audio"]
     with session._audio_lock:
         session._pcm = np.asarray(audio["pcm"].numpy(), np.float32)
-        session._pcm_origin = audio["origin"]
+        session._pcm_origin = session._keep_after_chunk = audio["origin"]
         session._write_pos = audio["write_pos"]
         session._consumed = audio["consumed"]
     session.started = True

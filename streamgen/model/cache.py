@@ -26,6 +26,7 @@ once (per layer, per chunk), so the denoising steps pay nothing extra.
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -305,6 +306,35 @@ class StreamCache(nn.Module):
         for the cache, not once per layer or chunk)."""
         slots, s = self.ring_frame_positions(), self.tokens_per_frame
         return self.rope_table(self.grid_hw).map(lambda t: t.unflatten(0, (-1, s))[slots].flatten(0, 1))
+
+    @contextmanager
+    def ring_write_undone_on_failure(self):
+        """A block that writes the current chunk into the ring and moves it on (a clean re-encode,
+        a last step that writes): where it raises, the ring is put back as it was. A layer writes
+        its slots once its attention is done, so a failure at a later layer left the earlier
+        layers' slots overwritten, and a retry's attention read the new chunk there in place of
+        the oldest. Only the slots the write takes that attention reads are kept (a chunk's of the
+        ring, once it is full), not the whole cache."""
+        frames_written = self.frames_written
+        slots = [(frames_written + i) % self.window_frames for i in range(self.chunk_frames)]
+        read = [slot for slot in slots if slot < self.filled]
+        index = kept = None
+        if read:
+            s = self.tokens_per_frame
+            index = (torch.tensor(read)[:, None] * s + torch.arange(s)[None, :]).reshape(-1).to(self.device)
+            kept = [
+                (layer.k_ring_raw.index_select(1, index), layer.v.index_select(1, index + layer.chunk_end))
+                for layer in self.layers
+            ]
+        try:
+            yield
+        except BaseException:
+            for layer, (k_raw, v) in zip(self.layers, kept or []):
+                layer.k_ring_raw.index_copy_(1, index, k_raw)
+                layer.v.index_copy_(1, index + layer.chunk_end, v)  # (a new version: e4m3 made again)
+            self.frames_written = frames_written
+            self.rotate_ring()
+            raise
 
     def take_chunk_from(self, batch: StreamCache, row: int, batch_slots: torch.Tensor) -> None:
         """Keep the chunk that a stacked batch's forward wrote into its ring slots `batch_slots`

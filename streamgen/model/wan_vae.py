@@ -348,6 +348,10 @@ class WanVAE(VideoAutoencoder):
     def decode_stream(self, latents: torch.Tensor, state):
         mean, std = self._stats(latents)
         x = self.vae.post_quant_conv(latents * std + mean)
+        # a new state, the given one left as it was: the decoder rewrites its feature cache in
+        # place, and a decode that failed part way (a CUDA OOM, a Ctrl-C) left the stream's
+        # cache part a chunk on, which its retry decoded against (a list of tensors, not copied)
+        state = {"feat_map": list(state["feat_map"]), "first": state["first"]}
         self.vae._feat_map = state["feat_map"]  # the cache is per stream, not per model
         outs, i = [], 0
         while i < x.shape[2]:

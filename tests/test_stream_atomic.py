@@ -1,0 +1,183 @@
+"""A next_chunk that fails part way (the model raising in a denoising step, a CUDA OOM, a Ctrl-C)
+leaves its session as it was before the call: its audio timeline, its generator, its KV cache and
+its counters. A retry then makes the very chunk a first success would have made."""
+
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from stream_helpers import face, speech
+
+from streamgen.models import load_model
+from streamgen.stream import StreamSession
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("debug")
+
+
+def started(model, cache_from: str) -> StreamSession:
+    s = StreamSession(model, cache_from=cache_from)
+    s.start(face(), seed=5)
+    s.push_audio(speech(6.0))
+    return s
+
+
+@contextmanager
+def fault_at(module: torch.nn.Module, call: int, error=InjectedFault):
+    """`module`'s `call`-th forward (from 1) inside the block raises `error` before it runs."""
+    calls = []
+
+    def hook(*_):
+        calls.append(1)
+        if len(calls) == call:
+            raise error("injected")
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def session_state(s: StreamSession) -> dict:
+    """What a chunk reads of a session, copied (the cache's chunk region is rewritten by each step)."""
+    layers = [
+        [t.clone() for t in (layer.k[:, : layer.sink_end], layer.k[:, layer.chunk_end :],
+                             layer.v[:, : layer.sink_end], layer.v[:, layer.chunk_end :], layer.k_ring_raw)]
+        for layer in s.cache.layers
+    ]  # fmt: skip
+    return {
+        "chunk_index": s.chunk_index,
+        "video_time": s.video_time,
+        "buffered": s.audio_buffered_seconds,
+        "pending": s.chunk_pending,
+        "generator": s.generator.get_state(),
+        "frames_written": s.cache.frames_written,
+        "layers": layers,
+    }
+
+
+def assert_same_state(got: dict, want: dict) -> None:
+    for key in want:
+        if key == "layers":
+            for got_layer, want_layer in zip(got[key], want[key]):
+                for a, b in zip(got_layer, want_layer):
+                    assert torch.equal(a, b)
+        elif key == "generator":
+            assert torch.equal(got[key], want[key])
+        else:
+            assert got[key] == want[key], key
+
+
+# where the fault is: which module's forward raises, at its how-many-th call in the chunk. The chunk
+# follows a full ring's worth of chunks: its re-encode overwrites the ring slots it attends to
+FAULTS = {
+    "denoise step 2 of 4": lambda s: (s.dit, 2),
+    # the last layer of the last step, which under "last_step" writes the ring (layer 0 has written)
+    "last step's last layer": lambda s: (s.dit.blocks[-1].self_attn, 4),
+    # the last layer of the last chunk's clean re-encode, at the chunk's start (layer 0 has written)
+    "re-encode's last layer": lambda s: (s.dit.blocks[-1].self_attn, 1),
+    "decode": lambda s: (s.vae.dec, 1),
+}
+
+
+# (under "last_step" a chunk's keys are written by its last step: it has no re-encode)
+CASES = [(where, cache_from) for where in FAULTS for cache_from in ("reencode", "last_step")
+         if (where, cache_from) != ("re-encode's last layer", "last_step")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("where", "cache_from"), CASES)
+@pytest.mark.parametrize("error", [InjectedFault, KeyboardInterrupt])
+def test_a_chunk_that_fails_leaves_the_session_as_it_was_and_its_retry_makes_the_same_chunk(
+    model, cache_from, where, error
+):
+    alone = started(model, cache_from)
+    before = alone.chunks_to_full_ring
+    want = [alone.next_chunk() for _ in range(before + 2)][before:]
+
+    s = started(model, cache_from)
+    for _ in range(before):
+        s.next_chunk()
+    if where != "re-encode's last layer":
+        # the last chunk's clean re-encode, which a chunk writes first, written as a server's
+        # worker writes it while the frames travel: a chunk that fails later leaves it written
+        s.write_pending_chunk()
+    state = session_state(s)
+    module, call = FAULTS[where](s)
+    with fault_at(module, call, error), pytest.raises(error, match="injected"):
+        s.next_chunk()
+    assert_same_state(session_state(s), state)
+    for frames, pts in want:  # the retry, and the chunk after it
+        got_frames, got_pts = s.next_chunk()
+        np.testing.assert_array_equal(got_frames, frames)
+        assert got_pts == pts
+
+
+def test_a_failed_chunk_keeps_the_audio_pushed_while_it_ran(model):
+    """Audio another thread pushes while a chunk runs (here: from inside its denoising, the video
+    ahead of the audio) starts after the audio that chunk takes, as after a first success: the
+    retry is that chunk, and the chunks after it read the audio as after a success."""
+    late = speech(1.0, seed=7)
+
+    def silent_start() -> StreamSession:
+        s = StreamSession(model)
+        s.start(face(), seed=5)
+        s.next_chunk()
+        s.write_pending_chunk()  # (the next forward is the next chunk's first step, after its audio)
+        return s
+
+    alone = silent_start()
+    want = [alone.next_chunk()[0]]
+    alone.push_audio(late)  # (after the chunk that was running: at the position it took up to)
+    want += [alone.next_chunk()[0] for _ in range(3)]
+
+    s = silent_start()
+    pushed = []
+
+    def push_then_fail(*_):
+        if not pushed:
+            pushed.append(1)
+            s.push_audio(late)
+        raise InjectedFault("injected")
+
+    handle = s.dit.register_forward_pre_hook(push_then_fail)
+    try:
+        with pytest.raises(InjectedFault):
+            s.next_chunk()
+    finally:
+        handle.remove()
+    assert s.audio_buffered_seconds > alone.audio_buffered_seconds  # (pushed, not yet read)
+    for frames in want:
+        np.testing.assert_array_equal(s.next_chunk()[0], frames)
+
+
+@torch.no_grad()
+def test_a_failed_decode_leaves_wans_feature_cache_as_it_was():
+    """Wan's autoencoder kept its stream state, the feature cache, in a list its decoder rewrote in
+    place: a decode that failed after its first convolutions left some of them a chunk on, and
+    the retry's frames were decoded against them."""
+    from bench.gpu import build_model
+
+    model = build_model("wan2.1-1.3b", 32, 32, "cpu", torch.float32, True, "sdpa")
+
+    def started_wan() -> StreamSession:
+        s = StreamSession(model, 32, 32, device="cpu", dtype=torch.float32)
+        s.start(face(h=32, w=32), seed=2)
+        s.push_audio(speech(3.0))
+        s.next_chunk()
+        return s
+
+    alone = started_wan()
+    want = [alone.next_chunk()[0] for _ in range(2)]
+    s = started_wan()
+    with fault_at(s.vae.vae.decoder.up_blocks[-1], 1), pytest.raises(InjectedFault):
+        s.next_chunk()
+    for frames in want:
+        np.testing.assert_array_equal(s.next_chunk()[0], frames)
