@@ -304,7 +304,8 @@ class StreamSession:
             self._pcm_origin = 0  # absolute sample index of _pcm[0]
             self._write_pos = 0  # where the next pushed sample goes
             self._consumed = 0  # samples up to here have been used (or taken as silence)
-            self._keep_after_chunk = 0  # samples before it are dropped once the chunk being made is made
+            self._kept_from = 0  # samples before it are no longer read (`_drop_used_audio`)
+            self._keep_after_chunk = 0  # and those before this, once the chunk being made is made
         self.started = True
 
     def _start_sink(self, ref: np.ndarray, run=_run_stage) -> None:
@@ -371,9 +372,13 @@ class StreamSession:
         if end_rel > self._pcm.size:
             # grown by doubling: zeros past the pushed audio read as the silence it would be anyway
             # (growing it to fit copied all of the audio buffered at every push: 120 s pushed ahead
-            # in 20 ms frames took 22 s, and held the audio lock, which the next chunk waits for)
-            grown = np.zeros(max(end_rel, 2 * self._pcm.size), np.float32)
-            grown[: self._pcm.size] = self._pcm
+            # in 20 ms frames took 22 s, and held the audio lock, which the next chunk waits for);
+            # the samples no chunk reads any more are left behind
+            live = self._pcm[self._kept_from - self._pcm_origin :]
+            self._pcm_origin = self._kept_from
+            end_rel = start + a.size - self._pcm_origin
+            grown = np.zeros(max(end_rel, 2 * live.size), np.float32)
+            grown[: live.size] = live
             self._pcm = grown
         self._pcm[start - self._pcm_origin : end_rel] = a
         self._write_pos = start + a.size
@@ -386,7 +391,7 @@ class StreamSession:
     def _audio_samples(self, start: int, end: int) -> np.ndarray:
         """Absolute samples [start, end); anything not received is silence."""
         out = np.zeros(end - start, np.float32)
-        lo, hi = max(start, self._pcm_origin), min(end, self._pcm_origin + self._pcm.size)
+        lo, hi = max(start, self._kept_from), min(end, self._pcm_origin + self._pcm.size)
         if hi > lo:
             out[lo - start : hi - start] = self._pcm[lo - self._pcm_origin : hi - self._pcm_origin]
         return out
@@ -404,10 +409,17 @@ class StreamSession:
 
     def _drop_used_audio(self, end_frame: int, keep_from: int | None = None) -> None:
         """The timeline used up to video frame `end_frame`; its samples before `keep_from` (else
-        `end_frame`) dropped once the chunk is made (`_next_pts`: a failed chunk's retry reads them)."""
+        `end_frame`) let go once the chunk is made (`_next_pts`: a failed chunk's retry reads them).
+        Those let go stay in the buffer until they are over half of it (or a push grows it): the
+        rest of it was copied at every chunk (up to `max_audio_ahead_s` of audio, 38 MB at 600 s,
+        under the audio lock that pushes wait for); a sample is copied O(1) times now."""
         self._consumed = max(self._consumed, end_frame * SAMPLES_PER_FRAME)
         keep = (end_frame if keep_from is None else keep_from) * SAMPLES_PER_FRAME
-        self._keep_after_chunk = max(self._pcm_origin, keep)
+        self._keep_after_chunk = max(self._kept_from, keep)
+        gone = self._kept_from - self._pcm_origin
+        if gone > self._pcm.size // 2:
+            self._pcm = self._pcm[gone:].copy()
+            self._pcm_origin = self._kept_from
 
     def _take_audio_span(self, latent_start: int, cfg, enc) -> tuple[np.ndarray, int]:
         first_needed = latent_start * cfg.temporal_compression - cfg.audio_context_frames
@@ -488,7 +500,7 @@ class StreamSession:
                 # (audio pushed meanwhile stays where it went: after what the chunk took, as after
                 # a success; the samples the chunk would have let go were kept until it was made)
                 self._consumed = consumed
-                self._keep_after_chunk = self._pcm_origin
+                self._keep_after_chunk = self._kept_from
             raise
 
     @property
@@ -517,14 +529,11 @@ class StreamSession:
 
     def _next_pts(self) -> float:
         """The pts of the chunk just made (its first frame's), the chunk counted and the audio only
-        it read dropped: the last of a chunk's work, done once nothing of it can fail."""
+        it read let go: the last of a chunk's work, done once nothing of it can fail."""
         pts = self.chunk_pts(self.chunk_index)
         self.chunk_index += 1
         with self._audio_lock:
-            drop = self._keep_after_chunk - self._pcm_origin
-            if drop > 0:
-                self._pcm = self._pcm[drop:].copy()
-                self._pcm_origin += drop
+            self._kept_from = max(self._kept_from, self._keep_after_chunk)
         return pts
 
     @torch.no_grad()

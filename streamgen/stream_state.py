@@ -47,9 +47,9 @@ def save_session_state(session, path, extra: dict | None = None) -> None:
         session.write_pending_chunk()
         cache = session.cache
         with session._audio_lock:
-            audio = {
-                "pcm": torch.from_numpy(session._pcm.copy()),
-                "origin": session._pcm_origin,
+            audio = {  # (from the first sample a chunk still reads)
+                "pcm": torch.from_numpy(session._pcm[session._kept_from - session._pcm_origin :].copy()),
+                "origin": session._kept_from,
                 "write_pos": session._write_pos,
                 "consumed": session._consumed,
             }
@@ -148,7 +148,7 @@ def _put(session, state, cache) -> None:
     audio = state["audio"]
     with session._audio_lock:
         session._pcm = np.asarray(audio["pcm"].numpy(), np.float32)
-        session._pcm_origin = session._keep_after_chunk = audio["origin"]
+        session._pcm_origin = session._kept_from = session._keep_after_chunk = audio["origin"]
         session._write_pos = audio["write_pos"]
         session._consumed = audio["consumed"]
     session.started = True

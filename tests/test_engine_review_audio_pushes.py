@@ -30,3 +30,29 @@ def test_small_pushes_far_ahead_grow_the_buffer_a_few_times_and_keep_every_sampl
     one.push_audio(audio)
     for _ in range(3):
         np.testing.assert_array_equal(s.next_chunk()[0], one.next_chunk()[0])
+
+
+def test_chunks_reading_audio_pushed_far_ahead_copy_the_buffer_a_few_times_and_read_every_sample():
+    """Each chunk dropped the samples it alone had read by copying the rest of the buffer: audio
+    pushed minutes ahead (up to `max_audio_ahead_s`, 600 s: 38 MB) was copied whole at every chunk,
+    under the audio lock. The samples a chunk lets go now stay until they are over half of the
+    buffer; the chunks read what they read before, and what is buffered is what was pushed."""
+    model = load_model("debug")
+    audio = speech(60.0)
+    s = StreamSession(model)
+    s.start(face(), seed=0)
+    s.push_audio(audio)
+    piecewise = StreamSession(model)  # (fed as the chunks use it: its buffer is never far ahead)
+    piecewise.start(face(), seed=0)
+    step = round(piecewise.chunk_seconds * 16000)
+    ahead = int(np.ceil(piecewise.audio_lookahead_seconds / piecewise.chunk_seconds)) + 1  # (chunks)
+    piecewise.push_audio(audio[: ahead * step])
+    buffers = [s._pcm]
+    chunks = 90
+    for i in range(chunks):
+        piecewise.push_audio(audio[(i + ahead) * step : (i + ahead + 1) * step])
+        np.testing.assert_array_equal(s.next_chunk()[0], piecewise.next_chunk()[0])
+        if s._pcm is not buffers[-1]:
+            buffers.append(s._pcm)
+        np.testing.assert_array_equal(s._audio_samples(s._consumed, audio.size), audio[s._consumed :])
+    assert len(buffers) <= 2 * np.log2(chunks), len(buffers)
