@@ -24,7 +24,7 @@ import logging
 import numbers
 import random
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -481,19 +481,28 @@ class StreamSession:
     @contextmanager
     def _undone_on_failure(self, cache_written: bool):
         """A chunk's block, after its pending re-encode (written, it stays: the same frames follow):
-        where it raises (the model's exception, a CUDA OOM, a Ctrl-C), what it changed is put back,
-        and a retry makes the chunk a first success would have made. It had moved the audio
-        timeline and the generator, and made the retry another chunk, later in the audio.
-        cache_written: the block writes the chunk into the ring (`ring_write_undone_on_failure`);
-        else it only reads the cache (its chunk region is each step's own)."""
+        where it raises (the model's exception, a CUDA OOM, a Ctrl-C), what it changed is put back
+        (`chunk_undo`), and a retry makes the chunk a first success would have made. It had moved
+        the audio timeline and the generator, and made the retry another chunk, later in the audio."""
+        undo = self.chunk_undo(cache_written)
+        try:
+            yield
+        except BaseException:
+            undo()
+            raise
+
+    def chunk_undo(self, cache_written: bool):
+        """A function that puts back what the next chunk changes (here and in a batch). cache_written:
+        it writes itself into the ring (`StreamCache.ring_write_undo`); else it only reads the cache."""
         generator, chunk_index = self.generator.get_state(), self.chunk_index
         pending, decoder_state = self._pending, self.decoder_state
+        ring_undo = self.cache.ring_write_undo() if cache_written else None
         with self._audio_lock:
             consumed = self._consumed
-        try:
-            with self.cache.ring_write_undone_on_failure() if cache_written else nullcontext():
-                yield
-        except BaseException:
+
+        def undo():
+            if ring_undo is not None:
+                ring_undo()
             self.generator.set_state(generator)
             self.chunk_index, self._pending, self.decoder_state = chunk_index, pending, decoder_state
             with self._audio_lock:
@@ -501,7 +510,8 @@ class StreamSession:
                 # a success; the samples the chunk would have let go were kept until it was made)
                 self._consumed = consumed
                 self._keep_after_chunk = self._kept_from
-            raise
+
+        return undo
 
     @property
     def chunk_pending(self) -> bool:

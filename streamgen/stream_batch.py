@@ -223,7 +223,27 @@ def _next_chunks(sessions: list[StreamSession], on_error) -> list[tuple[np.ndarr
 
 def _group_chunks(group: list[StreamSession], on_error) -> list[tuple[np.ndarray, float] | None]:
     """The next chunk of sessions of one batch key, each stage once for them all; a session whose
-    own step fails (on_error, as in `prepare_chunks`) gets None and the others go on."""
+    own step fails (on_error, as in `prepare_chunks`) gets None and the others go on. A session
+    that fails, alone or with its group, is put back as it was (`StreamSession.chunk_undo`), as
+    one that fails on its own: its audio timeline and generator had moved on, and a retry made
+    another chunk."""
+    undo = [s.chunk_undo(cache_written=s.cache_from == "last_step") for s in group]
+    undone: set[int] = set()
+
+    def failed(j: int, e: Exception) -> None:
+        undone.add(j)
+        undo[j]()
+        on_error(j, e)
+
+    try:
+        return _made_group_chunks(group, None if on_error is None else failed)
+    except BaseException:
+        for j in set(range(len(group))) - undone:
+            undo[j]()
+        raise
+
+
+def _made_group_chunks(group: list[StreamSession], on_error) -> list[tuple[np.ndarray, float] | None]:
     results: list = [None] * len(group)
     prepared = prepare_chunks(group, on_error)
     rows = [j for j, p in enumerate(prepared) if p is not None]

@@ -181,3 +181,36 @@ def test_a_failed_decode_leaves_wans_feature_cache_as_it_was():
         s.next_chunk()
     for frames in want:
         np.testing.assert_array_equal(s.next_chunk()[0], frames)
+
+
+@pytest.mark.parametrize("cache_from", ["reencode", "last_step"])
+def test_a_batchs_failed_chunk_leaves_its_sessions_as_they_were(model, cache_from):
+    """next_chunks: a shared denoising forward that fails (with on_error: each session's failure)
+    puts each session back as it was, as a session's own next_chunk does; the retry's chunks are
+    those an unfaulted batch makes."""
+    from streamgen.stream_batch import next_chunks
+
+    def pair() -> list[StreamSession]:
+        sessions = [started(model, cache_from), started(model, cache_from)]
+        sessions[1].start(face(seed=1), seed=6)
+        sessions[1].push_audio(speech(6.0, seed=1))
+        for _ in range(sessions[0].chunks_to_full_ring):
+            next_chunks(sessions)
+        for s in sessions:
+            s.write_pending_chunk()
+        return sessions
+
+    alone = pair()
+    want = [next_chunks(alone) for _ in range(2)]
+    sessions = pair()
+    states = [session_state(s) for s in sessions]
+    failures = []
+    with fault_at(model.dit, 2):
+        assert next_chunks(sessions, on_error=lambda i, e: failures.append(i)) == [None, None]
+    assert failures == [0, 1]
+    for s, state in zip(sessions, states):
+        assert_same_state(session_state(s), state)
+    for chunks in want:
+        for (frames, pts), (got_frames, got_pts) in zip(chunks, next_chunks(sessions)):
+            np.testing.assert_array_equal(got_frames, frames)
+            assert got_pts == pts

@@ -310,11 +310,20 @@ class StreamCache(nn.Module):
     @contextmanager
     def ring_write_undone_on_failure(self):
         """A block that writes the current chunk into the ring and moves it on (a clean re-encode,
-        a last step that writes): where it raises, the ring is put back as it was. A layer writes
-        its slots once its attention is done, so a failure at a later layer left the earlier
-        layers' slots overwritten, and a retry's attention read the new chunk there in place of
-        the oldest. Only the slots the write takes that attention reads are kept (a chunk's of the
-        ring, once it is full), not the whole cache."""
+        a last step that writes): where it raises, the ring is put back as it was (`ring_write_undo`)."""
+        undo = self.ring_write_undo()
+        try:
+            yield
+        except BaseException:
+            undo()
+            raise
+
+    def ring_write_undo(self):
+        """A function that puts the ring back as it is now, after the current chunk's write and
+        move. A layer writes its slots once its attention is done, so a failure at a later layer
+        left the earlier layers' slots overwritten, and a retry's attention read the new chunk there
+        in place of the oldest. Only the slots the write takes that attention reads are kept (a
+        chunk's of the ring, once it is full), not the whole cache."""
         frames_written = self.frames_written
         slots = [(frames_written + i) % self.window_frames for i in range(self.chunk_frames)]
         read = [slot for slot in slots if slot < self.filled]
@@ -326,15 +335,15 @@ class StreamCache(nn.Module):
                 (layer.k_ring_raw.index_select(1, index), layer.v.index_select(1, index + layer.chunk_end))
                 for layer in self.layers
             ]
-        try:
-            yield
-        except BaseException:
+
+        def undo():
             for layer, (k_raw, v) in zip(self.layers, kept or []):
                 layer.k_ring_raw.index_copy_(1, index, k_raw)
                 layer.v.index_copy_(1, index + layer.chunk_end, v)  # (a new version: e4m3 made again)
             self.frames_written = frames_written
             self.rotate_ring()
-            raise
+
+        return undo
 
     def take_chunk_from(self, batch: StreamCache, row: int, batch_slots: torch.Tensor) -> None:
         """Keep the chunk that a stacked batch's forward wrote into its ring slots `batch_slots`
