@@ -447,6 +447,8 @@ class StreamSession:
         observe(stage, fn) -> fn(), if given, runs each stage of the chunk (one of
         `CHUNK_STAGES`) so that a benchmark can time or count it (bench/floor.py); one that
         does not run "to_host" (a model on the meta device has no values) gets None frames.
+        A call that raises (the model's error, a CUDA OOM, a Ctrl-C) leaves the session as it was
+        (`_undone_on_failure`): a retry makes the chunk a first success would have made.
         """
         with self.in_use():
             return self._next_chunk(observe)
@@ -481,9 +483,8 @@ class StreamSession:
     @contextmanager
     def _undone_on_failure(self, cache_written: bool):
         """A chunk's block, after its pending re-encode (written, it stays: the same frames follow):
-        where it raises (the model's exception, a CUDA OOM, a Ctrl-C), what it changed is put back
-        (`chunk_undo`), and a retry makes the chunk a first success would have made. It had moved
-        the audio timeline and the generator, and made the retry another chunk, later in the audio."""
+        where it raises, what it changed is put back (`chunk_undo`). It had moved the audio
+        timeline and the generator, and the retry made another chunk, later in the audio."""
         undo = self.chunk_undo(cache_written)
         try:
             yield
