@@ -15,7 +15,7 @@ from .batching import group_mates, join_schedule, lane_dues, playout_delay
 from .config import ServerConfig
 from .metrics import ServerMetrics
 from .model_host import HostDown
-from .scheduler import InferenceWorker, WorkerBusy, total_capacity
+from .scheduler import InferenceWorker, LaneDown, WorkerBusy, total_capacity
 from .session import Session
 
 log = logging.getLogger("streamgen.server")
@@ -108,7 +108,7 @@ class SessionRegistry:
         """Why this server can generate nothing, ever (then it is unhealthy), or None."""
         if self.load_error:
             return f"the model failed to load: {self.load_error}"
-        return self.host_down
+        return self.host_down or self.worker.down
 
     def admit(self) -> list[int] | None:
         """Refuse a new session unless there is room for it; the sessions that fit on each lane
@@ -118,6 +118,8 @@ class SessionRegistry:
             self._refuse("server is shutting down", 5, "stopping")
         if self.host_down:
             self._refuse(f"the model is unavailable: {self.host_down}", 30, "host_down")
+        if self.worker.down:  # a lane failed (the creates it held are refused as it fails, `create`)
+            self._refuse(f"the server cannot generate: {self.worker.down}", 30, "worker_down")
         if self.load_error:  # (it said "still loading", for ever)
             self._refuse(f"the model failed to load: {self.load_error}", 30, "load_error")
         if not self.ready:
@@ -201,6 +203,8 @@ class SessionRegistry:
             except asyncio.CancelledError:  # the caller left while the worker made the stream
                 future.add_done_callback(lambda made: self._close_unclaimed(made, lane))
                 raise
+        except LaneDown as e:  # its lane failed while the create waited there
+            self._refuse(f"the server cannot generate: {e}", 30, "worker_down")
         except WorkerBusy as e:
             self._refuse(str(e), 1, "busy")
         except HostDown:  # it died just now; admit() refuses every later request
@@ -248,6 +252,9 @@ class SessionRegistry:
         try:
             job = self.worker.submit(self._make_first_chunk, session, lane=session.lane)
             chunk = await asyncio.wrap_future(job)
+        except LaneDown as e:  # its lane failed (logged there): it would never stream
+            await self.close(session, f"generation failed: {e}")
+            return
         except (WorkerBusy, HostDown, concurrent.futures.CancelledError, asyncio.CancelledError):
             # shutting down, or the queue is full: the worker makes it on its schedule instead; the
             # model process gone: its sessions end as host_down

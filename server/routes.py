@@ -570,11 +570,11 @@ async def healthz(request: Request):
 @router.get("/readyz", tags=["health"])
 async def readyz(request: Request):
     registry: SessionRegistry = request.app.state.registry
-    error = registry.load_error or registry.host_down
+    error = registry.load_error or registry.host_down or registry.worker.down
     # (stopping: a load balancer that still sent here while the sessions close got "ready" with a
     # capacity of 0, and the sessions it sent were refused; a 503 drains it)
     stopping = registry.stopping.is_set()
-    ready = registry.ready and not registry.host_down and not stopping
+    ready = registry.ready and not error and not stopping
     body = {
         "ready": ready, "model": registry.config.model, "sessions": len(registry.sessions),
         "capacity": registry.admitting(),

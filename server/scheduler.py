@@ -61,6 +61,11 @@ class WorkerBusy(Exception):
     """The job queue is full."""
 
 
+class LaneDown(WorkerBusy):
+    """A lane's own loop failed (not a session's chunk: its planning, a bug): the lane runs nothing
+    more, its jobs fail with this, and the server is down (`InferenceWorker.down`)."""
+
+
 class InferenceWorker:
     def __init__(
         self, metrics: ServerMetrics, stamp_frames: bool = False, max_jobs: int = 64, lanes: int = 1,
@@ -88,6 +93,7 @@ class InferenceWorker:
         self._sessions: dict[str, Session] = {}
         self._lane_load = [0] * lanes  # sessions created on each lane and not yet torn down
         self._lane_closed = [0] * lanes  # of those, the ones closed: they take none of its time
+        self._lane_failures: dict[int, str] = {}  # lane -> why its loop ended (`_lane_failed`)
         self._stopping = False
         self._threads = [
             threading.Thread(target=self._run, args=(lane,), name=f"inference-worker-{lane}", daemon=True)
@@ -104,6 +110,12 @@ class InferenceWorker:
     @property
     def lanes(self) -> int:
         return len(self._threads)
+
+    @property
+    def down(self) -> str | None:
+        """Why a lane runs nothing more (its loop failed), or None: the server is then unhealthy."""
+        with self._cond:
+            return next(iter(self._lane_failures.values()), None)
 
     # --- control ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -126,6 +138,8 @@ class InferenceWorker:
         with self._cond:
             if self._stopping:
                 raise WorkerBusy("server is shutting down")
+            if lane in self._lane_failures:
+                raise LaneDown(self._lane_failures[lane])
             if not force and sum(len(q) for q in self._jobs) >= self.max_jobs:
                 raise WorkerBusy("inference queue is full")
             self._jobs[lane].append((future, fn, args, self.clock()))
@@ -167,8 +181,12 @@ class InferenceWorker:
 
     def add(self, session: Session) -> None:
         with self._cond:
-            self._sessions[session.id] = session
-            self._cond.notify_all()
+            failure = self._lane_failures.get(session.lane)
+            if failure is None:
+                self._sessions[session.id] = session
+                self._cond.notify_all()
+        if failure is not None:  # its lane makes no chunk any more: ended as those streaming there were
+            self._fail([session], LaneDown(failure))
 
     def remove(self, session_id: str) -> None:
         with self._cond:
@@ -272,6 +290,29 @@ class InferenceWorker:
         return None, [live[i] for i in batch + [i for i, _ in pulled]], 0.0
 
     def _run(self, lane: int) -> None:
+        try:
+            self._serve(lane)
+        except Exception as e:  # the loop's own failure (a session's is its own, `_generate`)
+            log.exception("inference lane %d failed: its sessions are ended and the server is unhealthy", lane)
+            self._lane_failed(lane, e)
+
+    def _lane_failed(self, lane: int, error: Exception) -> None:
+        """The lane's loop raised: it is not restarted, the state it ran on unknown and the same
+        fault likely to come again at its next session; the server says it is down (/healthz,
+        /readyz, admission refused) for its supervisor to restart it. The lane's streaming sessions
+        are ended with the reason, as a failed chunk ends one, and its queued jobs (a create's
+        stream, a first chunk) fail with it: left, they waited for ever."""
+        failure = LaneDown(f"inference lane {lane} failed: {type(error).__name__}: {error}")
+        with self._cond:
+            self._lane_failures[lane] = str(failure)
+            jobs, self._jobs[lane] = self._jobs[lane], deque()
+            sessions = [s for s in self._sessions.values() if s.lane == lane]
+        for future, _, _, _ in jobs:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(failure)
+        self._fail(sessions, failure)
+
+    def _serve(self, lane: int) -> None:
         if self.torch_threads:  # torch's thread count is per OS thread
             import torch
 

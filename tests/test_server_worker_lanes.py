@@ -1,0 +1,101 @@
+"""The worker's lanes when their own loop fails, at the server's stop, and under churn: what a
+serving user sees of each (the sessions' close reasons, /healthz and /readyz, the creates waiting)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import pytest
+from server_helpers import block_lane, expect_close, ready_client, socket_session, stream_url
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_a_lane_whose_loop_fails_ends_its_sessions_and_creates_and_says_the_server_is_down(caplog, monkeypatch):
+    """An exception in the lane's loop itself (its planning, not a session's chunk) ended its thread
+    in silence: its streaming sessions got no more chunks, the creates queued on it waited for ever,
+    and /healthz and /readyz said ok."""
+    from server.protocol import CloseCode
+
+    with ready_client(max_sessions=4) as client:
+        worker = client.app.state.registry.worker
+        s = socket_session(client)
+        with client.websocket_connect(stream_url(s)) as ws:
+            ws.send_text(json.dumps({"type": "start"}))
+            assert json.loads(ws.receive_text())["type"] == "ready"
+            release = block_lane(worker, lane=0)
+            created = []  # (a daemon thread: one that waits for ever must not hold the test's end)
+            creating = threading.Thread(target=lambda: created.append(
+                client.post("/v1/sessions", json={"avatar": "sample", "seed": 0})), daemon=True)
+            creating.start()
+            for _ in range(1000):  # (bounded: until the create's job waits on the lane)
+                if worker._jobs[0] or not creating.is_alive():
+                    break
+                release.wait(0.01)
+            assert worker._jobs[0], "the create's job never reached the lane"
+
+            def planner_bug(lane):
+                raise RuntimeError("planner bug")
+
+            monkeypatch.setattr(worker, "_next", planner_bug)
+            with caplog.at_level(logging.ERROR, logger="streamgen.server"):
+                release.set()
+                creating.join(30)
+                assert created, "the create waited on the failed lane"
+                code, reason = expect_close(ws, max_messages=1000)
+        assert code == CloseCode.GONE
+        assert reason.startswith("generation failed: inference lane 0 failed: RuntimeError: planner bug"), reason
+        assert created[0].status_code == 503 and "inference lane 0 failed" in created[0].json()["message"]
+        health = client.get("/healthz")
+        assert health.status_code == 503 and "inference lane 0 failed" in health.json()["error"]
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["ready"] is False and ready.json()["capacity"] == 0
+        assert "inference lane 0 failed" in ready.json()["error"]
+        refused = client.post("/v1/sessions", json={"avatar": "sample", "seed": 0})
+        assert refused.status_code == 503 and "inference lane 0 failed" in refused.json()["message"]
+        tracebacks = [r for r in caplog.records if r.exc_info and "lane 0" in r.getMessage()]
+        assert len(tracebacks) == 1, [r.getMessage() for r in caplog.records]
+        assert client.app.state.registry.sessions == {}
+
+
+async def test_a_session_that_starts_streaming_on_a_failed_lane_is_ended_with_its_reason(monkeypatch):
+    """Created before its lane failed and attached after (its first chunk made already): it went
+    into a lane that generates nothing, to wait for chunks until its idle limit."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from server.metrics import ServerMetrics
+    from server.scheduler import InferenceWorker, LaneDown
+    from server.session import Session
+
+    worker = InferenceWorker(ServerMetrics(), lanes=2)
+    calls = []
+
+    def planner_bug(lane):
+        calls.append(lane)
+        raise RuntimeError("planner bug")
+
+    monkeypatch.setattr(worker, "_next", lambda lane: planner_bug(lane) if lane == 0 else (None, None, None))
+    worker.start()
+    try:
+        for _ in range(500):  # (bounded: until lane 0's loop has failed)
+            if worker.down:
+                break
+            await asyncio.sleep(0.01)
+        assert worker.down == "inference lane 0 failed: RuntimeError: planner bug" and calls == [0]
+        with pytest.raises(LaneDown, match="inference lane 0 failed"):
+            worker.submit(lambda: None, lane=0)
+        ended = []
+        stream = SimpleNamespace(width=8, height=8, frames_per_chunk=8, chunk_seconds=0.32, audio_lookahead_seconds=0.0)
+        for lane in (0, 1):
+            session = Session(f"s{lane}", stream, asyncio.get_running_loop(), max_audio_ahead_s=30.0)
+            session.lane, session.fail_handler = lane, lambda s, reason: ended.append((s.id, reason))
+            session.attach("websocket", 0.3, 0.0)
+            worker.add(session)
+        await asyncio.sleep(0)  # (the failure reaches the session on its event loop)
+        assert ended == [("s0", "generation failed: inference lane 0 failed: RuntimeError: planner bug")]
+        assert worker.streaming == 1 and [s.id for s in worker.lane_sessions(1)] == ["s1"]
+    finally:
+        worker.stop()
