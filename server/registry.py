@@ -355,20 +355,32 @@ class SessionRegistry:
             self.metrics.sessions_streaming.set(self.worker.streaming)
             self.metrics.sessions_closed.labels(reason.split(":")[0][:32]).inc()
             log.info("session %s closed: %s", session.id, reason)
-            session.teardown = asyncio.ensure_future(self._teardown(session))
+            session.teardown = asyncio.ensure_future(self._teardown(session, self._queue_stream_close(session)))
         # shielded: a caller being cancelled (its own transport task) must not cut the teardown short
         await asyncio.shield(session.teardown)
 
-    async def _teardown(self, session: Session) -> None:
-        await session.run_closers()
-        try:  # on its lane, after any chunk of this session it may still be generating; past a
-            # full queue (a client's burst of captions): dropped, the stream went on under a batch
-            # in progress, and a model process kept it for good
-            close = self.worker.submit(session.stream.close, lane=session.lane, force=True)
-            await asyncio.wrap_future(close)
-        except (WorkerBusy, RuntimeError, concurrent.futures.CancelledError, asyncio.CancelledError):
-            # the worker stopped (shutdown): dropping the reference frees the cache all the same
-            pass
+    def _queue_stream_close(self, session: Session) -> concurrent.futures.Future | None:
+        """Queue the stream's close on its lane as the session closes, before anything awaits: a
+        session created meanwhile (admitted at once, the closed one no longer counted) queues its
+        stream's making behind it there, so the old cache is freed first. Queued after the
+        transports' closes, as it was, the new stream was made first: two caches where the server
+        admits one, more the faster sessions came and went (test_server_worker_lanes). On its lane,
+        after any chunk of this session it may be generating; past a full queue (a client's burst
+        of captions): dropped, the stream went on under a batch in progress, and a model process
+        kept it for good. None where the worker runs nothing more (its stop, its lane failed):
+        dropping the reference frees the cache all the same."""
+        try:
+            return self.worker.submit(session.stream.close, lane=session.lane, force=True)
+        except WorkerBusy:
+            return None
+
+    async def _teardown(self, session: Session, stream_closed: concurrent.futures.Future | None) -> None:
+        await session.run_closers()  # (the transports touch no stream: only its lane does)
+        try:
+            if stream_closed is not None:
+                await asyncio.wrap_future(stream_closed)
+        except (RuntimeError, concurrent.futures.CancelledError, asyncio.CancelledError):
+            pass  # the worker stopped (shutdown), or a model process went: its stream went with it
         finally:
             self.worker.release_lane(session.lane, closed=True)
         session.stream = None

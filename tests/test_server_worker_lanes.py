@@ -8,7 +8,15 @@ import logging
 import threading
 
 import pytest
-from server_helpers import block_lane, expect_close, ready_client, socket_session, stream_url
+from server_helpers import (
+    block_lane,
+    expect_close,
+    ready_client,
+    server_config,
+    small_model,
+    socket_session,
+    stream_url,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,5 +105,55 @@ async def test_a_session_that_starts_streaming_on_a_failed_lane_is_ended_with_it
         await asyncio.sleep(0)  # (the failure reaches the session on its event loop)
         assert ended == [("s0", "generation failed: inference lane 0 failed: RuntimeError: planner bug")]
         assert worker.streaming == 1 and [s.id for s in worker.lane_sessions(1)] == ["s1"]
+    finally:
+        worker.stop()
+
+
+async def test_a_session_closed_as_another_is_made_frees_its_stream_before_that_one_is_made(monkeypatch):
+    """Churn: a session's teardown closed its transports first (a peer connection's close takes its
+    time) and only then queued its stream's close to the worker, while a session created meanwhile
+    (admitted: the closed one no longer counts) had its stream made on the same lane first. Two
+    streams' caches lived where the server admits one, more the faster sessions came and went."""
+    import asyncio
+
+    from server.avatars import avatar_image
+    from server.metrics import ServerMetrics
+    from server.registry import SessionRegistry
+    from server.scheduler import InferenceWorker
+    from streamgen.stream import StreamSession
+
+    live, most = [0], [0]
+    start, close = StreamSession.start, StreamSession.close
+
+    def counted_start(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        live[0] += 1  # (on the worker's one lane: no two at once)
+        most[0] = max(most[0], live[0])
+
+    def counted_close(self):
+        live[0] -= self.cache is not None
+        close(self)
+
+    monkeypatch.setattr(StreamSession, "start", counted_start)
+    monkeypatch.setattr(StreamSession, "close", counted_close)
+    metrics = ServerMetrics()
+    worker = InferenceWorker(metrics)
+    registry = SessionRegistry(server_config(max_sessions=1), worker, metrics)
+    registry.model, registry.ready = small_model(), True
+    worker.start()
+    try:
+        reference = avatar_image("sample")
+        for _ in range(3):
+            old = await registry.create(reference, None, 0)
+            transport_closed = asyncio.Event()
+            old.on_close(transport_closed.wait)  # a transport whose close is under way
+            deleting = asyncio.ensure_future(registry.close(old, "deleted by client"))
+            await asyncio.sleep(0)
+            new = await asyncio.wait_for(registry.create(reference, None, 0), 30)
+            transport_closed.set()
+            await asyncio.wait_for(deleting, 30)
+            await asyncio.wait_for(registry.close(new, "deleted by client"), 30)
+        assert live == [0] and most == [1]
+        assert worker._lane_load == [0] and registry.sessions == {}
     finally:
         worker.stop()
