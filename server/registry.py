@@ -22,6 +22,10 @@ log = logging.getLogger("streamgen.server")
 
 
 ABANDONED = "abandoned"  # a request key whose client left while its session was made
+# seconds the server's stop waits for its sessions' teardowns (their transports closed, their streams
+# freed on their lanes): a chunk that never ends (a hung GPU) held the stop for ever, each stream's
+# close queued behind it. The sessions are closed, their reasons said, before the wait
+STOP_WAIT_S = 10.0
 
 
 class SessionEnded(Exception):
@@ -386,7 +390,17 @@ class SessionRegistry:
         session.stream = None
 
     async def close_all(self, reason: str) -> None:
-        await asyncio.gather(*(self.close(s, reason) for s in list(self.sessions.values())))
+        """At the server's stop: every session closed, their teardowns waited for STOP_WAIT_S at most."""
+        closing = [asyncio.ensure_future(self.close(s, reason)) for s in list(self.sessions.values())]
+        if not closing:
+            return
+        done, left = await asyncio.wait(closing, timeout=STOP_WAIT_S)
+        for task in done:  # (logged, the stop going on: raised, the worker and model were never stopped)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("closing a session at the stop failed", exc_info=task.exception())
+        if left:  # their streams are freed with the process
+            log.warning("%d sessions' streams were still in use by a chunk %g s into the stop: not waited for",
+                        len(left), STOP_WAIT_S)  # fmt: skip
 
     async def enforce_limits_forever(self, period: float = 1.0) -> None:
         """Close sessions past the idle or the maximum-duration limit."""

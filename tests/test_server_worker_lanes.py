@@ -11,6 +11,7 @@ import pytest
 from server_helpers import (
     block_lane,
     expect_close,
+    new_session,
     ready_client,
     server_config,
     small_model,
@@ -157,3 +158,34 @@ async def test_a_session_closed_as_another_is_made_frees_its_stream_before_that_
         assert worker._lane_load == [0] and registry.sessions == {}
     finally:
         worker.stop()
+
+
+@pytest.mark.timeout(240)
+def test_the_stop_waits_a_bounded_time_for_a_stream_whose_lane_is_stuck_in_a_chunk(monkeypatch):
+    """A chunk that never ends (a hung GPU, a deadlock in the model) held the server's stop for ever:
+    each closed session's teardown waited for its stream's close, queued behind that chunk on its
+    lane, and a SIGTERM never ended the server. The sessions are closed with their reason at once,
+    and the stop waits STOP_WAIT_S at most for their streams."""
+    import server.registry
+
+    monkeypatch.setattr(server.registry, "STOP_WAIT_S", 0.5)
+    serving = ready_client()
+    client = serving.__enter__()
+    stuck, running = threading.Event(), threading.Event()
+    try:
+        registry = client.app.state.registry
+        s = new_session(client)
+
+        def chunk_that_never_ends():
+            running.set()
+            stuck.wait(180)  # (bounded: the test's own end)
+
+        registry.worker.submit(chunk_that_never_ends, lane=registry.get(s["id"]).lane)
+        assert running.wait(30)
+        stopping = threading.Thread(target=serving.__exit__, args=(None, None, None), daemon=True)
+        stopping.start()
+        stopping.join(90)
+        assert not stopping.is_alive(), "the stop waited for the stuck chunk"
+        assert registry.ended[s["id"]][1] == "server shutting down" and registry.sessions == {}
+    finally:
+        stuck.set()
