@@ -217,6 +217,10 @@ class SessionRegistry:
             self._creating -= 1
             if stream is None:  # no session holds the lane
                 self.worker.release_lane(lane)
+        if self.stopping.is_set():  # the stop began while its stream was made: a 201 was a session
+            # the stop closed at once (or, made after its close_all, one never closed)
+            self._drop_stream(stream, lane)
+            self._refuse("server is shutting down", 5, "stopping")
         session = Session(secrets.token_hex(8), stream, asyncio.get_running_loop(), self.config.max_audio_ahead_s,
                           clock=self.worker.clock)  # (its due times are planned on the worker's clock)
         session.lane = lane
@@ -231,6 +235,15 @@ class SessionRegistry:
         # start the first chunk now: it is ready (or nearly) by the time a transport attaches
         session.preroll = asyncio.ensure_future(self._first_chunk(session))
         return session
+
+    def _drop_stream(self, stream, lane: int) -> None:
+        """A stream made for no session: closed on its lane, which is released once it is."""
+        try:
+            closing = self.worker.submit(stream.close, lane=lane, force=True)
+        except WorkerBusy:  # the worker runs nothing more: the stream goes with the reference
+            self.worker.release_lane(lane)
+            return
+        closing.add_done_callback(lambda _: self.worker.release_lane(lane))  # (cancelled at the stop too)
 
     def _close_unclaimed(self, made: concurrent.futures.Future, lane: int) -> None:
         """A stream made for a create whose caller was cancelled (its client gone, or shutdown):

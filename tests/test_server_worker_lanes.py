@@ -189,3 +189,44 @@ def test_the_stop_waits_a_bounded_time_for_a_stream_whose_lane_is_stuck_in_a_chu
         assert registry.ended[s["id"]][1] == "server shutting down" and registry.sessions == {}
     finally:
         stuck.set()
+
+
+async def test_a_session_whose_stream_is_made_as_the_stop_begins_is_refused_and_its_stream_closed(monkeypatch):
+    """Admitted just before the stop, its stream made on its lane as the stop began: the client had a
+    201 for a session the stop then closed at once (or, made after the stop's close_all, none
+    closed), its stream made ahead of the others' teardowns."""
+    import asyncio
+
+    from server.avatars import avatar_image
+    from server.metrics import ServerMetrics
+    from server.registry import AdmissionError, SessionRegistry
+    from server.scheduler import InferenceWorker
+    from streamgen.stream import StreamSession
+
+    closed, close = [], StreamSession.close
+    monkeypatch.setattr(StreamSession, "close", lambda self: closed.append(self) or close(self))
+    metrics = ServerMetrics()
+    worker = InferenceWorker(metrics)
+    registry = SessionRegistry(server_config(max_sessions=2), worker, metrics)
+    registry.model, registry.ready = small_model(), True
+    worker.start()
+    try:
+        release = await asyncio.to_thread(block_lane, worker)
+        creating = asyncio.ensure_future(registry.create(avatar_image("sample"), None, 0))
+        for _ in range(500):  # (bounded: until its stream's job waits on the lane)
+            if worker._jobs[0]:
+                break
+            await asyncio.sleep(0.01)
+        registry.stopping.set()
+        release.set()
+        with pytest.raises(AdmissionError, match="shutting down"):
+            await asyncio.wait_for(creating, 30)
+        for _ in range(500):  # (bounded: its stream's close runs on the lane)
+            if closed and worker._lane_load == [0]:
+                break
+            await asyncio.sleep(0.01)
+        assert len(closed) == 1 and closed[0].cache is None
+        assert registry.sessions == {} and worker._lane_load == [0] and registry._creating == 0
+        assert metrics.sessions_rejected.labels("stopping")._value.get() == 1
+    finally:
+        worker.stop()
