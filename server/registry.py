@@ -437,10 +437,15 @@ class SessionRegistry:
             self.down_logged = True
             log.error("the model is down: %s; /healthz says so, and the server admits no session until "
                       "it is restarted", down)  # fmt: skip
+        # (a registry of no worker: the limits' own tests)
+        failed_lanes = self.worker.lane_failures() if self.worker is not None else {}
         for session in list(self.sessions.values()):
             now = session.clock()  # (its times are on its clock: the worker's, `Session(clock=)`)
             if down:  # the model process died: no session of it can stream again
                 expired.append((session, f"host_down: {down}"))
+            elif failed_lanes and session.lane in failed_lanes:  # its lane failed (those streaming
+                # there were ended as it failed; one waiting for its client was left to its limit)
+                expired.append((session, f"generation failed: {failed_lanes[session.lane]}"))
             elif session.transport is None and now - session.created > self.unclaimed_timeout_s:
                 expired.append((session, f"unclaimed: no client connected within {seconds(self.unclaimed_timeout_s)}"))
             elif now - session.created > self.config.max_duration_s:

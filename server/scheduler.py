@@ -117,6 +117,11 @@ class InferenceWorker:
         with self._cond:
             return next(iter(self._lane_failures.values()), None)
 
+    def lane_failures(self) -> dict[int, str]:
+        """lane -> why its loop failed, for the lanes that run nothing more."""
+        with self._cond:
+            return dict(self._lane_failures)
+
     # --- control ------------------------------------------------------------------------------------
     def start(self) -> None:
         for thread in self._threads:

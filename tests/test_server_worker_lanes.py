@@ -230,3 +230,39 @@ async def test_a_session_whose_stream_is_made_as_the_stop_begins_is_refused_and_
         assert metrics.sessions_rejected.labels("stopping")._value.get() == 1
     finally:
         worker.stop()
+
+
+async def test_a_session_waiting_for_its_client_on_a_failed_lane_is_ended_at_the_next_limits_check(monkeypatch):
+    """Created on a lane that failed after its first chunk was made, and not streaming yet: it was
+    left for its client to find (GET /v1/sessions/{id} said it lived) until its unclaimed limit."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from server.metrics import ServerMetrics
+    from server.registry import SessionRegistry
+    from server.scheduler import InferenceWorker
+    from server.session import Session
+
+    metrics = ServerMetrics()
+    worker = InferenceWorker(metrics, lanes=2)
+    registry = SessionRegistry(server_config(max_sessions=2), worker, metrics)
+    monkeypatch.setattr(worker, "_next", lambda lane: (None, None, None) if lane else 1 / 0)
+    worker.start()
+    try:
+        for _ in range(500):  # (bounded: until lane 0's loop has failed)
+            if worker.down:
+                break
+            await asyncio.sleep(0.01)
+        stream = SimpleNamespace(width=8, height=8, frames_per_chunk=8, chunk_seconds=0.32,
+                                 audio_lookahead_seconds=0.0, close=lambda: None)  # fmt: skip
+        for lane in (0, 1):
+            session = Session(f"s{lane}", stream, asyncio.get_running_loop(), max_audio_ahead_s=30.0)
+            session.lane = worker.take_lane()
+            registry.sessions[session.id] = session
+        assert [s.lane for s in registry.sessions.values()] == [0, 1]
+        await registry.enforce_limits()
+        assert list(registry.sessions) == ["s1"]
+        assert registry.ended["s0"][1] == "generation failed: inference lane 0 failed: ZeroDivisionError: division by zero"
+        assert worker._lane_load == [0, 1]
+    finally:
+        worker.stop()
