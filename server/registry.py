@@ -201,10 +201,12 @@ class SessionRegistry:
         self._creating += 1
         lane, stream = self.worker.take_lane(fits), None
         try:
-            future = self.worker.submit(self._new_stream, reference, caption, seed, lane=lane)
+            left = threading.Event()  # its caller left while the worker made the stream
+            future = self.worker.submit(self._new_stream_unless_left, left, reference, caption, seed, lane=lane)
             try:
                 stream = await asyncio.wrap_future(future)
-            except asyncio.CancelledError:  # the caller left while the worker made the stream
+            except asyncio.CancelledError:
+                left.set()
                 future.add_done_callback(lambda made: self._close_unclaimed(made, lane))
                 raise
         except LaneDown as e:  # its lane failed while the create waited there
@@ -245,10 +247,21 @@ class SessionRegistry:
             return
         closing.add_done_callback(lambda _: self.worker.release_lane(lane))  # (cancelled at the stop too)
 
+    def _new_stream_unless_left(self, left: threading.Event, reference, caption, seed):  # worker thread
+        """A stream, closed at once where its caller left while it was made: its close queued once it
+        was made (`_close_unclaimed`) came after the stream of a create queued meanwhile (the page
+        reloaded, its next POST), two caches where the server admits one (test_server_worker_lanes)."""
+        stream = self._new_stream(reference, caption, seed)
+        if left.is_set():
+            stream.close()
+            return None
+        return stream
+
     def _close_unclaimed(self, made: concurrent.futures.Future, lane: int) -> None:
-        """A stream made for a create whose caller was cancelled (its client gone, or shutdown):
-        no session holds it, and a model process would keep it (and its cache) for good."""
-        if made.cancelled() or made.exception() is not None:
+        """A stream made for a create whose caller was cancelled (its client gone, or shutdown) just
+        after it was made: no session holds it, and a model process would keep it (and its cache)
+        for good. (One whose caller left while it was made is closed there already.)"""
+        if made.cancelled() or made.exception() is not None or made.result() is None:
             return
         try:  # on the worker (this runs on whichever thread finished the future)
             self.worker.submit(made.result().close, lane=lane, force=True)

@@ -266,3 +266,69 @@ async def test_a_session_waiting_for_its_client_on_a_failed_lane_is_ended_at_the
         assert worker._lane_load == [0, 1]
     finally:
         worker.stop()
+
+
+async def test_a_stream_made_for_a_create_whose_client_left_is_closed_before_the_next_one_is_made(monkeypatch):
+    """Churn again: a page reloaded while its session was made (its POST cancelled) left the stream
+    being made on its lane, its close queued only once it was made, behind the stream of the
+    reloaded page's next POST: two caches where the server admits one."""
+    import asyncio
+
+    from server.avatars import avatar_image
+    from server.metrics import ServerMetrics
+    from server.registry import SessionRegistry
+    from server.scheduler import InferenceWorker
+    from streamgen.stream import StreamSession
+
+    live, most = [0], [0]
+    start, close = StreamSession.start, StreamSession.close
+
+    def counted_start(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        live[0] += 1  # (on the worker's one lane: no two at once)
+        most[0] = max(most[0], live[0])
+
+    def counted_close(self):
+        live[0] -= self.cache is not None
+        close(self)
+
+    monkeypatch.setattr(StreamSession, "start", counted_start)
+    monkeypatch.setattr(StreamSession, "close", counted_close)
+    metrics = ServerMetrics()
+    worker = InferenceWorker(metrics)
+    registry = SessionRegistry(server_config(max_sessions=1), worker, metrics)
+    registry.model, registry.ready = small_model(), True
+    worker.start()
+    try:
+        reference = avatar_image("sample")
+        making, made = threading.Event(), threading.Event()
+        new_stream = registry._new_stream
+
+        def held_new_stream(*args):  # the first one held while it is being made
+            if not making.is_set():
+                making.set()
+                made.wait(30)
+            return new_stream(*args)
+
+        monkeypatch.setattr(registry, "_new_stream", held_new_stream)
+        left = asyncio.ensure_future(registry.create(reference, None, 0))
+        assert await asyncio.to_thread(making.wait, 30)
+        left.cancel()  # its client went away while its stream was being made
+        with pytest.raises(asyncio.CancelledError):
+            await left
+        creating = asyncio.ensure_future(registry.create(reference, None, 0))  # (admitted: none counted)
+        for _ in range(500):  # (bounded: until its stream's job waits on the lane)
+            if worker._jobs[0]:
+                break
+            await asyncio.sleep(0.01)
+        made.set()
+        session = await asyncio.wait_for(creating, 30)
+        await asyncio.wait_for(registry.close(session, "deleted by client"), 30)
+        for _ in range(500):  # (bounded: the left stream's close, if it came last)
+            if live == [0]:
+                break
+            await asyncio.sleep(0.01)
+        assert live == [0] and most == [1]
+        assert worker._lane_load == [0] and registry.sessions == {}
+    finally:
+        worker.stop()
