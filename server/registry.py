@@ -409,8 +409,8 @@ class SessionRegistry:
         try:
             if stream_closed is not None:
                 await asyncio.wrap_future(stream_closed)
-        except (RuntimeError, concurrent.futures.CancelledError, asyncio.CancelledError):
-            pass  # the worker stopped (shutdown), or a model process went: its stream went with it
+        except (WorkerBusy, RuntimeError, concurrent.futures.CancelledError, asyncio.CancelledError):
+            pass  # the worker stopped (shutdown), its lane failed, or a model process went: the stream goes with it
         finally:
             self.worker.release_lane(session.lane, closed=True)
         session.stream = None

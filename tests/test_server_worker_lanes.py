@@ -332,3 +332,38 @@ async def test_a_stream_made_for_a_create_whose_client_left_is_closed_before_the
         assert worker._lane_load == [0] and registry.sessions == {}
     finally:
         worker.stop()
+
+
+async def test_a_close_queued_on_a_lane_as_it_fails_ends_its_session_without_an_error(monkeypatch):
+    """The stream's close job failed with the lane (LaneDown), and the session's close raised it to
+    its caller (a DELETE's 500)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from server.metrics import ServerMetrics
+    from server.registry import SessionRegistry
+    from server.scheduler import InferenceWorker
+    from server.session import Session
+
+    metrics = ServerMetrics()
+    worker = InferenceWorker(metrics)
+    registry = SessionRegistry(server_config(max_sessions=2), worker, metrics)
+    worker.start()
+    try:
+        stream = SimpleNamespace(width=8, height=8, frames_per_chunk=8, chunk_seconds=0.32,
+                                 audio_lookahead_seconds=0.0, close=lambda: None)  # fmt: skip
+        session = Session("s", stream, asyncio.get_running_loop(), max_audio_ahead_s=30.0)
+        session.lane = worker.take_lane()
+        registry.sessions[session.id] = session
+        release = await asyncio.to_thread(block_lane, worker)
+        closing = asyncio.ensure_future(registry.close(session, "deleted by client"))
+        for _ in range(500):  # (bounded: until its stream's close waits on the lane)
+            if worker._jobs[0]:
+                break
+            await asyncio.sleep(0.01)
+        monkeypatch.setattr(worker, "_next", lambda lane: 1 / 0)
+        release.set()
+        await asyncio.wait_for(closing, 30)  # (no LaneDown)
+        assert worker.down and registry.ended["s"][1] == "deleted by client" and worker._lane_load == [0]
+    finally:
+        worker.stop()
