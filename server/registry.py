@@ -202,7 +202,8 @@ class SessionRegistry:
         lane, stream = self.worker.take_lane(fits), None
         try:
             left = threading.Event()  # its caller left while the worker made the stream
-            future = self.worker.submit(self._new_stream_unless_left, left, reference, caption, seed, lane=lane)
+            make = self._new_stream_unless_left
+            future = self.worker.submit(make, left, reference, caption, seed, lane=lane)
             try:
                 stream = await asyncio.wrap_future(future)
             except asyncio.CancelledError:
@@ -385,7 +386,8 @@ class SessionRegistry:
             self.metrics.sessions_streaming.set(self.worker.streaming)
             self.metrics.sessions_closed.labels(reason.split(":")[0][:32]).inc()
             log.info("session %s closed: %s", session.id, reason)
-            session.teardown = asyncio.ensure_future(self._teardown(session, self._queue_stream_close(session)))
+            stream_closed = self._queue_stream_close(session)
+            session.teardown = asyncio.ensure_future(self._teardown(session, stream_closed))
         # shielded: a caller being cancelled (its own transport task) must not cut the teardown short
         await asyncio.shield(session.teardown)
 
@@ -410,7 +412,8 @@ class SessionRegistry:
             if stream_closed is not None:
                 await asyncio.wrap_future(stream_closed)
         except (WorkerBusy, RuntimeError, concurrent.futures.CancelledError, asyncio.CancelledError):
-            pass  # the worker stopped (shutdown), its lane failed, or a model process went: the stream goes with it
+            pass  # the worker stopped (shutdown), its lane failed, or a model process went: the stream
+            # goes with the reference
         finally:
             self.worker.release_lane(session.lane, closed=True)
         session.stream = None

@@ -55,7 +55,8 @@ def test_a_lane_whose_loop_fails_ends_its_sessions_and_creates_and_says_the_serv
                 assert created, "the create waited on the failed lane"
                 code, reason = expect_close(ws, max_messages=1000)
         assert code == CloseCode.GONE
-        assert reason.startswith("generation failed: inference lane 0 failed: RuntimeError: planner bug"), reason
+        failure = "inference lane 0 failed: RuntimeError: planner bug"
+        assert reason.startswith(f"generation failed: {failure}"), reason
         assert created[0].status_code == 503 and "inference lane 0 failed" in created[0].json()["message"]
         health = client.get("/healthz")
         assert health.status_code == 503 and "inference lane 0 failed" in health.json()["error"]
@@ -97,7 +98,8 @@ async def test_a_session_that_starts_streaming_on_a_failed_lane_is_ended_with_it
         with pytest.raises(LaneDown, match="inference lane 0 failed"):
             worker.submit(lambda: None, lane=0)
         ended = []
-        stream = SimpleNamespace(width=8, height=8, frames_per_chunk=8, chunk_seconds=0.32, audio_lookahead_seconds=0.0)
+        stream = SimpleNamespace(width=8, height=8, frames_per_chunk=8, chunk_seconds=0.32,
+                                 audio_lookahead_seconds=0.0)  # fmt: skip
         for lane in (0, 1):
             session = Session(f"s{lane}", stream, asyncio.get_running_loop(), max_audio_ahead_s=30.0)
             session.lane, session.fail_handler = lane, lambda s, reason: ended.append((s.id, reason))
@@ -262,7 +264,8 @@ async def test_a_session_waiting_for_its_client_on_a_failed_lane_is_ended_at_the
         assert [s.lane for s in registry.sessions.values()] == [0, 1]
         await registry.enforce_limits()
         assert list(registry.sessions) == ["s1"]
-        assert registry.ended["s0"][1] == "generation failed: inference lane 0 failed: ZeroDivisionError: division by zero"
+        failure = "inference lane 0 failed: ZeroDivisionError: division by zero"
+        assert registry.ended["s0"][1] == f"generation failed: {failure}"
         assert worker._lane_load == [0, 1]
     finally:
         worker.stop()
