@@ -33,6 +33,7 @@ from .chunked_bodies import ChunkedBody
 from .origins import ApiCors, cors_options
 from .request_heads import (
     LONGEST_METHOD,
+    AbsoluteTarget,
     ContentLengths,
     lines_refused,
     method_refused,
@@ -102,6 +103,7 @@ class ConnectionLimits:
         self.head_seen = bytearray()  # its bytes so far, for its Origin (only with --cors-origin)
         self.method_seen = b""  # its first bytes, to its method's end
         self.content_lengths = ContentLengths()  # its Content-Length lines
+        self.target = AbsoluteTarget()  # its request line for the parser
         self.pipelined = bytearray()  # the next request's bytes, held while the one before it runs
         self.body_left = None  # of the request's body by its Content-Length, to be read (None: chunked, or none)
         self.chunks = None  # its ChunkedBody, where it is chunked
@@ -131,6 +133,7 @@ class ConnectionLimits:
             self.request_line_spaces, self.request_line_tail = 0, b""
             self.method_seen = b""
             self.content_lengths = ContentLengths()
+            self.target = AbsoluteTarget()
         if self.awaiting_head:
             if not self.method_seen:  # (RFC 9112 2.2: empty lines before a request line are skipped, as
                 # httptools skips them; h11 refused them. They count among the head's bytes and time)
@@ -166,7 +169,8 @@ class ConnectionLimits:
         cycle = self.cycle
         if not self.awaiting_head:  # (a body's bytes)
             return self._body_received(data)
-        super().data_received(data if head_end is None else data[:head_end])
+        if parsed := self.target.feed(data if head_end is None else data[:head_end]):  # (h11 takes b'' for an EOF)
+            super().data_received(parsed)
         if self.cycle is not cycle or self.transport.get_protocol() is not self:  # a head complete, or an upgrade
             self.awaiting_head = False
             self._cancel_head_timer()

@@ -31,6 +31,8 @@ CONTROL_CHARACTER = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 BARE_LF_END = re.compile(rb"(?<!\r)\n")
 LINE_FOLDED = re.compile(rb"\n[ \t]")
+# the beginning of a request target in absolute form (RFC 9112 3.2.2), so far: its scheme, '://', its authority
+ABSOLUTE_START = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*(?::(?:/(?:/([^/?#\s]*))?)?)?")
 
 
 def method_refused(method_so_far: bytes, whole: bool) -> str | None:
@@ -73,6 +75,44 @@ def version_refused(request_line_tail: bytes, spaces: int) -> str | None:
     if VERSION.fullmatch(version) and version not in (b"HTTP/1.0", b"HTTP/1.1"):
         return f"{version.decode()} is not spoken here: send HTTP/1.1"
     return None
+
+
+class AbsoluteTarget:
+    """A request line's bytes for the parser, a request target in absolute form (RFC 9112 3.2.2) in
+    the form both parsers take: llhttp refused one without a path ('http://host?x=1', 'http://host')
+    and one with an empty port ('http://host:/healthz') as requests that did not parse (a 400), where
+    h11 served them (the page, as `GET /?x=1`). Its path is '/' (RFC 9110 4.2.3), and an empty port
+    the scheme's (RFC 9110 4.2.3 too): given as 'http://host/?x=1'. A target's first bytes are held
+    while they may be such an authority's (within the head's bound and deadline): its line's end ends them."""
+
+    def __init__(self) -> None:
+        self.in_target = False  # the method's space has come
+        self.held = b""  # the target's bytes so far, while they may be an absolute one's scheme and authority
+        self.decided = False
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes of `data` (and those held before it) for the parser now."""
+        if self.decided:
+            return data
+        passed = b""
+        if not self.in_target:
+            space = data.find(b" ")
+            if space < 0:
+                self.decided = b"\n" in data  # (a line without a space: the parser's to refuse)
+                return data
+            self.in_target, passed, data = True, data[: space + 1], data[space + 1 :]
+        target, self.held = self.held + data, b""
+        start = ABSOLUTE_START.match(target)
+        if not target or (start and start.end() == len(target)):  # (all of it may yet be one's beginning)
+            self.held = target
+            return passed
+        self.decided = True
+        if not start or start[1] is None:  # (not in absolute form)
+            return passed + target
+        authority_end, rest = start.end(), target[start.end() :]
+        if start[1].endswith(b":"):
+            authority_end -= 1
+        return passed + target[:authority_end] + (b"" if rest.startswith(b"/") else b"/") + rest
 
 
 class ContentLengths:

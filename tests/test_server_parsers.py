@@ -140,6 +140,7 @@ def unknown_method(name: str) -> str:
     (GET.replace(b" /healthz", b" http://:80/healthz"), 400, {"error": "bad_request", "message": NOT_PARSED}),
     (GET.replace(b" /healthz", b" ftp://127.0.0.1/healthz"), 400, {"error": "bad_request", "message": NOT_HTTP_TARGET}),
     (GET.replace(b" /healthz", b" http://127.0.0.1/healthz"), 200, {"status": "ok"}),
+    (GET.replace(b" /healthz", b" http://127.0.0.1:/healthz"), 200, {"status": "ok"}),
     (POST + b"Transfer-Encoding: identity\r\nContent-Length: 2\r\n\r\n[]", 400, {"error": "bad_request",
      "message": "a request must not have both Transfer-Encoding and Content-Length (RFC 9112, 6.1)"}),
     (GET.replace(b"GET ", b"GET  "), 400, {"error": "bad_request", "message": NOT_PARSED}),
@@ -151,7 +152,7 @@ def unknown_method(name: str) -> str:
         "delete", "gzip", "gzip-chunked", "gzip-then-chunked", "chunked-twice", "connect", "http-0.9", "http-1.2",
         "http-2.0", "tab-after-method", "length-list", "length-twice", "lengths-differ", "length-plus", "chunk-size-bare-lf",
         "chunk-lines-all-bare-lf", "chunk-data-bare-lf", "target-userinfo", "target-no-host", "target-port-alone",
-        "target-ftp", "target-absolute", "identity-and-length", "two-spaces-after-method", "two-spaces-before-version", "target-no-slash",
+        "target-ftp", "target-absolute", "target-empty-port", "identity-and-length", "two-spaces-after-method", "two-spaces-before-version", "target-no-slash",
         "empty-line-first",
         "tab"])  # fmt: skip
 def test_a_head_either_parser_would_refuse_is_answered_the_same_by_both(server, request_bytes, status, said):
@@ -263,3 +264,53 @@ def test_a_head_split_two_bytes_after_a_crlf_is_served(server):
             time.sleep(0.05)  # (each piece its own read)
         answer = answer_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 200 "), answer
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "in-pieces"])
+@pytest.mark.parametrize("target, query", [
+    (b"http://127.0.0.1?x=1", b"x=1"),
+    (b"http://127.0.0.1", b""),
+    (b"HTTP://127.0.0.1:{port}?x=1", b"x=1"),
+    (b"http://127.0.0.1:?x=1", b"x=1"),
+    (b"http://[::1]?x=1", b"x=1"),
+    (b"http://127.0.0.1#top", b""),
+], ids=["query", "no-query", "port", "empty-port", "ipv6", "fragment"])  # fmt: skip
+def test_an_absolute_target_without_a_path_is_served_at_the_root(server, monkeypatch, target, query, split):
+    """RFC 9112 3.2.2 (RFC 9110 4.2.3): the path of `GET http://host?x=1` is '/'. llhttp refused a
+    target in absolute form without a path as a request that did not parse (a 400), where h11 served
+    it: the page, as `GET /?x=1`. Served as that under both, its bytes whole or a few at a time."""
+    from server.app import WebFiles
+
+    asked, get_response = [], WebFiles.get_response
+
+    async def noted(files, path, scope):
+        asked.append((scope["path"], scope["query_string"]))
+        return await get_response(files, path, scope)
+
+    monkeypatch.setattr(WebFiles, "get_response", noted)
+    request = b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % target.replace(
+        b"{port}", b"%d" % server[0])
+    with connect(server[0]) as sock:
+        for at in range(0, len(request), 3 if split else len(request)):
+            sock.sendall(request[at : at + 3] if split else request)
+            time.sleep(0.01 if split else 0)  # (each piece its own read)
+        answer = answer_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"<!doctype html>" in answer, answer[:300]
+    assert asked == [("/", query)]
+
+
+def test_an_absolute_target_is_given_the_parser_the_same_whatever_its_reads():
+    """The '/' goes after the authority however the request line is split, the empty port's ':'
+    dropped; another target goes as it came."""
+    from server.request_heads import AbsoluteTarget
+
+    given = {b"GET http://h?x HTTP/1.1\r\n": b"GET http://h/?x HTTP/1.1\r\n",
+             b"GET http://h:80 HTTP/1.1\r\n": b"GET http://h:80/ HTTP/1.1\r\n",
+             b"GET http://[::1]:#f HTTP/1.1\r\n": b"GET http://[::1]/#f HTTP/1.1\r\n",
+             b"GET http://h:/a HTTP/1.1\r\n": b"GET http://h/a HTTP/1.1\r\n"}  # fmt: skip
+    given |= {line: line for line in (b"GET http://h/a?b HTTP/1.1\r\n", b"GET /a?b HTTP/1.1\r\n", b"GET * HTTP/1.1\r\n",
+                                      b"GET http:/a HTTP/1.1\r\n", b"GET h:80 HTTP/1.1\r\n", b"GET\r\n")}  # fmt: skip
+    for line, parsed in given.items():
+        for size in range(1, len(line) + 1):
+            target = AbsoluteTarget()
+            assert b"".join(target.feed(line[at : at + size]) for at in range(0, len(line), size)) == parsed, size
