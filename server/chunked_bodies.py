@@ -16,11 +16,20 @@ from __future__ import annotations
 
 import re
 
-from .request_heads import BARE_LF, CONTROL, CONTROL_CHARACTER, FOLDED
+from .request_heads import CONTROL_CHARACTER
 
 NOT_PARSED = ("a chunked body's framing could not be parsed: each chunk is its size in hexadecimal (and its "
               "extensions, ';name=value') and CRLF, its data and CRLF, the last one's size 0, then its trailers "
               "and an empty line (RFC 9112, 7.1)")  # fmt: skip
+# (each names what was malformed: the request head's words, for a chunk line or the trailers, sent a
+# client looking in its headers)
+SIZE_LINE_BARE_LF = "a chunk's size line ends in a bare LF: end it with CRLF (RFC 9112, 7.1)"
+DATA_BARE_LF = "a chunk's data is followed by a bare LF: end it with CRLF (RFC 9112, 7.1)"
+TRAILERS_BARE_LF = ("a line of the chunked body's trailers (or the empty line that ends them) ends in a bare LF: "
+                    "end each line with CRLF (RFC 9112, 7.1.2)")  # fmt: skip
+TRAILER_FOLDED = ("a line of the chunked body's trailers begins with a space or tab (a value folded onto a line of "
+                  "its own, obs-fold): send each trailer on one line (RFC 9112, 5.2)")  # fmt: skip
+TRAILER_CONTROL = "the chunked body's trailers have a control character, other than a tab (RFC 9110, 5.5)"
 MAX_SIZE_DIGITS = 20  # h11's bound on a chunk size's digits (leading zeros too)
 SIZE_TOO_LARGE = (f"a chunk's size must be below 2^64, in at most {MAX_SIZE_DIGITS} hexadecimal digits "
                   "(RFC 9112, 7.1)")  # fmt: skip
@@ -43,7 +52,7 @@ class ChunkedBody:
         self.framing_bytes = 0  # since the last chunk's data
         self.data_left = 0  # of the chunk being read
         self.data_end_seen = 0  # of the CRLF after its data
-        self.too_large = False  # (why it was refused: its framing past the bound, not its grammar)
+        self.too_large = False  # (why it was refused: its trailers past the bound, not their grammar)
 
     @property
     def done(self) -> bool:
@@ -65,7 +74,7 @@ class ChunkedBody:
             elif self.state == DATA_END:
                 byte = data[at : at + 1]
                 if byte != b"\r\n"[self.data_end_seen : self.data_end_seen + 1]:
-                    return bytes(parsed), at, BARE_LF if byte == b"\n" else NOT_PARSED
+                    return bytes(parsed), at, DATA_BARE_LF if byte == b"\n" else NOT_PARSED
                 parsed += byte
                 at, self.data_end_seen = at + 1, self.data_end_seen + 1
                 if self.data_end_seen == 2:
@@ -78,9 +87,10 @@ class ChunkedBody:
                 self.framing_bytes += len(piece)
                 if (refused := self._line_refused(ended=line_end >= 0)) is not None:
                     return bytes(parsed), at, refused
-                if self.framing_bytes > self.max_framing_bytes:
-                    self.too_large = True
-                    return bytes(parsed), at, "too large"
+                if self.framing_bytes > self.max_framing_bytes:  # (trailers are fields, a 431; a size line's
+                    # extensions are not: its 400 says so)
+                    self.too_large = self.state == TRAILERS
+                    return bytes(parsed), at, self._too_large()
                 if line_end >= 0:
                     parsed += self.line
                     self._line_ended()
@@ -92,7 +102,7 @@ class ChunkedBody:
         line = bytes(self.line)
         if ended:
             if not line.endswith(b"\r\n"):
-                return BARE_LF
+                return SIZE_LINE_BARE_LF if self.state == SIZE else TRAILERS_BARE_LF
             line = line[:-2]
         if b"\r" in line and (ended or b"\r" in line[:-1]):  # (a CR alone, not its line's end)
             return NOT_PARSED
@@ -104,12 +114,18 @@ class ChunkedBody:
                 return NOT_PARSED
             return None
         if line[:1] in (b" ", b"\t"):
-            return FOLDED
+            return TRAILER_FOLDED
         if CONTROL_CHARACTER.search(line):
-            return CONTROL
+            return TRAILER_CONTROL
         if ended and line and not TRAILER_LINE.fullmatch(line):
             return NOT_PARSED
         return None
+
+    def _too_large(self) -> str:
+        bound = f"{self.max_framing_bytes // 1024} KiB"
+        if self.too_large:
+            return f"request trailers larger than {bound}"
+        return f"a chunk's size line (with its extensions) longer than {bound}: send fewer extensions (RFC 9112, 7.1.1)"
 
     def _line_ended(self) -> None:
         line = bytes(self.line[:-2])

@@ -216,10 +216,8 @@ class ConnectionLimits:
         if self.cycle is not None and self.cycle.response_complete:  # (answered before its body: closed)
             return self.transport.close()
         if self.chunks.too_large:
-            log.info("%s sent over %d bytes of a body's trailers or chunk sizes: answered 431 and closed",
-                     self._who(), MAX_HEAD_BYTES)  # fmt: skip
-            return self._answer_and_close(b"431 Request Header Fields Too Large", "headers_too_large",
-                                          f"request trailers larger than {MAX_HEAD_BYTES // 1024} KiB")  # fmt: skip
+            log.info("%s sent over %d bytes of a body's trailers: answered 431 and closed", self._who(), MAX_HEAD_BYTES)
+            return self._answer_and_close(b"431 Request Header Fields Too Large", "headers_too_large", refused)
         self._answer_and_close(b"400 Bad Request", "bad_request", refused)
 
     def _content_length(self) -> int | None:

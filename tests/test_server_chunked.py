@@ -16,10 +16,14 @@ NOT_PARSED = ("a chunked body's framing could not be parsed: each chunk is its s
               "extensions, ';name=value') and CRLF, its data and CRLF, the last one's size 0, then its trailers "
               "and an empty line (RFC 9112, 7.1)")  # fmt: skip
 SIZE_TOO_LARGE = "a chunk's size must be below 2^64, in at most 20 hexadecimal digits (RFC 9112, 7.1)"
-BARE_LF = "a line of the request head ends in a bare LF: end each line with CRLF (RFC 9112, 2.2)"
-FOLDED = ("a header line begins with a space or tab (a value folded onto a line of its own, obs-fold): "
-          "send each header on one line (RFC 9112, 5.2)")  # fmt: skip
-CONTROL = "the request head has a control character, other than a tab, in its request line or a header (RFC 9110, 5.5)"
+SIZE_LINE_BARE_LF = "a chunk's size line ends in a bare LF: end it with CRLF (RFC 9112, 7.1)"
+DATA_BARE_LF = "a chunk's data is followed by a bare LF: end it with CRLF (RFC 9112, 7.1)"
+TRAILERS_BARE_LF = ("a line of the chunked body's trailers (or the empty line that ends them) ends in a bare LF: "
+                    "end each line with CRLF (RFC 9112, 7.1.2)")  # fmt: skip
+TRAILER_FOLDED = ("a line of the chunked body's trailers begins with a space or tab (a value folded onto a line of "
+                  "its own, obs-fold): send each trailer on one line (RFC 9112, 5.2)")  # fmt: skip
+TRAILER_CONTROL = "the chunked body's trailers have a control character, other than a tab (RFC 9110, 5.5)"
+SIZE_LINE_TOO_LARGE = "a chunk's size line (with its extensions) longer than 64 KiB: send fewer extensions (RFC 9112, 7.1.1)"
 
 
 @pytest.fixture(scope="module", params=["httptools", "h11"])
@@ -71,10 +75,10 @@ def delete_session(port: int, made: dict) -> None:
     (b"ffffffffffffffffffff\r\n{}\r\n0\r\n\r\n", SIZE_TOO_LARGE),
     (b"10000000000000000\r\n{}\r\n0\r\n\r\n", SIZE_TOO_LARGE),
     (b"000000000000000000002\r\n{}\r\n0\r\n\r\n", SIZE_TOO_LARGE),
-    (b"2\r\n{}\r\n0\r\n\n", BARE_LF),
-    (b"2\r\n{}\r\n0\r\nX-Sum: 1\n\r\n", BARE_LF),
-    (b"2\r\n{}\r\n0\r\nX-Sum: 1\r\n 2\r\n\r\n", FOLDED),
-    (b"2\r\n{}\r\n0\r\nX-Sum: 1\x012\r\n\r\n", CONTROL),
+    (b"2\r\n{}\r\n0\r\n\n", TRAILERS_BARE_LF),
+    (b"2\r\n{}\r\n0\r\nX-Sum: 1\n\r\n", TRAILERS_BARE_LF),
+    (b"2\r\n{}\r\n0\r\nX-Sum: 1\r\n 2\r\n\r\n", TRAILER_FOLDED),
+    (b"2\r\n{}\r\n0\r\nX-Sum: 1\x012\r\n\r\n", TRAILER_CONTROL),
     (b"2;a\x01\r\n{}\r\n0\r\n\r\n", NOT_PARSED),
     (b"2 ;a=b\r\n{}\r\n0\r\n\r\n", NOT_PARSED),
     (b"0x2\r\n{}\r\n0\r\n\r\n", NOT_PARSED),
@@ -82,8 +86,8 @@ def delete_session(port: int, made: dict) -> None:
     (b"2\r\n{}XX0\r\n\r\n", NOT_PARSED),
     (b"2\r{}\r\n0\r\n\r\n", NOT_PARSED),
     (b"2\r\n{}\r\n0\r\nX-Sum\r\n\r\n", NOT_PARSED),
-    (b"2\n{}\r\n0\r\n\r\n", BARE_LF),
-    (b"2\r\n{}\n0\r\n\r\n", BARE_LF),
+    (b"2\n{}\r\n0\r\n\r\n", SIZE_LINE_BARE_LF),
+    (b"2\r\n{}\n0\r\n\r\n", DATA_BARE_LF),
 ], ids=["size-past-64-bits-20-digits", "size-2^64", "size-21-digits", "last-line-bare-lf", "trailer-bare-lf",
         "trailer-folded", "trailer-control", "extension-control", "space-before-extension", "size-0x", "size-empty",
         "data-not-crlf", "size-cr-alone", "trailer-no-colon", "size-bare-lf", "data-bare-lf"])  # fmt: skip
@@ -165,7 +169,9 @@ def test_the_framing_is_found_the_same_whatever_its_reads():
     assert scanner.feed(b"ffff")[2] is None and scanner.feed(b"ffffffffffff1")[2] is not None
     scanner = ChunkedBody(1024)  # (trailers past the bound: too large)
     assert scanner.feed(b"0\r\n" + b"X-T: 1\r\n" * 100)[2] is None
-    assert scanner.feed(b"X-T: 1\r\n" * 100)[2] is not None and scanner.too_large
+    assert scanner.feed(b"X-T: 1\r\n" * 100)[2] == "request trailers larger than 1 KiB" and scanner.too_large
+    scanner = ChunkedBody(1024)  # (a size line past it: its extensions, which are no header fields)
+    assert scanner.feed(b"2" + b";a=b" * 300)[2] == SIZE_LINE_TOO_LARGE.replace("64", "1") and not scanner.too_large
 
 
 def test_trailers_past_64_kib_are_the_same_431_under_both(server):
@@ -176,3 +182,13 @@ def test_trailers_past_64_kib_are_the_same_431_under_both(server):
         send(sock, b"X-Trailer: y\r\n" * 5000 + b"\r\n", split=False)  # (70 KB)
         said = answers(answer_of(sock))
     assert said == [(431, {"error": "headers_too_large", "message": "request trailers larger than 64 KiB"})], said
+
+
+def test_a_chunk_size_line_past_64_kib_is_refused_as_one(server):
+    """Its extensions were counted as the body's trailers: a 431 'request trailers larger than 64 KiB'
+    sent its client looking among trailers it had not sent."""
+    with connect(server) as sock:
+        sock.sendall(POST + b"\r\n")
+        send(sock, b"2" + b";a=b" * 17000 + b"\r\n{}\r\n0\r\n\r\n", split=False)  # (68 KB)
+        said = answers(answer_of(sock))
+    assert said == [(400, {"error": "bad_request", "message": SIZE_LINE_TOO_LARGE})], said

@@ -84,6 +84,8 @@ GET = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 FOLDED = "a header line begins with a space or tab (a value folded onto a line of its own, obs-fold): send each header on one line (RFC 9112, 5.2)"  # fmt: skip
 BARE_LF = "a line of the request head ends in a bare LF: end each line with CRLF (RFC 9112, 2.2)"
 CONTROL = "the request head has a control character, other than a tab, in its request line or a header (RFC 9110, 5.5)"
+SIZE_LINE_BARE_LF = "a chunk's size line ends in a bare LF: end it with CRLF (RFC 9112, 7.1)"
+DATA_BARE_LF = "a chunk's data is followed by a bare LF: end it with CRLF (RFC 9112, 7.1)"
 
 
 NOT_CHUNKED = ("a Transfer-Encoding other than chunked is not taken here: send the body with its Content-Length, "
@@ -131,9 +133,9 @@ def unknown_method(name: str) -> str:
     (POST + b"Content-Length: 2\r\nContent-Length: 2\r\n\r\n{}", 400, {"error": "bad_request", "message": ONE_LENGTH}),
     (POST + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}", 400, {"error": "bad_request", "message": ONE_LENGTH}),
     (POST + b"Content-Length: +2\r\n\r\n{}", 400, {"error": "bad_request", "message": ONE_LENGTH}),
-    (POST + b"Transfer-Encoding: chunked\r\n\r\n2\n{}\r\n0\r\n\r\n", 400, {"error": "bad_request", "message": BARE_LF}),
-    (POST + b"Transfer-Encoding: chunked\r\n\r\n2\n{}\n0\n\n", 400, {"error": "bad_request", "message": BARE_LF}),
-    (POST + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\n0\r\n\r\n", 400, {"error": "bad_request", "message": BARE_LF}),
+    (POST + b"Transfer-Encoding: chunked\r\n\r\n2\n{}\r\n0\r\n\r\n", 400, {"error": "bad_request", "message": SIZE_LINE_BARE_LF}),
+    (POST + b"Transfer-Encoding: chunked\r\n\r\n2\n{}\n0\n\n", 400, {"error": "bad_request", "message": SIZE_LINE_BARE_LF}),
+    (POST + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\n0\r\n\r\n", 400, {"error": "bad_request", "message": DATA_BARE_LF}),
     (GET.replace(b" /healthz", b" http://user@127.0.0.1/healthz"), 400, {"error": "bad_request", "message":
      "the request target's authority 'user@127.0.0.1' is not a host[:port] (RFC 9112, 3.2.2)"}),
     (GET.replace(b" /healthz", b" http:///healthz"), 400, {"error": "bad_request", "message": NOT_PARSED}),
