@@ -536,6 +536,10 @@ class HttpToolsBodyState:
         if hosts > 1 or (hosts == 0 and self.parser.get_http_version() == "1.1"):
             raise NotOneHost(NOT_ONE_HOST)
         self.body_pending = True
+        # as h11 reads it (RFC 9110 10.1.1): a 100-continue in the Expect list, an HTTP/1.0 request's ignored.
+        # uvicorn sent an HTTP/1.0 client a 100 it cannot read, and none for one in a list ('x, 100-continue')
+        expected = [e.strip().lower() for name, value in self.headers if name == b"expect" for e in value.split(b",")]
+        self.expect_100_continue = b"100-continue" in expected and self.parser.get_http_version() == "1.1"
         super().on_headers_complete()
 
     def on_header(self, name: bytes, value: bytes) -> None:
