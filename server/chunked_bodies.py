@@ -9,7 +9,10 @@ httptools took. Nor did anything find where such a body ends: a request sent aft
 read went to the parser with it, none of its head's checks made. `ChunkedBody` reads the framing
 (each chunk's size line, its data, the CRLF after it, the trailers and the empty line that ends
 them): one that either parser would refuse is refused here, the same under both, and where the
-body ends is known, so that the bytes after it are the next request's.
+body ends is known, so that the bytes after it are the next request's. Its trailers are looked at
+here and dropped, never given to a parser (RFC 9112 7.1.2 lets a recipient discard them, as h11 and
+uvicorn did): llhttp refused a Content-Length or Transfer-Encoding among them as a head with both
+(a 400), which h11 served.
 """
 
 from __future__ import annotations
@@ -92,7 +95,8 @@ class ChunkedBody:
                     self.too_large = self.state == TRAILERS
                     return bytes(parsed), at, self._too_large()
                 if line_end >= 0:
-                    parsed += self.line
+                    if self.state != TRAILERS or self.line == b"\r\n":  # (a trailer is dropped here: below)
+                        parsed += self.line
                     self._line_ended()
         return bytes(parsed), at, None
 

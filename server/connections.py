@@ -526,8 +526,8 @@ class HttpToolsBodyState:
     error, answered 400 as h11's is.
 
     It took a chunked body's trailers without bound, each appended to the request's headers (20 MB
-    of them grew the server by 400 MB in 4 s; h11 keeps 64 + 256 KiB of them, and drops them):
-    trailers are dropped here, and their bytes bounded by `ConnectionLimits` (server/chunked_bodies.py)."""
+    of them grew the server by 400 MB in 4 s; h11 keeps 64 + 256 KiB of them, and drops them): they
+    are bounded and dropped before either parser (server/chunked_bodies.py)."""
 
     body_pending = False
 
@@ -541,10 +541,6 @@ class HttpToolsBodyState:
         expected = [e.strip().lower() for name, value in self.headers if name == b"expect" for e in value.split(b",")]
         self.expect_100_continue = b"100-continue" in expected and self.parser.get_http_version() == "1.1"
         super().on_headers_complete()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.body_pending:  # (a trailer, after a chunked body: dropped, as h11 drops them)
-            super().on_header(name, value)
 
     def on_message_complete(self) -> None:
         self.body_pending = False

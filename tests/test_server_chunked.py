@@ -109,11 +109,14 @@ def test_chunked_framing_either_parser_would_refuse_is_answered_the_same_by_both
     b"2\r\n{}\r\n0\r\nX-Sum: 1\r\nX-Tab: a\tb\r\n\r\n",
     b"00000000000000000002\r\n{}\r\n0000\r\n\r\n",
     b"A\r\n{" + b" " * 9 + b"\r\n1\r\n}\r\n0\r\n\r\n",
-], ids=["plain", "extensions", "trailers", "size-20-digits", "upper-hex"])  # fmt: skip
+    b"2\r\n{}\r\n0\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+], ids=["plain", "extensions", "trailers", "size-20-digits", "upper-hex", "framing-trailers"])  # fmt: skip
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "byte-by-byte"])
 def test_valid_chunked_bodies_are_served_under_both(server, body, split):
     """Chunk extensions (a token, a quoted string), trailers and leading zeros are RFC 9112 7.1's:
-    served, whole or a byte at a time, and the request pipelined after the body answered after it."""
+    served, whole or a byte at a time, and the request pipelined after the body answered after it.
+    A trailer of the message's framing (Content-Length, Transfer-Encoding) is dropped as any other
+    (RFC 9112 7.1.2), as h11 dropped it: httptools refused it as a head with both, a 400."""
     with connect(server) as sock:
         sock.sendall(POST + b"\r\n")
         send(sock, body + GET, split)
@@ -152,7 +155,8 @@ def test_a_request_pipelined_after_a_chunked_body_has_the_checks_of_a_first_one(
 
 
 def test_the_framing_is_found_the_same_whatever_its_reads():
-    """Where the body ends, and what of it the parser is given, do not depend on how its bytes are split."""
+    """Where the body ends, and what of it the parser is given (all but its trailers), do not depend
+    on how its bytes are split."""
     from server.chunked_bodies import ChunkedBody
 
     body = b"3;a=\"x\"\r\nabc\r\n10\r\n" + b"d" * 16 + b"\r\n0\r\nX-Sum: 1\r\n\r\n"
@@ -164,7 +168,7 @@ def test_the_framing_is_found_the_same_whatever_its_reads():
             taken, given = taken + used, given + parsed
             if scanner.done:
                 break
-        assert scanner.done and taken == len(body) and given == body, size
+        assert scanner.done and taken == len(body) and given == body.replace(b"X-Sum: 1\r\n", b""), size  # (trailers dropped)
     scanner = ChunkedBody(1024)  # (a size past the bounds is refused as it comes, before its line ends)
     assert scanner.feed(b"ffff")[2] is None and scanner.feed(b"ffffffffffff1")[2] is not None
     scanner = ChunkedBody(1024)  # (trailers past the bound: too large)
