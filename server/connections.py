@@ -332,8 +332,9 @@ class ConnectionLimits:
         both_lengths = both_lengths or (self.content_lengths.lines > 0 and self.content_lengths.codings)  # (h11's)
         # (httptools': HTTP/3.0, say, or HTTP/2's preface 'PRI * HTTP/2.0' of a client of h2c by prior knowledge)
         if "Invalid HTTP version" in str(refused) or "Pause on PRI" in str(refused):
-            return self._answer_and_close(b"505 HTTP Version Not Supported", "http_version_not_supported",
-                                          "its HTTP version is not spoken here: send HTTP/1.1")  # fmt: skip
+            # (named where the line so far has it: llhttp refuses it as its last digit comes, before the line's end)
+            said = version_refused(self.request_line_tail, 2) or "its HTTP version is not spoken here: send HTTP/1.1"
+            return self._answer_and_close(b"505 HTTP Version Not Supported", "http_version_not_supported", said)
         # (h11's 'Only Transfer-Encoding: chunked is supported', httptools' 'Request has invalid `Transfer-Encoding`')
         not_chunked = not both_lengths and "Transfer-Encoding" in str(refused)
         # (httptools': 'Duplicate Content-Length', 'Invalid character in Content-Length'; h11's: 'bad

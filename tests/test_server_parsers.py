@@ -335,3 +335,23 @@ def test_an_expected_100_continue_is_sent_the_same_by_both(server, version, expe
         answer = answer_until_closed(sock)
     statuses = [response[:3] for response in answer.split(b"HTTP/1.1 ")[1:]]
     assert statuses == ([b"100", b"400"] if continued else [b"400"]), answer  # ([]: not a session's)
+
+
+@pytest.mark.parametrize("version", [b"HTTP/1.2", b"HTTP/2.0", b"HTTP/3.0"])
+def test_an_http_version_not_spoken_is_named_when_its_line_comes_in_pieces(server, version):
+    """llhttp refuses the version as its last digit comes, before the line's end, where the server
+    names it: its 505 said 'its HTTP version is not spoken here' where h11's (and httptools' for the
+    line whole) said 'HTTP/1.2 is not spoken here'."""
+    request = GET.replace(b"HTTP/1.1", version)
+    with connect(server[0]) as sock:
+        for at in range(len(request)):
+            try:
+                sock.sendall(request[at : at + 1])
+            except OSError:  # (refused as it came: the rest is not read)
+                break
+            time.sleep(0.002)  # (each byte its own read, or a few together)
+        answer = answer_until_closed(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 505 "), answer
+    assert json.loads(body) == {"error": "http_version_not_supported",
+                                "message": f"{version.decode()} is not spoken here: send HTTP/1.1"}  # fmt: skip
