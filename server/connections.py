@@ -57,8 +57,6 @@ NOT_CHUNKED = ("a Transfer-Encoding other than chunked is not taken here: send t
 OLD_CHUNKS = "an HTTP/1.0 request must not have Transfer-Encoding: send its Content-Length (RFC 9112, 6.1)"
 # a Host header's value: uri-host [":" port] (RFC 9110 7.2, RFC 3986 3.2.2), an IP literal in brackets
 HOST = re.compile(rb"(\[[0-9A-Za-z:.%~!$&'()*+,;=_-]+\]|[0-9A-Za-z.%~!$&'()*+,;=_-]*)(:[0-9]*)?")
-# a request target's absolute form (RFC 9112 3.2.2): its scheme, and its authority
-ABSOLUTE_TARGET = re.compile(rb"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)")
 NOT_HTTP_TARGET = ("a request target of a scheme other than http or https is a proxy's to follow: this server is "
                    "not a proxy")  # fmt: skip
 # an Origin header's line in a head's bytes, whole (its line ended): a name has no space before its colon
@@ -469,19 +467,18 @@ class ConnectionLimits:
     def _target_refused(self) -> str | None:
         """Why a request target is refused, or None. One in origin form must begin with '/' (h11 took
         'GET healthz' for '/healthz', httptools refused it). One in absolute form (`GET http://host/path`,
-        as to a proxy) has its authority taken for the request's Host, as RFC 9112 3.2.2 has a server
-        take it (the Host header ignored). The origin guard and the routes read the Host header, which
-        named another server than the target's; h11 served an empty authority ('http:///healthz')
-        that httptools refused, and both a userinfo ('http://user@host/', RFC 9110 4.2.4: an error)
-        and another scheme than HTTP's."""
-        target = self._request_target()
-        if (absolute := ABSOLUTE_TARGET.match(target)) is None:
+        as to a proxy: taken apart before the parser, request_heads.AbsoluteTarget) has its authority
+        taken for the request's Host, as RFC 9112 3.2.2 has a server take it (the Host header ignored).
+        The origin guard and the routes read the Host header, which named another server than the
+        target's; h11 served an empty authority ('http:///healthz') that httptools refused, and both a
+        userinfo ('http://user@host/', RFC 9110 4.2.4: an error) and another scheme than HTTP's."""
+        target, authority = self._request_target(), self.target.authority
+        if authority is None:
             return None if target.startswith(b"/") or target == b"*" else NOT_PARSED
-        if absolute[1].lower() not in (b"http", b"https"):  # (h11: a 404 'nothing at /ftp://...', httptools: served)
+        if self.target.scheme.lower() not in (b"http", b"https"):  # (h11: a 404 'nothing at /ftp://...', httptools: served)
             return NOT_HTTP_TARGET
-        authority = absolute[2]
         if not (host := HOST.fullmatch(authority)) or not host[1]:
-            if host:  # (no host: 'http:///healthz', 'http://:80/', which llhttp refuses as it parses them)
+            if host:  # (no host: 'http:///healthz', 'http://:80/', which llhttp refused as it parsed them)
                 return NOT_PARSED
             authority = authority.decode("latin-1")[:80]
             return f"the request target's authority {authority!r} is not a host[:port] (RFC 9112, 3.2.2)"

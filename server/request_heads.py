@@ -78,17 +78,22 @@ def version_refused(request_line_tail: bytes, spaces: int) -> str | None:
 
 
 class AbsoluteTarget:
-    """A request line's bytes for the parser, a request target in absolute form (RFC 9112 3.2.2) in
-    the form both parsers take: llhttp refused one without a path ('http://host?x=1', 'http://host')
-    and one with an empty port ('http://host:/healthz') as requests that did not parse (a 400), where
-    h11 served them (the page, as `GET /?x=1`). Its path is '/' (RFC 9110 4.2.3), and an empty port
-    the scheme's (RFC 9110 4.2.3 too): given as 'http://host/?x=1'. A target's first bytes are held
-    while they may be such an authority's (within the head's bound and deadline): its line's end ends them."""
+    """A request line's bytes for the parser, a request target in absolute form (RFC 9112 3.2.2:
+    `GET http://host/path?q`, as to a proxy) taken apart before either parser, which read it
+    differently: llhttp refused one without a path ('http://host?x=1'), with an empty port
+    ('http://host:/'), or whose host has RFC 3986's other characters ('a_b', 'a!b', '%31'), as a
+    request that did not parse (a 400), where h11 served them, and gave the app the whole target as
+    its path (a percent-encoded host cut the path's first letters: 'nothing at /ealthz'). Its
+    `scheme` and `authority` are kept here (the request's host: ConnectionLimits._target_refused),
+    the parser given its path and query as an origin form's ('/' where it has no path, RFC 9110
+    4.2.3). A target's first bytes are held while they may be a scheme's and authority's (within the
+    head's bound and deadline): its line's end ends them."""
 
     def __init__(self) -> None:
         self.in_target = False  # the method's space has come
         self.held = b""  # the target's bytes so far, while they may be an absolute one's scheme and authority
         self.decided = False
+        self.scheme = self.authority = None  # (None: a target in another form)
 
     def feed(self, data: bytes) -> bytes:
         """The bytes of `data` (and those held before it) for the parser now."""
@@ -109,10 +114,9 @@ class AbsoluteTarget:
         self.decided = True
         if not start or start[1] is None:  # (not in absolute form)
             return passed + target
-        authority_end, rest = start.end(), target[start.end() :]
-        if start[1].endswith(b":"):
-            authority_end -= 1
-        return passed + target[:authority_end] + (b"" if rest.startswith(b"/") else b"/") + rest
+        self.scheme, self.authority = target[: target.index(b":")], start[1].removesuffix(b":")  # (an empty port: none)
+        rest = target[start.end() :]
+        return passed + (b"" if rest.startswith(b"/") else b"/") + rest
 
 
 class ContentLengths:

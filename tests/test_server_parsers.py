@@ -143,6 +143,13 @@ def unknown_method(name: str) -> str:
     (GET.replace(b" /healthz", b" ftp://127.0.0.1/healthz"), 400, {"error": "bad_request", "message": NOT_HTTP_TARGET}),
     (GET.replace(b" /healthz", b" http://127.0.0.1/healthz"), 200, {"status": "ok"}),
     (GET.replace(b" /healthz", b" http://127.0.0.1:/healthz"), 200, {"status": "ok"}),
+    (GET.replace(b" /healthz", b" http://a_b/healthz"), 200, {"status": "ok"}),
+    (GET.replace(b" /healthz", b" http://127.0.0.%31/healthz"), 200, {"status": "ok"}),
+    (GET.replace(b" /healthz", b" http://[fe80::1%25eth0]/healthz"), 200, {"status": "ok"}),
+    (GET.replace(b" /healthz", b" http://a:b/healthz"), 400, {"error": "bad_request", "message":
+     "the request target's authority 'a:b' is not a host[:port] (RFC 9112, 3.2.2)"}),
+    (GET.replace(b" /healthz", b" http://[::1/healthz"), 400, {"error": "bad_request", "message":
+     "the request target's authority '[::1' is not a host[:port] (RFC 9112, 3.2.2)"}),
     (POST + b"Transfer-Encoding: identity\r\nContent-Length: 2\r\n\r\n[]", 400, {"error": "bad_request",
      "message": "a request must not have both Transfer-Encoding and Content-Length (RFC 9112, 6.1)"}),
     (GET.replace(b"GET ", b"GET  "), 400, {"error": "bad_request", "message": NOT_PARSED}),
@@ -154,7 +161,8 @@ def unknown_method(name: str) -> str:
         "delete", "gzip", "gzip-chunked", "gzip-then-chunked", "chunked-twice", "connect", "http-0.9", "http-1.2",
         "http-2.0", "tab-after-method", "length-list", "length-twice", "lengths-differ", "length-plus", "chunk-size-bare-lf",
         "chunk-lines-all-bare-lf", "chunk-data-bare-lf", "target-userinfo", "target-no-host", "target-port-alone",
-        "target-ftp", "target-absolute", "target-empty-port", "identity-and-length", "two-spaces-after-method", "two-spaces-before-version", "target-no-slash",
+        "target-ftp", "target-absolute", "target-empty-port", "target-underscore", "target-percent-host",
+        "target-ipv6-zone", "target-port-letters", "target-bracket-open", "identity-and-length", "two-spaces-after-method", "two-spaces-before-version", "target-no-slash",
         "empty-line-first",
         "tab"])  # fmt: skip
 def test_a_head_either_parser_would_refuse_is_answered_the_same_by_both(server, request_bytes, status, said):
@@ -301,21 +309,25 @@ def test_an_absolute_target_without_a_path_is_served_at_the_root(server, monkeyp
     assert asked == [("/", query)]
 
 
-def test_an_absolute_target_is_given_the_parser_the_same_whatever_its_reads():
-    """The '/' goes after the authority however the request line is split, the empty port's ':'
-    dropped; another target goes as it came."""
+def test_an_absolute_target_is_taken_apart_the_same_whatever_its_reads():
+    """The parser is given its path and query ('/' where it has none) however the request line is
+    split, its scheme and authority kept (an empty port's ':' dropped); another target goes as it came."""
     from server.request_heads import AbsoluteTarget
 
-    given = {b"GET http://h?x HTTP/1.1\r\n": b"GET http://h/?x HTTP/1.1\r\n",
-             b"GET http://h:80 HTTP/1.1\r\n": b"GET http://h:80/ HTTP/1.1\r\n",
-             b"GET http://[::1]:#f HTTP/1.1\r\n": b"GET http://[::1]/#f HTTP/1.1\r\n",
-             b"GET http://h:/a HTTP/1.1\r\n": b"GET http://h/a HTTP/1.1\r\n"}  # fmt: skip
-    given |= {line: line for line in (b"GET http://h/a?b HTTP/1.1\r\n", b"GET /a?b HTTP/1.1\r\n", b"GET * HTTP/1.1\r\n",
-                                      b"GET http:/a HTTP/1.1\r\n", b"GET h:80 HTTP/1.1\r\n", b"GET\r\n")}  # fmt: skip
-    for line, parsed in given.items():
+    given = {b"GET http://h?x HTTP/1.1\r\n": (b"GET /?x HTTP/1.1\r\n", b"http", b"h"),
+             b"GET HTTP://h:80 HTTP/1.1\r\n": (b"GET / HTTP/1.1\r\n", b"HTTP", b"h:80"),
+             b"GET http://[::1]:#f HTTP/1.1\r\n": (b"GET /#f HTTP/1.1\r\n", b"http", b"[::1]"),
+             b"GET http://h:/a HTTP/1.1\r\n": (b"GET /a HTTP/1.1\r\n", b"http", b"h"),
+             b"GET ftp://u@h/a?b HTTP/1.1\r\n": (b"GET /a?b HTTP/1.1\r\n", b"ftp", b"u@h"),
+             b"GET http:///a HTTP/1.1\r\n": (b"GET /a HTTP/1.1\r\n", b"http", b"")}  # fmt: skip
+    for line in (b"GET /a?b HTTP/1.1\r\n", b"GET * HTTP/1.1\r\n", b"GET http:/a HTTP/1.1\r\n", b"GET h:80 HTTP/1.1\r\n",
+                 b"GET\r\n"):  # fmt: skip
+        given[line] = (line, None, None)
+    for line, (parsed, scheme, authority) in given.items():
         for size in range(1, len(line) + 1):
             target = AbsoluteTarget()
             assert b"".join(target.feed(line[at : at + size]) for at in range(0, len(line), size)) == parsed, size
+            assert (target.scheme, target.authority) == (scheme, authority), size
 
 
 @pytest.mark.parametrize("version, expect, continued", [
