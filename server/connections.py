@@ -33,6 +33,7 @@ from .chunked_bodies import ChunkedBody
 from .origins import ApiCors, cors_options
 from .request_heads import (
     LONGEST_METHOD,
+    PRI,
     AbsoluteTarget,
     ContentLengths,
     lines_refused,
@@ -161,6 +162,8 @@ class ConnectionLimits:
                 return self._answer_and_close(b"400 Bad Request", "bad_request", NOT_PARSED)
             if line_ended and (refused := version_refused(self.request_line_tail, self.request_line_spaces)):
                 return self._answer_and_close(b"505 HTTP Version Not Supported", "http_version_not_supported", refused)
+            if line_ended and self.method_seen.startswith(b"PRI "):  # (one of HTTP/2.0, the preface's: its 505 above)
+                return self._answer_and_close(b"400 Bad Request", "bad_request", PRI)
             self.head_tail = seen[-3:]  # (the blank line that ends a head may come split)
             self.head_bytes += len(data)
             head_end = len(head_data) if end >= 0 else None

@@ -26,6 +26,10 @@ FOLDED = ("a header line begins with a space or tab (a value folded onto a line 
 BARE_LF = "a line of the request head ends in a bare LF: end each line with CRLF (RFC 9112, 2.2)"
 CONTROL = "the request head has a control character, other than a tab, in its request line or a header (RFC 9110, 5.5)"
 CONNECT = "CONNECT asks for a tunnel, a proxy's work: this server is not a proxy"
+# (llhttp refused any other request line of PRI as a request that did not parse, once the line had
+# ended without the preface's; h11 served it to the app: a 405 'PRI is not allowed on /healthz')
+PRI = ("PRI is no HTTP/1.1 method: it begins HTTP/2's connection preface ('PRI * HTTP/2.0', RFC 9113, 3.4), which "
+       "this server does not speak: send HTTP/1.1")  # fmt: skip
 # (CR and LF are the lines' own; a CR alone both parsers refuse alike)
 CONTROL_CHARACTER = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")

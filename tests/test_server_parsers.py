@@ -99,6 +99,8 @@ NOT_HTTP_TARGET = ("a request target of a scheme other than http or https is a p
                    "not a proxy")  # fmt: skip
 ONE_LENGTH = "a request must have one Content-Length header, its value one number (RFC 9112, 6.3)"
 NOT_PARSED = "not a valid HTTP/1.1 request: its request line or a header could not be parsed"
+PRI = ("PRI is no HTTP/1.1 method: it begins HTTP/2's connection preface ('PRI * HTTP/2.0', RFC 9113, 3.4), which "
+       "this server does not speak: send HTTP/1.1")  # fmt: skip
 
 
 def unknown_method(name: str) -> str:
@@ -156,6 +158,8 @@ def unknown_method(name: str) -> str:
     (GET.replace(b" HTTP/1.1", b"  HTTP/1.1"), 400, {"error": "bad_request", "message": NOT_PARSED}),
     (GET.replace(b" /healthz", b" healthz"), 400, {"error": "bad_request", "message": NOT_PARSED}),
     (b"\r\n" + GET, 200, {"status": "ok"}),  # (RFC 9112 2.2: a server SHOULD ignore an empty line before it)
+    (GET.replace(b"GET ", b"PRI "), 400, {"error": "bad_request", "message": PRI}),
+    (GET.replace(b"GET /healthz", b"PRI *"), 400, {"error": "bad_request", "message": PRI}),
     (GET.replace(b"Connection", b"X-Tab: a\tb\r\nConnection"), 200, {"status": "ok"}),
 ], ids=["get", "Get", "unknown", "folded", "space-after-request-line", "bare-lf", "one-bare-lf", "control",
         "delete", "gzip", "gzip-chunked", "gzip-then-chunked", "chunked-twice", "connect", "http-0.9", "http-1.2",
@@ -163,7 +167,7 @@ def unknown_method(name: str) -> str:
         "chunk-lines-all-bare-lf", "chunk-data-bare-lf", "target-userinfo", "target-no-host", "target-port-alone",
         "target-ftp", "target-absolute", "target-empty-port", "target-underscore", "target-percent-host",
         "target-ipv6-zone", "target-port-letters", "target-bracket-open", "identity-and-length", "two-spaces-after-method", "two-spaces-before-version", "target-no-slash",
-        "empty-line-first",
+        "empty-line-first", "pri-path", "pri-asterisk",
         "tab"])  # fmt: skip
 def test_a_head_either_parser_would_refuse_is_answered_the_same_by_both(server, request_bytes, status, said):
     """h11 served a lowercase or unknown method as a 405 ('get is not allowed'), a folded header,
