@@ -363,7 +363,9 @@ class ConnectionLimits:
         """An error in the API's JSON, written as it is (the request it answers was never parsed
         whole, or is an upgrade's), and the connection closed."""
         headers = self.server_state.default_headers + list(headers) + self._cors_headers()
-        self.transport.write(error_answer(status, error, message, headers, **fields))
+        # (RFC 9110 9.3.2: none to a HEAD, as uvicorn leaves the app's out; this one's body was written)
+        head_only = self.method_seen.startswith(b"HEAD ")
+        self.transport.write(error_answer(status, error, message, headers, head_only=head_only, **fields))
         self.transport.close()
 
     def _cors_headers(self) -> list[tuple[bytes, bytes]]:
@@ -509,15 +511,16 @@ class ConnectionLimits:
         await response(scope, receive, send)
 
 
-def error_answer(status: bytes, error: str, message: str, headers: list[tuple[bytes, bytes]], **fields) -> bytes:
+def error_answer(status: bytes, error: str, message: str, headers: list[tuple[bytes, bytes]], head_only=False,
+                 **fields) -> bytes:
     """A response of an error in the API's JSON (with its other `fields`), with `headers`, that closes
-    its connection."""
+    its connection; `head_only`: its head alone (a HEAD's, its Content-Length the body's)."""
     body = json.dumps({"error": error, "message": message, **fields}).encode()
     head = [b"HTTP/1.1 " + status + b"\r\n"]
     head += [name + b": " + value + b"\r\n" for name, value in headers]
     head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
              b"connection: close\r\n\r\n"]  # fmt: skip
-    return b"".join(head) + body
+    return b"".join(head) + (b"" if head_only else body)
 
 
 class HttpToolsBodyState:
