@@ -76,7 +76,8 @@ class TlsHandshake(asyncio.Protocol):
             return
         log.info("%s sent a plain HTTP request to the HTTPS port: answered 400", self._who())
         message = "this port speaks HTTPS: send the request to https://, not http://"
-        self.transport.write(error_answer(b"400 Bad Request", "https_required", message, []))
+        head_only = data.startswith(b"HEAD ")  # (RFC 9110 9.3.2: no content to a HEAD)
+        self.transport.write(error_answer(b"400 Bad Request", "https_required", message, [], head_only=head_only))
         self.transport.close()
 
     def eof_received(self) -> None:

@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 import websockets
-from server_helpers import free_port, live_server
+from server_helpers import answer_until_closed, free_port, live_server
 
 from server.protocol import MsgType
 
@@ -208,6 +208,14 @@ def test_a_plain_http_request_to_the_https_port_is_a_400_saying_to_use_https(tls
     with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as sock:
         sock.sendall(b"\x00\x01 neither TLS nor HTTP\r\n\r\n")
         assert closed_by_the_server(sock)
+
+
+def test_a_plain_head_request_to_the_https_port_is_refused_without_a_body(tls_server):
+    """RFC 9110 9.3.2: no content answers a HEAD; its 400 had the JSON body of a GET's."""
+    with socket.create_connection(("127.0.0.1", int(tls_server[0].rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(b"HEAD /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head, _, body = answer_until_closed(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-length: " in head and body == b"", (head, body)
 
 
 def test_a_client_that_never_answers_the_servers_close_notify_is_not_held_for_long(tls_server):
