@@ -515,7 +515,8 @@ def error_answer(status: bytes, error: str, message: str, headers: list[tuple[by
                  **fields) -> bytes:
     """A response of an error in the API's JSON (with its other `fields`), with `headers`, that closes
     its connection; `head_only`: its head alone (a HEAD's, its Content-Length the body's)."""
-    body = json.dumps({"error": error, "message": message, **fields}).encode()
+    # (as the app's JSONResponse writes it: a request one parser refuses here, the other in the app)
+    body = json.dumps({"error": error, "message": message, **fields}, ensure_ascii=False, separators=(",", ":")).encode()
     head = [b"HTTP/1.1 " + status + b"\r\n"]
     head += [name + b": " + value + b"\r\n" for name, value in headers]
     head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),

@@ -390,3 +390,19 @@ def test_a_refused_head_request_is_answered_without_a_body(server, request_bytes
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 %d " % status) and b"content-length: " in head.lower(), answer
     assert body == b"", answer
+
+
+@pytest.mark.parametrize("request_bytes, said", [
+    (GET.replace(b" /healthz", b" http:/healthz"), {"error": "bad_request", "message": NOT_PARSED}),
+    (POST + b"Transfer-Encoding: ,chunked\r\n\r\n", {"error": "bad_request", "message": NOT_CHUNKED}),
+], ids=["target-scheme-alone", "codings-list"])  # fmt: skip
+def test_a_refusal_is_the_same_bytes_whether_the_connection_or_the_app_writes_it(server, request_bytes, said):
+    """A request one parser refuses as it parses it (the connection's answer) and the other serves to
+    the app's refusal had the same JSON in other bytes: the connection's spaced (', ', ': '), the
+    app's compact, so its Content-Length differed too. Each is the app's JSON (non-ASCII in UTF-8)."""
+    with connect(server[0]) as sock:
+        sock.sendall(request_bytes)
+        answer = answer_until_closed(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert body == json.dumps(said, ensure_ascii=False, separators=(",", ":")).encode(), answer
+    assert b"content-length: %d\r\n" % len(body) in head.lower() + b"\r\n", head
