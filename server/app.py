@@ -178,8 +178,11 @@ class ApiMethods:
         if scope["type"] in ("http", "websocket") and (absolute := self.ABSOLUTE_FORM.match(scope["raw_path"])):
             # a server must take it (RFC 9112 3.2.2): h11 gave the whole target as the path, a 404
             # 'nothing at /http://host/healthz' of a path httptools served; the path is its own
+            # (the decoded path is cut by the decoded authority's length: its escapes, as in
+            # 'http://127.0.0.%31/x', are longer raw)
+            authority = len(unquote(absolute[0].decode("latin-1")))
             scope = {**scope, "raw_path": scope["raw_path"][absolute.end() :] or b"/",
-                     "path": scope["path"][len(absolute[0]) :] or "/"}  # fmt: skip
+                     "path": scope["path"][authority:] or "/"}  # fmt: skip
         if scope["type"] == "http" and scope["path"] == "*":  # (the asterisk form: no route's, nor a file's)
             return await self.server_wide(scope, receive, send)
         if scope["type"] == "websocket" and not self.takes(scope, "GET"):
