@@ -105,7 +105,7 @@ def test_bench_decoder_times_every_variant_and_measures_its_distance(tmp_path):
     assert png.stat().st_size > 0
 
 
-def test_bench_decoder_times_a_narrower_decoder_against_the_models_own_on_a_batch(tmp_path):
+def test_bench_decoder_times_a_narrower_decoder_against_the_models_own_on_a_batch(tmp_path, capsys):
     import torch
 
     from bench.decoder import chunk_latents
@@ -116,12 +116,13 @@ def test_bench_decoder_times_a_narrower_decoder_against_the_models_own_on_a_batc
     model = load_model("debug")
     model.vae = narrower_decoder(model.vae, [16, 48, 96, 128]).eval()  # the model's: [32, 64, 96, 128]
     save_model(model, tmp_path / "narrow")
-    r = streamgen(
-        "bench", "decoder", "--json", "--model", "debug", "--against", str(tmp_path / "narrow"),
-        "--sizes", "32", "--rounds", "1", "--batch", "3",
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout.strip().splitlines()[-1])
+    # (in this process: the test above runs `bench decoder` in a fresh one, whose imports are ~3 CPU s)
+    capsys.readouterr()
+    code = main(["bench", "decoder", "--json", "--model", "debug", "--against", str(tmp_path / "narrow"),
+                 "--sizes", "32", "--rounds", "1", "--batch", "3"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
     assert result["against"] == str(tmp_path / "narrow")
     (size,) = result["sizes"]
     assert size["batch"] == 3
