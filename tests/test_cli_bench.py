@@ -8,32 +8,23 @@ from cli_helpers import streamgen, streamgen_without_a_compiler
 from streamgen.cli import main
 
 
-def test_bench_engine_prints_one_json_object(tmp_path):
+@pytest.fixture(scope="module")
+def bench_engine_run(tmp_path_factory):
+    """`streamgen bench engine --compile` at a tiny size, in a process of its own: (its JSON, its
+    plot). Two tests read it: each in a run of its own spent ~9 CPU s more on the same eager
+    stream, batch and imports. (The sweep's size runs after the compiled blocks are undone.)"""
+    plot = tmp_path_factory.mktemp("bench_engine") / "sizes.png"
     r = streamgen(
-        "bench",
-        "engine",
-        "--json",
-        "--model",
-        "debug",
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--chunks",
-        "2",
-        "--context",
-        "4",
-        "--teacher-frames",
-        "2",
-        "--sweep",
-        "48",
-        "--plot",
-        str(tmp_path / "sizes.png"),
-        "--batch-sessions",
-        "2",
-    )
+        "bench", "engine", "--json", "--model", "debug", "--height", "32", "--width", "32", "--chunks", "2",
+        "--context", "4", "--teacher-frames", "2", "--sweep", "48", "--plot", str(plot), "--batch-sessions", "2",
+        "--compile",
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1]), plot
+
+
+def test_bench_engine_prints_one_json_object(bench_engine_run):
+    result, plot = bench_engine_run
     assert result["batch_sessions"] == 2 and result["batched_fps_total"] > 0
     per_size = (
         "fps",
@@ -56,7 +47,7 @@ def test_bench_engine_prints_one_json_object(tmp_path):
         assert result["largest_realtime"]["height"] == max(m["height"] for m in realtime)
     else:
         assert result["largest_realtime"] is None
-    assert (tmp_path / "sizes.png").stat().st_size > 0
+    assert plot.stat().st_size > 0
     for m in (result, entry):  # each chunk's cache from its last step, against the re-encode
         ways = m["cache_from_last_step"]
         assert ways["reencode_fps"] > 0 and ways["last_step_fps"] > 0 and ways["last_step_speedup"] > 0
@@ -179,14 +170,8 @@ def test_bench_decoder_says_a_compile_that_fails_and_times_the_rest(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_engine_compile_times_compiled_against_eager():
-    # (one batched session: the batched figures, measured before and eager, are no part of this)
-    r = streamgen(
-        "bench", "engine", "--json", "--model", "debug", "--height", "32", "--width", "32",
-        "--chunks", "2", "--context", "4", "--teacher-frames", "2", "--batch-sessions", "1", "--compile",
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout.strip().splitlines()[-1])
+def test_bench_engine_compile_times_compiled_against_eager(bench_engine_run):
+    result, _ = bench_engine_run
     compiled = result["compile"]
     assert compiled["compile_seconds"] > 0 and compiled["rounds"] == 4 == len(compiled["speedup_rounds"]["ratios"])
     assert compiled["eager_fps"] > 0 and compiled["compiled_fps"] > 0
