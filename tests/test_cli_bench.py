@@ -74,13 +74,22 @@ def assert_names_its_cpu(result: dict) -> None:
     assert isinstance(cpu["amx"], bool) and isinstance(cpu["avx512_bf16"], bool)
 
 
-def test_bench_decoder_times_every_variant_and_measures_its_distance(tmp_path):
-    png = tmp_path / "decoder.png"
+@pytest.fixture(scope="module")
+def bench_decoder_run(tmp_path_factory):
+    """`streamgen bench decoder --compile` at 32x32, in a process of its own: (its JSON, its plot).
+    Two tests read it: each in a run of its own spent ~4 CPU s more on the same eager decoders and
+    imports. (The compiled decoders are timed beside the others, in the same rounds.)"""
+    png = tmp_path_factory.mktemp("bench_decoder") / "decoder.png"
     r = streamgen(
-        "bench", "decoder", "--json", "--model", "debug", "--sizes", "32", "--rounds", "1", "--plot", str(png)
-    )
+        "bench", "decoder", "--json", "--model", "debug", "--sizes", "32", "--rounds", "1", "--compile",
+        "--plot", str(png),
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1]), png
+
+
+def test_bench_decoder_times_every_variant_and_measures_its_distance(bench_decoder_run):
+    result, png = bench_decoder_run
     assert_names_its_cpu(result)
     (size,) = result["sizes"]
     assert size["size"] == 32 and size["frames"] == size["latent_frames"] * 4
@@ -144,13 +153,8 @@ def test_bench_decoder_refuses_a_decoder_for_other_latents(tmp_path, capfd):
 
 
 @pytest.mark.slow
-def test_bench_decoder_compile_times_both_compiled_decoders(tmp_path):
-    r = streamgen(
-        "bench", "decoder", "--json", "--model", "debug", "--sizes", "32", "--rounds", "1", "--compile",
-        "--plot", str(tmp_path / "decoder.png"),
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    (size,) = json.loads(r.stdout.strip().splitlines()[-1])["sizes"]
+def test_bench_decoder_compile_times_both_compiled_decoders(bench_decoder_run):
+    (size,) = bench_decoder_run[0]["sizes"]
     assert set(size["compile_seconds"]) == {"compiled", "compiled_bfloat16"}
     assert size["compiled"]["max_levels"] < 0.01  # the fp32 decoder, fused by inductor
     assert 0 < size["compiled_bfloat16"]["max_levels"] < 10
