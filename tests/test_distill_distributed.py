@@ -37,6 +37,9 @@ def write_config(root, name: str, fsdp: bool = False):
 
 
 def launch(root, name: str, procs: int, fsdp: bool = False, extra=()):
+    """The config's run as `torchrun ... streamgen distill teacher`. (FSDP's runs stay under
+    torchrun: torch's DTensor caches keep its device mesh, and the gloo group's threads with it,
+    after the group is destroyed, which `spawn`'s processes refuse.)"""
     cfg = write_config(root, name, fsdp)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
            "-m", "streamgen", "distill", "teacher", "--config", str(cfg), *extra]  # fmt: skip
@@ -45,6 +48,28 @@ def launch(root, name: str, procs: int, fsdp: bool = False, extra=()):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("teacher: finished") == 1  # (rank 0's: every rank's ran together)
     return final_tensors(root / name)
+
+
+def _command_on_two_ranks(rank: int, port: int, argv: list[str]) -> None:
+    """`streamgen <argv>` as torchrun's rank `rank` of 2 runs it (its environment, one thread)."""
+    from streamgen.cli import main
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
+    torch.set_num_threads(1)
+    code = main(argv)
+    if code:
+        raise RuntimeError(f"rank {rank}: streamgen {' '.join(argv)} exited {code}")
+
+
+def run_on_two_ranks(argv: list[str]) -> None:
+    """`streamgen <argv>` on 2 gloo ranks forked from spawn's server, which imported torch and
+    distill once: a torchrun started a launcher and 2 interpreters that each imported them again.
+    What torchrun itself adds is `launch`'s tests'."""
+    from server_helpers import free_port
+    from spawn_helpers import spawn
+
+    spawn(_command_on_two_ranks, (free_port(), argv), nprocs=2, preload=RANK_IMPORTS)
 
 
 def run_here(root, name: str, steps: int, resume: bool = False):
@@ -330,12 +355,9 @@ def _logged(tmp_path, stage: str, procs: int, sets=()) -> dict:
         cfg.run.out, cfg.run.steps = str(out), 1
         Trainer(cfg).run()
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-               "-m", "streamgen", "distill", stage, "--config", "debug", "--out", str(out), "--steps", "1"]  # fmt: skip
-        cmd += [arg for s in sets for arg in ("--set", s)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert procs == 2
+        argv = ["distill", stage, "--config", "debug", "--out", str(out), "--steps", "1"]
+        run_on_two_ranks(argv + [arg for s in sets for arg in ("--set", s)])
     return json.loads((out / "scalars.jsonl").read_text().splitlines()[0])
 
 
