@@ -20,11 +20,21 @@ from streamgen import checkpoint as ckpt
 # --- a run's outputs -----------------------------------------------------------------------
 
 
-def test_a_teacher_run_writes_checkpoints_logs_curves_and_a_loadable_model(tmp_path):
+@pytest.fixture(scope="module")
+def whole_teacher(tmp_path_factory):
+    """The debug teacher config's whole run (4 steps, checkpoints at 2 and 4) and its last scalars:
+    the run whose outputs are checked, and the uninterrupted run that resumed ones are compared with
+    (each test made its own, the same run each time). Its folder is only read: a test that changes
+    a run's files changes a copy."""
+    out = tmp_path_factory.mktemp("whole") / "teacher"
+    last = run(debug_config("teacher", out))
+    return out, last
+
+
+def test_a_teacher_run_writes_checkpoints_logs_curves_and_a_loadable_model(whole_teacher):
     from streamgen.models import load_model
 
-    out = tmp_path / "teacher"
-    last = run(debug_config("teacher", out))
+    out, last = whole_teacher
     assert set(last) >= {"loss_teacher", "grad_norm_teacher", "lr_teacher"}
     assert [p.name for p in ckpt.list_checkpoints(out)] == [
         "step-00000002.safetensors",
@@ -128,13 +138,13 @@ def test_the_loss_plot_is_drawn_while_the_other_ranks_wait_for_rank_0(tmp_path, 
 # --- exact resume ---------------------------------------------------------------------------
 
 
-def test_teacher_killed_and_resumed_equals_uninterrupted(tmp_path):
-    run(debug_config("teacher", tmp_path / "whole"))
+def test_teacher_killed_and_resumed_equals_uninterrupted(tmp_path, whole_teacher):
+    whole, _ = whole_teacher
     # "killed" after step 3: the step-2 checkpoint is the newest; step 3 is recomputed on resume
     run(debug_config("teacher", tmp_path / "split"), stop_after=3)
     assert ckpt.latest_checkpoint(tmp_path / "split").name == "step-00000002.safetensors"
     run(debug_config("teacher", tmp_path / "split"), resume=True)
-    assert max_difference(final_tensors(tmp_path / "whole"), final_tensors(tmp_path / "split")) <= 1e-6
+    assert max_difference(final_tensors(whole), final_tensors(tmp_path / "split")) <= 1e-6
     steps = [
         json.loads(line)["step"] for line in (tmp_path / "split" / "scalars.jsonl").read_text().splitlines()
     ]
@@ -297,13 +307,15 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
     assert ckpt.list_checkpoints(out) == [path]  # nothing set aside: the user decides
 
 
-def test_a_resume_sets_a_damaged_newest_checkpoint_aside_for_the_one_before(tmp_path, capsys):
+def test_a_resume_sets_a_damaged_newest_checkpoint_aside_for_the_one_before(tmp_path, capsys, whole_teacher):
     """A checkpoint damaged after it was written (a copy cut short, a disk error): --resume stopped
     at it, though the step before was intact. It goes on from the newest checkpoint that reads,
     with a warning, and reaches what an undamaged run does; the damaged file is kept aside."""
-    run(debug_config("teacher", tmp_path / "whole"))
+    import shutil
+
+    whole, _ = whole_teacher
     out = tmp_path / "damaged"
-    run(debug_config("teacher", out))
+    shutil.copytree(whole, out)
     first, newest = ckpt.list_checkpoints(out)  # steps 2 and 4
     newest.write_bytes(newest.read_bytes()[:-100])
     capsys.readouterr()
@@ -312,7 +324,7 @@ def test_a_resume_sets_a_damaged_newest_checkpoint_aside_for_the_one_before(tmp_
     assert "cannot read checkpoint" in warning and "resuming from step-00000002" in warning, warning
     aside = newest.with_name(newest.name + ".damaged")
     assert aside.exists() and [p.name for p in ckpt.list_checkpoints(out)] == [first.name, newest.name]
-    assert max_difference(final_tensors(tmp_path / "whole"), final_tensors(out)) <= 1e-6
+    assert max_difference(final_tensors(whole), final_tensors(out)) <= 1e-6
 
 
 def test_the_newest_checkpoint_is_the_highest_step_past_eight_digits(tmp_path):
