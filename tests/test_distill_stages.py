@@ -16,26 +16,40 @@ def pipeline(tmp_path_factory):
     return train_pipeline(tmp_path_factory.mktemp("pipeline"))
 
 
+@pytest.fixture(scope="module")
+def whole_runs(tmp_path_factory, pipeline):
+    """A stage's whole debug run (4 steps) against the pipeline, made once on first use: the
+    uninterrupted run a resumed one is compared with, and the student that streams. (Only read.)"""
+    root = tmp_path_factory.mktemp("whole")
+    made = {}
+
+    def get(stage: str):
+        if stage not in made:
+            made[stage] = (root / stage, run(stage_config(stage, root / stage, pipeline)))
+        return made[stage]
+
+    return get
+
+
 @pytest.mark.parametrize("stage", ["ode", "self_forcing", "chunk"])
-def test_killed_and_resumed_equals_uninterrupted(stage, tmp_path, pipeline):
-    run(stage_config(stage, tmp_path / "whole", pipeline))
+def test_killed_and_resumed_equals_uninterrupted(stage, tmp_path, pipeline, whole_runs):
+    out, _ = whole_runs(stage)
     run(stage_config(stage, tmp_path / "split", pipeline), stop_after=3)
     run(stage_config(stage, tmp_path / "split", pipeline), resume=True)
-    whole, split = final_tensors(tmp_path / "whole"), final_tensors(tmp_path / "split")
+    whole, split = final_tensors(out), final_tensors(tmp_path / "split")
     assert max_difference(whole, split) <= 1e-6
     # and training did change the weights (the comparison is not of two untouched copies)
-    first, _ = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "whole")[0])
+    first, _ = ckpt.load_checkpoint(ckpt.list_checkpoints(out)[0])
     name = next(k for k in whole if k.startswith("module/") and "blocks.0.self_attn.q.weight" in k)
     assert not torch.equal(first[name], whole[name])
 
 
-def test_the_distilled_students_stream_through_the_inference_session(tmp_path, pipeline):
+def test_the_distilled_students_stream_through_the_inference_session(whole_runs):
     from streamgen.models import load_model
     from streamgen.stream import StreamSession
 
     for stage in ("self_forcing", "chunk"):
-        out = tmp_path / stage
-        last = run(stage_config(stage, out, pipeline, **{"run.steps": 2}))
+        out, last = whole_runs(stage)
         assert {"loss_generator", "loss_critic", "dmd_grad_norm"} <= set(last)
         model = load_model(str(out / "model"))
         assert model.steps == 2 and model.meta["stage"] == stage
@@ -44,7 +58,7 @@ def test_the_distilled_students_stream_through_the_inference_session(tmp_path, p
         session.push_audio(torch.zeros(16000).numpy())
         frames, _ = session.next_chunk()
         assert frames.shape == (8, 16, 16, 3)
-    assert load_model(str(tmp_path / "chunk" / "model")).cfg.window_frames == 2
+    assert load_model(str(whole_runs("chunk")[0] / "model")).cfg.window_frames == 2
 
 
 def _student_and_conditions(pipeline, batch=2, frames=6):
