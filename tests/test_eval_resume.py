@@ -33,6 +33,10 @@ def made(monkeypatch):
         calls.append((seed, index))
         return small_clip(seed, index, *args)
 
+    # (shards binds world's make_clip as it is imported: first imported under this stand-in, it
+    # kept it for the rest of the worker's tests, and test_files' latent caches got clips of None)
+    import streamgen.data.shards  # noqa: F401
+
     monkeypatch.setattr(world, "make_clip", make_clip)
     return calls
 
