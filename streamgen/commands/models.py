@@ -77,7 +77,10 @@ def _parameters_in(weights: Path) -> int:
     """The number of values in a safetensors file, from its header alone (a model of 14B
     parameters is not read to count them)."""
     with open(weights, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
+        start = f.read(8)
+        if len(start) < 8:  # (struct.error, no ValueError: a traceback where its file was cut short)
+            raise ValueError(f"{weights}: {len(start)} bytes is no safetensors header")
+        (length,) = struct.unpack("<Q", start)
         if length > 100 * 2**20:
             raise ValueError(f"{weights}: a header of {length} bytes is no safetensors header")
         header = json.loads(f.read(length))
