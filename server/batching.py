@@ -154,13 +154,16 @@ def pull_into_batch(
     (test_server_alignment_worker).
 
     With `ready_time` (what publishing a batch of k takes) and `now`, none is pulled that makes a
-    batch that was to be published in time late for its first play time (or the pulled one's):
+    batch that was to be published in time late for its first play time (or one pulled into it):
     `plan_batch` holds a batch for a later session only while the grown batch is in time, but the
     pulls grew it past that, and on random lanes its sessions came late (test_server_alignment_worker)."""
     due = max(sessions[i].next_due for i in batch)
     starts = due if now is None else max(now, due)
     first_play = min(sessions[i].plays_at for i in batch)
     next_plays_at = first_play + chunk_seconds  # the batch's next chunks
+    # the first play time of the batch grown so far: a pull checked against the batch's own alone made
+    # one pulled before it, playing sooner (a shorter delay), late (test_server_batching_review)
+    in_time_for = first_play
     taken = set(batch)
     pulled: list[tuple[int, float]] = []
     for i in sorted(range(len(sessions)), key=lambda i: sessions[i].next_due):
@@ -173,13 +176,14 @@ def pull_into_batch(
         if expected is None or expected > headroom * chunk_seconds:
             break
         if ready_time is not None and _pull_makes_late(ready_time, len(batch) + len(pulled), starts,
-                                                       min(first_play, s.plays_at)):  # fmt: skip
+                                                       min(in_time_for, s.plays_at)):  # fmt: skip
             continue
         # (`plan_batch` holds that batch for it only while the group's play times allow it too)
         waits_until = due + chunk_seconds + HOLD_MARGIN * expected
         if s.plays_at - due > max_delay and waits_until <= min(s.plays_at, next_plays_at):
             continue  # it waits for the group's next batch: nothing skipped
         pulled.append((i, s.next_due - due))
+        in_time_for = min(in_time_for, s.plays_at)
     return pulled
 
 
