@@ -3,6 +3,8 @@ Chromium (as test_server_browser.py; skipped without it)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 from server_helpers import live_server
 from test_server_browser import held_page
@@ -84,63 +86,58 @@ def test_a_websocket_pages_refused_speak_is_said_beside_the_status(browser_page)
             page.close()
 
 
+@contextmanager
+def speaking_page(context, url: str):
+    """A WebRTC page (HELD, HOLD_FETCHES) streaming, whose speak of "hello there" is on its way, its
+    /control fetch held (let go with `window.heldFetches`); yields (page, what it says on the
+    console)."""
+    from test_server_browser_hangup import HOLD_FETCHES, hold_fetches
+
+    page = held_page(context, "about:blank")
+    page.add_init_script(HOLD_FETCHES)
+    logs: list[str] = []
+    page.on("console", lambda m: logs.append(f"{m.type}: {m.text}"))
+    try:
+        page.goto(f"{url}/?autostart=1&mic=0")
+        page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+        hold_fetches(page, '(url, method) => url.endsWith("/control")')
+        page.fill("#speak-text", "hello there")
+        page.click("#speak")
+        page.wait_for_function("window.heldFetches.length === 1", timeout=10_000)
+        yield page, logs
+    finally:
+        page.close()
+
+
 def test_a_speak_answered_after_a_hang_up_is_not_the_next_connections(browser_page):
     """A WebRTC page's speak is answered once its speech is made (seconds). Hung up and connected
     again meanwhile, the page showed the old session's 404 ('speak: 404: ...') over the new
     connection's status. The hang-up cuts the request off now: nothing more comes of it."""
-    from test_server_browser_hangup import HOLD_FETCHES, hold_fetches
-
-    with live_server(max_sessions=2) as (url, app):
-        page = held_page(browser_page, "about:blank")
-        page.add_init_script(HOLD_FETCHES)
-        logs: list[str] = []
-        page.on("console", lambda m: logs.append(f"{m.type}: {m.text}"))
-        try:
-            page.goto(f"{url}/?autostart=1&mic=0")
-            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
-            hold_fetches(page, '(url, method) => url.endsWith("/control")')
-            page.fill("#speak-text", "hello there")
-            page.click("#speak")
-            page.wait_for_function("window.heldFetches.length === 1", timeout=10_000)
-            page.click("#hangup")
-            page.click("#connect")
-            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
-            page.evaluate("window.holdFetches = null; window.heldFetches.splice(0).forEach((go) => go())")
-            page.wait_for_timeout(1000)
-            assert page.evaluate("window.streamgenStats.state") == "streaming (webrtc)"
-            assert page.input_value("#speak-text") == "hello there"
-            assert logs == []
-        finally:
-            page.close()
+    with live_server(max_sessions=2) as (url, app), speaking_page(browser_page, url) as (page, logs):
+        page.click("#hangup")
+        page.click("#connect")
+        page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+        page.evaluate("window.holdFetches = null; window.heldFetches.splice(0).forEach((go) => go())")
+        page.wait_for_timeout(1000)
+        assert page.evaluate("window.streamgenStats.state") == "streaming (webrtc)"
+        assert page.input_value("#speak-text") == "hello there"
+        assert logs == []
 
 
 def test_a_sentence_typed_while_a_speak_is_answered_stays(browser_page):
     """A WebRTC page's speak is answered once its speech is made (seconds): the answer emptied the
     field, taking with it the next sentence typed meanwhile. It empties only the text it sent now;
     and Speak waits for the answer, the text being still there to be sent twice."""
-    from test_server_browser_hangup import HOLD_FETCHES, hold_fetches
-
-    with live_server(max_sessions=2) as (url, app):
-        page = held_page(browser_page, "about:blank")
-        page.add_init_script(HOLD_FETCHES)
-        try:
-            page.goto(f"{url}/?autostart=1&mic=0")
-            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
-            hold_fetches(page, '(url, method) => url.endsWith("/control")')
-            page.fill("#speak-text", "hello there")
-            page.click("#speak")
-            page.wait_for_function("window.heldFetches.length === 1", timeout=10_000)
-            # not to be sent twice: pressed again meanwhile, it went again (and was refused, 429)
-            assert page.is_disabled("#speak")
-            assert page.evaluate("document.activeElement.id") == "speak-text"  # (a disabled button drops it)
-            page.fill("#speak-text", "and the next one")
-            # (let go, and answered: the first speech takes a second or two)
-            page.evaluate("window.holdFetches = null; Promise.all(window.heldFetches.splice(0).map((go) => go()))")
-            page.wait_for_timeout(300)
-            assert page.input_value("#speak-text") == "and the next one"
-            assert page.is_enabled("#speak")
-            page.click("#speak")  # one not typed over goes as it went
-            page.wait_for_function("document.getElementById('speak-text').value === ''", timeout=10_000)
-            assert page.text_content("#notice") == ""
-        finally:
-            page.close()
+    with live_server(max_sessions=2) as (url, app), speaking_page(browser_page, url) as (page, _):
+        # not to be sent twice: pressed again meanwhile, it went again (and was refused, 429)
+        assert page.is_disabled("#speak")
+        assert page.evaluate("document.activeElement.id") == "speak-text"  # (a disabled button drops it)
+        page.fill("#speak-text", "and the next one")
+        # (let go, and answered: the first speech takes a second or two)
+        page.evaluate("window.holdFetches = null; Promise.all(window.heldFetches.splice(0).map((go) => go()))")
+        page.wait_for_timeout(300)
+        assert page.input_value("#speak-text") == "and the next one"
+        assert page.is_enabled("#speak")
+        page.click("#speak")  # one not typed over goes as it went
+        page.wait_for_function("document.getElementById('speak-text').value === ''", timeout=10_000)
+        assert page.text_content("#notice") == ""
