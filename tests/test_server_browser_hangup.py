@@ -30,6 +30,14 @@ def wait_in_page(page, check, timeout: float = 20.0, failed: str = "timed out"):
         page.wait_for_timeout(100)
 
 
+def connects_and_streams(page, transport: str) -> None:
+    """Connect clicked (after a hang-up or a failure: the page connects again), the page (HELD)
+    streams over `transport`, "webrtc" or "websocket"."""
+    page.click("#connect")
+    page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
+    assert page.evaluate("held()")["state"] == f"streaming ({transport})"
+
+
 def console_and_deletes(page) -> tuple[list[str], list[str]]:
     """What the page says on the console (errors, warnings, uncaught errors) and the URLs it
     DELETEs, as they come."""
@@ -65,9 +73,7 @@ def test_a_webrtc_connect_hung_up_while_its_offer_waits_leaves_nothing(browser_p
             page.wait_for_timeout(500)
             assert page.evaluate("held()") == IDLE and not sessions
             assert logs == []  # (the offer cut off at the hang-up: before, its 404 was on the console)
-            page.click("#connect")
-            page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
-            assert page.evaluate("held()")["state"] == "streaming (webrtc)"
+            connects_and_streams(page, "webrtc")
             assert logs == []
         finally:
             page.close()
@@ -298,9 +304,7 @@ def test_a_hang_up_cuts_off_the_webrtc_offer_still_to_go(browser_page):
         assert hang_up_and_let_go(page, sessions, deletes, requests) == []
         assert logs == []
         assert page.evaluate("held()") == IDLE and not sessions
-        page.click("#connect")
-        page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
-        assert page.evaluate("held()")["state"] == "streaming (webrtc)"
+        connects_and_streams(page, "webrtc")
 
 
 def test_a_hang_up_cuts_off_the_session_check_in_flight(browser_page):

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import pytest
 from server_helpers import live_server
 from test_server_browser import HELD, wait_for
-from test_server_browser_hangup import IDLE, console_and_deletes, wait_in_page
+from test_server_browser_hangup import IDLE, connects_and_streams, console_and_deletes, wait_in_page
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
@@ -105,6 +105,23 @@ window.fetch = async (url, init) => {
 """
 
 
+
+def page_streaming_to(context, port: int):
+    """A new page (HELD) whose sessions stream from 127.0.0.1:`port` (the listener's), until the
+    test sets window.streamAt = null."""
+    page = context.new_page()
+    page.add_init_script(HELD + f"window.streamAt = 'http://127.0.0.1:{port}';" + STREAM_ELSEWHERE)
+    return page
+
+
+def watched_page(context, script: str):
+    """A new page (HELD, then `script`) and what it does: (page, what it says on the console, the
+    URLs it DELETEs)."""
+    page = context.new_page()
+    logs, deletes = console_and_deletes(page)
+    page.add_init_script(HELD + script)
+    return page, logs, deletes
+
 def test_a_websocket_a_slow_server_has_not_accepted_can_be_hung_up(browser_page):
     """A WebSocket the server does not accept left the page 'connecting' for good, Hang up and
     Connect both disabled, an AudioContext and a session on the server held (20 s measured; the
@@ -112,10 +129,9 @@ def test_a_websocket_a_slow_server_has_not_accepted_can_be_hung_up(browser_page)
     the session and leaves the page idle, and the page connects again."""
     with live_server(max_sessions=2) as (url, app), unanswering_listener() as (port, events):
         sessions = app.state.registry.sessions
-        page = browser_page.new_page()
+        page = page_streaming_to(browser_page, port)
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
-        page.add_init_script(HELD + f"window.streamAt = 'http://127.0.0.1:{port}';" + STREAM_ELSEWHERE)
         try:
             page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
             wait_for(lambda: "request" in events, 20, "the page's WebSocket did not reach the listener")
@@ -128,9 +144,7 @@ def test_a_websocket_a_slow_server_has_not_accepted_can_be_hung_up(browser_page)
             page.wait_for_timeout(300)  # (an attempt that went on would say 'failed' or stream by now)
             assert page.evaluate("held()") == IDLE
             page.evaluate("window.streamAt = null")
-            page.click("#connect")
-            page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
-            assert page.evaluate("held()")["state"] == "streaming (websocket)"
+            connects_and_streams(page, "websocket")
             assert errors == []
         finally:
             page.close()
@@ -144,9 +158,8 @@ def test_a_websocket_a_server_never_answers_fails_with_a_reason(browser_page, up
     why it failed, gives back the socket and the session, and can connect again."""
     with live_server(max_sessions=2) as (url, app), unanswering_listener(upgrade) as (port, events):
         sessions = app.state.registry.sessions
-        page = browser_page.new_page()
+        page = page_streaming_to(browser_page, port)
         page.clock.install()
-        page.add_init_script(HELD + f"window.streamAt = 'http://127.0.0.1:{port}';" + STREAM_ELSEWHERE)
         try:
             page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
             wait_for(lambda: "request" in events, 20, "the page's WebSocket did not reach the listener")
@@ -160,9 +173,7 @@ def test_a_websocket_a_server_never_answers_fails_with_a_reason(browser_page, up
             wait_for(lambda: closed in events, 10, "the page kept its WebSocket")
             wait_for(lambda: not sessions, 10, "the failed attempt left its session on the server")
             page.evaluate("window.streamAt = null")
-            page.click("#connect")
-            page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
-            assert page.evaluate("held()")["state"] == "streaming (websocket)"
+            connects_and_streams(page, "websocket")
         finally:
             page.close()
 
@@ -188,9 +199,7 @@ def test_a_hang_up_between_the_socket_and_ready_leaves_nothing_on_the_console(br
     session's end now: no DELETE, nothing on the console, the session gone; a few rounds."""
     with live_server(max_sessions=2) as (url, app):
         sessions = app.state.registry.sessions
-        page = browser_page.new_page()
-        logs, deletes = console_and_deletes(page)
-        page.add_init_script(HELD + HANG_UP_AT_START)
+        page, logs, deletes = watched_page(browser_page, HANG_UP_AT_START)
         try:
             page.goto(f"{url}/?mic=0&transport=ws")
             for _ in range(3):
@@ -211,8 +220,7 @@ def test_a_hang_up_before_a_silent_servers_ready_deletes_the_session(browser_pag
     upgrade): the page's close is never answered, and the session is DELETEd all the same."""
     with live_server(max_sessions=2) as (url, app), unanswering_listener(upgrade=True) as (port, events):
         sessions = app.state.registry.sessions
-        page = browser_page.new_page()
-        page.add_init_script(HELD + f"window.streamAt = 'http://127.0.0.1:{port}';" + STREAM_ELSEWHERE)
+        page = page_streaming_to(browser_page, port)
         try:
             page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
             wait_for(lambda: "frames" in events, 20, "the page's start message did not reach the listener")
@@ -254,9 +262,7 @@ window.endMeanwhile = true;
             said = "failed: WebSocket closed: 4404 session ended: deleted by client"
             assert state == {**IDLE, "state": said}, state
             assert not sessions
-            page.click("#connect")
-            page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
-            assert page.evaluate("held()")["state"] == "streaming (websocket)"
+            connects_and_streams(page, "websocket")
         finally:
             page.close()
 
@@ -296,9 +302,7 @@ def test_a_websocket_the_server_refused_sends_no_delete(browser_page, end_at, co
     own is the only one), and nothing is on the console."""
     with live_server(max_sessions=2) as (url, app):
         sessions = app.state.registry.sessions
-        page = browser_page.new_page()
-        logs, deletes = console_and_deletes(page)
-        page.add_init_script(HELD + f"window.endAt = {end_at!r};" + END_BEHIND_THE_PAGE)
+        page, logs, deletes = watched_page(browser_page, f"window.endAt = {end_at!r};" + END_BEHIND_THE_PAGE)
         try:
             page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
             failed = lambda: page.evaluate("held()")["state"].startswith("failed")  # noqa: E731
@@ -353,9 +357,7 @@ def test_a_hang_up_before_a_conflict_refusal_deletes_the_session(browser_page):
     session it made stayed on the server. The page DELETEs it now."""
     with live_server(max_sessions=2) as (url, app):
         sessions = app.state.registry.sessions
-        page = browser_page.new_page()
-        logs, deletes = console_and_deletes(page)
-        page.add_init_script(HELD + CLAIMED_ELSEWHERE)
+        page, logs, deletes = watched_page(browser_page, CLAIMED_ELSEWHERE)
         try:
             page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
             closed = lambda: page.evaluate("window.pageClose") is not None  # noqa: E731
