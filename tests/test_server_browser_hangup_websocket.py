@@ -200,6 +200,7 @@ def test_a_hang_up_between_the_socket_and_ready_leaves_nothing_on_the_console(br
     with live_server(max_sessions=2) as (url, app):
         sessions = app.state.registry.sessions
         page, logs, deletes = watched_page(browser_page, HANG_UP_AT_START)
+        page.clock.install()  # (the page's wait for the close's answer runs at once)
         try:
             page.goto(f"{url}/?mic=0&transport=ws")
             for _ in range(3):
@@ -208,7 +209,9 @@ def test_a_hang_up_between_the_socket_and_ready_leaves_nothing_on_the_console(br
                 started = lambda: page.evaluate("window.hangUpAtStart") is False  # noqa: E731
                 wait_in_page(page, started, 20, "the page sent no start message")
                 wait_in_page(page, lambda: not sessions, 10, "the session outlived the hang-up")
-                page.wait_for_timeout(2500)  # (past the page's wait for the close's answer)
+                # past the page's wait for the close's answer (2 s): a DELETE it sent has come back
+                page.clock.run_for(2500)
+                page.wait_for_timeout(500)
                 assert page.evaluate("held()") == IDLE
             assert (logs, deletes) == ([], [])
         finally:
