@@ -4,6 +4,8 @@ relay the test cuts (the connection reset) or stalls (nothing more comes through
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
 from contextlib import contextmanager
@@ -162,50 +164,56 @@ def test_a_watch_only_websocket_whose_timers_are_held_keeps_its_session(browser_
             page.close()
 
 
+@contextmanager
+def server_in_a_child_process(**overrides):
+    """live_server in a child forked from this process, which has imported the server, torch and
+    the model already (a `streamgen serve` took ~6 CPU s to start, most of it importing them and
+    warming up), to be killed outright; yields (its base URL, its pid). The child serves until it
+    is killed, 120 s at the most."""
+    import time
+
+    from server_helpers import small_model
+
+    small_model()  # (loaded before the fork, for the child and for the file's other tests)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: serves, says its URL once ready, never returns into pytest
+        try:
+            os.close(read)
+            with live_server(**overrides) as (url, _):
+                os.write(write, url.encode())
+                time.sleep(120)
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        url = os.read(read, 100).decode()  # (nothing, at its end: the child ended without a URL)
+        assert url, "the child's server did not start"
+        yield url, pid
+    finally:
+        os.close(read)
+        os.kill(pid, signal.SIGKILL)  # (killed already, it is there to be waited for)
+        os.waitpid(pid, 0)
+
+
 def test_a_webrtc_page_whose_server_is_killed_says_so(browser_page):
     """A server killed outright (SIGKILL, its machine gone) sends no DTLS close and answers no
     session check: the page said 'ended: the connection was lost' once ICE gave the connection up,
     about 11 s later. Two unanswered checks with no frame between them now say what happened."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    import httpx
-    from server_helpers import free_port
-
-    port = free_port()
-    served = subprocess.Popen(
-        [sys.executable, "-m", "streamgen", "serve", "--model", "debug", "--port", str(port), "--loopback",
-         "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     page = browser_page.new_page()
     page.add_init_script(HELD)
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(1200):  # (its model loads and warms up; at most 120 s)
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert served.poll() is None, "the server exited"
-            page.wait_for_timeout(100)
-        page.goto(f"{url}/?autostart=1&avatar=ada&mic=0")
-        page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
-        assert page.evaluate("window.streamgenStats.transport") == "webrtc"
-        os.kill(served.pid, signal.SIGKILL)
-        served.wait(10)
-        page.wait_for_function("window.streamgenStats.state.startsWith('ended')", timeout=30_000)
-        assert page.evaluate("held()") == {
-            "mics": 0, "contexts": 0, "state": "ended: the server is not answering", "connect": True, "hangup": False,
-        }  # fmt: skip
+        with server_in_a_child_process(max_sessions=2) as (url, pid):
+            page.goto(f"{url}/?autostart=1&avatar=ada&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
+            assert page.evaluate("window.streamgenStats.transport") == "webrtc"
+            os.kill(pid, signal.SIGKILL)
+            page.wait_for_function("window.streamgenStats.state.startsWith('ended')", timeout=30_000)
+            assert page.evaluate("held()") == {
+                "mics": 0, "contexts": 0, "state": "ended: the server is not answering", "connect": True, "hangup": False,
+            }  # fmt: skip
     finally:
         page.close()
-        if served.poll() is None:
-            served.kill()
-            served.wait(10)
 
 
 @pytest.mark.parametrize("transport", ["webrtc", "ws"])
