@@ -171,6 +171,7 @@ def server_in_a_child_process(**overrides):
     warming up), to be killed outright; yields (its base URL, its pid). The child serves until it
     is killed, 120 s at the most."""
     import time
+    import weakref
 
     from server_helpers import small_model
 
@@ -180,6 +181,11 @@ def server_in_a_child_process(**overrides):
     if pid == 0:  # the child: serves, says its URL once ready, never returns into pytest
         try:
             os.close(read)
+            # none of this process's finalizers run in the child: the speech engine, made again in
+            # a new process, dropped its copy of the parent's, whose cleanup deleted the parent's
+            # espeak-ng data folder (each later speak: "espeak-ng makes no sound")
+            for finalizer in list(weakref.finalize._registry):
+                finalizer.detach()
             with live_server(**overrides) as (url, _):
                 os.write(write, url.encode())
                 time.sleep(120)
