@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from contextlib import contextmanager
 
 import pytest
 from server_helpers import (
@@ -20,6 +21,58 @@ from server_helpers import (
 )
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@contextmanager
+def one_session_registry_counting_streams(monkeypatch):
+    """A registry of one session on one lane, its worker running, and [streams alive now] and
+    [the most alive at once] as StreamSession's start and close count them."""
+    from streamgen.stream import StreamSession
+
+    live, most = [0], [0]
+    start, close = StreamSession.start, StreamSession.close
+
+    def counted_start(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        live[0] += 1  # (on the worker's one lane: no two at once)
+        most[0] = max(most[0], live[0])
+
+    def counted_close(self):
+        live[0] -= self.cache is not None
+        close(self)
+
+    monkeypatch.setattr(StreamSession, "start", counted_start)
+    monkeypatch.setattr(StreamSession, "close", counted_close)
+    with running_registry(max_sessions=1) as registry:
+        yield registry, live, most
+
+
+@contextmanager
+def running_registry(max_sessions: int):
+    """A registry of the small model on one lane, its worker running (stopped after)."""
+    from server.metrics import ServerMetrics
+    from server.registry import SessionRegistry
+    from server.scheduler import InferenceWorker
+
+    metrics = ServerMetrics()
+    worker = InferenceWorker(metrics)
+    registry = SessionRegistry(server_config(max_sessions=max_sessions), worker, metrics)
+    registry.model, registry.ready = small_model(), True
+    worker.start()
+    try:
+        yield registry
+    finally:
+        worker.stop()
+
+
+async def a_lane_failed(worker) -> None:
+    """Until a lane's loop has failed (bounded: 5 s)."""
+    import asyncio
+
+    for _ in range(500):
+        if worker.down:
+            return
+        await asyncio.sleep(0.01)
 
 
 def test_a_lane_whose_loop_fails_ends_its_sessions_and_creates_and_says_the_server_is_down(caplog, monkeypatch):
@@ -90,10 +143,7 @@ async def test_a_session_that_starts_streaming_on_a_failed_lane_is_ended_with_it
     monkeypatch.setattr(worker, "_next", lambda lane: planner_bug(lane) if lane == 0 else (None, None, None))
     worker.start()
     try:
-        for _ in range(500):  # (bounded: until lane 0's loop has failed)
-            if worker.down:
-                break
-            await asyncio.sleep(0.01)
+        await a_lane_failed(worker)
         assert worker.down == "inference lane 0 failed: RuntimeError: planner bug" and calls == [0]
         with pytest.raises(LaneDown, match="inference lane 0 failed"):
             worker.submit(lambda: None, lane=0)
@@ -120,31 +170,9 @@ async def test_a_session_closed_as_another_is_made_frees_its_stream_before_that_
     import asyncio
 
     from server.avatars import avatar_image
-    from server.metrics import ServerMetrics
-    from server.registry import SessionRegistry
-    from server.scheduler import InferenceWorker
-    from streamgen.stream import StreamSession
 
-    live, most = [0], [0]
-    start, close = StreamSession.start, StreamSession.close
-
-    def counted_start(self, *args, **kwargs):
-        start(self, *args, **kwargs)
-        live[0] += 1  # (on the worker's one lane: no two at once)
-        most[0] = max(most[0], live[0])
-
-    def counted_close(self):
-        live[0] -= self.cache is not None
-        close(self)
-
-    monkeypatch.setattr(StreamSession, "start", counted_start)
-    monkeypatch.setattr(StreamSession, "close", counted_close)
-    metrics = ServerMetrics()
-    worker = InferenceWorker(metrics)
-    registry = SessionRegistry(server_config(max_sessions=1), worker, metrics)
-    registry.model, registry.ready = small_model(), True
-    worker.start()
-    try:
+    with one_session_registry_counting_streams(monkeypatch) as (registry, live, most):
+        worker = registry.worker
         reference = avatar_image("sample")
         for _ in range(3):
             old = await registry.create(reference, None, 0)
@@ -158,8 +186,6 @@ async def test_a_session_closed_as_another_is_made_frees_its_stream_before_that_
             await asyncio.wait_for(registry.close(new, "deleted by client"), 30)
         assert live == [0] and most == [1]
         assert worker._lane_load == [0] and registry.sessions == {}
-    finally:
-        worker.stop()
 
 
 @pytest.mark.timeout(240)
@@ -200,19 +226,13 @@ async def test_a_session_whose_stream_is_made_as_the_stop_begins_is_refused_and_
     import asyncio
 
     from server.avatars import avatar_image
-    from server.metrics import ServerMetrics
-    from server.registry import AdmissionError, SessionRegistry
-    from server.scheduler import InferenceWorker
+    from server.registry import AdmissionError
     from streamgen.stream import StreamSession
 
     closed, close = [], StreamSession.close
     monkeypatch.setattr(StreamSession, "close", lambda self: closed.append(self) or close(self))
-    metrics = ServerMetrics()
-    worker = InferenceWorker(metrics)
-    registry = SessionRegistry(server_config(max_sessions=2), worker, metrics)
-    registry.model, registry.ready = small_model(), True
-    worker.start()
-    try:
+    with running_registry(max_sessions=2) as registry:
+        worker, metrics = registry.worker, registry.metrics
         release = await asyncio.to_thread(block_lane, worker)
         creating = asyncio.ensure_future(registry.create(avatar_image("sample"), None, 0))
         for _ in range(500):  # (bounded: until its stream's job waits on the lane)
@@ -230,8 +250,6 @@ async def test_a_session_whose_stream_is_made_as_the_stop_begins_is_refused_and_
         assert len(closed) == 1 and closed[0].cache is None
         assert registry.sessions == {} and worker._lane_load == [0] and registry._creating == 0
         assert metrics.sessions_rejected.labels("stopping")._value.get() == 1
-    finally:
-        worker.stop()
 
 
 async def test_a_session_waiting_for_its_client_on_a_failed_lane_is_ended_at_the_next_limits_check(monkeypatch):
@@ -251,10 +269,7 @@ async def test_a_session_waiting_for_its_client_on_a_failed_lane_is_ended_at_the
     monkeypatch.setattr(worker, "_next", lambda lane: (None, None, None) if lane else 1 / 0)
     worker.start()
     try:
-        for _ in range(500):  # (bounded: until lane 0's loop has failed)
-            if worker.down:
-                break
-            await asyncio.sleep(0.01)
+        await a_lane_failed(worker)
         stream = SimpleNamespace(width=8, height=8, frames_per_chunk=8, chunk_seconds=0.32,
                                  audio_lookahead_seconds=0.0, close=lambda: None)  # fmt: skip
         for lane in (0, 1):
@@ -278,31 +293,9 @@ async def test_a_stream_made_for_a_create_whose_client_left_is_closed_before_the
     import asyncio
 
     from server.avatars import avatar_image
-    from server.metrics import ServerMetrics
-    from server.registry import SessionRegistry
-    from server.scheduler import InferenceWorker
-    from streamgen.stream import StreamSession
 
-    live, most = [0], [0]
-    start, close = StreamSession.start, StreamSession.close
-
-    def counted_start(self, *args, **kwargs):
-        start(self, *args, **kwargs)
-        live[0] += 1  # (on the worker's one lane: no two at once)
-        most[0] = max(most[0], live[0])
-
-    def counted_close(self):
-        live[0] -= self.cache is not None
-        close(self)
-
-    monkeypatch.setattr(StreamSession, "start", counted_start)
-    monkeypatch.setattr(StreamSession, "close", counted_close)
-    metrics = ServerMetrics()
-    worker = InferenceWorker(metrics)
-    registry = SessionRegistry(server_config(max_sessions=1), worker, metrics)
-    registry.model, registry.ready = small_model(), True
-    worker.start()
-    try:
+    with one_session_registry_counting_streams(monkeypatch) as (registry, live, most):
+        worker = registry.worker
         reference = avatar_image("sample")
         making, made = threading.Event(), threading.Event()
         new_stream = registry._new_stream
@@ -333,8 +326,6 @@ async def test_a_stream_made_for_a_create_whose_client_left_is_closed_before_the
             await asyncio.sleep(0.01)
         assert live == [0] and most == [1]
         assert worker._lane_load == [0] and registry.sessions == {}
-    finally:
-        worker.stop()
 
 
 async def test_a_close_queued_on_a_lane_as_it_fails_ends_its_session_without_an_error(monkeypatch):
