@@ -467,11 +467,20 @@ class SessionRegistry:
             elif now - session.created > self.config.max_duration_s:
                 expired.append((session, f"max_duration: session reached {seconds(self.config.max_duration_s)}"))
             elif now - session.last_input > self.config.idle_timeout_s:
-                expired.append((session, f"idle: no input for {seconds(self.config.idle_timeout_s)}"))
+                expired.append((session, idle_reason(session, self.config.idle_timeout_s)))
         closed = await asyncio.gather(*(self.close(s, reason) for s, reason in expired), return_exceptions=True)
         for (session, _), outcome in zip(expired, closed):
             if isinstance(outcome, Exception):
                 log.error("session %s: closing it at its limit failed: %r", session.id, outcome)
+
+
+def idle_reason(session, limit: float) -> str:
+    """Why a session is closed at the idle limit, in the same words whichever closes it: this
+    registry's check or its socket's own timer (`server/websocket.py`), which come due together.
+    A socket's client read one or the other by chance."""
+    if session.transport == "websocket":  # what counts there: any message once started, only `start` before
+        return f"idle: no {'message' if session.streaming else 'start'} for {seconds(limit)}"
+    return f"idle: no input for {seconds(limit)}"
 
 
 def seconds(limit: float) -> str:

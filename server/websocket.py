@@ -40,7 +40,7 @@ from .protocol import (
     parse_binary,
     parse_control,
 )
-from .registry import SessionEnded, SessionRegistry, seconds
+from .registry import SessionEnded, SessionRegistry, idle_reason
 from .scheduler import WorkerBusy
 from .session import Session
 from .speech import SpeechError, not_ready_in_time, set_caption, speak
@@ -181,8 +181,9 @@ class SocketConnection:
                 wait = idle if started else max(0.0, start_by - time.monotonic())
                 message = await asyncio.wait_for(self.ws.receive(), timeout=wait)
             except TimeoutError:
-                await self.close(CloseCode.IDLE, f"no {'message' if started else 'start'} for {seconds(idle)}")
-                return "idle: websocket"
+                reason = idle_reason(self.session, idle)
+                await self.close(CloseCode.IDLE, reason)
+                return reason
             if message["type"] == "websocket.disconnect":
                 fault = BROKEN_FRAME_CLOSES.get(message.get("code"))
                 return f"protocol error: {fault}" if fault else "websocket closed by client"

@@ -264,13 +264,41 @@ async def test_a_limit_below_a_second_is_named_as_set(monkeypatch):
     monkeypatch.setattr(registry, "close", close)
     await registry.enforce_limits()
     registry.config.max_duration_s = 3600.0
-    registry.sessions["idle"] = SimpleNamespace(id="idle", created=now, last_input=now - 3, transport="websocket",
-                                                clock=time.monotonic)
+    registry.sessions["idle"] = SimpleNamespace(id="idle", created=now, last_input=now - 3, transport="whep",
+                                                streaming=True, clock=time.monotonic)
     del registry.sessions["old"]
     await registry.enforce_limits()
     assert closed == ["max_duration: session reached 0.5 s", "idle: no input for 2.5 s"]
     assert (seconds(60.0), seconds(3600.0)) == ("60 s", "3600 s")  # (as before)
     assert seconds(86400.0 * 7) == "604800 s" and seconds(1e300) == "1e+300 s"  # (was 301 digits)
+
+
+async def test_a_socket_past_the_idle_limit_is_closed_in_the_words_its_own_timer_uses(monkeypatch):
+    """A socket that sent no `start` is closed at the idle limit by its own timer ("no start") or by
+    the registry's ("no input"), whichever came first: the client read either, by chance (the CI's
+    one failure of 2026-12-07). Both now say what the socket did not send."""
+    import time
+    from types import SimpleNamespace
+
+    from server.config import ServerConfig
+    from server.registry import SessionRegistry, idle_reason
+
+    registry = SessionRegistry(ServerConfig(idle_timeout_s=2.0), None, None)
+    now = time.monotonic()
+    for name, transport, streaming in (("waiting", "websocket", False), ("watching", "websocket", True),
+                                       ("viewer", "whep", True)):  # fmt: skip
+        registry.sessions[name] = SimpleNamespace(id=name, created=now - 3, last_input=now - 3, transport=transport,
+                                                  streaming=streaming, clock=time.monotonic)
+    closed = []
+
+    async def close(session, reason):
+        closed.append((session.id, reason))
+
+    monkeypatch.setattr(registry, "close", close)
+    await registry.enforce_limits()
+    assert closed == [("waiting", "idle: no start for 2 s"), ("watching", "idle: no message for 2 s"),
+                      ("viewer", "idle: no input for 2 s")]  # fmt: skip
+    assert [idle_reason(registry.sessions[name], 2.0) for name, _ in closed] == [reason for _, reason in closed]
 
 
 async def test_a_session_no_client_connects_to_is_closed_before_the_idle_limit(monkeypatch):
@@ -286,7 +314,7 @@ async def test_a_session_no_client_connects_to_is_closed_before_the_idle_limit(m
     now = time.monotonic()
     for name, transport in (("orphan", None), ("socket", "websocket"), ("offer", "whep")):
         registry.sessions[name] = SimpleNamespace(id=name, created=now - 6, last_input=now - 6, transport=transport,
-                                                  clock=time.monotonic)
+                                                  streaming=True, clock=time.monotonic)
     registry.sessions["new"] = SimpleNamespace(id="new", created=now - 1, last_input=now - 1, transport=None,
                                                clock=time.monotonic)
     # a session's times are on its own clock (the worker's, `Session(clock=)`): one second old on it
@@ -302,4 +330,4 @@ async def test_a_session_no_client_connects_to_is_closed_before_the_idle_limit(m
     assert closed == [("orphan", "unclaimed: no client connected within 5 s")]
     registry.config.idle_timeout_s = 2.0  # never past the idle limit
     await registry.enforce_limits()
-    assert ("socket", "idle: no input for 2 s") in closed and ("orphan", "unclaimed: no client connected within 2 s") in closed
+    assert ("socket", "idle: no message for 2 s") in closed and ("orphan", "unclaimed: no client connected within 2 s") in closed

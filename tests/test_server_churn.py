@@ -130,7 +130,7 @@ async def test_a_socket_that_pings_without_starting_is_closed_at_the_idle_limit(
                     await ws.send(json.dumps({"type": "ping", "id": i}))
                     await asyncio.sleep(0.2)
         assert closed.value.rcvd is not None
-        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4408, "no start for 1 s")
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4408, "idle: no start for 1 s")
         await sessions_gone(app)
         assert app.state.registry.sessions == {}
 
