@@ -24,9 +24,15 @@ from distill.rng import SampleRandom
 from distill.updater import Updater
 
 
+def kept_references(rnd: SampleRandom, opts) -> torch.Tensor:
+    """Which of `rnd`'s samples keep the reference (bool [B]), as `dropout_conditions` draws it."""
+    drop_all = rnd.rand("drop_all") < opts.p_drop_all
+    return ~((rnd.rand("drop_ref") < opts.p_drop_reference) | drop_all)
+
+
 def dropout_conditions(rnd: SampleRandom, opts, reference, audio, context) -> Conditions:
     drop_all = rnd.rand("drop_all") < opts.p_drop_all
-    keep_ref = ~((rnd.rand("drop_ref") < opts.p_drop_reference) | drop_all)
+    keep_ref = kept_references(rnd, opts)
     keep_audio = (~((rnd.rand("drop_audio") < opts.p_drop_audio) | drop_all)).float()
     keep_text = (~((rnd.rand("drop_text") < opts.p_drop_text) | drop_all)).float()
     dev = reference.device
@@ -68,9 +74,19 @@ class Stage:
                 scored[i, : int(p_len[i])] = 0.0
         audio = audio_windows(self.model, batch.audio, batch.latent_start, f)
         cond = dropout_conditions(rnd, opts, batch.reference, audio, batch.context)
-        per_frame = _per_frame_flow_loss(self.model, batch.x0, noise, sig, cond)
+        # sharded, every rank runs the forwards of the global batch's kinds of sample (each can
+        # tell them: the draws are a function of the sample's index), whatever its own slice holds
+        both = self.updaters["teacher"].sharded and self._global_batch_mixes_references(step)
+        per_frame = _per_frame_flow_loss(self.model, batch.x0, noise, sig, cond, both)
         loss = ((per_frame * scored).sum(1) / scored.sum(1)).mean()
         return self.updaters["teacher"].update(loss)
+
+    def _global_batch_mixes_references(self, step: int) -> bool:
+        """Whether step `step`'s global batch holds samples that keep the reference and samples
+        that drop it."""
+        every = SampleRandom(self.cfg.run.seed, step, list(range(self.cfg.data.batch_size)))
+        keep = kept_references(every, self.opts)
+        return bool(keep.any()) and not bool(keep.all())
 
     def motion_prefix_frames(self) -> int:
         """The longest clean prefix the teacher trained with (0: none), which the chunk stage's real
@@ -89,13 +105,14 @@ class Stage:
         )  # fmt: skip
 
 
-def _per_frame_flow_loss(model, x0, noise, sigma, cond):
-    """Flow loss per frame [B, F] (sigma per frame; clean frames act as context)."""
+def _per_frame_flow_loss(model, x0, noise, sigma, cond, both_kinds=False):
+    """Flow loss per frame [B, F] (sigma per frame; clean frames act as context). both_kinds:
+    `sequence_velocity`'s."""
     from streamgen.conditioning import sequence_velocity
 
     s = sigma[:, None, :, None, None]
     xt = (1 - s) * x0 + s * noise
-    v = sequence_velocity(model, xt, sigma * 1000, cond)
+    v = sequence_velocity(model, xt, sigma * 1000, cond, both_kinds=both_kinds)
     return (v - (noise - x0)).square().mean(dim=(1, 3, 4))
 
 

@@ -49,20 +49,32 @@ class Conditions:
         )  # fmt: skip
 
 
-def sequence_velocity(model, x, t, cond: Conditions, mode: str = "bidirectional") -> torch.Tensor:
+def sequence_velocity(
+    model, x, t, cond: Conditions, mode: str = "bidirectional", both_kinds: bool = False
+) -> torch.Tensor:
     """Velocity for frames x [B, C, F, h, w] at timesteps t [B, F] (0..1000), per-sample dropout.
 
     Samples keeping the reference and samples dropping it run as two forwards
     (their sequences differ in length); the outputs are put back in order.
+    both_kinds: run both forwards where the batch holds one kind only too, the missing kind's on
+    the first sample, weighted by zero (the same values and gradients): FSDP's ranks must run the
+    same forwards, and a rank whose samples all kept the reference, beside one whose samples
+    mixed, ran one forward to its two (a collective mismatch).
     """
     keep = cond.keep_reference
-    if bool(keep.all()) or not bool(keep.any()):
+    if not both_kinds and (bool(keep.all()) or not bool(keep.any())):
         return _velocity(model, x, t, cond, with_reference=bool(keep.all()), mode=mode)
     out = x.new_empty(x.shape[0], model.cfg.out_channels, *x.shape[2:])  # (channels: the model's)
+    idle = None
     for flag in (True, False):
         idx = (keep == flag).nonzero().squeeze(1)
-        out[idx] = _velocity(model, x[idx], t[idx], cond.select(idx), with_reference=flag, mode=mode)
-    return out
+        if len(idx):
+            out[idx] = _velocity(model, x[idx], t[idx], cond.select(idx), with_reference=flag, mode=mode)
+        else:
+            first = torch.zeros(1, dtype=torch.long, device=keep.device)
+            idle = _velocity(model, x[first], t[first], cond.select(first), with_reference=flag, mode=mode)
+    # (in the graph, so that its backward runs as the other ranks' does)
+    return out if idle is None else out + 0 * idle.sum()
 
 
 def _velocity(model, x, t, cond: Conditions, with_reference: bool, mode: str):

@@ -17,7 +17,7 @@ from streamgen.parallel.launch import join_process_group
 pytestmark = pytest.mark.distributed
 
 CONFIG = """stage: teacher
-run: {{out: {out}, steps: 1, seed: 3, checkpoint_every: 1, threads: 1, progress: false, fsdp: {fsdp}}}
+run: {{out: {out}, steps: 1, seed: {seed}, checkpoint_every: 1, threads: 1, progress: false, fsdp: {fsdp}}}
 data: {{source: synthetic, batch_size: 4, latent_frames: 4, synthetic_clips: 6, synthetic_clip_latents: 8}}
 model: {{flavor: debug, vae_widths: [8, 16], height: 16, width: 16}}
 optim: {{lr: 1.0e-3, grad_clip: 0.5, ema: 0.9, eps: 1.0e-4}}
@@ -30,17 +30,17 @@ teacher: {{p_motion_prefix: 0.5, p_drop_reference: 0.5}}
 # scale up to a full step of +-lr in either run; the comparison is about the gradient arithmetic.
 
 
-def write_config(root, name: str, fsdp: bool = False):
+def write_config(root, name: str, fsdp: bool = False, seed: int = 3):
     cfg = root / f"{name}.yaml"
-    cfg.write_text(CONFIG.format(out=root / name, fsdp=str(fsdp).lower()))
+    cfg.write_text(CONFIG.format(out=root / name, fsdp=str(fsdp).lower(), seed=seed))
     return cfg
 
 
-def launch(root, name: str, procs: int, fsdp: bool = False, extra=()):
+def launch(root, name: str, procs: int, fsdp: bool = False, extra=(), seed: int = 3):
     """The config's run as `torchrun ... streamgen distill teacher`. (FSDP's runs stay under
     torchrun: torch's DTensor caches keep its device mesh, and the gloo group's threads with it,
     after the group is destroyed, which `spawn`'s processes refuse.)"""
-    cfg = write_config(root, name, fsdp)
+    cfg = write_config(root, name, fsdp, seed)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
            "-m", "streamgen", "distill", "teacher", "--config", str(cfg), *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -72,13 +72,13 @@ def run_on_two_ranks(argv: list[str]) -> None:
     spawn(_command_on_two_ranks, (free_port(), argv), nprocs=2, preload=RANK_IMPORTS)
 
 
-def run_here(root, name: str, steps: int, resume: bool = False):
+def run_here(root, name: str, steps: int, resume: bool = False, seed: int = 3):
     """The same config's run in this process (one process, the whole batch): the reference the
     launched ranks are compared with, where a torchrun of one process would only add its start-up."""
     from distill.config import load_config
     from distill.trainer import Trainer
 
-    cfg = load_config(write_config(root, name), "teacher")
+    cfg = load_config(write_config(root, name, seed=seed), "teacher")
     cfg.run.steps = steps
     Trainer(cfg, resume=resume).run()
     return final_tensors(root / name)
@@ -134,6 +134,23 @@ def test_fsdp2_shards_take_the_same_steps_and_resume_exactly(runs, tmp_path):
     from streamgen.models import load_model
 
     assert load_model(str(tmp_path / "whole" / "model")).trained
+
+
+def test_fsdp2_ranks_of_which_one_keeps_every_reference_take_the_step_of_one_process(tmp_path):
+    """A teacher's samples that keep the reference and those that drop it run as two forwards
+    (their sequences differ in length). Seed 7's step: rank 0's two samples are one of each, rank
+    1's both keep it. Sharded, rank 1's one forward to rank 0's two was a collective mismatch:
+    gloo aborted the run ("Received data size doesn't match expected size"), NCCL waits."""
+    from distill.config import load_config
+    from distill.rng import SampleRandom
+    from distill.teacher import kept_references
+
+    opts = load_config(write_config(tmp_path, "draws", seed=7), "teacher").options
+    keep = kept_references(SampleRandom(7, 0, [0, 1, 2, 3]), opts).tolist()
+    assert keep == [True, False, True, True]  # (what the test is about: one rank mixes, one does not)
+    one = run_here(tmp_path, "one", steps=1, seed=7)
+    two = launch(tmp_path, "two", 2, fsdp=True, seed=7)
+    assert max_difference(one, two) <= 1e-6
 
 
 @pytest.mark.slow
