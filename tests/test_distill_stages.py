@@ -267,6 +267,32 @@ def test_a_batch_mixing_kept_and_dropped_references_takes_the_models_output_chan
         assert mixed.shape == (2, 8, 2, 4, 4) and torch.allclose(mixed[i], alone[i], atol=1e-5)
 
 
+def test_both_kinds_runs_two_forwards_for_a_batch_of_one_kind_with_its_values_and_gradients():
+    """run.fsdp's teacher step (distill/teacher.py): a rank whose samples all keep the reference runs
+    the dropped kind's forward too, as a rank whose samples mix does, without changing the step."""
+    from distill.flow import Conditions
+    from streamgen.conditioning import sequence_velocity
+    from streamgen.model import DiT, get_config
+
+    torch.manual_seed(0)
+    model = DiT(get_config("debug", audio=False))
+    forwards = []
+    model.register_forward_hook(lambda module, args, out: forwards.append(args[0].shape[2]))
+    x, t = torch.randn(2, 4, 2, 4, 4), torch.rand(2, 2) * 1000
+    cond = Conditions.full(torch.randn(2, 4, 1, 4, 4), None, torch.randn(2, 1, model.cfg.text_dim))
+    results = []
+    for both in (False, True):
+        model.zero_grad()
+        v = sequence_velocity(model, x, t, cond, both_kinds=both)
+        v.square().mean().backward()
+        results.append((v.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    sink = model.cfg.sink_frames
+    assert forwards == [sink + 2, sink + 2, 2]  # (alone: one; both kinds: with, then without the reference)
+    (plain, plain_grads), (both, both_grads) = results
+    assert torch.equal(plain, both)
+    assert all(torch.equal(plain_grads[n], both_grads[n]) for n in plain_grads)
+
+
 def test_the_teacher_streams_for_the_results_table(pipeline):
     """TeacherSession: windows of Euler + CFG samples, each continuing the last one's motion frames."""
     from distill.results import markdown
