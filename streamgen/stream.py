@@ -448,7 +448,8 @@ class StreamSession:
         `CHUNK_STAGES`) so that a benchmark can time or count it (bench/floor.py); one that
         does not run "to_host" (a model on the meta device has no values) gets None frames.
         A call that raises (the model's error, a CUDA OOM, a Ctrl-C) leaves the session as it was
-        (`_undone_on_failure`): a retry makes the chunk a first success would have made.
+        (`_undone_on_failure`; the last chunk's re-encode, written first, stays written): a retry
+        makes the chunk a first success would have made.
         """
         with self.in_use():
             return self._next_chunk(observe)
@@ -482,9 +483,12 @@ class StreamSession:
 
     @contextmanager
     def _undone_on_failure(self, cache_written: bool):
-        """A chunk's block, after its pending re-encode (written, it stays: the same frames follow):
-        where it raises, what it changed is put back (`chunk_undo`). It had moved the audio
-        timeline and the generator, and the retry made another chunk, later in the audio."""
+        """A chunk's block, after its pending re-encode: where it raises, what it changed is put back
+        (`chunk_undo`). It had moved the audio timeline and the generator, and the retry made another
+        chunk, later in the audio. The re-encode stays: it reads only what the last chunk left, so
+        written at the failed call or at the retry it writes the same keys and values (the retry's
+        frames are a first success's: tests/test_stream_atomic.py). Undone, it would keep the slots it
+        overwrote through the chunk (0.86 GB in bf16 for wan2.1-1.3b at 832x480) for the same frames."""
         undo = self.chunk_undo(cache_written)
         try:
             yield

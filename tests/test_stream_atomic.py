@@ -1,6 +1,8 @@
 """A next_chunk that fails part way (the model raising in a denoising step, a CUDA OOM, a Ctrl-C)
 leaves its session as it was before the call: its audio timeline, its generator, its KV cache and
-its counters. A retry then makes the very chunk a first success would have made."""
+its counters (but for the last chunk's clean re-encode, which the chunk writes first: it stays
+written, the same keys and values a retry would write). A retry then makes the very chunk a first
+success would have made."""
 
 from contextlib import contextmanager
 
@@ -112,6 +114,41 @@ def test_a_chunk_that_fails_leaves_the_session_as_it_was_and_its_retry_makes_the
     state = session_state(s)
     module, call = FAULTS[where](s)
     with fault_at(module, call, error), pytest.raises(error, match="injected"):
+        s.next_chunk()
+    assert_same_state(session_state(s), state)
+    for frames, pts in want:  # the retry, and the chunk after it
+        got_frames, got_pts = s.next_chunk()
+        np.testing.assert_array_equal(got_frames, frames)
+        assert got_pts == pts
+
+
+# after the opening re-encode (the DiT's first forward in the chunk): its second denoising step, the decode
+AFTER_REENCODE = {"denoise step 2 of 4": lambda s: (s.dit, 3), "decode": FAULTS["decode"]}
+
+
+@pytest.mark.parametrize("where", AFTER_REENCODE)
+def test_a_chunk_that_fails_after_its_opening_reencode_keeps_it_and_its_retry_makes_the_same_chunk(model, where):
+    """A chunk whose last chunk's clean re-encode is still pending writes it first; where the chunk
+    fails after that, the re-encode stays written: the session is as it was with that chunk written
+    (as `write_pending_chunk` writes it), bit for bit, and the retry makes the chunks of a session that
+    never failed. (The re-encode reads what the last chunk left alone: written at the failed call or
+    at the retry, it writes the same keys and values.)"""
+    alone = started(model, "reencode")
+    before = alone.chunks_to_full_ring
+    want = [alone.next_chunk() for _ in range(before + 2)][before:]
+
+    written = started(model, "reencode")
+    for _ in range(before):
+        written.next_chunk()
+    written.write_pending_chunk()
+    state = session_state(written)
+
+    s = started(model, "reencode")
+    for _ in range(before):
+        s.next_chunk()
+    assert s.chunk_pending  # (the failed call writes it first)
+    module, call = AFTER_REENCODE[where](s)
+    with fault_at(module, call), pytest.raises(InjectedFault, match="injected"):
         s.next_chunk()
     assert_same_state(session_state(s), state)
     for frames, pts in want:  # the retry, and the chunk after it
