@@ -91,12 +91,15 @@ def guided(cond: Velocity, uncond: Velocity, scale: float) -> Velocity:
 def sample_euler(
     velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, progress=None
 ) -> torch.Tensor:
-    """Teacher sampling: Euler steps of dx/dsigma = v along the schedule."""
+    """Teacher sampling: Euler steps of dx/dsigma = v along the schedule, each step computed in
+    float32 at least and rounded to the latents' dtype once (`_bcast`: a bf16 teacher's step size
+    was rounded to bf16, ~2^-9 off the schedule's, and its product and sum rounded again)."""
     x = noise
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         v = velocity(x, s.expand(x.shape[0]).to(x.device))
-        x = x + (s_next - s).to(x.dtype) * v
+        step = _bcast(s_next - s, x)
+        x = (x.to(step.dtype) + step * v.to(step.dtype)).to(x.dtype)
         if progress is not None:
             progress(i + 1, len(sigmas) - 1)
     return x

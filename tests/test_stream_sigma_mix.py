@@ -46,3 +46,35 @@ def test_a_bf16_students_steps_see_latents_mixed_at_the_float32_sigmas():
         x0 = (x.float() - sigmas[i] * v.float()).to(BF16)
         if i + 1 < len(sigmas):
             x = mix(x0, fresh_noise(x, generator), sigmas[i + 1])
+
+
+def test_a_bf16_teachers_euler_steps_are_taken_at_the_float32_step_size():
+    """sample_euler's x + (sigma_next - sigma) v rounded the step size to the latents' dtype first (a
+    bf16 teacher's steps ~2^-9 off the schedule's) and rounded the product and the sum again: each
+    step is computed in float32 and rounded to the latents' dtype once."""
+    from streamgen.sampling import euler_sigmas, sample_euler
+
+    sigmas = euler_sigmas(8, 5.0)
+    start = torch.randn(1, 4, 2, 16, 16, generator=torch.Generator().manual_seed(4)).to(BF16)
+    v = torch.randn(start.shape, generator=torch.Generator().manual_seed(5)).to(BF16)
+    seen = []
+
+    def velocity(x, sigma):
+        seen.append((x, sigma))
+        return v
+
+    got = sample_euler(velocity, start, sigmas)
+    x = rounded_step = start
+    for i, (seen_x, sigma) in enumerate(seen):
+        assert seen_x.dtype == BF16 and torch.equal(seen_x, x), i
+        assert sigma.dtype == torch.float32 and torch.equal(sigma, sigmas[i].expand(1))
+        x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(BF16)
+        rounded_step = rounded_step + (sigmas[i + 1] - sigmas[i]).to(BF16) * v
+    assert len(seen) == 8 and got.dtype == BF16 and torch.equal(got, x)
+    assert not torch.equal(got, rounded_step)  # (the test tells them apart)
+    # float32 latents: the steps as they were
+    x32, v32 = start.float(), v.float()
+    want = x32
+    for i in range(len(sigmas) - 1):
+        want = want + (sigmas[i + 1] - sigmas[i]) * v32
+    assert torch.equal(sample_euler(lambda x, sigma: v32, x32, sigmas), want)
