@@ -79,6 +79,31 @@ def test_a_sync_curve_of_noise_alone_has_no_offset_and_a_dip_in_it_has():
     assert has_peak(np.abs(np.arange(31) - 20) * 0.01 + 1.0)
 
 
+@pytest.mark.parametrize("direction", ["rising", "falling"])
+def test_a_sync_curve_that_only_rises_or_falls_has_no_offset(direction):
+    """A curve whose minimum is at an edge of the offsets searched (it only rises, or only falls,
+    over them) read that edge, -15 or +15, as the A/V offset, as if it were a peak, and a noisy one
+    an offset next to the edge: nothing beyond the edge shows the curve rising again. A dip near
+    the edge, with the curve on both sides of it, is still a peak."""
+    trend = np.linspace(1.0, 1.3, 31)
+    if direction == "falling":
+        trend = trend[::-1].copy()
+    # embeddings whose distance moves steadily with the offset: the audio drifting away from the video
+    video = torch.zeros(60, 16)
+    audio = torch.zeros(31, 60, 16)
+    audio[:, :, 0] = torch.from_numpy(trend)[:, None]
+    scores = sync_scores(video, audio)
+    assert scores["curve"] == pytest.approx(trend.tolist()) and scores["av_offset_frames"] is None
+    rng = np.random.default_rng(6)
+    edge = 0 if direction == "rising" else 30
+    for _ in range(20):
+        noisy = trend + 0.01 * rng.normal(size=31)
+        assert not has_peak(noisy)
+        dipped = noisy.copy()
+        dipped[abs(edge - 2)] -= 0.25
+        assert has_peak(dipped)
+
+
 def test_detectors_on_made_up_frames():
     rng = np.random.default_rng(1)
     frames = rng.integers(60, 200, size=(10, 16, 16, 3), dtype=np.uint8)

@@ -35,7 +35,7 @@ PINS = [
          "streamgen/eval/report.py", "streamgen/eval/sessions.py", "streamgen/eval/outputs.py",
          "streamgen/eval/partial.py", *CLIPS,
          "streamgen/media.py::from_time_zero"),  # (a stream's frames lined up with its audio, for sync)
-        2, "ed2e136abc448ffa",
+        3, "1506621e0bc2f5ac",
     ),
     (
         "streamgen/eval/train.py", "TRAINING_VERSION",

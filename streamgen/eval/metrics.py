@@ -3,7 +3,8 @@
 Sync (as in the SyncNet evaluation protocol): for every offset o in [-15, 15] frames,
 the mean over video windows t of dist(video_t, audio_{t+o}); Sync-D is the minimum of
 that curve, Sync-C its median minus its minimum, and the A/V offset is the o at the
-minimum (None, "no sync", where the minimum is no peak above the curve's noise: `has_peak`).
+minimum (None, "no sync", where the minimum is no peak above the curve's noise on both sides of
+it, as at an edge of the offsets: `has_peak`).
 Sign: o = +k means the audio runs k frames late (the sound of frame t is heard at frame t + k);
 ground truth is 0.
 
@@ -36,7 +37,8 @@ PEAK_SIGMAS = 5.0
 def sync_scores(video_emb: torch.Tensor, audio_emb: torch.Tensor) -> dict:
     """video_emb [N, D], audio_emb [2*MAX_OFFSET+1, N, D] -> Sync-D, Sync-C, offset, curve.
     The offset is None ("no sync") where the curve has no peak above its noise: a flat curve
-    (silent audio, a still mouth) read the first offset searched, -15, as the argmin of equal values."""
+    (silent audio, a still mouth) read the first offset searched, -15, as the argmin of equal values,
+    and one that only rises or falls over the offsets read the edge, -15 or +15."""
     dists = (audio_emb - video_emb[None]).norm(dim=-1).mean(dim=1).numpy().astype(np.float64)
     best = int(np.argmin(dists))
     return {
@@ -48,12 +50,19 @@ def sync_scores(video_emb: torch.Tensor, audio_emb: torch.Tensor) -> dict:
 
 
 def has_peak(curve: np.ndarray) -> bool:
-    """Whether the curve's minimum stands PEAK_SIGMAS of its noise below its median. The noise is the
-    robust spread (1.4826 MAD) of its second differences over sqrt(6): a smooth curve's trend and
-    its one dip leave it alone, white noise of sigma gives sigma. Differences within float rounding
-    of the curve's level are no peak."""
+    """Whether the curve's minimum stands PEAK_SIGMAS of its noise below the curve on both sides of
+    it (the median of each side's values): a minimum at an edge of the offsets searched, or on the
+    slope of a curve that only rises or falls, is no peak (such a curve read -15 or +15, the edge,
+    or an offset next to it, as the A/V offset; nothing beyond the edge shows the curve rising
+    again). The noise is the robust spread (1.4826 MAD) of its second differences over sqrt(6): a
+    smooth curve's trend and its one dip leave it alone, white noise of sigma gives sigma.
+    Differences within float rounding of the curve's level are no peak."""
     curve = np.asarray(curve, np.float64)
-    depth = np.median(curve) - curve.min()
+    best = int(np.argmin(curve))
+    before, after = curve[:best], curve[best + 1 :]
+    if not len(before) or not len(after):
+        return False
+    depth = min(np.median(before), np.median(after)) - curve[best]
     bends = np.diff(curve, 2)
     noise = 1.4826 * np.median(np.abs(bends - np.median(bends))) / np.sqrt(6) if len(bends) else 0.0
     return bool(depth > PEAK_SIGMAS * noise and depth > 1e-6 * max(np.abs(curve).max(), 1e-30))
