@@ -218,6 +218,41 @@ def _where_now(source: str | None) -> str | None:
     return None if source is None else found_source(source) or source
 
 
+def _check_same_source(latest: Path, key: str, kept: str | None, given: str) -> None:
+    """CheckpointError where a resume's `key` (model.init, model.vae) is another source than the
+    run's, `kept` (None: the run read none): it went on without a word from that one's frozen
+    autoencoder, which checkpoints do not keep. The same one spelt otherwise (relative, a link, a
+    shipped model by its name or its folder) is the run's, and so is any where the run's is no
+    longer there (given where it is now, as the refusal of a source gone says to). No --set lets it
+    through: `make model` gives model.init and model.vae to every run and resume of a stage."""
+    if kept is not None and (found_source(kept) is None or _place(kept) == _place(given)):
+        return
+    way_out = "set run.out to a new folder to begin a run from it"
+    if kept is None:
+        raise ckpt.CheckpointError(
+            f"checkpoint {latest} is of a run that read no {key}, and this config gives {given}: resumed, "
+            f"the run would go on from another model than it began with (its frozen autoencoder, which "
+            f"checkpoints do not keep); resume it without {key}, or {way_out}"
+        )
+    raise ckpt.CheckpointError(
+        f"checkpoint {latest} is of a run that read {key}: {kept}, and this config gives {given}: resumed, "
+        f"the run would go on from another model than it began with (its frozen autoencoder, which "
+        f"checkpoints do not keep); give the run's (--set {key}={shlex.quote(kept)}), or {way_out}"
+    )
+
+
+def _place(source: str) -> str:
+    """Where a model source is (`found_source`), a model directory by its resolved folder (a shipped
+    model's name and its folder are one)."""
+    from streamgen.models import resolve_model_dir
+
+    found = found_source(source) or source
+    if found.startswith("wan:"):
+        return found
+    folder = resolve_model_dir(found)
+    return str(folder.resolve()) if folder is not None else found
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, stop_after: int | None = None):
         """stop_after: leave the loop after this many steps, as if killed there (for tests)."""
@@ -419,11 +454,15 @@ class Trainer:
         """The run's own model.init and model.vae (config.MODEL_SOURCES: its frozen autoencoder's
         source), from its checkpoint, where this config gives none: a resume needed them given again,
         and without them went on with a new random autoencoder. A ModelSourceError where the run's is
-        no longer there."""
+        no longer there; a CheckpointError where this config gives another (`_check_same_source`)."""
         saved = header.get("model_sources") or model_sources_in_text(header.get("config", ""))
         for key in MODEL_SOURCES:
             kept = saved.get(key)
-            if not kept or setting(self.cfg, key) is not None:
+            if setting(self.cfg, key) is not None:
+                if key in saved:
+                    _check_same_source(latest, key, kept, setting(self.cfg, key))
+                continue
+            if not kept:
                 continue
             found = found_source(kept)
             if found is None:

@@ -362,6 +362,47 @@ def test_a_resume_whose_runs_model_init_is_gone_says_so(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("key", ["model.init", "model.vae"])
+def test_a_resume_whose_config_names_another_model_source_is_refused(tmp_path, monkeypatch, capsys, key):
+    """A run's checkpoint keeps its model.init and model.vae (model_sources), but a resume whose config
+    named another went on from that one without a word: its frozen autoencoder, which checkpoints do
+    not keep, trained the rest of the run through other latents and was exported with the model. It
+    is refused in one line (exit 2), before anything is built; the run's own source spelt otherwise
+    (relative, from another folder), and where it is now once moved, still resume."""
+    from streamgen.cli import main
+
+    first = _model_with_its_own_autoencoder(tmp_path)
+    run(debug_config("teacher", tmp_path / "second", **{"run.seed": 6}))
+    second = tmp_path / "second" / "model"
+    cut = tmp_path / "cut"
+    cfg = debug_config("teacher", cut, **{"run.steps": 2})
+    setattr(cfg.model, key.split(".")[1], str(first))
+    run(cfg)
+    capsys.readouterr()
+    command = ["distill", "teacher", "--config", "debug", "--out", str(cut), "--resume", "--steps", "4"]
+    assert main([*command, "--set", f"{key}={second}"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("warning: model.vae_widths")]
+    assert len(lines) == 1 and lines[0].startswith("streamgen distill: error: ") and "Traceback" not in err, err
+    assert f"read {key}: {first.resolve()}, and this config gives {second}" in err
+    assert f"--set {key}={first.resolve()}" in err and "set run.out to a new folder" in err
+    assert ckpt.latest_checkpoint(cut).name == "step-00000002.safetensors"
+    # a run that read none, resumed with one: its autoencoder was a seeded random one
+    none = tmp_path / "none"
+    run(debug_config("teacher", none, **{"run.steps": 2}))
+    capsys.readouterr()
+    assert main([*command[:4], "--out", str(none), "--resume", "--set", f"{key}={second}"]) == 2
+    assert f"of a run that read no {key}, and this config gives {second}" in capsys.readouterr().err
+    # the same source, relative from another folder: the run goes on
+    monkeypatch.chdir(tmp_path)
+    assert main([*command[:6], "--resume", "--steps", "3", "--set", f"{key}=first/model"]) == 0
+    assert ckpt.latest_checkpoint(cut).name == "step-00000003.safetensors"
+    # moved, and given where it is now (as the refusal of a source no longer there says to)
+    first.rename(tmp_path / "moved")
+    assert main([*command, "--set", f"{key}=moved"]) == 0
+    assert ckpt.latest_checkpoint(cut).name == "step-00000004.safetensors"
+
+
 def test_the_model_sources_of_a_checkpoint_from_before_they_were_kept_are_read_from_its_config():
     from distill.config import model_sources_in_text
 
