@@ -207,6 +207,10 @@ class SessionRegistry:
             try:
                 stream = await asyncio.wrap_future(future)
             except asyncio.CancelledError:
+                if future.cancelled() and not asyncio.current_task().cancelling():
+                    # not its caller's cancel: the worker's stop cancelled its queued job (the only
+                    # cancel of a job but a caller's), and it went out of the handler as such
+                    self._refuse("server is shutting down", 5, "stopping")
                 left.set()
                 future.add_done_callback(lambda made: self._close_unclaimed(made, lane))
                 raise

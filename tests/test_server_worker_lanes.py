@@ -252,6 +252,40 @@ async def test_a_session_whose_stream_is_made_as_the_stop_begins_is_refused_and_
         assert metrics.sessions_rejected.labels("stopping")._value.get() == 1
 
 
+async def test_a_create_whose_stream_waits_on_its_lane_as_the_worker_stops_is_refused_as_the_stop():
+    """The server's stop cancels the jobs still queued on the lanes (the worker's stop, after the
+    sessions' close): a create whose stream waited there behind a chunk had its await cancelled, and
+    the CancelledError went out of the handler (POST /v1/sessions, a WHEP offer) where a client is
+    told 503 'server is shutting down'."""
+    import asyncio
+
+    from server.avatars import avatar_image
+    from server.registry import AdmissionError
+
+    with running_registry(max_sessions=2) as registry:
+        worker, metrics = registry.worker, registry.metrics
+        release = await asyncio.to_thread(block_lane, worker)
+        creating = asyncio.ensure_future(registry.create(avatar_image("sample"), None, 0))
+        for _ in range(500):  # (bounded: until its stream's job waits on the lane)
+            if worker._jobs[0]:
+                break
+            await asyncio.sleep(0.01)
+        registry.stopping.set()  # (as the app's stop: its sessions closed, then the worker stopped)
+        stopping = threading.Thread(target=worker.stop, daemon=True)
+        stopping.start()
+        for _ in range(500):  # (bounded: until the worker is stopping, its lane still held)
+            if worker._stopping:
+                break
+            await asyncio.sleep(0.01)
+        release.set()  # the lane sees the stop and cancels the stream's job
+        with pytest.raises(AdmissionError, match="server is shutting down") as refused:
+            await asyncio.wait_for(creating, 30)
+        assert refused.value.retry_after == 5
+        await asyncio.to_thread(stopping.join, 30)
+        assert registry.sessions == {} and worker._lane_load == [0] and registry._creating == 0
+        assert metrics.sessions_rejected.labels("stopping")._value.get() == 1
+
+
 async def test_a_session_waiting_for_its_client_on_a_failed_lane_is_ended_at_the_next_limits_check(monkeypatch):
     """Created on a lane that failed after its first chunk was made, and not streaming yet: it was
     left for its client to find (GET /v1/sessions/{id} said it lived) until its unclaimed limit."""
