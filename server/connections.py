@@ -473,7 +473,8 @@ class ConnectionLimits:
         """Why a request target is refused, or None. One in origin form must begin with '/' (h11 took
         'GET healthz' for '/healthz', httptools refused it). One in absolute form (`GET http://host/path`,
         as to a proxy: taken apart before the parser, request_heads.AbsoluteTarget) has its authority
-        taken for the request's Host, as RFC 9112 3.2.2 has a server take it (the Host header ignored).
+        taken for the request's Host, as RFC 9112 3.2.2 has a server take it (the Host header ignored;
+        an HTTP/1.0 request's, which needs none, given one: it had no host, a page's POST a foreign one's).
         The origin guard and the routes read the Host header, which named another server than the
         target's; h11 served an empty authority ('http:///healthz') that httptools refused, and both a
         userinfo ('http://user@host/', RFC 9110 4.2.4: an error) and another scheme than HTTP's."""
@@ -487,7 +488,7 @@ class ConnectionLimits:
                 return NOT_PARSED
             authority = authority.decode("latin-1")[:80]
             return f"the request target's authority {authority!r} is not a host[:port] (RFC 9112, 3.2.2)"
-        self.headers[:] = [(name, authority if name == b"host" else value) for name, value in self.headers]
+        self.headers[:] = [(name, value) for name, value in self.headers if name != b"host"] + [(b"host", authority)]
         return None
 
     async def _refuse_head(self, message: str, scope, receive, send, status=400, error="bad_request") -> None:

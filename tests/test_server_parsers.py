@@ -144,6 +144,7 @@ def unknown_method(name: str) -> str:
     (GET.replace(b" /healthz", b" http://:80/healthz"), 400, {"error": "bad_request", "message": NOT_PARSED}),
     (GET.replace(b" /healthz", b" ftp://127.0.0.1/healthz"), 400, {"error": "bad_request", "message": NOT_HTTP_TARGET}),
     (GET.replace(b" /healthz", b" http://127.0.0.1/healthz"), 200, {"status": "ok"}),
+    (b"GET http://127.0.0.1/healthz HTTP/1.0\r\n\r\n", 200, {"status": "ok"}),  # (RFC 9112 3.2: 1.0 needs no Host)
     (GET.replace(b" /healthz", b" http://127.0.0.1:/healthz"), 200, {"status": "ok"}),
     (GET.replace(b" /healthz", b" http://a_b/healthz"), 200, {"status": "ok"}),
     (GET.replace(b" /healthz", b" http://127.0.0.%31/healthz"), 200, {"status": "ok"}),
@@ -165,7 +166,7 @@ def unknown_method(name: str) -> str:
         "delete", "gzip", "gzip-chunked", "gzip-then-chunked", "chunked-twice", "connect", "http-0.9", "http-1.2",
         "http-2.0", "tab-after-method", "length-list", "length-twice", "lengths-differ", "length-plus", "chunk-size-bare-lf",
         "chunk-lines-all-bare-lf", "chunk-data-bare-lf", "target-userinfo", "target-no-host", "target-port-alone",
-        "target-ftp", "target-absolute", "target-empty-port", "target-underscore", "target-percent-host",
+        "target-ftp", "target-absolute", "target-absolute-http-1.0-no-host", "target-empty-port", "target-underscore", "target-percent-host",
         "target-ipv6-zone", "target-port-letters", "target-bracket-open", "identity-and-length", "two-spaces-after-method", "two-spaces-before-version", "target-no-slash",
         "empty-line-first", "pri-path", "pri-asterisk",
         "tab"])  # fmt: skip
@@ -205,15 +206,21 @@ def test_content_length_lines_are_counted_across_reads():
 
 
 @pytest.mark.parametrize("target_host, host, status", [("127.0.0.1:{port}", "other.example", 201),
-                                                       ("other.example", "127.0.0.1:{port}", 403)])
+                                                       ("other.example", "127.0.0.1:{port}", 403),
+                                                       ("127.0.0.1:{port}", None, 201),
+                                                       ("other.example", None, 403)],
+                         ids=["target-ours", "target-other", "http-1.0-no-host-ours", "http-1.0-no-host-other"])
 def test_an_absolute_target_names_the_server_in_place_of_host(server, target_host, host, status):
     """RFC 9112 3.2.2: a server takes the host of a request target in absolute form
     (`POST http://host/path`), and ignores its Host header. The origin guard read the Host header:
     a page's POST to this server was refused as a foreign page's where Host named another, and one
-    addressed to another server was served where Host named this one."""
+    addressed to another server was served where Host named this one. An HTTP/1.0 request needs no
+    Host header (RFC 9112 3.2): its target's authority is its host, where none was taken (the POST
+    to this server refused as a foreign page's, under both parsers)."""
     port = server[0]
     origin = f"http://127.0.0.1:{port}"
-    request = (f"POST http://{target_host.format(port=port)}/v1/sessions HTTP/1.1\r\nHost: {host.format(port=port)}\r\n"
+    version, host_line = ("HTTP/1.1", f"Host: {host.format(port=port)}\r\n") if host else ("HTTP/1.0", "")
+    request = (f"POST http://{target_host.format(port=port)}/v1/sessions {version}\r\n{host_line}"
                f"Origin: {origin}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}")
     with connect(port) as sock:
         sock.sendall(request.encode())
