@@ -4,7 +4,6 @@ model.json, ...). Looked up in `streamgen.models`' model folders (`model_search_
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -29,32 +28,53 @@ def listed_model_folders() -> tuple[list[tuple[str, Path, str]], list[str]]:
     found, seen, unreadable = [], set(), []
     for root in models.model_search_path():
         whose = "shipped" if root == models.MODELS_DIR else "STREAMGEN_MODELS"
+        said = "the shipped models'" if whose == "shipped" else "STREAMGEN_MODELS's"
         try:
-            names = _models_in(root)
+            names, locked = _models_in(root)
         except (FileNotFoundError, NotADirectoryError):
             continue
         except OSError as e:
-            said = "the shipped models'" if whose == "shipped" else "STREAMGEN_MODELS's"
             unreadable.append(f"{said} {root} cannot be read: {e.strerror or e}")
             continue
+        unreadable += [f"{said} {folder} cannot be read: {e.strerror or e}" for folder, e in locked]
         found += [(name, root / name, whose) for name in sorted(names - seen)]
         seen |= names
     return found, unreadable
 
 
-def _models_in(root: Path) -> set[str]:
+def _models_in(root: Path) -> tuple[set[str], list[tuple[Path, OSError]]]:
     """The names of the model directories in `root`, and one folder down as `org/model`: `--model
     org/avatar` loads those (`resolve_model_dir`), and they were left out of the list. Not deeper
     (a model folder may hold a home folder's worth); a name starting with "." is an export's
-    staging folder."""
-    names = set()
+    staging folder. And the folders in it that cannot be looked into, with why (another user's,
+    mode 700: whether a model's or an org's cannot be told): they were left out without a word."""
+    names, locked = set(), []
     for d in (d for d in root.iterdir() if d.name[0] != "."):
-        if models._is_there(d / "model.json"):
-            names.add(d.name)
-        elif d.is_dir():
-            with contextlib.suppress(OSError):  # (an org's folder this user may not read: not listed)
-                names |= {f"{d.name}/{m.name}" for m in d.iterdir() if m.name[0] != "." and models._is_there(m / "model.json")}
-    return names
+        try:
+            if _holds_model(d):
+                names.add(d.name)
+                continue
+            inner = [m for m in d.iterdir() if m.name[0] != "."] if d.is_dir() else []
+        except OSError as e:
+            locked.append((d, e))
+            continue
+        for m in inner:
+            try:
+                if _holds_model(m):
+                    names.add(f"{d.name}/{m.name}")
+            except OSError as e:
+                locked.append((m, e))
+    return names, locked
+
+
+def _holds_model(folder: Path) -> bool:
+    """Whether `folder` holds a model.json; OSError where it cannot be looked into (EACCES), which
+    `models._is_there` takes for none."""
+    try:
+        (folder / "model.json").stat()
+    except (FileNotFoundError, NotADirectoryError):  # (no such file; `folder` a file)
+        return False
+    return True
 
 
 def _unknown_model(name: str) -> str:

@@ -98,3 +98,42 @@ def test_a_model_folder_that_cannot_be_read_is_said(tmp_path, monkeypatch, liste
     models, err = listed()
     assert f"STREAMGEN_MODELS's {tmp_path / 'mine'} cannot be read: Permission denied" in err
     assert "tiny-avatar" in models
+
+
+@pytest.mark.parametrize("locked_name, model", [("avatar", "avatar"), ("org/avatar", "org/avatar"), ("org", "org/avatar")],
+                         ids=["model", "org-model", "org"])
+def test_a_folder_in_the_models_folder_that_cannot_be_read_is_said(tmp_path, monkeypatch, listed, locked_name, model):
+    """A model folder, or an org's folder of models, of another user's (mode 700) inside
+    STREAMGEN_MODELS: its model.json could not be looked at, and the folder was left out of the list
+    without a word, where an unreadable models folder itself is said ('cannot be read') and a model
+    whose files do not read is listed with why: the user saw no sign of the model that a `--model`
+    of its name then called unknown."""
+    import errno
+    import os
+    from pathlib import Path
+
+    mine = tmp_path / "mine"
+    _model_dir(mine / "other")
+    _model_dir(mine / model)
+    locked = mine / locked_name
+    real_stat, real_iterdir = Path.stat, Path.iterdir
+
+    def denied(path) -> PermissionError:
+        return PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    def stat(self, *args, **kwargs):  # (as root, the tests' user here, reads every folder: as chmod 700
+        if locked in self.parents:  # of another user's would have it, the folder is there, not what is in it)
+            raise denied(self)
+        return real_stat(self, *args, **kwargs)
+
+    def iterdir(self):
+        if self == locked:
+            raise denied(self)
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    models, err = listed()
+    assert "other" in models and model not in models
+    assert err.count("warning") == 1, err
+    assert f"streamgen models: warning: STREAMGEN_MODELS's {locked} cannot be read: Permission denied" in err
