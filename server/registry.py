@@ -66,6 +66,9 @@ class SessionRegistry:
         self.ready = False
         self.load_error: str | None = None  # why the model did not load or warm up: it never will here
         self._creating = 0
+        # (lane, its close) of each closed session's stream whose close has not run yet: its cache
+        # is alive, though its session is no longer counted (`_closing_streams_ended`)
+        self._streams_closing: list[tuple[int, concurrent.futures.Future]] = []
         self.down_logged = False  # whether the log has said the model host went down (`enforce_limits`)
         # set as the server begins to stop (a SIGINT/SIGTERM reached it): a `serve --sp` host then
         # takes a follower rank found gone for the stop, which reached the follower too
@@ -201,6 +204,7 @@ class SessionRegistry:
         self._creating += 1
         lane, stream = self.worker.take_lane(fits), None
         try:
+            await self._closing_streams_ended(lane, total_capacity(fits, self.config.max_sessions))
             left = threading.Event()  # its caller left while the worker made the stream
             make = self._new_stream_unless_left
             future = self.worker.submit(make, left, reference, caption, seed, lane=lane)
@@ -242,6 +246,26 @@ class SessionRegistry:
         # start the first chunk now: it is ready (or nearly) by the time a transport attaches
         session.preroll = asyncio.ensure_future(self._first_chunk(session))
         return session
+
+    async def _closing_streams_ended(self, lane: int, capacity: int) -> None:
+        """Until the streams of closed sessions on lanes other than `lane` are closed, as far as a
+        stream made now on `lane` would be past `capacity` with them. A stream's close is queued on
+        its lane as its session closes (`_queue_stream_close`), ahead of a stream made after it on
+        the same lane; on another, idle lane, the new one was made at once while the closed one's
+        close waited behind a chunk: two caches alive where the server admits one. The create
+        waits for it (a chunk's time) rather than being refused: the closed session no longer
+        counts (a page reloaded at capacity closes its session and makes another at once)."""
+        while True:
+            self._streams_closing = [(on, close) for on, close in self._streams_closing if not close.done()]
+            elsewhere = [close for on, close in self._streams_closing if on != lane]
+            if not elsewhere or len(self.sessions) + self._creating + len(elsewhere) <= capacity:
+                return
+            # (not asyncio.wrap_future: cancelling the create cancelled a close, and a close's error
+            # unread there was logged as never retrieved)
+            one_ended = asyncio.get_running_loop().create_future()
+            for close in elsewhere:
+                close.add_done_callback(_waker(one_ended))
+            await one_ended
 
     def _drop_stream(self, stream, lane: int) -> None:
         """A stream made for no session: closed on its lane, which is released once it is."""
@@ -391,6 +415,9 @@ class SessionRegistry:
             self.metrics.sessions_closed.labels(reason.split(":")[0][:32]).inc()
             log.info("session %s closed: %s", session.id, reason)
             stream_closed = self._queue_stream_close(session)
+            if stream_closed is not None:  # (those closed by now dropped: the list is as long as the closes under way)
+                self._streams_closing = [(on, close) for on, close in self._streams_closing if not close.done()]
+                self._streams_closing.append((session.lane, stream_closed))
             session.teardown = asyncio.ensure_future(self._teardown(session, stream_closed))
         # shielded: a caller being cancelled (its own transport task) must not cut the teardown short
         await asyncio.shield(session.teardown)
@@ -491,6 +518,24 @@ def seconds(limit: float) -> str:
     """A limit as its close reason says it: --max-duration 0.5 read "reached 0 s", 2.5 "reached 2 s";
     one of years or more in exponent form (1e300 was its 301 digits)."""
     return f"{limit:.0f} s" if 100 <= limit < 1e9 else f"{limit:.3g} s"
+
+
+def _waker(waiter: asyncio.Future):
+    """A concurrent future's done callback (on whichever thread finishes it) that ends `waiter`, on
+    its loop, unless it is done (ended by another, or cancelled with its caller)."""
+    loop = waiter.get_loop()
+
+    def end() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def wake(_done) -> None:
+        try:
+            loop.call_soon_threadsafe(end)
+        except RuntimeError:  # the event loop is closed: the server is gone
+            pass
+
+    return wake
 
 
 def _stop_started_host(start: concurrent.futures.Future) -> None:

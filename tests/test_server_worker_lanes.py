@@ -24,38 +24,40 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @contextmanager
-def one_session_registry_counting_streams(monkeypatch):
-    """A registry of one session on one lane, its worker running, and [streams alive now] and
+def one_session_registry_counting_streams(monkeypatch, lanes: int = 1):
+    """A registry of one session on `lanes` lanes, its worker running, and [streams alive now] and
     [the most alive at once] as StreamSession's start and close count them."""
     from streamgen.stream import StreamSession
 
-    live, most = [0], [0]
+    live, most, counting = [0], [0], threading.Lock()  # (the lanes' threads count)
     start, close = StreamSession.start, StreamSession.close
 
     def counted_start(self, *args, **kwargs):
         start(self, *args, **kwargs)
-        live[0] += 1  # (on the worker's one lane: no two at once)
-        most[0] = max(most[0], live[0])
+        with counting:
+            live[0] += 1
+            most[0] = max(most[0], live[0])
 
     def counted_close(self):
-        live[0] -= self.cache is not None
+        with counting:
+            live[0] -= self.cache is not None
         close(self)
 
     monkeypatch.setattr(StreamSession, "start", counted_start)
     monkeypatch.setattr(StreamSession, "close", counted_close)
-    with running_registry(max_sessions=1) as registry:
+    with running_registry(max_sessions=1, lanes=lanes) as registry:
         yield registry, live, most
 
 
 @contextmanager
-def running_registry(max_sessions: int):
-    """A registry of the small model on one lane, its worker running (stopped after)."""
+def running_registry(max_sessions: int, lanes: int = 1):
+    """A registry of the small model on `lanes` lanes (one by default), its worker running (stopped after)."""
     from server.metrics import ServerMetrics
     from server.registry import SessionRegistry
     from server.scheduler import InferenceWorker
 
     metrics = ServerMetrics()
-    worker = InferenceWorker(metrics)
+    worker = InferenceWorker(metrics, lanes=lanes)
     registry = SessionRegistry(server_config(max_sessions=max_sessions), worker, metrics)
     registry.model, registry.ready = small_model(), True
     worker.start()
@@ -186,6 +188,37 @@ async def test_a_session_closed_as_another_is_made_frees_its_stream_before_that_
             await asyncio.wait_for(registry.close(new, "deleted by client"), 30)
         assert live == [0] and most == [1]
         assert worker._lane_load == [0] and registry.sessions == {}
+
+
+async def test_a_session_closed_on_one_lane_frees_its_stream_before_one_is_made_on_another(monkeypatch):
+    """With lanes, a closed session's stream close is ordered before a new stream's making only on
+    its own lane: a session created as another closed (admitted, the closed one no longer counted) was
+    made at once on an idle lane while the closed one's stream waited for its close behind a chunk on
+    its own. Two streams' caches were alive where the server admits one. The create waits for that
+    close (a chunk's time), rather than being refused as at capacity (a page reloaded at capacity)."""
+    import asyncio
+
+    from server.avatars import avatar_image
+
+    with one_session_registry_counting_streams(monkeypatch, lanes=2) as (registry, live, most):
+        worker = registry.worker
+        reference = avatar_image("sample")
+        old = await registry.create(reference, None, 0)
+        release = await asyncio.to_thread(block_lane, worker, old.lane)  # a chunk under way on its lane
+        deleting = asyncio.ensure_future(registry.close(old, "deleted by client"))
+        await asyncio.sleep(0)
+        creating = asyncio.ensure_future(registry.create(reference, None, 0))
+        for _ in range(100):  # (bounded, 2 s: a stream made meanwhile on the idle lane shows here)
+            if most[0] > 1 or creating.done():
+                break
+            await asyncio.sleep(0.02)
+        release.set()  # the chunk ends: the old stream's close runs
+        new = await asyncio.wait_for(creating, 30)
+        await asyncio.wait_for(deleting, 30)
+        assert new.lane != old.lane  # (the idle lane)
+        await asyncio.wait_for(registry.close(new, "deleted by client"), 30)
+        assert live == [0] and most == [1]
+        assert worker._lane_load == [0, 0] and registry.sessions == {}
 
 
 @pytest.mark.timeout(240)
