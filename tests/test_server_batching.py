@@ -146,8 +146,9 @@ async def test_sessions_past_their_limits_are_closed_together_and_one_failure_st
     now = time.monotonic()
     for i, idle in enumerate((5.0, 0.0, 5.0, 5.0)):
         registry.sessions[f"s{i}"] = SimpleNamespace(
-            id=f"s{i}", created=now - 10, last_input=now - idle, transport="websocket", clock=time.monotonic
-        )
+            id=f"s{i}", created=now - 10, last_input=now - idle, transport="websocket", streaming=True,
+            clock=time.monotonic,
+        )  # (streaming: a socket's idle reason says what it had no more of, `idle_reason`)
     running, most, closed = set(), [0], []
 
     async def close(session, reason):
