@@ -102,6 +102,10 @@ def not_a_model(name: str) -> str:
         return f"no model directory {name}: there is no such folder in {Path.cwd()}, nor under {_model_folders()}"
     if not models._is_there(folder):
         return _unknown_model(name)
+    try:
+        _holds_model(folder)
+    except OSError as e:  # (another user's, mode 700: the looks inside it below raised it, a traceback)
+        return f"{name} is a folder that cannot be read: {e.strerror or e}"
     if folder.is_file() and (folder.parent / "model.json").is_file():  # (its model.json, its weights)
         return f"{name} is a file of the model directory {folder.parent}: give the directory"
     if (folder / "model" / "model.json").is_file():

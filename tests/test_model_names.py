@@ -248,6 +248,35 @@ def test_a_model_name_whose_folder_under_streamgen_models_is_no_model_is_named_f
 
 
 
+@pytest.mark.parametrize("given", ["avatar", "{models}/avatar"], ids=["name", "path"])
+def test_a_model_named_whose_folder_cannot_be_looked_into_is_said_so_not_a_traceback(tmp_path, monkeypatch, capsys, given):
+    """`--model avatar` where STREAMGEN_MODELS's avatar is another user's folder (mode 700): what
+    the name is instead of a model was looked for inside it (a run's model folder), whose stat's
+    PermissionError was a traceback of the command."""
+    import errno
+    from pathlib import Path
+
+    from streamgen.cli import main
+
+    models_dir = tmp_path / "models"
+    locked = models_dir / "avatar"
+    locked.mkdir(parents=True)
+    (locked / "model.json").write_text("{}")
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):  # (as root, the tests' user here, reads every folder: as chmod 700
+        if locked in self.parents:  # of another user's would have it, the folder is there, not what is in it)
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    monkeypatch.setenv("STREAMGEN_MODELS", str(models_dir))
+    monkeypatch.chdir(tmp_path)
+    model = given.format(models=models_dir)
+    assert main(["generate", "--model", model, "--out", str(tmp_path / "x.mp4"), "--quiet"]) == 2
+    assert f"{locked} is a folder that cannot be read: Permission denied" in capsys.readouterr().err
+
+
 def test_model_folders_under_the_home_folder_in_streamgen_models_are_found_by_their_tilde(tmp_path, monkeypatch):
     # STREAMGEN_MODELS="~/models" as a systemd unit, a Docker env file or a quoted export give it (no
     # shell expands it there): the folder looked under was ./~/models, no model found in it nor listed
