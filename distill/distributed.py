@@ -15,6 +15,7 @@ Large flavors shard their transformers with FSDP2 instead (`run.fsdp`, see
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,6 +33,15 @@ class World:
     size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    # the DeviceMesh run.fsdp shards over (`sharding_mesh`): made once, let go of in `close_world`
+    mesh: object = None
+
+    def sharding_mesh(self):
+        if self.mesh is None:
+            from distill import fsdp
+
+            self.mesh = fsdp.world_mesh(self.device)
+        return self.mesh
 
     @property
     def is_main(self) -> bool:
@@ -85,7 +95,19 @@ def _rank_variable(name: str, default: int) -> int:
 
 
 def close_world(world: World) -> None:
+    """Destroy the process group once nothing else holds it, so that its destroy ends its threads:
+    a group still held runs its gloo threads on, into the interpreter's shutdown (where one still
+    freeing a collective's tensors aborts a run that succeeded), and a process that runs several
+    stages keeps one more group each time."""
+    if world.mesh is not None:  # (run.fsdp) the mesh and torch's DTensor caches: `fsdp.release`
+        from distill import fsdp
+
+        fsdp.release(world.mesh)
+        world.mesh = None
     if world.distributed and dist.is_initialized():
+        # the stage's modules, gone as the run returns, hold the group in reference cycles (FSDP2's
+        # hooks and states), which only a collection frees
+        gc.collect()
         dist.destroy_process_group()
 
 

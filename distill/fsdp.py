@@ -16,6 +16,7 @@ collective: every rank calls these functions, and only rank 0 writes.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -23,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -38,8 +40,63 @@ def can_shard(module: torch.nn.Module) -> bool:
     return isinstance(getattr(module, "blocks", None), torch.nn.ModuleList)
 
 
-def shard(module: torch.nn.Module) -> None:
-    """Shard the transformer as one unit, and the audio encoder as another.
+def world_mesh(device: torch.device) -> DeviceMesh:
+    """The 1-D mesh of every rank, which `shard` shards over: FSDP2's default, made here so that
+    the run holds it and `release` can let go of its process group at the end."""
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def release(mesh: DeviceMesh) -> None:
+    """Let go of the process group that `mesh` and torch's DTensor caches keep, before the group is
+    destroyed: destroy_process_group drops only the registry's reference, and a group still held
+    runs its gloo threads on (into the interpreter's shutdown, where one still freeing a
+    collective's tensors aborts the process: "terminate called without an active exception").
+
+    The mesh keeps its groups (`_pg_registry`, in recent torch), and every DTensorSpec keeps the
+    mesh: the caches of sharding propagation, of redistribution plans and of collective costs,
+    keyed and valued by specs, keep them after the sharded modules and optimizers are gone.
+    Both links are cut: a cache kept per thread (sharding propagation's, filled by autograd's
+    device threads on a GPU) cannot be cleared from this one, and the mesh's registry is only
+    torch.compile's way to its groups (eager code resolves them by name)."""
+    registry = getattr(mesh, "_pg_registry", None)
+    if registry is not None:
+        registry.clear()
+    for clear in _dtensor_cache_clears():
+        clear()
+
+
+# torch's DTensor caches that hold specs, so meshes: (module, the path to its clear). Private
+# names, absent or renamed in some torch versions: nothing to clear there then
+DTENSOR_CACHES = (
+    ("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),
+    (
+        "torch.distributed.tensor._sharding_prop",
+        "ShardingPropagator._propagate_tensor_meta_cached.cache_clear",
+    ),
+    ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"),
+    ("torch.distributed.tensor._redistribute", "_gen_transform_infos.cache_clear"),
+    ("torch.distributed.tensor._collective_utils", "MeshTopoInfo.build_from_mesh.cache_clear"),
+)
+
+
+def _dtensor_cache_clears() -> list:
+    import importlib
+
+    clears = []
+    for module_name, path in DTENSOR_CACHES:
+        try:
+            found = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for name in path.split("."):
+            found = getattr(found, name, None)
+        if callable(found):
+            clears.append(found)
+    return clears
+
+
+def shard(module: torch.nn.Module, mesh: DeviceMesh) -> None:
+    """Shard the transformer as one unit, and the audio encoder as another, over `mesh` (`world_mesh`).
 
     Parameters, gradients and optimizer state live in shards; the transformer's
     parameters are gathered for the length of its forward and backward. Units of
@@ -50,8 +107,8 @@ def shard(module: torch.nn.Module) -> None:
     outside the transformer's forward.
     """
     if getattr(module, "audio_encoder", None) is not None:
-        fully_shard(module.audio_encoder)
-    fully_shard(module)
+        fully_shard(module.audio_encoder, mesh=mesh)
+    fully_shard(module, mesh=mesh)
     # FSDP2 decides which unit is the root on the first forward, and refuses a child unit
     # that runs before the root has: settle it now, since the audio encoder runs first
     module._get_fsdp_state()._lazy_init()

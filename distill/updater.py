@@ -71,7 +71,7 @@ class Updater:
         if not fsdp.can_shard(self.module):
             return
         self.template = copy.deepcopy(self.module).cpu()
-        fsdp.shard(self.module)
+        fsdp.shard(self.module, self.world.sharding_mesh())
         self.sharded = True
         self._build_optimizer_and_ema()  # on the shards
 

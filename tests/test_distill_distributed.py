@@ -37,15 +37,18 @@ def write_config(root, name: str, fsdp: bool = False, seed: int = 3):
 
 
 def launch(root, name: str, procs: int, fsdp: bool = False, extra=(), seed: int = 3):
-    """The config's run as `torchrun ... streamgen distill teacher`. (FSDP's runs stay under
-    torchrun: torch's DTensor caches keep its device mesh, and the gloo group's threads with it,
-    after the group is destroyed, which `spawn`'s processes refuse.)"""
+    """The config's run as `torchrun ... streamgen distill teacher`: ranks whose interpreters shut
+    down as a user's do (`spawn`'s processes end with os._exit), with nothing on stderr of a gloo
+    thread ended there."""
     cfg = write_config(root, name, fsdp, seed)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
            "-m", "streamgen", "distill", "teacher", "--config", str(cfg), *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    # (a gloo thread still running as a rank's interpreter shuts down can abort it after its work:
+    # "terminate called without an active exception")
+    assert "terminate called" not in done.stderr, done.stderr[-3000:]
     assert done.stdout.count("teacher: finished") == 1  # (rank 0's: every rank's ran together)
     return final_tensors(root / name)
 
@@ -151,6 +154,32 @@ def test_fsdp2_ranks_of_which_one_keeps_every_reference_take_the_step_of_one_pro
     one = run_here(tmp_path, "one", steps=1, seed=7)
     two = launch(tmp_path, "two", 2, fsdp=True, seed=7)
     assert max_difference(one, two) <= 1e-6
+
+
+def _fsdp_run_then_its_threads(rank: int, port: int, root: str) -> None:
+    """A 1-step `run.fsdp` run as rank `rank` of 2 runs it, then how many gloo threads this process
+    still runs, counted as the command returns (no collection first), saved for the test."""
+    from spawn_helpers import gloo_threads
+
+    _command_on_two_ranks(rank, port, ["distill", "teacher", "--config", f"{root}/sharded.yaml"])
+    with open(f"{root}/threads{rank}", "w") as f:
+        f.write(str(gloo_threads()))
+
+
+def test_an_fsdp_run_leaves_no_thread_of_its_process_group(tmp_path):
+    """torch's DTensor caches (the sharding propagation's, the redistribution planner's) kept the
+    run's device mesh, and the mesh the destroyed group: its 2 gloo threads ran on after the run's
+    teardown, into the interpreter's shutdown (where one still freeing a collective's tensors aborts
+    the process: "terminate called without an active exception"), and a process that ran several
+    runs kept one more group each time. The run now lets go of the group before it destroys it."""
+    from server_helpers import free_port
+    from spawn_helpers import spawn
+
+    write_config(tmp_path, "sharded", fsdp=True)
+    spawn(_fsdp_run_then_its_threads, (free_port(), str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
+    for rank in (0, 1):
+        assert (tmp_path / f"threads{rank}").read_text() in ("0", "None")  # (None: no /proc to count them)
+    assert (tmp_path / "sharded" / "model").is_dir()
 
 
 @pytest.mark.slow
