@@ -154,3 +154,47 @@ def test_only_the_first_rank_says_the_model_has_no_trained_weights(rank, said, m
     with caplog.at_level("WARNING", logger="streamgen.models"):
         load_model("debug")
     assert ("no trained weights for 'debug'" in caplog.text) == said, caplog.text
+
+
+def _generate_then_its_threads(rank: int, port: int, root: str) -> None:
+    """`generate --sp 2` as rank `rank` of 2 runs it (its environment, one thread), then how many
+    gloo threads this process still runs, counted as the command returns (no collection first)."""
+    import os
+
+    import torch
+    from spawn_helpers import gloo_threads
+
+    from streamgen.cli import main
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
+    torch.set_num_threads(1)
+    argv = ["generate", "--model", "debug", "--sp", "2", "--device", "cpu", "--quiet",
+            "--audio", f"{root}/speech.wav", "--reference", f"{root}/face.png", "--out", f"{root}/a.mp4"]  # fmt: skip
+    code = main(argv)
+    with open(f"{root}/rank{rank}.txt", "w") as f:
+        f.write(f"{code} {gloo_threads()}")
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+def test_generate_on_two_ranks_leaves_no_thread_of_its_process_groups(tmp_path):
+    """The sharded model holds its sequence-parallel groups in reference cycles (its `new_cache`
+    refers to the model), and generate destroyed the groups with the model still held: their gloo
+    threads ran on after the command returned, into the interpreter's shutdown, where one still
+    freeing a collective's tensors aborts a run that succeeded ("terminate called without an
+    active exception"). The model is let go of and collected as the ranks leave the group."""
+    from PIL import Image
+    from server_helpers import free_port, write_wav
+    from spawn_helpers import spawn
+    from stream_helpers import face
+
+    Image.fromarray(face()).save(tmp_path / "face.png")
+    write_wav(tmp_path / "speech.wav", 0.3)
+    ranks_args = (free_port(), str(tmp_path))
+    spawn(_generate_then_its_threads, ranks_args, nprocs=2, preload=("streamgen.cli", __name__))
+    assert (tmp_path / "a.mp4").is_file()
+    for rank in (0, 1):
+        code, threads = (tmp_path / f"rank{rank}.txt").read_text().split()
+        assert code == "0"
+        assert threads in ("0", "None"), f"rank {rank}: {threads} gloo threads left"  # (None: no /proc)

@@ -285,13 +285,18 @@ def run(args) -> int:
     finally:
         restore_handlers(terminated_before)
         session.close()
+        width, height, frames_per_chunk = session.width, session.height, session.frames_per_chunk
+        # (--sp) the sharded model holds the process groups, in reference cycles: let go of here, it
+        # is collected as the ranks leave, so that the groups' threads end there, not in the
+        # interpreter's shutdown (a run that succeeded aborted: docs/parallel.md)
+        session = None
         _leave_sequence_parallel(args.sp, finished)
     if not main_process:
         return 0
     elapsed = time.perf_counter() - t0
     print(
-        f"wrote {out} ({written / VIDEO_FPS:.2f} s of video, {session.width}x{session.height}, "
-        f"{n_chunks * session.frames_per_chunk / elapsed:.1f} frames/s)"
+        f"wrote {out} ({written / VIDEO_FPS:.2f} s of video, {width}x{height}, "
+        f"{n_chunks * frames_per_chunk / elapsed:.1f} frames/s)"
     )
     return 0
 

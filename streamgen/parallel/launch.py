@@ -20,6 +20,7 @@ GPU per worker, by LOCAL_RANK), gloo for a CPU one.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import signal
@@ -293,7 +294,8 @@ def leave_process_group(finished: bool) -> None:
     left to clean up, so a signal ends the process there at once, and a peer
     that ended meanwhile is one line here (torchrun reports why it ended), handed
     to `--sp N`'s launcher, which names the rank that failed instead: printed, it
-    came before that rank's own error, in gloo's words ("... GLHF!").
+    came before that rank's own error, in gloo's words ("... GLHF!"). The
+    caller lets go of the sharded model first: it holds the groups too.
     """
     if not dist.is_initialized():
         return
@@ -309,3 +311,6 @@ def leave_process_group(finished: bool) -> None:
                 another_rank_failed=True,
             )
     dist.destroy_process_group()
+    # a sharded model the caller let go of still holds the groups in reference cycles (its
+    # `new_cache` refers to the model): collected now, their threads end here
+    gc.collect()
