@@ -34,7 +34,7 @@ from distill.config import (
     setting,
 )
 from distill.data import data_identity, identity_change
-from distill.distributed import World, close_world, init_world, others_wait_for_main
+from distill.distributed import World, clear_error_frames, close_world, init_world, others_wait_for_main
 from distill.updater import (  # (Updater, learning_rate: importable from here, as before updater.py)
     NonFiniteLoss,
     Updater,  # noqa: F401
@@ -267,6 +267,10 @@ class Trainer:
         self.is_main = world.is_main
         try:
             return self._run(world)
+        except BaseException as e:
+            if world.mesh is not None:  # (run.fsdp) the error's frames hold the sharded modules
+                clear_error_frames(e)
+            raise
         finally:
             close_world(world)
 

@@ -156,30 +156,50 @@ def test_fsdp2_ranks_of_which_one_keeps_every_reference_take_the_step_of_one_pro
     assert max_difference(one, two) <= 1e-6
 
 
-def _fsdp_run_then_its_threads(rank: int, port: int, root: str) -> None:
-    """A 1-step `run.fsdp` run as rank `rank` of 2 runs it, then how many gloo threads this process
-    still runs, counted as the command returns (no collection first), saved for the test."""
+def _fsdp_run_then_its_threads(rank: int, port: int, root: str, nan_loss: bool) -> None:
+    """A 1-step `run.fsdp` run as rank `rank` of 2 runs it (stopped at a NaN loss on both ranks where
+    `nan_loss`), then its exit code and how many gloo threads this process still runs, counted as
+    the command returns (no collection first), saved for the test."""
+    import math
+
     from spawn_helpers import gloo_threads
 
-    _command_on_two_ranks(rank, port, ["distill", "teacher", "--config", f"{root}/sharded.yaml"])
-    with open(f"{root}/threads{rank}", "w") as f:
-        f.write(str(gloo_threads()))
+    import distill.teacher
+    from distill.updater import NonFiniteLoss
+    from streamgen.cli import main
+
+    def nan(self, step):
+        raise NonFiniteLoss("teacher", math.nan)
+
+    if nan_loss:
+        distill.teacher.Stage.train_step = nan
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
+    torch.set_num_threads(1)
+    code = main(["distill", "teacher", "--config", f"{root}/sharded.yaml"])
+    with open(f"{root}/rank{rank}.txt", "w") as f:
+        f.write(f"{code} {gloo_threads()}")
 
 
-def test_an_fsdp_run_leaves_no_thread_of_its_process_group(tmp_path):
+@pytest.mark.parametrize("nan_loss", [False, True], ids=["finished", "stopped"])
+def test_an_fsdp_run_leaves_no_thread_of_its_process_group(tmp_path, nan_loss):
     """torch's DTensor caches (the sharding propagation's, the redistribution planner's) kept the
     run's device mesh, and the mesh the destroyed group: its 2 gloo threads ran on after the run's
     teardown, into the interpreter's shutdown (where one still freeing a collective's tensors aborts
     the process: "terminate called without an active exception"), and a process that ran several
-    runs kept one more group each time. The run now lets go of the group before it destroys it."""
+    runs kept one more group each time. The run now lets go of the group before it destroys it;
+    and so does a run that stopped, whose error's traceback held the sharded modules."""
     from server_helpers import free_port
     from spawn_helpers import spawn
 
     write_config(tmp_path, "sharded", fsdp=True)
-    spawn(_fsdp_run_then_its_threads, (free_port(), str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
+    ranks_args = (free_port(), str(tmp_path), nan_loss)
+    spawn(_fsdp_run_then_its_threads, ranks_args, nprocs=2, preload=RANK_IMPORTS)
     for rank in (0, 1):
-        assert (tmp_path / f"threads{rank}").read_text() in ("0", "None")  # (None: no /proc to count them)
-    assert (tmp_path / "sharded" / "model").is_dir()
+        code, threads = (tmp_path / f"rank{rank}.txt").read_text().split()
+        assert code == ("2" if nan_loss else "0")  # (2: the run stopped, saying why in one line)
+        assert threads in ("0", "None"), f"rank {rank}: {threads} gloo threads left"  # (None: no /proc)
+    assert (tmp_path / "sharded" / "model").is_dir() != nan_loss
 
 
 @pytest.mark.slow
