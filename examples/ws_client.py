@@ -306,7 +306,8 @@ async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Receive
             pass
 
 
-async def main(args) -> None:
+async def run(args) -> None:
+    """One run of the client: a session made with `args`, its stream saved into --out, the session ended."""
     pcm = read_wav_16k(args.wav) if args.wav else None  # a bad file is refused before a session is made
     if args.say is not None and len(args.say) > SPEAK_MAX_CHARS:  # (the server's 4413 came after a session's start)
         raise bad_input(f"--say of {len(args.say)} characters: a speak holds at most {SPEAK_MAX_CHARS}")
@@ -363,8 +364,9 @@ async def main(args) -> None:
         raise SystemExit(f"the server did not speak --say: {got.refused}")
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser() -> argparse.ArgumentParser:
+    # (its name as `python examples/ws_client.py` gives it, where main is called from another program)
+    p = argparse.ArgumentParser(prog="ws_client.py", description=__doc__.splitlines()[0])
     p.add_argument(
         "--server", type=server_url, default="http://127.0.0.1:8000", help="server URL (default: %(default)s)"
     )
@@ -381,8 +383,32 @@ if __name__ == "__main__":
     )
     p.add_argument("--wait", type=wait_seconds, default=30.0, help="seconds to keep asking a busy server (default 30)")
     p.add_argument("--out", default="frames", help="a folder without another run's frames (default: frames)")
+    return p
+
+
+def exit_status(stop: SystemExit) -> int:
+    """The exit status of a SystemExit, its message (one that is not a number) said on stderr: what
+    the interpreter makes of one that ends the program (None: 0; a message: 1)."""
+    if stop.code is None or isinstance(stop.code, int):
+        return stop.code or 0
+    print(stop.code, file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (`argv`, else sys.argv's) run to its end, what it has to say printed as
+    `python examples/ws_client.py` prints it: its exit status (2: a mistake in what the run was given;
+    1: the server's or the network's failure; 130: a Ctrl-C). A program, a test, may call it in its own
+    process."""
     try:
-        asyncio.run(main(p.parse_args()))
+        asyncio.run(run(parser().parse_args(argv)))
     except KeyboardInterrupt:  # (asyncio's traceback; the session was ended on the way out)
         print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+        return 130
+    except SystemExit as stop:
+        return exit_status(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

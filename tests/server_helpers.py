@@ -391,6 +391,42 @@ def load_ws_client():
     return module
 
 
+class OneThreadsOutput:
+    """Stands in for sys.stdout or sys.stderr: keeps what one thread writes (the client's) and passes
+    what the others write (a live_server's threads, in the same process) to the stream it stands in for."""
+
+    def __init__(self, stream, thread: int):
+        self.stream, self.thread, self.kept = stream, thread, io.StringIO()
+
+    def write(self, text: str) -> int:
+        return (self.kept if threading.get_ident() == self.thread else self.stream).write(text)
+
+    def flush(self) -> None:
+        if threading.get_ident() != self.thread:
+            self.stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def ws_client_here(*args: str, client=None) -> subprocess.CompletedProcess:
+    """What ws_client(*args) gives, the client's main run in this process and thread (`client`: the
+    module, as load_ws_client gives it, with a test's stand-ins in it): its exit status, and what it
+    printed. ws_client's interpreter imports httpx, numpy and websockets anew, ~1 s of a loaded 2-core
+    machine's wall a run; it stays for what the command line itself does (a signal, the interpreter's
+    exit)."""
+    client = client or load_ws_client()
+    thread = threading.get_ident()
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err = OneThreadsOutput(saved[0], thread), OneThreadsOutput(saved[1], thread)
+    try:
+        code = client.main(list(args))
+    finally:
+        sys.stdout, sys.stderr = saved
+    said = out.kept.getvalue(), err.kept.getvalue()
+    return subprocess.CompletedProcess([str(WS_CLIENT), *args], code, *said)
+
+
 def write_wav(path: Path, seconds: float, rate: int = 16000) -> Path:
     t = np.arange(int(rate * seconds)) / rate
     with wave.open(str(path), "wb") as w:

@@ -1,5 +1,7 @@
 """examples/ws_client.py, run as a user runs it, against a live server on 127.0.0.1 (against servers
-that fail it: test_examples_failing_servers.py)."""
+that fail it: test_examples_failing_servers.py). Its command line in a process of its own where the
+process is what is tested (the first test's run, a Ctrl-C, a client waiting as the test frees a place),
+its main in the test's process elsewhere (ws_client_here: no interpreter to start and import into)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from server_helpers import (
     saved_frames,
     write_wav,
     ws_client,
+    ws_client_here,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -49,7 +52,7 @@ def test_a_server_url_of_an_upper_case_scheme_streams(server, tmp_path):
     """HTTP://HOST made its session, then the socket's URL kept the scheme (websockets' InvalidURI traceback)."""
     url, app = server
     out = tmp_path / "frames"
-    r = ws_client("--server", url.replace("http://", "HTTP://"), "--seconds", "1", "--out", str(out))
+    r = ws_client_here("--server", url.replace("http://", "HTTP://"), "--seconds", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert saved_frames(out) and app.state.registry.sessions == {}
 
@@ -58,7 +61,7 @@ def test_a_wav_is_streamed_whole_with_its_last_frames(server, tmp_path):
     """Without --seconds the client streamed 5 s of any file, and saved 5 s of a longer one."""
     url, _ = server
     out = tmp_path / "frames"
-    r = ws_client("--server", url, "--wav", str(write_wav(tmp_path / "a.wav", 6.0)), "--out", str(out))
+    r = ws_client_here("--server", url, "--wav", str(write_wav(tmp_path / "a.wav", 6.0)), "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert saved_frames(out)[-1][1] >= 6000 - 40, r.stdout  # a frame of the file's last 40 ms
 
@@ -67,7 +70,7 @@ def test_a_wav_is_streamed_whole_with_its_last_frames(server, tmp_path):
 def test_seconds_that_would_save_nothing_are_refused(server, tmp_path, seconds):
     """0, a negative and nan made a session, saved no frame and exited 0."""
     url, app = server
-    r = ws_client("--server", url, "--seconds", seconds, "--out", str(tmp_path / "f"))
+    r = ws_client_here("--server", url, "--seconds", seconds, "--out", str(tmp_path / "f"))
     assert r.returncode == 2 and "--seconds" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert app.state.registry.sessions == {} and not (tmp_path / "f").exists()
 
@@ -76,7 +79,7 @@ def test_seconds_that_would_save_nothing_are_refused(server, tmp_path, seconds):
 def test_a_server_that_is_not_an_http_url_is_refused(tmp_path, url):
     """One without its scheme was "cannot reach ...: Request URL is missing an 'http://' ..." and exit
     1, the --out folder made; one httpx cannot parse was its InvalidURL traceback."""
-    r = ws_client("--server", url, "--seconds", "1", "--out", str(tmp_path / "f"))
+    r = ws_client_here("--server", url, "--seconds", "1", "--out", str(tmp_path / "f"))
     assert r.returncode == 2 and "--server" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "f").exists()
 
@@ -85,7 +88,7 @@ def test_a_server_that_is_not_an_http_url_is_refused(tmp_path, url):
 def test_a_wait_that_is_not_a_time_to_wait_is_refused(server, tmp_path, wait):
     """--wait nan never ran out: a full server was asked again forever."""
     url, app = server
-    r = ws_client("--server", url, "--wait", wait, "--seconds", "0.5", "--out", str(tmp_path / "f"))
+    r = ws_client_here("--server", url, "--wait", wait, "--seconds", "0.5", "--out", str(tmp_path / "f"))
     assert r.returncode == 2 and "--wait" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert app.state.registry.sessions == {} and not (tmp_path / "f").exists()
 
@@ -93,7 +96,8 @@ def test_a_wait_that_is_not_a_time_to_wait_is_refused(server, tmp_path, wait):
 def test_the_client_asks_the_server_to_speak(server, tmp_path):
     url, _ = server
     # (a trailing slash went into the socket's URL: ws://host//v1/..., refused with a traceback)
-    r = ws_client("--server", url + "/", "--say", "Hello there", "--seconds", "2", "--out", str(tmp_path))
+    argv = ["--server", url + "/", "--say", "Hello there", "--seconds", "2", "--out", str(tmp_path)]
+    r = ws_client_here(*argv)
     assert r.returncode == 0, r.stderr
     assert '"speaking"' in r.stdout and saved_frames(tmp_path)
 
@@ -102,7 +106,7 @@ def test_a_say_the_server_refuses_is_one_line_after_what_was_saved(server, tmp_p
     """A --say of which espeak-ng makes no sound was answered with an error, printed among the
     server's messages, and the run exited 0 with a silent avatar."""
     url, app = server
-    r = ws_client("--server", url, "--say", "...", "--seconds", "1", "--out", str(tmp_path))
+    r = ws_client_here("--server", url, "--say", "...", "--seconds", "1", "--out", str(tmp_path))
     assert_one_line_error(r, "the server did not speak --say", "nothing to speak")
     assert " frames (" in r.stdout and saved_frames(tmp_path), r.stdout
     assert app.state.registry.sessions == {}
@@ -118,7 +122,7 @@ def test_the_answer_to_say_is_waited_for_past_seconds(server, tmp_path, monkeypa
     synthesize = speech.synthesize
     monkeypatch.setattr(speech, "synthesize", lambda *a: time.sleep(2.5) or synthesize(*a))
     url, _ = server
-    r = ws_client("--server", url, "--say", "Hello there", "--seconds", "1", "--out", str(tmp_path))
+    r = ws_client_here("--server", url, "--say", "Hello there", "--seconds", "1", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert '"speaking"' in r.stdout, r.stdout
     assert all(int(f.name.split("_")[1][:-6]) <= 1500 for f in tmp_path.glob("*.jpg"))  # (--seconds' frames)
@@ -129,7 +133,7 @@ def test_a_run_that_sends_no_audio_is_not_closed_as_idle(server, tmp_path, monke
     the watch-only socket at its --idle-timeout (4408), a --say run of more than 60 s by default."""
     url, app = server
     monkeypatch.setattr(app.state.registry.config, "idle_timeout_s", 1.5)
-    r = ws_client("--server", url, "--say", "hi", "--seconds", "4", "--out", str(tmp_path))
+    r = ws_client_here("--server", url, "--say", "hi", "--seconds", "4", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert saved_frames(tmp_path)[-1][1] >= 3000 and '"pong"' not in r.stdout, r.stdout
     assert app.state.registry.sessions == {}
@@ -166,7 +170,8 @@ def test_an_out_that_is_a_file_is_one_line(server, tmp_path):
     """It was FileExistsError's traceback."""
     url, app = server
     (tmp_path / "afile").write_text("mine")
-    assert_one_line_error(ws_client("--server", url, "--out", str(tmp_path / "afile")), "is a file", code=2)
+    r = ws_client_here("--server", url, "--out", str(tmp_path / "afile"))
+    assert_one_line_error(r, "is a file", code=2)
     assert (tmp_path / "afile").read_text() == "mine" and app.state.registry.sessions == {}
 
 
@@ -174,7 +179,7 @@ def test_an_out_that_cannot_be_made_is_one_line(server, tmp_path):
     """A folder under a file (or one the user may not make) was mkdir's traceback."""
     url, app = server
     (tmp_path / "afile").write_text("mine")
-    r = ws_client("--server", url, "--seconds", "0.5", "--out", str(tmp_path / "afile" / "frames"))
+    r = ws_client_here("--server", url, "--seconds", "0.5", "--out", str(tmp_path / "afile" / "frames"))
     assert_one_line_error(r, "--out", "cannot make the folder", code=2)
     assert app.state.registry.sessions == {}
 
@@ -182,18 +187,18 @@ def test_an_out_that_cannot_be_made_is_one_line(server, tmp_path):
 def ws_client_that_cannot_write(names: str, *args: str) -> subprocess.CompletedProcess:
     """The client run with every file whose name matches `names` refused (PermissionError), as in a
     folder it may not write to or on a full disk (chmod does not refuse root, whom tests may run as)."""
-    refuse = (
-        "import fnmatch, pathlib, runpy, sys\n"
-        "write = pathlib.Path.write_bytes\n"
-        "def refused(path, data):\n"
-        f"    if fnmatch.fnmatch(path.name, {names!r}):\n"
-        "        raise PermissionError(13, 'Permission denied', str(path))\n"
-        "    return write(path, data)\n"
-        "pathlib.Path.write_bytes = refused\n"
-        f"sys.argv = [{str(WS_CLIENT)!r}, *sys.argv[1:]]\n"
-        f"runpy.run_path({str(WS_CLIENT)!r}, run_name='__main__')\n"
-    )
-    return subprocess.run([sys.executable, "-c", refuse, *args], capture_output=True, text=True, timeout=60)
+    import fnmatch
+    from pathlib import Path
+
+    class RefusedPath(type(Path())):  # (the client's paths alone: the server's, in this process, write)
+        def write_bytes(self, data):
+            if fnmatch.fnmatch(self.name, names):
+                raise PermissionError(13, "Permission denied", str(self))
+            return super().write_bytes(data)
+
+    client = load_ws_client()
+    client.Path = RefusedPath
+    return ws_client_here(*args, client=client)
 
 
 def test_an_out_the_client_may_not_write_into_is_one_line_before_a_session(server, tmp_path):
@@ -219,10 +224,11 @@ def test_an_out_holding_another_runs_frames_is_one_line(server, tmp_path):
     url, app = server
     (tmp_path / "000000_00000000ms.jpg").write_bytes(b"an earlier run's")
     (tmp_path / "notes.txt").write_text("mine")
-    assert_one_line_error(ws_client("--server", url, "--out", str(tmp_path)), "another run's frames", code=2)
+    r = ws_client_here("--server", url, "--out", str(tmp_path))
+    assert_one_line_error(r, "another run's frames", code=2)
     assert app.state.registry.sessions == {}
     (tmp_path / "000000_00000000ms.jpg").unlink()  # a folder with other files is fine
-    r = ws_client("--server", url, "--seconds", "0.5", "--out", str(tmp_path))
+    r = ws_client_here("--server", url, "--seconds", "0.5", "--out", str(tmp_path))
     assert r.returncode == 0 and saved_frames(tmp_path), r.stderr
 
 
@@ -286,7 +292,7 @@ def test_a_bad_wav_is_one_line_and_makes_no_session(server, tmp_path, wav):
         path.write_bytes(wav_of(extensible_fmt(bytes(range(16))), np.zeros(1600, "<i2").tobytes()))
     elif wav == "extensible-short":  # (its sub-format cut off)
         path.write_bytes(wav_of(extensible_fmt(PCM_GUID)[:18], np.zeros(1600, "<i2").tobytes()))
-    r = ws_client("--server", url, "--wav", str(path), "--out", str(tmp_path / "f"))
+    r = ws_client_here("--server", url, "--wav", str(path), "--out", str(tmp_path / "f"))
     assert_one_line_error(r, str(path), code=2)
     said = {
         "8k": "this one is 8000 Hz mono 16-bit",
@@ -303,7 +309,7 @@ def test_a_bad_wav_is_one_line_and_makes_no_session(server, tmp_path, wav):
 def test_a_say_too_long_to_speak_is_one_line_and_makes_no_session(server, tmp_path):
     """It was refused by the server, 4413, only once its session had been made and started."""
     url, app = server
-    r = ws_client("--server", url, "--say", "a" * 1001, "--seconds", "0.5", "--out", str(tmp_path))
+    r = ws_client_here("--server", url, "--say", "a" * 1001, "--seconds", "0.5", "--out", str(tmp_path))
     assert_one_line_error(r, "--say of 1001 characters: a speak holds at most 1000", code=2)
     assert app.state.registry.sessions == {}
 
@@ -312,7 +318,7 @@ def test_a_say_too_long_to_speak_is_one_line_and_makes_no_session(server, tmp_pa
 def test_a_session_the_server_refuses_for_an_option_is_one_line_exit_2(server, tmp_path, option, value, status):
     """An unknown --avatar or a bad --seed exited 1, as the server's failures do; 2 is a run given what cannot be."""
     url, app = server
-    r = ws_client("--server", url, option, value, "--seconds", "0.5", "--out", str(tmp_path))
+    r = ws_client_here("--server", url, option, value, "--seconds", "0.5", "--out", str(tmp_path))
     assert_one_line_error(r, f"session refused: {status}", code=2)
     assert app.state.registry.sessions == {}
 
@@ -320,7 +326,7 @@ def test_a_session_the_server_refuses_for_an_option_is_one_line_exit_2(server, t
 def test_a_stream_the_server_closes_is_one_line_with_its_close_code(server, tmp_path):
     url, app = server
     # (a --say of spaces alone: one too long to speak is refused by the client itself, before a session)
-    r = ws_client("--server", url, "--say", "   ", "--seconds", "3", "--out", str(tmp_path))
+    r = ws_client_here("--server", url, "--say", "   ", "--seconds", "3", "--out", str(tmp_path))
     assert_one_line_error(r, "4400", "speak: text is empty")
     assert app.state.registry.sessions == {}
 
@@ -331,7 +337,7 @@ def test_a_full_server_is_asked_again_until_wait_is_spent(server, tmp_path):
     url, app = server
     held = httpx.post(f"{url}/v1/sessions", json={"avatar": "sample"}).json()  # the one place
     try:
-        r = ws_client("--server", url, "--say", "hi", "--wait", "0", "--out", str(tmp_path))
+        r = ws_client_here("--server", url, "--say", "hi", "--wait", "0", "--out", str(tmp_path))
         assert_one_line_error(r, "session refused: 503", code=1)  # (the server's state, not the run's input)
     finally:
         httpx.delete(f"{url}{held['resource']}", headers={"Authorization": f"Bearer {held['token']}"})

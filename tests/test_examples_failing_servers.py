@@ -1,5 +1,7 @@
 """examples/ws_client.py against servers that fail it: one not there, one at its connection limit, one
-busy until a date, and stand-ins on 127.0.0.1 that drop, freeze, fall mute or refuse the stream."""
+busy until a date, and stand-ins on 127.0.0.1 that drop, freeze, fall mute or refuse the stream. The
+client's main runs in the test's process (ws_client_here), but where it waits as the test frees the
+connection it waits for."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from server_helpers import (
     load_ws_client,
     saved_frames,
     write_wav,
-    ws_client,
+    ws_client_here,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.timeout(180)
 
 def test_a_server_that_is_not_there_is_one_line(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
-    r = ws_client("--server", url, "--say", "hi", "--out", str(tmp_path))
+    r = ws_client_here("--server", url, "--say", "hi", "--out", str(tmp_path))
     assert_one_line_error(r, f"cannot reach {url}")
 
 
@@ -197,7 +199,7 @@ def server_that(then: str):
 def test_a_server_that_drops_the_stream_is_one_line_after_what_was_saved(tmp_path):
     """A server killed mid-stream was "the server closed the stream: ?", the frames saved unsaid."""
     with server_that("drops") as url:
-        r = ws_client("--server", url, "--seconds", "5", "--out", str(tmp_path))
+        r = ws_client_here("--server", url, "--seconds", "5", "--out", str(tmp_path))
     assert_one_line_error(r, "the connection to the server was lost")
     assert len(saved_frames(tmp_path)) == 3 and "3 frames (0.1 s of video)" in r.stdout, r.stdout
 
@@ -210,17 +212,17 @@ def test_a_server_that_stops_answering_holds_the_client_little_past_seconds(tmp_
     with server_that("freezes") as url:
         start = time.monotonic()
         wav = str(write_wav(tmp_path / "a.wav", 3.0))
-        r = ws_client("--server", url, "--wav", wav, "--seconds", "1", "--out", str(tmp_path / "f"))
+        r = ws_client_here("--server", url, "--wav", wav, "--seconds", "1", "--out", str(tmp_path / "f"))
         took = time.monotonic() - start
     assert r.returncode == 0 and len(saved_frames(tmp_path / "f")) == 3, r.stderr
     assert took < 1 + 10, took
 
 
 def test_a_server_that_never_answers_the_start_is_one_line_little_past_seconds(tmp_path):
-    """A stream opened that never brought its `ready` held the client for good (the run's timeout
+    """A stream opened that never brought its `ready` held the client for good (the test's timeout
     bounds it here: a client that waits for good fails the test, not the suite)."""
     with server_that("mute") as url:
-        r = ws_client("--server", url, "--seconds", "1", "--out", str(tmp_path / "f"), timeout=60)
+        r = ws_client_here("--server", url, "--seconds", "1", "--out", str(tmp_path / "f"))
     assert_one_line_error(r, "did not answer the stream's start")
 
 
@@ -228,7 +230,7 @@ def test_a_stream_that_cannot_be_opened_is_one_line(tmp_path):
     """A session gone before its stream opened (or a proxy that takes no WebSocket) was
     websockets' InvalidStatus traceback."""
     with server_that("refuses") as url:
-        r = ws_client("--server", url, "--seconds", "1", "--out", str(tmp_path))
+        r = ws_client_here("--server", url, "--seconds", "1", "--out", str(tmp_path))
     assert_one_line_error(r, f"cannot open the stream at {url.replace('http', 'ws')}/v1/sessions/s/ws", "404")
     assert "token=" not in r.stderr
 
