@@ -221,8 +221,12 @@ def test_a_server_that_stops_answering_holds_the_client_little_past_seconds(tmp_
 def test_a_server_that_never_answers_the_start_is_one_line_little_past_seconds(tmp_path):
     """A stream opened that never brought its `ready` held the client for good (the test's timeout
     bounds it here: a client that waits for good fails the test, not the suite)."""
+    client = load_ws_client()
+    # (its bound on each wait for a silent server: the start's answer, past --seconds, then the
+    # socket's close and the session's DELETE, which this server answers neither; 3 s took 10 s)
+    client.CLOSE_S = 0.5
     with server_that("mute") as url:
-        r = ws_client_here("--server", url, "--seconds", "1", "--out", str(tmp_path / "f"))
+        r = ws_client_here("--server", url, "--seconds", "1", "--out", str(tmp_path / "f"), client=client)
     assert_one_line_error(r, "did not answer the stream's start")
 
 
