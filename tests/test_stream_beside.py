@@ -1,0 +1,161 @@
+"""StreamSession.decode_beside_reencode on the CPU, its CUDA streams stood in for by fakes that
+record which stream each piece of work was queued on. The path has run on no GPU yet
+(tests/test_gpu_check.py has the CUDA test, bench gpu the variant): here its frames, the streams
+its work goes to, and a chunk that fails on it (tests/test_stream_atomic.py's faults) are
+checked before a GPU run spends its minutes on them."""
+
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from stream_helpers import face, speech
+from test_stream_atomic import FAULTS, InjectedFault, assert_same_state, fault_at, session_state
+
+from streamgen.models import load_model
+from streamgen.stream import StreamSession
+
+
+class FakeStream:
+    """What the path asks of a torch.cuda.Stream: wait_stream (recorded)."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other: "FakeStream") -> None:
+        self.log.append(("wait", self.name, other.name))
+
+
+@pytest.fixture
+def streams(monkeypatch):
+    """(log, the current stream stack): torch.cuda's current_stream and stream context, and
+    Tensor.record_stream, on fake streams. The log holds ("wait", waiter, waited) and ("record",
+    stream, shape)."""
+    log: list = []
+    current = [FakeStream("main", log)]
+
+    @contextmanager
+    def stream(s):
+        current.append(s)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: log.append(("record", s.name, t.shape)))
+    return log, current
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("debug")
+
+
+def started(model, cache_from="reencode", side=None) -> StreamSession:
+    s = StreamSession(model, cache_from=cache_from)
+    s.start(face(), seed=5)
+    s.push_audio(speech(6.0))
+    if side is not None:  # (the setter makes a torch.cuda.Stream, which needs a CUDA device)
+        s._decode_stream = side
+    return s
+
+
+@contextmanager
+def on_stream_of(module: torch.nn.Module, seen: list, current: list):
+    """Record the name of the current stream at each of `module`'s forwards."""
+    handle = module.register_forward_pre_hook(lambda *_: seen.append(current[-1].name))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("cache_from", ["reencode", "last_step"])
+def test_a_stream_decoded_beside_its_reencode_makes_the_same_frames(model, streams, cache_from):
+    """Each chunk decodes on the second stream after waiting for the first (the denoised latents),
+    its latents and decoder state recorded there before the decode reads them; the re-encode runs
+    on the first stream, and is written before next_chunk returns; the frames are the same."""
+    log, current = streams
+    alone = started(model, cache_from)
+    want = [alone.next_chunk() for _ in range(alone.chunks_to_full_ring + 1)]
+
+    s = started(model, cache_from, side=FakeStream("side", log))
+    decodes, forwards = [], []
+    with on_stream_of(s.vae.dec, decodes, current), on_stream_of(s.dit, forwards, current):
+        for i, (frames, pts) in enumerate(want):
+            log.clear()
+            got_frames, got_pts = s.next_chunk()
+            np.testing.assert_array_equal(got_frames, frames)
+            assert got_pts == pts
+            assert not s.chunk_pending  # written on the first stream, beside the decode
+            assert log[0] == ("wait", "side", "main"), log
+            recorded = [entry[2] for entry in log[1:]]
+            assert all(entry[:2] == ("record", "side") for entry in log[1:]) and recorded, log
+            assert recorded[0][2] == s.cfg.frames_per_chunk  # the chunk's latents [1, C, F, h, w]
+            if i:  # the decoder's state from the chunk before (none before the first)
+                assert len(recorded) > 1, log
+    assert set(decodes) == {"side"} and len(decodes) >= len(want)
+    assert set(forwards) == {"main"}
+
+
+# the faults of test_stream_atomic whose work this path moves: the re-encode, now after the
+# decode inside the chunk, and the decode itself, now on the second stream
+BESIDE_FAULTS = {
+    "decode": FAULTS["decode"],
+    # the last layer of this chunk's clean re-encode, after its 4 denoising steps (the debug model's)
+    "re-encode's last layer": lambda s: (s.dit.blocks[-1].self_attn, s.steps + 1),
+    "re-encode's first layer": lambda s: (s.dit.blocks[0].self_attn, s.steps + 1),
+    "denoise step 2 of 4": FAULTS["denoise step 2 of 4"],
+}
+CASES = [(where, cache_from) for where in BESIDE_FAULTS for cache_from in ("reencode", "last_step")
+         if not (where.startswith("re-encode") and cache_from == "last_step")]  # fmt: skip
+
+
+@contextmanager
+def fault_at_the_copy_to_the_host(current: list):
+    """The frames' copy to the host on the second stream raises: where a GPU says that the decode
+    failed (its asynchronous error), or a Ctrl-C lands while the copy waits for the decode. The
+    re-encode has written the chunk into the ring by then."""
+    cpu = torch.Tensor.cpu
+
+    def failing(t, *args, **kwargs):
+        if current[-1].name == "side":
+            raise InjectedFault("injected")
+        return cpu(t, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "cpu", failing)
+        yield
+
+
+@pytest.mark.parametrize(
+    ("where", "cache_from"), CASES + [("copy to the host", c) for c in ("reencode", "last_step")]
+)
+def test_a_chunk_that_fails_beside_its_reencode_leaves_the_session_as_it_was(
+    model, streams, where, cache_from
+):
+    """The re-encode runs inside the chunk here (after its decode is queued), so a failure in it,
+    in the decode or in the copy of the frames after it must put back the ring's slots, the
+    decoder state and the rest; the retry makes the chunk an unfaulted session makes."""
+    log, current = streams
+    alone = started(model, cache_from)
+    before = alone.chunks_to_full_ring
+    want = [alone.next_chunk() for _ in range(before + 2)][before:]
+
+    s = started(model, cache_from, side=FakeStream("side", log))
+    for _ in range(before):
+        s.next_chunk()
+    state = session_state(s)
+    if where == "copy to the host":
+        fault = fault_at_the_copy_to_the_host(current)
+    else:
+        fault = fault_at(*BESIDE_FAULTS[where](s))
+    with fault, pytest.raises(InjectedFault, match="injected"):
+        s.next_chunk()
+    assert_same_state(session_state(s), state)
+    for frames, pts in want:
+        got_frames, got_pts = s.next_chunk()
+        np.testing.assert_array_equal(got_frames, frames)
+        assert got_pts == pts
