@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -64,7 +65,11 @@ def test_every_kernel_builds_for_hopper_without_spills_within_shared_memory(caps
     for case in CASES:  # every autotune config is built, in bf16 and in each FP8 mode
         if case.startswith("attention"):
             assert attention_configs(case) == configs, case
-    assert result["spilling"] == [] and result["over_shared_memory"] == [], result
+    assert result["over_shared_memory"] == [], result
+    # none spills but PV in FP8, whose blocks' products are added in fp32 (a second tile of
+    # registers: test_fp8_pv_adds_each_key_blocks_product_in_fp32); the autotuner has a clean tile
+    assert all(s.startswith("attention_stream_fp8 _attention_kernel ") for s in result["spilling"]), result
+    assert attention_configs("attention_stream_fp8") > len(result["spilling"]), result["spilling"]
     assert all(0 < row["registers"] <= 255 for row in rows)
     # the softmax scales and subtracts each score's running max in one fma (the scale applied
     # in the exponent), so next to each score's exp2 there is no separate multiply and subtract
@@ -116,8 +121,10 @@ def test_exact_fp32_attention_builds_one_config_instead_of_autotuning(fp32_atten
 def test_ring_attention_blocks_build_for_hopper_without_spills():
     """Ring attention's blocks return each row's log-sum-exp (`return_lse`). With PV in FP8 as
     well, the kernel is at the edge (244-255 registers, Triton 3.9): at a Wan ring block's shapes
-    every tile builds without spilling. (It spilled at 128x64 and 64x64 while the probabilities'
-    2^8 was a multiply and PV a second accumulator.)"""
+    it built every tile without spilling while PV's products were chained through one
+    accumulator; adding each block's in fp32 (test_fp8_pv_adds_each_key_blocks_product_in_fp32)
+    takes a second tile of registers, and some tiles spill: one at least builds clean, for the
+    autotuner."""
     from streamgen.kernels import reference
 
     torch.manual_seed(0)
@@ -127,12 +134,13 @@ def test_ring_attention_blocks_build_for_hopper_without_spills():
     inputs = reference.quantize_fp8_attention(q, k, v, pv=True)
     with resources.compile_only(90) as compiled:
         triton_attention.fp8_attention_quantized(*inputs, None, 1, torch.bfloat16, return_lse=True)
-    tiles = []
+    tiles, clean = [], []
     for _name, variant, kernel, _seconds, report in compiled:
         usage = resources.ptxas_usage(report)
-        assert usage["spill_stores"] == usage["spill_loads"] == 0, (variant, usage)
+        clean.append(usage["spill_stores"] == usage["spill_loads"] == 0)
         assert kernel.metadata.shared <= resources.SHARED_BYTES_PER_BLOCK[90]
         tiles.append((variant["BLOCK_M"], variant["BLOCK_N"]))
+    assert any(clean), tiles
     assert sorted(tiles) == sorted(
         (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in triton_attention._ATTN_CONFIGS
     )
@@ -282,3 +290,47 @@ def test_kernels_compile_for_hopper_in_fp32():
         num_stages=smallest.num_stages,
     )  # fmt: skip
     assert compiled.metadata.shared <= 227 * 1024
+
+
+def _fp8_dots_chaining_an_imprecise_accumulator(ttgir: str) -> list[str]:
+    """The FP8 products (e4m3 operands) of a kernel's TTGIR that add into an accumulator carried
+    from earlier products while Triton lets the tensor cores keep it in their reduced precision
+    throughout (maxNumImpreciseAcc above the product's K): their third operand is not a zero."""
+    zeros = set(re.findall(r"(%[\w.]+) = arith\.constant dense<0\.0+e\+00> : tensor", ttgir))
+    chained = []
+    for line in ttgir.splitlines():
+        dot = re.search(r"(?:ttng\.warp_group_dot|tt\.dot) (%[\w.]+), (%[\w.]+), (%[\w.]+)", line)
+        if dot is None or line.count("f8E4M3FN") < 2:
+            continue
+        imprecise = re.search(r"maxNumImpreciseAcc = (\d+)", line)
+        k = re.search(r"tensor<\d+x(\d+)xf8E4M3FN", line) or re.search(r"memdesc<\d+x(\d+)xf8E4M3FN", line)
+        limit = int(imprecise.group(1)) if imprecise else 0
+        if dot.group(3) not in zeros and (k is None or limit > int(k.group(1))):
+            chained.append(line.strip())
+    return chained
+
+
+@pytest.mark.slow
+def test_fp8_pv_adds_each_key_blocks_product_in_fp32():
+    """On sm_90 Triton lets e4m3 products accumulate in the tensor cores' reduced precision
+    (about 14 bits: maxNumImpreciseAcc 2^30 by default). PV's product of each key block was
+    chained through tl.dot's accumulator operand, so a steady chunk's whole PV sum (39,000 keys at
+    832x480, 600 key blocks) was kept in that precision, an error neither the interpreter nor the
+    CPU's emulation (`bench fp8`'s accuracy) has, and not the fp32 sum docs/kernels.md says. Each
+    block's product starts from zero and is added to the running sum in fp32."""
+    from streamgen.kernels import reference
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 40, 2, 64, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 300, 2, 64, dtype=torch.bfloat16) for _ in range(2))
+    built = []
+    for pv in (False, True):
+        inputs = reference.quantize_fp8_attention(q, k, v, pv=pv)
+        with resources.compile_only(90) as compiled:
+            triton_attention.fp8_attention_quantized(*inputs, None, 1, torch.bfloat16)
+        built += [kernel for name, _variant, kernel, _s, _report in compiled if name == "_attention_kernel"]
+    assert len(built) == 2 * len(triton_attention._ATTN_CONFIGS)
+    for kernel in built:
+        ttgir = kernel.asm["ttgir"]
+        assert ttgir.count("f8E4M3FN") > 0
+        assert _fp8_dots_chaining_an_imprecise_accumulator(ttgir) == []

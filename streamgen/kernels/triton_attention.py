@@ -66,9 +66,13 @@ def _attend_key_block(
 
     The softmax's scale (q_factor, > 0: a scalar, or each row's with FP8_QK) is applied inside
     the exponent, scores * q_factor - max as one fused multiply-add, and the block's maximum is
-    taken before scaling (a positive factor keeps the order). PV accumulates into `acc` through
-    tl.dot's third operand, the tensor cores' own accumulator (Triton folded a later add into it
-    for bf16 tiles, but not with PV in FP8, where a second tile of registers was live)."""
+    taken before scaling (a positive factor keeps the order). In bf16 PV accumulates into `acc`
+    through tl.dot's third operand, the tensor cores' own fp32 accumulator. In FP8 it must not:
+    on sm_90 Triton lets e4m3 products accumulate in the tensor cores' reduced precision (about
+    14 bits, maxNumImpreciseAcc 2^30 by default), so `acc` fed to every block's product kept a
+    steady chunk's whole PV sum (600 key blocks at 832x480) in it; each block's product starts
+    from zero and is added in fp32 (SageAttention2's two-level accumulation). The add costs a
+    second tile of registers: some tiles spill (`streamgen bench resources`)."""
     k = tl.load(
         k_base + cols[None, :] * stride_kl + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None], other=0.0
     )  # [BLOCK_D, BLOCK_N]
@@ -101,7 +105,7 @@ def _attend_key_block(
         if DOT_FP32:  # the interpreter's fp8 cast is wrong: round to e4m3 in fp32, as the GPU's cast
             acc = tl.dot(round_to_e4m3(p), v.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
+            acc += tl.dot(p.to(v.dtype), v)  # (Triton does not fold it into the dot: fp8)
     elif DOT_FP32:
         acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
     else:
