@@ -131,9 +131,11 @@ class ModelHost:
         """A model process that does not answer (a deadlock, a driver hang, a stopped process) held
         the worker, and with it every session, while /healthz said ok: it is killed, and the host
         is down, as it is when the process dies, so that a supervisor restarts the server."""
+        # why, before the kill: from it on the process reads as exited by SIGKILL, and the limits'
+        # check or /healthz reading `down` meanwhile ended the sessions as the out-of-memory killer's
+        self._down = f"the model process gave no answer to {op!r} in {self.answer_timeout:g} s (stuck: it was killed)"
         self.process.kill()  # (SIGKILL: a stuck process may not run a SIGTERM handler)
         self.process.join(5)
-        self._down = f"the model process gave no answer to {op!r} in {self.answer_timeout:g} s (stuck: it was killed)"
         raise HostDown(self._down)
 
     def stop(self) -> None:

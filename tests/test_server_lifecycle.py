@@ -484,6 +484,34 @@ async def test_a_model_process_that_dies_with_no_session_is_logged_once(caplog):
     assert len(errors) == 1 and "the model is down: the model process exited (code -9" in errors[0], errors
 
 
+def test_a_stuck_model_process_is_down_as_stuck_while_it_is_killed():
+    """The worker killed a stuck model process and then said why: while it waited for the process
+    to end, the limits' check (once a second, on the event loop) or /healthz read the host's `down`,
+    found a process exited by SIGKILL, and ended every session "host_down: the model process exited
+    (code -9: killed by SIGKILL, as the kernel's out-of-memory killer does)", the stuck process's
+    own reason ("gave no answer") coming too late. The read here is forced into that wait."""
+    from server.model_host import HostDown, ModelHost
+
+    host = object.__new__(ModelHost)  # (no process spawned: one that is killed and waited for)
+    host._down, host._killed_at_stop, host.answer_timeout = None, None, 2.0
+    read_meanwhile = []
+
+    class KilledProcess:
+        exitcode = None
+
+        def kill(self):
+            self.exitcode = -9
+
+        def join(self, timeout=None):  # the event loop reads the host's state while the worker waits here
+            read_meanwhile.append(host.down)
+
+    host.process = KilledProcess()
+    with pytest.raises(HostDown) as raised:
+        host._stop_stuck("chunk")
+    said = "the model process gave no answer to 'chunk' in 2 s (stuck: it was killed)"
+    assert (str(raised.value), host.down, read_meanwhile) == (said, said, [said])
+
+
 def test_a_model_process_that_dies_loading_is_one_line_in_the_log(monkeypatch, caplog):
     """It was logged with the traceback of the pipe it died on, which says nothing more."""
     import time
