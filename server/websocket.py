@@ -128,6 +128,9 @@ class SocketConnection:
         self.speaks: list[list] = []  # the speaks among them (an interrupt since drops those of its `clears`)
         self.late_captions: set[asyncio.Task] = set()  # answered as late, still waiting for the worker
         self.close_sent = False
+        # the close this socket gives itself (the client's stop, its protocol error, the idle limit),
+        # sent by the session's closer once the session has ended (`close_for_session`)
+        self.own_close: tuple[int, str] | None = None
         self.message_rate = MessageRate(MAX_MESSAGES_PER_S, MAX_MESSAGE_BURST)
 
     async def run(self) -> None:
@@ -151,7 +154,7 @@ class SocketConnection:
             reason = self.session.close_reason or "session ended"
         except ProtocolError as e:
             log.info("session %s: websocket protocol error %d: %s", self.session.id, e.code, e.reason)
-            await self.close(e.code, e.reason)
+            self.own_close = (e.code, e.reason)
             reason = f"protocol error: {e.reason}"
         except WebSocketDisconnect:
             pass
@@ -166,6 +169,8 @@ class SocketConnection:
             self.give_back_turns()
             try:
                 await self.registry.close(self.session, reason)
+                if self.own_close is not None:  # (where its closer had run before: said once, at most)
+                    await self.close(*self.own_close)
             finally:
                 metrics.websockets_open.dec()
                 await self.speaker_ended()
@@ -182,7 +187,7 @@ class SocketConnection:
                 message = await asyncio.wait_for(self.ws.receive(), timeout=wait)
             except TimeoutError:
                 reason = idle_reason(self.session, idle)
-                await self.close(CloseCode.IDLE, reason)
+                self.own_close = (CloseCode.IDLE, reason)
                 return reason
             if message["type"] == "websocket.disconnect":
                 fault = BROKEN_FRAME_CLOSES.get(message.get("code"))
@@ -226,7 +231,7 @@ class SocketConnection:
             await self.send_json({"type": "pong", "id": msg.get("id"), "video_time": self.video_time()})
         elif kind == "stop":  # at any time: a client that hung up before its stream started was
             # closed with 4400, its session's end logged and counted as a protocol error
-            await self.close(CloseCode.NORMAL, "stopped")
+            self.own_close = (CloseCode.NORMAL, "stopped")
             return True
         elif kind == "start":
             if self.session.streaming:
@@ -443,7 +448,12 @@ class SocketConnection:
             pass
 
     async def close_for_session(self) -> None:
-        await self.close(close_code_for(self.session.close_reason), self.session.close_reason)
+        """The session's closer. A close of the socket's own is sent here too, once the session has
+        ended: sent before (and uvicorn's close waits for the client's answer and the connection's
+        end), a client that heard it and at once asked for its session found it alive (200), and
+        one that connected again was told it was already streaming (4409)."""
+        reason = self.session.close_reason
+        await self.close(*(self.own_close or (close_code_for(reason), reason)))
         if self.receiver is not None and not self.receiver.done():
             self.receiver.cancel()  # the session is over whether or not the client answers the close
 

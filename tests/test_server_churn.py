@@ -231,3 +231,42 @@ async def test_a_request_key_is_checked_and_its_session_lives_on_without_its_del
     assert made.status_code == 201 and list(held) == ["a-random-key-" * 2]
     assert twice.status_code == 409, twice.text
     assert sessions == {} and keys == {}  # (its key let go with it)
+
+
+async def test_a_client_that_heard_its_socket_close_finds_its_session_ended(monkeypatch):
+    """A socket closed on the server's side (the client's `stop`, its protocol error, the idle
+    limit) sent its close frame first and ended its session only once the close was over: uvicorn's
+    close waits for the client's answer and the connection's end. A client that heard the close and
+    at once asked for its session found it alive (200), or, connecting again, was told it was
+    already streaming over a socket (4409). The wait after the close frame, made longer here (the
+    round trip of a far client, a loaded server), puts the client's questions inside it."""
+    from server.websocket import SocketConnection
+
+    close = SocketConnection.close
+
+    async def close_then_wait_for_the_answer(self, code, reason):
+        await close(self, code, reason)
+        await asyncio.sleep(0.5)
+
+    monkeypatch.setattr(SocketConnection, "close", close_then_wait_for_the_answer)
+    with live_server() as (url, app):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            for sent, heard, ended in (
+                ({"type": "stop"}, (1000, "stopped"), "stopped by client"),
+                ({"type": "speak", "text": "hi"}, (4400, "send a start message before speak"),
+                 "protocol error: send a start message before speak"),
+            ):  # fmt: skip
+                s, headers = await created_session(http)
+                stream = url.replace("http", "ws") + f"{s['stream']}?token={s['token']}"
+                async with websockets.connect(stream) as ws:
+                    await ws.send(json.dumps(sent))
+                    with pytest.raises(websockets.ConnectionClosed) as closed:
+                        for _ in range(10):  # bounded: the close comes first
+                            await asyncio.wait_for(ws.recv(), 10)
+                assert (closed.value.rcvd.code, closed.value.rcvd.reason) == heard
+                asked = await http.get(s["resource"], headers=headers)
+                async with websockets.connect(stream) as again:
+                    with pytest.raises(websockets.ConnectionClosed) as refused:
+                        await asyncio.wait_for(again.recv(), 10)
+                assert (asked.status_code, asked.json().get("message")) == (404, f"session ended: {ended}"), asked.text
+                assert (refused.value.rcvd.code, refused.value.rcvd.reason) == (4404, f"session ended: {ended}")
