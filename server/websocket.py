@@ -388,6 +388,11 @@ class SocketConnection:
         self.sender = asyncio.create_task(self.send_chunks(slot, json.dumps(ready)))
 
     def video_time(self) -> float:
+        """Where the stream's video has come to: the end of the chunks generated for it, 0 before
+        `start`. (Before it, a pong said 0 or a chunk's length by chance: the first chunk is made
+        as the session is created, whether or not the socket has started its stream.)"""
+        if not self.session.streaming:
+            return 0.0
         return self.session.chunk_index * self.session.chunk_seconds
 
     async def send_chunks(self, slot, ready: str) -> None:
