@@ -1,4 +1,5 @@
 import os
+import time
 
 import pytest
 
@@ -31,6 +32,48 @@ def browser_page(playwright):
 
     with chromium(playwright, chromium_args(SPEECH_WAV)) as context:
         yield context
+
+
+@pytest.fixture(scope="module")
+def served():
+    """`live_server` for a browser test file, one server per configuration, shared by the file's
+    tests that ask for the same one: `with served(max_sessions=2) as (url, app)`. A server's start
+    took ~1.5 s here, most of it the full collection of this process's heap (torch, Playwright) that
+    ends its warm-up (freeze_loaded_heap), undone by each stop. A test gets the server with no session
+    left on it by the one before (waited for, up to SESSIONS_GONE_S; a fresh server where one
+    stays). Its counters (/metrics) go on from test to test: a test reads differences."""
+    from contextlib import ExitStack, contextmanager
+
+    from server_helpers import live_server
+
+    servers: dict[tuple, tuple[ExitStack, tuple]] = {}
+
+    def without_sessions(app) -> bool:
+        deadline = time.monotonic() + SESSIONS_GONE_S
+        while app.state.registry.sessions:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    @contextmanager
+    def server(**overrides):
+        key = tuple(sorted((name, repr(value)) for name, value in overrides.items()))
+        if key in servers and not without_sessions(servers[key][1][1]):
+            servers.pop(key)[0].close()
+        if key not in servers:
+            stack = ExitStack()
+            servers[key] = (stack, stack.enter_context(live_server(**overrides)))
+        yield servers[key][1]
+
+    try:
+        yield server
+    finally:
+        for stack, _ in servers.values():
+            stack.close()
+
+
+SESSIONS_GONE_S = 10.0  # (a page's hang-up or close ends its session within a second)
 
 
 @pytest.fixture

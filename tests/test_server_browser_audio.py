@@ -85,7 +85,7 @@ def report_until(page, reports: list[dict], check, seconds: float) -> None:
 
 @pytest.mark.parametrize("transport", ["ws", "webrtc"])
 def test_an_autostarted_page_asks_for_a_click_and_turns_the_sound_on_with_it(browser_that_waits_for_a_click,
-                                                                             transport):  # fmt: skip
+                                                                             transport, served):  # fmt: skip
     """A page that connects by itself (?autostart=1) gets no sound from the browser until the user
     interacts with it. Over WebRTC the video played muted, with a tooltip on the video as the only
     sign, and only a click on the video unmuted it; over the WebSocket API the AudioContext stayed
@@ -93,7 +93,7 @@ def test_an_autostarted_page_asks_for_a_click_and_turns_the_sound_on_with_it(bro
     timer 7.8 s long after 8 s of streaming, and for good once the context ran). Now the page says
     a click is needed, times the frames on its own clock meanwhile, and the first click anywhere
     turns the sound on. (No microphone: a page that captures one may start its sound at once.)"""
-    with live_server(max_sessions=2) as (url, _):
+    with served(max_sessions=2) as (url, _):
         page = browser_that_waits_for_a_click.new_page()
         page.add_init_script(REPORT)
         reports = reports_of(page)
@@ -125,11 +125,11 @@ def test_an_autostarted_page_asks_for_a_click_and_turns_the_sound_on_with_it(bro
             page.close()
 
 
-def test_a_key_pressed_turns_the_sound_on_as_the_note_says(browser_that_waits_for_a_click):
+def test_a_key_pressed_turns_the_sound_on_as_the_note_says(browser_that_waits_for_a_click, served):
     """The note said "Click anywhere for sound", where a key pressed turns it on too; and Escape,
     which the browser does not count as the user's interaction, took the note away and left the
     sound off. The note says a key will do, and Escape leaves it waiting."""
-    with live_server(max_sessions=1) as (url, _):
+    with served(max_sessions=1) as (url, _):
         page = browser_that_waits_for_a_click.new_page()
         page.add_init_script(REPORT)
         reports = reports_of(page)
@@ -213,6 +213,7 @@ def test_the_page_streams_in_firefox_with_its_microphone(transport):
     rate and resamples itself. (WebRTC, which never used the AudioContext, checks the harness.
     Firefox without an audio device, as here, neither runs an AudioContext nor reliably feeds its
     fake microphone, so the microphone's samples are checked in Chromium only.)"""
+    # (a server of its own: the Firefox killed at the end leaves its WebRTC session to the peer timeout)
     with live_server(max_sessions=2) as (url, _):
         profile = tempfile.mkdtemp(prefix="streamgen-firefox-")
         Path(profile, "user.js").write_text(
@@ -259,7 +260,7 @@ FORCED = {"secure": "", "insecure": NO_AUDIO_WORKLET, "worklet-unloadable": UNLO
 
 
 @pytest.mark.parametrize("context", ["secure", "insecure", "worklet-unloadable"])
-def test_the_microphone_reaches_the_websocket_through_an_audio_worklet(browser_page, context):
+def test_the_microphone_reaches_the_websocket_through_an_audio_worklet(browser_page, context, served):
     """The WebSocket fallback's microphone went through a ScriptProcessorNode, deprecated (Chromium
     warns on the console) and run on the page's main thread. It goes through an AudioWorklet now,
     and through the ScriptProcessorNode only where the context has no audioWorklet (an insecure
@@ -267,7 +268,8 @@ def test_the_microphone_reaches_the_websocket_through_an_audio_worklet(browser_p
     microphone per second of the page's audio clock (a wrong rate would be 3 s, or 1/3). The rate
     per second of wall time is printed."""
     heard = 'streamgen_audio_received_seconds_total{source="client"}'
-    with live_server(max_sessions=2) as (url, _):
+    with served(max_sessions=2) as (url, _):
+        before = metric(url, heard)  # (counted from the file's earlier tests on)
         page = browser_page.new_page()
         page.add_init_script(MIC_PATH + FORCED[context])
         path = "worklet" if context == "secure" else "script-processor"
@@ -276,7 +278,7 @@ def test_the_microphone_reaches_the_websocket_through_an_audio_worklet(browser_p
         try:
             page.goto(f"{url}/?autostart=1&transport=ws")
             page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
-            wait_for(lambda: metric(url, heard) > 0.5, 20, "no microphone audio reached the server")
+            wait_for(lambda: metric(url, heard) > before + 0.5, 20, "no microphone audio reached the server")
             assert page.evaluate("window.__micNodes") == [path], logs
             clock = "__contexts.find((c) => c.state === 'running').currentTime"
             received, audio_clock, wall_clock = metric(url, heard), page.evaluate(clock), time.monotonic()
@@ -302,7 +304,7 @@ def test_the_microphone_reaches_the_websocket_through_an_audio_worklet(browser_p
             page.close()
 
 
-def test_each_websocket_connection_numbers_its_microphone_messages_from_zero(browser_page):
+def test_each_websocket_connection_numbers_its_microphone_messages_from_zero(browser_page, served):
     """The API numbers each direction's messages of a type per connection (docs/api.md); the page's
     microphone messages went on from the previous connection's count after a hang-up."""
     sockets: list[list[int]] = []
@@ -314,12 +316,13 @@ def test_each_websocket_connection_numbers_its_microphone_messages_from_zero(bro
             int.from_bytes(data[4:8], "little")))  # fmt: skip
 
     heard = 'streamgen_audio_received_seconds_total{source="client"}'
-    with live_server(max_sessions=2) as (url, _):
+    with served(max_sessions=2) as (url, _):
+        before = metric(url, heard)  # (counted from the file's earlier tests on)
         page = browser_page.new_page()
         page.on("websocket", watch)
         try:
             page.goto(f"{url}/?autostart=1&transport=ws")
-            wait_for(lambda: metric(url, heard) > 0.5, 30, "no microphone audio reached the server")
+            wait_for(lambda: metric(url, heard) > before + 0.5, 30, "no microphone audio reached the server")
             page.click("#hangup")
             page.click("#connect")
             for _ in range(150):  # (Playwright delivers the frames' events only inside its own calls)

@@ -6,18 +6,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from server_helpers import live_server, png_bytes
+from server_helpers import png_bytes
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
 
-def test_the_face_chosen_last_is_the_one_streamed(browser_page, tmp_path):
+def test_the_face_chosen_last_is_the_one_streamed(browser_page, tmp_path, served):
     """A picture chosen and then an avatar clicked: the avatar's button said it was the one, and the
     picture was streamed (the upload went whenever a file was chosen). The one chosen last goes
     now, and only its button (none, for a picture) says so; and none is chosen while it streams."""
     picture = tmp_path / "me.png"
     picture.write_bytes(png_bytes())
-    with live_server(max_sessions=2) as (url, app):
+    with served(max_sessions=2) as (url, app):
         page = browser_page.new_page()
         created: list[str] = []  # how each POST /v1/sessions chose its face
         page.on("request", lambda r: r.method == "POST" and r.url.endswith("/v1/sessions") and created.append(
@@ -53,11 +53,11 @@ def test_the_face_chosen_last_is_the_one_streamed(browser_page, tmp_path):
             page.close()
 
 
-def test_an_avatar_the_server_does_not_have_is_said_in_the_pages_words(browser_page):
+def test_an_avatar_the_server_does_not_have_is_said_in_the_pages_words(browser_page, served):
     """`?avatar=nobody` was sent, and the page showed the server's words for programs ("unknown
     avatar 'nobody'; see GET /v1/avatars") after a connect. The page says it as it loads, refuses
     a connect with it (no session made), and an avatar clicked then is the one streamed."""
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         created: list[str] = []
         page.on("request", lambda r: r.method == "POST" and r.url.endswith("/v1/sessions") and created.append(
@@ -80,12 +80,12 @@ def test_an_avatar_the_server_does_not_have_is_said_in_the_pages_words(browser_p
             page.close()
 
 
-def test_a_picture_chosen_instead_of_an_unknown_avatar_takes_its_notice_away(browser_page, tmp_path):
+def test_a_picture_chosen_instead_of_an_unknown_avatar_takes_its_notice_away(browser_page, tmp_path, served):
     """`?avatar=nobody` is said as the page loads ('... choose one'); a picture chosen then left it
     there, asking for a face already chosen, until a connect (an avatar clicked took it away)."""
     picture = tmp_path / "me.png"
     picture.write_bytes(png_bytes())
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         try:
             page.goto(f"{url}/?mic=0&transport=ws&avatar=nobody")
@@ -97,11 +97,11 @@ def test_a_picture_chosen_instead_of_an_unknown_avatar_takes_its_notice_away(bro
             page.close()
 
 
-def statuses_for_pictures(browser_page, pictures) -> list[str]:
+def statuses_for_pictures(browser_page, served, pictures) -> list[str]:
     """The page's status after a connect with each of `pictures` chosen in turn, each refused (the
     page left ready for the next); and that the server made no session of any."""
     said = []
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         try:
             page.goto(f"{url}/?mic=0&transport=ws")
@@ -119,7 +119,7 @@ def statuses_for_pictures(browser_page, pictures) -> list[str]:
     return said
 
 
-def test_a_picture_too_large_is_said_in_the_pages_words_with_the_limit(browser_page, tmp_path):
+def test_a_picture_too_large_is_said_in_the_pages_words_with_the_limit(browser_page, tmp_path, served):
     """A picture over 4 MiB, or over 16 Mpixel, was refused in the server's words for programs:
     'failed: 413: request body of 4.84 MiB; the limit is 4 MiB', 'failed: 413: reference image is
     4100x4100 pixels; at most 16777216 pixels are accepted'. The page says what is wrong with the
@@ -131,14 +131,14 @@ def test_a_picture_too_large_is_said_in_the_pages_words_with_the_limit(browser_p
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (1300, 1300, 3), np.uint8)).save(heavy)
     wide = tmp_path / "wide.png"  # one colour: 48 KiB, but 16.8 Mpixel
     Image.new("RGB", (4100, 4100)).save(wide)
-    assert statuses_for_pictures(browser_page, [heavy, wide]) == [
+    assert statuses_for_pictures(browser_page, served, [heavy, wide]) == [
         "failed: your picture is 4.84 MiB, larger than this server takes (at most 4 MiB): choose a smaller one",
         "failed: your picture is 4100x4100 pixels, more than this server takes (at most 16.8 megapixels,"
         " as 4096x4096): choose a smaller one",
     ]
 
 
-def test_a_file_that_is_no_picture_is_said_as_the_users_picture(browser_page, tmp_path):
+def test_a_file_that_is_no_picture_is_said_as_the_users_picture(browser_page, tmp_path, served):
     """A file chosen that is not an image (or is cut short, or too small) was said in the API's
     words for its field: 'failed: 415: reference is not an image (...)'. It is 'your picture' now,
     as the page calls it."""
@@ -146,7 +146,7 @@ def test_a_file_that_is_no_picture_is_said_as_the_users_picture(browser_page, tm
     notes.write_text("not a picture")
     cut = tmp_path / "cut.png"
     cut.write_bytes(png_bytes()[:60])
-    assert statuses_for_pictures(browser_page, [notes, cut]) == [
+    assert statuses_for_pictures(browser_page, served, [notes, cut]) == [
         "failed: your picture is not an image (PNG, JPEG, WebP, BMP or GIF)",
         "failed: your picture could not be decoded: image file is truncated",
     ]

@@ -13,7 +13,6 @@ import time
 from contextlib import contextmanager
 
 import pytest
-from server_helpers import live_server
 from test_server_browser import HELD
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
@@ -50,12 +49,12 @@ def console_and_deletes(page) -> tuple[list[str], list[str]]:
     return logs, deletes
 
 
-def test_a_webrtc_connect_hung_up_while_its_offer_waits_leaves_nothing(browser_page):
+def test_a_webrtc_connect_hung_up_while_its_offer_waits_leaves_nothing(browser_page, served):
     """Hung up while the server has not answered the WHEP offer: the page is idle at once, the
     session deleted; the offer is cut off with the connection (its answer, a 404 since the session
     is gone, was on the console as Chromium's "Failed to load resource"), and the next connect
     streams."""
-    with live_server(max_sessions=2) as (url, app):
+    with served(max_sessions=2) as (url, app):
         sessions = app.state.registry.sessions
         page = browser_page.new_page()
         offers = []
@@ -89,11 +88,11 @@ STAGE = """() => {
 
 
 @pytest.mark.parametrize("transport", ["webrtc", "ws"])
-def test_a_hung_up_page_shows_no_last_frame(browser_page, transport):
+def test_a_hung_up_page_shows_no_last_frame(browser_page, transport, served):
     """After a hang-up the <video> kept its ended stream, its last frame on screen as if the avatar
     had frozen (and the WebSocket page's canvas its last drawn frame): the stage is cleared now, on
     both transports."""
-    with live_server(max_sessions=2) as (url, _):
+    with served(max_sessions=2) as (url, _):
         page = browser_page.new_page()
         try:
             page.goto(f"{url}/?autostart=1&mic=0" + ("&transport=ws" if transport == "ws" else ""))
@@ -107,12 +106,12 @@ def test_a_hung_up_page_shows_no_last_frame(browser_page, transport):
             page.close()
 
 
-def test_connect_and_hang_up_from_the_keyboard_keep_the_focus(browser_page):
+def test_connect_and_hang_up_from_the_keyboard_keep_the_focus(browser_page, served):
     """Connect pressed from the keyboard is disabled at once, and its focus went to the page's start
     (the same for Hang up): a keyboard user had to find the control again. The focus goes to the
     button that takes over now, Hang up and then Connect again."""
     focused = "document.activeElement.id"
-    with live_server(max_sessions=2) as (url, _):
+    with served(max_sessions=2) as (url, _):
         page = browser_page.new_page()
         try:
             page.goto(f"{url}/?mic=0&transport=ws")
@@ -127,12 +126,12 @@ def test_connect_and_hang_up_from_the_keyboard_keep_the_focus(browser_page):
             page.close()
 
 
-def test_a_delete_that_fails_at_hang_up_is_said_on_the_console_and_the_session_ends(browser_page):
+def test_a_delete_that_fails_at_hang_up_is_said_on_the_console_and_the_session_ends(browser_page, served):
     """A hang-up's DELETE that fails (here the network's failure) was swallowed. The session ends on
     the server all the same, through the closed peer connection; the page says the failure on the
     console, and nothing on the page. (An open WebSocket's hang-up sends no DELETE: its stop
     message ends the session, test_a_hang_up_leaves_nothing_on_the_console.)"""
-    with live_server(max_sessions=2) as (url, app):
+    with served(max_sessions=2) as (url, app):
         sessions = app.state.registry.sessions
         page = browser_page.new_page()
         deletes = []
@@ -178,12 +177,12 @@ RTCPeerConnection.prototype.getStats = function (...args) {
 """
 
 
-def test_a_stats_read_in_flight_at_a_hang_up_does_not_reach_the_next_connection(browser_page):
+def test_a_stats_read_in_flight_at_a_hang_up_does_not_reach_the_next_connection(browser_page, served):
     """The WebRTC page reads getStats every 500 ms; a read in flight when the user hung up and
     connected again wrote the old connection's figures (26 frames, 25 fps, its startup time) into
     the new one's overlay while it was still connecting. (Chromium answers a read, a replaceTrack
     or a session check of a closed connection without an error: no unhandled rejection seen.)"""
-    with live_server(max_sessions=2) as (url, _):
+    with served(max_sessions=2) as (url, _):
         page = browser_page.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -203,12 +202,12 @@ def test_a_stats_read_in_flight_at_a_hang_up_does_not_reach_the_next_connection(
 
 
 @pytest.mark.parametrize("transport", ["webrtc", "ws"])
-def test_a_hang_up_leaves_nothing_on_the_console(browser_page, transport):
+def test_a_hang_up_leaves_nothing_on_the_console(browser_page, transport, served):
     """A WebSocket hang-up sent the stop message and a DELETE: the stop had ended the session by the
     time the DELETE came, whose 404 Chromium logs as an error ("Failed to load resource"). A normal
     hang-up, on either transport, ends the session and says nothing on the console; a few connect
     and hang-up rounds, as the race went either way."""
-    with live_server(max_sessions=2) as (url, app):
+    with served(max_sessions=2) as (url, app):
         sessions = app.state.registry.sessions
         page = browser_page.new_page()
         logs, deletes = console_and_deletes(page)
@@ -277,12 +276,12 @@ def hang_up_and_let_go(page, sessions, deletes, requests) -> list[tuple[str, str
     return requests[hung_up:]
 
 
-def test_a_hang_up_cuts_off_the_trickle_ice_patches_still_to_go(browser_page):
+def test_a_hang_up_cuts_off_the_trickle_ice_patches_still_to_go(browser_page, served):
     """Hung up while trickle ICE PATCHes were still to go: they went after the hang-up's DELETE,
     found the session gone, and the page logged their 404s ("trickle ICE: PATCH 404", and
     Chromium's own "Failed to load resource"). The hang-up cuts them off now: none goes after it,
     nothing on the console."""
-    with live_server(max_sessions=2) as (url, app), page_with_held_fetches(browser_page, url) as held:
+    with served(max_sessions=2) as (url, app), page_with_held_fetches(browser_page, url) as held:
         page, logs, deletes, requests = held
         hold_fetches(page, '(url, method) => method === "PATCH"')
         page.click("#connect")
@@ -291,12 +290,12 @@ def test_a_hang_up_cuts_off_the_trickle_ice_patches_still_to_go(browser_page):
         assert page.evaluate("held()") == IDLE
 
 
-def test_a_hang_up_cuts_off_the_webrtc_offer_still_to_go(browser_page):
+def test_a_hang_up_cuts_off_the_webrtc_offer_still_to_go(browser_page, served):
     """Hung up while the WHEP offer was still to go: it went after the hang-up's DELETE, found the
     session gone, and Chromium logged its 404 ("Failed to load resource"). It is cut off with the
     connection now (as the PATCHes are): no request after the hang-up, nothing on the console, no
     session left on the server, and the next connect streams."""
-    with live_server(max_sessions=2) as (url, app), page_with_held_fetches(browser_page, url) as held:
+    with served(max_sessions=2) as (url, app), page_with_held_fetches(browser_page, url) as held:
         page, logs, deletes, requests = held
         sessions = app.state.registry.sessions
         hold_fetches(page, '(url, method) => method === "POST" && url.endsWith("/whep")')
@@ -307,11 +306,11 @@ def test_a_hang_up_cuts_off_the_webrtc_offer_still_to_go(browser_page):
         connects_and_streams(page, "webrtc")
 
 
-def test_a_hang_up_cuts_off_the_session_check_in_flight(browser_page):
+def test_a_hang_up_cuts_off_the_session_check_in_flight(browser_page, served):
     """Hung up while a check that the session lives (a GET of it, every 2 s of a WebRTC stream) was
     on its way: it went after the hang-up's DELETE and Chromium logged its 404. It is cut off with
     the connection now, and its abort is not said on the console either."""
-    with live_server(max_sessions=2) as (url, app), page_with_held_fetches(browser_page, url) as held:
+    with served(max_sessions=2) as (url, app), page_with_held_fetches(browser_page, url) as held:
         page, logs, deletes, requests = held
         page.click("#connect")
         page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
@@ -321,11 +320,11 @@ def test_a_hang_up_cuts_off_the_session_check_in_flight(browser_page):
         assert page.evaluate("held()") == IDLE
 
 
-def test_a_connect_shows_no_figures_of_the_connection_before(browser_page):
+def test_a_connect_shows_no_figures_of_the_connection_before(browser_page, served):
     """The overlay is drawn by a stream's stats timer only: connecting again after a hang-up, and
     failed (refused: 503), the page showed the last stream's figures (its fps, its frames) beside
     'failed: ...'."""
-    with live_server(max_sessions=2) as (url, _):
+    with served(max_sessions=2) as (url, _):
         page = browser_page.new_page()
         try:
             page.goto(f"{url}/?autostart=1&mic=0")

@@ -16,7 +16,6 @@ import threading
 from contextlib import contextmanager
 
 import pytest
-from server_helpers import live_server
 from test_server_browser import HELD, wait_for
 from test_server_browser_hangup import IDLE, connects_and_streams, console_and_deletes, wait_in_page
 
@@ -122,12 +121,12 @@ def watched_page(context, script: str):
     page.add_init_script(HELD + script)
     return page, logs, deletes
 
-def test_a_websocket_a_slow_server_has_not_accepted_can_be_hung_up(browser_page):
+def test_a_websocket_a_slow_server_has_not_accepted_can_be_hung_up(browser_page, served):
     """A WebSocket the server does not accept left the page 'connecting' for good, Hang up and
     Connect both disabled, an AudioContext and a session on the server held (20 s measured; the
     browser sets no limit). Hang up is there while connecting now: it closes the socket, deletes
     the session and leaves the page idle, and the page connects again."""
-    with live_server(max_sessions=2) as (url, app), unanswering_listener() as (port, events):
+    with served(max_sessions=2) as (url, app), unanswering_listener() as (port, events):
         sessions = app.state.registry.sessions
         page = page_streaming_to(browser_page, port)
         errors: list[str] = []
@@ -151,12 +150,12 @@ def test_a_websocket_a_slow_server_has_not_accepted_can_be_hung_up(browser_page)
 
 
 @pytest.mark.parametrize("upgrade", [False, True], ids=["no-upgrade", "no-ready"])
-def test_a_websocket_a_server_never_answers_fails_with_a_reason(browser_page, upgrade):
+def test_a_websocket_a_server_never_answers_fails_with_a_reason(browser_page, upgrade, served):
     """A server that takes the TCP connection and never answers the WebSocket upgrade (or answers
     it and never the start message) left the page 'connecting' for good: the browser sets no limit
     on either. The page has a limit of its own now (the page's clock is moved past it): it says
     why it failed, gives back the socket and the session, and can connect again."""
-    with live_server(max_sessions=2) as (url, app), unanswering_listener(upgrade) as (port, events):
+    with served(max_sessions=2) as (url, app), unanswering_listener(upgrade) as (port, events):
         sessions = app.state.registry.sessions
         page = page_streaming_to(browser_page, port)
         page.clock.install()
@@ -192,12 +191,12 @@ WebSocket.prototype.send = function (data) {
 """
 
 
-def test_a_hang_up_between_the_socket_and_ready_leaves_nothing_on_the_console(browser_page):
+def test_a_hang_up_between_the_socket_and_ready_leaves_nothing_on_the_console(browser_page, served):
     """Hung up with the WebSocket open and its start message sent, before the server's ready: the
     page sent the stop message and a DELETE, which found the session the stop had ended (a 404,
     logged by Chromium as an error) or raced it. The server's clean answer to the close is the
     session's end now: no DELETE, nothing on the console, the session gone; a few rounds."""
-    with live_server(max_sessions=2) as (url, app):
+    with served(max_sessions=2) as (url, app):
         sessions = app.state.registry.sessions
         page, logs, deletes = watched_page(browser_page, HANG_UP_AT_START)
         page.clock.install()  # (the page's wait for the close's answer runs at once)
@@ -218,10 +217,10 @@ def test_a_hang_up_between_the_socket_and_ready_leaves_nothing_on_the_console(br
             page.close()
 
 
-def test_a_hang_up_before_a_silent_servers_ready_deletes_the_session(browser_page):
+def test_a_hang_up_before_a_silent_servers_ready_deletes_the_session(browser_page, served):
     """The same hang-up where the socket's server answers nothing (not the API: a proxy that took the
     upgrade): the page's close is never answered, and the session is DELETEd all the same."""
-    with live_server(max_sessions=2) as (url, app), unanswering_listener(upgrade=True) as (port, events):
+    with served(max_sessions=2) as (url, app), unanswering_listener(upgrade=True) as (port, events):
         sessions = app.state.registry.sessions
         page = page_streaming_to(browser_page, port)
         try:
@@ -236,7 +235,7 @@ def test_a_hang_up_before_a_silent_servers_ready_deletes_the_session(browser_pag
             page.close()
 
 
-def test_a_websocket_refused_before_ready_fails_with_the_servers_reason(browser_page):
+def test_a_websocket_refused_before_ready_fails_with_the_servers_reason(browser_page, served):
     """A socket the server refuses (here the session was ended between its creation and the socket:
     4404) closes before the ready message with a code and a reason. The page said only 'WebSocket
     failed'; it says the server's code and reason now, gives back what it held and connects again."""
@@ -252,7 +251,7 @@ window.fetch = async (url, init) => {
 };
 window.endMeanwhile = true;
 """
-    with live_server(max_sessions=2) as (url, app):
+    with served(max_sessions=2) as (url, app):
         sessions = app.state.registry.sessions
         page = browser_page.new_page()
         page.add_init_script(HELD + ended_meanwhile)
@@ -298,12 +297,12 @@ WebSocket.prototype.send = function (data) {
 
 
 @pytest.mark.parametrize("end_at, code", [("socket", 4404), ("start", 4410)])
-def test_a_websocket_the_server_refused_sends_no_delete(browser_page, end_at, code):
+def test_a_websocket_the_server_refused_sends_no_delete(browser_page, end_at, code, served):
     """A failed connect whose socket the server closed before its ready message because the session
     is gone (4404 unknown session, 4410 ended) DELETEd it all the same: a 404, which Chromium logs
     as an error. The server's close says the session is gone: the page sends no DELETE (the test's
     own is the only one), and nothing is on the console."""
-    with live_server(max_sessions=2) as (url, app):
+    with served(max_sessions=2) as (url, app):
         sessions = app.state.registry.sessions
         page, logs, deletes = watched_page(browser_page, f"window.endAt = {end_at!r};" + END_BEHIND_THE_PAGE)
         try:
@@ -353,12 +352,12 @@ window.WebSocket = class extends RealWebSocket {
 """
 
 
-def test_a_hang_up_before_a_conflict_refusal_deletes_the_session(browser_page):
+def test_a_hang_up_before_a_conflict_refusal_deletes_the_session(browser_page, served):
     """Hung up with the WebSocket open, before the server's refusal of it: the page waited for the
     close's answer and took any clean close for the session's end. A 4409 (the session streams
     elsewhere) is a clean close that leaves the session living: the page sent no DELETE, and the
     session it made stayed on the server. The page DELETEs it now."""
-    with live_server(max_sessions=2) as (url, app):
+    with served(max_sessions=2) as (url, app):
         sessions = app.state.registry.sessions
         page, logs, deletes = watched_page(browser_page, CLAIMED_ELSEWHERE)
         try:

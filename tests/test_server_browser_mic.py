@@ -4,7 +4,6 @@ it): one the browser refuses, one that stops, and its box ticked and unticked wh
 from __future__ import annotations
 
 import pytest
-from server_helpers import live_server
 from test_server_browser import HELD, held_page, metric, wait_for
 from test_server_browser_hangup import wait_in_page
 
@@ -38,11 +37,11 @@ def page_with(context, url: str, script: str):
 
 
 @pytest.mark.parametrize("transport", ["webrtc", "ws"])
-def test_a_microphone_the_browser_refuses_is_said_beside_its_box(browser_page, transport):
+def test_a_microphone_the_browser_refuses_is_said_beside_its_box(browser_page, transport, served):
     """Refused, the microphone left the page streaming with its box ticked, the reason on the console
     only: the user talked to an avatar that heard nothing. The page says why beside the box and
     unticks it; ticked again while connected, the box asks again."""
-    with live_server(max_sessions=2) as (url, app):
+    with served(max_sessions=2) as (url, app):
         page = page_with(browser_page, f"{url}/?autostart=1&transport={transport}", REFUSED)
         try:
             page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
@@ -60,11 +59,11 @@ def test_a_microphone_the_browser_refuses_is_said_beside_its_box(browser_page, t
             page.close()
 
 
-def test_a_refused_microphones_note_goes_as_its_box_is_ticked_again_while_idle(browser_page):
+def test_a_refused_microphones_note_goes_as_its_box_is_ticked_again_while_idle(browser_page, served):
     """The note of a microphone refused ("no microphone: Permission denied") stayed after the hang-up
     beside the box ticked again, as though that choice were refused too; the next connect asks the
     browser anew. The note goes as the box is ticked, and the next connect's refusal says it again."""
-    with live_server(max_sessions=2) as (url, app):
+    with served(max_sessions=2) as (url, app):
         page = page_with(browser_page, f"{url}/?transport=ws", REFUSED)
         try:
             page.wait_for_selector("#avatars button")
@@ -84,8 +83,8 @@ def test_a_refused_microphones_note_goes_as_its_box_is_ticked_again_while_idle(b
             page.close()
 
 
-def test_a_page_the_browser_gives_no_microphone_at_all_says_why(browser_page):
-    with live_server(max_sessions=2) as (url, app):
+def test_a_page_the_browser_gives_no_microphone_at_all_says_why(browser_page, served):
+    with served(max_sessions=2) as (url, app):
         page = page_with(browser_page, f"{url}/?autostart=1", INSECURE)
         try:
             page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
@@ -97,11 +96,11 @@ def test_a_page_the_browser_gives_no_microphone_at_all_says_why(browser_page):
 
 
 @pytest.mark.parametrize("transport", ["webrtc", "ws"])
-def test_a_microphone_that_stops_is_said_and_given_back(browser_page, transport):
+def test_a_microphone_that_stops_is_said_and_given_back(browser_page, transport, served):
     """A microphone unplugged (or its permission taken back) while connected ends its track: the
     avatar heard nothing more, and the page said nothing, its box ticked. It says so beside the box
     and unticks it; ticked again, the box takes the microphone there is now."""
-    with live_server(max_sessions=2) as (url, app):
+    with served(max_sessions=2) as (url, app):
         page = page_with(browser_page, f"{url}/?autostart=1&transport={transport}", "")
         try:
             page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
@@ -122,11 +121,12 @@ def test_a_microphone_that_stops_is_said_and_given_back(browser_page, transport)
 
 
 @pytest.mark.parametrize("transport", ["webrtc", "ws"])
-def test_a_microphone_box_flipped_while_the_browser_asks_leaves_no_microphone_on(browser_page, transport):
+def test_a_microphone_box_flipped_while_the_browser_asks_leaves_no_microphone_on(browser_page, transport, served):
     """Ticked, unticked, ticked and unticked while the browser asked (its permission prompt up), the
     box left two microphones taken, its box unticked: one went to a WebRTC avatar, and one stayed
     on after the hang-up, for good. Unticked while a connect's request waits, the same."""
-    with live_server(max_sessions=2) as (url, app):
+    with served(max_sessions=2) as (url, app):
+        before = heard(url)  # (the server's counters go on from the file's earlier tests)
         page = page_with(browser_page, f"{url}/?autostart=1&mic=0&transport={transport}", ASKING)
         try:
             page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
@@ -137,7 +137,7 @@ def test_a_microphone_box_flipped_while_the_browser_asks_leaves_no_microphone_on
             wait_for(lambda: page.evaluate("__mics.length") == 2, 10, "the browser gave no microphones")
             page.wait_for_timeout(1000)
             assert page.evaluate("held()")["mics"] == 0
-            assert heard(url) == 0  # (a WebRTC avatar heard one)
+            assert heard(url) == before  # (a WebRTC avatar heard one)
             page.click("#hangup")
             page.wait_for_timeout(300)
             assert page.evaluate("held()")["mics"] == 0
@@ -152,7 +152,7 @@ def test_a_microphone_box_flipped_while_the_browser_asks_leaves_no_microphone_on
             wait_for(lambda: page.evaluate("__mics.length") == 3, 10, "the browser gave no microphone")
             page.wait_for_timeout(1000)
             assert page.evaluate("held()")["mics"] == 0
-            assert heard(url) == 0
+            assert heard(url) == before
         finally:
             page.close()
 
@@ -167,11 +167,12 @@ def heard(url: str) -> float:
 
 
 @pytest.mark.parametrize("transport", ["webrtc", "ws"])
-def test_a_microphone_box_flipped_while_the_session_is_requested_is_followed(browser_page, transport):
+def test_a_microphone_box_flipped_while_the_session_is_requested_is_followed(browser_page, transport, served):
     """Flipped while a connect's session request waited (after the microphone was asked for, before
     the transport existed), the box did nothing: unticked, the microphone stayed on (and a WebRTC
     avatar heard it); ticked, none was taken and the box said it was on."""
-    with live_server(max_sessions=2) as (url, app):
+    with served(max_sessions=2) as (url, app):
+        before = heard(url)  # (the server's counters go on from the file's earlier tests)
         page = page_with(browser_page, f"{url}/?transport={transport}", "")
         requests = []  # the session requests, held until the box is flipped
         page.route(
@@ -193,9 +194,9 @@ def test_a_microphone_box_flipped_while_the_session_is_requested_is_followed(bro
                 )
                 if flip == "uncheck":
                     page.wait_for_timeout(1000)
-                    assert heard(url) == 0
+                    assert heard(url) == before
                 else:
-                    wait_in_page(page, lambda: heard(url) > 0.5, failed="the microphone ticked was not heard")
+                    wait_in_page(page, lambda: heard(url) > before + 0.5, failed="the microphone ticked was not heard")
                 page.click("#hangup")
                 wait_in_page(
                     page,
@@ -222,11 +223,12 @@ AudioContext.prototype.createMediaStreamSource = function (s) { __sources++; ret
 """
 
 
-def test_a_microphone_ticked_while_the_websocket_starts_is_sent_through_one_path(browser_page):
+def test_a_microphone_ticked_while_the_websocket_starts_is_sent_through_one_path(browser_page, served):
     """Ticked while the socket waited for the server's "ready", the box started the microphone's
     path to it, and the connect's end started a second one: the first stayed connected, its
     worklet running, until the hang-up."""
-    with live_server(max_sessions=2) as (url, app):
+    with served(max_sessions=2) as (url, app):
+        before = heard(url)  # (the server's counters go on from the file's earlier tests)
         page = page_with(browser_page, f"{url}/?transport=ws&mic=0", HELD_READY)
         try:
             page.evaluate("window.__heldMessages = []")
@@ -236,23 +238,24 @@ def test_a_microphone_ticked_while_the_websocket_starts_is_sent_through_one_path
             wait_for(lambda: page.evaluate("__sources") == 1, 10, "the ticked box took no microphone")
             page.evaluate("const m = __heldMessages; __heldMessages = null; m.forEach((f) => f())")
             page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
-            wait_for(lambda: heard(url) > 0.5, 20, "the microphone was not heard")
+            wait_for(lambda: heard(url) > before + 0.5, 20, "the microphone was not heard")
             assert page.evaluate("__sources") == 1
         finally:
             page.close()
 
 
-def test_the_microphone_follows_its_box_only_while_connected(browser_page):
+def test_the_microphone_follows_its_box_only_while_connected(browser_page, served):
     """Ticked after a WebSocket connect made without it, the microphone now reaches the avatar (it
     did nothing); ticked while idle, it is not taken (it was, and stayed on for good)."""
-    with live_server(max_sessions=2) as (url, app):
+    heard = 'streamgen_audio_received_seconds_total{source="client"}'
+    with served(max_sessions=2) as (url, app):
+        before = metric(url, heard)  # (the server's counters go on from the file's earlier tests)
         page = held_page(browser_page, f"{url}/?autostart=1&transport=ws&mic=0")
         try:
             page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
-            heard = 'streamgen_audio_received_seconds_total{source="client"}'
-            assert metric(url, heard) == 0
+            assert metric(url, heard) == before
             page.check("#mic")
-            wait_for(lambda: metric(url, heard) > 1.0)
+            wait_for(lambda: metric(url, heard) > before + 1.0)
             page.click("#hangup")
             page.uncheck("#mic")
             page.check("#mic")
@@ -263,11 +266,11 @@ def test_the_microphone_follows_its_box_only_while_connected(browser_page):
             page.close()
 
 
-def test_a_connect_clicked_before_autostart_and_an_unticked_mic_leave_no_microphone_on(browser_page):
+def test_a_connect_clicked_before_autostart_and_an_unticked_mic_leave_no_microphone_on(browser_page, served):
     """Clicked before the avatar list loaded on an ?autostart=1 page, connect ran twice and the
     first call's microphone stayed on for good; unticked while connected, the box stopped the
     audio but left the capture device live (the browser's recording indicator on)."""
-    with live_server(max_sessions=3) as (url, app):
+    with served(max_sessions=3) as (url, app):
         page = browser_page.new_page()
         click_at_once = "document.addEventListener('DOMContentLoaded', () => document.getElementById('connect').click());"
         page.add_init_script(HELD + click_at_once)

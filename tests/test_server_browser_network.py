@@ -72,8 +72,8 @@ def streaming_through_a_relay(context, url: str, relay_port: int, silent_s: int)
         ("stall", "closed: 1006 the server sent nothing for 3 s"),
     ],
 )
-def test_a_websocket_whose_connection_fails_says_how(browser_page, fault, says):
-    with live_server(max_sessions=2) as (url, app), relay(int(url.rsplit(":", 1)[1])) as (port, cut, stall):
+def test_a_websocket_whose_connection_fails_says_how(browser_page, fault, says, served):
+    with served(max_sessions=2) as (url, app), relay(int(url.rsplit(":", 1)[1])) as (port, cut, stall):
         page = streaming_through_a_relay(browser_page, url, port, silent_s=3)
         try:
             page.wait_for_timeout(4000)  # (a stream that plays longer than that is not given up)
@@ -95,14 +95,14 @@ window.setInterval = (f, ms, ...args) => intervalAsAsked(f, 60000, ...args);
 """
 
 
-def test_a_websocket_that_never_reaches_the_server_says_so_and_ends_its_session(browser_page):
+def test_a_websocket_that_never_reaches_the_server_says_so_and_ends_its_session(browser_page, served):
     """A WebSocket closed without a word before its stream started (the server gone since the
     session was made, or a proxy that does not pass WebSockets on: no close frame, 1006) failed as
     'failed: WebSocket failed', which said nothing a user could act on. It says what it was now, and
     the session its socket never reached is DELETEd."""
     from server_helpers import free_port
 
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         page.add_init_script(HELD + STREAM_ELSEWHERE + f"window.streamAt = 'http://127.0.0.1:{free_port()}';")
         try:
@@ -122,7 +122,7 @@ def test_a_websocket_that_never_reaches_the_server_says_so_and_ends_its_session(
             page.close()
 
 
-def test_a_fallback_that_fails_too_says_why_webrtc_failed_first(browser_page):
+def test_a_fallback_that_fails_too_says_why_webrtc_failed_first(browser_page, served):
     """WebRTC failed (here its offer refused), and the WebSocket it fell back to failed too: the page
     said the WebSocket's reason alone, as though it were the only way tried, and WebRTC's only on the
     console (its refusal as the body's raw JSON). Both are said now, each in its server's words."""
@@ -131,7 +131,7 @@ def test_a_fallback_that_fails_too_says_why_webrtc_failed_first(browser_page):
     from server_helpers import free_port
 
     refusal = json.dumps({"error": "bad_offer", "message": "the offer has no video"})
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         page.add_init_script(HELD + STREAM_ELSEWHERE + f"window.streamAt = 'http://127.0.0.1:{free_port()}';")
         try:
@@ -223,11 +223,11 @@ def test_a_webrtc_page_whose_server_is_killed_says_so(browser_page):
 
 
 @pytest.mark.parametrize("transport", ["webrtc", "ws"])
-def test_a_session_the_server_never_answers_is_given_up(browser_page, transport):
+def test_a_session_the_server_never_answers_is_given_up(browser_page, transport, served):
     """A server (or proxy) that took the connection of a connect's POST /v1/sessions and never
     answered left the page 'connecting' for good, Connect disabled and the microphone on. The page
     gives it up after 10 s now, says so, and gives the controls and the microphone back."""
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         page.add_init_script(HELD)
         page.clock.install()  # (the page's 10 s run at once)
@@ -290,11 +290,11 @@ def test_a_session_answered_after_the_page_gave_up_is_deleted(browser_page, tran
             page.close()
 
 
-def test_a_whep_offer_the_server_never_answers_falls_back_to_the_websocket(browser_page):
+def test_a_whep_offer_the_server_never_answers_falls_back_to_the_websocket(browser_page, served):
     """A WHEP offer (POST .../whep) the server or a proxy took and never answered left the page
     'connecting' for good: the 5 s limit to connect started only with the answer. The offer is
     given up after 10 s now, and the page streams over the WebSocket, as for any WebRTC failure."""
-    with live_server(max_sessions=2) as (url, app):
+    with served(max_sessions=2) as (url, app):
         page = browser_page.new_page()
         page.clock.install()  # (the page's 10 s run at once)
         unanswered = []
@@ -312,11 +312,11 @@ def test_a_whep_offer_the_server_never_answers_falls_back_to_the_websocket(brows
             page.close()
 
 
-def test_an_avatar_list_the_server_never_answers_is_given_up(browser_page):
+def test_an_avatar_list_the_server_never_answers_is_given_up(browser_page, served):
     """`?autostart=1` connects once the avatar list came (or failed): a list the server (or a proxy)
     never answered left the page idle for good, with no list and nothing said. It is given up after
     10 s now, said in the list's place, and the page connects."""
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         page.clock.install()  # (the page's 10 s run at once)
         unanswered = []
@@ -333,7 +333,7 @@ def test_an_avatar_list_the_server_never_answers_is_given_up(browser_page):
             page.close()
 
 
-def test_a_webrtc_attempt_that_fails_frees_its_session_before_the_websocket_asks(browser_page):
+def test_a_webrtc_attempt_that_fails_frees_its_session_before_the_websocket_asks(browser_page, served):
     """On a server of one session, a WebRTC attempt that failed (here its offer refused) DELETEd
     its session as the WebSocket fallback POSTed its own: the POST, first there, was refused ('503:
     server is at capacity (1 of 1 ...)'), as often as not. The fallback waits for the DELETE now
@@ -347,7 +347,7 @@ def test_a_webrtc_attempt_that_fails_frees_its_session_before_the_websocket_asks
             time.sleep(1.0)
         route.continue_()
 
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         try:
             page.route(lambda address: "/v1/sessions/" in address, refused_offer_slow_delete)
@@ -359,13 +359,13 @@ def test_a_webrtc_attempt_that_fails_frees_its_session_before_the_websocket_asks
             page.close()
 
 
-def test_a_pictures_upload_counts_in_the_wait_for_the_sessions_answer(browser_page, tmp_path):
+def test_a_pictures_upload_counts_in_the_wait_for_the_sessions_answer(browser_page, tmp_path, served):
     """A session's creation is given up 10 s after its request: with a picture, that counted its
     upload too, and a phone on a slow uplink (64 KiB/s) sending a picture of 640 KiB was told the
     server did not answer while it still sent it. The wait is 10 s and a second per 64 KiB now."""
     picture = tmp_path / "face.png"
     picture.write_bytes(b"\0" * (640 * 1024))  # (not sent: the test holds the request)
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         page.clock.install()  # (the page's 20 s run at once)
         unanswered = []

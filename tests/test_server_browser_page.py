@@ -24,11 +24,11 @@ window.openBitmaps = () => __bitmaps.filter((b) => b.width > 0).length;
 """
 
 
-def test_a_websocket_streams_decoded_frames_are_closed(browser_page):
+def test_a_websocket_streams_decoded_frames_are_closed(browser_page, served):
     """Each JPEG frame of a WebSocket stream is decoded into an ImageBitmap, which holds its pixels
     until closed: none was, and at 25 fps they waited for the garbage collector. Each is closed once
     drawn now, and those still waiting for their play time as the page hangs up."""
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         page.add_init_script(BITMAPS)
         try:
@@ -44,12 +44,12 @@ def test_a_websocket_streams_decoded_frames_are_closed(browser_page):
             page.close()
 
 
-def test_a_full_server_is_said_with_when_to_try_again(browser_page):
+def test_a_full_server_is_said_with_when_to_try_again(browser_page, served):
     """A server at capacity answers 503 with Retry-After (docs/api.md): the page said 'failed: 503:
     server is at capacity (1 of 1 ...)' and not when a connect would find room. It says so now."""
     import httpx
 
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         taken = httpx.post(f"{url}/v1/sessions", json={}).json()
         wait = httpx.post(f"{url}/v1/sessions", json={}).headers["retry-after"]
         page = browser_page.new_page()
@@ -64,13 +64,13 @@ def test_a_full_server_is_said_with_when_to_try_again(browser_page):
             httpx.delete(url + taken["resource"], headers={"Authorization": f"Bearer {taken['token']}"})
 
 
-def test_a_speak_too_long_is_refused_in_the_same_words_on_both_transports(browser_page):
+def test_a_speak_too_long_is_refused_in_the_same_words_on_both_transports(browser_page, served):
     """The same refusal read 'speak: 422: text too long ...' on a WebRTC page (its speak a POST of
     /control) and 'error: text too long ...' on a WebSocket page (an in-band error): one said it as
     an HTTP status, the other as if the stream had failed. Both say the server's words for the speak
     now."""
     said = {}
-    with live_server(max_sessions=2) as (url, app):
+    with served(max_sessions=2) as (url, app):
         for transport in ("webrtc", "ws"):
             page = browser_page.new_page()
             try:
@@ -88,11 +88,11 @@ def test_a_speak_too_long_is_refused_in_the_same_words_on_both_transports(browse
     assert said["ws"].startswith("speak: text too long: at least "), said
 
 
-def test_a_stream_ended_shows_no_live_rates_beside_idle(browser_page):
+def test_a_stream_ended_shows_no_live_rates_beside_idle(browser_page, served):
     """Hung up (or ended), the overlay went on showing the stream's last fps and A/V offset (and RTT,
     over WebRTC) beside 'idle', as if something still streamed at that rate. The rates go; what the
     stream came to (its transport, startup, frames) stays."""
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         try:
             page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
@@ -108,14 +108,14 @@ def test_a_stream_ended_shows_no_live_rates_beside_idle(browser_page):
 
 
 @pytest.mark.parametrize("width", [320, 280])
-def test_a_phones_narrow_page_fits_its_width(browser_page, width):
+def test_a_phones_narrow_page_fits_its_width(browser_page, width, served):
     """On a phone (320 px wide), the row of Connect, Hang up and the microphone's box did not wrap:
     with the note of a microphone not given beside it, it ran past the screen's edge (the page
     scrolled sideways, the note cut off), and Hang up was squeezed onto two lines. Narrower still
     (280 px, a folded phone's), the controls were 280 px wide beside the page's margins."""
     from test_server_browser_mic import INSECURE
 
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         page.set_viewport_size({"width": width, "height": 640})
         page.add_init_script(INSECURE)
@@ -161,11 +161,11 @@ def test_a_websocket_stream_wider_than_high_keeps_its_shape(browser_page):
             page.close()
 
 
-def test_a_phones_status_and_notice_read_as_lines(browser_page):
+def test_a_phones_status_and_notice_read_as_lines(browser_page, served):
     """On a phone (320 px wide) the header set the title, the status and the notice side by side:
     a speak refused was said in a column a word or two wide, twenty lines down the screen. The
     status and the notice wrap under the title now, as wide as the screen."""
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         page.set_viewport_size({"width": 320, "height": 640})
         try:
@@ -182,10 +182,10 @@ def test_a_phones_status_and_notice_read_as_lines(browser_page):
             page.close()
 
 
-def test_a_silent_limit_asked_below_two_seconds_is_two(browser_page):
+def test_a_silent_limit_asked_below_two_seconds_is_two(browser_page, served):
     """`?silent_s=0` (or 1) gave 10 s, not the 2 s the page's comment and docs/serving.md name as the
     least (`Number("0") || 10`)."""
-    with live_server() as (url, app):
+    with served() as (url, app):
         page = browser_page.new_page()
         try:
             page.goto(f"{url}/")
@@ -200,11 +200,11 @@ def test_a_silent_limit_asked_below_two_seconds_is_two(browser_page):
             page.close()
 
 
-def test_a_speak_the_server_never_answers_gives_speak_back(browser_page):
+def test_a_speak_the_server_never_answers_gives_speak_back(browser_page, served):
     """A speak over WebRTC (a POST of /control) had no limit on its answer: a server that never
     answered left Speak disabled until a hang-up. Past its limit (the page's clock moved on) Speak
     is enabled again, the text kept, the speak not sent again, and the page says it may still be said."""
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         page.clock.install()
         unanswered = []
@@ -225,11 +225,11 @@ def test_a_speak_the_server_never_answers_gives_speak_back(browser_page):
             page.close()
 
 
-def test_why_the_server_ended_a_session_is_said_in_a_users_words(browser_page):
+def test_why_the_server_ended_a_session_is_said_in_a_users_words(browser_page, served):
     """The page said the server's reasons as they came, codes for programs: 'ended: the server ended
     the session (max_duration: session reached 3 s)', '(idle: no input for 30 s)', '(peer_silent:
     ...)'. It says them in a user's words now, and one it does not know as the server said it."""
-    with live_server() as (url, app):
+    with served() as (url, app):
         page = browser_page.new_page()
         try:
             page.goto(f"{url}/")
@@ -254,12 +254,12 @@ def test_why_the_server_ended_a_session_is_said_in_a_users_words(browser_page):
 
 
 @pytest.mark.parametrize("width,height", [(844, 390), (667, 375)])
-def test_a_landscape_phones_stage_fits_its_height(browser_page, width, height):
+def test_a_landscape_phones_stage_fits_its_height(browser_page, width, height, served):
     """On a phone held sideways (844x390, 667x375) the square stage was 512 px (as wide as the
     screen allowed), taller than the screen: the face's lower half was under its edge. The stage
     fits the screen's height now, square, with the controls beside it."""
     box = "(s) => { const r = document.querySelector(s).getBoundingClientRect(); return [r.width, r.height, r.right, r.bottom]; }"
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         page.set_viewport_size({"width": width, "height": height})
         try:
@@ -280,13 +280,13 @@ def test_a_landscape_phones_stage_fits_its_height(browser_page, width, height):
 
 
 @pytest.mark.parametrize("width,height", [(844, 390), (667, 375)])
-def test_a_landscape_phones_stage_fits_under_a_header_of_two_lines(browser_page, width, height):
+def test_a_landscape_phones_stage_fits_under_a_header_of_two_lines(browser_page, width, height, served):
     """The stage's height allowed for a header of one line (2.5rem): a notice beside the status (a
     speak refused) wrapped the header to two lines on a phone held sideways, and the stage's lower
     edge went ~20 px past the screen's. It fits under the header whatever its height now."""
     # (the bottom in the page's coordinates: the click on Speak may scroll it)
     box = "(s) => { const r = document.querySelector(s).getBoundingClientRect(); return [r.width, r.height, r.bottom + scrollY]; }"
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         page.set_viewport_size({"width": width, "height": height})
         try:
@@ -306,7 +306,7 @@ def test_a_landscape_phones_stage_fits_under_a_header_of_two_lines(browser_page,
             page.close()
 
 
-def test_a_phones_status_with_a_word_longer_than_the_screen_fits_its_width(browser_page):
+def test_a_phones_status_with_a_word_longer_than_the_screen_fits_its_width(browser_page, served):
     """A status or notice holding a word wider than a phone's screen (an `?avatar=` of 75 letters,
     said back in both) was not broken: the page was 727 px wide on a 320 px screen, scrolled
     sideways, the rest of the words past its edge. The word breaks now."""
@@ -314,7 +314,7 @@ def test_a_phones_status_with_a_word_longer_than_the_screen_fits_its_width(brows
       const r = e.getBoundingClientRect();
       return r.width > 0 && r.right > innerWidth + 0.5;
     }).map((e) => e.id || e.tagName)"""
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         page.set_viewport_size({"width": 320, "height": 640})
         try:
@@ -336,11 +336,11 @@ def as_a_server_that_takes_captions(route):
     route.fulfill(json={**answer, "captions": True})
 
 
-def test_a_caption_is_offered_only_by_a_server_that_takes_one(browser_page):
+def test_a_caption_is_offered_only_by_a_server_that_takes_one(browser_page, served):
     """The caption's field was there for a model that takes no captions (`--model debug`): each
     connect with a caption failed, '422: this model takes no captions'. The server says whether
     its model takes one (GET /v1/avatars), and the page offers the field only then, saying why not."""
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         try:
             page.goto(f"{url}/?transport=ws&mic=0")
@@ -355,14 +355,14 @@ def test_a_caption_is_offered_only_by_a_server_that_takes_one(browser_page):
             page.close()
 
 
-def test_a_caption_is_sent_whole_and_counted_as_the_server_counts_it(browser_page):
+def test_a_caption_is_sent_whole_and_counted_as_the_server_counts_it(browser_page, served):
     """The caption's field had maxlength=500, which counts UTF-16 code units: a caption of 300 emoji
     (300 characters, the server's count, under its 500) was cut at 250 without a word. It is sent
     whole now, and one over the server's limit is refused in its words, which count characters."""
     import json
 
     caption = "\N{GRINNING FACE}" * 300
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         try:
             page.route("**/v1/avatars", as_a_server_that_takes_captions)
@@ -382,10 +382,10 @@ def test_a_caption_is_sent_whole_and_counted_as_the_server_counts_it(browser_pag
             page.close()
 
 
-def test_a_speak_of_emoji_is_not_cut_at_half_the_servers_limit(browser_page):
+def test_a_speak_of_emoji_is_not_cut_at_half_the_servers_limit(browser_page, served):
     """The speak field had maxlength=1000, which counts UTF-16 code units where the server counts
     characters (server/protocol.py MAX_SPEAK_CHARS): 600 emoji were cut to 500 without a word."""
-    with live_server(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         try:
             page.goto(f"{url}/?transport=ws&mic=0")
@@ -431,7 +431,7 @@ def refusing_websockets(port: int, refusals: int):
         yield relay_port, refused
 
 
-def test_a_websocket_refused_at_the_servers_connection_limit_is_tried_again(browser_page):
+def test_a_websocket_refused_at_the_servers_connection_limit_is_tried_again(browser_page, served):
     """A server at --max-connections answers a WebSocket's upgrade 503 with Retry-After: 1, which a
     browser does not show a page: its socket closes as one that never reached the server (1006). The
     page said 'failed: the WebSocket stream could not connect to the server' at once, and DELETEd the
@@ -439,7 +439,7 @@ def test_a_websocket_refused_at_the_servers_connection_limit_is_tried_again(brow
     time limit), and streams once the server has room."""
     from test_server_browser_hangup_websocket import STREAM_ELSEWHERE
 
-    with live_server(max_sessions=1) as (url, app), refusing_websockets(int(url.rsplit(":", 1)[1]), 2) as (port, refused):
+    with served(max_sessions=1) as (url, app), refusing_websockets(int(url.rsplit(":", 1)[1]), 2) as (port, refused):
         page = browser_page.new_page()
         page.add_init_script(STREAM_ELSEWHERE + f"window.streamAt = 'http://127.0.0.1:{port}';")
         try:

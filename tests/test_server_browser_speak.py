@@ -6,14 +6,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import pytest
-from server_helpers import live_server
 from test_server_browser import held_page
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
 
 @pytest.mark.parametrize("refused", ["avatars", "session", "speak", "unreachable"])
-def test_a_server_error_the_page_meets_is_shown_in_its_words(browser_page, refused):
+def test_a_server_error_the_page_meets_is_shown_in_its_words(browser_page, refused, served):
     """An error answer that is not the API's JSON (a proxy's 502 page, a server restarting): from
     /v1/avatars it left an ?autostart=1 page 'idle', never connecting, the error on the console
     only; from POST /v1/sessions the page showed JSON.parse's complaint about the body; from a
@@ -23,7 +22,7 @@ def test_a_server_error_the_page_meets_is_shown_in_its_words(browser_page, refus
     gateway = {"status": 502, "content_type": "text/html", "body": "<html><h1>502 Bad Gateway</h1></html>"}
     fails = {"avatars": "**/v1/avatars", "session": "**/v1/sessions", "speak": "**/control",
              "unreachable": "**/v1/sessions"}[refused]  # fmt: skip
-    with live_server(max_sessions=2) as (url, app):
+    with served(max_sessions=2) as (url, app):
         page = held_page(browser_page, "about:blank")
         logs: list[str] = []
         page.on("console", lambda m: logs.append(f"{m.type}: {m.text}"))
@@ -54,12 +53,12 @@ def test_a_server_error_the_page_meets_is_shown_in_its_words(browser_page, refus
             page.close()
 
 
-def test_a_websocket_pages_refused_speak_is_said_beside_the_status(browser_page):
+def test_a_websocket_pages_refused_speak_is_said_beside_the_status(browser_page, served):
     """The server's in-band error (a speak too long for the speech queue) replaced the status:
     'error: ...' stood where 'streaming (websocket)' had been while the stream went on. And a text
     blank only to the server (separators and NEL, which Python's strip() takes away and JS's trim()
     keeps) was sent, and the server closed the stream for an empty speak (4400)."""
-    with live_server(max_sessions=2) as (url, app):
+    with served(max_sessions=2) as (url, app):
         page = held_page(browser_page, "about:blank")
         try:
             page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
@@ -109,11 +108,11 @@ def speaking_page(context, url: str):
         page.close()
 
 
-def test_a_speak_answered_after_a_hang_up_is_not_the_next_connections(browser_page):
+def test_a_speak_answered_after_a_hang_up_is_not_the_next_connections(browser_page, served):
     """A WebRTC page's speak is answered once its speech is made (seconds). Hung up and connected
     again meanwhile, the page showed the old session's 404 ('speak: 404: ...') over the new
     connection's status. The hang-up cuts the request off now: nothing more comes of it."""
-    with live_server(max_sessions=2) as (url, app), speaking_page(browser_page, url) as (page, logs):
+    with served(max_sessions=2) as (url, app), speaking_page(browser_page, url) as (page, logs):
         page.click("#hangup")
         page.click("#connect")
         page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
@@ -124,11 +123,11 @@ def test_a_speak_answered_after_a_hang_up_is_not_the_next_connections(browser_pa
         assert logs == []
 
 
-def test_a_sentence_typed_while_a_speak_is_answered_stays(browser_page):
+def test_a_sentence_typed_while_a_speak_is_answered_stays(browser_page, served):
     """A WebRTC page's speak is answered once its speech is made (seconds): the answer emptied the
     field, taking with it the next sentence typed meanwhile. It empties only the text it sent now;
     and Speak waits for the answer, the text being still there to be sent twice."""
-    with live_server(max_sessions=2) as (url, app), speaking_page(browser_page, url) as (page, _):
+    with served(max_sessions=2) as (url, app), speaking_page(browser_page, url) as (page, _):
         # not to be sent twice: pressed again meanwhile, it went again (and was refused, 429)
         assert page.is_disabled("#speak")
         assert page.evaluate("document.activeElement.id") == "speak-text"  # (a disabled button drops it)
