@@ -95,6 +95,26 @@ window.setInterval = (f, ms, ...args) => intervalAsAsked(f, 60000, ...args);
 """
 
 
+# The page's WebSocket tries counted as each closes; its WEBSOCKET_TRIES and WEBSOCKET_RETRY_MS
+SOCKETS_CLOSED = """
+window.__socketsClosed = 0;
+window.WebSocket = class extends window.WebSocket {
+  constructor(...a) { super(...a); this.addEventListener("close", () => __socketsClosed++); }
+};
+"""
+WEBSOCKET_TRIES, WEBSOCKET_RETRY_MS = 5, 1000
+
+
+def websocket_tries_run_at_once(page) -> None:
+    """A page (SOCKETS_CLOSED, its clock installed) whose WebSockets never reach their server: each
+    second between its tries is run as soon as the try has closed (they took 4 s of the test's
+    time), and all of them were made."""
+    for tries in range(1, WEBSOCKET_TRIES):
+        page.wait_for_function(f"window.__socketsClosed >= {tries}", timeout=20_000)
+        page.clock.run_for(WEBSOCKET_RETRY_MS)
+    page.wait_for_function(f"window.__socketsClosed >= {WEBSOCKET_TRIES}", timeout=20_000)
+
+
 def test_a_websocket_that_never_reaches_the_server_says_so_and_ends_its_session(browser_page, served):
     """A WebSocket closed without a word before its stream started (the server gone since the
     session was made, or a proxy that does not pass WebSockets on: no close frame, 1006) failed as
@@ -104,9 +124,11 @@ def test_a_websocket_that_never_reaches_the_server_says_so_and_ends_its_session(
 
     with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
-        page.add_init_script(HELD + STREAM_ELSEWHERE + f"window.streamAt = 'http://127.0.0.1:{free_port()}';")
+        page.add_init_script(HELD + STREAM_ELSEWHERE + SOCKETS_CLOSED + f"window.streamAt = 'http://127.0.0.1:{free_port()}';")
+        page.clock.install()  # (websocket_tries_run_at_once)
         try:
             page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            websocket_tries_run_at_once(page)
             page.wait_for_function("window.streamgenStats.state.startsWith('failed')", timeout=20_000)
             assert page.evaluate("held()") == {
                 "mics": 0, "contexts": 0, "connect": True, "hangup": False,
@@ -133,10 +155,12 @@ def test_a_fallback_that_fails_too_says_why_webrtc_failed_first(browser_page, se
     refusal = json.dumps({"error": "bad_offer", "message": "the offer has no video"})
     with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
-        page.add_init_script(HELD + STREAM_ELSEWHERE + f"window.streamAt = 'http://127.0.0.1:{free_port()}';")
+        page.add_init_script(HELD + STREAM_ELSEWHERE + SOCKETS_CLOSED + f"window.streamAt = 'http://127.0.0.1:{free_port()}';")
+        page.clock.install()  # (websocket_tries_run_at_once)
         try:
             page.route("**/whep", lambda route: route.fulfill(status=400, body=refusal, content_type="application/json"))
             page.goto(f"{url}/?autostart=1&mic=0")
+            websocket_tries_run_at_once(page)
             page.wait_for_function("window.streamgenStats.state.startsWith('failed')", timeout=20_000)
             assert page.evaluate("held()")["state"] == (
                 "failed: the WebSocket stream could not connect to the server (it is gone, or a proxy between does "
