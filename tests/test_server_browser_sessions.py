@@ -203,3 +203,22 @@ def test_a_websocket_page_hung_up_and_connected_again_at_once_keeps_the_new_conn
             }  # fmt: skip
         finally:
             page.close()
+
+
+def test_a_shared_server_is_handed_on_only_without_sessions(served, monkeypatch):
+    """conftest's `served` (the server the browser files' tests of one configuration share) hands
+    the next test the same server where no session is left on it, and a fresh one where a session
+    stays past SESSIONS_GONE_S (here one made and never claimed, which the server keeps for 20 s)."""
+    import conftest
+    import httpx
+    from server_helpers import auth, new_session
+
+    monkeypatch.setattr(conftest, "SESSIONS_GONE_S", 0.5)
+    with served(max_sessions=1) as (url, app), httpx.Client(base_url=url) as client:
+        new_session(client)
+    with served(max_sessions=1) as (fresh_url, fresh_app), httpx.Client(base_url=fresh_url) as client:
+        assert fresh_url != url and fresh_app is not app and not fresh_app.state.registry.sessions
+        made = new_session(client)
+        assert client.delete(made["resource"], headers=auth(made["token"])).status_code == 204
+    with served(max_sessions=1) as (same_url, same_app):
+        assert same_url == fresh_url and same_app is fresh_app
