@@ -221,6 +221,10 @@ class SessionRegistry:
         except LaneDown as e:  # its lane failed while the create waited there
             self._refuse(f"the server cannot generate: {e}", 30, "worker_down")
         except WorkerBusy as e:
+            if self.stopping.is_set() or self.worker.stopped:  # (met after a wait for a closing stream,
+                # `_closing_streams_ended`): the stop's answer, as admit() and a cancelled job give it;
+                # it was 'busy' with Retry-After 1, as a full queue is
+                self._refuse("server is shutting down", 5, "stopping")
             self._refuse(str(e), 1, "busy")
         except HostDown:  # it died just now; admit() refuses every later request
             self._refuse(f"the model is unavailable: {self.host_down}", 30, "host_down")

@@ -117,6 +117,12 @@ class InferenceWorker:
         with self._cond:
             return next(iter(self._lane_failures.values()), None)
 
+    @property
+    def stopped(self) -> bool:
+        """Whether its stop has begun: it takes no job more (`submit` raises WorkerBusy)."""
+        with self._cond:
+            return self._stopping
+
     def lane_failures(self) -> dict[int, str]:
         """lane -> why its loop failed, for the lanes that run nothing more."""
         with self._cond:

@@ -428,3 +428,45 @@ async def test_a_close_queued_on_a_lane_as_it_fails_ends_its_session_without_an_
         assert worker.down and registry.ended["s"][1] == "deleted by client" and worker._lane_load == [0]
     finally:
         worker.stop()
+
+
+async def test_a_create_waiting_for_a_closing_stream_as_the_worker_stops_is_refused_as_the_stop():
+    """A create that waited for a closed session's stream to be freed on another lane (its close
+    queued behind a chunk there) went on to the worker once the stop had cancelled that close: the
+    worker, stopped, refused its stream's job, and the client was told 'server is shutting down'
+    with Retry-After 1, counted as `busy` in /metrics, where every other refusal at the stop is
+    `stopping` with Retry-After 5."""
+    import asyncio
+
+    from prometheus_client import generate_latest
+
+    from server.avatars import avatar_image
+    from server.registry import AdmissionError
+
+    with running_registry(max_sessions=1, lanes=2) as registry:
+        worker, metrics = registry.worker, registry.metrics
+        reference = avatar_image("sample")
+        old = await registry.create(reference, None, 0)
+        release = await asyncio.to_thread(block_lane, worker, old.lane)  # a chunk under way on its lane
+        deleting = asyncio.ensure_future(registry.close(old, "deleted by client"))
+        await asyncio.sleep(0)
+        creating = asyncio.ensure_future(registry.create(reference, None, 0))
+        await asyncio.sleep(0.05)
+        assert not creating.done() and registry._creating == 1  # (waiting for the old stream's close)
+        registry.stopping.set()  # (as the app's stop: its sessions closed, then the worker stopped)
+        stopping = threading.Thread(target=worker.stop, daemon=True)
+        stopping.start()
+        for _ in range(500):  # (bounded: until the worker is stopping, the old lane still held)
+            if worker._stopping:
+                break
+            await asyncio.sleep(0.01)
+        release.set()  # the lane sees the stop and cancels the old stream's close
+        with pytest.raises(AdmissionError, match="^server is shutting down$") as refused:
+            await asyncio.wait_for(creating, 30)
+        assert refused.value.retry_after == 5
+        await asyncio.wait_for(deleting, 30)
+        await asyncio.to_thread(stopping.join, 30)
+        assert registry.sessions == {} and worker._lane_load == [0, 0] and registry._creating == 0
+        rejected = [line for line in generate_latest(metrics.registry).decode().splitlines()
+                    if line.startswith("streamgen_sessions_rejected_total{")]  # fmt: skip
+        assert rejected == ['streamgen_sessions_rejected_total{reason="stopping"} 1.0']
