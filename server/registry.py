@@ -26,6 +26,12 @@ ABANDONED = "abandoned"  # a request key whose client left while its session was
 # freed on their lanes): a chunk that never ends (a hung GPU) held the stop for ever, each stream's
 # close queued behind it. The sessions are closed, their reasons said, before the wait
 STOP_WAIT_S = 10.0
+# seconds a create waits for closed sessions' streams to be freed on other lanes (`_closing_streams_ended`)
+# before it is refused as busy. A close queued on a lane runs after the batch in progress (less than a
+# chunk's 0.32 s where the server is real-time), the jobs queued before it, and due chunks for
+# JOB_PATIENCE (1 s) at most: a second or two on a saturated lane. One still waiting after 5 s is
+# behind a chunk that does not end (a hung GPU), and the POST waited on it until its client gave up
+CLOSING_STREAM_WAIT_S = 5.0
 
 
 class SessionEnded(Exception):
@@ -258,18 +264,38 @@ class SessionRegistry:
         the same lane; on another, idle lane, the new one was made at once while the closed one's
         close waited behind a chunk: two caches alive where the server admits one. The create
         waits for it (a chunk's time) rather than being refused: the closed session no longer
-        counts (a page reloaded at capacity closes its session and makes another at once)."""
+        counts (a page reloaded at capacity closes its session and makes another at once).
+        Refused as busy after CLOSING_STREAM_WAIT_S (the caller gives its lane back): it waited as
+        long as a lane stuck in a chunk did, and its client with it."""
+        deadline = asyncio.get_running_loop().time() + CLOSING_STREAM_WAIT_S
         while True:
             self._streams_closing = [(on, close) for on, close in self._streams_closing if not close.done()]
-            elsewhere = [close for on, close in self._streams_closing if on != lane]
+            elsewhere = [(on, close) for on, close in self._streams_closing if on != lane]
             if not elsewhere or len(self.sessions) + self._creating + len(elsewhere) <= capacity:
                 return
             # (not asyncio.wrap_future: cancelling the create cancelled a close, and a close's error
             # unread there was logged as never retrieved)
             one_ended = asyncio.get_running_loop().create_future()
-            for close in elsewhere:
+            for _, close in elsewhere:
                 close.add_done_callback(_waker(one_ended))
-            await one_ended
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await one_ended
+            except TimeoutError:
+                stuck = sorted({on for on, close in elsewhere if not close.done()})
+                if stuck:  # (none: they ended as the time ran out, checked again above)
+                    self._refuse_closes_stuck(stuck)
+
+    def _refuse_closes_stuck(self, lanes: list[int]) -> None:
+        """A create's wait for closing streams on `lanes` ran out (`_closing_streams_ended`)."""
+        if self.stopping.is_set():  # (the stop began meanwhile: its answer)
+            self._refuse("server is shutting down", 5, "stopping")
+        where = f"inference lane{'s' if len(lanes) > 1 else ''} {', '.join(map(str, lanes))}"
+        waited = seconds(CLOSING_STREAM_WAIT_S)
+        log.warning("a create waited %s for closed sessions' streams to be freed on %s, behind a chunk there: "
+                    "refused (is the lane stuck?)", waited, where)  # fmt: skip
+        self._refuse(f"server is busy: a closed session's stream is still held on {where} "
+                     f"(its close waited {waited} behind a chunk there)", 1, "busy")  # fmt: skip
 
     def _drop_stream(self, stream, lane: int) -> None:
         """A stream made for no session: closed on its lane, which is released once it is."""

@@ -470,3 +470,42 @@ async def test_a_create_waiting_for_a_closing_stream_as_the_worker_stops_is_refu
         rejected = [line for line in generate_latest(metrics.registry).decode().splitlines()
                     if line.startswith("streamgen_sessions_rejected_total{")]  # fmt: skip
         assert rejected == ['streamgen_sessions_rejected_total{reason="stopping"} 1.0']
+
+
+async def test_a_create_waiting_for_a_stream_closing_on_a_stuck_lane_is_refused_in_bounded_time(monkeypatch):
+    """A create that needs a closed session's stream freed on another lane first (at capacity, a page
+    reloaded) waited for that close with no limit: where the lane hung in a chunk (a stuck GPU), the
+    POST hung until its client gave up. It waits CLOSING_STREAM_WAIT_S, then is refused 503 saying
+    why, its lane and its place in the count given back; once the lane frees, a create is made."""
+    import asyncio
+
+    import server.registry
+    from server.avatars import avatar_image
+    from server.registry import AdmissionError
+
+    monkeypatch.setattr(server.registry, "CLOSING_STREAM_WAIT_S", 0.3)
+    with running_registry(max_sessions=1, lanes=2) as registry:
+        worker, metrics = registry.worker, registry.metrics
+        reference = avatar_image("sample")
+        old = await registry.create(reference, None, 0)
+        release = await asyncio.to_thread(block_lane, worker, old.lane)  # a chunk that does not end
+        try:
+            deleting = asyncio.ensure_future(registry.close(old, "deleted by client"))
+            await asyncio.sleep(0)
+            with pytest.raises(AdmissionError) as refused:
+                await asyncio.wait_for(registry.create(reference, None, 0), 20)
+            assert refused.value.reason == (
+                f"server is busy: a closed session's stream is still held on inference lane {old.lane} "
+                "(its close waited 0.3 s behind a chunk there)"
+            )
+            assert refused.value.retry_after == 1
+            assert metrics.sessions_rejected.labels("busy")._value.get() == 1
+            assert registry._creating == 0 and registry.sessions == {}
+            assert worker._lane_load[old.lane] == 1 and worker._lane_load[1 - old.lane] == 0  # (the old's alone)
+            assert not deleting.done()
+        finally:
+            release.set()
+        await asyncio.wait_for(deleting, 30)
+        new = await asyncio.wait_for(registry.create(reference, None, 0), 30)  # (the lane freed: room again)
+        await asyncio.wait_for(registry.close(new, "deleted by client"), 30)
+        assert registry.sessions == {} and worker._lane_load == [0, 0] and registry._creating == 0
