@@ -509,3 +509,34 @@ async def test_a_create_waiting_for_a_stream_closing_on_a_stuck_lane_is_refused_
         new = await asyncio.wait_for(registry.create(reference, None, 0), 30)  # (the lane freed: room again)
         await asyncio.wait_for(registry.close(new, "deleted by client"), 30)
         assert registry.sessions == {} and worker._lane_load == [0, 0] and registry._creating == 0
+
+
+async def test_a_create_whose_wait_for_a_stuck_lane_runs_out_during_the_stop_is_refused_as_the_stop(monkeypatch):
+    """The stop began while the create waited for a closing stream on a stuck lane: its refusal is the
+    stop's ('server is shutting down', Retry-After 5, `stopping`), not busy's 'try again in a second'."""
+    import asyncio
+
+    import server.registry
+    from server.avatars import avatar_image
+    from server.registry import AdmissionError
+
+    monkeypatch.setattr(server.registry, "CLOSING_STREAM_WAIT_S", 0.3)
+    with running_registry(max_sessions=1, lanes=2) as registry:
+        reference = avatar_image("sample")
+        old = await registry.create(reference, None, 0)
+        release = await asyncio.to_thread(block_lane, registry.worker, old.lane)  # a chunk that does not end
+        try:
+            deleting = asyncio.ensure_future(registry.close(old, "deleted by client"))
+            await asyncio.sleep(0)
+            creating = asyncio.ensure_future(registry.create(reference, None, 0))
+            await asyncio.sleep(0)
+            registry.stopping.set()
+            with pytest.raises(AdmissionError, match="^server is shutting down$") as refused:
+                await asyncio.wait_for(creating, 20)
+            assert refused.value.retry_after == 5 and registry._creating == 0
+            assert registry.metrics.sessions_rejected.labels("stopping")._value.get() == 1
+            assert registry.metrics.sessions_rejected.labels("busy")._value.get() == 0
+        finally:
+            release.set()
+        await asyncio.wait_for(deleting, 30)
+        assert registry.worker._lane_load == [0, 0]
