@@ -23,6 +23,42 @@ from server_helpers import (
 pytestmark = pytest.mark.timeout(120)
 
 
+async def a_job_waits_on(worker, lane: int = 0) -> None:
+    """Until a job waits on `lane` behind the one it runs (bounded: 5 s)."""
+    import asyncio
+
+    for _ in range(500):
+        if worker._jobs[lane]:
+            return
+        await asyncio.sleep(0.01)
+
+
+
+async def closing_behind_a_chunk(registry, reference):
+    """A session of `reference` made, a chunk held under way on its lane (`block_lane`) and its close
+    begun behind it: (the session, the chunk's release, the close's task)."""
+    import asyncio
+
+    old = await registry.create(reference, None, 0)
+    release = await asyncio.to_thread(block_lane, registry.worker, old.lane)
+    deleting = asyncio.ensure_future(registry.close(old, "deleted by client"))
+    await asyncio.sleep(0)
+    return old, release, deleting
+
+
+async def worker_stopping(worker) -> threading.Thread:
+    """The worker's stop begun on a thread of its own (as the app's stop, after the sessions' close),
+    once the worker is stopping (bounded: 5 s); a held lane still runs its chunk."""
+    import asyncio
+
+    stopping = threading.Thread(target=worker.stop, daemon=True)
+    stopping.start()
+    for _ in range(500):
+        if worker._stopping:
+            break
+        await asyncio.sleep(0.01)
+    return stopping
+
 @contextmanager
 def one_session_registry_counting_streams(monkeypatch, lanes: int = 1):
     """A registry of one session on `lanes` lanes, its worker running, and [streams alive now] and
@@ -203,10 +239,7 @@ async def test_a_session_closed_on_one_lane_frees_its_stream_before_one_is_made_
     with one_session_registry_counting_streams(monkeypatch, lanes=2) as (registry, live, most):
         worker = registry.worker
         reference = avatar_image("sample")
-        old = await registry.create(reference, None, 0)
-        release = await asyncio.to_thread(block_lane, worker, old.lane)  # a chunk under way on its lane
-        deleting = asyncio.ensure_future(registry.close(old, "deleted by client"))
-        await asyncio.sleep(0)
+        old, release, deleting = await closing_behind_a_chunk(registry, reference)  # (a chunk under way on its lane)
         creating = asyncio.ensure_future(registry.create(reference, None, 0))
         for _ in range(100):  # (bounded, 2 s: a stream made meanwhile on the idle lane shows here)
             if most[0] > 1 or creating.done():
@@ -268,10 +301,7 @@ async def test_a_session_whose_stream_is_made_as_the_stop_begins_is_refused_and_
         worker, metrics = registry.worker, registry.metrics
         release = await asyncio.to_thread(block_lane, worker)
         creating = asyncio.ensure_future(registry.create(avatar_image("sample"), None, 0))
-        for _ in range(500):  # (bounded: until its stream's job waits on the lane)
-            if worker._jobs[0]:
-                break
-            await asyncio.sleep(0.01)
+        await a_job_waits_on(worker)  # (its stream's job)
         registry.stopping.set()
         release.set()
         with pytest.raises(AdmissionError, match="shutting down"):
@@ -299,17 +329,9 @@ async def test_a_create_whose_stream_waits_on_its_lane_as_the_worker_stops_is_re
         worker, metrics = registry.worker, registry.metrics
         release = await asyncio.to_thread(block_lane, worker)
         creating = asyncio.ensure_future(registry.create(avatar_image("sample"), None, 0))
-        for _ in range(500):  # (bounded: until its stream's job waits on the lane)
-            if worker._jobs[0]:
-                break
-            await asyncio.sleep(0.01)
+        await a_job_waits_on(worker)  # (its stream's job)
         registry.stopping.set()  # (as the app's stop: its sessions closed, then the worker stopped)
-        stopping = threading.Thread(target=worker.stop, daemon=True)
-        stopping.start()
-        for _ in range(500):  # (bounded: until the worker is stopping, its lane still held)
-            if worker._stopping:
-                break
-            await asyncio.sleep(0.01)
+        stopping = await worker_stopping(worker)
         release.set()  # the lane sees the stop and cancels the stream's job
         with pytest.raises(AdmissionError, match="server is shutting down") as refused:
             await asyncio.wait_for(creating, 30)
@@ -380,10 +402,7 @@ async def test_a_stream_made_for_a_create_whose_client_left_is_closed_before_the
         with pytest.raises(asyncio.CancelledError):
             await left
         creating = asyncio.ensure_future(registry.create(reference, None, 0))  # (admitted: none counted)
-        for _ in range(500):  # (bounded: until its stream's job waits on the lane)
-            if worker._jobs[0]:
-                break
-            await asyncio.sleep(0.01)
+        await a_job_waits_on(worker)  # (its stream's job)
         made.set()
         session = await asyncio.wait_for(creating, 30)
         await asyncio.wait_for(registry.close(session, "deleted by client"), 30)
@@ -418,10 +437,7 @@ async def test_a_close_queued_on_a_lane_as_it_fails_ends_its_session_without_an_
         registry.sessions[session.id] = session
         release = await asyncio.to_thread(block_lane, worker)
         closing = asyncio.ensure_future(registry.close(session, "deleted by client"))
-        for _ in range(500):  # (bounded: until its stream's close waits on the lane)
-            if worker._jobs[0]:
-                break
-            await asyncio.sleep(0.01)
+        await a_job_waits_on(worker)  # (its stream's close)
         monkeypatch.setattr(worker, "_next", lambda lane: 1 / 0)
         release.set()
         await asyncio.wait_for(closing, 30)  # (no LaneDown)
@@ -446,20 +462,12 @@ async def test_a_create_waiting_for_a_closing_stream_as_the_worker_stops_is_refu
     with running_registry(max_sessions=1, lanes=2) as registry:
         worker, metrics = registry.worker, registry.metrics
         reference = avatar_image("sample")
-        old = await registry.create(reference, None, 0)
-        release = await asyncio.to_thread(block_lane, worker, old.lane)  # a chunk under way on its lane
-        deleting = asyncio.ensure_future(registry.close(old, "deleted by client"))
-        await asyncio.sleep(0)
+        old, release, deleting = await closing_behind_a_chunk(registry, reference)  # (a chunk under way on its lane)
         creating = asyncio.ensure_future(registry.create(reference, None, 0))
         await asyncio.sleep(0.05)
         assert not creating.done() and registry._creating == 1  # (waiting for the old stream's close)
         registry.stopping.set()  # (as the app's stop: its sessions closed, then the worker stopped)
-        stopping = threading.Thread(target=worker.stop, daemon=True)
-        stopping.start()
-        for _ in range(500):  # (bounded: until the worker is stopping, the old lane still held)
-            if worker._stopping:
-                break
-            await asyncio.sleep(0.01)
+        stopping = await worker_stopping(worker)
         release.set()  # the lane sees the stop and cancels the old stream's close
         with pytest.raises(AdmissionError, match="^server is shutting down$") as refused:
             await asyncio.wait_for(creating, 30)
@@ -487,11 +495,8 @@ async def test_a_create_waiting_for_a_stream_closing_on_a_stuck_lane_is_refused_
     with running_registry(max_sessions=1, lanes=2) as registry:
         worker, metrics = registry.worker, registry.metrics
         reference = avatar_image("sample")
-        old = await registry.create(reference, None, 0)
-        release = await asyncio.to_thread(block_lane, worker, old.lane)  # a chunk that does not end
+        old, release, deleting = await closing_behind_a_chunk(registry, reference)  # (a chunk that does not end)
         try:
-            deleting = asyncio.ensure_future(registry.close(old, "deleted by client"))
-            await asyncio.sleep(0)
             with pytest.raises(AdmissionError) as refused:
                 await asyncio.wait_for(registry.create(reference, None, 0), 20)
             assert refused.value.reason == (
@@ -523,11 +528,8 @@ async def test_a_create_whose_wait_for_a_stuck_lane_runs_out_during_the_stop_is_
     monkeypatch.setattr(server.registry, "CLOSING_STREAM_WAIT_S", 0.3)
     with running_registry(max_sessions=1, lanes=2) as registry:
         reference = avatar_image("sample")
-        old = await registry.create(reference, None, 0)
-        release = await asyncio.to_thread(block_lane, registry.worker, old.lane)  # a chunk that does not end
+        old, release, deleting = await closing_behind_a_chunk(registry, reference)  # (a chunk that does not end)
         try:
-            deleting = asyncio.ensure_future(registry.close(old, "deleted by client"))
-            await asyncio.sleep(0)
             creating = asyncio.ensure_future(registry.create(reference, None, 0))
             await asyncio.sleep(0)
             registry.stopping.set()

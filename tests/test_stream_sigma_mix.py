@@ -28,16 +28,22 @@ def test_add_noise_mixes_bf16_latents_at_the_float32_sigma():
     assert torch.equal(add_noise(x32, n32, sigma), (1 - sigma) * x32 + sigma * n32)
 
 
-def test_a_bf16_students_steps_see_latents_mixed_at_the_float32_sigmas():
-    sigmas = student_sigmas(4, 5.0)
-    start = torch.randn(1, 4, 2, 16, 16, generator=torch.Generator().manual_seed(1)).to(BF16)
-    v = torch.randn(start.shape, generator=torch.Generator().manual_seed(2)).to(BF16)
+def velocity_returning(v):
+    """A network's velocity that is `v` whatever it is given, and the [(x, sigma)] it was given."""
     seen = []
 
     def velocity(x, sigma):
         seen.append((x, sigma))
         return v
 
+    return velocity, seen
+
+
+def test_a_bf16_students_steps_see_latents_mixed_at_the_float32_sigmas():
+    sigmas = student_sigmas(4, 5.0)
+    start = torch.randn(1, 4, 2, 16, 16, generator=torch.Generator().manual_seed(1)).to(BF16)
+    v = torch.randn(start.shape, generator=torch.Generator().manual_seed(2)).to(BF16)
+    velocity, seen = velocity_returning(v)
     sample_few_step(velocity, start, sigmas, torch.Generator().manual_seed(3))
     assert all(sigma.dtype == torch.float32 for _, sigma in seen)  # (the network's time: its own)
     generator, x = torch.Generator().manual_seed(3), start
@@ -57,12 +63,7 @@ def test_a_bf16_teachers_euler_steps_are_taken_at_the_float32_step_size():
     sigmas = euler_sigmas(8, 5.0)
     start = torch.randn(1, 4, 2, 16, 16, generator=torch.Generator().manual_seed(4)).to(BF16)
     v = torch.randn(start.shape, generator=torch.Generator().manual_seed(5)).to(BF16)
-    seen = []
-
-    def velocity(x, sigma):
-        seen.append((x, sigma))
-        return v
-
+    velocity, seen = velocity_returning(v)
     got = sample_euler(velocity, start, sigmas)
     x = rounded_step = start
     for i, (seen_x, sigma) in enumerate(seen):
