@@ -74,12 +74,18 @@ done
 "$PY" -m bench.variant_floor --out "$floor_work" "${floor_args[@]}" > "$OUT/floor-work.log" 2>&1 &
 counting=$!
 count_until=$(($(elapsed) + test_s))
-# only the files that hold GPU tests (the server's import packages the image lacks), the
-# kernels' and parallel ones before the benchmark's smoke test (reverse name order)
+# only the files that hold GPU tests (the server's import packages the image lacks); bench/gpu_tests.py
+# runs the tests of paths no GPU has run first (gpu_first), the attention's builds of every tile
+# last (gpu_last), and writes gpu-tests.json as each test starts and ends: a cut step names the
+# test it stopped ("running") and those never started ("not_run")
+tests_json=$OUT/gpu-tests.json
 # shellcheck disable=SC2046  # one word per file
 timeout -s INT -k $KILL "$test_s" "$PY" -m pytest -m gpu -q -rfEsw -p no:cacheprovider --continue-on-collection-errors \
+  -p bench.gpu_tests --gpu-tests-json "$tests_json" \
   ${GPU_CHECK_TESTS:-$(grep -l "mark.gpu" tests/test_*.py | sort -r)} > "$OUT/gpu-tests.log" 2>&1
-echo "gpu tests: exit code $?" >> "$OUT/gpu-tests.log"
+tests_rc=$?
+rm -f "$tests_json.tmp"  # (a SIGKILL in its rewrite: $OUT's files are counted, 8 come back)
+echo "gpu tests: exit code $tests_rc" >> "$OUT/gpu-tests.log"
 while kill -0 "$counting" 2>/dev/null && (($(elapsed) < count_until)); do sleep 1; done
 kill "$counting" 2>/dev/null && echo "bench.variant_floor: stopped at the tests' limit" >> "$OUT/floor-work.log"
 wait "$counting" 2>/dev/null

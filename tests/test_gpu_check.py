@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -473,6 +474,26 @@ def test_compiled_blocks_variant_reports_its_graphs_and_undoes_itself():
     assert all("attend" not in vars(blk.self_attn) for blk in model.dit.blocks)  # the class's again
 
 
+@pytest.mark.gpu_first
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decoding_beside_the_reencode_gives_the_same_frames_on_cuda():
+    # the decode on a second CUDA stream while the re-encode runs on the first: the same frames
+    # (no race between the streams), and the cache written before the next chunk reads it
+    model = gpu.build_model("wan2.1-1.3b", 64, 96, "cuda", torch.float32, quick=True, backend="sdpa")
+    streams = []
+    for beside in (False, True):
+        session = StreamSession(model, steps=2, device="cuda")
+        session.decode_beside_reencode = beside
+        gpu.start_stream(session, torch.zeros(1, 8, model.cfg.text_dim, device="cuda"), speech_s=4.0)
+        frames = [session.next_chunk()[0] for _ in range(5)]
+        assert session.chunk_pending == (not beside)
+        streams.append(np.concatenate(frames))
+    sequential, beside = (s.astype(int) for s in streams)
+    assert np.abs(sequential - beside).max() <= 1  # a race between the streams would be far more
+
+
+@pytest.mark.gpu_first
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bench_gpu_quick_on_cuda_runs_every_stream_variant():
@@ -510,24 +531,6 @@ def test_bench_gpu_quick_on_cuda_runs_every_stream_variant():
     assert all(v["fps_clip"] > 0 for v in result["variants"].values())
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_decoding_beside_the_reencode_gives_the_same_frames_on_cuda():
-    # the decode on a second CUDA stream while the re-encode runs on the first: the same frames
-    # (no race between the streams), and the cache written before the next chunk reads it
-    model = gpu.build_model("wan2.1-1.3b", 64, 96, "cuda", torch.float32, quick=True, backend="sdpa")
-    streams = []
-    for beside in (False, True):
-        session = StreamSession(model, steps=2, device="cuda")
-        session.decode_beside_reencode = beside
-        gpu.start_stream(session, torch.zeros(1, 8, model.cfg.text_dim, device="cuda"), speech_s=4.0)
-        frames = [session.next_chunk()[0] for _ in range(5)]
-        assert session.chunk_pending == (not beside)
-        streams.append(np.concatenate(frames))
-    sequential, beside = (s.astype(int) for s in streams)
-    assert np.abs(sequential - beside).max() <= 1  # a race between the streams would be far more
-
-
 def test_the_clip_rate_waits_for_the_work_its_last_chunk_left_queued(monkeypatch):
     """A chunk that decodes beside its re-encode returns with the re-encode still queued, which the
     next chunk pays: fps_clip left the clip's last tail out (2-3% fast with the tiny decoder)."""
@@ -549,3 +552,119 @@ def test_the_clip_rate_waits_for_the_work_its_last_chunk_left_queued(monkeypatch
     synced_after = [timed[i - 1] for i, e in enumerate(timed) if e == "sync"][:1]
     assert result["fps_clip"] is not None and clip_chunks < 4
     assert timed.index("sync") == clip_chunks and synced_after == [frames[clip_chunks - 1]]
+
+
+# the GPU run's tests in the order a cut costs least (bench/gpu_tests.py): what no GPU has run first,
+# the attention kernel's builds of every tile last
+NEVER_RUN_FIRST = [
+    "test_on_cuda_in_bf16_chunk_by_chunk_it_decodes_as_fp32_on_the_cpu",  # the tiny decoder
+    "test_fp8_linear_at_the_dits_shapes",
+    "test_fp8_attention_at_the_dits_shapes",
+    "test_a_caches_fp8_keys_and_values_follow_every_write_on_the_gpu",
+    "test_decoding_beside_the_reencode_gives_the_same_frames_on_cuda",
+    "test_bench_gpu_quick_on_cuda_runs_every_stream_variant",  # every variant: the longest of them
+]
+EVERY_TILE_LAST = {
+    "test_triton_attention_streaming_chunk",
+    "test_triton_attention_block_causal",
+    "test_triton_attention_reads_strided_cache",
+    "test_all_available_backends_agree",
+    "test_dit_streams_the_same_through_the_kernels",
+    "test_a_query_that_sees_no_key_gets_zeros_from_every_backend_on_cuda",
+    "test_kernel_log_sum_exp_merges_like_full_attention",
+}
+
+
+def _function(nodeid: str) -> str:
+    return nodeid.split("::")[-1].split("[")[0]
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_the_never_run_paths_first_and_the_builds_of_every_tile_last(gpu_check_run):
+    """A step past its 210 s is cut at the test then running: the order was the files' (gpu_check.sh
+    meant test_gpu_check.py, the only CUDA run of the decode beside the re-encode and of the quick
+    benchmark's every variant, last; tests/conftest.py's order by CPU seconds made it first and the
+    FP8 checks middle), and the log said only how many passed. gpu-tests.json says in which order
+    they ran and that none was left out; every file of $OUT comes back from the device (8 at most)."""
+    out, _ = gpu_check_run
+    report = json.loads((out / "gpu-tests.json").read_text())
+    functions = [_function(nodeid) for nodeid in report["planned"]]
+    first = list(dict.fromkeys(functions[: sum(f in NEVER_RUN_FIRST for f in functions)]))
+    assert first == NEVER_RUN_FIRST, report["planned"]
+    last = functions[len(functions) - sum(f in EVERY_TILE_LAST for f in functions) :]
+    assert set(last) == EVERY_TILE_LAST, report["planned"]
+    assert len(functions) > len(NEVER_RUN_FIRST) + len(EVERY_TILE_LAST)  # the others between
+    assert set(report["outcomes"]) == set(report["planned"]) == set(report["durations_s"])
+    assert set(report["outcomes"].values()) == {"skipped"}  # (no CUDA here)
+    assert report["not_run"] == [] and report["running"] is None and report["exit_status"] == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files), files
+
+
+_CUT_FILES = {
+    "one/test_one.py": """
+import pytest
+
+def test_plain():
+    pass
+
+@pytest.mark.gpu_last
+def test_builds():
+    pass
+
+@pytest.mark.gpu_first
+def test_first_here():
+    pass
+""",
+    "two/test_two.py": """
+import os, pathlib, time
+import pytest
+
+@pytest.mark.gpu_first
+def test_new_path():
+    pass
+
+def test_cut():
+    pathlib.Path(os.environ["STARTED"]).touch()
+    time.sleep(120)
+
+def test_other():
+    pass
+""",
+}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_a_cut_gpu_test_step_names_the_test_it_stopped_and_those_never_started(tmp_path, sig):
+    """gpu_check.sh's timeout (SIGINT, then SIGKILL 10 s later) in the middle of a test: the JSON
+    names it and every test never started, in the order planned (gpu_first's, then the files in the
+    order given, then gpu_last's)."""
+    for name, text in _CUT_FILES.items():
+        (tmp_path / name).parent.mkdir()
+        (tmp_path / name).write_text(text)
+    report_path, started = tmp_path / "gpu-tests.json", tmp_path / "started"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STARTED": str(started)}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+               "-p", "bench.gpu_tests", "--gpu-tests-json", str(report_path), *_CUT_FILES]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):  # pytest's start: seconds
+            if started.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "pytest ended before the test to cut started"
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    report = json.loads(report_path.read_text())
+    one, two = "one/test_one.py::", "two/test_two.py::"
+    assert report["planned"] == [one + "test_first_here", two + "test_new_path", one + "test_plain",
+                                 two + "test_cut", two + "test_other", one + "test_builds"]  # fmt: skip
+    assert report["outcomes"] == dict.fromkeys([one + "test_first_here", two + "test_new_path", one + "test_plain"], "passed")
+    assert report["running"] == two + "test_cut"
+    assert report["not_run"] == [two + "test_other", one + "test_builds"]
+    if sig == signal.SIGKILL:  # pytest never ended: no exit status
+        assert report["interrupted"] is False and report["exit_status"] is None
+    else:
+        assert report["interrupted"] is True and report["exit_status"] == 2  # pytest's INTERRUPTED

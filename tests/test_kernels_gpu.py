@@ -122,6 +122,7 @@ def test_quantize_fp8_rows(ops, dtype, gelu, width):
     assert steps.max() <= 1 and steps.float().mean() < 1e-3
 
 
+@pytest.mark.gpu_first
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs sm_89+"
 )
@@ -170,6 +171,7 @@ def _qkv(lq, lk, dtype, head_dim=HEAD_DIM, heads=HEADS):
     return (randn(1, n, heads, head_dim, dtype=dtype) for n in (lq, lk, lk))
 
 
+@pytest.mark.gpu_last
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_triton_attention_streaming_chunk(attn, dtype, head_dim):
@@ -180,6 +182,7 @@ def test_triton_attention_streaming_chunk(attn, dtype, head_dim):
     close(attn.attention(q, k, v), expected, dtype)
 
 
+@pytest.mark.gpu_last
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_attention_block_causal(attn, dtype):
     torch.manual_seed(3)
@@ -191,6 +194,7 @@ def test_triton_attention_block_causal(attn, dtype):
     close(attn.attention(q, k, v, (blocks, blocks), s), expected, dtype)
 
 
+@pytest.mark.gpu_last
 def test_triton_attention_reads_strided_cache(attn):
     torch.manual_seed(4)
     cache = randn(2, 6 * TOKENS, 2, HEADS, HEAD_DIM, dtype=torch.bfloat16)  # [B, L, (k, v), H, D]
@@ -212,6 +216,7 @@ def _chunk_against_cache(s: int, masked: bool):
     return (q, k, v), (q_block, k_block) if masked else None, exact
 
 
+@pytest.mark.gpu_last
 @pytest.mark.parametrize("masked", [False, True])
 def test_all_available_backends_agree(masked):
     torch.manual_seed(5)
@@ -226,6 +231,7 @@ def test_all_available_backends_agree(masked):
         torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=2e-2, msg=f"backend {name}")
 
 
+@pytest.mark.gpu_first
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs sm_89+"
 )
@@ -249,6 +255,7 @@ def test_fp8_attention_at_the_dits_shapes(ops, masked):
         assert (out.float() - emulated.float()).norm() / exact.norm() < 0.04, backend
 
 
+@pytest.mark.gpu_first
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs sm_89+"
 )
@@ -293,6 +300,7 @@ def test_calls_that_need_gradients_take_the_differentiable_path():
     assert q.grad is not None and k.grad is not None
 
 
+@pytest.mark.gpu_last
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dit_streams_the_same_through_the_kernels(dtype, monkeypatch):
     """Wan2.1-1.3B's widths with 2 layers at 480x832: a stream past a full ring and a
@@ -308,6 +316,7 @@ def test_dit_streams_the_same_through_the_kernels(dtype, monkeypatch):
         assert error < (1e-4 if dtype == torch.float32 else 2e-2), error.item()
 
 
+@pytest.mark.gpu_last
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_query_that_sees_no_key_gets_zeros_from_every_backend_on_cuda(dtype):
     """SDPA's CUDA kernels (cuDNN, memory-efficient) are not bound to give 0 for a row with no key,

@@ -44,6 +44,7 @@ def test_flash_log_sum_exp_merges_like_full_attention(dtype):
     assert torch.allclose(merged, full.float(), atol=3e-2), (merged - full.float()).abs().max()
 
 
+@pytest.mark.gpu_last
 @pytest.mark.parametrize("backend", ["triton", "fp8_qk", "fp8"])
 def test_kernel_log_sum_exp_merges_like_full_attention(backend):
     """Ring attention's blocks on our kernel, at Wan shapes in bf16: four key blocks (their own

@@ -331,6 +331,7 @@ def test_receptive_radius_bounds_how_far_a_latent_row_reaches():
     assert parallel_decoder(vae, 60, group=object()) is vae
 
 
+@pytest.mark.gpu_first
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @torch.no_grad()
