@@ -86,6 +86,9 @@ timeout -s INT -k $KILL "$test_s" "$PY" -m pytest -m gpu -q -rfEsw -p no:cachepr
 tests_rc=$?
 rm -f "$tests_json.tmp"  # (a SIGKILL in its rewrite: $OUT's files are counted, 8 come back)
 echo "gpu tests: exit code $tests_rc" >> "$OUT/gpu-tests.log"
+if [[ ! -s "$tests_json" ]]; then  # pytest stopped before the plugin started: none ran
+  echo "{\"error\": \"no test ran: pytest ended with exit code $tests_rc (gpu-tests.log)\"}" > "$tests_json"
+fi
 while kill -0 "$counting" 2>/dev/null && (($(elapsed) < count_until)); do sleep 1; done
 kill "$counting" 2>/dev/null && echo "bench.variant_floor: stopped at the tests' limit" >> "$OUT/floor-work.log"
 wait "$counting" 2>/dev/null
@@ -100,6 +103,9 @@ if ((bench_s > 30)); then
   echo "bench gpu: exit code $? (timeout ${bench_s} s)" >> "$OUT/bench-gpu.log"
 else
   echo "bench gpu: not run, ${bench_s} s left before the deadline" >> "$OUT/bench-gpu.log"
+fi
+if [[ ! -s "$results.json" ]]; then  # not run, or cut before its first write (the ceilings)
+  echo "{\"error\": \"$(tail -n 1 "$OUT/bench-gpu.log"): no variant ran\", \"variants\": {}}" > "$results.json"
 fi
 # the plot from whatever the JSON holds, so a run cut short still gets one
 timeout -k 5 $PLOT_S "$PY" -c "import json, sys; from bench.gpu_plot import plot; plot(json.load(open(sys.argv[1])), sys.argv[2])" \

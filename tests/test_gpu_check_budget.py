@@ -313,6 +313,23 @@ def test_gpu_check_ends_within_its_deadline_when_every_step_takes_its_limit(tmp_
     (bench,) = [line.split() for line in log.read_text().splitlines() if "-m bench.gpu" in line]
     limit_s, budget_s = int(bench[0]), int(bench[bench.index("--budget") + 1])
     assert limit_s >= 150 and 0 < budget_s <= limit_s - 20, bench  # time for the new levers
+    # a test step cut before pytest wrote its report still leaves one in $OUT, saying none ran
+    report = json.loads((tmp_path / "out" / "gpu-tests.json").read_text())
+    assert report == {"error": "no test ran: pytest ended with exit code 124 (gpu-tests.log)"}
+    (bench_json,) = (tmp_path / "out").glob("gpu-????-??-??.json")  # and the benchmark's, cut before any
+    error = json.loads(bench_json.read_text())["error"]
+    assert error == f"bench gpu: exit code 124 (timeout {limit_s} s): no variant ran"
+
+
+def test_a_benchmark_with_no_time_left_still_leaves_its_json(tmp_path):
+    """A deadline the steps before it use up (GPU_CHECK_DEADLINE under 356 s) runs no benchmark: its
+    JSON said nothing, there was none, and the plot and the summary read a missing file."""
+    r, _ = _gpu_check_on_a_fake_clock(tmp_path, GPU_CHECK_DEADLINE="300")
+    assert "-m bench.gpu " not in (tmp_path / "timeouts.log").read_text()
+    (bench_json,) = (tmp_path / "out").glob("gpu-????-??-??.json")
+    error = json.loads(bench_json.read_text())["error"]
+    assert re.fullmatch(r"bench gpu: not run, -?\d+ s left before the deadline: no variant ran", error), error
+    assert error in r.stdout  # the summary's tail of it
 
 
 def test_a_longer_plot_limit_given_with_its_deadline_leaves_the_benchmark_its_time(tmp_path):
