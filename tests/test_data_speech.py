@@ -80,3 +80,70 @@ def test_a_ctrl_c_during_synthesis_stops_it():
         signal.signal(signal.SIGALRM, handler)
     after = synthesize("Hello there.")  # (the engine speaks as before)
     assert np.array_equal(before.audio, after.audio) and before.phonemes == after.phonemes
+
+
+def _speak_in_the_child() -> None:
+    import gc
+
+    synthesize("The child speaks.", Voice("de"))
+    gc.collect()  # (the engine it inherited, a reference cycle through its callback, collected)
+
+
+def test_a_forked_child_that_speaks_leaves_its_parents_espeak_view_and_no_folder_of_its_own(
+    tmp_path, monkeypatch
+):
+    """Each process made its espeak-ng data view, a TemporaryDirectory, on its first speech. A forked
+    child (a DataLoader's or a fork Pool's worker) made its own and ended with os._exit, which runs no
+    clean-up: its view stayed in the temp folder (the streamgen-espeak-* folders test runs left); and
+    the engine it inherited, dropped and collected, removed the PARENT's view, whose next voice then
+    failed to load. The child now speaks through its parent's view, which only the parent removes."""
+    import multiprocessing
+    import tempfile
+
+    from streamgen.data import speech
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(speech, "_engine", None)  # (this test's own engine and view, in tmp_path)
+    monkeypatch.setattr(speech, "_view", None, raising=False)  # (none before)
+    synthesize("The parent speaks.")
+    views = sorted(p.name for p in tmp_path.iterdir())
+    assert len(views) == 1
+    child = multiprocessing.get_context("fork").Process(target=_speak_in_the_child)
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == views
+    assert (tmp_path / views[0] / "voices" / "!v" / "sg_f4").is_file()
+    assert len(synthesize("Der Vater spricht.", Voice("de", "f4")).audio) > 0  # a voice not loaded before
+
+
+def test_the_espeak_view_of_a_killed_process_is_removed_by_the_next_one(tmp_path, monkeypatch):
+    """A process killed (SIGKILL, the out-of-memory killer, a test's kill of its server) runs no
+    clean-up: its view, 244 files, stayed in the temp folder for good, one more at every kill. The
+    next view made there removes those whose process has ended, and not a live one's."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from streamgen.data import speech
+    from streamgen.files import HOST_TAG
+
+    speak_and_die = "from streamgen.data.speech import synthesize; synthesize('Hi.'); import os; os.kill(os.getpid(), 9)"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    killed = subprocess.run([sys.executable, "-c", speak_and_die], env=env, timeout=120)
+    assert killed.returncode == -9
+    (left,) = tmp_path.iterdir()  # (the killed process's view)
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        alive = tmp_path / f"streamgen-espeak-{HOST_TAG}-{live.pid}-abcd1234"
+        alive.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+        monkeypatch.setattr(speech, "_engine", None)
+        monkeypatch.setattr(speech, "_view", None, raising=False)  # (none before)
+        synthesize("The next one speaks.")
+        assert not left.exists() and alive.is_dir()
+        assert len(list(tmp_path.iterdir())) == 2  # (the live one's and this one's)
+    finally:
+        live.stdin.close()
+        live.wait(60)

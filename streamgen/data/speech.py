@@ -23,14 +23,18 @@ import ctypes.util
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from streamgen.files import HOST_TAG, process_ended
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +100,7 @@ class Voice:
     pitch_range: int = 50  # 0..100, intonation range
 
     def espeak_name(self) -> str:
-        # our copies of the variants (see _steady_data_dir), "sg_default" when none is asked for
+        # our copies of the variants (see _DataView), "sg_default" when none is asked for
         return f"{self.language}+sg_{self.variant or 'default'}"
 
     def validate(self) -> None:
@@ -174,8 +178,8 @@ class _Engine:
         self._trace: int | None = None  # the FILE* espeak traces its dictionary look-ups to
         self._dots_readable: bool | None = None  # whether the trace tells abbreviations' dots (`clauses`)
         options = _INIT_PHONEME_EVENTS | _INIT_PHONEME_IPA | _INIT_DONT_EXIT
-        self._data_dir = _steady_data_dir(data_path)
-        path = self._data_dir.name.encode()
+        self._data_dir = _data_view(data_path)  # (held: removed when no engine needs it)
+        path = str(self._data_dir.path).encode()
         self.native_rate = self.lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, path, options)
         if self.native_rate <= 0:
             raise SpeechError(f"espeak-ng failed to initialise (data path {data_path})")
@@ -413,7 +417,19 @@ def _find_library() -> tuple[str, str | None]:
 _STEADY = "\nflutter 0\nroughness 8\n"
 
 
-def _steady_data_dir(data_path: str | None) -> tempfile.TemporaryDirectory:
+def _steady_source(data_path: str | None) -> Path:
+    """espeak-ng's data directory: `data_path`, or the system's."""
+    src = Path(data_path) if data_path else None
+    if src is None or not (src / "phontab").exists():
+        debian = ("/usr/lib/x86_64-linux-gnu/espeak-ng-data", "/usr/share/espeak-ng-data")
+        candidates = [Path(p) for p in debian]
+        src = next((p for p in candidates if (p / "phontab").exists()), None)
+        if src is None:
+            raise SpeechError("espeak-ng data directory not found (set ESPEAK_DATA_PATH)")
+    return src
+
+
+class _DataView:
     """A view of espeak-ng's data directory whose voice variants have no pitch flutter.
 
     espeak-ng modulates pitch with a "flutter" table whose read position is a static
@@ -422,16 +438,56 @@ def _steady_data_dir(data_path: str | None) -> tempfile.TemporaryDirectory:
     what was spoken before. Variants with `flutter 0` make synthesis a pure function of
     (text, voice), which the dataset's per-seed determinism needs. The view is a
     temporary folder of symlinks plus our variant files "sg_<variant>".
+
+    The folder is its maker's (`owner`, in its name): removed at that process's exit and by no other
+    (a forked child's exit, or its collection of the engine it inherited, removed its parent's view
+    under it: the parent's next voice failed to load); one left by a process that ended with no
+    clean-up (os._exit, a kill) is removed by the next view made in the same temp folder.
     """
-    src = Path(data_path) if data_path else None
-    if src is None or not (src / "phontab").exists():
-        debian = ("/usr/lib/x86_64-linux-gnu/espeak-ng-data", "/usr/share/espeak-ng-data")
-        candidates = [Path(p) for p in debian]
-        src = next((p for p in candidates if (p / "phontab").exists()), None)
-        if src is None:
-            raise SpeechError("espeak-ng data directory not found (set ESPEAK_DATA_PATH)")
-    view = tempfile.TemporaryDirectory(prefix="streamgen-espeak-")
-    root = Path(view.name)
+
+    def __init__(self, src: Path):
+        temp = Path(tempfile.gettempdir())
+        _remove_abandoned_views(temp)
+        self.owner = os.getpid()
+        self.path = Path(tempfile.mkdtemp(prefix=f"{_VIEW_PREFIX}{HOST_TAG}-{self.owner}-", dir=temp))
+        try:
+            _fill_view(self.path, src)
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+        weakref.finalize(self, _remove_view, self.path, self.owner)
+
+
+_VIEW_PREFIX = "streamgen-espeak-"
+_VIEW_NAME = re.compile(rf"^{_VIEW_PREFIX}(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)-[A-Za-z0-9_]+$")
+
+
+def _remove_view(path: Path, owner: int) -> None:
+    if os.getpid() == owner:  # (not in a forked child, whose exit runs the finalizers it inherited)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_abandoned_views(temp: Path) -> None:
+    """The views in `temp` whose process has ended (on this host), removed."""
+    for path in temp.glob(f"{_VIEW_PREFIX}*"):
+        m = _VIEW_NAME.match(path.name)
+        if m and path.is_dir() and not path.is_symlink() and process_ended(m["host"], int(m["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+_view: _DataView | None = None
+
+
+def _data_view(data_path: str | None) -> _DataView:
+    """This process's view; in a forked child, its parent's while that one lives (the same data: a
+    view of its own, never removed by a child's os._exit, was left behind)."""
+    global _view
+    if _view is None or (_view.owner != os.getpid() and process_ended(HOST_TAG, _view.owner)):
+        _view = _DataView(_steady_source(data_path))
+    return _view
+
+
+def _fill_view(root: Path, src: Path) -> None:
     for entry in src.iterdir():
         if entry.name != "voices":
             (root / entry.name).symlink_to(entry.resolve())
@@ -447,7 +503,6 @@ def _steady_data_dir(data_path: str | None) -> tempfile.TemporaryDirectory:
         original = (src / "voices" / "!v" / name).read_text(encoding="utf-8", errors="replace")
         (variants / f"sg_{name}").write_text(original + _STEADY, encoding="utf-8")
     (variants / "sg_default").write_text("language variant\nname default\n" + _STEADY, encoding="utf-8")
-    return view
 
 
 def _engine_instance() -> _Engine:
