@@ -524,6 +524,9 @@ async def control(session_id: str, request: Request):
         except CaptionsUnavailable as e:
             raise ApiError(503, "captions_unavailable", f"caption not changed: {e}") from None
         except WorkerBusy as e:
+            if registry.stopping.is_set() or registry.worker.stopped:  # the stop's answer, as a create's
+                # refusal at the stop (SessionRegistry.create): it was busy's, Retry-After 1
+                raise ApiError(503, "stopping", f"caption not changed: {e}", headers={"Retry-After": "5"}) from None
             raise ApiError(503, "busy", f"caption not changed: {e}", headers={"Retry-After": "1"}) from None
         except HostDown as e:  # the model process is gone: the session's streams end with it
             raise ApiError(503, "model_down", f"caption not changed: {e}") from None

@@ -103,6 +103,31 @@ def test_a_caption_the_worker_has_no_room_for_is_a_503(client, monkeypatch):
     assert client.delete(s["resource"], headers=h).status_code == 204
 
 
+def test_a_caption_refused_by_the_servers_stop_is_answered_as_the_stop(client, monkeypatch):
+    """A caption whose job the stopping worker refused (or dropped from its queue) was 503 `busy`
+    with Retry-After 1, as a full queue is, where every other refusal at the stop is the stop's:
+    Retry-After 5, `stopping`. A client told to come back in a second came back to a server gone."""
+    from server.scheduler import WorkerBusy
+
+    registry = client.app.state.registry
+    s = new_session(client)
+    h = auth(s["token"])
+
+    def stopped(*args, **kwargs):  # what a stopped worker's submit raises
+        raise WorkerBusy("server is shutting down")
+
+    monkeypatch.setattr(registry.worker, "submit", stopped)
+    registry.stopping.set()  # (the app sets it as its stop begins)
+    try:
+        r = client.post(s["resource"] + "/control", json={"type": "caption", "text": "smiling"}, headers=h)
+    finally:
+        registry.stopping.clear()
+        monkeypatch.undo()
+    assert (r.status_code, r.headers.get("retry-after"), r.json()["error"]) == (503, "5", "stopping"), r.text
+    assert r.json()["message"] == "caption not changed: server is shutting down", r.text
+    assert client.delete(s["resource"], headers=h).status_code == 204
+
+
 @pytest.fixture
 def caption_lane():
     """A worker whose lane 0 is held (`release` lets it go), and a session on it whose stream
