@@ -128,9 +128,10 @@ class SocketConnection:
         self.speaks: list[list] = []  # the speaks among them (an interrupt since drops those of its `clears`)
         self.late_captions: set[asyncio.Task] = set()  # answered as late, still waiting for the worker
         self.close_sent = False
-        # the close this socket gives itself (the client's stop, its protocol error, the idle limit),
-        # sent by the session's closer once the session has ended (`close_for_session`)
-        self.own_close: tuple[int, str] | None = None
+        # the close this socket gives itself (the client's stop, its protocol error, the idle limit)
+        # and the session's reason it stands for: sent by the session's closer once the session has
+        # ended for that reason (`close_for_session`, `closing_words`)
+        self.own_close: tuple[int, str, str] | None = None
         self.message_rate = MessageRate(MAX_MESSAGES_PER_S, MAX_MESSAGE_BURST)
 
     async def run(self) -> None:
@@ -154,8 +155,8 @@ class SocketConnection:
             reason = self.session.close_reason or "session ended"
         except ProtocolError as e:
             log.info("session %s: websocket protocol error %d: %s", self.session.id, e.code, e.reason)
-            self.own_close = (e.code, e.reason)
             reason = f"protocol error: {e.reason}"
+            self.own_close = (e.code, e.reason, reason)
         except WebSocketDisconnect:
             pass
         finally:
@@ -170,7 +171,7 @@ class SocketConnection:
             try:
                 await self.registry.close(self.session, reason)
                 if self.own_close is not None:  # (where its closer had run before: said once, at most)
-                    await self.close(*self.own_close)
+                    await self.close(*self.closing_words())
             finally:
                 metrics.websockets_open.dec()
                 await self.speaker_ended()
@@ -187,7 +188,7 @@ class SocketConnection:
                 message = await asyncio.wait_for(self.ws.receive(), timeout=wait)
             except TimeoutError:
                 reason = idle_reason(self.session, idle)
-                self.own_close = (CloseCode.IDLE, reason)
+                self.own_close = (CloseCode.IDLE, reason, reason)
                 return reason
             if message["type"] == "websocket.disconnect":
                 fault = BROKEN_FRAME_CLOSES.get(message.get("code"))
@@ -231,7 +232,7 @@ class SocketConnection:
             await self.send_json({"type": "pong", "id": msg.get("id"), "video_time": self.video_time()})
         elif kind == "stop":  # at any time: a client that hung up before its stream started was
             # closed with 4400, its session's end logged and counted as a protocol error
-            self.own_close = (CloseCode.NORMAL, "stopped")
+            self.own_close = (CloseCode.NORMAL, "stopped", "stopped by client")
             return True
         elif kind == "start":
             if self.session.streaming:
@@ -457,10 +458,19 @@ class SocketConnection:
         ended: sent before (and uvicorn's close waits for the client's answer and the connection's
         end), a client that heard it and at once asked for its session found it alive (200), and
         one that connected again was told it was already streaming (4409)."""
-        reason = self.session.close_reason
-        await self.close(*(self.own_close or (close_code_for(reason), reason)))
+        await self.close(*self.closing_words())
         if self.receiver is not None and not self.receiver.done():
             self.receiver.cancel()  # the session is over whether or not the client answers the close
+
+    def closing_words(self) -> tuple[int, str]:
+        """The close frame's code and words: the socket's own where its session ended for it, else
+        the session's reason. A DELETE or a limit that ended the session between the socket's own
+        end (a stop message read, say) and the session's close had its reason kept, by GET's 404 and
+        a reconnect's 4404, while the client was told 1000 "stopped": it is told what ended it."""
+        reason = self.session.close_reason or "session ended"
+        if self.own_close is not None and self.own_close[2] == reason:
+            return self.own_close[0], self.own_close[1]
+        return close_code_for(reason), reason
 
     async def close(self, code: int, reason: str) -> None:
         if self.close_sent or self.ws.application_state != WebSocketState.CONNECTED:

@@ -270,3 +270,44 @@ async def test_a_client_that_heard_its_socket_close_finds_its_session_ended(monk
                         await asyncio.wait_for(again.recv(), 10)
                 assert (asked.status_code, asked.json().get("message")) == (404, f"session ended: {ended}"), asked.text
                 assert (refused.value.rcvd.code, refused.value.rcvd.reason) == (4404, f"session ended: {ended}")
+
+
+@pytest.mark.parametrize(
+    "sent, own_reason",
+    [
+        ({"type": "stop"}, "stopped by client"),
+        ({"type": "speak", "text": "hi"}, "protocol error: send a start message before speak"),
+    ],
+    ids=["stop", "protocol_error"],
+)
+async def test_a_socket_closing_itself_as_a_delete_ends_its_session_is_told_the_delete(sent, own_reason):
+    """A socket that closes itself (the client's `stop`, its protocol error) ends its session after
+    its receive loop has returned: a DELETE (or a limit) that closed the session in between ended it
+    with its own reason, which GET's 404 and a reconnect's 4404 say, while the socket's closer sent
+    the socket's own close (1000 "stopped"): the client was told one end and the server kept another.
+    The DELETE is put in between here: the registry's close, asked for the socket's reason, first
+    ends the session as the DELETE does. The client now hears the reason its session ended with."""
+    with live_server() as (url, app):
+        registry = app.state.registry
+        close = registry.close
+        raced = []
+
+        async def deleted_first(session, reason):
+            if reason == own_reason:  # the DELETE came between the socket's message and its close
+                raced.append(reason)
+                await close(session, "deleted by client")
+            await close(session, reason)
+
+        registry.close = deleted_first
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            s, headers = await created_session(http)
+            stream = url.replace("http", "ws") + f"{s['stream']}?token={s['token']}"
+            async with websockets.connect(stream) as ws:
+                await ws.send(json.dumps(sent))
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    for _ in range(10):  # bounded: the close comes first
+                        await asyncio.wait_for(ws.recv(), 10)
+            asked = await http.get(s["resource"], headers=headers)
+    assert raced == [own_reason]
+    assert (asked.status_code, asked.json().get("message")) == (404, "session ended: deleted by client"), asked.text
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4410, "deleted by client")
