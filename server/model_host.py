@@ -43,6 +43,10 @@ STOP_WAIT = 10.0
 # that uses none for EXIT_STALL_S is taken for stuck
 EXIT_STALL_S = 5.0
 EXIT_LIMIT_S = 60.0
+# seconds a model process whose pipe closed under an operation is waited for to end: one killed with
+# a GPU context (the out-of-memory killer) closes its pipe as the kernel tears it down and releases its
+# device memory after, seconds more. (With the kill's 2 s, under STOP_WAIT: the stop waits for the call.)
+EXIT_AFTER_PIPE_S = 5.0
 
 
 def freeze_loaded_heap() -> None:
@@ -119,13 +123,27 @@ class ModelHost:
                     self._stop_stuck(op)
                 ok, result = self._conn.recv()
             except (EOFError, OSError):
-                self.process.join(1)
                 # (one the stop killed keeps the stop's reason: its SIGKILL read as the OOM killer's)
-                self._down = self._killed_at_stop or exit_line(self.process.exitcode)
+                self._down = self._killed_at_stop or self._pipe_lost()
                 raise HostDown(self.down) from None
         if ok:
             return result
         raise_reported(result)
+
+    def _pipe_lost(self) -> str:
+        """Why the host is down once the model process's pipe has closed under an operation: its exit,
+        waited for (EXIT_AFTER_PIPE_S). Its exit code was read after a join(1), for good: a process
+        not reaped by then made the host down as "the model process exited (code None)". One still
+        running then (it closed its pipe itself and hangs in its teardown) can answer nothing, and
+        holds the memory a restarted server needs: it is killed, and said to have been."""
+        self.process.join(EXIT_AFTER_PIPE_S)
+        if self.process.exitcode is not None:
+            return exit_line(self.process.exitcode)
+        # why, before the kill (as `_stop_stuck`): a read of `down` meanwhile took its SIGKILL for the OOM killer's
+        self._down = f"the model process closed its pipe and had not exited {EXIT_AFTER_PIPE_S:g} s later (it was killed)"
+        self.process.kill()
+        self.process.join(2)
+        return self._down
 
     def _stop_stuck(self, op: str) -> None:
         """A model process that does not answer (a deadlock, a driver hang, a stopped process) held

@@ -512,6 +512,56 @@ def test_a_stuck_model_process_is_down_as_stuck_while_it_is_killed():
     assert (str(raised.value), host.down, read_meanwhile) == (said, said, [said])
 
 
+class ProcessEndingLate:
+    """A model process whose pipe has closed and which the kernel reaps `exits_after` seconds of
+    joins later (a process killed with a GPU context closes its pipe first and releases its device
+    memory after: seconds), or never (None: it closed its pipe itself and hangs in its teardown)."""
+
+    def __init__(self, exits_after: float | None):
+        self.exits_after, self.waited, self.exitcode, self.killed = exits_after, 0.0, None, False
+
+    def join(self, timeout=None):
+        self.waited += timeout
+        if self.exitcode is None and self.exits_after is not None and self.waited >= self.exits_after:
+            self.exitcode = -9
+
+    def kill(self):
+        self.killed = True
+        self.exitcode = -9
+
+
+@pytest.mark.parametrize("exits_after", [3.0, None], ids=["reaped_late", "never_exits"])
+def test_a_model_process_whose_pipe_closed_before_it_ended_is_not_down_as_code_none(exits_after):
+    """After its pipe closed under an operation the host waited 1 s for the process's end and took
+    its exit code then, for good: a process not reaped by then (a killed one releasing its device
+    memory, one that closed its pipe and hangs) made the host down as "the model process exited
+    (code None)", which /healthz and every session's end said. A process reaped within the wait
+    is down as its exit; one that is not is killed and said to have been."""
+    import multiprocessing
+    import threading
+
+    from server.model_host import HostDown, ModelHost
+
+    host = object.__new__(ModelHost)  # (no process spawned: its pipe closed, its end not yet seen)
+    host._conn, theirs = multiprocessing.Pipe()
+    theirs.close()
+    host._down, host._killed_at_stop, host.answer_timeout = None, None, None
+    host._calling = threading.Lock()
+    host.process = ProcessEndingLate(exits_after)
+    try:
+        with pytest.raises(HostDown) as raised:
+            host.call("chunk")
+    finally:
+        host._conn.close()
+    assert "code None" not in str(raised.value) and str(raised.value) == host.down
+    if exits_after is not None:
+        assert host.down.startswith("the model process exited (code -9: killed by SIGKILL")
+        assert not host.process.killed
+    else:
+        assert host.down == "the model process closed its pipe and had not exited 5 s later (it was killed)"
+        assert host.process.killed
+
+
 def test_a_model_process_that_dies_loading_is_one_line_in_the_log(monkeypatch, caplog):
     """It was logged with the traceback of the pipe it died on, which says nothing more."""
     import time
