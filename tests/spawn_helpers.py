@@ -106,3 +106,18 @@ def process_running(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"  # (a zombie has ended: its parent, the init process here, reaps it)
+
+
+def signal_once_started(proc, started: Path, sig: int, what: str) -> None:
+    """Send `sig` to `proc` once it has made the file `started` (bounded: 60 s), and wait for it to
+    end (60 s); killed in any case. `what`: the step it must still be in, for the failure's message."""
+    try:
+        for _ in range(600):
+            if started.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, f"it ended before {what}"
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()

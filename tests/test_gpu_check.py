@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from spawn_helpers import signal_once_started
 
 from bench import gpu, gpu_variants, wan_decoder
 from streamgen.stream import CHUNK_STAGES, START_STAGES, StreamSession
@@ -647,16 +648,7 @@ def test_a_cut_gpu_test_step_names_the_test_it_stopped_and_those_never_started(t
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
                "-p", "bench.gpu_tests", "--gpu-tests-json", str(report_path), *_CUT_FILES]  # fmt: skip
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(600):  # pytest's start: seconds
-            if started.exists() or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, "pytest ended before the test to cut started"
-        proc.send_signal(sig)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
+    signal_once_started(proc, started, sig, "the test to cut started")  # (pytest's start: seconds)
     report = json.loads(report_path.read_text())
     one, two = "one/test_one.py::", "two/test_two.py::"
     assert report["planned"] == [one + "test_first_here", two + "test_new_path", one + "test_plain",

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from spawn_helpers import signal_once_started
 
 from bench import gpu, gpu_variants
 
@@ -226,16 +227,7 @@ def test_a_run_killed_in_a_variant_leaves_valid_json(tmp_path, sig):
     out = tmp_path / "run.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", _SLEEPING_RUN, str(out)], cwd=ROOT, env=env)
-    try:
-        for _ in range(600):  # the imports: seconds
-            if Path(f"{out}.started").exists() or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, "the run ended before its variant started"
-        proc.send_signal(sig)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
+    signal_once_started(proc, Path(f"{out}.started"), sig, "its variant started")  # (the imports: seconds)
     on_disk = json.loads(out.read_text())
     assert on_disk["variants"]["first"]["fps"] == 1.0
     state = on_disk["variants"]["sleeping"]

@@ -258,12 +258,8 @@ async def test_a_client_that_heard_its_socket_close_finds_its_session_ended(monk
             ):  # fmt: skip
                 s, headers = await created_session(http)
                 stream = url.replace("http", "ws") + f"{s['stream']}?token={s['token']}"
-                async with websockets.connect(stream) as ws:
-                    await ws.send(json.dumps(sent))
-                    with pytest.raises(websockets.ConnectionClosed) as closed:
-                        for _ in range(10):  # bounded: the close comes first
-                            await asyncio.wait_for(ws.recv(), 10)
-                assert (closed.value.rcvd.code, closed.value.rcvd.reason) == heard
+                closed = await close_heard_after(stream, sent)
+                assert (closed.rcvd.code, closed.rcvd.reason) == heard
                 asked = await http.get(s["resource"], headers=headers)
                 async with websockets.connect(stream) as again:
                     with pytest.raises(websockets.ConnectionClosed) as refused:
@@ -301,13 +297,18 @@ async def test_a_socket_closing_itself_as_a_delete_ends_its_session_is_told_the_
         registry.close = deleted_first
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
             s, headers = await created_session(http)
-            stream = url.replace("http", "ws") + f"{s['stream']}?token={s['token']}"
-            async with websockets.connect(stream) as ws:
-                await ws.send(json.dumps(sent))
-                with pytest.raises(websockets.ConnectionClosed) as closed:
-                    for _ in range(10):  # bounded: the close comes first
-                        await asyncio.wait_for(ws.recv(), 10)
+            closed = await close_heard_after(url.replace("http", "ws") + f"{s['stream']}?token={s['token']}", sent)
             asked = await http.get(s["resource"], headers=headers)
     assert raced == [own_reason]
     assert (asked.status_code, asked.json().get("message")) == (404, "session ended: deleted by client"), asked.text
-    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4410, "deleted by client")
+    assert (closed.rcvd.code, closed.rcvd.reason) == (4410, "deleted by client")
+
+
+async def close_heard_after(stream: str, sent: dict) -> websockets.ConnectionClosed:
+    """The close a socket to `stream` hears after it sends `sent` (bounded: 10 messages, 10 s each)."""
+    async with websockets.connect(stream) as ws:
+        await ws.send(json.dumps(sent))
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            for _ in range(10):  # the close comes first
+                await asyncio.wait_for(ws.recv(), 10)
+    return closed.value
