@@ -48,10 +48,14 @@ def playwright_with_chromium():
 
 
 @contextmanager
-def chromium(p, args: list[str]):
+def chromium(p, args: list[str], back_forward_cache: bool = False):
+    """A Chromium profile launched with `args`; `back_forward_cache`: with the cache of pages left
+    (a page gone back to is the one left, as it was, not loaded again), which Playwright turns off."""
     profile = tempfile.mkdtemp(prefix="streamgen-chromium-")
+    ignored = ["--disable-back-forward-cache"] if back_forward_cache else None
     try:
-        context = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=args)
+        context = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=args,
+                                                       ignore_default_args=ignored)  # fmt: skip
         try:
             yield context
         finally:

@@ -7,7 +7,7 @@ import os
 
 import pytest
 from server_helpers import live_server
-from test_server_browser import held_page, metric, wait_for
+from test_server_browser import HELD, held_page, metric, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
@@ -222,3 +222,38 @@ def test_a_shared_server_is_handed_on_only_without_sessions(served, monkeypatch)
         assert client.delete(made["resource"], headers=auth(made["token"])).status_code == 204
     with served(max_sessions=1) as (same_url, same_app):
         assert same_url == fresh_url and same_app is fresh_app
+
+
+@pytest.fixture(scope="module")
+def browser_that_keeps_pages_left(playwright):
+    """Chromium as a user's is: a page left for another is kept, as it was, and a Back to it shows
+    it again without loading it (the back/forward cache, which Playwright turns off)."""
+    from test_server_browser import SPEECH_WAV, chromium, chromium_args
+
+    with chromium(playwright, chromium_args(SPEECH_WAV), back_forward_cache=True) as context:
+        yield context
+
+
+@pytest.mark.parametrize("transport", ["webrtc", "ws"])
+def test_a_page_left_mid_call_and_gone_back_to_says_its_call_ended(browser_that_keeps_pages_left, transport, served):
+    """A page left while it streamed ends its connection (pagehide), and the browser keeps it: Back
+    showed it 'streaming (webrtc)' beside an enabled Connect, nothing streaming and nothing said. It
+    says the call ended as the page was left, with nothing held."""
+    with served(max_sessions=2) as (url, app):
+        sessions = app.state.registry.sessions
+        page = browser_that_keeps_pages_left.new_page()
+        page.add_init_script(HELD + "window.addEventListener('pageshow', (e) => { window.__restored = e.persisted; });")
+        try:
+            page.goto(f"{url}/?autostart=1" + ("&transport=ws" if transport == "ws" else ""))
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
+            page.goto(f"{url}/v1/avatars")
+            wait_for(lambda: not sessions, 10, "leaving the page left its session on the server")
+            page.go_back(wait_until="commit")  # (a page the cache shows again has no load event)
+            page.wait_for_function("window.__restored !== undefined", timeout=10_000)
+            assert page.evaluate("window.__restored") is True, "the browser loaded the page anew: nothing tested"
+            assert page.evaluate("held()") == {
+                "mics": 0, "contexts": 0, "connect": True, "hangup": False, "state": "ended: the page was left",
+            }  # fmt: skip
+            assert page.text_content("#status") == "ended: the page was left"
+        finally:
+            page.close()

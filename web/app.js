@@ -308,8 +308,12 @@ $("mic").onchange = async () => {
   }
 };
 window.addEventListener("pagehide", () => {
+  // The browser may keep the page left (its back/forward cache) and show it again on Back, as it
+  // was: it said 'streaming' (or 'connecting') beside an enabled Connect, nothing streaming
+  const inCall = !$("hangup").disabled;
   cleanup(true);
   abandonCreations();  // (a session asked for, its answer not read yet: no id to DELETE)
+  if (inCall) setStatus("ended: the page was left");
 });
 if (params.get("mic") === "0") $("mic").checked = false;
 showOverlay();
