@@ -35,12 +35,12 @@ PINS = [
          "streamgen/eval/report.py", "streamgen/eval/sessions.py", "streamgen/eval/outputs.py",
          "streamgen/eval/partial.py", *CLIPS,
          "streamgen/media.py::from_time_zero"),  # (a stream's frames lined up with its audio, for sync)
-        3, "1506621e0bc2f5ac",
+        3, "e9213a3f5beed00d",
     ),
     (
         "streamgen/eval/train.py", "TRAINING_VERSION",
         ("streamgen/eval/train.py", "streamgen/eval/evaluators.py", *CLIPS),
-        1, "388a31f8405bef51",
+        1, "7b7502af89995ade",
     ),
 ]  # fmt: skip
 # where the modules a version depends on are looked for (`depended_on`); the rest of streamgen is the
