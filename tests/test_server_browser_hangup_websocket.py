@@ -16,7 +16,7 @@ import threading
 from contextlib import contextmanager
 
 import pytest
-from test_server_browser import HELD, wait_for
+from test_server_browser import HELD, metric, wait_for
 from test_server_browser_hangup import IDLE, connects_and_streams, console_and_deletes, wait_in_page
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
@@ -231,6 +231,28 @@ def test_a_hang_up_before_a_silent_servers_ready_deletes_the_session(browser_pag
             wait_for(lambda: "close frame" in events, 10, "the hung-up page kept its WebSocket")
             wait_in_page(page, lambda: not sessions, 10, "the hung-up attempt left its session on the server")
             assert page.evaluate("held()") == IDLE
+        finally:
+            page.close()
+
+
+def test_a_tab_left_while_its_hang_up_waits_for_the_sockets_close_deletes_the_session(browser_page, served):
+    """The same hang-up, the page left at once (the tab closed, another address opened): the page's
+    DELETE waited for the socket's close, up to 2 s, and a page gone before then never sent it; the
+    session stayed until the server's unclaimed limit (20 s), a one-session server refusing the next
+    page. The pending DELETE goes at pagehide, a keepalive request that outlives the page."""
+    with served(max_sessions=2) as (url, app), unanswering_listener(upgrade=True) as (port, events):
+        sessions = app.state.registry.sessions
+        deleted = 'streamgen_sessions_closed_total{reason="deleted by client"}'
+        before = metric(url, deleted)
+        page = page_streaming_to(browser_page, port)
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            wait_for(lambda: "frames" in events, 20, "the page's start message did not reach the listener")
+            assert len(sessions) == 1
+            page.click("#hangup")
+            page.goto("about:blank")  # (the page's 2 s wait has not run out: its timer goes with it)
+            wait_for(lambda: not sessions, 10, "the page left during its hang-up left its session on the server")
+            assert metric(url, deleted) == before + 1
         finally:
             page.close()
 

@@ -311,14 +311,19 @@ export function deleteUnlessTheSocketEndsIt(socket, s) {
   // 1005), or says why the socket never held it: a session it does not know (4404: a DELETE would
   // not end it either), or one it refused to hand the socket (4401, 4403, 4409), which lives on and
   // is DELETEd. None in time (a silent server), or a connection cut: the session is DELETEd.
+  // The page left meanwhile (the tab closed): its timer went with it, and the DELETE never went (the
+  // session held its place until the server's unclaimed limit, 20 s). It goes at pagehide, keepalive.
   let decided = false;
   const decide = (answered) => {
     if (decided) return;
     decided = true;
     clearTimeout(timer);
+    window.removeEventListener("pagehide", pageLeft);
     if (!answered) deleteSession(s);
   };
+  const pageLeft = () => decide(false);
   const timer = setTimeout(() => decide(false), SOCKET_CLOSE_ANSWER_MS);
+  window.addEventListener("pagehide", pageLeft);
   socket.addEventListener("close", (e) => decide(e.wasClean && !sessionLivesOn(e.code)));
 }
 
