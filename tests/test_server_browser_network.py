@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 from server_helpers import live_server, relay_listener
-from test_server_browser import HELD
+from test_server_browser import HELD, metric, wait_for
 from test_server_browser_hangup_websocket import STREAM_ELSEWHERE
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
@@ -405,5 +405,53 @@ def test_a_pictures_upload_counts_in_the_wait_for_the_sessions_answer(browser_pa
             page.clock.run_for(2_000)
             page.wait_for_function("window.streamgenStats.state !== 'connecting'", timeout=5_000)
             assert page.evaluate("window.streamgenStats.state") == "failed: the server does not answer (no answer in 20 s)"
+        finally:
+            page.close()
+
+
+@contextmanager
+def server_udp_cut(monkeypatch):
+    """The server's ICE (aioice, in this process) cut off from the network on `cut.set()`: every
+    datagram it would send or has received dropped, both ways, nothing closed (as a network path
+    that went: a laptop moved to another Wi-Fi, a firewall that started dropping UDP). Its HTTP
+    goes on. Yields `cut` (a threading.Event)."""
+    from aioice import ice
+
+    cut = threading.Event()
+    received, send_data, send_stun = (ice.StunProtocol.datagram_received, ice.StunProtocol.send_data,
+                                      ice.StunProtocol.send_stun)  # fmt: skip
+
+    async def dropped_data(self, data, addr):
+        if not cut.is_set():
+            await send_data(self, data, addr)
+
+    monkeypatch.setattr(ice.StunProtocol, "datagram_received",
+                        lambda self, data, addr: None if cut.is_set() else received(self, data, addr))
+    monkeypatch.setattr(ice.StunProtocol, "send_data", dropped_data)
+    monkeypatch.setattr(ice.StunProtocol, "send_stun",
+                        lambda self, message, addr: None if cut.is_set() else send_stun(self, message, addr))
+    yield cut
+
+
+def test_a_webrtc_page_whose_connection_is_lost_ends_its_session(browser_page, served, monkeypatch):
+    """A connection whose network path went (ICE disconnected, the server still answering HTTP): the
+    page gave itself back ('ended: the connection was lost') and sent no DELETE; its session stayed
+    until the server's peer timeout (10 s; ICE consent's ~30 s with --peer-timeout 0), and a
+    reconnect meanwhile on a one-session server met a 503. The page ends its session itself."""
+    with served(max_sessions=1, peer_timeout_s=0) as (url, app), server_udp_cut(monkeypatch) as cut:
+        sessions = app.state.registry.sessions
+        deleted = 'streamgen_sessions_closed_total{reason="deleted by client"}'
+        before = metric(url, deleted)
+        page = browser_page.new_page()
+        page.add_init_script(HELD)
+        try:
+            page.goto(f"{url}/?autostart=1&avatar=ada&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
+            assert page.evaluate("window.streamgenStats.transport") == "webrtc"
+            cut.set()
+            page.wait_for_function("window.streamgenStats.state.startsWith('ended')", timeout=30_000)
+            assert page.evaluate("window.streamgenStats.state") == "ended: the connection was lost"
+            wait_for(lambda: not sessions, 5, "the page whose connection was lost left its session on the server")
+            assert metric(url, deleted) == before + 1
         finally:
             page.close()

@@ -95,14 +95,22 @@ export async function connectWebRTC(mine, ended) {
   });
   abandoned(mine);
   // from here on the connection ending is the session ending: the server closed it (a limit, a
-  // DELETE from elsewhere, shutdown) or the network went; the page says so and frees what it holds
+  // DELETE from elsewhere, shutdown) or the network went; the page says so and frees what it holds.
+  // A network path gone (another Wi-Fi, UDP dropped) may leave the server answering HTTP with the
+  // session still on it until its peer timeout (10 s; ICE consent's ~30 s with --peer-timeout 0):
+  // a reconnect meanwhile on a server of one session met a 503. The page DELETEs it (best effort:
+  // deleteSession says a failure on the console, and a 404 is a session the server ended already).
+  const lost = () => {
+    deleteSession(s);
+    ended("the connection was lost");
+  };
   peer.onconnectionstatechange = () => {
     if (mine !== state.generation) return;
     const connection = peer.connectionState;
     clearTimeout(state.lostTimer);
-    if (connection === "failed" || connection === "closed") ended("the connection was lost");
+    if (connection === "failed" || connection === "closed") lost();
     else if (connection === "disconnected") {  // ICE may still recover it
-      state.lostTimer = setTimeout(() => { if (mine === state.generation) ended("the connection was lost"); }, 5000);
+      state.lostTimer = setTimeout(() => { if (mine === state.generation) lost(); }, 5000);
     }
   };
   stats.transport = "webrtc";
