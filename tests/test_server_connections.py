@@ -34,6 +34,40 @@ def read_response(sock: socket.socket) -> tuple[bytes, dict]:
     return head, json.loads(body)
 
 
+@pytest.fixture
+def server_reads(monkeypatch):
+    """The bytes of each read the server's protocols are given (on the server's thread), counted by
+    a wrapped `ConnectionLimits.data_received`: a test whose case is a request sent in several reads
+    proves it was (a pause between sends alone lets a loaded machine read the parts at once)."""
+    from server.connections import ConnectionLimits
+
+    reads = []
+    received = ConnectionLimits.data_received
+
+    def counted(self, data):
+        reads.append(len(data))
+        return received(self, data)
+
+    monkeypatch.setattr(ConnectionLimits, "data_received", counted)
+    return reads
+
+
+def send_each_read_alone(sock: socket.socket, parts: list[bytes], reads: list[int]) -> list[int]:
+    """Sends each part once the server has read all sent before it (bounded wait, 10 s a part);
+    returns the bytes the server had read before each part was sent, for the test to check."""
+    read_before = []
+    sent = sum(reads)
+    for part in parts:
+        for _ in range(1000):  # bounded: 10 s
+            if sum(reads) >= sent:
+                break
+            time.sleep(0.01)
+        read_before.append(sum(reads))
+        sock.sendall(part)
+        sent += len(part)
+    return read_before
+
+
 def test_headers_that_never_end_are_answered_408_and_closed(server):
     """A client sending its headers a byte at a time, never the blank line, held its connection for good."""
     with connect(server) as sock:
@@ -57,35 +91,21 @@ def test_a_head_too_large_to_be_one_is_refused_not_taken_in_whole(server):
     assert json.loads(body)["error"] == "headers_too_large"
 
 
-def test_a_head_too_large_whose_end_comes_in_a_read_is_refused_by_its_size(server, monkeypatch):
+def test_a_head_too_large_whose_end_comes_in_a_read_is_refused_by_its_size(server, server_reads):
     """A head past the bound was refused only while it had not all come: one whose end came in the
     read that took it past was served under h11, and a 400 'could not be parsed' under httptools,
     which refuses a URL of 64 KiB or more. (Its URL is what is too long: a 414.) The rest is sent
     once the server has read the first part: a pause alone (0.05 s) let a loaded machine read both
     parts at once, a head whole in one read, and the test passed without its case."""
-    from server.connections import MAX_HEAD_BYTES, ConnectionLimits
+    from server.connections import MAX_HEAD_BYTES
 
-    reads = []  # the bytes of each read the server's protocol was given (on the server's thread)
-    received = ConnectionLimits.data_received
-
-    def counted(self, data):
-        reads.append(len(data))
-        return received(self, data)
-
-    monkeypatch.setattr(ConnectionLimits, "data_received", counted)
+    head = b"GET /v1/" + b"a" * MAX_HEAD_BYTES + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    first = head[: MAX_HEAD_BYTES - 1024]  # (the head's end in a later read, past the bound)
     with connect(server) as sock:
-        head = b"GET /v1/" + b"a" * MAX_HEAD_BYTES + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-        first = head[: MAX_HEAD_BYTES - 1024]  # (the head's end in a later read, past the bound)
-        sock.sendall(first)
-        for _ in range(1000):  # bounded: 10 s
-            if sum(reads) >= len(first):
-                break
-            time.sleep(0.01)
-        read_before_the_rest = sum(reads)
-        sock.sendall(head[len(first) :])
+        read_before = send_each_read_alone(sock, [first, head[len(first) :]], server_reads)
         answer = answer_until_closed(sock)
     # the first part read whole before the rest was sent: the head's end came in a later read
-    assert read_before_the_rest == len(first) < sum(reads), reads
+    assert read_before == [0, len(first)] and len(first) < sum(server_reads), server_reads
     assert answer.startswith(b"HTTP/1.1 414 "), answer[:300]
 
 
@@ -103,32 +123,39 @@ def test_a_url_too_long_is_a_414_that_says_so(server, at_once):
     assert json.loads(body) == {"error": "uri_too_long", "message": "request target (URL) longer than 64 KiB"}
 
 
-def test_a_head_within_the_bound_is_served_by_either_parser(server):
+def test_a_head_within_the_bound_is_served_by_either_parser(server, server_reads):
     """h11 refused a head over 16 KiB (its own bound) as a request that did not parse, a 400 that
-    httptools served: a page's cookies of another site on the same host reach that."""
+    httptools served: a page's cookies of another site on the same host reach that. (h11's bound is
+    on a head not yet complete: one read whole it took; so each part is sent once the server has
+    read those before it, as a slow uplink sends it.)"""
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: " + b"a" * 40 * 1024 + b"\r\n\r\n"
+    parts = [head[at : at + 8 * 1024] for at in range(0, len(head), 8 * 1024)]
     with connect(server) as sock:
-        head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: " + b"a" * 40 * 1024 + b"\r\n\r\n"
-        for at in range(0, len(head), 8 * 1024):  # (in parts, as a slow uplink sends it: not one read whole)
-            sock.sendall(head[at : at + 8 * 1024])
-            time.sleep(0.01)
-        assert read_response(sock)[0].startswith(b"HTTP/1.1 200 ")
+        read_before = send_each_read_alone(sock, parts, server_reads)
+        answer = read_response(sock)[0]
+    # each part read whole before the next was sent: over 16 KiB of the head read before its end
+    assert read_before == [sum(map(len, parts[:i])) for i in range(len(parts))], (read_before, server_reads)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
 
 
-def test_the_rest_of_a_body_answered_unread_is_not_taken_for_the_next_head(server):
+def test_the_rest_of_a_body_answered_unread_is_not_taken_for_the_next_head(server, server_reads):
     """A request answered before its body was read whole (a 413 from its Content-Length, a route that
     reads none): the rest of that body was counted as the next request's head, a 431 written after
-    the answer and the connection closed under a client still uploading."""
+    the answer and the connection closed under a client still uploading. (Its case: the body's rest
+    in reads after the answer, each part sent once the server has read those before it.)"""
     from server.connections import MAX_HEAD_BYTES
 
     body = b"x" * (2 * MAX_HEAD_BYTES)
+    parts = [body[at : at + 16 * 1024] for at in range(0, len(body), 16 * 1024)]
     with connect(server) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body))
         assert read_response(sock)[0].startswith(b"HTTP/1.1 200 ")
-        for at in range(0, len(body), 16 * 1024):  # (as an upload comes: not all in one read)
-            sock.sendall(body[at : at + 16 * 1024])
-            time.sleep(0.01)
-        sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answered_at = sum(server_reads)
+        read_before = send_each_read_alone(sock, parts + [b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"],
+                                           server_reads)  # fmt: skip
         head, said = read_response(sock)
+    # each part read whole before the next was sent: past MAX_HEAD_BYTES of the body in reads after the answer
+    assert read_before == [answered_at + sum(map(len, parts[:i])) for i in range(len(parts) + 1)], (read_before, server_reads)
     assert head.startswith(b"HTTP/1.1 200 ") and said["ready"], (head, said)
 
 
