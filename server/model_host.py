@@ -47,6 +47,8 @@ EXIT_LIMIT_S = 60.0
 # a GPU context (the out-of-memory killer) closes its pipe as the kernel tears it down and releases its
 # device memory after, seconds more. (With the kill's 2 s, under STOP_WAIT: the stop waits for the call.)
 EXIT_AFTER_PIPE_S = 5.0
+# why the host is down while such a process is waited for: its exit, once known, says more
+PIPE_CLOSED = "the model process closed its pipe"
 
 
 def freeze_loaded_heap() -> None:
@@ -109,7 +111,7 @@ class ModelHost:
         """Why the host can run nothing more, or None. A process that died between operations
         (killed while no session streamed: the OOM killer) is found here, not only by the next
         operation: /healthz and /readyz said ok, and its sessions waited, until one was asked for."""
-        if self._down is None and self.process.exitcode is not None:
+        if self._down in (None, PIPE_CLOSED) and self.process.exitcode is not None:
             self._down = exit_line(self.process.exitcode)
         return self._down
 
@@ -135,12 +137,15 @@ class ModelHost:
         waited for (EXIT_AFTER_PIPE_S). Its exit code was read after a join(1), for good: a process
         not reaped by then made the host down as "the model process exited (code None)". One still
         running then (it closed its pipe itself and hangs in its teardown) can answer nothing, and
-        holds the memory a restarted server needs: it is killed, and said to have been."""
+        holds the memory a restarted server needs: it is killed, and said to have been. The host is
+        down from the pipe's loss: while it waited, /healthz and admission said ok, and a create was
+        queued for the dead pipe."""
+        self._down = PIPE_CLOSED  # (refined by `down` to its exit as soon as that is known)
         self.process.join(EXIT_AFTER_PIPE_S)
         if self.process.exitcode is not None:
             return exit_line(self.process.exitcode)
         # why, before the kill (as `_stop_stuck`): a read of `down` meanwhile took its SIGKILL for the OOM killer's
-        self._down = f"the model process closed its pipe and had not exited {EXIT_AFTER_PIPE_S:g} s later (it was killed)"
+        self._down = f"{PIPE_CLOSED} and had not exited {EXIT_AFTER_PIPE_S:g} s later (it was killed)"
         self.process.kill()
         self.process.join(2)
         return self._down

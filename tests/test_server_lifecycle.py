@@ -517,13 +517,16 @@ class ProcessEndingLate:
     joins later (a process killed with a GPU context closes its pipe first and releases its device
     memory after: seconds), or never (None: it closed its pipe itself and hangs in its teardown)."""
 
-    def __init__(self, exits_after: float | None):
+    def __init__(self, exits_after: float | None, host):
         self.exits_after, self.waited, self.exitcode, self.killed = exits_after, 0.0, None, False
+        self.host, self.read_meanwhile = host, []  # (the host's `down`, read as /healthz reads it while it waits)
 
     def join(self, timeout=None):
+        self.read_meanwhile.append(self.host.down)
         self.waited += timeout
         if self.exitcode is None and self.exits_after is not None and self.waited >= self.exits_after:
             self.exitcode = -9
+        self.read_meanwhile.append(self.host.down)
 
     def kill(self):
         self.killed = True
@@ -536,7 +539,9 @@ def test_a_model_process_whose_pipe_closed_before_it_ended_is_not_down_as_code_n
     its exit code then, for good: a process not reaped by then (a killed one releasing its device
     memory, one that closed its pipe and hangs) made the host down as "the model process exited
     (code None)", which /healthz and every session's end said. A process reaped within the wait
-    is down as its exit; one that is not is killed and said to have been."""
+    is down as its exit; one that is not is killed and said to have been. While it was waited for
+    (5 s) the host was not down at all: /healthz and admission said ok, a create was queued for a
+    dead pipe. It is down from the pipe's loss, as its exit once that is known."""
     import multiprocessing
     import threading
 
@@ -547,19 +552,22 @@ def test_a_model_process_whose_pipe_closed_before_it_ended_is_not_down_as_code_n
     theirs.close()
     host._down, host._killed_at_stop, host.answer_timeout = None, None, None
     host._calling = threading.Lock()
-    host.process = ProcessEndingLate(exits_after)
+    host.process = ProcessEndingLate(exits_after, host)
     try:
         with pytest.raises(HostDown) as raised:
             host.call("chunk")
     finally:
         host._conn.close()
     assert "code None" not in str(raised.value) and str(raised.value) == host.down
+    closed = "the model process closed its pipe"
     if exits_after is not None:
         assert host.down.startswith("the model process exited (code -9: killed by SIGKILL")
         assert not host.process.killed
+        assert host.process.read_meanwhile == [closed, host.down]  # (its exit as soon as it is known)
     else:
         assert host.down == "the model process closed its pipe and had not exited 5 s later (it was killed)"
         assert host.process.killed
+        assert host.process.read_meanwhile == [closed, closed, host.down, host.down]  # (the kill's join after)
 
 
 def test_a_model_process_that_dies_loading_is_one_line_in_the_log(monkeypatch, caplog):
