@@ -111,22 +111,6 @@ def close_world(world: World) -> None:
         dist.destroy_process_group()
 
 
-def clear_error_frames(error: BaseException) -> None:
-    """Let go of the locals of the finished frames in `error`'s traceback, and in those of the errors
-    it chains (their lines still print): a sharded run's stage, whose modules hold the process
-    group, would otherwise live as long as the error does, and the group's threads with it."""
-    import traceback
-
-    errors, seen = [error], set()
-    while errors:
-        e = errors.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        traceback.clear_frames(e.__traceback__)  # (the frames still running are left as they are)
-        errors += [e.__cause__, e.__context__]
-
-
 def broadcast_module(module: torch.nn.Module, world: World) -> None:
     """Make every rank start from rank 0's weights."""
     if not world.distributed:

@@ -34,7 +34,7 @@ from distill.config import (
     setting,
 )
 from distill.data import data_identity, identity_change
-from distill.distributed import World, clear_error_frames, close_world, init_world, others_wait_for_main
+from distill.distributed import World, close_world, init_world, others_wait_for_main
 from distill.updater import (  # (Updater, learning_rate: importable from here, as before updater.py)
     NonFiniteLoss,
     Updater,  # noqa: F401
@@ -44,6 +44,7 @@ from streamgen import checkpoint as ckpt
 from streamgen.cli import MACHINE_ERRNOS
 from streamgen.data.shards import DataError
 from streamgen.folder_lock import ExportLocked
+from streamgen.parallel.launch import clear_error_frames
 
 STAGE_MODULES = {
     "autoencoder": "distill.autoencoder",

@@ -156,34 +156,56 @@ def test_only_the_first_rank_says_the_model_has_no_trained_weights(rank, said, m
     assert ("no trained weights for 'debug'" in caplog.text) == said, caplog.text
 
 
-def _generate_then_its_threads(rank: int, port: int, root: str) -> None:
+def _generate_then_its_threads(rank: int, port: int, root: str, fails: str | None) -> None:
     """`generate --sp 2` as rank `rank` of 2 runs it (its environment, one thread), then how many
-    gloo threads this process still runs, counted as the command returns (no collection first)."""
+    gloo threads this process still runs, counted as the command returns (no collection first).
+    Where it `fails` (both ranks' session raising once it has started, or after its first chunk),
+    an error raised is held while they are counted, as the interpreter holds an error it printed
+    until its shutdown."""
     import os
 
     import torch
     from spawn_helpers import gloo_threads
 
     from streamgen.cli import main
+    from streamgen.stream import StreamSession
+
+    if fails:
+        method = "start" if fails == "starting" else "next_chunk"
+        made = getattr(StreamSession, method)
+
+        def then_a_bug(self, *args, **kwargs):
+            made(self, *args, **kwargs)  # (the groups' collectives have run)
+            raise RuntimeError("a bug")
+
+        setattr(StreamSession, method, then_a_bug)
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
     torch.set_num_threads(1)
     argv = ["generate", "--model", "debug", "--sp", "2", "--device", "cpu", "--quiet",
             "--audio", f"{root}/speech.wav", "--reference", f"{root}/face.png", "--out", f"{root}/a.mp4"]  # fmt: skip
-    code = main(argv)
+    try:
+        code = main(argv)
+    except RuntimeError as e:
+        code, error = "raised", e  # noqa: F841 (held while the threads are counted)
     with open(f"{root}/rank{rank}.txt", "w") as f:
         f.write(f"{code} {gloo_threads()}")
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(240)
-def test_generate_on_two_ranks_leaves_no_thread_of_its_process_groups(tmp_path):
+@pytest.mark.parametrize("fails", [None, "starting", "streaming"], ids=["finished", "failed_starting", "failed_streaming"])
+def test_generate_on_two_ranks_leaves_no_thread_of_its_process_groups(tmp_path, fails):
     """The sharded model holds its sequence-parallel groups in reference cycles (its `new_cache`
     refers to the model), and generate destroyed the groups with the model still held: their gloo
     threads ran on after the command returned, into the interpreter's shutdown, where one still
     freeing a collective's tensors aborts a run that succeeded ("terminate called without an
-    active exception"). The model is let go of and collected as the ranks leave the group."""
+    active exception"). The model is let go of and collected as the ranks leave the group.
+    A run that failed mid-stream kept it in its error's traceback (the frames of its chunk, the
+    session among their locals), past the leave's collection: a process that printed its error
+    could then abort in its shutdown (one that failed as it started, its error said in a line, held
+    it as long as the error lived). The error's finished frames let go of their locals."""
     from PIL import Image
     from server_helpers import free_port, write_wav
     from spawn_helpers import spawn
@@ -192,9 +214,9 @@ def test_generate_on_two_ranks_leaves_no_thread_of_its_process_groups(tmp_path):
     Image.fromarray(face()).save(tmp_path / "face.png")
     write_wav(tmp_path / "speech.wav", 0.3)
     ranks_args = (free_port(), str(tmp_path))
-    spawn(_generate_then_its_threads, ranks_args, nprocs=2, preload=("streamgen.cli", __name__))
-    assert (tmp_path / "a.mp4").is_file()
+    spawn(_generate_then_its_threads, ranks_args + (fails,), nprocs=2, preload=("streamgen.cli", __name__))
+    assert (tmp_path / "a.mp4").is_file() == (fails is None)
     for rank in (0, 1):
         code, threads = (tmp_path / f"rank{rank}.txt").read_text().split()
-        assert code == "0"
+        assert code == {None: "0", "starting": "2", "streaming": "raised"}[fails]  # (2: its one line)
         assert threads in ("0", "None"), f"rank {rank}: {threads} gloo threads left"  # (None: no /proc)

@@ -227,6 +227,8 @@ def run(args) -> int:
         restore_handlers(terminated_before)
         if is_stop(e) or not isinstance(e, (FileNotFoundError, ValueError, RuntimeError)):
             raise
+        session = None  # (--sp) it holds the process groups, as the frames of its error do
+        _let_go_of_frames(args.sp, e)
         _leave_sequence_parallel(args.sp, finished=False)
         if _another_rank_failed(args.sp, e):
             return _stopped_by_another_rank()
@@ -260,16 +262,19 @@ def run(args) -> int:
             writer.close()
         finished = True
     except MediaError as e:  # the writer's: a full disk
+        _let_go_of_frames(args.sp, e)
         if writer:
             writer.abort()
         raise UserError(str(e)) from None
     except RuntimeError as e:
+        _let_go_of_frames(args.sp, e)
         if writer:
             writer.abort()
         if not _another_rank_failed(args.sp, e):
             raise
         return _stopped_by_another_rank()
     except BaseException as e:
+        _let_go_of_frames(args.sp, e)
         if writer:
             writer.abort()
         # Ctrl-C; SIGTERM, SIGHUP (`terminate_as_exit`); or an import such a stop failed
@@ -371,6 +376,18 @@ def _stopped_by_another_rank() -> int:
     from streamgen.parallel.torchrun import stopped_by_another_rank
 
     return stopped_by_another_rank("generate", os.environ.get("RANK", "?"))
+
+
+def _let_go_of_frames(sp: int, e: BaseException) -> None:
+    """(--sp) The frames of a failed run's error (its chunk's, the session among their locals) hold
+    the sharded model, and so the process groups, as long as the error lives: a printed one to the
+    interpreter's shutdown, where a gloo thread still running aborts the process after its error
+    ("terminate called without an active exception"). Their locals are let go of before the ranks
+    leave the groups, which collects the model; the error's lines still print."""
+    if sp > 1:
+        from streamgen.parallel.launch import clear_error_frames
+
+        clear_error_frames(e)
 
 
 def _leave_sequence_parallel(sp: int, finished: bool) -> None:

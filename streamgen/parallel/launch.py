@@ -314,3 +314,20 @@ def leave_process_group(finished: bool) -> None:
     # a sharded model the caller let go of still holds the groups in reference cycles (its
     # `new_cache` refers to the model): collected now, their threads end here
     gc.collect()
+
+
+def clear_error_frames(error: BaseException) -> None:
+    """Let go of the locals of the finished frames in `error`'s traceback, and in those of the errors
+    it chains (their lines still print): a sharded model (a distill run's stage, a generate --sp
+    session), which holds the process groups, would otherwise live as long as the error does, and
+    the groups' threads with it, past `leave_process_group` into the interpreter's shutdown."""
+    import traceback
+
+    errors, seen = [error], set()
+    while errors:
+        e = errors.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)  # (the frames still running are left as they are)
+        errors += [e.__cause__, e.__context__]
