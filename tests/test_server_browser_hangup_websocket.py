@@ -217,15 +217,25 @@ def test_a_hang_up_between_the_socket_and_ready_leaves_nothing_on_the_console(br
             page.close()
 
 
+def started_on_a_silent_socket(browser_page, url: str, port: int, events):
+    """A page of `url` whose WebSocket goes to the silent listener on `port` (`unanswering_listener`),
+    once its start message has reached it (bounded: 20 s)."""
+    page = page_streaming_to(browser_page, port)
+    try:
+        page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+        wait_for(lambda: "frames" in events, 20, "the page's start message did not reach the listener")
+    except BaseException:
+        page.close()
+        raise
+    return page
+
 def test_a_hang_up_before_a_silent_servers_ready_deletes_the_session(browser_page, served):
     """The same hang-up where the socket's server answers nothing (not the API: a proxy that took the
     upgrade): the page's close is never answered, and the session is DELETEd all the same."""
     with served(max_sessions=2) as (url, app), unanswering_listener(upgrade=True) as (port, events):
         sessions = app.state.registry.sessions
-        page = page_streaming_to(browser_page, port)
+        page = started_on_a_silent_socket(browser_page, url, port, events)
         try:
-            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
-            wait_for(lambda: "frames" in events, 20, "the page's start message did not reach the listener")
             assert len(sessions) == 1
             page.click("#hangup")
             wait_for(lambda: "close frame" in events, 10, "the hung-up page kept its WebSocket")
@@ -244,10 +254,8 @@ def test_a_tab_left_while_its_hang_up_waits_for_the_sockets_close_deletes_the_se
         sessions = app.state.registry.sessions
         deleted = 'streamgen_sessions_closed_total{reason="deleted by client"}'
         before = metric(url, deleted)
-        page = page_streaming_to(browser_page, port)
+        page = started_on_a_silent_socket(browser_page, url, port, events)
         try:
-            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
-            wait_for(lambda: "frames" in events, 20, "the page's start message did not reach the listener")
             assert len(sessions) == 1
             page.click("#hangup")
             page.goto("about:blank")  # (the page's 2 s wait has not run out: its timer goes with it)
