@@ -182,8 +182,9 @@ class StreamSession:
         the first, so that the GPU may run the decoder's memory-bound kernels beside the
         re-encode's matrix products (the H200 profile: 232 ms of decoding at 159 TFLOP/s, 107 ms
         of re-encode). next_chunk returns once the frames are on the host; the re-encode may
-        still be running, ahead of the next chunk's work on the first stream. Off by default
-        until a GPU run times it (bench gpu's `decode beside re-encode`)."""
+        still be running, ahead of the next chunk's work on the first stream; a batch of such
+        sessions (`stream_batch.next_chunks`) decodes on its first one's second stream beside the
+        batch's re-encode. Off by default until a GPU run times it (bench gpu's `decode beside re-encode`)."""
         return self._decode_stream is not None
 
     @decode_beside_reencode.setter

@@ -13,6 +13,7 @@ from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves
 
 from streamgen.model.audio import frame_windows
 from streamgen.model.cache import StreamCache
@@ -111,6 +112,7 @@ def _batch_key(s: StreamSession):
         _device_key(s.device),
         s.cache.filled,
         s.context.shape,
+        s.decode_beside_reencode,  # (a group's decode goes to one stream, or to another)
     )
 
 
@@ -227,7 +229,8 @@ def _group_chunks(group: list[StreamSession], on_error) -> list[tuple[np.ndarray
     that fails, alone or with its group, is put back as it was (`StreamSession.chunk_undo`), as
     one that fails on its own: its audio timeline and generator had moved on, and a retry made
     another chunk."""
-    undo = [s.chunk_undo(cache_written=s.cache_from == "last_step") for s in group]
+    # (beside its decode, a chunk's own re-encode writes the ring: `_decoded_beside_reencode`)
+    undo = [s.chunk_undo(cache_written=s.cache_from == "last_step" or s.decode_beside_reencode) for s in group]
     undone: set[int] = set()
 
     def failed(j: int, e: Exception) -> None:
@@ -281,14 +284,43 @@ def _made_group_chunks(group: list[StreamSession], on_error) -> list[tuple[np.nd
 @torch.no_grad()
 def _finish_chunks(group: list[StreamSession], latents: torch.Tensor) -> list[tuple[np.ndarray, float]]:
     """`_finish_chunk` of sessions that share an autoencoder, one row of `latents` each, decoded
-    as one batch."""
+    as one batch (beside their clean re-encodes where they decode so: `_decoded_beside_reencode`)."""
+    if group[0].decode_beside_reencode:
+        out = _decoded_beside_reencode(group, latents)
+    else:
+        out = _decoded(group, latents).cpu()
+    return [(out[row].numpy(), s._next_pts()) for row, s in enumerate(group)]
+
+
+def _decoded(group: list[StreamSession], latents: torch.Tensor) -> torch.Tensor:
+    """The group's frames, uint8 [B, T, H, W, 3] on its device; each session's decoder state moved on."""
     lead = group[0]
     with lead.stage_threads("decode", len(group)):
         states = [s.decoder_state for s in group]
         frames, states = lead.vae.decode_streams(latents.to(lead.vae_dtype), states, **lead.decode_options(len(group)))
-        out = to_uint8(frames).cpu()
-    results = []
-    for row, (s, state) in enumerate(zip(group, states)):
+        out = to_uint8(frames)
+    for s, state in zip(group, states):
         s.decoder_state = state
-        results.append((out[row].numpy(), s._next_pts()))
-    return results
+    return out
+
+
+def _decoded_beside_reencode(group: list[StreamSession], latents: torch.Tensor) -> torch.Tensor:
+    """`StreamSession._finish_chunk_beside_reencode` of a group: its decode on the lead's second
+    CUDA stream and, meanwhile, its pending clean re-encodes (one forward, `_write_group`) on the
+    first; the frames on the host once the decode is done. A failure in either is undone by the
+    caller (`_group_chunks`: the ring's slots among the rest)."""
+    lead = group[0]
+    side = lead._decode_stream
+    side.wait_stream(torch.cuda.current_stream(lead.device))  # the denoised latents
+    # read there: their memory is not reused on the first stream before that is done (each
+    # session's decoder state may come from its own stream, or the first)
+    for t in [latents, *tree_leaves([s.decoder_state for s in group])]:
+        if isinstance(t, torch.Tensor):
+            t.record_stream(side)
+    with torch.cuda.stream(side):
+        out = _decoded(group, latents)
+    pending = [s for s in group if s.chunk_pending]  # (none under "last_step": its last step wrote them)
+    if pending:
+        _write_group(pending)  # queued on the first stream: the GPU runs both
+    with torch.cuda.stream(side):
+        return out.cpu()  # waits for the decode only

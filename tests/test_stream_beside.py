@@ -1,4 +1,4 @@
-"""StreamSession.decode_beside_reencode on the CPU, its CUDA streams stood in for by fakes that
+"""StreamSession.decode_beside_reencode on the CPU (alone and in a batch, stream_batch.next_chunks), its CUDA streams stood in for by fakes that
 record which stream each piece of work was queued on. The path has run on no GPU yet
 (tests/test_gpu_check.py has the CUDA test, bench gpu the variant): here its frames, the streams
 its work goes to, and a chunk that fails on it (tests/test_stream_atomic.py's faults) are
@@ -14,6 +14,7 @@ from test_stream_atomic import FAULTS, InjectedFault, assert_same_state, fault_a
 
 from streamgen.models import load_model
 from streamgen.stream import StreamSession
+from streamgen.stream_batch import next_chunks, write_pending_chunks
 
 
 class FakeStream:
@@ -159,3 +160,88 @@ def test_a_chunk_that_fails_beside_its_reencode_leaves_the_session_as_it_was(
         got_frames, got_pts = s.next_chunk()
         np.testing.assert_array_equal(got_frames, frames)
         assert got_pts == pts
+
+
+def started_pair(model, cache_from: str, log: list | None = None) -> list[StreamSession]:
+    """Two sessions of one batch key, another face and seed each (with `log`: decoding beside their
+    re-encodes, on fake second streams that record into it)."""
+    sessions = [started(model, cache_from), started(model, cache_from)]
+    sessions[1].start(face(seed=1), seed=6)
+    sessions[1].push_audio(speech(6.0, seed=1))
+    if log is not None:
+        for s in sessions:
+            s._decode_stream = FakeStream("side", log)
+    return sessions
+
+
+@pytest.mark.parametrize("cache_from", ["reencode", "last_step"])
+def test_a_batch_decoded_beside_its_reencode_makes_the_frames_of_a_plain_batch(model, streams, cache_from):
+    """next_chunks of sessions that decode beside their re-encodes: the batch's decode waits for the
+    first stream and runs on the second, its latents and decoder states recorded there, and its
+    re-encode runs on the first before next_chunks returns; frames, pts and caches are those of the
+    same batch made the plain way, bit for bit."""
+    log, current = streams
+    plain = started_pair(model, cache_from)
+    want = [next_chunks(plain) for _ in range(plain[0].chunks_to_full_ring + 1)]
+    write_pending_chunks(plain)
+
+    sessions = started_pair(model, cache_from, log)
+    decodes, forwards = [], []
+    with on_stream_of(model.vae.dec, decodes, current), on_stream_of(model.dit, forwards, current):
+        for i, chunks in enumerate(want):
+            log.clear()
+            got = next_chunks(sessions)
+            for (frames, pts), (got_frames, got_pts) in zip(chunks, got, strict=True):
+                np.testing.assert_array_equal(got_frames, frames)
+                assert got_pts == pts
+            assert not any(s.chunk_pending for s in sessions)  # written beside the decode
+            assert log and log[0] == ("wait", "side", "main"), log
+            recorded = [entry[2] for entry in log[1:]]
+            assert all(entry[:2] == ("record", "side") for entry in log[1:]) and recorded, log
+            assert recorded[0][0] == 2 and recorded[0][2] == model.cfg.frames_per_chunk  # the batch's latents
+            if i:  # each session's decoder state from the chunk before
+                assert len(recorded) > 2, log
+    assert set(decodes) == {"side"} and len(decodes) >= len(want)
+    assert set(forwards) == {"main"}
+    for s, p in zip(sessions, plain):
+        assert_same_state(session_state(s), session_state(p))
+
+
+@pytest.mark.parametrize("with_on_error", [False, True])
+@pytest.mark.parametrize(
+    ("where", "cache_from"), CASES + [("copy to the host", c) for c in ("reencode", "last_step")]
+)
+def test_a_batchs_chunk_that_fails_beside_its_reencode_leaves_its_sessions_as_they_were(
+    model, streams, where, cache_from, with_on_error
+):
+    """As one session's: a batch's re-encode runs inside its chunk beside the decode, so a failure
+    in it, in the decode or in the copy of the frames puts each session back as it was (its ring's
+    slots among the rest), reported as each session's failure with on_error; the retry makes the
+    chunks of a plain batch that never failed."""
+    log, current = streams
+    plain = started_pair(model, cache_from)
+    before = plain[0].chunks_to_full_ring
+    want = [next_chunks(plain) for _ in range(before + 2)][before:]
+
+    sessions = started_pair(model, cache_from, log)
+    for _ in range(before):
+        next_chunks(sessions)
+    states = [session_state(s) for s in sessions]
+    if where == "copy to the host":
+        fault = fault_at_the_copy_to_the_host(current)
+    else:
+        fault = fault_at(*BESIDE_FAULTS[where](sessions[0]))
+    failures = []
+    with fault:
+        if with_on_error:
+            assert next_chunks(sessions, on_error=lambda i, e: failures.append((i, str(e)))) == [None, None]
+        else:
+            with pytest.raises(InjectedFault, match="injected"):
+                next_chunks(sessions)
+    assert failures == ([(0, "injected"), (1, "injected")] if with_on_error else [])
+    for s, state in zip(sessions, states):
+        assert_same_state(session_state(s), state)
+    for chunks in want:
+        for (frames, pts), (got_frames, got_pts) in zip(chunks, next_chunks(sessions), strict=True):
+            np.testing.assert_array_equal(got_frames, frames)
+            assert got_pts == pts
