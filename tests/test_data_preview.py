@@ -221,3 +221,53 @@ def test_a_data_path_that_is_no_folder_says_so_not_to_run_data_make(tmp_path, ca
         assert main(["data", "preview", "--data", str(data), "--out", str(tmp_path / "p")]) == 2
         err = capsys.readouterr().err
         assert err.strip().splitlines() == [f"streamgen data: error: {says}"]
+
+
+def _tone(hz: float, samples: int):
+    import numpy as np
+
+    return (0.5 * np.sin(2 * np.pi * hz * np.arange(samples) / 16000)).astype(np.float32)
+
+
+def _loudest_hz(pcm, start_s: float) -> float:
+    """The loudest frequency of 0.25 s of 16 kHz `pcm` from `start_s` (a tone's, well inside its piece)."""
+    import numpy as np
+
+    window = pcm[int(start_s * 16000) : int(start_s * 16000) + 4000]
+    return float(np.abs(np.fft.rfft(window)).argmax() * 16000 / len(window))
+
+
+def test_each_pieces_audio_lands_with_its_frames(tmp_path):
+    """write_mp4 wrote the pieces' audio one after the other, whatever their frames' length: audio
+    shorter than its piece's frames moved the next piece's sound earlier than its frames (a 600 Hz tone
+    of the second second heard from 0.5 s), a piece without audio dropped its time from the sound
+    (the third piece's tone heard in the second), and a first piece without audio made a later
+    piece's audio fail (TypeError). Each piece's audio now starts with its frames, silence where it
+    has none or runs short."""
+    import av
+    import numpy as np
+
+    from streamgen.data.media import write_mp4
+
+    frames = np.zeros((25, 16, 16, 3), np.uint8)  # 1 s a piece at 25 fps
+    cases = {
+        "short": [(frames, _tone(300, 8000)), (frames, _tone(600, 16000)), (frames, _tone(900, 16000))],
+        "none_between": [(frames, _tone(300, 16000)), (frames, None), (frames, _tone(900, 16000))],
+        "none_first": [(frames, None), (frames, _tone(600, 16000)), (frames, _tone(900, 16000))],
+        "long": [(frames, _tone(300, 24000)), (frames, _tone(600, 16000)), (frames, _tone(900, 16000))],
+    }
+    for name, pieces in cases.items():
+        path = tmp_path / f"{name}.mp4"
+        write_mp4(path, iter(pieces))
+        with av.open(str(path)) as video:
+            pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in video.decode(audio=0)])
+        assert len(pcm) >= 3 * 16000, name
+        heard = [_loudest_hz(pcm, second + 0.6) for second in range(3)]
+        silent = [float(np.abs(pcm[int((s + 0.6) * 16000) : int((s + 0.85) * 16000)]).max()) < 0.02 for s in range(3)]
+        expected = {"short": [None, 600, 900], "none_between": [300, None, 900], "none_first": [None, 600, 900],
+                    "long": [300, 600, 900]}[name]  # fmt: skip
+        for second, hz in enumerate(expected):
+            if hz is None:
+                assert silent[second], (name, second, heard)
+            else:
+                assert not silent[second] and abs(heard[second] - hz) < 10, (name, second, heard)

@@ -21,27 +21,33 @@ def write_mp4(
     path: Path, pieces: Iterable[tuple[np.ndarray, np.ndarray | None]], fps: int = 25, rate: int = 16000,
     comment: str | None = None,
 ) -> None:  # fmt: skip
-    """H.264 video (+ AAC audio where the pieces have it) to `path`, written to a temporary name
-    first, of `pieces`: (frames [T, H, W, 3], their audio or None), one after the other, each
-    written as it comes (clips, all held to be written at once, were a preview of many clips' memory).
-    The size is the first piece's."""
+    """H.264 video + AAC audio to `path`, written to a temporary name first, of `pieces`: (frames
+    [T, H, W, 3], their audio or None), one after the other, each written as it comes (clips, all held
+    to be written at once, were a preview of many clips' memory). The size is the first piece's.
+    Each piece's audio starts with its first frame and lasts as long as its frames: cut where it runs
+    longer, silence where it runs short or is None (written one after the other, a short piece's
+    audio moved every later piece's sound earlier than its frames)."""
     from streamgen.media import Mp4Writer
 
     writer = None
     try:
         pending = np.zeros(0, np.float32)  # (audio is muxed in frames of 1024 samples: the rest waits)
+        frames_so_far = samples_so_far = 0
         for frames, audio in pieces:
             if writer is None:
-                audio_rate = rate if audio is not None else None
-                writer = Mp4Writer(
-                    path, frames.shape[2], frames.shape[1], fps=fps, audio_rate=audio_rate, comment=comment
-                )
+                writer = Mp4Writer(path, frames.shape[2], frames.shape[1], fps=fps, audio_rate=rate, comment=comment)
             writer.write_frames(frames)
+            frames_so_far += len(frames)
+            # (from the count of all frames, not each piece's: no rounding adds up over many pieces)
+            due = round(frames_so_far * rate / fps) - samples_so_far
+            fitted = np.zeros(due, np.float32)
             if audio is not None:
-                pending = np.concatenate([pending, audio])
-                whole = len(pending) - len(pending) % 1024
-                writer.write_audio(pending[:whole])
-                pending = pending[whole:]
+                fitted[: min(due, len(audio))] = audio[:due]
+            samples_so_far += due
+            pending = np.concatenate([pending, fitted])
+            whole = len(pending) - len(pending) % 1024
+            writer.write_audio(pending[:whole])
+            pending = pending[whole:]
         if writer is None:
             raise ValueError("no frames to write")
         if len(pending):
