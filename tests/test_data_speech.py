@@ -147,3 +147,50 @@ def test_the_espeak_view_of_a_killed_process_is_removed_by_the_next_one(tmp_path
     finally:
         live.stdin.close()
         live.wait(60)
+
+
+def test_a_child_forked_while_a_thread_speaks_can_speak(tmp_path, monkeypatch):
+    """The engine's lock, held by a thread speaking as another forked (a DataLoader's worker started
+    while a thread made clips), stayed held in the child, where no thread would ever release it: the
+    child's first speech waited for good. A child now starts with the lock free (its engine is its own)."""
+    import os
+    import tempfile
+    import threading
+    import time
+
+    from streamgen.data import speech
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(speech, "_engine", None)  # (this test's own engine and view, in tmp_path)
+    monkeypatch.setattr(speech, "_view", None, raising=False)
+    synthesize("The parent speaks.")  # (the engine made before the fork, as a worker's parent has it)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:  # (a thread inside a synthesis, as long as the fork takes)
+        with speech._lock:
+            holding.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    try:
+        assert holding.wait(60)
+        pid = os.fork()
+        if pid == 0:  # (the child: 0 if it spoke, whatever else happens)
+            spoke = False
+            try:
+                spoke = len(synthesize("The child speaks.").audio) > 0
+            finally:
+                os._exit(0 if spoke else 1)
+        deadline = time.monotonic() + 60
+        ended = 0
+        while not ended and time.monotonic() < deadline:
+            ended, status = os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.05)
+        if not ended:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        assert ended and os.waitstatus_to_exitcode(status) == 0, "the forked child's speech never ended"
+    finally:
+        release.set()
+        holder.join(60)

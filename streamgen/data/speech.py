@@ -149,6 +149,16 @@ _lock = threading.Lock()
 _engine: _Engine | None = None
 
 
+def _free_lock_in_child() -> None:
+    # a lock held by another thread at the fork (one speaking) stays held in the child, where no thread
+    # releases it: its first speech waited for good. The child makes an engine of its own (_engine_pid)
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_free_lock_in_child)
+
+
 class _Engine:
     """The loaded library, initialised once per process."""
 
