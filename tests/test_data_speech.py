@@ -194,3 +194,51 @@ def test_a_child_forked_while_a_thread_speaks_can_speak(tmp_path, monkeypatch):
     finally:
         release.set()
         holder.join(60)
+
+
+def _old_named_view(temp, name: str, our_variants: bool = True, read_ago_s: float = 3 * 86400):
+    """A folder of the previous views' naming (a TemporaryDirectory's `streamgen-espeak-XXXXXXXX`),
+    written three days ago, its variant last read `read_ago_s` ago."""
+    import os
+    import time
+
+    view = temp / name
+    (view / "voices" / "!v").mkdir(parents=True)
+    written = time.time() - 3 * 86400
+    if our_variants:
+        variant = view / "voices" / "!v" / "sg_default"
+        variant.write_text("language variant\nname default\n")
+        os.utime(variant, (time.time() - read_ago_s, written))
+    for folder in (view / "voices" / "!v", view / "voices", view):
+        os.utime(folder, (written, written))
+    return view
+
+
+def test_stale_espeak_views_of_the_previous_naming_are_removed_and_no_other(tmp_path, monkeypatch):
+    """The views made before each named its process (`streamgen-espeak-XXXXXXXX`, 244 files each) were
+    never removed by anyone: the clean-up of ended processes' views reads a PID from the name, which
+    these lack. A new view now removes those of them that are ours and stale (a folder of our
+    variants, none of them read or written for two days: a process still speaking through one reads
+    its variant at every voice it sets); not a fresh one, not a folder of that name of another's."""
+    import os
+    import tempfile
+    import time
+
+    from streamgen.data import speech
+
+    stale = _old_named_view(tmp_path, "streamgen-espeak-abcd_123")
+    in_use = _old_named_view(tmp_path, "streamgen-espeak-efgh4567", read_ago_s=3600)
+    not_a_view = _old_named_view(tmp_path, "streamgen-espeak-ijkl8901", our_variants=False)
+    elsewhere = _old_named_view(tmp_path / "elsewhere", "a-view", our_variants=True)
+    linked = tmp_path / "streamgen-espeak-mnop2345"
+    linked.symlink_to(elsewhere)
+    a_file = tmp_path / "streamgen-espeak-qrst6789"
+    a_file.write_text("a user's")
+    os.utime(a_file, (time.time() - 3 * 86400,) * 2)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(speech, "_engine", None)  # (this test's own engine and view, in tmp_path)
+    monkeypatch.setattr(speech, "_view", None, raising=False)
+    assert len(synthesize("The next one speaks.").audio) > 0
+    assert not stale.exists()
+    assert in_use.is_dir() and not_a_view.is_dir() and a_file.is_file()
+    assert linked.is_symlink() and (elsewhere / "voices" / "!v" / "sg_default").is_file()

@@ -24,9 +24,11 @@ import logging
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from streamgen.files import HOST_TAG, process_ended
+from streamgen.files import ABANDONED_AFTER_S, HOST_TAG, process_ended
 
 log = logging.getLogger(__name__)
 
@@ -478,11 +480,41 @@ def _remove_view(path: Path, owner: int) -> None:
 
 
 def _remove_abandoned_views(temp: Path) -> None:
-    """The views in `temp` whose process has ended (on this host), removed."""
+    """The views in `temp` whose process has ended (on this host), and stale ones of the previous
+    naming (`_stale_old_view`), removed."""
     for path in temp.glob(f"{_VIEW_PREFIX}*"):
         m = _VIEW_NAME.match(path.name)
         if m and path.is_dir() and not path.is_symlink() and process_ended(m["host"], int(m["pid"])):
             shutil.rmtree(path, ignore_errors=True)
+        elif _OLD_VIEW_NAME.match(path.name) and _stale_old_view(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# the views before each named its process: a TemporaryDirectory's, mkdtemp's 8 characters after the prefix
+_OLD_VIEW_NAME = re.compile(rf"^{_VIEW_PREFIX}[a-z0-9_]{{8}}$")
+# (relatime, Linux's default, moves a file's read time on at most once a day: twice the day it
+# leaves a writer's temp file alone)
+_OLD_VIEW_STALE_AFTER_S = 2 * ABANDONED_AFTER_S
+
+
+def _stale_old_view(path: Path) -> bool:
+    """Whether `path`, named as a view of the previous naming, is one of ours no process uses: a folder
+    (no link) of this user's, with our variant files, none of which (nor the folder) was read or
+    written for `_OLD_VIEW_STALE_AFTER_S`. Its name says no process to ask after; a process that still
+    speaks through it reads a variant file at every voice it sets."""
+    since = time.time() - _OLD_VIEW_STALE_AFTER_S
+    try:
+        folder = path.lstat()
+        variants = path / "voices" / "!v"
+        if not stat.S_ISDIR(folder.st_mode) or folder.st_uid != os.getuid():
+            return False
+        ours = [variants / entry.name for entry in os.scandir(variants) if entry.name.startswith("sg_")]
+        if not stat.S_ISREG((variants / "sg_default").lstat().st_mode):
+            return False
+        used = [folder, *(p.lstat() for p in ours)]
+    except OSError:  # (no view's shape, or removed meanwhile by another)
+        return False
+    return all(max(s.st_mtime, s.st_atime) < since for s in used)
 
 
 _view: _DataView | None = None
