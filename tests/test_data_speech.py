@@ -82,6 +82,23 @@ def test_a_ctrl_c_during_synthesis_stops_it():
     assert np.array_equal(before.audio, after.audio) and before.phonemes == after.phonemes
 
 
+@pytest.fixture
+def own_espeak_engine(tmp_path, monkeypatch):
+    """The test's own espeak-ng engine and view, in `tmp_path`; after it, the next speech makes an engine
+    anew. espeak-ng is one library a process: the engine monkeypatch put back was no longer the one the
+    library called back, on a view it read, so a later test's speech in the same process heard nothing
+    ("nothing to speak"), or called back into a collected engine."""
+    import tempfile
+
+    from streamgen.data import speech
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(speech, "_engine", None)
+    monkeypatch.setattr(speech, "_view", None, raising=False)  # (none before)
+    yield
+    speech._engine_pid = -1  # (torn down before monkeypatch puts the earlier engine back)
+
+
 def _speak_in_the_child() -> None:
     import gc
 
@@ -90,7 +107,7 @@ def _speak_in_the_child() -> None:
 
 
 def test_a_forked_child_that_speaks_leaves_its_parents_espeak_view_and_no_folder_of_its_own(
-    tmp_path, monkeypatch
+    tmp_path, own_espeak_engine
 ):
     """Each process made its espeak-ng data view, a TemporaryDirectory, on its first speech. A forked
     child (a DataLoader's or a fork Pool's worker) made its own and ended with os._exit, which runs no
@@ -98,13 +115,7 @@ def test_a_forked_child_that_speaks_leaves_its_parents_espeak_view_and_no_folder
     the engine it inherited, dropped and collected, removed the PARENT's view, whose next voice then
     failed to load. The child now speaks through its parent's view, which only the parent removes."""
     import multiprocessing
-    import tempfile
 
-    from streamgen.data import speech
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(speech, "_engine", None)  # (this test's own engine and view, in tmp_path)
-    monkeypatch.setattr(speech, "_view", None, raising=False)  # (none before)
     synthesize("The parent speaks.")
     views = sorted(p.name for p in tmp_path.iterdir())
     assert len(views) == 1
@@ -117,16 +128,14 @@ def test_a_forked_child_that_speaks_leaves_its_parents_espeak_view_and_no_folder
     assert len(synthesize("Der Vater spricht.", Voice("de", "f4")).audio) > 0  # a voice not loaded before
 
 
-def test_the_espeak_view_of_a_killed_process_is_removed_by_the_next_one(tmp_path, monkeypatch):
+def test_the_espeak_view_of_a_killed_process_is_removed_by_the_next_one(tmp_path, own_espeak_engine):
     """A process killed (SIGKILL, the out-of-memory killer, a test's kill of its server) runs no
     clean-up: its view, 244 files, stayed in the temp folder for good, one more at every kill. The
     next view made there removes those whose process has ended, and not a live one's."""
     import os
     import subprocess
     import sys
-    import tempfile
 
-    from streamgen.data import speech
     from streamgen.files import HOST_TAG
 
     speak_and_die = "from streamgen.data.speech import synthesize; synthesize('Hi.'); import os; os.kill(os.getpid(), 9)"
@@ -138,9 +147,6 @@ def test_the_espeak_view_of_a_killed_process_is_removed_by_the_next_one(tmp_path
     try:
         alive = tmp_path / f"streamgen-espeak-{HOST_TAG}-{live.pid}-abcd1234"
         alive.mkdir()
-        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-        monkeypatch.setattr(speech, "_engine", None)
-        monkeypatch.setattr(speech, "_view", None, raising=False)  # (none before)
         synthesize("The next one speaks.")
         assert not left.exists() and alive.is_dir()
         assert len(list(tmp_path.iterdir())) == 2  # (the live one's and this one's)
@@ -149,20 +155,16 @@ def test_the_espeak_view_of_a_killed_process_is_removed_by_the_next_one(tmp_path
         live.wait(60)
 
 
-def test_a_child_forked_while_a_thread_speaks_can_speak(tmp_path, monkeypatch):
+def test_a_child_forked_while_a_thread_speaks_can_speak(own_espeak_engine):
     """The engine's lock, held by a thread speaking as another forked (a DataLoader's worker started
     while a thread made clips), stayed held in the child, where no thread would ever release it: the
     child's first speech waited for good. A child now starts with the lock free (its engine is its own)."""
     import os
-    import tempfile
     import threading
     import time
 
     from streamgen.data import speech
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(speech, "_engine", None)  # (this test's own engine and view, in tmp_path)
-    monkeypatch.setattr(speech, "_view", None, raising=False)
     synthesize("The parent speaks.")  # (the engine made before the fork, as a worker's parent has it)
     holding, release = threading.Event(), threading.Event()
 
@@ -214,17 +216,14 @@ def _old_named_view(temp, name: str, our_variants: bool = True, read_ago_s: floa
     return view
 
 
-def test_stale_espeak_views_of_the_previous_naming_are_removed_and_no_other(tmp_path, monkeypatch):
+def test_stale_espeak_views_of_the_previous_naming_are_removed_and_no_other(tmp_path, own_espeak_engine):
     """The views made before each named its process (`streamgen-espeak-XXXXXXXX`, 244 files each) were
     never removed by anyone: the clean-up of ended processes' views reads a PID from the name, which
     these lack. A new view now removes those of them that are ours and stale (a folder of our
     variants, none of them read or written for two days: a process still speaking through one reads
     its variant at every voice it sets); not a fresh one, not a folder of that name of another's."""
     import os
-    import tempfile
     import time
-
-    from streamgen.data import speech
 
     stale = _old_named_view(tmp_path, "streamgen-espeak-abcd_123")
     in_use = _old_named_view(tmp_path, "streamgen-espeak-efgh4567", read_ago_s=3600)
@@ -235,9 +234,6 @@ def test_stale_espeak_views_of_the_previous_naming_are_removed_and_no_other(tmp_
     a_file = tmp_path / "streamgen-espeak-qrst6789"
     a_file.write_text("a user's")
     os.utime(a_file, (time.time() - 3 * 86400,) * 2)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(speech, "_engine", None)  # (this test's own engine and view, in tmp_path)
-    monkeypatch.setattr(speech, "_view", None, raising=False)
     assert len(synthesize("The next one speaks.").audio) > 0
     assert not stale.exists()
     assert in_use.is_dir() and not_a_view.is_dir() and a_file.is_file()
