@@ -69,3 +69,37 @@ def test_make_assets_into_a_file_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"cannot write into --out {tmp_path / 'file'}" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("stopped_in", ["sample_speech.wav", "sample_face.png"])
+def test_make_assets_stopped_while_writing_leaves_the_earlier_assets_whole(tmp_path, monkeypatch, stopped_in):
+    """make_assets wrote each asset in place: stopped while writing one (a Ctrl-C, a kill, a full disk),
+    it left that asset cut short under its own name, the bundled sample `generate` reads by default.
+    Each is now written to a temp file and put in place whole; stopped, the earlier one stays."""
+    import wave
+
+    from PIL import Image
+
+    from streamgen.data.make_assets import make_assets
+
+    paths = make_assets(tmp_path)
+    before = {p.name: p.read_bytes() for p in paths}
+
+    if stopped_in == "sample_speech.wav":
+        def write_half(self, data):
+            self.writeframesraw(bytes(data)[: len(data) // 2])
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(wave.Wave_write, "writeframes", write_half)
+    else:
+        save = Image.Image.save
+
+        def save_half(self, fp, *args, **kwargs):
+            save(self.crop((0, 0, self.width, self.height // 2)), fp, *args, **kwargs)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Image.Image, "save", save_half)
+    with pytest.raises(KeyboardInterrupt):
+        make_assets(tmp_path)
+    assert {p.name: p.read_bytes() for p in paths} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)  # (no temp file left)

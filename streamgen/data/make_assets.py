@@ -16,18 +16,24 @@ from pathlib import Path
 
 import numpy as np
 
+from streamgen.files import write_atomically
+
 SAMPLE_SENTENCE = "Hello, I am a streaming avatar. I move my lips in time with what you say."
 SAMPLE_IDENTITY = 9
 
 
 def write_wav(path: Path, audio: np.ndarray, rate: int = 16000) -> None:
-    """float32 mono in [-1, 1] -> 16-bit PCM WAV."""
+    """float32 mono in [-1, 1] -> 16-bit PCM WAV, put in place whole (`write_atomically`)."""
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(rate)
-        f.writeframes(pcm.tobytes())
+
+    def write(tmp: Path) -> None:
+        with wave.open(str(tmp), "wb") as f:
+            f.setnchannels(1)
+            f.setsampwidth(2)
+            f.setframerate(rate)
+            f.writeframes(pcm.tobytes())
+
+    write_atomically(path, write)
 
 
 def make_assets(out: Path) -> list[Path]:
@@ -41,7 +47,9 @@ def make_assets(out: Path) -> list[Path]:
     wav_path, png_path = out / "sample_speech.wav", out / "sample_face.png"
     write_wav(wav_path, speech.audio)
     face = render_reference(Identity.from_id(SAMPLE_IDENTITY), 128, 128)
-    Image.fromarray(face).save(png_path, optimize=True)
+    # (each written to a temp file and put in place: one stopped while written was left cut short
+    # under its own name, the sample `generate` reads by default)
+    write_atomically(png_path, lambda tmp: Image.fromarray(face).save(tmp, format="PNG", optimize=True))
     return [wav_path, png_path]
 
 
