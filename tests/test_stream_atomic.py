@@ -31,6 +31,22 @@ def started(model, cache_from: str) -> StreamSession:
     return s
 
 
+def at_a_full_ring(model, cache_from: str) -> StreamSession:
+    """A started session past a full ring's worth of chunks (the chunk the FAULTS below fail)."""
+    s = started(model, cache_from)
+    for _ in range(s.chunks_to_full_ring):
+        s.next_chunk()
+    return s
+
+
+def assert_makes_the_chunks(s: StreamSession, want: list) -> None:
+    """`s`'s next chunks (a failed chunk's retry, and the chunk after it) are `want`'s, bit for bit."""
+    for frames, pts in want:
+        got_frames, got_pts = s.next_chunk()
+        np.testing.assert_array_equal(got_frames, frames)
+        assert got_pts == pts
+
+
 @contextmanager
 def fault_at(module: torch.nn.Module, call: int, error=InjectedFault):
     """`module`'s `call`-th forward (from 1) inside the block raises `error` before it runs."""
@@ -100,13 +116,10 @@ CASES = [(where, cache_from) for where in FAULTS for cache_from in ("reencode", 
 def test_a_chunk_that_fails_leaves_the_session_as_it_was_and_its_retry_makes_the_same_chunk(
     model, cache_from, where, error
 ):
-    alone = started(model, cache_from)
-    before = alone.chunks_to_full_ring
-    want = [alone.next_chunk() for _ in range(before + 2)][before:]
+    alone = at_a_full_ring(model, cache_from)
+    want = [alone.next_chunk() for _ in range(2)]
 
-    s = started(model, cache_from)
-    for _ in range(before):
-        s.next_chunk()
+    s = at_a_full_ring(model, cache_from)
     if where != "re-encode's last layer":
         # the last chunk's clean re-encode, which a chunk writes first, written as a server's
         # worker writes it while the frames travel: a chunk that fails later leaves it written
@@ -116,10 +129,7 @@ def test_a_chunk_that_fails_leaves_the_session_as_it_was_and_its_retry_makes_the
     with fault_at(module, call, error), pytest.raises(error, match="injected"):
         s.next_chunk()
     assert_same_state(session_state(s), state)
-    for frames, pts in want:  # the retry, and the chunk after it
-        got_frames, got_pts = s.next_chunk()
-        np.testing.assert_array_equal(got_frames, frames)
-        assert got_pts == pts
+    assert_makes_the_chunks(s, want)
 
 
 # after the opening re-encode (the DiT's first forward in the chunk): its second denoising step, the decode
@@ -133,28 +143,20 @@ def test_a_chunk_that_fails_after_its_opening_reencode_keeps_it_and_its_retry_ma
     (as `write_pending_chunk` writes it), bit for bit, and the retry makes the chunks of a session that
     never failed. (The re-encode reads what the last chunk left alone: written at the failed call or
     at the retry, it writes the same keys and values.)"""
-    alone = started(model, "reencode")
-    before = alone.chunks_to_full_ring
-    want = [alone.next_chunk() for _ in range(before + 2)][before:]
+    alone = at_a_full_ring(model, "reencode")
+    want = [alone.next_chunk() for _ in range(2)]
 
-    written = started(model, "reencode")
-    for _ in range(before):
-        written.next_chunk()
+    written = at_a_full_ring(model, "reencode")
     written.write_pending_chunk()
     state = session_state(written)
 
-    s = started(model, "reencode")
-    for _ in range(before):
-        s.next_chunk()
+    s = at_a_full_ring(model, "reencode")
     assert s.chunk_pending  # (the failed call writes it first)
     module, call = AFTER_REENCODE[where](s)
     with fault_at(module, call), pytest.raises(InjectedFault, match="injected"):
         s.next_chunk()
     assert_same_state(session_state(s), state)
-    for frames, pts in want:  # the retry, and the chunk after it
-        got_frames, got_pts = s.next_chunk()
-        np.testing.assert_array_equal(got_frames, frames)
-        assert got_pts == pts
+    assert_makes_the_chunks(s, want)
 
 
 def test_a_failed_chunk_keeps_the_audio_pushed_while_it_ran(model):
