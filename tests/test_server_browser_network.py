@@ -455,3 +455,65 @@ def test_a_webrtc_page_whose_connection_is_lost_ends_its_session(browser_page, s
             assert metric(url, deleted) == before + 1
         finally:
             page.close()
+
+
+# An answer whose headers come and whose body never ends (a proxy that stalls, a server that hangs
+# as it writes): for the requests that `window.stallBodyOf` (a function of url and method) picks, the
+# page gets the answer's status and headers, the first byte of its body, and nothing more; its body
+# fails as a real one does once its request is cut off (its signal).
+STALLED_BODIES = """
+window.stallBodyOf = null;
+window.stalledBodies = 0;
+const fetchWithWholeBodies = window.fetch;
+window.fetch = async function (url, options) {
+  const res = await fetchWithWholeBodies(url, options);
+  if (!window.stallBodyOf || !window.stallBodyOf(String(url), (options && options.method) || "GET")) return res;
+  const signal = options && options.signal;
+  const body = new ReadableStream({ start(controller) {
+    controller.enqueue(new TextEncoder().encode("{"));
+    if (signal) signal.onabort = () => controller.error(new DOMException("cut off", "AbortError"));
+  } });
+  window.stalledBodies++;
+  return new Response(body, { status: res.status, statusText: res.statusText, headers: res.headers });
+};
+"""
+
+
+@pytest.mark.parametrize("stalled", ["session", "whep"])
+def test_an_answer_whose_body_never_ends_is_given_up(browser_page, stalled, served):
+    """An answer whose headers came and whose body never ended left the page 'connecting' for good:
+    the 10 s a request may wait for its answer ended with the headers. They count to the body's end
+    now: a session's creation so answered is given up (said, Connect given back to try again); a WHEP
+    offer's, as any WebRTC failure, goes on over the WebSocket."""
+    with served(max_sessions=2) as (url, app):
+        page = browser_page.new_page()
+        page.add_init_script(STALLED_BODIES)
+        page.clock.install()  # (the page's 10 s run at once)
+        keys: list[str] = []
+        page.on("request", lambda r: keys.append(r.headers.get("streamgen-request-key", "")))
+        try:
+            page.goto(f"{url}/?mic=0")
+            page.wait_for_selector("#avatars button")
+            path = {"session": "/v1/sessions", "whep": "/whep"}[stalled]
+            page.evaluate(f"() => {{ window.stallBodyOf = (url, method) => method === 'POST' && url.endsWith('{path}'); }}")
+            page.click("#connect")
+            page.wait_for_function("window.stalledBodies === 1", timeout=20_000)
+            page.clock.run_for(11_000)
+            page.wait_for_function("window.streamgenStats.state !== 'connecting'", timeout=10_000)
+            if stalled == "whep":
+                assert page.evaluate("window.streamgenStats.state") == "streaming (websocket)"
+                page.click("#hangup")
+                return
+            assert page.evaluate("window.streamgenStats.state") == "failed: the server does not answer (no answer in 10 s)"
+            assert page.is_enabled("#connect")
+            # (the session it made is the test's to end: its answer's body never came)
+            import httpx
+
+            httpx.request("DELETE", f"{url}/v1/sessions", headers={"Streamgen-Request-Key": next(k for k in keys if k)})
+            page.evaluate("window.stallBodyOf = null")
+            page.click("#connect")  # tried again, it connects
+            page.clock.run_for(1_000)
+            page.wait_for_function("window.streamgenStats.state.startsWith('streaming')", timeout=30_000)
+            page.click("#hangup")
+        finally:
+            page.close()

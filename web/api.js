@@ -35,6 +35,8 @@ const ANSWER_MS = 10000;
 // fetch, a server it cannot reach said as such: the browser's own words for it ("Failed to fetch",
 // "NetworkError when attempting to fetch resource.") were all the page said of a server down. With
 // `answerMs`, one not answered within it is given up (as one cut off by its own signal, if any).
+// The answer is read whole before it is returned, its body in the same limit: a body that never ended
+// (a proxy that stalled after the headers) left its reader waiting for good, the page 'connecting'.
 export async function apiFetch(url, init = {}, answerMs = 0) {
   const limit = answerMs ? new AbortController() : null;
   let timedOut = false;
@@ -44,7 +46,7 @@ export async function apiFetch(url, init = {}, answerMs = 0) {
     else init.signal.addEventListener("abort", () => limit.abort(), { once: true });
   }
   try {
-    return await fetch(url, limit ? { ...init, signal: limit.signal } : init);
+    return await readWhole(await fetch(url, limit ? { ...init, signal: limit.signal } : init));
   } catch (e) {
     // (said here, not as the abort's reason: a browser may reject with its own AbortError instead)
     if (timedOut) throw noAnswerIn(answerMs);
@@ -53,6 +55,14 @@ export async function apiFetch(url, init = {}, answerMs = 0) {
   } finally {
     clearTimeout(limitTimer);
   }
+}
+
+// An answer with its body read: one whose body ends only after its request's limit fails with it
+// (its signal cuts the body off), where a body read after the limit was let go waited on for good.
+export async function readWhole(res) {
+  const body = await res.arrayBuffer();
+  const bodiless = [101, 103, 204, 205, 304].includes(res.status);  // (a Response may not have one)
+  return new Response(bodiless ? null : body, { status: res.status, statusText: res.statusText, headers: res.headers });
 }
 
 const noAnswerIn = (answerMs) => Object.assign(new Error(`the server does not answer (no answer in ${answerMs / 1000} s)`),

@@ -1,6 +1,6 @@
 // The WebRTC (WHEP) connection: the offer and its trickled candidates, the connection's state and
 // the overlay's figures read from it.
-import { apiJson, authHeaders, deleteSession } from "./api.js";
+import { apiJson, authHeaders, deleteSession, readWhole } from "./api.js";
 import { $, abandoned, serverEndedInWords, showOverlay, state, stats, waitForClickForSound } from "./page.js";
 
 let offerPostedAt = 0;
@@ -72,10 +72,10 @@ export async function connectWebRTC(mine, ended) {
   const answerTimer = setTimeout(() => requests.abort(new Error(`WHEP: no answer in ${WHEP_ANSWER_MS / 1000} s`)),
     WHEP_ANSWER_MS);
   let res;
-  try {
-    res = await fetch(s.whep, {
+  try {  // (its body too: one that never ended left the page 'connecting' for good)
+    res = await readWhole(await fetch(s.whep, {
       method: "POST", body: offer, signal: cutOff, headers: authHeaders(s, { "Content-Type": "application/sdp" }),
-    });
+    }));
   } finally {
     clearTimeout(answerTimer);
   }
