@@ -140,3 +140,37 @@ def test_a_sentence_typed_while_a_speak_is_answered_stays(browser_page, served):
         page.click("#speak")  # one not typed over goes as it went
         page.wait_for_function("document.getElementById('speak-text').value === ''", timeout=10_000)
         assert page.text_content("#notice") == ""
+
+
+# The abort listeners the page adds to its signals from now on and has not removed: window.abortListeners()
+# counts those whose signal has not fired (a listener of a signal fired is gone with it).
+ABORT_LISTENERS = """
+window.__abortListeners = [];
+const addListener = EventTarget.prototype.addEventListener, removeListener = EventTarget.prototype.removeEventListener;
+EventTarget.prototype.addEventListener = function (type, listener, options) {
+  if (this instanceof AbortSignal && type === "abort") window.__abortListeners.push([this, listener]);
+  return addListener.call(this, type, listener, options);
+};
+EventTarget.prototype.removeEventListener = function (type, listener, options) {
+  const i = window.__abortListeners.findIndex(([signal, l]) => signal === this && l === listener);
+  if (type === "abort" && i >= 0) window.__abortListeners.splice(i, 1);
+  return removeListener.call(this, type, listener, options);
+};
+window.abortListeners = () => window.__abortListeners.filter(([signal]) => !signal.aborted).length;
+"""
+
+
+def test_a_webrtc_pages_speaks_leave_no_listener_on_its_connection(browser_page, served):
+    """Each speak of a WebRTC page is cut off with the connection (its signal, which lives as long as
+    the connection): each added a listener to that signal that stayed once the speak was answered, one
+    more per speak for as long as the connection lasted. It is removed as its request settles now."""
+    with served(max_sessions=2) as (url, app), speaking_page(browser_page, url) as (page, logs):
+        page.evaluate(ABORT_LISTENERS)  # (from the next speak on)
+        page.evaluate("window.holdFetches = null; window.heldFetches.splice(0).forEach((go) => go())")
+        for _ in range(3):
+            page.wait_for_function("document.getElementById('speak-text').value === ''", timeout=20_000)
+            page.fill("#speak-text", "hello")
+            page.click("#speak")
+        page.wait_for_function("document.getElementById('speak-text').value === ''", timeout=20_000)
+        assert page.evaluate("window.abortListeners()") == 0
+        assert page.text_content("#notice") == "" and logs == []

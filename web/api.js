@@ -41,9 +41,12 @@ export async function apiFetch(url, init = {}, answerMs = 0) {
   const limit = answerMs ? new AbortController() : null;
   let timedOut = false;
   const limitTimer = limit && setTimeout(() => { timedOut = true; limit.abort(); }, answerMs);
+  // (removed as the request settles: a signal that outlives its requests, a WebRTC connection's that
+  // each of its speaks uses, kept one listener per request for as long as the connection lasted)
+  const cutOff = () => limit.abort();
   if (limit && init.signal) {
     if (init.signal.aborted) limit.abort();
-    else init.signal.addEventListener("abort", () => limit.abort(), { once: true });
+    else init.signal.addEventListener("abort", cutOff, { once: true });
   }
   try {
     return await readWhole(await fetch(url, limit ? { ...init, signal: limit.signal } : init));
@@ -54,6 +57,7 @@ export async function apiFetch(url, init = {}, answerMs = 0) {
     throw new Error(`the server does not answer (${e.message})`);
   } finally {
     clearTimeout(limitTimer);
+    if (limit && init.signal) init.signal.removeEventListener("abort", cutOff);
   }
 }
 
