@@ -81,11 +81,18 @@ const UPLOAD_BYTES_PER_S = 64 * 1024;
 // A session's creation not answered in time is given up, not cut off: a server that has the request
 // makes the session all the same, and with its answer cut off the session was left to the server's
 // unclaimed timeout (20 s), a server of one session refusing the next connect meanwhile (503). The
-// answer that comes after the page gave up is that session's DELETE, and nothing else.
+// answer that comes after the page gave up is that session's DELETE, and nothing else. An answer may
+// never come whole (its body stalled after the headers, a server still making the session): the
+// session is ended by its request's key as the page gives up (a server that has not had the request
+// yet keeps nothing of the key: the late answer's DELETE ends that one).
 async function sessionAnswer(answer, answerMs, key) {
   let limitTimer, givenUp = false;
   const limit = new Promise((_, reject) => {
-    limitTimer = setTimeout(() => { givenUp = true; reject(noAnswerIn(answerMs)); }, answerMs);
+    limitTimer = setTimeout(() => {
+      givenUp = true;
+      endByKey(key);
+      reject(noAnswerIn(answerMs));
+    }, answerMs);
   });
   answer.then(async (res) => {
     if (!givenUp) return;
@@ -134,12 +141,14 @@ export async function createSession() {
 const creating = new Set();
 
 export function abandonCreations() {
-  for (const key of creating) {
-    fetch("/v1/sessions", { method: "DELETE", headers: { "Streamgen-Request-Key": key }, keepalive: true })
-      .catch(() => {});
-  }
+  for (const key of creating) endByKey(key);
   creating.clear();
 }
+
+// (204 whatever the server knows of the key: nothing to say of its answer)
+const endByKey = (key) => fetch("/v1/sessions", {
+  method: "DELETE", headers: { "Streamgen-Request-Key": key }, keepalive: true,
+}).catch(() => {});
 
 // (crypto.randomUUID is only in secure contexts: a page from http://192.168.1.20:8000 has none)
 const randomKey = () => Array.from(crypto.getRandomValues(new Uint8Array(16)),
