@@ -151,14 +151,13 @@ _lock = threading.Lock()
 _engine: _Engine | None = None
 
 
-def _free_lock_in_child() -> None:
-    # a lock held by another thread at the fork (one speaking) stays held in the child, where no thread
-    # releases it: its first speech waited for good. The child makes an engine of its own (_engine_pid)
-    global _lock
-    _lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_free_lock_in_child)
+# A fork waits for the speech under way to end, and the child starts with the lock free. Held by another
+# thread at the fork, the lock stayed held in the child, where no thread releases it: its first speech
+# waited for good; given the child free but forked mid-synthesis, the library's state was half a
+# sentence's, and the child's new engine (_engine_pid) on it crashed (SIGSEGV) or spoke otherwise.
+os.register_at_fork(
+    before=lambda: _lock.acquire(), after_in_parent=lambda: _lock.release(), after_in_child=lambda: _lock.release()
+)
 
 
 class _Engine:
