@@ -272,7 +272,7 @@ def test_cli_make_preview_and_errors(tmp_path, capsys):
     assert main(["data", "make", "--out", str(out), "--clips", "3", "--size", "32", "--seconds", "0.4",
                  "--workers", "1", "--identities", "20"]) == 0  # fmt: skip
     assert json.loads((out / "manifest.json").read_text())["clips"] == 3
-    assert re.search(r"speed: [0-9]+ clips of 4 s per minute", capsys.readouterr().out)
+    assert re.search(r"speed: [0-9]+(\.[0-9]+)? clips of 4 s per minute", capsys.readouterr().out)
     assert main(["data", "make", "--out", str(out), "--clips", "3"]) == 2  # refuses to overwrite
     err = capsys.readouterr().err
     assert "already holds a dataset" in err and "data make:" not in err  # (its bar showed, at 0/3)
