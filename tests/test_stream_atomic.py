@@ -253,3 +253,31 @@ def test_a_batchs_failed_chunk_leaves_its_sessions_as_they_were(model, cache_fro
         for (frames, pts), (got_frames, got_pts) in zip(chunks, next_chunks(sessions)):
             np.testing.assert_array_equal(got_frames, frames)
             assert got_pts == pts
+
+
+@pytest.mark.parametrize(
+    ("where", "cache_from"), [("re-encode's last layer", "reencode"), ("last step's last layer", "last_step")]
+)
+def test_a_chunk_that_fails_under_fp8_attention_is_undone_with_the_caches_e4m3_copies(where, cache_from):
+    """The FP8 backends read the cache's keys and values through e4m3 copies that it makes again
+    only where they changed (`KVCache.fp8_keys`, `fp8_values`): a ring write counted as such and
+    then put back by the failed chunk's undo must leave no copy of the chunk it took back. The
+    retry and the chunks after it are a session's that never failed, bit for bit (a GPU's FP8
+    path, here on the reference quantization; "fp8" quantizes the keys and the values)."""
+    model = load_model("debug", attn_backend="fp8")
+    alone = started(model, cache_from)
+    before = alone.chunks_to_full_ring
+    want = [alone.next_chunk() for _ in range(before + 3)][before:]
+
+    s = started(model, cache_from)
+    for _ in range(before):
+        s.next_chunk()
+    state = session_state(s)
+    module, call = FAULTS[where](s)
+    with fault_at(module, call), pytest.raises(InjectedFault, match="injected"):
+        s.next_chunk()
+    assert_same_state(session_state(s), state)
+    for frames, pts in want:
+        got_frames, got_pts = s.next_chunk()
+        np.testing.assert_array_equal(got_frames, frames)
+        assert got_pts == pts
