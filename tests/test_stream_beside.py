@@ -190,7 +190,11 @@ def test_a_batch_decoded_beside_its_reencode_makes_the_frames_of_a_plain_batch(m
     with on_stream_of(model.vae.dec, decodes, current), on_stream_of(model.dit, forwards, current):
         for i, chunks in enumerate(want):
             log.clear()
+            forwards_before = len(forwards)
             got = next_chunks(sessions)
+            # its denoising steps, then (under "reencode") its re-encode, one forward for the batch
+            steps = sessions[0].steps
+            assert len(forwards) - forwards_before == steps + (cache_from == "reencode")
             for (frames, pts), (got_frames, got_pts) in zip(chunks, got, strict=True):
                 np.testing.assert_array_equal(got_frames, frames)
                 assert got_pts == pts
