@@ -191,6 +191,13 @@ class StreamSession:
     def decode_beside_reencode(self, enabled: bool) -> None:
         if enabled and self.device.type != "cuda":
             raise ValueError("decode_beside_reencode needs a CUDA device (two CUDA streams)")
+        if not enabled and self._decode_stream is not None:
+            # the decoder's state, made on the second stream, is read on the first from now on:
+            # its memory not reused by the second's work (one of torch's pool) before that is done
+            first = torch.cuda.current_stream(self.device)
+            for t in tree_leaves(getattr(self, "decoder_state", None)):
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(first)
         self._decode_stream = torch.cuda.Stream(self.device) if enabled else None
 
     # --- timing ---------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import torch
 from stream_helpers import face, speech
 from test_stream_atomic import FAULTS, InjectedFault, assert_same_state, fault_at, session_state
+from torch.utils._pytree import tree_leaves
 
 from streamgen.models import load_model
 from streamgen.stream import StreamSession
@@ -249,3 +250,21 @@ def test_a_batchs_chunk_that_fails_beside_its_reencode_leaves_its_sessions_as_th
         for (frames, pts), (got_frames, got_pts) in zip(chunks, next_chunks(sessions), strict=True):
             np.testing.assert_array_equal(got_frames, frames)
             assert got_pts == pts
+
+
+def test_a_stream_that_stops_decoding_beside_records_its_decoder_state_on_the_first_stream(model, streams):
+    """The decoder state a chunk decoded beside its re-encode was made on the second stream; once
+    the switch goes off the next decode reads it on the first, and then lets it go. Recorded on the
+    first stream as the switch goes off, its memory is not handed to another tensor of the
+    second stream's (a stream of torch's pool a later switch may get again) before that read is done."""
+    log, _ = streams
+    s = started(model, side=FakeStream("side", log))
+    s.next_chunk()
+    state = [t for t in tree_leaves(s.decoder_state) if isinstance(t, torch.Tensor)]
+    assert state
+    log.clear()
+    s.decode_beside_reencode = False
+    assert log == [("record", "main", t.shape) for t in state]
+    log.clear()
+    s.next_chunk()  # on the first stream alone now
+    assert log == []
