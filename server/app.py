@@ -276,7 +276,7 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
                                               config.decode_dtype, registry.stopping)  # fmt: skip
         from .model_host import ModelHost
 
-        return ModelHost(config.model, config.device, config.torch_threads, config.decode_dtype)
+        return ModelHost(config.model, config.device, config.torch_threads, config.decode_dtype, registry.stopping)
 
     def warm():
         stream = registry._new_stream(avatar_image("sample"), None, 0)

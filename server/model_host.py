@@ -51,6 +51,12 @@ EXIT_AFTER_PIPE_S = 5.0
 PIPE_CLOSED = "the model process closed its pipe"
 
 
+def during_the_stop(what: str) -> str:
+    """Why the host is down when its process ended while the server stopped (a SIGTERM to the whole
+    process group): the stop first, as the sessions it streamed end with it, then what was seen."""
+    return f"the server is shutting down; {what}"
+
+
 def freeze_loaded_heap() -> None:
     """Keep what a process has loaded (torch, the model: ~170k objects) out of the collector's
     sight: it lives as long as the process. A full collection of it took 50-70 ms holding the
@@ -90,7 +96,10 @@ class ModelHost:
     # frames (ModelOps.after_reply), while the server publishes them
     writes_chunks_itself = True
 
-    def __init__(self, model: str, device: str, threads: int | None, decode_dtype: str = "auto"):
+    def __init__(self, model: str, device: str, threads: int | None, decode_dtype: str = "auto",
+                 stopping: threading.Event | None = None):  # fmt: skip
+        """stopping: set once the server's stop begins (the registry's): a process that ends from then on
+        ends with the stop (a SIGTERM to the whole process group), not as a failure."""
         ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no copied threads or locks
         self._conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_child_main, args=(child, model, device, threads, decode_dtype, log_setup()),
@@ -100,6 +109,8 @@ class ModelHost:
         self._down: str | None = None  # why the host can run nothing more (the server reports it unhealthy)
         self._calling = threading.Lock()  # held while an operation is on the pipe: `stop` waits for it
         self._killed_at_stop: str | None = None  # why the stop killed the process, once it has
+        self.stopping = stopping if stopping is not None else threading.Event()
+        self._stop_begun = False  # (`stop` runs: it waits for the operation on the pipe)
         # seconds an operation may take before the process is taken for stuck and killed; None
         # while the model loads and warms up (a first chunk may take minutes): the server sets it
         # once it is ready (ServerConfig.model_timeout_s)
@@ -111,9 +122,13 @@ class ModelHost:
         """Why the host can run nothing more, or None. A process that died between operations
         (killed while no session streamed: the OOM killer) is found here, not only by the next
         operation: /healthz and /readyz said ok, and its sessions waited, until one was asked for."""
-        if self._down in (None, PIPE_CLOSED) and self.process.exitcode is not None:
-            self._down = exit_line(self.process.exitcode)
+        if self._down in (None, PIPE_CLOSED, during_the_stop(PIPE_CLOSED)) and self.process.exitcode is not None:
+            ended = exit_line(self.process.exitcode)  # (a pipe lost before the stop is a failure: said as one)
+            self._down = during_the_stop(ended) if self._down != PIPE_CLOSED and self._server_stopping() else ended
         return self._down
+
+    def _server_stopping(self) -> bool:
+        return self._stop_begun or self.stopping.is_set()
 
     def call(self, op: str, *args):
         with self._calling:  # (the worker's operation, and the stop's `exit`, one at a time)
@@ -126,7 +141,15 @@ class ModelHost:
                 ok, result = self._conn.recv()
             except (EOFError, OSError):
                 # (one the stop killed keeps the stop's reason: its SIGKILL read as the OOM killer's)
-                self._down = self._killed_at_stop or self._pipe_lost()
+                if self._killed_at_stop:
+                    self._down = self._killed_at_stop
+                elif self._server_stopping():
+                    # it ended with the stop, which waits for its end (`stop`): said as "exited (code -15)",
+                    # an ERROR, its sessions ended as "host_down", the stop's own reason overwritten
+                    self._down = self._down or during_the_stop(PIPE_CLOSED)
+                    raise HostStopped(self.down) from None
+                else:
+                    self._down = self._pipe_lost()
                 raise HostDown(self.down) from None
         if ok:
             return result
@@ -166,6 +189,7 @@ class ModelHost:
         waited for while it works: a flat 5 s, then SIGTERM, ended it mid-teardown on a loaded
         machine (exit code -15), and its `exit` raced an operation the worker still had running.
         One that does not answer, or stops using the CPU, is killed."""
+        self._stop_begun = True
         self._down = self._down or "the model process was stopped (the server is shutting down)"
         stuck = self._ask_to_exit()
         if stuck is None and self.process.exitcode is None:

@@ -551,7 +551,7 @@ def test_a_model_process_whose_pipe_closed_before_it_ended_is_not_down_as_code_n
     host._conn, theirs = multiprocessing.Pipe()
     theirs.close()
     host._down, host._killed_at_stop, host.answer_timeout = None, None, None
-    host._calling = threading.Lock()
+    host._calling, host.stopping, host._stop_begun = threading.Lock(), threading.Event(), False
     host.process = ProcessEndingLate(exits_after, host)
     try:
         with pytest.raises(HostDown) as raised:

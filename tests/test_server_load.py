@@ -477,3 +477,55 @@ def test_an_operation_the_stop_gave_up_on_says_why_the_process_ended(monkeypatch
     finally:
         host.process.kill()
     assert errors == ["the model process was still running an operation 0.5 s into the stop: it was killed at the stop"]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("stop_begun_by", ["server", "host"])
+def test_a_model_process_that_ends_during_the_stop_ends_its_operation_as_the_stop(stop_begun_by):
+    """A SIGTERM that reaches the whole process group (a supervisor's stop) ends the model process
+    while the server stops: the operation on its pipe then made the host down as "the model process
+    exited (code -15: ...)", an ERROR, and the sessions it streamed ended as "host_down" rather than
+    "server shutting down". The stop is said first, whether the server's stop had begun (its
+    `stopping`) or the host's own (`stop`, waiting for that operation)."""
+    import os
+    import signal
+
+    from server import model_host
+
+    stopping = threading.Event()
+    host = model_host.ModelHost("debug", "cpu", 1, stopping=stopping)
+    errors = []
+
+    def operation():
+        try:
+            host.call("ping")
+        except model_host.HostDown as e:
+            errors.append(e)
+
+    host._conn = SeenSending(host._conn)
+    os.kill(host.process.pid, signal.SIGSTOP)  # (its operation stays on the pipe until the SIGTERM)
+    running = threading.Thread(target=operation)
+    stop = threading.Thread(target=host.stop)
+    try:
+        running.start()
+        assert host._conn.sent.wait(10)
+        stopping.set()
+        if stop_begun_by == "host":
+            stop.start()
+            while host.down is None and stop.is_alive():  # (it waits for the operation)
+                stop.join(0.05)
+        os.kill(host.process.pid, signal.SIGTERM)
+        os.kill(host.process.pid, signal.SIGCONT)
+        running.join(30)
+        if stop_begun_by == "server":
+            stop.start()
+        stop.join(30)
+    finally:
+        host.process.kill()
+    assert len(errors) == 1 and isinstance(errors[0], model_host.HostStopped), errors
+    if stop_begun_by == "host":
+        assert str(errors[0]) == host.down == "the model process was stopped (the server is shutting down)"
+    else:  # (the process may not be reaped yet as its pipe closes: its exit, once known, is said after the stop)
+        exited = "the server is shutting down; the model process exited (code -15: killed by SIGTERM)"
+        assert str(errors[0]) in ("the server is shutting down; the model process closed its pipe", exited)
+        assert host.down == exited
