@@ -432,11 +432,14 @@ class SocketConnection:
         except TimeoutError:
             timeout = self.config.ws_send_timeout_s
             log.info("session %s: websocket client stopped reading", self.session.id)
-            # the session's reason first: the close below waits up to 2 s on the client that does not
-            # read, and the idle limit could end the session meanwhile, counted as idle
-            closing = asyncio.ensure_future(self.registry.close(self.session, "slow consumer"))
-            await self.close(CloseCode.SLOW_CONSUMER, f"client did not read for {timeout:.0f} s")
-            await closing
+            # the session's reason first: the close frame waits up to 2 s on the client that does not
+            # read, and the idle limit could end the session meanwhile, counted as idle. The frame is
+            # the session's closer's (`closing_words`): sent here as the session's close was a task
+            # not yet run, it said 4430 only while that task came second; where its teardown came
+            # first, the closer said 4410 "slow consumer"
+            self.own_close = (CloseCode.SLOW_CONSUMER, f"client did not read for {timeout:.0f} s", "slow consumer")
+            await self.registry.close(self.session, "slow consumer")
+            await self.close(*self.closing_words())  # (sent by the closer already, but where it had run before)
         except FramesFailed as e:  # the server's fault: the stream went on with no frames, unlogged
             log.exception("session %s: encoding its frames failed", self.session.id)
             await self.registry.close(self.session, f"internal error: encoding frames failed: {e}"[:100])

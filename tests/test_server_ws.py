@@ -570,3 +570,37 @@ async def test_what_a_client_sent_as_its_session_ended_is_no_protocol_error():
     registry = SimpleNamespace(config=SimpleNamespace(idle_timeout_s=5.0))
     connection = SocketConnection(Socket(), session, registry)
     assert await asyncio.wait_for(connection.receive_loop(), 5) == "max_duration: session reached 8 s"
+
+
+@pytest.mark.parametrize("first", ["sockets_frame", "sessions_close"])
+def test_a_client_that_stops_reading_is_told_so_whichever_close_comes_first(client, monkeypatch, first):
+    """The sender's close frame (4430) went out before the session's close only because the session's
+    was a task not yet run as the frame's close began: where the session's teardown came first, its
+    closer sent the session's reason with 4410, and the sender's own close found the frame sent."""
+    from server import websocket
+
+    send, close = websocket.SocketConnection.send, websocket.SocketConnection.close
+
+    async def stuck_on_frames(self, data):
+        if isinstance(data, bytes):  # (the client reads nothing past `ready`)
+            raise TimeoutError
+        await send(self, data)
+
+    async def after_the_sessions_close(self, code, reason):
+        for _ in range(1000):  # (bounded) the sender's close waits for the session's teardown to have had its turn
+            teardown = self.session.teardown
+            if teardown is asyncio.current_task() or (teardown is not None and (self.close_sent or teardown.done())):
+                break
+            await asyncio.sleep(0)
+        await close(self, code, reason)
+
+    monkeypatch.setattr(websocket.SocketConnection, "send", stuck_on_frames)
+    if first == "sessions_close":
+        monkeypatch.setattr(websocket.SocketConnection, "close", after_the_sessions_close)
+    s = socket_session(client)
+    with client.websocket_connect(stream_url(s)) as ws:
+        ws.send_text(json.dumps({"type": "start"}))
+        assert json.loads(ws.receive_text())["type"] == "ready"
+        code, reason = expect_close(ws)
+    assert (code, reason) == (CloseCode.SLOW_CONSUMER, "client did not read for 5 s")
+    assert client.app.state.registry.ended[s["id"]][1] == "slow consumer"
