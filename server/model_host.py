@@ -51,6 +51,10 @@ EXIT_AFTER_PIPE_S = 5.0
 PIPE_CLOSED = "the model process closed its pipe"
 
 
+# why the host is down once its stop has begun (`ModelHost.stop`)
+STOPPED = "the model process was stopped (the server is shutting down)"
+
+
 def during_the_stop(what: str) -> str:
     """Why the host is down when its process ended while the server stopped (a SIGTERM to the whole
     process group): the stop first, as the sessions it streamed end with it, then what was seen."""
@@ -130,10 +134,14 @@ class ModelHost:
     def _server_stopping(self) -> bool:
         return self._stop_begun or self.stopping.is_set()
 
+    def _ended_with_the_stop(self) -> bool:
+        """Whether the host is down by the stop, not by a failure before it (a kill at the stop is one)."""
+        return self._down == STOPPED or self._down.startswith(during_the_stop(""))
+
     def call(self, op: str, *args):
         with self._calling:  # (the worker's operation, and the stop's `exit`, one at a time)
-            if self.down:
-                raise HostDown(self.down)
+            if self.down:  # (one that ended with the stop before this operation: as one that ends under it)
+                raise (HostStopped if self._ended_with_the_stop() else HostDown)(self.down)
             try:
                 self._conn.send((op, args))
                 if self.answer_timeout is not None and not self._conn.poll(self.answer_timeout):
@@ -190,7 +198,7 @@ class ModelHost:
         machine (exit code -15), and its `exit` raced an operation the worker still had running.
         One that does not answer, or stops using the CPU, is killed."""
         self._stop_begun = True
-        self._down = self._down or "the model process was stopped (the server is shutting down)"
+        self._down = self._down or STOPPED
         stuck = self._ask_to_exit()
         if stuck is None and self.process.exitcode is None:
             stuck = self._wait_for_exit()

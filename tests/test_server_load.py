@@ -529,3 +529,28 @@ def test_a_model_process_that_ends_during_the_stop_ends_its_operation_as_the_sto
         exited = "the server is shutting down; the model process exited (code -15: killed by SIGTERM)"
         assert str(errors[0]) in ("the server is shutting down; the model process closed its pipe", exited)
         assert host.down == exited
+
+
+@pytest.mark.timeout(90)
+def test_a_model_process_that_ended_with_the_stop_between_operations_ends_the_next_as_the_stop():
+    """The same SIGTERM while no operation ran: the next one (a chunk due as the stop began) met a host
+    down as "the server is shutting down; ..." raised as a failure (HostDown: an ERROR, its sessions
+    ended as "host_down") where the operation that met the pipe's loss ended with the stop."""
+    import os
+    import signal
+
+    from server import model_host
+
+    stopping = threading.Event()
+    host = model_host.ModelHost("debug", "cpu", 1, stopping=stopping)
+    try:
+        stopping.set()
+        os.kill(host.process.pid, signal.SIGTERM)
+        host.process.join(30)
+        with pytest.raises(model_host.HostDown) as raised:
+            host.call("ping")
+        host.stop()
+    finally:
+        host.process.kill()
+    said = "the server is shutting down; the model process exited (code -15: killed by SIGTERM)"
+    assert type(raised.value) is model_host.HostStopped and str(raised.value) == said == host.down
