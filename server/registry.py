@@ -14,7 +14,7 @@ import numpy as np
 from .batching import group_mates, join_schedule, lane_dues, playout_delay
 from .config import ServerConfig
 from .metrics import ServerMetrics
-from .model_host import HostDown
+from .model_host import HostDown, HostStopped
 from .scheduler import InferenceWorker, LaneDown, WorkerBusy, total_capacity
 from .session import Session
 
@@ -232,7 +232,10 @@ class SessionRegistry:
                 # it was 'busy' with Retry-After 1, as a full queue is
                 self._refuse("server is shutting down", 5, "stopping")
             self._refuse(str(e), 1, "busy")
-        except HostDown:  # it died just now; admit() refuses every later request
+        except HostDown as e:  # it died just now; admit() refuses every later request
+            if isinstance(e, HostStopped) or self.stopping.is_set():  # (it ended with the stop: the stop's
+                # answer, as the others get it; it was "the model is unavailable", Retry-After 30)
+                self._refuse("server is shutting down", 5, "stopping")
             self._refuse(f"the model is unavailable: {self.host_down}", 30, "host_down")
         finally:
             self._creating -= 1

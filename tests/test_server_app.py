@@ -497,3 +497,24 @@ def test_a_body_that_stops_coming_is_answered_408_not_waited_for_for_good(path, 
     assert b"connection: close" in head.lower(), head
     said = json.loads(body)
     assert said["error"] == "body_timeout" and "11 bytes of it arrived" in said["message"], said
+
+
+def test_a_create_whose_model_host_ended_with_the_stop_gets_the_stops_answer(monkeypatch):
+    """A model process that ended with the server's stop while a session's stream was made (the
+    SIGTERM a supervisor sends the whole process group) answered its POST 503 "the model is
+    unavailable: ...", Retry-After 30, counted host_down: a client told to wait 30 s for a model gone
+    for good, where every other request of the stop is told the server is shutting down."""
+    from server.model_host import HostStopped
+
+    with ready_client() as client:
+        registry = client.app.state.registry
+
+        def ended_with_the_stop(*args):
+            registry.stopping.set()  # (the stop began while the stream was made)
+            raise HostStopped("the server is shutting down; the model process exited (code -15: killed by SIGTERM)")
+
+        monkeypatch.setattr(registry, "_new_stream", ended_with_the_stop)
+        r = client.post("/v1/sessions", json={"avatar": "bo"})
+        metrics = client.get("/metrics").text
+    assert (r.status_code, r.json()["message"], r.headers["retry-after"]) == (503, "server is shutting down", "5"), r.text
+    assert 'streamgen_sessions_rejected_total{reason="stopping"} 1.0' in metrics
