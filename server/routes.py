@@ -31,7 +31,7 @@ from .app import (
 )
 from .avatars import avatar_image, avatar_png, list_avatars
 from .ice import for_peer, link_header
-from .model_host import HostDown
+from .model_host import HostDown, HostStopped
 from .protocol import RepeatedField, once_each
 from .registry import SessionEnded, SessionRegistry
 from .scheduler import WorkerBusy
@@ -529,6 +529,8 @@ async def control(session_id: str, request: Request):
                 raise ApiError(503, "stopping", f"caption not changed: {e}", headers={"Retry-After": "5"}) from None
             raise ApiError(503, "busy", f"caption not changed: {e}", headers={"Retry-After": "1"}) from None
         except HostDown as e:  # the model process is gone: the session's streams end with it
+            if isinstance(e, HostStopped):  # (it ended with the stop: the stop's answer, not model_down's)
+                raise ApiError(503, "stopping", f"caption not changed: {e}", headers={"Retry-After": "5"}) from None
             raise ApiError(503, "model_down", f"caption not changed: {e}") from None
         if session.closed:  # while it waited for the worker: its job found no stream to change
             raise ApiError(404, "not_found", f"session ended: {session.close_reason}")

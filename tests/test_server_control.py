@@ -103,18 +103,23 @@ def test_a_caption_the_worker_has_no_room_for_is_a_503(client, monkeypatch):
     assert client.delete(s["resource"], headers=h).status_code == 204
 
 
-def test_a_caption_refused_by_the_servers_stop_is_answered_as_the_stop(client, monkeypatch):
+@pytest.mark.parametrize("refusal", ["worker_stopped", "host_ended_with_the_stop"])
+def test_a_caption_refused_by_the_servers_stop_is_answered_as_the_stop(client, monkeypatch, refusal):
     """A caption whose job the stopping worker refused (or dropped from its queue) was 503 `busy`
     with Retry-After 1, as a full queue is, where every other refusal at the stop is the stop's:
-    Retry-After 5, `stopping`. A client told to come back in a second came back to a server gone."""
+    Retry-After 5, `stopping`. A client told to come back in a second came back to a server gone.
+    One whose model process ended with the stop (a SIGTERM to the process group) was `model_down`."""
+    from server.model_host import HostStopped
     from server.scheduler import WorkerBusy
 
     registry = client.app.state.registry
     s = new_session(client)
     h = auth(s["token"])
+    error = (WorkerBusy("server is shutting down") if refusal == "worker_stopped"
+             else HostStopped("the server is shutting down; the model process exited (code -15: killed by SIGTERM)"))  # fmt: skip
 
-    def stopped(*args, **kwargs):  # what a stopped worker's submit raises
-        raise WorkerBusy("server is shutting down")
+    def stopped(*args, **kwargs):  # what a stopped worker's submit raises, or the job it ran
+        raise error
 
     monkeypatch.setattr(registry.worker, "submit", stopped)
     registry.stopping.set()  # (the app sets it as its stop begins)
@@ -124,7 +129,7 @@ def test_a_caption_refused_by_the_servers_stop_is_answered_as_the_stop(client, m
         registry.stopping.clear()
         monkeypatch.undo()
     assert (r.status_code, r.headers.get("retry-after"), r.json()["error"]) == (503, "5", "stopping"), r.text
-    assert r.json()["message"] == "caption not changed: server is shutting down", r.text
+    assert r.json()["message"] == f"caption not changed: {error}", r.text
     assert client.delete(s["resource"], headers=h).status_code == 204
 
 
