@@ -73,10 +73,20 @@ def use_precision(dtype: str | None = None, fp8: bool = False) -> None:
         os.environ[FP8_ENV] = "1"
 
 
+ENV_ON, ENV_OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
 def _env_flag(name: str) -> bool:
     """An on/off environment switch: off when unset, empty, 0, false, no or off (STREAMGEN_FP8=0
-    had turned FP8 on)."""
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+    had turned FP8 on); on for 1, true, yes or on. Any other value is a ValueError naming the
+    variable, as an option's is (STREAMGEN_FP8=maybe, or a typo of true, had turned FP8 on)."""
+    value = os.environ.get(name, "").strip().lower()
+    if value not in ENV_ON + ENV_OFF:
+        raise ValueError(
+            f"${name}: {os.environ[name]!r} is neither on ({', '.join(ENV_ON)}) nor off "
+            f"({', '.join(ENV_OFF[1:])}, or empty)"
+        )
+    return value in ENV_ON
 
 
 def use_cache_from(cache_from: str | None) -> None:
@@ -231,16 +241,30 @@ def load_model(
             dtype = dit_dtype_arg(os.environ.get(DTYPE_ENV) or "float32")
         except ValueError as e:
             raise ValueError(f"${DTYPE_ENV}: {e}") from None
+    fp8 = _env_flag(FP8_ENV)  # (each variable checked before the load, as an option is)
+    cache_from = os.environ.get(CACHE_FROM_ENV)
+    if cache_from:
+        from streamgen.sampling import check_cache_from
+
+        try:  # (refused later, in words that named no variable: "cache_from must be one of ...")
+            check_cache_from(cache_from)
+        except ValueError as e:
+            raise ValueError(f"${CACHE_FROM_ENV}: {e}") from None
     model = _load(name_or_path, device, dtype, seed, **cfg_overrides)
     model.dtype_asked = asked
-    if _env_flag(FP8_ENV):
+    if fp8:
         from streamgen.model.float8 import float8_linears
 
         float8_linears(model.dit)
-    if os.environ.get(CACHE_FROM_ENV):
-        model.meta = {**model.meta, "cache_from": os.environ[CACHE_FROM_ENV]}
+    if cache_from:
+        model.meta = {**model.meta, "cache_from": cache_from}
     if os.environ.get(COMPILE_ENV):
-        model.compile_dits(os.environ[COMPILE_ENV])
+        from torch._dynamo.exc import InvalidBackend
+
+        try:  # (torch's own words named no variable: "Invalid backend: '2', see ...")
+            model.compile_dits(os.environ[COMPILE_ENV])
+        except InvalidBackend as e:
+            raise ValueError(f"${COMPILE_ENV}: {str(e).strip()}") from None
     return model
 
 

@@ -512,3 +512,27 @@ def test_a_teacher_samples_the_steps_its_model_json_names(tmp_path):
         session = open_session(str(d))
         assert (session.steps, len(session.sigmas)) == (steps or 50, (steps or 50) + 1)
         assert open_session(str(d), steps=3).steps == 3
+
+
+def test_a_switch_of_the_environment_that_is_neither_on_nor_off_is_refused_by_its_name(monkeypatch):
+    """STREAMGEN_FP8=maybe (or a typo of true) turned FP8 on without a word, and a STREAMGEN_CACHE_FROM
+    or STREAMGEN_COMPILE of no known value was refused in words that named neither variable
+    ("cache_from must be one of ...", torch's "Invalid backend: ..."): a user who gave no
+    --cache-from could not tell what was meant. Each is now refused as an option is, by its name."""
+    from streamgen.model.float8 import float8_layers
+
+    for on in ("1", "true", "Yes", " on "):
+        monkeypatch.setenv("STREAMGEN_FP8", on)
+        assert float8_layers(load_model("debug").dit) > 0
+    for wrong in ("maybe", "ture", "2"):
+        monkeypatch.setenv("STREAMGEN_FP8", wrong)
+        with pytest.raises(ValueError, match=rf"^\$STREAMGEN_FP8: '{wrong}' is neither on .* nor off "):
+            load_model("debug")
+    monkeypatch.delenv("STREAMGEN_FP8")
+    monkeypatch.setenv("STREAMGEN_CACHE_FROM", "x")
+    with pytest.raises(ValueError, match=r"^\$STREAMGEN_CACHE_FROM: cache_from must be one of .*got 'x'"):
+        load_model("debug")
+    monkeypatch.delenv("STREAMGEN_CACHE_FROM")
+    monkeypatch.setenv("STREAMGEN_COMPILE", "nosuch")
+    with pytest.raises(ValueError, match=r"^\$STREAMGEN_COMPILE: .*'nosuch'"):
+        load_model("debug")
