@@ -217,13 +217,20 @@ def run(args: argparse.Namespace) -> int:
         if "secret" in server and server["ttl"] < args.max_duration:
             raise UserError(f"--ice-servers: ICE server {i + 1}: 'ttl' {server['ttl']} s is shorter than "
                             f"--max-duration {args.max_duration:g} s: a session's relay would end with its credential")  # fmt: skip
-    from streamgen.models import use_attention_backend, use_cache_from, use_compile, use_precision
+    from streamgen.models import (
+        check_model_environment,
+        use_attention_backend,
+        use_cache_from,
+        use_compile,
+        use_precision,
+    )
 
     try:
         use_attention_backend(args.attention)  # in the environment: the model process and ranks inherit it
         use_precision(None if args.dtype == "auto" else args.dtype, args.fp8)  # likewise
         use_cache_from(args.cache_from)
         use_compile("inductor" if args.compile else None)
+        check_model_environment()  # (else refused as the model loaded, in the started server: a traceback)
         from streamgen.parallel.launch import (
             check_sequence_parallel,
             check_torchrun_world,

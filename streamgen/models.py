@@ -105,6 +105,23 @@ def use_compile(backend: str | None) -> None:
         os.environ[COMPILE_ENV] = backend
 
 
+def check_model_environment() -> None:
+    """Refuse, as load_model would (a ValueError naming the variable), an attention backend, dtype,
+    FP8 switch or cache source of the environment that no model can take: for a command that loads
+    its model later, in a server started meanwhile (`serve`, whose log had the traceback)."""
+    from streamgen.kernels import check_attention_backend
+    from streamgen.sampling import check_cache_from
+
+    for name, check in ((ATTENTION_ENV, check_attention_backend), (DTYPE_ENV, dit_dtype_arg),
+                        (CACHE_FROM_ENV, check_cache_from)):  # fmt: skip
+        if os.environ.get(name):
+            try:
+                check(os.environ[name])
+            except ValueError as e:
+                raise ValueError(f"${name}: {e}") from None
+    _env_flag(FP8_ENV)
+
+
 @dataclass
 class AvatarModel:
     name: str

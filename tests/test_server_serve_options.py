@@ -239,3 +239,27 @@ def test_a_model_timeout_without_a_model_process_is_refused_not_ignored(capsys, 
     argv = ["serve", "--port", str(free_port()), "--model", "debug", "--model-process", "--model-timeout", "5"]
     assert main(argv) == 0
     assert [(c.inference_process, c.model_timeout_s) for c in configs] == [(False, 60.0), (True, 5.0)]
+
+
+@pytest.mark.parametrize(
+    "variable, value, says",
+    [
+        ("STREAMGEN_ATTENTION", "nosuch", "$STREAMGEN_ATTENTION: unknown attention backend 'nosuch'"),
+        ("STREAMGEN_DTYPE", "float16", "$STREAMGEN_DTYPE: dtype must be one of"),
+        ("STREAMGEN_FP8", "maybe", "$STREAMGEN_FP8: 'maybe' is neither on"),
+        ("STREAMGEN_CACHE_FROM", "x", "$STREAMGEN_CACHE_FROM: cache_from must be one of"),
+    ],
+)
+def test_a_model_variable_of_the_environment_serve_cannot_take_is_refused_before_the_server_starts(
+    variable, value, says, capsys, monkeypatch
+):
+    """They were checked only as the model loaded, in the started server: its log printed the
+    error's traceback, between uvicorn's lines, before serve ended with it; an option of the same
+    value was refused in one line before anything started."""
+    from streamgen.cli import main
+
+    server_never_starts(monkeypatch)
+    monkeypatch.setenv(variable, value)
+    assert main(["serve", "--port", str(free_port()), "--model", "debug"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"streamgen serve: error: {says}") and err.count("\n") == 1
