@@ -90,11 +90,11 @@ def own_espeak_engine(tmp_path, monkeypatch):
     ("nothing to speak"), or called back into a collected engine."""
     import tempfile
 
-    from streamgen.data import speech
+    from streamgen.data import espeak_view, speech
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(speech, "_engine", None)
-    monkeypatch.setattr(speech, "_view", None, raising=False)  # (none before)
+    monkeypatch.setattr(espeak_view, "_view", None)  # (made anew in tmp_path)
     yield
     speech._engine_pid = -1  # (torn down before monkeypatch puts the earlier engine back)
 

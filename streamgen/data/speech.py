@@ -10,6 +10,8 @@ convert the event positions with the same ratio.
 The library is found through the PyPI package `espeakng-loader` (it ships the
 shared library and its data); Debian's `libespeak-ng1` is the fallback. The
 library keeps global state, so all synthesis in a process goes through one lock.
+It reads its data through a view with steady copies of the voice variants
+(`espeak_view`), which makes each sentence's speech depend on its text and voice alone.
 
 A voice is a `Voice(language, variant, pitch, rate, pitch_range)`; `language` is
 one of `LANGUAGES` (espeak voice names), `variant` one of `VARIANTS`
@@ -23,20 +25,15 @@ import ctypes.util
 import logging
 import os
 import re
-import shutil
-import stat
 import sys
-import tempfile
 import threading
-import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from streamgen.files import ABANDONED_AFTER_S, HOST_TAG, process_ended
+from streamgen.data import espeak_view
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +99,7 @@ class Voice:
     pitch_range: int = 50  # 0..100, intonation range
 
     def espeak_name(self) -> str:
-        # our copies of the variants (see _DataView), "sg_default" when none is asked for
+        # our copies of the variants (see espeak_view), "sg_default" when none is asked for
         return f"{self.language}+sg_{self.variant or 'default'}"
 
     def validate(self) -> None:
@@ -189,7 +186,8 @@ class _Engine:
         self._trace: int | None = None  # the FILE* espeak traces its dictionary look-ups to
         self._dots_readable: bool | None = None  # whether the trace tells abbreviations' dots (`clauses`)
         options = _INIT_PHONEME_EVENTS | _INIT_PHONEME_IPA | _INIT_DONT_EXIT
-        self._data_dir = _data_view(data_path)  # (held: removed when no engine needs it)
+        # the data espeak-ng reads, steady variants among it (held: removed when no engine needs it)
+        self._data_dir = espeak_view.data_view(lambda: _data_directory(data_path), VARIANTS)
         path = str(self._data_dir.path).encode()
         self.native_rate = self.lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, path, options)
         if self.native_rate <= 0:
@@ -424,12 +422,8 @@ def _find_library() -> tuple[str, str | None]:
     return name, os.environ.get("ESPEAK_DATA_PATH")
 
 
-# appended to every variant: no pitch flutter, no roughness modulation (both read static counters)
-_STEADY = "\nflutter 0\nroughness 8\n"
-
-
-def _steady_source(data_path: str | None) -> Path:
-    """espeak-ng's data directory: `data_path`, or the system's."""
+def _data_directory(data_path: str | None) -> Path:
+    """espeak-ng's data directory: `data_path`, or the system's (what `espeak_view` makes its view of)."""
     src = Path(data_path) if data_path else None
     if src is None or not (src / "phontab").exists():
         debian = ("/usr/lib/x86_64-linux-gnu/espeak-ng-data", "/usr/share/espeak-ng-data")
@@ -438,112 +432,6 @@ def _steady_source(data_path: str | None) -> Path:
         if src is None:
             raise SpeechError("espeak-ng data directory not found (set ESPEAK_DATA_PATH)")
     return src
-
-
-class _DataView:
-    """A view of espeak-ng's data directory whose voice variants have no pitch flutter.
-
-    espeak-ng modulates pitch with a "flutter" table whose read position is a static
-    variable that carries over from one sentence to the next (and survives
-    re-initialisation), so the same text would sound slightly different depending on
-    what was spoken before. Variants with `flutter 0` make synthesis a pure function of
-    (text, voice), which the dataset's per-seed determinism needs. The view is a
-    temporary folder of symlinks plus our variant files "sg_<variant>".
-
-    The folder is its maker's (`owner`, in its name): removed at that process's exit and by no other
-    (a forked child's exit, or its collection of the engine it inherited, removed its parent's view
-    under it: the parent's next voice failed to load); one left by a process that ended with no
-    clean-up (os._exit, a kill) is removed by the next view made in the same temp folder.
-    """
-
-    def __init__(self, src: Path):
-        temp = Path(tempfile.gettempdir())
-        _remove_abandoned_views(temp)
-        self.owner = os.getpid()
-        self.path = Path(tempfile.mkdtemp(prefix=f"{_VIEW_PREFIX}{HOST_TAG}-{self.owner}-", dir=temp))
-        try:
-            _fill_view(self.path, src)
-        except BaseException:
-            shutil.rmtree(self.path, ignore_errors=True)
-            raise
-        weakref.finalize(self, _remove_view, self.path, self.owner)
-
-
-_VIEW_PREFIX = "streamgen-espeak-"
-_VIEW_NAME = re.compile(rf"^{_VIEW_PREFIX}(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)-[A-Za-z0-9_]+$")
-
-
-def _remove_view(path: Path, owner: int) -> None:
-    if os.getpid() == owner:  # (not in a forked child, whose exit runs the finalizers it inherited)
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _remove_abandoned_views(temp: Path) -> None:
-    """The views in `temp` whose process has ended (on this host), and stale ones of the previous
-    naming (`_stale_old_view`), removed."""
-    for path in temp.glob(f"{_VIEW_PREFIX}*"):
-        m = _VIEW_NAME.match(path.name)
-        if m and path.is_dir() and not path.is_symlink() and process_ended(m["host"], int(m["pid"])):
-            shutil.rmtree(path, ignore_errors=True)
-        elif _OLD_VIEW_NAME.match(path.name) and _stale_old_view(path):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-# the views before each named its process: a TemporaryDirectory's, mkdtemp's 8 characters after the prefix
-_OLD_VIEW_NAME = re.compile(rf"^{_VIEW_PREFIX}[a-z0-9_]{{8}}$")
-# (relatime, Linux's default, moves a file's read time on at most once a day: twice the day it
-# leaves a writer's temp file alone)
-_OLD_VIEW_STALE_AFTER_S = 2 * ABANDONED_AFTER_S
-
-
-def _stale_old_view(path: Path) -> bool:
-    """Whether `path`, named as a view of the previous naming, is one of ours no process uses: a folder
-    (no link) of this user's, with our variant files, none of which (nor the folder) was read or
-    written for `_OLD_VIEW_STALE_AFTER_S`. Its name says no process to ask after; a process that still
-    speaks through it reads a variant file at every voice it sets."""
-    since = time.time() - _OLD_VIEW_STALE_AFTER_S
-    try:
-        folder = path.lstat()
-        variants = path / "voices" / "!v"
-        if not stat.S_ISDIR(folder.st_mode) or folder.st_uid != os.getuid():
-            return False
-        ours = [variants / entry.name for entry in os.scandir(variants) if entry.name.startswith("sg_")]
-        if not stat.S_ISREG((variants / "sg_default").lstat().st_mode):
-            return False
-        used = [folder, *(p.lstat() for p in ours)]
-    except OSError:  # (no view's shape, or removed meanwhile by another)
-        return False
-    return all(max(s.st_mtime, s.st_atime) < since for s in used)
-
-
-_view: _DataView | None = None
-
-
-def _data_view(data_path: str | None) -> _DataView:
-    """This process's view; in a forked child, its parent's while that one lives (the same data: a
-    view of its own, never removed by a child's os._exit, was left behind)."""
-    global _view
-    if _view is None or (_view.owner != os.getpid() and process_ended(HOST_TAG, _view.owner)):
-        _view = _DataView(_steady_source(data_path))
-    return _view
-
-
-def _fill_view(root: Path, src: Path) -> None:
-    for entry in src.iterdir():
-        if entry.name != "voices":
-            (root / entry.name).symlink_to(entry.resolve())
-    (root / "voices").mkdir()
-    for entry in (src / "voices").iterdir():
-        if entry.name != "!v":
-            (root / "voices" / entry.name).symlink_to(entry.resolve())
-    variants = root / "voices" / "!v"
-    variants.mkdir()
-    for entry in (src / "voices" / "!v").iterdir():
-        (variants / entry.name).symlink_to(entry.resolve())
-    for name in VARIANTS:
-        original = (src / "voices" / "!v" / name).read_text(encoding="utf-8", errors="replace")
-        (variants / f"sg_{name}").write_text(original + _STEADY, encoding="utf-8")
-    (variants / "sg_default").write_text("language variant\nname default\n" + _STEADY, encoding="utf-8")
 
 
 def _engine_instance() -> _Engine:
