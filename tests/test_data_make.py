@@ -398,6 +398,23 @@ def test_the_speed_of_a_make_of_short_clips_is_not_said_to_be_0(tmp_path, monkey
     assert "speed: 182 clips of 4 s per minute" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "per_minute, said",
+    [(1e-05, "0.00001"), (1.234e-05, "0.000012"), (0.0004567, "0.00046"), (9.96, "10"), (3.0, "3")],
+)
+def test_the_speed_of_a_very_slow_make_is_said_in_plain_decimals(tmp_path, monkeypatch, capsys, per_minute, said):
+    """Below 10 clips a minute the speed was printed with two significant digits in Python's general
+    format, which turns to scientific notation under 0.0001: a make of long clips on a slow machine
+    said 'speed: 1e-05 clips of 4 s per minute'."""
+    from streamgen.cli import main
+    from streamgen.data import cli
+
+    monkeypatch.setattr(cli, "clips_of_4s_per_minute", lambda *args: per_minute)
+    argv = ["data", "make", "--clips", "1", "--size", "16", "--seconds", "0.04", "--identities", "20"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert f"speed: {said} clips of 4 s per minute at 16x16 with 1 worker\n" in capsys.readouterr().out
+
+
 def test_the_manifest_records_no_list_of_every_clip(tmp_path, monkeypatch):
     """Each shard's record listed its clips' indices: the manifest, read whole by every reader,
     was 47 MiB at 1M clips. It records the first and last (the others follow from the plan); a

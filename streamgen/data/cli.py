@@ -187,10 +187,19 @@ def _make(args) -> int:
     if args.clips > before:
         per_minute = clips_of_4s_per_minute(args.clips - before, args.seconds, elapsed)
         size = f"{args.size}x{args.size}"
-        speed = f"{per_minute:.0f}" if per_minute >= 10 else f"{per_minute:.2g}"  # (short clips: '0')
-        print(f"speed: {speed} clips of 4 s per minute at {size} with {workers} "
+        print(f"speed: {said_speed(per_minute)} clips of 4 s per minute at {size} with {workers} "
               f"worker{'s' if workers > 1 else ''}")  # fmt: skip
     return 0
+
+
+def said_speed(per_minute: float) -> str:
+    """`per_minute` as `data make` says it: whole from 10 on, below that two significant digits (short
+    clips: not '0'), as a plain decimal at any speed (the general format's '1e-05' under 0.0001)."""
+    from decimal import Decimal
+
+    if per_minute >= 10:
+        return f"{per_minute:.0f}"
+    return f"{Decimal(f'{per_minute:.2g}'):f}"
 
 
 def clips_of_4s_per_minute(clips: int, seconds: float, elapsed: float) -> float:
