@@ -286,6 +286,41 @@ def weights_digest(source: str) -> str:
     return h.hexdigest()[:16]
 
 
+# the files a model or autoencoder source's weights are read from (a model directory's dit, vae and
+# tiny decoder, a Wan VAE's folder, a Wan checkpoint's transformer and VAE)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def source_digest(source: str) -> str:
+    """A fingerprint of the weights a model section source (model.init, model.vae: a model or
+    autoencoder directory, a shipped model's name, `wan:DIR`) holds: every weight file's name and
+    bytes, of a Wan pipeline its transformer/ and vae/ alone (not its text encoder). A copy of the
+    folder has the same; another model (another seed's, retrained) another. ModelSourceError where
+    it cannot be read."""
+    from streamgen.models import resolve_model_dir
+
+    try:
+        if source.startswith("wan:"):
+            folder = home_expanded(source[4:])
+        else:
+            folder = home_expanded(source)
+            if not folder.is_dir():
+                folder = resolve_model_dir(source) or folder  # (a shipped model by its name)
+        roots = [folder / part for part in ("transformer", "vae") if (folder / part).is_dir()] or [folder]
+        files = sorted(f for root in roots for f in root.rglob("*") if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+        h = hashlib.sha1()
+        for f in files:
+            h.update(str(f.relative_to(folder)).encode())
+            with open(f, "rb") as stream:
+                while block := stream.read(1 << 24):
+                    h.update(block)
+    except OSError as e:
+        raise ModelSourceError(f"cannot read the weights of {source}: {e}") from None
+    if not files:
+        raise ModelSourceError(f"{source} holds no weight files")
+    return h.hexdigest()[:16]
+
+
 def _bytes_digest(name: str, data: bytes) -> str:
     """`weights_digest` of one file `name` of the bytes `data`."""
     h = hashlib.sha1(name.encode())

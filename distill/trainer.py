@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from distill.build import NO_FILE_DIGEST, ModelSourceError, found_source
+from distill.build import NO_FILE_DIGEST, ModelSourceError, found_source, source_digest
 from distill.config import (
     MODEL_SOURCES,
     ConfigError,
@@ -219,14 +219,29 @@ def _where_now(source: str | None) -> str | None:
     return None if source is None else found_source(source) or source
 
 
-def _check_same_source(latest: Path, key: str, kept: str | None, given: str) -> None:
+def _check_same_source(latest: Path, key: str, kept: str | None, given: str, digest: str | None) -> None:
     """CheckpointError where a resume's `key` (model.init, model.vae) is another source than the
     run's, `kept` (None: the run read none): it went on without a word from that one's frozen
     autoencoder, which checkpoints do not keep. The same one spelt otherwise (relative, a link, a
     shipped model by its name or its folder) is the run's, and so is any where the run's is no
-    longer there (given where it is now, as the refusal of a source gone says to). No --set lets it
-    through: `make model` gives model.init and model.vae to every run and resume of a stage."""
-    if kept is not None and (found_source(kept) is None or _place(kept) == _place(given)):
+    longer there (given where it is now, as the refusal of a source gone says to), if its weights
+    are the run's (`digest`, the checkpoint's `source_digest` of it: any was taken, another model's
+    autoencoder trained the rest of the run; a checkpoint from before they were kept, any). No --set
+    lets it through: `make model` gives model.init and model.vae to every run and resume of a stage."""
+    if kept is not None and found_source(kept) is None:
+        found = found_source(given)
+        if digest is None or found is None:  # (a source not there: the stage's build says so)
+            return
+        now = source_digest(found)
+        if now == digest:
+            return
+        raise ckpt.CheckpointError(
+            f"checkpoint {latest} is of a run that read {key}: {kept}, which is no longer there, and {given} "
+            f"is another model (weights digest {digest} then, {now} now): resumed, the run would go on from "
+            "another model than it began with; give where the run's is now (--set "
+            f"{key}=PATH), or set run.out to a new folder to begin a run from {given}"
+        )
+    if kept is not None and _place(kept) == _place(given):
         return
     way_out = "set run.out to a new folder to begin a run from it"
     if kept is None:
@@ -312,6 +327,10 @@ class Trainer:
         except ValueError as e:  # a size or shape the model or autoencoder cannot take
             raise StageConfigError(f"cannot build the {cfg.stage} stage from this config: {e}") from None
         self.input_identity = stage.input_identity() if hasattr(stage, "input_identity") else {}
+        # (once the stage has read them; rank 0's alone, which writes the checkpoints)
+        self.model_source_digests = {
+            key: source_digest(source) for key, source in self.model_sources.items() if source and world.is_main
+        }
         if latest is not None:
             self._check_inputs(latest)
         if cfg.run.fsdp and world.distributed:
@@ -401,6 +420,7 @@ class Trainer:
                 meta["config"] = self.cfg.source
                 meta["run_settings"] = resume_settings(self.cfg)
                 meta["model_sources"] = self.model_sources
+                meta["model_source_digests"] = self.model_source_digests
                 meta["data_identity"] = self.data_identity
                 meta["input_identity"] = self.input_identity
                 ckpt.save_checkpoint(out, step, tensors, meta, self.cfg.run.keep_checkpoints)
@@ -465,7 +485,8 @@ class Trainer:
             kept = saved.get(key)
             if setting(self.cfg, key) is not None:
                 if key in saved:
-                    _check_same_source(latest, key, kept, setting(self.cfg, key))
+                    digest = (header.get("model_source_digests") or {}).get(key)
+                    _check_same_source(latest, key, kept, setting(self.cfg, key), digest)
                 continue
             if not kept:
                 continue

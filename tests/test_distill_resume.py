@@ -403,6 +403,37 @@ def test_a_resume_whose_config_names_another_model_source_is_refused(tmp_path, m
     assert ckpt.latest_checkpoint(cut).name == "step-00000004.safetensors"
 
 
+@pytest.mark.parametrize("key", ["model.init", "model.vae"])
+def test_a_resume_whose_runs_model_source_moved_takes_only_a_copy_of_the_same_model(tmp_path, capsys, key):
+    """Where the run's model.init (or model.vae) was no longer there, a resume took whatever source
+    its config gave as the moved one: another model's autoencoder went on training the run without a
+    word. The checkpoint keeps the digest of the source's weights: a moved copy of the same model
+    resumes, another is refused in one line (exit 2)."""
+    import shutil
+
+    from streamgen.cli import main
+
+    first = _model_with_its_own_autoencoder(tmp_path)
+    run(debug_config("teacher", tmp_path / "second", **{"run.seed": 6}))
+    second = tmp_path / "second" / "model"
+    cut = tmp_path / "cut"
+    cfg = debug_config("teacher", cut, **{"run.steps": 2})
+    setattr(cfg.model, key.split(".")[1], str(first))
+    run(cfg)
+    shutil.copytree(first, tmp_path / "copy")
+    shutil.rmtree(tmp_path / "first")
+    capsys.readouterr()
+    command = ["distill", "teacher", "--config", "debug", "--out", str(cut), "--resume", "--steps", "3"]
+    assert main([*command, "--set", f"{key}={second}"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("warning: model.vae_widths")]
+    assert len(lines) == 1 and lines[0].startswith("streamgen distill: error: ") and "Traceback" not in err, err
+    assert f"read {key}: {first.resolve()}, which is no longer there, and {second} is another model" in err
+    assert ckpt.latest_checkpoint(cut).name == "step-00000002.safetensors"
+    assert main([*command, "--set", f"{key}={tmp_path / 'copy'}"]) == 0
+    assert ckpt.latest_checkpoint(cut).name == "step-00000003.safetensors"
+
+
 def test_the_model_sources_of_a_checkpoint_from_before_they_were_kept_are_read_from_its_config():
     from distill.config import model_sources_in_text
 
