@@ -70,11 +70,32 @@ def init_world(device: str = "auto") -> World:
         torch.cuda.set_device(dev)
     if size > 1 and not dist.is_initialized():
         try:
-            join_process_group("nccl" if use_cuda else "gloo")
+            join_process_group("nccl" if use_cuda else "gloo", **_run_rendezvous())
         except ValueError as e:  # torch's env:// rendezvous: RANK, MASTER_ADDR or MASTER_PORT missing or bad
             # (a WORLD_SIZE left in the shell, without torchrun: a traceback from inside torch)
             raise ConfigError(f"{e}; {RUN_UNDER_TORCHRUN}") from None
     return World(rank, size, local_rank, dev)
+
+
+# The rendezvous store of this process's ranks (torchrun's MASTER_ADDR and MASTER_PORT), kept for
+# every run the process joins, and how many it has joined: each run's group meets under keys of its
+# own. A store made again for each run had a rank that left a run first ask for the next one's group
+# at the store of the run rank 0 had not yet left (one port, one multi-tenant server), whose keys
+# were that run's: the ranks waited on each other to the rendezvous's timeout.
+_stores: dict[tuple, list] = {}
+
+
+def _run_rendezvous() -> dict:
+    """`join_process_group`'s store, rank and world size for the next run of this process (env://,
+    as torch's own, torchrun's agent store included): a ValueError where its variables are missing."""
+    where = tuple(os.environ.get(name) for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"))
+    if where not in _stores:
+        store, _, _ = next(dist.rendezvous("env://"))
+        _stores[where] = [store, 0]
+    held = _stores[where]
+    held[1] += 1
+    store = dist.PrefixStore(f"distill-run-{held[1]}", held[0])
+    return {"store": store, "rank": int(where[2]), "world_size": int(where[3])}
 
 
 RUN_UNDER_TORCHRUN = "start each rank with torchrun --nproc_per_node N, or unset WORLD_SIZE for one process"

@@ -548,3 +548,41 @@ def test_the_launcher_names_the_rank_that_failed_not_one_whose_peer_ended(monkey
     monkeypatch.setattr(torch.distributed.run, "main", fake_main)
     assert torchrun.main([]) == 1
     assert capsys.readouterr().err == "streamgen: rank 1 failed (exit code 1); the other ranks were stopped\n"
+
+
+def _two_runs_on_two_ranks(rank: int, port: int, root: str) -> None:
+    """Two 1-step teacher runs, one after the other, as rank `rank` of 2 (one MASTER_PORT, as
+    torchrun gives a rank), rank 0 slower to leave the first run than rank 1 (3 s), as a rank
+    whose collection or export takes longer is."""
+    import time
+
+    import distill.trainer
+    from streamgen.cli import main
+
+    if rank == 0:
+        close_world = distill.trainer.close_world
+        distill.trainer.close_world = lambda world: time.sleep(3) or close_world(world)
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
+    torch.set_num_threads(1)
+    for name in ("first", "second"):
+        code = main(["distill", "teacher", "--config", f"{root}/{name}.yaml"])
+        if code:
+            raise RuntimeError(f"rank {rank}: the {name} run exited {code}")
+
+
+@pytest.mark.timeout(240)
+def test_two_runs_one_after_the_other_in_the_ranks_processes(tmp_path):
+    """A process that runs two stages' runs (a pipeline's driver, a notebook) joined the second
+    run's group through the first's rendezvous: one rank left the first run and asked rank 0's
+    store for the second's group while rank 0 still held the first's, whose keys said the first
+    run's addresses."""
+    from server_helpers import free_port
+    from spawn_helpers import spawn
+
+    for name in ("first", "second"):
+        write_config(tmp_path, name)
+    spawn(_two_runs_on_two_ranks, (free_port(), str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
+    for name in ("first", "second"):
+        assert (tmp_path / name / "model").is_dir()
