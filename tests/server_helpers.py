@@ -290,6 +290,18 @@ async def sessions_gone(app, *ids: str, seconds: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def until(check, seconds: float = 10.0, failed: str = "timed out") -> None:
+    """Waits (bounded: `seconds`) on the running event loop until `check()` holds: what other tasks or
+    threads do, which a fixed sleep took for done by then (on a loaded machine, not always)."""
+    import asyncio
+
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(failed)
+        await asyncio.sleep(0.01)
+
+
 # --- WebRTC (WHEP) clients ----------------------------------------------------------------------
 async def created_session(http, **json) -> tuple[dict, dict]:
     """A session made through `http` (an httpx.AsyncClient of a live server), and its token's header."""

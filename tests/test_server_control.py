@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from server_helpers import auth, block_lane, new_session, ready_client
+from server_helpers import auth, block_lane, new_session, ready_client, until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -165,7 +165,7 @@ async def test_a_burst_of_captions_takes_one_place_in_the_queue_and_the_last_one
 
     lane = caption_lane
     changes = [asyncio.ensure_future(set_caption(lane.registry, lane.session, f"caption {i}")) for i in range(20)]
-    await asyncio.sleep(0.1)
+    await until(lambda: lane.session.caption_wanted == "caption 19", failed="the twenty captions were not all sent")
     assert lane.worker.waiting() == 1  # twenty captions, one job (a queue of 4 refused the fifth before)
     lane.release.set()
     await asyncio.wait_for(asyncio.gather(*changes), 10)
@@ -183,11 +183,11 @@ async def test_a_caption_whose_caller_went_away_is_still_applied_for_the_others_
 
     lane = caption_lane
     gone = asyncio.ensure_future(set_caption(lane.registry, lane.session, "first"))
-    await asyncio.sleep(0.05)
+    await until(lambda: lane.worker.waiting() == 1, failed="the first caption's job was not queued")
     gone.cancel()
     await asyncio.gather(gone, return_exceptions=True)
     waiting = asyncio.ensure_future(set_caption(lane.registry, lane.session, "second"))
-    await asyncio.sleep(0.05)
+    await until(lambda: lane.session.caption_wanted == "second", failed="the second caption was not sent")
     lane.release.set()
     await asyncio.wait_for(waiting, 10)  # was CancelledError: the job the first had cancelled
     assert lane.applied == ["second"]

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from server_helpers import until
 
 from server import speech
 from server.session import AudioTimeline, SpeechTurns
@@ -185,8 +186,7 @@ async def test_a_caption_whose_job_the_worker_drops_at_shutdown_fails_as_a_busy_
         )  # fmt: skip
         registry = SimpleNamespace(worker=worker)
         caption = asyncio.ensure_future(speech.set_caption(registry, session, "smiling"))
-        await asyncio.sleep(0.05)
-        assert worker.waiting() == 1
+        await until(lambda: worker.waiting() == 1, failed="the caption's job was not queued")
         stopping = asyncio.ensure_future(asyncio.to_thread(worker.stop))
         for _ in range(200):  # bounded: 10 s
             if worker._stopping:  # (the lane cancels its queue once released)

@@ -18,6 +18,7 @@ from server_helpers import (
     small_model,
     socket_session,
     stream_url,
+    until,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -464,8 +465,8 @@ async def test_a_create_waiting_for_a_closing_stream_as_the_worker_stops_is_refu
         reference = avatar_image("sample")
         old, release, deleting = await closing_behind_a_chunk(registry, reference)  # (a chunk under way on its lane)
         creating = asyncio.ensure_future(registry.create(reference, None, 0))
-        await asyncio.sleep(0.05)
-        assert not creating.done() and registry._creating == 1  # (waiting for the old stream's close)
+        await until(lambda: registry._creating == 1, failed="the create did not begin")
+        assert not creating.done()  # (waiting for the old stream's close)
         registry.stopping.set()  # (as the app's stop: its sessions closed, then the worker stopped)
         stopping = await worker_stopping(worker)
         release.set()  # the lane sees the stop and cancels the old stream's close
