@@ -2,6 +2,7 @@
 torch or an extension imports, with the audio from a FIFO no one writes: the exit code of the stop,
 one line, and no unfinished output left."""
 
+import contextlib
 import errno
 import os
 
@@ -10,6 +11,15 @@ import pytest
 from test_media_inputs import write_wav
 
 from streamgen.cli import main
+
+
+def video_so_far(folder) -> int:
+    """The bytes in `folder`'s files: a writer's temp file, which its end may take away meanwhile."""
+    size = 0
+    for f in folder.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            size += f.stat().st_size
+    return size
 
 
 @pytest.mark.parametrize("stop, code, said", [("SIGTERM", 143, "terminated"), ("SIGHUP", 129, "hung up")])
@@ -30,9 +40,11 @@ def test_a_run_ended_by_sigterm_leaves_no_file(tmp_path, stop, code, said):
     p = subprocess.Popen([sys.executable, "-m", "streamgen", *argv], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not list(out_dir.iterdir()) and p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # until the writer has made its file
-        time.sleep(0.5)
+        # until the writer has put some of the video in its file (a fixed 0.5 s past the file's making
+        # was taken for it, which a loaded machine need not honour)
+        while not video_so_far(out_dir) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert p.poll() is None and video_so_far(out_dir), "generate ended, or wrote no video, before the signal"
         p.send_signal(getattr(signal, stop))
         _, err = p.communicate(timeout=60)
     finally:
