@@ -87,6 +87,24 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def server_reads(monkeypatch):
+    """The bytes of each read the server's protocols are given (on the server's thread), counted by
+    a wrapped `ConnectionLimits.data_received`: a test whose case is a request sent in several reads
+    proves it was (a pause between sends alone lets a loaded machine read the parts at once)."""
+    from server.connections import ConnectionLimits
+
+    reads = []
+    received = ConnectionLimits.data_received
+
+    def counted(self, data):
+        reads.append(len(data))
+        return received(self, data)
+
+    monkeypatch.setattr(ConnectionLimits, "data_received", counted)
+    return reads
+
+
 # `./run test` hands whole files to its two workers (--dist loadfile) in the order of the items,
 # with xdist's own reordering (by number of tests) off: the files recorded as longest go first, so
 # that no long file is started last while the other worker has nothing left. The seconds are a

@@ -278,6 +278,22 @@ def answer_until_closed(sock: socket.socket) -> bytes:
     return answer
 
 
+def send_each_read_alone(sock: socket.socket, parts: list[bytes], reads: list[int]) -> list[int]:
+    """Sends each part once the server has read all sent before it (bounded wait, 10 s a part);
+    returns the bytes the server had read before each part was sent, for the test to check."""
+    read_before = []
+    sent = sum(reads)
+    for part in parts:
+        for _ in range(1000):  # bounded: 10 s
+            if sum(reads) >= sent:
+                break
+            time.sleep(0.01)
+        read_before.append(sum(reads))
+        sock.sendall(part)
+        sent += len(part)
+    return read_before
+
+
 async def sessions_gone(app, *ids: str, seconds: float = 10.0) -> None:
     """Waits (bounded: `seconds`) for the sessions `ids`, or every session where none is named, to
     be gone from the registry of `app` (a live server's): a teardown runs on the server's loop."""

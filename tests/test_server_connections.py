@@ -8,7 +8,7 @@ import socket
 import time
 
 import pytest
-from server_helpers import answer_until_closed, connect, free_port, live_server
+from server_helpers import answer_until_closed, connect, free_port, live_server, send_each_read_alone
 
 HEADER_TIMEOUT_S = 0.5
 MAX_CONNECTIONS = 3
@@ -32,40 +32,6 @@ def read_response(sock: socket.socket) -> tuple[bytes, dict]:
     while len(body) < length:
         body += sock.recv(65536)
     return head, json.loads(body)
-
-
-@pytest.fixture
-def server_reads(monkeypatch):
-    """The bytes of each read the server's protocols are given (on the server's thread), counted by
-    a wrapped `ConnectionLimits.data_received`: a test whose case is a request sent in several reads
-    proves it was (a pause between sends alone lets a loaded machine read the parts at once)."""
-    from server.connections import ConnectionLimits
-
-    reads = []
-    received = ConnectionLimits.data_received
-
-    def counted(self, data):
-        reads.append(len(data))
-        return received(self, data)
-
-    monkeypatch.setattr(ConnectionLimits, "data_received", counted)
-    return reads
-
-
-def send_each_read_alone(sock: socket.socket, parts: list[bytes], reads: list[int]) -> list[int]:
-    """Sends each part once the server has read all sent before it (bounded wait, 10 s a part);
-    returns the bytes the server had read before each part was sent, for the test to check."""
-    read_before = []
-    sent = sum(reads)
-    for part in parts:
-        for _ in range(1000):  # bounded: 10 s
-            if sum(reads) >= sent:
-                break
-            time.sleep(0.01)
-        read_before.append(sum(reads))
-        sock.sendall(part)
-        sent += len(part)
-    return read_before
 
 
 def test_headers_that_never_end_are_answered_408_and_closed(server):

@@ -8,7 +8,7 @@ import socket
 import time
 
 import pytest
-from server_helpers import answer_until_closed, connect, live_server
+from server_helpers import answer_until_closed, connect, live_server, send_each_read_alone
 
 SESSION = b'POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}'
 
@@ -274,17 +274,18 @@ def test_a_request_pipelined_after_a_body_has_the_checks_too(server):
     assert json.loads(answers[1].partition(b"\r\n\r\n")[2]) == {"error": "bad_request", "message": unknown_method("get")}
 
 
-def test_a_head_split_two_bytes_after_a_crlf_is_served(server):
+def test_a_head_split_two_bytes_after_a_crlf_is_served(server, server_reads):
     """A read that ended two bytes after a line's CRLF ('...\\r\\nCo', then 'nnection: ...') left the
     next read's look at its bytes without that line's CR: its LF was taken for a bare one, a 400. Each
-    of a head's lines here comes so (a slow uplink's pieces)."""
+    of a head's lines here comes so (a slow uplink's pieces), each piece sent once the server has read
+    those before it (a 0.05 s pause between them let a loaded machine read several at once)."""
     cuts = [at + 4 for at in range(len(GET)) if GET.startswith(b"\r\n", at) and at + 4 < len(GET)]
+    parts = [GET[start:end] for start, end in zip([0, *cuts], [*cuts, len(GET)])]
     with connect(server[0]) as sock:
-        for start, end in zip([0, *cuts], [*cuts, len(GET)]):
-            sock.sendall(GET[start:end])
-            time.sleep(0.05)  # (each piece its own read)
+        read_before = send_each_read_alone(sock, parts, server_reads)
         answer = answer_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert read_before == [sum(map(len, parts[:i])) for i in range(len(parts))], (read_before, server_reads)
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "in-pieces"])
