@@ -96,7 +96,11 @@ def live_server(http: str = "auto", tls: tuple[str, str] | None = None, loop: st
     import uvicorn
 
     app = make_app(**overrides)
-    port = free_port()
+    # the port is held from its choice until uvicorn listens on it: one let go meanwhile (free_port)
+    # may be taken by another test process's server or socket on a loaded machine
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    port = held.getsockname()[1]
     from server.uvicorn_server import SessionClosingServer
 
     server = SessionClosingServer(  # as `serve` runs it
@@ -104,7 +108,7 @@ def live_server(http: str = "auto", tls: tuple[str, str] | None = None, loop: st
                        ws_max_size=MAX_WEBSOCKET_MESSAGE_BYTES, http=http, loop=loop,
                        **(dict(ssl_certfile=tls[0], ssl_keyfile=tls[1]) if tls else {}))  # as `serve` runs it # fmt: skip
     )
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[held]), daemon=True)
     thread.start()
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     trust = ssl.create_default_context(cafile=tls[0]) if tls else True
@@ -123,6 +127,7 @@ def live_server(http: str = "auto", tls: tuple[str, str] | None = None, loop: st
     finally:
         server.should_exit = True
         thread.join(15)
+        held.close()  # (uvicorn's close of its listener closed it, unless it never listened)
 
 
 TURNSERVER = "/usr/bin/turnserver"  # Debian's coturn (.ci/run installs it where apt can)

@@ -78,3 +78,39 @@ def test_an_upgrade_within_the_bound_is_still_taken(server):
     head, rest = answer_to(server, UPGRADE)
     assert head.startswith(b"HTTP/1.1 101 "), head
     assert b"unknown session 'x'" in rest, rest  # (the route's own refusal, as a close frame)
+
+
+def test_a_live_server_holds_its_port_from_its_choice_until_it_listens(monkeypatch):
+    """live_server (the tests' server) chose a free port, let it go and had uvicorn bind it later: a
+    socket that took the port meanwhile (another test process's server, on a loaded CI machine) made
+    the test's server fail to start, or answered in its place. Here such a server binds the port
+    just before uvicorn does: it is refused, the port being held from its choice on."""
+    import socket
+
+    import httpx
+
+    from server.uvicorn_server import SessionClosingServer
+
+    others = []
+    startup = SessionClosingServer.startup
+
+    async def startup_after_another_took_the_port(self, sockets=None):
+        other = socket.socket()
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds its own)
+        try:
+            other.bind(("127.0.0.1", self.config.port))
+            other.listen()
+        except OSError:  # the port is held
+            other.close()
+        else:
+            others.append(other)
+        await startup(self, sockets)
+
+    monkeypatch.setattr(SessionClosingServer, "startup", startup_after_another_took_the_port)
+    try:
+        with live_server() as (url, app):
+            assert httpx.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
+    finally:
+        for other in others:
+            other.close()
+    assert others == []
