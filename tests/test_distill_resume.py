@@ -362,6 +362,18 @@ def test_a_resume_whose_runs_model_init_is_gone_says_so(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def _a_run_cut_at_step_2_from_one_of_two_models(tmp_path, key: str) -> tuple[Path, Path, Path]:
+    """(first, second, cut): two teacher models of their own autoencoders, and a run's folder cut
+    at step 2 whose `key` (model.init or model.vae) read the first."""
+    first = _model_with_its_own_autoencoder(tmp_path)
+    run(debug_config("teacher", tmp_path / "second", **{"run.seed": 6}))
+    cut = tmp_path / "cut"
+    cfg = debug_config("teacher", cut, **{"run.steps": 2})
+    setattr(cfg.model, key.split(".")[1], str(first))
+    run(cfg)
+    return first, tmp_path / "second" / "model", cut
+
+
 @pytest.mark.parametrize("key", ["model.init", "model.vae"])
 def test_a_resume_whose_config_names_another_model_source_is_refused(tmp_path, monkeypatch, capsys, key):
     """A run's checkpoint keeps its model.init and model.vae (model_sources), but a resume whose config
@@ -371,13 +383,7 @@ def test_a_resume_whose_config_names_another_model_source_is_refused(tmp_path, m
     (relative, from another folder), and where it is now once moved, still resume."""
     from streamgen.cli import main
 
-    first = _model_with_its_own_autoencoder(tmp_path)
-    run(debug_config("teacher", tmp_path / "second", **{"run.seed": 6}))
-    second = tmp_path / "second" / "model"
-    cut = tmp_path / "cut"
-    cfg = debug_config("teacher", cut, **{"run.steps": 2})
-    setattr(cfg.model, key.split(".")[1], str(first))
-    run(cfg)
+    first, second, cut = _a_run_cut_at_step_2_from_one_of_two_models(tmp_path, key)
     capsys.readouterr()
     command = ["distill", "teacher", "--config", "debug", "--out", str(cut), "--resume", "--steps", "4"]
     assert main([*command, "--set", f"{key}={second}"]) == 2
@@ -413,13 +419,7 @@ def test_a_resume_whose_runs_model_source_moved_takes_only_a_copy_of_the_same_mo
 
     from streamgen.cli import main
 
-    first = _model_with_its_own_autoencoder(tmp_path)
-    run(debug_config("teacher", tmp_path / "second", **{"run.seed": 6}))
-    second = tmp_path / "second" / "model"
-    cut = tmp_path / "cut"
-    cfg = debug_config("teacher", cut, **{"run.steps": 2})
-    setattr(cfg.model, key.split(".")[1], str(first))
-    run(cfg)
+    first, second, cut = _a_run_cut_at_step_2_from_one_of_two_models(tmp_path, key)
     shutil.copytree(first, tmp_path / "copy")
     shutil.rmtree(tmp_path / "first")
     capsys.readouterr()

@@ -47,6 +47,15 @@ def assert_makes_the_chunks(s: StreamSession, want: list) -> None:
         assert got_pts == pts
 
 
+def assert_a_failed_chunk_is_undone(s: StreamSession, fault, error=InjectedFault) -> None:
+    """`s`'s next chunk, made under `fault` (a context that injects `error`), fails and leaves
+    `s` as it was before it."""
+    state = session_state(s)
+    with fault, pytest.raises(error, match="injected"):
+        s.next_chunk()
+    assert_same_state(session_state(s), state)
+
+
 @contextmanager
 def fault_at(module: torch.nn.Module, call: int, error=InjectedFault):
     """`module`'s `call`-th forward (from 1) inside the block raises `error` before it runs."""
@@ -124,11 +133,7 @@ def test_a_chunk_that_fails_leaves_the_session_as_it_was_and_its_retry_makes_the
         # the last chunk's clean re-encode, which a chunk writes first, written as a server's
         # worker writes it while the frames travel: a chunk that fails later leaves it written
         s.write_pending_chunk()
-    state = session_state(s)
-    module, call = FAULTS[where](s)
-    with fault_at(module, call, error), pytest.raises(error, match="injected"):
-        s.next_chunk()
-    assert_same_state(session_state(s), state)
+    assert_a_failed_chunk_is_undone(s, fault_at(*FAULTS[where](s), error), error)
     assert_makes_the_chunks(s, want)
 
 
@@ -272,12 +277,5 @@ def test_a_chunk_that_fails_under_fp8_attention_is_undone_with_the_caches_e4m3_c
     s = started(model, cache_from)
     for _ in range(before):
         s.next_chunk()
-    state = session_state(s)
-    module, call = FAULTS[where](s)
-    with fault_at(module, call), pytest.raises(InjectedFault, match="injected"):
-        s.next_chunk()
-    assert_same_state(session_state(s), state)
-    for frames, pts in want:
-        got_frames, got_pts = s.next_chunk()
-        np.testing.assert_array_equal(got_frames, frames)
-        assert got_pts == pts
+    assert_a_failed_chunk_is_undone(s, fault_at(*FAULTS[where](s)))
+    assert_makes_the_chunks(s, want)
