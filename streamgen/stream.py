@@ -7,8 +7,9 @@
     session.close()
 
 The reference may be a file's path, a PIL image or a uint8 array. A session makes one chunk at a
-time: a second thread's call while one runs is refused (push_audio and close wait for it
-instead); give each thread its own session, or batch them (streamgen/stream_batch.py).
+time: a second thread's call while one runs is refused (push_audio, close and the
+decode_beside_reencode switch wait for it instead); give each thread its own session, or batch
+them (streamgen/stream_batch.py).
 
 It owns the KV cache (sink + ring), the audio timeline and the decoder state;
 none of them grows with the length of the stream. Audio is placed on the
@@ -191,14 +192,16 @@ class StreamSession:
     def decode_beside_reencode(self, enabled: bool) -> None:
         if enabled and self.device.type != "cuda":
             raise ValueError("decode_beside_reencode needs a CUDA device (two CUDA streams)")
-        if not enabled and self._decode_stream is not None:
-            # the decoder's state, made on the second stream, is read on the first from now on:
-            # its memory not reused by the second's work (one of torch's pool) before that is done
-            first = torch.cuda.current_stream(self.device)
-            for t in tree_leaves(getattr(self, "decoder_state", None)):
-                if isinstance(t, torch.Tensor):
-                    t.record_stream(first)
-        self._decode_stream = torch.cuda.Stream(self.device) if enabled else None
+        # after a chunk another thread is making (as close): it decodes on the stream it began with
+        with self.in_use(wait=True):
+            if not enabled and self._decode_stream is not None:
+                # the decoder's state, made on the second stream, is read on the first from now on:
+                # its memory not reused by the second's work (one of torch's pool) before that is done
+                first = torch.cuda.current_stream(self.device)
+                for t in tree_leaves(getattr(self, "decoder_state", None)):
+                    if isinstance(t, torch.Tensor):
+                        t.record_stream(first)
+            self._decode_stream = torch.cuda.Stream(self.device) if enabled else None
 
     # --- timing ---------------------------------------------------------------
     @property

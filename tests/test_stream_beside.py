@@ -4,6 +4,7 @@ record which stream each piece of work was queued on. The path has run on no GPU
 its work goes to, and a chunk that fails on it (tests/test_stream_atomic.py's faults) are
 checked before a GPU run spends its minutes on them."""
 
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -267,6 +268,47 @@ def test_a_stream_that_stops_decoding_beside_records_its_decoder_state_on_the_fi
     log.clear()
     s.decode_beside_reencode = False
     assert log == [("record", "main", t.shape) for t in state]
+    log.clear()
+    s.next_chunk()  # on the first stream alone now
+    assert log == []
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["alone", "in a batch"])
+def test_switching_decode_beside_off_waits_for_the_chunk_another_thread_is_making(model, streams, batched):
+    """The switch turned off by another thread while a chunk that began on the beside path runs: it
+    waits for that chunk (the session's lock, as close does), which decodes on the second stream it
+    began with, and the next chunk runs on the first stream alone. Unlocked, the switch went off in
+    the middle of the chunk: the chunk found no second stream at its decode (an AttributeError), or
+    in a batch decoded the plain way and left the re-encode it had undertaken pending."""
+    log, _ = streams
+    sessions = started_pair(model, "reencode", log) if batched else [started(model, side=FakeStream("side", log))]
+    s = sessions[0]
+    switching, switched = threading.Event(), threading.Event()
+
+    def switch_off():
+        switching.set()
+        s.decode_beside_reencode = False
+        switched.set()
+
+    switcher = threading.Thread(target=switch_off)
+    waits = []
+
+    def at_the_chunks_first_forward(*_):  # the chunk has chosen its path and holds the session
+        if not switcher.is_alive() and not waits:
+            switcher.start()
+            waits.append(switching.wait(10))
+            waits.append(switched.wait(1))  # bounded: a switch that waits for the chunk is not done
+
+    handle = model.dit.register_forward_pre_hook(at_the_chunks_first_forward)
+    try:
+        next_chunks(sessions) if batched else s.next_chunk()
+    finally:
+        handle.remove()
+        switcher.join(10)
+    assert not switcher.is_alive() and switched.is_set()
+    assert waits == [True, False]  # the switch was under way, and waited for the chunk
+    assert log[0] == ("wait", "side", "main") and not any(x.chunk_pending for x in sessions), log
+    assert not s.decode_beside_reencode
     log.clear()
     s.next_chunk()  # on the first stream alone now
     assert log == []
