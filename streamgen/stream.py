@@ -29,7 +29,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_leaves
 
 from streamgen.cpu_threads import (
     allowed_threads,
@@ -37,6 +36,7 @@ from streamgen.cpu_threads import (
     check_decode_threads,
     session_stage_threads,
 )
+from streamgen.decode_beside_reencode import decoded_beside_reencode, switched_decode_stream
 from streamgen.model.audio import (
     SAMPLE_RATE,
     SAMPLES_PER_FRAME,
@@ -194,14 +194,7 @@ class StreamSession:
             raise ValueError("decode_beside_reencode needs a CUDA device (two CUDA streams)")
         # after a chunk another thread is making (as close): it decodes on the stream it began with
         with self.in_use(wait=True):
-            if not enabled and self._decode_stream is not None:
-                # the decoder's state, made on the second stream, is read on the first from now on:
-                # its memory not reused by the second's work (one of torch's pool) before that is done
-                first = torch.cuda.current_stream(self.device)
-                for t in tree_leaves(getattr(self, "decoder_state", None)):
-                    if isinstance(t, torch.Tensor):
-                        t.record_stream(first)
-            self._decode_stream = torch.cuda.Stream(self.device) if enabled else None
+            self._decode_stream = switched_decode_stream(self, enabled)
 
     # --- timing ---------------------------------------------------------------
     @property
@@ -488,8 +481,12 @@ class StreamSession:
                 latents = run("denoise", denoise)
             if self.cache_from == "reencode":
                 self._pending = (latents, audio, self.context)
-            if beside:
-                return self._finish_chunk_beside_reencode(latents)
+            if beside:  # (the decoder's state lives on the second stream only)
+                frames = decoded_beside_reencode(
+                    self._decode_stream, self.device, latents, self.decoder_state,
+                    lambda: self._decode(latents), self.write_pending_chunk,
+                )  # fmt: skip
+                return frames.numpy(), self._next_pts()
             return self._finish_chunk(latents, run)
 
     @contextmanager
@@ -561,24 +558,6 @@ class StreamSession:
         with self._audio_lock:
             self._kept_from = max(self._kept_from, self._keep_after_chunk)
         return pts
-
-    @torch.no_grad()
-    def _finish_chunk_beside_reencode(self, latents: torch.Tensor) -> tuple[np.ndarray, float]:
-        """`_finish_chunk` with the decode on the second CUDA stream and, meanwhile, the chunk's
-        clean re-encode on the first. The decoder's state lives on the second stream only."""
-        side = self._decode_stream
-        side.wait_stream(torch.cuda.current_stream(self.device))  # the denoised latents
-        # read there: their memory is not reused on the first stream before that is done (the
-        # decoder's state comes from the first stream where the switch went on mid-stream)
-        for t in [latents, *tree_leaves(self.decoder_state)]:
-            if isinstance(t, torch.Tensor):
-                t.record_stream(side)
-        with torch.cuda.stream(side):
-            out = self._decode(latents)
-        self.write_pending_chunk()  # queued on the first stream: the GPU runs both
-        with torch.cuda.stream(side):
-            frames = out.cpu().numpy()  # waits for the decode only
-        return frames, self._next_pts()
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         latents, state = latents.to(self.vae_dtype), self.decoder_state

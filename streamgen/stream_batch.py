@@ -13,8 +13,8 @@ from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_leaves
 
+from streamgen.decode_beside_reencode import decoded_beside_reencode
 from streamgen.model.audio import frame_windows
 from streamgen.model.cache import StreamCache
 from streamgen.sampling import cached_velocity, reencode_chunk, sample_few_step
@@ -305,22 +305,19 @@ def _decoded(group: list[StreamSession], latents: torch.Tensor) -> torch.Tensor:
 
 
 def _decoded_beside_reencode(group: list[StreamSession], latents: torch.Tensor) -> torch.Tensor:
-    """`StreamSession._finish_chunk_beside_reencode` of a group: its decode on the lead's second
-    CUDA stream and, meanwhile, its pending clean re-encodes (one forward, `_write_group`) on the
-    first; the frames on the host once the decode is done. A failure in either is undone by the
-    caller (`_group_chunks`: the ring's slots among the rest)."""
-    lead = group[0]
-    side = lead._decode_stream
-    side.wait_stream(torch.cuda.current_stream(lead.device))  # the denoised latents
-    # read there: their memory is not reused on the first stream before that is done (each
-    # session's decoder state may come from its own stream, or the first)
-    for t in [latents, *tree_leaves([s.decoder_state for s in group])]:
-        if isinstance(t, torch.Tensor):
-            t.record_stream(side)
-    with torch.cuda.stream(side):
-        out = _decoded(group, latents)
+    """A group's chunk decoded beside its re-encode (streamgen/decode_beside_reencode.py): its decode
+    on the lead's second CUDA stream and, meanwhile, its pending clean re-encodes (one forward,
+    `_write_group`) on the first; the frames on the host once the decode is done. A failure in
+    either is undone by the caller (`_group_chunks`: the ring's slots among the rest)."""
+    # (each session's decoder state may come from its own second stream, or the first)
+    states = [s.decoder_state for s in group]
     pending = [s for s in group if s.chunk_pending]  # (none under "last_step": its last step wrote them)
-    if pending:
-        _write_group(pending)  # queued on the first stream: the GPU runs both
-    with torch.cuda.stream(side):
-        return out.cpu()  # waits for the decode only
+
+    def write_pending():
+        if pending:
+            _write_group(pending)
+
+    lead = group[0]
+    return decoded_beside_reencode(
+        lead._decode_stream, lead.device, latents, states, lambda: _decoded(group, latents), write_pending
+    )
