@@ -24,6 +24,7 @@ from spawn_helpers import signal_once_started
 
 from bench import gpu, gpu_variants, wan_decoder
 from streamgen.stream import CHUNK_STAGES, START_STAGES, StreamSession
+from streamgen.stream_batch import next_chunks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -497,6 +498,32 @@ def test_decoding_beside_the_reencode_gives_the_same_frames_on_cuda():
 @pytest.mark.gpu_first
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_batch_decoded_beside_its_reencode_gives_a_plain_batchs_frames_on_cuda():
+    # a batch's decode (one for its sessions) on its first session's second CUDA stream while the
+    # batch's re-encode runs on the first: each session's frames those of the same batch made the
+    # plain way (no race between the streams, no row of another session's), each cache written
+    model = gpu.build_model("wan2.1-1.3b", 64, 96, "cuda", torch.float32, quick=True, backend="sdpa")
+    context = torch.zeros(1, 8, model.cfg.text_dim, device="cuda")
+    streams = []
+    for beside in (False, True):
+        sessions = [StreamSession(model, steps=2, device="cuda") for _ in range(2)]
+        for seed, session in enumerate(sessions):  # another face, seed and speech each
+            session.decode_beside_reencode = beside
+            rng = np.random.default_rng(seed)
+            face = (rng.random((session.height, session.width, 3)) * 255).astype(np.uint8)
+            session.start(face, seed=seed, context=context)
+            session.push_audio((rng.standard_normal(16000 * 4) * 0.1).astype(np.float32))
+        chunks = [next_chunks(sessions) for _ in range(5)]
+        assert [s.chunk_pending for s in sessions] == [not beside] * 2
+        streams.append(np.stack([np.concatenate([c[i][0] for c in chunks]) for i in range(2)]))
+    plain, beside = (s.astype(int) for s in streams)
+    assert np.abs(plain[0] - plain[1]).max() > 1  # two streams of their own, told apart below
+    assert np.abs(plain - beside).max() <= 1  # a race between the streams would be far more
+
+
+@pytest.mark.gpu_first
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bench_gpu_quick_on_cuda_runs_every_stream_variant():
     # the full benchmark's code at tiny sizes: a failure shows here even if the long run is cut short
     result = gpu.run("cuda", quick=True, chunks=2, compile_blocks=False, kernel_bench=False)
@@ -563,6 +590,7 @@ NEVER_RUN_FIRST = [
     "test_fp8_attention_at_the_dits_shapes",
     "test_a_caches_fp8_keys_and_values_follow_every_write_on_the_gpu",
     "test_decoding_beside_the_reencode_gives_the_same_frames_on_cuda",
+    "test_a_batch_decoded_beside_its_reencode_gives_a_plain_batchs_frames_on_cuda",
     "test_bench_gpu_quick_on_cuda_runs_every_stream_variant",  # every variant: the longest of them
 ]
 EVERY_TILE_LAST = {
@@ -583,7 +611,7 @@ def _function(nodeid: str) -> str:
 @pytest.mark.slow
 def test_gpu_check_runs_the_never_run_paths_first_and_the_builds_of_every_tile_last(gpu_check_run):
     """A step past its 210 s is cut at the test then running: the order was the files' (gpu_check.sh
-    meant test_gpu_check.py, the only CUDA run of the decode beside the re-encode and of the quick
+    meant test_gpu_check.py, the only CUDA run of the decode beside the re-encode (alone and batched) and of the quick
     benchmark's every variant, last; tests/conftest.py's order by CPU seconds made it first and the
     FP8 checks middle), and the log said only how many passed. gpu-tests.json says in which order
     they ran and that none was left out; every file of $OUT comes back from the device (8 at most)."""
