@@ -174,3 +174,49 @@ def test_a_webrtc_pages_speaks_leave_no_listener_on_its_connection(browser_page,
         page.wait_for_function("document.getElementById('speak-text').value === ''", timeout=20_000)
         assert page.evaluate("window.abortListeners()") == 0
         assert page.text_content("#notice") == "" and logs == []
+
+
+# A WebSocket page's speaks held back from the server while `window.holdSpeaks` is true, its messages
+# kept in `window.heldSpeaks` ([socket, message]) to be sent later.
+HOLD_SPEAKS = """
+window.holdSpeaks = false;
+window.heldSpeaks = [];
+const sendAtOnce = WebSocket.prototype.send;
+WebSocket.prototype.send = function (data) {
+  if (window.holdSpeaks && typeof data === "string" && JSON.parse(data).type === "speak") {
+    window.heldSpeaks.push([this, data]);
+    return;
+  }
+  return sendAtOnce.call(this, data);
+};
+"""
+
+
+def test_a_websocket_speak_the_server_never_answers_is_given_up(browser_page, served):
+    """A WebSocket page's speak waited for its answer without a limit: a server that never answered
+    left Speak disabled for the rest of the stream. It gives up after 20 s as a WebRTC page's speak
+    does (said, Speak usable again, the text kept); its answer coming later is still its own."""
+    with served(max_sessions=2) as (url, app):
+        page = held_page(browser_page, "about:blank")
+        page.add_init_script(HOLD_SPEAKS)
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(f"{m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            page.evaluate("window.holdSpeaks = true")
+            page.fill("#speak-text", "hello there")
+            page.click("#speak")
+            assert page.is_disabled("#speak")
+            page.wait_for_function("window.streamgenStats.notice !== ''", timeout=30_000)
+            assert page.text_content("#notice") == "speak: no answer from the server in 20 s; it may still be said"
+            assert page.is_enabled("#speak") and page.input_value("#speak-text") == "hello there"
+            assert page.text_content("#status") == "streaming (websocket)"
+            # sent at last, it is answered: its text taken, as any speak the server takes
+            page.evaluate("window.holdSpeaks = false; window.heldSpeaks.splice(0).forEach(([s, m]) => s.send(m))")
+            page.wait_for_function("document.getElementById('speak-text').value === ''", timeout=20_000)
+            assert page.text_content("#notice") == "" and page.is_enabled("#speak")
+            assert errors == []
+        finally:
+            page.close()

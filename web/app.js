@@ -10,8 +10,8 @@ import {
   abandonCreations, answeredFetch, apiFetch, apiJson, authHeaders, createSession, deleteSession,
 } from "./api.js";
 import {
-  $, getMic, params, serverEndedInWords, setNotice, setStatus, showOverlay, soundNoLongerWaits, speakTaken, state, stats,
-  unknownAvatar,
+  $, getMic, params, serverEndedInWords, setNotice, setStatus, showOverlay, soundNoLongerWaits, SPEAK_ANSWER_MS, speakTaken,
+  speakUnanswered, state, stats, unknownAvatar,
 } from "./page.js";
 import { closePeer, connectWebRTC } from "./webrtc.js";
 import {
@@ -216,11 +216,6 @@ function clearStage() {
   canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
 }
 
-// How long a speak over HTTP may wait for its answer, which comes once its speech is made (espeak-ng:
-// well under a second). Without a limit, a server that never answered left Speak disabled until a
-// hang-up.
-const SPEAK_ANSWER_MS = 20000;
-
 async function speak(e) {
   e.preventDefault();
   // blank as the server reads it: Python's str.strip() takes \x1c-\x1f and \x85 away too, which
@@ -249,9 +244,8 @@ async function speak(e) {
     if (!res.ok) await apiJson(res);
   } catch (err) {
     if (mine !== state.generation) return;
-    if (err.unanswered) {  // the server may have it still: not sent again, nor its text taken away
-      setNotice(`speak: no answer from the server in ${SPEAK_ANSWER_MS / 1000} s; it may still be said`);
-      $("speak").disabled = false;
+    if (err.unanswered) {
+      speakUnanswered();
       return;
     }
     // in the server's words, as a WebSocket page says a speak refused ("speak: text too long ..."):

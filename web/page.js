@@ -86,6 +86,16 @@ export function setNotice(text) {
   $("notice").textContent = text;
 }
 
+// How long a speak may wait for its answer, which comes once its speech is made (espeak-ng: well under
+// a second; the WebSocket API answers each within 15 s of its arrival). Without a limit, a server that
+// never answered left Speak disabled until a hang-up. The server may have it still: it is not sent
+// again, nor its text taken away.
+export const SPEAK_ANSWER_MS = 20000;
+export function speakUnanswered() {
+  setNotice(`speak: no answer from the server in ${SPEAK_ANSWER_MS / 1000} s; it may still be said`);
+  $("speak").disabled = false;
+}
+
 // A speak the server took: its text leaves the field, unless the field holds something else now.
 // (Emptied whatever it held, a sentence typed while the last one was answered went with it; and
 // emptied as the text was sent, a speak refused, over the WebSocket, lost its text.)

@@ -1,7 +1,10 @@
 // The WebSocket API, the fallback: its session and stream, the playout of its frames and sound on
 // the audio clock, the microphone sent over it, and what its close codes say about the session.
 import { createSession, deleteSession } from "./api.js";
-import { $, abandoned, params, setNotice, showOverlay, speakTaken, state, stats, waitForClickForSound } from "./page.js";
+import {
+  $, abandoned, params, setNotice, showOverlay, SPEAK_ANSWER_MS, speakTaken, speakUnanswered, state, stats,
+  waitForClickForSound,
+} from "./page.js";
 import { Resampler, toPcm16 } from "./resample.js";
 
 const SAMPLE_RATE = 16000;
@@ -38,9 +41,11 @@ export function silentLimitMs(asked) {
 const WEBSOCKET_SILENT_MS = silentLimitMs(params.get("silent_s"));
 
 let playStart = null, playClockRuns = null, seqOut = 0, micPath = null, frameTimes = [];
-// the field's text of each speak sent and not answered yet: the server answers them in order, each
-// with "speaking" or an error for it
-let speaksSent = [];
+// Each speak sent and not answered yet, by its id: {typed (the field's text), timer (its answer's
+// limit), givenUp}. The server answers each with "speaking" or an error, with its id: matched by
+// order, a speak given up (no answer in time) and answered later took the next one's answer.
+const speaksSent = new Map();
+let lastSpeakId = 0;
 // timers that draw frames at their play time, each with its decoded frame: an ImageBitmap holds its
 // pixels until closed (25 a second left to the garbage collector), closed once drawn or dropped
 const queuedFrames = new Map();
@@ -147,11 +152,14 @@ export async function connectWebSocket(mine, closed) {
       const speakRefused = msg.type === "error" && msg.for === "speak";
       // (a speak refused is said as a WebRTC page says it, whose speak goes over HTTP)
       if (msg.type === "error") setNotice(`${speakRefused ? "speak" : "error"}: ${msg.message}`);
-      const speak = msg.type === "speaking" || speakRefused;
-      if (speak && speaksSent.length) {
-        const typed = speaksSent.shift();
-        $("speak").disabled = false;
-        if (msg.type === "speaking") speakTaken(typed);  // (refused: the text stays, to be sent again)
+      const id = msg.id ?? speaksSent.keys().next().value;  // (a server that drops ids: the oldest)
+      const sent = (msg.type === "speaking" || speakRefused) && speaksSent.get(id);
+      if (sent) {
+        clearTimeout(sent.timer);
+        speaksSent.delete(id);
+        // (one given up, answered late: Speak waits still for a speak sent since)
+        $("speak").disabled = [...speaksSent.values()].some((s) => !s.givenUp);
+        if (msg.type === "speaking") speakTaken(sent.typed);  // (refused: the text stays, to be sent again)
       }
       return;
     }
@@ -327,9 +335,17 @@ export function deleteUnlessTheSocketEndsIt(socket, s) {
   socket.addEventListener("close", (e) => decide(e.wasClean && !sessionLivesOn(e.code)));
 }
 
+// A speak over the WebSocket, whose answer comes in band: given up after SPEAK_ANSWER_MS, as one over
+// HTTP (app.js). Without a limit, a server that never answered left Speak disabled for good.
 export function sendSpeak(msg, typed) {
-  state.ws.send(JSON.stringify(msg));
-  speaksSent.push(typed);
+  const id = ++lastSpeakId;
+  state.ws.send(JSON.stringify({ ...msg, id }));
+  const sent = { typed, givenUp: false, timer: null };
+  sent.timer = setTimeout(() => {
+    sent.givenUp = true;
+    speakUnanswered();
+  }, SPEAK_ANSWER_MS);
+  speaksSent.set(id, sent);
 }
 
 // A hang-up's, or a connection's end: the socket (its stream told to stop, were it started), the
@@ -353,5 +369,6 @@ export function closeWebSocket() {
   state.ws = state.audioCtx = null;
   state.wsStarted = false;
   playStart = playClockRuns = null;
-  speaksSent = [];
+  speaksSent.forEach((sent) => clearTimeout(sent.timer));
+  speaksSent.clear();
 }
