@@ -403,3 +403,47 @@ def test_a_hang_up_before_a_conflict_refusal_deletes_the_session(browser_page, s
         finally:
             page.evaluate("window.otherSocket && window.otherSocket.close()")
             page.close()
+
+
+# Each WebSocket the page opens (window.sockets) hears, once its start message is sent (before the
+# server's ready), a text message that is not JSON (a proxy's or a broken server's), as if its server
+# had sent it.
+NOT_JSON_AT_START = """
+window.sockets = [];
+window.WebSocket = class extends WebSocket {
+  constructor(...args) {
+    super(...args);
+    window.sockets.push(this);
+  }
+  send(data) {
+    super.send(data);
+    if (typeof data === "string" && JSON.parse(data).type === "start") {
+      setTimeout(() => this.dispatchEvent(new MessageEvent("message", { data: "<html>" })));
+    }
+  }
+};
+"""
+
+
+def test_a_server_message_that_is_not_json_is_ignored_with_a_warning(browser_page, served):
+    """A text message that is not JSON threw in the page's message handlers (an uncaught error on the
+    console, twice once streaming: the ready's handler stayed). Before ready and while streaming, it
+    is said on the console as a warning and ignored: the stream starts and goes on."""
+    with served(max_sessions=2) as (url, app):
+        page = browser_page.new_page()
+        page.add_init_script(HELD + NOT_JSON_AT_START)
+        logs: list[str] = []
+        page.on("console", lambda m: logs.append(f"{m.type}: {m.text}"))
+        page.on("pageerror", lambda e: logs.append(f"pageerror: {e}"))
+        try:
+            page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            page.evaluate("window.sockets.at(-1).dispatchEvent(new MessageEvent('message', { data: 'null' }))")
+            frames = page.evaluate("window.streamgenStats.framesDecoded")
+            page.wait_for_function(f"window.streamgenStats.framesDecoded > {frames} + 5", timeout=20_000)
+            assert page.text_content("#status") == "streaming (websocket)"
+            not_json = "warning: the server sent a message the page cannot read, ignored: "
+            assert logs == [not_json + "<html>", not_json + "null"]
+            page.click("#hangup")
+        finally:
+            page.close()

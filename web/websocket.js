@@ -119,15 +119,16 @@ export async function connectWebSocket(mine, closed) {
     }
     abandoned(mine);
     socket.send(JSON.stringify({ type: "start", format: "jpeg", flow: "latest" }));
-    socket.addEventListener("message", (e) => {
-      if (typeof e.data !== "string") return;
-      const msg = JSON.parse(e.data);
-      if (msg.type !== "ready" || socket !== state.ws) return;
+    const readyHeard = (e) => {
+      const msg = typeof e.data === "string" ? serverMessage(e.data) : null;
+      if (msg?.type !== "ready" || socket !== state.ws) return;
+      socket.removeEventListener("message", readyHeard);  // (the stream's handler reads the rest)
       canvas.width = msg.width;
       canvas.height = msg.height;
       state.wsStarted = true;
       readyCame();
-    });
+    };
+    socket.addEventListener("message", readyHeard);
     await Promise.race([ready, failed]);
   } finally {
     clearTimeout(limitTimer);
@@ -148,7 +149,8 @@ export async function connectWebSocket(mine, closed) {
     heardAt = performance.now();
     ping(heardAt);
     if (typeof e.data === "string") {
-      const msg = JSON.parse(e.data);
+      const msg = serverMessage(e.data);
+      if (!msg) return;
       const speakRefused = msg.type === "error" && msg.for === "speak";
       // (a speak refused is said as a WebRTC page says it, whose speak goes over HTTP)
       if (msg.type === "error") setNotice(`${speakRefused ? "speak" : "error"}: ${msg.message}`);
@@ -224,6 +226,18 @@ export async function connectWebSocket(mine, closed) {
   // console; the worklet's module loads meanwhile. One the box's change started while the socket
   // waited for its ready runs already: a second one left the first connected, its worklet running.)
   if (state.mic && !wsMicRunning()) startWsMic().catch((e) => console.warn("microphone:", e));
+}
+
+// A text message of the server's: its JSON object, or null for one the page cannot read (not JSON, a
+// proxy's or a broken server's), said on the console and ignored. It threw in the message's handler:
+// an uncaught error on the console, the message lost all the same.
+function serverMessage(text) {
+  try {
+    const msg = JSON.parse(text);
+    if (msg !== null && typeof msg === "object") return msg;
+  } catch { /* said below */ }
+  console.warn(`the server sent a message the page cannot read, ignored: ${text.slice(0, 200)}`);
+  return null;
 }
 
 // A promise the socket's close rejects, with what the page says of it: a server's refusal is a close
