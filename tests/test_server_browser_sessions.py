@@ -257,3 +257,25 @@ def test_a_page_left_mid_call_and_gone_back_to_says_its_call_ended(browser_that_
             assert page.text_content("#status") == "ended: the page was left"
         finally:
             page.close()
+
+
+def test_a_session_check_whose_body_never_ends_still_says_the_session_ended(browser_page):
+    """A WebRTC page checks its session as the server closes the connection: a 404 whose body never
+    ended (a proxy that stalls after the headers) hung the check, which read it without a time limit,
+    and the page said 'streaming' over a frozen frame until ICE gave up. The check's answer, its body
+    included, has a limit now: the 404 alone says the server ended the session."""
+    from test_server_browser_network import STALLED_BODIES
+
+    stall_session_checks = "window.stallBodyOf = (url, method) => method === 'GET' && /\\/v1\\/sessions\\/[^/]+$/.test(url);"
+    with live_server(max_sessions=2, max_duration_s=4.0) as (url, app):
+        page = browser_page.new_page()
+        page.add_init_script(HELD + STALLED_BODIES + stall_session_checks)
+        try:
+            page.goto(f"{url}/?autostart=1&mic=0")
+            page.wait_for_function("window.streamgenStats.state.startsWith('ended')", timeout=60_000)
+            assert page.evaluate("window.stalledBodies") > 0 and page.evaluate("window.streamgenStats.transport") == "webrtc"
+            assert page.evaluate("held()") == {
+                "mics": 0, "contexts": 0, "connect": True, "hangup": False, "state": "ended: the server ended the session",
+            }  # fmt: skip
+        finally:
+            page.close()

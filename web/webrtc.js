@@ -156,16 +156,28 @@ export async function connectWebRTC(mine, ended) {
   }
 }
 
+// How long a session check may wait for its answer, its body included. The browser sets no limit: an
+// answer that never came, or a 404 whose body stalled after its headers (a proxy), hung the check,
+// and after the transport's close the page said 'streaming' over a frozen frame until ICE gave up.
+const SESSION_CHECK_MS = 5000;
+
 // closed: the server closed the connection, so the session ends whatever the check finds (a server
 // gone answers nothing; one that answers says why where it knows). Whether the server answered.
 async function checkSessionAlive(s, cutOff, mine, ended, closed = false) {
+  // (its own signal, cut off with the connection's or at its limit; the listener removed as it
+  // settles, as apiFetch's: the connection's signal outlives its checks)
+  const limit = new AbortController();
+  const cut = () => limit.abort();
+  cutOff.addEventListener("abort", cut, { once: true });
+  const limitTimer = setTimeout(cut, SESSION_CHECK_MS);
   try {
-    const res = await fetch(s.resource, { headers: authHeaders(s), signal: cutOff });
+    const res = await fetch(s.resource, { headers: authHeaders(s), signal: limit.signal });
     if (res.status !== 404) {
       if (closed && mine === state.generation) ended("the server closed the connection");
       return true;
     }
-    // the server says why where it knows (a limit, a DELETE from elsewhere, its model gone)
+    // the server says why where it knows (a limit, a DELETE from elsewhere, its model gone); a body
+    // not read within the limit (cut off by its signal) says nothing, the 404 alone the session's end
     const { message = "" } = await res.json().catch(() => ({}));
     const why = message.startsWith("session ended: ") ? message.slice(15) : "";
     if (mine === state.generation) ended(why ? serverEndedInWords(why) : "the server ended the session");
@@ -173,8 +185,11 @@ async function checkSessionAlive(s, cutOff, mine, ended, closed = false) {
   } catch (e) {
     if (cutOff.aborted) return true;  // cut off: the connection ended, nothing to say
     if (closed && mine === state.generation) ended("the server closed the connection and is not answering");
-    else console.warn("session check:", e);
+    else console.warn("session check:", limit.signal.aborted ? `no answer in ${SESSION_CHECK_MS / 1000} s` : e);
     return false;
+  } finally {
+    clearTimeout(limitTimer);
+    cutOff.removeEventListener("abort", cut);
   }
 }
 
