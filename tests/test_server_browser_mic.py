@@ -289,3 +289,39 @@ def test_a_connect_clicked_before_autostart_and_an_unticked_mic_leave_no_microph
             wait_for(lambda: not app.state.registry.sessions)  # no session left behind either
         finally:
             page.close()
+
+
+# The page's peer connections, as it makes them (window.peers)
+PEERS = """
+window.peers = [];
+window.RTCPeerConnection = class extends RTCPeerConnection {
+  constructor(...args) {
+    super(...args);
+    window.peers.push(this);
+  }
+};
+"""
+
+
+def test_a_microphone_box_flipped_as_its_connection_closes_says_nothing_on_the_console(browser_page, served):
+    """Flipped as the WebRTC connection closed (a hang-up, the server's end), the box changed the
+    closed connection's track: it refused, an unhandled rejection on the console. There is nothing to
+    change on a closed connection: the microphone is given back all the same, and nothing is said."""
+    with served(max_sessions=2) as (url, app):
+        page = browser_page.new_page()
+        page.add_init_script(PEERS + HELD)
+        # (the browser's own logs are not the page's: the session check's 404, the connection closed)
+        uncaught: list[str] = []
+        page.on("pageerror", lambda e: uncaught.append(str(e)))
+        try:
+            page.goto(f"{url}/?autostart=1")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
+            assert page.evaluate("held()")["mics"] == 1
+            page.evaluate("window.peers.at(-1).close()")  # (closed behind the page: it fires no event)
+            page.uncheck("#mic")
+            wait_for(lambda: page.evaluate("held()")["mics"] == 0, 10, "the microphone was kept")
+            page.wait_for_timeout(500)
+            assert uncaught == []
+            page.click("#hangup")
+        finally:
+            page.close()

@@ -292,7 +292,12 @@ $("mic").onchange = async () => {
     holdMic(stream);
   }
   if (state.pc && state.audioSender) {
-    await state.audioSender.replaceTrack(on && state.mic ? state.mic.getAudioTracks()[0] : null);
+    // a connection closed meanwhile (a hang-up, the server's end: its events come later) refuses any
+    // track: there is nothing to change on it, and its refusal was an unhandled rejection
+    const peer = state.pc;
+    await state.audioSender.replaceTrack(on && state.mic ? state.mic.getAudioTracks()[0] : null).catch((e) => {
+      if (peer.signalingState !== "closed") console.warn("microphone:", e);
+    });
   }
   else if (state.ws && state.mic && !wsMicRunning()) startWsMic().catch((e) => console.warn("microphone:", e));
   if (!on && state.mic) {  // given back, not only muted: the browser's recording indicator goes off
