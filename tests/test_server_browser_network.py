@@ -281,7 +281,8 @@ def test_a_session_answered_after_the_page_gave_up_is_deleted(browser_page, tran
     """A session's creation the page gave up (no answer in 10 s) was cut off: a server that had the
     request made the session all the same, and it stayed until the server's unclaimed timeout (20 s;
     here a minute), a server of one session refusing the next connect meanwhile. The page waits on
-    for the answer now, and DELETEs the session it names, using it for nothing."""
+    for the answer now, and ends the session by its request's key as the answer's headers come (the
+    server has the request then), using it for nothing."""
     with live_server(max_sessions=1, unclaimed_timeout_s=60.0) as (url, app):
         page = browser_page.new_page()
         page.clock.install()  # (the page's 10 s run at once)
@@ -301,10 +302,11 @@ def test_a_session_answered_after_the_page_gave_up_is_deleted(browser_page, tran
             route = held.pop()
             made = route.fetch()  # the server makes the session, and its answer comes late
             assert made.status == 201 and len(app.state.registry.sessions) == 1
-            resource = made.json()["resource"]
             with page.expect_request(lambda r: r.method == "DELETE", timeout=10_000) as deleted:
                 route.fulfill(response=made)
-            assert deleted.value.url == f"{url}{resource}"
+            key = "streamgen-request-key"
+            assert deleted.value.url == f"{url}/v1/sessions"
+            assert deleted.value.headers[key] == route.request.headers[key]
             for _ in range(100):
                 if not app.state.registry.sessions:
                     break
@@ -514,5 +516,43 @@ def test_an_answer_whose_body_never_ends_is_given_up(browser_page, stalled, serv
             page.clock.run_for(1_000)
             page.wait_for_function("window.streamgenStats.state.startsWith('streaming')", timeout=30_000)
             page.click("#hangup")
+        finally:
+            page.close()
+
+
+# The page's POST /v1/sessions held in the page while `window.holdPosts` is true (not yet at the
+# server), let go with `window.heldPosts` (functions)
+HOLD_SESSION_POSTS = """
+window.holdPosts = false;
+window.heldPosts = [];
+const fetchNow = window.fetch;
+window.fetch = (url, options) => (window.holdPosts && options && options.method === "POST" && String(url).endsWith("/v1/sessions")
+  ? new Promise((resolve) => window.heldPosts.push(() => resolve(fetchNow(url, options))))
+  : fetchNow(url, options));
+"""
+
+
+def test_a_session_asked_after_the_page_gave_up_and_answered_without_an_end_is_ended(browser_page, served):
+    """A session's creation given up before its request reached the server (the give-up's DELETE by
+    its key found nothing), then made, its answer's body never ending: the page waited on that body
+    to DELETE the session, which was left to the server's unclaimed limit (20 s). The answer's headers
+    say the server has the request: the page ends the session by its key then."""
+    with served(max_sessions=2) as (url, app):
+        page = browser_page.new_page()
+        page.add_init_script(STALLED_BODIES + HOLD_SESSION_POSTS)
+        page.clock.install()  # (the page's 10 s run at once)
+        try:
+            page.goto(f"{url}/?mic=0")
+            page.wait_for_selector("#avatars button")
+            page.evaluate("window.holdPosts = true; "
+                          "window.stallBodyOf = (url, method) => method === 'POST' && url.endsWith('/v1/sessions')")  # fmt: skip
+            page.click("#connect")
+            page.wait_for_function("window.heldPosts.length === 1", timeout=10_000)
+            page.clock.run_for(11_000)
+            page.wait_for_function("window.streamgenStats.state !== 'connecting'", timeout=10_000)
+            assert page.evaluate("window.streamgenStats.state") == "failed: the server does not answer (no answer in 10 s)"
+            page.evaluate("window.holdPosts = false; window.heldPosts.splice(0).forEach((go) => go())")
+            page.wait_for_function("window.stalledBodies === 1", timeout=20_000)
+            wait_for(lambda: not app.state.registry.sessions, 5, "the late session was left to the server's timeout")
         finally:
             page.close()

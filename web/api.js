@@ -37,7 +37,8 @@ const ANSWER_MS = 10000;
 // `answerMs`, one not answered within it is given up (as one cut off by its own signal, if any).
 // The answer is read whole before it is returned, its body in the same limit: a body that never ended
 // (a proxy that stalled after the headers) left its reader waiting for good, the page 'connecting'.
-export async function apiFetch(url, init = {}, answerMs = 0) {
+// `headersCame`, if any, is called as the answer's headers come, before its body is read.
+export async function apiFetch(url, init = {}, answerMs = 0, headersCame = null) {
   const limit = answerMs ? new AbortController() : null;
   let timedOut = false;
   const limitTimer = limit && setTimeout(() => { timedOut = true; limit.abort(); }, answerMs);
@@ -49,7 +50,9 @@ export async function apiFetch(url, init = {}, answerMs = 0) {
     else init.signal.addEventListener("abort", cutOff, { once: true });
   }
   try {
-    return await readWhole(await fetch(url, limit ? { ...init, signal: limit.signal } : init));
+    const res = await fetch(url, limit ? { ...init, signal: limit.signal } : init);
+    headersCame?.();
+    return await readWhole(res);
   } catch (e) {
     // (said here, not as the abort's reason: a browser may reject with its own AbortError instead)
     if (timedOut) throw noAnswerIn(answerMs);
@@ -83,10 +86,17 @@ const UPLOAD_BYTES_PER_S = 64 * 1024;
 // unclaimed timeout (20 s), a server of one session refusing the next connect meanwhile (503). The
 // answer that comes after the page gave up is that session's DELETE, and nothing else. An answer may
 // never come whole (its body stalled after the headers, a server still making the session): the
-// session is ended by its request's key as the page gives up (a server that has not had the request
-// yet keeps nothing of the key: the late answer's DELETE ends that one).
-async function sessionAnswer(answer, answerMs, key) {
+// session is ended by its request's key as the page gives up. A server that has not had the request
+// yet keeps nothing of the key: the late answer's headers say it has it now, and the session is ended
+// by its key then (a DELETE of the session the answer names waited for its body, which may never end:
+// the session was left to the server's unclaimed limit). ask(headersCame): the request's answer.
+async function sessionAnswer(ask, answerMs, key) {
   let limitTimer, givenUp = false;
+  const answer = ask(() => {
+    if (!givenUp) return;
+    endByKey(key);
+    creating.delete(key);
+  });
   const limit = new Promise((_, reject) => {
     limitTimer = setTimeout(() => {
       givenUp = true;
@@ -94,12 +104,10 @@ async function sessionAnswer(answer, answerMs, key) {
       reject(noAnswerIn(answerMs));
     }, answerMs);
   });
-  answer.then(async (res) => {
-    if (!givenUp) return;
-    const made = res.ok ? await res.json().catch(() => null) : null;
-    if (made?.resource) deleteSession(made);
-    creating.delete(key);
-  }, () => { if (givenUp) creating.delete(key); });  // (failed after the page gave up: nothing to end)
+  // (one whose headers came before the give-up is ended by its key as the page gives up; one that
+  // failed after it has nothing to end)
+  const settled = () => { if (givenUp) creating.delete(key); };
+  answer.then(settled, settled);
   try {
     return await Promise.race([answer, limit]);
   } finally {
@@ -155,7 +163,8 @@ const randomKey = () => Array.from(crypto.getRandomValues(new Uint8Array(16)),
   (b) => b.toString(16).padStart(2, "0")).join("");
 
 async function answeredSession(key, body, headers, file, answerMs) {
-  const res = await sessionAnswer(apiFetch("/v1/sessions", { method: "POST", body, headers }), answerMs, key);
+  const ask = (headersCame) => apiFetch("/v1/sessions", { method: "POST", body, headers }, 0, headersCame);
+  const res = await sessionAnswer(ask, answerMs, key);
   if (res.status === 401) {  // the server's words are for programs (a header): a page takes it from its address
     throw new Error(`401: this server needs its token: open the page as ${location.pathname}?token=<server token>`);
   }
