@@ -31,10 +31,8 @@ from .app import (
 )
 from .avatars import avatar_image, avatar_png, list_avatars
 from .ice import for_peer, link_header
-from .model_host import HostDown, HostStopped
 from .protocol import RepeatedField, once_each
 from .registry import SessionEnded, SessionRegistry
-from .scheduler import WorkerBusy
 
 router = APIRouter()
 MAX_SDP_BYTES = 64 * 1024
@@ -478,7 +476,16 @@ async def control(session_id: str, request: Request):
     `speak`, `caption`, `interrupt` / `clear`."""
     from . import speech
     from .protocol import ProtocolError, parse_control
-    from .speech import SpeechBusy, SpeechError, SpeechForEndedSession, SpeechInterrupted, set_caption, speak
+    from .speech import (
+        CAPTION_REFUSALS,
+        SpeechBusy,
+        SpeechError,
+        SpeechForEndedSession,
+        SpeechInterrupted,
+        caption_refusal,
+        set_caption,
+        speak,
+    )
 
     registry: SessionRegistry = request.app.state.registry
     session = require_session(request, session_id)
@@ -519,19 +526,11 @@ async def control(session_id: str, request: Request):
     if kind == "caption":
         try:
             await set_caption(registry, session, msg["text"])
-        except ValueError as e:
-            raise ApiError(422, "bad_caption", str(e)) from None
-        except CaptionsUnavailable as e:
-            raise ApiError(503, "captions_unavailable", f"caption not changed: {e}") from None
-        except WorkerBusy as e:
-            if registry.stopping.is_set() or registry.worker.stopped:  # the stop's answer, as a create's
-                # refusal at the stop (SessionRegistry.create): it was busy's, Retry-After 1
-                raise ApiError(503, "stopping", f"caption not changed: {e}", headers={"Retry-After": "5"}) from None
-            raise ApiError(503, "busy", f"caption not changed: {e}", headers={"Retry-After": "1"}) from None
-        except HostDown as e:  # the model process is gone: the session's streams end with it
-            if isinstance(e, HostStopped):  # (it ended with the stop: the stop's answer, not model_down's)
-                raise ApiError(503, "stopping", f"caption not changed: {e}", headers={"Retry-After": "5"}) from None
-            raise ApiError(503, "model_down", f"caption not changed: {e}") from None
+        except CAPTION_REFUSALS as e:  # (the stop's answer, Retry-After 5, where the stop refused it)
+            status, error, retry_after = caption_refusal(registry, e)
+            message = str(e) if status == 422 else f"caption not changed: {e}"
+            headers = None if retry_after is None else {"Retry-After": str(retry_after)}
+            raise ApiError(status, error, message, headers=headers) from None
         if session.closed:  # while it waited for the worker: its job found no stream to change
             raise ApiError(404, "not_found", f"session ended: {session.close_reason}")
         return {"type": "caption", "text": msg["text"], **({"id": msg["id"]} if "id" in msg else {})}

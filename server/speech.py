@@ -12,8 +12,9 @@ import concurrent.futures
 import logging
 
 from streamgen.data.speech import LANGUAGES, SpeechError, Voice, count_phonemes, synthesize
-from streamgen.session_limits import caption_problem
+from streamgen.session_limits import CaptionsUnavailable, caption_problem
 
+from .model_host import HostDown, HostStopped
 from .scheduler import WorkerBusy
 from .session import Session
 
@@ -251,4 +252,27 @@ async def set_caption(registry, session: Session, text: str) -> None:
         raise WorkerBusy("server is shutting down") from None  # (as a job submitted then would be)
 
 
-__all__ = ["SpeechBusy", "SpeechError", "SpeechForEndedSession", "SpeechInterrupted", "speak", "set_caption"]
+# what a caption set_caption refused is answered with, over /control and the WebSocket alike: the
+# socket's error said only the message, where /control's status, code and Retry-After told a
+# client whether to send it again, and when (a 503 `stopping` waits out the stop, not a second)
+CAPTION_REFUSALS = (ValueError, CaptionsUnavailable, WorkerBusy, HostDown)
+
+
+def caption_refusal(registry, error: Exception) -> tuple[int, str, int | None]:
+    """(HTTP status, error code, Retry-After seconds or None) for a caption refused with `error`,
+    one of CAPTION_REFUSALS."""
+    if isinstance(error, ValueError):
+        return 422, "bad_caption", None
+    if isinstance(error, CaptionsUnavailable):
+        return 503, "captions_unavailable", None
+    if isinstance(error, WorkerBusy):
+        if registry.stopping.is_set() or registry.worker.stopped:  # the stop's answer, as a create's
+            # refusal at the stop (SessionRegistry.create): it was busy's, Retry-After 1
+            return 503, "stopping", 5
+        return 503, "busy", 1
+    if isinstance(error, HostStopped):  # (it ended with the stop: the stop's answer, not model_down's)
+        return 503, "stopping", 5
+    return 503, "model_down", None  # the model process is gone: the session's streams end with it
+
+
+__all__ = ["CAPTION_REFUSALS", "SpeechBusy", "caption_refusal", "SpeechError", "SpeechForEndedSession", "SpeechInterrupted", "speak", "set_caption"]

@@ -23,10 +23,7 @@ import numpy as np
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from streamgen.session_limits import CaptionsUnavailable
-
 from . import speech
-from .model_host import HostDown
 from .protocol import (
     BROKEN_FRAME_CLOSES,
     MAX_MESSAGE_BURST,
@@ -41,9 +38,8 @@ from .protocol import (
     parse_control,
 )
 from .registry import SessionEnded, SessionRegistry, idle_reason
-from .scheduler import WorkerBusy
 from .session import Session
-from .speech import SpeechError, not_ready_in_time, set_caption, speak
+from .speech import CAPTION_REFUSALS, SpeechError, caption_refusal, not_ready_in_time, set_caption, speak
 
 log = logging.getLogger("streamgen.server")
 router = APIRouter()
@@ -348,10 +344,12 @@ class SocketConnection:
     async def answer_caption(self, msg: dict) -> dict | None:
         try:
             await set_caption(self.registry, self.session, msg["text"])
-        # a caption the model cannot take, a full queue; a server without the caption encoder (as
-        # POST /v1/sessions and /control say it: it was 'caption failed', a fault with its traceback)
-        except (ValueError, WorkerBusy, HostDown, CaptionsUnavailable) as e:
-            return {"type": "error", "for": "caption", "message": str(e)}
+        # a caption the model cannot take, a full queue, the stop; a server without the caption encoder
+        # (as POST /v1/sessions and /control say it: it was 'caption failed', a fault with its traceback)
+        except CAPTION_REFUSALS as e:
+            _, error, retry_after = caption_refusal(self.registry, e)  # /control's code and Retry-After
+            reply = {"type": "error", "for": "caption", "error": error, "message": str(e)}
+            return reply if retry_after is None else {**reply, "retry_after": retry_after}
         return None
 
     async def speaker_ended(self) -> None:

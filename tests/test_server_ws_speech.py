@@ -564,3 +564,54 @@ def test_a_caption_whose_time_passed_behind_a_speak_is_still_applied(
         assert held_caption_jobs.ran == [1]
         ws.send_text(json.dumps({"type": "stop"}))
         assert expect_close(ws)[0] == CloseCode.NORMAL
+
+
+@pytest.mark.parametrize(
+    "refusal, answer",
+    [
+        ("worker_stopped", ("stopping", 5)),
+        ("host_ended_with_the_stop", ("stopping", 5)),
+        ("queue_full", ("busy", 1)),
+        ("host_died", ("model_down", None)),
+        ("bad_caption", ("bad_caption", None)),
+    ],
+)
+def test_a_caption_refused_over_the_socket_is_answered_as_control_answers_it(client, monkeypatch, refusal, answer):
+    """A caption the server's stop refused (its worker stopped, or its model process ended with the
+    stop: HostStopped) was answered over the socket with a bare error, as a dead model process's or
+    a full queue's, where /control answers 503 `stopping` with Retry-After 5: a socket's client could
+    not tell a refusal to send again in a second from one to wait out the stop. Each refusal's
+    error now carries /control's code and, where /control has one, its Retry-After."""
+    from server.model_host import HostDown, HostStopped
+    from server.scheduler import WorkerBusy
+
+    registry = client.app.state.registry
+    errors = {
+        "worker_stopped": WorkerBusy("server is shutting down"),
+        "host_ended_with_the_stop": HostStopped("the server is shutting down; the model process exited (code -15)"),
+        "queue_full": WorkerBusy("inference queue is full"),
+        "host_died": HostDown("the model process exited (code -9: killed by SIGKILL)"),
+    }
+    submit = registry.worker.submit
+
+    def refusing(fn, *args, **kwargs):
+        if fn.__name__ != "apply" or refusal not in errors:  # (server/speech.py's caption job)
+            return submit(fn, *args, **kwargs)
+        raise errors[refusal]
+
+    monkeypatch.setattr(registry.worker, "submit", refusing)
+    s = socket_session(client)
+    with started_socket(client, s) as ws:
+        if refusal in ("worker_stopped", "host_ended_with_the_stop"):
+            registry.stopping.set()  # (the app sets it as its stop begins)
+        try:
+            ws.send_text(json.dumps({"type": "caption", "text": "smiling", "id": 3}))
+            reply = next_json(ws, max_messages=40)
+        finally:
+            registry.stopping.clear()
+        assert (reply["type"], reply["for"], reply["id"]) == ("error", "caption", 3), reply
+        assert (reply.get("error"), reply.get("retry_after")) == answer, reply
+        expected = str(errors[refusal]) if refusal in errors else "text features"  # (the debug model's)
+        assert expected in reply["message"], reply
+        ws.send_text(json.dumps({"type": "stop"}))
+        assert expect_close(ws)[0] == CloseCode.NORMAL
