@@ -78,7 +78,7 @@ class SessionRegistry:
         self.down_logged = False  # whether the log has said the model host went down (`enforce_limits`)
         # set as the server begins to stop (a SIGINT/SIGTERM reached it): a `serve --sp` host then
         # takes a follower rank found gone for the stop, which reached the follower too
-        self.stopping = threading.Event()
+        self.stopping = StopBegun()
 
     # --- admission -------------------------------------------------------------------------------
     def capacity(self) -> int:
@@ -281,6 +281,8 @@ class SessionRegistry:
             one_ended = asyncio.get_running_loop().create_future()
             for _, close in elsewhere:
                 close.add_done_callback(_waker(one_ended))
+            # woken by the stop too: it waited out CLOSING_STREAM_WAIT_S before the stop's answer
+            self.stopping.wake_at_set(one_ended)
             try:
                 async with asyncio.timeout_at(deadline):
                     await one_ended
@@ -288,6 +290,10 @@ class SessionRegistry:
                 stuck = sorted({on for on, close in elsewhere if not close.done()})
                 if stuck:  # (none: they ended as the time ran out, checked again above)
                     self._refuse_closes_stuck(stuck)
+            finally:
+                self.stopping.forget(one_ended)
+            if self.stopping.is_set():
+                self._refuse("server is shutting down", 5, "stopping")
 
     def _refuse_closes_stuck(self, lanes: list[int]) -> None:
         """A create's wait for closing streams on `lanes` ran out (`_closing_streams_ended`)."""
@@ -551,6 +557,35 @@ def seconds(limit: float) -> str:
     """A limit as its close reason says it: --max-duration 0.5 read "reached 0 s", 2.5 "reached 2 s";
     one of years or more in exponent form (1e300 was its 301 digits)."""
     return f"{limit:.0f} s" if 100 <= limit < 1e9 else f"{limit:.3g} s"
+
+
+class StopBegun(threading.Event):
+    """Set as the server begins to stop: an Event the hosts' threads read, which also wakes the
+    coroutines that wait for something else meanwhile (`wake_at_set`)."""
+
+    def __init__(self):
+        super().__init__()
+        self._waiters: dict[asyncio.Future, object] = {}  # -> its _waker
+        self._waiters_lock = threading.Lock()
+
+    def set(self) -> None:
+        super().set()
+        with self._waiters_lock:
+            wakes = list(self._waiters.values())
+        for wake in wakes:
+            wake(None)
+
+    def wake_at_set(self, waiter: asyncio.Future) -> None:
+        """End `waiter` (on its loop) once this is set, or at once if it is."""
+        wake = _waker(waiter)
+        with self._waiters_lock:
+            self._waiters[waiter] = wake
+        if self.is_set():  # (set before it was held: set() may not have seen it)
+            wake(None)
+
+    def forget(self, waiter: asyncio.Future) -> None:
+        with self._waiters_lock:
+            self._waiters.pop(waiter, None)
 
 
 def _waker(waiter: asyncio.Future):

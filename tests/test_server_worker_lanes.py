@@ -517,6 +517,40 @@ async def test_a_create_waiting_for_a_stream_closing_on_a_stuck_lane_is_refused_
         assert registry.sessions == {} and worker._lane_load == [0, 0] and registry._creating == 0
 
 
+async def test_a_create_waiting_for_a_stuck_lane_is_refused_as_the_stop_as_soon_as_it_begins(monkeypatch):
+    """The stop began while the create waited for a closing stream on a stuck lane: the create went
+    on waiting out CLOSING_STREAM_WAIT_S (5 s of a stop's time, its client held) before it was given
+    the stop's answer. The stop's beginning wakes it: refused as the stop at once (the wait made
+    an hour here, the bound below only a guard against a hang)."""
+    import asyncio
+
+    import server.registry
+    from server.avatars import avatar_image
+    from server.registry import AdmissionError
+
+    monkeypatch.setattr(server.registry, "CLOSING_STREAM_WAIT_S", 3600.0)
+    with running_registry(max_sessions=1, lanes=2) as registry:
+        reference = avatar_image("sample")
+        old, release, deleting = await closing_behind_a_chunk(registry, reference)  # (a chunk that does not end)
+        try:
+            creating = asyncio.ensure_future(registry.create(reference, None, 0))
+            await asyncio.sleep(0.05)
+            assert not creating.done() and registry._creating == 1  # (waiting for the old stream's close)
+            registry.stopping.set()  # (as the app's stop begins)
+            await asyncio.wait([creating], timeout=10)  # (a guard against a hang, within block_lane's 30 s hold)
+            assert creating.done(), "the create still waits for the stuck lane after the stop began"
+            with pytest.raises(AdmissionError, match="^server is shutting down$") as refused:
+                creating.result()
+            assert refused.value.retry_after == 5 and registry._creating == 0
+            assert registry.metrics.sessions_rejected.labels("stopping")._value.get() == 1
+            # (not woken by the old stream's close: it still waits behind the stuck chunk)
+            assert [on for on, close in registry._streams_closing if not close.done()] == [old.lane]
+        finally:
+            release.set()
+        await asyncio.wait_for(deleting, 30)
+        assert registry.worker._lane_load == [0, 0]
+
+
 async def test_a_create_whose_wait_for_a_stuck_lane_runs_out_during_the_stop_is_refused_as_the_stop(monkeypatch):
     """The stop began while the create waited for a closing stream on a stuck lane: its refusal is the
     stop's ('server is shutting down', Retry-After 5, `stopping`), not busy's 'try again in a second'."""
