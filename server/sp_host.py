@@ -112,6 +112,9 @@ class SequenceParallelHost:
         # every rank, so a follower found gone from then on ended with the stop (`_gone`)
         self.stopping = stopping if stopping is not None else threading.Event()
         self.down: str | None = None  # why the ranks can run nothing more together
+        # down by the server's stop (a follower found gone at it, or `stop`), not by a failure: every
+        # operation from then on raises HostStopped, as the one that found it did (`call`)
+        self._stopped = False
         self._calling = threading.Lock()  # held by the operation running: `stop` waits for it
         # guards the hand-over below: a stop that gives up waiting and a call that ends meanwhile
         # both look at these under it, so exactly one of them lets go of the model
@@ -134,8 +137,8 @@ class SequenceParallelHost:
     def call(self, op: str, *args):
         with self._calling:
             with self._handover:
-                if self.down:
-                    raise HostDown(self.down)
+                if self.down:  # (HostDown: the worker logged an ERROR and ended its sessions as host_down)
+                    raise (HostStopped if self._stopped else HostDown)(self.down)
                 self._running = True
             try:
                 return self._run(op, args)
@@ -199,7 +202,8 @@ class SequenceParallelHost:
         # (it said "the sequence-parallel ranks cannot go on together", CRITICAL, at every Ctrl-C). Not
         # "ended with the stop": a follower killed alone has torchrun stop rank 0 too, which may come
         # first; the launcher's last line names the rank that failed
-        self.down = "the sequence-parallel host has stopped"
+        with self._handover:
+            self.down, self._stopped = "the sequence-parallel host has stopped", True
         log.info("%s, as the server stops (torchrun stops every rank)", reason)
         raise HostStopped(f"{self.down} ({reason}, as the server stops)")
 
@@ -212,9 +216,11 @@ class SequenceParallelHost:
         """End the followers and let go of the model and the process group: now, or, when an
         operation is still running after STOP_WAIT seconds, as that operation ends (the server's
         worker gave up waiting for it). Let go of under it, a chunk met closed streams and a
-        destroyed group (test_server_sp). Every call after this raises HostDown."""
-        with self._handover:  # any call from here on is refused
-            self.down = self.down or "the sequence-parallel host has stopped"
+        destroyed group (test_server_sp). Every call after this raises HostStopped (HostDown where a
+        failure had taken the host down before)."""
+        with self._handover:  # any call from here on is refused (as the stop, unless down by a failure)
+            if not self.down:
+                self.down, self._stopped = "the sequence-parallel host has stopped", True
         if not self._calling.acquire(timeout=STOP_WAIT):
             with self._handover:
                 if self._running:  # it lets go when it ends (`call`)

@@ -194,6 +194,38 @@ def test_a_follower_gone_once_the_server_is_stopping_ended_with_the_stop(caplog)
     host.stop()
 
 
+@pytest.mark.parametrize("ended", ["a follower gone at the stop", "the host's own stop"])
+def test_an_operation_after_the_host_ended_with_the_stop_ends_as_the_stop(caplog, ended):
+    """The operation that found a follower gone at the stop raised HostStopped, but every one after
+    it (another lane's chunk, a session's close in the shutdown) raised HostDown: the worker logged
+    it at ERROR and ended its sessions as host_down, where the first ended with the stop. As
+    ModelHost, once down by the stop (found so, or stopped), an operation raises HostStopped; one down
+    by a failure before the stop still raises HostDown (test_a_failure_on_one_follower_takes_the_host_down)."""
+    import threading
+    from multiprocessing import Pipe
+
+    from server.model_host import HostDown, HostStopped
+    from server.sp_host import SequenceParallelHost
+
+    here, there = Pipe()
+    stopping = threading.Event()
+    host = SequenceParallelHost(ScriptedOps(), [here], stopping)
+    stopping.set()  # the signal reached rank 0
+    if ended == "a follower gone at the stop":
+        there.close()  # the follower has ended with it
+        with pytest.raises(HostStopped):
+            host.call("chunk", "id", None)
+    else:
+        host.stop()
+    for op, args in (("chunk", ("id", None)), ("close", ("id",))):
+        with pytest.raises(HostDown) as refused:
+            host.call(op, *args)
+        assert type(refused.value) is HostStopped, (op, refused.value)
+        assert str(refused.value) == host.down == "the sequence-parallel host has stopped"
+    host.stop()
+    there.close()
+
+
 def test_a_follower_gone_just_before_rank_0_knows_the_server_is_stopping_ended_with_the_stop(caplog):
     """The signal reaches every rank at once; the follower ended, and rank 0's worker found it gone
     before rank 0's main thread had run its signal handler (a loaded machine): that was "cannot go
