@@ -197,6 +197,10 @@ class SequenceParallelHost:
         """A follower rank is gone, or an operation failed as one would: a failure, unless the server
         is stopping (then it ended with the stop, and the operation, the closing of a session say,
         ends here without one, in whatever words its collective failed)."""
+        # down from the loss on: while it waited for the stop, /healthz and /readyz said ok and
+        # admission took creates for a host that could run nothing more
+        with self._handover:
+            self.down = f"the sequence-parallel host lost a rank ({reason})"
         if not self.stopping.wait(STOP_SIGNAL_WAIT):
             self._fail(reason)
         # (it said "the sequence-parallel ranks cannot go on together", CRITICAL, at every Ctrl-C). Not

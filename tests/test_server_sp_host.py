@@ -226,6 +226,57 @@ def test_an_operation_after_the_host_ended_with_the_stop_ends_as_the_stop(caplog
     there.close()
 
 
+@pytest.mark.parametrize("then", ["the stop is known", "no stop comes"])
+def test_a_host_whose_follower_is_found_gone_is_down_while_it_waits_for_the_stop(monkeypatch, then):
+    """A follower found gone waits STOP_SIGNAL_WAIT for the server's stop to be known before it is a
+    failure; meanwhile `down` said None: /healthz and /readyz said ok and admission took creates for
+    a host that could run nothing more. The host is down from the follower's loss, its reason then
+    the stop's or the failure's."""
+    import threading
+    import time
+    from multiprocessing import Pipe
+
+    import server.sp_host
+    from server.model_host import HostDown, HostStopped
+    from server.sp_host import SequenceParallelHost
+
+    class NoStopComes(threading.Event):
+        """A stop never known: its wait ends, as its time out would, once `waited_out` is set."""
+
+        waited_out = threading.Event()
+
+        def wait(self, timeout=None):
+            self.waited_out.wait(30)
+            return False
+
+    monkeypatch.setattr(server.sp_host, "STOP_SIGNAL_WAIT", 3600.0)
+    here, there = Pipe()
+    there.close()  # the follower has ended
+    host = SequenceParallelHost(ScriptedOps(), [here], threading.Event() if then == "the stop is known" else NoStopComes())
+    raised = []
+
+    def chunk():
+        try:
+            host.call("chunk", "id", None)
+        except HostDown as e:
+            raised.append(e)
+
+    calling = threading_start(chunk)
+    for _ in range(500):  # (bounded: 5 s)
+        if host.down is not None or raised:
+            break
+        time.sleep(0.01)
+    assert not raised and host.down == "the sequence-parallel host lost a rank (chunk: a follower rank is gone)"
+    host.stopping.set() if then == "the stop is known" else host.stopping.waited_out.set()
+    calling.join(30)
+    assert not calling.is_alive() and len(raised) == 1
+    if then == "the stop is known":
+        assert type(raised[0]) is HostStopped and host.down == "the sequence-parallel host has stopped"
+    else:
+        assert type(raised[0]) is HostDown and "cannot go on together (chunk: a follower rank is gone)" in host.down
+    host.stop()
+
+
 def test_a_follower_gone_just_before_rank_0_knows_the_server_is_stopping_ended_with_the_stop(caplog):
     """The signal reaches every rank at once; the follower ended, and rank 0's worker found it gone
     before rank 0's main thread had run its signal handler (a loaded machine): that was "cannot go
