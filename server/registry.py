@@ -566,7 +566,9 @@ class StopBegun(threading.Event):
     def __init__(self):
         super().__init__()
         self._waiters: dict[asyncio.Future, object] = {}  # -> its _waker
-        self._waiters_lock = threading.Lock()
+        # re-entrant: uvicorn's signal handler sets it on the main thread between two bytecodes,
+        # which may be inside this bookkeeping on the event loop (a plain lock: a hang at Ctrl-C)
+        self._waiters_lock = threading.RLock()
 
     def set(self) -> None:
         super().set()

@@ -551,6 +551,28 @@ async def test_a_create_waiting_for_a_stuck_lane_is_refused_as_the_stop_as_soon_
         assert registry.worker._lane_load == [0, 0]
 
 
+def test_the_stop_begins_from_a_signal_handler_that_interrupted_a_waits_registration():
+    """uvicorn sets the stop from its signal handler (signal.signal: run on the main thread between
+    two bytecodes), which may interrupt the event loop inside StopBegun's own bookkeeping: a plain
+    lock held there was taken again by the handler, and the server hung at its Ctrl-C."""
+    import asyncio
+    import threading
+
+    from server.registry import StopBegun
+
+    stopping, loop = StopBegun(), asyncio.new_event_loop()
+    try:
+        waiter = loop.create_future()
+        stopping.wake_at_set(waiter)
+        interrupted = threading.Thread(target=lambda: [stopping._waiters_lock.acquire(), stopping.set()], daemon=True)
+        interrupted.start()  # (one thread: holding the lock, as the loop's frame was, it sets the stop)
+        interrupted.join(10)
+        assert not interrupted.is_alive(), "set() waited for the lock its own thread held"
+        loop.run_until_complete(asyncio.wait_for(waiter, 10))  # woken
+    finally:
+        loop.close()
+
+
 async def test_a_create_whose_wait_for_a_stuck_lane_runs_out_during_the_stop_is_refused_as_the_stop(monkeypatch):
     """The stop began while the create waited for a closing stream on a stuck lane: its refusal is the
     stop's ('server is shutting down', Retry-After 5, `stopping`), not busy's 'try again in a second'."""
