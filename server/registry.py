@@ -516,8 +516,11 @@ class SessionRegistry:
         """The sessions past a limit, closed together: each teardown waits for its lane's worker
         (a chunk in progress), and one after another they held the others past their limits."""
         expired = []
-        # a host down at a stop is the stop (`SequenceParallelHost._gone`): the shutdown closes the sessions
-        down = None if self.stopping.is_set() else self.host_down
+        # a host down at a stop is the stop (`SequenceParallelHost._gone`): the shutdown closes the
+        # sessions; one that waits to know whether the stop took its rank (`awaiting_stop`) leaves them
+        # to what it finds (the stop's close, or its failure at the next check)
+        awaiting_stop = getattr(self.host, "awaiting_stop", False)
+        down = None if self.stopping.is_set() or awaiting_stop else self.host_down
         if down and not self.down_logged:  # (a process killed while no session streamed, the OOM
             # killer's way, left no line in the log: only /healthz and each refused request said it)
             self.down_logged = True

@@ -115,6 +115,9 @@ class SequenceParallelHost:
         # down by the server's stop (a follower found gone at it, or `stop`), not by a failure: every
         # operation from then on raises HostStopped, as the one that found it did (`call`)
         self._stopped = False
+        # a follower found gone, and the host waits to know whether the stop took it (`_gone`): down
+        # already, but the registry's limits leave its sessions to what it finds
+        self.awaiting_stop = False
         self._calling = threading.Lock()  # held by the operation running: `stop` waits for it
         # guards the hand-over below: a stop that gives up waiting and a call that ends meanwhile
         # both look at these under it, so exactly one of them lets go of the model
@@ -200,7 +203,7 @@ class SequenceParallelHost:
         # down from the loss on: while it waited for the stop, /healthz and /readyz said ok and
         # admission took creates for a host that could run nothing more
         with self._handover:
-            self.down = f"the sequence-parallel host lost a rank ({reason})"
+            self.down, self.awaiting_stop = f"the sequence-parallel host lost a rank ({reason})", True
         if not self.stopping.wait(STOP_SIGNAL_WAIT):
             self._fail(reason)
         # (it said "the sequence-parallel ranks cannot go on together", CRITICAL, at every Ctrl-C). Not
@@ -208,11 +211,13 @@ class SequenceParallelHost:
         # first; the launcher's last line names the rank that failed
         with self._handover:
             self.down, self._stopped = "the sequence-parallel host has stopped", True
+            self.awaiting_stop = False  # (after: its reason is in place)
         log.info("%s, as the server stops (torchrun stops every rank)", reason)
         raise HostStopped(f"{self.down} ({reason}, as the server stops)")
 
     def _fail(self, reason: str) -> NoReturn:
         self.down = f"the sequence-parallel ranks cannot go on together ({reason})"
+        self.awaiting_stop = False  # (after: the limits close its sessions with the failure's reason)
         log.critical("%s; no more model operations will run", self.down)
         raise HostDown(self.down)
 

@@ -283,6 +283,34 @@ def test_streaming_sessions_of_a_host_ended_by_the_servers_stop_end_as_shut_down
         loop.close()
 
 
+def test_the_limits_leave_the_sessions_of_a_host_that_waits_to_know_whether_the_stop_took_its_rank(monkeypatch):
+    """`serve --sp`: a host that found a follower gone is down at once (/healthz, admission) while it
+    waits for the server's stop to be known (SequenceParallelHost._gone): the limits' check closed
+    its sessions meanwhile as host_down, an ERROR logged, where that rank had ended with the stop."""
+    from server.config import ServerConfig
+
+    loop = asyncio.new_event_loop()
+    try:
+        registry = SessionRegistry(ServerConfig(), None, None)
+        registry.host = SimpleNamespace(down="the sequence-parallel host lost a rank (chunk: rank 1 is gone)",
+                                        awaiting_stop=True)  # fmt: skip
+        registry.sessions["s1"] = SimpleNamespace(id="s1", created=1e18, last_input=1e18, transport="websocket",
+                                                  clock=time.monotonic)
+        closed = []
+
+        async def close(session, reason):
+            closed.append(reason)
+
+        monkeypatch.setattr(registry, "close", close)
+        loop.run_until_complete(registry.enforce_limits())
+        assert closed == [] and not registry.down_logged and registry.down  # (/healthz says it)
+        registry.host.awaiting_stop = False  # no stop came: a failure
+        loop.run_until_complete(registry.enforce_limits())
+        assert closed == ["host_down: the sequence-parallel host lost a rank (chunk: rank 1 is gone)"]
+    finally:
+        loop.close()
+
+
 @pytest.mark.parametrize("broken", ["cached_velocity", "_finish_chunks", "reencode_chunk"])
 def test_a_groups_failed_pass_fails_its_sessions_and_the_other_groups_keep_their_chunks(monkeypatch, broken):
     """A pass that one group of a batch shares (its forward, its decode, its re-encode once the chunks
