@@ -257,15 +257,17 @@ class SequenceParallelHost:
             except OSError:
                 pass  # that follower is already gone
         self.followers = []
-        self.ops.close_all()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        # the server keeps this host until the interpreter exits, and the model's parallel layers
-        # hold the group (in reference cycles): let the model go and collect now, so the group's
-        # threads end here rather than in the shutdown, where one still freeing a collective's
-        # tensors aborts the process (docs/parallel.md); the server unfreezes its heap first
-        self.ops = None
-        gc.collect()
+        try:
+            self.ops.close_all()
+        finally:  # (a close that raised, a sticky CUDA error say, left the group to the shutdown)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            # the server keeps this host until the interpreter exits, and the model's parallel layers
+            # hold the group (in reference cycles): let the model go and collect now, so the group's
+            # threads end here rather than in the shutdown, where one still freeing a collective's
+            # tensors aborts the process (docs/parallel.md); the server unfreezes its heap first
+            self.ops = None
+            gc.collect()
 
 
 def follow(model: str, device: str, threads: int | None, sp: int, height: int | None = None,

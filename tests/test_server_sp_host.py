@@ -278,6 +278,34 @@ def test_a_host_whose_follower_is_found_gone_is_down_while_it_waits_for_the_stop
     host.stop()
 
 
+def test_a_stop_whose_streams_fail_to_close_still_lets_go_of_the_process_group(monkeypatch):
+    """The stop closes the streams, then destroys the process group and lets go of the model: a close
+    that raised (a CUDA error is sticky: every later call raises one) skipped both, and the group's
+    threads were left to the interpreter's shutdown, where one still freeing a collective's tensors
+    aborts the process (docs/parallel.md). The close's error still reaches the stop's caller."""
+    from multiprocessing import Pipe
+
+    import server.sp_host
+
+    destroyed = []
+    monkeypatch.setattr(server.sp_host.dist, "is_initialized", lambda: not destroyed)
+    monkeypatch.setattr(server.sp_host.dist, "destroy_process_group", lambda: destroyed.append(True))
+
+    class FailingClose(ScriptedOps):
+        def close_all(self):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    here, there = Pipe()
+    host = server.sp_host.SequenceParallelHost(FailingClose(), [here])
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        host.stop()
+    assert destroyed == [True] and host.ops is None and host.followers == []
+    assert there.recv() == ("exit", ())  # (the follower was told first)
+    host.stop()  # (a second stop does nothing)
+    assert destroyed == [True]
+    there.close()
+
+
 def test_a_follower_gone_just_before_rank_0_knows_the_server_is_stopping_ended_with_the_stop(caplog):
     """The signal reaches every rank at once; the follower ended, and rank 0's worker found it gone
     before rank 0's main thread had run its signal handler (a loaded machine): that was "cannot go
