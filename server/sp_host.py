@@ -287,14 +287,16 @@ def follow(model: str, device: str, threads: int | None, sp: int, height: int | 
         with Client(address, authkey=authkey) as conn:
             return replay(conn, ops, dist.get_rank())
     finally:  # (a Ctrl-C too: it left both to the shutdown, which printed triton's 600 "leaked" lines)
-        ops.close_all()
-        dist.destroy_process_group()
-        # the model's parallel layers hold the group, and the frozen heap the model: let both go now,
-        # so the group's threads end here, not in the interpreter's shutdown, where one still freeing
-        # a collective's tensors aborts the process (docs/parallel.md)
-        del ops, loaded
-        gc.unfreeze()
-        gc.collect()
+        try:
+            ops.close_all()
+        finally:  # (a close that raised, a sticky CUDA error say, left the group to the shutdown)
+            dist.destroy_process_group()
+            # the model's parallel layers hold the group, and the frozen heap the model: let both go
+            # now, so the group's threads end here, not in the interpreter's shutdown, where one still
+            # freeing a collective's tensors aborts the process (docs/parallel.md)
+            del ops, loaded
+            gc.unfreeze()
+            gc.collect()
 
 
 def replay(conn, ops: ModelOps, rank: int) -> int:

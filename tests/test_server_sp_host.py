@@ -306,6 +306,46 @@ def test_a_stop_whose_streams_fail_to_close_still_lets_go_of_the_process_group(m
     there.close()
 
 
+def test_a_follower_whose_streams_fail_to_close_still_lets_go_of_its_group_and_heap(monkeypatch):
+    """A follower's teardown closed its streams, then destroyed the group and unfroze its heap: a close
+    that raised skipped both (the group's threads left to the interpreter's shutdown, as rank 0's)."""
+    import threading
+    from multiprocessing.connection import Listener
+
+    import server.sp_host
+
+    class FailingClose(ScriptedOps):
+        def close_all(self):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    done = []
+    listener = Listener(("127.0.0.1", 0), authkey=b"k")
+    monkeypatch.setattr(server.sp_host, "load_sharded", lambda *args: (object(), "cpu"))
+    monkeypatch.setattr(server.sp_host, "ModelOps", lambda *args: FailingClose())
+    monkeypatch.setattr(server.sp_host, "freeze_loaded_heap", lambda: None)
+    monkeypatch.setattr(server.sp_host.dist, "broadcast_object_list", lambda box, src: box.__setitem__(
+        slice(None), [listener.address, b"k"]))  # fmt: skip
+    monkeypatch.setattr(server.sp_host.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(server.sp_host.dist, "destroy_process_group", lambda: done.append("destroyed"))
+    monkeypatch.setattr(server.sp_host.gc, "unfreeze", lambda: done.append("unfrozen"))
+    rank0 = []
+    accepting = threading.Thread(target=lambda: rank0.append(listener.accept()), daemon=True)
+    accepting.start()
+    try:
+        following = threading.Thread(target=lambda: done.append(
+            pytest.raises(RuntimeError, server.sp_host.follow, "debug", "cpu", 1, 2)), daemon=True)  # fmt: skip
+        following.start()
+        accepting.join(10)
+        rank0[0].send(("exit", ()))
+        following.join(10)
+        assert not following.is_alive()
+        assert done[:2] == ["destroyed", "unfrozen"] and "illegal memory access" in str(done[2].value)
+    finally:
+        listener.close()
+        for conn in rank0:
+            conn.close()
+
+
 def test_a_follower_gone_just_before_rank_0_knows_the_server_is_stopping_ended_with_the_stop(caplog):
     """The signal reaches every rank at once; the follower ended, and rank 0's worker found it gone
     before rank 0's main thread had run its signal handler (a loaded machine): that was "cannot go
