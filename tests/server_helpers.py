@@ -302,13 +302,15 @@ def send_each_read_alone(sock: socket.socket, parts: list[bytes], reads: list[in
 async def sessions_gone(app, *ids: str, seconds: float = 10.0) -> None:
     """Waits (bounded: `seconds`) for the sessions `ids`, or every session where none is named, to
     be gone from the registry of `app` (a live server's): a teardown runs on the server's loop."""
-    import asyncio
-
     sessions = app.state.registry.sessions
-    for _ in range(int(seconds * 20)):
-        if not (sessions.keys() & set(ids) if ids else sessions):
-            return
-        await asyncio.sleep(0.05)
+
+    def left() -> set[str]:
+        return sessions.keys() & set(ids) if ids else set(sessions)
+
+    try:
+        await until(lambda: not left(), seconds)
+    except AssertionError:  # (which are left is known only once the wait has run out)
+        raise AssertionError(f"sessions not gone after {seconds} s: {sorted(left())}") from None
 
 
 async def until(check, seconds: float = 10.0, failed: str = "timed out") -> None:

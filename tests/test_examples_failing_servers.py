@@ -319,6 +319,7 @@ def test_a_ctrl_c_as_a_frame_arrives_is_not_lost(tmp_path, monkeypatch):
             if ws.frame is not None:
                 break
             await asyncio.sleep(0)
+        assert ws.frame is not None, "the client never waited for a frame"
         ws.frame.set_result(ws_client.HEADER.pack(ws_client.VIDEO_JPEG, 0, 0, 0, 0) + b"jpeg")
         task.cancel()  # (asyncio.run's answer to a Ctrl-C), as the frame comes
         for _ in range(100):

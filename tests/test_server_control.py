@@ -295,10 +295,12 @@ def test_a_caption_on_a_session_deleted_while_it_waited_for_the_worker_is_a_404(
         deadline = time.monotonic() + 10
         while session.caption_job is None and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert session.caption_job is not None, "the caption's job was not queued"
         deleting = threading.Thread(target=delete)  # (its teardown waits for the lane too)
         deleting.start()
         while not session.closed and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert session.closed, "the delete did not close the session"
     finally:
         release.set()
     posting.join(10)

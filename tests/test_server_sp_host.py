@@ -462,6 +462,7 @@ def stop_begun(host):
     deadline = time.monotonic() + 10
     while host.down is None and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert host.down is not None, "the host's stop did not begin"
     return stopping
 
 

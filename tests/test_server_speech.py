@@ -188,10 +188,8 @@ async def test_a_caption_whose_job_the_worker_drops_at_shutdown_fails_as_a_busy_
         caption = asyncio.ensure_future(speech.set_caption(registry, session, "smiling"))
         await until(lambda: worker.waiting() == 1, failed="the caption's job was not queued")
         stopping = asyncio.ensure_future(asyncio.to_thread(worker.stop))
-        for _ in range(200):  # bounded: 10 s
-            if worker._stopping:  # (the lane cancels its queue once released)
-                break
-            await asyncio.sleep(0.05)
+        # (the lane cancels its queue once released)
+        await until(lambda: worker._stopping, 10, failed="the worker's stop did not begin")
         release.set()
         with pytest.raises(WorkerBusy, match="shutting down"):
             await asyncio.wait_for(caption, 10)

@@ -26,13 +26,7 @@ pytestmark = pytest.mark.timeout(120)
 
 async def a_job_waits_on(worker, lane: int = 0) -> None:
     """Until a job waits on `lane` behind the one it runs (bounded: 5 s)."""
-    import asyncio
-
-    for _ in range(500):
-        if worker._jobs[lane]:
-            return
-        await asyncio.sleep(0.01)
-
+    await until(lambda: worker._jobs[lane], 5, failed=f"no job came to wait on lane {lane}")
 
 
 async def closing_behind_a_chunk(registry, reference):
@@ -50,15 +44,11 @@ async def closing_behind_a_chunk(registry, reference):
 async def worker_stopping(worker) -> threading.Thread:
     """The worker's stop begun on a thread of its own (as the app's stop, after the sessions' close),
     once the worker is stopping (bounded: 5 s); a held lane still runs its chunk."""
-    import asyncio
-
     stopping = threading.Thread(target=worker.stop, daemon=True)
     stopping.start()
-    for _ in range(500):
-        if worker._stopping:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: worker._stopping, 5, failed="the worker's stop did not begin")
     return stopping
+
 
 @contextmanager
 def one_session_registry_counting_streams(monkeypatch, lanes: int = 1):
