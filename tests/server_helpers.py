@@ -80,6 +80,39 @@ def wait_ready(client, timeout: float = 60.0) -> dict:
     raise AssertionError(f"server not ready: {r.json()}")
 
 
+# Only an outer bound on a live server's warm-up: a fixed 60 s ran out on the loaded 2-core CI
+# machine (9 test processes at once) while the warm-up still went on; the wait follows the server
+# instead (`wait_until_live_server_ready`)
+LIVE_SERVER_READY_LIMIT_S = 900.0
+
+
+def wait_until_live_server_ready(url: str, app, thread: threading.Thread, verify=True) -> None:
+    """Polls `url`'s /readyz (`app` served in `thread`) until it answers 200. Waits as long as the
+    thread runs and /readyz, once it answers, says the stage its warm-up is at; fails at once with
+    the error of a load or warm-up that failed (it never ends), or when the thread ended."""
+    import httpx
+
+    deadline, said = time.monotonic() + LIVE_SERVER_READY_LIMIT_S, "nothing (not listening)"
+    while True:
+        try:
+            answer = httpx.get(f"{url}/readyz", timeout=10, verify=verify)
+        except httpx.TransportError:
+            pass
+        else:
+            if answer.status_code == 200:
+                return
+            said = answer.text
+            if "error" in answer.json():
+                raise AssertionError(f"live server failed to warm up: /readyz said {said}")
+        if not thread.is_alive():  # (the server stops itself when its model failed to load)
+            error = app.state.registry.load_error
+            why = f"the model failed to load: {error}" if error else f"/readyz said {said}"
+            raise AssertionError(f"live server stopped before it was ready: {why}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"live server not ready in {LIVE_SERVER_READY_LIMIT_S:.0f} s: /readyz said {said}")
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -92,7 +125,6 @@ def live_server(http: str = "auto", tls: tuple[str, str] | None = None, loop: st
     event `loop` (on HTTPS with `tls`'s certificate and key files); yields (base_url, app)."""
     import ssl
 
-    import httpx
     import uvicorn
 
     app = make_app(**overrides)
@@ -113,16 +145,7 @@ def live_server(http: str = "auto", tls: tuple[str, str] | None = None, loop: st
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     trust = ssl.create_default_context(cafile=tls[0]) if tls else True
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2, verify=trust).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise AssertionError("live server did not become ready")
-            time.sleep(0.05)
+        wait_until_live_server_ready(url, app, thread, verify=trust)
         yield url, app
     finally:
         server.should_exit = True

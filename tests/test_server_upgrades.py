@@ -5,6 +5,7 @@ request's head gets, and the bound on open connections, over raw sockets to a li
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from server_helpers import connect, live_server
@@ -114,3 +115,72 @@ def test_a_live_server_holds_its_port_from_its_choice_until_it_listens(monkeypat
         for other in others:
             other.close()
     assert others == []
+
+
+@pytest.fixture
+def live_server_clock(monkeypatch):
+    """A clock of live_server's own (server_helpers' `time.monotonic`; the server's is the real one)
+    that moves 5 s on each reading while `hold` is set, and stands still otherwise."""
+    import threading
+    import time
+    import types
+
+    import server_helpers
+
+    hold, now = threading.Event(), [0.0]
+
+    def monotonic():
+        if hold.is_set():
+            now[0] += 5.0
+        return now[0]
+
+    clock = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
+    monkeypatch.setattr(server_helpers, "time", types.SimpleNamespace(**{**clock, "monotonic": monotonic}))
+    return hold, now
+
+
+def test_a_live_server_is_waited_for_while_its_warm_up_goes_on(monkeypatch, live_server_clock):
+    """live_server gave the server 60 s to become ready: on the loaded CI machine a warm-up went on
+    past it, and the test failed ('live server did not become ready'). Here the warm-up's first
+    chunk waits until live_server's clock has passed twice that: it is waited for, /readyz saying
+    the warm-up's stage all along."""
+    import threading
+    import time
+
+    import httpx
+
+    from streamgen.stream import StreamSession
+
+    hold, now = live_server_clock
+    next_chunk, released = StreamSession.next_chunk, threading.Event()
+
+    def slow_first_chunk(self, observe=None):
+        hold.set()
+        give_up = time.monotonic() + 120  # (real time: never a hang, whatever the wait does)
+        while now[0] < 120 and not released.is_set() and time.monotonic() < give_up:
+            time.sleep(0.01)
+        hold.clear()
+        return next_chunk(self, observe)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", slow_first_chunk)
+    try:
+        with live_server() as (url, app):
+            assert httpx.get(f"{url}/readyz", timeout=10).json()["ready"] is True
+    finally:
+        released.set()
+    assert now[0] >= 120
+
+
+def test_a_live_server_whose_warm_up_failed_fails_at_once_with_its_error(monkeypatch, live_server_clock):
+    """A warm-up that failed never ends: live_server waited out its limit and said only 'did not
+    become ready'. It now fails at the first /readyz that says an error, and says it."""
+    from streamgen.stream import StreamSession
+
+    def failing(self, observe=None):
+        raise RuntimeError("C++ compile error")
+
+    monkeypatch.setattr(StreamSession, "next_chunk", failing)
+    live_server_clock[0].set()  # (the clock moves: a wait for a deadline ends at once)
+    with pytest.raises(AssertionError, match=re.escape("RuntimeError: C++ compile error")):
+        with live_server():
+            pass
