@@ -198,3 +198,28 @@ async def test_a_peer_that_reconnects_keeps_one_silence_watch(server, monkeypatc
         assert not session.closed, session.close_reason
         await pc.close()  # (DTLS close: the server closes the session)
         await until_closed(session)
+
+
+async def test_a_peer_is_waited_for_while_its_first_chunk_is_slow(server, monkeypatch):
+    """streaming_peer (the tests' WHEP client) gave a peer 10 s to decode its first frame: on the
+    loaded CI machine it came later, and the test failed (TimeoutError). Here the peer's first
+    chunk takes longer than that: it is waited for, its connection up all along."""
+    import threading
+    import time
+
+    from streamgen.stream import StreamSession
+
+    next_chunk, slowed = StreamSession.next_chunk, threading.Event()
+
+    def first_chunk_slow(self, *args, **kwargs):
+        if not slowed.is_set():
+            slowed.set()
+            time.sleep(12)
+        return next_chunk(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", first_chunk_slow)
+    url, _ = server
+    async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+        _, pc, _ = await streaming_client(http)
+        await pc.close()
+    assert slowed.is_set()
