@@ -105,15 +105,29 @@ def use_compile(backend: str | None) -> None:
         os.environ[COMPILE_ENV] = backend
 
 
+def _check_compile_backend(backend: str) -> None:
+    """A ValueError, in torch's words, for a torch.compile backend torch does not know (torch
+    itself says so only as the first block compiles: in `serve`, in the started server)."""
+    from torch._dynamo.backends.registry import lookup_backend
+    from torch._dynamo.exc import InvalidBackend
+
+    try:
+        lookup_backend(backend)
+    except InvalidBackend as e:
+        raise ValueError(str(e).strip()) from None
+
+
 def check_model_environment() -> None:
     """Refuse, as load_model would (a ValueError naming the variable), an attention backend, dtype,
-    FP8 switch or cache source of the environment that no model can take: for a command that loads
-    its model later, in a server started meanwhile (`serve`, whose log had the traceback)."""
+    FP8 switch, cache source or compile backend of the environment that no model can take: for a
+    command that loads its model later, in a server started meanwhile (`serve`, whose log had the
+    traceback)."""
     from streamgen.kernels import check_attention_backend
     from streamgen.sampling import check_cache_from
 
     for name, check in ((ATTENTION_ENV, check_attention_backend), (DTYPE_ENV, dit_dtype_arg),
-                        (CACHE_FROM_ENV, check_cache_from)):  # fmt: skip
+                        (CACHE_FROM_ENV, check_cache_from),
+                        (COMPILE_ENV, _check_compile_backend)):  # fmt: skip
         if os.environ.get(name):
             try:
                 check(os.environ[name])

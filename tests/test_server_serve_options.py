@@ -248,6 +248,7 @@ def test_a_model_timeout_without_a_model_process_is_refused_not_ignored(capsys, 
         ("STREAMGEN_DTYPE", "float16", "$STREAMGEN_DTYPE: dtype must be one of"),
         ("STREAMGEN_FP8", "maybe", "$STREAMGEN_FP8: 'maybe' is neither on"),
         ("STREAMGEN_CACHE_FROM", "x", "$STREAMGEN_CACHE_FROM: cache_from must be one of"),
+        ("STREAMGEN_COMPILE", "nosuch", "$STREAMGEN_COMPILE: Invalid backend: 'nosuch'"),
     ],
 )
 def test_a_model_variable_of_the_environment_serve_cannot_take_is_refused_before_the_server_starts(
