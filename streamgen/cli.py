@@ -438,7 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        # the program its errors name: a subcommand's own (`data make`) sets its own, as argparse's
+        # errors name it ("streamgen data: error:" had followed "streamgen data make: error:")
+        p.set_defaults(_run=mod.run, _prog=p.prog)
     return parser
 
 
@@ -466,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as e:
             from streamgen.parallel.torchrun import report_error  # (once per command, not once per --sp rank)
 
-            report_error(f"streamgen {args.command}: error: {e}")
+            report_error(f"{args._prog}: error: {e}")
             return 2
         except OSError as e:
             if e.errno not in MACHINE_ERRNOS:
@@ -476,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             from streamgen.parallel.torchrun import report_error
 
             where = f": {e.filename}" if e.filename else ""
-            report_error(f"streamgen {args.command}: error: {e.strerror or e}{where}")
+            report_error(f"{args._prog}: error: {e.strerror or e}{where}")
             return 2
         except Exception as e:
             stop = stop_behind(e)

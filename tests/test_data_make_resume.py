@@ -25,7 +25,7 @@ def test_a_make_that_cannot_write_is_one_line_and_keeps_finished_shards(tmp_path
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == (  # (after the progress bar's lines)
-        "streamgen data: error: cannot write the dataset into /proc/streamgen-data: No such file or directory"
+        "streamgen data make: error: cannot write the dataset into /proc/streamgen-data: No such file or directory"
     )
     written = shards._write_shard
     full_at = ["val"]

@@ -220,7 +220,7 @@ def test_a_data_path_that_is_no_folder_says_so_not_to_run_data_make(tmp_path, ca
     ):
         assert main(["data", "preview", "--data", str(data), "--out", str(tmp_path / "p")]) == 2
         err = capsys.readouterr().err
-        assert err.strip().splitlines() == [f"streamgen data: error: {says}"]
+        assert err.strip().splitlines() == [f"streamgen data preview: error: {says}"]
 
 
 def _tone(hz: float, samples: int):
@@ -235,6 +235,24 @@ def _loudest_hz(pcm, start_s: float) -> float:
 
     window = pcm[int(start_s * 16000) : int(start_s * 16000) + 4000]
     return float(np.abs(np.fft.rfft(window)).argmax() * 16000 / len(window))
+
+
+def test_a_data_subcommands_errors_name_it_whether_its_parser_or_its_checks_refuse(tmp_path, capsys):
+    """A bad option was "streamgen data make: error: ...", argparse's, but what the subcommand
+    refused after parsing "streamgen data: error: ...": two names for one program."""
+    import pytest
+
+    for action, bad_option, refused_later in (
+        ("make", ["--clips", "0", "--out", str(tmp_path / "m")], ["--clips", "1", "--out", "/proc/sg-data"]),
+        ("preview", ["--clips", "0"], ["--data", str(tmp_path / "typo"), "--out", str(tmp_path / "p")]),
+    ):
+        with pytest.raises(SystemExit):
+            main(["data", action, *bad_option])
+        parse_error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert main(["data", action, *refused_later]) == 2
+        check_error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert parse_error.startswith(f"streamgen data {action}: error: "), parse_error
+        assert check_error.startswith(f"streamgen data {action}: error: "), check_error
 
 
 def test_each_pieces_audio_lands_with_its_frames(tmp_path):

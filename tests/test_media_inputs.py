@@ -316,7 +316,7 @@ def test_a_full_disk_under_any_command_is_one_line(tmp_path, monkeypatch, capsys
     out = tmp_path / "p"
     assert main(["data", "preview", "--clips", "1", "--size", "32", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"streamgen data: error: No space left on device: {out / 'contact_sheet.png'}", err
+    assert err.strip() == f"streamgen data preview: error: No space left on device: {out / 'contact_sheet.png'}", err
 
 
 def test_a_pictures_damaged_exif_is_read_without_pillows_warning(tmp_path):

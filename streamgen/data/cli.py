@@ -77,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path("preview"),
         help="output folder (default: preview; an earlier preview in it is replaced)",
     )
+    for action in (make, preview):  # (what main's error lines name, as argparse's do)
+        action.set_defaults(_prog=action.prog)
 
 
 def run(args: argparse.Namespace) -> int:
