@@ -10,7 +10,7 @@ def test_a_decoder_of_other_latents_is_refused_in_one_line(capsys):
     assert main(argv) == 2
     (line,) = [x for x in capsys.readouterr().err.strip().splitlines() if "no trained weights" not in x]
     assert line.startswith(
-        "streamgen bench: error: --against tiny-avatar: its decoder takes 16 latent channels"
+        "streamgen bench decoder: error: --against tiny-avatar: its decoder takes 16 latent channels"
     )
 
 

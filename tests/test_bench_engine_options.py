@@ -43,7 +43,7 @@ def test_a_teacher_is_refused_in_one_line(capsys):
 
     assert main(["bench", "engine", "--json", "--model", "tiny-avatar-teacher"]) == 2  # was a traceback
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("streamgen bench: error: tiny-avatar-teacher is a bidirectional teacher")
+    assert line.startswith("streamgen bench engine: error: tiny-avatar-teacher is a bidirectional teacher")
 
 
 def test_a_model_larger_than_the_memory_is_refused_in_one_line(monkeypatch, capsys):
@@ -55,7 +55,7 @@ def test_a_model_larger_than_the_memory_is_refused_in_one_line(monkeypatch, caps
     captured = capsys.readouterr()
     lines = [x for x in captured.err.strip().splitlines() if "no trained weights" not in x]
     assert captured.out == "" and lines == [lines[0]], captured.err
-    assert lines[0].startswith("streamgen bench: error: wan2.1-1.3b: its DiT takes"), captured.err
+    assert lines[0].startswith("streamgen bench engine: error: wan2.1-1.3b: its DiT takes"), captured.err
 
 
 def test_the_json_names_the_precision_and_attention_the_environment_chose(monkeypatch):

@@ -434,7 +434,7 @@ def test_command_line_mistakes_are_one_line_and_exit_code_2(args, message, capsy
     assert main(["bench", "floor", "--json", *args]) == 2
     out, err = capsys.readouterr()
     (line,) = err.strip().splitlines()
-    assert out == "" and line.startswith("streamgen bench: error: ") and message in line
+    assert out == "" and line.startswith("streamgen bench floor: error: ") and message in line
     # --json turned the warnings off for the benchmark alone: they were left off for every test after
     assert logging.root.manager.disable == logging.NOTSET
 

@@ -77,7 +77,7 @@ def test_only_naming_no_part_of_the_run_is_refused_before_it(monkeypatch, capsys
     assert main([*QUICK_ON_CPU, "--no-kernels", "--only", "nope"]) == 2
     captured = capsys.readouterr()
     (line,) = captured.err.strip().splitlines()
-    assert captured.out == "" and line.startswith("streamgen bench: error: --only nope: no part of this run")
+    assert captured.out == "" and line.startswith("streamgen bench gpu: error: --only nope: no part of this run")
     # (the parts each quoted: a name holds ", ", and joined by ", " they read as one name over and over)
     assert "its parts are 'sdpa+fused_kernels', 'sdpa+fused_kernels, fp8 linears', " in line, line
     assert "stages" in line  # the parts it has

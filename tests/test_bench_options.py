@@ -10,8 +10,21 @@ def refused(capsys, *argv) -> str:
     assert main(["bench", *argv]) == 2
     out, err = capsys.readouterr()
     (line,) = err.strip().splitlines()
-    assert out == "" and line.startswith("streamgen bench: error: ")
+    assert out == "" and line.startswith(f"streamgen bench {argv[0]}: error: "), line
     return line
+
+
+def test_a_benchmarks_errors_name_it_whether_its_parser_or_its_checks_refuse(capsys):
+    """A bad option was "streamgen bench decoder: error: ...", argparse's, but what the benchmark
+    refused after parsing "streamgen bench: error: ...": two names for one program."""
+    from streamgen.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "decoder", "--sizes", "0"])
+    parse_error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert parse_error.startswith("streamgen bench decoder: error: "), parse_error
+    line = refused(capsys, "decoder", "--json", "--plot", "/no-such-folder/decoder.png")
+    assert "--plot: the folder /no-such-folder does not exist" in line
 
 
 def test_floor_refuses_an_fp8_rate_with_no_fp8_product(capsys):

@@ -449,7 +449,7 @@ def test_bench_gpu_without_a_gpu_is_one_line_and_exit_code_2(capsys):
     code, out, err = bench_here(capsys, "gpu", "--json")
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [
-        "streamgen bench: error: no CUDA device here; `--device cpu --quick` runs the same code at tiny sizes"
+        "streamgen bench gpu: error: no CUDA device here; `--device cpu --quick` runs the same code at tiny sizes"
     ]
 
 

@@ -183,7 +183,7 @@ def test_an_unknown_case_is_one_line_and_exit_code_2(capsys):
     out, err = capsys.readouterr()
     assert out == ""
     assert err.startswith(
-        "streamgen bench: error: --only: unknown case(s) layernorm; the cases are layernorm_"
+        "streamgen bench resources: error: --only: unknown case(s) layernorm; the cases are layernorm_"
     )
 
 

@@ -126,6 +126,7 @@ def run(args) -> int:
     except ModuleNotFoundError as e:
         raise UserError(f"benchmark {args.benchmark!r} is not available: {e}") from None
     parser = argparse.ArgumentParser(prog=f"streamgen bench {args.benchmark}", description=help_text)
+    args._prog = parser.prog  # (main's error lines name it, as argparse's do: not "streamgen bench")
     parser.add_argument("--json", action="store_true", help="print the JSON object on one line, no logs")
     mod.add_arguments(parser)
     opts = parser.parse_args(["--json"] * args.json + args.options)
