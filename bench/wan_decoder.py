@@ -20,7 +20,7 @@ import torch
 
 from bench.ceilings import synchronize
 from bench.rounds import balanced_order, ratio_rounds
-from streamgen.cli import positive_int, thread_count
+from streamgen.cli import MAX_FRAME_SIZE, positive_int, thread_count
 
 _PLAIN_DECODER = {
     "frames_per_call": 1, "fused_norms": False, "pad_in_conv": False, "channels_last": False,
@@ -217,12 +217,15 @@ def in_dtype(vae, dtype: torch.dtype):
 
 def wan_frame_side(text: str) -> int:
     """An argparse type: a frame height or width the Wan2.1 VAE takes, a positive multiple of its
-    spatial factor (checked in main, it said "frame size 17x832 ..." without naming the option)."""
+    spatial factor, at most MAX_FRAME_SIZE (checked in main, it said "frame size 17x832 ..." without
+    naming the option)."""
     from streamgen.model.wan_vae import WanVAE
 
     side, factor = positive_int(text), WanVAE.spatial_factor_of(WAN21_DIM_MULT)
     if side % factor:
         raise argparse.ArgumentTypeError(f"{side} is not a multiple of {factor} (the Wan2.1 VAE's spatial factor)")
+    if side > MAX_FRAME_SIZE:  # (as every other frame size: beyond it the allocator's traceback)
+        raise argparse.ArgumentTypeError(f"{side} is larger than {MAX_FRAME_SIZE} pixels")
     return side
 
 

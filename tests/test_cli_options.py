@@ -35,6 +35,8 @@ from cli_helpers import refused
         # "frame size 17x832 must be a multiple of 8", naming neither option
         (["bench", "wan-decoder", "--height", "17"], "argument --height: 17 is not a multiple of 8"),
         (["bench", "wan-decoder", "--width", "20"], "argument --width: 20 is not a multiple of 8"),
+        # the allocator's "can't allocate memory: you tried to allocate 900000000000000 bytes": a traceback
+        (["bench", "wan-decoder", "--height", "100000000"], "argument --height: 100000000 is larger than 4096"),
         # every session closed within a second ("no limit", as --peer-timeout 0 is, was the reading);
         # nan: a traceback in the log and a close said to be the client's
         (["serve", "--idle-timeout", "0"], "argument --idle-timeout: '0' is not a positive finite number"),
