@@ -371,7 +371,8 @@ async def load_and_warm(app: FastAPI, registry: SessionRegistry, model) -> None:
         log.exception("model failed to load")
         return
     registry.chunk_seconds = chunk_seconds
-    if config.inference_process and config.model_timeout_s:  # (from now on: the warm-up may take minutes)
+    # a model process's answers, or the follower ranks' (not before: the warm-up may take minutes)
+    if (config.inference_process or config.sp > 1) and config.model_timeout_s:
         registry.host.answer_timeout = config.model_timeout_s
     registry.worker.chunk_time_ema = registry.alone_chunk_seconds = statistics.median(steady_times)
     # (a warm-up chunk re-encodes the one before it first: to publish, the batches soon say)

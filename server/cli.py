@@ -107,9 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-process", action="store_true",
                         help="run the model in a child process instead of a thread of the server")
     parser.add_argument("--model-timeout", type=model_timeout, default=None, metavar="SECONDS",
-                        help="with --model-process: a model process that answers no operation for this long "
-                        "(once the server is ready) is stuck; it is killed and /healthz reports the server down, "
-                        "for its supervisor to restart (0: no limit; default: 60)")  # fmt: skip
+                        help="with --model-process or --sp: a model process (or follower rank) that answers no "
+                        "operation for this long (once the server is ready) is stuck; /healthz reports the server "
+                        "down, for its supervisor to restart (a model process is killed; 0: no limit; default: 60)")  # fmt: skip
     parser.add_argument("--sp", type=positive_int, default=1,
                         help="shard the model over N processes (sequence parallelism; restarts under "
                         "torchrun; default: 1)")  # fmt: skip
@@ -187,9 +187,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--lanes runs the model in this process: it cannot be combined with --model-process or --sp")
     if args.sp > 1 and args.model_process:
         raise UserError("--model-process and --sp cannot be combined: with --sp the model runs in its own ranks")
-    if args.model_timeout is not None and not args.model_process:  # (it was taken, and nothing timed)
-        raise UserError(f"--model-timeout {args.model_timeout:g} applies with --model-process only (a model in "
-                        "this process cannot be killed apart from the server): add --model-process or leave it out")  # fmt: skip
+    if args.model_timeout is not None and not args.model_process and args.sp == 1:  # (taken, and nothing timed)
+        raise UserError(f"--model-timeout {args.model_timeout:g} applies with --model-process or --sp only (a model "
+                        "in this process cannot be killed apart from the server): add one or leave it out")  # fmt: skip
     if args.fp8 and args.device.startswith("cuda") and args.dtype != "bfloat16":
         raise UserError("--fp8 on a GPU needs --dtype bfloat16 (its FP8 products give bfloat16)")
     on_cpu = args.device.split(":")[0] == "cpu"  # (cpu:0 was taken for a GPU)

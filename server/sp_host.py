@@ -46,6 +46,7 @@ import logging
 import random
 import secrets
 import threading
+import time
 from multiprocessing.connection import Client, Listener
 from typing import NoReturn
 
@@ -124,6 +125,11 @@ class SequenceParallelHost:
         self._handover = threading.Lock()
         self._running = False  # an operation is under way (set inside `_calling`)
         self._stop_gave_up = False  # the stop left the letting go to the operation running
+        # seconds the followers may take to answer an operation before the host is down: a follower
+        # alive but hung (a driver hang, a deadlock) held the worker in `recv`, and every session with
+        # it, for good; None while the model warms up (a first chunk may take minutes): the server
+        # sets it once it is ready (ServerConfig.model_timeout_s, --model-timeout)
+        self.answer_timeout: float | None = None
 
     @classmethod
     def start(cls, model: str, device: str, threads: int | None, sp: int, height: int | None = None,
@@ -162,6 +168,7 @@ class SequenceParallelHost:
     def _run(self, op: str, args: tuple):
         if op == "create" and args[3] is None:  # seed: one draw, shared by every replica
             args = (*args[:3], random.randrange(SEED_END), *args[4:])
+        answer_by = None if self.answer_timeout is None else time.monotonic() + self.answer_timeout
         try:
             for conn in self.followers:
                 conn.send((op, args))
@@ -186,6 +193,10 @@ class SequenceParallelHost:
             # answer only when the group's timeout ends it (30 minutes on gloo)
             self._fail(f"{op} failed on rank 0: {type(error).__name__}: {error}")
         for rank, conn in enumerate(self.followers, start=1):
+            if answer_by is not None and not conn.poll(max(0.0, answer_by - time.monotonic())):
+                # (it cannot be killed from here, as a model process is: torchrun's group ends when
+                # the supervisor restarts the service, which /healthz's 503 asks for)
+                self._fail(f"rank {rank} gave no answer to {op!r} in {self.answer_timeout:g} s (stuck)")
             try:
                 theirs = conn.recv()
             except (EOFError, OSError):

@@ -232,8 +232,8 @@ def test_a_model_timeout_without_a_model_process_is_refused_not_ignored(capsys, 
     configs = configs_served(monkeypatch)
     assert main(["serve", "--port", str(free_port()), "--model", "debug", "--model-timeout", "30"]) == 2
     assert capsys.readouterr().err == (
-        "streamgen serve: error: --model-timeout 30 applies with --model-process only (a model in this process "
-        "cannot be killed apart from the server): add --model-process or leave it out\n"
+        "streamgen serve: error: --model-timeout 30 applies with --model-process or --sp only (a model in this "
+        "process cannot be killed apart from the server): add one or leave it out\n"
     )
     assert main(["serve", "--port", str(free_port()), "--model", "debug"]) == 0
     argv = ["serve", "--port", str(free_port()), "--model", "debug", "--model-process", "--model-timeout", "5"]

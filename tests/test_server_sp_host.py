@@ -613,3 +613,30 @@ def threading_start(fn):
     thread = threading.Thread(target=fn, daemon=True)
     thread.start()
     return thread
+
+
+def test_a_follower_alive_but_giving_no_answer_takes_the_host_down_once_the_model_timeout_runs_out():
+    """A follower hung in its operation (a driver hang, a deadlock) held rank 0's worker in `recv`,
+    and with it every session, for good while /healthz said ok: --model-timeout bounds it, as it
+    bounds a model process's answer."""
+    import threading
+    from multiprocessing import Pipe
+
+    from server.model_host import HostDown
+    from server.sp_host import SequenceParallelHost
+
+    here, there = Pipe()  # `there` is never read or answered: the follower is alive, and hung
+    host = SequenceParallelHost(ScriptedOps(), [here])
+    host.answer_timeout = 0.2
+    outcomes = []
+    caller = threading.Thread(target=lambda: outcomes.append(pytest.raises(HostDown, host.call, "chunk", "id", None)))
+    caller.daemon = True  # (without the bound it waits for good)
+    caller.start()
+    caller.join(10)
+    assert outcomes, "the call still waits for the hung follower's answer after 10 s"
+    outcomes[0].match(r"rank 1 gave no answer to 'chunk' in 0\.2 s")
+    assert "cannot go on together" in host.down and not host.awaiting_stop
+    with pytest.raises(HostDown):  # nothing more runs
+        host.call("chunk", "id", None)
+    host.stop()
+    there.close()
