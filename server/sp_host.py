@@ -139,8 +139,16 @@ class SequenceParallelHost:
         authkey = secrets.token_bytes(16)
         listener = Listener(("127.0.0.1", 0), authkey=authkey)
         dist.broadcast_object_list([listener.address, authkey], src=0)
-        followers = [listener.accept() for _ in range(sp - 1)]
-        listener.close()
+        followers = []
+        try:
+            for _ in range(sp - 1):
+                followers.append(listener.accept())
+        except BaseException:  # (a follower refused, a Ctrl-C: the followers see EOF and end)
+            for conn in followers:
+                conn.close()
+            raise
+        finally:  # (an accept that raised left it bound for as long as the process lived)
+            listener.close()
         return cls(ModelOps(loaded, device, None), followers, stopping)
 
     def call(self, op: str, *args):

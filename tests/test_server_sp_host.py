@@ -640,3 +640,28 @@ def test_a_follower_alive_but_giving_no_answer_takes_the_host_down_once_the_mode
         host.call("chunk", "id", None)
     host.stop()
     there.close()
+
+
+def test_a_start_whose_accept_fails_closes_its_listener(monkeypatch):
+    """A follower's connection refused (a wrong key, say) raised out of `start` with the listener
+    still open: its port and socket stayed bound for as long as the process lived."""
+    import multiprocessing.connection
+
+    import server.sp_host
+
+    listeners = []
+
+    class RefusingListener(multiprocessing.connection.Listener):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            listeners.append(self)
+
+        def accept(self):
+            raise multiprocessing.AuthenticationError("digest received was wrong")
+
+    monkeypatch.setattr(server.sp_host, "load_sharded", lambda *args: (object(), "cpu"))
+    monkeypatch.setattr(server.sp_host, "Listener", RefusingListener)
+    monkeypatch.setattr(server.sp_host.dist, "broadcast_object_list", lambda box, src: None)
+    with pytest.raises(multiprocessing.AuthenticationError):
+        server.sp_host.SequenceParallelHost.start("debug", "cpu", None, 2)
+    assert listeners and listeners[0]._listener is None, "the listener is still open"
