@@ -8,6 +8,7 @@ import logging
 import secrets
 import threading
 from collections import OrderedDict
+from typing import NoReturn
 
 import numpy as np
 
@@ -130,7 +131,7 @@ class SessionRegistry:
             # that the worker set up ahead of the others' teardowns, closed as soon as it was made
             self._refuse("server is shutting down", 5, "stopping")
         if self.host_down:
-            self._refuse(f"the model is unavailable: {self.host_down}", 30, "host_down")
+            self._refuse_host_down()
         if self.worker.down:  # a lane failed (the creates it held are refused as it fails, `create`)
             self._refuse(f"the server cannot generate: {self.worker.down}", 30, "worker_down")
         if self.load_error:  # (it said "still loading", for ever)
@@ -150,7 +151,15 @@ class SessionRegistry:
             )
         return fits
 
-    def _refuse(self, reason: str, retry_after: int, label: str, **details):
+    def _refuse_host_down(self) -> NoReturn:
+        if getattr(self.host, "awaiting_stop", False):  # (`serve --sp`: for up to 2 s a follower found gone
+            # may have ended with the stop, as every rank does at a Ctrl-C; it was "the model is
+            # unavailable", Retry-After 30, counted host_down, where the stop's answer followed)
+            self._refuse("server may be shutting down: a rank of the model was found gone, and whether the "
+                         "stop ended it is not known yet", 5, "stopping")  # fmt: skip
+        self._refuse(f"the model is unavailable: {self.host_down}", 30, "host_down")
+
+    def _refuse(self, reason: str, retry_after: int, label: str, **details) -> NoReturn:
         self.metrics.sessions_rejected.labels(label).inc()
         raise AdmissionError(reason, retry_after, **details)
 
@@ -236,7 +245,7 @@ class SessionRegistry:
             if isinstance(e, HostStopped) or self.stopping.is_set():  # (it ended with the stop: the stop's
                 # answer, as the others get it; it was "the model is unavailable", Retry-After 30)
                 self._refuse("server is shutting down", 5, "stopping")
-            self._refuse(f"the model is unavailable: {self.host_down}", 30, "host_down")
+            self._refuse_host_down()
         finally:
             self._creating -= 1
             if stream is None:  # no session holds the lane

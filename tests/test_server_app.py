@@ -523,3 +523,39 @@ def test_a_create_whose_model_host_ended_with_the_stop_gets_the_stops_answer(mon
         metrics = client.get("/metrics").text
     assert (r.status_code, r.json()["message"], r.headers["retry-after"]) == (503, "server is shutting down", "5"), r.text
     assert 'streamgen_sessions_rejected_total{reason="stopping"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("found", ["before the create", "while its stream was made"])
+def test_a_create_while_the_sp_host_waits_to_know_whether_the_stop_took_its_rank_is_answered_as_the_stop(
+    monkeypatch, found
+):
+    """`serve --sp`: for up to 2 s after a follower is found gone, the host waits to know whether the
+    server's stop took it (`awaiting_stop`, down meanwhile). A create then was answered "the model is
+    unavailable", Retry-After 30, counted host_down, though at a Ctrl-C the stop follows at once."""
+    from types import SimpleNamespace
+
+    from server.model_host import HostDown
+
+    lost = "the sequence-parallel host lost a rank (chunk: rank 1 is gone)"
+    with ready_client() as client:
+        registry = client.app.state.registry
+        host = registry.host
+        waiting = SimpleNamespace(down=lost, awaiting_stop=True)
+        if found == "before the create":
+            registry.host = waiting
+        else:
+
+            def found_gone(*args):
+                registry.host = waiting
+                raise HostDown(lost)
+
+            monkeypatch.setattr(registry, "_new_stream", found_gone)
+        try:
+            r = client.post("/v1/sessions", json={"avatar": "bo"})
+            metrics = client.get("/metrics").text
+        finally:
+            registry.host = host
+    assert (r.status_code, r.headers["retry-after"]) == (503, "5"), r.text
+    assert r.json()["message"].startswith("server may be shutting down: a rank of the model was found gone"), r.text
+    assert 'streamgen_sessions_rejected_total{reason="stopping"} 1.0' in metrics
+    assert "host_down" not in metrics.split("streamgen_sessions_rejected_total", 1)[1].split("\n# ", 1)[0]
