@@ -18,6 +18,7 @@ from .metrics import ServerMetrics
 from .model_host import HostDown, HostStopped
 from .scheduler import InferenceWorker, LaneDown, WorkerBusy, total_capacity
 from .session import Session
+from .stop_event import StopBegun, waker
 
 log = logging.getLogger("streamgen.server")
 
@@ -289,7 +290,7 @@ class SessionRegistry:
             # unread there was logged as never retrieved)
             one_ended = asyncio.get_running_loop().create_future()
             for _, close in elsewhere:
-                close.add_done_callback(_waker(one_ended))
+                close.add_done_callback(waker(one_ended))
             # woken by the stop too: it waited out CLOSING_STREAM_WAIT_S before the stop's answer
             self.stopping.wake_at_set(one_ended)
             try:
@@ -569,55 +570,6 @@ def seconds(limit: float) -> str:
     """A limit as its close reason says it: --max-duration 0.5 read "reached 0 s", 2.5 "reached 2 s";
     one of years or more in exponent form (1e300 was its 301 digits)."""
     return f"{limit:.0f} s" if 100 <= limit < 1e9 else f"{limit:.3g} s"
-
-
-class StopBegun(threading.Event):
-    """Set as the server begins to stop: an Event the hosts' threads read, which also wakes the
-    coroutines that wait for something else meanwhile (`wake_at_set`)."""
-
-    def __init__(self):
-        super().__init__()
-        self._waiters: dict[asyncio.Future, object] = {}  # -> its _waker
-        # re-entrant: uvicorn's signal handler sets it on the main thread between two bytecodes,
-        # which may be inside this bookkeeping on the event loop (a plain lock: a hang at Ctrl-C)
-        self._waiters_lock = threading.RLock()
-
-    def set(self) -> None:
-        super().set()
-        with self._waiters_lock:
-            wakes = list(self._waiters.values())
-        for wake in wakes:
-            wake(None)
-
-    def wake_at_set(self, waiter: asyncio.Future) -> None:
-        """End `waiter` (on its loop) once this is set, or at once if it is."""
-        wake = _waker(waiter)
-        with self._waiters_lock:
-            self._waiters[waiter] = wake
-        if self.is_set():  # (set before it was held: set() may not have seen it)
-            wake(None)
-
-    def forget(self, waiter: asyncio.Future) -> None:
-        with self._waiters_lock:
-            self._waiters.pop(waiter, None)
-
-
-def _waker(waiter: asyncio.Future):
-    """A concurrent future's done callback (on whichever thread finishes it) that ends `waiter`, on
-    its loop, unless it is done (ended by another, or cancelled with its caller)."""
-    loop = waiter.get_loop()
-
-    def end() -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    def wake(_done) -> None:
-        try:
-            loop.call_soon_threadsafe(end)
-        except RuntimeError:  # the event loop is closed: the server is gone
-            pass
-
-    return wake
 
 
 def _stop_started_host(start: concurrent.futures.Future) -> None:

@@ -548,7 +548,7 @@ def test_the_stop_begins_from_a_signal_handler_that_interrupted_a_waits_registra
     import asyncio
     import threading
 
-    from server.registry import StopBegun
+    from server.stop_event import StopBegun
 
     stopping, loop = StopBegun(), asyncio.new_event_loop()
     try:

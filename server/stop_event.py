@@ -1,0 +1,55 @@
+"""The server's stop, as an event both its threads and its coroutines wait on."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+
+class StopBegun(threading.Event):
+    """Set as the server begins to stop: an Event the hosts' threads read, which also wakes the
+    coroutines that wait for something else meanwhile (`wake_at_set`)."""
+
+    def __init__(self):
+        super().__init__()
+        self._waiters: dict[asyncio.Future, object] = {}  # -> its waker
+        # re-entrant: uvicorn's signal handler sets it on the main thread between two bytecodes,
+        # which may be inside this bookkeeping on the event loop (a plain lock: a hang at Ctrl-C)
+        self._waiters_lock = threading.RLock()
+
+    def set(self) -> None:
+        super().set()
+        with self._waiters_lock:
+            wakes = list(self._waiters.values())
+        for wake in wakes:
+            wake(None)
+
+    def wake_at_set(self, waiter: asyncio.Future) -> None:
+        """End `waiter` (on its loop) once this is set, or at once if it is."""
+        wake = waker(waiter)
+        with self._waiters_lock:
+            self._waiters[waiter] = wake
+        if self.is_set():  # (set before it was held: set() may not have seen it)
+            wake(None)
+
+    def forget(self, waiter: asyncio.Future) -> None:
+        with self._waiters_lock:
+            self._waiters.pop(waiter, None)
+
+
+def waker(waiter: asyncio.Future):
+    """A concurrent future's done callback (on whichever thread finishes it) that ends `waiter`, on
+    its loop, unless it is done (ended by another, or cancelled with its caller)."""
+    loop = waiter.get_loop()
+
+    def end() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def wake(_done) -> None:
+        try:
+            loop.call_soon_threadsafe(end)
+        except RuntimeError:  # the event loop is closed: the server is gone
+            pass
+
+    return wake
