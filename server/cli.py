@@ -129,12 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from streamgen.cli import HEAVY_IMPORTS, UserError, check_device, import_with_ctrl_c_held
 
     import_with_ctrl_c_held(HEAVY_IMPORTS)  # (a Ctrl-C inside torch's import aborted the process)
-    import uvicorn
-
-    from .app import create_app
     from .config import ServerConfig
-    from .protocol import MAX_WEBSOCKET_MESSAGE_BYTES
-    from .uvicorn_server import SessionClosingServer
 
     if args.max_sessions < 1:
         raise UserError("--max-sessions must be at least 1")
@@ -258,6 +253,27 @@ def run(args: argparse.Namespace) -> int:
             return follow(args.model, args.device, threads, args.sp, args.size, args.decode_dtype)  # no server here
         except ModelNotLoaded as e:
             raise UserError(f"the model did not load: {e} (the log above has all of it)") from None
+    # held from here until uvicorn listens on them: let go, the port could be taken by anything in
+    # the meantime (in CI another test's server), and serve ended with uvicorn's own error
+    listeners = _check_address(args.host, args.port, keep=True)
+    try:
+        return _serve(args, listeners, threads=threads, ice_servers=ice_servers, tls=tls)
+    finally:
+        for sock in listeners:  # (uvicorn's shutdown closed them, unless it never listened)
+            sock.close()
+
+
+def _serve(args: argparse.Namespace, listeners: list, threads: int | None, ice_servers: list, tls: dict) -> int:
+    """Runs the server on `listeners` (the sockets `_check_address` bound) until it stops."""
+    import uvicorn
+
+    from streamgen.cli import UserError
+
+    from .app import create_app
+    from .config import ServerConfig
+    from .protocol import MAX_WEBSOCKET_MESSAGE_BYTES
+    from .uvicorn_server import SessionClosingServer
+
     config = ServerConfig(
         model=args.model, height=args.size, width=args.size, steps=args.steps, device=args.device,
         decode_dtype=args.decode_dtype,
@@ -278,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
                                 timeout_graceful_shutdown=5, ws_per_message_deflate=args.ws_compression,
                                 ws_max_size=MAX_WEBSOCKET_MESSAGE_BYTES,
                                 use_colors=False if os.environ.get("NO_COLOR") else None, **tls)  # fmt: skip
-        server = SessionClosingServer(config)
+        server = SessionClosingServer(config, listeners)
         # (a Ctrl-C: uvicorn shuts down, then raises it again as KeyboardInterrupt, which ends the
         # command as Ctrl-C ends any, exit code 130; a SIGTERM it raises again as the signal, 143)
         server.run()
@@ -350,13 +366,18 @@ def _listen_addresses(host: str, port: int) -> list:
     return list(dict.fromkeys(infos))
 
 
-def _check_address(host: str, port: int) -> None:
+def _check_address(host: str, port: int, keep: bool = False) -> list:
     """A port in use or a host that does not resolve, found now: uvicorn binds after the app's
     start-up, which loads, warms and measures the model (minutes for a large one), and then ended
     with its own error. It binds as asyncio's create_server does: every address the host resolves
     to (the IPv4 one alone was tried, with IPv4 for any name: `ip6-localhost`, a name of ::1, was
     refused as 'Name or service not known', and a port taken on ::1 alone by another server was
-    found only once the model had loaded), SO_REUSEADDR, IPv6 sockets IPv6 only."""
+    found only once the model had loaded), SO_REUSEADDR, IPv6 sockets IPv6 only.
+
+    With `keep`, returns the sockets listening, for uvicorn to serve on (`server.run(sockets=...)`):
+    a socket bound with SO_REUSEADDR and not listening yet let another one bind the port with it
+    too (uvicorn, a second serve), as Linux allows while neither listens; a connection meanwhile
+    waits in the backlog until the server accepts it. Without, closes them."""
     import socket
 
     from streamgen.cli import UserError
@@ -383,10 +404,19 @@ def _check_address(host: str, port: int) -> None:
                 bound = _host_port(address[0], address[1])
                 said = where if bound == where else f"{where} ({bound})"
                 raise UserError(f"cannot listen on {said}: {e.strerror or e}") from None
-    finally:
+            if keep:
+                sock.listen(LISTEN_BACKLOG)
+    except BaseException:
         for sock in held:
             sock.close()
+        raise
+    if not keep:
+        for sock in held:
+            sock.close()
+    return held if keep else []
 
+
+LISTEN_BACKLOG = 2048  # uvicorn's own (Config.backlog), which its create_server sets again
 
 # players send RTCP reports every 0.5-1.5 s: under this a live viewer's session was cut (2 of 3 at 1 s)
 MIN_PEER_TIMEOUT_S = 3.0

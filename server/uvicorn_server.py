@@ -125,9 +125,11 @@ class SessionClosingServer(uvicorn.Server):
     """Also ends once the app's model failed to load (`load_error`): a server that can never make a
     stream kept running, healthy to a supervisor, telling clients it was still loading."""
 
-    def __init__(self, config: uvicorn.Config) -> None:
+    def __init__(self, config: uvicorn.Config, listeners: list[socket.socket] | None = None) -> None:
         super().__init__(config)
         self.load_error: str | None = None
+        # sockets listening already (`serve` holds its port from its check): served on by `run`
+        self.listeners = listeners
         if config.ws == "auto" and WebSocketsSansIOProtocol is not None:
             config.ws = StuckClientDroppingProtocol
         if isinstance(config.http, str) and config.http in ("auto", "h11", "httptools"):
@@ -149,7 +151,17 @@ class SessionClosingServer(uvicorn.Server):
                 if not any(isinstance(f, kind) for f in log.filters):
                     log.addFilter(kind())
 
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        return super().run(self.listeners if sockets is None else sockets)
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await self._start(sockets)
+        if sockets is not None and self.started:
+            # (uvicorn says where it listens only on the sockets it opened itself: `serve` hands it
+            # those it held from its check of the address, and said nothing of where it served)
+            self._log_started_message(sockets)
+
+    async def _start(self, sockets: list[socket.socket] | None) -> None:
         import asyncio
 
         from .connections import ConnectionLimits

@@ -77,6 +77,45 @@ def test_no_color_turns_off_the_colours_of_the_servers_log(no_color, colours, mo
     assert used == [colours]
 
 
+# another process's bind of 127.0.0.1:PORT with SO_REUSEADDR, as uvicorn binds (another serve):
+# prints "bound" or the errno's name
+BIND_ELSEWHERE = """
+import errno, socket, sys
+with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", int(sys.argv[1])))
+        print("bound")
+    except OSError as e:
+        print(errno.errorcode[e.errno])
+"""
+
+
+def test_serve_holds_its_port_from_its_check_until_uvicorn_listens(monkeypatch):
+    """serve checked its port by binding it, then let it go, and uvicorn bound it again only after
+    the app's start-up (~60 s under load): anything could take it meanwhile (in CI another test's
+    free_port()), and serve ended with uvicorn's own error. Another process binds it here while the
+    server starts (its run stands for uvicorn's start-up)."""
+    import subprocess
+    import sys
+
+    import server.app
+    from streamgen.cli import main
+
+    port, seen = free_port(), []
+
+    def start(served):
+        served.started = True
+        bind = subprocess.run([sys.executable, "-c", BIND_ELSEWHERE, str(port)], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        seen.append((bind.stdout.strip() or bind.stderr, [s.getsockname() for s in served.listeners or []]))
+
+    monkeypatch.setattr(server.app, "create_app", lambda config: None)
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", start)
+    assert main(["serve", "--model", "debug", "--port", str(port)]) == 0
+    assert seen == [("EADDRINUSE", [("127.0.0.1", port)])]
+
+
 def test_an_sp_follower_rank_does_not_check_the_port_rank_0_listens_on(capsys, monkeypatch):
     """Under `serve --sp N` only rank 0 listens. A follower that checked the address raced rank
     0's listening socket: on a loaded machine it got there after rank 0 listened, said 'Address
@@ -183,7 +222,7 @@ def test_a_host_of_this_machine_alone_makes_webrtc_offer_loopback(monkeypatch):
 
     configs, checked = configs_served(monkeypatch), []
     # (the port check binds its host: a test binds loopback only, never 0.0.0.0's every interface)
-    monkeypatch.setattr("server.cli._check_address", lambda host, port: checked.append(host))
+    monkeypatch.setattr("server.cli._check_address", lambda host, port, keep=False: [] if keep else checked.append(host))
     hosts = ("127.0.0.1", "localhost", "127.0.0.2", "0.0.0.0")
     for host in hosts:
         assert main(["serve", "--model", "debug", "--host", host, "--port", str(free_port())]) == 0
