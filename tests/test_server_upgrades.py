@@ -171,6 +171,53 @@ def test_a_live_server_is_waited_for_while_its_warm_up_goes_on(monkeypatch, live
     assert now[0] >= 120
 
 
+def test_a_test_client_is_waited_for_while_its_warm_up_goes_on(monkeypatch, live_server_clock):
+    """ready_client's wait (wait_ready) gave the app 60 s to become ready, as live_server did. Here
+    the warm-up's first chunk waits until wait_ready's clock has passed twice that: it is waited
+    for, /readyz saying the warm-up's stage all along."""
+    import threading
+    import time
+
+    from server_helpers import ready_client
+
+    from streamgen.stream import StreamSession
+
+    hold, now = live_server_clock
+    next_chunk, released = StreamSession.next_chunk, threading.Event()
+
+    def slow_first_chunk(self, observe=None):
+        hold.set()
+        give_up = time.monotonic() + 120  # (real time: never a hang, whatever the wait does)
+        while now[0] < 120 and not released.is_set() and time.monotonic() < give_up:
+            time.sleep(0.01)
+        hold.clear()
+        return next_chunk(self, observe)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", slow_first_chunk)
+    try:
+        with ready_client() as client:
+            assert client.get("/readyz").json()["ready"] is True
+    finally:
+        released.set()
+    assert now[0] >= 120
+
+
+def test_a_test_client_whose_warm_up_failed_fails_at_once_with_its_error(monkeypatch, live_server_clock):
+    """A warm-up that failed never ends: wait_ready waited out its limit, then said 'not ready'."""
+    from server_helpers import ready_client
+
+    from streamgen.stream import StreamSession
+
+    def failing(self, observe=None):
+        raise RuntimeError("C++ compile error")
+
+    monkeypatch.setattr(StreamSession, "next_chunk", failing)
+    live_server_clock[0].set()  # (the clock moves: a wait for a deadline ends at once)
+    with pytest.raises(AssertionError, match=r"failed to warm up: .*RuntimeError: C\+\+ compile error"):
+        with ready_client():
+            pass
+
+
 def test_a_live_server_whose_warm_up_failed_fails_at_once_with_its_error(monkeypatch, live_server_clock):
     """A warm-up that failed never ends: live_server waited out its limit and said only 'did not
     become ready'. It now fails at the first /readyz that says an error, and says it."""
