@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-avatar", help="model name or directory (default tiny-avatar)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this machine only)")  # fmt: skip
-    parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000,
+                        help="TCP port to listen on; 0: any free one, said in the log's 'Uvicorn running on' line "
+                        "(default: %(default)s)")  # fmt: skip
     parser.add_argument("--max-sessions", type=int, default=8,
                         help="upper bound on concurrent sessions (default: 8)")  # fmt: skip
     parser.add_argument("--max-connections", type=positive_int, default=None, metavar="N",
@@ -153,8 +155,8 @@ def run(args: argparse.Namespace) -> int:
         from streamgen.stream import teacher_cannot_stream
 
         raise UserError(teacher_cannot_stream(args.model))
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port {args.port} is not a TCP port")
+    if not 0 <= args.port < 65536:  # (0: the system picks a free one, said in uvicorn's "running on" line)
+        raise UserError(f"--port {args.port} is not a TCP port (0: any free one)")
     # ('[::1]', as a URL writes it, did not resolve: uvicorn and asyncio take the address bare)
     args.host = _unbracketed(args.host)
     if not args.host.strip():  # (uvicorn took "" for every interface: `--host "$UNSET"` served the network)
@@ -256,6 +258,8 @@ def run(args: argparse.Namespace) -> int:
     # held from here until uvicorn listens on them: let go, the port could be taken by anything in
     # the meantime (in CI another test's server), and serve ended with uvicorn's own error
     listeners = _check_address(args.host, args.port, keep=True)
+    if listeners:  # (--port 0: the one the system picked, for uvicorn's line and serve's errors)
+        args.port = listeners[0].getsockname()[1]
     try:
         return _serve(args, listeners, threads=threads, ice_servers=ice_servers, tls=tls)
     finally:
@@ -377,7 +381,8 @@ def _check_address(host: str, port: int, keep: bool = False) -> list:
     With `keep`, returns the sockets listening, for uvicorn to serve on (`server.run(sockets=...)`):
     a socket bound with SO_REUSEADDR and not listening yet let another one bind the port with it
     too (uvicorn, a second serve), as Linux allows while neither listens; a connection meanwhile
-    waits in the backlog until the server accepts it. Without, closes them."""
+    waits in the backlog until the server accepts it. Without, closes them. Port 0: the system
+    picks the first address's port, and the others are bound on that one too."""
     import socket
 
     from streamgen.cli import UserError
@@ -398,6 +403,8 @@ def _check_address(host: str, port: int, keep: bool = False) -> list:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(held) > 1:  # (each address on a port of its own was not one server)
+                address = (address[0], held[0].getsockname()[1], *address[2:])
             try:
                 sock.bind(address)
             except OSError as e:

@@ -119,6 +119,29 @@ def wait_until_live_server_ready(url: str, app, thread: threading.Thread, verify
         time.sleep(0.05)
 
 
+def serve_on_a_free_port(log_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """`streamgen serve --port 0 ARGS` in a process of its own, its output in `log_path`; returns
+    it and its base URL, read from uvicorn's "running on" line once it listens (the model's load
+    and warm-up go on after: wait for /readyz). A port chosen before (free_port) and let go until
+    serve listened could be taken meanwhile by another test process on a loaded machine."""
+    import re
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "streamgen.cli", "serve", "--port", "0", *args],
+                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    # (its imports and the app's start-up: seconds, a minute or more on a loaded machine; the
+    # wait follows the process, under an outer bound)
+    deadline = time.monotonic() + LIVE_SERVER_READY_LIMIT_S
+    while not (running := re.search(r"Uvicorn running on (https?://\S+)", log_path.read_text())):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise AssertionError(f"serve did not listen (exit code {proc.returncode}):\n{log_path.read_text()}")
+        time.sleep(0.1)
+    return proc, running.group(1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

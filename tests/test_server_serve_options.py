@@ -116,6 +116,48 @@ def test_serve_holds_its_port_from_its_check_until_uvicorn_listens(monkeypatch):
     assert seen == [("EADDRINUSE", [("127.0.0.1", port)])]
 
 
+def test_port_0_serves_on_a_port_the_system_picks(monkeypatch):
+    """--port 0 was refused ('is not a TCP port'): a test or a script had to pick a port and let it
+    go before serve listened, and anything could take it meanwhile. Now the system picks it, every
+    address on the one port, and uvicorn (its "running on" line) is told which."""
+    import server.app
+    from streamgen.cli import main
+
+    served = []
+
+    def start(server):
+        server.started = True
+        served.append(([s.getsockname()[:2] for s in server.listeners], server.config.port))
+
+    monkeypatch.setattr(server.app, "create_app", lambda config: None)
+    monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", start)
+    assert main(["serve", "--model", "debug", "--port", "0"]) == 0
+    [(addresses, port)] = served
+    assert port > 0 and addresses == [("127.0.0.1", port)]
+
+
+def test_port_0_holds_every_address_of_a_host_on_one_port(monkeypatch):
+    """A host of an IPv4 and an IPv6 address (here 127.0.0.1 and ::1): each bound on port 0 alone
+    got a port of its own, two ports for one server."""
+    import socket
+
+    import server.cli
+
+    def both(host, port):
+        found = [socket.getaddrinfo(a, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+                 for a in ("127.0.0.1", "::1")]  # fmt: skip
+        return found[0] + found[1]
+
+    monkeypatch.setattr(server.cli, "_listen_addresses", both)
+    held = server.cli._check_address("loopback-both", 0, keep=True)
+    try:
+        [(v4, port), (v6, port_6)] = [s.getsockname()[:2] for s in held]
+    finally:
+        for sock in held:
+            sock.close()
+    assert (v4, v6) == ("127.0.0.1", "::1") and port == port_6 > 0
+
+
 def test_an_sp_follower_rank_does_not_check_the_port_rank_0_listens_on(capsys, monkeypatch):
     """Under `serve --sp N` only rank 0 listens. A follower that checked the address raced rank
     0's listening socket: on a loaded machine it got there after rank 0 listened, said 'Address

@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 import websockets
-from server_helpers import answer_until_closed, free_port, live_server
+from server_helpers import answer_until_closed, live_server, serve_on_a_free_port
 
 from server.protocol import MsgType
 
@@ -64,12 +64,11 @@ async def test_https_and_wss_with_the_given_certificate(tmp_path):
     it up before it is ready, 58 s measured at load 16 on the 2-core CI machine, and its stop (the
     SIGINT) took 15 s there: the bounds are 180 s and 60 s."""
     cert, key = self_signed(tmp_path)
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamgen.cli", "serve", "--model", "debug", "--port", str(port),
-                             "--ssl-certfile", cert, "--ssl-keyfile", key], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    proc, base = serve_on_a_free_port(tmp_path / "serve.log", "--model", "debug", "--ssl-certfile", cert,
+                                      "--ssl-keyfile", key)  # fmt: skip
+    port = int(base.rsplit(":", 1)[1])
+    assert base == f"https://127.0.0.1:{port}"
     trust = ssl.create_default_context(cafile=cert)
-    base = f"https://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(base_url=base, verify=trust, timeout=10) as http:
             deadline = time.monotonic() + 180
@@ -99,7 +98,6 @@ async def test_https_and_wss_with_the_given_certificate(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            log.close()
 
 
 @pytest.mark.parametrize("case", ["key alone", "missing file", "key of another certificate", "encrypted key"])
@@ -119,13 +117,13 @@ def test_a_certificate_that_cannot_serve_is_refused_before_starting(tmp_path, ca
         "encrypted key": ["--ssl-certfile", locked_cert, "--ssl-keyfile", locked_key],
     }[case]
     if case == "encrypted key":
-        proc = serve("--port", str(free_port()), *args)
+        proc = serve("--port", "0", *args)
         out, _ = proc.communicate(timeout=60)
         code = proc.returncode
     else:
         from streamgen.cli import main
 
-        code = main(["serve", "--port", str(free_port()), "--model", "debug", *args])
+        code = main(["serve", "--port", "0", "--model", "debug", *args])
         out = capsys.readouterr().err
     assert code == 2, out
     assert out.strip().splitlines()[-1].startswith("streamgen serve: error: "), out
@@ -147,7 +145,7 @@ def test_a_file_without_its_pem_block_is_named_with_what_it_holds(tmp_path, caps
         "empty certificate": ([str(tmp_path / "empty.pem"), key], "holds nothing: it takes a certificate"),
         "certificate for the key": ([cert, cert], f"--ssl-keyfile {cert} holds a certificate and no private key"),
     }[case]  # fmt: skip
-    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--ssl-certfile", args[0], "--ssl-keyfile", args[1]]) == 2
+    assert main(["serve", "--port", "0", "--model", "debug", "--ssl-certfile", args[0], "--ssl-keyfile", args[1]]) == 2
     err = capsys.readouterr().err
     assert says in err and "PEM lib" not in err, err
 
@@ -164,9 +162,9 @@ def test_a_certificate_out_of_its_dates_is_a_warning_at_the_start(tmp_path, monk
     monkeypatch.setattr(server.app, "create_app", lambda config: None)
     # as if it had served until stopped
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
-    args = ["--port", str(free_port()), "--ssl-certfile", cert, "--ssl-keyfile", key]
+    args = ["--ssl-certfile", cert, "--ssl-keyfile", key]
     with caplog.at_level("WARNING", logger="streamgen.server"):
-        assert main(["serve", "--port", str(free_port()), "--model", "debug", *args]) == 0
+        assert main(["serve", "--port", "0", "--model", "debug", *args]) == 0
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and cert in r.getMessage()]
     assert len(warned) == 1 and says in warned[0], warned
 
