@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 from cli_helpers import refused
-from server_helpers import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,7 +58,7 @@ def test_an_empty_host_is_refused_not_taken_for_every_interface(capsys, monkeypa
     from streamgen.cli import main
 
     server_never_starts(monkeypatch)
-    assert main(["serve", "--model", "debug", "--host", "", "--port", str(free_port())]) == 2
+    assert main(["serve", "--model", "debug", "--host", "", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err == "streamgen serve: error: --host '' names no address: give 127.0.0.1 (this machine only, " \
         "the default) or 0.0.0.0 (every interface)\n", err
@@ -73,7 +72,7 @@ def test_no_color_turns_off_the_colours_of_the_servers_log(no_color, colours, mo
     used = []
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda server: used.append(server.config.use_colors))
     monkeypatch.setenv("NO_COLOR", no_color)
-    main(["serve", "--model", "debug", "--port", str(free_port())])  # (2: "did not start", not having run)
+    main(["serve", "--model", "debug", "--port", "0"])  # (2: "did not start", not having run)
     assert used == [colours]
 
 
@@ -102,18 +101,20 @@ def test_serve_holds_its_port_from_its_check_until_uvicorn_listens(monkeypatch):
     import server.app
     from streamgen.cli import main
 
-    port, seen = free_port(), []
+    seen = []
 
     def start(served):
         served.started = True
+        port = served.config.port
         bind = subprocess.run([sys.executable, "-c", BIND_ELSEWHERE, str(port)], capture_output=True, text=True,
                               timeout=60)  # fmt: skip
-        seen.append((bind.stdout.strip() or bind.stderr, [s.getsockname() for s in served.listeners or []]))
+        seen.append((bind.stdout.strip() or bind.stderr, [s.getsockname() for s in served.listeners], port))
 
     monkeypatch.setattr(server.app, "create_app", lambda config: None)
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", start)
-    assert main(["serve", "--model", "debug", "--port", str(port)]) == 0
-    assert seen == [("EADDRINUSE", [("127.0.0.1", port)])]
+    assert main(["serve", "--model", "debug", "--port", "0"]) == 0
+    [(bind, listeners, port)] = seen
+    assert (bind, listeners) == ("EADDRINUSE", [("127.0.0.1", port)])
 
 
 def test_port_0_serves_on_a_port_the_system_picks(monkeypatch):
@@ -188,7 +189,7 @@ def test_a_server_token_no_request_can_carry_is_refused_at_start(token, capsys, 
     from streamgen.cli import main
 
     server_never_starts(monkeypatch)
-    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--token", token]) == 2
+    assert main(["serve", "--port", "0", "--model", "debug", "--token", token]) == 2
     err = capsys.readouterr().err
     assert "--token" in err and "printable ASCII" in err and len(err.strip().splitlines()) == 1, err
 
@@ -200,7 +201,7 @@ def test_a_server_token_a_url_would_change_is_refused_at_start(token, capsys, mo
     from streamgen.cli import main
 
     server_never_starts(monkeypatch)
-    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--token", token]) == 2
+    assert main(["serve", "--port", "0", "--model", "debug", "--token", token]) == 2
     err = capsys.readouterr().err
     assert "changes meaning in a URL's ?token=" in err and len(err.strip().splitlines()) == 1, err
 
@@ -215,7 +216,7 @@ def test_a_ctrl_c_ends_serve_with_130_as_any_command(monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", interrupted)
-    assert main(["serve", "--model", "debug", "--port", str(free_port())]) == 130
+    assert main(["serve", "--model", "debug", "--port", "0"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
 
 
@@ -226,7 +227,7 @@ def test_a_bad_token_from_the_environment_is_said_to_come_from_it(token, problem
 
     server_never_starts(monkeypatch)
     monkeypatch.setenv("STREAMGEN_TOKEN", token)
-    assert main(["serve", "--port", str(free_port()), "--model", "debug"]) == 2
+    assert main(["serve", "--port", "0", "--model", "debug"]) == 2
     err = capsys.readouterr().err
     assert "error: $STREAMGEN_TOKEN" in err and problem in err and "--token" not in err, err
 
@@ -234,7 +235,7 @@ def test_a_bad_token_from_the_environment_is_said_to_come_from_it(token, problem
 def test_cors_origin_must_be_an_origin():
     from streamgen.cli import main
 
-    assert main(["serve", "--port", str(free_port()), "--cors-origin", "app.example.org/path"]) == 2
+    assert main(["serve", "--port", "0", "--cors-origin", "app.example.org/path"]) == 2
 
 
 @pytest.mark.parametrize("level", ["bogus", "trace"])
@@ -250,10 +251,10 @@ def test_the_server_token_may_come_from_the_environment(monkeypatch):
 
     configs = configs_served(monkeypatch)
     monkeypatch.setenv("STREAMGEN_TOKEN", "from-the-environment")
-    assert main(["serve", "--model", "debug", "--port", str(free_port())]) == 0
-    assert main(["serve", "--model", "debug", "--port", str(free_port()), "--token", "given"]) == 0
+    assert main(["serve", "--model", "debug", "--port", "0"]) == 0
+    assert main(["serve", "--model", "debug", "--port", "0", "--token", "given"]) == 0
     monkeypatch.setenv("STREAMGEN_TOKEN", "")  # (an empty variable: no token, as without it)
-    assert main(["serve", "--model", "debug", "--port", str(free_port())]) == 0
+    assert main(["serve", "--model", "debug", "--port", "0"]) == 0
     assert [c.token for c in configs] == ["from-the-environment", "given", None]
 
 
@@ -267,7 +268,7 @@ def test_a_host_of_this_machine_alone_makes_webrtc_offer_loopback(monkeypatch):
     monkeypatch.setattr("server.cli._check_address", lambda host, port, keep=False: [] if keep else checked.append(host))
     hosts = ("127.0.0.1", "localhost", "127.0.0.2", "0.0.0.0")
     for host in hosts:
-        assert main(["serve", "--model", "debug", "--host", host, "--port", str(free_port())]) == 0
+        assert main(["serve", "--model", "debug", "--host", host, "--port", "0"]) == 0
     assert [c.loopback for c in configs] == [True, True, True, False]
     assert checked == list(hosts)
 
@@ -278,7 +279,7 @@ def test_a_cors_origin_with_a_port_no_page_can_have_is_refused(origin, capsys, m
     from streamgen.cli import main
 
     configs_served(monkeypatch)
-    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--cors-origin", origin]) == 2
+    assert main(["serve", "--port", "0", "--model", "debug", "--cors-origin", origin]) == 2
     assert f"--cors-origin {origin!r}: an origin is scheme://host[:port]" in capsys.readouterr().err
 
 
@@ -288,7 +289,7 @@ def test_a_cors_origin_with_a_wildcard_in_it_is_refused_not_taken_for_a_host(ori
     from streamgen.cli import main
 
     configs_served(monkeypatch)
-    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--cors-origin", origin]) == 2
+    assert main(["serve", "--port", "0", "--model", "debug", "--cors-origin", origin]) == 2
     assert capsys.readouterr().err == (f"streamgen serve: error: --cors-origin {origin!r}: a '*' in an origin "
                                        "matches nothing: give each origin (--cors-origin is repeatable), or '*' alone for any\n")
 
@@ -299,7 +300,7 @@ def test_serve_refuses_steps_off_the_students_schedule(capsys, monkeypatch):
     from streamgen.cli import main
 
     server_never_starts(monkeypatch)
-    assert main(["serve", "--port", str(free_port()), "--model", "tiny-avatar", "--steps", "3"]) == 2
+    assert main(["serve", "--port", "0", "--model", "tiny-avatar", "--steps", "3"]) == 2
     assert capsys.readouterr().err == (
         "streamgen serve: error: --steps 3: tiny-avatar runs 1, 2 or 4 steps, the levels of the 4-step "
         "schedule it was distilled for (a teacher takes any number)\n"
@@ -311,13 +312,13 @@ def test_a_model_timeout_without_a_model_process_is_refused_not_ignored(capsys, 
     from streamgen.cli import main
 
     configs = configs_served(monkeypatch)
-    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--model-timeout", "30"]) == 2
+    assert main(["serve", "--port", "0", "--model", "debug", "--model-timeout", "30"]) == 2
     assert capsys.readouterr().err == (
         "streamgen serve: error: --model-timeout 30 applies with --model-process or --sp only (a model in this "
         "process cannot be killed apart from the server): add one or leave it out\n"
     )
-    assert main(["serve", "--port", str(free_port()), "--model", "debug"]) == 0
-    argv = ["serve", "--port", str(free_port()), "--model", "debug", "--model-process", "--model-timeout", "5"]
+    assert main(["serve", "--port", "0", "--model", "debug"]) == 0
+    argv = ["serve", "--port", "0", "--model", "debug", "--model-process", "--model-timeout", "5"]
     assert main(argv) == 0
     assert [(c.inference_process, c.model_timeout_s) for c in configs] == [(False, 60.0), (True, 5.0)]
 
@@ -342,6 +343,6 @@ def test_a_model_variable_of_the_environment_serve_cannot_take_is_refused_before
 
     server_never_starts(monkeypatch)
     monkeypatch.setenv(variable, value)
-    assert main(["serve", "--port", str(free_port()), "--model", "debug"]) == 2
+    assert main(["serve", "--port", "0", "--model", "debug"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"streamgen serve: error: {says}") and err.count("\n") == 1
