@@ -224,7 +224,7 @@ def _group_alive(pgid: int) -> bool:
 def test_serve_refuses_bad_options_before_launching_anything(extra, message, capsys):
     from streamgen.cli import main
 
-    assert main(["serve", "--model", "debug", "--port", str(free_port()), *extra]) == 2  # before anything is launched or loaded
+    assert main(["serve", "--model", "debug", "--port", "0", *extra]) == 2  # before anything is launched or loaded
     assert message in capsys.readouterr().err
 
 
@@ -253,7 +253,7 @@ def test_cpu_0_is_the_cpu(monkeypatch):
     served = []
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run",
                         lambda self: served.append(self.config.app.state.registry.config))  # fmt: skip
-    main(["serve", "--model", "debug", "--port", str(free_port()), "--device", "cpu:0", "--compile"])  # (2: nothing started here)
+    main(["serve", "--model", "debug", "--port", "0", "--device", "cpu:0", "--compile"])  # (2: nothing started here)
     assert served and served[0].torch_threads == 1
 
 
@@ -273,7 +273,7 @@ def test_serve_refuses_last_step_for_a_model_that_runs_one_step(tmp_path, capsys
         raise AssertionError("the server started")
 
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
-    assert main(["serve", "--port", str(free_port()), "--model", str(tmp_path / "one-step"), "--cache-from", "last_step"]) == 2
+    assert main(["serve", "--port", "0", "--model", str(tmp_path / "one-step"), "--cache-from", "last_step"]) == 2
     err = capsys.readouterr().err
     assert "--cache-from last_step needs 2 or more --steps" in err and "runs 1 step" in err, err
 
@@ -314,9 +314,9 @@ def test_serve_s_defaults_are_the_model_folder_s_as_its_loader_reads_them(tmp_pa
         server.started = True
 
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", serve)
-    assert main(["serve", "--port", str(free_port()), "--model", str(tmp_path / "one-step"), "--cache-from", "last_step"]) == 2
+    assert main(["serve", "--port", "0", "--model", str(tmp_path / "one-step"), "--cache-from", "last_step"]) == 2
     assert "runs 1 step" in capsys.readouterr().err and served == []
-    assert main(["serve", "--port", str(free_port()), "--model", str(older), "--cache-from", "last_step"]) == 0 and len(served) == 1
+    assert main(["serve", "--port", "0", "--model", str(older), "--cache-from", "last_step"]) == 0 and len(served) == 1
 
 
 def test_model_ops_decode_in_the_server_s_decode_dtype():
