@@ -378,7 +378,8 @@ def _check_address(host: str, port: int, keep: bool = False) -> list:
     refused as 'Name or service not known', and a port taken on ::1 alone by another server was
     found only once the model had loaded), SO_REUSEADDR, IPv6 sockets IPv6 only.
 
-    With `keep`, returns the sockets listening, for uvicorn to serve on (`server.run(sockets=...)`):
+    With `keep`, returns the sockets listening, for uvicorn to serve on (`SessionClosingServer(config,
+    listeners)`, which hands them to uvicorn's run):
     a socket bound with SO_REUSEADDR and not listening yet let another one bind the port with it
     too (uvicorn, a second serve), as Linux allows while neither listens; a connection meanwhile
     waits in the backlog until the server accepts it. Without, closes them. Port 0: the system

@@ -221,7 +221,7 @@ def test_the_server_warm_up_compiles_batched_sessions_too(monkeypatch):
     try:
         torch.set_num_threads(2)
         with TestClient(create_app(config, model=model)) as c:
-            wait_ready(c, timeout=240)
+            wait_ready(c)  # (a compiled warm-up is long: the wait follows its stages)
             assert batches_compile(model, (2, 3, 4, 7)) == [0, 0, 0, 0]
     finally:
         torch.set_num_threads(threads)
