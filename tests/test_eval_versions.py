@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLIPS = (  # the code the world's clips are made by (world.make_clip), that eval scores and trains on
     "streamgen/data/__init__.py", "streamgen/data/world.py", "streamgen/data/motion.py",
     "streamgen/data/render.py", "streamgen/data/sentences.py", "streamgen/data/speech.py",
+    "streamgen/data/espeak_view.py",  # (the espeak-ng data the voices are read from)
 )
 PINS = [
     (
@@ -35,12 +36,12 @@ PINS = [
          "streamgen/eval/report.py", "streamgen/eval/sessions.py", "streamgen/eval/outputs.py",
          "streamgen/eval/partial.py", *CLIPS,
          "streamgen/media.py::from_time_zero"),  # (a stream's frames lined up with its audio, for sync)
-        3, "e9213a3f5beed00d",
+        3, "56b2955948c1beb6",
     ),
     (
         "streamgen/eval/train.py", "TRAINING_VERSION",
         ("streamgen/eval/train.py", "streamgen/eval/evaluators.py", *CLIPS),
-        1, "7b7502af89995ade",
+        1, "3532e995f58a12ab",
     ),
 ]  # fmt: skip
 # where the modules a version depends on are looked for (`depended_on`); the rest of streamgen is the
