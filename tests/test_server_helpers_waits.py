@@ -25,14 +25,14 @@ async def test_sessions_gone_fails_naming_the_sessions_left():
 
 async def test_waiting_on_a_lane_fails_when_no_job_comes():
     with pytest.raises(AssertionError, match="no job came to wait on lane 1"):
-        await a_job_waits_on(SimpleNamespace(_jobs=[[], []]), lane=1)
+        await a_job_waits_on(SimpleNamespace(_jobs=[[], []]), lane=1, seconds=0.1)
 
 
 async def test_a_worker_stop_that_does_not_begin_fails():
     stopped = threading.Event()
     worker = SimpleNamespace(_stopping=False, stop=stopped.set)  # (a stop that never raises its flag)
     with pytest.raises(AssertionError, match="the worker's stop did not begin"):
-        await worker_stopping(worker)
+        await worker_stopping(worker, seconds=0.1)
     assert stopped.is_set()
 
 
@@ -40,5 +40,5 @@ def test_a_host_stop_that_does_not_begin_fails():
     stopped = threading.Event()
     host = SimpleNamespace(down=None, stop=stopped.set)
     with pytest.raises(AssertionError, match="the host's stop did not begin"):
-        stop_begun(host)
+        stop_begun(host, seconds=0.1)
     assert stopped.is_set()

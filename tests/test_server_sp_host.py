@@ -454,12 +454,12 @@ def held_call(monkeypatch, stop_wait: float, rank0=None, follower=None):
     return rank0, host, caller, results
 
 
-def stop_begun(host):
-    """The host's stop, run in a thread, once it has begun (bounded: 10 s): the thread."""
+def stop_begun(host, seconds: float = 10):
+    """The host's stop, run in a thread, once it has begun (bounded: `seconds`): the thread."""
     import time
 
     stopping = threading_start(host.stop)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + seconds
     while host.down is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert host.down is not None, "the host's stop did not begin"

@@ -24,9 +24,9 @@ from server_helpers import (
 pytestmark = pytest.mark.timeout(120)
 
 
-async def a_job_waits_on(worker, lane: int = 0) -> None:
-    """Until a job waits on `lane` behind the one it runs (bounded: 5 s)."""
-    await until(lambda: worker._jobs[lane], 5, failed=f"no job came to wait on lane {lane}")
+async def a_job_waits_on(worker, lane: int = 0, seconds: float = 5) -> None:
+    """Until a job waits on `lane` behind the one it runs (bounded: `seconds`)."""
+    await until(lambda: worker._jobs[lane], seconds, failed=f"no job came to wait on lane {lane}")
 
 
 async def closing_behind_a_chunk(registry, reference):
@@ -41,12 +41,12 @@ async def closing_behind_a_chunk(registry, reference):
     return old, release, deleting
 
 
-async def worker_stopping(worker) -> threading.Thread:
+async def worker_stopping(worker, seconds: float = 5) -> threading.Thread:
     """The worker's stop begun on a thread of its own (as the app's stop, after the sessions' close),
-    once the worker is stopping (bounded: 5 s); a held lane still runs its chunk."""
+    once the worker is stopping (bounded: `seconds`); a held lane still runs its chunk."""
     stopping = threading.Thread(target=worker.stop, daemon=True)
     stopping.start()
-    await until(lambda: worker._stopping, 5, failed="the worker's stop did not begin")
+    await until(lambda: worker._stopping, seconds, failed="the worker's stop did not begin")
     return stopping
 
 
