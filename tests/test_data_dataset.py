@@ -275,7 +275,9 @@ def test_cli_make_preview_and_errors(tmp_path, capsys):
     assert re.search(r"speed: [0-9]+(\.[0-9]+)? clips of 4 s per minute", capsys.readouterr().out)
     assert main(["data", "make", "--out", str(out), "--clips", "3"]) == 2  # refuses to overwrite
     err = capsys.readouterr().err
-    assert "already holds a dataset" in err and "data make:" not in err  # (its bar showed, at 0/3)
+    # one line, of the error alone (its bar, "data make: 0%| ... 0/3", showed before it)
+    assert err.startswith("streamgen data make: error: ") and "already holds a dataset" in err, err
+    assert len(err.strip().splitlines()) == 1 and "0/3" not in err and "%|" not in err, err
     assert main(["data", "make", "--out", str(out / "manifest.json"), "--clips", "3"]) == 2  # a file
     assert "is a file, not a folder" in capsys.readouterr().err
     assert (
