@@ -139,67 +139,55 @@ def live_server_clock(monkeypatch):
     return hold, now
 
 
-def test_a_live_server_is_waited_for_while_its_warm_up_goes_on(monkeypatch, live_server_clock):
+@pytest.fixture
+def a_warm_up_past_the_ready_wait(monkeypatch, live_server_clock):
+    """The warm-up's first chunk waits until live_server_clock has passed 120 s, twice the 60 s the
+    waits for a server gave it; yields the clock's reading ([seconds]). The chunk is let go at the
+    test's end, whatever it did (never a hang)."""
+    import threading
+    import time
+
+    from streamgen.stream import StreamSession
+
+    hold, now = live_server_clock
+    next_chunk, released = StreamSession.next_chunk, threading.Event()
+
+    def slow_first_chunk(self, observe=None):
+        hold.set()
+        give_up = time.monotonic() + 120  # (real time: never a hang, whatever the wait does)
+        while now[0] < 120 and not released.is_set() and time.monotonic() < give_up:
+            time.sleep(0.01)
+        hold.clear()
+        return next_chunk(self, observe)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", slow_first_chunk)
+    try:
+        yield now
+    finally:
+        released.set()
+
+
+def test_a_live_server_is_waited_for_while_its_warm_up_goes_on(a_warm_up_past_the_ready_wait):
     """live_server gave the server 60 s to become ready: on the loaded CI machine a warm-up went on
     past it, and the test failed ('live server did not become ready'). Here the warm-up's first
     chunk waits until live_server's clock has passed twice that: it is waited for, /readyz saying
     the warm-up's stage all along."""
-    import threading
-    import time
-
     import httpx
 
-    from streamgen.stream import StreamSession
-
-    hold, now = live_server_clock
-    next_chunk, released = StreamSession.next_chunk, threading.Event()
-
-    def slow_first_chunk(self, observe=None):
-        hold.set()
-        give_up = time.monotonic() + 120  # (real time: never a hang, whatever the wait does)
-        while now[0] < 120 and not released.is_set() and time.monotonic() < give_up:
-            time.sleep(0.01)
-        hold.clear()
-        return next_chunk(self, observe)
-
-    monkeypatch.setattr(StreamSession, "next_chunk", slow_first_chunk)
-    try:
-        with live_server() as (url, app):
-            assert httpx.get(f"{url}/readyz", timeout=10).json()["ready"] is True
-    finally:
-        released.set()
-    assert now[0] >= 120
+    with live_server() as (url, app):
+        assert httpx.get(f"{url}/readyz", timeout=10).json()["ready"] is True
+    assert a_warm_up_past_the_ready_wait[0] >= 120
 
 
-def test_a_test_client_is_waited_for_while_its_warm_up_goes_on(monkeypatch, live_server_clock):
+def test_a_test_client_is_waited_for_while_its_warm_up_goes_on(a_warm_up_past_the_ready_wait):
     """ready_client's wait (wait_ready) gave the app 60 s to become ready, as live_server did. Here
     the warm-up's first chunk waits until wait_ready's clock has passed twice that: it is waited
     for, /readyz saying the warm-up's stage all along."""
-    import threading
-    import time
-
     from server_helpers import ready_client
 
-    from streamgen.stream import StreamSession
-
-    hold, now = live_server_clock
-    next_chunk, released = StreamSession.next_chunk, threading.Event()
-
-    def slow_first_chunk(self, observe=None):
-        hold.set()
-        give_up = time.monotonic() + 120  # (real time: never a hang, whatever the wait does)
-        while now[0] < 120 and not released.is_set() and time.monotonic() < give_up:
-            time.sleep(0.01)
-        hold.clear()
-        return next_chunk(self, observe)
-
-    monkeypatch.setattr(StreamSession, "next_chunk", slow_first_chunk)
-    try:
-        with ready_client() as client:
-            assert client.get("/readyz").json()["ready"] is True
-    finally:
-        released.set()
-    assert now[0] >= 120
+    with ready_client() as client:
+        assert client.get("/readyz").json()["ready"] is True
+    assert a_warm_up_past_the_ready_wait[0] >= 120
 
 
 def test_a_test_client_whose_warm_up_failed_fails_at_once_with_its_error(monkeypatch, live_server_clock):
