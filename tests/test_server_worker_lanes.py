@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 import pytest
 from server_helpers import (
@@ -39,6 +39,21 @@ async def closing_behind_a_chunk(registry, reference):
     deleting = asyncio.ensure_future(registry.close(old, "deleted by client"))
     await asyncio.sleep(0)
     return old, release, deleting
+
+
+@asynccontextmanager
+async def a_close_stuck_behind_a_chunk(registry, reference):
+    """For the block: a session of `reference` made and its close begun behind a chunk that does not
+    end, held on its lane (closing_behind_a_chunk); yields (the session, the close's task). However
+    the block ends the chunk is let go; the close is then waited for (bounded)."""
+    import asyncio
+
+    old, release, deleting = await closing_behind_a_chunk(registry, reference)
+    try:
+        yield old, deleting
+    finally:
+        release.set()
+    await asyncio.wait_for(deleting, 30)
 
 
 async def worker_stopping(worker, seconds: float = 5) -> threading.Thread:
@@ -486,8 +501,7 @@ async def test_a_create_waiting_for_a_stream_closing_on_a_stuck_lane_is_refused_
     with running_registry(max_sessions=1, lanes=2) as registry:
         worker, metrics = registry.worker, registry.metrics
         reference = avatar_image("sample")
-        old, release, deleting = await closing_behind_a_chunk(registry, reference)  # (a chunk that does not end)
-        try:
+        async with a_close_stuck_behind_a_chunk(registry, reference) as (old, deleting):
             with pytest.raises(AdmissionError) as refused:
                 await asyncio.wait_for(registry.create(reference, None, 0), 20)
             assert refused.value.reason == (
@@ -499,9 +513,6 @@ async def test_a_create_waiting_for_a_stream_closing_on_a_stuck_lane_is_refused_
             assert registry._creating == 0 and registry.sessions == {}
             assert worker._lane_load[old.lane] == 1 and worker._lane_load[1 - old.lane] == 0  # (the old's alone)
             assert not deleting.done()
-        finally:
-            release.set()
-        await asyncio.wait_for(deleting, 30)
         new = await asyncio.wait_for(registry.create(reference, None, 0), 30)  # (the lane freed: room again)
         await asyncio.wait_for(registry.close(new, "deleted by client"), 30)
         assert registry.sessions == {} and worker._lane_load == [0, 0] and registry._creating == 0
@@ -521,8 +532,7 @@ async def test_a_create_waiting_for_a_stuck_lane_is_refused_as_the_stop_as_soon_
     monkeypatch.setattr(server.registry, "CLOSING_STREAM_WAIT_S", 3600.0)
     with running_registry(max_sessions=1, lanes=2) as registry:
         reference = avatar_image("sample")
-        old, release, deleting = await closing_behind_a_chunk(registry, reference)  # (a chunk that does not end)
-        try:
+        async with a_close_stuck_behind_a_chunk(registry, reference) as (old, _):
             creating = asyncio.ensure_future(registry.create(reference, None, 0))
             await asyncio.sleep(0.05)
             assert not creating.done() and registry._creating == 1  # (waiting for the old stream's close)
@@ -535,9 +545,6 @@ async def test_a_create_waiting_for_a_stuck_lane_is_refused_as_the_stop_as_soon_
             assert registry.metrics.sessions_rejected.labels("stopping")._value.get() == 1
             # (not woken by the old stream's close: it still waits behind the stuck chunk)
             assert [on for on, close in registry._streams_closing if not close.done()] == [old.lane]
-        finally:
-            release.set()
-        await asyncio.wait_for(deleting, 30)
         assert registry.worker._lane_load == [0, 0]
 
 
@@ -575,8 +582,7 @@ async def test_a_create_whose_wait_for_a_stuck_lane_runs_out_during_the_stop_is_
     monkeypatch.setattr(server.registry, "CLOSING_STREAM_WAIT_S", 0.3)
     with running_registry(max_sessions=1, lanes=2) as registry:
         reference = avatar_image("sample")
-        old, release, deleting = await closing_behind_a_chunk(registry, reference)  # (a chunk that does not end)
-        try:
+        async with a_close_stuck_behind_a_chunk(registry, reference):
             creating = asyncio.ensure_future(registry.create(reference, None, 0))
             await asyncio.sleep(0)
             registry.stopping.set()
@@ -585,7 +591,4 @@ async def test_a_create_whose_wait_for_a_stuck_lane_runs_out_during_the_stop_is_
             assert refused.value.retry_after == 5 and registry._creating == 0
             assert registry.metrics.sessions_rejected.labels("stopping")._value.get() == 1
             assert registry.metrics.sessions_rejected.labels("busy")._value.get() == 0
-        finally:
-            release.set()
-        await asyncio.wait_for(deleting, 30)
         assert registry.worker._lane_load == [0, 0]
