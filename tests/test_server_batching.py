@@ -243,11 +243,29 @@ def test_streaming_sessions_whose_model_process_died_end_as_host_down(monkeypatc
         loop.close()
 
 
+def a_registry_of_one_session_on_a_host(monkeypatch, **host):
+    """A SessionRegistry whose model host is a stand-in with `host`'s attributes, holding one
+    WebSocket session (id "s1") within every time limit, its close faked to record the reason only:
+    (the registry, [the reasons of its closes])."""
+    from server.config import ServerConfig
+
+    registry = SessionRegistry(ServerConfig(), None, None)
+    registry.host = SimpleNamespace(**host)
+    registry.sessions["s1"] = SimpleNamespace(id="s1", created=1e18, last_input=1e18, transport="websocket",
+                                              clock=time.monotonic)  # fmt: skip
+    closed = []
+
+    async def close(session, reason):
+        closed.append(reason)
+
+    monkeypatch.setattr(registry, "close", close)
+    return registry, closed
+
+
 def test_streaming_sessions_of_a_host_ended_by_the_servers_stop_end_as_shut_down(monkeypatch, caplog):
     """`serve --sp`: the signal that stops the server ends the follower ranks too, and a chunk in
     progress then finds them gone: its sessions ended as host_down, with an ERROR line, and the
     limits closed the others as host_down too, before the shutdown closed them."""
-    from server.config import ServerConfig
     from server.model_host import HostStopped
 
     loop = asyncio.new_event_loop()
@@ -266,16 +284,7 @@ def test_streaming_sessions_of_a_host_ended_by_the_servers_stop_end_as_shut_down
         loop.run_until_complete(asyncio.sleep(0))
         assert failed == {"s1": "server shutting down"}
         assert [r.levelname for r in caplog.records if r.name == "streamgen.server"] == ["INFO"], caplog.text
-        registry = SessionRegistry(ServerConfig(), None, None)
-        registry.host = SimpleNamespace(down="the sequence-parallel host has stopped")
-        registry.sessions["s2"] = SimpleNamespace(id="s2", created=1e18, last_input=1e18, transport="websocket",
-                                                  clock=time.monotonic)
-        closed = []
-
-        async def close(session, reason):
-            closed.append(reason)
-
-        monkeypatch.setattr(registry, "close", close)
+        registry, closed = a_registry_of_one_session_on_a_host(monkeypatch, down="the sequence-parallel host has stopped")
         registry.stopping.set()
         loop.run_until_complete(registry.enforce_limits())
         assert closed == [] and not registry.down_logged
@@ -287,21 +296,11 @@ def test_the_limits_leave_the_sessions_of_a_host_that_waits_to_know_whether_the_
     """`serve --sp`: a host that found a follower gone is down at once (/healthz, admission) while it
     waits for the server's stop to be known (SequenceParallelHost._gone): the limits' check closed
     its sessions meanwhile as host_down, an ERROR logged, where that rank had ended with the stop."""
-    from server.config import ServerConfig
-
     loop = asyncio.new_event_loop()
     try:
-        registry = SessionRegistry(ServerConfig(), None, None)
-        registry.host = SimpleNamespace(down="the sequence-parallel host lost a rank (chunk: rank 1 is gone)",
-                                        awaiting_stop=True)  # fmt: skip
-        registry.sessions["s1"] = SimpleNamespace(id="s1", created=1e18, last_input=1e18, transport="websocket",
-                                                  clock=time.monotonic)
-        closed = []
-
-        async def close(session, reason):
-            closed.append(reason)
-
-        monkeypatch.setattr(registry, "close", close)
+        registry, closed = a_registry_of_one_session_on_a_host(
+            monkeypatch, down="the sequence-parallel host lost a rank (chunk: rank 1 is gone)", awaiting_stop=True
+        )
         loop.run_until_complete(registry.enforce_limits())
         assert closed == [] and not registry.down_logged and registry.down  # (/healthz says it)
         registry.host.awaiting_stop = False  # no stop came: a failure
