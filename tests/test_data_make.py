@@ -323,8 +323,13 @@ def test_a_make_gone_on_from_says_the_workers_it_used(tmp_path, capsys):
     assert "2 of them made before" in (said := capsys.readouterr().out) and "with 1 worker\n" in said, said
 
 
-def test_clips_too_long_for_the_memory_are_one_line(tmp_path, monkeypatch, capsys):
-    """`--seconds 1e7` was numpy's MemoryError traceback ('Unable to allocate 596. GiB')."""
+@pytest.mark.parametrize(
+    "seconds, said",
+    [("1e7", "10000000 s at 16x16 (179 GiB of frames"), ("1e9", "1000000000 s at 16x16 (17881 GiB of frames")],
+)
+def test_clips_too_long_for_the_memory_are_one_line(tmp_path, monkeypatch, capsys, seconds, said):
+    """`--seconds 1e7` was numpy's MemoryError traceback ('Unable to allocate 596. GiB'); then a line
+    that said '1e+07 s' and, longer, '1.79e+04 GiB': plain numbers, as the user would write them."""
     from streamgen.cli import main
 
     def too_long(*args):
@@ -342,14 +347,14 @@ def test_clips_too_long_for_the_memory_are_one_line(tmp_path, monkeypatch, capsy
         "--size",
         "16",
         "--seconds",
-        "1e7",
+        seconds,
         "--workers",
         "1",
     ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert "not enough memory to make clips of 1e+07 s at 16x16 (179 GiB of frames" in err.splitlines()[-1]
+    assert f"not enough memory to make clips of {said}" in err.splitlines()[-1]
     assert not out.exists()
 
 

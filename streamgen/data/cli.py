@@ -162,8 +162,8 @@ def _make(args) -> int:
         kept = partly_made(args.out)
         again = f" ({clip_count(kept)} made so far kept in {args.out})" if kept else ""
         raise DataError(
-            f"not enough memory to make clips of {args.seconds:g} s at {args.size}x{args.size} "
-            f"({need:.3g} GiB of frames, a clip per worker): choose a shorter --seconds, a smaller "
+            f"not enough memory to make clips of {plain_number(args.seconds)} s at {args.size}x{args.size} "
+            f"({plain_number(need, 3)} GiB of frames, a clip per worker): choose a shorter --seconds, a smaller "
             f"--size or fewer --workers{again}"
         ) from None
     except BaseException as e:
@@ -202,6 +202,19 @@ def said_speed(per_minute: float) -> str:
     if per_minute >= 10:
         return f"{per_minute:.0f}"
     return f"{Decimal(f'{per_minute:.2g}'):f}"
+
+
+def plain_number(value: float, significant: int | None = None) -> str:
+    """`value` as a person writes it, never in the general format's exponent form ('1e+07' for
+    --seconds 1e7, '1.79e+04' GiB): exact (as Python reads it back), or to `significant`
+    significant digits, the whole digits all kept ('17881' GiB, '179', '0.512')."""
+    from decimal import Decimal
+
+    if significant is None:
+        return f"{Decimal(repr(float(value))).normalize():f}"
+    if abs(value) >= 10 ** (significant - 1):
+        return f"{value:.0f}"
+    return f"{Decimal(f'{value:.{significant}g}'):f}"
 
 
 def clips_of_4s_per_minute(clips: int, seconds: float, elapsed: float) -> float:
