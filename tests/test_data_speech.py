@@ -238,3 +238,56 @@ def test_stale_espeak_views_of_the_previous_naming_are_removed_and_no_other(tmp_
     assert not stale.exists()
     assert in_use.is_dir() and not_a_view.is_dir() and a_file.is_file()
     assert linked.is_symlink() and (elsewhere / "voices" / "!v" / "sg_default").is_file()
+
+
+def test_a_process_whose_espeak_view_was_removed_makes_another_and_marks_the_one_it_uses(
+    tmp_path, own_espeak_engine, monkeypatch
+):
+    """A view whose process cannot be asked after (another host's, on a shared temp folder) is removed
+    once unused for days: a server idle that long found its view gone, and its next voice failed to
+    load ("espeak-ng has no voice"). Speech now makes a new view where its own is gone, and marks the
+    one it speaks through as used (its folder's time) however its file system keeps read times."""
+    import os
+    import shutil
+    import time
+
+    from streamgen.data import espeak_view
+
+    synthesize("The server speaks.")
+    (view,) = tmp_path.iterdir()
+    days_ago = time.time() - 3 * 86400
+    os.utime(view, (days_ago, days_ago))
+    monkeypatch.setattr(espeak_view, "_MARK_EVERY_S", 0.0)  # (marked at most once an hour otherwise)
+    synthesize("The server speaks again.")
+    assert view.stat().st_mtime > days_ago + 86400
+    shutil.rmtree(view)  # (as another host's next view removes it)
+    assert len(synthesize("Der Server spricht.", Voice("de", "f4")).audio) > 0  # a voice not loaded before
+    (new_view,) = tmp_path.iterdir()
+    assert new_view != view and (new_view / "voices" / "!v" / "sg_f4").is_file()
+
+
+def test_stale_espeak_views_of_other_hosts_are_removed_and_no_live_one(tmp_path, own_espeak_engine):
+    """A view's process is asked after on its own host alone (and PID namespace: a container's views
+    are another host's): the views of other hosts that share the temp folder (a shared home, a /tmp
+    that outlives its containers) were never removed, 244 files each. The next view now removes those
+    of them that are ours and unused for two days (`mark_used`: a process marks its view hourly as it
+    speaks, and makes another where its own was removed); not a fresh one, nor one of this host
+    whose process lives, however old."""
+    import subprocess
+    import sys
+
+    from streamgen.files import HOST_TAG
+
+    other = "otherhost_0123456789ab"
+    stale = _old_named_view(tmp_path, f"streamgen-espeak-{other}-4242-abcd1234")
+    in_use = _old_named_view(tmp_path, f"streamgen-espeak-{other}-4243-efgh5678", read_ago_s=3600)
+    not_a_view = _old_named_view(tmp_path, f"streamgen-espeak-{other}-4244-ijkl9012", our_variants=False)
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        old_but_alive = _old_named_view(tmp_path, f"streamgen-espeak-{HOST_TAG}-{live.pid}-mnop3456")
+        assert len(synthesize("The next one speaks.").audio) > 0
+        assert not stale.exists()
+        assert in_use.is_dir() and not_a_view.is_dir() and old_but_alive.is_dir()
+    finally:
+        live.stdin.close()
+        live.wait(60)

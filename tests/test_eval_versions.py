@@ -36,12 +36,12 @@ PINS = [
          "streamgen/eval/report.py", "streamgen/eval/sessions.py", "streamgen/eval/outputs.py",
          "streamgen/eval/partial.py", *CLIPS,
          "streamgen/media.py::from_time_zero"),  # (a stream's frames lined up with its audio, for sync)
-        3, "56b2955948c1beb6",
+        3, "982f245b57bd1f64",
     ),
     (
         "streamgen/eval/train.py", "TRAINING_VERSION",
         ("streamgen/eval/train.py", "streamgen/eval/evaluators.py", *CLIPS),
-        1, "3532e995f58a12ab",
+        1, "5ba9173c0c540334",
     ),
 ]  # fmt: skip
 # where the modules a version depends on are looked for (`depended_on`); the rest of streamgen is the

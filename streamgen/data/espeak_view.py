@@ -1,6 +1,6 @@
 """The folder espeak-ng reads its data from when `streamgen.data.speech` speaks: a view of its data
 directory whose voice variants have no pitch flutter, made once a process, and the views of processes
-gone removed.
+gone (or, where the process cannot be asked after, unused for days) removed.
 
 espeak-ng modulates pitch with a "flutter" table whose read position is a static variable that carries
 over from one sentence to the next (and survives re-initialisation), so the same text would sound
@@ -12,6 +12,7 @@ per-seed determinism needs. The view is a temporary folder of symlinks plus our 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -47,7 +48,29 @@ class DataView:
         except BaseException:
             shutil.rmtree(self.path, ignore_errors=True)
             raise
+        self._marked = time.monotonic()  # (made just now: its folder's time is now)
         weakref.finalize(self, _remove_view, self.path, self.owner)
+
+    def mark_used(self) -> None:
+        """The folder's modification time set to now, at most once every `_MARK_EVERY_S`: what tells
+        a view in use from one its process left, where that process cannot be asked after
+        (`_stale_view`), on a file system that keeps read times once a day (relatime) or never
+        (noatime) as on any other."""
+        now = time.monotonic()
+        if now - self._marked >= _MARK_EVERY_S:
+            self._marked = now
+            with contextlib.suppress(OSError):  # (gone: `gone` tells the speaker, which makes another)
+                os.utime(self.path)
+
+    def gone(self) -> bool:
+        """Whether the folder was removed under its process (as unused for days, by a view made on
+        another host that shares the temp folder): espeak-ng could load no voice from it."""
+        return not self.path.is_dir()
+
+
+# how often a process that speaks marks its view as used (`DataView.mark_used`): far more often
+# than a view must go unused to be removed (`_VIEW_STALE_AFTER_S`)
+_MARK_EVERY_S = 3600.0
 
 
 _VIEW_PREFIX = "streamgen-espeak-"
@@ -60,29 +83,37 @@ def _remove_view(path: Path, owner: int) -> None:
 
 
 def _remove_abandoned_views(temp: Path) -> None:
-    """The views in `temp` whose process has ended (on this host), and stale ones of the previous
-    naming (`_stale_old_view`), removed."""
+    """The views in `temp` whose process has ended (on this host), and stale ones (`_stale_view`)
+    whose process cannot be asked after: of another host (or PID namespace), which may share the
+    temp folder (a shared home, a /tmp that outlives containers), or of the previous naming, which
+    named none; removed."""
     for path in temp.glob(f"{_VIEW_PREFIX}*"):
         m = _VIEW_NAME.match(path.name)
         if m and path.is_dir() and not path.is_symlink() and process_ended(m["host"], int(m["pid"])):
             shutil.rmtree(path, ignore_errors=True)
-        elif _OLD_VIEW_NAME.match(path.name) and _stale_old_view(path):
+        elif (_OLD_VIEW_NAME.match(path.name) or (m and _unaskable(m["host"]))) and _stale_view(path):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _unaskable(host: str) -> bool:
+    """Whether `process_ended` cannot tell of a view's process: another host's, or no POSIX signals."""
+    return host != HOST_TAG or os.name != "posix"
 
 
 # the views before each named its process: a TemporaryDirectory's, mkdtemp's 8 characters after the prefix
 _OLD_VIEW_NAME = re.compile(rf"^{_VIEW_PREFIX}[a-z0-9_]{{8}}$")
 # (relatime, Linux's default, moves a file's read time on at most once a day: twice the day it
 # leaves a writer's temp file alone)
-_OLD_VIEW_STALE_AFTER_S = 2 * ABANDONED_AFTER_S
+_VIEW_STALE_AFTER_S = 2 * ABANDONED_AFTER_S
 
 
-def _stale_old_view(path: Path) -> bool:
-    """Whether `path`, named as a view of the previous naming, is one of ours no process uses: a folder
-    (no link) of this user's, with our variant files, none of which (nor the folder) was read or
-    written for `_OLD_VIEW_STALE_AFTER_S`. Its name says no process to ask after; a process that still
-    speaks through it reads a variant file at every voice it sets."""
-    since = time.time() - _OLD_VIEW_STALE_AFTER_S
+def _stale_view(path: Path) -> bool:
+    """Whether `path`, named as a view whose process cannot be asked after, is one of ours no process
+    uses: a folder (no link) of this user's, with our variant files, none of which (nor the folder)
+    was read or written for `_VIEW_STALE_AFTER_S`. A process that speaks through it marks its folder
+    hourly (`DataView.mark_used`), and one of the previous code reads a variant file at every voice
+    it sets; one idle for longer, whose view is removed, makes another as it speaks again (`gone`)."""
+    since = time.time() - _VIEW_STALE_AFTER_S
     try:
         folder = path.lstat()
         variants = path / "voices" / "!v"
@@ -101,11 +132,11 @@ _view: DataView | None = None
 
 
 def data_view(find_src: Callable[[], Path], variants: Iterable[str]) -> DataView:
-    """This process's view, made of the data directory `find_src()` finds where there is none; in a
-    forked child, its parent's while that one lives (the same data: a view of its own, never removed
-    by a child's os._exit, was left behind)."""
+    """This process's view, made of the data directory `find_src()` finds where there is none (or it
+    was removed); in a forked child, its parent's while that one lives (the same data: a view of its
+    own, never removed by a child's os._exit, was left behind)."""
     global _view
-    if _view is None or (_view.owner != os.getpid() and process_ended(HOST_TAG, _view.owner)):
+    if _view is None or _view.gone() or (_view.owner != os.getpid() and process_ended(HOST_TAG, _view.owner)):
         _view = DataView(find_src(), variants)
     return _view
 

@@ -435,9 +435,12 @@ def _data_directory(data_path: str | None) -> Path:
 
 
 def _engine_instance() -> _Engine:
+    """This process's engine, made anew where none is, or its data view was removed under it (see
+    `espeak_view.DataView.gone`); its view marked as used."""
     global _engine
-    if _engine is None or _engine_pid != os.getpid():
+    if _engine is None or _engine_pid != os.getpid() or _engine._data_dir.gone():
         _set_engine(_Engine())
+    _engine._data_dir.mark_used()
     return _engine
 
 
