@@ -130,6 +130,8 @@ class SequenceParallelHost:
         # it, for good; None while the model warms up (a first chunk may take minutes): the server
         # sets it once it is ready (ServerConfig.model_timeout_s, --model-timeout)
         self.answer_timeout: float | None = None
+        self._overdue = False  # the operation running ran past answer_timeout (`_past_the_timeout`)
+        self._operations = 0  # how many have begun: which one a watchdog times
 
     @classmethod
     def start(cls, model: str, device: str, threads: int | None, sp: int, height: int | None = None,
@@ -157,14 +159,42 @@ class SequenceParallelHost:
                 if self.down:  # (HostDown: the worker logged an ERROR and ended its sessions as host_down)
                     raise (HostStopped if self._stopped else HostDown)(self.down)
                 self._running = True
+                self._operations += 1
+                this_one = self._operations
+            # rank 0 itself waits in the operation's collectives on a follower that hangs before them:
+            # the bound on the followers' answers (`_run`) never came into play, and /healthz said ok
+            # for as long as it hung. Timed from here, the host is down once it runs past the limit
+            watchdog = None
+            if self.answer_timeout is not None:
+                watchdog = threading.Timer(self.answer_timeout, self._past_the_timeout, (op, this_one))
+                watchdog.daemon = True
+                watchdog.start()
             try:
-                return self._run(op, args)
+                result = self._run(op, args)
             finally:
-                with self._handover:
+                if watchdog is not None:
+                    watchdog.cancel()
+                with self._handover:  # (the watchdog looks at `_running` under it: it ran before, or not at all)
                     self._running = False
-                    let_go = self._stop_gave_up
+                    let_go, overdue = self._stop_gave_up, self._overdue
                 if let_go:  # the stop gave up waiting for this operation
                     self._let_go_after(op)
+        if overdue:  # it ended after the host went down: its sessions are ended already
+            raise HostDown(self.down)
+        return result
+
+    def _past_the_timeout(self, op: str, number: int) -> None:
+        """The watchdog's (a timer thread's): the operation under way has run for answer_timeout. The
+        ranks cannot be killed from here, as a model process is: the host is down, which /healthz's
+        503 says, for the supervisor to restart the service (and torchrun's group with it)."""
+        with self._handover:
+            # (ended, or the stop's to end; `number`: a timer that fired as its operation ended is not the next one's)
+            if not self._running or number != self._operations or self.down or self.stopping.is_set():
+                return
+            self._overdue = True
+            self.down = (f"the sequence-parallel ranks cannot go on together (they gave no answer to {op!r} "
+                         f"in {self.answer_timeout:g} s: a rank is stuck)")  # fmt: skip
+        log.critical("%s; no more model operations will run", self.down)
 
     def _let_go_after(self, op: str) -> None:
         # logged, not raised: the caller waits for the operation's own result or error

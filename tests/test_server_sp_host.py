@@ -642,6 +642,46 @@ def test_a_follower_alive_but_giving_no_answer_takes_the_host_down_once_the_mode
     there.close()
 
 
+def test_rank_0_held_in_its_own_operation_takes_the_host_down_once_the_model_timeout_runs_out():
+    """A follower hung before a collective holds rank 0 in that collective, in its own part of the
+    operation, not in `recv`: the bound on the followers' answers never came into play, and /healthz
+    said ok for as long as it hung. The host is down once the operation has run for --model-timeout,
+    while it still runs, and the operation, should it end, raises as the host is down."""
+    import threading
+
+    from server.model_host import HostDown
+
+    released = threading.Event()
+
+    class HeldOps(ScriptedOps):
+        def handle(self, op, args):
+            if op == "chunk":
+                released.wait(30)  # (a collective waiting on a hung rank)
+            return super().handle(op, args)
+
+    host, threads, codes = lockstep(HeldOps(), ScriptedOps())
+    host.answer_timeout = 0.2
+    outcomes = []
+    caller = threading.Thread(target=lambda: outcomes.append(pytest.raises(HostDown, host.call, "chunk", "id", None)))
+    caller.daemon = True
+    caller.start()
+    try:
+        for _ in range(100):
+            if host.down:
+                break
+            caller.join(0.1)
+        assert host.down, "the host is not down 10 s into an operation bounded by 0.2 s"
+        assert "gave no answer to 'chunk' in 0.2 s" in host.down and caller.is_alive()
+    finally:
+        released.set()
+    caller.join(10)
+    assert outcomes, "the operation did not end once released"
+    outcomes[0].match(r"gave no answer to 'chunk' in 0\.2 s")
+    with pytest.raises(HostDown):  # nothing more runs
+        host.call("chunk", "id", None)
+    host.stop()
+
+
 def test_a_start_whose_accept_fails_closes_its_listener(monkeypatch):
     """A follower's connection refused (a wrong key, say) raised out of `start` with the listener
     still open: its port and socket stayed bound for as long as the process lived."""
