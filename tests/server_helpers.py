@@ -183,6 +183,7 @@ def live_server(http: str = "auto", tls: tuple[str, str] | None = None, loop: st
 
 
 TURNSERVER = "/usr/bin/turnserver"  # Debian's coturn (.ci/run installs it where apt can)
+TURN_PORT_TRIES = 5
 
 
 @contextmanager
@@ -192,48 +193,76 @@ def turn_server(secret: str | None = None):
     where coturn is not installed."""
     import os
     import shutil
-    import subprocess
     import tempfile
 
     import pytest
 
     if not os.path.exists(TURNSERVER):
         pytest.skip(f"coturn not found at {TURNSERVER}: apt-get install -y coturn")
-    port, state = free_port(), tempfile.mkdtemp(prefix="streamgen-turn-")
+    state = tempfile.mkdtemp(prefix="streamgen-turn-")
     auth = ["--lt-cred-mech", "--user=streamgen:turn-secret"]
     if secret is not None:
         auth = ["--use-auth-secret", f"--static-auth-secret={secret}"]
-    proc = subprocess.Popen(
-        [TURNSERVER, "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", f"--listening-port={port}",
-         *auth, "--realm=streamgen", "--no-tls", "--no-dtls", "--no-cli",
-         "--allow-loopback-peers", "--min-port=49152", "--max-port=65535", f"--userdb={state}/turndb",
-         f"--pidfile={state}/turn.pid", "--log-file=stdout", "--simple-log"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    proc = None
     try:
-        from aioice import stun
-
-        deadline = time.monotonic() + 10
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.settimeout(0.2)
-            while True:  # ready once it answers a STUN binding request
-                probe.sendto(
-                    bytes(stun.Message(stun.Method.BINDING, stun.Class.REQUEST)), ("127.0.0.1", port)
-                )
-                try:
-                    probe.recvfrom(2048)
-                    break
-                except OSError:  # a timeout, or ICMP unreachable while it starts
-                    assert proc.poll() is None and time.monotonic() < deadline, "coturn did not start"
+        # coturn takes no port 0 nor a socket of ours: its port is chosen, let go, then bound by it,
+        # and a socket of another test process may hold it by then (free_port looks at TCP only,
+        # coturn binds UDP too); coturn then retries its bind for good, so another port is tried
+        for _ in range(TURN_PORT_TRIES):
+            port = free_port()
+            proc = _coturn_on(port, auth, state)
+            if _coturn_answers(port, proc, f"{state}/turn-{port}.log"):
+                break
+            proc.kill()
+            proc.wait(10)
+        else:
+            raise AssertionError(f"coturn found its port taken {TURN_PORT_TRIES} times")
         url = f"turn:127.0.0.1:{port}?transport=udp"
         if secret is not None:
             yield {"urls": [url], "secret": secret}
         else:
             yield {"urls": [url], "username": "streamgen", "credential": "turn-secret"}
     finally:
-        proc.terminate()
-        proc.wait(10)
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def _coturn_on(port: int, auth: list[str], state: str) -> subprocess.Popen:
+    """coturn started on 127.0.0.1:`port` (UDP and TCP), its log in `state`/turn-PORT.log."""
+    with open(f"{state}/turn-{port}.log", "w") as log:
+        return subprocess.Popen(
+            [TURNSERVER, "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", f"--listening-port={port}",
+             *auth, "--realm=streamgen", "--no-tls", "--no-dtls", "--no-cli",
+             "--allow-loopback-peers", "--min-port=49152", "--max-port=65535", f"--userdb={state}/turndb",
+             f"--pidfile={state}/turn.pid", "--log-file=stdout", "--simple-log"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def _coturn_answers(port: int, proc: subprocess.Popen, log_path: str) -> bool:
+    """Whether coturn (`proc`) answers a STUN binding request on `port`: True once it does, False
+    where its log says another socket holds the port (an answer then may be another coturn's);
+    an AssertionError where it ended, or neither came within 10 s."""
+    from aioice import stun
+
+    def port_taken() -> bool:
+        with open(log_path) as log:
+            return "Cannot bind" in log.read()
+
+    deadline = time.monotonic() + 10
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.settimeout(0.2)
+        while True:
+            probe.sendto(bytes(stun.Message(stun.Method.BINDING, stun.Class.REQUEST)), ("127.0.0.1", port))
+            try:
+                probe.recvfrom(2048)
+                return not port_taken()
+            except OSError:  # a timeout, or ICMP unreachable while it starts
+                if port_taken():
+                    return False
+                assert proc.poll() is None and time.monotonic() < deadline, "coturn did not start"
 
 
 # --- HTTP clients -------------------------------------------------------------------------------

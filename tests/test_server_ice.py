@@ -244,3 +244,36 @@ async def test_the_server_relays_with_a_credential_made_from_the_turn_secret():
             (given,) = created["ice_servers"]
             assert given["urls"] == turn["urls"] and given["username"].endswith(f":{created['id']}")
             assert secret not in json.dumps(created) + r.headers["link"]
+
+
+async def test_a_turn_server_whose_port_was_taken_before_it_listened_starts_on_another(monkeypatch):
+    """turn_server (the tests' coturn) chose a free TCP port and let it go for coturn to listen on
+    (UDP and TCP): a socket of another test process that held the port by then, or took it
+    meanwhile (aioice's UDP candidates, on a loaded CI machine), left coturn retrying its bind for
+    good, and the test failed ('coturn did not start'). Here a UDP socket takes the port just
+    before coturn starts: it starts on another, and allocates a relay there."""
+    import socket
+    import subprocess
+
+    from server_helpers import TURNSERVER, turn_server
+
+    from server.ice import turn_problem
+
+    taken, popen = [], subprocess.Popen
+
+    def popen_after_another_took_the_port(args, *rest, **options):
+        if args[0] == TURNSERVER and not taken:
+            port = int(next(a for a in args if a.startswith("--listening-port=")).split("=")[1])
+            other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            other.bind(("127.0.0.1", port))
+            taken.append(other)
+        return popen(args, *rest, **options)
+
+    monkeypatch.setattr(subprocess, "Popen", popen_after_another_took_the_port)
+    try:
+        with turn_server() as turn:
+            assert f":{taken[0].getsockname()[1]}?" not in turn["urls"][0]
+            assert await turn_problem(turn) is None
+    finally:
+        for other in taken:
+            other.close()
