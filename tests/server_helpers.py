@@ -149,6 +149,17 @@ def free_port() -> int:
 
 
 @contextmanager
+def a_port_nobody_answers_on(kind: int = socket.SOCK_STREAM):
+    """For the block, a port on 127.0.0.1 held by a socket of ours of `kind` that neither listens
+    nor reads: a TCP connection there is refused, a datagram goes unanswered, and no other socket
+    can bind it meanwhile (ours has no SO_REUSEADDR). One from free_port, let go, could be taken by
+    another test process's server, which would answer."""
+    with socket.socket(socket.AF_INET, kind) as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
+
+
+@contextmanager
 def live_server(http: str = "auto", tls: tuple[str, str] | None = None, loop: str = "auto", **overrides):
     """A real uvicorn server on 127.0.0.1 in a background thread, with uvicorn's `http` protocol and
     event `loop` (on HTTPS with `tls`'s certificate and key files); yields (base_url, app)."""

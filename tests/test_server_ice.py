@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import httpx
 import pytest
-from server_helpers import client_peer, free_port, live_server
+from server_helpers import a_port_nobody_answers_on, client_peer, live_server
 
 from server.ice import IceConfigError, link_header, parse_ice_servers, server_side
 
@@ -70,14 +71,14 @@ def test_a_list_the_server_cannot_use_is_refused_with_its_reason(text, says):
 def test_serve_refuses_a_bad_list_before_starting():
     from streamgen.cli import main
 
-    assert main(["serve", "--port", str(free_port()), "--ice-servers", '[{"urls": "turn:x"}]']) == 2
+    assert main(["serve", "--port", "0", "--ice-servers", '[{"urls": "turn:x"}]']) == 2  # (refused before it binds)
 
 
 def test_serve_refuses_a_turn_secrets_ttl_shorter_than_a_session(capsys):
     from streamgen.cli import main
 
     short = '[{"urls": "turn:x", "secret": "s", "ttl": 600}]'
-    assert main(["serve", "--port", str(free_port()), "--ice-servers", short, "--max-duration", "900"]) == 2
+    assert main(["serve", "--port", "0", "--ice-servers", short, "--max-duration", "900"]) == 2
     assert "'ttl' 600 s is shorter than --max-duration 900 s" in capsys.readouterr().err
 
 
@@ -210,8 +211,9 @@ async def test_a_turn_server_that_gives_no_relay_is_reported_at_startup(caplog):
         with caplog.at_level("WARNING", logger="streamgen.server"):
             await warn_if_ice_servers_fail([wrong])
         assert "gives no relay (it refused the allocation" in caplog.text
-    nobody = {**turn, "urls": [f"turn:127.0.0.1:{free_port()}?transport=udp"]}
-    assert (await turn_problem(nobody, timeout=1.0)).startswith("no answer")
+    with a_port_nobody_answers_on(socket.SOCK_DGRAM) as port:
+        nobody = {**turn, "urls": [f"turn:127.0.0.1:{port}?transport=udp"]}
+        assert (await turn_problem(nobody, timeout=1.0)).startswith("no answer")
 
 
 async def test_the_server_relays_through_a_turn_server_with_its_credentials():
@@ -277,3 +279,20 @@ async def test_a_turn_server_whose_port_was_taken_before_it_listened_starts_on_a
     finally:
         for other in taken:
             other.close()
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_DGRAM], ids=["tcp", "udp"])
+def test_a_port_nobody_answers_on_is_held_from_other_sockets(kind):
+    """The tests' port of no server (a TURN server nobody runs, a stream URL nothing listens at) came
+    from free_port, let go at once: a server of another test process could take it and answer.
+    a_port_nobody_answers_on holds it: another socket cannot bind it, with SO_REUSEADDR (as uvicorn
+    and coturn bind) or without, and a TCP connection to it is refused."""
+    with a_port_nobody_answers_on(kind) as port:
+        for reuse in (0, 1):
+            with socket.socket(socket.AF_INET, kind) as other:
+                other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuse)
+                with pytest.raises(OSError, match="in use"):
+                    other.bind(("127.0.0.1", port))
+        if kind == socket.SOCK_STREAM:
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=10).close()
