@@ -12,8 +12,8 @@ from contextlib import contextmanager
 import pytest
 from server_helpers import (
     WS_CLIENT,
+    a_port_nobody_answers_on,
     assert_one_line_error,
-    free_port,
     live_server,
     load_ws_client,
     saved_frames,
@@ -25,8 +25,9 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def test_a_server_that_is_not_there_is_one_line(tmp_path):
-    url = f"http://127.0.0.1:{free_port()}"
-    r = ws_client_here("--server", url, "--say", "hi", "--out", str(tmp_path))
+    with a_port_nobody_answers_on() as port:  # (held: no other test process's server takes it meanwhile)
+        url = f"http://127.0.0.1:{port}"
+        r = ws_client_here("--server", url, "--say", "hi", "--out", str(tmp_path))
     assert_one_line_error(r, f"cannot reach {url}")
 
 
