@@ -102,8 +102,9 @@ class ModelHost:
 
     def __init__(self, model: str, device: str, threads: int | None, decode_dtype: str = "auto",
                  stopping: threading.Event | None = None):  # fmt: skip
-        """stopping: set once the server's stop begins (the registry's): a process that ends from then on
-        ends with the stop (a SIGTERM to the whole process group), not as a failure."""
+        """stopping: set once the server's stop begins (the registry's `StopBegun`; `stop` sets it too): a
+        process that ends from then on ends with the stop (a SIGTERM to the whole process group), not as
+        a failure."""
         ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no copied threads or locks
         self._conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_child_main, args=(child, model, device, threads, decode_dtype, log_setup()),
@@ -114,7 +115,6 @@ class ModelHost:
         self._calling = threading.Lock()  # held while an operation is on the pipe: `stop` waits for it
         self._killed_at_stop: str | None = None  # why the stop killed the process, once it has
         self.stopping = stopping if stopping is not None else threading.Event()
-        self._stop_begun = False  # (`stop` runs: it waits for the operation on the pipe)
         # seconds an operation may take before the process is taken for stuck and killed; None
         # while the model loads and warms up (a first chunk may take minutes): the server sets it
         # once it is ready (ServerConfig.model_timeout_s)
@@ -128,15 +128,17 @@ class ModelHost:
         operation: /healthz and /readyz said ok, and its sessions waited, until one was asked for."""
         if self._down in (None, PIPE_CLOSED, during_the_stop(PIPE_CLOSED)) and self.process.exitcode is not None:
             ended = exit_line(self.process.exitcode)  # (a pipe lost before the stop is a failure: said as one)
-            self._down = during_the_stop(ended) if self._down != PIPE_CLOSED and self._server_stopping() else ended
+            self._down = during_the_stop(ended) if self._down != PIPE_CLOSED and self.stop_begun() else ended
         return self._down
 
-    def _server_stopping(self) -> bool:
-        return self._stop_begun or self.stopping.is_set()
+    def stop_begun(self) -> bool:
+        """Whether the server's stop has begun: asked as SequenceParallelHost and the registry ask it
+        (server/stop_event.py)."""
+        return self.stopping.is_set()
 
     def _ended_with_the_stop(self) -> bool:
         """Whether the host is down by the stop, not by a failure before it (a kill at the stop is one)."""
-        return self._down == STOPPED or self._down.startswith(during_the_stop(""))
+        return self._down in (STOPPED, self._killed_at_stop) or self._down.startswith(during_the_stop(""))
 
     def call(self, op: str, *args):
         with self._calling:  # (the worker's operation, and the stop's `exit`, one at a time)
@@ -149,15 +151,15 @@ class ModelHost:
                 ok, result = self._conn.recv()
             except (EOFError, OSError):
                 # (one the stop killed keeps the stop's reason: its SIGKILL read as the OOM killer's)
-                if self._killed_at_stop:
+                if self._killed_at_stop:  # (the stop's: HostStopped, as every operation after it)
                     self._down = self._killed_at_stop
-                elif self._server_stopping():
+                    raise HostStopped(self.down) from None
+                if self.stop_begun():
                     # it ended with the stop, which waits for its end (`stop`): said as "exited (code -15)",
                     # an ERROR, its sessions ended as "host_down", the stop's own reason overwritten
                     self._down = self._down or during_the_stop(PIPE_CLOSED)
                     raise HostStopped(self.down) from None
-                else:
-                    self._down = self._pipe_lost()
+                self._down = self._pipe_lost()
                 raise HostDown(self.down) from None
         if ok:
             return result
@@ -196,8 +198,9 @@ class ModelHost:
         """End the model process: it answers `exit` between operations, then tears down. It is
         waited for while it works: a flat 5 s, then SIGTERM, ended it mid-teardown on a loaded
         machine (exit code -15), and its `exit` raced an operation the worker still had running.
-        One that does not answer, or stops using the CPU, is killed."""
-        self._stop_begun = True
+        One that does not answer, or stops using the CPU, is killed. The stop has begun from here
+        (`stop_begun`), whoever calls it."""
+        self.stopping.set()
         self._down = self._down or STOPPED
         stuck = self._ask_to_exit()
         if stuck is None and self.process.exitcode is None:

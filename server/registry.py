@@ -93,6 +93,19 @@ class SessionRegistry:
         process died)."""
         return self.capacity() if self.ready and not self.down and not self.stopping.is_set() else 0
 
+    def stop_begun(self) -> bool:
+        """Whether the server's stop has begun: its `stopping` (set at the signal, the shutdown, or a
+        host's own stop), or its worker's (which takes no job from then on). The one way the registry
+        and the refusals made from it ask (server/stop_event.py)."""
+        return self.stopping.is_set() or (self.worker is not None and self.worker.stopped)
+
+    def ended_with_the_stop(self, error: Exception) -> bool:
+        """Whether a job refused with `error` (WorkerBusy, HostDown) was refused by the server's stop:
+        a host that ended with it (HostStopped), or any refusal once it has begun. A create and a
+        caption asked it each in its own way: a host found down as the stop began was the stop's
+        refusal for one, `model_down` for the other."""
+        return isinstance(error, HostStopped) or self.stop_begun()
+
     def lane_fits(self) -> list[int] | None:
         """Sessions that fit on each lane (`InferenceWorker.lane_fits`); None: not measured."""
         if not self.config.measure_capacity:
@@ -237,13 +250,13 @@ class SessionRegistry:
         except LaneDown as e:  # its lane failed while the create waited there
             self._refuse(f"the server cannot generate: {e}", 30, "worker_down")
         except WorkerBusy as e:
-            if self.stopping.is_set() or self.worker.stopped:  # (met after a wait for a closing stream,
+            if self.stop_begun():  # (met after a wait for a closing stream,
                 # `_closing_streams_ended`): the stop's answer, as admit() and a cancelled job give it;
                 # it was 'busy' with Retry-After 1, as a full queue is
                 self._refuse("server is shutting down", 5, "stopping")
             self._refuse(str(e), 1, "busy")
         except HostDown as e:  # it died just now; admit() refuses every later request
-            if isinstance(e, HostStopped) or self.stopping.is_set():  # (it ended with the stop: the stop's
+            if self.ended_with_the_stop(e):  # (it ended with the stop: the stop's
                 # answer, as the others get it; it was "the model is unavailable", Retry-After 30)
                 self._refuse("server is shutting down", 5, "stopping")
             self._refuse_host_down()

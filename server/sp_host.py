@@ -109,8 +109,8 @@ class SequenceParallelHost:
     def __init__(self, ops: ModelOps, followers: list, stopping: threading.Event | None = None):
         self.ops = ops
         self.followers = followers  # one connection per follower rank, in rank order
-        # set once the server is stopping (a SIGINT/SIGTERM reached it): torchrun passed the signal to
-        # every rank, so a follower found gone from then on ended with the stop (`_gone`)
+        # set once the server is stopping (a SIGINT/SIGTERM reached it; `stop` sets it too): torchrun
+        # passed the signal to every rank, so a follower found gone from then on ended with the stop (`_gone`)
         self.stopping = stopping if stopping is not None else threading.Event()
         self.down: str | None = None  # why the ranks can run nothing more together
         # down by the server's stop (a follower found gone at it, or `stop`), not by a failure: every
@@ -223,7 +223,7 @@ class SequenceParallelHost:
             # the sessions' close reasons as rank 0's own failure)
             self._gone(f"{op}: a follower rank is gone")
         if error is not None and mine not in CLIENT_ERRORS:
-            if self.stopping.is_set():
+            if self.stop_begun():
                 # a follower ended with the stop, and the collective said so in words PEER_GONE does not
                 # list (gloo's "Socket closed" for a pair already shut, say): it was said CRITICAL
                 self._gone(f"{op} failed on rank 0 ({load_error_line(error)})")
@@ -253,7 +253,7 @@ class SequenceParallelHost:
         # admission took creates for a host that could run nothing more
         with self._handover:
             self.down, self.awaiting_stop = f"the sequence-parallel host lost a rank ({reason})", True
-        if not self.stopping.wait(STOP_SIGNAL_WAIT):
+        if not self.stopping.wait(STOP_SIGNAL_WAIT):  # (`stop_begun`, waited for)
             self._fail(reason)
         # (it said "the sequence-parallel ranks cannot go on together", CRITICAL, at every Ctrl-C). Not
         # "ended with the stop": a follower killed alone has torchrun stop rank 0 too, which may come
@@ -263,6 +263,11 @@ class SequenceParallelHost:
             self.awaiting_stop = False  # (after: its reason is in place)
         log.info("%s, as the server stops (torchrun stops every rank)", reason)
         raise HostStopped(f"{self.down} ({reason}, as the server stops)")
+
+    def stop_begun(self) -> bool:
+        """Whether the server's stop has begun: asked as ModelHost and the registry ask it
+        (server/stop_event.py)."""
+        return self.stopping.is_set()
 
     def _fail(self, reason: str) -> NoReturn:
         self.down = f"the sequence-parallel ranks cannot go on together ({reason})"
@@ -275,7 +280,10 @@ class SequenceParallelHost:
         operation is still running after STOP_WAIT seconds, as that operation ends (the server's
         worker gave up waiting for it). Let go of under it, a chunk met closed streams and a
         destroyed group (test_server_sp). Every call after this raises HostStopped (HostDown where a
-        failure had taken the host down before)."""
+        failure had taken the host down before). The stop has begun from here (`stop_begun`), whoever
+        calls it: an operation that waits to know whether the stop took a follower it found gone ends
+        with it (it waited for the server's stop only, and failed, CRITICAL, as the host stopped)."""
+        self.stopping.set()
         with self._handover:  # any call from here on is refused (as the stop, unless down by a failure)
             if not self.down:
                 self.down, self._stopped = "the sequence-parallel host has stopped", True

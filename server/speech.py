@@ -14,7 +14,7 @@ import logging
 from streamgen.data.speech import LANGUAGES, SpeechError, Voice, count_phonemes, synthesize
 from streamgen.session_limits import CaptionsUnavailable, caption_problem
 
-from .model_host import HostDown, HostStopped
+from .model_host import HostDown
 from .scheduler import WorkerBusy
 from .session import Session
 
@@ -265,13 +265,11 @@ def caption_refusal(registry, error: Exception) -> tuple[int, str, int | None]:
         return 422, "bad_caption", None
     if isinstance(error, CaptionsUnavailable):
         return 503, "captions_unavailable", None
-    if isinstance(error, WorkerBusy):
-        if registry.stopping.is_set() or registry.worker.stopped:  # the stop's answer, as a create's
-            # refusal at the stop (SessionRegistry.create): it was busy's, Retry-After 1
-            return 503, "stopping", 5
-        return 503, "busy", 1
-    if isinstance(error, HostStopped):  # (it ended with the stop: the stop's answer, not model_down's)
+    if registry.ended_with_the_stop(error):  # the stop's answer, as a create's refusal at the stop
+        # (SessionRegistry.create): a full queue's was busy's (Retry-After 1), a host's model_down's
         return 503, "stopping", 5
+    if isinstance(error, WorkerBusy):
+        return 503, "busy", 1
     return 503, "model_down", None  # the model process is gone: the session's streams end with it
 
 

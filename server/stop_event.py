@@ -1,4 +1,11 @@
-"""The server's stop, as an event both its threads and its coroutines wait on."""
+"""The server's stop, as an event both its threads and its coroutines wait on.
+
+Whether the stop has begun is asked one way: this event is set. The signal's handler and the
+shutdown set it (server/uvicorn_server.py, app.py), and so does a model host's own `stop`, which
+is handed it; the hosts ask it (`ModelHost.stop_begun`, `SequenceParallelHost.stop_begun`), and
+the registry too, with its worker's stop (`SessionRegistry.stop_begun`, `ended_with_the_stop`,
+which the refusals of creates, captions and speaks give their answer by). A host that kept its own
+flag besides took its own stop for the stop where the other host did not."""
 
 from __future__ import annotations
 

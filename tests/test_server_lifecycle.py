@@ -549,7 +549,7 @@ def test_a_model_process_whose_pipe_closed_before_it_ended_is_not_down_as_code_n
     host._conn, theirs = multiprocessing.Pipe()
     theirs.close()
     host._down, host._killed_at_stop, host.answer_timeout = None, None, None
-    host._calling, host.stopping, host._stop_begun = threading.Lock(), threading.Event(), False
+    host._calling, host.stopping = threading.Lock(), threading.Event()
     host.process = ProcessEndingLate(exits_after, host)
     try:
         with pytest.raises(HostDown) as raised:

@@ -450,7 +450,10 @@ def test_a_model_process_stuck_in_its_teardown_is_killed(monkeypatch, caplog):
 def test_an_operation_the_stop_gave_up_on_says_why_the_process_ended(monkeypatch):
     """The stop waited for the worker's operation, gave up and killed the model process: the
     operation's HostDown said "killed by SIGKILL, as the kernel's out-of-memory killer does", an
-    ERROR in a shutdown's log that sent its reader after memory."""
+    ERROR in a shutdown's log that sent its reader after memory. A kill at the stop ends the host
+    with the stop: that operation and every one after raise HostStopped (they raised HostDown, an
+    ERROR and sessions ended as "host_down", where `_ended_with_the_stop` counted a kill at the
+    stop as the stop's)."""
     import os
     import signal
 
@@ -464,7 +467,7 @@ def test_an_operation_the_stop_gave_up_on_says_why_the_process_ended(monkeypatch
         try:
             host.call("ping")
         except model_host.HostDown as e:
-            errors.append(str(e))
+            errors.append(e)
 
     host._conn = SeenSending(host._conn)
     os.kill(host.process.pid, signal.SIGSTOP)  # (an operation that runs on past the stop's wait)
@@ -474,9 +477,13 @@ def test_an_operation_the_stop_gave_up_on_says_why_the_process_ended(monkeypatch
         assert host._conn.sent.wait(10)
         host.stop()
         running.join(10)
+        with pytest.raises(model_host.HostDown) as next_call:
+            host.call("ping")
     finally:
         host.process.kill()
-    assert errors == ["the model process was still running an operation 0.5 s into the stop: it was killed at the stop"]
+    said = "the model process was still running an operation 0.5 s into the stop: it was killed at the stop"
+    assert [(type(e), str(e)) for e in errors] == [(model_host.HostStopped, said)]
+    assert (type(next_call.value), str(next_call.value)) == (model_host.HostStopped, said)
 
 
 @pytest.mark.timeout(90)

@@ -278,6 +278,50 @@ def test_a_host_whose_follower_is_found_gone_is_down_while_it_waits_for_the_stop
     host.stop()
 
 
+def test_a_follower_found_gone_as_the_hosts_own_stop_begins_ended_with_the_stop(monkeypatch, caplog):
+    """The host's own stop (`stop`, as the server's shutdown or a failed start calls it) began while
+    an operation waited to know whether the stop took the follower it found gone: the operation
+    waited only for the server's `stopping`, and, that not set, ended as a failure (CRITICAL,
+    HostDown). ModelHost counts its own stop as the stop begun (its `stop_begun`); so does this
+    host now: the operation ends with the stop, an INFO line, HostStopped."""
+    import threading
+    from multiprocessing import Pipe
+
+    import server.sp_host
+    from server.model_host import HostDown, HostStopped
+    from server.sp_host import SequenceParallelHost
+
+    monkeypatch.setattr(server.sp_host, "STOP_SIGNAL_WAIT", 60.0)  # (a failure only after the stop's)
+    monkeypatch.setattr(server.sp_host, "STOP_WAIT", 30.0)
+    here, there = Pipe()
+    there.close()  # the follower has ended
+    host = SequenceParallelHost(ScriptedOps(), [here], threading.Event())  # (the server's stop never set)
+    raised = []
+
+    def chunk():
+        try:
+            host.call("chunk", "id", None)
+        except HostDown as e:
+            raised.append(e)
+
+    with caplog.at_level(logging.INFO, "streamgen.server"):
+        calling = threading_start(chunk)
+        waiting = threading.Event()
+        for _ in range(500):  # (bounded: 5 s)
+            if host.awaiting_stop:
+                waiting.set()
+                break
+            waiting.wait(0.01)
+        assert waiting.is_set()
+        stopping = threading_start(host.stop)
+        calling.join(10)
+        stopping.join(10)
+    assert not calling.is_alive() and not stopping.is_alive()
+    assert len(raised) == 1 and type(raised[0]) is HostStopped, raised
+    assert host.down == "the sequence-parallel host has stopped"
+    assert "CRITICAL" not in [r.levelname for r in caplog.records], caplog.text
+
+
 def test_a_stop_whose_streams_fail_to_close_still_lets_go_of_the_process_group(monkeypatch):
     """The stop closes the streams, then destroys the process group and lets go of the model: a close
     that raised (a CUDA error is sticky: every later call raises one) skipped both, and the group's

@@ -573,6 +573,7 @@ def test_a_caption_whose_time_passed_behind_a_speak_is_still_applied(
         ("host_ended_with_the_stop", ("stopping", 5)),
         ("queue_full", ("busy", 1)),
         ("host_died", ("model_down", None)),
+        ("host_died_as_the_stop_began", ("stopping", 5)),
         ("bad_caption", ("bad_caption", None)),
     ],
 )
@@ -581,7 +582,9 @@ def test_a_caption_refused_over_the_socket_is_answered_as_control_answers_it(cli
     stop: HostStopped) was answered over the socket with a bare error, as a dead model process's or
     a full queue's, where /control answers 503 `stopping` with Retry-After 5: a socket's client could
     not tell a refusal to send again in a second from one to wait out the stop. Each refusal's
-    error now carries /control's code and, where /control has one, its Retry-After."""
+    error now carries /control's code and, where /control has one, its Retry-After. A host found
+    down (HostDown) once the stop has begun is the stop's refusal, as a create's is (it was
+    `model_down`: the caption asked the registry in its own way)."""
     from server.model_host import HostDown, HostStopped
     from server.scheduler import WorkerBusy
 
@@ -591,6 +594,7 @@ def test_a_caption_refused_over_the_socket_is_answered_as_control_answers_it(cli
         "host_ended_with_the_stop": HostStopped("the server is shutting down; the model process exited (code -15)"),
         "queue_full": WorkerBusy("inference queue is full"),
         "host_died": HostDown("the model process exited (code -9: killed by SIGKILL)"),
+        "host_died_as_the_stop_began": HostDown("the model process exited (code -9: killed by SIGKILL)"),
     }
     submit = registry.worker.submit
 
@@ -602,7 +606,7 @@ def test_a_caption_refused_over_the_socket_is_answered_as_control_answers_it(cli
     monkeypatch.setattr(registry.worker, "submit", refusing)
     s = socket_session(client)
     with started_socket(client, s) as ws:
-        if refusal in ("worker_stopped", "host_ended_with_the_stop"):
+        if refusal in ("worker_stopped", "host_ended_with_the_stop", "host_died_as_the_stop_began"):
             registry.stopping.set()  # (the app sets it as its stop begins)
         try:
             ws.send_text(json.dumps({"type": "caption", "text": "smiling", "id": 3}))
