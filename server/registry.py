@@ -190,7 +190,7 @@ class SessionRegistry:
         """At shutdown, after the worker's stop: stop the model host, or the one still starting
         once it has started (on the thread that starts it). A shutdown while it started left
         `host` unset, and the host that then finished starting was never stopped: its model
-        process, or its process group and model (test_server_lifecycle). It does not become
+        process, or its process group and model (test_server_model_process). It does not become
         `host`: nothing is served any more."""
         if self.host is not None:
             self.host.stop()

@@ -105,6 +105,17 @@ def server_reads(monkeypatch):
     return reads
 
 
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def limited_server(request):
+    """The port of a live server with a short deadline on a request's head and a bound of a few
+    open connections (HEADER_TIMEOUT_S, MAX_CONNECTIONS), run with each of uvicorn's HTTP parsers:
+    the raw-socket tests' (tests/test_server_connection*.py, test_server_http_conformance.py)."""
+    from server_helpers import HEADER_TIMEOUT_S, MAX_CONNECTIONS, live_server
+
+    with live_server(http=request.param, header_timeout_s=HEADER_TIMEOUT_S, max_connections=MAX_CONNECTIONS) as (url, _):
+        yield int(url.rsplit(":", 1)[1])
+
+
 # `./run test` hands whole files to its two workers (--dist loadfile) in the order of the items,
 # with xdist's own reordering (by number of tests) off: the files recorded as longest go first, so
 # that no long file is started last while the other worker has nothing left. The seconds are a

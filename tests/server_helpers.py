@@ -362,6 +362,12 @@ def started_socket(client, s):
         yield ws
 
 
+# The raw-socket tests' server (`limited_server`, tests/conftest.py): a short deadline on a
+# request's head and few connections, so that the tests reach them in well under a second
+HEADER_TIMEOUT_S = 0.5
+MAX_CONNECTIONS = 3
+
+
 def connect(port: int) -> socket.socket:
     """A raw connection to the live server on 127.0.0.1:`port` (10 s a read)."""
     return socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -373,6 +379,18 @@ def answer_until_closed(sock: socket.socket) -> bytes:
     while part := sock.recv(65536):
         answer += part
     return answer
+
+
+def read_response(sock: socket.socket) -> tuple[bytes, dict]:
+    """One response with a Content-Length: its head and its JSON body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head, json.loads(body)
 
 
 def send_each_read_alone(sock: socket.socket, parts: list[bytes], reads: list[int]) -> list[int]:
