@@ -224,7 +224,7 @@ def _read_dit(source: str, overrides: dict, digest: bool, teacher: bool | str = 
             return read_folder(transformer_dir(source[4:]), read_wan)
         except (OSError, ValueError, KeyError) as e:
             raise ModelSourceError(f"cannot load the Wan checkpoint {source[4:]}: {e}") from None
-    from streamgen.model.files import load_safetensors, load_safetensors_from_bytes, read_json
+    from streamgen.model.files import load_safetensors, load_safetensors_from_bytes, read_json, show_loaded
     from streamgen.model.model import DiT
     from streamgen.models import weights_problem
 
@@ -243,6 +243,7 @@ def _read_dit(source: str, overrides: dict, digest: bool, teacher: bool | str = 
         path = d / "dit.safetensors"
         if digest:  # the tensors from the very bytes digested
             data = path.read_bytes()
+            show_loaded(path, data)
             fingerprint, state = _bytes_digest(path.name, data), load_safetensors_from_bytes(data, path)
             del data  # (the tensors are copies: the file's bytes and the DiT are not held at once)
         else:
@@ -291,34 +292,112 @@ def weights_digest(source: str) -> str:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
+def _digest_files(source: str) -> tuple[Path, list[Path]]:
+    """The folder a model section source names and the weight files `source_digest` hashes, in its
+    order; an OSError where it cannot be read."""
+    from streamgen.models import resolve_model_dir
+
+    if source.startswith("wan:"):
+        folder = home_expanded(source[4:])
+    else:
+        folder = home_expanded(source)
+        if not folder.is_dir():
+            folder = resolve_model_dir(source) or folder  # (a shipped model by its name)
+    roots = [folder / part for part in ("transformer", "vae") if (folder / part).is_dir()] or [folder]
+    return folder, sorted(f for root in roots for f in root.rglob("*") if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+
+
+def _hash_file(h, path: Path) -> None:
+    """Feed the bytes of the file `path`, read from disk, to the hash `h`."""
+    with open(path, "rb") as stream:
+        while block := stream.read(1 << 24):
+            h.update(block)
+
+
 def source_digest(source: str) -> str:
     """A fingerprint of the weights a model section source (model.init, model.vae: a model or
     autoencoder directory, a shipped model's name, `wan:DIR`) holds: every weight file's name and
     bytes, of a Wan pipeline its transformer/ and vae/ alone (not its text encoder). A copy of the
     folder has the same; another model (another seed's, retrained) another. ModelSourceError where
-    it cannot be read."""
-    from streamgen.models import resolve_model_dir
-
+    it cannot be read. `SourceDigests` gives the same from the bytes a load reads."""
     try:
-        if source.startswith("wan:"):
-            folder = home_expanded(source[4:])
-        else:
-            folder = home_expanded(source)
-            if not folder.is_dir():
-                folder = resolve_model_dir(source) or folder  # (a shipped model by its name)
-        roots = [folder / part for part in ("transformer", "vae") if (folder / part).is_dir()] or [folder]
-        files = sorted(f for root in roots for f in root.rglob("*") if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+        folder, files = _digest_files(source)
         h = hashlib.sha1()
         for f in files:
             h.update(str(f.relative_to(folder)).encode())
-            with open(f, "rb") as stream:
-                while block := stream.read(1 << 24):
-                    h.update(block)
+            _hash_file(h, f)
     except OSError as e:
         raise ModelSourceError(f"cannot read the weights of {source}: {e}") from None
     if not files:
         raise ModelSourceError(f"{source} holds no weight files")
     return h.hexdigest()[:16]
+
+
+class _Digesting:
+    """One source's digest under way: its folder and weight files, and how many are hashed."""
+
+    def __init__(self, folder: Path, files: list[Path]):
+        self.folder, self.files, self.hashed, self.hash = folder, files, 0, hashlib.sha1()
+        self.resolved = [f.resolve() for f in files]
+
+    def ahead(self, path: Path) -> int | None:
+        """The index of the file `path` (resolved) where it is yet to be hashed, else None."""
+        return next((i for i in range(self.hashed, len(self.files)) if self.resolved[i] == path), None)
+
+    def hash_from_disk(self, end: int) -> None:
+        """Hash the files before index `end` not hashed yet, read from disk."""
+        for f in self.files[self.hashed : end]:
+            self.hash.update(str(f.relative_to(self.folder)).encode())
+            _hash_file(self.hash, f)
+        self.hashed = max(self.hashed, end)
+
+
+class SourceDigests:
+    """`source_digest` of each of `sources` ({key: source}), hashed from the bytes the loads read
+    while it watches (`streamgen.model.files.watching_loads`: a run's stage build): a Wan
+    checkpoint's transformer, GBs, was read by its load and again for its digest. The files are
+    hashed in `source_digest`'s order: one loaded ahead of the next to hash has the files before it
+    read from disk first (those its load does not read: a Wan VAE's, a tiny decoder's), and `digests`
+    reads the rest; one loaded again, or behind, is not used. A source not listed here (not there
+    yet: the build says why) is digested at the end as `source_digest` does."""
+
+    def __init__(self, sources: dict[str, str]):
+        self.sources, self.digesting = dict(sources), {}
+        for key, source in self.sources.items():
+            try:
+                self.digesting[key] = _Digesting(*_digest_files(source))
+            except OSError:
+                pass
+
+    def wants(self, path: Path) -> bool:
+        found = path.resolve()
+        return any(d.ahead(found) is not None for d in self.digesting.values())
+
+    def saw(self, path: Path, data: bytes) -> None:
+        found = path.resolve()
+        for d in self.digesting.values():
+            at = d.ahead(found)
+            if at is None:
+                continue
+            d.hash_from_disk(at)
+            d.hash.update(str(d.files[at].relative_to(d.folder)).encode())
+            d.hash.update(data)
+            d.hashed = at + 1
+
+    def digests(self) -> dict[str, str]:
+        """{key: its source's digest}; ModelSourceError where one cannot be read."""
+        found = {}
+        for key, source in self.sources.items():
+            d = self.digesting.get(key)
+            if d is None or not d.files:
+                found[key] = source_digest(source)  # (its ModelSourceError)
+                continue
+            try:
+                d.hash_from_disk(len(d.files))
+            except OSError as e:
+                raise ModelSourceError(f"cannot read the weights of {source}: {e}") from None
+            found[key] = d.hash.hexdigest()[:16]
+        return found
 
 
 def _bytes_digest(name: str, data: bytes) -> str:

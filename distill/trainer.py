@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from distill.build import NO_FILE_DIGEST, ModelSourceError, found_source, source_digest
+from distill.build import NO_FILE_DIGEST, ModelSourceError, SourceDigests, found_source, source_digest
 from distill.config import (
     MODEL_SOURCES,
     ConfigError,
@@ -44,6 +44,7 @@ from streamgen import checkpoint as ckpt
 from streamgen.cli import MACHINE_ERRNOS
 from streamgen.data.shards import DataError
 from streamgen.folder_lock import ExportLocked
+from streamgen.model.files import watching_loads
 from streamgen.parallel.launch import clear_error_frames
 
 STAGE_MODULES = {
@@ -318,8 +319,13 @@ class Trainer:
         latest = self._checkpoint_to_resume(out, world)  # before the stage writes anything there
         # (where they are as it begins: a relative path found again from another folder)
         self.model_sources = {key: _where_now(setting(cfg, key)) for key in MODEL_SOURCES}
+        # the model sources' digests (rank 0's alone, which writes the checkpoints) from the bytes
+        # the stage's build loads them from: read apart, a Wan checkpoint's GBs were read twice
+        sources = {key: source for key, source in self.model_sources.items() if source}
+        digests = SourceDigests(sources) if world.is_main else None
         try:
-            stage = build_stage(cfg, world)
+            with watching_loads(digests) if digests is not None else contextlib.nullcontext():
+                stage = build_stage(cfg, world)
         # the stage's own checks, and data found damaged: they say what is wrong already (a
         # corrupted bank was "cannot build the teacher stage from this config: corrupted ...")
         except (ConfigError, DataError):
@@ -327,10 +333,7 @@ class Trainer:
         except ValueError as e:  # a size or shape the model or autoencoder cannot take
             raise StageConfigError(f"cannot build the {cfg.stage} stage from this config: {e}") from None
         self.input_identity = stage.input_identity() if hasattr(stage, "input_identity") else {}
-        # (once the stage has read them; rank 0's alone, which writes the checkpoints)
-        self.model_source_digests = {
-            key: source_digest(source) for key, source in self.model_sources.items() if source and world.is_main
-        }
+        self.model_source_digests = digests.digests() if digests is not None else {}
         if latest is not None:
             self._check_inputs(latest)
         if cfg.run.fsdp and world.distributed:

@@ -455,3 +455,42 @@ def test_where_a_model_source_is_found_again(tmp_path, monkeypatch):
     assert found_source("tiny-avatar") == "tiny-avatar"
     assert found_source("first/none") is None and found_source("x" * 5000) is None
     assert found_source("wan:" + "x" * 5000) is None
+
+
+def test_a_runs_model_source_digest_is_taken_from_the_bytes_its_load_reads(tmp_path, monkeypatch):
+    """The digest a checkpoint keeps of model.init (model_source_digests) read every weight file of
+    the source again once the stage had loaded it: a Wan checkpoint's transformer, GBs, read twice.
+    It is hashed from the bytes the load reads (those the load does not read, from disk), and is
+    the digest `source_digest` gives of the same files, which a moved source is checked against."""
+    from safetensors.torch import save_file
+
+    import distill.build as build
+    from streamgen.model import config as model_config
+    from streamgen.model.files import watching_loads
+    from streamgen.model.model import DiT
+    from streamgen.model.wan import load_pretrained, save_pretrained
+
+    read_from_disk = []
+    hash_file = build._hash_file
+    monkeypatch.setattr(build, "_hash_file", lambda h, path: (read_from_disk.append(path.name), hash_file(h, path)))
+    # a run from a model directory: its dit.safetensors is read by the load alone
+    init = _model_with_its_own_autoencoder(tmp_path)
+    read_from_disk.clear()
+    run(debug_config("teacher", tmp_path / "from-init", init=init, **{"run.steps": 1}))
+    kept = ckpt.checkpoint_header(ckpt.latest_checkpoint(tmp_path / "from-init"))["model_source_digests"]
+    assert "dit.safetensors" not in read_from_disk and "vae.safetensors" in read_from_disk
+    read_from_disk.clear()
+    assert kept == {"model.init": build.source_digest(str(init))} and "dit.safetensors" in read_from_disk
+    # a Wan pipeline: its transformer's shards from the load's bytes, its vae/ (not loaded) from disk
+    sizes = dict(in_channels=4, out_channels=4, dim=32, ffn_dim=64, num_heads=2, num_layers=2,
+                 text_dim=16, freq_dim=32)  # fmt: skip
+    save_pretrained(DiT(model_config.ModelConfig(**sizes, audio_mels=16)), tmp_path / "wan" / "transformer")
+    (tmp_path / "wan" / "vae").mkdir()
+    save_file({"w": torch.ones(3)}, tmp_path / "wan" / "vae" / "diffusion_pytorch_model.safetensors")
+    source = f"wan:{tmp_path / 'wan'}"
+    read_from_disk.clear()
+    with watching_loads(build.SourceDigests({"model.init": source, "model.vae": source})) as digests:
+        load_pretrained(tmp_path / "wan")
+    found = digests.digests()
+    assert read_from_disk == ["diffusion_pytorch_model.safetensors"] * 2  # (vae/'s, once a source)
+    assert found == {"model.init": build.source_digest(source), "model.vae": build.source_digest(source)}

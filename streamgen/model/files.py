@@ -3,6 +3,7 @@ the file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -27,6 +28,35 @@ def check_readable(path) -> None:
         raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
 
 
+# who is shown the bytes of the weight files loaded while it watches (`watching_loads`): the
+# distillation trainer's digests of its model sources, which read a Wan checkpoint's GBs a second time
+_LOAD_WATCHERS: list = []
+
+
+@contextlib.contextmanager
+def watching_loads(watcher):
+    """While inside, `watcher.saw(path, data)` is called with the bytes of each weight file
+    `watcher.wants(path)` that `load_safetensors` (or another loader through `show_loaded`) loads:
+    those files are read whole into memory once, their tensors made from those bytes."""
+    _LOAD_WATCHERS.append(watcher)
+    try:
+        yield watcher
+    finally:
+        _LOAD_WATCHERS.remove(watcher)
+
+
+def load_watched(path) -> bool:
+    """Whether a watcher wants the bytes of the weight file `path` as it is loaded."""
+    return any(w.wants(Path(path)) for w in _LOAD_WATCHERS)
+
+
+def show_loaded(path, data: bytes) -> None:
+    """Show the bytes `data` a weight file `path` was loaded from to the watchers that want them."""
+    for watcher in _LOAD_WATCHERS:
+        if watcher.wants(Path(path)):
+            watcher.saw(Path(path), data)
+
+
 def load_safetensors(path) -> dict[str, torch.Tensor]:
     """safetensors' load_file; a file it cannot read (truncated, not safetensors) is a ValueError
     naming it (safetensors' own error named no file and escaped every command's handling)."""
@@ -34,6 +64,13 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     check_readable(path)
+    if load_watched(path):  # (from the bytes the watchers are shown: one read of the file)
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
+        show_loaded(path, data)
+        return load_safetensors_from_bytes(data, path)
     try:
         return load_file(str(path))
     except SafetensorError as e:

@@ -312,7 +312,7 @@ def _read_safetensors_dir(d: Path, weights_hash=None) -> dict[str, torch.Tensor]
     """The tensors of `weight_files(d)`; one safetensors cannot read (a download cut short) is a
     ValueError naming it, as is a weight in two of them (a second checkpoint in the folder, a
     copy kept beside the first: the later file's tensors replaced the other's without a word)."""
-    from streamgen.model.files import load_safetensors, load_safetensors_from_bytes
+    from streamgen.model.files import load_safetensors, load_safetensors_from_bytes, show_loaded
 
     sd, read_from = {}, {}
     for f in weight_files(d):
@@ -324,6 +324,7 @@ def _read_safetensors_dir(d: Path, weights_hash=None) -> dict[str, torch.Tensor]
             data = f.read_bytes()
             weights_hash.update(f.name.encode())
             weights_hash.update(data)
+            show_loaded(f, data)
             tensors = load_safetensors_from_bytes(data, f)
             del data
         twice = next((k for k in tensors if k in sd), None)
