@@ -62,7 +62,8 @@ def to_pcm_float(pcm) -> np.ndarray:
         return a.astype(np.float32) / 32768.0
     if not np.issubdtype(a.dtype, np.floating):
         raise ValueError(f"audio must be int16 or float samples, got {a.dtype}")
-    a = a.astype(np.float32)
+    # (checked before the cast to float32: float64 samples beyond its range became infinite there,
+    # refused as "NaN or infinite" with numpy's overflow warning)
     if not np.isfinite(a).all():
         raise ValueError("audio contains NaN or infinite samples")
     peak = float(np.abs(a).max(initial=0.0))
@@ -71,7 +72,7 @@ def to_pcm_float(pcm) -> np.ndarray:
             f"float audio peaks at {peak:.4g}: float samples are in [-1, 1]; pass int16 samples as "
             "int16, or divide them by 32768"
         )
-    return np.clip(a, -1.0, 1.0)
+    return np.clip(a.astype(np.float32), -1.0, 1.0)
 
 
 def check_seed(seed) -> int:

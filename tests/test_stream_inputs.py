@@ -190,3 +190,19 @@ def test_int16_audio_of_either_byte_order_is_int16():
     np.testing.assert_array_equal(to_pcm_float(samples), expected)
     with pytest.raises(ValueError, match="int16 or float samples, got uint16"):
         to_pcm_float(samples.view(np.uint16))
+
+
+def test_float64_audio_beyond_float32s_range_is_said_to_peak_there():
+    """float64 samples too large for float32 (1e40) were cast first: infinite, and refused as 'NaN or
+    infinite samples' (with numpy's overflow warning), which they were not. Their peak is said."""
+    import warnings
+
+    from streamgen.stream_inputs import to_pcm_float
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (numpy's "overflow encountered in cast")
+        with pytest.raises(ValueError, match="float audio peaks at 1e\\+40"):
+            to_pcm_float(np.array([0.1, 1e40]))
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            to_pcm_float(np.array([0.1, np.inf]))
+        assert to_pcm_float(np.array([0.25, -0.5])).dtype == np.float32
