@@ -19,6 +19,10 @@ class StopBegun(threading.Event):
 
     def __init__(self):
         super().__init__()
+        # the Event's own lock, re-entrant too: a second signal (Ctrl-C pressed again, a SIGTERM after
+        # it) runs the handler's set() again on the main thread, which may be inside the first set()
+        # (or the shutdown's, on the event loop) holding it; a plain lock hung the server there
+        self._cond = threading.Condition(threading.RLock())
         self._waiters: dict[asyncio.Future, object] = {}  # -> its waker
         # re-entrant: uvicorn's signal handler sets it on the main thread between two bytecodes,
         # which may be inside this bookkeeping on the event loop (a plain lock: a hang at Ctrl-C)

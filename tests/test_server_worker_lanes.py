@@ -570,6 +570,22 @@ def test_the_stop_begins_from_a_signal_handler_that_interrupted_a_waits_registra
         loop.close()
 
 
+def test_the_stop_begins_from_a_signal_handler_that_interrupted_the_events_own_set():
+    """A second Ctrl-C (or a SIGTERM after it) runs uvicorn's handler again, on the main thread, and
+    may interrupt the first set() of the stop (or the shutdown's, on the event loop) inside the
+    Event's own lock: held by the thread the handler runs on, a plain lock hung the server there."""
+    import threading
+
+    from server.stop_event import StopBegun
+
+    stopping = StopBegun()
+    interrupted = threading.Thread(target=lambda: [stopping._cond.acquire(), stopping.set()], daemon=True)
+    interrupted.start()  # (one thread: holding the Event's lock, as the first set() was, it sets the stop)
+    interrupted.join(10)
+    assert not interrupted.is_alive(), "set() waited for the Event's lock its own thread held"
+    assert stopping.is_set()
+
+
 async def test_a_create_whose_wait_for_a_stuck_lane_runs_out_during_the_stop_is_refused_as_the_stop(monkeypatch):
     """The stop began while the create waited for a closing stream on a stuck lane: its refusal is the
     stop's ('server is shutting down', Retry-After 5, `stopping`), not busy's 'try again in a second'."""
