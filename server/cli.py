@@ -393,12 +393,13 @@ def _check_address(host: str, port: int, keep: bool = False) -> list:
         infos = _listen_addresses(host, port)
     except (OSError, UnicodeError) as e:
         raise UserError(f"cannot listen on {where}: {getattr(e, 'strerror', None) or e}") from None
-    held = []
+    held, skipped = [], None
     try:
         for family, kind, proto, _, address in infos:
             try:
                 sock = socket.socket(family, kind, proto)
-            except OSError:  # (a family this kernel lacks, IPv6 switched off: asyncio skips it too)
+            except OSError as e:  # (a family this kernel lacks, IPv6 switched off: asyncio skips it too)
+                skipped = skipped or e
                 continue
             held.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -418,6 +419,9 @@ def _check_address(host: str, port: int, keep: bool = False) -> list:
         for sock in held:
             sock.close()
         raise
+    if not held:  # every address skipped: uvicorn, given no socket, said "running on" and listened on none
+        why = (skipped.strerror or skipped) if skipped is not None else "it has no address"
+        raise UserError(f"cannot listen on {where}: {why}")
     if not keep:
         for sock in held:
             sock.close()

@@ -159,6 +159,24 @@ def test_port_0_holds_every_address_of_a_host_on_one_port(monkeypatch):
     assert (v4, v6) == ("127.0.0.1", "::1") and port == port_6 > 0
 
 
+def test_a_host_of_no_address_this_machine_can_listen_on_is_refused(monkeypatch):
+    """A socket of every address of the host refused (IPv6 switched off, `--host ::1`): each was
+    skipped, as asyncio skips them, and none was left. The sockets held for uvicorn were none, and
+    it served on none of them: "running on" said, nothing listening, every client refused."""
+    import socket
+
+    import server.cli
+    from streamgen.cli import UserError
+
+    def no_such_family(*args, **kwargs):
+        raise OSError(97, "Address family not supported by protocol")
+
+    monkeypatch.setattr(socket, "socket", no_such_family)
+    for keep in (True, False):
+        with pytest.raises(UserError, match=r"^cannot listen on 127\.0\.0\.1:8000: Address family not supported"):
+            server.cli._check_address("127.0.0.1", 8000, keep=keep)
+
+
 def test_an_sp_follower_rank_does_not_check_the_port_rank_0_listens_on(capsys, monkeypatch):
     """Under `serve --sp N` only rank 0 listens. A follower that checked the address raced rank
     0's listening socket: on a loaded machine it got there after rank 0 listened, said 'Address
