@@ -120,11 +120,11 @@ def test_a_websocket_that_never_reaches_the_server_says_so_and_ends_its_session(
     session was made, or a proxy that does not pass WebSockets on: no close frame, 1006) failed as
     'failed: WebSocket failed', which said nothing a user could act on. It says what it was now, and
     the session its socket never reached is DELETEd."""
-    from server_helpers import free_port
+    from server_helpers import a_port_nobody_answers_on
 
-    with served(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app), a_port_nobody_answers_on() as nobody:
         page = browser_page.new_page()
-        page.add_init_script(HELD + STREAM_ELSEWHERE + SOCKETS_CLOSED + f"window.streamAt = 'http://127.0.0.1:{free_port()}';")
+        page.add_init_script(HELD + STREAM_ELSEWHERE + SOCKETS_CLOSED + f"window.streamAt = 'http://127.0.0.1:{nobody}';")
         page.clock.install()  # (websocket_tries_run_at_once)
         try:
             page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
@@ -150,12 +150,12 @@ def test_a_fallback_that_fails_too_says_why_webrtc_failed_first(browser_page, se
     console (its refusal as the body's raw JSON). Both are said now, each in its server's words."""
     import json
 
-    from server_helpers import free_port
+    from server_helpers import a_port_nobody_answers_on
 
     refusal = json.dumps({"error": "bad_offer", "message": "the offer has no video"})
-    with served(max_sessions=1) as (url, app):
+    with served(max_sessions=1) as (url, app), a_port_nobody_answers_on() as nobody:
         page = browser_page.new_page()
-        page.add_init_script(HELD + STREAM_ELSEWHERE + SOCKETS_CLOSED + f"window.streamAt = 'http://127.0.0.1:{free_port()}';")
+        page.add_init_script(HELD + STREAM_ELSEWHERE + SOCKETS_CLOSED + f"window.streamAt = 'http://127.0.0.1:{nobody}';")
         page.clock.install()  # (websocket_tries_run_at_once)
         try:
             page.route("**/whep", lambda route: route.fulfill(status=400, body=refusal, content_type="application/json"))
