@@ -476,16 +476,7 @@ async def control(session_id: str, request: Request):
     `speak`, `caption`, `interrupt` / `clear`."""
     from . import speech
     from .protocol import ProtocolError, parse_control
-    from .speech import (
-        CAPTION_REFUSALS,
-        SpeechBusy,
-        SpeechError,
-        SpeechForEndedSession,
-        SpeechInterrupted,
-        caption_refusal,
-        set_caption,
-        speak,
-    )
+    from .speech import CAPTION_REFUSALS, SpeechError, caption_refusal, set_caption, speak, speak_refusal
 
     registry: SessionRegistry = request.app.state.registry
     session = require_session(request, session_id)
@@ -512,16 +503,11 @@ async def control(session_id: str, request: Request):
             language, variant = msg.get("language", "en-us"), msg.get("variant")
             speaking = speak(session, msg["text"], language, variant, clears)
             duration = await asyncio.wait_for(speaking, timeout=speech.SPEAK_ANSWER_S)
-        except TimeoutError:  # cancelled: none of its speech is queued, its turn given back
-            raise ApiError(503, "speech_timeout", speech.not_ready_in_time(), headers={"Retry-After": "1"}) from None
-        except SpeechBusy as e:
-            raise ApiError(429, "busy", str(e), headers={"Retry-After": "1"}) from None
-        except SpeechForEndedSession as e:
-            raise ApiError(404, "not_found", str(e)) from None
-        except SpeechInterrupted as e:  # the session's state changed under it: none of it plays
-            raise ApiError(409, "interrupted", str(e)) from None
-        except SpeechError as e:
-            raise ApiError(422, "bad_speech", str(e)) from None
+        except (TimeoutError, SpeechError) as e:  # (a timeout cancelled it: none queued, its turn given back)
+            status, error, retry_after = speak_refusal(e)  # (the socket's error carries the same)
+            message = speech.not_ready_in_time() if isinstance(e, TimeoutError) else str(e)
+            headers = None if retry_after is None else {"Retry-After": str(retry_after)}
+            raise ApiError(status, error, message, headers=headers) from None
         return {"type": "speaking", "duration": round(duration, 3), **({"id": msg["id"]} if "id" in msg else {})}
     if kind == "caption":
         try:

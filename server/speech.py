@@ -123,6 +123,22 @@ def not_ready_in_time() -> str:
             "send it again")  # fmt: skip
 
 
+def speak_refusal(error: Exception) -> tuple[int, str, int | None]:
+    """(HTTP status, error code, Retry-After seconds or None) for a speak refused with `error`: a
+    SpeechError, or TimeoutError for speech not ready within SPEAK_ANSWER_S. What /control answers
+    with, and a WebSocket's error carries (it said only the message, where a caption's refusal
+    carried its code)."""
+    if isinstance(error, TimeoutError):  # none of it queued, nor ever will be: send it again
+        return 503, "speech_timeout", 1
+    if isinstance(error, SpeechBusy):
+        return 429, "busy", 1
+    if isinstance(error, SpeechForEndedSession):
+        return 404, "not_found", None
+    if isinstance(error, SpeechInterrupted):  # the session's state changed under it: none of it plays
+        return 409, "interrupted", None
+    return 422, "bad_speech", None
+
+
 class SpeechBusy(SpeechError):
     """The session's previous speak is still being synthesised."""
 
@@ -273,4 +289,4 @@ def caption_refusal(registry, error: Exception) -> tuple[int, str, int | None]:
     return 503, "model_down", None  # the model process is gone: the session's streams end with it
 
 
-__all__ = ["CAPTION_REFUSALS", "SpeechBusy", "caption_refusal", "SpeechError", "SpeechForEndedSession", "SpeechInterrupted", "speak", "set_caption"]
+__all__ = ["CAPTION_REFUSALS", "SpeechBusy", "caption_refusal", "speak_refusal", "SpeechError", "SpeechForEndedSession", "SpeechInterrupted", "speak", "set_caption"]

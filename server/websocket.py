@@ -39,7 +39,15 @@ from .protocol import (
 )
 from .registry import SessionEnded, SessionRegistry, idle_reason
 from .session import Session
-from .speech import CAPTION_REFUSALS, SpeechError, caption_refusal, not_ready_in_time, set_caption, speak
+from .speech import (
+    CAPTION_REFUSALS,
+    SpeechError,
+    caption_refusal,
+    not_ready_in_time,
+    set_caption,
+    speak,
+    speak_refusal,
+)
 
 log = logging.getLogger("streamgen.server")
 router = APIRouter()
@@ -266,7 +274,7 @@ class SocketConnection:
             if self.unanswered - dropped < MAX_UNANSWERED:
                 message = (f"{self.unanswered} speaks and captions, {dropped} of them dropped by an interrupt, "
                            "are waiting to be answered: send it once one is")  # fmt: skip
-            await self.send_json(_answering(msg, {"type": "error", "for": msg["type"], "message": message}))
+            await self.send_json(_answering(msg, _refused(msg["type"], message, "hand_full")))
             return
         self.unanswered += 1
         # a speak's turn from now: the session's speech is queued in the order the speaks were
@@ -301,7 +309,7 @@ class SocketConnection:
             except Exception as e:  # not the client's: logged, answered, and the stream goes on
                 log.exception("session %s: %s failed", self.session.id, kind)
                 failed = "speech" if kind == "speak" else kind
-                reply = {"type": "error", "for": kind, "message": f"{failed} failed: {e}"}
+                reply = _refused(kind, f"{failed} failed: {e}", "internal_error")  # (/control's 500)
             self.unanswered -= 1
             self.speaks = [speak for speak in self.speaks if speak is not request]
             if reply is not None:
@@ -312,7 +320,8 @@ class SocketConnection:
             language, variant = msg.get("language", "en-us"), msg.get("variant")
             duration = await speak(self.session, msg["text"], language, variant, clears, turn)
         except SpeechError as e:  # the client's: a bad voice, no room, an interrupt
-            return {"type": "error", "for": "speak", "message": str(e)}
+            _, error, retry_after = speak_refusal(e)  # /control's code and Retry-After
+            return _refused("speak", str(e), error, retry_after)
         return {"type": "speaking", "duration": round(duration, 3)}
 
     async def answer_speak_within(self, msg: dict, clears: int, turn: asyncio.Event, seconds: float) -> dict:
@@ -321,7 +330,8 @@ class SocketConnection:
         except TimeoutError:  # cancelled: none of its speech is queued
             self.session.speech_turns.give_back(turn)  # (speak() does, but not if cancelled before it began)
             log.warning("session %s: speak not answered within %g s", self.session.id, speech.SPEAK_ANSWER_S)
-            return {"type": "error", "for": "speak", "message": not_ready_in_time()}
+            _, error, retry_after = speak_refusal(TimeoutError())
+            return _refused("speak", not_ready_in_time(), error, retry_after)
 
     async def answer_caption_within(self, msg: dict, seconds: float) -> dict | None:
         """A caption's answer, or past `seconds` one that says it is late: it goes on to the worker
@@ -333,8 +343,8 @@ class SocketConnection:
         self.late_captions.add(caption)
         caption.add_done_callback(self.late_caption_done)
         log.warning("session %s: caption not applied within %g s", self.session.id, speech.SPEAK_ANSWER_S)
-        return {"type": "error", "for": "caption", "message": f"caption not applied within {speech.SPEAK_ANSWER_S:g} "
-                "s (the server is overloaded): it is applied when the model gets to it"}  # fmt: skip
+        return _refused("caption", f"caption not applied within {speech.SPEAK_ANSWER_S:g} s (the server is "
+                        "overloaded): it is applied when the model gets to it", "caption_late")  # fmt: skip
 
     def late_caption_done(self, caption: asyncio.Task) -> None:
         self.late_captions.discard(caption)
@@ -348,8 +358,7 @@ class SocketConnection:
         # (as POST /v1/sessions and /control say it: it was 'caption failed', a fault with its traceback)
         except CAPTION_REFUSALS as e:
             _, error, retry_after = caption_refusal(self.registry, e)  # /control's code and Retry-After
-            reply = {"type": "error", "for": "caption", "error": error, "message": str(e)}
-            return reply if retry_after is None else {**reply, "retry_after": retry_after}
+            return _refused("caption", str(e), error, retry_after)
         return None
 
     async def speaker_ended(self) -> None:
@@ -487,6 +496,13 @@ class SocketConnection:
 
 class FramesFailed(Exception):
     """A chunk's frames could not be encoded (the server's fault, not the socket's)."""
+
+
+def _refused(kind: str, message: str, error: str, retry_after: int | None = None) -> dict:
+    """A speak's or caption's refusal: its message, its code (/control's for it, where /control has
+    the refusal) and the seconds of /control's Retry-After where it sends one."""
+    reply = {"type": "error", "for": kind, "error": error, "message": message}
+    return reply if retry_after is None else {**reply, "retry_after": retry_after}
 
 
 def _answering(msg: dict, reply: dict) -> dict:

@@ -30,6 +30,9 @@ def client():
 
 
 def test_speak_errors_are_reported_not_fatal(client):
+    """A speak refused carries /control's code for it (`bad_speech`, no Retry-After), as a caption's
+    refusal does: it carried only its message, and a client could not tell a bad voice from a speak
+    to send again."""
     s = socket_session(client)
     with client.websocket_connect(stream_url(s)) as ws:
         ws.send_text(json.dumps({"type": "start", "flow": "credit"}))
@@ -41,6 +44,7 @@ def test_speak_errors_are_reported_not_fatal(client):
                 break
         err = json.loads(msg["text"])
         assert err["type"] == "error" and "language" in err["message"]
+        assert (err.get("error"), err.get("retry_after")) == ("bad_speech", None), err
         ws.send_text(json.dumps({"type": "caption", "text": "smiling"}))  # the debug model takes no captions
         for _ in range(50):
             msg = ws.receive()
@@ -151,6 +155,7 @@ def test_speaks_are_answered_in_order_and_an_interrupt_drops_those_asked_before_
             ws.send_text(json.dumps({"type": "speak", "text": text}))
         refused = next_json(ws)  # the last one, at once, during the first one's synthesis
         assert refused["type"] == "error" and refused["for"] == "speak" and "waiting" in refused["message"]
+        assert (refused.get("error"), refused.get("retry_after")) == ("hand_full", None), refused
         assert held_synthesis.finished == []
         ws.send_text(json.dumps({"type": "interrupt"}))
         ws.send_text(json.dumps({"type": "ping", "id": 2}))
@@ -159,6 +164,7 @@ def test_speaks_are_answered_in_order_and_an_interrupt_drops_those_asked_before_
         for _ in texts[:-1]:
             reply = next_json(ws)
             assert reply["type"] == "error" and reply["for"] == "speak" and "interrupted" in reply["message"]
+            assert (reply.get("error"), reply.get("retry_after")) == ("interrupted", None), reply
         ws.send_text(json.dumps({"type": "speak", "text": "After the interrupt."}))
         assert next_json(ws) == {"type": "speaking", "duration": 0.2}
         assert held_synthesis.started == ["Number 0.", "After the interrupt."]
@@ -213,6 +219,7 @@ def test_the_speaks_an_interrupt_dropped_are_still_bounded(client, held_synthesi
         ws.send_text(json.dumps({"type": "speak", "text": "Once more."}))
         refused = next_json(ws)  # at once: the first is still being synthesised
         assert refused["type"] == "error" and "16 of them dropped by an interrupt" in refused["message"]
+        assert refused.get("error") == "hand_full", refused
         held_synthesis.release.set()
         replies = [next_json(ws) for _ in range(2 * MAX_UNANSWERED)]
         assert all(r["type"] == "error" and "interrupted" in r["message"] for r in replies)
@@ -234,7 +241,8 @@ def test_a_speak_that_fails_on_the_servers_side_is_answered_logged_and_the_strea
     s = socket_session(client)
     with started_socket(client, s) as ws:
         ws.send_text(json.dumps({"type": "speak", "text": "Hello there."}))
-        assert next_json(ws) == {"type": "error", "for": "speak", "message": "speech failed: the synthesiser broke"}
+        assert next_json(ws) == {"type": "error", "for": "speak", "error": "internal_error",
+                                 "message": "speech failed: the synthesiser broke"}  # fmt: skip
         ws.send_text(json.dumps({"type": "ping", "id": 4}))
         assert next_json(ws)["type"] == "pong"
         ws.send_text(json.dumps({"type": "stop"}))
@@ -478,6 +486,7 @@ def test_a_speak_not_ready_in_time_is_answered_as_failed_and_none_of_it_plays(cl
         for answer in (first, second):
             assert answer["type"] == "error" and answer["for"] == "speak", answer
             assert answer["message"].startswith("speech not ready within 0.5 s (the server is overloaded): none of it")
+            assert (answer.get("error"), answer.get("retry_after")) == ("speech_timeout", 1), answer  # (/control's)
         monkeypatch.setattr(speech, "SPEAK_ANSWER_S", 15.0)  # (the next one's time, on a busy machine)
         ws.send_text(json.dumps({"type": "speak", "text": "Again."}))
         assert next_json(ws) == {"type": "speaking", "duration": 0.06}
@@ -555,6 +564,7 @@ def test_a_caption_whose_time_passed_behind_a_speak_is_still_applied(
         assert (spoke["id"], spoke["type"]) == (1, "error") and "speech not ready" in spoke["message"]
         assert (captioned["id"], captioned["type"]) == (2, "error"), captioned
         assert "it is applied when the model gets to it" in captioned["message"]
+        assert (captioned.get("error"), captioned.get("retry_after")) == ("caption_late", None), captioned
         held_synthesis.release.set()
         held_caption_jobs.release.set()
         for _ in range(100):  # bounded: 10 s for the worker to run it
