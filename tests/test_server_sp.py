@@ -465,3 +465,64 @@ def test_a_follower_stopped_by_ctrl_c_lets_go_of_its_model_and_group(monkeypatch
     with pytest.raises(KeyboardInterrupt):
         sp_host.follow("debug", "cpu", 1, 2)
     assert let_go == ["streams", "group"]
+
+
+def _hung_follower_worker(rank, world, port, out_dir):
+    """Rank 1 hangs in a `ping` (as in a driver call: it reads no command, answers nothing) until rank
+    0 has stopped its host; rank 0 finds it hung (the model timeout), then stops the host."""
+    import time
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from server.model_host import HostDown, ModelOps, RemoteStream
+    from server.sp_host import SequenceParallelHost, follow
+
+    stopped = os.path.join(out_dir, "rank0_stopped")
+    if rank > 0:
+        handle = ModelOps.handle
+
+        def hanging(self, op, args):
+            if op == "ping":  # (bounded: the test's processes are joined)
+                deadline = time.monotonic() + 120
+                while not os.path.exists(stopped) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            return handle(self, op, args)
+
+        ModelOps.handle = hanging
+        follow("debug", "cpu", 1, world)
+        return
+    host = SequenceParallelHost.start("debug", "cpu", 1, world)
+    face, speech = inputs()
+    stream = RemoteStream(host, face, None, SEED, None, None, None)
+    stream.push_audio(speech)
+    stream.next_chunk()  # (the group's collectives have run)
+    stream.write_pending_chunk()
+    host.answer_timeout = 1.0
+    try:
+        host.call("ping")
+        raised = None
+    except HostDown as e:
+        raised = str(e)
+    host.stop()  # the follower still hangs
+    hung_meanwhile = not os.path.exists(stopped)
+    gc.collect()
+    with open(os.path.join(out_dir, "rank0.json"), "w") as f:
+        json.dump({"raised": raised, "down": host.down, "hung_meanwhile": hung_meanwhile,
+                   "gloo_threads_after_stop": gloo_threads()}, f)  # fmt: skip
+    open(stopped, "w").close()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+def test_the_hosts_stop_returns_while_a_follower_hangs(tmp_path):
+    """The sp host's teardown with a follower alive but hung (the brief of the stop: untested):
+    rank 0 sends it `exit` (it reads none), closes its connection, closes its streams and destroys
+    the process group, which on gloo does not wait for the other ranks: the stop returns, the
+    group's threads gone, while the follower still hangs; the follower ends once it wakes (its
+    connection closed). Rank 0 found it hung first, by the model timeout."""
+    spawn(_hung_follower_worker, (2, free_port(), str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    assert rank0["raised"] and "rank 1 gave no answer to 'ping' in 1 s (stuck)" in rank0["raised"], rank0
+    assert rank0["down"] == rank0["raised"], rank0  # (a failure before the stop stays the reason)
+    assert rank0["hung_meanwhile"], rank0
+    assert rank0["gloo_threads_after_stop"] in (0, None), rank0
