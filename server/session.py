@@ -422,6 +422,11 @@ class Session:
                 self._chunk_was_late(chunk.index, lateness)
             else:
                 self._lower_delay_when_early(head_start)
+        else:  # ready after its play time (its lane busy, the machine loaded): the clock moves to it,
+            # as for a late chunk the video waited for. Left, the video, which starts at the present,
+            # skipped it and every chunk after it until generation caught up: where a chunk took
+            # longer than it plays, never (no frame, and the session closed as idle)
+            self.move_clock(self.clock() - (self.base + chunk.pts))
         if waiting and self.rewind_pending > 0:
             self._pending_chunks += 1
             if self._pending_chunks >= self.REWIND_WAIT:  # continuous sound: no pause came

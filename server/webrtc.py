@@ -320,14 +320,17 @@ class AvatarVideoTrack(MediaStreamTrack):
         if skip > 0:  # the clock moved back (the delay came down) by whole frames: skip them
             self.n += skip
             self.rewound += skip / s.fps  # a part of a frame stays: those frames just play that much sooner
+        first_from = self.n  # (the first picture's earliest, the clock aside)
         while True:
             if self.last is None:
                 # the first picture is the one due now (or less than half a frame ago): a transport
                 # that connected after the stream's first play time skips what it missed (as the
                 # audio track starts at the present position) rather than moving the clock, which
                 # would move the session's chunks off the schedule of the sessions they are
-                # generated with (server/batching.py)
-                self.n = max(self.n, math.floor((s.clock() - s.base) * s.fps + 0.5))
+                # generated with (server/batching.py). Read again at each wake, not kept: a first
+                # chunk ready after its play time moves the clock to it (Session.publish)
+                present = math.floor((s.clock() - s.base) * s.fps + 0.5)
+                self.n = max(first_from, present, self.chunk.first_frame if self.chunk is not None else 0)
             newer = self.slot.take_nowait()
             if newer is not None:
                 self.queued.append(newer)

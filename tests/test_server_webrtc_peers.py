@@ -223,3 +223,36 @@ async def test_a_peer_is_waited_for_while_its_first_chunk_is_slow(server, monkey
         _, pc, _ = await streaming_client(http)
         await pc.close()
     assert slowed.is_set()
+
+
+async def test_a_first_chunk_ready_after_its_play_time_is_played_when_generation_is_slow(server, monkeypatch):
+    """A first chunk ready after its play time (the lane busy, the machine loaded) was skipped by
+    the video, which starts at the present, as was every chunk after it until generation caught
+    up: where a chunk took longer than it plays, never. The viewer saw no frame, and the session
+    was closed as idle ('no input') with its player waiting (this file's tests, on a loaded
+    machine). The first chunk plays when it is ready, the clock moved to it."""
+    import threading
+    import time
+
+    from streamgen.stream import StreamSession
+
+    next_chunk, first = StreamSession.next_chunk, threading.Event()
+
+    def late_then_slower_than_played(self, *args, **kwargs):
+        time.sleep(0.5 if first.is_set() else 3.0)  # (a chunk plays 0.32 s)
+        first.set()
+        return next_chunk(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamSession, "next_chunk", late_then_slower_than_played)
+    url, app = server
+    registry = app.state.registry
+    registry.config.idle_timeout_s = 8.0  # (read by each check of the limits)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            session_id, pc, _ = await streaming_client(http)
+            session = registry.sessions[session_id]
+            assert not session.closed, session.close_reason
+            await pc.close()
+            await until_closed(session)
+    finally:
+        registry.config.idle_timeout_s = 30.0
