@@ -310,7 +310,12 @@ class DiT(nn.Module):
         hp, wp = grid_hw
         pt, ph, pw = self.cfg.patch_size
         y = y.reshape(b, f, hp, wp, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return y.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        # the forward's output is no view: FSDP2 warns of a sharded module that returns one ("returned
+        # a view tensor"; an in-place op on it would skip the backward's all-gather), which the
+        # flattens of the permuted copy were. One copy either way: the reshape's, or where the
+        # grid lets it view its input (one patch a frame), the clone's.
+        out = y.reshape(b, y.shape[1], f * pt, hp * ph, wp * pw)
+        return out if out._base is None else out.clone()
 
     @staticmethod
     def text_kept(cache: StreamCache | None) -> bool:
