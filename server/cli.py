@@ -383,9 +383,8 @@ def _check_address(host: str, port: int, keep: bool = False) -> list:
     a socket bound with SO_REUSEADDR and not listening yet let another one bind the port with it
     too (uvicorn, a second serve), as Linux allows while neither listens; a connection meanwhile
     waits in the backlog until the server accepts it. Without, closes them. Port 0: the system
-    picks the first address's port, and the others are bound on that one too."""
-    import socket
-
+    picks the first address's port, and the others are bound on that one too (another picked where
+    it is taken on one of them, `_bind_every_address`)."""
     from streamgen.cli import UserError
 
     where = _host_port(host, port)
@@ -393,6 +392,42 @@ def _check_address(host: str, port: int, keep: bool = False) -> list:
         infos = _listen_addresses(host, port)
     except (OSError, UnicodeError) as e:
         raise UserError(f"cannot listen on {where}: {getattr(e, 'strerror', None) or e}") from None
+    for _ in range(PORT_0_TRIES - 1):
+        try:
+            held, skipped = _bind_every_address(infos, port, keep, where)
+            break
+        except _PickedPortTaken:  # (port 0 only: the system picks another)
+            continue
+    else:  # the last try says its error, as any bind's
+        held, skipped = _bind_every_address(infos, port, keep, where, may_pick_again=False)
+    if not held:  # every address skipped: uvicorn, given no socket, said "running on" and listened on none
+        why = (skipped.strerror or skipped) if skipped is not None else "it has no address"
+        raise UserError(f"cannot listen on {where}: {why}")
+    if not keep:
+        for sock in held:
+            sock.close()
+    return held if keep else []
+
+
+LISTEN_BACKLOG = 2048  # uvicorn's own (Config.backlog), which its create_server sets again
+# ports the system is asked for under --port 0 before a port taken on a later address is an error
+PORT_0_TRIES = 10
+
+
+class _PickedPortTaken(Exception):
+    """The port the system picked for the first address is in use on another one."""
+
+
+def _bind_every_address(infos: list, port: int, keep: bool, where: str, may_pick_again: bool = True):
+    """(the sockets bound, one per address a socket can be made for; the error of the first that could
+    not be made, or None) for `_check_address`. Port 0: the first address's port, picked by the system,
+    may be in use on another address (another server's on ::1 alone): _PickedPortTaken, where
+    `may_pick_again`, for the caller to ask for another; the user never asked for that port."""
+    import errno
+    import socket
+
+    from streamgen.cli import UserError
+
     held, skipped = [], None
     try:
         for family, kind, proto, _, address in infos:
@@ -405,11 +440,14 @@ def _check_address(host: str, port: int, keep: bool = False) -> list:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if port == 0 and len(held) > 1:  # (each address on a port of its own was not one server)
+            picked = port == 0 and len(held) > 1
+            if picked:  # (each address on a port of its own was not one server)
                 address = (address[0], held[0].getsockname()[1], *address[2:])
             try:
                 sock.bind(address)
             except OSError as e:
+                if picked and may_pick_again and e.errno == errno.EADDRINUSE:
+                    raise _PickedPortTaken from None
                 bound = _host_port(address[0], address[1])
                 said = where if bound == where else f"{where} ({bound})"
                 raise UserError(f"cannot listen on {said}: {e.strerror or e}") from None
@@ -419,16 +457,7 @@ def _check_address(host: str, port: int, keep: bool = False) -> list:
         for sock in held:
             sock.close()
         raise
-    if not held:  # every address skipped: uvicorn, given no socket, said "running on" and listened on none
-        why = (skipped.strerror or skipped) if skipped is not None else "it has no address"
-        raise UserError(f"cannot listen on {where}: {why}")
-    if not keep:
-        for sock in held:
-            sock.close()
-    return held if keep else []
-
-
-LISTEN_BACKLOG = 2048  # uvicorn's own (Config.backlog), which its create_server sets again
+    return held, skipped
 
 # players send RTCP reports every 0.5-1.5 s: under this a live viewer's session was cut (2 of 3 at 1 s)
 MIN_PEER_TIMEOUT_S = 3.0

@@ -159,6 +159,40 @@ def test_port_0_holds_every_address_of_a_host_on_one_port(monkeypatch):
     assert (v4, v6) == ("127.0.0.1", "::1") and port == port_6 > 0
 
 
+def test_port_0_picks_another_port_where_the_one_picked_is_taken_on_another_address(monkeypatch):
+    """Port 0 on a host of two addresses: the system picks a port free on the first, which another
+    server may hold on the second. That was 'cannot listen on loopback-both:0 (::1:PORT): Address
+    already in use', for a port the user never asked for: another is picked instead."""
+    import errno
+    import socket
+
+    import server.cli
+
+    def both(host, port):
+        found = [socket.getaddrinfo(a, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+                 for a in ("127.0.0.1", "::1")]  # fmt: skip
+        return found[0] + found[1]
+
+    taken_on_6 = []
+
+    class TakenOnceOnIpv6(socket.socket):
+        def bind(self, address):
+            if self.family == socket.AF_INET6 and address[1] and not taken_on_6:
+                taken_on_6.append(address[1])  # (its first port picked: another server's there)
+                raise OSError(errno.EADDRINUSE, "Address already in use")
+            return super().bind(address)
+
+    monkeypatch.setattr(server.cli, "_listen_addresses", both)
+    monkeypatch.setattr(socket, "socket", TakenOnceOnIpv6)
+    held = server.cli._check_address("loopback-both", 0, keep=True)
+    try:
+        [(v4, port), (v6, port_6)] = [s.getsockname()[:2] for s in held]
+    finally:
+        for sock in held:
+            sock.close()
+    assert (v4, v6) == ("127.0.0.1", "::1") and port == port_6 > 0 and taken_on_6
+
+
 def test_a_host_of_no_address_this_machine_can_listen_on_is_refused(monkeypatch):
     """A socket of every address of the host refused (IPv6 switched off, `--host ::1`): each was
     skipped, as asyncio skips them, and none was left. The sockets held for uvicorn were none, and
