@@ -9,6 +9,8 @@ will build it, and its resource usage is read from the binary
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -44,15 +46,39 @@ def test_compile_only_builds_without_launching_and_restores_triton():
     assert not triton_ops._gelu_tanh_kernel.device_caches  # no sm_90 binary left to serve a real device
 
 
-@pytest.mark.slow
-def test_every_kernel_builds_for_hopper_without_spills_within_shared_memory(capsys):
+@pytest.fixture(scope="module")
+def resources_run():
+    """`streamgen bench resources --json`, in this process (Triton's compiler is loaded and warm
+    once for the file's tests): (its JSON, each case's builds by case name). Two tests read it:
+    the FP8 products' check built its own two FP8 modes, every config, which the run builds too."""
     from streamgen.cli import main
 
-    # (in this process: Triton's compiler is loaded and warm once for the file's tests)
-    code = main(["bench", "resources", "--json"])
-    out, err = capsys.readouterr()
-    assert code == 0, err[-3000:]
-    result = json.loads(out.strip().splitlines()[-1])
+    builds, compile_only = [], resources.compile_only
+
+    @contextlib.contextmanager
+    def recorded(arch):
+        with compile_only(arch) as compiled:
+            yield compiled
+        builds.append(compiled)
+
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        patch.setattr(resources, "compile_only", recorded)
+        code = main(["bench", "resources", "--json"])
+    assert code == 0, err.getvalue()[-3000:]
+    result = json.loads(out.getvalue().strip().splitlines()[-1])
+    cases = list(dict.fromkeys(row["case"] for row in result["kernels"]))  # run in the cases' order
+    assert len(cases) == len(builds)
+    return result, dict(zip(cases, builds))
+
+
+@pytest.mark.slow
+def test_every_kernel_builds_for_hopper_without_spills_within_shared_memory(resources_run):
+    result, _builds = resources_run
     assert result["target"] == "sm_90" and result["dtype"] == "bfloat16"
     assert result["ptxas_reports"] == result["compiled"]  # every kernel was really built and reported
     rows = result["kernels"]
@@ -311,24 +337,19 @@ def _fp8_dots_chaining_an_imprecise_accumulator(ttgir: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_fp8_pv_adds_each_key_blocks_product_in_fp32():
+def test_fp8_pv_adds_each_key_blocks_product_in_fp32(resources_run):
     """On sm_90 Triton lets e4m3 products accumulate in the tensor cores' reduced precision
     (about 14 bits: maxNumImpreciseAcc 2^30 by default). PV's product of each key block was
     chained through tl.dot's accumulator operand, so a steady chunk's whole PV sum (39,000 keys at
     832x480, 600 key blocks) was kept in that precision, an error neither the interpreter nor the
     CPU's emulation (`bench fp8`'s accuracy) has, and not the fp32 sum docs/kernels.md says. Each
-    block's product starts from zero and is added to the running sum in fp32."""
-    from streamgen.kernels import reference
-
-    torch.manual_seed(0)
-    q = torch.randn(1, 40, 2, 64, dtype=torch.bfloat16)
-    k, v = (torch.randn(1, 300, 2, 64, dtype=torch.bfloat16) for _ in range(2))
-    built = []
-    for pv in (False, True):
-        inputs = reference.quantize_fp8_attention(q, k, v, pv=pv)
-        with resources.compile_only(90) as compiled:
-            triton_attention.fp8_attention_quantized(*inputs, None, 1, torch.bfloat16)
-        built += [kernel for name, _variant, kernel, _s, _report in compiled if name == "_attention_kernel"]
+    block's product starts from zero and is added to the running sum in fp32. (The builds are
+    `bench resources`' of a steady chunk in each FP8 mode: QK^T alone, and PV too.)"""
+    _result, builds = resources_run
+    built = {}  # (by identity: a case may launch a build twice)
+    for case in ("attention_stream_fp8_qk", "attention_stream_fp8"):
+        built |= {id(kernel): kernel for name, _v, kernel, _s, _r in builds[case] if name == "_attention_kernel"}
+    built = list(built.values())
     assert len(built) == 2 * len(triton_attention._ATTN_CONFIGS)
     for kernel in built:
         ttgir = kernel.asm["ttgir"]
