@@ -163,12 +163,11 @@ class Stage:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         averaged = self.updaters["decoder"].averaged_module().eval()
+        # scored before anything is written: written first, a run killed while scoring (half a minute
+        # and more) left the new decoder beside the previous export's report and picture
         if self.opts.architecture == "causal_vae":
-            averaged.save(d)
-            self._export_model(averaged, d / "model", name)
             saved, self.student = self.student, averaged
         else:
-            averaged.save(d / "tiny_decoder.safetensors")
             saved, self.student.decoder = self.student.decoder, averaged
         try:
             report, sample = self.evaluate()
@@ -177,6 +176,11 @@ class Stage:
                 self.student = saved
             else:
                 self.student.decoder = saved
+        if self.opts.architecture == "causal_vae":
+            averaged.save(d)
+            self._export_model(averaged, d / "model", name)
+        else:
+            averaged.save(d / "tiny_decoder.safetensors")
         write_text_atomically(d / "tiny_decoder.json", json.dumps(report, indent=2))
         _plot_sample(sample, d / "tiny_decoder.png")
 

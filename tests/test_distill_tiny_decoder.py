@@ -287,3 +287,25 @@ def test_a_narrower_decoders_model_takes_the_export_name(tmp_path):
     run(debug_config("tiny_decoder", tmp_path / "run", **edits))
     assert load_model(str(tmp_path / "export" / "model")).name == "slim-avatar"
     assert load_model(str(tmp_path / "run" / "model" / "model")).name == "debug-narrow-decoder"
+
+
+def test_an_export_killed_while_scoring_leaves_the_previous_export_whole(tmp_path, monkeypatch):
+    """The export wrote the new decoder, then scored it (half a minute and more on tiny-avatar), then
+    wrote its report and picture: killed while scoring, the folder held the new decoder beside the
+    previous export's tiny_decoder.json and .png, of another decoder. It scores first now."""
+    from distill.tiny_decoder import Stage
+
+    out = tmp_path / "run"
+    run(debug_config("tiny_decoder", out, **{"run.steps": 2}))
+    exported = {name: (out / "model" / name).read_bytes() for name in ("tiny_decoder.safetensors", "tiny_decoder.json")}
+
+    def killed(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Stage, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(debug_config("tiny_decoder", out, **{"run.steps": 4}), resume=True)
+    assert {name: (out / "model" / name).read_bytes() for name in exported} == exported
+    monkeypatch.undo()
+    run(debug_config("tiny_decoder", out, **{"run.steps": 4}), resume=True)  # (the export again, whole)
+    assert (out / "model" / "tiny_decoder.safetensors").read_bytes() != exported["tiny_decoder.safetensors"]
