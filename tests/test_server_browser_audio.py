@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from server_helpers import live_server
 from test_server_browser import CHROMIUM, SPEECH_WAV, chromium_args, wait_for
+from test_server_browser_hangup import wait_in_page
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
@@ -99,10 +100,8 @@ def test_an_autostarted_page_asks_for_a_click_and_turns_the_sound_on_with_it(bro
         reports = reports_of(page)
         try:
             page.goto(f"{url}/?autostart=1&avatar=ada&mic=0&transport={transport}")
-            for _ in range(150):  # until it has streamed a few seconds (reports every 200 ms)
-                page.wait_for_timeout(200)
-                if reports and reports[-1]["frames"] >= 100:
-                    break
+            # until it has streamed a few seconds: 100 frames at 25 a second
+            report_until(page, reports, lambda report: report["frames"] >= 100, 30)
             waiting = reports[-1]
             assert waiting["state"] == f"streaming ({'websocket' if transport == 'ws' else 'webrtc'})", waiting
             assert waiting["notice"], waiting  # "Click or press a key for sound"
@@ -282,7 +281,9 @@ def test_the_microphone_reaches_the_websocket_through_an_audio_worklet(browser_p
             assert page.evaluate("window.__micNodes") == [path], logs
             clock = "__contexts.find((c) => c.state === 'running').currentTime"
             received, audio_clock, wall_clock = metric(url, heard), page.evaluate(clock), time.monotonic()
-            page.wait_for_timeout(2000)  # (a wrong rate is 3 or 1/3; the blocks are 8 or 64 ms)
+            # a window to measure in, not a wait for an event: 2 s of the page's audio clock hold 31 to
+            # 250 of the microphone's blocks (64 or 8 ms), and a wrong rate is 3 or 1/3, far outside
+            page.wait_for_timeout(2000)
             received = metric(url, heard) - received
             per_audio_s = received / (page.evaluate(clock) - audio_clock)
             per_wall_s = received / (time.monotonic() - wall_clock)
@@ -325,10 +326,9 @@ def test_each_websocket_connection_numbers_its_microphone_messages_from_zero(bro
             wait_for(lambda: metric(url, heard) > before + 0.5, 30, "no microphone audio reached the server")
             page.click("#hangup")
             page.click("#connect")
-            for _ in range(150):  # (Playwright delivers the frames' events only inside its own calls)
-                page.wait_for_timeout(200)
-                if len(sockets) == 2 and len(sockets[1]) >= 5:
-                    break
+            # (waited in the page's calls: Playwright delivers the frames' events only inside them)
+            second_heard = lambda: len(sockets) == 2 and len(sockets[1]) >= 5  # noqa: E731
+            wait_in_page(page, second_heard, 30, "the second connection sent no 5 microphone messages")
         finally:
             page.close()
     assert len(sockets) == 2, sockets

@@ -140,7 +140,10 @@ def test_a_websocket_a_slow_server_has_not_accepted_can_be_hung_up(browser_page,
             page.click("#hangup")
             wait_for(lambda: "closed" in events, 10, "the hung-up page kept its WebSocket")
             wait_for(lambda: not sessions, 10, "the hung-up attempt left its session on the server")
-            page.wait_for_timeout(300)  # (an attempt that went on would say 'failed' or stream by now)
+            # nothing more is to happen: the socket's close and the session's end are in (waited for
+            # above), and an attempt the hang-up missed would say 'failed' or stream within 300 ms of
+            # them (its close's handler runs as the close comes; its frames come 25 a second)
+            page.wait_for_timeout(300)
             assert page.evaluate("held()") == IDLE
             page.evaluate("window.streamAt = null")
             connects_and_streams(page, "websocket")
@@ -210,8 +213,11 @@ def test_a_hang_up_between_the_socket_and_ready_leaves_nothing_on_the_console(br
                 wait_in_page(page, lambda: not sessions, 10, "the session outlived the hang-up")
                 # past the page's wait for the close's answer (2 s): a DELETE it sent has come back
                 page.clock.run_for(2500)
+                idle = lambda: page.evaluate("held()") == IDLE  # noqa: E731
+                wait_in_page(page, idle, 10, "the page was not idle after its hang-up")
+                # nothing more is to come: 500 ms outlast a DELETE's round trip to this machine's server
+                # (milliseconds), which `deletes` would hold by then
                 page.wait_for_timeout(500)
-                assert page.evaluate("held()") == IDLE
             assert (logs, deletes) == ([], [])
         finally:
             page.close()
@@ -341,8 +347,11 @@ def test_a_websocket_the_server_refused_sends_no_delete(browser_page, end_at, co
             wait_in_page(page, failed, 20, "the refused page did not fail")
             state = page.evaluate("held()")["state"]
             assert state.startswith(f"failed: WebSocket closed: {code} "), state
-            page.wait_for_timeout(1000)  # (a DELETE the failure sent has come back meanwhile)
-            assert page.evaluate("window.endedBehind") == [204]
+            ended_behind = lambda: page.evaluate("window.endedBehind") == [204]  # noqa: E731
+            wait_in_page(page, ended_behind, 10, "the test's own DELETE was not answered 204")
+            # nothing more is to come: 1 s outlasts a DELETE's round trip to this machine's server
+            # (milliseconds) many times, which `deletes` would hold by then
+            page.wait_for_timeout(1000)
             made = page.evaluate("window.made")
             assert (len(deletes), logs) == (1, []), (deletes, logs)
             assert deletes[0].endswith(made["resource"])

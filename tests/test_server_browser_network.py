@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import pytest
 from server_helpers import live_server, relay_listener
 from test_server_browser import HELD, metric, wait_for
+from test_server_browser_hangup import wait_in_page
 from test_server_browser_hangup_websocket import STREAM_ELSEWHERE
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
@@ -76,7 +77,9 @@ def test_a_websocket_whose_connection_fails_says_how(browser_page, fault, says, 
     with served(max_sessions=2) as (url, app), relay(int(url.rsplit(":", 1)[1])) as (port, cut, stall):
         page = streaming_through_a_relay(browser_page, url, port, silent_s=3)
         try:
-            page.wait_for_timeout(4000)  # (a stream that plays longer than that is not given up)
+            # nothing is to happen: 4 s outlast the page's silence limit (3 s, ?silent_s=3) by 1 s, in
+            # which a page that counted a playing stream as silent would have given it up
+            page.wait_for_timeout(4000)
             assert page.evaluate("window.streamgenStats.state") == "streaming (websocket)"
             {"cut": cut, "stall": stall}[fault]()
             page.wait_for_function("window.streamgenStats.state.startsWith('closed')", timeout=30_000)
@@ -135,11 +138,7 @@ def test_a_websocket_that_never_reaches_the_server_says_so_and_ends_its_session(
                 "state": "failed: the WebSocket stream could not connect to the server (it is gone, or a proxy "
                          "between does not pass WebSockets on)",
             }  # fmt: skip
-            for _ in range(100):
-                if not app.state.registry.sessions:
-                    break
-                page.wait_for_timeout(50)
-            assert not app.state.registry.sessions
+            wait_for(lambda: not app.state.registry.sessions, 5, "the session its socket never reached was left")
         finally:
             page.close()
 
@@ -181,7 +180,9 @@ def test_a_watch_only_websocket_whose_timers_are_held_keeps_its_session(browser_
         try:
             page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
             page.wait_for_function("window.streamgenStats.framesDecoded >= 3", timeout=60_000)
-            page.wait_for_timeout(6000)  # twice the idle limit
+            # nothing is to happen: 6 s are twice the server's idle limit (3 s), and the held timers
+            # run once a minute, so a session kept by the timer's pings alone would have been closed
+            page.wait_for_timeout(6000)
             assert page.evaluate("window.streamgenStats.state") == "streaming (websocket)"
             assert len(app.state.registry.sessions) == 1
         finally:
@@ -307,11 +308,9 @@ def test_a_session_answered_after_the_page_gave_up_is_deleted(browser_page, tran
             key = "streamgen-request-key"
             assert deleted.value.url == f"{url}/v1/sessions"
             assert deleted.value.headers[key] == route.request.headers[key]
-            for _ in range(100):
-                if not app.state.registry.sessions:
-                    break
-                page.wait_for_timeout(50)
-            assert not app.state.registry.sessions, "the late session was left to the server's timeout"
+            # (waited in the page's calls: its route passes the DELETE on)
+            gone = lambda: not app.state.registry.sessions  # noqa: E731
+            wait_in_page(page, gone, 5, "the late session was left to the server's timeout")
             assert [r for r in requests if "/whep" in r or "/stream" in r] == []  # (not used)
             assert page.evaluate("window.streamgenStats.state") == "failed: the server does not answer (no answer in 10 s)"
         finally:

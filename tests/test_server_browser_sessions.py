@@ -8,6 +8,7 @@ import os
 import pytest
 from server_helpers import live_server
 from test_server_browser import HELD, held_page, metric, wait_for
+from test_server_browser_network import SOCKETS_CLOSED
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
@@ -160,7 +161,9 @@ def test_a_webrtc_tab_whose_renderer_is_killed_frees_its_session(browser_page):
             # no microphone: the page's RTCP receiver reports are all it sends
             page.goto(f"{url}/?autostart=1&avatar=ada&mic=0")
             page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
-            page.wait_for_timeout(5000)  # longer than the timeout: a streaming tab is not silent
+            # nothing is to happen: 5 s outlast the peer timeout (2 s) 2.5 times, in which a server that
+            # did not count a streaming tab's RTCP reports as hearing it would have closed its session
+            page.wait_for_timeout(5000)
             assert len(sessions) == 1
             # every renderer of the browser (the page's may be the spare one Chromium keeps started;
             # the other pages of the context crash too, and the next tests open pages of their own)
@@ -179,7 +182,9 @@ def test_a_websocket_page_hung_up_and_connected_again_at_once_keeps_the_new_conn
     AudioContexts were never closed; the overlay kept the last connection's figures."""
     with live_server(max_sessions=3) as (url, app):
         sessions = app.state.registry.sessions
-        page = held_page(browser_page, f"{url}/?autostart=1&transport=ws")
+        page = browser_page.new_page()
+        page.add_init_script(HELD + SOCKETS_CLOSED)
+        page.goto(f"{url}/?autostart=1&transport=ws")
         try:
             page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
             assert metric(url, "streamgen_sessions_created_total") == 1
@@ -190,7 +195,8 @@ def test_a_websocket_page_hung_up_and_connected_again_at_once_keeps_the_new_conn
             }""")
             assert fresh == [0, None]  # the new connection's figures start from nothing
             page.wait_for_function("window.streamgenStats.framesDecoded >= 10", timeout=60_000)
-            page.wait_for_timeout(1500)  # the first socket's close has long arrived
+            # the first socket's close has come to the page (counted before the page's own handler runs)
+            page.wait_for_function("window.__socketsClosed >= 1", timeout=10_000)
             wait_for(lambda: len(sessions) == 1)
             assert page.evaluate("held()") == {
                 "mics": 1, "contexts": 1, "state": "streaming (websocket)", "connect": False, "hangup": True,
