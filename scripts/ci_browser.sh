@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Browser tests of the web client (tests/test_server_browser*.py) in Debian's headless chromium
-# (and one in firefox-esr).
+# (and those of what browsers do each their own way in firefox-esr too: tests/firefox_pages.py).
 # Installs chromium with apt where it is missing and apt is usable; otherwise the test
 # skips itself with a message saying why. Usage: scripts/ci_browser.sh [extra pytest args]
 set -uo pipefail
@@ -23,10 +23,10 @@ if [ ! -x /usr/bin/turnserver ] && command -v apt-get >/dev/null 2>&1 && [ "$(id
         || echo "ci_browser: apt could not install coturn (see /tmp/ci_browser_coturn_apt.log); the TURN test will skip"
 fi
 
-# the Firefox test runs Debian's firefox-esr (Playwright's Firefox build may not download); without it, it skips
+# the Firefox tests run Debian's firefox-esr (Playwright's Firefox build may not download); without it, they skip
 if [ ! -x /usr/bin/firefox-esr ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
     apt-get install -y firefox-esr >/tmp/ci_browser_firefox_apt.log 2>&1 \
-        || echo "ci_browser: apt could not install firefox-esr (see /tmp/ci_browser_firefox_apt.log); the Firefox test will skip"
+        || echo "ci_browser: apt could not install firefox-esr (see /tmp/ci_browser_firefox_apt.log); the Firefox tests will skip"
 fi
 
 exec "$PY" -m pytest tests/test_server_browser*.py -m browser -q -rs "$@"

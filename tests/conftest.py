@@ -34,6 +34,22 @@ def browser_page(playwright):
         yield context
 
 
+@pytest.fixture(scope="module", params=["chromium", "firefox"])
+def each_browser(request):
+    """browser_page's Chromium, then a firefox-esr (tests/firefox_pages.py: the part of Playwright's
+    pages the tests use, its clock the real one), for what the browsers do each their own way: media,
+    WebSockets, fetch bodies. One Firefox per test file; skipped where it is not installed."""
+    if request.param == "chromium":
+        yield request.getfixturevalue("browser_page")
+        return
+    from firefox_pages import FIREFOX, firefox_browser
+
+    if FIREFOX is None:
+        pytest.skip("firefox not installed (apt-get install -y firefox-esr)")
+    with firefox_browser() as browser:
+        yield browser
+
+
 @pytest.fixture(scope="module")
 def served():
     """`live_server` for a browser test file, one server per configuration, shared by the file's

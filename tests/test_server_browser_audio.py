@@ -3,22 +3,19 @@ WebSocket API at the device's sample rate (Firefox refuses a 16 kHz AudioContext
 
 Chromium as in test_server_browser.py (skipped without it); the Firefox test runs Debian's
 firefox-esr where it is installed (`apt-get install -y firefox-esr`; Playwright's own Firefox
-build cannot be downloaded here), driven by nothing but its URL and preferences, and checked from
-the server's side.
+build cannot be downloaded here), driven over WebDriver BiDi (tests/firefox_pages.py).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from firefox_pages import FIREFOX
 from server_helpers import live_server
-from test_server_browser import CHROMIUM, SPEECH_WAV, chromium_args, wait_for
+from test_server_browser import CHROMIUM, HELD, SPEECH_WAV, chromium_args, wait_for
 from test_server_browser_hangup import wait_in_page
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
@@ -184,18 +181,6 @@ def test_the_microphone_resampler_keeps_speech_and_stops_aliases(browser_page):
         page.close()
 
 
-FIREFOX = shutil.which("firefox-esr") or shutil.which("firefox")
-FIREFOX_PREFS = {
-    "media.navigator.streams.fake": True,  # a generated microphone, granted without asking
-    "media.navigator.permission.disabled": True,
-    "media.autoplay.default": 0,
-    "browser.shell.checkDefaultBrowser": False,
-    "datareporting.policy.dataSubmissionEnabled": False,
-    "toolkit.telemetry.reportingpolicy.firstRun": False,
-    "browser.startup.homepage_override.mstone": "ignore",
-}
-
-
 def metric(url: str, name: str) -> float:
     import httpx
 
@@ -211,30 +196,26 @@ def test_the_page_streams_in_firefox_with_its_microphone(transport):
     is currently not supported"): the page failed and hung up at once. It now takes the device's
     rate and resamples itself. (WebRTC, which never used the AudioContext, checks the harness.
     Firefox without an audio device, as here, neither runs an AudioContext nor reliably feeds its
-    fake microphone, so the microphone's samples are checked in Chromium only.)"""
-    # (a server of its own: the Firefox killed at the end leaves its WebRTC session to the peer timeout)
-    with live_server(max_sessions=2) as (url, _):
-        profile = tempfile.mkdtemp(prefix="streamgen-firefox-")
-        Path(profile, "user.js").write_text(
-            "".join(f'user_pref("{k}", {json.dumps(v)});\n' for k, v in FIREFOX_PREFS.items())
-        )
-        firefox = subprocess.Popen(
-            [FIREFOX, "--headless", "--no-remote", "--profile", profile, f"{url}/?autostart=1&transport={transport}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            wait_for(lambda: metric(url, "streamgen_sessions_streaming") == 1, 60, "Firefox did not stream")
-            time.sleep(3)  # the old page hung up as soon as it took the microphone
-            assert metric(url, "streamgen_sessions_closed_total") == 0, "the page hung up"
-            assert metric(url, "streamgen_sessions_streaming") == 1
-        finally:
-            firefox.terminate()
-            try:
-                firefox.wait(20)
-            except subprocess.TimeoutExpired:
-                firefox.kill()
-                firefox.wait(10)
-            shutil.rmtree(profile, ignore_errors=True)
+    fake microphone, so the microphone's samples are checked in Chromium only.) The page streams over
+    the transport asked for: Firefox without its loopback preference (firefox_pages.FIREFOX_PREFS)
+    never connected WebRTC here, and the page fell back to the WebSocket unseen."""
+    from firefox_pages import firefox_browser
+
+    streaming = {"ws": "streaming (websocket)", "webrtc": "streaming (webrtc)"}[transport]
+    # (a server of its own: the Firefox stopped at the end may leave its WebRTC session to the peer timeout)
+    with live_server(max_sessions=2) as (url, _), firefox_browser() as firefox:
+        page = firefox.new_page()
+        page.add_init_script(HELD)
+        page.goto(f"{url}/?autostart=1&transport={transport}")
+        page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
+        assert page.evaluate("window.streamgenStats.state") == streaming
+        assert page.evaluate("held()")["mics"] == 1
+        # nothing is to happen: the old page hung up as soon as it took the microphone (at once); 3 s of
+        # streaming (75 frames) outlast that many times
+        page.wait_for_timeout(3000)
+        assert metric(url, "streamgen_sessions_closed_total") == 0, "the page hung up"
+        assert page.evaluate("window.streamgenStats.state") == streaming
+        page.click("#hangup")
 
 
 # Which node the page's microphone goes through, counted from outside app.js; and, for the

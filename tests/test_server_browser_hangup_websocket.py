@@ -434,12 +434,12 @@ window.WebSocket = class extends WebSocket {
 """
 
 
-def test_a_server_message_that_is_not_json_is_ignored_with_a_warning(browser_page, served):
+def test_a_server_message_that_is_not_json_is_ignored_with_a_warning(each_browser, served):
     """A text message that is not JSON threw in the page's message handlers (an uncaught error on the
     console, twice once streaming: the ready's handler stayed). Before ready and while streaming, it
     is said on the console as a warning and ignored: the stream starts and goes on."""
     with served(max_sessions=2) as (url, app):
-        page = browser_page.new_page()
+        page = each_browser.new_page()
         page.add_init_script(HELD + NOT_JSON_AT_START)
         logs: list[str] = []
         page.on("console", lambda m: logs.append(f"{m.type}: {m.text}"))

@@ -483,14 +483,14 @@ window.fetch = async function (url, options) {
 
 
 @pytest.mark.parametrize("stalled", ["session", "whep"])
-def test_an_answer_whose_body_never_ends_is_given_up(browser_page, stalled, served):
+def test_an_answer_whose_body_never_ends_is_given_up(each_browser, stalled, served):
     """An answer whose headers came and whose body never ended left the page 'connecting' for good:
     the 10 s a request may wait for its answer ended with the headers. They count to the body's end
     now: a session's creation so answered is given up (said, Connect given back to try again, and the
     session it made ended by its request's key: it was left to the server's unclaimed limit); a WHEP
     offer's, as any WebRTC failure, goes on over the WebSocket."""
     with served(max_sessions=2) as (url, app):
-        page = browser_page.new_page()
+        page = each_browser.new_page()
         page.add_init_script(STALLED_BODIES)
         page.clock.install()  # (the page's 10 s run at once)
         try:
@@ -531,13 +531,13 @@ window.fetch = (url, options) => (window.holdPosts && options && options.method 
 """
 
 
-def test_a_session_asked_after_the_page_gave_up_and_answered_without_an_end_is_ended(browser_page, served):
+def test_a_session_asked_after_the_page_gave_up_and_answered_without_an_end_is_ended(each_browser, served):
     """A session's creation given up before its request reached the server (the give-up's DELETE by
     its key found nothing), then made, its answer's body never ending: the page waited on that body
     to DELETE the session, which was left to the server's unclaimed limit (20 s). The answer's headers
     say the server has the request: the page ends the session by its key then."""
     with served(max_sessions=2) as (url, app):
-        page = browser_page.new_page()
+        page = each_browser.new_page()
         page.add_init_script(STALLED_BODIES + HOLD_SESSION_POSTS)
         page.clock.install()  # (the page's 10 s run at once)
         try:

@@ -265,7 +265,7 @@ def test_a_page_left_mid_call_and_gone_back_to_says_its_call_ended(browser_that_
             page.close()
 
 
-def test_a_session_check_whose_body_never_ends_still_says_the_session_ended(browser_page):
+def test_a_session_check_whose_body_never_ends_still_says_the_session_ended(each_browser):
     """A WebRTC page checks its session as the server closes the connection: a 404 whose body never
     ended (a proxy that stalls after the headers) hung the check, which read it without a time limit,
     and the page said 'streaming' over a frozen frame until ICE gave up. The check's answer, its body
@@ -274,7 +274,7 @@ def test_a_session_check_whose_body_never_ends_still_says_the_session_ended(brow
 
     stall_session_checks = "window.stallBodyOf = (url, method) => method === 'GET' && /\\/v1\\/sessions\\/[^/]+$/.test(url);"
     with live_server(max_sessions=2, max_duration_s=4.0) as (url, app):
-        page = browser_page.new_page()
+        page = each_browser.new_page()
         page.add_init_script(HELD + STALLED_BODIES + stall_session_checks)
         try:
             page.goto(f"{url}/?autostart=1&mic=0")

@@ -194,12 +194,12 @@ WebSocket.prototype.send = function (data) {
 """
 
 
-def test_a_websocket_speak_the_server_never_answers_is_given_up(browser_page, served):
+def test_a_websocket_speak_the_server_never_answers_is_given_up(each_browser, served):
     """A WebSocket page's speak waited for its answer without a limit: a server that never answered
     left Speak disabled for the rest of the stream. It gives up after 20 s as a WebRTC page's speak
     does (said, Speak usable again, the text kept); its answer coming later is still its own."""
     with served(max_sessions=2) as (url, app):
-        page = held_page(browser_page, "about:blank")
+        page = held_page(each_browser, "about:blank")
         page.add_init_script(HOLD_SPEAKS)
         errors: list[str] = []
         page.on("console", lambda m: errors.append(f"{m.type}: {m.text}") if m.type == "error" else None)
