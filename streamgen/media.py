@@ -127,7 +127,7 @@ def read_image(path_or_bytes) -> np.ndarray:
     """Decode an image file (or bytes) to uint8 RGB [H, W, 3]."""
     import io
 
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     # Pillow warns of a picture past that limit (three lines on stderr) and refuses one past twice
@@ -151,6 +151,10 @@ def read_image(path_or_bytes) -> np.ndarray:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise MediaError(f"{name} is too large to decode safely: {e}") from None
+    except UnidentifiedImageError:
+        # (Pillow's own words name what it read from: a pipe's or an upload's buffer as
+        # "<_io.BytesIO object at 0x7f...>", not the path given)
+        raise MediaError(f"cannot read image {name}: not an image file of a format Pillow reads") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise MediaError(f"cannot read image {name}: {e}") from None
 

@@ -221,6 +221,24 @@ def test_an_image_or_audio_from_a_pipe_is_read(tmp_path):
     assert abs(len(pcm) - 4000) <= 1
 
 
+@pytest.mark.parametrize("through", ["file", "pipe", "bytes"])
+def test_what_is_no_image_is_named_as_given_whatever_it_came_through(tmp_path, through):
+    """A pipe's non-image was "cannot identify image file <_io.BytesIO object at 0x7f...>":
+    Pillow names the buffer the pipe was read into, not the path the user gave."""
+    junk = b"not a picture\n"
+    path = tmp_path / "face.png"
+    if through == "file":
+        path.write_bytes(junk)
+        source, name = path, str(path)
+    elif through == "pipe":
+        source = name = str(_through_a_pipe(tmp_path / "image-pipe", junk))
+    else:
+        source, name = junk, "image"
+    with pytest.raises(MediaError) as refused:
+        read_image(source)
+    assert str(refused.value) == f"cannot read image {name}: not an image file of a format Pillow reads"
+
+
 @pytest.mark.parametrize("flag, kind", [("--audio", "audio"), ("--reference", "image")])
 def test_a_dash_for_standard_input_names_dev_stdin(tmp_path, monkeypatch, flag, kind, capsys):
     """`--audio -` (standard input's usual name) was "audio file not found: -", nothing said of how
