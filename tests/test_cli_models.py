@@ -57,6 +57,23 @@ def test_models_lists_each_model_with_where_it_is_from_and_its_flavor_and_size(t
     assert "debug" not in models
 
 
+def test_a_flavors_stand_in_teacher_is_listed_as_the_teacher_it_loads(listed):
+    """`--model wan2.1-1.3b-teacher` loads that flavor's teacher on seeded random weights (the
+    README's model table), but the list of what a --model NAME can name left every such name out."""
+    from streamgen.models import model_kind, model_settings
+
+    models, _ = listed()
+    for flavor in ("wan2.1-1.3b", "wan2.1-14b"):
+        teacher = models[f"{flavor}-teacher"]
+        assert teacher["path"] is None and "seeded random weights" in teacher["from"]
+        assert teacher["flavor"] == flavor and teacher["kind"] == model_kind(f"{flavor}-teacher") == "teacher"
+        assert teacher["steps"] == model_settings(f"{flavor}-teacher")["steps"] == 50
+        assert teacher["parameters"] == models[flavor]["parameters"]
+        assert models[flavor]["kind"] is None  # (the flavor's own stand-in streams as a student)
+    # a trained teacher of the flavor's name comes first, listed once, as the one it loads
+    assert models["tiny-avatar-teacher"]["from"] == "shipped" and "debug-teacher" not in models
+
+
 def test_a_name_in_two_folders_is_listed_once_as_the_one_it_loads(tmp_path, listed):
     _model_dir(tmp_path / "mine" / "tiny-avatar", kind="student")  # (before the shipped one)
     models, _ = listed()

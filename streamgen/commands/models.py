@@ -30,11 +30,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _stand_ins(listed: set[str]) -> list[str]:
-    """The flavors a name loads on seeded random weights, where no model directory of that name
-    comes first (`load_model`); debug is the tests' own."""
+    """The flavors a name loads on seeded random weights, and their teachers (FLAVOR-teacher), where
+    no model directory of that name comes first (`load_model`); debug is the tests' own."""
     from streamgen.model.config import FLAVORS
 
-    return sorted(name for name in FLAVORS if name != "debug" and name not in listed)
+    names = [name + teacher for name in FLAVORS if name != "debug" for teacher in ("", "-teacher")]
+    return sorted(name for name in names if name not in listed)
 
 
 def _entry(name: str, folder: Path, source: str) -> dict:
@@ -62,13 +63,14 @@ def _stand_in(name: str) -> dict:
     import torch
 
     from streamgen.model.model import DiT
-    from streamgen.models import get_config, model_settings
+    from streamgen.models import get_config, model_kind, model_settings
 
-    settings = model_settings(name)
+    settings, kind, flavor = model_settings(name), model_kind(name), name.removesuffix("-teacher")
     with torch.device("meta"):  # (its shapes alone: 14B parameters are not made to be counted)
-        parameters = sum(p.numel() for p in DiT(get_config(name)).parameters())
-    return {"name": name, "path": None, "from": "a flavor on seeded random weights (no trained model)",
-            "flavor": name, "kind": None, "height": settings["height"], "width": settings["width"],
+        parameters = sum(p.numel() for p in DiT(get_config(flavor)).parameters())
+    what = "a flavor's teacher" if kind == "teacher" else "a flavor"
+    return {"name": name, "path": None, "from": f"{what} on seeded random weights (no trained model)",
+            "flavor": flavor, "kind": kind, "height": settings["height"], "width": settings["width"],
             "steps": settings["steps"], "parameters": parameters, "weights_bytes": None,
             "problem": None}  # fmt: skip
 
