@@ -145,9 +145,13 @@ class ModelHost:
             if self.down:  # (one that ended with the stop before this operation: as one that ends under it)
                 raise (HostStopped if self._ended_with_the_stop() else HostDown)(self.down)
             try:
-                self._conn.send((op, args))
-                if self.answer_timeout is not None and not self._conn.poll(self.answer_timeout):
-                    self._stop_stuck(op)
+                if self.answer_timeout is None:
+                    self._conn.send((op, args))
+                else:  # (the operation's send and its answer, within the one timeout)
+                    answer_by = time.monotonic() + self.answer_timeout
+                    self._send_by(op, args, answer_by)
+                    if not self._conn.poll(max(0.0, answer_by - time.monotonic())):
+                        self._stop_stuck(op)
                 ok, result = self._conn.recv()
             except (EOFError, OSError):
                 # (one the stop killed keeps the stop's reason: its SIGKILL read as the OOM killer's)
@@ -183,13 +187,40 @@ class ModelHost:
         self.process.join(2)
         return self._down
 
-    def _stop_stuck(self, op: str) -> None:
-        """A model process that does not answer (a deadlock, a driver hang, a stopped process) held
-        the worker, and with it every session, while /healthz said ok: it is killed, and the host
-        is down, as it is when the process dies, so that a supervisor restarts the server."""
+    def _send_by(self, op: str, args: tuple, deadline: float) -> None:
+        """Send an operation, the process taken for stuck where it has not read it by `deadline`. A
+        message larger than the pipe holds (a 512x512 reference, ~786 KB) waits in the send until
+        the process reads it: one that read no more (stuck in its re-encode after its last answer)
+        held the send, and with it the worker and every session, for good while /healthz said ok.
+        The send runs in a thread of its own, which the kill frees (the process's end closes)."""
+        failed: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                self._conn.send((op, args))
+            except BaseException as e:  # (raised in the caller, as its own send would)
+                failed.append(e)
+
+        sender = threading.Thread(target=send, name="streamgen-model-send", daemon=True)
+        sender.start()
+        sender.join(max(0.0, deadline - time.monotonic()))
+        if sender.is_alive():
+            try:
+                self._stop_stuck(op, f"did not read {op!r}")
+            finally:
+                sender.join(5)  # (its send failed as the process's end closed: nothing writes on after)
+        if failed:
+            raise failed[0]
+
+    def _stop_stuck(self, op: str, what: str = "") -> None:
+        """A model process that does not answer (a deadlock, a driver hang, a stopped process), or
+        does not read its operation, held the worker, and with it every session, while /healthz said
+        ok: it is killed, and the host is down, as it is when the process dies, so that a supervisor
+        restarts the server. what: what it did not do (by default, answer `op`)."""
+        what = what or f"gave no answer to {op!r}"
         # why, before the kill: from it on the process reads as exited by SIGKILL, and the limits'
         # check or /healthz reading `down` meanwhile ended the sessions as the out-of-memory killer's
-        self._down = f"the model process gave no answer to {op!r} in {self.answer_timeout:g} s (stuck: it was killed)"
+        self._down = f"the model process {what} in {self.answer_timeout:g} s (stuck: it was killed)"
         self.process.kill()  # (SIGKILL: a stuck process may not run a SIGTERM handler)
         self.process.join(5)
         raise HostDown(self._down)

@@ -100,6 +100,58 @@ def test_a_stuck_model_process_is_down_as_stuck_while_it_is_killed():
     assert (str(raised.value), host.down, read_meanwhile) == (said, said, [said])
 
 
+def test_a_model_process_that_reads_no_more_is_stuck_while_an_operation_is_sent():
+    """`--model-timeout` ran from the end of the operation's send: a create larger than the pipe
+    holds (a 512x512 reference, ~786 KB) sent to a process that read no more (stuck in its
+    re-encode after its last answer) waited in the send for good, the worker and every session with
+    it, while /healthz said ok. The send is bounded by the same timeout: the process is killed as
+    stuck, as one that gives no answer is."""
+    import multiprocessing
+    import threading
+
+    import numpy as np
+
+    from server.model_host import HostDown, ModelHost
+
+    host = object.__new__(ModelHost)  # (no process spawned: its end of the pipe held, never read)
+    host._conn, theirs = multiprocessing.Pipe()
+    host._down, host._killed_at_stop, host.answer_timeout = None, None, 0.5
+    host._calling, host.stopping = threading.Lock(), threading.Event()
+
+    class ReadingNothing:
+        exitcode = None
+
+        def kill(self):  # (the kernel closes a killed process's end of the pipe)
+            self.exitcode = -9
+            theirs.close()
+
+        def join(self, timeout=None):
+            pass
+
+    host.process = ReadingNothing()
+    reference = np.zeros((512, 512, 3), np.uint8)
+    raised = []
+
+    def create():
+        try:
+            host.call("create", "a stream", reference, None, 0, 512, 512, 2)
+        except HostDown as e:
+            raised.append(str(e))
+
+    caller = threading.Thread(target=create, daemon=True)
+    caller.start()
+    caller.join(30)
+    try:
+        assert not caller.is_alive(), "the create's send still waits on a process that reads nothing"
+    finally:
+        if not theirs.closed:  # (frees a send left waiting)
+            theirs.close()
+        caller.join(10)
+        host._conn.close()
+    said = "the model process did not read 'create' in 0.5 s (stuck: it was killed)"
+    assert (raised, host.down, host.process.exitcode) == ([said], said, -9)
+
+
 class ProcessEndingLate:
     """A model process whose pipe has closed and which the kernel reaps `exits_after` seconds of
     joins later (a process killed with a GPU context closes its pipe first and releases its device
