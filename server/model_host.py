@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -179,13 +180,30 @@ class ModelHost:
         queued for the dead pipe."""
         self._down = PIPE_CLOSED  # (refined by `down` to its exit as soon as that is known)
         self.process.join(EXIT_AFTER_PIPE_S)
-        if self.process.exitcode is not None:
-            return exit_line(self.process.exitcode)
-        # why, before the kill (as `_stop_stuck`): a read of `down` meanwhile took its SIGKILL for the OOM killer's
-        self._down = f"{PIPE_CLOSED} and had not exited {EXIT_AFTER_PIPE_S:g} s later (it was killed)"
-        self.process.kill()
-        self.process.join(2)
-        return self._down
+        if self.process.exitcode is None and not self._has_exited():
+            # why, before the kill (as `_stop_stuck`): a read of `down` meanwhile took its SIGKILL for the OOM killer's
+            self._down = f"{PIPE_CLOSED} and had not exited {EXIT_AFTER_PIPE_S:g} s later (it was killed)"
+            self.process.kill()
+            self.process.join(2)
+            if self.process.exitcode in (None, -signal.SIGKILL):
+                return self._down
+            # (another code: it ended by itself in the instant before the kill, which found it gone)
+        return exit_line(self._exit_code_once_stored())
+
+    def _has_exited(self) -> bool:
+        """Whether the model process has exited, whoever reaped it. Its exit code does not say: the
+        event loop's read of `down` reaps it as it reads, and a join at that moment finds no child
+        (its waitpid fails) and no code stored yet. It read as "had not exited 5 s later (it was
+        killed)", and was sent SIGKILL, a process that had exited. Its sentinel closes as it exits."""
+        return bool(multiprocessing.connection.wait([self.process.sentinel], 0))
+
+    def _exit_code_once_stored(self) -> int | None:
+        """The exit code of a process that has exited, once the thread that reaped it (the event
+        loop's read of `down`) has stored it: at once but for a thread switch."""
+        stored_by = time.monotonic() + 2.0
+        while self.process.exitcode is None and time.monotonic() < stored_by:
+            time.sleep(0.01)
+        return self.process.exitcode
 
     def _send_by(self, op: str, args: tuple, deadline: float) -> None:
         """Send an operation, the process taken for stuck where it has not read it by `deadline`. A

@@ -4,6 +4,7 @@ down, dead, stuck or reaped late, and its log."""
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 from fastapi.testclient import TestClient
@@ -160,6 +161,7 @@ class ProcessEndingLate:
     def __init__(self, exits_after: float | None, host):
         self.exits_after, self.waited, self.exitcode, self.killed = exits_after, 0.0, None, False
         self.host, self.read_meanwhile = host, []  # (the host's `down`, read as /healthz reads it while it waits)
+        self.sentinel, self.running = os.pipe()  # (read as closed once the process has exited: never here)
 
     def join(self, timeout=None):
         self.read_meanwhile.append(self.host.down)
@@ -198,6 +200,8 @@ def test_a_model_process_whose_pipe_closed_before_it_ended_is_not_down_as_code_n
             host.call("chunk")
     finally:
         host._conn.close()
+        os.close(host.process.sentinel)
+        os.close(host.process.running)
     assert "code None" not in str(raised.value) and str(raised.value) == host.down
     closed = "the model process closed its pipe"
     if exits_after is not None:
@@ -208,6 +212,58 @@ def test_a_model_process_whose_pipe_closed_before_it_ended_is_not_down_as_code_n
         assert host.down == "the model process closed its pipe and had not exited 5 s later (it was killed)"
         assert host.process.killed
         assert host.process.read_meanwhile == [closed, closed, host.down, host.down]  # (the kill's join after)
+
+
+class ProcessReapedByAnotherThread:
+    """A model process that ended as its pipe closed (code -9: the out-of-memory killer's), reaped by
+    the event loop's read of the host's `down` at the moment the worker's join looked: the join's
+    waitpid found no child, and the worker's read of the exit code just after it found none stored
+    yet (the reaping thread stores it once it runs again)."""
+
+    def __init__(self):
+        self.sentinel, ended = os.pipe()
+        os.close(ended)  # (its sentinel reads as closed: it has exited, whoever reaped it)
+        self.joined, self.reads_after_join, self.killed = False, 0, False
+
+    @property
+    def exitcode(self):
+        if not self.joined:
+            return None
+        self.reads_after_join += 1
+        return None if self.reads_after_join == 1 else -9
+
+    def join(self, timeout=None):
+        self.joined = True
+
+    def kill(self):
+        self.killed = True
+
+
+def test_a_model_process_reaped_by_another_read_is_not_said_to_have_been_killed():
+    """The event loop's status read (`down`) reaped the process while the worker's join waited for
+    it: the worker read no exit code, said "closed its pipe and had not exited 5 s later (it was
+    killed)" of a process that had exited by itself, and sent SIGKILL to a pid reaped already.
+    Whether it has exited is read from its sentinel, which says so whoever reaped it."""
+    import multiprocessing
+    import threading
+
+    from server.model_host import HostDown, ModelHost
+
+    host = object.__new__(ModelHost)  # (no process spawned: its pipe closed, its end reaped by another)
+    host._conn, theirs = multiprocessing.Pipe()
+    theirs.close()
+    host._down, host._killed_at_stop, host.answer_timeout = None, None, None
+    host._calling, host.stopping = threading.Lock(), threading.Event()
+    host.process = ProcessReapedByAnotherThread()
+    try:
+        with pytest.raises(HostDown) as raised:
+            host.call("chunk")
+    finally:
+        host._conn.close()
+        os.close(host.process.sentinel)
+    assert host.process.joined and not host.process.killed
+    assert str(raised.value) == host.down
+    assert host.down.startswith("the model process exited (code -9: killed by SIGKILL"), host.down
 
 
 def test_a_model_process_that_dies_loading_is_one_line_in_the_log(monkeypatch, caplog):
