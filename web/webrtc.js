@@ -163,7 +163,10 @@ const SESSION_CHECK_MS = 5000;
 
 // closed: the server closed the connection, so the session ends whatever the check finds (a server
 // gone answers nothing; one that answers says why where it knows). Whether the server answered.
-async function checkSessionAlive(s, cutOff, mine, ended, closed = false) {
+export async function checkSessionAlive(s, cutOff, mine, ended, closed = false) {
+  // cut off already: its abort fired before the listener below was there, and the GET went all the
+  // same (up to its limit), a 404 for the session the connection's end DELETEd said as its end
+  if (cutOff.aborted) return true;
   // (its own signal, cut off with the connection's or at its limit; the listener removed as it
   // settles, as apiFetch's: the connection's signal outlives its checks)
   const limit = new AbortController();
