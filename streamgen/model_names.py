@@ -18,7 +18,9 @@ def _listed_models() -> tuple[list[str], list[str]]:
     """The models' names, and the model folders that cannot be read, each said with why (a
     STREAMGEN_MODELS folder of another user's: iterdir's PermissionError was a traceback)."""
     found, unreadable = listed_model_folders()
-    return sorted({n for n in models.FLAVORS if n != "debug"} | {name for name, _, _ in found}), unreadable
+    # each flavor's stand-in and its teacher's (FLAVOR-teacher), as `streamgen models` lists them
+    stand_ins = {name + teacher for name in models.FLAVORS if name != "debug" for teacher in ("", "-teacher")}
+    return sorted(stand_ins | {name for name, _, _ in found}), unreadable
 
 
 def listed_model_folders() -> tuple[list[tuple[str, Path, str]], list[str]]:

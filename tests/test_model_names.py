@@ -316,3 +316,15 @@ def test_a_model_folder_that_cannot_be_read_is_said_so_not_a_traceback(tmp_path,
     said = str(refused.value)
     assert said.startswith("unknown model 'nothing-here': not a model directory and not one of ") and "tiny-avatar" in said
     assert said.endswith(f" (STREAMGEN_MODELS's {private} cannot be read: Permission denied)"), said
+
+
+def test_an_unknown_models_message_names_the_flavors_teachers_too():
+    """`--model wan2.1-1.3b-teacher` loads that flavor's teacher (the README's table, `streamgen
+    models`), but a mistyped name was told the names it could be without any FLAVOR-teacher."""
+    from streamgen.models import require_model
+
+    with pytest.raises(FileNotFoundError) as refused:
+        require_model("wan2.1-1.3b-teachr")
+    named = str(refused.value).split("not one of ", 1)[1].split(", ")
+    assert {"wan2.1-1.3b", "wan2.1-1.3b-teacher", "wan2.1-14b-teacher", "tiny-avatar-teacher"} <= set(named)
+    assert "debug-teacher" not in named and named == sorted(named)
