@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -88,10 +87,17 @@ def tiny_config(**overrides):
     return get_config("debug", num_heads=4, dim=64, **overrides)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def join_at(rendezvous: str, rank: int, world: int) -> None:
+    """This spawned process joins the gloo group of `world` processes that meet at the file
+    `rendezvous` (new for each spawn). Not at a port (MASTER_PORT): one chosen and let go before
+    rank 0 bound it could be taken meanwhile by another test process (-n 2), and the group failed
+    to form, or formed with a store of another group's."""
+    join_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+
+
+def joined_alone() -> None:
+    """This process alone in the default gloo group, with a store in its memory (no port to take)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
 def make_inputs(cfg, batch=2):
@@ -220,10 +226,9 @@ def wan_band_decode_errors(case) -> dict[str, float]:
     }
 
 
-def _worker(rank, world, port, case_path, result_dir):
+def _worker(rank, world, case_path, result_dir):
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    join_process_group("gloo", rank=rank, world_size=world)
+    join_at(os.path.join(result_dir, "rendezvous"), rank, world)
     try:
         from streamgen.parallel import apply_sequence_parallel, sequence_parallel_mesh
 
@@ -311,7 +316,7 @@ def single_process_case(tmp_path) -> tuple[str, dict]:
 
 
 def run_parallel(case_path: str, references: dict, tmp_path, world) -> list[dict]:
-    spawn(_worker, (world, free_port(), case_path, str(tmp_path)), nprocs=world, preload=WORKER_IMPORTS)
+    spawn(_worker, (world, case_path, str(tmp_path)), nprocs=world, preload=WORKER_IMPORTS)
     reference = references[reference_key("sdpa", False)]
     results = []
     for rank in range(world):
@@ -432,7 +437,7 @@ def test_ulysses_rejects_heads_not_divisible_by_degree():
         check_heads(12, 5)
 
 
-def _gradient_worker(rank, world, port, result_dir):
+def _gradient_worker(rank, world, result_dir):
     """Ring, Ulysses and (on 4 processes) hybrid attention with gradients on this process's shard
     of every frame, against one process's attention over the whole sequence: outputs and the
     gradients of q, k and v."""
@@ -444,8 +449,7 @@ def _gradient_worker(rank, world, port, result_dir):
     from streamgen.parallel.ulysses import ulysses_attend
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    join_process_group("gloo", rank=rank, world_size=world)
+    join_at(os.path.join(result_dir, "rendezvous"), rank, world)
     try:
         g = torch.Generator().manual_seed(0)
         s, ids = 3, torch.tensor([0, 1, 1, 2])  # 3 tokens of each frame per process; chunks of 2 frames
@@ -512,7 +516,7 @@ def test_ring_and_ulysses_attention_gradients_equal_a_single_process(tmp_path, w
     keys and values of the next block are too). Ulysses: its all-to-alls carried no gradients (q,
     k and v got none); their backward is the inverse all-to-all. Hybrid (4 processes: a ring of
     2 over Ulysses groups of 2): both, the ring's backward inside the all-to-alls'."""
-    spawn(_gradient_worker, (world, free_port(), str(tmp_path)), nprocs=world, preload=WORKER_IMPORTS)
+    spawn(_gradient_worker, (world, str(tmp_path)), nprocs=world, preload=WORKER_IMPORTS)
     for rank in range(world):
         with open(tmp_path / f"grad{rank}.json") as f:
             errors = json.load(f)
@@ -531,7 +535,7 @@ def test_ring_fp8_blocks_give_a_query_that_sees_no_key_zeros(backend):
     s, mask = 3, (torch.tensor([0, 1, 2]), torch.tensor([1, 2, 2, 3]))  # frame 0 sees no key frame
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, n * s, 2, 8, generator=g) for n in (3, 4, 4))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    joined_alone()
     try:
         out = ring_attention(q, k, v, mask, s, backend, group=dist.group.WORLD)
     finally:
@@ -549,7 +553,7 @@ def test_ring_attention_with_no_keys_at_all_gives_zeros(backend, masked):
 
     q, k, v = torch.randn(1, 6, 2, 8), torch.randn(1, 0, 2, 8), torch.randn(1, 0, 2, 8)
     mask = (torch.tensor([0, 1]), torch.tensor([], dtype=torch.long)) if masked else None
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    joined_alone()
     try:
         out = ring_attention(q, k, v, mask, 3, backend, group=dist.group.WORLD)
     finally:
@@ -557,14 +561,13 @@ def test_ring_attention_with_no_keys_at_all_gives_zeros(backend, masked):
     assert torch.equal(out, torch.zeros_like(q))
 
 
-def _no_keys_worker(rank, port, result_dir):
+def _no_keys_worker(rank, result_dir):
     """Ring attention with no keys on any process, in inference and with gradients: the rotations
     send and receive empty messages."""
     from streamgen.parallel.ring import ring_attention
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    join_process_group("gloo", rank=rank, world_size=2)
+    join_at(os.path.join(result_dir, "rendezvous"), rank, 2)
     try:
         g = torch.Generator().manual_seed(rank)
         results = {}
@@ -593,7 +596,7 @@ def _no_keys_worker(rank, port, result_dir):
 def test_ring_attention_with_no_keys_at_all_gives_zeros_on_two_processes(tmp_path):
     """Lk = 0 on both processes of a ring: empty messages go around it (forward, and the backward's
     second ring with the gradient sums); the output and every gradient are 0."""
-    spawn(_no_keys_worker, (free_port(), str(tmp_path)), nprocs=2, preload=WORKER_IMPORTS)
+    spawn(_no_keys_worker, (str(tmp_path),), nprocs=2, preload=WORKER_IMPORTS)
     for rank in range(2):
         with open(tmp_path / f"no_keys{rank}.json") as f:
             results = json.load(f)
