@@ -108,6 +108,16 @@ window.WebSocket = class extends window.WebSocket {
 WEBSOCKET_TRIES, WEBSOCKET_RETRY_MS = 5, 1000
 
 
+@contextmanager
+def requests_never_answered(page, pattern: str):
+    """The page's requests to `pattern` taken from the block on and never answered, as by a server
+    or a proxy that holds them; the block's end waits for the first to have been sent."""
+    taken = []  # (kept, never continued, fulfilled nor aborted: each request waits)
+    page.route(pattern, lambda route: taken.append(route))
+    with page.expect_request(pattern):
+        yield
+
+
 def websocket_tries_run_at_once(page) -> None:
     """A page (SOCKETS_CLOSED, its clock installed) whose WebSockets never reach their server: each
     second between its tries is run as soon as the try has closed (they took 4 s of the test's
@@ -256,12 +266,10 @@ def test_a_session_the_server_never_answers_is_given_up(browser_page, transport,
         page = browser_page.new_page()
         page.add_init_script(HELD)
         page.clock.install()  # (the page's 10 s run at once)
-        unanswered = []
         try:
             page.goto(f"{url}/?transport={transport}")
             page.wait_for_selector("#avatars button")
-            page.route("**/v1/sessions", lambda route: unanswered.append(route))  # (taken, never answered)
-            with page.expect_request("**/v1/sessions"):
+            with requests_never_answered(page, "**/v1/sessions"):
                 page.click("#connect")
             assert page.evaluate("held().state") == "connecting"
             page.clock.run_for(9_000)
@@ -324,12 +332,10 @@ def test_a_whep_offer_the_server_never_answers_falls_back_to_the_websocket(brows
     with served(max_sessions=2) as (url, app):
         page = browser_page.new_page()
         page.clock.install()  # (the page's 10 s run at once)
-        unanswered = []
         try:
             page.goto(f"{url}/?mic=0")
             page.wait_for_selector("#avatars button")
-            page.route("**/whep", lambda route: unanswered.append(route))  # (taken, never answered)
-            with page.expect_request("**/whep"):
+            with requests_never_answered(page, "**/whep"):
                 page.click("#connect")
             page.clock.run_for(11_000)
             page.wait_for_function("window.streamgenStats.state !== 'connecting'", timeout=10_000)
@@ -346,10 +352,8 @@ def test_an_avatar_list_the_server_never_answers_is_given_up(browser_page, serve
     with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         page.clock.install()  # (the page's 10 s run at once)
-        unanswered = []
         try:
-            page.route("**/v1/avatars", lambda route: unanswered.append(route))  # (taken, never answered)
-            with page.expect_request("**/v1/avatars"):
+            with requests_never_answered(page, "**/v1/avatars"):
                 page.goto(f"{url}/?autostart=1&transport=ws&mic=0")
             page.clock.run_for(11_000)
             page.wait_for_function("window.streamgenStats.state.startsWith('streaming')", timeout=20_000)
@@ -395,13 +399,11 @@ def test_a_pictures_upload_counts_in_the_wait_for_the_sessions_answer(browser_pa
     with served(max_sessions=1) as (url, app):
         page = browser_page.new_page()
         page.clock.install()  # (the page's 20 s run at once)
-        unanswered = []
         try:
             page.goto(f"{url}/?transport=ws&mic=0")
             page.wait_for_selector("#avatars button")
             page.set_input_files("#upload", str(picture))
-            page.route("**/v1/sessions", lambda route: unanswered.append(route))  # (taken, never answered)
-            with page.expect_request("**/v1/sessions"):
+            with requests_never_answered(page, "**/v1/sessions"):
                 page.click("#connect")
             page.clock.run_for(19_000)
             assert page.evaluate("window.streamgenStats.state") == "connecting"
