@@ -578,3 +578,16 @@ def test_every_make_output_follows_runs_and_data():
     outputs = [words[i + 1] for i, w in enumerate(words) if w == "--out"]
     outputs += [w.split("=", 1)[1] for w in words if w.startswith(("run.out=", "data.root="))]
     assert len(outputs) > 5 and [o for o in outputs if not o.startswith("/elsewhere/")] == [], outputs
+
+
+def test_the_readmes_layout_names_every_pytest_marker():
+    """Each marker pyproject.toml declares is one the README's layout names: a marker added for
+    the GPU run (gpu_first, gpu_last) is one a reader selecting tests with -m can find."""
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    names = {m.split(":")[0].strip() for m in declared["markers"]}
+    layout = re.search(r"^tests/ +pytest \(markers: ([^)]*)\)", (ROOT / "README.md").read_text(), re.M)
+    assert layout, "the README's layout has no 'tests/  pytest (markers: ...)' line"
+    listed = {m.split("=")[0].strip() for m in layout.group(1).split(",")}
+    assert sorted(names - listed) == []
