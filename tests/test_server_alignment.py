@@ -5,7 +5,7 @@ import concurrent.futures
 
 import numpy as np
 import pytest
-from server_helpers import free_port, server_config
+from server_helpers import server_config
 
 from server.batching import (
     SAME_SCHEDULE,
@@ -395,8 +395,10 @@ def test_serve_no_align_batches_reaches_the_server_config(monkeypatch):
     configs = []
     monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", served)
-    assert main(["serve", "--port", str(free_port()), "--model", "debug"]) == 0
-    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--no-align-batches"]) == 0
+    # (--port 0: serve binds before uvicorn's run; a port from free_port, let go, could be taken by
+    # another test process meanwhile, and serve refused it)
+    assert main(["serve", "--port", "0", "--model", "debug"]) == 0
+    assert main(["serve", "--port", "0", "--model", "debug", "--no-align-batches"]) == 0
     assert [c.align_batches for c in configs] == [True, False]
 
 
@@ -407,8 +409,8 @@ def test_serve_offers_websocket_compression_only_when_asked(monkeypatch):
     configs = []
     run = "server.uvicorn_server.SessionClosingServer.run"
     monkeypatch.setattr(run, lambda server: configs.append(server.config) or served(server))
-    assert main(["serve", "--port", str(free_port()), "--model", "debug"]) == 0
-    assert main(["serve", "--port", str(free_port()), "--model", "debug", "--ws-compression"]) == 0
+    assert main(["serve", "--port", "0", "--model", "debug"]) == 0
+    assert main(["serve", "--port", "0", "--model", "debug", "--ws-compression"]) == 0
     assert [c.ws_per_message_deflate for c in configs] == [False, True]
 
 
