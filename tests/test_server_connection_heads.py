@@ -12,7 +12,6 @@ from server_helpers import (
     HEADER_TIMEOUT_S,
     answer_until_closed,
     connect,
-    free_port,
     read_response,
     send_each_read_alone,
 )
@@ -200,9 +199,11 @@ def test_serve_takes_the_time_a_request_may_take(option, field, default, given, 
     configs = []
     monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
-    assert main(["serve", "--model", "debug", "--port", str(free_port()), option, "90.5"]) == 0
-    assert main(["serve", "--model", "debug", "--port", str(free_port())]) == 0
+    # (--port 0: serve binds before uvicorn's run; a port from free_port, let go, could be taken by
+    # another test process meanwhile, and serve refused it)
+    assert main(["serve", "--model", "debug", "--port", "0", option, "90.5"]) == 0
+    assert main(["serve", "--model", "debug", "--port", "0"]) == 0
     assert [getattr(c, field) for c in configs] == [90.5, default]
     with pytest.raises(SystemExit) as exit:
-        main(["serve", "--model", "debug", "--port", str(free_port()), f"{option}={given}"])
+        main(["serve", "--model", "debug", "--port", "0", f"{option}={given}"])
     assert exit.value.code == 2 and f"argument {option}: {says}" in capsys.readouterr().err
