@@ -11,7 +11,6 @@ from server_helpers import (
     MAX_CONNECTIONS,
     answer_until_closed,
     connect,
-    free_port,
     live_server,
     read_response,
 )
@@ -71,9 +70,11 @@ def test_serve_takes_a_bound_on_connections_that_leaves_room_for_its_sessions(ca
     configs = []
     monkeypatch.setattr(server.app, "create_app", lambda config: configs.append(config))
     monkeypatch.setattr("server.uvicorn_server.SessionClosingServer.run", lambda s: setattr(s, "started", True))
-    assert main(["serve", "--model", "debug", "--port", str(free_port()), "--max-connections", "20"]) == 0
-    assert main(["serve", "--model", "debug", "--port", str(free_port())]) == 0
-    assert main(["serve", "--model", "debug", "--port", str(free_port()), "--max-sessions", "300"]) == 0
+    # (--port 0: serve binds before uvicorn's run; a port from free_port, let go, could be taken by
+    # another test process meanwhile, and serve refused it)
+    assert main(["serve", "--model", "debug", "--port", "0", "--max-connections", "20"]) == 0
+    assert main(["serve", "--model", "debug", "--port", "0"]) == 0
+    assert main(["serve", "--model", "debug", "--port", "0", "--max-sessions", "300"]) == 0
     assert [c.max_connections for c in configs] == [20, 256, 600]  # (300 sessions served before the bound)
-    assert main(["serve", "--model", "debug", "--port", str(free_port()), "--max-connections", "8"]) == 2
+    assert main(["serve", "--model", "debug", "--port", "0", "--max-connections", "8"]) == 2
     assert "--max-connections 8 leaves no room for --max-sessions 8's clients" in capsys.readouterr().err
