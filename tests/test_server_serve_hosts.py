@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 
 import pytest
-from server_helpers import free_port
 
 
 def ipv6_loopback() -> bool:
@@ -35,7 +34,9 @@ def resolving(monkeypatch, name: str, *addresses: str) -> None:
 
 
 def serve_on(host: str, port: int, monkeypatch) -> tuple[int, list]:
-    """`serve --host HOST --port PORT` up to uvicorn's start: its exit code and the (host, loopback) it served with."""
+    """`serve --host HOST --port PORT` up to uvicorn's start: its exit code and the (host, loopback) it served with.
+    serve binds its listeners before uvicorn's run: PORT 0, where any will do (one from free_port,
+    let go, could be taken by another test process meanwhile, and serve refused it: exit 2)."""
     import server.app
     from streamgen.cli import main
 
@@ -52,7 +53,7 @@ def test_serve_listens_on_ipv6_loopback_however_it_is_named(host, monkeypatch):
     """'[::1]', as a URL writes it, and a name of ::1 alone ('ip6-localhost') were refused as
     'Name or service not known' (the name was looked up for IPv4 only)."""
     resolving(monkeypatch, "ip6-localhost", "::1")
-    assert serve_on(host, free_port(), monkeypatch) == (0, [(host.strip("[]"), True)])
+    assert serve_on(host, 0, monkeypatch) == (0, [(host.strip("[]"), True)])
 
 
 @needs_ipv6
@@ -87,7 +88,7 @@ def test_an_address_of_a_family_this_machine_lacks_is_skipped_as_uvicorn_skips_i
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     with pytest.raises(OSError):  # (as this kernel answers the family, here made of a protocol)
         socket.socket(socket.AF_INET6, socket.SOCK_STREAM, 254)
-    assert serve_on("odd-localhost", free_port(), monkeypatch) == (0, [("odd-localhost", True)])
+    assert serve_on("odd-localhost", 0, monkeypatch) == (0, [("odd-localhost", True)])
 
 
 @pytest.mark.parametrize("host, says", [
@@ -98,5 +99,5 @@ def test_an_address_of_a_family_this_machine_lacks_is_skipped_as_uvicorn_skips_i
 ])  # fmt: skip
 def test_a_host_with_a_port_a_scheme_or_spaces_is_refused_in_words(host, says, capsys, monkeypatch):
     """They were 'cannot listen on [127.0.0.1:8123]:8000: Name or service not known'."""
-    assert serve_on(host, free_port(), monkeypatch) == (2, [])
+    assert serve_on(host, 0, monkeypatch) == (2, [])
     assert capsys.readouterr().err == f"streamgen serve: error: --host {host!r} {says}\n"
