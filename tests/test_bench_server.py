@@ -228,14 +228,23 @@ async def test_server_cpu_counts_the_model_process_too():
     assert counters["cpu_s"] == 32.5 and "model_cpu_s" not in counters
 
 
+# (--port 0, and the port read from uvicorn's "running on" line in the server's log, read where it
+# lies without moving the file's offset, which the server writes at: a port from _free_port, let
+# go, could be taken by another test process before serve bound it, and serve refused it, or this
+# waited on that process's server)
 _STARTS_A_SERVER = """
-import argparse, asyncio, sys, httpx
+import argparse, asyncio, os, re, sys, time, httpx
 from bench.server import _start_server, _wait_ready
 args = argparse.Namespace(max_probe=1, size=None, lanes=1, threads=None, model_process=False, compile=False,
                           align_batches=True)
-proc = _start_server(args, int(sys.argv[1]), "debug")
+proc = _start_server(args, 0, "debug", ["--log-level", "info"])
+deadline = time.monotonic() + 120
+while not (running := re.search(rb"Uvicorn running on (http://\\S+)", os.pread(proc.stderr_log.fileno(), 1 << 20, 0))):
+    if proc.poll() is not None or time.monotonic() > deadline:
+        sys.exit(f"serve did not listen (exit code {proc.poll()})")
+    time.sleep(0.1)
 async def ready():
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sys.argv[1]}", timeout=10) as http:
+    async with httpx.AsyncClient(base_url=running.group(1).decode(), timeout=10) as http:
         await _wait_ready(http, proc, timeout=120)
 asyncio.run(ready())
 print(proc.pid, flush=True)
@@ -255,10 +264,8 @@ def test_a_killed_benchmark_does_not_leave_its_server_running():
     import sys
     import time
 
-    from bench.server import _free_port
-
     bench = subprocess.Popen(
-        [sys.executable, "-c", _STARTS_A_SERVER, str(_free_port())], stdin=subprocess.PIPE,
+        [sys.executable, "-c", _STARTS_A_SERVER], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
@@ -490,7 +497,7 @@ async def test_a_server_that_says_much_on_stderr_is_not_held_up_by_it(tmp_path, 
     monkeypatch.setattr(sys, "executable", str(talker))
     args = argparse.Namespace(max_probe=1, size=None, lanes=1, threads=None, model_process=False, compile=False,
                               align_batches=True)  # fmt: skip
-    proc = bench._start_server(args, bench._free_port(), "debug")
+    proc = bench._start_server(args, bench._free_port(), "debug")  # (never bound: "python" here only talks)
     try:
         async with httpx.AsyncClient(base_url="http://127.0.0.1:9", timeout=1) as http:
             with pytest.raises(RuntimeError, match="server exited: x+ the end"):
