@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,27 @@ def frames_per_second(session, seconds: float = 4.0) -> float:
     start = time.perf_counter()
     generate_with_stream_session(session, clip.reference, clip.audio, clip.caption, n, EVAL_SEED)
     return n / (time.perf_counter() - start)
+
+
+def this_machine() -> str:
+    """The CPU the frames/s were measured on, as the table names it: its model and core count."""
+    name = platform.processor() or platform.machine()
+    try:  # (on Linux platform.processor() is the architecture, the model is in /proc/cpuinfo)
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name or 'an unknown CPU'}, {cores} core(s)"
+
+
+def table_machine(rows: list[dict]) -> str:
+    """Where the note says the frames/s were measured: the rows' machine, each named where they
+    were made on several; rows kept before the machine was say so."""
+    machines = sorted({f"on {row['machine']}" if row.get("machine") else "machine not recorded" for row in rows})
+    return "; ".join(machines) or "machine not recorded"
 
 
 def rows_for(runs: Path) -> list[dict]:
@@ -206,9 +228,10 @@ def _slope(v) -> str:
 
 
 def markdown(rows: list[dict], clips: int, minutes: float | None, threads: int, size: int = 64) -> str:
+    # (it said "this CPU" and "a shared 2-core CPU", whatever machine had made the rows)
     head = (
         "| model | Sync-C ↑ | Sync-D ↓ | A/V offset (frames) | CSIM ↑ | FID ↓ | FVD ↓ | drift slope (CSIM/min) "
-        "| black / frozen frames | NFE per frame | NFE per s of video | frames/s (this CPU) |\n"
+        "| black / frozen frames | NFE per frame | NFE per s of video | frames/s |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
@@ -226,7 +249,7 @@ def markdown(rows: list[dict], clips: int, minutes: float | None, threads: int, 
         + (f"from a {minutes}-minute stream for the students " if minutes else "")
         + f"(the teacher and ground truth{'' if minutes else ', and with no stream the students'}: mean CSIM "
         f"curve over the clips); frames/s: one 4 s clip, "
-        f"{threads} torch thread(s), on a shared 2-core CPU.\n"
+        f"{threads} torch thread(s), {table_machine(rows)}.\n"
     )
     return head + "\n".join(lines) + "\n" + note
 
@@ -302,7 +325,11 @@ def main(argv=None) -> int:
             p.error(f"--missing-only: {stored} is another run's: {problem}; run without --missing-only")
         order = [spec["row"] for spec in rows_for(args.runs)]
 
+        machine = this_machine()
+
         def store(new: list[dict]) -> list[dict]:
+            for row in new:  # (the frames/s are this machine's: the table names it)
+                row.setdefault("machine", machine)
             # after every row: a run that fails on a late row (hours in) keeps the rows it made,
             # and --missing-only goes on from them
             rows = sorted(

@@ -226,3 +226,21 @@ def test_render_only_with_its_defaults_works_from_any_folder(tmp_path, monkeypat
     assert results.main(["--render-only"]) == 0
     assert "8 test clips per row" in (repository / "docs" / "results.md").read_text()
     assert list(elsewhere.iterdir()) == []
+
+
+def test_the_results_table_names_the_machine_its_rows_were_made_on(tmp_path, monkeypatch):
+    """The table's frames/s column said "(this CPU)" and its note "a shared 2-core CPU", whatever
+    machine made the rows. Each row made now keeps its machine (CPU model and core count) in
+    results.json and the note names it; rows kept before that say "machine not recorded"."""
+    from distill import results
+
+    monkeypatch.setattr(results, "evaluate_rows", lambda *a, **k: [stored_row(tmp_path) | {"fps": 3.0}])
+    assert run_results(tmp_path) == 0
+    machine = results.this_machine()
+    assert json.loads((tmp_path / "out" / "results.json").read_text())[0]["machine"] == machine
+    text = (tmp_path / "r.md").read_text()
+    assert f"on {machine}" in text and "this CPU" not in text and "2-core" not in text
+
+    stored_row(tmp_path)  # (one kept before the machine was)
+    assert run_results(tmp_path, "--render-only") == 0
+    assert "machine not recorded" in (tmp_path / "r.md").read_text()
