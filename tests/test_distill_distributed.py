@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -55,11 +56,32 @@ def launch(root, name: str, procs: int, fsdp: bool = False, extra=(), seed: int 
     return final_tensors(root / name)
 
 
+@contextmanager
+def a_held_rendezvous_store():
+    """For the block, the port of a rendezvous store (torch's TCPStore) that this test process
+    serves, as torchrun's agent serves its ranks' (at_the_held_store). Not a port chosen and let go
+    (free_port) for rank 0 to bind: another test process (-n 2) could take it meanwhile, and the
+    group failed to form (EADDRINUSE), or met at another group's store."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    try:
+        yield store.port
+    finally:
+        del store  # (its server's socket closes with it)
+
+
+def at_the_held_store(port: int) -> dict[str, str]:
+    """A rank's environment variables for the env:// rendezvous at a_held_rendezvous_store's `port`:
+    torchrun's agent store (TORCHELASTIC_USE_AGENT_STORE), which every rank joins as a client."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+
+
 def _command_on_two_ranks(rank: int, port: int, argv: list[str]) -> None:
     """`streamgen <argv>` as torchrun's rank `rank` of 2 runs it (its environment, one thread)."""
     from streamgen.cli import main
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+    os.environ.update(**at_the_held_store(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
     torch.set_num_threads(1)
     code = main(argv)
@@ -71,10 +93,10 @@ def run_on_two_ranks(argv: list[str]) -> None:
     """`streamgen <argv>` on 2 gloo ranks forked from spawn's server, which imported torch and
     distill once: a torchrun started a launcher and 2 interpreters that each imported them again.
     What torchrun itself adds is `launch`'s tests'."""
-    from server_helpers import free_port
     from spawn_helpers import spawn
 
-    spawn(_command_on_two_ranks, (free_port(), argv), nprocs=2, preload=RANK_IMPORTS)
+    with a_held_rendezvous_store() as port:
+        spawn(_command_on_two_ranks, (port, argv), nprocs=2, preload=RANK_IMPORTS)
 
 
 def run_here(root, name: str, steps: int, resume: bool = False, seed: int = 3):
@@ -175,7 +197,7 @@ def _fsdp_run_then_its_threads(rank: int, port: int, root: str, nan_loss: bool) 
 
     if nan_loss:
         distill.teacher.Stage.train_step = nan
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+    os.environ.update(**at_the_held_store(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
     torch.set_num_threads(1)
     code = main(["distill", "teacher", "--config", f"{root}/sharded.yaml"])
@@ -191,12 +213,11 @@ def test_an_fsdp_run_leaves_no_thread_of_its_process_group(tmp_path, nan_loss):
     the process: "terminate called without an active exception"), and a process that ran several
     runs kept one more group each time. The run now lets go of the group before it destroys it;
     and so does a run that stopped, whose error's traceback held the sharded modules."""
-    from server_helpers import free_port
     from spawn_helpers import spawn
 
     write_config(tmp_path, "sharded", fsdp=True)
-    ranks_args = (free_port(), str(tmp_path), nan_loss)
-    spawn(_fsdp_run_then_its_threads, ranks_args, nprocs=2, preload=RANK_IMPORTS)
+    with a_held_rendezvous_store() as port:
+        spawn(_fsdp_run_then_its_threads, (port, str(tmp_path), nan_loss), nprocs=2, preload=RANK_IMPORTS)
     for rank in (0, 1):
         code, threads = (tmp_path / f"rank{rank}.txt").read_text().split()
         assert code == ("2" if nan_loss else "0")  # (2: the run stopped, saying why in one line)
@@ -228,7 +249,7 @@ def _average_on_two_ranks(rank: int, port: int, out: str) -> None:
 
     from distill.distributed import World, average_gradients
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(**at_the_held_store(port))
     join_process_group("gloo", rank=rank, world_size=2)
     try:
         both, first_only, neither = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
@@ -244,10 +265,10 @@ def _average_on_two_ranks(rank: int, port: int, out: str) -> None:
 
 def test_average_gradients_keeps_none_where_no_rank_has_a_gradient(tmp_path):
     """Unused everywhere stays None (Adam skips it, as in one process); unused on one rank is 0 there."""
-    from server_helpers import free_port
     from spawn_helpers import spawn
 
-    spawn(_average_on_two_ranks, (free_port(), str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
+    with a_held_rendezvous_store() as port:
+        spawn(_average_on_two_ranks, (port, str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
     for rank in (0, 1):
         grads = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.equal(grads["both"], torch.full((3,), 1.5))
@@ -265,7 +286,7 @@ def _dmd_stage_on_two_ranks(rank: int, port: int, root: str) -> None:
     from distill.distributed import World
     from distill.trainer import build_stage
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(**at_the_held_store(port))
     join_process_group("gloo", rank=rank, world_size=2)
     try:
         if rank == 1:
@@ -295,12 +316,12 @@ def test_every_rank_of_a_dmd_stage_holds_rank_0s_teacher_and_its_digest(tmp_path
     """Each rank read the teacher itself: a teacher exported between two ranks' reads gave them
     different teachers and digests, so a resume's check could refuse on one rank only and leave
     the others waiting in their next collective."""
-    from server_helpers import free_port
     from spawn_helpers import spawn
     from test_distill_helpers import debug_config, run
 
     run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
-    spawn(_dmd_stage_on_two_ranks, (free_port(), str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
+    with a_held_rendezvous_store() as port:
+        spawn(_dmd_stage_on_two_ranks, (port, str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
     assert second["digest"] == first["digest"] != "0123456789abcdef"
     assert first["teacher"].keys() == second["teacher"].keys()
@@ -333,7 +354,7 @@ def _ode_stage_on_two_ranks(rank: int, port: int, root: str) -> None:
     from distill.distributed import World
     from distill.trainer import build_stage
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(**at_the_held_store(port))
     join_process_group("gloo", rank=rank, world_size=2)
     try:
         if rank == 1:
@@ -352,12 +373,12 @@ def test_every_rank_of_an_ode_stage_checks_the_trajectories_against_rank_0s_dige
     """Each rank took the teacher's digest itself: a teacher exported between rank 0's read and
     another rank's refused the trajectories rank 0 had just sampled on that rank only, the others
     left waiting in their next collective."""
-    from server_helpers import free_port
     from spawn_helpers import spawn
     from test_distill_helpers import debug_config, run
 
     run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
-    spawn(_ode_stage_on_two_ranks, (free_port(), str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
+    with a_held_rendezvous_store() as port:
+        spawn(_ode_stage_on_two_ranks, (port, str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
     assert first.keys() == second.keys() == {"states", "clean", "clips", "starts"}
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -377,7 +398,7 @@ def _slow_rank_0_work(rank: int, port: int, root: str) -> None:
     from distill.trainer import Trainer
     from streamgen import checkpoint
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+    os.environ.update(**at_the_held_store(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))  # fmt: skip
     _join_with_short_timeout(rank, root, 3.0)
     try:
@@ -400,12 +421,12 @@ def test_the_other_ranks_wait_for_rank_0s_own_work_longer_than_the_groups_timeou
     checkpoints and the export (minutes for a 14B model; an export may wait 30 minutes for
     another's lock) alone, while the others waited in the process group's barrier: NCCL's gives up
     after 10 minutes, and the run died there."""
-    from server_helpers import free_port
     from spawn_helpers import spawn
     from test_distill_helpers import debug_config, run
 
     run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
-    spawn(_slow_rank_0_work, (free_port(), str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
+    with a_held_rendezvous_store() as port:
+        spawn(_slow_rank_0_work, (port, str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
     assert (tmp_path / "ode" / "model").is_dir()
 
 
@@ -565,7 +586,7 @@ def _two_runs_on_two_ranks(rank: int, port: int, root: str) -> None:
         close_world = distill.trainer.close_world
         distill.trainer.close_world = lambda world: time.sleep(3) or close_world(world)
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+    os.environ.update(**at_the_held_store(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
     torch.set_num_threads(1)
     for name in ("first", "second"):
@@ -580,11 +601,11 @@ def test_two_runs_one_after_the_other_in_the_ranks_processes(tmp_path):
     run's group through the first's rendezvous: one rank left the first run and asked rank 0's
     store for the second's group while rank 0 still held the first's, whose keys said the first
     run's addresses."""
-    from server_helpers import free_port
     from spawn_helpers import spawn
 
     for name in ("first", "second"):
         write_config(tmp_path, name)
-    spawn(_two_runs_on_two_ranks, (free_port(), str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
+    with a_held_rendezvous_store() as port:
+        spawn(_two_runs_on_two_ranks, (port, str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
     for name in ("first", "second"):
         assert (tmp_path / name / "model").is_dir()
