@@ -98,8 +98,6 @@ def test_a_sequence_parallel_session_neither_saves_nor_takes_a_state(tmp_path, c
     would be one rank's, and a whole state put into it would be rotated with the shard's grid. Both
     are refused before anything is read or written (here over a world of one process, which shards
     the cache all the same: a ShardedStreamCache)."""
-    import socket
-
     import torch.distributed as dist
 
     from streamgen.parallel.apply import ShardedStreamCache, apply_sequence_parallel
@@ -109,10 +107,9 @@ def test_a_sequence_parallel_session_neither_saves_nor_takes_a_state(tmp_path, c
     whole.start(clip.reference, seed=1)
     chunks(whole, 1)
     save_session_state(whole, tmp_path / "state.pt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    join_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    # (a store in memory: a port chosen and let go for a tcp:// rendezvous could be taken by another
+    # test process (-n 2) before the group's store bound it)
+    join_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         sharded = StreamSession("tiny-avatar", 64, 64)
         apply_sequence_parallel(sharded.dit, None, "ring")
