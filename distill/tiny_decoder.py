@@ -121,6 +121,9 @@ class Stage:
         self.eval_source = VideoSource(eval_cfg, "tiny_decoder.eval_split")
         warn_if_capped(self.opts.eval_clips, "tiny_decoder.eval_clips", self.eval_source, world, "the report scores")
         self.updaters = {"decoder": Updater("decoder", self.decoder, cfg.optim, world)}
+        # the last export's score of the trained decoder, until the next step: with run.export the
+        # trainer exports twice (OUT/model, then run.export), and each scored eval_split again
+        self._scored: tuple[dict, tuple] | None = None
 
     def model_configs(self) -> dict:
         return {"decoder": _decoder_config(self.decoder)}
@@ -137,6 +140,7 @@ class Stage:
         return {"model.vae": broadcast_text(h.hexdigest()[:16], self.world)}
 
     def train_step(self, step: int) -> dict:
+        self._scored = None  # (the decoder changes: its score is made again at the next export)
         if self.cfg.data.batch_size % self.world.size:
             raise ConfigError(f"data.batch_size is not divisible by {self.world.size} ranks")
         video = video_crops(self.source, self.cfg, self.world, step, self.crop, 1)
@@ -165,17 +169,19 @@ class Stage:
         averaged = self.updaters["decoder"].averaged_module().eval()
         # scored before anything is written: written first, a run killed while scoring (half a minute
         # and more) left the new decoder beside the previous export's report and picture
-        if self.opts.architecture == "causal_vae":
-            saved, self.student = self.student, averaged
-        else:
-            saved, self.student.decoder = self.student.decoder, averaged
-        try:
-            report, sample = self.evaluate()
-        finally:
+        if self._scored is None:
             if self.opts.architecture == "causal_vae":
-                self.student = saved
+                saved, self.student = self.student, averaged
             else:
-                self.student.decoder = saved
+                saved, self.student.decoder = self.student.decoder, averaged
+            try:
+                self._scored = self.evaluate()
+            finally:
+                if self.opts.architecture == "causal_vae":
+                    self.student = saved
+                else:
+                    self.student.decoder = saved
+        report, sample = self._scored
         if self.opts.architecture == "causal_vae":
             averaged.save(d)
             self._export_model(averaged, d / "model", name)

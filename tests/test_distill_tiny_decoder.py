@@ -309,3 +309,23 @@ def test_an_export_killed_while_scoring_leaves_the_previous_export_whole(tmp_pat
     monkeypatch.undo()
     run(debug_config("tiny_decoder", out, **{"run.steps": 4}), resume=True)  # (the export again, whole)
     assert (out / "model" / "tiny_decoder.safetensors").read_bytes() != exported["tiny_decoder.safetensors"]
+
+
+def test_with_run_export_the_decoder_is_scored_once(tmp_path, monkeypatch):
+    """With run.export set the stage exported twice (OUT/model, then run.export) and scored
+    eval_split for each, half a minute and more apiece on tiny-avatar, the same decoder both times.
+    It scores once; both folders hold that report."""
+    from distill.tiny_decoder import Stage
+
+    scored = []
+    evaluate = Stage.evaluate
+
+    def counted(self):
+        scored.append(1)
+        return evaluate(self)
+
+    monkeypatch.setattr(Stage, "evaluate", counted)
+    run(debug_config("tiny_decoder", tmp_path / "run", **{"run.steps": 2, "run.export": str(tmp_path / "export")}))
+    assert len(scored) == 1
+    report = (tmp_path / "run" / "model" / "tiny_decoder.json").read_text()
+    assert (tmp_path / "export" / "tiny_decoder.json").read_text() == report
