@@ -20,14 +20,18 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 import uuid
+from functools import partial
 
 import numpy as np
 
 from streamgen.session_limits import CaptionError, CaptionsUnavailable
+
+from .watchdog import DeadlineWatchdog
 
 # errors a client causes (bad reference, unknown stream), or that it is told of (captions this install
 # cannot encode): reported to that client; the host carries on
@@ -120,6 +124,7 @@ class ModelHost:
         # while the model loads and warms up (a first chunk may take minutes): the server sets it
         # once it is ready (ServerConfig.model_timeout_s)
         self.answer_timeout: float | None = None
+        self._watchdog = DeadlineWatchdog("streamgen-model-watchdog")  # (its thread: from the first bounded send)
         self.call("ping")  # waits until the model is loaded; raises what loading raised
 
     @property
@@ -207,41 +212,41 @@ class ModelHost:
 
     def _send_by(self, op: str, args: tuple, deadline: float) -> None:
         """Send an operation, the process taken for stuck where it has not read it by `deadline`. A
-        message larger than the pipe holds (a 512x512 reference, ~786 KB) waits in the send until
-        the process reads it: one that read no more (stuck in its re-encode after its last answer)
-        held the send, and with it the worker and every session, for good while /healthz said ok.
-        The send runs in a thread of its own, which the kill frees (the process's end closes)."""
-        failed: list[BaseException] = []
+        message larger than the pipe holds (~210 KB on Linux's defaults; a 512x512 reference is ~786
+        KB) waits in the send until the process reads it: one that read no more (stuck in its
+        re-encode after its last answer) held the send, and with it the worker and every session,
+        for good while /healthz said ok. The host's watchdog bounds it: at the deadline it kills
+        the process and shuts this end of the pipe for writing, which ends the send (`_kill_stuck`)."""
+        bound = self._watchdog.arm(deadline, partial(self._kill_stuck, f"did not read {op!r}"))
+        try:
+            self._conn.send((op, args))
+        except OSError:
+            if not self._watchdog.disarm(bound):
+                raise  # (the caller's to say why: the process closed its pipe)
+        finally:
+            overdue = self._watchdog.disarm(bound)  # (the send's error, if any, was the kill's)
+        if overdue:
+            self.process.join(5)
+            raise HostDown(self._down)
 
-        def send() -> None:
-            try:
-                self._conn.send((op, args))
-            except BaseException as e:  # (raised in the caller, as its own send would)
-                failed.append(e)
+    def _stop_stuck(self, op: str) -> None:
+        """A model process that does not answer (a deadlock, a driver hang, a stopped process) held
+        the worker, and with it every session, while /healthz said ok: it is killed, and the host is
+        down, as it is when the process dies, so that a supervisor restarts the server."""
+        self._kill_stuck(f"gave no answer to {op!r}")
+        self.process.join(5)
+        raise HostDown(self._down)
 
-        sender = threading.Thread(target=send, name="streamgen-model-send", daemon=True)
-        sender.start()
-        sender.join(max(0.0, deadline - time.monotonic()))
-        if sender.is_alive():
-            try:
-                self._stop_stuck(op, f"did not read {op!r}")
-            finally:
-                sender.join(5)  # (its send failed as the process's end closed: nothing writes on after)
-        if failed:
-            raise failed[0]
-
-    def _stop_stuck(self, op: str, what: str = "") -> None:
-        """A model process that does not answer (a deadlock, a driver hang, a stopped process), or
-        does not read its operation, held the worker, and with it every session, while /healthz said
-        ok: it is killed, and the host is down, as it is when the process dies, so that a supervisor
-        restarts the server. what: what it did not do (by default, answer `op`)."""
-        what = what or f"gave no answer to {op!r}"
+    def _kill_stuck(self, what: str) -> None:
+        """Kill a model process that did not do `what` within the timeout (on the watchdog's thread
+        for a send), the host down as stuck. This end of the pipe is shut for writing too: a send
+        waiting in it ends at once, where the kill alone would not end it while another process
+        holds the model process's end (one it started, which inherited the pipe)."""
         # why, before the kill: from it on the process reads as exited by SIGKILL, and the limits'
         # check or /healthz reading `down` meanwhile ended the sessions as the out-of-memory killer's
         self._down = f"the model process {what} in {self.answer_timeout:g} s (stuck: it was killed)"
         self.process.kill()  # (SIGKILL: a stuck process may not run a SIGTERM handler)
-        self.process.join(5)
-        raise HostDown(self._down)
+        shut_for_writing(self._conn)
 
     def stop(self) -> None:
         """End the model process: it answers `exit` between operations, then tears down. It is
@@ -254,11 +259,14 @@ class ModelHost:
         stuck = self._ask_to_exit()
         if stuck is None and self.process.exitcode is None:
             stuck = self._wait_for_exit()
+        self._watchdog.stop()  # (an operation still running is the stop's to end from here: its kill)
+        if stuck is not None:  # (its reason before the operation still running ends: it says it)
+            log.warning("the model process %s: killing it", stuck)
+            self._down = self._killed_at_stop = f"the model process {stuck}: it was killed at the stop"
+            shut_for_writing(self._conn)  # (a send waiting in it ends, whoever holds the other end)
         self._conn.close()
         if stuck is None:
             return
-        log.warning("the model process %s: killing it", stuck)
-        self._down = self._killed_at_stop = f"the model process {stuck}: it was killed at the stop"
         self.process.kill()  # (SIGKILL: SIGTERM runs no handler in it, and a stopped process ignores it)
         self.process.join(5)
 
@@ -297,6 +305,16 @@ class ModelHost:
                 return f"used no CPU for {EXIT_STALL_S:g} s after it answered 'exit' (stuck)"
             if now >= deadline:
                 return f"had not ended {EXIT_LIMIT_S:g} s after it answered 'exit'"
+
+
+def shut_for_writing(conn: multiprocessing.connection.Connection) -> None:
+    """Shut a pipe's end for writing (the socket, not this file descriptor: a duplicate is shut):
+    a send waiting in it on another thread fails at once (EPIPE), as every send after it does."""
+    try:
+        with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as end:
+            end.shutdown(socket.SHUT_WR)
+    except OSError:  # (closed already, by the stop; or not a socket, off Linux and macOS: the kill's alone)
+        pass
 
 
 def cpu_seconds(pid: int) -> float | None:

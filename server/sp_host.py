@@ -47,6 +47,7 @@ import random
 import secrets
 import threading
 import time
+from functools import partial
 from multiprocessing.connection import Client, Listener
 from typing import NoReturn
 
@@ -57,6 +58,7 @@ from streamgen.parallel.torchrun import another_rank_failed, stopped_by_another_
 from streamgen.session_limits import SEED_END
 
 from .model_host import CLIENT_ERRORS, HostDown, HostStopped, ModelOps, freeze_loaded_heap, load_error_line
+from .watchdog import DeadlineWatchdog
 
 log = logging.getLogger("streamgen.server")
 
@@ -131,7 +133,7 @@ class SequenceParallelHost:
         # sets it once it is ready (ServerConfig.model_timeout_s, --model-timeout)
         self.answer_timeout: float | None = None
         self._overdue = False  # the operation running ran past answer_timeout (`_past_the_timeout`)
-        self._operations = 0  # how many have begun: which one a watchdog times
+        self._watchdog = DeadlineWatchdog("streamgen-sp-watchdog")  # (its thread: from the first bounded operation)
 
     @classmethod
     def start(cls, model: str, device: str, threads: int | None, sp: int, height: int | None = None,
@@ -159,21 +161,18 @@ class SequenceParallelHost:
                 if self.down:  # (HostDown: the worker logged an ERROR and ended its sessions as host_down)
                     raise (HostStopped if self._stopped else HostDown)(self.down)
                 self._running = True
-                self._operations += 1
-                this_one = self._operations
             # rank 0 itself waits in the operation's collectives on a follower that hangs before them:
             # the bound on the followers' answers (`_run`) never came into play, and /healthz said ok
             # for as long as it hung. Timed from here, the host is down once it runs past the limit
-            watchdog = None
+            bound = None
             if self.answer_timeout is not None:
-                watchdog = threading.Timer(self.answer_timeout, self._past_the_timeout, (op, this_one))
-                watchdog.daemon = True
-                watchdog.start()
+                deadline = time.monotonic() + self.answer_timeout
+                bound = self._watchdog.arm(deadline, partial(self._past_the_timeout, op))
             try:
                 result = self._run(op, args)
             finally:
-                if watchdog is not None:
-                    watchdog.cancel()
+                if bound is not None:
+                    self._watchdog.disarm(bound)
                 with self._handover:  # (the watchdog looks at `_running` under it: it ran before, or not at all)
                     self._running = False
                     let_go, overdue = self._stop_gave_up, self._overdue
@@ -183,13 +182,13 @@ class SequenceParallelHost:
             raise HostDown(self.down)
         return result
 
-    def _past_the_timeout(self, op: str, number: int) -> None:
-        """The watchdog's (a timer thread's): the operation under way has run for answer_timeout. The
+    def _past_the_timeout(self, op: str) -> None:
+        """The watchdog's (on its thread): the operation under way has run for answer_timeout. The
         ranks cannot be killed from here, as a model process is: the host is down, which /healthz's
         503 says, for the supervisor to restart the service (and torchrun's group with it)."""
         with self._handover:
-            # (ended, or the stop's to end; `number`: a timer that fired as its operation ended is not the next one's)
-            if not self._running or number != self._operations or self.down or self.stopping.is_set():
+            # (ended, or the stop's to end; a disarmed bound never runs, so this is the operation under way)
+            if not self._running or self.down or self.stopping.is_set():
                 return
             self._overdue = True
             self.down = (f"the sequence-parallel ranks cannot go on together (they gave no answer to {op!r} "
@@ -284,6 +283,7 @@ class SequenceParallelHost:
         calls it: an operation that waits to know whether the stop took a follower it found gone ends
         with it (it waited for the server's stop only, and failed, CRITICAL, as the host stopped)."""
         self.stopping.set()
+        self._watchdog.stop()  # (an operation still running is the stop's from here: not a failure)
         with self._handover:  # any call from here on is refused (as the stop, unless down by a failure)
             if not self.down:
                 self.down, self._stopped = "the sequence-parallel host has stopped", True

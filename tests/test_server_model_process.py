@@ -79,9 +79,12 @@ def test_a_stuck_model_process_is_down_as_stuck_while_it_is_killed():
     found a process exited by SIGKILL, and ended every session "host_down: the model process exited
     (code -9: killed by SIGKILL, as the kernel's out-of-memory killer does)", the stuck process's
     own reason ("gave no answer") coming too late. The read here is forced into that wait."""
+    import multiprocessing
+
     from server.model_host import HostDown, ModelHost
 
     host = object.__new__(ModelHost)  # (no process spawned: one that is killed and waited for)
+    host._conn, theirs = multiprocessing.Pipe()  # (shut for writing as it is killed)
     host._down, host._killed_at_stop, host.answer_timeout = None, None, 2.0
     read_meanwhile = []
 
@@ -95,8 +98,12 @@ def test_a_stuck_model_process_is_down_as_stuck_while_it_is_killed():
             read_meanwhile.append(host.down)
 
     host.process = KilledProcess()
-    with pytest.raises(HostDown) as raised:
-        host._stop_stuck("chunk")
+    try:
+        with pytest.raises(HostDown) as raised:
+            host._stop_stuck("chunk")
+    finally:
+        host._conn.close()
+        theirs.close()
     said = "the model process gave no answer to 'chunk' in 2 s (stuck: it was killed)"
     assert (str(raised.value), host.down, read_meanwhile) == (said, said, [said])
 
@@ -113,11 +120,13 @@ def test_a_model_process_that_reads_no_more_is_stuck_while_an_operation_is_sent(
     import numpy as np
 
     from server.model_host import HostDown, ModelHost
+    from server.watchdog import DeadlineWatchdog
 
     host = object.__new__(ModelHost)  # (no process spawned: its end of the pipe held, never read)
     host._conn, theirs = multiprocessing.Pipe()
     host._down, host._killed_at_stop, host.answer_timeout = None, None, 0.5
     host._calling, host.stopping = threading.Lock(), threading.Event()
+    host._watchdog = DeadlineWatchdog("streamgen-model-watchdog")
 
     class ReadingNothing:
         exitcode = None
@@ -148,6 +157,7 @@ def test_a_model_process_that_reads_no_more_is_stuck_while_an_operation_is_sent(
         if not theirs.closed:  # (frees a send left waiting)
             theirs.close()
         caller.join(10)
+        host._watchdog.stop()
         host._conn.close()
     said = "the model process did not read 'create' in 0.5 s (stuck: it was killed)"
     assert (raised, host.down, host.process.exitcode) == ([said], said, -9)
