@@ -31,6 +31,7 @@ import numpy as np
 
 from streamgen.session_limits import CaptionError, CaptionsUnavailable
 
+from .stop_event import StopsWithTheServer
 from .watchdog import DeadlineWatchdog
 
 # errors a client causes (bad reference, unknown stream), or that it is told of (captions this install
@@ -100,7 +101,7 @@ class HostStopped(HostDown):
     `serve --sp` rank at once, and a follower that has ended is found gone by rank 0's next call."""
 
 
-class ModelHost:
+class ModelHost(StopsWithTheServer):
     # the child process writes each chunk into its stream's cache right after replying with its
     # frames (ModelOps.after_reply), while the server publishes them
     writes_chunks_itself = True
@@ -119,7 +120,7 @@ class ModelHost:
         self._down: str | None = None  # why the host can run nothing more (the server reports it unhealthy)
         self._calling = threading.Lock()  # held while an operation is on the pipe: `stop` waits for it
         self._killed_at_stop: str | None = None  # why the stop killed the process, once it has
-        self.stopping = stopping if stopping is not None else threading.Event()
+        self.share_the_stop(stopping)
         # seconds an operation may take before the process is taken for stuck and killed; None
         # while the model loads and warms up (a first chunk may take minutes): the server sets it
         # once it is ready (ServerConfig.model_timeout_s)
@@ -136,11 +137,6 @@ class ModelHost:
             ended = exit_line(self.process.exitcode)  # (a pipe lost before the stop is a failure: said as one)
             self._down = during_the_stop(ended) if self._down != PIPE_CLOSED and self.stop_begun() else ended
         return self._down
-
-    def stop_begun(self) -> bool:
-        """Whether the server's stop has begun: asked as SequenceParallelHost and the registry ask it
-        (server/stop_event.py)."""
-        return self.stopping.is_set()
 
     def _ended_with_the_stop(self) -> bool:
         """Whether the host is down by the stop, not by a failure before it (a kill at the stop is one)."""

@@ -58,6 +58,7 @@ from streamgen.parallel.torchrun import another_rank_failed, stopped_by_another_
 from streamgen.session_limits import SEED_END
 
 from .model_host import CLIENT_ERRORS, HostDown, HostStopped, ModelOps, freeze_loaded_heap, load_error_line
+from .stop_event import StopsWithTheServer
 from .watchdog import DeadlineWatchdog
 
 log = logging.getLogger("streamgen.server")
@@ -100,7 +101,7 @@ class ModelNotLoaded(Exception):
     the same failure (every rank loads the same files), which the launcher prints once."""
 
 
-class SequenceParallelHost:
+class SequenceParallelHost(StopsWithTheServer):
     """ModelHost's interface, on rank 0: each operation is sent to the followers, then run here."""
 
     # a chunk's clean re-encode runs collectives too, so it is one more operation in step
@@ -113,7 +114,7 @@ class SequenceParallelHost:
         self.followers = followers  # one connection per follower rank, in rank order
         # set once the server is stopping (a SIGINT/SIGTERM reached it; `stop` sets it too): torchrun
         # passed the signal to every rank, so a follower found gone from then on ended with the stop (`_gone`)
-        self.stopping = stopping if stopping is not None else threading.Event()
+        self.share_the_stop(stopping)
         self.down: str | None = None  # why the ranks can run nothing more together
         # down by the server's stop (a follower found gone at it, or `stop`), not by a failure: every
         # operation from then on raises HostStopped, as the one that found it did (`call`)
@@ -188,7 +189,7 @@ class SequenceParallelHost:
         503 says, for the supervisor to restart the service (and torchrun's group with it)."""
         with self._handover:
             # (ended, or the stop's to end; a disarmed bound never runs, so this is the operation under way)
-            if not self._running or self.down or self.stopping.is_set():
+            if not self._running or self.down or self.stop_begun():
                 return
             self._overdue = True
             self.down = (f"the sequence-parallel ranks cannot go on together (they gave no answer to {op!r} "
@@ -262,11 +263,6 @@ class SequenceParallelHost:
             self.awaiting_stop = False  # (after: its reason is in place)
         log.info("%s, as the server stops (torchrun stops every rank)", reason)
         raise HostStopped(f"{self.down} ({reason}, as the server stops)")
-
-    def stop_begun(self) -> bool:
-        """Whether the server's stop has begun: asked as ModelHost and the registry ask it
-        (server/stop_event.py)."""
-        return self.stopping.is_set()
 
     def _fail(self, reason: str) -> NoReturn:
         self.down = f"the sequence-parallel ranks cannot go on together ({reason})"

@@ -2,7 +2,7 @@
 
 Whether the stop has begun is asked one way: this event is set. The signal's handler and the
 shutdown set it (server/uvicorn_server.py, app.py), and so does a model host's own `stop`, which
-is handed it; the hosts ask it (`ModelHost.stop_begun`, `SequenceParallelHost.stop_begun`), and
+is handed it; the hosts ask it (`StopsWithTheServer.stop_begun`, which both inherit), and
 the registry too, with its worker's stop (`SessionRegistry.stop_begun`, `ended_with_the_stop`,
 which the refusals of creates, captions and speaks give their answer by). A host that kept its own
 flag besides took its own stop for the stop where the other host did not."""
@@ -46,6 +46,22 @@ class StopBegun(threading.Event):
     def forget(self, waiter: asyncio.Future) -> None:
         with self._waiters_lock:
             self._waiters.pop(waiter, None)
+
+
+class StopsWithTheServer:
+    """A model host's part in the server's stop (ModelHost, SequenceParallelHost: each wrote it out,
+    each saying it asked as the other did). `stopping` is the server's StopBegun, handed in, or the
+    host's own where it has no server (a test's, a bench's); the host's own `stop` sets it, so that
+    what ends from then on, whoever began the stop, ends with it, not as a failure."""
+
+    stopping: threading.Event
+
+    def share_the_stop(self, stopping: threading.Event | None) -> None:
+        self.stopping = stopping if stopping is not None else threading.Event()
+
+    def stop_begun(self) -> bool:
+        """Whether the server's stop (or this host's own) has begun."""
+        return self.stopping.is_set()
 
 
 def waker(waiter: asyncio.Future):
