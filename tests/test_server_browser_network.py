@@ -443,17 +443,23 @@ def test_a_webrtc_page_whose_connection_is_lost_ends_its_session(browser_page, s
     page gave itself back ('ended: the connection was lost') and sent no DELETE; its session stayed
     until the server's peer timeout (10 s; ICE consent's ~30 s with --peer-timeout 0), and a
     reconnect meanwhile on a one-session server met a 503. The page ends its session itself."""
+    from page_clock import CONNECTION_LOST, BoundClock
+
     with served(max_sessions=1, peer_timeout_s=0) as (url, app), server_udp_cut(monkeypatch) as cut:
         sessions = app.state.registry.sessions
         deleted = 'streamgen_sessions_closed_total{reason="deleted by client"}'
         before = metric(url, deleted)
         page = browser_page.new_page()
         page.add_init_script(HELD)
+        clock = BoundClock(page, CONNECTION_LOST)
         try:
             page.goto(f"{url}/?autostart=1&avatar=ada&mic=0")
             page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
             assert page.evaluate("window.streamgenStats.transport") == "webrtc"
             cut.set()
+            # ICE disconnected: the 5 s the page gives it to come back run at once (they were waited for)
+            clock.wait_for_bound(timeout=30_000)
+            clock.run_for(5_000)
             page.wait_for_function("window.streamgenStats.state.startsWith('ended')", timeout=30_000)
             assert page.evaluate("window.streamgenStats.state") == "ended: the connection was lost"
             wait_for(lambda: not sessions, 5, "the page whose connection was lost left its session on the server")
@@ -465,10 +471,11 @@ def test_a_webrtc_page_whose_connection_is_lost_ends_its_session(browser_page, s
 # An answer whose headers come and whose body never ends (a proxy that stalls, a server that hangs
 # as it writes): for the requests that `window.stallBodyOf` (a function of url and method) picks, the
 # page gets the answer's status and headers, the first byte of its body, and nothing more; its body
-# fails as a real one does once its request is cut off (its signal).
+# fails as a real one does once its request is cut off (its signal). `window.stalledStatuses`: theirs.
 STALLED_BODIES = """
 window.stallBodyOf = null;
 window.stalledBodies = 0;
+window.stalledStatuses = [];
 const fetchWithWholeBodies = window.fetch;
 window.fetch = async function (url, options) {
   const res = await fetchWithWholeBodies(url, options);
@@ -479,6 +486,7 @@ window.fetch = async function (url, options) {
     if (signal) signal.onabort = () => controller.error(new DOMException("cut off", "AbortError"));
   } });
   window.stalledBodies++;
+  window.stalledStatuses.push(res.status);
   return new Response(body, { status: res.status, statusText: res.statusText, headers: res.headers });
 };
 """
@@ -491,10 +499,13 @@ def test_an_answer_whose_body_never_ends_is_given_up(each_browser, stalled, serv
     now: a session's creation so answered is given up (said, Connect given back to try again, and the
     session it made ended by its request's key: it was left to the server's unclaimed limit); a WHEP
     offer's, as any WebRTC failure, goes on over the WebSocket."""
+    from page_clock import SESSION_ANSWER, WHEP_ANSWER, installed_clock
+
     with served(max_sessions=2) as (url, app):
         page = each_browser.new_page()
         page.add_init_script(STALLED_BODIES)
-        page.clock.install()  # (the page's 10 s run at once)
+        # (the page's 10 s run at once; in Firefox, those of the answer under test)
+        clock = installed_clock(page, {"session": SESSION_ANSWER, "whep": WHEP_ANSWER}[stalled])
         try:
             page.goto(f"{url}/?mic=0")
             page.wait_for_selector("#avatars button")
@@ -502,7 +513,7 @@ def test_an_answer_whose_body_never_ends_is_given_up(each_browser, stalled, serv
             page.evaluate(f"() => {{ window.stallBodyOf = (url, method) => method === 'POST' && url.endsWith('{path}'); }}")
             page.click("#connect")
             page.wait_for_function("window.stalledBodies === 1", timeout=20_000)
-            page.clock.run_for(11_000)
+            clock.run_for(11_000)
             page.wait_for_function("window.streamgenStats.state !== 'connecting'", timeout=10_000)
             if stalled == "whep":
                 assert page.evaluate("window.streamgenStats.state") == "streaming (websocket)"
@@ -514,7 +525,7 @@ def test_an_answer_whose_body_never_ends_is_given_up(each_browser, stalled, serv
             wait_for(lambda: not app.state.registry.sessions, 5, "the session given up was left to the server's timeout")
             page.evaluate("window.stallBodyOf = null")
             page.click("#connect")  # tried again, it connects
-            page.clock.run_for(1_000)
+            clock.run_for(1_000)
             page.wait_for_function("window.streamgenStats.state.startsWith('streaming')", timeout=30_000)
             page.click("#hangup")
         finally:
@@ -538,10 +549,12 @@ def test_a_session_asked_after_the_page_gave_up_and_answered_without_an_end_is_e
     its key found nothing), then made, its answer's body never ending: the page waited on that body
     to DELETE the session, which was left to the server's unclaimed limit (20 s). The answer's headers
     say the server has the request: the page ends the session by its key then."""
+    from page_clock import SESSION_ANSWER, installed_clock
+
     with served(max_sessions=2) as (url, app):
         page = each_browser.new_page()
         page.add_init_script(STALLED_BODIES + HOLD_SESSION_POSTS)
-        page.clock.install()  # (the page's 10 s run at once)
+        clock = installed_clock(page, SESSION_ANSWER)  # (the page's 10 s run at once; in Firefox, the creation's)
         try:
             page.goto(f"{url}/?mic=0")
             page.wait_for_selector("#avatars button")
@@ -549,7 +562,7 @@ def test_a_session_asked_after_the_page_gave_up_and_answered_without_an_end_is_e
                           "window.stallBodyOf = (url, method) => method === 'POST' && url.endsWith('/v1/sessions')")  # fmt: skip
             page.click("#connect")
             page.wait_for_function("window.heldPosts.length === 1", timeout=10_000)
-            page.clock.run_for(11_000)
+            clock.run_for(11_000)
             page.wait_for_function("window.streamgenStats.state !== 'connecting'", timeout=10_000)
             assert page.evaluate("window.streamgenStats.state") == "failed: the server does not answer (no answer in 10 s)"
             page.evaluate("window.holdPosts = false; window.heldPosts.splice(0).forEach((go) => go())")

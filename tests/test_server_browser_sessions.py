@@ -270,14 +270,19 @@ def test_a_session_check_whose_body_never_ends_still_says_the_session_ended(each
     ended (a proxy that stalls after the headers) hung the check, which read it without a time limit,
     and the page said 'streaming' over a frozen frame until ICE gave up. The check's answer, its body
     included, has a limit now: the 404 alone says the server ended the session."""
+    from page_clock import SESSION_CHECK, BoundClock
     from test_server_browser_network import STALLED_BODIES
 
     stall_session_checks = "window.stallBodyOf = (url, method) => method === 'GET' && /\\/v1\\/sessions\\/[^/]+$/.test(url);"
     with live_server(max_sessions=2, max_duration_s=4.0) as (url, app):
         page = each_browser.new_page()
         page.add_init_script(HELD + STALLED_BODIES + stall_session_checks)
+        clock = BoundClock(page, SESSION_CHECK)
         try:
             page.goto(f"{url}/?autostart=1&mic=0")
+            # the 404's body stalled: the check's 5 s run at once (they were waited for)
+            page.wait_for_function("window.stalledStatuses.includes(404)", timeout=60_000)
+            clock.run_for(5_000)
             page.wait_for_function("window.streamgenStats.state.startsWith('ended')", timeout=60_000)
             assert page.evaluate("window.stalledBodies") > 0 and page.evaluate("window.streamgenStats.transport") == "webrtc"
             assert page.evaluate("held()") == {

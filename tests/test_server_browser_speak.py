@@ -198,9 +198,13 @@ def test_a_websocket_speak_the_server_never_answers_is_given_up(each_browser, se
     """A WebSocket page's speak waited for its answer without a limit: a server that never answered
     left Speak disabled for the rest of the stream. It gives up after 20 s as a WebRTC page's speak
     does (said, Speak usable again, the text kept); its answer coming later is still its own."""
+    from page_clock import SPEAK_ANSWER, BoundClock
+
     with served(max_sessions=2) as (url, app):
         page = held_page(each_browser, "about:blank")
         page.add_init_script(HOLD_SPEAKS)
+        # the speak's 20 s run at once (they were waited for); the stream's own timers keep real time
+        clock = BoundClock(page, SPEAK_ANSWER)
         errors: list[str] = []
         page.on("console", lambda m: errors.append(f"{m.type}: {m.text}") if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
@@ -211,6 +215,7 @@ def test_a_websocket_speak_the_server_never_answers_is_given_up(each_browser, se
             page.fill("#speak-text", "hello there")
             page.click("#speak")
             assert page.is_disabled("#speak")
+            clock.run_for(20_000)
             page.wait_for_function("window.streamgenStats.notice !== ''", timeout=30_000)
             assert page.text_content("#notice") == "speak: no answer from the server in 20 s; it may still be said"
             assert page.is_enabled("#speak") and page.input_value("#speak-text") == "hello there"
