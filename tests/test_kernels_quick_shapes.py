@@ -1,5 +1,6 @@
 """Every Triton kernel at the shapes `bench gpu --quick` gives it on a GPU, against its reference,
-under the Triton interpreter (as tests/test_kernels_triton.py, whose fixtures these checks share).
+under the Triton interpreter (as tests/test_kernels_triton.py, whose fixtures these checks share,
+and whose launcher runs them in its interpreter process).
 
 `--quick` runs at 32x48 pixels (bench.gpu.QUICK_SIZE) since 2026-12-07, 64x96 on the one GPU run
 so far: the debug DiT's latent frame is 4x6, 6 tokens in a 2x3 grid after its 2x2 patches, where
@@ -13,21 +14,16 @@ has a frame mask (a stream reads its cache without one). A failure on the GPU co
 
 from __future__ import annotations
 
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
 # (`ops` and `attn`: its fixtures, which set up the interpreter, registered here by the import)
-from test_kernels_triton import CHECKS_PYTEST, _qkv, attn, close, ops, rand  # noqa: E402, F401
+from test_kernels_triton import _qkv, attn, close, ops, rand  # noqa: E402, F401
 
 from streamgen.kernels import reference  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 HEADS, HEAD_DIM, WIDTH, GRID = 2, 24, 48, (2, 3)  # the debug DiT's; a 4x6 latent frame in 2x2 patches
 # (batch, queries, keys) of each attention call of a --quick stream
 ATTENTION_CALLS = [(1, 18, 24), (1, 18, 42), (1, 18, 60), (1, 18, 8), (1, 6, 6), (1, 6, 8), (3, 6, 8)]
@@ -42,16 +38,6 @@ def triton_ops(request):  # (by name: a parameter `ops` would shadow the importe
 @pytest.fixture(scope="module")
 def triton_attention(request):
     return request.getfixturevalue("attn")
-
-
-def test_triton_kernels_take_the_quick_gpu_runs_shapes_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [*CHECKS_PYTEST, str(Path(__file__).resolve())],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
-    assert " passed" in proc.stdout, proc.stdout[-2000:]
 
 
 def test_the_shapes_are_the_quick_runs():

@@ -4,8 +4,9 @@ Triton picks the interpreter when it is imported (its own library functions,
 `tl.sum` and friends, are jitted at that moment), so TRITON_INTERPRET=1 must
 be set before anything imports triton, and must not leak into other tests.
 Hence two layers in this file:
-- `test_*` launchers, collected normally, run this same file in a fresh
-  Python process with TRITON_INTERPRET=1 and `python_functions=check_*`;
+- `test_*` launchers, collected normally, run this same file (and
+  test_kernels_quick_shapes.py) in a fresh Python process with
+  TRITON_INTERPRET=1 and `python_functions=check_*`;
 - `check_*` cases, collected only there, call `kernels.triton_ops` and
   `kernels.triton_attention` directly on CPU tensors (the dispatch would pick the references on CPU).
 Shapes are tiny and odd on purpose: row widths, token counts and sequence
@@ -36,15 +37,23 @@ CHECKS_PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                  "-p", "no:anyio", "-o", "python_functions=check_*"]  # fmt: skip
 
 
+# the files whose `check_*` cases run interpreted, in one process: its start (torch, triton, pytest)
+# and what each kernel's first launch costs (the interpreter rewrites the kernel's source, once a
+# process) are paid once rather than once a file
+INTERPRETED_FILES = [Path(__file__).resolve(), Path(__file__).resolve().with_name("test_kernels_quick_shapes.py")]
+
+
 def _run_cases(marker: str = "not gpu"):
     env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [*CHECKS_PYTEST, "-m", marker, str(Path(__file__).resolve())]
+    cmd = [*CHECKS_PYTEST, "-m", marker, *map(str, INTERPRETED_FILES)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout, proc.stdout[-2000:]
 
 
 def test_triton_kernels_match_references_under_interpreter():
+    """This file's checks and test_kernels_quick_shapes.py's (the kernels at `bench gpu --quick`'s
+    shapes)."""
     _run_cases()
 
 
