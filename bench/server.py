@@ -273,7 +273,13 @@ async def _bench_against(args, kept: dict | None = None) -> dict:
     names = {"model": args.model, "against": args.against or args.model}
     extra = {"model": [], "against": shlex.split(args.against_args)}
     async with contextlib.AsyncExitStack() as stack:
-        served = {side: await stack.enter_async_context(_served(args, model, extra[side])) for side, model in names.items()}
+        # the second server first: options serve refuses (--against-args) end the run at once, not
+        # after the first one's warm-up (a minute on a loaded machine); either way one warms up at
+        # a time, each timing its chunk on a machine the other leaves idle
+        served = {
+            side: await stack.enter_async_context(_served(args, names[side], extra[side]))
+            for side in ("against", "model")
+        }
         for side, model in names.items():
             await _require_measurable_watch(served[side][0], args, model)
         per_n = {side: {} for side in names}

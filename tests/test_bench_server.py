@@ -158,7 +158,7 @@ async def test_against_args_serve_the_same_model_another_way(monkeypatch):
                               model_process=False, compile=False, align_batches=True)  # fmt: skip
     with contextlib.suppress(asyncio.CancelledError):
         await bench._bench_against(args)
-    own, other = started
+    other, own = started  # the second first: serve refuses its options before the first warms up
     assert own[own.index("--model") + 1] == other[other.index("--model") + 1] == "tiny-avatar"
     assert "--ws-compression" not in own and other[-3:] == ["--ws-compression", "--lanes", "2"]
     # (serve refuses more lanes than sessions: `--lanes 3 --max-probe 1` was refused)
