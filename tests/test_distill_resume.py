@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -325,19 +326,36 @@ def test_a_ctrl_c_before_the_first_checkpoint_says_the_steps_taken_are_lost(tmp_
 # --- the run's own model sources -------------------------------------------------------------------
 
 
-def _model_with_its_own_autoencoder(tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory):
+    """The folder of a 4-step debug teacher run of `seed`, trained once for the module (on first use):
+    eight tests' models of their own autoencoders were the same two runs, each trained again."""
+    root = tmp_path_factory.mktemp("trained")
+    made = {}
+
+    def get(seed: int) -> Path:
+        if seed not in made:
+            run(debug_config("teacher", root / f"seed-{seed}", **{"run.seed": seed}))
+            made[seed] = root / f"seed-{seed}"
+        return made[seed]
+
+    return get
+
+
+def _model_with_its_own_autoencoder(trained_runs, tmp_path, name: str = "first", seed: int = 5) -> Path:
     """A teacher model whose autoencoder is not the random one a config without model.init makes
-    (another seed's)."""
-    run(debug_config("teacher", tmp_path / "first", **{"run.seed": 5}))
-    return tmp_path / "first" / "model"
+    (another seed's), in the test's folder `name` (a copy of trained_runs': the tests move and remove
+    it, and a copy is the same model, whose digest is of its files' bytes)."""
+    shutil.copytree(trained_runs(seed), tmp_path / name)
+    return tmp_path / name / "model"
 
 
-def test_a_resume_without_model_init_goes_on_with_the_runs_autoencoder(tmp_path, capsys):
+def test_a_resume_without_model_init_goes_on_with_the_runs_autoencoder(trained_runs, tmp_path, capsys):
     """A run begun with model.init and resumed without it went on with a new random autoencoder (and
     exported it with the model), without a word: the resume takes the run's from its checkpoint."""
     from safetensors.torch import load_file
 
-    init = _model_with_its_own_autoencoder(tmp_path)
+    init = _model_with_its_own_autoencoder(trained_runs, tmp_path)
     run(debug_config("teacher", tmp_path / "whole", init=init))
     run(debug_config("teacher", tmp_path / "cut", init=init, **{"run.steps": 2}))
     capsys.readouterr()
@@ -348,10 +366,10 @@ def test_a_resume_without_model_init_goes_on_with_the_runs_autoencoder(tmp_path,
     assert max_difference(final_tensors(tmp_path / "whole"), final_tensors(tmp_path / "cut")) == 0
 
 
-def test_a_resume_whose_runs_model_init_is_gone_says_so(tmp_path, capsys):
+def test_a_resume_whose_runs_model_init_is_gone_says_so(trained_runs, tmp_path, capsys):
     from streamgen.cli import main
 
-    init = _model_with_its_own_autoencoder(tmp_path)
+    init = _model_with_its_own_autoencoder(trained_runs, tmp_path)
     run(debug_config("teacher", tmp_path / "cut", init=init, **{"run.steps": 2}))
     where = init.resolve()
     init.rename(tmp_path / "moved")
@@ -362,11 +380,11 @@ def test_a_resume_whose_runs_model_init_is_gone_says_so(tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def _a_run_cut_at_step_2_from_one_of_two_models(tmp_path, key: str) -> tuple[Path, Path, Path]:
+def _a_run_cut_at_step_2_from_one_of_two_models(trained_runs, tmp_path, key: str) -> tuple[Path, Path, Path]:
     """(first, second, cut): two teacher models of their own autoencoders, and a run's folder cut
     at step 2 whose `key` (model.init or model.vae) read the first."""
-    first = _model_with_its_own_autoencoder(tmp_path)
-    run(debug_config("teacher", tmp_path / "second", **{"run.seed": 6}))
+    first = _model_with_its_own_autoencoder(trained_runs, tmp_path)
+    _model_with_its_own_autoencoder(trained_runs, tmp_path, "second", seed=6)
     cut = tmp_path / "cut"
     cfg = debug_config("teacher", cut, **{"run.steps": 2})
     setattr(cfg.model, key.split(".")[1], str(first))
@@ -375,7 +393,9 @@ def _a_run_cut_at_step_2_from_one_of_two_models(tmp_path, key: str) -> tuple[Pat
 
 
 @pytest.mark.parametrize("key", ["model.init", "model.vae"])
-def test_a_resume_whose_config_names_another_model_source_is_refused(tmp_path, monkeypatch, capsys, key):
+def test_a_resume_whose_config_names_another_model_source_is_refused(
+    trained_runs, tmp_path, monkeypatch, capsys, key
+):
     """A run's checkpoint keeps its model.init and model.vae (model_sources), but a resume whose config
     named another went on from that one without a word: its frozen autoencoder, which checkpoints do
     not keep, trained the rest of the run through other latents and was exported with the model. It
@@ -383,7 +403,7 @@ def test_a_resume_whose_config_names_another_model_source_is_refused(tmp_path, m
     (relative, from another folder), and where it is now once moved, still resume."""
     from streamgen.cli import main
 
-    first, second, cut = _a_run_cut_at_step_2_from_one_of_two_models(tmp_path, key)
+    first, second, cut = _a_run_cut_at_step_2_from_one_of_two_models(trained_runs, tmp_path, key)
     capsys.readouterr()
     command = ["distill", "teacher", "--config", "debug", "--out", str(cut), "--resume", "--steps", "4"]
     assert main([*command, "--set", f"{key}={second}"]) == 2
@@ -410,16 +430,16 @@ def test_a_resume_whose_config_names_another_model_source_is_refused(tmp_path, m
 
 
 @pytest.mark.parametrize("key", ["model.init", "model.vae"])
-def test_a_resume_whose_runs_model_source_moved_takes_only_a_copy_of_the_same_model(tmp_path, capsys, key):
+def test_a_resume_whose_runs_model_source_moved_takes_only_a_copy_of_the_same_model(
+    trained_runs, tmp_path, capsys, key
+):
     """Where the run's model.init (or model.vae) was no longer there, a resume took whatever source
     its config gave as the moved one: another model's autoencoder went on training the run without a
     word. The checkpoint keeps the digest of the source's weights: a moved copy of the same model
     resumes, another is refused in one line (exit 2)."""
-    import shutil
-
     from streamgen.cli import main
 
-    first, second, cut = _a_run_cut_at_step_2_from_one_of_two_models(tmp_path, key)
+    first, second, cut = _a_run_cut_at_step_2_from_one_of_two_models(trained_runs, tmp_path, key)
     shutil.copytree(first, tmp_path / "copy")
     shutil.rmtree(tmp_path / "first")
     capsys.readouterr()
@@ -443,12 +463,12 @@ def test_the_model_sources_of_a_checkpoint_from_before_they_were_kept_are_read_f
     assert model_sources_in_text("model: [") == {}
 
 
-def test_where_a_model_source_is_found_again(tmp_path, monkeypatch):
+def test_where_a_model_source_is_found_again(trained_runs, tmp_path, monkeypatch):
     """A folder by its absolute path (a resume from another folder finds it), a shipped model by its
     name, and nothing for what is not there (a name too long for the file system: no OSError)."""
     from distill.build import found_source
 
-    model = _model_with_its_own_autoencoder(tmp_path)
+    model = _model_with_its_own_autoencoder(trained_runs, tmp_path)
     monkeypatch.chdir(tmp_path)
     assert found_source("first/model") == str(model.resolve())
     assert found_source(f"wan:{tmp_path / 'first'}") == f"wan:{(tmp_path / 'first').resolve()}"
@@ -457,7 +477,7 @@ def test_where_a_model_source_is_found_again(tmp_path, monkeypatch):
     assert found_source("wan:" + "x" * 5000) is None
 
 
-def test_a_runs_model_source_digest_is_taken_from_the_bytes_its_load_reads(tmp_path, monkeypatch):
+def test_a_runs_model_source_digest_is_taken_from_the_bytes_its_load_reads(trained_runs, tmp_path, monkeypatch):
     """The digest a checkpoint keeps of model.init (model_source_digests) read every weight file of
     the source again once the stage had loaded it: a Wan checkpoint's transformer, GBs, read twice.
     It is hashed from the bytes the load reads (those the load does not read, from disk), and is
@@ -474,7 +494,7 @@ def test_a_runs_model_source_digest_is_taken_from_the_bytes_its_load_reads(tmp_p
     hash_file = build._hash_file
     monkeypatch.setattr(build, "_hash_file", lambda h, path: (read_from_disk.append(path.name), hash_file(h, path)))
     # a run from a model directory: its dit.safetensors is read by the load alone
-    init = _model_with_its_own_autoencoder(tmp_path)
+    init = _model_with_its_own_autoencoder(trained_runs, tmp_path)
     read_from_disk.clear()
     run(debug_config("teacher", tmp_path / "from-init", init=init, **{"run.steps": 1}))
     kept = ckpt.checkpoint_header(ckpt.latest_checkpoint(tmp_path / "from-init"))["model_source_digests"]
