@@ -43,9 +43,15 @@ def counted(device, clip_frames=floor.CLIP_FRAMES):
     return model, floor.chunk_work(session, start, STEPS, clip_frames)
 
 
+# the clip counted on the CPU: the first chunk, two as the ring grows (this model's ring holds two
+# chunks) and one on the full ring, as the steady chunk; the default 81 frames (`floor.CLIP_FRAMES`)
+# counted three more chunks on the full ring, each the same as that last one
+CPU_CLIP_FRAMES = 9 + 3 * 12
+
+
 @pytest.fixture(scope="module")
 def on_cpu():
-    return counted("cpu")
+    return counted("cpu", clip_frames=CPU_CLIP_FRAMES)
 
 
 def test_counting_on_the_meta_device_gives_what_running_gives(on_cpu):
@@ -152,19 +158,22 @@ def test_a_fresh_clip_is_counted_chunk_by_chunk_as_its_cache_grows(on_cpu):
     cfg = model.cfg
     clip = work["clip"]
     assert clip[0] == work["first_chunk"]
-    assert [c["frames"] for c in clip] == [9] + [12] * 6  # the first 81 frames, as Self-Forcing's
+    assert floor.CLIP_FRAMES == 81  # what bench floor counts unless told: the first 81 frames, as Self-Forcing's
+    assert [c["frames"] for c in clip] == [9] + [12] * 3
     attention = [c["stages"]["denoise"]["tflop_by_kind"]["attention"] for c in clip]
     growth = [b - a for a, b in zip(attention, attention[1:])]
     # each chunk attends to one more chunk of the ring until the ring is full, then no more
     fills = cfg.window_frames // cfg.frames_per_chunk
     assert growth[:fills] == pytest.approx([growth[0]] * fills) and growth[0] > 0
     assert growth[fills:] == pytest.approx([0.0] * (len(growth) - fills), abs=1e-12)
-    assert clip[-1]["stages"] == work["steady_chunk"]["stages"]  # this ring fills before 81 frames
+    assert clip[-1]["stages"] == work["steady_chunk"]["stages"]  # this ring fills before the clip ends
 
     fl = floor.floor(work, 100.0, 1000.0)
-    assert fl["clip"]["frames"] == 81 and fl["clip"]["chunks"] == len(clip)
+    assert fl["clip"]["frames"] == CPU_CLIP_FRAMES and fl["clip"]["chunks"] == len(clip)
     assert fl["clip"]["chunk_floor_ms"][0] == pytest.approx(fl["first_chunk"]["floor_ms"])
-    assert fl["clip"]["fps_ceiling"] == pytest.approx(81 / (sum(fl["clip"]["chunk_floor_ms"]) / 1e3))
+    assert fl["clip"]["fps_ceiling"] == pytest.approx(
+        CPU_CLIP_FRAMES / (sum(fl["clip"]["chunk_floor_ms"]) / 1e3)
+    )
     # until the ring is full a chunk attends to less than the steady chunk does
     steady_ms = fl["steady_chunk"]["floor_ms"]
     assert all(ms < steady_ms for ms in fl["clip"]["chunk_floor_ms"][:fills])
