@@ -390,8 +390,11 @@ def run(
     # this device's matrix rates (its dtype's, FP8's where it has them) and copy bandwidth: the
     # ceilings of the floor below
     fp8 = dev.type == "cpu" or torch.cuda.get_device_capability(dev) >= (8, 9)
+    # --quick on a CPU: products of 256 and a 32 MiB copy, rates for its tiny streams' floors (the
+    # CPU's 1024 and 256 MiB, FP8's emulated product too, took seconds of each quick run: tests')
+    sizes = {"size": 256, "copy_mib": 32} if quick and dev.type == "cpu" else {}
     try:  # a failure here (a first FP8 product on this GPU) must not cost the variants
-        result["ceilings"] = floor.rounded(device_ceilings.measure_ceilings(device, [dtype], float8=fp8))
+        result["ceilings"] = floor.rounded(device_ceilings.measure_ceilings(device, [dtype], float8=fp8, **sizes))
     except Exception as e:
         result["ceilings"] = {"error": f"{type(e).__name__}: {e}"[:400]}
     write_partial(result, out)
