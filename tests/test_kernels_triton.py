@@ -88,10 +88,40 @@ def _scan_triton_language_once():
     interpreter._patch_builtin = _patch_builtin
 
 
+def _map_dtypes_to_numpy_once():
+    """Make the interpreter map each Triton dtype to its numpy storage dtype once.
+
+    The interpreter asks for the numpy dtype of a value's Triton type at most of its operations
+    (loads, stores, casts, splats, constants), and each time builds its table of every dtype
+    anew (19 numpy dtypes made and hashed): ~6% of the time of a program here. The table does
+    not change, so each type's answer, the same function's, is kept (a block's is its element
+    type's, as the function answers it). Without the function (another Triton) the interpreter
+    runs as it is."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    get_np_dtype = getattr(interpreter, "_get_np_dtype", None)
+    if get_np_dtype is None or getattr(get_np_dtype, "known", None) is not None:
+        return
+    known = {}
+
+    def _get_np_dtype(tt_dtype):
+        element = tt_dtype.element_ty if isinstance(tt_dtype, tl.block_type) else tt_dtype
+        if isinstance(element, tl.pointer_type):  # (not hashable; answered before the table)
+            return get_np_dtype(element)
+        if element not in known:
+            known[element] = get_np_dtype(element)
+        return known[element]
+
+    _get_np_dtype.known = known
+    interpreter._get_np_dtype = _get_np_dtype
+
+
 @pytest.fixture(scope="module")
 def ops():
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through the test_* launchers"
     _scan_triton_language_once()
+    _map_dtypes_to_numpy_once()
     from streamgen.kernels import triton_ops
 
     assert triton_ops.INTERPRET
