@@ -33,7 +33,10 @@ def test_a_run_ended_by_sigterm_leaves_no_file(tmp_path, stop, code, said):
     import time
 
     wav = tmp_path / "long.wav"
-    write_wav(wav, 0.3 * np.sin(np.arange(16000 * 600) / 16000 * 2 * np.pi * 200))
+    # long enough that generate is still running at the signal: 120 s of speech are 375 chunks, and
+    # a run of 60 s ended some two minutes after its file first held bytes (a loaded 2-core machine,
+    # 1.5 chunks a second). The 600 s this was cost 2.6 CPU s a case to write here and read there
+    write_wav(wav, 0.3 * np.sin(np.arange(16000 * 120) / 16000 * 2 * np.pi * 200))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     argv = ["generate", "--model", "debug", "--audio", str(wav), "--out", str(out_dir / "a.mp4"), "--quiet"]
