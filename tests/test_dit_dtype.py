@@ -166,6 +166,22 @@ def test_a_bfloat16_dit_goes_parallel_at_its_own_threshold(model, monkeypatch):
         torch.set_num_threads(before)
 
 
+# The fewest of each: these tests check which DiT each timing runs on, not the timings. Every stage
+# on all threads ("all", as `bench --cpu-threads all`), which is one in these tests (`one_thread`):
+# under "auto" each size was timed against "all" too (cpu_threads_all, four more timed sessions), of
+# which these tests check nothing
+BENCH_SIZES = dict(steps=2, chunks=2, context=4, teacher_frames=2, decode_dtype=torch.float32, cpu_threads="all")
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_bench_engine_times_a_bfloat16_dit_against_float32(model, monkeypatch):
     import bench.engine as engine
 
@@ -184,19 +200,19 @@ def test_bench_engine_times_a_bfloat16_dit_against_float32(model, monkeypatch):
 
     for name in ("cache_speedup", "teacher_speedup"):
         monkeypatch.setattr(engine, name, recording(name))
-    sizes = dict(steps=2, chunks=2, context=4, teacher_frames=2, decode_dtype=torch.float32)
-    m = engine.measure_size(model, 32, 32, **sizes)
+    m = engine.measure_size(model, 32, 32, **BENCH_SIZES)
     assert m["dit_dtype"] == "bfloat16"
     assert m["dit_float32"]["fps"] > 0 and m["dit_float32"]["bfloat16_speedup"] > 0
     # the baselines run on the session's DiT: cached and recomputed agree to bf16's rounding
     assert baselines == {"cache_speedup": torch.bfloat16, "teacher_speedup": torch.bfloat16}
     assert m["cache_max_abs_diff"] <= 0.1
     monkeypatch.setattr(precision, "DIT_BFLOAT16_FLOP", float("inf"))
-    m = engine.measure_size(model, 32, 32, **sizes)
+    m = engine.measure_size(model, 32, 32, **BENCH_SIZES)
     assert m["dit_dtype"] == "float32" and "dit_float32" not in m
     assert baselines == {"cache_speedup": torch.float32, "teacher_speedup": torch.float32}
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_bench_engine_without_amx_times_float32_against_a_bfloat16_dit_where_amx_would_run_one(
     model, monkeypatch
 ):
@@ -204,12 +220,11 @@ def test_bench_engine_without_amx_times_float32_against_a_bfloat16_dit_where_amx
 
     bfloat16_without_amx(monkeypatch)
     monkeypatch.setattr(precision, "DIT_BFLOAT16_FLOP", 0)
-    sizes = dict(steps=2, chunks=2, context=4, teacher_frames=2, decode_dtype=torch.float32)
-    m = engine.measure_size(model, 32, 32, **sizes)
+    m = engine.measure_size(model, 32, 32, **BENCH_SIZES)
     assert m["dit_dtype"] == "float32" and "dit_float32" not in m
     assert m["dit_bfloat16"]["fps"] > 0 and m["dit_bfloat16"]["bfloat16_fps"] > 0
     monkeypatch.setattr(precision, "DIT_BFLOAT16_FLOP", float("inf"))  # below it: nothing to compare
-    assert "dit_bfloat16" not in engine.measure_size(model, 32, 32, **sizes)
+    assert "dit_bfloat16" not in engine.measure_size(model, 32, 32, **BENCH_SIZES)
 
 
 def test_a_dtype_no_model_runs_in_is_a_value_error_that_names_it(model):
