@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from test_distill_helpers import final_tensors, max_difference
+from test_distill_helpers import checkpoint_tensors, final_tensors, max_difference
 
 from streamgen.checkpoint import list_checkpoints
 from streamgen.parallel.launch import join_process_group
@@ -26,22 +26,28 @@ teacher: {{p_motion_prefix: 0.5, p_drop_reference: 0.5}}
 """
 
 
+# Seed 7's first step has one rank of two keep every sample's reference while the other mixes (what
+# test_fsdp2_ranks_of_which_one_keeps_every_reference_take_the_step_of_one_process is about): the
+# sharded run that test checks is then the one test_fsdp2_shards_take_the_same_steps_and_resume_
+# exactly checks, started once.
+SEED = 7
+
 # Adam's eps is raised from 1e-8: parameters whose gradient is mathematically zero (the key bias
 # of a one-token cross-attention) get rounding noise of ~1e-12, which Adam with eps = 1e-8 would
 # scale up to a full step of +-lr in either run; the comparison is about the gradient arithmetic.
 
 
-def write_config(root, name: str, fsdp: bool = False, seed: int = 3):
+def write_config(root, name: str, fsdp: bool = False, seed: int = SEED):
     cfg = root / f"{name}.yaml"
     cfg.write_text(CONFIG.format(out=root / name, fsdp=str(fsdp).lower(), seed=seed))
     return cfg
 
 
-def launch(root, name: str, procs: int, fsdp: bool = False, extra=(), seed: int = 3):
+def launch(root, name: str, procs: int, fsdp: bool = False, extra=()):
     """The config's run as `torchrun ... streamgen distill teacher`: ranks whose interpreters shut
     down as a user's do (`spawn`'s processes end with os._exit), with nothing on stderr of a gloo
     thread ended there."""
-    cfg = write_config(root, name, fsdp, seed)
+    cfg = write_config(root, name, fsdp)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
            "-m", "streamgen", "distill", "teacher", "--config", str(cfg), *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -99,13 +105,13 @@ def run_on_two_ranks(argv: list[str]) -> None:
         spawn(_command_on_two_ranks, (port, argv), nprocs=2, preload=RANK_IMPORTS)
 
 
-def run_here(root, name: str, steps: int, resume: bool = False, seed: int = 3):
+def run_here(root, name: str, steps: int, resume: bool = False):
     """The same config's run in this process (one process, the whole batch): the reference the
     launched ranks are compared with, where a torchrun of one process would only add its start-up."""
     from distill.config import load_config
     from distill.trainer import Trainer
 
-    cfg = load_config(write_config(root, name, seed=seed), "teacher")
+    cfg = load_config(write_config(root, name), "teacher")
     cfg.run.steps = steps
     Trainer(cfg, resume=resume).run()
     return final_tensors(root / name)
@@ -113,13 +119,22 @@ def run_here(root, name: str, steps: int, resume: bool = False, seed: int = 3):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The runs several tests compare (each made once, on first use): "one" and "one_2" (1 process,
-    1 and 2 steps), "two" (2 gloo processes, 1 step)."""
+    """The runs several tests compare (each made once, on first use): "one_2" (1 process, 2 steps),
+    "two" (2 gloo processes, 1 step), "fsdp" (2 sharded processes, 2 steps); "one" and "fsdp_1" are
+    the step-1 checkpoints of "one_2" and "fsdp", which a run of 1 step would end with (the learning
+    rate does not depend on run.steps): those runs were started again for them."""
     root = tmp_path_factory.mktemp("runs")
+
+    def first_step(name: str):
+        get(name)
+        return checkpoint_tensors(list_checkpoints(root / name)[0])
+
     makers = {
-        "one": lambda: run_here(root, "one", steps=1),
+        "one": lambda: first_step("one_2"),
         "one_2": lambda: run_here(root, "one_2", steps=2),
         "two": lambda: launch(root, "two", 2),
+        "fsdp": lambda: launch(root, "fsdp", 2, fsdp=True, extra=["--steps", "2"]),
+        "fsdp_1": lambda: first_step("fsdp"),
     }
     made = {}
 
@@ -140,7 +155,7 @@ def test_two_gloo_processes_equal_one_with_the_doubled_batch(runs):
     from distill.build import new_dit
     from distill.config import load_config
 
-    initial = new_dit(load_config(runs.root / "one.yaml", "teacher").model, seed=3).state_dict()
+    initial = new_dit(load_config(runs.root / "one_2.yaml", "teacher").model, seed=SEED).state_dict()
     moved = max(float((one[f"module/teacher/{k}"] - v).abs().max()) for k, v in initial.items())
     assert moved > 1e-4
 
@@ -148,9 +163,9 @@ def test_two_gloo_processes_equal_one_with_the_doubled_batch(runs):
 def test_fsdp2_shards_take_the_same_steps_and_resume_exactly(runs, tmp_path):
     """run.fsdp: 2 sharded processes = 1 process with the whole batch; killed + resumed = uninterrupted."""
     one = runs("one_2")
-    whole = launch(tmp_path, "whole", 2, fsdp=True, extra=["--steps", "2"])
+    whole = runs("fsdp")
     # killed after step 1's checkpoint: what that run left is the uninterrupted run's, up to there
-    shutil.copytree(tmp_path / "whole", tmp_path / "split")
+    shutil.copytree(runs.root / "fsdp", tmp_path / "split")
     shutil.rmtree(tmp_path / "split" / "model")
     list_checkpoints(tmp_path / "split")[-1].unlink()
     assert len(list_checkpoints(tmp_path / "split")) == 1
@@ -160,10 +175,10 @@ def test_fsdp2_shards_take_the_same_steps_and_resume_exactly(runs, tmp_path):
     # the exported model is the gathered EMA, loadable without any process group
     from streamgen.models import load_model
 
-    assert load_model(str(tmp_path / "whole" / "model")).trained
+    assert load_model(str(runs.root / "fsdp" / "model")).trained
 
 
-def test_fsdp2_ranks_of_which_one_keeps_every_reference_take_the_step_of_one_process(tmp_path):
+def test_fsdp2_ranks_of_which_one_keeps_every_reference_take_the_step_of_one_process(runs, tmp_path):
     """A teacher's samples that keep the reference and those that drop it run as two forwards
     (their sequences differ in length). Seed 7's step: rank 0's two samples are one of each, rank
     1's both keep it. Sharded, rank 1's one forward to rank 0's two was a collective mismatch:
@@ -172,12 +187,10 @@ def test_fsdp2_ranks_of_which_one_keeps_every_reference_take_the_step_of_one_pro
     from distill.rng import SampleRandom
     from distill.teacher import kept_references
 
-    opts = load_config(write_config(tmp_path, "draws", seed=7), "teacher").options
-    keep = kept_references(SampleRandom(7, 0, [0, 1, 2, 3]), opts).tolist()
+    opts = load_config(write_config(tmp_path, "draws"), "teacher").options
+    keep = kept_references(SampleRandom(SEED, 0, [0, 1, 2, 3]), opts).tolist()
     assert keep == [True, False, True, True]  # (what the test is about: one rank mixes, one does not)
-    one = run_here(tmp_path, "one", steps=1, seed=7)
-    two = launch(tmp_path, "two", 2, fsdp=True, seed=7)
-    assert max_difference(one, two) <= 1e-6
+    assert max_difference(runs("one"), runs("fsdp_1")) <= 1e-6
 
 
 def _fsdp_run_then_its_threads(rank: int, port: int, root: str, nan_loss: bool) -> None:
@@ -276,7 +289,18 @@ def test_average_gradients_keeps_none_where_no_rank_has_a_gradient(tmp_path):
         assert grads["neither"] is None
 
 
-def _dmd_stage_on_two_ranks(rank: int, port: int, root: str) -> None:
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> str:
+    """A 1-step debug teacher's model: the student stages' teacher and model.init (their runs read
+    it, none writes beside it), trained once for the module rather than by each test."""
+    from test_distill_helpers import debug_config, run
+
+    out = tmp_path_factory.mktemp("teacher")
+    run(debug_config("teacher", out, **{"run.steps": 1}))
+    return str(out / "model")
+
+
+def _dmd_stage_on_two_ranks(rank: int, port: int, root: str, teacher: str) -> None:
     """Rank 1 reads another export of the teacher than rank 0 (one put in place between the two
     ranks' reads): each rank's teacher and its digest are saved."""
     import torch.distributed as dist
@@ -302,7 +326,7 @@ def _dmd_stage_on_two_ranks(rank: int, port: int, root: str) -> None:
             distill.dmd.load_frozen_and_digest = retrained
         torch.set_num_threads(1)
         cfg = debug_config(
-            "self_forcing", f"{root}/sf{rank}", teacher=f"{root}/teacher/model", init=f"{root}/teacher/model"
+            "self_forcing", f"{root}/sf{rank}", teacher=teacher, init=teacher
         )
         stage = build_stage(cfg, World(rank=rank, size=2))
         torch.save(
@@ -312,16 +336,14 @@ def _dmd_stage_on_two_ranks(rank: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
-def test_every_rank_of_a_dmd_stage_holds_rank_0s_teacher_and_its_digest(tmp_path):
+def test_every_rank_of_a_dmd_stage_holds_rank_0s_teacher_and_its_digest(tmp_path, teacher):
     """Each rank read the teacher itself: a teacher exported between two ranks' reads gave them
     different teachers and digests, so a resume's check could refuse on one rank only and leave
     the others waiting in their next collective."""
     from spawn_helpers import spawn
-    from test_distill_helpers import debug_config, run
 
-    run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
     with a_held_rendezvous_store() as port:
-        spawn(_dmd_stage_on_two_ranks, (port, str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
+        spawn(_dmd_stage_on_two_ranks, (port, str(tmp_path), teacher), nprocs=2, preload=RANK_IMPORTS)
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
     assert second["digest"] == first["digest"] != "0123456789abcdef"
     assert first["teacher"].keys() == second["teacher"].keys()
@@ -343,7 +365,7 @@ def _join_with_short_timeout(rank: int, root: str, seconds: float) -> None:
     join_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=seconds))
 
 
-def _ode_stage_on_two_ranks(rank: int, port: int, root: str) -> None:
+def _ode_stage_on_two_ranks(rank: int, port: int, root: str, teacher: str) -> None:
     """Both ranks build one ode stage in one run.out (rank 0 samples the trajectories); rank 1's
     reading of the teacher's digest is of another export (one put in place after rank 0 read it).
     Each rank saves the trajectories it holds."""
@@ -360,7 +382,6 @@ def _ode_stage_on_two_ranks(rank: int, port: int, root: str) -> None:
         if rank == 1:
             distill.ode.weights_digest = lambda source: "0123456789abcdef"
         torch.set_num_threads(1)
-        teacher = f"{root}/teacher/model"
         cfg = debug_config("ode", f"{root}/ode", teacher=teacher, init=teacher)
         stage = build_stage(cfg, World(rank=rank, size=2))
         torch.save(stage.trajectories, f"{root}/rank{rank}.pt")
@@ -369,22 +390,20 @@ def _ode_stage_on_two_ranks(rank: int, port: int, root: str) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_every_rank_of_an_ode_stage_checks_the_trajectories_against_rank_0s_digest(tmp_path):
+def test_every_rank_of_an_ode_stage_checks_the_trajectories_against_rank_0s_digest(tmp_path, teacher):
     """Each rank took the teacher's digest itself: a teacher exported between rank 0's read and
     another rank's refused the trajectories rank 0 had just sampled on that rank only, the others
     left waiting in their next collective."""
     from spawn_helpers import spawn
-    from test_distill_helpers import debug_config, run
 
-    run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
     with a_held_rendezvous_store() as port:
-        spawn(_ode_stage_on_two_ranks, (port, str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
+        spawn(_ode_stage_on_two_ranks, (port, str(tmp_path), teacher), nprocs=2, preload=RANK_IMPORTS)
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
     assert first.keys() == second.keys() == {"states", "clean", "clips", "starts"}
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def _slow_rank_0_work(rank: int, port: int, root: str) -> None:
+def _slow_rank_0_work(rank: int, port: int, root: str, teacher: str) -> None:
     """A 1-step ode run on two ranks whose group gives up waiting after 3 s, where rank 0's work
     alone takes 4 s each time (the others wait a second longer than the timeout): the teacher's
     trajectories, the checkpoint and the export (a large model's, or an export waiting for
@@ -408,7 +427,6 @@ def _slow_rank_0_work(rank: int, port: int, root: str) -> None:
             checkpoint.save_checkpoint = slow(checkpoint.save_checkpoint)
             distill.ode.Stage.export = slow(distill.ode.Stage.export)
             distill.ode.Stage._sample_trajectories = slow(distill.ode.Stage._sample_trajectories)
-        teacher = f"{root}/teacher/model"
         Trainer(debug_config("ode", f"{root}/ode", teacher=teacher, init=teacher, **{"run.steps": 1})).run()
     finally:
         if dist.is_initialized():
@@ -416,17 +434,15 @@ def _slow_rank_0_work(rank: int, port: int, root: str) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_the_other_ranks_wait_for_rank_0s_own_work_longer_than_the_groups_timeout(tmp_path):
+def test_the_other_ranks_wait_for_rank_0s_own_work_longer_than_the_groups_timeout(tmp_path, teacher):
     """Rank 0 samples the ode stage's trajectories (hours for a large teacher), writes the
     checkpoints and the export (minutes for a 14B model; an export may wait 30 minutes for
     another's lock) alone, while the others waited in the process group's barrier: NCCL's gives up
     after 10 minutes, and the run died there."""
     from spawn_helpers import spawn
-    from test_distill_helpers import debug_config, run
 
-    run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
     with a_held_rendezvous_store() as port:
-        spawn(_slow_rank_0_work, (port, str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
+        spawn(_slow_rank_0_work, (port, str(tmp_path), teacher), nprocs=2, preload=RANK_IMPORTS)
     assert (tmp_path / "ode" / "model").is_dir()
 
 
@@ -452,15 +468,12 @@ def _logged(tmp_path, stage: str, procs: int, sets=()) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, key", [("autoencoder", "psnr"), ("self_forcing", "dmd_grad_norm")])
-def test_scalars_logged_on_two_ranks_are_of_the_whole_batch(tmp_path, stage, key):
+def test_scalars_logged_on_two_ranks_are_of_the_whole_batch(request, tmp_path, stage, key):
     """A stage's own scalars (a PSNR, the DMD gradient norm) were of rank 0's slice alone: on 2 ranks
     scalars.jsonl and TensorBoard showed another number than 1 process with the same batch."""
     sets = []
     if stage == "self_forcing":
-        from test_distill_helpers import debug_config, run
-
-        run(debug_config("teacher", tmp_path / "teacher", **{"run.steps": 1}))
-        teacher = str(tmp_path / "teacher" / "model")
+        teacher = request.getfixturevalue("teacher")  # (the autoencoder's run needs none)
         sets = [f"self_forcing.teacher={teacher}", f"model.init={teacher}"]
     one, two = (_logged(tmp_path, stage, procs, sets) for procs in (1, 2))
     loss = next(k for k in one if k.startswith("loss_"))

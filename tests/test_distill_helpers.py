@@ -34,7 +34,12 @@ def run(cfg, resume: bool = False, stop_after: int | None = None) -> dict:
 
 
 def final_tensors(out: Path) -> dict[str, torch.Tensor]:
-    tensors, _ = load_checkpoint(latest_checkpoint(out))
+    return checkpoint_tensors(latest_checkpoint(out))
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The weights, EMA and optimizer state a checkpoint file holds."""
+    tensors, _ = load_checkpoint(path)
     return {k: v for k, v in tensors.items() if k.startswith(("module/", "ema/", "optim/"))}
 
 
