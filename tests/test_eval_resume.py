@@ -47,6 +47,27 @@ def evaluate(out, *extra):
     )
 
 
+@pytest.fixture(scope="module")
+def whole_report(tmp_path_factory):
+    """The report of `evaluate(OUT, *extra)` never stopped (with `made`'s clips), by `extra`, made
+    once for the module: the tests that stop an evaluation each made the same one whole first. Into
+    one folder, as a test did for its two (the second goes on from the first's clips)."""
+    import streamgen.data.shards  # noqa: F401  (see `made`)
+
+    out = tmp_path_factory.mktemp("whole")
+    reports = {}
+
+    def report(*extra: str) -> dict:
+        if extra not in reports:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(world, "make_clip", small_clip)
+                assert evaluate(out, *extra) == 0
+            reports[extra] = json.loads((out / "report.json").read_text())
+        return reports[extra]
+
+    return report
+
+
 def without_wall_time(report: dict) -> dict:
     return {k: v for k, v in report.items() if k != "wall_seconds"}
 
@@ -69,9 +90,8 @@ def stopped_after_saving(monkeypatch, clip: str | None = None):
         monkeypatch.setattr(partial.Measured, "save", real_save)
 
 
-def test_a_stopped_eval_run_again_scores_only_the_clips_left(tmp_path, made, monkeypatch, capsys):
-    assert evaluate(tmp_path / "whole") == 0
-    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+def test_a_stopped_eval_run_again_scores_only_the_clips_left(tmp_path, made, monkeypatch, capsys, whole_report):
+    whole = whole_report()
     out = tmp_path / "cut"
     capsys.readouterr()
     with stopped_after_saving(monkeypatch, "clip-00001"):  # (Ctrl-C once the second clip is scored)
@@ -122,11 +142,12 @@ def test_a_full_disk_says_which_clips_are_kept(tmp_path, made, monkeypatch, caps
     )
 
 
-def test_a_clip_file_in_partial_without_its_measurements_is_measured_again(tmp_path, made, monkeypatch):
+def test_a_clip_file_in_partial_without_its_measurements_is_measured_again(
+    tmp_path, made, monkeypatch, whole_report
+):
     """A file of something else where a clip's measurements belong (it reads, but holds none of
     them) ended the evaluation in a KeyError's traceback."""
-    assert evaluate(tmp_path / "whole") == 0
-    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    whole = whole_report()
     out = tmp_path / "cut"
     with stopped_after_saving(monkeypatch, "clip-00001"):
         assert evaluate(out) == 130
@@ -136,12 +157,11 @@ def test_a_clip_file_in_partial_without_its_measurements_is_measured_again(tmp_p
     assert {index for seed, index in made} == {0, 2}  # clip 0 measured again, 1 kept
     assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
     # the --minutes stream's likewise
-    assert evaluate(tmp_path / "whole", "--minutes", "0.01") == 0
     assert evaluate(out, "--minutes", "0.01") == 0
     np.savez(out / partial.FOLDER / "stream-0.01.npz", other=np.zeros(3))
     (out / "report.json").unlink()
     assert evaluate(out, "--minutes", "0.01") == 0
-    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    whole = whole_report("--minutes", "0.01")
     assert without_wall_time(json.loads((out / "report.json").read_text())) == without_wall_time(whole)
 
 
@@ -386,7 +406,28 @@ def test_a_stop_that_failed_an_import_in_the_drift_stream_keeps_what_it_had_scor
     assert "resuming: the drift stream's first 24 of 30 frames are already scored" in capsys.readouterr().err
 
 
-def test_a_models_stopped_drift_stream_goes_on_from_its_kept_state(tmp_path, made, monkeypatch, capsys):
+# tiny-avatar's evaluation of one clip and a 30-frame drift stream, its state kept after every chunk
+MODEL_ARGV = ["eval", "--model", "tiny-avatar", "--clips", "1", "--minutes", "0.02", "--size", "32"]
+
+
+@pytest.fixture(scope="module")
+def models_whole_report(tmp_path_factory) -> dict:
+    """The report of MODEL_ARGV's evaluation never stopped (with `made`'s clips), which the stopped
+    ones of two tests must come to: made once for both, not once by each."""
+    import streamgen.data.shards  # noqa: F401  (see `made`)
+    from streamgen.eval import drift
+
+    out = tmp_path_factory.mktemp("models_whole")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(world, "make_clip", small_clip)
+        patch.setattr(drift, "STREAM_KEEP_FRAMES", 1)
+        assert main([*MODEL_ARGV, "--out", str(out)]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def test_a_models_stopped_drift_stream_goes_on_from_its_kept_state(
+    tmp_path, made, monkeypatch, capsys, models_whole_report
+):
     """A model's stream was made again from its start after a stop (its KV cache was not kept: the
     frames of an hour's stream made twice). Its session's state is kept with its scores, and the
     stream goes on from there, to the same report."""
@@ -394,10 +435,8 @@ def test_a_models_stopped_drift_stream_goes_on_from_its_kept_state(tmp_path, mad
     from streamgen.stream import StreamSession
 
     monkeypatch.setattr(drift, "STREAM_KEEP_FRAMES", 1)  # (its scores and state kept after every chunk)
-    argv = ["--model", "tiny-avatar", "--clips", "1", "--minutes", "0.02"]
-    evaluate = lambda out: main(["eval", *argv, "--size", "32", "--out", str(out)])  # noqa: E731
-    assert evaluate(tmp_path / "whole") == 0
-    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    evaluate = lambda out: main([*MODEL_ARGV, "--out", str(out)])  # noqa: E731
+    whole = models_whole_report
     real_add, real_chunk, scored, chunks = metrics.StreamScores.add, StreamSession.next_chunk, [], []
 
     def counted(self, frames):
@@ -425,7 +464,7 @@ def test_a_models_stopped_drift_stream_goes_on_from_its_kept_state(tmp_path, mad
 
 
 def test_a_models_stopped_drift_stream_without_a_kept_state_is_made_again(
-    tmp_path, made, monkeypatch, capsys
+    tmp_path, made, monkeypatch, capsys, models_whole_report
 ):
     """Its state kept before its last scores (killed between the two saves) or not at all (kept by
     code before it was): the stream is made again up to its scored frames, unscored, and checked to
@@ -433,10 +472,8 @@ def test_a_models_stopped_drift_stream_without_a_kept_state_is_made_again(
     from streamgen.eval import drift, metrics
 
     monkeypatch.setattr(drift, "STREAM_KEEP_FRAMES", 1)
-    argv = ["--model", "tiny-avatar", "--clips", "1", "--minutes", "0.02"]
-    evaluate = lambda out: main(["eval", *argv, "--size", "32", "--out", str(out)])  # noqa: E731
-    assert evaluate(tmp_path / "whole") == 0
-    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    evaluate = lambda out: main([*MODEL_ARGV, "--out", str(out)])  # noqa: E731
+    whole = models_whole_report
     real_add, real_save, scored, stop = metrics.StreamScores.add, partial.Measured.save, [], [True]
 
     def counted(self, frames):
