@@ -338,19 +338,31 @@ def is_stop(error: BaseException) -> bool:
     return isinstance(error, (KeyboardInterrupt, SystemExit)) or stop_behind(error) is not None
 
 
-def _raise_swallowed_termination_again(unraisable) -> None:
+def _raise_swallowed_stop_again(unraisable) -> None:
     """sys.unraisablehook: a signal that came while a finalizer ran (a weakref callback, a `__del__`:
-    torch's run many) raised Terminated inside it, where Python prints "Exception ignored in" and goes
-    on: the process went on training, the SIGTERM lost. The signal is sent again, a moment later, from
-    another thread (sent from here, its handler would run here, in the hook: swallowed again)."""
+    torch's run many) raised its stop inside it, Terminated or a Ctrl-C's KeyboardInterrupt, where
+    Python prints "Exception ignored in" and goes on: the process went on training, the SIGTERM lost;
+    an `--sp N` launch Ctrl-C'd as it checked its inputs started its ranks and made the whole video.
+    The signal is sent again, a moment later, from another thread (sent from here, its handler would
+    run here, in the hook: swallowed again)."""
+    import signal
     import threading
 
-    if isinstance(unraisable.exc_value, Terminated):
-        again = threading.Timer(0.05, os.kill, (os.getpid(), unraisable.exc_value.signum))
+    stop = unraisable.exc_value
+    if isinstance(stop, (Terminated, KeyboardInterrupt)):
+        signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
+        again = threading.Timer(0.05, os.kill, (os.getpid(), signum))
         again.daemon = True
         again.start()
     else:
-        _raise_swallowed_termination_again.before(unraisable)
+        _raise_swallowed_stop_again.before(unraisable)
+
+
+def raise_swallowed_stops_again() -> None:
+    """From now on a stop a finalizer swallowed is sent again (`_raise_swallowed_stop_again`)."""
+    if sys.unraisablehook is not _raise_swallowed_stop_again:
+        _raise_swallowed_stop_again.before = sys.unraisablehook
+        sys.unraisablehook = _raise_swallowed_stop_again
 
 
 def terminate_as_exit():
@@ -378,9 +390,7 @@ def terminate_as_exit():
         said.append(signum)  # (raised again where a finalizer swallowed it: said once)
         raise Terminated(signum)
 
-    if sys.unraisablehook is not _raise_swallowed_termination_again:
-        _raise_swallowed_termination_again.before = sys.unraisablehook
-        sys.unraisablehook = _raise_swallowed_termination_again
+    raise_swallowed_stops_again()
     return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
 
 
@@ -455,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
         sys.stdout.reconfigure(errors="backslashreplace")
     try:  # a Ctrl-C while the subcommands load is a stop too, not a traceback
+        raise_swallowed_stops_again()  # (a Ctrl-C that lands in a finalizer, as the command starts: not lost)
         from streamgen.parallel.torchrun import end_with_the_launcher
 
         end_with_the_launcher()  # (an --sp N rank: not left running when its launcher is killed)
