@@ -1,12 +1,15 @@
 """`--sp N` stopped while it starts: the launcher before it relaunches (reading the inputs, sizing
 a meta DiT for the memory check) and the ranks as they load are gc-heavy, and a stop that lands in a
-finalizer must still end the command (the stops of a running `--sp` command: test_parallel_launch_signals)."""
+finalizer must still end the command; torchrun's rendezvous comes before its agent handles any signal
+(the stops of a running `--sp` command: test_parallel_launch_signals)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+
+import pytest
 
 # A command of its own for the command line (streamgen.cli.COMMANDS): its run lets go of an object
 # whose finalizer is where the Ctrl-C lands (as one can in the garbage a model's load or the launcher's
@@ -32,6 +35,8 @@ def run(args):
 
 RUN_IT = """
 import sys
+
+import pytest
 from streamgen import cli
 cli.COMMANDS = {"finalizing": ("finalizing", "a command whose finalizer takes a Ctrl-C")}
 sys.exit(cli.main(["finalizing"]))
@@ -47,3 +52,37 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_the_command(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     ended = subprocess.run([sys.executable, "-c", RUN_IT], capture_output=True, text=True, timeout=120, env=env)
     assert (ended.returncode, ended.stderr) == (130, "interrupted\n"), ended.stderr
+
+
+# The launcher (streamgen.parallel.torchrun.main) with torchrun stood in for by one that is sent
+# `signal` at its start, before its agent has handlers of its own (as in its rendezvous), then
+# works on for up to 20 s; the launcher's exit code is this process's.
+SIGNALLED_BEFORE_TORCHRUN_HANDLES_IT = """
+import os, signal, sys, time
+import torch.distributed.run
+from streamgen.parallel import torchrun
+
+def torchrun_signalled(argv):
+    os.kill(os.getpid(), signal.{signal})
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+
+torch.distributed.run.main = torchrun_signalled
+sys.exit(torchrun.main(["--standalone", "--nproc-per-node=2", "-m", "streamgen", "--version"]))
+"""
+
+
+@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_sigterm_before_torchrun_handles_it_is_one_line_and_leaves_no_folder(tmp_path, name, code):
+    """Between torchrun's load (where a signal is noted) and its agent's handlers (set as it starts the
+    ranks: its rendezvous comes first) a SIGTERM or SIGHUP ended the launcher by the signal, without a
+    word, and left the folder it had made for torchrun's logs (streamgen-sp-*) in the temporary one."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
+    script = SIGNALLED_BEFORE_TORCHRUN_HANDLES_IT.replace("{signal}", name)
+    ended = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert (ended.returncode, ended.stderr) == (code, f"streamgen: stopped by {name}; every rank has ended\n"), (
+        ended.returncode, ended.stderr)  # fmt: skip
+    assert list(temp.iterdir()) == []

@@ -36,6 +36,7 @@ import signal
 import sys
 import tempfile
 import time
+from functools import partial
 
 # The exit code of a rank whose collective failed because another rank had ended (`another_rank_failed`):
 # not the run's error, which the launcher looks for among the other ranks
@@ -244,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_torchrun_logs()
     argv = sys.argv[1:] if argv is None else list(argv)
-    logs = _log_folder_of_its_own(argv)
-    if logs is not None:
-        argv = [f"--log-dir={logs.name}", *argv]
+    logs = None
     os.environ[LAUNCHER_ENV] = str(os.getpid())  # (the workers inherit it)
     stopped = False
     try:
@@ -255,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
             _ranks_start_with_sigint_held(subprocess_handler.SubprocessHandler, argv),
             _rendezvous_shut_down_as_torchrun_ends(rendezvous_registry),
         ):
-            torchrun_main(argv)
+            _stops_raise_as_torchrun_will(SignalException)
+            logs = _log_folder_of_its_own(argv)
+            torchrun_main(argv if logs is None else [f"--log-dir={logs.name}", *argv])
     except ChildFailedError as e:
         if _cut_off_mid_line(e.failures):
             print(file=sys.stderr)
@@ -290,6 +291,22 @@ def main(argv: list[str] | None = None) -> int:
             # destructor joins them while Python still runs
             gc.collect()
     return 0
+
+
+def _stops_raise_as_torchrun_will(signal_exception: type) -> None:
+    """Until torchrun's agent takes them (as it starts the ranks, after its rendezvous), SIGTERM and
+    SIGHUP raise `signal_exception` as they will then (a Ctrl-C is a KeyboardInterrupt meanwhile): by
+    their default action they ended the launcher without a word (exit -15, not 143), and left its
+    folder of logs behind. Not where they are ignored (`nohup`), nor where a caller handles them."""
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, partial(_raise_signal_exception, signal_exception))
+
+
+def _raise_signal_exception(signal_exception: type, signum: int, frame) -> None:
+    sigval = signal.Signals(signum)
+    raise signal_exception(f"Process {os.getpid()} got signal: {sigval}", sigval=sigval)
 
 
 def _log_folder_of_its_own(argv: list[str]):
