@@ -28,6 +28,8 @@ WHEP_ANSWER = Bound(10_000, "connectWebRTC")  # webrtc.js: WHEP_ANSWER_MS (its 5
 SESSION_CHECK = Bound(5_000, "checkSessionAlive")  # webrtc.js: SESSION_CHECK_MS
 CONNECTION_LOST = Bound(5_000, "onconnectionstatechange")  # webrtc.js: a disconnected peer's 5 s to come back
 
+BOUND_SET_MS = 10_000  # run_for's wait for the page to have set a bound's timer (it has, in the tests, when they run it)
+
 # (%s: the bounds, [[ms, function], ...])
 BOUND_CLOCK = """
 (() => {
@@ -77,9 +79,18 @@ class BoundClock:
 
     def __init__(self, page, *bounds: Bound):
         self.page = page
+        self.bounds = [f"{bound.set_in} {bound.ms} ms" for bound in bounds]
         page.add_init_script(BOUND_CLOCK % json.dumps([[bound.ms, bound.set_in] for bound in bounds]))
 
     def run_for(self, milliseconds: int) -> None:
+        """Moves the bounds' timers on; first waits (bounded) for one to have been set: a bound the
+        page no longer sets as named (its function renamed) fails here, where the test would
+        otherwise wait its real time out and pass."""
+        try:
+            self.wait_for_bound(timeout=BOUND_SET_MS)
+        except Exception as e:
+            raise AssertionError(f"no timer of the bounds {self.bounds} was set in {BOUND_SET_MS / 1000:.0f} s: "
+                                 f"does web/*.js still set them so? ({type(e).__name__})") from None  # fmt: skip
         self.page.evaluate(f"window.boundClock.runFor({int(milliseconds)})")
 
     def wait_for_bound(self, timeout: float = 30_000) -> None:
