@@ -5,6 +5,7 @@ one line, and no unfinished output left."""
 import contextlib
 import errno
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,13 +306,28 @@ def test_ctrl_c_while_the_audio_fifo_has_no_writer_is_an_interrupt(tmp_path):
     with subprocess.Popen(argv, stderr=subprocess.PIPE, text=True,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as p:  # fmt: skip
         try:
-            wchan = f"/proc/{p.pid}/wchan"
-            for _ in range(600):  # until it waits in the FIFO's open (Linux: wait_for_partner)
-                if p.poll() is not None or "partner" in open(wchan).read():
-                    break
+            # the Ctrl-C only once it waits in the FIFO's open (Linux: wait_for_partner, in whichever
+            # thread opens it): sent after a fixed time, it came before the open on a loaded machine
+            # (its start took longer) and the test passed without reaching its case; a start that never
+            # gets there fails the test
+            deadline = time.monotonic() + 300
+            while not any("wait_for_partner" in waits for waits in _what_its_threads_wait_in(p.pid)):
+                assert p.poll() is None, f"generate ended before it opened the FIFO: {p.communicate()[1]}"
+                assert time.monotonic() < deadline, "generate did not wait in the FIFO's open in 300 s"
                 time.sleep(0.05)
             p.send_signal(signal.SIGINT)
             err = p.communicate(timeout=60)[1]
         finally:
             p.kill()
     assert (p.returncode, err) == (130, "interrupted\n")
+
+
+def _what_its_threads_wait_in(pid: int) -> list[str]:
+    """The kernel function each thread of process `pid` sleeps in (/proc/PID/task/*/wchan; "0"
+    for a thread that runs), those of threads that ended meanwhile left out."""
+    waits = []
+    with contextlib.suppress(FileNotFoundError):  # (the process ended: it is reaped by poll())
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                waits.append(Path(f"/proc/{pid}/task/{task}/wchan").read_text())
+    return waits
