@@ -119,16 +119,18 @@ def wait_until_live_server_ready(url: str, app, thread: threading.Thread, verify
         time.sleep(0.05)
 
 
-def serve_on_a_free_port(log_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
+def serve_on_a_free_port(log_path: Path, *args: str, new_session: bool = False) -> tuple[subprocess.Popen, str]:
     """`streamgen serve --port 0 ARGS` in a process of its own, its output in `log_path`; returns
     it and its base URL, read from uvicorn's "running on" line once it listens (the model's load
     and warm-up go on after: wait for /readyz). A port chosen before (free_port) and let go until
-    serve listened could be taken meanwhile by another test process on a loaded machine."""
+    serve listened could be taken meanwhile by another test process on a loaded machine. With
+    `new_session`, the process leads a process group of its own (one signal reaches an --sp run's
+    launcher and ranks: os.killpg). Its "running on" line needs --log-level info or lower."""
     import re
 
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "streamgen.cli", "serve", "--port", "0", *args],
-                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session)  # fmt: skip
     # (its imports and the app's start-up: seconds, a minute or more on a loaded machine; the
     # wait follows the process, under an outer bound)
     deadline = time.monotonic() + LIVE_SERVER_READY_LIMIT_S
@@ -146,6 +148,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def a_held_rendezvous_store():
+    """For the block, the port of a gloo group's rendezvous store (torch's TCPStore) that this test
+    process serves, as torchrun's agent serves its ranks' (at_the_held_store). Not a port chosen
+    and let go (free_port) for rank 0 to bind: another test process (-n 2) could take it meanwhile,
+    and the group failed to form (EADDRINUSE), or met at another group's store."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    try:
+        yield store.port
+    finally:
+        del store  # (its server's socket closes with it)
+
+
+def at_the_held_store(port: int) -> dict[str, str]:
+    """A spawned rank's environment variables for the env:// rendezvous (the one a torchrun worker's
+    init_process_group joins) at a_held_rendezvous_store's `port`: torchrun's agent store
+    (TORCHELASTIC_USE_AGENT_STORE), which every rank joins as a client."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.server_helpers import free_port
+from tests.server_helpers import a_held_rendezvous_store, at_the_held_store, serve_on_a_free_port
 from tests.spawn_helpers import gloo_threads, spawn
 
 SEED, CHUNKS = 7, 3
@@ -33,7 +33,7 @@ def inputs():
 
 
 def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(**at_the_held_store(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     from server.model_host import RemoteStream
     from server.sp_host import SequenceParallelHost, follow
@@ -93,7 +93,8 @@ def test_followers_replay_the_stream_of_rank_0(tmp_path):
     alone.push_audio(speech)
     expected = np.concatenate([alone.next_chunk()[0] for _ in range(CHUNKS)])
 
-    spawn(_worker, (2, free_port(), str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
+    with a_held_rendezvous_store() as port:  # (SequenceParallelHost joins the group as under torchrun)
+        spawn(_worker, (2, port, str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
     got = np.load(tmp_path / "frames.npy")
     assert got.shape == expected.shape
     diff = np.abs(got.astype(int) - expected.astype(int))
@@ -127,7 +128,7 @@ def test_a_model_no_rank_can_load_is_one_line(tmp_path):
     torchrun_vars = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE", "RANK")
     env = {**{k: v for k, v in os.environ.items() if k not in torchrun_vars}, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "streamgen", "serve", "--sp", "2", "--model", str(folder), "--port", str(free_port()),
+        [sys.executable, "-m", "streamgen", "serve", "--sp", "2", "--model", str(folder), "--port", "0",
          "--log-level", "warning"],
         env=env, capture_output=True, text=True, timeout=140,
     )  # fmt: skip
@@ -144,8 +145,6 @@ async def test_serve_with_sp_streams_and_shuts_down(tmp_path):
     """`streamgen serve --sp 2` under torchrun: ready, a WebSocket session streams, SIGINT ends all ranks."""
     import asyncio
     import signal
-    import subprocess
-    import sys
     import time
 
     import httpx
@@ -153,14 +152,9 @@ async def test_serve_with_sp_streams_and_shuts_down(tmp_path):
 
     from tests.test_server_load import HEADER, create, first_frame, ws_url
 
-    port = free_port()
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamgen.cli", "serve", "--sp", "2", "--model", "debug", "--port", str(port),
-         "--threads", "1", "--admit-max", "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    # (--port 0: a port chosen and let go before rank 0 bound it could be taken by another test process)
+    proc, url = serve_on_a_free_port(tmp_path / "serve.log", "--sp", "2", "--model", "debug", "--threads", "1",
+                                     "--admit-max", "--log-level", "info", new_session=True)  # fmt: skip
     try:
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
             deadline = time.monotonic() + 180
@@ -187,7 +181,6 @@ async def test_serve_with_sp_streams_and_shuts_down(tmp_path):
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-            log.close()
     text = (tmp_path / "serve.log").read_text()
     assert rc == 130 and "stopped by SIGINT" in text and "Traceback" not in text, text[-3000:]
     # the follower got the signal too and ended at once: the session's close at the shutdown then
@@ -472,7 +465,7 @@ def _hung_follower_worker(rank, world, port, out_dir):
     0 has stopped its host; rank 0 finds it hung (the model timeout), then stops the host."""
     import time
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(**at_the_held_store(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     from server.model_host import HostDown, ModelOps, RemoteStream
     from server.sp_host import SequenceParallelHost, follow
@@ -520,7 +513,8 @@ def test_the_hosts_stop_returns_while_a_follower_hangs(tmp_path):
     the process group, which on gloo does not wait for the other ranks: the stop returns, the
     group's threads gone, while the follower still hangs; the follower ends once it wakes (its
     connection closed). Rank 0 found it hung first, by the model timeout."""
-    spawn(_hung_follower_worker, (2, free_port(), str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
+    with a_held_rendezvous_store() as port:
+        spawn(_hung_follower_worker, (2, port, str(tmp_path)), nprocs=2, preload=RANK_IMPORTS)
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     assert rank0["raised"] and "rank 1 gave no answer to 'ping' in 1 s (stuck)" in rank0["raised"], rank0
     assert rank0["down"] == rank0["raised"], rank0  # (a failure before the stop stays the reason)
