@@ -5,7 +5,8 @@
     python examples/ws_client.py --say "Hello there" --seconds 4
 
 Creates a session, sends 16 kHz PCM16 audio in real time (or asks the server to
-speak), and saves the JPEG frames it gets back with their presentation times.
+speak), and saves the JPEG frames it gets back with their presentation times, up to
+--seconds of video (a server slower than real time is read for longer).
 A server that is still loading or full (503), for the session or its stream, is asked again for up to
 --wait seconds.
 """
@@ -34,6 +35,9 @@ TAIL_S = 2.0
 CLOSE_S = 3.0
 # how long past --seconds the answer to --say is waited for (its synthesis on a busy server)
 SPEAK_ANSWER_S = 15.0
+# how long a stream that brings nothing is waited on, past --seconds, for the rest of --seconds' video:
+# a server slower than real time (a loaded machine) sends its chunks late and seconds apart
+QUIET_S = 10.0
 FRAME_NAMES = "[0-9]*_[0-9]*ms.jpg"  # the frames saved: sequence_pts
 # a ping this often: a run that sends no audio (--say, or neither) is a watch-only socket, which
 # the server closes after its --idle-timeout without a message (4408: 60 s by default)
@@ -244,7 +248,7 @@ async def open_stream(url: str, wait_s: float):
 
 
 async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Received) -> None:
-    """Save the frames and count the audio-out bytes received in `args.seconds` into `got`."""
+    """Save the frames of `args.seconds` of video, and count its audio-out bytes, into `got`."""
     try:  # (a session gone by then, a proxy that takes no WebSocket, a server gone: a traceback)
         ws = await open_stream(url, args.wait)
     except (OSError, TimeoutError, websockets.InvalidHandshake) as e:
@@ -262,13 +266,22 @@ async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Receive
             await ws.send(json.dumps({"type": "speak", "text": args.say}))
         sender = asyncio.create_task(send_audio(ws, pcm)) if pcm is not None else None
         pinger = asyncio.create_task(keep_alive(ws))
-        deadline = time.monotonic() + args.seconds
+        # --seconds of video, by the frames' times: read for --seconds of the client's clock, a server
+        # slower than real time had sent part of it by then, and the run saved that part
+        deadline = brought = time.monotonic()
+        deadline += args.seconds
+        end_us, frame_us = round(args.seconds * 1e6), 1e6 / got.fps
+        whole = False  # the video's frames up to --seconds are in
         # the answer to --say (its speech's duration, or why not) is waited for past --seconds: on a
         # busy server it came after a short run's end, which then said nothing of the speech
         answered = not args.say
         try:
-            while (left := deadline + (0 if answered else SPEAK_ANSWER_S) - time.monotonic()) > 0:
-                try:  # bounded: a stream that goes quiet does not hold the client past --seconds
+            while True:
+                ends = [] if whole else [max(deadline, brought + QUIET_S)]
+                ends += [] if answered else [deadline + SPEAK_ANSWER_S]
+                if (left := max(ends, default=0.0) - time.monotonic()) <= 0:
+                    break
+                try:  # bounded: a stream that goes quiet holds the client QUIET_S at most past --seconds
                     # (asyncio.wait_for, on Python 3.11, dropped a Ctrl-C that came as a message
                     # did: the client streamed on to --seconds' end)
                     async with asyncio.timeout(left):
@@ -284,10 +297,13 @@ async def stream(url: str, args, pcm: np.ndarray | None, out: Path, got: Receive
                         got.refused = str(answer.get("message"))
                     answered = answered or kind in ("speaking", "error")
                     continue
-                if time.monotonic() > deadline:  # (waiting for the answer: the frames asked for are saved)
-                    continue
+                brought = time.monotonic()  # (media: a server that stalls still answers pings)
                 kind, _, _, seq, pts_us = HEADER.unpack_from(message)
+                if pts_us >= end_us:  # (past --seconds: the frames asked for are saved)
+                    whole = whole or kind == VIDEO_JPEG
+                    continue
                 if kind == VIDEO_JPEG:
+                    whole = whole or pts_us + frame_us >= end_us  # (--seconds' last frame)
                     try:  # (a disk that fills up: a traceback, what was saved unsaid)
                         (out / f"{seq:06d}_{pts_us // 1000:08d}ms.jpg").write_bytes(message[HEADER.size :])
                     except OSError as e:
@@ -379,7 +395,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seconds",
         type=seconds,
-        help=f"how long to stream (default: the --wav file's length and {TAIL_S:g} s, else 5)",
+        help=f"seconds of video to save (default: the --wav file's length and {TAIL_S:g} s, else 5)",
     )
     p.add_argument("--wait", type=wait_seconds, default=30.0, help="seconds to keep asking a busy server (default 30)")
     p.add_argument("--out", default="frames", help="a folder without another run's frames (default: frames)")

@@ -66,6 +66,25 @@ def test_a_wav_is_streamed_whole_with_its_last_frames(server, tmp_path):
     assert saved_frames(out)[-1][1] >= 6000 - 40, r.stdout  # a frame of the file's last 40 ms
 
 
+def test_seconds_of_video_are_saved_from_a_server_slower_than_real_time(server, tmp_path, monkeypatch):
+    """The client read for --seconds of its own clock: a server whose chunks came slower than they
+    play (a loaded machine's) had sent part of the video by then, and the run saved that part (3.2 s
+    of a 6 s WAV's run under load). Its chunks are slowed here, each taking 0.6 s more than its 0.32 s."""
+    import time
+
+    from server.session import Session
+
+    generate = Session.generate
+    monkeypatch.setattr(Session, "generate", lambda self, *a: time.sleep(0.6) or generate(self, *a))
+    url, app = server
+    out = tmp_path / "frames"
+    r = ws_client_here("--server", url, "--seconds", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    times = [ms for _, ms in saved_frames(out)]
+    assert times[-1] == 2000 - 40 and f"{len(times)} frames" in r.stdout, r.stdout  # --seconds' last frame, no later
+    assert app.state.registry.sessions == {}
+
+
 @pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf", "soon"])
 def test_seconds_that_would_save_nothing_are_refused(server, tmp_path, seconds):
     """0, a negative and nan made a session, saved no frame and exited 0."""
