@@ -6,10 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
 import torch
+from rendezvous import a_held_rendezvous_store, at_the_held_store
 from test_distill_helpers import checkpoint_tensors, final_tensors, max_difference
 
 from streamgen.checkpoint import list_checkpoints
@@ -60,27 +60,6 @@ def launch(root, name: str, procs: int, fsdp: bool = False, extra=()):
     assert "returned a view tensor" not in done.stderr, done.stderr[-3000:]
     assert done.stdout.count("teacher: finished") == 1  # (rank 0's: every rank's ran together)
     return final_tensors(root / name)
-
-
-@contextmanager
-def a_held_rendezvous_store():
-    """For the block, the port of a rendezvous store (torch's TCPStore) that this test process
-    serves, as torchrun's agent serves its ranks' (at_the_held_store). Not a port chosen and let go
-    (free_port) for rank 0 to bind: another test process (-n 2) could take it meanwhile, and the
-    group failed to form (EADDRINUSE), or met at another group's store."""
-    import torch.distributed as dist
-
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    try:
-        yield store.port
-    finally:
-        del store  # (its server's socket closes with it)
-
-
-def at_the_held_store(port: int) -> dict[str, str]:
-    """A rank's environment variables for the env:// rendezvous at a_held_rendezvous_store's `port`:
-    torchrun's agent store (TORCHELASTIC_USE_AGENT_STORE), which every rank joins as a client."""
-    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
 
 
 def _command_on_two_ranks(rank: int, port: int, argv: list[str]) -> None:

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.server_helpers import a_held_rendezvous_store, at_the_held_store, serve_on_a_free_port
+from tests.rendezvous import a_held_rendezvous_store, at_the_held_store
+from tests.server_helpers import serve_on_a_free_port
 from tests.spawn_helpers import gloo_threads, spawn
 
 SEED, CHUNKS = 7, 3
