@@ -113,13 +113,14 @@ def test_the_launcher_line_starts_on_a_line_of_its_own(codes, cut_off, monkeypat
     assert err.startswith("\nstreamgen: rank ") == cut_off and err.lstrip("\n").startswith("streamgen: rank "), err
 
 
-def _leave_when_the_peer_is_gone(rank, port, result_dir):
+def _leave_when_the_peer_is_gone(rank, rendezvous, result_dir):
     import torch.distributed as dist
 
     from streamgen.parallel.launch import leave_process_group
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    join_process_group("gloo", rank=rank, world_size=2)
+    # (they meet at a file, new for each spawn: a port chosen and let go before rank 0's store
+    # bound it could be taken by another test process (-n 2), and the group failed to form)
+    join_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     joined = os.path.join(result_dir, "rank0-joined")
     if rank == 1:
         # Rank 1's part of the join can end while rank 0 still finishes its own (a CI run's rank 0
@@ -138,14 +139,9 @@ def _leave_when_the_peer_is_gone(rank, port, result_dir):
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
 def test_leaving_after_a_peer_has_gone_is_one_line(tmp_path, capfd):
-    import socket
-
     from spawn_helpers import spawn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    spawn(_leave_when_the_peer_is_gone, (port, str(tmp_path)), nprocs=2)
+    spawn(_leave_when_the_peer_is_gone, (str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2)
     assert (tmp_path / "rank0").read_text() == "False"  # the group was destroyed
     err = capfd.readouterr().err
     assert "rank 0: a peer left before the end" in err and "Traceback" not in err, err
@@ -331,14 +327,13 @@ def test_a_rank_ends_when_its_launcher_is_killed():
 
 
 _THREADS_AFTER_DESTROY = """
-import gc, socket, sys
+import gc, sys
 import torch, torch.distributed as dist
 from spawn_helpers import gloo_threads
 from streamgen.parallel.launch import join_process_group
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-join_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+# (a store in memory: a port chosen and let go for a tcp:// rendezvous could be taken by another
+# test process (-n 2) before the group's store bound it)
+join_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 dist.all_reduce(torch.ones(2))
 import torch._dynamo  # after the group: as torch.compile or diffusers import it
 dist.destroy_process_group()
