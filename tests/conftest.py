@@ -110,15 +110,25 @@ def served():
 SESSIONS_GONE_S = 10.0  # (a page's hang-up or close ends its session within a second)
 
 
-@pytest.fixture
-def two_threads():
-    """Two intra-op threads for the test (whatever this machine's default), restored after it."""
+def _torch_threads(count: int):
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(count)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads for the test (whatever this machine's default), restored after it."""
+    yield from _torch_threads(2)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored after it."""
+    yield from _torch_threads(1)
 
 
 @pytest.fixture

@@ -173,14 +173,6 @@ def test_a_bfloat16_dit_goes_parallel_at_its_own_threshold(model, monkeypatch):
 BENCH_SIZES = dict(steps=2, chunks=2, context=4, teacher_frames=2, decode_dtype=torch.float32, cpu_threads="all")
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_bench_engine_times_a_bfloat16_dit_against_float32(model, monkeypatch):
     import bench.engine as engine

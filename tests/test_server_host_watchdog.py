@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from test_server_model_process import create_in_a_thread
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -86,9 +87,7 @@ def test_a_send_to_a_model_process_whose_pipe_another_process_holds_ends_at_the_
     (one the model process started, which inherited it), the kill closed nothing, and the send waited
     on for good, in a thread left behind. The host's end is shut for writing as the process is
     killed, which ends the send at once."""
-    import numpy as np
 
-    from server.model_host import HostDown
 
     ours, theirs = multiprocessing.Pipe()  # `theirs` is never read, and stays open past the kill
 
@@ -104,17 +103,7 @@ def test_a_send_to_a_model_process_whose_pipe_another_process_holds_ends_at_the_
     host = host_on_pipe(ours, KilledButItsPipeHeld())
     host.answer_timeout = 0.5
     before = set(threading.enumerate())
-    raised = []
-
-    def create():
-        try:
-            host.call("create", "a stream", np.zeros((512, 512, 3), np.uint8), None, 0, 512, 512, 2)
-        except HostDown as e:
-            raised.append(str(e))
-
-    caller = threading.Thread(target=create, daemon=True)
-    caller.start()
-    caller.join(30)
+    caller, raised = create_in_a_thread(host)
     try:
         assert not caller.is_alive(), "the create's send still waits 30 s on a process that reads nothing"
         left = [t for t in set(threading.enumerate()) - before if t is not caller and t is not host._watchdog._thread]

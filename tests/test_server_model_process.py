@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import pytest
 from fastapi.testclient import TestClient
@@ -108,6 +109,29 @@ def test_a_stuck_model_process_is_down_as_stuck_while_it_is_killed():
     assert (str(raised.value), host.down, read_meanwhile) == (said, said, [said])
 
 
+
+def create_in_a_thread(host) -> tuple[threading.Thread, list[str]]:
+    """A 512x512 stream's create called on `host` in a thread of its own (a send that waits on a
+    process reading nothing must not hold the test), joined for up to 30 s; the HostDown words it
+    raised go in the list."""
+    import numpy as np
+
+    from server.model_host import HostDown
+
+    raised: list[str] = []
+
+    def create():
+        try:
+            host.call("create", "a stream", np.zeros((512, 512, 3), np.uint8), None, 0, 512, 512, 2)
+        except HostDown as e:
+            raised.append(str(e))
+
+    caller = threading.Thread(target=create, daemon=True)
+    caller.start()
+    caller.join(30)
+    return caller, raised
+
+
 def test_a_model_process_that_reads_no_more_is_stuck_while_an_operation_is_sent():
     """`--model-timeout` ran from the end of the operation's send: a create larger than the pipe
     holds (a 512x512 reference, ~786 KB) sent to a process that read no more (stuck in its
@@ -117,9 +141,7 @@ def test_a_model_process_that_reads_no_more_is_stuck_while_an_operation_is_sent(
     import multiprocessing
     import threading
 
-    import numpy as np
-
-    from server.model_host import HostDown, ModelHost
+    from server.model_host import ModelHost
     from server.watchdog import DeadlineWatchdog
 
     host = object.__new__(ModelHost)  # (no process spawned: its end of the pipe held, never read)
@@ -139,18 +161,7 @@ def test_a_model_process_that_reads_no_more_is_stuck_while_an_operation_is_sent(
             pass
 
     host.process = ReadingNothing()
-    reference = np.zeros((512, 512, 3), np.uint8)
-    raised = []
-
-    def create():
-        try:
-            host.call("create", "a stream", reference, None, 0, 512, 512, 2)
-        except HostDown as e:
-            raised.append(str(e))
-
-    caller = threading.Thread(target=create, daemon=True)
-    caller.start()
-    caller.join(30)
+    caller, raised = create_in_a_thread(host)
     try:
         assert not caller.is_alive(), "the create's send still waits on a process that reads nothing"
     finally:
