@@ -180,8 +180,10 @@ def _generate_then_its_threads(rank: int, port: int, root: str, fails: str | Non
 
         setattr(StreamSession, method, then_a_bug)
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
+    from rendezvous import at_the_held_store
+
+    os.environ.update(**at_the_held_store(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      OMP_NUM_THREADS="1")  # fmt: skip
     torch.set_num_threads(1)
     argv = ["generate", "--model", "debug", "--sp", "2", "--device", "cpu", "--quiet",
             "--audio", f"{root}/speech.wav", "--reference", f"{root}/face.png", "--out", f"{root}/a.mp4"]  # fmt: skip
@@ -207,14 +209,15 @@ def test_generate_on_two_ranks_leaves_no_thread_of_its_process_groups(tmp_path, 
     could then abort in its shutdown (one that failed as it started, its error said in a line, held
     it as long as the error lived). The error's finished frames let go of their locals."""
     from PIL import Image
-    from server_helpers import free_port, write_wav
+    from rendezvous import a_held_rendezvous_store
+    from server_helpers import write_wav
     from spawn_helpers import spawn
     from stream_helpers import face
 
     Image.fromarray(face()).save(tmp_path / "face.png")
     write_wav(tmp_path / "speech.wav", 0.3)
-    ranks_args = (free_port(), str(tmp_path))
-    spawn(_generate_then_its_threads, ranks_args + (fails,), nprocs=2, preload=("streamgen.cli", __name__))
+    with a_held_rendezvous_store() as port:  # (not a port let go: another test process could take it)
+        spawn(_generate_then_its_threads, (port, str(tmp_path), fails), nprocs=2, preload=("streamgen.cli", __name__))
     assert (tmp_path / "a.mp4").is_file() == (fails is None)
     for rank in (0, 1):
         code, threads = (tmp_path / f"rank{rank}.txt").read_text().split()
