@@ -82,16 +82,22 @@ from streamgen.stream import StreamSession
 QUICK_SIZE = (32, 48)
 
 
-def build_model(flavor, height, width, device, dtype, quick, backend, window_frames=21) -> AvatarModel:
+def build_model(
+    flavor, height, width, device, dtype, quick, backend, window_frames: int | None = None
+) -> AvatarModel:
+    """`window_frames`: the ring's latent frames (default: 21, Wan's; `quick`, 6: two chunks)."""
     from diffusers import AutoencoderKLWan
 
     from bench.wan_decoder import in_dtype
     from streamgen.model.wan_vae import WanVAE
 
     torch.manual_seed(0)
-    cfg = get_config(flavor, frames_per_chunk=3, window_frames=window_frames, attn_backend=backend)
     if quick:
-        cfg = get_config("debug", frames_per_chunk=3, window_frames=6, attn_backend=backend, in_channels=4)
+        window = 6 if window_frames is None else window_frames
+        cfg = get_config("debug", frames_per_chunk=3, window_frames=window, attn_backend=backend, in_channels=4)
+    else:
+        window = 21 if window_frames is None else window_frames
+        cfg = get_config(flavor, frames_per_chunk=3, window_frames=window, attn_backend=backend)
     if torch.device(device).type == "cpu":  # (wan2.1-14b's, 56 GB in float32, was the kernel's to kill)
         from streamgen.models import check_memory_for
 

@@ -619,8 +619,12 @@ def check_a_stream_through_the_kernels_is_counted_as_through_the_references(ops,
     from streamgen.stream import StreamSession
 
     calls = count_kernel_calls(ops, attn, monkeypatch)
-    # 16x32: 2 tokens a latent frame, the smallest size with a few (the interpreter is slow)
-    model = gpu.build_model("wan2.1-1.3b", 16, 32, "cpu", torch.float32, quick=True, backend="sdpa")
+    # 16x32: 2 tokens a latent frame, the smallest size with a few (the interpreter is slow); a ring
+    # of one chunk (--quick's holds two): the clip's chunk fills it, and the steady chunk attends
+    # to the sink and the full ring, then overwrites it, as at any window, a chunk fewer each run
+    model = gpu.build_model(
+        "wan2.1-1.3b", 16, 32, "cpu", torch.float32, quick=True, backend="sdpa", window_frames=3
+    )
     context = torch.zeros(1, 8, model.cfg.text_dim)
 
     def work(through_kernels: bool):
