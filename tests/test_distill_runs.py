@@ -73,20 +73,28 @@ def test_the_loss_curves_of_a_single_logged_step_show_it(tmp_path):
     assert (np.abs(pixels - line).sum(-1) < 60).sum() >= 9
 
 
-def test_a_fresh_start_over_a_run_killed_before_its_first_checkpoint_shows_its_own_steps(tmp_path):
+def test_a_fresh_start_over_a_run_killed_before_its_first_checkpoint_shows_its_own_steps(tmp_path, monkeypatch):
     """TensorBoard kept the killed run's steps beside the new run's (scalars.jsonl was cut)."""
     import time
+    from types import SimpleNamespace
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.summary.writer import event_file_writer
 
     from distill.monitor import Monitor
 
-    for loss in (1.0, 2.0):  # the killed run, then the fresh start
+    # Event files are read in name order, and their names begin with the second the writer was made
+    # in: the killed run's writer is given a clock 2 s behind, as a run killed a while before the
+    # fresh start had (the test slept 1.1 s after each run for that).
+    for loss, behind_s in ((1.0, 2.0), (2.0, 0.0)):  # the killed run, then the fresh start
+        clock = SimpleNamespace(time=lambda behind_s=behind_s: time.time() - behind_s)
+        monkeypatch.setattr(event_file_writer, "time", clock)
         monitor = Monitor(tmp_path, 10, 0, enabled=True, progress=False, desc="teacher")
         for step in range(3 if loss == 1.0 else 2):
             monitor.log(step, {"loss_teacher": loss})
         monitor.close()
-        time.sleep(1.1)  # (event files are read in name order: their names begin with the second)
+    names = sorted(path.name for path in (tmp_path / "tensorboard").iterdir())
+    assert len(names) == 2 and names[0].split(".")[3] < names[1].split(".")[3]  # (the seconds differ)
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss_teacher")] == [(0, 2.0), (1, 2.0)]
