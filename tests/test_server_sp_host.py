@@ -46,6 +46,16 @@ def lockstep(rank0: ScriptedOps, *followers: ScriptedOps):
     return SequenceParallelHost(rank0, conns), threads, codes
 
 
+@pytest.fixture
+def no_stop_comes(monkeypatch):
+    """A follower found gone waits STOP_SIGNAL_WAIT (2 s) for the server's stop before it is a failure:
+    where no stop comes, that wait runs out all the same, at once here (the same `stopping.wait` timing
+    out, the same failure after it), not after 2 s of each test's time."""
+    from server import sp_host
+
+    monkeypatch.setattr(sp_host, "STOP_SIGNAL_WAIT", 0.01)
+
+
 def test_a_client_error_on_every_rank_keeps_them_in_step():
     from server.model_host import HostDown
 
@@ -64,7 +74,7 @@ def test_a_client_error_on_every_rank_keeps_them_in_step():
         host.call("chunk", "id", None)
 
 
-def test_a_failure_on_one_follower_takes_the_host_down():
+def test_a_failure_on_one_follower_takes_the_host_down(no_stop_comes):
     from server.model_host import HostDown
 
     follower = ScriptedOps({"chunk": RuntimeError("CUDA out of memory")})
@@ -111,7 +121,7 @@ def test_a_failure_on_rank_0_takes_the_host_down_without_waiting_for_the_followe
     assert failed and host.down
 
 
-def test_a_follower_that_vanished_mid_forward_is_said_so_not_in_gloo_s_words():
+def test_a_follower_that_vanished_mid_forward_is_said_so_not_in_gloo_s_words(no_stop_comes):
     """A follower killed in a chunk: rank 0's collective fails with gloo's error, which /healthz and
     the sessions' close reasons gave as rank 0's own failure ('Connection reset by peer ... GLHF!')."""
     from server.model_host import HostDown
@@ -147,7 +157,7 @@ def test_a_follower_whose_collective_failed_as_another_rank_ended_says_so_in_one
     assert capsys.readouterr().err == "streamgen serve: rank 1 stopped: another rank failed (see its error above)\n"
 
 
-def test_a_follower_that_vanished_takes_the_host_down():
+def test_a_follower_that_vanished_takes_the_host_down(no_stop_comes):
     from multiprocessing import Pipe
 
     from server.model_host import HostDown
