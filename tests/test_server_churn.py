@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def shared_server():
-    """One live server for the tests that use it as `serve` starts it: each started its own, a
+    """One live server for the file's tests, as `serve` starts it: each started its own, a
     second or two of a loaded 2-core machine apiece (its app, its warm-up), for what it checks in
     one session or a few. They leave it as they found it: what they patch on its registry is
     monkeypatched (undone at their end), what they count is counted from where it stood."""
@@ -149,22 +149,24 @@ async def test_a_whep_player_that_leaves_before_its_answer_frees_its_session(ser
     assert sessions == {}
 
 
-async def test_a_socket_that_pings_without_starting_is_closed_at_the_idle_limit():
+async def test_a_socket_that_pings_without_starting_is_closed_at_the_idle_limit(server, monkeypatch):
     """Pings before `start` each counted as input: a socket held its session and its place up to
     --max-duration (an hour), streaming nothing."""
-    with live_server(idle_timeout_s=1.0) as (url, app):
-        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-            s = (await http.post("/v1/sessions", json={})).json()
-        ws_url = url.replace("http", "ws") + f"{s['stream']}?token={s['token']}"
-        async with websockets.connect(ws_url) as ws:
-            with pytest.raises(websockets.ConnectionClosed) as closed:
-                for i in range(40):  # bounded: 8 s of pings
-                    await ws.send(json.dumps({"type": "ping", "id": i}))
-                    await asyncio.sleep(0.2)
-        assert closed.value.rcvd is not None
-        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4408, "idle: no start for 1 s")
-        await sessions_gone(app)
-        assert app.state.registry.sessions == {}
+    url, app = server
+    # (read by each check of the limits, and by a socket as its receive loop starts)
+    monkeypatch.setattr(app.state.registry.config, "idle_timeout_s", 1.0)
+    async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+        s = (await http.post("/v1/sessions", json={})).json()
+    ws_url = url.replace("http", "ws") + f"{s['stream']}?token={s['token']}"
+    async with websockets.connect(ws_url) as ws:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            for i in range(40):  # bounded: 8 s of pings
+                await ws.send(json.dumps({"type": "ping", "id": i}))
+                await asyncio.sleep(0.2)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4408, "idle: no start for 1 s")
+    await sessions_gone(app)
+    assert app.state.registry.sessions == {}
 
 
 def _closed_reasons(metrics: str) -> dict[str, float]:
