@@ -152,7 +152,12 @@ def test_a_run_that_sends_no_audio_is_not_closed_as_idle(server, tmp_path, monke
     the watch-only socket at its --idle-timeout (4408), a --say run of more than 60 s by default."""
     url, app = server
     monkeypatch.setattr(app.state.registry.config, "idle_timeout_s", 1.5)
-    r = ws_client_here("--server", url, "--say", "hi", "--seconds", "4", "--out", str(tmp_path))
+    # pings 6 to an idle limit, as the client's 1 s are to the server's 60 s: at 1 s against 1.5 s, a
+    # ping that a loaded machine's client (its loop in this process, beside the server's) sent half
+    # a second late found the session closed
+    client = load_ws_client()
+    client.KEEPALIVE_S = 0.25
+    r = ws_client_here("--server", url, "--say", "hi", "--seconds", "4", "--out", str(tmp_path), client=client)
     assert r.returncode == 0, r.stderr
     assert saved_frames(tmp_path)[-1][1] >= 3000 and '"pong"' not in r.stdout, r.stdout
     assert app.state.registry.sessions == {}
