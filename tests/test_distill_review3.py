@@ -265,7 +265,7 @@ def test_a_resume_whose_critic_init_is_gone_goes_on_from_the_checkpoints_critic(
     critic = tmp_path / "critic"
     shutil.copytree(pipeline["teacher"], critic)
     run(_whole(pipeline, tmp_path, critic))
-    run(_whole(pipeline, tmp_path, critic, out="cut"), stop_after=2)
+    run(_whole(pipeline, tmp_path, critic, out="cut"), stop_after=1)
     shutil.rmtree(critic)
     capsys.readouterr()
     run(_whole(pipeline, tmp_path, critic, out="cut"), resume=True)
@@ -281,4 +281,7 @@ def _whole(pipeline, tmp_path, critic, out="whole"):
 
     cfg = debug_config("self_forcing", tmp_path / out, teacher=pipeline["teacher"], init=pipeline["student"])
     cfg.options.critic_init = str(critic)
+    # 2 steps, a checkpoint after each, cut after the first: the resume's one step takes the
+    # checkpoint's critic as 2 of the debug config's 4 did (the test's 8 steps of rollouts were 4)
+    cfg.run.steps, cfg.run.checkpoint_every = 2, 1
     return cfg
