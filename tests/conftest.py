@@ -142,6 +142,16 @@ def limited_server(request):
         yield int(url.rsplit(":", 1)[1])
 
 
+@pytest.fixture(scope="session")
+def teachers_of_two_banks(tmp_path_factory):
+    """tests/distill_two_banks.py's world, the banks of two autoencoders and a teacher of each (only
+    read): test_distill_data's and test_distill_review3's, which made the same ones each, made once
+    where both files run in one test process."""
+    from distill_two_banks import make_teachers_of_two_banks
+
+    return make_teachers_of_two_banks(tmp_path_factory.mktemp("two-banks"))
+
+
 # `./run test` hands whole files to its two workers (--dist loadfile) in the order of the items,
 # with xdist's own reordering (by number of tests) off: the files recorded as longest go first, so
 # that no long file is started last while the other worker has nothing left. The seconds are a

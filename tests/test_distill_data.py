@@ -445,34 +445,27 @@ def test_a_frame_size_other_than_the_datasets_is_one_line_before_any_work(world,
 
 
 @pytest.mark.parametrize("stage", ["ode", "self_forcing"])
-def test_a_teacher_trained_on_another_autoencoders_latents_is_refused(world, autoencoder, tmp_path, stage):
+def test_a_teacher_trained_on_another_autoencoders_latents_is_refused(teachers_of_two_banks, tmp_path, stage):
     """The stage's own autoencoder was checked against the bank's; its teacher's was not: a teacher
     trained on another autoencoder's latents scored (or sampled the trajectories of) this bank's,
     of another latent space, without a word. The teacher of these latents goes on, and so does
     another given on purpose."""
     import shutil
 
-    from distill.config import ConfigError
-    from distill.latents import build_latents
-    from streamgen.model.vae import TinyCausalVAE
+    from distill_two_banks import EDITS
 
-    root = tmp_path / "world"
-    shutil.copytree(world, root)
-    torch.manual_seed(1)
-    other = tmp_path / "other-autoencoder"
-    TinyCausalVAE(4, (8, 16), 4).save(other)
-    build_latents(latents_config(root, autoencoder, "dbg", ["train"]))
-    build_latents(latents_config(root, other, "other", ["train"]))
-    edits = {"data.batch_size": 2, "run.steps": 1}
-    for latents, vae in (("dbg", autoencoder), ("other", other)):  # a teacher of each bank
-        run(world_config("teacher", tmp_path / f"teacher-{latents}", root,
-                         **{**edits, "data.latents": latents, "model.vae": str(vae)}))  # fmt: skip
+    from distill.config import ConfigError
+
+    # (the world, both banks and both teachers: tests/distill_two_banks.py's, made once and only read)
+    teachers, root = teachers_of_two_banks, teachers_of_two_banks / "world"
+    autoencoder = teachers / "autoencoder-dbg"
 
     def config(teacher: str, **more):
         cfg = world_config(stage, tmp_path / "run", root,
-                           **{**edits, "data.latents": "dbg", "model.vae": str(autoencoder), **more})  # fmt: skip
-        cfg.options.teacher = str(tmp_path / f"teacher-{teacher}" / "model")
-        cfg.model.init = str(tmp_path / "teacher-dbg" / "model")
+                           **{**EDITS, "data.latents": "dbg", "model.vae": str(autoencoder),
+                              **more})  # fmt: skip
+        cfg.options.teacher = str(teachers / f"teacher-{teacher}" / "model")
+        cfg.model.init = str(teachers / "teacher-dbg" / "model")
         if stage == "self_forcing":
             cfg.options.rollout_frames = 0  # (the clips' 6 latent frames)
         return cfg
@@ -480,7 +473,7 @@ def test_a_teacher_trained_on_another_autoencoders_latents_is_refused(world, aut
     key = f"{stage}.teacher"
     with pytest.raises(
         ConfigError,
-        match=rf"^the teacher {re.escape(str(tmp_path / 'teacher-other' / 'model'))} \({key}\) was trained on the "
+        match=rf"^the teacher {re.escape(str(teachers / 'teacher-other' / 'model'))} \({key}\) was trained on the "
         rf"latents of another autoencoder than the one that encoded the latents 'dbg' in .* "
         rf"\({re.escape(str(autoencoder))}\): .*--set data\.accept_remade=true",
     ):

@@ -5,7 +5,6 @@ name, numbers that YAML read as text."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from distill.rng import SampleRandom
 
@@ -203,44 +202,24 @@ def test_a_whole_number_read_as_text_is_said_how_to_write_it(tmp_path, written, 
 
 
 @pytest.mark.slow
-def test_a_critic_trained_on_another_autoencoders_latents_is_refused(tmp_path):
+def test_a_critic_trained_on_another_autoencoders_latents_is_refused(teachers_of_two_banks, tmp_path):
     """The teacher was checked against the autoencoder that encoded the bank; critic_init was not:
     the fake score started from a model of another latent space than the bank's and the teacher's."""
     import re
 
+    from distill_two_banks import EDITS, world_config
     from test_distill_helpers import run
 
-    from distill.config import ConfigError, find_config, load_config
-    from distill.latents import build_latents
-    from streamgen.data.shards import make_dataset
-    from streamgen.model.vae import TinyCausalVAE
+    from distill.config import ConfigError
 
-    root = tmp_path / "world"
-    make_dataset(root, 4, 0, 32, 32, 1.0, 4, 50, 1)  # 4 clips of 1 s at 32x32: one shard per split
-    autoencoders = {}
-    for seed, latents in enumerate(("dbg", "other")):
-        torch.manual_seed(seed)
-        autoencoders[latents] = tmp_path / f"autoencoder-{latents}"
-        TinyCausalVAE(4, (8, 16), 4).save(autoencoders[latents])
-        cfg = load_config(find_config("tiny-avatar", "latents"), "latents")
-        cfg.data.root, cfg.data.latents, cfg.model.flavor = str(root), latents, "debug"
-        cfg.model.vae, cfg.run.threads, cfg.options.splits = str(autoencoders[latents]), 0, ["train"]
-        build_latents(cfg)
-
-    def config(stage, out, latents, **edits):
-        from test_distill_helpers import debug_config
-
-        return debug_config(stage, out, **{"data.source": "world", "data.root": str(root), "model.height": 32,
-                                           "model.width": 32, "data.batch_size": 2, "run.steps": 1,
-                                           "data.latents": latents, "model.vae": str(autoencoders[latents]),
-                                           **edits})  # fmt: skip
-
-    for latents in autoencoders:  # a teacher of each bank
-        run(config("teacher", tmp_path / f"teacher-{latents}", latents))
-    teacher = tmp_path / "teacher-dbg" / "model"
-    cfg = config("self_forcing", tmp_path / "run", "dbg", **{"model.init": str(teacher)})
+    # (the world, the banks 'dbg' and 'other' and a teacher of each: tests/distill_two_banks.py's,
+    # made once, test_distill_data's too, and only read)
+    folder = teachers_of_two_banks
+    teacher = folder / "teacher-dbg" / "model"
+    cfg = world_config("self_forcing", tmp_path / "run", folder / "world", **{**EDITS, "data.latents": "dbg",
+                       "model.vae": str(folder / "autoencoder-dbg"), "model.init": str(teacher)})  # fmt: skip
     cfg.options.teacher, cfg.options.rollout_frames = str(teacher), 0
-    cfg.options.critic_init = str(tmp_path / "teacher-other" / "model")
+    cfg.options.critic_init = str(folder / "teacher-other" / "model")
     with pytest.raises(
         ConfigError,
         match=rf"^the teacher {re.escape(cfg.options.critic_init)} \(self_forcing\.critic_init\) was trained on the "
