@@ -136,31 +136,44 @@ async def test_connect_disconnect_cycles_do_not_leak():
         assert "streamgen_sessions_active 0.0" in metrics
 
 
-async def test_idle_limits():
-    with live_server(idle_timeout_s=1.0) as (url, app):
-        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-            never_attached = await create(http)
-            s = await create(http, 1)
-            async with websockets.connect(ws_url(url, s)) as ws:
-                await ws.send(json.dumps({"type": "start"}))
-                with pytest.raises(websockets.ConnectionClosed) as closed:
-                    for _ in range(500):  # read frames, send nothing: idle after 1 s
-                        await asyncio.wait_for(ws.recv(), 10)
-                assert closed.value.rcvd.code == 4408
-            await sessions_gone(app, never_attached["id"])
-            assert never_attached["id"] not in app.state.registry.sessions
+@pytest.fixture(scope="module")
+def limits_server():
+    """One live server for the limits' tests, each setting its own limit on the server's config for its
+    length (monkeypatched): each check of the limits reads it, and a socket reads the idle limit as its
+    receive loop starts. A server of their own each was one start and warm-up more."""
+    with live_server() as (url, app):
+        yield url, app
 
 
-async def test_max_duration():
-    with live_server(max_duration_s=1.0) as (url, _):
-        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-            s = await create(http)
-            async with websockets.connect(ws_url(url, s)) as ws:
-                await ws.send(json.dumps({"type": "start"}))
-                with pytest.raises(websockets.ConnectionClosed) as closed:
-                    for _ in range(500):
-                        await asyncio.wait_for(ws.recv(), 10)
-                assert closed.value.rcvd.code == 4410 and "max_duration" in closed.value.rcvd.reason
+async def test_idle_limits(limits_server, monkeypatch):
+    url, app = limits_server
+    monkeypatch.setattr(app.state.registry.config, "idle_timeout_s", 1.0)
+    async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+        never_attached = await create(http)
+        s = await create(http, 1)
+        async with websockets.connect(ws_url(url, s)) as ws:
+            await ws.send(json.dumps({"type": "start"}))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                for _ in range(500):  # read frames, send nothing: idle after 1 s
+                    await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd.code == 4408
+        await sessions_gone(app, never_attached["id"])
+        assert never_attached["id"] not in app.state.registry.sessions
+        await sessions_gone(app)  # (the streamed one too: the server goes on to the next test)
+
+
+async def test_max_duration(limits_server, monkeypatch):
+    url, app = limits_server
+    monkeypatch.setattr(app.state.registry.config, "max_duration_s", 1.0)
+    async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+        s = await create(http)
+        async with websockets.connect(ws_url(url, s)) as ws:
+            await ws.send(json.dumps({"type": "start"}))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                for _ in range(500):
+                    await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd.code == 4410 and "max_duration" in closed.value.rcvd.reason
+        await sessions_gone(app)  # (the server goes on to the next test)
 
 
 def lazy_socket(url: str, path: str):
