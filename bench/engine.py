@@ -188,8 +188,9 @@ REALTIME_FPS = 25.0
 
 
 def measure_size(
-    model, height, width, steps, chunks, context, teacher_frames, decode_dtype="auto", cpu_threads="auto"
-) -> dict:
+    model, height, width, steps, chunks, context, teacher_frames, decode_dtype="auto", cpu_threads="auto",
+    ratio_chunks=None,
+) -> dict:  # fmt: skip
     """Every per-size figure: the session end to end, cache_speedup and teacher_speedup (on the DiT
     the session runs); when the session's DiT runs in bfloat16, the session against the same with
     its DiT in float32 too, and likewise for the decoder and (a new avatar's first chunk) the
@@ -197,7 +198,7 @@ def measure_size(
     against the same with every stage on all threads."""
     latent_hw = model.vae.latent_hw(height, width)
     dit = session_dit(model, latent_hw)
-    few = max(5, chunks // 2)  # each arm of a ratio (as `run` times each --sweep size)
+    few = ratio_chunks or max(5, chunks // 2)  # each arm of a ratio (as `run` times each --sweep size)
     session = {"decode_dtype": decode_dtype, "cpu_threads": cpu_threads}
     out = {"height": height, "width": width, "dit_dtype": _name(next(dit.parameters()).dtype)}
     out.update(timed_chunks=chunks, ratio_chunks=few)  # (the JSON said neither)
@@ -411,6 +412,7 @@ def run(
     decode_dtype="auto",
     cpu_threads="auto",
     batch_sessions=3,
+    ratio_chunks=None,
 ) -> dict:
     if threads:
         torch.set_num_threads(threads)
@@ -442,16 +444,17 @@ def run(
     resolved = autoencoder_dtype(decode_dtype, model.vae, "cpu")
     result["decode_dtype"] = _name(resolved or next(model.vae.parameters()).dtype)
     per_size = {"decode_dtype": decode_dtype, "cpu_threads": cpu_threads}
-    main_size = measure_size(model, height, width, steps, chunks, context, teacher_frames, **per_size)
+    few = ratio_chunks or max(5, chunks // 2)  # each --sweep size, --compile and each ratio's arm
+    sizes = {**per_size, "ratio_chunks": ratio_chunks}
+    main_size = measure_size(model, height, width, steps, chunks, context, teacher_frames, **sizes)
     result.update({k: v for k, v in main_size.items() if k not in ("height", "width")})
     result.update(batch_throughput(model, height, width, steps, batch_sessions, **per_size))
     result["threads"] = torch.get_num_threads()
     if compile:
-        result["compile"] = compile_speedup(model, height, width, steps, max(5, chunks // 2), **per_size)
+        result["compile"] = compile_speedup(model, height, width, steps, few, **per_size)
     if sweep:
         result["resolution_sweep"] = [
-            measure_size(model, s, s, steps, max(5, chunks // 2), context, teacher_frames, **per_size)
-            for s in sweep
+            measure_size(model, s, s, steps, few, context, teacher_frames, **sizes) for s in sweep
         ]
         measured = [main_size, *result["resolution_sweep"]]
         realtime = [m for m in measured if m["fps"] >= REALTIME_FPS]
@@ -511,7 +514,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=positive_int, default=20,
                    help="chunks the session times at --height x --width (default: %(default)s); each --sweep size, "
                    "--compile and each arm of a ratio (float32 or all threads against the default, the last "
-                   "step's cache) time half as many, at least 5 (each size's timed_chunks, ratio_chunks)")  # fmt: skip
+                   "step's cache) time half as many, at least 5 (each size's timed_chunks, ratio_chunks), or "
+                   "--ratio-chunks")  # fmt: skip
+    p.add_argument("--ratio-chunks", type=positive_int, default=None,
+                   help="chunks each --sweep size, --compile and each arm of a ratio time (default: half of "
+                   "--chunks, at least 5)")  # fmt: skip
     p.add_argument(
         "--context",
         type=positive_int,
@@ -586,6 +593,7 @@ def main(args) -> dict:
         args.decode_dtype,
         args.cpu_threads,
         args.batch_sessions,
+        args.ratio_chunks,
     )
     if args.plot:
         plot_sizes(result, args.plot)

@@ -67,7 +67,10 @@ def test_the_json_names_the_precision_and_attention_the_environment_chose(monkey
     monkeypatch.setenv(models.FP8_ENV, "1")
     monkeypatch.setenv(models.ATTENTION_ENV, "fp8_qk")
     monkeypatch.setenv(models.DTYPE_ENV, "bfloat16")
-    r = engine.run("debug", 32, 32, steps=2, chunks=1, context=4, teacher_frames=2, batch_sessions=1)
+    # (ratio_chunks=1: each ratio's arms still run, a chunk each, not the floor's 5; none is read here)
+    r = engine.run(
+        "debug", 32, 32, steps=2, chunks=1, context=4, teacher_frames=2, batch_sessions=1, ratio_chunks=1
+    )
     assert r["dtype"] == "bfloat16" and r["dit_dtype"] == "bfloat16"
     assert r["attention"] == "fp8_qk" and r["fp8_linears"] > 0
     assert r["environment"][models.FP8_ENV] == "1" and r["cache_from"] in ("reencode", "last_step")
@@ -142,12 +145,23 @@ def test_the_chunks_each_size_and_ratio_times_are_said_in_help_and_json(monkeypa
     monkeypatch.setattr(engine, "cache_speedup", lambda *args, **kwargs: {"cache_speedup": 2.0})
     monkeypatch.setattr(engine, "teacher_speedup", lambda *args, **kwargs: {"teacher_speedup": 2.0})
     monkeypatch.setattr(engine, "batch_throughput", lambda *args, **kwargs: {})
+    # (the last step's cache's DiT part: 40 real chunk forwards a run, whose times are not read here)
+    monkeypatch.setattr(engine, "generate_chunk", lambda *args, **kwargs: None)
     result = engine.run("debug", 32, 32, steps=2, chunks=24, context=4, teacher_frames=2, sweep=(48,))
     assert (result["timed_chunks"], result["ratio_chunks"]) == (24, 12)
     (size,) = result["resolution_sweep"]
     assert (size["timed_chunks"], size["ratio_chunks"]) == (12, 6)
     assert {c for h, c in timed if h == 32} == {24, 12} and {c for h, c in timed if h == 48} == {12, 6}
+    timed.clear()  # --ratio-chunks: that many for each --sweep size and each ratio's arm, below the floor too
+    result = engine.run(
+        "debug", 32, 32, steps=2, chunks=24, context=4, teacher_frames=2, sweep=(48,), ratio_chunks=3
+    )
+    assert (result["timed_chunks"], result["ratio_chunks"]) == (24, 3)
+    (size,) = result["resolution_sweep"]
+    assert (size["timed_chunks"], size["ratio_chunks"]) == (3, 3)
+    assert {c for h, c in timed if h == 32} == {24, 3} and {c for h, c in timed if h == 48} == {3}
     parser = argparse.ArgumentParser()
     engine.add_arguments(parser)
     chunks = next(a for a in parser._actions if "--chunks" in a.option_strings)
     assert "half" in chunks.help and "at least 5" in chunks.help and "ratio_chunks" in chunks.help
+    assert "--ratio-chunks" in chunks.help and parser.parse_args(["--ratio-chunks", "2"]).ratio_chunks == 2
