@@ -1,3 +1,5 @@
+from contextlib import contextmanager, suppress
+
 import numpy as np
 import pytest
 
@@ -99,6 +101,40 @@ def own_espeak_engine(tmp_path, monkeypatch):
     speech._engine_pid = -1  # (torn down before monkeypatch puts the earlier engine back)
 
 
+@contextmanager
+def _where_a_child_waits(folder):
+    """`where(pid)`: what a forked child that did not end waits on, the child then killed. Its Python
+    threads' stacks come from the faulthandler it inherited, dumped on SIGUSR1 (to a file in
+    `folder`), its kernel's wait from /proc. (A CI run's child once did not end in 60 s, beside the
+    threads of a live Firefox, and nothing told where it stood.)"""
+    import faulthandler
+    import os
+    import signal
+    import time
+
+    with open(folder / "stacks.txt", "w+") as stacks:
+
+        def where(pid: int) -> str:
+            try:
+                wchan = open(f"/proc/{pid}/wchan").read()
+                os.kill(pid, signal.SIGUSR1)
+                deadline = time.monotonic() + 10
+                while not os.path.getsize(stacks.name) and time.monotonic() < deadline:
+                    time.sleep(0.1)  # (the dump is the child's to write)
+                return f"kernel wait {wchan!r}; Python:\n{open(stacks.name).read()}"
+            except OSError as e:  # (ended meanwhile)
+                return f"no state ({e})"
+            finally:
+                with suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+        try:
+            yield where
+        finally:
+            faulthandler.unregister(signal.SIGUSR1)
+
+
 def _speak_in_the_child() -> None:
     import gc
 
@@ -107,7 +143,7 @@ def _speak_in_the_child() -> None:
 
 
 def test_a_forked_child_that_speaks_leaves_its_parents_espeak_view_and_no_folder_of_its_own(
-    tmp_path, own_espeak_engine
+    tmp_path, own_espeak_engine, tmp_path_factory
 ):
     """Each process made its espeak-ng data view, a TemporaryDirectory, on its first speech. A forked
     child (a DataLoader's or a fork Pool's worker) made its own and ended with os._exit, which runs no
@@ -120,8 +156,11 @@ def test_a_forked_child_that_speaks_leaves_its_parents_espeak_view_and_no_folder
     views = sorted(p.name for p in tmp_path.iterdir())
     assert len(views) == 1
     child = multiprocessing.get_context("fork").Process(target=_speak_in_the_child)
-    child.start()
-    child.join(60)
+    with _where_a_child_waits(tmp_path_factory.mktemp("child-stacks")) as where:
+        child.start()
+        child.join(60)
+        if child.exitcode is None:
+            pytest.fail(f"the forked child did not end in 60 s: {where(child.pid)}")
     assert child.exitcode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == views
     assert (tmp_path / views[0] / "voices" / "!v" / "sg_f4").is_file()
