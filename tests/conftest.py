@@ -36,18 +36,36 @@ def browser_page(playwright):
 
 @pytest.fixture(scope="module", params=["chromium", "firefox"])
 def each_browser(request):
-    """browser_page's Chromium, then a firefox-esr (tests/firefox_pages.py: the part of Playwright's
-    pages the tests use, its clock the real one), for what the browsers do each their own way: media,
-    WebSockets, fetch bodies. One Firefox per test file; skipped where it is not installed."""
+    """browser_page's Chromium, then `firefox`, for what the browsers do each their own way: media,
+    WebSockets, fetch bodies."""
     if request.param == "chromium":
         yield request.getfixturevalue("browser_page")
         return
-    from firefox_pages import FIREFOX, firefox_browser
+    yield request.getfixturevalue("firefox")
+
+
+@pytest.fixture(scope="module")
+def firefox(firefox_of_this_process):
+    """A firefox-esr (tests/firefox_pages.py: the part of Playwright's pages the tests use, its clock
+    the real one) for a test file, with no tab of an earlier file's open and none of its own left
+    open after it; skipped where it is not installed."""
+    with firefox_of_this_process.for_a_file() as browser:
+        yield browser
+
+
+@pytest.fixture(scope="session")
+def firefox_of_this_process():
+    """One Firefox per test process (`./run test` hands each worker whole files), not one per file: a
+    start took 12-14 s here. Built only where a test asks for it; one that died is replaced."""
+    from firefox_pages import FIREFOX, FirefoxOfAProcess
 
     if FIREFOX is None:
         pytest.skip("firefox not installed (apt-get install -y firefox-esr)")
-    with firefox_browser() as browser:
-        yield browser
+    shared = FirefoxOfAProcess()
+    try:
+        yield shared
+    finally:
+        shared.stop()
 
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,7 @@ class FirefoxBrowser:
         self.answers: dict[int, queue.Queue] = {}
         self.listeners: dict[str, list] = {}  # browsing context -> callbacks of its events
         self.lock = threading.Lock()
+        self.connected = True  # (until the reader meets the socket's end)
         threading.Thread(target=self._read, daemon=True).start()
         self.send("session.new", {"capabilities": {}})
         self.send("session.subscribe", {"events": ["log.entryAdded"]})
@@ -96,6 +97,10 @@ class FirefoxBrowser:
                         listener(message["method"], message["params"])
         except ConnectionClosed:
             pass
+        finally:
+            self.connected = False
+            for answer in list(self.answers.values()):  # (a command of a browser gone fails now, not in COMMAND_S)
+                answer.put({"type": "error", "error": "no browser", "message": "firefox's WebDriver BiDi closed"})
 
     def send(self, method: str, params: dict) -> dict:
         with self.lock:
@@ -116,6 +121,17 @@ class FirefoxBrowser:
     def new_page(self) -> FirefoxPage:
         context = self.send("browsingContext.create", {"type": "tab"})["context"]
         return FirefoxPage(self, context)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None and self.connected
+
+    def tabs(self) -> set[str]:
+        """The browsing contexts of its top level (a tab each; a page's frames are their children)."""
+        return {context["context"] for context in self.send("browsingContext.getTree", {"maxDepth": 0})["contexts"]}
+
+    def close_tab(self, context: str) -> None:
+        self.listeners.pop(context, None)
+        self.send("browsingContext.close", {"context": context})
 
     def stop(self):
         try:
@@ -246,14 +262,41 @@ class FirefoxPage:
         }}""")
 
     def close(self) -> None:
-        self.browser.listeners.pop(self.context, None)
-        self.browser.send("browsingContext.close", {"context": self.context})
+        self.browser.close_tab(self.context)
 
 
-@contextmanager
-def firefox_browser(prefs: dict | None = None):
-    browser = FirefoxBrowser(prefs)
-    try:
-        yield browser
-    finally:
-        browser.stop()
+class FirefoxOfAProcess:
+    """The one firefox-esr of a test process (tests/conftest.py): a start took 12-14 s on a loaded
+    2-core machine, once per test file before. Started when a test first asks for it; one that died
+    (or lost its BiDi socket) is replaced by a new one at the next file's start."""
+
+    def __init__(self):
+        self.browser: FirefoxBrowser | None = None
+        self.first_tabs: set[str] = set()  # (left open: closing a window's last tab closes the window)
+
+    @contextmanager
+    def for_a_file(self):
+        """The browser for one file's tests, as if it were theirs alone: it has no tab but its first
+        when they begin, and the tabs they leave open (a page still streaming would load the next
+        file's tests) are closed at the file's end."""
+        if self.browser is not None and not self.browser.alive():
+            self.stop()
+        if self.browser is None:
+            self.browser = FirefoxBrowser()
+            self.first_tabs = self.browser.tabs()
+        browser = self.browser
+        self.close_tabs_opened_since_its_start()
+        try:
+            yield browser
+        finally:
+            if browser is self.browser and browser.alive():
+                self.close_tabs_opened_since_its_start()
+
+    def close_tabs_opened_since_its_start(self) -> None:
+        for context in self.browser.tabs() - self.first_tabs:
+            self.browser.close_tab(context)
+
+    def stop(self):
+        if self.browser is not None:
+            browser, self.browser = self.browser, None
+            browser.stop()

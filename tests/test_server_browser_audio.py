@@ -190,7 +190,7 @@ def metric(url: str, name: str) -> float:
 
 @pytest.mark.skipif(FIREFOX is None, reason="firefox not installed (apt-get install -y firefox-esr)")
 @pytest.mark.parametrize("transport", ["ws", "webrtc"])
-def test_the_page_streams_in_firefox_with_its_microphone(transport):
+def test_the_page_streams_in_firefox_with_its_microphone(transport, firefox):
     """Firefox: the WebSocket fallback made a 16 kHz AudioContext and connected the microphone to
     it, which Firefox refuses ("Connecting AudioNodes from AudioContexts with different sample-rate
     is currently not supported"): the page failed and hung up at once. It now takes the device's
@@ -199,23 +199,24 @@ def test_the_page_streams_in_firefox_with_its_microphone(transport):
     fake microphone, so the microphone's samples are checked in Chromium only.) The page streams over
     the transport asked for: Firefox without its loopback preference (firefox_pages.FIREFOX_PREFS)
     never connected WebRTC here, and the page fell back to the WebSocket unseen."""
-    from firefox_pages import firefox_browser
-
     streaming = {"ws": "streaming (websocket)", "webrtc": "streaming (webrtc)"}[transport]
-    # (a server of its own: the Firefox stopped at the end may leave its WebRTC session to the peer timeout)
-    with live_server(max_sessions=2) as (url, _), firefox_browser() as firefox:
+    # (a server of its own: the tab closed at the end may leave its WebRTC session to the peer timeout)
+    with live_server(max_sessions=2) as (url, _):
         page = firefox.new_page()
-        page.add_init_script(HELD)
-        page.goto(f"{url}/?autostart=1&transport={transport}")
-        page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
-        assert page.evaluate("window.streamgenStats.state") == streaming
-        assert page.evaluate("held()")["mics"] == 1
-        # nothing is to happen: the old page hung up as soon as it took the microphone (at once); 3 s of
-        # streaming (75 frames) outlast that many times
-        page.wait_for_timeout(3000)
-        assert metric(url, "streamgen_sessions_closed_total") == 0, "the page hung up"
-        assert page.evaluate("window.streamgenStats.state") == streaming
-        page.click("#hangup")
+        try:
+            page.add_init_script(HELD)
+            page.goto(f"{url}/?autostart=1&transport={transport}")
+            page.wait_for_function("window.streamgenStats.framesDecoded >= 5", timeout=60_000)
+            assert page.evaluate("window.streamgenStats.state") == streaming
+            assert page.evaluate("held()")["mics"] == 1
+            # nothing is to happen: the old page hung up as soon as it took the microphone (at once); 3 s of
+            # streaming (75 frames) outlast that many times
+            page.wait_for_timeout(3000)
+            assert metric(url, "streamgen_sessions_closed_total") == 0, "the page hung up"
+            assert page.evaluate("window.streamgenStats.state") == streaming
+            page.click("#hangup")
+        finally:
+            page.close()
 
 
 # Which node the page's microphone goes through, counted from outside app.js; and, for the
