@@ -150,11 +150,16 @@ def test_a_forked_child_that_speaks_leaves_its_parents_espeak_view_and_no_folder
     clean-up: its view stayed in the temp folder (the streamgen-espeak-* folders test runs left); and
     the engine it inherited, dropped and collected, removed the PARENT's view, whose next voice then
     failed to load. The child now speaks through its parent's view, which only the parent removes."""
+    import gc
     import multiprocessing
 
     synthesize("The parent speaks.")
     views = sorted(p.name for p in tmp_path.iterdir())
     assert len(views) == 1
+    # The child's gc.collect() is for the engine it inherits. Garbage this worker's earlier test files
+    # left uncollected (browser drivers, event loops, their threads' objects) would be finalised in the
+    # child too, away from the threads its finalisers may wait on: collected here first, it is not.
+    gc.collect()
     child = multiprocessing.get_context("fork").Process(target=_speak_in_the_child)
     with _where_a_child_waits(tmp_path_factory.mktemp("child-stacks")) as where:
         child.start()
