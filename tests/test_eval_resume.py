@@ -315,11 +315,14 @@ def test_a_finished_report_of_a_model_json_since_edited_is_measured_again(tmp_pa
 
     model = tmp_path / "model"
     shutil.copytree(resolve_model_dir("tiny-avatar"), model)
+    # its default steps 1, then 2 (not its 4, then 1): the same edit of model.json, for 3 denoising
+    # steps a frame where there were 5
+    meta = json.loads((model / "model.json").read_text())
+    (model / "model.json").write_text(json.dumps({**meta, "steps": 1}))
     out = tmp_path / "e"
     argv = ["eval", "--model", str(model), "--clips", "1", "--size", "32", "--out", str(out)]
     assert main(argv) == 0
-    meta = json.loads((model / "model.json").read_text())
-    (model / "model.json").write_text(json.dumps({**meta, "steps": 1}))
+    (model / "model.json").write_text(json.dumps({**meta, "steps": 2}))
     made.clear()
     capsys.readouterr()
     assert main(argv) == 0
@@ -406,8 +409,9 @@ def test_a_stop_that_failed_an_import_in_the_drift_stream_keeps_what_it_had_scor
     assert "resuming: the drift stream's first 24 of 30 frames are already scored" in capsys.readouterr().err
 
 
-# tiny-avatar's evaluation of one clip and a 30-frame drift stream, its state kept after every chunk
-MODEL_ARGV = ["eval", "--model", "tiny-avatar", "--clips", "1", "--minutes", "0.02", "--size", "32"]
+# tiny-avatar's evaluation of one clip and a 30-frame drift stream, its state kept after every chunk;
+# of 1 step (its chunks, their state and the frames kept are those of its 4: a quarter of the denoising)
+MODEL_ARGV = ["eval", "--model", "tiny-avatar", "--steps", "1", "--clips", "1", "--minutes", "0.02", "--size", "32"]
 
 
 @pytest.fixture(scope="module")
