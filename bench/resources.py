@@ -3,7 +3,8 @@
 Triton's own compiler, with the ptxas it ships, compiles every kernel and every
 autotune config at the Wan2.1-1.3B shapes of `bench/kernels.py` for a target
 architecture (Hopper, sm_90, by default), into an empty cache so that each is
-really built; ptxas's report gives the registers, stack frame and spills, and
+really built (a binary two cases build alike, once: the second reads it and its
+report); ptxas's report gives the registers, stack frame and spills, and
 Triton's metadata the shared memory. Nothing is launched, so this runs on a
 CPU-only machine. It finds, before a GPU is lent:
 - kernels the compiler rejects where the interpreter (the CPU tests) does not;
@@ -40,10 +41,12 @@ VARIANT_KEYS = tuple(
 
 
 @contextlib.contextmanager
-def compile_only(arch: int):
+def compile_only(arch: int, cache_dir: str | None = None):
     """Within: a Triton launch compiles for `arch` and returns without running; an autotuned
     launch compiles every config instead of timing them. Yields the list of (kernel name,
-    variant, compiled kernel, seconds, ptxas report) it fills."""
+    variant, compiled kernel, seconds, ptxas report) it fills. Builds go to `cache_dir`, by
+    default an empty cache of its own; a build already in `cache_dir` is read from it, with no
+    ptxas report."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.driver import driver
@@ -77,10 +80,11 @@ def compile_only(arch: int):
         kwargs.pop("warmup", None)
         return self.warmup(*args, **kwargs)
 
-    # an empty cache, so every kernel is really built, and Triton prints ptxas -v for each
+    # an empty cache (or the caller's), so every kernel is really built, and Triton prints ptxas -v
+    # for each
     with (
-        tempfile.TemporaryDirectory(prefix="triton-offline-") as cache,
-        mock.patch.dict(os.environ, TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1"),
+        tempfile.TemporaryDirectory(prefix="triton-offline-") as empty_cache,
+        mock.patch.dict(os.environ, TRITON_CACHE_DIR=cache_dir or empty_cache, TRITON_DUMP_PTXAS_LOG="1"),
     ):
         try:
             driver.set_active(OfflineDriver())
@@ -130,25 +134,17 @@ def run(arch: int = 90, dtype: str = "bfloat16", only: tuple[str, ...] = ()) -> 
     if unknown := sorted(set(only) - set(names)):
         raise UserError(f"--only: unknown case(s) {', '.join(unknown)}; the cases are {', '.join(names)}")
     cases = kernel_cases(kernel_shapes(quick=False), torch.device("cpu"), getattr(torch, dtype), values=False)
-    rows, started = [], time.perf_counter()
-    for name, (_eager, op_name, args, _nbytes, _flops) in cases.items():
-        if only and name not in only:
-            continue
-        with compile_only(arch) as compiled:
-            triton_function(op_name)(*args)
-        built = set()
-        for kernel_name, variant, kernel, seconds, report in compiled:
-            if id(kernel) in built:  # launched again in the case (fp8 attention quantizes q and k)
+    rows, reports, started = [], {}, time.perf_counter()
+    # one cache for every case: a binary two cases build alike (the FP8 attention's quantization of
+    # its q and k in both FP8 cases, of its v as the `quantize_fp8_values` case's) is built once,
+    # and read from the cache in the second, with the report of its build (`reports`, by its hash)
+    with tempfile.TemporaryDirectory(prefix="triton-offline-") as cache:
+        for name, (_eager, op_name, args, _nbytes, _flops) in cases.items():
+            if only and name not in only:
                 continue
-            built.add(id(kernel))
-            row = {"case": name, "kernel": kernel_name, **variant, "compile_s": round(seconds, 2)}
-            row.update(ptxas_usage(report), shared_bytes=int(kernel.metadata.shared))
-            row["tensor_cores"] = _tensor_core_instruction(kernel.asm.get("ptx", ""))
-            row["float_ops"] = float_ops(kernel.asm.get("ptx", ""))
-            if limit is not None:
-                row["fits_shared"] = row["shared_bytes"] <= limit
-            row["spills"] = row.get("spill_stores", 0) + row.get("spill_loads", 0) > 0
-            rows.append(row)
+            with compile_only(arch, cache) as compiled:
+                triton_function(op_name)(*args)
+            rows += _case_rows(name, compiled, reports, limit)
     return {
         "target": f"sm_{arch}",
         "triton": triton.__version__,
@@ -164,6 +160,26 @@ def run(arch: int = 90, dtype: str = "bfloat16", only: tuple[str, ...] = ()) -> 
         "seconds": round(time.perf_counter() - started, 1),
         "kernels": rows,
     }
+
+
+def _case_rows(case: str, compiled: list, reports: dict, limit: int | None) -> list[dict]:
+    """A row for each binary a case built (`compile_only`'s list); `reports`: ptxas's reports by
+    binary hash, the builds' of earlier cases, which a binary read from the cache takes."""
+    rows, built = [], set()
+    for kernel_name, variant, kernel, seconds, report in compiled:
+        if id(kernel) in built:  # launched again in the case (fp8 attention quantizes q and k)
+            continue
+        built.add(id(kernel))
+        report = reports.setdefault(kernel.hash, report) if report else reports.get(kernel.hash, "")
+        row = {"case": case, "kernel": kernel_name, **variant, "compile_s": round(seconds, 2)}
+        row.update(ptxas_usage(report), shared_bytes=int(kernel.metadata.shared))
+        row["tensor_cores"] = _tensor_core_instruction(kernel.asm.get("ptx", ""))
+        row["float_ops"] = float_ops(kernel.asm.get("ptx", ""))
+        if limit is not None:
+            row["fits_shared"] = row["shared_bytes"] <= limit
+        row["spills"] = row.get("spill_stores", 0) + row.get("spill_loads", 0) > 0
+        rows.append(row)
+    return rows
 
 
 def _tensor_core_instruction(ptx: str) -> str | None:
