@@ -49,7 +49,7 @@ from bench.ceilings import H200_COPY_GBPS, H200_MATMUL_TFLOPS, measure_ceilings
 from bench.work_count import KINDS, count
 from streamgen.cli import frame_size, positive_int, positive_number, whole_number
 from streamgen.model.audio import VIDEO_FPS
-from streamgen.stream import StreamSession
+from streamgen.stream import StreamSession, to_uint8
 
 TARGET_FPS = 34  # issue 6: wan2.1-1.3b, 832x480, 4 steps on one H200
 # Self-Forcing's published 17 FPS is the rate of a fresh 81-frame clip (21 latent frames, Wan's
@@ -92,31 +92,56 @@ def chunk_work(
 
 
 class KeptDecodes:
-    """The decodes of a count of a stream's chunks (their frames and work), kept to stand in for
-    those of a later count of the same chunks: the decoder's work follows the latents' shapes and
-    its own state, never the transformer's depth, so the count with two blocks takes the
-    one-block count's decodes rather than running the decoder again (on meta, half the time of
-    a Wan count)."""
+    """The decodes of a count of a stream's chunks (their latents, frames and work), kept to stand
+    in for those of a later count of the same chunks: the decoder's work follows the latents'
+    shapes and its own state, never the transformer's depth, so the count with two blocks takes
+    the one-block count's decodes rather than running the decoder again (on meta, half the time
+    of a Wan count); and another decoder decodes the same latents (`decoded_by`) for the count of
+    a stream that differs in its decoder alone."""
 
     def __init__(self):
-        self.kept: list[tuple] = []  # (chunk index, frames, work or None where not counted)
+        self.kept: list[tuple] = []  # (chunk index, latents, frames, work or None where not counted)
         self.next = 0
 
     def rewind(self) -> None:
         """From the first chunk again: a new count of the same chunks."""
         self.next = 0
 
-    def decode(self, chunk_index: int, fn, counted: bool):
-        """(fn()'s frames, their work where `counted`): run, or the kept ones in their place."""
+    def decode(self, chunk_index: int, latents, fn, counted: bool):
+        """(fn()'s frames, their work where `counted`): fn decodes `latents`, run, or the kept
+        ones in their place."""
         if self.next < len(self.kept):
-            index, frames, work = self.kept[self.next]
+            index, _, frames, work = self.kept[self.next]
             if index != chunk_index or (work is not None) != counted:
                 raise ValueError(f"this count decodes other chunks than the first (chunk {chunk_index})")
         else:
             frames, work = count(fn) if counted else (fn(), None)
-            self.kept.append((chunk_index, frames, work))
+            self.kept.append((chunk_index, latents, frames, work))
         self.next += 1
         return frames, copy.deepcopy(work)
+
+    def decoded_by(self, vae) -> KeptDecodes:
+        """These decodes' latents decoded again by `vae` from its fresh state, in their order and
+        counted where they were: as a stream decoding through `vae` decodes them (a session's
+        `_decode`, under no_grad: the latents in the autoencoder's dtype, then the frames as uint8;
+        neither decoder `bench gpu` varies takes decode options)."""
+        dtype, state = next(vae.parameters()).dtype, vae.init_state(1)
+
+        @torch.no_grad()  # (as a stream's: with grad, TAEHV's later chunks counted 1.6 MB more weights)
+        def decode(latents):
+            nonlocal state
+            frames, state = vae.decode_stream(latents.to(dtype), state)
+            return to_uint8(frames)[0]
+
+        other = KeptDecodes()
+        for index, latents, _, work in self.kept:
+            other.decode(index, latents, lambda latents=latents: decode(latents), counted=work is not None)
+        return other
+
+    def counted(self) -> list[tuple]:
+        """(frames, work) of each counted decode, in order: those of `chunk_work`'s clip, then
+        its steady chunk."""
+        return [(frames, work) for _, _, frames, work in self.kept if work is not None]
 
 
 def attention_in_fp8(work: dict, backend: str) -> dict:
@@ -140,11 +165,19 @@ def attention_in_fp8(work: dict, backend: str) -> dict:
 
 
 def _uncounted(session, decodes):
+    denoised = None
+
     def observe(stage, fn):
+        nonlocal denoised
         # meta tensors have no values to copy; elsewhere the copy is timed, never counted
         if stage == "to_host":
             return None
-        return decodes.decode(session.chunk_index, fn, counted=False)[0] if stage == "decode" else fn()
+        if stage == "decode":
+            return decodes.decode(session.chunk_index, denoised, fn, counted=False)[0]
+        result = fn()
+        if stage == "denoise":  # the latents the decode takes (kept for another decoder's)
+            denoised = result
+        return result
 
     return observe
 
@@ -152,19 +185,21 @@ def _uncounted(session, decodes):
 def _counted_chunk(session, steps, decodes) -> dict:
     stages = {}
     frames_per_chunk = session.frames_per_chunk
+    denoised = None
 
     def observe(stage, fn):
+        nonlocal frames_per_chunk, denoised
         if stage == "to_host":
             return None
         if stage == "denoise":  # forwards of the transformer against the cache
             result, stages[stage] = count(fn, steps, session.cache)
+            denoised = result  # the latents the decode takes (kept for another decoder's)
         elif stage == "reencode":  # the previous chunk's, if any: the first chunk's call has none
             # a cache write's last layer stores keys and values and attends to none
             cache = session.cache if session.chunk_pending else None
             result, stages[stage] = count(fn, 1, cache, kv_layers=len(session.cache.layers) - 1)
         elif stage == "decode":
-            nonlocal frames_per_chunk
-            result, stages[stage] = decodes.decode(session.chunk_index, fn, counted=True)
+            result, stages[stage] = decodes.decode(session.chunk_index, denoised, fn, counted=True)
             frames_per_chunk = result.shape[0]
         else:
             result, stages[stage] = count(fn)

@@ -45,14 +45,51 @@ def count_configurations(quick: bool, steps: int = 4, names=None) -> dict:
     and two; `quick`: its tiny model on the CPU, every block. The configurations of one decoder
     share its decodes (`floor.KeptDecodes`: the same latents' shapes whatever the DiT does with
     them), run and counted in the first of them only: with the CPU's real values, the decodes
-    were most of a count."""
+    were most of a count. A configuration that differs from the default in its decoder alone,
+    counted after it, is the default's count with its own decoder's decodes of the same latents
+    (`with_decodes`): the transformer's work is the default's (it was counted again for each)."""
     decodes = {}  # decoder -> its kept decodes
     counts = {}
     for name in names or CONFIGURATIONS:
         configuration = {"steps": steps, **CONFIGURATIONS[name]}
-        kept = decodes.setdefault(configuration.get("decoder"), floor.KeptDecodes())
-        counts[name] = counted_work(quick, **configuration, decodes=kept)
+        decoder = configuration.pop("decoder", None)
+        if decoder is not None and configuration == {"steps": steps} and "default" in counts:
+            if decoder not in decodes:
+                decodes[decoder] = decodes[None].decoded_by(decoder_model(quick, decoder).vae)
+            counts[name] = with_decodes(counts["default"], decodes[decoder])
+            continue
+        kept = decodes.setdefault(decoder, floor.KeptDecodes())
+        counts[name] = counted_work(quick, **configuration, decoder=decoder, decodes=kept)
     return counts
+
+
+def with_decodes(work: dict, decodes: floor.KeptDecodes) -> dict:
+    """A copy of `work` (`floor.chunk_work`'s) with each chunk's decode, and its frames, from
+    `decodes` (those of another decoder, of the same chunks' latents)."""
+    work = copy.deepcopy(work)
+    chunks = [*work["clip"], work["steady_chunk"]]  # (the first chunk is the clip's first)
+    counted = decodes.counted()
+    if len(counted) != len(chunks):
+        raise ValueError(f"{len(counted)} decodes counted for {len(chunks)} chunks")
+    for chunk, (frames, decode) in zip(chunks, counted):
+        chunk["frames"], chunk["stages"]["decode"] = frames.shape[0], decode
+    return work
+
+
+def decoder_model(quick: bool, decoder=None):
+    """`bench gpu`'s model (see `count_configurations`) with `decoder` "tiny" or "upsample_phases"
+    (None: the Wan decoder as it is)."""
+    from bench.gpu import QUICK_SIZE, build_model
+    from bench.wan_decoder import tiny_decoder_vae
+
+    device, dtype = ("cpu", torch.float32) if quick else ("meta", torch.bfloat16)
+    height, width = QUICK_SIZE if quick else (480, 832)
+    model = build_model("wan2.1-1.3b", height, width, device, dtype, quick, "sdpa")
+    if decoder == "tiny":
+        model.vae = tiny_decoder_vae(model.vae)
+    elif decoder == "upsample_phases":
+        model.vae.upsample_phases = True
+    return model
 
 
 def counted_work(
@@ -62,19 +99,13 @@ def counted_work(
     linears in FP8, `decoder` "tiny" or "upsample_phases", its cache from `cache_from`.
     `decodes`: a `floor.KeptDecodes` of another count with the same decoder, to take its decodes
     from (None: its own)."""
-    from bench.gpu import QUICK_SIZE, build_model, start_stream
-    from bench.wan_decoder import tiny_decoder_vae
+    from bench.gpu import start_stream
     from streamgen.model.float8 import float8_linears
     from streamgen.stream import StreamSession
 
     device, dtype = ("cpu", torch.float32) if quick else ("meta", torch.bfloat16)
-    height, width = QUICK_SIZE if quick else (480, 832)
+    model = decoder_model(quick, decoder)
     clip_frames, text_tokens = (33, 8) if quick else (floor.CLIP_FRAMES, 512)  # as bench gpu's
-    model = build_model("wan2.1-1.3b", height, width, device, dtype, quick, "sdpa")
-    if decoder == "tiny":
-        model.vae = tiny_decoder_vae(model.vae)
-    elif decoder == "upsample_phases":
-        model.vae.upsample_phases = True
     context = torch.zeros(1, text_tokens, model.cfg.text_dim, device=device, dtype=dtype)
 
     if decodes is None:  # (extrapolated: the decoder runs in the one-block count only)

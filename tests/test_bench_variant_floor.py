@@ -37,6 +37,14 @@ def test_a_variants_work_is_the_count_of_its_own_configuration(counts, variant, 
     assert json.dumps(composed) == json.dumps(_counted(counts, **counted))
 
 
+@pytest.mark.parametrize("name", ["tiny_decoder", "upsample_phases"])
+def test_a_decoders_configuration_is_the_defaults_count_with_its_own_decodes(counts, name):
+    # counted after the default, the transformer's work is taken from it and only the decoder runs
+    # again, on the default's latents: the same numbers as counting the configuration whole
+    assert json.dumps(counts[name]) == json.dumps(variant_floor.counted_work(True, **variant_floor.CONFIGURATIONS[name]))
+    assert counts[name]["steady_chunk"]["stages"]["decode"] != counts["default"]["steady_chunk"]["stages"]["decode"]
+
+
 def _counted(counts, **configuration) -> dict:
     """`variant_floor.counted_work(True, **configuration)`: the fixture's count where it counted that
     configuration already (the same call), else a count of its own."""
