@@ -232,16 +232,23 @@ def stream_speed(
     }
 
 
-def stage_breakdown(model, steps, chunks, device, dtype, text_tokens, ceilings, clip_frames) -> dict:
+# the fresh streams whose first chunk `stages` times, stage by stage (medians): the GPU run's
+STAGE_RESTARTS = 3
+
+
+def stage_breakdown(
+    model, steps, chunks, device, dtype, text_tokens, ceilings, clip_frames, restarts=STAGE_RESTARTS
+) -> dict:
     """Where a chunk's time goes: each stage's work counted once the ring is full, then timed over
     `chunks` chunks against its floor under the ceilings measured in this run (bench/floor.py);
-    and where a fresh stream's first chunk goes (`first_chunk`: the start, then each stage)."""
+    and where a fresh stream's first chunk goes (`first_chunk`: the start, then each stage, medians
+    of `restarts` restarts)."""
     session = StreamSession(model, steps=steps, device=device, dtype=dtype)
     context = torch.randn(1, text_tokens, model.cfg.text_dim, device=device, dtype=dtype)
     restart = lambda observe=None: start_stream(session, context, observe=observe)  # noqa: E731
     work = floor.chunk_work(session, restart, steps, clip_frames)
     try:
-        return stage_timing.timed_report(session, work, ceilings, chunks, restart=restart)
+        return stage_timing.timed_report(session, work, ceilings, chunks, restart=restart, first_chunks=restarts)
     finally:
         session.close()
 
@@ -357,10 +364,12 @@ def run(
     out=None,
     only=None,
     floor_work=None,
+    stage_restarts=STAGE_RESTARTS,
 ) -> dict:
     """`only`: the names of the parts to run (variants, "stages", "decoder", "reference_encode",
     "kernels", "decoder_compiled"); None: all. `floor_work`: the counts of `bench.variant_floor`
-    for this model, which set each variant against its own floor (--quick counts its own)."""
+    for this model, which set each variant against its own floor (--quick counts its own).
+    `stage_restarts`: the fresh streams `stages` times its first chunk over."""
     started = time.perf_counter()
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -424,6 +433,7 @@ def run(
         model, result, device, dtype, quick=quick, steps=steps, chunks=chunks,
         warmup_chunks=warmup_chunks, text_tokens=text_tokens, clip_frames=clip_frames, fp8=fp8,
         compile_blocks=compile_blocks, kernel_bench=kernel_bench, backends=backends,
+        stage_restarts=stage_restarts,
     )  # fmt: skip
     # `only` names outside the parts this run can run are typos: said before the run (they were
     # said after it, minutes later), and a run with none of its parts named is refused
@@ -469,7 +479,7 @@ PARTS = ("stages", "decoder", "reference_encode", "decoder_compiled", "kernels")
 
 def variant_plan(
     model, result, device, dtype, *, quick, steps, chunks, warmup_chunks, text_tokens, clip_frames,
-    fp8, compile_blocks, kernel_bench, backends,
+    fp8, compile_blocks, kernel_bench, backends, stage_restarts=STAGE_RESTARTS,
 ) -> dict:  # fmt: skip
     """name -> fn() -> its figures, in the order they run: the default's figures, what has never
     run on a GPU, what earlier runs measured (`lever_variants`, `stream_variants`), the kernel
@@ -493,7 +503,8 @@ def variant_plan(
         # the default configuration stage by stage against its floor: measured on 2026-11-30
         measured = {
             "stages": lambda _prepare: stage_breakdown(
-                model, steps, min(chunks, 6), device, dtype, text_tokens, result["ceilings"], clip_frames
+                model, steps, min(chunks, 6), device, dtype, text_tokens, result["ceilings"], clip_frames,
+                stage_restarts,
             ),
             **measured,
         }
@@ -530,6 +541,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", action="store_true",
                    help="skip what runs under Inductor: the DiT's compiled blocks and the compiled decoder")  # fmt: skip
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel micro-benchmarks")
+    p.add_argument("--stage-restarts", type=positive_int, default=STAGE_RESTARTS,
+                   help="fresh streams `stages` times its first chunk over, each stage's median "
+                   "(default: %(default)s)")  # fmt: skip
     p.add_argument("--backends", nargs="+", choices=ATTENTION_BACKENDS, default=["sdpa", "cudnn", "triton", "flex"],
                    help="attention backends timed with the fused kernels (default: sdpa cudnn triton flex; "
                    "sdpa's variants run whatever this says)")  # fmt: skip
@@ -569,6 +583,7 @@ def main(args) -> dict:
         only=None if args.only is None else set(args.only),
         warmup_chunks=args.warmup_chunks,
         floor_work=args.floor_work,
+        stage_restarts=args.stage_restarts,
     )
     if args.plot and any("fps" in v for v in result["variants"].values()):
         plot(result, args.plot)
