@@ -67,12 +67,14 @@ def with_decodes(work: dict, decodes: floor.KeptDecodes) -> dict:
     """A copy of `work` (`floor.chunk_work`'s) with each chunk's decode, and its frames, from
     `decodes` (those of another decoder, of the same chunks' latents)."""
     work = copy.deepcopy(work)
-    chunks = [*work["clip"], work["steady_chunk"]]  # (the first chunk is the clip's first)
+    chunks = [*work["clip"], work["steady_chunk"]]
     counted = decodes.counted()
     if len(counted) != len(chunks):
         raise ValueError(f"{len(counted)} decodes counted for {len(chunks)} chunks")
-    for chunk, (frames, decode) in zip(chunks, counted):
-        chunk["frames"], chunk["stages"]["decode"] = frames.shape[0], decode
+    # the first chunk is the clip's first: the same dict in a count, a copy of it once
+    # extrapolated (`layer_extrapolated`) or read from JSON
+    for chunk, (frames, decode) in [(work["first_chunk"], counted[0]), *zip(chunks, counted)]:
+        chunk["frames"], chunk["stages"]["decode"] = frames.shape[0], copy.deepcopy(decode)
     return work
 
 

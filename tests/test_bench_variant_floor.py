@@ -45,6 +45,16 @@ def test_a_decoders_configuration_is_the_defaults_count_with_its_own_decodes(cou
     assert counts[name]["steady_chunk"]["stages"]["decode"] != counts["default"]["steady_chunk"]["stages"]["decode"]
 
 
+def test_a_decoders_decodes_replace_the_first_chunks_too_where_it_is_a_copy(counts):
+    # on the meta device the default's count is extrapolated: its first chunk a copy of the clip's
+    # first, not the same dict (the tiny decoder's first chunk kept the Wan decoder's 28.8 TFLOP)
+    decodes = floor.KeptDecodes()
+    default = json.loads(json.dumps(variant_floor.counted_work(True, decodes=decodes)))
+    assert default["first_chunk"] is not default["clip"][0]
+    tiny = decodes.decoded_by(variant_floor.decoder_model(True, "tiny").vae)
+    assert json.dumps(variant_floor.with_decodes(default, tiny)) == json.dumps(counts["tiny_decoder"])
+
+
 def _counted(counts, **configuration) -> dict:
     """`variant_floor.counted_work(True, **configuration)`: the fixture's count where it counted that
     configuration already (the same call), else a count of its own."""
