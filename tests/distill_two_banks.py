@@ -18,6 +18,17 @@ def world_config(stage: str, out: Path, root: Path, **edits):
                                        "model.width": 32, **edits})  # fmt: skip
 
 
+def latents_config(root: Path, vae: Path, name="dbg", splits=("train", "test")):
+    """The latents stage's config: `vae`'s latents of the world at `root`, named `name`."""
+    from distill.config import find_config, load_config
+
+    cfg = load_config(find_config("tiny-avatar", "latents"), "latents")
+    cfg.data.root, cfg.data.latents, cfg.model.flavor, cfg.model.vae = str(root), name, "debug", str(vae)
+    cfg.run.threads = 0
+    cfg.options.splits = list(splits)
+    return cfg
+
+
 def make_teachers_of_two_banks(folder: Path) -> Path:
     """Under `folder`: world/ (4 clips of 1 s at 32x32, one shard per split), autoencoder-dbg (seed
     0) and autoencoder-other (seed 1), the train split's latents of each (named 'dbg' and 'other'),
@@ -25,7 +36,6 @@ def make_teachers_of_two_banks(folder: Path) -> Path:
     import torch
     from test_distill_helpers import run
 
-    from distill.config import find_config, load_config
     from distill.latents import build_latents
     from streamgen.data.shards import make_dataset
     from streamgen.model.vae import TinyCausalVAE
@@ -36,10 +46,7 @@ def make_teachers_of_two_banks(folder: Path) -> Path:
         torch.manual_seed(seed)
         autoencoder = folder / f"autoencoder-{latents}"
         TinyCausalVAE(4, (8, 16), 4).save(autoencoder)
-        cfg = load_config(find_config("tiny-avatar", "latents"), "latents")
-        cfg.data.root, cfg.data.latents, cfg.model.flavor = str(root), latents, "debug"
-        cfg.model.vae, cfg.run.threads, cfg.options.splits = str(autoencoder), 0, ["train"]
-        build_latents(cfg)
+        build_latents(latents_config(root, autoencoder, latents, ["train"]))
         run(world_config("teacher", folder / f"teacher-{latents}", root,
                          **{**EDITS, "data.latents": latents, "model.vae": str(autoencoder)}))  # fmt: skip
     return folder

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from distill_two_banks import latents_config, world_config
 from test_distill_helpers import debug_config, run
 
-from distill.config import find_config, load_config
 from streamgen import checkpoint as ckpt
 
 
@@ -31,14 +31,6 @@ def autoencoder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("autoencoder")
     TinyCausalVAE(4, (8, 16), 4).save(folder)
     return folder
-
-
-def latents_config(root, vae, name="dbg", splits=("train", "test")):
-    cfg = load_config(find_config("tiny-avatar", "latents"), "latents")
-    cfg.data.root, cfg.data.latents, cfg.model.flavor, cfg.model.vae = str(root), name, "debug", str(vae)
-    cfg.run.threads = 0
-    cfg.options.splits = list(splits)
-    return cfg
 
 
 def test_the_latents_stage_hashes_each_shard_once(world, autoencoder, tmp_path, monkeypatch):
@@ -95,11 +87,6 @@ def test_the_latents_stage_gathers_a_bank_one_clip_at_a_time(world, autoencoder,
     assert most[0] == 1 and len(kept["latents"]) == 2
     again = load_file(bank)
     assert kept.keys() == again.keys() and all(torch.equal(kept[k], again[k]) for k in kept)
-
-
-def world_config(stage, out, root, **edits):
-    return debug_config(stage, out, **{"data.source": "world", "data.root": str(root), "model.height": 32,
-                                       "model.width": 32, **edits})  # fmt: skip
 
 
 def test_a_resume_on_other_data_is_refused_unless_set_on_purpose(world, tmp_path):
